@@ -1,0 +1,114 @@
+"""`tokenpool` command line. Each sub-command only parses arguments and calls into its module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by token.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (GPU figures go to bench/results/).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@app.command("make-model")
+def make_model_cmd(
+    arch: str = typer.Option(..., help="llama | qwen2 | qwen3 | mistral"),
+    size: str = typer.Option(..., help="tiny | small | 0.5b | 1.5b | 3b | 7b | 8b"),
+    out: Path = typer.Option(..., help="output directory"),
+    seed: int = typer.Option(0, help="random seed (same seed, same bytes)"),
+    dtype: str = typer.Option("bf16", help="bf16 | fp32"),
+    device: Optional[str] = typer.Option(None, help="where to draw the weights (default: cuda if present)"),
+) -> None:
+    """Write a randomly initialised Hugging Face model directory with real shapes."""
+    from controller.model_factory import make_model
+
+    try:
+        make_model(arch=arch, size=size, out=out, seed=seed, dtype=dtype, device=device, progress=True)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+
+
+@app.command("serve")
+def serve_cmd(
+    config: Optional[Path] = typer.Option(None, help="YAML config; without it, demo models on local devices"),
+    host: Optional[str] = typer.Option(None, help="listen address (overrides the config)"),
+    port: Optional[int] = typer.Option(None, help="listen port (overrides the config)"),
+) -> None:
+    """Start the OpenAI-compatible server and its engines."""
+    from controller.serve import serve
+
+    serve(config_path=config, host=host, port=port)
+
+
+@bench_app.command("engine")
+def bench_engine_cmd(
+    model: Path = typer.Option(..., help="model directory"),
+    batch: str = typer.Option("1,8,32,64", help="comma-separated decode batch sizes"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write results here"),
+    context: int = typer.Option(512, help="context length of each sequence while decoding"),
+    hf: bool = typer.Option(True, help="also time HF transformers generate on the same weights"),
+) -> None:
+    """Decode step time per batch size, prefill tokens/s, HBM floor, HF generate peer."""
+    from load_tests.bench_engine import run_bench_engine
+
+    run_bench_engine(model, [int(b) for b in batch.split(",")], json_out, context=context, hf=hf)
+
+
+@bench_app.command("swap")
+def bench_swap_cmd(
+    model: Path = typer.Option(..., help="model directory"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write results here"),
+) -> None:
+    """Swap-in latency vs the PCIe floor and peers; prefetch stall; KV swap bandwidth."""
+    from load_tests.bench_swap import run_bench_swap
+
+    run_bench_swap(model, json_out)
+
+
+@bench_app.command("pool")
+def bench_pool_cmd(
+    models: str = typer.Option("4x7b,6x1.5b", help="e.g. 4x7b,6x1.5b"),
+    rate: float = typer.Option(0.1, help="requests/s per model"),
+    duration: float = typer.Option(120.0, help="seconds of arrivals"),
+    slo_ttft: float = typer.Option(10.0),
+    slo_tpot: float = typer.Option(0.1),
+    gpu_budget_gb: float = typer.Option(60.0),
+    policy: str = typer.Option("token,request,static"),
+    seed: int = typer.Option(0),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write results here"),
+) -> None:
+    """Replay a seeded multi-model workload against each scheduling policy."""
+    from load_tests.bench_pool import run_bench_pool
+
+    run_bench_pool(
+        models=models, rate=rate, duration=duration, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
+        gpu_budget_gb=gpu_budget_gb, policies=policy.split(","), seed=seed, json_out=json_out,
+    )
+
+
+@app.command("loadtest")
+def loadtest_cmd(
+    url: str = typer.Option("http://127.0.0.1:8000", help="server base URL (loopback only)"),
+    streams: int = typer.Option(100, help="concurrent streams"),
+    duration: float = typer.Option(10.0, help="seconds"),
+    model: Optional[str] = typer.Option(None),
+    json_out: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Drive a running server with concurrent streaming requests and report latencies."""
+    from load_tests.loadtest import run_loadtest
+
+    run_loadtest(url=url, streams=streams, duration=duration, model=model, json_out=json_out)
+
+
+@app.command("operator")
+def operator_cmd() -> None:
+    """Run the Kubernetes operator (reconciles TokenPool resources)."""
+    from controller.operator import run_operator
+
+    run_operator()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,121 @@
+"""Model configuration read from a Hugging Face `config.json` (via transformers' config classes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+def parse_dtype(d: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    if d is None or d == "auto":
+        return default
+    if isinstance(d, torch.dtype):
+        return d
+    try:
+        return DTYPES[str(d).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {d!r}; use one of {sorted(DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    torch_dtype: torch.dtype
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None = None
+    sliding_window: int | None = None
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 2 * self.num_layers * self.kv_size * torch.empty((), dtype=dtype).element_size()
+
+    @staticmethod
+    def from_pretrained(path: str | Path) -> ModelConfig:
+        from transformers import AutoConfig
+
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json (not a Hugging Face model directory)")
+        hf = AutoConfig.from_pretrained(str(path))
+        return ModelConfig.from_hf(hf, path)
+
+    @staticmethod
+    def from_hf(hf, path: Path | None = None) -> ModelConfig:
+        arch = hf.model_type
+        if arch not in SUPPORTED_ARCHS:
+            raise ValueError(f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}")
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        rope_scaling = getattr(hf, "rope_scaling", None)
+        rope_theta = getattr(hf, "rope_theta", None)
+        rp = getattr(hf, "rope_parameters", None)  # transformers >= 5 folds theta and scaling here
+        if isinstance(rp, dict):
+            rope_theta = rp.get("rope_theta", rope_theta)
+            if rp.get("rope_type", "default") not in ("default", None):
+                rope_scaling = dict(rp)
+        if rope_scaling is not None:
+            rope_scaling = dict(rope_scaling)
+            if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) == "default":
+                rope_scaling = None
+        eos = hf.eos_token_id
+        if path is not None and (path / "generation_config.json").exists():
+            import json
+
+            g = json.loads((path / "generation_config.json").read_text())
+            eos = g.get("eos_token_id", eos)
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        tdt = getattr(hf, "torch_dtype", None) or getattr(hf, "dtype", None) or torch.float32
+        if isinstance(tdt, str):
+            tdt = parse_dtype(tdt)
+        sw = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", arch == "mistral") else None
+        return ModelConfig(
+            arch=arch,
+            hidden_size=hf.hidden_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=hf.num_attention_heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+            head_dim=head_dim,
+            intermediate_size=hf.intermediate_size,
+            vocab_size=hf.vocab_size,
+            max_position_embeddings=hf.max_position_embeddings,
+            rms_norm_eps=hf.rms_norm_eps,
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            qkv_bias=arch == "qwen2" or bool(getattr(hf, "attention_bias", False)),
+            qk_norm=arch == "qwen3",
+            torch_dtype=tdt,
+            eos_token_ids=eos_ids,
+            bos_token_id=getattr(hf, "bos_token_id", None),
+            sliding_window=sw,
+        )

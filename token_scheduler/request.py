@@ -1,0 +1,205 @@
+"""Request state shared by the scheduler (policy) and the runner (mechanism).
+
+A request is a token sequence with a cursor: `num_computed_tokens` of its `all_token_ids` have KV in
+the cache. Prefill, chunked prefill and decode are one rule: each step computes some of the
+not-yet-computed tokens; when the cursor reaches the end, the step also samples the next token.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """What a caller asks of one generation (vLLM's names and meanings)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16  # None: up to the model's context
+    min_tokens: int = 0
+    logprobs: int | None = None  # top-k logprobs to return per generated token (0 = sampled token only)
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == 0:
+            self.top_k = -1
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise ValueError(msg)
+
+        if self.n < 1:
+            bad(f"n must be at least 1, got {self.n}")
+        if self.temperature < 0:
+            bad(f"temperature must be non-negative, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            bad(f"top_k must be -1 (off) or a positive integer, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            bad(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            bad(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if not -2 <= self.presence_penalty <= 2:
+            bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2 <= self.frequency_penalty <= 2:
+            bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            bad(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.min_tokens < 0:
+            bad(f"min_tokens must be non-negative, got {self.min_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            bad(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if any(not s for s in self.stop):  # type: ignore[union-attr]
+            bad("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    SWAPPED = 2  # preempted; its KV lives in the host pool
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return {3: "stop", 4: "length", 5: "abort"}.get(int(self))
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    model: str = "default"
+    eos_token_ids: tuple[int, ...] = ()
+    max_model_len: int = 1 << 30
+    arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0
+
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    block_ids: list[int] = field(default_factory=list)  # GPU KV blocks, in order
+    host_block_ids: list[int] = field(default_factory=list)  # host KV blocks while SWAPPED
+    stop_reason: int | str | None = None
+    # Timing, filled by the engine (monotonic seconds).
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError("prompt must contain at least one token")
+        if len(self.prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(self.prompt_token_ids)} tokens; the model's context is {self.max_model_len}"
+            )
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_at(self, i: int) -> int:
+        p = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < p else self.output_token_ids[i - p]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < self.num_prompt_tokens
+
+    @property
+    def max_output_tokens(self) -> int:
+        room = self.max_model_len - self.num_prompt_tokens
+        mt = self.sampling_params.max_tokens
+        return room if mt is None else min(mt, room)
+
+    @property
+    def finished(self) -> bool:
+        return self.status.finished
+
+    def check_stop_token(self) -> None:
+        """Finish on EOS / stop token ids / length after a token was appended (stop strings: detokenizer)."""
+        sp = self.sampling_params
+        tok = self.output_token_ids[-1]
+        n = len(self.output_token_ids)
+        if n >= sp.min_tokens:
+            if not sp.ignore_eos and tok in self.eos_token_ids:
+                self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, None
+                return
+            if tok in sp.stop_token_ids:  # type: ignore[operator]
+                self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, tok
+                return
+        if n >= self.max_output_tokens:
+            self.status = RequestStatus.FINISHED_LENGTH
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[dict[int, float]] | None = None  # one {token_id: logprob} per generated token
+
+
+@dataclass
+class RequestOutput:
+    """What the engine reports for a request after a step (cumulative, plus the delta since last report)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    model: str = "default"
+    prompt: str | None = None
+    # Streaming: text and token ids produced since the previous RequestOutput of this request.
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
