@@ -1,0 +1,339 @@
+"""Randomly initialised Hugging Face model directories with the real shapes of public models.
+
+There is no model hub: tests, demos and benchmarks get their models from `make_model`. A directory holds
+`config.json` (a transformers config class), `generation_config.json`, safetensors weights (sharded with
+`model.safetensors.index.json` above `max_shard_bytes`, 5 GB by default) and the project's tokenizer
+(`controller.tokenizer_factory`). Weights are normal(0, 0.02), norms 1.0, qwen2's q/k/v biases normal(0, 0.02).
+
+Real sizes take the shapes of this public model (* = the arch has none of that size: the nearest one):
+
+| size | qwen2        | qwen3       | llama         | mistral           |
+|------|--------------|-------------|---------------|-------------------|
+| 0.5b | Qwen2.5-0.5B | Qwen3-0.6B* | Llama-3.2-1B* | Mistral-7B-v0.1*  |
+| 1.5b | Qwen2.5-1.5B | Qwen3-1.7B* | Llama-3.2-1B* | Mistral-7B-v0.1*  |
+| 3b   | Qwen2.5-3B   | Qwen3-4B*   | Llama-3.2-3B  | Mistral-7B-v0.1*  |
+| 7b   | Qwen2.5-7B   | Qwen3-8B*   | Llama-2-7B    | Mistral-7B-v0.1   |
+| 8b   | Qwen2.5-7B*  | Qwen3-8B    | Llama-3.1-8B  | Mistral-7B-v0.1*  |
+
+Qwen2.5 shapes are the -Instruct releases' (32k positions). Real sizes keep the public vocab_size (embedding
+rows past the tokenizer are simply never looked up). `tiny` (~0.5M params) and `small` (~30M) are CPU-test
+sizes that exercise each arch's features: qwen2 q/k/v bias, qwen3 q/k norm with head_dim != hidden/heads,
+llama3 rope scaling, mistral's sliding window, GQA everywhere, tied (qwen) and untied (llama, mistral) heads.
+
+Determinism: each tensor is drawn from its own generator seeded by sha256(seed, tensor name), so the bytes do
+not depend on tensor order or sharding, and the same seed gives identical files -- given the same torch and
+the same kind of device: CUDA and CPU generators draw different numbers. Weights are drawn in the target
+dtype on the device (CUDA when present) and streamed to disk one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+from dataclasses import dataclass, replace
+from math import prod
+from pathlib import Path
+
+import torch
+
+from controller import tokenizer_factory
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+SIZES = ("tiny", "small", "0.5b", "1.5b", "3b", "7b", "8b")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+INIT_STD = 0.02
+MAX_SHARD_BYTES = 5 * 10**9  # HF's default "5GB"
+MARKER = "tokenpool_factory.json"  # records the arguments, so a re-run may overwrite its own output
+
+_SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+_HF_CLASS = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int | None  # None: the tokenizer's size rounded up to a multiple of 64
+    tied: bool
+    max_positions: int
+    rope_theta: float
+    rms_eps: float
+    head_dim: int | None = None  # None: hidden // heads
+    rope_scaling: dict | None = None
+    sliding_window: int | None = None
+
+
+def _llama3_rope(factor: float, original: int = 8192) -> dict:
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": original}
+
+
+PUBLIC = {
+    "Qwen2.5-0.5B": Shape(896, 24, 14, 2, 4864, 151936, True, 32768, 1e6, 1e-6),
+    "Qwen2.5-1.5B": Shape(1536, 28, 12, 2, 8960, 151936, True, 32768, 1e6, 1e-6),
+    "Qwen2.5-3B": Shape(2048, 36, 16, 2, 11008, 151936, True, 32768, 1e6, 1e-6),
+    "Qwen2.5-7B": Shape(3584, 28, 28, 4, 18944, 152064, False, 32768, 1e6, 1e-6),
+    "Qwen3-0.6B": Shape(1024, 28, 16, 8, 3072, 151936, True, 40960, 1e6, 1e-6, head_dim=128),
+    "Qwen3-1.7B": Shape(2048, 28, 16, 8, 6144, 151936, True, 40960, 1e6, 1e-6, head_dim=128),
+    "Qwen3-4B": Shape(2560, 36, 32, 8, 9728, 151936, True, 40960, 1e6, 1e-6, head_dim=128),
+    "Qwen3-8B": Shape(4096, 36, 32, 8, 12288, 151936, False, 40960, 1e6, 1e-6, head_dim=128),
+    "Llama-3.2-1B": Shape(2048, 16, 32, 8, 8192, 128256, True, 131072, 5e5, 1e-5, 64, _llama3_rope(32.0)),
+    "Llama-3.2-3B": Shape(3072, 28, 24, 8, 8192, 128256, True, 131072, 5e5, 1e-5, 128, _llama3_rope(32.0)),
+    "Llama-3.1-8B": Shape(4096, 32, 32, 8, 14336, 128256, False, 131072, 5e5, 1e-5, 128, _llama3_rope(8.0)),
+    "Llama-2-7B": Shape(4096, 32, 32, 32, 11008, 32000, False, 4096, 1e4, 1e-5),
+    "Mistral-7B-v0.1": Shape(4096, 32, 32, 8, 14336, 32000, False, 32768, 1e4, 1e-5, sliding_window=4096),
+}
+
+PUBLIC_FOR = {  # (arch, size) -> public model; keep in step with the module docstring's table
+    **{("qwen2", s): f"Qwen2.5-{m}" for s, m in [("0.5b", "0.5B"), ("1.5b", "1.5B"), ("3b", "3B"), ("7b", "7B"),
+                                                  ("8b", "7B")]},
+    **{("qwen3", s): f"Qwen3-{m}" for s, m in [("0.5b", "0.6B"), ("1.5b", "1.7B"), ("3b", "4B"), ("7b", "8B"),
+                                                ("8b", "8B")]},
+    ("llama", "0.5b"): "Llama-3.2-1B", ("llama", "1.5b"): "Llama-3.2-1B", ("llama", "3b"): "Llama-3.2-3B",
+    ("llama", "7b"): "Llama-2-7B", ("llama", "8b"): "Llama-3.1-8B",
+    **{("mistral", s): "Mistral-7B-v0.1" for s in ("0.5b", "1.5b", "3b", "7b", "8b")},
+}
+
+# CPU-test sizes: the family's rope and norm settings, GQA, tiny vocab. qwen3's head_dim makes the q width
+# differ from hidden, as in every public Qwen3; llama's rope scaling puts head_dim 16's frequencies in all
+# three llama3 bands (kept, smoothed, scaled).
+_FAMILY = {
+    "qwen2": dict(rope_theta=1e6, rms_eps=1e-6, tied=True),
+    "qwen3": dict(rope_theta=1e6, rms_eps=1e-6, tied=True),
+    "llama": dict(rope_theta=5e5, rms_eps=1e-5, tied=False, rope_scaling=_llama3_rope(8.0, 256)),
+    "mistral": dict(rope_theta=1e4, rms_eps=1e-5, tied=False, sliding_window=4096),
+}
+_TEST_SIZES = {
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=192),
+    "small": dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1536),
+}
+
+
+def shape(arch: str, size: str) -> Shape:
+    _check_choice("arch", arch, ARCHS)
+    _check_choice("size", size, SIZES)
+    if size not in _TEST_SIZES:
+        return PUBLIC[PUBLIC_FOR[arch, size]]
+    s = Shape(**_TEST_SIZES[size], **_FAMILY[arch], vocab=None, max_positions=2048)
+    if arch == "qwen3":
+        s = replace(s, head_dim=2 * s.hidden // s.heads)
+    if size == "small" and arch == "llama":
+        s = replace(s, tied=True)  # as the small public Llamas (3.2-1B/3B); tiny keeps the untied path
+    return s
+
+
+def model_config(arch: str, size: str, dtype: str = "bf16"):
+    """The transformers config (LlamaConfig, Qwen2Config, ...) of `arch` at `size`; writes nothing."""
+    import transformers
+
+    _check_choice("dtype", dtype, DTYPES)
+    s = shape(arch, size)
+    tok = tokenizer_factory.build_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in tokenizer_factory.SPECIAL_TOKENS}
+    kw = dict(
+        architectures=[f"{_HF_CLASS[arch]}ForCausalLM"],
+        vocab_size=s.vocab or -(-len(tok) // 64) * 64,
+        hidden_size=s.hidden,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        intermediate_size=s.intermediate,
+        max_position_embeddings=s.max_positions,
+        rms_norm_eps=s.rms_eps,
+        rope_theta=s.rope_theta,
+        rope_scaling=s.rope_scaling,
+        tie_word_embeddings=s.tied,
+        initializer_range=INIT_STD,
+        bos_token_id=ids[tokenizer_factory.BOS],
+        eos_token_id=ids[tokenizer_factory.IM_END],  # generation_config.json lists every stop token
+        pad_token_id=ids[tokenizer_factory.PAD],
+        dtype=DTYPES[dtype],
+    )
+    if s.head_dim is not None:
+        kw["head_dim"] = s.head_dim
+    if arch in ("qwen2", "qwen3"):
+        kw.update(use_sliding_window=False, max_window_layers=s.layers)
+    if arch == "mistral":
+        kw["sliding_window"] = s.sliding_window
+    return getattr(transformers, f"{_HF_CLASS[arch]}Config")(**kw)
+
+
+def tensor_specs(cfg) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) of every weight, in module order (embedding, layers, final norm, head)."""
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    bias = cfg.model_type == "qwen2"
+    specs = [("model.embed_tokens.weight", (v, h))]
+    for n in range(cfg.num_hidden_layers):
+        a, m = f"model.layers.{n}.self_attn.", f"model.layers.{n}.mlp."
+        specs.append((f"model.layers.{n}.input_layernorm.weight", (h,)))
+        for proj, rows in (("q", q), ("k", kv), ("v", kv)):
+            specs.append((f"{a}{proj}_proj.weight", (rows, h)))
+            if bias:
+                specs.append((f"{a}{proj}_proj.bias", (rows,)))
+        specs.append((f"{a}o_proj.weight", (h, q)))
+        if cfg.model_type == "qwen3":
+            specs += [(f"{a}q_norm.weight", (hd,)), (f"{a}k_norm.weight", (hd,))]
+        specs += [(f"model.layers.{n}.post_attention_layernorm.weight", (h,)),
+                  (f"{m}gate_proj.weight", (i, h)), (f"{m}up_proj.weight", (i, h)), (f"{m}down_proj.weight", (h, i))]
+    specs.append(("model.norm.weight", (h,)))
+    if not cfg.tie_word_embeddings:
+        specs.append(("lm_head.weight", (v, h)))
+    return specs
+
+
+def make_model(arch: str, size: str, out: str | Path, seed: int = 0, dtype: str = "bf16",
+               device: str | None = None, progress: bool = True, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write a randomly initialised HF model directory of `arch` at `size` into `out`; return `out`.
+
+    `out` must be absent, empty, or an earlier output of make_model with the same arguments (overwritten).
+    config.json is written last: its presence means the directory is complete.
+    """
+    from transformers import GenerationConfig
+
+    cfg = model_config(arch, size, dtype)
+    dev = _device(device)
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    out = Path(out)
+    record = {"arch": arch, "size": size, "seed": seed, "dtype": dtype}
+    _prepare_out(out, record)
+    (out / MARKER).write_text(json.dumps({**record, "rng_device": dev.type}, indent=2) + "\n")
+    tok = tokenizer_factory.build_tokenizer()
+    tok.save_pretrained(str(out))
+    eos = tok.convert_tokens_to_ids(list(tokenizer_factory.EOS_TOKENS))
+    GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=eos, pad_token_id=cfg.pad_token_id).save_pretrained(out)
+    _write_weights(out, tensor_specs(cfg), seed, DTYPES[dtype], dev, max_shard_bytes,
+                   f"{arch} {size}" if progress else None)
+    cfg.save_pretrained(out)
+    return out
+
+
+def _check_choice(what: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"bad device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+    return dev
+
+
+def _prepare_out(out: Path, record: dict) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        marker = out / MARKER
+        if not marker.exists():
+            raise ValueError(f"{out} is not empty and was not written by make_model; choose an empty directory")
+        before = {k: v for k, v in json.loads(marker.read_text()).items() if k in record}
+        if before != record:
+            raise ValueError(f"{out} holds another factory model ({before}); asked for {record}")
+        for f in out.iterdir():  # our own earlier output; its sharding may differ
+            if f.is_dir():
+                shutil.rmtree(f)
+            else:
+                f.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
+
+
+def _draw(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(_tensor_seed(seed, name))
+    return torch.empty(shape, dtype=dtype, device=dev).normal_(0.0, INIT_STD, generator=gen).cpu()
+
+
+def _shards(specs, itemsize: int, max_shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+    shards: list[list] = [[]]
+    size = 0
+    for name, shp in specs:
+        n = prod(shp) * itemsize
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shp))
+        size += n
+    return shards
+
+
+def _write_weights(out: Path, specs, seed: int, dtype: torch.dtype, dev: torch.device, max_shard_bytes: int,
+                   label: str | None) -> None:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards = _shards(specs, itemsize, max_shard_bytes)
+    total = sum(prod(s) for _, s in specs) * itemsize
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    with _Progress(label, total) as bar:
+        for fname, shard in zip(names, shards, strict=True):
+            _write_safetensors(out / fname, shard, lambda n, s: _draw(n, s, seed, dtype, dev), dtype, bar.advance)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {name: f for f, shard in zip(names, shards, strict=True) for name, _ in shard}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_safetensors(path: Path, specs, draw, dtype: torch.dtype, advance) -> None:
+    """Stream tensors into one safetensors file: 8-byte header length, JSON header, raw little-endian data.
+
+    Written by hand rather than with safetensors.torch.save_file so each tensor goes from the device to disk
+    as soon as it is drawn (no shard-sized staging copy), under a header laid out the same way every time.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shp in specs:
+        n = prod(shp) * itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(shp), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors' own writer does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, shp in specs:
+            t = draw(name, shp)
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            advance(t.numel() * itemsize)
+
+
+class _Progress:
+    """A rich progress bar over bytes written, or nothing when `label` is None."""
+
+    def __init__(self, label: str | None, total: int):
+        self.label, self.total, self._bar = label, total, None
+
+    def __enter__(self) -> _Progress:
+        if self.label is not None:
+            from rich import progress as rp
+
+            self._bar = rp.Progress("[progress.description]{task.description}", rp.BarColumn(), rp.DownloadColumn(),
+                                    rp.TransferSpeedColumn(), rp.TimeElapsedColumn())
+            self._bar.__enter__()
+            self._task = self._bar.add_task(f"writing {self.label}", total=self.total)
+        return self
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
