@@ -52,10 +52,21 @@ class PinnedRegion:
         self.pinned = False
         if pin is None:
             pin = cuda_pinning_available()
-        if pin and nbytes:
-            _check(torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, CUDA_HOST_REGISTER_PORTABLE),
-                   f"cudaHostRegister({nbytes} B)")
-            self.pinned = True
+        if pin:
+            self.pin()
+
+    def pin(self) -> None:
+        """Page-lock the mapping for DMA (cudaHostRegister). Idempotent; a no-op for an empty region."""
+        if self.pinned or not self.nbytes or self.tensor is None:
+            return
+        _check(torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.nbytes, CUDA_HOST_REGISTER_PORTABLE),
+               f"cudaHostRegister({self.nbytes} B)")
+        self.pinned = True
+
+    def unpin(self) -> None:
+        if self.pinned:
+            self.pinned = False
+            _check(torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr()), "cudaHostUnregister")
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -121,9 +132,7 @@ class PinnedRegion:
         torch.frombuffer does not hold a buffer export that would make close() refuse.)"""
         if self.tensor is None:
             return
-        if self.pinned:
-            self.pinned = False
-            _check(torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr()), "cudaHostUnregister")
+        self.unpin()
         self.tensor = None
         self._mm = None
 
