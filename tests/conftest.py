@@ -50,3 +50,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def make_varied(make_tiny, model_cache):
+    """A tiny model whose matrices are scaled up (x6), so greedy continuations vary instead of repeating one
+    token (random init at std 0.02 collapses to a loop). Same architecture; HF loads it as usual."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def f(arch: str = "qwen2") -> Path:
+        src = make_tiny(arch)
+        dst = model_cache / f"{arch}-tiny-varied"
+        if not (dst / "config.json").exists():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+            for w in src.glob("*.safetensors"):
+                sd = load_file(str(w))
+                sd = {k: (v * 6 if v.dim() == 2 else v) for k, v in sd.items()}
+                save_file(sd, str(dst / w.name), metadata={"format": "pt"})
+        return dst
+
+    return f

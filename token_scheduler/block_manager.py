@@ -1,0 +1,57 @@
+"""KV block allocator: plain Python over integer block ids (no torch).
+
+`allocate` raises `NoFreeBlocks` on shortage; the scheduler decides what to do (wait, preempt, swap).
+The same class manages GPU blocks and host (swap) blocks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class NoFreeBlocks(RuntimeError):
+    pass
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one token (got {num_blocks} x {block_size})")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return len(self._used)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise NoFreeBlocks(f"need {n} KV blocks, {len(self._free)} free of {self.num_blocks}")
+        out = [self._free.popleft() for _ in range(n)]
+        self._used.update(out)
+        return out
+
+    def free(self, ids: list[int]) -> None:
+        for b in ids:
+            if b not in self._used:
+                raise ValueError(f"block {b} is not allocated (double free?)")
+            self._used.remove(b)
+            self._free.append(b)
+
+    def grow(self, block_ids: list[int], num_tokens: int) -> None:
+        """Extend `block_ids` in place so it covers `num_tokens` tokens (raises before changing anything)."""
+        need = self.blocks_for(num_tokens) - len(block_ids)
+        if need > 0:
+            block_ids.extend(self.allocate(need))

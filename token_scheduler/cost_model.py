@@ -1,0 +1,225 @@
+"""Online cost model: what a step, a weight switch and a KV swap cost, learned from measurements.
+
+Policies ask it three questions -- how long will this batch of model m take, how long does moving N bytes of
+weights take, how long does moving N bytes of KV take -- and the mechanism (engine or simulator) reports
+every measurement back. Nothing here is a hard-coded profile: a fit starts from a prior (a `HardwareProfile`
+roofline, or zeros) and recursive least squares pulls it to what was measured.
+
+Step time is linear in the step's shape (see `StepShape.features`): a fixed launch cost plus the weights read
+once, a per-sequence cost, a per-new-token cost (GEMM FLOPs + KV writes), a per-context-token cost (KV
+reads) and a per-(query, key)-pair cost (prefill attention). The roofline below has exactly this form, which
+is why a simulator driven by it is fitted exactly and a real GPU is fitted well.
+
+`H100_PCIE53` is derived from physical numbers only -- 2.9 TB/s achieved HBM read bandwidth (the decode
+weights-read floor), 0.6 x 989 dense bf16 TFLOP/s for GEMMs, 53 GB/s pinned PCIe Gen5 x16 per direction --
+and is what the simulator uses both as ground truth and as the prior; it is not a measured profile.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+_FEATURE_SCALES = (1.0, 64.0, 1024.0, 65536.0, 1.0e6)  # keep the RLS well conditioned
+
+
+@dataclass(frozen=True, slots=True)
+class StepShape:
+    """What a step computes: sequences, new tokens (KV written), context tokens read, attention pairs."""
+
+    num_seqs: int
+    new_tokens: int
+    ctx_tokens: int  # KV tokens read, summed over sequences (decode: ~sum of lengths)
+    attn_pairs: int = 0  # sum over sequences of new_tokens * context length (prefill's quadratic part)
+
+    def features(self) -> tuple[float, float, float, float, float]:
+        s = _FEATURE_SCALES
+        return (1.0, self.num_seqs / s[1], self.new_tokens / s[2], self.ctx_tokens / s[3], self.attn_pairs / s[4])
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """The sizes of one model that matter to scheduling (bytes moved, FLOPs done)."""
+
+    name: str
+    weight_bytes: int
+    kv_bytes_per_token: int
+    flops_per_token: float  # 2 x matmul parameters
+    attn_flops_per_pair: float  # 4 x layers x q width (QK^T and PV)
+    max_context: int = 32768
+
+    @staticmethod
+    def from_config(name: str, cfg, dtype_bytes: int = 2) -> ModelSpec:
+        """From a `token_scheduler.model.config.ModelConfig` (weight layout = `weight_numel`)."""
+        from token_scheduler.model.weights import weight_numel
+
+        numel = weight_numel(cfg)
+        lookup = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size  # embedding rows, no GEMM
+        return ModelSpec(
+            name=name,
+            weight_bytes=numel * dtype_bytes,
+            kv_bytes_per_token=2 * cfg.num_layers * cfg.kv_size * dtype_bytes,
+            flops_per_token=2.0 * (numel - lookup),
+            attn_flops_per_pair=4.0 * cfg.num_layers * cfg.q_size,
+            max_context=cfg.max_position_embeddings,
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def spec_for(arch: str, size: str, name: str | None = None) -> ModelSpec:
+    """ModelSpec of a real-size model via `controller.model_factory.model_config` (bf16)."""
+    from controller.model_factory import model_config
+    from token_scheduler.model.config import ModelConfig
+
+    cfg = ModelConfig.from_hf(model_config(arch, size))
+    return ModelSpec.from_config(name or f"{arch}-{size}", cfg)
+
+
+@dataclass(frozen=True, slots=True)
+class HardwareProfile:
+    """Physical numbers of one GPU + host link; a prior for the cost model and the simulator's ground truth."""
+
+    name: str
+    hbm_bytes_per_s: float
+    gemm_flops_per_s: float
+    attn_flops_per_s: float
+    pcie_bytes_per_s: float  # pinned host <-> device, per direction
+    step_overhead_s: float  # launches, sampling, host bookkeeping per step
+    per_seq_overhead_s: float
+    switch_overhead_s: float  # per weight load: allocation, remap, sync
+    swap_overhead_s: float  # per KV swap batch
+
+    def step_time(self, spec: ModelSpec, shape: StepShape) -> float:
+        """Roofline without overlap (sum of memory and compute times): linear in `StepShape.features`."""
+        return float(sum(a * x for a, x in zip(self.step_coefficients(spec), shape.features())))
+
+    def step_coefficients(self, spec: ModelSpec) -> tuple[float, ...]:
+        s, kv = _FEATURE_SCALES, spec.kv_bytes_per_token
+        return (
+            self.step_overhead_s + spec.weight_bytes / self.hbm_bytes_per_s,
+            s[1] * self.per_seq_overhead_s,
+            s[2] * (spec.flops_per_token / self.gemm_flops_per_s + kv / self.hbm_bytes_per_s),
+            s[3] * kv / self.hbm_bytes_per_s,
+            s[4] * spec.attn_flops_per_pair / self.attn_flops_per_s,
+        )
+
+    def load_time(self, nbytes: float) -> float:
+        return self.switch_overhead_s + nbytes / self.pcie_bytes_per_s
+
+    def swap_time(self, nbytes: float) -> float:
+        return self.swap_overhead_s + nbytes / self.pcie_bytes_per_s
+
+
+H100_PCIE53 = HardwareProfile(
+    name="H100-SXM (physical roofline, 53 GB/s pinned PCIe)",
+    hbm_bytes_per_s=2.9e12,
+    gemm_flops_per_s=0.6 * 989e12,
+    attn_flops_per_s=0.4 * 989e12,
+    pcie_bytes_per_s=53e9,
+    step_overhead_s=1.0e-3,
+    per_seq_overhead_s=10e-6,
+    switch_overhead_s=5e-3,
+    swap_overhead_s=0.5e-3,
+)
+
+
+class OnlineLinearFit:
+    """Recursive least squares with forgetting: y ~ theta . x, updated one measurement at a time (O(n^2))."""
+
+    __slots__ = ("theta", "P", "lam", "n")
+
+    def __init__(self, prior: tuple[float, ...], confidence: float = 1e-2, forgetting: float = 0.999):
+        k = len(prior)
+        self.theta = list(prior)
+        # Small P = trust the prior; measurements still dominate after a few dozen samples.
+        self.P = [[(confidence if i == j else 0.0) for j in range(k)] for i in range(k)]
+        self.lam = forgetting
+        self.n = 0
+
+    def predict(self, x) -> float:
+        return sum(t * v for t, v in zip(self.theta, x))
+
+    def update(self, x, y: float) -> None:
+        P, k = self.P, len(self.theta)
+        Px = [sum(P[i][j] * x[j] for j in range(k)) for i in range(k)]
+        denom = self.lam + sum(x[i] * Px[i] for i in range(k))
+        gain = [p / denom for p in Px]
+        err = y - self.predict(x)
+        self.theta = [t + g * err for t, g in zip(self.theta, gain)]
+        self.P = [[(P[i][j] - gain[i] * Px[j]) / self.lam for j in range(k)] for i in range(k)]
+        self.n += 1
+
+
+class CostModel:
+    """Per-model step-time fits, one weight-load fit and one KV-swap fit (time = overhead + bytes / bandwidth).
+
+    `hidden_load_fraction` is measured too: the share of a weight load's time that overlapped compute
+    (prefetch). Policies use it to charge only the exposed part of a switch.
+    """
+
+    def __init__(self, profile: HardwareProfile | None = None, specs: list[ModelSpec] | tuple = ()):
+        self.profile = profile
+        self._step: dict[str, OnlineLinearFit] = {}
+        self._specs: dict[str, ModelSpec] = {}
+        bw = profile.pcie_bytes_per_s if profile else 25e9  # unseeded: a modest PCIe guess, refitted at once
+        ovh = profile.switch_overhead_s if profile else 0.0
+        self._load = OnlineLinearFit((ovh, 1e9 / bw), confidence=1e-3)
+        swap_ovh = profile.swap_overhead_s if profile else 0.0
+        self._swap = OnlineLinearFit((swap_ovh, 1e9 / bw), confidence=1e-3)
+        self.hidden_load_fraction = 0.0
+        self._n_hidden = 0
+        for s in specs:
+            self.register(s)
+
+    def register(self, spec: ModelSpec) -> None:
+        self._specs[spec.name] = spec
+        prior = self.profile.step_coefficients(spec) if self.profile else (0.0,) * 5
+        self._step[spec.name] = OnlineLinearFit(prior)
+
+    # -- predictions (cheap; called by policies every step) --
+    def step_time(self, model: str, shape: StepShape) -> float:
+        return max(0.0, self._step[model].predict(shape.features()))
+
+    def step_coefficients(self, model: str) -> tuple[float, ...]:
+        """Fitted coefficients in per-unit terms: (base s, s/seq, s/new token, s/ctx token, s/attn pair)."""
+        return tuple(t / s for t, s in zip(self._step[model].theta, _FEATURE_SCALES))
+
+    def load_time(self, nbytes: float) -> float:
+        return max(0.0, self._load.predict((1.0, nbytes / 1e9)))
+
+    def swap_time(self, nbytes: float) -> float:
+        return max(0.0, self._swap.predict((1.0, nbytes / 1e9))) if nbytes > 0 else 0.0
+
+    def exposed_load_time(self, nbytes: float) -> float:
+        return self.load_time(nbytes) * (1.0 - self.hidden_load_fraction)
+
+    # -- measurements (reported by the mechanism) --
+    def observe_step(self, model: str, shape: StepShape, seconds: float) -> None:
+        self._step[model].update(shape.features(), seconds)
+
+    def observe_load(self, nbytes: float, seconds: float, hidden_s: float = 0.0) -> None:
+        self._load.update((1.0, nbytes / 1e9), seconds)
+        if seconds > 0:
+            self._n_hidden += 1
+            a = max(0.05, 1.0 / self._n_hidden)  # running mean, then an EWMA
+            self.hidden_load_fraction += a * (min(1.0, hidden_s / seconds) - self.hidden_load_fraction)
+
+    def observe_swap(self, nbytes: float, seconds: float) -> None:
+        if nbytes > 0:
+            self._swap.update((1.0, nbytes / 1e9), seconds)
+
+    def to_dict(self) -> dict:
+        def bw(fit: OnlineLinearFit) -> float:
+            return 1e9 / fit.theta[1] if fit.theta[1] > 0 else float("inf")
+
+        return {
+            "prior": self.profile.name if self.profile else None,
+            "load": {"overhead_s": self._load.theta[0], "bytes_per_s": bw(self._load), "samples": self._load.n},
+            "swap": {"overhead_s": self._swap.theta[0], "bytes_per_s": bw(self._swap), "samples": self._swap.n},
+            "hidden_load_fraction": self.hidden_load_fraction,
+            "step": {
+                m: {"coef": dict(zip(("base_s", "per_seq_s", "per_new_token_s", "per_ctx_token_s", "per_attn_pair_s"),
+                                     self.step_coefficients(m))), "samples": f.n}
+                for m, f in self._step.items()
+            },
+        }

@@ -1,0 +1,177 @@
+"""LLMEngine: one model on one device. The step loop is `schedule -> execute -> update`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from token_scheduler.block_manager import BlockAllocator
+from token_scheduler.detokenizer import DetokState, IncrementalDetokenizer
+from token_scheduler.model.config import ModelConfig, parse_dtype
+from token_scheduler.model.weights import load_weights, weight_numel
+from token_scheduler.request import CompletionOutput, Request, RequestOutput, RequestStatus, SamplingParams
+from token_scheduler.runner import ModelRunner, allocate_kv_cache
+from token_scheduler.scheduler import BatchScheduler, SchedulerConfig
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    device: str = "cpu"
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # default: from kv_cache_memory_gb / gpu_memory_utilization
+    kv_cache_memory_gb: float | None = None
+    gpu_memory_utilization: float = 0.85
+    num_host_kv_blocks: int | None = None  # swap space; default: as many as GPU blocks
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    seed: int = 0
+    cuda_graphs: bool = True
+    served_model_name: str | None = None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype, torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, weights: dict[str, torch.Tensor] | None = None):
+        from transformers import AutoTokenizer
+
+        self.config = c = config
+        self.device = torch.device(c.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' asked for, but CUDA is not available")
+        self.model_name = c.served_model_name or Path(c.model).name
+        self.model_config = mc = ModelConfig.from_pretrained(c.model)
+        self.dtype = c.torch_dtype
+        self.tokenizer = AutoTokenizer.from_pretrained(c.model)
+        self.max_model_len = min(c.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.weights = weights if weights is not None else load_weights(c.model, mc, self.device, self.dtype)
+
+        num_blocks = c.num_kv_blocks or self._default_num_blocks()
+        host_blocks = num_blocks if c.num_host_kv_blocks is None else c.num_host_kv_blocks
+        kv = allocate_kv_cache(mc, num_blocks + 1, c.block_size, self.dtype, self.device)  # +1 scratch
+        host_kv = (allocate_kv_cache(mc, host_blocks, c.block_size, self.dtype, "cpu", pin=self.device.type == "cuda")
+                   if host_blocks else None)
+        self.scheduler = BatchScheduler(
+            SchedulerConfig(c.max_num_seqs, c.max_num_batched_tokens, c.max_num_batched_tokens),
+            BlockAllocator(num_blocks, c.block_size),
+            BlockAllocator(host_blocks, c.block_size) if host_blocks else None,
+            model=self.model_name,
+        )
+        self.runner = ModelRunner(mc, self.weights, kv, c.block_size, self.max_model_len, self.device, c.seed,
+                                  host_kv, cuda_graphs=c.cuda_graphs, max_graph_batch=c.max_num_seqs)
+        self.detok = IncrementalDetokenizer(self.tokenizer)
+        self._detok: dict[str, DetokState] = {}
+        self._aborted: list[Request] = []
+        self.eos_token_ids = tuple(mc.eos_token_ids) or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
+
+    def _default_num_blocks(self) -> int:
+        mc, c = self.model_config, self.config
+        per_block = mc.kv_bytes_per_token(self.dtype) * c.block_size
+        if c.kv_cache_memory_gb is not None:
+            budget = c.kv_cache_memory_gb * 1e9
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = total * c.gpu_memory_utilization - (total - free) - 2e9  # room for activations/graphs
+        else:  # CPU: enough for max_num_seqs sequences of 2k tokens, capped at 1 GB
+            budget = min(1e9, per_block * c.max_num_seqs * -(-min(self.max_model_len, 2048) // c.block_size))
+        n = int(budget // per_block)
+        if n < 1:
+            raise RuntimeError(f"no memory left for the KV cache (budget {budget / 1e9:.2f} GB)")
+        return n
+
+    @property
+    def weight_bytes(self) -> int:
+        return weight_numel(self.model_config) * torch.empty((), dtype=self.dtype).element_size()
+
+    # -- requests ------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> Request:
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = list(prompt)
+            vs = self.model_config.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vs]
+            if bad:
+                raise ValueError(f"prompt token ids must be integers in [0, {vs}); got {bad[:5]}")
+        if params.n != 1:
+            raise ValueError("the engine takes n=1 requests; fan out n>1 before add_request (LLM.generate does)")
+        req = Request(request_id, ids, params, model=self.model_name, eos_token_ids=self.eos_token_ids,
+                      max_model_len=self.max_model_len)
+        if arrival_time is not None:
+            req.arrival_time = arrival_time
+        self.scheduler.add(req)
+        self._detok[request_id] = DetokState()
+        return req
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.scheduler.abort(request_id)
+        if req is not None:
+            self.runner.release(request_id)
+            self._aborted.append(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    def stats(self) -> dict[str, int]:
+        return self.scheduler.stats()
+
+    # -- the step loop -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs = [self._output(r, "", []) for r in self._aborted]
+        self._aborted = []
+        out = self.scheduler.schedule()
+        if out.empty:
+            return outputs
+        now = time.monotonic()
+        for c in out.chunks:
+            if c.request.first_scheduled_time is None:
+                c.request.first_scheduled_time = now
+        res = self.runner.execute(out)
+        got = self.scheduler.update(out, res.sampled)
+        now = time.monotonic()
+        for req in got:
+            if req.first_token_time is None:
+                req.first_token_time = now
+            req.last_token_time = now
+            if req.request_id in res.logprobs:
+                req.output_logprobs.append(res.logprobs[req.request_id])
+            outputs.append(self._advance_text(req))
+        return outputs
+
+    def _advance_text(self, req: Request) -> RequestOutput:
+        st = self._detok[req.request_id]
+        sp = req.sampling_params
+        n_before = len(req.output_token_ids) - 1
+        delta = self.detok.step(st, req.output_token_ids, sp.stop, req.finished)
+        if st.stop_hit is not None and not req.finished:
+            req.stop_reason = st.stop_hit
+            self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+        return self._output(req, delta, req.output_token_ids[n_before:])
+
+    def _output(self, req: Request, delta: str, delta_ids: list[int]) -> RequestOutput:
+        st = self._detok.get(req.request_id) or DetokState()
+        if req.finished:
+            req.finished_time = req.finished_time or time.monotonic()
+            self._detok.pop(req.request_id, None)
+            self.runner.release(req.request_id)
+        sp = req.sampling_params
+        comp = CompletionOutput(
+            0, st.text, list(req.output_token_ids), req.status.finish_reason, req.stop_reason,
+            list(req.output_logprobs) if sp.logprobs is not None else None,
+        )
+        m = {"arrival_time": req.arrival_time}
+        for k in ("first_scheduled_time", "first_token_time", "last_token_time", "finished_time"):
+            if getattr(req, k) is not None:
+                m[k] = getattr(req, k)
+        return RequestOutput(req.request_id, req.prompt_token_ids, [comp], req.finished, model=req.model,
+                             delta_text=delta, delta_token_ids=delta_ids, metrics=m)

@@ -1,0 +1,94 @@
+"""Paged attention over the KV cache `[num_blocks, num_layers, 2, block_size, kv_heads, head_dim]`.
+
+Two shapes of batch:
+- varlen (prefill, chunked prefill, mixed): each sequence attends its new tokens to its whole context;
+  done per sequence with SDPA over the sequence's gathered blocks.
+- decode (every sequence has one new token): one batched call over padded block tables, fixed shapes, so
+  it can be captured in a CUDA graph. On CUDA a Triton paged-decode kernel reads the blocks in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    # Where each new token's K/V goes: block id and offset in block, [T] each.
+    slot_blocks: torch.Tensor
+    slot_offsets: torch.Tensor
+    block_size: int
+    # decode: block_tables [B, max_blocks] (int32/int64), context_lens [B] (after this step)
+    decode: bool = False
+    block_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+    # varlen: per sequence (q_start, q_len, ctx_len) and its block table (long tensor on device)
+    seqs: list[tuple[int, int, int]] = field(default_factory=list)
+    seq_block_tables: list[torch.Tensor] = field(default_factory=list)
+    use_triton: bool = False
+
+
+def write_kv(kv: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, m: AttentionMetadata) -> None:
+    kv[m.slot_blocks, layer, 0, m.slot_offsets] = k
+    kv[m.slot_blocks, layer, 1, m.slot_offsets] = v
+
+
+def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    m = k_pos[None, :] <= q_pos[:, None]
+    if window:
+        m &= k_pos[None, :] > q_pos[:, None] - window
+    return m
+
+
+def attend(q: torch.Tensor, kv: torch.Tensor, layer: int, m: AttentionMetadata, cfg) -> torch.Tensor:
+    """q: [T, H, D] (RoPE applied) -> [T, H, D]."""
+    scale = cfg.head_dim**-0.5
+    window = cfg.sliding_window
+    if m.decode:
+        if m.use_triton:
+            from token_scheduler.model.triton_decode import paged_decode
+
+            return paged_decode(q, kv, layer, m.block_tables, m.context_lens, scale, window)
+        return _decode_torch(q, kv, layer, m, scale, window)
+    out = torch.empty_like(q)
+    bs = m.block_size
+    for (q0, qn, ctx), bt in zip(m.seqs, m.seq_block_tables):
+        nb = -(-ctx // bs)
+        k = kv[bt[:nb], layer, 0].flatten(0, 1)[:ctx]  # [ctx, KVH, D]
+        v = kv[bt[:nb], layer, 1].flatten(0, 1)[:ctx]
+        qs = q[q0 : q0 + qn].transpose(0, 1)  # [H, qn, D]
+        if ctx == qn and not (window and ctx > window):
+            o = F.scaled_dot_product_attention(
+                qs, k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale, enable_gqa=True
+            )
+        else:
+            kp = torch.arange(ctx, device=q.device)
+            mask = _mask(kp[ctx - qn :], kp, window)
+            o = F.scaled_dot_product_attention(
+                qs, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=True
+            )
+        out[q0 : q0 + qn] = o.transpose(0, 1)
+    return out
+
+
+def _decode_torch(q, kv, layer, m: AttentionMetadata, scale, window) -> torch.Tensor:
+    bt, ctx = m.block_tables.long(), m.context_lens.long()
+    B, nb = bt.shape
+    k = kv[bt, layer, 0].flatten(1, 2)  # [B, nb*bs, KVH, D]
+    v = kv[bt, layer, 1].flatten(1, 2)
+    kp = torch.arange(nb * m.block_size, device=q.device)
+    mask = kp[None, :] < ctx[:, None]
+    if window:
+        mask &= kp[None, :] >= (ctx[:, None] - window)
+    o = F.scaled_dot_product_attention(
+        q[:, :, None, :],  # [B, H, 1, D]
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=True,
+    )
+    return o[:, :, 0, :]

@@ -1,0 +1,108 @@
+"""Llama-family decoder (llama, qwen2, qwen3, mistral) as plain functions over a weight dict.
+
+Nothing here is global per model: `forward` takes the config, the weights and the KV cache as
+arguments, so one runner can execute any model whose weights are resident. Numerics follow HF
+transformers (RMSNorm in fp32 then cast, RoPE tables in fp32) so fp32 logits match to ~1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from token_scheduler.model.attention import AttentionMetadata, attend, write_kv
+from token_scheduler.model.config import ModelConfig
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    dt = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return w * x.to(dt)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = cfg.rope_scaling
+    if not rs:
+        return inv
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind == "linear":
+        return inv / rs["factor"]
+    if kind == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old = rs["original_max_position_embeddings"]
+        lo_wl, hi_wl = old / lo, old / hi
+        wl = 2 * math.pi / inv
+        out = torch.where(wl > lo_wl, inv / factor, inv)
+        smooth = (old / wl - lo) / (hi - lo)
+        smoothed = (1 - smooth) * out / factor + smooth * out
+        medium = ~(wl < hi_wl) & ~(wl > lo_wl)
+        return torch.where(medium, smoothed, out)
+    raise ValueError(f"rope scaling {kind!r} is not supported (supported: linear, llama3)")
+
+
+@dataclass
+class RopeCache:
+    cos: torch.Tensor  # [max_pos, head_dim] fp32
+    sin: torch.Tensor
+
+    @staticmethod
+    def build(cfg: ModelConfig, max_pos: int, device) -> RopeCache:
+        inv = rope_inv_freq(cfg).to(device)
+        freqs = torch.arange(max_pos, device=device, dtype=torch.float32)[:, None] * inv[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return RopeCache(emb.cos(), emb.sin())
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, d]; cos/sin: [T, 1, d] already in x's dtype
+    return x * cos + _rotate_half(x) * sin
+
+
+def forward(
+    cfg: ModelConfig,
+    w: dict[str, torch.Tensor],
+    kv_cache: torch.Tensor,  # [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]
+    rope: RopeCache,
+    input_ids: torch.Tensor,  # [T]
+    positions: torch.Tensor,  # [T]
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    """Hidden states after the final norm, [T, hidden]."""
+    x = F.embedding(input_ids, w["embed"])
+    dt = x.dtype
+    cos = rope.cos[positions].to(dt)[:, None, :]
+    sin = rope.sin[positions].to(dt)[:, None, :]
+    T = input_ids.shape[0]
+    H, KVH, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+    for n in range(cfg.num_layers):
+        p = f"l{n}."
+        h = rms_norm(x, w[p + "ln1"], eps)
+        qkv = F.linear(h, w[p + "qkv"], w.get(p + "qkv_b"))
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q, k, v = q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D)
+        if cfg.qk_norm:
+            q = rms_norm(q, w[p + "q_norm"], eps)
+            k = rms_norm(k, w[p + "k_norm"], eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        write_kv(kv_cache, n, k, v, meta)
+        o = attend(q, kv_cache, n, meta, cfg)
+        x = x + F.linear(o.reshape(T, H * D), w[p + "o"])
+        h = rms_norm(x, w[p + "ln2"], eps)
+        g, u = F.linear(h, w[p + "gate_up"]).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(g) * u, w[p + "down"])
+    return rms_norm(x, w["norm"], eps)
+
+
+def compute_logits(w: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    return F.linear(hidden, w.get("lm_head", w["embed"])).float()

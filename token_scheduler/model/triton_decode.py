@@ -1,0 +1,93 @@
+"""Triton paged-decode attention (flash-decoding): each program reads one KV head's blocks of one sequence
+in place from the paged cache, over a slice of the context (split-K), so batch 1 still fills the GPU.
+Partial results are merged with a log-sum-exp reduction. Shapes are fixed per batch bucket, so the call can
+be captured in a CUDA graph (context length only changes loop bounds inside the kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_decode_kernel(
+    Q, KV, BT, CTX, O, M, L,
+    scale, window,
+    s_qb, s_qh, s_kvb, s_kvt, s_kvh, s_btb, s_ob, s_oh, s_os, s_mb, s_mh,
+    off_k, off_v,
+    NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    BLOCK: tl.constexpr, D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    ctx = tl.load(CTX + b)
+    nblk = tl.cdiv(ctx, BLOCK)
+    jlo = 0
+    if window > 0:
+        jlo = tl.maximum(ctx - window, 0) // BLOCK
+    per = tl.cdiv(nblk - jlo, NUM_SPLITS)
+    j0 = jlo + sp * per
+    j1 = tl.minimum(j0 + per, nblk)
+
+    g = tl.arange(0, GROUP_PAD)
+    gmask = g < GROUP
+    heads = kvh * GROUP + g
+    d = tl.arange(0, D)
+    q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=gmask[:, None], other=0.0)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    t = tl.arange(0, BLOCK)
+    for j in range(j0, j1):
+        blk = tl.load(BT + b * s_btb + j).to(tl.int64)
+        pos = j * BLOCK + t
+        valid = pos < ctx
+        if window > 0:
+            valid = valid & (pos >= ctx - window)
+        base = KV + blk * s_kvb + t[:, None] * s_kvt + kvh * s_kvh + d[None, :]
+        k = tl.load(base + off_k, mask=valid[:, None], other=0.0)
+        v = tl.load(base + off_v, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m_i = m_new
+    o_ptr = O + b * s_ob + heads[:, None] * s_oh + sp * s_os + d[None, :]
+    tl.store(o_ptr, acc, mask=gmask[:, None])
+    ml = b * s_mb + heads * s_mh + sp
+    tl.store(M + ml, m_i, mask=gmask)
+    tl.store(L + ml, l_i, mask=gmask)
+
+
+def num_splits_for(batch: int, kv_heads: int, sms: int = 132) -> int:
+    return max(1, min(32, (2 * sms) // max(1, batch * kv_heads)))
+
+
+def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, num_splits=None):
+    """q: [B, H, D]; kv: [NB, L, 2, BS, KVH, D]; block_tables: [B, MB] int32; context_lens: [B] int32."""
+    B, H, D = q.shape
+    _, _, _, BS, KVH, _ = kv.shape
+    group = H // KVH
+    S = num_splits or num_splits_for(B, KVH)
+    o = torch.empty(B, H, S, D, device=q.device, dtype=torch.float32)
+    m = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+    lsum = torch.empty_like(m)
+    s_kvb, s_kvl, s_kv2, s_kvt, s_kvh, _ = kv.stride()
+    _paged_decode_kernel[(B, KVH, S)](
+        q, kv, block_tables, context_lens, o, m, lsum,
+        scale, window or 0,
+        q.stride(0), q.stride(1), s_kvb, s_kvt, s_kvh, block_tables.stride(0),
+        o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1),
+        layer * s_kvl, layer * s_kvl + s_kv2,
+        NUM_SPLITS=S, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=BS, D=D,
+    )
+    mmax = m.max(-1, keepdim=True).values
+    w = torch.exp(m - mmax)  # empty splits have m = -inf -> weight 0
+    out = (o * w[..., None]).sum(2) / (lsum * w).sum(-1, keepdim=True)
+    return out.to(q.dtype)
