@@ -91,7 +91,7 @@ class HardwareProfile:
 
     def step_time(self, spec: ModelSpec, shape: StepShape) -> float:
         """Roofline without overlap (sum of memory and compute times): linear in `StepShape.features`."""
-        return float(sum(a * x for a, x in zip(self.step_coefficients(spec), shape.features())))
+        return float(sum(a * x for a, x in zip(self.step_coefficients(spec), shape.features(), strict=True)))
 
     def step_coefficients(self, spec: ModelSpec) -> tuple[float, ...]:
         s, kv = _FEATURE_SCALES, spec.kv_bytes_per_token
@@ -137,7 +137,7 @@ class OnlineLinearFit:
         self.n = 0
 
     def predict(self, x) -> float:
-        return sum(t * v for t, v in zip(self.theta, x))
+        return sum(t * v for t, v in zip(self.theta, x, strict=True))
 
     def update(self, x, y: float) -> None:
         P, k = self.P, len(self.theta)
@@ -145,7 +145,7 @@ class OnlineLinearFit:
         denom = self.lam + sum(x[i] * Px[i] for i in range(k))
         gain = [p / denom for p in Px]
         err = y - self.predict(x)
-        self.theta = [t + g * err for t, g in zip(self.theta, gain)]
+        self.theta = [t + g * err for t, g in zip(self.theta, gain, strict=True)]
         self.P = [[(P[i][j] - gain[i] * Px[j]) / self.lam for j in range(k)] for i in range(k)]
         self.n += 1
 
@@ -182,7 +182,7 @@ class CostModel:
 
     def step_coefficients(self, model: str) -> tuple[float, ...]:
         """Fitted coefficients in per-unit terms: (base s, s/seq, s/new token, s/ctx token, s/attn pair)."""
-        return tuple(t / s for t, s in zip(self._step[model].theta, _FEATURE_SCALES))
+        return tuple(t / s for t, s in zip(self._step[model].theta, _FEATURE_SCALES, strict=True))
 
     def load_time(self, nbytes: float) -> float:
         return max(0.0, self._load.predict((1.0, nbytes / 1e9)))
@@ -219,7 +219,7 @@ class CostModel:
             "hidden_load_fraction": self.hidden_load_fraction,
             "step": {
                 m: {"coef": dict(zip(("base_s", "per_seq_s", "per_new_token_s", "per_ctx_token_s", "per_attn_pair_s"),
-                                     self.step_coefficients(m))), "samples": f.n}
+                                     self.step_coefficients(m), strict=True)), "samples": f.n}
                 for m, f in self._step.items()
             },
         }

@@ -1,0 +1,37 @@
+"""Multi-model scheduling policies: given a `PoolState`, decide the next `StepPlan` (one model's batch).
+
+Selectable by name: `token` (ours), `aegaeon` (the same machinery with Aegaeon's quota rule, fixed order,
+next-turn prefetch and none of our additions -- for comparison), `request` and `static` (baselines.py).
+"""
+
+from __future__ import annotations
+
+from token_scheduler.policies.baselines import RequestPolicy, StaticPolicy
+from token_scheduler.policies.batching import BatchLimits
+from token_scheduler.policies.slo import ModelSLO
+from token_scheduler.policies.state import ModelState, PoolState, Residency, StepPlan
+from token_scheduler.policies.token import TokenConfig, TokenPolicy
+
+POLICY_NAMES = ("token", "aegaeon", "request", "static")
+
+AEGAEON_PRESET = dict(quota_rule="aegaeon", order="fixed", prefetch="next", charge_exposed_switch_only=False,
+                      extend_on_load=False, skip_on_slack=False)
+
+
+def make_policy(name: str, limits: BatchLimits | None = None, **kw):
+    limits = limits or BatchLimits()
+    if name == "token":
+        return TokenPolicy(TokenConfig(limits=limits, **kw))
+    if name == "aegaeon":
+        return TokenPolicy(TokenConfig(limits=limits, **{**AEGAEON_PRESET, **kw}), name="aegaeon")
+    if name == "request":
+        return RequestPolicy(limits, **kw)
+    if name == "static":
+        return StaticPolicy(limits, **kw)
+    raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
+
+
+__all__ = [
+    "POLICY_NAMES", "BatchLimits", "ModelSLO", "ModelState", "PoolState", "Residency", "StepPlan",
+    "TokenConfig", "TokenPolicy", "RequestPolicy", "StaticPolicy", "make_policy",
+]

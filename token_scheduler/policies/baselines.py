@@ -1,0 +1,90 @@
+"""The two baselines, in the same plan language as the token policy so one mechanism runs all three.
+
+`request` -- request-level auto-scaling (ServerlessLLM, llama-swap): one model holds the GPU until its running
+requests finish. While another model has requests waiting, the holder admits nothing new; once drained, the
+GPU goes to the model of the oldest waiting request. Weights of earlier models stay cached in VRAM while they
+fit (least recently used are evicted first, as a keep-alive cache does); loads are blocking, no prefetch.
+
+`static` -- static multiplexing (MuxServe-like): the models that fit (smallest first, leaving
+`kv_reserve_frac` of VRAM for KV) are loaded once and never evicted; they take one step each in round-robin
+order. Requests for any other model are never served (each one counts as an SLO miss).
+"""
+
+from __future__ import annotations
+
+from token_scheduler.policies.batching import BatchLimits, build_batch
+from token_scheduler.policies.memory import make_room
+from token_scheduler.policies.state import PoolState, Residency, StepPlan
+
+
+def _plan(st: PoolState, name: str, limits: BatchLimits, admit: bool, victims: list[str], why: str) -> StepPlan:
+    m = st.models[name]
+    need_w = m.spec.weight_bytes if m.residency == Residency.HOST else 0
+    free = st.free_bytes()
+    demand = need_w + m.spec.kv_bytes_per_token * (len(m.running) + limits.max_tokens // 4)
+    room = make_room(st, demand - free, victims) if victims and demand > free else None
+    freed = room.freed if room else 0
+    if need_w > free + freed:
+        return StepPlan(why=f"no room for {name}")
+    batch = build_batch(st.cost, m, limits, free + freed - need_w, admit=admit)
+    if not batch.entries:
+        return StepPlan(why=f"{name}: nothing fits")
+    swap_out = (room.swap_out if room else []) + batch.swap_out
+    return StepPlan(model=name, batch=batch.entries, evict=room.evict if room else [], swap_out=swap_out,
+                    swap_in=batch.swap_in, wait_swap_out=bool(swap_out),
+                    expected_s=st.cost.step_time(name, batch.shape), why=why)
+
+
+class RequestPolicy:
+    name = "request"
+
+    def __init__(self, limits: BatchLimits | None = None):
+        self.limits = limits or BatchLimits()
+        self._holder: str | None = None
+        self._last_used: dict[str, float] = {}
+
+    def schedule(self, st: PoolState) -> StepPlan:
+        h = self._holder
+        others = [m for n, m in st.models.items() if n != h and m.waiting]
+        if h is None or not st.models[h].running and (others or not st.models[h].waiting):
+            if not others and not (h and st.models[h].waiting):
+                self._holder = None
+                return StepPlan(why="idle")
+            if others:
+                h = min(others, key=lambda m: m.waiting[0].arrival_time).name
+            self._holder = h
+        self._last_used[h] = st.now
+        victims = sorted((n for n in st.models if n != h), key=lambda n: self._last_used.get(n, -1.0))
+        return _plan(st, h, self.limits, admit=not others, victims=victims, why=f"holder {h}")
+
+
+class StaticPolicy:
+    name = "static"
+
+    def __init__(self, limits: BatchLimits | None = None, kv_reserve_frac: float = 0.1):
+        self.limits = limits or BatchLimits()
+        self.kv_reserve_frac = kv_reserve_frac
+        self.resident: list[str] | None = None
+        self._rr = 0
+
+    def choose_resident(self, st: PoolState) -> list[str]:
+        budget = st.capacity_bytes * (1.0 - self.kv_reserve_frac)
+        chosen, used = [], 0
+        for m in sorted(st.models.values(), key=lambda m: (m.spec.weight_bytes, m.name)):
+            if used + m.spec.weight_bytes <= budget:
+                chosen.append(m.name)
+                used += m.spec.weight_bytes
+        return sorted(chosen)
+
+    def schedule(self, st: PoolState) -> StepPlan:
+        if self.resident is None:
+            self.resident = self.choose_resident(st)
+        n = len(self.resident)
+        for k in range(n):
+            name = self.resident[(self._rr + k) % n]
+            if st.models[name].has_work:
+                plan = _plan(st, name, self.limits, admit=True, victims=[], why=f"static {name}")
+                if not plan.idle:
+                    self._rr = (self._rr + k + 1) % n
+                    return plan
+        return StepPlan(why="idle")

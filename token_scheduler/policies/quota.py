@@ -1,0 +1,99 @@
+"""Decode-round arithmetic: how long a round is and how much of it each model's turn gets.
+
+A round visits every model with work once. Model i decodes its batch at d_i seconds per step and must emit a
+token every T_i on average (its TPOT SLO), so over a round of length R it needs q_i >= R * d_i / T_i seconds
+of turn. The round also pays C (exposed switch time: weight loads not hidden by prefetch) and P (prefill
+time granted this round). With headroom h >= 1 (aim at T_i / h) and S = sum_i h d_i / T_i:
+
+    R = C + P + sum_i q_i,  q_i = R h d_i / T_i   =>   R = (C + P) / (1 - S)              (token rule)
+
+R is the *shortest* round that keeps every mean TPOT; shorter rounds mean shorter gaps between a stream's
+bursts and earlier prefill slots for new requests. It is then bounded: R >= the PCIe time of the round's
+weight loads (the link is serial even when prefetch hides it from compute) and R >= min_round_s; R <= the
+smallest banked slack of any running stream (token deadlines, slo.py) and <= max_round_s -- prefill is
+shrunk first (it spreads over rounds within TTFT slack). If S >= 1 the GPU cannot keep every TPOT: the
+round is max_round_s and quotas are split in proportion to priority x share, so all fall behind alike.
+
+Aegaeon's rule (decode_scheduler.py, paraphrased): n_i = T / d_i, c0 = the sum of the full switch times of
+every model in the round, resident or not; alpha = max(c0 / (min_i n_i * Qmax) + sum_i 1/n_i, 0.5);
+q_i = c0 / (n_i (alpha - sum_j 1/n_j)). The round then has mean TPOT_i = alpha * T: alpha is the tightest
+target whose largest quota stays <= Qmax (4 s), floored at T/2. It charges switches that prefetch or
+residency hide, has no prefill term (its prefill runs on other GPUs) and one TPOT for all models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class TurnDemand:
+    model: str
+    decode_step_s: float  # d_i: predicted time of one decode step of the model's batch (0: no decodes)
+    tpot_s: float  # T_i
+    switch_s: float = 0.0  # exposed (compute-blocking) switch time if the model runs this round
+    load_s: float = 0.0  # PCIe time of its weight load this round (0 if resident)
+    prefill_s: float = 0.0  # prefill time wanted this round
+    weight: float = 1.0  # priority
+
+
+@dataclass(frozen=True, slots=True)
+class RoundPlan:
+    length_s: float
+    quota_s: dict  # model -> decode time of its turn
+    prefill_s: dict  # model -> prefill time of its turn
+    share: float  # S
+    overloaded: bool
+
+    def turn_s(self, model: str) -> float:
+        return self.quota_s.get(model, 0.0) + self.prefill_s.get(model, 0.0)
+
+
+def token_round(demands: list[TurnDemand], headroom: float = 1.1, min_round_s: float = 0.0,
+                max_round_s: float = 4.0) -> RoundPlan:
+    shares = {d.model: headroom * d.decode_step_s / d.tpot_s for d in demands}
+    S = sum(shares.values())
+    C = sum(d.switch_s for d in demands)
+    link = sum(d.load_s for d in demands)
+    P = sum(d.prefill_s for d in demands)
+    if S < 1.0:
+        R = (C + P) / (1.0 - S)
+        scale = 1.0
+        if R > max_round_s and P > 0:
+            P2 = max(0.0, max_round_s * (1.0 - S) - C)
+            scale = P2 / P
+            R = (C + P2) / (1.0 - S)
+        R = max(R, min_round_s, link)
+        quota = {m: R * s for m, s in shares.items()}
+        prefill = {d.model: d.prefill_s * scale for d in demands}
+        # Time R leaves over (R was raised to a floor) goes to prefill, which can use it, else to decode.
+        spare = R - C - sum(quota.values()) - sum(prefill.values())
+        if spare > 1e-12 and P > 0:
+            prefill = {m: p + spare * (d.prefill_s / P) for (m, p), d in zip(prefill.items(), demands, strict=True)}
+        return RoundPlan(R, quota, prefill, S, False)
+    R = max(max_round_s, C)
+    avail = max(0.0, R - C)
+    wsum = sum(d.weight * shares[d.model] for d in demands)
+    frac = 0.9 if P > 0 else 1.0  # overloaded: prefill still gets a tenth, so TTFTs do not grow without bound
+    quota = {d.model: avail * frac * d.weight * shares[d.model] / wsum for d in demands}
+    prefill = {d.model: (avail * (1.0 - frac) * d.prefill_s / P if P > 0 else 0.0) for d in demands}
+    return RoundPlan(R, quota, prefill, S, True)
+
+
+def aegaeon_round(demands: list[TurnDemand], max_quota_s: float = 4.0, alpha_floor: float = 0.5) -> RoundPlan:
+    """Aegaeon's quota rule, re-derived (see module docstring); `switch_s` must be the full switch time."""
+    dec = [d for d in demands if d.decode_step_s > 0]
+    if not dec:
+        return RoundPlan(0.0, {d.model: 0.0 for d in demands}, {d.model: d.prefill_s for d in demands}, 0.0, False)
+    inv_n = {d.model: d.decode_step_s / d.tpot_s for d in dec}  # 1 / n_i
+    S = sum(inv_n.values())
+    c0 = sum(d.switch_s for d in demands)
+    max_inv = max(inv_n.values())  # 1 / min n
+    alpha = max(c0 * max_inv / max_quota_s + S, alpha_floor)
+    if alpha - S <= 1e-12:  # c0 == 0 and S >= floor: one step each
+        quota = {m: 0.0 for m in inv_n}
+    else:
+        quota = {m: c0 * x / (alpha - S) for m, x in inv_n.items()}
+    quota.update({d.model: 0.0 for d in demands if d.model not in quota})
+    R = c0 + sum(quota.values()) + sum(d.prefill_s for d in demands)
+    return RoundPlan(R, quota, {d.model: d.prefill_s for d in demands}, S, alpha > 1.0)

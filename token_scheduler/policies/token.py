@@ -1,0 +1,266 @@
+"""Token-level multi-model policy: rounds of weighted round-robin turns, one model per step.
+
+A round visits every model with work once, in slack order (the model whose weights are already active
+first, then least banked slack first -- token deadlines, slo.py). Each turn gets a time quota from the round
+arithmetic in quota.py; a turn's steps decode the model's running batch and prefill its next FCFS group in
+chunks (batching.py). VRAM is managed explicitly (memory.py): before a step, KV of models used furthest in the
+future is swapped out, then their weights dropped, until the step fits; KV is never dropped.
+
+Beyond Aegaeon (configurable, so the `aegaeon` preset in __init__.py turns them off for comparison):
+- only *exposed* switch time is charged to a round (resident: 0; loading: what is left; from host: the load
+  time times the measured non-hidden fraction), and the round is at least the serial PCIe time of its loads;
+- prefetch targets the next *non-resident* model of the round, not just the next turn, so a load overlaps
+  every turn before it;
+- a turn whose quota ran out keeps stepping while the next model's weights are still in flight (free work
+  instead of a stall);
+- a non-resident model whose streams all have slack for two more rounds may sit one round out (one switch
+  saved); when it runs next its quota covers the rounds it skipped;
+- prefill time is part of the round, and the round is capped by the smallest banked slack of any stream.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import islice
+
+from token_scheduler.cost_model import StepShape
+from token_scheduler.policies.batching import BatchLimits, build_batch
+from token_scheduler.policies.memory import Room, make_room
+from token_scheduler.policies.quota import RoundPlan, TurnDemand, aegaeon_round, token_round
+from token_scheduler.policies.slo import next_token_slack
+from token_scheduler.policies.state import ModelState, PoolState, Residency, StepPlan
+from token_scheduler.request import RequestStatus
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    limits: BatchLimits = field(default_factory=BatchLimits)
+    quota_rule: str = "token"  # "token" | "aegaeon"
+    headroom: float = 1.1
+    min_round_s: float = 0.0
+    max_round_s: float = 4.0  # also Aegaeon's max quota
+    order: str = "slack"  # "slack" | "fixed" (by name, Aegaeon's stable order)
+    prefetch: str = "next_host"  # "next_host" | "next" | "off"
+    charge_exposed_switch_only: bool = True
+    extend_on_load: bool = True
+    skip_on_slack: bool = True
+    max_skip: int = 1
+
+
+@dataclass(slots=True)
+class _Turn:
+    model: str
+    quota_s: float
+    start: float | None = None  # quota clock starts after the first step (its switch stall is charged in C)
+    first_s: float = 0.0
+    steps: int = 0
+
+
+class TokenPolicy:
+    name = "token"
+
+    def __init__(self, cfg: TokenConfig | None = None, name: str | None = None):
+        self.cfg = cfg or TokenConfig()
+        if name:
+            self.name = name
+        self._queue: deque[str] = deque()
+        self._plan: RoundPlan | None = None
+        self._turn: _Turn | None = None
+        self._skipped: dict[str, int] = {}
+        self._bonus: dict[str, int] = {}
+        self.rounds = 0
+        self.last_round_s = 0.0
+        self.skips = 0
+
+    # -- the one entry point --
+    def schedule(self, st: PoolState) -> StepPlan:
+        t = self._turn
+        if t is not None and self._continue(st, t):
+            plan = self._step(st, t)
+            if not plan.idle:
+                return plan
+        for _ in range(2):  # the rest of this round, then a fresh one
+            while self._queue:
+                name = self._queue.popleft()
+                m = st.models[name]
+                if not m.has_work:
+                    continue
+                quota = self._plan.turn_s(name) * (1 + self._bonus.pop(name, 0)) if self._plan else 0.0
+                self._turn = _Turn(name, quota)
+                plan = self._step(st, self._turn)
+                if not plan.idle:
+                    return plan
+            self._form_round(st)
+            if not self._queue:
+                break
+        self._turn = None
+        return StepPlan(why="idle")
+
+    def round_info(self) -> dict:
+        p = self._plan
+        return {"rounds": self.rounds, "last_round_s": self.last_round_s, "skips": self.skips,
+                "share": p.share if p else 0.0, "overloaded": p.overloaded if p else False}
+
+    # -- turns --
+    def _continue(self, st: PoolState, t: _Turn) -> bool:
+        m = st.models[t.model]
+        if not m.has_work:
+            return False
+        if t.steps == 0:
+            return True
+        if t.start is None:
+            t.start = st.now - t.first_s
+        if st.now - t.start < t.quota_s:
+            return True
+        if self.cfg.extend_on_load and m.running and self._queue:
+            nxt = st.models[self._queue[0]]
+            return nxt.residency == Residency.LOADING and nxt.ready_at > st.now + t.first_s
+        return False
+
+    def _step(self, st: PoolState, t: _Turn) -> StepPlan:
+        cfg, m = self.cfg, st.models[t.model]
+        bpt = m.spec.kv_bytes_per_token
+        need_w = m.spec.weight_bytes if m.residency == Residency.HOST else 0
+        free = st.free_bytes()
+        swapped = sum(r.num_computed_tokens for r in m.running if r.status == RequestStatus.SWAPPED)
+        first_group = sum(r.num_prompt_tokens for r in islice(m.waiting, cfg.limits.group_size))
+        demand = need_w + bpt * (swapped + len(m.running) + min(first_group, cfg.limits.max_tokens))
+        victims = self._victims(st, m.name)
+        room = make_room(st, demand - free, victims) if demand > free else Room()
+        if need_w > free + room.freed:
+            return StepPlan(why=f"no room for {m.name}")
+        batch = build_batch(st.cost, m, cfg.limits, free + room.freed - need_w)
+        if not batch.entries:
+            return StepPlan(why=f"{m.name}: nothing fits")
+        plan = StepPlan(
+            model=m.name, batch=batch.entries, evict=list(room.evict), swap_out=room.swap_out + batch.swap_out,
+            swap_in=batch.swap_in, wait_swap_out=bool(room.swap_out or batch.swap_out),
+            expected_s=st.cost.step_time(m.name, batch.shape), why=f"turn {t.model} q={t.quota_s:.3f}",
+        )
+        self._plan_prefetch(st, plan, room, free + room.freed - need_w - batch.kv_growth_bytes, victims)
+        if t.steps == 0:
+            t.first_s = plan.expected_s
+        t.steps += 1
+        return plan
+
+    def _victims(self, st: PoolState, keep: str) -> list[str]:
+        """Eviction order: idle models, then models already served this round, then the queue back to front."""
+        queued = set(self._queue)
+        idle = [n for n, m in st.models.items() if not m.has_work and n != keep]
+        done = [n for n, m in st.models.items() if m.has_work and n not in queued and n != keep]
+        return idle + done + [n for n in reversed(self._queue) if n != keep]
+
+    def _plan_prefetch(self, st: PoolState, plan: StepPlan, room: Room, free_after: int, victims: list[str]) -> None:
+        mode = self.cfg.prefetch
+        if mode == "off" or not self._queue:
+            return
+        target, upto = None, 0
+        for i, n in enumerate(self._queue):
+            m = st.models[n]
+            if m.residency == Residency.LOADING:
+                return  # one load at a time on the link; the next one is already coming
+            if m.residency == Residency.HOST and m.has_work:
+                target, upto = m, i
+                break
+            if mode == "next":
+                return
+        if target is None:
+            return
+        need = target.spec.weight_bytes - free_after
+        if need > 0:
+            protect = set(list(self._queue)[: upto + 1]) | {plan.model}
+            seeded = Room(list(room.evict), list(room.swap_out), 0)
+            r2 = make_room(st, need, [v for v in victims if v not in protect], room=seeded)
+            if r2.freed < need:
+                return
+            plan.evict += r2.evict[len(room.evict):]
+            plan.swap_out += r2.swap_out[len(room.swap_out):]
+        plan.prefetch = target.name
+
+    # -- rounds --
+    def _form_round(self, st: PoolState) -> None:
+        cfg, cost, now = self.cfg, st.cost, st.now
+        cands = [m for m in st.models.values() if m.has_work]
+        self._queue.clear()
+        if not cands:
+            self._plan = None
+            return
+        demands, slack, run_slack = [], {}, {}
+        for m in cands:
+            d = self._decode_step_s(st, m)
+            pf = self._prefill_s(st, m)
+            load = cost.load_time(m.spec.weight_bytes) if m.residency == Residency.HOST else 0.0
+            if not cfg.charge_exposed_switch_only:
+                sw = cost.load_time(m.spec.weight_bytes)
+            elif m.residency == Residency.RESIDENT:
+                sw = 0.0
+            elif m.residency == Residency.LOADING:
+                sw = max(0.0, m.ready_at - now)
+            else:
+                sw = cost.exposed_load_time(m.spec.weight_bytes)
+            demands.append(TurnDemand(m.name, d, m.slo.tpot_s, sw, load, pf, m.slo.priority))
+            rs = min((next_token_slack(r, m.slo, now) for r in m.running), default=float("inf"))
+            ws = m.slo.deadline(m.waiting[0].arrival_time, 0) - now if m.waiting else float("inf")
+            run_slack[m.name], slack[m.name] = rs, min(rs, ws)
+        if cfg.skip_on_slack and cfg.quota_rule == "token" and len(cands) > 1:
+            demands = self._apply_skips(st, demands, run_slack)
+        names = [d.model for d in demands]
+        if cfg.order == "fixed":
+            names.sort()
+        else:
+            names.sort(key=lambda n: (n != st.active, slack[n]))
+        if cfg.quota_rule == "aegaeon":
+            plan = aegaeon_round(demands, max_quota_s=cfg.max_round_s)
+        else:
+            floor = sum(d.decode_step_s + d.switch_s for d in demands)
+            cap = min(cfg.max_round_s, max(min(run_slack[n] for n in names), floor))
+            plan = token_round(demands, cfg.headroom, cfg.min_round_s, cap)
+        self._plan = plan
+        self._queue.extend(names)
+        self.rounds += 1
+        self.last_round_s = plan.length_s
+
+    def _apply_skips(self, st: PoolState, demands: list[TurnDemand], run_slack: dict) -> list[TurnDemand]:
+        r_est = self.last_round_s
+        keep = []
+        for d in demands:
+            m = st.models[d.model]
+            n = self._skipped.get(d.model, 0)
+            can = (m.residency == Residency.HOST and not m.waiting and n < self.cfg.max_skip
+                   and run_slack[d.model] > 2.0 * r_est + d.load_s + d.decode_step_s)
+            if can:
+                self._skipped[d.model] = n + 1
+                self.skips += 1
+            else:
+                if n:
+                    self._bonus[d.model] = n
+                self._skipped[d.model] = 0
+                keep.append(d)
+        return keep or demands
+
+    def _decode_step_s(self, st: PoolState, m: ModelState) -> float:
+        n = ctx = 0
+        for r in m.running:
+            if r.num_tokens - r.num_computed_tokens <= 1:
+                n += 1
+                ctx += r.num_computed_tokens + 1
+        if n == 0:
+            return 0.0
+        n = min(n, self.cfg.limits.max_seqs)
+        return st.cost.step_time(m.name, StepShape(n, n, ctx))
+
+    def _prefill_s(self, st: PoolState, m: ModelState) -> float:
+        tokens = pairs = 0
+        for r in m.running:
+            left = r.num_prompt_tokens - r.num_computed_tokens
+            if left > 0:
+                tokens += left
+                pairs += left * r.num_prompt_tokens
+        for r in islice(m.waiting, self.cfg.limits.group_size):
+            tokens += r.num_prompt_tokens
+            pairs += r.num_prompt_tokens * r.num_prompt_tokens
+        if tokens == 0:
+            return 0.0
+        c = st.cost.step_coefficients(m.name)
+        return tokens * c[2] + pairs * c[4]
