@@ -1,0 +1,176 @@
+"""Pinned host model cache: exact bytes, LRU and budget, one copy shared across processes, no leaks."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import uuid
+
+import pytest
+import torch
+
+from gpu_pool.host_pool import default_shm_dir
+from model_swapper.host_cache import HostCacheFull, HostCacheTooSmall, HostModelCache
+from model_swapper.layout import ModelLayout
+from token_scheduler.model.config import ModelConfig
+from token_scheduler.model.weights import load_weights, weight_specs
+
+
+@pytest.fixture
+def ns():
+    """A fresh cache namespace; at teardown its /dev/shm directory must be gone."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    yield name
+    root = default_shm_dir() / f"tokenpool-{name}"
+    assert not root.exists(), f"leaked {root}: {list(root.iterdir())}"
+
+
+def nbytes_of(model_dir, dtype=None) -> int:
+    cfg = ModelConfig.from_pretrained(model_dir)
+    return ModelLayout.build(cfg, dtype).nbytes
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_load_equals_safetensors(make_tiny, ns, arch, dtype):
+    d = make_tiny(arch)
+    cfg = ModelConfig.from_pretrained(d)
+    cache = HostModelCache("64MiB", namespace=ns)
+    seen = []
+    m = cache.get(d, dtype, progress=lambda done, total: seen.append((done, total)))
+    assert m.loaded_here and seen and seen[-1][0] == seen[-1][1]
+    ref = load_weights(d, cfg, dtype=dtype or cfg.torch_dtype)  # transformers-independent reference
+    w = m.weights()
+    assert list(w) == [s.name for s in weight_specs(cfg)]
+    for k in ref:
+        assert torch.equal(w[k], ref[k]), k
+    del w
+    assert cache.get(d, dtype) is m  # attached: same object, nothing reloaded
+    cache.close()
+
+
+def test_sharded_checkpoint(tmp_path, ns):
+    from controller.model_factory import make_model
+
+    d = make_model(arch="llama", size="tiny", out=tmp_path / "sharded", dtype="fp32", device="cpu",
+                   progress=False, max_shard_bytes=200_000)
+    assert (d / "model.safetensors.index.json").exists()
+    cfg = ModelConfig.from_pretrained(d)
+    cache = HostModelCache("64MiB", namespace=ns)
+    w = cache.get(d).weights()
+    ref = load_weights(d, cfg)
+    assert all(torch.equal(w[k], ref[k]) for k in ref)
+    del w
+    cache.close()
+
+
+def test_lru_eviction_and_budget(make_tiny, ns):
+    a, b, c = (make_tiny("qwen2", seed=s) for s in (0, 1, 2))
+    n = nbytes_of(a)
+    cache = HostModelCache(int(2.5 * n), namespace=ns)
+    ma = cache.get(a)
+    cache.get(b)
+    cache.get(a)  # a is now more recent than b
+    cache.get(c)  # over budget: b (least recently used) goes
+    keys = set(cache.entries())
+    assert keys == {ma.key, cache.key_for(c, ma.layout.dtype)}
+    assert cache.used_bytes() <= cache.budget
+    assert not cache.index.seg_path(cache.key_for(b, ma.layout.dtype)).exists()
+    # a pinned model (a swap in flight) is never evicted: with a and c both busy, b cannot come in
+    for m in cache.models.values():
+        cache.pin_model(m)
+    with pytest.raises(HostCacheFull, match="in use"):
+        cache.get(b)
+    for m in list(cache.models.values()):
+        cache.unpin_model(m)
+    cache.get(b)
+    cache.close()
+
+
+def test_model_that_can_never_fit(make_tiny, ns):
+    d = make_tiny("qwen2")
+    cache = HostModelCache(nbytes_of(d) - 1, namespace=ns)
+    with pytest.raises(HostCacheTooSmall, match="can never fit") as ei:
+        cache.get(d)
+    assert ei.value.needed == nbytes_of(d)
+    cache.close()
+
+
+def test_release_keeps_copy_close_unlinks(make_tiny, ns):
+    d = make_tiny("qwen2")
+    cache = HostModelCache("64MiB", namespace=ns)
+    m = cache.get(d)
+    seg = cache.index.seg_path(m.key)
+    cache.release(m)
+    assert seg.exists() and cache.entries()[m.key]["holders"] == []
+    m2 = cache.get(d)  # attaches to the kept copy
+    assert not m2.loaded_here
+    cache.close()
+    assert not seg.exists()
+
+
+# -- several processes --------------------------------------------------------------------------------
+def _child_attach(ns: str, model_dir: str, q) -> None:
+    cache = HostModelCache("64MiB", namespace=ns)
+    before = sorted(os.listdir(cache.index.root))
+    used_before = cache.used_bytes()
+    m = cache.get(model_dir)
+    after = sorted(os.listdir(cache.index.root))
+    maps = open("/proc/self/maps").read()
+    q.put({"loaded_here": m.loaded_here, "files_same": before == after, "used_same": used_before == cache.used_bytes(),
+           "sha": hashlib.sha256(m.buffer.numpy().tobytes()).hexdigest(), "mapped": str(cache.index.seg_path(m.key)) in maps,
+           "holders": len(cache.entries()[m.key]["holders"])})
+    cache.close()
+
+
+def _child_crash(ns: str, model_dir: str, mode: str) -> None:
+    import model_swapper.host_cache as hc
+
+    cache = HostModelCache("64MiB", namespace=ns)
+    if mode == "mid-load":
+        def die(*a, **k):
+            os._exit(3)
+        hc.load_into_region = die
+    cache.get(model_dir)
+    os._exit(0)  # no close(): a crashed engine
+
+
+def test_two_processes_share_one_copy(make_tiny, ns):
+    d = make_tiny("qwen2")
+    cache = HostModelCache("64MiB", namespace=ns)
+    m = cache.get(d)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_attach, args=(ns, str(d), q))
+    p.start()
+    r = q.get(timeout=120)
+    p.join(60)
+    assert p.exitcode == 0
+    assert r["loaded_here"] is False and r["files_same"] and r["used_same"] and r["mapped"]
+    assert r["holders"] == 2
+    assert r["sha"] == hashlib.sha256(m.buffer.numpy().tobytes()).hexdigest()
+    assert cache.entries()[m.key]["holders"] == [cache.me]  # the child's close() dropped its hold only
+    cache.close()
+
+
+@pytest.mark.parametrize("mode", ["after-load", "mid-load"])
+def test_crashed_process_leaves_nothing_behind(make_tiny, ns, mode):
+    d = make_tiny("qwen2")
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=_child_crash, args=(ns, str(d), mode))
+    p.start()
+    p.join(120)
+    assert p.exitcode == (3 if mode == "mid-load" else 0)
+    cache = HostModelCache("64MiB", namespace=ns)
+    e = cache.entries()  # the dead process's holds (and a half-loaded segment) are pruned here
+    assert all(not v["holders"] for v in e.values())
+    if mode == "mid-load":
+        assert e == {} and not list(cache.index.root.glob("*.seg"))
+    m = cache.get(d)
+    assert m.loaded_here == (mode == "mid-load")
+    ref = load_weights(d, m.cfg)
+    w = m.weights()
+    assert all(torch.equal(w[k], ref[k]) for k in ref)
+    del w
+    cache.close()
