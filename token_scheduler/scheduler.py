@@ -113,7 +113,7 @@ class BatchScheduler:
         n = len(req.block_ids)
         if self.host_kv is not None and self.host_kv.can_allocate(n) and req.num_computed_tokens > 0:
             req.host_block_ids = self.host_kv.allocate(n)
-            out.swap_out.append((req.block_ids, req.host_block_ids))
+            out.swap_out.append((list(req.block_ids), list(req.host_block_ids)))
             self.kv.free(req.block_ids)  # safe: the runner copies these out before this step's forward
             req.block_ids = []
             req.status = RequestStatus.SWAPPED
@@ -158,7 +158,7 @@ class BatchScheduler:
                     break
                 self.swapped.popleft()
                 gpu = self.kv.allocate(len(req.host_block_ids))
-                out.swap_in.append((req.host_block_ids, gpu))
+                out.swap_in.append((list(req.host_block_ids), list(gpu)))
                 self.host_kv.free(req.host_block_ids)  # the runner copies them in before any later reuse
                 req.host_block_ids, req.block_ids = [], gpu
                 self.kv.grow(req.block_ids, req.num_computed_tokens + n)

@@ -13,7 +13,7 @@ import triton.language as tl
 
 @triton.jit
 def _paged_decode_kernel(
-    Q, KV, BT, CTX, O, M, L,
+    Q, KV, BT, CTX, Out, M, L,
     scale, window,
     s_qb, s_qh, s_kvb, s_kvt, s_kvh, s_btb, s_ob, s_oh, s_os, s_mb, s_mh,
     off_k, off_v,
@@ -58,7 +58,7 @@ def _paged_decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m_i = m_new
-    o_ptr = O + b * s_ob + heads[:, None] * s_oh + sp * s_os + d[None, :]
+    o_ptr = Out + b * s_ob + heads[:, None] * s_oh + sp * s_os + d[None, :]
     tl.store(o_ptr, acc, mask=gmask[:, None])
     ml = b * s_mb + heads * s_mh + sp
     tl.store(M + ml, m_i, mask=gmask)

@@ -1,0 +1,201 @@
+"""Continuous batching, chunked prefill, preemption with KV swap, sampling, stop conditions, streaming text."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from token_scheduler import LLMEngine, SamplingParams
+from token_scheduler.engine import EngineConfig
+from token_scheduler.request import RequestStatus
+
+
+def _engine(d, **kw) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(d), device="cpu", dtype="fp32", **kw))
+
+
+def _run_alone(d, prompt, sp, **kw) -> list[int]:
+    eng = _engine(d, **kw)
+    eng.add_request("solo", prompt, sp)
+    toks = None
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                toks = o.outputs[0].token_ids
+    return toks
+
+
+def _run_staggered(eng: LLMEngine, jobs: list[tuple[int, list[int], SamplingParams]]) -> dict[str, list[int]]:
+    """jobs: (arrival step, prompt, params); returns token ids per job index."""
+    done: dict[str, list[int]] = {}
+    step = 0
+    pending = sorted(enumerate(jobs), key=lambda x: x[1][0])
+    while pending or eng.has_unfinished_requests():
+        while pending and pending[0][1][0] <= step:
+            i, (_, prompt, sp) = pending.pop(0)
+            eng.add_request(f"r{i}", prompt, sp)
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+        step += 1
+    return done
+
+
+@pytest.fixture(scope="module")
+def jobs(make_varied):
+    d = make_varied("qwen2")
+    rng = random.Random(0)
+    out = []
+    for i in range(8):
+        prompt = [rng.randrange(0, 3900) for _ in range(rng.randrange(3, 90))]
+        sp = (SamplingParams(temperature=0, max_tokens=rng.randrange(5, 30), ignore_eos=True) if i % 2 == 0
+              else SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=100 + i, max_tokens=rng.randrange(5, 30),
+                                  ignore_eos=True))
+        out.append((rng.randrange(0, 12), prompt, sp))
+    return d, out
+
+
+def test_continuous_batching_changes_nothing(jobs):
+    d, js = jobs
+    alone = [_run_alone(d, p, sp) for _, p, sp in js]
+    # A small token budget forces chunked prefill beside running decodes.
+    eng = _engine(d, max_num_batched_tokens=24)
+    got = _run_staggered(eng, js)
+    for i in range(len(js)):
+        assert got[f"r{i}"] == alone[i], f"request {i} differs when batched"
+    assert eng.stats()["kv_blocks_used"] == 0
+
+
+def test_preemption_swaps_kv_and_resumes_identically(jobs):
+    d, js = jobs
+    alone = [_run_alone(d, p, sp) for _, p, sp in js]
+    # 12 blocks of 16 tokens cannot hold 8 concurrent requests: the scheduler must preempt and swap.
+    eng = _engine(d, num_kv_blocks=12, num_host_kv_blocks=64, max_num_batched_tokens=64)
+    swaps = {"out": 0, "in": 0}
+    orig = eng.runner.execute
+
+    def spy(out):
+        swaps["out"] += len(out.swap_out)
+        swaps["in"] += len(out.swap_in)
+        return orig(out)
+
+    eng.runner.execute = spy
+    got = _run_staggered(eng, [(0, p, sp) for _, p, sp in js])
+    assert swaps["out"] > 0 and swaps["in"] == swaps["out"]
+    for i in range(len(js)):
+        assert got[f"r{i}"] == alone[i]
+    assert eng.scheduler.kv.num_used == 0 and eng.scheduler.host_kv.num_used == 0
+
+
+def test_preemption_without_swap_space_recomputes(jobs):
+    d, js = jobs
+    alone = [_run_alone(d, p, sp) for _, p, sp in js[:4]]
+    eng = _engine(d, num_kv_blocks=8, num_host_kv_blocks=0)
+    got = _run_staggered(eng, [(0, p, sp) for _, p, sp in js[:4]])
+    assert [got[f"r{i}"] for i in range(4)] == alone
+
+
+def test_seed_reproducible_and_distinct(make_varied):
+    d = make_varied("llama")
+    sp = SamplingParams(temperature=1.0, seed=7, max_tokens=20, ignore_eos=True)
+    a = _run_alone(d, "The quick brown fox", sp)
+    b = _run_alone(d, "The quick brown fox", sp)
+    c = _run_alone(d, "The quick brown fox", SamplingParams(temperature=1.0, seed=8, max_tokens=20, ignore_eos=True))
+    assert a == b and a != c
+
+
+def test_max_tokens_and_stop_token_ids(make_varied):
+    d = make_varied("qwen2")
+    greedy = _run_alone(d, "abc", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert len(greedy) == 12
+    stop_tok = greedy[5]
+    first = greedy.index(stop_tok)
+    eng = _engine(d)
+    eng.add_request("x", "abc", SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_tok], ignore_eos=True))
+    outs = [o for _ in range(20) for o in eng.step()]
+    last = outs[-1]
+    assert last.finished and last.outputs[0].finish_reason == "stop" and last.outputs[0].stop_reason == stop_tok
+    assert last.outputs[0].token_ids == greedy[: first + 1]
+
+
+def test_stop_string_is_cut_and_never_streamed(make_varied):
+    d = make_varied("qwen2")
+    eng = _engine(d)
+    eng.add_request("a", "Hello", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    full = [o for _ in range(40) for o in eng.step()][-1].outputs[0].text
+    stop = full[10:14]
+    assert stop and stop in full
+    eng.add_request("b", "Hello", SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True))
+    outs = [o for _ in range(40) for o in eng.step()]
+    streamed = "".join(o.delta_text for o in outs)
+    final = outs[-1].outputs[0]
+    assert final.finish_reason == "stop" and final.stop_reason == stop
+    assert final.text == full[: full.index(stop)] == streamed
+    assert stop not in streamed
+
+
+def test_streamed_text_never_splits_utf8(make_varied):
+    d = make_varied("mistral")
+    eng = _engine(d)
+    tok = eng.tokenizer
+    # Force multi-byte characters into the output: seeded sampling at high temperature over a model whose
+    # vocabulary holds partial UTF-8 byte tokens.
+    for i in range(4):
+        eng.add_request(f"u{i}", "日本語のテキスト 🎉", SamplingParams(temperature=1.5, seed=i, max_tokens=40, ignore_eos=True))
+    deltas: dict[str, list[str]] = {}
+    finals = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            deltas.setdefault(o.request_id, []).append(o.delta_text)
+            if o.finished:
+                finals[o.request_id] = o.outputs[0]
+    for rid, parts in deltas.items():
+        assert "".join(parts) == finals[rid].text == tok.decode(finals[rid].token_ids, skip_special_tokens=True)
+        # every non-final delta is whole characters: no lone replacement char created by a split
+        for p in parts[:-1]:
+            assert not p.endswith("\ufffd")
+
+
+def test_logprobs(make_varied):
+    d = make_varied("qwen2")
+    eng = _engine(d)
+    eng.add_request("l", "Hi", SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True))
+    out = [o for _ in range(10) for o in eng.step()][-1].outputs[0]
+    assert len(out.logprobs) == 5
+    for tid, lp in zip(out.token_ids, out.logprobs):
+        assert tid in lp and lp[tid] == max(lp.values()) and lp[tid] <= 0  # greedy picks the top logprob
+        assert 3 <= len(lp) <= 4
+
+
+def test_abort_frees_blocks_and_bad_input_errors(make_varied):
+    d = make_varied("qwen2")
+    eng = _engine(d, max_model_len=64)
+    eng.add_request("a", list(range(20)), SamplingParams(max_tokens=30))
+    eng.step()
+    assert eng.stats()["kv_blocks_used"] > 0
+    eng.abort_request("a")
+    outs = eng.step()
+    assert outs and outs[0].finished and outs[0].outputs[0].finish_reason == "abort"
+    assert eng.stats()["kv_blocks_used"] == 0 and not eng.has_unfinished_requests()
+    with pytest.raises(ValueError, match="context"):
+        eng.add_request("long", list(range(64)), SamplingParams())
+    with pytest.raises(ValueError, match="token ids"):
+        eng.add_request("bad", [10**9], SamplingParams())
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0)
+
+
+def test_penalties_change_output(make_varied):
+    d = make_varied("qwen3")
+    base = _run_alone(d, "aaa", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    pen = _run_alone(d, "aaa", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, repetition_penalty=1.8,
+                                              frequency_penalty=1.5))
+    assert base != pen
+    assert max(pen.count(t) for t in set(pen)) <= max(base.count(t) for t in set(base))
+
+
+def test_status_enum():
+    assert RequestStatus.FINISHED_LENGTH.finished and not RequestStatus.SWAPPED.finished
