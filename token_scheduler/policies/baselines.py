@@ -52,10 +52,13 @@ class RequestPolicy:
                 return StepPlan(why="idle")
             if others:
                 h = min(others, key=lambda m: m.waiting[0].arrival_time).name
+                others = [m for n, m in st.models.items() if n != h and m.waiting]
             self._holder = h
         self._last_used[h] = st.now
         victims = sorted((n for n in st.models if n != h), key=lambda n: self._last_used.get(n, -1.0))
-        return _plan(st, h, self.limits, admit=not others, victims=victims, why=f"holder {h}")
+        # A fresh holder admits its queue; a busy one stops admitting while other models wait (drains).
+        admit = not others or not st.models[h].running
+        return _plan(st, h, self.limits, admit=admit, victims=victims, why=f"holder {h}")
 
 
 class StaticPolicy:

@@ -37,6 +37,19 @@ class Batch:
     kv_growth_bytes: int  # VRAM the step adds (new tokens + swapped-in KV - preempted KV)
 
 
+def shape_of(entries) -> StepShape:
+    """The step shape of [(request, n)] before the step runs (same accounting as `build_batch`)."""
+    seqs = tokens = ctx = pairs = 0
+    for r, n in entries:
+        c = r.num_computed_tokens
+        seqs += 1
+        tokens += n
+        ctx += c + n
+        if n > 1:
+            pairs += n * (c + n)
+    return StepShape(seqs, tokens, ctx, pairs)
+
+
 def prefill_budget(cost: CostModel, m: ModelState, limits: BatchLimits, decode_seqs: int, decode_ctx: int) -> int:
     """Prefill tokens that keep the step near chunk_frac_tpot * TPOT, by inverting the linear step fit."""
     target = limits.chunk_frac_tpot * m.slo.tpot_s
@@ -125,6 +138,7 @@ def build_batch(cost: CostModel, m: ModelState, limits: BatchLimits, free_bytes:
             tokens += n
             ctx += n
             pf_left -= n
-            pairs += n * n
+            if n > 1:
+                pairs += n * n
     shape = StepShape(seqs, tokens, ctx, pairs)
     return Batch(entries, swap_in, swap_out, shape, free_bytes - free)

@@ -1,0 +1,338 @@
+"""Discrete-event simulator: the real policy code, driven in virtual time by a hardware profile.
+
+Each simulated GPU is a mechanism exactly like the engine's: it keeps a `PoolState`, asks its policy for a
+`StepPlan`, and executes it -- weight loads and KV swaps on a serial host->device and a serial
+device->host PCIe link (profile bandwidth), steps taking the profile's roofline time (optionally with
+lognormal noise) -- then reports every measurement to its online `CostModel`, which the policy reads. The
+policy never sees the profile, nor a request's true output length.
+
+Multi-GPU: a dispatcher sends each request to a GPU. `partition`: models bin-packed by weight bytes over GPUs,
+each model on one GPU; `hash`: crc32(model) % n; `p2c`: each model has two candidate GPUs (hashes) and a
+request goes to the one with fewer unfinished requests (a model is registered on a GPU the first time it is
+sent there). Events run in time order over all GPUs, so 1,000 GPUs cost the same per step as one.
+
+Policy CPU cost is measured with perf_counter around `schedule()` and reported against the simulated step
+time it scheduled (the brief's budget: <= 5%).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from token_scheduler.cost_model import CostModel, HardwareProfile, ModelSpec
+from token_scheduler.policies import make_policy
+from token_scheduler.policies.batching import shape_of
+from token_scheduler.policies.slo import ModelSLO, RequestRecord, summarize
+from token_scheduler.policies.state import ModelState, PoolState, Residency, StepPlan
+from token_scheduler.request import RequestStatus
+
+_W, _R, _S, _F = RequestStatus.WAITING, RequestStatus.RUNNING, RequestStatus.SWAPPED, RequestStatus.FINISHED_LENGTH
+
+
+@dataclass(slots=True, eq=False)
+class SimRequest:
+    """Request-like (the attributes policies read); `output_len` is the simulator's secret."""
+
+    request_id: str
+    model: str
+    arrival_time: float
+    num_prompt_tokens: int
+    output_len: int
+    record: RequestRecord
+    num_output: int = 0
+    num_computed_tokens: int = 0
+    status: RequestStatus = _W
+    priority: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + self.num_output
+
+
+@dataclass
+class GpuStats:
+    steps: int = 0
+    busy_s: float = 0.0
+    loads: int = 0
+    load_bytes: int = 0
+    load_stall_s: float = 0.0
+    swap_stall_s: float = 0.0
+    swap_out_bytes: int = 0
+    swap_in_bytes: int = 0
+    policy_cpu_s: float = 0.0
+    policy_calls: int = 0
+    policy_cpu_frac: list = field(default_factory=list)  # cpu / simulated step time, per step
+
+
+class GpuSim:
+    """One GPU: state + policy + links. `step()` runs one plan and returns when the GPU is next free."""
+
+    def __init__(self, gid: int, capacity: int, policy, hw: HardwareProfile, noise: float = 0.0, seed: int = 0):
+        self.gid, self.policy, self.hw, self.noise = gid, policy, hw, noise
+        self.state = PoolState(models={}, capacity_bytes=capacity, cost=CostModel(hw))
+        self.now = 0.0
+        self.h2d_free = self.d2h_free = 0.0
+        self.loads: dict[str, list] = {}  # model -> [start, end, bytes, stall]
+        self.stats = GpuStats()
+        self.outstanding = 0
+        self.rng = random.Random(f"noise:{seed}:{gid}")
+
+    def register(self, spec: ModelSpec, slo: ModelSLO) -> None:
+        if spec.name not in self.state.models:
+            self.state.models[spec.name] = ModelState(spec, slo)
+            self.state.cost.register(spec)
+
+    def add(self, r: SimRequest) -> None:
+        self.state.models[r.model].waiting.append(r)
+        self.outstanding += 1
+
+    def step(self) -> float | None:
+        st = self.state
+        st.now = self.now
+        self._finish_loads()
+        t0 = time.perf_counter()
+        plan = self.policy.schedule(st)
+        cpu = time.perf_counter() - t0
+        self.stats.policy_cpu_s += cpu
+        self.stats.policy_calls += 1
+        self._apply_moves(plan)
+        if plan.idle:
+            return None
+        dur = self._run(plan)
+        if dur > 0:
+            self.stats.policy_cpu_frac.append(cpu / dur)
+        return self.now
+
+    # -- mechanism --
+    def _finish_loads(self) -> None:
+        for name in [n for n, ld in self.loads.items() if ld[1] <= self.now]:
+            start, end, nbytes, stall = self.loads.pop(name)
+            m = self.state.models[name]
+            if m.residency == Residency.LOADING:
+                m.residency = Residency.RESIDENT
+            dur = end - start
+            self.state.cost.observe_load(nbytes, dur, hidden_s=max(0.0, dur - stall))
+
+    def _load(self, name: str, after: float) -> float:
+        m = self.state.models[name]
+        start = max(self.now, self.h2d_free, after)
+        end = start + self.hw.load_time(m.spec.weight_bytes)
+        self.h2d_free = end
+        m.residency, m.ready_at = Residency.LOADING, end
+        self.loads[name] = [start, end, m.spec.weight_bytes, 0.0]
+        self.stats.loads += 1
+        self.stats.load_bytes += m.spec.weight_bytes
+        return end
+
+    def _apply_moves(self, plan: StepPlan) -> None:
+        models = self.state.models
+        for name in plan.evict:
+            m = models[name]
+            assert m.residency == Residency.RESIDENT, f"evicting {name} in state {m.residency!r}"
+            m.residency = Residency.HOST
+        out_end = self.now
+        if plan.swap_out:
+            nbytes = 0
+            for r in plan.swap_out:
+                assert r.status == _R, "only KV in VRAM can be swapped out"
+                m = models[r.model]
+                m.kv_gpu_tokens -= r.num_computed_tokens
+                nbytes += r.num_computed_tokens * m.spec.kv_bytes_per_token
+                r.status = _S
+            out_end = max(self.now, self.d2h_free) + self.hw.swap_time(nbytes)
+            self.d2h_free = out_end
+            self.stats.swap_out_bytes += nbytes
+            self.state.cost.observe_swap(nbytes, self.hw.swap_time(nbytes))
+        wait = out_end if plan.wait_swap_out else self.now
+        self._ready = self._load_ready = self.now
+        if plan.model is not None and plan.batch:
+            m = models[plan.model]
+            if m.residency == Residency.HOST:
+                self._load(plan.model, wait)
+            self._ready = max(wait, m.ready_at if m.residency == Residency.LOADING else self.now)
+            self._load_ready = self._ready
+            if plan.swap_in:
+                nbytes = 0
+                for r in plan.swap_in:
+                    assert r.status == _S, "only swapped KV can be swapped in"
+                    r.status = _R
+                    m.kv_gpu_tokens += r.num_computed_tokens
+                    nbytes += r.num_computed_tokens * m.spec.kv_bytes_per_token
+                start = max(self.now, self.h2d_free, wait)
+                self.h2d_free = start + self.hw.swap_time(nbytes)
+                self._ready = max(self._ready, self.h2d_free)
+                self.stats.swap_in_bytes += nbytes
+                self.state.cost.observe_swap(nbytes, self.hw.swap_time(nbytes))
+        if plan.prefetch is not None and models[plan.prefetch].residency == Residency.HOST:
+            self._load(plan.prefetch, out_end)
+
+    def _run(self, plan: StepPlan) -> float:
+        st, m = self.state, self.state.models[plan.model]
+        ready = self._ready
+        stall_load = max(0.0, self._load_ready - self.now)
+        self.stats.load_stall_s += stall_load
+        self.stats.swap_stall_s += max(0.0, ready - self.now) - stall_load
+        if plan.model in self.loads:
+            self.loads[plan.model][3] += stall_load
+        if ready > self.now and plan.model in self.loads and self.loads[plan.model][1] <= ready:
+            m.residency = Residency.RESIDENT  # the step waited for its weights
+        shape = shape_of(plan.batch)
+        dur = self.hw.step_time(m.spec, shape)
+        if self.noise > 0:
+            dur *= math.exp(self.rng.gauss(-self.noise * self.noise / 2, self.noise))
+        start = ready
+        end = start + dur
+        st.cost.observe_step(m.name, shape, dur)
+        finished = False
+        for r, n in plan.batch:
+            if r.status == _W:
+                assert m.waiting and m.waiting[0] is r, "new requests must be admitted in FCFS order"
+                m.waiting.popleft()
+                m.running.append(r)
+                r.status = _R
+            assert r.status == _R, f"{r.request_id} scheduled while {r.status!r}"
+            assert 0 < n <= r.num_tokens - r.num_computed_tokens
+            r.num_computed_tokens += n
+            m.kv_gpu_tokens += n
+            if r.num_computed_tokens == r.num_tokens:
+                r.num_output += 1
+                r.record.on_token(end)
+                if r.num_output >= r.output_len:
+                    r.status = _F
+                    m.kv_gpu_tokens -= r.num_computed_tokens
+                    finished = True
+                    self.outstanding -= 1
+        if finished:
+            m.running = [r for r in m.running if r.status != _F]
+        st.active = m.name
+        self.stats.steps += 1
+        self.stats.busy_s += dur
+        self.now = end
+        return dur
+
+
+@dataclass
+class SimResult:
+    policy: str
+    n_gpus: int
+    duration_s: float
+    end_s: float
+    slo: dict
+    goodput_rps: float
+    goodput_tokens_per_s: float
+    switches_per_s: float
+    load_stall_s: float
+    swap_stall_s: float
+    swap_gb: float
+    gpu_busy_frac: float
+    steps: int
+    policy_cpu_us_per_step: float
+    policy_cpu_frac_mean: float
+    policy_cpu_frac_p99: float
+    unfinished: int
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _placement(names: list[str], specs: dict[str, ModelSpec], n: int, mode: str) -> dict[str, list[int]]:
+    if mode == "hash":
+        return {m: [zlib.crc32(m.encode()) % n] for m in names}
+    if mode == "p2c":
+        return {m: sorted({zlib.crc32(m.encode()) % n, zlib.crc32(b"2:" + m.encode()) % n}) for m in names}
+    if mode != "partition":
+        raise ValueError(f"unknown placement {mode!r}")
+    load = [0] * n
+    out = {}
+    for m in sorted(names, key=lambda m: (-specs[m].weight_bytes, m)):
+        g = min(range(n), key=lambda i: (load[i], i))
+        load[g] += specs[m].weight_bytes
+        out[m] = [g]
+    return out
+
+
+def simulate(items, specs: dict[str, ModelSpec], slos: dict[str, ModelSLO] | ModelSLO, policy: str,
+             n_gpus: int = 1, capacity_bytes: int = 60 * 10**9, hw: HardwareProfile | None = None,
+             placement: str = "partition", drain_s: float = 60.0, noise: float = 0.0, seed: int = 0,
+             policy_kw: dict | None = None) -> SimResult:
+    """Replay `items` (WorkItems, sorted by time) against `policy` on `n_gpus` simulated GPUs."""
+    from token_scheduler.cost_model import H100_PCIE53
+
+    hw = hw or H100_PCIE53
+    slo_of = (lambda m: slos) if isinstance(slos, ModelSLO) else (lambda m: slos[m])
+    names = sorted({w.model for w in items} | set(specs))
+    where = _placement(names, specs, n_gpus, placement)
+    gpus = [GpuSim(g, capacity_bytes, make_policy(policy, **(policy_kw or {})), hw, noise, seed)
+            for g in range(n_gpus)]
+    if placement != "p2c":
+        for m in names:
+            for g in where[m]:
+                gpus[g].register(specs[m], slo_of(m))
+    duration = max((w.time for w in items), default=0.0)
+    horizon = duration + drain_s
+    records: list[RequestRecord] = []
+    heap: list[tuple[float, int]] = []
+    busy = [False] * n_gpus
+    i, n = 0, len(items)
+    while True:
+        t_gpu = heap[0][0] if heap else math.inf
+        t_arr = items[i].time if i < n else math.inf
+        if t_arr == math.inf and t_gpu == math.inf or min(t_arr, t_gpu) > horizon:
+            break
+        if t_arr <= t_gpu:
+            w = items[i]
+            i += 1
+            rec = RequestRecord(w.id, w.model, w.time, w.prompt_len, w.output_len, slo_of(w.model))
+            records.append(rec)
+            g = min(where[w.model], key=lambda k: (gpus[k].outstanding, k))
+            gpu = gpus[g]
+            gpu.register(specs[w.model], slo_of(w.model))
+            gpu.add(SimRequest(w.id, w.model, w.time, w.prompt_len, w.output_len, rec))
+            if not busy[g]:
+                busy[g] = True
+                gpu.now = max(gpu.now, w.time)
+                heapq.heappush(heap, (gpu.now, g))
+            continue
+        _, g = heapq.heappop(heap)
+        nxt = gpus[g].step()
+        if nxt is None:
+            busy[g] = False
+        else:
+            heapq.heappush(heap, (nxt, g))
+    end = max([duration] + [g.now for g in gpus])
+    return _result(policy, gpus, records, duration, end)
+
+
+def _result(policy: str, gpus: list[GpuSim], records: list[RequestRecord], duration: float, end: float) -> SimResult:
+    summ = summarize(records)
+    tot = defaultdict(float)
+    fracs: list[float] = []
+    for g in gpus:
+        for k, v in g.stats.__dict__.items():
+            if k != "policy_cpu_frac":
+                tot[k] += v
+        fracs += g.stats.policy_cpu_frac
+    fracs.sort()
+    span = max(duration, 1e-9)
+    good = [r for r in records if r.attained()]
+    extra = {"cost_model_gpu0": gpus[0].state.cost.to_dict()} if gpus else {}
+    if gpus and hasattr(gpus[0].policy, "round_info"):
+        extra["rounds_gpu0"] = gpus[0].policy.round_info()
+    return SimResult(
+        policy=policy, n_gpus=len(gpus), duration_s=duration, end_s=end, slo=summ.to_dict(),
+        goodput_rps=len(good) / span, goodput_tokens_per_s=sum(r.output_len for r in good) / span,
+        switches_per_s=tot["loads"] / max(end, 1e-9), load_stall_s=tot["load_stall_s"],
+        swap_stall_s=tot["swap_stall_s"], swap_gb=(tot["swap_out_bytes"] + tot["swap_in_bytes"]) / 1e9,
+        gpu_busy_frac=tot["busy_s"] / (max(end, 1e-9) * len(gpus)), steps=int(tot["steps"]),
+        policy_cpu_us_per_step=1e6 * tot["policy_cpu_s"] / max(1, tot["policy_calls"]),
+        policy_cpu_frac_mean=(sum(fracs) / len(fracs)) if fracs else 0.0,
+        policy_cpu_frac_p99=fracs[int(0.99 * (len(fracs) - 1))] if fracs else 0.0,
+        unfinished=sum(not r.finished for r in records), extra=extra,
+    )
