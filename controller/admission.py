@@ -1,0 +1,61 @@
+"""Admission control: estimate a new request's time to first token on one engine; refuse what cannot meet its SLO.
+
+Pure functions over numbers the controller measures (decode step time, each in-flight request's expected
+remaining tokens). The model: an engine runs at most `max_num_seqs` requests at once, one token per step each;
+a queued request takes the first slot that frees, so its start is found by replaying the queue over the slots.
+A request that would start at once is always admitted (an SLO the hardware cannot meet even when idle must
+not black-hole the model); one that would queue is admitted only if its estimate is within slack * SLO.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Decision:
+    admit: bool
+    est_ttft_s: float
+    retry_after_s: int = 0
+    reason: str = ""
+
+
+def estimate_ttft(running_remaining: Iterable[int], waiting_tokens: Iterable[int], max_num_seqs: int, step_s: float,
+                  load_s: float = 0.0, prefill_s: float = 0.0) -> float:
+    """Seconds until a request arriving now gets its first token.
+
+    running_remaining: decode steps each request holding a slot still needs.
+    waiting_tokens: total decode steps of each request queued ahead of ours, in FIFO order.
+    load_s: time until the model is resident (0 when it is); prefill_s: our prompt's prefill time.
+    """
+    slots = sorted(r * step_s for r in running_remaining)[:max_num_seqs]
+    slots += [0.0] * (max_num_seqs - len(slots))
+    heapq.heapify(slots)
+    for w in waiting_tokens:
+        t = heapq.heappop(slots)
+        heapq.heappush(slots, t + w * step_s)
+    start = heapq.heappop(slots)
+    return load_s + start + prefill_s + step_s
+
+
+def decide(est_ttft_s: float, queued: bool, slo_ttft_s: float, slack: float, queue_len: int,
+           max_queue: int) -> Decision:
+    """Admit or refuse; a refusal says when retrying is worth it (HTTP Retry-After, whole seconds)."""
+    if queue_len >= max_queue:
+        return Decision(False, est_ttft_s, max(1, math.ceil(est_ttft_s)), f"engine queue is full ({queue_len})")
+    if not queued or est_ttft_s <= slack * slo_ttft_s:
+        return Decision(True, est_ttft_s)
+    wait = est_ttft_s - slack * slo_ttft_s
+    return Decision(False, est_ttft_s, max(1, math.ceil(wait)),
+                    f"estimated time to first token {est_ttft_s:.2f}s exceeds the {slo_ttft_s:g}s SLO")
+
+
+def expected_tokens(max_tokens: int, generated: int, mean_output_len: float | None) -> int:
+    """Decode steps a request still needs: its budget, or the model's observed mean when that is smaller."""
+    left = max(max_tokens - generated, 1)
+    if mean_output_len is not None:
+        left = min(left, max(int(mean_output_len) - generated, 1))
+    return left

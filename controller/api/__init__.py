@@ -1,0 +1,1 @@
+"""HTTP layer: OpenAI-compatible routes, admin routes, protocol models, serving logic."""

@@ -1,0 +1,64 @@
+"""OpenAI-compatible routes. They only translate: HTTP in, serving call, HTTP out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+
+from controller.api import auth
+from controller.api import protocol as p
+from controller.errors import ServingError
+from controller.tenants import Tenant
+
+router = APIRouter()
+ERRORS = {s: {"model": p.ErrorResponse} for s in (400, 401, 403, 404, 429, 503)}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _respond(result: p.BaseModel | AsyncIterator[bytes]) -> Response:
+    if isinstance(result, p.BaseModel):
+        return Response(result.model_dump_json(), media_type="application/json")
+    return StreamingResponse(result, media_type="text/event-stream; charset=utf-8", headers=SSE_HEADERS)
+
+
+def _counted(request: Request, e: ServingError, model: str, tenant: Tenant) -> ServingError:
+    if not getattr(e, "counted", False):
+        request.app.state.controller.count_refusal(model, tenant.name, e.status)
+    return e
+
+
+@router.post("/v1/completions", response_model=p.CompletionResponse, responses=ERRORS)
+async def completions(body: p.CompletionRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+    try:
+        return _respond(await request.app.state.serving.completions(body, tenant, request))
+    except ServingError as e:
+        raise _counted(request, e, body.model, tenant) from None
+
+
+@router.post("/v1/chat/completions", response_model=p.ChatCompletionResponse, responses=ERRORS)
+async def chat_completions(body: p.ChatCompletionRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+    try:
+        return _respond(await request.app.state.serving.chat(body, tenant, request))
+    except ServingError as e:
+        raise _counted(request, e, body.model, tenant) from None
+
+
+@router.get("/v1/models", response_model=p.ModelList, responses=ERRORS)
+async def list_models(request: Request, tenant: Tenant = Depends(auth.tenant)):
+    return request.app.state.serving.models(tenant)
+
+
+@router.get("/v1/models/{model:path}", response_model=p.ModelCard, responses=ERRORS)
+async def get_model(model: str, request: Request, tenant: Tenant = Depends(auth.tenant)):
+    for card in request.app.state.serving.models(tenant).data:
+        if card.id == model:
+            return card
+    raise ServingError(404, f"The model `{model}` does not exist.", param="model")
+
+
+@router.get("/v1/usage", responses=ERRORS)
+async def usage(tenant: Tenant = Depends(auth.tenant)) -> dict:
+    """The caller's own usage since the server started (never another tenant's)."""
+    return {"tenant": tenant.name, **tenant.usage}

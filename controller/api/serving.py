@@ -1,0 +1,307 @@
+"""OpenAI completions and chat: turn protocol requests into engine requests and engine deltas into responses.
+
+Returns a response model, or an async iterator of server-sent-event frames (the route wraps it); raises
+ServingError for anything the client must hear as an HTTP error. Once a stream has started, failures become an
+`data: {"error": ...}` event followed by `data: [DONE]`, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+
+from controller.api import protocol as p
+from controller.errors import ServingError
+from controller.messages import Delta
+from controller.service import Controller, Generation, ModelEntry
+from controller.tenants import Tenant
+
+T = TypeVar("T")
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(obj: p.BaseModel | dict) -> bytes:
+    body = obj.model_dump_json(exclude_unset=True) if isinstance(obj, p.BaseModel) else json.dumps(obj)
+    return b"data: " + (body.encode() if isinstance(body, str) else body) + b"\n\n"
+
+
+async def unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
+    """Await `aw`, cancelling it if the client goes away first (non-streaming requests)."""
+    task = asyncio.ensure_future(aw)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        raise asyncio.CancelledError("client disconnected")
+    return task.result()
+
+
+class OpenAIServing:
+    def __init__(self, ctl: Controller):
+        self.ctl = ctl
+
+    # --- shared ---
+    def entry(self, tenant: Tenant, model: str) -> ModelEntry:
+        me = self.ctl.models.get(model)
+        if me is None:
+            raise ServingError(404, f"The model `{model}` does not exist.", param="model")
+        if not tenant.may_use(model):
+            raise ServingError(403, f"You are not allowed to use the model `{model}`.", param="model")
+        return me
+
+    def models(self, tenant: Tenant) -> p.ModelList:
+        return p.ModelList(data=[p.ModelCard(id=n, created=me.created, max_model_len=me.max_model_len)
+                                 for n, me in self.ctl.models.items() if tenant.may_use(n)])
+
+    @staticmethod
+    def _refuse_unsupported(req: p._Sampling) -> None:
+        if req.logit_bias:
+            raise ServingError(400, "logit_bias is not supported", param="logit_bias")
+        for name in ("tools", "suffix"):
+            if getattr(req, name, None):
+                raise ServingError(400, f"{name} is not supported", param=name)
+        rf = getattr(req, "response_format", None)
+        if rf and rf.get("type", "text") != "text":
+            raise ServingError(400, "only response_format type 'text' is supported", param="response_format")
+        best_of = getattr(req, "best_of", None)
+        if best_of is not None and best_of != req.n:
+            raise ServingError(400, "best_of other than n is not supported", param="best_of")
+        if req.stream_options is not None and not req.stream:
+            raise ServingError(400, "stream_options is only allowed when stream is true", param="stream_options")
+
+    @staticmethod
+    def _params(req: p._Sampling, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
+        from token_scheduler.request import SamplingParams
+
+        kw = dict(n=1, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=req.stop,
+                  stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+                  skip_special_tokens=req.skip_special_tokens)
+        for f, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", -1), ("min_p", 0.0),
+                           ("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
+            v = getattr(req, f)
+            kw[f] = default if v is None else v
+        try:
+            return dataclasses.asdict(SamplingParams(**kw))
+        except ValueError as e:
+            raise ServingError(400, str(e)) from None
+
+    @staticmethod
+    def _check_ids(me: ModelEntry, ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise ServingError(400, "the prompt is empty (it must contain at least one token)", param=param)
+        vocab = len(me.tokenizer) if hasattr(me.tokenizer, "__len__") else me.tokenizer.vocab_size
+        if max(ids) >= vocab:
+            raise ServingError(400, f"token id {max(ids)} is outside the vocabulary (size {vocab})", param=param)
+        return ids
+
+    def _usage(self, gen: Generation) -> p.Usage:
+        return p.Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                       total_tokens=gen.prompt_tokens + gen.completion_tokens)
+
+    def _tok(self, me: ModelEntry, tid: int) -> str:
+        return me.tokenizer.decode([int(tid)], skip_special_tokens=False)
+
+    # --- /v1/completions ---
+    async def completions(self, req: p.CompletionRequest, tenant: Tenant,
+                          request: Request) -> p.CompletionResponse | AsyncIterator[bytes]:
+        me = self.entry(tenant, req.model)
+        self._refuse_unsupported(req)
+        params = self._params(req, req.max_tokens, req.logprobs)
+        raw = req.prompt
+        if isinstance(raw, str):
+            texts: list[str | None] = [raw]
+            prompts = [me.tokenizer.encode(raw, add_special_tokens=False) if raw else []]
+        elif raw and isinstance(raw[0], str):
+            texts = list(raw)  # type: ignore[arg-type]
+            prompts = [me.tokenizer.encode(s, add_special_tokens=False) for s in raw]  # type: ignore[arg-type]
+        elif raw and isinstance(raw[0], int):
+            texts, prompts = [None], [list(raw)]  # type: ignore[list-item]
+        else:
+            texts, prompts = [None] * len(raw), [list(x) for x in raw]  # type: ignore[union-attr]
+        prompts = [self._check_ids(me, ids, "prompt") for ids in prompts]
+        rid = self.ctl.new_id("cmpl")
+        gen = await self.ctl.generate(me, tenant, prompts, params, req.n, rid)
+        echo = [(t if t is not None else me.tokenizer.decode(ids)) if req.echo else "" for t, ids in
+                zip(texts, prompts)]
+        if req.stream:
+            return self._stream_completion(gen, req, rid, me, echo)
+        status = 499
+        try:
+            resp = await unless_disconnected(request, self._collect_completion(gen, req, rid, me, echo))
+            status = 200
+            return resp
+        except ServingError as e:
+            status = e.status
+            raise
+        finally:
+            gen.close(status)
+
+    def _completion_logprobs(self, me: ModelEntry, d: Delta, k: int, offset: int) -> p.CompletionLogprobs:
+        out = p.CompletionLogprobs()
+        for pairs in d.logprobs or []:
+            tid, lp = pairs[0]
+            s = self._tok(me, tid)
+            out.tokens.append(s)
+            out.token_logprobs.append(lp)
+            top = sorted(pairs, key=lambda x: -x[1])[:k] if k else []
+            out.top_logprobs.append({self._tok(me, t): v for t, v in top})
+            out.text_offset.append(offset)
+            offset += len(s)
+        return out
+
+    async def _collect_completion(self, gen: Generation, req: p.CompletionRequest, rid: str, me: ModelEntry,
+                                  echo: list[str]) -> p.CompletionResponse:
+        k = len(gen.subs)
+        text = [echo[i // req.n] for i in range(k)]
+        finish: list[str | None] = [None] * k
+        lps = [p.CompletionLogprobs() if req.logprobs is not None else None for _ in range(k)]
+        async for i, d in gen.events():
+            lp = lps[i]
+            if lp is not None and d.logprobs:
+                part = self._completion_logprobs(me, d, req.logprobs or 0, len(text[i]))
+                for f in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    getattr(lp, f).extend(getattr(part, f))
+            text[i] += d.text
+            if d.finished:
+                finish[i] = d.finish_reason
+        choices = [p.CompletionChoice(index=i, text=text[i], logprobs=lps[i], finish_reason=finish[i]) for i in range(k)]
+        return p.CompletionResponse(id=rid, model=req.model, choices=choices, usage=self._usage(gen))
+
+    async def _stream_completion(self, gen: Generation, req: p.CompletionRequest, rid: str, me: ModelEntry,
+                                 echo: list[str]) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        usage_opt = req.stream_options is not None and req.stream_options.include_usage
+        extra = {"usage": None} if usage_opt else {}
+        offsets = [len(echo[i // req.n]) for i in range(len(gen.subs))]
+        status = 499
+        try:
+            for i in range(len(gen.subs)):
+                if echo[i // req.n]:
+                    yield sse(p.CompletionChunk(object="text_completion", id=rid, created=created, model=req.model, **extra, choices=[
+                        p.CompletionChoice(index=i, text=echo[i // req.n], logprobs=None, finish_reason=None)]))
+            async for i, d in gen.events():
+                lp = None
+                if req.logprobs is not None:
+                    lp = self._completion_logprobs(me, d, req.logprobs, offsets[i])
+                    offsets[i] += len(d.text)
+                choice = p.CompletionChoice(index=i, text=d.text, logprobs=lp,
+                                            finish_reason=d.finish_reason if d.finished else None)
+                yield sse(p.CompletionChunk(object="text_completion", id=rid, created=created, model=req.model, choices=[choice], **extra))
+            if usage_opt:
+                yield sse(p.CompletionChunk(object="text_completion", id=rid, created=created, model=req.model, choices=[],
+                                            usage=self._usage(gen)))
+            yield DONE
+            status = 200
+        except ServingError as e:
+            status = e.status
+            yield sse(e.body())
+            yield DONE
+        finally:
+            gen.close(status)
+
+    # --- /v1/chat/completions ---
+    async def chat(self, req: p.ChatCompletionRequest, tenant: Tenant,
+                   request: Request) -> p.ChatCompletionResponse | AsyncIterator[bytes]:
+        me = self.entry(tenant, req.model)
+        self._refuse_unsupported(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ServingError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        tok = me.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise ServingError(400, f"model `{req.model}` has no chat template; use /v1/completions")
+        msgs = [{"role": "system" if mm.role == "developer" else mm.role, "content": mm.text()} for mm in req.messages]
+        try:
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=req.add_generation_prompt,
+                                           **(req.chat_template_kwargs or {}))
+        except Exception as e:  # noqa: BLE001 - template errors (role order, ...) are the client's
+            raise ServingError(400, f"cannot apply the chat template: {e}", param="messages") from None
+        ids = self._check_ids(me, tok.encode(text, add_special_tokens=False), "messages")
+        rid = self.ctl.new_id("chatcmpl")
+        gen = await self.ctl.generate(me, tenant, [ids], params, req.n, rid)
+        if req.stream:
+            return self._stream_chat(gen, req, rid, me)
+        status = 499
+        try:
+            resp = await unless_disconnected(request, self._collect_chat(gen, req, rid, me))
+            status = 200
+            return resp
+        except ServingError as e:
+            status = e.status
+            raise
+        finally:
+            gen.close(status)
+
+    def _chat_logprobs(self, me: ModelEntry, d: Delta, k: int) -> list[p.TokenLogprob]:
+        out = []
+        for pairs in d.logprobs or []:
+            tid, lp = pairs[0]
+            s = self._tok(me, tid)
+            top = sorted(pairs, key=lambda x: -x[1])[:k]
+            out.append(p.TokenLogprob(token=s, logprob=lp, bytes=list(s.encode()), top_logprobs=[
+                p.TopLogprob(token=(ts := self._tok(me, t)), logprob=v, bytes=list(ts.encode())) for t, v in top]))
+        return out
+
+    async def _collect_chat(self, gen: Generation, req: p.ChatCompletionRequest, rid: str,
+                            me: ModelEntry) -> p.ChatCompletionResponse:
+        k = len(gen.subs)
+        text = [""] * k
+        finish: list[str | None] = [None] * k
+        lps: list[list[p.TokenLogprob]] = [[] for _ in range(k)]
+        async for i, d in gen.events():
+            text[i] += d.text
+            if req.logprobs:
+                lps[i].extend(self._chat_logprobs(me, d, req.top_logprobs or 0))
+            if d.finished:
+                finish[i] = d.finish_reason
+        choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=text[i]), finish_reason=finish[i],
+                                logprobs=p.ChoiceLogprobs(content=lps[i]) if req.logprobs else None) for i in range(k)]
+        return p.ChatCompletionResponse(id=rid, model=req.model, choices=choices, usage=self._usage(gen))
+
+    async def _stream_chat(self, gen: Generation, req: p.ChatCompletionRequest, rid: str,
+                           me: ModelEntry) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        usage_opt = req.stream_options is not None and req.stream_options.include_usage
+        extra = {"usage": None} if usage_opt else {}
+
+        def chunk(i: int, delta: p.Delta, finish: str | None = None, lp: list | None = None) -> bytes:
+            choice = p.ChatChunkChoice(index=i, delta=delta, finish_reason=finish,
+                                       logprobs=p.ChoiceLogprobs(content=lp) if lp is not None else None)
+            return sse(p.ChatCompletionChunk(object="chat.completion.chunk", id=rid, created=created, model=req.model, choices=[choice], **extra))
+
+        status = 499
+        try:
+            for i in range(len(gen.subs)):
+                yield chunk(i, p.Delta(role="assistant", content=""))
+            async for i, d in gen.events():
+                lp = self._chat_logprobs(me, d, req.top_logprobs or 0) if req.logprobs else None
+                if d.text or lp:
+                    yield chunk(i, p.Delta(content=d.text), None, lp)
+                if d.finished:
+                    yield chunk(i, p.Delta(), d.finish_reason)
+            if usage_opt:
+                yield sse(p.ChatCompletionChunk(object="chat.completion.chunk", id=rid, created=created, model=req.model, choices=[],
+                                                usage=self._usage(gen)))
+            yield DONE
+            status = 200
+        except ServingError as e:
+            status = e.status
+            yield sse(e.body())
+            yield DONE
+        finally:
+            gen.close(status)

@@ -1,0 +1,118 @@
+"""The FastAPI application: routers, OpenAI-shaped errors, /health and /metrics. State lives on app.state."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from controller.api import admin_routes, auth, openai_routes
+from controller.api.serving import OpenAIServing
+from controller.config import ServerConfig
+from controller.errors import ServingError
+from controller.service import Controller
+
+log = logging.getLogger("tokenpool.app")
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes (413) before they are buffered whole (pure ASGI: no per-chunk cost)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length" and v.isdigit() and int(v) > self.limit:
+                return await _too_large(send, self.limit)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise ServingError(413, f"request body exceeds {self.limit} bytes")
+            return msg
+
+        return await self.app(scope, limited, send)
+
+
+async def _too_large(send, limit: int) -> None:
+    body = JSONResponse(ServingError(413, f"request body exceeds {limit} bytes").body(), 413).body
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _error(e: ServingError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errs = exc.errors()
+    if not errs:
+        return "invalid request", None
+    first = errs[0]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    return (f"{param}: {first.get('msg')}" if param else str(first.get("msg"))), param
+
+
+def build_app(cfg: ServerConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await app.state.controller.start()
+        try:
+            yield
+        finally:
+            await app.state.controller.stop()
+
+    app = FastAPI(title="tokenpool", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible multi-model serving on a shared GPU pool")
+    app.state.controller = ctl = Controller(cfg)
+    app.state.serving = OpenAIServing(ctl)
+    app.include_router(openai_routes.router)
+    app.include_router(admin_routes.router)
+
+    @app.exception_handler(ServingError)
+    async def serving_error(_: Request, e: ServingError):
+        return _error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError):
+        msg, param = _validation_message(e)
+        return _error(ServingError(400, msg, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException):
+        err = ServingError(e.status_code, str(e.detail), code=None if e.status_code != 404 else "not_found")
+        return JSONResponse(err.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, e: Exception):
+        log.exception("unhandled error")
+        return _error(ServingError(500, f"internal error: {type(e).__name__}"))
+
+    @app.get("/health")
+    async def health(request: Request):
+        c: Controller = request.app.state.controller
+        ok = c.ready()
+        body = {"status": "ok" if ok else "starting",
+                "engines": sum(1 for e in c.pool.engines.values() if e.alive), "models": len(c.models)}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", dependencies=[Depends(auth.metrics_reader)])
+    async def metrics(request: Request):
+        return Response(request.app.state.controller.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
+    return app

@@ -1,0 +1,76 @@
+"""Autoscaling: a hot model gets more replicas, a cold one gives them back. Pure logic with hysteresis.
+
+Every tick the controller hands in each model's measured load (in-flight requests per replica slot) and SLO
+attainment over a recent window; a model must be hot for `up_ticks` ticks in a row to grow by one replica and
+cold for `down_ticks` to shrink by one (down_ticks >> up_ticks: scaling up is cheap to undo, thrashing is not).
+Between the two thresholds nothing moves. After acting, the model's counter restarts (a cooldown).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from controller.config import AutoscalerSettings
+from controller.router import EngineView, ModelInfo, place
+
+
+@dataclass(frozen=True)
+class ModelLoad:
+    info: ModelInfo
+    min_replicas: int
+    max_replicas: int
+    inflight: int
+    capacity: int  # max_num_seqs of one replica
+    slo_attainment: float | None = None  # fraction of recent requests within SLO; None: too few to tell
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # "load" | "unload"
+    model: str
+    engine_id: str
+    evict: tuple[str, ...] = ()
+
+
+class Autoscaler:
+    def __init__(self, settings: AutoscalerSettings):
+        self.s = settings
+        self._hot: dict[str, int] = {}
+        self._cold: dict[str, int] = {}
+
+    def plan(self, loads: list[ModelLoad], engines: list[EngineView]) -> list[Action]:
+        models = {ml.info.name: ml.info for ml in loads}
+        actions: list[Action] = []
+        for ml in sorted(loads, key=lambda x: -x.info.priority):
+            name = ml.info.name
+            hosts = [e for e in engines if e.alive and name in e.replicas and not e.replicas[name].draining]
+            n = len(hosts)
+            if n < ml.min_replicas:
+                rt = place(ml.info, engines, models, exclude=frozenset(a.engine_id for a in actions))
+                if rt is not None:
+                    actions.append(Action("load", name, rt.engine_id, rt.evict))
+                continue
+            load = ml.inflight / max(1, n * ml.capacity) if n else (1.0 if ml.inflight else 0.0)
+            missing_slo = ml.slo_attainment is not None and ml.slo_attainment < self.s.slo_target
+            hot = load > self.s.up_load or (missing_slo and ml.inflight > 0)
+            cold = load < self.s.down_load and not missing_slo
+            self._hot[name] = self._hot.get(name, 0) + 1 if hot else 0
+            self._cold[name] = self._cold.get(name, 0) + 1 if cold else 0
+            if self._hot[name] >= self.s.up_ticks and 0 < n < ml.max_replicas:
+                rt = place(ml.info, engines, models, exclude=frozenset(a.engine_id for a in actions))
+                if rt is not None:
+                    actions.append(Action("load", name, rt.engine_id, rt.evict))
+                    self._hot[name] = 0
+            elif self._cold[name] >= self.s.down_ticks and n > max(ml.min_replicas, 0) and n > 0:
+                if n == 1 and ml.inflight > 0:
+                    continue
+                idle = [e for e in hosts if e.replicas[name].inflight == 0]
+                if idle:  # the replica whose engine is busiest with other models goes first
+                    victim = max(idle, key=lambda e: (e.inflight, e.engine_id))
+                    actions.append(Action("unload", name, victim.engine_id))
+                    self._cold[name] = 0
+        return actions
+
+    def forget(self, model: str) -> None:
+        self._hot.pop(model, None)
+        self._cold.pop(model, None)

@@ -1,0 +1,52 @@
+"""Secrets (tenant API keys, the admin token, the worker join token) are kept only as salted hashes.
+
+Keys are generated with 256 bits of entropy, so a salted SHA-256 is enough (a slow KDF protects
+low-entropy passwords, and would cost milliseconds on every request). Format: ``sha256$<salt hex>$<digest hex>``.
+Comparison is constant-time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+PREFIX = "sha256"
+
+
+def new_key(prefix: str = "tp") -> str:
+    return f"{prefix}-{secrets.token_urlsafe(32)}"
+
+
+def hash_key(key: str, salt: str | None = None) -> str:
+    salt = salt if salt is not None else secrets.token_hex(16)
+    digest = hashlib.sha256(bytes.fromhex(salt) + key.encode()).hexdigest()
+    return f"{PREFIX}${salt}${digest}"
+
+
+def is_key_hash(s: str) -> bool:
+    parts = s.split("$")
+    if len(parts) != 3 or parts[0] != PREFIX or len(parts[2]) != 64:
+        return False
+    try:
+        bytes.fromhex(parts[1])
+        bytes.fromhex(parts[2])
+    except ValueError:
+        return False
+    return True
+
+
+def verify_key(key: str, stored: str) -> bool:
+    try:
+        _, salt, digest = stored.split("$")
+        candidate = hashlib.sha256(bytes.fromhex(salt) + key.encode()).hexdigest()
+    except ValueError:
+        return False
+    return hmac.compare_digest(candidate, digest)
+
+
+if __name__ == "__main__":  # python -m controller.keys [KEY]  -> prints a key (new if none given) and its hash
+    import sys
+
+    k = sys.argv[1] if len(sys.argv) > 1 else new_key()
+    print(f"key:  {k}\nhash: {hash_key(k)}")

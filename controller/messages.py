@@ -1,0 +1,163 @@
+"""The controller <-> engine-worker protocol: typed dataclasses, one encoder, one decoder.
+
+Frame: 4-byte big-endian length, then a JSON object ``{"msg": <class name>, ...fields}``. It runs over TCP, so a
+worker may live on another host. New requests carry their full data; running ones only what changed (deltas).
+Direction: W->C = worker to controller, C->W = controller to worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+MAX_FRAME = 64 << 20
+_LEN = struct.Struct(">I")
+
+
+@dataclass
+class Register:  # W->C, first frame of a connection
+    host: str
+    pid: int
+    device: str  # "cpu" | "cuda:0" ...
+    memory_bytes: int  # what the controller may fill with model weights on this device
+    slot: int | None = None  # local workers: the slot the controller started them for
+    join_token: str | None = None  # remote workers, when the controller requires one
+    loaded: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Registered:  # C->W
+    worker_id: str
+    heartbeat_s: float
+
+
+@dataclass
+class Rejected:  # C->W, then the controller closes the connection
+    reason: str
+
+
+@dataclass
+class LoadModel:  # C->W
+    model: str
+    path: str | None
+    engine: dict[str, Any]  # controller.config.EngineOptions as a dict
+
+
+@dataclass
+class UnloadModel:  # C->W
+    model: str
+
+
+@dataclass
+class ModelLoaded:  # W->C, answer to LoadModel (ok or not)
+    model: str
+    ok: bool
+    error: str | None = None
+    max_model_len: int = 0
+    max_num_seqs: int = 0
+    load_s: float = 0.0
+
+
+@dataclass
+class NewRequest:  # C->W
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    params: dict[str, Any]  # token_scheduler.SamplingParams fields
+
+
+@dataclass
+class Abort:  # C->W
+    request_ids: list[str]
+
+
+@dataclass
+class Delta:
+    """What one request produced in one step (not a message of its own; carried by Outputs)."""
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[list[list[float]]] | None = None  # per token: [[token_id, logprob], ...] sampled first
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    num_prompt_tokens: int = 0
+    error: str | None = None  # set when the engine refused or failed the request
+    error_kind: str | None = None  # "invalid" (client's fault: 400) | "engine" (503)
+
+
+@dataclass
+class Outputs:  # W->C, one batch per engine step
+    deltas: list[Delta]
+
+
+@dataclass
+class Heartbeat:  # both ways
+    t: float
+
+
+@dataclass
+class Stats:  # W->C, every heartbeat
+    models: dict[str, dict[str, float]]  # per loaded model: engine.stats() (num_running, kv_blocks_used, ...)
+    step_s: float  # EWMA of one worker step (all its models)
+    steps: int
+    tokens: int  # generated so far
+    gpu: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Shutdown:  # C->W
+    reason: str = ""
+
+
+Message = Union[
+    Register, Registered, Rejected, LoadModel, UnloadModel, ModelLoaded, NewRequest, Abort, Outputs,
+    Heartbeat, Stats, Shutdown,
+]
+_TYPES: dict[str, type] = {
+    c.__name__: c
+    for c in (Register, Registered, Rejected, LoadModel, UnloadModel, ModelLoaded, NewRequest, Abort,
+              Outputs, Heartbeat, Stats, Shutdown)
+}
+
+
+class ProtocolError(Exception):
+    pass
+
+
+def encode(msg: Message) -> bytes:
+    d = {"msg": type(msg).__name__}
+    if isinstance(msg, Outputs):  # the hot path: skip asdict's deep copies
+        d["deltas"] = [vars(x) for x in msg.deltas]
+    else:
+        d.update(dataclasses.asdict(msg))
+    body = json.dumps(d, separators=(",", ":")).encode()
+    return _LEN.pack(len(body)) + body
+
+
+def decode(body: bytes) -> Message:
+    try:
+        d = json.loads(body)
+        cls = _TYPES[d.pop("msg")]
+        if cls is Outputs:
+            return Outputs(deltas=[Delta(**x) for x in d["deltas"]])
+        return cls(**d)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ProtocolError(f"bad frame: {e}") from e
+
+
+async def read_message(reader: asyncio.StreamReader) -> Message:
+    """Next message; raises asyncio.IncompleteReadError at EOF, ProtocolError on garbage."""
+    (n,) = _LEN.unpack(await reader.readexactly(4))
+    if n > MAX_FRAME:
+        raise ProtocolError(f"frame of {n} bytes exceeds {MAX_FRAME}")
+    return decode(await reader.readexactly(n))
+
+
+def write_message(writer: asyncio.StreamWriter, msg: Message) -> None:
+    """Queue a frame (callers await writer.drain() where back-pressure matters)."""
+    writer.write(encode(msg))

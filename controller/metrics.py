@@ -1,0 +1,108 @@
+"""Prometheus metrics (`tokenpool_` prefix), on a registry owned by the app (no module-level collectors).
+
+Request metrics are recorded by the controller as requests finish; engine gauges are refreshed from worker
+Stats messages; GPU memory and utilization are read at scrape time from gpu_pool.inventory when present.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger("tokenpool.metrics")
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+class _GPUCollector:
+    """GPU memory and utilization from gpu_pool.inventory.list_devices(), if that module is available."""
+
+    def collect(self):
+        try:
+            from gpu_pool.inventory import list_devices
+        except ImportError:
+            return
+        mem_used = GaugeMetricFamily("tokenpool_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+        mem_total = GaugeMetricFamily("tokenpool_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
+        util = GaugeMetricFamily("tokenpool_gpu_utilization_ratio", "GPU busy fraction (0-1)", labels=["gpu"])
+        try:
+            devices = list_devices()
+        except Exception as e:  # noqa: BLE001 - no driver / no GPU: no GPU metrics
+            log.debug("list_devices failed: %s", e)
+            return
+        for i, d in enumerate(devices):
+            idx = str(_attr(d, ("index", "id"), i))
+            used = _attr(d, ("memory_used_bytes", "memory_used", "used_bytes"), None)
+            total = _attr(d, ("memory_total_bytes", "memory_total", "total_bytes", "total_memory"), None)
+            u = _attr(d, ("utilization", "utilization_ratio", "gpu_util", "util"), None)
+            if used is not None:
+                mem_used.add_metric([idx], float(used))
+            if total is not None:
+                mem_total.add_metric([idx], float(total))
+            if u is not None:
+                util.add_metric([idx], float(u) / 100.0 if float(u) > 1.0 else float(u))
+        yield from (mem_used, mem_total, util)
+
+
+def _attr(d, names, default):
+    for n in names:
+        v = d.get(n) if isinstance(d, dict) else getattr(d, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("tokenpool_requests", "Finished API requests", ["model", "tenant", "status"],
+                                registry=r)
+        self.prompt_tokens = Counter("tokenpool_prompt_tokens", "Prompt tokens processed", ["model", "tenant"],
+                                     registry=r)
+        self.generation_tokens = Counter("tokenpool_generation_tokens", "Tokens generated", ["model", "tenant"],
+                                         registry=r)
+        self.ttft = Histogram("tokenpool_time_to_first_token_seconds", "Time to first token", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("tokenpool_time_per_output_token_seconds", "Mean time per output token after the first",
+                              ["model"], buckets=TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("tokenpool_e2e_request_latency_seconds", "Request latency, arrival to last token",
+                             ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.rejected = Counter("tokenpool_admission_rejections", "Requests refused by admission control",
+                                ["model", "reason"], registry=r)
+        self.queue_depth = Gauge("tokenpool_queue_depth", "Requests waiting for their first token",
+                                 ["engine", "model"], registry=r)
+        self.running = Gauge("tokenpool_running_requests", "Requests being decoded", ["engine", "model"], registry=r)
+        self.kv_used = Gauge("tokenpool_kv_blocks_used", "KV cache blocks in use", ["engine", "model"], registry=r)
+        self.kv_total = Gauge("tokenpool_kv_blocks_total", "KV cache blocks", ["engine", "model"], registry=r)
+        self.swaps = Gauge("tokenpool_swapped_requests", "Requests whose KV is swapped out", ["engine", "model"],
+                           registry=r)
+        self.swap_total = Counter("tokenpool_model_swaps", "Model loads onto an engine", ["engine"], registry=r)
+        self.swap_latency = Histogram("tokenpool_model_swap_latency_seconds", "Time to load a model onto an engine",
+                                      ["engine"], buckets=LATENCY_BUCKETS, registry=r)
+        self.step = Gauge("tokenpool_engine_step_seconds", "Smoothed engine step time", ["engine"], registry=r)
+        self.engines = Gauge("tokenpool_engines", "Engine workers by state", ["state"], registry=r)
+        self.engine_restarts = Counter("tokenpool_engine_restarts", "Engine workers restarted", registry=r)
+        self.replicas = Gauge("tokenpool_model_replicas", "Engines holding each model", ["model"], registry=r)
+        self.slo_attainment = Gauge("tokenpool_slo_attainment_ratio",
+                                    "Fraction of recent requests within TTFT and TPOT SLO", ["model"], registry=r)
+        r.register(_GPUCollector())
+
+    def engine_stats(self, engine: str, model: str, s: dict[str, float]) -> None:
+        self.queue_depth.labels(engine, model).set(s.get("num_waiting", 0))
+        self.running.labels(engine, model).set(s.get("num_running", 0))
+        self.kv_used.labels(engine, model).set(s.get("kv_blocks_used", 0))
+        self.kv_total.labels(engine, model).set(s.get("kv_blocks_total", 0))
+        self.swaps.labels(engine, model).set(s.get("num_swapped", 0))
+
+    def forget_engine_model(self, engine: str, model: str) -> None:
+        for g in (self.queue_depth, self.running, self.kv_used, self.kv_total, self.swaps):
+            try:
+                g.remove(engine, model)
+            except KeyError:
+                pass
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

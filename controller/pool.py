@@ -1,0 +1,319 @@
+"""The controller's side of the engine workers: a TCP listener, one handle per worker, local worker processes.
+
+Workers connect (local ones are started here, one per GPU or one on CPU; remote ones start themselves with
+`python -m controller.worker --controller HOST:PORT`) and register. A worker is dead when its connection
+closes or it is silent for `dead_after_s`; its in-flight requests are handed to `on_dead` and, if it was a
+local one, its process is started again. Decisions (what to load where, what to retry) are the controller's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controller import messages as m
+from controller.config import GPUSettings, WorkerSettings
+from controller.keys import verify_key
+
+log = logging.getLogger("tokenpool.pool")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Replica:
+    """A model on an engine."""
+
+    model: str
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # set when loaded or failed
+    state: str = "loading"  # loading | ready | failed
+    error: str | None = None
+    max_model_len: int = 0
+    max_num_seqs: int = 0
+    draining: bool = False
+    t_load: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Sub:
+    """One engine request: choice `index` of an API request. Deltas for it go to `sink` as (sub, Delta)."""
+
+    rid: str
+    model: str
+    index: int
+    prompt_ids: list[int]
+    params: dict[str, Any]
+    max_tokens: int
+    sink: asyncio.Queue
+    generated: int = 0
+    engine_id: str | None = None
+    attempts: int = 0
+    done: bool = False
+
+
+@dataclass
+class EngineHandle:
+    id: str
+    slot: int | None
+    device: str
+    host: str
+    pid: int
+    memory_bytes: int
+    writer: asyncio.StreamWriter
+    replicas: dict[str, Replica] = field(default_factory=dict)
+    subs: dict[str, Sub] = field(default_factory=dict)
+    alive: bool = True
+    draining: bool = False
+    last_seen: float = field(default_factory=time.monotonic)
+    step_s: float = 0.0
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    t_start: float = field(default_factory=time.time)
+
+    def send(self, msg: m.Message) -> None:
+        if self.alive and not self.writer.is_closing():
+            m.write_message(self.writer, msg)
+
+
+class EnginePool:
+    def __init__(self, settings: WorkerSettings, gpus: GPUSettings, *,
+                 on_registered: Callable[[EngineHandle, EngineHandle | None], None],
+                 on_dead: Callable[[EngineHandle, list[Sub]], None],
+                 on_loaded: Callable[[EngineHandle, Replica, float], None],
+                 on_stats: Callable[[EngineHandle], None]):
+        self.s = settings
+        self.gpus = gpus
+        self.engines: dict[str, EngineHandle] = {}
+        self._on_registered, self._on_dead, self._on_loaded, self._on_stats = on_registered, on_dead, on_loaded, on_stats
+        self._local_token = secrets.token_urlsafe(24)  # local workers prove they are ours with it
+        self._server: asyncio.base_events.Server | None = None
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = False
+        self.port = 0
+        self.restarts = 0
+
+    # --- lifecycle ---
+    async def start(self, devices: list[str]) -> None:
+        self._server = await asyncio.start_server(self._serve_conn, self.s.listen.host, self.s.listen.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        if self.s.join_token_hash is None and not _is_loopback(self.s.listen.host):
+            log.warning("worker listener on %s has no join token: any host that reaches it can register",
+                        self.s.listen.host)
+        for slot, dev in enumerate(devices):
+            self._tasks.append(asyncio.create_task(self._supervise(slot, dev)))
+        self._tasks.append(asyncio.create_task(self._watchdog()))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for e in list(self.engines.values()):
+            e.send(m.Shutdown("controller stopping"))
+        for t in self._tasks:
+            t.cancel()
+        for p in list(self._procs.values()):
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+        for p in list(self._procs.values()):
+            try:
+                await asyncio.wait_for(p.wait(), 5)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+        if self._server is not None:
+            self._server.close()
+
+    async def _supervise(self, slot: int, device: str) -> None:
+        """Keep one local worker process alive for `slot` (restarting it when it dies)."""
+        backoff = 0.2
+        env = dict(os.environ, TOKENPOOL_JOIN_TOKEN=self._local_token,
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        while not self._stopping:
+            t0 = time.monotonic()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "controller.worker", "--controller", f"127.0.0.1:{self.port}",
+                "--device", device, "--slot", str(slot), env=env, stdin=asyncio.subprocess.DEVNULL)
+            self._procs[slot] = proc
+            rc = await proc.wait()
+            if self._stopping or not self.s.restart:
+                return
+            log.warning("local worker w%d (pid %d) exited with %s; restarting", slot, proc.pid, rc)
+            self.restarts += 1
+            backoff = 0.2 if time.monotonic() - t0 > 30 else min(backoff * 2, 10.0)
+            await asyncio.sleep(backoff)
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(self.s.heartbeat_s)
+            now = time.monotonic()
+            for e in list(self.engines.values()):
+                if e.alive and now - e.last_seen > self.s.dead_after_s:
+                    log.warning("engine %s silent for %.1fs: declaring it dead", e.id, now - e.last_seen)
+                    self._dead(e)
+                    e.writer.close()
+                    if e.slot is not None and e.slot in self._procs:
+                        with contextlib.suppress(ProcessLookupError):
+                            self._procs[e.slot].kill()
+
+    # --- connections ---
+    def _admit(self, reg: m.Register, peer: str) -> str | None:
+        """None if the worker may join, else why not."""
+        if reg.join_token is not None and secrets.compare_digest(reg.join_token, self._local_token):
+            return None
+        if reg.slot is not None:
+            return "local slots are reserved for workers this controller started"
+        if self.s.join_token_hash is not None:
+            return None if reg.join_token and verify_key(reg.join_token, self.s.join_token_hash) else "bad join token"
+        return None
+
+    async def _serve_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = str(writer.get_extra_info("peername"))
+        with contextlib.suppress(OSError):
+            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            reg = await asyncio.wait_for(m.read_message(reader), 10)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, m.ProtocolError, OSError):
+            writer.close()
+            return
+        why = self._admit(reg, peer) if isinstance(reg, m.Register) else "expected Register"
+        if why is not None:
+            log.warning("refused worker from %s: %s", peer, why)
+            m.write_message(writer, m.Rejected(why))
+            writer.close()
+            return
+        assert isinstance(reg, m.Register)
+        eid = f"w{reg.slot}" if reg.slot is not None else f"{reg.host}-{reg.pid}"
+        previous = self.engines.get(eid)
+        if previous is not None and previous.alive:
+            self._dead(previous)
+        e = EngineHandle(eid, reg.slot, reg.device, reg.host, reg.pid, self._budget(reg), writer)
+        self.engines[eid] = e
+        m.write_message(writer, m.Registered(eid, self.s.heartbeat_s))
+        log.info("engine %s registered (%s on %s, pid %d)", eid, reg.device, reg.host, reg.pid)
+        self._on_registered(e, previous)
+        try:
+            while True:
+                msg = await m.read_message(reader)
+                e.last_seen = time.monotonic()
+                if isinstance(msg, m.Outputs):
+                    self._outputs(e, msg)
+                elif isinstance(msg, m.ModelLoaded):
+                    self._loaded(e, msg)
+                elif isinstance(msg, m.Stats):
+                    e.step_s, e.stats = msg.step_s, msg.models
+                    self._on_stats(e)
+        except (asyncio.IncompleteReadError, m.ProtocolError, OSError) as ex:
+            if e.alive:
+                log.warning("engine %s connection lost: %s", eid, type(ex).__name__)
+        finally:
+            self._dead(e)
+            writer.close()
+
+    def _budget(self, reg: m.Register) -> int:
+        if reg.device == "cpu":
+            return int(self.gpus.cpu_budget_gb * (1 << 30))
+        if self.gpus.budget_gb is not None:
+            return int(self.gpus.budget_gb * (1 << 30))
+        return int(reg.memory_bytes * 0.8)
+
+    def _outputs(self, e: EngineHandle, msg: m.Outputs) -> None:
+        subs = e.subs
+        for d in msg.deltas:
+            sub = subs.get(d.request_id)
+            if sub is None:
+                continue
+            sub.generated += len(d.token_ids)
+            if d.finished:
+                del subs[d.request_id]
+                sub.done = True
+            sub.sink.put_nowait((sub, d))
+
+    def _loaded(self, e: EngineHandle, msg: m.ModelLoaded) -> None:
+        r = e.replicas.get(msg.model)
+        if r is None:
+            return
+        if msg.ok:
+            r.state, r.max_model_len, r.max_num_seqs = "ready", msg.max_model_len, msg.max_num_seqs
+        else:
+            r.state, r.error = "failed", msg.error
+            del e.replicas[msg.model]
+        r.ready.set()
+        self._on_loaded(e, r, msg.load_s)
+
+    def _dead(self, e: EngineHandle) -> None:
+        if not e.alive:
+            return
+        e.alive = False
+        orphans = list(e.subs.values())
+        e.subs.clear()
+        for r in e.replicas.values():
+            if not r.ready.is_set():
+                r.state, r.error = "failed", f"engine {e.id} died"
+                r.ready.set()
+        self._on_dead(e, orphans)
+
+    # --- commands ---
+    def load(self, e: EngineHandle, model: str, path: str | None, engine_opts: dict[str, Any]) -> Replica:
+        r = e.replicas.get(model)
+        if r is None:
+            r = e.replicas[model] = Replica(model)
+            e.send(m.LoadModel(model, path, engine_opts))
+        return r
+
+    def unload(self, e: EngineHandle, model: str) -> None:
+        if e.replicas.pop(model, None) is not None:
+            e.send(m.UnloadModel(model))
+
+    def submit(self, e: EngineHandle, sub: Sub) -> None:
+        sub.engine_id = e.id
+        sub.attempts += 1
+        e.subs[sub.rid] = sub
+        e.send(m.NewRequest(sub.rid, sub.model, sub.prompt_ids, sub.params))
+
+    def abort(self, subs: list[Sub]) -> None:
+        by_engine: dict[str, list[str]] = {}
+        for s in subs:
+            if s.done or s.engine_id is None:
+                continue
+            s.done = True
+            e = self.engines.get(s.engine_id)
+            if e is not None and e.subs.pop(s.rid, None) is not None:
+                by_engine.setdefault(e.id, []).append(s.rid)
+        for eid, rids in by_engine.items():
+            self.engines[eid].send(m.Abort(rids))
+
+    def pid_of(self, slot: int) -> int | None:
+        p = self._procs.get(slot)
+        return p.pid if p is not None and p.returncode is None else None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def local_devices(spec: str | list[int]) -> list[str]:
+    """Devices to start local workers on: 'auto' = every GPU, or one CPU worker when there is none."""
+    if spec == "none":
+        return []
+    if spec == "cpu":
+        return ["cpu"]
+    if isinstance(spec, list):
+        return [f"cuda:{i}" for i in spec]
+    try:
+        import torch
+
+        n = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no torch / no driver: CPU
+        n = 0
+    return [f"cuda:{i}" for i in range(n)] or ["cpu"]

@@ -1,0 +1,428 @@
+"""The controller: models, tenants, engines, and the path of one request from admission to its last delta.
+
+It owns the live state (on `app.state.controller`), builds snapshots for the pure router/autoscaler/admission
+logic and carries out their decisions through the EnginePool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from controller import messages as m
+from controller.admission import decide, expected_tokens
+from controller.autoscaler import Autoscaler, ModelLoad
+from controller.config import SLO, ModelSpec, ServerConfig
+from controller.errors import ServingError
+from controller.metrics import Metrics
+from controller.pool import EngineHandle, EnginePool, Replica, Sub, local_devices
+from controller.router import EngineView, ModelInfo, ReplicaView, route
+from controller.tenants import Tenant, TenantRegistry
+
+log = logging.getLogger("tokenpool.controller")
+LOAD_TIMEOUT_S = 600.0
+RETRY_WAIT_S = 15.0  # how long a request whose engine died before its first token waits for another
+
+
+@dataclasses.dataclass
+class ModelEntry:
+    spec: ModelSpec
+    info: ModelInfo
+    tokenizer: Any
+    max_model_len: int
+    outcomes: deque = dataclasses.field(default_factory=lambda: deque(maxlen=200))  # within SLO?
+    mean_output: float | None = None
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+    @property
+    def default_step_s(self) -> float:
+        return self.spec.engine.pace_s_per_token if self.spec.engine.kind == "pace" else 0.05
+
+    def attainment(self) -> float | None:
+        return sum(self.outcomes) / len(self.outcomes) if len(self.outcomes) >= 10 else None
+
+
+def weights_bytes(spec: ModelSpec) -> int:
+    if spec.memory_gb is not None:
+        return int(spec.memory_gb * (1 << 30))
+    if spec.path is None:
+        return 0
+    p = Path(spec.path)
+    return sum(f.stat().st_size for pat in ("*.safetensors", "*.bin", "*.pt") for f in p.glob(pat))
+
+
+def context_len(spec: ModelSpec, tokenizer: Any) -> int:
+    if spec.engine.max_model_len:
+        return spec.engine.max_model_len
+    if spec.path is not None:
+        try:
+            cfg = json.loads((Path(spec.path) / "config.json").read_text())
+            return int(cfg.get("max_position_embeddings") or 4096)
+        except (OSError, ValueError):
+            pass
+    return 4096
+
+
+class Generation:
+    """The engine requests (choices) behind one API request; iterate `events()` for (index, Delta)."""
+
+    def __init__(self, ctl: Controller, entry: ModelEntry, tenant: Tenant, slo: SLO, charged: int,
+                 prompt_tokens: int, sink: asyncio.Queue):
+        self.ctl, self.entry, self.tenant, self.slo = ctl, entry, tenant, slo
+        self.charged, self.prompt_tokens = charged, prompt_tokens
+        self.sink = sink
+        self.subs: list[Sub] = []
+        self.completion_tokens = 0
+        self.t_arrival = time.monotonic()
+        self.t_first: float | None = None
+        self.t_last: float | None = None
+        self.closed = False
+
+    async def events(self) -> AsyncIterator[tuple[int, m.Delta]]:
+        """Deltas as they come; raises ServingError if a choice fails (the others are aborted)."""
+        open_ = len(self.subs)
+        while open_:
+            sub, d = await self.sink.get()
+            if d.error is not None:
+                self.ctl.pool.abort(self.subs)
+                status = 400 if d.error_kind == "invalid" else 503
+                raise ServingError(status, d.error if status == 400 else f"engine failure: {d.error}")
+            if d.token_ids:
+                now = time.monotonic()
+                self.t_first = self.t_first or now
+                self.t_last = now
+                self.completion_tokens += len(d.token_ids)
+            if d.finished:
+                open_ -= 1
+            yield sub.index, d
+
+    def close(self, status: int) -> None:
+        """Abort what is still running, release the tenant's reservation, record metrics. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.ctl.pool.abort(self.subs)
+        self.ctl.finished(self, status)
+
+
+class Controller:
+    def __init__(self, cfg: ServerConfig):
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.tenants = TenantRegistry(cfg.tenants, cfg.auth_enabled, cfg.tenants_file)
+        self.models: dict[str, ModelEntry] = {}
+        self.autoscaler = Autoscaler(cfg.autoscaler)
+        self.pool = EnginePool(cfg.workers, cfg.gpus, on_registered=self._registered, on_dead=self._dead,
+                               on_loaded=self._loaded, on_stats=self._stats)
+        self._ids = itertools.count()
+        self._prefix = os.urandom(4).hex()
+        self._tasks: list[asyncio.Task] = []
+
+    # --- lifecycle ---
+    async def start(self) -> None:
+        for spec in self.cfg.models:
+            await self.add_model(spec)
+        devices = await asyncio.to_thread(local_devices, self.cfg.workers.local)
+        await self.pool.start(devices)
+        self._tasks.append(asyncio.create_task(self._autoscale_loop()))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await self.pool.stop()
+
+    def ready(self) -> bool:
+        alive = [e for e in self.pool.engines.values() if e.alive]
+        need = [n for n, me in self.models.items() if me.spec.replicas.min > 0]
+        return bool(alive) and all(any(n in e.replicas and e.replicas[n].state == "ready" for e in alive)
+                                   for n in need)
+
+    # --- models ---
+    async def add_model(self, spec: ModelSpec) -> ModelEntry:
+        from load_tests.pace_engine import load_tokenizer
+
+        if spec.name in self.models:
+            raise ServingError(400, f"model {spec.name!r} is already registered", param="name")
+        if spec.path is not None and not (Path(spec.path) / "config.json").exists():
+            raise ServingError(400, f"no model directory at {spec.path}", param="path")
+        try:
+            tok = await asyncio.to_thread(load_tokenizer, spec.path)
+        except Exception as e:  # noqa: BLE001 - any unreadable tokenizer is the caller's error
+            raise ServingError(400, f"cannot load the tokenizer from {spec.path}: {e}", param="path") from e
+        entry = ModelEntry(spec, ModelInfo(spec.name, weights_bytes(spec), spec.priority), tok, context_len(spec, tok))
+        self.models[spec.name] = entry
+        self.tick()
+        return entry
+
+    def remove_model(self, name: str) -> bool:
+        entry = self.models.pop(name, None)
+        if entry is None:
+            return False
+        for e in self.pool.engines.values():
+            subs = [s for s in e.subs.values() if s.model == name]
+            for s in subs:
+                s.sink.put_nowait((s, m.Delta(s.rid, finished=True, finish_reason="error",
+                                              error="model was unregistered", error_kind="engine")))
+            self.pool.abort(subs)
+            self.pool.unload(e, name)
+            self.metrics.forget_engine_model(e.id, name)
+        self.autoscaler.forget(name)
+        return True
+
+    def slo_for(self, entry: ModelEntry, tenant: Tenant) -> SLO:
+        c = tenant.spec.slo_class
+        return self.cfg.slo_classes[c] if c is not None and c in self.cfg.slo_classes else entry.spec.slo
+
+    # --- requests ---
+    def new_id(self, kind: str) -> str:
+        return f"{kind}-{self._prefix}{next(self._ids):x}"
+
+    async def generate(self, entry: ModelEntry, tenant: Tenant, prompts: list[list[int]], params: dict[str, Any],
+                       n: int, request_id: str) -> Generation:
+        """Admit and place the n * len(prompts) engine requests of one API request (ServingError if refused)."""
+        ctx = entry.max_model_len
+        budgets = []
+        for i, ids in enumerate(prompts):
+            room = ctx - len(ids)
+            if room <= 0:
+                raise ServingError(400, f"This model's maximum context length is {ctx} tokens; the prompt"
+                                   f"{f' {i}' if len(prompts) > 1 else ''} has {len(ids)} tokens.",
+                                   param="messages" if request_id.startswith("chat") else "prompt",
+                                   code="context_length_exceeded")
+            mt = params.get("max_tokens")
+            if mt is not None and mt > room:
+                raise ServingError(400, f"This model's maximum context length is {ctx} tokens. However, you "
+                                   f"requested {len(ids) + mt} tokens ({len(ids)} in the prompt, {mt} for the "
+                                   "completion). Please reduce the prompt or max_tokens.",
+                                   param="max_tokens", code="context_length_exceeded")
+            budgets.append(mt if mt is not None else room)
+        prompt_tokens = sum(len(p) for p in prompts)
+        charged = prompt_tokens + n * sum(budgets)
+        refused = TenantRegistry.acquire(tenant, charged)
+        if refused is not None:
+            self.metrics.rejected.labels(entry.spec.name, "tenant_limit").inc()
+            raise ServingError(429, refused[1], retry_after=refused[0])
+        slo = self.slo_for(entry, tenant)
+        gen = Generation(self, entry, tenant, slo, charged, prompt_tokens, asyncio.Queue())
+        try:
+            for p, ids in enumerate(prompts):
+                for i in range(n):
+                    sp = dict(params, n=1)
+                    if sp.get("seed") is not None:
+                        sp["seed"] = sp["seed"] + i
+                    sub = Sub(f"{request_id}-{p * n + i}", entry.spec.name, p * n + i, ids, sp, budgets[p], gen.sink)
+                    gen.subs.append(sub)
+                    await self._place(sub, entry, slo, tenant.spec.priority, admission=True)
+        except BaseException as e:
+            status = e.status if isinstance(e, ServingError) else 499
+            gen.close(status)
+            e.counted = True  # type: ignore[attr-defined]  # the serving layer must not count it again
+            raise
+        return gen
+
+    async def _place(self, sub: Sub, entry: ModelEntry, slo: SLO, priority: int, admission: bool) -> None:
+        name = entry.spec.name
+        rt = route(entry.info, self.views(), self.infos())
+        if rt is None:
+            raise ServingError(503, f"no engine can serve model {name!r} now", retry_after=5)
+        if admission and self.cfg.admission.enabled:
+            slack = self.cfg.admission.slack * 2.0 ** max(-2, min(2, priority))
+            d = decide(rt.est_ttft_s, rt.queued, slo.ttft_s, slack, rt.queue_len, self.cfg.admission.max_queue_per_engine)
+            if not d.admit:
+                self.metrics.rejected.labels(name, "slo").inc()
+                raise ServingError(429, f"model {name!r} is overloaded: {d.reason}", retry_after=d.retry_after_s)
+        e = self.pool.engines[rt.engine_id]
+        r = e.replicas.get(name) or self._load(e, entry, rt.evict)
+        if not r.ready.is_set():
+            try:
+                await asyncio.wait_for(asyncio.shield(r.ready.wait()), LOAD_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise ServingError(503, f"model {name!r} is still loading", retry_after=10) from None
+        if r.state != "ready" or not e.alive:
+            raise ServingError(503, f"model {name!r} could not be loaded on engine {e.id}: {r.error}", retry_after=5)
+        if sub.done:  # aborted while the model loaded
+            return
+        self.pool.submit(e, sub)
+
+    def finished(self, gen: Generation, status: int) -> None:
+        name, tname = gen.entry.spec.name, gen.tenant.name
+        mt = self.metrics
+        mt.requests.labels(name, tname, str(status)).inc()
+        mt.prompt_tokens.labels(name, tname).inc(gen.prompt_tokens)
+        mt.generation_tokens.labels(name, tname).inc(gen.completion_tokens)
+        TenantRegistry.release(gen.tenant, gen.charged, gen.prompt_tokens, gen.completion_tokens)
+        if status != 200 or gen.t_first is None:
+            return
+        now = time.monotonic()
+        ttft = gen.t_first - gen.t_arrival
+        per_choice = gen.completion_tokens / max(1, len(gen.subs))
+        tpot = (gen.t_last - gen.t_first) / (per_choice - 1) if per_choice > 1 and gen.t_last else None
+        mt.ttft.labels(name).observe(ttft)
+        mt.e2e.labels(name).observe(now - gen.t_arrival)
+        if tpot is not None:
+            mt.tpot.labels(name).observe(tpot)
+        e = gen.entry
+        e.outcomes.append(ttft <= gen.slo.ttft_s and (tpot is None or tpot <= gen.slo.tpot_s))
+        e.mean_output = per_choice if e.mean_output is None else 0.9 * e.mean_output + 0.1 * per_choice
+        att = e.attainment()
+        if att is not None:
+            mt.slo_attainment.labels(name).set(att)
+
+    def count_refusal(self, model: str | None, tenant: str, status: int) -> None:
+        label = model if model in self.models else "-"
+        self.metrics.requests.labels(label, tenant, str(status)).inc()
+
+    # --- snapshots for the pure logic ---
+    def infos(self) -> dict[str, ModelInfo]:
+        return {n: me.info for n, me in self.models.items()}
+
+    def views(self) -> list[EngineView]:
+        out = []
+        for e in self.pool.engines.values():
+            if not e.alive:
+                continue
+            run: dict[str, list[int]] = {}
+            wait: dict[str, list[int]] = {}
+            for s in e.subs.values():
+                me = self.models.get(s.model)
+                left = expected_tokens(s.max_tokens, s.generated, me.mean_output if me else None)
+                (run if s.generated else wait).setdefault(s.model, []).append(left)
+            reps = {}
+            step = e.step_s
+            for name, r in e.replicas.items():
+                me = self.models.get(name)
+                if me is None:
+                    continue
+                step = step or me.default_step_s
+                reps[name] = ReplicaView(name, r.state == "ready", r.max_num_seqs or me.spec.engine.max_num_seqs,
+                                         tuple(run.get(name, ())), tuple(wait.get(name, ())), r.draining)
+            out.append(EngineView(e.id, e.memory_bytes, reps, step or 0.05, e.alive, e.draining))
+        return out
+
+    # --- placement ---
+    def _load(self, e: EngineHandle, entry: ModelEntry, evict: tuple[str, ...] = ()) -> Replica:
+        for name in evict:
+            log.info("evicting idle model %s from %s to make room for %s", name, e.id, entry.spec.name)
+            self.pool.unload(e, name)
+            self.metrics.forget_engine_model(e.id, name)
+        log.info("loading %s on %s", entry.spec.name, e.id)
+        return self.pool.load(e, entry.spec.name, entry.spec.path, entry.spec.engine.model_dump())
+
+    def tick(self) -> None:
+        """One autoscaler round: measure, plan, act; also finishes drains."""
+        engines = self.views()
+        loads = []
+        for name, me in self.models.items():
+            inflight = sum(r.inflight for ev in engines for n, r in ev.replicas.items() if n == name)
+            rs = me.spec.replicas
+            loads.append(ModelLoad(me.info, rs.min, rs.max, inflight, me.spec.engine.max_num_seqs, me.attainment()))
+        if self.cfg.autoscaler.enabled:
+            actions = self.autoscaler.plan(loads, engines)
+        else:
+            actions = [a for a in self.autoscaler.plan(loads, engines) if a.kind == "load"]
+        for a in actions:
+            e = self.pool.engines.get(a.engine_id)
+            if e is None or not e.alive:
+                continue
+            if a.kind == "load" and a.model in self.models:
+                self._load(e, self.models[a.model], a.evict)
+            elif a.kind == "unload" and not any(s.model == a.model for s in e.subs.values()):
+                log.info("autoscaler: unloading %s from %s", a.model, e.id)
+                self.pool.unload(e, a.model)
+                self.metrics.forget_engine_model(e.id, a.model)
+        for e in self.pool.engines.values():
+            if e.alive and e.draining and not e.subs:
+                for name in list(e.replicas):
+                    self.pool.unload(e, name)
+                    self.metrics.forget_engine_model(e.id, name)
+        states = {"alive": 0, "draining": 0, "dead": 0}
+        for e in self.pool.engines.values():
+            states["dead" if not e.alive else "draining" if e.draining else "alive"] += 1
+        for k, v in states.items():
+            self.metrics.engines.labels(k).set(v)
+        for name in self.models:
+            self.metrics.replicas.labels(name).set(sum(1 for e in engines if name in e.replicas))
+
+    async def _autoscale_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.autoscaler.interval_s)
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - a planning bug must not stop serving
+                log.exception("autoscaler tick failed")
+
+    def drain(self, engine_id: str, on: bool = True) -> EngineHandle:
+        e = self.pool.engines.get(engine_id)
+        if e is None:
+            raise ServingError(404, f"no engine {engine_id!r}", code="engine_not_found")
+        e.draining = on
+        self.tick()
+        return e
+
+    # --- pool callbacks ---
+    def _registered(self, e: EngineHandle, previous: EngineHandle | None) -> None:
+        if previous is not None:  # a restarted worker gets back what its predecessor held
+            self.metrics.engine_restarts.inc()
+            e.draining = previous.draining
+            for name in previous.replicas:
+                if name in self.models:
+                    self._load(e, self.models[name])
+        self.tick()
+
+    def _dead(self, e: EngineHandle, orphans: list[Sub]) -> None:
+        for s in orphans:
+            if s.done:
+                continue
+            if s.generated == 0 and s.attempts < 3 and s.model in self.models:
+                asyncio.get_running_loop().create_task(self._retry(s))
+            else:
+                s.done = True
+                s.sink.put_nowait((s, m.Delta(s.rid, finished=True, finish_reason="error",
+                                              error=f"engine {e.id} died", error_kind="engine")))
+        for name in e.replicas:
+            self.metrics.forget_engine_model(e.id, name)
+
+    async def _retry(self, s: Sub) -> None:
+        """Re-place a request whose engine died before it produced a token (nothing was sent: safe to redo)."""
+        deadline = time.monotonic() + RETRY_WAIT_S
+        err = "no engine"
+        while time.monotonic() < deadline and not s.done and s.model in self.models:
+            entry = self.models[s.model]
+            try:
+                await self._place(s, entry, entry.spec.slo, 0, admission=False)
+                return
+            except ServingError as ex:
+                err = ex.message
+                await asyncio.sleep(0.2)
+        if not s.done:
+            s.done = True
+            s.sink.put_nowait((s, m.Delta(s.rid, finished=True, finish_reason="error",
+                                          error=f"engine died and no other could take the request: {err}",
+                                          error_kind="engine")))
+
+    def _loaded(self, e: EngineHandle, r: Replica, load_s: float) -> None:
+        me = self.models.get(r.model)
+        if r.state != "ready":
+            log.error("loading %s on %s failed: %s", r.model, e.id, r.error)
+            return
+        self.metrics.swap_total.labels(e.id).inc()
+        self.metrics.swap_latency.labels(e.id).observe(load_s)
+        if me is not None:
+            me.info = dataclasses.replace(me.info, load_s=max(0.1, 0.5 * me.info.load_s + 0.5 * load_s))
+            if r.max_model_len:
+                me.max_model_len = min(me.max_model_len, r.max_model_len)
+
+    def _stats(self, e: EngineHandle) -> None:
+        self.metrics.step.labels(e.id).set(e.step_s)
+        for name, s in e.stats.items():
+            self.metrics.engine_stats(e.id, name, s)
+
