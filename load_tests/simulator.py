@@ -77,7 +77,9 @@ class GpuSim:
         self.gid, self.policy, self.hw, self.noise = gid, policy, hw, noise
         self.state = PoolState(models={}, capacity_bytes=capacity, cost=CostModel(hw))
         self.now = 0.0
-        self.h2d_free = self.d2h_free = 0.0
+        # Host->device link: blocking transfers (a needed load, swap-ins) go first; a prefetch in flight is
+        # paused for their duration (chunked copies, as model_swapper does). Device->host is its own FIFO.
+        self.fg_free = self.bg_free = self.d2h_free = 0.0
         self.loads: dict[str, list] = {}  # model -> [start, end, bytes, stall]
         self.stats = GpuStats()
         self.outstanding = 0
@@ -112,20 +114,35 @@ class GpuSim:
     # -- mechanism --
     def _finish_loads(self) -> None:
         for name in [n for n, ld in self.loads.items() if ld[1] <= self.now]:
-            start, end, nbytes, stall = self.loads.pop(name)
+            start, end, nbytes, stall, _ = self.loads.pop(name)
             m = self.state.models[name]
             if m.residency == Residency.LOADING:
                 m.residency = Residency.RESIDENT
             dur = end - start
             self.state.cost.observe_load(nbytes, dur, hidden_s=max(0.0, dur - stall))
 
-    def _load(self, name: str, after: float) -> float:
+    def _foreground(self, seconds: float, after: float) -> float:
+        start = max(self.now, self.fg_free, after)
+        end = self.fg_free = start + seconds
+        for name, ld in self.loads.items():
+            if ld[1] > start and ld[4]:  # background load still in flight: paused meanwhile
+                ld[1] += seconds
+                self.state.models[name].ready_at = ld[1]
+        if self.bg_free > start:
+            self.bg_free += seconds
+        return end
+
+    def _load(self, name: str, after: float, background: bool) -> float:
         m = self.state.models[name]
-        start = max(self.now, self.h2d_free, after)
-        end = start + self.hw.load_time(m.spec.weight_bytes)
-        self.h2d_free = end
+        d = self.hw.load_time(m.spec.weight_bytes)
+        if background:
+            start = max(self.now, self.bg_free, self.fg_free, after)
+            end = self.bg_free = start + d
+        else:
+            end = self._foreground(d, after)
+            start = end - d
         m.residency, m.ready_at = Residency.LOADING, end
-        self.loads[name] = [start, end, m.spec.weight_bytes, 0.0]
+        self.loads[name] = [start, end, m.spec.weight_bytes, 0.0, background]
         self.stats.loads += 1
         self.stats.load_bytes += m.spec.weight_bytes
         return end
@@ -154,7 +171,9 @@ class GpuSim:
         if plan.model is not None and plan.batch:
             m = models[plan.model]
             if m.residency == Residency.HOST:
-                self._load(plan.model, wait)
+                self._load(plan.model, wait, background=False)
+            elif plan.model in self.loads:
+                self.loads[plan.model][4] = False  # needed now: no longer paused for other transfers
             self._ready = max(wait, m.ready_at if m.residency == Residency.LOADING else self.now)
             self._load_ready = self._ready
             if plan.swap_in:
@@ -164,13 +183,11 @@ class GpuSim:
                     r.status = _R
                     m.kv_gpu_tokens += r.num_computed_tokens
                     nbytes += r.num_computed_tokens * m.spec.kv_bytes_per_token
-                start = max(self.now, self.h2d_free, wait)
-                self.h2d_free = start + self.hw.swap_time(nbytes)
-                self._ready = max(self._ready, self.h2d_free)
+                self._ready = max(self._ready, self._foreground(self.hw.swap_time(nbytes), wait))
                 self.stats.swap_in_bytes += nbytes
                 self.state.cost.observe_swap(nbytes, self.hw.swap_time(nbytes))
         if plan.prefetch is not None and models[plan.prefetch].residency == Residency.HOST:
-            self._load(plan.prefetch, out_end)
+            self._load(plan.prefetch, out_end, background=True)
 
     def _run(self, plan: StepPlan) -> float:
         st, m = self.state, self.state.models[plan.model]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 from token_scheduler.cost_model import StepShape
-from token_scheduler.policies.batching import BatchLimits, build_batch
+from token_scheduler.policies.batching import BatchLimits, build_batch, prefill_budget
 from token_scheduler.policies.memory import Room, make_room
 from token_scheduler.policies.quota import RoundPlan, TurnDemand, aegaeon_round, token_round
 from token_scheduler.policies.slo import next_token_slack
@@ -46,6 +46,7 @@ class TokenConfig:
     extend_on_load: bool = True
     skip_on_slack: bool = True
     max_skip: int = 1
+    link_util: float = 0.5  # rounds long enough that rotating weights keep PCIe at most this busy
 
 
 @dataclass(slots=True)
@@ -125,7 +126,8 @@ class TokenPolicy:
         free = st.free_bytes()
         swapped = sum(r.num_computed_tokens for r in m.running if r.status == RequestStatus.SWAPPED)
         first_group = sum(r.num_prompt_tokens for r in islice(m.waiting, cfg.limits.group_size))
-        demand = need_w + bpt * (swapped + len(m.running) + min(first_group, cfg.limits.max_tokens))
+        chunk = prefill_budget(st.cost, m, cfg.limits, len(m.running), m.kv_gpu_tokens)
+        demand = need_w + bpt * (swapped + len(m.running) + min(first_group, chunk))
         victims = self._victims(st, m.name)
         room = make_room(st, demand - free, victims) if demand > free else Room()
         if need_w > free + room.freed:
@@ -187,7 +189,10 @@ class TokenPolicy:
             self._plan = None
             return
         demands, slack, run_slack = [], {}, {}
+        footprint = 0  # weights + all KV of every model with work: what exceeds VRAM rotates every round
         for m in cands:
+            footprint += m.spec.weight_bytes + m.spec.kv_bytes_per_token * sum(r.num_computed_tokens
+                                                                               for r in m.running)
             d = self._decode_step_s(st, m)
             pf = self._prefill_s(st, m)
             load = cost.load_time(m.spec.weight_bytes) if m.residency == Residency.HOST else 0.0
@@ -215,7 +220,9 @@ class TokenPolicy:
         else:
             floor = sum(d.decode_step_s + d.switch_s for d in demands)
             cap = min(cfg.max_round_s, max(min(run_slack[n] for n in names), floor))
-            plan = token_round(demands, cfg.headroom, cfg.min_round_s, cap)
+            rotate = max(0, footprint - st.capacity_bytes)
+            r_min = max(cfg.min_round_s, cost.load_time(rotate) / cfg.link_util if rotate else 0.0)
+            plan = token_round(demands, cfg.headroom, min(r_min, cap), cap)
         self._plan = plan
         self._queue.extend(names)
         self.rounds += 1
