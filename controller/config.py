@@ -45,6 +45,8 @@ class EngineOptions(_Strict):
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
+    kv_cache_memory_gb: float | None = Field(None, gt=0)  # set it when several models share a GPU
+    cuda_graphs: bool | None = None
     seed: int = 0
     # PaceEngine only: seconds per decode step / per prompt token, and a tokenizer-less byte vocabulary.
     pace_s_per_token: float = Field(0.02, ge=0)

@@ -26,8 +26,9 @@ class TokenBucket:
         self.t = time.monotonic() if now is None else now
 
     def _fill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.t) * self.rate)
-        self.t = now
+        if now > self.t:
+            self.level = min(self.capacity, self.level + (now - self.t) * self.rate)
+            self.t = now
 
     def take(self, n: float, now: float | None = None) -> float:
         """Take n; returns 0.0 when granted, else the seconds until n would be available (nothing taken)."""

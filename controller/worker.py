@@ -41,7 +41,8 @@ def build_engine(path: str | None, opts: dict[str, Any], device: str):
     if dtype == "auto":
         dtype = "fp32" if device == "cpu" else "bf16"
     kw = {k: opts[k] for k in ("block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
-                               "max_model_len", "seed") if opts.get(k) is not None}
+                               "max_model_len", "kv_cache_memory_gb", "cuda_graphs", "seed")
+          if opts.get(k) is not None}
     return LLMEngine(EngineConfig(model=path, device=device, dtype=dtype, **kw))
 
 
@@ -62,6 +63,11 @@ def to_delta(out, num_prompt_tokens: int) -> m.Delta:
     return m.Delta(request_id=out.request_id, text=out.delta_text, token_ids=list(out.delta_token_ids),
                    logprobs=lps, finished=out.finished, finish_reason=c.finish_reason if out.finished else None,
                    num_prompt_tokens=num_prompt_tokens)
+
+
+def _seqs(eng, msg: m.LoadModel) -> int:
+    n = getattr(eng, "max_num_seqs", None) or getattr(getattr(eng, "config", None), "max_num_seqs", None)
+    return int(n or msg.engine.get("max_num_seqs") or 0)
 
 
 def device_memory(device: str) -> int:
@@ -146,8 +152,7 @@ class Worker:
     async def _load(self, msg: m.LoadModel) -> None:
         if msg.model in self.engines:
             e = self.engines[msg.model]
-            self.send(m.ModelLoaded(msg.model, True, max_model_len=e.max_model_len,
-                                    max_num_seqs=getattr(e, "max_num_seqs", msg.engine.get("max_num_seqs", 0))))
+            self.send(m.ModelLoaded(msg.model, True, max_model_len=e.max_model_len, max_num_seqs=_seqs(e, msg)))
             return
         t0 = time.monotonic()
         try:
@@ -158,8 +163,7 @@ class Worker:
             self.send(m.ModelLoaded(msg.model, False, error=f"{type(e).__name__}: {e}"))
             return
         self.engines[msg.model] = eng
-        self.send(m.ModelLoaded(msg.model, True, max_model_len=eng.max_model_len,
-                                max_num_seqs=getattr(eng, "max_num_seqs", msg.engine.get("max_num_seqs", 0)),
+        self.send(m.ModelLoaded(msg.model, True, max_model_len=eng.max_model_len, max_num_seqs=_seqs(eng, msg),
                                 load_s=time.monotonic() - t0))
 
     def _apply_pending(self) -> list[m.Delta]:

@@ -1,0 +1,195 @@
+"""Pure controller logic: admission estimates, routing/placement, autoscaler hysteresis, limits, keys, wire format."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from controller import messages as m
+from controller.admission import decide, estimate_ttft, expected_tokens
+from controller.autoscaler import Autoscaler, ModelLoad
+from controller.config import AutoscalerSettings, ServerConfig, TenantSpec
+from controller.keys import hash_key, is_key_hash, new_key, verify_key
+from controller.router import EngineView, ModelInfo, ReplicaView, initial_placement, place, route
+from controller.tenants import Tenant, TenantRegistry, TokenBucket
+
+GB = 1 << 30
+
+
+# --- admission ---
+def test_idle_engine_first_token_after_one_step():
+    assert estimate_ttft([], [], max_num_seqs=4, step_s=0.1) == pytest.approx(0.1)
+    assert estimate_ttft([], [], 4, 0.1, load_s=2.0, prefill_s=0.3) == pytest.approx(2.4)
+
+
+def test_full_engine_waits_for_first_free_slot():
+    # two slots busy for 10 and 3 more steps: we start when the second frees
+    assert estimate_ttft([10, 3], [], max_num_seqs=2, step_s=0.1) == pytest.approx(0.3 + 0.1)
+    # a queued request (5 steps) takes that slot first (0.3 -> 0.8); we get it after, before the 1.0 one
+    assert estimate_ttft([10, 3], [5], max_num_seqs=2, step_s=0.1) == pytest.approx(0.8 + 0.1)
+
+
+@given(st.lists(st.integers(1, 200), max_size=20), st.lists(st.integers(1, 200), max_size=20), st.integers(1, 8))
+@settings(max_examples=60, deadline=None)
+def test_estimate_is_monotone_in_queue(running, waiting, seqs):
+    base = estimate_ttft(running, waiting, seqs, 0.05)
+    assert estimate_ttft(running, [*waiting, 7], seqs, 0.05) >= base
+    assert base >= 0.05
+
+
+def test_decide_admits_unqueued_even_if_slo_impossible():
+    assert decide(5.0, queued=False, slo_ttft_s=0.1, slack=1.0, queue_len=0, max_queue=10).admit
+    d = decide(5.0, queued=True, slo_ttft_s=1.0, slack=1.0, queue_len=3, max_queue=10)
+    assert not d.admit and d.retry_after_s == 4
+    assert not decide(0.0, False, 1.0, 1.0, queue_len=10, max_queue=10).admit
+
+
+def test_expected_tokens_uses_observed_mean():
+    assert expected_tokens(100, 10, None) == 90
+    assert expected_tokens(100, 10, 30.0) == 20
+    assert expected_tokens(100, 99, 30.0) == 1
+
+
+# --- routing / placement ---
+def _models(*specs):
+    return {n: ModelInfo(n, s * GB, p) for n, s, p in specs}
+
+
+def test_route_prefers_lower_estimated_ttft():
+    models = _models(("a", 1, 0))
+    busy = EngineView("e0", 10 * GB, {"a": ReplicaView("a", True, 2, (50, 50), (20,))})
+    idle = EngineView("e1", 10 * GB, {"a": ReplicaView("a", True, 2)})
+    rt = route(models["a"], [busy, idle], models)
+    assert rt.engine_id == "e1" and not rt.load and not rt.queued
+
+
+def test_route_loads_where_there_is_room_else_evicts_idle_lower_priority():
+    models = _models(("a", 6, 0), ("b", 6, 0), ("hot", 6, 1))
+    e0 = EngineView("e0", 10 * GB, {"a": ReplicaView("a", True, 4, (5,))})  # a is busy
+    e1 = EngineView("e1", 10 * GB, {"b": ReplicaView("b", True, 4)})  # b is idle
+    rt = route(models["hot"], [e0, e1], models)
+    assert rt.engine_id == "e1" and rt.load and rt.evict == ("b",)
+    e2 = EngineView("e2", 20 * GB, {})
+    rt = route(models["hot"], [e0, e1, e2], models)
+    assert rt.engine_id == "e2" and rt.evict == ()
+
+
+def test_route_skips_draining_and_dead_engines():
+    models = _models(("a", 1, 0))
+    views = [EngineView("e0", 10 * GB, {"a": ReplicaView("a", True, 4)}, draining=True),
+             EngineView("e1", 10 * GB, {"a": ReplicaView("a", True, 4)}, alive=False)]
+    assert route(models["a"], views, models) is None
+
+
+def test_no_eviction_of_higher_priority_or_busy_models():
+    models = _models(("vip", 8, 5), ("new", 8, 0))
+    e = EngineView("e0", 10 * GB, {"vip": ReplicaView("vip", True, 4)})
+    assert place(models["new"], [e], models) is None
+
+
+def test_initial_placement_spreads_and_shares():
+    models = [(ModelInfo("big", 6 * GB, 1), 2), (ModelInfo("s1", 1 * GB), 1), (ModelInfo("s2", 1 * GB), 1)]
+    engines = [EngineView("e0", 10 * GB), EngineView("e1", 10 * GB)]
+    pl = initial_placement(models, engines)
+    assert sorted(e for m_, e in pl if m_ == "big") == ["e0", "e1"]
+    assert {m_ for m_, _ in pl} == {"big", "s1", "s2"}
+
+
+# --- autoscaler ---
+def _load(name, inflight, cap=4, lo=1, hi=3, att=None, size=1):
+    return ModelLoad(ModelInfo(name, size * GB), lo, hi, inflight, cap, att)
+
+
+def test_autoscaler_scales_up_after_sustained_heat_only():
+    a = Autoscaler(AutoscalerSettings(up_ticks=2, down_ticks=3))
+    engines = [EngineView("e0", 10 * GB, {"m": ReplicaView("m", True, 4, (9,) * 4)}), EngineView("e1", 10 * GB)]
+    assert a.plan([_load("m", 4)], engines) == []  # one hot tick is not enough
+    acts = a.plan([_load("m", 4)], engines)
+    assert [(x.kind, x.model, x.engine_id) for x in acts] == [("load", "m", "e1")]
+    assert a.plan([_load("m", 4)], engines) == []  # counter restarted (cooldown)
+
+
+def test_autoscaler_hysteresis_band_and_scale_down():
+    a = Autoscaler(AutoscalerSettings(up_ticks=1, down_ticks=3, up_load=0.8, down_load=0.2))
+    two = [EngineView("e0", 10 * GB, {"m": ReplicaView("m", True, 4)}),
+           EngineView("e1", 10 * GB, {"m": ReplicaView("m", True, 4)})]
+    for _ in range(5):  # load 0.5: inside the band, nothing moves
+        assert a.plan([_load("m", 4)], two) == []
+    assert a.plan([_load("m", 0)], two) == [] and a.plan([_load("m", 0)], two) == []
+    acts = a.plan([_load("m", 0)], two)
+    assert len(acts) == 1 and acts[0].kind == "unload"
+
+
+def test_autoscaler_restores_minimum_and_scales_on_slo_misses():
+    a = Autoscaler(AutoscalerSettings(up_ticks=1))
+    engines = [EngineView("e0", 10 * GB, {"m": ReplicaView("m", True, 64, (1,))}), EngineView("e1", 10 * GB)]
+    assert [x.kind for x in a.plan([_load("m", 1, cap=64, att=0.5)], engines)] == ["load"]
+    assert [(x.model, x.engine_id) for x in a.plan([_load("z", 0, lo=1)], [EngineView("e0", 10 * GB)])] == [("z", "e0")]
+
+
+# --- tenants ---
+def test_token_bucket_refill_and_retry_after():
+    b = TokenBucket(rate=2.0, capacity=2.0, now=0.0)
+    assert b.take(1, now=0.0) == 0 and b.take(1, now=0.0) == 0
+    assert b.take(1, now=0.0) == pytest.approx(0.5)
+    assert b.take(1, now=0.5) == 0
+
+
+def test_tenant_limits_and_release():
+    t = Tenant(TenantSpec(name="t", rate={"requests_per_s": 1, "tokens_per_min": 120}, max_concurrent=2))
+    t0 = t.rps.t
+    assert TenantRegistry.acquire(t, 100, now=t0) is None
+    retry, why = TenantRegistry.acquire(t, 10, now=t0)
+    assert retry >= 1 and "request rate" in why
+    retry, why = TenantRegistry.acquire(t, 100, now=t0 + 1)  # a request is due, 100 tokens are not
+    assert retry >= 1 and "token rate" in why
+    TenantRegistry.release(t, charged=100, prompt_tokens=10, completion_tokens=10)  # refunds 80 tokens
+    assert TenantRegistry.acquire(t, 90, now=t0 + 1) is None
+    assert t.inflight == 1
+
+
+def test_keys_are_salted_hashes():
+    k = new_key()
+    h1, h2 = hash_key(k), hash_key(k)
+    assert h1 != h2 and k not in h1 and is_key_hash(h1)
+    assert verify_key(k, h1) and verify_key(k, h2) and not verify_key(k + "x", h1)
+    assert not verify_key(k, "garbage")
+
+
+def test_registry_authenticates_and_persists_only_hashes(tmp_path):
+    f = tmp_path / "tenants.yaml"
+    reg = TenantRegistry([], auth=True, tenants_file=str(f))
+    t, key = reg.create(TenantSpec(name="acme", models=["a*"]))
+    assert reg.authenticate(key) is t and reg.authenticate("nope") is None and reg.authenticate(None) is None
+    assert key not in f.read_text() and "sha256$" in f.read_text()
+    again = TenantRegistry([], auth=True, tenants_file=str(f))
+    assert again.authenticate(key).name == "acme"
+    assert t.may_use("abc") and not t.may_use("b")
+
+
+# --- config ---
+def test_config_validation():
+    with pytest.raises(ValidationError):
+        ServerConfig.model_validate({"tenants": [{"name": "x", "key_hashes": ["plaintext-key"]}]})
+    with pytest.raises(ValidationError):
+        ServerConfig.model_validate({"models": [{"name": "m"}]})  # a path is needed for a real engine
+    with pytest.raises(ValidationError):
+        ServerConfig.model_validate({"models": [{"name": "m", "path": "/x", "replicas": {"min": 3, "max": 1}}]})
+    cfg = ServerConfig.model_validate({"tenants": [{"name": "x", "key_hashes": [hash_key("k")]}]})
+    assert cfg.auth_enabled and cfg.listen.host == "127.0.0.1"
+
+
+# --- wire format ---
+def test_messages_round_trip():
+    msgs = [m.Register("h", 1, "cpu", 10, slot=0, join_token="t"), m.Registered("w0", 0.5), m.Heartbeat(1.5),
+            m.NewRequest("r", "m", [1, 2], {"max_tokens": 3}), m.Abort(["r"]),
+            m.Outputs([m.Delta("r", "hi", [5], [[[5, -0.1], [6, -2.0]]], True, "stop", 2)]),
+            m.Stats({"m": {"num_running": 1.0}}, 0.01, 3, 4), m.ModelLoaded("m", True, max_model_len=64)]
+    for msg in msgs:
+        frame = m.encode(msg)
+        assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+        assert m.decode(frame[4:]) == msg
+    with pytest.raises(m.ProtocolError):
+        m.decode(b'{"msg": "Nope"}')
