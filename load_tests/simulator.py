@@ -278,7 +278,7 @@ def _placement(names: list[str], specs: dict[str, ModelSpec], n: int, mode: str)
 def simulate(items, specs: dict[str, ModelSpec], slos: dict[str, ModelSLO] | ModelSLO, policy: str,
              n_gpus: int = 1, capacity_bytes: int = 60 * 10**9, hw: HardwareProfile | None = None,
              placement: str = "partition", drain_s: float = 60.0, noise: float = 0.0, seed: int = 0,
-             policy_kw: dict | None = None) -> SimResult:
+             policy_kw: dict | None = None, keep_tokens: bool = False) -> SimResult:
     """Replay `items` (WorkItems, sorted by time) against `policy` on `n_gpus` simulated GPUs."""
     from token_scheduler.cost_model import H100_PCIE53
 
@@ -306,7 +306,8 @@ def simulate(items, specs: dict[str, ModelSpec], slos: dict[str, ModelSLO] | Mod
         if t_arr <= t_gpu:
             w = items[i]
             i += 1
-            rec = RequestRecord(w.id, w.model, w.time, w.prompt_len, w.output_len, slo_of(w.model))
+            rec = RequestRecord(w.id, w.model, w.time, w.prompt_len, w.output_len, slo_of(w.model),
+                                tokens=[] if keep_tokens else None)
             records.append(rec)
             g = min(where[w.model], key=lambda k: (gpus[k].outstanding, k))
             gpu = gpus[g]
@@ -339,7 +340,10 @@ def _result(policy: str, gpus: list[GpuSim], records: list[RequestRecord], durat
     fracs.sort()
     span = max(duration, 1e-9)
     good = [r for r in records if r.attained()]
-    extra = {"cost_model_gpu0": gpus[0].state.cost.to_dict()} if gpus else {}
+    extra: dict = {"loads": int(tot["loads"]), "cost_model_gpu0": gpus[0].state.cost.to_dict()}
+    if records and records[0].tokens is not None:
+        extra["records"] = [{"id": r.request_id, "model": r.model, "output_len": r.output_len, "tokens": r.tokens}
+                            for r in records]
     if gpus and hasattr(gpus[0].policy, "round_info"):
         extra["rounds_gpu0"] = gpus[0].policy.round_info()
     return SimResult(

@@ -126,14 +126,16 @@ H100_PCIE53 = HardwareProfile(
 class OnlineLinearFit:
     """Recursive least squares with forgetting: y ~ theta . x, updated one measurement at a time (O(n^2))."""
 
-    __slots__ = ("theta", "P", "lam", "n")
+    __slots__ = ("theta", "P", "lam", "n", "cap")
 
-    def __init__(self, prior: tuple[float, ...], confidence: float = 1e-2, forgetting: float = 0.999):
+    def __init__(self, prior: tuple[float, ...], confidence: float = 100.0, forgetting: float = 0.999):
         k = len(prior)
         self.theta = list(prior)
-        # Small P = trust the prior; measurements still dominate after a few dozen samples.
+        # P0 = confidence * I is the prior's variance per (scaled) coefficient; against step times of
+        # milliseconds, 100 s^2 is weak: a few dozen measurements override a wrong prior.
         self.P = [[(confidence if i == j else 0.0) for j in range(k)] for i in range(k)]
         self.lam = forgetting
+        self.cap = 10.0 * confidence * k  # forgetting inflates P along directions never measured: bound it
         self.n = 0
 
     def predict(self, x) -> float:
@@ -146,7 +148,10 @@ class OnlineLinearFit:
         gain = [p / denom for p in Px]
         err = y - self.predict(x)
         self.theta = [t + g * err for t, g in zip(self.theta, gain, strict=True)]
-        self.P = [[(P[i][j] - gain[i] * Px[j]) / self.lam for j in range(k)] for i in range(k)]
+        P = [[P[i][j] - gain[i] * Px[j] for j in range(k)] for i in range(k)]
+        if sum(P[i][i] for i in range(k)) < self.cap:
+            P = [[v / self.lam for v in row] for row in P]
+        self.P = P
         self.n += 1
 
 
@@ -163,9 +168,11 @@ class CostModel:
         self._specs: dict[str, ModelSpec] = {}
         bw = profile.pcie_bytes_per_s if profile else 25e9  # unseeded: a modest PCIe guess, refitted at once
         ovh = profile.switch_overhead_s if profile else 0.0
-        self._load = OnlineLinearFit((ovh, 1e9 / bw), confidence=1e-3)
+        conf = 100.0 if profile else 1e4  # no prior: trust the first measurements entirely
+        self._conf = conf
+        self._load = OnlineLinearFit((ovh, 1e9 / bw), conf)
         swap_ovh = profile.swap_overhead_s if profile else 0.0
-        self._swap = OnlineLinearFit((swap_ovh, 1e9 / bw), confidence=1e-3)
+        self._swap = OnlineLinearFit((swap_ovh, 1e9 / bw), conf)
         self.hidden_load_fraction = 0.0
         self._n_hidden = 0
         for s in specs:
@@ -174,7 +181,7 @@ class CostModel:
     def register(self, spec: ModelSpec) -> None:
         self._specs[spec.name] = spec
         prior = self.profile.step_coefficients(spec) if self.profile else (0.0,) * 5
-        self._step[spec.name] = OnlineLinearFit(prior)
+        self._step[spec.name] = OnlineLinearFit(prior, self._conf)
 
     # -- predictions (cheap; called by policies every step) --
     def step_time(self, model: str, shape: StepShape) -> float:

@@ -47,8 +47,11 @@ class RequestRecord:
     n_tokens: int = 0
     late_tokens: int = 0
     max_gap: float = 0.0
+    tokens: list | None = None  # every token time, only when asked for (tests, small traces)
 
     def on_token(self, t: float) -> None:
+        if self.tokens is not None:
+            self.tokens.append(t)
         if t > self.slo.deadline(self.arrival, self.n_tokens) + 1e-9:
             self.late_tokens += 1
         if self.first_token is None:
