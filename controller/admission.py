@@ -53,9 +53,8 @@ def decide(est_ttft_s: float, queued: bool, slo_ttft_s: float, slack: float, que
                     f"estimated time to first token {est_ttft_s:.2f}s exceeds the {slo_ttft_s:g}s SLO")
 
 
-def expected_tokens(max_tokens: int, generated: int, mean_output_len: float | None) -> int:
-    """Decode steps a request still needs: its budget, or the model's observed mean when that is smaller."""
-    left = max(max_tokens - generated, 1)
-    if mean_output_len is not None:
-        left = min(left, max(int(mean_output_len) - generated, 1))
-    return left
+def expected_tokens(max_tokens: int, generated: int, used_fraction: float | None) -> int:
+    """Decode steps a request still needs: its budget, scaled by the fraction of budgets this model's requests
+    have used so far (EOS and stop strings end many early); at least one."""
+    budget = max_tokens if used_fraction is None else math.ceil(max_tokens * used_fraction)
+    return max(budget - generated, 1)

@@ -20,6 +20,7 @@ class ReplicaView:
     running_remaining: tuple[int, ...] = ()  # expected remaining steps of requests holding slots
     waiting_tokens: tuple[int, ...] = ()  # expected steps of queued requests, FIFO
     draining: bool = False  # being removed by the autoscaler: no new requests
+    step_s: float = 0.0  # measured step time of this model's engine alone (0: unknown)
 
     @property
     def inflight(self) -> int:
@@ -68,7 +69,8 @@ def used_bytes(e: EngineView, models: dict[str, ModelInfo]) -> int:
 
 def estimate_on(e: EngineView, r: ReplicaView, load_s: float = 0.0) -> tuple[float, bool]:
     queued = r.inflight >= r.max_num_seqs
-    return estimate_ttft(r.running_remaining, r.waiting_tokens, r.max_num_seqs, e.step_s, load_s=load_s), queued
+    step = max(e.step_s, r.step_s)  # models on one engine are stepped in turn: a round is at least either
+    return estimate_ttft(r.running_remaining, r.waiting_tokens, r.max_num_seqs, step, load_s=load_s), queued
 
 
 def evictable(e: EngineView, need: int, models: dict[str, ModelInfo], priority: int) -> tuple[str, ...] | None:

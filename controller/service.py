@@ -40,7 +40,7 @@ class ModelEntry:
     tokenizer: Any
     max_model_len: int
     outcomes: deque = dataclasses.field(default_factory=lambda: deque(maxlen=200))  # within SLO?
-    mean_output: float | None = None
+    used_fraction: float | None = None  # EWMA of completion tokens / max_tokens
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
     @property
@@ -272,7 +272,9 @@ class Controller:
             mt.tpot.labels(name).observe(tpot)
         e = gen.entry
         e.outcomes.append(ttft <= gen.slo.ttft_s and (tpot is None or tpot <= gen.slo.tpot_s))
-        e.mean_output = per_choice if e.mean_output is None else 0.9 * e.mean_output + 0.1 * per_choice
+        budget = sum(s.max_tokens for s in gen.subs) / max(1, len(gen.subs))
+        frac = min(1.0, per_choice / max(1, budget))
+        e.used_fraction = frac if e.used_fraction is None else 0.9 * e.used_fraction + 0.1 * frac
         att = e.attainment()
         if att is not None:
             mt.slo_attainment.labels(name).set(att)
@@ -294,7 +296,7 @@ class Controller:
             wait: dict[str, list[int]] = {}
             for s in e.subs.values():
                 me = self.models.get(s.model)
-                left = expected_tokens(s.max_tokens, s.generated, me.mean_output if me else None)
+                left = expected_tokens(s.max_tokens, s.generated, me.used_fraction if me else None)
                 (run if s.generated else wait).setdefault(s.model, []).append(left)
             reps = {}
             step = e.step_s
@@ -303,8 +305,9 @@ class Controller:
                 if me is None:
                     continue
                 step = step or me.default_step_s
+                mstep = e.stats.get(name, {}).get("step_s", 0.0) or me.default_step_s
                 reps[name] = ReplicaView(name, r.state == "ready", r.max_num_seqs or me.spec.engine.max_num_seqs,
-                                         tuple(run.get(name, ())), tuple(wait.get(name, ())), r.draining)
+                                         tuple(run.get(name, ())), tuple(wait.get(name, ())), r.draining, mstep)
             out.append(EngineView(e.id, e.memory_bytes, reps, step or 0.05, e.alive, e.draining))
         return out
 

@@ -96,7 +96,8 @@ class Worker:
         self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="step")
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="load")
         self._writer: asyncio.StreamWriter | None = None
-        self.step_s = 0.0
+        self.step_s = 0.0  # EWMA of one round over every busy engine
+        self.model_step_s: dict[str, float] = {}  # EWMA of one step of each model's engine
         self.steps = 0
         self.tokens = 0
 
@@ -199,11 +200,16 @@ class Worker:
                                               error="model unloaded", error_kind="engine"))
         return errors
 
-    def _step_all(self, engines: list) -> list[m.Delta]:
+    def _step_all(self, engines: list[tuple[str, Any]]) -> list[m.Delta]:
         t0 = time.monotonic()
         deltas = []
-        for eng in engines:
-            for out in eng.step():
+        for name, eng in engines:
+            t1 = time.monotonic()
+            outs = eng.step()
+            dt1 = time.monotonic() - t1
+            prev = self.model_step_s.get(name)
+            self.model_step_s[name] = dt1 if prev is None else 0.8 * prev + 0.2 * dt1
+            for out in outs:
                 if out.request_id not in self._owner:  # aborted by the controller: it needs no answer
                     continue
                 deltas.append(to_delta(out, self._prompt_len.get(out.request_id, 0)))
@@ -222,7 +228,7 @@ class Worker:
             errors = self._apply_pending()
             if errors:
                 self.send(m.Outputs(errors))
-            busy = [e for e in self.engines.values() if e.has_unfinished_requests()]
+            busy = [(n, e) for n, e in self.engines.items() if e.has_unfinished_requests()]
             if not busy:
                 self._wake.clear()
                 if not self._pending:
@@ -244,7 +250,8 @@ class Worker:
     async def _beat(self, period: float) -> None:
         while True:
             self.send(m.Heartbeat(time.time()))
-            self.send(m.Stats(models={k: dict(e.stats()) for k, e in self.engines.items()}, step_s=self.step_s,
+            models = {k: dict(e.stats(), step_s=self.model_step_s.get(k, 0.0)) for k, e in self.engines.items()}
+            self.send(m.Stats(models=models, step_s=self.step_s,
                               steps=self.steps, tokens=self.tokens))
             await asyncio.sleep(period)
 

@@ -48,8 +48,8 @@ def test_decide_admits_unqueued_even_if_slo_impossible():
 
 def test_expected_tokens_uses_observed_mean():
     assert expected_tokens(100, 10, None) == 90
-    assert expected_tokens(100, 10, 30.0) == 20
-    assert expected_tokens(100, 99, 30.0) == 1
+    assert expected_tokens(100, 10, 0.3) == 20
+    assert expected_tokens(100, 99, 0.3) == 1
 
 
 # --- routing / placement ---

@@ -1,0 +1,254 @@
+"""The official `openai` client against a live server driving the real engine with tiny CPU models."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from controller.keys import hash_key
+from controller.testing import LiveServer
+
+ADMIN = "admin-test-token"
+ALICE, BOB, SLOW = "key-alice-0123456789", "key-bob-0123456789", "key-slow-0123456789"
+
+
+@pytest.fixture(scope="module")
+def server(make_tiny, tmp_path_factory):
+    cfg = {
+        "admin_token_hash": hash_key(ADMIN),
+        "workers": {"local": "cpu", "heartbeat_s": 0.25},
+        "autoscaler": {"interval_s": 0.5},
+        "tenants": [
+            {"name": "alice", "key_hashes": [hash_key(ALICE)]},
+            {"name": "bob", "key_hashes": [hash_key(BOB)], "models": ["tiny-b"]},
+            {"name": "slow", "key_hashes": [hash_key(SLOW)], "rate": {"requests_per_s": 0.5, "burst": 1}},
+        ],
+        "models": [
+            {"name": "tiny-a", "path": str(make_tiny("qwen2")), "engine": {"max_num_seqs": 8}},
+            {"name": "tiny-b", "path": str(make_tiny("llama")), "engine": {"max_num_seqs": 8}},
+            {"name": "pace-1", "engine": {"kind": "pace", "pace_s_per_token": 0.05, "max_num_seqs": 1},
+             "slo": {"ttft_s": 0.5, "tpot_s": 0.2}},
+        ],
+    }
+    with LiveServer(cfg, tmp_path_factory.mktemp("api")) as srv:
+        yield srv
+
+
+def client(srv, key=ALICE) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+def test_models_are_per_tenant(server):
+    assert {m.id for m in client(server).models.list()} == {"tiny-a", "tiny-b", "pace-1"}
+    assert [m.id for m in client(server, BOB).models.list()] == ["tiny-b"]
+
+
+def test_completion_usage_and_max_tokens(server):
+    r = client(server).completions.create(model="tiny-a", prompt="Hello there", max_tokens=5, **GREEDY)
+    assert r.object == "text_completion" and r.model == "tiny-a"
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 5 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_and_max_completion_tokens(server):
+    r = client(server).chat.completions.create(model="tiny-b", messages=[{"role": "user", "content": "Hi"}],
+                                               max_completion_tokens=3, **GREEDY)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    assert isinstance(r.choices[0].message.content, str)
+
+
+def test_streaming_matches_non_streaming_and_reports_usage(server):
+    c = client(server)
+    full = c.completions.create(model="tiny-a", prompt="Once upon", max_tokens=8, **GREEDY)
+    chunks = list(c.completions.create(model="tiny-a", prompt="Once upon", max_tokens=8, stream=True,
+                                       stream_options={"include_usage": True}, **GREEDY))
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert text == full.choices[0].text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert all(ch.usage is None for ch in chunks[:-1])
+
+
+def test_chat_stream_shape(server):
+    chunks = list(client(server).chat.completions.create(
+        model="tiny-a", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True, **GREEDY))
+    assert chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+    assert chunks[-1].choices[0].finish_reason == "length" and not chunks[-1].choices[0].delta.content
+    assert len({ch.id for ch in chunks}) == 1
+
+
+def test_stop_string(server):
+    c = client(server)
+    text = c.completions.create(model="tiny-a", prompt="abc", max_tokens=12, **GREEDY).choices[0].text
+    assert len(text) >= 4
+    stop = text[2:4]
+    r = c.completions.create(model="tiny-a", prompt="abc", max_tokens=12, stop=[stop], **GREEDY)
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == text[: text.index(stop)]
+
+
+def test_seed_reproducible_and_n(server):
+    c = client(server)
+
+    def go(seed):
+        return c.completions.create(model="tiny-a", prompt="x", max_tokens=12, temperature=1.0, seed=seed,
+                                    extra_body={"ignore_eos": True}).choices[0].text
+
+    assert go(7) == go(7)
+    assert go(7) != go(8) or go(9) != go(7)
+    r = c.completions.create(model="tiny-a", prompt="x", max_tokens=4, n=3, seed=1, temperature=1.0,
+                             extra_body={"ignore_eos": True})
+    assert sorted(ch.index for ch in r.choices) == [0, 1, 2]
+    assert r.usage.completion_tokens == 12
+
+
+def test_logprobs(server):
+    c = client(server)
+    r = c.completions.create(model="tiny-a", prompt="x", max_tokens=3, logprobs=2, **GREEDY)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 3 and len(lp.token_logprobs) == 3 and all(len(t) <= 2 for t in lp.top_logprobs)
+    r = c.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                  logprobs=True, top_logprobs=2, **GREEDY)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+
+
+def test_sampling_extras_pass_through(server):
+    r = client(server).completions.create(
+        model="tiny-a", prompt="x", max_tokens=4, temperature=0.7, top_p=0.9, presence_penalty=0.5,
+        frequency_penalty=0.5, extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.1, "ignore_eos": True})
+    assert r.usage.completion_tokens == 4
+
+
+# --- errors ---
+def _status(fn) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as ei:
+        fn()
+    return ei.value
+
+
+def test_400_malformed_and_too_long(server):
+    c = client(server)
+    e = _status(lambda: c.completions.create(model="tiny-a", prompt="x", max_tokens=0))
+    assert e.status_code == 400 and e.body["type"] == "invalid_request_error"
+    e = _status(lambda: c.completions.create(model="tiny-a", prompt="word " * 5000, max_tokens=1))
+    assert e.status_code == 400 and "context length" in e.message and e.body["code"] == "context_length_exceeded"
+    e = _status(lambda: c.completions.create(model="tiny-a", prompt="x", temperature=-1))
+    assert e.status_code == 400
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {ALICE}"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_401_403_404(server):
+    assert _status(lambda: client(server, "wrong").models.list()).status_code == 401
+    e = _status(lambda: client(server, BOB).completions.create(model="tiny-a", prompt="x", max_tokens=1))
+    assert e.status_code == 403
+    e = _status(lambda: client(server).completions.create(model="nope", prompt="x", max_tokens=1))
+    assert e.status_code == 404 and e.body["code"] == "model_not_found"
+
+
+def test_429_rate_limit_with_retry_after_then_recovers(server):
+    c = client(server, SLOW)
+    c.completions.create(model="pace-1", prompt="x", max_tokens=1)
+    e = _status(lambda: c.completions.create(model="pace-1", prompt="x", max_tokens=1))
+    assert e.status_code == 429 and int(e.response.headers["Retry-After"]) >= 1
+    time.sleep(int(e.response.headers["Retry-After"]))
+    assert c.completions.create(model="pace-1", prompt="x", max_tokens=1).usage.completion_tokens == 1
+
+
+def test_429_admission_control_when_ttft_slo_cannot_be_met(server):
+    c = client(server)
+    long = c.completions.create(model="pace-1", prompt="x", max_tokens=60, stream=True)  # holds the only slot
+    next(iter(long))
+    try:
+        e = _status(lambda: c.completions.create(model="pace-1", prompt="x", max_tokens=1))
+        assert e.status_code == 429 and int(e.response.headers["Retry-After"]) >= 1
+        assert "SLO" in e.message
+    finally:
+        long.close()
+
+
+def test_503_when_no_engine_can_take_it(server):
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    engines = httpx.get(server.url + "/admin/engines", headers=admin).json()
+    for e in engines:
+        assert httpx.post(f"{server.url}/admin/engines/{e['id']}/drain", headers=admin).status_code == 200
+    try:
+        e = _status(lambda: client(server).completions.create(model="tiny-a", prompt="x", max_tokens=1))
+        assert e.status_code == 503 and "Retry-After" in e.response.headers
+    finally:
+        for e in engines:
+            httpx.post(f"{server.url}/admin/engines/{e['id']}/resume", headers=admin)
+    deadline = time.monotonic() + 30
+    while True:  # the drained engine gave its models back; they come back on demand
+        try:
+            client(server).completions.create(model="tiny-a", prompt="x", max_tokens=1)
+            break
+        except openai.APIStatusError:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+
+def test_disconnect_aborts_and_frees_kv(server):
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    stream = client(server).completions.create(model="tiny-a", prompt="x", max_tokens=1500, stream=True,
+                                               extra_body={"ignore_eos": True})
+    it = iter(stream)
+    next(it), next(it)
+
+    def running():
+        e = httpx.get(server.url + "/admin/engines", headers=admin).json()
+        return sum(x["stats"].get("tiny-a", {}).get("num_running", 0) for x in e), sum(x["inflight"] for x in e)
+
+    deadline = time.monotonic() + 5
+    while running()[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stream.close()
+    deadline = time.monotonic() + 3
+    while running() != (0, 0):
+        assert time.monotonic() < deadline, running()
+        time.sleep(0.1)
+
+
+def test_concurrent_requests_across_models(server):
+    c = client(server)
+    out = {}
+
+    def go(i):
+        model = ("tiny-a", "tiny-b")[i % 2]
+        out[i] = c.completions.create(model=model, prompt=f"p{i}", max_tokens=6, **GREEDY).usage.completion_tokens
+
+    ts = [threading.Thread(target=go, args=(i,)) for i in range(8)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    assert out == {i: 6 for i in range(8)}
+
+
+def test_metrics_parse_and_need_admin(server):
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    r = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
+    fams = {f.name: f for f in text_string_to_metric_families(r.text)}
+    for name in ("tokenpool_requests", "tokenpool_time_to_first_token_seconds", "tokenpool_kv_blocks_used",
+                 "tokenpool_queue_depth", "tokenpool_running_requests", "tokenpool_model_swap_latency_seconds",
+                 "tokenpool_time_per_output_token_seconds", "tokenpool_e2e_request_latency_seconds"):
+        assert name in fams, name
+    statuses = {s.labels["status"] for s in fams["tokenpool_requests"].samples if s.name.endswith("_total")}
+    assert {"200", "401", "403", "404", "429"} <= statuses
+
+
+def test_admin_requires_token_and_lists_placement(server):
+    assert httpx.get(server.url + "/admin/engines").status_code == 401
+    r = httpx.get(server.url + "/admin/models", headers={"Authorization": f"Bearer {ADMIN}"})
+    models = {m["name"]: m for m in r.json()}
+    assert models["tiny-a"]["engines"] and models["tiny-a"]["max_model_len"] > 0
