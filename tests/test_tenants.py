@@ -1,0 +1,110 @@
+"""Tenants over HTTP: keys kept only as hashes, admin-made tenants, isolation, rate limits that recover."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from controller.keys import hash_key
+from controller.testing import LiveServer
+
+ADMIN = "admin-tenants-token"
+RED, BLUE = "key-red-abcdefghijklmnop", "key-blue-abcdefghijklmnop"
+PACE = {"kind": "pace", "pace_s_per_token": 0.005, "max_num_seqs": 64}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("tenants")
+    cfg = {
+        "admin_token_hash": hash_key(ADMIN),
+        "tenants_file": str(work / "tenants.yaml"),
+        "workers": {"local": "cpu"},
+        "tenants": [
+            {"name": "red", "key_hashes": [hash_key(RED)], "models": ["red-*", "shared"]},
+            {"name": "blue", "key_hashes": [hash_key(BLUE)], "models": ["blue-*", "shared"],
+             "rate": {"tokens_per_min": 600}, "max_concurrent": 2},
+        ],
+        "models": [{"name": n, "engine": PACE} for n in ("red-m", "blue-m", "shared")],
+    }
+    with LiveServer(cfg, work) as srv:
+        yield srv
+
+
+def oai(srv, key):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0)
+
+
+ADM = {"Authorization": f"Bearer {ADMIN}"}
+
+
+def test_config_and_tenants_file_hold_no_plain_keys(server):
+    text = server.config_path.read_text()
+    assert RED not in text and BLUE not in text and ADMIN not in text and "sha256$" in text
+    r = httpx.post(server.url + "/admin/tenants", headers=ADM, json={"name": "green", "models": ["shared"]})
+    assert r.status_code == 201
+    key = r.json()["api_key"]
+    stored = (server.workdir / "tenants.yaml").read_text()
+    assert key not in stored and "sha256$" in stored
+    assert "api_key" not in str(httpx.get(server.url + "/admin/tenants", headers=ADM).json())
+    assert [m.id for m in oai(server, key).models.list()] == ["shared"]
+    assert httpx.delete(server.url + "/admin/tenants/green", headers=ADM).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        oai(server, key).models.list()
+
+
+def test_isolation_of_models_and_usage(server):
+    assert {m.id for m in oai(server, RED).models.list()} == {"red-m", "shared"}
+    assert {m.id for m in oai(server, BLUE).models.list()} == {"blue-m", "shared"}
+    with pytest.raises(openai.PermissionDeniedError):
+        oai(server, RED).completions.create(model="blue-m", prompt="x", max_tokens=1)
+    with pytest.raises(openai.NotFoundError):  # not even its card
+        oai(server, RED).models.retrieve("blue-m")
+    before = httpx.get(server.url + "/v1/usage", headers={"Authorization": f"Bearer {BLUE}"}).json()
+    oai(server, RED).completions.create(model="shared", prompt="hello", max_tokens=3)
+    red = httpx.get(server.url + "/v1/usage", headers={"Authorization": f"Bearer {RED}"}).json()
+    blue = httpx.get(server.url + "/v1/usage", headers={"Authorization": f"Bearer {BLUE}"}).json()
+    assert red["tenant"] == "red" and red["completion_tokens"] >= 3
+    assert blue == before
+
+
+def test_token_rate_limit_429_then_recovers(server):
+    c = oai(server, BLUE)
+    c.completions.create(model="blue-m", prompt="x", max_tokens=300)  # charged 300 + prompt of 600/min
+    with pytest.raises(openai.RateLimitError) as ei:
+        c.completions.create(model="blue-m", prompt="x", max_tokens=330)
+    wait = int(ei.value.response.headers["Retry-After"])
+    assert 1 <= wait <= 3 and "token rate" in ei.value.message
+    c.completions.create(model="blue-m", prompt="x", max_tokens=50)  # small ones still fit
+    time.sleep(wait + 0.5)
+    c.completions.create(model="blue-m", prompt="x", max_tokens=200)
+
+
+def test_max_concurrent_per_tenant(server):
+    c = oai(server, BLUE)
+    streams = [c.completions.create(model="blue-m", prompt="x", max_tokens=5, stream=True) for _ in range(2)]
+    try:
+        with pytest.raises(openai.RateLimitError) as ei:
+            c.completions.create(model="blue-m", prompt="x", max_tokens=1)
+        assert "in flight" in ei.value.message and ei.value.response.headers["Retry-After"]
+    finally:
+        for s in streams:
+            list(s)
+    c.completions.create(model="blue-m", prompt="x", max_tokens=1)
+
+
+def test_admin_registers_and_unregisters_a_model(server):
+    r = httpx.post(server.url + "/admin/models", headers=ADM,
+                   json={"name": "red-new", "engine": PACE, "slo": {"ttft_s": 2, "tpot_s": 0.1}, "priority": 1,
+                         "replicas": {"min": 1, "max": 2}})
+    assert r.status_code == 201, r.text
+    assert oai(server, RED).completions.create(model="red-new", prompt="x", max_tokens=2).usage.completion_tokens == 2
+    assert "red-new" not in {m.id for m in oai(server, BLUE).models.list()}
+    assert httpx.delete(server.url + "/admin/models/red-new", headers=ADM).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        oai(server, RED).completions.create(model="red-new", prompt="x", max_tokens=1)
+    bad = httpx.post(server.url + "/admin/models", headers=ADM, json={"name": "x", "path": "/does/not/exist"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "path"

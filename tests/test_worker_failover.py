@@ -1,0 +1,84 @@
+"""Engine workers as processes: a worker killed mid-stream fails its streams fast and comes back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from controller.keys import hash_key
+from controller.testing import LiveServer
+
+ADMIN = "admin-failover-token"
+ADM = {"Authorization": f"Bearer {ADMIN}"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cfg = {
+        "admin_token_hash": hash_key(ADMIN),
+        "workers": {"local": "cpu", "heartbeat_s": 0.25, "dead_after_s": 1.5},
+        "models": [{"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.02, "max_num_seqs": 64}}],
+    }
+    with LiveServer(cfg, tmp_path_factory.mktemp("failover")) as srv:
+        yield srv
+
+
+def engines(srv):
+    return httpx.get(srv.url + "/admin/engines", headers=ADM).json()
+
+
+def test_kill_worker_mid_stream(server):
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=30)
+    (e0,) = [e for e in engines(server) if e["alive"]]
+    stream = c.chat.completions.create(model="pace", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=2000, stream=True)
+    it = iter(stream)
+    for _ in range(5):
+        next(it)
+    os.kill(e0["pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises((openai.APIError, httpx.HTTPError)) as ei:
+        for _ in it:
+            assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 2.0
+    assert "died" in str(ei.value) or "engine" in str(ei.value)
+
+    deadline = time.monotonic() + 30  # restarted with the same id, the model placed again
+    while True:
+        try:
+            r = c.completions.create(model="pace", prompt="x", max_tokens=3)
+            break
+        except openai.APIStatusError as e:
+            assert e.status_code == 503 and time.monotonic() < deadline
+            time.sleep(0.2)
+    assert r.usage.completion_tokens == 3
+    (e1,) = [e for e in engines(server) if e["alive"]]
+    assert e1["id"] == e0["id"] and e1["pid"] != e0["pid"]
+
+
+def test_request_without_tokens_is_retried_on_restart(server):
+    """A request whose engine dies before its first token is placed again (nothing was sent yet)."""
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    (e0,) = [e for e in engines(server) if e["alive"]]
+    os.kill(e0["pid"], signal.SIGSTOP)  # hung: requests queue on it until it is declared dead
+    out = {}
+
+    def go():
+        try:
+            out["r"] = c.completions.create(model="pace", prompt="x", max_tokens=3)
+        except Exception as e:  # noqa: BLE001
+            out["e"] = e
+
+    t = threading.Thread(target=go)
+    t.start()
+    time.sleep(0.3)
+    os.kill(e0["pid"], signal.SIGKILL)
+    t.join(60)
+    assert "r" in out, out
+    assert out["r"].usage.completion_tokens == 3
