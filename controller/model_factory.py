@@ -254,12 +254,22 @@ def _tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
 
 
-def _draw(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
-    if name.endswith("norm.weight"):
-        return torch.ones(shape, dtype=dtype)
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(_tensor_seed(seed, name))
-    return torch.empty(shape, dtype=dtype, device=dev).normal_(0.0, INIT_STD, generator=gen).cpu()
+class _Drawer:
+    """Draws each tensor into one reused host buffer: pinned when drawing on CUDA, so the copy back is a DMA at
+    full speed, and no fresh pages are faulted in per tensor. A drawn tensor is valid until the next draw."""
+
+    def __init__(self, specs, seed: int, dtype: torch.dtype, dev: torch.device):
+        self.seed, self.dev = seed, dev
+        self.host = torch.empty(max(prod(s) for _, s in specs), dtype=dtype, pin_memory=dev.type == "cuda")
+
+    def __call__(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        out = self.host[: prod(shape)].view(shape)
+        if name.endswith("norm.weight"):
+            return out.fill_(1.0)
+        gen = torch.Generator(device=self.dev).manual_seed(_tensor_seed(self.seed, name))
+        if self.dev.type == "cpu":
+            return out.normal_(0.0, INIT_STD, generator=gen)
+        return out.copy_(torch.empty(shape, dtype=out.dtype, device=self.dev).normal_(0.0, INIT_STD, generator=gen))
 
 
 def _shards(specs, itemsize: int, max_shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
@@ -282,9 +292,10 @@ def _write_weights(out: Path, specs, seed: int, dtype: torch.dtype, dev: torch.d
     total = sum(prod(s) for _, s in specs) * itemsize
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    draw = _Drawer(specs, seed, dtype, dev)
     with _Progress(label, total) as bar:
         for fname, shard in zip(names, shards, strict=True):
-            _write_safetensors(out / fname, shard, lambda n, s: _draw(n, s, seed, dtype, dev), dtype, bar.advance)
+            _write_safetensors(out / fname, shard, draw, dtype, bar.advance)
     if len(shards) > 1:
         index = {"metadata": {"total_size": total},
                  "weight_map": {name: f for f, shard in zip(names, shards, strict=True) for name, _ in shard}}
