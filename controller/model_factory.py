@@ -16,7 +16,7 @@ Real sizes take the shapes of this public model (* = the arch has none of that s
 | 8b   | Qwen2.5-7B*  | Qwen3-8B    | Llama-3.1-8B  | Mistral-7B-v0.1*  |
 
 Qwen2.5 shapes are the -Instruct releases' (32k positions). Real sizes keep the public vocab_size (embedding
-rows past the tokenizer are simply never looked up). `tiny` (~0.5M params) and `small` (~30M) are CPU-test
+rows past the tokenizer are simply never looked up). `tiny` (0.4-0.6M params) and `small` (26-31M) are CPU-test
 sizes that exercise each arch's features: qwen2 q/k/v bias, qwen3 q/k norm with head_dim != hidden/heads,
 llama3 rope scaling, mistral's sliding window, GQA everywhere, tied (qwen) and untied (llama, mistral) heads.
 
@@ -114,7 +114,8 @@ _TEST_SIZES = {
 }
 
 
-def shape(arch: str, size: str) -> Shape:
+def model_shape(arch: str, size: str) -> Shape:
+    """The dimensions of `arch` at `size` (a public model's for the real sizes)."""
     _check_choice("arch", arch, ARCHS)
     _check_choice("size", size, SIZES)
     if size not in _TEST_SIZES:
@@ -132,7 +133,7 @@ def model_config(arch: str, size: str, dtype: str = "bf16"):
     import transformers
 
     _check_choice("dtype", dtype, DTYPES)
-    s = shape(arch, size)
+    s = model_shape(arch, size)
     tok = tokenizer_factory.build_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in tokenizer_factory.SPECIAL_TOKENS}
     kw = dict(
