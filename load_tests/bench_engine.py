@@ -41,11 +41,24 @@ def _decode_step_times(eng: LLMEngine, batch: int, context: int, steps: int, voc
         eng.step()
         _sync()
         times.append(time.perf_counter() - t)
+    replay_ms = None
+    graphs = getattr(eng.runner, "graphs", {})
+    if batch in graphs:  # the captured forward alone, without scheduling, input copies and sampling
+        g = graphs[batch].graph
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        g.replay()
+        s.record()
+        for _ in range(20):
+            g.replay()
+        e.record()
+        torch.cuda.synchronize()
+        replay_ms = s.elapsed_time(e) / 20
     for rid in list(eng.scheduler.requests):
         eng.abort_request(rid)
     eng.step()
     return {"batch": batch, "step_ms_median": 1e3 * statistics.median(times), "step_ms_p90":
-            1e3 * sorted(times)[int(0.9 * len(times))], "prefill_tokens_per_s": batch * context / prefill_s}
+            1e3 * sorted(times)[int(0.9 * len(times))], "graph_replay_ms": replay_ms,
+            "prefill_tokens_per_s": batch * context / prefill_s}
 
 
 def _hf_step_ms(hf, vocab: int, batch: int = 1, n: int = 64) -> float:
@@ -65,6 +78,7 @@ def _hf_step_ms(hf, vocab: int, batch: int = 1, n: int = 64) -> float:
 def _parity(eng: LLMEngine, hf, vocab: int, prompts: int = 32, new: int = 32) -> dict:
     g = torch.Generator().manual_seed(1234)
     top1 = cont = 0
+    margins = []
     for i in range(prompts):
         p = torch.randint(0, vocab, (int(torch.randint(8, 128, (1,), generator=g)),), generator=g).tolist()
         with torch.no_grad():
@@ -79,7 +93,12 @@ def _parity(eng: LLMEngine, hf, vocab: int, prompts: int = 32, new: int = 32) ->
                     ours = o.outputs[0].token_ids
         top1 += ours[0] == ref_ids[0]
         cont += ours == ref_ids
-    return {"prompts": prompts, "first_token_top1_match": top1 / prompts, "greedy_32_identical": cont / prompts}
+        if ours != ref_ids:  # where they part, how close were HF's own top two? (bf16 near-ties flip)
+            j = next(i for i, (a, b) in enumerate(zip(ours, ref_ids)) if a != b)
+            top2 = ref.scores[j][0].float().topk(2).values
+            margins.append((j, float(top2[0] - top2[1]), float(ref.scores[j][0].float().std())))
+    return {"prompts": prompts, "first_token_top1_match": top1 / prompts, "greedy_32_identical": cont / prompts,
+            "divergences": [{"at": j, "hf_top1_minus_top2": m, "hf_logit_std": s} for j, m, s in margins]}
 
 
 def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, context: int = 512,

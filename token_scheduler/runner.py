@@ -51,6 +51,7 @@ class ModelRunner:
         self.rope = llama.RopeCache.build(cfg, max_model_len + 1, self.device)
         self.sampler = Sampler(self.device, seed)
         self.use_triton = self.is_cuda and _triton_ok()
+        self.fwd = llama.forward_fused if self.use_triton else llama.forward
         self.graphs: dict[int, _DecodeGraph] = {}
         if self.is_cuda and cuda_graphs:
             self.capture_graphs([b for b in GRAPH_BUCKETS if b <= max_graph_batch])
@@ -122,7 +123,7 @@ class ModelRunner:
                 meta.seqs.append((q0, c.num_tokens, ctx))
                 meta.seq_block_tables.append(t(c.request.block_ids[: -(-ctx // self.block_size)]))
                 q0 += c.num_tokens
-        hidden = llama.forward(self.cfg, self.weights, self.kv, self.rope, t(ids), t(pos), meta)
+        hidden = self.fwd(self.cfg, self.weights, self.kv, self.rope, t(ids), t(pos), meta)
         idx, q = [], 0
         for c in out.chunks:
             q += c.num_tokens
@@ -170,7 +171,7 @@ class _DecodeGraph:
                                  block_tables=self.bt, context_lens=self.ctx32, use_triton=runner.use_triton)
 
         def run():
-            h = llama.forward(runner.cfg, runner.weights, runner.kv, runner.rope, self.dev[0], self.dev[1], meta)
+            h = runner.fwd(runner.cfg, runner.weights, runner.kv, runner.rope, self.dev[0], self.dev[1], meta)
             return llama.compute_logits(runner.weights, h)
 
         s = torch.cuda.Stream()

@@ -104,5 +104,32 @@ def forward(
     return rms_norm(x, w["norm"], eps)
 
 
+def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+    """CUDA path of `forward`: same arithmetic (bit-identical per op), with the elementwise work of a layer
+    fused into three Triton kernels (add+RMSNorm, RoPE+KV write, SiLU*mul)."""
+    from token_scheduler.model import triton_ops as k
+
+    x = F.embedding(input_ids, w["embed"])
+    T = input_ids.shape[0]
+    H, KVH, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+    h = k.add_rms_norm(x, None, w["l0.ln1"], eps)
+    for n in range(cfg.num_layers):
+        p = f"l{n}."
+        qkv = F.linear(h, w[p + "qkv"], w.get(p + "qkv_b"))
+        if cfg.qk_norm:
+            q, kk, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            q = k.add_rms_norm(q.reshape(T * H, D), None, w[p + "q_norm"], eps)
+            kk = k.add_rms_norm(kk.reshape(T * KVH, D), None, w[p + "k_norm"], eps)
+            qkv = torch.cat([q.view(T, -1), kk.view(T, -1), v], dim=-1)
+        q = k.rope_and_write_kv(qkv, rope.cos, rope.sin, positions, kv_cache, n, meta.slot_blocks,
+                                meta.slot_offsets, H, KVH, D)
+        o = attend(q, kv_cache, n, meta, cfg)
+        h = k.add_rms_norm(x, F.linear(o.reshape(T, H * D), w[p + "o"]), w[p + "ln2"], eps)
+        m = F.linear(k.silu_mul(F.linear(h, w[p + "gate_up"])), w[p + "down"])
+        nxt = w[f"l{n + 1}.ln1"] if n + 1 < cfg.num_layers else w["norm"]
+        h = k.add_rms_norm(x, m, nxt, eps)
+    return h
+
+
 def compute_logits(w: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
     return F.linear(hidden, w.get("lm_head", w["embed"])).float()

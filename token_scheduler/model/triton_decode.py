@@ -65,6 +65,21 @@ def _paged_decode_kernel(
     tl.store(L + ml, l_i, mask=gmask)
 
 
+@triton.jit
+def _combine_kernel(Part, M, L, Y, S: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr):
+    bh = tl.program_id(0)  # flattened (batch, head)
+    sp = tl.arange(0, S_PAD)
+    sm = sp < S
+    m = tl.load(M + bh * S + sp, mask=sm, other=float("-inf"))
+    l_ = tl.load(L + bh * S + sp, mask=sm, other=0.0)
+    mmax = tl.max(m, 0)
+    w = tl.where(sm, tl.exp(m - mmax), 0.0)  # empty splits have m = -inf: weight 0
+    d = tl.arange(0, D)
+    o = tl.load(Part + (bh * S + sp[:, None]) * D + d[None, :], mask=sm[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.sum(l_ * w, 0)
+    tl.store(Y + bh * D + d, out.to(Y.dtype.element_ty))
+
+
 def num_splits_for(batch: int, kv_heads: int, sms: int = 132) -> int:
     return max(1, min(32, (2 * sms) // max(1, batch * kv_heads)))
 
@@ -87,7 +102,6 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
         layer * s_kvl, layer * s_kvl + s_kv2,
         NUM_SPLITS=S, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=BS, D=D,
     )
-    mmax = m.max(-1, keepdim=True).values
-    w = torch.exp(m - mmax)  # empty splits have m = -inf -> weight 0
-    out = (o * w[..., None]).sum(2) / (lsum * w).sum(-1, keepdim=True)
-    return out.to(q.dtype)
+    out = torch.empty_like(q)
+    _combine_kernel[(B * H,)](o, m, lsum, out, S=S, S_PAD=triton.next_power_of_2(S), D=D, num_warps=4)
+    return out
