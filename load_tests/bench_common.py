@@ -16,6 +16,10 @@ def device_name() -> str:
 
 
 def git_commit() -> str:
+    import os
+
+    if os.environ.get("TOKENPOOL_COMMIT"):  # a copied tree without .git (e.g. a remote GPU box)
+        return os.environ["TOKENPOOL_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
     except Exception:
