@@ -51,6 +51,7 @@ class EngineOptions(_Strict):
     # PaceEngine only: seconds per decode step / per prompt token, and a tokenizer-less byte vocabulary.
     pace_s_per_token: float = Field(0.02, ge=0)
     pace_prefill_s_per_token: float = Field(0.0, ge=0)
+    pace_stamp: bool = False  # token text = emission wall-clock time (API-overhead benchmark)
 
 
 class ModelSpec(_Strict):

@@ -34,7 +34,7 @@ def build_engine(path: str | None, opts: dict[str, Any], device: str):
         return PaceEngine(path, s_per_token=opts.get("pace_s_per_token", 0.02),
                           prefill_s_per_token=opts.get("pace_prefill_s_per_token", 0.0),
                           max_num_seqs=opts.get("max_num_seqs", 64), max_model_len=opts.get("max_model_len") or 4096,
-                          seed=opts.get("seed", 0))
+                          seed=opts.get("seed", 0), stamp=opts.get("pace_stamp", False))
     from token_scheduler import EngineConfig, LLMEngine
 
     dtype = opts.get("dtype") or "auto"

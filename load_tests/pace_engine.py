@@ -1,9 +1,9 @@
 """PaceEngine: the LLMEngine interface, producing tokens at a fixed pace and no model.
 
 It lets the serving stack (HTTP API, worker protocol, router) be tested and its overhead measured apart from
-any model: each step() blocks for `s_per_token` (plus `prefill_s_per_token` per newly admitted prompt token)
-and then yields one token for every running request, like a batched decode step. Token ids are a pure function
-of (seed, prompt) when a seed is given or sampling is greedy, so outputs are reproducible.
+any model: steps come on a fixed cadence of `s_per_token` (plus `prefill_s_per_token` per newly admitted
+prompt token), each yielding one token for every running request, like a batched decode step. Token ids are
+a pure function of (seed, prompt) when a seed is given or sampling is greedy, so outputs are reproducible.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class _Req:
 class PaceEngine:
     def __init__(self, model: str | Path | None = None, s_per_token: float = 0.02, prefill_s_per_token: float = 0.0,
                  max_num_seqs: int = 64, max_model_len: int = 4096, block_size: int = 16,
-                 num_kv_blocks: int | None = None, seed: int = 0, tokenizer=None):
+                 num_kv_blocks: int | None = None, seed: int = 0, tokenizer=None, stamp: bool = False):
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
         self.max_model_len = max_model_len
         self.s_per_token = s_per_token
@@ -96,6 +96,9 @@ class PaceEngine:
         self.num_kv_blocks = num_kv_blocks or max_num_seqs * max_model_len // block_size
         self._vocab = _plain_token_ids(self.tokenizer)
         self._seed = seed
+        # stamp: each token's text is "@<wall-clock time it was emitted>", so a client on the same host can
+        # measure emission-to-arrival latency per token (the API-overhead benchmark does).
+        self.stamp = stamp
         self._waiting: deque[_Req] = deque()
         self._running: dict[str, _Req] = {}
         self._aborted: list[_Req] = []
@@ -141,14 +144,20 @@ class PaceEngine:
         outs = [self._output(r, []) for r in self._aborted]
         self._aborted.clear()
         admitted = 0
+        now = time.monotonic()
+        if not self._running:  # idle until now: this step starts now
+            self._last_step = now
         while self._waiting and len(self._running) < self.max_num_seqs:
             r = self._waiting.popleft()
             self._running[r.rid] = r
             admitted += len(r.prompt_ids)
         if not self._running:
             return outs
-        time.sleep(self.s_per_token + admitted * self.prefill_s_per_token)
-        self._last_step = time.monotonic()
+        # A fixed cadence, like a device whose step takes s_per_token: the host's own work between steps
+        # (outputs, protocol) overlaps the next step instead of stretching it.
+        due = max(self._last_step + self.s_per_token, now) + admitted * self.prefill_s_per_token
+        time.sleep(max(0.0, due - time.monotonic()))
+        self._last_step = due
         for r in list(self._running.values()):
             outs.append(self._advance(r))
         return outs
@@ -165,7 +174,10 @@ class PaceEngine:
                     break
                 lp.setdefault(alt, -1.0 - k)
             r.logprobs.append(lp)
-        r.text = self.tokenizer.decode(r.out_ids, skip_special_tokens=True)
+        if self.stamp:
+            r.text += f"@{time.time():.6f}"
+        else:
+            r.text = self.tokenizer.decode(r.out_ids, skip_special_tokens=True)
         for s in p.stop or []:
             i = r.text.find(s, max(0, r.sent - len(s)))
             if i >= 0:
