@@ -101,7 +101,7 @@ class SwapHandle:
             ev.synchronize()
 
     def done(self) -> bool:
-        if self.more is not None or not self.ends or self.ends[-1] < self.layout.nbytes:
+        if not self.ends or self.ends[-1] < self.layout.nbytes:  # not all enqueued yet (prefetch window)
             return False
         ev = self.events[-1]
         return ev is None or ev.query()

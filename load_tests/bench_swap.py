@@ -1,0 +1,277 @@
+"""`tokenpool bench swap`: what a model switch costs, against the PCIe floor and against peers.
+
+On CUDA: pinned H2D/D2H bandwidth of one large copy (the floor = model bytes / H2D bandwidth); swap-in
+latency to ready-to-decode for 1/2/4/16 large copies and for a naive 64 MiB-chunk loop; peers in the same run
+(HF from_pretrained onto the GPU from page-cached disk, HF `model.to("cuda")` from pinned memory); decode
+slowdown while a 7B-sized prefetch copies; switch stall with and without prefetch; KV swap bandwidth for
+64/256 blocks; cold load from page-cached disk into the host cache. On CPU the same code runs at toy sizes
+(a smoke test for CI; its numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from gpu_pool.arena import Arena
+from gpu_pool.host_pool import PinnedRegion
+from load_tests.bench_common import header, write_json
+from model_swapper.host_cache import HostModel, HostModelCache
+from model_swapper.kv_swap import HostKVPool, KVSwapper
+from model_swapper.layout import ModelLayout
+from model_swapper.prefetch import Prefetcher
+from model_swapper.swapper import Swapper
+from token_scheduler.model.config import ModelConfig
+from token_scheduler.model.weights import safetensors_files
+
+GB = 1e9
+DTYPE = torch.bfloat16
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _timed(fn, dev, reps: int) -> float:
+    """Median wall seconds of fn() through a device sync, after one warm-up call."""
+    out = []
+    for i in range(reps + 1):
+        _sync(dev)
+        t = time.perf_counter()
+        fn()
+        _sync(dev)
+        if i:
+            out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def _bandwidth(dev, nbytes: int, reps: int) -> dict:
+    """One large copy each way between a registered host region and the device."""
+    host = PinnedRegion.anonymous(nbytes)
+    host.tensor.fill_(1)
+    d = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    h2d = _timed(lambda: d.copy_(host.tensor, non_blocking=True), dev, reps)
+    d2h = _timed(lambda: host.tensor.copy_(d, non_blocking=True), dev, reps)
+    out = {"h2d_gbs": nbytes / h2d / GB, "d2h_gbs": nbytes / d2h / GB, "probe_bytes": nbytes}
+    if dev.type == "cuda":  # cross-check with torch's own pinned allocator
+        tp = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        out["h2d_torch_pinned_gbs"] = nbytes / _timed(lambda: d.copy_(tp, non_blocking=True), dev, reps) / GB
+    host.close()
+    return out
+
+
+def _decode_standin(dev, nbytes: int):
+    """Stand-in decode step: bf16 matmuls reading ~nbytes of weights once (memory-bound like decode)."""
+    k = 4096 if dev.type == "cuda" else 256
+    n = max(1, round(nbytes / (k * k * 2)))
+    ws = [torch.randn(k, k, device=dev).to(DTYPE) for _ in range(n)]
+    x = torch.randn(8, k, device=dev).to(DTYPE)
+
+    def step():
+        for w in ws:
+            x @ w
+    return step
+
+
+def _synthetic_7b(cuda: bool, cfg: ModelConfig) -> HostModel:
+    """A Qwen2.5-7B-shaped host region (content irrelevant) to prefetch while something else decodes."""
+    if cuda:
+        from controller.model_factory import model_config
+
+        cfg = ModelConfig.from_hf(model_config("qwen2", "7b", "bf16"))
+    lay = ModelLayout.build(cfg, DTYPE)
+    return HostModel("synthetic-7b", Path("-"), lay, PinnedRegion.anonymous(lay.nbytes), True)
+
+
+def _peers(model_dir: Path, dev, reps: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    out: dict = {}
+    try:
+        t = time.perf_counter()
+        m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPE, device_map=str(dev))
+        _sync(dev)
+        out["hf_from_pretrained_s"] = time.perf_counter() - t
+        out["hf_from_pretrained_method"] = f'from_pretrained(dtype=bf16, device_map="{dev}")'
+    except (ValueError, ImportError) as e:  # device_map needs `accelerate`
+        t = time.perf_counter()
+        m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPE).to(dev)
+        _sync(dev)
+        out["hf_from_pretrained_s"] = time.perf_counter() - t
+        out["hf_from_pretrained_method"] = f"from_pretrained(dtype=bf16) + .to({dev}) [{str(e).splitlines()[0][:80]}]"
+    del m
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    out["hf_to_device_from_pinned_s"] = _peer_to_device(model_dir, dev, reps)
+    return out
+
+
+def _peer_to_device(model_dir: Path, dev, reps: int) -> float:
+    """HF model whose parameters sit in pinned host memory, moved with `model.to(device)`."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPE)
+    tensors = list(m.parameters()) + list(m.buffers())
+    pinned = [t.data.pin_memory() if dev.type == "cuda" else t.data for t in tensors]
+
+    def to_dev():
+        for t, p in zip(tensors, pinned, strict=True):
+            t.data = p
+        m.to(dev)
+    return _timed(to_dev, dev, reps)
+
+
+def _kv_bench(cfg: ModelConfig, dev, bw: dict, reps: int) -> dict:
+    """KV swap bandwidth for 64/256 random blocks, and a bit-exact round-trip check on the real device."""
+    block = (cfg.num_layers, 2, 16, cfg.num_kv_heads, cfg.head_dim)
+    kv = torch.randn(512, *block, device=dev).to(DTYPE)
+    kvs = KVSwapper(kv, HostKVPool.like(kv, 512), staging_blocks=256)
+    g = torch.Generator().manual_seed(0)
+    R: dict = {"kv_block_bytes": kvs.host.block_bytes}
+    for n in (64, 256):
+        ids = torch.randperm(512, generator=g)[:n].tolist()
+        dst = torch.randperm(512, generator=g)[:n].tolist()
+        want = kv[ids].clone()
+        moved: list[list[int]] = []
+
+        def out(ids=ids, moved=moved):
+            if moved:
+                kvs.host.allocator.free(moved.pop())
+            h_ids, h = kvs.swap_out(ids)
+            h.synchronize()
+            moved.append(h_ids)
+
+        t_out = _timed(out, dev, reps)
+        t_in = _timed(lambda dst=dst, moved=moved: kvs.swap_in(moved[-1], dst, free_host=False).synchronize(),
+                      dev, reps)
+        nbytes = n * kvs.host.block_bytes
+        R[f"kv_swap_out_{n}_gbs"] = nbytes / t_out / GB
+        R[f"kv_swap_in_{n}_gbs"] = nbytes / t_in / GB
+        R[f"kv_swap_out_{n}_vs_pinned"] = R[f"kv_swap_out_{n}_gbs"] / bw["d2h_gbs"]
+        R[f"kv_swap_in_{n}_vs_pinned"] = R[f"kv_swap_in_{n}_gbs"] / bw["h2d_gbs"]
+        R[f"kv_round_trip_exact_{n}"] = bool(torch.equal(kv[dst].view(torch.int16), want.view(torch.int16)))
+        kvs.host.allocator.free(moved.pop())
+    kvs.host.close()
+    return R
+
+
+def _compute_sync(dev) -> None:
+    """Wait for the compute (current) stream only: a device-wide sync would also wait for the copy stream."""
+    if dev.type == "cuda":
+        torch.cuda.current_stream(dev).synchronize()
+
+
+def _swap_phase(host: HostModel, cfg: ModelConfig, dev, floor: float, reps: int) -> dict:
+    """Swap-in latency by number of copies, decode slowdown under a 7B prefetch, switch stall."""
+    cuda = dev.type == "cuda"
+    R: dict = {}
+    syn = _synthetic_7b(cuda, cfg)
+    arena = Arena(host.nbytes + syn.nbytes + (64 << 20), dev)
+    sw = Swapper(arena)
+    reserved0 = torch.cuda.memory_reserved(dev) if cuda else 0
+
+    def swap(chunks):
+        rm = sw.swap_in(host, chunks=chunks)
+        rm.ready.synchronize()
+        sw.release(rm)
+    naive = -(-host.nbytes // (64 << 20))
+    lat = {f"{c}_copies": _timed(lambda c=c: swap(c), dev, reps) for c in (1, 2, 4, 16)}
+    lat[f"naive_64MiB_loop_{naive}_copies"] = _timed(lambda: swap(naive), dev, reps)
+    R["swap_in_s"] = lat[f"{sw.chunks}_copies"]
+    R["swap_in_by_copies_s"] = lat
+    R["swap_in_vs_floor"] = {k: v / floor for k, v in lat.items()}
+    R["memory_reserved_delta_bytes"] = (torch.cuda.memory_reserved(dev) if cuda else 0) - reserved0
+
+    # decode slowdown while a 7B-sized prefetch copies (copy engines and HBM shared with compute)
+    step = _decode_standin(dev, int(3.09e9) if cuda else 1 << 18)
+    alone = _timed(step, dev, 10)
+    pf = Prefetcher(sw, window=None)
+    _sync(dev)
+    t = time.perf_counter()
+    p = pf.prefetch(syn)
+    times: list[float] = []
+    while not p.handle.done() or not times:
+        s = time.perf_counter()
+        step()
+        _compute_sync(dev)
+        times.append(time.perf_counter() - s)
+    R["prefetch_7b_while_decoding_s"] = time.perf_counter() - t
+    R["prefetch_7b_bytes"] = syn.nbytes
+    R["prefetch_7b_gbs"] = syn.nbytes / R["prefetch_7b_while_decoding_s"] / GB
+    pf.cancel(p)
+    _sync(dev)
+    sw.poll()
+    syn.region.close()
+    R["decode_standin_bytes"] = int(3.09e9) if cuda else 1 << 18
+    R["decode_step_alone_s"] = alone
+    R["decode_step_during_prefetch_s"] = statistics.median(times)
+    R["decode_steps_during_prefetch"] = len(times)
+    R["decode_slowdown"] = R["decode_step_during_prefetch_s"] / alone - 1
+
+    # switch stall: model A decodes (stand-in), then the scheduler switches to this model
+    def stall(prefetch: bool) -> float:
+        pf2 = Prefetcher(sw)
+        p = pf2.prefetch(host) if prefetch else None
+        deadline = time.perf_counter() + 1.5 * floor + 0.005
+        while time.perf_counter() < deadline:
+            step()
+            pf2.poll()  # once per engine step: keeps the prefetch window full
+            _compute_sync(dev)
+        t = time.perf_counter()
+        rm = pf2.take(p) if p else sw.swap_in(host)
+        rm.ready.synchronize()
+        dt = time.perf_counter() - t
+        sw.release(rm)
+        return dt
+    R["switch_stall_no_prefetch_s"] = statistics.median(stall(False) for _ in range(3))
+    R["switch_stall_with_prefetch_s"] = statistics.median(stall(True) for _ in range(3))
+    sw.synchronize()
+    return R
+
+
+def run_bench_swap(model_dir: Path, json_out: Path | None) -> dict:
+    model_dir = Path(model_dir)
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    reps = 5 if cuda else 2
+    R: dict = {**header(), "model_dir": str(model_dir), "dtype": "bf16", "smoke_only": not cuda}
+    cfg = ModelConfig.from_pretrained(model_dir)
+
+    # cold load: page-cached safetensors -> shared pinned host cache (read once, register once)
+    for f in safetensors_files(model_dir):
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+    cache = HostModelCache("1TB", namespace=f"bench-{uuid.uuid4().hex[:8]}")
+    try:
+        t = time.perf_counter()
+        host = cache.get(model_dir, DTYPE)
+        R["cold_load_s"] = time.perf_counter() - t
+        nb = host.nbytes
+        R["model_bytes"] = nb
+        R["cold_load_gbs"] = sum(f.stat().st_size for f in safetensors_files(model_dir)) / R["cold_load_s"] / GB
+        R["host_pinned"] = host.region.pinned
+
+        bw = _bandwidth(dev, min(max(nb, 64 << 20), 4 << 30) if cuda else 8 << 20, reps)
+        R["bandwidth"] = bw
+        floor = nb / (bw["h2d_gbs"] * GB)
+        R["pcie_floor_s"] = floor
+
+        R.update(_swap_phase(host, cfg, dev, floor, reps))
+        R.update(_kv_bench(cfg, dev, bw, reps))
+        if cuda:
+            torch.cuda.empty_cache()  # the phases' arena and tensors are gone; give the peers the card
+        R.update(_peers(model_dir, dev, reps=3 if cuda else 1))
+        ours = R["swap_in_s"]
+        R["swap_in_ratio_to_floor"] = ours / floor
+        R["speedup_vs_hf_from_pretrained"] = R["hf_from_pretrained_s"] / ours
+        R["speedup_vs_hf_to_device_from_pinned"] = R["hf_to_device_from_pinned_s"] / ours
+    finally:
+        cache.close()
+    write_json(json_out, R)
+    return R

@@ -1,0 +1,27 @@
+"""`tokenpool bench swap` runs end to end on CPU at toy sizes (CI smoke; the figures mean nothing here)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from gpu_pool.host_pool import default_shm_dir
+
+
+def test_bench_swap_smoke(make_tiny, tmp_path):
+    from load_tests.bench_swap import run_bench_swap
+
+    before = {p.name for p in default_shm_dir().iterdir()}
+    out = tmp_path / "swap.json"
+    r = run_bench_swap(make_tiny("qwen2"), out)
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(r))
+    for key in ("device", "date", "commit", "command", "pcie_floor_s", "swap_in_s", "swap_in_vs_floor",
+                "cold_load_s", "decode_slowdown", "switch_stall_no_prefetch_s", "switch_stall_with_prefetch_s",
+                "kv_swap_out_64_gbs", "kv_swap_in_256_gbs", "hf_from_pretrained_s", "hf_to_device_from_pinned_s",
+                "speedup_vs_hf_from_pretrained"):
+        assert key in data, key
+    assert data["kv_round_trip_exact_64"] and data["kv_round_trip_exact_256"]
+    assert data["smoke_only"] == (not torch.cuda.is_available())
+    assert {p.name for p in default_shm_dir().iterdir()} == before  # the bench's host cache was removed
