@@ -50,7 +50,7 @@ class Prefetcher:
         decides whether to evict something for a prefetch (usually not)."""
         if host.key in self.active:
             return self.active[host.key]
-        slot = self.swapper._check_slot(host, slot)
+        slot = self.swapper.slot_for(host, slot)
         host.pins += 1  # held for the prefetch's whole life, on CPU too
         p = Prefetch(host, slot, SwapHandle(host.layout, device=self.swapper.device),
                      split(host.nbytes, -(-host.nbytes // self.piece), align=min(SPLIT_ALIGN, self.piece)))

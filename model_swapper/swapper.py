@@ -141,7 +141,7 @@ class Swapper:
         """Start copying `host` into `slot` (default: a new slot from free arena space; raises ArenaFull /
         ArenaTooSmall). Returns at once on CUDA; compute must `rm.ready.wait(stream)` before reading."""
         self.poll()
-        slot = self._check_slot(host, slot)
+        slot = self.slot_for(host, slot)
         dst = self.arena.slot_bytes(slot)
         ends = split(host.nbytes, chunks or self.chunks)
         self.before_copy()
@@ -164,7 +164,8 @@ class Swapper:
         return rm.slot
 
     # -- shared with prefetch ---------------------------------------------------------------------------
-    def _check_slot(self, host: HostModel, slot: Slot | None) -> Slot:
+    def slot_for(self, host: HostModel, slot: Slot | None) -> Slot:
+        """`slot` if it is big enough for `host`, else a new slot from free arena space (raises on shortage)."""
         if slot is None:
             return self.allocate_slot(host)
         if slot.nbytes < host.nbytes:
