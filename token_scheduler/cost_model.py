@@ -141,18 +141,22 @@ class OnlineLinearFit:
     def predict(self, x) -> float:
         return sum(t * v for t, v in zip(self.theta, x, strict=True))
 
-    def update(self, x, y: float) -> None:
+    def update(self, x, y: float, tol: float = 0.0) -> bool:
+        """Fold in one measurement; skipped (returns False) when already predicted within `tol` (relative)."""
+        err = y - self.predict(x)
+        self.n += 1
+        if abs(err) <= tol * abs(y):
+            return False
         P, k = self.P, len(self.theta)
         Px = [sum(P[i][j] * x[j] for j in range(k)) for i in range(k)]
         denom = self.lam + sum(x[i] * Px[i] for i in range(k))
         gain = [p / denom for p in Px]
-        err = y - self.predict(x)
         self.theta = [t + g * err for t, g in zip(self.theta, gain, strict=True)]
         P = [[P[i][j] - gain[i] * Px[j] for j in range(k)] for i in range(k)]
         if sum(P[i][i] for i in range(k)) < self.cap:
             P = [[v / self.lam for v in row] for row in P]
         self.P = P
-        self.n += 1
+        return True
 
 
 class CostModel:
@@ -165,6 +169,7 @@ class CostModel:
     def __init__(self, profile: HardwareProfile | None = None, specs: list[ModelSpec] | tuple = ()):
         self.profile = profile
         self._step: dict[str, OnlineLinearFit] = {}
+        self._coef: dict[str, tuple[float, ...]] = {}  # per-unit coefficients, refreshed when a fit moves
         self._specs: dict[str, ModelSpec] = {}
         bw = profile.pcie_bytes_per_s if profile else 25e9  # unseeded: a modest PCIe guess, refitted at once
         ovh = profile.switch_overhead_s if profile else 0.0
@@ -182,6 +187,7 @@ class CostModel:
         self._specs[spec.name] = spec
         prior = self.profile.step_coefficients(spec) if self.profile else (0.0,) * 5
         self._step[spec.name] = OnlineLinearFit(prior, self._conf)
+        self._coef.pop(spec.name, None)
 
     # -- predictions (cheap; called by policies every step) --
     def step_time(self, model: str, shape: StepShape) -> float:
@@ -189,7 +195,10 @@ class CostModel:
 
     def step_coefficients(self, model: str) -> tuple[float, ...]:
         """Fitted coefficients in per-unit terms: (base s, s/seq, s/new token, s/ctx token, s/attn pair)."""
-        return tuple(t / s for t, s in zip(self._step[model].theta, _FEATURE_SCALES, strict=True))
+        c = self._coef.get(model)
+        if c is None:
+            c = self._coef[model] = tuple(t / s for t, s in zip(self._step[model].theta, _FEATURE_SCALES, strict=True))
+        return c
 
     def load_time(self, nbytes: float) -> float:
         return max(0.0, self._load.predict((1.0, nbytes / 1e9)))
@@ -202,7 +211,9 @@ class CostModel:
 
     # -- measurements (reported by the mechanism) --
     def observe_step(self, model: str, shape: StepShape, seconds: float) -> None:
-        self._step[model].update(shape.features(), seconds)
+        # Within 0.5% already: skip the O(n^2) update (most steps once the fit has converged).
+        if self._step[model].update(shape.features(), seconds, tol=0.005):
+            self._coef.pop(model, None)
 
     def observe_load(self, nbytes: float, seconds: float, hidden_s: float = 0.0) -> None:
         self._load.update((1.0, nbytes / 1e9), seconds)

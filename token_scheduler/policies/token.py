@@ -128,11 +128,11 @@ class TokenPolicy:
         first_group = sum(r.num_prompt_tokens for r in islice(m.waiting, cfg.limits.group_size))
         chunk = prefill_budget(st.cost, m, cfg.limits, len(m.running), m.kv_gpu_tokens)
         demand = need_w + bpt * (swapped + len(m.running) + min(first_group, chunk))
-        victims = self._victims(st, m.name)
-        room = make_room(st, demand - free, victims) if demand > free else Room()
+        victims = self._victims(st, m.name) if demand > free else None
+        room = make_room(st, demand - free, victims) if victims else Room()
         if need_w > free + room.freed:
             return StepPlan(why=f"no room for {m.name}")
-        batch = build_batch(st.cost, m, cfg.limits, free + room.freed - need_w)
+        batch = build_batch(st.cost, m, cfg.limits, free + room.freed - need_w, max_prefill_tokens=chunk)
         if not batch.entries:
             return StepPlan(why=f"{m.name}: nothing fits")
         plan = StepPlan(
@@ -153,7 +153,8 @@ class TokenPolicy:
         done = [n for n, m in st.models.items() if m.has_work and n not in queued and n != keep]
         return idle + done + [n for n in reversed(self._queue) if n != keep]
 
-    def _plan_prefetch(self, st: PoolState, plan: StepPlan, room: Room, free_after: int, victims: list[str]) -> None:
+    def _plan_prefetch(self, st: PoolState, plan: StepPlan, room: Room, free_after: int,
+                       victims: list[str] | None) -> None:
         mode = self.cfg.prefetch
         if mode == "off" or not self._queue:
             return
@@ -172,6 +173,7 @@ class TokenPolicy:
         need = target.spec.weight_bytes - free_after
         if need > 0:
             protect = set(list(self._queue)[: upto + 1]) | {plan.model}
+            victims = victims if victims is not None else self._victims(st, plan.model)
             seeded = Room(list(room.evict), list(room.swap_out), 0)
             r2 = make_room(st, need, [v for v in victims if v not in protect], room=seeded)
             if r2.freed < need:
