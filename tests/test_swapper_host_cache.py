@@ -124,6 +124,24 @@ def _child_attach(ns: str, model_dir: str, q) -> None:
     cache.close()
 
 
+def _child_slow_load(ns: str, model_dir: str, q_up, q_down) -> None:
+    import time
+
+    import model_swapper.host_cache as hc
+
+    real = hc.load_into_region
+
+    def slow(*a, **k):
+        time.sleep(1.5)
+        return real(*a, **k)
+    hc.load_into_region = slow
+    cache = HostModelCache("64MiB", namespace=ns)
+    m = cache.get(model_dir)
+    q_up.put(m.loaded_here)
+    q_down.get(timeout=120)  # hold the model until the parent is done
+    cache.close()
+
+
 def _child_crash(ns: str, model_dir: str, mode: str) -> None:
     import model_swapper.host_cache as hc
 
@@ -151,6 +169,31 @@ def test_two_processes_share_one_copy(make_tiny, ns):
     assert r["holders"] == 2
     assert r["sha"] == hashlib.sha256(m.buffer.numpy().tobytes()).hexdigest()
     assert cache.entries()[m.key]["holders"] == [cache.me]  # the child's close() dropped its hold only
+    cache.close()
+
+
+def test_second_process_waits_for_the_loader_instead_of_loading_twice(make_tiny, ns):
+    import time
+
+    d = make_tiny("qwen2")
+    ctx = mp.get_context("spawn")
+    q_up, q_down = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=_child_slow_load, args=(ns, str(d), q_up, q_down))
+    p.start()
+    cache = HostModelCache("64MiB", namespace=ns)
+    deadline = time.monotonic() + 60
+    while not cache.entries() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert next(iter(cache.entries().values()))["state"] == "loading"
+    m = cache.get(d)  # waits for the child's load, then attaches
+    assert m.loaded_here is False and q_up.get(timeout=60) is True
+    ref = load_weights(d, m.cfg)
+    w = m.weights()
+    assert all(torch.equal(w[k], ref[k]) for k in ref)
+    del w
+    q_down.put("done")
+    p.join(60)
+    assert p.exitcode == 0
     cache.close()
 
 
