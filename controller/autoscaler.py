@@ -46,7 +46,7 @@ class Autoscaler:
             hosts = [e for e in engines if e.alive and name in e.replicas and not e.replicas[name].draining]
             n = len(hosts)
             if n < ml.min_replicas:
-                rt = place(ml.info, engines, models, exclude=frozenset(a.engine_id for a in actions))
+                rt = place(ml.info, engines, models, exclude=frozenset(a.engine_id for a in actions if a.model == name))
                 if rt is not None:
                     actions.append(Action("load", name, rt.engine_id, rt.evict))
                 continue
@@ -57,7 +57,7 @@ class Autoscaler:
             self._hot[name] = self._hot.get(name, 0) + 1 if hot else 0
             self._cold[name] = self._cold.get(name, 0) + 1 if cold else 0
             if self._hot[name] >= self.s.up_ticks and 0 < n < ml.max_replicas:
-                rt = place(ml.info, engines, models, exclude=frozenset(a.engine_id for a in actions))
+                rt = place(ml.info, engines, models, exclude=frozenset(a.engine_id for a in actions if a.model == name))
                 if rt is not None:
                     actions.append(Action("load", name, rt.engine_id, rt.evict))
                     self._hot[name] = 0

@@ -140,7 +140,8 @@ class EnginePool:
             t0 = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "controller.worker", "--controller", f"127.0.0.1:{self.port}",
-                "--device", device, "--slot", str(slot), env=env, stdin=asyncio.subprocess.DEVNULL)
+                "--device", device, "--slot", str(slot), env=env, stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True)  # a Ctrl-C for the server is not the worker's: stop() ends it
             self._procs[slot] = proc
             rc = await proc.wait()
             if self._stopping or not self.s.restart:

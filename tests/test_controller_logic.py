@@ -127,6 +127,9 @@ def test_autoscaler_restores_minimum_and_scales_on_slo_misses():
     engines = [EngineView("e0", 10 * GB, {"m": ReplicaView("m", True, 64, (1,))}), EngineView("e1", 10 * GB)]
     assert [x.kind for x in a.plan([_load("m", 1, cap=64, att=0.5)], engines)] == ["load"]
     assert [(x.model, x.engine_id) for x in a.plan([_load("z", 0, lo=1)], [EngineView("e0", 10 * GB)])] == [("z", "e0")]
+    # cold models share an engine from the first tick
+    acts = a.plan([_load("p", 0), _load("q", 0)], [EngineView("e0", 10 * GB)])
+    assert sorted((x.model, x.engine_id) for x in acts) == [("p", "e0"), ("q", "e0")]
 
 
 # --- tenants ---
