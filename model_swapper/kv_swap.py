@@ -145,6 +145,9 @@ class KVSwapper:
         # allocated once here; per-swap work never calls the caching allocator for data
         self.staging = torch.empty((staging_blocks, *host.block_shape), dtype=kv.dtype, device=self.device)
         self._idx = torch.empty(max(staging_blocks, 1), dtype=torch.int64, device=self.device)
+        if self.stream is not None:  # used on the copy stream: freeing must wait for it
+            for t in (self.staging, self._idx, kv):
+                t.record_stream(self.stream)
         self.direct_min_bytes = direct_min_bytes
 
     def swap_out(self, gpu_blocks: list[int]) -> tuple[list[int], KVHandle]:

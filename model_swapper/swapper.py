@@ -129,6 +129,8 @@ class Swapper:
         self.device = arena.device
         self.chunks = chunks
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.stream is not None:  # should the arena ever be freed, not before our copies into it are done
+            arena.buffer.record_stream(self.stream)
         self._released: list[torch.cuda.Event] = []  # compute-stream events the next copy must follow
         self._inflight: list[tuple[object, HostModel]] = []  # (last event, host model pinned until it fires)
         self._warned_unpinned = False
