@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,9 +14,11 @@ import openai
 import pytest
 
 from controller.keys import hash_key
-from controller.testing import LiveServer
+from controller.testing import REPO_ROOT, LiveServer, free_port
 
 ADMIN = "admin-failover-token"
+JOIN = "join-token-for-remote-workers"
+WORKER_PORT = free_port()
 ADM = {"Authorization": f"Bearer {ADMIN}"}
 
 
@@ -22,11 +26,37 @@ ADM = {"Authorization": f"Bearer {ADMIN}"}
 def server(tmp_path_factory):
     cfg = {
         "admin_token_hash": hash_key(ADMIN),
-        "workers": {"local": "cpu", "heartbeat_s": 0.25, "dead_after_s": 1.5},
+        "workers": {"local": "cpu", "heartbeat_s": 0.25, "dead_after_s": 1.5, "join_token_hash": hash_key(JOIN),
+                    "listen": {"host": "127.0.0.1", "port": WORKER_PORT}},
         "models": [{"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.02, "max_num_seqs": 64}}],
     }
     with LiveServer(cfg, tmp_path_factory.mktemp("failover")) as srv:
         yield srv
+
+
+def _remote_worker(token: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env.pop("TOKENPOOL_JOIN_TOKEN", None)
+    return subprocess.Popen([sys.executable, "-m", "controller.worker", "--controller", f"127.0.0.1:{WORKER_PORT}",
+                             "--join-token", token], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_remote_worker_registers_with_join_token(server):
+    bad = _remote_worker("wrong-token")
+    assert bad.wait(30) != 0  # refused, and it says so by exiting
+    good = _remote_worker(JOIN)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(e["pid"] == good.pid and e["alive"] for e in engines(server)):
+            assert time.monotonic() < deadline and good.poll() is None
+            time.sleep(0.2)
+    finally:
+        good.kill()
+        good.wait()
+    deadline = time.monotonic() + 5  # its connection closes: declared dead at once, not restarted
+    while any(e["pid"] == good.pid and e["alive"] for e in engines(server)):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
 
 
 def engines(srv):
