@@ -51,7 +51,9 @@ class ModelRunner:
         self.rope = llama.RopeCache.build(cfg, max_model_len + 1, self.device)
         self.sampler = Sampler(self.device, seed)
         self.use_triton = self.is_cuda and _triton_ok()
-        self.fwd = llama.forward_fused if self.use_triton else llama.forward
+        # Decode runs the fused kernels; prefill keeps the reference op sequence (it is compute-bound, so
+        # fusion buys little there, and first-token logits then follow HF's arithmetic op for op).
+        self.fwd_decode = llama.forward_fused if self.use_triton else llama.forward
         self.graphs: dict[int, _DecodeGraph] = {}
         if self.is_cuda and cuda_graphs:
             self.capture_graphs([b for b in GRAPH_BUCKETS if b <= max_graph_batch])
@@ -123,7 +125,8 @@ class ModelRunner:
                 meta.seqs.append((q0, c.num_tokens, ctx))
                 meta.seq_block_tables.append(t(c.request.block_ids[: -(-ctx // self.block_size)]))
                 q0 += c.num_tokens
-        hidden = self.fwd(self.cfg, self.weights, self.kv, self.rope, t(ids), t(pos), meta)
+        fwd = self.fwd_decode if out.is_decode else llama.forward
+        hidden = fwd(self.cfg, self.weights, self.kv, self.rope, t(ids), t(pos), meta)
         idx, q = [], 0
         for c in out.chunks:
             q += c.num_tokens
@@ -171,7 +174,7 @@ class _DecodeGraph:
                                  block_tables=self.bt, context_lens=self.ctx32, use_triton=runner.use_triton)
 
         def run():
-            h = runner.fwd(runner.cfg, runner.weights, runner.kv, runner.rope, self.dev[0], self.dev[1], meta)
+            h = runner.fwd_decode(runner.cfg, runner.weights, runner.kv, runner.rope, self.dev[0], self.dev[1], meta)
             return llama.compute_logits(runner.weights, h)
 
         s = torch.cuda.Stream()
