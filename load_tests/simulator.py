@@ -278,26 +278,51 @@ def _placement(names: list[str], specs: dict[str, ModelSpec], n: int, mode: str)
 def simulate(items, specs: dict[str, ModelSpec], slos: dict[str, ModelSLO] | ModelSLO, policy: str,
              n_gpus: int = 1, capacity_bytes: int = 60 * 10**9, hw: HardwareProfile | None = None,
              placement: str = "partition", drain_s: float = 60.0, noise: float = 0.0, seed: int = 0,
-             policy_kw: dict | None = None, keep_tokens: bool = False) -> SimResult:
-    """Replay `items` (WorkItems, sorted by time) against `policy` on `n_gpus` simulated GPUs."""
+             policy_kw: dict | None = None, keep_tokens: bool = False, workers: int = 1) -> SimResult:
+    """Replay `items` (WorkItems, sorted by time) against `policy` on `n_gpus` simulated GPUs.
+
+    `workers` > 1 splits the GPUs over processes; exact (same numbers) because with a static placement
+    (`partition`, `hash`) GPUs never interact. `p2c` reads every GPU's load at dispatch: one process.
+    """
     from token_scheduler.cost_model import H100_PCIE53
 
-    hw = hw or H100_PCIE53
-    slo_of = (lambda m: slos) if isinstance(slos, ModelSLO) else (lambda m: slos[m])
     names = sorted({w.model for w in items} | set(specs))
     where = _placement(names, specs, n_gpus, placement)
-    gpus = [GpuSim(g, capacity_bytes, make_policy(policy, **(policy_kw or {})), hw, noise, seed)
-            for g in range(n_gpus)]
-    if placement != "p2c":
-        for m in names:
-            for g in where[m]:
-                gpus[g].register(specs[m], slo_of(m))
     duration = max((w.time for w in items), default=0.0)
-    horizon = duration + drain_s
+    job = dict(specs=specs, slos=slos, policy=policy, capacity=capacity_bytes, hw=hw or H100_PCIE53,
+               where=where, horizon=duration + drain_s, noise=noise, seed=seed, policy_kw=policy_kw or {},
+               keep_tokens=keep_tokens, static=placement != "p2c")
+    workers = max(1, min(workers, n_gpus)) if placement != "p2c" else 1
+    groups = [list(range(k, n_gpus, workers)) for k in range(workers)]
+    if workers == 1:
+        parts = [_run_gpus(items, groups[0], job)]
+    else:
+        import multiprocessing as mp
+
+        per = [[w for w in items if where[w.model][0] % workers == k] for k in range(workers)]
+        with mp.get_context("fork").Pool(workers) as pool:
+            parts = pool.starmap(_run_gpus, [(per[k], groups[k], job) for k in range(workers)])
+    records = sorted((r for p in parts for r in p[0]), key=lambda r: (r.arrival, r.request_id))
+    stats = [st for p in parts for st in p[1]]
+    end = max([duration] + [p[2] for p in parts])
+    return _result(policy, stats, records, duration, end, parts[0][3])
+
+
+def _run_gpus(items, gpu_ids: list[int], job: dict):
+    """Run the GPUs `gpu_ids` (global ids) on the requests placed on them: (records, stats, end, extra)."""
+    slos, specs, where = job["slos"], job["specs"], job["where"]
+    slo_of = (lambda m: slos) if isinstance(slos, ModelSLO) else (lambda m: slos[m])
+    gpus = {g: GpuSim(g, job["capacity"], make_policy(job["policy"], **job["policy_kw"]), job["hw"], job["noise"],
+                      job["seed"]) for g in gpu_ids}
+    if job["static"]:
+        for m, gs in where.items():
+            for g in gs:
+                if g in gpus:
+                    gpus[g].register(specs[m], slo_of(m))
     records: list[RequestRecord] = []
     heap: list[tuple[float, int]] = []
-    busy = [False] * n_gpus
-    i, n = 0, len(items)
+    busy = dict.fromkeys(gpus, False)
+    i, n, horizon = 0, len(items), job["horizon"]
     while True:
         t_gpu = heap[0][0] if heap else math.inf
         t_arr = items[i].time if i < n else math.inf
@@ -307,7 +332,7 @@ def simulate(items, specs: dict[str, ModelSpec], slos: dict[str, ModelSLO] | Mod
             w = items[i]
             i += 1
             rec = RequestRecord(w.id, w.model, w.time, w.prompt_len, w.output_len, slo_of(w.model),
-                                tokens=[] if keep_tokens else None)
+                                tokens=[] if job["keep_tokens"] else None)
             records.append(rec)
             g = min(where[w.model], key=lambda k: (gpus[k].outstanding, k))
             gpu = gpus[g]
@@ -324,34 +349,37 @@ def simulate(items, specs: dict[str, ModelSpec], slos: dict[str, ModelSLO] | Mod
             busy[g] = False
         else:
             heapq.heappush(heap, (nxt, g))
-    end = max([duration] + [g.now for g in gpus])
-    return _result(policy, gpus, records, duration, end)
+    extra = {}
+    if 0 in gpus:
+        extra["cost_model_gpu0"] = gpus[0].state.cost.to_dict()
+        if hasattr(gpus[0].policy, "round_info"):
+            extra["rounds_gpu0"] = gpus[0].policy.round_info()
+    return records, [g.stats for g in gpus.values()], max([0.0] + [g.now for g in gpus.values()]), extra
 
 
-def _result(policy: str, gpus: list[GpuSim], records: list[RequestRecord], duration: float, end: float) -> SimResult:
+def _result(policy: str, stats: list[GpuStats], records: list[RequestRecord], duration: float, end: float,
+            extra0: dict) -> SimResult:
     summ = summarize(records)
     tot = defaultdict(float)
     fracs: list[float] = []
-    for g in gpus:
-        for k, v in g.stats.__dict__.items():
+    for st in stats:
+        for k, v in st.__dict__.items():
             if k != "policy_cpu_frac":
                 tot[k] += v
-        fracs += g.stats.policy_cpu_frac
+        fracs += st.policy_cpu_frac
     fracs.sort()
     span = max(duration, 1e-9)
     good = [r for r in records if r.attained()]
-    extra: dict = {"loads": int(tot["loads"]), "cost_model_gpu0": gpus[0].state.cost.to_dict()}
+    extra: dict = {"loads": int(tot["loads"]), **extra0}
     if records and records[0].tokens is not None:
         extra["records"] = [{"id": r.request_id, "model": r.model, "output_len": r.output_len, "tokens": r.tokens}
                             for r in records]
-    if gpus and hasattr(gpus[0].policy, "round_info"):
-        extra["rounds_gpu0"] = gpus[0].policy.round_info()
     return SimResult(
-        policy=policy, n_gpus=len(gpus), duration_s=duration, end_s=end, slo=summ.to_dict(),
+        policy=policy, n_gpus=len(stats), duration_s=duration, end_s=end, slo=summ.to_dict(),
         goodput_rps=len(good) / span, goodput_tokens_per_s=sum(r.output_len for r in good) / span,
         switches_per_s=tot["loads"] / max(end, 1e-9), load_stall_s=tot["load_stall_s"],
         swap_stall_s=tot["swap_stall_s"], swap_gb=(tot["swap_out_bytes"] + tot["swap_in_bytes"]) / 1e9,
-        gpu_busy_frac=tot["busy_s"] / (max(end, 1e-9) * len(gpus)), steps=int(tot["steps"]),
+        gpu_busy_frac=tot["busy_s"] / (max(end, 1e-9) * len(stats)), steps=int(tot["steps"]),
         policy_cpu_us_per_step=1e6 * tot["policy_cpu_s"] / max(1, tot["policy_calls"]),
         policy_cpu_frac_mean=(sum(fracs) / len(fracs)) if fracs else 0.0,
         policy_cpu_frac_p99=fracs[int(0.99 * (len(fracs) - 1))] if fracs else 0.0,

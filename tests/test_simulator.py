@@ -105,3 +105,7 @@ def test_multi_gpu_placement():
     for placement in ("partition", "hash", "p2c"):
         res = simulate(items, specs, SLO, "token", n_gpus=3, capacity_bytes=2500, hw=FLAT, placement=placement)
         assert res.unfinished == 0 and res.n_gpus == 3
+    # GPUs under a static placement never interact: splitting them over processes changes nothing
+    one = simulate(items, specs, SLO, "token", n_gpus=3, capacity_bytes=2500, hw=FLAT, keep_tokens=True)
+    two = simulate(items, specs, SLO, "token", n_gpus=3, capacity_bytes=2500, hw=FLAT, keep_tokens=True, workers=2)
+    assert one.extra["records"] == two.extra["records"] and one.steps == two.steps
