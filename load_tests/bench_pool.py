@@ -87,7 +87,7 @@ def run_bench_pool(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: flo
                    slo_tpot: float = 0.1, gpu_budget_gb: float = 60.0, policies=("token", "request", "static"),
                    seed: int = 0, json_out: Path | str | None = None, n_gpus: int = 1, placement: str = "partition",
                    target: float = 0.9, sweep: bool = True, noise: float = 0.0, quiet: bool = False,
-                   min_requests: int = 300) -> dict:
+                   min_requests: int = 300, workers: int = 1) -> dict:
     entries = parse_models(models)
     specs = {e.name: spec_for(e.arch, e.size, e.name) for e in entries}
     slo = ModelSLO(slo_ttft, slo_tpot)
@@ -105,7 +105,7 @@ def run_bench_pool(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: flo
         dur = max(duration, min_requests / (r * len(specs))) if stretch else duration
         items = generate(list(specs), r, dur, seed=seed)
         return simulate(items, specs, slo, policy, n_gpus=n_gpus, capacity_bytes=cap, placement=placement,
-                        noise=noise, seed=seed)
+                        noise=noise, seed=seed, workers=workers)
 
     out: dict = {
         "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else "run_bench_pool",
