@@ -90,8 +90,7 @@ def build_tokenizer(tokenizer_json: Path = TOKENIZER_JSON):
         eos_token=IM_END,
         pad_token=PAD,
         chat_template=CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False,
-        add_bos_token=False,
+        clean_up_tokenization_spaces=False,  # decode must not touch spaces around punctuation
     )
 
 
