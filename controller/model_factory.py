@@ -18,7 +18,8 @@ Real sizes take the shapes of this public model (* = the arch has none of that s
 Qwen2.5 shapes are the -Instruct releases' (32k positions). Real sizes keep the public vocab_size (embedding
 rows past the tokenizer are simply never looked up). `tiny` (0.4-0.6M params) and `small` (26-31M) are CPU-test
 sizes that exercise each arch's features: qwen2 q/k/v bias, qwen3 q/k norm with head_dim != hidden/heads,
-llama3 rope scaling, mistral's sliding window, GQA everywhere, tied (qwen) and untied (llama, mistral) heads.
+llama3 rope scaling, GQA everywhere, tied (qwen) and untied (llama, mistral) heads. Mistral keeps
+sliding_window=4096, which is past the 2048 positions of tiny/small, so it never masks there.
 
 Determinism: each tensor is drawn from its own generator seeded by sha256(seed, tensor name), so the bytes do
 not depend on tensor order or sharding, and the same seed gives identical files -- given the same torch and
