@@ -104,10 +104,9 @@ def loadtest_cmd(
 
 @app.command("operator")
 def operator_cmd() -> None:
-    """Run the Kubernetes operator (reconciles TokenPool resources)."""
-    from controller.operator import run_operator
-
-    run_operator()
+    """Run the Kubernetes operator (reconciles TokenPool resources) — not built yet."""
+    typer.echo("tokenpool operator: the Kubernetes operator is not built yet (see README status).", err=True)
+    raise typer.Exit(2)
 
 
 if __name__ == "__main__":
