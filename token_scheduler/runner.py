@@ -55,6 +55,7 @@ class ModelRunner:
         # fusion buys little there, and first-token logits then follow HF's arithmetic op for op).
         self.fwd_decode = llama.forward_fused if self.use_triton else llama.forward
         self.graphs: dict[int, _DecodeGraph] = {}
+        self.bucket_of: dict[int, int] = {}  # decode batch size -> smallest captured bucket that fits
         if self.is_cuda and cuda_graphs:
             self.capture_graphs([b for b in GRAPH_BUCKETS if b <= max_graph_batch])
 
@@ -71,7 +72,7 @@ class ModelRunner:
         if not out.chunks:
             return StepResult({}, {})
         sample_reqs = [c.request for c in out.chunks if c.sample]
-        if out.is_decode and len(out.chunks) in self._bucket_map():
+        if out.is_decode and len(out.chunks) in self.bucket_of:
             logits = self._decode_graph(out)
         else:
             hidden, idx = self._forward_eager(out)
@@ -135,23 +136,16 @@ class ModelRunner:
         return hidden, idx
 
     # -- CUDA graphs ---------------------------------------------------------------------------------
-    def _bucket_map(self) -> dict[int, int]:
-        if not self.graphs:
-            return {}
-        if not hasattr(self, "_bmap"):
-            sizes = sorted(self.graphs)
-            self._bmap = {n: next(b for b in sizes if b >= n) for n in range(1, sizes[-1] + 1)}
-        return self._bmap
-
     def capture_graphs(self, buckets: list[int]) -> None:
         pool = torch.cuda.graph_pool_handle()
         for b in sorted(buckets, reverse=True):
             self.graphs[b] = _DecodeGraph(self, b, pool)
-        self.__dict__.pop("_bmap", None)
+        sizes = sorted(self.graphs)
+        self.bucket_of = {n: next(b for b in sizes if b >= n) for n in range(1, sizes[-1] + 1)}
 
     def _decode_graph(self, out: SchedulerOutput) -> torch.Tensor:
         n = len(out.chunks)
-        g = self.graphs[self._bucket_map()[n]]
+        g = self.graphs[self.bucket_of[n]]
         g.fill(out, self)
         g.graph.replay()
         return g.logits[:n]
