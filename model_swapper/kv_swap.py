@@ -43,6 +43,10 @@ class HostBlockAllocator:
     def num_free(self) -> int:
         return self._free.free
 
+    @property
+    def num_used(self) -> int:
+        return len(self._used)
+
     def can_allocate(self, n: int) -> bool:
         return n <= self._free.free
 
@@ -110,9 +114,37 @@ class HostKVPool:
     def like(cls, kv: torch.Tensor, num_blocks: int, pin: bool | None = None) -> HostKVPool:
         return cls(num_blocks, tuple(kv.shape[1:]), kv.dtype, pin)
 
+    def view(self, block_shape: tuple[int, ...], dtype: torch.dtype) -> HostKVPool:
+        """The same blocks (one region, one allocator) seen with another block shape that fits in a block:
+        models of different KV widths share one host pool. Block i starts at byte i * block_bytes."""
+        v = object.__new__(HostKVPool)
+        v.block_shape, v.dtype, v.region, v.allocator, v._view = tuple(block_shape), dtype, self.region, self.allocator, True
+        elems = 1
+        for d in block_shape:
+            elems *= d
+        v.block_bytes = elems * dtype.itemsize
+        if v.block_bytes > self.block_bytes or self.block_bytes % dtype.itemsize:
+            raise ValueError(f"blocks of {v.block_bytes} B do not fit the pool's {self.block_bytes} B blocks")
+        v.blocks = None if self.blocks is None else strided_blocks(self.region.tensor, self.allocator.num_blocks,
+                                                                      self.block_bytes, block_shape, dtype)
+        return v
+
     def close(self) -> None:
         self.blocks = None
-        self.region.close()
+        if not getattr(self, "_view", False):
+            self.region.close()
+
+
+def strided_blocks(flat: torch.Tensor, n: int, block_bytes: int, block_shape: tuple[int, ...],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """[n, *block_shape] view of a flat uint8 buffer whose block i starts at byte i * block_bytes (contiguous
+    when the block shape fills a block exactly)."""
+    inner = []
+    st = 1
+    for d in reversed(block_shape):
+        inner.append(st)
+        st *= d
+    return flat.view(dtype).as_strided((n, *block_shape), (block_bytes // dtype.itemsize, *reversed(inner)))
 
 
 @dataclass
@@ -167,6 +199,11 @@ class KVSwapper:
         if free_host:
             self.host.allocator.free(host_blocks)
         return h
+
+    def copy(self, gpu_blocks: list[int], host_blocks: list[int], to_host: bool) -> KVHandle:
+        """Copy between blocks whose ids the caller allocated (an engine's scheduler owns both allocators).
+        Same ordering rules as swap_out / swap_in."""
+        return self._transfer(gpu_blocks, host_blocks, to_host)
 
     def _transfer(self, gpu: list[int], host: list[int], to_host: bool) -> KVHandle:
         if len(gpu) != len(host):

@@ -70,3 +70,50 @@ def test_add_request_validates_model(make_tiny):
     outs = multi.step()
     assert any(o.request_id == "x" and o.finished for o in outs)
     assert not multi.has_unfinished_requests()
+
+
+@pytest.fixture
+def host_cache():
+    import uuid
+
+    from model_swapper.host_cache import HostModelCache
+
+    c = HostModelCache("256MiB", namespace=f"test-{uuid.uuid4().hex[:10]}")
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize("kind,policy", [("greedy", "token"), ("seeded", "token"), ("greedy", "request")])
+def test_pooled_swaps_weights_and_kv_and_equals_alone(make_tiny, host_cache, kind, policy):
+    """Weights that do not all fit the budget move in and out of arena slots, KV pages shared by the models
+    run short so idle models' KV goes to host pages and back -- and every request's tokens are unchanged."""
+    from gpu_pool.arena import MiB
+
+    paths = {a: make_tiny(a) for a in ARCHS}
+    alone = {a: _alone(p, kind) for a, p in paths.items()}
+    page = 16 * 512  # the first model's (qwen2) 16 tokens of fp32 KV
+    # KV region: 12 pages (the 12 requests need ~40 at once); weights: 4 MiB = two of the three models
+    kw = {"max_round_s": 0.0} if policy == "token" else {}  # token: strict round robin, every model active
+    multi = MultiModelEngine(dict(paths.items()), policy=policy, device="cpu", gpu_budget=6 * MiB,
+                             kv_cache_gb=12 * page / 1e9, host_kv_gb=256 * page / 1e9, host_cache=host_cache,
+                             policy_kw=kw)
+    pool = multi.pool
+    assert pool.page_bytes == page and pool.weight_capacity == 4 * MiB
+    assert {e.block_size for e in multi.engines.values()} == {16, 8}  # qwen3: 1 KiB of KV per token
+    for i, p in enumerate(PROMPTS):
+        for a in ARCHS:
+            multi.add_request(f"{a}/r{i}", p, _params(kind, i), model=a)
+    done = multi.run()
+    for a in ARCHS:
+        for rid, toks in alone[a].items():
+            assert done[f"{a}/{rid}"].outputs[0].token_ids == toks, (a, rid)
+    # all three cannot be resident at once: weights were evicted, as the policy planned (no forced evictions)
+    assert pool.stats.evictions > 0 and pool.stats.forced_evictions == 0
+    if policy == "token":  # round-robin turns: weights came back more than once; idle models' KV made room
+        assert pool.stats.loads + pool.stats.prefetches > len(ARCHS)
+        assert multi.kv_swapped_out > 0
+    else:  # request-level: each model holds the GPU until its requests finish, so it is loaded once
+        assert pool.stats.loads == len(ARCHS)
+    # nothing leaked: every GPU page and host page is free again
+    assert pool.pages.num_used == 0 and pool.host_kv.allocator.num_used == 0
+    multi.close()

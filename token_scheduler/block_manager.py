@@ -1,7 +1,9 @@
 """KV block allocator: plain Python over integer block ids (no torch).
 
 `allocate` raises `NoFreeBlocks` on shortage; the scheduler decides what to do (wait, preempt, swap).
-The same class manages GPU blocks and host (swap) blocks.
+The same class manages GPU blocks and host (swap) blocks. `share(block_size)` gives another model a view of
+the same pool with its own tokens per block: models of different KV widths then draw pages of one byte size
+from one free list (the multi-model engine's shared KV region).
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ class BlockAllocator:
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
         self._used: set[int] = set()
+
+    def share(self, block_size: int) -> BlockAllocator:
+        """Another allocator over the same blocks (one free list), counting `block_size` tokens per block."""
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        view = object.__new__(BlockAllocator)
+        view.num_blocks, view.block_size, view._free, view._used = self.num_blocks, block_size, self._free, self._used
+        return view
 
     @property
     def num_free(self) -> int:

@@ -39,8 +39,26 @@ class EngineConfig:
         return parse_dtype(self.dtype, torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
 
 
+@dataclass
+class SharedKV:
+    """This model's part of a KV region shared by several models (MultiModelEngine): its view of the GPU
+    pages and of the host pages, and allocators that draw from the shared free lists."""
+
+    kv: torch.Tensor  # [pages, layers, 2, block_size, kv_heads, head_dim] view; the last page is scratch
+    allocator: BlockAllocator  # BlockAllocator.share(block_size) of the pool's GPU allocator
+    host: object | None  # model_swapper.HostKVPool view of the shared host pages (None: no swap space)
+    block_size: int
+    graphs: dict  # CUDA graphs shared by the pool's runners
+    graph_key: object
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig, weights: dict[str, torch.Tensor] | None = None):
+    def __init__(self, config: EngineConfig, weights: dict[str, torch.Tensor] | None = None,
+                 shared_kv: SharedKV | None = None, load: bool = True):
+        """`weights`: use these (views the caller owns) instead of loading. `load=False`: start with no
+        weights at all (a multi-model engine makes them resident with `set_weights`). `shared_kv`: draw KV
+        from a region shared with other models instead of allocating a pool."""
+        from model_swapper.kv_swap import HostKVPool, KVSwapper
         from transformers import AutoTokenizer
 
         self.config = c = config
@@ -52,21 +70,28 @@ class LLMEngine:
         self.dtype = c.torch_dtype
         self.tokenizer = AutoTokenizer.from_pretrained(c.model)
         self.max_model_len = min(c.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        self.weights = weights if weights is not None else load_weights(c.model, mc, self.device, self.dtype)
+        if weights is None and load:
+            weights = load_weights(c.model, mc, self.device, self.dtype)
+        self.weights = weights
 
-        num_blocks = c.num_kv_blocks or self._default_num_blocks()
-        host_blocks = num_blocks if c.num_host_kv_blocks is None else c.num_host_kv_blocks
-        kv = allocate_kv_cache(mc, num_blocks + 1, c.block_size, self.dtype, self.device)  # +1 scratch
-        host_kv = (allocate_kv_cache(mc, host_blocks, c.block_size, self.dtype, "cpu", pin=self.device.type == "cuda")
-                   if host_blocks else None)
+        if shared_kv is None:
+            num_blocks = c.num_kv_blocks or self._default_num_blocks()
+            host_blocks = num_blocks if c.num_host_kv_blocks is None else c.num_host_kv_blocks
+            kv = allocate_kv_cache(mc, num_blocks + 1, c.block_size, self.dtype, self.device)  # +1 scratch
+            self.host_kv = HostKVPool.like(kv, host_blocks) if host_blocks else None
+            gpu_alloc, block_size, graphs, graph_key = BlockAllocator(num_blocks, c.block_size), c.block_size, None, None
+        else:
+            kv, self.host_kv, gpu_alloc = shared_kv.kv, shared_kv.host, shared_kv.allocator
+            block_size, graphs, graph_key = shared_kv.block_size, shared_kv.graphs, shared_kv.graph_key
+        self.block_size = block_size
+        swapper = KVSwapper(kv, self.host_kv, staging_blocks=16 if shared_kv else 64) if self.host_kv else None
         self.scheduler = BatchScheduler(
             SchedulerConfig(c.max_num_seqs, c.max_num_batched_tokens, c.max_num_batched_tokens),
-            BlockAllocator(num_blocks, c.block_size),
-            BlockAllocator(host_blocks, c.block_size) if host_blocks else None,
-            model=self.model_name,
+            gpu_alloc, self.host_kv.allocator if self.host_kv else None, model=self.model_name,
         )
-        self.runner = ModelRunner(mc, self.weights, kv, c.block_size, self.max_model_len, self.device, c.seed,
-                                  host_kv, cuda_graphs=c.cuda_graphs, max_graph_batch=c.max_num_seqs)
+        self.runner = ModelRunner(mc, self.weights, kv, block_size, self.max_model_len, self.device, c.seed,
+                                  swapper, cuda_graphs=c.cuda_graphs, max_graph_batch=c.max_num_seqs,
+                                  graphs=graphs, graph_key=graph_key)
         self.detok = IncrementalDetokenizer(self.tokenizer)
         self._detok: dict[str, DetokState] = {}
         self._aborted: list[Request] = []
@@ -86,6 +111,11 @@ class LLMEngine:
         if n < 1:
             raise RuntimeError(f"no memory left for the KV cache (budget {budget / 1e9:.2f} GB)")
         return n
+
+    def set_weights(self, weights: dict[str, torch.Tensor] | None, slot_key: object = None) -> None:
+        """Make the model resident (views into an arena slot) or not (None). Steps need it resident."""
+        self.weights = weights
+        self.runner.set_weights(weights, slot_key)
 
     @property
     def weight_bytes(self) -> int:
@@ -126,10 +156,10 @@ class LLMEngine:
         return self.scheduler.stats()
 
     # -- the step loop -------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, token_budget: int | None = None) -> list[RequestOutput]:
         outputs = [self._output(r, "", []) for r in self._aborted]
         self._aborted = []
-        out = self.scheduler.schedule()
+        out = self.scheduler.schedule(token_budget)
         if out.empty:
             return outputs
         now = time.monotonic()

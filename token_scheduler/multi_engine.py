@@ -1,23 +1,28 @@
 """MultiModelEngine: several models on one device, one model's batch per step, a multi-model policy choosing.
 
-Each hosted model is a whole `LLMEngine` (its weights, its `BatchScheduler` over its own KV block pool with
-host swap space, its `ModelRunner`). The step loop is the project's one loop, one level up:
+Each hosted model is a whole `LLMEngine` (its `BatchScheduler`, its `ModelRunner`, its sampler). The step
+loop is the project's one loop, one level up:
 
-    plan = policy.schedule(pool_state)      # which model runs now (token_scheduler.policies)
-    outputs = engines[plan.model].step()    # that model's scheduler picks its batch, its runner runs it
+    plan = policy.schedule(pool_state)      # which model runs now, what to evict/prefetch (policies/)
+    execute plan's memory moves             # evict -> KV swap-out -> load (blocking) -> prefetch (async)
+    outputs = engines[plan.model].step(budget)  # that model's scheduler picks its batch, its runner runs it
 
 so interleaving is token by token across models, and each model's requests see exactly the batching rules
-they would see alone (running first, swapped resume oldest first, chunked prefill, preempt newest by swap).
-Request timing fields are the engine's (monotonic seconds), which is the policy's clock too.
+they would see alone. Two ways to hold the models:
 
-What the policy plans beyond "which model" is not executed yet, and is not needed while every model stays
-resident: the pool capacity is set to all weights + all KV pools, so the policy never plans an eviction or a
-cross-model KV swap. Weight eviction/prefetch waits for the model_swapper integration; see the notes at the
-end of this module for what the single-model engine would need to expose.
+- all resident (`gpu_budget=None`): every model loads its weights and its own KV pool; nothing moves.
+- pooled (`gpu_budget="60GB"`): a `residency.ModelPool` reserves one arena; weights live in the pinned host
+  cache and come in and out of arena slots as the plan says (prefetch while another model decodes); every
+  model's KV is paged from one shared region, and a model short of KV pages first swaps out the KV of idle
+  models (least recently run first) to their host pages -- KV is never dropped. The policy sees the weight
+  space as its capacity; KV pages are managed here because they are a separate pool.
+
+Request timing fields are the engine's (monotonic seconds), which is the policy's clock too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -25,6 +30,7 @@ import torch
 
 from token_scheduler.cost_model import H100_PCIE53, CostModel, ModelSpec
 from token_scheduler.engine import EngineConfig, LLMEngine
+from token_scheduler.model.config import ModelConfig
 from token_scheduler.policies import make_policy
 from token_scheduler.policies.batching import shape_of
 from token_scheduler.policies.slo import ModelSLO
@@ -35,30 +41,85 @@ from token_scheduler.request import RequestOutput, SamplingParams
 class MultiModelEngine:
     def __init__(self, models: dict[str, EngineConfig | str | Path], policy: str = "token",
                  slos: dict[str, ModelSLO] | ModelSLO | None = None, device: str = "cpu",
-                 cost: CostModel | None = None, policy_kw: dict | None = None, **engine_kwargs):
+                 cost: CostModel | None = None, policy_kw: dict | None = None, gpu_budget=None,
+                 kv_cache_gb: float = 4.0, host_kv_gb: float | None = None, host_cache=None,
+                 host_budget="64GB", progress=None, **engine_kwargs):
         if not models:
             raise ValueError("MultiModelEngine needs at least one model")
+        self.device = device
+        self.engine_kwargs = engine_kwargs
+        self.progress = progress
+        self.pool = None
+        if gpu_budget is not None:
+            from token_scheduler.residency import ModelPool
+
+            self.pool = ModelPool(device, gpu_budget, kv_cache_gb, host_kv_gb, host_cache, host_budget)
         self.engines: dict[str, LLMEngine] = {}
-        for name, cfg in models.items():
-            if not isinstance(cfg, EngineConfig):
-                cfg = EngineConfig(model=str(cfg), device=device, served_model_name=name, **engine_kwargs)
-            self.engines[name] = LLMEngine(cfg)
-        slos = slos or ModelSLO()
-        specs = {n: self._spec(n, e) for n, e in self.engines.items()}
-        on_cuda = any(e.device.type == "cuda" for e in self.engines.values())
+        self.default_slo = slos if isinstance(slos, ModelSLO) else ModelSLO()
         # Seeded from physical numbers on a GPU; on CPU no prior fits, so it learns from the first steps.
-        self.cost = cost or CostModel(H100_PCIE53 if on_cuda else None, list(specs.values()))
-        capacity = sum(s.weight_bytes + self._kv_pool_bytes(e) for s, e in
-                       zip(specs.values(), self.engines.values(), strict=True))
-        self.state = PoolState(
-            models={n: ModelState(specs[n], slos if isinstance(slos, ModelSLO) else slos[n],
-                                  residency=Residency.RESIDENT) for n in self.engines},
-            capacity_bytes=capacity, cost=self.cost,
-        )
+        self.cost = cost or CostModel(H100_PCIE53 if str(device).startswith("cuda") else None, [])
+        self.state = PoolState(models={}, capacity_bytes=0, cost=self.cost)
         self.policy = make_policy(policy, **(policy_kw or {}))
         self._owner: dict[str, str] = {}  # request id -> model
-        self.steps_per_model: dict[str, int] = dict.fromkeys(self.engines, 0)
+        self.steps_per_model: dict[str, int] = {}
         self.trace: list[str] = []  # model of every step, in order (cheap; tests and debugging)
+        self.kv_swapped_out = 0  # requests whose KV went to host pages to make room for another model
+        self._last_run: dict[str, float] = {}
+        for name, cfg in models.items():
+            self.add_model(name, cfg, slos[name] if isinstance(slos, dict) else None)
+
+    # -- models --------------------------------------------------------------------------------------
+    def add_model(self, name: str, cfg: EngineConfig | str | Path, slo: ModelSLO | None = None) -> None:
+        """Host another model (at runtime too). Pooled: its host copy is loaded now, its weights on demand."""
+        if name in self.engines:
+            raise ValueError(f"model {name!r} is already hosted")
+        if not isinstance(cfg, EngineConfig):
+            cfg = EngineConfig(model=str(cfg), device=self.device, served_model_name=name, **self.engine_kwargs)
+        if self.pool is None:
+            eng = LLMEngine(cfg)
+        else:
+            mc = ModelConfig.from_pretrained(cfg.model)
+            max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+            shared = self.pool.register(name, cfg.model, mc, cfg.torch_dtype, max_len, self.progress)
+            try:
+                eng = LLMEngine(cfg, shared_kv=shared, load=False)
+            except BaseException:
+                self.pool.unregister(name)
+                raise
+        self.engines[name] = eng
+        spec = self._spec(name, eng)
+        if self.pool is not None:
+            # The policy's capacity is the weight space: a model takes its slot (rounded to the arena's
+            # alignment) and its KV takes none of it (KV pages are their own pool, managed here).
+            spec = dataclasses.replace(spec, weight_bytes=self.pool.slot_bytes(name), kv_bytes_per_token=0)
+        self.cost.register(spec)
+        resident = self.pool is None
+        self.state.models[name] = ModelState(spec, slo or self.default_slo,
+                                             residency=Residency.RESIDENT if resident else Residency.HOST)
+        self.steps_per_model[name] = 0
+        self._capacity()
+
+    def remove_model(self, name: str) -> None:
+        """Stop hosting `name`: its unfinished requests are aborted (final outputs come from the next step)."""
+        eng = self.engines.get(name)
+        if eng is None:
+            raise ValueError(f"unknown model {name!r}; hosted: {sorted(self.engines)}")
+        for rid in list(eng.scheduler.requests):
+            eng.abort_request(rid)
+        self._removed = getattr(self, "_removed", []) + [o for o in eng.step() if o.finished]
+        del self.engines[name], self.state.models[name]
+        if self.pool is not None:
+            self.pool.unregister(name)
+        if self.state.active == name:
+            self.state.active = None
+        self._capacity()
+
+    def _capacity(self) -> None:
+        if self.pool is not None:
+            self.state.capacity_bytes = self.pool.weight_capacity
+        else:
+            self.state.capacity_bytes = sum(self.state.models[n].spec.weight_bytes + self._kv_pool_bytes(e)
+                                            for n, e in self.engines.items())
 
     @staticmethod
     def _spec(name: str, eng: LLMEngine) -> ModelSpec:
@@ -85,32 +146,91 @@ class MultiModelEngine:
 
     def abort_request(self, request_id: str) -> None:
         model = self._owner.get(request_id)
-        if model is not None:
+        if model is not None and model in self.engines:
             self.engines[model].abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return any(e.has_unfinished_requests() for e in self.engines.values())
+        return any(e.has_unfinished_requests() for e in self.engines.values()) or bool(getattr(self, "_removed", None))
 
     # -- the step loop -------------------------------------------------------------------------------
     def _sync(self) -> None:
         """Point the policy's view at each model's scheduler queues (no copies of requests)."""
+        pool = self.pool
+        if pool is not None:
+            for name in pool.poll():
+                if name in self.state.models:
+                    self.state.models[name].residency = Residency.RESIDENT
         for name, eng in self.engines.items():
             s, m = eng.scheduler, self.state.models[name]
             m.waiting = s.waiting
             m.running = s.running + list(s.swapped) if s.swapped else list(s.running)
-            m.kv_gpu_tokens = sum(r.num_computed_tokens for r in s.running)
+            # pooled: KV pages are a pool of their own, not part of the policy's weight capacity
+            m.kv_gpu_tokens = 0 if pool is not None else sum(r.num_computed_tokens for r in s.running)
         self.state.now = time.monotonic()
+
+    def _execute_memory(self, plan) -> None:
+        """The plan's memory moves, in the StepPlan contract's order. Pooled mode only."""
+        pool, st = self.pool, self.state
+        for name in plan.evict:
+            if name != plan.model:
+                pool.evict(name)
+                self.engines[name].set_weights(None)
+                st.models[name].residency = Residency.HOST
+        for r in plan.swap_out:
+            self._swap_out(self._owner[r.request_id], [r])
+        if plan.model is not None and plan.batch:
+            eng = self.engines[plan.model]
+            if eng.weights is None or not pool.is_resident(plan.model) or pool.is_loading(plan.model):
+                rm = pool.load(plan.model, protect=(plan.prefetch,) if plan.prefetch else ())
+                eng.set_weights(rm.weights, rm.slot_id)
+                st.models[plan.model].residency = Residency.RESIDENT
+            # evicted by the fragmentation fallback: tell the engines and the policy
+            for name, e in self.engines.items():
+                if e.weights is not None and not pool.is_resident(name):
+                    e.set_weights(None)
+                    st.models[name].residency = Residency.HOST
+            self._make_kv_room(plan.model)
+        if plan.prefetch is not None and plan.prefetch in self.engines and pool.prefetch(plan.prefetch):
+            st.models[plan.prefetch].residency = max(st.models[plan.prefetch].residency, Residency.LOADING)
+            st.models[plan.prefetch].ready_at = st.now + self.cost.load_time(st.models[plan.prefetch].spec.weight_bytes)
+
+    def _make_kv_room(self, model: str) -> None:
+        """Before `model` steps: if the shared pages cannot cover its next step, swap out the KV of models
+        that are not running now (least recently run first, newest request first) until they can."""
+        eng = self.engines[model]
+        pages = eng.scheduler.kv
+        need = _pages_needed(eng)
+        if pages.num_free >= need:
+            return
+        victims = sorted((n for n in self.engines if n != model), key=lambda n: self._last_run.get(n, -1.0))
+        for name in victims:
+            s = self.engines[name].scheduler
+            for r in reversed(list(s.running)):
+                if pages.num_free >= need:
+                    return
+                if r.num_computed_tokens and s.host_kv is not None and s.host_kv.can_allocate(len(r.block_ids)):
+                    self._swap_out(name, [r])
+
+    def _swap_out(self, model: str, reqs) -> None:
+        eng = self.engines[model]
+        out = eng.scheduler.preempt(reqs)
+        eng.runner.swap_kv(out.swap_out, [])
+        self.kv_swapped_out += len(out.swap_out)
 
     def step(self) -> list[RequestOutput]:
         self._sync()
         plan = self.policy.schedule(self.state)
-        outputs: list[RequestOutput] = []
+        outputs: list[RequestOutput] = getattr(self, "_removed", [])
+        self._removed = []
+        if self.pool is not None:
+            self._execute_memory(plan)
         if not plan.idle:
             eng = self.engines[plan.model]
             t0 = time.perf_counter()
-            outputs = eng.step()
+            outputs += eng.step(token_budget=max(plan.num_tokens, 1))
             self.cost.observe_step(plan.model, shape_of(plan.batch), time.perf_counter() - t0)
             self.state.active = plan.model
+            self._last_run[plan.model] = time.monotonic()
             self.steps_per_model[plan.model] += 1
             self.trace.append(plan.model)
         # Aborted requests of a model with nothing else to do still owe their final output.
@@ -132,12 +252,19 @@ class MultiModelEngine:
                     done[o.request_id] = o
         return done
 
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
-# What the single-model engine would need to expose for the policy's full plan to be executed here:
-# 1. LLMEngine.step(token_budget=None) passing it to BatchScheduler.schedule(token_budget), and the step's
-#    SchedulerOutput (or its shape) returned or kept, so the policy's prefill chunk is honoured and the cost
-#    model fits the exact shape instead of the policy's predicted batch.
-# 2. BatchScheduler.preempt(request_ids) -> SchedulerOutput with only swap_out (public form of _preempt) and a
-#    runner call to execute it, for cross-model KV swap-out between turns.
-# 3. Weight eviction / (pre)load hooks on ModelRunner that keep CUDA graphs valid (graphs capture weight
-#    addresses: weights must come back to the same VRAM slab, e.g. via model_swapper's arena).
+
+def _pages_needed(eng: LLMEngine) -> int:
+    """KV blocks the model's next step may allocate: a block per running sequence at a block boundary, the
+    blocks of swapped sequences coming back, and the first waiting prompt's first chunk."""
+    s = eng.scheduler
+    bs = s.kv.block_size
+    need = sum(1 for r in s.running if r.num_computed_tokens + 1 > len(r.block_ids) * bs)
+    need += sum(s.kv.blocks_for(r.num_computed_tokens + 1) for r in s.swapped)
+    if s.waiting:
+        r = s.waiting[0]
+        need += s.kv.blocks_for(min(r.num_tokens, s.cfg.max_num_batched_tokens))
+    return need

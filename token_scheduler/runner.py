@@ -37,39 +37,56 @@ def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype,
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], kv_cache: torch.Tensor,
+    """Runs one model's steps. Weights are an argument (`set_weights` swaps them; None: not resident).
+
+    CUDA graphs are kept in `graphs`, keyed by (`graph_key`, weight slot, bucket). A single-model engine owns
+    its dict and captures every bucket up front. A multi-model engine passes one dict shared by all its
+    runners and a `graph_key` naming everything a captured graph bakes in besides the weights (config, dtype,
+    KV tensor, lengths): a model that lands in the same arena slot as an earlier model with the same key
+    replays that model's graphs; missing buckets are captured on first use.
+    """
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor] | None, kv_cache: torch.Tensor,
                  block_size: int, max_model_len: int, device: torch.device, seed: int = 0,
-                 host_kv_cache: torch.Tensor | None = None, cuda_graphs: bool = True, max_graph_batch: int = 256):
+                 kv_swapper=None, cuda_graphs: bool = True, max_graph_batch: int = 256,
+                 graphs: dict | None = None, graph_key: object = None, scratch_block: int | None = None):
         self.cfg = cfg
         self.weights = weights
-        self.kv = kv_cache  # the last block is a scratch block for padded graph rows
-        self.host_kv = host_kv_cache
+        self.slot_key: object = None  # which weight slot `weights` live in (graphs are per slot)
+        self.kv = kv_cache
+        self.kv_swapper = kv_swapper  # model_swapper.KVSwapper over `kv` and the host KV pool
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
         self.device = torch.device(device)
         self.is_cuda = self.device.type == "cuda"
+        self.scratch_block = self.kv.shape[0] - 1 if scratch_block is None else scratch_block  # padded graph rows
         self.rope = llama.RopeCache.build(cfg, max_model_len + 1, self.device)
         self.sampler = Sampler(self.device, seed)
         self.use_triton = self.is_cuda and _triton_ok()
         # Decode runs the fused kernels; prefill keeps the reference op sequence (it is compute-bound, so
         # fusion buys little there, and first-token logits then follow HF's arithmetic op for op).
         self.fwd_decode = llama.forward_fused if self.use_triton else llama.forward
-        self.graphs: dict[int, _DecodeGraph] = {}
-        self.bucket_of: dict[int, int] = {}  # decode batch size -> smallest captured bucket that fits
-        if self.is_cuda and cuda_graphs:
-            self.capture_graphs([b for b in GRAPH_BUCKETS if b <= max_graph_batch])
+        self.shared_graphs = graphs is not None
+        self.graphs: dict = graphs if graphs is not None else {}
+        self.graph_key = graph_key
+        self._graph_pool = None
+        buckets = [b for b in GRAPH_BUCKETS if b <= max_graph_batch] if self.is_cuda and cuda_graphs else []
+        # decode batch size -> smallest bucket that fits
+        self.bucket_of: dict[int, int] = {n: next(b for b in buckets if b >= n) for n in range(1, max(buckets or [0]) + 1)}
+        if buckets and weights is not None and not self.shared_graphs:
+            self.capture_graphs(buckets)
 
-    @property
-    def scratch_block(self) -> int:
-        return self.kv.shape[0] - 1
+    def set_weights(self, weights: dict[str, torch.Tensor] | None, slot_key: object = None) -> None:
+        """Point the runner at a model's weights (views into an arena slot), or at none (evicted)."""
+        self.weights, self.slot_key = weights, slot_key
 
     # -- execution ---------------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> StepResult:
-        for gpu, host in out.swap_out:
-            self._copy_blocks(self.kv, gpu, self.host_kv, host)
-        for host, gpu in out.swap_in:
-            self._copy_blocks(self.host_kv, host, self.kv, gpu)
+        self.swap_kv(out.swap_out, out.swap_in)
         if not out.chunks:
+            return StepResult({}, {})
+        if self.weights is None:
+            raise RuntimeError("step planned for a model whose weights are not resident")
             return StepResult({}, {})
         sample_reqs = [c.request for c in out.chunks if c.sample]
         if out.is_decode and len(out.chunks) in self.bucket_of:
@@ -87,12 +104,20 @@ class ModelRunner:
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)
 
-    def _copy_blocks(self, src, src_ids, dst, dst_ids) -> None:
-        if dst is None or src is None:
+    def swap_kv(self, swap_out, swap_in, wait: bool = True) -> list:
+        """KV copies on the swapper's copy stream: out first (GPU -> host), then in. With `wait`, compute
+        waits (GPU-side, no CPU block) until they land: this step may reuse the freed blocks or read the
+        swapped-in ones. Returns the handles (for a caller that waits later, e.g. freeing blocks on poll)."""
+        if not swap_out and not swap_in:
+            return []
+        if self.kv_swapper is None:
             raise RuntimeError("KV swap planned but the runner has no host KV pool")
-        s = torch.tensor(src_ids, dtype=torch.long, device=src.device)
-        d = torch.tensor(dst_ids, dtype=torch.long, device=dst.device)
-        dst.index_copy_(0, d, src.index_select(0, s).to(dst.device, non_blocking=True))
+        hs = [self.kv_swapper.copy(gpu, host, to_host=True) for gpu, host in swap_out]
+        hs += [self.kv_swapper.copy(gpu, host, to_host=False) for host, gpu in swap_in]
+        if wait:
+            for h in hs:
+                h.wait()
+        return hs
 
     def _inputs(self, out: SchedulerOutput):
         bs = self.block_size
@@ -136,16 +161,24 @@ class ModelRunner:
         return hidden, idx
 
     # -- CUDA graphs ---------------------------------------------------------------------------------
+    def _graph_id(self, bucket: int) -> tuple:
+        return (self.graph_key, self.slot_key, bucket)
+
     def capture_graphs(self, buckets: list[int]) -> None:
-        pool = torch.cuda.graph_pool_handle()
+        """Capture the buckets for the current weights (largest first, so smaller ones reuse its memory)."""
         for b in sorted(buckets, reverse=True):
-            self.graphs[b] = _DecodeGraph(self, b, pool)
-        sizes = sorted(self.graphs)
-        self.bucket_of = {n: next(b for b in sizes if b >= n) for n in range(1, sizes[-1] + 1)}
+            self._capture(b)
+
+    def _capture(self, bucket: int):
+        if self._graph_pool is None:
+            self._graph_pool = self.graphs.setdefault(("pool", self.graph_key), torch.cuda.graph_pool_handle())
+        g = self.graphs[self._graph_id(bucket)] = _DecodeGraph(self, bucket, self._graph_pool)
+        return g
 
     def _decode_graph(self, out: SchedulerOutput) -> torch.Tensor:
         n = len(out.chunks)
-        g = self.graphs[self.bucket_of[n]]
+        b = self.bucket_of[n]
+        g = self.graphs.get(self._graph_id(b)) or self._capture(b)
         g.fill(out, self)
         g.graph.replay()
         return g.logits[:n]
@@ -166,6 +199,8 @@ class _DecodeGraph:
         self.dev[4].fill_(1)
         meta = AttentionMetadata(self.dev[2], self.dev[3], runner.block_size, decode=True,
                                  block_tables=self.bt, context_lens=self.ctx32, use_triton=runner.use_triton)
+
+        self.keep = (runner.rope, meta)  # the graph reads them by address: keep them alive with it
 
         def run():
             h = runner.fwd_decode(runner.cfg, runner.weights, runner.kv, runner.rope, self.dev[0], self.dev[1], meta)

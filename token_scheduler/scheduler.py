@@ -125,6 +125,18 @@ class BatchScheduler:
             req.status = RequestStatus.WAITING
             self.waiting.appendleft(req)
 
+    def preempt(self, reqs: list[Request]) -> SchedulerOutput:
+        """Swap the KV of running `reqs` out to host blocks now (between turns, to make room for another
+        model). Raises if the host pool cannot take one: this path never drops KV."""
+        out = SchedulerOutput(self.model)
+        for req in reqs:
+            if req not in self.running or req.num_computed_tokens == 0:
+                continue
+            if self.host_kv is None or not self.host_kv.can_allocate(len(req.block_ids)):
+                raise NoFreeBlocks(f"no host KV room to swap out {req.request_id}")
+            self._preempt(req, out)
+        return out
+
     def schedule(self, token_budget: int | None = None) -> SchedulerOutput:
         out = SchedulerOutput(self.model)
         budget = self.cfg.max_num_batched_tokens if token_budget is None else token_budget

@@ -1,0 +1,240 @@
+"""VRAM for a multi-model engine: one arena holding a KV region shared by every model and the weight slots.
+
+    pool = ModelPool("cuda", gpu_budget="60GB", kv_cache_gb=4)
+    kv = pool.register("qwen-7b", model_dir, cfg, dtype)   # host copy loaded (pinned, shared per node)
+    rm = pool.load("qwen-7b")                              # async copy into a slot; rm.ready to wait on
+    pool.prefetch("qwen-1.5b"); pool.poll(); pool.evict("qwen-7b")
+
+Mechanism only: the multi-model policy decides what to load, prefetch and evict; this executes it and
+measures (load seconds, stalls). The KV region is carved into pages of one byte size; each model sees it
+as its own block shape (tokens per block chosen so a block fills a page) and every model's allocator draws
+from one free list, so KV space moves between models block by block. Host KV pages (swap space) are shared
+the same way. The last GPU page is the scratch page padded CUDA-graph rows write into.
+
+Slots come from the arena's best-fit allocator; a model that lands at the offset of an earlier model of the
+same graph key replays that model's CUDA graphs (ModelRunner keys graphs by slot). If a needed load does not
+fit because free space is fragmented, `load` evicts idle models least recently used first until it does --
+the one choice made here, counted in `stats["forced_evictions"]`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from token_scheduler.block_manager import BlockAllocator
+from token_scheduler.engine import SharedKV
+from token_scheduler.model.config import ModelConfig
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+@dataclass
+class _Entry:
+    name: str
+    host: object  # model_swapper.HostModel
+    graph_key: tuple
+    resident: object | None = None  # model_swapper.ResidentModel
+    prefetch: object | None = None  # model_swapper.Prefetch
+    load_started: float | None = None  # monotonic, for the load-time measurement
+    load_hidden: bool = False  # started as a prefetch
+    last_used: float = 0.0
+
+
+@dataclass
+class PoolStats:
+    loads: int = 0
+    prefetches: int = 0
+    evictions: int = 0
+    forced_evictions: int = 0
+    prefetch_skipped: int = 0
+    load_bytes: int = 0
+    stall_s: float = 0.0  # CPU-visible waits for weights at switches
+    load_s: list = field(default_factory=list)  # (bytes, seconds) of completed loads
+
+
+class ModelPool:
+    def __init__(self, device: str | torch.device, gpu_budget: int | float | str, kv_cache_gb: float = 4.0,
+                 host_kv_gb: float | None = None, host_cache=None, host_budget: int | float | str = "64GB",
+                 page_bytes: int | None = None, namespace: str = "tokenpool", block_tokens: int = 16):
+        from gpu_pool.arena import Arena
+        from model_swapper import HostKVPool, HostModelCache, Prefetcher, Swapper
+
+        self.device = torch.device(device)
+        self.arena = Arena.reserve(gpu_budget, self.device)
+        self.swapper = Swapper(self.arena)
+        self.prefetcher = Prefetcher(self.swapper)
+        self.cache = host_cache or HostModelCache(host_budget, namespace=namespace)
+        self.kv_bytes = int(kv_cache_gb * 1e9)
+        self.host_kv_bytes = int((kv_cache_gb if host_kv_gb is None else host_kv_gb) * 1e9)
+        self.block_tokens = block_tokens
+        self.page_bytes = page_bytes  # fixed by the first model registered unless given
+        self._kv_slot = None
+        self.kv_flat: torch.Tensor | None = None
+        self.pages: BlockAllocator | None = None
+        self.host_kv = None
+        self._host_kv_cls = HostKVPool
+        self.entries: dict[str, _Entry] = {}
+        self.graphs: dict = {}  # CUDA graphs shared by every runner of this pool
+        self.stats = PoolStats()
+
+    # -- capacity -------------------------------------------------------------------------------------------
+    @property
+    def weight_capacity(self) -> int:
+        """Bytes the weight slots may use (the arena minus the KV region)."""
+        return self.arena.capacity - (self._kv_slot.nbytes if self._kv_slot else 0)
+
+    def _carve_kv(self, per_token: int) -> None:
+        self.page_bytes = self.page_bytes or -(-self.block_tokens * per_token // 256) * 256
+        n = self.kv_bytes // self.page_bytes
+        if n < 2:
+            raise ValueError(f"kv_cache_gb={self.kv_bytes / 1e9} holds fewer than 2 pages of {self.page_bytes} B")
+        self._kv_slot = self.arena.allocate(n * self.page_bytes, tag="kv")
+        self.kv_flat = self.arena.slot_bytes(self._kv_slot)[: n * self.page_bytes]
+        self.pages = BlockAllocator(n - 1, 1)  # the last page is scratch
+        nh = self.host_kv_bytes // self.page_bytes
+        self.host_kv = self._host_kv_cls(nh, (self.page_bytes,), torch.uint8) if nh else None
+
+    # -- models ---------------------------------------------------------------------------------------------
+    def register(self, name: str, model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype,
+                 max_model_len: int, progress=None) -> SharedKV:
+        """Load the model's host copy (once per node) and give it its view of the KV region."""
+        from model_swapper.kv_swap import strided_blocks
+
+        if name in self.entries:
+            raise ValueError(f"model {name!r} is already registered")
+        per_token = cfg.kv_bytes_per_token(dtype)
+        if self.pages is None:
+            self._carve_kv(per_token)
+        bs = _pow2_floor(self.page_bytes // per_token)
+        if bs * per_token > self.page_bytes:
+            raise ValueError(f"{name}: one token of KV ({per_token} B) is larger than a page ({self.page_bytes} B)")
+        host = self.cache.get(model_dir, dtype, progress)
+        if host.nbytes > self.weight_capacity:
+            raise ValueError(f"{name}: weights of {host.nbytes / 1e9:.2f} GB can never fit the "
+                             f"{self.weight_capacity / 1e9:.2f} GB of weight space in the GPU budget")
+        shape = (cfg.num_layers, 2, bs, cfg.num_kv_heads, cfg.head_dim)
+        kv = strided_blocks(self.kv_flat, self.pages.num_blocks + 1, self.page_bytes, shape, dtype)
+        hv = self.host_kv.view(shape, dtype) if self.host_kv is not None else None
+        gkey = (repr(cfg), str(dtype), max_model_len, bs)
+        self.entries[name] = _Entry(name, host, gkey)
+        return SharedKV(kv, self.pages.share(bs), hv, bs, self.graphs, gkey)
+
+    def slot_bytes(self, name: str) -> int:
+        """Arena bytes the model's weights take (its size rounded up to the arena's alignment)."""
+        return self.arena.alloc._round(self.entries[name].host.nbytes)
+
+    def unregister(self, name: str) -> None:
+        e = self.entries.get(name)
+        if e is None:
+            return
+        self.evict(name)
+        del self.entries[name]
+
+    def is_resident(self, name: str) -> bool:
+        return self.entries[name].resident is not None
+
+    def is_loading(self, name: str) -> bool:
+        e = self.entries[name]
+        return e.prefetch is not None or (e.resident is not None and not e.resident.ready.done())
+
+    def resident_names(self) -> list[str]:
+        return [n for n, e in self.entries.items() if e.resident is not None or e.prefetch is not None]
+
+    # -- moving weights -------------------------------------------------------------------------------------
+    def load(self, name: str, protect: tuple[str, ...] = ()):
+        """Make `name` resident and wait (CPU) until its weights have landed; returns the ResidentModel.
+        The wait is the switch stall, measured; compute would have waited for it anyway."""
+        from gpu_pool.arena import ArenaFull
+
+        e = self.entries[name]
+        e.last_used = time.monotonic()
+        if e.resident is None:
+            if e.prefetch is not None:
+                e.resident, e.prefetch = self.prefetcher.take(e.prefetch), None
+            else:
+                while True:
+                    try:
+                        e.resident = self.swapper.swap_in(e.host)
+                        break
+                    except ArenaFull:
+                        victim = self._lru_victim(exclude={name, *protect})
+                        if victim is None:
+                            raise
+                        self.stats.forced_evictions += 1
+                        self.evict(victim)
+                e.load_started, e.load_hidden = time.monotonic(), False
+                self.stats.loads += 1
+                self.stats.load_bytes += e.host.nbytes
+        t0 = time.perf_counter()
+        e.resident.ready.synchronize()
+        self.stats.stall_s += time.perf_counter() - t0
+        self._finish_load(e)
+        return e.resident
+
+    def prefetch(self, name: str) -> bool:
+        """Start bringing `name` in, in free space only (never evicts for a prefetch). False if no room."""
+        from gpu_pool.arena import ArenaError
+
+        e = self.entries[name]
+        if e.resident is not None or e.prefetch is not None:
+            return True
+        try:
+            e.prefetch = self.prefetcher.prefetch(e.host)
+        except ArenaError:
+            self.stats.prefetch_skipped += 1
+            return False
+        e.load_started, e.load_hidden = time.monotonic(), True
+        self.stats.prefetches += 1
+        self.stats.load_bytes += e.host.nbytes
+        return True
+
+    def evict(self, name: str) -> None:
+        """Drop the weights (the host copy stays); later copies into the slot wait for queued compute."""
+        e = self.entries[name]
+        if e.prefetch is not None:
+            self.prefetcher.cancel(e.prefetch)
+            e.prefetch = None
+            self.stats.evictions += 1
+        if e.resident is not None:
+            self.swapper.release(e.resident)
+            e.resident = None
+            self.stats.evictions += 1
+        e.load_started = None
+
+    def poll(self) -> list[str]:
+        """Top up prefetch windows; returns the models whose loads completed since the last poll."""
+        self.prefetcher.poll()
+        done = []
+        for e in self.entries.values():
+            if e.load_started is None:
+                continue
+            h = e.resident.ready if e.resident is not None else (e.prefetch.handle if e.prefetch else None)
+            if h is not None and h.done():
+                self._finish_load(e)
+                done.append(e.name)
+        return done
+
+    def _finish_load(self, e: _Entry) -> None:
+        if e.load_started is not None:
+            self.stats.load_s.append((e.host.nbytes, time.monotonic() - e.load_started, e.load_hidden))
+            e.load_started = None
+
+    def _lru_victim(self, exclude: set[str]) -> str | None:
+        cands = [e for n, e in self.entries.items() if n not in exclude and e.resident is not None]
+        return min(cands, key=lambda e: e.last_used).name if cands else None
+
+    def close(self) -> None:
+        for n in list(self.entries):
+            self.evict(n)
+        self.swapper.synchronize()
+        if self.host_kv is not None:
+            self.host_kv.close()
+        for e in self.entries.values():
+            self.cache.release(e.host)
+        self.entries.clear()
