@@ -58,8 +58,9 @@ class LLMEngine:
         """`weights`: use these (views the caller owns) instead of loading. `load=False`: start with no
         weights at all (a multi-model engine makes them resident with `set_weights`). `shared_kv`: draw KV
         from a region shared with other models instead of allocating a pool."""
-        from model_swapper.kv_swap import HostKVPool, KVSwapper
         from transformers import AutoTokenizer
+
+        from model_swapper.kv_swap import HostKVPool, KVSwapper
 
         self.config = c = config
         self.device = torch.device(c.device)
