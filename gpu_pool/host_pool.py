@@ -10,13 +10,24 @@ two (a 15 GiB model would pin 16 GiB) and its memory cannot be shared between pr
 
 Registration is per process: each process that maps a shared region registers its own mapping; the physical
 pages are the same, so the node holds one copy however many engines attach.
+
+Filling a big region fast (the host cache's cold load): most of the cost is not the copy but making the pages
+(allocate, zero, map; in a VM also the first touch of fresh guest memory), and then registering them. So a
+region made with `create(reserve=False)` is `populate()`d from every core at once instead of one
+`fallocate` on one core, and `pin_async()` registers it on a background thread while the caller writes the
+bytes in. It stays one registration: a copy never spans two (whether the driver then still copies at link
+speed is not something to find out mid-swap).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -24,6 +35,15 @@ import torch
 # cudaHostRegisterPortable: pinned for every CUDA context of the process, not only the current device's;
 # costs nothing and keeps a region usable by an engine that drives more than one GPU (the bench does).
 CUDA_HOST_REGISTER_PORTABLE = 1
+
+# madvise(MADV_POPULATE_WRITE) (Linux 5.14+): allocate and map a range for writing without touching it from
+# user space; a full tmpfs is an error (EFAULT) instead of a SIGBUS. Python's mmap module lacks the constant,
+# and its madvise() holds the GIL, so it is called through ctypes, which releases it.
+MADV_POPULATE_WRITE = 23
+POPULATE_CHUNK = 64 << 20
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
 
 
 def default_shm_dir() -> Path:
@@ -33,6 +53,23 @@ def default_shm_dir() -> Path:
 
 def cuda_pinning_available() -> bool:
     return torch.cuda.is_available()
+
+
+def io_threads() -> int:
+    """Threads for filling host memory: the CPUs this process may run on (capped; memory bandwidth saturates
+    long before 32 cores)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(32, n))
+
+
+def _no_room(path: Path, nbytes: int, err: int = errno.ENOSPC) -> OSError:
+    st = os.statvfs(path.parent)
+    return OSError(err, f"no room for {nbytes / 2**30:.2f} GiB in {path.parent} "
+                   f"({st.f_bavail * st.f_frsize / 2**30:.2f} GiB free); enlarge it "
+                   "(docker --shm-size) or set TOKENPOOL_SHM_DIR")
 
 
 def _check(rc, what: str) -> None:
@@ -50,6 +87,7 @@ class PinnedRegion:
         self.path = path
         self.tensor = torch.frombuffer(mm, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
         self.pinned = False
+        self._pinning: Future | None = None  # a pin_async() registration in flight
         if pin is None:
             pin = cuda_pinning_available()
         if pin:
@@ -63,6 +101,75 @@ class PinnedRegion:
                f"cudaHostRegister({self.nbytes} B)")
         self.pinned = True
 
+    def pin_async(self) -> Future:
+        """Start `pin()` on a background thread and return a future of the seconds it took. The caller may
+        keep writing into the region meanwhile (registration takes references to the pages; it does not move
+        or copy them). `close()` waits for it. The thread pins on the caller's current device: a new thread
+        would otherwise start on device 0 and create a CUDA context there."""
+        fut: Future = Future()
+        fut.set_running_or_notify_cancel()
+        if self.pinned or not self.nbytes or self.tensor is None:
+            fut.set_result(0.0)
+            return fut
+        if self._pinning is not None:
+            return self._pinning
+        torch.cuda.cudart()  # lazy CUDA init here, not racing on the thread
+        device = torch.cuda.current_device()
+
+        def run() -> None:
+            t = time.perf_counter()
+            try:
+                torch.cuda.set_device(device)
+                self.pin()
+            except BaseException as e:
+                fut.set_exception(e)
+            else:
+                fut.set_result(time.perf_counter() - t)
+
+        self._pinning = fut
+        threading.Thread(target=run, name="host-pin", daemon=True).start()
+        return fut
+
+    def populate(self, threads: int | None = None) -> None:
+        """Allocate and map every page now, from `threads` threads (default: one per CPU) at once. A region
+        from `create(reserve=False)` must be populated before it is written; a full tmpfs raises OSError
+        (ENOSPC) here, cleanly. On kernels before 5.14 this falls back to reserving the file with fallocate
+        (one core; pages are then mapped as they are first written)."""
+        if not self.nbytes or self.tensor is None:
+            return
+        base = self.tensor.data_ptr()
+        spans = [(o, min(POPULATE_CHUNK, self.nbytes - o)) for o in range(0, self.nbytes, POPULATE_CHUNK)]
+
+        def one(span: tuple[int, int]) -> None:
+            if _libc.madvise(base + span[0], span[1], MADV_POPULATE_WRITE) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, os.strerror(e))
+
+        try:
+            with ThreadPoolExecutor(min(threads or io_threads(), len(spans)), thread_name_prefix="populate") as ex:
+                futs = [ex.submit(one, sp) for sp in spans]
+                try:
+                    for f in futs:
+                        f.result()
+                finally:
+                    for f in futs:
+                        f.cancel()
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # no MADV_POPULATE_WRITE
+                if self.path is not None:
+                    self._reserve()
+                return
+            if self.path is not None and e.errno in (errno.EFAULT, errno.ENOMEM, errno.ENOSPC):
+                raise _no_room(self.path, self.nbytes) from None
+            raise
+
+    def _reserve(self) -> None:
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            _fallocate(fd, self.path, self.nbytes)
+        finally:
+            os.close(fd)
+
     def unpin(self) -> None:
         if self.pinned:
             self.pinned = False
@@ -70,22 +177,22 @@ class PinnedRegion:
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, nbytes: int, pin: bool | None = None) -> PinnedRegion:
-        """A new shared region at `path` (fails if it exists). Space is reserved up front with fallocate:
-        a full tmpfs then fails here with ENOSPC instead of killing a writer with SIGBUS mid-load."""
+    def create(cls, path: str | Path, nbytes: int, pin: bool | None = None, reserve: bool = True) -> PinnedRegion:
+        """A new shared region at `path` (fails if it exists). With `reserve`, space is reserved up front with
+        fallocate: a full tmpfs then fails here with ENOSPC instead of killing a writer with SIGBUS mid-load.
+        Without it the file is only sized (after a free-space check) and the caller must `populate()` before
+        writing: the same guarantee, with the pages made on every core instead of one."""
         path = Path(path)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             if nbytes:
-                try:
-                    os.posix_fallocate(fd, 0, nbytes)
-                except OSError as e:
-                    if e.errno in (errno.ENOSPC, errno.EFBIG):
-                        st = os.statvfs(path.parent)
-                        raise OSError(e.errno, f"no room for {nbytes / 2**30:.2f} GiB in {path.parent} "
-                                      f"({st.f_bavail * st.f_frsize / 2**30:.2f} GiB free); enlarge it "
-                                      "(docker --shm-size) or set TOKENPOOL_SHM_DIR") from None
-                    raise
+                if reserve:
+                    _fallocate(fd, path, nbytes)
+                else:
+                    st = os.statvfs(path.parent)
+                    if st.f_bavail * st.f_frsize < nbytes:
+                        raise _no_room(path, nbytes)
+                    os.ftruncate(fd, nbytes)
                 mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             else:
                 mm = None
@@ -132,6 +239,9 @@ class PinnedRegion:
         torch.frombuffer does not hold a buffer export that would make close() refuse.)"""
         if self.tensor is None:
             return
+        if self._pinning is not None:  # never drop the mapping under a registration in flight
+            self._pinning.exception()
+            self._pinning = None
         self.unpin()
         self.tensor = None
         self._mm = None
@@ -152,3 +262,12 @@ class PinnedRegion:
             self.close()
         except Exception:
             pass
+
+
+def _fallocate(fd: int, path: Path, nbytes: int) -> None:
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG):
+            raise _no_room(path, nbytes, e.errno) from None
+        raise

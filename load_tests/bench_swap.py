@@ -4,8 +4,9 @@ On CUDA: pinned H2D/D2H bandwidth of one large copy (the floor = model bytes / H
 latency to ready-to-decode for 1/2/4/16 large copies and for a naive 64 MiB-chunk loop; peers in the same run
 (HF from_pretrained onto the GPU from page-cached disk, HF `model.to("cuda")` from pinned memory); decode
 slowdown while a 7B-sized prefetch copies; switch stall with and without prefetch; KV swap bandwidth for
-64/256 blocks; cold load from page-cached disk into the host cache. On CPU the same code runs at toy sizes
-(a smoke test for CI; its numbers mean nothing).
+64/256 blocks; cold load from page-cached disk into the host cache, with where its time went
+(`cold_load_breakdown`: create, populate, read, pin). On CPU the same code runs at toy sizes (a smoke test for
+CI; its numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import torch
 from gpu_pool.arena import Arena
 from gpu_pool.host_pool import PinnedRegion
 from load_tests.bench_common import header, write_json
-from model_swapper.host_cache import HostModel, HostModelCache
+from model_swapper.host_cache import HostModel, HostModelCache, fill_region
 from model_swapper.kv_swap import HostKVPool, KVSwapper
 from model_swapper.layout import ModelLayout
-from model_swapper.loader import load_into_region
 from model_swapper.prefetch import Prefetcher
 from model_swapper.swapper import Swapper
 from token_scheduler.model.config import ModelConfig
@@ -245,11 +245,10 @@ def _load_host(cache: HostModelCache, model_dir: Path, cfg: ModelConfig, R: dict
         R["host_cache"] = f"shared ({cache.index.root.parent})"
         return cache.get(model_dir, DTYPE)
     R["host_cache"] = f"private: {cache.index.root.parent} has {st.f_bavail * st.f_frsize / 2**30:.1f} GiB free"
+    t = time.perf_counter()
     region = PinnedRegion.anonymous(lay.nbytes, pin=False)
-    load_into_region(model_dir, lay, region.tensor)
-    if torch.cuda.is_available():
-        region.pin()
-    return HostModel("bench-private", model_dir, lay, region, True)
+    stats = fill_region(region, model_dir, lay, torch.cuda.is_available(), create_s=time.perf_counter() - t)
+    return HostModel("bench-private", model_dir, lay, region, True, load_stats=stats)
 
 
 def run_bench_swap(model_dir: Path, json_out: Path | None) -> dict:
@@ -274,6 +273,8 @@ def run_bench_swap(model_dir: Path, json_out: Path | None) -> dict:
         R["model_bytes"] = nb
         R["cold_load_gbs"] = sum(f.stat().st_size for f in safetensors_files(model_dir)) / R["cold_load_s"] / GB
         R["host_pinned"] = host.region.pinned
+        if host.load_stats is not None:
+            R["cold_load_breakdown"] = host.load_stats.as_dict()
 
         bw = _bandwidth(dev, min(max(nb, 64 << 20), 4 << 30) if cuda else 8 << 20, reps)
         R["bandwidth"] = bw

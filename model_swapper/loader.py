@@ -5,7 +5,9 @@ row-major bytes. We parse the header ourselves and `preadv` each source tensor d
 destination region: no intermediate tensor, no Python copy, for tensors already in the target dtype (the
 common case: bf16 checkpoints served in bf16). Fused weights (q|k|v, gate|up) are concatenations along dim 0,
 so each source is one contiguous byte range of its destination. Reads are split into <= 64 MiB pieces and
-run on a thread pool (preadv releases the GIL); only a dtype conversion goes through one temporary buffer.
+run on a thread pool, one thread per CPU by default (preadv releases the GIL); only a dtype conversion goes
+through one temporary buffer. The region's pages should exist already (`PinnedRegion.populate`): then a read
+is a plain copy out of the page cache, with no page faults.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from gpu_pool.host_pool import io_threads
 from model_swapper.layout import ModelLayout
 from token_scheduler.model.weights import safetensors_files
 
@@ -106,9 +109,10 @@ def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
         buf, offset = buf[n:], offset + n
 
 
-def load_into_region(model_dir: Path, layout: ModelLayout, region: torch.Tensor, threads: int = 8,
+def load_into_region(model_dir: Path, layout: ModelLayout, region: torch.Tensor, threads: int | None = None,
                      progress: Progress | None = None) -> int:
-    """Fill `region` (1-D uint8, CPU) with the model's weights in `layout`. Returns bytes read."""
+    """Fill `region` (1-D uint8, CPU) with the model's weights in `layout` on `threads` threads (default: one
+    per CPU). Returns bytes read."""
     if region.device.type != "cpu" or region.dtype != torch.uint8 or region.numel() < layout.nbytes:
         raise ValueError(f"region must be a CPU uint8 tensor of >= {layout.nbytes} bytes")
     pieces = plan(Path(model_dir), layout)
@@ -130,7 +134,7 @@ def load_into_region(model_dir: Path, layout: ModelLayout, region: torch.Tensor,
 
     done = 0
     try:
-        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="st-load") as ex:
+        with ThreadPoolExecutor(max(1, threads or io_threads()), thread_name_prefix="st-load") as ex:
             for fut in as_completed([ex.submit(run, pc) for pc in pieces]):
                 done += fut.result()
                 if progress is not None:

@@ -63,3 +63,88 @@ def test_full_tmpfs_is_a_clean_error(tmp_path, shm_path):
     with pytest.raises(OSError, match="no room|TOKENPOOL_SHM_DIR"):
         PinnedRegion.create(shm_path, too_big, pin=False)
     assert not shm_path.exists()
+
+
+def test_unreserved_region_is_populated_in_parallel(shm_path):
+    n = (3 << 20) + 4096  # not a multiple of the populate chunk
+    r = PinnedRegion.create(shm_path, n, pin=False, reserve=False)
+    assert os.stat(shm_path).st_blocks == 0  # sized, not yet allocated
+    r.populate(threads=3)
+    assert os.stat(shm_path).st_blocks * 512 >= n  # every page exists: writes can no longer hit a full tmpfs
+    r.tensor[-1] = 5
+    b = PinnedRegion.attach(shm_path, pin=False)
+    assert int(b.tensor[-1]) == 5 and int(b.tensor[:-1].sum()) == 0
+    b.close()
+    r.close()
+    r.unlink()
+
+
+def test_unreserved_region_too_big_is_a_clean_error(shm_path):
+    st = os.statvfs(default_shm_dir())
+    with pytest.raises(OSError, match="no room|TOKENPOOL_SHM_DIR"):
+        PinnedRegion.create(shm_path, st.f_bavail * st.f_frsize + (1 << 30), pin=False, reserve=False)
+    assert not shm_path.exists()
+
+
+def test_populate_falls_back_to_fallocate_without_madv_populate(shm_path, monkeypatch):
+    import gpu_pool.host_pool as hp
+
+    monkeypatch.setattr(hp, "MADV_POPULATE_WRITE", 12345)  # an advice the kernel rejects (EINVAL), as before 5.14
+    r = PinnedRegion.create(shm_path, 1 << 20, pin=False, reserve=False)
+    r.populate()
+    assert os.stat(shm_path).st_blocks * 512 >= 1 << 20
+    r.close()
+    r.unlink()
+    a = PinnedRegion.anonymous(1 << 20, pin=False)
+    a.populate()  # nothing to reserve: pages come as they are written
+    a.close()
+
+
+def test_close_waits_for_a_registration_in_flight(monkeypatch):
+    """pin_async's plumbing without CUDA: close() must not drop the mapping under cudaHostRegister."""
+    import threading
+    import time
+
+    events = []
+    gate = threading.Event()
+
+    def fake_pin(self):
+        gate.wait(5)
+        time.sleep(0.05)
+        events.append(("pinned", self.tensor is not None))
+        self.pinned = True
+
+    def fake_unpin(self):
+        events.append(("unpinned", self.pinned))
+        self.pinned = False
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(PinnedRegion, "pin", fake_pin)
+    monkeypatch.setattr(PinnedRegion, "unpin", fake_unpin)
+    r = PinnedRegion.anonymous(1 << 16, pin=False)
+    fut = r.pin_async()
+    assert r.pin_async() is fut  # one registration, however often asked
+    gate.set()
+    r.close()
+    assert events == [("pinned", True), ("unpinned", True)] and fut.result() > 0
+
+
+@pytest.mark.gpu
+def test_pin_async_while_writing_then_copy(shm_path):
+    """Bytes written while the region is being registered are the bytes the DMA reads."""
+    n = 64 << 20
+    r = PinnedRegion.create(shm_path, n, pin=False, reserve=False)
+    r.populate()
+    fut = r.pin_async()
+    src = torch.arange(n // 4, dtype=torch.int32)
+    r.tensor.view(torch.int32).copy_(src)
+    assert fut.result() > 0 and r.pinned and r.tensor.is_pinned()
+    d = torch.empty(n, dtype=torch.uint8, device="cuda")
+    d.copy_(r.tensor, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(d.view(torch.int32).cpu(), src)
+    r.close()
+    assert not r.pinned
+    r.unlink()

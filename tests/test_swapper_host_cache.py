@@ -50,6 +50,34 @@ def test_load_equals_safetensors(make_tiny, ns, arch, dtype):
     cache.close()
 
 
+def test_load_stats(make_tiny, ns):
+    d = make_tiny("qwen2")
+    cache = HostModelCache("64MiB", namespace=ns, pin=False, threads=3)
+    m = cache.get(d)
+    s = m.load_stats
+    assert s is not None and s.nbytes == m.nbytes and s.threads == 3 and not s.pinned
+    assert s.pin_s == 0 and s.pin_wait_s < 0.05
+    parts = s.create_s + s.populate_s + s.read_s + s.pin_wait_s
+    assert min(s.create_s, s.populate_s, s.read_s) >= 0 and abs(s.total_s - parts) < 1e-3
+    assert set(s.as_dict()) >= {"create_s", "populate_s", "read_s", "pin_s", "pin_wait_s", "total_s", "gbs"}
+    cache.release(m)
+    assert cache.get(d).load_stats is None  # attached, not loaded
+    cache.close()
+
+
+@pytest.mark.gpu
+def test_load_pins_beside_the_reads(make_tiny, ns):
+    d = make_tiny("qwen2")
+    cache = HostModelCache("64MiB", namespace=ns)
+    m = cache.get(d, torch.bfloat16)
+    assert m.region.pinned and m.buffer.is_pinned() and m.load_stats.pinned and m.load_stats.pin_s > 0
+    ref = load_weights(d, m.cfg, dtype=torch.bfloat16)
+    w = m.weights()
+    assert all(torch.equal(w[k].cuda().cpu(), ref[k]) for k in ref)
+    del w
+    cache.close()
+
+
 def test_sharded_checkpoint(tmp_path, ns):
     from controller.model_factory import make_model
 
