@@ -60,9 +60,9 @@ def make_varied(make_tiny, model_cache):
 
     from safetensors.torch import load_file, save_file
 
-    def f(arch: str = "qwen2") -> Path:
-        src = make_tiny(arch)
-        dst = model_cache / f"{arch}-tiny-varied"
+    def f(arch: str = "qwen2", seed: int = 0) -> Path:
+        src = make_tiny(arch, seed=seed)
+        dst = model_cache / f"{arch}-tiny-varied{'' if seed == 0 else f'-{seed}'}"
         if not (dst / "config.json").exists():
             shutil.copytree(src, dst, dirs_exist_ok=True)
             for w in src.glob("*.safetensors"):

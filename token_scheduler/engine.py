@@ -92,7 +92,7 @@ class LLMEngine:
         )
         self.runner = ModelRunner(mc, self.weights, kv, block_size, self.max_model_len, self.device, c.seed,
                                   swapper, cuda_graphs=c.cuda_graphs, max_graph_batch=c.max_num_seqs,
-                                  graphs=graphs, graph_key=graph_key)
+                                  graphs=graphs, graph_key=graph_key, name=self.model_name)
         self.detok = IncrementalDetokenizer(self.tokenizer)
         self._detok: dict[str, DetokState] = {}
         self._aborted: list[Request] = []

@@ -65,6 +65,7 @@ class MultiModelEngine:
         self.trace: list[str] = []  # model of every step, in order (cheap; tests and debugging)
         self.kv_swapped_out = 0  # requests whose KV went to host pages to make room for another model
         self._last_run: dict[str, float] = {}
+        self.timing = dict.fromkeys(("policy_s", "memory_s", "engine_s", "steps"), 0.0)
         for name, cfg in models.items():
             self.add_model(name, cfg, slos[name] if isinstance(slos, dict) else None)
 
@@ -218,17 +219,25 @@ class MultiModelEngine:
         self.kv_swapped_out += len(out.swap_out)
 
     def step(self) -> list[RequestOutput]:
+        tm = self.timing
+        t0 = time.perf_counter()
         self._sync()
         plan = self.policy.schedule(self.state)
+        t1 = time.perf_counter()
+        tm["policy_s"] += t1 - t0
         outputs: list[RequestOutput] = getattr(self, "_removed", [])
         self._removed = []
         if self.pool is not None:
             self._execute_memory(plan)
+        t2 = time.perf_counter()
+        tm["memory_s"] += t2 - t1
         if not plan.idle:
             eng = self.engines[plan.model]
-            t0 = time.perf_counter()
             outputs += eng.step(token_budget=max(plan.num_tokens, 1))
-            self.cost.observe_step(plan.model, shape_of(plan.batch), time.perf_counter() - t0)
+            t3 = time.perf_counter()
+            tm["engine_s"] += t3 - t2
+            tm["steps"] += 1
+            self.cost.observe_step(plan.model, shape_of(plan.batch), t3 - t2)
             self.state.active = plan.model
             self._last_run[plan.model] = time.monotonic()
             self.steps_per_model[plan.model] += 1
@@ -251,6 +260,24 @@ class MultiModelEngine:
                 if o.finished:
                     done[o.request_id] = o
         return done
+
+    def reset_stats(self) -> None:
+        """Zero the counters (e.g. after a warm-up); the cost model keeps what it learned."""
+        self.trace.clear()
+        self.steps_per_model = dict.fromkeys(self.engines, 0)
+        self.kv_swapped_out = 0
+        self.timing = dict.fromkeys(self.timing, 0.0)
+        if self.pool is not None:
+            self.pool.reset_stats()
+
+    def timing_summary(self) -> dict:
+        """Where the step loop's time went. `policy_frac`: policy CPU time over the wall time of the steps
+        it scheduled (weights/KV moves + engine steps)."""
+        tm = self.timing
+        n = max(1.0, tm["steps"])
+        work = tm["memory_s"] + tm["engine_s"]
+        return {**tm, "policy_us_per_step": 1e6 * tm["policy_s"] / n, "engine_ms_per_step": 1e3 * tm["engine_s"] / n,
+                "policy_frac": tm["policy_s"] / work if work else 0.0}
 
     def close(self) -> None:
         if self.pool is not None:

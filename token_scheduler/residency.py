@@ -69,6 +69,7 @@ class ModelPool:
         self.arena = Arena.reserve(gpu_budget, self.device)
         self.swapper = Swapper(self.arena)
         self.prefetcher = Prefetcher(self.swapper)
+        self._own_cache = host_cache is None
         self.cache = host_cache or HostModelCache(host_budget, namespace=namespace)
         self.kv_bytes = int(kv_cache_gb * 1e9)
         self.host_kv_bytes = int((kv_cache_gb if host_kv_gb is None else host_kv_gb) * 1e9)
@@ -207,6 +208,9 @@ class ModelPool:
             self.stats.evictions += 1
         e.load_started = None
 
+    def reset_stats(self) -> None:
+        self.stats = PoolStats()
+
     def poll(self) -> list[str]:
         """Top up prefetch windows; returns the models whose loads completed since the last poll."""
         self.prefetcher.poll()
@@ -235,6 +239,6 @@ class ModelPool:
         self.swapper.synchronize()
         if self.host_kv is not None:
             self.host_kv.close()
-        for e in self.entries.values():
-            self.cache.release(e.host)
         self.entries.clear()
+        if self._own_cache:  # a cache the caller passed in is the caller's to close
+            self.cache.close()

@@ -49,8 +49,10 @@ class ModelRunner:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor] | None, kv_cache: torch.Tensor,
                  block_size: int, max_model_len: int, device: torch.device, seed: int = 0,
                  kv_swapper=None, cuda_graphs: bool = True, max_graph_batch: int = 256,
-                 graphs: dict | None = None, graph_key: object = None, scratch_block: int | None = None):
+                 graphs: dict | None = None, graph_key: object = None, scratch_block: int | None = None,
+                 name: str = ""):
         self.cfg = cfg
+        self.name = name
         self.weights = weights
         self.slot_key: object = None  # which weight slot `weights` live in (graphs are per slot)
         self.kv = kv_cache
@@ -179,6 +181,7 @@ class ModelRunner:
         n = len(out.chunks)
         b = self.bucket_of[n]
         g = self.graphs.get(self._graph_id(b)) or self._capture(b)
+        g.users.add(self.name)
         g.fill(out, self)
         g.graph.replay()
         return g.logits[:n]
@@ -200,6 +203,7 @@ class _DecodeGraph:
         meta = AttentionMetadata(self.dev[2], self.dev[3], runner.block_size, decode=True,
                                  block_tables=self.bt, context_lens=self.ctx32, use_triton=runner.use_triton)
 
+        self.users: set[str] = set()  # names of the models that replayed it (shared per slot)
         self.keep = (runner.rope, meta)  # the graph reads them by address: keep them alive with it
 
         def run():
