@@ -117,7 +117,7 @@ def run_real(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: float = 1
                              max_num_batched_tokens=2048) for n, d in dirs.items()},
             policy=p, slos=slo, device="cuda", gpu_budget=int(gpu_budget_gb * 1e9), kv_cache_gb=kv_cache_gb,
             host_cache=cache)
-        vocab = next(iter(multi.engines.values())).model_config.vocab_size
+        vocab = min(e.model_config.vocab_size for e in multi.engines.values())  # ids valid for every model
         if warmup:  # every model loaded once, its prefill and bucket-1 graph run; not measured
             wu = [type(items[0])(0.0, n, 32, 4, f"warmup-{n}") for n in dirs] if items else []
             replay(multi, wu, ModelSLO(1e9, 1e9), vocab, drain_s=600.0, seed=seed + 1)

@@ -74,7 +74,9 @@ def test_fused_forward_equals_torch_forward(make_varied, arch):
         meta = AttentionMetadata(pos // 16, pos % 16, 16, seqs=[(0, T, T)],
                                  seq_block_tables=[torch.arange(3, device="cuda")])
         f = llama.forward_fused if fused else llama.forward
-        outs.append((f(cfg, w, kv, rope, ids, pos, meta), kv[:3].clone()))
+        h = f(cfg, w, kv, rope, ids, pos, meta)
+        written = kv[:3].transpose(0, 2).transpose(0, 1).flatten(2, 3)[:, :, :T]  # [L, 2, T, KVH, D]: slots 0..T-1
+        outs.append((h, written.clone()))
     (h0, kv0), (h1, kv1) = outs
     # Not bit-identical: the fused RMSNorm sums squares in another order (fp32), so a value can land one
     # bf16 ulp away; the function must be the same within that.

@@ -83,6 +83,9 @@ def _decode_torch(q, kv, layer, m: AttentionMetadata, scale, window) -> torch.Te
     mask = kp[None, :] < ctx[:, None]
     if window:
         mask &= kp[None, :] >= (ctx[:, None] - window)
+    # Slots past the context are never written (fresh or swapped-in blocks hold garbage, possibly NaN), and a
+    # masked position still multiplies its V by a zero weight: 0 * NaN would poison the row. Zero them.
+    v = v.masked_fill(~mask[:, :, None, None], 0.0)
     o = F.scaled_dot_product_attention(
         q[:, :, None, :],  # [B, H, 1, D]
         k.transpose(1, 2),
