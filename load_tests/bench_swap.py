@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from gpu_pool.arena import Arena
-from gpu_pool.host_pool import PinnedRegion
+from gpu_pool.host_pool import PinnedRegion, io_threads
+from gpu_pool.inventory import meminfo
 from load_tests.bench_common import header, write_json
 from model_swapper.host_cache import HostModel, HostModelCache, fill_region
 from model_swapper.kv_swap import HostKVPool, KVSwapper
@@ -251,6 +252,19 @@ def _load_host(cache: HostModelCache, model_dir: Path, cfg: ModelConfig, R: dict
     return HostModel("bench-private", model_dir, lay, region, True, load_stats=stats)
 
 
+def _host_facts(warm_read_s: float) -> dict:
+    """What else bears on a cold load: the page-cache warm-up read just done (slow: the files were not
+    cached), dirty pages still being written back (a freshly made model), CPUs, kernel, shmem huge pages."""
+    mi = meminfo()
+    try:
+        thp = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text().strip()
+    except OSError:
+        thp = "?"
+    return {"warm_read_s": warm_read_s, "dirty_writeback_bytes": mi.get("Dirty", 0) + mi.get("Writeback", 0),
+            "mem_available_bytes": mi.get("MemAvailable", 0), "cpus": io_threads(), "kernel": os.uname().release,
+            "shmem_thp": thp}
+
+
 def run_bench_swap(model_dir: Path, json_out: Path | None) -> dict:
     model_dir = Path(model_dir)
     cuda = torch.cuda.is_available()
@@ -260,10 +274,12 @@ def run_bench_swap(model_dir: Path, json_out: Path | None) -> dict:
     cfg = ModelConfig.from_pretrained(model_dir)
 
     # cold load: page-cached safetensors -> shared pinned host cache (read once, register once)
+    t = time.perf_counter()
     for f in safetensors_files(model_dir):
         with open(f, "rb") as fh:
             while fh.read(64 << 20):
                 pass
+    R["cold_load_host"] = _host_facts(time.perf_counter() - t)
     cache = HostModelCache("1TB", namespace=f"bench-{uuid.uuid4().hex[:8]}")
     try:
         t = time.perf_counter()

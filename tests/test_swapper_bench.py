@@ -26,5 +26,6 @@ def test_bench_swap_smoke(make_tiny, tmp_path):
     b = data["cold_load_breakdown"]
     assert b["nbytes"] == data["model_bytes"] and b["pinned"] == data["host_pinned"]
     assert all(b[k] >= 0 for k in ("create_s", "populate_s", "read_s", "pin_s", "pin_wait_s"))
+    assert data["cold_load_host"]["cpus"] >= 1 and data["cold_load_host"]["warm_read_s"] >= 0
     assert data["smoke_only"] == (not torch.cuda.is_available())
     assert {p.name for p in default_shm_dir().iterdir()} == before  # the bench's host cache was removed
