@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from controller.keys import is_key_hash
 
+MAX_GB = 1e6  # sizes in GB are bounded so byte counts stay finite integers (1e308 GB is a 500, not a model)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -45,7 +47,7 @@ class EngineOptions(_Strict):
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
-    kv_cache_memory_gb: float | None = Field(None, gt=0)  # set it when several models share a GPU
+    kv_cache_memory_gb: float | None = Field(None, gt=0, le=MAX_GB)  # set it when several models share a GPU
     cuda_graphs: bool | None = None
     seed: int = 0
     # PaceEngine only: seconds per decode step / per prompt token, and a tokenizer-less byte vocabulary.
@@ -61,7 +63,7 @@ class ModelSpec(_Strict):
     priority: int = 0  # higher is more important (placement order, admission slack)
     replicas: Replicas = Replicas()
     engine: EngineOptions = EngineOptions()
-    memory_gb: float | None = Field(None, ge=0)  # override of the size estimated from the weights
+    memory_gb: float | None = Field(None, ge=0, le=MAX_GB)  # override of the size estimated from the weights
 
     @model_validator(mode="after")
     def _path(self) -> ModelSpec:
@@ -109,8 +111,8 @@ class WorkerSettings(_Strict):
 
 
 class GPUSettings(_Strict):
-    budget_gb: float | None = Field(None, gt=0)  # per device, for model weights; None: the device's memory * 0.8
-    cpu_budget_gb: float = Field(16.0, gt=0)
+    budget_gb: float | None = Field(None, gt=0, le=MAX_GB)  # per device, for model weights; None: the device's memory * 0.8
+    cpu_budget_gb: float = Field(16.0, gt=0, le=MAX_GB)
 
 
 class AdmissionSettings(_Strict):

@@ -129,10 +129,31 @@ class ProtocolError(Exception):
     pass
 
 
+# Outputs is the hot path (one per engine step, a delta per running request): each Delta goes as the list of
+# its field values in declaration order, trailing defaults dropped -- ["cmpl-1-0", "Hi", [13]] -- which
+# encodes and decodes ~2x faster than a dict per delta (no keys, no asdict deep copies).
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default  # MISSING (request_id) never equals a value
+
+
+_DELTA_DEFAULTS = tuple(_default(f) for f in dataclasses.fields(Delta))
+
+
+def _delta_values(d: Delta) -> list[Any]:
+    v = list(vars(d).values())
+    n = len(v)
+    while n > 1 and v[n - 1] == _DELTA_DEFAULTS[n - 1]:
+        n -= 1
+    del v[n:]
+    return v
+
+
 def encode(msg: Message) -> bytes:
     d = {"msg": type(msg).__name__}
-    if isinstance(msg, Outputs):  # the hot path: skip asdict's deep copies
-        d["deltas"] = [vars(x) for x in msg.deltas]
+    if isinstance(msg, Outputs):
+        d["deltas"] = [_delta_values(x) for x in msg.deltas]
     else:
         d.update(dataclasses.asdict(msg))
     body = json.dumps(d, separators=(",", ":")).encode()
@@ -144,7 +165,7 @@ def decode(body: bytes) -> Message:
         d = json.loads(body)
         cls = _TYPES[d.pop("msg")]
         if cls is Outputs:
-            return Outputs(deltas=[Delta(**x) for x in d["deltas"]])
+            return Outputs(deltas=[Delta(*x) for x in d["deltas"]])
         return cls(**d)
     except (ValueError, KeyError, TypeError) as e:
         raise ProtocolError(f"bad frame: {e}") from e

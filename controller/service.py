@@ -23,6 +23,7 @@ from controller.admission import decide, expected_tokens
 from controller.autoscaler import Autoscaler, ModelLoad
 from controller.config import SLO, ModelSpec, ServerConfig
 from controller.errors import ServingError
+from controller.heap import collect_all, freeze_long_lived
 from controller.metrics import Metrics
 from controller.pool import EngineHandle, EnginePool, Replica, Sub, local_devices
 from controller.router import EngineView, ModelInfo, ReplicaView, route
@@ -105,6 +106,10 @@ class Generation:
                 open_ -= 1
             yield sub.index, d
 
+    def pending(self) -> bool:
+        """Whether `events()` has a delta ready without waiting."""
+        return not self.sink.empty()
+
     def close(self, status: int) -> None:
         """Abort what is still running, release the tenant's reservation, record metrics. Idempotent."""
         if self.closed:
@@ -134,6 +139,7 @@ class Controller:
         devices = await asyncio.to_thread(local_devices, self.cfg.workers.local)
         await self.pool.start(devices)
         self._tasks.append(asyncio.create_task(self._autoscale_loop()))
+        freeze_long_lived(collect=True)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -154,12 +160,17 @@ class Controller:
             raise ServingError(400, f"model {spec.name!r} is already registered", param="name")
         if spec.path is not None and not (Path(spec.path) / "config.json").exists():
             raise ServingError(400, f"no model directory at {spec.path}", param="path")
+        budgets = [e.memory_bytes for e in self.pool.engines.values() if e.alive]  # none yet at start-up
+        if budgets and weights_bytes(spec) > max(budgets):
+            raise ServingError(400, f"model {spec.name!r} needs {weights_bytes(spec) / 2**30:.1f} GiB for weights; the "
+                               f"largest engine holds {max(budgets) / 2**30:.1f} GiB", param="memory_gb")
         try:
             tok = await asyncio.to_thread(load_tokenizer, spec.path)
         except Exception as e:  # noqa: BLE001 - any unreadable tokenizer is the caller's error
             raise ServingError(400, f"cannot load the tokenizer from {spec.path}: {e}", param="path") from e
         entry = ModelEntry(spec, ModelInfo(spec.name, weights_bytes(spec), spec.priority), tok, context_len(spec, tok))
         self.models[spec.name] = entry
+        freeze_long_lived()  # the tokenizer (and what loading it imported) lives as long as the model
         self.tick()
         return entry
 
@@ -176,6 +187,8 @@ class Controller:
             self.pool.unload(e, name)
             self.metrics.forget_engine_model(e.id, name)
         self.autoscaler.forget(name)
+        del entry
+        collect_all()  # its tokenizer was frozen with the long-lived heap
         return True
 
     def slo_for(self, entry: ModelEntry, tenant: Tenant) -> SLO:

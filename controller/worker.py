@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from controller import messages as m
+from controller.heap import collect_all, freeze_long_lived
 
 log = logging.getLogger("tokenpool.worker")
 
@@ -164,6 +165,7 @@ class Worker:
             self.send(m.ModelLoaded(msg.model, False, error=f"{type(e).__name__}: {e}"))
             return
         self.engines[msg.model] = eng
+        freeze_long_lived()  # the engine's objects live until it is unloaded
         self.send(m.ModelLoaded(msg.model, True, max_model_len=eng.max_model_len, max_num_seqs=_seqs(eng, msg),
                                 load_s=time.monotonic() - t0))
 
@@ -198,6 +200,8 @@ class Worker:
                         self._owner.pop(rid)
                         errors.append(m.Delta(rid, finished=True, finish_reason="error",
                                               error="model unloaded", error_kind="engine"))
+                    del eng
+                    collect_all()  # its memory (device memory included) must not wait in the frozen heap
         return errors
 
     def _step_all(self, engines: list[tuple[str, Any]]) -> list[m.Delta]:

@@ -1,12 +1,13 @@
-"""Load test of the HTTP API: many concurrent streams, inter-token arrival vs the engine's pace, 1-token req/s.
+"""Load test of the HTTP API: many concurrent streams, per-token latency vs the engine, 1-token req/s.
 
     tokenpool loadtest --url http://127.0.0.1:8000 --streams 1000 --duration 20     # against a running server
     python -m load_tests.loadtest --bench                                           # the API-overhead figure
 
 `--bench` starts its own server on loopback whose engine is PaceEngine (a token every `pace` seconds for every
-running request, no model), so whatever the client sees beyond the pace is the serving stack's overhead:
-HTTP + JSON + SSE in the controller, the worker protocol, and the worker loop. Loopback only, bounded in count
-and time.
+running request, no model, each token's text the wall-clock time it was emitted), so whatever the client sees
+beyond the engine is the serving stack's overhead: the worker's output handling and protocol, the controller,
+HTTP + SSE, and the kernel's loopback. Loopback only, bounded in count and time. The client is the lean one of
+`load_tests.sse_client` unless `--client httpx` (which costs the shared CPUs ~20x more per event).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-import httpx
+from load_tests import sse_client
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 PER_CLIENT = 32
+CLIENTS = ("raw", "httpx")
 
 
 def _check_loopback(url: str) -> None:
@@ -44,147 +46,262 @@ def _pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def _first_model(client: httpx.AsyncClient, url: str) -> str:
-    r = await client.get(url + "/v1/models")
-    r.raise_for_status()
-    return r.json()["data"][0]["id"]
+def _summary(xs: list[float], scale: float = 1.0, digits: int = 6) -> dict:
+    out = {q: None if (v := _pct(xs, f)) is None else round(v * scale, digits)
+           for q, f in (("median", 0.5), ("p90", 0.9), ("p99", 0.99))}
+    return dict(out, mean=round(statistics.fmean(xs) * scale, digits) if xs else None, n=len(xs))
+
+
+class _Streams:
+    """What every stream of a phase saw: SSE events as they arrive, split per stream by `Stream`."""
+
+    def __init__(self, stop_at: float):
+        self.stop_at = stop_at
+        self.gaps: list[float] = []  # inter-token arrival gaps
+        self.lat: list[float] = []  # arrival wall time - PaceEngine emission stamp
+        self.ttfts: list[float] = []
+        self.errors: list[str] = []
+        self.live = 0
+        self.tokens = 0
+
+
+class Stream:
+    def __init__(self, s: _Streams, t0: float):
+        self.s, self.t0 = s, t0
+        self.buf = b""
+        self.last: float | None = None
+        self.counted = False
+        self.over = asyncio.get_running_loop().create_future()  # set when the phase's time is up, or on error
+
+    def feed(self, raw: bytes, now: float, wall: float) -> None:
+        s = self.s
+        self.buf += raw
+        *events, self.buf = self.buf.split(b"\n\n")
+        for ev in events:
+            if not ev.startswith(b"data: {"):
+                continue
+            if b'"error"' in ev[:20]:
+                s.errors.append(ev[:200].decode(errors="replace"))
+                self._end()
+                return
+            s.tokens += 1
+            k = ev.find(b'"text":"@')
+            if k >= 0:  # PaceEngine stamp: emission wall-clock time of this token
+                s.lat.append(wall - float(ev[k + 9:ev.index(b'"', k + 9)]))
+            if self.last is None:
+                s.ttfts.append(now - self.t0)
+                if not self.counted:
+                    s.live += 1
+                    self.counted = True
+            else:
+                s.gaps.append(now - self.last)
+            self.last = now
+        if now >= s.stop_at:
+            self._end()
+
+    def _end(self) -> None:
+        if not self.over.done():
+            self.over.set_result(None)
+
+    def close(self) -> None:
+        if self.counted:
+            self.s.live -= 1
+            self.counted = False
+
+
+async def _one_raw(s: _Streams, url: str, body: dict, headers: dict[str, str], timeout: float) -> None:
+    u = urlparse(url)
+    st = Stream(s, time.perf_counter())
+    conn = None
+    try:
+        conn = await sse_client.connect(u.hostname, u.port or 80)
+        errbody = bytearray()
+        fut = conn.request("POST", u.netloc, "/v1/completions", body, headers,
+                           on_data=lambda b, now, wall: st.feed(b, now, wall) if conn.status == 200 else errbody.extend(b))
+        await asyncio.wait([fut, st.over], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if conn.status != 200:
+            if not fut.done():
+                await asyncio.wait_for(fut, 10)
+            s.errors.append(f"{conn.status}: {bytes(errbody[:200])!r}")
+        elif fut.done() and not fut.cancelled() and fut.exception() is not None:
+            s.errors.append(f"{type(fut.exception()).__name__}: {fut.exception()}")
+    except (OSError, ConnectionError, asyncio.TimeoutError, sse_client.HTTPError) as e:
+        s.errors.append(f"{type(e).__name__}: {e}")
+    finally:
+        st.close()
+        if conn is not None:
+            conn.close()
+
+
+def _httpx_clients(n: int, headers: dict[str, str], timeout: float) -> list:
+    import httpx
+
+    # httpx's connection pool costs O(connections) per request: shard the streams over small clients
+    return [httpx.AsyncClient(limits=httpx.Limits(max_connections=PER_CLIENT + 1), headers=headers,
+                              timeout=httpx.Timeout(timeout)) for _ in range(math.ceil(n / PER_CLIENT))]
+
+
+async def _one_httpx(s: _Streams, client, url: str, body: dict) -> None:
+    import httpx
+
+    st = Stream(s, time.perf_counter())
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                s.errors.append(f"{r.status_code}: {(await r.aread())[:200]!r}")
+                return
+            async for raw in r.aiter_raw():
+                st.feed(raw, time.perf_counter(), time.time())
+                if st.over.done():
+                    return
+    except (httpx.HTTPError, OSError) as e:
+        s.errors.append(f"{type(e).__name__}: {e}")
+    finally:
+        st.close()
+
+
+async def _first_model(url: str, headers: dict[str, str]) -> str:
+    u = urlparse(url)
+    conn = await sse_client.connect(u.hostname, u.port or 80)
+    try:
+        status, _, body = await conn.request("GET", u.netloc, "/v1/models", headers=headers)
+    finally:
+        conn.close()
+    if status != 200:
+        raise SystemExit(f"GET /v1/models: {status} {body[:200]!r}")
+    return json.loads(body)["data"][0]["id"]
 
 
 async def stream_phase(url: str, streams: int, duration: float, model: str | None, headers: dict[str, str],
-                       max_tokens: int) -> dict:
-    """`streams` concurrent streaming completions held for `duration` seconds; per-token arrival gaps."""
-    # httpx's connection pool costs O(connections) per request: shard the streams over small clients
-    clients = [httpx.AsyncClient(limits=httpx.Limits(max_connections=PER_CLIENT + 1), headers=headers,
-                                 timeout=httpx.Timeout(duration + 60)) for _ in range(math.ceil(streams / PER_CLIENT))]
+                       max_tokens: int, client: str = "raw", on_window=None) -> dict:
+    """`streams` concurrent streaming completions held for `duration` seconds; per-token arrival figures.
+
+    `on_window(tokens_so_far)`, if given, is called at 40% and 90% of the duration (CPU accounting).
+    """
+    model = model or await _first_model(url, headers)
+    s = _Streams(time.perf_counter() + duration)
+    live_samples: list[int] = []
+    body = lambda i: {"model": model, "prompt": f"stream {i}", "max_tokens": max_tokens, "stream": True,
+                      "ignore_eos": True}
+    clients = _httpx_clients(streams, headers, duration + 60) if client == "httpx" else []
+
+    async def sample() -> None:
+        marks = [0.4 * duration, 0.9 * duration]
+        t0 = time.perf_counter()
+        while time.perf_counter() < s.stop_at:
+            live_samples.append(s.live)
+            if marks and time.perf_counter() - t0 >= marks[0]:
+                marks.pop(0)
+                if on_window is not None:
+                    on_window(s.tokens)
+            await asyncio.sleep(0.05)
+
+    t_begin = time.perf_counter()
     try:
-        model = model or await _first_model(clients[0], url)
-        gaps: list[float] = []
-        lat: list[float] = []
-        ttfts: list[float] = []
-        errors: list[str] = []
-        live = 0
-        live_samples: list[int] = []
-        tokens = 0
-        stop_at = time.perf_counter() + duration
-        started = asyncio.Event()
-
-        async def one(i: int) -> None:
-            nonlocal live, tokens
-            body = {"model": model, "prompt": f"stream {i}", "max_tokens": max_tokens, "stream": True,
-                    "ignore_eos": True}
-            t0 = time.perf_counter()
-            last = None
-            counted = False
-            try:
-                async with clients[i % len(clients)].stream("POST", url + "/v1/completions", json=body) as r:
-                    if r.status_code != 200:
-                        errors.append(f"{r.status_code}: {(await r.aread())[:200]!r}")
-                        return
-                    buf = b""
-                    async for raw in r.aiter_raw():
-                        now = time.perf_counter()
-                        wall = time.time()
-                        buf += raw
-                        *events, buf = buf.split(b"\n\n")
-                        for ev in events:
-                            if not ev.startswith(b"data: {"):
-                                continue
-                            if b'"error"' in ev[:20]:
-                                errors.append(ev[:200].decode(errors="replace"))
-                                return
-                            tokens += 1
-                            k = ev.find(b'"text":"@')
-                            if k >= 0:  # PaceEngine stamp: emission wall-clock time of this token
-                                lat.append(wall - float(ev[k + 9:ev.index(b'"', k + 9)]))
-                            if last is None:
-                                ttfts.append(now - t0)
-                                if not counted:
-                                    live += 1
-                                    counted = True
-                            else:
-                                gaps.append(now - last)
-                            last = now
-                        if now >= stop_at:
-                            return
-            except (httpx.HTTPError, OSError) as e:
-                errors.append(f"{type(e).__name__}: {e}")
-            finally:
-                if counted:
-                    live -= 1
-
-        async def sample() -> None:
-            await started.wait()
-            while time.perf_counter() < stop_at:
-                live_samples.append(live)
-                await asyncio.sleep(0.25)
-
-        t_begin = time.perf_counter()
-        tasks = [asyncio.create_task(one(i)) for i in range(streams)]
-        started.set()
-        sampler = asyncio.create_task(sample())
-        await asyncio.gather(*tasks)
-        await sampler
-        elapsed = time.perf_counter() - t_begin
+        if client == "httpx":
+            tasks = [_one_httpx(s, clients[i % len(clients)], url, body(i)) for i in range(streams)]
+        else:
+            tasks = [_one_raw(s, url, body(i), headers, duration + 60) for i in range(streams)]
+        await asyncio.gather(sample(), *tasks)
     finally:
         for c in clients:
             await c.aclose()
+    elapsed = time.perf_counter() - t_begin
     steady = live_samples[len(live_samples) // 3:] or [0]  # after the ramp
     return {
-        "streams_requested": streams, "model": model, "duration_s": round(elapsed, 2),
+        "streams_requested": streams, "model": model, "client": client, "duration_s": round(elapsed, 2),
         "streams_held_min_steady": min(steady), "streams_held_max": max(live_samples or [0]),
-        "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1), "errors": len(errors),
-        "error_examples": errors[:3],
-        "inter_token_s": {"median": _pct(gaps, 0.5), "p90": _pct(gaps, 0.9), "p99": _pct(gaps, 0.99),
-                          "mean": statistics.fmean(gaps) if gaps else None, "n": len(gaps)},
-        "ttft_s": {"median": _pct(ttfts, 0.5), "p90": _pct(ttfts, 0.9), "p99": _pct(ttfts, 0.99)},
-        "emission_to_arrival_s": {"median": _pct(lat, 0.5), "p90": _pct(lat, 0.9), "p99": _pct(lat, 0.99),
-                                  "n": len(lat)},
+        "tokens": s.tokens, "tokens_per_s": round(s.tokens / elapsed, 1), "errors": len(s.errors),
+        "error_examples": s.errors[:3],
+        "inter_token_s": _summary(s.gaps),
+        "ttft_s": _summary(s.ttfts),
+        "emission_to_arrival_s": _summary(s.lat),
     }
 
 
-async def rps_phase(url: str, concurrency: int, duration: float, model: str | None, headers: dict[str, str]) -> dict:
+async def rps_phase(url: str, concurrency: int, duration: float, model: str | None, headers: dict[str, str],
+                    client: str = "raw") -> dict:
     """Closed loop of non-streaming 1-token completions from `concurrency` clients for `duration` seconds."""
-    clients = [httpx.AsyncClient(timeout=60, headers=headers) for _ in range(concurrency)]  # one connection each
-    try:
-        model = model or await _first_model(clients[0], url)
-        lat: list[float] = []
-        errors = 0
-        stop_at = time.perf_counter() + duration
+    u = urlparse(url)
+    model = model or await _first_model(url, headers)
+    lat: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + duration
 
-        async def loop(i: int) -> None:
-            nonlocal errors
-            body = {"model": model, "prompt": f"r{i}", "max_tokens": 1}
+    async def loop_raw(i: int) -> None:
+        nonlocal errors
+        body = {"model": model, "prompt": f"r{i}", "max_tokens": 1}
+        conn = await sse_client.connect(u.hostname, u.port or 80)
+        try:
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
                 try:
-                    r = await clients[i].post(url + "/v1/completions", json=body)
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
+                    if conn.closed:
+                        conn = await sse_client.connect(u.hostname, u.port or 80)
+                    status, _, _ = await asyncio.wait_for(conn.request("POST", u.netloc, "/v1/completions", body,
+                                                                       headers), 60)
+                    ok = status == 200
+                except (OSError, ConnectionError, asyncio.TimeoutError, sse_client.HTTPError):
                     ok = False
+                    conn.close()
                 if ok:
                     lat.append(time.perf_counter() - t0)
                 else:
                     errors += 1
+        finally:
+            conn.close()
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(loop(i) for i in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-    finally:
-        for c in clients:
-            await c.aclose()
-    return {"concurrency": concurrency, "model": model, "duration_s": round(elapsed, 2), "requests": len(lat),
-            "errors": errors, "requests_per_s": round(len(lat) / elapsed, 1),
-            "latency_s": {"median": _pct(lat, 0.5), "p90": _pct(lat, 0.9), "p99": _pct(lat, 0.99)}}
+    async def loop_httpx(i: int, c) -> None:
+        import httpx
+
+        nonlocal errors
+        body = {"model": model, "prompt": f"r{i}", "max_tokens": 1}
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                ok = (await c.post(url + "/v1/completions", json=body)).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                lat.append(time.perf_counter() - t0)
+            else:
+                errors += 1
+
+    t0 = time.perf_counter()
+    if client == "httpx":
+        import httpx
+
+        clients = [httpx.AsyncClient(timeout=60, headers=headers) for _ in range(concurrency)]  # one connection each
+        try:
+            await asyncio.gather(*(loop_httpx(i, clients[i]) for i in range(concurrency)))
+        finally:
+            for c in clients:
+                await c.aclose()
+    else:
+        await asyncio.gather(*(loop_raw(i) for i in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    return {"concurrency": concurrency, "model": model, "client": client, "duration_s": round(elapsed, 2),
+            "requests": len(lat), "errors": errors, "requests_per_s": round(len(lat) / elapsed, 1),
+            "latency_s": _summary(lat)}
+
+
+def _run(coro):
+    """asyncio.run on uvloop when it is installed (the client's own loop overhead is part of what it measures)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def run_loadtest(url: str = "http://127.0.0.1:8000", streams: int = 100, duration: float = 10.0,
                  model: str | None = None, json_out: Path | None = None, api_key: str | None = None,
-                 max_tokens: int = 100_000) -> dict:
+                 max_tokens: int = 100_000, client: str = "raw") -> dict:
     """Hold `streams` concurrent streams for `duration` s against a running server; print and return the figures."""
     _check_loopback(url)
     url = url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    res = asyncio.run(stream_phase(url, streams, duration, model, headers, max_tokens))
+    res = _run(stream_phase(url, streams, duration, model, headers, max_tokens, client))
     print(json.dumps(res, indent=2))
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
@@ -192,9 +309,70 @@ def run_loadtest(url: str = "http://127.0.0.1:8000", streams: int = 100, duratio
     return res
 
 
-def bench_api_overhead(streams: int = 1000, duration: float = 20.0, pace_s: float = 0.25, rps_concurrency: int = 64,
-                       rps_duration: float = 10.0, out: Path | None = None) -> dict:
-    """The API-overhead figure: a PaceEngine server on loopback, then the stream and 1-token phases."""
+# --- the API-overhead benchmark ---
+def _cpu_s(pid: int | str = "self") -> float:
+    """User + system CPU seconds of a process (from /proc)."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores, from /proc/stat)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+class _CpuWindow:
+    """CPU per streamed token of each process over a steady window of a stream phase (two `mark` calls)."""
+
+    def __init__(self, pids: dict[str, int | str]):
+        self.pids = pids
+        self.marks: list[tuple[float, int, dict[str, float], float]] = []
+
+    def mark(self, tokens: int) -> None:
+        self.marks.append((time.perf_counter(), tokens, {k: _cpu_s(p) for k, p in self.pids.items()}, _busy_s()))
+
+    def result(self) -> dict | None:
+        if len(self.marks) < 2:
+            return None
+        (t0, n0, c0, b0), (t1, n1, c1, b1) = self.marks[:2]
+        n = max(1, n1 - n0)
+        ours = sum(c1[k] - c0[k] for k in c0)
+        return {"window_s": round(t1 - t0, 2), "tokens": n1 - n0,
+                "us_per_token": {k: round(1e6 * (c1[k] - c0[k]) / n, 1) for k in c0},
+                "cores_busy": {k: round((c1[k] - c0[k]) / (t1 - t0), 3) for k in c0},
+                # other processes on this machine during the window (the CPUs are shared)
+                "other_processes_cores_busy": round(max(0.0, (b1 - b0) - ours) / (t1 - t0), 3)}
+
+
+def _load_point(stream: dict, pace_s: float, cpu: dict | None) -> dict:
+    it, lat = stream["inter_token_s"], stream["emission_to_arrival_s"]
+    ms = lambda v, off=0.0: None if v is None else round((v - off) * 1000, 3)
+    return {
+        "streams": stream["streams_requested"],
+        "added_latency_per_token_ms": {q: ms(lat[q]) for q in ("median", "p90", "p99")},
+        "inter_token_minus_pace_ms": {q: ms(it[q], pace_s) for q in ("median", "p90", "p99")},
+        "cpu_per_token": cpu,
+        "raw": stream,
+    }
+
+
+def bench_api_overhead(streams: list[int] | int = (100, 1000), duration: float = 20.0, pace_s: float = 0.5,
+                       rps_concurrency: int = 64, rps_duration: float = 10.0, out: Path | None = None,
+                       client: str = "raw") -> dict:
+    """The API-overhead figure: a PaceEngine server on loopback, stream phases at each load, then 1-token req/s."""
     from controller.testing import LiveServer
 
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"tokenpool-loadtest-{os.getpid()}"
@@ -207,29 +385,45 @@ def bench_api_overhead(streams: int = 1000, duration: float = 20.0, pace_s: floa
                {"name": "fast", "engine": {"kind": "pace", "pace_s_per_token": 0.0, "max_num_seqs": 4096}},
            ]}
     max_tokens = math.ceil(duration / pace_s) + 20
+    points = []
+    loadavg = Path("/proc/loadavg").read_text().split()[:3]
     with LiveServer(cfg, work) as srv:
-        stream = asyncio.run(stream_phase(srv.url, streams, duration, "pace", {}, max_tokens))
-        time.sleep(2)  # let the aborted streams drain
-        rps = asyncio.run(rps_phase(srv.url, rps_concurrency, rps_duration, "fast", {}))
-    med = stream["inter_token_s"]["median"]
+        workers = _children(srv.proc.pid)
+        pids: dict[str, int | str] = {"controller": srv.proc.pid, "client": "self"}
+        if len(workers) == 1:
+            pids["worker"] = workers[0]
+        for n in ([streams] if isinstance(streams, int) else streams):
+            cpu = _CpuWindow(pids)
+            stream = _run(stream_phase(srv.url, n, duration, "pace", {}, max_tokens, client, cpu.mark))
+            points.append(_load_point(stream, pace_s, cpu.result()))
+            time.sleep(2)  # let the aborted streams drain
+        rps = _run(rps_phase(srv.url, rps_concurrency, rps_duration, "fast", {}, client))
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
-        "command": "python -m load_tests.loadtest --bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["--bench"]
-                                                                         else []),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "setup": {"engine": "PaceEngine (no model)", "pace_s_per_token": pace_s, "client": "httpx async, loopback",
+        "command": "python -m load_tests.loadtest " + shlex.join(sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "loadavg_before": loadavg},
+        "setup": {"engine": "PaceEngine (no model)", "pace_s_per_token": pace_s, "duration_s": duration,
+                  "client": f"{client} ({'load_tests.sse_client, asyncio Protocol' if client == 'raw' else 'httpx'}"
+                            ", uvloop), loopback",
                   "server": "uvicorn + FastAPI controller, one CPU engine worker process over TCP",
                   "note": "client, controller and worker share this machine's CPUs"},
-        "streams": stream,
-        # per streamed token, engine emission (PaceEngine stamp) to client arrival: worker -> controller -> HTTP
-        "added_latency_per_token_ms": {k: None if v is None else round(v * 1000, 3)
-                                       for k, v in stream["emission_to_arrival_s"].items() if k != "n"},
-        # inter-token arrival minus the engine's pace (also includes the worker's own per-step work)
-        "inter_token_minus_pace_ms": {
-            "median": None if med is None else round((med - pace_s) * 1000, 3),
-            "p90": None if stream["inter_token_s"]["p90"] is None else
-            round((stream["inter_token_s"]["p90"] - pace_s) * 1000, 3)},
+        "metrics": {
+            "added_latency_per_token_ms": "per streamed token: the client's wall-clock time when its SSE event "
+                                          "reached the client's event loop minus the wall-clock time the engine "
+                                          "emitted it (PaceEngine stamps it into the token text). Everything "
+                                          "between: worker output handling + protocol + TCP + controller + "
+                                          "HTTP/SSE + TCP + client read. A step emits one token for every stream "
+                                          "at once and they are sent one after another, so at N streams the "
+                                          "median token also waits behind ~N/2 others",
+            "inter_token_minus_pace_ms": "per streamed token after the first: the gap since the stream's previous "
+                                         "token at the client minus the engine's pace (jitter the stack adds "
+                                         "to the cadence; ~0 on average whenever it keeps up)",
+            "cpu_per_token": "CPU seconds of each process per streamed token over the steady window (40%-90% "
+                             "of the phase); resolution 1/CLK_TCK",
+        },
+        "load_points": points,
         "one_token_completions": rps,
     }
     if out is not None:
@@ -253,20 +447,23 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m load_tests.loadtest", description=__doc__.split("\n\n")[0])
     ap.add_argument("--bench", action="store_true", help="start a PaceEngine server and measure API overhead")
     ap.add_argument("--url", default="http://127.0.0.1:8000")
-    ap.add_argument("--streams", type=int, default=1000)
+    ap.add_argument("--streams", default=None,
+                    help="concurrent streams; --bench: a comma-separated list of load points (default 100,1000)")
     ap.add_argument("--duration", type=float, default=20.0)
-    ap.add_argument("--pace", type=float, default=0.25, help="--bench: engine seconds per token")
+    ap.add_argument("--pace", type=float, default=0.5, help="--bench: engine seconds per token")
     ap.add_argument("--rps-concurrency", type=int, default=64)
     ap.add_argument("--rps-duration", type=float, default=10.0)
+    ap.add_argument("--client", choices=CLIENTS, default="raw")
     ap.add_argument("--model", default=None)
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     if a.bench:
-        bench_api_overhead(a.streams, a.duration, a.pace, a.rps_concurrency, a.rps_duration,
-                           a.json or Path("bench/results/api_overhead_cpu.json"))
+        streams = [int(x) for x in (a.streams or "100,1000").split(",")]
+        bench_api_overhead(streams, a.duration, a.pace, a.rps_concurrency, a.rps_duration,
+                           a.json or Path("bench/results/api_overhead_cpu.json"), a.client)
     else:
-        run_loadtest(a.url, a.streams, a.duration, a.model, a.json, a.api_key)
+        run_loadtest(a.url, int(a.streams or 1000), a.duration, a.model, a.json, a.api_key, client=a.client)
 
 
 if __name__ == "__main__":

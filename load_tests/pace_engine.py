@@ -96,8 +96,8 @@ class PaceEngine:
         self.num_kv_blocks = num_kv_blocks or max_num_seqs * max_model_len // block_size
         self._vocab = _plain_token_ids(self.tokenizer)
         self._seed = seed
-        # stamp: each token's text is "@<wall-clock time it was emitted>", so a client on the same host can
-        # measure emission-to-arrival latency per token (the API-overhead benchmark does).
+        # stamp: each token's text is "@<wall-clock time its step emitted it>", so a client on the same host
+        # can measure emission-to-arrival latency per token (the API-overhead benchmark does).
         self.stamp = stamp
         self._waiting: deque[_Req] = deque()
         self._running: dict[str, _Req] = {}
@@ -158,12 +158,15 @@ class PaceEngine:
         due = max(self._last_step + self.s_per_token, now) + admitted * self.prefill_s_per_token
         time.sleep(max(0.0, due - time.monotonic()))
         self._last_step = due
+        # A batched step emits every running request's token at once: one stamp for all of them, taken
+        # before any output is built (building outputs is the serving side's cost, not the engine's)
+        stamp = f"@{time.time():.6f}" if self.stamp else ""
         for r in list(self._running.values()):
-            outs.append(self._advance(r))
+            outs.append(self._advance(r, stamp))
         return outs
 
     # --- internals ---
-    def _advance(self, r: _Req) -> RequestOutput:
+    def _advance(self, r: _Req, stamp: str = "") -> RequestOutput:
         p = r.params
         tok = r.rng.choice(self._vocab)
         r.out_ids.append(tok)
@@ -175,7 +178,7 @@ class PaceEngine:
                 lp.setdefault(alt, -1.0 - k)
             r.logprobs.append(lp)
         if self.stamp:
-            r.text += f"@{time.time():.6f}"
+            r.text += stamp
         else:
             r.text = self.tokenizer.decode(r.out_ids, skip_special_tokens=True)
         for s in p.stop or []:

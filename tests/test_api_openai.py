@@ -122,6 +122,9 @@ def test_logprobs(server):
                                   logprobs=True, top_logprobs=2, **GREEDY)
     content = r.choices[0].logprobs.content
     assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+    chunks = list(c.completions.create(model="tiny-a", prompt="x", max_tokens=3, logprobs=2, stream=True, **GREEDY))
+    lps = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].text]
+    assert sum(len(lp.tokens) for lp in lps) == 3 and all(len(lp.tokens) == len(lp.text_offset) for lp in lps)
 
 
 def test_sampling_extras_pass_through(server):

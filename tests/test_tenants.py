@@ -28,7 +28,8 @@ def server(tmp_path_factory):
             {"name": "blue", "key_hashes": [hash_key(BLUE)], "models": ["blue-*", "shared"],
              "rate": {"tokens_per_min": 600}, "max_concurrent": 2},
         ],
-        "models": [{"name": n, "engine": PACE} for n in ("red-m", "blue-m", "shared")],
+        "models": [{"name": n, "engine": PACE} for n in ("red-m", "blue-m", "shared")]
+                  + [{"name": "blue-slow", "engine": dict(PACE, pace_s_per_token=0.1)}],
     }
     with LiveServer(cfg, work) as srv:
         yield srv
@@ -58,7 +59,7 @@ def test_config_and_tenants_file_hold_no_plain_keys(server):
 
 def test_isolation_of_models_and_usage(server):
     assert {m.id for m in oai(server, RED).models.list()} == {"red-m", "shared"}
-    assert {m.id for m in oai(server, BLUE).models.list()} == {"blue-m", "shared"}
+    assert {m.id for m in oai(server, BLUE).models.list()} == {"blue-m", "blue-slow", "shared"}
     with pytest.raises(openai.PermissionDeniedError):
         oai(server, RED).completions.create(model="blue-m", prompt="x", max_tokens=1)
     with pytest.raises(openai.NotFoundError):  # not even its card
@@ -85,7 +86,9 @@ def test_token_rate_limit_429_then_recovers(server):
 
 def test_max_concurrent_per_tenant(server):
     c = oai(server, BLUE)
-    streams = [c.completions.create(model="blue-m", prompt="x", max_tokens=5, stream=True) for _ in range(2)]
+    # 0.5 s streams: the server finishes a stream whether or not the client reads it, so they must outlast
+    # the third request even on a loaded machine
+    streams = [c.completions.create(model="blue-slow", prompt="x", max_tokens=5, stream=True) for _ in range(2)]
     try:
         with pytest.raises(openai.RateLimitError) as ei:
             c.completions.create(model="blue-m", prompt="x", max_tokens=1)
@@ -108,3 +111,5 @@ def test_admin_registers_and_unregisters_a_model(server):
         oai(server, RED).completions.create(model="red-new", prompt="x", max_tokens=1)
     bad = httpx.post(server.url + "/admin/models", headers=ADM, json={"name": "x", "path": "/does/not/exist"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "path"
+    huge = httpx.post(server.url + "/admin/models", headers=ADM, json={"name": "huge", "engine": PACE, "memory_gb": 1e5})
+    assert huge.status_code == 400 and huge.json()["error"]["param"] == "memory_gb"  # fits no engine: never ready

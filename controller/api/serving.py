@@ -9,26 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
 
 from controller.api import protocol as p
+from controller.api.sse import DONE, EMPTY, NULL, ROLE, ChunkFrames, content, sse
 from controller.errors import ServingError
 from controller.messages import Delta
 from controller.service import Controller, Generation, ModelEntry
 from controller.tenants import Tenant
 
 T = TypeVar("T")
-DONE = b"data: [DONE]\n\n"
-
-
-def sse(obj: p.BaseModel | dict) -> bytes:
-    body = obj.model_dump_json(exclude_unset=True) if isinstance(obj, p.BaseModel) else json.dumps(obj)
-    return b"data: " + (body.encode() if isinstance(body, str) else body) + b"\n\n"
 
 
 async def unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
@@ -181,37 +175,21 @@ class OpenAIServing:
         choices = [p.CompletionChoice(index=i, text=text[i], logprobs=lps[i], finish_reason=finish[i]) for i in range(k)]
         return p.CompletionResponse(id=rid, model=req.model, choices=choices, usage=self._usage(gen))
 
-    async def _stream_completion(self, gen: Generation, req: p.CompletionRequest, rid: str, me: ModelEntry,
-                                 echo: list[str]) -> AsyncIterator[bytes]:
-        created = int(time.time())
-        usage_opt = req.stream_options is not None and req.stream_options.include_usage
-        extra = {"usage": None} if usage_opt else {}
+    def _stream_completion(self, gen: Generation, req: p.CompletionRequest, rid: str, me: ModelEntry,
+                           echo: list[str]) -> AsyncIterator[bytes]:
+        usage = req.stream_options is not None and req.stream_options.include_usage
+        fr = ChunkFrames("text_completion", rid, int(time.time()), req.model, usage)
         offsets = [len(echo[i // req.n]) for i in range(len(gen.subs))]
-        status = 499
-        try:
-            for i in range(len(gen.subs)):
-                if echo[i // req.n]:
-                    yield sse(p.CompletionChunk(object="text_completion", id=rid, created=created, model=req.model, **extra, choices=[
-                        p.CompletionChoice(index=i, text=echo[i // req.n], logprobs=None, finish_reason=None)]))
-            async for i, d in gen.events():
-                lp = None
-                if req.logprobs is not None:
-                    lp = self._completion_logprobs(me, d, req.logprobs, offsets[i])
-                    offsets[i] += len(d.text)
-                choice = p.CompletionChoice(index=i, text=d.text, logprobs=lp,
-                                            finish_reason=d.finish_reason if d.finished else None)
-                yield sse(p.CompletionChunk(object="text_completion", id=rid, created=created, model=req.model, choices=[choice], **extra))
-            if usage_opt:
-                yield sse(p.CompletionChunk(object="text_completion", id=rid, created=created, model=req.model, choices=[],
-                                            usage=self._usage(gen)))
-            yield DONE
-            status = 200
-        except ServingError as e:
-            status = e.status
-            yield sse(e.body())
-            yield DONE
-        finally:
-            gen.close(status)
+        lead = [fr.text(i, echo[i // req.n]) for i in range(len(gen.subs)) if echo[i // req.n]]
+
+        def frame(i: int, d: Delta) -> bytes:
+            lp = NULL
+            if req.logprobs is not None:  # rare: built as a model (all four lists, as OpenAI sends them)
+                lp = self._completion_logprobs(me, d, req.logprobs, offsets[i]).model_dump_json().encode()
+                offsets[i] += len(d.text)
+            return fr.text(i, d.text, lp, d.finish_reason if d.finished else None)
+
+        return self._stream(gen, lead, frame, fr, usage)
 
     # --- /v1/chat/completions ---
     async def chat(self, req: p.ChatCompletionRequest, tenant: Tenant,
@@ -273,35 +251,52 @@ class OpenAIServing:
                                 logprobs=p.ChoiceLogprobs(content=lps[i]) if req.logprobs else None) for i in range(k)]
         return p.ChatCompletionResponse(id=rid, model=req.model, choices=choices, usage=self._usage(gen))
 
-    async def _stream_chat(self, gen: Generation, req: p.ChatCompletionRequest, rid: str,
-                           me: ModelEntry) -> AsyncIterator[bytes]:
-        created = int(time.time())
-        usage_opt = req.stream_options is not None and req.stream_options.include_usage
-        extra = {"usage": None} if usage_opt else {}
+    def _stream_chat(self, gen: Generation, req: p.ChatCompletionRequest, rid: str,
+                     me: ModelEntry) -> AsyncIterator[bytes]:
+        usage = req.stream_options is not None and req.stream_options.include_usage
+        fr = ChunkFrames("chat.completion.chunk", rid, int(time.time()), req.model, usage)
+        lead = [fr.delta(i, ROLE) for i in range(len(gen.subs))]
 
-        def chunk(i: int, delta: p.Delta, finish: str | None = None, lp: list | None = None) -> bytes:
-            choice = p.ChatChunkChoice(index=i, delta=delta, finish_reason=finish,
-                                       logprobs=p.ChoiceLogprobs(content=lp) if lp is not None else None)
-            return sse(p.ChatCompletionChunk(object="chat.completion.chunk", id=rid, created=created, model=req.model, choices=[choice], **extra))
+        def frame(i: int, d: Delta) -> bytes:
+            out = b""
+            lp = self._chat_logprobs(me, d, req.top_logprobs or 0) if req.logprobs else None
+            if d.text or lp:
+                lpj = NULL if lp is None else p.ChoiceLogprobs(content=lp).model_dump_json(exclude_unset=True).encode()
+                out = fr.delta(i, content(d.text), lpj)
+            if d.finished:
+                out += fr.delta(i, EMPTY, NULL, d.finish_reason)
+            return out
 
+        return self._stream(gen, lead, frame, fr, usage)
+
+    # --- the stream both endpoints share ---
+    async def _stream(self, gen: Generation, lead: list[bytes], frame: Callable[[int, Delta], bytes],
+                      fr: ChunkFrames, usage: bool) -> AsyncIterator[bytes]:
+        """Lead frames, a frame per delta, the usage chunk if asked, `[DONE]`; always closes `gen`.
+
+        Deltas already queued when one is rendered go out in the same write (a stream that fell behind
+        catches up in one send instead of one per token). Once streaming, a failure is an error event and
+        `[DONE]` (the status line has gone).
+        """
         status = 499
+        out: list[bytes] = []
         try:
-            for i in range(len(gen.subs)):
-                yield chunk(i, p.Delta(role="assistant", content=""))
+            if lead:
+                yield b"".join(lead)
             async for i, d in gen.events():
-                lp = self._chat_logprobs(me, d, req.top_logprobs or 0) if req.logprobs else None
-                if d.text or lp:
-                    yield chunk(i, p.Delta(content=d.text), None, lp)
-                if d.finished:
-                    yield chunk(i, p.Delta(), d.finish_reason)
-            if usage_opt:
-                yield sse(p.ChatCompletionChunk(object="chat.completion.chunk", id=rid, created=created, model=req.model, choices=[],
-                                                usage=self._usage(gen)))
-            yield DONE
+                b = frame(i, d)
+                if b:
+                    out.append(b)
+                if out and not gen.pending():
+                    yield b"".join(out)
+                    out.clear()
+            if usage:
+                out.append(fr.usage(self._usage(gen).model_dump_json().encode()))
+            out.append(DONE)
+            yield b"".join(out)
             status = 200
         except ServingError as e:
             status = e.status
-            yield sse(e.body())
-            yield DONE
+            yield b"".join(out) + sse(e.body()) + DONE
         finally:
             gen.close(status)
