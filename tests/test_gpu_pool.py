@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 
 import pytest
-import torch
 
 from token_scheduler.engine import EngineConfig, LLMEngine
 from token_scheduler.multi_engine import MultiModelEngine
