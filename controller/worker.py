@@ -276,7 +276,13 @@ def main(argv: list[str] | None = None) -> None:
     host, _, port = a.controller.rpartition(":")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s",
                         stream=sys.stderr)
-    asyncio.run(Worker((host or "127.0.0.1", int(port)), a.device, a.slot, a.join_token).run())
+    worker = Worker((host or "127.0.0.1", int(port)), a.device, a.slot, a.join_token)
+    try:  # uvloop: each step's outputs wait on the executor-to-loop handoff; it is ~60 us cheaper there
+        import uvloop
+    except ImportError:
+        asyncio.run(worker.run())
+    else:
+        uvloop.run(worker.run())
 
 
 if __name__ == "__main__":
