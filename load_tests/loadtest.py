@@ -423,6 +423,14 @@ def bench_api_overhead(streams: list[int] | int = (100, 1000), duration: float =
             "cpu_per_token": "CPU seconds of each process per streamed token over the steady window (40%-90% "
                              "of the phase); resolution 1/CLK_TCK",
         },
+        "summary": {
+            "added_latency_per_token_median_ms": {p["streams"]: p["added_latency_per_token_ms"]["median"] for p in points},
+            "inter_token_minus_pace_median_ms": {p["streams"]: p["inter_token_minus_pace_ms"]["median"] for p in points},
+            "controller_cpu_us_per_token": {p["streams"]: (p["cpu_per_token"] or {}).get("us_per_token", {})
+                                            .get("controller") for p in points},
+            "streams_held": {p["streams"]: p["raw"]["streams_held_min_steady"] for p in points},
+            "one_token_requests_per_s": rps["requests_per_s"],
+        },
         "load_points": points,
         "one_token_completions": rps,
     }
