@@ -350,8 +350,11 @@ class _CpuWindow:
         (t0, n0, c0, b0), (t1, n1, c1, b1) = self.marks[:2]
         n = max(1, n1 - n0)
         ours = sum(c1[k] - c0[k] for k in c0)
-        return {"window_s": round(t1 - t0, 2), "tokens": n1 - n0,
-                "us_per_token": {k: round(1e6 * (c1[k] - c0[k]) / n, 1) for k in c0},
+        tick = 1 / os.sysconf("SC_CLK_TCK")
+        # fewer than 10 clock ticks of CPU is below what /proc can resolve: no figure rather than a wrong one
+        return {"window_s": round(t1 - t0, 2), "tokens": n1 - n0, "resolution_us_per_token": round(1e6 * tick / n, 1),
+                "us_per_token": {k: round(1e6 * (c1[k] - c0[k]) / n, 1) if c1[k] - c0[k] >= 10 * tick else None
+                                 for k in c0},
                 "cores_busy": {k: round((c1[k] - c0[k]) / (t1 - t0), 3) for k in c0},
                 # other processes on this machine during the window (the CPUs are shared)
                 "other_processes_cores_busy": round(max(0.0, (b1 - b0) - ours) / (t1 - t0), 3)}
@@ -402,8 +405,8 @@ def bench_api_overhead(streams: list[int] | int = (100, 1000), duration: float =
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
         "command": "python -m load_tests.loadtest " + shlex.join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                    "loadavg_before": loadavg},
+        "machine": {"cpus": os.cpu_count(), "cpu_model": _cpu_model(), "python": platform.python_version(),
+                    "platform": platform.platform(), "loadavg_before": loadavg},
         "setup": {"engine": "PaceEngine (no model)", "pace_s_per_token": pace_s, "duration_s": duration,
                   "client": f"{client} ({'load_tests.sse_client, asyncio Protocol' if client == 'raw' else 'httpx'}"
                             ", uvloop), loopback",
@@ -439,6 +442,16 @@ def bench_api_overhead(streams: list[int] | int = (100, 1000), duration: float =
         out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def _git_commit() -> str | None:
