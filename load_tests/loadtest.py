@@ -351,9 +351,9 @@ class _CpuWindow:
         n = max(1, n1 - n0)
         ours = sum(c1[k] - c0[k] for k in c0)
         tick = 1 / os.sysconf("SC_CLK_TCK")
-        # fewer than 10 clock ticks of CPU is below what /proc can resolve: no figure rather than a wrong one
+        # fewer than 5 clock ticks of CPU is below what /proc can resolve: no figure rather than a wrong one
         return {"window_s": round(t1 - t0, 2), "tokens": n1 - n0, "resolution_us_per_token": round(1e6 * tick / n, 1),
-                "us_per_token": {k: round(1e6 * (c1[k] - c0[k]) / n, 1) if c1[k] - c0[k] >= 10 * tick else None
+                "us_per_token": {k: round(1e6 * (c1[k] - c0[k]) / n, 1) if c1[k] - c0[k] >= 5 * tick else None
                                  for k in c0},
                 "cores_busy": {k: round((c1[k] - c0[k]) / (t1 - t0), 3) for k in c0},
                 # other processes on this machine during the window (the CPUs are shared)
