@@ -78,8 +78,18 @@ def bench_pool_cmd(
     policy: str = typer.Option("token,request,static"),
     seed: int = typer.Option(0),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write results here"),
+    real: bool = typer.Option(False, "--real", help="replay on this machine's GPU (with the simulator beside it)"),
+    drain: float = typer.Option(60.0, help="--real: seconds after the last arrival before unfinished requests miss"),
+    kv_cache_gb: float = typer.Option(4.0, help="--real: KV region inside the GPU budget"),
 ) -> None:
-    """Replay a seeded multi-model workload against each scheduling policy."""
+    """Replay a seeded multi-model workload against each scheduling policy (simulated unless --real)."""
+    if real:
+        from load_tests.bench_pool_real import run_real
+
+        run_real(models=models, rate=rate, duration=duration, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
+                 gpu_budget_gb=gpu_budget_gb, policies=policy.split(","), seed=seed, json_out=json_out,
+                 drain_s=drain, kv_cache_gb=kv_cache_gb)
+        return
     from load_tests.bench_pool import run_bench_pool
 
     run_bench_pool(

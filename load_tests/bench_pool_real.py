@@ -86,17 +86,21 @@ def run_real(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: float = 1
              slo_tpot: float = 0.1, gpu_budget_gb: float = 60.0, policies=("token", "request", "static"),
              seed: int = 0, json_out: Path | str | None = None, kv_cache_gb: float = 4.0, drain_s: float = 60.0,
              cache_dir: str | Path = "~/.cache/tokenpool/bench-models", host_budget_gb: float = 48.0,
-             warmup: bool = True, say=print) -> dict:
+             warmup: bool = True, say=print, device: str = "cuda", model_dirs: dict | None = None,
+             dtype: str = "bf16") -> dict:
     import torch
 
     from model_swapper.host_cache import HostModelCache
     from token_scheduler.engine import EngineConfig
     from token_scheduler.multi_engine import MultiModelEngine
 
-    if not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench pool --real needs a CUDA GPU (use the simulated mode without --real)")
     entries = parse_models(models)
-    dirs = make_models(entries, Path(cache_dir).expanduser(), say)
+    # model_dirs: {"7b": dir, ...} by size (tests: tiny CPU models standing in for each size)
+    dirs = ({e.name: Path(model_dirs[e.size]) for e in entries} if model_dirs
+            else make_models(entries, Path(cache_dir).expanduser(), say))
+    tdtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     slo = ModelSLO(slo_ttft, slo_tpot)
     items = generate([e.name for e in entries], rate, duration, seed=seed)
     specs = {e.name: spec_for(e.arch, e.size, e.name) for e in entries}
@@ -108,19 +112,19 @@ def run_real(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: float = 1
         "note": __doc__.split("\n\n")[2].replace("\n", " ")}, "policies": {}}
     t = time.perf_counter()
     for d in sorted(set(dirs.values())):
-        cache.get(d, torch.bfloat16)
+        cache.get(d, tdtype)
     out["host_cache_load_s"] = time.perf_counter() - t
     say(f"host copies ready in {out['host_cache_load_s']:.1f}s")
     for p in policies:
         multi = MultiModelEngine(
-            {n: EngineConfig(model=str(d), device="cuda", served_model_name=n, max_num_seqs=64, max_model_len=4096,
-                             max_num_batched_tokens=2048) for n, d in dirs.items()},
-            policy=p, slos=slo, device="cuda", gpu_budget=int(gpu_budget_gb * 1e9), kv_cache_gb=kv_cache_gb,
+            {n: EngineConfig(model=str(d), device=device, dtype=dtype, served_model_name=n, max_num_seqs=64,
+                             max_model_len=4096, max_num_batched_tokens=2048) for n, d in dirs.items()},
+            policy=p, slos=slo, device=device, gpu_budget=int(gpu_budget_gb * 1e9), kv_cache_gb=kv_cache_gb,
             host_cache=cache)
         vocab = min(e.model_config.vocab_size for e in multi.engines.values())  # ids valid for every model
         if warmup:  # every model loaded once, its prefill and bucket-1 graph run; not measured
             wu = [type(items[0])(0.0, n, 32, 4, f"warmup-{n}") for n in dirs] if items else []
-            replay(multi, wu, ModelSLO(1e9, 1e9), vocab, drain_s=600.0, seed=seed + 1)
+            replay(multi, wu, ModelSLO(1e9, 1e9), vocab, drain_s=20.0, seed=seed + 1)  # static never serves some
         multi.reset_stats()
         r = replay(multi, items, slo, vocab, drain_s, seed)
         s = summarize(r["records"])
@@ -151,7 +155,8 @@ def run_real(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: float = 1
         multi.close()
         del multi
         gc.collect()
-        torch.cuda.empty_cache()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     cache.close()
     write_json(Path(json_out) if json_out else None, out)
     return out

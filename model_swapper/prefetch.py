@@ -30,6 +30,7 @@ class Prefetch:
     handle: SwapHandle
     plan: list[int]  # end offsets of every piece
     state: str = "running"  # running | taken | cancelled
+    name: str = ""  # what it is prefetched as (default: the host copy's key)
 
     @property
     def enqueued(self) -> int:
@@ -37,7 +38,7 @@ class Prefetch:
 
     @property
     def key(self) -> str:
-        return self.host.key
+        return self.name or self.host.key
 
 
 class Prefetcher:
@@ -45,17 +46,20 @@ class Prefetcher:
         self.swapper, self.piece, self.window = swapper, piece, window
         self.active: dict[str, Prefetch] = {}  # by model key
 
-    def prefetch(self, host: HostModel, slot: Slot | None = None) -> Prefetch:
+    def prefetch(self, host: HostModel, slot: Slot | None = None, name: str | None = None) -> Prefetch:
         """Start bringing `host` in. Raises ArenaFull when there is no free space for it: the scheduler
-        decides whether to evict something for a prefetch (usually not)."""
-        if host.key in self.active:
-            return self.active[host.key]
+        decides whether to evict something for a prefetch (usually not). `name` tells apart several served
+        models backed by one host copy (each gets its own slot); default: the host copy's key."""
+        key = name or host.key
+        if key in self.active:
+            return self.active[key]
         slot = self.swapper.slot_for(host, slot)
         host.pins += 1  # held for the prefetch's whole life, on CPU too
         p = Prefetch(host, slot, SwapHandle(host.layout, device=self.swapper.device),
                      split(host.nbytes, -(-host.nbytes // self.piece), align=min(SPLIT_ALIGN, self.piece)))
         p.handle.more = lambda: self._enqueue(p, everything=True)
-        self.active[host.key] = p
+        p.name = key
+        self.active[key] = p
         self.swapper.before_copy()
         self._enqueue(p, everything=self.window is None)
         return p

@@ -29,7 +29,7 @@ def _params(i: int) -> SamplingParams:
 
 
 def _alone(path) -> dict[str, list[int]]:
-    eng = LLMEngine(EngineConfig(model=str(path), device="cuda", dtype="bf16", max_num_seqs=8))
+    eng = LLMEngine(EngineConfig(model=str(path), device="cuda", dtype="bf16", max_num_seqs=8, kv_cache_memory_gb=0.05))
     for i, p in enumerate(PROMPTS):
         eng.add_request(f"r{i}", p, _params(i))
     out = {}

@@ -186,7 +186,7 @@ class ModelPool:
         if e.resident is not None or e.prefetch is not None:
             return True
         try:
-            e.prefetch = self.prefetcher.prefetch(e.host)
+            e.prefetch = self.prefetcher.prefetch(e.host, name=name)
         except ArenaError:
             self.stats.prefetch_skipped += 1
             return False
