@@ -153,6 +153,7 @@ def run_real(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: float = 1
             f"{1e3 * (s.tpot_p99 or 0):.0f}ms switches/s={res['switches_per_s']:.2f} busy={res['gpu_busy_frac']:.2f} "
             f"stall={pool.stats.stall_s:.2f}s policy CPU={100 * res['timing']['policy_frac']:.2f}% of step time")
         multi.close()
+        write_json(Path(json_out) if json_out else None, out)  # after each policy: partial results survive
         del multi
         gc.collect()
         if device.startswith("cuda"):

@@ -280,6 +280,12 @@ class MultiModelEngine:
                 "policy_frac": tm["policy_s"] / work if work else 0.0}
 
     def close(self) -> None:
+        """Give the memory back: every view into the arena (weights, KV, graphs) is dropped, then the arena."""
+        for eng in self.engines.values():
+            eng.set_weights(None)
+            r = eng.runner
+            r.graphs, r.kv, r.kv_swapper = {}, None, None
+        self.engines.clear()
         if self.pool is not None:
             self.pool.close()
 

@@ -240,5 +240,8 @@ class ModelPool:
         if self.host_kv is not None:
             self.host_kv.close()
         self.entries.clear()
+        self.graphs.clear()
+        self.kv_flat = None
+        self.arena.buffer = None  # the arena's one allocation goes back to torch's caching allocator
         if self._own_cache:  # a cache the caller passed in is the caller's to close
             self.cache.close()
