@@ -45,6 +45,7 @@ class LoadModel:  # C->W
     model: str
     path: str | None
     engine: dict[str, Any]  # controller.config.EngineOptions as a dict
+    slo: dict[str, float] | None = None  # token_scheduler.policies.ModelSLO fields (ttft_s, tpot_s, priority)
 
 
 @dataclass
@@ -103,7 +104,7 @@ class Heartbeat:  # both ways
 @dataclass
 class Stats:  # W->C, every heartbeat
     models: dict[str, dict[str, float]]  # per loaded model: engine.stats() (num_running, kv_blocks_used, ...)
-    step_s: float  # EWMA of one worker step (all its models)
+    step_s: float  # EWMA of a round: how long a busy model waits from one of its steps to its next
     steps: int
     tokens: int  # generated so far
     gpu: dict[str, float] = field(default_factory=dict)

@@ -262,11 +262,12 @@ class EnginePool:
         self._on_dead(e, orphans)
 
     # --- commands ---
-    def load(self, e: EngineHandle, model: str, path: str | None, engine_opts: dict[str, Any]) -> Replica:
+    def load(self, e: EngineHandle, model: str, path: str | None, engine_opts: dict[str, Any],
+             slo: dict[str, float] | None = None) -> Replica:
         r = e.replicas.get(model)
         if r is None:
             r = e.replicas[model] = Replica(model)
-            e.send(m.LoadModel(model, path, engine_opts))
+            e.send(m.LoadModel(model, path, engine_opts, slo))
         return r
 
     def unload(self, e: EngineHandle, model: str) -> None:

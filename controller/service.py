@@ -331,7 +331,10 @@ class Controller:
             self.pool.unload(e, name)
             self.metrics.forget_engine_model(e.id, name)
         log.info("loading %s on %s", entry.spec.name, e.id)
-        return self.pool.load(e, entry.spec.name, entry.spec.path, entry.spec.engine.model_dump())
+        spec = entry.spec
+        # the worker's multi-model policy weighs models by SLO; priority as a weight, as admission scales slack
+        slo = {"ttft_s": spec.slo.ttft_s, "tpot_s": spec.slo.tpot_s, "priority": 2.0 ** max(-2, min(2, spec.priority))}
+        return self.pool.load(e, spec.name, spec.path, spec.engine.model_dump(), slo)
 
     def tick(self) -> None:
         """One autoscaler round: measure, plan, act; also finishes drains."""

@@ -2,12 +2,12 @@
 
     python -m controller.worker --controller HOST:PORT [--device cuda:0] [--join-token TOKEN]
 
-It registers, then loads the models the controller places on it (one engine per model; the worker steps
-the engines that have work in turn) and streams each step's deltas back. Engine calls never overlap: the step
-runs in one executor thread while the event loop keeps the socket (requests, aborts, heartbeats) moving;
-adds and aborts queued by the loop are applied between steps, so an abort frees its KV before the next step.
-A local worker (started with --slot) exits when the controller goes away; a remote one reconnects.
-"""
+It registers, then hosts the models the controller places on it -- all of them in one MultiModelEngine whose
+token-level policy picks the model of every step (controller/hosting.py) -- and streams each step's deltas
+back. Engine calls never overlap: the step runs in one executor thread while the event loop keeps the socket
+(requests, aborts, heartbeats) moving; adds, aborts and model loads queued by the loop are applied between
+steps, so an abort frees its KV before the next step. A local worker (started with --slot) exits when the
+controller goes away; a remote one reconnects."""
 
 from __future__ import annotations
 
@@ -23,28 +23,9 @@ from typing import Any
 
 from controller import messages as m
 from controller.heap import collect_all, freeze_long_lived
+from controller.hosting import HostedModels, pace_engine
 
 log = logging.getLogger("tokenpool.worker")
-
-
-def build_engine(path: str | None, opts: dict[str, Any], device: str):
-    """An LLMEngine (or a PaceEngine when opts['kind'] == 'pace') for one model on `device`."""
-    if opts.get("kind") == "pace":
-        from load_tests.pace_engine import PaceEngine
-
-        return PaceEngine(path, s_per_token=opts.get("pace_s_per_token", 0.02),
-                          prefill_s_per_token=opts.get("pace_prefill_s_per_token", 0.0),
-                          max_num_seqs=opts.get("max_num_seqs", 64), max_model_len=opts.get("max_model_len") or 4096,
-                          seed=opts.get("seed", 0), stamp=opts.get("pace_stamp", False))
-    from token_scheduler import EngineConfig, LLMEngine
-
-    dtype = opts.get("dtype") or "auto"
-    if dtype == "auto":
-        dtype = "fp32" if device == "cpu" else "bf16"
-    kw = {k: opts[k] for k in ("block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
-                               "max_model_len", "kv_cache_memory_gb", "cuda_graphs", "seed")
-          if opts.get(k) is not None}
-    return LLMEngine(EngineConfig(model=path, device=device, dtype=dtype, **kw))
 
 
 def sampling_params(d: dict[str, Any]):
@@ -89,16 +70,17 @@ class Worker:
         self.device = device
         self.slot = slot
         self.join_token = join_token
-        self.engines: dict[str, Any] = {}
+        self.models = HostedModels(device)
         self._owner: dict[str, str] = {}  # request id -> model
         self._prompt_len: dict[str, int] = {}
         self._pending: list[m.Message] = []
+        self._hosting: list[tuple[m.LoadModel, asyncio.Future]] = []  # loads the step loop runs between steps
+        self._loading: set[str] = set()
         self._wake = asyncio.Event()
         self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="step")
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="load")
         self._writer: asyncio.StreamWriter | None = None
-        self.step_s = 0.0  # EWMA of one round over every busy engine
-        self.model_step_s: dict[str, float] = {}  # EWMA of one step of each model's engine
+        self.step_s = 0.0  # EWMA of one worker step (all its models)
         self.steps = 0
         self.tokens = 0
 
@@ -125,7 +107,7 @@ class Worker:
         self._writer = writer
         m.write_message(writer, m.Register(host=socket.gethostname(), pid=os.getpid(), device=self.device,
                                            memory_bytes=device_memory(self.device), slot=self.slot,
-                                           join_token=self.join_token, loaded=sorted(self.engines)))
+                                           join_token=self.join_token, loaded=self.models.names()))
         reply = await m.read_message(reader)
         if isinstance(reply, m.Rejected):
             raise SystemExit(f"controller refused this worker: {reply.reason}")
@@ -147,40 +129,70 @@ class Worker:
         finally:
             for t in tasks:
                 t.cancel()
+            for _, fut in self._hosting:
+                fut.cancel()
+            self._hosting.clear()
             self._abort_all()
             writer.close()
             self._writer = None
 
     async def _load(self, msg: m.LoadModel) -> None:
-        if msg.model in self.engines:
-            e = self.engines[msg.model]
+        if msg.model in self.models:
+            e = self.models.engines[msg.model]
             self.send(m.ModelLoaded(msg.model, True, max_model_len=e.max_model_len, max_num_seqs=_seqs(e, msg)))
             return
+        if msg.model in self._loading:  # the load under way answers
+            return
+        self._loading.add(msg.model)
         t0 = time.monotonic()
+        loop = asyncio.get_running_loop()
         try:
-            eng = await asyncio.get_running_loop().run_in_executor(
-                self._load_pool, build_engine, msg.path, msg.engine, self.device)
+            if msg.engine.get("kind") == "pace":
+                eng = await loop.run_in_executor(self._load_pool, pace_engine, msg.path, msg.engine)
+                self.models.add_paced(msg.model, eng)
+            else:  # into the multi-model engine, between steps (see controller/hosting.py)
+                fut = loop.create_future()
+                self._hosting.append((msg, fut))
+                self._wake.set()
+                eng = await fut
+        except asyncio.CancelledError:
+            raise
         except Exception as e:  # noqa: BLE001 - any load failure is reported, the worker lives on
             log.exception("loading %s failed", msg.model)
             self.send(m.ModelLoaded(msg.model, False, error=f"{type(e).__name__}: {e}"))
             return
-        self.engines[msg.model] = eng
+        finally:
+            self._loading.discard(msg.model)
         freeze_long_lived()  # the engine's objects live until it is unloaded
         self.send(m.ModelLoaded(msg.model, True, max_model_len=eng.max_model_len, max_num_seqs=_seqs(eng, msg),
                                 load_s=time.monotonic() - t0))
+
+    async def _host_pending(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._hosting:
+            msg, fut = self._hosting.pop(0)
+            try:
+                eng = await loop.run_in_executor(self._step_pool, self.models.host, msg.model, msg.path,
+                                                 msg.engine, msg.slo)
+            except Exception as e:  # noqa: BLE001 - reported by _load
+                if not fut.done():
+                    fut.set_exception(e)
+            else:
+                if not fut.done():
+                    fut.set_result(eng)
 
     def _apply_pending(self) -> list[m.Delta]:
         errors: list[m.Delta] = []
         pending, self._pending = self._pending, []
         for msg in pending:
             if isinstance(msg, m.NewRequest):
-                eng = self.engines.get(msg.model)
-                if eng is None:
+                if msg.model not in self.models:
                     errors.append(m.Delta(msg.request_id, finished=True, finish_reason="error",
                                           error=f"model {msg.model} is not loaded here", error_kind="engine"))
                     continue
                 try:
-                    eng.add_request(msg.request_id, msg.prompt_token_ids, sampling_params(msg.params))
+                    self.models.add_request(msg.model, msg.request_id, msg.prompt_token_ids,
+                                            sampling_params(msg.params))
                 except (ValueError, TypeError) as e:
                     errors.append(m.Delta(msg.request_id, finished=True, finish_reason="error", error=str(e),
                                           error_kind="invalid"))
@@ -191,55 +203,53 @@ class Worker:
                 for rid in msg.request_ids:
                     model = self._owner.pop(rid, None)
                     self._prompt_len.pop(rid, None)
-                    if model in self.engines:
-                        self.engines[model].abort_request(rid)
+                    if model is not None:
+                        self.models.abort(model, rid)
             elif isinstance(msg, m.UnloadModel):
-                eng = self.engines.pop(msg.model, None)
-                if eng is not None:
+                if msg.model in self.models:
                     for rid in [r for r, mm in self._owner.items() if mm == msg.model]:
                         self._owner.pop(rid)
+                        self._prompt_len.pop(rid, None)
                         errors.append(m.Delta(rid, finished=True, finish_reason="error",
                                               error="model unloaded", error_kind="engine"))
-                    del eng
+                    self.models.unload(msg.model)
                     collect_all()  # its memory (device memory included) must not wait in the frozen heap
         return errors
 
-    def _step_all(self, engines: list[tuple[str, Any]]) -> list[m.Delta]:
+    def _step_all(self) -> tuple[list[m.Delta], bool]:
         t0 = time.monotonic()
+        outs, ran = self.models.step()
         deltas = []
-        for name, eng in engines:
-            t1 = time.monotonic()
-            outs = eng.step()
-            dt1 = time.monotonic() - t1
-            prev = self.model_step_s.get(name)
-            self.model_step_s[name] = dt1 if prev is None else 0.8 * prev + 0.2 * dt1
-            for out in outs:
-                if out.request_id not in self._owner:  # aborted by the controller: it needs no answer
-                    continue
-                deltas.append(to_delta(out, self._prompt_len.get(out.request_id, 0)))
-                self.tokens += len(out.delta_token_ids)
-                if out.finished:
-                    self._owner.pop(out.request_id, None)
-                    self._prompt_len.pop(out.request_id, None)
-        dt = time.monotonic() - t0
-        self.step_s = dt if self.steps == 0 else 0.9 * self.step_s + 0.1 * dt
-        self.steps += 1
-        return deltas
+        for out in outs:
+            if out.request_id not in self._owner:  # aborted by the controller: it needs no answer
+                continue
+            deltas.append(to_delta(out, self._prompt_len.get(out.request_id, 0)))
+            self.tokens += len(out.delta_token_ids)
+            if out.finished:
+                self._owner.pop(out.request_id, None)
+                self._prompt_len.pop(out.request_id, None)
+        if ran:
+            dt = time.monotonic() - t0
+            self.step_s = dt if self.steps == 0 else 0.9 * self.step_s + 0.1 * dt
+            self.steps += 1
+        return deltas, ran
 
     async def _step_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        idle_since = None
         while True:
+            await self._host_pending()
             errors = self._apply_pending()
             if errors:
                 self.send(m.Outputs(errors))
-            busy = [(n, e) for n, e in self.engines.items() if e.has_unfinished_requests()]
-            if not busy:
+            if not self.models.busy():
+                idle_since = None
                 self._wake.clear()
-                if not self._pending:
+                if not self._pending and not self._hosting:
                     await self._wake.wait()
                 continue
             try:
-                deltas = await loop.run_in_executor(self._step_pool, self._step_all, busy)
+                deltas, ran = await loop.run_in_executor(self._step_pool, self._step_all)
             except Exception as e:  # noqa: BLE001 - an engine crash fails its requests, then the process exits
                 log.exception("engine step failed")
                 self.send(m.Outputs([m.Delta(r, finished=True, finish_reason="error", error=f"engine failed: {e}",
@@ -250,12 +260,23 @@ class Worker:
                 self.send(m.Outputs(deltas))
                 if self._writer is not None:
                     await self._writer.drain()
+            if ran:
+                idle_since = None
+            else:  # the policy planned no step although requests wait (no room by its estimate): do not spin
+                now = time.monotonic()
+                if idle_since is None:
+                    idle_since = now
+                elif now - idle_since > 5.0:
+                    log.warning("the multi-model policy has planned no step for %.0f s with requests waiting",
+                                now - idle_since)
+                    idle_since = now
+                await asyncio.sleep(0.001)
 
     async def _beat(self, period: float) -> None:
         while True:
             self.send(m.Heartbeat(time.time()))
-            models = {k: dict(e.stats(), step_s=self.model_step_s.get(k, 0.0)) for k, e in self.engines.items()}
-            self.send(m.Stats(models=models, step_s=self.step_s,
+            # step_s for the router is a round: the time a model waits between two of its steps
+            self.send(m.Stats(models=self.models.stats(), step_s=max(self.step_s, self.models.round_s),
                               steps=self.steps, tokens=self.tokens))
             await asyncio.sleep(period)
 
