@@ -44,12 +44,12 @@ def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache
     from gpu_pool.arena import MiB
 
     # two models of one shape (seeds differ) and one of another; each takes one 2 MiB slot (bf16), the budget
-    # is a 2 MiB KV region + two slots, so the three rotate
+    # is a 2 MiB KV region + one slot, so the three rotate through the same slot
     paths = {"a": make_varied("qwen2"), "b": make_varied("qwen2", seed=1), "c": make_varied("llama")}
     alone = {n: _alone(p) for n, p in paths.items()}
     multi = MultiModelEngine({n: EngineConfig(model=str(p), device="cuda", dtype="bf16", served_model_name=n,
                                               max_num_seqs=8) for n, p in paths.items()},
-                             policy="token", device="cuda", gpu_budget=6 * MiB, kv_cache_gb=0.002,
+                             policy="token", device="cuda", gpu_budget=4 * MiB, kv_cache_gb=0.002,
                              host_cache=host_cache, policy_kw={"max_round_s": 0.0})
     for i, p in enumerate(PROMPTS):
         for n in paths:
