@@ -129,7 +129,7 @@ def run_real(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: float = 1
         r = replay(multi, items, slo, vocab, drain_s, seed)
         s = summarize(r["records"])
         pool = multi.pool
-        switches = sum(a != b for a, b in zip(multi.trace, multi.trace[1:]))
+        switches = multi.switches
         loads = pool.stats.load_s
         res = {
             "slo": s.to_dict(), "wall_s": r["wall_s"], "steps": r["steps"],

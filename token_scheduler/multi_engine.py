@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -62,7 +63,8 @@ class MultiModelEngine:
         self.policy = make_policy(policy, **(policy_kw or {}))
         self._owner: dict[str, str] = {}  # request id -> model
         self.steps_per_model: dict[str, int] = {}
-        self.trace: list[str] = []  # model of every step, in order (cheap; tests and debugging)
+        self.trace: deque[str] = deque(maxlen=4096)  # model of the latest steps, in order (tests, debugging)
+        self.switches = 0  # steps whose model differs from the previous step's
         self.kv_swapped_out = 0  # requests whose KV went to host pages to make room for another model
         self._last_run: dict[str, float] = {}
         self.timing = dict.fromkeys(("policy_s", "memory_s", "engine_s", "steps"), 0.0)
@@ -241,6 +243,8 @@ class MultiModelEngine:
             self.state.active = plan.model
             self._last_run[plan.model] = time.monotonic()
             self.steps_per_model[plan.model] += 1
+            if self.trace and self.trace[-1] != plan.model:
+                self.switches += 1
             self.trace.append(plan.model)
         # Aborted requests of a model with nothing else to do still owe their final output.
         for name, eng in self.engines.items():
@@ -264,6 +268,7 @@ class MultiModelEngine:
     def reset_stats(self) -> None:
         """Zero the counters (e.g. after a warm-up); the cost model keeps what it learned."""
         self.trace.clear()
+        self.switches = 0
         self.steps_per_model = dict.fromkeys(self.engines, 0)
         self.kv_swapped_out = 0
         self.timing = dict.fromkeys(self.timing, 0.0)
