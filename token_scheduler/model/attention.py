@@ -83,8 +83,10 @@ def _decode_torch(q, kv, layer, m: AttentionMetadata, scale, window) -> torch.Te
     mask = kp[None, :] < ctx[:, None]
     if window:
         mask &= kp[None, :] >= (ctx[:, None] - window)
-    # Slots past the context are never written (fresh or swapped-in blocks hold garbage, possibly NaN), and a
-    # masked position still multiplies its V by a zero weight: 0 * NaN would poison the row. Zero them.
+    # Slots past the context are never written (fresh or swapped-in blocks hold garbage, possibly NaN). A
+    # masked position still enters the arithmetic: SDPA adds -inf to its score (NaN + -inf = NaN) and
+    # multiplies its V by a zero weight (0 * NaN = NaN); either would poison the row. Zero K and V there.
+    k = k.masked_fill(~mask[:, :, None, None], 0.0)
     v = v.masked_fill(~mask[:, :, None, None], 0.0)
     o = F.scaled_dot_product_attention(
         q[:, :, None, :],  # [B, H, 1, D]
