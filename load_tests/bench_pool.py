@@ -17,24 +17,15 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from load_tests.bench_common import git_commit
 from load_tests.simulator import simulate
 from load_tests.workload import generate, parse_models
 from token_scheduler.cost_model import H100_PCIE53, spec_for
 from token_scheduler.policies.slo import ModelSLO
-
-
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _brief(res) -> dict:
@@ -109,7 +100,7 @@ def run_bench_pool(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: flo
 
     out: dict = {
         "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else "run_bench_pool",
-        "commit": _commit(),
+        "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "mode": "simulated",
         "cuda_available": cuda,

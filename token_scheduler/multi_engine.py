@@ -62,6 +62,7 @@ class MultiModelEngine:
         self.state = PoolState(models={}, capacity_bytes=0, cost=self.cost)
         self.policy = make_policy(policy, **(policy_kw or {}))
         self._owner: dict[str, str] = {}  # request id -> model
+        self._removed: list[RequestOutput] = []  # final outputs of a removed model's requests, owed next step
         self.steps_per_model: dict[str, int] = {}
         self.trace: deque[str] = deque(maxlen=4096)  # model of the latest steps, in order (tests, debugging)
         self.switches = 0  # steps whose model differs from the previous step's
@@ -109,7 +110,7 @@ class MultiModelEngine:
             raise ValueError(f"unknown model {name!r}; hosted: {sorted(self.engines)}")
         for rid in list(eng.scheduler.requests):
             eng.abort_request(rid)
-        self._removed = getattr(self, "_removed", []) + [o for o in eng.step() if o.finished]
+        self._removed += [o for o in eng.step() if o.finished]
         del self.engines[name], self.state.models[name]
         if self.pool is not None:
             self.pool.unregister(name)
@@ -153,7 +154,7 @@ class MultiModelEngine:
             self.engines[model].abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return any(e.has_unfinished_requests() for e in self.engines.values()) or bool(getattr(self, "_removed", None))
+        return any(e.has_unfinished_requests() for e in self.engines.values()) or bool(self._removed)
 
     # -- the step loop -------------------------------------------------------------------------------
     def _sync(self) -> None:
@@ -227,8 +228,7 @@ class MultiModelEngine:
         plan = self.policy.schedule(self.state)
         t1 = time.perf_counter()
         tm["policy_s"] += t1 - t0
-        outputs: list[RequestOutput] = getattr(self, "_removed", [])
-        self._removed = []
+        outputs, self._removed = self._removed, []
         if self.pool is not None:
             self._execute_memory(plan)
         t2 = time.perf_counter()

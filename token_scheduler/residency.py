@@ -63,7 +63,7 @@ class ModelPool:
                  host_kv_gb: float | None = None, host_cache=None, host_budget: int | float | str = "64GB",
                  page_bytes: int | None = None, namespace: str = "tokenpool", block_tokens: int = 16):
         from gpu_pool.arena import Arena
-        from model_swapper import HostKVPool, HostModelCache, Prefetcher, Swapper
+        from model_swapper import HostModelCache, Prefetcher, Swapper
 
         self.device = torch.device(device)
         self.arena = Arena.reserve(gpu_budget, self.device)
@@ -79,7 +79,6 @@ class ModelPool:
         self.kv_flat: torch.Tensor | None = None
         self.pages: BlockAllocator | None = None
         self.host_kv = None
-        self._host_kv_cls = HostKVPool
         self.entries: dict[str, _Entry] = {}
         self.graphs: dict = {}  # CUDA graphs shared by every runner of this pool
         self.stats = PoolStats()
@@ -99,7 +98,9 @@ class ModelPool:
         self.kv_flat = self.arena.slot_bytes(self._kv_slot)[: n * self.page_bytes]
         self.pages = BlockAllocator(n - 1, 1)  # the last page is scratch
         nh = self.host_kv_bytes // self.page_bytes
-        self.host_kv = self._host_kv_cls(nh, (self.page_bytes,), torch.uint8) if nh else None
+        from model_swapper import HostKVPool
+
+        self.host_kv = HostKVPool(nh, (self.page_bytes,), torch.uint8) if nh else None
 
     # -- models ---------------------------------------------------------------------------------------------
     def register(self, name: str, model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype,

@@ -133,9 +133,15 @@ class OpenAIServing:
                 zip(texts, prompts)]
         if req.stream:
             return self._stream_completion(gen, req, rid, me, echo)
+        return await self._collect(request, gen, self._collect_completion(gen, req, rid, me, echo))
+
+    @staticmethod
+    async def _collect(request, gen, collect):
+        """Await a non-streamed response; the generation is closed with the status it ended with (499 when
+        the client went away)."""
         status = 499
         try:
-            resp = await unless_disconnected(request, self._collect_completion(gen, req, rid, me, echo))
+            resp = await unless_disconnected(request, collect)
             status = 200
             return resp
         except ServingError as e:
@@ -214,16 +220,7 @@ class OpenAIServing:
         gen = await self.ctl.generate(me, tenant, [ids], params, req.n, rid)
         if req.stream:
             return self._stream_chat(gen, req, rid, me)
-        status = 499
-        try:
-            resp = await unless_disconnected(request, self._collect_chat(gen, req, rid, me))
-            status = 200
-            return resp
-        except ServingError as e:
-            status = e.status
-            raise
-        finally:
-            gen.close(status)
+        return await self._collect(request, gen, self._collect_chat(gen, req, rid, me))
 
     def _chat_logprobs(self, me: ModelEntry, d: Delta, k: int) -> list[p.TokenLogprob]:
         out = []
