@@ -199,3 +199,58 @@ def test_penalties_change_output(make_varied):
 
 def test_status_enum():
     assert RequestStatus.FINISHED_LENGTH.finished and not RequestStatus.SWAPPED.finished
+
+
+def test_overlapped_decode_changes_nothing(jobs):
+    """Overlap (step N+1 queued with N's sampled ids before N is read) gives each request exactly its
+    tokens alone, also when requests join, finish by length or stop token, and when KV runs short."""
+    d, js = jobs
+    alone = [_run_alone(d, p, sp) for _, p, sp in js]
+    stop_tok = alone[0][3]
+    js = js + [(2, js[0][1], SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop_tok], ignore_eos=True))]
+    alone.append(alone[0][: alone[0].index(stop_tok) + 1])
+    for kw in ({"max_num_batched_tokens": 24}, {"num_kv_blocks": 12, "num_host_kv_blocks": 64}):
+        eng = _engine(d, overlap=True, **kw)
+        fed = []
+        orig = eng.runner.launch_decode
+
+        def spy(out, ids=None, orig=orig, fed=fed):
+            fed.append(ids is not None)
+            return orig(out, ids)
+
+        eng.runner.launch_decode = spy
+        got = _run_staggered(eng, js)
+        for i in range(len(js)):
+            assert got[f"r{i}"] == alone[i], f"request {i} differs with overlapped decode ({kw})"
+        assert sum(fed) > 20, "no step was fed by the previous step's sampled ids"
+        assert eng.scheduler.kv.num_used == 0 and eng._inflight is None
+
+
+def test_overlapped_decode_abort_and_stop_string(make_varied):
+    d = make_varied("qwen2")
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    full = _run_alone(d, "abc", sp)
+    eng = _engine(d, overlap=True)
+    text = eng.tokenizer.decode(full)
+    eng.add_request("keep", "abc", sp)
+    eng.add_request("gone", "abc", sp)
+    for _ in range(6):
+        eng.step()
+    assert eng._inflight is not None  # a decode step is queued between calls
+    eng.abort_request("gone")
+    done = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o
+    assert done["gone"].outputs[0].finish_reason == "abort"
+    assert done["keep"].outputs[0].token_ids == full
+    assert eng.scheduler.kv.num_used == 0
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    eng.add_request("s", "abc", SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True))
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    assert outs[-1].finished and stop not in outs[-1].outputs[0].text
+    assert outs[-1].outputs[0].text == text[: text.index(stop)]
+    assert eng.scheduler.kv.num_used == 0

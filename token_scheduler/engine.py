@@ -13,8 +13,8 @@ from token_scheduler.detokenizer import DetokState, IncrementalDetokenizer
 from token_scheduler.model.config import ModelConfig, parse_dtype
 from token_scheduler.model.weights import load_weights, weight_numel
 from token_scheduler.request import CompletionOutput, Request, RequestOutput, RequestStatus, SamplingParams
-from token_scheduler.runner import ModelRunner, allocate_kv_cache
-from token_scheduler.scheduler import BatchScheduler, SchedulerConfig
+from token_scheduler.runner import LaunchedDecode, ModelRunner, allocate_kv_cache
+from token_scheduler.scheduler import BatchScheduler, ScheduledChunk, SchedulerConfig, SchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class EngineConfig:
     seed: int = 0
     cuda_graphs: bool = True
     served_model_name: str | None = None
+    # Overlapped decode: queue step N+1 (fed with step N's sampled ids on the GPU) before reading step N,
+    # so the host's bookkeeping hides behind the GPU. None: on CUDA; True also runs the logic on CPU.
+    overlap: bool | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -96,6 +99,8 @@ class LLMEngine:
         self.detok = IncrementalDetokenizer(self.tokenizer)
         self._detok: dict[str, DetokState] = {}
         self._aborted: list[Request] = []
+        self.overlap = self.device.type == "cuda" if c.overlap is None else c.overlap
+        self._inflight: LaunchedDecode | None = None  # a decode step queued, its tokens not read yet
         self.eos_token_ids = tuple(mc.eos_token_ids) or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
 
     def _default_num_blocks(self) -> int:
@@ -151,23 +156,91 @@ class LLMEngine:
             self._aborted.append(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._aborted) or self._inflight is not None
 
     def stats(self) -> dict[str, int]:
         return self.scheduler.stats()
 
     # -- the step loop -------------------------------------------------------------------------------
     def step(self, token_budget: int | None = None) -> list[RequestOutput]:
+        """Run one step; return what it produced. With overlap, a decode step is queued on the GPU and its
+        tokens are returned by the next call, which first queues the step after it (so the GPU never waits
+        for the host between decode steps)."""
         outputs = [self._output(r, "", []) for r in self._aborted]
         self._aborted = []
+        if self._inflight is not None:
+            prev, self._inflight = self._inflight, None
+            nxt = self._continuation(prev.out, token_budget)
+            if nxt is not None:
+                self._inflight = self._launch(nxt, prev)
+            outputs += self._complete(prev.out, self.runner.read(prev))
+            if nxt is not None:
+                return outputs
         out = self.scheduler.schedule(token_budget)
         if out.empty:
             return outputs
+        if self.overlap and self.runner.can_launch(out):
+            self._inflight = self._launch(out, None)
+            return outputs
+        self._mark_scheduled(out)
+        return outputs + self._complete(out, self.runner.execute(out))
+
+    def flush(self) -> list[RequestOutput]:
+        """Read the queued step, if any (before anything that must see every token, e.g. a model switch)."""
+        if self._inflight is None:
+            return []
+        prev, self._inflight = self._inflight, None
+        return self._complete(prev.out, self.runner.read(prev))
+
+    @staticmethod
+    def _mark_scheduled(out: SchedulerOutput) -> None:
         now = time.monotonic()
         for c in out.chunks:
             if c.request.first_scheduled_time is None:
                 c.request.first_scheduled_time = now
-        res = self.runner.execute(out)
+
+    def _launch(self, out: SchedulerOutput, prev: LaunchedDecode | None) -> LaunchedDecode:
+        self._mark_scheduled(out)
+        ids = None
+        if prev is not None:  # row i's input is the token prev sampled for the same request
+            rows = {c.request.request_id: i for i, c in enumerate(prev.out.chunks)}
+            idx = [rows[c.request.request_id] for c in out.chunks]
+            ids = prev.tokens if idx == list(range(len(prev.out.chunks))) else \
+                prev.tokens[torch.tensor(idx).pin_memory().to(self.device, non_blocking=True)
+                            if self.device.type == "cuda" else torch.tensor(idx)]
+        return self.runner.launch_decode(out, ids)
+
+    def _continuation(self, prev: SchedulerOutput, token_budget: int | None) -> SchedulerOutput | None:
+        """The decode step after `prev` for the same requests, planned before prev's tokens are known; None
+        when the scheduler may want something else (waiting or swapped requests, a running request prev did
+        not include, no KV room without preempting, or sampling that needs the unread tokens)."""
+        s = self.scheduler
+        if s.waiting or s.swapped:
+            return None
+        chunks, live = [], 0
+        for c in prev.chunks:
+            r = c.request
+            if r.finished or r.request_id not in s.requests:
+                continue
+            live += 1
+            if len(r.output_token_ids) + 1 < r.max_output_tokens:  # prev's token is not its last by length
+                chunks.append(ScheduledChunk(r, c.start + 1, 1, True))
+        if live != len(s.running) or not chunks:
+            return None
+        if len(chunks) > (s.cfg.max_num_batched_tokens if token_budget is None else token_budget):
+            return None
+        need = sum(s.kv.blocks_for(c.start + 1) - len(c.request.block_ids) for c in chunks)
+        if need > 0 and not s.kv.can_allocate(need):
+            return None
+        out = SchedulerOutput(s.model, chunks=chunks)
+        if not self.runner.can_launch(out):
+            return None
+        for c in chunks:
+            s.kv.grow(c.request.block_ids, c.start + 1)
+        return out
+
+    def _complete(self, out: SchedulerOutput, res) -> list[RequestOutput]:
+        outputs = []
         got = self.scheduler.update(out, res.sampled)
         now = time.monotonic()
         for req in got:

@@ -79,6 +79,7 @@ class MultiModelEngine:
             raise ValueError(f"model {name!r} is already hosted")
         if not isinstance(cfg, EngineConfig):
             cfg = EngineConfig(model=str(cfg), device=self.device, served_model_name=name, **self.engine_kwargs)
+        cfg = dataclasses.replace(cfg, overlap=False)  # steps alternate between models: read every step
         if self.pool is None:
             eng = LLMEngine(cfg)
         else:

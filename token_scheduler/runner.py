@@ -28,6 +28,16 @@ class StepResult:
     logprobs: dict[str, dict[int, float]]
 
 
+@dataclass
+class LaunchedDecode:
+    """A decode step queued on the GPU whose sampled ids the host has not read yet (overlapped stepping)."""
+
+    out: SchedulerOutput
+    tokens: torch.Tensor  # [n] sampled ids on the device (the next step's inputs, fed GPU to GPU)
+    host: torch.Tensor  # pinned [n]: the same ids once `event` has fired
+    event: torch.cuda.Event | None  # None on CPU (already computed)
+
+
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device, pin: bool = False):
     """One tensor, block outermost: a block's K and V of every layer are contiguous (cheap to swap)."""
     shape = (num_blocks, cfg.num_layers, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
@@ -103,6 +113,37 @@ class ModelRunner:
         lps = {r.request_id: lp for r, lp in zip(sample_reqs, res.logprobs or []) if lp}
         return StepResult(sampled, lps)
 
+    def can_launch(self, out: SchedulerOutput) -> bool:
+        """Can `out` run as an overlapped decode: a graph bucket, no KV moves, and sampling that needs
+        neither the tokens the host has not read yet (penalties) nor host-side logprobs."""
+        return (out.is_decode and (len(out.chunks) in self.bucket_of or not self.is_cuda)
+                and not out.swap_out and not out.swap_in and self.weights is not None
+                and all(not (sp := c.request.sampling_params).needs_penalties and sp.logprobs is None
+                        for c in out.chunks))
+
+    def launch_decode(self, out: SchedulerOutput, ids: torch.Tensor | None = None) -> LaunchedDecode:
+        """Queue a decode step and its sampling without waiting for the GPU. `ids` [n] (device): the input
+        token of each row, when the host does not know them yet (the previous step's sampled ids)."""
+        if len(out.chunks) in self.bucket_of:
+            logits = self._decode_graph(out, ids)
+        else:  # CPU (no graphs): the same overlap logic, run eagerly
+            hidden, idx = self._forward_eager(out, ids)
+            logits = llama.compute_logits(self.weights, hidden[idx])
+        tokens = self.sampler.sample_tokens(logits, [c.request for c in out.chunks])
+        if not self.is_cuda:
+            return LaunchedDecode(out, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return LaunchedDecode(out, tokens, host, ev)
+
+    @staticmethod
+    def read(step: LaunchedDecode) -> StepResult:
+        if step.event is not None:
+            step.event.synchronize()  # the one host wait of the step
+        return StepResult({c.request.request_id: t for c, t in zip(step.out.chunks, step.host.tolist())}, {})
+
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)
 
@@ -121,21 +162,21 @@ class ModelRunner:
                 h.wait()
         return hs
 
-    def _inputs(self, out: SchedulerOutput):
+    def _inputs(self, out: SchedulerOutput, ids_known: bool = False):
         bs = self.block_size
         ids, pos, sb, so = [], [], [], []
         for c in out.chunks:
             r: Request = c.request
-            toks = r.all_token_ids[c.start : c.start + c.num_tokens] if c.num_tokens > 1 else [r.token_at(c.start)]
-            ids += toks
+            if not ids_known:
+                ids += r.all_token_ids[c.start : c.start + c.num_tokens] if c.num_tokens > 1 else [r.token_at(c.start)]
             for p in range(c.start, c.start + c.num_tokens):
                 pos.append(p)
                 sb.append(r.block_ids[p // bs])
                 so.append(p % bs)
         return ids, pos, sb, so
 
-    def _forward_eager(self, out: SchedulerOutput):
-        ids, pos, sb, so = self._inputs(out)
+    def _forward_eager(self, out: SchedulerOutput, input_ids: torch.Tensor | None = None):
+        ids, pos, sb, so = self._inputs(out, input_ids is not None)
         dev = self.device
         t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
         meta = AttentionMetadata(t(sb), t(so), self.block_size)
@@ -154,7 +195,8 @@ class ModelRunner:
                 meta.seq_block_tables.append(t(c.request.block_ids[: -(-ctx // self.block_size)]))
                 q0 += c.num_tokens
         fwd = self.fwd_decode if out.is_decode else llama.forward
-        hidden = fwd(self.cfg, self.weights, self.kv, self.rope, t(ids), t(pos), meta)
+        hidden = fwd(self.cfg, self.weights, self.kv, self.rope, t(ids) if input_ids is None else input_ids,
+                     t(pos), meta)
         idx, q = [], 0
         for c in out.chunks:
             q += c.num_tokens
@@ -177,12 +219,12 @@ class ModelRunner:
         g = self.graphs[self._graph_id(bucket)] = _DecodeGraph(self, bucket, self._graph_pool)
         return g
 
-    def _decode_graph(self, out: SchedulerOutput) -> torch.Tensor:
+    def _decode_graph(self, out: SchedulerOutput, ids: torch.Tensor | None = None) -> torch.Tensor:
         n = len(out.chunks)
         b = self.bucket_of[n]
         g = self.graphs.get(self._graph_id(b)) or self._capture(b)
         g.users.add(self.name)
-        g.fill(out, self)
+        g.fill(out, self, ids)
         g.graph.replay()
         return g.logits[:n]
 
@@ -193,8 +235,11 @@ class _DecodeGraph:
     def __init__(self, runner: ModelRunner, batch: int, pool):
         dev, mb = runner.device, runner.max_blocks
         self.batch = batch
-        self.host = torch.zeros(5, batch, dtype=torch.long, pin_memory=True)  # ids, pos, blk, off, ctx
-        self.host_bt = torch.zeros(batch, mb, dtype=torch.int32, pin_memory=True)
+        # Two pinned input buffers, used in turn: with overlapped steps the host fills step N+1 while the
+        # copy that feeds step N may still be queued behind step N-1, so N+1 must not write N's buffer.
+        self.hosts = [torch.zeros(5, batch, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self.host_bts = [torch.zeros(batch, mb, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self.turn = 0
         self.dev = torch.zeros(5, batch, dtype=torch.long, device=dev)
         self.bt = torch.full((batch, mb), runner.scratch_block, dtype=torch.int32, device=dev)
         self.ctx32 = torch.ones(batch, dtype=torch.int32, device=dev)
@@ -220,26 +265,30 @@ class _DecodeGraph:
         with torch.cuda.graph(self.graph, pool=pool):
             self.logits = run()
 
-    def fill(self, out: SchedulerOutput, runner: ModelRunner) -> None:
+    def fill(self, out: SchedulerOutput, runner: ModelRunner, ids: torch.Tensor | None = None) -> None:
         # Only the first `nb` block-table columns of real rows are read (the kernel stops at the context
         # length), so stale columns need no reset. Padded rows write their K/V into the scratch block.
         bs, scratch, pad = runner.block_size, runner.scratch_block, self.batch - len(out.chunks)
         reqs = [c.request for c in out.chunks]
         pos = [c.start for c in out.chunks]
         rows = [
-            [r.token_at(p) for r, p in zip(reqs, pos)] + [0] * pad,
+            ([r.token_at(p) for r, p in zip(reqs, pos)] if ids is None else [0] * len(reqs)) + [0] * pad,
             pos + [0] * pad,
             [r.block_ids[p // bs] for r, p in zip(reqs, pos)] + [scratch] * pad,
             [p % bs for p in pos] + [0] * pad,
             [p + 1 for p in pos] + [1] * pad,
         ]
-        self.host.copy_(torch.tensor(rows, dtype=torch.long))
+        host, host_bt = self.hosts[self.turn], self.host_bts[self.turn]
+        self.turn ^= 1
+        host.copy_(torch.tensor(rows, dtype=torch.long))
         nb = max(len(r.block_ids) for r in reqs)
         n = len(reqs)
-        self.host_bt[:n, :nb] = torch.tensor([r.block_ids + [scratch] * (nb - len(r.block_ids)) for r in reqs],
-                                             dtype=torch.int32)
-        self.dev.copy_(self.host, non_blocking=True)
-        self.bt[:n].copy_(self.host_bt[:n], non_blocking=True)
+        host_bt[:n, :nb] = torch.tensor([r.block_ids + [scratch] * (nb - len(r.block_ids)) for r in reqs],
+                                        dtype=torch.int32)
+        self.dev.copy_(host, non_blocking=True)
+        if ids is not None:
+            self.dev[0, :n].copy_(ids)
+        self.bt[:n].copy_(host_bt[:n], non_blocking=True)
         self.ctx32.copy_(self.dev[4])
 
 

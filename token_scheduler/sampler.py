@@ -73,26 +73,33 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
         """logits: [N, V] float32, row i for reqs[i] (may be modified in place)."""
-        raw = logits
         want_lp = any(r.sampling_params.logprobs is not None for r in reqs)
-        logprobs_all = torch.log_softmax(raw, dim=-1) if want_lp else None
-        all_greedy = all(r.sampling_params.greedy and not r.sampling_params.needs_penalties for r in reqs)
-        if all_greedy:
-            tokens = raw.argmax(-1)
-        else:
-            tokens = torch.empty(len(reqs), dtype=torch.long, device=raw.device)
-            for i, r in enumerate(reqs):
-                sp = r.sampling_params
-                row = raw[i].clone() if sp.needs_penalties else raw[i]
-                if sp.needs_penalties:
-                    row = apply_penalties(row, r)
-                if sp.greedy:
-                    tokens[i] = row.argmax()
-                    continue
-                row = _filter(row / sp.temperature, sp.top_k, sp.top_p, sp.min_p)
-                probs = row.softmax(-1)
-                q = torch.empty_like(probs).exponential_(1.0, generator=self.generator(r))
-                tokens[i] = (probs / q).argmax()
+        logprobs_all = torch.log_softmax(logits, dim=-1) if want_lp else None
+        tokens = self.sample_tokens(logits, reqs)
+        return self.read(tokens, reqs, logprobs_all)
+
+    def sample_tokens(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """The sampled ids as a device tensor [N]: only kernels are queued, nothing waits for the GPU (an
+        overlapped step feeds them to the next forward before the host reads them)."""
+        raw = logits
+        if all(r.sampling_params.greedy and not r.sampling_params.needs_penalties for r in reqs):
+            return raw.argmax(-1)
+        tokens = torch.empty(len(reqs), dtype=torch.long, device=raw.device)
+        for i, r in enumerate(reqs):
+            sp = r.sampling_params
+            row = raw[i].clone() if sp.needs_penalties else raw[i]
+            if sp.needs_penalties:
+                row = apply_penalties(row, r)
+            if sp.greedy:
+                tokens[i] = row.argmax()
+                continue
+            row = _filter(row / sp.temperature, sp.top_k, sp.top_p, sp.min_p)
+            probs = row.softmax(-1)
+            q = torch.empty_like(probs).exponential_(1.0, generator=self.generator(r))
+            tokens[i] = (probs / q).argmax()
+        return tokens
+
+    def read(self, tokens: torch.Tensor, reqs: list[Request], logprobs_all: torch.Tensor | None) -> SampleResult:
         token_list = tokens.tolist()  # the one host sync of a step
         if logprobs_all is None:
             return SampleResult(token_list, None)
