@@ -35,22 +35,31 @@ def test_triton_decode_matches_torch(group, window):
 
 
 def test_cuda_graph_decode_equals_eager(make_varied):
+    """Graph decode, and overlapped graph decode (step N+1 fed N's sampled ids on the GPU), give the tokens
+    of eager decode, while requests join at different steps and finish at different lengths."""
     d = make_varied("qwen2")
-    outs = {}
-    for graphs in (True, False):
-        eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="fp32", cuda_graphs=graphs,
+    outs, fed = {}, []
+    for graphs, overlap in ((False, False), (True, False), (True, True)):
+        eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="fp32", cuda_graphs=graphs, overlap=overlap,
                                      kv_cache_memory_gb=0.1, max_num_seqs=8))
-        for i in range(6):
-            eng.add_request(f"r{i}", [5 + i] * (3 + 7 * i), SamplingParams(temperature=0.8, seed=i, max_tokens=24,
-                                                                           ignore_eos=True))
-        res = {}
-        while eng.has_unfinished_requests():
+        orig = eng.runner.launch_decode
+        eng.runner.launch_decode = lambda out, ids=None, orig=orig: (fed.append(ids is not None), orig(out, ids))[1]
+        res, step = {}, 0
+        while step < 8 or eng.has_unfinished_requests():
+            if step < 6:  # one arrival per step
+                i = step
+                sp = (SamplingParams(temperature=0.8, seed=i, max_tokens=12 + 3 * i, ignore_eos=True) if i % 2
+                      else SamplingParams(temperature=0, max_tokens=12 + 3 * i, ignore_eos=True))
+                eng.add_request(f"r{i}", [5 + i] * (3 + 7 * i), sp)
             for o in eng.step():
                 if o.finished:
                     res[o.request_id] = o.outputs[0].token_ids
-        outs[graphs] = res
+            step += 1
+        outs[(graphs, overlap)] = res
         assert eng.stats()["kv_blocks_used"] == 0
-    assert outs[True] == outs[False]
+    assert outs[(True, False)] == outs[(False, False)]
+    assert outs[(True, True)] == outs[(False, False)]
+    assert sum(fed) > 10  # the overlapped engine did feed steps GPU to GPU
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
