@@ -70,7 +70,7 @@ def bench_swap_cmd(
 @bench_app.command("pool")
 def bench_pool_cmd(
     models: str = typer.Option("4x7b,6x1.5b", help="e.g. 4x7b,6x1.5b"),
-    rate: float = typer.Option(0.1, help="requests/s per model"),
+    rate: str = typer.Option("0.1", help="requests/s per model; --real: a comma list (0.1,0.2,0.4) is a rate sweep"),
     duration: float = typer.Option(120.0, help="seconds of arrivals"),
     slo_ttft: float = typer.Option(10.0),
     slo_tpot: float = typer.Option(0.1),
@@ -78,23 +78,45 @@ def bench_pool_cmd(
     policy: str = typer.Option("token,request,static"),
     seed: int = typer.Option(0),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write results here"),
+    target: float = typer.Option(0.9, help="SLO attainment a rate must keep to count as sustained"),
     real: bool = typer.Option(False, "--real", help="replay on this machine's GPU (with the simulator beside it)"),
     drain: float = typer.Option(60.0, help="--real: seconds after the last arrival before unfinished requests miss"),
     kv_cache_gb: float = typer.Option(4.0, help="--real: KV region inside the GPU budget"),
+    stop_at_miss: bool = typer.Option(False, help="--real: skip a policy's remaining rates once it misses --target"),
+    merge: Optional[list[Path]] = typer.Option(
+        None, "--merge", help="--real: combine these earlier --real JSON files into --json (repeatable; runs nothing)"),
 ) -> None:
     """Replay a seeded multi-model workload against each scheduling policy (simulated unless --real)."""
-    if real:
-        from load_tests.bench_pool_real import run_real
+    if merge:
+        if not real:
+            raise typer.BadParameter("--merge combines --real results; add --real")
+        from load_tests.bench_pool_real import merge_real
 
-        run_real(models=models, rate=rate, duration=duration, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
+        try:
+            merge_real(merge, json_out, target)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from e
+        return
+    if real:
+        from load_tests.bench_pool_real import parse_rates, run_real
+
+        try:
+            rates = parse_rates(rate)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from e
+        run_real(models=models, rate=rates, duration=duration, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
                  gpu_budget_gb=gpu_budget_gb, policies=policy.split(","), seed=seed, json_out=json_out,
-                 drain_s=drain, kv_cache_gb=kv_cache_gb)
+                 drain_s=drain, kv_cache_gb=kv_cache_gb, target=target, stop_at_miss=stop_at_miss)
         return
     from load_tests.bench_pool import run_bench_pool
 
+    try:
+        one_rate = float(rate)
+    except ValueError as e:
+        raise typer.BadParameter("the simulated mode takes one --rate (it searches the sustained rate itself)") from e
     run_bench_pool(
-        models=models, rate=rate, duration=duration, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
-        gpu_budget_gb=gpu_budget_gb, policies=policy.split(","), seed=seed, json_out=json_out,
+        models=models, rate=one_rate, duration=duration, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
+        gpu_budget_gb=gpu_budget_gb, policies=policy.split(","), seed=seed, json_out=json_out, target=target,
     )
 
 

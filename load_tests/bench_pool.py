@@ -34,8 +34,26 @@ def _brief(res) -> dict:
     return d
 
 
+def bracket(points, target: float = 0.9) -> dict:
+    """What measured (rate, attainment) points say about the sustained rate, read conservatively both ways.
+
+    `sustained_at_least`: the highest rate that met the target below every rate that missed it (0.0 if
+    none met it); `fails_at`: the lowest rate that missed it above every rate that met it (None if none
+    missed). With attainment falling as the rate rises (`monotone`), these are simply the highest pass and
+    the lowest miss, and the sustained rate lies in [sustained_at_least, fails_at).
+    """
+    pts = sorted((float(r), float(a)) for r, a in points)
+    passed = [r for r, a in pts if a >= target]
+    missed = [r for r, a in pts if a < target]
+    lo = max((r for r in passed if not missed or r < min(missed)), default=0.0)
+    hi = min((r for r in missed if not passed or r > max(passed)), default=None)
+    return {"rate": lo, "bounded": hi is not None, "sustained_at_least": lo, "fails_at": hi,
+            "monotone": not passed or not missed or max(passed) < min(missed), "points": pts}
+
+
 def sustained_rate(run, start: float, target: float = 0.9, steps: int = 5, max_doublings: int = 10) -> dict:
-    """Largest rate with run(rate) >= target; `run` returns attainment. Returns the rate and the points."""
+    """Largest rate with run(rate) >= target; `run` returns attainment. Returns the rate and the points
+    (the bracket() of the points: the search keeps every pass below every miss, so `rate` is its last pass)."""
     points: dict[float, float] = {}
 
     def att(r: float) -> float:
@@ -54,7 +72,7 @@ def sustained_rate(run, start: float, target: float = 0.9, steps: int = 5, max_d
                 break
             lo = r
         if hi is None:
-            return {"rate": lo, "bounded": False, "points": sorted(points.items())}
+            return bracket(points.items(), target)
     else:
         hi = r
         for _ in range(max_doublings):
@@ -64,14 +82,14 @@ def sustained_rate(run, start: float, target: float = 0.9, steps: int = 5, max_d
                 break
             hi = r
         if lo is None:
-            return {"rate": 0.0, "bounded": True, "points": sorted(points.items())}
+            return bracket(points.items(), target)
     for _ in range(steps):
         mid = math.sqrt(lo * hi)
         if att(mid) >= target:
             lo = mid
         else:
             hi = mid
-    return {"rate": lo, "bounded": True, "points": sorted(points.items())}
+    return bracket(points.items(), target)
 
 
 def run_bench_pool(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: float = 120.0, slo_ttft: float = 10.0,

@@ -11,16 +11,25 @@ slot, KV and requests on the GPU, so the GPU-side work (switches, PCIe traffic, 
 models; only host RAM is saved (a 64 GiB-disk machine cannot hold 80 GB of distinct checkpoints).
 
 Like the simulator, a run stops `drain_s` after the last arrival; requests unfinished then miss their SLO.
+
+Rate sweep: given several per-model rates, each policy replays the workload at each rate (in the order
+given) on a fresh engine; the JSON is written after every point. `sweep[policy]` lists the points (rate
+ascending), `policies[policy]` is the point at the first rate given (the single-rate shape), and
+`sustained[policy]` brackets the 90%-attainment rate from the measured points alone (bench_pool.bracket:
+`sustained_at_least` <= rate < `fails_at`). `ratios` are lower bounds: token's `sustained_at_least` over the
+other policy's `fails_at`. Runs made apart (one process per policy, say) combine with `merge_real`.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import random
 import time
 from pathlib import Path
 
 from load_tests.bench_common import header, write_json
+from load_tests.bench_pool import bracket
 from load_tests.simulator import simulate
 from load_tests.workload import generate, parse_models
 from token_scheduler.cost_model import spec_for
@@ -41,15 +50,17 @@ def make_models(entries, cache_dir: Path, say=print) -> dict[str, Path]:
     return dirs
 
 
-def replay(multi, items, slo: ModelSLO, vocab: int, drain_s: float, seed: int = 0) -> dict:
-    """Feed `items` at their arrival times; step until done or `drain_s` after the last arrival."""
+def replay(multi, items, slo: ModelSLO, vocab: int, drain_s: float, seed: int = 0,
+           idle_exit_s: float | None = None) -> dict:
+    """Feed `items` at their arrival times; step until done or `drain_s` after the last arrival (or, with
+    `idle_exit_s`, once every item arrived and the policy planned nothing for that long: the warm-up)."""
     from token_scheduler.request import SamplingParams
 
     rng = random.Random(seed)
     records: dict[str, RequestRecord] = {}
     t0 = time.monotonic()
     horizon = (items[-1].time if items else 0.0) + drain_s
-    i, steps, step_s = 0, 0, 0.0
+    i, steps, step_s, idle, idle_since = 0, 0, 0.0, 0, None
     while True:
         now = time.monotonic() - t0
         while i < len(items) and items[i].time <= now:
@@ -66,10 +77,21 @@ def replay(multi, items, slo: ModelSLO, vocab: int, drain_s: float, seed: int = 
                 break
             time.sleep(max(0.0, min(0.01, items[i].time - now)))
             continue
-        ts = time.perf_counter()
+        ran, ts = multi.timing["steps"], time.perf_counter()
         outs = multi.step()
-        step_s += time.perf_counter() - ts
-        steps += 1
+        if multi.timing["steps"] == ran:
+            # The policy planned nothing although requests wait (static: models it never placed). Not a step;
+            # poll again in 1 ms as the engine worker does, instead of spinning (9.2M empty polls in one
+            # 180 s static run on the H100, which the policy-CPU and busy figures then counted).
+            idle += 1
+            idle_since = now if idle_since is None else idle_since
+            if idle_exit_s is not None and i >= len(items) and now - idle_since > idle_exit_s:
+                break  # an idle step has nothing to record
+            time.sleep(0.001)
+        else:
+            step_s += time.perf_counter() - ts
+            steps += 1
+            idle_since = None
         t = time.monotonic()
         for o in outs:
             rec = records.get(o.request_id)
@@ -79,85 +101,230 @@ def replay(multi, items, slo: ModelSLO, vocab: int, drain_s: float, seed: int = 
     wall = time.monotonic() - t0
     for rid in list(multi._owner):
         multi.abort_request(rid)
-    return {"records": list(records.values()), "wall_s": wall, "steps": steps, "step_s": step_s}
+    return {"records": list(records.values()), "wall_s": wall, "steps": steps, "step_s": step_s, "idle_polls": idle}
 
 
-def run_real(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: float = 120.0, slo_ttft: float = 10.0,
-             slo_tpot: float = 0.1, gpu_budget_gb: float = 60.0, policies=("token", "request", "static"),
-             seed: int = 0, json_out: Path | str | None = None, kv_cache_gb: float = 4.0, drain_s: float = 60.0,
-             cache_dir: str | Path = "~/.cache/tokenpool/bench-models", host_budget_gb: float = 48.0,
-             warmup: bool = True, say=print, device: str = "cuda", model_dirs: dict | None = None,
-             dtype: str = "bf16") -> dict:
+def parse_rates(rate) -> list[float]:
+    """0.1, "0.1" or "0.1,0.2,0.4" -> [0.1, ...] (order kept: the order the points run in)."""
+    if isinstance(rate, str):
+        rates = [float(x) for x in rate.split(",") if x.strip()]
+    elif isinstance(rate, (int, float)):
+        rates = [float(rate)]
+    else:
+        rates = [float(x) for x in rate]
+    if not rates or any(r <= 0 for r in rates):
+        raise ValueError(f"rates must be positive requests/s per model, got {rate!r}")
+    return rates
+
+
+def run_real(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, duration: float = 120.0,
+             slo_ttft: float = 10.0, slo_tpot: float = 0.1, gpu_budget_gb: float = 60.0,
+             policies=("token", "request", "static"), seed: int = 0, json_out: Path | str | None = None,
+             kv_cache_gb: float = 4.0, drain_s: float = 60.0, cache_dir: str | Path = "~/.cache/tokenpool/bench-models",
+             host_budget_gb: float = 48.0, warmup: bool = True, say=print, device: str = "cuda",
+             model_dirs: dict | None = None, dtype: str = "bf16", target: float = 0.9,
+             stop_at_miss: bool = False) -> dict:
+    """Each policy at each rate (a fresh engine per point). `stop_at_miss`: once a policy misses `target`,
+    skip its remaining rates (for an ascending list: they add nothing to the bracket)."""
     import torch
 
     from model_swapper.host_cache import HostModelCache
-    from token_scheduler.engine import EngineConfig
-    from token_scheduler.multi_engine import MultiModelEngine
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench pool --real needs a CUDA GPU (use the simulated mode without --real)")
+    rates = parse_rates(rate)
     entries = parse_models(models)
     # model_dirs: {"7b": dir, ...} by size (tests: tiny CPU models standing in for each size)
     dirs = ({e.name: Path(model_dirs[e.size]) for e in entries} if model_dirs
             else make_models(entries, Path(cache_dir).expanduser(), say))
     tdtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     slo = ModelSLO(slo_ttft, slo_tpot)
-    items = generate([e.name for e in entries], rate, duration, seed=seed)
     specs = {e.name: spec_for(e.arch, e.size, e.name) for e in entries}
     cache = HostModelCache(f"{host_budget_gb}GB", namespace=f"bench-pool-{seed}")
     out = {**header(), "mode": "real", "config": {
-        "models": models, "rate_per_model": rate, "duration_s": duration, "drain_s": drain_s, "slo_ttft_s": slo_ttft,
-        "slo_tpot_s": slo_tpot, "gpu_budget_gb": gpu_budget_gb, "kv_region_gb": kv_cache_gb, "seed": seed,
-        "requests": len(items), "weights_gb": sum(s.weight_bytes for s in specs.values()) / 1e9,
-        "note": __doc__.split("\n\n")[2].replace("\n", " ")}, "policies": {}}
+        "models": models, "rate_per_model": rates[0], "rates_per_model": rates, "duration_s": duration,
+        "drain_s": drain_s, "slo_ttft_s": slo_ttft, "slo_tpot_s": slo_tpot, "gpu_budget_gb": gpu_budget_gb,
+        "kv_region_gb": kv_cache_gb, "seed": seed, "target_attainment": target,
+        "requests": len(generate(list(dirs), rates[0], duration, seed=seed)),
+        "weights_gb": sum(s.weight_bytes for s in specs.values()) / 1e9,
+        "note": __doc__.split("\n\n")[2].replace("\n", " ")}, "policies": {}, "sweep": {}}
     t = time.perf_counter()
     for d in sorted(set(dirs.values())):
         cache.get(d, tdtype)
     out["host_cache_load_s"] = time.perf_counter() - t
     say(f"host copies ready in {out['host_cache_load_s']:.1f}s")
+    point = dict(dirs=dirs, specs=specs, slo=slo, duration=duration, drain_s=drain_s, gpu_budget_gb=gpu_budget_gb,
+                 kv_cache_gb=kv_cache_gb, cache=cache, seed=seed, warmup=warmup, device=device, dtype=dtype)
     for p in policies:
-        multi = MultiModelEngine(
-            {n: EngineConfig(model=str(d), device=device, dtype=dtype, served_model_name=n, max_num_seqs=64,
-                             max_model_len=4096, max_num_batched_tokens=2048) for n, d in dirs.items()},
-            policy=p, slos=slo, device=device, gpu_budget=int(gpu_budget_gb * 1e9), kv_cache_gb=kv_cache_gb,
-            host_cache=cache)
-        vocab = min(e.model_config.vocab_size for e in multi.engines.values())  # ids valid for every model
-        if warmup:  # every model loaded once, its prefill and bucket-1 graph run; not measured
-            wu = [type(items[0])(0.0, n, 32, 4, f"warmup-{n}") for n in dirs] if items else []
-            replay(multi, wu, ModelSLO(1e9, 1e9), vocab, drain_s=20.0, seed=seed + 1)  # static never serves some
-        multi.reset_stats()
-        r = replay(multi, items, slo, vocab, drain_s, seed)
-        s = summarize(r["records"])
-        pool = multi.pool
-        switches = multi.switches
-        loads = pool.stats.load_s
-        res = {
-            "slo": s.to_dict(), "wall_s": r["wall_s"], "steps": r["steps"],
-            "goodput_rps": sum(x.attained() for x in r["records"]) / r["wall_s"],
-            "switches_per_s": switches / r["wall_s"], "gpu_busy_frac": r["step_s"] / r["wall_s"],
-            "swap_stall_s": pool.stats.stall_s, "loads": pool.stats.loads, "prefetches": pool.stats.prefetches,
-            "prefetch_skipped": pool.stats.prefetch_skipped, "evictions": pool.stats.evictions,
-            "forced_evictions": pool.stats.forced_evictions, "load_gb": pool.stats.load_bytes / 1e9,
-            "load_gbs_mean": (sum(b for b, _, _ in loads) / sum(x for _, x, _ in loads) / 1e9) if loads else None,
-            "kv_swapped_out": multi.kv_swapped_out, "timing": multi.timing_summary(),
-            "cost_model": multi.cost.to_dict(),
-        }
-        sim = simulate(items, specs, slo, p, capacity_bytes=int(gpu_budget_gb * 1e9), drain_s=drain_s, seed=seed)
-        res["simulated"] = {"attainment": sim.slo["attainment"], "ttft_p50": sim.slo["ttft_p50"],
-                            "tpot_p50": sim.slo["tpot_p50"], "switches_per_s": sim.switches_per_s,
-                            "gpu_busy_frac": sim.gpu_busy_frac}
-        res["sim_minus_real_points"] = 100 * (sim.slo["attainment"] - s.attainment)
-        out["policies"][p] = res
-        say(f"{p:8s} real attainment={s.attainment:.3f} sim={sim.slo['attainment']:.3f}  TTFT p50/p99="
-            f"{s.ttft_p50 or 0:.2f}/{s.ttft_p99 or 0:.2f}s TPOT p50/p99={1e3 * (s.tpot_p50 or 0):.0f}/"
-            f"{1e3 * (s.tpot_p99 or 0):.0f}ms switches/s={res['switches_per_s']:.2f} busy={res['gpu_busy_frac']:.2f} "
-            f"stall={pool.stats.stall_s:.2f}s policy CPU={100 * res['timing']['policy_frac']:.2f}% of step time")
-        multi.close()
-        write_json(Path(json_out) if json_out else None, out)  # after each policy: partial results survive
-        del multi
-        gc.collect()
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        for r in rates:
+            res = run_point(p, r, **point)
+            out["sweep"].setdefault(p, []).append(res)
+            summarize_sweep(out, target)
+            s = res["slo"]
+            say(f"{p:8s} rate={r:g}/s/model real attainment={s['attainment']:.3f} "
+                f"sim={res['simulated']['attainment']:.3f}  TTFT p50/p99={s['ttft_p50'] or 0:.2f}/"
+                f"{s['ttft_p99'] or 0:.2f}s TPOT p50/p99={1e3 * (s['tpot_p50'] or 0):.0f}/"
+                f"{1e3 * (s['tpot_p99'] or 0):.0f}ms switches/s={res['switches_per_s']:.2f} "
+                f"busy={res['gpu_busy_frac']:.2f} stall={res['swap_stall_s']:.2f}s "
+                f"policy CPU={100 * res['timing']['policy_frac']:.2f}% of step time")
+            write_json(Path(json_out) if json_out else None, out)  # after each point: partial results survive
+            if stop_at_miss and s["attainment"] < target:
+                break
     cache.close()
+    if "token" in out["sustained"]:
+        say("sustained:", {p: (v["sustained_at_least"], v["fails_at"]) for p, v in out["sustained"].items()},
+            "ratio lower bounds:", {k: v["ratio_lower_bound"] for k, v in out["ratios"].items()})
+    return out
+
+
+def run_point(p: str, rate: float, *, dirs, specs, slo, duration, drain_s, gpu_budget_gb, kv_cache_gb, cache, seed,
+              warmup, device, dtype) -> dict:
+    """One policy at one rate: a fresh pooled engine, the seeded workload replayed, the simulator beside it."""
+    import torch
+
+    from token_scheduler.engine import EngineConfig
+    from token_scheduler.multi_engine import MultiModelEngine
+
+    items = generate(list(dirs), rate, duration, seed=seed)
+    multi = MultiModelEngine(
+        {n: EngineConfig(model=str(d), device=device, dtype=dtype, served_model_name=n, max_num_seqs=64,
+                         max_model_len=4096, max_num_batched_tokens=2048) for n, d in dirs.items()},
+        policy=p, slos=slo, device=device, gpu_budget=int(gpu_budget_gb * 1e9), kv_cache_gb=kv_cache_gb,
+        host_cache=cache)
+    vocab = min(e.model_config.vocab_size for e in multi.engines.values())  # ids valid for every model
+    if warmup:  # every model loaded once, its prefill and bucket-1 graph run; not measured
+        wu = [type(items[0])(0.0, n, 32, 4, f"warmup-{n}") for n in dirs] if items else []
+        # static never serves some models: stop once nothing is planned for 0.5 s rather than after 20 s
+        replay(multi, wu, ModelSLO(1e9, 1e9), vocab, drain_s=20.0, seed=seed + 1, idle_exit_s=0.5)
+    multi.reset_stats()
+    r = replay(multi, items, slo, vocab, drain_s, seed)
+    s = summarize(r["records"])
+    pool = multi.pool
+    loads = pool.stats.load_s
+    res = {
+        "rate": rate, "requests": len(items),
+        "slo": s.to_dict(), "wall_s": r["wall_s"], "steps": r["steps"], "idle_polls": r["idle_polls"],
+        "goodput_rps": sum(x.attained() for x in r["records"]) / r["wall_s"],
+        "switches_per_s": multi.switches / r["wall_s"], "gpu_busy_frac": r["step_s"] / r["wall_s"],
+        "swap_stall_s": pool.stats.stall_s, "loads": pool.stats.loads, "prefetches": pool.stats.prefetches,
+        "prefetch_skipped": pool.stats.prefetch_skipped, "evictions": pool.stats.evictions,
+        "forced_evictions": pool.stats.forced_evictions, "load_gb": pool.stats.load_bytes / 1e9,
+        "load_gbs_mean": (sum(b for b, _, _ in loads) / sum(x for _, x, _ in loads) / 1e9) if loads else None,
+        "kv_swapped_out": multi.kv_swapped_out, "timing": multi.timing_summary(),
+        "cost_model": multi.cost.to_dict(),
+    }
+    sim = simulate(items, specs, slo, p, capacity_bytes=int(gpu_budget_gb * 1e9), drain_s=drain_s, seed=seed)
+    res["simulated"] = {"attainment": sim.slo["attainment"], "ttft_p50": sim.slo["ttft_p50"],
+                        "tpot_p50": sim.slo["tpot_p50"], "switches_per_s": sim.switches_per_s,
+                        "gpu_busy_frac": sim.gpu_busy_frac}
+    res["sim_minus_real_points"] = 100 * (sim.slo["attainment"] - s.attainment)
+    multi.close()
+    del multi
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return res
+
+
+# -- what the points say --------------------------------------------------------------------------------
+
+def summarize_sweep(out: dict, target: float | None = None) -> dict:
+    """(Re)derive `policies`, `sustained` and `ratios` of a real-mode result from its `sweep` points."""
+    target = out["config"].get("target_attainment", 0.9) if target is None else target
+    out["config"]["target_attainment"] = target
+    first = out["config"]["rate_per_model"]
+    out["sweep"] = {p: sorted(pts, key=lambda x: x["rate"]) for p, pts in out["sweep"].items()}
+    out["policies"] = {p: x for p, pts in out["sweep"].items() for x in pts if x["rate"] == first}
+    out["sustained"] = {}
+    for p, pts in out["sweep"].items():
+        b = bracket([(x["rate"], x["slo"]["attainment"]) for x in pts], target)
+        b["simulated"] = bracket([(x["rate"], x["simulated"]["attainment"]) for x in pts], target)
+        out["sustained"][p] = b
+    out["ratios"] = bound_ratios(out["sustained"], target)
+    return out
+
+
+def bound_ratios(sustained: dict, target: float = 0.9, base: str = "token") -> dict:
+    """`base`'s sustained rate over each other policy's, bounded from measured brackets only.
+
+    Lower bound: base's `sustained_at_least` / the other's `fails_at` (the other's sustained rate is below
+    its first miss). Upper bound: base's `fails_at` / the other's `sustained_at_least`, where both exist.
+    """
+    b0 = sustained.get(base)
+    if b0 is None:
+        return {}
+    t, t_hi = b0["sustained_at_least"], b0["fails_at"]
+    out = {}
+    for p, b in sustained.items():
+        if p == base:
+            continue
+        lo, f = b["sustained_at_least"], b["fails_at"]
+        e = {"ratio_lower_bound": None, "ratio_upper_bound": (t_hi / lo if t_hi is not None and lo > 0 else None),
+             "unbounded": False, f"{base}_sustained_at_least": t, f"{p}_fails_at": f}
+        if t <= 0:
+            e["reason"] = f"{base} met the {target:.0%} target at no measured rate"
+        elif f is None:
+            e["reason"] = (f"{p} met the target at every measured rate (up to {max(r for r, _ in b['points']):g}"
+                           f"/s/model): no upper bound on its sustained rate; measure higher rates")
+        elif lo <= 0:
+            e["unbounded"] = True
+            e["bracket_lower_bound"] = t / f
+            e["reason"] = (f"{p} met the target at no measured rate (lowest {f:g}/s/model), so its sustained rate "
+                           f"is 0 as far as the measured rates show and the ratio is unbounded; bracket_lower_bound "
+                           f"= {base}'s sustained_at_least / {f:g} assumes only that it misses above {f:g} too")
+        else:
+            e["ratio_lower_bound"] = t / f
+            e["reason"] = f"{base} sustained >= {t:g}/s/model; {p} missed the target at {f:g}/s/model"
+        if not (b0["monotone"] and b["monotone"]):
+            e["reason"] += "; attainment was not monotone in the rate, brackets read conservatively"
+        out[f"{base}/{p}"] = e
+    return out
+
+
+def merge_real(paths, json_out: Path | str | None = None, target: float | None = None) -> dict:
+    """Combine `--real` result files (one per process, say) into one, and summarize the combined points.
+
+    Every file must have the same configuration apart from its rates. A (policy, rate) point found in more
+    than one file is taken from the last one (listed under `replaced`). Accepted: run_real's output, older
+    single-rate outputs (no `sweep`), and files that keep such outputs under `runs` (bench/results/).
+    """
+    runs = []
+    for path in paths:
+        d = json.loads(Path(path).read_text())
+        for key, run in (d["runs"].items() if isinstance(d.get("runs"), dict) else [(None, d)]):
+            if run.get("mode") != "real":
+                raise ValueError(f"{path}{f' runs.{key}' if key else ''}: not a --real result")
+            runs.append((f"{path}{f'#runs.{key}' if key else ''}", run))
+    if not runs:
+        raise ValueError("nothing to merge")
+    skip = {"rate_per_model", "rates_per_model", "requests", "target_attainment", "note"}
+    cfg0 = runs[0][1]["config"]
+    sweep: dict[tuple[str, float], dict] = {}
+    merged_from, replaced = [], []
+    for src, run in runs:
+        cfg = run["config"]
+        diff = sorted(k for k in set(cfg) | set(cfg0) if k not in skip and cfg.get(k) != cfg0.get(k))
+        if diff:
+            raise ValueError(f"{src}: configuration differs from {runs[0][0]} in {diff}")
+        pts = run.get("sweep") or {p: [{**x, "rate": x.get("rate", cfg["rate_per_model"])}]
+                                   for p, x in run.get("policies", {}).items()}
+        for p, xs in pts.items():
+            for x in xs:
+                if (p, x["rate"]) in sweep:
+                    replaced.append([p, x["rate"]])
+                sweep[p, x["rate"]] = x
+        merged_from.append({"source": src, **{k: run.get(k) for k in ("device", "date", "commit", "command")},
+                            "points": [[p, x["rate"]] for p, xs in pts.items() for x in xs]})
+
+    def one(key):
+        vals = sorted({str(m[key]) for m in merged_from})
+        return vals[0] if len(vals) == 1 else vals
+
+    out = {**header(), "device": one("device"), "commit": one("commit"), "date": max(m["date"] for m in merged_from),
+           "mode": "real", "merged_from": merged_from, "replaced": replaced,
+           "config": {**cfg0, "rates_per_model": sorted({r for _, r in sweep})}, "sweep": {}}
+    for (p, _), x in sweep.items():
+        out["sweep"].setdefault(p, []).append(x)
+    summarize_sweep(out, target)
     write_json(Path(json_out) if json_out else None, out)
     return out

@@ -117,3 +117,26 @@ def test_pooled_swaps_weights_and_kv_and_equals_alone(make_tiny, host_cache, kin
     # nothing leaked: every GPU page and host page is free again
     assert pool.pages.num_used == 0 and pool.host_kv.allocator.num_used == 0
     multi.close()
+
+
+def test_idle_plans_are_not_counted_as_step_policy_time(make_tiny, host_cache):
+    """static places one of two models; polling with only the other's request waiting plans nothing, and
+    those polls go to idle_* -- not to the policy CPU of the steps that ran (it read 64% on the H100)."""
+    from gpu_pool.arena import MiB
+
+    d = make_tiny("qwen2")
+    multi = MultiModelEngine({"a": d, "b": d}, policy="static", device="cpu", gpu_budget=6 * MiB,
+                             kv_cache_gb=64 * 16 * 512 / 1e9, host_cache=host_cache)
+    multi.add_request("b1", "hello", SamplingParams(max_tokens=2, ignore_eos=True), model="b")
+    for _ in range(50):
+        multi.step()
+    assert multi.policy.resident == ["a"]
+    tm = multi.timing_summary()
+    assert tm["idle_polls"] == 50 and tm["idle_policy_s"] > 0
+    assert tm["steps"] == 0 and tm["policy_s"] == 0 and tm["policy_frac"] == 0
+    multi.add_request("a1", "hello", SamplingParams(max_tokens=2, ignore_eos=True), model="a")
+    while multi.engines["a"].has_unfinished_requests():
+        multi.step()
+    tm = multi.timing_summary()
+    assert tm["steps"] == 2 and tm["policy_s"] > 0
+    multi.close()

@@ -68,7 +68,10 @@ class MultiModelEngine:
         self.switches = 0  # steps whose model differs from the previous step's
         self.kv_swapped_out = 0  # requests whose KV went to host pages to make room for another model
         self._last_run: dict[str, float] = {}
-        self.timing = dict.fromkeys(("policy_s", "memory_s", "engine_s", "steps"), 0.0)
+        # policy_s/memory_s/engine_s/steps: the steps that ran; idle_*: schedule() calls that planned nothing
+        # (a caller polling while requests wait that no plan can serve, e.g. static's unplaced models)
+        self.timing = dict.fromkeys(("policy_s", "memory_s", "engine_s", "steps", "idle_policy_s", "idle_polls"),
+                                    0.0)
         for name, cfg in models.items():
             self.add_model(name, cfg, slos[name] if isinstance(slos, dict) else None)
 
@@ -228,7 +231,11 @@ class MultiModelEngine:
         self._sync()
         plan = self.policy.schedule(self.state)
         t1 = time.perf_counter()
-        tm["policy_s"] += t1 - t0
+        if plan.idle:
+            tm["idle_policy_s"] += t1 - t0
+            tm["idle_polls"] += 1
+        else:
+            tm["policy_s"] += t1 - t0
         outputs, self._removed = self._removed, []
         if self.pool is not None:
             self._execute_memory(plan)
@@ -277,8 +284,8 @@ class MultiModelEngine:
             self.pool.reset_stats()
 
     def timing_summary(self) -> dict:
-        """Where the step loop's time went. `policy_frac`: policy CPU time over the wall time of the steps
-        it scheduled (weights/KV moves + engine steps)."""
+        """Where the step loop's time went. `policy_frac`: the policy CPU time of the steps that ran over their
+        wall time (weights/KV moves + engine steps); idle plans are counted apart (`idle_policy_s`)."""
         tm = self.timing
         n = max(1.0, tm["steps"])
         work = tm["memory_s"] + tm["engine_s"]

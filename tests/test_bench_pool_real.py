@@ -1,0 +1,103 @@
+"""bench pool --real: the rate sweep on tiny CPU models, merging runs, and what measured points prove."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from load_tests.bench_pool import bracket
+from load_tests.bench_pool_real import bound_ratios, merge_real, parse_rates, run_real, summarize_sweep
+
+
+def test_bracket_reads_points_conservatively():
+    b = bracket([(0.4, 0.5), (0.1, 1.0), (0.2, 0.95)], 0.9)
+    assert (b["sustained_at_least"], b["fails_at"], b["bounded"], b["monotone"]) == (0.2, 0.4, True, True)
+    assert b["points"] == [(0.1, 1.0), (0.2, 0.95), (0.4, 0.5)]
+    # not monotone (a pass above a miss): the lower end stays below every miss, the upper above every pass
+    b = bracket([(0.1, 1.0), (0.2, 0.8), (0.3, 0.92), (0.4, 0.5)], 0.9)
+    assert (b["sustained_at_least"], b["fails_at"], b["monotone"]) == (0.1, 0.4, False)
+    assert bracket([(0.1, 0.78), (0.2, 0.7)])["sustained_at_least"] == 0.0  # never reaches the target
+    b = bracket([(0.1, 1.0), (0.2, 0.99)])
+    assert (b["rate"], b["fails_at"], b["bounded"]) == (0.2, None, False)  # never misses: not bounded above
+
+
+def test_ratios_are_lower_bounds_and_say_why_when_there_is_none():
+    sus = {"token": bracket([(0.1, 1.0), (0.3, 0.95), (0.6, 0.7)]),
+           "request": bracket([(0.1, 0.94), (0.12, 0.85), (0.3, 0.5)]),
+           "static": bracket([(0.1, 0.78), (0.3, 0.75)])}
+    r = bound_ratios(sus, 0.9)
+    assert r["token/request"]["ratio_lower_bound"] == pytest.approx(0.3 / 0.12)  # token's pass / request's miss
+    assert r["token/request"]["ratio_upper_bound"] == pytest.approx(0.6 / 0.1)
+    assert r["token/request"]["unbounded"] is False
+    s = r["token/static"]  # static never reaches 90%: sustained 0, ratio unbounded, no finite lower bound given
+    assert s["ratio_lower_bound"] is None and s["unbounded"] is True and "no measured rate" in s["reason"]
+    assert s["bracket_lower_bound"] == pytest.approx(0.3 / 0.1) and s["ratio_upper_bound"] is None
+    r = bound_ratios({"token": bracket([(0.1, 1.0)]), "request": bracket([(0.1, 0.95)])})
+    assert r["token/request"]["ratio_lower_bound"] is None and "higher rates" in r["token/request"]["reason"]
+    r = bound_ratios({"token": bracket([(0.1, 0.5)]), "request": bracket([(0.1, 0.4)])})
+    assert r["token/request"]["ratio_lower_bound"] is None and "token met" in r["token/request"]["reason"]
+
+
+def _point(rate: float, att: float, sim: float | None = None) -> dict:
+    return {"rate": rate, "slo": {"attainment": att}, "simulated": {"attainment": att if sim is None else sim}}
+
+
+def _run(policy: str, points: list[dict], rate0: float, **hdr) -> dict:
+    cfg = {"models": "4x7b,6x1.5b", "rate_per_model": rate0, "duration_s": 120.0, "seed": 0, "requests": 7}
+    return summarize_sweep({"mode": "real", "device": "H100", "date": "d", "commit": "c", "command": "x",
+                            **hdr, "config": cfg, "sweep": {policy: points}})
+
+
+def test_merge_combines_runs_and_refuses_other_configs(tmp_path):
+    a = tmp_path / "token.json"
+    a.write_text(json.dumps(_run("token", [_point(0.1, 1.0), _point(0.3, 0.95), _point(0.6, 0.6)], 0.1)))
+    legacy = {"mode": "real", "device": "H100", "date": "e", "commit": "c", "command": "y",  # single-rate shape
+              "config": {"models": "4x7b,6x1.5b", "rate_per_model": 0.1, "duration_s": 120.0, "seed": 0},
+              "policies": {"static": {"slo": {"attainment": 0.78}, "simulated": {"attainment": 0.78}}}}
+    b = tmp_path / "kept.json"  # the bench/results layout: single-rate runs kept under "runs"
+    b.write_text(json.dumps({"summary": {}, "runs": {"static": legacy,
+                                                     "request": _run("request", [_point(0.1, 0.5)], 0.1)}}))
+    c = tmp_path / "request.json"
+    c.write_text(json.dumps(_run("request", [_point(0.1, 0.94, 0.98), _point(0.2, 0.8)], 0.1, commit="c2")))
+    out = merge_real([a, b, c], tmp_path / "merged.json")
+    assert json.loads((tmp_path / "merged.json").read_text())["ratios"] == out["ratios"]
+    assert {p: [x["rate"] for x in xs] for p, xs in out["sweep"].items()} == {
+        "token": [0.1, 0.3, 0.6], "static": [0.1], "request": [0.1, 0.2]}
+    assert out["replaced"] == [["request", 0.1]]  # the later file's point wins
+    assert out["policies"]["request"]["slo"]["attainment"] == 0.94  # the point at the first rate
+    assert out["config"]["rates_per_model"] == [0.1, 0.2, 0.3, 0.6] and out["commit"] == ["c", "c2"]
+    assert out["sustained"]["request"]["simulated"]["sustained_at_least"] == 0.1
+    assert out["ratios"]["token/request"]["ratio_lower_bound"] == pytest.approx(0.3 / 0.2)
+    assert out["ratios"]["token/static"]["unbounded"] is True
+    d = tmp_path / "other.json"
+    other = _run("static", [_point(0.1, 0.7)], 0.1)
+    other["config"]["duration_s"] = 60.0
+    d.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="duration_s"):
+        merge_real([a, d])
+
+
+def test_parse_rates():
+    assert parse_rates("0.15,0.2") == [0.15, 0.2] and parse_rates(0.1) == [0.1] and parse_rates("0.3") == [0.3]
+    with pytest.raises(ValueError):
+        parse_rates("0.1,-1")
+
+
+def test_real_sweep_two_rates_on_cpu(make_tiny, tmp_path):
+    """Two rates, one fresh pooled engine each; the JSON on disk holds both points and their summary."""
+    d = make_tiny("qwen2")
+    path = tmp_path / "sweep.json"
+    out = run_real(models="1x7b,1x1.5b", rate="1.0,2.0", duration=1.0, drain_s=1.0, gpu_budget_gb=0.0075,
+                   kv_cache_gb=0.004, policies=("token",), json_out=path, device="cpu", dtype="fp32",
+                   model_dirs={"7b": d, "1.5b": d}, host_budget_gb=0.1, say=lambda *a: None)
+    disk = json.loads(path.read_text())
+    pts = disk["sweep"]["token"]
+    assert [x["rate"] for x in pts] == [1.0, 2.0] and disk["config"]["rates_per_model"] == [1.0, 2.0]
+    assert disk["policies"]["token"]["rate"] == 1.0 == disk["config"]["rate_per_model"]  # single-rate shape
+    for x in pts:
+        assert x["requests"] == x["slo"]["requests"] > 0 and x["steps"] > 0
+        assert 0.0 <= x["simulated"]["attainment"] <= 1.0 and 0.0 <= x["slo"]["attainment"] <= 1.0
+        assert x["timing"]["steps"] == x["steps"]
+    assert disk["sustained"]["token"]["points"] == [[x["rate"], x["slo"]["attainment"]] for x in pts]
+    assert json.loads(json.dumps(out["sustained"])) == disk["sustained"]
