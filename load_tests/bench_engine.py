@@ -2,13 +2,18 @@
 
 Floor: every decode step reads all weights once, so floor = weight bytes / HBM bandwidth (measured in this
 run with a device-to-device copy). Peer: HF transformers `generate` on the same weights, same run.
-Also checks GPU parity with HF (first-step top-1 and greedy continuations over random prompts).
+Also checks parity with HF (first-step top-1 and greedy continuations over random prompts), per dtype: the
+bench engine's own (bf16 on CUDA) under `parity`, others (fp32) under `parity_<dtype>`, each with a near-tie
+diagnostic beside the strict figures.
 """
 
 from __future__ import annotations
 
+import gc
+import math
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,11 +21,27 @@ import torch
 from load_tests.bench_common import hbm_bandwidth, header, write_json
 from token_scheduler import LLMEngine, SamplingParams
 from token_scheduler.engine import EngineConfig
+from token_scheduler.model.config import parse_dtype
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def _free() -> None:
+    gc.collect()  # engines and their CUDA graphs hold reference cycles
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def decode_graph(eng: LLMEngine, batch: int):
+    """The engine's captured decode graph for `batch` (its `_DecodeGraph`), or None."""
+    r = eng.runner
+    bucket = getattr(r, "bucket_of", {}).get(batch, batch)
+    return getattr(r, "graphs", {}).get(r._graph_id(bucket) if hasattr(r, "_graph_id") else bucket)
 
 
 def _decode_step_times(eng: LLMEngine, batch: int, context: int, steps: int, vocab: int) -> dict:
@@ -50,9 +71,9 @@ def _decode_step_times(eng: LLMEngine, batch: int, context: int, steps: int, voc
     _sync()
     loop_s = time.perf_counter() - t0
     replay_ms = None
-    graphs = getattr(eng.runner, "graphs", {})
-    if batch in graphs:  # the captured forward alone, without scheduling, input copies and sampling
-        g = graphs[batch].graph
+    dg = decode_graph(eng, batch)
+    if dg is not None:  # the captured forward alone, without scheduling, input copies and sampling
+        g = dg.graph
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         g.replay()
         s.record()
@@ -84,34 +105,139 @@ def _hf_step_ms(hf, vocab: int, batch: int = 1, n: int = 64) -> float:
     return 1e3 * (gen(2 * n) - gen(n)) / n
 
 
-def _parity(eng: LLMEngine, hf, vocab: int, prompts: int = 32, new: int = 32) -> dict:
+def _prompts(vocab: int, n: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(1234)
-    top1 = cont = 0
-    margins = []
-    for i in range(prompts):
-        p = torch.randint(0, vocab, (int(torch.randint(8, 128, (1,), generator=g)),), generator=g).tolist()
+    return [torch.randint(0, vocab, (int(torch.randint(8, 128, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@dataclass
+class _Ref:
+    """HF's greedy continuation of one prompt, with its logits at every generated position."""
+
+    prompt: list[int]
+    ids: list[int]
+    logits: torch.Tensor  # [new, vocab] float32, CPU: raw (before logits processors)
+    top1_minus_top2: list[float]  # of the processed scores HF chose from (EOS is -inf under min_new_tokens)
+    std: list[float]  # of the processed scores' finite values, float32
+
+
+def _hf_reference(hf, prompts: list[list[int]], new: int) -> list[_Ref]:
+    refs = []
+    for p in prompts:
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([p], device=hf.device), max_new_tokens=new, min_new_tokens=new,
-                              do_sample=False, output_scores=True, return_dict_in_generate=True)
-        ref_ids = ref.sequences[0, len(p):].tolist()
-        eng.add_request(f"par{i}", p, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
-        ours = None
-        while eng.has_unfinished_requests():
-            for o in eng.step():
-                if o.finished:
-                    ours = o.outputs[0].token_ids
-        top1 += ours[0] == ref_ids[0]
-        cont += ours == ref_ids
-        if ours != ref_ids:  # where they part, how close were HF's own top two? (bf16 near-ties flip)
-            j = next(i for i, (a, b) in enumerate(zip(ours, ref_ids)) if a != b)
-            top2 = ref.scores[j][0].float().topk(2).values
-            margins.append((j, float(top2[0] - top2[1]), float(ref.scores[j][0].float().std())))
-    return {"prompts": prompts, "first_token_top1_match": top1 / prompts, "greedy_32_identical": cont / prompts,
-            "divergences": [{"at": j, "hf_top1_minus_top2": m, "hf_logit_std": s} for j, m, s in margins]}
+            out = hf.generate(torch.tensor([p], device=hf.device), max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, output_scores=True, output_logits=True, return_dict_in_generate=True)
+        scores = torch.stack([s[0] for s in out.scores]).float()  # [new, vocab]
+        top2 = scores.topk(2, dim=-1).values
+        # min_new_tokens sets the EOS scores to -inf, which made a plain std NaN: only finite values count
+        std = [float(row[torch.isfinite(row)].std()) for row in scores]
+        refs.append(_Ref(p, out.sequences[0, len(p):].tolist(), torch.stack([x[0] for x in out.logits]).float().cpu(),
+                         (top2[:, 0] - top2[:, 1]).tolist(), std))
+    return refs
+
+
+def _generate(eng: LLMEngine, rid: str, prompt: list[int], n: int) -> list[int]:
+    """Greedy `n` tokens the way the engine serves them (no logprobs: they would force synchronous steps)."""
+    eng.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    out = None
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                out = o.outputs[0].token_ids
+    return out
+
+
+def _ulp(x: float, dtype: torch.dtype) -> float:
+    """Spacing of `dtype` values at magnitude |x|."""
+    return torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(max(abs(x), torch.finfo(dtype).tiny)))
+
+
+def _divergence(ref: _Ref, j: int, ours: int, dtype, eos: set[int], tol_ulps: float) -> dict:
+    """Where the engine's greedy token first differs from HF's: how close HF itself was to choosing ours."""
+    hf_tok, lg = ref.ids[j], ref.logits[j]
+    a, b = float(lg[hf_tok]), float(lg[ours])
+    ulp = _ulp(max(abs(a), abs(b)), dtype)
+    gap = a - b  # HF's raw preference for its token over the engine's
+    return {"at": j, "hf_top1_minus_top2": ref.top1_minus_top2[j], "hf_logit_std": ref.std[j],
+            "hf_gap_to_engine_token": gap, "hf_gap_ulps": gap / ulp, "engine_token_is_eos": ours in eos,
+            "near_tie": ours not in eos and 0 <= gap <= tol_ulps * ulp}
+
+
+def _first_diff(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+def _parity(eng: LLMEngine, refs: list[_Ref], tol_ulps: float = 2.0) -> dict:
+    """Strict figures (unchanged): first-token top-1 match, greedy continuations identical token for token.
+
+    Diagnostic (not a replacement): a divergence is at a near-tie when HF's raw logit for its own token exceeds
+    its logit for the engine's token by at most `tol_ulps` ulps of the model dtype at that magnitude -- a gap
+    the rounding of the last ops alone can flip. A continuation is identical up to near-ties when, following
+    HF's tokens (the engine is re-fed HF's prefix after each divergence), every divergence is a near-tie."""
+    new = len(refs[0].ids)
+    eos = set(eng.eos_token_ids)
+    top1 = cont = upto = resyncs = 0
+    divergences, later = [], []
+    for i, ref in enumerate(refs):
+        ours = _generate(eng, f"par{i}", ref.prompt, new)
+        top1 += ours[0] == ref.ids[0]
+        cont += ours == ref.ids
+        j = _first_diff(ours, ref.ids)
+        if j is None:
+            upto += 1
+            continue
+        d = _divergence(ref, j, ours[j], eng.dtype, eos, tol_ulps)
+        divergences.append(d)
+        ok = d["near_tie"]
+        while ok and j + 1 < new:  # re-feed HF's prefix through the divergence; find the next one
+            resyncs += 1
+            k = j + 1
+            ours = _generate(eng, f"par{i}-{k}", ref.prompt + ref.ids[:k], new - k)
+            jj = _first_diff(ours, ref.ids[k:])
+            if jj is None:
+                break
+            j = k + jj
+            later.append({"prompt": i} | _divergence(ref, j, ours[jj], eng.dtype, eos, tol_ulps))
+            ok = later[-1]["near_tie"]
+        upto += ok
+    n = len(refs)
+    return {"dtype": DTYPE_NAMES.get(eng.dtype, str(eng.dtype)), "prompts": n, "new_tokens": new,
+            "decode_attention": "triton" if getattr(eng.runner, "use_triton", False) else "torch",
+            "first_token_top1_match": top1 / n, "greedy_32_identical": cont / n, "divergences": divergences,
+            "near_tie_diagnostic": {
+                "rule": f"HF logit(HF token) - HF logit(engine token) <= {tol_ulps:g} ulp of "
+                        f"{DTYPE_NAMES.get(eng.dtype, eng.dtype)} at that magnitude",
+                "tolerance_ulps": tol_ulps,
+                "divergences_at_near_tie": (sum(d["near_tie"] for d in divergences) / len(divergences)
+                                            if divergences else None),
+                "greedy_identical_up_to_near_ties": upto / n,
+                "resyncs": resyncs,
+                "later_divergences": later,
+            }}
+
+
+def _parity_engine(model: Path, dtype: str, dev: str) -> LLMEngine:
+    """A one-sequence engine for parity runs in another dtype (small KV; CUDA graph for batch 1)."""
+    return LLMEngine(EngineConfig(model=str(model), device=dev, dtype=dtype, max_num_seqs=1,
+                                  max_num_batched_tokens=2048, max_model_len=1024, num_host_kv_blocks=0,
+                                  kv_cache_memory_gb=1.0 if dev == "cuda" else None))
+
+
+def _load_hf(model: Path, dtype: torch.dtype, dev: str):
+    from transformers import AutoModelForCausalLM
+
+    kw = {"device_map": dev} if dev == "cuda" else {}  # accelerate is there on the GPU box
+    return AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype, **kw).eval()
 
 
 def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, context: int = 512,
-                     hf: bool = True, steps: int = 50) -> dict:
+                     hf: bool = True, steps: int = 50, parity_dtypes: list[str] | None = None,
+                     parity_prompts: int | None = None, near_tie_ulps: float = 2.0) -> dict:
+    """`parity_dtypes` (default: bf16 and fp32 on CUDA, the engine's fp32 on CPU): the bench engine's dtype
+    is checked with the bench engine under `parity`; any other is checked after the bench engine and HF are
+    freed, HF first (its reference kept on the host, then freed), then a fresh engine, under `parity_<dtype>`
+    -- so a 7B in fp32 needs 30 GB at a time, not 60."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     res = header() | {"bench": "engine", "model": str(model), "context": context}
     t = time.perf_counter()
@@ -136,15 +262,33 @@ def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, con
     if b1 and b32:
         res["batch32_over_batch1"] = b32["step_ms_median"] / b1["step_ms_median"]
     if hf:
-        from transformers import AutoModelForCausalLM
-
         t = time.perf_counter()
-        kw = {"device_map": dev} if dev == "cuda" else {}  # accelerate is there on the GPU box
-        hfm = AutoModelForCausalLM.from_pretrained(str(model), dtype=eng.dtype, **kw).eval()
+        hfm = _load_hf(model, eng.dtype, dev)
         res["hf_from_pretrained_s"] = time.perf_counter() - t
         res["hf_generate_step_ms_batch1"] = _hf_step_ms(hfm, vocab, n=64 if dev == "cuda" else 4)
         if b1:
             res["speedup_vs_hf_batch1"] = res["hf_generate_step_ms_batch1"] / b1["step_ms_median"]
-        res["parity"] = _parity(eng, hfm, vocab, prompts=32 if dev == "cuda" else 2)
+        own = DTYPE_NAMES.get(eng.dtype)
+        dtypes = list(parity_dtypes or (["bf16", "fp32"] if dev == "cuda" else [own]))
+        prompts = _prompts(vocab, parity_prompts or (32 if dev == "cuda" else 2))
+        refs = _hf_reference(hfm, prompts, 32) if own in dtypes else None  # the bench engine's dtype first
+        del hfm
+        _free()
+        if refs is not None:
+            res["parity"] = _parity(eng, refs, near_tie_ulps)
+        del eng, refs
+        _free()
+        for d in dtypes:
+            if d == own:
+                continue
+            dt = parse_dtype(d)
+            hfm = _load_hf(model, dt, dev)
+            refs = _hf_reference(hfm, prompts, 32)
+            del hfm
+            _free()
+            peng = _parity_engine(model, d, dev)
+            res[f"parity_{DTYPE_NAMES.get(dt, d)}"] = _parity(peng, refs, near_tie_ulps)
+            del peng, refs
+            _free()
     write_json(json_out, res)
     return res

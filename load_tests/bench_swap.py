@@ -3,14 +3,16 @@
 On CUDA: pinned H2D/D2H bandwidth of one large copy (the floor = model bytes / H2D bandwidth); swap-in
 latency to ready-to-decode for 1/2/4/16 large copies and for a naive 64 MiB-chunk loop; peers in the same run
 (HF from_pretrained onto the GPU from page-cached disk, HF `model.to("cuda")` from pinned memory); decode
-slowdown while a 7B-sized prefetch copies; switch stall with and without prefetch; KV swap bandwidth for
-64/256 blocks; cold load from page-cached disk into the host cache, with where its time went
-(`cold_load_breakdown`: create, populate, read, pin). On CPU the same code runs at toy sizes (a smoke test for
-CI; its numbers mean nothing).
+slowdown while a 7B-sized prefetch copies, measured on a real engine (`decode_slowdown`: this model in an
+LLMEngine, bf16, batch 8 decoding through its CUDA graph) and on a GEMV stand-in (`decode_standin_*`); switch
+stall with and without prefetch; KV swap bandwidth for 64/256 blocks; cold load from page-cached disk into the
+host cache, with where its time went (`cold_load_breakdown`: create, populate, read, pin). On CPU the same
+code runs at toy sizes (a smoke test for CI; its numbers mean nothing).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import time
@@ -26,7 +28,7 @@ from load_tests.bench_common import header, write_json
 from model_swapper.host_cache import HostModel, HostModelCache, fill_region
 from model_swapper.kv_swap import HostKVPool, KVSwapper
 from model_swapper.layout import ModelLayout
-from model_swapper.prefetch import Prefetcher
+from model_swapper.prefetch import WINDOW, Prefetcher
 from model_swapper.swapper import Swapper
 from token_scheduler.model.config import ModelConfig
 from token_scheduler.model.weights import safetensors_files
@@ -69,7 +71,9 @@ def _bandwidth(dev, nbytes: int, reps: int) -> dict:
 
 
 def _decode_standin(dev, nbytes: int):
-    """Stand-in decode step: bf16 matmuls reading ~nbytes of weights once (memory-bound like decode)."""
+    """Stand-in decode step: bf16 matmuls reading ~nbytes of weights once (memory-bound like decode). About
+    190 eager launches from Python: sensitive to launch overhead and host noise in a way a real decode step
+    (one CUDA-graph replay) is not -- `_engine_beside_prefetch` measures that one."""
     k = 4096 if dev.type == "cuda" else 256
     n = max(1, round(nbytes / (k * k * 2)))
     ws = [torch.randn(k, k, device=dev).to(DTYPE) for _ in range(n)]
@@ -163,17 +167,23 @@ def _kv_bench(cfg: ModelConfig, dev, bw: dict, reps: int) -> dict:
     return R
 
 
+def _free(dev) -> None:
+    """Return what the last phase held (arenas, an engine and its CUDA graphs) to the device."""
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _compute_sync(dev) -> None:
     """Wait for the compute (current) stream only: a device-wide sync would also wait for the copy stream."""
     if dev.type == "cuda":
         torch.cuda.current_stream(dev).synchronize()
 
 
-def _swap_phase(host: HostModel, cfg: ModelConfig, dev, floor: float, reps: int) -> dict:
-    """Swap-in latency by number of copies, decode slowdown under a 7B prefetch, switch stall."""
+def _swap_phase(host: HostModel, syn: HostModel, dev, floor: float, reps: int) -> dict:
+    """Swap-in latency by number of copies, stand-in decode slowdown under a 7B prefetch, switch stall."""
     cuda = dev.type == "cuda"
     R: dict = {}
-    syn = _synthetic_7b(cuda, cfg)
     arena = Arena(host.nbytes + syn.nbytes + (64 << 20), dev)
     sw = Swapper(arena)
     reserved0 = torch.cuda.memory_reserved(dev) if cuda else 0
@@ -190,7 +200,7 @@ def _swap_phase(host: HostModel, cfg: ModelConfig, dev, floor: float, reps: int)
     R["swap_in_vs_floor"] = {k: v / floor for k, v in lat.items()}
     R["memory_reserved_delta_bytes"] = (torch.cuda.memory_reserved(dev) if cuda else 0) - reserved0
 
-    # decode slowdown while a 7B-sized prefetch copies (copy engines and HBM shared with compute)
+    # stand-in decode slowdown while a 7B-sized prefetch copies (copy engines and HBM shared with compute)
     step = _decode_standin(dev, int(3.09e9) if cuda else 1 << 18)
     alone = _timed(step, dev, 10)
     pf = Prefetcher(sw, window=None)
@@ -209,12 +219,11 @@ def _swap_phase(host: HostModel, cfg: ModelConfig, dev, floor: float, reps: int)
     pf.cancel(p)
     _sync(dev)
     sw.poll()
-    syn.region.close()
     R["decode_standin_bytes"] = int(3.09e9) if cuda else 1 << 18
-    R["decode_step_alone_s"] = alone
-    R["decode_step_during_prefetch_s"] = statistics.median(times)
-    R["decode_steps_during_prefetch"] = len(times)
-    R["decode_slowdown"] = R["decode_step_during_prefetch_s"] / alone - 1
+    R["decode_standin_step_alone_s"] = alone
+    R["decode_standin_step_during_prefetch_s"] = statistics.median(times)
+    R["decode_standin_steps_during_prefetch"] = len(times)
+    R["decode_standin_slowdown"] = R["decode_standin_step_during_prefetch_s"] / alone - 1
 
     # switch stall: model A decodes (stand-in), then the scheduler switches to this model
     def stall(prefetch: bool) -> float:
@@ -233,6 +242,111 @@ def _swap_phase(host: HostModel, cfg: ModelConfig, dev, floor: float, reps: int)
         return dt
     R["switch_stall_no_prefetch_s"] = statistics.median(stall(False) for _ in range(3))
     R["switch_stall_with_prefetch_s"] = statistics.median(stall(True) for _ in range(3))
+    sw.synchronize()
+    return R
+
+
+def _engine_beside_prefetch(model_dir: Path, syn: HostModel, dev, batch: int = 8, context: int = 256) -> dict:
+    """The issue's figure: a real decode step of this model (LLMEngine, bf16, `batch` greedy requests decoding
+    through the engine's CUDA graph, overlap off as in MultiModelEngine) alone, and while a 7B-sized prefetch
+    copies into free arena space.
+
+    Two prefetch modes: the production one (`Prefetcher` default: a 1 GiB window topped up by `poll()` once
+    per step, as MultiModelEngine does) and every piece enqueued at once (no host work while it copies).
+    Two levels: `engine.step()` wall time (scheduling, input copies, graph replay, sampling, the token read)
+    and the captured forward alone (one graph replay, CUDA-event timed). Rounds interleave alone and beside
+    the prefetch, so drift (the context grows a token per step) hits both alike. A step counts as beside the
+    prefetch only if the copy was still running when the step (and its poll) ended."""
+    from load_tests.bench_engine import DTYPE_NAMES, decode_graph
+    from token_scheduler import LLMEngine, SamplingParams
+    from token_scheduler.engine import EngineConfig
+
+    cuda = dev.type == "cuda"
+    rounds, per_round = (4, 40) if cuda else (1, 2)
+    # overlap off, as MultiModelEngine (where prefetches happen) runs its engines: one synchronous step per call
+    eng = LLMEngine(EngineConfig(model=str(model_dir), device=str(dev), dtype="bf16" if cuda else "auto",
+                                 max_num_seqs=batch, max_num_batched_tokens=8192, max_model_len=4096,
+                                 kv_cache_memory_gb=2.0 if cuda else None, num_host_kv_blocks=0, overlap=False))
+    g = torch.Generator().manual_seed(0)
+    vocab = eng.model_config.vocab_size
+    for i in range(batch):
+        eng.add_request(f"dec{i}", torch.randint(0, vocab, (context,), generator=g).tolist(),
+                        SamplingParams(temperature=0, ignore_eos=True, max_tokens=eng.max_model_len - context - 1))
+    while any(r.is_prefilling or not r.output_token_ids for r in eng.scheduler.requests.values()):
+        eng.step()
+    for _ in range(20 if cuda else 1):
+        eng.step()
+    _sync(dev)
+    R: dict = {"model_dir": str(model_dir), "batch": batch, "context_start": context,
+               "engine_dtype": DTYPE_NAMES.get(eng.dtype, str(eng.dtype)), "cuda_graphs": bool(eng.runner.bucket_of),
+               "overlap": eng.overlap,
+               "prefetch_bytes": syn.nbytes, "rounds": rounds, "steps_alone_per_round": per_round}
+
+    def step_op() -> float:
+        t = time.perf_counter()
+        eng.step()
+        _compute_sync(dev)
+        return time.perf_counter() - t
+
+    graph = decode_graph(eng, batch) if cuda else None
+    ev0, ev1 = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else (None, None)
+
+    def replay_op() -> float:  # same buffers each time: rewrites the same KV slots with the same values
+        ev0.record()
+        graph.graph.replay()
+        ev1.record()
+        ev1.synchronize()
+        return ev0.elapsed_time(ev1) / 1e3
+
+    arena = Arena(syn.nbytes + (64 << 20), dev)
+    sw = Swapper(arena)
+
+    def rounds_of(op, window) -> dict:
+        alone: list[float] = []
+        beside: list[float] = []
+        polls: list[float] = []
+        gbs: list[float] = []
+        for _ in range(rounds):
+            alone += [op() for _ in range(per_round)]
+            pf = Prefetcher(sw, window=window)
+            start = end = None
+            if cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(sw.stream)
+            p = pf.prefetch(syn)
+            while True:
+                if cuda and end is None and p.enqueued >= syn.nbytes:  # the last piece is on the copy stream
+                    end = torch.cuda.Event(enable_timing=True)
+                    end.record(sw.stream)
+                dt = op()
+                t = time.perf_counter()
+                pf.poll()
+                polls.append(time.perf_counter() - t)
+                done = p.handle.done()
+                if not done or not cuda:  # on CPU the copy finished inside prefetch(): a smoke value
+                    beside.append(dt)
+                if done:
+                    break
+            if end is not None:
+                end.synchronize()
+                gbs.append(syn.nbytes / (start.elapsed_time(end) / 1e3) / GB)
+            pf.cancel(p)
+            sw.poll()
+        a = statistics.median(alone)
+        b = statistics.median(beside) if beside else None  # None: every copy outran a whole step
+        return {"alone_ms": 1e3 * a, "beside_prefetch_ms": b and 1e3 * b, "slowdown": b and b / a - 1,
+                "n_alone": len(alone),
+                "n_beside_prefetch": len(beside), "poll_ms_median": 1e3 * statistics.median(polls),
+                "prefetch_gbs": statistics.median(gbs) if gbs else None, "prefetch_gbs_min": min(gbs) if gbs else None}
+
+    modes = {"window_1GiB_poll_per_step": WINDOW, "all_enqueued_at_once": None}
+    for name, window in modes.items():
+        R[name] = {"engine_step": rounds_of(step_op, window)}
+        if graph is not None:
+            R[name]["graph_replay"] = rounds_of(replay_op, window)
+    for rid in list(eng.scheduler.requests):
+        eng.abort_request(rid)
+    eng.step()
     sw.synchronize()
     return R
 
@@ -297,10 +411,24 @@ def run_bench_swap(model_dir: Path, json_out: Path | None) -> dict:
         floor = nb / (bw["h2d_gbs"] * GB)
         R["pcie_floor_s"] = floor
 
-        R.update(_swap_phase(host, cfg, dev, floor, reps))
-        R.update(_kv_bench(cfg, dev, bw, reps))
-        if cuda:
-            torch.cuda.empty_cache()  # the phases' arena and tensors are gone; give the peers the card
+        syn = _synthetic_7b(cuda, cfg)
+        try:
+            R.update(_swap_phase(host, syn, dev, floor, reps))
+            R.update(_kv_bench(cfg, dev, bw, reps))
+            _free(dev)  # the phases' arena and tensors are gone
+            eb = R["decode_beside_prefetch"] = _engine_beside_prefetch(model_dir, syn, dev)
+        finally:
+            syn.region.close()
+        prod = eb["window_1GiB_poll_per_step"]
+        R["decode_slowdown"] = prod["engine_step"]["slowdown"]  # the issue's figure: a real engine step
+        R["decode_slowdown_source"] = (f"LLMEngine.step() of this model ({eb['engine_dtype']}, batch {eb['batch']}, "
+                                       f"CUDA graphs {'on' if eb['cuda_graphs'] else 'off'}, overlap off) beside a "
+                                       "7B-sized prefetch through the production Prefetcher (1 GiB window, poll "
+                                       "per step)")
+        if "graph_replay" in prod:
+            R["decode_slowdown_graph_replay"] = prod["graph_replay"]["slowdown"]
+        R["prefetch_7b_gbs_beside_engine"] = prod["engine_step"]["prefetch_gbs"]
+        _free(dev)  # the engine is gone too: give the peers the card
         R.update(_peers(model_dir, dev, reps=3 if cuda else 1))
         ours = R["swap_in_s"]
         R["swap_in_ratio_to_floor"] = ours / floor

@@ -31,6 +31,7 @@ class Prefetch:
     plan: list[int]  # end offsets of every piece
     state: str = "running"  # running | taken | cancelled
     name: str = ""  # what it is prefetched as (default: the host copy's key)
+    landed_pieces: int = 0  # pieces known to have landed (a prefix: events fire in stream order)
 
     @property
     def enqueued(self) -> int:
@@ -102,10 +103,13 @@ class Prefetcher:
             return
         todo = [e for e in p.plan if e > p.enqueued]
         if not everything and self.window is not None:
-            landed = 0  # events fire in stream order, so the landed bytes are a prefix
-            for end, ev in zip(p.handle.ends, p.handle.events, strict=True):
-                if ev is None or ev.query():
-                    landed = end
+            # Events fire in stream order, so the landed bytes are a prefix: query only past the pieces
+            # already known to have landed (a poll costs O(newly landed) event queries, not O(pieces)).
+            i, evs = p.landed_pieces, p.handle.events
+            while i < len(evs) and (evs[i] is None or evs[i].query()):
+                i += 1
+            p.landed_pieces = i
+            landed = p.handle.ends[i - 1] if i else 0
             fit = [e for e in todo if e - landed <= self.window]
             # a piece larger than the window still goes, alone, once the link is idle
             todo = fit or (todo[:1] if landed == p.enqueued else [])

@@ -34,6 +34,24 @@ def test_triton_decode_matches_torch(group, window):
         assert err < 1e-2, err
 
 
+@pytest.mark.parametrize("window", [None, 40])
+def test_triton_decode_fp32_uses_ieee_dots(window):
+    """fp32 models (the fp32 parity bench) get full-precision dots: TF32 would be off by ~1e-3."""
+    from token_scheduler.model.triton_decode import paged_decode
+
+    torch.manual_seed(0)
+    B, KVH, D, BS, NB, L, group = 5, 2, 128, 16, 64, 3, 7
+    kv = torch.randn(NB, L, 2, BS, KVH, D, device="cuda")
+    q = torch.randn(B, KVH * group, D, device="cuda")
+    ctx = torch.tensor([1, 17, 100, 255, 64], device="cuda", dtype=torch.int32)
+    bt = torch.stack([torch.randperm(NB, device="cuda")[:16] for _ in range(B)]).int()
+    meta = AttentionMetadata(None, None, BS, decode=True, block_tables=bt, context_lens=ctx)
+    ref = _decode_torch(q.double(), kv.double(), 1, meta, D**-0.5, window)
+    out = paged_decode(q, kv, 1, bt, ctx, D**-0.5, window)
+    assert out.dtype == torch.float32
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
 def test_cuda_graph_decode_equals_eager(make_varied):
     """Graph decode, and overlapped graph decode (step N+1 fed N's sampled ids on the GPU), give the tokens
     of eager decode, while requests join at different steps and finish at different lengths."""

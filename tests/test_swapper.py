@@ -151,3 +151,29 @@ def test_prefetch_cancel_frees_slot_and_unpins(make_tiny, cache):
     host = cache.get(make_tiny("qwen2"))
     p = Prefetcher(sw, window=None).prefetch(host)
     assert p.enqueued == host.nbytes
+
+
+def test_prefetch_poll_queries_only_past_the_landed_prefix(make_tiny, cache):
+    """poll() once per engine step must stay cheap: pieces known to have landed are not queried again."""
+    host = cache.get(make_tiny("qwen2"))
+    sw = Swapper(Arena(4 << 20, "cpu", align=256))
+    pf = Prefetcher(sw, piece=64 << 10, window=128 << 10)
+    p = pf.prefetch(host)
+    assert p.enqueued == 128 << 10
+
+    class Ev:  # stands in for a CUDA event (on CPU the copies are synchronous and events are None)
+        def __init__(self, fired):
+            self.fired, self.queries = fired, 0
+
+        def query(self):
+            self.queries += 1
+            return self.fired
+
+    evs = p.handle.events = [Ev(True), Ev(False)]
+    pf.poll()  # piece 0 landed, piece 1 in flight: the window admits one more piece
+    assert p.landed_pieces == 1 and p.enqueued == 192 << 10
+    evs[1].fired = True
+    pf.poll()
+    assert evs[0].queries == 1 and p.landed_pieces >= 2
+    rm = pf.take(p)
+    assert p.enqueued == host.nbytes and rm.ready.done()

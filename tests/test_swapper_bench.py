@@ -28,4 +28,13 @@ def test_bench_swap_smoke(make_tiny, tmp_path):
     assert all(b[k] >= 0 for k in ("create_s", "populate_s", "read_s", "pin_s", "pin_wait_s"))
     assert data["cold_load_host"]["cpus"] >= 1 and data["cold_load_host"]["warm_read_s"] >= 0
     assert data["smoke_only"] == (not torch.cuda.is_available())
+    # the decode figure comes from a real engine step; the GEMV stand-in is kept beside it
+    eb = data["decode_beside_prefetch"]
+    for mode in ("window_1GiB_poll_per_step", "all_enqueued_at_once"):
+        s = eb[mode]["engine_step"]
+        assert s["n_alone"] >= 1 and s["n_beside_prefetch"] >= 1 and s["alone_ms"] > 0 and s["poll_ms_median"] >= 0
+        assert ("graph_replay" in eb[mode]) == torch.cuda.is_available()
+    assert data["decode_slowdown"] == eb["window_1GiB_poll_per_step"]["engine_step"]["slowdown"]
+    assert eb["batch"] == 8 and eb["prefetch_bytes"] > 0 and "LLMEngine.step()" in data["decode_slowdown_source"]
+    assert data["decode_standin_steps_during_prefetch"] >= 1 and "decode_standin_slowdown" in data
     assert {p.name for p in default_shm_dir().iterdir()} == before  # the bench's host cache was removed

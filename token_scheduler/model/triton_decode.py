@@ -18,7 +18,7 @@ def _paged_decode_kernel(
     s_qb, s_qh, s_kvb, s_kvt, s_kvh, s_btb, s_ob, s_oh, s_os, s_mb, s_mh,
     off_k, off_v,
     NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    BLOCK: tl.constexpr, D: tl.constexpr,
+    BLOCK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -50,13 +50,19 @@ def _paged_decode_kernel(
         base = KV + blk * s_kvb + t[:, None] * s_kvt + kvh * s_kvh + d[None, :]
         k = tl.load(base + off_k, mask=valid[:, None], other=0.0)
         v = tl.load(base + off_v, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        if IEEE:  # fp32 model: full-precision dots (Triton's fp32 default is TF32, ~1e-3 relative error)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m_i = m_new
     o_ptr = Out + b * s_ob + heads[:, None] * s_oh + sp * s_os + d[None, :]
     tl.store(o_ptr, acc, mask=gmask[:, None])
@@ -101,6 +107,7 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
         o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1),
         layer * s_kvl, layer * s_kvl + s_kv2,
         NUM_SPLITS=S, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=BS, D=D,
+        IEEE=q.dtype == torch.float32,
     )
     out = torch.empty_like(q)
     _combine_kernel[(B * H,)](o, m, lsum, out, S=S, S_PAD=triton.next_power_of_2(S), D=D, num_warps=4)

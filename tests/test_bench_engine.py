@@ -1,0 +1,108 @@
+"""`tokenpool bench engine` on CPU with a tiny model: the parity figures are a real check of the engine
+against HF (fp32: identical), the bf16 near-tie diagnostic is well-formed, nothing is NaN."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _finite(x) -> bool:
+    if isinstance(x, float):
+        return math.isfinite(x)
+    if isinstance(x, dict):
+        return all(_finite(v) for v in x.values())
+    if isinstance(x, list):
+        return all(_finite(v) for v in x)
+    return True
+
+
+def _check_parity(p: dict, dtype: str, prompts: int) -> None:
+    assert p["dtype"] == dtype and p["prompts"] == prompts and p["new_tokens"] == 32
+    assert 0 <= p["first_token_top1_match"] <= 1 and 0 <= p["greedy_32_identical"] <= 1
+    assert len(p["divergences"]) == round(prompts * (1 - p["greedy_32_identical"]))
+    for d in p["divergences"]:
+        assert 0 <= d["at"] < 32 and d["hf_top1_minus_top2"] >= 0 and d["hf_logit_std"] > 0
+        assert isinstance(d["near_tie"], bool) and math.isfinite(d["hf_gap_ulps"])
+    diag = p["near_tie_diagnostic"]
+    assert diag["tolerance_ulps"] == 2.0 and dtype in diag["rule"]
+    assert diag["greedy_identical_up_to_near_ties"] >= p["greedy_32_identical"]
+    if p["divergences"]:
+        assert 0 <= diag["divergences_at_near_tie"] <= 1
+    for d in diag["later_divergences"]:
+        assert 0 <= d["prompt"] < prompts and d["at"] < 32
+
+
+def test_bench_engine_cpu_parity_fp32_exact_and_bf16_diagnostic(make_varied, tmp_path):
+    from load_tests.bench_engine import run_bench_engine
+
+    out = tmp_path / "engine.json"
+    r = run_bench_engine(make_varied("qwen2"), [1, 2], out, context=24, parity_dtypes=["fp32", "bf16"],
+                         parity_prompts=4)
+    text = out.read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the bench JSON"))
+    assert data == json.loads(json.dumps(r)) and _finite(data)
+    assert [d["batch"] for d in data["decode"]] == [1, 2]
+    assert all(d["graph_replay_ms"] is None for d in data["decode"])  # no CUDA graphs on CPU
+
+    # fp32 is the bench engine's own dtype on CPU: `parity`. A real check: identical to HF.
+    p = data["parity"]
+    _check_parity(p, "fp32", 4)
+    assert p["first_token_top1_match"] == 1.0 and p["greedy_32_identical"] == 1.0
+    assert p["divergences"] == [] and p["near_tie_diagnostic"]["greedy_identical_up_to_near_ties"] == 1.0
+    assert p["decode_attention"] == "torch"
+
+    # bf16 (a fresh engine and HF in bf16): figures and diagnostic well-formed; first tokens still agree
+    b = data["parity_bf16"]
+    _check_parity(b, "bf16", 4)
+    assert b["first_token_top1_match"] >= 0.75
+
+
+def test_ulp_and_divergence():
+    from load_tests.bench_engine import _divergence, _Ref, _ulp
+
+    assert _ulp(3.0, torch.bfloat16) == 2**-6 and _ulp(-5.0, torch.bfloat16) == 2**-5
+    assert _ulp(1.0, torch.float32) == 2**-23
+    logits = torch.zeros(1, 8)
+    logits[0, 2], logits[0, 5] = 3.0, 3.0 - 2**-6  # HF prefers 2 over 5 by one bf16 ulp
+    ref = _Ref([1], [2], logits, [2**-6], [0.5])
+    d = _divergence(ref, 0, 5, torch.bfloat16, {7}, 2.0)
+    assert d["near_tie"] and d["hf_gap_ulps"] == 1.0 and d["hf_top1_minus_top2"] == 2**-6
+    assert not _divergence(ref, 0, 0, torch.bfloat16, {7}, 2.0)["near_tie"]  # 3.0 apart: 192 ulps
+    logits[0, 7] = 4.0  # EOS, which HF's min_new_tokens forbade: not a near-tie whatever the gap
+    assert not _divergence(ref, 0, 7, torch.bfloat16, {7}, 2.0)["near_tie"]
+
+
+def test_triton_paged_decode_fp32_is_exact_in_the_interpreter():
+    """The fp32 engine on CUDA runs the Triton paged-decode kernel with IEEE fp32 dots (Triton's fp32 default
+    is TF32). Triton's CPU interpreter runs the same kernel source: the fp32 result must match fp64."""
+    pytest.importorskip("triton")
+    code = """
+import torch
+from token_scheduler.model.attention import AttentionMetadata, _decode_torch
+from token_scheduler.model.triton_decode import paged_decode
+torch.manual_seed(0)
+B, KVH, D, BS, NB, L, G = 3, 2, 128, 16, 32, 2, 4
+kv = torch.randn(NB, L, 2, BS, KVH, D)
+q = torch.randn(B, KVH * G, D)
+ctx = torch.tensor([1, 17, 100], dtype=torch.int32)
+bt = torch.stack([torch.randperm(NB)[:8] for _ in range(B)]).int()
+meta = AttentionMetadata(None, None, BS, decode=True, block_tables=bt, context_lens=ctx)
+for window in (None, 40):
+    ref = _decode_torch(q.double(), kv.double(), 1, meta, D**-0.5, window)
+    out = paged_decode(q, kv, 1, bt, ctx, D**-0.5, window)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.dtype == torch.float32 and err < 1e-6, err
+print("ok")
+"""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
