@@ -50,14 +50,14 @@ def bench_engine_cmd(
     context: int = typer.Option(512, help="context length of each sequence while decoding"),
     hf: bool = typer.Option(True, help="also time HF transformers generate on the same weights"),
     parity_dtype: Optional[str] = typer.Option(
-        None, help="dtypes to check parity with HF in, e.g. bf16,fp32 (default: bf16,fp32 on CUDA; fp32 on CPU)"),
+        None, help="dtypes to check parity with HF in, e.g. bf16,fp32, or none (default: bf16,fp32 on CUDA; fp32 on CPU)"),
     parity_prompts: Optional[int] = typer.Option(None, help="random prompts per parity dtype (default: 32 on CUDA)"),
 ) -> None:
     """Decode step time per batch size, prefill tokens/s, HBM floor, HF generate peer, parity with HF."""
     from load_tests.bench_engine import run_bench_engine
 
     run_bench_engine(model, [int(b) for b in batch.split(",")], json_out, context=context, hf=hf,
-                     parity_dtypes=parity_dtype.split(",") if parity_dtype else None, parity_prompts=parity_prompts)
+                     parity_dtypes=([] if parity_dtype == "none" else parity_dtype.split(",")) if parity_dtype else None, parity_prompts=parity_prompts)
 
 
 @bench_app.command("swap")

@@ -269,7 +269,7 @@ def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, con
         if b1:
             res["speedup_vs_hf_batch1"] = res["hf_generate_step_ms_batch1"] / b1["step_ms_median"]
         own = DTYPE_NAMES.get(eng.dtype)
-        dtypes = list(parity_dtypes or (["bf16", "fp32"] if dev == "cuda" else [own]))
+        dtypes = list(parity_dtypes) if parity_dtypes is not None else (["bf16", "fp32"] if dev == "cuda" else [own])
         prompts = _prompts(vocab, parity_prompts or (32 if dev == "cuda" else 2))
         refs = _hf_reference(hfm, prompts, 32) if own in dtypes else None  # the bench engine's dtype first
         del hfm
