@@ -69,6 +69,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+def _rows(t: torch.Tensor | None, sizes: list[int]):
+    """Row slices of a fused weight (or bias): views, no copies. None -> Nones."""
+    return t.split(sizes, dim=0) if t is not None else [None] * len(sizes)
+
+
 def forward(
     cfg: ModelConfig,
     w: dict[str, torch.Tensor],
@@ -85,11 +90,15 @@ def forward(
     sin = rope.sin[positions].to(dt)[:, None, :]
     T = input_ids.shape[0]
     H, KVH, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+    qkv_split = [cfg.q_size, cfg.kv_size, cfg.kv_size]
     for n in range(cfg.num_layers):
         p = f"l{n}."
         h = rms_norm(x, w[p + "ln1"], eps)
-        qkv = F.linear(h, w[p + "qkv"], w.get(p + "qkv_b"))
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        # q, k, v (and gate, up below) as separate GEMMs over row slices of the fused weights, as HF runs
+        # them: a GEMM's rounding depends on its shape (cuBLAS picks the kernel), so bf16 prefill logits
+        # follow HF's bit for bit only this way. The fused decode path keeps one GEMM each.
+        q, k, v = (F.linear(h, wt, bt) for wt, bt in zip(_rows(w[p + "qkv"], qkv_split),
+                                                         _rows(w.get(p + "qkv_b"), qkv_split)))
         q, k, v = q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D)
         if cfg.qk_norm:
             q = rms_norm(q, w[p + "q_norm"], eps)
@@ -99,7 +108,8 @@ def forward(
         o = attend(q, kv_cache, n, meta, cfg)
         x = x + F.linear(o.reshape(T, H * D), w[p + "o"])
         h = rms_norm(x, w[p + "ln2"], eps)
-        g, u = F.linear(h, w[p + "gate_up"]).chunk(2, dim=-1)
+        wg, wu = w[p + "gate_up"].chunk(2, dim=0)
+        g, u = F.linear(h, wg), F.linear(h, wu)
         x = x + F.linear(F.silu(g) * u, w[p + "down"])
     return rms_norm(x, w["norm"], eps)
 
