@@ -175,25 +175,39 @@ class ModelRunner:
                 so.append(p % bs)
         return ids, pos, sb, so
 
+    def _decode_meta(self, chunks) -> AttentionMetadata:
+        """Attention metadata for decode rows (one new token each): padded block tables, context lengths."""
+        dev = self.device
+        nb = max(len(c.request.block_ids) for c in chunks)
+        bt = [c.request.block_ids + [0] * (nb - len(c.request.block_ids)) for c in chunks]
+        return AttentionMetadata(None, None, self.block_size, decode=True,
+                                 block_tables=torch.tensor(bt, dtype=torch.int32, device=dev),
+                                 context_lens=torch.tensor([c.start + 1 for c in chunks], dtype=torch.int32, device=dev),
+                                 use_triton=self.use_triton)
+
     def _forward_eager(self, out: SchedulerOutput, input_ids: torch.Tensor | None = None):
         ids, pos, sb, so = self._inputs(out, input_ids is not None)
         dev = self.device
         t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
         meta = AttentionMetadata(t(sb), t(so), self.block_size)
         if out.is_decode:
-            nb = max(len(c.request.block_ids) for c in out.chunks)
-            bt = [c.request.block_ids + [0] * (nb - len(c.request.block_ids)) for c in out.chunks]
-            meta.decode = True
-            meta.block_tables = torch.tensor(bt, dtype=torch.int32, device=dev)
-            meta.context_lens = torch.tensor([c.start + 1 for c in out.chunks], dtype=torch.int32, device=dev)
-            meta.use_triton = self.use_triton
+            d = self._decode_meta(out.chunks)
+            meta.decode, meta.block_tables, meta.context_lens, meta.use_triton = True, d.block_tables, d.context_lens, d.use_triton
         else:
-            q0 = 0
+            q0, dec = 0, []
             for c in out.chunks:
                 ctx = c.start + c.num_tokens
                 meta.seqs.append((q0, c.num_tokens, ctx))
-                meta.seq_block_tables.append(t(c.request.block_ids[: -(-ctx // self.block_size)]))
+                if c.num_tokens == 1:
+                    dec.append((q0, c))
+                else:
+                    meta.seq_block_tables.append(t(c.request.block_ids[: -(-ctx // self.block_size)]))
                 q0 += c.num_tokens
+            if dec:
+                meta.mixed_rows = t([r for r, _ in dec])
+                meta.mixed = self._decode_meta([c for _, c in dec])
+            # per-sequence block tables line up with the sequences the per-sequence loop runs
+            meta.seqs = [s for s in meta.seqs if s[1] > 1] if dec else meta.seqs
         fwd = self.fwd_decode if out.is_decode else llama.forward
         hidden = fwd(self.cfg, self.weights, self.kv, self.rope, t(ids) if input_ids is None else input_ids,
                      t(pos), meta)
@@ -216,7 +230,13 @@ class ModelRunner:
     def _capture(self, bucket: int):
         if self._graph_pool is None:
             self._graph_pool = self.graphs.setdefault(("pool", self.graph_key), torch.cuda.graph_pool_handle())
-        g = self.graphs[self._graph_id(bucket)] = _DecodeGraph(self, bucket, self._graph_pool)
+        # Warm-up runs before a capture initialise lazy state (Triton JIT, cuBLAS workspaces): needed once per
+        # graph key and bucket, not for every weight slot a model of that shape lands in (a 7B capture with
+        # warm-up took ~0.3 s on the H100, paid at every new slot).
+        warmed = self.graphs.setdefault(("warm", self.graph_key), set())
+        g = _DecodeGraph(self, bucket, self._graph_pool, warmup=0 if bucket in warmed else 2)
+        warmed.add(bucket)
+        self.graphs[self._graph_id(bucket)] = g
         return g
 
     def _decode_graph(self, out: SchedulerOutput, ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -232,7 +252,7 @@ class ModelRunner:
 class _DecodeGraph:
     """Static buffers + captured graph for one decode batch bucket."""
 
-    def __init__(self, runner: ModelRunner, batch: int, pool):
+    def __init__(self, runner: ModelRunner, batch: int, pool, warmup: int = 2):
         dev, mb = runner.device, runner.max_blocks
         self.batch = batch
         # Two pinned input buffers, used in turn: with overlapped steps the host fills step N+1 while the
@@ -258,7 +278,7 @@ class _DecodeGraph:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            for _ in range(2):
+            for _ in range(warmup):
                 run()
         torch.cuda.current_stream().wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()

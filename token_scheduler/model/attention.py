@@ -29,6 +29,11 @@ class AttentionMetadata:
     seqs: list[tuple[int, int, int]] = field(default_factory=list)
     seq_block_tables: list[torch.Tensor] = field(default_factory=list)
     use_triton: bool = False
+    # varlen batch with decode rows (one new token each) among prefill chunks: those rows go through the
+    # batched decode attention in one call (row index in q [n], padded block tables [n, mb], context lens [n])
+    # instead of one SDPA per sequence -- per-sequence calls are launch-bound with dozens of decodes.
+    mixed_rows: torch.Tensor | None = None
+    mixed: AttentionMetadata | None = None
 
 
 def write_kv(kv: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, m: AttentionMetadata) -> None:
@@ -54,6 +59,8 @@ def attend(q: torch.Tensor, kv: torch.Tensor, layer: int, m: AttentionMetadata, 
             return paged_decode(q, kv, layer, m.block_tables, m.context_lens, scale, window)
         return _decode_torch(q, kv, layer, m, scale, window)
     out = torch.empty_like(q)
+    if m.mixed_rows is not None:
+        out[m.mixed_rows] = attend(q[m.mixed_rows], kv, layer, m.mixed, cfg)
     bs = m.block_size
     for (q0, qn, ctx), bt in zip(m.seqs, m.seq_block_tables):
         nb = -(-ctx // bs)
