@@ -208,7 +208,10 @@ class ModelRunner:
                 meta.mixed = self._decode_meta([c for _, c in dec])
             # per-sequence block tables line up with the sequences the per-sequence loop runs
             meta.seqs = [s for s in meta.seqs if s[1] > 1] if dec else meta.seqs
-        fwd = self.fwd_decode if out.is_decode else llama.forward
+        # Pure prefill follows HF's op sequence (bit-exact first-token logits); a step with decode rows runs the
+        # fused kernels like decode does -- on the reference path its ~40 ops per layer made a mixed step of a
+        # few dozen tokens launch-bound (tens of ms on the H100).
+        fwd = self.fwd_decode if out.is_decode or meta.mixed_rows is not None else llama.forward
         hidden = fwd(self.cfg, self.weights, self.kv, self.rope, t(ids) if input_ids is None else input_ids,
                      t(pos), meta)
         idx, q = [], 0
