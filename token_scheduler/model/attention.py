@@ -66,18 +66,17 @@ def attend(q: torch.Tensor, kv: torch.Tensor, layer: int, m: AttentionMetadata, 
         nb = -(-ctx // bs)
         k = kv[bt[:nb], layer, 0].flatten(0, 1)[:ctx]  # [ctx, KVH, D]
         v = kv[bt[:nb], layer, 1].flatten(0, 1)[:ctx]
-        qs = q[q0 : q0 + qn].transpose(0, 1)  # [H, qn, D]
+        # 4-D [1, heads, len, D] as HF passes them: SDPA picks its backend (flash, efficient, math) by the
+        # inputs' rank and layout too, and each backend rounds differently
+        qs = q[q0 : q0 + qn].transpose(0, 1)[None]
+        kt, vt = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
         if ctx == qn and not (window and ctx > window):
-            o = F.scaled_dot_product_attention(
-                qs, k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale, enable_gqa=True
-            )
+            o = F.scaled_dot_product_attention(qs, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
         else:
             kp = torch.arange(ctx, device=q.device)
             mask = _mask(kp[ctx - qn :], kp, window)
-            o = F.scaled_dot_product_attention(
-                qs, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=True
-            )
-        out[q0 : q0 + qn] = o.transpose(0, 1)
+            o = F.scaled_dot_product_attention(qs, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[q0 : q0 + qn] = o[0].transpose(0, 1)
     return out
 
 
