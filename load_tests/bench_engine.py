@@ -217,11 +217,12 @@ def _parity(eng: LLMEngine, refs: list[_Ref], tol_ulps: float = 2.0) -> dict:
             }}
 
 
-def _parity_engine(model: Path, dtype: str, dev: str) -> LLMEngine:
-    """A one-sequence engine for parity runs in another dtype (small KV; CUDA graph for batch 1)."""
+def _parity_engine(model: Path, dtype: str, dev: str, hf_exact_prefill: bool = False) -> LLMEngine:
+    """A one-sequence engine for parity runs in another dtype or mode (small KV; CUDA graph for batch 1)."""
     return LLMEngine(EngineConfig(model=str(model), device=dev, dtype=dtype, max_num_seqs=1,
                                   max_num_batched_tokens=2048, max_model_len=1024, num_host_kv_blocks=0,
-                                  kv_cache_memory_gb=1.0 if dev == "cuda" else None))
+                                  kv_cache_memory_gb=1.0 if dev == "cuda" else None,
+                                  hf_exact_prefill=hf_exact_prefill))
 
 
 def _load_hf(model: Path, dtype: torch.dtype, dev: str):
@@ -233,7 +234,8 @@ def _load_hf(model: Path, dtype: torch.dtype, dev: str):
 
 def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, context: int = 512,
                      hf: bool = True, steps: int = 50, parity_dtypes: list[str] | None = None,
-                     parity_prompts: int | None = None, near_tie_ulps: float = 2.0) -> dict:
+                     parity_prompts: int | None = None, near_tie_ulps: float = 2.0,
+                     hf_exact_prefill: bool = False) -> dict:
     """`parity_dtypes` (default: bf16 and fp32 on CUDA, the engine's fp32 on CPU): the bench engine's dtype
     is checked with the bench engine under `parity`; any other is checked after the bench engine and HF are
     freed, HF first (its reference kept on the host, then freed), then a fresh engine, under `parity_<dtype>`
@@ -276,8 +278,14 @@ def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, con
         _free()
         if refs is not None:
             res["parity"] = _parity(eng, refs, near_tie_ulps)
-        del eng, refs
+        del eng
         _free()
+        if refs is not None and hf_exact_prefill:  # the same references, engine in its HF-exact prefill mode
+            peng = _parity_engine(model, own, dev, hf_exact_prefill=True)
+            res["parity_hf_exact_prefill"] = _parity(peng, refs, near_tie_ulps)
+            del peng
+            _free()
+        del refs
         for d in dtypes:
             if d == own:
                 continue

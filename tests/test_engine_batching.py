@@ -254,3 +254,10 @@ def test_overlapped_decode_abort_and_stop_string(make_varied):
     assert outs[-1].finished and stop not in outs[-1].outputs[0].text
     assert outs[-1].outputs[0].text == text[: text.index(stop)]
     assert eng.scheduler.kv.num_used == 0
+
+
+def test_hf_exact_prefill_mode_same_tokens(make_varied):
+    """The parity mode calls prefill SDPA as HF does; on CPU fp32 both calls give the same greedy tokens."""
+    d = make_varied("qwen3")
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    assert _run_alone(d, "The quick brown fox", sp) == _run_alone(d, "The quick brown fox", sp, hf_exact_prefill=True)

@@ -36,6 +36,9 @@ class EngineConfig:
     # Overlapped decode: queue step N+1 (fed with step N's sampled ids on the GPU) before reading step N,
     # so the host's bookkeeping hides behind the GPU. None: on CUDA; True also runs the logic on CPU.
     overlap: bool | None = None
+    # Prefill attention called exactly as HF transformers calls it: bf16 first-token logits equal HF's bit
+    # for bit, at the cost of SDPA's slow math backend under GQA (a parity/debug mode, not for serving).
+    hf_exact_prefill: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -95,7 +98,8 @@ class LLMEngine:
         )
         self.runner = ModelRunner(mc, self.weights, kv, block_size, self.max_model_len, self.device, c.seed,
                                   swapper, cuda_graphs=c.cuda_graphs, max_graph_batch=c.max_num_seqs,
-                                  graphs=graphs, graph_key=graph_key, name=self.model_name)
+                                  graphs=graphs, graph_key=graph_key, name=self.model_name,
+                                  hf_exact_prefill=c.hf_exact_prefill)
         self.detok = IncrementalDetokenizer(self.tokenizer)
         self._detok: dict[str, DetokState] = {}
         self._aborted: list[Request] = []

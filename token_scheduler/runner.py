@@ -60,9 +60,10 @@ class ModelRunner:
                  block_size: int, max_model_len: int, device: torch.device, seed: int = 0,
                  kv_swapper=None, cuda_graphs: bool = True, max_graph_batch: int = 256,
                  graphs: dict | None = None, graph_key: object = None, scratch_block: int | None = None,
-                 name: str = ""):
+                 name: str = "", hf_exact_prefill: bool = False):
         self.cfg = cfg
         self.name = name
+        self.hf_exact_prefill = hf_exact_prefill
         self.weights = weights
         self.slot_key: object = None  # which weight slot `weights` live in (graphs are per slot)
         self.kv = kv_cache
@@ -189,7 +190,7 @@ class ModelRunner:
         ids, pos, sb, so = self._inputs(out, input_ids is not None)
         dev = self.device
         t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
-        meta = AttentionMetadata(t(sb), t(so), self.block_size)
+        meta = AttentionMetadata(t(sb), t(so), self.block_size, hf_exact=self.hf_exact_prefill)
         if out.is_decode:
             d = self._decode_meta(out.chunks)
             meta.decode, meta.block_tables, meta.context_lens, meta.use_triton = True, d.block_tables, d.context_lens, d.use_triton

@@ -34,6 +34,7 @@ class AttentionMetadata:
     # instead of one SDPA per sequence -- per-sequence calls are launch-bound with dozens of decodes.
     mixed_rows: torch.Tensor | None = None
     mixed: AttentionMetadata | None = None
+    hf_exact: bool = False  # prefill SDPA called exactly as HF calls it (slower; see attend)
 
 
 def write_kv(kv: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, m: AttentionMetadata) -> None:
@@ -66,17 +67,21 @@ def attend(q: torch.Tensor, kv: torch.Tensor, layer: int, m: AttentionMetadata, 
         nb = -(-ctx // bs)
         k = kv[bt[:nb], layer, 0].flatten(0, 1)[:ctx]  # [ctx, KVH, D]
         v = kv[bt[:nb], layer, 1].flatten(0, 1)[:ctx]
-        # 4-D [1, heads, len, D] as HF passes them: SDPA picks its backend (flash, efficient, math) by the
-        # inputs' rank and layout too, and each backend rounds differently
-        qs = q[q0 : q0 + qn].transpose(0, 1)[None]
-        kt, vt = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+        # hf_exact: 4-D [1, heads, len, D] as HF passes them. SDPA picks its backend by the inputs' rank and
+        # layout too, and each backend rounds differently: this call matches HF's bf16 logits bit for bit on
+        # the H100 (first-token top-1 32/32), but with GQA it lands on the slow math backend (a loaded pool's
+        # steps went from 6 to 77 ms). Default: the 3-D call, a fused backend.
+        qs = q[q0 : q0 + qn].transpose(0, 1)
+        kt, vt = k.transpose(0, 1), v.transpose(0, 1)
+        if m.hf_exact:
+            qs, kt, vt = qs[None], kt[None], vt[None]
         if ctx == qn and not (window and ctx > window):
             o = F.scaled_dot_product_attention(qs, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
         else:
             kp = torch.arange(ctx, device=q.device)
             mask = _mask(kp[ctx - qn :], kp, window)
             o = F.scaled_dot_product_attention(qs, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[q0 : q0 + qn] = o[0].transpose(0, 1)
+        out[q0 : q0 + qn] = (o[0] if m.hf_exact else o).transpose(0, 1)
     return out
 
 
