@@ -91,8 +91,23 @@ def bench_pool_cmd(
     stop_at_miss: bool = typer.Option(False, help="--real: skip a policy's remaining rates once it misses --target"),
     merge: Optional[list[Path]] = typer.Option(
         None, "--merge", help="--real: combine these earlier --real JSON files into --json (repeatable; runs nothing)"),
+    placement: str = typer.Option("window", help="--real: token policy's rule for a fragmented arena: window | lru"),
+    resimulate: Optional[Path] = typer.Option(
+        None, "--resimulate", help="--real: the current simulator beside each point of this --real JSON (no GPU)"),
 ) -> None:
     """Replay a seeded multi-model workload against each scheduling policy (simulated unless --real)."""
+    if resimulate:
+        if not real:
+            raise typer.BadParameter("--resimulate reads a --real result; add --real")
+        from load_tests.bench_pool_real import resimulate as resim
+
+        try:
+            resim(resimulate, json_out)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from e
+        return
+    if placement not in ("window", "lru"):
+        raise typer.BadParameter(f"--placement is window or lru, got {placement!r}")
     if merge:
         if not real:
             raise typer.BadParameter("--merge combines --real results; add --real")
@@ -112,7 +127,8 @@ def bench_pool_cmd(
             raise typer.BadParameter(str(e)) from e
         run_real(models=models, rate=rates, duration=duration, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
                  gpu_budget_gb=gpu_budget_gb, policies=policy.split(","), seed=seed, json_out=json_out,
-                 drain_s=drain, kv_cache_gb=kv_cache_gb, target=target, stop_at_miss=stop_at_miss)
+                 drain_s=drain, kv_cache_gb=kv_cache_gb, target=target, stop_at_miss=stop_at_miss,
+                 placement=placement)
         return
     from load_tests.bench_pool import run_bench_pool
 

@@ -77,6 +77,10 @@ class RangeAllocator:
     def slots(self) -> list[Slot]:
         return sorted(self._slots.values(), key=lambda s: s.offset)
 
+    def free_runs(self) -> list[tuple[int, int]]:
+        """(start, length) of every free range, in address order."""
+        return self._free.runs()
+
     def can_ever_allocate(self, nbytes: int) -> bool:
         return self._round(nbytes) <= self.capacity
 

@@ -3,7 +3,9 @@
 One `MultiModelEngine` in pooled mode per policy (arena = the GPU budget: a KV region shared by every model
 plus weight slots), the same workload (load_tests/workload.py) replayed in wall-clock time, every token
 timed as it comes out of `step()`. The same workload also goes through the simulator (same policy code,
-H100 roofline profile), so each policy gets a measured and a simulated SLO attainment side by side.
+H100 roofline profile, the same arena: KV region, slot sizes, allocator and placement as the real pool), so
+each policy gets a measured and a simulated SLO attainment side by side -- and the simulator's attainment
+with VRAM as one byte count (`bytes_only_attainment`), which does not see fragmentation.
 
 Models are made once per (arch, size) and cached; several served models of one size share that directory,
 hence one host copy (the pinned cache is keyed by directory). Each served model still has its own weight
@@ -17,7 +19,8 @@ given) on a fresh engine; the JSON is written after every point. `sweep[policy]`
 ascending), `policies[policy]` is the point at the first rate given (the single-rate shape), and
 `sustained[policy]` brackets the 90%-attainment rate from the measured points alone (bench_pool.bracket:
 `sustained_at_least` <= rate < `fails_at`). `ratios` are lower bounds: token's `sustained_at_least` over the
-other policy's `fails_at`. Runs made apart (one process per policy, say) combine with `merge_real`.
+other policy's `fails_at`. Runs made apart (one process per policy, say) combine with `merge_real`;
+`resimulate` puts the current simulator beside the points of an earlier real run.
 """
 
 from __future__ import annotations
@@ -123,9 +126,10 @@ def run_real(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durati
              kv_cache_gb: float = 4.0, drain_s: float = 60.0, cache_dir: str | Path = "~/.cache/tokenpool/bench-models",
              host_budget_gb: float = 48.0, warmup: bool = True, say=print, device: str = "cuda",
              model_dirs: dict | None = None, dtype: str = "bf16", target: float = 0.9,
-             stop_at_miss: bool = False) -> dict:
+             stop_at_miss: bool = False, placement: str = "window") -> dict:
     """Each policy at each rate (a fresh engine per point). `stop_at_miss`: once a policy misses `target`,
-    skip its remaining rates (for an ascending list: they add nothing to the bracket)."""
+    skip its remaining rates (for an ascending list: they add nothing to the bracket). `placement`: the token
+    policy's rule for a fragmented arena (TokenConfig.placement; "lru" is the behaviour before it existed)."""
     import torch
 
     from model_swapper.host_cache import HostModelCache
@@ -144,7 +148,7 @@ def run_real(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durati
     out = {**header(), "mode": "real", "config": {
         "models": models, "rate_per_model": rates[0], "rates_per_model": rates, "duration_s": duration,
         "drain_s": drain_s, "slo_ttft_s": slo_ttft, "slo_tpot_s": slo_tpot, "gpu_budget_gb": gpu_budget_gb,
-        "kv_region_gb": kv_cache_gb, "seed": seed, "target_attainment": target,
+        "kv_region_gb": kv_cache_gb, "seed": seed, "target_attainment": target, "placement": placement,
         "requests": len(generate(list(dirs), rates[0], duration, seed=seed)),
         "weights_gb": sum(s.weight_bytes for s in specs.values()) / 1e9,
         "note": __doc__.split("\n\n")[2].replace("\n", " ")}, "policies": {}, "sweep": {}}
@@ -154,7 +158,8 @@ def run_real(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durati
     out["host_cache_load_s"] = time.perf_counter() - t
     say(f"host copies ready in {out['host_cache_load_s']:.1f}s")
     point = dict(dirs=dirs, specs=specs, slo=slo, duration=duration, drain_s=drain_s, gpu_budget_gb=gpu_budget_gb,
-                 kv_cache_gb=kv_cache_gb, cache=cache, seed=seed, warmup=warmup, device=device, dtype=dtype)
+                 kv_cache_gb=kv_cache_gb, cache=cache, seed=seed, warmup=warmup, device=device, dtype=dtype,
+                 placement=placement)
     for p in policies:
         for r in rates:
             res = run_point(p, r, **point)
@@ -166,6 +171,9 @@ def run_real(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durati
                 f"{s['ttft_p99'] or 0:.2f}s TPOT p50/p99={1e3 * (s['tpot_p50'] or 0):.0f}/"
                 f"{1e3 * (s['tpot_p99'] or 0):.0f}ms switches/s={res['switches_per_s']:.2f} "
                 f"busy={res['gpu_busy_frac']:.2f} stall={res['swap_stall_s']:.2f}s "
+                f"(sim {res['simulated']['swap_stall_s']:.2f}s) forced/skipped={res['forced_evictions']}/"
+                f"{res['prefetch_skipped']} (sim {res['simulated']['forced_evictions']}/"
+                f"{res['simulated']['prefetch_skipped']}) "
                 f"policy CPU={100 * res['timing']['policy_frac']:.2f}% of step time")
             write_json(Path(json_out) if json_out else None, out)  # after each point: partial results survive
             if stop_at_miss and s["attainment"] < target:
@@ -177,8 +185,29 @@ def run_real(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durati
     return out
 
 
+def policy_kw(p: str, placement: str) -> dict | None:
+    return {"placement": placement} if p == "token" else None
+
+
+def simulate_point(items, specs, slo, p: str, *, gpu_budget_gb: float, kv_cache_gb: float, drain_s: float,
+                   seed: int, placement: str = "window") -> dict:
+    """The simulator beside a real point, keyed as the real point is: in the real engine's arena, and (only
+    the attainment) with VRAM as one byte count."""
+    kw = dict(capacity_bytes=int(gpu_budget_gb * 1e9), drain_s=drain_s, seed=seed, policy_kw=policy_kw(p, placement))
+    sim = simulate(items, specs, slo, p, kv_cache_bytes=int(kv_cache_gb * 1e9), **kw)
+    flat = simulate(items, specs, slo, p, **kw)
+    e = sim.extra
+    return {"attainment": sim.slo["attainment"], "ttft_p50": sim.slo["ttft_p50"], "tpot_p50": sim.slo["tpot_p50"],
+            "switches_per_s": sim.switches_per_s, "gpu_busy_frac": sim.gpu_busy_frac,
+            "swap_stall_s": sim.load_stall_s, "loads": e["blocking_loads"], "prefetches": e["prefetches"],
+            "prefetch_skipped": e["prefetch_skipped"], "evictions": e["evictions"],
+            "forced_evictions": e["forced_evictions"], "kv_peak_gb": e.get("kv_peak_gb", 0.0),
+            "kv_region_exceeded": e.get("kv_region_exceeded", False),
+            "bytes_only_attainment": flat.slo["attainment"], "bytes_only_swap_stall_s": flat.load_stall_s}
+
+
 def run_point(p: str, rate: float, *, dirs, specs, slo, duration, drain_s, gpu_budget_gb, kv_cache_gb, cache, seed,
-              warmup, device, dtype) -> dict:
+              warmup, device, dtype, placement="window") -> dict:
     """One policy at one rate: a fresh pooled engine, the seeded workload replayed, the simulator beside it."""
     import torch
 
@@ -190,7 +219,7 @@ def run_point(p: str, rate: float, *, dirs, specs, slo, duration, drain_s, gpu_b
         {n: EngineConfig(model=str(d), device=device, dtype=dtype, served_model_name=n, max_num_seqs=64,
                          max_model_len=4096, max_num_batched_tokens=2048) for n, d in dirs.items()},
         policy=p, slos=slo, device=device, gpu_budget=int(gpu_budget_gb * 1e9), kv_cache_gb=kv_cache_gb,
-        host_cache=cache)
+        host_cache=cache, policy_kw=policy_kw(p, placement))
     vocab = min(e.model_config.vocab_size for e in multi.engines.values())  # ids valid for every model
     if warmup:  # every model loaded once, its prefill and bucket-1 graph run; not measured
         wu = [type(items[0])(0.0, n, 32, 4, f"warmup-{n}") for n in dirs] if items else []
@@ -213,11 +242,9 @@ def run_point(p: str, rate: float, *, dirs, specs, slo, duration, drain_s, gpu_b
         "kv_swapped_out": multi.kv_swapped_out, "timing": multi.timing_summary(),
         "cost_model": multi.cost.to_dict(),
     }
-    sim = simulate(items, specs, slo, p, capacity_bytes=int(gpu_budget_gb * 1e9), drain_s=drain_s, seed=seed)
-    res["simulated"] = {"attainment": sim.slo["attainment"], "ttft_p50": sim.slo["ttft_p50"],
-                        "tpot_p50": sim.slo["tpot_p50"], "switches_per_s": sim.switches_per_s,
-                        "gpu_busy_frac": sim.gpu_busy_frac}
-    res["sim_minus_real_points"] = 100 * (sim.slo["attainment"] - s.attainment)
+    res["simulated"] = simulate_point(items, specs, slo, p, gpu_budget_gb=gpu_budget_gb, kv_cache_gb=kv_cache_gb,
+                                      drain_s=drain_s, seed=seed, placement=placement)
+    res["sim_minus_real_points"] = 100 * (res["simulated"]["attainment"] - s.attainment)
     multi.close()
     del multi
     gc.collect()
@@ -326,5 +353,37 @@ def merge_real(paths, json_out: Path | str | None = None, target: float | None =
     for (p, _), x in sweep.items():
         out["sweep"].setdefault(p, []).append(x)
     summarize_sweep(out, target)
+    write_json(Path(json_out) if json_out else None, out)
+    return out
+
+
+_COUNTERS = ("loads", "prefetches", "prefetch_skipped", "forced_evictions", "evictions", "swap_stall_s")
+
+
+def resimulate(path: Path | str, json_out: Path | str | None = None, placements=("lru", "window")) -> dict:
+    """The current simulator beside every point of a `--real` result: attainment and the pool's counters, real
+    and simulated, per placement rule (the run's own first; a run without `config.placement` ran "lru")."""
+    d = json.loads(Path(path).read_text())
+    if d.get("mode") != "real":
+        raise ValueError(f"{path}: not a --real result")
+    cfg = d["config"]
+    ran = cfg.get("placement", "lru")
+    placements = [ran] + [x for x in placements if x != ran]
+    entries = parse_models(cfg["models"])
+    specs = {e.name: spec_for(e.arch, e.size, e.name) for e in entries}
+    slo = ModelSLO(cfg["slo_ttft_s"], cfg["slo_tpot_s"])
+    out = {**header(), "mode": "resimulated", "source": str(path), "source_commit": d.get("commit"),
+           "config": cfg, "placement_of_real_run": ran, "points": []}
+    for p, pts in d["sweep"].items():
+        for x in pts:
+            items = generate(list(specs), x["rate"], cfg["duration_s"], seed=cfg["seed"])
+            row = {"policy": p, "rate": x["rate"], "real": {"attainment": x["slo"]["attainment"],
+                                                           **{k: x.get(k) for k in _COUNTERS}}}
+            for pl in placements if p == "token" else [ran]:
+                row[f"simulated_{pl}"] = simulate_point(
+                    items, specs, slo, p, gpu_budget_gb=cfg["gpu_budget_gb"], kv_cache_gb=cfg["kv_region_gb"],
+                    drain_s=cfg["drain_s"], seed=cfg["seed"], placement=pl)
+            row["sim_minus_real_points"] = 100 * (row[f"simulated_{ran}"]["attainment"] - x["slo"]["attainment"])
+            out["points"].append(row)
     write_json(Path(json_out) if json_out else None, out)
     return out

@@ -6,6 +6,16 @@ device->host PCIe link (profile bandwidth), steps taking the profile's roofline 
 lognormal noise) -- then reports every measurement to its online `CostModel`, which the policy reads. The
 policy never sees the profile, nor a request's true output length.
 
+Pooled arena (`kv_cache_bytes` given, as the real engine's `ModelPool`): each GPU's budget is one arena, a KV
+region carved first and weight slots placed by the real allocator (`SimArena`); a fragmented arena skips
+prefetches and forces evictions exactly where the real pool would (same code: gpu_pool/placement.py). The
+policy then sees what the real engine shows it: the weight space as capacity, slot-rounded weight bytes and
+no KV bytes (KV pages are their own pool). The simulator tracks their peak but does not model the region
+running short (the real engine then swaps idle models' KV out): a result whose peak exceeded the region says
+so (`kv_region_exceeded`) and is optimistic. For the real runs it was built to mirror (10 models, 4 GB
+region, up to 0.5 req/s/model) the simulated peak stays under 2 GB and the real engine never swapped KV.
+Without `kv_cache_bytes`, VRAM is one byte count for weights and KV.
+
 Multi-GPU: a dispatcher sends each request to a GPU. `partition`: models bin-packed by weight bytes over GPUs,
 each model on one GPU; `hash`: crc32(model) % n; `p2c`: each model has two candidate GPUs (hashes) and a
 request goes to the one with fewer unfinished requests (a model is registered on a GPU the first time it is
@@ -23,8 +33,10 @@ import random
 import time
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from gpu_pool.arena import DEFAULT_ALIGN, RangeAllocator, Slot
+from gpu_pool.placement import kv_pages, placement_victims
 from token_scheduler.cost_model import CostModel, HardwareProfile, ModelSpec
 from token_scheduler.policies import make_policy
 from token_scheduler.policies.batching import shape_of
@@ -59,7 +71,13 @@ class SimRequest:
 class GpuStats:
     steps: int = 0
     busy_s: float = 0.0
-    loads: int = 0
+    loads: int = 0  # every weight load, blocking or prefetch
+    prefetches: int = 0
+    prefetch_skipped: int = 0  # pooled arena: no contiguous range (and no order allowing evictions)
+    evictions: int = 0  # planned and forced
+    forced_evictions: int = 0  # pooled arena: evicted to make a slot contiguous, beyond the plan
+    kv_peak_bytes: int = 0  # pooled arena: the most KV held in the KV region at once
+    kv_region_bytes: int = 0  # pooled arena: the region's size
     load_bytes: int = 0
     load_stall_s: float = 0.0
     swap_stall_s: float = 0.0
@@ -70,12 +88,79 @@ class GpuStats:
     policy_cpu_frac: list = field(default_factory=list)  # cpu / simulated step time, per step
 
 
+class SimArena:
+    """`ModelPool`'s weight-slot bookkeeping in virtual time: the same allocator (best fit, 2 MiB alignment), the
+    KV region carved first for the first model registered (`kv_pages`), the same placement decision with the
+    same inputs (`placement_victims`: the policy's order, or the pool's least-recently-used fallback)."""
+
+    def __init__(self, capacity: int, kv_bytes: int, align: int = DEFAULT_ALIGN, block_tokens: int = 16):
+        self.alloc = RangeAllocator(capacity, align)
+        self.kv_bytes, self.block_tokens = kv_bytes, block_tokens
+        self.kv_slot: Slot | None = None
+        self.slots: dict[str, Slot] = {}  # every slot held: landed or landing, blocking load or prefetch
+        # ModelPool's `e.resident` models (blocking loads, prefetches once taken) -> last `load` call: the
+        # fallback's LRU candidates. A prefetch is taken at its model's first step.
+        self.taken: dict[str, float] = {}
+
+    def carve_kv(self, per_token: int) -> None:
+        page, n = kv_pages(self.kv_bytes, per_token, self.block_tokens)
+        self.kv_slot = self.alloc.allocate(n * page, tag="kv")
+
+    @property
+    def weight_capacity(self) -> int:
+        return self.alloc.capacity - (self.kv_slot.nbytes if self.kv_slot else 0)
+
+    def slot_bytes(self, nbytes: int) -> int:
+        return self.alloc._round(nbytes)
+
+    def _victims(self, name: str, nbytes: int, order, lru, blocking: bool) -> list[str] | None:
+        if order is not None:
+            order = [n for n in order if n != name]
+        slots = {n: (s.offset, s.nbytes) for n, s in self.slots.items()}
+        return placement_victims(self.alloc.free_runs(), slots, self.slot_bytes(nbytes), self.alloc.align, order,
+                                 lru, blocking)
+
+    def load(self, name: str, nbytes: int, now: float, protect=(), order=None) -> list[str]:
+        """A blocking load (ModelPool.load): the models evicted to place it. Raises ArenaFull as the pool does."""
+        lru = sorted((n for n in self.taken if n != name and n not in protect), key=self.taken.__getitem__)
+        victims = self._victims(name, nbytes, order, lru, blocking=True) or []
+        for v in victims:
+            self.evict(v)
+        self.slots[name] = self.alloc.allocate(nbytes, name)
+        self.taken[name] = now
+        return victims
+
+    def prefetch(self, name: str, nbytes: int, order=None) -> list[str] | None:
+        """ModelPool.prefetch: the models evicted to place it, or None when it is skipped."""
+        victims = self._victims(name, nbytes, order, [], blocking=False)
+        if victims is None:
+            return None
+        for v in victims:
+            self.evict(v)
+        self.slots[name] = self.alloc.allocate(nbytes, name)
+        return victims
+
+    def take(self, name: str, now: float) -> None:
+        if name not in self.taken:
+            self.taken[name] = now
+
+    def evict(self, name: str) -> None:
+        slot = self.slots.pop(name, None)
+        if slot is not None:
+            self.alloc.free(slot)
+        self.taken.pop(name, None)
+
+
 class GpuSim:
     """One GPU: state + policy + links. `step()` runs one plan and returns when the GPU is next free."""
 
-    def __init__(self, gid: int, capacity: int, policy, hw: HardwareProfile, noise: float = 0.0, seed: int = 0):
+    def __init__(self, gid: int, capacity: int, policy, hw: HardwareProfile, noise: float = 0.0, seed: int = 0,
+                 arena: SimArena | None = None):
         self.gid, self.policy, self.hw, self.noise = gid, policy, hw, noise
         self.state = PoolState(models={}, capacity_bytes=capacity, cost=CostModel(hw))
+        self.arena = arena
+        self.specs: dict[str, ModelSpec] = {}  # the true sizes (the policy's may be the arena's view of them)
+        self.kv_bytes = 0  # pooled arena: KV held in the region
         self.now = 0.0
         # Host->device link: blocking transfers (a needed load, swap-ins) go first; a prefetch in flight is
         # paused for their duration (chunked copies, as model_swapper does). Device->host is its own FIFO.
@@ -87,6 +172,14 @@ class GpuSim:
 
     def register(self, spec: ModelSpec, slo: ModelSLO) -> None:
         if spec.name not in self.state.models:
+            self.specs[spec.name] = spec
+            a = self.arena
+            if a is not None:  # what MultiModelEngine shows the policy in pooled mode
+                if a.kv_slot is None:
+                    a.carve_kv(spec.kv_bytes_per_token)
+                    self.state.capacity_bytes = a.weight_capacity
+                    self.stats.kv_region_bytes = a.kv_slot.nbytes
+                spec = replace(spec, weight_bytes=a.slot_bytes(spec.weight_bytes), kv_bytes_per_token=0)
             self.state.models[spec.name] = ModelState(spec, slo)
             self.state.cost.register(spec)
 
@@ -132,9 +225,25 @@ class GpuSim:
             self.bg_free += seconds
         return end
 
+    def _kv(self, m: ModelState, tokens: int) -> None:
+        if self.arena is None:
+            m.kv_gpu_tokens += tokens
+        else:  # KV pages are not the policy's bytes (kv_gpu_tokens stays 0, as MultiModelEngine keeps it)
+            self.kv_bytes += tokens * self.specs[m.name].kv_bytes_per_token
+            self.stats.kv_peak_bytes = max(self.stats.kv_peak_bytes, self.kv_bytes)
+
+    def _dropped(self, names: list[str]) -> None:
+        """Models the arena evicted beyond the plan: the policy sees them in host memory again."""
+        for name in names:
+            self.state.models[name].residency = Residency.HOST
+            self.loads.pop(name, None)
+        self.stats.evictions += len(names)
+        self.stats.forced_evictions += len(names)
+
     def _load(self, name: str, after: float, background: bool) -> float:
         m = self.state.models[name]
-        d = self.hw.load_time(m.spec.weight_bytes)
+        nbytes = self.specs[name].weight_bytes
+        d = self.hw.load_time(nbytes)
         if background:
             start = max(self.now, self.bg_free, self.fg_free, after)
             end = self.bg_free = start + d
@@ -142,25 +251,29 @@ class GpuSim:
             end = self._foreground(d, after)
             start = end - d
         m.residency, m.ready_at = Residency.LOADING, end
-        self.loads[name] = [start, end, m.spec.weight_bytes, 0.0, background]
+        self.loads[name] = [start, end, nbytes, 0.0, background]
         self.stats.loads += 1
-        self.stats.load_bytes += m.spec.weight_bytes
+        self.stats.prefetches += background
+        self.stats.load_bytes += nbytes
         return end
 
     def _apply_moves(self, plan: StepPlan) -> None:
-        models = self.state.models
+        models, arena = self.state.models, self.arena
         for name in plan.evict:
             m = models[name]
             assert m.residency == Residency.RESIDENT, f"evicting {name} in state {m.residency!r}"
             m.residency = Residency.HOST
+            self.stats.evictions += 1
+            if arena is not None:
+                arena.evict(name)
         out_end = self.now
         if plan.swap_out:
             nbytes = 0
             for r in plan.swap_out:
                 assert r.status == _R, "only KV in VRAM can be swapped out"
                 m = models[r.model]
-                m.kv_gpu_tokens -= r.num_computed_tokens
-                nbytes += r.num_computed_tokens * m.spec.kv_bytes_per_token
+                self._kv(m, -r.num_computed_tokens)
+                nbytes += r.num_computed_tokens * self.specs[r.model].kv_bytes_per_token
                 r.status = _S
             out_end = max(self.now, self.d2h_free) + self.hw.swap_time(nbytes)
             self.d2h_free = out_end
@@ -171,9 +284,15 @@ class GpuSim:
         if plan.model is not None and plan.batch:
             m = models[plan.model]
             if m.residency == Residency.HOST:
+                if arena is not None:
+                    self._dropped(arena.load(plan.model, self.specs[plan.model].weight_bytes, self.now,
+                                             protect=(plan.prefetch,) if plan.prefetch else (), order=plan.load_order))
                 self._load(plan.model, wait, background=False)
-            elif plan.model in self.loads:
-                self.loads[plan.model][4] = False  # needed now: no longer paused for other transfers
+            else:
+                if arena is not None:
+                    arena.take(plan.model, self.now)
+                if plan.model in self.loads:
+                    self.loads[plan.model][4] = False  # needed now: no longer paused for other transfers
             self._ready = max(wait, m.ready_at if m.residency == Residency.LOADING else self.now)
             self._load_ready = self._ready
             if plan.swap_in:
@@ -181,12 +300,19 @@ class GpuSim:
                 for r in plan.swap_in:
                     assert r.status == _S, "only swapped KV can be swapped in"
                     r.status = _R
-                    m.kv_gpu_tokens += r.num_computed_tokens
-                    nbytes += r.num_computed_tokens * m.spec.kv_bytes_per_token
+                    self._kv(m, r.num_computed_tokens)
+                    nbytes += r.num_computed_tokens * self.specs[m.name].kv_bytes_per_token
                 self._ready = max(self._ready, self._foreground(self.hw.swap_time(nbytes), wait))
                 self.stats.swap_in_bytes += nbytes
                 self.state.cost.observe_swap(nbytes, self.hw.swap_time(nbytes))
         if plan.prefetch is not None and models[plan.prefetch].residency == Residency.HOST:
+            if arena is not None:
+                order = None if plan.prefetch_order is None else [n for n in plan.prefetch_order if n != plan.model]
+                dropped = arena.prefetch(plan.prefetch, self.specs[plan.prefetch].weight_bytes, order)
+                if dropped is None:
+                    self.stats.prefetch_skipped += 1
+                    return
+                self._dropped(dropped)
             self._load(plan.prefetch, out_end, background=True)
 
     def _run(self, plan: StepPlan) -> float:
@@ -200,7 +326,7 @@ class GpuSim:
         if ready > self.now and plan.model in self.loads and self.loads[plan.model][1] <= ready:
             m.residency = Residency.RESIDENT  # the step waited for its weights
         shape = shape_of(plan.batch)
-        dur = self.hw.step_time(m.spec, shape)
+        dur = self.hw.step_time(self.specs[m.name], shape)
         if self.noise > 0:
             dur *= math.exp(self.rng.gauss(-self.noise * self.noise / 2, self.noise))
         start = ready
@@ -216,13 +342,13 @@ class GpuSim:
             assert r.status == _R, f"{r.request_id} scheduled while {r.status!r}"
             assert 0 < n <= r.num_tokens - r.num_computed_tokens
             r.num_computed_tokens += n
-            m.kv_gpu_tokens += n
+            self._kv(m, n)
             if r.num_computed_tokens == r.num_tokens:
                 r.num_output += 1
                 r.record.on_token(end)
                 if r.num_output >= r.output_len:
                     r.status = _F
-                    m.kv_gpu_tokens -= r.num_computed_tokens
+                    self._kv(m, -r.num_computed_tokens)
                     finished = True
                     self.outstanding -= 1
         if finished:
@@ -278,8 +404,12 @@ def _placement(names: list[str], specs: dict[str, ModelSpec], n: int, mode: str)
 def simulate(items, specs: dict[str, ModelSpec], slos: dict[str, ModelSLO] | ModelSLO, policy: str,
              n_gpus: int = 1, capacity_bytes: int = 60 * 10**9, hw: HardwareProfile | None = None,
              placement: str = "partition", drain_s: float = 60.0, noise: float = 0.0, seed: int = 0,
-             policy_kw: dict | None = None, keep_tokens: bool = False, workers: int = 1) -> SimResult:
+             policy_kw: dict | None = None, keep_tokens: bool = False, workers: int = 1,
+             kv_cache_bytes: int | None = None) -> SimResult:
     """Replay `items` (WorkItems, sorted by time) against `policy` on `n_gpus` simulated GPUs.
+
+    `kv_cache_bytes`: each GPU's `capacity_bytes` is a pooled arena as the real engine's (module docstring)
+    with a KV region of this size; None: one byte count for weights and KV.
 
     `workers` > 1 splits the GPUs over processes; exact (same numbers) because with a static placement
     (`partition`, `hash`) GPUs never interact. `p2c` reads every GPU's load at dispatch: one process.
@@ -291,7 +421,7 @@ def simulate(items, specs: dict[str, ModelSpec], slos: dict[str, ModelSLO] | Mod
     duration = max((w.time for w in items), default=0.0)
     job = dict(specs=specs, slos=slos, policy=policy, capacity=capacity_bytes, hw=hw or H100_PCIE53,
                where=where, horizon=duration + drain_s, noise=noise, seed=seed, policy_kw=policy_kw or {},
-               keep_tokens=keep_tokens, static=placement != "p2c")
+               keep_tokens=keep_tokens, static=placement != "p2c", kv=kv_cache_bytes)
     workers = max(1, min(workers, n_gpus)) if placement != "p2c" else 1
     groups = [list(range(k, n_gpus, workers)) for k in range(workers)]
     if workers == 1:
@@ -313,7 +443,7 @@ def _run_gpus(items, gpu_ids: list[int], job: dict):
     slos, specs, where = job["slos"], job["specs"], job["where"]
     slo_of = (lambda m: slos) if isinstance(slos, ModelSLO) else (lambda m: slos[m])
     gpus = {g: GpuSim(g, job["capacity"], make_policy(job["policy"], **job["policy_kw"]), job["hw"], job["noise"],
-                      job["seed"]) for g in gpu_ids}
+                      job["seed"], SimArena(job["capacity"], job["kv"]) if job["kv"] else None) for g in gpu_ids}
     if job["static"]:
         for m, gs in where.items():
             for g in gs:
@@ -364,13 +494,20 @@ def _result(policy: str, stats: list[GpuStats], records: list[RequestRecord], du
     fracs: list[float] = []
     for st in stats:
         for k, v in st.__dict__.items():
-            if k != "policy_cpu_frac":
+            if k in ("kv_peak_bytes", "kv_region_bytes"):
+                tot[k] = max(tot[k], v)
+            elif k != "policy_cpu_frac":
                 tot[k] += v
         fracs += st.policy_cpu_frac
     fracs.sort()
     span = max(duration, 1e-9)
     good = [r for r in records if r.attained()]
-    extra: dict = {"loads": int(tot["loads"]), **extra0}
+    extra: dict = {k: int(tot[k]) for k in ("loads", "prefetches", "prefetch_skipped", "evictions", "forced_evictions")}
+    extra["blocking_loads"] = extra["loads"] - extra["prefetches"]  # the real pool's `loads`
+    if tot["kv_region_bytes"]:  # pooled arena, the largest over GPUs
+        extra["kv_peak_gb"] = tot["kv_peak_bytes"] / 1e9
+        extra["kv_region_exceeded"] = any(st.kv_peak_bytes > st.kv_region_bytes for st in stats)
+    extra.update(extra0)
     if records and records[0].tokens is not None:
         extra["records"] = [{"id": r.request_id, "model": r.model, "output_len": r.output_len, "tokens": r.tokens}
                             for r in records]

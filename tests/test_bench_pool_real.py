@@ -99,5 +99,33 @@ def test_real_sweep_two_rates_on_cpu(make_tiny, tmp_path):
         assert x["requests"] == x["slo"]["requests"] > 0 and x["steps"] > 0
         assert 0.0 <= x["simulated"]["attainment"] <= 1.0 and 0.0 <= x["slo"]["attainment"] <= 1.0
         assert x["timing"]["steps"] == x["steps"]
+        assert {"prefetch_skipped", "forced_evictions", "loads", "bytes_only_attainment"} <= set(x["simulated"])
+    assert disk["config"]["placement"] == "window"
     assert disk["sustained"]["token"]["points"] == [[x["rate"], x["slo"]["attainment"]] for x in pts]
     assert json.loads(json.dumps(out["sustained"])) == disk["sustained"]
+
+
+def test_resimulate_puts_the_simulator_beside_real_points(tmp_path):
+    from load_tests.bench_pool_real import resimulate
+
+    cfg = {"models": "1x7b,2x1.5b", "duration_s": 10.0, "drain_s": 10.0, "slo_ttft_s": 10.0, "slo_tpot_s": 0.1,
+           "gpu_budget_gb": 20.0, "kv_region_gb": 1.0, "seed": 0}
+    point = {"rate": 0.5, "slo": {"attainment": 0.75}, "loads": 3, "prefetches": 4, "prefetch_skipped": 5,
+             "forced_evictions": 1, "evictions": 6, "swap_stall_s": 2.0}
+    src = tmp_path / "real.json"
+    src.write_text(json.dumps({"mode": "real", "commit": "abc", "config": cfg,
+                               "sweep": {"token": [point], "request": [point]}}))
+    out = resimulate(src, tmp_path / "re.json")
+    assert json.loads((tmp_path / "re.json").read_text())["points"] == out["points"]
+    assert out["placement_of_real_run"] == "lru"  # a run from before TokenConfig.placement
+    tok, req = out["points"]
+    assert tok["real"] == {"attainment": 0.75, **{k: point[k] for k in tok["real"] if k != "attainment"}}
+    assert set(tok) >= {"simulated_lru", "simulated_window"} and "simulated_window" not in req
+    for row in (tok, req):
+        s = row["simulated_lru"]
+        assert 0.0 <= s["attainment"] <= 1.0 and 0.0 <= s["bytes_only_attainment"] <= 1.0
+        assert row["sim_minus_real_points"] == pytest.approx(100 * (s["attainment"] - 0.75))
+        assert s["loads"] + s["prefetches"] > 0 and s["kv_peak_gb"] > 0
+    with pytest.raises(ValueError):
+        src.write_text(json.dumps({"mode": "simulated"}))
+        resimulate(src)

@@ -140,3 +140,34 @@ def test_idle_plans_are_not_counted_as_step_policy_time(make_tiny, host_cache):
     tm = multi.timing_summary()
     assert tm["steps"] == 2 and tm["policy_s"] > 0
     multi.close()
+
+
+@pytest.mark.parametrize("placement", ["window", "lru"])
+def test_pooled_fragmented_arena_equals_alone(make_tiny, host_cache, placement):
+    """Slots of one and two 2 MiB units in five units of weight space: free bytes are often not contiguous, so
+    the pool evicts beyond the plan (the policy's window, or LRU) or skips prefetches; the engines and the
+    policy's view follow those evictions and every request's tokens are unchanged."""
+    from gpu_pool.arena import MiB
+
+    archs = ("qwen2", "qwen3", "llama", "mistral")  # slots: 1, 1, 2, 2 units
+    paths = {a: make_tiny(a) for a in archs}
+    alone = {a: _alone(p, "greedy") for a, p in paths.items()}
+    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=12 * MiB,
+                             kv_cache_gb=64 * 16 * 512 / 1e9, host_kv_gb=256 * 16 * 512 / 1e9, host_cache=host_cache,
+                             policy_kw={"max_round_s": 0.0, "placement": placement})
+    pool = multi.pool
+    assert pool.weight_capacity == 10 * MiB
+    for i, p in enumerate(PROMPTS):
+        for a in archs:
+            multi.add_request(f"{a}/r{i}", p, _params("greedy", i), model=a)
+    done = multi.run()
+    for a in archs:
+        for rid, toks in alone[a].items():
+            assert done[f"{a}/{rid}"].outputs[0].token_ids == toks, (a, rid)
+    assert pool.stats.forced_evictions + pool.stats.prefetch_skipped > 0
+    if placement == "window":  # prefetches evicted (on CPU a load in flight is always landed: none blocks)
+        assert pool.stats.forced_evictions > 0
+    for name, eng in multi.engines.items():  # nothing the pool dropped is still believed resident
+        if not pool.holds(name):
+            assert eng.weights is None and multi.state.models[name].residency == 0
+    multi.close()

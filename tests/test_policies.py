@@ -133,3 +133,24 @@ def test_policy_registry():
         assert make_policy(name).name == name
     with pytest.raises(ValueError):
         make_policy("nope")
+
+
+@pytest.mark.parametrize("placement", ["window", "lru"])
+def test_token_policy_hands_its_victim_order_to_the_mechanism(placement):
+    """For a fragmented arena the plan says which models may go: for the load every landed model but the one
+    stepping, for the prefetch none of the models the round needs up to the prefetch target."""
+    from token_scheduler.policies.state import PoolState, Residency
+
+    specs = {n: ModelSpec(n, 1000, 0, 1.0, 1.0) for n in "xyzw"}
+    models = {n: ModelState(s, ModelSLO()) for n, s in specs.items()}
+    for n, t in (("z", 0.0), ("y", 1.0), ("w", 2.0)):  # least slack first: the round is z, y, w
+        models[n].waiting.append(SimRequest(f"{n}0", n, t, 10, 5, None))  # type: ignore[arg-type]
+    models["x"].residency = models["y"].residency = Residency.RESIDENT  # x idle, z and w in host memory
+    st = PoolState(models, capacity_bytes=10_000, cost=CostModel(FLAT, list(specs.values())), now=2.0)
+    plan = make_policy("token", placement=placement).schedule(st)
+    assert plan.model == "z" and plan.prefetch == "w"
+    if placement == "window":
+        assert plan.load_order == ["x", "y"]  # idle first, then the queue back to front (landed models only)
+        assert plan.prefetch_order == ["x"]  # y runs before w: protected
+    else:
+        assert plan.load_order is None and plan.prefetch_order is None

@@ -109,3 +109,34 @@ def test_multi_gpu_placement():
     one = simulate(items, specs, SLO, "token", n_gpus=3, capacity_bytes=2500, hw=FLAT, keep_tokens=True)
     two = simulate(items, specs, SLO, "token", n_gpus=3, capacity_bytes=2500, hw=FLAT, keep_tokens=True, workers=2)
     assert one.extra["records"] == two.extra["records"] and one.steps == two.steps
+
+
+def test_pooled_arena_fragmentation_skips_prefetches_and_forces_evictions():
+    """With `kv_cache_bytes` the simulator places slots as the real ModelPool does (same allocator and placement
+    code, tests/test_placement.py): free bytes that are not contiguous skip prefetches and force evictions;
+    the token policy's victim order (placement="window") turns most blocking loads back into prefetches."""
+    from load_tests.simulator import SimArena
+
+    MiB = 1 << 20
+    specs = {f"m{i}": ModelSpec(f"m{i}", s * MiB - 1000, 1024, 1.0, 1.0) for i, s in enumerate([30, 30, 20, 20, 12, 12])}
+    items = generate(list(specs), 1.0, 30.0, seed=0, mean_prompt=32, mean_output=32, max_context=512)
+
+    def run(**kw):
+        res = simulate(items, specs, SLO, "token", capacity_bytes=84 * MiB, hw=FLAT, drain_s=600, **kw)
+        assert res.unfinished == 0
+        return res.extra, res.load_stall_s
+
+    flat, flat_stall = run()
+    lru, lru_stall = run(kv_cache_bytes=4 * MiB, policy_kw={"placement": "lru"})
+    win, win_stall = run(kv_cache_bytes=4 * MiB)
+    assert flat["prefetch_skipped"] == flat["forced_evictions"] == 0
+    assert lru["prefetch_skipped"] > 50 and lru["forced_evictions"] > 0
+    assert lru["blocking_loads"] > 3 * flat["blocking_loads"] and lru_stall > 2 * flat_stall
+    assert win["blocking_loads"] < lru["blocking_loads"] / 2 and win_stall < lru_stall
+    assert 0 < lru["kv_peak_gb"] < 4 * MiB / 1e9 and not lru["kv_region_exceeded"]
+    # what the policy sees is what MultiModelEngine shows it: weight space, slot-rounded weights, no KV bytes
+    gpu = GpuSim(0, 84 * MiB, make_policy("token"), FLAT, arena=SimArena(84 * MiB, 4 * MiB))
+    gpu.register(specs["m0"], SLO)
+    m = gpu.state.models["m0"]
+    assert gpu.state.capacity_bytes == 80 * MiB and m.spec.weight_bytes == 30 * MiB and m.spec.kv_bytes_per_token == 0
+    assert gpu.specs["m0"] is specs["m0"]

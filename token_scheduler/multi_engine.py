@@ -189,18 +189,27 @@ class MultiModelEngine:
         if plan.model is not None and plan.batch:
             eng = self.engines[plan.model]
             if eng.weights is None or not pool.is_resident(plan.model) or pool.is_loading(plan.model):
-                rm = pool.load(plan.model, protect=(plan.prefetch,) if plan.prefetch else ())
+                rm = pool.load(plan.model, protect=(plan.prefetch,) if plan.prefetch else (), order=plan.load_order)
                 eng.set_weights(rm.weights, rm.slot_id)
                 st.models[plan.model].residency = Residency.RESIDENT
-            # evicted by the fragmentation fallback: tell the engines and the policy
-            for name, e in self.engines.items():
-                if e.weights is not None and not pool.is_resident(name):
-                    e.set_weights(None)
-                    st.models[name].residency = Residency.HOST
+            self._forget_evicted()
             self._make_kv_room(plan.model)
-        if plan.prefetch is not None and plan.prefetch in self.engines and pool.prefetch(plan.prefetch):
-            st.models[plan.prefetch].residency = max(st.models[plan.prefetch].residency, Residency.LOADING)
-            st.models[plan.prefetch].ready_at = st.now + self.cost.load_time(st.models[plan.prefetch].spec.weight_bytes)
+        if plan.prefetch is not None and plan.prefetch in self.engines:
+            order = None if plan.prefetch_order is None else [n for n in plan.prefetch_order if n != plan.model]
+            if pool.prefetch(plan.prefetch, order=order):
+                m = st.models[plan.prefetch]
+                m.residency = max(m.residency, Residency.LOADING)
+                m.ready_at = st.now + self.cost.load_time(m.spec.weight_bytes)
+            self._forget_evicted()
+
+    def _forget_evicted(self) -> None:
+        """Models the pool evicted to make a slot contiguous (not in the plan): tell the engines and the policy."""
+        pool, st = self.pool, self.state
+        for name, e in self.engines.items():
+            if not pool.holds(name):
+                if e.weights is not None:
+                    e.set_weights(None)
+                st.models[name].residency = Residency.HOST
 
     def _make_kv_room(self, model: str) -> None:
         """Before `model` steps: if the shared pages cannot cover its next step, swap out the KV of models

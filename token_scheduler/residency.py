@@ -12,9 +12,11 @@ from one free list, so KV space moves between models block by block. Host KV pag
 the same way. The last GPU page is the scratch page padded CUDA-graph rows write into.
 
 Slots come from the arena's best-fit allocator; a model that lands at the offset of an earlier model of the
-same graph key replays that model's CUDA graphs (ModelRunner keys graphs by slot). If a needed load does not
-fit because free space is fragmented, `load` evicts idle models least recently used first until it does --
-the one choice made here, counted in `stats["forced_evictions"]`.
+same graph key replays that model's CUDA graphs (ModelRunner keys graphs by slot). If a load or a prefetch
+does not fit because free space is fragmented, `gpu_pool.placement.placement_victims` says what else must go
+(the simulator makes the same call): the window of slots the policy lets go (`order`) that costs least, or
+without an order, for a load, least recently used models until it fits, and for a prefetch nothing (skipped,
+`stats.prefetch_skipped`). Evictions made here are counted in `stats.forced_evictions`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from gpu_pool.placement import kv_pages, placement_victims
 from token_scheduler.block_manager import BlockAllocator
 from token_scheduler.engine import SharedKV
 from token_scheduler.model.config import ModelConfig
@@ -61,12 +64,13 @@ class PoolStats:
 class ModelPool:
     def __init__(self, device: str | torch.device, gpu_budget: int | float | str, kv_cache_gb: float = 4.0,
                  host_kv_gb: float | None = None, host_cache=None, host_budget: int | float | str = "64GB",
-                 page_bytes: int | None = None, namespace: str = "tokenpool", block_tokens: int = 16):
-        from gpu_pool.arena import Arena
+                 page_bytes: int | None = None, namespace: str = "tokenpool", block_tokens: int = 16,
+                 align: int | None = None):
+        from gpu_pool.arena import DEFAULT_ALIGN, Arena
         from model_swapper import HostModelCache, Prefetcher, Swapper
 
         self.device = torch.device(device)
-        self.arena = Arena.reserve(gpu_budget, self.device)
+        self.arena = Arena.reserve(gpu_budget, self.device, align or DEFAULT_ALIGN)
         self.swapper = Swapper(self.arena)
         self.prefetcher = Prefetcher(self.swapper)
         self._own_cache = host_cache is None
@@ -90,8 +94,7 @@ class ModelPool:
         return self.arena.capacity - (self._kv_slot.nbytes if self._kv_slot else 0)
 
     def _carve_kv(self, per_token: int) -> None:
-        self.page_bytes = self.page_bytes or -(-self.block_tokens * per_token // 256) * 256
-        n = self.kv_bytes // self.page_bytes
+        self.page_bytes, n = kv_pages(self.kv_bytes, per_token, self.block_tokens, self.page_bytes)
         if n < 2:
             raise ValueError(f"kv_cache_gb={self.kv_bytes / 1e9} holds fewer than 2 pages of {self.page_bytes} B")
         self._kv_slot = self.arena.allocate(n * self.page_bytes, tag="kv")
@@ -145,31 +148,28 @@ class ModelPool:
         e = self.entries[name]
         return e.prefetch is not None or (e.resident is not None and not e.resident.ready.done())
 
+    def holds(self, name: str) -> bool:
+        """A slot is `name`'s: its weights landed, or are landing (blocking load or prefetch)."""
+        e = self.entries[name]
+        return e.resident is not None or e.prefetch is not None
+
     def resident_names(self) -> list[str]:
         return [n for n, e in self.entries.items() if e.resident is not None or e.prefetch is not None]
 
     # -- moving weights -------------------------------------------------------------------------------------
-    def load(self, name: str, protect: tuple[str, ...] = ()):
+    def load(self, name: str, protect: tuple[str, ...] = (), order: list[str] | None = None):
         """Make `name` resident and wait (CPU) until its weights have landed; returns the ResidentModel.
-        The wait is the switch stall, measured; compute would have waited for it anyway."""
-        from gpu_pool.arena import ArenaFull
-
+        The wait is the switch stall, measured; compute would have waited for it anyway. If no contiguous
+        range is free, models in `order` (the policy's, preferred victim first) or, without one, the least
+        recently used models other than `name` and `protect` are evicted (module docstring)."""
         e = self.entries[name]
         e.last_used = time.monotonic()
         if e.resident is None:
             if e.prefetch is not None:
                 e.resident, e.prefetch = self.prefetcher.take(e.prefetch), None
             else:
-                while True:
-                    try:
-                        e.resident = self.swapper.swap_in(e.host)
-                        break
-                    except ArenaFull:
-                        victim = self._lru_victim(exclude={name, *protect})
-                        if victim is None:
-                            raise
-                        self.stats.forced_evictions += 1
-                        self.evict(victim)
+                self._make_contiguous(name, order, self._lru(exclude={name, *protect}), blocking=True)
+                e.resident = self.swapper.swap_in(e.host)  # raises ArenaFull if nothing could make room
                 e.load_started, e.load_hidden = time.monotonic(), False
                 self.stats.loads += 1
                 self.stats.load_bytes += e.host.nbytes
@@ -179,13 +179,17 @@ class ModelPool:
         self._finish_load(e)
         return e.resident
 
-    def prefetch(self, name: str) -> bool:
-        """Start bringing `name` in, in free space only (never evicts for a prefetch). False if no room."""
+    def prefetch(self, name: str, order: list[str] | None = None) -> bool:
+        """Start bringing `name` in. Without an `order` only into free space (never evicts for a prefetch);
+        with one, the models in it may go to make a contiguous range. False if there is no room."""
         from gpu_pool.arena import ArenaError
 
         e = self.entries[name]
         if e.resident is not None or e.prefetch is not None:
             return True
+        if not self._make_contiguous(name, order, [], blocking=False):
+            self.stats.prefetch_skipped += 1
+            return False
         try:
             e.prefetch = self.prefetcher.prefetch(e.host, name=name)
         except ArenaError:
@@ -195,6 +199,21 @@ class ModelPool:
         self.stats.prefetches += 1
         self.stats.load_bytes += e.host.nbytes
         return True
+
+    def _make_contiguous(self, name: str, order: list[str] | None, lru: list[str], blocking: bool) -> bool:
+        """Evict what `placement_victims` says so that `name`'s slot fits; False if it cannot fit."""
+        alloc = self.arena.alloc
+        slots = {}
+        for n, e in self.entries.items():
+            held = e.resident if e.resident is not None else e.prefetch
+            if held is not None and n != name:
+                slots[n] = (held.slot.offset, held.slot.nbytes)
+        victims = placement_victims(alloc.free_runs(), slots, self.slot_bytes(name), alloc.align, order, lru,
+                                    blocking)
+        for v in victims or ():
+            self.stats.forced_evictions += 1
+            self.evict(v)
+        return victims is not None
 
     def evict(self, name: str) -> None:
         """Drop the weights (the host copy stays); later copies into the slot wait for queued compute."""
@@ -230,9 +249,11 @@ class ModelPool:
             self.stats.load_s.append((e.host.nbytes, time.monotonic() - e.load_started, e.load_hidden))
             e.load_started = None
 
-    def _lru_victim(self, exclude: set[str]) -> str | None:
+    def _lru(self, exclude: set[str]) -> list[str]:
+        """Models with landed weights (prefetches in flight excluded), least recently used first: the fallback
+        victims. `last_used` is the last `load` call: a blocking load, or the first step after a prefetch."""
         cands = [e for n, e in self.entries.items() if n not in exclude and e.resident is not None]
-        return min(cands, key=lambda e: e.last_used).name if cands else None
+        return [e.name for e in sorted(cands, key=lambda e: e.last_used)]
 
     def close(self) -> None:
         for n in list(self.entries):

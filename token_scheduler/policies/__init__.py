@@ -15,7 +15,7 @@ from token_scheduler.policies.token import TokenConfig, TokenPolicy
 POLICY_NAMES = ("token", "aegaeon", "request", "static")
 
 AEGAEON_PRESET = dict(quota_rule="aegaeon", order="fixed", prefetch="next", switch_charge="all",
-                      extend_on_load=False, skip_on_slack=False)
+                      extend_on_load=False, skip_on_slack=False, placement="lru")
 
 
 def make_policy(name: str, limits: BatchLimits | None = None, **kw):

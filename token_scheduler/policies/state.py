@@ -85,6 +85,11 @@ class StepPlan:
     swap_out: list = field(default_factory=list)  # requests
     swap_in: list = field(default_factory=list)  # requests (all in `batch`)
     prefetch: str | None = None
+    # When free bytes suffice but no contiguous range does (the mechanism's arena; gpu_pool/placement.py):
+    # the models that may go for `model`'s load / for the prefetch, preferred victim first. None: the
+    # mechanism's fallback (a load evicts its least recently used models until it fits; a prefetch is skipped).
+    load_order: list[str] | None = None
+    prefetch_order: list[str] | None = None
     wait_swap_out: bool = False
     expected_s: float = 0.0  # predicted step time (cost model), for metrics
     why: str = ""
