@@ -114,6 +114,10 @@ def test_pooled_swaps_weights_and_kv_and_equals_alone(make_tiny, host_cache, kin
         assert multi.kv_swapped_out > 0
     else:  # request-level: each model holds the GPU until its requests finish, so it is loaded once
         assert pool.stats.loads == len(ARCHS)
+    # every completed load was measured and taught the cost model the link's speed
+    cm = multi.cost.to_dict()["load"]
+    assert cm["samples"] == len(pool.stats.load_s) >= pool.stats.loads
+    assert all(0.0 <= hidden <= secs for _, secs, hidden in pool.stats.load_s)
     # nothing leaked: every GPU page and host page is free again
     assert pool.pages.num_used == 0 and pool.host_kv.allocator.num_used == 0
     multi.close()

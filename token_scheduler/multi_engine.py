@@ -63,6 +63,7 @@ class MultiModelEngine:
         self.policy = make_policy(policy, **(policy_kw or {}))
         self._owner: dict[str, str] = {}  # request id -> model
         self._removed: list[RequestOutput] = []  # final outputs of a removed model's requests, owed next step
+        self._loads_seen = 0  # pool.stats.load_s entries already fed to the cost model
         self.steps_per_model: dict[str, int] = {}
         self.trace: deque[str] = deque(maxlen=4096)  # model of the latest steps, in order (tests, debugging)
         self.switches = 0  # steps whose model differs from the previous step's
@@ -248,6 +249,11 @@ class MultiModelEngine:
         outputs, self._removed = self._removed, []
         if self.pool is not None:
             self._execute_memory(plan)
+        if self.pool is not None:  # measured loads teach the cost model the link (and how much prefetch hides)
+            done = self.pool.stats.load_s
+            for nbytes, secs, hidden in done[self._loads_seen:]:
+                self.cost.observe_load(nbytes, secs, hidden_s=hidden)
+            self._loads_seen = len(done)
         t2 = time.perf_counter()
         tm["memory_s"] += t2 - t1
         if not plan.idle:
@@ -291,6 +297,7 @@ class MultiModelEngine:
         self.timing = dict.fromkeys(self.timing, 0.0)
         if self.pool is not None:
             self.pool.reset_stats()
+        self._loads_seen = 0
 
     def timing_summary(self) -> dict:
         """Where the step loop's time went. `policy_frac`: the policy CPU time of the steps that ran over their

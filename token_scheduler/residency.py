@@ -58,7 +58,7 @@ class PoolStats:
     prefetch_skipped: int = 0
     load_bytes: int = 0
     stall_s: float = 0.0  # CPU-visible waits for weights at switches
-    load_s: list = field(default_factory=list)  # (bytes, seconds) of completed loads
+    load_s: list = field(default_factory=list)  # (bytes, seconds, hidden seconds) of completed loads
 
 
 class ModelPool:
@@ -175,8 +175,9 @@ class ModelPool:
                 self.stats.load_bytes += e.host.nbytes
         t0 = time.perf_counter()
         e.resident.ready.synchronize()
-        self.stats.stall_s += time.perf_counter() - t0
-        self._finish_load(e)
+        stall = time.perf_counter() - t0
+        self.stats.stall_s += stall
+        self._finish_load(e, stall)
         return e.resident
 
     def prefetch(self, name: str, order: list[str] | None = None) -> bool:
@@ -244,9 +245,12 @@ class ModelPool:
                 done.append(e.name)
         return done
 
-    def _finish_load(self, e: _Entry) -> None:
+    def _finish_load(self, e: _Entry, stall: float = 0.0) -> None:
+        """Record a completed load as (bytes, seconds, seconds hidden behind other work): a blocking load hides
+        nothing; a prefetch hides all of its time but the stall of the step that finally needed it."""
         if e.load_started is not None:
-            self.stats.load_s.append((e.host.nbytes, time.monotonic() - e.load_started, e.load_hidden))
+            secs = time.monotonic() - e.load_started
+            self.stats.load_s.append((e.host.nbytes, secs, max(0.0, secs - stall) if e.load_hidden else 0.0))
             e.load_started = None
 
     def _lru(self, exclude: set[str]) -> list[str]:
