@@ -82,7 +82,9 @@ class TokenPolicy:
         self._skipped: dict[str, int] = {}
         self._bonus: dict[str, int] = {}
         self.rounds = 0
-        self.last_round_s = 0.0
+        self.last_round_s = 0.0  # the last round's planned length
+        self.last_round_wall_s = 0.0  # how long the round before it actually took (state clock)
+        self._round_started: float | None = None
         self.skips = 0
 
     # -- the one entry point --
@@ -111,7 +113,8 @@ class TokenPolicy:
 
     def round_info(self) -> dict:
         p = self._plan
-        return {"rounds": self.rounds, "last_round_s": self.last_round_s, "skips": self.skips,
+        return {"rounds": self.rounds, "last_round_s": self.last_round_s, "last_round_wall_s": self.last_round_wall_s,
+                "skips": self.skips,
                 "share": p.share if p else 0.0, "overloaded": p.overloaded if p else False}
 
     # -- turns --
@@ -202,6 +205,9 @@ class TokenPolicy:
     # -- rounds --
     def _form_round(self, st: PoolState) -> None:
         cfg, cost, now = self.cfg, st.cost, st.now
+        if self._round_started is not None:
+            self.last_round_wall_s = now - self._round_started
+        self._round_started = now
         cands = [m for m in st.models.values() if m.has_work]
         self._queue.clear()
         if not cands:
@@ -258,7 +264,9 @@ class TokenPolicy:
         return st.cost.exposed_load_time(m.spec.weight_bytes) if mode == "exposed" else load_s
 
     def _apply_skips(self, st: PoolState, demands: list[TurnDemand], run_slack: dict) -> list[TurnDemand]:
-        r_est = self.last_round_s
+        # A skipped model waits about two rounds: judge that by the longer of what rounds are planned to take
+        # and what the last one took (steps slower than predicted, load stalls stretch real rounds)
+        r_est = max(self.last_round_s, self.last_round_wall_s)
         keep = []
         for d in demands:
             m = st.models[d.model]
