@@ -154,3 +154,22 @@ def test_token_policy_hands_its_victim_order_to_the_mechanism(placement):
         assert plan.prefetch_order == ["x"]  # y runs before w: protected
     else:
         assert plan.load_order is None and plan.prefetch_order is None
+
+
+def test_skip_on_slack_judges_by_the_measured_round_too():
+    """A non-resident model with slack for two *planned* rounds is not skipped when the last round actually
+    took longer (slow steps, stalls): its wait is judged by the longer of the two."""
+    from types import SimpleNamespace
+
+    from token_scheduler.policies.state import Residency
+
+    spec = ModelSpec("m", weight_bytes=10**9, kv_bytes_per_token=0, flops_per_token=1e9, attn_flops_per_pair=1e3)
+    st = SimpleNamespace(models={"m": ModelState(spec, ModelSLO(10.0, 0.1), residency=Residency.HOST)})
+    demand = [TurnDemand("m", 0.01, 0.1, load_s=0.1)]
+    pol = make_policy("token")
+    pol.last_round_s, pol.last_round_wall_s = 0.5, 0.5
+    pol._apply_skips(st, demand, {"m": 2.0})  # slack 2.0 > 2 x 0.5 + load + step: may sit this round out
+    assert pol.skips == 1
+    pol2 = make_policy("token")
+    pol2.last_round_s, pol2.last_round_wall_s = 0.5, 1.5  # same plan, but the last round took 1.5 s
+    assert pol2._apply_skips(st, demand, {"m": 2.0}) == demand and pol2.skips == 0  # 2.0 < 2 x 1.5: runs
