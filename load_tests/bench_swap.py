@@ -157,10 +157,15 @@ def _kv_bench(cfg: ModelConfig, dev, bw: dict, reps: int) -> dict:
         t_in = _timed(lambda dst=dst, moved=moved: kvs.swap_in(moved[-1], dst, free_host=False).synchronize(),
                       dev, reps)
         nbytes = n * kvs.host.block_bytes
+        R[f"kv_swap_out_{n}_gbs"] = nbytes / t_out / GB
+        R[f"kv_swap_in_{n}_gbs"] = nbytes / t_in / GB
+        R[f"kv_swap_out_{n}_vs_pinned"] = R[f"kv_swap_out_{n}_gbs"] / bw["d2h_gbs"]
+        R[f"kv_swap_in_{n}_vs_pinned"] = R[f"kv_swap_in_{n}_gbs"] / bw["h2d_gbs"]
+        R[f"kv_round_trip_exact_{n}"] = bool(torch.equal(kv[dst].view(torch.int16), want.view(torch.int16)))
         if kvs.stream is not None:  # where a swap's time goes: on the copy stream vs the caller's wall clock
             dev_out, dev_in = [], []
-            # all swap-outs first, then the swap-ins (dst may overlap ids: the round-trip check below needs the
-            # host copy taken before any swap-in)
+            # all swap-outs first, then the swap-ins (after the round-trip check: dst may overlap ids, so these
+            # copies no longer reproduce `want`)
             for to_host, acc in ((True, dev_out), (False, dev_in)):
                 for _ in range(reps):
                     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -176,11 +181,6 @@ def _kv_bench(cfg: ModelConfig, dev, bw: dict, reps: int) -> dict:
             R[f"kv_swap_out_{n}_stream_s"], R[f"kv_swap_in_{n}_stream_s"] = (statistics.median(dev_out),
                                                                               statistics.median(dev_in))
             R[f"kv_swap_out_{n}_wall_s"], R[f"kv_swap_in_{n}_wall_s"] = t_out, t_in
-        R[f"kv_swap_out_{n}_gbs"] = nbytes / t_out / GB
-        R[f"kv_swap_in_{n}_gbs"] = nbytes / t_in / GB
-        R[f"kv_swap_out_{n}_vs_pinned"] = R[f"kv_swap_out_{n}_gbs"] / bw["d2h_gbs"]
-        R[f"kv_swap_in_{n}_vs_pinned"] = R[f"kv_swap_in_{n}_gbs"] / bw["h2d_gbs"]
-        R[f"kv_round_trip_exact_{n}"] = bool(torch.equal(kv[dst].view(torch.int16), want.view(torch.int16)))
         kvs.host.allocator.free(moved.pop())
     kvs.host.close()
     return R
