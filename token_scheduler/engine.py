@@ -189,13 +189,6 @@ class LLMEngine:
         self._mark_scheduled(out)
         return outputs + self._complete(out, self.runner.execute(out))
 
-    def flush(self) -> list[RequestOutput]:
-        """Read the queued step, if any (before anything that must see every token, e.g. a model switch)."""
-        if self._inflight is None:
-            return []
-        prev, self._inflight = self._inflight, None
-        return self._complete(prev.out, self.runner.read(prev))
-
     @staticmethod
     def _mark_scheduled(out: SchedulerOutput) -> None:
         now = time.monotonic()
@@ -209,9 +202,13 @@ class LLMEngine:
         if prev is not None:  # row i's input is the token prev sampled for the same request
             rows = {c.request.request_id: i for i, c in enumerate(prev.out.chunks)}
             idx = [rows[c.request.request_id] for c in out.chunks]
-            ids = prev.tokens if idx == list(range(len(prev.out.chunks))) else \
-                prev.tokens[torch.tensor(idx).pin_memory().to(self.device, non_blocking=True)
-                            if self.device.type == "cuda" else torch.tensor(idx)]
+            if idx == list(range(len(prev.out.chunks))):
+                ids = prev.tokens
+            else:  # a gather on the device; the index goes up without a host wait
+                index = torch.tensor(idx)
+                if self.device.type == "cuda":
+                    index = index.pin_memory().to(self.device, non_blocking=True)
+                ids = prev.tokens[index]
         return self.runner.launch_decode(out, ids)
 
     def _continuation(self, prev: SchedulerOutput, token_budget: int | None) -> SchedulerOutput | None:

@@ -249,7 +249,7 @@ class MultiModelEngine:
         outputs, self._removed = self._removed, []
         if self.pool is not None:
             self._execute_memory(plan)
-        if self.pool is not None:  # measured loads teach the cost model the link (and how much prefetch hides)
+            # measured loads teach the cost model the link (and how much prefetch hides)
             done = self.pool.stats.load_s
             for nbytes, secs, hidden in done[self._loads_seen:]:
                 self.cost.observe_load(nbytes, secs, hidden_s=hidden)

@@ -190,25 +190,23 @@ class ModelRunner:
         ids, pos, sb, so = self._inputs(out, input_ids is not None)
         dev = self.device
         t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
-        meta = AttentionMetadata(t(sb), t(so), self.block_size, hf_exact=self.hf_exact_prefill)
         if out.is_decode:
-            d = self._decode_meta(out.chunks)
-            meta.decode, meta.block_tables, meta.context_lens, meta.use_triton = True, d.block_tables, d.context_lens, d.use_triton
+            meta = self._decode_meta(out.chunks)
+            meta.slot_blocks, meta.slot_offsets = t(sb), t(so)
         else:
+            meta = AttentionMetadata(t(sb), t(so), self.block_size, hf_exact=self.hf_exact_prefill)
             q0, dec = 0, []
-            for c in out.chunks:
+            for c in out.chunks:  # one-token chunks go to the batched decode attention, the rest one by one
                 ctx = c.start + c.num_tokens
-                meta.seqs.append((q0, c.num_tokens, ctx))
                 if c.num_tokens == 1:
                     dec.append((q0, c))
                 else:
+                    meta.seqs.append((q0, c.num_tokens, ctx))
                     meta.seq_block_tables.append(t(c.request.block_ids[: -(-ctx // self.block_size)]))
                 q0 += c.num_tokens
             if dec:
                 meta.mixed_rows = t([r for r, _ in dec])
                 meta.mixed = self._decode_meta([c for _, c in dec])
-            # per-sequence block tables line up with the sequences the per-sequence loop runs
-            meta.seqs = [s for s in meta.seqs if s[1] > 1] if dec else meta.seqs
         # Pure prefill follows HF's op sequence (bit-exact first-token logits); a step with decode rows runs the
         # fused kernels like decode does -- on the reference path its ~40 ops per layer made a mixed step of a
         # few dozen tokens launch-bound (tens of ms on the H100).
