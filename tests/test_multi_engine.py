@@ -36,6 +36,19 @@ def _alone(path, kind: str) -> dict[str, list[int]]:
     return out
 
 
+def _interleaved_equals_alone(multi, alone: dict, kind: str) -> None:
+    """Every model's prompts submitted interleaved across models, run to the end; each request's tokens must
+    be exactly those of the model serving it alone."""
+    for i, p in enumerate(PROMPTS):
+        for a in alone:
+            multi.add_request(f"{a}/r{i}", p, _params(kind, i), model=a)
+    done = multi.run()
+    for a in alone:
+        for rid, toks in alone[a].items():
+            assert done[f"{a}/{rid}"].outputs[0].token_ids == toks, (a, rid)
+            assert done[f"{a}/{rid}"].model == a
+
+
 @pytest.mark.parametrize("kind,max_round_s", [("greedy", 0.0), ("seeded", 0.0), ("greedy", 4.0)])
 def test_interleaved_equals_alone(make_tiny, kind, max_round_s):
     paths = {a: make_tiny(a) for a in ARCHS}
@@ -43,14 +56,7 @@ def test_interleaved_equals_alone(make_tiny, kind, max_round_s):
     # max_round_s=0: every turn is one step (strict token-by-token round robin); 4 s: the policy's own quotas
     multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu",
                              policy_kw={"max_round_s": max_round_s})
-    for i, p in enumerate(PROMPTS):  # interleaved arrivals across models
-        for a in ARCHS:
-            multi.add_request(f"{a}/r{i}", p, _params(kind, i), model=a)
-    done = multi.run()
-    for a in ARCHS:
-        for rid, toks in alone[a].items():
-            assert done[f"{a}/{rid}"].outputs[0].token_ids == toks, (a, rid)
-            assert done[f"{a}/{rid}"].model == a
+    _interleaved_equals_alone(multi, alone, kind)
     # token by token: the GPU changed hands between models on most steps, and every model ran
     switches = multi.switches
     if max_round_s == 0.0:
@@ -100,13 +106,7 @@ def test_pooled_swaps_weights_and_kv_and_equals_alone(make_tiny, host_cache, kin
     pool = multi.pool
     assert pool.page_bytes == page and pool.weight_capacity == 4 * MiB
     assert {e.block_size for e in multi.engines.values()} == {16, 8}  # qwen3: 1 KiB of KV per token
-    for i, p in enumerate(PROMPTS):
-        for a in ARCHS:
-            multi.add_request(f"{a}/r{i}", p, _params(kind, i), model=a)
-    done = multi.run()
-    for a in ARCHS:
-        for rid, toks in alone[a].items():
-            assert done[f"{a}/{rid}"].outputs[0].token_ids == toks, (a, rid)
+    _interleaved_equals_alone(multi, alone, kind)
     # all three cannot be resident at once: weights were evicted, as the policy planned (no forced evictions)
     assert pool.stats.evictions > 0 and pool.stats.forced_evictions == 0
     if policy == "token":  # round-robin turns: weights came back more than once; idle models' KV made room
@@ -161,13 +161,7 @@ def test_pooled_fragmented_arena_equals_alone(make_tiny, host_cache, placement):
                              policy_kw={"max_round_s": 0.0, "placement": placement})
     pool = multi.pool
     assert pool.weight_capacity == 10 * MiB
-    for i, p in enumerate(PROMPTS):
-        for a in archs:
-            multi.add_request(f"{a}/r{i}", p, _params("greedy", i), model=a)
-    done = multi.run()
-    for a in archs:
-        for rid, toks in alone[a].items():
-            assert done[f"{a}/{rid}"].outputs[0].token_ids == toks, (a, rid)
+    _interleaved_equals_alone(multi, alone, "greedy")
     assert pool.stats.forced_evictions + pool.stats.prefetch_skipped > 0
     if placement == "window":  # prefetches evicted (on CPU a load in flight is always landed: none blocks)
         assert pool.stats.forced_evictions > 0
