@@ -154,7 +154,7 @@ class ModelPool:
         return e.resident is not None or e.prefetch is not None
 
     def resident_names(self) -> list[str]:
-        return [n for n, e in self.entries.items() if e.resident is not None or e.prefetch is not None]
+        return [n for n in self.entries if self.holds(n)]
 
     # -- moving weights -------------------------------------------------------------------------------------
     def load(self, name: str, protect: tuple[str, ...] = (), order: list[str] | None = None):
