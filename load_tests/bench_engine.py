@@ -217,6 +217,24 @@ def _parity(eng: LLMEngine, refs: list[_Ref], tol_ulps: float = 2.0) -> dict:
             }}
 
 
+def _hf_self_parity(model: Path, dtype: torch.dtype, dev: str, refs: list[_Ref]) -> dict:
+    """The same strict figures for HF against itself: HF with eager attention vs the SDPA reference, same
+    weights and dtype. Where HF cannot reproduce its own greedy continuations, a correct engine cannot either:
+    this is the ceiling the engine's figures are read against."""
+    from transformers import AutoModelForCausalLM
+
+    kw = {"device_map": dev} if dev == "cuda" else {}
+    hfe = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype, attn_implementation="eager", **kw).eval()
+    other = _hf_reference(hfe, [r.prompt for r in refs], len(refs[0].ids))
+    del hfe
+    _free()
+    n = len(refs)
+    return {"what": "HF attn_implementation=eager vs HF sdpa (the reference), greedy, same weights and dtype",
+            "first_token_top1_match": sum(o.ids[0] == r.ids[0] for o, r in zip(other, refs)) / n,
+            "greedy_32_identical": sum(o.ids == r.ids for o, r in zip(other, refs)) / n,
+            "first_divergence_at": [_first_diff(o.ids, r.ids) for o, r in zip(other, refs)]}
+
+
 def _parity_engine(model: Path, dtype: str, dev: str, hf_exact_prefill: bool = False) -> LLMEngine:
     """A one-sequence engine for parity runs in another dtype or mode (small KV; CUDA graph for batch 1)."""
     return LLMEngine(EngineConfig(model=str(model), device=dev, dtype=dtype, max_num_seqs=1,
@@ -278,6 +296,7 @@ def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, con
         _free()
         if refs is not None:
             res["parity"] = _parity(eng, refs, near_tie_ulps)
+            res["parity_peer_hf_eager_vs_hf_sdpa"] = _hf_self_parity(model, eng.dtype, dev, refs)
         del eng
         _free()
         if refs is not None and hf_exact_prefill:  # the same references, engine in its HF-exact prefill mode

@@ -4,8 +4,9 @@ GPU layout (the engine's): one tensor per model, [num_blocks, num_layers, 2, blo
 block outermost, so one block is one contiguous range of bytes. The host pool has the same block shape.
 
 Small copies waste the link (a 1 MiB block per memcpy reaches well under the link's rate), so a swap of
-scattered blocks is: gather the GPU blocks into a contiguous staging buffer with `index_select` (HBM speed,
-~1% of the PCIe time), then one memcpy per run of consecutive host ids; swap-in is the mirror (`index_copy_`).
+scattered blocks is: gather the GPU blocks into a contiguous staging buffer with `index_select` (HBM speed),
+then one memcpy per run of consecutive host ids; swap-in is the mirror (`index_copy_`). The gathers run on a
+second stream in chunks, pipelined with the copies, so the link starts after the first chunk's gather.
 The host allocator hands out one contiguous run whenever it can, so that is usually a single large memcpy.
 When both sides are already long consecutive runs, they are copied directly and the gather is skipped.
 
@@ -166,7 +167,7 @@ class KVHandle:
 
 class KVSwapper:
     def __init__(self, kv: torch.Tensor, host: HostKVPool, stream: torch.cuda.Stream | None = None,
-                 staging_blocks: int = 64, direct_min_bytes: int = 8 << 20):
+                 staging_blocks: int = 64, direct_min_bytes: int = 8 << 20, chunk_blocks: int | None = None):
         if tuple(kv.shape[1:]) != host.block_shape or kv.dtype != host.dtype:
             raise ValueError(f"host pool blocks {host.block_shape} {host.dtype} do not match the KV tensor "
                              f"{tuple(kv.shape[1:])} {kv.dtype}")
@@ -174,12 +175,16 @@ class KVSwapper:
         self.device = kv.device
         cuda = self.device.type == "cuda"
         self.stream = stream if stream is not None else (torch.cuda.Stream(self.device) if cuda else None)
+        # gathers/scatters run here, pipelined with the link copies on `stream` (see _window)
+        self.gather_stream = torch.cuda.Stream(self.device) if self.stream is not None else None
+        self.chunk_blocks = chunk_blocks or max(1, staging_blocks // 4)
         # allocated once here; per-swap work never calls the caching allocator for data
         self.staging = torch.empty((staging_blocks, *host.block_shape), dtype=kv.dtype, device=self.device)
         self._idx = torch.empty(max(staging_blocks, 1), dtype=torch.int64, device=self.device)
         if self.stream is not None:  # used on the copy stream: freeing must wait for it
             for t in (self.staging, self._idx, kv):
                 t.record_stream(self.stream)
+                t.record_stream(self.gather_stream)
         self.direct_min_bytes = direct_min_bytes
 
     def swap_out(self, gpu_blocks: list[int]) -> tuple[list[int], KVHandle]:
@@ -233,21 +238,44 @@ class KVSwapper:
             return
         cap = self.staging.shape[0]
         for i in range(0, len(gpu), cap):
-            g_ids, h_ids = gpu[i:i + cap], host[i:i + cap]
-            n = len(g_ids)
-            idx, stage = self._idx[:n], self.staging[:n]
-            src_ids = torch.tensor(g_ids, dtype=torch.int64)
-            if self.stream is not None:
-                src_ids = src_ids.pin_memory()  # torch keeps it alive until this async copy has run
-            idx.copy_(src_ids, non_blocking=True)
+            self._window(gpu[i:i + cap], host[i:i + cap], to_host)
+
+    def _window(self, g_ids: list[int], h_ids: list[int], to_host: bool) -> None:
+        """Up to one staging buffer of blocks. On CUDA the gather/scatter (HBM) and the link copies run on
+        two streams in chunks, so chunk c's gather overlaps chunk c-1's transfer: only the first gather
+        (or the last scatter) is exposed instead of all of it."""
+        n = len(g_ids)
+        idx, stage, hb, kv = self._idx[:n], self.staging[:n], self.host.blocks, self.kv
+        src_ids = torch.tensor(g_ids, dtype=torch.int64)
+        cs, gs = self.stream, self.gather_stream
+        if cs is not None:
+            src_ids = src_ids.pin_memory()  # torch keeps it alive until this async copy has run
+        idx.copy_(src_ids, non_blocking=True)
+        step = n if cs is None else max(1, self.chunk_blocks)
+        if gs is not None:  # idx is on the device; staging is no longer read by an earlier window
+            gs.wait_stream(cs)
+        for c in range(0, n, step):
+            sl = slice(c, min(n, c + step))
             if to_host:
-                torch.index_select(kv, 0, idx, out=stage)
-            j = 0
-            for s, k in runs(h_ids):
+                if gs is not None:
+                    with torch.cuda.stream(gs):
+                        torch.index_select(kv, 0, idx[sl], out=stage[sl])
+                    cs.wait_stream(gs)
+                else:
+                    torch.index_select(kv, 0, idx[sl], out=stage[sl])
+            j = c
+            for s, k in runs(h_ids[sl]):
                 if to_host:
                     hb[s:s + k].copy_(stage[j:j + k], non_blocking=True)
                 else:
                     stage[j:j + k].copy_(hb[s:s + k], non_blocking=True)
                 j += k
             if not to_host:
-                kv.index_copy_(0, idx, stage)
+                if gs is not None:
+                    gs.wait_stream(cs)
+                    with torch.cuda.stream(gs):
+                        kv.index_copy_(0, idx[sl], stage[sl])
+                else:
+                    kv.index_copy_(0, idx[sl], stage[sl])
+        if gs is not None and not to_host:
+            cs.wait_stream(gs)  # the handle's event (recorded on the copy stream) covers the last scatter

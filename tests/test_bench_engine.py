@@ -58,6 +58,9 @@ def test_bench_engine_cpu_parity_fp32_exact_and_bf16_diagnostic(make_varied, tmp
     assert p["first_token_top1_match"] == 1.0 and p["greedy_32_identical"] == 1.0
     assert p["divergences"] == [] and p["near_tie_diagnostic"]["greedy_identical_up_to_near_ties"] == 1.0
     assert p["decode_attention"] == "torch"
+    # the HF-vs-HF peer: eager and SDPA attention in fp32 agree on this tiny model
+    peer = data["parity_peer_hf_eager_vs_hf_sdpa"]
+    assert peer["first_token_top1_match"] == 1.0 and len(peer["first_divergence_at"]) == 4
 
     # bf16 (a fresh engine and HF in bf16): figures and diagnostic well-formed; first tokens still agree
     b = data["parity_bf16"]
