@@ -146,14 +146,27 @@ def _kv_bench(cfg: ModelConfig, dev, bw: dict, reps: int) -> dict:
         want = kv[ids].clone()
         moved: list[list[int]] = []
 
-        def out(ids=ids, moved=moved):
+        marks: list[tuple[float, float, float, float]] = []
+
+        def out(ids=ids, moved=moved, marks=marks):
+            t0 = time.perf_counter()
             if moved:
                 kvs.host.allocator.free(moved.pop())
+            t1 = time.perf_counter()
             h_ids, h = kvs.swap_out(ids)
+            t2 = time.perf_counter()
             h.synchronize()
+            marks.append((t0, t1, t2, time.perf_counter()))
             moved.append(h_ids)
 
         t_out = _timed(out, dev, reps)
+        # where the swap-out's wall time goes (medians over the timed reps): freeing the previous host ids,
+        # enqueueing the swap (allocation, index upload, gather, copies), waiting for it on the host
+        m = marks[1:]
+        R[f"kv_swap_out_{n}_wall_breakdown_s"] = {
+            "free_previous": statistics.median(b - a for a, b, _, _ in m),
+            "enqueue": statistics.median(c - b for _, b, c, _ in m),
+            "wait": statistics.median(d - c for _, _, c, d in m)}
         t_in = _timed(lambda dst=dst, moved=moved: kvs.swap_in(moved[-1], dst, free_host=False).synchronize(),
                       dev, reps)
         nbytes = n * kvs.host.block_bytes
@@ -432,8 +445,8 @@ def run_bench_swap(model_dir: Path, json_out: Path | None) -> dict:
 
         syn = _synthetic_7b(cuda, cfg)
         try:
+            R.update(_kv_bench(cfg, dev, bw, 4 * reps))  # small copies: more reps for a steady median
             R.update(_swap_phase(host, syn, dev, floor, reps))
-            R.update(_kv_bench(cfg, dev, bw, reps))
             _free(dev)  # the phases' arena and tensors are gone
             eb = R["decode_beside_prefetch"] = _engine_beside_prefetch(model_dir, syn, dev)
         finally:
