@@ -91,7 +91,7 @@ def bench_pool_cmd(
     stop_at_miss: bool = typer.Option(False, help="--real: skip a policy's remaining rates once it misses --target"),
     merge: Optional[list[Path]] = typer.Option(
         None, "--merge", help="--real: combine these earlier --real JSON files into --json (repeatable; runs nothing)"),
-    placement: str = typer.Option("window", help="--real: token policy's rule for a fragmented arena: window | lru"),
+    placement: str = typer.Option("lru", help="--real: token policy's rule for a fragmented arena: window | lru"),
     resimulate: Optional[Path] = typer.Option(
         None, "--resimulate", help="--real: the current simulator beside each point of this --real JSON (no GPU)"),
 ) -> None:

@@ -126,7 +126,7 @@ def run_real(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durati
              kv_cache_gb: float = 4.0, drain_s: float = 60.0, cache_dir: str | Path = "~/.cache/tokenpool/bench-models",
              host_budget_gb: float = 48.0, warmup: bool = True, say=print, device: str = "cuda",
              model_dirs: dict | None = None, dtype: str = "bf16", target: float = 0.9,
-             stop_at_miss: bool = False, placement: str = "window") -> dict:
+             stop_at_miss: bool = False, placement: str = "lru") -> dict:
     """Each policy at each rate (a fresh engine per point). `stop_at_miss`: once a policy misses `target`,
     skip its remaining rates (for an ascending list: they add nothing to the bracket). `placement`: the token
     policy's rule for a fragmented arena (TokenConfig.placement; "lru" is the behaviour before it existed)."""
@@ -190,7 +190,7 @@ def policy_kw(p: str, placement: str) -> dict | None:
 
 
 def simulate_point(items, specs, slo, p: str, *, gpu_budget_gb: float, kv_cache_gb: float, drain_s: float,
-                   seed: int, placement: str = "window") -> dict:
+                   seed: int, placement: str = "lru") -> dict:
     """The simulator beside a real point, keyed as the real point is: in the real engine's arena, and (only
     the attainment) with VRAM as one byte count."""
     kw = dict(capacity_bytes=int(gpu_budget_gb * 1e9), drain_s=drain_s, seed=seed, policy_kw=policy_kw(p, placement))
@@ -207,7 +207,7 @@ def simulate_point(items, specs, slo, p: str, *, gpu_budget_gb: float, kv_cache_
 
 
 def run_point(p: str, rate: float, *, dirs, specs, slo, duration, drain_s, gpu_budget_gb, kv_cache_gb, cache, seed,
-              warmup, device, dtype, placement="window") -> dict:
+              warmup, device, dtype, placement="lru") -> dict:
     """One policy at one rate: a fresh pooled engine, the seeded workload replayed, the simulator beside it."""
     import torch
 

@@ -100,7 +100,7 @@ def test_real_sweep_two_rates_on_cpu(make_tiny, tmp_path):
         assert 0.0 <= x["simulated"]["attainment"] <= 1.0 and 0.0 <= x["slo"]["attainment"] <= 1.0
         assert x["timing"]["steps"] == x["steps"]
         assert {"prefetch_skipped", "forced_evictions", "loads", "bytes_only_attainment"} <= set(x["simulated"])
-    assert disk["config"]["placement"] == "window"
+    assert disk["config"]["placement"] == "lru"
     assert disk["sustained"]["token"]["points"] == [[x["rate"], x["slo"]["attainment"]] for x in pts]
     assert json.loads(json.dumps(out["sustained"])) == disk["sustained"]
 

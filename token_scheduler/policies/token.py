@@ -57,7 +57,7 @@ class TokenConfig:
     # Fragmented arena (free bytes suffice, no contiguous range): "window" hands the mechanism this policy's
     # victim order (StepPlan.load_order / prefetch_order) so it evicts the cheapest contiguous window, for a
     # prefetch too; "lru": no order, the mechanism's fallback (LRU until it fits; prefetch skipped).
-    placement: str = "window"
+    placement: str = "lru"  # window measured worse under load (H200, token 0.35: 65.5% vs 100% for lru)
 
 
 @dataclass(slots=True)
