@@ -242,6 +242,13 @@ def run_point(p: str, rate: float, *, dirs, specs, slo, duration, drain_s, gpu_b
         "kv_swapped_out": multi.kv_swapped_out, "timing": multi.timing_summary(),
         "cost_model": multi.cost.to_dict(),
     }
+    if device.startswith("cuda"):  # allocator retries (cudaFree + retry, device-wide syncs) would show here
+        ms = torch.cuda.memory_stats()
+        free, total = torch.cuda.mem_get_info()
+        res["cuda_memory"] = {"alloc_retries": ms.get("num_alloc_retries", 0), "ooms": ms.get("num_ooms", 0),
+                              "reserved_peak_gb": ms.get("reserved_bytes.all.peak", 0) / 1e9,
+                              "allocated_peak_gb": ms.get("allocated_bytes.all.peak", 0) / 1e9,
+                              "device_free_gb": free / 1e9, "device_total_gb": total / 1e9}
     res["simulated"] = simulate_point(items, specs, slo, p, gpu_budget_gb=gpu_budget_gb, kv_cache_gb=kv_cache_gb,
                                       drain_s=drain_s, seed=seed, placement=placement)
     res["sim_minus_real_points"] = 100 * (res["simulated"]["attainment"] - s.attainment)

@@ -67,7 +67,7 @@ def main() -> None:
     p = res["sweep"][a.policy][0] if "sweep" in res else res["policies"][a.policy]
     out = {"wall_s": wall, "executed": summary, "captures": cap, "slo": p["slo"], "timing": p["timing"],
            "loads": p["loads"], "prefetches": p["prefetches"], "evictions": p["evictions"], "load_gb": p["load_gb"],
-           "swap_stall_s": p["swap_stall_s"]}
+           "swap_stall_s": p["swap_stall_s"], "cuda_memory": p.get("cuda_memory")}
     print(json.dumps(out, indent=1, default=str))
     if a.json:
         with open(a.json, "w") as f:
