@@ -76,6 +76,10 @@ class ModelRunner:
         self.rope = llama.RopeCache.build(cfg, max_model_len + 1, self.device)
         self.sampler = Sampler(self.device, seed)
         self.use_triton = self.is_cuda and _triton_ok()
+        # prefill chunks with tokens x context up to this run token by token through the batched decode
+        # attention (one call for the step); 0 = never. CPU default 0: gathering each row's context costs more
+        # there than the per-sequence calls it saves (tests set it to check the path against HF).
+        self.rowwise_prefill_max = (1 << 18) if self.use_triton else 0
         # Decode runs the fused kernels; prefill keeps the reference op sequence (it is compute-bound, so
         # fusion buys little there, and first-token logits then follow HF's arithmetic op for op).
         self.fwd_decode = llama.forward_fused if self.use_triton else llama.forward
@@ -176,14 +180,16 @@ class ModelRunner:
                 so.append(p % bs)
         return ids, pos, sb, so
 
-    def _decode_meta(self, chunks) -> AttentionMetadata:
-        """Attention metadata for decode rows (one new token each): padded block tables, context lengths."""
+    def _decode_meta(self, rows) -> AttentionMetadata:
+        """Attention metadata for rows of one query token each, `rows`: (request, context length including
+        that token) -- decode rows, or the tokens of a short prefill chunk taken one by one (causal by
+        construction: token p attends to positions < p + 1). Padded block tables, context lengths."""
         dev = self.device
-        nb = max(len(c.request.block_ids) for c in chunks)
-        bt = [c.request.block_ids + [0] * (nb - len(c.request.block_ids)) for c in chunks]
+        nb = max(len(r.block_ids) for r, _ in rows)
+        bt = [r.block_ids + [0] * (nb - len(r.block_ids)) for r, _ in rows]
         return AttentionMetadata(None, None, self.block_size, decode=True,
                                  block_tables=torch.tensor(bt, dtype=torch.int32, device=dev),
-                                 context_lens=torch.tensor([c.start + 1 for c in chunks], dtype=torch.int32, device=dev),
+                                 context_lens=torch.tensor([n for _, n in rows], dtype=torch.int32, device=dev),
                                  use_triton=self.use_triton)
 
     def _forward_eager(self, out: SchedulerOutput, input_ids: torch.Tensor | None = None):
@@ -191,25 +197,30 @@ class ModelRunner:
         dev = self.device
         t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
         if out.is_decode:
-            meta = self._decode_meta(out.chunks)
+            meta = self._decode_meta([(c.request, c.start + 1) for c in out.chunks])
             meta.slot_blocks, meta.slot_offsets = t(sb), t(so)
         else:
             meta = AttentionMetadata(t(sb), t(so), self.block_size, hf_exact=self.hf_exact_prefill)
-            q0, dec = 0, []
-            for c in out.chunks:  # one-token chunks go to the batched decode attention, the rest one by one
+            q0, rows, qrows = 0, [], []
+            row_max = 0 if self.hf_exact_prefill else self.rowwise_prefill_max
+            for c in out.chunks:
                 ctx = c.start + c.num_tokens
-                if c.num_tokens == 1:
-                    dec.append((q0, c))
+                # One-token chunks, and short chunks token by token, go to one batched decode-attention call;
+                # long chunks get one SDPA each (their ~12 launches per layer are amortised; row by row they
+                # would re-read the context once per token).
+                if c.num_tokens == 1 or c.num_tokens * ctx <= row_max:
+                    rows += [(c.request, p + 1) for p in range(c.start, ctx)]
+                    qrows += range(q0, q0 + c.num_tokens)
                 else:
                     meta.seqs.append((q0, c.num_tokens, ctx))
                     meta.seq_block_tables.append(t(c.request.block_ids[: -(-ctx // self.block_size)]))
                 q0 += c.num_tokens
-            if dec:
-                meta.mixed_rows = t([r for r, _ in dec])
-                meta.mixed = self._decode_meta([c for _, c in dec])
-        # Pure prefill follows HF's op sequence (bit-exact first-token logits); a step with decode rows runs the
-        # fused kernels like decode does -- on the reference path its ~40 ops per layer made a mixed step of a
-        # few dozen tokens launch-bound (tens of ms on the H100).
+            if rows:
+                meta.mixed_rows = t(qrows)
+                meta.mixed = self._decode_meta(rows)
+        # hf_exact_prefill: pure prefill follows HF's op sequence (bit-exact first-token logits on the H100).
+        # Otherwise every step runs the fused kernels: on the reference path (~40 ops per layer, one SDPA per
+        # sequence) a prefill of a few short prompts was launch-bound, ~36 ms on the H100 for ~100 tokens.
         fwd = self.fwd_decode if out.is_decode or meta.mixed_rows is not None else llama.forward
         hidden = fwd(self.cfg, self.weights, self.kv, self.rope, t(ids) if input_ids is None else input_ids,
                      t(pos), meta)
