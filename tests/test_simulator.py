@@ -128,7 +128,7 @@ def test_pooled_arena_fragmentation_skips_prefetches_and_forces_evictions():
 
     flat, flat_stall = run()
     lru, lru_stall = run(kv_cache_bytes=4 * MiB, policy_kw={"placement": "lru"})
-    win, win_stall = run(kv_cache_bytes=4 * MiB)
+    win, win_stall = run(kv_cache_bytes=4 * MiB, policy_kw={"placement": "window"})
     assert flat["prefetch_skipped"] == flat["forced_evictions"] == 0
     assert lru["prefetch_skipped"] > 50 and lru["forced_evictions"] > 0
     assert lru["blocking_loads"] > 3 * flat["blocking_loads"] and lru_stall > 2 * flat_stall

@@ -180,16 +180,20 @@ class ModelRunner:
                 so.append(p % bs)
         return ids, pos, sb, so
 
-    def _decode_meta(self, rows) -> AttentionMetadata:
-        """Attention metadata for rows of one query token each, `rows`: (request, context length including
-        that token) -- decode rows, or the tokens of a short prefill chunk taken one by one (causal by
-        construction: token p attends to positions < p + 1). Padded block tables, context lengths."""
-        dev = self.device
-        nb = max(len(r.block_ids) for r, _ in rows)
-        bt = [r.block_ids + [0] * (nb - len(r.block_ids)) for r, _ in rows]
+    def _decode_meta(self, groups) -> AttentionMetadata:
+        """Attention metadata for rows of one query token each. `groups`: (request, context length of its
+        first row including that token, number of rows) -- one row per decode, or a short prefill chunk taken
+        token by token (causal by construction: the row of position p attends to positions < p + 1).
+        Padded block tables (a request's table repeated for its rows), context lengths."""
+        nb = max(len(r.block_ids) for r, _, _ in groups)
+        bt = torch.tensor([r.block_ids + [0] * (nb - len(r.block_ids)) for r, _, _ in groups], dtype=torch.int32)
+        if all(k == 1 for _, _, k in groups):
+            ctx = torch.tensor([c for _, c, _ in groups], dtype=torch.int32)
+        else:
+            bt = bt.repeat_interleave(torch.tensor([k for _, _, k in groups]), dim=0)
+            ctx = torch.cat([torch.arange(c, c + k, dtype=torch.int32) for _, c, k in groups])
         return AttentionMetadata(None, None, self.block_size, decode=True,
-                                 block_tables=torch.tensor(bt, dtype=torch.int32, device=dev),
-                                 context_lens=torch.tensor([n for _, n in rows], dtype=torch.int32, device=dev),
+                                 block_tables=bt.to(self.device), context_lens=ctx.to(self.device),
                                  use_triton=self.use_triton)
 
     def _forward_eager(self, out: SchedulerOutput, input_ids: torch.Tensor | None = None):
@@ -197,11 +201,11 @@ class ModelRunner:
         dev = self.device
         t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
         if out.is_decode:
-            meta = self._decode_meta([(c.request, c.start + 1) for c in out.chunks])
+            meta = self._decode_meta([(c.request, c.start + 1, 1) for c in out.chunks])
             meta.slot_blocks, meta.slot_offsets = t(sb), t(so)
         else:
             meta = AttentionMetadata(t(sb), t(so), self.block_size, hf_exact=self.hf_exact_prefill)
-            q0, rows, qrows = 0, [], []
+            q0, groups, qrows = 0, [], []
             row_max = 0 if self.hf_exact_prefill else self.rowwise_prefill_max
             for c in out.chunks:
                 ctx = c.start + c.num_tokens
@@ -209,15 +213,15 @@ class ModelRunner:
                 # long chunks get one SDPA each (their ~12 launches per layer are amortised; row by row they
                 # would re-read the context once per token).
                 if c.num_tokens == 1 or c.num_tokens * ctx <= row_max:
-                    rows += [(c.request, p + 1) for p in range(c.start, ctx)]
+                    groups.append((c.request, c.start + 1, c.num_tokens))
                     qrows += range(q0, q0 + c.num_tokens)
                 else:
                     meta.seqs.append((q0, c.num_tokens, ctx))
                     meta.seq_block_tables.append(t(c.request.block_ids[: -(-ctx // self.block_size)]))
                 q0 += c.num_tokens
-            if rows:
+            if groups:
                 meta.mixed_rows = t(qrows)
-                meta.mixed = self._decode_meta(rows)
+                meta.mixed = self._decode_meta(groups)
         # hf_exact_prefill: pure prefill follows HF's op sequence (bit-exact first-token logits on the H100).
         # Otherwise every step runs the fused kernels: on the reference path (~40 ops per layer, one SDPA per
         # sequence) a prefill of a few short prompts was launch-bound, ~36 ms on the H100 for ~100 tokens.
@@ -247,10 +251,23 @@ class ModelRunner:
         # graph key and bucket, not for every weight slot a model of that shape lands in (a 7B capture with
         # warm-up took ~0.3 s on the H100, paid at every new slot).
         warmed = self.graphs.setdefault(("warm", self.graph_key), set())
+        if not warmed and self.use_triton:  # first capture for this key: every attention variant compiled now
+            self._warm_attention()
         g = _DecodeGraph(self, bucket, self._graph_pool, warmup=0 if bucket in warmed else 2)
         warmed.add(bucket)
         self.graphs[self._graph_id(bucket)] = g
         return g
+
+    def _warm_attention(self) -> None:
+        """Compile each split-count variant of the paged attention (prefill rows make the batch, hence the
+        split count, vary; a first-use JIT compile mid-serving is a stall of ~1 s)."""
+        from token_scheduler.model import triton_decode
+
+        cfg, dev = self.cfg, self.device
+        q = torch.zeros(1, cfg.num_heads, cfg.head_dim, dtype=self.kv.dtype, device=dev)
+        bt = torch.full((1, 1), self.scratch_block, dtype=torch.int32, device=dev)
+        triton_decode.warm_up(q, self.kv, bt, torch.ones(1, dtype=torch.int32, device=dev), cfg.head_dim**-0.5,
+                              cfg.sliding_window)
 
     def _decode_graph(self, out: SchedulerOutput, ids: torch.Tensor | None = None) -> torch.Tensor:
         n = len(out.chunks)

@@ -11,7 +11,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# s_btb (the block-table row stride) follows the longest context in the batch: specialising on it (Triton
+# compiles separate variants for 1 and multiples of 16) would recompile mid-serving.
+@triton.jit(do_not_specialize=["s_btb"])
 def _paged_decode_kernel(
     Q, KV, BT, CTX, Out, M, L,
     scale, window,
@@ -86,8 +88,21 @@ def _combine_kernel(Part, M, L, Y, S: tl.constexpr, S_PAD: tl.constexpr, D: tl.c
     tl.store(Y + bh * D + d, out.to(Y.dtype.element_ty))
 
 
+SPLITS = (1, 2, 4, 8, 16, 32)  # each value is one compiled variant of both kernels
+
+
 def num_splits_for(batch: int, kv_heads: int, sms: int = 132) -> int:
-    return max(1, min(32, (2 * sms) // max(1, batch * kv_heads)))
+    """Splits so that batch x kv_heads x splits fills the GPU about twice, rounded down to a power of two:
+    prefill rows make the batch vary widely, and every distinct value would be a JIT compile mid-serving."""
+    want = max(1, min(32, (2 * sms) // max(1, batch * kv_heads)))
+    return max(s for s in SPLITS if s <= want)
+
+
+def warm_up(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+            scale: float, window=None) -> None:
+    """Compile every split variant now (at engine start) rather than at first use while serving."""
+    for s in SPLITS:
+        paged_decode(q, kv, 0, block_tables, context_lens, scale, window, num_splits=s)
 
 
 def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, num_splits=None):
