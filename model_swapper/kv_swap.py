@@ -251,7 +251,10 @@ class KVSwapper:
         if cs is not None:
             src_ids = src_ids.pin_memory()  # torch keeps it alive until this async copy has run
         idx.copy_(src_ids, non_blocking=True)
-        step = n if cs is None else max(1, self.chunk_blocks)
+        # Swap-in only: chunked, the last scatter is all that trails the link. Swap-out stays one chunk -- its
+        # exposed gather (~40 us for 64 7B blocks) costs less than enqueueing chunks from Python (H100: 64-block
+        # swap-out 81.7% of the pinned rate unchunked, 79.5% in chunks of 16; swap-in 79.1% -> 86.8%).
+        step = n if cs is None or to_host else max(1, self.chunk_blocks)
         if gs is not None:  # idx is on the device; staging is no longer read by an earlier window
             gs.wait_stream(cs)
         for c in range(0, n, step):
