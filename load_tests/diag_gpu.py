@@ -54,8 +54,8 @@ def kv() -> None:
         dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         s = torch.cuda.Stream()
         with torch.cuda.stream(s):
-            d2h = _stream_time(lambda: dst.copy_(src, non_blocking=True), s)
-            h2d = _stream_time(lambda: src.copy_(dst, non_blocking=True), s)
+            d2h = _stream_time(lambda a=dst, b=src: a.copy_(b, non_blocking=True), s)
+            h2d = _stream_time(lambda a=src, b=dst: a.copy_(b, non_blocking=True), s)
         print(f"n={n} ({nbytes / 1e6:.1f} MB): one contiguous memcpy d2h {nbytes / d2h / GB:.1f} GB/s, "
               f"h2d {nbytes / h2d / GB:.1f} GB/s")
         ids = torch.randperm(512, generator=g)[:n].tolist()
@@ -63,14 +63,17 @@ def kv() -> None:
             sw = KVSwapper(kvt, host, staging_blocks=256, chunk_blocks=chunk)
             h_ids = host.allocator.allocate(n)
 
+            def move(to_host, sw=sw, ids=ids, h_ids=h_ids):
+                return sw.copy(ids, h_ids, to_host=to_host)
+
             def out():
-                sw.copy(ids, h_ids, to_host=True).synchronize()
+                move(True).synchronize()
 
             def inn():
-                sw.copy(ids, h_ids, to_host=False).synchronize()
+                move(False).synchronize()
             out(), inn()
-            so = _stream_time(lambda: sw.copy(ids, h_ids, to_host=True), sw.stream)
-            si = _stream_time(lambda: sw.copy(ids, h_ids, to_host=False), sw.stream)
+            so = _stream_time(lambda: move(True), sw.stream)
+            si = _stream_time(lambda: move(False), sw.stream)
             wo, wi = _wall(out), _wall(inn)
             print(f"  chunk {chunk:3d}: out stream {nbytes / so / GB:5.1f} wall {nbytes / wo / GB:5.1f} GB/s | "
                   f"in stream {nbytes / si / GB:5.1f} wall {nbytes / wi / GB:5.1f} GB/s")
