@@ -242,6 +242,8 @@ def run_point(p: str, rate: float, *, dirs, specs, slo, duration, drain_s, gpu_b
         "kv_swapped_out": multi.kv_swapped_out, "timing": multi.timing_summary(),
         "cost_model": multi.cost.to_dict(),
     }
+    if hasattr(multi.policy, "round_info"):  # token policy: rounds, skips, turns and empty turns per model
+        res["policy_info"] = multi.policy.round_info()
     if device.startswith("cuda"):  # allocator retries (cudaFree + retry, device-wide syncs) would show here
         ms = torch.cuda.memory_stats()
         free, total = torch.cuda.mem_get_info()

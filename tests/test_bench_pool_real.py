@@ -100,6 +100,10 @@ def test_real_sweep_two_rates_on_cpu(make_tiny, tmp_path):
         assert 0.0 <= x["simulated"]["attainment"] <= 1.0 and 0.0 <= x["slo"]["attainment"] <= 1.0
         assert x["timing"]["steps"] == x["steps"]
         assert {"prefetch_skipped", "forced_evictions", "loads", "bytes_only_attainment"} <= set(x["simulated"])
+        # where misses come from: per-model detail adds up; the token policy's turns per model are counted
+        assert sum(v["requests"] for v in x["slo"]["per_model_detail"].values()) == x["requests"]
+        turns = x["policy_info"]["turns"]
+        assert set(turns) <= set(x["slo"]["per_model"]) and sum(turns.values()) > 0  # warm-up turns not counted
     assert disk["config"]["placement"] == "lru"
     assert disk["sustained"]["token"]["points"] == [[x["rate"], x["slo"]["attainment"]] for x in pts]
     assert json.loads(json.dumps(out["sustained"])) == disk["sustained"]

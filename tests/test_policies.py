@@ -126,6 +126,8 @@ def test_slo_attainment_by_hand():
     assert not ok.attained("mean") and s.attainment_mean_rule == 0.0
     assert s.token_attainment == pytest.approx((4 + 3 + 1 + 1) / (4 + 4 + 2 + 3))
     assert ok.max_gap == pytest.approx(0.95)
+    d = s.per_model_detail["m"]
+    assert d["requests"] == 4 and d["missed"] == 3 and d["ttft_late"] == 1  # only slow_first's first token
 
 
 def test_policy_registry():

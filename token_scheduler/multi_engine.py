@@ -298,6 +298,8 @@ class MultiModelEngine:
         if self.pool is not None:
             self.pool.reset_stats()
         self._loads_seen = 0
+        if hasattr(self.policy, "reset_counters"):
+            self.policy.reset_counters()
 
     def timing_summary(self) -> dict:
         """Where the step loop's time went. `policy_frac`: the policy CPU time of the steps that ran over their

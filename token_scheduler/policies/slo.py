@@ -107,6 +107,9 @@ class SloSummary:
     tpot_p99: float | None
     max_gap_p99: float | None
     per_model: dict[str, float] = field(default_factory=dict)
+    # per model: requests, missed, first token late (TTFT), p99 TTFT and p99 longest inter-token gap -- where
+    # a model's misses come from (queueing for prefill vs waiting for its decode turns)
+    per_model_detail: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -124,10 +127,19 @@ def summarize(records: list[RequestRecord]) -> SloSummary:
     tpots = [r.tpot for r in records if r.tpot is not None]
     gaps = [r.max_gap for r in records if r.n_tokens > 1]
     per: dict[str, list[int]] = {}
+    by_model: dict[str, list[RequestRecord]] = {}
     for r in records:
         c = per.setdefault(r.model, [0, 0])
         c[0] += r.attained("deadline")
         c[1] += 1
+        by_model.setdefault(r.model, []).append(r)
+    detail = {}
+    for m, rs in sorted(by_model.items()):
+        detail[m] = {
+            "requests": len(rs), "missed": sum(not r.attained("deadline") for r in rs),
+            "ttft_late": sum(r.ttft is None or r.ttft > r.slo.ttft_s + 1e-9 for r in rs),
+            "ttft_p99": _pct([r.ttft for r in rs if r.ttft is not None], 99),
+            "max_gap_p99": _pct([r.max_gap for r in rs if r.n_tokens > 1], 99)}
     return SloSummary(
         requests=n,
         attainment=ok / n,
@@ -138,4 +150,5 @@ def summarize(records: list[RequestRecord]) -> SloSummary:
         tpot_p50=_pct(tpots, 50), tpot_p99=_pct(tpots, 99),
         max_gap_p99=_pct(gaps, 99),
         per_model={m: a / b for m, (a, b) in sorted(per.items())},
+        per_model_detail=detail,
     )

@@ -86,6 +86,9 @@ class TokenPolicy:
         self.last_round_wall_s = 0.0  # how long the round before it actually took (state clock)
         self._round_started: float | None = None
         self.skips = 0
+        # per model: turns started, and turns that planned nothing (no room for the weights, or no request fit)
+        self.turns: dict[str, int] = {}
+        self.empty_turns: dict[str, int] = {}
 
     # -- the one entry point --
     def schedule(self, st: PoolState) -> StepPlan:
@@ -102,19 +105,27 @@ class TokenPolicy:
                     continue
                 quota = self._plan.turn_s(name) * (1 + self._bonus.pop(name, 0)) if self._plan else 0.0
                 self._turn = _Turn(name, quota)
+                self.turns[name] = self.turns.get(name, 0) + 1
                 plan = self._step(st, self._turn)
                 if not plan.idle:
                     return plan
+                self.empty_turns[name] = self.empty_turns.get(name, 0) + 1
             self._form_round(st)
             if not self._queue:
                 break
         self._turn = None
         return StepPlan(why="idle")
 
+    def reset_counters(self) -> None:
+        """Zero what round_info counts (rounds, skips, turns); the schedule state is kept."""
+        self.rounds = self.skips = 0
+        self.turns, self.empty_turns = {}, {}
+
     def round_info(self) -> dict:
         p = self._plan
         return {"rounds": self.rounds, "last_round_s": self.last_round_s, "last_round_wall_s": self.last_round_wall_s,
-                "skips": self.skips,
+                "skips": self.skips, "turns": dict(sorted(self.turns.items())),
+                "empty_turns": dict(sorted(self.empty_turns.items())),
                 "share": p.share if p else 0.0, "overloaded": p.overloaded if p else False}
 
     # -- turns --
