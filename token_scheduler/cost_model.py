@@ -123,12 +123,16 @@ H100_PCIE53 = HardwareProfile(
 )
 
 
+CLIP_AFTER = 20  # measurements before robust clipping starts (the prior may be far off until then)
+
+
 class OnlineLinearFit:
     """Recursive least squares with forgetting: y ~ theta . x, updated one measurement at a time (O(n^2))."""
 
-    __slots__ = ("theta", "P", "lam", "n", "cap")
+    __slots__ = ("theta", "P", "lam", "n", "cap", "clip")
 
-    def __init__(self, prior: tuple[float, ...], confidence: float = 100.0, forgetting: float = 0.999):
+    def __init__(self, prior: tuple[float, ...], confidence: float = 100.0, forgetting: float = 0.999,
+                 clip: float | None = None):
         k = len(prior)
         self.theta = list(prior)
         # P0 = confidence * I is the prior's variance per (scaled) coefficient; against step times of
@@ -137,16 +141,25 @@ class OnlineLinearFit:
         self.lam = forgetting
         self.cap = 10.0 * confidence * k  # forgetting inflates P along directions never measured: bound it
         self.n = 0
+        # Robust updates: once CLIP_AFTER measurements are in, an error beyond `clip` x the prediction counts
+        # only up to that. A one-off stall (a CUDA-graph capture, a JIT compile, a GC pause: 100x a step) would
+        # otherwise dominate a squared-error fit for its whole memory (~1/(1 - forgetting) steps) and bend
+        # every coefficient towards explaining it; a real change still moves the fit, step by step.
+        self.clip = clip
 
     def predict(self, x) -> float:
         return sum(t * v for t, v in zip(self.theta, x, strict=True))
 
     def update(self, x, y: float, tol: float = 0.0) -> bool:
         """Fold in one measurement; skipped (returns False) when already predicted within `tol` (relative)."""
-        err = y - self.predict(x)
+        pred = self.predict(x)
+        err = y - pred
         self.n += 1
         if abs(err) <= tol * abs(y):
             return False
+        if self.clip is not None and self.n > CLIP_AFTER and pred > 0:
+            lim = self.clip * pred
+            err = max(-lim, min(lim, err))
         P, k = self.P, len(self.theta)
         Px = [sum(P[i][j] * x[j] for j in range(k)) for i in range(k)]
         denom = self.lam + sum(x[i] * Px[i] for i in range(k))
@@ -157,6 +170,9 @@ class OnlineLinearFit:
             P = [[v / self.lam for v in row] for row in P]
         self.P = P
         return True
+
+
+STEP_CLIP = 1.0  # a step measured at more than twice its prediction counts as twice (see OnlineLinearFit)
 
 
 class CostModel:
@@ -186,7 +202,7 @@ class CostModel:
     def register(self, spec: ModelSpec) -> None:
         self._specs[spec.name] = spec
         prior = self.profile.step_coefficients(spec) if self.profile else (0.0,) * 5
-        self._step[spec.name] = OnlineLinearFit(prior, self._conf)
+        self._step[spec.name] = OnlineLinearFit(prior, self._conf, clip=STEP_CLIP)
         self._coef.pop(spec.name, None)
 
     # -- predictions (cheap; called by policies every step) --
