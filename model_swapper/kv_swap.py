@@ -6,7 +6,7 @@ block outermost, so one block is one contiguous range of bytes. The host pool ha
 Small copies waste the link (a 1 MiB block per memcpy reaches well under the link's rate), so a swap of
 scattered blocks is: gather the GPU blocks into a contiguous staging buffer with `index_select` (HBM speed),
 then one memcpy per run of consecutive host ids; swap-in is the mirror (`index_copy_`). The gathers run on a
-second stream in chunks, pipelined with the copies, so the link starts after the first chunk's gather.
+second stream in chunks for swap-ins, pipelined with the copies, so only the last chunk's scatter trails the link.
 The host allocator hands out one contiguous run whenever it can, so that is usually a single large memcpy.
 When both sides are already long consecutive runs, they are copied directly and the gather is skipped.
 
@@ -175,7 +175,7 @@ class KVSwapper:
         self.device = kv.device
         cuda = self.device.type == "cuda"
         self.stream = stream if stream is not None else (torch.cuda.Stream(self.device) if cuda else None)
-        # gathers/scatters run here, pipelined with the link copies on `stream` (see _window)
+        # swap-in scatters run here, pipelined with the link copies on `stream` (see _window)
         self.gather_stream = torch.cuda.Stream(self.device) if self.stream is not None else None
         self.chunk_blocks = chunk_blocks or max(1, min(16, staging_blocks // 2))  # 16: best on the H100 (diag_gpu kv)
         # allocated once here; per-swap work never calls the caching allocator for data
@@ -241,9 +241,8 @@ class KVSwapper:
             self._window(gpu[i:i + cap], host[i:i + cap], to_host)
 
     def _window(self, g_ids: list[int], h_ids: list[int], to_host: bool) -> None:
-        """Up to one staging buffer of blocks. On CUDA the gather/scatter (HBM) and the link copies run on
-        two streams in chunks, so chunk c's gather overlaps chunk c-1's transfer: only the first gather
-        (or the last scatter) is exposed instead of all of it."""
+        """Up to one staging buffer of blocks. On CUDA a swap-in's link copies and scatters (HBM) run on two
+        streams in chunks, so chunk c's copy overlaps chunk c-1's scatter."""
         n = len(g_ids)
         idx, stage, hb, kv = self._idx[:n], self.staging[:n], self.host.blocks, self.kv
         src_ids = torch.tensor(g_ids, dtype=torch.int64)
@@ -251,21 +250,16 @@ class KVSwapper:
         if cs is not None:
             src_ids = src_ids.pin_memory()  # torch keeps it alive until this async copy has run
         idx.copy_(src_ids, non_blocking=True)
-        # Swap-in only: chunked, the last scatter is all that trails the link. Swap-out stays one chunk -- its
-        # exposed gather (~40 us for 64 7B blocks) costs less than enqueueing chunks from Python (H100: 64-block
-        # swap-out 81.7% of the pinned rate unchunked, 79.5% in chunks of 16; swap-in 79.1% -> 86.8%).
-        step = n if cs is None or to_host else max(1, self.chunk_blocks)
-        if gs is not None:  # idx is on the device; staging is no longer read by an earlier window
-            gs.wait_stream(cs)
+        # Swap-in only: chunked, with the scatters on the second stream, so only the last scatter trails the
+        # link. Swap-out stays one chunk on the copy stream -- its exposed gather (~40 us for 64 7B blocks)
+        # costs less than enqueueing chunks and cross-stream waits from Python (H100: 64-block swap-out 81.7% of
+        # the pinned rate unchunked, 79.5% in chunks of 16; swap-in 79.1% -> 86.8%).
+        pipe = gs if gs is not None and not to_host else None
+        step = max(1, self.chunk_blocks) if pipe is not None else n
         for c in range(0, n, step):
             sl = slice(c, min(n, c + step))
             if to_host:
-                if gs is not None:
-                    with torch.cuda.stream(gs):
-                        torch.index_select(kv, 0, idx[sl], out=stage[sl])
-                    cs.wait_stream(gs)
-                else:
-                    torch.index_select(kv, 0, idx[sl], out=stage[sl])
+                torch.index_select(kv, 0, idx[sl], out=stage[sl])
             j = c
             for s, k in runs(h_ids[sl]):
                 if to_host:
@@ -274,11 +268,12 @@ class KVSwapper:
                     stage[j:j + k].copy_(hb[s:s + k], non_blocking=True)
                 j += k
             if not to_host:
-                if gs is not None:
-                    gs.wait_stream(cs)
-                    with torch.cuda.stream(gs):
+                if pipe is not None:
+                    pipe.wait_stream(cs)  # this chunk (and the index upload) has landed in staging
+                    with torch.cuda.stream(pipe):
                         kv.index_copy_(0, idx[sl], stage[sl])
                 else:
                     kv.index_copy_(0, idx[sl], stage[sl])
-        if gs is not None and not to_host:
-            cs.wait_stream(gs)  # the handle's event (recorded on the copy stream) covers the last scatter
+        if pipe is not None:
+            cs.wait_stream(pipe)  # the handle's event (on the copy stream) covers the last scatter, and the
+            # next window's or swap's copies into staging come after these scatters read it
