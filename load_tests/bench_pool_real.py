@@ -35,7 +35,7 @@ from load_tests.bench_common import header, write_json
 from load_tests.bench_pool import bracket
 from load_tests.simulator import simulate
 from load_tests.workload import generate, parse_models
-from token_scheduler.cost_model import spec_for
+from token_scheduler.cost_model import H100_PCIE53, MeasuredProfile, spec_for
 from token_scheduler.policies.slo import ModelSLO, RequestRecord, summarize
 
 
@@ -190,10 +190,12 @@ def policy_kw(p: str, placement: str) -> dict | None:
 
 
 def simulate_point(items, specs, slo, p: str, *, gpu_budget_gb: float, kv_cache_gb: float, drain_s: float,
-                   seed: int, placement: str = "lru") -> dict:
+                   seed: int, placement: str = "lru", hw=None) -> dict:
     """The simulator beside a real point, keyed as the real point is: in the real engine's arena, and (only
-    the attainment) with VRAM as one byte count."""
-    kw = dict(capacity_bytes=int(gpu_budget_gb * 1e9), drain_s=drain_s, seed=seed, policy_kw=policy_kw(p, placement))
+    the attainment) with VRAM as one byte count. `hw`: the simulator's ground truth (default: the physical
+    roofline; `MeasuredProfile`: the costs the real run measured)."""
+    kw = dict(capacity_bytes=int(gpu_budget_gb * 1e9), drain_s=drain_s, seed=seed, policy_kw=policy_kw(p, placement),
+              hw=hw)
     sim = simulate(items, specs, slo, p, kv_cache_bytes=int(kv_cache_gb * 1e9), **kw)
     flat = simulate(items, specs, slo, p, **kw)
     e = sim.extra
@@ -254,6 +256,11 @@ def run_point(p: str, rate: float, *, dirs, specs, slo, duration, drain_s, gpu_b
     res["simulated"] = simulate_point(items, specs, slo, p, gpu_budget_gb=gpu_budget_gb, kv_cache_gb=kv_cache_gb,
                                       drain_s=drain_s, seed=seed, placement=placement)
     res["sim_minus_real_points"] = 100 * (res["simulated"]["attainment"] - s.attainment)
+    # the same simulation driven by the costs this run measured (its cost model's fits) instead of the roofline
+    res["simulated_measured_costs"] = simulate_point(
+        items, specs, slo, p, gpu_budget_gb=gpu_budget_gb, kv_cache_gb=kv_cache_gb, drain_s=drain_s, seed=seed,
+        placement=placement, hw=MeasuredProfile.from_cost_dict(res["cost_model"], H100_PCIE53))
+    res["sim_measured_minus_real_points"] = 100 * (res["simulated_measured_costs"]["attainment"] - s.attainment)
     multi.close()
     del multi
     gc.collect()
@@ -393,6 +400,13 @@ def resimulate(path: Path | str, json_out: Path | str | None = None, placements=
                     items, specs, slo, p, gpu_budget_gb=cfg["gpu_budget_gb"], kv_cache_gb=cfg["kv_region_gb"],
                     drain_s=cfg["drain_s"], seed=cfg["seed"], placement=pl)
             row["sim_minus_real_points"] = 100 * (row[f"simulated_{ran}"]["attainment"] - x["slo"]["attainment"])
+            if "cost_model" in x:  # the run's own measured costs as the simulator's ground truth
+                row["simulated_measured_costs"] = simulate_point(
+                    items, specs, slo, p, gpu_budget_gb=cfg["gpu_budget_gb"], kv_cache_gb=cfg["kv_region_gb"],
+                    drain_s=cfg["drain_s"], seed=cfg["seed"], placement=ran,
+                    hw=MeasuredProfile.from_cost_dict(x["cost_model"], H100_PCIE53))
+                row["sim_measured_minus_real_points"] = 100 * (row["simulated_measured_costs"]["attainment"]
+                                                               - x["slo"]["attainment"])
             out["points"].append(row)
     write_json(Path(json_out) if json_out else None, out)
     return out

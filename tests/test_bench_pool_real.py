@@ -100,6 +100,10 @@ def test_real_sweep_two_rates_on_cpu(make_tiny, tmp_path):
         assert 0.0 <= x["simulated"]["attainment"] <= 1.0 and 0.0 <= x["slo"]["attainment"] <= 1.0
         assert x["timing"]["steps"] == x["steps"]
         assert {"prefetch_skipped", "forced_evictions", "loads", "bytes_only_attainment"} <= set(x["simulated"])
+        # the simulator replayed with the costs this run measured, beside the roofline one
+        assert 0.0 <= x["simulated_measured_costs"]["attainment"] <= 1.0
+        assert x["sim_measured_minus_real_points"] == pytest.approx(
+            100 * (x["simulated_measured_costs"]["attainment"] - x["slo"]["attainment"]))
         # where misses come from: per-model detail adds up; the token policy's turns per model are counted
         assert sum(v["requests"] for v in x["slo"]["per_model_detail"].values()) == x["requests"]
         turns = x["policy_info"]["turns"]
@@ -116,9 +120,19 @@ def test_resimulate_puts_the_simulator_beside_real_points(tmp_path):
            "gpu_budget_gb": 20.0, "kv_region_gb": 1.0, "seed": 0}
     point = {"rate": 0.5, "slo": {"attainment": 0.75}, "loads": 3, "prefetches": 4, "prefetch_skipped": 5,
              "forced_evictions": 1, "evictions": 6, "swap_stall_s": 2.0}
+    # the token point carries the cost model its run measured (here: every step 3x the roofline)
+    from load_tests.workload import parse_models
+    from token_scheduler.cost_model import H100_PCIE53, CostModel, StepShape, spec_for
+
+    specs = [spec_for(e.arch, e.size, e.name) for e in parse_models(cfg["models"])]
+    cm = CostModel(H100_PCIE53, specs)
+    for sp in specs:
+        for b in (1, 4, 16, 64):
+            for shape in (StepShape(b, b, b * 300), StepShape(1, 50 * b, 50 * b, (50 * b) ** 2)):
+                cm.observe_step(sp.name, shape, 3 * H100_PCIE53.step_time(sp, shape))
     src = tmp_path / "real.json"
     src.write_text(json.dumps({"mode": "real", "commit": "abc", "config": cfg,
-                               "sweep": {"token": [point], "request": [point]}}))
+                               "sweep": {"token": [point | {"cost_model": cm.to_dict()}], "request": [point]}}))
     out = resimulate(src, tmp_path / "re.json")
     assert json.loads((tmp_path / "re.json").read_text())["points"] == out["points"]
     assert out["placement_of_real_run"] == "lru"  # a run from before TokenConfig.placement
@@ -130,6 +144,10 @@ def test_resimulate_puts_the_simulator_beside_real_points(tmp_path):
         assert 0.0 <= s["attainment"] <= 1.0 and 0.0 <= s["bytes_only_attainment"] <= 1.0
         assert row["sim_minus_real_points"] == pytest.approx(100 * (s["attainment"] - 0.75))
         assert s["loads"] + s["prefetches"] > 0 and s["kv_peak_gb"] > 0
+    m = tok["simulated_measured_costs"]
+    assert 0.0 <= m["attainment"] <= 1.0 and "simulated_measured_costs" not in req
+    assert tok["sim_measured_minus_real_points"] == pytest.approx(100 * (m["attainment"] - 0.75))
+    assert m["ttft_p50"] > tok["simulated_lru"]["ttft_p50"]  # 3x slower steps, as measured, show
     with pytest.raises(ValueError):
         src.write_text(json.dumps({"mode": "simulated"}))
         resimulate(src)

@@ -91,3 +91,30 @@ def test_one_off_stall_does_not_bend_the_step_fit():
         moved[clip] = max(abs(cm.step_time("m", s) / b - 1) for s, b in zip(probe, before))
     assert moved[cmod.STEP_CLIP] < 0.05  # one doubled step: a few percent
     assert moved[None] > 0.2  # the check can fail: without clipping the outlier shows
+
+
+def test_measured_profile_replays_a_cost_model():
+    """A CostModel's measured fits as a simulator's ground truth: the fitted line where it is above the
+    physical roofline, the roofline below it and for models without a fit; load bandwidth as measured."""
+    import pickle
+
+    from token_scheduler.cost_model import MeasuredProfile
+
+    slow = HardwareProfile("slow", 1.0e12, 2e14, 1e14, 20e9, 3e-3, 2e-5, 0.02, 1e-3)
+    cm = CostModel(H100_PCIE53, [SPEC])
+    rng = random.Random(5)
+    for s in _shapes(rng, 400):
+        cm.observe_step("m", s, slow.step_time(SPEC, s))
+    for gb in (1, 4, 15):
+        cm.observe_load(gb * 1e9, 0.02 + gb * 1e9 / 20e9)
+    hw = MeasuredProfile.from_cost_dict(cm.to_dict(), H100_PCIE53)
+    for s in _shapes(rng, 20):
+        assert hw.step_time(SPEC, s) == pytest.approx(slow.step_time(SPEC, s), rel=0.03)
+        assert hw.step_time(SPEC, s) >= H100_PCIE53.step_time(SPEC, s)
+    other = ModelSpec("other", 3 * 10**9, 28672, 3e9, 4 * 28 * 1536)
+    s = StepShape(4, 4, 4000)
+    assert hw.step_time(other, s) == pytest.approx(H100_PCIE53.step_time(other, s))
+    assert hw.load_time(10e9) == pytest.approx(0.02 + 0.5, rel=0.03)
+    # the prior a simulated policy starts from is the measured fit, and the profile crosses process borders
+    assert CostModel(hw, [SPEC]).step_time("m", s) == pytest.approx(hw.step_time(SPEC, s), rel=1e-6)
+    assert pickle.loads(pickle.dumps(hw)).step_time(SPEC, s) == hw.step_time(SPEC, s)

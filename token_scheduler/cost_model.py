@@ -18,7 +18,7 @@ and is what the simulator uses both as ground truth and as the prior; it is not 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _FEATURE_SCALES = (1.0, 64.0, 1024.0, 65536.0, 1.0e6)  # keep the RLS well conditioned
 
@@ -108,6 +108,48 @@ class HardwareProfile:
 
     def swap_time(self, nbytes: float) -> float:
         return self.swap_overhead_s + nbytes / self.pcie_bytes_per_s
+
+
+@dataclass(frozen=True, slots=True)
+class MeasuredProfile(HardwareProfile):
+    """What a running engine measured (a `CostModel.to_dict()`), as a simulator's ground truth and prior: the
+    simulator then replays a real run with the step, load and swap costs that run saw, so the gap left between
+    simulated and real attainment is the scheduling dynamics, not the cost guesses. Per model, step time is
+    the measured linear fit, never below the base profile's physical roofline (a fit can carry negative terms
+    outside the range it saw); a model it has no fit for gets the base profile's roofline."""
+
+    step_coef: dict = field(default_factory=dict)  # model -> per-unit (base s, s/seq, s/new token, s/ctx, s/pair)
+    load_overhead_s: float = 0.0
+
+    @staticmethod
+    def from_cost_dict(d: dict, base: HardwareProfile) -> MeasuredProfile:
+        keys = ("base_s", "per_seq_s", "per_new_token_s", "per_ctx_token_s", "per_attn_pair_s")
+        coef = {m: tuple(float(v["coef"][k]) for k in keys) for m, v in d.get("step", {}).items()}
+        load, swap = d.get("load", {}), d.get("swap", {})
+        fields = {f: getattr(base, f) for f in HardwareProfile.__dataclass_fields__}
+        fields["name"] = f"measured ({d.get('prior') or 'no prior'}, then fitted while running)"
+        fields["pcie_bytes_per_s"] = float(load.get("bytes_per_s") or base.pcie_bytes_per_s)
+        fields["switch_overhead_s"] = max(0.0, float(load.get("overhead_s", base.switch_overhead_s)))
+        fields["swap_overhead_s"] = max(0.0, float(swap.get("overhead_s", base.swap_overhead_s)))
+        return MeasuredProfile(**fields, step_coef=coef, load_overhead_s=fields["switch_overhead_s"])
+
+    def _roofline(self) -> HardwareProfile:
+        return HardwareProfile(**{f: getattr(self, f) for f in HardwareProfile.__dataclass_fields__})
+
+    def step_time(self, spec: ModelSpec, shape: StepShape) -> float:
+        floor = self._roofline().step_time(spec, shape)
+        c = self.step_coef.get(spec.name)
+        if c is None:
+            return floor
+        t = (c[0] + c[1] * shape.num_seqs + c[2] * shape.new_tokens + c[3] * shape.ctx_tokens
+             + c[4] * shape.attn_pairs)
+        return max(t, floor)
+
+    def step_coefficients(self, spec: ModelSpec) -> tuple[float, ...]:
+        c = self.step_coef.get(spec.name)
+        if c is None:
+            return self._roofline().step_coefficients(spec)
+        return tuple(x * s for x, s in zip(c, _FEATURE_SCALES, strict=True))
 
 
 H100_PCIE53 = HardwareProfile(
