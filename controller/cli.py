@@ -53,13 +53,14 @@ def bench_engine_cmd(
         None, help="dtypes to check parity with HF in, e.g. bf16,fp32, or none (default: bf16,fp32 on CUDA; fp32 on CPU)"),
     parity_prompts: Optional[int] = typer.Option(None, help="random prompts per parity dtype (default: 32 on CUDA)"),
     hf_exact_prefill: bool = typer.Option(False, help="also check parity with the engine's HF-exact prefill mode"),
+    hf_exact: bool = typer.Option(False, help="also check parity with every step (decode too) run the way HF runs it"),
 ) -> None:
     """Decode step time per batch size, prefill tokens/s, HBM floor, HF generate peer, parity with HF."""
     from load_tests.bench_engine import run_bench_engine
 
     run_bench_engine(model, [int(b) for b in batch.split(",")], json_out, context=context, hf=hf,
                      parity_dtypes=([] if parity_dtype == "none" else parity_dtype.split(",")) if parity_dtype else None, parity_prompts=parity_prompts,
-                     hf_exact_prefill=hf_exact_prefill)
+                     hf_exact_prefill=hf_exact_prefill, hf_exact=hf_exact)
 
 
 @bench_app.command("swap")

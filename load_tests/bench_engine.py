@@ -235,12 +235,13 @@ def _hf_self_parity(model: Path, dtype: torch.dtype, dev: str, refs: list[_Ref])
             "first_divergence_at": [_first_diff(o.ids, r.ids) for o, r in zip(other, refs)]}
 
 
-def _parity_engine(model: Path, dtype: str, dev: str, hf_exact_prefill: bool = False) -> LLMEngine:
+def _parity_engine(model: Path, dtype: str, dev: str, hf_exact_prefill: bool = False,
+                   hf_exact: bool = False) -> LLMEngine:
     """A one-sequence engine for parity runs in another dtype or mode (small KV; CUDA graph for batch 1)."""
     return LLMEngine(EngineConfig(model=str(model), device=dev, dtype=dtype, max_num_seqs=1,
                                   max_num_batched_tokens=2048, max_model_len=1024, num_host_kv_blocks=0,
                                   kv_cache_memory_gb=1.0 if dev == "cuda" else None,
-                                  hf_exact_prefill=hf_exact_prefill))
+                                  hf_exact_prefill=hf_exact_prefill, hf_exact=hf_exact))
 
 
 def _load_hf(model: Path, dtype: torch.dtype, dev: str):
@@ -253,7 +254,7 @@ def _load_hf(model: Path, dtype: torch.dtype, dev: str):
 def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, context: int = 512,
                      hf: bool = True, steps: int = 50, parity_dtypes: list[str] | None = None,
                      parity_prompts: int | None = None, near_tie_ulps: float = 2.0,
-                     hf_exact_prefill: bool = False) -> dict:
+                     hf_exact_prefill: bool = False, hf_exact: bool = False) -> dict:
     """`parity_dtypes` (default: bf16 and fp32 on CUDA, the engine's fp32 on CPU): the bench engine's dtype
     is checked with the bench engine under `parity`; any other is checked after the bench engine and HF are
     freed, HF first (its reference kept on the host, then freed), then a fresh engine, under `parity_<dtype>`
@@ -302,6 +303,11 @@ def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, con
         if refs is not None and hf_exact_prefill:  # the same references, engine in its HF-exact prefill mode
             peng = _parity_engine(model, own, dev, hf_exact_prefill=True)
             res["parity_hf_exact_prefill"] = _parity(peng, refs, near_tie_ulps)
+            del peng
+            _free()
+        if refs is not None and hf_exact:  # every step (decode too) the way HF runs it
+            peng = _parity_engine(model, own, dev, hf_exact=True)
+            res["parity_hf_exact"] = _parity(peng, refs, near_tie_ulps)
             del peng
             _free()
         del refs

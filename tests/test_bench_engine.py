@@ -45,7 +45,7 @@ def test_bench_engine_cpu_parity_fp32_exact_and_bf16_diagnostic(make_varied, tmp
 
     out = tmp_path / "engine.json"
     r = run_bench_engine(make_varied("qwen2"), [1, 2], out, context=24, parity_dtypes=["fp32", "bf16"],
-                         parity_prompts=4)
+                         parity_prompts=4, hf_exact=True)
     text = out.read_text()
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the bench JSON"))
     assert data == json.loads(json.dumps(r)) and _finite(data)
@@ -58,6 +58,9 @@ def test_bench_engine_cpu_parity_fp32_exact_and_bf16_diagnostic(make_varied, tmp
     assert p["first_token_top1_match"] == 1.0 and p["greedy_32_identical"] == 1.0
     assert p["divergences"] == [] and p["near_tie_diagnostic"]["greedy_identical_up_to_near_ties"] == 1.0
     assert p["decode_attention"] == "torch"
+    # the engine with every step run as HF runs it: identical too
+    e = data["parity_hf_exact"]
+    assert e["first_token_top1_match"] == 1.0 and e["greedy_32_identical"] == 1.0
     # the HF-vs-HF peer: eager and SDPA attention in fp32 agree on this tiny model
     peer = data["parity_peer_hf_eager_vs_hf_sdpa"]
     assert peer["first_token_top1_match"] == 1.0 and len(peer["first_divergence_at"]) == 4

@@ -261,3 +261,18 @@ def test_hf_exact_prefill_mode_same_tokens(make_varied):
     d = make_varied("qwen3")
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     assert _run_alone(d, "The quick brown fox", sp) == _run_alone(d, "The quick brown fox", sp, hf_exact_prefill=True)
+
+
+def test_hf_exact_mode_decodes_the_reference_way(make_varied, monkeypatch):
+    """hf_exact: decode steps too run the reference ops, one SDPA per sequence (never the batched decode
+    attention); on CPU fp32 the tokens are the default path's."""
+    from token_scheduler import runner as R
+
+    d = make_varied("qwen2")
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = _run_alone(d, "The quick brown fox", sp)
+    calls = []
+    orig = R.ModelRunner._decode_meta
+    monkeypatch.setattr(R.ModelRunner, "_decode_meta", lambda self, g: calls.append(g) or orig(self, g))
+    assert _run_alone(d, "The quick brown fox", sp, hf_exact=True) == want
+    assert calls == []

@@ -39,6 +39,9 @@ class EngineConfig:
     # Prefill attention called exactly as HF transformers calls it: bf16 first-token logits equal HF's bit
     # for bit, at the cost of SDPA's slow math backend under GQA (a parity/debug mode, not for serving).
     hf_exact_prefill: bool = False
+    # Every step as HF calls it, decode too (eager reference ops, one SDPA per sequence over a contiguous copy
+    # of its context, no CUDA graphs): for bf16 greedy parity checks only -- many times slower than serving.
+    hf_exact: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -99,7 +102,7 @@ class LLMEngine:
         self.runner = ModelRunner(mc, self.weights, kv, block_size, self.max_model_len, self.device, c.seed,
                                   swapper, cuda_graphs=c.cuda_graphs, max_graph_batch=c.max_num_seqs,
                                   graphs=graphs, graph_key=graph_key, name=self.model_name,
-                                  hf_exact_prefill=c.hf_exact_prefill)
+                                  hf_exact_prefill=c.hf_exact_prefill or c.hf_exact, hf_exact_decode=c.hf_exact)
         self.detok = IncrementalDetokenizer(self.tokenizer)
         self._detok: dict[str, DetokState] = {}
         self._aborted: list[Request] = []

@@ -60,10 +60,11 @@ class ModelRunner:
                  block_size: int, max_model_len: int, device: torch.device, seed: int = 0,
                  kv_swapper=None, cuda_graphs: bool = True, max_graph_batch: int = 256,
                  graphs: dict | None = None, graph_key: object = None, scratch_block: int | None = None,
-                 name: str = "", hf_exact_prefill: bool = False):
+                 name: str = "", hf_exact_prefill: bool = False, hf_exact_decode: bool = False):
         self.cfg = cfg
         self.name = name
-        self.hf_exact_prefill = hf_exact_prefill
+        self.hf_exact_prefill = hf_exact_prefill or hf_exact_decode
+        self.hf_exact_decode = hf_exact_decode  # decode rows go the reference way too (eager, per sequence)
         self.weights = weights
         self.slot_key: object = None  # which weight slot `weights` live in (graphs are per slot)
         self.kv = kv_cache
@@ -106,7 +107,7 @@ class ModelRunner:
             raise RuntimeError("step planned for a model whose weights are not resident")
             return StepResult({}, {})
         sample_reqs = [c.request for c in out.chunks if c.sample]
-        if out.is_decode and len(out.chunks) in self.bucket_of:
+        if out.is_decode and len(out.chunks) in self.bucket_of and not self.hf_exact_decode:
             logits = self._decode_graph(out)
         else:
             hidden, idx = self._forward_eager(out)
@@ -121,7 +122,7 @@ class ModelRunner:
     def can_launch(self, out: SchedulerOutput) -> bool:
         """Can `out` run as an overlapped decode: a graph bucket, no KV moves, and sampling that needs
         neither the tokens the host has not read yet (penalties) nor host-side logprobs."""
-        return (out.is_decode and (len(out.chunks) in self.bucket_of or not self.is_cuda)
+        return (out.is_decode and not self.hf_exact_decode and (len(out.chunks) in self.bucket_of or not self.is_cuda)
                 and not out.swap_out and not out.swap_in and self.weights is not None
                 and all(not (sp := c.request.sampling_params).needs_penalties and sp.logprobs is None
                         for c in out.chunks))
@@ -200,7 +201,7 @@ class ModelRunner:
         ids, pos, sb, so = self._inputs(out, input_ids is not None)
         dev = self.device
         t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
-        if out.is_decode:
+        if out.is_decode and not self.hf_exact_decode:
             meta = self._decode_meta([(c.request, c.start + 1, 1) for c in out.chunks])
             meta.slot_blocks, meta.slot_offsets = t(sb), t(so)
         else:
@@ -212,7 +213,7 @@ class ModelRunner:
                 # One-token chunks, and short chunks token by token, go to one batched decode-attention call;
                 # long chunks get one SDPA each (their ~12 launches per layer are amortised; row by row they
                 # would re-read the context once per token).
-                if c.num_tokens == 1 or c.num_tokens * ctx <= row_max:
+                if (c.num_tokens == 1 and not self.hf_exact_decode) or c.num_tokens * ctx <= row_max:
                     groups.append((c.request, c.start + 1, c.num_tokens))
                     qrows += range(q0, q0 + c.num_tokens)
                 else:
@@ -225,7 +226,7 @@ class ModelRunner:
         # hf_exact_prefill: pure prefill follows HF's op sequence (bit-exact first-token logits on the H100).
         # Otherwise every step runs the fused kernels: on the reference path (~40 ops per layer, one SDPA per
         # sequence) a prefill of a few short prompts was launch-bound, ~36 ms on the H100 for ~100 tokens.
-        fwd = self.fwd_decode if out.is_decode or meta.mixed_rows is not None else llama.forward
+        fwd = self.fwd_decode if meta.decode or meta.mixed_rows is not None else llama.forward
         hidden = fwd(self.cfg, self.weights, self.kv, self.rope, t(ids) if input_ids is None else input_ids,
                      t(pos), meta)
         idx, q = [], 0

@@ -11,5 +11,5 @@ python -m controller.cli make-model --arch qwen2 --size 7b --out $M/q7 > "$OUT/m
 python -m controller.cli bench engine --model $M/q7 --batch 1,8,32,64 --parity-dtype none \
   --json "$OUT/engine_qwen2_7b.json" > "$OUT/engine_7b.log" 2>&1; echo "7b rc=$?"; tail -3 "$OUT/engine_7b.log"
 python -m controller.cli make-model --arch qwen2 --size 1.5b --out $M/q15 >> "$OUT/make.log" 2>&1
-python -m controller.cli bench engine --model $M/q15 --batch 1,8,32 --parity-dtype bf16 \
+python -m controller.cli bench engine --model $M/q15 --batch 1,8,32 --parity-dtype bf16 --hf-exact \
   --json "$OUT/engine_qwen2_1.5b.json" > "$OUT/engine_15b.log" 2>&1; echo "1.5b rc=$?"; tail -3 "$OUT/engine_15b.log"

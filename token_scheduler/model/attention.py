@@ -34,7 +34,7 @@ class AttentionMetadata:
     # instead of one SDPA per sequence -- per-sequence calls are launch-bound with dozens of decodes.
     mixed_rows: torch.Tensor | None = None
     mixed: AttentionMetadata | None = None
-    hf_exact: bool = False  # prefill SDPA called exactly as HF calls it (slower; see attend)
+    hf_exact: bool = False  # SDPA called exactly as HF calls it (slower; see attend)
 
 
 def write_kv(kv: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, m: AttentionMetadata) -> None:
@@ -77,6 +77,9 @@ def attend(q: torch.Tensor, kv: torch.Tensor, layer: int, m: AttentionMetadata, 
             qs, kt, vt = qs[None], kt[None], vt[None]
         if ctx == qn and not (window and ctx > window):
             o = F.scaled_dot_product_attention(qs, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+        elif m.hf_exact and qn == 1 and not (window and ctx > window):
+            # HF's decode: one query over its whole cache, no mask, the cache contiguous [1, heads, len, D]
+            o = F.scaled_dot_product_attention(qs, kt.contiguous(), vt.contiguous(), scale=scale, enable_gqa=True)
         else:
             kp = torch.arange(ctx, device=q.device)
             mask = _mask(kp[ctx - qn :], kp, window)
