@@ -91,6 +91,12 @@ class ModelRunner:
         buckets = [b for b in GRAPH_BUCKETS if b <= max_graph_batch] if self.is_cuda and cuda_graphs else []
         # decode batch size -> smallest bucket that fits
         self.bucket_of: dict[int, int] = {n: next(b for b in buckets if b >= n) for n in range(1, max(buckets or [0]) + 1)}
+        # Every paged-attention variant compiled now, once per graph key (prefill rows and decode buckets
+        # pick split counts from a fixed set; a first-use JIT compile while serving is a stall of ~1 s).
+        warmed = self.graphs.setdefault(("warm", self.graph_key), set())
+        if self.use_triton and "attention" not in warmed:
+            self._warm_attention()
+            warmed.add("attention")
         if buckets and weights is not None and not self.shared_graphs:
             self.capture_graphs(buckets)
 
@@ -105,7 +111,6 @@ class ModelRunner:
             return StepResult({}, {})
         if self.weights is None:
             raise RuntimeError("step planned for a model whose weights are not resident")
-            return StepResult({}, {})
         sample_reqs = [c.request for c in out.chunks if c.sample]
         if out.is_decode and len(out.chunks) in self.bucket_of and not self.hf_exact_decode:
             logits = self._decode_graph(out)
@@ -252,16 +257,13 @@ class ModelRunner:
         # graph key and bucket, not for every weight slot a model of that shape lands in (a 7B capture with
         # warm-up took ~0.3 s on the H100, paid at every new slot).
         warmed = self.graphs.setdefault(("warm", self.graph_key), set())
-        if not warmed and self.use_triton:  # first capture for this key: every attention variant compiled now
-            self._warm_attention()
         g = _DecodeGraph(self, bucket, self._graph_pool, warmup=0 if bucket in warmed else 2)
         warmed.add(bucket)
         self.graphs[self._graph_id(bucket)] = g
         return g
 
     def _warm_attention(self) -> None:
-        """Compile each split-count variant of the paged attention (prefill rows make the batch, hence the
-        split count, vary; a first-use JIT compile mid-serving is a stall of ~1 s)."""
+        """Compile each split-count variant of the paged attention (one call each into the scratch block)."""
         from token_scheduler.model import triton_decode
 
         cfg, dev = self.cfg, self.device
