@@ -119,7 +119,6 @@ class MeasuredProfile(HardwareProfile):
     outside the range it saw); a model it has no fit for gets the base profile's roofline."""
 
     step_coef: dict = field(default_factory=dict)  # model -> per-unit (base s, s/seq, s/new token, s/ctx, s/pair)
-    load_overhead_s: float = 0.0
 
     @staticmethod
     def from_cost_dict(d: dict, base: HardwareProfile) -> MeasuredProfile:
@@ -131,24 +130,19 @@ class MeasuredProfile(HardwareProfile):
         fields["pcie_bytes_per_s"] = float(load.get("bytes_per_s") or base.pcie_bytes_per_s)
         fields["switch_overhead_s"] = max(0.0, float(load.get("overhead_s", base.switch_overhead_s)))
         fields["swap_overhead_s"] = max(0.0, float(swap.get("overhead_s", base.swap_overhead_s)))
-        return MeasuredProfile(**fields, step_coef=coef, load_overhead_s=fields["switch_overhead_s"])
-
-    def _roofline(self) -> HardwareProfile:
-        return HardwareProfile(**{f: getattr(self, f) for f in HardwareProfile.__dataclass_fields__})
+        return MeasuredProfile(**fields, step_coef=coef)
 
     def step_time(self, spec: ModelSpec, shape: StepShape) -> float:
-        floor = self._roofline().step_time(spec, shape)
-        c = self.step_coef.get(spec.name)
-        if c is None:
+        x = shape.features()
+        floor = sum(a * v for a, v in zip(HardwareProfile.step_coefficients(self, spec), x, strict=True))
+        if spec.name not in self.step_coef:
             return floor
-        t = (c[0] + c[1] * shape.num_seqs + c[2] * shape.new_tokens + c[3] * shape.ctx_tokens
-             + c[4] * shape.attn_pairs)
-        return max(t, floor)
+        return max(sum(a * v for a, v in zip(self.step_coefficients(spec), x, strict=True)), floor)
 
     def step_coefficients(self, spec: ModelSpec) -> tuple[float, ...]:
         c = self.step_coef.get(spec.name)
         if c is None:
-            return self._roofline().step_coefficients(spec)
+            return HardwareProfile.step_coefficients(self, spec)
         return tuple(x * s for x, s in zip(c, _FEATURE_SCALES, strict=True))
 
 
