@@ -25,6 +25,9 @@ from gpu_pool.freelist import FreeList
 from gpu_pool.host_pool import PinnedRegion
 
 
+IDS_RING = 8  # pinned block-id upload slots per swapper (see KVSwapper._upload_ids)
+
+
 class HostKVFull(RuntimeError):
     def __init__(self, needed: int, free: int):
         super().__init__(f"host KV pool: need {needed} blocks, {free} free; keep the sequence on the GPU or "
@@ -181,6 +184,13 @@ class KVSwapper:
         # allocated once here; per-swap work never calls the caching allocator for data
         self.staging = torch.empty((staging_blocks, *host.block_shape), dtype=kv.dtype, device=self.device)
         self._idx = torch.empty(max(staging_blocks, 1), dtype=torch.int64, device=self.device)
+        # block ids reach the GPU from a small ring of pinned slots written in place (numpy), so a swap costs no
+        # pinned allocation on the host path before its first byte moves; a slot is reused once its upload ran
+        self._ids_host = torch.empty((IDS_RING, max(staging_blocks, 1)), dtype=torch.int64,
+                                     pin_memory=self.stream is not None)
+        self._ids_np = self._ids_host.numpy()
+        self._ids_ev: list[object | None] = [None] * IDS_RING
+        self._ids_slot = 0
         if self.stream is not None:  # used on the copy stream: freeing must wait for it
             for t in (self.staging, self._idx, kv):
                 t.record_stream(self.stream)
@@ -240,22 +250,35 @@ class KVSwapper:
         for i in range(0, len(gpu), cap):
             self._window(gpu[i:i + cap], host[i:i + cap], to_host)
 
+    def _upload_ids(self, g_ids: list[int]) -> torch.Tensor:
+        """The GPU block ids of one window in `self._idx[:n]`, uploaded on the current (copy) stream."""
+        n, slot = len(g_ids), self._ids_slot
+        self._ids_slot = (slot + 1) % IDS_RING
+        ev = self._ids_ev[slot]
+        if ev is not None:
+            ev.synchronize()  # that slot's upload (IDS_RING windows ago) has run: almost always already true
+        self._ids_np[slot, :n] = g_ids
+        idx = self._idx[:n]
+        idx.copy_(self._ids_host[slot, :n], non_blocking=self.stream is not None)
+        if self.stream is not None:
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+            self._ids_ev[slot] = ev
+        return idx
+
     def _window(self, g_ids: list[int], h_ids: list[int], to_host: bool) -> None:
         """Up to one staging buffer of blocks. On CUDA a swap-in's link copies and scatters (HBM) run on two
         streams in chunks, so chunk c's copy overlaps chunk c-1's scatter."""
         n = len(g_ids)
-        idx, stage, hb, kv = self._idx[:n], self.staging[:n], self.host.blocks, self.kv
-        src_ids = torch.tensor(g_ids, dtype=torch.int64)
+        stage, hb, kv = self.staging[:n], self.host.blocks, self.kv
         cs, gs = self.stream, self.gather_stream
-        if cs is not None:
-            src_ids = src_ids.pin_memory()  # torch keeps it alive until this async copy has run
-        idx.copy_(src_ids, non_blocking=True)
         # Swap-in only: chunked, with the scatters on the second stream, so only the last scatter trails the
         # link. Swap-out stays one chunk on the copy stream -- its exposed gather (~40 us for 64 7B blocks)
         # costs less than enqueueing chunks and cross-stream waits from Python (H100: 64-block swap-out 81.7% of
         # the pinned rate unchunked, 79.5% in chunks of 16; swap-in 79.1% -> 86.8%).
         pipe = gs if gs is not None and not to_host else None
         step = max(1, self.chunk_blocks) if pipe is not None else n
+        idx = self._upload_ids(g_ids) if to_host else None  # a swap-in's first link copy goes out before it
         for c in range(0, n, step):
             sl = slice(c, min(n, c + step))
             if to_host:
@@ -268,6 +291,8 @@ class KVSwapper:
                     stage[j:j + k].copy_(hb[s:s + k], non_blocking=True)
                 j += k
             if not to_host:
+                if idx is None:
+                    idx = self._upload_ids(g_ids)
                 if pipe is not None:
                     pipe.wait_stream(cs)  # this chunk (and the index upload) has landed in staging
                     with torch.cuda.stream(pipe):
