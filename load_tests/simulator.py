@@ -70,6 +70,7 @@ class SimRequest:
 @dataclass
 class GpuStats:
     steps: int = 0
+    switches: int = 0  # steps whose model differs from the previous step's (MultiModelEngine.switches)
     busy_s: float = 0.0
     loads: int = 0  # every weight load, blocking or prefetch
     prefetches: int = 0
@@ -167,6 +168,7 @@ class GpuSim:
         self.fg_free = self.bg_free = self.d2h_free = 0.0
         self.loads: dict[str, list] = {}  # model -> [start, end, bytes, stall]
         self.stats = GpuStats()
+        self._last_model: str | None = None
         self.outstanding = 0
         self.rng = random.Random(f"noise:{seed}:{gid}")
 
@@ -353,7 +355,9 @@ class GpuSim:
                     self.outstanding -= 1
         if finished:
             m.running = [r for r in m.running if r.status != _F]
-        st.active = m.name
+        if self._last_model is not None and self._last_model != m.name:
+            self.stats.switches += 1
+        self._last_model = st.active = m.name
         self.stats.steps += 1
         self.stats.busy_s += dur
         self.now = end
@@ -504,6 +508,7 @@ def _result(policy: str, stats: list[GpuStats], records: list[RequestRecord], du
     good = [r for r in records if r.attained()]
     extra: dict = {k: int(tot[k]) for k in ("loads", "prefetches", "prefetch_skipped", "evictions", "forced_evictions")}
     extra["blocking_loads"] = extra["loads"] - extra["prefetches"]  # the real pool's `loads`
+    extra["loads_per_s"] = tot["loads"] / max(end, 1e-9)  # weight loads (blocking or prefetch) per second
     if tot["kv_region_bytes"]:  # pooled arena, the largest over GPUs
         extra["kv_peak_gb"] = tot["kv_peak_bytes"] / 1e9
         extra["kv_region_exceeded"] = any(st.kv_peak_bytes > st.kv_region_bytes for st in stats)
@@ -514,7 +519,7 @@ def _result(policy: str, stats: list[GpuStats], records: list[RequestRecord], du
     return SimResult(
         policy=policy, n_gpus=len(stats), duration_s=duration, end_s=end, slo=summ.to_dict(),
         goodput_rps=len(good) / span, goodput_tokens_per_s=sum(r.output_len for r in good) / span,
-        switches_per_s=tot["loads"] / max(end, 1e-9), load_stall_s=tot["load_stall_s"],
+        switches_per_s=tot["switches"] / max(end, 1e-9), load_stall_s=tot["load_stall_s"],
         swap_stall_s=tot["swap_stall_s"], swap_gb=(tot["swap_out_bytes"] + tot["swap_in_bytes"]) / 1e9,
         gpu_busy_frac=tot["busy_s"] / (max(end, 1e-9) * len(stats)), steps=int(tot["steps"]),
         policy_cpu_us_per_step=1e6 * tot["policy_cpu_s"] / max(1, tot["policy_calls"]),
