@@ -3,9 +3,12 @@
 - `kv`: KV swap of 64/256 scattered 7B-shaped blocks for several pipelining chunk sizes, stream time vs wall
   time, against one contiguous copy of the same bytes (what the link gives a single memcpy of that size).
 - `gemv`: batch-1 `F.linear` time per weight shape of a model (cuBLAS), as achieved HBM bandwidth.
+- `gemv-triton`: the Triton GEMV (token_scheduler/model/triton_gemv.py) over block configs, per projection,
+  against cuBLAS plus the elementwise kernels it folds in; prints the best config per shape.
 
     python -m load_tests.diag_gpu kv
     python -m load_tests.diag_gpu gemv --model DIR
+    python -m load_tests.diag_gpu gemv-triton --model DIR
 """
 
 from __future__ import annotations
@@ -106,12 +109,90 @@ def gemv(model: str) -> None:
               f"(bytes {w.numel() * 2 / 1e6:.1f} MB)")
 
 
+def _graph_us(fn, reps: int) -> float:
+    """Microseconds per call of `fn(i)` for i in range(reps), captured in one CUDA graph and replayed."""
+    for i in range(reps):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return 1e6 * statistics.median(ts) / reps
+
+
+def gemv_triton(model: str) -> None:
+    """Batch-1 projections: cuBLAS F.linear (plus the elementwise kernels the GEMV folds in) vs the Triton GEMV
+    over a sweep of block configs. Weights rotate over copies totalling >= 400 MB so L2 (50 MB) holds none."""
+    from token_scheduler.model import triton_ops as k
+    from token_scheduler.model.config import ModelConfig
+    from token_scheduler.model.triton_gemv import MODE_NORM, MODE_PLAIN, MODE_SILU, gemv
+
+    cfg = ModelConfig.from_pretrained(model)
+    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    shapes = {"qkv": (q + 2 * kv, h, MODE_NORM), "o": (h, q, MODE_PLAIN), "gate_up": (2 * i, h, MODE_NORM),
+              "down": (h, i, MODE_SILU)}
+    dt = torch.bfloat16
+    best = {}
+    for name, (n, kk, mode) in shapes.items():
+        nbytes = n * kk * 2
+        copies = max(2, min(64, -(-400_000_000 // nbytes)))
+        ws = [torch.randn(n, kk, device="cuda", dtype=dt) * 0.02 for _ in range(copies)]
+        x = torch.randn(1, 2 * kk if mode == MODE_SILU else kk, device="cuda", dtype=dt)
+        r = torch.randn(1, kk, device="cuda", dtype=dt)
+        nw = torch.ones(kk, device="cuda", dtype=dt)
+        reps = copies * max(1, 64 // copies)
+
+        def ref(j, ws=ws, x=x, r=r, nw=nw, mode=mode):
+            if mode == MODE_NORM:
+                xx = x.clone()
+                return F.linear(k.add_rms_norm(xx, r, nw, 1e-6), ws[j % len(ws)])
+            if mode == MODE_SILU:
+                return F.linear(k.silu_mul(x), ws[j % len(ws)])
+            return F.linear(x, ws[j % len(ws)])
+        base = _graph_us(ref, reps)
+        lin = _graph_us(lambda j, ws=ws, x=x, kk=kk: F.linear(x[:, :kk], ws[j % len(ws)]), reps)
+        line = f"{name:8s} {n}x{kk} ({nbytes / 1e6:.1f} MB, floor {nbytes / 3.0e6:.2f} us): cuBLAS {lin:.2f} us, " \
+               f"cuBLAS+elementwise {base:.2f} us"
+        results = []
+        for bn in (2, 4, 8, 16, 32):
+            for bk in (256, 512, 1024):
+                for nwarps in (4, 8):
+                    if bn * bk > 16384 or (bk == 256 and bn < 8):
+                        continue
+                    cfgt = (bn, bk, nwarps)
+                    try:
+                        us = _graph_us(lambda j, ws=ws, x=x, r=r, nw=nw, mode=mode, c=cfgt: gemv(
+                            x, ws[j % len(ws)], mode=mode, r=r if mode == MODE_NORM else None,
+                            norm_w=nw, eps=1e-6, config=c), reps)
+                    except Exception as e:  # noqa: BLE001 -- a config the compiler rejects
+                        print("  skip", cfgt, str(e).splitlines()[0][:80])
+                        continue
+                    results.append((us, cfgt))
+        results.sort()
+        best[(n, kk)] = results[0][1]
+        print(line)
+        for us, c in results[:5]:
+            print(f"    triton {c}: {us:.2f} us  {nbytes / us / 1e3:.0f} GB/s")
+        del ws
+        torch.cuda.empty_cache()
+    print("BEST", best)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["kv", "gemv"])
+    ap.add_argument("what", choices=["kv", "gemv", "gemv-triton"])
     ap.add_argument("--model")
     a = ap.parse_args()
-    kv() if a.what == "kv" else gemv(a.model)
+    {"kv": kv, "gemv": lambda: gemv(a.model), "gemv-triton": lambda: gemv_triton(a.model)}[a.what]()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ transformers (RMSNorm in fp32 then cast, RoPE tables in fp32) so fp32 logits mat
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,8 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
 
     x = F.embedding(input_ids, w["embed"])
     T = input_ids.shape[0]
+    if T == 1 and USE_GEMV:
+        return _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta)
     H, KVH, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     h = k.add_rms_norm(x, None, w["l0.ln1"], eps)
     for n in range(cfg.num_layers):
@@ -139,6 +142,34 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
         nxt = w[f"l{n + 1}.ln1"] if n + 1 < cfg.num_layers else w["norm"]
         h = k.add_rms_norm(x, m, nxt, eps)
     return h
+
+
+# One token (a batch-1 decode step, or a one-row prefill): the projections run as Triton GEMVs with the
+# add+RMSNorm and SiLU*mul folded in (triton_gemv), 7 kernels per layer instead of 11. TOKENPOOL_GEMV=0: off.
+USE_GEMV = os.environ.get("TOKENPOOL_GEMV", "1") != "0"
+
+
+def _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata) -> torch.Tensor:
+    from token_scheduler.model import triton_ops as k
+    from token_scheduler.model.triton_gemv import MODE_NORM, MODE_SILU, gemv
+
+    H, KVH, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+    r = None  # the residual stream is x + r: each add is folded into the next normed projection
+    for n in range(cfg.num_layers):
+        p = f"l{n}."
+        qkv, x_new = gemv(x, w[p + "qkv"], w.get(p + "qkv_b"), mode=MODE_NORM, r=r, norm_w=w[p + "ln1"], eps=eps)
+        x = x if x_new is None else x_new
+        if cfg.qk_norm:
+            q, kk, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            q = k.add_rms_norm(q.reshape(H, D), None, w[p + "q_norm"], eps)
+            kk = k.add_rms_norm(kk.reshape(KVH, D), None, w[p + "k_norm"], eps)
+            qkv = torch.cat([q.view(1, -1), kk.view(1, -1), v], dim=-1)
+        q = k.rope_and_write_kv(qkv, rope.cos, rope.sin, positions, kv_cache, n, meta.slot_blocks,
+                                meta.slot_offsets, H, KVH, D)
+        o, _ = gemv(attend(q, kv_cache, n, meta, cfg).reshape(1, H * D), w[p + "o"])
+        gu, x = gemv(x, w[p + "gate_up"], mode=MODE_NORM, r=o, norm_w=w[p + "ln2"], eps=eps)
+        r, _ = gemv(gu, w[p + "down"], mode=MODE_SILU)
+    return k.add_rms_norm(x, r, w["norm"], eps)
 
 
 def compute_logits(w: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:

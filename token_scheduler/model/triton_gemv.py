@@ -1,0 +1,109 @@
+"""Batch-1 decode matmuls as Triton GEMVs with the layer's elementwise work folded in.
+
+At one token per step a projection is a pure weight stream (y = W x, W [N, K] row-major), and on a 1.5B model
+the small kernels between the four projections of a layer (add+RMSNorm twice, SiLU*mul, cuBLAS's split-K
+reduce) cost about as much as the smallest projections themselves. Here each projection is one kernel:
+
+- MODE_PLAIN: y = W x (+ bias)
+- MODE_NORM:  y = W rmsnorm(x + r) (+ bias); program 0 also writes the new residual x + r to `x_out`
+  (out of place: every program reads x and r, so none may overwrite them)
+- MODE_SILU:  y = W (silu(gu[:K]) * gu[K:])
+
+Rounding follows the eager ops (`forward`): the residual sum, the normalised vector, its product with the
+norm weight, silu and the product with `up` are each rounded to the model dtype; the dot product itself is
+summed in fp32 in another order than cuBLAS, so results match the eager path to rounding, not bit for bit
+(the engine's `hf_exact` mode is the bit-exact path).
+
+Each program owns BLOCK_N output rows and streams them along K. Block sizes come from `config_for`
+(measured on an H100: `python -m load_tests.diag_gpu gemv-triton --model DIR`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MODE_PLAIN, MODE_NORM, MODE_SILU = 0, 1, 2
+
+
+@triton.jit
+def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr,
+                 HAS_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    dt = Y.dtype.element_ty
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    kk = tl.arange(0, BLOCK_K)
+    inv = 0.0
+    if MODE == 1:  # rms of (x + r), rounded to the model dtype as the residual stream is
+        ss = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + kk
+            km = cols < K
+            x = tl.load(X + cols, mask=km, other=0.0)
+            if HAS_R:
+                x = (x.to(tl.float32) + tl.load(R + cols, mask=km, other=0.0).to(tl.float32)).to(dt)
+                if pid == 0:
+                    tl.store(XOUT + cols, x, mask=km)
+            xf = x.to(tl.float32)
+            ss += xf * xf
+        inv = tl.math.rsqrt(tl.sum(ss, 0) / K + eps)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + kk
+        km = cols < K
+        w = tl.load(W + rows[:, None].to(tl.int64) * K + cols[None, :], mask=rmask[:, None] & km[None, :],
+                    other=0.0)
+        if MODE == 0:
+            xv = tl.load(X + cols, mask=km, other=0.0).to(tl.float32)
+        elif MODE == 1:
+            x = tl.load(X + cols, mask=km, other=0.0)
+            if HAS_R:
+                x = (x.to(tl.float32) + tl.load(R + cols, mask=km, other=0.0).to(tl.float32)).to(dt)
+            y = (x.to(tl.float32) * inv).to(dt)
+            nw = tl.load(NW + cols, mask=km, other=0.0)
+            xv = (nw.to(tl.float32) * y.to(tl.float32)).to(dt).to(tl.float32)
+        else:
+            g = tl.load(X + cols, mask=km, other=0.0).to(tl.float32)
+            u = tl.load(X + K + cols, mask=km, other=0.0).to(tl.float32)
+            a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+            xv = (a * u).to(dt).to(tl.float32)
+        acc += w.to(tl.float32) * xv[None, :]
+    out = tl.sum(acc, 1)
+    if HAS_B:
+        out += tl.load(B + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(Y + rows, out.to(dt), mask=rmask)
+
+
+# (BLOCK_N, BLOCK_K, num_warps) by the weight's shape; the default aims at >= ~3 programs per SM
+_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {}
+
+
+def config_for(n: int, k: int, sms: int = 132) -> tuple[int, int, int]:
+    c = _CONFIGS.get((n, k))
+    if c is not None:
+        return c
+    bn = 32
+    while bn > 1 and triton.cdiv(n, bn) < 4 * sms:
+        bn //= 2
+    return bn, 512, 4
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, mode: int = MODE_PLAIN,
+         r: torch.Tensor | None = None, norm_w: torch.Tensor | None = None, eps: float = 0.0,
+         config: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x: [1, K] ([1, 2K] for MODE_SILU); w: [N, K]. Returns (y [1, N], new residual x + r or None)."""
+    n, k = w.shape
+    want = 2 * k if mode == MODE_SILU else k
+    if x.shape != (1, want) or not x.is_contiguous() or not w.is_contiguous():
+        raise ValueError(f"gemv: x {tuple(x.shape)} for w {tuple(w.shape)} (mode {mode}); needs [1, {want}], "
+                         "contiguous")
+    y = torch.empty(1, n, device=x.device, dtype=x.dtype)
+    x_out = torch.empty_like(x) if (mode == MODE_NORM and r is not None) else None
+    bn, bk, nw = config or config_for(n, k)
+    _gemv_kernel[(triton.cdiv(n, bn),)](
+        x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
+        w, bias if bias is not None else w, y, eps, n, K=k, MODE=mode, HAS_R=r is not None,
+        HAS_B=bias is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+    return y, x_out
