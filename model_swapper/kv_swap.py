@@ -24,7 +24,6 @@ import torch
 from gpu_pool.freelist import FreeList
 from gpu_pool.host_pool import PinnedRegion
 
-
 IDS_RING = 8  # pinned block-id upload slots per swapper (see KVSwapper._upload_ids)
 
 
