@@ -83,32 +83,6 @@ def kv() -> None:
             host.allocator.free(h_ids)
 
 
-def gemv(model: str) -> None:
-    from token_scheduler.model.config import ModelConfig
-
-    cfg = ModelConfig.from_pretrained(model)
-    h, i, q, k = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
-    shapes = {"qkv": (q + 2 * k, h), "o": (h, q), "gate_up": (2 * i, h), "down": (h, i), "lm_head": (cfg.vocab_size, h)}
-    for name, (n_out, n_in) in shapes.items():
-        w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16)
-        x = torch.randn(1, n_in, device="cuda", dtype=torch.bfloat16)
-        reps = 200
-        graph = torch.cuda.CUDAGraph()
-        F.linear(x, w)
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                F.linear(x, w)
-        graph.replay()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        us = 1e6 * (time.perf_counter() - t) / reps
-        print(f"{name:8s} {n_out}x{n_in}: {us:7.2f} us  {w.numel() * 2 / us / 1e3:7.0f} GB/s "
-              f"(bytes {w.numel() * 2 / 1e6:.1f} MB)")
-
-
 def _graph_us(fn, reps: int) -> float:
     """Microseconds per call of `fn(i)` for i in range(reps), captured in one CUDA graph and replayed."""
     for i in range(reps):
@@ -127,6 +101,20 @@ def _graph_us(fn, reps: int) -> float:
         torch.cuda.synchronize()
         ts.append(time.perf_counter() - t)
     return 1e6 * statistics.median(ts) / reps
+
+
+def gemv(model: str) -> None:
+    from token_scheduler.model.config import ModelConfig
+
+    cfg = ModelConfig.from_pretrained(model)
+    h, i, q, k = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    shapes = {"qkv": (q + 2 * k, h), "o": (h, q), "gate_up": (2 * i, h), "down": (h, i), "lm_head": (cfg.vocab_size, h)}
+    for name, (n_out, n_in) in shapes.items():
+        w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(1, n_in, device="cuda", dtype=torch.bfloat16)
+        us = _graph_us(lambda _, x=x, w=w: F.linear(x, w), 200)
+        print(f"{name:8s} {n_out}x{n_in}: {us:7.2f} us  {w.numel() * 2 / us / 1e3:7.0f} GB/s "
+              f"(bytes {w.numel() * 2 / 1e6:.1f} MB)")
 
 
 def gemv_triton(model: str) -> None:

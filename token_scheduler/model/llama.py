@@ -115,6 +115,17 @@ def forward(
     return rms_norm(x, w["norm"], eps)
 
 
+def _qk_norm_fused(cfg, w, p: str, qkv: torch.Tensor) -> torch.Tensor:
+    """qwen3's per-head RMSNorm of q and k inside a fused [T, (H+2KVH)*D] qkv, with the fused kernel."""
+    from token_scheduler.model import triton_ops as k
+
+    T, D, eps = qkv.shape[0], cfg.head_dim, cfg.rms_norm_eps
+    q, kk, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+    q = k.add_rms_norm(q.reshape(T * cfg.num_heads, D), None, w[p + "q_norm"], eps)
+    kk = k.add_rms_norm(kk.reshape(T * cfg.num_kv_heads, D), None, w[p + "k_norm"], eps)
+    return torch.cat([q.view(T, -1), kk.view(T, -1), v], dim=-1)
+
+
 def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
     """CUDA path of `forward`: same arithmetic (bit-identical per op), with the elementwise work of a layer
     fused into three Triton kernels (add+RMSNorm, RoPE+KV write, SiLU*mul)."""
@@ -130,10 +141,7 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
         p = f"l{n}."
         qkv = F.linear(h, w[p + "qkv"], w.get(p + "qkv_b"))
         if cfg.qk_norm:
-            q, kk, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-            q = k.add_rms_norm(q.reshape(T * H, D), None, w[p + "q_norm"], eps)
-            kk = k.add_rms_norm(kk.reshape(T * KVH, D), None, w[p + "k_norm"], eps)
-            qkv = torch.cat([q.view(T, -1), kk.view(T, -1), v], dim=-1)
+            qkv = _qk_norm_fused(cfg, w, p, qkv)
         q = k.rope_and_write_kv(qkv, rope.cos, rope.sin, positions, kv_cache, n, meta.slot_blocks,
                                 meta.slot_offsets, H, KVH, D)
         o = attend(q, kv_cache, n, meta, cfg)
@@ -163,10 +171,7 @@ def _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata)
         qkv, x_new = gemv(x, w[p + "qkv"], w.get(p + "qkv_b"), mode=MODE_NORM, r=r, norm_w=w[p + "ln1"], eps=eps)
         x = x if x_new is None else x_new
         if cfg.qk_norm:
-            q, kk, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-            q = k.add_rms_norm(q.reshape(H, D), None, w[p + "q_norm"], eps)
-            kk = k.add_rms_norm(kk.reshape(KVH, D), None, w[p + "k_norm"], eps)
-            qkv = torch.cat([q.view(1, -1), kk.view(1, -1), v], dim=-1)
+            qkv = _qk_norm_fused(cfg, w, p, qkv)
         q = k.rope_and_write_kv(qkv, rope.cos, rope.sin, positions, kv_cache, n, meta.slot_blocks,
                                 meta.slot_offsets, H, KVH, D)
         o, _ = gemv(attend(q, kv_cache, n, meta, cfg).reshape(1, H * D), w[p + "o"])
