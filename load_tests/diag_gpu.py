@@ -1,14 +1,17 @@
-"""GPU diagnostics behind two open figures (prints, writes nothing to bench/results):
+"""GPU diagnostics behind the open figures (prints, writes nothing to bench/results):
 
 - `kv`: KV swap of 64/256 scattered 7B-shaped blocks for several pipelining chunk sizes, stream time vs wall
   time, against one contiguous copy of the same bytes (what the link gives a single memcpy of that size).
 - `gemv`: batch-1 `F.linear` time per weight shape of a model (cuBLAS), as achieved HBM bandwidth.
 - `gemv-triton`: the Triton GEMV (token_scheduler/model/triton_gemv.py) over block configs, per projection,
   against cuBLAS plus the elementwise kernels it folds in; prints the best config per shape.
+- `step`: the engine's decode step per batch size under each kernel launch variant (programmatic dependent
+  launch on/off, attention splits merged in-kernel or by a combine kernel, split count).
 
     python -m load_tests.diag_gpu kv
     python -m load_tests.diag_gpu gemv --model DIR
     python -m load_tests.diag_gpu gemv-triton --model DIR
+    python -m load_tests.diag_gpu step --model DIR --batch 1,8
 """
 
 from __future__ import annotations
@@ -175,12 +178,44 @@ def gemv_triton(model: str) -> None:
     print("BEST", best)
 
 
+def step(model: str, batches: list[int], context: int = 512) -> None:
+    """The engine's decode step (median call time and graph replay) at each batch size, under each variant of
+    the kernel launch options: programmatic dependent launch, split-merge in the attention kernel, and the
+    attention's split count. One engine; each variant re-captures the graphs it times."""
+    from load_tests.bench_engine import _decode_step_times
+    from token_scheduler import LLMEngine
+    from token_scheduler.engine import EngineConfig
+    from token_scheduler.model import triton_decode, triton_ops
+
+    eng = LLMEngine(EngineConfig(model=model, device="cuda", max_num_seqs=max(batches), max_num_batched_tokens=8192,
+                                 kv_cache_memory_gb=8.0, max_model_len=4096, num_host_kv_blocks=0))
+    vocab, r = eng.model_config.vocab_size, eng.runner
+    splits_for = triton_decode.num_splits_for
+    variants = [("base", False, False, None), ("pdl", True, False, None), ("fuse", False, True, None),
+                ("pdl+fuse", True, True, None), ("pdl+fuse s16", True, True, 16), ("pdl+fuse s8", True, True, 8),
+                ("pdl+fuse s4", True, True, 4), ("base again", False, False, None)]
+    for name, use_pdl, fuse, splits in variants:
+        triton_ops.USE_PDL, triton_decode.FUSED_COMBINE = use_pdl, fuse
+        triton_decode.num_splits_for = (lambda *_a, s=splits, **_k: s) if splits else splits_for
+        line = f"{name:14s}"
+        for b in batches:
+            bucket = r.bucket_of[b]
+            r.graphs.pop(r._graph_id(bucket), None)
+            r.graphs.get(("warm", r.graph_key), set()).discard(bucket)
+            d = _decode_step_times(eng, b, context, 40, vocab)
+            line += f" | b{b}: step {d['step_ms_median']:.3f} ms, replay {d['graph_replay_ms']:.3f} ms"
+        print(line, flush=True)
+    triton_decode.num_splits_for = splits_for
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["kv", "gemv", "gemv-triton"])
+    ap.add_argument("what", choices=["kv", "gemv", "gemv-triton", "step"])
     ap.add_argument("--model")
+    ap.add_argument("--batch", default="1,8", help="step: batch sizes")
     a = ap.parse_args()
-    {"kv": kv, "gemv": lambda: gemv(a.model), "gemv-triton": lambda: gemv_triton(a.model)}[a.what]()
+    {"kv": kv, "gemv": lambda: gemv(a.model), "gemv-triton": lambda: gemv_triton(a.model),
+     "step": lambda: step(a.model, [int(b) for b in a.batch.split(",")])}[a.what]()
 
 
 if __name__ == "__main__":

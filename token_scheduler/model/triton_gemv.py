@@ -24,17 +24,43 @@ import torch
 import triton
 import triton.language as tl
 
+from token_scheduler.model.triton_ops import pdl, pdl_enter
+
 MODE_PLAIN, MODE_NORM, MODE_SILU = 0, 1, 2
 
 
 @triton.jit
+def _x_tile(X, R, NW, cols, km, inv, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr, dt):
+    """The projection's input over columns `cols`, in fp32, after the mode's prologue."""
+    if MODE == 0:
+        xv = tl.load(X + cols, mask=km, other=0.0).to(tl.float32)
+    elif MODE == 1:
+        x = tl.load(X + cols, mask=km, other=0.0)
+        if HAS_R:
+            x = (x.to(tl.float32) + tl.load(R + cols, mask=km, other=0.0).to(tl.float32)).to(dt)
+        y = (x.to(tl.float32) * inv).to(dt)
+        nw = tl.load(NW + cols, mask=km, other=0.0)
+        xv = (nw.to(tl.float32) * y.to(tl.float32)).to(dt).to(tl.float32)
+    else:
+        g = tl.load(X + cols, mask=km, other=0.0).to(tl.float32)
+        u = tl.load(X + K + cols, mask=km, other=0.0).to(tl.float32)
+        a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        xv = (a * u).to(dt).to(tl.float32)
+    return xv
+
+
+@triton.jit
 def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr,
-                 HAS_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 HAS_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     dt = Y.dtype.element_ty
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     kk = tl.arange(0, BLOCK_K)
+    wp = W + rows[:, None].to(tl.int64) * K + kk[None, :]
+    # The first weight tile is loaded before waiting on the previous kernel: no kernel writes weights.
+    w = tl.load(wp, mask=rmask[:, None] & (kk < K)[None, :], other=0.0)
+    pdl_enter(PDL)
     inv = 0.0
     if MODE == 1:  # rms of (x + r), rounded to the model dtype as the residual stream is
         ss = tl.zeros([BLOCK_K], tl.float32)
@@ -49,27 +75,12 @@ def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.cons
             xf = x.to(tl.float32)
             ss += xf * xf
         inv = tl.math.rsqrt(tl.sum(ss, 0) / K + eps)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    acc = w.to(tl.float32) * _x_tile(X, R, NW, kk, kk < K, inv, K, MODE, HAS_R, dt)[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + kk
         km = cols < K
-        w = tl.load(W + rows[:, None].to(tl.int64) * K + cols[None, :], mask=rmask[:, None] & km[None, :],
-                    other=0.0)
-        if MODE == 0:
-            xv = tl.load(X + cols, mask=km, other=0.0).to(tl.float32)
-        elif MODE == 1:
-            x = tl.load(X + cols, mask=km, other=0.0)
-            if HAS_R:
-                x = (x.to(tl.float32) + tl.load(R + cols, mask=km, other=0.0).to(tl.float32)).to(dt)
-            y = (x.to(tl.float32) * inv).to(dt)
-            nw = tl.load(NW + cols, mask=km, other=0.0)
-            xv = (nw.to(tl.float32) * y.to(tl.float32)).to(dt).to(tl.float32)
-        else:
-            g = tl.load(X + cols, mask=km, other=0.0).to(tl.float32)
-            u = tl.load(X + K + cols, mask=km, other=0.0).to(tl.float32)
-            a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-            xv = (a * u).to(dt).to(tl.float32)
-        acc += w.to(tl.float32) * xv[None, :]
+        w = tl.load(wp + k0, mask=rmask[:, None] & km[None, :], other=0.0)
+        acc += w.to(tl.float32) * _x_tile(X, R, NW, cols, km, inv, K, MODE, HAS_R, dt)[None, :]
     out = tl.sum(acc, 1)
     if HAS_B:
         out += tl.load(B + rows, mask=rmask, other=0.0).to(tl.float32)
@@ -106,5 +117,5 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
         w, bias if bias is not None else w, y, eps, n, K=k, MODE=mode, HAS_R=r is not None,
-        HAS_B=bias is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+        HAS_B=bias is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PDL=pdl(x), launch_pdl=pdl(x))
     return y, x_out

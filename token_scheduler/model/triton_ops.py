@@ -5,13 +5,45 @@ torch reference does, so results stay bit-identical to the eager ops they replac
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+# Programmatic dependent launch (Hopper and later): a kernel launched with it may be scheduled while the kernel
+# before it drains, instead of after. Each such kernel calls `gdc_wait` before it touches anything an earlier
+# kernel wrote (the one-token GEMVs prefetch their first weight tile before it, since weights are read-only),
+# then `gdc_launch_dependents` so the next one may be scheduled in turn. Every kernel of a one-token decode step
+# is launched this way, which hides most of the gap between back-to-back microsecond kernels.
+# TOKENPOOL_PDL=0: off.
+USE_PDL = os.environ.get("TOKENPOOL_PDL", "1") != "0"
+
+
+@functools.cache
+def _sm90_or_later(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(t: torch.Tensor) -> bool:
+    """Whether kernels working on `t` are launched with programmatic dependent launch."""
+    return USE_PDL and t.is_cuda and _sm90_or_later(t.device.index if t.device.index is not None else 0)
 
 
 @triton.jit
-def _add_rms_norm_kernel(X, R, W, Y, eps, N: tl.constexpr, BLOCK: tl.constexpr, HAS_R: tl.constexpr):
+def pdl_enter(PDL: tl.constexpr):
+    """Called by a kernel launched with `launch_pdl`: wait for the kernels before it, then let the next one in."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _add_rms_norm_kernel(X, R, W, Y, eps, N: tl.constexpr, BLOCK: tl.constexpr, HAS_R: tl.constexpr,
+                         PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     m = cols < N
@@ -33,13 +65,14 @@ def add_rms_norm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: 
     y = torch.empty_like(x)
     rows = x.numel() // n
     _add_rms_norm_kernel[(rows,)](x, r if r is not None else x, w, y, eps, N=n, BLOCK=triton.next_power_of_2(n),
-                                  HAS_R=r is not None, num_warps=8 if n >= 2048 else 4)
+                                  HAS_R=r is not None, num_warps=8 if n >= 2048 else 4, PDL=pdl(x), launch_pdl=pdl(x))
     return y
 
 
 @triton.jit
 def _rope_kv_kernel(QKV, COS, SIN, POS, KV, SB, SO, QOUT, s_qkv, s_kvb, s_kvt, s_kvh, off_k, off_v,
-                    H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+                    H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     t = tl.program_id(0)
     hh = tl.program_id(1)  # one program per head: q heads first, then kv heads
     pos = tl.load(POS + t)
@@ -78,12 +111,13 @@ def rope_and_write_kv(qkv, cos, sin, positions, kv, layer, slot_blocks, slot_off
     s_kvb, s_kvl, s_kv2, s_kvt, s_kvh, _ = kv.stride()
     _rope_kv_kernel[(T, H + KVH)](qkv, cos, sin, positions, kv, slot_blocks, slot_offsets, q, qkv.stride(0),
                                   s_kvb, s_kvt, s_kvh, layer * s_kvl, layer * s_kvl + s_kv2,
-                                  H=H, KVH=KVH, D=D, HALF=D // 2, num_warps=1)
+                                  H=H, KVH=KVH, D=D, HALF=D // 2, num_warps=1, PDL=pdl(qkv), launch_pdl=pdl(qkv))
     return q
 
 
 @triton.jit
-def _silu_mul_kernel(GU, Y, N: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_mul_kernel(GU, Y, N: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < N
@@ -97,5 +131,6 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     rows, n2 = gu.shape
     n = n2 // 2
     y = torch.empty(rows, n, device=gu.device, dtype=gu.dtype)
-    _silu_mul_kernel[(rows, triton.cdiv(n, 1024))](gu, y, N=n, BLOCK=1024, num_warps=4)
+    _silu_mul_kernel[(rows, triton.cdiv(n, 1024))](gu, y, N=n, BLOCK=1024, num_warps=4, PDL=pdl(gu),
+                                                           launch_pdl=pdl(gu))
     return y
