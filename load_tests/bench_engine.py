@@ -260,11 +260,10 @@ def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, con
     freed, HF first (its reference kept on the host, then freed), then a fresh engine, under `parity_<dtype>`
     -- so a 7B in fp32 needs 30 GB at a time, not 60."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    from token_scheduler.model import llama, triton_decode, triton_ops
+    from token_scheduler.model import llama, triton_ops
 
     res = header() | {"bench": "engine", "model": str(model), "context": context,
-                      "kernel_options": {"one_token_gemv": llama.USE_GEMV, "pdl": triton_ops.USE_PDL,
-                                         "fused_split_merge": triton_decode.FUSED_COMBINE}}
+                      "kernel_options": {"one_token_gemv": llama.USE_GEMV, "pdl": triton_ops.USE_PDL}}
     t = time.perf_counter()
     kv_gb = None if dev == "cpu" else 12.0
     eng = LLMEngine(EngineConfig(model=str(model), device=dev, max_num_seqs=max(batches),

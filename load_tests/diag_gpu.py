@@ -6,7 +6,7 @@
 - `gemv-triton`: the Triton GEMV (token_scheduler/model/triton_gemv.py) over block configs, per projection,
   against cuBLAS plus the elementwise kernels it folds in; prints the best config per shape.
 - `step`: the engine's decode step per batch size under each kernel launch variant (programmatic dependent
-  launch on/off, attention splits merged in-kernel or by a combine kernel, split count).
+  launch on/off, the one-token GEMVs on/off, the attention's split count).
 
     python -m load_tests.diag_gpu kv
     python -m load_tests.diag_gpu gemv --model DIR
@@ -180,22 +180,22 @@ def gemv_triton(model: str) -> None:
 
 def step(model: str, batches: list[int], context: int = 512) -> None:
     """The engine's decode step (median call time and graph replay) at each batch size, under each variant of
-    the kernel launch options: programmatic dependent launch, split-merge in the attention kernel, and the
-    attention's split count. One engine; each variant re-captures the graphs it times."""
+    the kernel launch options: programmatic dependent launch, and the attention's split count. One engine;
+    each variant re-captures the graphs it times."""
     from load_tests.bench_engine import _decode_step_times
     from token_scheduler import LLMEngine
     from token_scheduler.engine import EngineConfig
-    from token_scheduler.model import triton_decode, triton_ops
+    from token_scheduler.model import llama, triton_decode, triton_ops
 
     eng = LLMEngine(EngineConfig(model=model, device="cuda", max_num_seqs=max(batches), max_num_batched_tokens=8192,
                                  kv_cache_memory_gb=8.0, max_model_len=4096, num_host_kv_blocks=0))
     vocab, r = eng.model_config.vocab_size, eng.runner
     splits_for = triton_decode.num_splits_for
-    variants = [("base", False, False, None), ("pdl", True, False, None), ("fuse", False, True, None),
-                ("pdl+fuse", True, True, None), ("pdl+fuse s16", True, True, 16), ("pdl+fuse s8", True, True, 8),
-                ("pdl+fuse s4", True, True, 4), ("base again", False, False, None)]
-    for name, use_pdl, fuse, splits in variants:
-        triton_ops.USE_PDL, triton_decode.FUSED_COMBINE = use_pdl, fuse
+    variants = [("no pdl", False, True, None), ("pdl", True, True, None), ("pdl, no gemv", True, False, None),
+                ("pdl s16", True, True, 16), ("pdl s8", True, True, 8), ("no pdl again", False, True, None),
+                ("pdl again", True, True, None)]
+    for name, use_pdl, use_gemv, splits in variants:
+        triton_ops.USE_PDL, llama.USE_GEMV = use_pdl, use_gemv
         triton_decode.num_splits_for = (lambda *_a, s=splits, **_k: s) if splits else splits_for
         line = f"{name:14s}"
         for b in batches:

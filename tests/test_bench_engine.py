@@ -87,13 +87,12 @@ def test_ulp_and_divergence():
 
 
 def test_triton_paged_decode_fp32_is_exact_in_the_interpreter():
-    """Both ways of merging the splits (the last split program, or a combine kernel). The fp32 engine on CUDA runs the Triton paged-decode kernel with IEEE fp32 dots (Triton's fp32 default
+    """The fp32 engine on CUDA runs the Triton paged-decode kernel with IEEE fp32 dots (Triton's fp32 default
     is TF32). Triton's CPU interpreter runs the same kernel source: the fp32 result must match fp64."""
     pytest.importorskip("triton")
     code = """
 import torch
 from token_scheduler.model.attention import AttentionMetadata, _decode_torch
-from token_scheduler.model import triton_decode
 from token_scheduler.model.triton_decode import paged_decode
 torch.manual_seed(0)
 B, KVH, D, BS, NB, L, G = 3, 2, 128, 16, 32, 2, 4
@@ -104,12 +103,9 @@ bt = torch.stack([torch.randperm(NB)[:8] for _ in range(B)]).int()
 meta = AttentionMetadata(None, None, BS, decode=True, block_tables=bt, context_lens=ctx)
 for window in (None, 40):
     ref = _decode_torch(q.double(), kv.double(), 1, meta, D**-0.5, window)
-    for fuse, splits in ((True, None), (True, 4), (False, None)):  # merged by the last split, or by a kernel
-        triton_decode.FUSED_COMBINE = fuse
-        out = paged_decode(q, kv, 1, bt, ctx, D**-0.5, window, num_splits=splits)
-        err = ((out.double() - ref).norm() / ref.norm()).item()
-        assert out.dtype == torch.float32 and err < 1e-6, (fuse, splits, err)
-    assert int(triton_decode._counters[q.device].abs().sum()) == 0  # every counter reset by its last arrival
+    out = paged_decode(q, kv, 1, bt, ctx, D**-0.5, window)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.dtype == torch.float32 and err < 1e-6, err
 print("ok")
 """
     root = Path(__file__).resolve().parents[1]

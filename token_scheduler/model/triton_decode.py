@@ -6,8 +6,6 @@ be captured in a CUDA graph (context length only changes loop bounds inside the 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -19,13 +17,12 @@ from token_scheduler.model.triton_ops import pdl, pdl_enter
 # compiles separate variants for 1 and multiples of 16) would recompile mid-serving.
 @triton.jit(do_not_specialize=["s_btb"])
 def _paged_decode_kernel(
-    Q, KV, BT, CTX, Out, M, L, Y, CNT,
+    Q, KV, BT, CTX, Out, M, L,
     scale, window,
     s_qb, s_qh, s_kvb, s_kvt, s_kvh, s_btb, s_ob, s_oh, s_os, s_mb, s_mh,
     off_k, off_v,
     NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    BLOCK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, FUSE: tl.constexpr,
-    S_PAD: tl.constexpr,
+    BLOCK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     b = tl.program_id(0)
@@ -77,38 +74,24 @@ def _paged_decode_kernel(
     ml = b * s_mb + heads * s_mh + sp
     tl.store(M + ml, m_i, mask=gmask)
     tl.store(L + ml, l_i, mask=gmask)
-    if FUSE:  # the last split of (b, kvh) to finish merges all of them: no combine kernel
-        tl.debug_barrier()  # every thread's partial stores precede the release below
-        c = tl.atomic_add(CNT + b * tl.num_programs(1) + kvh, 1, sem="acq_rel", scope="gpu")
-        if c == NUM_SPLITS - 1:
-            tl.store(CNT + b * tl.num_programs(1) + kvh, 0)  # reset for the next layer / replay
-            for gi in tl.static_range(GROUP):
-                _combine_one(Out + b * s_ob + (kvh * GROUP + gi) * s_oh, M + b * s_mb + (kvh * GROUP + gi) * s_mh,
-                             L + b * s_mb + (kvh * GROUP + gi) * s_mh, Y + (b * tl.num_programs(1) * GROUP
-                                                                         + kvh * GROUP + gi) * D,
-                             NUM_SPLITS, S_PAD, D)
-
-
-@triton.jit
-def _combine_one(Part, M, L, Y, S: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr):
-    """Log-sum-exp merge of one head's S partial results (Part [S, D], M and L [S], contiguous) into Y [D]."""
-    sp = tl.arange(0, S_PAD)
-    sm = sp < S
-    m = tl.load(M + sp, mask=sm, other=float("-inf"), cache_modifier=".cg")  # .cg: written by other CTAs
-    l_ = tl.load(L + sp, mask=sm, other=0.0, cache_modifier=".cg")
-    mmax = tl.max(m, 0)
-    w = tl.where(sm, tl.exp(m - mmax), 0.0)  # empty splits have m = -inf: weight 0
-    d = tl.arange(0, D)
-    o = tl.load(Part + sp[:, None] * D + d[None, :], mask=sm[:, None], other=0.0, cache_modifier=".cg")
-    out = tl.sum(o * w[:, None], 0) / tl.sum(l_ * w, 0)
-    tl.store(Y + d, out.to(Y.dtype.element_ty))
 
 
 @triton.jit
 def _combine_kernel(Part, M, L, Y, S: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
+    # A separate kernel: merging in the attention kernel (the last split program of a kv head merges its group,
+    # found with an atomic counter) measured 3 us a layer slower on the H100 at batch 1 than this launch.
     pdl_enter(PDL)
     bh = tl.program_id(0)  # flattened (batch, head)
-    _combine_one(Part + bh * S * D, M + bh * S, L + bh * S, Y + bh * D, S, S_PAD, D)
+    sp = tl.arange(0, S_PAD)
+    sm = sp < S
+    m = tl.load(M + bh * S + sp, mask=sm, other=float("-inf"))
+    l_ = tl.load(L + bh * S + sp, mask=sm, other=0.0)
+    mmax = tl.max(m, 0)
+    w = tl.where(sm, tl.exp(m - mmax), 0.0)  # empty splits have m = -inf: weight 0
+    d = tl.arange(0, D)
+    o = tl.load(Part + (bh * S + sp[:, None]) * D + d[None, :], mask=sm[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.sum(l_ * w, 0)
+    tl.store(Y + bh * D + d, out.to(Y.dtype.element_ty))
 
 
 SPLITS = (1, 2, 4, 8, 16, 32)  # each value is one compiled variant of both kernels
@@ -121,30 +104,9 @@ def num_splits_for(batch: int, kv_heads: int, sms: int = 132) -> int:
     return max(s for s in SPLITS if s <= want)
 
 
-# The split programs of one (sequence, kv head) merge their partial results themselves: each bumps a counter
-# when its partials are stored, and the last one merges (the counter is reset for the next launch). That saves
-# the combine kernel's launch, which at batch 1 costs about as much as the attention. TOKENPOOL_FUSED_COMBINE=0:
-# the separate combine kernel.
-FUSED_COMBINE = os.environ.get("TOKENPOOL_FUSED_COMBINE", "1") != "0"
-_MAX_COUNTERS = 1 << 16
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device) -> torch.Tensor:
-    """Per-device arrival counters (all zero between launches: the last arrival resets its own). One buffer
-    serves every layer and engine on the device, since their decode kernels run one after another."""
-    c = _counters.get(device)
-    if c is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("paged_decode: split counters must exist before graph capture (call warm_up)")
-        c = _counters[device] = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device)
-    return c
-
-
 def warm_up(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
             scale: float, window=None) -> None:
     """Compile every split variant now (at engine start) rather than at first use while serving."""
-    _split_counters(q.device)
     for s in SPLITS:
         paged_decode(q, kv, 0, block_tables, context_lens, scale, window, num_splits=s)
 
@@ -158,21 +120,17 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
     o = torch.empty(B, H, S, D, device=q.device, dtype=torch.float32)
     m = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
     lsum = torch.empty_like(m)
-    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # contiguous [B, H, D]
-    fuse = FUSED_COMBINE and S > 1 and B * KVH <= _MAX_COUNTERS
-    cnt = _split_counters(q.device) if fuse else m
     s_kvb, s_kvl, s_kv2, s_kvt, s_kvh, _ = kv.stride()
     _paged_decode_kernel[(B, KVH, S)](
-        q, kv, block_tables, context_lens, o, m, lsum, out, cnt,
+        q, kv, block_tables, context_lens, o, m, lsum,
         scale, window or 0,
         q.stride(0), q.stride(1), s_kvb, s_kvt, s_kvh, block_tables.stride(0),
         o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1),
         layer * s_kvl, layer * s_kvl + s_kv2,
         NUM_SPLITS=S, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=BS, D=D,
-        IEEE=q.dtype == torch.float32, PDL=pdl(q), FUSE=fuse, S_PAD=triton.next_power_of_2(S),
-        launch_pdl=pdl(q),
+        IEEE=q.dtype == torch.float32, PDL=pdl(q), launch_pdl=pdl(q),
     )
-    if not fuse:
-        _combine_kernel[(B * H,)](o, m, lsum, out, S=S, S_PAD=triton.next_power_of_2(S), D=D, num_warps=4,
-                                  PDL=pdl(q), launch_pdl=pdl(q))
+    out = torch.empty_like(q)
+    _combine_kernel[(B * H,)](o, m, lsum, out, S=S, S_PAD=triton.next_power_of_2(S), D=D, num_warps=4,
+                              PDL=pdl(q), launch_pdl=pdl(q))
     return out
