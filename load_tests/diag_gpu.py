@@ -191,11 +191,14 @@ def step(model: str, batches: list[int], context: int = 512) -> None:
                                  kv_cache_memory_gb=8.0, max_model_len=4096, num_host_kv_blocks=0))
     vocab, r = eng.model_config.vocab_size, eng.runner
     splits_for = triton_decode.num_splits_for
-    variants = [("no pdl", False, True, None), ("pdl", True, True, None), ("pdl, no gemv", True, False, None),
-                ("pdl s16", True, True, 16), ("pdl s8", True, True, 8), ("no pdl again", False, True, None),
-                ("pdl again", True, True, None)]
+    max_hidden = llama.GEMV_MAX_HIDDEN
+    # (name, PDL, one-token GEMVs: None = the default size rule, True = any size, False = never, splits)
+    variants = [("no pdl", False, None, None), ("pdl", True, None, None), ("pdl, no gemv", True, False, None),
+                ("pdl, gemv", True, True, None), ("pdl s16", True, None, 16), ("pdl s8", True, None, 8),
+                ("no pdl again", False, None, None), ("pdl again", True, None, None)]
     for name, use_pdl, use_gemv, splits in variants:
-        triton_ops.USE_PDL, llama.USE_GEMV = use_pdl, use_gemv
+        triton_ops.USE_PDL, llama.USE_GEMV = use_pdl, use_gemv is not False
+        llama.GEMV_MAX_HIDDEN = 1 << 30 if use_gemv else max_hidden
         triton_decode.num_splits_for = (lambda *_a, s=splits, **_k: s) if splits else splits_for
         line = f"{name:14s}"
         for b in batches:
@@ -205,7 +208,7 @@ def step(model: str, batches: list[int], context: int = 512) -> None:
             d = _decode_step_times(eng, b, context, 40, vocab)
             line += f" | b{b}: step {d['step_ms_median']:.3f} ms, replay {d['graph_replay_ms']:.3f} ms"
         print(line, flush=True)
-    triton_decode.num_splits_for = splits_for
+    triton_decode.num_splits_for, llama.GEMV_MAX_HIDDEN = splits_for, max_hidden
 
 
 def main() -> None:
