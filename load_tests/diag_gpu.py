@@ -196,6 +196,7 @@ def step(model: str, batches: list[int], context: int = 512) -> None:
     variants = [("no pdl", False, None, None), ("pdl", True, None, None), ("pdl, no gemv", True, False, None),
                 ("pdl, gemv", True, True, None), ("pdl s16", True, None, 16), ("pdl s8", True, None, 8),
                 ("no pdl again", False, None, None), ("pdl again", True, None, None)]
+    old = []
     for name, use_pdl, use_gemv, splits in variants:
         triton_ops.USE_PDL, llama.USE_GEMV = use_pdl, use_gemv is not False
         llama.GEMV_MAX_HIDDEN = 1 << 30 if use_gemv else max_hidden
@@ -203,7 +204,7 @@ def step(model: str, batches: list[int], context: int = 512) -> None:
         line = f"{name:14s}"
         for b in batches:
             bucket = r.bucket_of[b]
-            r.graphs.pop(r._graph_id(bucket), None)
+            old.append(r.graphs.pop(r._graph_id(bucket), None))  # kept: the last graph of a pool keeps it alive
             r.graphs.get(("warm", r.graph_key), set()).discard(bucket)
             d = _decode_step_times(eng, b, context, 40, vocab)
             line += f" | b{b}: step {d['step_ms_median']:.3f} ms, replay {d['graph_replay_ms']:.3f} ms"
