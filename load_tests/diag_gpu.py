@@ -6,7 +6,7 @@
 - `gemv-triton`: the Triton GEMV (token_scheduler/model/triton_gemv.py) over block configs, per projection,
   against cuBLAS plus the elementwise kernels it folds in; prints the best config per shape.
 - `step`: the engine's decode step per batch size under each kernel launch variant (programmatic dependent
-  launch on/off, the one-token GEMVs on/off, the attention's split count).
+  launch, the one-token GEMVs, RoPE in the qkv GEMV, GEMV block configs, the attention's split count).
 
     python -m load_tests.diag_gpu kv
     python -m load_tests.diag_gpu gemv --model DIR
@@ -180,28 +180,32 @@ def gemv_triton(model: str) -> None:
 
 def step(model: str, batches: list[int], context: int = 512) -> None:
     """The engine's decode step (median call time and graph replay) at each batch size, under each variant of
-    the kernel launch options: programmatic dependent launch, and the attention's split count. One engine;
-    each variant re-captures the graphs it times."""
+    the decode kernel options (the defaults, then one change at a time). One engine; each variant re-captures
+    the graphs it times."""
     from load_tests.bench_engine import _decode_step_times
     from token_scheduler import LLMEngine
     from token_scheduler.engine import EngineConfig
-    from token_scheduler.model import llama, triton_decode, triton_ops
+    from token_scheduler.model import llama, triton_decode, triton_gemv, triton_ops
 
     eng = LLMEngine(EngineConfig(model=model, device="cuda", max_num_seqs=max(batches), max_num_batched_tokens=8192,
                                  kv_cache_memory_gb=8.0, max_model_len=4096, num_host_kv_blocks=0))
     vocab, r = eng.model_config.vocab_size, eng.runner
-    splits_for = triton_decode.num_splits_for
-    max_hidden = llama.GEMV_MAX_HIDDEN
-    # (name, PDL, one-token GEMVs: None = the default size rule, True = any size, False = never, splits)
-    variants = [("no pdl", False, None, None), ("pdl", True, None, None), ("pdl, no gemv", True, False, None),
-                ("pdl, gemv", True, True, None), ("pdl s16", True, None, 16), ("pdl s8", True, None, 8),
-                ("no pdl again", False, None, None), ("pdl again", True, None, None)]
+    defaults = (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
+                triton_decode.num_splits_for)
+    # the GEMV block configs before the sweep with programmatic dependent launch
+    old_cfgs = {(2048, 1536): (8, 512, 8), (1536, 1536): (2, 512, 4), (17920, 1536): (16, 512, 8),
+                (1536, 8960): (4, 1024, 8)}
+    # name, then what it changes from the defaults
+    variants = [("default", {}), ("no pdl", {"pdl": False}), ("no gemv", {"gemv": False}),
+                ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}), ("splits 16", {"splits": 16}),
+                ("no pdl, gemv any size", {"pdl": False, "max_hidden": 1 << 30}), ("default again", {})]
     old = []
-    for name, use_pdl, use_gemv, splits in variants:
-        triton_ops.USE_PDL, llama.USE_GEMV = use_pdl, use_gemv is not False
-        llama.GEMV_MAX_HIDDEN = 1 << 30 if use_gemv else max_hidden
-        triton_decode.num_splits_for = (lambda *_a, s=splits, **_k: s) if splits else splits_for
-        line = f"{name:14s}"
+    for name, v in variants:
+        triton_ops.USE_PDL, llama.USE_GEMV = v.get("pdl", defaults[0]), v.get("gemv", defaults[1])
+        llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE = v.get("max_hidden", defaults[2]), v.get("rope", defaults[3])
+        triton_gemv._CONFIGS = v.get("cfgs", defaults[4])
+        triton_decode.num_splits_for = (lambda *_a, s=v["splits"], **_k: s) if "splits" in v else defaults[5]
+        line = f"{name:22s}"
         for b in batches:
             bucket = r.bucket_of[b]
             old.append(r.graphs.pop(r._graph_id(bucket), None))  # kept: the last graph of a pool keeps it alive
@@ -209,7 +213,8 @@ def step(model: str, batches: list[int], context: int = 512) -> None:
             d = _decode_step_times(eng, b, context, 40, vocab)
             line += f" | b{b}: step {d['step_ms_median']:.3f} ms, replay {d['graph_replay_ms']:.3f} ms"
         print(line, flush=True)
-    triton_decode.num_splits_for, llama.GEMV_MAX_HIDDEN = splits_for, max_hidden
+    (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
+     triton_decode.num_splits_for) = defaults
 
 
 def main() -> None:

@@ -133,7 +133,7 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
 
     x = F.embedding(input_ids, w["embed"])
     T = input_ids.shape[0]
-    if T == 1 and USE_GEMV and cfg.hidden_size <= GEMV_MAX_HIDDEN:
+    if T == 1 and USE_GEMV and (cfg.hidden_size <= GEMV_MAX_HIDDEN or k.pdl(x)):
         return _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta)
     H, KVH, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     h = k.add_rms_norm(x, None, w["l0.ln1"], eps)
@@ -153,27 +153,33 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
 
 
 # One token (a batch-1 decode step, or a one-row prefill): the projections run as Triton GEMVs with the
-# add+RMSNorm and SiLU*mul folded in (triton_gemv), 7 kernels per layer instead of 11. TOKENPOOL_GEMV=0: off.
-# Small models only: on the H100 it took qwen2-1.5b's batch-1 step from 2.01 to 1.68 ms, while a 7B step
-# (latency-bound kernels a smaller share of it) went from 5.87 to 5.97 ms with the untuned default config.
+# add+RMSNorm, SiLU*mul and RoPE+KV write folded in (triton_gemv), 6 kernels per layer instead of 11.
+# TOKENPOOL_GEMV=0: off. On the H100 it took qwen2-1.5b's batch-1 step from 2.01 to 1.68 ms. Without
+# programmatic dependent launch, small models only: a 7B step went from 5.87 to 5.97 ms; with it, 5.76 to 5.56.
 USE_GEMV = os.environ.get("TOKENPOOL_GEMV", "1") != "0"
-GEMV_MAX_HIDDEN = 2048
+GEMV_MAX_HIDDEN = 2048  # without programmatic dependent launch
+GEMV_ROPE = True  # RoPE+KV write in the qkv GEMV's epilogue (False: the separate kernel; for A/B runs)
 
 
 def _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata) -> torch.Tensor:
     from token_scheduler.model import triton_ops as k
-    from token_scheduler.model.triton_gemv import MODE_NORM, MODE_SILU, gemv
+    from token_scheduler.model.triton_gemv import MODE_NORM, MODE_SILU, RopeKV, gemv
 
     H, KVH, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     r = None  # the residual stream is x + r: each add is folded into the next normed projection
     for n in range(cfg.num_layers):
         p = f"l{n}."
-        qkv, x_new = gemv(x, w[p + "qkv"], w.get(p + "qkv_b"), mode=MODE_NORM, r=r, norm_w=w[p + "ln1"], eps=eps)
+        # RoPE and the KV write in the qkv projection's epilogue, unless q/k are normed first (qwen3)
+        rk = None if cfg.qk_norm or not GEMV_ROPE else RopeKV(rope.cos, rope.sin, positions, kv_cache, n, meta.slot_blocks,
+                                             meta.slot_offsets, H, KVH, D)
+        qkv, x_new = gemv(x, w[p + "qkv"], w.get(p + "qkv_b"), mode=MODE_NORM, r=r, norm_w=w[p + "ln1"], eps=eps,
+                          rope=rk)
         x = x if x_new is None else x_new
-        if cfg.qk_norm:
-            qkv = _qk_norm_fused(cfg, w, p, qkv)
-        q = k.rope_and_write_kv(qkv, rope.cos, rope.sin, positions, kv_cache, n, meta.slot_blocks,
-                                meta.slot_offsets, H, KVH, D)
+        if rk is not None:
+            q = qkv
+        else:
+            q = k.rope_and_write_kv(_qk_norm_fused(cfg, w, p, qkv) if cfg.qk_norm else qkv, rope.cos, rope.sin, positions, kv_cache, n,
+                                    meta.slot_blocks, meta.slot_offsets, H, KVH, D)
         o, _ = gemv(attend(q, kv_cache, n, meta, cfg).reshape(1, H * D), w[p + "o"])
         gu, x = gemv(x, w[p + "gate_up"], mode=MODE_NORM, r=o, norm_w=w[p + "ln2"], eps=eps)
         r, _ = gemv(gu, w[p + "down"], mode=MODE_SILU)

@@ -20,13 +20,30 @@ Each program owns BLOCK_N output rows and streams them along K. Block sizes come
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from token_scheduler.model.triton_ops import pdl, pdl_enter
+from token_scheduler.model.triton_ops import pdl, pdl_enter, rope_pair
 
 MODE_PLAIN, MODE_NORM, MODE_SILU = 0, 1, 2
+
+
+@dataclass
+class RopeKV:
+    """What the qkv projection needs to finish the job of `rope_and_write_kv` in its epilogue (one token)."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor  # [1]
+    kv: torch.Tensor  # the paged cache [NB, L, 2, BS, KVH, D]
+    layer: int
+    slot_blocks: torch.Tensor  # [1]
+    slot_offsets: torch.Tensor  # [1]
+    heads: int
+    kv_heads: int
+    head_dim: int
 
 
 @triton.jit
@@ -51,15 +68,28 @@ def _x_tile(X, R, NW, cols, km, inv, K: tl.constexpr, MODE: tl.constexpr, HAS_R:
 
 @triton.jit
 def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr,
-                 HAS_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                 HAS_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                 ROPE: tl.constexpr, COS, SIN, POS, KV, SB, SO, s_kvb, s_kvt, s_kvh, off_k, off_v,
+                 H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr):
     pid = tl.program_id(0)
     dt = Y.dtype.element_ty
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
     kk = tl.arange(0, BLOCK_K)
-    wp = W + rows[:, None].to(tl.int64) * K + kk[None, :]
+    if ROPE:  # rows [BLOCK_N // 2, 2]: the same offsets j of both halves of one head, so RoPE pairs meet here
+        HALF: tl.constexpr = D // 2
+        PAIRS: tl.constexpr = BLOCK_N // 2
+        head = pid // (HALF // PAIRS)
+        i = (pid % (HALF // PAIRS)) * PAIRS + tl.arange(0, PAIRS)
+        rows = head * D + tl.arange(0, 2)[None, :] * HALF + i[:, None]
+        rmask = rows < N
+        wp = W + rows[:, :, None].to(tl.int64) * K + kk[None, None, :]
+        wmask = rmask[:, :, None]
+    else:
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        wp = W + rows[:, None].to(tl.int64) * K + kk[None, :]
+        wmask = rmask[:, None]
     # The first weight tile is loaded before waiting on the previous kernel: no kernel writes weights.
-    w = tl.load(wp, mask=rmask[:, None] & (kk < K)[None, :], other=0.0)
+    w = tl.load(wp, mask=wmask & (kk < K)[None, :], other=0.0)
     pdl_enter(PDL)
     inv = 0.0
     if MODE == 1:  # rms of (x + r), rounded to the model dtype as the residual stream is
@@ -79,12 +109,33 @@ def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.cons
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + kk
         km = cols < K
-        w = tl.load(wp + k0, mask=rmask[:, None] & km[None, :], other=0.0)
+        w = tl.load(wp + k0, mask=wmask & km[None, :], other=0.0)
         acc += w.to(tl.float32) * _x_tile(X, R, NW, cols, km, inv, K, MODE, HAS_R, dt)[None, :]
-    out = tl.sum(acc, 1)
+    if ROPE:
+        out = tl.sum(acc, 2)
+    else:
+        out = tl.sum(acc, 1)
     if HAS_B:
         out += tl.load(B + rows, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(Y + rows, out.to(dt), mask=rmask)
+    if ROPE:  # as rope_and_write_kv on the stored projection: q out, k rotated and v into the cache
+        x1, x2 = tl.split(out.to(dt).to(tl.float32))
+        if head < H + KVH:
+            y1, y2 = rope_pair(x1, x2, COS, SIN, tl.load(POS), i, D, HALF, dt)
+        else:
+            y1, y2 = x1.to(dt), x2.to(dt)
+        if head < H:
+            tl.store(Y + head * D + i, y1)
+            tl.store(Y + head * D + HALF + i, y2)
+        else:
+            kb = KV + tl.load(SB).to(tl.int64) * s_kvb + tl.load(SO).to(tl.int64) * s_kvt
+            if head < H + KVH:
+                kb += (head - H) * s_kvh + off_k
+            else:
+                kb += (head - H - KVH) * s_kvh + off_v
+            tl.store(kb + i, y1)
+            tl.store(kb + HALF + i, y2)
+    else:
+        tl.store(Y + rows, out.to(dt), mask=rmask)
 
 
 # (BLOCK_N, BLOCK_K, num_warps) by weight shape [N, K], measured on an H100 with programmatic dependent launch
@@ -96,6 +147,9 @@ _CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
 }
 
 
+_ROPE_ARGS = ("COS", "SIN", "POS", "KV", "SB", "SO", "s_kvb", "s_kvt", "s_kvh", "off_k", "off_v")
+
+
 def config_for(n: int, k: int) -> tuple[int, int, int]:
     c = _CONFIGS.get((n, k))
     if c is not None:
@@ -105,18 +159,34 @@ def config_for(n: int, k: int) -> tuple[int, int, int]:
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, mode: int = MODE_PLAIN,
          r: torch.Tensor | None = None, norm_w: torch.Tensor | None = None, eps: float = 0.0,
-         config: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x: [1, K] ([1, 2K] for MODE_SILU); w: [N, K]. Returns (y [1, N], new residual x + r or None)."""
+         config: tuple[int, int, int] | None = None, rope: RopeKV | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x: [1, K] ([1, 2K] for MODE_SILU); w: [N, K]. Returns (y [1, N], new residual x + r or None).
+    With `rope` (w is a fused qkv): y is q after RoPE, [1, H, D], and k (after RoPE) and v go into the cache."""
     n, k = w.shape
     want = 2 * k if mode == MODE_SILU else k
     if x.shape != (1, want) or not x.is_contiguous() or not w.is_contiguous():
         raise ValueError(f"gemv: x {tuple(x.shape)} for w {tuple(w.shape)} (mode {mode}); needs [1, {want}], "
                          "contiguous")
-    y = torch.empty(1, n, device=x.device, dtype=x.dtype)
     x_out = torch.empty_like(x) if (mode == MODE_NORM and r is not None) else None
     bn, bk, nw = config or config_for(n, k)
+    if rope is None:
+        y = torch.empty(1, n, device=x.device, dtype=x.dtype)
+        ropeargs = (x,) * 6 + (0,) * 5  # unused
+        H = KVH = D = 1
+    else:
+        H, KVH, D = rope.heads, rope.kv_heads, rope.head_dim
+        if n != (H + 2 * KVH) * D:
+            raise ValueError(f"gemv: rope needs a fused qkv weight of {(H + 2 * KVH) * D} rows, got {n}")
+        bn = min(max(bn, 2), D)  # RoPE pairs: an even number of rows per program, within one head
+        y = torch.empty(1, H, D, device=x.device, dtype=x.dtype)
+        kv = rope.kv
+        s_kvb, s_kvl, s_kv2, s_kvt, s_kvh, _ = kv.stride()
+        ropeargs = (rope.cos, rope.sin, rope.positions, kv, rope.slot_blocks, rope.slot_offsets,
+                    s_kvb, s_kvt, s_kvh, rope.layer * s_kvl, rope.layer * s_kvl + s_kv2)
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
         w, bias if bias is not None else w, y, eps, n, K=k, MODE=mode, HAS_R=r is not None,
-        HAS_B=bias is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PDL=pdl(x), launch_pdl=pdl(x))
+        HAS_B=bias is not None, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl(x), ROPE=rope is not None,
+        **dict(zip(_ROPE_ARGS, ropeargs)), H=H, KVH=KVH, D=D, num_warps=nw, launch_pdl=pdl(x))
     return y, x_out

@@ -70,6 +70,19 @@ def add_rms_norm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: 
 
 
 @triton.jit
+def rope_pair(x1, x2, COS, SIN, pos, i, D: tl.constexpr, HALF: tl.constexpr, dt):
+    """RoPE of one head's halves x1 = x[i], x2 = x[HALF + i] (fp32 holding model-dtype values) at position
+    `pos`: x*cos + rotate_half(x)*sin, rounding after each op as the torch reference does."""
+    c1 = tl.load(COS + pos * D + i).to(dt).to(tl.float32)
+    c2 = tl.load(COS + pos * D + HALF + i).to(dt).to(tl.float32)
+    s1 = tl.load(SIN + pos * D + i).to(dt).to(tl.float32)
+    s2 = tl.load(SIN + pos * D + HALF + i).to(dt).to(tl.float32)
+    y1 = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
+    y2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
+    return y1, y2
+
+
+@triton.jit
 def _rope_kv_kernel(QKV, COS, SIN, POS, KV, SB, SO, QOUT, s_qkv, s_kvb, s_kvt, s_kvh, off_k, off_v,
                     H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
@@ -77,17 +90,10 @@ def _rope_kv_kernel(QKV, COS, SIN, POS, KV, SB, SO, QOUT, s_qkv, s_kvb, s_kvt, s
     hh = tl.program_id(1)  # one program per head: q heads first, then kv heads
     pos = tl.load(POS + t)
     i = tl.arange(0, HALF)
-    c1 = tl.load(COS + pos * D + i).to(QOUT.dtype.element_ty).to(tl.float32)
-    c2 = tl.load(COS + pos * D + HALF + i).to(QOUT.dtype.element_ty).to(tl.float32)
-    s1 = tl.load(SIN + pos * D + i).to(QOUT.dtype.element_ty).to(tl.float32)
-    s2 = tl.load(SIN + pos * D + HALF + i).to(QOUT.dtype.element_ty).to(tl.float32)
-    dt = QOUT.dtype.element_ty
     base = QKV + t * s_qkv + hh * D
     x1 = tl.load(base + i).to(tl.float32)
     x2 = tl.load(base + HALF + i).to(tl.float32)
-    # x*cos + rotate_half(x)*sin, rounding after each op as the torch reference does
-    y1 = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
-    y2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
+    y1, y2 = rope_pair(x1, x2, COS, SIN, pos, i, D, HALF, QOUT.dtype.element_ty)
     if hh < H:
         qo = QOUT + (t * H + hh) * D
         tl.store(qo + i, y1)
