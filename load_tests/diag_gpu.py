@@ -7,11 +7,13 @@
   against cuBLAS plus the elementwise kernels it folds in; prints the best config per shape.
 - `step`: the engine's decode step per batch size under each kernel launch variant (programmatic dependent
   launch, the one-token GEMVs, RoPE in the qkv GEMV, GEMV block configs, the attention's split count).
+- `step-sweep`: the GEMV block configs tuned by the batch-1 decode graph's replay time, one projection at a time.
 
     python -m load_tests.diag_gpu kv
     python -m load_tests.diag_gpu gemv --model DIR
     python -m load_tests.diag_gpu gemv-triton --model DIR
     python -m load_tests.diag_gpu step --model DIR --batch 1,8
+    python -m load_tests.diag_gpu step-sweep --model DIR
 """
 
 from __future__ import annotations
@@ -217,14 +219,59 @@ def step(model: str, batches: list[int], context: int = 512) -> None:
      triton_decode.num_splits_for) = defaults
 
 
+def step_sweep(model: str, context: int = 512) -> None:
+    """GEMV block configs tuned where they run: the batch-1 decode graph's replay time as each projection's
+    config varies in turn (coordinate descent from the current table). Back-to-back timings of one projection
+    (`gemv-triton`) mislead under programmatic dependent launch: the next kernel may only start once every
+    program of this one has, so how many programs a projection has matters beside its own speed."""
+    from load_tests.bench_engine import _decode_step_times
+    from token_scheduler import LLMEngine
+    from token_scheduler.engine import EngineConfig
+    from token_scheduler.model import triton_gemv
+
+    eng = LLMEngine(EngineConfig(model=model, device="cuda", max_num_seqs=1, max_num_batched_tokens=8192,
+                                 kv_cache_memory_gb=8.0, max_model_len=4096, num_host_kv_blocks=0))
+    cfg, r = eng.model_config, eng.runner
+    h, i, q, k = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    shapes = {"gate_up": (2 * i, h), "down": (h, i), "qkv": (q + 2 * k, h), "o": (h, q)}
+    table = {s: triton_gemv.config_for(*s) for s in shapes.values()}
+    old = []
+
+    def replay_ms() -> float:
+        old.append(r.graphs.pop(r._graph_id(1), None))  # kept: the last graph of a pool keeps it alive
+        r.graphs.get(("warm", r.graph_key), set()).discard(1)
+        triton_gemv._CONFIGS = dict(table)
+        return _decode_step_times(eng, 1, context, 20, cfg.vocab_size)["graph_replay_ms"]
+
+    base = replay_ms()
+    print(f"start {table}: {base:.4f} ms", flush=True)
+    for name, shape in shapes.items():
+        best, best_ms = table[shape], replay_ms()
+        for bn in (2, 4, 8, 16, 32):
+            for bk in (512, 1024):
+                for nw in (4, 8):
+                    c = (bn, bk, nw)
+                    if bn * bk > 16384 or c == best:
+                        continue
+                    table[shape] = c
+                    ms = replay_ms()
+                    print(f"  {name} {c}: {ms:.4f} ms", flush=True)
+                    if ms < best_ms:
+                        best, best_ms = c, ms
+        table[shape] = best
+        print(f"{name} {shape}: {best} {best_ms:.4f} ms", flush=True)
+    print("BEST", table, f"{replay_ms():.4f} ms (start {base:.4f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["kv", "gemv", "gemv-triton", "step"])
+    ap.add_argument("what", choices=["kv", "gemv", "gemv-triton", "step", "step-sweep"])
     ap.add_argument("--model")
     ap.add_argument("--batch", default="1,8", help="step: batch sizes")
     a = ap.parse_args()
     {"kv": kv, "gemv": lambda: gemv(a.model), "gemv-triton": lambda: gemv_triton(a.model),
-     "step": lambda: step(a.model, [int(b) for b in a.batch.split(",")])}[a.what]()
+     "step": lambda: step(a.model, [int(b) for b in a.batch.split(",")]),
+     "step-sweep": lambda: step_sweep(a.model)}[a.what]()
 
 
 if __name__ == "__main__":

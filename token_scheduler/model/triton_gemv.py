@@ -138,12 +138,12 @@ def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.cons
         tl.store(Y + rows, out.to(dt), mask=rmask)
 
 
-# (BLOCK_N, BLOCK_K, num_warps) by weight shape [N, K], measured on an H100 with programmatic dependent launch
-# (diag_gpu gemv-triton, qwen2-1.5b, weights rotated past L2): qkv 4.24 us vs cuBLAS 5.56 (+2.2 for add+RMSNorm),
-# o 2.47 vs 5.58, gate_up 19.5 vs 22.1 (+2.9), down 12.4 vs 14.3 (+0.3 for SiLU*mul). (4, 1024, 8) was within
-# 6% of the best on every shape.
+# (BLOCK_N, BLOCK_K, num_warps) by weight shape [N, K], measured on an H100 (qwen2-1.5b): first each projection
+# alone (diag_gpu gemv-triton, weights rotated past L2: qkv 4.94 us vs cuBLAS 5.46 (+2.3 for add+RMSNorm), o 3.89
+# vs 5.46, gate_up 21.2 vs 22.9 (+4.1), down 12.4 vs 14.0 (+1.1 for SiLU*mul)), then in the decode graph
+# (diag_gpu step-sweep). (4, 1024, 8) was within 6% of the best on every shape.
 _CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
-    (2048, 1536): (4, 1024, 4), (1536, 1536): (4, 1024, 4), (17920, 1536): (8, 512, 4), (1536, 8960): (4, 1024, 8),
+    (2048, 1536): (8, 512, 8), (1536, 1536): (2, 512, 4), (17920, 1536): (16, 512, 8), (1536, 8960): (4, 1024, 8),
 }
 
 
