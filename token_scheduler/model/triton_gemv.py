@@ -138,12 +138,13 @@ def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.cons
         tl.store(Y + rows, out.to(dt), mask=rmask)
 
 
-# (BLOCK_N, BLOCK_K, num_warps) by weight shape [N, K], measured on an H100 (qwen2-1.5b): first each projection
-# alone (diag_gpu gemv-triton, weights rotated past L2: qkv 4.94 us vs cuBLAS 5.46 (+2.3 for add+RMSNorm), o 3.89
-# vs 5.46, gate_up 21.2 vs 22.9 (+4.1), down 12.4 vs 14.0 (+1.1 for SiLU*mul)), then in the decode graph
-# (diag_gpu step-sweep). (4, 1024, 8) was within 6% of the best on every shape.
+# (BLOCK_N, BLOCK_K, num_warps) by weight shape [N, K], tuned on an H100 in the batch-1 decode graph of
+# qwen2-1.5b (diag_gpu step-sweep: 1.487 -> 1.464 ms a replay). Timing one projection back to back (diag_gpu
+# gemv-triton) picks differently: under programmatic dependent launch the next kernel may start only once every
+# program of this one has, so few fat programs (o: 48 of them) beat many quick ones there.
+# (4, 1024, 8) was within 6% of the best on every shape alone.
 _CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
-    (2048, 1536): (8, 512, 8), (1536, 1536): (2, 512, 4), (17920, 1536): (16, 512, 8), (1536, 8960): (4, 1024, 8),
+    (2048, 1536): (8, 1024, 4), (1536, 1536): (32, 512, 8), (17920, 1536): (16, 512, 8), (1536, 8960): (4, 1024, 8),
 }
 
 
