@@ -138,13 +138,14 @@ def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.cons
         tl.store(Y + rows, out.to(dt), mask=rmask)
 
 
-# (BLOCK_N, BLOCK_K, num_warps) by weight shape [N, K], tuned on an H100 in the batch-1 decode graph of
-# qwen2-1.5b (diag_gpu step-sweep: 1.487 -> 1.464 ms a replay). Timing one projection back to back (diag_gpu
+# (BLOCK_N, BLOCK_K, num_warps) by weight shape [N, K], tuned on an H100 in the batch-1 decode graphs of
+# qwen2-1.5b and qwen2-7b (diag_gpu step-sweep: 1.487 -> 1.464 and 5.563 -> 5.198 ms a replay). Timing one projection back to back (diag_gpu
 # gemv-triton) picks differently: under programmatic dependent launch the next kernel may start only once every
 # program of this one has, so few fat programs (o: 48 of them) beat many quick ones there.
 # (4, 1024, 8) was within 6% of the best on every shape alone.
 _CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
     (2048, 1536): (8, 1024, 4), (1536, 1536): (32, 512, 8), (17920, 1536): (16, 512, 8), (1536, 8960): (4, 1024, 8),
+    (4608, 3584): (8, 512, 8), (3584, 3584): (2, 1024, 4), (37888, 3584): (16, 512, 8), (3584, 18944): (4, 512, 8),
 }
 
 
