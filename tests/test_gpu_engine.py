@@ -163,7 +163,8 @@ def test_pdl_graph_replay_is_bit_exact(make_varied, monkeypatch):
     kv.normal_()
     T = 100
     ids, pos = torch.tensor([5], device="cuda"), torch.tensor([T - 1], device="cuda")
-    meta = AttentionMetadata(pos // 16, pos % 16, 16, decode=True, block_tables=torch.arange(7, device="cuda")[None].int(),
+    bt = torch.arange(7, device="cuda")[None].int()
+    meta = AttentionMetadata(pos // 16, pos % 16, 16, decode=True, block_tables=bt,
                              context_lens=torch.tensor([T], device="cuda", dtype=torch.int32))
     monkeypatch.setattr(triton_ops, "USE_PDL", False)
     ref_kv = kv.clone()

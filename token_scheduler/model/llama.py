@@ -170,16 +170,19 @@ def _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata)
     for n in range(cfg.num_layers):
         p = f"l{n}."
         # RoPE and the KV write in the qkv projection's epilogue, unless q/k are normed first (qwen3)
-        rk = None if cfg.qk_norm or not GEMV_ROPE else RopeKV(rope.cos, rope.sin, positions, kv_cache, n, meta.slot_blocks,
-                                             meta.slot_offsets, H, KVH, D)
+        rk = None
+        if GEMV_ROPE and not cfg.qk_norm:
+            rk = RopeKV(rope.cos, rope.sin, positions, kv_cache, n, meta.slot_blocks, meta.slot_offsets, H, KVH, D)
         qkv, x_new = gemv(x, w[p + "qkv"], w.get(p + "qkv_b"), mode=MODE_NORM, r=r, norm_w=w[p + "ln1"], eps=eps,
                           rope=rk)
         x = x if x_new is None else x_new
         if rk is not None:
             q = qkv
         else:
-            q = k.rope_and_write_kv(_qk_norm_fused(cfg, w, p, qkv) if cfg.qk_norm else qkv, rope.cos, rope.sin, positions, kv_cache, n,
-                                    meta.slot_blocks, meta.slot_offsets, H, KVH, D)
+            if cfg.qk_norm:
+                qkv = _qk_norm_fused(cfg, w, p, qkv)
+            q = k.rope_and_write_kv(qkv, rope.cos, rope.sin, positions, kv_cache, n, meta.slot_blocks,
+                                    meta.slot_offsets, H, KVH, D)
         o, _ = gemv(attend(q, kv_cache, n, meta, cfg).reshape(1, H * D), w[p + "o"])
         gu, x = gemv(x, w[p + "gate_up"], mode=MODE_NORM, r=o, norm_w=w[p + "ln2"], eps=eps)
         r, _ = gemv(gu, w[p + "down"], mode=MODE_SILU)

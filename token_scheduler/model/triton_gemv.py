@@ -14,8 +14,14 @@ norm weight, silu and the product with `up` are each rounded to the model dtype;
 summed in fp32 in another order than cuBLAS, so results match the eager path to rounding, not bit for bit
 (the engine's `hf_exact` mode is the bit-exact path).
 
+With `rope` (the qkv projection) the epilogue also does `rope_and_write_kv`'s job: each program owns the same
+offsets of both halves of one head, rotates q and k, returns q and writes k and v into the paged cache.
+
+On Hopper the kernel is launched with programmatic dependent launch (triton_ops.pdl) and loads its first weight
+tile before waiting for the kernel before it.
+
 Each program owns BLOCK_N output rows and streams them along K. Block sizes come from `config_for`
-(measured on an H100: `python -m load_tests.diag_gpu gemv-triton --model DIR`).
+(tuned on an H100 in the decode graph: `python -m load_tests.diag_gpu step-sweep --model DIR`).
 """
 
 from __future__ import annotations
@@ -139,10 +145,10 @@ def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.cons
 
 
 # (BLOCK_N, BLOCK_K, num_warps) by weight shape [N, K], tuned on an H100 in the batch-1 decode graphs of
-# qwen2-1.5b and qwen2-7b (diag_gpu step-sweep: 1.487 -> 1.464 and 5.563 -> 5.198 ms a replay). Timing one projection back to back (diag_gpu
-# gemv-triton) picks differently: under programmatic dependent launch the next kernel may start only once every
-# program of this one has, so few fat programs (o: 48 of them) beat many quick ones there.
-# (4, 1024, 8) was within 6% of the best on every shape alone.
+# qwen2-1.5b and qwen2-7b (diag_gpu step-sweep: 1.487 -> 1.464 and 5.563 -> 5.198 ms a replay). Timing one
+# projection back to back (diag_gpu gemv-triton) picks differently: under programmatic dependent launch the next
+# kernel may start only once every program of this one has, so few fat programs (o: 48 of them) can beat many
+# quick ones. Other shapes get (4, 1024, 8), within 6% of the best on every shape timed alone.
 _CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
     (2048, 1536): (8, 1024, 4), (1536, 1536): (32, 512, 8), (17920, 1536): (16, 512, 8), (1536, 8960): (4, 1024, 8),
     (4608, 3584): (8, 512, 8), (3584, 3584): (2, 1024, 4), (37888, 3584): (16, 512, 8), (3584, 18944): (4, 512, 8),
@@ -181,6 +187,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
         if n != (H + 2 * KVH) * D:
             raise ValueError(f"gemv: rope needs a fused qkv weight of {(H + 2 * KVH) * D} rows, got {n}")
         bn = min(max(bn, 2), D)  # RoPE pairs: an even number of rows per program, within one head
+        if D % bn:
+            raise ValueError(f"gemv: rope needs a head_dim divisible by the row block, got {D} and {bn}")
         y = torch.empty(1, H, D, device=x.device, dtype=x.dtype)
         kv = rope.kv
         s_kvb, s_kvl, s_kv2, s_kvt, s_kvh, _ = kv.stride()
