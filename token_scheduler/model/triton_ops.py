@@ -11,7 +11,13 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:  # Triton with grid dependency control (3.6 and 3.9 have it)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAS_GDC = True
+except ImportError:  # pragma: no cover - older Triton: kernels launch plainly
+    gdc_launch_dependents = gdc_wait = None
+    _HAS_GDC = False
 
 # Programmatic dependent launch (Hopper and later): a kernel launched with it may be scheduled while the kernel
 # before it drains, instead of after. Each such kernel calls `gdc_wait` before it touches anything an earlier
@@ -21,7 +27,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 # batch-1 step 1.65 -> 1.53 ms, 7B 5.88 -> 5.77 ms before the GEMVs were retuned for it). One-token steps only:
 # in batched steps the kernel before ours is often a cuBLAS GEMM, and ours launched early beside it made the 7B
 # batch-32 step slower (6.63 -> 6.98 ms). TOKENPOOL_PDL=0: off.
-USE_PDL = os.environ.get("TOKENPOOL_PDL", "1") != "0"
+USE_PDL = _HAS_GDC and os.environ.get("TOKENPOOL_PDL", "1") != "0"
 
 
 @functools.cache
