@@ -194,7 +194,7 @@ def step(model: str, batches: list[int], context: int = 512) -> None:
     vocab, r = eng.model_config.vocab_size, eng.runner
     defaults = (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
                 triton_decode.num_splits_for)
-    # the GEMV block configs before the sweep with programmatic dependent launch
+    # the qwen2-1.5b GEMV block configs tuned without PDL, one projection at a time (before step-sweep)
     old_cfgs = {(2048, 1536): (8, 512, 8), (1536, 1536): (2, 512, 4), (17920, 1536): (16, 512, 8),
                 (1536, 8960): (4, 1024, 8)}
     # name, then what it changes from the defaults
