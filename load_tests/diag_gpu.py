@@ -180,18 +180,37 @@ def gemv_triton(model: str) -> None:
     print("BEST", best)
 
 
+class _StepTimer:
+    """One engine whose decode graph for a batch size is re-captured before each timing, so that kernel options
+    changed in between (module globals read at capture) take effect."""
+
+    def __init__(self, model: str, max_batch: int, context: int = 512):
+        from token_scheduler import LLMEngine
+        from token_scheduler.engine import EngineConfig
+
+        self.eng = LLMEngine(EngineConfig(model=model, device="cuda", max_num_seqs=max_batch,
+                                          max_num_batched_tokens=8192, kv_cache_memory_gb=8.0, max_model_len=4096,
+                                          num_host_kv_blocks=0))
+        self.context = context
+        self.replaced = []  # kept: the last graph of a pool keeps the pool alive
+
+    def __call__(self, batch: int, steps: int) -> dict:
+        from load_tests.bench_engine import _decode_step_times
+
+        r = self.eng.runner
+        bucket = r.bucket_of[batch]
+        self.replaced.append(r.graphs.pop(r._graph_id(bucket), None))
+        r.graphs.get(("warm", r.graph_key), set()).discard(bucket)  # warm-up runs (and compiles) before capture
+        return _decode_step_times(self.eng, batch, self.context, steps, self.eng.model_config.vocab_size)
+
+
 def step(model: str, batches: list[int], context: int = 512) -> None:
     """The engine's decode step (median call time and graph replay) at each batch size, under each variant of
     the decode kernel options (the defaults, then one change at a time). One engine; each variant re-captures
     the graphs it times."""
-    from load_tests.bench_engine import _decode_step_times
-    from token_scheduler import LLMEngine
-    from token_scheduler.engine import EngineConfig
     from token_scheduler.model import llama, triton_decode, triton_gemv, triton_ops
 
-    eng = LLMEngine(EngineConfig(model=model, device="cuda", max_num_seqs=max(batches), max_num_batched_tokens=8192,
-                                 kv_cache_memory_gb=8.0, max_model_len=4096, num_host_kv_blocks=0))
-    vocab, r = eng.model_config.vocab_size, eng.runner
+    timed = _StepTimer(model, max(batches), context)
     defaults = (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
                 triton_decode.num_splits_for)
     # the qwen2-1.5b GEMV block configs tuned without PDL, one projection at a time (before step-sweep)
@@ -201,7 +220,6 @@ def step(model: str, batches: list[int], context: int = 512) -> None:
     variants = [("default", {}), ("no pdl", {"pdl": False}), ("no gemv", {"gemv": False}),
                 ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}), ("splits 16", {"splits": 16}),
                 ("no pdl, gemv any size", {"pdl": False, "max_hidden": 1 << 30}), ("default again", {})]
-    old = []
     for name, v in variants:
         triton_ops.USE_PDL, llama.USE_GEMV = v.get("pdl", defaults[0]), v.get("gemv", defaults[1])
         llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE = v.get("max_hidden", defaults[2]), v.get("rope", defaults[3])
@@ -209,10 +227,7 @@ def step(model: str, batches: list[int], context: int = 512) -> None:
         triton_decode.num_splits_for = (lambda *_a, s=v["splits"], **_k: s) if "splits" in v else defaults[5]
         line = f"{name:22s}"
         for b in batches:
-            bucket = r.bucket_of[b]
-            old.append(r.graphs.pop(r._graph_id(bucket), None))  # kept: the last graph of a pool keeps it alive
-            r.graphs.get(("warm", r.graph_key), set()).discard(bucket)
-            d = _decode_step_times(eng, b, context, 40, vocab)
+            d = timed(b, 40)
             line += f" | b{b}: step {d['step_ms_median']:.3f} ms, replay {d['graph_replay_ms']:.3f} ms"
         print(line, flush=True)
     (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
@@ -224,24 +239,17 @@ def step_sweep(model: str, context: int = 512) -> None:
     config varies in turn (coordinate descent from the current table). Back-to-back timings of one projection
     (`gemv-triton`) mislead under programmatic dependent launch: the next kernel may only start once every
     program of this one has, so how many programs a projection has matters beside its own speed."""
-    from load_tests.bench_engine import _decode_step_times
-    from token_scheduler import LLMEngine
-    from token_scheduler.engine import EngineConfig
     from token_scheduler.model import triton_gemv
 
-    eng = LLMEngine(EngineConfig(model=model, device="cuda", max_num_seqs=1, max_num_batched_tokens=8192,
-                                 kv_cache_memory_gb=8.0, max_model_len=4096, num_host_kv_blocks=0))
-    cfg, r = eng.model_config, eng.runner
+    timed = _StepTimer(model, 1, context)
+    cfg = timed.eng.model_config
     h, i, q, k = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
     shapes = {"gate_up": (2 * i, h), "down": (h, i), "qkv": (q + 2 * k, h), "o": (h, q)}
     table = {s: triton_gemv.config_for(*s) for s in shapes.values()}
-    old = []
 
     def replay_ms() -> float:
-        old.append(r.graphs.pop(r._graph_id(1), None))  # kept: the last graph of a pool keeps it alive
-        r.graphs.get(("warm", r.graph_key), set()).discard(1)
         triton_gemv._CONFIGS = dict(table)
-        return _decode_step_times(eng, 1, context, 20, cfg.vocab_size)["graph_replay_ms"]
+        return timed(1, 20)["graph_replay_ms"]
 
     base = replay_ms()
     print(f"start {table}: {base:.4f} ms", flush=True)

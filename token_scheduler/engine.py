@@ -102,7 +102,7 @@ class LLMEngine:
         self.runner = ModelRunner(mc, self.weights, kv, block_size, self.max_model_len, self.device, c.seed,
                                   swapper, cuda_graphs=c.cuda_graphs, max_graph_batch=c.max_num_seqs,
                                   graphs=graphs, graph_key=graph_key, name=self.model_name,
-                                  hf_exact_prefill=c.hf_exact_prefill or c.hf_exact, hf_exact_decode=c.hf_exact)
+                                  hf_exact_prefill=c.hf_exact_prefill, hf_exact_decode=c.hf_exact)
         self.detok = IncrementalDetokenizer(self.tokenizer)
         self._detok: dict[str, DetokState] = {}
         self._aborted: list[Request] = []

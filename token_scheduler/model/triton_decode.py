@@ -106,9 +106,14 @@ def num_splits_for(batch: int, kv_heads: int, sms: int = 132) -> int:
 
 def warm_up(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
             scale: float, window=None) -> None:
-    """Compile every split variant now (at engine start) rather than at first use while serving."""
-    for s in SPLITS:
-        paged_decode(q, kv, 0, block_tables, context_lens, scale, window, num_splits=s)
+    """Compile every split variant now (at engine start) rather than at first use while serving: for one
+    sequence and for several, which differ in launch mode (`pdl`). q, block_tables, context_lens: one row."""
+    rows = [(q, block_tables, context_lens)]
+    if pdl(q):
+        rows.append((q.repeat(2, 1, 1), block_tables.repeat(2, 1), context_lens.repeat(2)))
+    for qq, bt, ctx in rows:
+        for s in SPLITS:
+            paged_decode(qq, kv, 0, bt, ctx, scale, window, num_splits=s)
 
 
 def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, num_splits=None):
