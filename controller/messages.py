@@ -108,6 +108,10 @@ class Stats:  # W->C, every heartbeat
     steps: int
     tokens: int  # generated so far
     gpu: dict[str, float] = field(default_factory=dict)
+    # the pooled engine's state (controller/hosting.py `HostedModels.pool_state`): active model, resident and
+    # prefetching models, switches, VRAM split, per-model queue/KV; and the events since the last Stats
+    pool: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
