@@ -264,6 +264,14 @@ class HostedModels:
         st["weight_capacity_bytes"] = self.weight_capacity
         return st
 
+    def close(self) -> None:
+        """Give everything back (worker exit): the arena, host KV pages, the host copies no process holds."""
+        self.paced.clear()
+        self.engines.clear()
+        if self.multi is not None:
+            self.multi.close()
+            self.multi = None
+
     def drain_events(self) -> list[dict]:
         out, self.events = self.events, []
         if self.multi is not None:

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -93,17 +94,31 @@ class Worker:
             m.write_message(self._writer, msg)
 
     async def run(self) -> None:
-        delay = 0.5
-        while True:
-            try:
-                await self._session()
-                delay = 0.5
-            except (OSError, asyncio.IncompleteReadError, m.ProtocolError) as e:
-                log.warning("controller connection: %s", e)
-            if self.slot is not None:  # a local worker lives and dies with its controller
-                return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+        """Serve until the controller goes (a local worker) or SIGTERM/SIGINT; then give back the pool: VRAM,
+        pinned memory and the node's /dev/shm host copies no other process holds."""
+        loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, me.cancel)
+        try:
+            delay = 0.5
+            while True:
+                try:
+                    await self._session()
+                    delay = 0.5
+                except (OSError, asyncio.IncompleteReadError, m.ProtocolError) as e:
+                    log.warning("controller connection: %s", e)
+                if self.slot is not None:  # a local worker lives and dies with its controller
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        except asyncio.CancelledError:
+            log.info("stopping")
+        finally:
+            # a step may still run in the executor: close after it, on the step thread
+            self._step_pool.submit(self.models.close).result(timeout=60)
+            self._step_pool.shutdown(wait=False)
+            self._load_pool.shutdown(wait=False)
 
     async def _session(self) -> None:
         reader, writer = await asyncio.open_connection(*self.controller)

@@ -147,8 +147,14 @@ class ModelPool:
             for k in [k for k in self.graphs if k[0] == e.graph_key or (k[0] in ("warm", "pool") and k[1] == e.graph_key)]:
                 del self.graphs[k]
         if not any(o.host is e.host for o in self.entries.values()):
+            from model_swapper.host_cache import HostCacheFull
+
             self.swapper.synchronize()  # no copy out of the host copy may still be in flight
             self.cache.release(e.host)
+            try:  # and out of the node's cache, unless another process (a worker of another GPU) holds it
+                self.cache.evict(e.host.key)
+            except HostCacheFull:
+                pass
 
     def host_bytes(self) -> int:
         """Bytes of host copies this pool holds (each shared checkpoint once)."""
