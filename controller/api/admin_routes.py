@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
 
 from controller.api import admin_protocol as ap
 from controller.api import auth
 from controller.config import ModelSpec, TenantSpec
+from controller.dashboard import stream, views
 from controller.errors import ServingError
 from controller.pool import EngineHandle
 from controller.service import Controller
@@ -110,11 +112,71 @@ async def create_tenant(body: ap.TenantCreate, request: Request):
         t, key = ctl.tenants.create(TenantSpec(**body.model_dump()))
     except KeyError:
         raise ServingError(400, f"tenant {body.name!r} exists", param="name") from None
+    views.events(ctl).publish("tenant_created", tenant=t.name)
     return {**_tenant_out(t), "api_key": key}
 
 
 @router.delete("/tenants/{name}")
 async def delete_tenant(name: str, request: Request) -> dict:
-    if not _ctl(request).tenants.delete(name):
+    ctl = _ctl(request)
+    if not ctl.tenants.delete(name):
         raise ServingError(404, f"no tenant {name!r}", code="tenant_not_found")
+    views.events(ctl).publish("tenant_revoked", tenant=name)
     return {"deleted": name}
+
+
+# --- what is happening: the dashboard's data ---
+@router.get("/pool", response_model=ap.PoolOut)
+async def pool(request: Request):
+    """Per engine, model, tenant: what runs, what waits, how fast, and SLO attainment over a window."""
+    return views.pool_view(_ctl(request))
+
+
+@router.get("/requests", response_model=list[ap.RequestOut])
+async def requests(request: Request):
+    """The requests in flight, oldest first."""
+    return views.requests_view(_ctl(request))
+
+
+@router.post("/requests/{request_id}/cancel", response_model=ap.CancelOut)
+async def cancel(request_id: str, request: Request):
+    """End a request: its stream gets an error event ("cancelled by an operator"), the engines abort it."""
+    return views.cancel(_ctl(request), request_id)
+
+
+@router.post("/models/{name:path}/pin", response_model=ap.PinOut)
+async def pin(name: str, request: Request):
+    """Ask placement to keep the model resident (a flag on the model, honoured by placement)."""
+    return _pin(_ctl(request), name, True)
+
+
+@router.post("/models/{name:path}/unpin", response_model=ap.PinOut)
+async def unpin(name: str, request: Request):
+    return _pin(_ctl(request), name, False)
+
+
+def _pin(ctl: Controller, name: str, on: bool) -> ap.PinOut:
+    me = ctl.models.get(name)
+    if me is None:
+        raise ServingError(404, f"no model {name!r}", code="model_not_found")
+    me.pinned = on
+    views.events(ctl).publish("pin" if on else "unpin", model=name)
+    return ap.PinOut(name=name, pinned=on)
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@router.get("/events")
+async def events(request: Request, since: int | None = None):
+    """Server-sent events from the controller's event bus (`id:` is the event's seq). A reconnecting client
+    sends Last-Event-ID (or ?since=SEQ) and gets what it missed that the ring still holds."""
+    last = request.headers.get("last-event-id", "")
+    if last.isdigit():
+        since = int(last)
+    app = request.app
+    frames = getattr(app.state, "event_frames", None)
+    if frames is None:
+        frames = app.state.event_frames = stream.Frames()
+    return StreamingResponse(stream.event_stream(views.events(_ctl(request)), frames, since),
+                             media_type="text/event-stream", headers=SSE_HEADERS)
