@@ -63,8 +63,9 @@ async def event_stream(bus: EventBus, frames: Frames, since: int | None, heartbe
     if sent > last_seq(bus):  # a seq from before the server restarted: all the new server has
         sent = 0
     wake = bus.subscribe()
-    pending: asyncio.Future | None = None
+    pending: asyncio.Future | None = asyncio.ensure_future(anext(wake))
     try:
+        await asyncio.sleep(0)  # the subscription is made before the backlog is read: no event falls between
         backlog = after(bus, sent)
         if backlog:
             sent = backlog[-1]["seq"]
@@ -74,8 +75,10 @@ async def event_stream(bus: EventBus, frames: Frames, since: int | None, heartbe
                 pending = asyncio.ensure_future(anext(wake))
             done, _ = await asyncio.wait({pending}, timeout=heartbeat_s)
             if done:
-                pending.result()
+                ev = pending.result()
                 pending = None
+                if ev["seq"] <= sent:
+                    continue  # a wake-up for an event already sent (read from the ring with an earlier one)
                 await asyncio.sleep(coalesce_s)
             batch = after(bus, sent)
             if batch:
@@ -85,8 +88,7 @@ async def event_stream(bus: EventBus, frames: Frames, since: int | None, heartbe
                 yield PING
     finally:
         if pending is not None:
-            pending.cancel()  # ends the subscription: the bus forgets its queue
+            pending.cancel()
             with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                 await pending
-        else:
-            await wake.aclose()
+        await wake.aclose()  # ends the subscription: the bus forgets its queue
