@@ -53,7 +53,8 @@ async def login(request: Request):
     token = (parse_qs(body.decode(errors="replace")).get("token") or [""])[0].strip()
     stored = request.app.state.controller.cfg.admin_token_hash
     if not token or stored is None or not verify_key(token, stored):
-        return _page("login.html", 401, "That is not the admin token.")
+        # 200, not 401: a browser logs any 4xx page load as a console error; the form says what went wrong
+        return _page("login.html", 200, "That is not the admin token.")
     resp = RedirectResponse("/dashboard", status_code=303, headers=HEADERS)
     resp.set_cookie(session.COOKIE, session.sessions(request.app).new(), max_age=int(session.TTL_S), path="/",
                     httponly=True, samesite="strict", secure=request.url.scheme == "https")

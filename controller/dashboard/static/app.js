@@ -273,7 +273,7 @@ function renderRequests() {
 }
 
 function eventText(ev) {
-  return Object.entries(ev).filter(([k]) => !["seq", "t", "kind"].includes(k))
+  return Object.entries(ev).filter(([k, v]) => !["seq", "t", "kind"].includes(k) && v !== null && v !== undefined)
     .map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join("  ");
 }
 
