@@ -87,7 +87,8 @@ function renderSummary(p) {
   const alive = p.engines.filter((e) => e.alive).length;
   const inflight = p.engines.reduce((a, e) => a + e.inflight, 0);
   const tps = p.models.reduce((a, m) => a + m.tokens_per_s, 0);
-  const switches = p.engines.reduce((a, e) => a + (e.switches || 0), 0);
+  const pooled = p.engines.filter((e) => e.switches !== null);
+  const switches = pooled.length ? pooled.reduce((a, e) => a + e.switches, 0) : "—";
   const att = p.models.filter((m) => m.attainment !== null);
   const tiles = [
     ["Engines", `${alive} / ${p.engines.length}`], ["Models", p.models.length], ["In flight", inflight],
