@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from controller.dashboard.stream import PING, RETRY, Frames, event_stream
+from controller.dashboard.stream import PING, RETRY, Frames, Ticker, event_stream, snapshot_frame
 from controller.events import EventBus
 from controller.keys import hash_key
 from controller.testing import LiveServer
@@ -90,6 +90,44 @@ def test_a_client_that_never_reads_does_not_hold_the_publisher():
     asyncio.run(main())
 
 
+def test_snapshots_are_built_once_a_tick_for_every_connection():
+    async def main():
+        bus, frames = EventBus(), Frames()
+        builds = []
+
+        def build() -> bytes:
+            builds.append(time.monotonic())
+            return snapshot_frame("pool", json.dumps({"n": len(builds)}))
+
+        ticker = Ticker(build, interval_s=0.1)
+        conns = [event_stream(bus, frames, None, ticker, heartbeat_s=5) for _ in range(20)]
+        for c in conns:
+            await anext(c)
+        got = [[] for _ in conns]
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.55:
+            for i, c in enumerate(conns):
+                chunk = await asyncio.wait_for(anext(c), 2)
+                got[i] += [json.loads(b.split(b"data: ", 1)[1]) for b in chunk.split(b"\n\n")
+                           if b.startswith(b"event: pool")]
+        assert 4 <= len(builds) <= 8  # one build a tick for all 20 connections, not one each
+        for g in got:
+            ns = [x["n"] for x in g]
+            assert ns == sorted(set(ns)) and len(ns) >= 3  # each tick's snapshot once, in order
+        bus.publish("load", model="a")  # events still come between snapshots
+        chunk = await asyncio.wait_for(anext(conns[0]), 2)
+        while b'"kind": "load"' not in chunk:
+            chunk = await asyncio.wait_for(anext(conns[0]), 2)
+        for c in conns:
+            await c.aclose()
+        assert ticker.listeners == 0 and ticker._task is None  # nobody listens: no more builds
+        n = len(builds)
+        await asyncio.sleep(0.3)
+        assert len(builds) == n
+
+    asyncio.run(main())
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"},
@@ -134,3 +172,17 @@ def test_events_over_http_survive_a_reconnect(server):
     while httpx.get(server.url + "/admin/pool", headers=H).json()["event_subscribers"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert httpx.get(server.url + "/admin/pool", headers=H).json()["event_subscribers"] == 0
+
+
+def test_the_dashboards_stream_carries_pool_and_requests_snapshots(server):
+    with httpx.stream("GET", server.url + "/admin/events?snapshots=true", headers=H, timeout=10) as r:
+        buf = b""
+        for chunk in r.iter_raw():
+            buf += chunk
+            if b"event: requests" in buf:
+                break
+    frames = {b.split(b"\n", 1)[0]: json.loads(b.split(b"data: ", 1)[1]) for b in buf.split(b"\n\n")
+              if b.startswith(b"event: ")}
+    pool, reqs = frames[b"event: pool"], frames[b"event: requests"]
+    assert [m["name"] for m in pool["models"]] == ["pace-a"] and pool["engines"][0]["id"] == "w0"
+    assert reqs == []

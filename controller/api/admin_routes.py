@@ -168,15 +168,21 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @router.get("/events")
-async def events(request: Request, since: int | None = None):
+async def events(request: Request, since: int | None = None, snapshots: bool = False):
     """Server-sent events from the controller's event bus (`id:` is the event's seq). A reconnecting client
-    sends Last-Event-ID (or ?since=SEQ) and gets what it missed that the ring still holds."""
+    sends Last-Event-ID (or ?since=SEQ) and gets what it missed that the ring still holds. With
+    ?snapshots=true the stream also carries `event: pool` and `event: requests` frames (the bodies of
+    GET /admin/pool and /admin/requests), once a second: the dashboard's gauges, without polling."""
     last = request.headers.get("last-event-id", "")
     if last.isdigit():
         since = int(last)
-    app = request.app
-    frames = getattr(app.state, "event_frames", None)
-    if frames is None:
-        frames = app.state.event_frames = stream.Frames()
-    return StreamingResponse(stream.event_stream(views.events(_ctl(request)), frames, since),
+    ctl, st = _ctl(request), request.app.state
+    if getattr(st, "event_frames", None) is None:
+        st.event_frames = stream.Frames()
+    ticker = None
+    if snapshots:
+        if getattr(st, "dashboard_ticker", None) is None:
+            st.dashboard_ticker = stream.Ticker(lambda: views.snapshot(ctl))
+        ticker = st.dashboard_ticker
+    return StreamingResponse(stream.event_stream(views.events(ctl), st.event_frames, since, ticker),
                              media_type="text/event-stream", headers=SSE_HEADERS)

@@ -14,10 +14,12 @@ from typing import Any
 from controller import messages as m
 from controller.api import admin_protocol as ap
 from controller.dashboard.activity import WINDOW_S, Activity
+from controller.dashboard.stream import snapshot_frame
 from controller.errors import ServingError
 from controller.events import EventBus
 
 CANCELLED = "cancelled by an operator"
+SNAPSHOT_REQUESTS = 500  # the oldest in flight, in each snapshot
 STATE_ORDER = ("resident", "loading", "host")  # a model's state is the best of its engines'
 
 
@@ -191,6 +193,14 @@ def requests_view(ctl: Any) -> list[ap.RequestOut]:
                                  tokens_per_s=tokens / run if run > 0 else 0.0, choices=len(subs)))
     out.sort(key=lambda r: -r.age_s)
     return out
+
+
+def snapshot(ctl: Any, max_requests: int = SNAPSHOT_REQUESTS) -> bytes:
+    """The dashboard's gauges as two SSE frames (`event: pool`, `event: requests`), built once a second for
+    every open dashboard (controller.dashboard.stream.Ticker)."""
+    reqs = requests_view(ctl)[:max_requests]
+    return (snapshot_frame("pool", pool_view(ctl).model_dump_json())
+            + snapshot_frame("requests", "[" + ",".join(r.model_dump_json() for r in reqs) + "]"))
 
 
 def cancel(ctl: Any, request_id: str) -> ap.CancelOut:

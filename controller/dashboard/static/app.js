@@ -1,6 +1,7 @@
-// tokenpool dashboard: one page over the admin API. Live data: the admin event stream (server-sent events) and
-// a 1 s poll of /admin/pool for the gauges (plus /admin/requests while that view is open). No framework, no
-// build step; charts by the vendored uPlot. Every value goes into the page as text (textContent), never HTML.
+// tokenpool dashboard: one page over the admin API. Live data: one event stream (/admin/events, server-sent
+// events) carrying the pool's events and, once a second, snapshots of /admin/pool and /admin/requests; no
+// polling. No framework, no build step; charts by the vendored uPlot. Every value goes into the page as text
+// (textContent), never HTML.
 "use strict";
 
 const SPAN_S = 60; // seconds of timeline and charts shown
@@ -10,7 +11,7 @@ const PALETTE = ["#2f6fdf", "#e0573a", "#1f9d55", "#9b59d0", "#d19a00", "#14a3b8
 
 const S = {
   view: "pool", pool: null, requests: [], events: [], kinds: new Set(), colors: new Map(),
-  series: { t: [], tps: new Map(), queue: new Map() }, charts: {}, polling: false, soon: null,
+  series: { t: [], tps: new Map(), queue: new Map() }, charts: {}, soon: null,
 };
 
 // --- small helpers ---
@@ -78,8 +79,9 @@ function show(view) {
   S.view = view;
   for (const b of document.querySelectorAll("#tabs button")) b.classList.toggle("active", b.dataset.view === view);
   for (const s of document.querySelectorAll("main > section")) s.hidden = s.id !== `view-${view}`;
+  if (S.pool) applyPool(S.pool, false);
   if (view === "pool") resizeCharts();
-  refreshSoon(0);
+  if (view === "requests") renderRequests();
   renderEvents();
 }
 
@@ -296,23 +298,29 @@ function renderEvents() {
   document.getElementById("events-list").replaceChildren(...items);
 }
 
-// --- data flow ---
+// --- data flow: events and once-a-second snapshots (pool, requests) arrive on one event stream ---
+function applyPool(p, chart) {
+  S.pool = p;
+  if (chart) pushSeries(p);
+  renderSummary(p);
+  if (S.view === "pool") { renderEngines(p); renderChart("chart-tps", "tps"); renderChart("chart-queue", "queue"); }
+  if (S.view === "models") renderModels(p);
+  if (S.view === "tenants") renderTenants(p);
+}
+
+function applyRequests(list) {
+  S.requests = list;
+  if (S.view === "requests") renderRequests();
+}
+
+// After an action: fetch the views at once rather than wait for the next snapshot.
 async function refresh() {
-  if (S.polling) return;
-  S.polling = true;
   try {
-    const p = await api("GET", "/admin/pool");
-    S.pool = p;
-    pushSeries(p);
-    renderSummary(p);
-    if (S.view === "pool") { renderEngines(p); renderChart("chart-tps", "tps"); renderChart("chart-queue", "queue"); }
-    if (S.view === "models") renderModels(p);
-    if (S.view === "tenants") renderTenants(p);
-    if (S.view === "requests") { S.requests = await api("GET", "/admin/requests"); renderRequests(); }
+    const [p, reqs] = await Promise.all([api("GET", "/admin/pool"), api("GET", "/admin/requests")]);
+    applyPool(p, false);
+    applyRequests(reqs);
   } catch (e) {
-    if (e.message !== "signed out") document.getElementById("conn").textContent = `poll failed: ${e.message}`;
-  } finally {
-    S.polling = false;
+    if (e.message !== "signed out") toast(`Refresh failed: ${e.message}`, true);
   }
 }
 
@@ -323,7 +331,8 @@ function refreshSoon(ms = 150) {
 
 function connect() {
   const conn = document.getElementById("conn");
-  const es = new EventSource("/admin/events?since=0"); // the ring's backlog first; reconnects send Last-Event-ID
+  // since=0: the ring's backlog first; a reconnect sends Last-Event-ID by itself
+  const es = new EventSource("/admin/events?since=0&snapshots=true");
   es.onopen = () => { conn.textContent = "live"; conn.className = "conn live"; };
   es.onerror = () => {
     conn.textContent = "reconnecting…";
@@ -336,8 +345,9 @@ function connect() {
     if (S.events.length > MAX_EVENTS) S.events.splice(0, S.events.length - MAX_EVENTS);
     S.kinds.add(ev.kind);
     renderEvents();
-    refreshSoon(); // what the event changed shows within a fraction of a second
   };
+  es.addEventListener("pool", (msg) => applyPool(JSON.parse(msg.data), true));
+  es.addEventListener("requests", (msg) => applyRequests(JSON.parse(msg.data)));
 }
 
 function init() {
@@ -377,8 +387,6 @@ function init() {
   });
   window.addEventListener("resize", () => { resizeCharts(); if (S.pool && S.view === "pool") renderEngines(S.pool); });
   connect();
-  refresh();
-  setInterval(refresh, 1000);
 }
 
 init();
