@@ -124,6 +124,16 @@ def run(page, ctx, server, shots: Path) -> None:
     expect(page.locator("#toast")).to_have_text("pace-b pinned")
     expect(page.locator('#models-table tr[data-model="pace-b"] .badge.pinned')).to_be_visible()
 
+    # add a model through the form, then remove it
+    page.fill("#add-model [name=name]", "pace-c")
+    page.select_option("#add-model [name=kind]", "pace")
+    page.click("#add-model button[type=submit]")
+    expect(page.locator("#toast")).to_have_text("Model pace-c added")
+    expect(page.locator('#models-table tr[data-model="pace-c"]')).to_be_visible()
+    page.locator('#models-table tr[data-model="pace-c"] [data-action=remove]').click()
+    expect(page.locator("#toast")).to_have_text("pace-c removed")
+    expect(page.locator('#models-table tr[data-model="pace-c"]')).to_have_count(0)
+
     # --- streamed requests fill the requests table ---
     streams = [Stream(url, m, n) for m, n in (("pace-a", 400), ("pace-b", 400), ("pace-a", 300),
                                               ("tiny-qwen2", 200), ("pace-b", 250))]
@@ -151,6 +161,9 @@ def run(page, ctx, server, shots: Path) -> None:
     assert painted > 0, "the engine timeline drew nothing"
     expect(page.locator("#engines .legend")).to_contain_text("pace")
     expect(page.locator("#chart-tps .uplot")).to_be_visible()
+    w0 = page.request.get(url + "/admin/pool").json()["engines"][0]
+    if w0["pooled"]:  # the worker reports the pooled engine: three busy models on one engine take turns
+        assert w0["switches"] > 0 and len({r[1] for r in w0["timeline"]}) >= 2
     page.screenshot(path=str(shots / "pool.png"), full_page=True)
 
     # --- cancel a request: its stream ends with the operator's error ---

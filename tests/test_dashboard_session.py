@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from controller.app import build_app
-from controller.config import ServerConfig
+from controller.config import ServerConfig, default_config
 from controller.dashboard import session
 from controller.dashboard.routes import STATIC
 from controller.keys import hash_key
@@ -88,3 +88,9 @@ def test_static_files_are_served_and_nothing_else(client):
     index = (STATIC / "index.html").read_text()
     for name in ("app.js", "app.css", "uPlot.iife.min.js", "uPlot.min.css"):
         assert f"/dashboard/static/{name}" in index and (STATIC / name).is_file()
+
+
+def test_the_embedded_default_serves_the_dashboard_too():
+    c = TestClient(build_app(default_config()))  # (its lifespan, which would make the demo models, is not run)
+    r = c.get("/dashboard")
+    assert r.status_code == 200 and 'name="token"' in r.text
