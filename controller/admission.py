@@ -42,8 +42,14 @@ def estimate_ttft(running_remaining: Iterable[int], waiting_tokens: Iterable[int
 
 
 def decide(est_ttft_s: float, queued: bool, slo_ttft_s: float, slack: float, queue_len: int,
-           max_queue: int) -> Decision:
-    """Admit or refuse; a refusal says when retrying is worth it (HTTP Retry-After, whole seconds)."""
+           max_queue: int, prefill_s: float = 0.0) -> Decision:
+    """Admit or refuse; a refusal says when retrying is worth it (HTTP Retry-After, whole seconds).
+    `prefill_s`: the request's own prefill time; if that alone misses the SLO, it is refused whatever the queue
+    (its prompt would hold the GPU from every other model's requests for longer than the SLO allows)."""
+    if prefill_s > slack * slo_ttft_s:
+        return Decision(False, est_ttft_s, max(1, math.ceil(prefill_s)),
+                        f"its prompt alone takes an estimated {prefill_s:.2f}s to prefill, over the "
+                        f"{slo_ttft_s:g}s time-to-first-token SLO")
     if queue_len >= max_queue:
         return Decision(False, est_ttft_s, max(1, math.ceil(est_ttft_s)), f"engine queue is full ({queue_len})")
     if not queued or est_ttft_s <= slack * slo_ttft_s:

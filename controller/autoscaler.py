@@ -1,4 +1,6 @@
-"""Autoscaling: a hot model gets more replicas, a cold one gives them back. Pure logic with hysteresis.
+"""Autoscaling: a hot model gets registered on another GPU, a cold one gives extra registrations back. Pure
+logic with hysteresis. A model is never left with fewer registrations than its minimum (a registration is
+its host copy and a place in a GPU's pooled engine, not VRAM: the engine's policy decides residency).
 
 Every tick the controller hands in each model's measured load (in-flight requests per replica slot) and SLO
 attainment over a recent window; a model must be hot for `up_ticks` ticks in a row to grow by one replica and
@@ -29,7 +31,6 @@ class Action:
     kind: str  # "load" | "unload"
     model: str
     engine_id: str
-    evict: tuple[str, ...] = ()
 
 
 class Autoscaler:
@@ -48,7 +49,7 @@ class Autoscaler:
             if n < ml.min_replicas:
                 rt = place(ml.info, engines, models, exclude=frozenset(a.engine_id for a in actions if a.model == name))
                 if rt is not None:
-                    actions.append(Action("load", name, rt.engine_id, rt.evict))
+                    actions.append(Action("load", name, rt.engine_id))
                 continue
             load = ml.inflight / max(1, n * ml.capacity) if n else (1.0 if ml.inflight else 0.0)
             missing_slo = ml.slo_attainment is not None and ml.slo_attainment < self.s.slo_target
@@ -59,7 +60,7 @@ class Autoscaler:
             if self._hot[name] >= self.s.up_ticks and 0 < n < ml.max_replicas:
                 rt = place(ml.info, engines, models, exclude=frozenset(a.engine_id for a in actions if a.model == name))
                 if rt is not None:
-                    actions.append(Action("load", name, rt.engine_id, rt.evict))
+                    actions.append(Action("load", name, rt.engine_id))
                     self._hot[name] = 0
             elif self._cold[name] >= self.s.down_ticks and n > max(ml.min_replicas, 0) and n > 0:
                 if n == 1 and ml.inflight > 0:

@@ -143,6 +143,41 @@ def bench_pool_cmd(
     )
 
 
+@bench_app.command("serve")
+def bench_serve_cmd(
+    models: str = typer.Option("4x7b,6x1.5b", help="e.g. 4x7b,6x1.5b (made and cached as bench pool --real does)"),
+    rate: str = typer.Option("0.1", help="requests/s per model; a comma list (0.1,0.3,0.5) is a rate sweep"),
+    duration: float = typer.Option(120.0, help="seconds of arrivals"),
+    slo_ttft: float = typer.Option(10.0),
+    slo_tpot: float = typer.Option(0.1),
+    gpu_budget_gb: Optional[float] = typer.Option(60.0, help="the server's arena per GPU (gpus.budget_gb)"),
+    kv_cache_gb: Optional[float] = typer.Option(4.0, help="the KV region inside it (gpus.kv_cache_gb)"),
+    policy: str = typer.Option("token", help="the server's multi-model policy per run: token,request,static"),
+    seed: int = typer.Option(0),
+    drain: float = typer.Option(60.0, help="seconds after the last arrival before unfinished requests miss"),
+    url: Optional[str] = typer.Option(None, help="measure this running server (its models) instead of starting one"),
+    admin_token: Optional[str] = typer.Option(None, envvar="TOKENPOOL_ADMIN_TOKEN",
+                                              help="--url: its admin token, to read its engines' step counters"),
+    target: float = typer.Option(0.9, help="SLO attainment a rate must keep to count as sustained"),
+    stop_at_miss: bool = typer.Option(False, help="skip a policy's remaining rates once it misses --target"),
+    device: str = typer.Option("cuda", help="cuda (one worker per GPU) | cpu"),
+    no_admission: bool = typer.Option(False, help="turn the server's admission control off"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write results here"),
+) -> None:
+    """Replay bench pool's seeded multi-model workload through the HTTP API (streamed) and score SLO attainment."""
+    from load_tests.bench_pool_real import parse_rates
+    from load_tests.bench_serve import run_serve
+
+    try:
+        rates = parse_rates(rate)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    run_serve(models=models, rate=rates, duration=duration, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
+              gpu_budget_gb=gpu_budget_gb, kv_cache_gb=kv_cache_gb, policies=policy.split(","), seed=seed,
+              json_out=json_out, drain_s=drain, url=url, admin_token=admin_token, target=target,
+              stop_at_miss=stop_at_miss, device=device, admission=not no_admission)
+
+
 @app.command("loadtest")
 def loadtest_cmd(
     url: str = typer.Option("http://127.0.0.1:8000", help="server base URL (loopback only)"),

@@ -111,8 +111,14 @@ class WorkerSettings(_Strict):
 
 
 class GPUSettings(_Strict):
-    budget_gb: float | None = Field(None, gt=0, le=MAX_GB)  # per device, for model weights; None: the device's memory * 0.8
-    cpu_budget_gb: float = Field(16.0, gt=0, le=MAX_GB)
+    """Each worker's pooled engine: one arena per GPU (weights + KV), weights from a node-shared host cache."""
+
+    budget_gb: float | None = Field(None, gt=0, le=MAX_GB)  # arena per GPU (GB); None: free memory less a margin
+    cpu_budget_gb: float = Field(8.0, gt=0, le=MAX_GB)  # the CPU worker's arena (host memory)
+    kv_cache_gb: float | None = Field(None, gt=0, le=MAX_GB)  # KV region inside the arena; None: 10% (1..16 GB)
+    host_cache_gb: float | None = Field(None, gt=0, le=MAX_GB)  # node-wide host weight cache; None: 60% of RAM
+    host_cache_namespace: str = Field("tokenpool", pattern=r"^[A-Za-z0-9._-]+$")  # workers sharing host copies
+    policy: Literal["token", "aegaeon", "request", "static"] = "token"  # which model steps next, per GPU
 
 
 class AdmissionSettings(_Strict):

@@ -1,25 +1,61 @@
-"""The models one engine worker hosts, and its step.
+"""The models one engine worker hosts, and its step: one pooled, token-level engine per GPU.
 
-Models with weights live in one `MultiModelEngine` with the token-level policy: when the controller places
-several models on one worker, the policy picks the model of every step (token-level interleaving under each
-model's TTFT/TPOT SLO) instead of the worker stepping one engine per model in turn. PaceEngine models (the
-load test's, no weights) cannot live in it and are stepped beside it.
+Every model the controller registers on this worker lives in one `MultiModelEngine` in pooled mode: an arena
+of the GPU budget (a KV region shared by every model, plus weight slots), weights in the node-shared pinned
+host cache (one host copy per checkpoint per node, whichever worker of the node loaded it first), and the
+token-level policy choosing each step's model. Hosting a model means *registering* it: its host copy is
+loaded, no VRAM is taken; weights come into a slot and go as the policy plans (prefetch while another model
+decodes), and KV of idle models is swapped to host pages, never dropped. More model bytes than VRAM is the
+normal case. On CPU the same pooled engine runs over host memory (so CI exercises the served path).
+
+PaceEngine models (the load test's, no weights) cannot live in it and are stepped beside it.
 
 Threading contract (the worker's): `host`, `step` and `unload` run between steps, never two at once --
 `host` and `step` on the step thread, `unload`, `add_request` and `abort` on the event loop while no step
-runs. `MultiModelEngine` builds each model's `LLMEngine` itself, so a load there holds the step thread:
-the other models wait for it (seconds for a large model on a GPU).
+runs. A registration reads the host copy (seconds for a large model from disk, once per node), holding the
+step thread: the other models wait for it.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # token_scheduler imports torch: only when a model with weights is hosted
     from token_scheduler.request import RequestOutput, SamplingParams
 
-POLICY = "token"
+GiB = 1 << 30
+GPU_MARGIN_BYTES = 4 * GiB  # left outside the arena: activations, CUDA graphs' pools, the CUDA context
+GPU_MARGIN_FRAC = 0.05
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """How a worker builds its pooled engine (sent by the controller in `Registered.settings`)."""
+
+    budget_bytes: int | None = None  # the arena (weights + KV); None: free device memory less a margin
+    kv_cache_gb: float | None = None  # the KV region inside it; None: 10% of the budget, 1..16 GB (CPU 0.5)
+    host_cache_gb: float | None = None  # node-wide pinned host cache; None: 60% of the node's memory
+    namespace: str = "tokenpool"  # workers of a node with the same namespace share host copies
+    policy: str = "token"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> PoolSettings:
+        return cls(**{k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__})
+
+
+def default_budget(device: str, free_bytes: int) -> int:
+    """The arena when none is configured: the device's free memory less a safety margin."""
+    if device.startswith("cuda"):
+        return max(GiB, int(free_bytes - max(GPU_MARGIN_BYTES, GPU_MARGIN_FRAC * free_bytes)))
+    return 8 * GiB  # CPU: virtual until touched (torch.empty); weights and KV touch what they use
+
+
+def default_kv_gb(device: str, budget: int) -> float:
+    if not device.startswith("cuda"):
+        return min(0.5, budget / 4e9)
+    return min(16.0, max(1.0, 0.1 * budget / 1e9))
 
 
 def engine_config(path: str | None, opts: dict[str, Any], device: str):
@@ -51,9 +87,11 @@ def model_slo(slo: dict[str, float] | None):
 
 
 class HostedModels:
-    def __init__(self, device: str):
+    def __init__(self, device: str, settings: PoolSettings | None = None, free_bytes: int = 0):
         self.device = device
-        self.multi = None  # MultiModelEngine, made with the first model that has weights
+        self.settings = settings or PoolSettings()
+        self.free_bytes = free_bytes
+        self.multi = None  # the pooled MultiModelEngine, made with the first model that has weights
         self.paced: dict[str, Any] = {}
         self.engines: dict[str, Any] = {}  # every hosted model -> its own engine (limits, stats)
         self.step_s: dict[str, float] = {}  # EWMA of one step of each model
@@ -61,6 +99,7 @@ class HostedModels:
         # while the others take their turns (the controller's TTFT estimate needs it; one step is not a round)
         self.round_s = 0.0
         self._waiting_since: dict[str, float] = {}  # model -> start of its last step, while it has work
+        self.events: list[dict] = []  # since the last drain (paced models' registrations; the pool's own)
 
     def __contains__(self, name: str) -> bool:
         return name in self.engines
@@ -68,32 +107,70 @@ class HostedModels:
     def names(self) -> list[str]:
         return sorted(self.engines)
 
-    # --- models ---
-    def host(self, name: str, path: str | None, opts: dict[str, Any], slo: dict[str, float] | None):
-        """Load a model with weights into the multi-model engine (step thread, between steps)."""
+    @property
+    def budget_bytes(self) -> int:
+        s = self.settings
+        return s.budget_bytes or default_budget(self.device, self.free_bytes)
+
+    @property
+    def weight_capacity(self) -> int:
+        """Bytes of the arena the weight slots may use: what one model's weights must fit."""
+        if self.multi is not None and self.multi.pool is not None:
+            return self.multi.pool.weight_capacity
+        b = self.budget_bytes
+        return b - int(self._kv_gb(b) * 1e9)
+
+    def _kv_gb(self, budget: int) -> float:
+        s = self.settings
+        return s.kv_cache_gb if s.kv_cache_gb is not None else default_kv_gb(self.device, budget)
+
+    def _make_multi(self):
         from token_scheduler.multi_engine import MultiModelEngine
 
-        cfg = engine_config(path, opts, self.device)
+        s, b = self.settings, self.budget_bytes
+        host = f"{s.host_cache_gb}GB" if s.host_cache_gb else 0.6
+        return MultiModelEngine({}, policy=s.policy, device=self.device, gpu_budget=b, kv_cache_gb=self._kv_gb(b),
+                                host_budget=host, host_namespace=s.namespace)
+
+    # --- models ---
+    def prepare(self, path: str | None, opts: dict[str, Any]) -> None:
+        """Load (or attach) the model's host copy off the step thread, so registering it does not hold the
+        other models' steps. Thread-safe: the host cache has its own lock; the engine is only made here when
+        it does not exist yet (nothing steps it then)."""
+        if path is None:
+            return
         if self.multi is None:
-            self.multi = MultiModelEngine({name: cfg}, policy=POLICY, slos={name: model_slo(slo)}, device=self.device)
-        else:
-            self.multi.add_model(name, cfg, model_slo(slo))
+            self.multi = self._make_multi()
+        cfg = engine_config(path, opts, self.device)
+        self.multi.pool.cache.get(cfg.model, cfg.torch_dtype)
+
+    def host(self, name: str, path: str | None, opts: dict[str, Any], slo: dict[str, float] | None):
+        """Register a model with weights in the pooled engine (step thread, between steps): its host copy is
+        loaded (or attached, when another worker of the node has it); no VRAM is taken until the policy
+        plans a step of it."""
+        if self.multi is None:
+            self.multi = self._make_multi()
+        self.multi.add_model(name, engine_config(path, opts, self.device), model_slo(slo))
         self.engines[name] = eng = self.multi.engines[name]
         return eng
 
     def add_paced(self, name: str, eng: Any) -> None:
         self.paced[name] = self.engines[name] = eng
+        self.events.append({"kind": "register", "model": name, "t": time.time()})
 
     def unload(self, name: str) -> None:
-        """Stop hosting `name` (its unfinished requests are dropped: the caller answers them)."""
+        """Stop hosting `name` (its unfinished requests are dropped: the caller answers them). Its slot, KV
+        pages and (when no other registration shares it) its host copy are given back."""
         if self.engines.pop(name, None) is None:
             return
         self.step_s.pop(name, None)
         self._waiting_since.pop(name, None)
         if self.paced.pop(name, None) is not None:
+            self.events.append({"kind": "unregister", "model": name, "t": time.time()})
             return
         self.multi.remove_model(name)
-        if not self.multi.engines:
+        if not self.multi.engines:  # the removed requests' final outputs are the caller's to answer
+            self.events += self.multi.events
             self.multi.close()
             self.multi = None
 
@@ -116,7 +193,7 @@ class HostedModels:
             e.has_unfinished_requests() for e in self.paced.values())
 
     def step(self) -> tuple[list[RequestOutput], bool]:
-        """One multi-model step (the policy's pick) and one step of each busy paced model.
+        """One pooled step (the policy's pick) and one step of each busy paced model.
 
         Returns the outputs and whether anything ran: the policy may plan an idle step (no room for any batch
         by its estimate), and the caller should not spin on those.
@@ -130,7 +207,6 @@ class HostedModels:
             if mm.timing["steps"] > n:
                 ran = True
                 self._observe(mm.trace[-1], t0, time.perf_counter() - t0)
-            mm.trace.clear()  # a list of every step's model: unbounded in a server; only the last one is used
         for name, eng in list(self.paced.items()):
             if eng.has_unfinished_requests():
                 t0 = time.perf_counter()
@@ -149,5 +225,56 @@ class HostedModels:
         if self.engines[name].has_unfinished_requests():
             self._waiting_since[name] = t0
 
+    # --- what the controller sees ---
     def stats(self) -> dict[str, dict[str, float]]:
-        return {k: dict(e.stats(), step_s=self.step_s.get(k, 0.0)) for k, e in self.engines.items()}
+        """Per model: the engine's counters, its measured step, and the pool's own numbers for the controller's
+        TTFT estimate: seconds per prompt token of prefill, and the load time when its weights are not in VRAM."""
+        out = {}
+        mm = self.multi
+        for k, e in self.engines.items():
+            d = dict(e.stats(), step_s=self.step_s.get(k, 0.0))
+            if mm is not None and k in mm.engines:
+                d.update(mm.estimate(k))
+            elif k in self.paced:
+                d.update(prefill_s_per_token=getattr(e, "prefill_s_per_token", 0.0), load_s=0.0, resident=1.0)
+            out[k] = d
+        return out
+
+    def pool_state(self) -> dict[str, Any]:
+        """The pooled engine's state for the admin API (see controller/messages.py Stats.pool)."""
+        mm = self.multi
+        if mm is not None:
+            st = mm.pool_state()
+            st["timeline"] = list(mm.timeline)
+            mm.timeline.clear()
+        else:
+            b = self.budget_bytes
+            st = {"device": self.device, "active": None, "registered": [], "resident": [], "prefetching": [],
+                  "switches": 0, "switch_stall_s": 0.0, "steps": 0, "kv_swapped_out": 0,
+                  "vram": {"budget_bytes": b, "weights_bytes": 0, "kv_bytes": 0, "free_bytes": b,
+                           "kv_pages_total": 0, "kv_pages_used": 0},
+                  "host_cache_bytes": 0, "models": {}, "timeline": []}
+        for name, e in self.paced.items():
+            s = e.stats()
+            st["registered"] = sorted([*st["registered"], name])
+            st["resident"] = sorted([*st["resident"], name])
+            st["models"][name] = {"state": "resident", "waiting": s["num_waiting"], "running": s["num_running"],
+                                  "swapped": 0, "oldest_wait_s": 0.0, "kv_pages_used": s["kv_blocks_used"],
+                                  "kv_swapped": 0, "steps": 0}
+        st["weight_capacity_bytes"] = self.weight_capacity
+        return st
+
+    def close(self) -> None:
+        """Give everything back (worker exit): the arena, host KV pages, the host copies no process holds."""
+        self.paced.clear()
+        self.engines.clear()
+        if self.multi is not None:
+            self.multi.close()
+            self.multi = None
+
+    def drain_events(self) -> list[dict]:
+        out, self.events = self.events, []
+        if self.multi is not None:
+            out += self.multi.events
+            self.multi.events.clear()
+        return out

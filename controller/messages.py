@@ -27,12 +27,14 @@ class Register:  # W->C, first frame of a connection
     slot: int | None = None  # local workers: the slot the controller started them for
     join_token: str | None = None  # remote workers, when the controller requires one
     loaded: list[str] = field(default_factory=list)
+    free_bytes: int = 0  # device memory free at start (the default arena is this less a margin)
 
 
 @dataclass
 class Registered:  # C->W
     worker_id: str
     heartbeat_s: float
+    settings: dict[str, Any] = field(default_factory=dict)  # controller.hosting.PoolSettings fields
 
 
 @dataclass

@@ -79,8 +79,12 @@ class Metrics:
         self.kv_total = Gauge("tokenpool_kv_blocks_total", "KV cache blocks", ["engine", "model"], registry=r)
         self.swaps = Gauge("tokenpool_swapped_requests", "Requests whose KV is swapped out", ["engine", "model"],
                            registry=r)
-        self.swap_total = Counter("tokenpool_model_swaps", "Model loads onto an engine", ["engine"], registry=r)
-        self.swap_latency = Histogram("tokenpool_model_swap_latency_seconds", "Time to load a model onto an engine",
+        self.swap_total = Counter("tokenpool_model_swaps", "Weight loads into an engine's VRAM (pooled engine)",
+                                  ["engine"], registry=r)
+        self.switches = Counter("tokenpool_model_switches", "Steps whose model differs from the previous step's",
+                                ["engine"], registry=r)
+        self.swap_latency = Histogram("tokenpool_model_swap_latency_seconds",
+                                      "Step stall waiting for a model's weights at a switch (0 when prefetched)",
                                       ["engine"], buckets=LATENCY_BUCKETS, registry=r)
         self.step = Gauge("tokenpool_engine_step_seconds", "Smoothed engine step time", ["engine"], registry=r)
         self.engines = Gauge("tokenpool_engines", "Engine workers by state", ["state"], registry=r)

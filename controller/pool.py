@@ -77,6 +77,7 @@ class EngineHandle:
     last_seen: float = field(default_factory=time.monotonic)
     step_s: float = 0.0
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    pool: dict[str, Any] = field(default_factory=dict)  # the worker's pooled-engine state (Stats.pool)
     t_start: float = field(default_factory=time.time)
 
     def send(self, msg: m.Message) -> None:
@@ -89,11 +90,13 @@ class EnginePool:
                  on_registered: Callable[[EngineHandle, EngineHandle | None], None],
                  on_dead: Callable[[EngineHandle, list[Sub]], None],
                  on_loaded: Callable[[EngineHandle, Replica, float], None],
-                 on_stats: Callable[[EngineHandle], None]):
+                 on_stats: Callable[[EngineHandle], None],
+                 on_events: Callable[[EngineHandle, list[dict[str, Any]]], None] | None = None):
         self.s = settings
         self.gpus = gpus
         self.engines: dict[str, EngineHandle] = {}
         self._on_registered, self._on_dead, self._on_loaded, self._on_stats = on_registered, on_dead, on_loaded, on_stats
+        self._on_events = on_events
         self._local_token = secrets.token_urlsafe(24)  # local workers prove they are ours with it
         self._server: asyncio.base_events.Server | None = None
         self._procs: dict[int, asyncio.subprocess.Process] = {}
@@ -195,9 +198,10 @@ class EnginePool:
         previous = self.engines.get(eid)
         if previous is not None and previous.alive:
             self._dead(previous)
-        e = EngineHandle(eid, reg.slot, reg.device, reg.host, reg.pid, self._budget(reg), writer)
+        settings = self.pool_settings(reg)
+        e = EngineHandle(eid, reg.slot, reg.device, reg.host, reg.pid, _weight_capacity(reg, settings), writer)
         self.engines[eid] = e
-        m.write_message(writer, m.Registered(eid, self.s.heartbeat_s))
+        m.write_message(writer, m.Registered(eid, self.s.heartbeat_s, settings))
         log.info("engine %s registered (%s on %s, pid %d)", eid, reg.device, reg.host, reg.pid)
         self._on_registered(e, previous)
         try:
@@ -209,8 +213,13 @@ class EnginePool:
                 elif isinstance(msg, m.ModelLoaded):
                     self._loaded(e, msg)
                 elif isinstance(msg, m.Stats):
-                    e.step_s, e.stats = msg.step_s, msg.models
+                    e.step_s, e.stats, e.pool = msg.step_s, msg.models, msg.pool
+                    cap = msg.pool.get("weight_capacity_bytes")
+                    if cap:
+                        e.memory_bytes = int(cap)
                     self._on_stats(e)
+                    if msg.events and self._on_events is not None:
+                        self._on_events(e, msg.events)
         except (asyncio.IncompleteReadError, m.ProtocolError, OSError) as ex:
             if e.alive:
                 log.warning("engine %s connection lost: %s", eid, type(ex).__name__)
@@ -218,12 +227,13 @@ class EnginePool:
             self._dead(e)
             writer.close()
 
-    def _budget(self, reg: m.Register) -> int:
-        if reg.device == "cpu":
-            return int(self.gpus.cpu_budget_gb * (1 << 30))
-        if self.gpus.budget_gb is not None:
-            return int(self.gpus.budget_gb * (1 << 30))
-        return int(reg.memory_bytes * 0.8)
+    def pool_settings(self, reg: m.Register) -> dict[str, Any]:
+        """How the worker builds its pooled engine: the arena (gpus.budget_gb per GPU, default the device's free
+        memory less a margin; cpu_budget_gb on CPU), its KV region, the node's host cache, the policy."""
+        g = self.gpus
+        budget = g.cpu_budget_gb if reg.device == "cpu" else g.budget_gb
+        return {"budget_bytes": int(budget * 1e9) if budget else None, "kv_cache_gb": g.kv_cache_gb,
+                "host_cache_gb": g.host_cache_gb, "namespace": g.host_cache_namespace, "policy": g.policy}
 
     def _outputs(self, e: EngineHandle, msg: m.Outputs) -> None:
         subs = e.subs
@@ -319,3 +329,10 @@ def local_devices(spec: str | list[int]) -> list[str]:
     except Exception:  # noqa: BLE001 - no torch / no driver: CPU
         n = 0
     return [f"cuda:{i}" for i in range(n)] or ["cpu"]
+
+
+def _weight_capacity(reg: m.Register, settings: dict[str, Any]) -> int:
+    """What one model's weights must fit on this worker, until its first Stats says exactly."""
+    from controller.hosting import HostedModels, PoolSettings
+
+    return HostedModels(reg.device, PoolSettings.from_dict(settings), reg.free_bytes).weight_capacity

@@ -1,8 +1,13 @@
-"""Placement and routing: which engines hold which models, and which engine serves a request. Pure logic.
+"""Placement and routing: which engines have which models registered, and which engine serves a request.
+Pure logic: views are snapshots the controller builds from its live state; functions return decisions.
 
-Views are snapshots the controller builds from its live state; functions return decisions, never act.
-Routing prefers an engine that holds the model (lowest estimated TTFT); failing that, one that can load it
-into free memory, then one that can by evicting idle models of lower or equal priority (cold models share).
+A model registered on an engine lives in that engine's pooled, token-level engine: its weights are in the
+node's host cache and come into VRAM as that engine's policy plans, so registrations are not bounded by VRAM
+(more model bytes than VRAM is the normal case) -- only each model's own weights must fit the engine's
+weight space. Placement spreads registrations so every engine carries a similar share of bytes and load;
+routing sends a request to the registered engine with the lowest estimated time to first token, by the
+pool's own numbers (its round, the model's queue, prefill seconds per prompt token, the load when the
+weights are not in VRAM). Nothing is loaded or evicted per request.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ class ReplicaView:
     waiting_tokens: tuple[int, ...] = ()  # expected steps of queued requests, FIFO
     draining: bool = False  # being removed by the autoscaler: no new requests
     step_s: float = 0.0  # measured step time of this model's engine alone (0: unknown)
+    prefill_s_per_token: float = 0.0  # the pool's fit of one prompt token's prefill
+    load_s: float = 0.0  # time to bring its weights into VRAM now (0: resident or landing)
+    queued_prompt_tokens: int = 0  # prompt tokens of its requests that have not started yet
 
     @property
     def inflight(self) -> int:
@@ -59,66 +67,54 @@ class Route:
     est_ttft_s: float
     queued: bool  # the request would wait for a slot
     queue_len: int
-    load: bool = False  # the model must be loaded there first
-    evict: tuple[str, ...] = ()  # models to unload first to make room
+    load: bool = False  # a new registration: the model is registered there first
 
 
 def used_bytes(e: EngineView, models: dict[str, ModelInfo]) -> int:
+    """Bytes of the models registered on `e` (host-cache bytes: they may exceed its VRAM)."""
     return sum(models[m].size_bytes for m in e.replicas if m in models)
 
 
-def estimate_on(e: EngineView, r: ReplicaView, load_s: float = 0.0) -> tuple[float, bool]:
+def estimate_on(e: EngineView, r: ReplicaView, prompt_tokens: int = 0) -> tuple[float, bool]:
+    """Estimated TTFT of a new request of `r.model` with `prompt_tokens` on `e`, and whether it queues."""
     queued = r.inflight >= r.max_num_seqs
     step = max(e.step_s, r.step_s)  # models on one engine are stepped in turn: a round is at least either
-    return estimate_ttft(r.running_remaining, r.waiting_tokens, r.max_num_seqs, step, load_s=load_s), queued
+    prefill = (r.queued_prompt_tokens + prompt_tokens) * r.prefill_s_per_token
+    return estimate_ttft(r.running_remaining, r.waiting_tokens, r.max_num_seqs, step, load_s=r.load_s,
+                         prefill_s=prefill), queued
 
 
-def evictable(e: EngineView, need: int, models: dict[str, ModelInfo], priority: int) -> tuple[str, ...] | None:
-    """Idle models on `e` (lowest priority first) whose removal frees `need` bytes, or None."""
-    free = e.memory_bytes - used_bytes(e, models)
-    if free >= need:
-        return ()
-    idle = sorted((m for m, r in e.replicas.items() if r.inflight == 0 and m in models
-                   and models[m].priority <= priority), key=lambda m: (models[m].priority, -models[m].size_bytes))
-    out = []
-    for m in idle:
-        out.append(m)
-        free += models[m].size_bytes
-        if free >= need:
-            return tuple(out)
-    return None
-
-
-def route(model: ModelInfo, engines: list[EngineView], models: dict[str, ModelInfo]) -> Route | None:
-    """The engine for one request of `model`, or None when no engine can take it."""
+def route(model: ModelInfo, engines: list[EngineView], prompt_tokens: int = 0) -> Route | None:
+    """The registered engine with the lowest estimated TTFT for one request, or None if no usable engine has
+    the model registered (the caller places a registration: `place`)."""
     best: Route | None = None
     for e in engines:
         r = e.replicas.get(model.name)
         if not e.usable or r is None or r.draining:
             continue
-        est, queued = estimate_on(e, r, 0.0 if r.ready else model.load_s)
+        est, queued = estimate_on(e, r, prompt_tokens)
+        if not r.ready:
+            est += model.load_s  # its registration (host copy) is still being loaded
         if best is None or est < best.est_ttft_s:
             best = Route(e.engine_id, est, queued, r.inflight)
-    if best is not None:
-        return best
-    return place(model, engines, models)
+    return best
 
 
 def place(model: ModelInfo, engines: list[EngineView], models: dict[str, ModelInfo],
           exclude: frozenset[str] = frozenset()) -> Route | None:
-    """Where a new replica of `model` goes: least-loaded engine with room, else the cheapest eviction."""
+    """Which engine a new registration of `model` goes to: one whose weight space fits the model, the one with
+    the fewest registered bytes per byte of weight space, then the least busy. No evictions: a registration
+    takes host memory, and VRAM is the pooled engine's to share. None if no engine can ever run it."""
     options = []
     for e in engines:
-        if not e.usable or model.name in e.replicas or e.engine_id in exclude:
+        if not e.usable or model.name in e.replicas or e.engine_id in exclude or model.size_bytes > e.memory_bytes:
             continue
-        ev = evictable(e, model.size_bytes, models, model.priority)
-        if ev is None:
-            continue
-        options.append((len(ev), e.inflight, -(e.memory_bytes - used_bytes(e, models)), e.engine_id, ev, e.step_s))
+        share = used_bytes(e, models) / max(1, e.memory_bytes)
+        options.append((share, e.inflight, e.engine_id, e.step_s))
     if not options:
         return None
-    _, _, _, eid, ev, step_s = min(options)
-    return Route(eid, model.load_s + step_s, False, 0, load=True, evict=ev)
+    _, _, eid, step_s = min(options)
+    return Route(eid, model.load_s + step_s, False, 0, load=True)
 
 
 def initial_placement(specs: list[tuple[ModelInfo, int]], engines: list[EngineView]) -> list[tuple[str, str]]:
@@ -131,8 +127,8 @@ def initial_placement(specs: list[tuple[ModelInfo, int]], engines: list[EngineVi
             views = [EngineView(e.engine_id, e.memory_bytes, state[e.engine_id], e.step_s, e.alive, e.draining)
                      for e in engines]
             rt = place(m, views, models)
-            if rt is None or rt.evict:
-                break  # does not fit without evicting a model that must stay resident
+            if rt is None:
+                break  # no engine's weight space fits it
             state[rt.engine_id][m.name] = ReplicaView(m.name, False, 1)
             out.append((m.name, rt.engine_id))
     return out

@@ -23,10 +23,11 @@ from controller.admission import decide, expected_tokens
 from controller.autoscaler import Autoscaler, ModelLoad
 from controller.config import SLO, ModelSpec, ServerConfig
 from controller.errors import ServingError
+from controller.events import EventBus
 from controller.heap import collect_all, freeze_long_lived
 from controller.metrics import Metrics
 from controller.pool import EngineHandle, EnginePool, Replica, Sub, local_devices
-from controller.router import EngineView, ModelInfo, ReplicaView, route
+from controller.router import EngineView, ModelInfo, ReplicaView, place, route
 from controller.tenants import Tenant, TenantRegistry
 
 log = logging.getLogger("tokenpool.controller")
@@ -126,8 +127,9 @@ class Controller:
         self.tenants = TenantRegistry(cfg.tenants, cfg.auth_enabled, cfg.tenants_file)
         self.models: dict[str, ModelEntry] = {}
         self.autoscaler = Autoscaler(cfg.autoscaler)
+        self.events = EventBus()
         self.pool = EnginePool(cfg.workers, cfg.gpus, on_registered=self._registered, on_dead=self._dead,
-                               on_loaded=self._loaded, on_stats=self._stats)
+                               on_loaded=self._loaded, on_stats=self._stats, on_events=self._events)
         self._ids = itertools.count()
         self._prefix = os.urandom(4).hex()
         self._tasks: list[asyncio.Task] = []
@@ -163,7 +165,7 @@ class Controller:
         budgets = [e.memory_bytes for e in self.pool.engines.values() if e.alive]  # none yet at start-up
         if budgets and weights_bytes(spec) > max(budgets):
             raise ServingError(400, f"model {spec.name!r} needs {weights_bytes(spec) / 2**30:.1f} GiB for weights; the "
-                               f"largest engine holds {max(budgets) / 2**30:.1f} GiB", param="memory_gb")
+                               f"largest GPU's weight space is {max(budgets) / 2**30:.1f} GiB", param="memory_gb")
         try:
             tok = await asyncio.to_thread(load_tokenizer, spec.path)
         except Exception as e:  # noqa: BLE001 - any unreadable tokenizer is the caller's error
@@ -171,6 +173,7 @@ class Controller:
         entry = ModelEntry(spec, ModelInfo(spec.name, weights_bytes(spec), spec.priority), tok, context_len(spec, tok))
         self.models[spec.name] = entry
         freeze_long_lived()  # the tokenizer (and what loading it imported) lives as long as the model
+        self.events.publish("register", model=spec.name)
         self.tick()
         return entry
 
@@ -187,6 +190,7 @@ class Controller:
             self.pool.unload(e, name)
             self.metrics.forget_engine_model(e.id, name)
         self.autoscaler.forget(name)
+        self.events.publish("unregister", model=name)
         del entry
         collect_all()  # its tokenizer was frozen with the long-lived heap
         return True
@@ -235,6 +239,8 @@ class Controller:
                     sub = Sub(f"{request_id}-{p * n + i}", entry.spec.name, p * n + i, ids, sp, budgets[p], gen.sink)
                     gen.subs.append(sub)
                     await self._place(sub, entry, slo, tenant.spec.priority, admission=True)
+            self.events.publish("admit", model=entry.spec.name, tenant=tenant.name, request_id=request_id,
+                                prompt_tokens=prompt_tokens)
         except BaseException as e:
             status = e.status if isinstance(e, ServingError) else 499
             gen.close(status)
@@ -243,26 +249,40 @@ class Controller:
         return gen
 
     async def _place(self, sub: Sub, entry: ModelEntry, slo: SLO, priority: int, admission: bool) -> None:
+        """Send one engine request to the registered engine with the lowest estimated TTFT (admission first).
+        A model with no usable registration (its engine died, say) is registered on the best engine first."""
         name = entry.spec.name
-        rt = route(entry.info, self.views(), self.infos())
+        views = self.views()
+        rt = route(entry.info, views, len(sub.prompt_ids))
         if rt is None:
-            raise ServingError(503, f"no engine can serve model {name!r} now", retry_after=5)
+            pl = place(entry.info, views, self.infos())
+            if pl is None:
+                raise ServingError(503, f"no engine can serve model {name!r} now", retry_after=5)
+            self._register(self.pool.engines[pl.engine_id], entry)
+            rt = route(entry.info, self.views(), len(sub.prompt_ids))
         if admission and self.cfg.admission.enabled:
             slack = self.cfg.admission.slack * 2.0 ** max(-2, min(2, priority))
-            d = decide(rt.est_ttft_s, rt.queued, slo.ttft_s, slack, rt.queue_len, self.cfg.admission.max_queue_per_engine)
+            ev = next(v for v in views if v.engine_id == rt.engine_id) if any(
+                v.engine_id == rt.engine_id for v in views) else None
+            rv = ev.replicas.get(name) if ev is not None else None
+            prefill_s = len(sub.prompt_ids) * rv.prefill_s_per_token if rv is not None else 0.0
+            d = decide(rt.est_ttft_s, rt.queued, slo.ttft_s, slack, rt.queue_len,
+                       self.cfg.admission.max_queue_per_engine, prefill_s=prefill_s)
             if not d.admit:
                 self.metrics.rejected.labels(name, "slo").inc()
+                self.events.publish("reject", model=name, request_id=sub.rid, reason=d.reason)
                 raise ServingError(429, f"model {name!r} is overloaded: {d.reason}", retry_after=d.retry_after_s)
         e = self.pool.engines[rt.engine_id]
-        r = e.replicas.get(name) or self._load(e, entry, rt.evict)
+        r = e.replicas.get(name) or self._register(e, entry)
         if not r.ready.is_set():
             try:
                 await asyncio.wait_for(asyncio.shield(r.ready.wait()), LOAD_TIMEOUT_S)
             except asyncio.TimeoutError:
-                raise ServingError(503, f"model {name!r} is still loading", retry_after=10) from None
+                raise ServingError(503, f"model {name!r} is still being registered", retry_after=10) from None
         if r.state != "ready" or not e.alive:
-            raise ServingError(503, f"model {name!r} could not be loaded on engine {e.id}: {r.error}", retry_after=5)
-        if sub.done:  # aborted while the model loaded
+            raise ServingError(503, f"model {name!r} could not be registered on engine {e.id}: {r.error}",
+                               retry_after=5)
+        if sub.done:  # aborted while the model was being registered
             return
         self.pool.submit(e, sub)
 
@@ -307,10 +327,13 @@ class Controller:
                 continue
             run: dict[str, list[int]] = {}
             wait: dict[str, list[int]] = {}
+            queued_prompt: dict[str, int] = {}
             for s in e.subs.values():
                 me = self.models.get(s.model)
                 left = expected_tokens(s.max_tokens, s.generated, me.used_fraction if me else None)
                 (run if s.generated else wait).setdefault(s.model, []).append(left)
+                if not s.generated:
+                    queued_prompt[s.model] = queued_prompt.get(s.model, 0) + len(s.prompt_ids)
             reps = {}
             step = e.step_s
             for name, r in e.replicas.items():
@@ -318,23 +341,30 @@ class Controller:
                 if me is None:
                     continue
                 step = step or me.default_step_s
-                mstep = e.stats.get(name, {}).get("step_s", 0.0) or me.default_step_s
+                st = e.stats.get(name, {})
+                mstep = st.get("step_s", 0.0) or me.default_step_s
                 reps[name] = ReplicaView(name, r.state == "ready", r.max_num_seqs or me.spec.engine.max_num_seqs,
-                                         tuple(run.get(name, ())), tuple(wait.get(name, ())), r.draining, mstep)
+                                         tuple(run.get(name, ())), tuple(wait.get(name, ())), r.draining, mstep,
+                                         st.get("prefill_s_per_token", 0.0), st.get("load_s", 0.0),
+                                         queued_prompt.get(name, 0))
             out.append(EngineView(e.id, e.memory_bytes, reps, step or 0.05, e.alive, e.draining))
         return out
 
     # --- placement ---
-    def _load(self, e: EngineHandle, entry: ModelEntry, evict: tuple[str, ...] = ()) -> Replica:
-        for name in evict:
-            log.info("evicting idle model %s from %s to make room for %s", name, e.id, entry.spec.name)
-            self.pool.unload(e, name)
-            self.metrics.forget_engine_model(e.id, name)
-        log.info("loading %s on %s", entry.spec.name, e.id)
+    def _register(self, e: EngineHandle, entry: ModelEntry) -> Replica:
+        """Register a model on an engine: its host copy is loaded there and its requests may go there; VRAM
+        is the engine's pooled policy's to give (nothing else on the engine is unloaded)."""
+        log.info("registering %s on %s", entry.spec.name, e.id)
         spec = entry.spec
         # the worker's multi-model policy weighs models by SLO; priority as a weight, as admission scales slack
         slo = {"ttft_s": spec.slo.ttft_s, "tpot_s": spec.slo.tpot_s, "priority": 2.0 ** max(-2, min(2, spec.priority))}
-        return self.pool.load(e, spec.name, spec.path, spec.engine.model_dump(), slo)
+        r = self.pool.load(e, spec.name, spec.path, spec.engine.model_dump(), slo)
+        return r
+
+    def _unregister(self, e: EngineHandle, name: str, why: str) -> None:
+        log.info("unregistering %s from %s (%s)", name, e.id, why)
+        self.pool.unload(e, name)
+        self.metrics.forget_engine_model(e.id, name)
 
     def tick(self) -> None:
         """One autoscaler round: measure, plan, act; also finishes drains."""
@@ -353,16 +383,13 @@ class Controller:
             if e is None or not e.alive:
                 continue
             if a.kind == "load" and a.model in self.models:
-                self._load(e, self.models[a.model], a.evict)
+                self._register(e, self.models[a.model])
             elif a.kind == "unload" and not any(s.model == a.model for s in e.subs.values()):
-                log.info("autoscaler: unloading %s from %s", a.model, e.id)
-                self.pool.unload(e, a.model)
-                self.metrics.forget_engine_model(e.id, a.model)
+                self._unregister(e, a.model, "autoscaler: an extra registration went cold")
         for e in self.pool.engines.values():
             if e.alive and e.draining and not e.subs:
                 for name in list(e.replicas):
-                    self.pool.unload(e, name)
-                    self.metrics.forget_engine_model(e.id, name)
+                    self._unregister(e, name, "engine drained")
         states = {"alive": 0, "draining": 0, "dead": 0}
         for e in self.pool.engines.values():
             states["dead" if not e.alive else "draining" if e.draining else "alive"] += 1
@@ -394,10 +421,12 @@ class Controller:
             e.draining = previous.draining
             for name in previous.replicas:
                 if name in self.models:
-                    self._load(e, self.models[name])
+                    self._register(e, self.models[name])
+        self.events.publish("worker_join", engine=e.id, device=e.device, host=e.host, pid=e.pid)
         self.tick()
 
     def _dead(self, e: EngineHandle, orphans: list[Sub]) -> None:
+        self.events.publish("worker_death", engine=e.id, orphans=len(orphans))
         for s in orphans:
             if s.done:
                 continue
@@ -429,16 +458,28 @@ class Controller:
                                           error_kind="engine")))
 
     def _loaded(self, e: EngineHandle, r: Replica, load_s: float) -> None:
+        """A registration finished (its host copy is loaded on that engine's node)."""
         me = self.models.get(r.model)
         if r.state != "ready":
-            log.error("loading %s on %s failed: %s", r.model, e.id, r.error)
+            log.error("registering %s on %s failed: %s", r.model, e.id, r.error)
             return
-        self.metrics.swap_total.labels(e.id).inc()
-        self.metrics.swap_latency.labels(e.id).observe(load_s)
         if me is not None:
             me.info = dataclasses.replace(me.info, load_s=max(0.1, 0.5 * me.info.load_s + 0.5 * load_s))
             if r.max_model_len:
                 me.max_model_len = min(me.max_model_len, r.max_model_len)
+
+    def _events(self, e: EngineHandle, events: list[dict]) -> None:
+        """The worker's pooled-engine events (switches, weight loads and evictions): metrics and the bus."""
+        mt = self.metrics
+        for ev in events:
+            kind = ev.get("kind", "?")
+            if kind == "switch":
+                mt.switches.labels(e.id).inc()
+            elif kind == "load":
+                mt.swap_total.labels(e.id).inc()
+                mt.swap_latency.labels(e.id).observe(float(ev.get("stall_s", 0.0)))
+            fields = {k: v for k, v in ev.items() if k not in ("kind", "t")}
+            self.events.publish(kind, engine=e.id, **fields)
 
     def _stats(self, e: EngineHandle) -> None:
         self.metrics.step.labels(e.id).set(e.step_s)

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any
 
 from controller import messages as m
 from controller.heap import collect_all, freeze_long_lived
-from controller.hosting import HostedModels, pace_engine
+from controller.hosting import HostedModels, PoolSettings, pace_engine
 
 log = logging.getLogger("tokenpool.worker")
 
@@ -52,15 +53,18 @@ def _seqs(eng, msg: m.LoadModel) -> int:
     return int(n or msg.engine.get("max_num_seqs") or 0)
 
 
-def device_memory(device: str) -> int:
+def device_memory(device: str) -> tuple[int, int]:
+    """(total, free) bytes of the device (host memory for a CPU worker)."""
     if device.startswith("cuda"):
         import torch
 
-        return torch.cuda.get_device_properties(int(device.split(":")[1] if ":" in device else 0)).total_memory
+        free, total = torch.cuda.mem_get_info(int(device.split(":")[1] if ":" in device else 0))
+        return total, free
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return total, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError):
-        return 16 << 30
+        return 16 << 30, 16 << 30
 
 
 class Worker:
@@ -80,6 +84,7 @@ class Worker:
         self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="step")
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="load")
         self._writer: asyncio.StreamWriter | None = None
+        self._memory: tuple[int, int] | None = None
         self.step_s = 0.0  # EWMA of one worker step (all its models)
         self.steps = 0
         self.tokens = 0
@@ -89,30 +94,48 @@ class Worker:
             m.write_message(self._writer, msg)
 
     async def run(self) -> None:
-        delay = 0.5
-        while True:
-            try:
-                await self._session()
-                delay = 0.5
-            except (OSError, asyncio.IncompleteReadError, m.ProtocolError) as e:
-                log.warning("controller connection: %s", e)
-            if self.slot is not None:  # a local worker lives and dies with its controller
-                return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+        """Serve until the controller goes (a local worker) or SIGTERM/SIGINT; then give back the pool: VRAM,
+        pinned memory and the node's /dev/shm host copies no other process holds."""
+        loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, me.cancel)
+        try:
+            delay = 0.5
+            while True:
+                try:
+                    await self._session()
+                    delay = 0.5
+                except (OSError, asyncio.IncompleteReadError, m.ProtocolError) as e:
+                    log.warning("controller connection: %s", e)
+                if self.slot is not None:  # a local worker lives and dies with its controller
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        except asyncio.CancelledError:
+            log.info("stopping")
+        finally:
+            # a step may still run in the executor: close after it, on the step thread
+            self._step_pool.submit(self.models.close).result(timeout=60)
+            self._step_pool.shutdown(wait=False)
+            self._load_pool.shutdown(wait=False)
 
     async def _session(self) -> None:
         reader, writer = await asyncio.open_connection(*self.controller)
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._writer = writer
+        total, free = self._memory or device_memory(self.device)
+        self._memory = (total, free)  # measured once: later the arena itself takes the device's memory
         m.write_message(writer, m.Register(host=socket.gethostname(), pid=os.getpid(), device=self.device,
-                                           memory_bytes=device_memory(self.device), slot=self.slot,
+                                           memory_bytes=total, free_bytes=free, slot=self.slot,
                                            join_token=self.join_token, loaded=self.models.names()))
         reply = await m.read_message(reader)
         if isinstance(reply, m.Rejected):
             raise SystemExit(f"controller refused this worker: {reply.reason}")
         assert isinstance(reply, m.Registered)
-        log.info("registered as %s", reply.worker_id)
+        if not self.models.engines:  # a reconnecting worker keeps its pool (and the models in it)
+            self.models = HostedModels(self.device, PoolSettings.from_dict(reply.settings), free)
+        log.info("registered as %s (arena %.1f GB)", reply.worker_id, self.models.budget_bytes / 1e9)
         tasks = [asyncio.create_task(self._step_loop()), asyncio.create_task(self._beat(reply.heartbeat_s))]
         try:
             while True:
@@ -151,6 +174,8 @@ class Worker:
                 eng = await loop.run_in_executor(self._load_pool, pace_engine, msg.path, msg.engine)
                 self.models.add_paced(msg.model, eng)
             else:  # into the multi-model engine, between steps (see controller/hosting.py)
+                # the host copy is read here, beside the steps; registering it on the step thread is quick
+                await loop.run_in_executor(self._load_pool, self.models.prepare, msg.path, msg.engine)
                 fut = loop.create_future()
                 self._hosting.append((msg, fut))
                 self._wake.set()
@@ -272,12 +297,25 @@ class Worker:
                     idle_since = now
                 await asyncio.sleep(0.001)
 
+    def _snapshot(self) -> m.Stats:
+        """Stats of the pool, taken on the step thread between steps (the engines' queues are not shared)."""
+        hm = self.models
+        # step_s for the router is a round: the time a model waits between two of its steps
+        return m.Stats(models=hm.stats(), step_s=max(self.step_s, hm.round_s), steps=self.steps, tokens=self.tokens,
+                       pool=hm.pool_state(), events=hm.drain_events())
+
     async def _beat(self, period: float) -> None:
+        """Heartbeats from the loop (never behind a step or a registration); stats from the step thread."""
+        loop = asyncio.get_running_loop()
+        stats: asyncio.Future | None = None
         while True:
             self.send(m.Heartbeat(time.time()))
-            # step_s for the router is a round: the time a model waits between two of its steps
-            self.send(m.Stats(models=self.models.stats(), step_s=max(self.step_s, self.models.round_s),
-                              steps=self.steps, tokens=self.tokens))
+            if stats is None or stats.done():
+                if stats is not None and stats.exception() is None:
+                    self.send(stats.result())
+                elif stats is not None:
+                    log.error("worker stats failed: %r", stats.exception())
+                stats = loop.run_in_executor(self._step_pool, self._snapshot)
             await asyncio.sleep(period)
 
     def _abort_all(self) -> None:

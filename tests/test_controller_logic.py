@@ -12,7 +12,7 @@ from controller.admission import decide, estimate_ttft, expected_tokens
 from controller.autoscaler import Autoscaler, ModelLoad
 from controller.config import AutoscalerSettings, ServerConfig, TenantSpec
 from controller.keys import hash_key, is_key_hash, new_key, verify_key
-from controller.router import EngineView, ModelInfo, ReplicaView, initial_placement, place, route
+from controller.router import EngineView, ModelInfo, ReplicaView, estimate_on, initial_placement, place, route
 from controller.tenants import Tenant, TenantRegistry, TokenBucket
 
 GB = 1 << 30
@@ -61,32 +61,50 @@ def test_route_prefers_lower_estimated_ttft():
     models = _models(("a", 1, 0))
     busy = EngineView("e0", 10 * GB, {"a": ReplicaView("a", True, 2, (50, 50), (20,))})
     idle = EngineView("e1", 10 * GB, {"a": ReplicaView("a", True, 2)})
-    rt = route(models["a"], [busy, idle], models)
+    rt = route(models["a"], [busy, idle])
     assert rt.engine_id == "e1" and not rt.load and not rt.queued
 
 
-def test_route_loads_where_there_is_room_else_evicts_idle_lower_priority():
-    models = _models(("a", 6, 0), ("b", 6, 0), ("hot", 6, 1))
-    e0 = EngineView("e0", 10 * GB, {"a": ReplicaView("a", True, 4, (5,))})  # a is busy
-    e1 = EngineView("e1", 10 * GB, {"b": ReplicaView("b", True, 4)})  # b is idle
-    rt = route(models["hot"], [e0, e1], models)
-    assert rt.engine_id == "e1" and rt.load and rt.evict == ("b",)
-    e2 = EngineView("e2", 20 * GB, {})
-    rt = route(models["hot"], [e0, e1, e2], models)
-    assert rt.engine_id == "e2" and rt.evict == ()
+def test_route_counts_prefill_of_the_prompt_and_the_queue_and_a_weight_load():
+    """The pool's own estimate: prompt tokens (ours and those queued ahead) times the fitted prefill seconds
+    per token, plus the load when the model's weights are not in that GPU's VRAM."""
+    models = _models(("a", 1, 0))
+    rv = ReplicaView("a", True, 8, step_s=0.01, prefill_s_per_token=0.001, queued_prompt_tokens=2000)
+    cold = ReplicaView("a", True, 8, step_s=0.01, prefill_s_per_token=0.001, load_s=0.5)
+    e0, e1 = EngineView("e0", 10 * GB, {"a": rv}, step_s=0.01), EngineView("e1", 10 * GB, {"a": cold}, step_s=0.01)
+    assert estimate_on(e0, rv, 100)[0] == pytest.approx(2.1 + 0.01)
+    assert estimate_on(e1, cold, 100)[0] == pytest.approx(0.5 + 0.1 + 0.01)
+    assert route(models["a"], [e0, e1], 100).engine_id == "e1"  # a 0.5 s load beats 2 s of queued prompts
+    assert route(models["a"], [e0, e1], 0).engine_id == "e1"
+    rv2 = ReplicaView("a", True, 8, step_s=0.01, prefill_s_per_token=0.001, queued_prompt_tokens=100)
+    e0 = EngineView("e0", 10 * GB, {"a": rv2}, step_s=0.01)
+    assert route(models["a"], [e0, e1], 100).engine_id == "e0"
+
+
+def test_route_never_loads_or_evicts_unregistered_models():
+    models = _models(("a", 6, 0), ("hot", 6, 1))
+    e0 = EngineView("e0", 10 * GB, {"a": ReplicaView("a", True, 4, (5,))})
+    assert route(models["hot"], [e0]) is None  # the caller registers it (place), nothing is evicted
+
+
+def test_place_registers_beyond_vram_and_balances_bytes():
+    """Registrations are host copies in a pooled engine: an engine takes more model bytes than its weight space;
+    placement keeps the registered bytes per engine even and only refuses a model bigger than the space."""
+    models = _models(("a", 6, 0), ("b", 6, 0), ("c", 6, 0), ("big", 12, 0))
+    e0 = EngineView("e0", 10 * GB, {"a": ReplicaView("a", True, 4), "b": ReplicaView("b", True, 4)})
+    e1 = EngineView("e1", 10 * GB, {"b": ReplicaView("b", True, 4)})
+    rt = place(models["c"], [e0, e1], models)
+    assert rt.engine_id == "e1" and rt.load
+    assert place(models["c"], [e0], models).engine_id == "e0"  # 18 GB registered on a 10 GB engine
+    assert place(models["big"], [e0, e1], models) is None  # its weights can never fit a slot
 
 
 def test_route_skips_draining_and_dead_engines():
     models = _models(("a", 1, 0))
     views = [EngineView("e0", 10 * GB, {"a": ReplicaView("a", True, 4)}, draining=True),
              EngineView("e1", 10 * GB, {"a": ReplicaView("a", True, 4)}, alive=False)]
-    assert route(models["a"], views, models) is None
-
-
-def test_no_eviction_of_higher_priority_or_busy_models():
-    models = _models(("vip", 8, 5), ("new", 8, 0))
-    e = EngineView("e0", 10 * GB, {"vip": ReplicaView("vip", True, 4)})
-    assert place(models["new"], [e], models) is None
+    assert route(models["a"], views) is None
+    assert place(models["a"], views, models) is None
 
 
 def test_initial_placement_spreads_and_shares():
@@ -95,6 +113,19 @@ def test_initial_placement_spreads_and_shares():
     pl = initial_placement(models, engines)
     assert sorted(e for m_, e in pl if m_ == "big") == ["e0", "e1"]
     assert {m_ for m_, _ in pl} == {"big", "s1", "s2"}
+    assert {e for m_, e in pl if m_ in ("s1", "s2")} == {"e0", "e1"}  # balanced
+
+
+def test_initial_placement_of_many_models_on_one_engine_exceeds_its_vram():
+    models = [(ModelInfo(f"m{i}", 4 * GB), 1) for i in range(10)]
+    pl = initial_placement(models, [EngineView("e0", 10 * GB)])
+    assert len(pl) == 10
+
+
+def test_admission_refuses_a_prompt_whose_prefill_alone_misses_the_ttft_slo():
+    d = decide(0.5, queued=False, slo_ttft_s=1.0, slack=1.0, queue_len=0, max_queue=10, prefill_s=1.5)
+    assert not d.admit and "prefill" in d.reason and d.retry_after_s >= 1
+    assert decide(0.5, False, 1.0, 1.0, 0, 10, prefill_s=0.9).admit
 
 
 # --- autoscaler ---

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from controller.hosting import HostedModels, pace_engine
+import uuid
+from pathlib import Path
+
+from controller.hosting import HostedModels, PoolSettings, pace_engine
 from token_scheduler.engine import EngineConfig, LLMEngine
 from token_scheduler.request import SamplingParams
 
@@ -19,10 +22,18 @@ def _alone(path, prompt_ids: list[int]) -> list[int]:
     raise AssertionError("no output")
 
 
-def test_models_share_one_multi_model_engine(make_tiny):
-    paths = {"a": make_tiny("qwen2"), "b": make_tiny("llama")}
-    hm = HostedModels("cpu")
+def test_models_share_one_pooled_engine(make_tiny):
+    """Two models whose weights cannot both be in the budget: registered (host copies, no VRAM), then run in
+    one pooled engine whose weight slots hold one model at a time -- token for token what each makes alone."""
+    from gpu_pool.arena import MiB
+
+    paths = {"a": make_tiny("qwen2"), "b": make_tiny("qwen3")}  # 2 MiB slots each
+    ns = f"test-{uuid.uuid4().hex[:10]}"
+    # 4 MiB arena: a 2 MiB KV region (64 pages, rounded up to the alignment) and one 2 MiB weight slot
+    hm = HostedModels("cpu", PoolSettings(budget_bytes=4 * MiB, kv_cache_gb=64 * 16 * 512 / 1e9, namespace=ns))
+    assert hm.weight_capacity == 4 * MiB - int(64 * 16 * 512)  # before the engine exists: an estimate
     for name, path in paths.items():
+        hm.prepare(str(path), {})  # the host copy, off the step thread
         eng = hm.host(name, str(path), {"max_num_seqs": 4}, {"ttft_s": 5.0, "tpot_s": 0.5, "priority": 1.0})
         assert eng.max_model_len > 0
     hm.add_paced("p", pace_engine(None, {"kind": "pace", "pace_s_per_token": 0.0}))
@@ -41,7 +52,16 @@ def test_models_share_one_multi_model_engine(make_tiny):
     for name, path in paths.items():  # interleaved with the other model, token for token what it makes alone
         want = _alone(path, prompt)
         assert done[f"{name}0"] == done[f"{name}1"] == want
-    assert all(n > 0 for n in hm.multi.steps_per_model.values()) and not hm.multi.trace
+    mm = hm.multi
+    assert all(n > 0 for n in mm.steps_per_model.values())
+    assert mm.pool.weight_capacity == 2 * MiB and mm.switches > 0 and mm.pool.stats.evictions > 0
+    st = hm.pool_state()
+    assert st["registered"] == ["a", "b", "p"] and st["vram"]["budget_bytes"] == 4 * MiB
+    assert len(st["resident"]) <= 2 and st["timeline"] and {r[1] for r in st["timeline"]} == {"a", "b"}
+    kinds = {e["kind"] for e in hm.drain_events()}
+    assert {"register", "switch", "load", "evict"} <= kinds and hm.drain_events() == []
+    est = hm.stats()["a"]
+    assert est["prefill_s_per_token"] >= 0 and est["resident"] in (0.0, 1.0)
     assert set(hm.stats()) == {"a", "b", "p"} and all(s["step_s"] > 0 for s in hm.stats().values())
     assert hm.round_s > 0  # measured: how long a model waits through the others' turns
 
@@ -51,3 +71,4 @@ def test_models_share_one_multi_model_engine(make_tiny):
     hm.unload("b")
     hm.unload("p")
     assert hm.multi is None and hm.names() == [] and not hm.busy()
+    assert not (Path("/dev/shm") / f"tokenpool-{ns}").exists()  # the host copies are gone with the last holder

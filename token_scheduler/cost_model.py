@@ -241,6 +241,12 @@ class CostModel:
         self._step[spec.name] = OnlineLinearFit(prior, self._conf, clip=STEP_CLIP)
         self._coef.pop(spec.name, None)
 
+    def forget(self, model: str) -> None:
+        """A model is no longer hosted: drop its step fit (the link fits are the device's, they stay)."""
+        self._specs.pop(model, None)
+        self._step.pop(model, None)
+        self._coef.pop(model, None)
+
     # -- predictions (cheap; called by policies every step) --
     def step_time(self, model: str, shape: StepShape) -> float:
         return max(0.0, self._step[model].predict(shape.features()))

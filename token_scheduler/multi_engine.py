@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from token_scheduler.cost_model import H100_PCIE53, CostModel, ModelSpec
+from token_scheduler.cost_model import H100_PCIE53, CostModel, ModelSpec, StepShape
 from token_scheduler.engine import EngineConfig, LLMEngine
 from token_scheduler.model.config import ModelConfig
 from token_scheduler.policies import make_policy
@@ -44,9 +44,7 @@ class MultiModelEngine:
                  slos: dict[str, ModelSLO] | ModelSLO | None = None, device: str = "cpu",
                  cost: CostModel | None = None, policy_kw: dict | None = None, gpu_budget=None,
                  kv_cache_gb: float = 4.0, host_kv_gb: float | None = None, host_cache=None,
-                 host_budget="64GB", progress=None, **engine_kwargs):
-        if not models:
-            raise ValueError("MultiModelEngine needs at least one model")
+                 host_budget="64GB", progress=None, host_namespace: str = "tokenpool", **engine_kwargs):
         self.device = device
         self.engine_kwargs = engine_kwargs
         self.progress = progress
@@ -54,7 +52,8 @@ class MultiModelEngine:
         if gpu_budget is not None:
             from token_scheduler.residency import ModelPool
 
-            self.pool = ModelPool(device, gpu_budget, kv_cache_gb, host_kv_gb, host_cache, host_budget)
+            self.pool = ModelPool(device, gpu_budget, kv_cache_gb, host_kv_gb, host_cache, host_budget,
+                                  namespace=host_namespace)
         self.engines: dict[str, LLMEngine] = {}
         self.default_slo = slos if isinstance(slos, ModelSLO) else ModelSLO()
         # Seeded from physical numbers on a GPU; on CPU no prior fits, so it learns from the first steps.
@@ -68,6 +67,11 @@ class MultiModelEngine:
         self.trace: deque[str] = deque(maxlen=4096)  # model of the latest steps, in order (tests, debugging)
         self.switches = 0  # steps whose model differs from the previous step's
         self.kv_swapped_out = 0  # requests whose KV went to host pages to make room for another model
+        # What happened, for live views (the worker drains it into its Stats): switches, loads, evictions,
+        # model registrations; and runs of consecutive steps of one model: [t_wall_start, model, steps, dur_s]
+        self.events: deque[dict] = deque(maxlen=1024)
+        self.timeline: deque[list] = deque(maxlen=1024)
+        self.stall_s = 0.0  # CPU-visible waits for weights at switches (pooled), summed
         self._last_run: dict[str, float] = {}
         # policy_s/memory_s/engine_s/steps: the steps that ran; idle_*: schedule() calls that planned nothing
         # (a caller polling while requests wait that no plan can serve, e.g. static's unplaced models)
@@ -107,21 +111,36 @@ class MultiModelEngine:
                                              residency=Residency.RESIDENT if resident else Residency.HOST)
         self.steps_per_model[name] = 0
         self._capacity()
+        self._event("register", name)
 
     def remove_model(self, name: str) -> None:
-        """Stop hosting `name`: its unfinished requests are aborted (final outputs come from the next step)."""
+        """Stop hosting `name`: its unfinished requests are aborted (final outputs come from the next step),
+        the policy forgets it, and its weight slot, KV pages, CUDA graphs and (when no other registration shares
+        it) its host copy are given back. The other models are not disturbed."""
         eng = self.engines.get(name)
         if eng is None:
             raise ValueError(f"unknown model {name!r}; hosted: {sorted(self.engines)}")
         for rid in list(eng.scheduler.requests):
             eng.abort_request(rid)
+        if eng._inflight is not None:  # an overlapped decode in flight: read it so its blocks are returned
+            eng.step()
         self._removed += [o for o in eng.step() if o.finished]
+        for rid in [r for r, m in self._owner.items() if m == name]:
+            if not any(o.request_id == rid for o in self._removed):
+                del self._owner[rid]
         del self.engines[name], self.state.models[name]
+        self.policy.forget(name)
+        self._last_run.pop(name, None)
+        self.steps_per_model.pop(name, None)
+        eng.set_weights(None)
+        eng.runner.graphs, eng.runner.kv, eng.runner.kv_swapper = {}, None, None
         if self.pool is not None:
             self.pool.unregister(name)
         if self.state.active == name:
             self.state.active = None
+        self.cost.forget(name)
         self._capacity()
+        self.events.append({"kind": "unregister", "model": name, "t": time.time()})
 
     def _capacity(self) -> None:
         if self.pool is not None:
@@ -185,19 +204,26 @@ class MultiModelEngine:
                 pool.evict(name)
                 self.engines[name].set_weights(None)
                 st.models[name].residency = Residency.HOST
+                self._event("evict", name)
         for r in plan.swap_out:
             self._swap_out(self._owner[r.request_id], [r])
         if plan.model is not None and plan.batch:
             eng = self.engines[plan.model]
             if eng.weights is None or not pool.is_resident(plan.model) or pool.is_loading(plan.model):
+                was = pool.is_resident(plan.model) or pool.holds(plan.model)
+                stall0 = pool.stats.stall_s
                 rm = pool.load(plan.model, protect=(plan.prefetch,) if plan.prefetch else (), order=plan.load_order)
                 eng.set_weights(rm.weights, rm.slot_id)
                 st.models[plan.model].residency = Residency.RESIDENT
+                self._event("load", plan.model, prefetched=was, stall_s=round(pool.stats.stall_s - stall0, 6))
             self._forget_evicted()
             self._make_kv_room(plan.model)
         if plan.prefetch is not None and plan.prefetch in self.engines:
             order = None if plan.prefetch_order is None else [n for n in plan.prefetch_order if n != plan.model]
+            was = pool.holds(plan.prefetch)
             if pool.prefetch(plan.prefetch, order=order):
+                if not was:
+                    self._event("prefetch", plan.prefetch)
                 m = st.models[plan.prefetch]
                 m.residency = max(m.residency, Residency.LOADING)
                 m.ready_at = st.now + self.cost.load_time(m.spec.weight_bytes)
@@ -210,6 +236,7 @@ class MultiModelEngine:
             if not pool.holds(name):
                 if e.weights is not None:
                     e.set_weights(None)
+                    self._event("evict", name, forced=True)
                 st.models[name].residency = Residency.HOST
 
     def _make_kv_room(self, model: str) -> None:
@@ -268,7 +295,14 @@ class MultiModelEngine:
             self.steps_per_model[plan.model] += 1
             if self.trace and self.trace[-1] != plan.model:
                 self.switches += 1
+                self._event("switch", plan.model, previous=self.trace[-1])
             self.trace.append(plan.model)
+            tl = self.timeline
+            if tl and tl[-1][1] == plan.model:
+                tl[-1][2] += 1
+                tl[-1][3] += t3 - t2
+            else:
+                tl.append([time.time() - (t3 - t2), plan.model, 1, t3 - t2])
         # Aborted requests of a model with nothing else to do still owe their final output.
         for name, eng in self.engines.items():
             m = self.state.models[name]
@@ -278,6 +312,65 @@ class MultiModelEngine:
             if o.finished:
                 self._owner.pop(o.request_id, None)
         return outputs
+
+    def estimate(self, name: str) -> dict[str, float]:
+        """The pool's own numbers for a new request's TTFT (the controller routes and admits with them):
+        seconds of prefill per prompt token, of one decode step now, and of the load when the weights are not
+        in VRAM (0 when resident or landing)."""
+        m = self.state.models[name]
+        n = max(1, len(m.running))
+        resident = self.pool is None or self.pool.holds(name)
+        return {"prefill_s_per_token": max(0.0, self.cost.step_coefficients(name)[2]),
+                "decode_step_s": self.cost.step_time(name, StepShape(n, n, n * 256)),
+                "load_s": 0.0 if resident else self.cost.load_time(m.spec.weight_bytes),
+                "resident": 1.0 if resident else 0.0}
+
+    def _event(self, kind: str, model: str, **fields) -> None:
+        self.events.append({"kind": kind, "model": model, "t": time.time(), **fields})
+
+    def pool_state(self) -> dict:
+        """What the pool is doing now, for the admin API and the dashboard (plain data, cheap: no tensors)."""
+        pool, now = self.pool, time.monotonic()
+        models = {}
+        for name, eng in self.engines.items():
+            s = eng.scheduler
+            if pool is None:
+                state = "resident"
+            elif pool.holds(name):
+                state = "loading" if pool.is_loading(name) else "resident"
+            else:
+                state = "host"
+            oldest = min((r.arrival_time for r in s.waiting), default=None)
+            models[name] = {
+                "state": state, "waiting": len(s.waiting), "running": len(s.running), "swapped": len(s.swapped),
+                "oldest_wait_s": max(0.0, now - oldest) if oldest is not None else 0.0,
+                "kv_pages_used": sum(len(r.block_ids) for r in s.running),
+                "kv_swapped": sum(len(r.host_block_ids or ()) for r in s.swapped),
+                "steps": self.steps_per_model.get(name, 0)}
+        if pool is not None:
+            held = [n for n in pool.entries if pool.holds(n)]
+            weights = sum(pool.slot_bytes(n) for n in held)
+            kv = pool._kv_slot.nbytes if pool._kv_slot is not None else 0
+            vram = {"budget_bytes": pool.arena.capacity, "weights_bytes": weights, "kv_bytes": kv,
+                    "free_bytes": pool.arena.capacity - weights - kv,
+                    "kv_pages_total": pool.pages.num_blocks if pool.pages else 0,
+                    "kv_pages_used": pool.pages.num_used if pool.pages else 0}
+            host = pool.host_bytes()
+            stall = pool.stats.stall_s
+        else:
+            weights = sum(self.state.models[n].spec.weight_bytes for n in self.engines)
+            kv = sum(self._kv_pool_bytes(e) for e in self.engines.values())
+            vram = {"budget_bytes": weights + kv, "weights_bytes": weights, "kv_bytes": kv, "free_bytes": 0,
+                    "kv_pages_total": sum(e.scheduler.kv.num_blocks for e in self.engines.values()),
+                    "kv_pages_used": sum(e.scheduler.kv.num_used for e in self.engines.values())}
+            host, stall = 0, 0.0
+        return {
+            "device": str(self.device), "active": self.state.active, "registered": sorted(self.engines),
+            "resident": sorted(n for n, m in models.items() if m["state"] == "resident"),
+            "prefetching": sorted(n for n, m in models.items() if m["state"] == "loading"),
+            "switches": self.switches, "switch_stall_s": stall / max(1, self.switches),
+            "steps": int(self.timing["steps"]), "kv_swapped_out": self.kv_swapped_out,
+            "vram": vram, "host_cache_bytes": host, "models": models}
 
     def run(self) -> dict[str, RequestOutput]:
         """Step until every request finished; the final output of each, by request id."""
@@ -298,8 +391,7 @@ class MultiModelEngine:
         if self.pool is not None:
             self.pool.reset_stats()
         self._loads_seen = 0
-        if hasattr(self.policy, "reset_counters"):
-            self.policy.reset_counters()
+        self.policy.reset_counters()
 
     def timing_summary(self) -> dict:
         """Where the step loop's time went. `policy_frac`: the policy CPU time of the steps that ran over their

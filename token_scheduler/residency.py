@@ -121,8 +121,8 @@ class ModelPool:
             raise ValueError(f"{name}: one token of KV ({per_token} B) is larger than a page ({self.page_bytes} B)")
         host = self.cache.get(model_dir, dtype, progress)
         if host.nbytes > self.weight_capacity:
-            raise ValueError(f"{name}: weights of {host.nbytes / 1e9:.2f} GB can never fit the "
-                             f"{self.weight_capacity / 1e9:.2f} GB of weight space in the GPU budget")
+            raise ValueError(f"{name}: weights of {host.nbytes / 2**20:.1f} MiB can never fit the "
+                             f"{self.weight_capacity / 2**20:.1f} MiB of weight space in the GPU budget")
         shape = (cfg.num_layers, 2, bs, cfg.num_kv_heads, cfg.head_dim)
         kv = strided_blocks(self.kv_flat, self.pages.num_blocks + 1, self.page_bytes, shape, dtype)
         hv = self.host_kv.view(shape, dtype) if self.host_kv is not None else None
@@ -135,11 +135,30 @@ class ModelPool:
         return self.arena.alloc._round(self.entries[name].host.nbytes)
 
     def unregister(self, name: str) -> None:
+        """Forget `name`: its slot is freed; its CUDA graphs and its host copy go too unless another registered
+        model shares them (same shapes / same checkpoint). The host copy stays in the node's cache for other
+        processes (and for a later registration); this process only stops holding it."""
         e = self.entries.get(name)
         if e is None:
             return
         self.evict(name)
         del self.entries[name]
+        if not any(o.graph_key == e.graph_key for o in self.entries.values()):
+            for k in [k for k in self.graphs if k[0] == e.graph_key or (k[0] in ("warm", "pool") and k[1] == e.graph_key)]:
+                del self.graphs[k]
+        if not any(o.host is e.host for o in self.entries.values()):
+            from model_swapper.host_cache import HostCacheFull
+
+            self.swapper.synchronize()  # no copy out of the host copy may still be in flight
+            self.cache.release(e.host)
+            try:  # and out of the node's cache, unless another process (a worker of another GPU) holds it
+                self.cache.evict(e.host.key)
+            except HostCacheFull:
+                pass
+
+    def host_bytes(self) -> int:
+        """Bytes of host copies this pool holds (each shared checkpoint once)."""
+        return sum({id(e.host): e.host.nbytes for e in self.entries.values()}.values())
 
     def is_resident(self, name: str) -> bool:
         return self.entries[name].resident is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from controller.config import RateLimit
@@ -51,6 +53,7 @@ class EngineOut(BaseModel):
     inflight: int
     models: list[ReplicaOut]
     stats: dict[str, dict[str, float]]
+    pool: dict[str, Any] = {}  # the worker's pooled engine (controller/messages.py Stats.pool)
 
 
 class ModelOut(BaseModel):

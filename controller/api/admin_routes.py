@@ -27,7 +27,7 @@ def _engine_out(ctl: Controller, e: EngineHandle) -> ap.EngineOut:
             for n, r in e.replicas.items()]
     return ap.EngineOut(id=e.id, device=e.device, host=e.host, pid=e.pid, alive=e.alive, draining=e.draining,
                         memory_bytes=e.memory_bytes, used_bytes=sum(infos[n].size_bytes for n in e.replicas if n in infos),
-                        step_s=e.step_s, inflight=len(e.subs), models=reps, stats=e.stats)
+                        step_s=e.step_s, inflight=len(e.subs), models=reps, stats=e.stats, pool=e.pool)
 
 
 def _tenant_out(t: Tenant) -> dict:

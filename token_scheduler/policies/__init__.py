@@ -6,6 +6,8 @@ next-turn prefetch and none of our additions -- for comparison), `request` and `
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from token_scheduler.policies.baselines import RequestPolicy, StaticPolicy
 from token_scheduler.policies.batching import BatchLimits
 from token_scheduler.policies.slo import ModelSLO
@@ -14,11 +16,23 @@ from token_scheduler.policies.token import TokenConfig, TokenPolicy
 
 POLICY_NAMES = ("token", "aegaeon", "request", "static")
 
+
+class MultiModelPolicy(Protocol):
+    """What `MultiModelEngine` asks of a policy: the next step's plan, and to forget a removed model."""
+
+    name: str
+
+    def schedule(self, st: PoolState) -> StepPlan: ...
+
+    def forget(self, name: str) -> None: ...
+
+    def reset_counters(self) -> None: ...
+
 AEGAEON_PRESET = dict(quota_rule="aegaeon", order="fixed", prefetch="next", switch_charge="all",
                       extend_on_load=False, skip_on_slack=False, placement="lru")
 
 
-def make_policy(name: str, limits: BatchLimits | None = None, **kw):
+def make_policy(name: str, limits: BatchLimits | None = None, **kw) -> MultiModelPolicy:
     limits = limits or BatchLimits()
     if name == "token":
         return TokenPolicy(TokenConfig(limits=limits, **kw))
@@ -32,6 +46,6 @@ def make_policy(name: str, limits: BatchLimits | None = None, **kw):
 
 
 __all__ = [
-    "POLICY_NAMES", "BatchLimits", "ModelSLO", "ModelState", "PoolState", "Residency", "StepPlan",
+    "POLICY_NAMES", "BatchLimits", "MultiModelPolicy", "ModelSLO", "ModelState", "PoolState", "Residency", "StepPlan",
     "TokenConfig", "TokenPolicy", "RequestPolicy", "StaticPolicy", "make_policy",
 ]

@@ -43,6 +43,14 @@ class RequestPolicy:
         self._holder: str | None = None
         self._last_used: dict[str, float] = {}
 
+    def reset_counters(self) -> None:
+        pass
+
+    def forget(self, name: str) -> None:
+        if self._holder == name:
+            self._holder = None
+        self._last_used.pop(name, None)
+
     def schedule(self, st: PoolState) -> StepPlan:
         h = self._holder
         others = [m for n, m in st.models.items() if n != h and m.waiting]
@@ -79,8 +87,14 @@ class StaticPolicy:
                 used += m.spec.weight_bytes
         return sorted(chosen)
 
+    def reset_counters(self) -> None:
+        pass
+
+    def forget(self, name: str) -> None:
+        self.resident = None  # chosen again from the models hosted now
+
     def schedule(self, st: PoolState) -> StepPlan:
-        if self.resident is None:
+        if self.resident is None or any(n not in st.models for n in self.resident):
             self.resident = self.choose_resident(st)
         n = len(self.resident)
         for k in range(n):

@@ -100,8 +100,8 @@ class TokenPolicy:
         for _ in range(2):  # the rest of this round, then a fresh one
             while self._queue:
                 name = self._queue.popleft()
-                m = st.models[name]
-                if not m.has_work:
+                m = st.models.get(name)
+                if m is None or not m.has_work:
                     continue
                 quota = self._plan.turn_s(name) * (1 + self._bonus.pop(name, 0)) if self._plan else 0.0
                 self._turn = _Turn(name, quota)
@@ -115,6 +115,15 @@ class TokenPolicy:
                 break
         self._turn = None
         return StepPlan(why="idle")
+
+    def forget(self, name: str) -> None:
+        """`name` is no longer hosted: drop it from the round, the turn in progress and every counter."""
+        if name in self._queue:
+            self._queue = deque(n for n in self._queue if n != name)
+        if self._turn is not None and self._turn.model == name:
+            self._turn = None
+        for d in (self._skipped, self._bonus, self.turns, self.empty_turns):
+            d.pop(name, None)
 
     def reset_counters(self) -> None:
         """Zero what round_info counts (rounds, skips, turns); the schedule state is kept."""

@@ -1,0 +1,274 @@
+"""`tokenpool bench serve`: the seeded multi-model workload of `bench pool --real`, replayed through the HTTP API.
+
+The product as a user reaches it: a `tokenpool serve` (started here, one per policy, or a running one given
+with --url) and an open-loop client sending the same seeded arrivals (load_tests/workload.py) to
+`/v1/completions`, streamed, greedy, `ignore_eos`, `max_tokens` = the item's output length, its prompt as
+token ids. Every streamed event is one token (one engine step of that request); its arrival is timestamped when
+the bytes reach the client. Scoring is `bench pool`'s (token_scheduler/policies/slo.py): the deadline rule
+(every token by its deadline, TTFT + i * TPOT), the mean rule, per model, the p99 longest inter-token gap. A
+request refused (429, 503) or broken misses. A run stops `drain_s` after the last arrival, as `bench pool
+--real` does, and the JSON has its shape (`sweep`, `policies`, `sustained`, `ratios`), plus what the server
+said about itself (its pooled engines' steps and switches, read from the admin API before and after).
+
+Models are made once per (arch, size) as `bench pool --real` makes them, and several served models of one size
+share a directory (so one host copy, as Aegaeon's evaluation aliases same-size models).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+from load_tests.bench_common import header, write_json
+from load_tests.bench_pool import bracket
+from load_tests.bench_pool_real import bound_ratios, make_models, parse_rates
+from load_tests.sse_client import connect
+from load_tests.workload import WorkItem, generate, parse_models
+from token_scheduler.policies.slo import ModelSLO, RequestRecord, summarize
+
+ENGINE = {"max_num_seqs": 64, "max_model_len": 4096, "max_num_batched_tokens": 2048}  # as bench pool --real
+
+
+def server_config(dirs: dict[str, Path], *, policy: str, slo: ModelSLO, gpu_budget_gb: float | None,
+                  kv_cache_gb: float | None, namespace: str, admin_hash: str, device: str = "cuda",
+                  cpu_budget_gb: float = 8.0, admission: bool = True) -> dict:
+    """The `tokenpool serve` configuration of a bench run (a user's YAML, as a dict)."""
+    gpus = {"policy": policy, "host_cache_namespace": namespace, "kv_cache_gb": kv_cache_gb}
+    if device == "cpu":
+        gpus["cpu_budget_gb"] = cpu_budget_gb
+    elif gpu_budget_gb is not None:
+        gpus["budget_gb"] = gpu_budget_gb
+    return {
+        "admin_token_hash": admin_hash, "metrics_public": True, "auth": False,
+        "workers": {"local": "cpu" if device == "cpu" else "auto"},
+        "gpus": {k: v for k, v in gpus.items() if v is not None},
+        "admission": {"enabled": admission},
+        "models": [{"name": n, "path": str(d), "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+                    "engine": dict(ENGINE)} for n, d in dirs.items()],
+    }
+
+
+class _Stream:
+    """Counts the SSE events of one streamed completion as they arrive (one event with a choice = one token)."""
+
+    def __init__(self, rec: RequestRecord):
+        self.rec, self.buf, self.usage, self.error = rec, b"", None, None
+
+    def on_data(self, data: bytes, now: float, _wall: float) -> None:
+        self.buf += data
+        *events, self.buf = self.buf.split(b"\n\n")
+        for ev in events:
+            if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
+                continue
+            if b'"error"' in ev[:16]:
+                self.error = ev[6:].decode(errors="replace")
+            elif b'"choices":[]' in ev:
+                self.usage = json.loads(ev[6:]).get("usage")
+            else:
+                self.rec.on_token(now)
+
+
+async def _one(host: str, port: int, item: WorkItem, rec: RequestRecord, prompt: list[int], stats: dict,
+               deadline: float) -> None:
+    st = _Stream(rec)
+    body = {"model": item.model, "prompt": prompt, "max_tokens": item.output_len, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    conn = None
+    try:
+        conn = await connect(host, port)
+        fut = conn.request("POST", f"{host}:{port}", "/v1/completions", body, on_data=st.on_data)
+        status, _, _ = await asyncio.wait_for(fut, max(1.0, deadline - time.perf_counter()))
+        key = str(status)
+        if status != 200:  # the error body came through on_data as one event-less chunk
+            try:
+                err = json.loads(st.buf).get("error", {})
+                key += ":" + (err.get("code") or err.get("message", "")[:80])
+            except ValueError:
+                pass
+        stats[key] = stats.get(key, 0) + 1
+        if st.error:
+            stats["stream_errors"] = stats.get("stream_errors", 0) + 1
+        if st.usage and st.usage.get("completion_tokens") != rec.n_tokens:
+            stats["token_count_mismatch"] = stats.get("token_count_mismatch", 0) + 1
+    except asyncio.TimeoutError:
+        stats["unfinished_at_horizon"] = stats.get("unfinished_at_horizon", 0) + 1
+    except (OSError, ConnectionError) as e:
+        stats[f"client_{type(e).__name__}"] = stats.get(f"client_{type(e).__name__}", 0) + 1
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+async def replay_http(url: str, items: list[WorkItem], slo: ModelSLO, vocab: int, drain_s: float,
+                      seed: int = 0) -> dict:
+    """Send `items` at their arrival times (open loop); return the records and what came back."""
+    u = httpx.URL(url)
+    host, port = u.host, u.port or 80
+    rng = random.Random(seed)
+    records: list[RequestRecord] = []
+    stats: dict = {}
+    tasks = []
+    t0 = time.perf_counter() + 0.2
+    horizon = t0 + (items[-1].time if items else 0.0) + drain_s
+    for w in items:
+        prompt = [rng.randrange(vocab) for _ in range(w.prompt_len)]
+        rec = RequestRecord(w.id, w.model, t0 + w.time, w.prompt_len, w.output_len, slo)
+        records.append(rec)
+        delay = t0 + w.time - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(_one(host, port, w, rec, prompt, stats, horizon)))
+    await asyncio.gather(*tasks)
+    return {"records": records, "wall_s": time.perf_counter() - t0, "responses": stats}
+
+
+def _admin(url: str, token: str, path: str):
+    r = httpx.get(url + path, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def _pool_counters(url: str, token: str | None) -> dict:
+    if token is None:
+        return {}
+    engines = [e for e in _admin(url, token, "/admin/engines") if e["alive"]]
+    pools = [e.get("pool") or {} for e in engines]
+    return {"steps": sum(p.get("steps", 0) for p in pools), "switches": sum(p.get("switches", 0) for p in pools),
+            "engines": len(engines), "kv_swapped_out": sum(p.get("kv_swapped_out", 0) for p in pools)}
+
+
+def run_point(url: str, admin_token: str | None, names: list[str], rate: float, *, slo: ModelSLO, duration: float,
+              drain_s: float, seed: int, vocab: int) -> dict:
+    items = generate(names, rate, duration, seed=seed)
+    before = _pool_counters(url, admin_token)
+    r = asyncio.run(replay_http(url, items, slo, vocab, drain_s, seed))
+    after = _pool_counters(url, admin_token)
+    s = summarize(r["records"])
+    wall = r["wall_s"]
+    res = {"rate": rate, "requests": len(items), "slo": s.to_dict(), "wall_s": wall,
+           "responses": r["responses"], "goodput_rps": sum(x.attained() for x in r["records"]) / wall}
+    if before and after:
+        steps = after["steps"] - before["steps"]
+        res.update(steps=steps, steps_per_s=steps / wall, switches_per_s=(after["switches"] - before["switches"]) / wall,
+                   kv_swapped_out=after["kv_swapped_out"] - before["kv_swapped_out"])
+    return res
+
+
+def warm_up(url: str, names: list[str], vocab: int) -> None:
+    """One short request per model (host copies attached, kernels compiled, graphs captured): not measured."""
+    wu = [WorkItem(0.0, n, 32, 4, f"warmup-{n}") for n in names]
+    asyncio.run(replay_http(url, wu, ModelSLO(1e9, 1e9), vocab, drain_s=600.0, seed=12345))
+
+
+def summarize_points(out: dict, target: float) -> dict:
+    first = out["config"]["rate_per_model"]
+    out["sweep"] = {p: sorted(pts, key=lambda x: x["rate"]) for p, pts in out["sweep"].items()}
+    out["policies"] = {p: x for p, pts in out["sweep"].items() for x in pts if x["rate"] == first}
+    out["sustained"] = {p: bracket([(x["rate"], x["slo"]["attainment"]) for x in pts], target)
+                        for p, pts in out["sweep"].items()}
+    out["ratios"] = bound_ratios(out["sustained"], target)
+    return out
+
+
+def run_serve(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, duration: float = 120.0,
+              slo_ttft: float = 10.0, slo_tpot: float = 0.1, gpu_budget_gb: float | None = 60.0,
+              kv_cache_gb: float | None = 4.0, policies=("token",), seed: int = 0, json_out: Path | str | None = None,
+              drain_s: float = 60.0, url: str | None = None, admin_token: str | None = None, target: float = 0.9,
+              stop_at_miss: bool = False, cache_dir: str | Path = "~/.cache/tokenpool/bench-models",
+              model_dirs: dict | None = None, device: str = "cuda", cpu_budget_gb: float = 8.0,
+              admission: bool = True, workdir: Path | None = None, say=print) -> dict:
+    """Each policy at each rate through the HTTP API. With `url`, the running server there is measured (its
+    models, its policy) and `models`/`policies` are ignored; else a server is started per policy (models made
+    as `bench pool --real` makes them) and every rate of that policy runs on it, one after another."""
+    import tempfile
+
+    from controller.keys import hash_key
+    from controller.testing import LiveServer
+    from model_swapper.host_cache import HostModelCache
+
+    rates = parse_rates(rate)
+    slo = ModelSLO(slo_ttft, slo_tpot)
+    out = {**header(), "mode": "serve", "config": {
+        "models": models, "rate_per_model": rates[0], "rates_per_model": rates, "duration_s": duration,
+        "drain_s": drain_s, "slo_ttft_s": slo_ttft, "slo_tpot_s": slo_tpot, "gpu_budget_gb": gpu_budget_gb,
+        "kv_region_gb": kv_cache_gb, "seed": seed, "target_attainment": target, "admission": admission,
+        "url": url, "note": __doc__.split("\n\n")[1].replace("\n", " ")}, "sweep": {}}
+    if url is not None:
+        names = [m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]]
+        out["config"]["models"] = names
+        vocab = 256  # ids below every real tokenizer's size
+        for r in rates:
+            res = run_point(url, admin_token, names, r, slo=slo, duration=duration, drain_s=drain_s, seed=seed,
+                            vocab=vocab)
+            out["sweep"].setdefault("server", []).append(res)
+            summarize_points(out, target)
+            write_json(Path(json_out) if json_out else None, out)
+        return out
+    entries = parse_models(models)
+    dirs = ({e.name: Path(model_dirs[e.size]) for e in entries} if model_dirs
+            else make_models(entries, Path(cache_dir).expanduser(), say))
+    vocab = min(_vocab(d) for d in set(dirs.values()))
+    ns = f"bench-serve-{uuid.uuid4().hex[:8]}"
+    # this process holds the host copies across the servers of the policies (loaded once, not per server)
+    import torch
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    cache = HostModelCache(0.9, namespace=ns)
+    t = time.perf_counter()
+    for d in sorted(set(dirs.values())):
+        cache.get(d, dtype)
+    out["host_cache_load_s"] = time.perf_counter() - t
+    token = "bench-admin-" + uuid.uuid4().hex
+    work = Path(workdir or tempfile.mkdtemp(prefix="bench-serve-"))
+    try:
+        for p in policies:
+            cfg = server_config(dirs, policy=p, slo=slo, gpu_budget_gb=gpu_budget_gb, kv_cache_gb=kv_cache_gb,
+                                namespace=ns, admin_hash=hash_key(token), device=device, cpu_budget_gb=cpu_budget_gb,
+                                admission=admission)
+            t = time.perf_counter()
+            with LiveServer(cfg, work / p, ready_timeout=900) as srv:
+                warm_up(srv.url, list(dirs), vocab)
+                say(f"{p}: server up and warm in {time.perf_counter() - t:.1f}s")
+                for r in rates:
+                    res = run_point(srv.url, token, list(dirs), r, slo=slo, duration=duration, drain_s=drain_s,
+                                    seed=seed, vocab=vocab)
+                    out["sweep"].setdefault(p, []).append(res)
+                    summarize_points(out, target)
+                    s = res["slo"]
+                    say(f"{p:8s} rate={r:g}/s/model attainment={s['attainment']:.3f} mean-rule="
+                        f"{s['attainment_mean_rule']:.3f} min-model={min(s['per_model'].values(), default=0):.3f} "
+                        f"TTFT p50/p99={s['ttft_p50'] or 0:.2f}/{s['ttft_p99'] or 0:.2f}s max-gap p99="
+                        f"{s['max_gap_p99'] or 0:.2f}s steps/s={res.get('steps_per_s', 0):.1f} "
+                        f"switches/s={res.get('switches_per_s', 0):.1f} responses={res['responses']}")
+                    write_json(Path(json_out) if json_out else None, out)
+                    if stop_at_miss and s["attainment"] < target:
+                        break
+                    _wait_idle(srv.url, token)
+    finally:
+        cache.close()
+    return out
+
+
+def _vocab(d: Path) -> int:
+    """Token ids every part accepts: below both the model's vocabulary and its tokenizer's (the server checks
+    prompt ids against the tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from token_scheduler.model.config import ModelConfig
+
+    return min(ModelConfig.from_pretrained(d).vocab_size, len(AutoTokenizer.from_pretrained(str(d))))
+
+
+def _wait_idle(url: str, token: str, timeout: float = 120.0) -> None:
+    """Between points on one server: until no request is in flight (a point's leftovers do not load the next)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(e["inflight"] == 0 for e in _admin(url, token, "/admin/engines") if e["alive"]):
+            return
+        time.sleep(0.5)

@@ -1,0 +1,33 @@
+"""`tokenpool bench serve` on CPU: a live server started by the bench, the seeded workload through the HTTP API,
+every streamed token counted and scored as `bench pool` scores it, JSON in `bench pool --real`'s shape."""
+
+from __future__ import annotations
+
+import json
+
+from load_tests.bench_serve import run_serve
+from load_tests.workload import generate
+
+
+def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path):
+    d = make_tiny("qwen2")
+    out_path = tmp_path / "serve.json"
+    out = run_serve(models="3x1.5b", rate="0.5,1.0", duration=3.0, slo_ttft=60.0, slo_tpot=10.0, drain_s=60.0,
+                    policies=("token",), seed=3, json_out=out_path, model_dirs={"1.5b": d}, device="cpu",
+                    cpu_budget_gb=0.064, kv_cache_gb=0.016, workdir=tmp_path / "srv", say=lambda *a: None)
+    assert json.loads(out_path.read_text())["mode"] == "serve"
+    pts = out["sweep"]["token"]
+    assert [p["rate"] for p in pts] == [0.5, 1.0]
+    for p in pts:
+        items = generate(["qwen2-1.5b-0", "qwen2-1.5b-1", "qwen2-1.5b-2"], p["rate"], 3.0, seed=3)
+        s = p["slo"]
+        # the tiny model's context is 2048 tokens: longer items are refused with the OpenAI error, and miss
+        too_long = sum(w.prompt_len + w.output_len > 2048 for w in items)
+        assert p["requests"] == len(items) == s["requests"]
+        assert p["responses"] == {k: v for k, v in {"200": len(items) - too_long,
+                                                     "400:context_length_exceeded": too_long}.items() if v}
+        assert s["finished"] == len(items) - too_long  # every token of every served request was counted
+        assert s["attainment"] == (len(items) - too_long) / len(items)  # generous SLO: all served are on time
+        assert set(s["per_model"]) <= {"qwen2-1.5b-0", "qwen2-1.5b-1", "qwen2-1.5b-2"}
+        assert p["steps"] > 0 and p["steps_per_s"] > 0
+    assert out["policies"]["token"]["rate"] == 0.5
