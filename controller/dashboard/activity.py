@@ -107,7 +107,7 @@ class Activity:
         tl = self.timelines.setdefault(engine, deque(maxlen=8192))
         last = tl[-1][0] if tl else float("-inf")
         for r in runs:
-            if r[0] > last:
+            if r[0] > last and r[1] is not None:  # (an idle stretch, if reported, is shown as a gap)
                 tl.append(list(r))
                 last = r[0]
         cut = time.time() - TIMELINE_S

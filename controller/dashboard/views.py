@@ -58,7 +58,10 @@ def _engine_models(e: Any) -> dict[str, dict[str, Any]]:
     """Per registered model on one engine: state, waiting, running, oldest_wait_s, kv_pages_used, kv_swapped."""
     pool = getattr(e, "pool", None) or {}
     if pool.get("models") is not None:
-        return {n: dict(pm) for n, pm in pool["models"].items()}
+        return {n: dict(state=pm.get("state", "host"), waiting=int(pm.get("waiting", 0)),
+                        running=int(pm.get("running", 0)), oldest_wait_s=pm.get("oldest_wait_s"),
+                        kv_pages_used=int(pm.get("kv_pages_used", 0)), kv_swapped=int(pm.get("kv_swapped", 0)))
+                for n, pm in pool["models"].items()}
     out = {}
     for n, r in e.replicas.items():
         s = e.stats.get(n, {})
@@ -114,14 +117,14 @@ def pool_view(ctl: Any) -> ap.PoolOut:
         pms = {eid: pm[name] for eid, pm in per_engine.items() if name in pm}
         states = {pm["state"] for pm in pms.values()}
         w = win.get(name, {})
-        waits = [pm["oldest_wait_s"] for pm in pms.values() if pm.get("oldest_wait_s") is not None]
+        waits = [pm["oldest_wait_s"] for pm in pms.values() if pm["oldest_wait_s"] is not None]
         models.append(ap.ModelPoolOut(
             name=name, engines=sorted(pms), state=next((s for s in STATE_ORDER if s in states), "unplaced"),
             pinned=bool(getattr(me, "pinned", False)), size_bytes=me.info.size_bytes, load_s=me.info.load_s,
             waiting=sum(pm["waiting"] for pm in pms.values()), oldest_wait_s=max(waits) if waits else None,
             running=sum(pm["running"] for pm in pms.values()),
-            kv_pages_used=sum(pm.get("kv_pages_used", 0) for pm in pms.values()),
-            kv_swapped=sum(pm.get("kv_swapped", 0) for pm in pms.values()),
+            kv_pages_used=sum(pm["kv_pages_used"] for pm in pms.values()),
+            kv_swapped=sum(pm["kv_swapped"] for pm in pms.values()),
             tokens_per_s=tps.get(name, 0.0), requests=w.get("requests", 0),
             ttft_p50=w.get("ttft_p50"), ttft_p99=w.get("ttft_p99"), tpot_p50=w.get("tpot_p50"),
             tpot_p99=w.get("tpot_p99"),
