@@ -1,5 +1,5 @@
 """The dashboard in a real browser: headless Chromium (Debian's `chromium`) driven by Playwright for Python,
-against a live `tokenpool serve` with two pace models and one tiny real model.
+against a live `tokenpool serve` with one pace model and two tiny real models (the pooled engine).
 
 Needs `apt-get install chromium` and `pip install playwright` (the system browser is used; Playwright's own
 browsers are not downloaded); skipped without them. Screenshots are kept under a temporary directory whose
@@ -31,15 +31,15 @@ KEY = "tp-dashboard-tenant-key"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, make_tiny):
-    tiny = make_tiny("qwen2")
+    tiny_a, tiny_b = make_tiny("qwen2"), make_tiny("qwen2", seed=1)
     cfg = {
         "admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"},
         "tenants": [{"name": "team-a", "key_hashes": [hash_key(KEY)]}],
         "tenants_file": str(tmp_path_factory.mktemp("tenants") / "tenants.yaml"),
         "models": [
             {"name": "pace-a", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.02}},
-            {"name": "pace-b", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.02}},
-            {"name": "tiny-qwen2", "path": str(tiny), "engine": {"max_num_seqs": 4, "num_kv_blocks": 64}},
+            {"name": "tiny-a", "path": str(tiny_a), "engine": {"max_num_seqs": 4, "num_kv_blocks": 64}},
+            {"name": "tiny-b", "path": str(tiny_b), "engine": {"max_num_seqs": 4, "num_kv_blocks": 64}},
         ],
     }
     with LiveServer(cfg, tmp_path_factory.mktemp("srv"), ready_timeout=180) as srv:
@@ -118,11 +118,11 @@ def run(page, ctx, server, shots: Path) -> None:
 
     # --- the models ---
     page.click("#tabs [data-view=models]")
-    for name in ("pace-a", "pace-b", "tiny-qwen2"):
+    for name in ("pace-a", "tiny-a", "tiny-b"):
         expect(page.locator(f'#models-table tr[data-model="{name}"]')).to_be_visible()
-    page.locator('#models-table tr[data-model="pace-b"] [data-action=pin]').click()
-    expect(page.locator("#toast")).to_have_text("pace-b pinned")
-    expect(page.locator('#models-table tr[data-model="pace-b"] .badge.pinned')).to_be_visible()
+    page.locator('#models-table tr[data-model="tiny-b"] [data-action=pin]').click()
+    expect(page.locator("#toast")).to_have_text("tiny-b pinned")
+    expect(page.locator('#models-table tr[data-model="tiny-b"] .badge.pinned')).to_be_visible()
 
     # add a model through the form, then remove it
     page.fill("#add-model [name=name]", "pace-c")
@@ -135,8 +135,8 @@ def run(page, ctx, server, shots: Path) -> None:
     expect(page.locator('#models-table tr[data-model="pace-c"]')).to_have_count(0)
 
     # --- streamed requests fill the requests table ---
-    streams = [Stream(url, m, n) for m, n in (("pace-a", 400), ("pace-b", 400), ("pace-a", 300),
-                                              ("tiny-qwen2", 200), ("pace-b", 250))]
+    streams = [Stream(url, m, n) for m, n in (("pace-a", 400), ("tiny-a", 300), ("pace-a", 300),
+                                              ("tiny-b", 300), ("tiny-a", 250))]
     for s in streams:
         s.start()
     for s in streams:
@@ -159,10 +159,10 @@ def run(page, ctx, server, shots: Path) -> None:
         let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
         return n; }""")
     assert painted > 0, "the engine timeline drew nothing"
-    expect(page.locator("#engines .legend")).to_contain_text("pace")
+    expect(page.locator("#engines .legend")).to_contain_text("tiny")
     expect(page.locator("#chart-tps .uplot")).to_be_visible()
     w0 = page.request.get(url + "/admin/pool").json()["engines"][0]
-    if w0["pooled"]:  # the worker reports the pooled engine: three busy models on one engine take turns
+    if w0["pooled"]:  # the worker reports the pooled engine: two busy real models on one engine take turns
         assert w0["switches"] > 0 and len({r[1] for r in w0["timeline"]}) >= 2
     page.screenshot(path=str(shots / "pool.png"), full_page=True)
 
@@ -182,8 +182,8 @@ def run(page, ctx, server, shots: Path) -> None:
 
     # an event reaches the screen within a second (published by an action taken elsewhere)
     t0 = time.monotonic()
-    httpx.post(url + "/admin/models/pace-b/unpin", headers={"Authorization": f"Bearer {ADMIN}"}).raise_for_status()
-    expect(page.locator("#events-list li[data-kind=unpin]")).to_contain_text("pace-b", timeout=5_000)
+    httpx.post(url + "/admin/models/tiny-b/unpin", headers={"Authorization": f"Bearer {ADMIN}"}).raise_for_status()
+    expect(page.locator("#events-list li[data-kind=unpin]")).to_contain_text("tiny-b", timeout=5_000)
     assert time.monotonic() - t0 < 1.0, f"event to screen took {time.monotonic() - t0:.2f} s"
 
     # --- tenants: create a key (shown once), revoke it ---
