@@ -38,6 +38,10 @@ function fmtBytes(b) {
   while (b >= 1024 && i < u.length - 1) { b /= 1024; i++; }
   return `${b.toFixed(b >= 100 || i === 0 ? 0 : 1)} ${u[i]}`;
 }
+function clock(t) {
+  const d = new Date(t * 1000);
+  return [d.getHours(), d.getMinutes(), d.getSeconds()].map((x) => String(x).padStart(2, "0")).join(":");
+}
 function color(model) {
   if (!S.colors.has(model)) S.colors.set(model, PALETTE[S.colors.size % PALETTE.length]);
   return S.colors.get(model);
@@ -119,7 +123,8 @@ function drawTimeline(canvas, runs, now) {
     const x1 = Math.min(w, ((start + dur - t0) / SPAN_S) * w);
     g.fillStyle = color(model);
     g.fillRect(x, 4, Math.max(1, x1 - x), h - 8);
-    if (prev !== null && prev !== model) { g.fillStyle = "#1d2330"; g.fillRect(x, 0, 1, h); } // a switch
+    // a switch: a thin gap before the run, where runs are wide enough for it to be seen (else colours alone)
+    if (prev !== null && prev !== model && x1 - x >= 3) g.clearRect(x, 0, 1, h);
     prev = model;
   }
 }
@@ -207,7 +212,7 @@ function renderChart(id, key) {
       ...chartSize(div), legend: { show: true }, cursor: { show: true },
       scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, Math.max(1, hi * 1.1)] } },
       series: [{}, ...names.map((n) => ({ label: n, stroke: color(n), width: 2, spanGaps: true }))],
-      axes: [{}, { size: 50 }],
+      axes: [{ space: 70, values: (u, vals) => vals.map(clock) }, { size: 50 }],
     };
     c = S.charts[id] = { plot: new uPlot(opts, data, div), names };
   } else {
