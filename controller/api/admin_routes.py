@@ -167,7 +167,7 @@ def _pin(ctl: Controller, name: str, on: bool) -> ap.PinOut:
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-@router.get("/events")
+@router.get("/events", include_in_schema=False)  # an endless text/event-stream: no OpenAPI response to describe
 async def events(request: Request, since: int | None = None, snapshots: bool = False):
     """Server-sent events from the controller's event bus (`id:` is the event's seq). A reconnecting client
     sends Last-Event-ID (or ?since=SEQ) and gets what it missed that the ring still holds. With
