@@ -178,6 +178,11 @@ def run(page, ctx, server, shots: Path) -> None:
     # --- events: the cancel is there, from the stream ---
     page.click("#tabs [data-view=events]")
     expect(page.locator("#events-list li[data-kind=cancel]")).to_contain_text(victim.id, timeout=5_000)
+    expect(page.locator("#events-list li[data-kind=switch]")).to_have_count(0)  # hidden by default
+    if w0["pooled"]:  # the engine's model switches come as events too
+        page.select_option("#event-filter", "switch")
+        expect(page.locator("#events-list li[data-kind=switch]").first).to_contain_text("engine=w0")
+        page.select_option("#event-filter", "!switch")
     page.screenshot(path=str(shots / "events.png"))
 
     # an event reaches the screen within a second (published by an action taken elsewhere)

@@ -11,7 +11,7 @@ const PALETTE = ["#2f6fdf", "#e0573a", "#1f9d55", "#9b59d0", "#d19a00", "#14a3b8
 
 const S = {
   view: "pool", pool: null, requests: [], events: [], kinds: new Set(), colors: new Map(),
-  series: { t: [], tps: new Map(), queue: new Map() }, charts: {}, soon: null,
+  series: { t: [], tps: new Map(), queue: new Map() }, charts: {}, soon: null, eventsDue: null,
 };
 
 // --- small helpers ---
@@ -295,7 +295,7 @@ function renderEvents() {
   const items = [];
   for (let i = S.events.length - 1; i >= 0 && items.length < 200; i--) {
     const ev = S.events[i];
-    if (want && ev.kind !== want) continue;
+    if (want === "!switch" ? ev.kind === "switch" : want && ev.kind !== want) continue;
     items.push(el("li", { "data-kind": ev.kind },
       el("span", { class: "t", text: new Date(ev.t * 1000).toLocaleTimeString() }),
       el("span", { class: `kind kind-${ev.kind}`, text: ev.kind }), el("span", { text: eventText(ev) })));
@@ -349,7 +349,9 @@ function connect() {
     S.events.push(ev);
     if (S.events.length > MAX_EVENTS) S.events.splice(0, S.events.length - MAX_EVENTS);
     S.kinds.add(ev.kind);
-    renderEvents();
+    if (S.eventsDue === null) { // switches may come by the dozen a second: draw at most 5 times a second
+      S.eventsDue = setTimeout(() => { S.eventsDue = null; renderEvents(); }, 200);
+    }
   };
   es.addEventListener("pool", (msg) => applyPool(JSON.parse(msg.data), true));
   es.addEventListener("requests", (msg) => applyRequests(JSON.parse(msg.data)));
