@@ -94,6 +94,14 @@ def test_pool_shows_the_pooled_engine_state(app):
     assert (models["alpha"]["waiting"], models["alpha"]["running"], models["alpha"]["oldest_wait_s"]) == (3, 5, 0.7)
     assert (models["gamma"]["kv_swapped"], models["alpha"]["kv_pages_used"]) == (7, 400)
     assert models["alpha"]["engines"] == ["w0"]
+    # the switch latency per model: the stalls of its weight loads among the recent events
+    for stall in (0.010, 0.030):
+        ctl.events.publish("load", engine="w0", model="gamma", prefetched=False, stall_s=stall)
+    ctl.events.publish("load", engine="w0", model="beta", prefetched=True, stall_s=0.0)
+    models = {mo["name"]: mo for mo in c.get("/admin/pool", headers=H).json()["models"]}
+    assert (models["gamma"]["loads"], models["gamma"]["load_stall_s"]) == (2, pytest.approx(0.02))
+    assert (models["beta"]["loads"], models["beta"]["load_stall_s"]) == (1, 0.0)
+    assert (models["alpha"]["loads"], models["alpha"]["load_stall_s"]) == (0, None)
 
 
 def test_model_state_is_the_best_over_engines_and_unplaced_when_nowhere(app):

@@ -113,6 +113,8 @@ class ModelPoolOut(BaseModel):
     pinned: bool
     size_bytes: int
     load_s: float = Field(description="the controller's estimate of one load (switch) of this model")
+    loads: int = Field(description="weight loads among the recent events (the event ring)")
+    load_stall_s: float | None = Field(description="mean stall of those loads (the switch latency)")
     waiting: int
     oldest_wait_s: float | None
     running: int

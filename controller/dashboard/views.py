@@ -112,6 +112,10 @@ def pool_view(ctl: Any) -> ap.PoolOut:
     tps = act.rate("model_tokens", tokens, mono)
     rejected = {k[0]: v for k, v in _counts(ctl.metrics.rejected, "model").items()}
     win = act.by_model(mono)
+    stalls: dict[str, list[float]] = {}
+    for ev in events(ctl).recent:  # the engines' weight loads still in the ring, with the stall each cost
+        if ev["kind"] == "load" and ev.get("model") is not None:
+            stalls.setdefault(ev["model"], []).append(float(ev.get("stall_s") or 0.0))
     models = []
     for name, me in ctl.models.items():
         pms = {eid: pm[name] for eid, pm in per_engine.items() if name in pm}
@@ -121,6 +125,8 @@ def pool_view(ctl: Any) -> ap.PoolOut:
         models.append(ap.ModelPoolOut(
             name=name, engines=sorted(pms), state=next((s for s in STATE_ORDER if s in states), "unplaced"),
             pinned=bool(getattr(me, "pinned", False)), size_bytes=me.info.size_bytes, load_s=me.info.load_s,
+            loads=len(stalls.get(name, ())),
+            load_stall_s=sum(stalls[name]) / len(stalls[name]) if stalls.get(name) else None,
             waiting=sum(pm["waiting"] for pm in pms.values()), oldest_wait_s=max(waits) if waits else None,
             running=sum(pm["running"] for pm in pms.values()),
             kv_pages_used=sum(pm["kv_pages_used"] for pm in pms.values()),
