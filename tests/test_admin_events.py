@@ -137,7 +137,11 @@ def server(tmp_path_factory):
         yield srv
 
 
+TENANT_KINDS = ("tenant_created", "tenant_revoked")
+
+
 def read_events(r: httpx.Response, n: int, timeout: float = 10) -> list[dict]:
+    """The next n tenant events on the stream (the pool's own events, e.g. a worker's loads, skipped)."""
     got: list[dict] = []
     deadline = time.monotonic() + timeout
     buf = b""
@@ -145,7 +149,7 @@ def read_events(r: httpx.Response, n: int, timeout: float = 10) -> list[dict]:
         buf += chunk
         while b"\n\n" in buf:
             block, buf = buf.split(b"\n\n", 1)
-            got += parse(block + b"\n\n")
+            got += [e for e in parse(block + b"\n\n") if e["data"]["kind"] in TENANT_KINDS]
         if len(got) >= n or time.monotonic() > deadline:
             break
     return got
