@@ -211,9 +211,13 @@ def run(page, ctx, server, shots: Path) -> None:
     page.locator('.engine[data-engine="w0"] [data-action=drain]').click()
     expect(page.locator('.engine[data-engine="w0"] .badge')).to_have_attribute("data-state", "draining")
     expect(page.locator("#toast")).to_have_text("Engine w0 draining")
+    assert page.request.get(url + "/admin/pool").json()["engines"][0]["draining"] is True
     page.screenshot(path=str(shots / "drained.png"))
     page.locator('.engine[data-engine="w0"] [data-action=resume]').click()
     expect(page.locator('.engine[data-engine="w0"] .badge')).to_have_attribute("data-state", "alive")
+    page.click("#tabs [data-view=events]")
+    for kind in ("drain", "resume"):
+        expect(page.locator(f"#events-list li[data-kind={kind}]")).to_contain_text("engine=w0")
 
     # --- signing out ends the session ---
     page.click("header form button")

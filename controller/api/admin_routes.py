@@ -45,13 +45,17 @@ async def engines(request: Request):
 @router.post("/engines/{engine_id}/drain", response_model=ap.EngineOut)
 async def drain(engine_id: str, request: Request):
     ctl = _ctl(request)
-    return _engine_out(ctl, ctl.drain(engine_id, True))
+    out = _engine_out(ctl, ctl.drain(engine_id, True))
+    views.events(ctl).publish("drain", engine=engine_id)
+    return out
 
 
 @router.post("/engines/{engine_id}/resume", response_model=ap.EngineOut)
 async def resume(engine_id: str, request: Request):
     ctl = _ctl(request)
-    return _engine_out(ctl, ctl.drain(engine_id, False))
+    out = _engine_out(ctl, ctl.drain(engine_id, False))
+    views.events(ctl).publish("resume", engine=engine_id)
+    return out
 
 
 @router.get("/gpus", response_model=ap.GPUOut)
