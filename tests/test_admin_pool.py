@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 
 import pytest
 from fastapi.testclient import TestClient
@@ -87,8 +88,9 @@ def test_pool_shows_the_pooled_engine_state(app):
     assert [r[1] for r in w0["timeline"]] == ["alpha", "beta"]
     # the next Stats brings more runs: they are appended, the ones already kept are not repeated
     e.pool = dict(POOL, timeline=[[now - 2.8, "beta", 5, 0.1], [now - 2.6, "alpha", 3, 0.05]])
-    p = c.get("/admin/pool", headers=H).json()
+    p = c.get("/admin/pool?resolution_s=0", headers=H).json()  # the runs as reported
     assert [r[1] for r in p["engines"][0]["timeline"]] == ["alpha", "beta", "alpha"]
+    assert c.get("/admin/pool?timeline_s=1", headers=H).json()["engines"][0]["timeline"] == []  # older
     models = {mo["name"]: mo for mo in p["models"]}
     assert models["alpha"]["state"] == "resident" and models["gamma"]["state"] == "loading"
     assert (models["alpha"]["waiting"], models["alpha"]["running"], models["alpha"]["oldest_wait_s"]) == (3, 5, 0.7)
@@ -308,3 +310,25 @@ def test_a_subs_delta_shape_matches_what_the_serving_layer_raises_on(app):
 
     with pytest.raises(ServingError, match="cancelled by an operator"):
         asyncio.run(drain())
+
+
+def test_timeline_compaction_bounds_its_size_and_keeps_who_ran():
+    act = Activity()
+    now = 10_000.0
+    # 20 s of a switch every 5 ms between a and b, a getting 4 ms of each 5, then 1 s of c alone, then idle
+    runs, t = [], now - 30
+    for _ in range(4000):
+        runs += [[t, "a", 2, 0.004], [t + 0.004, "b", 1, 0.001]]
+        t += 0.005
+    runs.append([now - 10, "c", 40, 1.0])
+    act.timelines["w0"] = deque(runs)  # (add_runs would drop these: older than 300 s by the wall clock)
+    raw = act.timeline("w0", now, 60, 0)
+    assert len(raw) == 8001
+    out = act.timeline("w0", now, 60, 0.25)
+    assert [r[1] for r in out] == ["a", "c"]  # a ran most of every cell; then c: two runs, merged across cells
+    a, c = out
+    assert a[0] == pytest.approx(now - 30) and a[3] == pytest.approx(20.0) and a[2] == 8000
+    assert c == [now - 10, "c", 40, 1.0]
+    # a shorter span cuts the start; a coarse resolution still says who ran
+    assert act.timeline("w0", now, 15, 0.25) == [[pytest.approx(now - 15), "a", 2000, pytest.approx(5.0, abs=1e-6)],
+                                                 c]  # (the steps are those of the model shown: b's not counted)

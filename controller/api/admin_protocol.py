@@ -103,7 +103,8 @@ class EnginePoolOut(BaseModel):
     vram: VramOut | None
     host_cache_bytes: int | None
     timeline: list[tuple[float, str, int, float]] = Field(
-        description="runs of consecutive steps of one model: [wall-clock start, model, steps, seconds]")
+        description="runs of consecutive steps of one model: [wall-clock start, model, steps, seconds]; "
+                    "compacted to the model that ran most of each resolution_s (GET /admin/pool)")
 
 
 class ModelPoolOut(BaseModel):

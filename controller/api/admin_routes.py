@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from controller.api import admin_protocol as ap
@@ -131,9 +131,11 @@ async def delete_tenant(name: str, request: Request) -> dict:
 
 # --- what is happening: the dashboard's data ---
 @router.get("/pool", response_model=ap.PoolOut)
-async def pool(request: Request):
-    """Per engine, model, tenant: what runs, what waits, how fast, and SLO attainment over a window."""
-    return views.pool_view(_ctl(request))
+async def pool(request: Request, timeline_s: float = Query(60.0, ge=0, le=300),
+               resolution_s: float = Query(0.25, ge=0, le=60)):
+    """Per engine, model, tenant: what runs, what waits, how fast, and SLO attainment over a window. Each
+    engine's timeline covers the last timeline_s, one run per resolution_s (0: the runs as reported)."""
+    return views.pool_view(_ctl(request), timeline_s, resolution_s)
 
 
 @router.get("/requests", response_model=list[ap.RequestOut])

@@ -20,6 +20,8 @@ from typing import Any
 WINDOW_S = 60.0
 RATE_S = 10.0  # rates are measured over the last ~10 s of samples
 TIMELINE_S = 300.0  # how much of each engine's step timeline is kept
+SPAN_S = 60.0  # how much of it the admin API shows by default
+RES_S = 0.25  # ... at this resolution (see Activity.timeline)
 CAP = 50_000
 
 
@@ -120,6 +122,43 @@ class Activity:
         self._sampled[engine] = now
         if model is not None and last is not None:
             self.add_runs(engine, [[last, model, 0, min(now - last, 2.0)]])
+
+    def timeline(self, engine: str, now: float, span_s: float = SPAN_S, res_s: float = RES_S) -> list[list]:
+        """The engine's runs of the last span_s, compacted to one run per res_s cell (the model that ran most of
+        it; adjacent full cells of one model merged): a bounded size however often the engine switches.
+        res_s 0: the runs as reported."""
+        cut = now - span_s
+        runs = [r for r in self.timelines.get(engine, ()) if r[0] + r[3] >= cut]
+        if res_s <= 0:
+            return runs
+        cells: dict[int, list] = {}  # cell -> [first activity, last activity, {model: [busy s, steps]}]
+        for t0, model, n, dur in runs:
+            t, end = max(t0, cut), t0 + dur
+            first = True
+            while True:
+                c = int(t // res_s)
+                seg_end = min(end, (c + 1) * res_s)
+                cell = cells.setdefault(c, [t, seg_end, {}])
+                cell[0], cell[1] = min(cell[0], t), max(cell[1], seg_end)
+                acc = cell[2].setdefault(model, [0.0, 0])
+                acc[0] += seg_end - t
+                if first:
+                    acc[1] += n
+                    first = False
+                if seg_end >= end or seg_end <= t:
+                    break
+                t = seg_end
+        out: list[list] = []
+        for c in sorted(cells):
+            lo, hi, per_model = cells[c]
+            model, (_, steps) = max(per_model.items(), key=lambda kv: kv[1][0])
+            prev = out[-1] if out else None
+            if prev is not None and prev[1] == model and abs(prev[0] + prev[3] - lo) < 1e-6:
+                prev[2] += steps  # activity of one model running on across the cell boundary: one run
+                prev[3] = hi - prev[0]
+            else:
+                out.append([lo, model, steps, hi - lo])
+        return out
 
     def rate(self, what: str, counts: dict[str, float], now: float, span_s: float = RATE_S) -> dict[str, float]:
         r = self.rates.get(what)

@@ -13,7 +13,7 @@ from typing import Any
 
 from controller import messages as m
 from controller.api import admin_protocol as ap
-from controller.dashboard.activity import WINDOW_S, Activity
+from controller.dashboard.activity import RES_S, SPAN_S, WINDOW_S, Activity
 from controller.dashboard.stream import snapshot_frame
 from controller.errors import ServingError
 from controller.events import EventBus
@@ -71,7 +71,7 @@ def _engine_models(e: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _engine_out(ctl: Any, act: Activity, e: Any, now: float) -> ap.EnginePoolOut:
+def _engine_out(ctl: Any, act: Activity, e: Any, now: float, span_s: float, res_s: float) -> ap.EnginePoolOut:
     pool = getattr(e, "pool", None) or {}
     models = _engine_models(e)
     if "timeline" in pool:
@@ -94,14 +94,15 @@ def _engine_out(ctl: Any, act: Activity, e: Any, now: float) -> ap.EnginePoolOut
         resident=list(pool.get("resident", [n for n, pm in models.items() if pm["state"] == "resident"])),
         prefetching=list(pool.get("prefetching", [])), switches=pool.get("switches"),
         switch_stall_s=pool.get("switch_stall_s"), steps=pool.get("steps"), vram=vram,
-        host_cache_bytes=pool.get("host_cache_bytes"), timeline=[tuple(r) for r in act.timelines.get(e.id, ())])
+        host_cache_bytes=pool.get("host_cache_bytes"),
+        timeline=[tuple(r) for r in act.timeline(e.id, now, span_s, res_s)])
 
 
-def pool_view(ctl: Any) -> ap.PoolOut:
+def pool_view(ctl: Any, timeline_s: float = SPAN_S, resolution_s: float = RES_S) -> ap.PoolOut:
     act = activity(ctl)
     now, mono = time.time(), time.monotonic()
     alive = [e for e in ctl.pool.engines.values() if e.alive]
-    engines = [_engine_out(ctl, act, e, now) for e in ctl.pool.engines.values()]
+    engines = [_engine_out(ctl, act, e, now, timeline_s, resolution_s) for e in ctl.pool.engines.values()]
     per_engine = {e.id: _engine_models(e) for e in alive}
 
     # tokens/s: tokens of finished requests (Prometheus counter) + tokens so far of those in flight
