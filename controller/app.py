@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from controller.api import admin_routes, auth, openai_routes
 from controller.api.serving import OpenAIServing
 from controller.config import ServerConfig
+from controller.dashboard import routes as dashboard_routes
 from controller.errors import ServingError
 from controller.service import Controller
 
@@ -82,6 +83,7 @@ def build_app(cfg: ServerConfig) -> FastAPI:
     app.state.serving = OpenAIServing(ctl)
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
+    app.include_router(dashboard_routes.router)
 
     @app.exception_handler(ServingError)
     async def serving_error(_: Request, e: ServingError):

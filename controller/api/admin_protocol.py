@@ -71,3 +71,108 @@ class ModelOut(BaseModel):
 class GPUOut(BaseModel):
     devices: list[dict]
     engines: dict[str, list[str]]  # device -> engine ids
+
+
+# --- what is happening (GET /admin/pool, /admin/requests): the dashboard's data ---
+class VramOut(BaseModel):
+    budget_bytes: int = 0
+    weights_bytes: int = 0
+    kv_bytes: int = 0
+    free_bytes: int = 0
+    kv_pages_total: int = 0
+    kv_pages_used: int = 0
+
+
+class EnginePoolOut(BaseModel):
+    id: str
+    device: str
+    host: str
+    alive: bool
+    draining: bool
+    pooled: bool = Field(description="the worker reports the pooled engine's state; else figures come from "
+                                     "per-model stats and fields the pool alone knows are null")
+    inflight: int
+    step_s: float
+    active: str | None = Field(description="the model running now")
+    registered: list[str]
+    resident: list[str]
+    prefetching: list[str]
+    switches: int | None
+    switch_stall_s: float | None = Field(description="mean stall per model switch")
+    steps: int | None
+    vram: VramOut | None
+    host_cache_bytes: int | None
+    timeline: list[tuple[float, str, int, float]] = Field(
+        description="runs of consecutive steps of one model: [wall-clock start, model, steps, seconds]; "
+                    "compacted to the model that ran most of each resolution_s (GET /admin/pool)")
+
+
+class ModelPoolOut(BaseModel):
+    name: str
+    engines: list[str] = Field(description="engines the model is registered on")
+    state: str = Field(description="resident | loading | host | unplaced (the best over its engines)")
+    pinned: bool
+    size_bytes: int
+    load_s: float = Field(description="the controller's estimate of one load (switch) of this model")
+    loads: int = Field(description="weight loads among the recent events (the event ring)")
+    load_stall_s: float | None = Field(description="mean stall of those loads (the switch latency)")
+    waiting: int
+    oldest_wait_s: float | None
+    running: int
+    kv_pages_used: int
+    kv_swapped: int
+    tokens_per_s: float
+    requests: int = Field(description="requests finished in the window")
+    ttft_p50: float | None
+    ttft_p99: float | None
+    tpot_p50: float | None
+    tpot_p99: float | None
+    attainment: float | None = Field(description="SLO attainment over the window (else over recent requests)")
+    rejected_total: int
+    slo: dict
+
+
+class TenantPoolOut(BaseModel):
+    name: str
+    requests_per_s: float
+    tokens_per_min: float
+    concurrency: int
+    max_concurrent: int | None
+    rejected_total: int = Field(description="429s since start")
+    rejected_per_min: float
+    requests: int = Field(description="requests finished in the window")
+    attainment: float | None
+
+
+class PoolOut(BaseModel):
+    t: float = Field(description="server wall-clock time")
+    window_s: float
+    latency_window: bool = Field(description="whether finished requests feed the window (TTFT/TPOT, attainment)")
+    engines: list[EnginePoolOut]
+    models: list[ModelPoolOut]
+    tenants: list[TenantPoolOut]
+    events: dict[str, int] = Field(description="events published since start, by kind")
+    event_subscribers: int
+
+
+class RequestOut(BaseModel):
+    id: str
+    model: str
+    tenant: str | None
+    engines: list[str]
+    state: str = Field(description="queued (no token yet) | running")
+    age_s: float
+    tokens: int
+    tokens_per_s: float
+    choices: int
+
+
+class CancelOut(BaseModel):
+    id: str
+    model: str
+    cancelled: int = Field(description="engine requests (choices) ended")
+
+
+class PinOut(BaseModel):
+    name: str
+    pinned: bool

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
 
 from controller.api import admin_protocol as ap
 from controller.api import auth
 from controller.config import ModelSpec, TenantSpec
+from controller.dashboard import stream, views
 from controller.errors import ServingError
 from controller.pool import EngineHandle
 from controller.service import Controller
@@ -43,13 +45,17 @@ async def engines(request: Request):
 @router.post("/engines/{engine_id}/drain", response_model=ap.EngineOut)
 async def drain(engine_id: str, request: Request):
     ctl = _ctl(request)
-    return _engine_out(ctl, ctl.drain(engine_id, True))
+    out = _engine_out(ctl, ctl.drain(engine_id, True))
+    views.events(ctl).publish("drain", engine=engine_id)
+    return out
 
 
 @router.post("/engines/{engine_id}/resume", response_model=ap.EngineOut)
 async def resume(engine_id: str, request: Request):
     ctl = _ctl(request)
-    return _engine_out(ctl, ctl.drain(engine_id, False))
+    out = _engine_out(ctl, ctl.drain(engine_id, False))
+    views.events(ctl).publish("resume", engine=engine_id)
+    return out
 
 
 @router.get("/gpus", response_model=ap.GPUOut)
@@ -110,11 +116,79 @@ async def create_tenant(body: ap.TenantCreate, request: Request):
         t, key = ctl.tenants.create(TenantSpec(**body.model_dump()))
     except KeyError:
         raise ServingError(400, f"tenant {body.name!r} exists", param="name") from None
+    views.events(ctl).publish("tenant_created", tenant=t.name)
     return {**_tenant_out(t), "api_key": key}
 
 
 @router.delete("/tenants/{name}")
 async def delete_tenant(name: str, request: Request) -> dict:
-    if not _ctl(request).tenants.delete(name):
+    ctl = _ctl(request)
+    if not ctl.tenants.delete(name):
         raise ServingError(404, f"no tenant {name!r}", code="tenant_not_found")
+    views.events(ctl).publish("tenant_revoked", tenant=name)
     return {"deleted": name}
+
+
+# --- what is happening: the dashboard's data ---
+@router.get("/pool", response_model=ap.PoolOut)
+async def pool(request: Request, timeline_s: float = Query(60.0, ge=0, le=300),
+               resolution_s: float = Query(0.25, ge=0, le=60)):
+    """Per engine, model, tenant: what runs, what waits, how fast, and SLO attainment over a window. Each
+    engine's timeline covers the last timeline_s, one run per resolution_s (0: the runs as reported)."""
+    return views.pool_view(_ctl(request), timeline_s, resolution_s)
+
+
+@router.get("/requests", response_model=list[ap.RequestOut])
+async def requests(request: Request):
+    """The requests in flight, oldest first."""
+    return views.requests_view(_ctl(request))
+
+
+@router.post("/requests/{request_id}/cancel", response_model=ap.CancelOut)
+async def cancel(request_id: str, request: Request):
+    """End a request: its stream gets an error event ("cancelled by an operator"), the engines abort it."""
+    return views.cancel(_ctl(request), request_id)
+
+
+@router.post("/models/{name:path}/pin", response_model=ap.PinOut)
+async def pin(name: str, request: Request):
+    """Ask placement to keep the model resident (a flag on the model, honoured by placement)."""
+    return _pin(_ctl(request), name, True)
+
+
+@router.post("/models/{name:path}/unpin", response_model=ap.PinOut)
+async def unpin(name: str, request: Request):
+    return _pin(_ctl(request), name, False)
+
+
+def _pin(ctl: Controller, name: str, on: bool) -> ap.PinOut:
+    me = ctl.models.get(name)
+    if me is None:
+        raise ServingError(404, f"no model {name!r}", code="model_not_found")
+    me.pinned = on
+    views.events(ctl).publish("pin" if on else "unpin", model=name)
+    return ap.PinOut(name=name, pinned=on)
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@router.get("/events", include_in_schema=False)  # an endless text/event-stream: no OpenAPI response to describe
+async def events(request: Request, since: int | None = None, snapshots: bool = False):
+    """Server-sent events from the controller's event bus (`id:` is the event's seq). A reconnecting client
+    sends Last-Event-ID (or ?since=SEQ) and gets what it missed that the ring still holds. With
+    ?snapshots=true the stream also carries `event: pool` and `event: requests` frames (the bodies of
+    GET /admin/pool and /admin/requests), once a second: the dashboard's gauges, without polling."""
+    last = request.headers.get("last-event-id", "")
+    if last.isdigit():
+        since = int(last)
+    ctl, st = _ctl(request), request.app.state
+    if getattr(st, "event_frames", None) is None:
+        st.event_frames = stream.Frames()
+    ticker = None
+    if snapshots:
+        if getattr(st, "dashboard_ticker", None) is None:
+            st.dashboard_ticker = stream.Ticker(lambda: views.snapshot(ctl))
+        ticker = st.dashboard_ticker
+    return StreamingResponse(stream.event_stream(views.events(ctl), st.event_frames, since, ticker),
+                             media_type="text/event-stream", headers=SSE_HEADERS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from controller.dashboard import session
 from controller.errors import ServingError
 from controller.keys import verify_key
 from controller.tenants import Tenant
@@ -29,6 +30,8 @@ def tenant(request: Request) -> Tenant:
 def admin(request: Request) -> None:
     stored = request.app.state.controller.cfg.admin_token_hash
     token = bearer(request)
+    if token is None and session.valid(request):  # the dashboard's HTTP-only session cookie
+        return
     if stored is None or token is None or not verify_key(token, stored):
         raise ServingError(401, "admin token required", code="invalid_admin_token")
 

@@ -1,0 +1,78 @@
+"""/dashboard: the login form, the single-page dashboard and its static files (vendored, no build step).
+
+The page talks only to the admin API (/admin/pool, /admin/requests, /admin/events, actions), authenticated by
+the session cookie that a successful login sets (controller.api.auth.admin accepts it).
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from urllib.parse import parse_qs
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+
+from controller.dashboard import session
+from controller.errors import ServingError
+from controller.keys import verify_key
+
+STATIC = Path(__file__).resolve().parent / "static"
+TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8", ".html": "text/html",
+         ".png": "image/png", ".svg": "image/svg+xml", ".txt": "text/plain; charset=utf-8"}
+HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+MAX_FORM = 4096
+
+router = APIRouter(include_in_schema=False)
+
+
+def _page(name: str, status: int = 200, error: str = "") -> HTMLResponse:
+    text = (STATIC / name).read_text()
+    if error:
+        text = text.replace("<!--error-->", f'<p class="error" role="alert">{html.escape(error)}</p>')
+    return HTMLResponse(text, status_code=status, headers=HEADERS)
+
+
+@router.get("/dashboard")
+@router.get("/dashboard/")
+async def dashboard(request: Request):
+    return _page("index.html" if session.valid(request) else "login.html")
+
+
+@router.post("/dashboard/login")
+async def login(request: Request):
+    body = await request.body()
+    if len(body) > MAX_FORM:
+        raise ServingError(413, "login form too large")
+    token = (parse_qs(body.decode(errors="replace")).get("token") or [""])[0].strip()
+    stored = request.app.state.controller.cfg.admin_token_hash
+    if not token or stored is None or not verify_key(token, stored):
+        # 200, not 401: a browser logs any 4xx page load as a console error; the form says what went wrong
+        return _page("login.html", 200, "That is not the admin token.")
+    resp = RedirectResponse("/dashboard", status_code=303, headers=HEADERS)
+    resp.set_cookie(session.COOKIE, session.sessions(request.app).new(), max_age=int(session.TTL_S), path="/",
+                    httponly=True, samesite="strict", secure=request.url.scheme == "https")
+    return resp
+
+
+@router.post("/dashboard/logout")
+async def logout(request: Request):
+    session.sessions(request.app).drop(request.cookies.get(session.COOKIE))
+    resp = RedirectResponse("/dashboard", status_code=303, headers=HEADERS)
+    resp.delete_cookie(session.COOKIE, path="/", httponly=True, samesite="strict")
+    return resp
+
+
+@router.get("/dashboard/static/{name}")
+async def static(name: str):
+    f = STATIC / name
+    if "/" in name or name.startswith(".") or not f.is_file() or f.suffix not in TYPES:
+        return Response(status_code=404)
+    return FileResponse(f, media_type=TYPES[f.suffix], headers={"Cache-Control": "no-cache",
+                                                                "X-Content-Type-Options": "nosniff"})

@@ -1,0 +1,399 @@
+// tokenpool dashboard: one page over the admin API. Live data: one event stream (/admin/events, server-sent
+// events) carrying the pool's events and, once a second, snapshots of /admin/pool and /admin/requests; no
+// polling. No framework, no build step; charts by the vendored uPlot. Every value goes into the page as text
+// (textContent), never HTML.
+"use strict";
+
+const SPAN_S = 60; // seconds of timeline and charts shown
+const MAX_EVENTS = 500;
+const PALETTE = ["#2f6fdf", "#e0573a", "#1f9d55", "#9b59d0", "#d19a00", "#14a3b8", "#c2417d", "#6b8e23",
+  "#8c5a3c", "#4b5fc9", "#d06b00", "#2e8b7a"];
+
+const S = {
+  view: "pool", pool: null, requests: [], events: [], kinds: new Set(), colors: new Map(),
+  series: { t: [], tps: new Map(), queue: new Map() }, charts: {}, soon: null, eventsDue: null,
+};
+
+// --- small helpers ---
+function el(tag, attrs, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === "class") e.className = v;
+    else if (k === "text") e.textContent = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else if (k === "style") Object.assign(e.style, v);
+    else e.setAttribute(k, v === true ? "" : v);
+  }
+  for (const k of kids.flat()) if (k !== null && k !== undefined) e.append(k instanceof Node ? k : String(k));
+  return e;
+}
+const fmtS = (s) => (s === null || s === undefined) ? "—" : s < 1 ? `${(s * 1000).toFixed(0)} ms` : `${s.toFixed(2)} s`;
+const fmtPct = (x) => (x === null || x === undefined) ? "—" : `${(100 * x).toFixed(1)}%`;
+const fmtNum = (x, d = 1) => (x === null || x === undefined) ? "—" : x.toFixed(d);
+function fmtBytes(b) {
+  if (b === null || b === undefined) return "—";
+  const u = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (b >= 1024 && i < u.length - 1) { b /= 1024; i++; }
+  return `${b.toFixed(b >= 100 || i === 0 ? 0 : 1)} ${u[i]}`;
+}
+function clock(t) {
+  const d = new Date(t * 1000);
+  return [d.getHours(), d.getMinutes(), d.getSeconds()].map((x) => String(x).padStart(2, "0")).join(":");
+}
+function color(model) {
+  if (!S.colors.has(model)) S.colors.set(model, PALETTE[S.colors.size % PALETTE.length]);
+  return S.colors.get(model);
+}
+function toast(msg, error = false) {
+  const t = document.getElementById("toast");
+  t.textContent = msg;
+  t.className = error ? "error" : "";
+  t.hidden = false;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => { t.hidden = true; }, error ? 9000 : 6000);
+}
+
+async function api(method, path, body) {
+  const opts = { method, credentials: "same-origin", headers: {} };
+  if (body !== undefined) { opts.headers["Content-Type"] = "application/json"; opts.body = JSON.stringify(body); }
+  const r = await fetch(path, opts);
+  let data = null;
+  try { data = await r.json(); } catch (e) { data = null; }
+  if (r.status === 401) { location.assign("/dashboard"); throw new Error("signed out"); }
+  if (!r.ok) throw new Error((data && data.error && data.error.message) || `HTTP ${r.status}`);
+  return data;
+}
+
+// An action: confirmed first, its result (or error) shown, then the views refreshed.
+async function act(question, method, path, body, done) {
+  if (!window.confirm(question)) return;
+  try {
+    const res = await api(method, path, body);
+    toast(done(res));
+  } catch (e) {
+    toast(`Failed: ${e.message}`, true);
+  }
+  refreshSoon(0);
+}
+
+// --- views ---
+function show(view) {
+  S.view = view;
+  for (const b of document.querySelectorAll("#tabs button")) b.classList.toggle("active", b.dataset.view === view);
+  for (const s of document.querySelectorAll("main > section")) s.hidden = s.id !== `view-${view}`;
+  if (S.pool) applyPool(S.pool, false);
+  if (view === "pool") resizeCharts();
+  if (view === "requests") renderRequests();
+  renderEvents();
+}
+
+function renderSummary(p) {
+  const alive = p.engines.filter((e) => e.alive).length;
+  const inflight = p.engines.reduce((a, e) => a + e.inflight, 0);
+  const tps = p.models.reduce((a, m) => a + m.tokens_per_s, 0);
+  const pooled = p.engines.filter((e) => e.switches !== null);
+  const switches = pooled.length ? pooled.reduce((a, e) => a + e.switches, 0) : "—";
+  const att = p.models.filter((m) => m.attainment !== null);
+  const tiles = [
+    ["Engines", `${alive} / ${p.engines.length}`], ["Models", p.models.length], ["In flight", inflight],
+    ["Tokens/s", tps.toFixed(1)], ["Switches", switches],
+    ["Worst SLO attainment", att.length ? fmtPct(Math.min(...att.map((m) => m.attainment))) : "—"],
+  ];
+  document.getElementById("summary").replaceChildren(...tiles.map(([k, v]) =>
+    el("div", { class: "tile" }, el("div", { class: "v", text: String(v) }), el("div", { class: "k", text: k }))));
+  document.getElementById("n-requests").textContent = String(inflight);
+}
+
+function drawTimeline(canvas, runs, now) {
+  const dpr = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth, h = canvas.clientHeight;
+  if (!w || !h) return;
+  canvas.width = Math.round(w * dpr);
+  canvas.height = Math.round(h * dpr);
+  const g = canvas.getContext("2d");
+  g.scale(dpr, dpr);
+  g.clearRect(0, 0, w, h);
+  const t0 = now - SPAN_S;
+  let prev = null;
+  for (const [start, model, , dur] of runs) {
+    if (start + dur < t0) continue;
+    const x = Math.max(0, ((start - t0) / SPAN_S) * w);
+    const x1 = Math.min(w, ((start + dur - t0) / SPAN_S) * w);
+    g.fillStyle = color(model);
+    g.fillRect(x, 4, Math.max(1, x1 - x), h - 8);
+    // a switch: a thin gap before the run, where runs are wide enough for it to be seen (else colours alone)
+    if (prev !== null && prev !== model && x1 - x >= 3) g.clearRect(x, 0, 1, h);
+    prev = model;
+  }
+}
+
+function renderEngines(p) {
+  const box = document.getElementById("engines");
+  const cards = p.engines.map((e) => {
+    const state = !e.alive ? "dead" : e.draining ? "draining" : "alive";
+    const canvas = el("canvas", { class: "timeline", "data-engine": e.id });
+    const models = new Set(e.timeline.map((r) => r[1]));
+    const v = e.vram;
+    const part = (x) => (v && v.budget_bytes ? `${(100 * x) / v.budget_bytes}%` : "0%");
+    const vram = v ? [
+      el("div", { class: "vram" }, el("div", { class: "weights", style: { width: part(v.weights_bytes) } }),
+        el("div", { class: "kv", style: { width: part(v.kv_bytes) } })),
+      el("div", { class: "vram-legend" },
+        el("span", { class: "swatch", style: { background: "var(--weights)" } }), `weights ${fmtBytes(v.weights_bytes)}  `,
+        el("span", { class: "swatch", style: { background: "var(--kv)" } }),
+        `KV ${fmtBytes(v.kv_bytes)}${v.kv_pages_total ? ` (${v.kv_pages_used}/${v.kv_pages_total} pages)` : ""}  `,
+        el("span", { class: "swatch", style: { background: "var(--free)" } }), `free ${fmtBytes(v.free_bytes)}`,
+        ` of ${fmtBytes(v.budget_bytes)}`),
+    ] : [el("div", { class: "muted", text: "no VRAM report" })];
+    const chips = (names, cls) => names.length ? names.map((n) => el("span", { class: `chip ${n === e.active ? "active" : ""}` },
+      el("span", { class: "swatch", style: { background: color(n) } }), n)) : [el("span", { class: "muted", text: cls })];
+    const button = e.draining
+      ? el("button", { "data-action": "resume", onclick: () => act(`Resume engine ${e.id}?`, "POST",
+        `/admin/engines/${encodeURIComponent(e.id)}/resume`, undefined, () => `Engine ${e.id} resumed`) }, "Resume")
+      : el("button", { class: "danger", "data-action": "drain", onclick: () => act(`Drain engine ${e.id}? It takes no new ` +
+        "requests; those in flight finish.", "POST", `/admin/engines/${encodeURIComponent(e.id)}/drain`, undefined,
+      () => `Engine ${e.id} draining`) }, "Drain");
+    const card = el("div", { class: "card engine", "data-engine": e.id },
+      el("div", { class: "head" },
+        el("h3", { text: `${e.id}` }), el("span", { class: `badge ${state}`, "data-state": state, text: state }),
+        el("span", { class: "facts", text: `${e.device} on ${e.host}` }),
+        el("span", { class: "facts" }, "running now: ", el("b", { text: e.active || (e.pooled ? "idle" : "—") })),
+        el("span", { class: "facts", text: `switches ${e.switches ?? "—"} · mean stall ${fmtS(e.switch_stall_s)}` }),
+        el("span", { class: "facts", text: `in flight ${e.inflight} · step ${fmtS(e.step_s)}` }),
+        el("span", { class: "actions" }, button)),
+      el("div", { class: "timeline-wrap" }, canvas,
+        el("div", { class: "axis" }, el("span", { text: `−${SPAN_S} s` }), el("span", { text: "which model ran, each moment" }),
+          el("span", { text: "now" })),
+        el("div", { class: "legend" }, [...models].map((n) => el("span", {},
+          el("span", { class: "swatch", style: { background: color(n) } }), n)))),
+      el("div", { class: "row2" },
+        el("div", {}, el("div", { class: "muted", text: "VRAM" }), ...vram,
+          el("div", { class: "vram-legend", text: `host cache ${fmtBytes(e.host_cache_bytes)}` })),
+        el("div", {},
+          el("div", { class: "muted", text: "resident" }), el("div", { class: "chips" }, chips(e.resident, "none")),
+          el("div", { class: "muted", text: "prefetching" }), el("div", { class: "chips" }, chips(e.prefetching, "none")),
+          el("div", { class: "muted", text: "registered" }), el("div", { class: "chips" }, chips(e.registered, "none")))));
+    return [card, canvas, e];
+  });
+  box.replaceChildren(...cards.map((c) => c[0]));
+  for (const [, canvas, e] of cards) drawTimeline(canvas, e.timeline, p.t);
+}
+
+// --- charts (uPlot): tokens/s and queue depth per model, the last SPAN_S seconds of polls ---
+function pushSeries(p) {
+  const s = S.series;
+  s.t.push(p.t);
+  for (const m of p.models) {
+    for (const [key, val] of [["tps", m.tokens_per_s], ["queue", m.waiting]]) {
+      if (!s[key].has(m.name)) s[key].set(m.name, new Array(s.t.length - 1).fill(null));
+      s[key].get(m.name).push(val);
+    }
+  }
+  for (const key of ["tps", "queue"]) for (const arr of s[key].values()) while (arr.length < s.t.length) arr.push(null);
+  while (s.t.length && s.t[0] < p.t - SPAN_S) {
+    s.t.shift();
+    for (const key of ["tps", "queue"]) for (const arr of s[key].values()) arr.shift();
+  }
+}
+
+function chartSize(div) { return { width: Math.max(200, div.clientWidth), height: 170 }; }
+
+function renderChart(id, key) {
+  const div = document.getElementById(id);
+  const names = [...S.series[key].keys()];
+  const data = [S.series.t, ...names.map((n) => S.series[key].get(n))];
+  let c = S.charts[id];
+  if (c && c.names.join("\n") !== names.join("\n")) { c.plot.destroy(); c = null; }
+  if (!c) {
+    if (!div.clientWidth) return;
+    const opts = {
+      ...chartSize(div), legend: { show: true }, cursor: { show: true },
+      scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, Math.max(1, hi * 1.1)] } },
+      series: [{}, ...names.map((n) => ({ label: n, stroke: color(n), width: 2, spanGaps: true }))],
+      axes: [{ space: 70, values: (u, vals) => vals.map(clock) }, { size: 50 }],
+    };
+    c = S.charts[id] = { plot: new uPlot(opts, data, div), names };
+  } else {
+    c.plot.setData(data);
+  }
+}
+
+function resizeCharts() {
+  for (const [id, c] of Object.entries(S.charts)) c.plot.setSize(chartSize(document.getElementById(id)));
+}
+
+function renderModels(p) {
+  document.getElementById("window-note").textContent = p.latency_window
+    ? `(latency and SLO over the last ${p.window_s} s)` : "(SLO over recent requests; latency window not fed)";
+  const rows = p.models.map((m) => el("tr", { "data-model": m.name },
+    el("td", {}, el("span", { class: "swatch", style: { background: color(m.name) } }), m.name,
+      m.pinned ? el("span", { class: "badge pinned", text: "pinned" }) : null),
+    el("td", {}, el("span", { class: `badge ${m.state}`, text: m.state })),
+    el("td", { text: m.engines.join(", ") || "—" }),
+    el("td", { class: "num", text: m.waiting }), el("td", { class: "num", text: fmtS(m.oldest_wait_s) }),
+    el("td", { class: "num", text: m.running }),
+    el("td", { class: "num", text: `${m.kv_pages_used} (${m.kv_swapped})` }),
+    el("td", { class: "num", text: `${fmtS(m.ttft_p50)} / ${fmtS(m.ttft_p99)}` }),
+    el("td", { class: "num", text: `${fmtS(m.tpot_p50)} / ${fmtS(m.tpot_p99)}` }),
+    el("td", { class: "num", text: fmtPct(m.attainment) }), el("td", { class: "num", text: fmtNum(m.tokens_per_s) }),
+    el("td", { class: "num", text: m.loads ? `${fmtS(m.load_stall_s)} (${m.loads})` : "—" }),
+    el("td", { class: "actions" },
+      m.pinned
+        ? el("button", { "data-action": "unpin", onclick: () => act(`Unpin ${m.name}?`, "POST",
+          `/admin/models/${encodeURIComponent(m.name)}/unpin`, undefined, () => `${m.name} unpinned`) }, "Unpin")
+        : el("button", { "data-action": "pin", onclick: () => act(`Pin ${m.name} resident?`, "POST",
+          `/admin/models/${encodeURIComponent(m.name)}/pin`, undefined, () => `${m.name} pinned`) }, "Pin"),
+      " ",
+      el("button", { class: "danger", "data-action": "remove", onclick: () => act(`Remove model ${m.name}? Its ` +
+        "requests in flight end with an error.", "DELETE", `/admin/models/${encodeURIComponent(m.name)}`, undefined,
+      () => `${m.name} removed`) }, "Remove"))));
+  document.querySelector("#models-table tbody").replaceChildren(...rows);
+}
+
+function renderTenants(p) {
+  const rows = p.tenants.map((t) => el("tr", { "data-tenant": t.name },
+    el("td", { text: t.name }), el("td", { class: "num", text: fmtNum(t.requests_per_s, 2) }),
+    el("td", { class: "num", text: fmtNum(t.tokens_per_min, 0) }),
+    el("td", { class: "num", text: `${t.concurrency}${t.max_concurrent ? ` / ${t.max_concurrent}` : ""}` }),
+    el("td", { class: "num", text: t.rejected_total }), el("td", { class: "num", text: fmtNum(t.rejected_per_min, 1) }),
+    el("td", { class: "num", text: fmtPct(t.attainment) }),
+    el("td", { class: "actions" }, t.name === "anonymous" ? null : el("button", {
+      class: "danger", "data-action": "revoke", onclick: () => act(`Revoke tenant ${t.name}? Its keys stop working ` +
+        "at once.", "DELETE", `/admin/tenants/${encodeURIComponent(t.name)}`, undefined, () => `Tenant ${t.name} revoked`),
+    }, "Revoke"))));
+  document.querySelector("#tenants-table tbody").replaceChildren(...rows);
+}
+
+function renderRequests() {
+  const rows = S.requests.map((r) => el("tr", { "data-request": r.id },
+    el("td", {}, el("code", { text: r.id })), el("td", { text: r.model }), el("td", { text: r.tenant ?? "—" }),
+    el("td", { text: r.engines.join(", ") || "—" }), el("td", {}, el("span", { class: `badge ${r.state}`, text: r.state })),
+    el("td", { class: "num", text: fmtS(r.age_s) }), el("td", { class: "num", text: r.tokens }),
+    el("td", { class: "num", text: fmtNum(r.tokens_per_s) }),
+    el("td", { class: "actions" }, el("button", { class: "danger", "data-action": "cancel", onclick: () =>
+      act(`Cancel request ${r.id}? Its stream ends with an error.`, "POST",
+        `/admin/requests/${encodeURIComponent(r.id)}/cancel`, undefined, (res) => `Request ${res.id} cancelled`) },
+    "Cancel"))));
+  document.querySelector("#requests-table tbody").replaceChildren(...rows);
+  document.getElementById("requests-empty").hidden = rows.length > 0;
+}
+
+function eventText(ev) {
+  return Object.entries(ev).filter(([k, v]) => !["seq", "t", "kind"].includes(k) && v !== null && v !== undefined)
+    .map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join("  ");
+}
+
+function renderEvents() {
+  if (S.view !== "events") return;
+  const sel = document.getElementById("event-filter");
+  for (const k of S.kinds) {
+    if (![...sel.options].some((o) => o.value === k)) sel.append(el("option", { value: k, text: k }));
+  }
+  const want = sel.value;
+  const items = [];
+  for (let i = S.events.length - 1; i >= 0 && items.length < 200; i--) {
+    const ev = S.events[i];
+    if (want === "!switch" ? ev.kind === "switch" : want && ev.kind !== want) continue;
+    items.push(el("li", { "data-kind": ev.kind },
+      el("span", { class: "t", text: new Date(ev.t * 1000).toLocaleTimeString() }),
+      el("span", { class: `kind kind-${ev.kind}`, text: ev.kind }), el("span", { text: eventText(ev) })));
+  }
+  document.getElementById("events-list").replaceChildren(...items);
+}
+
+// --- data flow: events and once-a-second snapshots (pool, requests) arrive on one event stream ---
+function applyPool(p, chart) {
+  S.pool = p;
+  if (chart) pushSeries(p);
+  renderSummary(p);
+  if (S.view === "pool") { renderEngines(p); renderChart("chart-tps", "tps"); renderChart("chart-queue", "queue"); }
+  if (S.view === "models") renderModels(p);
+  if (S.view === "tenants") renderTenants(p);
+}
+
+function applyRequests(list) {
+  S.requests = list;
+  if (S.view === "requests") renderRequests();
+}
+
+// After an action: fetch the views at once rather than wait for the next snapshot.
+async function refresh() {
+  try {
+    const [p, reqs] = await Promise.all([api("GET", "/admin/pool"), api("GET", "/admin/requests")]);
+    applyPool(p, false);
+    applyRequests(reqs);
+  } catch (e) {
+    if (e.message !== "signed out") toast(`Refresh failed: ${e.message}`, true);
+  }
+}
+
+function refreshSoon(ms = 150) {
+  if (S.soon !== null) return;
+  S.soon = setTimeout(() => { S.soon = null; refresh(); }, ms);
+}
+
+function connect() {
+  const conn = document.getElementById("conn");
+  // since=0: the ring's backlog first; a reconnect sends Last-Event-ID by itself
+  const es = new EventSource("/admin/events?since=0&snapshots=true");
+  es.onopen = () => { conn.textContent = "live"; conn.className = "conn live"; };
+  es.onerror = () => {
+    conn.textContent = "reconnecting…";
+    conn.className = "conn down";
+    if (es.readyState === EventSource.CLOSED) { es.close(); setTimeout(connect, 2000); refreshSoon(0); }
+  };
+  es.onmessage = (msg) => {
+    const ev = JSON.parse(msg.data);
+    S.events.push(ev);
+    if (S.events.length > MAX_EVENTS) S.events.splice(0, S.events.length - MAX_EVENTS);
+    S.kinds.add(ev.kind);
+    if (S.eventsDue === null) { // switches may come by the dozen a second: draw at most 5 times a second
+      S.eventsDue = setTimeout(() => { S.eventsDue = null; renderEvents(); }, 200);
+    }
+  };
+  es.addEventListener("pool", (msg) => applyPool(JSON.parse(msg.data), true));
+  es.addEventListener("requests", (msg) => applyRequests(JSON.parse(msg.data)));
+}
+
+function init() {
+  for (const b of document.querySelectorAll("#tabs button")) b.addEventListener("click", () => show(b.dataset.view));
+  document.getElementById("event-filter").addEventListener("change", renderEvents);
+  document.getElementById("add-model").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const f = new FormData(ev.target);
+    const kind = f.get("kind");
+    const spec = { name: f.get("name"), path: f.get("path") || null, engine: { kind },
+      slo: { ttft_s: Number(f.get("ttft")), tpot_s: Number(f.get("tpot")) } };
+    if (kind === "pace") spec.engine.pace_s_per_token = Number(f.get("pace"));
+    act(`Add model ${spec.name}?`, "POST", "/admin/models", spec, (m) => `Model ${m.name} added`);
+  });
+  document.getElementById("add-tenant").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const f = new FormData(ev.target);
+    const body = { name: f.get("name"), models: String(f.get("models") || "*").split(",").map((s) => s.trim()).filter(Boolean),
+      rate: {} };
+    if (f.get("rps")) body.rate.requests_per_s = Number(f.get("rps"));
+    if (f.get("tpm")) body.rate.tokens_per_min = Number(f.get("tpm"));
+    if (f.get("conc")) body.max_concurrent = Number(f.get("conc"));
+    if (!window.confirm(`Create tenant ${body.name}?`)) return;
+    const box = document.getElementById("new-key");
+    try {
+      const t = await api("POST", "/admin/tenants", body);
+      box.replaceChildren(el("b", { text: `Key for ${t.name}` }),
+        el("code", { id: "new-key-value", text: t.api_key }),
+        el("span", { class: "muted", text: "Copy it now: it is shown once (only its hash is kept)." }));
+      box.hidden = false;
+      toast(`Tenant ${t.name} created`);
+      ev.target.reset();
+    } catch (e) {
+      toast(`Failed: ${e.message}`, true);
+    }
+    refreshSoon(0);
+  });
+  window.addEventListener("resize", () => { resizeCharts(); if (S.pool && S.view === "pool") renderEngines(S.pool); });
+  connect();
+}
+
+init();

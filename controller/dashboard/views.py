@@ -1,0 +1,230 @@
+"""What the admin API shows of the live controller: builders from its state to the admin protocol models.
+
+They read `ctl.pool.engines` (each engine's `pool` dict, the pooled engine's state from its worker's Stats,
+when the worker sends one; else the per-model `stats`), `ctl.models`, `ctl.tenants`, the Prometheus counters
+the controller keeps, and the rolling window of `controller.dashboard.activity`. Nothing here changes serving
+state except `cancel`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from controller import messages as m
+from controller.api import admin_protocol as ap
+from controller.dashboard.activity import RES_S, SPAN_S, WINDOW_S, Activity
+from controller.dashboard.stream import snapshot_frame
+from controller.errors import ServingError
+from controller.events import EventBus
+
+CANCELLED = "cancelled by an operator"
+SNAPSHOT_REQUESTS = 500  # the oldest in flight, in each snapshot
+STATE_ORDER = ("resident", "loading", "host")  # a model's state is the best of its engines'
+
+
+def activity(ctl: Any) -> Activity:
+    """The controller's Activity (Controller.__init__ makes it; made here when it does not yet)."""
+    act = getattr(ctl, "activity", None)
+    if act is None:
+        act = ctl.activity = Activity()
+    return act
+
+
+def events(ctl: Any) -> EventBus:
+    bus = getattr(ctl, "events", None)
+    if bus is None:
+        bus = ctl.events = EventBus()
+    return bus
+
+
+def request_id_of(engine_rid: str) -> str:
+    """An API request's id from one of its engine requests' ids (f"{request_id}-{choice}")."""
+    return engine_rid.rsplit("-", 1)[0]
+
+
+def _counts(counter: Any, *labels: str) -> dict[tuple[str, ...], float]:
+    """A Prometheus counter's totals summed over the labels not named."""
+    out: dict[tuple[str, ...], float] = {}
+    for fam in counter.collect():
+        for s in fam.samples:
+            if s.name.endswith("_total"):
+                k = tuple(s.labels[x] for x in labels)
+                out[k] = out.get(k, 0.0) + s.value
+    return out
+
+
+def _engine_models(e: Any) -> dict[str, dict[str, Any]]:
+    """Per registered model on one engine: state, waiting, running, oldest_wait_s, kv_pages_used, kv_swapped."""
+    pool = getattr(e, "pool", None) or {}
+    if pool.get("models") is not None:
+        return {n: dict(state=pm.get("state", "host"), waiting=int(pm.get("waiting", 0)),
+                        running=int(pm.get("running", 0)), oldest_wait_s=pm.get("oldest_wait_s"),
+                        kv_pages_used=int(pm.get("kv_pages_used", 0)), kv_swapped=int(pm.get("kv_swapped", 0)))
+                for n, pm in pool["models"].items()}
+    out = {}
+    for n, r in e.replicas.items():
+        s = e.stats.get(n, {})
+        out[n] = dict(state={"ready": "resident"}.get(r.state, r.state), waiting=int(s.get("num_waiting", 0)),
+                      running=int(s.get("num_running", 0)), oldest_wait_s=None,
+                      kv_pages_used=int(s.get("kv_blocks_used", 0)), kv_swapped=int(s.get("num_swapped", 0)))
+    return out
+
+
+def _engine_out(ctl: Any, act: Activity, e: Any, now: float, span_s: float, res_s: float) -> ap.EnginePoolOut:
+    pool = getattr(e, "pool", None) or {}
+    models = _engine_models(e)
+    if "timeline" in pool:
+        act.stats(e)  # idempotent: Controller._stats does the same on every Stats once it calls act.stats
+    elif e.alive:
+        busy = max(models.items(), key=lambda kv: kv[1]["running"], default=(None, {"running": 0}))
+        act.sample_timeline(e.id, busy[0] if busy[1]["running"] else None, now)
+    if pool:
+        vram = ap.VramOut(**pool["vram"]) if pool.get("vram") else None
+        registered = list(pool.get("registered", models))
+    else:
+        infos = {n: me.info.size_bytes for n, me in ctl.models.items()}
+        weights = sum(infos.get(n, 0) for n, r in e.replicas.items() if r.state == "ready")
+        vram = ap.VramOut(budget_bytes=e.memory_bytes, weights_bytes=weights,
+                          free_bytes=max(0, e.memory_bytes - weights))
+        registered = list(e.replicas)
+    return ap.EnginePoolOut(
+        id=e.id, device=e.device, host=e.host, alive=e.alive, draining=e.draining, pooled=bool(pool),
+        inflight=len(e.subs), step_s=e.step_s, active=pool.get("active"), registered=registered,
+        resident=list(pool.get("resident", [n for n, pm in models.items() if pm["state"] == "resident"])),
+        prefetching=list(pool.get("prefetching", [])), switches=pool.get("switches"),
+        switch_stall_s=pool.get("switch_stall_s"), steps=pool.get("steps"), vram=vram,
+        host_cache_bytes=pool.get("host_cache_bytes"),
+        timeline=[tuple(r) for r in act.timeline(e.id, now, span_s, res_s)])
+
+
+def pool_view(ctl: Any, timeline_s: float = SPAN_S, resolution_s: float = RES_S) -> ap.PoolOut:
+    act = activity(ctl)
+    now, mono = time.time(), time.monotonic()
+    alive = [e for e in ctl.pool.engines.values() if e.alive]
+    engines = [_engine_out(ctl, act, e, now, timeline_s, resolution_s) for e in ctl.pool.engines.values()]
+    per_engine = {e.id: _engine_models(e) for e in alive}
+
+    # tokens/s: tokens of finished requests (Prometheus counter) + tokens so far of those in flight
+    tokens = {k[0]: v for k, v in _counts(ctl.metrics.generation_tokens, "model").items()}
+    for e in alive:
+        for s in e.subs.values():
+            tokens[s.model] = tokens.get(s.model, 0.0) + s.generated
+    tps = act.rate("model_tokens", tokens, mono)
+    rejected = {k[0]: v for k, v in _counts(ctl.metrics.rejected, "model").items()}
+    win = act.by_model(mono)
+    stalls: dict[str, list[float]] = {}
+    for ev in events(ctl).recent:  # the engines' weight loads still in the ring, with the stall each cost
+        if ev["kind"] == "load" and ev.get("model") is not None:
+            stalls.setdefault(ev["model"], []).append(float(ev.get("stall_s") or 0.0))
+    models = []
+    for name, me in ctl.models.items():
+        pms = {eid: pm[name] for eid, pm in per_engine.items() if name in pm}
+        states = {pm["state"] for pm in pms.values()}
+        w = win.get(name, {})
+        waits = [pm["oldest_wait_s"] for pm in pms.values() if pm["oldest_wait_s"] is not None]
+        models.append(ap.ModelPoolOut(
+            name=name, engines=sorted(pms), state=next((s for s in STATE_ORDER if s in states), "unplaced"),
+            pinned=bool(getattr(me, "pinned", False)), size_bytes=me.info.size_bytes, load_s=me.info.load_s,
+            loads=len(stalls.get(name, ())),
+            load_stall_s=sum(stalls[name]) / len(stalls[name]) if stalls.get(name) else None,
+            waiting=sum(pm["waiting"] for pm in pms.values()), oldest_wait_s=max(waits) if waits else None,
+            running=sum(pm["running"] for pm in pms.values()),
+            kv_pages_used=sum(pm["kv_pages_used"] for pm in pms.values()),
+            kv_swapped=sum(pm["kv_swapped"] for pm in pms.values()),
+            tokens_per_s=tps.get(name, 0.0), requests=w.get("requests", 0),
+            ttft_p50=w.get("ttft_p50"), ttft_p99=w.get("ttft_p99"), tpot_p50=w.get("tpot_p50"),
+            tpot_p99=w.get("tpot_p99"),
+            attainment=w["attainment"] if w.get("attainment") is not None else me.attainment(),
+            rejected_total=int(rejected.get(name, 0)), slo=me.spec.slo.model_dump()))
+
+    reqs = _counts(ctl.metrics.requests, "tenant", "status")
+    per_tenant: dict[str, float] = {}
+    r429: dict[str, float] = {}
+    for (tname, status), v in reqs.items():
+        per_tenant[tname] = per_tenant.get(tname, 0.0) + v
+        if status == "429":
+            r429[tname] = r429.get(tname, 0.0) + v
+    toks = {k[0]: v for k, v in _counts(ctl.metrics.generation_tokens, "tenant").items()}
+    for k, v in _counts(ctl.metrics.prompt_tokens, "tenant").items():
+        toks[k[0]] = toks.get(k[0], 0.0) + v
+    rps = act.rate("tenant_requests", per_tenant, mono)
+    tpm = act.rate("tenant_tokens", toks, mono, WINDOW_S)
+    rpm = act.rate("tenant_429", r429, mono, WINDOW_S)
+    twin = act.by_tenant(mono)
+    tenants = list(ctl.tenants.all())
+    if not ctl.tenants.auth:
+        tenants.append(ctl.tenants.authenticate(None))  # the anonymous tenant everyone is, without auth
+    tout = [ap.TenantPoolOut(
+        name=t.name, requests_per_s=rps.get(t.name, 0.0), tokens_per_min=60.0 * tpm.get(t.name, 0.0),
+        concurrency=t.inflight, max_concurrent=t.spec.max_concurrent, rejected_total=int(r429.get(t.name, 0)),
+        rejected_per_min=60.0 * rpm.get(t.name, 0.0), requests=twin.get(t.name, {}).get("requests", 0),
+        attainment=twin.get(t.name, {}).get("attainment")) for t in tenants]
+    bus = events(ctl)
+    return ap.PoolOut(t=now, window_s=act.window_s, latency_window=act.hooked, engines=engines, models=models,
+                      tenants=tout, events=dict(bus.counts), event_subscribers=bus.subscribers)
+
+
+def _in_flight(ctl: Any, act: Activity) -> dict[str, tuple[Any, list[Any]]]:
+    """request id -> (its Generation when the controller reports it, else None; its engine requests)."""
+    out: dict[str, tuple[Any, list[Any]]] = {rid: (g, list(g.subs)) for rid, g in act.live.items()}
+    for e in ctl.pool.engines.values():
+        for s in e.subs.values():
+            rid = request_id_of(s.rid)
+            if rid not in out:
+                out[rid] = (None, [])
+            if out[rid][0] is None:
+                out[rid][1].append(s)
+    return out
+
+
+def requests_view(ctl: Any) -> list[ap.RequestOut]:
+    act = activity(ctl)
+    now, mono = time.time(), time.monotonic()
+    flying = _in_flight(ctl, act)
+    for rid in [r for r in act.first_seen if r not in flying]:
+        del act.first_seen[rid]
+    out = []
+    for rid, (gen, subs) in flying.items():
+        subs = [s for s in subs if not s.done]
+        if not subs:
+            continue
+        tokens = sum(s.generated for s in subs)
+        if gen is not None:
+            age = now - gen.t_wall
+            run = mono - gen.t_first if gen.t_first is not None else 0.0
+            model, tenant = gen.entry.spec.name, gen.tenant.name
+        else:
+            age = run = now - act.first_seen.setdefault(rid, now)
+            model, tenant = subs[0].model, None
+        out.append(ap.RequestOut(id=rid, model=model, tenant=tenant,
+                                 engines=sorted({s.engine_id for s in subs if s.engine_id}),
+                                 state="running" if tokens else "queued", age_s=max(0.0, age), tokens=tokens,
+                                 tokens_per_s=tokens / run if run > 0 else 0.0, choices=len(subs)))
+    out.sort(key=lambda r: -r.age_s)
+    return out
+
+
+def snapshot(ctl: Any, max_requests: int = SNAPSHOT_REQUESTS) -> bytes:
+    """The dashboard's gauges as two SSE frames (`event: pool`, `event: requests`), built once a second for
+    every open dashboard (controller.dashboard.stream.Ticker)."""
+    reqs = requests_view(ctl)[:max_requests]
+    return (snapshot_frame("pool", pool_view(ctl).model_dump_json())
+            + snapshot_frame("requests", "[" + ",".join(r.model_dump_json() for r in reqs) + "]"))
+
+
+def cancel(ctl: Any, request_id: str) -> ap.CancelOut:
+    """End an in-flight request: its stream gets an error event, its engine requests are aborted."""
+    gen, subs = _in_flight(ctl, activity(ctl)).get(request_id, (None, []))
+    subs = [s for s in subs if not s.done]
+    if not subs:
+        raise ServingError(404, f"no request {request_id!r} in flight", code="request_not_found")
+    for s in subs:
+        s.sink.put_nowait((s, m.Delta(s.rid, finished=True, finish_reason="error", error=CANCELLED,
+                                      error_kind="engine")))
+    ctl.pool.abort(subs)
+    for s in subs:
+        s.done = True  # one still waiting for its model to load is then never submitted
+    tenant = gen.tenant.name if gen is not None else None
+    events(ctl).publish("cancel", request_id=request_id, model=subs[0].model, tenant=tenant)
+    return ap.CancelOut(id=request_id, model=subs[0].model, cancelled=len(subs))

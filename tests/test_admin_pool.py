@@ -1,0 +1,334 @@
+"""The admin API's live views (/admin/pool, /admin/requests, cancel, pin) over controller state built by hand.
+
+The app is built without its lifespan (no workers start): engines are EngineHandles placed in the pool as a
+worker's registration would, carrying the pooled engine's `pool` state (controller/messages.py Stats.pool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+import pytest
+from fastapi.testclient import TestClient
+
+from controller.app import build_app
+from controller.config import SLO, ModelSpec, ServerConfig, TenantSpec
+from controller.dashboard.activity import Activity, Outcome, percentile
+from controller.keys import hash_key
+from controller.pool import EngineHandle, Replica, Sub
+from controller.service import Generation
+
+ADMIN = "admin-unit-token"
+H = {"Authorization": f"Bearer {ADMIN}"}
+
+
+class ClosedWriter:
+    """A worker connection already closed: EngineHandle.send writes nothing."""
+
+    def is_closing(self) -> bool:
+        return True
+
+
+def pace(name: str) -> ModelSpec:
+    return ModelSpec(name=name, path=None, engine={"kind": "pace", "pace_s_per_token": 0.02},
+                     slo=SLO(ttft_s=1.0, tpot_s=0.1))
+
+
+@pytest.fixture
+def app():
+    cfg = ServerConfig(admin_token_hash=hash_key(ADMIN), models=[], tenants=[TenantSpec(name="team-a")])
+    app = build_app(cfg)
+    ctl = app.state.controller
+    for name in ("alpha", "beta", "gamma"):
+        asyncio.run(ctl.add_model(pace(name)))
+    return app
+
+
+def engine(eid: str, models: dict[str, str], **kw) -> EngineHandle:
+    e = EngineHandle(eid, 0, "cuda:0", "node1", 1234, 80 << 30, ClosedWriter(), **kw)
+    for n, state in models.items():
+        e.replicas[n] = Replica(n, state=state)
+    return e
+
+
+POOL = {
+    "device": "cuda:0", "active": "alpha", "registered": ["alpha", "beta", "gamma"], "resident": ["alpha", "beta"],
+    "prefetching": ["gamma"], "switches": 42, "switch_stall_s": 0.012, "steps": 900,
+    "vram": {"budget_bytes": 60 << 30, "weights_bytes": 30 << 30, "kv_bytes": 20 << 30, "free_bytes": 10 << 30,
+             "kv_pages_total": 1000, "kv_pages_used": 640},
+    "host_cache_bytes": 90 << 30,
+    "models": {
+        "alpha": {"state": "resident", "waiting": 3, "running": 5, "oldest_wait_s": 0.7, "kv_pages_used": 400,
+                  "kv_swapped": 2, "steps": 600, "tokens": 3000},
+        "beta": {"state": "resident", "waiting": 0, "running": 1, "oldest_wait_s": 0.0, "kv_pages_used": 240,
+                 "kv_swapped": 0, "steps": 300, "tokens": 300},
+        "gamma": {"state": "loading", "waiting": 4, "running": 0, "oldest_wait_s": 2.5, "kv_pages_used": 0,
+                  "kv_swapped": 7, "steps": 0, "tokens": 0},
+    },
+    "timeline": [[1000.0, "alpha", 10, 0.2], [1000.2, "beta", 5, 0.1], [1000.3, "alpha", 8, 0.16]],
+}
+
+
+def test_pool_shows_the_pooled_engine_state(app):
+    ctl = app.state.controller
+    e = engine("w0", {"alpha": "ready", "beta": "ready", "gamma": "loading"})
+    now = time.time()
+    e.pool = dict(POOL, timeline=[[now - 3, "alpha", 10, 0.2], [now - 2.8, "beta", 5, 0.1]])
+    ctl.pool.engines["w0"] = e
+    c = TestClient(app)
+    p = c.get("/admin/pool", headers=H).json()
+    (w0,) = p["engines"]
+    assert w0["pooled"] is True and w0["active"] == "alpha"
+    assert w0["resident"] == ["alpha", "beta"] and w0["prefetching"] == ["gamma"]
+    assert (w0["switches"], w0["switch_stall_s"], w0["steps"]) == (42, 0.012, 900)
+    assert w0["vram"]["kv_bytes"] == 20 << 30 and w0["vram"]["kv_pages_used"] == 640
+    assert w0["host_cache_bytes"] == 90 << 30
+    assert [r[1] for r in w0["timeline"]] == ["alpha", "beta"]
+    # the next Stats brings more runs: they are appended, the ones already kept are not repeated
+    e.pool = dict(POOL, timeline=[[now - 2.8, "beta", 5, 0.1], [now - 2.6, "alpha", 3, 0.05]])
+    p = c.get("/admin/pool?resolution_s=0", headers=H).json()  # the runs as reported
+    assert [r[1] for r in p["engines"][0]["timeline"]] == ["alpha", "beta", "alpha"]
+    assert c.get("/admin/pool?timeline_s=1", headers=H).json()["engines"][0]["timeline"] == []  # older
+    models = {mo["name"]: mo for mo in p["models"]}
+    assert models["alpha"]["state"] == "resident" and models["gamma"]["state"] == "loading"
+    assert (models["alpha"]["waiting"], models["alpha"]["running"], models["alpha"]["oldest_wait_s"]) == (3, 5, 0.7)
+    assert (models["gamma"]["kv_swapped"], models["alpha"]["kv_pages_used"]) == (7, 400)
+    assert models["alpha"]["engines"] == ["w0"]
+    # the switch latency per model: the stalls of its weight loads among the recent events
+    for stall in (0.010, 0.030):
+        ctl.events.publish("load", engine="w0", model="gamma", prefetched=False, stall_s=stall)
+    ctl.events.publish("load", engine="w0", model="beta", prefetched=True, stall_s=0.0)
+    models = {mo["name"]: mo for mo in c.get("/admin/pool", headers=H).json()["models"]}
+    assert (models["gamma"]["loads"], models["gamma"]["load_stall_s"]) == (2, pytest.approx(0.02))
+    assert (models["beta"]["loads"], models["beta"]["load_stall_s"]) == (1, 0.0)
+    assert (models["alpha"]["loads"], models["alpha"]["load_stall_s"]) == (0, None)
+
+
+def test_model_state_is_the_best_over_engines_and_unplaced_when_nowhere(app):
+    ctl = app.state.controller
+    a = engine("w0", {"alpha": "ready"})
+    a.pool = {"models": {"alpha": dict(POOL["models"]["alpha"], state="host")}}
+    b = engine("w1", {"alpha": "ready"})
+    b.pool = {"models": {"alpha": dict(POOL["models"]["alpha"], state="loading", waiting=2, oldest_wait_s=1.5)}}
+    ctl.pool.engines.update(w0=a, w1=b)
+    models = {mo["name"]: mo for mo in TestClient(app).get("/admin/pool", headers=H).json()["models"]}
+    assert models["alpha"]["state"] == "loading" and models["alpha"]["engines"] == ["w0", "w1"]
+    assert models["alpha"]["waiting"] == 5 and models["alpha"]["oldest_wait_s"] == 1.5
+    assert models["beta"]["state"] == "unplaced" and models["beta"]["engines"] == []
+
+
+def test_pool_without_the_pooled_state_uses_the_per_model_stats(app):
+    ctl = app.state.controller
+    e = engine("w0", {"alpha": "ready", "beta": "loading"})
+    e.stats = {"alpha": {"num_waiting": 2, "num_running": 3, "kv_blocks_used": 17, "num_swapped": 1}}
+    ctl.pool.engines["w0"] = e
+    p = TestClient(app).get("/admin/pool", headers=H).json()
+    (w0,) = p["engines"]
+    assert w0["pooled"] is False and w0["active"] is None and w0["switches"] is None
+    assert w0["registered"] == ["alpha", "beta"] and w0["resident"] == ["alpha"]
+    assert w0["vram"]["budget_bytes"] == 80 << 30
+    models = {mo["name"]: mo for mo in p["models"]}
+    assert (models["alpha"]["waiting"], models["alpha"]["running"], models["alpha"]["kv_pages_used"]) == (2, 3, 17)
+    assert models["beta"]["state"] == "loading"
+
+
+def test_pin_and_unpin(app):
+    c = TestClient(app)
+    assert c.post("/admin/models/beta/pin", headers=H).json() == {"name": "beta", "pinned": True}
+    assert app.state.controller.models["beta"].pinned is True
+    models = {mo["name"]: mo for mo in c.get("/admin/pool", headers=H).json()["models"]}
+    assert models["beta"]["pinned"] and not models["alpha"]["pinned"]
+    assert c.post("/admin/models/beta/unpin", headers=H).json()["pinned"] is False
+    r = c.post("/admin/models/nope/pin", headers=H)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    pins = [(e["kind"], e["model"]) for e in app.state.controller.events.recent if e["kind"] in ("pin", "unpin")]
+    assert pins == [("pin", "beta"), ("unpin", "beta")]
+
+
+def test_admin_views_need_the_admin_token(app):
+    c = TestClient(app)
+    for path in ("/admin/pool", "/admin/requests"):
+        assert c.get(path).status_code == 401
+        assert c.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert c.post("/admin/requests/x/cancel").status_code == 401
+    assert c.post("/admin/models/alpha/pin").status_code == 401
+
+
+def gen_for(ctl, model: str, tenant_name: str, rid: str, n: int = 1) -> Generation:
+    entry, tenant = ctl.models[model], ctl.tenants.get(tenant_name)
+    gen = Generation(ctl, entry, tenant, entry.spec.slo, 100, 4, asyncio.Queue())
+    gen.subs = [Sub(f"{rid}-{i}", model, i, [1, 2, 3, 4], {}, 32, gen.sink) for i in range(n)]
+    return gen
+
+
+def test_requests_list_and_cancel_ends_the_stream(app):
+    ctl = app.state.controller
+    act = ctl.activity = Activity()
+    e = engine("w0", {"alpha": "ready", "beta": "ready"})
+    ctl.pool.engines["w0"] = e
+    g1 = gen_for(ctl, "alpha", "team-a", "cmpl-1", n=2)
+    act.started(g1, "cmpl-1")
+    g1.t_wall -= 2.0
+    for s in g1.subs:
+        ctl.pool.submit(e, s)
+    g1.subs[0].generated, g1.subs[1].generated = 10, 6
+    g1.t_first = time.monotonic() - 1.0
+    # one the controller did not report (no hook): found on the engine, its tenant unknown
+    lone = Sub("chat-9-0", "beta", 0, [1], {}, 16, asyncio.Queue())
+    ctl.pool.submit(e, lone)
+    c = TestClient(app)
+    rs = {r["id"]: r for r in c.get("/admin/requests", headers=H).json()}
+    assert set(rs) == {"cmpl-1", "chat-9"}
+    r = rs["cmpl-1"]
+    assert (r["model"], r["tenant"], r["engines"], r["state"], r["tokens"], r["choices"]) == \
+        ("alpha", "team-a", ["w0"], "running", 16, 2)
+    assert 1.9 < r["age_s"] < 10 and 8 < r["tokens_per_s"] < 17
+    assert rs["chat-9"]["tenant"] is None and rs["chat-9"]["state"] == "queued"
+
+    out = c.post("/admin/requests/cmpl-1/cancel", headers=H).json()
+    assert out == {"id": "cmpl-1", "model": "alpha", "cancelled": 2}
+    got = [g1.sink.get_nowait() for _ in range(2)]
+    assert all(d.finished and d.error == "cancelled by an operator" and d.finish_reason == "error" for _, d in got)
+    assert {s.rid for s, _ in got} == {"cmpl-1-0", "cmpl-1-1"}
+    assert all(s.done for s in g1.subs) and set(e.subs) == {"chat-9-0"}  # the pool forgot them (aborted)
+    ev = ctl.events.recent[-1]
+    assert (ev["kind"], ev["request_id"], ev["model"], ev["tenant"]) == ("cancel", "cmpl-1", "alpha", "team-a")
+    assert [r["id"] for r in c.get("/admin/requests", headers=H).json()] == ["chat-9"]
+    r = c.post("/admin/requests/cmpl-1/cancel", headers=H)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "request_not_found"
+
+
+def test_cancel_before_the_model_is_placed_keeps_it_from_being_submitted(app):
+    ctl = app.state.controller
+    act = ctl.activity = Activity()
+    g = gen_for(ctl, "gamma", "team-a", "cmpl-7")
+    act.started(g, "cmpl-7")  # no engine yet: waiting for its model to load
+    assert TestClient(app).post("/admin/requests/cmpl-7/cancel", headers=H).json()["cancelled"] == 1
+    assert g.subs[0].done and g.sink.get_nowait()[1].error == "cancelled by an operator"
+
+
+def finished(act, ctl, model, tenant, ttft, tpot, tokens=11, status=200):
+    g = gen_for(ctl, model, tenant, f"cmpl-{model}-{ttft}-{tpot}")
+    act.started(g, g.subs[0].rid[:-2])
+    now = time.monotonic()
+    g.t_arrival, g.t_first = now - ttft - tpot * (tokens - 1), now - tpot * (tokens - 1)
+    g.t_last, g.completion_tokens = now, tokens
+    act.finished(g, status)
+
+
+def test_latency_window_and_attainment_by_model_and_tenant(app):
+    ctl = app.state.controller
+    act = ctl.activity = Activity(window_s=30)
+    ctl.tenants.create(TenantSpec(name="team-b"))
+    # alpha's SLO: TTFT 1 s, TPOT 0.1 s
+    for ttft in (0.1, 0.2, 0.3, 0.4, 2.0):
+        finished(act, ctl, "alpha", "team-a", ttft, 0.05)
+    finished(act, ctl, "alpha", "team-b", 0.2, 0.3)  # TPOT miss
+    finished(act, ctl, "beta", "team-b", 0.5, 0.01, status=503)  # failed: not judged
+    act.done.appendleft(Outcome(time.monotonic() - 31, "beta", "team-b", 200, 9.0, 0.1, 5, False))  # out of window
+    assert not act.live  # finished requests leave the in-flight set
+    p = TestClient(app).get("/admin/pool", headers=H).json()
+    assert p["latency_window"] is True and p["window_s"] == 30
+    models = {mo["name"]: mo for mo in p["models"]}
+    a = models["alpha"]
+    assert a["requests"] == 6 and a["ttft_p50"] == pytest.approx(0.2) and a["ttft_p99"] == pytest.approx(2.0)
+    assert a["tpot_p50"] == pytest.approx(0.05) and a["tpot_p99"] == pytest.approx(0.3)
+    assert a["attainment"] == pytest.approx(4 / 6)
+    assert models["beta"]["requests"] == 1 and models["beta"]["attainment"] is None  # the old one is out
+    tenants = {t["name"]: t for t in p["tenants"]}
+    assert tenants["team-a"]["attainment"] == pytest.approx(4 / 5)
+    assert tenants["team-b"]["attainment"] == pytest.approx(0.0) and tenants["team-b"]["requests"] == 2
+
+
+def test_percentile_nearest_rank():
+    assert percentile([], 0.5) is None
+    xs = [float(i) for i in range(1, 101)]
+    assert percentile(xs, 0.5) == 50.0 and percentile(xs, 0.99) == 99.0 and percentile(xs, 1.0) == 100.0
+    assert percentile([3.0], 0.99) == 3.0
+
+
+def test_rates_from_cumulative_counts(app):
+    act = Activity()
+    assert act.rate("x", {"a": 0.0}, 100.0) == {"a": 0.0}
+    assert act.rate("x", {"a": 50.0}, 102.0) == {"a": 25.0}
+    assert act.rate("x", {"a": 250.0, "b": 10.0}, 110.0) == {"a": 25.0, "b": 1.0}
+    # the oldest sample ages out after the span (10 s): the rate follows the recent slope
+    assert act.rate("x", {"a": 250.0, "b": 10.0}, 121.0)["a"] == pytest.approx(0.0)
+    # a restarted engine's counter goes down: no negative rate
+    assert act.rate("y", {"a": 100.0}, 0.0) == {"a": 0.0}
+    assert act.rate("y", {"a": 10.0}, 1.0) == {"a": 0.0}
+
+
+def test_stats_hook_keeps_a_bounded_timeline():
+    act = Activity()
+    now = time.time()
+
+    class E:
+        id = "w0"
+        pool = {"timeline": [[now - 1000, "old", 1, 0.1], [now - 1, "a", 3, 0.5]]}
+
+    act.stats(E)
+    act.stats(E)  # the same Stats seen twice (hook and a read): kept once
+    assert [r[1] for r in act.timelines["w0"]] == ["a"]  # older than TIMELINE_S: dropped
+
+
+def test_tokens_per_s_and_tenant_rates_from_the_controllers_counters(app):
+    ctl = app.state.controller
+    c = TestClient(app)
+    c.get("/admin/pool", headers=H)
+    time.sleep(0.6)
+    ctl.metrics.generation_tokens.labels("alpha", "team-a").inc(120)
+    ctl.metrics.prompt_tokens.labels("alpha", "team-a").inc(30)
+    ctl.metrics.requests.labels("alpha", "team-a", "200").inc(3)
+    ctl.metrics.requests.labels("alpha", "team-a", "429").inc(2)
+    p = c.get("/admin/pool", headers=H).json()
+    a = {mo["name"]: mo for mo in p["models"]}["alpha"]
+    t = {x["name"]: x for x in p["tenants"]}["team-a"]
+    assert 80 < a["tokens_per_s"] <= 200  # 120 tokens over ~0.6 s
+    assert 3 < t["requests_per_s"] <= 8.4 and t["rejected_total"] == 2
+    assert 60 * 150 / 5 < t["tokens_per_min"] <= 60 * 150 / 0.6
+
+
+def test_a_subs_delta_shape_matches_what_the_serving_layer_raises_on(app):
+    # Generation.events turns an error delta into a ServingError: what the client's stream ends with
+    ctl = app.state.controller
+    ctl.activity = Activity()
+    e = engine("w0", {"alpha": "ready"})
+    ctl.pool.engines["w0"] = e
+    g = gen_for(ctl, "alpha", "team-a", "cmpl-5")
+    ctl.activity.started(g, "cmpl-5")
+    ctl.pool.submit(e, g.subs[0])
+    TestClient(app).post("/admin/requests/cmpl-5/cancel", headers=H)
+
+    async def drain():
+        async for _ in g.events():
+            pass
+
+    from controller.errors import ServingError
+
+    with pytest.raises(ServingError, match="cancelled by an operator"):
+        asyncio.run(drain())
+
+
+def test_timeline_compaction_bounds_its_size_and_keeps_who_ran():
+    act = Activity()
+    now = 10_000.0
+    # 20 s of a switch every 5 ms between a and b, a getting 4 ms of each 5, then 1 s of c alone, then idle
+    runs, t = [], now - 30
+    for _ in range(4000):
+        runs += [[t, "a", 2, 0.004], [t + 0.004, "b", 1, 0.001]]
+        t += 0.005
+    runs.append([now - 10, "c", 40, 1.0])
+    act.timelines["w0"] = deque(runs)  # (add_runs would drop these: older than 300 s by the wall clock)
+    raw = act.timeline("w0", now, 60, 0)
+    assert len(raw) == 8001
+    out = act.timeline("w0", now, 60, 0.25)
+    assert [r[1] for r in out] == ["a", "c"]  # a ran most of every cell; then c: two runs, merged across cells
+    a, c = out
+    assert a[0] == pytest.approx(now - 30) and a[3] == pytest.approx(20.0) and a[2] == 8000
+    assert c == [now - 10, "c", 40, 1.0]
+    # a shorter span cuts the start; a coarse resolution still says who ran
+    assert act.timeline("w0", now, 15, 0.25) == [[pytest.approx(now - 15), "a", 2000, pytest.approx(5.0, abs=1e-6)],
+                                                 c]  # (the steps are those of the model shown: b's not counted)

@@ -1,0 +1,225 @@
+"""The dashboard in a real browser: headless Chromium (Debian's `chromium`) driven by Playwright for Python,
+against a live `tokenpool serve` with one pace model and two tiny real models (the pooled engine).
+
+Needs `apt-get install chromium` and `pip install playwright` (the system browser is used; Playwright's own
+browsers are not downloaded); skipped without them. Screenshots are kept under a temporary directory whose
+path is printed (TOKENPOOL_DASHBOARD_SHOTS=DIR keeps them there instead).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from controller.keys import hash_key
+from controller.testing import LiveServer
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs the system chromium (apt-get install chromium)")
+
+ADMIN = "admin-dashboard-token"
+KEY = "tp-dashboard-tenant-key"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, make_tiny):
+    tiny_a, tiny_b = make_tiny("qwen2"), make_tiny("qwen2", seed=1)
+    cfg = {
+        "admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"},
+        "tenants": [{"name": "team-a", "key_hashes": [hash_key(KEY)]}],
+        "tenants_file": str(tmp_path_factory.mktemp("tenants") / "tenants.yaml"),
+        "models": [
+            {"name": "pace-a", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.02}},
+            {"name": "tiny-a", "path": str(tiny_a), "engine": {"max_num_seqs": 4, "num_kv_blocks": 64}},
+            {"name": "tiny-b", "path": str(tiny_b), "engine": {"max_num_seqs": 4, "num_kv_blocks": 64}},
+        ],
+    }
+    with LiveServer(cfg, tmp_path_factory.mktemp("srv"), ready_timeout=180) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def shots():
+    d = Path(os.environ.get("TOKENPOOL_DASHBOARD_SHOTS") or tempfile.mkdtemp(prefix="tokenpool-dashboard-"))
+    d.mkdir(parents=True, exist_ok=True)
+    print(f"\ndashboard screenshots: {d}")
+    return d
+
+
+class Stream(threading.Thread):
+    """One streamed completion through the official openai client; keeps its id, chunk count and error."""
+
+    def __init__(self, url: str, model: str, max_tokens: int):
+        super().__init__(daemon=True)
+        self.url, self.model, self.max_tokens = url, model, max_tokens
+        self.id: str | None = None
+        self.chunks = 0
+        self.error: str | None = None
+        self.started = threading.Event()
+
+    def run(self) -> None:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0)
+        try:
+            for chunk in client.completions.create(model=self.model, prompt="hello there", max_tokens=self.max_tokens,
+                                                   stream=True, extra_body={"ignore_eos": True}):
+                self.id = self.id or chunk.id
+                self.chunks += 1
+                self.started.set()
+        except Exception as e:  # noqa: BLE001 - the cancelled stream ends with an error event: kept for the test
+            self.error = str(e)
+        finally:
+            self.started.set()
+
+
+def test_dashboard_in_a_browser(server, shots):
+    errors: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            ctx = browser.new_context(viewport={"width": 1440, "height": 900})
+            page = ctx.new_page()
+            page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            page.on("dialog", lambda d: d.accept())  # every action asks for confirmation first
+            run(page, ctx, server, shots)
+        finally:
+            browser.close()
+    assert errors == [], errors
+
+
+def run(page, ctx, server, shots: Path) -> None:
+    expect = sync_api.expect
+    url = server.url
+    # --- signing in: a wrong token is refused, the right one gives an HTTP-only session cookie ---
+    page.goto(url + "/dashboard")
+    expect(page.locator("#token")).to_be_visible()
+    page.fill("#token", "not-the-token")
+    page.click("#login")
+    expect(page.locator(".error")).to_have_text("That is not the admin token.")
+    assert page.request.get(url + "/admin/pool").status == 401
+    page.screenshot(path=str(shots / "login-refused.png"))
+    page.fill("#token", ADMIN)
+    page.click("#login")
+    expect(page.locator("#tabs")).to_be_visible()
+    assert page.url == url + "/dashboard" and ADMIN not in page.url
+    (cookie,) = ctx.cookies()
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and ADMIN not in cookie["value"]
+    expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
+
+    # --- the models ---
+    page.click("#tabs [data-view=models]")
+    for name in ("pace-a", "tiny-a", "tiny-b"):
+        expect(page.locator(f'#models-table tr[data-model="{name}"]')).to_be_visible()
+    page.locator('#models-table tr[data-model="tiny-b"] [data-action=pin]').click()
+    expect(page.locator("#toast")).to_have_text("tiny-b pinned")
+    expect(page.locator('#models-table tr[data-model="tiny-b"] .badge.pinned')).to_be_visible()
+
+    # add a model through the form, then remove it
+    page.fill("#add-model [name=name]", "pace-c")
+    page.select_option("#add-model [name=kind]", "pace")
+    page.click("#add-model button[type=submit]")
+    expect(page.locator("#toast")).to_have_text("Model pace-c added")
+    expect(page.locator('#models-table tr[data-model="pace-c"]')).to_be_visible()
+    page.locator('#models-table tr[data-model="pace-c"] [data-action=remove]').click()
+    expect(page.locator("#toast")).to_have_text("pace-c removed")
+    expect(page.locator('#models-table tr[data-model="pace-c"]')).to_have_count(0)
+
+    # --- streamed requests fill the requests table ---
+    streams = [Stream(url, m, n) for m, n in (("pace-a", 400), ("tiny-a", 300), ("pace-a", 300),
+                                              ("tiny-b", 300), ("tiny-a", 250))]
+    for s in streams:
+        s.start()
+    for s in streams:
+        assert s.started.wait(60), "a stream produced nothing"
+    page.click("#tabs [data-view=requests]")
+    expect(page.locator("#requests-table tbody tr")).to_have_count(5, timeout=10_000)
+    victim = streams[0]
+    row = page.locator(f'#requests-table tr[data-request="{victim.id}"]')
+    expect(row).to_contain_text("pace-a")
+    if page.request.get(url + "/admin/pool").json()["latency_window"]:  # the controller reports its requests
+        expect(row).to_contain_text("team-a")
+    page.screenshot(path=str(shots / "requests.png"))
+
+    # --- the pool: timelines show which model ran, the charts fill ---
+    page.click("#tabs [data-view=pool]")
+    page.wait_for_timeout(2500)
+    painted = page.evaluate("""() => {
+        const c = document.querySelector('canvas.timeline');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
+        return n; }""")
+    assert painted > 0, "the engine timeline drew nothing"
+    expect(page.locator("#engines .legend")).to_contain_text("tiny")
+    expect(page.locator("#chart-tps .uplot")).to_be_visible()
+    w0 = page.request.get(url + "/admin/pool").json()["engines"][0]
+    if w0["pooled"]:  # the worker reports the pooled engine: two busy real models on one engine take turns
+        assert w0["switches"] > 0 and len({r[1] for r in w0["timeline"]}) >= 2
+    page.screenshot(path=str(shots / "pool.png"), full_page=True)
+
+    # --- cancel a request: its stream ends with the operator's error ---
+    page.click("#tabs [data-view=requests]")
+    page.locator(f'#requests-table tr[data-request="{victim.id}"] [data-action=cancel]').click()
+    expect(page.locator("#toast")).to_have_text(f"Request {victim.id} cancelled")
+    victim.join(10)
+    assert not victim.is_alive() and victim.error and "cancelled by an operator" in victim.error
+    assert victim.chunks < 400
+    expect(page.locator(f'#requests-table tr[data-request="{victim.id}"]')).to_have_count(0, timeout=5_000)
+
+    # --- events: the cancel is there, from the stream ---
+    page.click("#tabs [data-view=events]")
+    expect(page.locator("#events-list li[data-kind=cancel]")).to_contain_text(victim.id, timeout=5_000)
+    expect(page.locator("#events-list li[data-kind=switch]")).to_have_count(0)  # hidden by default
+    if w0["pooled"]:  # the engine's model switches come as events too
+        page.select_option("#event-filter", "switch")
+        expect(page.locator("#events-list li[data-kind=switch]").first).to_contain_text("engine=w0")
+        page.select_option("#event-filter", "!switch")
+    page.screenshot(path=str(shots / "events.png"))
+
+    # an event reaches the screen within a second (published by an action taken elsewhere)
+    t0 = time.monotonic()
+    httpx.post(url + "/admin/models/tiny-b/unpin", headers={"Authorization": f"Bearer {ADMIN}"}).raise_for_status()
+    expect(page.locator("#events-list li[data-kind=unpin]")).to_contain_text("tiny-b", timeout=5_000)
+    assert time.monotonic() - t0 < 1.0, f"event to screen took {time.monotonic() - t0:.2f} s"
+
+    # --- tenants: create a key (shown once), revoke it ---
+    page.click("#tabs [data-view=tenants]")
+    expect(page.locator('#tenants-table tr[data-tenant="team-a"]')).to_be_visible()
+    page.fill("#add-tenant [name=name]", "team-new")
+    page.click("#add-tenant button[type=submit]")
+    key = page.locator("#new-key-value").inner_text(timeout=5_000)
+    assert key.startswith("tp-")
+    assert httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    page.locator('#tenants-table tr[data-tenant="team-new"] [data-action=revoke]').click()
+    expect(page.locator("#toast")).to_have_text("Tenant team-new revoked")
+    assert httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+
+    # --- drain the worker: shown drained; resume ---
+    for s in streams[1:]:
+        s.join(60)
+    assert all(s.error is None and s.chunks > 0 for s in streams[1:]), [s.error for s in streams[1:]]
+    page.click("#tabs [data-view=pool]")
+    page.locator('.engine[data-engine="w0"] [data-action=drain]').click()
+    expect(page.locator('.engine[data-engine="w0"] .badge')).to_have_attribute("data-state", "draining")
+    expect(page.locator("#toast")).to_have_text("Engine w0 draining")
+    assert page.request.get(url + "/admin/pool").json()["engines"][0]["draining"] is True
+    page.screenshot(path=str(shots / "drained.png"))
+    page.locator('.engine[data-engine="w0"] [data-action=resume]').click()
+    expect(page.locator('.engine[data-engine="w0"] .badge')).to_have_attribute("data-state", "alive")
+    page.click("#tabs [data-view=events]")
+    for kind in ("drain", "resume"):
+        expect(page.locator(f"#events-list li[data-kind={kind}]")).to_contain_text("engine=w0")
+
+    # --- signing out ends the session ---
+    page.click("header form button")
+    expect(page.locator("#token")).to_be_visible()
+    assert page.request.get(url + "/admin/pool").status == 401
