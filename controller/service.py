@@ -22,6 +22,7 @@ from controller import messages as m
 from controller.admission import decide, expected_tokens
 from controller.autoscaler import Autoscaler, ModelLoad
 from controller.config import SLO, ModelSpec, ServerConfig
+from controller.dashboard.activity import Activity
 from controller.errors import ServingError
 from controller.events import EventBus
 from controller.heap import collect_all, freeze_long_lived
@@ -44,6 +45,7 @@ class ModelEntry:
     outcomes: deque = dataclasses.field(default_factory=lambda: deque(maxlen=200))  # within SLO?
     used_fraction: float | None = None  # EWMA of completion tokens / max_tokens
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    pinned: bool = False  # an operator asked it to stay registered where it is (placement never moves it)
 
     @property
     def default_step_s(self) -> float:
@@ -88,6 +90,8 @@ class Generation:
         self.t_first: float | None = None
         self.t_last: float | None = None
         self.closed = False
+        self.request_id = ""  # the API request's id (set by Activity.started)
+        self.t_wall = time.time()
 
     async def events(self) -> AsyncIterator[tuple[int, m.Delta]]:
         """Deltas as they come; raises ServingError if a choice fails (the others are aborted)."""
@@ -128,6 +132,7 @@ class Controller:
         self.models: dict[str, ModelEntry] = {}
         self.autoscaler = Autoscaler(cfg.autoscaler)
         self.events = EventBus()
+        self.activity = Activity()  # the admin views' rolling window (controller/dashboard/activity.py)
         self.pool = EnginePool(cfg.workers, cfg.gpus, on_registered=self._registered, on_dead=self._dead,
                                on_loaded=self._loaded, on_stats=self._stats, on_events=self._events)
         self._ids = itertools.count()
@@ -230,6 +235,7 @@ class Controller:
             raise ServingError(429, refused[1], retry_after=refused[0])
         slo = self.slo_for(entry, tenant)
         gen = Generation(self, entry, tenant, slo, charged, prompt_tokens, asyncio.Queue())
+        self.activity.started(gen, request_id)
         try:
             for p, ids in enumerate(prompts):
                 for i in range(n):
@@ -287,6 +293,7 @@ class Controller:
         self.pool.submit(e, sub)
 
     def finished(self, gen: Generation, status: int) -> None:
+        self.activity.finished(gen, status)
         name, tname = gen.entry.spec.name, gen.tenant.name
         mt = self.metrics
         mt.requests.labels(name, tname, str(status)).inc()
@@ -482,6 +489,7 @@ class Controller:
             self.events.publish(kind, engine=e.id, **fields)
 
     def _stats(self, e: EngineHandle) -> None:
+        self.activity.stats(e)
         self.metrics.step.labels(e.id).set(e.step_s)
         for name, s in e.stats.items():
             self.metrics.engine_stats(e.id, name, s)

@@ -74,8 +74,8 @@ POOL = {
 def test_pool_shows_the_pooled_engine_state(app):
     ctl = app.state.controller
     e = engine("w0", {"alpha": "ready", "beta": "ready", "gamma": "loading"})
-    now = time.time()
-    e.pool = dict(POOL, timeline=[[now - 3, "alpha", 10, 0.2], [now - 2.8, "beta", 5, 0.1]])
+    t0 = (time.time() - 3) // 0.25 * 0.25  # runs in separate 0.25 s cells of the compacted timeline
+    e.pool = dict(POOL, timeline=[[t0, "alpha", 10, 0.2], [t0 + 0.25, "beta", 5, 0.1]])
     ctl.pool.engines["w0"] = e
     c = TestClient(app)
     p = c.get("/admin/pool", headers=H).json()
@@ -87,7 +87,7 @@ def test_pool_shows_the_pooled_engine_state(app):
     assert w0["host_cache_bytes"] == 90 << 30
     assert [r[1] for r in w0["timeline"]] == ["alpha", "beta"]
     # the next Stats brings more runs: they are appended, the ones already kept are not repeated
-    e.pool = dict(POOL, timeline=[[now - 2.8, "beta", 5, 0.1], [now - 2.6, "alpha", 3, 0.05]])
+    e.pool = dict(POOL, timeline=[[t0 + 0.25, "beta", 5, 0.1], [t0 + 0.5, "alpha", 3, 0.05]])
     p = c.get("/admin/pool?resolution_s=0", headers=H).json()  # the runs as reported
     assert [r[1] for r in p["engines"][0]["timeline"]] == ["alpha", "beta", "alpha"]
     assert c.get("/admin/pool?timeline_s=1", headers=H).json()["engines"][0]["timeline"] == []  # older
