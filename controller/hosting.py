@@ -154,6 +154,10 @@ class HostedModels:
         self.engines[name] = eng = self.multi.engines[name]
         return eng
 
+    def set_pinned(self, name: str, pinned: bool) -> None:
+        if self.multi is not None and name in self.multi.engines:
+            self.multi.set_pinned(name, pinned)
+
     def add_paced(self, name: str, eng: Any) -> None:
         self.paced[name] = self.engines[name] = eng
         self.events.append({"kind": "register", "model": name, "t": time.time()})

@@ -48,6 +48,13 @@ class LoadModel:  # C->W
     path: str | None
     engine: dict[str, Any]  # controller.config.EngineOptions as a dict
     slo: dict[str, float] | None = None  # token_scheduler.policies.ModelSLO fields (ttft_s, tpot_s, priority)
+    pinned: bool = False  # keep its weights in VRAM once registered
+
+
+@dataclass
+class PinModel:  # C->W: keep a registered model's weights in VRAM (or stop)
+    model: str
+    pinned: bool
 
 
 @dataclass
@@ -122,12 +129,12 @@ class Shutdown:  # C->W
 
 
 Message = Union[
-    Register, Registered, Rejected, LoadModel, UnloadModel, ModelLoaded, NewRequest, Abort, Outputs,
+    Register, Registered, Rejected, LoadModel, PinModel, UnloadModel, ModelLoaded, NewRequest, Abort, Outputs,
     Heartbeat, Stats, Shutdown,
 ]
 _TYPES: dict[str, type] = {
     c.__name__: c
-    for c in (Register, Registered, Rejected, LoadModel, UnloadModel, ModelLoaded, NewRequest, Abort,
+    for c in (Register, Registered, Rejected, LoadModel, PinModel, UnloadModel, ModelLoaded, NewRequest, Abort,
               Outputs, Heartbeat, Stats, Shutdown)
 }
 

@@ -273,12 +273,16 @@ class EnginePool:
 
     # --- commands ---
     def load(self, e: EngineHandle, model: str, path: str | None, engine_opts: dict[str, Any],
-             slo: dict[str, float] | None = None) -> Replica:
+             slo: dict[str, float] | None = None, pinned: bool = False) -> Replica:
         r = e.replicas.get(model)
         if r is None:
             r = e.replicas[model] = Replica(model)
-            e.send(m.LoadModel(model, path, engine_opts, slo))
+            e.send(m.LoadModel(model, path, engine_opts, slo, pinned))
         return r
+
+    def pin(self, e: EngineHandle, model: str, pinned: bool) -> None:
+        if model in e.replicas:
+            e.send(m.PinModel(model, pinned))
 
     def unload(self, e: EngineHandle, model: str) -> None:
         if e.replicas.pop(model, None) is not None:

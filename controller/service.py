@@ -365,8 +365,15 @@ class Controller:
         spec = entry.spec
         # the worker's multi-model policy weighs models by SLO; priority as a weight, as admission scales slack
         slo = {"ttft_s": spec.slo.ttft_s, "tpot_s": spec.slo.tpot_s, "priority": 2.0 ** max(-2, min(2, spec.priority))}
-        r = self.pool.load(e, spec.name, spec.path, spec.engine.model_dump(), slo)
-        return r
+        return self.pool.load(e, spec.name, spec.path, spec.engine.model_dump(), slo, pinned=entry.pinned)
+
+    def set_pinned(self, name: str, pinned: bool) -> None:
+        """Keep a model's weights in VRAM on every GPU it is registered on (an operator's pin), or stop."""
+        entry = self.models[name]
+        entry.pinned = pinned
+        for e in self.pool.engines.values():
+            if e.alive:
+                self.pool.pin(e, name, pinned)
 
     def _unregister(self, e: EngineHandle, name: str, why: str) -> None:
         log.info("unregistering %s from %s (%s)", name, e.id, why)
@@ -391,7 +398,8 @@ class Controller:
                 continue
             if a.kind == "load" and a.model in self.models:
                 self._register(e, self.models[a.model])
-            elif a.kind == "unload" and not any(s.model == a.model for s in e.subs.values()):
+            elif a.kind == "unload" and not any(s.model == a.model for s in e.subs.values()) \
+                    and not (a.model in self.models and self.models[a.model].pinned):
                 self._unregister(e, a.model, "autoscaler: an extra registration went cold")
         for e in self.pool.engines.values():
             if e.alive and e.draining and not e.subs:

@@ -203,6 +203,8 @@ class Worker:
                 if not fut.done():
                     fut.set_exception(e)
             else:
+                if msg.pinned:
+                    self.models.set_pinned(msg.model, True)
                 if not fut.done():
                     fut.set_result(eng)
 
@@ -230,6 +232,9 @@ class Worker:
                     self._prompt_len.pop(rid, None)
                     if model is not None:
                         self.models.abort(model, rid)
+            elif isinstance(msg, m.PinModel):
+                if msg.model in self.models:
+                    self.models.set_pinned(msg.model, msg.pinned)
             elif isinstance(msg, m.UnloadModel):
                 if msg.model in self.models:
                     for rid in [r for r, mm in self._owner.items() if mm == msg.model]:

@@ -169,3 +169,30 @@ def test_pooled_fragmented_arena_equals_alone(make_tiny, host_cache, placement):
         if not pool.holds(name):
             assert eng.weights is None and multi.state.models[name].residency == 0
     multi.close()
+
+
+def test_pinned_model_keeps_its_slot_while_others_rotate(make_tiny, host_cache):
+    """Two weight slots, three models, one pinned: the pinned model's weights are never evicted (not by the
+    policy's plans, not by the pool's fallback); the other two rotate through the other slot; every request's
+    tokens are unchanged. Unpinned, it is evicted like the others."""
+    from gpu_pool.arena import MiB
+
+    paths = {"qwen2": make_tiny("qwen2"), "qwen3": make_tiny("qwen3"), "other": make_tiny("qwen2", seed=1)}
+    alone = {a: _alone(p, "greedy") for a, p in paths.items()}
+    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=6 * MiB,
+                             kv_cache_gb=64 * 16 * 512 / 1e9, host_kv_gb=256 * 16 * 512 / 1e9, host_cache=host_cache,
+                             policy_kw={"max_round_s": 0.0})
+    assert multi.pool.weight_capacity == 4 * MiB
+    multi.set_pinned("qwen2", True)
+    _interleaved_equals_alone(multi, alone, "greedy")
+    evicted = {e["model"] for e in multi.events if e["kind"] == "evict"}
+    assert "qwen2" not in evicted and {"qwen3", "other"} & evicted
+    assert multi.pool.holds("qwen2")
+    multi.set_pinned("qwen2", False)
+    multi.events.clear()
+    _interleaved_equals_alone(multi, {a: alone[a] for a in ("qwen3", "other")}, "greedy")
+    _interleaved_equals_alone(multi, alone, "greedy")
+    assert "qwen2" in {e["model"] for e in multi.events if e["kind"] == "evict"}
+    with pytest.raises(ValueError):
+        multi.set_pinned("nope", True)
+    multi.close()

@@ -135,12 +135,30 @@ class MultiModelEngine:
         eng.set_weights(None)
         eng.runner.graphs, eng.runner.kv, eng.runner.kv_swapper = {}, None, None
         if self.pool is not None:
+            self.pool.pinned.discard(name)
             self.pool.unregister(name)
         if self.state.active == name:
             self.state.active = None
         self.cost.forget(name)
         self._capacity()
         self.events.append({"kind": "unregister", "model": name, "t": time.time()})
+
+    def set_pinned(self, name: str, pinned: bool) -> None:
+        """Keep `name`'s weights in VRAM (pooled): no plan or fallback evicts them; they are brought in now if
+        there is free room (else at its next step, and then they stay)."""
+        if name not in self.engines:
+            raise ValueError(f"unknown model {name!r}; hosted: {sorted(self.engines)}")
+        self.state.models[name].pinned = pinned
+        if self.pool is None:
+            return
+        if pinned:
+            self.pool.pinned.add(name)
+            if not self.pool.holds(name) and self.pool.prefetch(name):
+                m = self.state.models[name]
+                m.residency = max(m.residency, Residency.LOADING)
+                self._event("prefetch", name, pinned=True)
+        else:
+            self.pool.pinned.discard(name)
 
     def _capacity(self) -> None:
         if self.pool is not None:

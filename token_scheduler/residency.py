@@ -85,6 +85,7 @@ class ModelPool:
         self.host_kv = None
         self.entries: dict[str, _Entry] = {}
         self.graphs: dict = {}  # CUDA graphs shared by every runner of this pool
+        self.pinned: set[str] = set()  # never a fallback victim (the policy does not plan them either)
         self.stats = PoolStats()
 
     # -- capacity -------------------------------------------------------------------------------------------
@@ -275,7 +276,8 @@ class ModelPool:
     def _lru(self, exclude: set[str]) -> list[str]:
         """Models with landed weights (prefetches in flight excluded), least recently used first: the fallback
         victims. `last_used` is the last `load` call: a blocking load, or the first step after a prefetch."""
-        cands = [e for n, e in self.entries.items() if n not in exclude and e.resident is not None]
+        cands = [e for n, e in self.entries.items()
+                 if n not in exclude and n not in self.pinned and e.resident is not None]
         return [e.name for e in sorted(cands, key=lambda e: e.last_used)]
 
     def close(self) -> None:

@@ -165,7 +165,7 @@ def _pin(ctl: Controller, name: str, on: bool) -> ap.PinOut:
     me = ctl.models.get(name)
     if me is None:
         raise ServingError(404, f"no model {name!r}", code="model_not_found")
-    me.pinned = on
+    ctl.set_pinned(name, on)
     views.events(ctl).publish("pin" if on else "unpin", model=name)
     return ap.PinOut(name=name, pinned=on)
 

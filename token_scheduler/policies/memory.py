@@ -42,7 +42,7 @@ def make_room(st: PoolState, need: int, victims: list[str], room: Room | None = 
                         break
         if room.freed >= need:
             break
-        if weights_too and m.residency == Residency.RESIDENT and name not in taken:
+        if weights_too and m.residency == Residency.RESIDENT and name not in taken and not m.pinned:
             room.evict.append(name)
             taken.add(name)
             room.freed += m.spec.weight_bytes

@@ -35,6 +35,7 @@ class ModelState:
     residency: Residency = Residency.HOST
     ready_at: float = 0.0  # LOADING: when the copy is expected to finish
     kv_gpu_tokens: int = 0  # sum of num_computed_tokens over RUNNING requests (mechanism keeps it)
+    pinned: bool = False  # an operator keeps its weights in VRAM: no policy evicts them
 
     @property
     def name(self) -> str:
