@@ -95,6 +95,8 @@ def bench_pool_cmd(
     placement: str = typer.Option("lru", help="--real: token policy's rule for a fragmented arena: window | lru"),
     resimulate: Optional[Path] = typer.Option(
         None, "--resimulate", help="--real: the current simulator beside each point of this --real JSON (no GPU)"),
+    profile: str = typer.Option("measured", help="simulated mode's costs: measured (an H200 run's fits) | roofline "
+                                "| a cost-model or --real JSON file"),
 ) -> None:
     """Replay a seeded multi-model workload against each scheduling policy (simulated unless --real)."""
     if resimulate:
@@ -140,6 +142,7 @@ def bench_pool_cmd(
     run_bench_pool(
         models=models, rate=one_rate, duration=duration, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
         gpu_budget_gb=gpu_budget_gb, policies=policy.split(","), seed=seed, json_out=json_out, target=target,
+        profile=profile,
     )
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from load_tests.bench_common import git_commit
 from load_tests.simulator import simulate
 from load_tests.workload import generate, parse_models
-from token_scheduler.cost_model import H100_PCIE53, spec_for
+from token_scheduler.cost_model import H100_PCIE53, HardwareProfile, MeasuredProfile, spec_for
 from token_scheduler.policies.slo import ModelSLO
 
 
@@ -92,13 +92,37 @@ def sustained_rate(run, start: float, target: float = 0.9, steps: int = 5, max_d
     return bracket(points.items(), target)
 
 
+MEASURED = Path(__file__).resolve().parent / "data" / "measured_h200.json"
+
+
+def hardware_profile(profile: str, specs: dict) -> HardwareProfile:
+    """The simulator's ground truth: "measured" (the packaged H200 fit), "roofline" (the H100 physical floor),
+    or a JSON file: a cost model (`CostModel.to_dict()`, or the packaged file's shape, fits per model size) or a
+    `bench pool --real` result (the cost model of its first point). Fits are matched to the simulated models by
+    size ({arch}-{size}-{i}: models of one size share a fit)."""
+    if profile == "roofline":
+        return H100_PCIE53
+    path = MEASURED if profile == "measured" else Path(profile)
+    d = json.loads(path.read_text())
+    if "sweep" in d:  # a bench pool --real result
+        d = next(iter(d["sweep"].values()))[0]["cost_model"]
+    by_size = {k.rsplit("-", 1)[0] if k.rsplit("-", 1)[-1].isdigit() else k: v for k, v in d.get("step", {}).items()}
+    step = {}
+    for name in specs:
+        fit = d.get("step", {}).get(name) or by_size.get(name.rsplit("-", 1)[0])
+        if fit is not None:
+            step[name] = fit
+    return MeasuredProfile.from_cost_dict({**d, "step": step}, H100_PCIE53)
+
+
 def run_bench_pool(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: float = 120.0, slo_ttft: float = 10.0,
                    slo_tpot: float = 0.1, gpu_budget_gb: float = 60.0, policies=("token", "request", "static"),
                    seed: int = 0, json_out: Path | str | None = None, n_gpus: int = 1, placement: str = "partition",
                    target: float = 0.9, sweep: bool = True, noise: float = 0.0, quiet: bool = False,
-                   min_requests: int = 300, workers: int = 1) -> dict:
+                   min_requests: int = 300, workers: int = 1, profile: str = "measured") -> dict:
     entries = parse_models(models)
     specs = {e.name: spec_for(e.arch, e.size, e.name) for e in entries}
+    hw = hardware_profile(profile, specs)
     slo = ModelSLO(slo_ttft, slo_tpot)
     cap = int(gpu_budget_gb * 1e9)
     say = (lambda *a: None) if quiet else print
@@ -114,7 +138,7 @@ def run_bench_pool(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: flo
         dur = max(duration, min_requests / (r * len(specs))) if stretch else duration
         items = generate(list(specs), r, dur, seed=seed)
         return simulate(items, specs, slo, policy, n_gpus=n_gpus, capacity_bytes=cap, placement=placement,
-                        noise=noise, seed=seed, workers=workers)
+                        noise=noise, seed=seed, workers=workers, hw=hw)
 
     out: dict = {
         "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else "run_bench_pool",
@@ -122,9 +146,11 @@ def run_bench_pool(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: flo
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "mode": "simulated",
         "cuda_available": cuda,
-        "note": ("discrete-event simulation of the real policy code; step/switch/swap times from the H100 "
-                 "physical roofline profile (not measured). The real-engine replay is not wired yet."),
-        "hardware_profile": H100_PCIE53.name,
+        "note": ("discrete-event simulation of the real policy code; step/switch/swap times from the hardware "
+                 "profile named here (default: the costs a real H200 run measured, load_tests/data/measured_h200.json; "
+                 "'roofline' is the physical floor, which overstates what a GPU sustains about tenfold). "
+                 "`bench pool --real` replays the workload on the GPU, `bench serve` through the HTTP API."),
+        "hardware_profile": hw.name,
         "config": {"models": models, "model_names": list(specs), "rate_per_model": rate, "duration_s": duration,
                    "slo_ttft_s": slo_ttft, "slo_tpot_s": slo_tpot, "gpu_budget_gb": gpu_budget_gb,
                    "n_gpus": n_gpus, "placement": placement, "seed": seed, "target_attainment": target,

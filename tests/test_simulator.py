@@ -140,3 +140,26 @@ def test_pooled_arena_fragmentation_skips_prefetches_and_forces_evictions():
     m = gpu.state.models["m0"]
     assert gpu.state.capacity_bytes == 80 * MiB and m.spec.weight_bytes == 30 * MiB and m.spec.kv_bytes_per_token == 0
     assert gpu.specs["m0"] is specs["m0"]
+
+
+def test_simulated_bench_pool_uses_the_measured_profile_by_default(tmp_path):
+    """Plain `bench pool` simulates with the costs a real H200 run measured (fits matched by model size), not
+    the physical roofline, which claims several times what the GPU sustains."""
+    import json
+
+    from load_tests.bench_pool import MEASURED, hardware_profile
+    from token_scheduler.cost_model import H100_PCIE53, MeasuredProfile, StepShape, spec_for
+
+    specs = {n: spec_for("qwen2", s, n) for n, s in (("qwen2-7b-0", "7b"), ("qwen2-7b-5", "7b"), ("qwen2-1.5b-9", "1.5b"))}
+    hw = hardware_profile("measured", specs)
+    assert isinstance(hw, MeasuredProfile) and set(hw.step_coef) == set(specs)
+    assert hw.step_coef["qwen2-7b-0"] == hw.step_coef["qwen2-7b-5"] != hw.step_coef["qwen2-1.5b-9"]
+    spec = specs["qwen2-7b-0"]
+    big = StepShape(64, 64, 64 * 1024)
+    assert hw.step_time(spec, big) > 1.2 * H100_PCIE53.step_time(spec, big)  # a real batch is off the floor
+    assert hardware_profile("roofline", specs) is H100_PCIE53
+    cost = json.loads(MEASURED.read_text())
+    real = tmp_path / "real.json"  # a bench pool --real result: the cost model of its first point
+    real.write_text(json.dumps({"sweep": {"token": [{"cost_model": {**cost, "step": {"qwen2-7b-0": cost["step"]["qwen2-7b"]}}}]}}))
+    hw2 = hardware_profile(str(real), specs)
+    assert set(hw2.step_coef) == {"qwen2-7b-0", "qwen2-7b-5"}  # no 1.5b fit in that run: roofline for it
