@@ -154,11 +154,12 @@ def test_simulated_bench_pool_uses_the_measured_profile_by_default(tmp_path):
     hw = hardware_profile("measured", specs)
     assert isinstance(hw, MeasuredProfile) and set(hw.step_coef) == set(specs)
     assert hw.step_coef["qwen2-7b-0"] == hw.step_coef["qwen2-7b-5"] != hw.step_coef["qwen2-1.5b-9"]
-    spec = specs["qwen2-7b-0"]
-    big = StepShape(64, 64, 64 * 1024)
-    assert hw.step_time(spec, big) > 1.2 * H100_PCIE53.step_time(spec, big)  # a real batch is off the floor
     assert hardware_profile("roofline", specs) is H100_PCIE53
     cost = json.loads(MEASURED.read_text())
+    assert hw.pcie_bytes_per_s == pytest.approx(cost["load"]["bytes_per_s"])  # the link as measured
+    spec = specs["qwen2-1.5b-9"]
+    big = StepShape(64, 64, 64 * 1024)
+    assert hw.step_time(spec, big) > 1.2 * H100_PCIE53.step_time(spec, big)  # a real batch is off the floor
     real = tmp_path / "real.json"  # a bench pool --real result: the cost model of its first point
     real.write_text(json.dumps({"sweep": {"token": [{"cost_model": {**cost, "step": {"qwen2-7b-0": cost["step"]["qwen2-7b"]}}}]}}))
     hw2 = hardware_profile(str(real), specs)
