@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from token_scheduler.engine import EngineConfig, LLMEngine
@@ -196,3 +198,26 @@ def test_pinned_model_keeps_its_slot_while_others_rotate(make_tiny, host_cache):
     with pytest.raises(ValueError):
         multi.set_pinned("nope", True)
     multi.close()
+
+
+def test_one_set_of_batch_limits_and_the_cost_model_learns_what_ran(make_tiny):
+    """The policy plans with the engines' own limits (EngineConfig), so no planned batch is cut by the engine;
+    the cost model is fed the shape of the batch that ran."""
+    d = make_tiny("qwen2")
+    cfg = EngineConfig(model=str(d), device="cpu", max_num_seqs=3, max_num_batched_tokens=40)
+    multi = MultiModelEngine({"a": cfg, "b": dataclasses.replace(cfg, max_num_seqs=5)}, policy="token", device="cpu")
+    lim = multi.policy.cfg.limits
+    assert (lim.max_seqs, lim.max_tokens) == (3, 40)
+    seen = []
+    real_observe = multi.cost.observe_step
+    multi.cost.observe_step = lambda m, shape, s: (seen.append((m, shape)), real_observe(m, shape, s))
+    for i in range(5):
+        multi.add_request(f"r{i}", list(range(5, 35)), SamplingParams(max_tokens=3, ignore_eos=True), model="a")
+    while multi.has_unfinished_requests():
+        multi.step()
+        out = multi.engines["a"].last_out
+        if out is not None and out.chunks:
+            assert len(out.chunks) <= 3 and out.num_tokens <= 40
+            assert seen and seen[-1][1].num_seqs == len(out.chunks) and seen[-1][1].new_tokens == out.num_tokens
+    multi.remove_model("b")
+    assert multi.policy.cfg.limits.max_seqs == 3

@@ -72,6 +72,7 @@ class LLMEngine:
         from model_swapper.kv_swap import HostKVPool, KVSwapper
 
         self.config = c = config
+        self.last_out = None  # the SchedulerOutput of the latest step that was scheduled here
         self.device = torch.device(c.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' asked for, but CUDA is not available")
@@ -184,6 +185,7 @@ class LLMEngine:
             if nxt is not None:
                 return outputs
         out = self.scheduler.schedule(token_budget)
+        self.last_out = out  # what ran (the multi-model cost model learns from it, not from a plan)
         if out.empty:
             return outputs
         if self.overlap and self.runner.can_launch(out):

@@ -111,6 +111,7 @@ class MultiModelEngine:
                                              residency=Residency.RESIDENT if resident else Residency.HOST)
         self.steps_per_model[name] = 0
         self._capacity()
+        self._sync_limits()
         self._event("register", name)
 
     def remove_model(self, name: str) -> None:
@@ -130,6 +131,7 @@ class MultiModelEngine:
                 del self._owner[rid]
         del self.engines[name], self.state.models[name]
         self.policy.forget(name)
+        self._sync_limits()
         self._last_run.pop(name, None)
         self.steps_per_model.pop(name, None)
         eng.set_weights(None)
@@ -159,6 +161,13 @@ class MultiModelEngine:
                 self._event("prefetch", name, pinned=True)
         else:
             self.pool.pinned.discard(name)
+
+    def _sync_limits(self) -> None:
+        """One set of batch limits: the hosted engines' own (EngineConfig.max_num_seqs and
+        max_num_batched_tokens), so the policy never plans a batch the engine would cut."""
+        if self.engines:
+            cfgs = [e.config for e in self.engines.values()]
+            self.policy.set_limits(min(c.max_num_seqs for c in cfgs), min(c.max_num_batched_tokens for c in cfgs))
 
     def _capacity(self) -> None:
         if self.pool is not None:
@@ -303,11 +312,14 @@ class MultiModelEngine:
         tm["memory_s"] += t2 - t1
         if not plan.idle:
             eng = self.engines[plan.model]
+            eng.last_out = None
             outputs += eng.step(token_budget=max(plan.num_tokens, 1))
             t3 = time.perf_counter()
             tm["engine_s"] += t3 - t2
             tm["steps"] += 1
-            self.cost.observe_step(plan.model, shape_of(plan.batch), t3 - t2)
+            ran = eng.last_out  # the cost model learns from the batch that ran, not the one planned
+            shape = _ran_shape(ran) if ran is not None else shape_of(plan.batch)
+            self.cost.observe_step(plan.model, shape, t3 - t2)
             self.state.active = plan.model
             self._last_run[plan.model] = time.monotonic()
             self.steps_per_model[plan.model] += 1
@@ -429,6 +441,17 @@ class MultiModelEngine:
         self.engines.clear()
         if self.pool is not None:
             self.pool.close()
+
+
+def _ran_shape(out) -> StepShape:
+    """The shape of a step that ran (its chunks' start positions: the requests' cursors have moved on)."""
+    seqs, tokens, ctx, pairs = len(out.chunks), 0, 0, 0
+    for c in out.chunks:
+        tokens += c.num_tokens
+        ctx += c.start + c.num_tokens
+        if c.num_tokens > 1:
+            pairs += c.num_tokens * (c.start + c.num_tokens)
+    return StepShape(seqs, tokens, ctx, pairs)
 
 
 def _pages_needed(eng: LLMEngine) -> int:

@@ -12,6 +12,8 @@ order. Requests for any other model are never served (each one counts as an SLO 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from token_scheduler.policies.batching import BatchLimits, build_batch
 from token_scheduler.policies.memory import make_room
 from token_scheduler.policies.state import PoolState, Residency, StepPlan
@@ -45,6 +47,9 @@ class RequestPolicy:
 
     def reset_counters(self) -> None:
         pass
+
+    def set_limits(self, max_seqs: int, max_tokens: int) -> None:
+        self.limits = replace(self.limits, max_seqs=max_seqs, max_tokens=max_tokens)
 
     def forget(self, name: str) -> None:
         if self._holder == name:
@@ -89,6 +94,9 @@ class StaticPolicy:
 
     def reset_counters(self) -> None:
         pass
+
+    def set_limits(self, max_seqs: int, max_tokens: int) -> None:
+        self.limits = replace(self.limits, max_seqs=max_seqs, max_tokens=max_tokens)
 
     def forget(self, name: str) -> None:
         self.resident = None  # chosen again from the models hosted now

@@ -28,7 +28,7 @@ Beyond Aegaeon (configurable, so the `aegaeon` preset in __init__.py turns them 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 
 from token_scheduler.cost_model import StepShape
@@ -115,6 +115,10 @@ class TokenPolicy:
                 break
         self._turn = None
         return StepPlan(why="idle")
+
+    def set_limits(self, max_seqs: int, max_tokens: int) -> None:
+        """The engines' own batch limits (EngineConfig), so a planned batch is one the engine runs."""
+        self.cfg = replace(self.cfg, limits=replace(self.cfg.limits, max_seqs=max_seqs, max_tokens=max_tokens))
 
     def forget(self, name: str) -> None:
         """`name` is no longer hosted: drop it from the round, the turn in progress and every counter."""
