@@ -107,6 +107,7 @@ class WorkerSettings(_Strict):
     local: Literal["auto", "cpu", "none"] | list[int] = "auto"  # auto: one per GPU, else one CPU worker
     heartbeat_s: float = Field(0.5, gt=0)
     dead_after_s: float = Field(3.0, gt=0)
+    prune_dead_after_s: float = Field(30.0, ge=0)  # a dead engine leaves /admin/engines and /metrics after this
     restart: bool = True
 
 

@@ -108,5 +108,15 @@ class Metrics:
             except KeyError:
                 pass
 
+    def forget_engine(self, engine: str, models: list[str]) -> None:
+        """Every series of a pruned engine (its per-model gauges, step, loads, switches)."""
+        for model in models:
+            self.forget_engine_model(engine, model)
+        for m in (self.step, self.swap_total, self.switches, self.swap_latency):
+            try:
+                m.remove(engine)
+            except KeyError:
+                pass
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -27,6 +27,11 @@ from controller.config import GPUSettings, WorkerSettings
 from controller.keys import verify_key
 
 log = logging.getLogger("tokenpool.pool")
+STEP_FLOOR_S = 1e-3  # no engine step is believed faster than this
+STEP_CEIL_S = 60.0
+MAX_DEVICE_BYTES = 1 << 41  # 2 TiB: a claimed device larger than this is not believed
+POOL_VIEW_MAX = 256 << 10  # bytes of a worker's pool view kept (it reaches /admin and the dashboard)
+MAX_EVENTS = 1024  # events per Stats
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -78,6 +83,9 @@ class EngineHandle:
     step_s: float = 0.0
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
     pool: dict[str, Any] = field(default_factory=dict)  # the worker's pooled-engine state (Stats.pool)
+    observed_step_s: float = 0.0  # the controller's own measure: EWMA gap between Outputs while busy
+    t_last_out: float = 0.0
+    t_dead: float | None = None
     t_start: float = field(default_factory=time.time)
 
     def send(self, msg: m.Message) -> None:
@@ -97,6 +105,7 @@ class EnginePool:
         self.engines: dict[str, EngineHandle] = {}
         self._on_registered, self._on_dead, self._on_loaded, self._on_stats = on_registered, on_dead, on_loaded, on_stats
         self._on_events = on_events
+        self._on_pruned: Callable[[EngineHandle], None] | None = None
         self._local_token = secrets.token_urlsafe(24)  # local workers prove they are ours with it
         self._server: asyncio.base_events.Server | None = None
         self._procs: dict[int, asyncio.subprocess.Process] = {}
@@ -110,8 +119,8 @@ class EnginePool:
         self._server = await asyncio.start_server(self._serve_conn, self.s.listen.host, self.s.listen.port)
         self.port = self._server.sockets[0].getsockname()[1]
         if self.s.join_token_hash is None and not _is_loopback(self.s.listen.host):
-            log.warning("worker listener on %s has no join token: any host that reaches it can register",
-                        self.s.listen.host)
+            log.warning("worker listener on %s has no join token: only this controller's own workers can "
+                        "register; set workers.join_token_hash to admit remote ones", self.s.listen.host)
         for slot, dev in enumerate(devices):
             self._tasks.append(asyncio.create_task(self._supervise(slot, dev)))
         self._tasks.append(asyncio.create_task(self._watchdog()))
@@ -158,6 +167,11 @@ class EnginePool:
         while True:
             await asyncio.sleep(self.s.heartbeat_s)
             now = time.monotonic()
+            for eid, e in list(self.engines.items()):  # dead for long enough: gone from views and metrics
+                if not e.alive and e.t_dead is not None and now - e.t_dead > self.s.prune_dead_after_s:
+                    del self.engines[eid]
+                    if self._on_pruned is not None:
+                        self._on_pruned(e)
             for e in list(self.engines.values()):
                 if e.alive and now - e.last_seen > self.s.dead_after_s:
                     log.warning("engine %s silent for %.1fs: declaring it dead", e.id, now - e.last_seen)
@@ -169,14 +183,18 @@ class EnginePool:
 
     # --- connections ---
     def _admit(self, reg: m.Register, peer: str) -> str | None:
-        """None if the worker may join, else why not."""
-        if reg.join_token is not None and secrets.compare_digest(reg.join_token, self._local_token):
+        """None if the worker may join, else why not. Local workers prove themselves with this run's random
+        token; any other worker must present the configured join token, and without one none may join."""
+        tok = reg.join_token if isinstance(reg.join_token, str) else None
+        if not isinstance(reg.pid, int) or not isinstance(reg.memory_bytes, int) or not isinstance(reg.device, str):
+            return "malformed Register"
+        if tok is not None and secrets.compare_digest(tok.encode(), self._local_token.encode()):
             return None
         if reg.slot is not None:
             return "local slots are reserved for workers this controller started"
-        if self.s.join_token_hash is not None:
-            return None if reg.join_token and verify_key(reg.join_token, self.s.join_token_hash) else "bad join token"
-        return None
+        if self.s.join_token_hash is None:
+            return "this controller admits no remote workers (set workers.join_token_hash to allow them)"
+        return None if tok and verify_key(tok, self.s.join_token_hash) else "bad join token"
 
     async def _serve_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = str(writer.get_extra_info("peername"))
@@ -213,13 +231,7 @@ class EnginePool:
                 elif isinstance(msg, m.ModelLoaded):
                     self._loaded(e, msg)
                 elif isinstance(msg, m.Stats):
-                    e.step_s, e.stats, e.pool = msg.step_s, msg.models, msg.pool
-                    cap = msg.pool.get("weight_capacity_bytes")
-                    if cap:
-                        e.memory_bytes = int(cap)
-                    self._on_stats(e)
-                    if msg.events and self._on_events is not None:
-                        self._on_events(e, msg.events)
+                    self._stats(e, msg)
         except (asyncio.IncompleteReadError, m.ProtocolError, OSError) as ex:
             if e.alive:
                 log.warning("engine %s connection lost: %s", eid, type(ex).__name__)
@@ -235,7 +247,29 @@ class EnginePool:
         return {"budget_bytes": int(budget * 1e9) if budget else None, "kv_cache_gb": g.kv_cache_gb,
                 "host_cache_gb": g.host_cache_gb, "namespace": g.host_cache_namespace, "policy": g.policy}
 
+    def _stats(self, e: EngineHandle, msg: m.Stats) -> None:
+        """What a worker says about itself, bounded: a step is never believed faster than the controller saw
+        (the gaps between its Outputs while it had requests) nor than STEP_FLOOR_S, so a worker cannot attract
+        traffic it has not earned; stats only for models it hosts; the pool view and events size-capped."""
+        r = msg.step_s if isinstance(msg.step_s, (int, float)) and msg.step_s == msg.step_s else 0.0
+        e.step_s = min(STEP_CEIL_S, max(STEP_FLOOR_S, float(r), e.observed_step_s))
+        models = msg.models if isinstance(msg.models, dict) else {}
+        e.stats = {k: v for k, v in models.items() if k in e.replicas and isinstance(v, dict)}
+        pool = msg.pool if isinstance(msg.pool, dict) else {}
+        e.pool = pool if len(m.encode(m.Stats({}, 0.0, 0, 0, pool=pool))) < POOL_VIEW_MAX else {}
+        cap = e.pool.get("weight_capacity_bytes")
+        if isinstance(cap, int) and 0 < cap <= MAX_DEVICE_BYTES:
+            e.memory_bytes = cap
+        self._on_stats(e)
+        if msg.events and self._on_events is not None:
+            self._on_events(e, [x for x in msg.events[:MAX_EVENTS] if isinstance(x, dict)])
+
     def _outputs(self, e: EngineHandle, msg: m.Outputs) -> None:
+        now = time.monotonic()
+        if e.subs and e.t_last_out:  # a gap between two output batches while requests ran: at least a step
+            gap = now - e.t_last_out
+            e.observed_step_s = gap if not e.observed_step_s else 0.9 * e.observed_step_s + 0.1 * gap
+        e.t_last_out = now
         subs = e.subs
         for d in msg.deltas:
             sub = subs.get(d.request_id)
@@ -263,6 +297,7 @@ class EnginePool:
         if not e.alive:
             return
         e.alive = False
+        e.t_dead = time.monotonic()
         orphans = list(e.subs.values())
         e.subs.clear()
         for r in e.replicas.values():

@@ -135,6 +135,7 @@ class Controller:
         self.activity = Activity()  # the admin views' rolling window (controller/dashboard/activity.py)
         self.pool = EnginePool(cfg.workers, cfg.gpus, on_registered=self._registered, on_dead=self._dead,
                                on_loaded=self._loaded, on_stats=self._stats, on_events=self._events)
+        self.pool._on_pruned = self._pruned
         self._ids = itertools.count()
         self._prefix = os.urandom(4).hex()
         self._tasks: list[asyncio.Task] = []
@@ -165,8 +166,13 @@ class Controller:
 
         if spec.name in self.models:
             raise ServingError(400, f"model {spec.name!r} is already registered", param="name")
-        if spec.path is not None and not (Path(spec.path) / "config.json").exists():
-            raise ServingError(400, f"no model directory at {spec.path}", param="path")
+        if spec.path is not None:
+            p = Path(spec.path)
+            if not p.is_dir():
+                raise ServingError(400, f"model path {p} does not exist or is not a directory", param="path")
+            if not (p / "config.json").is_file():
+                raise ServingError(400, f"{p} has no config.json (not a Hugging Face model directory)",
+                                   param="path")
         budgets = [e.memory_bytes for e in self.pool.engines.values() if e.alive]  # none yet at start-up
         if budgets and weights_bytes(spec) > max(budgets):
             raise ServingError(400, f"model {spec.name!r} needs {weights_bytes(spec) / 2**30:.1f} GiB for weights; the "
@@ -248,7 +254,12 @@ class Controller:
             self.events.publish("admit", model=entry.spec.name, tenant=tenant.name, request_id=request_id,
                                 prompt_tokens=prompt_tokens)
         except BaseException as e:
-            status = e.status if isinstance(e, ServingError) else 499
+            if isinstance(e, ServingError):
+                status = e.status
+            elif isinstance(e, (asyncio.CancelledError, GeneratorExit)):
+                status = 499
+            else:  # a bug is a 500, counted as one
+                status = 500
             gen.close(status)
             e.counted = True  # type: ignore[attr-defined]  # the serving layer must not count it again
             raise
@@ -482,6 +493,11 @@ class Controller:
             me.info = dataclasses.replace(me.info, load_s=max(0.1, 0.5 * me.info.load_s + 0.5 * load_s))
             if r.max_model_len:
                 me.max_model_len = min(me.max_model_len, r.max_model_len)
+
+    def _pruned(self, e: EngineHandle) -> None:
+        """A dead engine left the pool for good: its series leave /metrics."""
+        self.metrics.forget_engine(e.id, list(e.replicas))
+        self.events.publish("worker_pruned", engine=e.id)
 
     def _events(self, e: EngineHandle, events: list[dict]) -> None:
         """The worker's pooled-engine events (switches, weight loads and evictions): metrics and the bus."""

@@ -26,7 +26,9 @@ ADM = {"Authorization": f"Bearer {ADMIN}"}
 def server(tmp_path_factory):
     cfg = {
         "admin_token_hash": hash_key(ADMIN),
+        "metrics_public": True,
         "workers": {"local": "cpu", "heartbeat_s": 0.25, "dead_after_s": 1.5, "join_token_hash": hash_key(JOIN),
+                    "prune_dead_after_s": 1.0,
                     "listen": {"host": "127.0.0.1", "port": WORKER_PORT}},
         "models": [{"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.02, "max_num_seqs": 64}}],
     }
@@ -50,6 +52,10 @@ def test_remote_worker_registers_with_join_token(server):
         while not any(e["pid"] == good.pid and e["alive"] for e in engines(server)):
             assert time.monotonic() < deadline and good.poll() is None
             time.sleep(0.2)
+        eid = next(e["id"] for e in engines(server) if e["pid"] == good.pid)
+        while f'engine="{eid}"' not in httpx.get(server.url + "/metrics", timeout=10).text:  # its first Stats
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
     finally:
         good.kill()
         good.wait()
@@ -57,6 +63,11 @@ def test_remote_worker_registers_with_join_token(server):
     while any(e["pid"] == good.pid and e["alive"] for e in engines(server)):
         assert time.monotonic() < deadline
         time.sleep(0.1)
+    deadline = time.monotonic() + 10  # dead for prune_dead_after_s: gone from the views and the metrics
+    while any(e["pid"] == good.pid for e in engines(server)):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert f'engine="{eid}"' not in httpx.get(server.url + "/metrics", timeout=10).text
 
 
 def engines(srv):
