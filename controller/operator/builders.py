@@ -185,7 +185,7 @@ def build_worker_daemonset(pool: str, namespace: str, spec: dict) -> dict:
             {"name": "TOKENPOOL_JOIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": tok["name"], "key": tok["key"]}}},
             {"name": "HOME", "value": "/tmp"},
         ],
-        "resources": {"limits": {"nvidia.com/gpu": 1}},
+        "resources": {"limits": {"nvidia.com/gpu": "1"}},
         "volumeMounts": mounts,
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},

@@ -31,6 +31,7 @@ class OperatorConfig:
     controller_url: str
     admin_token: str
     resync_s: float = 30.0
+    kubeconfig: str | None = None  # used outside a cluster; the first file of a KUBECONFIG list
 
     @staticmethod
     def resync_from_env() -> float:
@@ -46,7 +47,8 @@ class OperatorConfig:
                 token = f.read().strip()
         if not token:
             raise RuntimeError("set TOKENPOOL_ADMIN_TOKEN (or TOKENPOOL_ADMIN_TOKEN_FILE): the controller's admin token")
-        return cls(url, token, cls.resync_from_env())
+        kubeconfig = (os.environ.get("KUBECONFIG") or "").split(os.pathsep)[0] or None
+        return cls(url, token, cls.resync_from_env(), kubeconfig)
 
 
 RESYNC_S = OperatorConfig.resync_from_env()
@@ -59,12 +61,23 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
 
     cfg = OperatorConfig.from_env()
     memo.admin = AdminClient(cfg.controller_url, cfg.admin_token)
-    memo.kube = Kube()
+    memo.kube = Kube(cfg.kubeconfig)
+    memo.applied = {}  # uid -> digest last applied by this process (status may lag behind a duplicate event)
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     # Keep kopf's bookkeeping in annotations: the CRDs' status schemas hold only tokenpool's fields.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.posting.level = logging.WARNING
+    # Watch the given namespaces and the resources found at start: no cluster-wide CRD or namespace watching,
+    # so the operator needs no ClusterRole (a newly installed CRD needs an operator restart).
+    settings.scanning.disabled = True
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """The pod's service account, else the KUBECONFIG of now (kopf's default login goes through the client
+    library, which fixed its kubeconfig path when first imported)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
 def _now() -> str:
@@ -148,7 +161,8 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
         want = b.digest(desired)
         try:
             actual = memo.admin.models().get(desired["name"])
-            if actual is not None and (not b.model_matches(desired, actual) or status.get("appliedDigest") not in (None, want)):
+            known = memo.applied.get(meta["uid"]) or status.get("appliedDigest")
+            if actual is not None and (not b.model_matches(desired, actual) or known not in (None, want)):
                 # The admin API has no in-place update: re-register, after the requests in flight finish.
                 n = _drain_wait(memo.admin, desired["name"], spec, runtime)
                 if n:
@@ -161,6 +175,7 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
                 actual = None
             if actual is None:
                 actual = memo.admin.add_model(desired)
+            memo.applied[meta["uid"]] = want
         except AdminUnavailable as e:
             _write_status(patch, status, {}, "Degraded", "ControllerUnavailable", str(e), gen)
             raise _unavailable(e) from e
@@ -186,6 +201,7 @@ def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Pa
                           meta.get("generation"))
             raise kopf.TemporaryError(f"draining {n} requests before removal", delay=1)
         memo.admin.remove_model(served)
+        memo.applied.pop(meta["uid"], None)
     except AdminUnavailable as e:
         raise _unavailable(e) from e
 
@@ -213,11 +229,13 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
         want = b.digest(desired)  # covers the key hashes, which the admin API does not show back
         try:
             actual = memo.admin.tenants().get(name)
-            if actual is not None and (not b.tenant_matches(desired, actual) or status.get("appliedDigest") != want):
+            known = memo.applied.get(meta["uid"]) or status.get("appliedDigest")
+            if actual is not None and (not b.tenant_matches(desired, actual) or known != want):
                 memo.admin.remove_tenant(name)  # no in-place update: replace (its usage counters restart)
                 actual = None
             if actual is None:
                 memo.admin.add_tenant(desired)
+            memo.applied[meta["uid"]] = want
         except AdminUnavailable as e:
             _write_status(patch, status, {}, "Degraded", "ControllerUnavailable", str(e), gen)
             raise _unavailable(e) from e
@@ -229,9 +247,10 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
 
 
 @kopf.on.delete(GROUP, VERSION, "tenants")
-def delete_tenant(name: str, memo: kopf.Memo, **_: Any) -> None:
+def delete_tenant(name: str, meta: dict, memo: kopf.Memo, **_: Any) -> None:
     """The finalizer: the tenant's keys stop working before the resource is gone."""
     try:
         memo.admin.remove_tenant(name)
+        memo.applied.pop(meta["uid"], None)
     except AdminUnavailable as e:
         raise _unavailable(e) from e

@@ -11,13 +11,14 @@ from controller.operator.builders import ANNOTATION_DIGEST
 
 
 class Kube:
-    def __init__(self) -> None:
+    def __init__(self, kubeconfig: str | None = None) -> None:
         from kubernetes import client, config
 
         try:
             config.load_incluster_config()
         except config.ConfigException:
-            config.load_kube_config()
+            # The client reads KUBECONFIG once, at import; an explicit path sees the current one.
+            config.load_kube_config(config_file=kubeconfig)
         self.api = client.ApiClient()
         self.core = client.CoreV1Api(self.api)
         self.apps = client.AppsV1Api(self.api)

@@ -1,0 +1,287 @@
+"""The operator end to end: kopf's KopfRunner against kmock's Kubernetes emulator, reconciling into a live
+`tokenpool serve` (CPU worker, pace-engine model) that the official `openai` client then calls.
+
+What kmock's emulator does not do, and this test therefore does itself: it sets metadata.uid/generation on
+the objects it posts (the API server would), bumps generation on a spec change, and applies no CRD defaults
+or validation (the operator applies the same defaults itself; tests/test_manifests.py checks the CRD
+defaults equal the operator's). It has no garbage collector (the DaemonSet's ownerReference is asserted,
+not its deletion) and no kubelet (the DaemonSet's pods never run: the controller's own CPU worker stands in
+for the pool's engines).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+kopf = pytest.importorskip("kopf")
+kmock = pytest.importorskip("kmock")
+openai = pytest.importorskip("openai")
+
+from kopf.testing import KopfRunner  # noqa: E402
+
+from controller.keys import hash_key, new_key  # noqa: E402
+from controller.testing import LiveServer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+NS = "tp"
+GV = "tokenpool.dev/v1alpha1"
+
+
+def _declare_crds(k8s) -> None:
+    """Discovery info for kopf, taken from the CRDs in manifests/ (so kopf sees what a cluster would serve)."""
+    for f in sorted((ROOT / "manifests" / "crds").glob("*.yaml")):
+        crd = yaml.safe_load(f.read_text())
+        if crd.get("kind") != "CustomResourceDefinition":
+            continue
+        n, v = crd["spec"]["names"], crd["spec"]["versions"][0]
+        k8s.resources[f"{crd['spec']['group']}/{v['name']}/{n['plural']}"] = kmock.ResourceInfo(
+            kind=n["kind"], singular=n["singular"], shortnames=set(n.get("shortNames", [])), namespaced=True,
+            verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+            subresources=set(v.get("subresources", {})))
+
+
+def _obj(kind: str, name: str, spec: dict) -> dict:
+    return {"apiVersion": GV, "kind": kind, "spec": spec,
+            "metadata": {"name": name, "namespace": NS, "uid": str(uuid.uuid4()), "generation": 1, "resourceVersion": "1",
+                         "creationTimestamp": "2026-01-01T00:00:00Z"}}
+
+
+class Cluster:
+    """Plain HTTP against the emulator, the way kubectl would talk to an API server."""
+
+    def __init__(self, k8s) -> None:
+        self.k8s = k8s
+
+    def _path(self, plural: str, name: str | None = None) -> str:
+        base = f"/api/v1/namespaces/{NS}/{plural}" if plural in ("secrets",) else (
+            f"/apis/apps/v1/namespaces/{NS}/{plural}" if plural == "daemonsets" else f"/apis/{GV}/namespaces/{NS}/{plural}")
+        return base if name is None else f"{base}/{name}"
+
+    async def create(self, plural: str, body: dict) -> None:
+        r = await self.k8s.post(self._path(plural), json=body)
+        assert r.status < 300, await r.text()
+
+    async def get(self, plural: str, name: str) -> dict | None:
+        r = await self.k8s.get(self._path(plural, name))
+        return await r.json() if r.status == 200 else None
+
+    async def patch(self, plural: str, name: str, body: dict) -> None:
+        r = await self.k8s.patch(self._path(plural, name), json=body,
+                                 headers={"Content-Type": "application/merge-patch+json"})
+        assert r.status < 300, await r.text()
+
+    async def delete(self, plural: str, name: str) -> None:
+        r = await self.k8s.delete(self._path(plural, name))
+        assert r.status < 300, await r.text()
+
+
+def _cond(obj: dict | None, type_: str = "Ready") -> dict:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c["type"] == type_:
+            return c
+    return {}
+
+
+async def _until(what: str, check, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+class Operator:
+    """KopfRunner in its thread; entering and leaving off the event loop (the emulator serves on this loop)."""
+
+    def __init__(self) -> None:
+        self.runner = KopfRunner(["run", "--standalone", "--verbose", "-n", NS, "-m", "controller.operator.handlers"],
+                                 timeout=30)
+
+    async def __aenter__(self) -> KopfRunner:
+        await asyncio.to_thread(self.runner.__enter__)
+        return self.runner
+
+    async def __aexit__(self, *exc) -> None:
+        await asyncio.to_thread(self.runner.__exit__, None, None, None)
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_operator_end_to_end(tmp_path, monkeypatch):
+    admin_token, join_token, tenant_key = new_key("tpadmin"), new_key("tpjoin"), new_key()
+    cfg = {"admin_token_hash": hash_key(admin_token), "auth": True,
+           "workers": {"local": "cpu", "join_token_hash": hash_key(join_token)},
+           "autoscaler": {"enabled": False}}
+    srv = await asyncio.to_thread(LiveServer(cfg, tmp_path / "srv").__enter__)
+    try:
+        await _run(srv, tmp_path, monkeypatch, admin_token, tenant_key)
+    finally:
+        await asyncio.to_thread(srv.__exit__, None, None, None)
+
+
+async def _run(srv, tmp_path, monkeypatch, admin_token, tenant_key) -> None:
+    import httpx
+
+    admin = httpx.AsyncClient(base_url=srv.url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=10)
+
+    async def controller(path: str) -> dict:
+        r = await admin.get(path)
+        r.raise_for_status()
+        return {x.get("name") or x.get("id"): x for x in r.json()}
+
+    await _until("the controller's CPU engine", lambda: _engine_alive(controller), timeout=60)
+
+    async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s):
+        _declare_crds(k8s)
+        k8s.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False)
+        k8s.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
+        k8s.resources["apps/v1/daemonsets"] = kmock.ResourceInfo(kind="DaemonSet", namespaced=True)
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+            "clusters": [{"name": "kmock", "cluster": {"server": str(k8s.url).rstrip("/")}}],
+            "users": [{"name": "kmock", "user": {"token": "kmock"}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": NS}}]}))
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        monkeypatch.setenv("TOKENPOOL_CONTROLLER_URL", srv.url)
+        monkeypatch.setenv("TOKENPOOL_ADMIN_TOKEN", admin_token)
+        monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "2")
+        kube = Cluster(k8s)
+
+        await kube.create("secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "team-a-keys", "namespace": NS},
+                                      "data": {"key-1": base64.b64encode(tenant_key.encode()).decode()}})
+        await kube.create("gpupools", _obj("GPUPool", "default", {"gpusPerNode": 2, "hostCacheGB": 8}))
+        await kube.create("pooledmodels", _obj("PooledModel", "pace-m", {
+            "source": {"engine": "pace"}, "slo": {"ttftSeconds": 5, "tpotSeconds": 0.5}, "priority": 3,
+            "replicas": {"min": 1, "max": 2}, "drainTimeoutSeconds": 60}))
+        await kube.create("tenants", _obj("Tenant", "team-a", {
+            "keysSecretRef": {"name": "team-a-keys"}, "models": ["pace-*"], "priority": 1}))
+
+        async with Operator() as first:
+            # The controller gets the model and the tenant; every status goes Ready.
+            await _until("the model in the controller", lambda: _has(controller, "/admin/models", "pace-m"))
+            await _until("the tenant in the controller", lambda: _has(controller, "/admin/tenants", "team-a"))
+            model = (await controller("/admin/models"))["pace-m"]
+            assert model["replicas"] == {"min": 1, "max": 2} and model["priority"] == 3 and model["slo"]["tpot_s"] == 0.5
+            for plural, name in (("pooledmodels", "pace-m"), ("tenants", "team-a"), ("gpupools", "default")):
+                obj = await _until(f"{plural}/{name} Ready", lambda p=plural, n=name: _ready(kube, p, n))
+                assert _cond(obj)["observedGeneration"] == 1
+                assert {c["type"] for c in obj["status"]["conditions"]} == {"Ready", "Progressing", "Degraded"}
+            pm = await kube.get("pooledmodels", "pace-m")
+            assert pm["status"]["registered"] and pm["status"]["replicas"] >= 1
+            assert (await kube.get("tenants", "team-a"))["status"]["keys"] == 1
+            assert (await kube.get("gpupools", "default"))["status"]["enginesReady"] >= 1
+            ds = await kube.get("daemonsets", "tokenpool-workers-default")
+            assert ds is not None and [c["name"] for c in ds["spec"]["template"]["spec"]["containers"]] == ["worker-0", "worker-1"]
+            assert ds["metadata"]["ownerReferences"][0]["kind"] == "GPUPool"
+            # Only the hash reached the controller: the key works on the API, a wrong one does not.
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key=tenant_key, max_retries=0)
+            out = await asyncio.to_thread(client.completions.create, model="pace-m", prompt="hi", max_tokens=3)
+            assert out.usage.completion_tokens == 3
+            with pytest.raises(openai.AuthenticationError):
+                await asyncio.to_thread(openai.OpenAI(base_url=srv.url + "/v1", api_key=new_key(), max_retries=0)
+                                        .completions.create, model="pace-m", prompt="hi", max_tokens=1)
+
+            # Scale (what HPA does through the scale subresource: spec.replicas.max), a new generation.
+            await kube.patch("pooledmodels", "pace-m", {"metadata": {"generation": 2}, "spec": {"replicas": {"max": 3}}})
+            await _until("max replicas 3 in the controller",
+                         lambda: _match(controller, "/admin/models", "pace-m", lambda m: m["replicas"]["max"] == 3))
+            await _until("observedGeneration 2", lambda: _ready(kube, "pooledmodels", "pace-m", generation=2))
+
+            # Restart the operator: nothing changes (no admin-API mutation; statuses and the tenant's usage stay).
+            before = {p: (await kube.get(p, n))["status"] for p, n in
+                      (("pooledmodels", "pace-m"), ("tenants", "team-a"), ("gpupools", "default"))}
+            usage = (await controller("/admin/tenants"))["team-a"]["usage"]["requests"]
+            assert usage == 1
+        # Each change reached the controller once, however often kopf ran the handlers (kmock replays a watch's
+        # initial listing, so creation is handled twice): one POST per tenant; a model's scale re-registers it.
+        assert first.output.count("admin POST /admin/tenants") == 1 and "admin DELETE /admin/tenants" not in first.output
+        assert first.output.count("admin POST /admin/models") == 2 and first.output.count("admin DELETE /admin/models") == 1
+
+        async with Operator() as second:
+            await asyncio.sleep(6)  # resume handlers, then timer rounds (every 2 s)
+        assert "admin POST" not in second.output and "admin DELETE" not in second.output, second.output[-3000:]
+        assert "reconcile_model" in second.output  # the handlers did run
+        for p, n in (("pooledmodels", "pace-m"), ("tenants", "team-a"), ("gpupools", "default")):
+            after = (await kube.get(p, n))["status"]
+            assert after == before[p], (p, before[p], after)
+        assert (await controller("/admin/tenants"))["team-a"]["usage"]["requests"] == usage
+
+        async with Operator():
+            # Delete while a request streams: the finalizer drains it (the stream finishes), then removes the model.
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key=tenant_key, max_retries=0)
+            stream_done: dict = {}
+            first_chunk = threading.Event()
+
+            def consume() -> None:
+                n, reason = 0, None
+                for ch in client.completions.create(model="pace-m", prompt="hi", max_tokens=120, stream=True):
+                    first_chunk.set()
+                    n += 1
+                    reason = ch.choices[0].finish_reason or reason
+                stream_done.update(n=n, reason=reason, t=time.monotonic())
+
+            reader = asyncio.create_task(asyncio.to_thread(consume))
+            await asyncio.to_thread(first_chunk.wait, 10)
+            await kube.delete("pooledmodels", "pace-m")
+            draining = await _until("Draining", lambda: _reason(kube, "pooledmodels", "pace-m", "Draining"))
+            assert _cond(draining, "Progressing")["status"] == "True"
+            assert "pace-m" in await controller("/admin/models")  # still served while its request runs
+            await _until("the model leaves the controller",
+                         lambda: _gone(controller, "/admin/models", "pace-m"), timeout=30)
+            removed_at = time.monotonic()
+            await reader
+            assert stream_done["reason"] == "length" and stream_done["n"] >= 100  # finished, not aborted
+            assert stream_done["t"] <= removed_at
+            await _until("the resource is gone (finalizer released)", lambda: _absent(kube, "pooledmodels", "pace-m"))
+
+            # Deleting the tenant revokes its key.
+            await kube.delete("tenants", "team-a")
+            await _until("tenant removed", lambda: _gone(controller, "/admin/tenants", "team-a"))
+    await admin.aclose()
+
+
+async def _engine_alive(controller) -> bool:
+    return any(e["alive"] for e in (await controller("/admin/engines")).values())
+
+
+async def _has(controller, path: str, name: str) -> bool:
+    return name in await controller(path)
+
+
+async def _gone(controller, path: str, name: str) -> bool:
+    return name not in await controller(path)
+
+
+async def _match(controller, path: str, name: str, pred) -> bool:
+    x = (await controller(path)).get(name)
+    return x is not None and pred(x)
+
+
+async def _ready(kube: Cluster, plural: str, name: str, generation: int | None = None) -> dict | None:
+    obj = await kube.get(plural, name)
+    c = _cond(obj)
+    if c.get("status") == "True" and (generation is None or c.get("observedGeneration") == generation):
+        return obj
+    return None
+
+
+async def _reason(kube: Cluster, plural: str, name: str, reason: str) -> dict | None:
+    obj = await kube.get(plural, name)
+    return obj if _cond(obj, "Progressing").get("reason") == reason else None
+
+
+async def _absent(kube: Cluster, plural: str, name: str) -> bool:
+    return await kube.get(plural, name) is None
+
