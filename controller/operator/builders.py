@@ -42,11 +42,16 @@ LABEL_POOL = f"{GROUP}/pool"
 ANNOTATION_DIGEST = f"{GROUP}/spec-digest"
 
 
+MAPS = frozenset({"nodeSelector"})  # free-form maps: a given one replaces the default whole
+
+
 def with_defaults(spec: dict | None, defaults: dict) -> dict:
-    """`spec` over `defaults`, nested dicts merged (what the API server's structural defaulting does)."""
+    """`spec` over `defaults`, objects merged key by key (what the API server's structural defaulting does:
+    a default fills a missing field, also inside a given object; a given map is taken as it is)."""
     out = copy.deepcopy(defaults)
     for k, v in (spec or {}).items():
-        out[k] = with_defaults(v, out[k]) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        merge = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in MAPS
+        out[k] = with_defaults(v, out[k]) if merge else copy.deepcopy(v)
     return out
 
 
@@ -74,7 +79,7 @@ def build_model_spec(name: str, spec: dict) -> dict:
         "path": path,
         "slo": {"ttft_s": s["slo"]["ttftSeconds"], "tpot_s": s["slo"]["tpotSeconds"]},
         "priority": s["priority"],
-        "replicas": {"min": lo, "max": max(hi, lo, 1)},
+        "replicas": {"min": lo, "max": hi},
         "engine": {"kind": src["engine"], "dtype": src["dtype"]},
     }
     if src.get("memoryGB") is not None:
