@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import sys
 import threading
 import time
 import uuid
@@ -117,20 +118,32 @@ class Operator:
 
 
 @pytest.mark.asyncio
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 async def test_operator_end_to_end(tmp_path, monkeypatch):
-    admin_token, join_token, tenant_key = new_key("tpadmin"), new_key("tpjoin"), new_key()
+    admin_token, tenant_key = new_key("tpadmin"), new_key()
     cfg = {"admin_token_hash": hash_key(admin_token), "auth": True,
-           "workers": {"local": "cpu", "join_token_hash": hash_key(join_token)},
+           "workers": {"local": "cpu", "join_token_hash": hash_key(new_key("tpjoin"))},
            "autoscaler": {"enabled": False}}
-    srv = await asyncio.to_thread(LiveServer(cfg, tmp_path / "srv").__enter__)
+    servers: list[LiveServer] = []
+
+    def start_controller(port: int | None = None) -> LiveServer:
+        """A fresh `tokenpool serve`; with `port`, on the port of the one before (a restarted controller)."""
+        s = LiveServer(cfg, tmp_path / f"srv{len(servers)}")
+        if port is not None:
+            s.port, s.url = port, f"http://127.0.0.1:{port}"
+            s.config_path.write_text(yaml.safe_dump(dict(cfg, listen={"host": "127.0.0.1", "port": port})))
+        servers.append(s)
+        return s.__enter__()
+
     try:
-        await _run(srv, tmp_path, monkeypatch, admin_token, tenant_key)
+        await _run(await asyncio.to_thread(start_controller), start_controller, tmp_path, monkeypatch, admin_token,
+                   tenant_key)
     finally:
-        await asyncio.to_thread(srv.__exit__, None, None, None)
+        for s in servers:
+            await asyncio.to_thread(s.__exit__, None, None, None)
 
 
-async def _run(srv, tmp_path, monkeypatch, admin_token, tenant_key) -> None:
+async def _run(srv, start_controller, tmp_path, monkeypatch, admin_token, tenant_key) -> None:
     import httpx
 
     admin = httpx.AsyncClient(base_url=srv.url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=10)
@@ -219,6 +232,21 @@ async def _run(srv, tmp_path, monkeypatch, admin_token, tenant_key) -> None:
         assert (await controller("/admin/tenants"))["team-a"]["usage"]["requests"] == usage
 
         async with Operator():
+            # Level-triggered: a restarted controller (models and tenants made over its admin API are gone) gets
+            # them back from the periodic reconcile, with no change to any resource.
+            resync = sys.modules["controller.operator.handlers"].RESYNC_S
+            await asyncio.to_thread(srv.__exit__, None, None, None)
+            srv = await asyncio.to_thread(start_controller, srv.port)
+            assert not await controller("/admin/models") and not await controller("/admin/tenants")
+            await _until("the model back", lambda: _has(controller, "/admin/models", "pace-m"), timeout=2 * resync + 20)
+            await _until("the tenant back", lambda: _has(controller, "/admin/tenants", "team-a"), timeout=2 * resync + 20)
+            await _until("the model Ready again", lambda: _ready(kube, "pooledmodels", "pace-m", generation=2))
+            model = (await controller("/admin/models"))["pace-m"]
+            assert model["replicas"] == {"min": 1, "max": 3} and model["priority"] == 3
+            out = await asyncio.to_thread(openai.OpenAI(base_url=srv.url + "/v1", api_key=tenant_key, max_retries=0)
+                                          .completions.create, model="pace-m", prompt="hi", max_tokens=2)
+            assert out.usage.completion_tokens == 2
+
             # Delete while a request streams: the finalizer drains it (the stream finishes), then removes the model.
             client = openai.OpenAI(base_url=srv.url + "/v1", api_key=tenant_key, max_retries=0)
             stream_done: dict = {}
