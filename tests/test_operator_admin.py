@@ -91,3 +91,21 @@ def test_errors_are_told_apart(server):
         AdminClient(server.url, "wrong").models()
     with pytest.raises(AdminUnavailable):
         AdminClient(f"http://127.0.0.1:{free_port()}", ADMIN, timeout_s=2).models()
+
+
+def test_operator_command_says_what_it_needs(tmp_path):
+    """In a subprocess: importing the handlers fixes the resync interval for this process's other tests."""
+    import os
+    import subprocess
+    import sys
+
+    from controller.testing import REPO_ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENPOOL_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "operator", "-n", "x"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "TOKENPOOL_ADMIN_TOKEN" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "operator", "-n", "x", "-A"], capture_output=True,
+                       env=dict(env, TOKENPOOL_ADMIN_TOKEN="t"), cwd=tmp_path, text=True, timeout=60)
+    assert r.returncode == 2 and "not both" in r.stderr

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from controller.operator import GROUP, VERSION
 from controller.operator import builders as b
@@ -109,7 +110,11 @@ def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: di
     with _locks[meta["uid"]]:
         ds = b.build_worker_daemonset(name, namespace, dict(spec))
         kopf.adopt(ds, owner=body)  # deleting the pool deletes its workers
-        current = memo.kube.apply_daemonset(ds)
+        try:
+            current = memo.kube.apply_daemonset(ds)
+        except ApiException as e:
+            _write_status(patch, status, {}, "Degraded", "WorkersNotApplied", f"DaemonSet: {e.status} {e.reason}", gen)
+            raise kopf.TemporaryError(f"applying the worker DaemonSet: {e.status} {e.reason}", delay=10) from e
         try:
             engines = memo.admin.engines()
         except AdminUnavailable as e:
