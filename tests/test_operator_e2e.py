@@ -1,12 +1,18 @@
 """The operator end to end: kopf's KopfRunner against kmock's Kubernetes emulator, reconciling into a live
 `tokenpool serve` (CPU worker, pace-engine model) that the official `openai` client then calls.
 
-What kmock's emulator does not do, and this test therefore does itself: it sets metadata.uid/generation on
-the objects it posts (the API server would), bumps generation on a spec change, and applies no CRD defaults
-or validation (the operator applies the same defaults itself; tests/test_manifests.py checks the CRD
-defaults equal the operator's). It has no garbage collector (the DaemonSet's ownerReference is asserted,
-not its deletion) and no kubelet (the DaemonSet's pods never run: the controller's own CPU worker stands in
-for the pool's engines).
+What kmock's emulator (0.8) does not do, and how this test deals with it:
+- it sets no metadata.uid, generation or resourceVersion: the test's objects carry them (kopf's finalizer
+  patch tests resourceVersion), and the test bumps generation with a spec change, as the API server would;
+- it applies no CRD defaults or validation: the operator applies the same defaults itself
+  (tests/test_manifests.py checks they equal the CRDs'), and the schemas are checked there with jsonschema;
+- it has no scale subresource mapping (a PATCH to .../scale would merge {"spec": {"replicas": N}} into the
+  object): the test patches spec.replicas.max, the field the CRD maps the scale subresource to;
+- it has no garbage collector and no kubelet: the DaemonSet's ownerReference is asserted, not its deletion,
+  and the DaemonSet's pods never run (the controller's own CPU worker stands in for the pool's engines);
+- a watch replays the objects it listed, so kopf handles a creation twice: the test asserts the controller
+  still saw each change once.
+tests/test_operator_cluster.py covers the rest on a real cluster (KUBECONFIG).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ compares with what they hold, changes only the difference, and writes status con
 Level-triggered: create/update/resume and a periodic timer all run the same reconcile, so after an operator
 or controller restart (a controller loses API-made models when it restarts) everything converges again.
 Idempotent: a reconcile that finds nothing to change calls no admin-API mutation and writes no status.
-Handlers are sync (kopf runs them in threads); one lock per object keeps the timer and an update apart.
+Handlers are sync (kopf runs them in threads); one lock per object keeps its timer and its change handlers apart.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import datetime
 import logging
 import os
 import threading
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +52,6 @@ class OperatorConfig:
 
 
 RESYNC_S = OperatorConfig.resync_from_env()
-_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
 
 @kopf.on.startup()
@@ -64,6 +62,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     memo.admin = AdminClient(cfg.controller_url, cfg.admin_token)
     memo.kube = Kube(cfg.kubeconfig)
     memo.applied = {}  # uid -> digest last applied by this process (status may lag behind a duplicate event)
+    memo.locks, memo.locks_guard = {}, threading.Lock()
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     # Keep kopf's bookkeeping in annotations: the CRDs' status schemas hold only tokenpool's fields.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -79,6 +78,12 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     """The pod's service account, else the KUBECONFIG of now (kopf's default login goes through the client
     library, which fixed its kubeconfig path when first imported)."""
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+def _lock(memo: kopf.Memo, uid: str) -> threading.Lock:
+    """One lock per object: its timer and its change handlers run in different threads."""
+    with memo.locks_guard:
+        return memo.locks.setdefault(uid, threading.Lock())
 
 
 def _now() -> str:
@@ -107,7 +112,7 @@ def _unavailable(e: AdminUnavailable) -> kopf.TemporaryError:
 def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: dict, body: kopf.Body,
                    patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     gen = meta.get("generation")
-    with _locks[meta["uid"]]:
+    with _lock(memo, meta["uid"]):
         ds = b.build_worker_daemonset(name, namespace, dict(spec))
         kopf.adopt(ds, owner=body)  # deleting the pool deletes its workers
         try:
@@ -120,6 +125,9 @@ def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: di
         except AdminUnavailable as e:
             _write_status(patch, status, {}, "Degraded", "ControllerUnavailable", str(e), gen)
             raise _unavailable(e) from e
+        except AdminError as e:
+            _write_status(patch, status, {}, "Degraded", "Rejected", str(e), gen)
+            return
         st = b.build_pool_status(engines, current, dict(spec), gen)
         if st["enginesReady"]:
             _write_status(patch, status, st, "Ready", "EnginesReady", f"{st['enginesReady']} engine(s) ready", gen)
@@ -153,7 +161,9 @@ def resync_model(runtime: datetime.timedelta, **kw: Any) -> None:
 def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: dict, patch: kopf.Patch,
                      memo: kopf.Memo, runtime: datetime.timedelta | None, **_: Any) -> None:
     gen, spec = meta.get("generation"), dict(spec)
-    with _locks[meta["uid"]]:
+    with _lock(memo, meta["uid"]):
+        if meta.get("deletionTimestamp"):
+            return  # a timer round racing the finalizer must not register the model again
         try:
             desired = b.build_model_spec(name, spec)
         except ValueError as e:
@@ -199,16 +209,17 @@ def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Pa
                  runtime: datetime.timedelta, **_: Any) -> None:
     """The finalizer: let the model's requests in flight finish (up to spec.drainTimeoutSeconds), then remove it."""
     served = b.served_name(name, dict(spec))
-    try:
-        n = _drain_wait(memo.admin, served, dict(spec), runtime)
-        if n:
-            _write_status(patch, status, {}, "Progressing", "Draining", f"{n} requests in flight before removal",
-                          meta.get("generation"))
-            raise kopf.TemporaryError(f"draining {n} requests before removal", delay=1)
-        memo.admin.remove_model(served)
-        memo.applied.pop(meta["uid"], None)
-    except AdminUnavailable as e:
-        raise _unavailable(e) from e
+    with _lock(memo, meta["uid"]):
+        try:
+            n = _drain_wait(memo.admin, served, dict(spec), runtime)
+            if n:
+                _write_status(patch, status, {}, "Progressing", "Draining", f"{n} requests in flight before removal",
+                              meta.get("generation"))
+                raise kopf.TemporaryError(f"draining {n} requests before removal", delay=1)
+            memo.admin.remove_model(served)
+            memo.applied.pop(meta["uid"], None)
+        except AdminUnavailable as e:
+            raise _unavailable(e) from e
 
 
 # --- Tenant ---
@@ -219,7 +230,9 @@ def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Pa
 def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: dict, patch: kopf.Patch,
                      memo: kopf.Memo, **_: Any) -> None:
     gen, spec = meta.get("generation"), dict(spec)
-    with _locks[meta["uid"]]:
+    with _lock(memo, meta["uid"]):
+        if meta.get("deletionTimestamp"):
+            return
         ref = spec.get("keysSecretRef") or {}
         data = memo.kube.secret_data(namespace, ref.get("name", ""))
         if data is None:
@@ -254,8 +267,9 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
 @kopf.on.delete(GROUP, VERSION, "tenants")
 def delete_tenant(name: str, meta: dict, memo: kopf.Memo, **_: Any) -> None:
     """The finalizer: the tenant's keys stop working before the resource is gone."""
-    try:
-        memo.admin.remove_tenant(name)
-        memo.applied.pop(meta["uid"], None)
-    except AdminUnavailable as e:
-        raise _unavailable(e) from e
+    with _lock(memo, meta["uid"]):
+        try:
+            memo.admin.remove_tenant(name)
+            memo.applied.pop(meta["uid"], None)
+        except AdminUnavailable as e:
+            raise _unavailable(e) from e
