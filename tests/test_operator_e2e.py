@@ -218,6 +218,23 @@ async def _run(srv, start_controller, tmp_path, monkeypatch, admin_token, tenant
                          lambda: _match(controller, "/admin/models", "pace-m", lambda m: m["replicas"]["max"] == 3))
             await _until("observedGeneration 2", lambda: _ready(kube, "pooledmodels", "pace-m", generation=2))
 
+            # A pool change rolls into its DaemonSet (a JSON merge patch: the container list is replaced whole).
+            await kube.patch("gpupools", "default", {"metadata": {"generation": 2}, "spec": {"gpusPerNode": 3}})
+            await _until("3 workers per node", lambda: _containers(kube, 3))
+            await _until("pool observedGeneration 2", lambda: _ready(kube, "gpupools", "default", generation=2))
+
+            # What the controller cannot take is Degraded, with the reason; nothing reaches the controller.
+            await kube.create("pooledmodels", _obj("PooledModel", "no-path", {"source": {}}))
+            await kube.create("pooledmodels", _obj("PooledModel", "no-pool", {"source": {"engine": "pace"},
+                                                                               "poolRef": "elsewhere"}))
+            bad = await _until("InvalidSpec", lambda: _reason(kube, "pooledmodels", "no-path", "InvalidSpec", "Degraded"))
+            assert "path is required" in _cond(bad, "Degraded")["message"] and _cond(bad)["status"] == "False"
+            await _until("PoolNotFound", lambda: _reason(kube, "pooledmodels", "no-pool", "PoolNotFound", "Degraded"))
+            assert set(await controller("/admin/models")) == {"pace-m"}
+            for n in ("no-path", "no-pool"):
+                await kube.delete("pooledmodels", n)
+                await _until(f"{n} gone", lambda n=n: _absent(kube, "pooledmodels", n))
+
             # Restart the operator: nothing changes (no admin-API mutation; statuses and the tenant's usage stay).
             before = {p: (await kube.get(p, n))["status"] for p, n in
                       (("pooledmodels", "pace-m"), ("tenants", "team-a"), ("gpupools", "default"))}
@@ -226,7 +243,7 @@ async def _run(srv, start_controller, tmp_path, monkeypatch, admin_token, tenant
         # Each change reached the controller once, however often kopf ran the handlers (kmock replays a watch's
         # initial listing, so creation is handled twice): one POST per tenant; a model's scale re-registers it.
         assert first.output.count("admin POST /admin/tenants") == 1 and "admin DELETE /admin/tenants" not in first.output
-        assert first.output.count("admin POST /admin/models") == 2 and first.output.count("admin DELETE /admin/models") == 1
+        assert first.output.count("admin POST /admin/models") == 2 and first.output.count("admin DELETE /admin/models/pace-m") == 1
 
         async with Operator() as second:
             await asyncio.sleep(6)  # resume handlers, then timer rounds (every 2 s)
@@ -252,6 +269,13 @@ async def _run(srv, start_controller, tmp_path, monkeypatch, admin_token, tenant
             out = await asyncio.to_thread(openai.OpenAI(base_url=srv.url + "/v1", api_key=tenant_key, max_retries=0)
                                           .completions.create, model="pace-m", prompt="hi", max_tokens=2)
             assert out.usage.completion_tokens == 2
+
+            # Rotating the key in the Secret reaches the controller with the next reconcile round.
+            rotated = new_key()
+            await kube.patch("secrets", "team-a-keys", {"data": {"key-1": base64.b64encode(rotated.encode()).decode()}})
+            await _until("the rotated key works", lambda: _key_works(srv.url, rotated), timeout=2 * resync + 20)
+            assert not await _key_works(srv.url, tenant_key)
+            tenant_key = rotated
 
             # Delete while a request streams: the finalizer drains it (the stream finishes), then removes the model.
             client = openai.OpenAI(base_url=srv.url + "/v1", api_key=tenant_key, max_retries=0)
@@ -311,9 +335,23 @@ async def _ready(kube: Cluster, plural: str, name: str, generation: int | None =
     return None
 
 
-async def _reason(kube: Cluster, plural: str, name: str, reason: str) -> dict | None:
+async def _reason(kube: Cluster, plural: str, name: str, reason: str, type_: str = "Progressing") -> dict | None:
     obj = await kube.get(plural, name)
-    return obj if _cond(obj, "Progressing").get("reason") == reason else None
+    c = _cond(obj, type_)
+    return obj if c.get("reason") == reason and c.get("status") == "True" else None
+
+
+async def _containers(kube: Cluster, n: int) -> bool:
+    ds = await kube.get("daemonsets", "tokenpool-workers-default")
+    return ds is not None and len(ds["spec"]["template"]["spec"]["containers"]) == n
+
+
+async def _key_works(url: str, key: str) -> bool:
+    try:
+        await asyncio.to_thread(openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0).models.list)
+        return True
+    except openai.AuthenticationError:
+        return False
 
 
 async def _absent(kube: Cluster, plural: str, name: str) -> bool:
