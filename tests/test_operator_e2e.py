@@ -175,7 +175,7 @@ async def _run(srv, start_controller, tmp_path, monkeypatch, admin_token, tenant
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
         monkeypatch.setenv("TOKENPOOL_CONTROLLER_URL", srv.url)
         monkeypatch.setenv("TOKENPOOL_ADMIN_TOKEN", admin_token)
-        monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "2")
+        monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
         kube = Cluster(k8s)
 
         await kube.create("secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "team-a-keys", "namespace": NS},
@@ -235,6 +235,16 @@ async def _run(srv, start_controller, tmp_path, monkeypatch, admin_token, tenant
                 await kube.delete("pooledmodels", n)
                 await _until(f"{n} gone", lambda n=n: _absent(kube, "pooledmodels", n))
 
+            # A new servedName moves the model: the old name goes, the new one comes; deletion takes the new one.
+            await kube.create("pooledmodels", _obj("PooledModel", "ren", {"source": {"engine": "pace"}}))
+            await _until("ren in the controller", lambda: _has(controller, "/admin/models", "ren"))
+            await kube.patch("pooledmodels", "ren", {"metadata": {"generation": 2}, "spec": {"servedName": "ren-2"}})
+            await _until("ren-2 in the controller", lambda: _has(controller, "/admin/models", "ren-2"))
+            assert "ren" not in await controller("/admin/models")
+            assert (await _until("ren Ready", lambda: _ready(kube, "pooledmodels", "ren", 2)))["status"]["served"] == "ren-2"
+            await kube.delete("pooledmodels", "ren")
+            await _until("ren-2 removed", lambda: _gone(controller, "/admin/models", "ren-2"))
+
             # Restart the operator: nothing changes (no admin-API mutation; statuses and the tenant's usage stay).
             before = {p: (await kube.get(p, n))["status"] for p, n in
                       (("pooledmodels", "pace-m"), ("tenants", "team-a"), ("gpupools", "default"))}
@@ -242,11 +252,12 @@ async def _run(srv, start_controller, tmp_path, monkeypatch, admin_token, tenant
             assert usage == 1
         # Each change reached the controller once, however often kopf ran the handlers (kmock replays a watch's
         # initial listing, so creation is handled twice): one POST per tenant; a model's scale re-registers it.
-        assert first.output.count("admin POST /admin/tenants") == 1 and "admin DELETE /admin/tenants" not in first.output
-        assert first.output.count("admin POST /admin/models") == 2 and first.output.count("admin DELETE /admin/models/pace-m") == 1
+        assert first.output.count("admin POST /admin/tenants team-a") == 1 and "admin DELETE /admin/tenants" not in first.output
+        assert first.output.count("admin POST /admin/models pace-m") == 2
+        assert first.output.count("admin DELETE /admin/models/pace-m") == 1
 
         async with Operator() as second:
-            await asyncio.sleep(6)  # resume handlers, then timer rounds (every 2 s)
+            await asyncio.sleep(4)  # resume handlers, then timer rounds (every second)
         assert "admin POST" not in second.output and "admin DELETE" not in second.output, second.output[-3000:]
         assert "reconcile_model" in second.output  # the handlers did run
         for p, n in (("pooledmodels", "pace-m"), ("tenants", "team-a"), ("gpupools", "default")):
@@ -260,7 +271,7 @@ async def _run(srv, start_controller, tmp_path, monkeypatch, admin_token, tenant
             resync = sys.modules["controller.operator.handlers"].RESYNC_S
             await asyncio.to_thread(srv.__exit__, None, None, None)
             srv = await asyncio.to_thread(start_controller, srv.port)
-            assert not await controller("/admin/models") and not await controller("/admin/tenants")
+            # (its config has no models or tenants: whatever it serves now came from the operator)
             await _until("the model back", lambda: _has(controller, "/admin/models", "pace-m"), timeout=2 * resync + 20)
             await _until("the tenant back", lambda: _has(controller, "/admin/tenants", "team-a"), timeout=2 * resync + 20)
             await _until("the model Ready again", lambda: _ready(kube, "pooledmodels", "pace-m", generation=2))
@@ -272,10 +283,19 @@ async def _run(srv, start_controller, tmp_path, monkeypatch, admin_token, tenant
 
             # Rotating the key in the Secret reaches the controller with the next reconcile round.
             rotated = new_key()
-            await kube.patch("secrets", "team-a-keys", {"data": {"key-1": base64.b64encode(rotated.encode()).decode()}})
+            secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "team-a-keys", "namespace": NS},
+                      "data": {"key-1": base64.b64encode(rotated.encode()).decode()}}
+            await kube.patch("secrets", "team-a-keys", {"data": secret["data"]})
             await _until("the rotated key works", lambda: _key_works(srv.url, rotated), timeout=2 * resync + 20)
             assert not await _key_works(srv.url, tenant_key)
             tenant_key = rotated
+
+            # No Secret, no keys: the tenant is revoked (Degraded) until the Secret is back.
+            await kube.delete("secrets", "team-a-keys")
+            await _until("SecretNotFound", lambda: _reason(kube, "tenants", "team-a", "SecretNotFound", "Degraded"))
+            assert not await _key_works(srv.url, tenant_key)
+            await kube.create("secrets", secret)
+            await _until("the key works again", lambda: _key_works(srv.url, tenant_key), timeout=2 * resync + 20)
 
             # Delete while a request streams: the finalizer drains it (the stream finishes), then removes the model.
             client = openai.OpenAI(base_url=srv.url + "/v1", api_key=tenant_key, max_retries=0)

@@ -27,7 +27,7 @@ class AdminClient:
 
     def _call(self, method: str, path: str, json: dict | None = None) -> httpx.Response:
         if method != "GET":
-            log.info("admin %s %s", method, path)  # changes only: a converged reconcile logs nothing
+            log.info("admin %s %s %s", method, path, (json or {}).get("name", ""))  # a converged reconcile logs nothing
         try:
             r = httpx.request(method, self.url.rstrip("/") + path, json=json, timeout=self.timeout_s,
                               headers={"Authorization": f"Bearer {self.token}"})

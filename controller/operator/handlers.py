@@ -61,7 +61,9 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     cfg = OperatorConfig.from_env()
     memo.admin = AdminClient(cfg.controller_url, cfg.admin_token)
     memo.kube = Kube(cfg.kubeconfig)
-    memo.applied = {}  # uid -> digest last applied by this process (status may lag behind a duplicate event)
+    # uid -> (generation, digest) last applied by this process: status may lag behind a duplicate event, and a
+    # timer's snapshot of the object may be older than what an update handler just applied.
+    memo.applied = {}
     memo.locks, memo.locks_guard = {}, threading.Lock()
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     # Keep kopf's bookkeeping in annotations: the CRDs' status schemas hold only tokenpool's fields.
@@ -84,6 +86,18 @@ def _lock(memo: kopf.Memo, uid: str) -> threading.Lock:
     """One lock per object: its timer and its change handlers run in different threads."""
     with memo.locks_guard:
         return memo.locks.setdefault(uid, threading.Lock())
+
+
+def _stale(memo: kopf.Memo, meta: dict) -> bool:
+    """Whether this invocation's object is older than one already applied (a timer that waited on the lock)."""
+    last = memo.applied.get(meta["uid"])
+    gen = meta.get("generation")
+    return last is not None and last[0] is not None and gen is not None and gen < last[0]
+
+
+def _applied(memo: kopf.Memo, meta: dict) -> str | None:
+    last = memo.applied.get(meta["uid"])
+    return last[1] if last else None
 
 
 def _now() -> str:
@@ -113,6 +127,8 @@ def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: di
                    patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     gen = meta.get("generation")
     with _lock(memo, meta["uid"]):
+        if _stale(memo, meta):
+            return
         ds = b.build_worker_daemonset(name, namespace, dict(spec))
         kopf.adopt(ds, owner=body)  # deleting the pool deletes its workers
         try:
@@ -120,6 +136,7 @@ def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: di
         except ApiException as e:
             _write_status(patch, status, {}, "Degraded", "WorkersNotApplied", f"DaemonSet: {e.status} {e.reason}", gen)
             raise kopf.TemporaryError(f"applying the worker DaemonSet: {e.status} {e.reason}", delay=10) from e
+        memo.applied[meta["uid"]] = (gen, ds["metadata"]["annotations"][b.ANNOTATION_DIGEST])
         try:
             engines = memo.admin.engines()
         except AdminUnavailable as e:
@@ -162,8 +179,8 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
                      memo: kopf.Memo, runtime: datetime.timedelta | None, **_: Any) -> None:
     gen, spec = meta.get("generation"), dict(spec)
     with _lock(memo, meta["uid"]):
-        if meta.get("deletionTimestamp"):
-            return  # a timer round racing the finalizer must not register the model again
+        if meta.get("deletionTimestamp") or _stale(memo, meta):
+            return  # a timer round racing the finalizer or an update must not undo what they did
         try:
             desired = b.build_model_spec(name, spec)
         except ValueError as e:
@@ -175,8 +192,17 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
             return  # the timer looks again
         want = b.digest(desired)
         try:
+            old = status.get("served")
+            if old and old != desired["name"] and old in memo.admin.models():  # renamed (servedName changed)
+                n = _drain_wait(memo.admin, old, spec, runtime)
+                if n:
+                    _write_status(patch, status, {}, "Progressing", "Draining", f"{n} requests in flight on {old!r}", gen)
+                    if runtime is None:
+                        return
+                    raise kopf.TemporaryError(f"draining {n} requests of {old!r} before the rename", delay=1)
+                memo.admin.remove_model(old)
             actual = memo.admin.models().get(desired["name"])
-            known = memo.applied.get(meta["uid"]) or status.get("appliedDigest")
+            known = _applied(memo, meta) or status.get("appliedDigest")
             if actual is not None and (not b.model_matches(desired, actual) or known not in (None, want)):
                 # The admin API has no in-place update: re-register, after the requests in flight finish.
                 n = _drain_wait(memo.admin, desired["name"], spec, runtime)
@@ -190,14 +216,14 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
                 actual = None
             if actual is None:
                 actual = memo.admin.add_model(desired)
-            memo.applied[meta["uid"]] = want
+            memo.applied[meta["uid"]] = (gen, want)
         except AdminUnavailable as e:
             _write_status(patch, status, {}, "Degraded", "ControllerUnavailable", str(e), gen)
             raise _unavailable(e) from e
         except AdminError as e:
             _write_status(patch, status, {}, "Degraded", "Rejected", str(e), gen)
             return
-        st = dict(b.build_model_status(actual, spec, gen), appliedDigest=want)
+        st = dict(b.build_model_status(actual, spec, gen), appliedDigest=want, served=desired["name"])
         if st["ready"]:
             _write_status(patch, status, st, "Ready", "Serving", f"on {st['replicas']} engine(s)", gen)
         else:
@@ -208,15 +234,16 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
 def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Patch, memo: kopf.Memo,
                  runtime: datetime.timedelta, **_: Any) -> None:
     """The finalizer: let the model's requests in flight finish (up to spec.drainTimeoutSeconds), then remove it."""
-    served = b.served_name(name, dict(spec))
+    names = {b.served_name(name, dict(spec)), status.get("served")} - {None}  # both, mid-rename
     with _lock(memo, meta["uid"]):
         try:
-            n = _drain_wait(memo.admin, served, dict(spec), runtime)
+            n = sum(_drain_wait(memo.admin, served, dict(spec), runtime) for served in names)
             if n:
                 _write_status(patch, status, {}, "Progressing", "Draining", f"{n} requests in flight before removal",
                               meta.get("generation"))
                 raise kopf.TemporaryError(f"draining {n} requests before removal", delay=1)
-            memo.admin.remove_model(served)
+            for served in names:
+                memo.admin.remove_model(served)
             memo.applied.pop(meta["uid"], None)
         except AdminUnavailable as e:
             raise _unavailable(e) from e
@@ -231,12 +258,17 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
                      memo: kopf.Memo, **_: Any) -> None:
     gen, spec = meta.get("generation"), dict(spec)
     with _lock(memo, meta["uid"]):
-        if meta.get("deletionTimestamp"):
+        if meta.get("deletionTimestamp") or _stale(memo, meta):
             return
         ref = spec.get("keysSecretRef") or {}
         data = memo.kube.secret_data(namespace, ref.get("name", ""))
-        if data is None:
-            _write_status(patch, status, {}, "Degraded", "SecretNotFound", f"no Secret {ref.get('name')!r}", gen)
+        if data is None:  # no Secret, no keys: a tenant already made loses them
+            try:
+                if memo.admin.remove_tenant(name):
+                    memo.applied.pop(meta["uid"], None)
+            except AdminUnavailable as e:
+                raise _unavailable(e) from e
+            _write_status(patch, status, {"keys": 0}, "Degraded", "SecretNotFound", f"no Secret {ref.get('name')!r}", gen)
             return  # the timer looks again
         try:
             hashes = b.tenant_key_hashes(name, b.secret_keys(data, ref.get("keys")))
@@ -247,13 +279,13 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
         want = b.digest(desired)  # covers the key hashes, which the admin API does not show back
         try:
             actual = memo.admin.tenants().get(name)
-            known = memo.applied.get(meta["uid"]) or status.get("appliedDigest")
+            known = _applied(memo, meta) or status.get("appliedDigest")
             if actual is not None and (not b.tenant_matches(desired, actual) or known != want):
                 memo.admin.remove_tenant(name)  # no in-place update: replace (its usage counters restart)
                 actual = None
             if actual is None:
                 memo.admin.add_tenant(desired)
-            memo.applied[meta["uid"]] = want
+            memo.applied[meta["uid"]] = (gen, want)
         except AdminUnavailable as e:
             _write_status(patch, status, {}, "Degraded", "ControllerUnavailable", str(e), gen)
             raise _unavailable(e) from e
