@@ -107,6 +107,7 @@ def test_pooledmodel_scale_subresource():
     schema = v["schema"]["openAPIV3Schema"]
     assert _resolve(schema, scale["specReplicasPath"])["type"] == "integer"
     assert _resolve(schema, scale["statusReplicasPath"])["type"] == "integer"
+    assert _resolve(schema, scale["labelSelectorPath"])["type"] == "string"
 
 
 def _structural(s: dict, where: str) -> None:

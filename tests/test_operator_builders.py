@@ -61,7 +61,9 @@ def test_model_status():
     desired = b.build_model_spec("m", {"source": {"path": "m"}})
     st = b.build_model_status(_model_out(desired), {"source": {"path": "m"}}, 4)
     assert st == {"observedGeneration": 4, "registered": True, "engines": ["e1"], "replicas": 1, "ready": True,
-                  "attainment": 0.95}
+                  "attainment": 0.95, "selector": "app.kubernetes.io/component=worker,tokenpool.dev/pool=default"}
+    pods = b.build_worker_daemonset("default", "ns", {})["spec"]["template"]["metadata"]["labels"]
+    assert dict(kv.split("=") for kv in st["selector"].split(",")).items() <= pods.items()
     loading = b.build_model_status(_model_out(desired, engines=[]), {"source": {"path": "m"}}, 4)
     assert loading["registered"] and not loading["ready"] and loading["replicas"] == 0
     scaled_to_zero = b.build_model_status(_model_out(desired, engines=[]), {"replicas": {"min": 0}}, 4)

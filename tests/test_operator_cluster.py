@@ -141,6 +141,7 @@ def test_operator_on_a_cluster(tmp_path, monkeypatch):
                 assert pm["metadata"]["generation"] == 2
                 scale = custom.get_namespaced_custom_object_scale(GROUP, VERSION, ns, "pooledmodels", "pace-m")
                 assert scale["spec"]["replicas"] == 3 and scale["status"]["replicas"] >= 1
+                assert "tokenpool.dev/pool=default" in scale["status"]["selector"]  # what an HPA needs
 
                 # Delete while a request streams: the finalizer drains it first.
                 done: dict = {}

@@ -106,6 +106,7 @@ def build_model_status(actual: dict | None, spec: dict, generation: int | None) 
         "registered": actual is not None,
         "engines": engines,
         "replicas": len(engines),
+        "selector": f"app.kubernetes.io/component=worker,{LABEL_POOL}={s['poolRef']}",
         "ready": actual is not None and (bool(engines) or (s["replicas"]["min"] == 0 and not s["pin"])),
         "attainment": actual.get("slo_attainment") if actual else None,
     }
