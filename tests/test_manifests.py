@@ -248,6 +248,13 @@ def test_rendered_overlay_validates():
     kinds = {d["kind"] for d in docs}
     assert {"CustomResourceDefinition", "Deployment", "Service", "Role", "RoleBinding", "ServiceAccount",
             "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor", "Secret", "Namespace"} <= kinds
+    ctl = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "tokenpool-controller")
+    pool = next(d for d in docs if d["kind"] == "GPUPool")
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in ctl["spec"]["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert claims == {pool["spec"]["modelsClaim"]}  # the controller reads the models the workers load
+    mounts = {m["mountPath"] for m in ctl["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert b.MODELS_MOUNT in mounts
     for d in docs:
         if d["apiVersion"].startswith(CUSTOM_GROUPS):
             if d["kind"] in CRDS:
