@@ -244,6 +244,7 @@ async def _run(srv, start_controller, tmp_path, monkeypatch, admin_token, tenant
             assert (await _until("ren Ready", lambda: _ready(kube, "pooledmodels", "ren", 2)))["status"]["served"] == "ren-2"
             await kube.delete("pooledmodels", "ren")
             await _until("ren-2 removed", lambda: _gone(controller, "/admin/models", "ren-2"))
+            await _until("ren gone", lambda: _absent(kube, "pooledmodels", "ren"))  # finalizer released
 
             # Restart the operator: nothing changes (no admin-API mutation; statuses and the tenant's usage stay).
             before = {p: (await kube.get(p, n))["status"] for p, n in
