@@ -152,8 +152,12 @@ async def test_operator_end_to_end(tmp_path, monkeypatch):
 async def _run(srv, start_controller, tmp_path, monkeypatch, admin_token, tenant_key) -> None:
     import httpx
 
-    admin = httpx.AsyncClient(base_url=srv.url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=10)
+    async with httpx.AsyncClient(base_url=srv.url, headers={"Authorization": f"Bearer {admin_token}"},
+                                 timeout=10) as admin:
+        await _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_token, tenant_key)
 
+
+async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_token, tenant_key) -> None:
     async def controller(path: str) -> dict:
         r = await admin.get(path)
         r.raise_for_status()
@@ -328,7 +332,6 @@ async def _run(srv, start_controller, tmp_path, monkeypatch, admin_token, tenant
             # Deleting the tenant revokes its key.
             await kube.delete("tenants", "team-a")
             await _until("tenant removed", lambda: _gone(controller, "/admin/tenants", "team-a"))
-    await admin.aclose()
 
 
 async def _engine_alive(controller) -> bool:
