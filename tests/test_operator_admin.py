@@ -60,7 +60,7 @@ def test_tenant_without_key_hashes_still_gets_a_key(admin):
 
 
 def test_models_inflight_and_removal(server, admin):
-    body = b.build_model_spec("pace-a", {"source": {"engine": "pace"}, "replicas": {"min": 1, "max": 1}})
+    body = b.build_model_spec("pace-a", {"engine": {"kind": "pace"}, "replicas": {"min": 1, "max": 1}})
     admin.add_model(body)
     assert b.model_matches(body, admin.models()["pace-a"])
     with pytest.raises(AdminError, match="already registered"):

@@ -14,12 +14,14 @@ from controller.operator import builders as b
 
 def test_model_spec_from_a_pooled_model():
     body = b.build_model_spec("qwen", {
-        "servedName": "qwen2-7b", "source": {"path": "Qwen2-7B", "dtype": "bf16", "memoryGB": 15.5},
+        "servedName": "qwen2-7b", "source": {"path": "Qwen2-7B", "memoryGB": 15.5},
+        "engine": {"dtype": "bf16", "maxNumSeqs": 32, "kvCacheMemoryGB": 4},
         "slo": {"ttftSeconds": 2, "tpotSeconds": 0.1}, "priority": 7, "replicas": {"min": 0, "max": 3}})
     assert body["name"] == "qwen2-7b" and body["path"] == "/models/Qwen2-7B"
     assert body["slo"] == {"ttft_s": 2.0, "tpot_s": 0.1} and body["priority"] == 7
     assert body["replicas"] == {"min": 0, "max": 3} and body["memory_gb"] == 15.5
-    assert body["engine"]["kind"] == "llm" and body["engine"]["dtype"] == "bf16"
+    assert body["engine"] == {**body["engine"], "kind": "llm", "dtype": "bf16", "max_num_seqs": 32,
+                              "kv_cache_memory_gb": 4.0, "max_model_len": None}  # the rest: ModelSpec's defaults
 
 
 def test_model_spec_defaults_pin_and_absolute_paths():
@@ -27,7 +29,7 @@ def test_model_spec_defaults_pin_and_absolute_paths():
     assert body["name"] == "m" and body["path"] == "/data/m"
     assert body["replicas"] == {"min": 1, "max": 2}  # pinned: at least one replica
     assert body["slo"] == {"ttft_s": 5.0, "tpot_s": 0.25} and body["priority"] == 0
-    assert b.build_model_spec("p", {"source": {"engine": "pace"}})["path"] is None
+    assert b.build_model_spec("p", {"engine": {"kind": "pace"}})["path"] is None
 
 
 @pytest.mark.parametrize("spec,msg", [

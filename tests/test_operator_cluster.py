@@ -110,7 +110,7 @@ def test_operator_on_a_cluster(tmp_path, monkeypatch):
             with runner:
                 # The API server validates against the CRD: a CEL rule and a schema bound.
                 with pytest.raises(ApiException) as e:
-                    create("pooledmodels", "PooledModel", "bad", {"source": {"engine": "pace"},
+                    create("pooledmodels", "PooledModel", "bad", {"engine": {"kind": "pace"},
                                                                    "replicas": {"min": 3, "max": 2}})
                 assert e.value.status == 422
                 with pytest.raises(ApiException):
@@ -119,7 +119,7 @@ def test_operator_on_a_cluster(tmp_path, monkeypatch):
                 core.create_namespaced_secret(ns, {"metadata": {"name": "keys"},
                                                    "data": {"k": base64.b64encode(tenant_key.encode()).decode()}})
                 create("gpupools", "GPUPool", "default", {})
-                create("pooledmodels", "PooledModel", "pace-m", {"source": {"engine": "pace"}})  # the rest defaulted
+                create("pooledmodels", "PooledModel", "pace-m", {"engine": {"kind": "pace"}})  # the rest defaulted
                 create("tenants", "Tenant", "team", {"keysSecretRef": {"name": "keys"}})
 
                 pm = _until("PooledModel Ready", lambda: (o := cr("pooledmodels", "pace-m")) and _ready(o) and o)

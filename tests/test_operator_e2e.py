@@ -186,7 +186,7 @@ async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_t
                                       "data": {"key-1": base64.b64encode(tenant_key.encode()).decode()}})
         await kube.create("gpupools", _obj("GPUPool", "default", {"gpusPerNode": 2, "hostCacheGB": 8}))
         await kube.create("pooledmodels", _obj("PooledModel", "pace-m", {
-            "source": {"engine": "pace"}, "slo": {"ttftSeconds": 5, "tpotSeconds": 0.5}, "priority": 3,
+            "engine": {"kind": "pace"}, "slo": {"ttftSeconds": 5, "tpotSeconds": 0.5}, "priority": 3,
             "replicas": {"min": 1, "max": 2}, "drainTimeoutSeconds": 60}))
         await kube.create("tenants", _obj("Tenant", "team-a", {
             "keysSecretRef": {"name": "team-a-keys"}, "models": ["pace-*"], "priority": 1}))
@@ -229,7 +229,7 @@ async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_t
 
             # What the controller cannot take is Degraded, with the reason; nothing reaches the controller.
             await kube.create("pooledmodels", _obj("PooledModel", "no-path", {"source": {}}))
-            await kube.create("pooledmodels", _obj("PooledModel", "no-pool", {"source": {"engine": "pace"},
+            await kube.create("pooledmodels", _obj("PooledModel", "no-pool", {"engine": {"kind": "pace"},
                                                                                "poolRef": "elsewhere"}))
             bad = await _until("InvalidSpec", lambda: _reason(kube, "pooledmodels", "no-path", "InvalidSpec", "Degraded"))
             assert "path is required" in _cond(bad, "Degraded")["message"] and _cond(bad)["status"] == "False"
@@ -240,7 +240,7 @@ async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_t
                 await _until(f"{n} gone", lambda n=n: _absent(kube, "pooledmodels", n))
 
             # A new servedName moves the model: the old name goes, the new one comes; deletion takes the new one.
-            await kube.create("pooledmodels", _obj("PooledModel", "ren", {"source": {"engine": "pace"}}))
+            await kube.create("pooledmodels", _obj("PooledModel", "ren", {"engine": {"kind": "pace"}}))
             await _until("ren in the controller", lambda: _has(controller, "/admin/models", "ren"))
             await kube.patch("pooledmodels", "ren", {"metadata": {"generation": 2}, "spec": {"servedName": "ren-2"}})
             await _until("ren-2 in the controller", lambda: _has(controller, "/admin/models", "ren-2"))

@@ -29,7 +29,8 @@ POOL_DEFAULTS: dict[str, Any] = {
 }
 MODEL_DEFAULTS: dict[str, Any] = {
     "poolRef": "default",
-    "source": {"engine": "llm", "dtype": "auto"},
+    "source": {},
+    "engine": {"kind": "llm", "dtype": "auto"},
     "slo": {"ttftSeconds": 5.0, "tpotSeconds": 0.25},
     "priority": 0,
     "pin": False,
@@ -80,8 +81,12 @@ def build_model_spec(name: str, spec: dict) -> dict:
         "slo": {"ttft_s": s["slo"]["ttftSeconds"], "tpot_s": s["slo"]["tpotSeconds"]},
         "priority": s["priority"],
         "replicas": {"min": lo, "max": hi},
-        "engine": {"kind": src["engine"], "dtype": src["dtype"]},
+        "engine": {"kind": s["engine"]["kind"], "dtype": s["engine"]["dtype"]},
     }
+    for field, key in (("maxNumSeqs", "max_num_seqs"), ("maxModelLen", "max_model_len"),
+                       ("kvCacheMemoryGB", "kv_cache_memory_gb")):
+        if s["engine"].get(field) is not None:
+            body["engine"][key] = s["engine"][field]
     if src.get("memoryGB") is not None:
         body["memory_gb"] = src["memoryGB"]
     return ModelSpec.model_validate(body).model_dump(mode="json")
