@@ -196,10 +196,38 @@ def loadtest_cmd(
 
 
 @app.command("operator")
-def operator_cmd() -> None:
-    """Run the Kubernetes operator (reconciles TokenPool resources) — not built yet."""
-    typer.echo("tokenpool operator: the Kubernetes operator is not built yet (see README status).", err=True)
-    raise typer.Exit(2)
+def operator_cmd(
+    namespace: Optional[list[str]] = typer.Option(
+        None, "--namespace", "-n", help="namespace to watch (repeatable); default: POD_NAMESPACE, else all"),
+    all_namespaces: bool = typer.Option(False, "--all-namespaces", "-A", help="watch the whole cluster"),
+    liveness: Optional[str] = typer.Option(None, help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz"),
+    verbose: bool = typer.Option(False, "--verbose", help="debug logging"),
+) -> None:
+    """Run the Kubernetes operator: GPUPool, PooledModel and Tenant resources into the controller's admin API.
+
+    Reads TOKENPOOL_CONTROLLER_URL and TOKENPOOL_ADMIN_TOKEN (or TOKENPOOL_ADMIN_TOKEN_FILE); Kubernetes access
+    from the pod's service account, else KUBECONFIG."""
+    import logging
+    import os
+
+    try:
+        import kopf
+
+        import controller.operator.handlers  # noqa: F401 - registers the handlers
+    except ImportError as e:
+        raise typer.BadParameter(f"the operator needs kopf and kubernetes: pip install 'tokenpool[operator]' ({e})") from e
+    from controller.operator.handlers import OperatorConfig
+
+    try:
+        OperatorConfig.from_env()  # fail here, with the reason, rather than inside kopf's start-up
+    except RuntimeError as e:
+        raise typer.BadParameter(str(e)) from e
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if all_namespaces and namespace:
+        raise typer.BadParameter("give --namespace or --all-namespaces, not both")
+    namespaces = [] if all_namespaces else (namespace or [n for n in [os.environ.get("POD_NAMESPACE")] if n])
+    kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces, liveness_endpoint=liveness)
 
 
 if __name__ == "__main__":

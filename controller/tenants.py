@@ -101,12 +101,13 @@ class TenantRegistry:
     def all(self) -> list[Tenant]:
         return list(self._t.values())
 
-    def create(self, spec: TenantSpec) -> tuple[Tenant, str]:
-        """Make a tenant with a fresh key; the key is returned here and never stored."""
+    def create(self, spec: TenantSpec, issue_key: bool = True) -> tuple[Tenant, str | None]:
+        """Make a tenant, with a fresh key unless `issue_key` is off; the key is returned here and never stored."""
         if spec.name in self._t:
             raise KeyError(spec.name)
-        key = new_key()
-        spec = spec.model_copy(update={"key_hashes": [*spec.key_hashes, hash_key(key)]})
+        key = new_key() if issue_key else None
+        if key is not None:
+            spec = spec.model_copy(update={"key_hashes": [*spec.key_hashes, hash_key(key)]})
         t = self._t[spec.name] = Tenant(spec, from_file=True)
         self._save()
         return t, key

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from controller.config import RateLimit
+from controller.keys import is_key_hash
 
 
 class TenantCreate(BaseModel):
@@ -17,6 +18,15 @@ class TenantCreate(BaseModel):
     max_concurrent: int | None = Field(None, ge=1)
     priority: int = 0
     slo_class: str | None = None
+    # Hashes of keys the caller holds (the Kubernetes operator's Tenant Secret); given, no key is made here.
+    key_hashes: list[str] = Field(default_factory=list)
+
+    @field_validator("key_hashes")
+    @classmethod
+    def _hashed(cls, v: list[str]) -> list[str]:
+        if not all(is_key_hash(h) for h in v):
+            raise ValueError("key_hashes must hold sha256$salt$digest hashes (python -m controller.keys KEY)")
+        return v
 
 
 class TenantOut(BaseModel):
@@ -31,7 +41,7 @@ class TenantOut(BaseModel):
 
 
 class TenantCreated(TenantOut):
-    api_key: str = Field(description="shown once; only its hash is kept")
+    api_key: str | None = Field(description="shown once; only its hash is kept (null when key_hashes were given)")
 
 
 class ReplicaOut(BaseModel):

@@ -113,7 +113,7 @@ async def create_tenant(body: ap.TenantCreate, request: Request):
     if body.slo_class is not None and body.slo_class not in ctl.cfg.slo_classes:
         raise ServingError(400, f"unknown slo_class {body.slo_class!r}", param="slo_class")
     try:
-        t, key = ctl.tenants.create(TenantSpec(**body.model_dump()))
+        t, key = ctl.tenants.create(TenantSpec(**body.model_dump()), issue_key=not body.key_hashes)
     except KeyError:
         raise ServingError(400, f"tenant {body.name!r} exists", param="name") from None
     views.events(ctl).publish("tenant_created", tenant=t.name)

@@ -1,0 +1,91 @@
+"""The controller's admin API as the operator uses it (HTTP, admin bearer token). Every change is logged."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import httpx
+
+log = logging.getLogger("tokenpool.operator")
+
+
+class AdminError(Exception):
+    """The controller refused a change (4xx): retrying the same request will not help."""
+
+
+class AdminUnavailable(Exception):
+    """The controller could not be reached or failed (5xx): retry later."""
+
+
+@dataclass(frozen=True)
+class AdminClient:
+    url: str
+    token: str
+    timeout_s: float = 10.0
+
+    def _call(self, method: str, path: str, json: dict | None = None) -> httpx.Response:
+        if method != "GET":
+            log.info("admin %s %s %s", method, path, (json or {}).get("name", ""))  # a converged reconcile logs nothing
+        try:
+            r = httpx.request(method, self.url.rstrip("/") + path, json=json, timeout=self.timeout_s,
+                              headers={"Authorization": f"Bearer {self.token}"})
+        except httpx.HTTPError as e:
+            raise AdminUnavailable(f"{method} {path}: {e}") from e
+        if r.status_code >= 500:
+            raise AdminUnavailable(f"{method} {path}: {r.status_code} {r.text[:300]}")
+        return r
+
+    @staticmethod
+    def _error(r: httpx.Response) -> str:
+        try:
+            return r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            return r.text[:300]
+
+    def models(self) -> dict[str, dict]:
+        r = self._call("GET", "/admin/models")
+        if r.status_code != 200:
+            raise AdminError(self._error(r))
+        return {m["name"]: m for m in r.json()}
+
+    def add_model(self, body: dict) -> dict:
+        r = self._call("POST", "/admin/models", body)
+        if r.status_code != 201:
+            raise AdminError(self._error(r))
+        return r.json()
+
+    def remove_model(self, name: str) -> bool:
+        r = self._call("DELETE", f"/admin/models/{quote(name, safe='/')}")
+        if r.status_code not in (200, 404):
+            raise AdminError(self._error(r))
+        return r.status_code == 200
+
+    def engines(self) -> list[dict]:
+        r = self._call("GET", "/admin/engines")
+        if r.status_code != 200:
+            raise AdminError(self._error(r))
+        return r.json()
+
+    def inflight(self, model: str) -> int:
+        """Requests of `model` now running on any engine."""
+        return sum(rep["inflight"] for e in self.engines() for rep in e["models"] if rep["model"] == model)
+
+    def tenants(self) -> dict[str, dict]:
+        r = self._call("GET", "/admin/tenants")
+        if r.status_code != 200:
+            raise AdminError(self._error(r))
+        return {t["name"]: t for t in r.json()}
+
+    def add_tenant(self, body: dict) -> dict:
+        r = self._call("POST", "/admin/tenants", body)
+        if r.status_code != 201:
+            raise AdminError(self._error(r))
+        return r.json()
+
+    def remove_tenant(self, name: str) -> bool:
+        r = self._call("DELETE", f"/admin/tenants/{quote(name, safe='')}")
+        if r.status_code not in (200, 404):
+            raise AdminError(self._error(r))
+        return r.status_code == 200

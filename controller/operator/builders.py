@@ -1,0 +1,262 @@
+"""Pure functions: custom resources in, admin-API bodies, Kubernetes objects and status out. No I/O here.
+
+Defaults live in one place per resource (`*_DEFAULTS`, the same values the CRDs default to; a test keeps the
+two equal), so the operator behaves the same whether or not the API server applied the CRD defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import json
+from typing import Any
+
+from controller.api.admin_protocol import TenantCreate
+from controller.config import ModelSpec
+from controller.keys import hash_key, is_key_hash
+from controller.operator import GROUP
+
+POOL_DEFAULTS: dict[str, Any] = {
+    "nodeSelector": {"nvidia.com/gpu.present": "true"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "gpusPerNode": 1,
+    "hostCacheGB": 16,
+    "policy": "token",
+    "image": "ghcr.io/tokenpool/tokenpool:0.1.0",
+    "controllerAddress": "tokenpool-controller:9000",
+    "joinTokenSecretRef": {"name": "tokenpool-join-token", "key": "token"},
+}
+MODEL_DEFAULTS: dict[str, Any] = {
+    "poolRef": "default",
+    "source": {},
+    "engine": {"kind": "llm", "dtype": "auto"},
+    "slo": {"ttftSeconds": 5.0, "tpotSeconds": 0.25},
+    "priority": 0,
+    "pin": False,
+    "replicas": {"min": 1, "max": 4},
+    "drainTimeoutSeconds": 120,
+}
+TENANT_DEFAULTS: dict[str, Any] = {"models": ["*"], "priority": 0, "rateLimits": {}}
+MODELS_MOUNT = "/models"  # where a pool's model volume is mounted in workers (and the controller)
+LABEL_POOL = f"{GROUP}/pool"
+ANNOTATION_DIGEST = f"{GROUP}/spec-digest"
+
+
+MAPS = frozenset({"nodeSelector"})  # free-form maps: a given one replaces the default whole
+
+
+def with_defaults(spec: dict | None, defaults: dict) -> dict:
+    """`spec` over `defaults`, objects merged key by key (what the API server's structural defaulting does:
+    a default fills a missing field, also inside a given object; a given map is taken as it is)."""
+    out = copy.deepcopy(defaults)
+    for k, v in (spec or {}).items():
+        merge = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in MAPS
+        out[k] = with_defaults(v, out[k]) if merge else copy.deepcopy(v)
+    return out
+
+
+def digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+# --- PooledModel -> ModelSpec ---
+def served_name(name: str, spec: dict) -> str:
+    return spec.get("servedName") or name
+
+
+def build_model_spec(name: str, spec: dict) -> dict:
+    """The admin API's `POST /admin/models` body (controller.config.ModelSpec JSON); ValueError when invalid."""
+    s = with_defaults(spec, MODEL_DEFAULTS)
+    src = s["source"]
+    path = src.get("path")
+    if path is not None and not path.startswith("/"):
+        path = f"{MODELS_MOUNT}/{path}"
+    lo, hi = s["replicas"]["min"], s["replicas"]["max"]
+    if s["pin"]:  # pinned: always at least one replica resident, whatever the autoscaler thinks
+        lo = max(lo, 1)
+    body: dict[str, Any] = {
+        "name": served_name(name, spec),
+        "path": path,
+        "slo": {"ttft_s": s["slo"]["ttftSeconds"], "tpot_s": s["slo"]["tpotSeconds"]},
+        "priority": s["priority"],
+        "replicas": {"min": lo, "max": hi},
+        "engine": {"kind": s["engine"]["kind"], "dtype": s["engine"]["dtype"]},
+    }
+    for field, key in (("maxNumSeqs", "max_num_seqs"), ("maxModelLen", "max_model_len"),
+                       ("kvCacheMemoryGB", "kv_cache_memory_gb")):
+        if s["engine"].get(field) is not None:
+            body["engine"][key] = s["engine"][field]
+    if src.get("memoryGB") is not None:
+        body["memory_gb"] = src["memoryGB"]
+    return ModelSpec.model_validate(body).model_dump(mode="json")
+
+
+def model_matches(desired: dict, actual: dict | None) -> bool:
+    """Whether the controller's model (a `GET /admin/models` item) already is `desired` in what it shows."""
+    if actual is None:
+        return False
+    return (actual.get("path") == desired["path"] and actual.get("priority") == desired["priority"]
+            and actual.get("replicas") == desired["replicas"]
+            and {k: float(v) for k, v in (actual.get("slo") or {}).items()} ==
+            {k: float(v) for k, v in desired["slo"].items()})
+
+
+def build_model_status(actual: dict | None, spec: dict, generation: int | None) -> dict:
+    """status fields of a PooledModel from its controller entry (None: not registered)."""
+    engines = list(actual.get("engines", [])) if actual else []
+    s = with_defaults(spec, MODEL_DEFAULTS)
+    return {
+        "observedGeneration": generation,
+        "registered": actual is not None,
+        "engines": engines,
+        "replicas": len(engines),
+        "selector": f"app.kubernetes.io/component=worker,{LABEL_POOL}={s['poolRef']}",
+        "ready": actual is not None and (bool(engines) or (s["replicas"]["min"] == 0 and not s["pin"])),
+        "attainment": actual.get("slo_attainment") if actual else None,
+    }
+
+
+# --- Tenant -> TenantCreate ---
+def tenant_key_hashes(name: str, keys: list[str]) -> list[str]:
+    """Hashes for the keys of a tenant's Secret. A value that already is a hash passes as is; a key is hashed
+    with a salt derived from the key itself, so the same Secret always gives the same hashes (idempotent
+    reconciles) while the salt still differs per key and per tenant."""
+    out = []
+    for k in keys:
+        k = k.strip()
+        if not k:
+            continue
+        if is_key_hash(k):
+            out.append(k)
+        else:
+            salt = hmac.new(k.encode(), f"tokenpool-tenant:{name}".encode(), hashlib.sha256).hexdigest()[:32]
+            out.append(hash_key(k, salt))
+    return sorted(set(out))
+
+
+def secret_keys(secret_data: dict[str, str] | None, wanted: list[str] | None) -> list[str]:
+    """Decoded values of a Secret's `data` (base64), only the `wanted` data keys when given."""
+    import base64
+
+    data = secret_data or {}
+    names = wanted if wanted else sorted(data)
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise KeyError(f"Secret has no data key(s) {missing}")
+    return [base64.b64decode(data[n]).decode() for n in names]
+
+
+def build_tenant_create(name: str, spec: dict, key_hashes: list[str]) -> dict:
+    """The admin API's `POST /admin/tenants` body (TenantCreate JSON); ValueError when invalid."""
+    s = with_defaults(spec, TENANT_DEFAULTS)
+    r = s["rateLimits"]
+    body = {
+        "name": name,
+        "models": s["models"],
+        "rate": {"requests_per_s": r.get("requestsPerSecond"), "burst": r.get("burst"),
+                 "tokens_per_min": r.get("tokensPerMinute")},
+        "max_concurrent": s.get("maxConcurrent"),
+        "priority": s["priority"],
+        "slo_class": s.get("sloClass"),
+        "key_hashes": key_hashes,
+    }
+    return TenantCreate.model_validate(body).model_dump(mode="json")
+
+
+def tenant_matches(desired: dict, actual: dict | None) -> bool:
+    """Whether the controller's tenant shows what `desired` asks (key hashes are not shown: see the digest)."""
+    if actual is None:
+        return False
+    return all(actual.get(k) == desired[k] for k in ("models", "rate", "max_concurrent", "priority", "slo_class"))
+
+
+# --- GPUPool -> worker DaemonSet ---
+def build_worker_daemonset(pool: str, namespace: str, spec: dict) -> dict:
+    """One pod per GPU node, one worker container per GPU. Every container asks the device plugin for one GPU,
+    so inside it the GPU is `cuda:0`; the pod's containers share one memory-backed /dev/shm, the node's host
+    weight cache. The join token comes from a Secret through the environment (the worker reads
+    TOKENPOOL_JOIN_TOKEN), so it never shows in a process listing."""
+    s = with_defaults(spec, POOL_DEFAULTS)
+    labels = {"app.kubernetes.io/name": "tokenpool", "app.kubernetes.io/component": "worker", LABEL_POOL: pool}
+    tok = s["joinTokenSecretRef"]
+    mounts = [{"name": "host-cache", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[dict] = [
+        {"name": "host-cache", "emptyDir": {"medium": "Memory", "sizeLimit": f"{s['hostCacheGB']}Gi"}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    if s.get("modelsClaim"):
+        mounts.append({"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True})
+        volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": s["modelsClaim"], "readOnly": True}})
+    containers = [{
+        "name": f"worker-{i}",
+        "image": s["image"],
+        "command": ["python", "-m", "controller.worker", "--controller", s["controllerAddress"], "--device", "cuda:0"],
+        "env": [
+            {"name": "TOKENPOOL_JOIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": tok["name"], "key": tok["key"]}}},
+            {"name": "HOME", "value": "/tmp"},
+        ],
+        "resources": {"limits": {"nvidia.com/gpu": "1"}},
+        "volumeMounts": mounts,
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+    } for i in range(s["gpusPerNode"])]
+    ds = {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": f"tokenpool-workers-{pool}", "namespace": namespace, "labels": labels},
+        "spec": {
+            "selector": {"matchLabels": {LABEL_POOL: pool, "app.kubernetes.io/component": "worker"}},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "serviceAccountName": "tokenpool-worker",
+                    "automountServiceAccountToken": False,
+                    "nodeSelector": s["nodeSelector"],
+                    "tolerations": s["tolerations"],
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "terminationGracePeriodSeconds": 60,
+                    "containers": containers,
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+    ds["metadata"]["annotations"] = {ANNOTATION_DIGEST: digest(ds["spec"])}
+    return ds
+
+
+def build_pool_status(engines: list[dict], daemonset: dict | None, spec: dict, generation: int | None) -> dict:
+    s = with_defaults(spec, POOL_DEFAULTS)
+    st = (daemonset or {}).get("status") or {}
+    nodes = int(st.get("numberReady") or 0)
+    return {
+        "observedGeneration": generation,
+        "nodes": nodes,
+        "gpus": nodes * s["gpusPerNode"],
+        "enginesReady": sum(1 for e in engines if e.get("alive") and not e.get("draining")),
+    }
+
+
+# --- conditions ---
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
+
+
+def build_conditions(state: str, reason: str, message: str, generation: int | None, previous: list[dict] | None,
+                     now: str) -> list[dict]:
+    """Ready/Progressing/Degraded with `state` the one that is True. A condition's lastTransitionTime moves only
+    when its status flips, so re-running a reconcile that changes nothing writes the same conditions."""
+    if state not in CONDITION_TYPES:
+        raise ValueError(f"state must be one of {CONDITION_TYPES}, got {state!r}")
+    prev = {c.get("type"): c for c in previous or []}
+    out = []
+    for t in CONDITION_TYPES:
+        status = "True" if t == state else "False"
+        old = prev.get(t)
+        since = old["lastTransitionTime"] if old and old.get("status") == status and old.get("lastTransitionTime") else now
+        c = {"type": t, "status": status, "reason": reason, "message": message, "lastTransitionTime": since}
+        if generation is not None:
+            c["observedGeneration"] = generation
+        out.append(c)
+    return out

@@ -1,0 +1,307 @@
+"""kopf handlers: thin. Each reads the object, asks `builders` what the controller and the cluster should hold,
+compares with what they hold, changes only the difference, and writes status conditions.
+
+Level-triggered: create/update/resume and a periodic timer all run the same reconcile, so after an operator
+or controller restart (a controller loses API-made models when it restarts) everything converges again.
+Idempotent: a reconcile that finds nothing to change calls no admin-API mutation and writes no status.
+Handlers are sync (kopf runs them in threads); one lock per object keeps its timer and its change handlers apart.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from controller.operator import GROUP, VERSION
+from controller.operator import builders as b
+from controller.operator.admin import AdminClient, AdminError, AdminUnavailable
+
+log = logging.getLogger("tokenpool.operator")
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    controller_url: str
+    admin_token: str
+    resync_s: float = 30.0
+    kubeconfig: str | None = None  # used outside a cluster; the first file of a KUBECONFIG list
+
+    @staticmethod
+    def resync_from_env() -> float:
+        return float(os.environ.get("TOKENPOOL_OPERATOR_RESYNC_S", "30"))
+
+    @classmethod
+    def from_env(cls) -> OperatorConfig:
+        """The one place the operator reads its environment (set by the Deployment from a Secret)."""
+        url = os.environ.get("TOKENPOOL_CONTROLLER_URL", "http://tokenpool-controller:8000")
+        token = os.environ.get("TOKENPOOL_ADMIN_TOKEN")
+        if not token and os.environ.get("TOKENPOOL_ADMIN_TOKEN_FILE"):
+            with open(os.environ["TOKENPOOL_ADMIN_TOKEN_FILE"]) as f:
+                token = f.read().strip()
+        if not token:
+            raise RuntimeError("set TOKENPOOL_ADMIN_TOKEN (or TOKENPOOL_ADMIN_TOKEN_FILE): the controller's admin token")
+        kubeconfig = (os.environ.get("KUBECONFIG") or "").split(os.pathsep)[0] or None
+        return cls(url, token, cls.resync_from_env(), kubeconfig)
+
+
+RESYNC_S = OperatorConfig.resync_from_env()
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    from controller.operator.kube import Kube
+
+    cfg = OperatorConfig.from_env()
+    memo.admin = AdminClient(cfg.controller_url, cfg.admin_token)
+    memo.kube = Kube(cfg.kubeconfig)
+    # uid -> (generation, digest) last applied by this process: status may lag behind a duplicate event, and a
+    # timer's snapshot of the object may be older than what an update handler just applied.
+    memo.applied = {}
+    memo.locks, memo.locks_guard = {}, threading.Lock()
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    # Keep kopf's bookkeeping in annotations: the CRDs' status schemas hold only tokenpool's fields.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.posting.level = logging.WARNING
+    # Watch the given namespaces and the resources found at start: no cluster-wide CRD or namespace watching,
+    # so the operator needs no ClusterRole (a newly installed CRD needs an operator restart).
+    settings.scanning.disabled = True
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """The pod's service account, else the KUBECONFIG of now (kopf's default login goes through the client
+    library, which fixed its kubeconfig path when first imported)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+def _lock(memo: kopf.Memo, uid: str) -> threading.Lock:
+    """One lock per object: its timer and its change handlers run in different threads."""
+    with memo.locks_guard:
+        return memo.locks.setdefault(uid, threading.Lock())
+
+
+def _stale(memo: kopf.Memo, meta: dict) -> bool:
+    """Whether this invocation's object is older than one already applied (a timer that waited on the lock)."""
+    last = memo.applied.get(meta["uid"])
+    gen = meta.get("generation")
+    return last is not None and last[0] is not None and gen is not None and gen < last[0]
+
+
+def _applied(memo: kopf.Memo, meta: dict) -> str | None:
+    last = memo.applied.get(meta["uid"])
+    return last[1] if last else None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _write_status(patch: kopf.Patch, status: dict, fields: dict, state: str, reason: str, message: str,
+                  generation: int | None) -> None:
+    """Patch status only where it differs (a converged object gets no write)."""
+    new = dict(fields, conditions=b.build_conditions(state, reason, message, generation, status.get("conditions"),
+                                                     _now()))
+    for k, v in new.items():
+        if status.get(k) != v:
+            patch.status[k] = v
+
+
+def _unavailable(e: AdminUnavailable) -> kopf.TemporaryError:
+    return kopf.TemporaryError(f"controller unavailable: {e}", delay=5)
+
+
+# --- GPUPool ---
+@kopf.on.resume(GROUP, VERSION, "gpupools")
+@kopf.on.create(GROUP, VERSION, "gpupools")
+@kopf.on.update(GROUP, VERSION, "gpupools", field="spec")
+@kopf.timer(GROUP, VERSION, "gpupools", interval=RESYNC_S, initial_delay=RESYNC_S)
+def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: dict, body: kopf.Body,
+                   patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    gen = meta.get("generation")
+    with _lock(memo, meta["uid"]):
+        if _stale(memo, meta):
+            return
+        ds = b.build_worker_daemonset(name, namespace, dict(spec))
+        kopf.adopt(ds, owner=body)  # deleting the pool deletes its workers
+        try:
+            current = memo.kube.apply_daemonset(ds)
+        except ApiException as e:
+            _write_status(patch, status, {}, "Degraded", "WorkersNotApplied", f"DaemonSet: {e.status} {e.reason}", gen)
+            raise kopf.TemporaryError(f"applying the worker DaemonSet: {e.status} {e.reason}", delay=10) from e
+        memo.applied[meta["uid"]] = (gen, ds["metadata"]["annotations"][b.ANNOTATION_DIGEST])
+        try:
+            engines = memo.admin.engines()
+        except AdminUnavailable as e:
+            _write_status(patch, status, {}, "Degraded", "ControllerUnavailable", str(e), gen)
+            raise _unavailable(e) from e
+        except AdminError as e:
+            _write_status(patch, status, {}, "Degraded", "Rejected", str(e), gen)
+            return
+        st = b.build_pool_status(engines, current, dict(spec), gen)
+        if st["enginesReady"]:
+            _write_status(patch, status, st, "Ready", "EnginesReady", f"{st['enginesReady']} engine(s) ready", gen)
+        else:
+            _write_status(patch, status, st, "Progressing", "WaitingForWorkers", "no engine has joined yet", gen)
+
+
+# --- PooledModel ---
+def _drain_wait(admin: AdminClient, served: str, spec: dict, runtime: datetime.timedelta | None) -> int:
+    """Requests of the model still running, 0 when it may go now: none left, or the drain timeout passed."""
+    n = admin.inflight(served)
+    timeout = b.with_defaults(spec, b.MODEL_DEFAULTS)["drainTimeoutSeconds"]
+    if n and runtime is not None and runtime.total_seconds() >= timeout:
+        log.warning("model %s: drain timeout (%ss) passed with %d requests in flight; removing it", served, timeout, n)
+        return 0
+    return n
+
+
+@kopf.on.resume(GROUP, VERSION, "pooledmodels")
+@kopf.on.create(GROUP, VERSION, "pooledmodels")
+@kopf.on.update(GROUP, VERSION, "pooledmodels", field="spec")
+def reconcile_model(runtime: datetime.timedelta, **kw: Any) -> None:
+    _reconcile_model(runtime=runtime, **kw)
+
+
+@kopf.timer(GROUP, VERSION, "pooledmodels", interval=RESYNC_S, initial_delay=RESYNC_S)
+def resync_model(runtime: datetime.timedelta, **kw: Any) -> None:
+    _reconcile_model(runtime=None, **kw)  # a timer round never waits for a drain: the change handler does
+
+
+def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: dict, patch: kopf.Patch,
+                     memo: kopf.Memo, runtime: datetime.timedelta | None, **_: Any) -> None:
+    gen, spec = meta.get("generation"), dict(spec)
+    with _lock(memo, meta["uid"]):
+        if meta.get("deletionTimestamp") or _stale(memo, meta):
+            return  # a timer round racing the finalizer or an update must not undo what they did
+        try:
+            desired = b.build_model_spec(name, spec)
+        except ValueError as e:
+            _write_status(patch, status, {}, "Degraded", "InvalidSpec", str(e), gen)
+            return  # nothing to retry until the spec changes
+        pool = b.with_defaults(spec, b.MODEL_DEFAULTS)["poolRef"]
+        if memo.kube.pool(namespace, pool) is None:
+            _write_status(patch, status, {}, "Degraded", "PoolNotFound", f"no GPUPool {pool!r} in {namespace}", gen)
+            return  # the timer looks again
+        want = b.digest(desired)
+        try:
+            old = status.get("served")
+            if old and old != desired["name"] and old in memo.admin.models():  # renamed (servedName changed)
+                n = _drain_wait(memo.admin, old, spec, runtime)
+                if n:
+                    _write_status(patch, status, {}, "Progressing", "Draining", f"{n} requests in flight on {old!r}", gen)
+                    if runtime is None:
+                        return
+                    raise kopf.TemporaryError(f"draining {n} requests of {old!r} before the rename", delay=1)
+                memo.admin.remove_model(old)
+            actual = memo.admin.models().get(desired["name"])
+            known = _applied(memo, meta) or status.get("appliedDigest")
+            if actual is not None and (not b.model_matches(desired, actual) or known not in (None, want)):
+                # The admin API has no in-place update: re-register, after the requests in flight finish.
+                n = _drain_wait(memo.admin, desired["name"], spec, runtime)
+                if n:
+                    _write_status(patch, status, {}, "Progressing", "Draining", f"{n} requests in flight before the "
+                                  "change", gen)
+                    if runtime is None:
+                        return
+                    raise kopf.TemporaryError(f"draining {n} requests before re-registering", delay=1)
+                memo.admin.remove_model(desired["name"])
+                actual = None
+            if actual is None:
+                actual = memo.admin.add_model(desired)
+            memo.applied[meta["uid"]] = (gen, want)
+        except AdminUnavailable as e:
+            _write_status(patch, status, {}, "Degraded", "ControllerUnavailable", str(e), gen)
+            raise _unavailable(e) from e
+        except AdminError as e:
+            _write_status(patch, status, {}, "Degraded", "Rejected", str(e), gen)
+            return
+        st = dict(b.build_model_status(actual, spec, gen), appliedDigest=want, served=desired["name"])
+        if st["ready"]:
+            _write_status(patch, status, st, "Ready", "Serving", f"on {st['replicas']} engine(s)", gen)
+        else:
+            _write_status(patch, status, st, "Progressing", "Loading", "registered; waiting for an engine", gen)
+
+
+@kopf.on.delete(GROUP, VERSION, "pooledmodels")
+def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Patch, memo: kopf.Memo,
+                 runtime: datetime.timedelta, **_: Any) -> None:
+    """The finalizer: let the model's requests in flight finish (up to spec.drainTimeoutSeconds), then remove it."""
+    names = {b.served_name(name, dict(spec)), status.get("served")} - {None}  # both, mid-rename
+    with _lock(memo, meta["uid"]):
+        try:
+            n = sum(_drain_wait(memo.admin, served, dict(spec), runtime) for served in names)
+            if n:
+                _write_status(patch, status, {}, "Progressing", "Draining", f"{n} requests in flight before removal",
+                              meta.get("generation"))
+                raise kopf.TemporaryError(f"draining {n} requests before removal", delay=1)
+            for served in names:
+                memo.admin.remove_model(served)
+            memo.applied.pop(meta["uid"], None)
+        except AdminUnavailable as e:
+            raise _unavailable(e) from e
+
+
+# --- Tenant ---
+@kopf.on.resume(GROUP, VERSION, "tenants")
+@kopf.on.create(GROUP, VERSION, "tenants")
+@kopf.on.update(GROUP, VERSION, "tenants", field="spec")
+@kopf.timer(GROUP, VERSION, "tenants", interval=RESYNC_S, initial_delay=RESYNC_S)
+def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: dict, patch: kopf.Patch,
+                     memo: kopf.Memo, **_: Any) -> None:
+    gen, spec = meta.get("generation"), dict(spec)
+    with _lock(memo, meta["uid"]):
+        if meta.get("deletionTimestamp") or _stale(memo, meta):
+            return
+        ref = spec.get("keysSecretRef") or {}
+        data = memo.kube.secret_data(namespace, ref.get("name", ""))
+        if data is None:  # no Secret, no keys: a tenant already made loses them
+            try:
+                if memo.admin.remove_tenant(name):
+                    memo.applied.pop(meta["uid"], None)
+            except AdminUnavailable as e:
+                raise _unavailable(e) from e
+            _write_status(patch, status, {"keys": 0}, "Degraded", "SecretNotFound", f"no Secret {ref.get('name')!r}", gen)
+            return  # the timer looks again
+        try:
+            hashes = b.tenant_key_hashes(name, b.secret_keys(data, ref.get("keys")))
+            desired = b.build_tenant_create(name, spec, hashes)
+        except (KeyError, ValueError) as e:
+            _write_status(patch, status, {}, "Degraded", "InvalidSpec", str(e), gen)
+            return
+        want = b.digest(desired)  # covers the key hashes, which the admin API does not show back
+        try:
+            actual = memo.admin.tenants().get(name)
+            known = _applied(memo, meta) or status.get("appliedDigest")
+            if actual is not None and (not b.tenant_matches(desired, actual) or known != want):
+                memo.admin.remove_tenant(name)  # no in-place update: replace (its usage counters restart)
+                actual = None
+            if actual is None:
+                memo.admin.add_tenant(desired)
+            memo.applied[meta["uid"]] = (gen, want)
+        except AdminUnavailable as e:
+            _write_status(patch, status, {}, "Degraded", "ControllerUnavailable", str(e), gen)
+            raise _unavailable(e) from e
+        except AdminError as e:
+            _write_status(patch, status, {}, "Degraded", "Rejected", str(e), gen)
+            return
+        _write_status(patch, status, {"observedGeneration": gen, "keys": len(hashes), "appliedDigest": want},
+                      "Ready", "Applied", f"{len(hashes)} key(s)", gen)
+
+
+@kopf.on.delete(GROUP, VERSION, "tenants")
+def delete_tenant(name: str, meta: dict, memo: kopf.Memo, **_: Any) -> None:
+    """The finalizer: the tenant's keys stop working before the resource is gone."""
+    with _lock(memo, meta["uid"]):
+        try:
+            memo.admin.remove_tenant(name)
+            memo.applied.pop(meta["uid"], None)
+        except AdminUnavailable as e:
+            raise _unavailable(e) from e

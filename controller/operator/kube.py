@@ -1,0 +1,58 @@
+"""The few Kubernetes API calls the operator makes besides kopf's own: read a Secret or a GPUPool, apply a
+DaemonSet. Plain dicts in and out (raw JSON, no client models), through the official client's configuration
+(in-cluster service account, else KUBECONFIG)."""
+
+from __future__ import annotations
+
+import json
+
+from controller.operator import GROUP, VERSION
+from controller.operator.builders import ANNOTATION_DIGEST
+
+
+class Kube:
+    def __init__(self, kubeconfig: str | None = None) -> None:
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            # The client reads KUBECONFIG once, at import; an explicit path sees the current one.
+            config.load_kube_config(config_file=kubeconfig)
+        self.api = client.ApiClient()
+        self.core = client.CoreV1Api(self.api)
+        self.apps = client.AppsV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+
+    @staticmethod
+    def _raw(call, *args, **kwargs) -> dict | None:
+        """The JSON object a client call returns, or None on 404."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            r = call(*args, _preload_content=False, **kwargs)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return json.loads(r.data)
+
+    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        s = self._raw(self.core.read_namespaced_secret, name, namespace)
+        return None if s is None else (s.get("data") or {})
+
+    def pool(self, namespace: str, name: str) -> dict | None:
+        return self._raw(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, "gpupools", name)
+
+    def apply_daemonset(self, ds: dict) -> dict:
+        """Create `ds`, or replace its spec when the builder's digest annotation differs; the current object."""
+        ns, name = ds["metadata"]["namespace"], ds["metadata"]["name"]
+        cur = self._raw(self.apps.read_namespaced_daemon_set, name, ns)
+        if cur is None:
+            return self._raw(self.apps.create_namespaced_daemon_set, ns, ds) or ds
+        want = ds["metadata"]["annotations"][ANNOTATION_DIGEST]
+        if (cur.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_DIGEST) == want:
+            return cur
+        # A JSON merge patch replaces lists whole (a strategic merge would keep containers the builder dropped).
+        return self._raw(self.apps.patch_namespaced_daemon_set, name, ns, {"metadata": ds["metadata"], "spec": ds["spec"]},
+                         _content_type="application/merge-patch+json") or ds

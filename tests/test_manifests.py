@@ -1,0 +1,267 @@
+"""manifests/: every object validates against the Kubernetes schemas (kubernetes-validate, strict), custom
+resources against their CRD's own openAPIV3Schema (jsonschema), and the pieces agree with each other and with
+the operator's builders (labels, ports, defaults, tokens)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+kv = pytest.importorskip("kubernetes_validate")
+jsonschema = pytest.importorskip("jsonschema")
+
+from controller.config import ServerConfig  # noqa: E402
+from controller.keys import verify_key  # noqa: E402
+from controller.operator import builders as b  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFESTS = ROOT / "manifests"
+K8S_VERSION = "1.30"  # the oldest Kubernetes these manifests are meant for (CEL validation rules, policy/v1)
+CUSTOM_GROUPS = ("tokenpool.dev/", "monitoring.coreos.com/")
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _kustomize_files(d: Path) -> list[Path]:
+    """The resource files a kustomization pulls in, recursively (what `kubectl kustomize` reads)."""
+    k = yaml.safe_load((d / "kustomization.yaml").read_text())
+    out: list[Path] = []
+    for r in k.get("resources", []):
+        p = (d / r).resolve()
+        out += _kustomize_files(p) if p.is_dir() else [p]
+    return out
+
+
+ALL_FILES = sorted({p for p in MANIFESTS.rglob("*.yaml") if p.name != "kustomization.yaml"
+                    and p.parent.name != "example" or p.name == "namespace.yaml"})
+OBJECTS = [(f.relative_to(MANIFESTS).as_posix(), d) for f in ALL_FILES for d in _docs(f)]
+CRDS = {d["spec"]["names"]["kind"]: d for _, d in OBJECTS if d["kind"] == "CustomResourceDefinition"}
+
+
+def _by_kind(kind: str, name: str | None = None) -> dict:
+    found = [d for _, d in OBJECTS if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, (kind, name, len(found))
+    return found[0]
+
+
+def _crd_schema(kind: str) -> dict:
+    return CRDS[kind]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def _validate_cr(obj: dict) -> None:
+    """A custom resource against its CRD's schema (OpenAPI v3.0 is JSON Schema draft 4 plus x-kubernetes-*,
+    which draft 4 ignores; metadata is the API server's business)."""
+    schema = copy.deepcopy(_crd_schema(obj["kind"]))
+    schema["properties"].pop("metadata", None)
+    jsonschema.Draft4Validator(schema).validate(obj)
+
+
+def test_every_file_is_in_a_kustomization():
+    pulled = set(_kustomize_files(MANIFESTS / "overlays" / "example"))
+    assert pulled == set(ALL_FILES), set(ALL_FILES) ^ pulled
+
+
+@pytest.mark.parametrize("where,obj", [o for o in OBJECTS if not o[1]["apiVersion"].startswith(CUSTOM_GROUPS)],
+                         ids=lambda x: x if isinstance(x, str) else f"{x['kind']}/{x['metadata']['name']}")
+def test_builtin_kinds_validate(where, obj):
+    kv.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_validator_is_not_vacuous():
+    bad = copy.deepcopy(_by_kind("Deployment", "tokenpool-controller"))
+    bad["spec"]["replicas"] = "one"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, K8S_VERSION, strict=True)
+    bad = copy.deepcopy(_by_kind("NetworkPolicy", "tokenpool-workers"))
+    bad["spec"]["ingres"] = bad["spec"].pop("ingress")  # strict: unknown fields fail
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("kind", ["GPUPool", "PooledModel", "Tenant"])
+def test_crd_shape(kind):
+    crd = CRDS[kind]
+    v = crd["spec"]["versions"][0]
+    assert crd["metadata"]["name"] == f"{crd['spec']['names']['plural']}.tokenpool.dev"
+    assert crd["spec"]["names"]["shortNames"] and "status" in v["subresources"]
+    schema = v["schema"]["openAPIV3Schema"]
+    _structural(schema, "")
+    for col in v["additionalPrinterColumns"]:
+        if not col["jsonPath"].startswith(".metadata"):
+            assert _resolve(schema, col["jsonPath"].split("[")[0]), col
+    st = schema["properties"]["status"]["properties"]
+    assert {"observedGeneration", "conditions"} <= set(st)
+    assert st["conditions"]["items"]["required"] == ["type", "status"]
+
+
+def test_pooledmodel_scale_subresource():
+    v = CRDS["PooledModel"]["spec"]["versions"][0]
+    scale = v["subresources"]["scale"]
+    schema = v["schema"]["openAPIV3Schema"]
+    assert _resolve(schema, scale["specReplicasPath"])["type"] == "integer"
+    assert _resolve(schema, scale["statusReplicasPath"])["type"] == "integer"
+    assert _resolve(schema, scale["labelSelectorPath"])["type"] == "string"
+
+
+def _structural(s: dict, where: str) -> None:
+    """Every node has a type (what the API server demands of a structural schema)."""
+    assert "type" in s or s.get("x-kubernetes-preserve-unknown-fields") or s.get("x-kubernetes-int-or-string"), where
+    for k, sub in (s.get("properties") or {}).items():
+        _structural(sub, f"{where}.{k}")
+    if "items" in s:
+        _structural(s["items"], f"{where}[]")
+    if isinstance(s.get("additionalProperties"), dict):
+        _structural(s["additionalProperties"], f"{where}{{}}")
+
+
+def _resolve(schema: dict, path: str) -> dict | None:
+    node = schema
+    for part in path.strip(".").split("."):
+        node = (node.get("properties") or {}).get(part)
+        if node is None:
+            return None
+    return node
+
+
+@pytest.mark.parametrize("kind", ["GPUPool", "PooledModel", "Tenant"])
+def test_examples_validate_against_their_crd(kind):
+    examples = [d for _, d in OBJECTS if d["kind"] == kind and d["apiVersion"] == "tokenpool.dev/v1alpha1"]
+    assert examples, f"no example {kind} in manifests/examples"
+    for e in examples:
+        _validate_cr(e)
+
+
+@pytest.mark.parametrize("kind,path,value", [
+    ("GPUPool", ("spec", "gpusPerNode"), 0),
+    ("GPUPool", ("spec", "policy"), "fastest"),
+    ("PooledModel", ("spec", "slo", "ttftSeconds"), 0),
+    ("PooledModel", ("spec", "engine", "kind"), "vllm"),
+    ("PooledModel", ("spec", "engine", "kvCacheMemoryGB"), 0),
+    ("PooledModel", ("spec", "replicas", "min"), -1),
+    ("Tenant", ("spec", "rateLimits", "requestsPerSecond"), -5),
+    ("Tenant", ("spec", "maxConcurrent"), 0),
+])
+def test_crd_schemas_reject_bad_values(kind, path, value):
+    obj = copy.deepcopy(next(d for _, d in OBJECTS if d["kind"] == kind))
+    node = obj
+    for p in path[:-1]:
+        node = node.setdefault(p, {})
+    node[path[-1]] = value
+    with pytest.raises(jsonschema.ValidationError):
+        _validate_cr(obj)
+
+
+def _apply_defaults(schema: dict, value):
+    """The API server's structural defaulting: a missing property with a default gets it, then recursion."""
+    if schema.get("type") != "object" or not isinstance(value, dict):
+        return value
+    out = dict(value)
+    for k, sub in (schema.get("properties") or {}).items():
+        if k not in out and "default" in sub:
+            out[k] = copy.deepcopy(sub["default"])
+        if k in out:
+            out[k] = _apply_defaults(sub, out[k])
+    return out
+
+
+@pytest.mark.parametrize("kind,defaults,minimal", [
+    ("GPUPool", b.POOL_DEFAULTS, {}),
+    ("GPUPool", b.POOL_DEFAULTS, {"nodeSelector": {"pool": "a"}, "joinTokenSecretRef": {"name": "t"}}),
+    ("PooledModel", b.MODEL_DEFAULTS, {}),
+    ("PooledModel", b.MODEL_DEFAULTS, {"engine": {"kind": "pace"}, "source": {"memoryGB": 1}}),
+    ("PooledModel", b.MODEL_DEFAULTS, {"source": {"path": "p"}, "slo": {"ttftSeconds": 1}, "replicas": {"max": 9}}),
+    ("Tenant", b.TENANT_DEFAULTS, {"keysSecretRef": {"name": "s"}}),
+    ("Tenant", b.TENANT_DEFAULTS, {"keysSecretRef": {"name": "s"}, "rateLimits": {"burst": 3}, "models": ["a"]}),
+])
+def test_crd_defaults_equal_the_operators(kind, defaults, minimal):
+    """The operator fills the same defaults as the CRD, so it works where the API server applied none."""
+    by_crd = _apply_defaults(_crd_schema(kind)["properties"]["spec"], minimal)
+    assert by_crd == b.with_defaults(minimal, defaults)
+
+
+def test_builder_daemonset_validates_and_matches_the_policies():
+    ds = b.build_worker_daemonset("default", "tokenpool", _by_kind("GPUPool")["spec"])
+    kv.validate(ds, K8S_VERSION, strict=True)
+    pod_labels = ds["spec"]["template"]["metadata"]["labels"]
+    for kind, name in (("NetworkPolicy", "tokenpool-workers"), ("PodDisruptionBudget", "tokenpool-workers")):
+        sel = _by_kind(kind, name)["spec"]["podSelector" if kind == "NetworkPolicy" else "selector"]["matchLabels"]
+        assert sel.items() <= pod_labels.items(), (kind, sel)
+    allowed = _by_kind("NetworkPolicy", "tokenpool-workers")["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    ctl = _by_kind("Deployment", "tokenpool-controller")["spec"]["template"]["metadata"]["labels"]
+    assert allowed.items() <= ctl.items()
+    assert ds["spec"]["template"]["spec"]["serviceAccountName"] in {d["metadata"]["name"] for _, d in OBJECTS
+                                                                     if d["kind"] == "ServiceAccount"}
+
+
+def test_servicemonitor_shape():
+    """A Prometheus Operator CRD kind (no schema in kubernetes-validate): it must select the controller Service
+    and scrape a port that Service names, with the admin token from the Secret the operator uses too."""
+    sm = _by_kind("ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    svc = _by_kind("Service", "tokenpool-controller")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    ports = {p["name"] for p in svc["spec"]["ports"]}
+    for ep in sm["spec"]["endpoints"]:
+        assert ep["port"] in ports and ep["path"] == "/metrics"
+        assert ep["authorization"]["credentials"]["name"] == "tokenpool-admin-token"
+
+
+def test_overlay_config_tokens_and_ports_agree():
+    ex = MANIFESTS / "overlays" / "example"
+    cfg = ServerConfig.model_validate(yaml.safe_load((ex / "config.yaml").read_text()))
+    env = {f: dict(line.split("=", 1) for line in (ex / f).read_text().split() if "=" in line)
+           for f in ("admin-token.env", "join-token.env")}
+    assert verify_key(env["admin-token.env"]["token"], cfg.admin_token_hash)
+    assert verify_key(env["join-token.env"]["token"], cfg.workers.join_token_hash)
+    assert cfg.workers.listen.host == "0.0.0.0" and cfg.workers.local == "none"
+    svc_ports = {p["name"]: p["port"] for p in _by_kind("Service", "tokenpool-controller")["spec"]["ports"]}
+    assert svc_ports == {"http": cfg.listen.port, "workers": cfg.workers.listen.port}
+    assert b.POOL_DEFAULTS["controllerAddress"] == f"tokenpool-controller:{cfg.workers.listen.port}"
+    op = _by_kind("Deployment", "tokenpool-operator")["spec"]["template"]["spec"]["containers"][0]
+    env_names = {e["name"] for e in op["env"]}
+    assert {"TOKENPOOL_CONTROLLER_URL", "TOKENPOOL_ADMIN_TOKEN"} <= env_names
+    assert op["command"][:2] == ["tokenpool", "operator"]
+    ctl = _by_kind("Deployment", "tokenpool-controller")["spec"]["template"]["spec"]["containers"][0]
+    assert ctl["command"] == ["tokenpool", "serve", "--config", "/etc/tokenpool/config.yaml"]
+
+
+def test_operator_role_grants_what_it_uses_and_no_more():
+    rules = _by_kind("Role", "tokenpool-operator")["rules"]
+    grants = {(g, r): set(rule["verbs"]) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]}
+    assert grants[("", "secrets")] == {"get"}  # tenant keys: read one by name, never list
+    assert grants[("apps", "daemonsets")] == {"get", "create", "patch"}
+    assert grants[("tokenpool.dev", "gpupools/finalizers")] == {"update"}  # ownerReference blockOwnerDeletion
+    assert all("delete" not in v and "*" not in v for v in grants.values())
+    assert not [d for _, d in OBJECTS if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (kubectl kustomize renders the overlay)")
+def test_rendered_overlay_validates():
+    out = subprocess.run(["kubectl", "kustomize", str(MANIFESTS / "overlays" / "example")], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    kinds = {d["kind"] for d in docs}
+    assert {"CustomResourceDefinition", "Deployment", "Service", "Role", "RoleBinding", "ServiceAccount",
+            "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor", "Secret", "Namespace"} <= kinds
+    ctl = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "tokenpool-controller")
+    pool = next(d for d in docs if d["kind"] == "GPUPool")
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in ctl["spec"]["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert claims == {pool["spec"]["modelsClaim"]}  # the controller reads the models the workers load
+    mounts = {m["mountPath"] for m in ctl["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert b.MODELS_MOUNT in mounts
+    for d in docs:
+        if d["apiVersion"].startswith(CUSTOM_GROUPS):
+            if d["kind"] in CRDS:
+                _validate_cr(d)
+            continue
+        kv.validate(d, K8S_VERSION, strict=True)
+        if d["kind"] != "Namespace" and "namespace" in d["metadata"]:
+            assert d["metadata"]["namespace"] == "tokenpool"

@@ -1,0 +1,111 @@
+"""The operator's admin-API client against a live controller, and the admin API's `key_hashes` on tenant
+creation (a tenant whose keys the caller holds: only their hashes reach the controller)."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import openai
+import pytest
+
+from controller.keys import hash_key, new_key
+from controller.operator import builders as b
+from controller.operator.admin import AdminClient, AdminError, AdminUnavailable
+from controller.testing import LiveServer, free_port
+
+ADMIN = new_key("tpadmin")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cfg = {"admin_token_hash": hash_key(ADMIN), "auth": True, "workers": {"local": "cpu"},
+           "autoscaler": {"enabled": False}}
+    with LiveServer(cfg, tmp_path_factory.mktemp("opadmin")) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def admin(server) -> AdminClient:
+    return AdminClient(server.url, ADMIN)
+
+
+def test_tenant_with_given_key_hashes(server, admin):
+    key = new_key()
+    body = b.build_tenant_create("hashes-only", {"models": ["*"]}, b.tenant_key_hashes("hashes-only", [key]))
+    made = admin.add_tenant(body)
+    assert made["api_key"] is None  # no key made server side: the caller holds its keys
+    assert "hashes-only" in admin.tenants()
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    c.models.list()
+    with pytest.raises(AdminError, match="exists"):
+        admin.add_tenant(body)
+    assert admin.remove_tenant("hashes-only") and not admin.remove_tenant("hashes-only")
+    with pytest.raises(openai.AuthenticationError):
+        c.models.list()
+
+
+def test_key_hashes_must_be_hashes(server):
+    r = httpx.post(server.url + "/admin/tenants", headers={"Authorization": f"Bearer {ADMIN}"},
+                   json={"name": "plain", "key_hashes": ["tp-a-plain-key"]})
+    assert r.status_code in (400, 422) and "key_hashes" in r.text
+    assert "tp-a-plain-key" not in str(httpx.get(server.url + "/admin/tenants",
+                                                 headers={"Authorization": f"Bearer {ADMIN}"}).json())
+
+
+def test_tenant_without_key_hashes_still_gets_a_key(admin):
+    made = admin.add_tenant(b.build_tenant_create("fresh", {}, []))
+    assert made["api_key"] and made["api_key"].startswith("tp-")
+    admin.remove_tenant("fresh")
+
+
+def test_models_inflight_and_removal(server, admin):
+    body = b.build_model_spec("pace-a", {"engine": {"kind": "pace"}, "replicas": {"min": 1, "max": 1}})
+    admin.add_model(body)
+    assert b.model_matches(body, admin.models()["pace-a"])
+    with pytest.raises(AdminError, match="already registered"):
+        admin.add_model(body)
+    key = new_key()
+    admin.add_tenant(b.build_tenant_create("reader", {}, b.tenant_key_hashes("reader", [key])))
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    started, counts = threading.Event(), []
+
+    def stream() -> None:
+        for _ in c.completions.create(model="pace-a", prompt="x", max_tokens=60, stream=True):
+            started.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert started.wait(30)
+    counts.append(admin.inflight("pace-a"))
+    t.join(30)
+    counts.append(admin.inflight("pace-a"))
+    assert counts == [1, 0]
+    assert admin.remove_model("pace-a") and not admin.remove_model("pace-a")
+    assert "pace-a" not in admin.models()
+    admin.remove_tenant("reader")
+
+
+def test_errors_are_told_apart(server):
+    with pytest.raises(AdminError, match="admin token"):
+        AdminClient(server.url, "wrong").models()
+    with pytest.raises(AdminUnavailable):
+        AdminClient(f"http://127.0.0.1:{free_port()}", ADMIN, timeout_s=2).models()
+
+
+def test_operator_command_says_what_it_needs(tmp_path):
+    """In a subprocess: importing the handlers fixes the resync interval for this process's other tests."""
+    import os
+    import subprocess
+    import sys
+
+    from controller.testing import REPO_ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENPOOL_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "operator", "-n", "x"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "TOKENPOOL_ADMIN_TOKEN" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "operator", "-n", "x", "-A"], capture_output=True,
+                       env=dict(env, TOKENPOOL_ADMIN_TOKEN="t"), cwd=tmp_path, text=True, timeout=60)
+    assert r.returncode == 2 and "not both" in r.stderr

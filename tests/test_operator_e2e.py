@@ -1,0 +1,383 @@
+"""The operator end to end: kopf's KopfRunner against kmock's Kubernetes emulator, reconciling into a live
+`tokenpool serve` (CPU worker, pace-engine model) that the official `openai` client then calls.
+
+What kmock's emulator (0.8) does not do, and how this test deals with it:
+- it sets no metadata.uid, generation or resourceVersion: the test's objects carry them (kopf's finalizer
+  patch tests resourceVersion), and the test bumps generation with a spec change, as the API server would;
+- it applies no CRD defaults or validation: the operator applies the same defaults itself
+  (tests/test_manifests.py checks they equal the CRDs'), and the schemas are checked there with jsonschema;
+- it has no scale subresource mapping (a PATCH to .../scale would merge {"spec": {"replicas": N}} into the
+  object): the test patches spec.replicas.max, the field the CRD maps the scale subresource to;
+- it has no garbage collector and no kubelet: the DaemonSet's ownerReference is asserted, not its deletion,
+  and the DaemonSet's pods never run (the controller's own CPU worker stands in for the pool's engines);
+- a watch replays the objects it listed, so kopf handles a creation twice: the test asserts the controller
+  still saw each change once.
+tests/test_operator_cluster.py covers the rest on a real cluster (KUBECONFIG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+kopf = pytest.importorskip("kopf")
+kmock = pytest.importorskip("kmock")
+openai = pytest.importorskip("openai")
+
+from kopf.testing import KopfRunner  # noqa: E402
+
+from controller.keys import hash_key, new_key  # noqa: E402
+from controller.testing import LiveServer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+NS = "tp"
+GV = "tokenpool.dev/v1alpha1"
+
+
+def _declare_crds(k8s) -> None:
+    """Discovery info for kopf, taken from the CRDs in manifests/ (so kopf sees what a cluster would serve)."""
+    for f in sorted((ROOT / "manifests" / "crds").glob("*.yaml")):
+        crd = yaml.safe_load(f.read_text())
+        if crd.get("kind") != "CustomResourceDefinition":
+            continue
+        n, v = crd["spec"]["names"], crd["spec"]["versions"][0]
+        k8s.resources[f"{crd['spec']['group']}/{v['name']}/{n['plural']}"] = kmock.ResourceInfo(
+            kind=n["kind"], singular=n["singular"], shortnames=set(n.get("shortNames", [])), namespaced=True,
+            verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+            subresources=set(v.get("subresources", {})))
+
+
+def _obj(kind: str, name: str, spec: dict) -> dict:
+    return {"apiVersion": GV, "kind": kind, "spec": spec,
+            "metadata": {"name": name, "namespace": NS, "uid": str(uuid.uuid4()), "generation": 1, "resourceVersion": "1",
+                         "creationTimestamp": "2026-01-01T00:00:00Z"}}
+
+
+class Cluster:
+    """Plain HTTP against the emulator, the way kubectl would talk to an API server."""
+
+    def __init__(self, k8s) -> None:
+        self.k8s = k8s
+
+    def _path(self, plural: str, name: str | None = None) -> str:
+        base = f"/api/v1/namespaces/{NS}/{plural}" if plural in ("secrets",) else (
+            f"/apis/apps/v1/namespaces/{NS}/{plural}" if plural == "daemonsets" else f"/apis/{GV}/namespaces/{NS}/{plural}")
+        return base if name is None else f"{base}/{name}"
+
+    async def create(self, plural: str, body: dict) -> None:
+        r = await self.k8s.post(self._path(plural), json=body)
+        assert r.status < 300, await r.text()
+
+    async def get(self, plural: str, name: str) -> dict | None:
+        r = await self.k8s.get(self._path(plural, name))
+        return await r.json() if r.status == 200 else None
+
+    async def patch(self, plural: str, name: str, body: dict) -> None:
+        r = await self.k8s.patch(self._path(plural, name), json=body,
+                                 headers={"Content-Type": "application/merge-patch+json"})
+        assert r.status < 300, await r.text()
+
+    async def delete(self, plural: str, name: str) -> None:
+        r = await self.k8s.delete(self._path(plural, name))
+        assert r.status < 300, await r.text()
+
+
+def _cond(obj: dict | None, type_: str = "Ready") -> dict:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c["type"] == type_:
+            return c
+    return {}
+
+
+async def _until(what: str, check, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+class Operator:
+    """KopfRunner in its thread; entering and leaving off the event loop (the emulator serves on this loop)."""
+
+    def __init__(self) -> None:
+        self.runner = KopfRunner(["run", "--standalone", "--verbose", "-n", NS, "-m", "controller.operator.handlers"],
+                                 timeout=30)
+
+    async def __aenter__(self) -> KopfRunner:
+        await asyncio.to_thread(self.runner.__enter__)
+        return self.runner
+
+    async def __aexit__(self, *exc) -> None:
+        await asyncio.to_thread(self.runner.__exit__, None, None, None)
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(150)
+async def test_operator_end_to_end(tmp_path, monkeypatch):
+    admin_token, tenant_key = new_key("tpadmin"), new_key()
+    cfg = {"admin_token_hash": hash_key(admin_token), "auth": True,
+           "workers": {"local": "cpu", "join_token_hash": hash_key(new_key("tpjoin"))},
+           "autoscaler": {"enabled": False}}
+    servers: list[LiveServer] = []
+
+    def start_controller(port: int | None = None) -> LiveServer:
+        """A fresh `tokenpool serve`; with `port`, on the port of the one before (a restarted controller)."""
+        s = LiveServer(cfg, tmp_path / f"srv{len(servers)}")
+        if port is not None:
+            s.port, s.url = port, f"http://127.0.0.1:{port}"
+            s.config_path.write_text(yaml.safe_dump(dict(cfg, listen={"host": "127.0.0.1", "port": port})))
+        servers.append(s)
+        return s.__enter__()
+
+    try:
+        await _run(await asyncio.to_thread(start_controller), start_controller, tmp_path, monkeypatch, admin_token,
+                   tenant_key)
+    finally:
+        for s in servers:
+            await asyncio.to_thread(s.__exit__, None, None, None)
+
+
+async def _run(srv, start_controller, tmp_path, monkeypatch, admin_token, tenant_key) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=srv.url, headers={"Authorization": f"Bearer {admin_token}"},
+                                 timeout=10) as admin:
+        await _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_token, tenant_key)
+
+
+async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_token, tenant_key) -> None:
+    async def controller(path: str) -> dict:
+        r = await admin.get(path)
+        r.raise_for_status()
+        return {x.get("name") or x.get("id"): x for x in r.json()}
+
+    await _until("the controller's CPU engine", lambda: _engine_alive(controller), timeout=60)
+
+    async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s):
+        _declare_crds(k8s)
+        k8s.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False)
+        k8s.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
+        k8s.resources["apps/v1/daemonsets"] = kmock.ResourceInfo(kind="DaemonSet", namespaced=True)
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+            "clusters": [{"name": "kmock", "cluster": {"server": str(k8s.url).rstrip("/")}}],
+            "users": [{"name": "kmock", "user": {"token": "kmock"}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": NS}}]}))
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        monkeypatch.setenv("TOKENPOOL_CONTROLLER_URL", srv.url)
+        monkeypatch.setenv("TOKENPOOL_ADMIN_TOKEN", admin_token)
+        monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
+        kube = Cluster(k8s)
+
+        await kube.create("secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "team-a-keys", "namespace": NS},
+                                      "data": {"key-1": base64.b64encode(tenant_key.encode()).decode()}})
+        await kube.create("gpupools", _obj("GPUPool", "default", {"gpusPerNode": 2, "hostCacheGB": 8}))
+        await kube.create("pooledmodels", _obj("PooledModel", "pace-m", {
+            "engine": {"kind": "pace"}, "slo": {"ttftSeconds": 5, "tpotSeconds": 0.5}, "priority": 3,
+            "replicas": {"min": 1, "max": 2}, "drainTimeoutSeconds": 60}))
+        await kube.create("tenants", _obj("Tenant", "team-a", {
+            "keysSecretRef": {"name": "team-a-keys"}, "models": ["pace-*"], "priority": 1}))
+
+        async with Operator() as first:
+            # The controller gets the model and the tenant; every status goes Ready.
+            await _until("the model in the controller", lambda: _has(controller, "/admin/models", "pace-m"))
+            await _until("the tenant in the controller", lambda: _has(controller, "/admin/tenants", "team-a"))
+            model = (await controller("/admin/models"))["pace-m"]
+            assert model["replicas"] == {"min": 1, "max": 2} and model["priority"] == 3 and model["slo"]["tpot_s"] == 0.5
+            for plural, name in (("pooledmodels", "pace-m"), ("tenants", "team-a"), ("gpupools", "default")):
+                obj = await _until(f"{plural}/{name} Ready", lambda p=plural, n=name: _ready(kube, p, n))
+                assert _cond(obj)["observedGeneration"] == 1
+                assert {c["type"] for c in obj["status"]["conditions"]} == {"Ready", "Progressing", "Degraded"}
+            pm = await kube.get("pooledmodels", "pace-m")
+            assert pm["status"]["registered"] and pm["status"]["replicas"] >= 1
+            assert (await kube.get("tenants", "team-a"))["status"]["keys"] == 1
+            assert (await kube.get("gpupools", "default"))["status"]["enginesReady"] >= 1
+            ds = await kube.get("daemonsets", "tokenpool-workers-default")
+            assert ds is not None and [c["name"] for c in ds["spec"]["template"]["spec"]["containers"]] == ["worker-0", "worker-1"]
+            assert ds["metadata"]["ownerReferences"][0]["kind"] == "GPUPool"
+            # Only the hash reached the controller: the key works on the API, a wrong one does not.
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key=tenant_key, max_retries=0)
+            out = await asyncio.to_thread(client.completions.create, model="pace-m", prompt="hi", max_tokens=3)
+            assert out.usage.completion_tokens == 3
+            with pytest.raises(openai.AuthenticationError):
+                await asyncio.to_thread(openai.OpenAI(base_url=srv.url + "/v1", api_key=new_key(), max_retries=0)
+                                        .completions.create, model="pace-m", prompt="hi", max_tokens=1)
+
+            # Scale (what HPA does through the scale subresource: spec.replicas.max), a new generation.
+            await kube.patch("pooledmodels", "pace-m", {"metadata": {"generation": 2}, "spec": {"replicas": {"max": 3}}})
+            await _until("max replicas 3 in the controller",
+                         lambda: _match(controller, "/admin/models", "pace-m", lambda m: m["replicas"]["max"] == 3))
+            await _until("observedGeneration 2", lambda: _ready(kube, "pooledmodels", "pace-m", generation=2))
+
+            # A pool change rolls into its DaemonSet (a JSON merge patch: the container list is replaced whole).
+            await kube.patch("gpupools", "default", {"metadata": {"generation": 2}, "spec": {"gpusPerNode": 3}})
+            await _until("3 workers per node", lambda: _containers(kube, 3))
+            await _until("pool observedGeneration 2", lambda: _ready(kube, "gpupools", "default", generation=2))
+
+            # What the controller cannot take is Degraded, with the reason; nothing reaches the controller.
+            await kube.create("pooledmodels", _obj("PooledModel", "no-path", {"source": {}}))
+            await kube.create("pooledmodels", _obj("PooledModel", "no-pool", {"engine": {"kind": "pace"},
+                                                                               "poolRef": "elsewhere"}))
+            bad = await _until("InvalidSpec", lambda: _reason(kube, "pooledmodels", "no-path", "InvalidSpec", "Degraded"))
+            assert "path is required" in _cond(bad, "Degraded")["message"] and _cond(bad)["status"] == "False"
+            await _until("PoolNotFound", lambda: _reason(kube, "pooledmodels", "no-pool", "PoolNotFound", "Degraded"))
+            assert set(await controller("/admin/models")) == {"pace-m"}
+            for n in ("no-path", "no-pool"):
+                await kube.delete("pooledmodels", n)
+                await _until(f"{n} gone", lambda n=n: _absent(kube, "pooledmodels", n))
+
+            # A new servedName moves the model: the old name goes, the new one comes; deletion takes the new one.
+            await kube.create("pooledmodels", _obj("PooledModel", "ren", {"engine": {"kind": "pace"}}))
+            await _until("ren in the controller", lambda: _has(controller, "/admin/models", "ren"))
+            await kube.patch("pooledmodels", "ren", {"metadata": {"generation": 2}, "spec": {"servedName": "ren-2"}})
+            await _until("ren-2 in the controller", lambda: _has(controller, "/admin/models", "ren-2"))
+            assert "ren" not in await controller("/admin/models")
+            assert (await _until("ren Ready", lambda: _ready(kube, "pooledmodels", "ren", 2)))["status"]["served"] == "ren-2"
+            await kube.delete("pooledmodels", "ren")
+            await _until("ren-2 removed", lambda: _gone(controller, "/admin/models", "ren-2"))
+            await _until("ren gone", lambda: _absent(kube, "pooledmodels", "ren"))  # finalizer released
+
+            # Restart the operator: nothing changes (no admin-API mutation; statuses and the tenant's usage stay).
+            before = {p: (await kube.get(p, n))["status"] for p, n in
+                      (("pooledmodels", "pace-m"), ("tenants", "team-a"), ("gpupools", "default"))}
+            usage = (await controller("/admin/tenants"))["team-a"]["usage"]["requests"]
+            assert usage == 1
+        # Each change reached the controller once, however often kopf ran the handlers (kmock replays a watch's
+        # initial listing, so creation is handled twice): one POST per tenant; a model's scale re-registers it.
+        assert first.output.count("admin POST /admin/tenants team-a") == 1 and "admin DELETE /admin/tenants" not in first.output
+        assert first.output.count("admin POST /admin/models pace-m") == 2
+        assert first.output.count("admin DELETE /admin/models/pace-m") == 1
+
+        async with Operator() as second:
+            await asyncio.sleep(4)  # resume handlers, then timer rounds (every second)
+        assert "admin POST" not in second.output and "admin DELETE" not in second.output, second.output[-3000:]
+        assert "reconcile_model" in second.output  # the handlers did run
+        for p, n in (("pooledmodels", "pace-m"), ("tenants", "team-a"), ("gpupools", "default")):
+            after = (await kube.get(p, n))["status"]
+            assert after == before[p], (p, before[p], after)
+        assert (await controller("/admin/tenants"))["team-a"]["usage"]["requests"] == usage
+
+        async with Operator():
+            # Level-triggered: a restarted controller (models and tenants made over its admin API are gone) gets
+            # them back from the periodic reconcile, with no change to any resource.
+            resync = sys.modules["controller.operator.handlers"].RESYNC_S
+            await asyncio.to_thread(srv.__exit__, None, None, None)
+            srv = await asyncio.to_thread(start_controller, srv.port)
+            # (its config has no models or tenants: whatever it serves now came from the operator)
+            await _until("the model back", lambda: _has(controller, "/admin/models", "pace-m"), timeout=2 * resync + 20)
+            await _until("the tenant back", lambda: _has(controller, "/admin/tenants", "team-a"), timeout=2 * resync + 20)
+            await _until("the model Ready again", lambda: _ready(kube, "pooledmodels", "pace-m", generation=2))
+            model = (await controller("/admin/models"))["pace-m"]
+            assert model["replicas"] == {"min": 1, "max": 3} and model["priority"] == 3
+            out = await asyncio.to_thread(openai.OpenAI(base_url=srv.url + "/v1", api_key=tenant_key, max_retries=0)
+                                          .completions.create, model="pace-m", prompt="hi", max_tokens=2)
+            assert out.usage.completion_tokens == 2
+
+            # Rotating the key in the Secret reaches the controller with the next reconcile round.
+            rotated = new_key()
+            secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "team-a-keys", "namespace": NS},
+                      "data": {"key-1": base64.b64encode(rotated.encode()).decode()}}
+            await kube.patch("secrets", "team-a-keys", {"data": secret["data"]})
+            await _until("the rotated key works", lambda: _key_works(srv.url, rotated), timeout=2 * resync + 20)
+            assert not await _key_works(srv.url, tenant_key)
+            tenant_key = rotated
+
+            # No Secret, no keys: the tenant is revoked (Degraded) until the Secret is back.
+            await kube.delete("secrets", "team-a-keys")
+            await _until("SecretNotFound", lambda: _reason(kube, "tenants", "team-a", "SecretNotFound", "Degraded"))
+            assert not await _key_works(srv.url, tenant_key)
+            await kube.create("secrets", secret)
+            await _until("the key works again", lambda: _key_works(srv.url, tenant_key), timeout=2 * resync + 20)
+
+            # Delete while a request streams: the finalizer drains it (the stream finishes), then removes the model.
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key=tenant_key, max_retries=0)
+            stream_done: dict = {}
+            first_chunk = threading.Event()
+
+            def consume() -> None:
+                n, reason = 0, None
+                for ch in client.completions.create(model="pace-m", prompt="hi", max_tokens=120, stream=True):
+                    first_chunk.set()
+                    n += 1
+                    reason = ch.choices[0].finish_reason or reason
+                stream_done.update(n=n, reason=reason, t=time.monotonic())
+
+            reader = asyncio.create_task(asyncio.to_thread(consume))
+            await asyncio.to_thread(first_chunk.wait, 10)
+            await kube.delete("pooledmodels", "pace-m")
+            draining = await _until("Draining", lambda: _reason(kube, "pooledmodels", "pace-m", "Draining"))
+            assert _cond(draining, "Progressing")["status"] == "True"
+            assert "pace-m" in await controller("/admin/models")  # still served while its request runs
+            await _until("the model leaves the controller",
+                         lambda: _gone(controller, "/admin/models", "pace-m"), timeout=30)
+            removed_at = time.monotonic()
+            await reader
+            assert stream_done["reason"] == "length" and stream_done["n"] >= 100  # finished, not aborted
+            assert stream_done["t"] <= removed_at
+            await _until("the resource is gone (finalizer released)", lambda: _absent(kube, "pooledmodels", "pace-m"))
+
+            # Deleting the tenant revokes its key.
+            await kube.delete("tenants", "team-a")
+            await _until("tenant removed", lambda: _gone(controller, "/admin/tenants", "team-a"))
+
+
+async def _engine_alive(controller) -> bool:
+    return any(e["alive"] for e in (await controller("/admin/engines")).values())
+
+
+async def _has(controller, path: str, name: str) -> bool:
+    return name in await controller(path)
+
+
+async def _gone(controller, path: str, name: str) -> bool:
+    return name not in await controller(path)
+
+
+async def _match(controller, path: str, name: str, pred) -> bool:
+    x = (await controller(path)).get(name)
+    return x is not None and pred(x)
+
+
+async def _ready(kube: Cluster, plural: str, name: str, generation: int | None = None) -> dict | None:
+    obj = await kube.get(plural, name)
+    c = _cond(obj)
+    if c.get("status") == "True" and (generation is None or c.get("observedGeneration") == generation):
+        return obj
+    return None
+
+
+async def _reason(kube: Cluster, plural: str, name: str, reason: str, type_: str = "Progressing") -> dict | None:
+    obj = await kube.get(plural, name)
+    c = _cond(obj, type_)
+    return obj if c.get("reason") == reason and c.get("status") == "True" else None
+
+
+async def _containers(kube: Cluster, n: int) -> bool:
+    ds = await kube.get("daemonsets", "tokenpool-workers-default")
+    return ds is not None and len(ds["spec"]["template"]["spec"]["containers"]) == n
+
+
+async def _key_works(url: str, key: str) -> bool:
+    try:
+        await asyncio.to_thread(openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0).models.list)
+        return True
+    except openai.AuthenticationError:
+        return False
+
+
+async def _absent(kube: Cluster, plural: str, name: str) -> bool:
+    return await kube.get(plural, name) is None
+
