@@ -47,14 +47,19 @@ async def unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
 class OpenAIServing:
     def __init__(self, ctl: Controller):
         self.ctl = ctl
+        self.last_used: dict[str, float] = {}  # model name -> wall-clock time of its latest request (tokenpool ps)
 
     # --- shared ---
     def entry(self, tenant: Tenant, model: str) -> ModelEntry:
+        """The model a request names, by its name or one of its aliases."""
         me = self.ctl.models.get(model)
         if me is None:
+            me = next((e for e in self.ctl.models.values() if model in e.spec.aliases), None)
+        if me is None:
             raise ServingError(404, f"The model `{model}` does not exist.", param="model")
-        if not tenant.may_use(model):
+        if not (tenant.may_use(me.spec.name) or tenant.may_use(model)):
             raise ServingError(403, f"You are not allowed to use the model `{model}`.", param="model")
+        self.last_used[me.spec.name] = time.time()
         return me
 
     def models(self, tenant: Tenant) -> p.ModelList:
