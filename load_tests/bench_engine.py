@@ -251,6 +251,16 @@ def _load_hf(model: Path, dtype: torch.dtype, dev: str):
     return AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype, **kw).eval()
 
 
+def _pdl() -> bool | None:
+    """Whether the Triton kernels launch with programmatic dependent launch; None without Triton (the CPU
+    torch wheel has none, and the CPU path runs no Triton kernel)."""
+    try:
+        from token_scheduler.model import triton_ops
+    except ImportError:
+        return None
+    return triton_ops.USE_PDL
+
+
 def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, context: int = 512,
                      hf: bool = True, steps: int = 50, parity_dtypes: list[str] | None = None,
                      parity_prompts: int | None = None, near_tie_ulps: float = 2.0,
@@ -260,10 +270,10 @@ def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, con
     freed, HF first (its reference kept on the host, then freed), then a fresh engine, under `parity_<dtype>`
     -- so a 7B in fp32 needs 30 GB at a time, not 60."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    from token_scheduler.model import llama, triton_ops
+    from token_scheduler.model import llama
 
     res = header() | {"bench": "engine", "model": str(model), "context": context,
-                      "kernel_options": {"one_token_gemv": llama.USE_GEMV, "pdl": triton_ops.USE_PDL}}
+                      "kernel_options": {"one_token_gemv": llama.USE_GEMV, "pdl": _pdl()}}
     t = time.perf_counter()
     kv_gb = None if dev == "cpu" else 12.0
     eng = LLMEngine(EngineConfig(model=str(model), device=dev, max_num_seqs=max(batches),

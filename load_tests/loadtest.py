@@ -63,6 +63,7 @@ class _Streams:
         self.errors: list[str] = []
         self.live = 0
         self.tokens = 0
+        self.requests = 0  # finished without an error (a request cut at the end of the phase counts)
 
 
 class Stream:
@@ -196,13 +197,22 @@ async def stream_phase(url: str, streams: int, duration: float, model: str | Non
                     on_window(s.tokens)
             await asyncio.sleep(0.05)
 
+    async def slot(i: int) -> None:
+        """One stream: a request, and another as soon as it ends (a short max_tokens), until the time is up or
+        a request fails."""
+        while time.perf_counter() < s.stop_at:
+            errors = len(s.errors)
+            if client == "httpx":
+                await _one_httpx(s, clients[i % len(clients)], url, body(i))
+            else:
+                await _one_raw(s, url, body(i), headers, max(0.0, s.stop_at - time.perf_counter()) + 60)
+            if len(s.errors) > errors:
+                return
+            s.requests += 1
+
     t_begin = time.perf_counter()
     try:
-        if client == "httpx":
-            tasks = [_one_httpx(s, clients[i % len(clients)], url, body(i)) for i in range(streams)]
-        else:
-            tasks = [_one_raw(s, url, body(i), headers, duration + 60) for i in range(streams)]
-        await asyncio.gather(sample(), *tasks)
+        await asyncio.gather(sample(), *(slot(i) for i in range(streams)))
     finally:
         for c in clients:
             await c.aclose()
@@ -211,7 +221,7 @@ async def stream_phase(url: str, streams: int, duration: float, model: str | Non
     return {
         "streams_requested": streams, "model": model, "client": client, "duration_s": round(elapsed, 2),
         "streams_held_min_steady": min(steady), "streams_held_max": max(live_samples or [0]),
-        "tokens": s.tokens, "tokens_per_s": round(s.tokens / elapsed, 1), "errors": len(s.errors),
+        "requests": s.requests, "tokens": s.tokens, "tokens_per_s": round(s.tokens / elapsed, 1), "errors": len(s.errors),
         "error_examples": s.errors[:3],
         "inter_token_s": _summary(s.gaps),
         "ttft_s": _summary(s.ttfts),
@@ -294,10 +304,14 @@ def _run(coro):
     return uvloop.run(coro)
 
 
+DEFAULT_MAX_TOKENS = 64  # what a real model's context takes beside a short prompt; a stream asks again when done
+
+
 def run_loadtest(url: str = "http://127.0.0.1:8000", streams: int = 100, duration: float = 10.0,
                  model: str | None = None, json_out: Path | None = None, api_key: str | None = None,
-                 max_tokens: int = 100_000, client: str = "raw") -> dict:
-    """Hold `streams` concurrent streams for `duration` s against a running server; print and return the figures."""
+                 max_tokens: int = DEFAULT_MAX_TOKENS, client: str = "raw") -> dict:
+    """Hold `streams` concurrent streams for `duration` s against a running server; print and return the figures.
+    Each stream sends one request after another (`max_tokens` each, EOS ignored) until the time is up."""
     _check_loopback(url)
     url = url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -476,7 +490,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rps-duration", type=float, default=10.0)
     ap.add_argument("--client", choices=CLIENTS, default="raw")
     ap.add_argument("--model", default=None)
-    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--api-key", default=os.environ.get("TOKENPOOL_API_KEY"), help="tenant key (or TOKENPOOL_API_KEY)")
+    ap.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="per request (not with --bench)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     if a.bench:
@@ -484,7 +499,10 @@ def main(argv: list[str] | None = None) -> None:
         bench_api_overhead(streams, a.duration, a.pace, a.rps_concurrency, a.rps_duration,
                            a.json or Path("bench/results/api_overhead_cpu.json"), a.client)
     else:
-        run_loadtest(a.url, int(a.streams or 1000), a.duration, a.model, a.json, a.api_key, client=a.client)
+        res = run_loadtest(a.url, int(a.streams or 100), a.duration, a.model, a.json, a.api_key, a.max_tokens,
+                           client=a.client)
+        if res["tokens"] == 0:
+            sys.exit(f"no tokens received ({res['errors']} errors; e.g. {res['error_examples'][:1]})")
 
 
 if __name__ == "__main__":

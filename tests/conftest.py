@@ -72,3 +72,13 @@ def make_varied(make_tiny, model_cache):
         return dst
 
     return f
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder: converted once per machine into the server's own cache
+    (TOKENPOOL_CACHE or ~/.cache/tokenpool/models), as `tokenpool serve` does on first run."""
+    from controller.config import REAL_MODEL, cache_dir
+    from controller.real_model import ensure_smollm2
+
+    return ensure_smollm2(cache_dir() / REAL_MODEL)

@@ -14,6 +14,7 @@ from controller.keys import hash_key
 from controller.testing import LiveServer
 
 ADMIN = "admin-test-token"
+METRICS = "metrics-scrape-token"
 ALICE, BOB, SLOW = "key-alice-0123456789", "key-bob-0123456789", "key-slow-0123456789"
 
 
@@ -21,6 +22,7 @@ ALICE, BOB, SLOW = "key-alice-0123456789", "key-bob-0123456789", "key-slow-01234
 def server(make_tiny, tmp_path_factory):
     cfg = {
         "admin_token_hash": hash_key(ADMIN),
+        "metrics_token_hash": hash_key(METRICS),
         "workers": {"local": "cpu", "heartbeat_s": 0.25},
         "autoscaler": {"interval_s": 0.5},
         "tenants": [
@@ -248,6 +250,13 @@ def test_metrics_parse_and_need_admin(server):
         assert name in fams, name
     statuses = {s.labels["status"] for s in fams["tokenpool_requests"].samples if s.name.endswith("_total")}
     assert {"200", "401", "403", "404", "429"} <= statuses
+
+
+def test_metrics_take_the_stable_metrics_token(server):
+    """With auth on, /metrics wants the configured metrics token (stable across restarts) or the admin token."""
+    get = lambda tok: httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {tok}"}).status_code
+    assert get(METRICS) == 200 and get(ADMIN) == 200
+    assert get(ALICE) == 401 and get("nonsense") == 401
 
 
 def test_admin_requires_token_and_lists_placement(server):

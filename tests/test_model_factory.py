@@ -42,7 +42,7 @@ def test_tiny_loads_in_hf_and_runs(make_tiny, arch):
     vocab = model.config.vocab_size
     assert logits.shape == (1, ids.shape[1], vocab)
     assert torch.isfinite(logits).all()
-    assert vocab >= len(tok) and vocab % 64 == 0
+    assert vocab == len(tok)  # no id without text (random weights sample every row)
     gen = GenerationConfig.from_pretrained(d)
     assert gen.eos_token_id == tok.convert_tokens_to_ids([tf.IM_END, tf.ENDOFTEXT])
     assert (model.config.eos_token_id, model.config.bos_token_id, model.config.pad_token_id) == (

@@ -69,6 +69,10 @@ class EngineOut(BaseModel):
 class ModelOut(BaseModel):
     name: str
     path: str | None
+    aliases: list[str] = []
+    keep_alive: float | None = None
+    pin: bool = False
+    last_used: float | None = None  # unix time of the latest request for it (through any alias)
     slo: dict
     priority: int
     replicas: dict

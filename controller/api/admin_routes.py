@@ -73,10 +73,12 @@ async def gpus(request: Request):
     return ap.GPUOut(devices=devices, engines=by_dev)
 
 
-def _model_out(ctl: Controller, name: str) -> ap.ModelOut:
+def _model_out(ctl: Controller, name: str, last_used: dict[str, float]) -> ap.ModelOut:
     me = ctl.models[name]
     s = me.spec
-    return ap.ModelOut(name=name, path=s.path, slo=s.slo.model_dump(), priority=s.priority,
+    return ap.ModelOut(name=name, path=s.path, aliases=s.aliases, keep_alive=s.keep_alive, pin=s.pin,
+                       last_used=last_used.get(name),
+                       slo=s.slo.model_dump(), priority=s.priority,
                        replicas=s.replicas.model_dump(), max_model_len=me.max_model_len, size_bytes=me.info.size_bytes,
                        engines=[e.id for e in ctl.pool.engines.values() if e.alive and name in e.replicas],
                        slo_attainment=me.attainment())
@@ -85,14 +87,14 @@ def _model_out(ctl: Controller, name: str) -> ap.ModelOut:
 @router.get("/models", response_model=list[ap.ModelOut])
 async def models(request: Request):
     ctl = _ctl(request)
-    return [_model_out(ctl, n) for n in ctl.models]
+    return [_model_out(ctl, n, request.app.state.serving.last_used) for n in ctl.models]
 
 
 @router.post("/models", response_model=ap.ModelOut, status_code=201)
 async def register_model(spec: ModelSpec, request: Request):
     ctl = _ctl(request)
     await ctl.add_model(spec)
-    return _model_out(ctl, spec.name)
+    return _model_out(ctl, spec.name, request.app.state.serving.last_used)
 
 
 @router.delete("/models/{name:path}")

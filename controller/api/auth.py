@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from fastapi import Request
 
 from controller.dashboard import session
@@ -36,6 +38,25 @@ def admin(request: Request) -> None:
         raise ServingError(401, "admin token required", code="invalid_admin_token")
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def metrics_reader(request: Request) -> None:
-    if not request.app.state.controller.cfg.metrics_public:
-        admin(request)
+    """/metrics is open when public, or on a loopback listener without auth (the embedded default: nobody else
+    can reach it); otherwise the scraper presents the metrics token (stable, from the configuration) or the
+    admin token."""
+    cfg = request.app.state.controller.cfg
+    if cfg.metrics_public or (not cfg.auth_enabled and _loopback(cfg.listen.host)):
+        return
+    token = bearer(request)
+    if token is not None and cfg.metrics_token_hash is not None and verify_key(token, cfg.metrics_token_hash):
+        return
+    if token is None or cfg.admin_token_hash is None or not verify_key(token, cfg.admin_token_hash):
+        raise ServingError(401, "metrics token required (Authorization: Bearer <metrics or admin token>)",
+                           code="invalid_metrics_token")

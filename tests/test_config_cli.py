@@ -1,0 +1,122 @@
+"""Configuration format (examples/, keep_alive, aliases) and the command line (serve MODEL_DIR, keys, --version)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+from pydantic import ValidationError
+
+from controller.config import ModelSpec, ServerConfig, load_config, parse_duration
+from controller.keys import verify_key
+from controller.serve import model_specs, prepare
+from controller.testing import REPO_ROOT, LiveServer
+
+EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.yaml"))
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "controller.cli", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, input=stdin, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_examples_validate(path):
+    cfg = load_config(path)
+    assert cfg.models and all(Path(m.path).is_absolute() for m in cfg.models)  # relative to the file
+
+
+def test_examples_cover_the_three_setups():
+    assert {p.stem for p in EXAMPLES} >= {"one-gpu", "multi-tenant", "remote-workers"}
+    one, multi, remote = (load_config(REPO_ROOT / "examples" / f"{n}.yaml") for n in
+                          ("one-gpu", "multi-tenant", "remote-workers"))
+    assert not one.auth_enabled and one.listen.host == "127.0.0.1"
+    assert multi.auth_enabled and multi.metrics_token_hash and len(multi.tenants) == 3
+    assert remote.workers.local == "none" and remote.workers.join_token_hash
+    pinned = one.models[0]
+    assert pinned.pin and pinned.preload and pinned.aliases == ["default", "qwen"]
+    assert one.models[1].keep_alive == 300 and one.models[2].keep_alive == 30
+
+
+@pytest.mark.parametrize(("text", "seconds"), [(300, 300.0), ("300", 300.0), ("30s", 30.0), ("5m", 300.0),
+                                                ("1.5h", 5400.0), ("250ms", 0.25), (0, 0.0), ("-1", None),
+                                                (-1, None), (None, None)])
+def test_keep_alive_durations(text, seconds):
+    assert parse_duration(text) == seconds
+    assert ModelSpec(name="m", path="/x", keep_alive=text).keep_alive == seconds
+
+
+@pytest.mark.parametrize("bad", ["5 minutes", "m", "", True, "1e400"])
+def test_keep_alive_refuses_nonsense(bad):
+    with pytest.raises(ValidationError, match="duration"):
+        ModelSpec(name="m", path="/x", keep_alive=bad)
+
+
+def test_aliases_are_unique_across_models():
+    a = {"name": "a", "path": "/a", "aliases": ["shared"]}
+    with pytest.raises(ValidationError, match="unique across models: shared"):
+        ServerConfig(models=[a, {"name": "b", "path": "/b", "aliases": ["shared"]}])
+    with pytest.raises(ValidationError, match="unique across models: a"):
+        ServerConfig(models=[a, {"name": "b", "path": "/b", "aliases": ["a"]}])
+    with pytest.raises(ValidationError, match="alias"):
+        ModelSpec(name="m", path="/x", aliases=["has space"])
+
+
+def test_model_dirs_become_models(make_tiny, tmp_path):
+    q, ll = make_tiny("qwen2"), make_tiny("llama")
+    assert [(s.name, s.path) for s in model_specs([q, ll], [])] == [(q.name, str(q)), (ll.name, str(ll))]
+    assert [s.name for s in model_specs([q, ll], ["x", "y"])] == ["x", "y"]
+    one = model_specs([q], ["main", "alt", "other"])[0]
+    assert (one.name, one.aliases) == ("main", ["alt", "other"])  # vLLM: the names after the first are aliases
+    with pytest.raises(ValueError, match="2 model directories but 3"):
+        model_specs([q, ll], ["x", "y", "z"])
+    with pytest.raises(ValueError, match="no config.json"):
+        model_specs([tmp_path], [])
+    with pytest.raises(ValueError, match="none were given"):
+        model_specs([], ["x"])
+    cfg, token = prepare(None, None, None, [q], ["main"], 12.5)
+    assert [m.name for m in cfg.models] == ["main"] and not cfg.is_default and not cfg.auth_enabled
+    assert cfg.gpus.budget_gb == 12.5 and cfg.listen.host == "127.0.0.1" and verify_key(token, cfg.admin_token_hash)
+    cfg, _ = prepare(REPO_ROOT / "examples" / "multi-tenant.yaml", None, 9000, [q], [])
+    assert [m.name for m in cfg.models][-1] == q.name and cfg.auth_enabled and cfg.listen.port == 9000
+    with pytest.raises(ValidationError, match="greater than 0"):
+        prepare(None, None, None, [q], [], 0)
+
+
+def test_serve_model_dir_with_names_live(make_tiny, tmp_path):
+    d = make_tiny("qwen2")
+    with LiveServer(None, tmp_path, args=[str(d), "--served-model-name", "mine", "tiny"]) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list()] == ["mine"]
+        r = c.completions.create(model="tiny", prompt="Hi", max_tokens=3, temperature=0,
+                                 extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 3
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model="nope", prompt="Hi", max_tokens=1)
+
+
+def test_keys_cli():
+    r = cli("keys", "new", "--prefix", "tpadmin")
+    key = r.stdout.split("key:")[1].split()[0]
+    assert key.startswith("tpadmin-") and verify_key(key, r.stdout.split("hash:")[1].split()[0])
+    h = cli("keys", "hash", "my-key").stdout.strip()
+    assert verify_key("my-key", h) and not verify_key("other", h)
+    assert verify_key("piped", cli("keys", "hash", "-", stdin="piped\n").stdout.strip())
+    help_ = subprocess.run([sys.executable, "-m", "controller.keys", "--help"], cwd=REPO_ROOT, capture_output=True,
+                           text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert help_.returncode == 0 and "usage:" in help_.stdout and "sha256$" not in help_.stdout
+
+
+def test_version_and_bad_serve_arguments(tmp_path):
+    from importlib.metadata import version
+
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"tokenpool {version('tokenpool')}"
+    bad = cli("serve", str(tmp_path))
+    assert bad.returncode == 2 and "no config.json" in bad.stderr
+    bad = cli("serve", "--config", str(tmp_path / "missing.yaml"))
+    assert bad.returncode == 2 and "no configuration file" in bad.stderr
