@@ -158,6 +158,24 @@ class HostedModels:
         if self.multi is not None and name in self.multi.engines:
             self.multi.set_pinned(name, pinned)
 
+    def tick(self) -> None:
+        """Between steps while idle (step thread): time-based residency (keep_alive)."""
+        if self.multi is not None:
+            self.multi.expire()
+
+    def residency(self, name: str, pinned: bool = False, keep_alive_s: float | None = None,
+                  preload: bool = False) -> None:
+        """A registered model's residency hints: pinned (never evicted), keep_alive (evicted once idle that long),
+        preload (weights brought in now, when there is room)."""
+        mm = self.multi
+        if mm is None or name not in mm.engines:
+            return
+        mm.set_keep_alive(name, keep_alive_s)
+        if pinned:
+            mm.set_pinned(name, True)
+        elif preload:
+            mm.preload(name)
+
     def add_paced(self, name: str, eng: Any) -> None:
         self.paced[name] = self.engines[name] = eng
         self.events.append({"kind": "register", "model": name, "t": time.time()})

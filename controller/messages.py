@@ -49,6 +49,8 @@ class LoadModel:  # C->W
     engine: dict[str, Any]  # controller.config.EngineOptions as a dict
     slo: dict[str, float] | None = None  # token_scheduler.policies.ModelSLO fields (ttft_s, tpot_s, priority)
     pinned: bool = False  # keep its weights in VRAM once registered
+    keep_alive_s: float | None = None  # evict its weights once idle this long (None: when the memory is needed)
+    preload: bool = False  # bring its weights into VRAM at registration, before any request
 
 
 @dataclass

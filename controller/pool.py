@@ -308,11 +308,12 @@ class EnginePool:
 
     # --- commands ---
     def load(self, e: EngineHandle, model: str, path: str | None, engine_opts: dict[str, Any],
-             slo: dict[str, float] | None = None, pinned: bool = False) -> Replica:
+             slo: dict[str, float] | None = None, pinned: bool = False, keep_alive_s: float | None = None,
+             preload: bool = False) -> Replica:
         r = e.replicas.get(model)
         if r is None:
             r = e.replicas[model] = Replica(model)
-            e.send(m.LoadModel(model, path, engine_opts, slo, pinned))
+            e.send(m.LoadModel(model, path, engine_opts, slo, pinned, keep_alive_s, preload))
         return r
 
     def pin(self, e: EngineHandle, model: str, pinned: bool) -> None:

@@ -181,7 +181,8 @@ class Controller:
             tok = await asyncio.to_thread(load_tokenizer, spec.path)
         except Exception as e:  # noqa: BLE001 - any unreadable tokenizer is the caller's error
             raise ServingError(400, f"cannot load the tokenizer from {spec.path}: {e}", param="path") from e
-        entry = ModelEntry(spec, ModelInfo(spec.name, weights_bytes(spec), spec.priority), tok, context_len(spec, tok))
+        entry = ModelEntry(spec, ModelInfo(spec.name, weights_bytes(spec), spec.priority), tok, context_len(spec, tok),
+                           pinned=spec.pin)
         self.models[spec.name] = entry
         freeze_long_lived()  # the tokenizer (and what loading it imported) lives as long as the model
         self.events.publish("register", model=spec.name)
@@ -376,7 +377,8 @@ class Controller:
         spec = entry.spec
         # the worker's multi-model policy weighs models by SLO; priority as a weight, as admission scales slack
         slo = {"ttft_s": spec.slo.ttft_s, "tpot_s": spec.slo.tpot_s, "priority": 2.0 ** max(-2, min(2, spec.priority))}
-        return self.pool.load(e, spec.name, spec.path, spec.engine.model_dump(), slo, pinned=entry.pinned)
+        return self.pool.load(e, spec.name, spec.path, spec.engine.model_dump(), slo, pinned=entry.pinned,
+                              keep_alive_s=spec.keep_alive, preload=spec.preload)
 
     def set_pinned(self, name: str, pinned: bool) -> None:
         """Keep a model's weights in VRAM on every GPU it is registered on (an operator's pin), or stop."""

@@ -203,8 +203,8 @@ class Worker:
                 if not fut.done():
                     fut.set_exception(e)
             else:
-                if msg.pinned:
-                    self.models.set_pinned(msg.model, True)
+                self.models.residency(msg.model, pinned=msg.pinned, keep_alive_s=msg.keep_alive_s,
+                                      preload=msg.preload)
                 if not fut.done():
                     fut.set_result(eng)
 
@@ -276,7 +276,10 @@ class Worker:
                 idle_since = None
                 self._wake.clear()
                 if not self._pending and not self._hosting:
-                    await self._wake.wait()
+                    try:  # idle: wake now and then for time-based residency (keep_alive)
+                        await asyncio.wait_for(self._wake.wait(), 1.0)
+                    except asyncio.TimeoutError:
+                        await loop.run_in_executor(self._step_pool, self.models.tick)
                 continue
             try:
                 deltas, ran = await loop.run_in_executor(self._step_pool, self._step_all)

@@ -221,3 +221,31 @@ def test_one_set_of_batch_limits_and_the_cost_model_learns_what_ran(make_tiny):
             assert seen and seen[-1][1].num_seqs == len(out.chunks) and seen[-1][1].new_tokens == out.num_tokens
     multi.remove_model("b")
     assert multi.policy.cfg.limits.max_seqs == 3
+
+
+def test_keep_alive_evicts_idle_weights_and_preload_brings_them_in(make_tiny, host_cache):
+    """keep_alive (Ollama's, llama-swap's ttl): an idle model's weights leave VRAM once idle that long, the host
+    copy stays and the next request brings them back; preload: weights come in before any request."""
+    import time
+
+    from gpu_pool.arena import MiB
+
+    paths = {"a": make_tiny("qwen2"), "b": make_tiny("qwen3")}
+    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=8 * MiB,
+                             kv_cache_gb=64 * 16 * 512 / 1e9, host_cache=host_cache)
+    assert not multi.pool.holds("a")
+    assert multi.preload("a") and multi.pool.holds("a")  # room for both: no eviction needed
+    multi.pool.poll()
+    multi.set_keep_alive("a", 0.2)
+    multi.add_request("r1", "hello", SamplingParams(max_tokens=2, ignore_eos=True), model="a")
+    multi.run()
+    assert multi.pool.holds("a")
+    multi.expire()
+    assert multi.pool.holds("a")  # not idle long enough yet
+    time.sleep(0.3)
+    multi.expire()
+    assert not multi.pool.holds("a") and multi.engines["a"].weights is None
+    assert any(e["kind"] == "evict" and e.get("keep_alive") == 0.2 for e in multi.events)
+    multi.add_request("r2", "hello", SamplingParams(max_tokens=2, ignore_eos=True), model="a")
+    assert multi.run()["r2"].outputs[0].token_ids  # back on demand
+    multi.close()

@@ -73,6 +73,8 @@ class MultiModelEngine:
         self.timeline: deque[list] = deque(maxlen=1024)
         self.stall_s = 0.0  # CPU-visible waits for weights at switches (pooled), summed
         self._last_run: dict[str, float] = {}
+        self._last_request: dict[str, float] = {}
+        self._keep_alive: dict[str, float] = {}  # model -> idle seconds before its weights are evicted
         # policy_s/memory_s/engine_s/steps: the steps that ran; idle_*: schedule() calls that planned nothing
         # (a caller polling while requests wait that no plan can serve, e.g. static's unplaced models)
         self.timing = dict.fromkeys(("policy_s", "memory_s", "engine_s", "steps", "idle_policy_s", "idle_polls"),
@@ -133,6 +135,8 @@ class MultiModelEngine:
         self.policy.forget(name)
         self._sync_limits()
         self._last_run.pop(name, None)
+        self._last_request.pop(name, None)
+        self._keep_alive.pop(name, None)
         self.steps_per_model.pop(name, None)
         eng.set_weights(None)
         eng.runner.graphs, eng.runner.kv, eng.runner.kv_swapper = {}, None, None
@@ -144,6 +148,42 @@ class MultiModelEngine:
         self.cost.forget(name)
         self._capacity()
         self.events.append({"kind": "unregister", "model": name, "t": time.time()})
+
+    def set_keep_alive(self, name: str, seconds: float | None) -> None:
+        """Evict `name`'s weights once it has been idle (no request) for `seconds` (Ollama's keep_alive,
+        llama-swap's ttl); None: they stay until the policy needs the room."""
+        if seconds is None:
+            self._keep_alive.pop(name, None)
+        else:
+            self._keep_alive[name] = max(0.0, float(seconds))
+
+    def preload(self, name: str) -> bool:
+        """Start bringing `name`'s weights in now, into free room only (nothing is evicted for it)."""
+        if self.pool is None or self.pool.holds(name):
+            return True
+        if self.pool.prefetch(name):
+            m = self.state.models[name]
+            m.residency = max(m.residency, Residency.LOADING)
+            self._event("prefetch", name, preload=True)
+            return True
+        return False
+
+    def expire(self) -> None:
+        """keep_alive: idle models past their time lose their weights (the host copy stays). Called before every
+        step, and by an idle caller now and then (nothing steps while nothing is asked)."""
+        if self.pool is None:
+            return
+        now = time.monotonic()
+        for name, ttl in self._keep_alive.items():
+            m = self.state.models.get(name)
+            if (m is None or self.engines[name].has_unfinished_requests() or m.pinned or not self.pool.holds(name)
+                    or self.pool.is_loading(name)):
+                continue
+            if now - max(self._last_run.get(name, 0.0), self._last_request.get(name, 0.0)) >= ttl:
+                self.pool.evict(name)
+                self.engines[name].set_weights(None)
+                m.residency = Residency.HOST
+                self._event("evict", name, keep_alive=ttl)
 
     def set_pinned(self, name: str, pinned: bool) -> None:
         """Keep `name`'s weights in VRAM (pooled): no plan or fallback evicts them; they are brought in now if
@@ -197,6 +237,7 @@ class MultiModelEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = self.engines[model].add_request(request_id, prompt, params, arrival_time=arrival_time)
         self._owner[request_id] = model
+        self._last_request[model] = time.monotonic()
         return req
 
     def abort_request(self, request_id: str) -> None:
@@ -302,6 +343,8 @@ class MultiModelEngine:
             tm["policy_s"] += t1 - t0
         outputs, self._removed = self._removed, []
         if self.pool is not None:
+            if self._keep_alive:
+                self.expire()
             self._execute_memory(plan)
             # measured loads teach the cost model the link (and how much prefetch hides)
             done = self.pool.stats.load_s

@@ -65,6 +65,7 @@ class BatchScheduler:
         self.running: list[Request] = []
         self.swapped: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0  # requests preempted so far (KV swapped to host, or dropped and recomputed)
 
     # -- queue ---------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -108,6 +109,7 @@ class BatchScheduler:
 
     # -- planning ------------------------------------------------------------------------------
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.num_preemptions += 1
         self.running.remove(req)
         out.preempted.append(req.request_id)
         n = len(req.block_ids)
@@ -220,4 +222,5 @@ class BatchScheduler:
             "num_swapped": len(self.swapped),
             "kv_blocks_used": self.kv.num_used,
             "kv_blocks_total": self.kv.num_blocks,
+            "num_preemptions": self.num_preemptions,
         }

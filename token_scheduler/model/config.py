@@ -94,7 +94,8 @@ class ModelConfig:
             g = json.loads((path / "generation_config.json").read_text())
             eos = g.get("eos_token_id", eos)
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-        tdt = getattr(hf, "torch_dtype", None) or getattr(hf, "dtype", None) or torch.float32
+        raw = hf.to_dict()  # "dtype" (transformers 5) or "torch_dtype" (older files), without the deprecation warning
+        tdt = raw.get("dtype") or raw.get("torch_dtype") or torch.float32
         if isinstance(tdt, str):
             tdt = parse_dtype(tdt)
         sw = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", arch == "mistral") else None
