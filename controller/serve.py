@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from controller.config import ServerConfig, ensure_demo_models, load_config
+from controller.config import ServerConfig, ensure_demo_models
 from controller.keys import hash_key, new_key
 
 log = logging.getLogger("tokenpool")
@@ -14,7 +14,9 @@ log = logging.getLogger("tokenpool")
 
 def prepare(config_path: Path | None, host: str | None, port: int | None) -> tuple[ServerConfig, str | None]:
     """The validated config with CLI overrides; a fresh admin token if the config has none (shown once)."""
-    cfg = load_config(config_path)
+    from controller.startup import load_checked
+
+    cfg = load_checked(config_path)
     if host is not None:
         cfg.listen.host = host
     if port is not None:
@@ -27,12 +29,14 @@ def prepare(config_path: Path | None, host: str | None, port: int | None) -> tup
 
 
 def serve(config_path: Path | None = None, host: str | None = None, port: int | None = None) -> None:
-    import uvicorn
-
-    from controller.app import build_app
+    from controller import shutdown, startup
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    cfg, admin_token = prepare(config_path, host, port)
+    try:
+        cfg, admin_token = prepare(config_path, host, port)
+    except startup.StartupError as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
     if cfg.is_default:
         if host is None:
             cfg.listen.host = "127.0.0.1"
@@ -40,14 +44,24 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
                     "authentication, bound to %s only", [m.name for m in cfg.models],
                     Path(cfg.models[0].path).parent if cfg.models[0].path else "-", cfg.listen.host)
         ensure_demo_models(cfg)
+    try:
+        startup.check_models(cfg)
+    except startup.StartupError as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
+    token_file = None
     if admin_token is not None:
-        log.warning("admin token for this run (not stored anywhere): %s", admin_token)
+        token_file = startup.write_admin_token(cfg, admin_token)
+        log.warning("admin token for this run written to %s (readable by you only)", token_file)
     if not cfg.auth_enabled:
         log.warning("authentication is OFF: every caller may use every model")
-    app = build_app(cfg)
-    log.info("listening on http://%s:%d (OpenAI API under /v1, admin under /admin)", cfg.listen.host, cfg.listen.port)
-    uvicorn.run(app, host=cfg.listen.host, port=cfg.listen.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5, backlog=4096)
+    try:
+        rc = shutdown.run(cfg)
+    finally:
+        if token_file is not None:
+            startup.remove_admin_token(token_file, admin_token)  # type: ignore[arg-type]
+    if rc:
+        raise SystemExit(rc)
 
 
 def main(argv: list[str] | None = None) -> None:
