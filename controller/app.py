@@ -26,17 +26,21 @@ class BodyLimit:
 
     A declared Content-Length over the limit is answered before the app runs; a chunked body that grows past it
     raises an HTTPException(413) from `receive`, which FastAPI passes through its body parsing (any other
-    exception there would become a 400) to the app's handler.
+    exception there would become a 400) to the app's handler. Either way the rest of the body (up to
+    `drain_factor` x the limit) is read and dropped first: a client that sends its whole body before reading
+    the answer (most do) then gets the 413 instead of a connection reset.
     """
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, drain_factor: int = 4):
+        self.app, self.limit, self.drain_cap = app, limit, drain_factor * limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         for k, v in scope.get("headers", ()):
             if k == b"content-length" and v.isdigit() and int(v) > self.limit:
+                if int(v) <= self.drain_cap:
+                    await self._drain(receive, 0)
                 return await _too_large(send, self.limit)
         seen = 0
 
@@ -46,10 +50,21 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
+                    if msg.get("more_body"):
+                        await self._drain(receive, seen)
                     raise StarletteHTTPException(413, f"request body exceeds {self.limit} bytes")
             return msg
 
         return await self.app(scope, limited, send)
+
+    async def _drain(self, receive, seen: int) -> None:
+        while seen <= self.drain_cap:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            seen += len(msg.get("body", b""))
+            if not msg.get("more_body"):
+                return
 
 
 async def _too_large(send, limit: int) -> None:

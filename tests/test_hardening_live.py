@@ -199,3 +199,13 @@ def test_a_folder_without_config_json_is_reported_as_such(tmp_path):
     assert "has no config.json" in line and str(folder) in line
     line = _one_line(_serve({"models": [{"name": "m", "path": str(tmp_path / "nowhere")}]}, tmp_path))
     assert "does not exist" in line
+
+
+def test_declared_body_over_the_limit_gets_413_not_a_reset(tmp_path):
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "none"}, "max_request_bytes": 1 << 20,
+           "models": [PACE]}
+    with LiveServer(cfg, tmp_path, wait_ready=False) as srv:
+        _wait_listening(srv)
+        r = httpx.post(srv.url + "/v1/completions", content=b'{"prompt": "' + b"x" * (3 << 20) + b'"}',
+                       headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
