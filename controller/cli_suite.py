@@ -27,7 +27,8 @@ def _write(result: dict, json_out: Optional[Path]) -> None:
     from load_tests.bench_common import git_commit, write_json
 
     head = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
-            "command": " ".join(["tokenpool", *sys.argv[1:]]), "device": "cpu"}
+            "command": " ".join(["tokenpool", "suite", *sys.argv[1:]]) if sys.argv[0].endswith("cli_suite.py")
+            else " ".join(["tokenpool", *sys.argv[1:]]), "device": "cpu"}
     write_json(json_out, {**head, **result})
 
 

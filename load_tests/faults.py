@@ -142,11 +142,14 @@ class Stream:
         self.error: str | None = None  # the error event's message
         self.done = False  # saw [DONE]
         self.tokens = 0
-        self.body = b""
+        self.body = b""  # the body of a refused request (status != 200)
+        self.raw = b""  # the first bytes of the body, whatever they are
         self._buf = b""
         self.conn: sse_client.Connection | None = None
 
     def feed(self, data: bytes, *_: float) -> None:
+        if len(self.raw) < 4096:
+            self.raw += data
         self._buf += data
         while b"\n\n" in self._buf:
             ev, self._buf = self._buf.split(b"\n\n", 1)
@@ -182,8 +185,9 @@ async def open_stream(t: Target, max_tokens: int, prompt: str = "x", wait: bool 
         s.status = await conn.head
         s.retry_after = conn.headers.get("retry-after")
         if s.status != 200:
-            conn._on_data = None  # keep the error body
-            status, _, s.body = await done
+            conn._on_data = None  # keep the error body (its first bytes may have gone to feed already)
+            _, _, rest = await done
+            s.body = s.raw + rest
             s.t_end = time.monotonic()
             conn.close()
             return s
@@ -293,55 +297,64 @@ def run_fuzz(t: Target, examples: int = 50, seed: int = 0) -> dict:
     """schemathesis over /openapi.json, once with credentials (tenant key; admin token on /admin and /metrics)
     and once without. Engine ids in drain/resume paths get a prefix, so the fuzzer never drains a real one."""
     import schemathesis
-    from hypothesis import HealthCheck, Phase, given, settings
 
     schema = schemathesis.openapi.from_url(t.url + "/openapi.json")
     out: dict = {"part": "fuzz", "examples_per_operation": examples, "runs": {}}
     for mode in ("credentials", "anonymous"):
-        statuses: dict[str, int] = {}
-        bad: list[dict] = []
-        n = 0
-
-        def call(case, mode=mode, statuses=statuses, bad=bad) -> None:
-            nonlocal n
-            if case.path.startswith("/admin/engines/") and case.method.upper() == "POST":
-                case.path_parameters = {**(case.path_parameters or {}),
-                                        "engine_id": "fuzz-" + str((case.path_parameters or {}).get("engine_id", ""))}
-            if case.path.startswith("/admin/models") and case.method.upper() == "DELETE":
-                case.path_parameters = {**(case.path_parameters or {}),
-                                        "name": "fuzz-" + str((case.path_parameters or {}).get("name", ""))}
-            headers = {}
-            if mode == "credentials":
-                admin = case.path.startswith("/admin") or case.path == "/metrics"
-                headers = t.admin_headers() if admin else t.headers()
-            try:
-                resp = case.call(base_url=t.url, headers=headers, timeout=60)
-            except Exception as e:  # noqa: BLE001 - a transport failure is a finding, not a crash of the suite
-                bad.append({"method": case.method, "path": case.path, "error": repr(e)[:300]})
-                return
-            n += 1
-            statuses[str(resp.status_code)] = statuses.get(str(resp.status_code), 0) + 1
-            ct = resp.headers.get("content-type") or ""
-            ct = ct[0] if isinstance(ct, list) else ct
-            ready_503 = case.path == "/health" and resp.status_code == 503
-            if (resp.status_code >= 500 and not ready_503) or (
-                    resp.status_code >= 400 and not ready_503 and not (ct.startswith("application/json")
-                                                                       and is_openai_error(resp.content))):
-                bad.append({"method": case.method, "path": case.path, "status": resp.status_code,
-                            "body": resp.text[:300]})
-
-        for result in schema.get_all_operations():
-            op = result.ok()
-            test = settings(max_examples=examples, deadline=None, database=None, derandomize=seed == 0,
-                            suppress_health_check=list(HealthCheck), phases=[Phase.generate])(
-                given(op.as_strategy())(call))
-            test()
-        out["runs"][mode] = {"requests": n, "statuses": dict(sorted(statuses.items())),
-                             "server_errors": sum(v for k, v in statuses.items() if k.startswith("5")),
-                             "findings": bad[:50], "findings_total": len(bad)}
+        out["runs"][mode] = _fuzz_mode(t, schema, mode, examples, seed)
     out["requests"] = sum(r["requests"] for r in out["runs"].values())
+    out["server_errors"] = sum(r["server_errors"] for r in out["runs"].values())
     out["findings_total"] = sum(r["findings_total"] for r in out["runs"].values())
     return out
+
+
+def _fuzz_mode(t: Target, schema, mode: str, examples: int, seed: int) -> dict:
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    statuses: dict[str, int] = {}
+    bad: list[dict] = []
+    counts = {"health_503": 0, "unexpected_5xx": 0}
+    n = 0
+    def call(case) -> None:
+        nonlocal n
+        if case.path.startswith("/admin/engines/") and case.method.upper() == "POST":
+            case.path_parameters = {**(case.path_parameters or {}),
+                                    "engine_id": "fuzz-" + str((case.path_parameters or {}).get("engine_id", ""))}
+        if case.path.startswith("/admin/models") and case.method.upper() == "DELETE":
+            case.path_parameters = {**(case.path_parameters or {}),
+                                    "name": "fuzz-" + str((case.path_parameters or {}).get("name", ""))}
+        headers = {}
+        if mode == "credentials":
+            admin = case.path.startswith("/admin") or case.path == "/metrics"
+            headers = t.admin_headers() if admin else t.headers()
+        try:
+            resp = case.call(base_url=t.url, headers=headers, timeout=60)
+        except Exception as e:  # noqa: BLE001 - a transport failure is a finding, not a crash of the suite
+            bad.append({"method": case.method, "path": case.path, "error": repr(e)[:300]})
+            return
+        n += 1
+        statuses[str(resp.status_code)] = statuses.get(str(resp.status_code), 0) + 1
+        ct = resp.headers.get("content-type") or ""
+        ct = ct[0] if isinstance(ct, list) else ct
+        ready_503 = case.path == "/health" and resp.status_code == 503
+        if ready_503:
+            counts["health_503"] += 1
+        elif resp.status_code >= 500:
+            counts["unexpected_5xx"] += 1
+        if (resp.status_code >= 500 and not ready_503) or (
+                resp.status_code >= 400 and not ready_503 and not (ct.startswith("application/json")
+                                                                   and is_openai_error(resp.content))):
+            bad.append({"method": case.method, "path": case.path, "status": resp.status_code,
+                        "body": resp.text[:300]})
+
+    for result in schema.get_all_operations():
+        op = result.ok()
+        test = settings(max_examples=examples, deadline=None, database=None, derandomize=seed == 0,
+                        suppress_health_check=list(HealthCheck), phases=[Phase.generate])(
+            given(op.as_strategy())(call))
+        test()
+    return {"requests": n, "statuses": dict(sorted(statuses.items())),
+            "server_errors": counts["unexpected_5xx"], "health_not_ready_503": counts["health_503"], "findings": bad[:50], "findings_total": len(bad)}
 
 
 # --- worker kill / stop ---
