@@ -104,5 +104,21 @@ def soak_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: 
         _write(run_soak(t, duration, concurrency, sample_s=max(1.0, duration / 60)), json_out)
 
 
+@suite_app.command("block")
+def block_cmd(prompt_mb: float = typer.Option(4.0, help="size of the one huge prompt"),
+              json_out: Optional[Path] = JSON) -> None:
+    """/health latency while the server tokenizes a PROMPT_MB prompt (a factory model's real tokenizer)."""
+    import tempfile
+
+    from controller.model_factory import make_model
+    from load_tests.faults import run_block, target, tokenizer_config
+
+    with tempfile.TemporaryDirectory(prefix="tokenpool-block-") as d:
+        make_model(arch="qwen2", size="tiny", out=Path(d) / "m", seed=0, dtype="fp32", device="cpu", progress=False)
+        with target(config=tokenizer_config(str(Path(d) / "m"), int(prompt_mb * 2**20) + (1 << 20)),
+                    model="tiny") as t:
+            _write(run_block(t, prompt_mb), json_out)
+
+
 if __name__ == "__main__":
     suite_app()

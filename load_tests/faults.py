@@ -96,8 +96,9 @@ def paced_config(pace_s: float = 0.01, max_num_seqs: int = 64, ttft_s: float = 2
 
 @contextlib.contextmanager
 def target(url: str | None = None, admin: str | None = None, key: str | None = None, pid: int | None = None,
-           model: str = "pace", **cfg) -> Iterator[Target]:
-    """The server a part drives: the one at `url`, or one started here (`cfg`: paced_config arguments)."""
+           model: str = "pace", config: dict | None = None, **cfg) -> Iterator[Target]:
+    """The server a part drives: the one at `url`, or one started here with `config` (default: paced_config
+    with `cfg` as its arguments)."""
     if url is not None:
         if urlparse(url).hostname not in LOOPBACK:
             raise SystemExit(f"refusing to drive {url}: loopback only")
@@ -105,9 +106,20 @@ def target(url: str | None = None, admin: str | None = None, key: str | None = N
         return
     from controller.testing import LiveServer
 
+    ready = config is None or config.get("workers", {}).get("local") != "none"
     with tempfile.TemporaryDirectory(prefix="tokenpool-suite-") as d, \
-            LiveServer(paced_config(**cfg), Path(d)) as srv:
-        yield Target(srv.url, SUITE_ADMIN, SUITE_KEY, "pace", srv.proc.pid)  # type: ignore[union-attr]
+            LiveServer(config or paced_config(**cfg), Path(d), wait_ready=ready) as srv:
+        if not ready:
+            _wait_log(srv, "listening on")
+        yield Target(srv.url, SUITE_ADMIN, SUITE_KEY, model, srv.proc.pid)  # type: ignore[union-attr]
+
+
+def _wait_log(srv, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in srv.log():
+        if time.monotonic() > deadline or srv.proc.poll() is not None:
+            raise RuntimeError(f"server did not start:\n{srv.log()}")
+        time.sleep(0.1)
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -573,3 +585,43 @@ def _halves(xs: list[int]) -> float | None:
 def run_soak(t: Target, duration: float = 60.0, concurrency: int = 32, max_tokens: int = 40,
              sample_s: float = 2.0, warmup_frac: float = 0.2) -> dict:
     return {"part": "soak", **asyncio.run(_soak(t, duration, concurrency, max_tokens, sample_s, warmup_frac))}
+
+
+# --- event-loop blocking ---
+def tokenizer_config(model_dir: str, max_request_bytes: int = 8 << 20) -> dict:
+    """A server with no engine and one factory model (128K context): a multi-megabyte prompt is tokenized in full,
+    then refused as too long (a smaller one: no engine); the tokenizing is what `block` measures."""
+    from controller.keys import hash_key
+
+    return {"admin_token_hash": hash_key(SUITE_ADMIN), "tenants": [{"name": "suite", "key_hashes": [hash_key(SUITE_KEY)]}],
+            "workers": {"local": "none"}, "max_request_bytes": max_request_bytes,
+            "models": [{"name": "tiny", "path": model_dir, "engine": {"max_model_len": 131072}}]}
+
+
+async def _block(t: Target, body: dict, probe_s: float) -> dict:
+    lat: list[float] = []
+    async with httpx.AsyncClient(base_url=t.url, timeout=120) as c:
+        await c.get("/health")
+        req = asyncio.ensure_future(c.post("/v1/completions", json=body, headers=t.headers()))
+        t0 = time.monotonic()
+        while not req.done():
+            s = time.perf_counter()
+            await c.get("/health")
+            lat.append(time.perf_counter() - s)
+            await asyncio.sleep(probe_s)
+        r = await req
+    took = time.monotonic() - t0
+    return {"request_s": round(took, 3), "request_status": r.status_code, "health_probes": len(lat),
+            "health_latency_s": {**_summary(lat), "mean": round(statistics.fmean(lat), 4) if lat else None},
+            "health_over_50ms": sum(1 for x in lat if x > 0.05)}
+
+
+def run_block(t: Target, prompt_mb: float = 4.0, probe_s: float = 0.01) -> dict:
+    """/health latency while one huge prompt (and then 64 x 60 KB prompts) is tokenized by the server."""
+    unit = "The quick brown fox jumps over the lazy dog 0123456789. "
+    big = (unit * int(prompt_mb * 2**20 / len(unit) + 1))[: int(prompt_mb * 2**20) - 64]
+    many = [(unit * 1200)[:60_000] for _ in range(64)]
+    return {"part": "block", "prompt_mb": prompt_mb, "probe_every_s": probe_s,
+            "one_prompt": asyncio.run(_block(t, {"model": t.model, "prompt": big, "max_tokens": 1}, probe_s)),
+            "prompt_list_64x60kb": asyncio.run(_block(t, {"model": t.model, "prompt": many, "max_tokens": 1},
+                                                      probe_s))}

@@ -106,8 +106,9 @@ def test_huge_prompt_is_tokenized_off_the_event_loop(tiny_model):
         return r, t_end - t0, [lat for t, lat in health if t < t_end - 0.05]
 
     r, took, during = run([{"name": "tiny", "path": str(tiny_model),
-                            "engine": {"max_model_len": 4_000_000}}], body, _cfg(max_request_bytes=8 << 20))
-    assert r.status_code == 503  # tokenized and checked, then no engine in this test
+                            "engine": {"max_model_len": 131072}}], body, _cfg(max_request_bytes=8 << 20))
+    err = assert_error(r, 400)  # tokenized in full, then found too long for the context
+    assert err["code"] == "context_length_exceeded" and "has 1" in err["message"], err
     assert took > 0.5, took  # the tokenizing really took a while...
     assert len(during) >= 5, (took, during)  # ...and /health answered all along
     assert max(during) < 0.25, (took, sorted(during)[-5:])
@@ -119,9 +120,9 @@ def test_tokenizing_and_templates_run_in_the_tokenize_pool(tiny_model, monkeypat
     seen: list[str] = []
     real = serving.encode
 
-    def spy(tok, text):
+    def spy(tok, text, limit=None):
         seen.append(threading.current_thread().name)
-        return real(tok, text)
+        return real(tok, text, limit)
 
     monkeypatch.setattr(serving, "encode", spy)
 

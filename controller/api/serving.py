@@ -62,16 +62,36 @@ def check_template_kwargs(kw: dict[str, Any] | None) -> dict[str, Any]:
     return kw
 
 
-def encode(tok: Any, text: str) -> list[int]:
-    """Token ids of `text` (no special tokens added).
+class PromptTooLong(Exception):
+    def __init__(self, n: int):
+        self.n = n
+
+
+def encode(tok: Any, text: str, limit: int | None = None) -> list[int]:
+    """Token ids of `text` (no special tokens added); PromptTooLong when there are `limit` or more.
 
     A Hugging Face fast tokenizer goes through its backend's `encode_batch`, which releases the GIL while it
     works (its plain `encode` holds it: a 4 MB prompt would stall every thread, the event loop's included).
+    The count is read before the ids become a Python list, which holds the GIL (~35 ns a token): a prompt
+    that cannot fit never pays it.
     """
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:
-        return backend.encode_batch([text], add_special_tokens=False)[0].ids
-    return tok.encode(text, add_special_tokens=False)
+        enc = backend.encode_batch([text], add_special_tokens=False)[0]
+        if limit is not None and len(enc) >= limit:
+            raise PromptTooLong(len(enc))
+        return enc.ids
+    ids = tok.encode(text, add_special_tokens=False)
+    if limit is not None and len(ids) >= limit:
+        raise PromptTooLong(len(ids))
+    return ids
+
+
+def too_long(me: ModelEntry, n: int, param: str, index: int | None = None) -> ServingError:
+    """The error Controller.generate gives a prompt that leaves no room, for one found while tokenizing."""
+    which = f" {index}" if index is not None else ""
+    return ServingError(400, f"This model's maximum context length is {me.max_model_len} tokens; the prompt{which} "
+                        f"has {n} tokens.", param=param, code="context_length_exceeded")
 
 
 async def unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
@@ -210,7 +230,12 @@ class OpenAIServing:
         else:
             texts, prompts = [None] * len(raw), [list(x) for x in raw]  # type: ignore[union-attr]
         if texts[0] is not None:
-            prompts = [encode(me.tokenizer, t) if t else [] for t in texts]  # type: ignore[arg-type]
+            prompts = []
+            for i, t in enumerate(texts):
+                try:
+                    prompts.append(encode(me.tokenizer, t, me.max_model_len) if t else [])  # type: ignore[arg-type]
+                except PromptTooLong as e:
+                    raise too_long(me, e.n, "prompt", i if len(texts) > 1 else None) from None
         prompts = [self._check_ids(me, ids, "prompt") for ids in prompts]
         echo = [(t if t is not None else me.tokenizer.decode(ids)) if req.echo else "" for t, ids in
                 zip(texts, prompts)]
@@ -314,7 +339,11 @@ class OpenAIServing:
                                                     add_generation_prompt=req.add_generation_prompt, **kwargs)
         except Exception as e:  # noqa: BLE001 - template errors (role order, ...) are the client's
             raise ServingError(400, f"cannot apply the chat template: {e}", param="messages") from None
-        return self._check_ids(me, encode(me.tokenizer, text), "messages")
+        try:
+            ids = encode(me.tokenizer, text, me.max_model_len)
+        except PromptTooLong as e:
+            raise too_long(me, e.n, "messages") from None
+        return self._check_ids(me, ids, "messages")
 
     def _chat_logprobs(self, me: ModelEntry, d: Delta, k: int) -> list[p.TokenLogprob]:
         out = []
