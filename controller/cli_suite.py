@@ -21,14 +21,22 @@ JSON = typer.Option(None, "--json", help="write the result here (it is printed t
 
 
 def _write(result: dict, json_out: Optional[Path]) -> None:
+    """Print the result and write it to --json, headed by date, commit and the command that made it (rebuilt
+    from the parsed options, so it is the same however the suite was launched)."""
     import datetime as dt
-    import sys
 
     from load_tests.bench_common import git_commit, write_json
 
+    try:
+        from typer._click.globals import get_current_context  # typer >= 0.2x carries its own click
+    except ImportError:
+        from click import get_current_context
+
+    ctx = get_current_context()
+    opts = [f"--{k.replace('_', '-').removesuffix('-out')} {v}" for k, v in ctx.params.items()
+            if v is not None and k not in ("admin_token", "key")]  # never write a secret into a result
     head = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
-            "command": " ".join(["tokenpool", "suite", *sys.argv[1:]]) if sys.argv[0].endswith("cli_suite.py")
-            else " ".join(["tokenpool", *sys.argv[1:]]), "device": "cpu"}
+            "command": " ".join(["tokenpool", "suite", ctx.info_name or "", *opts]), "device": "cpu"}
     write_json(json_out, {**head, **result})
 
 

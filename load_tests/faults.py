@@ -46,6 +46,7 @@ class Target:
     key: str | None = None
     model: str = "pace"
     server_pid: int | None = None
+    shm_dir: Path | None = None  # the server's TOKENPOOL_SHM_DIR when it is ours (else /dev/shm, tokenpool* only)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -107,11 +108,29 @@ def target(url: str | None = None, admin: str | None = None, key: str | None = N
     from controller.testing import LiveServer
 
     ready = config is None or config.get("workers", {}).get("local") != "none"
+    shm_root = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
     with tempfile.TemporaryDirectory(prefix="tokenpool-suite-") as d, \
+            tempfile.TemporaryDirectory(prefix="tokenpool-suite-shm-", dir=shm_root) as shm, \
+            _env(TOKENPOOL_SHM_DIR=shm), \
             LiveServer(config or paced_config(**cfg), Path(d), wait_ready=ready) as srv:
         if not ready:
             _wait_log(srv, "listening on")
-        yield Target(srv.url, SUITE_ADMIN, SUITE_KEY, model, srv.proc.pid)  # type: ignore[union-attr]
+        yield Target(srv.url, SUITE_ADMIN, SUITE_KEY, model, srv.proc.pid, Path(shm))  # type: ignore[union-attr]
+
+
+@contextlib.contextmanager
+def _env(**kv: str) -> Iterator[None]:
+    """Environment for the server started inside (LiveServer copies os.environ when it starts)."""
+    old = {k: os.environ.get(k) for k in kv}
+    os.environ.update(kv)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _wait_log(srv, text: str, timeout: float = 120) -> None:
@@ -370,11 +389,19 @@ def _fuzz_mode(t: Target, schema, mode: str, examples: int, seed: int) -> dict:
 
 
 # --- worker kill / stop ---
-def _shm() -> set[str]:
-    try:
-        return set(os.listdir("/dev/shm"))
-    except OSError:
+def _shm(root: Path | None) -> set[str]:
+    """Files under the server's shared-memory directory (or /dev/shm/tokenpool*: other servers' too)."""
+    base = root or Path("/dev/shm")
+    if not base.is_dir():
         return set()
+    tops = [base] if root else [p for p in base.iterdir() if p.name.startswith("tokenpool")]
+    out = set()
+    for top in tops:
+        try:
+            out |= {str(p) for p in ([top] if top.is_file() else top.rglob("*")) if p.is_file()}
+        except OSError:
+            pass
+    return out
 
 
 def _pid_alive(pid: int) -> bool:
@@ -390,7 +417,7 @@ async def _kill(t: Target, sig: int, streams: int, queued: int, max_tokens: int)
     if not engines:
         raise SystemExit("no live engine to signal")
     victim = engines[0]
-    shm_before = _shm()
+    shm_before = _shm(t.shm_dir)
     live = [Stream() for _ in range(streams)]
     running = [asyncio.ensure_future(open_stream(t, max_tokens, s=s)) for s in live]
     deadline = time.monotonic() + 30
@@ -429,7 +456,7 @@ async def _kill(t: Target, sig: int, streams: int, queued: int, max_tokens: int)
         "request_after_restart_ok": ok.done and not ok.error,
         "held_after_s": None if held is None else round(held, 3),
         "victim_process_left": _pid_alive(victim["pid"]),
-        "dev_shm_files_leaked": sorted(_shm() - shm_before),
+        "dev_shm_files_leaked": sorted(_shm(t.shm_dir) - shm_before),
     }
 
 
@@ -450,6 +477,7 @@ async def _disconnects(t: Target, n: int, max_tokens: int) -> dict:
     while not all(s.t_first is not None or s.t_end is not None for s in live) and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     streaming = sum(1 for s in live if s.t_first is not None and s.t_end is None)
+    await _until(lambda: t.held()["running"] >= streaming, 3)  # engine stats come with the next heartbeat
     peak = await asyncio.to_thread(t.held)
     t_drop = time.monotonic()
     for s in live:
