@@ -16,6 +16,7 @@ exit status 2, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import time
@@ -44,6 +45,29 @@ def bind(host: str, port: int, backlog: int = 4096) -> socket.socket:
         raise
     sock.set_inheritable(True)
     return sock
+
+
+def _http_protocol():
+    """uvicorn's httptools protocol, but a request it cannot parse gets a 400 in OpenAI's error JSON (uvicorn
+    writes plain text); None (uvicorn's choice) without httptools."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return None
+
+    class JSONErrorProtocol(HttpToolsProtocol):
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"error": {"message": msg, "type": "invalid_request_error", "param": None,
+                                         "code": "bad_http_request"}}).encode()
+            head = [b"HTTP/1.1 400 Bad Request\r\n"]
+            for name, value in self.server_state.default_headers:
+                head += [name, b": ", value, b"\r\n"]
+            head += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
+                     b"\r\nconnection: close\r\n\r\n"]
+            self.transport.write(b"".join(head) + body)
+            self.transport.close()
+
+    return JSONErrorProtocol
 
 
 class GracefulServer(uvicorn.Server):
@@ -115,7 +139,8 @@ async def serve_async(cfg: ServerConfig) -> int:
             log.error("cannot start: %s", getattr(e, "message", None) or e)
             return 2
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=int(CLOSE_S), backlog=4096)
+                                timeout_graceful_shutdown=int(CLOSE_S), backlog=4096,
+                                http=_http_protocol() or "auto")
         server = GracefulServer(config, app.state.serving, cfg.shutdown_grace_s, url)
         await server.serve(sockets=[sock])
         return 0

@@ -216,3 +216,17 @@ def test_declared_body_over_the_limit_gets_413_not_a_reset(tmp_path):
         r = httpx.post(srv.url + "/v1/completions", content=b'{"prompt": "' + b"x" * (3 << 20) + b'"}',
                        headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_unparseable_http_gets_openai_json(tmp_path):
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "none"}, "models": [PACE]}
+    with LiveServer(cfg, tmp_path, wait_ready=False) as srv:
+        _wait_listening(srv)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert head.split()[1] == b"400" and b"application/json" in head
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
