@@ -73,10 +73,11 @@ def encode(tok: Any, text: str, limit: int | None = None) -> list[int]:
     A Hugging Face fast tokenizer goes through its backend's `encode_batch`, which releases the GIL while it
     works (its plain `encode` holds it: a 4 MB prompt would stall every thread, the event loop's included).
     The count is read before the ids become a Python list, which holds the GIL (~35 ns a token): a prompt
-    that cannot fit never pays it.
+    that cannot fit never pays it. A backend that pads or truncates (set in its tokenizer.json) goes through
+    the tokenizer's own `encode`, which turns both off as a plain encode must.
     """
     backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
+    if backend is not None and backend.truncation is None and backend.padding is None:
         enc = backend.encode_batch([text], add_special_tokens=False)[0]
         if limit is not None and len(enc) >= limit:
             raise PromptTooLong(len(enc))
@@ -130,15 +131,13 @@ class OpenAIServing:
 
     def abort_all(self, reason: str) -> int:
         """End every admitted request with an engine-side error (its stream: an error event and [DONE])."""
-        from controller.messages import Delta as EngineDelta
-
         n = 0
         for gen in list(self.active):
             if gen.subs and not gen.closed:
                 self.ctl.pool.abort(gen.subs)
                 s = gen.subs[0]
-                gen.sink.put_nowait((s, EngineDelta(s.rid, finished=True, finish_reason="error", error=reason,
-                                                    error_kind="shutdown")))
+                gen.sink.put_nowait((s, Delta(s.rid, finished=True, finish_reason="error", error=reason,
+                                              error_kind="shutdown")))
                 n += 1
         return n
 
