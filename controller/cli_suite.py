@@ -33,7 +33,8 @@ def _write(result: dict, json_out: Optional[Path]) -> None:
         from click import get_current_context
 
     ctx = get_current_context()
-    opts = [f"--{k.replace('_', '-').removesuffix('-out')} {v}" for k, v in ctx.params.items()
+    flag = {p.name: max(p.opts, key=len) for p in ctx.command.params if getattr(p, "opts", None)}
+    opts = [f"{flag.get(k, '--' + k)} {v}" for k, v in ctx.params.items()
             if v is not None and k not in ("admin_token", "key")]  # never write a secret into a result
     head = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
             "command": " ".join(["tokenpool", "suite", ctx.info_name or "", *opts]), "device": "cpu"}
