@@ -78,7 +78,8 @@ class Target:
         return out
 
 
-def paced_config(pace_s: float = 0.01, max_num_seqs: int = 64, ttft_s: float = 2.0, **over) -> dict:
+def paced_config(pace_s: float = 0.01, max_num_seqs: int = 64, ttft_s: float = 2.0, max_model_len: int = 4096,
+                 **over) -> dict:
     from controller.keys import hash_key
 
     cfg = {
@@ -89,7 +90,7 @@ def paced_config(pace_s: float = 0.01, max_num_seqs: int = 64, ttft_s: float = 2
         "shutdown_grace_s": 5,
         "models": [{"name": "pace", "slo": {"ttft_s": ttft_s, "tpot_s": max(0.05, 4 * pace_s)},
                     "engine": {"kind": "pace", "pace_s_per_token": pace_s, "max_num_seqs": max_num_seqs,
-                               "max_model_len": 4096}}],
+                               "max_model_len": max_model_len}}],
     }
     cfg.update(over)
     return cfg
@@ -346,6 +347,8 @@ def _fuzz_mode(t: Target, schema, mode: str, examples: int, seed: int) -> dict:
     bad: list[dict] = []
     counts = {"health_503": 0, "unexpected_5xx": 0}
     n = 0
+    rng = random.Random(seed)
+
     def call(case) -> None:
         nonlocal n
         if case.path.startswith("/admin/engines/") and case.method.upper() == "POST":
@@ -354,6 +357,8 @@ def _fuzz_mode(t: Target, schema, mode: str, examples: int, seed: int) -> dict:
         if case.path.startswith("/admin/models") and case.method.upper() == "DELETE":
             case.path_parameters = {**(case.path_parameters or {}),
                                     "name": "fuzz-" + str((case.path_parameters or {}).get("name", ""))}
+        if isinstance(case.body, dict) and "model" in case.body and rng.random() < 0.7:
+            case.body["model"] = t.model  # most requests name the real model, to get past the 404
         headers = {}
         if mode == "credentials":
             admin = case.path.startswith("/admin") or case.path == "/metrics"
