@@ -31,8 +31,9 @@ class BodyLimit:
     the answer (most do) then gets the 413 instead of a connection reset.
     """
 
-    def __init__(self, app, limit: int, drain_factor: int = 4):
+    def __init__(self, app, limit: int, drain_factor: int = 4, on_refused=None):
         self.app, self.limit, self.drain_cap = app, limit, drain_factor * limit
+        self.on_refused = on_refused  # counts a refusal answered here, before the app sees the request
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -41,6 +42,8 @@ class BodyLimit:
             if k == b"content-length" and v.isdigit() and int(v) > self.limit:
                 if int(v) <= self.drain_cap:
                     await self._drain(receive, 0)
+                if self.on_refused is not None:
+                    self.on_refused()
                 return await _too_large(send, self.limit)
         seen = 0
 
@@ -141,7 +144,9 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
         return _error(ServingError(400, msg, param=param))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException):
+    async def http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 413:  # a request refused for its size is a refused request (others: no such route)
+            request.app.state.controller.count_refusal(None, "-", 413)
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         err = ServingError(e.status_code, str(e.detail), code=code)
         return ErrorJSON(err.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
@@ -174,5 +179,5 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
     async def metrics(request: Request):
         return Response(request.app.state.controller.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
+    app.add_middleware(BodyLimit, limit=cfg.max_request_bytes, on_refused=lambda: ctl.count_refusal(None, "-", 413))
     return app

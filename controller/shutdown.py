@@ -94,8 +94,8 @@ class GracefulServer(uvicorn.Server):
         if self._signals > 1 or self._loop is None or not self.started:
             self.should_exit = True
             self.force_exit = self._signals > 1
-            if self.force_exit:
-                self.serving.abort_all("the server is shutting down")
+            if self.force_exit and self._loop is not None:  # the loop's own objects are touched on the loop only
+                self._loop.call_soon_threadsafe(self.serving.abort_all, "the server is shutting down")
             return
         self._loop.call_soon_threadsafe(self._start_drain, sig)
 
@@ -106,8 +106,8 @@ class GracefulServer(uvicorn.Server):
         s = self.serving
         s.draining = True
         s.drain_retry_after = max(1, int(self.grace_s) + 1)
-        log.warning("signal %d: draining; %d requests in flight get %.0f s to finish", sig, len(s.active),
-                    self.grace_s)
+        log.warning("signal %d: draining; %d requests in flight get %.0f s to finish (signal again to stop now)",
+                    sig, len(s.active), self.grace_s)
         deadline = time.monotonic() + self.grace_s
         while s.active and time.monotonic() < deadline and not self.force_exit:
             await asyncio.sleep(0.05)

@@ -258,3 +258,22 @@ def test_chunked_body_over_the_limit_is_413_json():
 
     err = assert_error(run(PACE, body, _cfg(max_request_bytes=4096)), 413, "invalid_request_error")
     assert err["code"] == "request_too_large"
+
+
+def test_413s_are_counted():
+    async def body(c, app):
+        async def chunks():
+            for _ in range(8):
+                yield b"x" * 1024
+
+        h = {**auth(), "content-type": "application/json"}
+        a = await c.post("/v1/completions", headers=h, content=chunks())  # chunked
+        b = await c.post("/v1/completions", headers=h, content=b"x" * 8192)  # declared length
+        return a, b, app.state.controller.metrics.render().decode()
+
+    a, b, text = run(PACE, body, _cfg(max_request_bytes=4096))
+    assert a.status_code == b.status_code == 413
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    n = sum(s.value for s in fams["tokenpool_requests"].samples
+            if s.name.endswith("_total") and s.labels["status"] == "413")
+    assert n == 2

@@ -230,3 +230,25 @@ def test_unparseable_http_gets_openai_json(tmp_path):
     head, body = data.split(b"\r\n\r\n", 1)
     assert head.split()[1] == b"400" and b"application/json" in head
     assert json.loads(body)["error"]["type"] == "invalid_request_error"
+
+
+def test_a_second_signal_ends_the_drain_at_once(tmp_path):
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"}, "shutdown_grace_s": 60,
+           "models": [PACE]}
+    with LiveServer(cfg, tmp_path) as srv:
+        out: dict = {}
+        th = threading.Thread(target=_stream, args=(srv.url, 3000, out))
+        th.start()
+        deadline = time.monotonic() + 20
+        while not out.get("first"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(srv.proc.pid, signal.SIGTERM)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        os.kill(srv.proc.pid, signal.SIGINT)  # a second Ctrl-C: do not wait out the 60 s grace
+        th.join(30)
+        rc = srv.proc.wait(30)
+        took = time.monotonic() - t0
+    assert rc == 0 and took < 10, (rc, took)
+    assert out["events"][-1] == "[DONE]" and "shutting down" in json.loads(out["events"][-2])["error"]["message"]
