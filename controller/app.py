@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import asynccontextmanager
 
@@ -22,16 +23,28 @@ log = logging.getLogger("tokenpool.app")
 
 
 class BodyLimit:
-    """Refuse request bodies over `limit` bytes (413) before they are buffered whole (pure ASGI: no per-chunk cost)."""
+    """Refuse request bodies over `limit` bytes (413) before they are buffered whole (pure ASGI: no per-chunk cost).
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    A declared Content-Length over the limit is answered before the app runs; a chunked body that grows past it
+    raises an HTTPException(413) from `receive`, which FastAPI passes through its body parsing (any other
+    exception there would become a 400) to the app's handler. Either way the rest of the body (up to
+    `drain_factor` x the limit) is read and dropped first: a client that sends its whole body before reading
+    the answer (most do) then gets the 413 instead of a connection reset.
+    """
+
+    def __init__(self, app, limit: int, drain_factor: int = 4, on_refused=None):
+        self.app, self.limit, self.drain_cap = app, limit, drain_factor * limit
+        self.on_refused = on_refused  # counts a refusal answered here, before the app sees the request
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         for k, v in scope.get("headers", ()):
             if k == b"content-length" and v.isdigit() and int(v) > self.limit:
+                if int(v) <= self.drain_cap:
+                    await self._drain(receive, 0)
+                if self.on_refused is not None:
+                    self.on_refused()
                 return await _too_large(send, self.limit)
         seen = 0
 
@@ -41,21 +54,49 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise ServingError(413, f"request body exceeds {self.limit} bytes")
+                    if msg.get("more_body"):
+                        await self._drain(receive, seen)
+                    raise StarletteHTTPException(413, f"request body exceeds {self.limit} bytes")
             return msg
 
         return await self.app(scope, limited, send)
 
+    async def _drain(self, receive, seen: int) -> None:
+        while seen <= self.drain_cap:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            seen += len(msg.get("body", b""))
+            if not msg.get("more_body"):
+                return
+
 
 async def _too_large(send, limit: int) -> None:
-    body = JSONResponse(ServingError(413, f"request body exceeds {limit} bytes").body(), 413).body
+    body = ErrorJSON(ServingError(413, f"request body exceeds {limit} bytes").body(), 413).body
     await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
 
 
+class ErrorJSON(JSONResponse):
+    """Error bodies as ASCII JSON: a message that quotes client text (a lone surrogate, say) still renders."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
 def _error(e: ServingError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
+    return ErrorJSON(e.body(), status_code=e.status, headers=e.headers())
+
+
+def _auth_first(request: Request) -> None:
+    """Raise the 401 a request would get from its route's auth dependency (which runs after body parsing)."""
+    path = request.url.path
+    if path.startswith("/admin"):
+        auth.admin(request)
+    elif path.startswith("/v1/"):
+        auth.tenant(request)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -68,14 +109,20 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {first.get('msg')}" if param else str(first.get("msg"))), param
 
 
-def build_app(cfg: ServerConfig) -> FastAPI:
+def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
+    """The app; with `manage_controller=False` its lifespan leaves starting and stopping the controller to the
+    caller (controller.shutdown.run does, to report start-up errors in one line and to drain on SIGTERM)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await app.state.controller.start()
+        if manage_controller:
+            await app.state.controller.start()
         try:
             yield
         finally:
-            await app.state.controller.stop()
+            if manage_controller:
+                await app.state.controller.stop()
+            app.state.serving.close()
 
     app = FastAPI(title="tokenpool", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible multi-model serving on a shared GPU pool")
@@ -90,23 +137,41 @@ def build_app(cfg: ServerConfig) -> FastAPI:
         return _error(e)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError):
+    async def validation_error(request: Request, e: RequestValidationError):
+        try:
+            _auth_first(request)  # a caller without a valid token hears 401 whatever its body holds
+        except ServingError as denied:
+            return _error(denied)
         msg, param = _validation_message(e)
         return _error(ServingError(400, msg, param=param))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException):
-        err = ServingError(e.status_code, str(e.detail), code=None if e.status_code != 404 else "not_found")
-        return JSONResponse(err.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
+    async def http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 413:  # a request refused for its size is a refused request (others: no such route)
+            request.app.state.controller.count_refusal(None, "-", 413)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        err = ServingError(e.status_code, str(e.detail), code=code)
+        return ErrorJSON(err.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(UnicodeEncodeError)
+    async def not_unicode(request: Request, e: UnicodeEncodeError):
+        if "surrogate" not in str(e):
+            return await unexpected(request, e)
+        # client text no request model checked (an admin body, say): its fault, not ours
+        return _error(ServingError(400, "the request holds text that is not valid Unicode (a lone UTF-16 surrogate)"))
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, e: Exception):
+    async def unexpected(request: Request, e: Exception):
         log.exception("unhandled error")
+        if not getattr(e, "counted", False):  # /v1 routes count their own 500s (with model and tenant)
+            request.app.state.controller.count_refusal(None, "-", 500)
         return _error(ServingError(500, f"internal error: {type(e).__name__}"))
 
     @app.get("/health")
     async def health(request: Request):
         c: Controller = request.app.state.controller
+        if request.app.state.serving.draining:
+            return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "5"})
         ok = c.ready()
         body = {"status": "ok" if ok else "starting",
                 "engines": sum(1 for e in c.pool.engines.values() if e.alive), "models": len(c.models)}
@@ -116,5 +181,5 @@ def build_app(cfg: ServerConfig) -> FastAPI:
     async def metrics(request: Request):
         return Response(request.app.state.controller.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
+    app.add_middleware(BodyLimit, limit=cfg.max_request_bytes, on_refused=lambda: ctl.count_refusal(None, "-", 413))
     return app

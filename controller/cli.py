@@ -10,6 +10,15 @@ import typer
 app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by token.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (GPU figures go to bench/results/).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+
+
+def _add_suite() -> None:
+    from controller.cli_suite import suite_app  # the fault and load suite (load_tests/faults.py)
+
+    app.add_typer(suite_app, name="suite")
+
+
+_add_suite()
 keys_app = typer.Typer(help="API keys and tokens, and the salted hashes a configuration stores.",
                        no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
@@ -91,11 +100,18 @@ def serve_cmd(
 def ps_cmd(
     url: str = typer.Option("http://127.0.0.1:8000", help="the server's base URL"),
     admin_token: Optional[str] = typer.Option(
-        None, envvar="TOKENPOOL_ADMIN_TOKEN", help="admin token (env TOKENPOOL_ADMIN_TOKEN; logged at start when "
-        "the configuration has no admin_token_hash)"),
+        None, envvar="TOKENPOOL_ADMIN_TOKEN", help="admin token (env TOKENPOOL_ADMIN_TOKEN; default: the token file "
+        "a local server without admin_token_hash writes at start)"),
 ) -> None:
     """Which models a running server has, where they are resident (engine, device), their size and last use."""
     from controller.ps import PsError, ps
+
+    if admin_token is None:  # a local default server: its run's token file (owner-only)
+        from controller.config import cache_dir
+
+        f = cache_dir() / "admin-token"
+        if f.is_file():
+            admin_token = f.read_text().strip() or None
 
     try:
         typer.echo(ps(url, admin_token))

@@ -201,6 +201,9 @@ class ServerConfig(_Strict):
     admission: AdmissionSettings = AdmissionSettings()
     autoscaler: AutoscalerSettings = AutoscalerSettings()
     max_request_bytes: int = Field(4 << 20, ge=1024)
+    # SIGTERM: new requests get 503 + Retry-After; in-flight ones get this long to finish, then an error event
+    shutdown_grace_s: float = Field(30.0, ge=0, le=86400)
+    admin_token_file: str | None = None  # where a generated admin token is written (mode 0600); default: cache dir
     is_default: bool = False  # the embedded demo configuration
 
     @model_validator(mode="after")

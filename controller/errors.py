@@ -7,6 +7,7 @@ _TYPES = {
     401: ("authentication_error", "invalid_api_key"),
     403: ("permission_error", "model_not_allowed"),
     404: ("invalid_request_error", "model_not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
     413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
     500: ("server_error", None),
@@ -21,7 +22,8 @@ class ServingError(Exception):
         self.status = status
         self.message = message
         self.param = param
-        self.type, default_code = _TYPES.get(status, ("server_error", None))
+        # a status without its own entry: the client's fault below 500 (as OpenAI types them), else the server's
+        self.type, default_code = _TYPES.get(status, ("invalid_request_error" if status < 500 else "server_error", None))
         self.code = code if code is not None else default_code
         self.retry_after = retry_after
 

@@ -26,7 +26,9 @@ def fetch(url: str, path: str, token: str | None, timeout: float = 10.0) -> Any:
             msg = json.loads(e.read())["error"]["message"]
         except (ValueError, KeyError, TypeError):
             msg = e.reason
-        hint = " (pass --admin-token or set TOKENPOOL_ADMIN_TOKEN; the server logs it at start)" if e.code == 401 else ""
+        hint = (" (pass --admin-token or set TOKENPOOL_ADMIN_TOKEN; a server without admin_token_hash writes this "
+                "run's token to the file its log names, by default ~/.cache/tokenpool/models/admin-token)"
+                if e.code == 401 else "")
         raise PsError(f"{url}{path}: HTTP {e.code}: {msg}{hint}") from None
     except (urllib.error.URLError, OSError) as e:
         raise PsError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None

@@ -12,7 +12,6 @@ from controller.config import (
     ModelSpec,
     ServerConfig,
     ensure_demo_models,
-    load_config,
 )
 from controller.keys import hash_key, new_key
 
@@ -42,11 +41,16 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
 
     Model directories on the command line are served beside the config's models; without a config they are the
     only models (no demo), on the default loopback listener without auth."""
-    specs = model_specs(list(model_dirs or []), list(served_model_names or []))
+    from controller.startup import StartupError, load_checked
+
+    try:
+        specs = model_specs(list(model_dirs or []), list(served_model_names or []))
+    except ValueError as e:
+        raise StartupError(str(e)) from None
     if specs and config_path is None:
         cfg = ServerConfig(auth=False)
     else:
-        cfg = load_config(config_path)
+        cfg = load_checked(config_path)
     if specs:
         cfg = ServerConfig.model_validate({**cfg.model_dump(), "models": [*cfg.models, *specs]})
     if gpu_budget_gb is not None:
@@ -65,12 +69,14 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
 def serve(config_path: Path | None = None, host: str | None = None, port: int | None = None,
           model_dirs: list[Path] | None = None, served_model_names: list[str] | None = None,
           gpu_budget_gb: float | None = None) -> None:
-    import uvicorn
-
-    from controller.app import build_app
+    from controller import shutdown, startup
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    cfg, admin_token = prepare(config_path, host, port, model_dirs, served_model_names, gpu_budget_gb)
+    try:
+        cfg, admin_token = prepare(config_path, host, port, model_dirs, served_model_names, gpu_budget_gb)
+    except startup.StartupError as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
     if cfg.is_default:
         if host is None:
             cfg.listen.host = "127.0.0.1"
@@ -79,14 +85,24 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
                     REAL_MODEL, [m.name for m in cfg.models if m.name != REAL_MODEL],
                     Path(cfg.models[0].path).parent if cfg.models[0].path else "-", cfg.listen.host)
         ensure_demo_models(cfg)
+    try:
+        startup.check_models(cfg)
+    except startup.StartupError as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
+    token_file = None
     if admin_token is not None:
-        log.warning("admin token for this run (not stored anywhere): %s", admin_token)
+        token_file = startup.write_admin_token(cfg, admin_token)
+        log.warning("admin token for this run written to %s (readable by you only)", token_file)
     if not cfg.auth_enabled:
         log.warning("authentication is OFF: every caller may use every model")
-    app = build_app(cfg)
-    log.info("listening on http://%s:%d (OpenAI API under /v1, admin under /admin)", cfg.listen.host, cfg.listen.port)
-    uvicorn.run(app, host=cfg.listen.host, port=cfg.listen.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5, backlog=4096)
+    try:
+        rc = shutdown.run(cfg)
+    finally:
+        if token_file is not None:
+            startup.remove_admin_token(token_file, admin_token)  # type: ignore[arg-type]
+    if rc:
+        raise SystemExit(rc)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,11 +9,12 @@ from fastapi.responses import Response, StreamingResponse
 
 from controller.api import auth
 from controller.api import protocol as p
+from controller.api.serving import ClientGone
 from controller.errors import ServingError
 from controller.tenants import Tenant
 
 router = APIRouter()
-ERRORS = {s: {"model": p.ErrorResponse} for s in (400, 401, 403, 404, 429, 503)}
+ERRORS = {s: {"model": p.ErrorResponse} for s in (400, 401, 404, 413, 429, 500, 503)}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -23,26 +24,32 @@ def _respond(result: p.BaseModel | AsyncIterator[bytes]) -> Response:
     return StreamingResponse(result, media_type="text/event-stream; charset=utf-8", headers=SSE_HEADERS)
 
 
-def _counted(request: Request, e: ServingError, model: str, tenant: Tenant) -> ServingError:
-    if not getattr(e, "counted", False):
-        request.app.state.controller.count_refusal(model, tenant.name, e.status)
-    return e
+async def _serve(request: Request, call, model: str, tenant: Tenant) -> Response:
+    """Run one serving call; every outcome that is not a finished generation is counted here, 500s included
+    (the app's handler answers them). A client that left gets nothing: 499 goes to a closed socket."""
+    try:
+        return _respond(await call)
+    except ClientGone:
+        return Response(status_code=499)
+    except ServingError as e:
+        if not getattr(e, "counted", False):
+            request.app.state.controller.count_refusal(model, tenant.name, e.status)
+        raise
+    except Exception as e:
+        if not getattr(e, "counted", False):
+            request.app.state.controller.count_refusal(model, tenant.name, 500)
+            e.counted = True  # type: ignore[attr-defined]
+        raise
 
 
 @router.post("/v1/completions", response_model=p.CompletionResponse, responses=ERRORS)
 async def completions(body: p.CompletionRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
-    try:
-        return _respond(await request.app.state.serving.completions(body, tenant, request))
-    except ServingError as e:
-        raise _counted(request, e, body.model, tenant) from None
+    return await _serve(request, request.app.state.serving.completions(body, tenant, request), body.model, tenant)
 
 
 @router.post("/v1/chat/completions", response_model=p.ChatCompletionResponse, responses=ERRORS)
 async def chat_completions(body: p.ChatCompletionRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
-    try:
-        return _respond(await request.app.state.serving.chat(body, tenant, request))
-    except ServingError as e:
-        raise _counted(request, e, body.model, tenant) from None
+    return await _serve(request, request.app.state.serving.chat(body, tenant, request), body.model, tenant)
 
 
 @router.get("/v1/models", response_model=p.ModelList, responses=ERRORS)

@@ -2,6 +2,10 @@
 
 Unknown request fields are ignored, as vLLM does, so newer clients keep working; fields whose meaning we cannot
 honour (tools, logit_bias, suffix, ...) are refused by the serving layer with a 400 naming the field.
+
+Requests are validated strictly: JSON types are not coerced (`"max_tokens": "10"`, `"stream": "yes"` and
+`"prompt": [[false]]` are 400s, as OpenAI answers them), and text must be valid Unicode (a lone UTF-16
+surrogate such as `"\ud800"` parses as JSON but can be neither tokenized nor written back as UTF-8).
 """
 
 from __future__ import annotations
@@ -9,14 +13,48 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_N = 16
 MAX_STOP = 8
 
 
+def lone_surrogate_path(v: Any, path: tuple = ()) -> tuple | None:
+    """Where in a parsed JSON value a string holds a lone UTF-16 surrogate, or None (one C-speed encode each)."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            found = lone_surrogate_path(k, (*path, "<key>")) or lone_surrogate_path(x, (*path, k))
+            if found is not None:
+                return found
+    elif isinstance(v, list) and v and not isinstance(v[0], int):  # token-id lists hold no text
+        for i, x in enumerate(v):
+            found = lone_surrogate_path(x, (*path, i))
+            if found is not None:
+                return found
+    return None
+
+
 class _Req(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class _Top(_Req):
+    """A request body: its text must be encodable as UTF-8."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        where = lone_surrogate_path(data)
+        if where is not None:
+            loc = ".".join(str(x) for x in where) or "body"
+            raise PydanticCustomError("unicode", f"{loc}: text is not valid Unicode (lone UTF-16 surrogate)")
+        return data
 
 
 class StreamOptions(_Req):
@@ -27,7 +65,7 @@ class StreamOptions(_Req):
 StopStr = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
-class _Sampling(_Req):
+class _Sampling(_Top):
     """Fields shared by both endpoints."""
 
     model: str = Field(min_length=1, max_length=256)

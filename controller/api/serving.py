@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -22,11 +26,77 @@ from controller.messages import Delta
 from controller.service import Controller, Generation, ModelEntry
 from controller.tenants import Tenant
 
+log = logging.getLogger("tokenpool.serving")
 T = TypeVar("T")
+TOKENIZE_THREADS = 2  # tokenizing and template rendering run here, never on the event loop
+# chat_template_kwargs reach the model's (trusted) template as plain values only: a client must not swap in its
+# own Jinja template, nor pass the arguments apply_chat_template itself takes
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "chat_template", "tools", "documents", "conversation", "messages", "tokenize", "add_generation_prompt",
+    "continue_final_message", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "padding",
+    "truncation", "max_length", "return_tensors"})
+TEMPLATE_KWARG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+MAX_TEMPLATE_KWARGS, MAX_TEMPLATE_KWARG_STR = 16, 1024
+
+
+class ClientGone(Exception):
+    """The client of a non-streamed request disconnected; the route answers 499 to nobody, quietly."""
+
+
+def check_template_kwargs(kw: dict[str, Any] | None) -> dict[str, Any]:
+    """The client's chat_template_kwargs if they are plain, bounded values under non-reserved names."""
+    if not kw:
+        return {}
+    if len(kw) > MAX_TEMPLATE_KWARGS:
+        raise ServingError(400, f"at most {MAX_TEMPLATE_KWARGS} chat_template_kwargs", param="chat_template_kwargs")
+    for k, v in kw.items():
+        if k in RESERVED_TEMPLATE_KWARGS:
+            raise ServingError(400, f"chat_template_kwargs may not set {k!r} (the server's template is used)",
+                               param="chat_template_kwargs")
+        if not TEMPLATE_KWARG_NAME.fullmatch(k):
+            raise ServingError(400, "chat_template_kwargs names must be identifiers", param="chat_template_kwargs")
+        if not (v is None or isinstance(v, (bool, int, float)) or
+                (isinstance(v, str) and len(v) <= MAX_TEMPLATE_KWARG_STR)):
+            raise ServingError(400, f"chat_template_kwargs.{k} must be a boolean, number, null or a string of at "
+                               f"most {MAX_TEMPLATE_KWARG_STR} characters", param="chat_template_kwargs")
+    return kw
+
+
+class PromptTooLong(Exception):
+    def __init__(self, n: int):
+        self.n = n
+
+
+def encode(tok: Any, text: str, limit: int | None = None) -> list[int]:
+    """Token ids of `text` (no special tokens added); PromptTooLong when there are `limit` or more.
+
+    A Hugging Face fast tokenizer goes through its backend's `encode_batch`, which releases the GIL while it
+    works (its plain `encode` holds it: a 4 MB prompt would stall every thread, the event loop's included).
+    The count is read before the ids become a Python list, which holds the GIL (~35 ns a token): a prompt
+    that cannot fit never pays it. A backend that pads or truncates (set in its tokenizer.json) goes through
+    the tokenizer's own `encode`, which turns both off as a plain encode must.
+    """
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        enc = backend.encode_batch([text], add_special_tokens=False)[0]
+        if limit is not None and len(enc) >= limit:
+            raise PromptTooLong(len(enc))
+        return enc.ids
+    ids = tok.encode(text, add_special_tokens=False)
+    if limit is not None and len(ids) >= limit:
+        raise PromptTooLong(len(ids))
+    return ids
+
+
+def too_long(me: ModelEntry, n: int, param: str, index: int | None = None) -> ServingError:
+    """The error Controller.generate gives a prompt that leaves no room, for one found while tokenizing."""
+    which = f" {index}" if index is not None else ""
+    return ServingError(400, f"This model's maximum context length is {me.max_model_len} tokens; the prompt{which} "
+                        f"has {n} tokens.", param=param, code="context_length_exceeded")
 
 
 async def unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
-    """Await `aw`, cancelling it if the client goes away first (non-streaming requests)."""
+    """Await `aw`, cancelling it if the client goes away first (non-streaming requests: raises ClientGone)."""
     task = asyncio.ensure_future(aw)
 
     async def gone() -> None:
@@ -40,7 +110,7 @@ async def unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
         watch.cancel()
     if not task.done():
         task.cancel()
-        raise asyncio.CancelledError("client disconnected")
+        raise ClientGone()
     return task.result()
 
 
@@ -71,6 +141,9 @@ class Tracked:
     def pending(self) -> bool:
         return self.gen.pending()
 
+    def __getattr__(self, name: str):  # the rest of the Generation (sink, closed, entry, ...)
+        return getattr(self.gen, name)
+
     def close(self, status: int) -> None:
         g = self.gen
         if not g.closed:
@@ -87,18 +160,42 @@ class Tracked:
 class OpenAIServing:
     def __init__(self, ctl: Controller):
         self.ctl = ctl
+        self._tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
+        self.active: set[Tracked] = set()  # admitted requests not yet finished (graceful shutdown waits)
+        self.draining = False  # set on SIGTERM: new requests get 503 + Retry-After
+        self.drain_retry_after = 5
         self.last_used: dict[str, float] = {}  # model name -> wall-clock time of its latest request (tokenpool ps)
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-bound request work (tokenizing, template rendering) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    def abort_all(self, reason: str) -> int:
+        """End every admitted request with an engine-side error (its stream: an error event and [DONE])."""
+        n = 0
+        for gen in list(self.active):
+            if gen.subs and not gen.closed:
+                self.ctl.pool.abort(gen.subs)
+                s = gen.subs[0]
+                gen.sink.put_nowait((s, Delta(s.rid, finished=True, finish_reason="error", error=reason,
+                                              error_kind="shutdown")))
+                n += 1
+        return n
 
     # --- shared ---
     def entry(self, tenant: Tenant, model: str) -> ModelEntry:
-        """The model a request names, by its name or one of its aliases."""
+        if self.draining:
+            raise ServingError(503, "the server is shutting down", code="shutting_down",
+                               retry_after=self.drain_retry_after)
         me = self.ctl.models.get(model)
-        if me is None:
+        if me is None:  # by one of its aliases
             me = next((e for e in self.ctl.models.values() if model in e.spec.aliases), None)
-        if me is None:
+        if me is None or not (tenant.may_use(me.spec.name) or tenant.may_use(model)):
+            # one answer for both: a tenant learns nothing of the others' models
             raise ServingError(404, f"The model `{model}` does not exist.", param="model")
-        if not (tenant.may_use(me.spec.name) or tenant.may_use(model)):
-            raise ServingError(403, f"You are not allowed to use the model `{model}`.", param="model")
         self.last_used[me.spec.name] = time.time()
         return me
 
@@ -160,30 +257,45 @@ class OpenAIServing:
         me = self.entry(tenant, req.model)
         self._refuse_unsupported(req)
         params = self._params(req, req.max_tokens, req.logprobs)
-        raw = req.prompt
-        if isinstance(raw, str):
-            texts: list[str | None] = [raw]
-            prompts = [me.tokenizer.encode(raw, add_special_tokens=False) if raw else []]
-        elif raw and isinstance(raw[0], str):
-            texts = list(raw)  # type: ignore[arg-type]
-            prompts = [me.tokenizer.encode(s, add_special_tokens=False) for s in raw]  # type: ignore[arg-type]
-        elif raw and isinstance(raw[0], int):
-            texts, prompts = [None], [list(raw)]  # type: ignore[list-item]
-        else:
-            texts, prompts = [None] * len(raw), [list(x) for x in raw]  # type: ignore[union-attr]
-        prompts = [self._check_ids(me, ids, "prompt") for ids in prompts]
+        texts, prompts, echo = await self.offload(self._completion_prompts, me, req)
         rid = self.ctl.new_id("cmpl")
-        gen = Tracked(await self.ctl.generate(me, tenant, prompts, params, req.n, rid), self.ctl.metrics)
-        echo = [(t if t is not None else me.tokenizer.decode(ids)) if req.echo else "" for t, ids in
-                zip(texts, prompts)]
+        gen = self._track(await self.ctl.generate(me, tenant, prompts, params, req.n, rid))
         if req.stream:
             return self._stream_completion(gen, req, rid, me, echo)
         return await self._collect(request, gen, self._collect_completion(gen, req, rid, me, echo))
 
-    @staticmethod
-    async def _collect(request, gen, collect):
+    def _completion_prompts(self, me: ModelEntry, req: p.CompletionRequest
+                            ) -> tuple[list[str | None], list[list[int]], list[str]]:
+        """(texts, token ids, echo text) of each prompt; runs in the tokenize pool."""
+        raw = req.prompt
+        if isinstance(raw, str):
+            texts: list[str | None] = [raw]
+        elif raw and isinstance(raw[0], str):
+            texts = list(raw)  # type: ignore[arg-type]
+        elif raw and isinstance(raw[0], int):
+            texts, prompts = [None], [list(raw)]  # type: ignore[list-item]
+        else:
+            texts, prompts = [None] * len(raw), [list(x) for x in raw]  # type: ignore[union-attr]
+        if texts[0] is not None:
+            prompts = []
+            for i, t in enumerate(texts):
+                try:
+                    prompts.append(encode(me.tokenizer, t, me.max_model_len) if t else [])  # type: ignore[arg-type]
+                except PromptTooLong as e:
+                    raise too_long(me, e.n, "prompt", i if len(texts) > 1 else None) from None
+        prompts = [self._check_ids(me, ids, "prompt") for ids in prompts]
+        echo = [(t if t is not None else me.tokenizer.decode(ids)) if req.echo else "" for t, ids in
+                zip(texts, prompts)]
+        return texts, prompts, echo
+
+    def _track(self, gen: Generation) -> Tracked:
+        t = Tracked(gen, self.ctl.metrics)
+        self.active.add(t)
+        return t
+
+    async def _collect(self, request, gen, collect):
         """Await a non-streamed response; the generation is closed with the status it ended with (499 when
-        the client went away)."""
+        the client went away, 500 on a bug: then the route must not count it again)."""
         status = 499
         try:
             resp = await unless_disconnected(request, collect)
@@ -192,7 +304,13 @@ class OpenAIServing:
         except ServingError as e:
             status = e.status
             raise
+        except Exception as e:  # noqa: BLE001 - counted here, answered by the app's handler
+            if not isinstance(e, ClientGone):
+                status = 500
+                e.counted = True  # type: ignore[attr-defined]
+            raise
         finally:
+            self.active.discard(gen)
             gen.close(status)
 
     def _completion_logprobs(self, me: ModelEntry, d: Delta, k: int, offset: int) -> p.CompletionLogprobs:
@@ -251,21 +369,29 @@ class OpenAIServing:
             raise ServingError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-        tok = me.tokenizer
-        if not getattr(tok, "chat_template", None):
+        if not getattr(me.tokenizer, "chat_template", None):
             raise ServingError(400, f"model `{req.model}` has no chat template; use /v1/completions")
-        msgs = [{"role": "system" if mm.role == "developer" else mm.role, "content": mm.text()} for mm in req.messages]
-        try:
-            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=req.add_generation_prompt,
-                                           **(req.chat_template_kwargs or {}))
-        except Exception as e:  # noqa: BLE001 - template errors (role order, ...) are the client's
-            raise ServingError(400, f"cannot apply the chat template: {e}", param="messages") from None
-        ids = self._check_ids(me, tok.encode(text, add_special_tokens=False), "messages")
+        kwargs = check_template_kwargs(req.chat_template_kwargs)
+        ids = await self.offload(self._chat_prompt, me, req, kwargs)
         rid = self.ctl.new_id("chatcmpl")
-        gen = Tracked(await self.ctl.generate(me, tenant, [ids], params, req.n, rid), self.ctl.metrics)
+        gen = self._track(await self.ctl.generate(me, tenant, [ids], params, req.n, rid))
         if req.stream:
             return self._stream_chat(gen, req, rid, me)
         return await self._collect(request, gen, self._collect_chat(gen, req, rid, me))
+
+    def _chat_prompt(self, me: ModelEntry, req: p.ChatCompletionRequest, kwargs: dict[str, Any]) -> list[int]:
+        """The prompt's token ids: the model's own chat template, rendered and tokenized in the tokenize pool."""
+        msgs = [{"role": "system" if mm.role == "developer" else mm.role, "content": mm.text()} for mm in req.messages]
+        try:
+            text = me.tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                    add_generation_prompt=req.add_generation_prompt, **kwargs)
+        except Exception as e:  # noqa: BLE001 - template errors (role order, ...) are the client's
+            raise ServingError(400, f"cannot apply the chat template: {e}", param="messages") from None
+        try:
+            ids = encode(me.tokenizer, text, me.max_model_len)
+        except PromptTooLong as e:
+            raise too_long(me, e.n, "messages") from None
+        return self._check_ids(me, ids, "messages")
 
     def _chat_logprobs(self, me: ModelEntry, d: Delta, k: int) -> list[p.TokenLogprob]:
         out = []
@@ -340,5 +466,11 @@ class OpenAIServing:
         except ServingError as e:
             status = e.status
             yield b"".join(out) + sse(e.body()) + DONE
+        except Exception:  # noqa: BLE001 - a bug mid-stream: the client hears an error event, the metrics a 500
+            status = 500
+            err = ServingError(500, "internal error while streaming")
+            log.exception("stream failed")
+            yield b"".join(out) + sse(err.body()) + DONE
         finally:
+            self.active.discard(gen)
             gen.close(status)

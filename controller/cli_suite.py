@@ -1,0 +1,134 @@
+"""`tokenpool suite ...`: the fault and load suite (load_tests/faults.py); each command writes one JSON result.
+
+Wired into the main CLI with `app.add_typer(suite_app, name="suite")` (controller/cli.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+suite_app = typer.Typer(help="Fault and load suite against a live server (its own paced one unless --url).",
+                        no_args_is_help=True)
+
+URL = typer.Option(None, help="drive this running server (loopback) instead of starting a paced one")
+ADMIN = typer.Option(None, "--admin-token", help="with --url: the admin token")
+KEY = typer.Option(None, help="with --url: a tenant key (none: auth is off)")
+MODEL = typer.Option("pace", help="with --url: the model to request")
+JSON = typer.Option(None, "--json", help="write the result here (it is printed too)")
+
+
+def _write(result: dict, json_out: Optional[Path]) -> None:
+    """Print the result and write it to --json, headed by date, commit and the command that made it (rebuilt
+    from the parsed options, so it is the same however the suite was launched)."""
+    import datetime as dt
+
+    from load_tests.bench_common import git_commit, write_json
+
+    try:
+        from typer._click.globals import get_current_context  # typer >= 0.2x carries its own click
+    except ImportError:
+        from click import get_current_context
+
+    ctx = get_current_context()
+    flag = {p.name: max(p.opts, key=len) for p in ctx.command.params if getattr(p, "opts", None)}
+    opts = [f"{flag.get(k, '--' + k)} {v}" for k, v in ctx.params.items()
+            if v is not None and k not in ("admin_token", "key")]  # never write a secret into a result
+    head = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
+            "command": " ".join(["tokenpool", "suite", ctx.info_name or "", *opts]), "device": "cpu"}
+    write_json(json_out, {**head, **result})
+
+
+@suite_app.command("corpus")
+def corpus_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
+               model: str = MODEL, json_out: Optional[Path] = JSON) -> None:
+    """Known-bad requests (every defect of issue 16 among them), each with the status it must get."""
+    from load_tests.faults import run_corpus, target
+
+    with target(url, admin_token, key, model=model) as t:
+        _write(run_corpus(t), json_out)
+
+
+@suite_app.command("fuzz")
+def fuzz_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
+             examples: int = typer.Option(50, help="generated requests per operation and mode"),
+             json_out: Optional[Path] = JSON) -> None:
+    """schemathesis over the server's OpenAPI, with credentials and without: no 5xx, errors as OpenAI JSON."""
+    from load_tests.faults import run_fuzz, target
+
+    # a short context and a fast pace bound the work any generated request can ask for
+    with target(url, admin_token, key, pace_s=0.0005, max_num_seqs=256, max_model_len=48) as t:
+        _write(run_fuzz(t, examples), json_out)
+
+
+@suite_app.command("kill")
+def kill_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
+             model: str = MODEL, sig: str = typer.Option("KILL", "--signal", help="KILL | STOP"),
+             streams: int = typer.Option(8), queued: int = typer.Option(4, help="requests waiting for a slot"),
+             json_out: Optional[Path] = JSON) -> None:
+    """A worker SIGKILLed or SIGSTOPped mid-stream: error events, retried queue, restart, leaks."""
+    from load_tests.faults import run_kill, target
+
+    if sig.upper().removeprefix("SIG") not in ("KILL", "STOP"):
+        raise typer.BadParameter("--signal is KILL or STOP")
+    with target(url, admin_token, key, model=model, max_num_seqs=streams, ttft_s=60.0) as t:
+        _write(run_kill(t, sig, streams, queued), json_out)
+
+
+@suite_app.command("disconnects")
+def disconnects_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
+                    model: str = MODEL, streams: int = typer.Option(1000),
+                    json_out: Optional[Path] = JSON) -> None:
+    """N streams dropped after their first token: seconds until KV and running requests are back to zero."""
+    from load_tests.faults import run_disconnects, target
+
+    with target(url, admin_token, key, model=model, max_num_seqs=max(64, streams), ttft_s=60.0) as t:
+        _write(run_disconnects(t, streams), json_out)
+
+
+@suite_app.command("overload")
+def overload_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
+                 model: str = MODEL, factor: float = typer.Option(5.0), duration: float = typer.Option(10.0),
+                 max_num_seqs: int = typer.Option(16, help="the model's slots (with --url: what the server has)"),
+                 pace: float = typer.Option(0.01, help="seconds per token (with --url: the server's pace)"),
+                 slo_ttft: float = typer.Option(0.5), json_out: Optional[Path] = JSON) -> None:
+    """Arrivals at FACTOR x capacity: the excess gets 429 + Retry-After, accepted requests keep their TTFT."""
+    from load_tests.faults import run_overload, target
+
+    with target(url, admin_token, key, model=model, max_num_seqs=max_num_seqs, pace_s=pace, ttft_s=slo_ttft) as t:
+        _write(run_overload(t, factor, duration, max_num_seqs=max_num_seqs, pace_s=pace, slo_ttft_s=slo_ttft),
+               json_out)
+
+
+@suite_app.command("soak")
+def soak_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
+             model: str = MODEL, pid: Optional[int] = typer.Option(None, help="with --url: the server's pid (RSS)"),
+             duration: float = typer.Option(60.0, help="seconds (1800 for the 30-minute soak)"),
+             concurrency: int = typer.Option(32), json_out: Optional[Path] = JSON) -> None:
+    """Steady load for DURATION seconds: controller and worker RSS over time, errors."""
+    from load_tests.faults import run_soak, target
+
+    with target(url, admin_token, key, pid, model=model, ttft_s=30.0) as t:
+        _write(run_soak(t, duration, concurrency, sample_s=max(1.0, duration / 60)), json_out)
+
+
+@suite_app.command("block")
+def block_cmd(prompt_mb: float = typer.Option(4.0, help="size of the one huge prompt"),
+              json_out: Optional[Path] = JSON) -> None:
+    """/health latency while the server tokenizes a PROMPT_MB prompt (a factory model's real tokenizer)."""
+    import tempfile
+
+    from controller.model_factory import make_model
+    from load_tests.faults import run_block, target, tokenizer_config
+
+    with tempfile.TemporaryDirectory(prefix="tokenpool-block-") as d:
+        make_model(arch="qwen2", size="tiny", out=Path(d) / "m", seed=0, dtype="fp32", device="cpu", progress=False)
+        with target(config=tokenizer_config(str(Path(d) / "m"), int(prompt_mb * 2**20) + (1 << 20)),
+                    model="tiny") as t:
+            _write(run_block(t, prompt_mb), json_out)
+
+
+if __name__ == "__main__":
+    suite_app()

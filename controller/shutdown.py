@@ -1,0 +1,156 @@
+"""Serving with a graceful end: bind, start the controller, serve, and drain on SIGTERM.
+
+    `tokenpool serve` -> run(cfg) -> exit status
+
+SIGTERM (or a first Ctrl-C) does not stop the server at once: new requests get 503 + Retry-After (and /health
+says "draining", so a load balancer stops sending), requests in flight get `shutdown_grace_s` to finish, and
+whatever is still running then ends with an error event and `data: [DONE]` (a non-streamed one with a 503).
+Then uvicorn closes its connections, the controller stops its workers, and the process exits 0. A second
+signal stops at once.
+
+"listening on" is logged once uvicorn serves on the bound socket, with the port the kernel gave; a port that
+cannot be bound, or a controller that cannot start (a model that will not load, ...), is one log line and
+exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+
+import uvicorn
+
+from controller.config import ServerConfig
+from controller.errors import ServingError
+
+log = logging.getLogger("tokenpool")
+FLUSH_S = 2.0  # after the grace period, how long the ended streams get to write their error event
+CLOSE_S = 5.0  # uvicorn's own wait for connections to close once draining is over
+
+
+def bind(host: str, port: int, backlog: int = 4096) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP given explicitly: asyncio sets TCP_NODELAY on accepted sockets only when their proto says TCP
+    # (with proto 0, small responses wait ~40 ms on Nagle and the client's delayed ACK)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _http_protocol():
+    """uvicorn's httptools protocol, but a request it cannot parse gets a 400 in OpenAI's error JSON (uvicorn
+    writes plain text); None (uvicorn's choice) without httptools."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return None
+
+    class JSONErrorProtocol(HttpToolsProtocol):
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"error": {"message": msg, "type": "invalid_request_error", "param": None,
+                                         "code": "bad_http_request"}}).encode()
+            head = [b"HTTP/1.1 400 Bad Request\r\n"]
+            for name, value in self.server_state.default_headers:
+                head += [name, b": ", value, b"\r\n"]
+            head += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
+                     b"\r\nconnection: close\r\n\r\n"]
+            self.transport.write(b"".join(head) + body)
+            self.transport.close()
+
+    return JSONErrorProtocol
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains (see the module docstring) instead of stopping."""
+
+    def __init__(self, config: uvicorn.Config, serving, grace_s: float, url: str):
+        super().__init__(config)
+        self.serving, self.grace_s, self.url = serving, grace_s, url
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._signals = 0
+        self._drain: asyncio.Task | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+        if self.started:
+            log.info("listening on %s (OpenAI API under /v1, admin under /admin)", self.url)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # A signal handler (main thread, between two bytecodes of the loop): only flags and a thread-safe call.
+        # uvicorn's own handler also records the signal to re-raise it after serving, which would turn a clean
+        # drain into death by SIGTERM (exit status 143); this one does not.
+        self._signals += 1
+        if self._signals > 1 or self._loop is None or not self.started:
+            self.should_exit = True
+            self.force_exit = self._signals > 1
+            if self.force_exit and self._loop is not None:  # the loop's own objects are touched on the loop only
+                self._loop.call_soon_threadsafe(self.serving.abort_all, "the server is shutting down")
+            return
+        self._loop.call_soon_threadsafe(self._start_drain, sig)
+
+    def _start_drain(self, sig: int) -> None:
+        self._drain = asyncio.ensure_future(self.drain(sig))
+
+    async def drain(self, sig: int = 15) -> None:
+        s = self.serving
+        s.draining = True
+        s.drain_retry_after = max(1, int(self.grace_s) + 1)
+        log.warning("signal %d: draining; %d requests in flight get %.0f s to finish (signal again to stop now)",
+                    sig, len(s.active), self.grace_s)
+        deadline = time.monotonic() + self.grace_s
+        while s.active and time.monotonic() < deadline and not self.force_exit:
+            await asyncio.sleep(0.05)
+        if s.active:
+            n = s.abort_all("the server is shutting down")
+            log.warning("grace period over: ended %d requests with an error", n)
+            deadline = time.monotonic() + FLUSH_S
+            while s.active and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        self.should_exit = True
+
+
+async def serve_async(cfg: ServerConfig) -> int:
+    from controller.app import build_app
+
+    try:
+        sock = bind(cfg.listen.host, cfg.listen.port)
+    except OSError as e:
+        log.error("cannot listen on %s:%d: %s", cfg.listen.host, cfg.listen.port, e.strerror or e)
+        return 2
+    host, port = sock.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    app = build_app(cfg, manage_controller=False)
+    ctl = app.state.controller
+    try:
+        try:
+            await ctl.start()
+        except (ServingError, OSError, ValueError) as e:
+            log.error("cannot start: %s", getattr(e, "message", None) or e)
+            return 2
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                timeout_graceful_shutdown=int(CLOSE_S), backlog=4096,
+                                http=_http_protocol() or "auto")
+        server = GracefulServer(config, app.state.serving, cfg.shutdown_grace_s, url)
+        await server.serve(sockets=[sock])
+        return 0
+    finally:
+        sock.close()
+        await ctl.stop()
+        app.state.serving.close()
+        log.info("stopped")
+
+
+def run(cfg: ServerConfig) -> int:
+    """Serve until SIGTERM/SIGINT; the process's exit status (0 after a graceful end)."""
+    return asyncio.run(serve_async(cfg))

@@ -1,0 +1,90 @@
+"""What `tokenpool serve` checks and reports before it serves: config errors as one line, model directories,
+and the admin token of a run without one (written to a 0600 file, never to the log)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from controller.config import ServerConfig, cache_dir, load_config
+
+
+class StartupError(Exception):
+    """A problem the operator must fix; `tokenpool serve` prints its message as one line and exits 2."""
+
+
+def _validation_line(e: ValidationError) -> str:
+    errs = e.errors()
+    first = errs[0]
+    loc = ".".join(str(x) for x in first.get("loc", ()))
+    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+    return f"{loc}: {msg}{more}" if loc else f"{msg}{more}"
+
+
+def load_checked(path: Path | None) -> ServerConfig:
+    """load_config, with every way a file can be wrong turned into a one-line StartupError."""
+    where = f"config {path}"
+    try:
+        return load_config(path)
+    except FileNotFoundError:
+        raise StartupError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise StartupError(f"{where}: is a directory, not a YAML file") from None
+    except PermissionError:
+        raise StartupError(f"{where}: permission denied") from None
+    except UnicodeDecodeError:
+        raise StartupError(f"{where}: not a UTF-8 text file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise StartupError(f"{where}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    except ValidationError as e:
+        raise StartupError(f"{where}: {_validation_line(e)}") from None
+    except (TypeError, AttributeError) as e:  # e.g. a top-level list instead of a mapping
+        raise StartupError(f"{where}: expected a mapping of settings ({e})") from None
+
+
+def check_models(cfg: ServerConfig) -> None:
+    """Each model path is a directory holding config.json (said precisely when not)."""
+    for m in cfg.models:
+        if m.path is None:
+            continue
+        p = Path(m.path)
+        if not p.exists():
+            raise StartupError(f"model {m.name!r}: path {p} does not exist")
+        if not p.is_dir():
+            raise StartupError(f"model {m.name!r}: path {p} is a file; give the model's directory")
+        if not (p / "config.json").is_file():
+            raise StartupError(f"model {m.name!r}: {p} has no config.json (not a Hugging Face model directory)")
+
+
+def admin_token_path(cfg: ServerConfig) -> Path:
+    return Path(cfg.admin_token_file) if cfg.admin_token_file else cache_dir() / "admin-token"
+
+
+def write_admin_token(cfg: ServerConfig, token: str) -> Path:
+    """Write this run's admin token to a file only its owner can read; the log gets the path, never the token."""
+    path = admin_token_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask or an older file said
+        os.write(fd, (token + "\n").encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def remove_admin_token(path: Path, token: str) -> None:
+    """Remove the token file at exit, unless another run has written its own token there since."""
+    try:
+        if path.read_text().strip() == token:
+            path.unlink()
+    except OSError:
+        pass

@@ -1,0 +1,660 @@
+"""The fault and load suite of issue 16: each part drives a live `tokenpool serve` and returns a JSON-able dict.
+
+    tokenpool suite corpus|fuzz|kill|disconnects|overload|soak [--url URL --admin-token T --key K] [--json F]
+
+Without --url a part starts its own server on loopback (CPU, paced models: `engine: {kind: pace}`, `path:
+null`) and stops it after; with --url it drives that server (loopback only: the kill and soak parts signal and
+read processes on this machine). Every result carries date, commit and command (load_tests.bench_common).
+
+  corpus       a fixed list of bad requests, each with the status it must get; every error OpenAI JSON
+  fuzz         schemathesis over the server's own OpenAPI, with the tenant key (and admin token) and without
+  kill         a worker SIGKILLed (or SIGSTOPped) mid-stream: error event latency, queued requests retried,
+               restart time, leaked processes and /dev/shm files
+  disconnects  N streams dropped after their first token: time until the engine holds nothing for them
+  overload     arrivals at `factor` x the measured capacity: 429 + Retry-After for the excess, TTFT of the rest
+  soak         steady load for `duration` s: controller and worker RSS over time, errors
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+from load_tests import sse_client
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+SUITE_KEY, SUITE_ADMIN = "key-suite-0123456789abcdef", "admin-suite-0123456789abcdef"
+
+
+@dataclass
+class Target:
+    url: str
+    admin: str | None = None
+    key: str | None = None
+    model: str = "pace"
+    server_pid: int | None = None
+    shm_dir: Path | None = None  # the server's TOKENPOOL_SHM_DIR when it is ours (else /dev/shm, tokenpool* only)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        u = urlparse(self.url)
+        return u.hostname or "127.0.0.1", u.port or 80
+
+    def headers(self, key: bool = True) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"} if key and self.key else {}
+
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin}"} if self.admin else {}
+
+    def engines(self) -> list[dict]:
+        r = httpx.get(self.url + "/admin/engines", headers=self.admin_headers(), timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def held(self) -> dict[str, int]:
+        """What the controller and the engines still hold: requests and KV blocks (all engines, all models)."""
+        out = {"inflight": 0, "running": 0, "waiting": 0, "kv_blocks_used": 0}
+        for e in self.engines():
+            if not e["alive"]:
+                continue
+            out["inflight"] += e["inflight"]
+            for s in e["stats"].values():
+                out["running"] += int(s.get("num_running", 0))
+                out["waiting"] += int(s.get("num_waiting", 0))
+                out["kv_blocks_used"] += int(s.get("kv_blocks_used", 0))
+        return out
+
+
+def paced_config(pace_s: float = 0.01, max_num_seqs: int = 64, ttft_s: float = 2.0, max_model_len: int = 4096,
+                 **over) -> dict:
+    from controller.keys import hash_key
+
+    cfg = {
+        "admin_token_hash": hash_key(SUITE_ADMIN),
+        "tenants": [{"name": "suite", "key_hashes": [hash_key(SUITE_KEY)]}],
+        "workers": {"local": "cpu", "heartbeat_s": 0.25, "dead_after_s": 1.5},
+        "autoscaler": {"interval_s": 0.5},
+        "shutdown_grace_s": 5,
+        "models": [{"name": "pace", "slo": {"ttft_s": ttft_s, "tpot_s": max(0.05, 4 * pace_s)},
+                    "engine": {"kind": "pace", "pace_s_per_token": pace_s, "max_num_seqs": max_num_seqs,
+                               "max_model_len": max_model_len}}],
+    }
+    cfg.update(over)
+    return cfg
+
+
+@contextlib.contextmanager
+def target(url: str | None = None, admin: str | None = None, key: str | None = None, pid: int | None = None,
+           model: str = "pace", config: dict | None = None, **cfg) -> Iterator[Target]:
+    """The server a part drives: the one at `url`, or one started here with `config` (default: paced_config
+    with `cfg` as its arguments)."""
+    if url is not None:
+        if urlparse(url).hostname not in LOOPBACK:
+            raise SystemExit(f"refusing to drive {url}: loopback only")
+        yield Target(url.rstrip("/"), admin, key, model, pid)
+        return
+    from controller.testing import LiveServer
+
+    ready = config is None or config.get("workers", {}).get("local") != "none"
+    shm_root = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="tokenpool-suite-") as d, \
+            tempfile.TemporaryDirectory(prefix="tokenpool-suite-shm-", dir=shm_root) as shm, \
+            _env(TOKENPOOL_SHM_DIR=shm), \
+            LiveServer(config or paced_config(**cfg), Path(d), wait_ready=ready) as srv:
+        if not ready:
+            _wait_log(srv, "listening on")
+        yield Target(srv.url, SUITE_ADMIN, SUITE_KEY, model, srv.proc.pid, Path(shm))  # type: ignore[union-attr]
+
+
+@contextlib.contextmanager
+def _env(**kv: str) -> Iterator[None]:
+    """Environment for the server started inside (LiveServer copies os.environ when it starts)."""
+    old = {k: os.environ.get(k) for k in kv}
+    os.environ.update(kv)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _wait_log(srv, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in srv.log():
+        if time.monotonic() > deadline or srv.proc.poll() is not None:
+            raise RuntimeError(f"server did not start:\n{srv.log()}")
+        time.sleep(0.1)
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 4)
+
+
+def _summary(xs: list[float]) -> dict:
+    return {"n": len(xs), "p50": _pct(xs, 0.5), "p99": _pct(xs, 0.99), "max": round(max(xs), 4) if xs else None}
+
+
+def is_openai_error(body: bytes) -> bool:
+    try:
+        err = json.loads(body)["error"]
+        return isinstance(err, dict) and {"message", "type", "param", "code"} <= set(err)
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+# --- streams over the lean client ---
+class Stream:
+    """One streamed request: timestamps of its first token, its end, and how it ended."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.status = 0
+        self.retry_after: str | None = None
+        self.t_first: float | None = None
+        self.t_end: float | None = None
+        self.error: str | None = None  # the error event's message
+        self.done = False  # saw [DONE]
+        self.tokens = 0
+        self.body = b""  # the body of a refused request (status != 200)
+        self.raw = b""  # the first bytes of the body, whatever they are
+        self._buf = b""
+        self.conn: sse_client.Connection | None = None
+
+    def feed(self, data: bytes, *_: float) -> None:
+        if len(self.raw) < 4096:
+            self.raw += data
+        self._buf += data
+        while b"\n\n" in self._buf:
+            ev, self._buf = self._buf.split(b"\n\n", 1)
+            if not ev.startswith(b"data: "):
+                continue
+            payload = ev[6:]
+            now = time.monotonic()
+            if payload == b"[DONE]":
+                self.done, self.t_end = True, now
+            elif payload.startswith(b'{"error"'):
+                self.error = json.loads(payload)["error"]["message"]
+                self.t_end = now
+            else:
+                self.tokens += 1
+                if self.t_first is None:
+                    self.t_first = now
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.t_first is None else self.t_first - self.t0
+
+
+async def open_stream(t: Target, max_tokens: int, prompt: str = "x", wait: bool = True,
+                      s: Stream | None = None) -> Stream:
+    """Start a streamed completion; with `wait`, return when it has ended (else once its head arrived)."""
+    s = s if s is not None else Stream()
+    host, port = t.host_port
+    try:
+        s.conn = conn = await sse_client.connect(host, port)
+        done = conn.request("POST", f"{host}:{port}", "/v1/completions", headers=t.headers(), on_data=s.feed,
+                            body={"model": t.model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+                                  "ignore_eos": True})
+        s.status = await conn.head
+        s.retry_after = conn.headers.get("retry-after")
+        if s.status != 200:
+            conn._on_data = None  # keep the error body (its first bytes may have gone to feed already)
+            _, _, rest = await done
+            s.body = s.raw + rest
+            s.t_end = time.monotonic()
+            conn.close()
+            return s
+        if wait:
+            await done
+            conn.close()
+    except (ConnectionError, OSError, asyncio.CancelledError, sse_client.HTTPError) as e:
+        s.error = s.error or f"transport: {type(e).__name__}"
+        s.t_end = s.t_end or time.monotonic()
+    return s
+
+
+async def _until(pred, timeout: float, every: float = 0.02) -> float | None:
+    """Seconds until pred() is true (polled), or None after `timeout`."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if await asyncio.to_thread(pred):
+            return time.monotonic() - t0
+        await asyncio.sleep(every)
+    return None
+
+
+# --- corpus ---
+def corpus_cases(model: str) -> list[tuple[str, str, str, str, bytes, int]]:
+    """(name, method, path, auth, raw body, expected status); auth: 'key' | 'admin' | 'none' | 'wrong'."""
+    chat = "/v1/chat/completions"
+    cmp_ = "/v1/completions"
+
+    def j(d) -> bytes:
+        return json.dumps(d).encode()
+
+    msg = [{"role": "user", "content": "hi"}]
+    return [
+        ("ok completion", "POST", cmp_, "key", j({"model": model, "prompt": "x", "max_tokens": 1}), 200),
+        ("no key", "POST", cmp_, "none", j({"model": model, "prompt": "x"}), 401),
+        ("wrong key", "POST", cmp_, "wrong", j({"model": model, "prompt": "x"}), 401),
+        ("missing model", "POST", cmp_, "key", j({"model": "no-such-model", "prompt": "x"}), 404),
+        ("template via kwargs", "POST", chat, "key", j({"model": model, "messages": msg,
+                                                         "chat_template_kwargs": {"chat_template": "{{ 'a' * 8000000 }}"}}), 400),
+        ("nested kwargs", "POST", chat, "key", j({"model": model, "messages": msg,
+                                                   "chat_template_kwargs": {"x": {"y": [1, 2]}}}), 400),
+        ("lone surrogate prompt", "POST", cmp_, "key", j({"model": model, "prompt": "a\ud800"}), 400),
+        ("lone surrogate message", "POST", chat, "key", j({"model": model, "messages": [{"role": "user",
+                                                                                         "content": "\udfff"}]}), 400),
+        ("lone surrogate model", "POST", cmp_, "key", j({"model": "\ud800", "prompt": "x"}), 400),
+        ("max_tokens string", "POST", cmp_, "key", j({"model": model, "prompt": "x", "max_tokens": "10"}), 400),
+        ("stream yes", "POST", cmp_, "key", j({"model": model, "prompt": "x", "stream": "yes"}), 400),
+        ("prompt [[false]]", "POST", cmp_, "key", j({"model": model, "prompt": [[False]]}), 400),
+        ("max_tokens 1e400", "POST", cmp_, "key", b'{"model": "%s", "prompt": "x", "max_tokens": 1e400}' % model.encode(),
+         400),
+        ("temperature NaN", "POST", cmp_, "key", b'{"model": "%s", "prompt": "x", "temperature": NaN}' % model.encode(),
+         400),
+        ("max_tokens 0", "POST", cmp_, "key", j({"model": model, "prompt": "x", "max_tokens": 0}), 400),
+        ("n 10000", "POST", cmp_, "key", j({"model": model, "prompt": "x", "n": 10000}), 400),
+        ("token id out of vocab", "POST", cmp_, "key", j({"model": model, "prompt": [2 ** 30]}), 400),
+        ("empty prompt", "POST", cmp_, "key", j({"model": model, "prompt": ""}), 400),
+        ("prompt over context", "POST", cmp_, "key", j({"model": model, "prompt": "x" * 20000}), 400),
+        ("logit_bias", "POST", cmp_, "key", j({"model": model, "prompt": "x", "logit_bias": {"1": 2}}), 400),
+        ("tools", "POST", chat, "key", j({"model": model, "messages": msg, "tools": [{"type": "function"}]}), 400),
+        ("bad role", "POST", chat, "key", j({"model": model, "messages": [{"role": "wizard", "content": "x"}]}), 400),
+        ("no messages", "POST", chat, "key", j({"model": model, "messages": []}), 400),
+        ("not json", "POST", cmp_, "key", b"{not json", 400),
+        ("not json, no key", "POST", cmp_, "none", b"{not json", 401),
+        ("admin not json, no token", "POST", "/admin/models", "none", b"{not json", 401),
+        ("admin not json, with token", "POST", "/admin/models", "admin", b"{not json", 400),
+        ("json array body", "POST", cmp_, "key", b"[1, 2, 3]", 400),
+        ("deeply nested json", "POST", cmp_, "key", b"[" * 100000 + b"]" * 100000, 400),
+        ("invalid utf-8", "POST", cmp_, "key", b'{"model": "\xff\xfe", "prompt": "x"}', 400),
+        ("empty body", "POST", cmp_, "key", b"", 400),
+        ("body over the limit", "POST", cmp_, "key", b'{"prompt": "' + b"x" * (5 << 20) + b'"}', 413),
+        ("GET on a POST route", "GET", cmp_, "key", b"", 405),
+        ("PUT on a POST route", "PUT", chat, "key", j({}), 405),
+        ("unknown path", "GET", "/v1/nothing-here", "key", b"", 404),
+        ("model card of a missing model", "GET", "/v1/models/no-such-model", "key", b"", 404),
+        ("admin without token", "GET", "/admin/engines", "none", b"", 401),
+        ("metrics without token", "GET", "/metrics", "none", b"", 401),
+        ("drain a missing engine", "POST", "/admin/engines/no-such-engine/drain", "admin", b"", 404),
+    ]
+
+
+def run_corpus(t: Target) -> dict:
+    tokens = {"key": t.headers(), "admin": t.admin_headers(), "none": {}, "wrong": {"Authorization": "Bearer nope"}}
+    rows = []
+    with httpx.Client(base_url=t.url, timeout=60) as c:
+        for name, method, path, who, body, want in corpus_cases(t.model):
+            if who == "key" and not t.key:
+                continue
+            headers = {**tokens[who], "content-type": "application/json"}
+            t0 = time.monotonic()
+            try:
+                r = c.request(method, path, content=body or None, headers=headers)
+                status, ok_json, ra = r.status_code, is_openai_error(r.content), r.headers.get("retry-after")
+            except httpx.HTTPError as e:
+                status, ok_json, ra = 0, False, None
+                name += f" ({type(e).__name__})"
+            rows.append({"case": name, "status": status, "expected": want, "ok": status == want,
+                         "error_is_openai_json": ok_json if status >= 400 else None, "retry_after": ra,
+                         "seconds": round(time.monotonic() - t0, 4)})
+    return {"part": "corpus", "cases": len(rows), "as_expected": sum(r["ok"] for r in rows),
+            "server_errors": sum(r["status"] >= 500 for r in rows),
+            "errors_not_openai_json": sum(r["error_is_openai_json"] is False for r in rows),
+            "results": rows}
+
+
+# --- fuzz ---
+def run_fuzz(t: Target, examples: int = 50, seed: int = 0) -> dict:
+    """schemathesis over /openapi.json, once with credentials (tenant key; admin token on /admin and /metrics)
+    and once without. Engine ids in drain/resume paths get a prefix, so the fuzzer never drains a real one."""
+    import schemathesis
+
+    schema = schemathesis.openapi.from_url(t.url + "/openapi.json")
+    out: dict = {"part": "fuzz", "examples_per_operation": examples, "runs": {}}
+    for mode in ("credentials", "anonymous"):
+        out["runs"][mode] = _fuzz_mode(t, schema, mode, examples, seed)
+    out["requests"] = sum(r["requests"] for r in out["runs"].values())
+    out["server_errors"] = sum(r["server_errors"] for r in out["runs"].values())
+    out["findings_total"] = sum(r["findings_total"] for r in out["runs"].values())
+    return out
+
+
+def _fuzz_mode(t: Target, schema, mode: str, examples: int, seed: int) -> dict:
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    statuses: dict[str, int] = {}
+    bad: list[dict] = []
+    counts = {"health_503": 0, "unexpected_5xx": 0}
+    n = 0
+    rng = random.Random(seed)
+
+    def call(case) -> None:
+        nonlocal n
+        if case.path.startswith("/admin/engines/") and case.method.upper() == "POST":
+            case.path_parameters = {**(case.path_parameters or {}),
+                                    "engine_id": "fuzz-" + str((case.path_parameters or {}).get("engine_id", ""))}
+        if case.path.startswith("/admin/models") and case.method.upper() == "DELETE":
+            case.path_parameters = {**(case.path_parameters or {}),
+                                    "name": "fuzz-" + str((case.path_parameters or {}).get("name", ""))}
+        if isinstance(case.body, dict) and "model" in case.body and rng.random() < 0.7:
+            case.body["model"] = t.model  # most requests name the real model, to get past the 404
+        headers = {}
+        if mode == "credentials":
+            admin = case.path.startswith("/admin") or case.path == "/metrics"
+            headers = t.admin_headers() if admin else t.headers()
+        try:
+            resp = case.call(base_url=t.url, headers=headers, timeout=60)
+        except Exception as e:  # noqa: BLE001 - a transport failure is a finding, not a crash of the suite
+            bad.append({"method": case.method, "path": case.path, "error": repr(e)[:300]})
+            return
+        n += 1
+        statuses[str(resp.status_code)] = statuses.get(str(resp.status_code), 0) + 1
+        ct = resp.headers.get("content-type") or ""
+        ct = ct[0] if isinstance(ct, list) else ct
+        ready_503 = case.path == "/health" and resp.status_code == 503
+        if ready_503:
+            counts["health_503"] += 1
+        elif resp.status_code >= 500:
+            counts["unexpected_5xx"] += 1
+        if (resp.status_code >= 500 and not ready_503) or (
+                resp.status_code >= 400 and not ready_503 and not (ct.startswith("application/json")
+                                                                   and is_openai_error(resp.content))):
+            bad.append({"method": case.method, "path": case.path, "status": resp.status_code,
+                        "body": resp.text[:300]})
+
+    for result in schema.get_all_operations():
+        op = result.ok()
+        test = settings(max_examples=examples, deadline=None, database=None, derandomize=seed == 0,
+                        suppress_health_check=list(HealthCheck), phases=[Phase.generate])(
+            given(op.as_strategy())(call))
+        test()
+    return {"requests": n, "statuses": dict(sorted(statuses.items())),
+            "server_errors": counts["unexpected_5xx"], "health_not_ready_503": counts["health_503"], "findings": bad[:50], "findings_total": len(bad)}
+
+
+# --- worker kill / stop ---
+def _shm(root: Path | None) -> set[str]:
+    """Files under the server's shared-memory directory (or /dev/shm/tokenpool*: other servers' too)."""
+    base = root or Path("/dev/shm")
+    if not base.is_dir():
+        return set()
+    tops = [base] if root else [p for p in base.iterdir() if p.name.startswith("tokenpool")]
+    out = set()
+    for top in tops:
+        try:
+            out |= {str(p) for p in ([top] if top.is_file() else top.rglob("*")) if p.is_file()}
+        except OSError:
+            pass
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+async def _kill(t: Target, sig: int, streams: int, queued: int, max_tokens: int) -> dict:
+    engines = [e for e in await asyncio.to_thread(t.engines) if e["alive"] and e["pid"]]
+    if not engines:
+        raise SystemExit("no live engine to signal")
+    victim = engines[0]
+    shm_before = _shm(t.shm_dir)
+    live = [Stream() for _ in range(streams)]
+    running = [asyncio.ensure_future(open_stream(t, max_tokens, s=s)) for s in live]
+    deadline = time.monotonic() + 30
+    while not all(s.t_first is not None or s.t_end is not None for s in live) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)  # every running stream has its first token
+    # requests that are queued behind the running ones (no token yet) when the worker goes: they must be retried
+    waiting = [asyncio.ensure_future(open_stream(t, 5)) for _ in range(queued)]
+    await asyncio.sleep(0.05)
+    t_sig = time.monotonic()
+    os.kill(victim["pid"], sig)
+    results = await asyncio.gather(*running, *waiting)
+    run_res, wait_res = results[:streams], results[streams:]
+    cut = [s.t_end - t_sig for s in run_res if s.error and s.t_end]
+
+    def restarted() -> bool:
+        es = t.engines()
+        return any(e["alive"] and e["pid"] != victim["pid"] and e["id"] == victim["id"] and e["models"] and
+                   all(m["state"] == "ready" for m in e["models"]) for e in es)
+
+    restart_s = await _until(restarted, 30, 0.05)
+    restart_s = None if restart_s is None else round(time.monotonic() - t_sig, 3)
+    ok = await open_stream(t, 3)
+    held = await _until(lambda: not any(t.held().values()), 10)
+    if sig == signal.SIGSTOP and _pid_alive(victim["pid"]):
+        os.kill(victim["pid"], signal.SIGCONT)  # never leave a stopped process behind
+    await asyncio.sleep(0.5)
+    return {
+        "signal": signal.Signals(sig).name, "victim": {"id": victim["id"], "pid": victim["pid"]},
+        "streams": streams, "queued": queued,
+        "running_streams_ended_with_error_event": sum(1 for s in run_res if s.error and s.done),
+        "running_streams_cut_without_done": sum(1 for s in run_res if not s.done),
+        "error_event_s": _summary(cut),
+        "queued_requests_completed": sum(1 for s in wait_res if s.done and not s.error and s.tokens),
+        "queued_requests_failed": [s.error or s.status for s in wait_res if not (s.done and not s.error)],
+        "restart_s": restart_s,
+        "request_after_restart_ok": ok.done and not ok.error,
+        "held_after_s": None if held is None else round(held, 3),
+        "victim_process_left": _pid_alive(victim["pid"]),
+        "dev_shm_files_leaked": sorted(_shm(t.shm_dir) - shm_before),
+    }
+
+
+def run_kill(t: Target, sig: str = "KILL", streams: int = 8, queued: int = 4, max_tokens: int = 2000) -> dict:
+    signum = {"KILL": signal.SIGKILL, "STOP": signal.SIGSTOP}[sig.upper().removeprefix("SIG")]
+    return {"part": "kill", **asyncio.run(_kill(t, signum, streams, queued, max_tokens))}
+
+
+# --- disconnect storm ---
+async def _disconnects(t: Target, n: int, max_tokens: int) -> dict:
+    live = [Stream() for _ in range(n)]
+    tasks = []
+    for i, s in enumerate(live):
+        tasks.append(asyncio.ensure_future(open_stream(t, max_tokens, s=s)))
+        if i % 50 == 49:
+            await asyncio.sleep(0.01)  # do not SYN-flood the listen backlog
+    deadline = time.monotonic() + 60
+    while not all(s.t_first is not None or s.t_end is not None for s in live) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    streaming = sum(1 for s in live if s.t_first is not None and s.t_end is None)
+    await _until(lambda: t.held()["running"] >= streaming, 3)  # engine stats come with the next heartbeat
+    peak = await asyncio.to_thread(t.held)
+    t_drop = time.monotonic()
+    for s in live:
+        if s.conn is not None:
+            s.conn.close()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    t_poll = time.monotonic()
+    back = await _until(lambda: not any(t.held().values()), 30, 0.02)
+    ok = await open_stream(t, 3)
+    return {"streams": n, "streaming_when_dropped": streaming, "held_at_peak": peak,
+            "back_to_zero_s": None if back is None else round(t_poll - t_drop + back, 3),
+            "held_after": await asyncio.to_thread(t.held), "request_after_ok": ok.done and not ok.error,
+            "refused": sum(1 for s in live if s.status not in (0, 200))}
+
+
+def run_disconnects(t: Target, streams: int = 1000, max_tokens: int = 3000) -> dict:
+    return {"part": "disconnects", **asyncio.run(_disconnects(t, streams, max_tokens))}
+
+
+# --- overload ---
+async def _overload(t: Target, factor: float, duration: float, max_tokens: int, capacity_rps: float,
+                    slo_ttft_s: float, seed: int) -> dict:
+    rate = factor * capacity_rps
+    rng = random.Random(seed)
+    tasks = []
+    t_end = time.monotonic() + duration
+    next_t = time.monotonic()
+    while next_t < t_end:
+        await asyncio.sleep(max(0.0, next_t - time.monotonic()))
+        tasks.append(asyncio.ensure_future(open_stream(t, max_tokens)))
+        next_t += rng.expovariate(rate)
+    res: list[Stream] = await asyncio.gather(*tasks)
+    ok = [s for s in res if s.status == 200 and s.done and not s.error]
+    r429 = [s for s in res if s.status == 429]
+    ttft = [s.ttft for s in ok if s.ttft is not None]
+    return {
+        "factor": factor, "capacity_rps": round(capacity_rps, 3), "offered_rps": round(rate, 3),
+        "duration_s": duration, "requests": len(res), "accepted_ok": len(ok), "rejected_429": len(r429),
+        "rejected_429_with_retry_after": sum(1 for s in r429 if s.retry_after and int(s.retry_after) >= 1),
+        "rejected_429_openai_json": sum(1 for s in r429 if is_openai_error(s.body)),
+        "server_errors": sum(1 for s in res if s.status >= 500),
+        "other": {str(k): v for k, v in _count(s.status for s in res if s.status not in (200, 429)).items()},
+        "accepted_failed_mid_stream": sum(1 for s in res if s.status == 200 and not (s.done and not s.error)),
+        "ttft_accepted_s": _summary(ttft), "slo_ttft_s": slo_ttft_s,
+        "accepted_within_ttft_slo": round(sum(1 for x in ttft if x <= slo_ttft_s) / len(ttft), 4) if ttft else None,
+    }
+
+
+def _count(xs) -> dict:
+    out: dict = {}
+    for x in xs:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
+def run_overload(t: Target, factor: float = 5.0, duration: float = 10.0, max_tokens: int = 50,
+                 max_num_seqs: int = 16, pace_s: float = 0.01, slo_ttft_s: float = 0.5, seed: int = 0) -> dict:
+    """Capacity of a paced model = max_num_seqs / (max_tokens * pace_s) requests/s; arrivals are Poisson."""
+    capacity = max_num_seqs / (max_tokens * pace_s)
+    return {"part": "overload", **asyncio.run(_overload(t, factor, duration, max_tokens, capacity, slo_ttft_s,
+                                                        seed))}
+
+
+# --- soak ---
+def _rss(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+async def _soak(t: Target, duration: float, concurrency: int, max_tokens: int, sample_s: float,
+                warmup_frac: float) -> dict:
+    stop = time.monotonic() + duration
+    counts = {"ok": 0, "errors": 0, "statuses": {}}
+    errors: list[str] = []
+
+    async def loop() -> None:
+        while time.monotonic() < stop:
+            s = await open_stream(t, max_tokens)
+            if s.status == 200 and s.done and not s.error:
+                counts["ok"] += 1
+            else:
+                counts["errors"] += 1
+                if len(errors) < 20:
+                    errors.append(f"{s.status} {s.error or s.body[:200]!r}")
+
+    samples = []
+
+    async def sample() -> None:
+        t0 = time.monotonic()
+        while time.monotonic() < stop:
+            engines = await asyncio.to_thread(t.engines)
+            row = {"t": round(time.monotonic() - t0, 1), "controller_rss": _rss(t.server_pid) if t.server_pid else None,
+                   "workers_rss": {e["id"]: _rss(e["pid"]) for e in engines if e["alive"] and e["pid"]},
+                   "ok": counts["ok"]}
+            samples.append(row)
+            await asyncio.sleep(sample_s)
+
+    await asyncio.gather(sample(), *(loop() for _ in range(concurrency)))
+    held = await _until(lambda: not any(t.held().values()), 10)
+    warm = [r for r in samples if r["t"] >= warmup_frac * duration] or samples
+    ctl = [r["controller_rss"] for r in warm if r["controller_rss"]]
+    wk = [sum(v for v in r["workers_rss"].values() if v) for r in warm]
+    return {
+        "duration_s": duration, "concurrency": concurrency, "max_tokens": max_tokens,
+        "requests_ok": counts["ok"], "errors": counts["errors"], "error_samples": errors,
+        "warmup_s": round(warmup_frac * duration, 1),
+        "controller_rss_start_mb": round(ctl[0] / 2**20, 1) if ctl else None,
+        "controller_rss_end_mb": round(ctl[-1] / 2**20, 1) if ctl else None,
+        "controller_rss_growth_pct": round(100 * (ctl[-1] - ctl[0]) / ctl[0], 2) if ctl else None,
+        "controller_rss_growth_pct_median_halves": _halves(ctl),
+        "workers_rss_start_mb": round(wk[0] / 2**20, 1) if wk else None,
+        "workers_rss_end_mb": round(wk[-1] / 2**20, 1) if wk else None,
+        "workers_rss_growth_pct": round(100 * (wk[-1] - wk[0]) / wk[0], 2) if wk and wk[0] else None,
+        "held_after_s": None if held is None else round(held, 3),
+        "samples": samples,
+    }
+
+
+def _halves(xs: list[int]) -> float | None:
+    """Growth of the median of the second half over the first: a single GC-timed sample does not decide it."""
+    if len(xs) < 4:
+        return None
+    a, b = statistics.median(xs[: len(xs) // 2]), statistics.median(xs[len(xs) // 2:])
+    return round(100 * (b - a) / a, 2)
+
+
+def run_soak(t: Target, duration: float = 60.0, concurrency: int = 32, max_tokens: int = 40,
+             sample_s: float = 2.0, warmup_frac: float = 0.2) -> dict:
+    return {"part": "soak", **asyncio.run(_soak(t, duration, concurrency, max_tokens, sample_s, warmup_frac))}
+
+
+# --- event-loop blocking ---
+def tokenizer_config(model_dir: str, max_request_bytes: int = 8 << 20) -> dict:
+    """A server with no engine and one factory model (128K context): a multi-megabyte prompt is tokenized in full,
+    then refused as too long (a smaller one: no engine); the tokenizing is what `block` measures."""
+    from controller.keys import hash_key
+
+    return {"admin_token_hash": hash_key(SUITE_ADMIN), "tenants": [{"name": "suite", "key_hashes": [hash_key(SUITE_KEY)]}],
+            "workers": {"local": "none"}, "max_request_bytes": max_request_bytes,
+            "models": [{"name": "tiny", "path": model_dir, "engine": {"max_model_len": 131072}}]}
+
+
+async def _block(t: Target, body: dict, probe_s: float) -> dict:
+    lat: list[float] = []
+    async with httpx.AsyncClient(base_url=t.url, timeout=120) as c:
+        await c.get("/health")
+        req = asyncio.ensure_future(c.post("/v1/completions", json=body, headers=t.headers()))
+        t0 = time.monotonic()
+        while not req.done():
+            s = time.perf_counter()
+            await c.get("/health")
+            lat.append(time.perf_counter() - s)
+            await asyncio.sleep(probe_s)
+        r = await req
+    took = time.monotonic() - t0
+    return {"request_s": round(took, 3), "request_status": r.status_code, "health_probes": len(lat),
+            "health_latency_s": {**_summary(lat), "mean": round(statistics.fmean(lat), 4) if lat else None},
+            "health_over_50ms": sum(1 for x in lat if x > 0.05)}
+
+
+def run_block(t: Target, prompt_mb: float = 4.0, probe_s: float = 0.01) -> dict:
+    """/health latency while one huge prompt (and then 64 x 60 KB prompts) is tokenized by the server."""
+    unit = "The quick brown fox jumps over the lazy dog 0123456789. "
+    big = (unit * int(prompt_mb * 2**20 / len(unit) + 1))[: int(prompt_mb * 2**20) - 64]
+    many = [(unit * 1200)[:60_000] for _ in range(64)]
+    return {"part": "block", "prompt_mb": prompt_mb, "probe_every_s": probe_s,
+            "one_prompt": asyncio.run(_block(t, {"model": t.model, "prompt": big, "max_tokens": 1}, probe_s)),
+            "prompt_list_64x60kb": asyncio.run(_block(t, {"model": t.model, "prompt": many, "max_tokens": 1},
+                                                      probe_s))}

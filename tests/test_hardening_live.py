@@ -1,0 +1,254 @@
+"""Defects of issue 16 that only a real `tokenpool serve` process shows: SIGTERM, disconnects, the log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import yaml
+
+from controller.keys import hash_key
+from controller.testing import REPO_ROOT, LiveServer
+
+ADMIN = "admin-live-hardening"
+ADM = {"Authorization": f"Bearer {ADMIN}"}
+
+PACE = {"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.02, "max_num_seqs": 256}}
+ENV = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+
+
+def _running(srv) -> int:
+    """Requests the controller still holds, and requests the engine still runs."""
+    engines = httpx.get(srv.url + "/admin/engines", headers=ADM, timeout=5).json()
+    return sum(e["inflight"] + sum(s.get("num_running", 0) + s.get("num_waiting", 0) for s in e["stats"].values())
+               for e in engines)
+
+
+def _stream(url: str, max_tokens: int, out: dict) -> None:
+    """Read one streamed completion to its end: out gets the data payloads and any transport error."""
+    events = []
+    try:
+        with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                          json={"model": "pace", "prompt": "x", "max_tokens": max_tokens, "stream": True}) as r:
+            out["status"] = r.status_code
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    out["first"] = True
+    except httpx.HTTPError as e:
+        out["transport_error"] = repr(e)
+    out["events"] = events
+
+
+def test_sigterm_drains_in_flight_streams_then_exits_0(tmp_path):
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"}, "shutdown_grace_s": 1.5,
+           "models": [PACE]}
+    with LiveServer(cfg, tmp_path) as srv:
+        short, long_ = {}, {}
+        ts = [threading.Thread(target=_stream, args=(srv.url, 40, short)),     # ~0.8 s: finishes in the grace
+              threading.Thread(target=_stream, args=(srv.url, 3000, long_))]   # ~60 s: cut at the grace's end
+        [t.start() for t in ts]
+        deadline = time.monotonic() + 20
+        while not (short.get("first") and long_.get("first")):
+            assert time.monotonic() < deadline, (short, long_)
+            time.sleep(0.02)
+        t_sig = time.monotonic()
+        os.kill(srv.proc.pid, signal.SIGTERM)
+        time.sleep(0.2)
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "pace", "prompt": "x", "max_tokens": 1}, timeout=10)
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+        assert r.json()["error"]["code"] == "shutting_down"
+        assert httpx.get(srv.url + "/health", timeout=10).json()["status"] == "draining"
+        [t.join(30) for t in ts]
+        rc = srv.proc.wait(30)
+        took = time.monotonic() - t_sig
+        log = srv.log()
+    assert rc == 0, log
+    assert "transport_error" not in short and short["events"][-1] == "[DONE]"
+    assert json.loads(short["events"][-2])["choices"][0]["finish_reason"] == "length"
+    assert "transport_error" not in long_ and long_["events"][-1] == "[DONE]", long_.get("transport_error")
+    err = json.loads(long_["events"][-2])["error"]
+    assert "shutting down" in err["message"] and err["type"] == "service_unavailable_error"
+    assert 1.5 <= took < 12, took
+    assert "Traceback" not in log
+
+
+def test_non_streaming_disconnects_log_no_traceback(tmp_path):
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "heartbeat_s": 0.25}, "models": [PACE]}
+    with LiveServer(cfg, tmp_path) as srv:
+        def go():
+            try:  # the client gives up after 0.3 s of a ~4 s completion and closes its connection
+                httpx.post(srv.url + "/v1/completions", timeout=0.3,
+                           json={"model": "pace", "prompt": "x", "max_tokens": 200})
+            except httpx.TimeoutException:
+                pass
+
+        ts = [threading.Thread(target=go) for _ in range(40)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+        deadline = time.monotonic() + 5
+        while _running(srv):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "pace", "prompt": "x", "max_tokens": 2}, timeout=10)
+        assert r.status_code == 200
+        log = srv.log()
+    assert "Traceback" not in log and "Exception in ASGI" not in log and "CancelledError" not in log, log
+
+
+
+
+def test_chunked_body_over_the_limit_gets_413_json_from_the_real_server(tmp_path):
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "none"}, "max_request_bytes": 4096,
+           "models": [PACE]}
+    with LiveServer(cfg, tmp_path, wait_ready=False) as srv:
+        _wait_listening(srv)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n")
+            chunk = b"x" * 1024
+            body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(6)) + b"0\r\n\r\n"
+            s.sendall(head + body)
+            data = b""
+            while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < 20:
+                got = s.recv(65536)
+                if not got:
+                    break
+                data += got
+    status_line, rest = data.split(b"\r\n", 1)
+    assert status_line.split()[1] == b"413", data
+    body = json.loads(rest.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["code"] == "request_too_large" and body["error"]["type"] == "invalid_request_error"
+
+
+def _wait_listening(srv, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while "listening on" not in srv.log():
+        assert time.monotonic() < deadline and srv.proc.poll() is None, srv.log()
+        time.sleep(0.1)
+
+
+def test_admin_token_goes_to_a_private_file_not_the_log(tmp_path):
+    token_file = tmp_path / "secret" / "admin-token"
+    cfg = {"workers": {"local": "none"}, "admin_token_file": str(token_file), "models": [PACE]}
+    with LiveServer(cfg, tmp_path, wait_ready=False) as srv:
+        _wait_listening(srv)
+        token = token_file.read_text().strip()
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert httpx.get(srv.url + "/admin/engines", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        log = srv.log()
+        assert token not in log and str(token_file) in log
+        assert f"listening on http://127.0.0.1:{srv.port}" in log
+        with httpx.Client(base_url=srv.url) as c:  # the pre-bound socket keeps TCP_NODELAY: no 40 ms Nagle stalls
+            lat = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                c.get("/health")
+                lat.append(time.perf_counter() - t0)
+        assert sorted(lat)[10] < 0.02, lat
+    assert not token_file.exists()  # the token was for that run only
+
+
+def _serve(config: dict | str | None, tmp_path, timeout: float = 60) -> subprocess.CompletedProcess:
+    path = tmp_path / "config.yaml"
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", "controller.serve", "--config", str(path)], cwd=REPO_ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_port_in_use_is_one_line_and_never_says_listening(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        p = _serve({"listen": {"host": "127.0.0.1", "port": port}, "workers": {"local": "none"},
+                    "admin_token_file": str(tmp_path / "tok"), "models": [PACE]}, tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert "listening on" not in p.stderr and "Traceback" not in p.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in p.stderr
+
+
+def _one_line(p: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    return lines[0]
+
+
+def test_config_errors_are_one_clear_line(tmp_path):
+    cases = [
+        ("models: [{name: m, engine: {kind: warp}}]", "models.0.engine.kind"),
+        ("models: [{name: m}]", "path is required"),
+        ("listen: {port: 99999}", "listen.port"),
+        ("models: [ {name: m", "not valid YAML at line"),
+        ("- just\n- a list", "valid dictionary"),
+        ("nonsense_key: 1", "nonsense_key"),
+    ]
+    for text, expect in cases:
+        assert expect in _one_line(_serve(text, tmp_path)), text
+    p = subprocess.run([sys.executable, "-m", "controller.serve", "--config", str(tmp_path / "missing.yaml")],
+                       cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert "no such file" in _one_line(p)
+
+
+def test_a_folder_without_config_json_is_reported_as_such(tmp_path):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    line = _one_line(_serve({"models": [{"name": "m", "path": str(folder)}]}, tmp_path))
+    assert "has no config.json" in line and str(folder) in line
+    line = _one_line(_serve({"models": [{"name": "m", "path": str(tmp_path / "nowhere")}]}, tmp_path))
+    assert "does not exist" in line
+
+
+def test_declared_body_over_the_limit_gets_413_not_a_reset(tmp_path):
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "none"}, "max_request_bytes": 1 << 20,
+           "models": [PACE]}
+    with LiveServer(cfg, tmp_path, wait_ready=False) as srv:
+        _wait_listening(srv)
+        r = httpx.post(srv.url + "/v1/completions", content=b'{"prompt": "' + b"x" * (3 << 20) + b'"}',
+                       headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_unparseable_http_gets_openai_json(tmp_path):
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "none"}, "models": [PACE]}
+    with LiveServer(cfg, tmp_path, wait_ready=False) as srv:
+        _wait_listening(srv)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert head.split()[1] == b"400" and b"application/json" in head
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+
+
+def test_a_second_signal_ends_the_drain_at_once(tmp_path):
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"}, "shutdown_grace_s": 60,
+           "models": [PACE]}
+    with LiveServer(cfg, tmp_path) as srv:
+        out: dict = {}
+        th = threading.Thread(target=_stream, args=(srv.url, 3000, out))
+        th.start()
+        deadline = time.monotonic() + 20
+        while not out.get("first"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(srv.proc.pid, signal.SIGTERM)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        os.kill(srv.proc.pid, signal.SIGINT)  # a second Ctrl-C: do not wait out the 60 s grace
+        th.join(30)
+        rc = srv.proc.wait(30)
+        took = time.monotonic() - t0
+    assert rc == 0 and took < 10, (rc, took)
+    assert out["events"][-1] == "[DONE]" and "shutting down" in json.loads(out["events"][-2])["error"]["message"]
