@@ -28,6 +28,7 @@ class Register:  # W->C, first frame of a connection
     join_token: str | None = None  # remote workers, when the controller requires one
     loaded: list[str] = field(default_factory=list)
     free_bytes: int = 0  # device memory free at start (the default arena is this less a margin)
+    settings: dict[str, Any] = field(default_factory=dict)  # the worker's own pool settings (its flags), if any
 
 
 @dataclass

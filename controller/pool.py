@@ -244,8 +244,9 @@ class EnginePool:
         memory less a margin; cpu_budget_gb on CPU), its KV region, the node's host cache, the policy."""
         g = self.gpus
         budget = g.cpu_budget_gb if reg.device == "cpu" else g.budget_gb
-        return {"budget_bytes": int(budget * 1e9) if budget else None, "kv_cache_gb": g.kv_cache_gb,
-                "host_cache_gb": g.host_cache_gb, "namespace": g.host_cache_namespace, "policy": g.policy}
+        out = {"budget_bytes": int(budget * 1e9) if budget else None, "kv_cache_gb": g.kv_cache_gb,
+               "host_cache_gb": g.host_cache_gb, "namespace": g.host_cache_namespace, "policy": g.policy}
+        return {**out, **worker_settings(reg)}
 
     def _stats(self, e: EngineHandle, msg: m.Stats) -> None:
         """What a worker says about itself, bounded: a step is never believed faster than the controller saw
@@ -369,6 +370,26 @@ def local_devices(spec: str | list[int]) -> list[str]:
     except Exception:  # noqa: BLE001 - no torch / no driver: CPU
         n = 0
     return [f"cuda:{i}" for i in range(n)] or ["cpu"]
+
+
+POLICIES = ("token", "aegaeon", "request", "static")
+
+
+def worker_settings(reg: m.Register) -> dict[str, Any]:
+    """A worker's own settings (its command-line flags: a GPUPool's budget and policy in Kubernetes), those that
+    are valid: they override the configuration's for that worker. A budget is never more than the device."""
+    s = reg.settings if isinstance(reg.settings, dict) else {}
+    out: dict[str, Any] = {}
+    b = s.get("budget_gb")
+    if isinstance(b, (int, float)) and 0 < b and b * 1e9 <= max(reg.memory_bytes, 1):
+        out["budget_bytes"] = int(b * 1e9)
+    for k in ("kv_cache_gb", "host_cache_gb"):
+        v = s.get(k)
+        if isinstance(v, (int, float)) and 0 < v < 1e6:
+            out[k] = float(v)
+    if s.get("policy") in POLICIES:
+        out["policy"] = s["policy"]
+    return out
 
 
 def _weight_capacity(reg: m.Register, settings: dict[str, Any]) -> int:

@@ -69,11 +69,12 @@ def device_memory(device: str) -> tuple[int, int]:
 
 class Worker:
     def __init__(self, controller: tuple[str, int], device: str = "cpu", slot: int | None = None,
-                 join_token: str | None = None):
+                 join_token: str | None = None, settings: dict[str, Any] | None = None):
         self.controller = controller
         self.device = device
         self.slot = slot
         self.join_token = join_token
+        self.settings = {k: v for k, v in (settings or {}).items() if v is not None}  # overrides of the controller's
         self.models = HostedModels(device)
         self._owner: dict[str, str] = {}  # request id -> model
         self._prompt_len: dict[str, int] = {}
@@ -127,7 +128,7 @@ class Worker:
         total, free = self._memory or device_memory(self.device)
         self._memory = (total, free)  # measured once: later the arena itself takes the device's memory
         m.write_message(writer, m.Register(host=socket.gethostname(), pid=os.getpid(), device=self.device,
-                                           memory_bytes=total, free_bytes=free, slot=self.slot,
+                                           memory_bytes=total, free_bytes=free, slot=self.slot, settings=self.settings,
                                            join_token=self.join_token, loaded=self.models.names()))
         reply = await m.read_message(reader)
         if isinstance(reply, m.Rejected):
@@ -339,11 +340,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--slot", type=int, default=None, help=argparse.SUPPRESS)  # set by the local supervisor
     ap.add_argument("--join-token", default=os.environ.get("TOKENPOOL_JOIN_TOKEN"),
                     help="the controller's worker join token, if it has one (default: $TOKENPOOL_JOIN_TOKEN)")
+    ap.add_argument("--gpu-budget-gb", type=float, default=None,
+                    help="this worker's arena (weights + KV) in GB, overriding the controller's gpus.budget_gb")
+    ap.add_argument("--kv-cache-gb", type=float, default=None, help="the KV region inside it (gpus.kv_cache_gb)")
+    ap.add_argument("--host-cache-gb", type=float, default=None, help="the node's host weight cache (gpus.host_cache_gb)")
+    ap.add_argument("--policy", choices=("token", "aegaeon", "request", "static"), default=None,
+                    help="the multi-model policy of this worker's pooled engine (gpus.policy)")
     a = ap.parse_args(argv)
     host, _, port = a.controller.rpartition(":")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s",
                         stream=sys.stderr)
-    worker = Worker((host or "127.0.0.1", int(port)), a.device, a.slot, a.join_token)
+    worker = Worker((host or "127.0.0.1", int(port)), a.device, a.slot, a.join_token,
+                    {"budget_gb": a.gpu_budget_gb, "kv_cache_gb": a.kv_cache_gb, "host_cache_gb": a.host_cache_gb,
+                     "policy": a.policy})
     try:  # uvloop: each step's outputs wait on the executor-to-loop handoff; it is ~60 us cheaper there
         import uvloop
     except ImportError:

@@ -227,3 +227,16 @@ def test_messages_round_trip():
         assert m.decode(frame[4:]) == msg
     with pytest.raises(m.ProtocolError):
         m.decode(b'{"msg": "Nope"}')
+
+
+def test_a_workers_own_pool_settings_override_the_configuration_within_bounds():
+    from controller.pool import worker_settings
+
+    reg = m.Register(host="h", pid=1, device="cuda:0", memory_bytes=80 * 10**9,
+                     settings={"budget_gb": 60, "policy": "request", "kv_cache_gb": 4, "host_cache_gb": 100})
+    assert worker_settings(reg) == {"budget_bytes": 60 * 10**9, "policy": "request", "kv_cache_gb": 4.0,
+                                    "host_cache_gb": 100.0}
+    bad = m.Register(host="h", pid=1, device="cuda:0", memory_bytes=80 * 10**9,
+                     settings={"budget_gb": 500, "policy": "nope", "kv_cache_gb": -1, "host_cache_gb": "x"})
+    assert worker_settings(bad) == {}  # more than the device, unknown policy, nonsense: ignored
+    assert worker_settings(m.Register(host="h", pid=1, device="cpu", memory_bytes=1, settings=None)) == {}

@@ -109,14 +109,16 @@ def test_tenant_create_body_and_match():
 
 def test_worker_daemonset_one_container_per_gpu():
     spec = {"gpusPerNode": 4, "hostCacheGB": 128, "nodeSelector": {"pool": "a"}, "modelsClaim": "weights",
-            "tolerations": [{"key": "gpu", "operator": "Exists"}], "controllerAddress": "ctl:9000"}
+            "tolerations": [{"key": "gpu", "operator": "Exists"}], "controllerAddress": "ctl:9000",
+            "gpuBudgetGB": 60, "policy": "request"}
     ds = b.build_worker_daemonset("a", "ns", spec)
     pod = ds["spec"]["template"]["spec"]
     assert ds["metadata"] == {**ds["metadata"], "name": "tokenpool-workers-a", "namespace": "ns"}
     assert [c["name"] for c in pod["containers"]] == ["worker-0", "worker-1", "worker-2", "worker-3"]
     for c in pod["containers"]:
         assert c["resources"]["limits"] == {"nvidia.com/gpu": "1"}
-        assert c["command"] == ["python", "-m", "controller.worker", "--controller", "ctl:9000", "--device", "cuda:0"]
+        assert c["command"] == ["python", "-m", "controller.worker", "--controller", "ctl:9000", "--device", "cuda:0",
+                                "--policy", "request", "--host-cache-gb", "128", "--gpu-budget-gb", "60"]
         tok = next(e for e in c["env"] if e["name"] == "TOKENPOOL_JOIN_TOKEN")
         assert tok["valueFrom"]["secretKeyRef"] == {"name": "tokenpool-join-token", "key": "token"}
         assert {m["mountPath"] for m in c["volumeMounts"]} == {"/dev/shm", "/tmp", "/models"}

@@ -36,17 +36,18 @@ def server(tmp_path_factory):
         yield srv
 
 
-def _remote_worker(token: str) -> subprocess.Popen:
+def _remote_worker(token: str, *args: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     env.pop("TOKENPOOL_JOIN_TOKEN", None)
     return subprocess.Popen([sys.executable, "-m", "controller.worker", "--controller", f"127.0.0.1:{WORKER_PORT}",
-                             "--join-token", token], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--join-token", token, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
 def test_remote_worker_registers_with_join_token(server):
     bad = _remote_worker("wrong-token")
     assert bad.wait(30) != 0  # refused, and it says so by exiting
-    good = _remote_worker(JOIN)
+    good = _remote_worker(JOIN, "--gpu-budget-gb", "0.05", "--policy", "request")  # its own pool settings
     try:
         deadline = time.monotonic() + 30
         while not any(e["pid"] == good.pid and e["alive"] for e in engines(server)):
@@ -56,6 +57,8 @@ def test_remote_worker_registers_with_join_token(server):
         while f'engine="{eid}"' not in httpx.get(server.url + "/metrics", timeout=10).text:  # its first Stats
             assert time.monotonic() < deadline
             time.sleep(0.2)
+        (e,) = [e for e in engines(server) if e["id"] == eid]
+        assert e["pool"]["vram"]["budget_bytes"] == 50_000_000  # the worker's --gpu-budget-gb, not the config's
     finally:
         good.kill()
         good.wait()

@@ -191,7 +191,9 @@ def build_worker_daemonset(pool: str, namespace: str, spec: dict) -> dict:
     containers = [{
         "name": f"worker-{i}",
         "image": s["image"],
-        "command": ["python", "-m", "controller.worker", "--controller", s["controllerAddress"], "--device", "cuda:0"],
+        "command": ["python", "-m", "controller.worker", "--controller", s["controllerAddress"], "--device", "cuda:0",
+                    "--policy", s["policy"], "--host-cache-gb", str(s["hostCacheGB"])]
+        + (["--gpu-budget-gb", str(s["gpuBudgetGB"])] if s.get("gpuBudgetGB") else []),
         "env": [
             {"name": "TOKENPOOL_JOIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": tok["name"], "key": tok["key"]}}},
             {"name": "HOME", "value": "/tmp"},
