@@ -202,7 +202,8 @@ class EnginePool:
             writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             reg = await asyncio.wait_for(m.read_message(reader), 10)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, m.ProtocolError, OSError):
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, m.ProtocolError, OSError) as e:
+            log.warning("worker connection from %s closed before registering: %s", peer, e or type(e).__name__)
             writer.close()
             return
         why = self._admit(reg, peer) if isinstance(reg, m.Register) else "expected Register"
