@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import openai
@@ -91,9 +92,13 @@ def test_metrics_open_on_loopback_and_vllm_shaped(server):
 
 
 def _admin_token(srv) -> str:
-    m = re.search(r"admin token for this run \(not stored anywhere\): (\S+)", srv.log_path.read_text())
-    assert m, srv.log()
-    return m.group(1)
+    m = re.search(r"admin token for this run written to (\S+) ", srv.log_path.read_text())
+    assert m, srv.log()  # the log names the owner-only file, never the token
+    path = Path(m.group(1))
+    assert path.stat().st_mode & 0o077 == 0
+    token = path.read_text().strip()
+    assert token not in srv.log_path.read_text()
+    return token
 
 
 def test_ps_lists_models_where_resident(server):

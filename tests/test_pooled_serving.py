@@ -127,7 +127,7 @@ def test_remove_a_model_mid_stream_ends_only_its_streams_and_leaks_nothing(serve
 
     def victim():
         try:
-            _stream(c, "qc", PROMPTS["qc"], 400, out, "qc")
+            _stream(c, "qc", PROMPTS["qc"], 1500, out, "qc")  # long enough to be mid-stream at the removal
         except openai.APIError as e:  # the error event of a stream that already started
             errors["qc"] = e
 
@@ -143,6 +143,7 @@ def test_remove_a_model_mid_stream_ends_only_its_streams_and_leaks_nothing(serve
     t_v.join(60)
     for t in others:
         t.join(180)
+    assert "qc" not in out, "the victim's stream finished before the removal: nothing was tested"
     assert "qc" in errors and "unregistered" in str(errors["qc"])
     for n in ("qa", "qb"):
         assert out[n] == (_alone(models[n], PROMPTS[n], 24, temperature=0.0), "length")
