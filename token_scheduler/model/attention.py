@@ -35,6 +35,8 @@ class AttentionMetadata:
     mixed_rows: torch.Tensor | None = None
     mixed: AttentionMetadata | None = None
     hf_exact: bool = False  # SDPA called exactly as HF calls it (slower; see attend)
+    # What every layer of one step derives alike (the eager decode's block table, mask): made by the first layer.
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def write_kv(kv: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, m: AttentionMetadata) -> None:
@@ -89,24 +91,29 @@ def attend(q: torch.Tensor, kv: torch.Tensor, layer: int, m: AttentionMetadata, 
 
 
 def _decode_torch(q, kv, layer, m: AttentionMetadata, scale, window) -> torch.Tensor:
-    bt, ctx = m.block_tables.long(), m.context_lens.long()
-    B, nb = bt.shape
-    k = kv[bt, layer, 0].flatten(1, 2)  # [B, nb*bs, KVH, D]
-    v = kv[bt, layer, 1].flatten(1, 2)
-    kp = torch.arange(nb * m.block_size, device=q.device)
-    mask = kp[None, :] < ctx[:, None]
-    if window:
-        mask &= kp[None, :] >= (ctx[:, None] - window)
-    # Slots past the context are never written (fresh or swapped-in blocks hold garbage, possibly NaN). A
-    # masked position still enters the arithmetic: SDPA adds -inf to its score (NaN + -inf = NaN) and
-    # multiplies its V by a zero weight (0 * NaN = NaN); either would poison the row. Zero K and V there.
-    k = k.masked_fill(~mask[:, :, None, None], 0.0)
-    v = v.masked_fill(~mask[:, :, None, None], 0.0)
+    d = m.derived.get(("decode", window))
+    if d is None:  # once per step, not per layer (the eager CPU path is launch-bound: ~6 ops x layers)
+        bt, ctx = m.block_tables.long(), m.context_lens.long()
+        kp = torch.arange(bt.shape[1] * m.block_size, device=q.device)
+        mask = kp[None, :] < ctx[:, None]
+        if window:
+            mask &= kp[None, :] >= (ctx[:, None] - window)
+        B, nb = bt.shape
+        outside = ~mask.view(B, nb, 1, m.block_size, 1, 1)  # the [B, nb, 2, bs, KVH, D] gather's positions
+        d = m.derived[("decode", window)] = (bt, outside, mask[:, None, None, :])
+    bt, outside, attn_mask = d
+    # One gather of K and V together ([B, nb, 2, bs, KVH, D]), one fill. Slots past the context are never
+    # written (fresh or swapped-in blocks hold garbage, possibly NaN). A masked position still enters the
+    # arithmetic: SDPA adds -inf to its score (NaN + -inf = NaN) and multiplies its V by a zero weight
+    # (0 * NaN = NaN); either would poison the row. Zero K and V there.
+    kvl = kv[bt, layer].masked_fill(outside, 0.0)
+    k = kvl[:, :, 0].flatten(1, 2)  # [B, nb*bs, KVH, D]
+    v = kvl[:, :, 1].flatten(1, 2)
     o = F.scaled_dot_product_attention(
         q[:, :, None, :],  # [B, H, 1, D]
         k.transpose(1, 2),
         v.transpose(1, 2),
-        attn_mask=mask[:, None, None, :],
+        attn_mask=attn_mask,
         scale=scale,
         enable_gqa=True,
     )

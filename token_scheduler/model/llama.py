@@ -75,6 +75,14 @@ def _rows(t: torch.Tensor | None, sizes: list[int]):
     return t.split(sizes, dim=0) if t is not None else [None] * len(sizes)
 
 
+def _fresh(meta: AttentionMetadata) -> None:
+    """A forward derives its per-step tensors anew (a CUDA graph's capture must record them; its metadata is
+    reused with new contents at every replay)."""
+    meta.derived.clear()
+    if meta.mixed is not None:
+        meta.mixed.derived.clear()
+
+
 def forward(
     cfg: ModelConfig,
     w: dict[str, torch.Tensor],
@@ -85,6 +93,7 @@ def forward(
     meta: AttentionMetadata,
 ) -> torch.Tensor:
     """Hidden states after the final norm, [T, hidden]."""
+    _fresh(meta)
     x = F.embedding(input_ids, w["embed"])
     dt = x.dtype
     cos = rope.cos[positions].to(dt)[:, None, :]
@@ -131,6 +140,7 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
     fused into three Triton kernels (add+RMSNorm, RoPE+KV write, SiLU*mul)."""
     from token_scheduler.model import triton_ops as k
 
+    _fresh(meta)
     x = F.embedding(input_ids, w["embed"])
     T = input_ids.shape[0]
     if T == 1 and USE_GEMV and (cfg.hidden_size <= GEMV_MAX_HIDDEN or k.pdl(x)):
