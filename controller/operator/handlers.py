@@ -104,6 +104,15 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _admin_failed(patch, status, gen, e: Exception) -> None:
+    """The controller refused a change (Degraded, Rejected: the next change of the object tries again) or could
+    not be reached (Degraded, ControllerUnavailable: raised for kopf to retry)."""
+    if isinstance(e, AdminUnavailable):
+        _write_status(patch, status, {}, "Degraded", "ControllerUnavailable", str(e), gen)
+        raise _unavailable(e) from e
+    _write_status(patch, status, {}, "Degraded", "Rejected", str(e), gen)
+
+
 def _write_status(patch: kopf.Patch, status: dict, fields: dict, state: str, reason: str, message: str,
                   generation: int | None) -> None:
     """Patch status only where it differs (a converged object gets no write)."""
@@ -139,11 +148,8 @@ def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: di
         memo.applied[meta["uid"]] = (gen, ds["metadata"]["annotations"][b.ANNOTATION_DIGEST])
         try:
             engines = memo.admin.engines()
-        except AdminUnavailable as e:
-            _write_status(patch, status, {}, "Degraded", "ControllerUnavailable", str(e), gen)
-            raise _unavailable(e) from e
-        except AdminError as e:
-            _write_status(patch, status, {}, "Degraded", "Rejected", str(e), gen)
+        except (AdminError, AdminUnavailable) as e:
+            _admin_failed(patch, status, gen, e)
             return
         st = b.build_pool_status(engines, current, dict(spec), gen)
         if st["enginesReady"]:
@@ -217,11 +223,8 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
             if actual is None:
                 actual = memo.admin.add_model(desired)
             memo.applied[meta["uid"]] = (gen, want)
-        except AdminUnavailable as e:
-            _write_status(patch, status, {}, "Degraded", "ControllerUnavailable", str(e), gen)
-            raise _unavailable(e) from e
-        except AdminError as e:
-            _write_status(patch, status, {}, "Degraded", "Rejected", str(e), gen)
+        except (AdminError, AdminUnavailable) as e:
+            _admin_failed(patch, status, gen, e)
             return
         st = dict(b.build_model_status(actual, spec, gen), appliedDigest=want, served=desired["name"])
         if st["ready"]:
@@ -286,11 +289,8 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
             if actual is None:
                 memo.admin.add_tenant(desired)
             memo.applied[meta["uid"]] = (gen, want)
-        except AdminUnavailable as e:
-            _write_status(patch, status, {}, "Degraded", "ControllerUnavailable", str(e), gen)
-            raise _unavailable(e) from e
-        except AdminError as e:
-            _write_status(patch, status, {}, "Degraded", "Rejected", str(e), gen)
+        except (AdminError, AdminUnavailable) as e:
+            _admin_failed(patch, status, gen, e)
             return
         _write_status(patch, status, {"observedGeneration": gen, "keys": len(hashes), "appliedDigest": want},
                       "Ready", "Applied", f"{len(hashes)} key(s)", gen)
