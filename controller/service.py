@@ -45,7 +45,8 @@ class ModelEntry:
     outcomes: deque = dataclasses.field(default_factory=lambda: deque(maxlen=200))  # within SLO?
     used_fraction: float | None = None  # EWMA of completion tokens / max_tokens
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
-    pinned: bool = False  # an operator asked it to stay registered where it is (placement never moves it)
+    pinned: bool = False  # an operator keeps its weights in VRAM (controller.set_pinned)
+    draining: bool = False  # an operator stopped admitting its requests (before removing it, say)
 
     @property
     def default_step_s(self) -> float:

@@ -25,6 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -321,6 +322,10 @@ async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_t
             draining = await _until("Draining", lambda: _reason(kube, "pooledmodels", "pace-m", "Draining"))
             assert _cond(draining, "Progressing")["status"] == "True"
             assert "pace-m" in await controller("/admin/models")  # still served while its request runs
+            late = await asyncio.to_thread(  # but drained: a new request is refused while it finishes
+                lambda: httpx.post(srv.url + "/v1/completions", headers={"Authorization": f"Bearer {tenant_key}"},
+                                   json={"model": "pace-m", "prompt": "hi", "max_tokens": 2}, timeout=10))
+            assert late.status_code == 503 and late.json()["error"]["code"] == "model_draining", late.text
             await _until("the model leaves the controller",
                          lambda: _gone(controller, "/admin/models", "pace-m"), timeout=30)
             removed_at = time.monotonic()

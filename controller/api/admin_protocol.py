@@ -190,3 +190,9 @@ class CancelOut(BaseModel):
 class PinOut(BaseModel):
     name: str
     pinned: bool
+
+
+class DrainOut(BaseModel):
+    name: str
+    draining: bool
+    inflight: int  # its requests still running (a drain waits for these to reach 0)

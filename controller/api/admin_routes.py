@@ -163,6 +163,27 @@ async def unpin(name: str, request: Request):
     return _pin(_ctl(request), name, False)
 
 
+@router.post("/models/{name:path}/drain", response_model=ap.DrainOut)
+async def drain_model(name: str, request: Request):
+    """Stop admitting requests for the model (503 + Retry-After); those in flight finish (before a removal)."""
+    return _drain_model(_ctl(request), name, True)
+
+
+@router.post("/models/{name:path}/resume", response_model=ap.DrainOut)
+async def resume_model(name: str, request: Request):
+    return _drain_model(_ctl(request), name, False)
+
+
+def _drain_model(ctl: Controller, name: str, on: bool) -> ap.DrainOut:
+    me = ctl.models.get(name)
+    if me is None:
+        raise ServingError(404, f"no model {name!r}", code="model_not_found")
+    me.draining = on
+    views.events(ctl).publish("drain" if on else "resume", model=name)
+    n = sum(1 for e in ctl.pool.engines.values() for s in e.subs.values() if s.model == name)
+    return ap.DrainOut(name=name, draining=on, inflight=n)
+
+
 def _pin(ctl: Controller, name: str, on: bool) -> ap.PinOut:
     me = ctl.models.get(name)
     if me is None:

@@ -196,6 +196,9 @@ class OpenAIServing:
         if me is None or not (tenant.may_use(me.spec.name) or tenant.may_use(model)):
             # one answer for both: a tenant learns nothing of the others' models
             raise ServingError(404, f"The model `{model}` does not exist.", param="model")
+        if me.draining:
+            raise ServingError(503, f"model `{model}` is being drained (no new requests)", code="model_draining",
+                               retry_after=5)
         self.last_used[me.spec.name] = time.time()
         return me
 

@@ -62,6 +62,13 @@ class AdminClient:
             raise AdminError(self._error(r))
         return r.status_code == 200
 
+    def drain_model(self, name: str) -> bool:
+        """Stop the controller admitting the model's requests (those in flight finish); False if it is gone."""
+        r = self._call("POST", f"/admin/models/{quote(name, safe='/')}/drain")
+        if r.status_code not in (200, 404):
+            raise AdminError(self._error(r))
+        return r.status_code == 200
+
     def engines(self) -> list[dict]:
         r = self._call("GET", "/admin/engines")
         if r.status_code != 200:

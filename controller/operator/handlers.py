@@ -236,10 +236,13 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
 @kopf.on.delete(GROUP, VERSION, "pooledmodels")
 def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Patch, memo: kopf.Memo,
                  runtime: datetime.timedelta, **_: Any) -> None:
-    """The finalizer: let the model's requests in flight finish (up to spec.drainTimeoutSeconds), then remove it."""
+    """The finalizer: drain the model (no new requests), let those in flight finish (up to
+    spec.drainTimeoutSeconds), then remove it."""
     names = {b.served_name(name, dict(spec)), status.get("served")} - {None}  # both, mid-rename
     with _lock(memo, meta["uid"]):
         try:
+            for served in names:
+                memo.admin.drain_model(served)  # idempotent: a retried finalizer drains again, harmlessly
             n = sum(_drain_wait(memo.admin, served, dict(spec), runtime) for served in names)
             if n:
                 _write_status(patch, status, {}, "Progressing", "Draining", f"{n} requests in flight before removal",
