@@ -1,17 +1,17 @@
 """The admin event stream as server-sent events: `id: SEQ` frames from the EventBus, reconnectable.
 
 A client that reconnects with Last-Event-ID (browsers' EventSource does it by itself) gets the events it
-missed that the bus's ring still holds. Each connection wakes on the bus's subscriber queue, waits
-COALESCE_S for a burst to gather and then sends everything newer than what it sent, read from the ring, as one
-write; a frame is JSON-encoded once for all connections. Many dashboards therefore cost a few writes a second
-each, and the publisher never waits for any of them (the bus drops a slow reader's oldest wake-ups).
+missed that the bus's ring still holds. Each connection wakes on the bus's one shared "changed" future (a
+publish resolves it once, whatever the number of connections), waits COALESCE_S for a burst to gather and then
+sends everything newer than what it sent, read from the ring, as one write; a frame is JSON-encoded once for
+all connections. Many dashboards therefore cost a few writes a second each, and the publisher never waits for
+any of them.
 A `Ticker` adds the dashboard's gauges to the stream: one snapshot a second for all connections that ask.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections import OrderedDict
@@ -23,7 +23,7 @@ from controller.events import EventBus
 log = logging.getLogger("tokenpool.dashboard")
 HEARTBEAT_S = 15.0
 TICK_S = 1.0
-COALESCE_S = 0.1
+COALESCE_S = 0.4  # a burst gathers this long before a write: <= 1 s from event to screen, few writes
 RETRY = b"retry: 1000\n\n"  # EventSource reconnects after 1 s
 PING = b": keep-alive\n\n"
 
@@ -116,13 +116,11 @@ async def event_stream(bus: EventBus, frames: Frames, since: int | None, ticker:
     sent = last_seq(bus) if since is None else since
     if sent > last_seq(bus):  # a seq from before the server restarted: all the new server has
         sent = 0
-    wake = bus.subscribe()
-    pending: asyncio.Future | None = asyncio.ensure_future(anext(wake))
+    bus.watchers += 1
     seen = 0
     if ticker is not None:
         ticker.attach()
     try:
-        await asyncio.sleep(0)  # the subscription is made before the backlog is read: no event falls between
         backlog = after(bus, sent)
         if backlog:
             sent = backlog[-1]["seq"]
@@ -132,17 +130,16 @@ async def event_stream(bus: EventBus, frames: Frames, since: int | None, ticker:
             out.append(ticker.frame)
         yield b"".join(out)
         while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(wake))
-            waits = {pending} if ticker is None else {pending, ticker.next()}
+            # Wake on the bus's one shared "changed" future (a publish costs O(1) however many streams follow
+            # it), then gather a burst for coalesce_s and send what the ring holds past `sent`.
+            changed = bus.changed()
+            waits = {changed} if ticker is None else {changed, ticker.next()}
             behind = ticker is not None and ticker.version != seen  # a tick came while this one was writing
-            done, _ = await asyncio.wait(waits, timeout=0 if behind else heartbeat_s,
+            new = last_seq(bus) > sent  # events came while this one was writing
+            done, _ = await asyncio.wait(waits, timeout=0 if behind or new else heartbeat_s,
                                          return_when=asyncio.FIRST_COMPLETED)
-            if pending in done:
-                ev = pending.result()
-                pending = None
-                if ev["seq"] > sent:  # else a wake-up for an event already sent with an earlier one
-                    await asyncio.sleep(coalesce_s)
+            if new or changed in done:
+                await asyncio.sleep(coalesce_s)
             out = []
             batch = after(bus, sent)
             if batch:
@@ -156,10 +153,6 @@ async def event_stream(bus: EventBus, frames: Frames, since: int | None, ticker:
             elif not done and not behind:
                 yield PING
     finally:
+        bus.watchers -= 1
         if ticker is not None:
             ticker.detach()
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await pending
-        await wake.aclose()  # ends the subscription: the bus forgets its queue
