@@ -77,6 +77,30 @@ def kill_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: 
         _write(run_kill(t, sig, streams, queued), json_out)
 
 
+@suite_app.command("pooled-kill")
+def pooled_kill_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
+                    models: Optional[str] = typer.Option(None, help="with --url: comma-separated models to stream"),
+                    during: str = typer.Option("weights", help="weights (a switch moves weights) | kv (a KV swap-out)"),
+                    streams: int = typer.Option(6), queued: int = typer.Option(3),
+                    max_tokens: int = typer.Option(300), json_out: Optional[Path] = JSON) -> None:
+    """A pooled worker SIGKILLed while it moves weights or KV: error events, retries, restart, leaks. Without
+    --url: three tiny factory models over a one-slot CPU arena (every switch is a weight load)."""
+    from controller.config import cache_dir
+    from load_tests.faults import pooled_config, run_kill, target, tiny_pooled_models
+
+    if during not in ("weights", "kv"):
+        raise typer.BadParameter("--during is weights or kv")
+    names = models.split(",") if models else None
+    if url is not None:
+        with target(url, admin_token, key, model=(names or ["-"])[0]) as t:
+            _write(run_kill(t, "KILL", streams, queued, max_tokens, during, names), json_out)
+        return
+    dirs = tiny_pooled_models(cache_dir())
+    cfg = pooled_config(dirs, budget_gb=4 * 2**20 / 1e9, kv_cache_gb=64 * 16 * 512 / 1e9, max_num_seqs=streams)
+    with target(config=cfg, model=next(iter(dirs))) as t:
+        _write(run_kill(t, "KILL", streams, queued, max_tokens, during, list(dirs)), json_out)
+
+
 @suite_app.command("disconnects")
 def disconnects_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
                     model: str = MODEL, streams: int = typer.Option(1000),

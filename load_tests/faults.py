@@ -96,6 +96,29 @@ def paced_config(pace_s: float = 0.01, max_num_seqs: int = 64, ttft_s: float = 2
     return cfg
 
 
+def pooled_config(model_dirs: dict[str, str], budget_gb: float, kv_cache_gb: float, **over) -> dict:
+    """A server whose one worker pools `model_dirs` in an arena of `budget_gb` (the CPU worker's): more model
+    bytes than the arena, so steps of different models move weights in and out, and a small KV region, so idle
+    models' KV goes to host pages."""
+    cfg = paced_config(**over)
+    cfg["gpus"] = {"cpu_budget_gb": budget_gb, "kv_cache_gb": kv_cache_gb}
+    cfg["models"] = [{"name": n, "path": str(d), "slo": {"ttft_s": 60.0, "tpot_s": 10.0}} for n, d in model_dirs.items()]
+    return cfg
+
+
+def tiny_pooled_models(cache: Path) -> dict[str, str]:
+    """Three tiny factory models of 2 MiB slots each (made once under `cache`)."""
+    from controller.model_factory import make_model
+
+    out = {}
+    for name, arch, seed in (("pa", "qwen2", 0), ("pb", "qwen3", 0), ("pc", "qwen2", 1)):
+        d = cache / f"suite-{arch}-tiny-{seed}"
+        if not (d / "config.json").exists():
+            make_model(arch=arch, size="tiny", out=d, seed=seed, dtype="fp32", device="cpu", progress=False)
+        out[name] = str(d)
+    return out
+
+
 @contextlib.contextmanager
 def target(url: str | None = None, admin: str | None = None, key: str | None = None, pid: int | None = None,
            model: str = "pace", config: dict | None = None, **cfg) -> Iterator[Target]:
@@ -205,14 +228,14 @@ class Stream:
 
 
 async def open_stream(t: Target, max_tokens: int, prompt: str = "x", wait: bool = True,
-                      s: Stream | None = None) -> Stream:
+                      s: Stream | None = None, model: str | None = None) -> Stream:
     """Start a streamed completion; with `wait`, return when it has ended (else once its head arrived)."""
     s = s if s is not None else Stream()
     host, port = t.host_port
     try:
         s.conn = conn = await sse_client.connect(host, port)
         done = conn.request("POST", f"{host}:{port}", "/v1/completions", headers=t.headers(), on_data=s.feed,
-                            body={"model": t.model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+                            body={"model": model or t.model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
                                   "ignore_eos": True})
         s.status = await conn.head
         s.retry_after = conn.headers.get("retry-after")
@@ -417,20 +440,33 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-async def _kill(t: Target, sig: int, streams: int, queued: int, max_tokens: int) -> dict:
+def _pool_counter(t: Target, key: str) -> int:
+    return sum(int((e.get("pool") or {}).get(key, 0)) for e in t.engines() if e["alive"])
+
+
+async def _kill(t: Target, sig: int, streams: int, queued: int, max_tokens: int, during: str | None = None,
+                models: list[str] | None = None) -> dict:
     engines = [e for e in await asyncio.to_thread(t.engines) if e["alive"] and e["pid"]]
     if not engines:
         raise SystemExit("no live engine to signal")
     victim = engines[0]
     shm_before = _shm(t.shm_dir)
     live = [Stream() for _ in range(streams)]
-    running = [asyncio.ensure_future(open_stream(t, max_tokens, s=s)) for s in live]
+    names = models or [t.model]
+    running = [asyncio.ensure_future(open_stream(t, max_tokens, s=s, model=names[i % len(names)]))
+               for i, s in enumerate(live)]
     deadline = time.monotonic() + 30
     while not all(s.t_first is not None or s.t_end is not None for s in live) and time.monotonic() < deadline:
         await asyncio.sleep(0.01)  # every running stream has its first token
     # requests that are queued behind the running ones (no token yet) when the worker goes: they must be retried
     waiting = [asyncio.ensure_future(open_stream(t, 5)) for _ in range(queued)]
     await asyncio.sleep(0.05)
+    moved = None
+    if during is not None:  # the pooled engine: kill while it moves weights (switches) or KV (swap-outs)
+        key = {"weights": "switches", "kv": "kv_swapped_out"}[during]
+        c0 = await asyncio.to_thread(_pool_counter, t, key)
+        grew = await _until(lambda: _pool_counter(t, key) > c0, 30, 0.01)
+        moved = {"counter": key, "before": c0, "rose_after_s": grew}
     t_sig = time.monotonic()
     os.kill(victim["pid"], sig)
     results = await asyncio.gather(*running, *waiting)
@@ -451,6 +487,7 @@ async def _kill(t: Target, sig: int, streams: int, queued: int, max_tokens: int)
     await asyncio.sleep(0.5)
     return {
         "signal": signal.Signals(sig).name, "victim": {"id": victim["id"], "pid": victim["pid"]},
+        "during": during, "pool_activity_before_kill": moved,
         "streams": streams, "queued": queued,
         "running_streams_ended_with_error_event": sum(1 for s in run_res if s.error and s.done),
         "running_streams_cut_without_done": sum(1 for s in run_res if not s.done),
@@ -465,9 +502,11 @@ async def _kill(t: Target, sig: int, streams: int, queued: int, max_tokens: int)
     }
 
 
-def run_kill(t: Target, sig: str = "KILL", streams: int = 8, queued: int = 4, max_tokens: int = 2000) -> dict:
+def run_kill(t: Target, sig: str = "KILL", streams: int = 8, queued: int = 4, max_tokens: int = 2000,
+             during: str | None = None, models: list[str] | None = None) -> dict:
     signum = {"KILL": signal.SIGKILL, "STOP": signal.SIGSTOP}[sig.upper().removeprefix("SIG")]
-    return {"part": "kill", **asyncio.run(_kill(t, signum, streams, queued, max_tokens))}
+    part = "kill" if during is None else f"pooled_kill_during_{during}"
+    return {"part": part, **asyncio.run(_kill(t, signum, streams, queued, max_tokens, during, models))}
 
 
 # --- disconnect storm ---
