@@ -83,3 +83,24 @@ def test_suite_command_writes_json_with_provenance(paced, tmp_path):
     d = json.loads(out.read_text())
     assert d["part"] == "corpus" and d["date"] and d["commit"] and "corpus" in d["command"]
     assert d["as_expected"] == d["cases"]
+
+
+def test_pooled_kill_part_on_cpu(tmp_path, monkeypatch):
+    """`tokenpool suite pooled-kill`: a pooled worker killed while weights move; streams end with an error event,
+    queued requests are retried, the worker returns, nothing leaks."""
+    from typer.testing import CliRunner
+
+    from controller.cli_suite import suite_app
+
+    monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "pk.json"
+    r = CliRunner().invoke(suite_app, ["pooled-kill", "--during", "weights", "--streams", "4", "--queued", "2",
+                                       "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    import json
+
+    d = json.loads(out.read_text())
+    assert d["part"] == "pooled_kill_during_weights" and d["pool_activity_before_kill"]["rose_after_s"] is not None
+    assert d["running_streams_ended_with_error_event"] >= 1 and d["running_streams_cut_without_done"] == 0
+    assert d["queued_requests_completed"] == 2 and d["request_after_restart_ok"]
+    assert d["dev_shm_files_leaked"] == [] and not d["victim_process_left"]
