@@ -34,8 +34,8 @@ from pathlib import Path
 from load_tests.bench_common import header, write_json
 from load_tests.bench_pool import bracket
 from load_tests.simulator import simulate
-from load_tests.workload import generate, parse_models
-from token_scheduler.cost_model import H100_PCIE53, MeasuredProfile, spec_for
+from load_tests.workload import generate, parse_models, spec_for
+from token_scheduler.cost_model import H100_PCIE53, MeasuredProfile
 from token_scheduler.policies.slo import ModelSLO, RequestRecord, summarize
 
 

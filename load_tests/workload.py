@@ -10,6 +10,7 @@ JSONL, one request per line: {"time": s, "model": name, "prompt_len": n, "output
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -91,3 +92,14 @@ def read_jsonl(path: str | Path) -> list[WorkItem]:
                 out.append(WorkItem(float(d["time"]), d["model"], int(d["prompt_len"]), int(d["output_len"]),
                                     str(d["id"])))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def spec_for(arch: str, size: str, name: str | None = None):
+    """The cost model's ModelSpec of a real-size model (bf16), from the model factory's shapes."""
+    from controller.model_factory import model_config
+    from token_scheduler.cost_model import ModelSpec
+    from token_scheduler.model.config import ModelConfig
+
+    cfg = ModelConfig.from_hf(model_config(arch, size))
+    return ModelSpec.from_config(name or f"{arch}-{size}", cfg)

@@ -121,8 +121,8 @@ def test_resimulate_puts_the_simulator_beside_real_points(tmp_path):
     point = {"rate": 0.5, "slo": {"attainment": 0.75}, "loads": 3, "prefetches": 4, "prefetch_skipped": 5,
              "forced_evictions": 1, "evictions": 6, "swap_stall_s": 2.0}
     # the token point carries the cost model its run measured (here: every step 3x the roofline)
-    from load_tests.workload import parse_models
-    from token_scheduler.cost_model import H100_PCIE53, CostModel, StepShape, spec_for
+    from load_tests.workload import parse_models, spec_for
+    from token_scheduler.cost_model import H100_PCIE53, CostModel, StepShape
 
     specs = [spec_for(e.arch, e.size, e.name) for e in parse_models(cfg["models"])]
     cm = CostModel(H100_PCIE53, specs)

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from token_scheduler.cost_model import H100_PCIE53, CostModel, HardwareProfile, ModelSpec, StepShape, spec_for
+from load_tests.workload import spec_for
+from token_scheduler.cost_model import H100_PCIE53, CostModel, HardwareProfile, ModelSpec, StepShape
 
 SPEC = ModelSpec("m", weight_bytes=15 * 10**9, kv_bytes_per_token=57344, flops_per_token=14e9,
                  attn_flops_per_pair=4 * 28 * 3584)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from load_tests.simulator import GpuSim, SimRequest, simulate
-from load_tests.workload import WorkItem, generate
-from token_scheduler.cost_model import HardwareProfile, ModelSpec, spec_for
+from load_tests.workload import WorkItem, generate, spec_for
+from token_scheduler.cost_model import HardwareProfile, ModelSpec
 from token_scheduler.policies import make_policy
 from token_scheduler.policies.slo import ModelSLO, RequestRecord
 
@@ -148,7 +148,7 @@ def test_simulated_bench_pool_uses_the_measured_profile_by_default(tmp_path):
     import json
 
     from load_tests.bench_pool import MEASURED, hardware_profile
-    from token_scheduler.cost_model import H100_PCIE53, MeasuredProfile, StepShape, spec_for
+    from token_scheduler.cost_model import H100_PCIE53, MeasuredProfile, StepShape
 
     specs = {n: spec_for("qwen2", s, n) for n, s in (("qwen2-7b-0", "7b"), ("qwen2-7b-5", "7b"), ("qwen2-1.5b-9", "1.5b"))}
     hw = hardware_profile("measured", specs)

@@ -17,7 +17,6 @@ and is what the simulator uses both as ground truth and as the prior; it is not 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 _FEATURE_SCALES = (1.0, 64.0, 1024.0, 65536.0, 1.0e6)  # keep the RLS well conditioned
@@ -63,16 +62,6 @@ class ModelSpec:
             attn_flops_per_pair=4.0 * cfg.num_layers * cfg.q_size,
             max_context=cfg.max_position_embeddings,
         )
-
-
-@functools.lru_cache(maxsize=64)
-def spec_for(arch: str, size: str, name: str | None = None) -> ModelSpec:
-    """ModelSpec of a real-size model via `controller.model_factory.model_config` (bf16)."""
-    from controller.model_factory import model_config
-    from token_scheduler.model.config import ModelConfig
-
-    cfg = ModelConfig.from_hf(model_config(arch, size))
-    return ModelSpec.from_config(name or f"{arch}-{size}", cfg)
 
 
 @dataclass(frozen=True, slots=True)
