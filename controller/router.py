@@ -68,6 +68,7 @@ class Route:
     queued: bool  # the request would wait for a slot
     queue_len: int
     load: bool = False  # a new registration: the model is registered there first
+    prefill_s: float = 0.0  # the request's own prefill there, by the pool's fit (admission refuses what alone misses)
 
 
 def used_bytes(e: EngineView, models: dict[str, ModelInfo]) -> int:
@@ -96,7 +97,7 @@ def route(model: ModelInfo, engines: list[EngineView], prompt_tokens: int = 0) -
         if not r.ready:
             est += model.load_s  # its registration (host copy) is still being loaded
         if best is None or est < best.est_ttft_s:
-            best = Route(e.engine_id, est, queued, r.inflight)
+            best = Route(e.engine_id, est, queued, r.inflight, prefill_s=prompt_tokens * r.prefill_s_per_token)
     return best
 
 

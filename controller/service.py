@@ -281,12 +281,8 @@ class Controller:
             rt = route(entry.info, self.views(), len(sub.prompt_ids))
         if admission and self.cfg.admission.enabled:
             slack = self.cfg.admission.slack * 2.0 ** max(-2, min(2, priority))
-            ev = next(v for v in views if v.engine_id == rt.engine_id) if any(
-                v.engine_id == rt.engine_id for v in views) else None
-            rv = ev.replicas.get(name) if ev is not None else None
-            prefill_s = len(sub.prompt_ids) * rv.prefill_s_per_token if rv is not None else 0.0
             d = decide(rt.est_ttft_s, rt.queued, slo.ttft_s, slack, rt.queue_len,
-                       self.cfg.admission.max_queue_per_engine, prefill_s=prefill_s)
+                       self.cfg.admission.max_queue_per_engine, prefill_s=rt.prefill_s)
             if not d.admit:
                 self.metrics.rejected.labels(name, "slo").inc()
                 self.events.publish("reject", model=name, request_id=sub.rid, reason=d.reason)

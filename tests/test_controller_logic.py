@@ -74,7 +74,8 @@ def test_route_counts_prefill_of_the_prompt_and_the_queue_and_a_weight_load():
     e0, e1 = EngineView("e0", 10 * GB, {"a": rv}, step_s=0.01), EngineView("e1", 10 * GB, {"a": cold}, step_s=0.01)
     assert estimate_on(e0, rv, 100)[0] == pytest.approx(2.1 + 0.01)
     assert estimate_on(e1, cold, 100)[0] == pytest.approx(0.5 + 0.1 + 0.01)
-    assert route(models["a"], [e0, e1], 100).engine_id == "e1"  # a 0.5 s load beats 2 s of queued prompts
+    rt = route(models["a"], [e0, e1], 100)
+    assert rt.engine_id == "e1" and rt.prefill_s == pytest.approx(0.1)  # a 0.5 s load beats 2 s of queued prompts
     assert route(models["a"], [e0, e1], 0).engine_id == "e1"
     rv2 = ReplicaView("a", True, 8, step_s=0.01, prefill_s_per_token=0.001, queued_prompt_tokens=100)
     e0 = EngineView("e0", 10 * GB, {"a": rv2}, step_s=0.01)
