@@ -45,8 +45,8 @@ def test_worker_killed_during_weight_and_kv_swaps(models, tmp_path):
     cfg = {
         "admin_token_hash": hash_key(ADMIN),
         "workers": {"local": "cpu", "heartbeat_s": 0.2, "dead_after_s": 1.5},
-        # one 2 MiB weight slot for three 2 MiB models; 24 KV pages: long streams of three models overflow it
-        "gpus": {"cpu_budget_gb": 4 * MiB / 1e9, "kv_cache_gb": 24 * PAGE / 1e9, "host_cache_namespace": ns},
+        # one 2 MiB weight slot for three 2 MiB models; 64 KV pages: six long streams overflow it
+        "gpus": {"cpu_budget_gb": 4 * MiB / 1e9, "kv_cache_gb": 64 * PAGE / 1e9, "host_cache_namespace": ns},
         "models": [{"name": n, "path": str(p), "slo": {"ttft_s": 60, "tpot_s": 10}} for n, p in models.items()],
     }
     with LiveServer(cfg, tmp_path / "srv") as srv:
@@ -58,7 +58,7 @@ def test_worker_killed_during_weight_and_kv_swaps(models, tmp_path):
         def stream(i, model):
             got = 0
             try:
-                for ch in c.completions.create(model=model, prompt=f"story {i}", max_tokens=120, stream=True,
+                for ch in c.completions.create(model=model, prompt=f"story {i}", max_tokens=400, stream=True,
                                                extra_body={"ignore_eos": True}, temperature=0):
                     got += bool(ch.choices)
                 results[i] = ("done", got)
@@ -75,6 +75,7 @@ def test_worker_killed_during_weight_and_kv_swaps(models, tmp_path):
                 break
             assert time.monotonic() < deadline, p
             time.sleep(0.05)
+        assert len(results) < 6, "every stream finished before the kill: nothing was tested"
         t_kill = time.monotonic()
         os.kill(e0["pid"], signal.SIGKILL)
         for t in threads:
