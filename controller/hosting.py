@@ -12,8 +12,8 @@ PaceEngine models (the load test's, no weights) cannot live in it and are steppe
 
 Threading contract (the worker's): `host`, `step` and `unload` run between steps, never two at once --
 `host` and `step` on the step thread, `unload`, `add_request` and `abort` on the event loop while no step
-runs. A registration reads the host copy (seconds for a large model from disk, once per node), holding the
-step thread: the other models wait for it.
+runs. A registration reads the host copy first on the load thread (`prepare`: seconds for a large model from
+disk, once per node), so the step thread only attaches it and the other models keep stepping.
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ class HostedModels:
             if mm is not None and k in mm.engines:
                 d.update(mm.estimate(k))
             elif k in self.paced:
-                d.update(prefill_s_per_token=getattr(e, "prefill_s_per_token", 0.0), load_s=0.0, resident=1.0)
+                d.update(prefill_s_per_token=e.prefill_s_per_token, load_s=0.0, resident=1.0)
             out[k] = d
         return out
 

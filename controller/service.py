@@ -200,8 +200,7 @@ class Controller:
                 s.sink.put_nowait((s, m.Delta(s.rid, finished=True, finish_reason="error",
                                               error="model was unregistered", error_kind="engine")))
             self.pool.abort(subs)
-            self.pool.unload(e, name)
-            self.metrics.forget_engine_model(e.id, name)
+            self._unregister(e, name, "model removed")
         self.autoscaler.forget(name)
         self.events.publish("unregister", model=name)
         del entry
