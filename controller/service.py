@@ -287,12 +287,15 @@ class Controller:
                 self.events.publish("reject", model=name, request_id=sub.rid, reason=d.reason)
                 raise ServingError(429, f"model {name!r} is overloaded: {d.reason}", retry_after=d.retry_after_s)
         e = self.pool.engines[rt.engine_id]
-        r = e.replicas.get(name) or self._register(e, entry)
-        if not r.ready.is_set():
-            try:
-                await asyncio.wait_for(asyncio.shield(r.ready.wait()), LOAD_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                raise ServingError(503, f"model {name!r} is still being registered", retry_after=10) from None
+        for _ in range(3):  # the autoscaler may drop a registration while this request waits for it: again
+            r = e.replicas.get(name) or self._register(e, entry)
+            if not r.ready.is_set():
+                try:
+                    await asyncio.wait_for(asyncio.shield(r.ready.wait()), LOAD_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    raise ServingError(503, f"model {name!r} is still being registered", retry_after=10) from None
+            if e.replicas.get(name) is r or r.state != "ready":
+                break
         if r.state != "ready" or not e.alive:
             raise ServingError(503, f"model {name!r} could not be registered on engine {e.id}: {r.error}",
                                retry_after=5)

@@ -81,6 +81,7 @@ class Worker:
         self._pending: list[m.Message] = []
         self._hosting: list[tuple[m.LoadModel, asyncio.Future]] = []  # loads the step loop runs between steps
         self._loading: set[str] = set()
+        self._unload_when_loaded: set[str] = set()  # unloaded by the controller while their load was under way
         self._wake = asyncio.Event()
         self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="step")
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="load")
@@ -144,10 +145,15 @@ class Worker:
                 if isinstance(msg, m.Shutdown):
                     return
                 if isinstance(msg, m.LoadModel):
-                    asyncio.create_task(self._load(msg))
+                    self._cancel_unload(msg.model)
+                    if msg.model not in self._loading:  # else the load under way answers
+                        self._loading.add(msg.model)
+                        asyncio.create_task(self._load(msg))
                 elif isinstance(msg, m.Heartbeat):
                     pass
                 else:  # NewRequest, Abort, UnloadModel: applied between steps
+                    if isinstance(msg, m.UnloadModel) and msg.model in self._loading:
+                        self._unload_when_loaded.add(msg.model)
                     self._pending.append(msg)
                     self._wake.set()
         finally:
@@ -160,18 +166,21 @@ class Worker:
             writer.close()
             self._writer = None
 
+    def _cancel_unload(self, model: str) -> None:
+        """The controller registers a model again that it unregistered a moment ago: the unload not yet
+        applied between steps is void (messages take effect in the order they came, so the answer to this
+        load must not be followed by the older unload)."""
+        self._unload_when_loaded.discard(model)
+        self._pending = [p for p in self._pending if not (isinstance(p, m.UnloadModel) and p.model == model)]
+
     async def _load(self, msg: m.LoadModel) -> None:
-        if msg.model in self.models:
-            e = self.models.engines[msg.model]
-            self.send(m.ModelLoaded(msg.model, True, max_model_len=e.max_model_len, max_num_seqs=_seqs(e, msg)))
-            return
-        if msg.model in self._loading:  # the load under way answers
-            return
-        self._loading.add(msg.model)
+        """Register a model (the read loop has put it in `_loading`, so a second LoadModel waits for this answer)."""
         t0 = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
-            if msg.engine.get("kind") == "pace":
+            if msg.model in self.models:
+                eng = self.models.engines[msg.model]
+            elif msg.engine.get("kind") == "pace":
                 eng = await loop.run_in_executor(self._load_pool, pace_engine, msg.path, msg.engine)
                 self.models.add_paced(msg.model, eng)
             else:  # into the multi-model engine, between steps (see controller/hosting.py)
@@ -189,6 +198,11 @@ class Worker:
             return
         finally:
             self._loading.discard(msg.model)
+        if msg.model in self._unload_when_loaded:  # unregistered while it loaded: no answer, it goes again
+            self._unload_when_loaded.discard(msg.model)
+            self._pending.append(m.UnloadModel(msg.model))
+            self._wake.set()
+            return
         freeze_long_lived()  # the engine's objects live until it is unloaded
         self.send(m.ModelLoaded(msg.model, True, max_model_len=eng.max_model_len, max_num_seqs=_seqs(eng, msg),
                                 load_s=time.monotonic() - t0))

@@ -1,0 +1,121 @@
+"""A worker applies the controller's LoadModel and UnloadModel in the order they were sent.
+
+Found by CI: the autoscaler dropped an extra registration and placed it again a moment later; the worker answered
+the second LoadModel at once (the model was still hosted) and then applied the older UnloadModel between steps, so
+the controller routed requests to a worker that no longer hosted the model ("model tiny-b is not loaded here").
+These tests play the controller's side of the protocol against a real `controller.worker.Worker`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from controller import messages as m
+from controller.worker import Worker
+
+PACE = {"kind": "pace", "pace_s_per_token": 0.001, "max_model_len": 64}
+
+
+class FakeController:
+    """The controller's end of one worker connection: frames in, frames out."""
+
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.writer: asyncio.StreamWriter | None = None
+        self.connected = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reg = await m.read_message(reader)
+        assert isinstance(reg, m.Register)
+        m.write_message(writer, m.Registered("w0", heartbeat_s=5.0, settings={}))
+        self.writer = writer
+        self.connected.set()
+        try:
+            while True:
+                msg = await m.read_message(reader)
+                if not isinstance(msg, (m.Heartbeat, m.Stats)):
+                    await self.inbox.put(msg)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    def send(self, *msgs: m.Message) -> None:
+        """All in one write: the worker reads them back to back, as it does when the controller sends in one tick."""
+        assert self.writer is not None
+        self.writer.write(b"".join(m.encode(x) for x in msgs))
+
+    async def expect(self, cls: type, timeout: float = 10.0):
+        while True:
+            msg = await asyncio.wait_for(self.inbox.get(), timeout)
+            if isinstance(msg, cls):
+                return msg
+
+    async def quiet(self, s: float) -> list:
+        out = []
+        try:
+            while True:
+                out.append(await asyncio.wait_for(self.inbox.get(), s))
+        except asyncio.TimeoutError:
+            return out
+
+
+async def _with_worker(body) -> None:
+    ctl = FakeController()
+    server = await asyncio.start_server(ctl.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    worker = Worker(("127.0.0.1", port), "cpu")
+    session = asyncio.create_task(worker._session())
+    try:
+        await asyncio.wait_for(ctl.connected.wait(), 10)
+        await body(ctl, worker)
+    finally:
+        ctl.send(m.Shutdown())
+        await asyncio.wait_for(session, 10)
+        worker.models.close()
+        worker._step_pool.shutdown(wait=True)
+        worker._load_pool.shutdown(wait=True)
+        server.close()
+        await server.wait_closed()
+
+
+async def _generate(ctl: FakeController, rid: str, model: str) -> m.Delta:
+    ctl.send(m.NewRequest(rid, model, [1, 2, 3], {"max_tokens": 3, "temperature": 0.0}))
+    while True:
+        out = await ctl.expect(m.Outputs)
+        for d in out.deltas:
+            if d.request_id == rid and d.finished:
+                return d
+
+
+def test_unload_then_load_in_one_tick_leaves_the_model_hosted():
+    async def body(ctl: FakeController, worker: Worker) -> None:
+        ctl.send(m.LoadModel("a", None, PACE))
+        assert (await ctl.expect(m.ModelLoaded)).ok
+        ctl.send(m.UnloadModel("a"), m.LoadModel("a", None, PACE))
+        assert (await ctl.expect(m.ModelLoaded)).ok
+        d = await _generate(ctl, "r1", "a")
+        assert d.error is None and d.finish_reason == "length", d
+        assert "a" in worker.models
+
+    asyncio.run(_with_worker(body))
+
+
+def test_load_then_unload_in_one_tick_leaves_nothing_hosted_and_sends_no_answer():
+    async def body(ctl: FakeController, worker: Worker) -> None:
+        ctl.send(m.LoadModel("a", None, PACE), m.UnloadModel("a"))
+        late = await ctl.quiet(1.0)
+        assert not any(isinstance(x, m.ModelLoaded) and x.ok for x in late), late
+        assert "a" not in worker.models and not worker._loading and not worker._unload_when_loaded
+        d = await _generate(ctl, "r1", "a")
+        assert d.error == "model a is not loaded here"
+
+    asyncio.run(_with_worker(body))
+
+
+def test_load_unload_load_in_one_tick_is_hosted_and_answered_once():
+    async def body(ctl: FakeController, worker: Worker) -> None:
+        ctl.send(m.LoadModel("a", None, PACE), m.UnloadModel("a"), m.LoadModel("a", None, PACE))
+        got = [x for x in await ctl.quiet(1.0) if isinstance(x, m.ModelLoaded)]
+        assert [x.ok for x in got] == [True], got
+        d = await _generate(ctl, "r1", "a")
+        assert d.error is None and d.finish_reason == "length", d
+
+    asyncio.run(_with_worker(body))
