@@ -480,7 +480,11 @@ async def _kill(t: Target, sig: int, streams: int, queued: int, max_tokens: int,
 
     restart_s = await _until(restarted, 30, 0.05)
     restart_s = None if restart_s is None else round(time.monotonic() - t_sig, 3)
-    ok = await open_stream(t, 3)
+    try:  # a server that cannot serve after the restart must not hang the suite
+        ok = await asyncio.wait_for(open_stream(t, 3), 120)
+    except asyncio.TimeoutError:
+        ok = Stream()
+        ok.error = "no answer within 120 s after the restart"
     held = await _until(lambda: not any(t.held().values()), 10)
     if sig == signal.SIGSTOP and _pid_alive(victim["pid"]):
         os.kill(victim["pid"], signal.SIGCONT)  # never leave a stopped process behind
