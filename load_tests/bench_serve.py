@@ -260,7 +260,7 @@ def _vocab(d: Path) -> int:
     prompt ids against the tokenizer)."""
     from transformers import AutoTokenizer
 
-    from token_scheduler.model.config import ModelConfig
+    from model_swapper.model_config import ModelConfig
 
     return min(ModelConfig.from_pretrained(d).vocab_size, len(AutoTokenizer.from_pretrained(str(d))))
 

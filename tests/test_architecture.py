@@ -17,11 +17,6 @@ ENTRY = {"controller/cli.py", "controller/cli_suite.py"}  # the command line: ma
 KNOWN = {  # (importing file, imported module): upward imports still to remove (issue 17)
     ("controller/hosting.py", "load_tests.pace_engine"),
     ("controller/service.py", "load_tests.pace_engine"),
-    ("model_swapper/host_cache.py", "token_scheduler.model.config"),
-    ("model_swapper/host_cache.py", "token_scheduler.model.weights"),
-    ("model_swapper/layout.py", "token_scheduler.model.config"),
-    ("model_swapper/layout.py", "token_scheduler.model.weights"),
-    ("model_swapper/loader.py", "token_scheduler.model.weights"),
 }
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
+from model_swapper.model_config import ModelConfig, parse_dtype
+from model_swapper.weights import load_weights, weight_numel
 from token_scheduler.block_manager import BlockAllocator
 from token_scheduler.detokenizer import DetokState, IncrementalDetokenizer
-from token_scheduler.model.config import ModelConfig, parse_dtype
-from token_scheduler.model.weights import load_weights, weight_numel
 from token_scheduler.request import CompletionOutput, Request, RequestOutput, RequestStatus, SamplingParams
 from token_scheduler.runner import LaunchedDecode, ModelRunner, allocate_kv_cache
 from token_scheduler.scheduler import BatchScheduler, ScheduledChunk, SchedulerConfig, SchedulerOutput

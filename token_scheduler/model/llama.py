@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model_swapper.model_config import ModelConfig
 from token_scheduler.model.attention import AttentionMetadata, attend, write_kv
-from token_scheduler.model.config import ModelConfig
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
