@@ -25,6 +25,7 @@ from typing import Any
 from controller import messages as m
 from controller.config import GPUSettings, WorkerSettings
 from controller.keys import verify_key
+from tokenpool import env
 
 log = logging.getLogger("tokenpool.pool")
 STEP_FLOOR_S = 1e-3  # no engine step is believed faster than this
@@ -146,13 +147,13 @@ class EnginePool:
     async def _supervise(self, slot: int, device: str) -> None:
         """Keep one local worker process alive for `slot` (restarting it when it dies)."""
         backoff = 0.2
-        env = dict(os.environ, TOKENPOOL_JOIN_TOKEN=self._local_token,
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        environ = env.environ_with(**{env.JOIN_TOKEN.name: self._local_token, env.PYTHONPATH.name: os.pathsep.join(
+            filter(None, [str(REPO_ROOT), env.PYTHONPATH.get()]))})
         while not self._stopping:
             t0 = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "controller.worker", "--controller", f"127.0.0.1:{self.port}",
-                "--device", device, "--slot", str(slot), env=env, stdin=asyncio.subprocess.DEVNULL,
+                "--device", device, "--slot", str(slot), env=environ, stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True)  # a Ctrl-C for the server is not the worker's: stop() ends it
             self._procs[slot] = proc
             rc = await proc.wait()

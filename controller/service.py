@@ -50,7 +50,7 @@ class ModelEntry:
 
     @property
     def default_step_s(self) -> float:
-        return self.spec.engine.pace_s_per_token if self.spec.engine.kind == "pace" else 0.05
+        return self.spec.engine.first_step_s
 
     def attainment(self) -> float | None:
         return sum(self.outcomes) / len(self.outcomes) if len(self.outcomes) >= 10 else None
@@ -163,7 +163,7 @@ class Controller:
 
     # --- models ---
     async def add_model(self, spec: ModelSpec) -> ModelEntry:
-        from load_tests.pace_engine import load_tokenizer
+        from token_scheduler.tokenizer import load_tokenizer
 
         if spec.name in self.models:
             raise ServingError(400, f"model {spec.name!r} is already registered", param="name")

@@ -189,7 +189,7 @@ def run_serve(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durat
     import tempfile
 
     from controller.keys import hash_key
-    from controller.testing import LiveServer
+    from load_tests.live_server import LiveServer
     from model_swapper.host_cache import HostModelCache
 
     rates = parse_rates(rate)

@@ -1,11 +1,12 @@
-"""A worker's models: two tiny real models in one MultiModelEngine (token policy) and a PaceEngine beside it."""
+"""A worker's models: two tiny real models in one MultiModelEngine (token policy) and a paced one beside it,
+hosted through the same calls."""
 
 from __future__ import annotations
 
 import uuid
 from pathlib import Path
 
-from controller.hosting import HostedModels, PoolSettings, pace_engine
+from controller.hosting import HostedModels, PoolSettings
 from token_scheduler.engine import EngineConfig, LLMEngine
 from token_scheduler.request import SamplingParams
 
@@ -36,8 +37,10 @@ def test_models_share_one_pooled_engine(make_tiny):
         hm.prepare(str(path), {})  # the host copy, off the step thread
         eng = hm.host(name, str(path), {"max_num_seqs": 4}, {"ttft_s": 5.0, "tpot_s": 0.5, "priority": 1.0})
         assert eng.max_model_len > 0
-    hm.add_paced("p", pace_engine(None, {"kind": "pace", "pace_s_per_token": 0.0}))
-    assert set(hm.multi.engines) == {"a", "b"} and hm.names() == ["a", "b", "p"]
+    paced = {"kind": "pace", "pace_s_per_token": 0.0}
+    hm.prepare(None, paced)
+    hm.host("p", None, paced, None)
+    assert set(hm.kinds["llm"].engines) == {"a", "b"} and hm.names() == ["a", "b", "p"]
 
     prompt = [5, 9, 13, 17]
     for name in ("a", "b", "p"):
@@ -52,7 +55,7 @@ def test_models_share_one_pooled_engine(make_tiny):
     for name, path in paths.items():  # interleaved with the other model, token for token what it makes alone
         want = _alone(path, prompt)
         assert done[f"{name}0"] == done[f"{name}1"] == want
-    mm = hm.multi
+    mm = hm.kinds["llm"]
     assert all(n > 0 for n in mm.steps_per_model.values())
     assert mm.pool.weight_capacity == 2 * MiB and mm.switches > 0 and mm.pool.stats.evictions > 0
     st = hm.pool_state()
@@ -67,8 +70,8 @@ def test_models_share_one_pooled_engine(make_tiny):
 
     hm.add_request("a", "late", prompt, GREEDY)
     hm.unload("a")
-    assert "a" not in hm and set(hm.multi.engines) == {"b"}
+    assert "a" not in hm and set(hm.kinds["llm"].engines) == {"b"}
     hm.unload("b")
     hm.unload("p")
-    assert hm.multi is None and hm.names() == [] and not hm.busy()
+    assert hm.kinds == {} and hm.names() == [] and not hm.busy()
     assert not (Path("/dev/shm") / f"tokenpool-{ns}").exists()  # the host copies are gone with the last holder
