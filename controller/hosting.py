@@ -25,7 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # token_scheduler imports torch: only when a model with weights is hosted
+from controller.config import EngineOptions
+
+if TYPE_CHECKING:  # token_scheduler's engines import torch: only when a model with weights is hosted
+    from token_scheduler.policies.slo import ModelSLO
     from token_scheduler.request import RequestOutput, SamplingParams
 
 GiB = 1 << 30
@@ -61,33 +64,25 @@ def default_kv_gb(device: str, budget: int) -> float:
     return min(16.0, max(1.0, 0.1 * budget / 1e9))
 
 
-def engine_config(path: str | None, opts: dict[str, Any], device: str):
-    """token_scheduler.EngineConfig from the controller's EngineOptions (as a dict)."""
+def engine_config(path: str | None, opts: EngineOptions, device: str):
+    """token_scheduler.EngineConfig from the controller's EngineOptions (kind "llm")."""
     from token_scheduler import EngineConfig
 
-    dtype = opts.get("dtype") or "auto"
-    if dtype == "auto":
-        dtype = "fp32" if device == "cpu" else "bf16"
-    kw = {k: opts[k] for k in ("block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
-                               "max_model_len", "kv_cache_memory_gb", "cuda_graphs", "seed")
-          if opts.get(k) is not None}
-    return EngineConfig(model=path, device=device, dtype=dtype, **kw)
+    dtype = opts.dtype if opts.dtype != "auto" else "fp32" if device == "cpu" else "bf16"
+    unset_is_engines = dict(block_size=opts.block_size, num_kv_blocks=opts.num_kv_blocks,
+                            max_num_batched_tokens=opts.max_num_batched_tokens, max_model_len=opts.max_model_len,
+                            kv_cache_memory_gb=opts.kv_cache_memory_gb, cuda_graphs=opts.cuda_graphs)
+    return EngineConfig(model=path, device=device, dtype=dtype, max_num_seqs=opts.max_num_seqs, seed=opts.seed,
+                        **{k: v for k, v in unset_is_engines.items() if v is not None})
 
 
-def pace_config(path: str | None, opts: dict[str, Any], device: str):
-    """token_scheduler.pace.PaceConfig from the controller's EngineOptions (as a dict)."""
+def pace_config(path: str | None, opts: EngineOptions, device: str):
+    """token_scheduler.pace.PaceConfig from the controller's EngineOptions (kind "pace")."""
     from token_scheduler.pace import PaceConfig
 
-    return PaceConfig(path, s_per_token=opts.get("pace_s_per_token", 0.02),
-                      prefill_s_per_token=opts.get("pace_prefill_s_per_token", 0.0),
-                      max_num_seqs=opts.get("max_num_seqs", 64), max_model_len=opts.get("max_model_len") or 4096,
-                      stamp=opts.get("pace_stamp", False))
-
-
-def model_slo(slo: dict[str, float] | None):
-    from token_scheduler.policies import ModelSLO
-
-    return ModelSLO(**slo) if slo else ModelSLO()
+    return PaceConfig(path, s_per_token=opts.pace_s_per_token, prefill_s_per_token=opts.pace_prefill_s_per_token,
+                      max_num_seqs=opts.max_num_seqs, max_model_len=opts.max_model_len or PaceConfig.max_model_len,
+                      stamp=opts.pace_stamp)
 
 
 def _pooled(hm: HostedModels):
@@ -114,7 +109,7 @@ class EngineKind:
     """How a worker hosts one kind of engine (EngineOptions.kind)."""
 
     make: Callable[[HostedModels], Any]  # the kind's multi-model engine (MultiModelEngine's surface)
-    config: Callable[[str | None, dict[str, Any], str], Any]  # one model's config for it: (path, options, device)
+    config: Callable[[str | None, EngineOptions, str], Any]  # one model's config for it: (path, options, device)
     prepare: Callable[[Any, Any], None]  # (engine, config), off the step thread: what registering reads
 
 
@@ -173,21 +168,20 @@ class HostedModels:
         return self.kinds[kind]
 
     # --- models ---
-    def prepare(self, path: str | None, opts: dict[str, Any]) -> None:
+    def prepare(self, path: str | None, opts: EngineOptions) -> None:
         """Read what registering the model needs (its host copy, its tokenizer) off the step thread, so
         registering it does not hold the other models' steps. Thread-safe: the host cache has its own lock; a
         kind's engine is only made here when it does not exist yet (nothing steps it then)."""
-        kind = opts.get("kind", "llm")
-        KINDS[kind].prepare(self._engine(kind), KINDS[kind].config(path, opts, self.device))
+        kind = KINDS[opts.kind]
+        kind.prepare(self._engine(opts.kind), kind.config(path, opts, self.device))
 
-    def host(self, name: str, path: str | None, opts: dict[str, Any], slo: dict[str, float] | None):
+    def host(self, name: str, path: str | None, opts: EngineOptions, slo: ModelSLO | None):
         """Register a model in its kind's engine (step thread, between steps). A model with weights has its host
         copy loaded (or attached, when another worker of the node has it); no VRAM is taken until the policy
         plans a step of it."""
-        kind = opts.get("kind", "llm")
-        mm = self._engine(kind)
-        mm.add_model(name, KINDS[kind].config(path, opts, self.device), model_slo(slo))
-        self._kind[name] = kind
+        mm = self._engine(opts.kind)
+        mm.add_model(name, KINDS[opts.kind].config(path, opts, self.device), slo)
+        self._kind[name] = opts.kind
         self.engines[name] = eng = mm.engines[name]
         return eng
 

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from controller import messages as m
-from controller.config import GPUSettings, WorkerSettings
+from controller.config import EngineOptions, GPUSettings, WorkerSettings
 from controller.keys import verify_key
+from token_scheduler.policies.slo import ModelSLO
+from token_scheduler.request import SamplingParams
 from tokenpool import env
 
 log = logging.getLogger("tokenpool.pool")
@@ -58,7 +60,7 @@ class Sub:
     model: str
     index: int
     prompt_ids: list[int]
-    params: dict[str, Any]
+    params: SamplingParams
     max_tokens: int
     sink: asyncio.Queue
     generated: int = 0
@@ -310,8 +312,8 @@ class EnginePool:
         self._on_dead(e, orphans)
 
     # --- commands ---
-    def load(self, e: EngineHandle, model: str, path: str | None, engine_opts: dict[str, Any],
-             slo: dict[str, float] | None = None, pinned: bool = False, keep_alive_s: float | None = None,
+    def load(self, e: EngineHandle, model: str, path: str | None, engine_opts: EngineOptions,
+             slo: ModelSLO | None = None, pinned: bool = False, keep_alive_s: float | None = None,
              preload: bool = False) -> Replica:
         r = e.replicas.get(model)
         if r is None:

@@ -30,12 +30,6 @@ from tokenpool import env
 log = logging.getLogger("tokenpool.worker")
 
 
-def sampling_params(d: dict[str, Any]):
-    from token_scheduler.request import SamplingParams
-
-    return SamplingParams(**d)
-
-
 def to_delta(out, num_prompt_tokens: int) -> m.Delta:
     c = out.outputs[0]
     lps = None
@@ -51,7 +45,7 @@ def to_delta(out, num_prompt_tokens: int) -> m.Delta:
 
 def _seqs(eng, msg: m.LoadModel) -> int:
     n = getattr(eng, "max_num_seqs", None) or getattr(getattr(eng, "config", None), "max_num_seqs", None)
-    return int(n or msg.engine.get("max_num_seqs") or 0)
+    return int(n or msg.engine.max_num_seqs)
 
 
 def device_memory(device: str) -> tuple[int, int]:
@@ -232,8 +226,7 @@ class Worker:
                                           error=f"model {msg.model} is not loaded here", error_kind="engine"))
                     continue
                 try:
-                    self.models.add_request(msg.model, msg.request_id, msg.prompt_token_ids,
-                                            sampling_params(msg.params))
+                    self.models.add_request(msg.model, msg.request_id, msg.prompt_token_ids, msg.params)
                 except (ValueError, TypeError) as e:
                     errors.append(m.Delta(msg.request_id, finished=True, finish_reason="error", error=str(e),
                                           error_kind="invalid"))

@@ -6,8 +6,10 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+from controller.config import EngineOptions
 from controller.hosting import HostedModels, PoolSettings
 from token_scheduler.engine import EngineConfig, LLMEngine
+from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -34,10 +36,10 @@ def test_models_share_one_pooled_engine(make_tiny):
     hm = HostedModels("cpu", PoolSettings(budget_bytes=4 * MiB, kv_cache_gb=64 * 16 * 512 / 1e9, namespace=ns))
     assert hm.weight_capacity == 4 * MiB - int(64 * 16 * 512)  # before the engine exists: an estimate
     for name, path in paths.items():
-        hm.prepare(str(path), {})  # the host copy, off the step thread
-        eng = hm.host(name, str(path), {"max_num_seqs": 4}, {"ttft_s": 5.0, "tpot_s": 0.5, "priority": 1.0})
+        hm.prepare(str(path), EngineOptions())  # the host copy, off the step thread
+        eng = hm.host(name, str(path), EngineOptions(max_num_seqs=4), ModelSLO(ttft_s=5.0, tpot_s=0.5))
         assert eng.max_model_len > 0
-    paced = {"kind": "pace", "pace_s_per_token": 0.0}
+    paced = EngineOptions(kind="pace", pace_s_per_token=0.0)
     hm.prepare(None, paced)
     hm.host("p", None, paced, None)
     assert set(hm.kinds["llm"].engines) == {"a", "b"} and hm.names() == ["a", "b", "p"]

@@ -27,8 +27,8 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None
     gpu_memory_utilization: float = 0.85
     num_host_kv_blocks: int | None = None  # swap space; default: as many as GPU blocks
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = SchedulerConfig.max_num_seqs  # the batching defaults are the scheduler's
+    max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens
     max_model_len: int | None = None
     seed: int = 0
     cuda_graphs: bool = True
