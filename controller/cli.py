@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from tokenpool import env
+
 app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by token.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (GPU figures go to bench/results/).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -100,7 +102,7 @@ def serve_cmd(
 def ps_cmd(
     url: str = typer.Option("http://127.0.0.1:8000", help="the server's base URL"),
     admin_token: Optional[str] = typer.Option(
-        None, envvar="TOKENPOOL_ADMIN_TOKEN", help="admin token (env TOKENPOOL_ADMIN_TOKEN; default: the token file "
+        None, envvar=env.ADMIN_TOKEN.name, help="admin token (env TOKENPOOL_ADMIN_TOKEN; default: the token file "
         "a local server without admin_token_hash writes at start)"),
 ) -> None:
     """Which models a running server has, where they are resident (engine, device), their size and last use."""
@@ -259,7 +261,7 @@ def bench_serve_cmd(
     seed: int = typer.Option(0),
     drain: float = typer.Option(60.0, help="seconds after the last arrival before unfinished requests miss"),
     url: Optional[str] = typer.Option(None, help="measure this running server (its models) instead of starting one"),
-    admin_token: Optional[str] = typer.Option(None, envvar="TOKENPOOL_ADMIN_TOKEN",
+    admin_token: Optional[str] = typer.Option(None, envvar=env.ADMIN_TOKEN.name,
                                               help="--url: its admin token, to read its engines' step counters"),
     target: float = typer.Option(0.9, help="SLO attainment a rate must keep to count as sustained"),
     stop_at_miss: bool = typer.Option(False, help="skip a policy's remaining rates once it misses --target"),
@@ -288,7 +290,7 @@ def loadtest_cmd(
     duration: float = typer.Option(10.0, min=0.1, help="seconds"),
     model: Optional[str] = typer.Option(None, help="default: the first model /v1/models lists"),
     max_tokens: int = typer.Option(64, min=1, help="per request; each stream asks again when one ends"),
-    api_key: Optional[str] = typer.Option(None, envvar="TOKENPOOL_API_KEY", help="tenant key (env TOKENPOOL_API_KEY)"),
+    api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key (env TOKENPOOL_API_KEY)"),
     json_out: Optional[Path] = typer.Option(None, "--json"),
 ) -> None:
     """Drive a running server with concurrent streaming requests and report latencies (exit 1 if no token came)."""
@@ -315,7 +317,6 @@ def operator_cmd(
     Reads TOKENPOOL_CONTROLLER_URL and TOKENPOOL_ADMIN_TOKEN (or TOKENPOOL_ADMIN_TOKEN_FILE); Kubernetes access
     from the pod's service account, else KUBECONFIG."""
     import logging
-    import os
 
     try:
         import kopf
@@ -333,7 +334,7 @@ def operator_cmd(
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if all_namespaces and namespace:
         raise typer.BadParameter("give --namespace or --all-namespaces, not both")
-    namespaces = [] if all_namespaces else (namespace or [n for n in [os.environ.get("POD_NAMESPACE")] if n])
+    namespaces = [] if all_namespaces else (namespace or [n for n in [env.POD_NAMESPACE.get()] if n])
     kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces, liveness_endpoint=liveness)
 
 

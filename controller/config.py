@@ -1,11 +1,10 @@
 """The server's one configuration object: a YAML file validated by pydantic, built once at start-up.
 
-Environment variables are read here and nowhere else (TOKENPOOL_CACHE).
+Environment variables are read in tokenpool/env.py and nowhere else.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -14,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from controller.keys import is_key_hash
+from tokenpool import env
 
 MAX_GB = 1e6  # sizes in GB are bounded so byte counts stay finite integers (1e308 GB is a 500, not a model)
 
@@ -39,12 +39,16 @@ class Replicas(_Strict):
 
 
 class EngineOptions(_Strict):
-    """Passed to the engine a worker builds for one model (token_scheduler.EngineConfig, or PaceEngine)."""
+    """Passed to the engine a worker builds for one model (kind "llm": token_scheduler.EngineConfig; "pace":
+    token_scheduler.pace.PaceConfig)."""
 
     kind: Literal["llm", "pace"] = "llm"
     dtype: str = "auto"
     block_size: int | None = None
     num_kv_blocks: int | None = None
+    # A served model's slots: the per-replica capacity the autoscaler scales on (in flight / max_num_seqs) and the
+    # router's queueing point. The engine library's own default (token_scheduler.scheduler.SchedulerConfig) is
+    # for one model alone; the served one is written only here.
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
@@ -55,6 +59,11 @@ class EngineOptions(_Strict):
     pace_s_per_token: float = Field(0.02, ge=0)
     pace_prefill_s_per_token: float = Field(0.0, ge=0)
     pace_stamp: bool = False  # token text = emission wall-clock time (API-overhead benchmark)
+
+    @property
+    def first_step_s(self) -> float:
+        """The step time the controller assumes until the engine's stats measure it: a paced model's own."""
+        return self.pace_s_per_token if self.kind == "pace" else 0.05
 
 
 MODEL_NAME = r"^[A-Za-z0-9._:/-]+$"
@@ -234,7 +243,7 @@ class ServerConfig(_Strict):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("TOKENPOOL_CACHE") or Path.home() / ".cache" / "tokenpool" / "models")
+    return Path(env.CACHE.get() or Path.home() / ".cache" / "tokenpool" / "models")
 
 
 def load_config(path: Path | None) -> ServerConfig:

@@ -2,7 +2,9 @@
 
 Frame: 4-byte big-endian length, then a JSON object ``{"msg": <class name>, ...fields}``. It runs over TCP, so a
 worker may live on another host. New requests carry their full data; running ones only what changed (deltas).
-Direction: W->C = worker to controller, C->W = controller to worker.
+Direction: W->C = worker to controller, C->W = controller to worker. Options travel typed: a request's
+`SamplingParams`, a model's `EngineOptions` and `ModelSLO` go as the fields that differ from their defaults and
+come back as the same types (`_TYPED`), so the worker never reads a dict of options.
 """
 
 from __future__ import annotations
@@ -11,8 +13,13 @@ import asyncio
 import dataclasses
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Union
+
+from controller.config import EngineOptions
+from token_scheduler.policies.slo import ModelSLO
+from token_scheduler.request import SamplingParams
 
 MAX_FRAME = 64 << 20
 _LEN = struct.Struct(">I")
@@ -47,8 +54,8 @@ class Rejected:  # C->W, then the controller closes the connection
 class LoadModel:  # C->W
     model: str
     path: str | None
-    engine: dict[str, Any]  # controller.config.EngineOptions as a dict
-    slo: dict[str, float] | None = None  # token_scheduler.policies.ModelSLO fields (ttft_s, tpot_s, priority)
+    engine: EngineOptions
+    slo: ModelSLO | None = None  # what the worker's multi-model policy weighs the model by
     pinned: bool = False  # keep its weights in VRAM once registered
     keep_alive_s: float | None = None  # evict its weights once idle this long (None: when the memory is needed)
     preload: bool = False  # bring its weights into VRAM at registration, before any request
@@ -80,7 +87,7 @@ class NewRequest:  # C->W
     request_id: str
     model: str
     prompt_token_ids: list[int]
-    params: dict[str, Any]  # token_scheduler.SamplingParams fields
+    params: SamplingParams
 
 
 @dataclass
@@ -167,12 +174,31 @@ def _delta_values(d: Delta) -> list[Any]:
     return v
 
 
+def _changed(obj: Any) -> dict[str, Any]:
+    """A dataclass's fields that differ from a default instance's: the wire stays as short as the dict was."""
+    base = _BASE[type(obj)]
+    return {k: v for k, v in ((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)) if v != base[k]}
+
+
+_BASE = {t: {f.name: getattr(t(), f.name) for f in dataclasses.fields(t)} for t in (SamplingParams, ModelSLO)}
+# (message, field) -> (to the wire, from it) for the typed options; every other field is plain JSON
+_TYPED: dict[tuple[type, str], tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
+    (NewRequest, "params"): (_changed, lambda d: SamplingParams(**d)),
+    (LoadModel, "slo"): (_changed, lambda d: ModelSLO(**d)),
+    (LoadModel, "engine"): (lambda o: o.model_dump(exclude_defaults=True), EngineOptions.model_validate),
+}
+
+
 def encode(msg: Message) -> bytes:
-    d = {"msg": type(msg).__name__}
-    if isinstance(msg, Outputs):
+    cls = type(msg)
+    d: dict[str, Any] = {"msg": cls.__name__}
+    if cls is Outputs:
         d["deltas"] = [_delta_values(x) for x in msg.deltas]
     else:
-        d.update(dataclasses.asdict(msg))
+        for f in dataclasses.fields(msg):
+            v = getattr(msg, f.name)
+            codec = _TYPED.get((cls, f.name))
+            d[f.name] = codec[0](v) if codec is not None and v is not None else v
     body = json.dumps(d, separators=(",", ":")).encode()
     return _LEN.pack(len(body)) + body
 
@@ -183,8 +209,12 @@ def decode(body: bytes) -> Message:
         cls = _TYPES[d.pop("msg")]
         if cls is Outputs:
             return Outputs(deltas=[Delta(*x) for x in d["deltas"]])
+        for k, v in d.items():
+            codec = _TYPED.get((cls, k))
+            if codec is not None and v is not None:
+                d[k] = codec[1](v)
         return cls(**d)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:  # pydantic's ValidationError is a ValueError
         raise ProtocolError(f"bad frame: {e}") from e
 
 

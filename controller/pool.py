@@ -23,8 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from controller import messages as m
-from controller.config import GPUSettings, WorkerSettings
+from controller.config import EngineOptions, GPUSettings, WorkerSettings
 from controller.keys import verify_key
+from token_scheduler.policies.slo import ModelSLO
+from token_scheduler.request import SamplingParams
+from tokenpool import env
 
 log = logging.getLogger("tokenpool.pool")
 STEP_FLOOR_S = 1e-3  # no engine step is believed faster than this
@@ -57,7 +60,7 @@ class Sub:
     model: str
     index: int
     prompt_ids: list[int]
-    params: dict[str, Any]
+    params: SamplingParams
     max_tokens: int
     sink: asyncio.Queue
     generated: int = 0
@@ -146,13 +149,13 @@ class EnginePool:
     async def _supervise(self, slot: int, device: str) -> None:
         """Keep one local worker process alive for `slot` (restarting it when it dies)."""
         backoff = 0.2
-        env = dict(os.environ, TOKENPOOL_JOIN_TOKEN=self._local_token,
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        environ = env.environ_with(**{env.JOIN_TOKEN.name: self._local_token, env.PYTHONPATH.name: os.pathsep.join(
+            filter(None, [str(REPO_ROOT), env.PYTHONPATH.get()]))})
         while not self._stopping:
             t0 = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "controller.worker", "--controller", f"127.0.0.1:{self.port}",
-                "--device", device, "--slot", str(slot), env=env, stdin=asyncio.subprocess.DEVNULL,
+                "--device", device, "--slot", str(slot), env=environ, stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True)  # a Ctrl-C for the server is not the worker's: stop() ends it
             self._procs[slot] = proc
             rc = await proc.wait()
@@ -309,8 +312,8 @@ class EnginePool:
         self._on_dead(e, orphans)
 
     # --- commands ---
-    def load(self, e: EngineHandle, model: str, path: str | None, engine_opts: dict[str, Any],
-             slo: dict[str, float] | None = None, pinned: bool = False, keep_alive_s: float | None = None,
+    def load(self, e: EngineHandle, model: str, path: str | None, engine_opts: EngineOptions,
+             slo: ModelSLO | None = None, pinned: bool = False, keep_alive_s: float | None = None,
              preload: bool = False) -> Replica:
         r = e.replicas.get(model)
         if r is None:

@@ -30,6 +30,8 @@ from controller.metrics import Metrics
 from controller.pool import EngineHandle, EnginePool, Replica, Sub, local_devices
 from controller.router import EngineView, ModelInfo, ReplicaView, place, route
 from controller.tenants import Tenant, TenantRegistry
+from token_scheduler.policies.slo import ModelSLO
+from token_scheduler.request import SamplingParams
 
 log = logging.getLogger("tokenpool.controller")
 LOAD_TIMEOUT_S = 600.0
@@ -50,7 +52,7 @@ class ModelEntry:
 
     @property
     def default_step_s(self) -> float:
-        return self.spec.engine.pace_s_per_token if self.spec.engine.kind == "pace" else 0.05
+        return self.spec.engine.first_step_s
 
     def attainment(self) -> float | None:
         return sum(self.outcomes) / len(self.outcomes) if len(self.outcomes) >= 10 else None
@@ -163,7 +165,7 @@ class Controller:
 
     # --- models ---
     async def add_model(self, spec: ModelSpec) -> ModelEntry:
-        from load_tests.pace_engine import load_tokenizer
+        from token_scheduler.tokenizer import load_tokenizer
 
         if spec.name in self.models:
             raise ServingError(400, f"model {spec.name!r} is already registered", param="name")
@@ -215,7 +217,7 @@ class Controller:
     def new_id(self, kind: str) -> str:
         return f"{kind}-{self._prefix}{next(self._ids):x}"
 
-    async def generate(self, entry: ModelEntry, tenant: Tenant, prompts: list[list[int]], params: dict[str, Any],
+    async def generate(self, entry: ModelEntry, tenant: Tenant, prompts: list[list[int]], params: SamplingParams,
                        n: int, request_id: str) -> Generation:
         """Admit and place the n * len(prompts) engine requests of one API request (ServingError if refused)."""
         ctx = entry.max_model_len
@@ -227,7 +229,7 @@ class Controller:
                                    f"{f' {i}' if len(prompts) > 1 else ''} has {len(ids)} tokens.",
                                    param="messages" if request_id.startswith("chat") else "prompt",
                                    code="context_length_exceeded")
-            mt = params.get("max_tokens")
+            mt = params.max_tokens
             if mt is not None and mt > room:
                 raise ServingError(400, f"This model's maximum context length is {ctx} tokens. However, you "
                                    f"requested {len(ids) + mt} tokens ({len(ids)} in the prompt, {mt} for the "
@@ -246,9 +248,7 @@ class Controller:
         try:
             for p, ids in enumerate(prompts):
                 for i in range(n):
-                    sp = dict(params, n=1)
-                    if sp.get("seed") is not None:
-                        sp["seed"] = sp["seed"] + i
+                    sp = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
                     sub = Sub(f"{request_id}-{p * n + i}", entry.spec.name, p * n + i, ids, sp, budgets[p], gen.sink)
                     gen.subs.append(sub)
                     await self._place(sub, entry, slo, tenant.spec.priority, admission=True)
@@ -375,8 +375,8 @@ class Controller:
         log.info("registering %s on %s", entry.spec.name, e.id)
         spec = entry.spec
         # the worker's multi-model policy weighs models by SLO; priority as a weight, as admission scales slack
-        slo = {"ttft_s": spec.slo.ttft_s, "tpot_s": spec.slo.tpot_s, "priority": 2.0 ** max(-2, min(2, spec.priority))}
-        return self.pool.load(e, spec.name, spec.path, spec.engine.model_dump(), slo, pinned=entry.pinned,
+        slo = ModelSLO(spec.slo.ttft_s, spec.slo.tpot_s, priority=2.0 ** max(-2, min(2, spec.priority)))
+        return self.pool.load(e, spec.name, spec.path, spec.engine, slo, pinned=entry.pinned,
                               keep_alive_s=spec.keep_alive, preload=spec.preload)
 
     def set_pinned(self, name: str, pinned: bool) -> None:

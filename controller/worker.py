@@ -24,15 +24,10 @@ from typing import Any
 
 from controller import messages as m
 from controller.heap import collect_all, freeze_long_lived
-from controller.hosting import HostedModels, PoolSettings, pace_engine
+from controller.hosting import HostedModels, PoolSettings
+from tokenpool import env
 
 log = logging.getLogger("tokenpool.worker")
-
-
-def sampling_params(d: dict[str, Any]):
-    from token_scheduler.request import SamplingParams
-
-    return SamplingParams(**d)
 
 
 def to_delta(out, num_prompt_tokens: int) -> m.Delta:
@@ -50,7 +45,7 @@ def to_delta(out, num_prompt_tokens: int) -> m.Delta:
 
 def _seqs(eng, msg: m.LoadModel) -> int:
     n = getattr(eng, "max_num_seqs", None) or getattr(getattr(eng, "config", None), "max_num_seqs", None)
-    return int(n or msg.engine.get("max_num_seqs") or 0)
+    return int(n or msg.engine.max_num_seqs)
 
 
 def device_memory(device: str) -> tuple[int, int]:
@@ -180,11 +175,9 @@ class Worker:
         try:
             if msg.model in self.models:
                 eng = self.models.engines[msg.model]
-            elif msg.engine.get("kind") == "pace":
-                eng = await loop.run_in_executor(self._load_pool, pace_engine, msg.path, msg.engine)
-                self.models.add_paced(msg.model, eng)
-            else:  # into the multi-model engine, between steps (see controller/hosting.py)
-                # the host copy is read here, beside the steps; registering it on the step thread is quick
+            else:  # into its kind's multi-model engine, between steps (see controller/hosting.py)
+                # what it needs (host copy, tokenizer) is read here, beside the steps; registering it on the step
+                # thread is quick
                 await loop.run_in_executor(self._load_pool, self.models.prepare, msg.path, msg.engine)
                 fut = loop.create_future()
                 self._hosting.append((msg, fut))
@@ -233,8 +226,7 @@ class Worker:
                                           error=f"model {msg.model} is not loaded here", error_kind="engine"))
                     continue
                 try:
-                    self.models.add_request(msg.model, msg.request_id, msg.prompt_token_ids,
-                                            sampling_params(msg.params))
+                    self.models.add_request(msg.model, msg.request_id, msg.prompt_token_ids, msg.params)
                 except (ValueError, TypeError) as e:
                     errors.append(m.Delta(msg.request_id, finished=True, finish_reason="error", error=str(e),
                                           error_kind="invalid"))
@@ -352,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--controller", required=True, help="HOST:PORT of the controller's worker listener")
     ap.add_argument("--device", default="cpu", help="cpu | cuda:N")
     ap.add_argument("--slot", type=int, default=None, help=argparse.SUPPRESS)  # set by the local supervisor
-    ap.add_argument("--join-token", default=os.environ.get("TOKENPOOL_JOIN_TOKEN"),
+    ap.add_argument("--join-token", default=env.JOIN_TOKEN.get(),
                     help="the controller's worker join token, if it has one (default: $TOKENPOOL_JOIN_TOKEN)")
     ap.add_argument("--gpu-budget-gb", type=float, default=None,
                     help="this worker's arena (weights + KV) in GB, overriding the controller's gpus.budget_gb")

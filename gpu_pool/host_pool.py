@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from tokenpool import env
+
 # cudaHostRegisterPortable: pinned for every CUDA context of the process, not only the current device's;
 # costs nothing and keeps a region usable by an engine that drives more than one GPU (the bench does).
 CUDA_HOST_REGISTER_PORTABLE = 1
@@ -48,7 +50,7 @@ _libc.madvise.restype = ctypes.c_int
 
 def default_shm_dir() -> Path:
     """Where shared regions live. TOKENPOOL_SHM_DIR overrides /dev/shm (e.g. a bigger hugetlbfs/tmpfs)."""
-    return Path(os.environ.get("TOKENPOOL_SHM_DIR", "/dev/shm"))
+    return Path(env.SHM_DIR.get())
 
 
 def cuda_pinning_available() -> bool:

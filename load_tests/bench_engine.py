@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from load_tests.bench_common import hbm_bandwidth, header, write_json
+from model_swapper.model_config import parse_dtype
 from token_scheduler import LLMEngine, SamplingParams
 from token_scheduler.engine import EngineConfig
-from token_scheduler.model.config import parse_dtype
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 

@@ -189,7 +189,7 @@ def run_serve(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durat
     import tempfile
 
     from controller.keys import hash_key
-    from controller.testing import LiveServer
+    from load_tests.live_server import LiveServer
     from model_swapper.host_cache import HostModelCache
 
     rates = parse_rates(rate)
@@ -260,7 +260,7 @@ def _vocab(d: Path) -> int:
     prompt ids against the tokenizer)."""
     from transformers import AutoTokenizer
 
-    from token_scheduler.model.config import ModelConfig
+    from model_swapper.model_config import ModelConfig
 
     return min(ModelConfig.from_pretrained(d).vocab_size, len(AutoTokenizer.from_pretrained(str(d))))
 

@@ -28,10 +28,10 @@ from load_tests.bench_common import header, write_json
 from model_swapper.host_cache import HostModel, HostModelCache, fill_region
 from model_swapper.kv_swap import HostKVPool, KVSwapper
 from model_swapper.layout import ModelLayout
+from model_swapper.model_config import ModelConfig
 from model_swapper.prefetch import WINDOW, Prefetcher
 from model_swapper.swapper import Swapper
-from token_scheduler.model.config import ModelConfig
-from token_scheduler.model.weights import safetensors_files
+from model_swapper.weights import safetensors_files
 
 GB = 1e9
 DTYPE = torch.bfloat16

@@ -109,7 +109,7 @@ def _graph_us(fn, reps: int) -> float:
 
 
 def gemv(model: str) -> None:
-    from token_scheduler.model.config import ModelConfig
+    from model_swapper.model_config import ModelConfig
 
     cfg = ModelConfig.from_pretrained(model)
     h, i, q, k = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
@@ -125,8 +125,8 @@ def gemv(model: str) -> None:
 def gemv_triton(model: str) -> None:
     """Batch-1 projections: cuBLAS F.linear (plus the elementwise kernels the GEMV folds in) vs the Triton GEMV
     over a sweep of block configs. Weights rotate over copies totalling >= 400 MB so L2 (50 MB) holds none."""
+    from model_swapper.model_config import ModelConfig
     from token_scheduler.model import triton_ops as k
-    from token_scheduler.model.config import ModelConfig
     from token_scheduler.model.triton_gemv import MODE_NORM, MODE_PLAIN, MODE_SILU, gemv
 
     cfg = ModelConfig.from_pretrained(model)

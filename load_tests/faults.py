@@ -129,7 +129,7 @@ def target(url: str | None = None, admin: str | None = None, key: str | None = N
             raise SystemExit(f"refusing to drive {url}: loopback only")
         yield Target(url.rstrip("/"), admin, key, model, pid)
         return
-    from controller.testing import LiveServer
+    from load_tests.live_server import LiveServer
 
     ready = config is None or config.get("workers", {}).get("local") != "none"
     shm_root = Path("/dev/shm") if Path("/dev/shm").is_dir() else None

@@ -390,7 +390,7 @@ def bench_api_overhead(streams: list[int] | int = (100, 1000), duration: float =
                        rps_concurrency: int = 64, rps_duration: float = 10.0, out: Path | None = None,
                        client: str = "raw") -> dict:
     """The API-overhead figure: a PaceEngine server on loopback, stream phases at each load, then 1-token req/s."""
-    from controller.testing import LiveServer
+    from load_tests.live_server import LiveServer
 
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"tokenpool-loadtest-{os.getpid()}"
     cfg = {"workers": {"local": "cpu"}, "metrics_public": True,

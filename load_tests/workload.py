@@ -98,8 +98,8 @@ def read_jsonl(path: str | Path) -> list[WorkItem]:
 def spec_for(arch: str, size: str, name: str | None = None):
     """The cost model's ModelSpec of a real-size model (bf16), from the model factory's shapes."""
     from controller.model_factory import model_config
+    from model_swapper.model_config import ModelConfig
     from token_scheduler.cost_model import ModelSpec
-    from token_scheduler.model.config import ModelConfig
 
     cfg = ModelConfig.from_hf(model_config(arch, size))
     return ModelSpec.from_config(name or f"{arch}-{size}", cfg)

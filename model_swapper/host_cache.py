@@ -32,8 +32,8 @@ from gpu_pool.host_pool import PinnedRegion, default_shm_dir, io_threads
 from model_swapper.cache_index import CacheIndex, holder_alive, new_holder_id
 from model_swapper.layout import ModelLayout
 from model_swapper.loader import Progress, load_into_region
-from token_scheduler.model.config import ModelConfig
-from token_scheduler.model.weights import safetensors_files
+from model_swapper.model_config import ModelConfig
+from model_swapper.weights import safetensors_files
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from token_scheduler.model.config import ModelConfig
-from token_scheduler.model.weights import WeightSpec, weight_specs
+from model_swapper.model_config import ModelConfig
+from model_swapper.weights import WeightSpec, weight_specs
 
 TENSOR_ALIGN = 256  # every tensor starts on a 256 B boundary: aligned for any dtype and for vector loads
 

@@ -24,7 +24,7 @@ import torch
 
 from gpu_pool.host_pool import io_threads
 from model_swapper.layout import ModelLayout
-from token_scheduler.model.weights import safetensors_files
+from model_swapper.weights import safetensors_files
 
 PIECE = 64 << 20
 

@@ -17,7 +17,7 @@ import pytest
 from controller.dashboard.stream import PING, RETRY, Frames, Ticker, event_stream, snapshot_frame
 from controller.events import EventBus
 from controller.keys import hash_key
-from controller.testing import LiveServer
+from load_tests.live_server import LiveServer
 
 ADMIN = "admin-events-token"
 H = {"Authorization": f"Bearer {ADMIN}"}

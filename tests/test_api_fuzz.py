@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, settings
 from controller.app import build_app
 from controller.config import ServerConfig
 from controller.keys import hash_key
-from controller.testing import LiveServer
+from load_tests.live_server import LiveServer
 
 schemathesis = pytest.importorskip("schemathesis")
 

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.keys import hash_key
-from controller.testing import LiveServer
+from load_tests.live_server import LiveServer
 
 ADMIN = "admin-test-token"
 METRICS = "metrics-scrape-token"

@@ -1,28 +1,19 @@
-"""Imports go one way: gpu_pool -> model_swapper -> token_scheduler -> controller, and the tools (load_tests:
+"""Imports go one way: tokenpool (what all share: env) -> gpu_pool -> model_swapper -> token_scheduler -> controller, and the tools (load_tests:
 benchmarks, workloads, load tests) above the product. The command line (controller/cli*.py) is the entry point
-and may reach the tools. Every import counts, those inside functions too.
-
-KNOWN lists the upward imports that exist today (issue 17 removes them); a new one, or a new import cycle
-between packages, fails here. When one of KNOWN is removed, remove it from the list too (the test says so).
+and may reach the tools. Every import counts, those inside functions too: an upward import, or an import
+cycle between packages, fails here. The shared description of a model (model_swapper/model_config.py,
+model_swapper/weights.py) sits at the bottom, so every layer above reads it.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYER = {"gpu_pool": 0, "model_swapper": 1, "token_scheduler": 2, "controller": 3, "load_tests": 4}
+LAYER = {"tokenpool": -1, "gpu_pool": 0, "model_swapper": 1, "token_scheduler": 2, "controller": 3, "load_tests": 4}
 ENTRY = {"controller/cli.py", "controller/cli_suite.py"}  # the command line: may import the tools
-KNOWN = {  # (importing file, imported module): upward imports still to remove (issue 17)
-    ("controller/hosting.py", "load_tests.pace_engine"),
-    ("controller/service.py", "load_tests.pace_engine"),
-    ("model_swapper/host_cache.py", "token_scheduler.model.config"),
-    ("model_swapper/host_cache.py", "token_scheduler.model.weights"),
-    ("model_swapper/layout.py", "token_scheduler.model.config"),
-    ("model_swapper/layout.py", "token_scheduler.model.weights"),
-    ("model_swapper/loader.py", "token_scheduler.model.weights"),
-}
 
 
 def _imports() -> list[tuple[str, str]]:
@@ -49,14 +40,22 @@ def test_imports_go_one_way():
         a, b = _pkg(src), _pkg(mod)
         if a and b and LAYER[b] > LAYER[a] and src not in ENTRY:
             upward.add((src, mod))
-    new = sorted(upward - KNOWN)
-    assert not new, f"imports against the layer order (gpu_pool < model_swapper < token_scheduler < controller < tools): {new}"
-    gone = sorted(KNOWN - upward)
-    assert not gone, f"these upward imports are gone: remove them from KNOWN too: {gone}"
+    assert not upward, ("imports against the layer order (gpu_pool < model_swapper < token_scheduler < controller "
+                        f"< tools): {sorted(upward)}")
 
 
-def test_no_import_cycle_between_packages_beyond_the_known_ones():
+def test_no_import_cycle_between_packages():
     edges = {(_pkg(s), _pkg(m)) for s, m in _imports() if _pkg(s) and _pkg(m) and _pkg(s) != _pkg(m)
-             and s not in ENTRY and (s, m) not in KNOWN}
+             and s not in ENTRY}
     cycles = sorted((a, b) for a, b in edges if (b, a) in edges)
     assert not cycles, f"packages that import each other: {cycles}"
+
+
+def test_environment_variables_are_read_in_one_place():
+    """tokenpool/env.py names each variable, its default and meaning; the product reads them through it (the
+    tools and tests set them for the processes they start, and read what they like)."""
+    read = re.compile(r"os\.environ|getenv|envvar=[\"']")
+    readers = sorted(f.relative_to(ROOT).as_posix() for pkg in LAYER if pkg != "load_tests"
+                     for f in (ROOT / pkg).rglob("*.py")
+                     if f.relative_to(ROOT).as_posix() != "tokenpool/env.py" and read.search(f.read_text()))
+    assert not readers, f"environment read outside tokenpool/env.py: {readers}"

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from controller.config import ModelSpec, ServerConfig, load_config, parse_duration
 from controller.keys import verify_key
 from controller.serve import model_specs, prepare
-from controller.testing import REPO_ROOT, LiveServer
+from load_tests.live_server import REPO_ROOT, LiveServer
 
 EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.yaml"))
 

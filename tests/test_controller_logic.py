@@ -10,10 +10,12 @@ from pydantic import ValidationError
 from controller import messages as m
 from controller.admission import decide, estimate_ttft, expected_tokens
 from controller.autoscaler import Autoscaler, ModelLoad
-from controller.config import AutoscalerSettings, ServerConfig, TenantSpec
+from controller.config import AutoscalerSettings, EngineOptions, ServerConfig, TenantSpec
 from controller.keys import hash_key, is_key_hash, new_key, verify_key
 from controller.router import EngineView, ModelInfo, ReplicaView, estimate_on, initial_placement, place, route
 from controller.tenants import Tenant, TenantRegistry, TokenBucket
+from token_scheduler.policies.slo import ModelSLO
+from token_scheduler.request import SamplingParams
 
 GB = 1 << 30
 
@@ -219,13 +221,18 @@ def test_config_validation():
 # --- wire format ---
 def test_messages_round_trip():
     msgs = [m.Register("h", 1, "cpu", 10, slot=0, join_token="t"), m.Registered("w0", 0.5), m.Heartbeat(1.5),
-            m.NewRequest("r", "m", [1, 2], {"max_tokens": 3}), m.Abort(["r"]),
+            m.NewRequest("r", "m", [1, 2], SamplingParams(max_tokens=3, stop="\n", seed=7)), m.Abort(["r"]),
+            m.LoadModel("m", "/x", EngineOptions(kind="pace", max_num_seqs=8), ModelSLO(1.0, 0.1, 2.0)),
+            m.LoadModel("m", None, EngineOptions()),
             m.Outputs([m.Delta("r", "hi", [5], [[[5, -0.1], [6, -2.0]]], True, "stop", 2)]),
             m.Stats({"m": {"num_running": 1.0}}, 0.01, 3, 4), m.ModelLoaded("m", True, max_model_len=64)]
     for msg in msgs:
         frame = m.encode(msg)
         assert int.from_bytes(frame[:4], "big") == len(frame) - 4
         assert m.decode(frame[4:]) == msg
+    # options go as the fields that differ from the defaults
+    assert m.encode(m.NewRequest("r", "m", [1], SamplingParams(max_tokens=3)))[4:] == (
+        b'{"msg":"NewRequest","request_id":"r","model":"m","prompt_token_ids":[1],"params":{"max_tokens":3}}')
     with pytest.raises(m.ProtocolError):
         m.decode(b'{"msg": "Nope"}')
 

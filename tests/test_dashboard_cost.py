@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from controller.keys import hash_key
-from controller.testing import LiveServer
+from load_tests.live_server import LiveServer
 
 ADMIN = "admin-cost-token"
 H = {"Authorization": f"Bearer {ADMIN}"}

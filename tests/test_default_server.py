@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.config import DEMO_MODELS, REAL_MODEL
-from controller.testing import REPO_ROOT, LiveServer
+from load_tests.live_server import REPO_ROOT, LiveServer
 
 DEMOS = [name for name, _, _ in DEMO_MODELS]
 

@@ -49,7 +49,7 @@ def test_rope_scaling_llama3_matches_hf(make_tiny):
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from token_scheduler.model.config import ModelConfig
+    from model_swapper.model_config import ModelConfig
 
     d = make_tiny("llama")
     hf = AutoConfig.from_pretrained(str(d))

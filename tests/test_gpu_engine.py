@@ -83,9 +83,9 @@ def test_cuda_graph_decode_equals_eager(make_varied):
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
 def test_fused_forward_equals_torch_forward(make_varied, arch):
     """The fused CUDA path must compute the same function as the reference ops (bf16, same device)."""
+    from model_swapper.model_config import ModelConfig
+    from model_swapper.weights import load_weights
     from token_scheduler.model import llama
-    from token_scheduler.model.config import ModelConfig
-    from token_scheduler.model.weights import load_weights
     from token_scheduler.runner import allocate_kv_cache
 
     d = make_varied(arch)
@@ -115,9 +115,9 @@ def test_fused_forward_equals_torch_forward(make_varied, arch):
 def test_one_token_gemv_forward_equals_torch_forward(make_varied, arch, monkeypatch):
     """A one-token step (batch-1 decode) runs the Triton GEMVs with add+RMSNorm and SiLU*mul folded in: same
     hidden state and KV as the reference ops within bf16 rounding, after a 40-token context."""
+    from model_swapper.model_config import ModelConfig
+    from model_swapper.weights import load_weights
     from token_scheduler.model import llama
-    from token_scheduler.model.config import ModelConfig
-    from token_scheduler.model.weights import load_weights
     from token_scheduler.runner import allocate_kv_cache
 
     d = make_varied(arch)
@@ -150,9 +150,9 @@ def test_pdl_graph_replay_is_bit_exact(make_varied, monkeypatch):
     """Programmatic dependent launch changes no arithmetic: a one-token step captured with it in a CUDA graph
     and replayed gives the hidden state and KV of plain eager launches bit for bit, replay after replay (a
     kernel reading before its wait would show as a race)."""
+    from model_swapper.model_config import ModelConfig
+    from model_swapper.weights import load_weights
     from token_scheduler.model import llama, triton_ops
-    from token_scheduler.model.config import ModelConfig
-    from token_scheduler.model.weights import load_weights
     from token_scheduler.runner import allocate_kv_cache
 
     d = make_varied("qwen2")

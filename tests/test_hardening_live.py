@@ -16,7 +16,7 @@ import httpx
 import yaml
 
 from controller.keys import hash_key
-from controller.testing import REPO_ROOT, LiveServer
+from load_tests.live_server import REPO_ROOT, LiveServer
 
 ADMIN = "admin-live-hardening"
 ADM = {"Authorization": f"Bearer {ADMIN}"}

@@ -1,12 +1,15 @@
-"""A worker's models: two tiny real models in one MultiModelEngine (token policy) and a PaceEngine beside it."""
+"""A worker's models: two tiny real models in one MultiModelEngine (token policy) and a paced one beside it,
+hosted through the same calls."""
 
 from __future__ import annotations
 
 import uuid
 from pathlib import Path
 
-from controller.hosting import HostedModels, PoolSettings, pace_engine
+from controller.config import EngineOptions
+from controller.hosting import HostedModels, PoolSettings
 from token_scheduler.engine import EngineConfig, LLMEngine
+from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -33,11 +36,13 @@ def test_models_share_one_pooled_engine(make_tiny):
     hm = HostedModels("cpu", PoolSettings(budget_bytes=4 * MiB, kv_cache_gb=64 * 16 * 512 / 1e9, namespace=ns))
     assert hm.weight_capacity == 4 * MiB - int(64 * 16 * 512)  # before the engine exists: an estimate
     for name, path in paths.items():
-        hm.prepare(str(path), {})  # the host copy, off the step thread
-        eng = hm.host(name, str(path), {"max_num_seqs": 4}, {"ttft_s": 5.0, "tpot_s": 0.5, "priority": 1.0})
+        hm.prepare(str(path), EngineOptions())  # the host copy, off the step thread
+        eng = hm.host(name, str(path), EngineOptions(max_num_seqs=4), ModelSLO(ttft_s=5.0, tpot_s=0.5))
         assert eng.max_model_len > 0
-    hm.add_paced("p", pace_engine(None, {"kind": "pace", "pace_s_per_token": 0.0}))
-    assert set(hm.multi.engines) == {"a", "b"} and hm.names() == ["a", "b", "p"]
+    paced = EngineOptions(kind="pace", pace_s_per_token=0.0)
+    hm.prepare(None, paced)
+    hm.host("p", None, paced, None)
+    assert set(hm.kinds["llm"].engines) == {"a", "b"} and hm.names() == ["a", "b", "p"]
 
     prompt = [5, 9, 13, 17]
     for name in ("a", "b", "p"):
@@ -52,7 +57,7 @@ def test_models_share_one_pooled_engine(make_tiny):
     for name, path in paths.items():  # interleaved with the other model, token for token what it makes alone
         want = _alone(path, prompt)
         assert done[f"{name}0"] == done[f"{name}1"] == want
-    mm = hm.multi
+    mm = hm.kinds["llm"]
     assert all(n > 0 for n in mm.steps_per_model.values())
     assert mm.pool.weight_capacity == 2 * MiB and mm.switches > 0 and mm.pool.stats.evictions > 0
     st = hm.pool_state()
@@ -67,8 +72,8 @@ def test_models_share_one_pooled_engine(make_tiny):
 
     hm.add_request("a", "late", prompt, GREEDY)
     hm.unload("a")
-    assert "a" not in hm and set(hm.multi.engines) == {"b"}
+    assert "a" not in hm and set(hm.kinds["llm"].engines) == {"b"}
     hm.unload("b")
     hm.unload("p")
-    assert hm.multi is None and hm.names() == [] and not hm.busy()
+    assert hm.kinds == {} and hm.names() == [] and not hm.busy()
     assert not (Path("/dev/shm") / f"tokenpool-{ns}").exists()  # the host copies are gone with the last holder

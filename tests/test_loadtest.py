@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from controller.testing import LiveServer
+from load_tests.live_server import LiveServer
 from load_tests.loadtest import rps_phase, stream_phase
 
 

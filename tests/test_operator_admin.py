@@ -12,7 +12,7 @@ import pytest
 from controller.keys import hash_key, new_key
 from controller.operator import builders as b
 from controller.operator.admin import AdminClient, AdminError, AdminUnavailable
-from controller.testing import LiveServer, free_port
+from load_tests.live_server import LiveServer, free_port
 
 ADMIN = new_key("tpadmin")
 
@@ -99,7 +99,7 @@ def test_operator_command_says_what_it_needs(tmp_path):
     import subprocess
     import sys
 
-    from controller.testing import REPO_ROOT
+    from load_tests.live_server import REPO_ROOT
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENPOOL_")}
     env["PYTHONPATH"] = str(REPO_ROOT)

@@ -52,7 +52,7 @@ def test_operator_on_a_cluster(tmp_path, monkeypatch):
     from kubernetes.client.exceptions import ApiException
 
     from controller.keys import hash_key, new_key
-    from controller.testing import LiveServer
+    from load_tests.live_server import LiveServer
 
     config.load_kube_config(config_file=os.environ["KUBECONFIG"].split(os.pathsep)[0])
     api = client.ApiClient()

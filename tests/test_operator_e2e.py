@@ -36,7 +36,7 @@ openai = pytest.importorskip("openai")
 from kopf.testing import KopfRunner  # noqa: E402
 
 from controller.keys import hash_key, new_key  # noqa: E402
-from controller.testing import LiveServer  # noqa: E402
+from load_tests.live_server import LiveServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NS = "tp"

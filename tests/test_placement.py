@@ -124,7 +124,7 @@ def host_cache():
 def _pool(make_tiny, host_cache, align=64 << 10):
     import torch
 
-    from token_scheduler.model.config import ModelConfig
+    from model_swapper.model_config import ModelConfig
     from token_scheduler.residency import ModelPool
 
     pool = ModelPool("cpu", gpu_budget=6 << 20, kv_cache_gb=64 * 16 * 512 / 1e9, host_cache=host_cache, align=align)

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from controller.keys import hash_key
-from controller.testing import LiveServer
+from load_tests.live_server import LiveServer
 
 ADMIN = "admin-pooled-faults"
 MiB = 1 << 20

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from controller.keys import hash_key
-from controller.testing import LiveServer
+from load_tests.live_server import LiveServer
 from token_scheduler import LLM, SamplingParams
 
 ADMIN = "admin-pooled-token"

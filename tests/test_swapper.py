@@ -11,10 +11,10 @@ from gpu_pool.arena import Arena, ArenaFull, ArenaTooSmall
 from gpu_pool.host_pool import default_shm_dir
 from model_swapper.host_cache import HostCacheFull, HostModelCache
 from model_swapper.layout import ModelLayout
+from model_swapper.model_config import ModelConfig
 from model_swapper.prefetch import Prefetcher
 from model_swapper.swapper import SwapHandle, Swapper, split
-from token_scheduler.model.config import ModelConfig
-from token_scheduler.model.weights import load_weights
+from model_swapper.weights import load_weights
 
 
 @pytest.fixture

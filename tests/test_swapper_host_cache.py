@@ -13,8 +13,8 @@ import torch
 from gpu_pool.host_pool import default_shm_dir
 from model_swapper.host_cache import HostCacheFull, HostCacheTooSmall, HostModelCache
 from model_swapper.layout import ModelLayout
-from token_scheduler.model.config import ModelConfig
-from token_scheduler.model.weights import load_weights, weight_specs
+from model_swapper.model_config import ModelConfig
+from model_swapper.weights import load_weights, weight_specs
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from controller.keys import hash_key
-from controller.testing import LiveServer
+from load_tests.live_server import LiveServer
 
 ADMIN = "admin-tenants-token"
 RED, BLUE = "key-red-abcdefghijklmnop", "key-blue-abcdefghijklmnop"

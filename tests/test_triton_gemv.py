@@ -74,8 +74,8 @@ import sys
 import torch
 from token_scheduler.model import llama
 from token_scheduler.model.attention import AttentionMetadata
-from token_scheduler.model.config import ModelConfig
-from token_scheduler.model.weights import load_weights
+from model_swapper.model_config import ModelConfig
+from model_swapper.weights import load_weights
 from token_scheduler.runner import allocate_kv_cache
 d = sys.argv[1]
 cfg = ModelConfig.from_pretrained(d)

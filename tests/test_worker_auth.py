@@ -11,7 +11,7 @@ import time
 import httpx
 
 from controller.keys import hash_key
-from controller.testing import REPO_ROOT, LiveServer, free_port
+from load_tests.live_server import REPO_ROOT, LiveServer, free_port
 
 ADMIN = "admin-worker-auth"
 

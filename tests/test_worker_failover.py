@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from controller.keys import hash_key
-from controller.testing import REPO_ROOT, LiveServer, free_port
+from load_tests.live_server import REPO_ROOT, LiveServer, free_port
 
 ADMIN = "admin-failover-token"
 JOIN = "join-token-for-remote-workers"

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 
 from controller import messages as m
+from controller.config import EngineOptions
 from controller.worker import Worker
+from token_scheduler.request import SamplingParams
 
-PACE = {"kind": "pace", "pace_s_per_token": 0.001, "max_model_len": 64}
+PACE = EngineOptions(kind="pace", pace_s_per_token=0.001, max_model_len=64)
 
 
 class FakeController:
@@ -77,7 +79,7 @@ async def _with_worker(body) -> None:
 
 
 async def _generate(ctl: FakeController, rid: str, model: str) -> m.Delta:
-    ctl.send(m.NewRequest(rid, model, [1, 2, 3], {"max_tokens": 3, "temperature": 0.0}))
+    ctl.send(m.NewRequest(rid, model, [1, 2, 3], SamplingParams(max_tokens=3, temperature=0.0)))
     while True:
         out = await ctl.expect(m.Outputs)
         for d in out.deltas:

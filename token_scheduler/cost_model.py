@@ -49,8 +49,8 @@ class ModelSpec:
 
     @staticmethod
     def from_config(name: str, cfg, dtype_bytes: int = 2) -> ModelSpec:
-        """From a `token_scheduler.model.config.ModelConfig` (weight layout = `weight_numel`)."""
-        from token_scheduler.model.weights import weight_numel
+        """From a `model_swapper.model_config.ModelConfig` (weight layout = `weight_numel`)."""
+        from model_swapper.weights import weight_numel
 
         numel = weight_numel(cfg)
         lookup = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size  # embedding rows, no GEMM

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
+from model_swapper.model_config import ModelConfig, parse_dtype
+from model_swapper.weights import load_weights, weight_numel
 from token_scheduler.block_manager import BlockAllocator
 from token_scheduler.detokenizer import DetokState, IncrementalDetokenizer
-from token_scheduler.model.config import ModelConfig, parse_dtype
-from token_scheduler.model.weights import load_weights, weight_numel
 from token_scheduler.request import CompletionOutput, Request, RequestOutput, RequestStatus, SamplingParams
 from token_scheduler.runner import LaunchedDecode, ModelRunner, allocate_kv_cache
 from token_scheduler.scheduler import BatchScheduler, ScheduledChunk, SchedulerConfig, SchedulerOutput
@@ -27,8 +27,8 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None
     gpu_memory_utilization: float = 0.85
     num_host_kv_blocks: int | None = None  # swap space; default: as many as GPU blocks
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = SchedulerConfig.max_num_seqs  # the batching defaults are the scheduler's
+    max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens
     max_model_len: int | None = None
     seed: int = 0
     cuda_graphs: bool = True

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
+from model_swapper.model_config import ModelConfig
 from token_scheduler.cost_model import H100_PCIE53, CostModel, ModelSpec, StepShape
 from token_scheduler.engine import EngineConfig, LLMEngine
-from token_scheduler.model.config import ModelConfig
 from token_scheduler.policies import make_policy
 from token_scheduler.policies.batching import shape_of
 from token_scheduler.policies.slo import ModelSLO

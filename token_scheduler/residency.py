@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from gpu_pool.placement import kv_pages, placement_victims
+from model_swapper.model_config import ModelConfig
 from token_scheduler.block_manager import BlockAllocator
 from token_scheduler.engine import SharedKV
-from token_scheduler.model.config import ModelConfig
 
 
 def _pow2_floor(n: int) -> int:

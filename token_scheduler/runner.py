@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from model_swapper.model_config import ModelConfig
 from token_scheduler.model import llama
 from token_scheduler.model.attention import AttentionMetadata
-from token_scheduler.model.config import ModelConfig
 from token_scheduler.request import Request
 from token_scheduler.sampler import Sampler, SampleResult
 from token_scheduler.scheduler import SchedulerOutput

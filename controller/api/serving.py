@@ -8,7 +8,6 @@ ServingError for anything the client must hear as an HTTP error. Once a stream h
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import re
@@ -25,6 +24,7 @@ from controller.errors import ServingError
 from controller.messages import Delta
 from controller.service import Controller, Generation, ModelEntry
 from controller.tenants import Tenant
+from token_scheduler.request import SamplingParams
 
 log = logging.getLogger("tokenpool.serving")
 T = TypeVar("T")
@@ -223,9 +223,7 @@ class OpenAIServing:
             raise ServingError(400, "stream_options is only allowed when stream is true", param="stream_options")
 
     @staticmethod
-    def _params(req: p._Sampling, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
-        from token_scheduler.request import SamplingParams
-
+    def _params(req: p._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         kw = dict(n=1, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=req.stop,
                   stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
                   skip_special_tokens=req.skip_special_tokens)
@@ -234,7 +232,7 @@ class OpenAIServing:
             v = getattr(req, f)
             kw[f] = default if v is None else v
         try:
-            return dataclasses.asdict(SamplingParams(**kw))
+            return SamplingParams(**kw)
         except ValueError as e:
             raise ServingError(400, str(e)) from None
 

@@ -22,6 +22,7 @@ from kubernetes.client.exceptions import ApiException
 from controller.operator import GROUP, VERSION
 from controller.operator import builders as b
 from controller.operator.admin import AdminClient, AdminError, AdminUnavailable
+from tokenpool import env
 
 log = logging.getLogger("tokenpool.operator")
 
@@ -35,19 +36,19 @@ class OperatorConfig:
 
     @staticmethod
     def resync_from_env() -> float:
-        return float(os.environ.get("TOKENPOOL_OPERATOR_RESYNC_S", "30"))
+        return float(env.OPERATOR_RESYNC_S.get())
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
         """The one place the operator reads its environment (set by the Deployment from a Secret)."""
-        url = os.environ.get("TOKENPOOL_CONTROLLER_URL", "http://tokenpool-controller:8000")
-        token = os.environ.get("TOKENPOOL_ADMIN_TOKEN")
-        if not token and os.environ.get("TOKENPOOL_ADMIN_TOKEN_FILE"):
-            with open(os.environ["TOKENPOOL_ADMIN_TOKEN_FILE"]) as f:
+        url = env.CONTROLLER_URL.get()
+        token = env.ADMIN_TOKEN.get()
+        if not token and env.ADMIN_TOKEN_FILE.get():
+            with open(env.ADMIN_TOKEN_FILE.get()) as f:
                 token = f.read().strip()
         if not token:
             raise RuntimeError("set TOKENPOOL_ADMIN_TOKEN (or TOKENPOOL_ADMIN_TOKEN_FILE): the controller's admin token")
-        kubeconfig = (os.environ.get("KUBECONFIG") or "").split(os.pathsep)[0] or None
+        kubeconfig = (env.KUBECONFIG.get() or "").split(os.pathsep)[0] or None
         return cls(url, token, cls.resync_from_env(), kubeconfig)
 
 

@@ -8,14 +8,14 @@ transformers (RMSNorm in fp32 then cast, RoPE tables in fp32) so fp32 logits mat
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from model_swapper.model_config import ModelConfig
 from token_scheduler.model.attention import AttentionMetadata, attend, write_kv
-from token_scheduler.model.config import ModelConfig
+from tokenpool import env
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -166,7 +166,7 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
 # add+RMSNorm, SiLU*mul and RoPE+KV write folded in (triton_gemv), 6 kernels per layer instead of 11.
 # TOKENPOOL_GEMV=0: off. On the H100 it took qwen2-1.5b's batch-1 step from 2.01 to 1.68 ms. Without
 # programmatic dependent launch, small models only: a 7B step went from 5.87 to 5.97 ms; with it, 5.76 to 5.56.
-USE_GEMV = os.environ.get("TOKENPOOL_GEMV", "1") != "0"
+USE_GEMV = env.GEMV.on()
 GEMV_MAX_HIDDEN = 2048  # without programmatic dependent launch
 GEMV_ROPE = True  # RoPE+KV write in the qkv GEMV's epilogue (False: the separate kernel; for A/B runs)
 

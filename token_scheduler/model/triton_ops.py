@@ -6,11 +6,12 @@ torch reference does, so results stay bit-identical to the eager ops they replac
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from tokenpool import env
 
 try:  # Triton with grid dependency control (3.6 and 3.9 have it)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -27,7 +28,7 @@ except ImportError:  # pragma: no cover - older Triton: kernels launch plainly
 # batch-1 step 1.65 -> 1.53 ms, 7B 5.88 -> 5.77 ms before the GEMVs were retuned for it). One-token steps only:
 # in batched steps the kernel before ours is often a cuBLAS GEMM, and ours launched early beside it made the 7B
 # batch-32 step slower (6.63 -> 6.98 ms). TOKENPOOL_PDL=0: off.
-USE_PDL = _HAS_GDC and os.environ.get("TOKENPOOL_PDL", "1") != "0"
+USE_PDL = _HAS_GDC and env.PDL.on()
 
 
 @functools.cache

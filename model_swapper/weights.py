@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from token_scheduler.model.config import ModelConfig
+from model_swapper.model_config import ModelConfig
 
 
 @dataclass(frozen=True)

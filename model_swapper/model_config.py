@@ -1,4 +1,5 @@
-"""Model configuration read from a Hugging Face `config.json` (via transformers' config classes)."""
+"""The architecture of a model, read from a Hugging Face `config.json` (via transformers' config classes): the
+shared description every layer reads (the swapper lays weights out by it, the engine runs it)."""
 
 from __future__ import annotations
 

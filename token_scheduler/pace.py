@@ -1,6 +1,7 @@
-"""PaceEngine: the LLMEngine interface, producing tokens at a fixed pace and no model.
+"""The paced engine kind: the LLMEngine interface, producing tokens at a fixed pace and no model.
 
-It lets the serving stack (HTTP API, worker protocol, router) be tested and its overhead measured apart from
+A worker hosts paced models (engine kind "pace") through the same surface as real ones: `PacedModels` is the
+kind's multi-model engine, with `MultiModelEngine`'s methods over one `PaceEngine` per model. It lets the serving stack (HTTP API, worker protocol, router) be tested and its overhead measured apart from
 any model: steps come on a fixed cadence of `s_per_token` (plus `prefill_s_per_token` per newly admitted
 prompt token), each yielding one token for every running request, like a batched decode step. Token ids are
 a pure function of (seed, prompt) when a seed is given or sampling is greedy, so outputs are reproducible.
@@ -13,44 +14,32 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
+from functools import lru_cache
 
+from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import CompletionOutput, RequestOutput, SamplingParams
+from token_scheduler.scheduler import SchedulerConfig
+from token_scheduler.tokenizer import ByteTokenizer, load_tokenizer
 
 
-class ByteTokenizer:
-    """Bytes as tokens (ids 3..258); 0 pad, 1 bos, 2 eos. Enough of the HF tokenizer API for the server."""
+@dataclass(frozen=True)
+class PaceConfig:
+    """One paced model (the engine options of kind "pace")."""
 
-    eos_token_id = 2
-    bos_token_id = 1
-    pad_token_id = 0
-    vocab_size = 259
-    chat_template = "bytes"
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [b + 3 for b in text.encode("utf-8")]
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        return {"input_ids": self.encode(text)}
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", errors="replace")
-
-    def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = True,
-                            **_: object) -> str | list[int]:
-        text = "".join(f"<|{m['role']}|>{m.get('content') or ''}\n" for m in messages)
-        if add_generation_prompt:
-            text += "<|assistant|>"
-        return self.encode(text) if tokenize else text
+    model: str | None = None  # an HF directory for its tokenizer; None: ByteTokenizer
+    s_per_token: float = 0.02  # one decode step
+    prefill_s_per_token: float = 0.0  # added to a step per prompt token it admits
+    max_num_seqs: int = SchedulerConfig.max_num_seqs  # a real engine's default
+    max_model_len: int = 4096
+    stamp: bool = False  # token text = emission wall-clock time (the API-overhead benchmark)
 
 
-def load_tokenizer(path: str | Path | None):
-    """The model directory's HF tokenizer, or ByteTokenizer when there is no directory."""
-    if path is None:
-        return ByteTokenizer()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
+@lru_cache(maxsize=16)
+def tokens_of(model: str | None):
+    """(tokenizer, plain token ids) of a directory: read once per process (the scan of the vocabulary takes
+    seconds for a large one), so registering a paced model on the step thread is quick after `prepare`."""
+    tok = load_tokenizer(model)
+    return tok, _plain_token_ids(tok)
 
 
 def _plain_token_ids(tok, limit: int = 512) -> list[int]:
@@ -84,21 +73,19 @@ class _Req:
 
 
 class PaceEngine:
-    def __init__(self, model: str | Path | None = None, s_per_token: float = 0.02, prefill_s_per_token: float = 0.0,
-                 max_num_seqs: int = 64, max_model_len: int = 4096, block_size: int = 16,
-                 num_kv_blocks: int | None = None, seed: int = 0, tokenizer=None, stamp: bool = False):
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
-        self.max_model_len = max_model_len
-        self.s_per_token = s_per_token
-        self.prefill_s_per_token = prefill_s_per_token
-        self.max_num_seqs = max_num_seqs
-        self.block_size = block_size
-        self.num_kv_blocks = num_kv_blocks or max_num_seqs * max_model_len // block_size
-        self._vocab = _plain_token_ids(self.tokenizer)
-        self._seed = seed
+    block_size = 16  # KV blocks are only counted (stats), as a real engine's would be
+
+    def __init__(self, cfg: PaceConfig = PaceConfig()):
+        self.tokenizer, self._vocab = tokens_of(cfg.model)
+        self.max_model_len = cfg.max_model_len
+        self.s_per_token = cfg.s_per_token
+        self.prefill_s_per_token = cfg.prefill_s_per_token
+        self.max_num_seqs = cfg.max_num_seqs
+        self.num_kv_blocks = cfg.max_num_seqs * cfg.max_model_len // self.block_size
         # stamp: each token's text is "@<wall-clock time its step emitted it>", so a client on the same host
         # can measure emission-to-arrival latency per token (the API-overhead benchmark does).
-        self.stamp = stamp
+        self.stamp = cfg.stamp
+        self.steps = 0  # steps run (a step that only answers aborts is none)
         self._waiting: deque[_Req] = deque()
         self._running: dict[str, _Req] = {}
         self._aborted: list[_Req] = []
@@ -158,6 +145,7 @@ class PaceEngine:
         due = max(self._last_step + self.s_per_token, now) + admitted * self.prefill_s_per_token
         time.sleep(max(0.0, due - time.monotonic()))
         self._last_step = due
+        self.steps += 1
         # A batched step emits every running request's token at once: one stamp for all of them, taken
         # before any output is built (building outputs is the serving side's cost, not the engine's)
         stamp = f"@{time.time():.6f}" if self.stamp else ""
@@ -202,3 +190,107 @@ class PaceEngine:
                                 logprobs=list(r.logprobs) if r.params.logprobs is not None else None)
         return RequestOutput(request_id=r.rid, prompt_token_ids=r.prompt_ids, outputs=[comp],
                              finished=r.finish_reason is not None, delta_text=delta_text, delta_token_ids=delta_ids)
+
+
+class PacedModels:
+    """The pace kind's multi-model engine: `MultiModelEngine`'s surface (the part a worker's hosting calls) over
+    one PaceEngine per model. No weights, so no pool: every model is resident, residency hints are void, and
+    nothing is ever switched. Busy models take turns, one step each, as the pooled engine's models do."""
+
+    pool = None
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self.engines: dict[str, PaceEngine] = {}
+        self.trace: deque[str] = deque(maxlen=4096)  # model of the latest steps, in order
+        self.timing = {"steps": 0}
+        self.steps_per_model: dict[str, int] = {}
+        self._last_run: dict[str, int] = {}  # model -> the step it last ran
+        self.events: deque[dict] = deque(maxlen=1024)
+        self.timeline: deque[list] = deque(maxlen=1024)  # weight moves: there are none
+
+    @staticmethod
+    def prepare(cfg: PaceConfig) -> None:
+        """Off the step thread: read the tokenizer, so `add_model` does not hold the other models' steps."""
+        tokens_of(cfg.model)
+
+    def add_model(self, name: str, cfg: PaceConfig, slo: ModelSLO | None = None) -> None:
+        if name in self.engines:
+            raise ValueError(f"model {name!r} is already hosted")
+        self.engines[name] = PaceEngine(cfg)
+        self.steps_per_model[name] = 0
+        self._event("register", name)
+
+    def remove_model(self, name: str) -> None:
+        """Stop hosting `name`; its unfinished requests are dropped (the caller answers them)."""
+        if self.engines.pop(name, None) is None:
+            raise ValueError(f"unknown model {name!r}; hosted: {sorted(self.engines)}")
+        self.steps_per_model.pop(name, None)
+        self._last_run.pop(name, None)
+        self._event("unregister", name)
+
+    # residency: every paced model is always resident
+    def set_pinned(self, name: str, pinned: bool) -> None:
+        pass
+
+    def set_keep_alive(self, name: str, seconds: float | None) -> None:
+        pass
+
+    def preload(self, name: str) -> bool:
+        return True
+
+    def expire(self) -> None:
+        pass
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    model: str | None = None) -> None:
+        if model not in self.engines:
+            raise ValueError(f"unknown model {model!r}; hosted: {sorted(self.engines)}")
+        self.engines[model].add_request(request_id, prompt, params or SamplingParams())
+
+    def abort_request(self, request_id: str) -> None:
+        for eng in self.engines.values():  # a no-op in every engine but the request's
+            eng.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return any(e.has_unfinished_requests() for e in self.engines.values())
+
+    def step(self) -> list[RequestOutput]:
+        """One step of the busy model that ran least recently."""
+        busy = [n for n, e in self.engines.items() if e.has_unfinished_requests()]
+        if not busy:
+            return []
+        name = min(busy, key=lambda n: self._last_run.get(n, -1))
+        eng = self.engines[name]
+        n = eng.steps
+        outs = eng.step()
+        if eng.steps > n:  # else it only answered aborts
+            self._last_run[name] = self.timing["steps"]
+            self.trace.append(name)
+            self.timing["steps"] += 1
+            self.steps_per_model[name] += 1
+        return outs
+
+    def estimate(self, name: str) -> dict[str, float]:
+        eng = self.engines[name]
+        return {"prefill_s_per_token": eng.prefill_s_per_token, "load_s": 0.0, "resident": 1.0}
+
+    def pool_state(self) -> dict:
+        models = {}
+        for name, eng in self.engines.items():
+            s = eng.stats()
+            models[name] = {"state": "resident", "waiting": s["num_waiting"], "running": s["num_running"],
+                            "swapped": 0, "oldest_wait_s": 0.0, "kv_pages_used": s["kv_blocks_used"],
+                            "kv_swapped": 0, "steps": self.steps_per_model.get(name, 0)}
+        return {"device": self.device, "active": self.trace[-1] if self.trace else None,
+                "registered": sorted(self.engines), "resident": sorted(self.engines), "prefetching": [],
+                "switches": 0, "switch_stall_s": 0.0, "steps": self.timing["steps"], "kv_swapped_out": 0,
+                "vram": {"budget_bytes": 0, "weights_bytes": 0, "kv_bytes": 0, "free_bytes": 0,
+                         "kv_pages_total": 0, "kv_pages_used": 0},
+                "host_cache_bytes": 0, "models": models}
+
+    def close(self) -> None:
+        self.engines.clear()
+
+    def _event(self, kind: str, model: str) -> None:
+        self.events.append({"kind": kind, "model": model, "t": time.time()})

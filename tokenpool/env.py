@@ -1,0 +1,54 @@
+"""Every environment variable tokenpool reads: its name, default and meaning. Read here and nowhere else.
+
+The package sits below every other and imports only the standard library, so every layer may read it (the
+CLI and the operator too, without importing torch). Values are read when asked for, not at import, so one set
+before the reader runs is seen. Typer options that name an `envvar` (controller/cli.py) take the names from
+here, so this file is the whole list.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Var:
+    name: str
+    default: str | None
+    meaning: str
+
+    def get(self) -> str | None:
+        """The value, or the default when unset (an empty value is a value)."""
+        return os.environ.get(self.name, self.default)
+
+    def on(self) -> bool:
+        """A switch: anything but "0" is on."""
+        return self.get() != "0"
+
+
+CACHE = Var("TOKENPOOL_CACHE", None, "where the embedded demo's models are made (empty/unset: "
+            "~/.cache/tokenpool/models)")
+SHM_DIR = Var("TOKENPOOL_SHM_DIR", "/dev/shm", "where the node-shared pinned host regions live (a bigger "
+              "tmpfs or hugetlbfs)")
+GEMV = Var("TOKENPOOL_GEMV", "1", "0: one-token steps through cuBLAS instead of the Triton GEMVs (A/B runs)")
+PDL = Var("TOKENPOOL_PDL", "1", "0: launch kernels without programmatic dependent launch (A/B runs)")
+JOIN_TOKEN = Var("TOKENPOOL_JOIN_TOKEN", None, "a worker's join token (the controller sets it for the "
+                 "local workers it starts)")
+ADMIN_TOKEN = Var("TOKENPOOL_ADMIN_TOKEN", None, "the controller's admin token (tokenpool ps/admin commands, "
+                  "the operator)")
+ADMIN_TOKEN_FILE = Var("TOKENPOOL_ADMIN_TOKEN_FILE", None, "a file holding it (the operator, when "
+                       "TOKENPOOL_ADMIN_TOKEN is unset)")
+API_KEY = Var("TOKENPOOL_API_KEY", None, "a tenant key (tokenpool chat)")
+CONTROLLER_URL = Var("TOKENPOOL_CONTROLLER_URL", "http://tokenpool-controller:8000",
+                     "the controller the operator reconciles into")
+OPERATOR_RESYNC_S = Var("TOKENPOOL_OPERATOR_RESYNC_S", "30", "seconds between the operator's timer reconciles")
+POD_NAMESPACE = Var("POD_NAMESPACE", None, "the operator's own namespace (Kubernetes downward API): watched "
+                    "when no --namespace is given")
+KUBECONFIG = Var("KUBECONFIG", None, "the operator outside a cluster: the first file of this list")
+PYTHONPATH = Var("PYTHONPATH", None, "kept for the local workers the controller starts, after the repository")
+
+
+def environ_with(**values: str) -> dict[str, str]:
+    """The environment for a child process: this one's, with `values` set."""
+    return {**os.environ, **values}
