@@ -7,8 +7,8 @@ import random
 import pytest
 
 from token_scheduler.block_manager import BlockAllocator, NoFreeBlocks
-from token_scheduler.request import Request, SamplingParams
 from token_scheduler.policies.batching import BatchLimits
+from token_scheduler.request import Request, SamplingParams
 from token_scheduler.scheduler import BatchScheduler
 
 

@@ -134,11 +134,15 @@ def test_pooled_arena_fragmentation_skips_prefetches_and_forces_evictions():
     assert lru["blocking_loads"] > 3 * flat["blocking_loads"] and lru_stall > 2 * flat_stall
     assert win["blocking_loads"] < lru["blocking_loads"] / 2 and win_stall < lru_stall
     assert 0 < lru["kv_peak_gb"] < 4 * MiB / 1e9 and not lru["kv_region_exceeded"]
-    # what the policy sees is what MultiModelEngine shows it: weight space, slot-rounded weights, no KV bytes
+    # what the policy sees is what MultiModelEngine shows it: weight space, slot-rounded weights, the KV region
+    # apart, KV in pages (16 tokens of the first model's KV a page; a model of twice the width: 8 a page)
     gpu = GpuSim(0, 84 * MiB, make_policy("token"), FLAT, arena=SimArena(84 * MiB, 4 * MiB))
     gpu.register(specs["m0"], SLO)
+    gpu.register(ModelSpec("wide", 12 * MiB, 2048, 1.0, 1.0), SLO)
     m = gpu.state.models["m0"]
-    assert gpu.state.capacity_bytes == 80 * MiB and m.spec.weight_bytes == 30 * MiB and m.spec.kv_bytes_per_token == 0
+    assert gpu.state.capacity_bytes == 80 * MiB and m.spec.weight_bytes == 30 * MiB and m.spec.kv_bytes_per_token == 1024
+    assert gpu.state.kv_capacity_bytes == 4 * MiB and (m.kv_block_tokens, m.kv_block_bytes) == (16, 16 * 1024)
+    assert gpu.state.models["wide"].kv_block_tokens == 8 and m.kv_bytes(17) == 2 * 16 * 1024
     assert gpu.specs["m0"] is specs["m0"]
 
 

@@ -19,6 +19,8 @@ from token_scheduler.block_manager import BlockAllocator
 from token_scheduler.policies.batching import BatchLimits, select_batch
 from token_scheduler.request import Request, RequestStatus
 
+_RUNNING, _SWAPPED = RequestStatus.RUNNING, RequestStatus.SWAPPED
+
 
 @dataclass
 class ScheduledChunk:
@@ -136,8 +138,8 @@ class BatchScheduler:
 
     def schedule(self) -> SchedulerOutput:
         """This model's next batch, everything the builder admits (the single-model engine's policy)."""
-        b = select_batch(self.running, self.swapped, self.waiting, self.kv.blocks_for, self.limits,
-                         self.kv.num_free, self.limits.max_tokens)
+        b = select_batch(self.running, self.swapped, self.waiting, self.kv.block_size, 1, self.limits,
+                         self.kv.num_free, self.limits.max_tokens)  # KV counted in blocks
         return self.commit(b.entries, b.swap_out)
 
     def commit(self, entries, swap_out=()) -> SchedulerOutput:
@@ -149,10 +151,18 @@ class BatchScheduler:
         for req in swap_out:
             if req in self.running:
                 self._preempt(req, out)
+        kv, chunks, live, bs = self.kv, out.chunks, self.requests, self.kv.block_size
         for req, n in entries:
-            if req.request_id not in self.requests:
+            st = req.status
+            if st is _RUNNING:  # the common case first, the rest of the loop inline: it runs per request per step
+                c = req.num_computed_tokens
+                if c + n > len(req.block_ids) * bs:
+                    kv.grow(req.block_ids, c + n)
+                chunks.append(ScheduledChunk(req, c, n, c + n == req.num_tokens))
                 continue
-            if req.status == RequestStatus.SWAPPED:
+            if req.request_id not in live:  # finished or aborted since the batch was built
+                continue
+            if st is _SWAPPED:
                 self.swapped.remove(req)
                 gpu = self.kv.allocate(len(req.host_block_ids))
                 out.swap_in.append((list(req.host_block_ids), list(gpu)))
@@ -160,7 +170,7 @@ class BatchScheduler:
                 req.host_block_ids, req.block_ids = [], gpu
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
-            elif req.status == RequestStatus.WAITING:
+            elif st is RequestStatus.WAITING:
                 if self.waiting[0] is not req:
                     raise ValueError(f"{req.request_id}: new requests start in FCFS order")
                 self.waiting.popleft()

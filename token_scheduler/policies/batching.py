@@ -16,7 +16,7 @@ here are EngineConfig's, so nothing plans with numbers the engine does not run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from token_scheduler.cost_model import CostModel, StepShape
@@ -82,14 +82,21 @@ def build_batch(cost: CostModel, m: ModelState, limits: BatchLimits, free_bytes:
     swapped = [r for r in m.running if r.status == _SWAPPED]
     pf = max_prefill_tokens if max_prefill_tokens is not None else prefill_budget(
         cost, m, limits, len(on_gpu), sum(r.num_computed_tokens for r in on_gpu))
-    return select_batch(on_gpu, swapped, m.waiting, m.kv_bytes, limits, free_bytes, pf, admit)
+    bt = m.kv_block_tokens
+    return select_batch(on_gpu, swapped, m.waiting, bt, m.kv_block_bytes or bt * m.spec.kv_bytes_per_token, limits,
+                        free_bytes, pf, admit)
 
 
-def select_batch(on_gpu: Sequence, swapped: Sequence, waiting: Iterable, kv_bytes: Callable[[int], int],
+def select_batch(on_gpu: Sequence, swapped: Sequence, waiting: Iterable, block_tokens: int, block_bytes: int,
                  limits: BatchLimits, free: int, pf_left: int, admit: bool = True) -> Batch:
     """The rule (module docstring) over one model's queues, oldest first each: `on_gpu` RUNNING, `swapped`,
-    `waiting`; `kv_bytes(n)`: what a request of n computed tokens holds; `free`: KV bytes free for the step;
-    `pf_left`: prefill tokens this step may compute."""
+    `waiting`. KV is held in blocks of `block_tokens` tokens and `block_bytes` bytes (ModelState.kv_bytes);
+    `free`: KV bytes free for the step; `pf_left`: prefill tokens this step may compute."""
+    bt = block_tokens
+
+    def kv_bytes(tokens: int) -> int:
+        return -(-tokens // bt) * block_bytes
+
     entries: list = []
     swap_in: list = []
     swap_out: list = []
@@ -109,7 +116,7 @@ def select_batch(on_gpu: Sequence, swapped: Sequence, waiting: Iterable, kv_byte
         n = min(left, pf_left if left > 1 else 1, max_tokens - tokens)
         if n <= 0:
             continue
-        grow = kv_bytes(c + n) - kv_bytes(c)
+        grow = ((-c) // bt - (-c - n) // bt) * block_bytes  # kv_bytes(c + n) - kv_bytes(c), inline: the hot line
         while grow > free and last > i:
             victim = on_gpu[last]
             last -= 1
