@@ -96,7 +96,7 @@ class SimArena:
     def __init__(self, capacity: int, kv_bytes: int, align: int = DEFAULT_ALIGN, block_tokens: int = 16):
         self.alloc = RangeAllocator(capacity, align)
         self.kv_bytes, self.block_tokens = kv_bytes, block_tokens
-        self.page = 0  # bytes of a KV page (a block of every model), fixed by the first model registered
+        self.page = self.kv_usable = 0  # bytes of a KV page (a block of every model) and of the usable pages
         self.kv_slot: Slot | None = None
         self.slots: dict[str, Slot] = {}  # every slot held: landed or landing, blocking load or prefetch
         # ModelPool's `e.resident` models (blocking loads, prefetches once taken) -> last `load` call: the
@@ -106,6 +106,7 @@ class SimArena:
     def carve_kv(self, per_token: int) -> None:
         self.page, n = kv_pages(self.kv_bytes, per_token, self.block_tokens)
         self.kv_slot = self.alloc.allocate(n * self.page, tag="kv")
+        self.kv_usable = (n - 1) * self.page  # ModelPool's pages less the scratch page (the slot is rounded up)
 
     def block_tokens_of(self, per_token: int) -> int:
         """Tokens a page holds for a model of `per_token` KV bytes (ModelPool.register's block size)."""
@@ -185,7 +186,7 @@ class GpuSim:
                 if a.kv_slot is None:
                     a.carve_kv(spec.kv_bytes_per_token)
                     self.state.capacity_bytes = a.weight_capacity
-                    self.state.kv_capacity_bytes = self.stats.kv_region_bytes = a.kv_slot.nbytes
+                    self.state.kv_capacity_bytes = self.stats.kv_region_bytes = a.kv_usable
                 m.spec = replace(spec, weight_bytes=a.slot_bytes(spec.weight_bytes))
                 m.kv_block_tokens, m.kv_block_bytes = a.block_tokens_of(spec.kv_bytes_per_token), a.page
             self.state.models[spec.name] = m
