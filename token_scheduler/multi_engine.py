@@ -275,9 +275,9 @@ class MultiModelEngine:
         self.state.now = time.monotonic()
 
     def _execute_memory(self, plan) -> None:
-        """The plan's memory moves, in the StepPlan contract's order. Pooled mode only."""
+        """The plan's memory moves, in the StepPlan contract's order (all resident: KV swap-outs only)."""
         pool, st = self.pool, self.state
-        for name in plan.evict:
+        for name in plan.evict if pool is not None else ():
             if name != plan.model:
                 pool.evict(name)
                 self.engines[name].set_weights(None)
@@ -293,6 +293,8 @@ class MultiModelEngine:
             out = eng.scheduler.preempt(reqs)
             eng.runner.swap_kv(out.swap_out, [])
             self.kv_swapped_out += len(out.swap_out)
+        if pool is None:
+            return
         if plan.model is not None and plan.batch:
             eng = self.engines[plan.model]
             if eng.weights is None or not pool.is_resident(plan.model) or pool.is_loading(plan.model):
@@ -336,11 +338,10 @@ class MultiModelEngine:
         else:
             tm["policy_s"] += t1 - t0
         outputs, self._removed = self._removed, []
-        if self.pool is not None:
-            if self._keep_alive:
-                self.expire()
-            self._execute_memory(plan)
-            # measured loads teach the cost model the link (and how much prefetch hides)
+        if self._keep_alive:
+            self.expire()
+        self._execute_memory(plan)
+        if self.pool is not None:  # measured loads teach the cost model the link (and how much prefetch hides)
             done = self.pool.stats.load_s
             for nbytes, secs, hidden in done[self._loads_seen:]:
                 self.cost.observe_load(nbytes, secs, hidden_s=hidden)

@@ -118,6 +118,8 @@ class StepPlan:
     `swap_out` copies (VRAM -> host, async) -> make `model` resident (blocking if not already) -> `swap_in`
     copies (the step waits for them) -> start `prefetch` (async; must not delay this step) -> run `batch`.
     If `wait_swap_out`, the step (and the loads) wait for the swap-outs: their VRAM is needed now.
+    `batch` runs exactly as planned (the mechanism builds no batch of its own), so it must fit the state's KV
+    (`policies.batching.build_batch` over `PoolState.kv_free_bytes`, after the plan's swap-outs).
     """
 
     model: str | None = None  # None: nothing to run now
