@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cache
 from itertools import islice
 
 from token_scheduler.cost_model import StepShape
@@ -161,13 +162,7 @@ class TokenPolicy:
         cfg, m = self.cfg, st.models[t.model]
         first_group = sum(r.num_prompt_tokens for r in islice(m.waiting, cfg.limits.group_size))
         chunk = prefill_budget(st.cost, m, cfg.limits, len(m.running), m.kv_gpu_tokens)
-        victims: list[str] = []  # computed at most once, only when room is short or an order is handed on
-
-        def order() -> list[str]:
-            if not victims:
-                victims.append(self._victims(st, m.name))
-            return victims[0]
-
+        order = cache(lambda: self._victims(st, m.name))  # only when room is short or an order is handed on
         fit = fit_step(st, m, kv_demand(m, min(first_group, chunk)), order)
         if fit is None:
             return StepPlan(why=f"no room for {m.name}")
