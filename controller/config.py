@@ -47,7 +47,7 @@ class EngineOptions(_Strict):
     block_size: int | None = None
     num_kv_blocks: int | None = None
     # A served model's slots: the per-replica capacity the autoscaler scales on (in flight / max_num_seqs) and the
-    # router's queueing point. The engine library's own default (token_scheduler.scheduler.SchedulerConfig) is
+    # router's queueing point. The engine library's own default (token_scheduler.policies.batching.MAX_NUM_SEQS) is
     # for one model alone; the served one is written only here.
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int | None = None

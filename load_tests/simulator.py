@@ -9,12 +9,11 @@ policy never sees the profile, nor a request's true output length.
 Pooled arena (`kv_cache_bytes` given, as the real engine's `ModelPool`): each GPU's budget is one arena, a KV
 region carved first and weight slots placed by the real allocator (`SimArena`); a fragmented arena skips
 prefetches and forces evictions exactly where the real pool would (same code: gpu_pool/placement.py). The
-policy then sees what the real engine shows it: the weight space as capacity, slot-rounded weight bytes and
-no KV bytes (KV pages are their own pool). The simulator tracks their peak but does not model the region
-running short (the real engine then swaps idle models' KV out): a result whose peak exceeded the region says
-so (`kv_region_exceeded`) and is optimistic. For the real runs it was built to mirror (10 models, 4 GB
-region, up to 0.5 req/s/model) the simulated peak stays under 2 GB and the real engine never swapped KV.
-Without `kv_cache_bytes`, VRAM is one byte count for weights and KV.
+policy then sees what the real engine shows it: the weight space as capacity, slot-rounded weight bytes, and
+the KV region apart (`PoolState.kv_capacity_bytes`), each model's KV in blocks of one page; a region running
+short is resolved by the plan (other models' KV swapped out), as in the engine, so `kv_region_exceeded` is a
+check that it never overflows. Without `kv_cache_bytes`, VRAM is one byte count for weights and KV, counted
+by the token.
 
 Multi-GPU: a dispatcher sends each request to a GPU. `partition`: models bin-packed by weight bytes over GPUs,
 each model on one GPU; `hash`: crc32(model) % n; `p2c`: each model has two candidate GPUs (hashes) and a
@@ -97,6 +96,7 @@ class SimArena:
     def __init__(self, capacity: int, kv_bytes: int, align: int = DEFAULT_ALIGN, block_tokens: int = 16):
         self.alloc = RangeAllocator(capacity, align)
         self.kv_bytes, self.block_tokens = kv_bytes, block_tokens
+        self.page = self.kv_usable = 0  # bytes of a KV page (a block of every model) and of the usable pages
         self.kv_slot: Slot | None = None
         self.slots: dict[str, Slot] = {}  # every slot held: landed or landing, blocking load or prefetch
         # ModelPool's `e.resident` models (blocking loads, prefetches once taken) -> last `load` call: the
@@ -104,8 +104,13 @@ class SimArena:
         self.taken: dict[str, float] = {}
 
     def carve_kv(self, per_token: int) -> None:
-        page, n = kv_pages(self.kv_bytes, per_token, self.block_tokens)
-        self.kv_slot = self.alloc.allocate(n * page, tag="kv")
+        self.page, n = kv_pages(self.kv_bytes, per_token, self.block_tokens)
+        self.kv_slot = self.alloc.allocate(n * self.page, tag="kv")
+        self.kv_usable = (n - 1) * self.page  # ModelPool's pages less the scratch page (the slot is rounded up)
+
+    def block_tokens_of(self, per_token: int) -> int:
+        """Tokens a page holds for a model of `per_token` KV bytes (ModelPool.register's block size)."""
+        return 1 << (max(1, self.page // per_token).bit_length() - 1)
 
     @property
     def weight_capacity(self) -> int:
@@ -176,14 +181,16 @@ class GpuSim:
         if spec.name not in self.state.models:
             self.specs[spec.name] = spec
             a = self.arena
+            m = ModelState(spec, slo)
             if a is not None:  # what MultiModelEngine shows the policy in pooled mode
                 if a.kv_slot is None:
                     a.carve_kv(spec.kv_bytes_per_token)
                     self.state.capacity_bytes = a.weight_capacity
-                    self.stats.kv_region_bytes = a.kv_slot.nbytes
-                spec = replace(spec, weight_bytes=a.slot_bytes(spec.weight_bytes), kv_bytes_per_token=0)
-            self.state.models[spec.name] = ModelState(spec, slo)
-            self.state.cost.register(spec)
+                    self.state.kv_capacity_bytes = self.stats.kv_region_bytes = a.kv_usable
+                m.spec = replace(spec, weight_bytes=a.slot_bytes(spec.weight_bytes))
+                m.kv_block_tokens, m.kv_block_bytes = a.block_tokens_of(spec.kv_bytes_per_token), a.page
+            self.state.models[spec.name] = m
+            self.state.cost.register(m.spec)
 
     def add(self, r: SimRequest) -> None:
         self.state.models[r.model].waiting.append(r)
@@ -227,11 +234,12 @@ class GpuSim:
             self.bg_free += seconds
         return end
 
-    def _kv(self, m: ModelState, tokens: int) -> None:
-        if self.arena is None:
-            m.kv_gpu_tokens += tokens
-        else:  # KV pages are not the policy's bytes (kv_gpu_tokens stays 0, as MultiModelEngine keeps it)
-            self.kv_bytes += tokens * self.specs[m.name].kv_bytes_per_token
+    def _kv(self, m: ModelState, before: int, after: int) -> None:
+        """A request's KV in VRAM goes from `before` to `after` tokens (whole blocks, as the engine allocates)."""
+        bt = m.kv_block_tokens
+        m.kv_gpu_tokens += (-(-after // bt) - -(-before // bt)) * bt
+        if self.arena is not None:
+            self.kv_bytes += m.kv_bytes(after) - m.kv_bytes(before)
             self.stats.kv_peak_bytes = max(self.stats.kv_peak_bytes, self.kv_bytes)
 
     def _dropped(self, names: list[str]) -> None:
@@ -274,7 +282,7 @@ class GpuSim:
             for r in plan.swap_out:
                 assert r.status == _R, "only KV in VRAM can be swapped out"
                 m = models[r.model]
-                self._kv(m, -r.num_computed_tokens)
+                self._kv(m, r.num_computed_tokens, 0)
                 nbytes += r.num_computed_tokens * self.specs[r.model].kv_bytes_per_token
                 r.status = _S
             out_end = max(self.now, self.d2h_free) + self.hw.swap_time(nbytes)
@@ -302,7 +310,7 @@ class GpuSim:
                 for r in plan.swap_in:
                     assert r.status == _S, "only swapped KV can be swapped in"
                     r.status = _R
-                    self._kv(m, r.num_computed_tokens)
+                    self._kv(m, 0, r.num_computed_tokens)
                     nbytes += r.num_computed_tokens * self.specs[m.name].kv_bytes_per_token
                 self._ready = max(self._ready, self._foreground(self.hw.swap_time(nbytes), wait))
                 self.stats.swap_in_bytes += nbytes
@@ -344,13 +352,13 @@ class GpuSim:
             assert r.status == _R, f"{r.request_id} scheduled while {r.status!r}"
             assert 0 < n <= r.num_tokens - r.num_computed_tokens
             r.num_computed_tokens += n
-            self._kv(m, n)
+            self._kv(m, r.num_computed_tokens - n, r.num_computed_tokens)
             if r.num_computed_tokens == r.num_tokens:
                 r.num_output += 1
                 r.record.on_token(end)
                 if r.num_output >= r.output_len:
                     r.status = _F
-                    self._kv(m, -r.num_computed_tokens)
+                    self._kv(m, r.num_computed_tokens, 0)
                     finished = True
                     self.outstanding -= 1
         if finished:

@@ -7,8 +7,9 @@ import random
 import pytest
 
 from token_scheduler.block_manager import BlockAllocator, NoFreeBlocks
+from token_scheduler.policies.batching import BatchLimits
 from token_scheduler.request import Request, SamplingParams
-from token_scheduler.scheduler import BatchScheduler, SchedulerConfig
+from token_scheduler.scheduler import BatchScheduler
 
 
 def test_allocator_shortage_raises_and_double_free_is_caught():
@@ -26,7 +27,7 @@ def test_allocator_shortage_raises_and_double_free_is_caught():
 def test_no_leaks_after_1000_random_requests_with_aborts():
     rng = random.Random(0)
     kv, host = BlockAllocator(64, 16), BlockAllocator(32, 16)
-    s = BatchScheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256, max_prefill_chunk=128), kv, host)
+    s = BatchScheduler(BatchLimits(max_seqs=16, max_tokens=256), kv, host)
     made = 0
     finished = 0
     while made < 1000 or s.has_unfinished():
@@ -51,6 +52,6 @@ def test_no_leaks_after_1000_random_requests_with_aborts():
 
 
 def test_request_too_large_for_pool_is_rejected():
-    s = BatchScheduler(SchedulerConfig(), BlockAllocator(2, 16))
+    s = BatchScheduler(BatchLimits(), BlockAllocator(2, 16))
     with pytest.raises(ValueError, match="pool holds 32"):
         s.add(Request("big", [1] * 20, SamplingParams(max_tokens=20)))

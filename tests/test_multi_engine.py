@@ -249,3 +249,144 @@ def test_keep_alive_evicts_idle_weights_and_preload_brings_them_in(make_tiny, ho
     multi.add_request("r2", "hello", SamplingParams(max_tokens=2, ignore_eos=True), model="a")
     assert multi.run()["r2"].outputs[0].token_ids  # back on demand
     multi.close()
+
+
+def _record_plans(multi) -> list:
+    """Every plan the policy returns, with the batch the stepping model's scheduler then ran (filled in by
+    the caller after each step)."""
+    plans = []
+    real = multi.policy.schedule
+
+    def schedule(st):
+        plan = real(st)
+        plans.append([plan, [(r.request_id, n) for r, n in plan.batch], [r.request_id for r in plan.swap_out]])
+        return plan
+
+    multi.policy.schedule = schedule
+    return plans
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_the_plans_batch_is_what_runs(make_tiny, host_cache, pooled):
+    """The policy's batch runs exactly (same requests, same token counts, same order): no second builder.
+    Twelve requests for one model: more than one FCFS group, and more KV than the pages hold, so the plan
+    preempts -- a scheduler building its own batch under the plan's token budget admitted them differently."""
+    from gpu_pool.arena import MiB
+
+    paths = {a: make_tiny(a) for a in ("qwen2", "qwen3")}
+    page = 16 * 512
+    if pooled:
+        multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=6 * MiB,
+                                 kv_cache_gb=14 * page / 1e9, host_kv_gb=256 * page / 1e9, host_cache=host_cache,
+                                 policy_kw={"max_round_s": 0.0})
+    else:  # every model its own pool of 14 blocks
+        multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", num_kv_blocks=14,
+                                 num_host_kv_blocks=256, policy_kw={"max_round_s": 0.0})
+    alone = {a: _alone(p, "greedy") for a, p in paths.items()}
+    plans = _record_plans(multi)
+    for k in range(3):
+        for i, p in enumerate(PROMPTS):
+            for a in paths:
+                multi.add_request(f"{a}/r{i}.{k}", p, _params("greedy", i), model=a)
+    done = {}
+    ran_any_swap = False
+    while multi.has_unfinished_requests():
+        for o in multi.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+        plan, batch, _ = plans[-1]
+        if plan.idle:
+            continue
+        out = multi.engines[plan.model].last_out
+        assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == batch
+        ran_any_swap |= bool(out.swap_out or out.swap_in)
+    assert ran_any_swap  # the KV was short: the plan preempted and resumed, and that is what ran
+    assert max(sum(1 for _, n in b if n > 1) for _, b, _ in plans) >= 2  # prefills batched
+    for a in paths:
+        for i in range(len(PROMPTS)):
+            for k in range(3):
+                assert done[f"{a}/r{i}.{k}"] == alone[a][f"r{i}"]
+    multi.close()
+
+
+def test_kv_shortage_in_the_shared_region_is_resolved_by_the_plan(make_tiny, host_cache):
+    """Model a holds most of the shared KV pages; b's turn needs pages: b's plan swaps out a's newest running
+    requests to host pages (recorded in the plan, KV kept: the requests are SWAPPED, their tokens computed
+    stay) -- the mechanism swaps out nothing on its own -- and every request still equals its run alone."""
+    from gpu_pool.arena import MiB
+
+    paths = {"a": make_tiny("qwen2"), "b": make_tiny("qwen2", seed=1)}
+    page = 16 * 512
+    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=6 * MiB,
+                             kv_cache_gb=12 * page / 1e9, host_kv_gb=256 * page / 1e9, host_cache=host_cache,
+                             policy_kw={"max_round_s": 0.0})
+    pool = multi.pool
+    assert pool.pages.num_blocks == 11  # 12 pages, the last one scratch
+    assert multi.state.kv_capacity_bytes == pool.pages.num_blocks * page
+    assert multi.state.models["a"].kv_block_bytes == page
+    sp = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    prompt = list(range(3, 43))  # 40 tokens: 3 pages each, 4 once decoding passes 48
+    for i in range(3):
+        multi.add_request(f"a{i}", prompt, sp, model="a")
+    while len(multi.engines["a"].scheduler.running) < 3:
+        multi.step()
+    assert pool.pages.num_used == 9
+    plans = _record_plans(multi)
+    multi.add_request("b0", prompt, sp, model="b")
+    preempted = None
+    swaps_before = multi.kv_swapped_out
+    while preempted is None:
+        multi._sync()
+        computed = {r.request_id: r.num_computed_tokens for r in multi.engines["a"].scheduler.running}
+        used_before = pool.pages.num_used
+        multi.step()
+        plan, batch, swap_out = plans[-1]
+        if plan.model == "b" and swap_out:
+            preempted = swap_out
+        else:  # nothing swapped out but by a plan
+            assert multi.kv_swapped_out == swaps_before and not multi.engines["a"].scheduler.swapped
+        assert pool.pages.num_used <= pool.pages.num_blocks
+    a = multi.engines["a"].scheduler
+    assert preempted == ["a2"]  # 2 pages free, b0 needs 3: a's newest request goes (3 pages), no more
+    for rid in preempted:
+        r = a.requests[rid]
+        assert r.status.name == "SWAPPED" and r.host_block_ids and r.num_computed_tokens == computed[rid]
+    assert multi.kv_swapped_out == swaps_before + len(preempted)
+    assert batch == [("b0", 40)] and pool.pages.num_used == used_before - 3 * len(preempted) + 3
+    done = multi.run()
+    alone_a = _alone_one(paths["a"], prompt, sp)
+    assert all(done[f"a{i}"].outputs[0].token_ids == alone_a for i in range(3))
+    assert done["b0"].outputs[0].token_ids == _alone_one(paths["b"], prompt, sp)
+    assert pool.pages.num_used == 0 and pool.host_kv.allocator.num_used == 0
+    multi.close()
+
+
+def _alone_one(path, prompt, sp) -> list[int]:
+    eng = LLMEngine(EngineConfig(model=str(path), device="cpu"))
+    eng.add_request("x", prompt, sp)
+    out = None
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            out = o
+    return out.outputs[0].token_ids
+
+
+def test_limits_come_from_the_engine_config(make_tiny):
+    """One source of batch limits: EngineConfig. Its defaults are BatchLimits'; the single-model scheduler
+    and a multi-model policy both take them from the config."""
+    from token_scheduler.policies.batching import BatchLimits
+
+    d = make_tiny("qwen2")
+    default = EngineConfig(model=str(d))
+    assert (BatchLimits().max_seqs, BatchLimits().max_tokens) == (default.max_num_seqs, default.max_num_batched_tokens)
+    cfg = dataclasses.replace(default, max_num_seqs=3, max_num_batched_tokens=24)
+    eng = LLMEngine(cfg)
+    assert (eng.scheduler.limits.max_seqs, eng.scheduler.limits.max_tokens) == (3, 24)
+    for i in range(5):
+        eng.add_request(f"r{i}", list(range(5, 25)), SamplingParams(max_tokens=4, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+        out = eng.last_out
+        assert len(eng.scheduler.running) <= 3 and out.num_tokens <= 24
+    multi = MultiModelEngine({"a": cfg}, policy="request", device="cpu")
+    assert (multi.policy.limits.max_seqs, multi.policy.limits.max_tokens) == (3, 24)

@@ -134,11 +134,15 @@ def test_pooled_arena_fragmentation_skips_prefetches_and_forces_evictions():
     assert lru["blocking_loads"] > 3 * flat["blocking_loads"] and lru_stall > 2 * flat_stall
     assert win["blocking_loads"] < lru["blocking_loads"] / 2 and win_stall < lru_stall
     assert 0 < lru["kv_peak_gb"] < 4 * MiB / 1e9 and not lru["kv_region_exceeded"]
-    # what the policy sees is what MultiModelEngine shows it: weight space, slot-rounded weights, no KV bytes
+    # what the policy sees is what MultiModelEngine shows it: weight space, slot-rounded weights, the KV region
+    # apart, KV in pages (16 tokens of the first model's KV a page; a model of twice the width: 8 a page)
     gpu = GpuSim(0, 84 * MiB, make_policy("token"), FLAT, arena=SimArena(84 * MiB, 4 * MiB))
     gpu.register(specs["m0"], SLO)
+    gpu.register(ModelSpec("wide", 12 * MiB, 2048, 1.0, 1.0), SLO)
     m = gpu.state.models["m0"]
-    assert gpu.state.capacity_bytes == 80 * MiB and m.spec.weight_bytes == 30 * MiB and m.spec.kv_bytes_per_token == 0
+    assert gpu.state.capacity_bytes == 80 * MiB and m.spec.weight_bytes == 30 * MiB and m.spec.kv_bytes_per_token == 1024
+    assert gpu.state.kv_capacity_bytes == 4 * MiB - 16 * 1024 and (m.kv_block_tokens, m.kv_block_bytes) == (16, 16 * 1024)
+    assert gpu.state.models["wide"].kv_block_tokens == 8 and m.kv_bytes(17) == 2 * 16 * 1024
     assert gpu.specs["m0"] is specs["m0"]
 
 
@@ -164,3 +168,18 @@ def test_simulated_bench_pool_uses_the_measured_profile_by_default(tmp_path):
     real.write_text(json.dumps({"sweep": {"token": [{"cost_model": {**cost, "step": {"qwen2-7b-0": cost["step"]["qwen2-7b"]}}}]}}))
     hw2 = hardware_profile(str(real), specs)
     assert set(hw2.step_coef) == {"qwen2-7b-0", "qwen2-7b-5"}  # no 1.5b fit in that run: roofline for it
+
+
+def test_pooled_arena_short_kv_region_is_resolved_by_the_plan():
+    """A KV region too small for the load at once: the policy sees it (as the pooled engine shows it) and its
+    plans swap KV out to host memory to fit -- the region never overflows and every request finishes. (Before
+    the policy saw the region, the simulator let it overflow and reported `kv_region_exceeded`.)"""
+    MiB = 1 << 20
+    specs = {f"m{i}": ModelSpec(f"m{i}", 10 * MiB, 1024, 1.0, 1.0) for i in range(3)}
+    items = generate(list(specs), 4.0, 10.0, seed=0, mean_prompt=128, mean_output=64, max_context=512)
+    for policy in ("token", "request"):
+        res = simulate(items, specs, SLO, policy, capacity_bytes=40 * MiB, hw=FLAT, drain_s=600,
+                       kv_cache_bytes=MiB)  # 1024 tokens of KV for the three models
+        assert res.unfinished == 0, policy
+        assert not res.extra["kv_region_exceeded"] and res.extra["kv_peak_gb"] <= MiB / 1e9
+        assert res.swap_gb > 0, policy  # room was made by swapping KV out (and back), not by overflowing

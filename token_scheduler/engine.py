@@ -12,9 +12,10 @@ from model_swapper.model_config import ModelConfig, parse_dtype
 from model_swapper.weights import load_weights, weight_numel
 from token_scheduler.block_manager import BlockAllocator
 from token_scheduler.detokenizer import DetokState, IncrementalDetokenizer
+from token_scheduler.policies.batching import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, BatchLimits
 from token_scheduler.request import CompletionOutput, Request, RequestOutput, RequestStatus, SamplingParams
 from token_scheduler.runner import LaunchedDecode, ModelRunner, allocate_kv_cache
-from token_scheduler.scheduler import BatchScheduler, ScheduledChunk, SchedulerConfig, SchedulerOutput
+from token_scheduler.scheduler import BatchScheduler, SchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,9 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None
     gpu_memory_utilization: float = 0.85
     num_host_kv_blocks: int | None = None  # swap space; default: as many as GPU blocks
-    max_num_seqs: int = SchedulerConfig.max_num_seqs  # the batching defaults are the scheduler's
-    max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens
+    # The batch limits, the one source of them: the scheduler's and any multi-model policy's (BatchLimits.of)
+    max_num_seqs: int = MAX_NUM_SEQS
+    max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS
     max_model_len: int | None = None
     seed: int = 0
     cuda_graphs: bool = True
@@ -97,8 +99,7 @@ class LLMEngine:
         self.block_size = block_size
         swapper = KVSwapper(kv, self.host_kv, staging_blocks=16 if shared_kv else 64) if self.host_kv else None
         self.scheduler = BatchScheduler(
-            SchedulerConfig(c.max_num_seqs, c.max_num_batched_tokens, c.max_num_batched_tokens),
-            gpu_alloc, self.host_kv.allocator if self.host_kv else None, model=self.model_name,
+            BatchLimits.of(c), gpu_alloc, self.host_kv.allocator if self.host_kv else None, model=self.model_name,
         )
         self.runner = ModelRunner(mc, self.weights, kv, block_size, self.max_model_len, self.device, c.seed,
                                   swapper, cuda_graphs=c.cuda_graphs, max_graph_batch=c.max_num_seqs,
@@ -170,22 +171,31 @@ class LLMEngine:
         return self.scheduler.stats()
 
     # -- the step loop -------------------------------------------------------------------------------
-    def step(self, token_budget: int | None = None) -> list[RequestOutput]:
-        """Run one step; return what it produced. With overlap, a decode step is queued on the GPU and its
-        tokens are returned by the next call, which first queues the step after it (so the GPU never waits
-        for the host between decode steps)."""
+    def take_aborted(self) -> list[RequestOutput]:
+        """Final outputs of requests aborted since the last step (no step runs for them)."""
         outputs = [self._output(r, "", []) for r in self._aborted]
         self._aborted = []
+        return outputs
+
+    def step(self, batch: list | None = None, swap_out=()) -> list[RequestOutput]:
+        """Run one step; return what it produced. `batch`: [(request, tokens)] a multi-model policy built (and
+        `swap_out`, this model's requests it preempts): exactly that runs. None: the scheduler's own batch,
+        everything the builder admits. With overlap, a decode step is queued on the GPU and its tokens are
+        returned by the next call, which first queues the step after it (so the GPU never waits for the host
+        between decode steps)."""
+        outputs = self.take_aborted()
         if self._inflight is not None:
+            if batch is not None:
+                raise RuntimeError("a planned batch needs overlap off (its plan was built before the step in flight)")
             prev, self._inflight = self._inflight, None
-            nxt = self._continuation(prev.out, token_budget)
+            nxt = self.scheduler.continuation(prev.out, self.runner.can_launch)
             if nxt is not None:
                 self._inflight = self._launch(nxt, prev)
             outputs += self._complete(prev.out, self.runner.read(prev))
             if nxt is not None:
                 return outputs
-        out = self.scheduler.schedule(token_budget)
-        self.last_out = out  # what ran (the multi-model cost model learns from it, not from a plan)
+        out = self.scheduler.schedule() if batch is None else self.scheduler.commit(batch, swap_out)
+        self.last_out = out  # what ran (the multi-model cost model learns from it)
         if out.empty:
             return outputs
         if self.overlap and self.runner.can_launch(out):
@@ -215,35 +225,6 @@ class LLMEngine:
                     index = index.pin_memory().to(self.device, non_blocking=True)
                 ids = prev.tokens[index]
         return self.runner.launch_decode(out, ids)
-
-    def _continuation(self, prev: SchedulerOutput, token_budget: int | None) -> SchedulerOutput | None:
-        """The decode step after `prev` for the same requests, planned before prev's tokens are known; None
-        when the scheduler may want something else (waiting or swapped requests, a running request prev did
-        not include, no KV room without preempting, or sampling that needs the unread tokens)."""
-        s = self.scheduler
-        if s.waiting or s.swapped:
-            return None
-        chunks, live = [], 0
-        for c in prev.chunks:
-            r = c.request
-            if r.finished or r.request_id not in s.requests:
-                continue
-            live += 1
-            if len(r.output_token_ids) + 1 < r.max_output_tokens:  # prev's token is not its last by length
-                chunks.append(ScheduledChunk(r, c.start + 1, 1, True))
-        if live != len(s.running) or not chunks:
-            return None
-        if len(chunks) > (s.cfg.max_num_batched_tokens if token_budget is None else token_budget):
-            return None
-        need = sum(s.kv.blocks_for(c.start + 1) - len(c.request.block_ids) for c in chunks)
-        if need > 0 and not s.kv.can_allocate(need):
-            return None
-        out = SchedulerOutput(s.model, chunks=chunks)
-        if not self.runner.can_launch(out):
-            return None
-        for c in chunks:
-            s.kv.grow(c.request.block_ids, c.start + 1)
-        return out
 
     def _complete(self, out: SchedulerOutput, res) -> list[RequestOutput]:
         outputs = []

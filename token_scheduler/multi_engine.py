@@ -3,19 +3,25 @@
 Each hosted model is a whole `LLMEngine` (its `BatchScheduler`, its `ModelRunner`, its sampler). The step
 loop is the project's one loop, one level up:
 
-    plan = policy.schedule(pool_state)      # which model runs now, what to evict/prefetch (policies/)
-    execute plan's memory moves             # evict -> KV swap-out -> load (blocking) -> prefetch (async)
-    outputs = engines[plan.model].step(budget)  # that model's scheduler picks its batch, its runner runs it
+    plan = policy.schedule(pool_state)      # which model runs now, its batch, what to evict/swap/prefetch
+    execute plan's memory moves             # evict -> other models' KV swap-out -> load (blocking) -> prefetch
+    outputs = engines[plan.model].step(plan.batch, own swap-outs)   # exactly the plan's batch runs
 
-so interleaving is token by token across models, and each model's requests see exactly the batching rules
-they would see alone. Two ways to hold the models:
+The policy decides once: its batch (built by the one builder, `policies.batching.select_batch`, over the
+models' own scheduler queues) is what the model's scheduler commits and its runner runs -- nothing here or
+in the scheduler builds another or preempts on its own. For that the policy sees every byte the batch needs:
+weights (`PoolState.capacity_bytes`) and KV, counted in the allocators' own blocks (state.py). Limits are
+the engines' configs (`_sync_limits`), and the cost model learns from the batch that ran (`eng.last_out`).
 
-- all resident (`gpu_budget=None`): every model loads its weights and its own KV pool; nothing moves.
+Two ways to hold the models:
+
+- all resident (`gpu_budget=None`): every model loads its weights and its own KV pool (`kv_pool_bytes`);
+  nothing moves.
 - pooled (`gpu_budget="60GB"`): a `residency.ModelPool` reserves one arena; weights live in the pinned host
   cache and come in and out of arena slots as the plan says (prefetch while another model decodes); every
-  model's KV is paged from one shared region, and a model short of KV pages first swaps out the KV of idle
-  models (least recently run first) to their host pages -- KV is never dropped. The policy sees the weight
-  space as its capacity; KV pages are managed here because they are a separate pool.
+  model's KV is paged from one shared region (`PoolState.kv_capacity_bytes`, a page per block). A model short
+  of pages gets them by the plan's swap-outs of other models' KV (the policy's victim order, newest request
+  first) to host pages -- dropped only where the host has no room.
 
 Request timing fields are the engine's (monotonic seconds), which is the policy's clock too.
 """
@@ -33,7 +39,6 @@ from model_swapper.model_config import ModelConfig
 from token_scheduler.cost_model import H100_PCIE53, CostModel, ModelSpec, StepShape
 from token_scheduler.engine import EngineConfig, LLMEngine
 from token_scheduler.policies import make_policy
-from token_scheduler.policies.batching import shape_of
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.policies.state import ModelState, PoolState, Residency
 from token_scheduler.request import RequestOutput, SamplingParams
@@ -66,7 +71,7 @@ class MultiModelEngine:
         self.steps_per_model: dict[str, int] = {}
         self.trace: deque[str] = deque(maxlen=4096)  # model of the latest steps, in order (tests, debugging)
         self.switches = 0  # steps whose model differs from the previous step's
-        self.kv_swapped_out = 0  # requests whose KV went to host pages to make room for another model
+        self.kv_swapped_out = 0  # requests whose KV went to host pages (preempted, by any model's plan)
         # What happened, for live views (the worker drains it into its Stats): switches, loads, evictions,
         # model registrations; and runs of consecutive steps of one model: [t_wall_start, model, steps, dur_s]
         self.events: deque[dict] = deque(maxlen=1024)
@@ -103,14 +108,18 @@ class MultiModelEngine:
                 raise
         self.engines[name] = eng
         spec = self._spec(name, eng)
+        kv = eng.scheduler.kv
         if self.pool is not None:
             # The policy's capacity is the weight space: a model takes its slot (rounded to the arena's
-            # alignment) and its KV takes none of it (KV pages are their own pool, managed here).
-            spec = dataclasses.replace(spec, weight_bytes=self.pool.slot_bytes(name), kv_bytes_per_token=0)
+            # alignment); its KV takes pages of the KV region (a block per page, whatever its width).
+            spec = dataclasses.replace(spec, weight_bytes=self.pool.slot_bytes(name))
+            m = ModelState(spec, slo or self.default_slo, residency=Residency.HOST, kv_block_tokens=kv.block_size,
+                           kv_block_bytes=self.pool.page_bytes)
+        else:
+            m = ModelState(spec, slo or self.default_slo, residency=Residency.RESIDENT, kv_block_tokens=kv.block_size)
+            m.kv_pool_bytes = m.kv_bytes(kv.num_blocks * kv.block_size)
         self.cost.register(spec)
-        resident = self.pool is None
-        self.state.models[name] = ModelState(spec, slo or self.default_slo,
-                                             residency=Residency.RESIDENT if resident else Residency.HOST)
+        self.state.models[name] = m
         self.steps_per_model[name] = 0
         self._capacity()
         self._sync_limits()
@@ -127,7 +136,7 @@ class MultiModelEngine:
             eng.abort_request(rid)
         if eng._inflight is not None:  # an overlapped decode in flight: read it so its blocks are returned
             eng.step()
-        self._removed += [o for o in eng.step() if o.finished]
+        self._removed += [o for o in eng.take_aborted() if o.finished]
         for rid in [r for r, m in self._owner.items() if m == name]:
             if not any(o.request_id == rid for o in self._removed):
                 del self._owner[rid]
@@ -210,11 +219,13 @@ class MultiModelEngine:
             self.policy.set_limits(min(c.max_num_seqs for c in cfgs), min(c.max_num_batched_tokens for c in cfgs))
 
     def _capacity(self) -> None:
+        """Pooled: the weight space, and the KV region apart; all resident: the weights (KV: own pools)."""
         if self.pool is not None:
             self.state.capacity_bytes = self.pool.weight_capacity
+            pages = self.pool.pages
+            self.state.kv_capacity_bytes = pages.num_blocks * self.pool.page_bytes if pages is not None else 0
         else:
-            self.state.capacity_bytes = sum(self.state.models[n].spec.weight_bytes + self._kv_pool_bytes(e)
-                                            for n, e in self.engines.items())
+            self.state.capacity_bytes = sum(self.state.models[n].spec.weight_bytes for n in self.engines)
 
     @staticmethod
     def _spec(name: str, eng: LLMEngine) -> ModelSpec:
@@ -260,21 +271,30 @@ class MultiModelEngine:
             s, m = eng.scheduler, self.state.models[name]
             m.waiting = s.waiting
             m.running = s.running + list(s.swapped) if s.swapped else list(s.running)
-            # pooled: KV pages are a pool of their own, not part of the policy's weight capacity
-            m.kv_gpu_tokens = 0 if pool is not None else sum(r.num_computed_tokens for r in s.running)
+            m.kv_gpu_tokens = sum(len(r.block_ids) for r in s.running) * s.kv.block_size  # whole blocks
         self.state.now = time.monotonic()
 
     def _execute_memory(self, plan) -> None:
-        """The plan's memory moves, in the StepPlan contract's order. Pooled mode only."""
+        """The plan's memory moves, in the StepPlan contract's order (all resident: KV swap-outs only)."""
         pool, st = self.pool, self.state
-        for name in plan.evict:
+        for name in plan.evict if pool is not None else ():
             if name != plan.model:
                 pool.evict(name)
                 self.engines[name].set_weights(None)
                 st.models[name].residency = Residency.HOST
                 self._event("evict", name)
+        others: dict[str, list] = {}  # the stepping model's own swap-outs go with its batch (step)
         for r in plan.swap_out:
-            self._swap_out(self._owner[r.request_id], [r])
+            name = self._owner[r.request_id]
+            if name != plan.model:
+                others.setdefault(name, []).append(r)
+        for name, reqs in others.items():
+            eng = self.engines[name]
+            out = eng.scheduler.preempt(reqs)
+            eng.runner.swap_kv(out.swap_out, [])
+            self.kv_swapped_out += len(out.swap_out)
+        if pool is None:
+            return
         if plan.model is not None and plan.batch:
             eng = self.engines[plan.model]
             if eng.weights is None or not pool.is_resident(plan.model) or pool.is_loading(plan.model):
@@ -285,7 +305,6 @@ class MultiModelEngine:
                 st.models[plan.model].residency = Residency.RESIDENT
                 self._event("load", plan.model, prefetched=was, stall_s=round(pool.stats.stall_s - stall0, 6))
             self._forget_evicted()
-            self._make_kv_room(plan.model)
         if plan.prefetch is not None and plan.prefetch in self.engines:
             order = None if plan.prefetch_order is None else [n for n in plan.prefetch_order if n != plan.model]
             was = pool.holds(plan.prefetch)
@@ -307,29 +326,6 @@ class MultiModelEngine:
                     self._event("evict", name, forced=True)
                 st.models[name].residency = Residency.HOST
 
-    def _make_kv_room(self, model: str) -> None:
-        """Before `model` steps: if the shared pages cannot cover its next step, swap out the KV of models
-        that are not running now (least recently run first, newest request first) until they can."""
-        eng = self.engines[model]
-        pages = eng.scheduler.kv
-        need = _pages_needed(eng)
-        if pages.num_free >= need:
-            return
-        victims = sorted((n for n in self.engines if n != model), key=lambda n: self._last_run.get(n, -1.0))
-        for name in victims:
-            s = self.engines[name].scheduler
-            for r in reversed(list(s.running)):
-                if pages.num_free >= need:
-                    return
-                if r.num_computed_tokens and s.host_kv is not None and s.host_kv.can_allocate(len(r.block_ids)):
-                    self._swap_out(name, [r])
-
-    def _swap_out(self, model: str, reqs) -> None:
-        eng = self.engines[model]
-        out = eng.scheduler.preempt(reqs)
-        eng.runner.swap_kv(out.swap_out, [])
-        self.kv_swapped_out += len(out.swap_out)
-
     def step(self) -> list[RequestOutput]:
         tm = self.timing
         t0 = time.perf_counter()
@@ -342,11 +338,10 @@ class MultiModelEngine:
         else:
             tm["policy_s"] += t1 - t0
         outputs, self._removed = self._removed, []
-        if self.pool is not None:
-            if self._keep_alive:
-                self.expire()
-            self._execute_memory(plan)
-            # measured loads teach the cost model the link (and how much prefetch hides)
+        if self._keep_alive:
+            self.expire()
+        self._execute_memory(plan)
+        if self.pool is not None:  # measured loads teach the cost model the link (and how much prefetch hides)
             done = self.pool.stats.load_s
             for nbytes, secs, hidden in done[self._loads_seen:]:
                 self.cost.observe_load(nbytes, secs, hidden_s=hidden)
@@ -355,14 +350,15 @@ class MultiModelEngine:
         tm["memory_s"] += t2 - t1
         if not plan.idle:
             eng = self.engines[plan.model]
-            eng.last_out = None
-            outputs += eng.step(token_budget=max(plan.num_tokens, 1))
+            own = [r for r in plan.swap_out if self._owner.get(r.request_id) == plan.model]
+            outputs += eng.step(plan.batch, own)
             t3 = time.perf_counter()
             tm["engine_s"] += t3 - t2
             tm["steps"] += 1
-            ran = eng.last_out  # the cost model learns from the batch that ran, not the one planned
-            shape = _ran_shape(ran) if ran is not None else shape_of(plan.batch)
-            self.cost.observe_step(plan.model, shape, t3 - t2)
+            ran = eng.last_out  # the batch that ran: the plan's, less requests aborted since it was made
+            self.kv_swapped_out += len(ran.swap_out)
+            if ran.chunks:
+                self.cost.observe_step(plan.model, _ran_shape(ran), t3 - t2)
             self.state.active = plan.model
             self._last_run[plan.model] = time.monotonic()
             self.steps_per_model[plan.model] += 1
@@ -376,11 +372,10 @@ class MultiModelEngine:
                 tl[-1][3] += t3 - t2
             else:
                 tl.append([time.time() - (t3 - t2), plan.model, 1, t3 - t2])
-        # Aborted requests of a model with nothing else to do still owe their final output.
+        # Aborted requests of models that did not step still owe their final output (no step runs for them).
         for name, eng in self.engines.items():
-            m = self.state.models[name]
-            if name != plan.model and not m.has_work and eng.has_unfinished_requests():
-                outputs += eng.step()
+            if name != plan.model and eng._aborted:
+                outputs += eng.take_aborted()
         for o in outputs:
             if o.finished:
                 self._owner.pop(o.request_id, None)
@@ -495,16 +490,3 @@ def _ran_shape(out) -> StepShape:
         if c.num_tokens > 1:
             pairs += c.num_tokens * (c.start + c.num_tokens)
     return StepShape(seqs, tokens, ctx, pairs)
-
-
-def _pages_needed(eng: LLMEngine) -> int:
-    """KV blocks the model's next step may allocate: a block per running sequence at a block boundary, the
-    blocks of swapped sequences coming back, and the first waiting prompt's first chunk."""
-    s = eng.scheduler
-    bs = s.kv.block_size
-    need = sum(1 for r in s.running if r.num_computed_tokens + 1 > len(r.block_ids) * bs)
-    need += sum(s.kv.blocks_for(r.num_computed_tokens + 1) for r in s.swapped)
-    if s.waiting:
-        r = s.waiting[0]
-        need += s.kv.blocks_for(min(r.num_tokens, s.cfg.max_num_batched_tokens))
-    return need

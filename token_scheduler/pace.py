@@ -18,7 +18,7 @@ from functools import lru_cache
 
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import CompletionOutput, RequestOutput, SamplingParams
-from token_scheduler.scheduler import SchedulerConfig
+from token_scheduler.policies.batching import MAX_NUM_SEQS
 from token_scheduler.tokenizer import ByteTokenizer, load_tokenizer
 
 
@@ -29,7 +29,7 @@ class PaceConfig:
     model: str | None = None  # an HF directory for its tokenizer; None: ByteTokenizer
     s_per_token: float = 0.02  # one decode step
     prefill_s_per_token: float = 0.0  # added to a step per prompt token it admits
-    max_num_seqs: int = SchedulerConfig.max_num_seqs  # a real engine's default
+    max_num_seqs: int = MAX_NUM_SEQS  # a real engine's default
     max_model_len: int = 4096
     stamp: bool = False  # token text = emission wall-clock time (the API-overhead benchmark)
 

@@ -1,26 +1,25 @@
 """Per-model batch scheduler: continuous batching with chunked prefill under a token budget.
 
-One rule for prefill, chunked prefill and decode: each step gives every scheduled request some of its
-not-yet-computed tokens. Running requests go first (decodes keep their pace), then swapped-out ones come
-back, then waiting ones are admitted while budget, sequence slots and KV blocks allow. On KV shortage the
-newest running request is preempted: its KV goes to the host pool (swap) and comes back before it next
-runs; only without host room is it recomputed. The scheduler deals in block ids; the runner moves bytes.
+The batch is chosen by the one builder, `policies.batching.select_batch` (running requests first, then
+swapped-out ones back, then waiting ones while budget, sequence slots and KV blocks allow; on KV shortage the
+newest running request is preempted). This class keeps the model's queues and its blocks and carries a chosen
+batch out (`commit`): preempted KV goes to the host pool (swap) and comes back before it next runs -- only
+without host room is it dropped and recomputed --, swapped requests get GPU blocks back, running ones grow,
+waiting ones start. Who chooses: alone (`LLMEngine` without a policy) `schedule` builds over its own queues
+with everything the builder admits; under a multi-model policy the policy builds the same way over the same
+queues and `commit` runs its plan as is. The scheduler deals in block ids; the runner moves bytes.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from token_scheduler.block_manager import BlockAllocator, NoFreeBlocks
+from token_scheduler.block_manager import BlockAllocator
+from token_scheduler.policies.batching import BatchLimits, select_batch
 from token_scheduler.request import Request, RequestStatus
 
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_prefill_chunk: int = 2048  # cap on one request's tokens per step (chunked prefill)
+_RUNNING, _SWAPPED = RequestStatus.RUNNING, RequestStatus.SWAPPED
 
 
 @dataclass
@@ -55,9 +54,10 @@ class SchedulerOutput:
 
 
 class BatchScheduler:
-    def __init__(self, cfg: SchedulerConfig, kv: BlockAllocator, host_kv: BlockAllocator | None = None,
+    def __init__(self, limits: BatchLimits, kv: BlockAllocator, host_kv: BlockAllocator | None = None,
                  model: str = "default"):
-        self.cfg = cfg
+        # alone, every admissible request starts at once: no FCFS groups
+        self.limits = replace(limits, group_size=limits.max_seqs)
         self.kv = kv
         self.host_kv = host_kv
         self.model = model
@@ -128,71 +128,85 @@ class BatchScheduler:
             self.waiting.appendleft(req)
 
     def preempt(self, reqs: list[Request]) -> SchedulerOutput:
-        """Swap the KV of running `reqs` out to host blocks now (between turns, to make room for another
-        model). Raises if the host pool cannot take one: this path never drops KV."""
+        """Preempt running `reqs` now (a multi-model plan's swap-outs, between turns, to make room for another
+        model): their KV goes to host blocks, or is dropped where the host has no room."""
         out = SchedulerOutput(self.model)
         for req in reqs:
-            if req not in self.running or req.num_computed_tokens == 0:
-                continue
-            if self.host_kv is None or not self.host_kv.can_allocate(len(req.block_ids)):
-                raise NoFreeBlocks(f"no host KV room to swap out {req.request_id}")
-            self._preempt(req, out)
+            if req in self.running and req.num_computed_tokens:
+                self._preempt(req, out)
         return out
 
-    def schedule(self, token_budget: int | None = None) -> SchedulerOutput:
+    def schedule(self) -> SchedulerOutput:
+        """This model's next batch, everything the builder admits (the single-model engine's policy)."""
+        b = select_batch(self.running, self.swapped, self.waiting, self.kv.block_size, 1, self.limits,
+                         self.kv.num_free, self.limits.max_tokens)  # KV counted in blocks
+        return self.commit(b.entries, b.swap_out)
+
+    def commit(self, entries, swap_out=()) -> SchedulerOutput:
+        """Carry out a batch the builder chose, exactly: preempt `swap_out` (this model's running requests),
+        then for [(request, tokens)] in order swap in SWAPPED requests, start WAITING ones (FCFS), and grow
+        every one's blocks to cover its tokens. The batch was built against these free blocks, so it fits;
+        a request finished or aborted since it was planned is skipped."""
         out = SchedulerOutput(self.model)
-        budget = self.cfg.max_num_batched_tokens if token_budget is None else token_budget
-        cap = self.cfg.max_prefill_chunk
-
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = min(req.num_uncomputed_tokens, budget, cap)
-            while True:
-                try:
-                    self.kv.grow(req.block_ids, req.num_computed_tokens + n)
-                    break
-                except NoFreeBlocks:
-                    victim = self.running[-1]
-                    self._preempt(victim, out)
-                    if victim is req:
-                        break
-            if req.status != RequestStatus.RUNNING:
-                break
-            self._add_chunk(out, req, n)
-            budget -= n
-            i += 1
-
-        if not out.preempted:
-            while self.swapped and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
-                req = self.swapped[0]
-                n = min(req.num_uncomputed_tokens, budget, cap)
-                need = self.kv.blocks_for(req.num_computed_tokens + n)
-                if not self.kv.can_allocate(need):
-                    break
-                self.swapped.popleft()
+        for req in swap_out:
+            if req in self.running:
+                self._preempt(req, out)
+        kv, chunks, live, bs = self.kv, out.chunks, self.requests, self.kv.block_size
+        for req, n in entries:
+            st = req.status
+            if st is _RUNNING:  # the common case first, the rest of the loop inline: it runs per request per step
+                c = req.num_computed_tokens
+                if c + n > len(req.block_ids) * bs:
+                    kv.grow(req.block_ids, c + n)
+                chunks.append(ScheduledChunk(req, c, n, c + n == req.num_tokens))
+                continue
+            if req.request_id not in live:  # finished or aborted since the batch was built
+                continue
+            if st is _SWAPPED:
+                self.swapped.remove(req)
                 gpu = self.kv.allocate(len(req.host_block_ids))
                 out.swap_in.append((list(req.host_block_ids), list(gpu)))
                 self.host_kv.free(req.host_block_ids)  # the runner copies them in before any later reuse
                 req.host_block_ids, req.block_ids = [], gpu
-                self.kv.grow(req.block_ids, req.num_computed_tokens + n)
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
-                self._add_chunk(out, req, n)
-                budget -= n
-
-        if not out.preempted and not self.swapped:
-            while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
-                req = self.waiting[0]
-                n = min(req.num_uncomputed_tokens, budget, cap)
-                if not self.kv.can_allocate(self.kv.blocks_for(req.num_computed_tokens + n)):
-                    break
+            elif st is RequestStatus.WAITING:
+                if self.waiting[0] is not req:
+                    raise ValueError(f"{req.request_id}: new requests start in FCFS order")
                 self.waiting.popleft()
-                self.kv.grow(req.block_ids, req.num_computed_tokens + n)
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
-                self._add_chunk(out, req, n)
-                budget -= n
+            self.kv.grow(req.block_ids, req.num_computed_tokens + n)
+            self._add_chunk(out, req, n)
+        return out
+
+    def continuation(self, prev: SchedulerOutput, can_launch) -> SchedulerOutput | None:
+        """Overlapped decode: the step after `prev` for the same requests, planned before prev's tokens are
+        read -- the batch the builder would choose then, in the one case it can be known now (nothing waiting
+        or swapped, every running request in prev, one more token each within the limits and the free
+        blocks); None otherwise, and the engine reads prev and builds. Requests whose prev token is their last
+        by length are left out; one that stops on a sampled token gets a row whose result is dropped.
+        `can_launch(out)`: whether the runner can queue it that way (else None too)."""
+        if self.waiting or self.swapped:
+            return None
+        chunks, live = [], 0
+        for c in prev.chunks:
+            r = c.request
+            if r.finished or r.request_id not in self.requests:
+                continue
+            live += 1
+            if len(r.output_token_ids) + 1 < r.max_output_tokens:  # prev's token is not its last by length
+                chunks.append(ScheduledChunk(r, c.start + 1, 1, True))
+        if live != len(self.running) or not chunks or len(chunks) > self.limits.max_tokens:
+            return None
+        need = sum(self.kv.blocks_for(c.start + 1) - len(c.request.block_ids) for c in chunks)
+        if need > 0 and not self.kv.can_allocate(need):
+            return None  # the builder would preempt: let it, once prev is read
+        out = SchedulerOutput(self.model, chunks=chunks)
+        if not can_launch(out):
+            return None
+        for c in chunks:
+            self.kv.grow(c.request.block_ids, c.start + 1)
         return out
 
     @staticmethod

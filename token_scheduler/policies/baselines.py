@@ -14,25 +14,22 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from token_scheduler.policies.batching import BatchLimits, build_batch
-from token_scheduler.policies.memory import make_room
-from token_scheduler.policies.state import PoolState, Residency, StepPlan
+from token_scheduler.policies.batching import BatchLimits, build_batch, kv_demand
+from token_scheduler.policies.memory import fit_step
+from token_scheduler.policies.state import PoolState, StepPlan
 
 
-def _plan(st: PoolState, name: str, limits: BatchLimits, admit: bool, victims: list[str], why: str) -> StepPlan:
+def _plan(st: PoolState, name: str, limits: BatchLimits, admit: bool, victims: list[str], why: str,
+          evict: bool = True) -> StepPlan:
     m = st.models[name]
-    need_w = m.spec.weight_bytes if m.residency == Residency.HOST else 0
-    free = st.free_bytes()
-    demand = need_w + m.spec.kv_bytes_per_token * (len(m.running) + limits.max_tokens // 4)
-    room = make_room(st, demand - free, victims) if victims and demand > free else None
-    freed = room.freed if room else 0
-    if need_w > free + freed:
+    fit = fit_step(st, m, kv_demand(m, limits.max_tokens // 4), lambda: victims, evict)
+    if fit is None:
         return StepPlan(why=f"no room for {name}")
-    batch = build_batch(st.cost, m, limits, free + freed - need_w, admit=admit)
+    batch = build_batch(st.cost, m, limits, fit.kv_free, admit=admit)
     if not batch.entries:
         return StepPlan(why=f"{name}: nothing fits")
-    swap_out = (room.swap_out if room else []) + batch.swap_out
-    return StepPlan(model=name, batch=batch.entries, evict=room.evict if room else [], swap_out=swap_out,
+    swap_out = fit.room.swap_out + batch.swap_out
+    return StepPlan(model=name, batch=batch.entries, evict=fit.room.evict, swap_out=swap_out,
                     swap_in=batch.swap_in, wait_swap_out=bool(swap_out),
                     expected_s=st.cost.step_time(name, batch.shape), why=why)
 
@@ -108,7 +105,10 @@ class StaticPolicy:
         for k in range(n):
             name = self.resident[(self._rr + k) % n]
             if st.models[name].has_work:
-                plan = _plan(st, name, self.limits, admit=True, victims=[], why=f"static {name}")
+                # KV room may come from the other placed models' KV (the one next in turn last); their
+                # weights stay placed
+                others = [self.resident[(self._rr + k + j) % n] for j in range(n - 1, 0, -1)]
+                plan = _plan(st, name, self.limits, admit=True, victims=others, why=f"static {name}", evict=False)
                 if not plan.idle:
                     self._rr = (self._rr + k + 1) % n
                     return plan

@@ -1,15 +1,22 @@
-"""One model's step batch under a token budget and a VRAM budget (shared by every policy).
+"""One model's step batch: the one batch builder and the one preemption rule (every policy, and the
+single-model scheduler, build with `select_batch`; mechanisms run its result as is).
 
 Prefill, chunked prefill and decode are one rule (request.py): a request computes some of its uncomputed
 tokens. Order inside a model, vLLM-style: RUNNING requests (KV in VRAM) first, oldest first; if their growth
-does not fit, the *newest* RUNNING requests are preempted (KV swapped out, never dropped). Then SWAPPED
+does not fit, the *newest* RUNNING requests are preempted (their KV swapped out to host memory; dropped and
+recomputed only where the host has no room -- the mechanism's `BatchScheduler._preempt`). Then SWAPPED
 requests resume oldest first while they fit (FCFS: the first that does not fit stops the rest). New requests
-are admitted only when nothing is swapped, as one FCFS group of at most `group_size`, their prompts chunked
-so the step stays near `chunk_target_s` and decodes of the same model keep their TPOT.
+are admitted only when nothing is swapped and no running request was left without room, as one FCFS group of
+at most `group_size`, their prompts chunked so the step stays near `chunk_target_s` and decodes of the same
+model keep their TPOT. KV is counted as the mechanism allocates it, in whole blocks (`kv_bytes`).
+
+Limits: one engine's `EngineConfig.max_num_seqs` / `max_num_batched_tokens` (`BatchLimits.of`); the defaults
+here are EngineConfig's, so nothing plans with numbers the engine does not run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from token_scheduler.cost_model import CostModel, StepShape
@@ -18,14 +25,22 @@ from token_scheduler.request import RequestStatus
 
 _RUNNING, _SWAPPED = RequestStatus.RUNNING, RequestStatus.SWAPPED
 
+MAX_NUM_SEQS = 256  # EngineConfig.max_num_seqs's default
+MAX_NUM_BATCHED_TOKENS = 2048  # EngineConfig.max_num_batched_tokens's default
+
 
 @dataclass(frozen=True, slots=True)
 class BatchLimits:
-    max_seqs: int = 256
-    max_tokens: int = 8192  # tokens computed per step
+    max_seqs: int = MAX_NUM_SEQS  # sequences holding KV in VRAM (scheduled this step or not)
+    max_tokens: int = MAX_NUM_BATCHED_TOKENS  # tokens computed per step
     group_size: int = 8  # grouped FCFS: new requests admitted per group
     chunk_frac_tpot: float = 0.5  # a prefill-carrying step targets this fraction of the model's TPOT SLO
     min_chunk: int = 64
+
+    @staticmethod
+    def of(cfg, **kw) -> BatchLimits:
+        """The limits of an engine config (`EngineConfig` or anything with its two fields)."""
+        return BatchLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens, **kw)
 
 
 @dataclass(slots=True)
@@ -63,82 +78,109 @@ def prefill_budget(cost: CostModel, m: ModelState, limits: BatchLimits, decode_s
 def build_batch(cost: CostModel, m: ModelState, limits: BatchLimits, free_bytes: int, admit: bool = True,
                 max_prefill_tokens: int | None = None) -> Batch:
     """Pick `m`'s requests for one step given `free_bytes` of VRAM for its KV growth (weights already paid)."""
-    bpt = m.spec.kv_bytes_per_token
+    on_gpu = [r for r in m.running if r.status == _RUNNING]
+    swapped = [r for r in m.running if r.status == _SWAPPED]
+    pf = max_prefill_tokens if max_prefill_tokens is not None else prefill_budget(
+        cost, m, limits, len(on_gpu), sum(r.num_computed_tokens for r in on_gpu))
+    bt = m.kv_block_tokens
+    return select_batch(on_gpu, swapped, m.waiting, bt, m.kv_block_bytes or bt * m.spec.kv_bytes_per_token, limits,
+                        free_bytes, pf, admit)
+
+
+def select_batch(on_gpu: Sequence, swapped: Sequence, waiting: Iterable, block_tokens: int, block_bytes: int,
+                 limits: BatchLimits, free: int, pf_left: int, admit: bool = True) -> Batch:
+    """The rule (module docstring) over one model's queues, oldest first each: `on_gpu` RUNNING, `swapped`,
+    `waiting`. KV is held in blocks of `block_tokens` tokens and `block_bytes` bytes (ModelState.kv_bytes);
+    `free`: KV bytes free for the step; `pf_left`: prefill tokens this step may compute."""
+    bt = block_tokens
+
+    def kv_bytes(tokens: int) -> int:
+        return -(-tokens // bt) * block_bytes
+
     entries: list = []
     swap_in: list = []
     swap_out: list = []
-    on_gpu = [r for r in m.running if r.status == _RUNNING]
-    swapped = [r for r in m.running if r.status == _SWAPPED]
-    free = free_bytes
+    free0 = free
     seqs = tokens = ctx = pairs = 0
-    decode_ctx = sum(r.num_computed_tokens for r in on_gpu)
-    pf_left = max_prefill_tokens if max_prefill_tokens is not None else prefill_budget(
-        cost, m, limits, len(on_gpu), decode_ctx)
-    preempted = set()
-
-    def want(r) -> int:
-        n = r.num_tokens - r.num_computed_tokens
-        return 1 if n <= 1 else min(n, pf_left, limits.max_tokens - tokens)
+    held = len(on_gpu)  # sequence slots held: RUNNING requests, scheduled this step or not
+    max_tokens = limits.max_tokens
+    stuck = False  # a running request had no room: nothing swaps in or starts behind it
 
     # 1. RUNNING, oldest first; preempt newest on shortage.
-    i_last = len(on_gpu) - 1
+    last = len(on_gpu) - 1
     for i, r in enumerate(on_gpu):
-        if i > i_last:
+        if i > last or seqs >= limits.max_seqs:
             break
-        if seqs >= limits.max_seqs:
-            break
-        n = want(r)
+        c = r.num_computed_tokens
+        left = r.num_tokens - c
+        n = min(left, pf_left if left > 1 else 1, max_tokens - tokens)
         if n <= 0:
             continue
-        while n * bpt > free and i_last > i:
-            victim = on_gpu[i_last]
-            i_last -= 1
-            preempted.add(id(victim))
+        grow = ((-c) // bt - (-c - n) // bt) * block_bytes  # kv_bytes(c + n) - kv_bytes(c), inline: the hot line
+        while grow > free and last > i:
+            victim = on_gpu[last]
+            last -= 1
+            held -= 1
             swap_out.append(victim)
-            free += victim.num_computed_tokens * bpt
-        if n * bpt > free:
-            break  # even alone it does not fit: nothing more this step
-        free -= n * bpt
+            free += kv_bytes(victim.num_computed_tokens)
+        if grow > free:
+            stuck = True  # even alone it does not fit: nothing more this step
+            break
+        free -= grow
         entries.append((r, n))
         seqs += 1
         tokens += n
-        ctx += r.num_computed_tokens + n
+        ctx += c + n
         if n > 1:
             pf_left -= n
-            pairs += n * (r.num_computed_tokens + n)
+            pairs += n * (c + n)
     # 2. SWAPPED, oldest first, while they fit (never while we are preempting).
-    if not swap_out:
+    if not swap_out and not stuck:
         for r in swapped:
-            if seqs >= limits.max_seqs:
+            if held >= limits.max_seqs:
                 break
-            n = want(r)
-            need = (r.num_computed_tokens + max(n, 0)) * bpt
+            c = r.num_computed_tokens
+            left = r.num_tokens - c
+            n = min(left, pf_left if left > 1 else 1, max_tokens - tokens)
+            need = kv_bytes(c + max(n, 0))
             if n <= 0 or need > free:
                 break
             free -= need
             entries.append((r, n))
             swap_in.append(r)
+            held += 1
             seqs += 1
             tokens += n
-            ctx += r.num_computed_tokens + n
+            ctx += c + n
             if n > 1:
                 pf_left -= n
-                pairs += n * (r.num_computed_tokens + n)
+                pairs += n * (c + n)
     # 3. New requests: one FCFS group, only when nothing of this model waits in host memory.
-    if admit and not swap_out and len(swap_in) == len(swapped):
-        for k, r in enumerate(m.waiting):
-            if k >= limits.group_size or seqs >= limits.max_seqs or pf_left <= 0 or tokens >= limits.max_tokens:
+    if admit and not swap_out and not stuck and len(swap_in) == len(swapped):
+        for k, r in enumerate(waiting):
+            if k >= limits.group_size or held >= limits.max_seqs or pf_left <= 0 or tokens >= max_tokens:
                 break
-            n = min(r.num_tokens, pf_left, limits.max_tokens - tokens)
-            if n * bpt > free:
+            n = min(r.num_tokens, pf_left, max_tokens - tokens)
+            need = kv_bytes(n)
+            if need > free:
                 break
-            free -= n * bpt
+            free -= need
             entries.append((r, n))
+            held += 1
             seqs += 1
             tokens += n
             ctx += n
             pf_left -= n
             if n > 1:
                 pairs += n * n
-    shape = StepShape(seqs, tokens, ctx, pairs)
-    return Batch(entries, swap_in, swap_out, shape, free_bytes - free)
+    return Batch(entries, swap_in, swap_out, StepShape(seqs, tokens, ctx, pairs), free0 - free)
+
+
+def kv_demand(m: ModelState, prefill_tokens: int) -> int:
+    """KV bytes `m`'s next step may add: every running request's next token, the swapped ones back in VRAM,
+    and `prefill_tokens` of new prompts (what a policy makes room for before it builds the batch)."""
+    kvb, d = m.kv_bytes, 0
+    for r in m.running:
+        c = r.num_computed_tokens
+        d += kvb(c + 1) - (kvb(c) if r.status == _RUNNING else 0)
+    return d + kvb(prefill_tokens)

@@ -4,13 +4,19 @@ Victims come in the order the caller gives (furthest next use first for the toke
 used for the request-level baseline). For each victim model its KV goes first (small, cheap to bring back,
 its weights may still serve other requests), then its weights (the host copy always stays, so eviction is a
 pointer drop). Models whose weights are being loaded are not touched: the copy is already paid for.
+
+`fit_step` is the one place a policy makes room for a step, wherever KV lives (state.py): with the weights
+(one `make_room` for both), in a region apart (weights evicted for the weights, other models' KV swapped out
+for the KV -- what `MultiModelEngine` once did behind the plan's back), or in the model's own pool (nothing
+of another model helps; the batch builder preempts the model's own newest requests).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from token_scheduler.policies.state import PoolState, Residency
+from token_scheduler.policies.state import ModelState, PoolState, Residency
 from token_scheduler.request import RequestStatus
 
 
@@ -22,8 +28,9 @@ class Room:
 
 
 def make_room(st: PoolState, need: int, victims: list[str], room: Room | None = None,
-              weights_too: bool = True) -> Room:
-    """Free at least `need` bytes from `victims` (in order); frees less if it cannot. Adds to `room`."""
+              weights_too: bool = True, kv: bool = True) -> Room:
+    """Free at least `need` bytes from `victims` (in order): their KV (`kv`), then their weights
+    (`weights_too`); frees less if it cannot. Adds to `room`."""
     room = room or Room()
     taken = set(room.evict)
     out_ids = {id(r) for r in room.swap_out}
@@ -31,13 +38,12 @@ def make_room(st: PoolState, need: int, victims: list[str], room: Room | None = 
         if room.freed >= need:
             break
         m = st.models[name]
-        if m.kv_gpu_tokens:
-            bpt = m.spec.kv_bytes_per_token
+        if kv and m.kv_gpu_tokens:
             for r in reversed(m.running):  # newest first, as in a preemption
                 if r.status == RequestStatus.RUNNING and id(r) not in out_ids:
                     room.swap_out.append(r)
                     out_ids.add(id(r))
-                    room.freed += r.num_computed_tokens * bpt
+                    room.freed += m.kv_bytes(r.num_computed_tokens)
                     if room.freed >= need:
                         break
         if room.freed >= need:
@@ -47,3 +53,36 @@ def make_room(st: PoolState, need: int, victims: list[str], room: Room | None = 
             taken.add(name)
             room.freed += m.spec.weight_bytes
     return room
+
+
+@dataclass(slots=True)
+class Fit:
+    room: Room  # the moves that make room for the step
+    weight_free: int  # bytes of capacity still free once they are made and the model's weights are placed
+    kv_free: int  # bytes the model's KV may grow by this step (the batch builder's budget)
+
+
+def fit_step(st: PoolState, m: ModelState, kv_demand: int, victims: Callable[[], list[str]],
+             evict: bool = True) -> Fit | None:
+    """Room for `m`'s next step: its weights when in host memory, and `kv_demand` bytes of KV growth, freed
+    from `victims()` (called only when room is short) in their order; their weights too if `evict`.
+    None: its weights cannot fit."""
+    need_w = m.spec.weight_bytes if m.residency == Residency.HOST else 0
+    free = st.free_bytes()
+    room = Room()
+    if st.kv_with_weights(m):
+        if need_w + kv_demand > free:
+            make_room(st, need_w + kv_demand - free, victims(), room, weights_too=evict)
+        left = free + room.freed - need_w
+        return Fit(room, left, left) if left >= 0 else None
+    if need_w > free and evict:
+        make_room(st, need_w - free, victims(), room, kv=False)
+        if need_w > free + room.freed:
+            return None
+    kv_free = st.kv_free_bytes(m)
+    near = st.kv_neighbours(m) if kv_demand > kv_free else None
+    if near:
+        kv_room = make_room(st, kv_demand - kv_free, [n for n in victims() if n in near], weights_too=False)
+        room.swap_out += kv_room.swap_out
+        kv_free += kv_room.freed
+    return Fit(room, free + room.freed - need_w, kv_free)

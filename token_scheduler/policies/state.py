@@ -4,7 +4,17 @@ Contract: the mechanism (simulator, MultiModelEngine) owns and mutates `PoolStat
 returns a `StepPlan`. Requests are duck-typed `token_scheduler.request.Request`s: a policy reads
 `request_id, arrival_time, num_prompt_tokens, num_tokens, num_computed_tokens, status, priority` and never
 writes them. KV location is the request's status: WAITING = no KV yet, RUNNING = KV in VRAM (possibly a
-partial prefill), SWAPPED = KV in host memory. KV is never dropped: a request leaves `running` only finished.
+partial prefill), SWAPPED = KV in host memory. A planned swap-out moves KV to host memory; only where the host
+has no room does the mechanism drop it instead (the request waits again with its tokens and is recomputed).
+
+Where KV lives, so that a plan's batch fits as planned (the mechanism runs it as is, it does not re-plan):
+- by default KV and weights share `PoolState.capacity_bytes` (the simulator without an arena);
+- `PoolState.kv_capacity_bytes`: one KV region shared by the models, apart from the weight space (a pooled
+  engine's pages, `residency.ModelPool`); KV swap-outs free it, weight evictions do not;
+- `ModelState.kv_pool_bytes`: the model's own KV pool (an engine with every model resident); only its own
+  preemptions free it.
+KV is allocated in blocks (`kv_block_tokens` tokens, `kv_block_bytes` bytes each): `ModelState.kv_bytes(n)`
+is what a request of n computed tokens holds, and `kv_gpu_tokens` counts whole blocks.
 """
 
 from __future__ import annotations
@@ -34,8 +44,11 @@ class ModelState:
     running: list = field(default_factory=list)
     residency: Residency = Residency.HOST
     ready_at: float = 0.0  # LOADING: when the copy is expected to finish
-    kv_gpu_tokens: int = 0  # sum of num_computed_tokens over RUNNING requests (mechanism keeps it)
+    kv_gpu_tokens: int = 0  # KV tokens in VRAM of RUNNING requests, in whole blocks (mechanism keeps it)
     pinned: bool = False  # an operator keeps its weights in VRAM: no policy evicts them
+    kv_block_tokens: int = 1  # the mechanism allocates KV in blocks of this many tokens
+    kv_block_bytes: int = 0  # bytes of one block; 0: kv_block_tokens x spec.kv_bytes_per_token
+    kv_pool_bytes: int | None = None  # a KV pool of this model's own (None: KV from the pool's region/capacity)
 
     @property
     def name(self) -> str:
@@ -45,29 +58,56 @@ class ModelState:
     def has_work(self) -> bool:
         return bool(self.waiting) or bool(self.running)
 
+    def kv_bytes(self, tokens: int) -> int:
+        """VRAM one request holding KV of `tokens` tokens takes: whole blocks, as the mechanism allocates."""
+        bt = self.kv_block_tokens
+        return -(-tokens // bt) * (self.kv_block_bytes or bt * self.spec.kv_bytes_per_token)
+
     @property
     def kv_gpu_bytes(self) -> int:
-        return self.kv_gpu_tokens * self.spec.kv_bytes_per_token
+        return self.kv_bytes(self.kv_gpu_tokens)
 
 
 @dataclass(slots=True)
 class PoolState:
-    """One GPU's view: its models, its VRAM budget, the clock, the cost model."""
+    """One GPU's view: its models, its VRAM budget, the clock, the cost model (KV: module docstring)."""
 
     models: dict[str, ModelState]
-    capacity_bytes: int
+    capacity_bytes: int  # weights, and KV unless it has a region or pools of its own
     cost: CostModel
     now: float = 0.0
     active: str | None = None  # model of the last step (its weights are surely resident)
+    kv_capacity_bytes: int | None = None  # a KV region apart from the weights, shared by the models
 
     def weight_bytes_used(self) -> int:
         return sum(m.spec.weight_bytes for m in self.models.values() if m.residency != Residency.HOST)
 
     def kv_bytes_used(self) -> int:
-        return sum(m.kv_gpu_bytes for m in self.models.values())
+        """KV in the shared region (or, without one, in `capacity_bytes`); models' own pools not counted."""
+        return sum(m.kv_gpu_bytes for m in self.models.values() if m.kv_pool_bytes is None)
 
     def free_bytes(self) -> int:
-        return self.capacity_bytes - self.weight_bytes_used() - self.kv_bytes_used()
+        """Free bytes of `capacity_bytes`: the weight space (and KV's, when they share it)."""
+        kv = self.kv_bytes_used() if self.kv_capacity_bytes is None else 0
+        return self.capacity_bytes - self.weight_bytes_used() - kv
+
+    def kv_free_bytes(self, m: ModelState) -> int:
+        """Bytes `m`'s KV may still grow by: its own pool's free part, the region's, or the shared capacity's."""
+        if m.kv_pool_bytes is not None:
+            return m.kv_pool_bytes - m.kv_gpu_bytes
+        if self.kv_capacity_bytes is not None:
+            return self.kv_capacity_bytes - self.kv_bytes_used()
+        return self.free_bytes()
+
+    def kv_with_weights(self, m: ModelState) -> bool:
+        """`m`'s KV takes from the same bytes as weights (so evicting weights makes KV room, and the reverse)."""
+        return m.kv_pool_bytes is None and self.kv_capacity_bytes is None
+
+    def kv_neighbours(self, m: ModelState) -> set[str]:
+        """The other models whose KV swap-outs free room for `m`'s KV (those sharing its region)."""
+        if m.kv_pool_bytes is not None:
+            return set()
+        return {n for n, o in self.models.items() if o is not m and o.kv_pool_bytes is None}
 
 
 @dataclass(slots=True)
@@ -78,6 +118,8 @@ class StepPlan:
     `swap_out` copies (VRAM -> host, async) -> make `model` resident (blocking if not already) -> `swap_in`
     copies (the step waits for them) -> start `prefetch` (async; must not delay this step) -> run `batch`.
     If `wait_swap_out`, the step (and the loads) wait for the swap-outs: their VRAM is needed now.
+    `batch` runs exactly as planned (the mechanism builds no batch of its own), so it must fit the state's KV
+    (`policies.batching.build_batch` over `PoolState.kv_free_bytes`, after the plan's swap-outs).
     """
 
     model: str | None = None  # None: nothing to run now

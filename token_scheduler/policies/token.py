@@ -28,16 +28,17 @@ Beyond Aegaeon (configurable, so the `aegaeon` preset in __init__.py turns them 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cache
 from itertools import islice
 
 from token_scheduler.cost_model import StepShape
-from token_scheduler.policies.batching import BatchLimits, build_batch, prefill_budget
-from token_scheduler.policies.memory import Room, make_room
+from token_scheduler.policies.batching import BatchLimits, build_batch, kv_demand, prefill_budget
+from token_scheduler.policies.memory import Room, fit_step, make_room
 from token_scheduler.policies.quota import RoundPlan, TurnDemand, aegaeon_round, token_round
 from token_scheduler.policies.slo import next_token_slack
 from token_scheduler.policies.state import ModelState, PoolState, Residency, StepPlan
-from token_scheduler.request import RequestStatus
 
 
 @dataclass(frozen=True)
@@ -159,18 +160,14 @@ class TokenPolicy:
 
     def _step(self, st: PoolState, t: _Turn) -> StepPlan:
         cfg, m = self.cfg, st.models[t.model]
-        bpt = m.spec.kv_bytes_per_token
-        need_w = m.spec.weight_bytes if m.residency == Residency.HOST else 0
-        free = st.free_bytes()
-        swapped = sum(r.num_computed_tokens for r in m.running if r.status == RequestStatus.SWAPPED)
         first_group = sum(r.num_prompt_tokens for r in islice(m.waiting, cfg.limits.group_size))
         chunk = prefill_budget(st.cost, m, cfg.limits, len(m.running), m.kv_gpu_tokens)
-        demand = need_w + bpt * (swapped + len(m.running) + min(first_group, chunk))
-        victims = self._victims(st, m.name) if demand > free else None
-        room = make_room(st, demand - free, victims) if victims else Room()
-        if need_w > free + room.freed:
+        order = cache(lambda: self._victims(st, m.name))  # only when room is short or an order is handed on
+        fit = fit_step(st, m, kv_demand(m, min(first_group, chunk)), order)
+        if fit is None:
             return StepPlan(why=f"no room for {m.name}")
-        batch = build_batch(st.cost, m, cfg.limits, free + room.freed - need_w, max_prefill_tokens=chunk)
+        room = fit.room
+        batch = build_batch(st.cost, m, cfg.limits, fit.kv_free, max_prefill_tokens=chunk)
         if not batch.entries:
             return StepPlan(why=f"{m.name}: nothing fits")
         plan = StepPlan(
@@ -178,9 +175,10 @@ class TokenPolicy:
             swap_in=batch.swap_in, wait_swap_out=bool(room.swap_out or batch.swap_out),
             expected_s=st.cost.step_time(m.name, batch.shape), why=f"turn {t.model} q={t.quota_s:.3f}",
         )
-        if need_w and cfg.placement == "window":
-            plan.load_order = _resident(st, victims if victims is not None else self._victims(st, m.name))
-        self._plan_prefetch(st, plan, room, free + room.freed - need_w - batch.kv_growth_bytes, victims)
+        if m.residency == Residency.HOST and cfg.placement == "window":
+            plan.load_order = _resident(st, order())
+        free_after = fit.weight_free - (batch.kv_growth_bytes if st.kv_with_weights(m) else 0)
+        self._plan_prefetch(st, plan, room, free_after, order)
         if t.steps == 0:
             t.first_s = plan.expected_s
         t.steps += 1
@@ -194,7 +192,7 @@ class TokenPolicy:
         return idle + done + [n for n in reversed(self._queue) if n != keep]
 
     def _plan_prefetch(self, st: PoolState, plan: StepPlan, room: Room, free_after: int,
-                       victims: list[str] | None) -> None:
+                       order: Callable[[], list[str]]) -> None:
         mode = self.cfg.prefetch
         if mode == "off" or not self._queue:
             return
@@ -213,11 +211,11 @@ class TokenPolicy:
         need = target.spec.weight_bytes - free_after
         if need > 0 or self.cfg.placement == "window":
             protect = set(list(self._queue)[: upto + 1]) | {plan.model}
-            victims = [v for v in (victims if victims is not None else self._victims(st, plan.model))
-                       if v not in protect]
+            victims = [v for v in order() if v not in protect]
         if need > 0:
             seeded = Room(list(room.evict), list(room.swap_out), 0)
-            r2 = make_room(st, need, victims, room=seeded)
+            # KV swap-outs make weight room only where KV and weights share the bytes
+            r2 = make_room(st, need, victims, room=seeded, kv=st.kv_with_weights(target))
             if r2.freed < need:
                 return
             plan.evict += r2.evict[len(room.evict):]
@@ -240,8 +238,9 @@ class TokenPolicy:
         demands, slack, run_slack = [], {}, {}
         footprint = 0  # weights + all KV of every model with work: what exceeds VRAM rotates every round
         for m in cands:
-            footprint += m.spec.weight_bytes + m.spec.kv_bytes_per_token * sum(r.num_computed_tokens
-                                                                               for r in m.running)
+            footprint += m.spec.weight_bytes
+            if st.kv_with_weights(m):
+                footprint += sum(m.kv_bytes(r.num_computed_tokens) for r in m.running)
             d = self._decode_step_s(st, m)
             pf = self._prefill_s(st, m)
             load = cost.load_time(m.spec.weight_bytes) if m.residency == Residency.HOST else 0.0
