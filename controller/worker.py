@@ -132,7 +132,8 @@ class Worker:
         assert isinstance(reply, m.Registered)
         if not self.models.engines:  # a reconnecting worker keeps its pool (and the models in it)
             self.models = HostedModels(self.device, PoolSettings.from_dict(reply.settings), free)
-        log.info("registered as %s (arena %.1f GB)", reply.worker_id, self.models.budget_bytes / 1e9)
+        log.info("registered as %s (arena %.1f GB) %.2f s after the process started", reply.worker_id,
+                 self.models.budget_bytes / 1e9, _process_age_s())
         tasks = [asyncio.create_task(self._step_loop()), asyncio.create_task(self._beat(reply.heartbeat_s))]
         try:
             while True:
@@ -197,6 +198,8 @@ class Worker:
             self._wake.set()
             return
         freeze_long_lived()  # the engine's objects live until it is unloaded
+        log.info("hosting %s took %.2f s (%.2f s after the process started)", msg.model,
+                 time.monotonic() - t0, _process_age_s())
         self.send(m.ModelLoaded(msg.model, True, max_model_len=eng.max_model_len, max_num_seqs=_seqs(eng, msg),
                                 load_s=time.monotonic() - t0))
 
@@ -337,6 +340,18 @@ class Worker:
         # A step may still be running in the executor: queue the aborts for the next step boundary.
         self._pending = [m.Abort(list(self._owner))]
         self._wake.set()
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (Linux; -1 elsewhere): a restart's time, split in the log into
+    start-up (imports, device) and each registration."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return -1.0
 
 
 def main(argv: list[str] | None = None) -> None:

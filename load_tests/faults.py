@@ -47,6 +47,7 @@ class Target:
     model: str = "pace"
     server_pid: int | None = None
     shm_dir: Path | None = None  # the server's TOKENPOOL_SHM_DIR when it is ours (else /dev/shm, tokenpool* only)
+    log_path: Path | None = None  # the server's log, when it is ours
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -139,7 +140,7 @@ def target(url: str | None = None, admin: str | None = None, key: str | None = N
             LiveServer(config or paced_config(**cfg), Path(d), wait_ready=ready) as srv:
         if not ready:
             _wait_log(srv, "listening on")
-        yield Target(srv.url, SUITE_ADMIN, SUITE_KEY, model, srv.proc.pid, Path(shm))  # type: ignore[union-attr]
+        yield Target(srv.url, SUITE_ADMIN, SUITE_KEY, model, srv.proc.pid, Path(shm), srv.log_path)  # type: ignore[union-attr]
 
 
 @contextlib.contextmanager
@@ -498,6 +499,8 @@ async def _kill(t: Target, sig: int, streams: int, queued: int, max_tokens: int,
         "error_event_s": _summary(cut),
         "queued_requests_completed": sum(1 for s in wait_res if s.done and not s.error and s.tokens),
         "queued_requests_failed": [s.error or s.status for s in wait_res if not (s.done and not s.error)],
+        # a failed "queued" request that had tokens was running, not queued, at the kill (not retryable)
+        "queued_requests_failed_tokens": [s.tokens for s in wait_res if not (s.done and not s.error)],
         "restart_s": restart_s,
         "request_after_restart_ok": ok.done and not ok.error,
         "held_after_s": None if held is None else round(held, 3),

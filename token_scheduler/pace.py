@@ -16,9 +16,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from token_scheduler.policies.batching import MAX_NUM_SEQS
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import CompletionOutput, RequestOutput, SamplingParams
-from token_scheduler.policies.batching import MAX_NUM_SEQS
 from token_scheduler.tokenizer import ByteTokenizer, load_tokenizer
 
 

@@ -94,8 +94,8 @@ def main() -> None:
     if a.device == "cuda":
         cfg["workers"]["local"] = "auto"
         cfg["gpus"] = {"budget_gb": budget, "kv_cache_gb": a.kv_cache_gb}
-    for m in cfg["models"]:
-        m["engine"] = {"max_num_seqs": a.streams, "max_model_len": 1024}
+    for m in cfg["models"]:  # the running streams fill their model's slots: the queued requests wait
+        m["engine"] = {"max_num_seqs": max(1, a.streams // len(names)), "max_model_len": 1024}
     a.out.mkdir(parents=True, exist_ok=True)
     result = {**header(), "device_kind": a.device, "model": f"{a.arch}-{a.size} (factory, random weights)",
               "weights_gb": round(weights / 1e9, 3), "budget_gb": round(budget, 3), "kv_cache_gb": a.kv_cache_gb,
@@ -122,6 +122,8 @@ def main() -> None:
         pids = set(result["before"]["worker_pids"]) | {p["victim"]["pid"] for p in result["parts"].values()}
         pids |= set(r["after_restart"]["worker_pids"])
         server_pid = t.server_pid
+        if t.log_path is not None and t.log_path.exists():  # the workers' start-up and registration times
+            (a.out / "server.log").write_bytes(t.log_path.read_bytes()[-4_000_000:])
     time.sleep(1.0)
     after = {"processes_left": sorted(p for p in pids | {server_pid} if p and _pid_alive(p)),
              "gpu_apps_mib": gpu_apps(), "gpu_used_mib": gpu_used_mib(), "meminfo": meminfo(),
