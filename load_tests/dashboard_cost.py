@@ -16,6 +16,7 @@ import os
 import statistics
 import time
 
+from gpu_pool.inventory import cpu_name
 from load_tests import sse_client
 from load_tests.faults import Target, open_stream
 
@@ -57,6 +58,7 @@ class Dashboard:
 
 async def _measure(t: Target, streams: int, dashboards: int, duration: float, rounds: int, settle_s: float,
                    max_tokens: int) -> dict:
+    load0 = os.getloadavg()
     stop = False
     served = [0]
 
@@ -92,10 +94,15 @@ async def _measure(t: Target, streams: int, dashboards: int, duration: float, ro
         await asyncio.gather(*clients, return_exceptions=True)
     base = statistics.median(x["cpu_s"] for x in rows if not x["dashboards"])
     dashed = statistics.median(x["cpu_s"] for x in rows if x["dashboards"])
+    # each round with dashboards against the one without just before it: the machine's drift mostly cancels
+    paired = [(rows[i + 1]["cpu_s"] - rows[i]["cpu_s"]) / rows[i]["cpu_s"] for i in range(0, len(rows), 2)]
     return {"part": "dashboards", "streams": streams, "dashboards": dashboards, "duration_s": duration,
-            "rounds": rounds, "max_tokens": max_tokens, "cpus": os.cpu_count(),
-            "baseline_cpu_s": base, "with_dashboards_cpu_s": dashed, "extra_cpu_s": round(dashed - base, 3),
-            "ratio": round((dashed - base) / base, 4), "extra_core_pct": round(100 * (dashed - base) / duration, 2),
+            "rounds": rounds, "max_tokens": max_tokens, "cpu": cpu_name(), "cpus": os.cpu_count(),
+            "loadavg_before": [round(x, 2) for x in load0],
+            "baseline_cpu_s": round(base, 3), "with_dashboards_cpu_s": round(dashed, 3),
+            "extra_cpu_s": round(dashed - base, 3),
+            "ratio": round((dashed - base) / base, 4), "ratio_paired_median": round(statistics.median(paired), 4),
+            "ratio_paired": [round(x, 4) for x in paired], "extra_core_pct": round(100 * (dashed - base) / duration, 2),
             "event_to_screen_max_s": max((x["event_to_screen_max_s"] for x in rows if x["dashboards"]), default=None),
             "rows": rows}
 
