@@ -144,24 +144,30 @@ class Hub:
             t += self.beat_s  # a fixed grid: a routine event waits at most one tick, not a tick plus drift
             await asyncio.sleep(max(0.0, t - loop.time()))
             beat += 1
-            tick = beat % self.tick_beats == 0
-            new = after(self.bus, self.seq)
-            if not tick and all(e["kind"] in ROUTINE for e in new):
-                new = []  # left in the ring for the tick
-            built = tick and self.builds_wanted > 0 and self._build()
-            events = b"".join([self.frames(e) for e in new])
-            quiet = 0.0 if events or built else quiet + self.beat_s
-            if not events and not built:
-                if quiet < self.heartbeat_s:
-                    continue
-                events, quiet = PING, 0.0
-            self.start, self.seq = self.seq, new[-1]["seq"] if new else self.seq
-            self.events = events
-            self.full, self.in_full = (events + self.snapshot, self.snapshots) if built else (events, 0)
-            waiters, self._waiters = self._waiters, []
-            for f in waiters:
-                if not f.done():
-                    f.set_result(None)
+            try:
+                quiet = self._beat(beat % self.tick_beats == 0, quiet)
+            except Exception:  # noqa: BLE001 - every open stream hangs on this task: it must go on
+                log.exception("the event stream's beat failed")
+
+    def _beat(self, tick: bool, quiet: float) -> float:
+        """Send what this beat has to every waiting connection; returns how long nothing was sent."""
+        new = after(self.bus, self.seq)
+        if not tick and all(e["kind"] in ROUTINE for e in new):
+            new = []  # left in the ring for the tick
+        built = tick and self.builds_wanted > 0 and self._build()
+        events = b"".join([self.frames(e) for e in new])
+        if not events and not built:
+            if quiet + self.beat_s < self.heartbeat_s:
+                return quiet + self.beat_s
+            events = PING
+        self.start, self.seq = self.seq, new[-1]["seq"] if new else self.seq
+        self.events = events
+        self.full, self.in_full = (events + self.snapshot, self.snapshots) if built else (events, 0)
+        waiters, self._waiters = self._waiters, []
+        for f in waiters:
+            if not f.done():
+                f.set_result(None)
+        return 0.0
 
 
 async def event_stream(hub: Hub, since: int | None, snapshots: bool = False) -> AsyncIterator[bytes]:
