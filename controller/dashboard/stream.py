@@ -28,7 +28,7 @@ from controller.events import EventBus
 log = logging.getLogger("tokenpool.dashboard")
 BEAT_S = 0.5  # a non-routine event waits at most this long for a write
 TICK_BEATS = 2  # a snapshot, and the routine events, every 2 beats: once a second
-ROUTINE = frozenset({"admit", "reject", "switch", "load", "evict"})  # kinds whose rate follows the traffic
+ROUTINE = frozenset({"admit", "reject", "switch", "prefetch", "load", "evict"})  # their rate follows the traffic
 HEARTBEAT_S = 15.0
 RETRY = b"retry: 1000\n\n"  # EventSource reconnects after 1 s
 PING = b": keep-alive\n\n"
