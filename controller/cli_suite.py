@@ -138,6 +138,22 @@ def soak_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: 
         _write(run_soak(t, duration, concurrency, sample_s=max(1.0, duration / 60)), json_out)
 
 
+@suite_app.command("dashboards")
+def dashboards_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
+                   model: str = MODEL, pid: Optional[int] = typer.Option(None, help="with --url: the server's pid (CPU)"),
+                   streams: int = typer.Option(48, help="concurrent streamed completions (the serving load)"),
+                   dashboards: int = typer.Option(50, help="event streams open as the dashboard opens them"),
+                   duration: float = typer.Option(20.0, help="seconds per round"),
+                   rounds: int = typer.Option(3, help="rounds with and as many without dashboards (medians)"),
+                   json_out: Optional[Path] = JSON) -> None:
+    """The controller's extra CPU time with DASHBOARDS open dashboards under STREAMS streams (issue 18: < 2%)."""
+    from load_tests.dashboard_cost import run_dashboard_cost
+    from load_tests.faults import target
+
+    with target(url, admin_token, key, pid, model=model, max_num_seqs=max(64, streams)) as t:
+        _write(run_dashboard_cost(t, streams, dashboards, duration, rounds), json_out)
+
+
 @suite_app.command("block")
 def block_cmd(prompt_mb: float = typer.Option(4.0, help="size of the one huge prompt"),
               json_out: Optional[Path] = JSON) -> None:

@@ -30,8 +30,7 @@ class EventBus:
         self.recent: deque[dict[str, Any]] = deque(maxlen=ring)
         self._subs: set[asyncio.Queue] = set()
         self.counts: dict[str, int] = {}
-        self._changed: asyncio.Future | None = None  # resolved by the next publish (one for every watcher)
-        self.watchers = 0  # readers that follow the ring through `changed()` (the dashboards' streams)
+        self.watchers = 0  # readers that follow the ring by themselves (the SSE streams: controller.dashboard.stream)
 
     def publish(self, kind: str, **fields: Any) -> dict[str, Any]:
         ev = {"seq": next(self._seq), "t": time.time(), "kind": kind, **fields}
@@ -41,18 +40,7 @@ class EventBus:
             if q.full():
                 q.get_nowait()  # drop the oldest: a slow reader never holds the publisher back
             q.put_nowait(ev)
-        f = self._changed
-        if f is not None:  # O(1) however many watchers: they read what is new from the ring themselves
-            self._changed = None
-            if not f.done():
-                f.set_result(ev["seq"])
         return ev
-
-    def changed(self) -> asyncio.Future:
-        """A future resolved at the next publish, shared by every watcher (never cancel it)."""
-        if self._changed is None or self._changed.done():
-            self._changed = asyncio.get_running_loop().create_future()
-        return self._changed
 
     def since(self, seq: int) -> list[dict[str, Any]]:
         """Events after `seq` still in the ring (a reconnecting client's Last-Event-ID)."""

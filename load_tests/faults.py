@@ -13,6 +13,7 @@ read processes on this machine). Every result carries date, commit and command (
   disconnects  N streams dropped after their first token: time until the engine holds nothing for them
   overload     arrivals at `factor` x the measured capacity: 429 + Retry-After for the excess, TTFT of the rest
   soak         steady load for `duration` s: controller and worker RSS over time, errors
+  dashboards   the controller's CPU time with and without open dashboards under load (load_tests/dashboard_cost.py)
 """
 
 from __future__ import annotations

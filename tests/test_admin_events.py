@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from controller.dashboard.stream import PING, RETRY, Frames, Ticker, event_stream, snapshot_frame
+from controller.dashboard.stream import PING, RETRY, Hub, event_stream, snapshot_frame
 from controller.events import EventBus
 from controller.keys import hash_key
 from load_tests.live_server import LiveServer
@@ -36,9 +36,10 @@ def parse(chunk: bytes) -> list[dict]:
 
 def test_stream_delivers_coalesces_pings_and_resumes():
     async def main():
-        bus, frames = EventBus(), Frames()
+        bus = EventBus()
         bus.publish("register", model="a")  # before the client: not sent to a fresh client
-        s = event_stream(bus, frames, None, heartbeat_s=0.2, coalesce_s=0.05)
+        hub = Hub(bus, beat_s=0.05, heartbeat_s=0.2)
+        s = event_stream(hub, None)
         assert await anext(s) == RETRY
         assert bus.subscribers == 1
         for i in range(300):  # a burst: a few writes, not 300
@@ -48,6 +49,7 @@ def test_stream_delivers_coalesces_pings_and_resumes():
             got += parse(await asyncio.wait_for(anext(s), 2))
             writes += 1
         assert [g["id"] for g in got] == list(range(2, 302)) and writes <= 3
+        assert hub.frames.encoded == 300
         assert got[0]["data"] == {"seq": 2, "t": got[0]["data"]["t"], "kind": "switch", "engine": "w0", "model": "m0"}
         assert await asyncio.wait_for(anext(s), 2) == PING  # nothing for heartbeat_s: a comment keeps it open
         await s.aclose()
@@ -55,7 +57,8 @@ def test_stream_delivers_coalesces_pings_and_resumes():
 
         # reconnect after event 150: the rest of the burst, then live events
         bus.publish("drain", engine="w0")
-        r = event_stream(bus, frames, 150, heartbeat_s=5, coalesce_s=0.01)
+        hub.heartbeat_s = 5
+        r = event_stream(hub, 150)
         first = await anext(r)
         assert first.startswith(RETRY)
         assert [e["id"] for e in parse(first)] == list(range(151, 303))
@@ -64,7 +67,7 @@ def test_stream_delivers_coalesces_pings_and_resumes():
         assert (ev["id"], ev["data"]["kind"]) == (303, "resume")
         await r.aclose()
         # a Last-Event-ID from before a restart (beyond this bus's last seq): the whole ring
-        z = event_stream(bus, frames, 10_000)
+        z = event_stream(hub, 10_000)
         assert [e["id"] for e in parse(await anext(z))] == list(range(1, 304))
         await z.aclose()
         assert bus.subscribers == 0
@@ -75,7 +78,8 @@ def test_stream_delivers_coalesces_pings_and_resumes():
 def test_a_client_that_never_reads_does_not_hold_the_publisher():
     async def main():
         bus = EventBus()
-        streams = [event_stream(bus, Frames(), None) for _ in range(50)]
+        hub = Hub(bus)
+        streams = [event_stream(hub, None) for _ in range(50)]
         for s in streams:
             await anext(s)  # connected, then never read again
         t0 = time.perf_counter()
@@ -92,17 +96,18 @@ def test_a_client_that_never_reads_does_not_hold_the_publisher():
 
 def test_snapshots_are_built_once_a_tick_for_every_connection():
     async def main():
-        bus, frames = EventBus(), Frames()
+        bus = EventBus()
         builds = []
 
         def build() -> bytes:
             builds.append(time.monotonic())
             return snapshot_frame("pool", json.dumps({"n": len(builds)}))
 
-        ticker = Ticker(build, interval_s=0.1)
-        conns = [event_stream(bus, frames, None, ticker, heartbeat_s=5) for _ in range(20)]
+        hub = Hub(bus, build, beat_s=0.05, tick_beats=2, heartbeat_s=5)
+        conns = [event_stream(hub, None, snapshots=True) for _ in range(20)]
         for c in conns:
-            await anext(c)
+            assert b"event: pool" in await anext(c)  # the gauges at once (built by the first connection)
+        assert len(builds) == 1
         got = [[] for _ in conns]
         t0 = time.monotonic()
         while time.monotonic() - t0 < 0.55:
@@ -120,7 +125,7 @@ def test_snapshots_are_built_once_a_tick_for_every_connection():
             chunk = await asyncio.wait_for(anext(conns[0]), 2)
         for c in conns:
             await c.aclose()
-        assert ticker.listeners == 0 and ticker._task is None  # nobody listens: no more builds
+        assert hub.listeners == 0 and hub._task is None  # nobody listens: no more builds
         n = len(builds)
         await asyncio.sleep(0.3)
         assert len(builds) == n

@@ -206,12 +206,7 @@ async def events(request: Request, since: int | None = None, snapshots: bool = F
     if last.isdigit():
         since = int(last)
     ctl, st = _ctl(request), request.app.state
-    if getattr(st, "event_frames", None) is None:
-        st.event_frames = stream.Frames()
-    ticker = None
-    if snapshots:
-        if getattr(st, "dashboard_ticker", None) is None:
-            st.dashboard_ticker = stream.Ticker(lambda: views.snapshot(ctl))
-        ticker = st.dashboard_ticker
-    return StreamingResponse(stream.event_stream(views.events(ctl), st.event_frames, since, ticker),
+    if getattr(st, "event_hub", None) is None:  # one for every connection (controller.dashboard.stream)
+        st.event_hub = stream.Hub(views.events(ctl), lambda: views.snapshot(ctl))
+    return StreamingResponse(stream.event_stream(st.event_hub, since, snapshots),
                              media_type="text/event-stream", headers=SSE_HEADERS)

@@ -8,13 +8,17 @@
 Latency percentiles and attainment come from the finished requests of the last `window_s`; rates
 (requests/s, tokens/s, tokens/min) from cumulative counters sampled at each read, so they need no hook.
 Everything is bounded (deques with a cap); nothing here is on the serving path but the O(1) appends.
+The window's sums and sorted latencies are kept per model and per tenant, updated at a read by the requests
+that finished or aged out since the one before: a read costs O(new requests), not O(window) (at 50 requests
+a second a 60 s window holds 3000, which the dashboard's once-a-second snapshot would otherwise sort again).
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left, insort
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 WINDOW_S = 60.0
@@ -39,10 +43,46 @@ class Outcome:
 
 def percentile(xs: list[float], q: float) -> float | None:
     """The q-quantile (0..1) of xs by nearest rank; None for no samples."""
-    if not xs:
+    return ranked(sorted(xs), q)
+
+
+def ranked(s: list[float], q: float) -> float | None:
+    """percentile() of an already sorted list."""
+    if not s:
         return None
-    s = sorted(xs)
     return s[min(len(s) - 1, max(0, int(q * len(s) + 0.5) - 1))]
+
+
+@dataclass(slots=True)
+class Group:
+    """The window's outcomes of one model or tenant: sums, and the latencies sorted."""
+    requests: int = 0
+    tokens: int = 0
+    judged: int = 0
+    ok: int = 0
+    ttft: list[float] = field(default_factory=list)
+    tpot: list[float] = field(default_factory=list)
+
+    def add(self, o: Outcome, sign: int) -> None:
+        self.requests += sign
+        self.tokens += sign * o.tokens
+        if o.ok is not None:
+            self.judged += sign
+            self.ok += sign * o.ok
+        if o.status == 200:
+            for xs, x in ((self.ttft, o.ttft_s), (self.tpot, o.tpot_s)):
+                if x is None:
+                    continue
+                if sign > 0:
+                    insort(xs, x)
+                else:
+                    del xs[bisect_left(xs, x)]
+
+    def summary(self) -> dict[str, Any]:
+        return dict(requests=self.requests, tokens=self.tokens,
+                    ttft_p50=ranked(self.ttft, 0.5), ttft_p99=ranked(self.ttft, 0.99),
+                    tpot_p50=ranked(self.tpot, 0.5), tpot_p99=ranked(self.tpot, 0.99),
+                    attainment=self.ok / self.judged if self.judged else None)
 
 
 def outcome(gen: Any, status: int, now: float) -> Outcome:
@@ -80,7 +120,9 @@ class Rate:
 class Activity:
     def __init__(self, window_s: float = WINDOW_S):
         self.window_s = window_s
-        self.done: deque[Outcome] = deque(maxlen=CAP)
+        self.done: deque[Outcome] = deque(maxlen=CAP)  # finished, not yet counted in the window (a read does)
+        self.window: deque[Outcome] = deque()  # counted in `groups`, oldest first
+        self.groups: dict[tuple[str, str], Group] = {}  # ("model" | "tenant", name) -> the window's outcomes
         self.live: dict[str, Any] = {}  # request id -> Generation, while it runs
         self.timelines: dict[str, deque[list]] = {}  # engine id -> [t_wall_start, model, n_steps, dur_s] runs
         self.first_seen: dict[str, float] = {}  # engine request id -> wall time first seen (age without a hook)
@@ -167,11 +209,25 @@ class Activity:
         return r.add(now, counts)
 
     # --- read by the admin API ---
-    def _recent(self, now: float) -> list[Outcome]:
+    def _advance(self, now: float) -> None:
+        """Count the outcomes finished since the last read, uncount those that left the window."""
         cut = now - self.window_s
-        while self.done and self.done[0].t < cut - self.window_s:  # trim lazily, keep reads O(window)
-            self.done.popleft()
-        return [o for o in self.done if o.t >= cut]
+        while self.done:
+            o = self.done.popleft()
+            if o.t >= cut:
+                self.window.append(o)
+                self._count(o, 1)
+        while self.window and self.window[0].t < cut:
+            self._count(self.window.popleft(), -1)
+
+    def _count(self, o: Outcome, sign: int) -> None:
+        for key in (("model", o.model), ("tenant", o.tenant)):
+            g = self.groups.get(key)
+            if g is None:
+                g = self.groups[key] = Group()
+            g.add(o, sign)
+            if not g.requests:
+                del self.groups[key]
 
     def by_model(self, now: float | None = None) -> dict[str, dict[str, Any]]:
         return self._group(now, "model")
@@ -179,18 +235,6 @@ class Activity:
     def by_tenant(self, now: float | None = None) -> dict[str, dict[str, Any]]:
         return self._group(now, "tenant")
 
-    def _group(self, now: float | None, key: str) -> dict[str, dict[str, Any]]:
-        now = time.monotonic() if now is None else now
-        groups: dict[str, list[Outcome]] = {}
-        for o in self._recent(now):
-            groups.setdefault(getattr(o, key), []).append(o)
-        out: dict[str, dict[str, Any]] = {}
-        for k, os_ in groups.items():
-            ttft = [o.ttft_s for o in os_ if o.status == 200 and o.ttft_s is not None]
-            tpot = [o.tpot_s for o in os_ if o.status == 200 and o.tpot_s is not None]
-            judged = [o.ok for o in os_ if o.ok is not None]
-            out[k] = dict(requests=len(os_), tokens=sum(o.tokens for o in os_),
-                          ttft_p50=percentile(ttft, 0.5), ttft_p99=percentile(ttft, 0.99),
-                          tpot_p50=percentile(tpot, 0.5), tpot_p99=percentile(tpot, 0.99),
-                          attainment=sum(judged) / len(judged) if judged else None)
-        return out
+    def _group(self, now: float | None, kind: str) -> dict[str, dict[str, Any]]:
+        self._advance(time.monotonic() if now is None else now)
+        return {name: g.summary() for (k, name), g in self.groups.items() if k == kind}

@@ -207,7 +207,7 @@ def requests_view(ctl: Any) -> list[ap.RequestOut]:
 
 def snapshot(ctl: Any, max_requests: int = SNAPSHOT_REQUESTS) -> bytes:
     """The dashboard's gauges as two SSE frames (`event: pool`, `event: requests`), built once a second for
-    every open dashboard (controller.dashboard.stream.Ticker)."""
+    every open dashboard (controller.dashboard.stream.Hub)."""
     reqs = requests_view(ctl)[:max_requests]
     return (snapshot_frame("pool", pool_view(ctl).model_dump_json())
             + snapshot_frame("requests", "[" + ",".join(r.model_dump_json() for r in reqs) + "]"))

@@ -349,8 +349,8 @@ function connect() {
     S.events.push(ev);
     if (S.events.length > MAX_EVENTS) S.events.splice(0, S.events.length - MAX_EVENTS);
     S.kinds.add(ev.kind);
-    if (S.eventsDue === null) { // switches may come by the dozen a second: draw at most 5 times a second
-      S.eventsDue = setTimeout(() => { S.eventsDue = null; renderEvents(); }, 200);
+    if (S.eventsDue === null) { // the server sends events in batches (one write a tick): draw once a batch
+      S.eventsDue = requestAnimationFrame(() => { S.eventsDue = null; renderEvents(); });
     }
   };
   es.addEventListener("pool", (msg) => applyPool(JSON.parse(msg.data), true));

@@ -1,0 +1,114 @@
+"""What open dashboards cost the controller (issue 18: 50 of them < 2% of its CPU under load).
+
+    tokenpool suite dashboards [--streams 48 --dashboards 50 --duration 20 --rounds 3] [--json F]
+
+Serving load: `streams` closed-loop streamed completions (the paced model). In alternating rounds of `duration`
+seconds the controller runs with no dashboard and with `dashboards` event streams open as the page opens them
+(/admin/events?snapshots=true); its own CPU time (/proc/PID/stat utime+stime: the workers are other processes)
+is read over each round. The figure is the median of the rounds with dashboards over the median without, less
+one. Each dashboard also times the `admit` events it receives against their publish time (event to screen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+
+from gpu_pool.inventory import cpu_name
+from load_tests import sse_client
+from load_tests.faults import Target, open_stream
+
+
+def cpu_s(pid: int) -> float:
+    """A process's CPU seconds so far (all its threads, not its children)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Dashboard:
+    """One dashboard's event stream: counts snapshots, times admit events from publish to arrival."""
+
+    def __init__(self) -> None:
+        self.snapshots = 0
+        self.delays: list[float] = []
+        self.conn: sse_client.Connection | None = None
+        self._buf = b""
+
+    def feed(self, data: bytes, _perf: float, wall: float) -> None:
+        self._buf += data
+        *frames, self._buf = self._buf.split(b"\n\n")
+        for f in frames:
+            if f.startswith(b"event: pool"):
+                self.snapshots += 1
+            elif f.startswith(b"id: ") and b'"kind": "admit"' in f:
+                t = f.find(b'"t": ')
+                self.delays.append(wall - float(f[t + 5:f.index(b",", t)]))
+
+    async def open(self, t: Target) -> None:
+        host, port = t.host_port
+        self.conn = await sse_client.connect(host, port)
+        self.conn.request("GET", f"{host}:{port}", "/admin/events?snapshots=true", headers=t.admin_headers(),
+                          on_data=self.feed)
+        if await self.conn.head != 200:
+            raise RuntimeError(f"/admin/events answered {self.conn.status}")
+
+
+async def _measure(t: Target, streams: int, dashboards: int, duration: float, rounds: int, settle_s: float,
+                   max_tokens: int) -> dict:
+    load0 = os.getloadavg()
+    stop = False
+    served = [0]
+
+    async def client() -> None:
+        while not stop:
+            s = await open_stream(t, max_tokens)
+            served[0] += s.tokens
+
+    clients = [asyncio.ensure_future(client()) for _ in range(streams)]
+    await asyncio.sleep(2 * settle_s)  # every stream running before the first round
+    rows = []
+    try:
+        for r in range(2 * rounds):
+            n = dashboards if r % 2 else 0
+            dash = [Dashboard() for _ in range(n)]
+            await asyncio.gather(*(d.open(t) for d in dash))
+            await asyncio.sleep(settle_s)  # past the connections' first frames
+            for d in dash:
+                d.snapshots, d.delays = 0, []
+            c0, t0, s0 = cpu_s(t.server_pid), time.monotonic(), served[0]  # type: ignore[arg-type]
+            await asyncio.sleep(duration)
+            cpu, wall = cpu_s(t.server_pid) - c0, time.monotonic() - t0  # type: ignore[arg-type]
+            delays = [x for d in dash for x in d.delays]
+            rows.append({"dashboards": n, "cpu_s": round(cpu, 3), "wall_s": round(wall, 3),
+                         "tokens_per_s": round((served[0] - s0) / wall, 1),
+                         "snapshots_per_dashboard_per_s": round(sum(d.snapshots for d in dash) / n / wall, 2) if n else None,
+                         "event_to_screen_p50_s": round(statistics.median(delays), 3) if delays else None,
+                         "event_to_screen_max_s": round(max(delays), 3) if delays else None})
+            for d in dash:
+                d.conn.close()  # type: ignore[union-attr]
+    finally:
+        stop = True
+        await asyncio.gather(*clients, return_exceptions=True)
+    base = statistics.median(x["cpu_s"] for x in rows if not x["dashboards"])
+    dashed = statistics.median(x["cpu_s"] for x in rows if x["dashboards"])
+    # each round with dashboards against the one without just before it: the machine's drift mostly cancels
+    paired = [(rows[i + 1]["cpu_s"] - rows[i]["cpu_s"]) / rows[i]["cpu_s"] for i in range(0, len(rows), 2)]
+    return {"part": "dashboards", "streams": streams, "dashboards": dashboards, "duration_s": duration,
+            "rounds": rounds, "max_tokens": max_tokens, "cpu": cpu_name(), "cpus": os.cpu_count(),
+            "loadavg_before": [round(x, 2) for x in load0],
+            "baseline_cpu_s": round(base, 3), "with_dashboards_cpu_s": round(dashed, 3),
+            "extra_cpu_s": round(dashed - base, 3),
+            "ratio": round((dashed - base) / base, 4), "ratio_paired_median": round(statistics.median(paired), 4),
+            "ratio_paired": [round(x, 4) for x in paired], "extra_core_pct": round(100 * (dashed - base) / duration, 2),
+            "event_to_screen_max_s": max((x["event_to_screen_max_s"] for x in rows if x["dashboards"]), default=None),
+            "rows": rows}
+
+
+def run_dashboard_cost(t: Target, streams: int = 48, dashboards: int = 50, duration: float = 20.0,
+                       rounds: int = 3, settle_s: float = 1.5, max_tokens: int = 100) -> dict:
+    if t.server_pid is None:
+        raise SystemExit("the controller's pid is needed (--pid with --url) to read its CPU time")
+    return asyncio.run(_measure(t, streams, dashboards, duration, rounds, settle_s, max_tokens))
