@@ -21,17 +21,18 @@ class DetokState:
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer):
         self.tok = tokenizer
-        self.skip = skip_special_tokens
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
+    def _decode(self, ids: list[int], skip: bool) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
 
-    def step(self, st: DetokState, ids: list[int], stop: list[str], finished: bool) -> str:
-        """Consume output ids (cumulative); return the text newly released. Sets st.stop_hit on a stop string."""
-        prefix = self._decode(ids[st.prefix_offset : st.read_offset])
-        full = self._decode(ids[st.prefix_offset :])
+    def step(self, st: DetokState, ids: list[int], stop: list[str], finished: bool, skip_special_tokens: bool = True
+             ) -> str:
+        """Consume output ids (cumulative); return the text newly released. Sets st.stop_hit on a stop string.
+        `skip_special_tokens`: the request's own (SamplingParams), as vLLM and HF decode it."""
+        prefix = self._decode(ids[st.prefix_offset : st.read_offset], skip_special_tokens)
+        full = self._decode(ids[st.prefix_offset :], skip_special_tokens)
         if len(full) > len(prefix) and (finished or not full.endswith("\ufffd")):
             st.text += full[len(prefix) :]
             st.prefix_offset, st.read_offset = st.read_offset, len(ids)

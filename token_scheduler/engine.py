@@ -243,7 +243,7 @@ class LLMEngine:
         st = self._detok[req.request_id]
         sp = req.sampling_params
         n_before = len(req.output_token_ids) - 1
-        delta = self.detok.step(st, req.output_token_ids, sp.stop, req.finished)
+        delta = self.detok.step(st, req.output_token_ids, sp.stop, req.finished, sp.skip_special_tokens)
         if st.stop_hit is not None and not req.finished:
             req.stop_reason = st.stop_hit
             self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
@@ -256,9 +256,11 @@ class LLMEngine:
             self._detok.pop(req.request_id, None)
             self.runner.release(req.request_id)
         sp = req.sampling_params
+        # The request's own lists, not copies: a copy per step made a generation's cost quadratic in its
+        # length. They only grow; a streaming caller reads the deltas, and the final output is final.
         comp = CompletionOutput(
-            0, st.text, list(req.output_token_ids), req.status.finish_reason, req.stop_reason,
-            list(req.output_logprobs) if sp.logprobs is not None else None,
+            0, st.text, req.output_token_ids, req.status.finish_reason, req.stop_reason,
+            req.output_logprobs if sp.logprobs is not None else None,
         )
         m = {"arrival_time": req.arrival_time}
         for k in ("first_scheduled_time", "first_token_time", "last_token_time", "finished_time"):

@@ -168,7 +168,7 @@ class PaceEngine:
         if self.stamp:
             r.text += stamp
         else:
-            r.text = self.tokenizer.decode(r.out_ids, skip_special_tokens=True)
+            r.text = self.tokenizer.decode(r.out_ids, skip_special_tokens=r.params.skip_special_tokens)
         for s in p.stop or []:
             i = r.text.find(s, max(0, r.sent - len(s)))
             if i >= 0:

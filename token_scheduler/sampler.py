@@ -36,19 +36,28 @@ def apply_penalties(logits: torch.Tensor, req: Request) -> torch.Tensor:
     return logits
 
 
-def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_l, idx = torch.sort(logits, descending=True)
+def _filter(x: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> torch.Tensor:
+    """Top-k, top-p and min-p over a batch of rows [N, V] at once, each row with its own settings (off: -1, 1.0,
+    0.0). A batched op per filter instead of a Python loop over rows: the ops and results are those of
+    filtering each row alone (row-wise sort, softmax and cumsum)."""
+    n, vocab = x.shape
+    dev = x.device
+    if any(0 < k < vocab for k in top_k):
+        ks = [k if 0 < k < vocab else vocab for k in top_k]
+        top = torch.topk(x, max(ks), dim=-1).values
+        kth = top.gather(1, torch.tensor(ks, device=dev).sub_(1).unsqueeze(1))
+        x = x.masked_fill(x < kth, float("-inf"))
+    if any(p < 1.0 for p in top_p):
+        sorted_l, idx = torch.sort(x, dim=-1, descending=True)
         probs = sorted_l.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(0, idx, sorted_l.masked_fill(drop, float("-inf")))
-    if min_p > 0.0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
-    return logits
+        # keep the smallest prefix whose mass reaches top_p (a row with top_p 1.0 drops nothing)
+        drop = probs.cumsum(-1) - probs > torch.tensor(top_p, device=dev, dtype=probs.dtype).unsqueeze(1)
+        x = x.scatter(1, idx, sorted_l.masked_fill(drop, float("-inf")))
+    if any(p > 0.0 for p in min_p):
+        probs = x.softmax(-1)
+        floor = torch.tensor(min_p, device=dev, dtype=probs.dtype).unsqueeze(1) * probs.amax(-1, keepdim=True)
+        x = x.masked_fill(probs < floor, float("-inf"))
+    return x
 
 
 class Sampler:
@@ -80,40 +89,54 @@ class Sampler:
 
     def sample_tokens(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """The sampled ids as a device tensor [N]: only kernels are queued, nothing waits for the GPU (an
-        overlapped step feeds them to the next forward before the host reads them)."""
+        overlapped step feeds them to the next forward before the host reads them). Batched over the rows;
+        only penalties (rare) and seeded rows' random draws go row by row."""
+        sps = [r.sampling_params for r in reqs]
         raw = logits
-        if all(r.sampling_params.greedy and not r.sampling_params.needs_penalties for r in reqs):
+        if any(sp.needs_penalties for sp in sps):
+            raw = raw.clone()
+            for i, (r, sp) in enumerate(zip(reqs, sps)):
+                if sp.needs_penalties:
+                    raw[i] = apply_penalties(raw[i], r)
+        greedy = [sp.greedy for sp in sps]
+        if all(greedy):
             return raw.argmax(-1)
-        tokens = torch.empty(len(reqs), dtype=torch.long, device=raw.device)
-        for i, r in enumerate(reqs):
-            sp = r.sampling_params
-            row = raw[i].clone() if sp.needs_penalties else raw[i]
-            if sp.needs_penalties:
-                row = apply_penalties(row, r)
-            if sp.greedy:
-                tokens[i] = row.argmax()
-                continue
-            row = _filter(row / sp.temperature, sp.top_k, sp.top_p, sp.min_p)
-            probs = row.softmax(-1)
-            q = torch.empty_like(probs).exponential_(1.0, generator=self.generator(r))
-            tokens[i] = (probs / q).argmax()
+        dev = raw.device
+        temps = torch.tensor([1.0 if g else sp.temperature for g, sp in zip(greedy, sps)], device=dev,
+                             dtype=raw.dtype)
+        x = _filter(raw / temps.unsqueeze(1), [sp.top_k for sp in sps], [sp.top_p for sp in sps],
+                    [sp.min_p for sp in sps])
+        probs = x.softmax(-1)
+        # exponential race: unseeded rows draw from the engine's generator in one call; a seeded row redraws
+        # its own row from its own generator (the same V draws it would make alone, whatever the batch)
+        q = torch.empty_like(probs).exponential_(1.0, generator=self._default)
+        for i, (g, sp) in enumerate(zip(greedy, sps)):
+            if sp.seed is not None and not g:
+                q[i].exponential_(1.0, generator=self.generator(reqs[i]))
+        tokens = (probs / q).argmax(-1)
+        if any(greedy):
+            tokens = torch.where(torch.tensor(greedy, device=dev), raw.argmax(-1), tokens)
         return tokens
 
     def read(self, tokens: torch.Tensor, reqs: list[Request], logprobs_all: torch.Tensor | None) -> SampleResult:
-        token_list = tokens.tolist()  # the one host sync of a step
+        token_list = tokens.tolist()  # the one host sync of a step without logprobs
         if logprobs_all is None:
             return SampleResult(token_list, None)
+        ks = [r.sampling_params.logprobs for r in reqs]
+        sampled = logprobs_all.gather(1, tokens.view(-1, 1)).view(-1).tolist()  # one read for every row
+        kmax = max((k for k in ks if k), default=0)
+        top_vals = top_ids = None
+        if kmax:
+            v, i = torch.topk(logprobs_all, kmax, dim=-1)
+            top_vals, top_ids = v.tolist(), i.tolist()
         lps: list[dict[int, float]] = []
-        for i, r in enumerate(reqs):
-            k = r.sampling_params.logprobs
+        for row, k in enumerate(ks):
             if k is None:
                 lps.append({})
                 continue
-            row = logprobs_all[i]
-            d = {token_list[i]: float(row[token_list[i]])}
+            d = {token_list[row]: sampled[row]}
             if k > 0:
-                vals, ids = torch.topk(row, k)
-                for t, lp in zip(ids.tolist(), vals.tolist()):
+                for t, lp in zip(top_ids[row][:k], top_vals[row][:k]):
                     d.setdefault(t, lp)
             lps.append(d)
         return SampleResult(token_list, lps)

@@ -1,0 +1,65 @@
+"""The batched sampler equals sampling each row alone (the per-row reference below is the textbook form of each
+filter, written out once per row), and a seeded row draws the same token in any batch."""
+
+from __future__ import annotations
+
+import torch
+
+from token_scheduler.request import Request, SamplingParams
+from token_scheduler.sampler import Sampler, _filter
+
+
+def _row_reference(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    if 0 < top_k < row.numel():
+        row = row.masked_fill(row < torch.topk(row, top_k).values[-1], float("-inf"))
+    if top_p < 1.0:
+        s, idx = torch.sort(row, descending=True)
+        p = s.softmax(-1)
+        row = row.scatter(0, idx, s.masked_fill(p.cumsum(-1) - p > top_p, float("-inf")))
+    if min_p > 0.0:
+        p = row.softmax(-1)
+        row = row.masked_fill(p < min_p * p.max(), float("-inf"))
+    return row
+
+
+def _req(rid: str, **sp) -> Request:
+    return Request(rid, [1, 2, 3], SamplingParams(**sp))
+
+
+def test_batched_filters_equal_each_row_alone():
+    g = torch.Generator().manual_seed(0)
+    settings = [(-1, 1.0, 0.0), (5, 1.0, 0.0), (-1, 0.8, 0.0), (-1, 1.0, 0.1), (20, 0.9, 0.05), (1, 0.5, 0.0),
+                (63, 1.0, 0.0), (64, 0.99, 0.2)]
+    x = torch.randn(len(settings), 64, generator=g) * 3
+    got = _filter(x, *map(list, zip(*settings)))
+    for i, (k, p, mp) in enumerate(settings):
+        torch.testing.assert_close(got[i], _row_reference(x[i], k, p, mp), rtol=0, atol=0)
+
+
+def test_seeded_row_draws_the_same_token_alone_and_in_any_batch():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 200, generator=g)
+    seeded = dict(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    alone = Sampler(torch.device("cpu"), seed=0).sample_tokens(logits[2:3].clone(), [_req("s", **seeded)])
+    for other_seed in (0, 7):  # the engine's own generator (unseeded rows) differs; the seeded row does not
+        reqs = [_req("u0", temperature=1.0), _req("g", temperature=0.0), _req("s", **seeded),
+                _req("u1", temperature=0.7, min_p=0.1), _req("s2", temperature=1.2, seed=5),
+                _req("p", temperature=0.8, repetition_penalty=1.3)]
+        mixed = Sampler(torch.device("cpu"), seed=other_seed).sample_tokens(logits.clone(), reqs)
+        assert mixed[2].item() == alone[0].item()
+        assert mixed[1].item() == logits[1].argmax().item()  # greedy row
+
+
+def test_sampled_and_top_logprobs_are_the_log_softmax_values():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 50, generator=g)
+    reqs = [_req("a", temperature=0.0, logprobs=3), _req("b", temperature=0.0), _req("c", temperature=0.0, logprobs=0)]
+    res = Sampler(torch.device("cpu"))(logits.clone(), reqs)
+    lsm = torch.log_softmax(logits, -1)
+    assert res.token_ids == logits.argmax(-1).tolist()
+    a = res.logprobs[0]
+    top = torch.topk(lsm[0], 3)
+    assert list(a) == top.indices.tolist()  # the sampled (greedy) token first, then the rest of the top 3
+    assert all(abs(a[t] - v) < 1e-6 for t, v in zip(top.indices.tolist(), top.values.tolist()))
+    assert res.logprobs[1] == {}
+    assert res.logprobs[2] == {res.token_ids[2]: lsm[2, res.token_ids[2]].item()}
