@@ -30,7 +30,7 @@ from tokenpool import env
 log = logging.getLogger("tokenpool.worker")
 
 
-def to_delta(out, num_prompt_tokens: int) -> m.Delta:
+def to_delta(out) -> m.Delta:
     c = out.outputs[0]
     lps = None
     if c.logprobs is not None and out.delta_token_ids:
@@ -40,7 +40,7 @@ def to_delta(out, num_prompt_tokens: int) -> m.Delta:
             lps.append(pairs)
     return m.Delta(request_id=out.request_id, text=out.delta_text, token_ids=list(out.delta_token_ids),
                    logprobs=lps, finished=out.finished, finish_reason=c.finish_reason if out.finished else None,
-                   num_prompt_tokens=num_prompt_tokens)
+                   num_prompt_tokens=len(out.prompt_token_ids))
 
 
 def _seqs(eng, msg: m.LoadModel) -> int:
@@ -71,8 +71,7 @@ class Worker:
         self.join_token = join_token
         self.settings = {k: v for k, v in (settings or {}).items() if v is not None}  # overrides of the controller's
         self.models = HostedModels(device)
-        self._owner: dict[str, str] = {}  # request id -> model
-        self._prompt_len: dict[str, int] = {}
+        self._owner: dict[str, str] = {}  # request id -> model: the worker's one registry of a request
         self._pending: list[m.Message] = []
         self._hosting: list[tuple[m.LoadModel, asyncio.Future]] = []  # loads the step loop runs between steps
         self._loading: set[str] = set()
@@ -235,11 +234,9 @@ class Worker:
                                           error_kind="invalid"))
                     continue
                 self._owner[msg.request_id] = msg.model
-                self._prompt_len[msg.request_id] = len(msg.prompt_token_ids)
             elif isinstance(msg, m.Abort):
                 for rid in msg.request_ids:
                     model = self._owner.pop(rid, None)
-                    self._prompt_len.pop(rid, None)
                     if model is not None:
                         self.models.abort(model, rid)
             elif isinstance(msg, m.PinModel):
@@ -249,7 +246,6 @@ class Worker:
                 if msg.model in self.models:
                     for rid in [r for r, mm in self._owner.items() if mm == msg.model]:
                         self._owner.pop(rid)
-                        self._prompt_len.pop(rid, None)
                         errors.append(m.Delta(rid, finished=True, finish_reason="error",
                                               error="model unloaded", error_kind="engine"))
                     self.models.unload(msg.model)
@@ -263,11 +259,10 @@ class Worker:
         for out in outs:
             if out.request_id not in self._owner:  # aborted by the controller: it needs no answer
                 continue
-            deltas.append(to_delta(out, self._prompt_len.get(out.request_id, 0)))
+            deltas.append(to_delta(out))
             self.tokens += len(out.delta_token_ids)
             if out.finished:
                 self._owner.pop(out.request_id, None)
-                self._prompt_len.pop(out.request_id, None)
         if ran:
             dt = time.monotonic() - t0
             self.step_s = dt if self.steps == 0 else 0.9 * self.step_s + 0.1 * dt

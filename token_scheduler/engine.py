@@ -106,7 +106,6 @@ class LLMEngine:
                                   graphs=graphs, graph_key=graph_key, name=self.model_name,
                                   hf_exact_prefill=c.hf_exact_prefill, hf_exact_decode=c.hf_exact)
         self.detok = IncrementalDetokenizer(self.tokenizer)
-        self._detok: dict[str, DetokState] = {}
         self._aborted: list[Request] = []
         self.overlap = self.device.type == "cuda" if c.overlap is None else c.overlap
         self._inflight: LaunchedDecode | None = None  # a decode step queued, its tokens not read yet
@@ -154,14 +153,13 @@ class LLMEngine:
                       max_model_len=self.max_model_len)
         if arrival_time is not None:
             req.arrival_time = arrival_time
+        req.detok = DetokState()
         self.scheduler.add(req)
-        self._detok[request_id] = DetokState()
         return req
 
     def abort_request(self, request_id: str) -> None:
         req = self.scheduler.abort(request_id)
         if req is not None:
-            self.runner.release(request_id)
             self._aborted.append(req)
 
     def has_unfinished_requests(self) -> bool:
@@ -240,7 +238,7 @@ class LLMEngine:
         return outputs
 
     def _advance_text(self, req: Request) -> RequestOutput:
-        st = self._detok[req.request_id]
+        st = req.detok
         sp = req.sampling_params
         n_before = len(req.output_token_ids) - 1
         delta = self.detok.step(st, req.output_token_ids, sp.stop, req.finished, sp.skip_special_tokens)
@@ -250,11 +248,9 @@ class LLMEngine:
         return self._output(req, delta, req.output_token_ids[n_before:])
 
     def _output(self, req: Request, delta: str, delta_ids: list[int]) -> RequestOutput:
-        st = self._detok.get(req.request_id) or DetokState()
+        st = req.detok or DetokState()
         if req.finished:
             req.finished_time = req.finished_time or time.monotonic()
-            self._detok.pop(req.request_id, None)
-            self.runner.release(req.request_id)
         sp = req.sampling_params
         # The request's own lists, not copies: a copy per step made a generation's cost quadratic in its
         # length. They only grow; a streaming caller reads the deltas, and the final output is final.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -120,6 +121,11 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    # The engine's per-request state lives on the request, so it goes when the request goes (the scheduler's
+    # `requests` is the one registry of a request in an engine): its detokenizer state, and the sampler's
+    # generator of a seeded request.
+    detok: Any = None
+    generator: Any = None
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -155,9 +155,6 @@ class ModelRunner:
             step.event.synchronize()  # the one host wait of the step
         return StepResult({c.request.request_id: t for c, t in zip(step.out.chunks, step.host.tolist())}, {})
 
-    def release(self, request_id: str) -> None:
-        self.sampler.release(request_id)
-
     def swap_kv(self, swap_out, swap_in, wait: bool = True) -> list:
         """KV copies on the swapper's copy stream: out first (GPU -> host), then in. With `wait`, compute
         waits (GPU-side, no CPU block) until they land: this step may reuse the freed blocks or read the

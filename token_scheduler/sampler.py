@@ -65,20 +65,15 @@ class Sampler:
         self.device = device
         self._default = torch.Generator(device=device)
         self._default.manual_seed(seed)
-        self._gens: dict[str, torch.Generator] = {}
 
     def generator(self, req: Request) -> torch.Generator:
         seed = req.sampling_params.seed
         if seed is None:
             return self._default
-        g = self._gens.get(req.request_id)
-        if g is None:
-            g = self._gens[req.request_id] = torch.Generator(device=self.device)
-            g.manual_seed(seed)
-        return g
-
-    def release(self, request_id: str) -> None:
-        self._gens.pop(request_id, None)
+        if req.generator is None:  # on the request: it goes with it
+            req.generator = torch.Generator(device=self.device)
+            req.generator.manual_seed(seed)
+        return req.generator
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
         """logits: [N, V] float32, row i for reqs[i] (may be modified in place)."""
