@@ -81,8 +81,7 @@ class Worker:
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="load")
         self._writer: asyncio.StreamWriter | None = None
         self._memory: tuple[int, int] | None = None
-        self.step_s = 0.0  # EWMA of one worker step (all its models)
-        self.steps = 0
+        self.steps = 0  # worker steps that ran (step times are measured once, per model, in HostedModels)
         self.tokens = 0
 
     def send(self, msg: m.Message) -> None:
@@ -253,7 +252,6 @@ class Worker:
         return errors
 
     def _step_all(self) -> tuple[list[m.Delta], bool]:
-        t0 = time.monotonic()
         outs, ran = self.models.step()
         deltas = []
         for out in outs:
@@ -264,8 +262,6 @@ class Worker:
             if out.finished:
                 self._owner.pop(out.request_id, None)
         if ran:
-            dt = time.monotonic() - t0
-            self.step_s = dt if self.steps == 0 else 0.9 * self.step_s + 0.1 * dt
             self.steps += 1
         return deltas, ran
 
@@ -314,7 +310,9 @@ class Worker:
         """Stats of the pool, taken on the step thread between steps (the engines' queues are not shared)."""
         hm = self.models
         # step_s for the router is a round: the time a model waits between two of its steps
-        return m.Stats(models=hm.stats(), step_s=max(self.step_s, hm.round_s), steps=self.steps, tokens=self.tokens,
+        # (before any model has waited a round, its own step is the best guess)
+        round_s = max(hm.round_s, max(hm.step_s.values(), default=0.0))
+        return m.Stats(models=hm.stats(), step_s=round_s, steps=self.steps, tokens=self.tokens,
                        pool=hm.pool_state(), events=hm.drain_events())
 
     async def _beat(self, period: float) -> None:
