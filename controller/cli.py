@@ -11,6 +11,13 @@ from tokenpool import env
 
 app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by token.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (GPU figures go to bench/results/).", no_args_is_help=True)
+# The options the workload benchmarks share (bench pool, bench serve replay the same seeded workload)
+JSON_OUT = typer.Option(None, "--json", help="write results here")
+DURATION = typer.Option(120.0, help="seconds of arrivals")
+SLO_TTFT = typer.Option(10.0, help="each model's TTFT SLO (s)")
+SLO_TPOT = typer.Option(0.1, help="each model's TPOT SLO (s)")
+SEED = typer.Option(0, help="the workload's seed")
+TARGET = typer.Option(0.9, help="SLO attainment a rate must keep to count as sustained")
 app.add_typer(bench_app, name="bench")
 
 
@@ -148,7 +155,7 @@ def keys_hash_cmd(key: str = typer.Argument(..., help="the key; '-' reads it fro
 def bench_engine_cmd(
     model: Path = typer.Option(..., help="model directory"),
     batch: str = typer.Option("1,8,32,64", help="comma-separated decode batch sizes"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write results here"),
+    json_out: Optional[Path] = JSON_OUT,
     context: int = typer.Option(512, help="context length of each sequence while decoding"),
     hf: bool = typer.Option(True, help="also time HF transformers generate on the same weights"),
     parity_dtype: Optional[str] = typer.Option(
@@ -168,7 +175,7 @@ def bench_engine_cmd(
 @bench_app.command("swap")
 def bench_swap_cmd(
     model: Path = typer.Option(..., help="model directory"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write results here"),
+    json_out: Optional[Path] = JSON_OUT,
 ) -> None:
     """Swap-in latency vs the PCIe floor and peers; prefetch stall; KV swap bandwidth."""
     from load_tests.bench_swap import run_bench_swap
@@ -180,14 +187,14 @@ def bench_swap_cmd(
 def bench_pool_cmd(
     models: str = typer.Option("4x7b,6x1.5b", help="e.g. 4x7b,6x1.5b"),
     rate: str = typer.Option("0.1", help="requests/s per model; --real: a comma list (0.1,0.2,0.4) is a rate sweep"),
-    duration: float = typer.Option(120.0, help="seconds of arrivals"),
-    slo_ttft: float = typer.Option(10.0),
-    slo_tpot: float = typer.Option(0.1),
+    duration: float = DURATION,
+    slo_ttft: float = SLO_TTFT,
+    slo_tpot: float = SLO_TPOT,
     gpu_budget_gb: float = typer.Option(60.0),
     policy: str = typer.Option("token,request,static"),
-    seed: int = typer.Option(0),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write results here"),
-    target: float = typer.Option(0.9, help="SLO attainment a rate must keep to count as sustained"),
+    seed: int = SEED,
+    json_out: Optional[Path] = JSON_OUT,
+    target: float = TARGET,
     real: bool = typer.Option(False, "--real", help="replay on this machine's GPU (with the simulator beside it)"),
     drain: float = typer.Option(60.0, help="--real: seconds after the last arrival before unfinished requests miss"),
     kv_cache_gb: float = typer.Option(4.0, help="--real: KV region inside the GPU budget"),
@@ -252,22 +259,22 @@ def bench_pool_cmd(
 def bench_serve_cmd(
     models: str = typer.Option("4x7b,6x1.5b", help="e.g. 4x7b,6x1.5b (made and cached as bench pool --real does)"),
     rate: str = typer.Option("0.1", help="requests/s per model; a comma list (0.1,0.3,0.5) is a rate sweep"),
-    duration: float = typer.Option(120.0, help="seconds of arrivals"),
-    slo_ttft: float = typer.Option(10.0),
-    slo_tpot: float = typer.Option(0.1),
+    duration: float = DURATION,
+    slo_ttft: float = SLO_TTFT,
+    slo_tpot: float = SLO_TPOT,
     gpu_budget_gb: Optional[float] = typer.Option(60.0, help="the server's arena per GPU (gpus.budget_gb)"),
     kv_cache_gb: Optional[float] = typer.Option(4.0, help="the KV region inside it (gpus.kv_cache_gb)"),
     policy: str = typer.Option("token", help="the server's multi-model policy per run: token,request,static"),
-    seed: int = typer.Option(0),
+    seed: int = SEED,
     drain: float = typer.Option(60.0, help="seconds after the last arrival before unfinished requests miss"),
     url: Optional[str] = typer.Option(None, help="measure this running server (its models) instead of starting one"),
     admin_token: Optional[str] = typer.Option(None, envvar=env.ADMIN_TOKEN.name,
                                               help="--url: its admin token, to read its engines' step counters"),
-    target: float = typer.Option(0.9, help="SLO attainment a rate must keep to count as sustained"),
+    target: float = TARGET,
     stop_at_miss: bool = typer.Option(False, help="skip a policy's remaining rates once it misses --target"),
     device: str = typer.Option("cuda", help="cuda (one worker per GPU) | cpu"),
     no_admission: bool = typer.Option(False, help="turn the server's admission control off"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write results here"),
+    json_out: Optional[Path] = JSON_OUT,
 ) -> None:
     """Replay bench pool's seeded multi-model workload through the HTTP API (streamed) and score SLO attainment."""
     from load_tests.bench_pool_real import parse_rates

@@ -33,14 +33,14 @@ def test_chat_frames_match_pydantic(rid, model, created, index, text, fin, usage
     extra = {"usage": None} if usage else {}
     fr = ChunkFrames("chat.completion.chunk", rid, created, model, usage)
 
-    def want(delta: p.Delta, finish_reason: str | None = None) -> bytes:
+    def want(delta: p.ChatDelta, finish_reason: str | None = None) -> bytes:
         choice = p.ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=None)
         return sse(p.ChatCompletionChunk(object="chat.completion.chunk", id=rid, created=created, model=model,
                                          choices=[choice], **extra))
 
-    assert fr.delta(index, ROLE) == want(p.Delta(role="assistant", content=""))
-    assert fr.delta(index, content(text)) == want(p.Delta(content=text))
-    assert fr.delta(index, EMPTY, finish_reason=fin) == want(p.Delta(), fin)
+    assert fr.delta(index, ROLE) == want(p.ChatDelta(role="assistant", content=""))
+    assert fr.delta(index, content(text)) == want(p.ChatDelta(content=text))
+    assert fr.delta(index, EMPTY, finish_reason=fin) == want(p.ChatDelta(), fin)
 
 
 def test_usage_frame_matches_pydantic():

@@ -43,18 +43,13 @@ async def engines(request: Request):
 
 
 @router.post("/engines/{engine_id}/drain", response_model=ap.EngineOut)
-async def drain(engine_id: str, request: Request):
-    ctl = _ctl(request)
-    out = _engine_out(ctl, ctl.drain(engine_id, True))
-    views.events(ctl).publish("drain", engine=engine_id)
-    return out
-
-
 @router.post("/engines/{engine_id}/resume", response_model=ap.EngineOut)
-async def resume(engine_id: str, request: Request):
+async def drain(engine_id: str, request: Request):
+    """drain: send the engine no new requests and give its registrations back once idle; resume: undo."""
     ctl = _ctl(request)
-    out = _engine_out(ctl, ctl.drain(engine_id, False))
-    views.events(ctl).publish("resume", engine=engine_id)
+    on = request.url.path.endswith("/drain")
+    out = _engine_out(ctl, ctl.drain(engine_id, on))
+    views.events(ctl).publish("drain" if on else "resume", engine=engine_id)
     return out
 
 
@@ -152,26 +147,20 @@ async def cancel(request_id: str, request: Request):
     return views.cancel(_ctl(request), request_id)
 
 
+# Each switch is one route pair on one handler: the last path segment says which way.
 @router.post("/models/{name:path}/pin", response_model=ap.PinOut)
-async def pin(name: str, request: Request):
-    """Ask placement to keep the model resident (a flag on the model, honoured by placement)."""
-    return _pin(_ctl(request), name, True)
-
-
 @router.post("/models/{name:path}/unpin", response_model=ap.PinOut)
-async def unpin(name: str, request: Request):
-    return _pin(_ctl(request), name, False)
+async def pin(name: str, request: Request):
+    """pin: keep the model's weights resident on every GPU it is registered on; unpin: stop."""
+    return _pin(_ctl(request), name, request.url.path.endswith("/pin"))
 
 
 @router.post("/models/{name:path}/drain", response_model=ap.DrainOut)
-async def drain_model(name: str, request: Request):
-    """Stop admitting requests for the model (503 + Retry-After); those in flight finish (before a removal)."""
-    return _drain_model(_ctl(request), name, True)
-
-
 @router.post("/models/{name:path}/resume", response_model=ap.DrainOut)
-async def resume_model(name: str, request: Request):
-    return _drain_model(_ctl(request), name, False)
+async def drain_model(name: str, request: Request):
+    """drain: stop admitting requests for the model (503 + Retry-After), those in flight finish (before a
+    removal); resume: admit again."""
+    return _drain_model(_ctl(request), name, request.url.path.endswith("/drain"))
 
 
 def _drain_model(ctl: Controller, name: str, on: bool) -> ap.DrainOut:

@@ -44,55 +44,45 @@ class AdminClient:
         except (ValueError, KeyError, TypeError):
             return r.text[:300]
 
-    def models(self) -> dict[str, dict]:
-        r = self._call("GET", "/admin/models")
-        if r.status_code != 200:
-            raise AdminError(self._error(r))
-        return {m["name"]: m for m in r.json()}
-
-    def add_model(self, body: dict) -> dict:
-        r = self._call("POST", "/admin/models", body)
-        if r.status_code != 201:
+    def _expect(self, method: str, path: str, ok: int, json: dict | None = None):
+        """The JSON of a call that must answer `ok`; any other 4xx is the controller refusing it."""
+        r = self._call(method, path, json)
+        if r.status_code != ok:
             raise AdminError(self._error(r))
         return r.json()
 
-    def remove_model(self, name: str) -> bool:
-        r = self._call("DELETE", f"/admin/models/{quote(name, safe='/')}")
+    def _if_present(self, method: str, path: str) -> bool:
+        """A call on something that may be gone already: True if it was there (404: it was not)."""
+        r = self._call(method, path)
         if r.status_code not in (200, 404):
             raise AdminError(self._error(r))
         return r.status_code == 200
+
+    def models(self) -> dict[str, dict]:
+        return {m["name"]: m for m in self._expect("GET", "/admin/models", 200)}
+
+    def add_model(self, body: dict) -> dict:
+        return self._expect("POST", "/admin/models", 201, body)
+
+    def remove_model(self, name: str) -> bool:
+        return self._if_present("DELETE", f"/admin/models/{quote(name, safe='/')}")
 
     def drain_model(self, name: str) -> bool:
         """Stop the controller admitting the model's requests (those in flight finish); False if it is gone."""
-        r = self._call("POST", f"/admin/models/{quote(name, safe='/')}/drain")
-        if r.status_code not in (200, 404):
-            raise AdminError(self._error(r))
-        return r.status_code == 200
+        return self._if_present("POST", f"/admin/models/{quote(name, safe='/')}/drain")
 
     def engines(self) -> list[dict]:
-        r = self._call("GET", "/admin/engines")
-        if r.status_code != 200:
-            raise AdminError(self._error(r))
-        return r.json()
+        return self._expect("GET", "/admin/engines", 200)
 
     def inflight(self, model: str) -> int:
         """Requests of `model` now running on any engine."""
         return sum(rep["inflight"] for e in self.engines() for rep in e["models"] if rep["model"] == model)
 
     def tenants(self) -> dict[str, dict]:
-        r = self._call("GET", "/admin/tenants")
-        if r.status_code != 200:
-            raise AdminError(self._error(r))
-        return {t["name"]: t for t in r.json()}
+        return {t["name"]: t for t in self._expect("GET", "/admin/tenants", 200)}
 
     def add_tenant(self, body: dict) -> dict:
-        r = self._call("POST", "/admin/tenants", body)
-        if r.status_code != 201:
-            raise AdminError(self._error(r))
-        return r.json()
+        return self._expect("POST", "/admin/tenants", 201, body)
 
     def remove_tenant(self, name: str) -> bool:
-        r = self._call("DELETE", f"/admin/tenants/{quote(name, safe='')}")
-        if r.status_code not in (200, 404):
-            raise AdminError(self._error(r))
-        return r.status_code == 200
+        return self._if_present("DELETE", f"/admin/tenants/{quote(name, safe='')}")

@@ -101,7 +101,7 @@ def select_batch(on_gpu: Sequence, swapped: Sequence, waiting: Iterable, block_t
     swap_in: list = []
     swap_out: list = []
     free0 = free
-    seqs = tokens = ctx = pairs = 0
+    tokens = 0
     held = len(on_gpu)  # sequence slots held: RUNNING requests, scheduled this step or not
     max_tokens = limits.max_tokens
     stuck = False  # a running request had no room: nothing swaps in or starts behind it
@@ -109,7 +109,7 @@ def select_batch(on_gpu: Sequence, swapped: Sequence, waiting: Iterable, block_t
     # 1. RUNNING, oldest first; preempt newest on shortage.
     last = len(on_gpu) - 1
     for i, r in enumerate(on_gpu):
-        if i > last or seqs >= limits.max_seqs:
+        if i > last or len(entries) >= limits.max_seqs:
             break
         c = r.num_computed_tokens
         left = r.num_tokens - c
@@ -128,12 +128,9 @@ def select_batch(on_gpu: Sequence, swapped: Sequence, waiting: Iterable, block_t
             break
         free -= grow
         entries.append((r, n))
-        seqs += 1
         tokens += n
-        ctx += c + n
         if n > 1:
             pf_left -= n
-            pairs += n * (c + n)
     # 2. SWAPPED, oldest first, while they fit (never while we are preempting).
     if not swap_out and not stuck:
         for r in swapped:
@@ -149,12 +146,9 @@ def select_batch(on_gpu: Sequence, swapped: Sequence, waiting: Iterable, block_t
             entries.append((r, n))
             swap_in.append(r)
             held += 1
-            seqs += 1
             tokens += n
-            ctx += c + n
             if n > 1:
                 pf_left -= n
-                pairs += n * (c + n)
     # 3. New requests: one FCFS group, only when nothing of this model waits in host memory.
     if admit and not swap_out and not stuck and len(swap_in) == len(swapped):
         for k, r in enumerate(waiting):
@@ -167,13 +161,10 @@ def select_batch(on_gpu: Sequence, swapped: Sequence, waiting: Iterable, block_t
             free -= need
             entries.append((r, n))
             held += 1
-            seqs += 1
             tokens += n
-            ctx += n
             pf_left -= n
-            if n > 1:
-                pairs += n * n
-    return Batch(entries, swap_in, swap_out, StepShape(seqs, tokens, ctx, pairs), free0 - free)
+    # the shape from the entries (one accounting, shape_of's): computed tokens are not advanced until the step runs
+    return Batch(entries, swap_in, swap_out, shape_of(entries), free0 - free)
 
 
 def kv_demand(m: ModelState, prefill_tokens: int) -> int:
