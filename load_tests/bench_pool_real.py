@@ -102,8 +102,9 @@ def replay(multi, items, slo: ModelSLO, vocab: int, drain_s: float, seed: int = 
                 for _ in o.delta_token_ids:
                     rec.on_token(t)
     wall = time.monotonic() - t0
-    for rid in list(multi._owner):
-        multi.abort_request(rid)
+    for eng in multi.engines.values():  # what the drain left unfinished
+        for rid in list(eng.scheduler.requests):
+            multi.abort_request(rid)
     return {"records": list(records.values()), "wall_s": wall, "steps": steps, "step_s": step_s, "idle_polls": idle}
 
 

@@ -65,7 +65,6 @@ class MultiModelEngine:
         self.cost = cost or CostModel(H100_PCIE53 if str(device).startswith("cuda") else None, [])
         self.state = PoolState(models={}, capacity_bytes=0, cost=self.cost)
         self.policy = make_policy(policy, **(policy_kw or {}))
-        self._owner: dict[str, str] = {}  # request id -> model
         self._removed: list[RequestOutput] = []  # final outputs of a removed model's requests, owed next step
         self._loads_seen = 0  # pool.stats.load_s entries already fed to the cost model
         self.steps_per_model: dict[str, int] = {}
@@ -94,7 +93,8 @@ class MultiModelEngine:
             raise ValueError(f"model {name!r} is already hosted")
         if not isinstance(cfg, EngineConfig):
             cfg = EngineConfig(model=str(cfg), device=self.device, served_model_name=name, **self.engine_kwargs)
-        cfg = dataclasses.replace(cfg, overlap=False)  # steps alternate between models: read every step
+        # steps alternate between models: read every step; a request's `model` is the name it is hosted under
+        cfg = dataclasses.replace(cfg, overlap=False, served_model_name=name)
         if self.pool is None:
             eng = LLMEngine(cfg)
         else:
@@ -137,9 +137,6 @@ class MultiModelEngine:
         if eng._inflight is not None:  # an overlapped decode in flight: read it so its blocks are returned
             eng.step()
         self._removed += [o for o in eng.take_aborted() if o.finished]
-        for rid in [r for r, m in self._owner.items() if m == name]:
-            if not any(o.request_id == rid for o in self._removed):
-                del self._owner[rid]
         del self.engines[name], self.state.models[name]
         self.policy.forget(name)
         self._sync_limits()
@@ -244,16 +241,20 @@ class MultiModelEngine:
             model = next(iter(self.engines))
         if model not in self.engines:
             raise ValueError(f"unknown model {model!r}; hosted: {sorted(self.engines)}")
-        if request_id in self._owner:
+        if self._model_of(request_id) is not None:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = self.engines[model].add_request(request_id, prompt, params, arrival_time=arrival_time)
-        self._owner[request_id] = model
         self._last_request[model] = time.monotonic()
         return req
 
+    def _model_of(self, request_id: str) -> str | None:
+        """The model an unfinished request belongs to: its engine's scheduler is the one registry of a request
+        (a few dict lookups, one per hosted model, where a second map would have to be kept in step)."""
+        return next((n for n, e in self.engines.items() if request_id in e.scheduler.requests), None)
+
     def abort_request(self, request_id: str) -> None:
-        model = self._owner.get(request_id)
-        if model is not None and model in self.engines:
+        model = self._model_of(request_id)
+        if model is not None:
             self.engines[model].abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -285,7 +286,7 @@ class MultiModelEngine:
                 self._event("evict", name)
         others: dict[str, list] = {}  # the stepping model's own swap-outs go with its batch (step)
         for r in plan.swap_out:
-            name = self._owner[r.request_id]
+            name = r.model  # a request's model is its engine's served name (add_model sets it to the key)
             if name != plan.model:
                 others.setdefault(name, []).append(r)
         for name, reqs in others.items():
@@ -350,7 +351,7 @@ class MultiModelEngine:
         tm["memory_s"] += t2 - t1
         if not plan.idle:
             eng = self.engines[plan.model]
-            own = [r for r in plan.swap_out if self._owner.get(r.request_id) == plan.model]
+            own = [r for r in plan.swap_out if r.model == plan.model]
             outputs += eng.step(plan.batch, own)
             t3 = time.perf_counter()
             tm["engine_s"] += t3 - t2
@@ -376,9 +377,6 @@ class MultiModelEngine:
         for name, eng in self.engines.items():
             if name != plan.model and eng._aborted:
                 outputs += eng.take_aborted()
-        for o in outputs:
-            if o.finished:
-                self._owner.pop(o.request_id, None)
         return outputs
 
     def estimate(self, name: str) -> dict[str, float]:
