@@ -37,7 +37,7 @@ import torch
 from gpu_pool.arena import Arena
 from gpu_pool.host_pool import PinnedRegion, default_shm_dir, io_threads
 from gpu_pool.inventory import meminfo
-from load_tests.bench_common import header, write_json
+from load_tests.bench_common import cpu_model, header, write_json
 from model_swapper.host_cache import HostModel, HostModelCache, fill_region
 from model_swapper.kv_swap import HostKVPool, KVSwapper
 from model_swapper.layout import ModelLayout
@@ -429,16 +429,6 @@ def _host_facts(warm_read_s: float) -> dict:
             "shmem_thp": thp}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "?"
-
-
 def _copy_floor(nbytes: int, reps: int = 3) -> float:
     """This host's memory-copy rate (bytes/s of the copy, GB moved once) over `nbytes`: one plain torch copy
     between two buffers whose pages already exist, the physical floor of a load that writes `nbytes`."""
@@ -464,7 +454,7 @@ def cold_load_reps(model_dir: Path, reps: int) -> dict:
         finally:
             cache.close()
     med = {k: statistics.median(r[k] for r in runs) for k, v in runs[0].items() if isinstance(v, float)}
-    return {"device": f"{_cpu_name()} ({os.cpu_count()} CPUs)", "shm_dir": str(default_shm_dir()),
+    return {"device": f"{cpu_model()} ({os.cpu_count()} CPUs)", "shm_dir": str(default_shm_dir()),
             "shm_huge": runs[0].get("shm_huge"), "bytes": lay.nbytes, "threads": runs[0]["threads"], "reps": reps,
             "pinned": runs[0]["pinned"], "median": med, "runs": runs, "memcpy_gbs": copy_bps / GB,
             "memcpy_floor_s": lay.nbytes / copy_bps, "ratio_to_memcpy_floor": med["total_s"] * copy_bps / lay.nbytes}

@@ -240,6 +240,19 @@ def test_two_processes_share_one_copy(make_tiny, ns):
     cache.close()
 
 
+def _attach_waits_for_the_loader(cache, d, p, q_up, q_down) -> None:
+    m = cache.get(d)  # waits for the child's load, then attaches
+    assert m.loaded_here is False and q_up.get(timeout=60) is True
+    ref = load_weights(d, m.cfg)
+    w = m.weights()
+    assert all(torch.equal(w[k], ref[k]) for k in ref)
+    del w
+    q_down.put("done")
+    p.join(60)
+    assert p.exitcode == 0
+    cache.close()
+
+
 def test_second_process_waits_for_the_loader_instead_of_loading_twice(make_tiny, ns):
     import time
 
@@ -253,16 +266,7 @@ def test_second_process_waits_for_the_loader_instead_of_loading_twice(make_tiny,
     while not cache.entries() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert next(iter(cache.entries().values()))["state"] == "loading"
-    m = cache.get(d)  # waits for the child's load, then attaches
-    assert m.loaded_here is False and q_up.get(timeout=60) is True
-    ref = load_weights(d, m.cfg)
-    w = m.weights()
-    assert all(torch.equal(w[k], ref[k]) for k in ref)
-    del w
-    q_down.put("done")
-    p.join(60)
-    assert p.exitcode == 0
-    cache.close()
+    _attach_waits_for_the_loader(cache, d, p, q_up, q_down)
 
 
 def test_attach_during_the_fill_waits_for_every_byte(make_tiny, ns):
@@ -277,16 +281,7 @@ def test_attach_during_the_fill_waits_for_every_byte(make_tiny, ns):
     cache = HostModelCache("64MiB", namespace=ns)
     (key, e), = cache.entries().items()
     assert e["state"] == "loading" and 0 < os.stat(cache.index.seg_path(key)).st_blocks * 512 < e["nbytes"]
-    m = cache.get(d)  # waits for the child's fill, then attaches
-    assert m.loaded_here is False and q_up.get(timeout=60) is True
-    ref = load_weights(d, m.cfg)
-    w = m.weights()
-    assert all(torch.equal(w[k], ref[k]) for k in ref)
-    del w
-    q_down.put("done")
-    p.join(60)
-    assert p.exitcode == 0
-    cache.close()
+    _attach_waits_for_the_loader(cache, d, p, q_up, q_down)
 
 
 @pytest.mark.parametrize("mode", ["after-load", "mid-load"])
