@@ -15,6 +15,17 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (/proc/cpuinfo), for results run on CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def git_commit() -> str:
     import os
 

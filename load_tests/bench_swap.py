@@ -6,8 +6,21 @@ latency to ready-to-decode for 1/2/4/16 large copies and for a naive 64 MiB-chun
 slowdown while a 7B-sized prefetch copies, measured on a real engine (`decode_slowdown`: this model in an
 LLMEngine, bf16, batch 8 decoding through its CUDA graph) and on a GEMV stand-in (`decode_standin_*`); switch
 stall with and without prefetch; KV swap bandwidth for 64/256 blocks; cold load from page-cached disk into the
-host cache, with where its time went (`cold_load_breakdown`: create, populate, read, pin). On CPU the same
-code runs at toy sizes (a smoke test for CI; its numbers mean nothing).
+host cache, with where its time went (`cold_load_breakdown`: create, fill, pin), and repeated into fresh
+segments against this host's memory-copy rate (`cold_load_reps`). On CPU the same code runs at toy sizes (a
+smoke test for CI; its numbers mean nothing) except the cold load, which is measured the same on any host:
+`python -m load_tests.bench_swap --cold-load-only MODEL` runs that part alone (the rest needs a GPU to mean
+anything, and at 1.5B would need ~15 GB on CPU).
+
+The issue-20 figure (cold load of the 15.2 GB 7B <= 2.5 s) on the H200, once on /dev/shm as it is and once on
+a tmpfs with 2 MiB pages (TOKENPOOL_SHM_DIR; 5x faster to fill on the dev VM):
+    tokenpool make-model --arch qwen2 --size 7b --out /tmp/mm/q7
+    python -m load_tests.bench_swap --cold-load-only /tmp/mm/q7 --reps 5 \
+        --json bench/results/host_cache_cold_load_h200.json
+    mkdir -p /mnt/tp-huge && mount -t tmpfs -o huge=within_size,size=40g tp-huge /mnt/tp-huge
+    TOKENPOOL_SHM_DIR=/mnt/tp-huge python -m load_tests.bench_swap --cold-load-only /tmp/mm/q7 --reps 5 \
+        --json bench/results/host_cache_cold_load_h200_huge.json
+    tokenpool bench swap --model /tmp/mm/q7 --json bench/results/swap_qwen2_7b.json   # the whole bench
 """
 
 from __future__ import annotations
@@ -22,9 +35,9 @@ from pathlib import Path
 import torch
 
 from gpu_pool.arena import Arena
-from gpu_pool.host_pool import PinnedRegion, io_threads
+from gpu_pool.host_pool import PinnedRegion, default_shm_dir, io_threads
 from gpu_pool.inventory import meminfo
-from load_tests.bench_common import header, write_json
+from load_tests.bench_common import cpu_model, header, write_json
 from model_swapper.host_cache import HostModel, HostModelCache, fill_region
 from model_swapper.kv_swap import HostKVPool, KVSwapper
 from model_swapper.layout import ModelLayout
@@ -416,6 +429,37 @@ def _host_facts(warm_read_s: float) -> dict:
             "shmem_thp": thp}
 
 
+def _copy_floor(nbytes: int, reps: int = 3) -> float:
+    """This host's memory-copy rate (bytes/s of the copy, GB moved once) over `nbytes`: one plain torch copy
+    between two buffers whose pages already exist, the physical floor of a load that writes `nbytes`."""
+    src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
+    return nbytes / _timed(lambda: dst.copy_(src), torch.device("cpu"), reps)
+
+
+def cold_load_reps(model_dir: Path, reps: int) -> dict:
+    """`reps` cold loads of the model (page-cached) into fresh shared segments of the host cache, each with its
+    split, their medians, and the ratio to a plain memory copy of the same bytes measured in the same run."""
+    model_dir = Path(model_dir)
+    for f in safetensors_files(model_dir):  # page cache warm: a cold load here means "not in the host cache"
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+    lay = ModelLayout.build(ModelConfig.from_pretrained(model_dir), DTYPE)
+    copy_bps = _copy_floor(lay.nbytes)
+    runs = []
+    for _ in range(reps):
+        cache = HostModelCache("1TB", namespace=f"bench-cold-{uuid.uuid4().hex[:8]}")
+        try:
+            runs.append(cache.get(model_dir, DTYPE).load_stats.as_dict())
+        finally:
+            cache.close()
+    med = {k: statistics.median(r[k] for r in runs) for k, v in runs[0].items() if isinstance(v, float)}
+    return {"device": f"{cpu_model()} ({os.cpu_count()} CPUs)", "shm_dir": str(default_shm_dir()),
+            "shm_huge": runs[0].get("shm_huge"), "bytes": lay.nbytes, "threads": runs[0]["threads"], "reps": reps,
+            "pinned": runs[0]["pinned"], "median": med, "runs": runs, "memcpy_gbs": copy_bps / GB,
+            "memcpy_floor_s": lay.nbytes / copy_bps, "ratio_to_memcpy_floor": med["total_s"] * copy_bps / lay.nbytes}
+
+
 def run_bench_swap(model_dir: Path, json_out: Path | None) -> dict:
     model_dir = Path(model_dir)
     cuda = torch.cuda.is_available()
@@ -442,6 +486,7 @@ def run_bench_swap(model_dir: Path, json_out: Path | None) -> dict:
         R["host_pinned"] = host.region.pinned
         if host.load_stats is not None:
             R["cold_load_breakdown"] = host.load_stats.as_dict()
+            R["cold_load_reps"] = cold_load_reps(model_dir, reps=3 if cuda else 1)
 
         bw = _bandwidth(dev, min(max(nb, 64 << 20), 4 << 30) if cuda else 8 << 20, reps)
         R["bandwidth"] = bw
@@ -478,3 +523,15 @@ def run_bench_swap(model_dir: Path, json_out: Path | None) -> dict:
         cache.close()
     write_json(json_out, R)
     return R
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="the cold-load part of `tokenpool bench swap`, alone")
+    ap.add_argument("--cold-load-only", type=Path, required=True, metavar="MODEL")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    write_json(args.json, {**header(), "model_dir": str(args.cold_load_only), "dtype": "bf16",
+                           **cold_load_reps(args.cold_load_only, args.reps)})

@@ -27,6 +27,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from load_tests import sse_client
+from load_tests.bench_common import cpu_model
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 PER_CLIENT = 32
@@ -419,7 +420,7 @@ def bench_api_overhead(streams: list[int] | int = (100, 1000), duration: float =
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
         "command": "python -m load_tests.loadtest " + shlex.join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "cpu_model": _cpu_model(), "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "python": platform.python_version(),
                     "platform": platform.platform(), "loadavg_before": loadavg},
         "setup": {"engine": "PaceEngine (no model)", "pace_s_per_token": pace_s, "duration_s": duration,
                   "client": f"{client} ({'load_tests.sse_client, asyncio Protocol' if client == 'raw' else 'httpx'}"
@@ -456,16 +457,6 @@ def bench_api_overhead(streams: list[int] | int = (100, 1000), duration: float =
         out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def _git_commit() -> str | None:

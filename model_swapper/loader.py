@@ -6,8 +6,10 @@ destination region: no intermediate tensor, no Python copy, for tensors already 
 common case: bf16 checkpoints served in bf16). Fused weights (q|k|v, gate|up) are concatenations along dim 0,
 so each source is one contiguous byte range of its destination. Reads are split into <= 64 MiB pieces and
 run on a thread pool, one thread per CPU by default (preadv releases the GIL); only a dtype conversion goes
-through one temporary buffer. The region's pages should exist already (`PinnedRegion.populate`): then a read
-is a plain copy out of the page cache, with no page faults.
+through one temporary buffer. The region's pages need not exist: a read into a page that does not exist yet
+makes it (allocate, zero, map) and copies into it while it is still in cache, and on a full tmpfs the read
+fails with EFAULT instead of a SIGBUS. Only the conversion's store comes from user space, so its range is
+made first (`make_pages`).
 """
 
 from __future__ import annotations
@@ -110,9 +112,10 @@ def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
 
 
 def load_into_region(model_dir: Path, layout: ModelLayout, region: torch.Tensor, threads: int | None = None,
-                     progress: Progress | None = None) -> int:
+                     progress: Progress | None = None, make_pages: Callable[[int, int], None] | None = None) -> int:
     """Fill `region` (1-D uint8, CPU) with the model's weights in `layout` on `threads` threads (default: one
-    per CPU). Returns bytes read."""
+    per CPU). `make_pages(offset, nbytes)`, if given, runs before a dtype conversion stores into that range
+    (a region whose pages may not exist yet). Returns bytes read."""
     if region.device.type != "cpu" or region.dtype != torch.uint8 or region.numel() < layout.nbytes:
         raise ValueError(f"region must be a CPU uint8 tensor of >= {layout.nbytes} bytes")
     pieces = plan(Path(model_dir), layout)
@@ -129,6 +132,8 @@ def load_into_region(model_dir: Path, layout: ModelLayout, region: torch.Tensor,
             _pread_into(fd, memoryview(scratch), pc.src.start + pc.src_off)
             src = torch.frombuffer(scratch, dtype=pc.src.dtype)
             n_out = src.numel() * layout.dtype.itemsize
+            if make_pages is not None:
+                make_pages(pc.dst_off, n_out)
             region[pc.dst_off:pc.dst_off + n_out].view(layout.dtype).copy_(src)
         return pc.nbytes
 

@@ -25,7 +25,7 @@ def test_bench_swap_smoke(make_tiny, tmp_path):
     assert data["kv_round_trip_exact_64"] and data["kv_round_trip_exact_256"]
     b = data["cold_load_breakdown"]
     assert b["nbytes"] == data["model_bytes"] and b["pinned"] == data["host_pinned"]
-    assert all(b[k] >= 0 for k in ("create_s", "populate_s", "read_s", "pin_s", "pin_wait_s"))
+    assert all(b[k] >= 0 for k in ("create_s", "fill_s", "pin_s", "pin_wait_s"))
     assert data["cold_load_host"]["cpus"] >= 1 and data["cold_load_host"]["warm_read_s"] >= 0
     assert data["smoke_only"] == (not torch.cuda.is_available())
     # the decode figure comes from a real engine step; the GEMV stand-in is kept beside it

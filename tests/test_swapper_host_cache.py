@@ -57,11 +57,29 @@ def test_load_stats(make_tiny, ns):
     s = m.load_stats
     assert s is not None and s.nbytes == m.nbytes and s.threads == 3 and not s.pinned
     assert s.pin_s == 0 and s.pin_wait_s < 0.05
-    parts = s.create_s + s.populate_s + s.read_s + s.pin_wait_s
-    assert min(s.create_s, s.populate_s, s.read_s) >= 0 and abs(s.total_s - parts) < 1e-3
-    assert set(s.as_dict()) >= {"create_s", "populate_s", "read_s", "pin_s", "pin_wait_s", "total_s", "gbs"}
+    parts = s.create_s + s.fill_s + s.pin_wait_s
+    assert min(s.create_s, s.fill_s) >= 0 and abs(s.total_s - parts) < 1e-3
+    assert set(s.as_dict()) >= {"create_s", "fill_s", "pin_s", "pin_wait_s", "total_s", "gbs", "shm_huge"}
+    assert s.shm_huge  # /dev/shm is a tmpfs: its huge= policy is known ("never" unless mounted otherwise)
+    # the fill made every page (no populate pass): the segment's blocks cover the model
+    assert os.stat(cache.index.seg_path(m.key)).st_blocks * 512 >= m.nbytes
     cache.release(m)
     assert cache.get(d).load_stats is None  # attached, not loaded
+    cache.close()
+
+
+def test_failed_fill_leaves_nothing_in_shm(make_tiny, ns, tmp_path):
+    """A read that fails mid-fill (a checkpoint cut short) raises, and no segment or entry is left."""
+    import shutil
+
+    d = tmp_path / "cut"
+    shutil.copytree(make_tiny("qwen2"), d)
+    st = d / "model.safetensors"
+    os.truncate(st, st.stat().st_size - (64 << 10))  # the last tensors' bytes are missing
+    cache = HostModelCache("64MiB", namespace=ns)
+    with pytest.raises(OSError, match="unexpected end of file"):
+        cache.get(d)
+    assert cache.entries() == {} and not list(cache.index.root.glob("*.seg"))
     cache.close()
 
 
@@ -170,6 +188,28 @@ def _child_slow_load(ns: str, model_dir: str, q_up, q_down) -> None:
     cache.close()
 
 
+def _child_paused_mid_fill(ns: str, model_dir: str, q_up, q_down) -> None:
+    """Load, pausing after the first piece has landed (part of the segment written, the rest not yet made)."""
+    import time
+
+    import model_swapper.loader as ld
+
+    real, calls = ld._pread_into, []
+
+    def paused(*a, **k):
+        real(*a, **k)
+        if not calls:
+            calls.append(1)
+            q_up.put("mid-fill")
+            time.sleep(1.5)
+    ld._pread_into = paused
+    cache = HostModelCache("64MiB", namespace=ns, threads=1)
+    m = cache.get(model_dir)
+    q_up.put(m.loaded_here)
+    q_down.get(timeout=120)
+    cache.close()
+
+
 def _child_crash(ns: str, model_dir: str, mode: str) -> None:
     import model_swapper.host_cache as hc
 
@@ -200,6 +240,19 @@ def test_two_processes_share_one_copy(make_tiny, ns):
     cache.close()
 
 
+def _attach_waits_for_the_loader(cache, d, p, q_up, q_down) -> None:
+    m = cache.get(d)  # waits for the child's load, then attaches
+    assert m.loaded_here is False and q_up.get(timeout=60) is True
+    ref = load_weights(d, m.cfg)
+    w = m.weights()
+    assert all(torch.equal(w[k], ref[k]) for k in ref)
+    del w
+    q_down.put("done")
+    p.join(60)
+    assert p.exitcode == 0
+    cache.close()
+
+
 def test_second_process_waits_for_the_loader_instead_of_loading_twice(make_tiny, ns):
     import time
 
@@ -213,16 +266,22 @@ def test_second_process_waits_for_the_loader_instead_of_loading_twice(make_tiny,
     while not cache.entries() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert next(iter(cache.entries().values()))["state"] == "loading"
-    m = cache.get(d)  # waits for the child's load, then attaches
-    assert m.loaded_here is False and q_up.get(timeout=60) is True
-    ref = load_weights(d, m.cfg)
-    w = m.weights()
-    assert all(torch.equal(w[k], ref[k]) for k in ref)
-    del w
-    q_down.put("done")
-    p.join(60)
-    assert p.exitcode == 0
-    cache.close()
+    _attach_waits_for_the_loader(cache, d, p, q_up, q_down)
+
+
+def test_attach_during_the_fill_waits_for_every_byte(make_tiny, ns):
+    """Another process asking while the loader is mid-fill (some pages written, most not yet made) waits for
+    the load to finish, then sees exactly the checkpoint's bytes."""
+    d = make_tiny("qwen2")
+    ctx = mp.get_context("spawn")
+    q_up, q_down = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=_child_paused_mid_fill, args=(ns, str(d), q_up, q_down))
+    p.start()
+    assert q_up.get(timeout=60) == "mid-fill"
+    cache = HostModelCache("64MiB", namespace=ns)
+    (key, e), = cache.entries().items()
+    assert e["state"] == "loading" and 0 < os.stat(cache.index.seg_path(key)).st_blocks * 512 < e["nbytes"]
+    _attach_waits_for_the_loader(cache, d, p, q_up, q_down)
 
 
 @pytest.mark.parametrize("mode", ["after-load", "mid-load"])
