@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 
 from gpu_pool.arena import DEFAULT_ALIGN, RangeAllocator, Slot
 from gpu_pool.placement import kv_pages, placement_victims
-from token_scheduler.cost_model import CostModel, HardwareProfile, ModelSpec
+from token_scheduler.cost_model import CostModel, HardwareProfile, ModelSize
 from token_scheduler.policies import make_policy
 from token_scheduler.policies.batching import shape_of
 from token_scheduler.policies.slo import ModelSLO, RequestRecord, summarize
@@ -165,7 +165,7 @@ class GpuSim:
         self.gid, self.policy, self.hw, self.noise = gid, policy, hw, noise
         self.state = PoolState(models={}, capacity_bytes=capacity, cost=CostModel(hw))
         self.arena = arena
-        self.specs: dict[str, ModelSpec] = {}  # the true sizes (the policy's may be the arena's view of them)
+        self.specs: dict[str, ModelSize] = {}  # the true sizes (the policy's may be the arena's view of them)
         self.kv_bytes = 0  # pooled arena: KV held in the region
         self.now = 0.0
         # Host->device link: blocking transfers (a needed load, swap-ins) go first; a prefetch in flight is
@@ -177,7 +177,7 @@ class GpuSim:
         self.outstanding = 0
         self.rng = random.Random(f"noise:{seed}:{gid}")
 
-    def register(self, spec: ModelSpec, slo: ModelSLO) -> None:
+    def register(self, spec: ModelSize, slo: ModelSLO) -> None:
         if spec.name not in self.state.models:
             self.specs[spec.name] = spec
             a = self.arena
@@ -397,7 +397,7 @@ class SimResult:
         return dict(self.__dict__)
 
 
-def _placement(names: list[str], specs: dict[str, ModelSpec], n: int, mode: str) -> dict[str, list[int]]:
+def _placement(names: list[str], specs: dict[str, ModelSize], n: int, mode: str) -> dict[str, list[int]]:
     if mode == "hash":
         return {m: [zlib.crc32(m.encode()) % n] for m in names}
     if mode == "p2c":
@@ -413,7 +413,7 @@ def _placement(names: list[str], specs: dict[str, ModelSpec], n: int, mode: str)
     return out
 
 
-def simulate(items, specs: dict[str, ModelSpec], slos: dict[str, ModelSLO] | ModelSLO, policy: str,
+def simulate(items, specs: dict[str, ModelSize], slos: dict[str, ModelSLO] | ModelSLO, policy: str,
              n_gpus: int = 1, capacity_bytes: int = 60 * 10**9, hw: HardwareProfile | None = None,
              placement: str = "partition", drain_s: float = 60.0, noise: float = 0.0, seed: int = 0,
              policy_kw: dict | None = None, keep_tokens: bool = False, workers: int = 1,

@@ -28,13 +28,13 @@ class WorkItem:
 
 
 @dataclass(frozen=True, slots=True)
-class ModelEntry:
+class WorkloadModel:
     name: str
     arch: str
     size: str
 
 
-def parse_models(spec: str = "4x7b,6x1.5b", arch: str = "qwen2") -> list[ModelEntry]:
+def parse_models(spec: str = "4x7b,6x1.5b", arch: str = "qwen2") -> list[WorkloadModel]:
     """"4x7b,6x1.5b" -> qwen2-7b-0..3, qwen2-1.5b-0..5 (an entry may name its arch: "2xllama:8b")."""
     out = []
     for part in spec.split(","):
@@ -43,7 +43,7 @@ def parse_models(spec: str = "4x7b,6x1.5b", arch: str = "qwen2") -> list[ModelEn
             continue
         count, _, what = part.partition("x") if "x" in part.split(":")[0] else ("1", "", part)
         a, _, size = what.partition(":") if ":" in what else (arch, "", what)
-        out += [ModelEntry(f"{a}-{size}-{i}", a, size) for i in range(int(count))]
+        out += [WorkloadModel(f"{a}-{size}-{i}", a, size) for i in range(int(count))]
     if not out:
         raise ValueError(f"no models in {spec!r}")
     return out
@@ -96,10 +96,10 @@ def read_jsonl(path: str | Path) -> list[WorkItem]:
 
 @functools.lru_cache(maxsize=64)
 def spec_for(arch: str, size: str, name: str | None = None):
-    """The cost model's ModelSpec of a real-size model (bf16), from the model factory's shapes."""
+    """The cost model's ModelSize of a real-size model (bf16), from the model factory's shapes."""
     from controller.model_factory import model_config
     from model_swapper.model_config import ModelConfig
-    from token_scheduler.cost_model import ModelSpec
+    from token_scheduler.cost_model import ModelSize
 
     cfg = ModelConfig.from_hf(model_config(arch, size))
-    return ModelSpec.from_config(name or f"{arch}-{size}", cfg)
+    return ModelSize.from_config(name or f"{arch}-{size}", cfg)

@@ -7,9 +7,9 @@ import random
 import pytest
 
 from load_tests.workload import spec_for
-from token_scheduler.cost_model import H100_PCIE53, CostModel, HardwareProfile, ModelSpec, StepShape
+from token_scheduler.cost_model import H100_PCIE53, CostModel, HardwareProfile, ModelSize, StepShape
 
-SPEC = ModelSpec("m", weight_bytes=15 * 10**9, kv_bytes_per_token=57344, flops_per_token=14e9,
+SPEC = ModelSize("m", weight_bytes=15 * 10**9, kv_bytes_per_token=57344, flops_per_token=14e9,
                  attn_flops_per_pair=4 * 28 * 3584)
 
 
@@ -112,7 +112,7 @@ def test_measured_profile_replays_a_cost_model():
     for s in _shapes(rng, 20):
         assert hw.step_time(SPEC, s) == pytest.approx(slow.step_time(SPEC, s), rel=0.03)
         assert hw.step_time(SPEC, s) >= H100_PCIE53.step_time(SPEC, s)
-    other = ModelSpec("other", 3 * 10**9, 28672, 3e9, 4 * 28 * 1536)
+    other = ModelSize("other", 3 * 10**9, 28672, 3e9, 4 * 28 * 1536)
     s = StepShape(4, 4, 4000)
     assert hw.step_time(other, s) == pytest.approx(H100_PCIE53.step_time(other, s))
     assert hw.load_time(10e9) == pytest.approx(0.02 + 0.5, rel=0.03)

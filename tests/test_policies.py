@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from load_tests.simulator import SimRequest
-from token_scheduler.cost_model import CostModel, HardwareProfile, ModelSpec
+from token_scheduler.cost_model import CostModel, HardwareProfile, ModelSize
 from token_scheduler.policies import make_policy
 from token_scheduler.policies.batching import BatchLimits, build_batch
 from token_scheduler.policies.quota import TurnDemand, aegaeon_round, token_round
@@ -61,7 +61,7 @@ def test_aegaeon_round_by_hand():
 
 
 def _model(n_running: int, n_swapped: int = 0, n_waiting: int = 0, bpt: int = 1):
-    spec = ModelSpec("m", weight_bytes=1000, kv_bytes_per_token=bpt, flops_per_token=1.0, attn_flops_per_pair=1.0)
+    spec = ModelSize("m", weight_bytes=1000, kv_bytes_per_token=bpt, flops_per_token=1.0, attn_flops_per_pair=1.0)
     m = ModelState(spec, ModelSLO())
     k = 0
     for status, n in ((RequestStatus.RUNNING, n_running), (RequestStatus.SWAPPED, n_swapped)):
@@ -143,7 +143,7 @@ def test_token_policy_hands_its_victim_order_to_the_mechanism(placement):
     stepping, for the prefetch none of the models the round needs up to the prefetch target."""
     from token_scheduler.policies.state import PoolState, Residency
 
-    specs = {n: ModelSpec(n, 1000, 0, 1.0, 1.0) for n in "xyzw"}
+    specs = {n: ModelSize(n, 1000, 0, 1.0, 1.0) for n in "xyzw"}
     models = {n: ModelState(s, ModelSLO()) for n, s in specs.items()}
     for n, t in (("z", 0.0), ("y", 1.0), ("w", 2.0)):  # least slack first: the round is z, y, w
         models[n].waiting.append(SimRequest(f"{n}0", n, t, 10, 5, None))  # type: ignore[arg-type]
@@ -165,7 +165,7 @@ def test_skip_on_slack_judges_by_the_measured_round_too():
 
     from token_scheduler.policies.state import Residency
 
-    spec = ModelSpec("m", weight_bytes=10**9, kv_bytes_per_token=0, flops_per_token=1e9, attn_flops_per_pair=1e3)
+    spec = ModelSize("m", weight_bytes=10**9, kv_bytes_per_token=0, flops_per_token=1e9, attn_flops_per_pair=1e3)
     st = SimpleNamespace(models={"m": ModelState(spec, ModelSLO(10.0, 0.1), residency=Residency.HOST)})
     demand = [TurnDemand("m", 0.01, 0.1, load_s=0.1)]
     pol = make_policy("token")

@@ -6,7 +6,7 @@ import pytest
 
 from load_tests.simulator import GpuSim, SimRequest, simulate
 from load_tests.workload import WorkItem, generate, spec_for
-from token_scheduler.cost_model import HardwareProfile, ModelSpec
+from token_scheduler.cost_model import HardwareProfile, ModelSize
 from token_scheduler.policies import make_policy
 from token_scheduler.policies.slo import ModelSLO, RequestRecord
 
@@ -14,8 +14,8 @@ SLO = ModelSLO(ttft_s=10.0, tpot_s=0.1)
 FLAT = HardwareProfile("flat", 1e30, 1e30, 1e30, 1e30, 0.01, 0.0, 0.1, 0.0)  # every step 10 ms, load 100 ms
 
 
-def _tiny_specs(n: int, weight: int = 1000) -> dict[str, ModelSpec]:
-    return {f"m{i}": ModelSpec(f"m{i}", weight, 1, 1.0, 1.0) for i in range(n)}
+def _tiny_specs(n: int, weight: int = 1000) -> dict[str, ModelSize]:
+    return {f"m{i}": ModelSize(f"m{i}", weight, 1, 1.0, 1.0) for i in range(n)}
 
 
 def test_hand_computed_schedule_request_policy():
@@ -118,7 +118,7 @@ def test_pooled_arena_fragmentation_skips_prefetches_and_forces_evictions():
     from load_tests.simulator import SimArena
 
     MiB = 1 << 20
-    specs = {f"m{i}": ModelSpec(f"m{i}", s * MiB - 1000, 1024, 1.0, 1.0) for i, s in enumerate([30, 30, 20, 20, 12, 12])}
+    specs = {f"m{i}": ModelSize(f"m{i}", s * MiB - 1000, 1024, 1.0, 1.0) for i, s in enumerate([30, 30, 20, 20, 12, 12])}
     items = generate(list(specs), 1.0, 30.0, seed=0, mean_prompt=32, mean_output=32, max_context=512)
 
     def run(**kw):
@@ -138,7 +138,7 @@ def test_pooled_arena_fragmentation_skips_prefetches_and_forces_evictions():
     # apart, KV in pages (16 tokens of the first model's KV a page; a model of twice the width: 8 a page)
     gpu = GpuSim(0, 84 * MiB, make_policy("token"), FLAT, arena=SimArena(84 * MiB, 4 * MiB))
     gpu.register(specs["m0"], SLO)
-    gpu.register(ModelSpec("wide", 12 * MiB, 2048, 1.0, 1.0), SLO)
+    gpu.register(ModelSize("wide", 12 * MiB, 2048, 1.0, 1.0), SLO)
     m = gpu.state.models["m0"]
     assert gpu.state.capacity_bytes == 80 * MiB and m.spec.weight_bytes == 30 * MiB and m.spec.kv_bytes_per_token == 1024
     assert gpu.state.kv_capacity_bytes == 4 * MiB - 16 * 1024 and (m.kv_block_tokens, m.kv_block_bytes) == (16, 16 * 1024)
@@ -175,7 +175,7 @@ def test_pooled_arena_short_kv_region_is_resolved_by_the_plan():
     plans swap KV out to host memory to fit -- the region never overflows and every request finishes. (Before
     the policy saw the region, the simulator let it overflow and reported `kv_region_exceeded`.)"""
     MiB = 1 << 20
-    specs = {f"m{i}": ModelSpec(f"m{i}", 10 * MiB, 1024, 1.0, 1.0) for i in range(3)}
+    specs = {f"m{i}": ModelSize(f"m{i}", 10 * MiB, 1024, 1.0, 1.0) for i in range(3)}
     items = generate(list(specs), 4.0, 10.0, seed=0, mean_prompt=128, mean_output=64, max_context=512)
     for policy in ("token", "request"):
         res = simulate(items, specs, SLO, policy, capacity_bytes=40 * MiB, hw=FLAT, drain_s=600,

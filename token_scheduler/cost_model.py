@@ -37,7 +37,7 @@ class StepShape:
 
 
 @dataclass(frozen=True, slots=True)
-class ModelSpec:
+class ModelSize:
     """The sizes of one model that matter to scheduling (bytes moved, FLOPs done)."""
 
     name: str
@@ -48,13 +48,13 @@ class ModelSpec:
     max_context: int = 32768
 
     @staticmethod
-    def from_config(name: str, cfg, dtype_bytes: int = 2) -> ModelSpec:
+    def from_config(name: str, cfg, dtype_bytes: int = 2) -> ModelSize:
         """From a `model_swapper.model_config.ModelConfig` (weight layout = `weight_numel`)."""
         from model_swapper.weights import weight_numel
 
         numel = weight_numel(cfg)
         lookup = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size  # embedding rows, no GEMM
-        return ModelSpec(
+        return ModelSize(
             name=name,
             weight_bytes=numel * dtype_bytes,
             kv_bytes_per_token=2 * cfg.num_layers * cfg.kv_size * dtype_bytes,
@@ -78,11 +78,11 @@ class HardwareProfile:
     switch_overhead_s: float  # per weight load: allocation, remap, sync
     swap_overhead_s: float  # per KV swap batch
 
-    def step_time(self, spec: ModelSpec, shape: StepShape) -> float:
+    def step_time(self, spec: ModelSize, shape: StepShape) -> float:
         """Roofline without overlap (sum of memory and compute times): linear in `StepShape.features`."""
         return float(sum(a * x for a, x in zip(self.step_coefficients(spec), shape.features(), strict=True)))
 
-    def step_coefficients(self, spec: ModelSpec) -> tuple[float, ...]:
+    def step_coefficients(self, spec: ModelSize) -> tuple[float, ...]:
         s, kv = _FEATURE_SCALES, spec.kv_bytes_per_token
         return (
             self.step_overhead_s + spec.weight_bytes / self.hbm_bytes_per_s,
@@ -121,14 +121,14 @@ class MeasuredProfile(HardwareProfile):
         fields["swap_overhead_s"] = max(0.0, float(swap.get("overhead_s", base.swap_overhead_s)))
         return MeasuredProfile(**fields, step_coef=coef)
 
-    def step_time(self, spec: ModelSpec, shape: StepShape) -> float:
+    def step_time(self, spec: ModelSize, shape: StepShape) -> float:
         x = shape.features()
         floor = sum(a * v for a, v in zip(HardwareProfile.step_coefficients(self, spec), x, strict=True))
         if spec.name not in self.step_coef:
             return floor
         return max(sum(a * v for a, v in zip(self.step_coefficients(spec), x, strict=True)), floor)
 
-    def step_coefficients(self, spec: ModelSpec) -> tuple[float, ...]:
+    def step_coefficients(self, spec: ModelSize) -> tuple[float, ...]:
         c = self.step_coef.get(spec.name)
         if c is None:
             return HardwareProfile.step_coefficients(self, spec)
@@ -207,11 +207,11 @@ class CostModel:
     (prefetch). Policies use it to charge only the exposed part of a switch.
     """
 
-    def __init__(self, profile: HardwareProfile | None = None, specs: list[ModelSpec] | tuple = ()):
+    def __init__(self, profile: HardwareProfile | None = None, specs: list[ModelSize] | tuple = ()):
         self.profile = profile
         self._step: dict[str, OnlineLinearFit] = {}
         self._coef: dict[str, tuple[float, ...]] = {}  # per-unit coefficients, refreshed when a fit moves
-        self._specs: dict[str, ModelSpec] = {}
+        self._specs: dict[str, ModelSize] = {}
         bw = profile.pcie_bytes_per_s if profile else 25e9  # unseeded: a modest PCIe guess, refitted at once
         ovh = profile.switch_overhead_s if profile else 0.0
         conf = 100.0 if profile else 1e4  # no prior: trust the first measurements entirely
@@ -224,7 +224,7 @@ class CostModel:
         for s in specs:
             self.register(s)
 
-    def register(self, spec: ModelSpec) -> None:
+    def register(self, spec: ModelSize) -> None:
         self._specs[spec.name] = spec
         prior = self.profile.step_coefficients(spec) if self.profile else (0.0,) * 5
         self._step[spec.name] = OnlineLinearFit(prior, self._conf, clip=STEP_CLIP)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from model_swapper.model_config import ModelConfig
-from token_scheduler.cost_model import H100_PCIE53, CostModel, ModelSpec, StepShape
+from token_scheduler.cost_model import H100_PCIE53, CostModel, ModelSize, StepShape
 from token_scheduler.engine import EngineConfig, LLMEngine
 from token_scheduler.policies import make_policy
 from token_scheduler.policies.slo import ModelSLO
@@ -225,8 +225,8 @@ class MultiModelEngine:
             self.state.capacity_bytes = sum(self.state.models[n].spec.weight_bytes for n in self.engines)
 
     @staticmethod
-    def _spec(name: str, eng: LLMEngine) -> ModelSpec:
-        return ModelSpec.from_config(name, eng.model_config, torch.empty((), dtype=eng.dtype).element_size())
+    def _spec(name: str, eng: LLMEngine) -> ModelSize:
+        return ModelSize.from_config(name, eng.model_config, torch.empty((), dtype=eng.dtype).element_size())
 
     @staticmethod
     def _kv_pool_bytes(eng: LLMEngine) -> int:

@@ -23,7 +23,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from token_scheduler.cost_model import CostModel, ModelSpec
+from token_scheduler.cost_model import CostModel, ModelSize
 from token_scheduler.policies.slo import ModelSLO
 
 
@@ -35,7 +35,7 @@ class Residency(enum.IntEnum):
 
 @dataclass(slots=True)
 class ModelState:
-    spec: ModelSpec
+    spec: ModelSize
     slo: ModelSLO
     # Not started (no KV), arrival order. The mechanism appends new requests here.
     waiting: deque = field(default_factory=deque)
