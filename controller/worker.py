@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -341,20 +342,34 @@ class Worker:
 
 
 def standby(device: str) -> bool:
-    """A local spare: pay a worker's start-up now (`hosting.warm_up`: imports, the CUDA context), then wait for
+    """A local spare: pay a worker's start-up ahead (`hosting.warm_up`: imports, the CUDA context) and wait for
     the supervisor's word on stdin. True: "go", this process becomes the slot's worker; False: stdin closed
     (the controller stopped or died), exit. Nothing else is taken while waiting: no arena, no host copy, no
-    connection (the slot's worker holds them; a spare must not halve its VRAM)."""
+    connection (the slot's worker holds them; a spare must not halve its VRAM).
+
+    The warm-up runs on a thread, so a takeover never waits for it: the worker goes on at once and waits only
+    for what it needs that the warm-up has not done yet (an import under way on the thread is finished there,
+    never done twice: Python's import locks). A paced-only worker needs none of it."""
     global _promoted_at
     t0 = time.monotonic()
-    warm_up(device)
-    log.info("standby: started up in %.2f s (%.2f s after the process started); waiting for its turn",
-             time.monotonic() - t0, _process_age_s())
+    warm = threading.Thread(target=_warm_up, args=(device, t0), name="warm-up", daemon=True)
+    warm.start()
     if sys.stdin.readline().strip() != "go":
         return False
     _promoted_at = time.monotonic()
-    log.info("standby: taking over after %.1f s in standby", _promoted_at - t0)
+    log.info("standby: taking over after %.1f s in standby (%s)", _promoted_at - t0,
+             "still warming up" if warm.is_alive() else "warm")
     return True
+
+
+def _warm_up(device: str, t0: float) -> None:
+    try:
+        warm_up(device)
+    except Exception:  # noqa: BLE001 - a spare that cannot warm up is still a worker: it starts up on its turn
+        log.exception("standby: warm-up failed")
+        return
+    log.info("standby: warm %.2f s after it started (%.2f s after the process started)", time.monotonic() - t0,
+             _process_age_s())
 
 
 def _age() -> tuple[float, str]:
