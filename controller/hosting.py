@@ -32,7 +32,8 @@ if TYPE_CHECKING:  # token_scheduler's engines import torch: only when a model w
     from token_scheduler.request import RequestOutput, SamplingParams
 
 GiB = 1 << 30
-GPU_MARGIN_BYTES = 4 * GiB  # left outside the arena: activations, CUDA graphs' pools, the CUDA context
+GPU_MARGIN_BYTES = 4 * GiB  # left outside the arena: activations, CUDA graphs' pools, the CUDA contexts (the
+# worker's, and its standby's: controller/pool.py)
 GPU_MARGIN_FRAC = 0.05
 
 
