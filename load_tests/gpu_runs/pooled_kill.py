@@ -42,6 +42,18 @@ def gpu_apps() -> dict[int, int]:
     return apps
 
 
+def worker_processes() -> list[int]:
+    """Live `controller.worker` processes of this host (any server's: run this where no other one serves)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and b"controller.worker" in (p / "cmdline").read_bytes() and _pid_alive(int(p.name)):
+                out.append(int(p.name))
+        except OSError:
+            pass
+    return sorted(out)
+
+
 def gpu_used_mib() -> int | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
@@ -132,6 +144,7 @@ def main() -> None:
                                     if any(k in ln for k in RESTART_LOG)][-200:]
     time.sleep(1.0)
     after = {"processes_left": sorted(p for p in pids | {server_pid} if p and _pid_alive(p)),
+             "worker_processes_left": worker_processes(),  # standbys included (their pids are in no view)
              "gpu_apps_mib": gpu_apps(), "gpu_used_mib": gpu_used_mib(), "meminfo": meminfo(),
              "shm_dir_left": bool(shm_dir and Path(shm_dir).exists() and any(Path(shm_dir).rglob("*")))}
     before_mem = result["before"]["meminfo"]
