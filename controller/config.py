@@ -164,6 +164,7 @@ class WorkerSettings(_Strict):
     dead_after_s: float = Field(3.0, gt=0)
     prune_dead_after_s: float = Field(30.0, ge=0)  # a dead engine leaves /admin/engines and /metrics after this
     restart: bool = True
+    standby: bool = True  # a warm spare process per local slot takes over at once when its worker dies
 
 
 class GPUSettings(_Strict):

@@ -32,7 +32,8 @@ if TYPE_CHECKING:  # token_scheduler's engines import torch: only when a model w
     from token_scheduler.request import RequestOutput, SamplingParams
 
 GiB = 1 << 30
-GPU_MARGIN_BYTES = 4 * GiB  # left outside the arena: activations, CUDA graphs' pools, the CUDA context
+GPU_MARGIN_BYTES = 4 * GiB  # left outside the arena: activations, CUDA graphs' pools, the CUDA contexts (the
+# worker's, and its standby's: controller/pool.py)
 GPU_MARGIN_FRAC = 0.05
 
 
@@ -85,6 +86,31 @@ def pace_config(path: str | None, opts: EngineOptions, device: str):
                       stamp=opts.pace_stamp)
 
 
+def warm_up(device: str) -> None:
+    """A worker's start-up before its first registration, done ahead by a standby (controller/pool.py): the
+    imports hosting any kind needs (torch, the engine, the tokenizer's library, on CUDA the Triton kernels'
+    module) and, on CUDA, the context and cuBLAS (loaded on the first matmul). No device memory beyond the
+    context and a few MB is taken: the arena is made at the first registration."""
+    import torch
+    from transformers import AutoTokenizer  # noqa: F401
+
+    import token_scheduler.multi_engine  # noqa: F401
+    import token_scheduler.pace  # noqa: F401
+
+    if not device.startswith("cuda"):
+        return
+    from token_scheduler.runner import triton_available
+
+    triton_available()
+    dev = torch.device(device)
+    torch.cuda.set_device(dev)
+    torch.cuda.mem_get_info(dev)  # creates the context
+    x = torch.ones(8, 8, device=dev)
+    (x @ x).sum().item()
+    del x
+    torch.cuda.empty_cache()
+
+
 def _pooled(hm: HostedModels):
     from token_scheduler.multi_engine import MultiModelEngine
 
@@ -96,6 +122,7 @@ def _pooled(hm: HostedModels):
 
 def _read_host_copy(mm, cfg) -> None:
     mm.pool.cache.get(cfg.model, cfg.torch_dtype)
+    mm.tokenizer(cfg.model)
 
 
 def _paced(hm: HostedModels):
@@ -110,7 +137,8 @@ class EngineKind:
 
     make: Callable[[HostedModels], Any]  # the kind's multi-model engine (MultiModelEngine's surface)
     config: Callable[[str | None, EngineOptions, str], Any]  # one model's config for it: (path, options, device)
-    prepare: Callable[[Any, Any], None]  # (engine, config), off the step thread: what registering reads
+    prepare: Callable[[Any, Any], None]  # (engine, config), off the step thread: what registering reads (host copy,
+    # tokenizer)
 
 
 KINDS = {"llm": EngineKind(_pooled, engine_config, _read_host_copy),
@@ -168,22 +196,32 @@ class HostedModels:
         return self.kinds[kind]
 
     # --- models ---
-    def prepare(self, path: str | None, opts: EngineOptions) -> None:
+    def prepare(self, path: str | None, opts: EngineOptions) -> dict[str, float]:
         """Read what registering the model needs (its host copy, its tokenizer) off the step thread, so
         registering it does not hold the other models' steps. Thread-safe: the host cache has its own lock; a
-        kind's engine is only made here when it does not exist yet (nothing steps it then)."""
+        kind's engine is only made here when it does not exist yet (nothing steps it then). Returns the seconds
+        of its phases: the kind's engine (the arena, on the first registration) and the reads."""
         kind = KINDS[opts.kind]
-        kind.prepare(self._engine(opts.kind), kind.config(path, opts, self.device))
+        t0 = time.perf_counter()
+        mm = self._engine(opts.kind)
+        t1 = time.perf_counter()
+        kind.prepare(mm, kind.config(path, opts, self.device))
+        return {"make_engine_s": t1 - t0, "read_s": time.perf_counter() - t1}
 
     def host(self, name: str, path: str | None, opts: EngineOptions, slo: ModelSLO | None):
         """Register a model in its kind's engine (step thread, between steps). A model with weights has its host
         copy loaded (or attached, when another worker of the node has it); no VRAM is taken until the policy
-        plans a step of it."""
+        plans a step of it. The phases' seconds are in `add_s[name]` afterwards (kinds that measure them)."""
         mm = self._engine(opts.kind)
         mm.add_model(name, KINDS[opts.kind].config(path, opts, self.device), slo)
         self._kind[name] = opts.kind
         self.engines[name] = eng = mm.engines[name]
         return eng
+
+    def add_s(self, name: str) -> dict[str, float]:
+        """Seconds of the phases of `name`'s registration in its kind's engine ({} for a kind that does not say)."""
+        kind = self._kind.get(name)  # unloaded again already: nothing to say
+        return dict(getattr(self.kinds[kind], "add_s", {}).get(name, {})) if kind is not None else {}
 
     def _of(self, name: str):
         """The engine of the kind hosting `name`."""

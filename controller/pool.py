@@ -3,7 +3,16 @@
 Workers connect (local ones are started here, one per GPU or one on CPU; remote ones start themselves with
 `python -m controller.worker --controller HOST:PORT`) and register. A worker is dead when its connection
 closes or it is silent for `dead_after_s`; its in-flight requests are handed to `on_dead` and, if it was a
-local one, its process is started again. Decisions (what to load where, what to retry) are the controller's.
+local one, its slot gets a process again. Decisions (what to load where, what to retry) are the controller's.
+
+A restarted worker used to pay its whole start-up again: the interpreter, torch and the engine's imports, on a
+GPU the CUDA context (seconds, before the first model could even be registered). So each local slot keeps a
+warm standby (`workers.standby`): a second worker process started once the slot's worker has joined, which
+does that start-up and then waits, unregistered and holding no arena, host copy or KV, on its stdin. When the
+slot's worker dies the spare is told "go" and registers at once; the controller sends it the predecessor's
+models as soon as it joins, and the next spare is started then. On a GPU the spare costs one CUDA
+context (~0.5 GB), which the arena's default margin (hosting.GPU_MARGIN_BYTES) already leaves free. A spare
+never outlives the pool: `stop()` ends it, and if the controller itself dies its stdin closes and it exits.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ MAX_DEVICE_BYTES = 1 << 41  # 2 TiB: a claimed device larger than this is not be
 POOL_VIEW_MAX = 256 << 10  # bytes of a worker's pool view kept (it reaches /admin and the dashboard)
 MAX_EVENTS = 1024  # events per Stats
 REPO_ROOT = Path(__file__).resolve().parent.parent
+QUICK_DEATH_S = 30.0  # a local worker that dies sooner after it started is restarted with a growing backoff
 
 
 @dataclass
@@ -111,7 +121,8 @@ class EnginePool:
         self._on_pruned: Callable[[EngineHandle], None] | None = None
         self._local_token = secrets.token_urlsafe(24)  # local workers prove they are ours with it
         self._server: asyncio.base_events.Server | None = None
-        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._procs: dict[int, asyncio.subprocess.Process] = {}  # slot -> its worker process
+        self._spares: dict[int, asyncio.subprocess.Process] = {}  # slot -> its standby (see the module docstring)
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self.port = 0
@@ -134,10 +145,11 @@ class EnginePool:
             e.send(m.Shutdown("controller stopping"))
         for t in self._tasks:
             t.cancel()
-        for p in list(self._procs.values()):
+        procs = [*self._procs.values(), *self._spares.values()]
+        for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 p.terminate()
-        for p in list(self._procs.values()):
+        for p in procs:
             try:
                 await asyncio.wait_for(p.wait(), 5)
             except asyncio.TimeoutError:
@@ -147,24 +159,70 @@ class EnginePool:
             self._server.close()
 
     async def _supervise(self, slot: int, device: str) -> None:
-        """Keep one local worker process alive for `slot` (restarting it when it dies)."""
+        """Keep one local worker process alive for `slot`: when it dies its standby takes over at once, else a
+        new one is started. A worker that dies within QUICK_DEATH_S of its start doubles the backoff (a crash
+        loop): it delays a cold start, and a spare never starts sooner after its worker, nor before that
+        worker has joined (one that never joins gets none). A GPU worker joins after its own start-up (it
+        measures the device first), so the two start-ups do not compete for the host's cores."""
         backoff = 0.2
-        environ = env.environ_with(**{env.JOIN_TOKEN.name: self._local_token, env.PYTHONPATH.name: os.pathsep.join(
-            filter(None, [str(REPO_ROOT), env.PYTHONPATH.get()]))})
         while not self._stopping:
-            t0 = time.monotonic()
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "controller.worker", "--controller", f"127.0.0.1:{self.port}",
-                "--device", device, "--slot", str(slot), env=environ, stdin=asyncio.subprocess.DEVNULL,
-                start_new_session=True)  # a Ctrl-C for the server is not the worker's: stop() ends it
+            proc = await self._promote(slot)
+            if proc is None:
+                proc = await self._spawn(slot, device)
             self._procs[slot] = proc
-            rc = await proc.wait()
+            t0 = time.monotonic()
+            dead = asyncio.ensure_future(proc.wait())
+            try:
+                if self.s.standby and self.s.restart:
+                    while not dead.done() and not self._joined(slot, proc.pid):
+                        await asyncio.wait({dead}, timeout=0.1)
+                    await asyncio.wait({dead}, timeout=max(0.0, t0 + backoff - time.monotonic()))
+                    if not dead.done() and not self._stopping:
+                        self._spares[slot] = await self._spawn(slot, device, standby=True)
+                rc = await dead
+            finally:
+                dead.cancel()  # stop() cancelled this supervisor: no task left pending
             if self._stopping or not self.s.restart:
                 return
-            log.warning("local worker w%d (pid %d) exited with %s; restarting", slot, proc.pid, rc)
             self.restarts += 1
-            backoff = 0.2 if time.monotonic() - t0 > 30 else min(backoff * 2, 10.0)
-            await asyncio.sleep(backoff)
+            backoff = 0.2 if time.monotonic() - t0 > QUICK_DEATH_S else min(backoff * 2, 10.0)
+            spare = self._spares.get(slot)
+            if spare is not None and spare.returncode is None:
+                log.warning("local worker w%d (pid %d) exited with %s; its standby (pid %d) takes over", slot,
+                            proc.pid, rc, spare.pid)
+            else:
+                log.warning("local worker w%d (pid %d) exited with %s; restarting in %.1f s", slot, proc.pid, rc,
+                            backoff)
+                await asyncio.sleep(backoff)
+
+    async def _spawn(self, slot: int, device: str, standby: bool = False) -> asyncio.subprocess.Process:
+        environ = env.environ_with(**{env.JOIN_TOKEN.name: self._local_token, env.PYTHONPATH.name: os.pathsep.join(
+            filter(None, [str(REPO_ROOT), env.PYTHONPATH.get()]))})
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "controller.worker", "--controller", f"127.0.0.1:{self.port}",
+            "--device", device, "--slot", str(slot), *(["--standby"] if standby else []), env=environ,
+            stdin=asyncio.subprocess.PIPE if standby else asyncio.subprocess.DEVNULL,
+            start_new_session=True)  # a Ctrl-C for the server is not the worker's: stop() ends it
+
+    async def _promote(self, slot: int) -> asyncio.subprocess.Process | None:
+        """The slot's standby, told to take over; None if there is none alive."""
+        spare = self._spares.pop(slot, None)
+        if spare is None or spare.stdin is None:
+            return None
+        try:
+            spare.stdin.write(b"go\n")
+            await spare.stdin.drain()
+            spare.stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        if spare.returncode is not None:
+            log.warning("the standby of w%d (pid %d) had exited with %s", slot, spare.pid, spare.returncode)
+            return None
+        return spare
+
+    def _joined(self, slot: int, pid: int) -> bool:
+        e = self.engines.get(f"w{slot}")
+        return e is not None and e.alive and e.pid == pid
 
     async def _watchdog(self) -> None:
         while True:

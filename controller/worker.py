@@ -7,7 +7,8 @@ token-level policy picks the model of every step (controller/hosting.py) -- and 
 back. Engine calls never overlap: the step runs in one executor thread while the event loop keeps the socket
 (requests, aborts, heartbeats) moving; adds, aborts and model loads queued by the loop are applied between
 steps, so an abort frees its KV before the next step. A local worker (started with --slot) exits when the
-controller goes away; a remote one reconnects."""
+controller goes away; a remote one reconnects. A local standby (--standby, controller/pool.py) does a worker's
+start-up, then waits on stdin for its turn."""
 
 from __future__ import annotations
 
@@ -18,16 +19,18 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from controller import messages as m
 from controller.heap import collect_all, freeze_long_lived
-from controller.hosting import HostedModels, PoolSettings
+from controller.hosting import HostedModels, PoolSettings, warm_up
 from tokenpool import env
 
 log = logging.getLogger("tokenpool.worker")
+_promoted_at: float | None = None  # monotonic: when this process, a standby, took over its slot
 
 
 def to_delta(out) -> m.Delta:
@@ -130,8 +133,8 @@ class Worker:
         assert isinstance(reply, m.Registered)
         if not self.models.engines:  # a reconnecting worker keeps its pool (and the models in it)
             self.models = HostedModels(self.device, PoolSettings.from_dict(reply.settings), free)
-        log.info("registered as %s (arena %.1f GB) %.2f s after the process started", reply.worker_id,
-                 self.models.budget_bytes / 1e9, _process_age_s())
+        log.info("registered as %s (arena %.1f GB) %.2f s after the process %s", reply.worker_id,
+                 self.models.budget_bytes / 1e9, *_age())
         tasks = [asyncio.create_task(self._step_loop()), asyncio.create_task(self._beat(reply.heartbeat_s))]
         try:
             while True:
@@ -171,17 +174,20 @@ class Worker:
         """Register a model (the read loop has put it in `_loading`, so a second LoadModel waits for this answer)."""
         t0 = time.monotonic()
         loop = asyncio.get_running_loop()
+        phases: dict[str, float] = {}
         try:
             if msg.model in self.models:
                 eng = self.models.engines[msg.model]
             else:  # into its kind's multi-model engine, between steps (see controller/hosting.py)
                 # what it needs (host copy, tokenizer) is read here, beside the steps; registering it on the step
                 # thread is quick
-                await loop.run_in_executor(self._load_pool, self.models.prepare, msg.path, msg.engine)
+                phases = await loop.run_in_executor(self._load_pool, self.models.prepare, msg.path, msg.engine)
+                t1 = time.monotonic()
                 fut = loop.create_future()
                 self._hosting.append((msg, fut))
                 self._wake.set()
                 eng = await fut
+                phases = {**phases, "wait_host_s": time.monotonic() - t1, **self.models.add_s(msg.model)}
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - any load failure is reported, the worker lives on
@@ -196,8 +202,8 @@ class Worker:
             self._wake.set()
             return
         freeze_long_lived()  # the engine's objects live until it is unloaded
-        log.info("hosting %s took %.2f s (%.2f s after the process started)", msg.model,
-                 time.monotonic() - t0, _process_age_s())
+        log.info("hosting %s took %.2f s (%.2f s after the process %s): %s", msg.model, time.monotonic() - t0,
+                 *_age(), " ".join(f"{k} {v:.3f}" for k, v in phases.items()))
         self.send(m.ModelLoaded(msg.model, True, max_model_len=eng.max_model_len, max_num_seqs=_seqs(eng, msg),
                                 load_s=time.monotonic() - t0))
 
@@ -335,6 +341,44 @@ class Worker:
         self._wake.set()
 
 
+def standby(device: str) -> bool:
+    """A local spare: pay a worker's start-up ahead (`hosting.warm_up`: imports, the CUDA context) and wait for
+    the supervisor's word on stdin. True: "go", this process becomes the slot's worker; False: stdin closed
+    (the controller stopped or died), exit. Nothing else is taken while waiting: no arena, no host copy, no
+    connection (the slot's worker holds them; a spare must not halve its VRAM).
+
+    The warm-up runs on a thread, so a takeover never waits for it: the worker goes on at once and waits only
+    for what it needs that the warm-up has not done yet (an import under way on the thread is finished there,
+    never done twice: Python's import locks). A paced-only worker needs none of it."""
+    global _promoted_at
+    t0 = time.monotonic()
+    warm = threading.Thread(target=_warm_up, args=(device, t0), name="warm-up", daemon=True)
+    warm.start()
+    if sys.stdin.readline().strip() != "go":
+        return False
+    _promoted_at = time.monotonic()
+    log.info("standby: taking over after %.1f s in standby (%s)", _promoted_at - t0,
+             "still warming up" if warm.is_alive() else "warm")
+    return True
+
+
+def _warm_up(device: str, t0: float) -> None:
+    try:
+        warm_up(device)
+    except Exception:  # noqa: BLE001 - a spare that cannot warm up is still a worker: it starts up on its turn
+        log.exception("standby: warm-up failed")
+        return
+    log.info("standby: warm %.2f s after it started (%.2f s after the process started)", time.monotonic() - t0,
+             _process_age_s())
+
+
+def _age() -> tuple[float, str]:
+    """(seconds, since what) for the log: a restart's time split into start-up and each registration."""
+    if _promoted_at is not None:
+        return time.monotonic() - _promoted_at, "took over from standby"
+    return _process_age_s(), "started"
+
+
 def _process_age_s() -> float:
     """Seconds since this process started (Linux; -1 elsewhere): a restart's time, split in the log into
     start-up (imports, device) and each registration."""
@@ -360,10 +404,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host-cache-gb", type=float, default=None, help="the node's host weight cache (gpus.host_cache_gb)")
     ap.add_argument("--policy", choices=("token", "aegaeon", "request", "static"), default=None,
                     help="the multi-model policy of this worker's pooled engine (gpus.policy)")
+    ap.add_argument("--standby", action="store_true", help=argparse.SUPPRESS)  # a local spare (controller/pool.py)
     a = ap.parse_args(argv)
     host, _, port = a.controller.rpartition(":")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s",
                         stream=sys.stderr)
+    if a.standby and not standby(a.device):
+        return
     worker = Worker((host or "127.0.0.1", int(port)), a.device, a.slot, a.join_token,
                     {"budget_gb": a.gpu_budget_gb, "kv_cache_gb": a.kv_cache_gb, "host_cache_gb": a.host_cache_gb,
                      "policy": a.policy})

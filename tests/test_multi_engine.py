@@ -390,3 +390,21 @@ def test_limits_come_from_the_engine_config(make_tiny):
         assert len(eng.scheduler.running) <= 3 and out.num_tokens <= 24
     multi = MultiModelEngine({"a": cfg}, policy="request", device="cpu")
     assert (multi.policy.limits.max_seqs, multi.policy.limits.max_tokens) == (3, 24)
+
+
+def test_aliases_share_one_tokenizer_while_hosted(make_tiny, host_cache):
+    """A restarted worker registers every alias of a checkpoint again: the directory's tokenizer loads once,
+    and goes when no hosted model uses the directory."""
+    from gpu_pool.arena import MiB
+
+    d, other = make_tiny("qwen2"), make_tiny("qwen3")
+    multi = MultiModelEngine({"a": d, "b": d, "c": other}, policy="token", device="cpu", gpu_budget=8 * MiB,
+                             kv_cache_gb=64 * 16 * 512 / 1e9, host_cache=host_cache)
+    assert multi.engines["a"].tokenizer is multi.engines["b"].tokenizer
+    assert multi.engines["c"].tokenizer is not multi.engines["a"].tokenizer
+    assert set(multi.add_s["a"]) == {"tokenizer_s", "pool_s", "engine_s"}
+    multi.remove_model("a")
+    assert str(d) in multi._tokenizers
+    multi.remove_model("b")
+    assert list(multi._tokenizers) == [str(other)] and "b" not in multi.add_s
+    multi.close()

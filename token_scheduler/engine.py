@@ -65,10 +65,11 @@ class SharedKV:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, weights: dict[str, torch.Tensor] | None = None,
-                 shared_kv: SharedKV | None = None, load: bool = True):
+                 shared_kv: SharedKV | None = None, load: bool = True, tokenizer=None):
         """`weights`: use these (views the caller owns) instead of loading. `load=False`: start with no
         weights at all (a multi-model engine makes them resident with `set_weights`). `shared_kv`: draw KV
-        from a region shared with other models instead of allocating a pool."""
+        from a region shared with other models instead of allocating a pool. `tokenizer`: the model
+        directory's, already loaded (engines never step at once, so they may share one)."""
         from transformers import AutoTokenizer
 
         from model_swapper.kv_swap import HostKVPool, KVSwapper
@@ -81,7 +82,7 @@ class LLMEngine:
         self.model_name = c.served_model_name or Path(c.model).name
         self.model_config = mc = ModelConfig.from_pretrained(c.model)
         self.dtype = c.torch_dtype
-        self.tokenizer = AutoTokenizer.from_pretrained(c.model)
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(c.model)
         self.max_model_len = min(c.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         if weights is None and load:
             weights = load_weights(c.model, mc, self.device, self.dtype)

@@ -83,6 +83,11 @@ class MultiModelEngine:
         # (a caller polling while requests wait that no plan can serve, e.g. static's unplaced models)
         self.timing = dict.fromkeys(("policy_s", "memory_s", "engine_s", "steps", "idle_policy_s", "idle_polls"),
                                     0.0)
+        # One tokenizer per model directory: aliases of a checkpoint share it (a large vocabulary takes ~0.5 s
+        # to load; a restarted worker registers every model again). Loaded by `tokenizer()`, off the step
+        # thread when the caller prepares a registration there.
+        self._tokenizers: dict[str, object] = {}
+        self.add_s: dict[str, dict[str, float]] = {}  # model -> seconds of its registration's phases (the log)
         for name, cfg in models.items():
             self.add_model(name, cfg, slos[name] if isinstance(slos, dict) else None)
 
@@ -95,18 +100,26 @@ class MultiModelEngine:
             cfg = EngineConfig(model=str(cfg), device=self.device, served_model_name=name, **self.engine_kwargs)
         # steps alternate between models: read every step; a request's `model` is the name it is hosted under
         cfg = dataclasses.replace(cfg, overlap=False, served_model_name=name)
-        if self.pool is None:
-            eng = LLMEngine(cfg)
-        else:
-            mc = ModelConfig.from_pretrained(cfg.model)
-            max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-            shared = self.pool.register(name, cfg.model, mc, cfg.torch_dtype, max_len, self.progress)
-            try:
-                eng = LLMEngine(cfg, shared_kv=shared, load=False)
-            except BaseException:
-                self.pool.unregister(name)
-                raise
+        t0 = t1 = t2 = time.perf_counter()
+        try:
+            tok = self.tokenizer(cfg.model)
+            t1 = time.perf_counter()
+            shared = None
+            if self.pool is not None:
+                mc = ModelConfig.from_pretrained(cfg.model)
+                max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+                shared = self.pool.register(name, cfg.model, mc, cfg.torch_dtype, max_len, self.progress)
+            t2 = time.perf_counter()
+            eng = LLMEngine(cfg, shared_kv=shared, load=self.pool is None, tokenizer=tok)
+        except BaseException:
+            if self.pool is not None:
+                self.pool.unregister(name)  # a no-op if it was not registered
+            self._prune_tokenizers()
+            raise
         self.engines[name] = eng
+        # pool_s: the KV region's carving (the first model) and the host copy; engine_s: the runner (on CUDA the
+        # attention kernels' warm-up, once per shape)
+        self.add_s[name] = {"tokenizer_s": t1 - t0, "pool_s": t2 - t1, "engine_s": time.perf_counter() - t2}
         spec = self._spec(name, eng)
         kv = eng.scheduler.kv
         if self.pool is not None:
@@ -124,6 +137,23 @@ class MultiModelEngine:
         self._capacity()
         self._sync_limits()
         self._event("register", name)
+
+    def tokenizer(self, model_dir: str | Path):
+        """The tokenizer of `model_dir`, loaded once while a model of that directory is hosted. Two threads
+        asking at once both load it, and one of the two is kept."""
+        key = str(model_dir)
+        tok = self._tokenizers.get(key)
+        if tok is None:
+            from token_scheduler.tokenizer import load_tokenizer
+
+            tok = self._tokenizers.setdefault(key, load_tokenizer(key))
+        return tok
+
+    def _prune_tokenizers(self) -> None:
+        """Forget the tokenizers of directories no hosted model uses (a prepared one comes back if needed)."""
+        used = {str(e.config.model) for e in self.engines.values()}
+        for key in [k for k in self._tokenizers if k not in used]:
+            del self._tokenizers[key]
 
     def remove_model(self, name: str) -> None:
         """Stop hosting `name`: its unfinished requests are aborted (final outputs come from the next step),
@@ -144,6 +174,8 @@ class MultiModelEngine:
         self._last_request.pop(name, None)
         self._keep_alive.pop(name, None)
         self.steps_per_model.pop(name, None)
+        self.add_s.pop(name, None)
+        self._prune_tokenizers()
         eng.set_weights(None)
         eng.runner.graphs, eng.runner.kv, eng.runner.kv_swapper = {}, None, None
         if self.pool is not None:

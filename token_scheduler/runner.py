@@ -76,7 +76,7 @@ class ModelRunner:
         self.scratch_block = self.kv.shape[0] - 1 if scratch_block is None else scratch_block  # padded graph rows
         self.rope = llama.RopeCache.build(cfg, max_model_len + 1, self.device)
         self.sampler = Sampler(self.device, seed)
-        self.use_triton = self.is_cuda and _triton_ok()
+        self.use_triton = self.is_cuda and triton_available()
         # prefill chunks with tokens x context up to this run token by token through the batched decode
         # attention (one call for the step); 0 = never. CPU default 0: gathering each row's context costs more
         # there than the per-sequence calls it saves (tests set it to check the path against HF).
@@ -342,7 +342,7 @@ class _DecodeGraph:
         self.ctx32.copy_(self.dev[4])
 
 
-def _triton_ok() -> bool:
+def triton_available() -> bool:
     try:
         import triton  # noqa: F401
 

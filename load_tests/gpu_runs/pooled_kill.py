@@ -25,6 +25,8 @@ from controller.config import cache_dir  # noqa: E402
 from load_tests.bench_common import header  # noqa: E402
 from load_tests.faults import _pid_alive, pooled_config, run_kill, target  # noqa: E402
 
+RESTART_LOG = ("registered as", "hosting ", "standby", "exited with")
+
 
 def gpu_apps() -> dict[int, int]:
     """pid -> MiB of device memory, as nvidia-smi sees it ({} without a GPU)."""
@@ -38,6 +40,18 @@ def gpu_apps() -> dict[int, int]:
         pid, mib = (x.strip() for x in line.split(","))
         apps[int(pid)] = int(mib)
     return apps
+
+
+def worker_processes() -> list[int]:
+    """Live `controller.worker` processes of this host (any server's: run this where no other one serves)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and b"controller.worker" in (p / "cmdline").read_bytes() and _pid_alive(int(p.name)):
+                out.append(int(p.name))
+        except OSError:
+            pass
+    return sorted(out)
 
 
 def gpu_used_mib() -> int | None:
@@ -123,9 +137,14 @@ def main() -> None:
         pids |= set(r["after_restart"]["worker_pids"])
         server_pid = t.server_pid
         if t.log_path is not None and t.log_path.exists():  # the workers' start-up and registration times
-            (a.out / "server.log").write_bytes(t.log_path.read_bytes()[-4_000_000:])
+            log = t.log_path.read_bytes()[-4_000_000:]
+            (a.out / "server.log").write_bytes(log)
+            # where each restart went (worker start-up or standby, each registration's phases), in the JSON too
+            result["worker_log"] = [ln for ln in log.decode(errors="replace").splitlines()
+                                    if any(k in ln for k in RESTART_LOG)][-200:]
     time.sleep(1.0)
     after = {"processes_left": sorted(p for p in pids | {server_pid} if p and _pid_alive(p)),
+             "worker_processes_left": worker_processes(),  # standbys included (their pids are in no view)
              "gpu_apps_mib": gpu_apps(), "gpu_used_mib": gpu_used_mib(), "meminfo": meminfo(),
              "shm_dir_left": bool(shm_dir and Path(shm_dir).exists() and any(Path(shm_dir).rglob("*")))}
     before_mem = result["before"]["meminfo"]
