@@ -294,6 +294,12 @@ class HostedModels:
                 self._observe(mm.trace[-1], t0, time.perf_counter() - t0)
         return outs, ran or bool(outs)
 
+    @property
+    def round_estimate_s(self) -> float:
+        """For the router: how long a model waits from one of its steps to its next (before any model has waited
+        a round, the slowest model's own step is the best guess)."""
+        return max(self.round_s, max(self.step_s.values(), default=0.0))
+
     def _observe(self, name: str, t0: float, dt: float) -> None:
         prev = self.step_s.get(name)
         self.step_s[name] = dt if prev is None else 0.8 * prev + 0.2 * dt

@@ -316,9 +316,7 @@ class Worker:
         """Stats of the pool, taken on the step thread between steps (the engines' queues are not shared)."""
         hm = self.models
         # step_s for the router is a round: the time a model waits between two of its steps
-        # (before any model has waited a round, its own step is the best guess)
-        round_s = max(hm.round_s, max(hm.step_s.values(), default=0.0))
-        return m.Stats(models=hm.stats(), step_s=round_s, steps=self.steps, tokens=self.tokens,
+        return m.Stats(models=hm.stats(), step_s=hm.round_estimate_s, steps=self.steps, tokens=self.tokens,
                        pool=hm.pool_state(), events=hm.drain_events())
 
     async def _beat(self, period: float) -> None:
