@@ -58,7 +58,11 @@ class LiveServer:
                                      cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         if self.wait_ready:
-            self.wait_healthy(self.ready_timeout)
+            try:
+                self.wait_healthy(self.ready_timeout)
+            except BaseException:  # a server that never got healthy is stopped too, not left running
+                self.__exit__()
+                raise
         return self
 
     def wait_healthy(self, timeout: float) -> None:

@@ -79,6 +79,16 @@ def snapshot(t) -> dict:
             "gpu_used_mib": gpu_used_mib(), "meminfo": meminfo()}
 
 
+def wait_standbys(t, n: int, timeout: float = 90.0) -> float | None:
+    """Seconds until the server's log shows `n` standbys warm (None: not within `timeout`, or no log)."""
+    t0 = time.monotonic()
+    while t.log_path is not None and time.monotonic() - t0 < timeout:
+        if t.log_path.exists() and t.log_path.read_bytes().count(b"standby: warm") >= n:
+            return round(time.monotonic() - t0, 2)
+        time.sleep(0.1)
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -123,15 +133,20 @@ def main() -> None:
         shm_dir = t.shm_dir
         print(f"serving at {time.monotonic() - t0:.1f}s", flush=True)
         result["before"] = snapshot(t)
-        for during in a.parts.split(","):
+        for k, during in enumerate(a.parts.split(",")):
+            # one kill at a time, as an SRE sees them: the slot's standby is warm again before the next one
+            warm_wait = wait_standbys(t, k + 1)
             r = run_kill(t, "KILL", a.streams, a.queued, a.max_tokens, during, names)
+            r["standby_warm_wait_s"] = warm_wait
             r["after_restart"] = snapshot(t)
             victim = r["victim"]["pid"]
             r["victim_gpu_memory_left_mib"] = r["after_restart"]["gpu_apps_mib"].get(victim, 0)
             result["parts"][during] = r
             write()
             print(during, json.dumps({k: r[k] for k in ("running_streams_ended_with_error_event", "error_event_s",
-                                                        "queued_requests_completed", "restart_s",
+                                                        "queued_requests_completed", "queued_requests_failed",
+                                                        "queued_requests_failed_tokens", "restart_s",
+                                                        "request_after_restart_ok", "standby_warm_wait_s",
                                                         "victim_process_left", "dev_shm_files_leaked")}), flush=True)
         pids = set(result["before"]["worker_pids"]) | {p["victim"]["pid"] for p in result["parts"].values()}
         pids |= set(r["after_restart"]["worker_pids"])
