@@ -8,7 +8,7 @@ one reserved address range (the same contiguous region to its users). Making a t
 file (its page-cache tree, its block accounting), so page-making threads on one file queue behind each other;
 on separate files they should not. `--pin concurrent` registers the range with CUDA on a thread meanwhile, as
 the host cache does (registration makes the pages it finds missing, single-threaded); `after` once they are
-made. The figure is each layout's seconds and GB/s.
+made; `parallel` one registration per file, from many threads, once they are made. The figure is each layout's seconds and GB/s.
 """
 
 from __future__ import annotations
@@ -89,12 +89,20 @@ def layout(size: int, files: int, threads: int, shm: str, pin: str = "none") -> 
             populate(base, size, threads)
             if pin == "after":
                 pin_s = register(base, size)
+            elif pin == "parallel":  # one registration per file, on `threads` threads at once
+                tp = time.perf_counter()
+                with ThreadPoolExecutor(min(threads, files)) as ex:
+                    list(ex.map(lambda i: register(base + i * per, per), range(files)))
+                pin_s = time.perf_counter() - tp
         t2 = time.perf_counter()
         return {"files": files, "pin": pin, "bytes": size, "map_s": round(t1 - t0, 4),
                 "pin_s": None if pin_s is None else round(pin_s, 3), "total_s": round(t2 - t1, 3),
                 "gbs": round(size / (t2 - t1) / 1e9, 2)}
     finally:
-        if pin != "none":
+        if pin == "parallel":
+            for i in range(files):
+                unregister(base + i * per)
+        elif pin != "none":
             unregister(base)
         libc.munmap(base, size)
         for p in paths:
@@ -110,7 +118,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--files", default="1,4,16,64")
     ap.add_argument("--reps", type=int, default=1)
-    ap.add_argument("--pin", default="none", help="comma list of none, concurrent, after")
+    ap.add_argument("--pin", default="none", help="comma list of none, concurrent, after, parallel")
     ap.add_argument("--shm", default="/dev/shm")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
