@@ -16,7 +16,13 @@ Filling a big region fast (the host cache's cold load): most of the cost is not 
 region made with `create(reserve=False)` is only sized; the caller's writes make its pages from every core at
 once (or `populate()` does, on every core), and `pin_async()` registers it on a background thread meanwhile.
 It stays one registration: a copy never spans two (whether the driver then still copies at link speed is not
-something to find out mid-swap). Page size is the larger lever: on a tmpfs mounted with huge=within_size (or
+something to find out mid-swap).
+
+Making tmpfs pages takes locks of their file (its page tree, its block accounting), so threads making pages of
+one file queue behind each other: on the H200 host 16 threads made 15.2 GB of one file's pages in 3.75 s, and
+of 64 files' in 1.26 s (`load_tests/gpu_runs/shm_fill_probe.py`, bench/results/shm_fill_probe_h200.json). So
+a big region can be made of `parts` files (a directory of them) mapped back to back into one reserved address
+range: one contiguous tensor and one registration to its users, as many page locks as parts to its writers. Page size is the larger lever: on a tmpfs mounted with huge=within_size (or
 always) each fault makes a 2 MiB page, and a cold load on the 2-vCPU dev VM went from 1.6 s to 0.32 s for
 3.1 GB (`shm_huge_pages` tells which kind a directory gives; TOKENPOOL_SHM_DIR points the cache there).
 """
@@ -48,6 +54,14 @@ POPULATE_CHUNK = 64 << 20
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.munmap.restype = ctypes.c_int
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_FIXED = 0x10
+_MAP_NORESERVE = 0x4000  # a PROT_NONE reservation: no memory is committed for it
+PART_ALIGN = 2 << 20  # parts start on 2 MiB boundaries: a huge-page tmpfs can back each with whole huge pages
 
 
 def default_shm_dir() -> Path:
@@ -101,13 +115,70 @@ def _check(rc, what: str) -> None:
         raise RuntimeError(f"{what} failed: cuda error {code} ({torch.cuda.cudart().cudaGetErrorString(rc)})")
 
 
+def part_sizes(nbytes: int, parts: int) -> list[int]:
+    """`nbytes` cut into at most `parts` files of whole PART_ALIGN units (the last takes the rest)."""
+    per = max(PART_ALIGN, -(-nbytes // max(1, parts) // PART_ALIGN) * PART_ALIGN)
+    return [min(per, nbytes - o) for o in range(0, nbytes, per)] or [0]
+
+
+def _part_paths(path: Path) -> list[Path]:
+    return sorted((p for p in path.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def remove_region(path: str | Path) -> None:
+    """Remove a shared region's name, one file or a directory of parts (missing is fine). Its pages go when
+    the last mapping (in any process) closes."""
+    path = Path(path)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        for p in path.iterdir():
+            p.unlink(missing_ok=True)
+        path.rmdir()
+
+
+def _unmap_on_del(self) -> None:
+    _libc.munmap(ctypes.addressof(self), ctypes.sizeof(self))
+
+
+def _map_parts(paths: list[Path], sizes: list[int]) -> ctypes.Array:
+    """Files mapped back to back into one reserved address range, as a writable ctypes array that unmaps the
+    range when it is collected. torch.frombuffer keeps its buffer's object alive for as long as any tensor over
+    it (views included) lives, as it does an `mmap`: so the range goes with the last view, never under one."""
+    nbytes = sum(sizes)
+    base = _libc.mmap(None, nbytes, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
+    if base in (None, _MAP_FAILED):
+        e = ctypes.get_errno()
+        raise OSError(e, f"reserving {nbytes} B of address space: {os.strerror(e)}")
+    try:
+        off = 0
+        for p, n in zip(paths, sizes):
+            fd = os.open(p, os.O_RDWR)
+            try:
+                got = _libc.mmap(base + off, n, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
+            finally:
+                os.close(fd)  # the mapping keeps the file's pages alive
+            if got != base + off:
+                e = ctypes.get_errno()
+                raise OSError(e, f"mapping {p}: {os.strerror(e)}")
+            off += n
+    except BaseException:
+        _libc.munmap(base, nbytes)
+        raise
+    return type("MappedParts", (ctypes.c_uint8 * nbytes,), {"__del__": _unmap_on_del}).from_address(base)
+
+
 class PinnedRegion:
     """A mapped host region of `nbytes`, exposed as `tensor` (uint8). Close before dropping the last view."""
 
-    def __init__(self, mm: mmap.mmap, nbytes: int, path: Path | None, pin: bool | None):
-        self._mm: mmap.mmap | None = mm
+    def __init__(self, mm: mmap.mmap | ctypes.Array | None, nbytes: int, path: Path | None, pin: bool | None,
+                 parts: int = 1):
+        self._mm = mm
         self.nbytes = nbytes
         self.path = path
+        self.parts = parts  # files behind it (a directory of them when > 1)
         self.tensor = torch.frombuffer(mm, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
         self.pinned = False
         self._pinning: Future | None = None  # a pin_async() registration in flight
@@ -192,11 +263,12 @@ class PinnedRegion:
             raise
 
     def _reserve(self) -> None:
-        fd = os.open(self.path, os.O_RDWR)
-        try:
-            _fallocate(fd, self.path, self.nbytes)
-        finally:
-            os.close(fd)
+        for p in _part_paths(self.path) if self.parts > 1 else [self.path]:
+            fd = os.open(p, os.O_RDWR)
+            try:
+                _fallocate(fd, self.path, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
 
     def unpin(self) -> None:
         if self.pinned:
@@ -205,13 +277,18 @@ class PinnedRegion:
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, nbytes: int, pin: bool | None = None, reserve: bool = True) -> PinnedRegion:
+    def create(cls, path: str | Path, nbytes: int, pin: bool | None = None, reserve: bool = True,
+               parts: int = 1) -> PinnedRegion:
         """A new shared region at `path` (fails if it exists). With `reserve`, space is reserved up front with
         fallocate: a full tmpfs then fails here with ENOSPC instead of killing a writer with SIGBUS mid-load.
         Without it the file is only sized (after a free-space check), and the pages are made by whatever
         writes first: reads into it from the kernel (a full tmpfs is then EFAULT, not a signal) or
-        `populate()` before user-space stores, on every core instead of one."""
+        `populate()` before user-space stores, on every core instead of one. With `parts` > 1 (and room for
+        more than one PART_ALIGN unit), `path` is a directory of that many files (see the module docstring)."""
         path = Path(path)
+        sizes = part_sizes(nbytes, parts)
+        if len(sizes) > 1:
+            return cls._create_parts(path, sizes, pin, reserve)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             if nbytes:
@@ -237,9 +314,37 @@ class PinnedRegion:
             raise
 
     @classmethod
+    def _create_parts(cls, path: Path, sizes: list[int], pin: bool | None, reserve: bool) -> PinnedRegion:
+        nbytes = sum(sizes)
+        path.mkdir(mode=0o700)  # FileExistsError if it exists, as O_EXCL for one file
+        try:
+            if not reserve:
+                st = os.statvfs(path.parent)
+                if st.f_bavail * st.f_frsize < nbytes:
+                    raise _no_room(path, nbytes)
+            paths = [path / str(i) for i in range(len(sizes))]
+            for p, n in zip(paths, sizes):
+                fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+                try:
+                    if reserve:
+                        _fallocate(fd, path, n)
+                    else:
+                        os.ftruncate(fd, n)
+                finally:
+                    os.close(fd)
+            return cls(_map_parts(paths, sizes), nbytes, path, pin, parts=len(sizes))
+        except BaseException:
+            remove_region(path)
+            raise
+
+    @classmethod
     def attach(cls, path: str | Path, pin: bool | None = None) -> PinnedRegion:
         """Map an existing shared region (no new memory: the same pages as every other mapping)."""
         path = Path(path)
+        if path.is_dir():
+            paths = _part_paths(path)
+            sizes = [p.stat().st_size for p in paths]
+            return cls(_map_parts(paths, sizes), sum(sizes), path, pin, parts=len(paths))
         fd = os.open(path, os.O_RDWR)
         try:
             nbytes = os.fstat(fd).st_size
@@ -278,7 +383,7 @@ class PinnedRegion:
     def unlink(self) -> None:
         """Remove the name; the pages go when the last mapping (in any process) closes."""
         if self.path is not None:
-            self.path.unlink(missing_ok=True)
+            remove_region(self.path)
 
     def __enter__(self) -> PinnedRegion:
         return self

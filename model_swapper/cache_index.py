@@ -22,6 +22,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from gpu_pool.host_pool import remove_region
+
 _serial = itertools.count()
 
 
@@ -104,16 +106,16 @@ class CacheIndex:
         for key, e in list(entries.items()):
             e["holders"] = [h for h in e["holders"] if holder_alive(h)]
             if e["state"] != "ready" and not holder_alive(e["owner"]):
-                self.seg_path(key).unlink(missing_ok=True)  # a loader died mid-load
+                remove_region(self.seg_path(key))  # a loader died mid-load
                 del entries[key]
         for seg in self.root.glob("*.seg"):  # segments without an entry: leftovers of a crash
             if seg.stem not in entries:
-                seg.unlink(missing_ok=True)
+                remove_region(seg)
 
     def _remove_all(self) -> None:
         for p in self.root.iterdir():
             if p.name != self.lock_path.name:
-                p.unlink(missing_ok=True)
+                remove_region(p)
         self.lock_path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.root.rmdir()

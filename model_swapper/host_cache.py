@@ -16,6 +16,12 @@ thread registers the region with CUDA from the start, making whatever pages it r
 Before, every page was made in a pass of its own and the reads came after: each byte was touched twice, and the
 registration waited for the first pass (on the 2-vCPU dev VM, 3.1 GB with a registration's page walk beside:
 1.38 s then, 1.16 s now). Each load's timings (`LoadStats`) are logged and kept on the `HostModel`.
+
+On the 16-core H200 host that one-file load took 7.1 s for a 15.2 GB 7B: the reads' page making queued on the
+file's locks, and the registration's walk beside them made it worse (page making alone: 3.75 s one file, 1.26 s
+over 64 files; with a registration beside it, 7 s either way: bench/results/shm_fill_probe_h200.json). So a
+model's region is one file per PART_BYTES (at most MAX_PARTS), and a region of several parts is registered once
+its pages are made, not beside the reads.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from pathlib import Path
 import torch
 
 from gpu_pool.arena import parse_budget
-from gpu_pool.host_pool import PinnedRegion, default_shm_dir, io_threads, shm_huge_pages
+from gpu_pool.host_pool import PinnedRegion, default_shm_dir, io_threads, remove_region, shm_huge_pages
 from model_swapper.cache_index import CacheIndex, holder_alive, new_holder_id
 from model_swapper.layout import ModelLayout
 from model_swapper.loader import Progress, load_into_region
@@ -53,7 +59,8 @@ class HostCacheTooSmall(HostCacheFull):
 @dataclass(frozen=True)
 class LoadStats:
     """Where a cold load's time went (seconds). total = create + fill + pin_wait: the registration (`pin_s`)
-    runs beside the fill, and only what outlasts it (`pin_wait_s`) adds."""
+    of a one-file region runs beside the fill, and only what outlasts it (`pin_wait_s`) adds; a region of
+    several parts is registered after the fill (pin_wait_s = pin_s)."""
 
     nbytes: int
     threads: int
@@ -64,6 +71,7 @@ class LoadStats:
     total_s: float
     pinned: bool
     shm_huge: str  # the tmpfs's huge= policy ("never": 4 KiB pages; "" for private memory): see host_pool
+    parts: int = 1  # shm files behind the region (region_parts)
 
     @property
     def gbs(self) -> float:
@@ -74,26 +82,38 @@ class LoadStats:
 
     def __str__(self) -> str:
         return (f"{self.nbytes / 2**30:.2f} GiB in {self.total_s:.2f} s ({self.gbs:.2f} GB/s; {self.threads} "
-                f"threads; huge={self.shm_huge or '-'}): create {self.create_s:.2f}, fill {self.fill_s:.2f}, "
-                f"pin {self.pin_s:.2f} beside the fill + {self.pin_wait_s:.2f} after")
+                f"threads; {self.parts} part(s); huge={self.shm_huge or '-'}): create {self.create_s:.2f}, fill {self.fill_s:.2f}, "
+                f"pin {self.pin_s:.2f} {'beside the fill' if self.parts == 1 else 'after it'}, "
+                f"{self.pin_wait_s:.2f} waited")
+
+
+PART_BYTES = 256 << 20  # a host copy is one shm file per this many bytes ...
+MAX_PARTS = 64  # ... up to this many (the module docstring says why)
+
+
+def region_parts(nbytes: int) -> int:
+    return max(1, min(MAX_PARTS, nbytes // PART_BYTES))
 
 
 def fill_region(region: PinnedRegion, model_dir: Path, layout: ModelLayout, pin: bool, threads: int | None = None,
                 progress: Progress | None = None, create_s: float = 0.0) -> LoadStats:
     """Load a model into a fresh, unwritten `region` (from `PinnedRegion.create(reserve=False)` or
-    `anonymous`) and, with `pin`, register it beside the reads."""
+    `anonymous`) and, with `pin`, register it: beside the reads for a region of one file, after them for one of
+    several parts (the module docstring says why)."""
     threads = threads or io_threads()
     t0 = time.perf_counter()
     # one registration of the whole region, started before any page exists: it takes references to pages, not
     # their bytes, and pages it reaches first are made by its walk (work the reads would otherwise do)
-    pinning = region.pin_async() if pin else None
+    pinning = region.pin_async() if pin and region.parts == 1 else None
     load_into_region(Path(model_dir), layout, region.tensor, threads, progress,
                      make_pages=lambda off, n: region.populate(1, off, n))
     t1 = time.perf_counter()
+    if pin and pinning is None:
+        pinning = region.pin_async()
     pin_s = pinning.result() if pinning is not None else 0.0
     t2 = time.perf_counter()
     return LoadStats(layout.nbytes, threads, create_s, t1 - t0, pin_s, t2 - t1, create_s + (t2 - t0),
-                     region.pinned, shm_huge_pages(region.path) if region.path is not None else "")
+                     region.pinned, shm_huge_pages(region.path) if region.path is not None else "", region.parts)
 
 
 @dataclass
@@ -262,7 +282,8 @@ class HostModelCache:
         region = None
         try:
             t = time.perf_counter()
-            region = PinnedRegion.create(self.index.seg_path(key), layout.nbytes, pin=False, reserve=False)
+            region = PinnedRegion.create(self.index.seg_path(key), layout.nbytes, pin=False, reserve=False,
+                                         parts=region_parts(layout.nbytes))
             stats = fill_region(region, Path(model_dir), layout, torch.cuda.is_available() if self.pin is None
                                 else self.pin, self.threads, progress, create_s=time.perf_counter() - t)
         except BaseException:
@@ -308,4 +329,4 @@ class HostModelCache:
         if hm is not None:
             hm.region.close()
         data["entries"].pop(key, None)
-        self.index.seg_path(key).unlink(missing_ok=True)
+        remove_region(self.index.seg_path(key))

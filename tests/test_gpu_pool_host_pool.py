@@ -148,3 +148,53 @@ def test_pin_async_while_writing_then_copy(shm_path):
     r.close()
     assert not r.pinned
     r.unlink()
+
+
+def _blocks(path) -> int:
+    return sum(os.stat(p).st_blocks * 512 for p in (path.iterdir() if path.is_dir() else [path]))
+
+
+def test_region_of_parts_is_one_contiguous_shared_region(shm_path):
+    """A region made of several files (a directory of them) is one tensor to its users: bytes written across a
+    part boundary land in order, another mapping sees them, views outlive close(), and unlink leaves nothing."""
+    from gpu_pool.host_pool import PART_ALIGN
+
+    n = 3 * PART_ALIGN + 4096  # the last part is short
+    r = PinnedRegion.create(shm_path, n, pin=False, reserve=False, parts=4)
+    assert r.parts == 4 and r.nbytes == n and shm_path.is_dir() and len(list(shm_path.iterdir())) == 4
+    assert _blocks(shm_path) == 0  # sized, not yet allocated
+    r.populate(threads=3)
+    assert _blocks(shm_path) >= n
+    edge = PART_ALIGN  # the first boundary
+    r.tensor[edge - 8:edge + 8] = torch.arange(16, dtype=torch.uint8)
+    r.tensor[-1] = 9
+    b = PinnedRegion.attach(shm_path, pin=False)
+    assert b.parts == 4 and b.nbytes == n
+    assert torch.equal(b.tensor[edge - 8:edge + 8], torch.arange(16, dtype=torch.uint8)) and int(b.tensor[-1]) == 9
+    with pytest.raises(FileExistsError):
+        PinnedRegion.create(shm_path, n, pin=False, parts=4)
+    v = b.tensor[edge:edge + 4]
+    b.close()
+    r.close()
+    r.unlink()
+    assert not shm_path.exists() and int(v.sum()) == 8 + 9 + 10 + 11  # still mapped under the view
+    assert mapped(shm_path)
+    del v
+    assert not mapped(shm_path)
+
+
+def test_region_of_parts_reserved_and_too_big(shm_path):
+    from gpu_pool.host_pool import PART_ALIGN
+
+    r = PinnedRegion.create(shm_path, 2 * PART_ALIGN, pin=False, parts=2)  # reserve=True: fallocated
+    assert r.parts == 2 and _blocks(shm_path) >= 2 * PART_ALIGN
+    r.close()
+    r.unlink()
+    st = os.statvfs(default_shm_dir())
+    with pytest.raises(OSError, match="no room|TOKENPOOL_SHM_DIR"):
+        PinnedRegion.create(shm_path, st.f_bavail * st.f_frsize + (1 << 30), pin=False, reserve=False, parts=8)
+    assert not shm_path.exists()
+    small = PinnedRegion.create(shm_path, PART_ALIGN, pin=False, parts=8)  # one unit: one file, not a directory
+    assert small.parts == 1 and shm_path.is_file()
+    small.close()
+    small.unlink()

@@ -304,3 +304,35 @@ def test_crashed_process_leaves_nothing_behind(make_tiny, ns, mode):
     assert all(torch.equal(w[k], ref[k]) for k in ref)
     del w
     cache.close()
+
+
+def test_host_copy_in_parts_is_exact_shared_and_cleaned_up(make_tiny, ns, monkeypatch):
+    """A host copy made of several shm files (what a big model gets) holds exactly the checkpoint's bytes,
+    another process attaches to the same pages, and nothing is left in /dev/shm after close."""
+    import model_swapper.host_cache as hc
+    from gpu_pool import host_pool
+
+    monkeypatch.setattr(host_pool, "PART_ALIGN", 64 << 10)  # a tiny model in several parts
+    monkeypatch.setattr(hc, "PART_BYTES", 256 << 10)
+    d = make_tiny("qwen2")
+    cfg = ModelConfig.from_pretrained(d)
+    cache = HostModelCache("64MiB", namespace=ns, pin=False)
+    m = cache.get(d)
+    seg = cache.index.seg_path(m.key)
+    assert m.loaded_here and m.region.parts > 1 and seg.is_dir() and len(list(seg.iterdir())) == m.region.parts
+    ref = load_weights(d, cfg, dtype=cfg.torch_dtype)
+    w = m.weights()
+    for k in ref:
+        assert torch.equal(w[k], ref[k]), k
+    del w
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_attach, args=(ns, str(d), q))
+    p.start()
+    r = q.get(timeout=120)
+    p.join(60)
+    assert p.exitcode == 0
+    assert r["loaded_here"] is False and r["files_same"] and r["mapped"] and r["holders"] == 2
+    assert r["sha"] == hashlib.sha256(m.buffer.numpy().tobytes()).hexdigest()
+    cache.close()
+    assert not seg.exists()
