@@ -13,8 +13,9 @@ without weights) has one multi-model engine per worker with `MultiModelEngine`'s
 kind's first model; everything here goes through that surface, whatever the kind.
 
 Threading contract (the worker's): `host`, `step` and `unload` run between steps, never two at once --
-`host` and `step` on the step thread, `unload`, `add_request` and `abort` on the event loop while no step
-runs. A registration reads the host copy first on the load thread (`prepare`: seconds for a large model from
+`host` and `step`/`step_tokens` on the step thread, `unload`, `add_request`, `abort` and `stop_requests` on the event loop
+while no step runs. `outputs` (the text of a step's token ids) reads only requests, not the engines' queues: the
+event loop runs it while the next step runs. A registration reads the host copy first on the load thread (`prepare`: seconds for a large model from
 disk, once per node), so the step thread only attaches it and the other models keep stepping.
 """
 
@@ -277,22 +278,51 @@ class HostedModels:
         return any(mm.has_unfinished_requests() for mm in list(self.kinds.values()))
 
     def step(self) -> tuple[list[RequestOutput], bool]:
-        """One step of each busy kind's engine (the pooled one's: its policy's pick).
+        """One step of each busy kind's engine, detokenized inline (`step_tokens`, `outputs`, `stop_requests`)."""
+        stepped, ran = self.step_tokens()
+        outs, stops = self.outputs(stepped)
+        self.stop_requests(stops)
+        return outs, ran
 
-        Returns the outputs and whether anything ran: the policy may plan an idle step (no room for any batch
-        by its estimate), and the caller should not spin on those.
+    def step_tokens(self, on_launch: Callable[[], None] | None = None) -> tuple[list[tuple[Any, list]], bool]:
+        """One step of each busy kind's engine (the pooled one's: its policy's pick): token ids, no text.
+
+        Returns [(kind's engine, its step's outputs)], for `outputs` (the worker makes the text while the next
+        step runs), and whether anything ran: the policy may plan an idle step (no room for any batch by its
+        estimate), and the caller should not spin on those. `on_launch`: called when a step's device work is
+        queued, before the host waits for it (the worker then makes the previous step's text).
         """
-        outs: list[RequestOutput] = []
+        stepped: list[tuple[Any, list]] = []
         ran = False
         for mm in list(self.kinds.values()):
             if not mm.has_unfinished_requests():
                 continue
             n, t0 = mm.timing["steps"], time.perf_counter()
-            outs += mm.step()
+            outs = mm.step_tokens(on_launch)
             if mm.timing["steps"] > n:
                 ran = True
                 self._observe(mm.trace[-1], t0, time.perf_counter() - t0)
-        return outs, ran or bool(outs)
+            if outs:
+                stepped.append((mm, outs))
+        return stepped, ran or bool(stepped)
+
+    @staticmethod
+    def outputs(stepped: list[tuple[Any, list]]) -> tuple[list[RequestOutput], list]:
+        """The RequestOutputs of `step_tokens`'s outputs (text, stop strings), and the stops to pass to `stop_requests`
+        at a step boundary. Reads only the requests (not the engines' queues): it may run while a step runs."""
+        outs: list[RequestOutput] = []
+        stops: list = []
+        for mm, raw in stepped:
+            o, s = mm.detokenize(raw)
+            outs += o
+            stops += s
+        return outs, stops
+
+    def stop_requests(self, stops: list) -> None:
+        """Between steps: finish the requests `outputs` found a stop string in (of models still hosted)."""
+        for req, stop in stops:
+            if req.model in self.engines:
+                self._of(req.model).stop_requests([(req, stop)])
 
     @property
     def round_estimate_s(self) -> float:

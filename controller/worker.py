@@ -5,8 +5,9 @@
 It registers, then hosts the models the controller places on it -- all of them in one MultiModelEngine whose
 token-level policy picks the model of every step (controller/hosting.py) -- and streams each step's deltas
 back. Engine calls never overlap: the step runs in one executor thread while the event loop keeps the socket
-(requests, aborts, heartbeats) moving; adds, aborts and model loads queued by the loop are applied between
-steps, so an abort frees its KV before the next step. A local worker (started with --slot) exits when the
+(requests, aborts, heartbeats) moving and detokenizes and sends the previous step's token ids; adds, aborts,
+stop-string ends and model loads queued by the loop are applied between steps, so an abort frees its KV before
+the next step. A local worker (started with --slot) exits when the
 controller goes away; a remote one reconnects. A local standby (--standby, controller/pool.py) does a worker's
 start-up, then waits on stdin for its turn."""
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -36,9 +38,9 @@ _promoted_at: float | None = None  # monotonic: when this process, a standby, to
 def to_delta(out) -> m.Delta:
     c = out.outputs[0]
     lps = None
-    if c.logprobs is not None and out.delta_token_ids:
+    if out.delta_logprobs is not None and out.delta_token_ids:
         lps = []
-        for tid, lp in zip(out.delta_token_ids, c.logprobs[-len(out.delta_token_ids):]):
+        for tid, lp in zip(out.delta_token_ids, out.delta_logprobs):
             pairs = [[tid, lp.get(tid, float("nan"))]] + [[k, v] for k, v in lp.items() if k != tid]
             lps.append(pairs)
     return m.Delta(request_id=out.request_id, text=out.delta_text, token_ids=list(out.delta_token_ids),
@@ -75,6 +77,7 @@ class Worker:
         self.settings = {k: v for k, v in (settings or {}).items() if v is not None}  # overrides of the controller's
         self.models = HostedModels(device)
         self._owner: dict[str, str] = {}  # request id -> model: the worker's one registry of a request
+        self._stops: list = []  # requests a stop string ended (answered already), for the engine at the next boundary
         self._pending: list[m.Message] = []
         self._hosting: list[tuple[m.LoadModel, asyncio.Future]] = []  # loads the step loop runs between steps
         self._loading: set[str] = set()
@@ -225,6 +228,9 @@ class Worker:
 
     def _apply_pending(self) -> list[m.Delta]:
         errors: list[m.Delta] = []
+        if self._stops:  # first: their KV is freed before the next step, and their ids are free for reuse
+            stops, self._stops = self._stops, []
+            self.models.stop_requests(stops)
         pending, self._pending = self._pending, []
         for msg in pending:
             if isinstance(msg, m.NewRequest):
@@ -257,8 +263,19 @@ class Worker:
                     collect_all()  # its memory (device memory included) must not wait in the frozen heap
         return errors
 
-    def _step_all(self) -> tuple[list[m.Delta], bool]:
-        outs, ran = self.models.step()
+    def _step_all(self, on_launch) -> tuple[list, bool]:
+        """The step thread's whole share of a step: token ids (their text is `_emit`'s, beside the next step)."""
+        stepped, ran = self.models.step_tokens(on_launch)
+        if ran:
+            self.steps += 1
+        return stepped, ran
+
+    def _emit(self, stepped: list) -> None:
+        """Send a step's outputs: their text is made here, on the event loop, while the step thread runs the next
+        step. Stop strings found here end their requests' answers now; the engine frees them at the next step
+        boundary (`_stops`), after the step under way, whose token for them is not emitted."""
+        outs, stops = self.models.outputs(stepped)
+        self._stops += stops
         deltas = []
         for out in outs:
             if out.request_id not in self._owner:  # aborted by the controller: it needs no answer
@@ -267,19 +284,28 @@ class Worker:
             self.tokens += len(out.delta_token_ids)
             if out.finished:
                 self._owner.pop(out.request_id, None)
-        if ran:
-            self.steps += 1
-        return deltas, ran
+        if deltas:
+            self.send(m.Outputs(deltas))
 
     async def _step_loop(self) -> None:
+        """Step while there is work. Pipelined: step N+1 is on the device while step N's outputs are
+        detokenized and sent here, so the host's work on outputs does not stand between two steps. They are
+        made once the step thread has queued N+1 (`on_launch`), not at once: under the GIL, text made while
+        the step thread prepares its inputs would delay the launch by as much."""
         loop = asyncio.get_running_loop()
         idle_since = None
+        unsent = None  # the latest step's outputs, not yet emitted
         while True:
             await self._host_pending()
             errors = self._apply_pending()
             if errors:
                 self.send(m.Outputs(errors))
             if not self.models.busy():
+                if unsent is not None:  # nothing to overlap with: send them now (they may end requests)
+                    self._emit(unsent)
+                    unsent = None
+                    await self._drain()
+                    continue
                 idle_since = None
                 self._wake.clear()
                 if not self._pending and not self._hosting:
@@ -288,18 +314,23 @@ class Worker:
                     except asyncio.TimeoutError:
                         await loop.run_in_executor(self._step_pool, self.models.tick)
                 continue
+            launched = loop.create_future()
+            step = loop.run_in_executor(self._step_pool, self._step_all,
+                                        functools.partial(loop.call_soon_threadsafe, _resolve, launched))
+            step.add_done_callback(functools.partial(_resolve, launched))  # a step that launched nothing
+            if unsent is not None:
+                await launched
+                self._emit(unsent)
+                unsent = None
+                await self._drain()
             try:
-                deltas, ran = await loop.run_in_executor(self._step_pool, self._step_all)
+                unsent, ran = await step
             except Exception as e:  # noqa: BLE001 - an engine crash fails its requests, then the process exits
                 log.exception("engine step failed")
                 self.send(m.Outputs([m.Delta(r, finished=True, finish_reason="error", error=f"engine failed: {e}",
                                              error_kind="engine") for r in self._owner]))
                 await asyncio.sleep(0.1)
                 os._exit(3)
-            if deltas:
-                self.send(m.Outputs(deltas))
-                if self._writer is not None:
-                    await self._writer.drain()
             if ran:
                 idle_since = None
             else:  # the policy planned no step although requests wait (no room by its estimate): do not spin
@@ -311,6 +342,10 @@ class Worker:
                                 now - idle_since)
                     idle_since = now
                 await asyncio.sleep(0.001)
+
+    async def _drain(self) -> None:
+        if self._writer is not None:
+            await self._writer.drain()
 
     def _snapshot(self) -> m.Stats:
         """Stats of the pool, taken on the step thread between steps (the engines' queues are not shared)."""
@@ -337,6 +372,11 @@ class Worker:
         # A step may still be running in the executor: queue the aborts for the next step boundary.
         self._pending = [m.Abort(list(self._owner))]
         self._wake.set()
+
+
+def _resolve(fut: asyncio.Future, *_) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def standby(device: str) -> bool:

@@ -5,7 +5,8 @@ loop is the project's one loop, one level up:
 
     plan = policy.schedule(pool_state)      # which model runs now, its batch, what to evict/swap/prefetch
     execute plan's memory moves             # evict -> other models' KV swap-out -> load (blocking) -> prefetch
-    outputs = engines[plan.model].step(plan.batch, own swap-outs)   # exactly the plan's batch runs
+    tokens = engines[plan.model].step_tokens(plan.batch, own swap-outs)   # exactly the plan's batch runs
+    outputs = detokenize(tokens)            # text and stop strings: inline (step), or beside the next step
 
 The policy decides once: its batch (built by the one builder, `policies.batching.select_batch`, over the
 models' own scheduler queues) is what the model's scheduler commits and its runner runs -- nothing here or
@@ -37,11 +38,12 @@ import torch
 
 from model_swapper.model_config import ModelConfig
 from token_scheduler.cost_model import H100_PCIE53, CostModel, ModelSize, StepShape
+from token_scheduler.detokenizer import detokenize
 from token_scheduler.engine import EngineConfig, LLMEngine
 from token_scheduler.policies import make_policy
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.policies.state import ModelState, PoolState, Residency
-from token_scheduler.request import RequestOutput, SamplingParams
+from token_scheduler.request import Request, RequestOutput, SamplingParams, TokenOutput
 
 
 class MultiModelEngine:
@@ -65,7 +67,7 @@ class MultiModelEngine:
         self.cost = cost or CostModel(H100_PCIE53 if str(device).startswith("cuda") else None, [])
         self.state = PoolState(models={}, capacity_bytes=0, cost=self.cost)
         self.policy = make_policy(policy, **(policy_kw or {}))
-        self._removed: list[RequestOutput] = []  # final outputs of a removed model's requests, owed next step
+        self._removed: list[TokenOutput] = []  # final outputs of a removed model's requests, owed next step
         self._loads_seen = 0  # pool.stats.load_s entries already fed to the cost model
         self.steps_per_model: dict[str, int] = {}
         self.trace: deque[str] = deque(maxlen=4096)  # model of the latest steps, in order (tests, debugging)
@@ -165,8 +167,8 @@ class MultiModelEngine:
         for rid in list(eng.scheduler.requests):
             eng.abort_request(rid)
         if eng._inflight is not None:  # an overlapped decode in flight: read it so its blocks are returned
-            eng.step()
-        self._removed += [o for o in eng.take_aborted() if o.finished]
+            eng.step_tokens()
+        self._removed += eng.take_aborted()
         del self.engines[name], self.state.models[name]
         self.policy.forget(name)
         self._sync_limits()
@@ -360,6 +362,24 @@ class MultiModelEngine:
                 st.models[name].residency = Residency.HOST
 
     def step(self) -> list[RequestOutput]:
+        """One step, detokenized inline (`step_tokens`, then `detokenize` and `stop_requests`)."""
+        outputs, stopped = self.detokenize(self.step_tokens())
+        self.stop_requests(stopped)
+        return outputs
+
+    # Text is made apart from the step: a caller may run it while the next step runs (controller/worker.py)
+    detokenize = staticmethod(detokenize)
+
+    def stop_requests(self, stopped: list[tuple[Request, str]]) -> None:
+        """Finish the requests `detokenize` found a stop string in (those of models still hosted)."""
+        for req, stop in stopped:
+            eng = self.engines.get(req.model)  # a request's model is its engine's served name (add_model)
+            if eng is not None:
+                eng.stop_requests([(req, stop)])
+
+    def step_tokens(self, on_launch=None) -> list[TokenOutput]:
+        """One step of the model the policy picks: token ids, no text (see `LLMEngine.step_tokens`, and there
+        `on_launch`)."""
         tm = self.timing
         t0 = time.perf_counter()
         self._sync()
@@ -384,7 +404,7 @@ class MultiModelEngine:
         if not plan.idle:
             eng = self.engines[plan.model]
             own = [r for r in plan.swap_out if r.model == plan.model]
-            outputs += eng.step(plan.batch, own)
+            outputs += eng.step_tokens(plan.batch, own, on_launch)
             t3 = time.perf_counter()
             tm["engine_s"] += t3 - t2
             tm["steps"] += 1
