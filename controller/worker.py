@@ -28,7 +28,7 @@ from typing import Any
 
 from controller import messages as m
 from controller.heap import collect_all, freeze_long_lived
-from controller.hosting import HostedModels, PoolSettings, warm_up
+from controller.hosting import GpuSettings, HostedModels, warm_up
 from tokenpool import env
 
 log = logging.getLogger("tokenpool.worker")
@@ -83,8 +83,8 @@ class Worker:
         self._loading: set[str] = set()
         self._unload_when_loaded: set[str] = set()  # unloaded by the controller while their load was under way
         self._wake = asyncio.Event()
-        self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="step")
-        self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="load")
+        self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="step")
+        self._load_thread = ThreadPoolExecutor(1, thread_name_prefix="load")
         self._writer: asyncio.StreamWriter | None = None
         self._memory: tuple[int, int] | None = None
         self.steps = 0  # worker steps that ran (step times are measured once, per model, in HostedModels)
@@ -117,9 +117,9 @@ class Worker:
             log.info("stopping")
         finally:
             # a step may still run in the executor: close after it, on the step thread
-            self._step_pool.submit(self.models.close).result(timeout=60)
-            self._step_pool.shutdown(wait=False)
-            self._load_pool.shutdown(wait=False)
+            self._step_thread.submit(self.models.close).result(timeout=60)
+            self._step_thread.shutdown(wait=False)
+            self._load_thread.shutdown(wait=False)
 
     async def _session(self) -> None:
         reader, writer = await asyncio.open_connection(*self.controller)
@@ -135,7 +135,7 @@ class Worker:
             raise SystemExit(f"controller refused this worker: {reply.reason}")
         assert isinstance(reply, m.Registered)
         if not self.models.engines:  # a reconnecting worker keeps its pool (and the models in it)
-            self.models = HostedModels(self.device, PoolSettings.from_dict(reply.settings), free)
+            self.models = HostedModels(self.device, GpuSettings.from_dict(reply.settings), free)
         log.info("registered as %s (arena %.1f GB) %.2f s after the process %s", reply.worker_id,
                  self.models.budget_bytes / 1e9, *_age())
         tasks = [asyncio.create_task(self._step_loop()), asyncio.create_task(self._beat(reply.heartbeat_s))]
@@ -184,7 +184,7 @@ class Worker:
             else:  # into its kind's multi-model engine, between steps (see controller/hosting.py)
                 # what it needs (host copy, tokenizer) is read here, beside the steps; registering it on the step
                 # thread is quick
-                phases = await loop.run_in_executor(self._load_pool, self.models.prepare, msg.path, msg.engine)
+                phases = await loop.run_in_executor(self._load_thread, self.models.prepare, msg.path, msg.engine)
                 t1 = time.monotonic()
                 fut = loop.create_future()
                 self._hosting.append((msg, fut))
@@ -215,7 +215,7 @@ class Worker:
         while self._hosting:
             msg, fut = self._hosting.pop(0)
             try:
-                eng = await loop.run_in_executor(self._step_pool, self.models.host, msg.model, msg.path,
+                eng = await loop.run_in_executor(self._step_thread, self.models.host, msg.model, msg.path,
                                                  msg.engine, msg.slo)
             except Exception as e:  # noqa: BLE001 - reported by _load
                 if not fut.done():
@@ -312,10 +312,10 @@ class Worker:
                     try:  # idle: wake now and then for time-based residency (keep_alive)
                         await asyncio.wait_for(self._wake.wait(), 1.0)
                     except asyncio.TimeoutError:
-                        await loop.run_in_executor(self._step_pool, self.models.tick)
+                        await loop.run_in_executor(self._step_thread, self.models.tick)
                 continue
             launched = loop.create_future()
-            step = loop.run_in_executor(self._step_pool, self._step_all,
+            step = loop.run_in_executor(self._step_thread, self._step_all,
                                         functools.partial(loop.call_soon_threadsafe, _resolve, launched))
             step.add_done_callback(functools.partial(_resolve, launched))  # a step that launched nothing
             if unsent is not None:
@@ -352,7 +352,7 @@ class Worker:
         hm = self.models
         # step_s for the router is a round: the time a model waits between two of its steps
         return m.Stats(models=hm.stats(), step_s=hm.round_estimate_s, steps=self.steps, tokens=self.tokens,
-                       pool=hm.pool_state(), events=hm.drain_events())
+                       pool=hm.snapshot(), events=hm.drain_events())
 
     async def _beat(self, period: float) -> None:
         """Heartbeats from the loop (never behind a step or a registration); stats from the step thread."""
@@ -365,7 +365,7 @@ class Worker:
                     self.send(stats.result())
                 elif stats is not None:
                     log.error("worker stats failed: %r", stats.exception())
-                stats = loop.run_in_executor(self._step_pool, self._snapshot)
+                stats = loop.run_in_executor(self._step_thread, self._snapshot)
             await asyncio.sleep(period)
 
     def _abort_all(self) -> None:

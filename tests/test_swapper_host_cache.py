@@ -10,7 +10,7 @@ import uuid
 import pytest
 import torch
 
-from gpu_pool.host_pool import default_shm_dir
+from gpu_pool.pinned import default_shm_dir
 from model_swapper.host_cache import HostCacheFull, HostCacheTooSmall, HostModelCache
 from model_swapper.layout import ModelLayout
 from model_swapper.model_config import ModelConfig

@@ -202,7 +202,7 @@ class PacedModels:
     one PaceEngine per model. No weights, so no pool: every model is resident, residency hints are void, and
     nothing is ever switched. Busy models take turns, one step each, as the pooled engine's models do."""
 
-    pool = None
+    memory = None  # no weights: no device memory to manage
 
     def __init__(self, device: str = "cpu"):
         self.device = device
@@ -292,7 +292,7 @@ class PacedModels:
         eng = self.engines[name]
         return {"prefill_s_per_token": eng.prefill_s_per_token, "load_s": 0.0, "resident": 1.0}
 
-    def pool_state(self) -> dict:
+    def snapshot(self) -> dict:
         models = {}
         for name, eng in self.engines.items():
             s = eng.stats()

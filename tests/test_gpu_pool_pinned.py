@@ -8,7 +8,7 @@ import uuid
 import pytest
 import torch
 
-from gpu_pool.host_pool import PinnedRegion, default_shm_dir
+from gpu_pool.pinned import PinnedRegion, default_shm_dir
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_unreserved_region_too_big_is_a_clean_error(shm_path):
 
 
 def test_populate_falls_back_to_fallocate_without_madv_populate(shm_path, monkeypatch):
-    import gpu_pool.host_pool as hp
+    import gpu_pool.pinned as hp
 
     monkeypatch.setattr(hp, "MADV_POPULATE_WRITE", 12345)  # an advice the kernel rejects (EINVAL), as before 5.14
     r = PinnedRegion.create(shm_path, 1 << 20, pin=False, reserve=False)
