@@ -270,11 +270,14 @@ class Worker:
             self.steps += 1
         return stepped, ran
 
-    def _emit(self, stepped: list) -> None:
+    async def _emit(self, stepped: list) -> None:
         """Send a step's outputs: their text is made here, on the event loop, while the step thread runs the next
         step. Stop strings found here end their requests' answers now; the engine frees them at the next step
         boundary (`_stops`), after the step under way, whose token for them is not emitted."""
-        outs, stops = self.models.outputs(stepped)
+        try:
+            outs, stops = self.models.outputs(stepped)
+        except Exception as e:  # noqa: BLE001 - as an engine crash: the step's outputs are lost
+            await self._crash("detokenizing failed", e)
         self._stops += stops
         deltas = []
         for out in outs:
@@ -286,6 +289,16 @@ class Worker:
                 self._owner.pop(out.request_id, None)
         if deltas:
             self.send(m.Outputs(deltas))
+            if self._writer is not None:
+                await self._writer.drain()
+
+    async def _crash(self, what: str, e: Exception) -> None:
+        """An engine crash fails its requests, then the process exits (its supervisor starts another)."""
+        log.exception(what)
+        self.send(m.Outputs([m.Delta(r, finished=True, finish_reason="error", error=f"engine failed: {e}",
+                                     error_kind="engine") for r in self._owner]))
+        await asyncio.sleep(0.1)
+        os._exit(3)
 
     async def _step_loop(self) -> None:
         """Step while there is work. Pipelined: step N+1 is on the device while step N's outputs are
@@ -301,10 +314,9 @@ class Worker:
             if errors:
                 self.send(m.Outputs(errors))
             if not self.models.busy():
-                if unsent is not None:  # nothing to overlap with: send them now (they may end requests)
-                    self._emit(unsent)
+                if unsent:  # nothing to overlap with: send them now (they may end requests)
+                    await self._emit(unsent)
                     unsent = None
-                    await self._drain()
                     continue
                 idle_since = None
                 self._wake.clear()
@@ -318,19 +330,13 @@ class Worker:
             step = loop.run_in_executor(self._step_thread, self._step_all,
                                         functools.partial(loop.call_soon_threadsafe, _resolve, launched))
             step.add_done_callback(functools.partial(_resolve, launched))  # a step that launched nothing
-            if unsent is not None:
+            if unsent:
                 await launched
-                self._emit(unsent)
-                unsent = None
-                await self._drain()
+                await self._emit(unsent)
             try:
                 unsent, ran = await step
-            except Exception as e:  # noqa: BLE001 - an engine crash fails its requests, then the process exits
-                log.exception("engine step failed")
-                self.send(m.Outputs([m.Delta(r, finished=True, finish_reason="error", error=f"engine failed: {e}",
-                                             error_kind="engine") for r in self._owner]))
-                await asyncio.sleep(0.1)
-                os._exit(3)
+            except Exception as e:  # noqa: BLE001 - reported to the controller, then the process exits
+                await self._crash("engine step failed", e)
             if ran:
                 idle_since = None
             else:  # the policy planned no step although requests wait (no room by its estimate): do not spin
@@ -342,10 +348,6 @@ class Worker:
                                 now - idle_since)
                     idle_since = now
                 await asyncio.sleep(0.001)
-
-    async def _drain(self) -> None:
-        if self._writer is not None:
-            await self._writer.drain()
 
     def _snapshot(self) -> m.Stats:
         """Stats of the pool, taken on the step thread between steps (the engines' queues are not shared)."""

@@ -112,3 +112,15 @@ def test_worker_streams_the_inline_deltas_in_order(model, reference):
         assert not eng.scheduler.requests and eng.scheduler.kv.num_used == 0
 
     asyncio.run(with_worker(body))
+
+
+def test_on_launch_comes_after_the_forward_is_queued_and_before_its_tokens_are_read(model):
+    """The worker makes the previous step's text from `on_launch` on: the step's inputs are prepared then."""
+    eng = LLMEngine(EngineConfig(model=str(model), device="cpu", dtype="fp32"))
+    req = eng.add_request("a", [1, 2, 3], SamplingParams(**GREEDY))
+    calls = []
+    for n in range(3):
+        out = eng.step_tokens(on_launch=lambda: calls.append((req.num_computed_tokens, len(req.output_token_ids))))
+        assert out[0].num_output_tokens == n + 1
+    # each call saw the step before it: its forward queued, its cursor and tokens not yet advanced
+    assert calls == [(0, 0), (3, 1), (4, 2)]
