@@ -13,6 +13,9 @@ app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by
 bench_app = typer.Typer(help="Benchmarks (GPU figures go to bench/results/).", no_args_is_help=True)
 # The options the workload benchmarks share (bench pool, bench serve replay the same seeded workload)
 JSON_OUT = typer.Option(None, "--json", help="write results here")
+MODELS = typer.Option("4x7b,6x1.5b", help="e.g. 4x7b,6x1.5b (with a GPU: made once per size and cached)")
+RATE = typer.Option("0.1", help="requests/s per model; a comma list (0.1,0.2,0.4) is a rate sweep (bench pool: "
+                    "--real only)")
 DURATION = typer.Option(120.0, help="seconds of arrivals")
 SLO_TTFT = typer.Option(10.0, help="each model's TTFT SLO (s)")
 SLO_TPOT = typer.Option(0.1, help="each model's TPOT SLO (s)")
@@ -185,8 +188,8 @@ def bench_swap_cmd(
 
 @bench_app.command("pool")
 def bench_pool_cmd(
-    models: str = typer.Option("4x7b,6x1.5b", help="e.g. 4x7b,6x1.5b"),
-    rate: str = typer.Option("0.1", help="requests/s per model; --real: a comma list (0.1,0.2,0.4) is a rate sweep"),
+    models: str = MODELS,
+    rate: str = RATE,
     duration: float = DURATION,
     slo_ttft: float = SLO_TTFT,
     slo_tpot: float = SLO_TPOT,
@@ -257,8 +260,8 @@ def bench_pool_cmd(
 
 @bench_app.command("serve")
 def bench_serve_cmd(
-    models: str = typer.Option("4x7b,6x1.5b", help="e.g. 4x7b,6x1.5b (made and cached as bench pool --real does)"),
-    rate: str = typer.Option("0.1", help="requests/s per model; a comma list (0.1,0.3,0.5) is a rate sweep"),
+    models: str = MODELS,
+    rate: str = RATE,
     duration: float = DURATION,
     slo_ttft: float = SLO_TTFT,
     slo_tpot: float = SLO_TPOT,

@@ -13,9 +13,11 @@ without weights) has one multi-model engine per worker with `MultiModelEngine`'s
 kind's first model; everything here goes through that surface, whatever the kind.
 
 Threading contract (the worker's): `host`, `step` and `unload` run between steps, never two at once --
-`host` and `step` on the step thread, `unload`, `add_request` and `abort` on the event loop while no step
-runs. A registration reads the host copy first on the load thread (`prepare`: seconds for a large model from
-disk, once per node), so the step thread only attaches it and the other models keep stepping.
+`host` and `step`/`step_tokens` on the step thread; `unload`, `add_request`, `abort` and `stop_requests` on
+the event loop while no step runs. `outputs` (the text of a step's token ids) reads only requests, not the
+engines' queues: the event loop runs it while the next step runs. A registration reads the host copy first on
+the load thread (`prepare`: seconds for a large model from disk, once per node), so the step thread only
+attaches it and the other models keep stepping.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ GPU_MARGIN_FRAC = 0.05
 
 
 @dataclass(frozen=True)
-class PoolSettings:
-    """How a worker builds its pooled engine (sent by the controller in `Registered.settings`)."""
+class GpuSettings:
+    """How a worker uses its GPU: its pooled engine's arena, host cache and policy (the configuration's `gpus:`,
+    sent by the controller in `Registered.settings`)."""
 
     budget_bytes: int | None = None  # the arena (weights + KV); None: free device memory less a margin
     kv_cache_gb: float | None = None  # the KV region inside it; None: 10% of the budget, 1..16 GB (CPU 0.5)
@@ -48,7 +51,7 @@ class PoolSettings:
     policy: str = "token"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> PoolSettings:
+    def from_dict(cls, d: dict[str, Any] | None) -> GpuSettings:
         return cls(**{k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__})
 
 
@@ -121,7 +124,7 @@ def _pooled(hm: HostedModels):
 
 
 def _read_host_copy(mm, cfg) -> None:
-    mm.pool.cache.get(cfg.model, cfg.torch_dtype)
+    mm.memory.cache.get(cfg.model, cfg.torch_dtype)
     mm.tokenizer(cfg.model)
 
 
@@ -146,9 +149,9 @@ KINDS = {"llm": EngineKind(_pooled, engine_config, _read_host_copy),
 
 
 class HostedModels:
-    def __init__(self, device: str, settings: PoolSettings | None = None, free_bytes: int = 0):
+    def __init__(self, device: str, settings: GpuSettings | None = None, free_bytes: int = 0):
         self.device = device
-        self.settings = settings or PoolSettings()
+        self.settings = settings or GpuSettings()
         self.free_bytes = free_bytes
         self.kinds: dict[str, Any] = {}  # engine kind -> its multi-model engine, while it hosts a model
         self.engines: dict[str, Any] = {}  # every hosted model -> its own engine (limits, stats)
@@ -172,15 +175,15 @@ class HostedModels:
         return s.budget_bytes or default_budget(self.device, self.free_bytes)
 
     @property
-    def weight_pool(self):
-        """The engine whose models have weights (it holds the arena), if one is made."""
-        return next((e for e in list(self.kinds.values()) if e.pool is not None), None)
+    def arena_engine(self):
+        """The kind's engine whose models have weights (it holds the arena), if one is made."""
+        return next((e for e in list(self.kinds.values()) if e.memory is not None), None)
 
     @property
     def weight_capacity(self) -> int:
         """Bytes of the arena the weight slots may use: what one model's weights must fit."""
-        if self.weight_pool is not None:
-            return self.weight_pool.pool.weight_capacity
+        if self.arena_engine is not None:
+            return self.arena_engine.memory.weight_capacity
         b = self.budget_bytes
         return b - int(self.kv_gb(b) * 1e9)
 
@@ -277,22 +280,52 @@ class HostedModels:
         return any(mm.has_unfinished_requests() for mm in list(self.kinds.values()))
 
     def step(self) -> tuple[list[RequestOutput], bool]:
-        """One step of each busy kind's engine (the pooled one's: its policy's pick).
+        """One step of each busy kind's engine, detokenized inline (`step_tokens`, `outputs`, `stop_requests`)."""
+        stepped, ran = self.step_tokens()
+        outs, stops = self.outputs(stepped)
+        self.stop_requests(stops)
+        return outs, ran
 
-        Returns the outputs and whether anything ran: the policy may plan an idle step (no room for any batch
-        by its estimate), and the caller should not spin on those.
+    def step_tokens(self, on_launch: Callable[[], None] | None = None) -> tuple[list[tuple[Any, list]], bool]:
+        """One step of each busy kind's engine (the pooled one's: its policy's pick): token ids, no text.
+
+        Returns [(kind's engine, its step's outputs)], for `outputs` (the worker makes the text while the next
+        step runs), and whether anything ran: the policy may plan an idle step (no room for any batch by its
+        estimate), and the caller should not spin on those. `on_launch`: called when a step's device work is
+        queued, before the host waits for it (the worker then makes the previous step's text).
         """
-        outs: list[RequestOutput] = []
+        stepped: list[tuple[Any, list]] = []
         ran = False
         for mm in list(self.kinds.values()):
             if not mm.has_unfinished_requests():
                 continue
             n, t0 = mm.timing["steps"], time.perf_counter()
-            outs += mm.step()
+            outs = mm.step_tokens(on_launch)
             if mm.timing["steps"] > n:
                 ran = True
                 self._observe(mm.trace[-1], t0, time.perf_counter() - t0)
-        return outs, ran or bool(outs)
+            if outs:
+                stepped.append((mm, outs))
+        return stepped, ran or bool(stepped)
+
+    @staticmethod
+    def outputs(stepped: list[tuple[Any, list]]) -> tuple[list[RequestOutput], list]:
+        """The RequestOutputs of `step_tokens`'s outputs (text, stop strings), and the stops to pass to
+        `stop_requests` at a step boundary. Reads only the requests (not the engines' queues): it may run while a
+        step runs."""
+        outs: list[RequestOutput] = []
+        stops: list = []
+        for mm, raw in stepped:
+            o, s = mm.detokenize(raw)
+            outs += o
+            stops += s
+        return outs, stops
+
+    def stop_requests(self, stops: list) -> None:
+        """Between steps: finish the requests `outputs` found a stop string in (of models still hosted)."""
+        for req, stop in stops:
+            if req.model in self.engines:
+                self._of(req.model).stop_requests([(req, stop)])
 
     @property
     def round_estimate_s(self) -> float:
@@ -312,17 +345,17 @@ class HostedModels:
 
     # --- what the controller sees ---
     def stats(self) -> dict[str, dict[str, float]]:
-        """Per model: the engine's counters, its measured step, and the pool's own numbers for the controller's
+        """Per model: the engine's counters, its measured step, and the engine's own numbers for the controller's
         TTFT estimate: seconds per prompt token of prefill, and the load time when its weights are not in VRAM."""
         return {k: dict(e.stats(), step_s=self.step_s.get(k, 0.0), **self._of(k).estimate(k))
                 for k, e in self.engines.items()}
 
-    def pool_state(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         """The worker's state for the admin API (see controller/messages.py Stats.pool): the arena's figures from
         the engine that holds weights, and the models of every kind."""
-        wp = self.weight_pool
+        wp = self.arena_engine
         if wp is not None:
-            st = wp.pool_state()
+            st = wp.snapshot()
         else:
             b = self.budget_bytes
             st = {"device": self.device, "active": None, "registered": [], "resident": [], "prefetching": [],
@@ -333,7 +366,7 @@ class HostedModels:
         st["timeline"] = []
         for mm in list(self.kinds.values()):
             if mm is not wp:
-                other = mm.pool_state()
+                other = mm.snapshot()
                 for k in ("registered", "resident", "prefetching"):
                     st[k] = sorted([*st[k], *other[k]])
                 st["models"].update(other["models"])

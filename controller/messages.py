@@ -35,14 +35,14 @@ class Register:  # W->C, first frame of a connection
     join_token: str | None = None  # remote workers, when the controller requires one
     loaded: list[str] = field(default_factory=list)
     free_bytes: int = 0  # device memory free at start (the default arena is this less a margin)
-    settings: dict[str, Any] = field(default_factory=dict)  # the worker's own pool settings (its flags), if any
+    settings: dict[str, Any] = field(default_factory=dict)  # the worker's own GPU settings (its flags), if any
 
 
 @dataclass
 class Registered:  # C->W
     worker_id: str
     heartbeat_s: float
-    settings: dict[str, Any] = field(default_factory=dict)  # controller.hosting.PoolSettings fields
+    settings: dict[str, Any] = field(default_factory=dict)  # controller.hosting.GpuSettings fields
 
 
 @dataclass
@@ -127,7 +127,7 @@ class Stats:  # W->C, every heartbeat
     steps: int
     tokens: int  # generated so far
     gpu: dict[str, float] = field(default_factory=dict)
-    # the pooled engine's state (controller/hosting.py `HostedModels.pool_state`): active model, resident and
+    # the pooled engine's state (controller/hosting.py `HostedModels.snapshot`): active model, resident and
     # prefetching models, switches, VRAM split, per-model queue/KV; and the events since the last Stats
     pool: dict[str, Any] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)

@@ -278,7 +278,7 @@ class EnginePool:
         previous = self.engines.get(eid)
         if previous is not None and previous.alive:
             self._dead(previous)
-        settings = self.pool_settings(reg)
+        settings = self.gpu_settings(reg)
         e = EngineHandle(eid, reg.slot, reg.device, reg.host, reg.pid, _weight_capacity(reg, settings), writer)
         self.engines[eid] = e
         m.write_message(writer, m.Registered(eid, self.s.heartbeat_s, settings))
@@ -301,7 +301,7 @@ class EnginePool:
             self._dead(e)
             writer.close()
 
-    def pool_settings(self, reg: m.Register) -> dict[str, Any]:
+    def gpu_settings(self, reg: m.Register) -> dict[str, Any]:
         """How the worker builds its pooled engine: the arena (gpus.budget_gb per GPU, default the device's free
         memory less a margin; cpu_budget_gb on CPU), its KV region, the node's host cache, the policy."""
         g = self.gpus
@@ -456,6 +456,6 @@ def worker_settings(reg: m.Register) -> dict[str, Any]:
 
 def _weight_capacity(reg: m.Register, settings: dict[str, Any]) -> int:
     """What one model's weights must fit on this worker, until its first Stats says exactly."""
-    from controller.hosting import HostedModels, PoolSettings
+    from controller.hosting import GpuSettings, HostedModels
 
-    return HostedModels(reg.device, PoolSettings.from_dict(settings), reg.free_bytes).weight_capacity
+    return HostedModels(reg.device, GpuSettings.from_dict(settings), reg.free_bytes).weight_capacity

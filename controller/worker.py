@@ -5,8 +5,9 @@
 It registers, then hosts the models the controller places on it -- all of them in one MultiModelEngine whose
 token-level policy picks the model of every step (controller/hosting.py) -- and streams each step's deltas
 back. Engine calls never overlap: the step runs in one executor thread while the event loop keeps the socket
-(requests, aborts, heartbeats) moving; adds, aborts and model loads queued by the loop are applied between
-steps, so an abort frees its KV before the next step. A local worker (started with --slot) exits when the
+(requests, aborts, heartbeats) moving and detokenizes and sends the previous step's token ids; adds, aborts,
+stop-string ends and model loads queued by the loop are applied between steps, so an abort frees its KV before
+the next step. A local worker (started with --slot) exits when the
 controller goes away; a remote one reconnects. A local standby (--standby, controller/pool.py) does a worker's
 start-up, then waits on stdin for its turn."""
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -26,7 +28,7 @@ from typing import Any
 
 from controller import messages as m
 from controller.heap import collect_all, freeze_long_lived
-from controller.hosting import HostedModels, PoolSettings, warm_up
+from controller.hosting import GpuSettings, HostedModels, warm_up
 from tokenpool import env
 
 log = logging.getLogger("tokenpool.worker")
@@ -36,9 +38,9 @@ _promoted_at: float | None = None  # monotonic: when this process, a standby, to
 def to_delta(out) -> m.Delta:
     c = out.outputs[0]
     lps = None
-    if c.logprobs is not None and out.delta_token_ids:
+    if out.delta_logprobs is not None and out.delta_token_ids:
         lps = []
-        for tid, lp in zip(out.delta_token_ids, c.logprobs[-len(out.delta_token_ids):]):
+        for tid, lp in zip(out.delta_token_ids, out.delta_logprobs):
             pairs = [[tid, lp.get(tid, float("nan"))]] + [[k, v] for k, v in lp.items() if k != tid]
             lps.append(pairs)
     return m.Delta(request_id=out.request_id, text=out.delta_text, token_ids=list(out.delta_token_ids),
@@ -75,13 +77,14 @@ class Worker:
         self.settings = {k: v for k, v in (settings or {}).items() if v is not None}  # overrides of the controller's
         self.models = HostedModels(device)
         self._owner: dict[str, str] = {}  # request id -> model: the worker's one registry of a request
+        self._stops: list = []  # requests a stop string ended (answered already), for the engine at the next boundary
         self._pending: list[m.Message] = []
         self._hosting: list[tuple[m.LoadModel, asyncio.Future]] = []  # loads the step loop runs between steps
         self._loading: set[str] = set()
         self._unload_when_loaded: set[str] = set()  # unloaded by the controller while their load was under way
         self._wake = asyncio.Event()
-        self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="step")
-        self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="load")
+        self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="step")
+        self._load_thread = ThreadPoolExecutor(1, thread_name_prefix="load")
         self._writer: asyncio.StreamWriter | None = None
         self._memory: tuple[int, int] | None = None
         self.steps = 0  # worker steps that ran (step times are measured once, per model, in HostedModels)
@@ -114,9 +117,9 @@ class Worker:
             log.info("stopping")
         finally:
             # a step may still run in the executor: close after it, on the step thread
-            self._step_pool.submit(self.models.close).result(timeout=60)
-            self._step_pool.shutdown(wait=False)
-            self._load_pool.shutdown(wait=False)
+            self._step_thread.submit(self.models.close).result(timeout=60)
+            self._step_thread.shutdown(wait=False)
+            self._load_thread.shutdown(wait=False)
 
     async def _session(self) -> None:
         reader, writer = await asyncio.open_connection(*self.controller)
@@ -132,7 +135,7 @@ class Worker:
             raise SystemExit(f"controller refused this worker: {reply.reason}")
         assert isinstance(reply, m.Registered)
         if not self.models.engines:  # a reconnecting worker keeps its pool (and the models in it)
-            self.models = HostedModels(self.device, PoolSettings.from_dict(reply.settings), free)
+            self.models = HostedModels(self.device, GpuSettings.from_dict(reply.settings), free)
         log.info("registered as %s (arena %.1f GB) %.2f s after the process %s", reply.worker_id,
                  self.models.budget_bytes / 1e9, *_age())
         tasks = [asyncio.create_task(self._step_loop()), asyncio.create_task(self._beat(reply.heartbeat_s))]
@@ -181,7 +184,7 @@ class Worker:
             else:  # into its kind's multi-model engine, between steps (see controller/hosting.py)
                 # what it needs (host copy, tokenizer) is read here, beside the steps; registering it on the step
                 # thread is quick
-                phases = await loop.run_in_executor(self._load_pool, self.models.prepare, msg.path, msg.engine)
+                phases = await loop.run_in_executor(self._load_thread, self.models.prepare, msg.path, msg.engine)
                 t1 = time.monotonic()
                 fut = loop.create_future()
                 self._hosting.append((msg, fut))
@@ -212,7 +215,7 @@ class Worker:
         while self._hosting:
             msg, fut = self._hosting.pop(0)
             try:
-                eng = await loop.run_in_executor(self._step_pool, self.models.host, msg.model, msg.path,
+                eng = await loop.run_in_executor(self._step_thread, self.models.host, msg.model, msg.path,
                                                  msg.engine, msg.slo)
             except Exception as e:  # noqa: BLE001 - reported by _load
                 if not fut.done():
@@ -225,6 +228,9 @@ class Worker:
 
     def _apply_pending(self) -> list[m.Delta]:
         errors: list[m.Delta] = []
+        if self._stops:  # first: their KV is freed before the next step, and their ids are free for reuse
+            stops, self._stops = self._stops, []
+            self.models.stop_requests(stops)
         pending, self._pending = self._pending, []
         for msg in pending:
             if isinstance(msg, m.NewRequest):
@@ -257,8 +263,22 @@ class Worker:
                     collect_all()  # its memory (device memory included) must not wait in the frozen heap
         return errors
 
-    def _step_all(self) -> tuple[list[m.Delta], bool]:
-        outs, ran = self.models.step()
+    def _step_all(self, on_launch) -> tuple[list, bool]:
+        """The step thread's whole share of a step: token ids (their text is `_emit`'s, beside the next step)."""
+        stepped, ran = self.models.step_tokens(on_launch)
+        if ran:
+            self.steps += 1
+        return stepped, ran
+
+    async def _emit(self, stepped: list) -> None:
+        """Send a step's outputs: their text is made here, on the event loop, while the step thread runs the next
+        step. Stop strings found here end their requests' answers now; the engine frees them at the next step
+        boundary (`_stops`), after the step under way, whose token for them is not emitted."""
+        try:
+            outs, stops = self.models.outputs(stepped)
+        except Exception as e:  # noqa: BLE001 - as an engine crash: the step's outputs are lost
+            await self._crash("detokenizing failed", e)
+        self._stops += stops
         deltas = []
         for out in outs:
             if out.request_id not in self._owner:  # aborted by the controller: it needs no answer
@@ -267,39 +287,56 @@ class Worker:
             self.tokens += len(out.delta_token_ids)
             if out.finished:
                 self._owner.pop(out.request_id, None)
-        if ran:
-            self.steps += 1
-        return deltas, ran
+        if deltas:
+            self.send(m.Outputs(deltas))
+            if self._writer is not None:
+                await self._writer.drain()
+
+    async def _crash(self, what: str, e: Exception) -> None:
+        """An engine crash fails its requests, then the process exits (its supervisor starts another)."""
+        log.exception(what)
+        self.send(m.Outputs([m.Delta(r, finished=True, finish_reason="error", error=f"engine failed: {e}",
+                                     error_kind="engine") for r in self._owner]))
+        await asyncio.sleep(0.1)
+        os._exit(3)
 
     async def _step_loop(self) -> None:
+        """Step while there is work. Pipelined: step N+1 is on the device while step N's outputs are
+        detokenized and sent here, so the host's work on outputs does not stand between two steps. They are
+        made once the step thread has queued N+1 (`on_launch`), not at once: under the GIL, text made while
+        the step thread prepares its inputs would delay the launch by as much."""
         loop = asyncio.get_running_loop()
         idle_since = None
+        unsent = None  # the latest step's outputs, not yet emitted
         while True:
             await self._host_pending()
             errors = self._apply_pending()
             if errors:
                 self.send(m.Outputs(errors))
             if not self.models.busy():
+                if unsent:  # nothing to overlap with: send them now (they may end requests)
+                    await self._emit(unsent)
+                    unsent = None
+                    continue
                 idle_since = None
                 self._wake.clear()
                 if not self._pending and not self._hosting:
                     try:  # idle: wake now and then for time-based residency (keep_alive)
                         await asyncio.wait_for(self._wake.wait(), 1.0)
                     except asyncio.TimeoutError:
-                        await loop.run_in_executor(self._step_pool, self.models.tick)
+                        await loop.run_in_executor(self._step_thread, self.models.tick)
                 continue
+            launched = loop.create_future()
+            step = loop.run_in_executor(self._step_thread, self._step_all,
+                                        functools.partial(loop.call_soon_threadsafe, _resolve, launched))
+            step.add_done_callback(functools.partial(_resolve, launched))  # a step that launched nothing
+            if unsent:
+                await launched
+                await self._emit(unsent)
             try:
-                deltas, ran = await loop.run_in_executor(self._step_pool, self._step_all)
-            except Exception as e:  # noqa: BLE001 - an engine crash fails its requests, then the process exits
-                log.exception("engine step failed")
-                self.send(m.Outputs([m.Delta(r, finished=True, finish_reason="error", error=f"engine failed: {e}",
-                                             error_kind="engine") for r in self._owner]))
-                await asyncio.sleep(0.1)
-                os._exit(3)
-            if deltas:
-                self.send(m.Outputs(deltas))
-                if self._writer is not None:
-                    await self._writer.drain()
+                unsent, ran = await step
+            except Exception as e:  # noqa: BLE001 - reported to the controller, then the process exits
+                await self._crash("engine step failed", e)
             if ran:
                 idle_since = None
             else:  # the policy planned no step although requests wait (no room by its estimate): do not spin
@@ -317,7 +354,7 @@ class Worker:
         hm = self.models
         # step_s for the router is a round: the time a model waits between two of its steps
         return m.Stats(models=hm.stats(), step_s=hm.round_estimate_s, steps=self.steps, tokens=self.tokens,
-                       pool=hm.pool_state(), events=hm.drain_events())
+                       pool=hm.snapshot(), events=hm.drain_events())
 
     async def _beat(self, period: float) -> None:
         """Heartbeats from the loop (never behind a step or a registration); stats from the step thread."""
@@ -330,13 +367,18 @@ class Worker:
                     self.send(stats.result())
                 elif stats is not None:
                     log.error("worker stats failed: %r", stats.exception())
-                stats = loop.run_in_executor(self._step_pool, self._snapshot)
+                stats = loop.run_in_executor(self._step_thread, self._snapshot)
             await asyncio.sleep(period)
 
     def _abort_all(self) -> None:
         # A step may still be running in the executor: queue the aborts for the next step boundary.
         self._pending = [m.Abort(list(self._owner))]
         self._wake.set()
+
+
+def _resolve(fut: asyncio.Future, *_) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def standby(device: str) -> bool:

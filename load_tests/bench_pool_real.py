@@ -231,16 +231,16 @@ def run_point(p: str, rate: float, *, dirs, specs, slo, duration, drain_s, gpu_b
     multi.reset_stats()
     r = replay(multi, items, slo, vocab, drain_s, seed)
     s = summarize(r["records"])
-    pool = multi.pool
-    loads = pool.stats.load_s
+    mem = multi.memory
+    loads = mem.stats.load_s
     res = {
         "rate": rate, "requests": len(items),
         "slo": s.to_dict(), "wall_s": r["wall_s"], "steps": r["steps"], "idle_polls": r["idle_polls"],
         "goodput_rps": sum(x.attained() for x in r["records"]) / r["wall_s"],
         "switches_per_s": multi.switches / r["wall_s"], "gpu_busy_frac": r["step_s"] / r["wall_s"],
-        "swap_stall_s": pool.stats.stall_s, "loads": pool.stats.loads, "prefetches": pool.stats.prefetches,
-        "prefetch_skipped": pool.stats.prefetch_skipped, "evictions": pool.stats.evictions,
-        "forced_evictions": pool.stats.forced_evictions, "load_gb": pool.stats.load_bytes / 1e9,
+        "swap_stall_s": mem.stats.stall_s, "loads": mem.stats.loads, "prefetches": mem.stats.prefetches,
+        "prefetch_skipped": mem.stats.prefetch_skipped, "evictions": mem.stats.evictions,
+        "forced_evictions": mem.stats.forced_evictions, "load_gb": mem.stats.load_bytes / 1e9,
         "load_gbs_mean": (sum(b for b, _, _ in loads) / sum(x for _, x, _ in loads) / 1e9) if loads else None,
         "kv_swapped_out": multi.kv_swapped_out, "timing": multi.timing_summary(),
         "cost_model": multi.cost.to_dict(),

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from gpu_pool.arena import Arena
-from gpu_pool.host_pool import PinnedRegion, default_shm_dir, io_threads
 from gpu_pool.inventory import meminfo
+from gpu_pool.pinned import PinnedRegion, default_shm_dir, io_threads
 from load_tests.bench_common import cpu_model, header, write_json
 from model_swapper.host_cache import HostModel, HostModelCache, fill_region
 from model_swapper.kv_swap import HostKVPool, KVSwapper

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from gpu_pool.host_pool import PinnedRegion
+from gpu_pool.pinned import PinnedRegion
 
 MADV_HUGEPAGE = 14
 

@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from gpu_pool.host_pool import remove_region
+from gpu_pool.pinned import remove_region
 
 _serial = itertools.count()
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from gpu_pool.arena import parse_budget
-from gpu_pool.host_pool import PinnedRegion, default_shm_dir, io_threads, remove_region, shm_huge_pages
+from gpu_pool.pinned import PinnedRegion, default_shm_dir, io_threads, remove_region, shm_huge_pages
 from model_swapper.cache_index import CacheIndex, holder_alive, new_holder_id
 from model_swapper.layout import ModelLayout
 from model_swapper.loader import Progress, load_into_region
@@ -70,7 +70,7 @@ class LoadStats:
     pin_wait_s: float  # waiting for the registration after the fill finished
     total_s: float
     pinned: bool
-    shm_huge: str  # the tmpfs's huge= policy ("never": 4 KiB pages; "" for private memory): see host_pool
+    shm_huge: str  # the tmpfs's huge= policy ("never": 4 KiB pages; "" for private memory): see gpu_pool.pinned
     parts: int = 1  # shm files behind the region (region_parts)
 
     @property

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from gpu_pool.freelist import FreeList
-from gpu_pool.host_pool import PinnedRegion
+from gpu_pool.pinned import PinnedRegion
 
 IDS_RING = 8  # pinned block-id upload slots per swapper (see KVSwapper._upload_ids)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_pool.host_pool import io_threads
+from gpu_pool.pinned import io_threads
 from model_swapper.layout import ModelLayout
 from model_swapper.weights import safetensors_files
 

@@ -75,10 +75,10 @@ def test_preemption_swaps_kv_and_resumes_identically(jobs):
     swaps = {"out": 0, "in": 0}
     orig = eng.runner.execute
 
-    def spy(out):
+    def spy(out, *args):
         swaps["out"] += len(out.swap_out)
         swaps["in"] += len(out.swap_in)
-        return orig(out)
+        return orig(out, *args)
 
     eng.runner.execute = spy
     got = _run_staggered(eng, [(0, p, sp) for _, p, sp in js])

@@ -58,9 +58,9 @@ def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache
     for n in paths:
         for rid, toks in alone[n].items():
             assert done[f"{n}/{rid}"].outputs[0].token_ids == toks, (n, rid)
-    assert multi.pool.stats.loads + multi.pool.stats.prefetches > len(paths)  # they rotated
+    assert multi.memory.stats.loads + multi.memory.stats.prefetches > len(paths)  # they rotated
     # graphs are keyed by (shape, slot, bucket): "a" and "b" (same shape) replayed the same captured graphs
-    graphs = [g for k, g in multi.pool.graphs.items() if k[0] not in ("pool", "warm")]
+    graphs = [g for k, g in multi.memory.graphs.items() if k[0] not in ("pool", "warm")]
     assert any({"a", "b"} <= g.users for g in graphs)
-    assert multi.pool.stats.forced_evictions == 0
+    assert multi.memory.stats.forced_evictions == 0
     multi.close()

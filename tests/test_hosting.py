@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 
 from controller.config import EngineOptions
-from controller.hosting import HostedModels, PoolSettings
+from controller.hosting import GpuSettings, HostedModels
 from token_scheduler.engine import EngineConfig, LLMEngine
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
@@ -33,7 +33,7 @@ def test_models_share_one_pooled_engine(make_tiny):
     paths = {"a": make_tiny("qwen2"), "b": make_tiny("qwen3")}  # 2 MiB slots each
     ns = f"test-{uuid.uuid4().hex[:10]}"
     # 4 MiB arena: a 2 MiB KV region (64 pages, rounded up to the alignment) and one 2 MiB weight slot
-    hm = HostedModels("cpu", PoolSettings(budget_bytes=4 * MiB, kv_cache_gb=64 * 16 * 512 / 1e9, namespace=ns))
+    hm = HostedModels("cpu", GpuSettings(budget_bytes=4 * MiB, kv_cache_gb=64 * 16 * 512 / 1e9, namespace=ns))
     assert hm.weight_capacity == 4 * MiB - int(64 * 16 * 512)  # before the engine exists: an estimate
     for name, path in paths.items():
         hm.prepare(str(path), EngineOptions())  # the host copy, off the step thread
@@ -59,8 +59,8 @@ def test_models_share_one_pooled_engine(make_tiny):
         assert done[f"{name}0"] == done[f"{name}1"] == want
     mm = hm.kinds["llm"]
     assert all(n > 0 for n in mm.steps_per_model.values())
-    assert mm.pool.weight_capacity == 2 * MiB and mm.switches > 0 and mm.pool.stats.evictions > 0
-    st = hm.pool_state()
+    assert mm.memory.weight_capacity == 2 * MiB and mm.switches > 0 and mm.memory.stats.evictions > 0
+    st = hm.snapshot()
     assert st["registered"] == ["a", "b", "p"] and st["vram"]["budget_bytes"] == 4 * MiB
     assert len(st["resident"]) <= 2 and st["timeline"] and {r[1] for r in st["timeline"]} == {"a", "b"}
     kinds = {e["kind"] for e in hm.drain_events()}

@@ -105,23 +105,23 @@ def test_pooled_swaps_weights_and_kv_and_equals_alone(make_tiny, host_cache, kin
     multi = MultiModelEngine(dict(paths.items()), policy=policy, device="cpu", gpu_budget=6 * MiB,
                              kv_cache_gb=12 * page / 1e9, host_kv_gb=256 * page / 1e9, host_cache=host_cache,
                              policy_kw=kw)
-    pool = multi.pool
-    assert pool.page_bytes == page and pool.weight_capacity == 4 * MiB
+    mem = multi.memory
+    assert mem.page_bytes == page and mem.weight_capacity == 4 * MiB
     assert {e.block_size for e in multi.engines.values()} == {16, 8}  # qwen3: 1 KiB of KV per token
     _interleaved_equals_alone(multi, alone, kind)
     # all three cannot be resident at once: weights were evicted, as the policy planned (no forced evictions)
-    assert pool.stats.evictions > 0 and pool.stats.forced_evictions == 0
+    assert mem.stats.evictions > 0 and mem.stats.forced_evictions == 0
     if policy == "token":  # round-robin turns: weights came back more than once; idle models' KV made room
-        assert pool.stats.loads + pool.stats.prefetches > len(ARCHS)
+        assert mem.stats.loads + mem.stats.prefetches > len(ARCHS)
         assert multi.kv_swapped_out > 0
     else:  # request-level: each model holds the GPU until its requests finish, so it is loaded once
-        assert pool.stats.loads == len(ARCHS)
+        assert mem.stats.loads == len(ARCHS)
     # every completed load was measured and taught the cost model the link's speed
     cm = multi.cost.to_dict()["load"]
-    assert cm["samples"] == len(pool.stats.load_s) >= pool.stats.loads
-    assert all(0.0 <= hidden <= secs for _, secs, hidden in pool.stats.load_s)
+    assert cm["samples"] == len(mem.stats.load_s) >= mem.stats.loads
+    assert all(0.0 <= hidden <= secs for _, secs, hidden in mem.stats.load_s)
     # nothing leaked: every GPU page and host page is free again
-    assert pool.pages.num_used == 0 and pool.host_kv.allocator.num_used == 0
+    assert mem.pages.num_used == 0 and mem.host_kv.allocator.num_used == 0
     multi.close()
 
 
@@ -161,14 +161,14 @@ def test_pooled_fragmented_arena_equals_alone(make_tiny, host_cache, placement):
     multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=12 * MiB,
                              kv_cache_gb=64 * 16 * 512 / 1e9, host_kv_gb=256 * 16 * 512 / 1e9, host_cache=host_cache,
                              policy_kw={"max_round_s": 0.0, "placement": placement})
-    pool = multi.pool
-    assert pool.weight_capacity == 10 * MiB
+    mem = multi.memory
+    assert mem.weight_capacity == 10 * MiB
     _interleaved_equals_alone(multi, alone, "greedy")
-    assert pool.stats.forced_evictions + pool.stats.prefetch_skipped > 0
+    assert mem.stats.forced_evictions + mem.stats.prefetch_skipped > 0
     if placement == "window":  # prefetches evicted (on CPU a load in flight is always landed: none blocks)
-        assert pool.stats.forced_evictions > 0
+        assert mem.stats.forced_evictions > 0
     for name, eng in multi.engines.items():  # nothing the pool dropped is still believed resident
-        if not pool.holds(name):
+        if not mem.holds(name):
             assert eng.weights is None and multi.state.models[name].residency == 0
     multi.close()
 
@@ -184,12 +184,12 @@ def test_pinned_model_keeps_its_slot_while_others_rotate(make_tiny, host_cache):
     multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=6 * MiB,
                              kv_cache_gb=64 * 16 * 512 / 1e9, host_kv_gb=256 * 16 * 512 / 1e9, host_cache=host_cache,
                              policy_kw={"max_round_s": 0.0})
-    assert multi.pool.weight_capacity == 4 * MiB
+    assert multi.memory.weight_capacity == 4 * MiB
     multi.set_pinned("qwen2", True)
     _interleaved_equals_alone(multi, alone, "greedy")
     evicted = {e["model"] for e in multi.events if e["kind"] == "evict"}
     assert "qwen2" not in evicted and {"qwen3", "other"} & evicted
-    assert multi.pool.holds("qwen2")
+    assert multi.memory.holds("qwen2")
     multi.set_pinned("qwen2", False)
     multi.events.clear()
     _interleaved_equals_alone(multi, {a: alone[a] for a in ("qwen3", "other")}, "greedy")
@@ -233,18 +233,18 @@ def test_keep_alive_evicts_idle_weights_and_preload_brings_them_in(make_tiny, ho
     paths = {"a": make_tiny("qwen2"), "b": make_tiny("qwen3")}
     multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=8 * MiB,
                              kv_cache_gb=64 * 16 * 512 / 1e9, host_cache=host_cache)
-    assert not multi.pool.holds("a")
-    assert multi.preload("a") and multi.pool.holds("a")  # room for both: no eviction needed
-    multi.pool.poll()
+    assert not multi.memory.holds("a")
+    assert multi.preload("a") and multi.memory.holds("a")  # room for both: no eviction needed
+    multi.memory.poll()
     multi.set_keep_alive("a", 0.2)
     multi.add_request("r1", "hello", SamplingParams(max_tokens=2, ignore_eos=True), model="a")
     multi.run()
-    assert multi.pool.holds("a")
+    assert multi.memory.holds("a")
     multi.expire()
-    assert multi.pool.holds("a")  # not idle long enough yet
+    assert multi.memory.holds("a")  # not idle long enough yet
     time.sleep(0.3)
     multi.expire()
-    assert not multi.pool.holds("a") and multi.engines["a"].weights is None
+    assert not multi.memory.holds("a") and multi.engines["a"].weights is None
     assert any(e["kind"] == "evict" and e.get("keep_alive") == 0.2 for e in multi.events)
     multi.add_request("r2", "hello", SamplingParams(max_tokens=2, ignore_eos=True), model="a")
     assert multi.run()["r2"].outputs[0].token_ids  # back on demand
@@ -320,9 +320,9 @@ def test_kv_shortage_in_the_shared_region_is_resolved_by_the_plan(make_tiny, hos
     multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=6 * MiB,
                              kv_cache_gb=12 * page / 1e9, host_kv_gb=256 * page / 1e9, host_cache=host_cache,
                              policy_kw={"max_round_s": 0.0})
-    pool = multi.pool
-    assert pool.pages.num_blocks == 11  # 12 pages, the last one scratch
-    assert multi.state.kv_capacity_bytes == pool.pages.num_blocks * page
+    mem = multi.memory
+    assert mem.pages.num_blocks == 11  # 12 pages, the last one scratch
+    assert multi.state.kv_capacity_bytes == mem.pages.num_blocks * page
     assert multi.state.models["a"].kv_block_bytes == page
     sp = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     prompt = list(range(3, 43))  # 40 tokens: 3 pages each, 4 once decoding passes 48
@@ -330,7 +330,7 @@ def test_kv_shortage_in_the_shared_region_is_resolved_by_the_plan(make_tiny, hos
         multi.add_request(f"a{i}", prompt, sp, model="a")
     while len(multi.engines["a"].scheduler.running) < 3:
         multi.step()
-    assert pool.pages.num_used == 9
+    assert mem.pages.num_used == 9
     plans = _record_plans(multi)
     multi.add_request("b0", prompt, sp, model="b")
     preempted = None
@@ -338,26 +338,26 @@ def test_kv_shortage_in_the_shared_region_is_resolved_by_the_plan(make_tiny, hos
     while preempted is None:
         multi._sync()
         computed = {r.request_id: r.num_computed_tokens for r in multi.engines["a"].scheduler.running}
-        used_before = pool.pages.num_used
+        used_before = mem.pages.num_used
         multi.step()
         plan, batch, swap_out = plans[-1]
         if plan.model == "b" and swap_out:
             preempted = swap_out
         else:  # nothing swapped out but by a plan
             assert multi.kv_swapped_out == swaps_before and not multi.engines["a"].scheduler.swapped
-        assert pool.pages.num_used <= pool.pages.num_blocks
+        assert mem.pages.num_used <= mem.pages.num_blocks
     a = multi.engines["a"].scheduler
     assert preempted == ["a2"]  # 2 pages free, b0 needs 3: a's newest request goes (3 pages), no more
     for rid in preempted:
         r = a.requests[rid]
         assert r.status.name == "SWAPPED" and r.host_block_ids and r.num_computed_tokens == computed[rid]
     assert multi.kv_swapped_out == swaps_before + len(preempted)
-    assert batch == [("b0", 40)] and pool.pages.num_used == used_before - 3 * len(preempted) + 3
+    assert batch == [("b0", 40)] and mem.pages.num_used == used_before - 3 * len(preempted) + 3
     done = multi.run()
     alone_a = _alone_one(paths["a"], prompt, sp)
     assert all(done[f"a{i}"].outputs[0].token_ids == alone_a for i in range(3))
     assert done["b0"].outputs[0].token_ids == _alone_one(paths["b"], prompt, sp)
-    assert pool.pages.num_used == 0 and pool.host_kv.allocator.num_used == 0
+    assert mem.pages.num_used == 0 and mem.host_kv.allocator.num_used == 0
     multi.close()
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpu_pool.arena import Arena, ArenaFull, ArenaTooSmall
-from gpu_pool.host_pool import default_shm_dir
+from gpu_pool.pinned import default_shm_dir
 from model_swapper.host_cache import HostCacheFull, HostModelCache
 from model_swapper.layout import ModelLayout
 from model_swapper.model_config import ModelConfig

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from gpu_pool.host_pool import default_shm_dir
+from gpu_pool.pinned import default_shm_dir
 
 
 def test_bench_swap_smoke(make_tiny, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpu_pool.arena import Arena
-from gpu_pool.host_pool import PinnedRegion
+from gpu_pool.pinned import PinnedRegion
 from model_swapper.host_cache import HostModelCache
 from model_swapper.kv_swap import HostKVPool, KVSwapper
 from model_swapper.prefetch import Prefetcher

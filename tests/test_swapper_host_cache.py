@@ -10,7 +10,7 @@ import uuid
 import pytest
 import torch
 
-from gpu_pool.host_pool import default_shm_dir
+from gpu_pool.pinned import default_shm_dir
 from model_swapper.host_cache import HostCacheFull, HostCacheTooSmall, HostModelCache
 from model_swapper.layout import ModelLayout
 from model_swapper.model_config import ModelConfig
@@ -310,9 +310,9 @@ def test_host_copy_in_parts_is_exact_shared_and_cleaned_up(make_tiny, ns, monkey
     """A host copy made of several shm files (what a big model gets) holds exactly the checkpoint's bytes,
     another process attaches to the same pages, and nothing is left in /dev/shm after close."""
     import model_swapper.host_cache as hc
-    from gpu_pool import host_pool
+    from gpu_pool import pinned
 
-    monkeypatch.setattr(host_pool, "PART_ALIGN", 64 << 10)  # a tiny model in several parts
+    monkeypatch.setattr(pinned, "PART_ALIGN", 64 << 10)  # a tiny model in several parts
     monkeypatch.setattr(hc, "PART_BYTES", 256 << 10)
     d = make_tiny("qwen2")
     cfg = ModelConfig.from_pretrained(d)

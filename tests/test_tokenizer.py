@@ -87,15 +87,14 @@ def test_shipped_tokenizer_is_reproducible():
 
 
 def test_detokenizer_honours_each_requests_skip_special_tokens(tok):
-    from token_scheduler.detokenizer import DetokState, IncrementalDetokenizer
+    from token_scheduler.detokenizer import IncrementalDetokenizer
 
     ids = tok.encode("Hi " + tf.IM_END + " there", add_special_tokens=False)
-    det = IncrementalDetokenizer(tok)
     out = {}
     for skip in (True, False):
-        st_, text = DetokState(), ""
+        det, text = IncrementalDetokenizer(tok, skip_special_tokens=skip), ""
         for n in range(1, len(ids) + 1):  # one token per step, as the engine feeds it
-            text += det.step(st_, ids[:n], [], n == len(ids), skip_special_tokens=skip)
+            text += det.step(ids, n, n == len(ids))
         out[skip] = text
     assert out[False] == "Hi " + tf.IM_END + " there"
     assert out[True] == tok.decode(ids, skip_special_tokens=True) and tf.IM_END not in out[True]

@@ -1,4 +1,11 @@
-"""Incremental detokenization and stop strings.
+"""Incremental detokenization and stop strings: token outputs in, RequestOutputs out.
+
+The step loop only makes token ids (`TokenOutput`); `detokenize` turns them into text. `LLMEngine.step` calls it
+inline; a worker calls it on its event loop while the next step runs on the step thread (controller/worker.py),
+as vLLM v1's OutputProcessor runs beside its engine core. A stop string ends the request's output at once (text
+cut, finish_reason "stop"); the engine still holds the request until its owner calls `stop_requests` with what
+`detokenize` returned. Pipelined, that is after one more step, whose token for the request is never emitted:
+its detokenizer is `done`.
 
 Text is released only once the decoded bytes form whole UTF-8 characters (a trailing U+FFFD means a
 character is still split across tokens), and, while a request has stop strings, the last
@@ -7,45 +14,77 @@ character is still split across tokens), and, while a request has stop strings, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
 
-
-@dataclass
-class DetokState:
-    prefix_offset: int = 0
-    read_offset: int = 0
-    text: str = ""  # all decoded text so far (complete characters)
-    sent: int = 0  # characters of `text` already handed out
-    stop_hit: str | None = None
-    extra: dict = field(default_factory=dict)
+from token_scheduler.request import CompletionOutput, Request, RequestOutput, TokenOutput
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer):
+    """One request's text, decoded as its tokens come (`Request.detok`). Touched only by whoever calls
+    `detokenize` for the request's engine: one thread at a time."""
+
+    def __init__(self, tokenizer, stop: list[str] | None = None, skip_special_tokens: bool = True):
         self.tok = tokenizer
+        self.stop = list(stop or [])
+        self.skip_special_tokens = skip_special_tokens  # the request's own (SamplingParams), as vLLM and HF decode
+        self.hold = max(map(len, self.stop)) - 1 if self.stop else 0
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""  # all decoded text so far (complete characters)
+        self.sent = 0  # characters of `text` already handed out
+        self.stop_hit: str | None = None
+        self.done = False  # its final output was made: anything its engine reports later is not emitted
 
-    def _decode(self, ids: list[int], skip: bool) -> str:
-        return self.tok.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False)
 
-    def step(self, st: DetokState, ids: list[int], stop: list[str], finished: bool, skip_special_tokens: bool = True
-             ) -> str:
-        """Consume output ids (cumulative); return the text newly released. Sets st.stop_hit on a stop string.
-        `skip_special_tokens`: the request's own (SamplingParams), as vLLM and HF decode it."""
-        prefix = self._decode(ids[st.prefix_offset : st.read_offset], skip_special_tokens)
-        full = self._decode(ids[st.prefix_offset :], skip_special_tokens)
+    def step(self, ids: list[int], n: int, finished: bool) -> str:
+        """Consume the output ids `ids[:n]` (the request's cumulative list, which may already hold more); return
+        the text newly released. Sets `stop_hit` on a stop string."""
+        prefix = self._decode(ids[self.prefix_offset : self.read_offset])
+        full = self._decode(ids[self.prefix_offset : n])
         if len(full) > len(prefix) and (finished or not full.endswith("\ufffd")):
-            st.text += full[len(prefix) :]
-            st.prefix_offset, st.read_offset = st.read_offset, len(ids)
-        if stop:
+            self.text += full[len(prefix) :]
+            self.prefix_offset, self.read_offset = self.read_offset, n
+        if self.stop:
             # search only where a new match can start
-            start = max(0, st.sent - max(len(s) for s in stop) + 1)
-            hits = [(i, s) for s in stop if (i := st.text.find(s, start)) >= 0]
+            start = max(0, self.sent - self.hold)
+            hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
             if hits:
                 i, s = min(hits)
-                st.text, st.stop_hit = st.text[:i], s
+                self.text, self.stop_hit = self.text[:i], s
                 finished = True
-        hold = 0 if finished or not stop else max(len(s) for s in stop) - 1
-        upto = max(st.sent, len(st.text) - hold)
-        delta = st.text[st.sent : upto]
-        st.sent = upto
+        upto = max(self.sent, len(self.text) - (0 if finished else self.hold))
+        delta = self.text[self.sent : upto]
+        self.sent = upto
         return delta
+
+
+def detokenize(outs: list[TokenOutput]) -> tuple[list[RequestOutput], list[tuple[Request, str]]]:
+    """The RequestOutputs of token outputs, and the requests a stop string finished here: (request, stop string)
+    for the engine's `stop_requests`, which frees them (until then the engine may step them again)."""
+    results: list[RequestOutput] = []
+    stopped: list[tuple[Request, str]] = []
+    for o in outs:
+        req, d = o.request, o.request.detok
+        if d.done:  # a stop string ended it already; the token of the step run since is dropped
+            continue
+        finished, reason, stop_reason, metrics = o.status.finished, o.status.finish_reason, o.stop_reason, o.metrics
+        n, k = o.num_output_tokens, o.num_new
+        delta = d.step(req.output_token_ids, n, finished) if k else ""
+        if d.stop_hit is not None and not finished:
+            finished, reason, stop_reason = True, "stop", d.stop_hit
+            metrics = {**metrics, "finished_time": time.monotonic()}
+            stopped.append((req, d.stop_hit))
+        d.done = finished
+        # Running: the request's own lists, not copies (a copy per step made a generation's cost quadratic in its
+        # length); they only grow. Finished: cut at this output's length, once (a later step may have appended).
+        ids, lps = req.output_token_ids, req.output_logprobs if req.sampling_params.logprobs is not None else None
+        if finished:
+            ids, lps = ids[:n], None if lps is None else lps[:n]
+        comp = CompletionOutput(0, d.text, ids, reason, stop_reason, lps)
+        results.append(RequestOutput(
+            req.request_id, req.prompt_token_ids, [comp], finished, model=req.model, delta_text=delta,
+            delta_token_ids=req.output_token_ids[n - k : n],
+            delta_logprobs=None if lps is None else req.output_logprobs[n - k : n], metrics=metrics))
+    return results, stopped

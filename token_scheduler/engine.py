@@ -11,9 +11,9 @@ import torch
 from model_swapper.model_config import ModelConfig, parse_dtype
 from model_swapper.weights import load_weights, weight_numel
 from token_scheduler.block_manager import BlockAllocator
-from token_scheduler.detokenizer import DetokState, IncrementalDetokenizer
+from token_scheduler.detokenizer import IncrementalDetokenizer, detokenize
 from token_scheduler.policies.batching import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, BatchLimits
-from token_scheduler.request import CompletionOutput, Request, RequestOutput, RequestStatus, SamplingParams
+from token_scheduler.request import Request, RequestOutput, RequestStatus, SamplingParams, TokenOutput
 from token_scheduler.runner import LaunchedDecode, ModelRunner, allocate_kv_cache
 from token_scheduler.scheduler import BatchScheduler, SchedulerOutput
 
@@ -106,7 +106,6 @@ class LLMEngine:
                                   swapper, cuda_graphs=c.cuda_graphs, max_graph_batch=c.max_num_seqs,
                                   graphs=graphs, graph_key=graph_key, name=self.model_name,
                                   hf_exact_prefill=c.hf_exact_prefill, hf_exact_decode=c.hf_exact)
-        self.detok = IncrementalDetokenizer(self.tokenizer)
         self._aborted: list[Request] = []
         self.overlap = self.device.type == "cuda" if c.overlap is None else c.overlap
         self._inflight: LaunchedDecode | None = None  # a decode step queued, its tokens not read yet
@@ -154,7 +153,7 @@ class LLMEngine:
                       max_model_len=self.max_model_len)
         if arrival_time is not None:
             req.arrival_time = arrival_time
-        req.detok = DetokState()
+        req.detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
         self.scheduler.add(req)
         return req
 
@@ -169,19 +168,37 @@ class LLMEngine:
     def stats(self) -> dict[str, int]:
         return self.scheduler.stats()
 
+    def stop_requests(self, stopped: list[tuple[Request, str]]) -> None:
+        """Finish the requests `detokenize` found a stop string in, freeing their KV. One that finished (or was
+        aborted) meanwhile is left alone: a pipelined caller stops them after the next step."""
+        now = time.monotonic()
+        for req, stop in stopped:
+            if self.scheduler.requests.get(req.request_id) is req:
+                req.stop_reason = stop
+                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                req.finished_time = req.finished_time or now
+
     # -- the step loop -------------------------------------------------------------------------------
-    def take_aborted(self) -> list[RequestOutput]:
+    def take_aborted(self) -> list[TokenOutput]:
         """Final outputs of requests aborted since the last step (no step runs for them)."""
-        outputs = [self._output(r, "", []) for r in self._aborted]
+        outputs = [self._token_output(r, 0) for r in self._aborted]
         self._aborted = []
         return outputs
 
     def step(self, batch: list | None = None, swap_out=()) -> list[RequestOutput]:
-        """Run one step; return what it produced. `batch`: [(request, tokens)] a multi-model policy built (and
-        `swap_out`, this model's requests it preempts): exactly that runs. None: the scheduler's own batch,
-        everything the builder admits. With overlap, a decode step is queued on the GPU and its tokens are
-        returned by the next call, which first queues the step after it (so the GPU never waits for the host
-        between decode steps)."""
+        """Run one step and detokenize what it produced (`step_tokens`, then its text inline)."""
+        outputs, stopped = detokenize(self.step_tokens(batch, swap_out))
+        self.stop_requests(stopped)
+        return outputs
+
+    def step_tokens(self, batch: list | None = None, swap_out=(), on_launch=None) -> list[TokenOutput]:
+        """Run one step; return the token ids it produced (no text: `detokenize` makes it, and the caller must
+        pass the stops it finds to `stop_requests` before the step after next). `batch`: [(request, tokens)] a
+        multi-model policy built (and `swap_out`, this model's requests it preempts): exactly that runs. None:
+        the scheduler's own batch, everything the builder admits. With overlap, a decode step is queued on the
+        GPU and its tokens are returned by the next call, which first queues the step after it (so the GPU never
+        waits for the host between decode steps). `on_launch`: called once this call's device work is queued,
+        before the host waits for it (`ModelRunner.execute`)."""
         outputs = self.take_aborted()
         if self._inflight is not None:
             if batch is not None:
@@ -190,6 +207,8 @@ class LLMEngine:
             nxt = self.scheduler.continuation(prev.out, self.runner.can_launch)
             if nxt is not None:
                 self._inflight = self._launch(nxt, prev)
+                if on_launch is not None:
+                    on_launch()
             outputs += self._complete(prev.out, self.runner.read(prev))
             if nxt is not None:
                 return outputs
@@ -201,7 +220,7 @@ class LLMEngine:
             self._inflight = self._launch(out, None)
             return outputs
         self._mark_scheduled(out)
-        return outputs + self._complete(out, self.runner.execute(out))
+        return outputs + self._complete(out, self.runner.execute(out, on_launch))
 
     @staticmethod
     def _mark_scheduled(out: SchedulerOutput) -> None:
@@ -225,7 +244,7 @@ class LLMEngine:
                 ids = prev.tokens[index]
         return self.runner.launch_decode(out, ids)
 
-    def _complete(self, out: SchedulerOutput, res) -> list[RequestOutput]:
+    def _complete(self, out: SchedulerOutput, res) -> list[TokenOutput]:
         outputs = []
         got = self.scheduler.update(out, res.sampled)
         now = time.monotonic()
@@ -235,33 +254,15 @@ class LLMEngine:
             req.last_token_time = now
             if req.request_id in res.logprobs:
                 req.output_logprobs.append(res.logprobs[req.request_id])
-            outputs.append(self._advance_text(req))
+            outputs.append(self._token_output(req, 1))
         return outputs
 
-    def _advance_text(self, req: Request) -> RequestOutput:
-        st = req.detok
-        sp = req.sampling_params
-        n_before = len(req.output_token_ids) - 1
-        delta = self.detok.step(st, req.output_token_ids, sp.stop, req.finished, sp.skip_special_tokens)
-        if st.stop_hit is not None and not req.finished:
-            req.stop_reason = st.stop_hit
-            self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
-        return self._output(req, delta, req.output_token_ids[n_before:])
-
-    def _output(self, req: Request, delta: str, delta_ids: list[int]) -> RequestOutput:
-        st = req.detok or DetokState()
+    @staticmethod
+    def _token_output(req: Request, num_new: int) -> TokenOutput:
         if req.finished:
             req.finished_time = req.finished_time or time.monotonic()
-        sp = req.sampling_params
-        # The request's own lists, not copies: a copy per step made a generation's cost quadratic in its
-        # length. They only grow; a streaming caller reads the deltas, and the final output is final.
-        comp = CompletionOutput(
-            0, st.text, req.output_token_ids, req.status.finish_reason, req.stop_reason,
-            req.output_logprobs if sp.logprobs is not None else None,
-        )
         m = {"arrival_time": req.arrival_time}
         for k in ("first_scheduled_time", "first_token_time", "last_token_time", "finished_time"):
             if getattr(req, k) is not None:
                 m[k] = getattr(req, k)
-        return RequestOutput(req.request_id, req.prompt_token_ids, [comp], req.finished, model=req.model,
-                             delta_text=delta, delta_token_ids=delta_ids, metrics=m)
+        return TokenOutput(req, len(req.output_token_ids), num_new, req.status, req.stop_reason, m)

@@ -3,9 +3,10 @@
 Each hosted model is a whole `LLMEngine` (its `BatchScheduler`, its `ModelRunner`, its sampler). The step
 loop is the project's one loop, one level up:
 
-    plan = policy.schedule(pool_state)      # which model runs now, its batch, what to evict/swap/prefetch
+    plan = policy.schedule(state)           # which model runs now, its batch, what to evict/swap/prefetch
     execute plan's memory moves             # evict -> other models' KV swap-out -> load (blocking) -> prefetch
-    outputs = engines[plan.model].step(plan.batch, own swap-outs)   # exactly the plan's batch runs
+    tokens = engines[plan.model].step_tokens(plan.batch, own swap-outs)   # exactly the plan's batch runs
+    outputs = detokenize(tokens)            # text and stop strings: inline (step), or beside the next step
 
 The policy decides once: its batch (built by the one builder, `policies.batching.select_batch`, over the
 models' own scheduler queues) is what the model's scheduler commits and its runner runs -- nothing here or
@@ -15,13 +16,13 @@ the engines' configs (`_sync_limits`), and the cost model learns from the batch 
 
 Two ways to hold the models:
 
-- all resident (`gpu_budget=None`): every model loads its weights and its own KV pool (`kv_pool_bytes`);
+- all resident (`gpu_budget=None`): every model loads its weights and a KV cache of its own (`own_kv_bytes`);
   nothing moves.
-- pooled (`gpu_budget="60GB"`): a `residency.ModelPool` reserves one arena; weights live in the pinned host
-  cache and come in and out of arena slots as the plan says (prefetch while another model decodes); every
-  model's KV is paged from one shared region (`PoolState.kv_capacity_bytes`, a page per block). A model short
-  of pages gets them by the plan's swap-outs of other models' KV (the policy's victim order, newest request
-  first) to host pages -- dropped only where the host has no room.
+- pooled (`gpu_budget="60GB"`): a `residency.ModelPool` (`self.memory`) reserves one arena; weights live in
+  the pinned host cache and come in and out of arena slots as the plan says (prefetch while another model
+  decodes); every model's KV is paged from one shared region (`PoolState.kv_capacity_bytes`, a page per
+  block). A model short of pages gets them by the plan's swap-outs of other models' KV (the policy's victim
+  order, newest request first) to host pages -- dropped only where the host has no room.
 
 Request timing fields are the engine's (monotonic seconds), which is the policy's clock too.
 """
@@ -37,11 +38,12 @@ import torch
 
 from model_swapper.model_config import ModelConfig
 from token_scheduler.cost_model import H100_PCIE53, CostModel, ModelSize, StepShape
+from token_scheduler.detokenizer import detokenize
 from token_scheduler.engine import EngineConfig, LLMEngine
 from token_scheduler.policies import make_policy
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.policies.state import ModelState, PoolState, Residency
-from token_scheduler.request import RequestOutput, SamplingParams
+from token_scheduler.request import Request, RequestOutput, SamplingParams, TokenOutput
 
 
 class MultiModelEngine:
@@ -53,20 +55,22 @@ class MultiModelEngine:
         self.device = device
         self.engine_kwargs = engine_kwargs
         self.progress = progress
-        self.pool = None
+        self.memory = None
         if gpu_budget is not None:
             from token_scheduler.residency import ModelPool
 
-            self.pool = ModelPool(device, gpu_budget, kv_cache_gb, host_kv_gb, host_cache, host_budget,
-                                  namespace=host_namespace)
+            # the device memory of the models (arena, KV region, weight slots, host copies); the memory moves of
+            # the plans run through it
+            self.memory = ModelPool(device, gpu_budget, kv_cache_gb, host_kv_gb, host_cache, host_budget,
+                                    namespace=host_namespace)
         self.engines: dict[str, LLMEngine] = {}
         self.default_slo = slos if isinstance(slos, ModelSLO) else ModelSLO()
         # Seeded from physical numbers on a GPU; on CPU no prior fits, so it learns from the first steps.
         self.cost = cost or CostModel(H100_PCIE53 if str(device).startswith("cuda") else None, [])
         self.state = PoolState(models={}, capacity_bytes=0, cost=self.cost)
         self.policy = make_policy(policy, **(policy_kw or {}))
-        self._removed: list[RequestOutput] = []  # final outputs of a removed model's requests, owed next step
-        self._loads_seen = 0  # pool.stats.load_s entries already fed to the cost model
+        self._removed: list[TokenOutput] = []  # final outputs of a removed model's requests, owed next step
+        self._loads_seen = 0  # memory.stats.load_s entries already fed to the cost model
         self.steps_per_model: dict[str, int] = {}
         self.trace: deque[str] = deque(maxlen=4096)  # model of the latest steps, in order (tests, debugging)
         self.switches = 0  # steps whose model differs from the previous step's
@@ -105,15 +109,15 @@ class MultiModelEngine:
             tok = self.tokenizer(cfg.model)
             t1 = time.perf_counter()
             shared = None
-            if self.pool is not None:
+            if self.memory is not None:
                 mc = ModelConfig.from_pretrained(cfg.model)
                 max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-                shared = self.pool.register(name, cfg.model, mc, cfg.torch_dtype, max_len, self.progress)
+                shared = self.memory.register(name, cfg.model, mc, cfg.torch_dtype, max_len, self.progress)
             t2 = time.perf_counter()
-            eng = LLMEngine(cfg, shared_kv=shared, load=self.pool is None, tokenizer=tok)
+            eng = LLMEngine(cfg, shared_kv=shared, load=self.memory is None, tokenizer=tok)
         except BaseException:
-            if self.pool is not None:
-                self.pool.unregister(name)  # a no-op if it was not registered
+            if self.memory is not None:
+                self.memory.unregister(name)  # a no-op if it was not registered
             self._prune_tokenizers()
             raise
         self.engines[name] = eng
@@ -122,15 +126,15 @@ class MultiModelEngine:
         self.add_s[name] = {"tokenizer_s": t1 - t0, "pool_s": t2 - t1, "engine_s": time.perf_counter() - t2}
         spec = self._spec(name, eng)
         kv = eng.scheduler.kv
-        if self.pool is not None:
+        if self.memory is not None:
             # The policy's capacity is the weight space: a model takes its slot (rounded to the arena's
             # alignment); its KV takes pages of the KV region (a block per page, whatever its width).
-            spec = dataclasses.replace(spec, weight_bytes=self.pool.slot_bytes(name))
+            spec = dataclasses.replace(spec, weight_bytes=self.memory.slot_bytes(name))
             m = ModelState(spec, slo or self.default_slo, residency=Residency.HOST, kv_block_tokens=kv.block_size,
-                           kv_block_bytes=self.pool.page_bytes)
+                           kv_block_bytes=self.memory.page_bytes)
         else:
             m = ModelState(spec, slo or self.default_slo, residency=Residency.RESIDENT, kv_block_tokens=kv.block_size)
-            m.kv_pool_bytes = m.kv_bytes(kv.num_blocks * kv.block_size)
+            m.own_kv_bytes = m.kv_bytes(kv.num_blocks * kv.block_size)
         self.cost.register(spec)
         self.state.models[name] = m
         self.steps_per_model[name] = 0
@@ -165,8 +169,8 @@ class MultiModelEngine:
         for rid in list(eng.scheduler.requests):
             eng.abort_request(rid)
         if eng._inflight is not None:  # an overlapped decode in flight: read it so its blocks are returned
-            eng.step()
-        self._removed += [o for o in eng.take_aborted() if o.finished]
+            eng.step_tokens()
+        self._removed += eng.take_aborted()
         del self.engines[name], self.state.models[name]
         self.policy.forget(name)
         self._sync_limits()
@@ -178,9 +182,9 @@ class MultiModelEngine:
         self._prune_tokenizers()
         eng.set_weights(None)
         eng.runner.graphs, eng.runner.kv, eng.runner.kv_swapper = {}, None, None
-        if self.pool is not None:
-            self.pool.pinned.discard(name)
-            self.pool.unregister(name)
+        if self.memory is not None:
+            self.memory.pinned.discard(name)
+            self.memory.unregister(name)
         if self.state.active == name:
             self.state.active = None
         self.cost.forget(name)
@@ -197,9 +201,9 @@ class MultiModelEngine:
 
     def preload(self, name: str) -> bool:
         """Start bringing `name`'s weights in now, into free room only (nothing is evicted for it)."""
-        if self.pool is None or self.pool.holds(name):
+        if self.memory is None or self.memory.holds(name):
             return True
-        if self.pool.prefetch(name):
+        if self.memory.prefetch(name):
             m = self.state.models[name]
             m.residency = max(m.residency, Residency.LOADING)
             self._event("prefetch", name, preload=True)
@@ -209,16 +213,16 @@ class MultiModelEngine:
     def expire(self) -> None:
         """keep_alive: idle models past their time lose their weights (the host copy stays). Called before every
         step, and by an idle caller now and then (nothing steps while nothing is asked)."""
-        if self.pool is None:
+        if self.memory is None:
             return
         now = time.monotonic()
         for name, ttl in self._keep_alive.items():
             m = self.state.models.get(name)
-            if (m is None or self.engines[name].has_unfinished_requests() or m.pinned or not self.pool.holds(name)
-                    or self.pool.is_loading(name)):
+            if (m is None or self.engines[name].has_unfinished_requests() or m.pinned or not self.memory.holds(name)
+                    or self.memory.is_loading(name)):
                 continue
             if now - max(self._last_run.get(name, 0.0), self._last_request.get(name, 0.0)) >= ttl:
-                self.pool.evict(name)
+                self.memory.evict(name)
                 self.engines[name].set_weights(None)
                 m.residency = Residency.HOST
                 self._event("evict", name, keep_alive=ttl)
@@ -229,16 +233,16 @@ class MultiModelEngine:
         if name not in self.engines:
             raise ValueError(f"unknown model {name!r}; hosted: {sorted(self.engines)}")
         self.state.models[name].pinned = pinned
-        if self.pool is None:
+        if self.memory is None:
             return
         if pinned:
-            self.pool.pinned.add(name)
-            if not self.pool.holds(name) and self.pool.prefetch(name):
+            self.memory.pinned.add(name)
+            if not self.memory.holds(name) and self.memory.prefetch(name):
                 m = self.state.models[name]
                 m.residency = max(m.residency, Residency.LOADING)
                 self._event("prefetch", name, pinned=True)
         else:
-            self.pool.pinned.discard(name)
+            self.memory.pinned.discard(name)
 
     def _sync_limits(self) -> None:
         """One set of batch limits: the hosted engines' own (EngineConfig.max_num_seqs and
@@ -248,11 +252,11 @@ class MultiModelEngine:
             self.policy.set_limits(min(c.max_num_seqs for c in cfgs), min(c.max_num_batched_tokens for c in cfgs))
 
     def _capacity(self) -> None:
-        """Pooled: the weight space, and the KV region apart; all resident: the weights (KV: own pools)."""
-        if self.pool is not None:
-            self.state.capacity_bytes = self.pool.weight_capacity
-            pages = self.pool.pages
-            self.state.kv_capacity_bytes = pages.num_blocks * self.pool.page_bytes if pages is not None else 0
+        """Pooled: the weight space, and the KV region apart; all resident: the weights (KV: caches of their own)."""
+        if self.memory is not None:
+            self.state.capacity_bytes = self.memory.weight_capacity
+            pages = self.memory.pages
+            self.state.kv_capacity_bytes = pages.num_blocks * self.memory.page_bytes if pages is not None else 0
         else:
             self.state.capacity_bytes = sum(self.state.models[n].spec.weight_bytes for n in self.engines)
 
@@ -261,7 +265,7 @@ class MultiModelEngine:
         return ModelSize.from_config(name, eng.model_config, torch.empty((), dtype=eng.dtype).element_size())
 
     @staticmethod
-    def _kv_pool_bytes(eng: LLMEngine) -> int:
+    def _own_kv_bytes(eng: LLMEngine) -> int:
         return eng.runner.kv.numel() * eng.runner.kv.element_size()
 
     # -- requests ------------------------------------------------------------------------------------
@@ -295,9 +299,9 @@ class MultiModelEngine:
     # -- the step loop -------------------------------------------------------------------------------
     def _sync(self) -> None:
         """Point the policy's view at each model's scheduler queues (no copies of requests)."""
-        pool = self.pool
-        if pool is not None:
-            for name in pool.poll():
+        mem = self.memory
+        if mem is not None:
+            for name in mem.poll():
                 if name in self.state.models:
                     self.state.models[name].residency = Residency.RESIDENT
         for name, eng in self.engines.items():
@@ -309,10 +313,10 @@ class MultiModelEngine:
 
     def _execute_memory(self, plan) -> None:
         """The plan's memory moves, in the StepPlan contract's order (all resident: KV swap-outs only)."""
-        pool, st = self.pool, self.state
-        for name in plan.evict if pool is not None else ():
+        mem, st = self.memory, self.state
+        for name in plan.evict if mem is not None else ():
             if name != plan.model:
-                pool.evict(name)
+                mem.evict(name)
                 self.engines[name].set_weights(None)
                 st.models[name].residency = Residency.HOST
                 self._event("evict", name)
@@ -326,22 +330,22 @@ class MultiModelEngine:
             out = eng.scheduler.preempt(reqs)
             eng.runner.swap_kv(out.swap_out, [])
             self.kv_swapped_out += len(out.swap_out)
-        if pool is None:
+        if mem is None:
             return
         if plan.model is not None and plan.batch:
             eng = self.engines[plan.model]
-            if eng.weights is None or not pool.is_resident(plan.model) or pool.is_loading(plan.model):
-                was = pool.is_resident(plan.model) or pool.holds(plan.model)
-                stall0 = pool.stats.stall_s
-                rm = pool.load(plan.model, protect=(plan.prefetch,) if plan.prefetch else (), order=plan.load_order)
+            if eng.weights is None or not mem.is_resident(plan.model) or mem.is_loading(plan.model):
+                was = mem.is_resident(plan.model) or mem.holds(plan.model)
+                stall0 = mem.stats.stall_s
+                rm = mem.load(plan.model, protect=(plan.prefetch,) if plan.prefetch else (), order=plan.load_order)
                 eng.set_weights(rm.weights, rm.slot_id)
                 st.models[plan.model].residency = Residency.RESIDENT
-                self._event("load", plan.model, prefetched=was, stall_s=round(pool.stats.stall_s - stall0, 6))
+                self._event("load", plan.model, prefetched=was, stall_s=round(mem.stats.stall_s - stall0, 6))
             self._forget_evicted()
         if plan.prefetch is not None and plan.prefetch in self.engines:
             order = None if plan.prefetch_order is None else [n for n in plan.prefetch_order if n != plan.model]
-            was = pool.holds(plan.prefetch)
-            if pool.prefetch(plan.prefetch, order=order):
+            was = mem.holds(plan.prefetch)
+            if mem.prefetch(plan.prefetch, order=order):
                 if not was:
                     self._event("prefetch", plan.prefetch)
                 m = st.models[plan.prefetch]
@@ -350,16 +354,34 @@ class MultiModelEngine:
             self._forget_evicted()
 
     def _forget_evicted(self) -> None:
-        """Models the pool evicted to make a slot contiguous (not in the plan): tell the engines and the policy."""
-        pool, st = self.pool, self.state
+        """Models `memory` evicted to make a slot contiguous (not in the plan): tell the engines and the policy."""
+        mem, st = self.memory, self.state
         for name, e in self.engines.items():
-            if not pool.holds(name):
+            if not mem.holds(name):
                 if e.weights is not None:
                     e.set_weights(None)
                     self._event("evict", name, forced=True)
                 st.models[name].residency = Residency.HOST
 
     def step(self) -> list[RequestOutput]:
+        """One step, detokenized inline (`step_tokens`, then `detokenize` and `stop_requests`)."""
+        outputs, stopped = self.detokenize(self.step_tokens())
+        self.stop_requests(stopped)
+        return outputs
+
+    # Text is made apart from the step: a caller may run it while the next step runs (controller/worker.py)
+    detokenize = staticmethod(detokenize)
+
+    def stop_requests(self, stopped: list[tuple[Request, str]]) -> None:
+        """Finish the requests `detokenize` found a stop string in (those of models still hosted)."""
+        for req, stop in stopped:
+            eng = self.engines.get(req.model)  # a request's model is its engine's served name (add_model)
+            if eng is not None:
+                eng.stop_requests([(req, stop)])
+
+    def step_tokens(self, on_launch=None) -> list[TokenOutput]:
+        """One step of the model the policy picks: token ids, no text (see `LLMEngine.step_tokens`, and there
+        `on_launch`)."""
         tm = self.timing
         t0 = time.perf_counter()
         self._sync()
@@ -374,8 +396,8 @@ class MultiModelEngine:
         if self._keep_alive:
             self.expire()
         self._execute_memory(plan)
-        if self.pool is not None:  # measured loads teach the cost model the link (and how much prefetch hides)
-            done = self.pool.stats.load_s
+        if self.memory is not None:  # measured loads teach the cost model the link (and how much prefetch hides)
+            done = self.memory.stats.load_s
             for nbytes, secs, hidden in done[self._loads_seen:]:
                 self.cost.observe_load(nbytes, secs, hidden_s=hidden)
             self._loads_seen = len(done)
@@ -384,7 +406,7 @@ class MultiModelEngine:
         if not plan.idle:
             eng = self.engines[plan.model]
             own = [r for r in plan.swap_out if r.model == plan.model]
-            outputs += eng.step(plan.batch, own)
+            outputs += eng.step_tokens(plan.batch, own, on_launch)
             t3 = time.perf_counter()
             tm["engine_s"] += t3 - t2
             tm["steps"] += 1
@@ -412,12 +434,12 @@ class MultiModelEngine:
         return outputs
 
     def estimate(self, name: str) -> dict[str, float]:
-        """The pool's own numbers for a new request's TTFT (the controller routes and admits with them):
+        """This engine's own numbers for a new request's TTFT (the controller routes and admits with them):
         seconds of prefill per prompt token, of one decode step now, and of the load when the weights are not
         in VRAM (0 when resident or landing)."""
         m = self.state.models[name]
         n = max(1, len(m.running))
-        resident = self.pool is None or self.pool.holds(name)
+        resident = self.memory is None or self.memory.holds(name)
         return {"prefill_s_per_token": max(0.0, self.cost.step_coefficients(name)[2]),
                 "decode_step_s": self.cost.step_time(name, StepShape(n, n, n * 256)),
                 "load_s": 0.0 if resident else self.cost.load_time(m.spec.weight_bytes),
@@ -426,16 +448,17 @@ class MultiModelEngine:
     def _event(self, kind: str, model: str, **fields) -> None:
         self.events.append({"kind": kind, "model": model, "t": time.time(), **fields})
 
-    def pool_state(self) -> dict:
-        """What the pool is doing now, for the admin API and the dashboard (plain data, cheap: no tensors)."""
-        pool, now = self.pool, time.monotonic()
+    def snapshot(self) -> dict:
+        """What this device's models and memory are doing now, for the admin API and the dashboard (plain data,
+        cheap: no tensors)."""
+        mem, now = self.memory, time.monotonic()
         models = {}
         for name, eng in self.engines.items():
             s = eng.scheduler
-            if pool is None:
+            if mem is None:
                 state = "resident"
-            elif pool.holds(name):
-                state = "loading" if pool.is_loading(name) else "resident"
+            elif mem.holds(name):
+                state = "loading" if mem.is_loading(name) else "resident"
             else:
                 state = "host"
             oldest = min((r.arrival_time for r in s.waiting), default=None)
@@ -445,19 +468,19 @@ class MultiModelEngine:
                 "kv_pages_used": sum(len(r.block_ids) for r in s.running),
                 "kv_swapped": sum(len(r.host_block_ids or ()) for r in s.swapped),
                 "steps": self.steps_per_model.get(name, 0)}
-        if pool is not None:
-            held = [n for n in pool.entries if pool.holds(n)]
-            weights = sum(pool.slot_bytes(n) for n in held)
-            kv = pool._kv_slot.nbytes if pool._kv_slot is not None else 0
-            vram = {"budget_bytes": pool.arena.capacity, "weights_bytes": weights, "kv_bytes": kv,
-                    "free_bytes": pool.arena.capacity - weights - kv,
-                    "kv_pages_total": pool.pages.num_blocks if pool.pages else 0,
-                    "kv_pages_used": pool.pages.num_used if pool.pages else 0}
-            host = pool.host_bytes()
-            stall = pool.stats.stall_s
+        if mem is not None:
+            held = [n for n in mem.entries if mem.holds(n)]
+            weights = sum(mem.slot_bytes(n) for n in held)
+            kv = mem._kv_slot.nbytes if mem._kv_slot is not None else 0
+            vram = {"budget_bytes": mem.arena.capacity, "weights_bytes": weights, "kv_bytes": kv,
+                    "free_bytes": mem.arena.capacity - weights - kv,
+                    "kv_pages_total": mem.pages.num_blocks if mem.pages else 0,
+                    "kv_pages_used": mem.pages.num_used if mem.pages else 0}
+            host = mem.host_bytes()
+            stall = mem.stats.stall_s
         else:
             weights = sum(self.state.models[n].spec.weight_bytes for n in self.engines)
-            kv = sum(self._kv_pool_bytes(e) for e in self.engines.values())
+            kv = sum(self._own_kv_bytes(e) for e in self.engines.values())
             vram = {"budget_bytes": weights + kv, "weights_bytes": weights, "kv_bytes": kv, "free_bytes": 0,
                     "kv_pages_total": sum(e.scheduler.kv.num_blocks for e in self.engines.values()),
                     "kv_pages_used": sum(e.scheduler.kv.num_used for e in self.engines.values())}
@@ -486,8 +509,8 @@ class MultiModelEngine:
         self.steps_per_model = dict.fromkeys(self.engines, 0)
         self.kv_swapped_out = 0
         self.timing = dict.fromkeys(self.timing, 0.0)
-        if self.pool is not None:
-            self.pool.reset_stats()
+        if self.memory is not None:
+            self.memory.reset_stats()
         self._loads_seen = 0
         self.policy.reset_counters()
 
@@ -507,8 +530,8 @@ class MultiModelEngine:
             r = eng.runner
             r.graphs, r.kv, r.kv_swapper = {}, None, None
         self.engines.clear()
-        if self.pool is not None:
-            self.pool.close()
+        if self.memory is not None:
+            self.memory.close()
 
 
 def _ran_shape(out) -> StepShape:

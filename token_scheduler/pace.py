@@ -127,7 +127,8 @@ class PaceEngine:
         return {"num_running": len(self._running), "num_waiting": len(self._waiting), "num_swapped": 0,
                 "kv_blocks_used": used, "kv_blocks_total": self.num_kv_blocks}
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, on_launch=None) -> list[RequestOutput]:
+        """`on_launch`: called before the pace's wait, as a real engine calls it once its forward is queued."""
         outs = [self._output(r, []) for r in self._aborted]
         self._aborted.clear()
         admitted = 0
@@ -143,6 +144,8 @@ class PaceEngine:
         # A fixed cadence, like a device whose step takes s_per_token: the host's own work between steps
         # (outputs, protocol) overlaps the next step instead of stretching it.
         due = max(self._last_step + self.s_per_token, now) + admitted * self.prefill_s_per_token
+        if on_launch is not None:
+            on_launch()
         time.sleep(max(0.0, due - time.monotonic()))
         self._last_step = due
         self.steps += 1
@@ -186,10 +189,12 @@ class PaceEngine:
     def _output(self, r: _Req, delta_ids: list[int]) -> RequestOutput:
         delta_text = r.text[r.sent:] if len(r.text) >= r.sent else ""
         r.sent = max(r.sent, len(r.text))
+        lps = r.params.logprobs is not None
         comp = CompletionOutput(index=0, text=r.text, token_ids=list(r.out_ids), finish_reason=r.finish_reason,
-                                logprobs=list(r.logprobs) if r.params.logprobs is not None else None)
+                                logprobs=list(r.logprobs) if lps else None)
         return RequestOutput(request_id=r.rid, prompt_token_ids=r.prompt_ids, outputs=[comp],
-                             finished=r.finish_reason is not None, delta_text=delta_text, delta_token_ids=delta_ids)
+                             finished=r.finish_reason is not None, delta_text=delta_text, delta_token_ids=delta_ids,
+                             delta_logprobs=r.logprobs[len(r.logprobs) - len(delta_ids):] if lps else None)
 
 
 class PacedModels:
@@ -197,7 +202,7 @@ class PacedModels:
     one PaceEngine per model. No weights, so no pool: every model is resident, residency hints are void, and
     nothing is ever switched. Busy models take turns, one step each, as the pooled engine's models do."""
 
-    pool = None
+    memory = None  # no weights: no device memory to manage
 
     def __init__(self, device: str = "cpu"):
         self.device = device
@@ -255,7 +260,7 @@ class PacedModels:
     def has_unfinished_requests(self) -> bool:
         return any(e.has_unfinished_requests() for e in self.engines.values())
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, on_launch=None) -> list[RequestOutput]:
         """One step of the busy model that ran least recently."""
         busy = [n for n, e in self.engines.items() if e.has_unfinished_requests()]
         if not busy:
@@ -263,7 +268,7 @@ class PacedModels:
         name = min(busy, key=lambda n: self._last_run.get(n, -1))
         eng = self.engines[name]
         n = eng.steps
-        outs = eng.step()
+        outs = eng.step(on_launch)
         if eng.steps > n:  # else it only answered aborts
             self._last_run[name] = self.timing["steps"]
             self.trace.append(name)
@@ -271,11 +276,23 @@ class PacedModels:
             self.steps_per_model[name] += 1
         return outs
 
+    # A paced model has no device step to hide host work behind: its text is made at its step, and the pipeline a
+    # worker runs (step_tokens on the step thread, detokenize beside the next step) passes it through.
+    def step_tokens(self, on_launch=None) -> list[RequestOutput]:
+        return self.step(on_launch)
+
+    @staticmethod
+    def detokenize(outs: list[RequestOutput]) -> tuple[list[RequestOutput], list]:
+        return outs, []
+
+    def stop_requests(self, stopped: list) -> None:
+        pass  # its stop strings end requests at the step
+
     def estimate(self, name: str) -> dict[str, float]:
         eng = self.engines[name]
         return {"prefill_s_per_token": eng.prefill_s_per_token, "load_s": 0.0, "resident": 1.0}
 
-    def pool_state(self) -> dict:
+    def snapshot(self) -> dict:
         models = {}
         for name, eng in self.engines.items():
             s = eng.stats()

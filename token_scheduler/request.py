@@ -196,6 +196,21 @@ class CompletionOutput:
 
 
 @dataclass
+class TokenOutput:
+    """One request's share of a step, as the step thread leaves it: token ids, no text. `detokenizer.detokenize`
+    makes the RequestOutput (text, stop strings) -- inline in `LLMEngine.step`, or while the next step runs (the
+    worker). `request` is the engine's own: read only its fixed fields and its lists up to `num_output_tokens`
+    (later steps may be appending to them meanwhile)."""
+
+    request: Request
+    num_output_tokens: int  # len(request.output_token_ids) when this was made
+    num_new: int  # of those, the ones this step added (0: a final output with no step, e.g. an abort)
+    status: RequestStatus  # when this was made
+    stop_reason: int | str | None
+    metrics: dict[str, float]
+
+
+@dataclass
 class RequestOutput:
     """What the engine reports for a request after a step (cumulative, plus the delta since last report)."""
 
@@ -205,7 +220,10 @@ class RequestOutput:
     finished: bool
     model: str = "default"
     prompt: str | None = None
-    # Streaming: text and token ids produced since the previous RequestOutput of this request.
+    # Streaming: text, token ids and (when asked for) logprobs produced since the previous RequestOutput of this
+    # request. A streaming reader reads only these: the cumulative lists above may run ahead of this output when
+    # it was made while a later step ran.
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    delta_logprobs: list[dict[int, float]] | None = None
     metrics: dict[str, float] = field(default_factory=dict)

@@ -8,6 +8,7 @@ non-blocking copies from pinned host memory); everything else runs eagerly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -105,7 +106,9 @@ class ModelRunner:
         self.weights, self.slot_key = weights, slot_key
 
     # -- execution ---------------------------------------------------------------------------------
-    def execute(self, out: SchedulerOutput) -> StepResult:
+    def execute(self, out: SchedulerOutput, on_launch: Callable[[], None] | None = None) -> StepResult:
+        """Run a step and read its sampled tokens. `on_launch`: called once the forward is queued, before the
+        host waits for it (a pipelined caller does the previous step's host work then, beside the device)."""
         self.swap_kv(out.swap_out, out.swap_in)
         if not out.chunks:
             return StepResult({}, {})
@@ -117,6 +120,8 @@ class ModelRunner:
         else:
             hidden, idx = self._forward_eager(out)
             logits = llama.compute_logits(self.weights, hidden[idx]) if idx else None
+        if on_launch is not None:
+            on_launch()
         if not sample_reqs:
             return StepResult({}, {})
         res: SampleResult = self.sampler(logits, sample_reqs)

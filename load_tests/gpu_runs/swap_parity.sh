@@ -5,7 +5,7 @@ set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export TOKENPOOL_COMMIT=${TOKENPOOL_COMMIT:-unknown}
 # the API tests need fastapi, which the GPU box lacks: run the GPU-marked files that do not import it
-python -m pytest -q -m gpu tests/test_gpu_engine.py tests/test_gpu_pool.py tests/test_gpu_pool_host_pool.py \
+python -m pytest -q -m gpu tests/test_gpu_engine.py tests/test_gpu_pool.py tests/test_gpu_pool_pinned.py \
   tests/test_swapper_gpu.py tests/test_swapper_host_cache.py > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log"
 M=/tmp/mm; mkdir -p $M

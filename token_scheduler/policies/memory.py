@@ -7,7 +7,7 @@ pointer drop). Models whose weights are being loaded are not touched: the copy i
 
 `fit_step` is the one place a policy makes room for a step, wherever KV lives (state.py): with the weights
 (one `make_room` for both), in a region apart (weights evicted for the weights, other models' KV swapped out
-for the KV -- what `MultiModelEngine` once did behind the plan's back), or in the model's own pool (nothing
+for the KV -- what `MultiModelEngine` once did behind the plan's back), or in a KV cache of its own (nothing
 of another model helps; the batch builder preempts the model's own newest requests).
 """
 

@@ -11,7 +11,7 @@ Where KV lives, so that a plan's batch fits as planned (the mechanism runs it as
 - by default KV and weights share `PoolState.capacity_bytes` (the simulator without an arena);
 - `PoolState.kv_capacity_bytes`: one KV region shared by the models, apart from the weight space (a pooled
   engine's pages, `residency.ModelPool`); KV swap-outs free it, weight evictions do not;
-- `ModelState.kv_pool_bytes`: the model's own KV pool (an engine with every model resident); only its own
+- `ModelState.own_kv_bytes`: the model's own KV cache (an engine with every model resident); only its own
   preemptions free it.
 KV is allocated in blocks (`kv_block_tokens` tokens, `kv_block_bytes` bytes each): `ModelState.kv_bytes(n)`
 is what a request of n computed tokens holds, and `kv_gpu_tokens` counts whole blocks.
@@ -48,7 +48,7 @@ class ModelState:
     pinned: bool = False  # an operator keeps its weights in VRAM: no policy evicts them
     kv_block_tokens: int = 1  # the mechanism allocates KV in blocks of this many tokens
     kv_block_bytes: int = 0  # bytes of one block; 0: kv_block_tokens x spec.kv_bytes_per_token
-    kv_pool_bytes: int | None = None  # a KV pool of this model's own (None: KV from the pool's region/capacity)
+    own_kv_bytes: int | None = None  # a KV cache of this model's own (None: KV from the shared region/capacity)
 
     @property
     def name(self) -> str:
@@ -83,8 +83,8 @@ class PoolState:
         return sum(m.spec.weight_bytes for m in self.models.values() if m.residency != Residency.HOST)
 
     def kv_bytes_used(self) -> int:
-        """KV in the shared region (or, without one, in `capacity_bytes`); models' own pools not counted."""
-        return sum(m.kv_gpu_bytes for m in self.models.values() if m.kv_pool_bytes is None)
+        """KV in the shared region (or, without one, in `capacity_bytes`); models' own KV caches not counted."""
+        return sum(m.kv_gpu_bytes for m in self.models.values() if m.own_kv_bytes is None)
 
     def free_bytes(self) -> int:
         """Free bytes of `capacity_bytes`: the weight space (and KV's, when they share it)."""
@@ -92,22 +92,22 @@ class PoolState:
         return self.capacity_bytes - self.weight_bytes_used() - kv
 
     def kv_free_bytes(self, m: ModelState) -> int:
-        """Bytes `m`'s KV may still grow by: its own pool's free part, the region's, or the shared capacity's."""
-        if m.kv_pool_bytes is not None:
-            return m.kv_pool_bytes - m.kv_gpu_bytes
+        """Bytes `m`'s KV may still grow by: its own cache's free part, the region's, or the shared capacity's."""
+        if m.own_kv_bytes is not None:
+            return m.own_kv_bytes - m.kv_gpu_bytes
         if self.kv_capacity_bytes is not None:
             return self.kv_capacity_bytes - self.kv_bytes_used()
         return self.free_bytes()
 
     def kv_with_weights(self, m: ModelState) -> bool:
         """`m`'s KV takes from the same bytes as weights (so evicting weights makes KV room, and the reverse)."""
-        return m.kv_pool_bytes is None and self.kv_capacity_bytes is None
+        return m.own_kv_bytes is None and self.kv_capacity_bytes is None
 
     def kv_neighbours(self, m: ModelState) -> set[str]:
         """The other models whose KV swap-outs free room for `m`'s KV (those sharing its region)."""
-        if m.kv_pool_bytes is not None:
+        if m.own_kv_bytes is not None:
             return set()
-        return {n for n, o in self.models.items() if o is not m and o.kv_pool_bytes is None}
+        return {n for n, o in self.models.items() if o is not m and o.own_kv_bytes is None}
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ import uuid
 import pytest
 import torch
 
-from gpu_pool.host_pool import PinnedRegion, default_shm_dir
+from gpu_pool.pinned import PinnedRegion, default_shm_dir
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_unreserved_region_too_big_is_a_clean_error(shm_path):
 
 
 def test_populate_falls_back_to_fallocate_without_madv_populate(shm_path, monkeypatch):
-    import gpu_pool.host_pool as hp
+    import gpu_pool.pinned as hp
 
     monkeypatch.setattr(hp, "MADV_POPULATE_WRITE", 12345)  # an advice the kernel rejects (EINVAL), as before 5.14
     r = PinnedRegion.create(shm_path, 1 << 20, pin=False, reserve=False)
@@ -157,7 +157,7 @@ def _blocks(path) -> int:
 def test_region_of_parts_is_one_contiguous_shared_region(shm_path):
     """A region made of several files (a directory of them) is one tensor to its users: bytes written across a
     part boundary land in order, another mapping sees them, views outlive close(), and unlink leaves nothing."""
-    from gpu_pool.host_pool import PART_ALIGN
+    from gpu_pool.pinned import PART_ALIGN
 
     n = 3 * PART_ALIGN + 4096  # the last part is short
     r = PinnedRegion.create(shm_path, n, pin=False, reserve=False, parts=4)
@@ -184,7 +184,7 @@ def test_region_of_parts_is_one_contiguous_shared_region(shm_path):
 
 
 def test_region_of_parts_reserved_and_too_big(shm_path):
-    from gpu_pool.host_pool import PART_ALIGN
+    from gpu_pool.pinned import PART_ALIGN
 
     r = PinnedRegion.create(shm_path, 2 * PART_ALIGN, pin=False, parts=2)  # reserve=True: fallocated
     assert r.parts == 2 and _blocks(shm_path) >= 2 * PART_ALIGN
