@@ -183,3 +183,18 @@ def test_pooled_arena_short_kv_region_is_resolved_by_the_plan():
         assert res.unfinished == 0, policy
         assert not res.extra["kv_region_exceeded"] and res.extra["kv_peak_gb"] <= MiB / 1e9
         assert res.swap_gb > 0, policy  # room was made by swapping KV out (and back), not by overflowing
+
+
+def test_measured_h200_profile_is_floored_at_the_h200_roofline():
+    """The packaged H200 fits are floored at the H200's physics, not the H100's: a 7B decode step at batch 1 is
+    the measured ~4.8 ms, not H100_PCIE53's 6.3 ms (which made every simulated 7B step 30% too slow)."""
+    from load_tests.bench_pool import hardware_profile
+    from token_scheduler.cost_model import H100_PCIE53, H200_PCIE54, StepShape, roofline_for
+
+    assert roofline_for("NVIDIA H200") is H200_PCIE54 and roofline_for("NVIDIA H100 80GB HBM3") is H100_PCIE53
+    assert roofline_for(None) is H100_PCIE53
+    spec = spec_for("qwen2", "7b", "qwen2-7b-0")
+    hw = hardware_profile("measured", {spec.name: spec})
+    one = StepShape(1, 1, 512)
+    assert hw.hbm_bytes_per_s == H200_PCIE54.hbm_bytes_per_s
+    assert 4.5e-3 < hw.step_time(spec, one) < 5.0e-3 < 6.2e-3 < H100_PCIE53.step_time(spec, one)
