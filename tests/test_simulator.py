@@ -113,8 +113,10 @@ def test_multi_gpu_placement():
 
 def test_pooled_arena_fragmentation_skips_prefetches_and_forces_evictions():
     """With `kv_cache_bytes` the simulator places slots as the real ModelPool does (same allocator and placement
-    code, tests/test_placement.py): free bytes that are not contiguous skip prefetches and force evictions;
-    the token policy's victim order (placement="window") turns most blocking loads back into prefetches."""
+    code, tests/test_placement.py): free bytes that are not contiguous skip prefetches and force evictions
+    when a plan counts them as room (`see_ranges=False`); the token policy's victim order (placement="window")
+    turns most blocking loads back into prefetches, and so does a plan that counts free bytes only where one
+    range holds the slot (the default)."""
     from load_tests.simulator import SimArena
 
     MiB = 1 << 20
@@ -127,8 +129,12 @@ def test_pooled_arena_fragmentation_skips_prefetches_and_forces_evictions():
         return res.extra, res.load_stall_s
 
     flat, flat_stall = run()
-    lru, lru_stall = run(kv_cache_bytes=4 * MiB, policy_kw={"placement": "lru"})
-    win, win_stall = run(kv_cache_bytes=4 * MiB, policy_kw={"placement": "window"})
+    blind = {"see_ranges": False, "sized_victims": "off"}
+    lru, lru_stall = run(kv_cache_bytes=4 * MiB, policy_kw={"placement": "lru", **blind})
+    win, win_stall = run(kv_cache_bytes=4 * MiB, policy_kw={"placement": "window", **blind})
+    fit, fit_stall = run(kv_cache_bytes=4 * MiB, policy_kw={"placement": "lru"})
+    assert fit["prefetch_skipped"] < lru["prefetch_skipped"] / 5 and fit["forced_evictions"] < lru["forced_evictions"]
+    assert fit["blocking_loads"] < lru["blocking_loads"] / 2 and fit_stall < lru_stall
     assert flat["prefetch_skipped"] == flat["forced_evictions"] == 0
     assert lru["prefetch_skipped"] > 50 and lru["forced_evictions"] > 0
     assert lru["blocking_loads"] > 3 * flat["blocking_loads"] and lru_stall > 2 * flat_stall

@@ -300,6 +300,7 @@ class MultiModelEngine:
             for name in pool.poll():
                 if name in self.state.models:
                     self.state.models[name].residency = Residency.RESIDENT
+            self.state.weight_free_run = pool.arena.alloc.largest_free  # a slot needs one contiguous range
         for name, eng in self.engines.items():
             s, m = eng.scheduler, self.state.models[name]
             m.waiting = s.waiting

@@ -35,6 +35,10 @@ class TurnDemand:
     load_s: float = 0.0  # PCIe time of its weight load this round (0 if resident)
     prefill_s: float = 0.0  # prefill time wanted this round
     weight: float = 1.0  # priority
+    # what the deadline rule (need_round) reads: seconds until the next token of the model's tightest running
+    # stream is due, and until the first token of its oldest waiting request is due, less its prefill (inf: none)
+    run_slack_s: float = float("inf")
+    wait_slack_s: float = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,9 @@ class RoundPlan:
     prefill_s: dict  # model -> prefill time of its turn
     share: float  # S
     overloaded: bool
+    # need_round only: model -> seconds after the round's start that its streams' next deadlines must reach by
+    # the end of its turn (its next turn's expected start, plus a margin); the turn runs until they do
+    target_s: dict | None = None
 
     def turn_s(self, model: str) -> float:
         return self.quota_s.get(model, 0.0) + self.prefill_s.get(model, 0.0)
@@ -97,3 +104,50 @@ def aegaeon_round(demands: list[TurnDemand], max_quota_s: float = 4.0, alpha_flo
     quota.update({d.model: 0.0 for d in demands if d.model not in quota})
     R = c0 + sum(quota.values()) + sum(d.prefill_s for d in demands)
     return RoundPlan(R, quota, {d.model: d.prefill_s for d in demands}, S, alpha > 1.0)
+
+
+def need_round(demands: list[TurnDemand], floor_s: float = 0.0, cap_s: float = 4.0, margin_s: float = 0.5,
+               iters: int = 8) -> RoundPlan:
+    """The deadline rule, for when pace quotas do not fit (`token_round` over its cap): each model gets the
+    decode steps its tightest stream needs to stay on time until its next turn, no more; a model that needs
+    none this round (all its streams and its waiting requests have the slack) sits the round out.
+
+    `demands` come in turn order. A model whose turn starts o seconds into a round of length R next runs
+    about R later, so its streams must be covered until o + R + margin: n = (o + R + margin - slack) / T
+    steps, each of d seconds; a waiting request whose first token is due before that is admitted (its
+    prefill is charged; n covers its tokens too), and a model that runs anyway prefills what waits (the
+    requests ride along: batching them costs ~nothing). R is the least fixed point of R = the sum of the
+    turns (switch + prefill + n d) found by iterating upwards from `floor_s` -- R grows with slope
+    sum(d / T) over the models that run, so it converges while they fit; above `cap_s` the round is cap_s
+    long and overloaded (each model still asks for its need; the turns at the end of the round run late).
+    Time left over under the floor (the PCIe rotation) banks slack: it goes to the models that run, in
+    proportion to d / T.
+    """
+    R = floor_s
+    for _ in range(iters):
+        t, quota, prefill, target, share = 0.0, {}, {}, {}, 0.0
+        for d in demands:
+            o = t + d.switch_s
+            horizon = o + R + margin_s
+            n = (horizon - d.run_slack_s) / d.tpot_s if d.decode_step_s > 0 else 0.0
+            urgent = d.wait_slack_s < horizon
+            if n <= 0 and not urgent:
+                continue
+            if urgent:
+                n = max(n, (horizon - d.wait_slack_s) / d.tpot_s)
+            q = max(0.0, n) * d.decode_step_s
+            pf = d.prefill_s if d.wait_slack_s < float("inf") else 0.0
+            quota[d.model], prefill[d.model], target[d.model] = q, pf, horizon
+            share += d.decode_step_s / d.tpot_s
+            t = o + pf + q
+        R_next = min(cap_s, max(floor_s, t))
+        if abs(R_next - R) <= 1e-3 * max(R, 1e-3):
+            break
+        R = R_next
+    overloaded = t > cap_s + 1e-9
+    spare = R - t
+    if spare > 1e-12 and share > 0:
+        for d in demands:
+            if d.model in quota:
+                quota[d.model] += spare * (d.decode_step_s / d.tpot_s) / share
+    return RoundPlan(max(R, t), quota, prefill, share, overloaded, target)
