@@ -69,6 +69,10 @@ class TokenConfig:
     # ranges, a plan counted scattered bytes as room: simulated at 30 models on 120 GB, 36,530 prefetches
     # skipped and 238 blocking loads (60 s of stall, 73% attainment) vs 29 and 49 (13.6 s, 94%).
     see_ranges: bool = True
+    # A queued model whose weights are still on the way lets a resident model queued after it take its turn
+    # first, when that turn fits before the weights can land (instead of a stall, or its predecessor's turn
+    # running on while it loads).
+    hop: bool = True
 
 
 @dataclass(slots=True)
@@ -99,6 +103,7 @@ class TokenPolicy:
         self._round_started: float | None = None
         self.skips = 0
         self.need_rounds = 0  # rounds planned by the deadline rule
+        self.hops = 0  # turns taken ahead of a queued model whose weights were still landing
         # per model: turns started, and turns that planned nothing (no room for the weights, or no request fit)
         self.turns: dict[str, int] = {}
         self.empty_turns: dict[str, int] = {}
@@ -112,7 +117,7 @@ class TokenPolicy:
                 return plan
         for _ in range(2):  # the rest of this round, then a fresh one
             while self._queue:
-                name = self._queue.popleft()
+                name = self._pop_next(st)
                 m = st.models.get(name)
                 if m is None or not m.has_work:
                     continue
@@ -145,13 +150,13 @@ class TokenPolicy:
 
     def reset_counters(self) -> None:
         """Zero what round_info counts (rounds, skips, turns); the schedule state is kept."""
-        self.rounds = self.skips = self.need_rounds = 0
+        self.rounds = self.skips = self.need_rounds = self.hops = 0
         self.turns, self.empty_turns = {}, {}
 
     def round_info(self) -> dict:
         p = self._plan
         return {"rounds": self.rounds, "last_round_s": self.last_round_s, "last_round_wall_s": self.last_round_wall_s,
-                "skips": self.skips, "need_rounds": self.need_rounds, "turns": dict(sorted(self.turns.items())),
+                "skips": self.skips, "need_rounds": self.need_rounds, "hops": self.hops, "turns": dict(sorted(self.turns.items())),
                 "empty_turns": dict(sorted(self.empty_turns.items())),
                 "share": p.share if p else 0.0, "overloaded": p.overloaded if p else False}
 
@@ -170,8 +175,38 @@ class TokenPolicy:
             return True  # steps ran slower than planned: the need, not the time, ends a deadline-rule turn
         if self.cfg.extend_on_load and m.running and self._queue:
             nxt = st.models[self._queue[0]]
-            return nxt.residency == Residency.LOADING and nxt.ready_at > st.now + t.first_s
+            return (nxt.residency == Residency.LOADING and nxt.ready_at > st.now + t.first_s
+                    and self._hop(st) is None)
         return False
+
+    def _pop_next(self, st: PoolState) -> str:
+        """The next turn's model: the queue's head, or (`hop`) a resident model queued after it whose turn fits
+        in the time the head's weights still need to land -- useful work instead of a stall."""
+        i = self._hop(st) if self.cfg.hop else None
+        if i is None:
+            return self._queue.popleft()
+        name = self._queue[i]
+        del self._queue[i]
+        self.hops += 1
+        return name
+
+    def _hop(self, st: PoolState) -> int | None:
+        """Index in the queue of the first resident model with work whose planned turn fits before the head's
+        weights can land (the head cannot start before then anyway); None: no such model, or no wait."""
+        q, plan = self._queue, self._plan
+        head = st.models.get(q[0]) if q else None
+        if plan is None or head is None or not head.has_work or head.residency == Residency.RESIDENT:
+            return None
+        if head.residency == Residency.LOADING:
+            gap = head.ready_at - st.now
+        else:
+            gap = st.cost.load_time(head.spec.weight_bytes)
+        for i in range(1, len(q)):
+            m = st.models.get(q[i])
+            if (m is not None and m.has_work and m.residency == Residency.RESIDENT
+                    and plan.turn_s(q[i]) <= gap):
+                return i
+        return None
 
     def _step(self, st: PoolState, t: _Turn) -> StepPlan:
         cfg, m = self.cfg, st.models[t.model]
