@@ -106,11 +106,11 @@ def aegaeon_round(demands: list[TurnDemand], max_quota_s: float = 4.0, alpha_flo
     return RoundPlan(R, quota, {d.model: d.prefill_s for d in demands}, S, alpha > 1.0)
 
 
-def need_round(demands: list[TurnDemand], floor_s: float = 0.0, cap_s: float = 4.0, margin_s: float = 0.5,
+def need_round(demands: list[TurnDemand], floor_s: float = 0.0, cap_s: float = 4.0, margin_s: float = 3.0,
                iters: int = 8) -> RoundPlan:
     """The deadline rule, for when pace quotas do not fit (`token_round` over its cap): each model gets the
-    decode steps its tightest stream needs to stay on time until its next turn, no more; a model that needs
-    none this round (all its streams and its waiting requests have the slack) sits the round out.
+    decode steps its tightest stream needs to stay on time until its next turn and a margin beyond, no more;
+    a model that needs none this round (all its streams and its waiting requests have the slack) sits it out.
 
     `demands` come in turn order. A model whose turn starts o seconds into a round of length R next runs
     about R later, so its streams must be covered until o + R + margin: n = (o + R + margin - slack) / T
@@ -118,36 +118,54 @@ def need_round(demands: list[TurnDemand], floor_s: float = 0.0, cap_s: float = 4
     prefill is charged; n covers its tokens too), and a model that runs anyway prefills what waits (the
     requests ride along: batching them costs ~nothing). R is the least fixed point of R = the sum of the
     turns (switch + prefill + n d) found by iterating upwards from `floor_s` -- R grows with slope
-    sum(d / T) over the models that run, so it converges while they fit; above `cap_s` the round is cap_s
-    long and overloaded (each model still asks for its need; the turns at the end of the round run late).
-    Time left over under the floor (the PCIe rotation) banks slack: it goes to the models that run, in
-    proportion to d / T.
+    sum(d / T) over the models that run, so it converges while they fit.
+
+    The margin is slack banked against bursts (arrivals are Poisson: a busy minute needs what a quiet one
+    put by). It is the largest of margin_s, margin_s / 2, / 4, / 8, 0 whose round fits under `cap_s`: a full
+    margin while the GPU has the time, none when it has not -- a fixed large margin asks every model for more
+    exactly when nothing is left, and the pool tips over. Over `cap_s` even without a margin, the round is
+    overloaded (each model still asks for its need; the turns at the end of the round run late). Time left
+    over under the floor (the PCIe rotation) banks slack too: it goes to the models that run, in proportion
+    to d / T.
     """
+    for k in (1.0, 0.5, 0.25, 0.125, 0.0):
+        R, (t, quota, prefill, target, share) = _need_fixed_point(demands, floor_s, cap_s, k * margin_s, iters)
+        if t <= cap_s + 1e-9:
+            break
+    left = R - t
+    if left > 1e-12 and share > 0:
+        for d in demands:
+            if d.model in quota:
+                quota[d.model] += left * (d.decode_step_s / d.tpot_s) / share
+    return RoundPlan(max(R, t), quota, prefill, share, t > cap_s + 1e-9, target)
+
+
+def _need_fixed_point(demands: list[TurnDemand], floor_s: float, cap_s: float, margin_s: float, iters: int):
     R = floor_s
     for _ in range(iters):
-        t, quota, prefill, target, share = 0.0, {}, {}, {}, 0.0
-        for d in demands:
-            o = t + d.switch_s
-            horizon = o + R + margin_s
-            n = (horizon - d.run_slack_s) / d.tpot_s if d.decode_step_s > 0 else 0.0
-            urgent = d.wait_slack_s < horizon
-            if n <= 0 and not urgent:
-                continue
-            if urgent:
-                n = max(n, (horizon - d.wait_slack_s) / d.tpot_s)
-            q = max(0.0, n) * d.decode_step_s
-            pf = d.prefill_s if d.wait_slack_s < float("inf") else 0.0
-            quota[d.model], prefill[d.model], target[d.model] = q, pf, horizon
-            share += d.decode_step_s / d.tpot_s
-            t = o + pf + q
-        R_next = min(cap_s, max(floor_s, t))
+        turns = _need_turns(demands, R, margin_s)
+        R_next = min(cap_s, max(floor_s, turns[0]))
         if abs(R_next - R) <= 1e-3 * max(R, 1e-3):
             break
         R = R_next
-    overloaded = t > cap_s + 1e-9
-    spare = R - t
-    if spare > 1e-12 and share > 0:
-        for d in demands:
-            if d.model in quota:
-                quota[d.model] += spare * (d.decode_step_s / d.tpot_s) / share
-    return RoundPlan(max(R, t), quota, prefill, share, overloaded, target)
+    return R, turns
+
+
+def _need_turns(demands: list[TurnDemand], R: float, margin_s: float):
+    """One pass over the round for a guess R: (its length, quota, prefill, target per model, sum of d / T)."""
+    t, quota, prefill, target, share = 0.0, {}, {}, {}, 0.0
+    for d in demands:
+        o = t + d.switch_s
+        horizon = o + R + margin_s
+        n = (horizon - d.run_slack_s) / d.tpot_s if d.decode_step_s > 0 else 0.0
+        urgent = d.wait_slack_s < horizon
+        if n <= 0 and not urgent:
+            continue
+        if urgent:
+            n = max(n, (horizon - d.wait_slack_s) / d.tpot_s)
+        q = max(0.0, n) * d.decode_step_s
+        pf = d.prefill_s if d.wait_slack_s < float("inf") else 0.0
+        quota[d.model], prefill[d.model], target[d.model] = q, pf, horizon
+        share += d.decode_step_s / d.tpot_s
+        t = o + pf + q
+    return t, quota, prefill, target, share

@@ -62,7 +62,7 @@ class TokenConfig:
     # The deadline rule (quota.need_round) instead of pace quotas: "pressure" where pace quotas do not fit
     # under max_round_s (S >= 1, or the switches alone would stretch the round past it), "always", or "off".
     need_rule: str = "pressure"
-    need_margin_s: float = 0.5  # a stream leaves its turn covered until its next turn plus this
+    need_margin_s: float = 4.0  # a stream leaves its turn covered until its next turn plus up to this (need_round)
     sized_victims: str = "tiers"  # "tiers" | "all" | "off": victims of the incoming model's slot size first
     # An arena's free bytes count toward a load or a prefetch only where one free range holds the slot
     # (PoolState.weight_free_run); else a whole slot's worth is evicted (a victim of its size first). Blind to
