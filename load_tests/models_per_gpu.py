@@ -34,13 +34,14 @@ def mix(n: int) -> str:
 
 def point(models: str, seed: int, *, rate: float = 0.1, duration: float = 300.0, drain: float = 60.0,
           gpu_budget_gb: float = 120.0, kv_cache_gb: float | None = 4.0, slo_ttft: float = 10.0,
-          slo_tpot: float = 0.1, policy: str = "token", profile: str = "measured", policy_kw: dict | None = None) -> dict:
+          slo_tpot: float = 0.1, policy: str = "token", profile: str = "measured", policy_kw: dict | None = None,
+          noise: float = 0.0) -> dict:
     entries = parse_models(models)
     specs = {e.name: spec_for(e.arch, e.size, e.name) for e in entries}
     items = generate(list(specs), rate, duration, seed=seed)
     t0 = time.perf_counter()
     res = simulate(items, specs, ModelSLO(slo_ttft, slo_tpot), policy, capacity_bytes=int(gpu_budget_gb * 1e9),
-                   hw=hardware_profile(profile, specs), drain_s=drain, seed=seed, policy_kw=policy_kw,
+                   hw=hardware_profile(profile, specs), drain_s=drain, seed=seed, policy_kw=policy_kw, noise=noise,
                    kv_cache_bytes=int(kv_cache_gb * 1e9) if kv_cache_gb else None)
     s, e = res.slo, res.extra
     det = s["per_model_detail"].values()
@@ -53,6 +54,7 @@ def point(models: str, seed: int, *, rate: float = 0.1, duration: float = 300.0,
         "prefetch_skipped": e["prefetch_skipped"], "forced_evictions": e["forced_evictions"],
         "switches_per_s": res.switches_per_s, "gpu_busy_frac": res.gpu_busy_frac,
         "policy_cpu_us_per_step": res.policy_cpu_us_per_step, "policy_cpu_frac_mean": res.policy_cpu_frac_mean,
+        "kv_peak_gb": e.get("kv_peak_gb"), "swap_gb": res.swap_gb,
         "rounds": e.get("rounds_gpu0", {}), "sim_s": time.perf_counter() - t0,
     }
 
@@ -61,7 +63,8 @@ def row(p: dict) -> str:
     return (f"{p['n_models']:3d} {p['models']:14s} seed={p['seed']:<3d} att={p['attainment']:.3f} "
             f"min={p['min_model_attainment']:.3f} mean={p['mean_rule']:.3f} missed={p['missed']}/{p['requests']} "
             f"(ttft {p['ttft_late']}) unfinished={p['unfinished']} loads/s={p['loads_per_s']:.2f} "
-            f"blocking={p['blocking_loads']} skipped={p['prefetch_skipped']} forced={p['forced_evictions']} stall={p['load_stall_s']:.1f}s busy={p['gpu_busy_frac']:.2f} "
+            f"blocking={p['blocking_loads']} skipped={p['prefetch_skipped']} forced={p['forced_evictions']} "
+            f"stall={p['load_stall_s']:.1f}s busy={p['gpu_busy_frac']:.2f} kv_peak={p['kv_peak_gb'] or 0:.1f}GB "
             f"cpu={p['policy_cpu_us_per_step']:.0f}us ({100 * p['policy_cpu_frac_mean']:.1f}% of step)")
 
 
@@ -81,13 +84,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--policy", default="token")
     ap.add_argument("--policy-kw", default=None, help="JSON TokenConfig overrides, e.g. '{\"need_rule\": \"off\"}'")
     ap.add_argument("--profile", default="measured")
+    ap.add_argument("--noise", type=float, default=0.0, help="lognormal sigma of every simulated step's time")
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     mixes = a.models.split(";") if a.models else [mix(int(n)) for n in a.counts.split(",")]
     kw = dict(rate=a.rate, duration=a.duration, drain=a.drain, gpu_budget_gb=a.gpu_budget_gb,
               kv_cache_gb=a.kv_cache_gb or None, slo_ttft=a.slo_ttft, slo_tpot=a.slo_tpot, policy=a.policy,
-              profile=a.profile, policy_kw=json.loads(a.policy_kw) if a.policy_kw else None)
+              profile=a.profile, policy_kw=json.loads(a.policy_kw) if a.policy_kw else None, noise=a.noise)
     out = {"command": " ".join(["python -m load_tests.models_per_gpu", *(argv or sys.argv[1:])]),
            "commit": git_commit(), "config": {**kw, "target": a.target}, "points": [], "most_models": {}}
     for seed in (int(s) for s in a.seeds.split(",")):
