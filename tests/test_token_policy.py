@@ -9,11 +9,11 @@ import pytest
 from load_tests.simulator import SimRequest
 from token_scheduler.cost_model import CostModel, HardwareProfile, ModelSize
 from token_scheduler.policies import make_policy
+from token_scheduler.policies.demand import covered
 from token_scheduler.policies.memory import fit_step
 from token_scheduler.policies.quota import TurnDemand, need_round
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.policies.state import ModelState, PoolState, Residency
-from token_scheduler.policies.token import _covered
 from token_scheduler.request import RequestStatus
 
 FLAT = HardwareProfile("flat", 1e30, 1e30, 1e30, 1e30, 0.01, 0.0, 0.1, 0.0)  # every step 10 ms, load 100 ms
@@ -73,9 +73,9 @@ def test_turn_is_covered_once_every_stream_is_past_the_target():
     st = _pool(["m"])
     m = st.models["m"]
     m.running = [_req("r0", "m", 0.0, 5), _req("r1", "m", 1.0, 3)]  # next deadlines 10.5 and 11.3
-    assert _covered(m, 10.5) and not _covered(m, 10.6)
+    assert covered(m, 10.5) and not covered(m, 10.6)
     m.waiting.append(_req("w", "m", 0.2, 0, RequestStatus.WAITING))  # first token due at 10.2
-    assert not _covered(m, 10.3) and _covered(m, 10.2)
+    assert not covered(m, 10.3) and covered(m, 10.2)
 
 
 def test_under_pressure_the_tight_model_runs_and_the_ones_with_slack_sit_out():
@@ -97,7 +97,7 @@ def test_under_pressure_the_tight_model_runs_and_the_ones_with_slack_sit_out():
     assert t.target is not None and t.target > st.now + 0.2
     # planned time used up, stream not yet covered: the turn goes on
     t.steps, t.start = 5, st.now - 10 * t.quota_s / 9  # just past its quota, within the 2x + 0.1 s bound
-    assert not _covered(st.models["m7"], t.target) and pol._continue(st, t)
+    assert not covered(st.models["m7"], t.target) and pol._continue(st, t)
 
 
 def test_plans_count_free_bytes_only_where_one_range_holds_the_slot():

@@ -14,6 +14,10 @@ smallest banked slack of any running stream (token deadlines, slo.py) and <= max
 shrunk first (it spreads over rounds within TTFT slack). If S >= 1 the GPU cannot keep every TPOT: the
 round is max_round_s and quotas are split in proportion to priority x share, so all fall behind alike.
 
+Where these quotas do not fit (S >= 1, or C / (1 - S) over max_round_s: dozens of models, most of them
+loading each round), `need_round` gives each model only what its tightest stream needs until its next turn
+(the deadline rule, below): streams with banked slack then cost nothing that round.
+
 Aegaeon's rule (decode_scheduler.py, paraphrased): n_i = T / d_i, c0 = the sum of the full switch times of
 every model in the round, resident or not; alpha = max(c0 / (min_i n_i * Qmax) + sum_i 1/n_i, 0.5);
 q_i = c0 / (n_i (alpha - sum_j 1/n_j)). The round then has mean TPOT_i = alpha * T: alpha is the tightest
