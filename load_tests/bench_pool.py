@@ -24,7 +24,7 @@ from pathlib import Path
 from load_tests.bench_common import git_commit
 from load_tests.simulator import simulate
 from load_tests.workload import generate, parse_models, spec_for
-from token_scheduler.cost_model import H100_PCIE53, HardwareProfile, MeasuredProfile
+from token_scheduler.cost_model import H100_PCIE53, HardwareProfile, MeasuredProfile, roofline_for
 from token_scheduler.policies.slo import ModelSLO
 
 
@@ -96,7 +96,8 @@ MEASURED = Path(__file__).resolve().parent / "data" / "measured_h200.json"
 
 
 def hardware_profile(profile: str, specs: dict) -> HardwareProfile:
-    """The simulator's ground truth: "measured" (the packaged H200 fit), "roofline" (the H100 physical floor),
+    """The simulator's ground truth: "measured" (the packaged H200 fit, floored at the H200's roofline: a fit is
+    taken only down to the physics of the GPU it was measured on), "roofline" (the H100 physical floor),
     or a JSON file: a cost model (`CostModel.to_dict()`, or the packaged file's shape, fits per model size) or a
     `bench pool --real` result (the cost model of its first point). Fits are matched to the simulated models by
     size ({arch}-{size}-{i}: models of one size share a fit)."""
@@ -104,6 +105,7 @@ def hardware_profile(profile: str, specs: dict) -> HardwareProfile:
         return H100_PCIE53
     path = MEASURED if profile == "measured" else Path(profile)
     d = json.loads(path.read_text())
+    device = d.get("device")  # the GPU it was measured on: its roofline is the floor under the fits
     if "sweep" in d:  # a bench pool --real result
         d = next(iter(d["sweep"].values()))[0]["cost_model"]
     by_size = {k.rsplit("-", 1)[0] if k.rsplit("-", 1)[-1].isdigit() else k: v for k, v in d.get("step", {}).items()}
@@ -112,7 +114,7 @@ def hardware_profile(profile: str, specs: dict) -> HardwareProfile:
         fit = d.get("step", {}).get(name) or by_size.get(name.rsplit("-", 1)[0])
         if fit is not None:
             step[name] = fit
-    return MeasuredProfile.from_cost_dict({**d, "step": step}, H100_PCIE53)
+    return MeasuredProfile.from_cost_dict({**d, "step": step}, roofline_for(device))
 
 
 def run_bench_pool(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: float = 120.0, slo_ttft: float = 10.0,

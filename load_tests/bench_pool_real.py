@@ -35,7 +35,7 @@ from load_tests.bench_common import header, write_json
 from load_tests.bench_pool import bracket
 from load_tests.simulator import simulate
 from load_tests.workload import generate, parse_models, spec_for
-from token_scheduler.cost_model import H100_PCIE53, MeasuredProfile
+from token_scheduler.cost_model import MeasuredProfile, roofline_for
 from token_scheduler.policies.slo import ModelSLO, RequestRecord, summarize
 
 
@@ -260,7 +260,8 @@ def run_point(p: str, rate: float, *, dirs, specs, slo, duration, drain_s, gpu_b
     # the same simulation driven by the costs this run measured (its cost model's fits) instead of the roofline
     res["simulated_measured_costs"] = simulate_point(
         items, specs, slo, p, gpu_budget_gb=gpu_budget_gb, kv_cache_gb=kv_cache_gb, drain_s=drain_s, seed=seed,
-        placement=placement, hw=MeasuredProfile.from_cost_dict(res["cost_model"], H100_PCIE53))
+        placement=placement, hw=MeasuredProfile.from_cost_dict(
+            res["cost_model"], roofline_for(torch.cuda.get_device_name() if device.startswith("cuda") else None)))
     res["sim_measured_minus_real_points"] = 100 * (res["simulated_measured_costs"]["attainment"] - s.attainment)
     multi.close()
     del multi
@@ -405,7 +406,7 @@ def resimulate(path: Path | str, json_out: Path | str | None = None, placements=
                 row["simulated_measured_costs"] = simulate_point(
                     items, specs, slo, p, gpu_budget_gb=cfg["gpu_budget_gb"], kv_cache_gb=cfg["kv_region_gb"],
                     drain_s=cfg["drain_s"], seed=cfg["seed"], placement=ran,
-                    hw=MeasuredProfile.from_cost_dict(x["cost_model"], H100_PCIE53))
+                    hw=MeasuredProfile.from_cost_dict(x["cost_model"], roofline_for(x.get("device") or d.get("device"))))
                 row["sim_measured_minus_real_points"] = 100 * (row["simulated_measured_costs"]["attainment"]
                                                                - x["slo"]["attainment"])
             out["points"].append(row)

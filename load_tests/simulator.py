@@ -200,6 +200,8 @@ class GpuSim:
         st = self.state
         st.now = self.now
         self._finish_loads()
+        if self.arena is not None:
+            st.weight_free_run = self.arena.alloc.largest_free
         t0 = time.perf_counter()
         plan = self.policy.schedule(st)
         cpu = time.perf_counter() - t0

@@ -151,8 +151,10 @@ def test_idle_plans_are_not_counted_as_step_policy_time(make_tiny, host_cache):
 @pytest.mark.parametrize("placement", ["window", "lru"])
 def test_pooled_fragmented_arena_equals_alone(make_tiny, host_cache, placement):
     """Slots of one and two 2 MiB units in five units of weight space: free bytes are often not contiguous, so
-    the pool evicts beyond the plan (the policy's window, or LRU) or skips prefetches; the engines and the
-    policy's view follow those evictions and every request's tokens are unchanged."""
+    a plan blind to free ranges (`see_ranges=False`) has the pool evict beyond it (the policy's window, or LRU)
+    or skip prefetches; the engines and the policy's view follow those evictions and every request's tokens
+    are unchanged. A plan that counts free bytes only where a range holds the slot (the default) leaves the
+    pool nothing to force, with the same tokens."""
     from gpu_pool.arena import MiB
 
     archs = ("qwen2", "qwen3", "llama", "mistral")  # slots: 1, 1, 2, 2 units
@@ -160,7 +162,8 @@ def test_pooled_fragmented_arena_equals_alone(make_tiny, host_cache, placement):
     alone = {a: _alone(p, "greedy") for a, p in paths.items()}
     multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=12 * MiB,
                              kv_cache_gb=64 * 16 * 512 / 1e9, host_kv_gb=256 * 16 * 512 / 1e9, host_cache=host_cache,
-                             policy_kw={"max_round_s": 0.0, "placement": placement})
+                             policy_kw={"max_round_s": 0.0, "placement": placement, "see_ranges": False,
+                                        "sized_victims": "off"})
     mem = multi.memory
     assert mem.weight_capacity == 10 * MiB
     _interleaved_equals_alone(multi, alone, "greedy")
@@ -170,6 +173,14 @@ def test_pooled_fragmented_arena_equals_alone(make_tiny, host_cache, placement):
     for name, eng in multi.engines.items():  # nothing the pool dropped is still believed resident
         if not mem.holds(name):
             assert eng.weights is None and multi.state.models[name].residency == 0
+    multi.close()
+    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=12 * MiB,
+                             kv_cache_gb=64 * 16 * 512 / 1e9, host_kv_gb=256 * 16 * 512 / 1e9, host_cache=host_cache,
+                             policy_kw={"max_round_s": 0.0, "placement": placement})
+    _interleaved_equals_alone(multi, alone, "greedy")
+    st = multi.memory.stats
+    assert st.forced_evictions == st.prefetch_skipped == 0 and st.prefetches > 0 and multi.switches > 0
+    assert multi.state.weight_free_run == multi.memory.arena.alloc.largest_free
     multi.close()
 
 

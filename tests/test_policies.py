@@ -149,7 +149,7 @@ def test_token_policy_hands_its_victim_order_to_the_mechanism(placement):
         models[n].waiting.append(SimRequest(f"{n}0", n, t, 10, 5, None))  # type: ignore[arg-type]
     models["x"].residency = models["y"].residency = Residency.RESIDENT  # x idle, z and w in host memory
     st = PoolState(models, capacity_bytes=10_000, cost=CostModel(FLAT, list(specs.values())), now=2.0)
-    plan = make_policy("token", placement=placement).schedule(st)
+    plan = make_policy("token", placement=placement, hop=False).schedule(st)  # hop: y would go first (below)
     assert plan.model == "z" and plan.prefetch == "w"
     if placement == "window":
         assert plan.load_order == ["x", "y"]  # idle first, then the queue back to front (landed models only)

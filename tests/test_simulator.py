@@ -113,8 +113,10 @@ def test_multi_gpu_placement():
 
 def test_pooled_arena_fragmentation_skips_prefetches_and_forces_evictions():
     """With `kv_cache_bytes` the simulator places slots as the real ModelPool does (same allocator and placement
-    code, tests/test_placement.py): free bytes that are not contiguous skip prefetches and force evictions;
-    the token policy's victim order (placement="window") turns most blocking loads back into prefetches."""
+    code, tests/test_placement.py): free bytes that are not contiguous skip prefetches and force evictions
+    when a plan counts them as room (`see_ranges=False`); the token policy's victim order (placement="window")
+    turns most blocking loads back into prefetches, and so does a plan that counts free bytes only where one
+    range holds the slot (the default)."""
     from load_tests.simulator import SimArena
 
     MiB = 1 << 20
@@ -127,8 +129,12 @@ def test_pooled_arena_fragmentation_skips_prefetches_and_forces_evictions():
         return res.extra, res.load_stall_s
 
     flat, flat_stall = run()
-    lru, lru_stall = run(kv_cache_bytes=4 * MiB, policy_kw={"placement": "lru"})
-    win, win_stall = run(kv_cache_bytes=4 * MiB, policy_kw={"placement": "window"})
+    blind = {"see_ranges": False, "sized_victims": "off"}
+    lru, lru_stall = run(kv_cache_bytes=4 * MiB, policy_kw={"placement": "lru", **blind})
+    win, win_stall = run(kv_cache_bytes=4 * MiB, policy_kw={"placement": "window", **blind})
+    fit, fit_stall = run(kv_cache_bytes=4 * MiB, policy_kw={"placement": "lru"})
+    assert fit["prefetch_skipped"] < lru["prefetch_skipped"] / 5 and fit["forced_evictions"] < lru["forced_evictions"]
+    assert fit["blocking_loads"] < lru["blocking_loads"] / 2 and fit_stall < lru_stall
     assert flat["prefetch_skipped"] == flat["forced_evictions"] == 0
     assert lru["prefetch_skipped"] > 50 and lru["forced_evictions"] > 0
     assert lru["blocking_loads"] > 3 * flat["blocking_loads"] and lru_stall > 2 * flat_stall
@@ -183,3 +189,18 @@ def test_pooled_arena_short_kv_region_is_resolved_by_the_plan():
         assert res.unfinished == 0, policy
         assert not res.extra["kv_region_exceeded"] and res.extra["kv_peak_gb"] <= MiB / 1e9
         assert res.swap_gb > 0, policy  # room was made by swapping KV out (and back), not by overflowing
+
+
+def test_measured_h200_profile_is_floored_at_the_h200_roofline():
+    """The packaged H200 fits are floored at the H200's physics, not the H100's: a 7B decode step at batch 1 is
+    the measured ~4.8 ms, not H100_PCIE53's 6.3 ms (which made every simulated 7B step 30% too slow)."""
+    from load_tests.bench_pool import hardware_profile
+    from token_scheduler.cost_model import H100_PCIE53, H200_PCIE54, StepShape, roofline_for
+
+    assert roofline_for("NVIDIA H200") is H200_PCIE54 and roofline_for("NVIDIA H100 80GB HBM3") is H100_PCIE53
+    assert roofline_for(None) is H100_PCIE53
+    spec = spec_for("qwen2", "7b", "qwen2-7b-0")
+    hw = hardware_profile("measured", {spec.name: spec})
+    one = StepShape(1, 1, 512)
+    assert hw.hbm_bytes_per_s == H200_PCIE54.hbm_bytes_per_s
+    assert 4.5e-3 < hw.step_time(spec, one) < 5.0e-3 < 6.2e-3 < H100_PCIE53.step_time(spec, one)

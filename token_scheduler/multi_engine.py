@@ -304,6 +304,7 @@ class MultiModelEngine:
             for name in mem.poll():
                 if name in self.state.models:
                     self.state.models[name].residency = Residency.RESIDENT
+            self.state.weight_free_run = mem.arena.alloc.largest_free  # a slot needs one contiguous range
         for name, eng in self.engines.items():
             s, m = eng.scheduler, self.state.models[name]
             m.waiting = s.waiting

@@ -31,7 +31,8 @@ class MultiModelPolicy(Protocol):
     def reset_counters(self) -> None: ...
 
 AEGAEON_PRESET = dict(quota_rule="aegaeon", order="fixed", prefetch="next", switch_charge="all",
-                      extend_on_load=False, skip_on_slack=False, placement="lru")
+                      extend_on_load=False, skip_on_slack=False, placement="lru", need_rule="off",
+                      sized_victims="off", see_ranges=False)
 
 
 def make_policy(name: str, limits: BatchLimits | None = None, **kw) -> MultiModelPolicy:

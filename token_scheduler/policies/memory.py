@@ -63,9 +63,10 @@ class Fit:
 
 
 def fit_step(st: PoolState, m: ModelState, kv_demand: int, victims: Callable[[], list[str]],
-             evict: bool = True) -> Fit | None:
+             evict: bool = True, ranges: bool = False) -> Fit | None:
     """Room for `m`'s next step: its weights when in host memory, and `kv_demand` bytes of KV growth, freed
     from `victims()` (called only when room is short) in their order; their weights too if `evict`.
+    `ranges`: free bytes count for the weights only where one free range holds them (`PoolState.slot_room`).
     None: its weights cannot fit."""
     need_w = m.spec.weight_bytes if m.residency == Residency.HOST else 0
     free = st.free_bytes()
@@ -75,9 +76,10 @@ def fit_step(st: PoolState, m: ModelState, kv_demand: int, victims: Callable[[],
             make_room(st, need_w + kv_demand - free, victims(), room, weights_too=evict)
         left = free + room.freed - need_w
         return Fit(room, left, left) if left >= 0 else None
-    if need_w > free and evict:
-        make_room(st, need_w - free, victims(), room, kv=False)
-        if need_w > free + room.freed:
+    room_w = st.slot_room(need_w) if need_w and ranges else free  # fragmented arena: evict a slot's worth
+    if need_w > room_w and evict:
+        make_room(st, need_w - room_w, victims(), room, kv=False)
+        if need_w > room_w + room.freed:
             return None
     kv_free = st.kv_free_bytes(m)
     near = st.kv_neighbours(m) if kv_demand > kv_free else None

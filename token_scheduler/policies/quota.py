@@ -14,6 +14,10 @@ smallest banked slack of any running stream (token deadlines, slo.py) and <= max
 shrunk first (it spreads over rounds within TTFT slack). If S >= 1 the GPU cannot keep every TPOT: the
 round is max_round_s and quotas are split in proportion to priority x share, so all fall behind alike.
 
+Where these quotas do not fit (S >= 1, or C / (1 - S) over max_round_s: dozens of models, most of them
+loading each round), `need_round` gives each model only what its tightest stream needs until its next turn
+(the deadline rule, below): streams with banked slack then cost nothing that round.
+
 Aegaeon's rule (decode_scheduler.py, paraphrased): n_i = T / d_i, c0 = the sum of the full switch times of
 every model in the round, resident or not; alpha = max(c0 / (min_i n_i * Qmax) + sum_i 1/n_i, 0.5);
 q_i = c0 / (n_i (alpha - sum_j 1/n_j)). The round then has mean TPOT_i = alpha * T: alpha is the tightest
@@ -35,6 +39,10 @@ class TurnDemand:
     load_s: float = 0.0  # PCIe time of its weight load this round (0 if resident)
     prefill_s: float = 0.0  # prefill time wanted this round
     weight: float = 1.0  # priority
+    # what the deadline rule (need_round) reads: seconds until the next token of the model's tightest running
+    # stream is due, and until the first token of its oldest waiting request is due, less its prefill (inf: none)
+    run_slack_s: float = float("inf")
+    wait_slack_s: float = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +52,9 @@ class RoundPlan:
     prefill_s: dict  # model -> prefill time of its turn
     share: float  # S
     overloaded: bool
+    # need_round only: model -> seconds after the round's start that its streams' next deadlines must reach by
+    # the end of its turn (its next turn's expected start, plus a margin); the turn runs until they do
+    target_s: dict | None = None
 
     def turn_s(self, model: str) -> float:
         return self.quota_s.get(model, 0.0) + self.prefill_s.get(model, 0.0)
@@ -97,3 +108,68 @@ def aegaeon_round(demands: list[TurnDemand], max_quota_s: float = 4.0, alpha_flo
     quota.update({d.model: 0.0 for d in demands if d.model not in quota})
     R = c0 + sum(quota.values()) + sum(d.prefill_s for d in demands)
     return RoundPlan(R, quota, {d.model: d.prefill_s for d in demands}, S, alpha > 1.0)
+
+
+def need_round(demands: list[TurnDemand], floor_s: float = 0.0, cap_s: float = 4.0, margin_s: float = 3.0,
+               iters: int = 8) -> RoundPlan:
+    """The deadline rule, for when pace quotas do not fit (`token_round` over its cap): each model gets the
+    decode steps its tightest stream needs to stay on time until its next turn and a margin beyond, no more;
+    a model that needs none this round (all its streams and its waiting requests have the slack) sits it out.
+
+    `demands` come in turn order. A model whose turn starts o seconds into a round of length R next runs
+    about R later, so its streams must be covered until o + R + margin: n = (o + R + margin - slack) / T
+    steps, each of d seconds; a waiting request whose first token is due before that is admitted (its
+    prefill is charged; n covers its tokens too), and a model that runs anyway prefills what waits (the
+    requests ride along: batching them costs ~nothing). R is the least fixed point of R = the sum of the
+    turns (switch + prefill + n d) found by iterating upwards from `floor_s` -- R grows with slope
+    sum(d / T) over the models that run, so it converges while they fit.
+
+    The margin is slack banked against bursts (arrivals are Poisson: a busy minute needs what a quiet one
+    put by). It is the largest of margin_s, margin_s / 2, / 4, / 8, 0 whose round fits under `cap_s`: a full
+    margin while the GPU has the time, none when it has not -- a fixed large margin asks every model for more
+    exactly when nothing is left, and the pool tips over. Over `cap_s` even without a margin, the round is
+    overloaded (each model still asks for its need; the turns at the end of the round run late). Time left
+    over under the floor (the PCIe rotation) banks slack too: it goes to the models that run, in proportion
+    to d / T.
+    """
+    for k in (1.0, 0.5, 0.25, 0.125, 0.0):
+        R, (t, quota, prefill, target, share) = _need_fixed_point(demands, floor_s, cap_s, k * margin_s, iters)
+        if t <= cap_s + 1e-9:
+            break
+    left = R - t
+    if left > 1e-12 and share > 0:
+        for d in demands:
+            if d.model in quota:
+                quota[d.model] += left * (d.decode_step_s / d.tpot_s) / share
+    return RoundPlan(max(R, t), quota, prefill, share, t > cap_s + 1e-9, target)
+
+
+def _need_fixed_point(demands: list[TurnDemand], floor_s: float, cap_s: float, margin_s: float, iters: int):
+    R = floor_s
+    for _ in range(iters):
+        turns = _need_turns(demands, R, margin_s)
+        R_next = min(cap_s, max(floor_s, turns[0]))
+        if abs(R_next - R) <= 1e-3 * max(R, 1e-3):
+            break
+        R = R_next
+    return R, turns
+
+
+def _need_turns(demands: list[TurnDemand], R: float, margin_s: float):
+    """One pass over the round for a guess R: (its length, quota, prefill, target per model, sum of d / T)."""
+    t, quota, prefill, target, share = 0.0, {}, {}, {}, 0.0
+    for d in demands:
+        o = t + d.switch_s
+        horizon = o + R + margin_s
+        n = (horizon - d.run_slack_s) / d.tpot_s if d.decode_step_s > 0 else 0.0
+        urgent = d.wait_slack_s < horizon
+        if n <= 0 and not urgent:
+            continue
+        if urgent:
+            n = max(n, (horizon - d.wait_slack_s) / d.tpot_s)
+        q = max(0.0, n) * d.decode_step_s
+        pf = d.prefill_s if d.wait_slack_s < float("inf") else 0.0
+        quota[d.model], prefill[d.model], target[d.model] = q, pf, horizon
+        share += d.decode_step_s / d.tpot_s
+        t = o + pf + q
+    return t, quota, prefill, target, share

@@ -78,6 +78,9 @@ class PoolState:
     now: float = 0.0
     active: str | None = None  # model of the last step (its weights are surely resident)
     kv_capacity_bytes: int | None = None  # a KV region apart from the weights, shared by the models
+    # An arena's weight space: its largest free contiguous range (the mechanism keeps it current). A slot needs
+    # one range, so free bytes scattered in smaller ones do not hold it (`slot_room`). None: bytes are all.
+    weight_free_run: int | None = None
 
     def weight_bytes_used(self) -> int:
         return sum(m.spec.weight_bytes for m in self.models.values() if m.residency != Residency.HOST)
@@ -90,6 +93,13 @@ class PoolState:
         """Free bytes of `capacity_bytes`: the weight space (and KV's, when they share it)."""
         kv = self.kv_bytes_used() if self.kv_capacity_bytes is None else 0
         return self.capacity_bytes - self.weight_bytes_used() - kv
+
+    def slot_room(self, nbytes: int) -> int:
+        """Free bytes a plan may count toward a slot of `nbytes`: all of them when one free range holds it,
+        none when none does (room must then come from evictions: a victim of the slot's size leaves exactly
+        the range needed; smaller ones scattered over the arena rarely join up)."""
+        run = self.weight_free_run
+        return self.free_bytes() if run is None or run >= nbytes else 0
 
     def kv_free_bytes(self, m: ModelState) -> int:
         """Bytes `m`'s KV may still grow by: its own cache's free part, the region's, or the shared capacity's."""

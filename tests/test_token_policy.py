@@ -1,0 +1,157 @@
+"""The token policy's rules for many models per GPU, as pure functions of a PoolState (or the round's numbers):
+the deadline rule (quota.need_round) under pressure, turns that end once their streams are covered, plans that
+count arena bytes only where one free range holds the slot, victims of the slot's own size, and hops."""
+
+from __future__ import annotations
+
+import pytest
+
+from load_tests.simulator import SimRequest
+from token_scheduler.cost_model import CostModel, HardwareProfile, ModelSize
+from token_scheduler.policies import make_policy
+from token_scheduler.policies.demand import covered
+from token_scheduler.policies.memory import fit_step
+from token_scheduler.policies.quota import TurnDemand, need_round
+from token_scheduler.policies.slo import ModelSLO
+from token_scheduler.policies.state import ModelState, PoolState, Residency
+from token_scheduler.request import RequestStatus
+
+FLAT = HardwareProfile("flat", 1e30, 1e30, 1e30, 1e30, 0.01, 0.0, 0.1, 0.0)  # every step 10 ms, load 100 ms
+INF = float("inf")
+
+
+def test_need_round_by_hand():
+    # T = 100 ms. a: a stream 0.3 s from its next deadline; b: all streams 10 s ahead; c: only a waiting
+    # request whose first token is due in 0.5 s (after its 50 ms prefill). Floor 1 s, no margin.
+    d = [TurnDemand("a", 0.01, 0.1, run_slack_s=0.3), TurnDemand("b", 0.02, 0.1, run_slack_s=10.0),
+         TurnDemand("c", 0.01, 0.1, prefill_s=0.05, wait_slack_s=0.5)]
+    p = need_round(d, floor_s=1.0, cap_s=4.0, margin_s=0.0)
+    # a starts at 0 and runs next ~1 s later: (1 - 0.3) / 0.1 = 7 steps = 70 ms. b needs nothing: sits out.
+    # c starts at 0.07: covered until 1.07, its request admitted: (1.07 - 0.5) / 0.1 = 5.7 steps + prefill.
+    assert set(p.quota_s) == {"a", "c"} and not p.overloaded
+    assert p.target_s == pytest.approx({"a": 1.0, "c": 1.07})
+    assert p.prefill_s["c"] == pytest.approx(0.05)
+    need = 0.07 + 0.05 + 0.057
+    # the floor's time left over banks slack, split by d / T (equal here)
+    assert p.length_s == pytest.approx(1.0)
+    assert p.quota_s["a"] == pytest.approx(0.07 + (1.0 - need) / 2)
+    assert p.quota_s["c"] == pytest.approx(0.057 + (1.0 - need) / 2)
+
+
+def test_need_round_margin_shrinks_to_what_fits():
+    """The margin is banked only while the round fits under its cap: a full one with time to spare, a smaller
+    one (down to none) when the GPU is short -- never a round that asks every model for more than there is."""
+    d = [TurnDemand(m, 0.05, 0.1, run_slack_s=0.2) for m in "abcd"]  # each d / T = 0.5: 4 models, S = 2
+    roomy = need_round(d[:1], floor_s=0.0, cap_s=4.0, margin_s=1.0)
+    assert roomy.target_s["a"] == pytest.approx(roomy.length_s + 1.0, rel=1e-2) and not roomy.overloaded
+    # two models of d / T = 0.25: with the full 1 s margin the round would be 1.03 s > its 1 s cap; with half
+    # of it, 0.45 s of turns under the 0.5 s floor
+    two = [TurnDemand(m, 0.025, 0.1, run_slack_s=0.2) for m in "ab"]
+    tight = need_round(two, floor_s=0.5, cap_s=1.0, margin_s=1.0)
+    assert tight.length_s == pytest.approx(0.5) and not tight.overloaded
+    assert tight.target_s == pytest.approx({"a": 1.0, "b": 0.5 + 0.5 + 0.25 * 0.8})
+    over = need_round(d, floor_s=0.5, cap_s=1.0, margin_s=1.0)
+    assert over.overloaded and over.target_s["a"] == pytest.approx(1.0)  # no margin at all, R = cap
+
+
+def _req(rid: str, model: str, arrival: float, outputs: int, status=RequestStatus.RUNNING, prompt: int = 10):
+    r = SimRequest(rid, model, arrival, prompt, 1000, None)  # type: ignore[arg-type]
+    r.num_output, r.status = outputs, status
+    r.num_computed_tokens = prompt + outputs - 1 if status != RequestStatus.WAITING else 0
+    return r
+
+
+def _pool(names, weight=1000, capacity=10**9, residency=Residency.RESIDENT, sizes=None):
+    """A pooled arena's view: `capacity` bytes of weight space, a KV region apart (KV is not the point here)."""
+    specs = {n: ModelSize(n, (sizes or {}).get(n, weight), 0, 1.0, 1.0) for n in names}
+    models = {n: ModelState(s, ModelSLO(10.0, 0.1), residency=residency) for n, s in specs.items()}
+    return PoolState(models, capacity_bytes=capacity, cost=CostModel(FLAT, list(specs.values())),
+                     kv_capacity_bytes=10**9)
+
+
+def test_turn_is_covered_once_every_stream_is_past_the_target():
+    st = _pool(["m"])
+    m = st.models["m"]
+    m.running = [_req("r0", "m", 0.0, 5), _req("r1", "m", 1.0, 3)]  # next deadlines 10.5 and 11.3
+    assert covered(m, 10.5) and not covered(m, 10.6)
+    m.waiting.append(_req("w", "m", 0.2, 0, RequestStatus.WAITING))  # first token due at 10.2
+    assert not covered(m, 10.3) and covered(m, 10.2)
+
+
+def test_under_pressure_the_tight_model_runs_and_the_ones_with_slack_sit_out():
+    """Ten models with a decode share of 0.11 each (10 ms steps, TPOT 100 ms, headroom 1.1): pace quotas do not
+    fit. The deadline rule gives a turn only to the model whose stream is 0.2 s from its next deadline; the
+    others are 10 s ahead and sit the round out. The turn runs past its planned time until its stream is
+    covered to the target."""
+    names = [f"m{i}" for i in range(10)]
+    st = _pool(names)
+    for i, n in enumerate(names):
+        arrival = -9.8 if n == "m7" else 0.0
+        st.models[n].running.append(_req(f"r{i}", n, arrival, 0 if n == "m7" else 1))
+        st.models[n].kv_gpu_tokens = 16
+    pol = make_policy("token")
+    plan = pol.schedule(st)
+    assert plan.model == "m7" and pol.need_rounds == 1
+    assert list(pol._queue) == []  # nobody else needs a turn this round
+    t = pol._turn
+    assert t.target is not None and t.target > st.now + 0.2
+    # planned time used up, stream not yet covered: the turn goes on
+    t.steps, t.start = 5, st.now - 10 * t.quota_s / 9  # just past its quota, within the 2x + 0.1 s bound
+    assert not covered(st.models["m7"], t.target) and pol._continue(st, t)
+
+
+def test_plans_count_free_bytes_only_where_one_range_holds_the_slot():
+    """A 1000-byte model to load; 500 bytes free but in ranges of 250. Counting bytes, evicting 500 more looks
+    enough (two small idle models -- whose freed ranges need not join up); counting ranges, a whole slot's
+    worth goes, and a victim of the slot's own size first: its range is exactly the one needed."""
+    st = _pool(["c", "d", "b", "a"], capacity=2000, sizes={"c": 250, "d": 250})
+    a = st.models["a"]
+    a.residency = Residency.HOST
+    a.waiting.append(_req("w", "a", 0.0, 0, RequestStatus.WAITING))
+    assert st.free_bytes() == 500
+    st.weight_free_run = 250
+    assert st.slot_room(1000) == 0 and st.slot_room(200) == 500
+    victims = ["c", "d", "b"]
+    blind = fit_step(st, a, 0, lambda: victims)
+    assert blind.room.evict == ["c", "d"]
+    aware = fit_step(st, a, 0, lambda: victims, ranges=True)
+    assert aware.room.evict == ["c", "d", "b"]  # in the order given: the caller puts same-size victims first
+    plan = make_policy("token").schedule(st)
+    assert plan.model == "a" and plan.evict == ["b"]
+    plan = make_policy("token", see_ranges=False, sized_victims="off").schedule(st)
+    assert plan.model == "a" and plan.evict == ["c", "d"]
+    st.weight_free_run = None  # no arena: bytes are all that count
+    assert st.slot_room(1000) == 500
+
+
+def test_prefetch_into_a_fragmented_arena_evicts_a_slot_of_its_size():
+    """The next model of the round is in host memory and no free range holds it: the prefetch plans a victim
+    of its size (an idle one) instead of counting scattered free bytes (a skipped prefetch, then a stall)."""
+    st = _pool(["x", "s1", "s2", "big", "run", "nxt"], capacity=4000,
+               sizes={"s1": 250, "s2": 250, "run": 500})
+    for n in ("run", "nxt"):
+        st.models[n].waiting.append(_req(f"w{n}", n, 0.0 if n == "run" else 1.0, 0, RequestStatus.WAITING))
+    st.models["nxt"].residency = Residency.HOST
+    st.now = 1.0
+    # resident: x 1000, s1 250, s2 250, big 1000, run 500 = 3000 of 4000; the free 1000 lie in ranges of 500
+    st.weight_free_run = 500
+    plan = make_policy("token", hop=False).schedule(st)
+    assert plan.model == "run" and plan.prefetch == "nxt"
+    assert plan.evict in (["x"], ["big"])  # one idle 1000-byte slot, not the two small ones
+    blind = make_policy("token", hop=False, see_ranges=False).schedule(st)
+    assert blind.model == "run" and blind.prefetch == "nxt" and blind.evict == []
+
+
+def test_a_resident_model_hops_ahead_of_one_whose_weights_are_not_in():
+    """The round is z (in host memory), then y (resident): y's short turn fits in z's load time, so y goes
+    first while z is prefetched -- useful work instead of a blocking load."""
+    st = _pool(["x", "y", "z"], capacity=10_000)
+    for n, t in (("z", 0.0), ("y", 1.0)):
+        st.models[n].waiting.append(_req(f"{n}0", n, t, 0, RequestStatus.WAITING))
+    st.models["z"].residency = Residency.HOST
+    st.now = 2.0
+    pol = make_policy("token")
+    plan = pol.schedule(st)
+    assert plan.model == "y" and plan.prefetch == "z" and pol.hops == 1
+    plan = make_policy("token", hop=False).schedule(st)
+    assert plan.model == "z"
