@@ -42,7 +42,7 @@ def point(models: str, seed: int, *, rate: float = 0.1, duration: float = 300.0,
     t0 = time.perf_counter()
     res = simulate(items, specs, ModelSLO(slo_ttft, slo_tpot), policy, capacity_bytes=int(gpu_budget_gb * 1e9),
                    hw=hardware_profile(profile, specs), drain_s=drain, seed=seed, policy_kw=policy_kw, noise=noise,
-                   copy_slowdown=copy_slowdown,
+                   **({"copy_slowdown": copy_slowdown} if copy_slowdown else {}),  # (runs on main's simulator too)
                    kv_cache_bytes=int(kv_cache_gb * 1e9) if kv_cache_gb else None)
     s, e = res.slo, res.extra
     det = s["per_model_detail"].values()
