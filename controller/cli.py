@@ -200,7 +200,9 @@ def bench_pool_cmd(
     target: float = TARGET,
     real: bool = typer.Option(False, "--real", help="replay on this machine's GPU (with the simulator beside it)"),
     drain: float = typer.Option(60.0, help="--real: seconds after the last arrival before unfinished requests miss"),
-    kv_cache_gb: float = typer.Option(4.0, help="--real: KV region inside the GPU budget"),
+    kv_cache_gb: Optional[float] = typer.Option(
+        None, help="the pooled arena's KV region inside the GPU budget (the served path's; --real: default 4; "
+        "simulated: default none, VRAM as one byte count)"),
     stop_at_miss: bool = typer.Option(False, help="--real: skip a policy's remaining rates once it misses --target"),
     merge: Optional[list[Path]] = typer.Option(
         None, "--merge", help="--real: combine these earlier --real JSON files into --json (repeatable; runs nothing)"),
@@ -242,7 +244,8 @@ def bench_pool_cmd(
             raise typer.BadParameter(str(e)) from e
         run_real(models=models, rate=rates, duration=duration, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
                  gpu_budget_gb=gpu_budget_gb, policies=policy.split(","), seed=seed, json_out=json_out,
-                 drain_s=drain, kv_cache_gb=kv_cache_gb, target=target, stop_at_miss=stop_at_miss,
+                 drain_s=drain, kv_cache_gb=4.0 if kv_cache_gb is None else kv_cache_gb, target=target,
+                 stop_at_miss=stop_at_miss,
                  placement=placement)
         return
     from load_tests.bench_pool import run_bench_pool
@@ -254,7 +257,7 @@ def bench_pool_cmd(
     run_bench_pool(
         models=models, rate=one_rate, duration=duration, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
         gpu_budget_gb=gpu_budget_gb, policies=policy.split(","), seed=seed, json_out=json_out, target=target,
-        profile=profile,
+        profile=profile, kv_cache_gb=kv_cache_gb,
     )
 
 

@@ -121,7 +121,8 @@ def run_bench_pool(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: flo
                    slo_tpot: float = 0.1, gpu_budget_gb: float = 60.0, policies=("token", "request", "static"),
                    seed: int = 0, json_out: Path | str | None = None, n_gpus: int = 1, placement: str = "partition",
                    target: float = 0.9, sweep: bool = True, noise: float = 0.0, quiet: bool = False,
-                   min_requests: int = 300, workers: int = 1, profile: str = "measured") -> dict:
+                   min_requests: int = 300, workers: int = 1, profile: str = "measured",
+                   kv_cache_gb: float | None = None) -> dict:
     entries = parse_models(models)
     specs = {e.name: spec_for(e.arch, e.size, e.name) for e in entries}
     hw = hardware_profile(profile, specs)
@@ -140,7 +141,8 @@ def run_bench_pool(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: flo
         dur = max(duration, min_requests / (r * len(specs))) if stretch else duration
         items = generate(list(specs), r, dur, seed=seed)
         return simulate(items, specs, slo, policy, n_gpus=n_gpus, capacity_bytes=cap, placement=placement,
-                        noise=noise, seed=seed, workers=workers, hw=hw)
+                        noise=noise, seed=seed, workers=workers, hw=hw,
+                        kv_cache_bytes=int(kv_cache_gb * 1e9) if kv_cache_gb else None)
 
     out: dict = {
         "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else "run_bench_pool",
@@ -156,6 +158,7 @@ def run_bench_pool(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: flo
         "config": {"models": models, "model_names": list(specs), "rate_per_model": rate, "duration_s": duration,
                    "slo_ttft_s": slo_ttft, "slo_tpot_s": slo_tpot, "gpu_budget_gb": gpu_budget_gb,
                    "n_gpus": n_gpus, "placement": placement, "seed": seed, "target_attainment": target,
+                   "kv_region_gb": kv_cache_gb,
                    "noise": noise, "attainment_rule": "token deadlines: token k due at arrival + ttft + k*tpot"},
         "at_rate": {}, "sustained": {},
     }

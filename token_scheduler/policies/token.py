@@ -45,7 +45,6 @@ when a deadline forces it, everything arrived riding along -- needs the whole GP
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cache
 from itertools import islice
@@ -173,7 +172,8 @@ class TokenPolicy:
     def round_info(self) -> dict:
         p = self._plan
         return {"rounds": self.rounds, "last_round_s": self.last_round_s, "last_round_wall_s": self.last_round_wall_s,
-                "skips": self.skips, "need_rounds": self.need_rounds, "hops": self.hops, "turns": dict(sorted(self.turns.items())),
+                "skips": self.skips, "need_rounds": self.need_rounds, "hops": self.hops,
+                "turns": dict(sorted(self.turns.items())),
                 "empty_turns": dict(sorted(self.empty_turns.items())),
                 "share": p.share if p else 0.0, "overloaded": p.overloaded if p else False}
 
@@ -245,7 +245,7 @@ class TokenPolicy:
         if m.residency == Residency.HOST and cfg.placement == "window":
             plan.load_order = _resident(st, order())
         free_after = fit.weight_free - (batch.kv_growth_bytes if st.kv_with_weights(m) else 0)
-        self._plan_prefetch(st, plan, room, free_after, order)
+        self._plan_prefetch(st, plan, room, free_after)
         if t.steps == 0:
             t.first_s = plan.expected_s
         t.steps += 1
@@ -273,8 +273,7 @@ class TokenPolicy:
                 + [n for n in back if st.models[n].spec.weight_bytes == size]
                 + [n for n in back if st.models[n].spec.weight_bytes != size])
 
-    def _plan_prefetch(self, st: PoolState, plan: StepPlan, room: Room, free_after: int,
-                       order: Callable[[], list[str]]) -> None:
+    def _plan_prefetch(self, st: PoolState, plan: StepPlan, room: Room, free_after: int) -> None:
         mode = self.cfg.prefetch
         if mode == "off" or not self._queue:
             return
