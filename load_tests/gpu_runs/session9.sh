@@ -6,6 +6,7 @@
 #   cold     issue 20: the 15.2 GB 7B's cold load into the host cache (shm files in parts), 3 reps
 #   probe    issue 20: tmpfs page making, one file vs 64, registration after / one per file
 #   serve    issue 14: bench serve (the product through its HTTP API), the same workload as poolreal
+#   many     issue 14: bench serve, models per GPU: MANY (e.g. 14x7b,21x1.5b) at 0.1 req/s/model on MANY_GB of arena
 # Usage (device tool, repo root, carry .whl): TOKENPOOL_COMMIT=<sha> PARTS="tests kill" bash load_tests/gpu_runs/session9.sh
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -14,7 +15,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export TOKENPOOL_COMMIT=${TOKENPOOL_COMMIT:-unknown} PYTHONUNBUFFERED=1
 t0=$(date +%s); at() { echo "$1 rc=$2 at $(( $(date +%s) - t0 )) s"; }
 W="--models 4x7b,6x1.5b --duration 120 --drain 60 --slo-ttft 10 --slo-tpot 0.1 --gpu-budget-gb 60 --kv-cache-gb 4 --seed 0"
-for part in ${PARTS:-tests kill poolreal cold probe}; do case $part in
+for part in ${PARTS:-tests kill serve cold probe}; do case $part in
 tests) timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ > "$OUT/gpu_tests.log" 2>&1; at tests $?
   grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.log" | tail -8 ;;
 kill) timeout 150 python3 load_tests/gpu_runs/pooled_kill.py --device cuda --size 1.5b --max-tokens 900 --out "$OUT" \
@@ -31,5 +32,9 @@ probe) timeout 60 python3 load_tests/gpu_runs/shm_fill_probe.py --gb 15.2 --file
 serve) timeout "${LIMIT_SERVE:-280}" python3 -m controller.cli bench serve $W --rate 0.5 --policy token \
     --json "$OUT/serve_token_0.5_s0.json" > "$OUT/serve.log" 2>&1; at serve $?
   grep -E "rate=|attainment|Error|Traceback" "$OUT/serve.log" | tail -6 ;;
+many) timeout "${LIMIT_MANY:-300}" python3 -m controller.cli bench serve --models "${MANY:-14x7b,21x1.5b}" --rate 0.1 \
+    --duration 120 --drain 60 --slo-ttft 10 --slo-tpot 0.1 --gpu-budget-gb "${MANY_GB:-120}" --kv-cache-gb "${MANY_KV:-4}" \
+    --seed "${MANY_SEED:-7}" --policy token --json "$OUT/serve_many_${MANY:-14x7b,21x1.5b}.json" > "$OUT/serve_many.log" 2>&1
+  at many $?; grep -E "rate=|attainment|Error|Traceback" "$OUT/serve_many.log" | tail -6 ;;
 esac; done
 echo "total $(( $(date +%s) - t0 )) s"
