@@ -34,7 +34,7 @@ serve) timeout "${LIMIT_SERVE:-280}" python3 -m controller.cli bench serve $W --
   grep -E "rate=|attainment|Error|Traceback" "$OUT/serve.log" | tail -6 ;;
 many) timeout "${LIMIT_MANY:-300}" python3 -m controller.cli bench serve --models "${MANY:-14x7b,21x1.5b}" --rate 0.1 \
     --duration 120 --drain 60 --slo-ttft 10 --slo-tpot 0.1 --gpu-budget-gb "${MANY_GB:-120}" --kv-cache-gb "${MANY_KV:-4}" \
-    --seed "${MANY_SEED:-7}" --policy token --json "$OUT/serve_many_${MANY:-14x7b,21x1.5b}.json" > "$OUT/serve_many.log" 2>&1
+    --seed "${MANY_SEED:-7}" --policy token --json "$OUT/serve_many.json" > "$OUT/serve_many.log" 2>&1
   at many $?; grep -E "rate=|attainment|Error|Traceback" "$OUT/serve_many.log" | tail -6 ;;
 esac; done
 echo "total $(( $(date +%s) - t0 )) s"
