@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny real models made by the model factory, cached per test session."""
+"""Shared fixtures: tiny real models made by the model factory, cached per test session; `Listener`, an event
+stream's connection without a server."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +85,29 @@ def smollm2() -> Path:
     from controller.real_model import ensure_smollm2
 
     return ensure_smollm2(cache_dir() / REAL_MODEL)
+
+
+class Listener:
+    """One event-stream connection on a `controller.dashboard.stream.Hub`, as the ASGI server holds one: what its
+    send is handed, in order (`got`: (monotonic time, body)). While `gate` is a future not yet done, a send waits
+    for it, as uvicorn's does while the socket's buffer is full (a reader that stopped reading)."""
+
+    def __init__(self, hub, since: int | None = None, snapshots: bool = False):
+        self.hub = hub
+        self.got: list[tuple[float, bytes]] = []
+        self._q: asyncio.Queue[bytes] = asyncio.Queue()
+        self.gate: asyncio.Future | None = None
+        self.conn = hub.open(self.send, since, snapshots)
+
+    async def send(self, message: dict) -> None:
+        if self.gate is not None:
+            await self.gate
+        self.got.append((time.monotonic(), message["body"]))
+        self._q.put_nowait(message["body"])
+
+    async def next(self, timeout: float = 2.0) -> bytes:
+        """The next body it is handed."""
+        return await asyncio.wait_for(self._q.get(), timeout)
+
+    def close(self) -> None:
+        self.hub.close(self.conn)

@@ -16,6 +16,8 @@ from fastapi.testclient import TestClient
 from controller.app import build_app
 from controller.config import SLO, ModelSpec, ServerConfig, TenantSpec
 from controller.dashboard.activity import Activity, Outcome, percentile
+from controller.dashboard.views import _load_stalls
+from controller.events import EventBus
 from controller.keys import hash_key
 from controller.pool import EngineHandle, Replica, Sub
 from controller.service import Generation
@@ -247,6 +249,22 @@ def test_percentile_nearest_rank():
     xs = [float(i) for i in range(1, 101)]
     assert percentile(xs, 0.5) == 50.0 and percentile(xs, 0.99) == 99.0 and percentile(xs, 1.0) == 100.0
     assert percentile([3.0], 0.99) == 3.0
+
+
+def test_load_stalls_are_the_loads_still_in_the_ring_read_once():
+    bus, act = EventBus(ring=4), Activity()
+    bus.publish("load", engine="w0", model="a", stall_s=0.5)
+    bus.publish("admit", model="a")
+    assert _load_stalls(act, bus) == {"a": [0.5]}
+    bus.publish("load", engine="w0", model="b", stall_s=None)  # (a prefetched load reports no stall)
+    assert _load_stalls(act, bus) == {"a": [0.5], "b": [0.0]}  # the new events added, the old not twice
+    for _ in range(3):
+        bus.publish("admit", model="a")
+    assert _load_stalls(act, bus) == {"b": [0.0]}  # a's load left the ring (of 4 events)
+    for _ in range(10):  # more events between two reads than the ring holds
+        bus.publish("admit", model="a")
+    bus.publish("load", engine="w0", model="c", stall_s=1.0)
+    assert _load_stalls(act, bus) == {"c": [1.0]}
 
 
 def test_rates_from_cumulative_counts(app):

@@ -2,7 +2,7 @@
 
 What makes that hold is structural and is asserted here exactly: one Hub writes for every connection, so per
 beat its work (events encoded, snapshots built) does not grow with the number of dashboards; every connection
-writes the very same bytes object (nothing encoded or joined per subscriber); and under a flood of routine
+is handed the very same bytes object (nothing encoded or joined per subscriber); and under a flood of routine
 events a dashboard gets one write a tick, while an operator's event still goes out within a beat.
 The figure itself is a benchmark, `tokenpool suite dashboards` (bench/results/dashboard_cost_cpu.json): on a
 shared 2-core CI machine the controller's CPU time moves by 10-15% between identical rounds, so the live test
@@ -17,10 +17,11 @@ import time
 
 import pytest
 
-from controller.dashboard.stream import Hub, event_stream, snapshot_frame
+from controller.dashboard.stream import Hub, snapshot_frame
 from controller.events import EventBus
 from load_tests.dashboard_cost import run_dashboard_cost
 from load_tests.faults import target
+from tests.conftest import Listener
 
 BEAT_S = 0.05
 
@@ -35,17 +36,10 @@ async def watch(n: int, beats: int, urgent_at: int | None = None) -> dict:
         return snapshot_frame("pool", b'{"n": %d}' % builds[0])
 
     hub = Hub(bus, build, beat_s=BEAT_S, tick_beats=2, heartbeat_s=60)
-    conns = [event_stream(hub, None, snapshots=True) for _ in range(n)]
+    conns = [Listener(hub, None, snapshots=True) for _ in range(n)]
     for c in conns:
-        await anext(c)
-    got: list[list[tuple[float, bytes]]] = [[] for _ in conns]
-
-    async def read(i: int) -> None:
-        while True:
-            chunk = await anext(conns[i])
-            got[i].append((time.monotonic(), chunk))
-
-    readers = [asyncio.ensure_future(read(i)) for i in range(n)]
+        await c.next()
+        c.got.clear()  # (each connection's first write is its own: RETRY and the snapshot joined)
     published, t_urgent = 0, None
     t0 = time.monotonic()
     while time.monotonic() - t0 < beats * BEAT_S:
@@ -57,13 +51,10 @@ async def watch(n: int, beats: int, urgent_at: int | None = None) -> dict:
             published, t_urgent = published + 1, time.monotonic()
         await asyncio.sleep(0.002)
     await asyncio.sleep(3 * BEAT_S)  # the last tick
-    for r in readers:
-        r.cancel()
-    await asyncio.gather(*readers, return_exceptions=True)
     for c in conns:
-        await c.aclose()
-    assert hub.listeners == 0
-    return dict(hub=hub, builds=builds[0], published=published, got=got, t_urgent=t_urgent,
+        c.close()
+    assert not hub.conns
+    return dict(hub=hub, builds=builds[0], published=published, got=[c.got for c in conns], t_urgent=t_urgent,
                 elapsed=time.monotonic() - t0)
 
 

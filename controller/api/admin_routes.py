@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import StreamingResponse
 
 from controller.api import admin_protocol as ap
 from controller.api import auth
@@ -197,5 +196,4 @@ async def events(request: Request, since: int | None = None, snapshots: bool = F
     ctl, st = _ctl(request), request.app.state
     if getattr(st, "event_hub", None) is None:  # one for every connection (controller.dashboard.stream)
         st.event_hub = stream.Hub(views.events(ctl), lambda: views.snapshot(ctl))
-    return StreamingResponse(stream.event_stream(st.event_hub, since, snapshots),
-                             media_type="text/event-stream", headers=SSE_HEADERS)
+    return stream.EventStream(st.event_hub, since, snapshots, headers=SSE_HEADERS)

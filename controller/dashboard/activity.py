@@ -129,6 +129,8 @@ class Activity:
         self.hooked = False  # whether the controller feeds started/finished
         self.rates: dict[str, Rate] = {}  # by what is counted (see rate())
         self._sampled: dict[str, float] = {}  # engine id -> wall time of the last sampled timeline run
+        self.loads: deque[tuple[int, str, float]] = deque()  # (seq, model, stall_s): weight-load events read
+        self.loads_seq = 0  # ... from the event bus up to this seq (controller.dashboard.views)
 
     # --- fed by the controller ---
     def started(self, gen: Any, request_id: str) -> None:

@@ -4,14 +4,16 @@ A client that reconnects with Last-Event-ID (browsers' EventSource does it by it
 missed that the bus's ring still holds. A dashboard's connection asks for snapshots too (`event: pool`,
 `event: requests`): its gauges, once a second, without polling.
 
-One `Hub` task serves every connection, on a fixed grid of beats (BEAT_S). About once a second (the tick, 0.9 s) it joins
-the events published since its last write into one frame, each event JSON-encoded once, and, while a
-connection wants them, builds the snapshot once and appends it; every connection then wakes once and writes
-those bytes (the same object for all). Events that come with the traffic (ROUTINE: an admission per request,
-a model switch per step under contention) ride the tick, at most 0.9 s after they happen; any other (an
+One `Hub` task writes to every connection, on a fixed grid of beats (BEAT_S). About once a second (the tick, 0.9 s)
+it joins the events published since its last write into one frame, each event JSON-encoded once, and, while a
+connection wants them, builds the snapshot once and appends it; then it hands those bytes (the same object for
+all) to each connection's ASGI `send` in turn. Events that come with the traffic (ROUTINE: an admission per
+request, a model switch per step under contention) ride the tick, at most 0.9 s after they happen; any other (an
 operator's action, a worker joining or dying) makes the next beat write at once, within BEAT_S. Under load a
-dashboard therefore costs about one wake-up and one write a second, however many events and dashboards there are;
-the hub's work per beat depends on the events, not on the connections, and the publisher never waits.
+dashboard therefore costs one write a second, however many events and dashboards there are: no task of its own
+wakes for it (its response, `EventStream`, only waits for the client to go), nor a generator, nor a
+StreamingResponse; the hub's other work per beat depends on the events, not on the connections, and the
+publisher never waits.
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from controller.events import EventBus
 
@@ -78,13 +84,24 @@ def snapshot_frame(event: str, body: bytes | str) -> bytes:
     return b"event: %s\ndata: %s\n\n" % (event.encode(), body.encode() if isinstance(body, str) else body)
 
 
+@dataclass(eq=False, slots=True)
+class Conn:
+    """One open event stream: its ASGI send, and how far it has been written."""
+    send: Send
+    snapshots: bool  # a dashboard's: it gets the snapshots too
+    sent: int  # the last event seq handed to `send`
+    seen: int  # the last snapshot number handed to it
+    task: asyncio.Task = field(default_factory=asyncio.current_task)  # its response's: waits for the client
+    blocked: asyncio.Task | None = None  # the rest of a write that waits for room in the socket's buffer
+
+
 class Hub:
-    """What every connection writes, built once a beat (see the module's docstring).
+    """What every connection is sent, built once a beat and written by this hub (see the module's docstring).
 
     After a beat: `events` holds the frames of the events after `start` up to `seq`, and `full` is `events`
-    followed by snapshot number `in_full` (0: none, when the beat built none). A connection that had sent up to
-    `start` writes one of them as it is; one that fell behind (a slow reader, a reconnect) catches up from the
-    ring.
+    followed by snapshot number `in_full` (0: none, when the beat built none). A connection that had been sent
+    up to `start` gets one of them as it is; one that fell behind (a write that waited for a slow reader) catches
+    up from the ring.
     """
 
     def __init__(self, bus: EventBus, build: Callable[[], bytes] | None = None, beat_s: float = BEAT_S,
@@ -94,41 +111,45 @@ class Hub:
         self.frames = Frames()
         self.start = self.seq = 0
         self.events = self.full = self.snapshot = b""
-        self.snapshots = 0  # how many snapshots were built (a connection compares it with what it sent)
+        self.snapshots = 0  # how many snapshots were built (a connection compares it with what it was sent)
         self.in_full = 0
         self.builds_wanted = 0  # connections that asked for snapshots
-        self.listeners = 0
-        self._waiters: list[asyncio.Future] = []
+        self.conns: set[Conn] = set()
         self._task: asyncio.Task | None = None
 
-    def attach(self, snapshots: bool) -> None:
-        self.listeners += 1
-        self.bus.watchers += 1
+    def open(self, send: Send, since: int | None, snapshots: bool = False) -> Conn:
+        """A new connection (its response has started): the events after `since` (None: from now on), with
+        `snapshots` the current snapshot, written at once; then what each beat has."""
+        bus = self.bus
+        sent = last_seq(bus) if since is None else since
+        if sent > last_seq(bus):  # a seq from before the server restarted: all the new server has
+            sent = 0
+        bus.watchers += 1
         self.builds_wanted += snapshots
         if self._task is None:  # (re)starting: the beats begin from now, not from where they stopped
-            self.start = self.seq = last_seq(self.bus)
+            self.start = self.seq = last_seq(bus)
             self.events = self.full = b""
             self._task = asyncio.ensure_future(self._run())
         if snapshots and not self.snapshot:
             self._build()  # the first dashboard gets its gauges at once, not at the next tick (later ones
             # get the current one, at most a tick old)
+        backlog = after(bus, sent)
+        c = Conn(send, snapshots, backlog[-1]["seq"] if backlog else sent, self.snapshots)
+        self.conns.add(c)
+        self._write(c, b"".join([RETRY, *(self.frames(e) for e in backlog), self.snapshot if snapshots else b""]))
+        return c
 
-    def detach(self, snapshots: bool) -> None:
-        self.listeners -= 1
+    def close(self, c: Conn) -> None:
+        self.conns.discard(c)
+        if c.blocked is not None:
+            c.blocked.cancel()
         self.bus.watchers -= 1
-        self.builds_wanted -= snapshots
+        self.builds_wanted -= c.snapshots
         if not self.builds_wanted:
             self.snapshot = b""  # not kept current without a reader: the next dashboard builds a fresh one
-        if self.listeners <= 0 and self._task is not None:
+        if not self.conns and self._task is not None:
             self._task.cancel()
-            self._task, self._waiters = None, []
-
-    def wait(self) -> asyncio.Future:
-        """A future resolved at the next beat that has something to send (one per connection: cancelling it,
-        as a closed connection's task does, touches no one else)."""
-        f = asyncio.get_running_loop().create_future()
-        self._waiters.append(f)
-        return f
+            self._task = None
 
     def _build(self) -> bool:
         try:
@@ -152,7 +173,7 @@ class Hub:
                 log.exception("the event stream's beat failed")
 
     def _beat(self, tick: bool, quiet: float) -> float:
-        """Send what this beat has to every waiting connection; returns how long nothing was sent."""
+        """Write what this beat has to every connection; returns how long nothing was written."""
         new = after(self.bus, self.seq)
         if not tick and all(e["kind"] in ROUTINE for e in new):
             new = []  # left in the ring for the tick
@@ -165,40 +186,85 @@ class Hub:
         self.start, self.seq = self.seq, new[-1]["seq"] if new else self.seq
         self.events = events
         self.full, self.in_full = (events + self.snapshot, self.snapshots) if built else (events, 0)
-        waiters, self._waiters = self._waiters, []
-        for f in waiters:
-            if not f.done():
-                f.set_result(None)
+        for c in self.conns:
+            if c.blocked is None:  # (one whose last write still waits catches up once it is done)
+                self._send(c)
         return 0.0
 
+    def _send(self, c: Conn) -> None:
+        out = self._out(c)
+        c.sent, c.seen = max(c.sent, self.seq), self.snapshots
+        if out:
+            self._write(c, out)
 
-async def event_stream(hub: Hub, since: int | None, snapshots: bool = False) -> AsyncIterator[bytes]:
-    """SSE bytes: the events after `since` (None: from now on), then each new one at the hub's beats, with
-    keep-alive comments; with `snapshots`, the hub's snapshot too, at once and then at each tick."""
-    bus = hub.bus
-    sent = last_seq(bus) if since is None else since
-    if sent > last_seq(bus):  # a seq from before the server restarted: all the new server has
-        sent = 0
-    hub.attach(snapshots)
-    try:
-        backlog = after(bus, sent)
-        if backlog:
-            sent = backlog[-1]["seq"]
-        seen = hub.snapshots
-        yield b"".join([RETRY, *(hub.frames(e) for e in backlog), hub.snapshot if snapshots else b""])
-        while True:
-            if sent >= hub.seq and (not snapshots or seen == hub.snapshots):
-                await hub.wait()
-            if sent == hub.start:  # the usual case: the beat's bytes as they are, shared by every connection
-                if not snapshots or seen == hub.snapshots:
-                    out = hub.events
-                else:  # (a snapshot built since the beat, for a new dashboard, is not in `full`)
-                    out = hub.full if hub.in_full == hub.snapshots else hub.events + hub.snapshot
-            else:  # behind by more than a beat: what it missed, from the ring (frames still encoded once)
-                out = b"".join([*(hub.frames(e) for e in after(bus, sent, hub.seq)),
-                                hub.snapshot if snapshots and seen != hub.snapshots else b""])
-            sent, seen = max(sent, hub.seq), hub.snapshots
-            if out:
-                yield out
-    finally:
-        hub.detach(snapshots)
+    def _out(self, c: Conn) -> bytes:
+        """What connection `c` is sent at this beat."""
+        fresh = c.snapshots and c.seen != self.snapshots
+        if c.sent == self.start:  # the usual case: the beat's bytes as they are, shared by every connection
+            if not fresh:
+                return self.events
+            # (a snapshot built since the beat, for a new dashboard, is not in `full`)
+            return self.full if self.in_full == self.snapshots else self.events + self.snapshot
+        # behind by more than a beat: what it missed, from the ring (frames still encoded once)
+        return b"".join([*(self.frames(e) for e in after(self.bus, c.sent, self.seq)),
+                         self.snapshot if fresh else b""])
+
+    def _write(self, c: Conn, data: bytes) -> None:
+        """Hand `data` to the connection's send without waiting for it. The send's coroutine is started here,
+        in the hub's task, as an eager task would start it (asyncio's eager_start, Python 3.12+): uvicorn's send
+        writes to the socket and returns without suspending unless the socket's buffer is full (a reader that
+        stopped reading). Only then does the rest of it get a task, and the connection is skipped until it ends."""
+        step = c.send({"type": "http.response.body", "body": data, "more_body": True})
+        try:
+            waiting = step.send(None)
+        except StopIteration:
+            return
+        except Exception:  # noqa: BLE001 - one connection's failure must not stop the others' writes
+            self._failed(c)
+            return
+        c.blocked = asyncio.ensure_future(self._resume(c, step, waiting))
+
+    async def _resume(self, c: Conn, step: Coroutine, waiting: Any) -> None:
+        """Run the rest of a send that `_write` started and that suspended on `waiting` (a future, or None for a
+        bare yield), as its task would have; then what the connection missed meanwhile."""
+        try:
+            while True:
+                if waiting is None:
+                    await asyncio.sleep(0)
+                else:
+                    await asyncio.wait((waiting,))  # (what it ended with, the send's own code reads)
+                waiting = step.send(None)
+        except StopIteration:
+            c.blocked = None
+            if c.sent < self.seq or (c.snapshots and c.seen != self.snapshots):
+                self._send(c)
+        except Exception:  # noqa: BLE001
+            self._failed(c)
+        finally:
+            step.close()  # (a no-op once it has returned; unwinds it when the connection closed first)
+
+    @staticmethod
+    def _failed(c: Conn) -> None:
+        log.exception("writing to an event stream failed")
+        c.task.cancel()  # that connection ends (its response's `finally` closes it here; a browser reconnects)
+
+
+class EventStream(Response):
+    """The response of GET /admin/events: `Hub` writes the stream; this only registers the connection and
+    waits for the client to go (the disconnect, which is what this connection's task does all along)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, hub: Hub, since: int | None, snapshots: bool, headers: dict[str, str] | None = None):
+        self.hub, self.since, self.snapshots = hub, since, snapshots
+        self.status_code, self.background = 200, None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        c = self.hub.open(send, self.since, self.snapshots)
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        finally:
+            self.hub.close(c)
