@@ -222,10 +222,8 @@ def _child_crash(ns: str, model_dir: str, mode: str) -> None:
     os._exit(0)  # no close(): a crashed engine
 
 
-def test_two_processes_share_one_copy(make_tiny, ns):
-    d = make_tiny("qwen2")
-    cache = HostModelCache("64MiB", namespace=ns)
-    m = cache.get(d)
+def _attached_in_child(ns: str, d) -> dict:
+    """What another process sees when it attaches to the host copy of `d` (see _child_attach)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_child_attach, args=(ns, str(d), q))
@@ -233,6 +231,14 @@ def test_two_processes_share_one_copy(make_tiny, ns):
     r = q.get(timeout=120)
     p.join(60)
     assert p.exitcode == 0
+    return r
+
+
+def test_two_processes_share_one_copy(make_tiny, ns):
+    d = make_tiny("qwen2")
+    cache = HostModelCache("64MiB", namespace=ns)
+    m = cache.get(d)
+    r = _attached_in_child(ns, d)
     assert r["loaded_here"] is False and r["files_same"] and r["used_same"] and r["mapped"]
     assert r["holders"] == 2
     assert r["sha"] == hashlib.sha256(m.buffer.numpy().tobytes()).hexdigest()
@@ -325,13 +331,7 @@ def test_host_copy_in_parts_is_exact_shared_and_cleaned_up(make_tiny, ns, monkey
     for k in ref:
         assert torch.equal(w[k], ref[k]), k
     del w
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child_attach, args=(ns, str(d), q))
-    p.start()
-    r = q.get(timeout=120)
-    p.join(60)
-    assert p.exitcode == 0
+    r = _attached_in_child(ns, d)
     assert r["loaded_here"] is False and r["files_same"] and r["mapped"] and r["holders"] == 2
     assert r["sha"] == hashlib.sha256(m.buffer.numpy().tobytes()).hexdigest()
     cache.close()
