@@ -96,6 +96,10 @@ class Metrics:
         self.replicas = Gauge("tokenpool_model_replicas", "Engines holding each model", ["model"], registry=r)
         self.slo_attainment = Gauge("tokenpool_slo_attainment_ratio",
                                     "Fraction of recent requests within TTFT and TPOT SLO", ["model"], registry=r)
+        self.event_stream_cpu = Counter("tokenpool_event_stream_cpu_seconds", "CPU time of the admin event streams' "
+                                        "writer: snapshots built, events encoded, written to every open stream "
+                                        "(what open dashboards cost, less the kernel's work after the writes)",
+                                        registry=r)
         # --- per finished request (OpenAIServing.record) ---
         self.request_success = Counter("tokenpool_request_success_total", "Finished choices by finish reason "
                                        "(stop, length, abort, error)", ["model", "finished_reason"], registry=r)

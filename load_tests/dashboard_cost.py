@@ -6,7 +6,11 @@ Serving load: `streams` closed-loop streamed completions (the paced model). In a
 seconds the controller runs with no dashboard and with `dashboards` event streams open as the page opens them
 (/admin/events?snapshots=true); its own CPU time (/proc/PID/stat utime+stime: the workers are other processes)
 is read over each round. The figure is the median of the rounds with dashboards over the median without, less
-one. Each dashboard also times the `admit` events it receives against their publish time (event to screen).
+one. On a shared machine that ratio moves by several percent between identical runs (an A/A run, no dashboard in
+either round, read -2.9%), so the part also reports the writer's own CPU in each round (the controller's
+tokenpool_event_stream_cpu_seconds_total: the snapshots, the encoding, the socket writes) over the same
+baseline: a floor of the dashboards' cost, without the noise. Each dashboard also times the `admit` events it
+receives against their publish time (event to screen).
 """
 
 from __future__ import annotations
@@ -16,11 +20,23 @@ import os
 import statistics
 import time
 
+import httpx
+
 from gpu_pool.inventory import cpu_name
 from load_tests import sse_client
 from load_tests.faults import Target, open_stream
 
 TIMED = 3  # dashboards that parse every frame and time the events (the rest count snapshots)
+
+
+def writer_cpu_s(t: Target) -> float | None:
+    """The controller's event-stream writer's CPU seconds so far (None: a server without the counter)."""
+    r = httpx.get(t.url + "/metrics", headers=t.admin_headers(), timeout=10)
+    r.raise_for_status()
+    for line in r.text.splitlines():
+        if line.startswith("tokenpool_event_stream_cpu_seconds_total "):
+            return float(line.split()[1])
+    return None
 
 
 def cpu_s(pid: int) -> float:
@@ -87,11 +103,14 @@ async def _measure(t: Target, streams: int, dashboards: int, duration: float, ro
             await asyncio.sleep(settle_s)  # past the connections' first frames
             for d in dash:
                 d.snapshots, d.delays = 0, []
+            w0 = writer_cpu_s(t)  # (before the CPU reading: its /metrics is not in the round)
             c0, t0, s0 = cpu_s(t.server_pid), time.monotonic(), served[0]  # type: ignore[arg-type]
             await asyncio.sleep(duration)
             cpu, wall = cpu_s(t.server_pid) - c0, time.monotonic() - t0  # type: ignore[arg-type]
+            w1 = writer_cpu_s(t)
             delays = [x for d in dash for x in d.delays]
             rows.append({"dashboards": n, "cpu_s": round(cpu, 3), "wall_s": round(wall, 3),
+                         "writer_cpu_s": round(w1 - w0, 4) if w0 is not None and w1 is not None else None,
                          "tokens_per_s": round((served[0] - s0) / wall, 1),
                          "snapshots_per_dashboard_per_s": round(sum(d.snapshots for d in dash) / n / wall, 2) if n else None,
                          "event_to_screen_p50_s": round(statistics.median(delays), 3) if delays else None,
@@ -105,6 +124,8 @@ async def _measure(t: Target, streams: int, dashboards: int, duration: float, ro
     dashed = statistics.median(x["cpu_s"] for x in rows if x["dashboards"])
     # each round with dashboards against the one without just before it: the machine's drift mostly cancels
     paired = [(rows[i + 1]["cpu_s"] - rows[i]["cpu_s"]) / rows[i]["cpu_s"] for i in range(0, len(rows), 2)]
+    writer = [x["writer_cpu_s"] for x in rows if x["dashboards"] and x["writer_cpu_s"] is not None]
+    writer_s = statistics.median(writer) if writer else None
     return {"part": "dashboards", "streams": streams, "dashboards": dashboards, "duration_s": duration,
             "rounds": rounds, "max_tokens": max_tokens, "cpu": cpu_name(), "cpus": os.cpu_count(),
             "loadavg_before": [round(x, 2) for x in load0],
@@ -112,6 +133,7 @@ async def _measure(t: Target, streams: int, dashboards: int, duration: float, ro
             "extra_cpu_s": round(dashed - base, 3),
             "ratio": round((dashed - base) / base, 4), "ratio_paired_median": round(statistics.median(paired), 4),
             "ratio_paired": [round(x, 4) for x in paired], "extra_core_pct": round(100 * (dashed - base) / duration, 2),
+            "writer_cpu_s": writer_s, "writer_ratio": round(writer_s / base, 4) if writer_s is not None else None,
             "event_to_screen_max_s": max((x["event_to_screen_max_s"] for x in rows if x["dashboards"]), default=None),
             "rows": rows}
 

@@ -137,7 +137,8 @@ def test_snapshots_are_built_once_a_tick_for_every_connection():
             builds.append(time.monotonic())
             return snapshot_frame("pool", json.dumps({"n": len(builds)}))
 
-        hub = Hub(bus, build, beat_s=0.05, tick_beats=2, heartbeat_s=5)
+        cpu: list[float] = []
+        hub = Hub(bus, build, beat_s=0.05, tick_beats=2, heartbeat_s=5, on_cpu=cpu.append)
         conns = [Listener(hub, None, snapshots=True) for _ in range(20)]
         for c in conns:
             assert b"event: pool" in await c.next()  # the gauges at once (built by the first connection)
@@ -150,6 +151,7 @@ def test_snapshots_are_built_once_a_tick_for_every_connection():
                 got[i] += [json.loads(b.split(b"data: ", 1)[1]) for b in chunk.split(b"\n\n")
                            if b.startswith(b"event: pool")]
         assert 4 <= len(builds) <= 8  # one build a tick for all 20 connections, not one each
+        assert len(cpu) >= 2 * len(builds) - 3 and sum(cpu) > 0  # each beat's CPU told
         for g in got:
             ns = [x["n"] for x in g]
             assert ns == sorted(set(ns)) and len(ns) >= 3  # each tick's snapshot once, in order
@@ -305,8 +307,12 @@ def test_the_dashboards_stream_carries_pool_and_requests_snapshots(server):
         buf = b""
         for chunk in r.iter_raw():
             buf += chunk
-            if b"event: requests" in buf:
+            if buf.count(b"event: requests") >= 2:  # the one at once, then a tick's
                 break
+        # what the writer's beats cost is counted where it is spent (the dashboards' CPU, for the suite)
+        metrics = httpx.get(server.url + "/metrics", headers=H).text.splitlines()
+        (line,) = [x for x in metrics if x.startswith("tokenpool_event_stream_cpu_seconds_total ")]
+        assert float(line.split()[1]) > 0
     frames = {b.split(b"\n", 1)[0]: json.loads(b.split(b"data: ", 1)[1]) for b in buf.split(b"\n\n")
               if b.startswith(b"event: ")}
     pool, reqs = frames[b"event: pool"], frames[b"event: requests"]

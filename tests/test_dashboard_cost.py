@@ -89,7 +89,8 @@ def test_fifty_dashboards_under_48_streams_stay_live_and_serving_goes_on():
     with target(max_num_seqs=64) as t:
         r = run_dashboard_cost(t, streams=48, dashboards=50, duration=5.0, rounds=2)
     print(f"\ncontroller CPU over {r['duration_s']} s: {r['baseline_cpu_s']} s serving, {r['with_dashboards_cpu_s']} s "
-          f"with {r['dashboards']} dashboards: {100 * r['ratio']:+.1f}% (paired {100 * r['ratio_paired_median']:+.1f}%)")
+          f"with {r['dashboards']} dashboards: {100 * r['ratio']:+.1f}% (paired {100 * r['ratio_paired_median']:+.1f}%; "
+          f"the writer's own {100 * r['writer_ratio']:.1f}%)")
     dashed = [x for x in r["rows"] if x["dashboards"]]
     # Behaviour, not timing (the CPU figure is a benchmark: `tokenpool suite dashboards`, bench/results/
     # dashboard_cost_cpu.json; one round's noise on a shared 2-core machine is 10-30%). That 50 dashboards cost
@@ -97,3 +98,6 @@ def test_fifty_dashboards_under_48_streams_stay_live_and_serving_goes_on():
     assert all(x["tokens_per_s"] > 0.5 * 48 * 100 for x in r["rows"])  # serving went on
     assert all(x["snapshots_per_dashboard_per_s"] >= 0.5 for x in dashed)  # every dashboard stayed live
     assert r["event_to_screen_max_s"] < 3.0  # a routine event rides the next tick (0.9 s), plus a loaded client
+    # the writer's own CPU (snapshots, encoding, socket writes) is counted where it is spent, without the
+    # rounds' noise: bounded, generously (about 1.5% on the 2-core CPU)
+    assert 0 < r["writer_ratio"] < 0.05, r["writer_ratio"]

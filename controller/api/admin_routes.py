@@ -195,5 +195,6 @@ async def events(request: Request, since: int | None = None, snapshots: bool = F
         since = int(last)
     ctl, st = _ctl(request), request.app.state
     if getattr(st, "event_hub", None) is None:  # one for every connection (controller.dashboard.stream)
-        st.event_hub = stream.Hub(views.events(ctl), lambda: views.snapshot(ctl))
+        st.event_hub = stream.Hub(views.events(ctl), lambda: views.snapshot(ctl),
+                                  on_cpu=ctl.metrics.event_stream_cpu.inc)
     return stream.EventStream(st.event_hub, since, snapshots, headers=SSE_HEADERS)

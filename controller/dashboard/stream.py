@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -105,8 +106,10 @@ class Hub:
     """
 
     def __init__(self, bus: EventBus, build: Callable[[], bytes] | None = None, beat_s: float = BEAT_S,
-                 tick_beats: int = TICK_BEATS, heartbeat_s: float = HEARTBEAT_S):
+                 tick_beats: int = TICK_BEATS, heartbeat_s: float = HEARTBEAT_S,
+                 on_cpu: Callable[[float], None] = lambda s: None):
         self.bus, self.build = bus, build
+        self.on_cpu = on_cpu  # told each beat's CPU time (the dashboards' cost, measured where it is spent)
         self.beat_s, self.tick_beats, self.heartbeat_s = beat_s, tick_beats, heartbeat_s
         self.frames = Frames()
         self.start = self.seq = 0
@@ -167,10 +170,12 @@ class Hub:
             t += self.beat_s  # a fixed grid: a routine event waits at most one tick, not a tick plus drift
             await asyncio.sleep(max(0.0, t - loop.time()))
             beat += 1
+            cpu = time.thread_time()  # (the socket writes' system time included)
             try:
                 quiet = self._beat(beat % self.tick_beats == 0, quiet)
             except Exception:  # noqa: BLE001 - every open stream hangs on this task: it must go on
                 log.exception("the event stream's beat failed")
+            self.on_cpu(time.thread_time() - cpu)
 
     def _beat(self, tick: bool, quiet: float) -> float:
         """Write what this beat has to every connection; returns how long nothing was written."""
