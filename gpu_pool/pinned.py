@@ -22,9 +22,11 @@ Making tmpfs pages takes locks of their file (its page tree, its block accountin
 one file queue behind each other: on the H200 host 16 threads made 15.2 GB of one file's pages in 3.75 s, and
 of 64 files' in 1.26 s (`load_tests/gpu_runs/shm_fill_probe.py`, bench/results/shm_fill_probe_h200.json). So
 a big region can be made of `parts` files (a directory of them) mapped back to back into one reserved address
-range: one contiguous tensor and one registration to its users, as many page locks as parts to its writers. Page size is the larger lever: on a tmpfs mounted with huge=within_size (or
-always) each fault makes a 2 MiB page, and a cold load on the 2-vCPU dev VM went from 1.6 s to 0.32 s for
-3.1 GB (`shm_huge_pages` tells which kind a directory gives; TOKENPOOL_SHM_DIR points the cache there).
+range: one contiguous tensor and one registration to its users, as many page locks as parts to its writers.
+
+Page size is the other lever: on a tmpfs mounted with huge=within_size (or always) each fault makes a 2 MiB
+page, and a cold load on the 2-vCPU dev VM went from 1.6 s to 0.32 s for 3.1 GB (`shm_huge_pages` tells which
+kind a directory gives; TOKENPOOL_SHM_DIR points the cache there).
 """
 
 from __future__ import annotations
@@ -107,6 +109,13 @@ def _no_room(path: Path, nbytes: int, err: int = errno.ENOSPC) -> OSError:
     return OSError(err, f"no room for {nbytes / 2**30:.2f} GiB in {path.parent} "
                    f"({st.f_bavail * st.f_frsize / 2**30:.2f} GiB free); enlarge it "
                    "(docker --shm-size) or set TOKENPOOL_SHM_DIR")
+
+
+def _require_room(path: Path, nbytes: int) -> None:
+    """Raise the clear no-room error now if the tmpfs holding `path` cannot take `nbytes` more."""
+    st = os.statvfs(path.parent)
+    if st.f_bavail * st.f_frsize < nbytes:
+        raise _no_room(path, nbytes)
 
 
 def _check(rc, what: str) -> None:
@@ -295,9 +304,7 @@ class PinnedRegion:
                 if reserve:
                     _fallocate(fd, path, nbytes)
                 else:
-                    st = os.statvfs(path.parent)
-                    if st.f_bavail * st.f_frsize < nbytes:
-                        raise _no_room(path, nbytes)
+                    _require_room(path, nbytes)
                     os.ftruncate(fd, nbytes)
                 mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             else:
@@ -319,9 +326,7 @@ class PinnedRegion:
         path.mkdir(mode=0o700)  # FileExistsError if it exists, as O_EXCL for one file
         try:
             if not reserve:
-                st = os.statvfs(path.parent)
-                if st.f_bavail * st.f_frsize < nbytes:
-                    raise _no_room(path, nbytes)
+                _require_room(path, nbytes)
             paths = [path / str(i) for i in range(len(sizes))]
             for p, n in zip(paths, sizes):
                 fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)

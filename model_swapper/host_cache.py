@@ -66,7 +66,7 @@ class LoadStats:
     threads: int
     create_s: float  # create the shared file and map it
     fill_s: float  # read the bytes in from the page cache, making each page on the way, on `threads` threads
-    pin_s: float  # cudaHostRegister of the whole region (0: not pinned), beside the fill
+    pin_s: float  # cudaHostRegister of the whole region (0: not pinned), beside the fill or after it
     pin_wait_s: float  # waiting for the registration after the fill finished
     total_s: float
     pinned: bool
@@ -82,8 +82,8 @@ class LoadStats:
 
     def __str__(self) -> str:
         return (f"{self.nbytes / 2**30:.2f} GiB in {self.total_s:.2f} s ({self.gbs:.2f} GB/s; {self.threads} "
-                f"threads; {self.parts} part(s); huge={self.shm_huge or '-'}): create {self.create_s:.2f}, fill {self.fill_s:.2f}, "
-                f"pin {self.pin_s:.2f} {'beside the fill' if self.parts == 1 else 'after it'}, "
+                f"threads; {self.parts} part(s); huge={self.shm_huge or '-'}): create {self.create_s:.2f}, "
+                f"fill {self.fill_s:.2f}, pin {self.pin_s:.2f} {'beside the fill' if self.parts == 1 else 'after it'}, "
                 f"{self.pin_wait_s:.2f} waited")
 
 
@@ -102,13 +102,15 @@ def fill_region(region: PinnedRegion, model_dir: Path, layout: ModelLayout, pin:
     several parts (the module docstring says why)."""
     threads = threads or io_threads()
     t0 = time.perf_counter()
-    # one registration of the whole region, started before any page exists: it takes references to pages, not
-    # their bytes, and pages it reaches first are made by its walk (work the reads would otherwise do)
-    pinning = region.pin_async() if pin and region.parts == 1 else None
+    # one registration of the whole region. Of one file: started before any page exists (it takes references
+    # to pages, not their bytes, and pages it reaches first are made by its walk). Of several parts: once the
+    # reads have made the pages, whose making it would otherwise slow down (the module docstring)
+    beside = pin and region.parts == 1
+    pinning = region.pin_async() if beside else None
     load_into_region(Path(model_dir), layout, region.tensor, threads, progress,
                      make_pages=lambda off, n: region.populate(1, off, n))
     t1 = time.perf_counter()
-    if pin and pinning is None:
+    if pin and not beside:
         pinning = region.pin_async()
     pin_s = pinning.result() if pinning is not None else 0.0
     t2 = time.perf_counter()
