@@ -7,9 +7,9 @@ token-level policy picks the model of every step (controller/hosting.py) -- and 
 back. Engine calls never overlap: the step runs in one executor thread while the event loop keeps the socket
 (requests, aborts, heartbeats) moving and detokenizes and sends the previous step's token ids; adds, aborts,
 stop-string ends and model loads queued by the loop are applied between steps, so an abort frees its KV before
-the next step. A local worker (started with --slot) exits when the
-controller goes away; a remote one reconnects. A local standby (--standby, controller/pool.py) does a worker's
-start-up, then waits on stdin for its turn."""
+the next step. A local worker (started with --slot) exits when the controller goes away; a remote one
+reconnects. A local standby (--standby, controller/pool.py) does a worker's start-up, then waits on stdin for
+its turn."""
 
 from __future__ import annotations
 
