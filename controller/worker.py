@@ -88,6 +88,9 @@ class Worker:
         self._writer: asyncio.StreamWriter | None = None
         self._memory: tuple[int, int] | None = None
         self.steps = 0  # worker steps that ran (step times are measured once, per model, in HostedModels)
+        # seconds of the step thread in steps and of the event loop making and sending their outputs (the pool's
+        # view: where a served step's time goes, beside the engines' own counters)
+        self.loop_s = {"step_thread_s": 0.0, "emit_s": 0.0}
         self.tokens = 0
 
     def send(self, msg: m.Message) -> None:
@@ -265,15 +268,18 @@ class Worker:
 
     def _step_all(self, on_launch) -> tuple[list, bool]:
         """The step thread's whole share of a step: token ids (their text is `_emit`'s, beside the next step)."""
+        t0 = time.perf_counter()
         stepped, ran = self.models.step_tokens(on_launch)
         if ran:
             self.steps += 1
+        self.loop_s["step_thread_s"] += time.perf_counter() - t0
         return stepped, ran
 
     async def _emit(self, stepped: list) -> None:
         """Send a step's outputs: their text is made here, on the event loop, while the step thread runs the next
         step. Stop strings found here end their requests' answers now; the engine frees them at the next step
         boundary (`_stops`), after the step under way, whose token for them is not emitted."""
+        t0 = time.perf_counter()
         try:
             outs, stops = self.models.outputs(stepped)
         except Exception as e:  # noqa: BLE001 - as an engine crash: the step's outputs are lost
@@ -289,8 +295,9 @@ class Worker:
                 self._owner.pop(out.request_id, None)
         if deltas:
             self.send(m.Outputs(deltas))
-            if self._writer is not None:
-                await self._writer.drain()
+        self.loop_s["emit_s"] += time.perf_counter() - t0
+        if deltas and self._writer is not None:
+            await self._writer.drain()
 
     async def _crash(self, what: str, e: Exception) -> None:
         """An engine crash fails its requests, then the process exits (its supervisor starts another)."""
@@ -353,8 +360,10 @@ class Worker:
         """Stats of the pool, taken on the step thread between steps (the engines' queues are not shared)."""
         hm = self.models
         # step_s for the router is a round: the time a model waits between two of its steps
+        pool = hm.snapshot()
+        pool["loop"] = {**self.loop_s, "steps": self.steps}
         return m.Stats(models=hm.stats(), step_s=hm.round_estimate_s, steps=self.steps, tokens=self.tokens,
-                       pool=hm.snapshot(), events=hm.drain_events())
+                       pool=pool, events=hm.drain_events())
 
     async def _beat(self, period: float) -> None:
         """Heartbeats from the loop (never behind a step or a registration); stats from the step thread."""

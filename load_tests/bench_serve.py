@@ -139,8 +139,32 @@ def _pool_counters(url: str, token: str | None) -> dict:
         return {}
     engines = [e for e in _admin(url, token, "/admin/engines") if e["alive"]]
     pools = [e.get("pool") or {} for e in engines]
-    return {"steps": sum(p.get("steps", 0) for p in pools), "switches": sum(p.get("switches", 0) for p in pools),
-            "engines": len(engines), "kv_swapped_out": sum(p.get("kv_swapped_out", 0) for p in pools)}
+    out = {"steps": sum(p.get("steps", 0) for p in pools), "switches": sum(p.get("switches", 0) for p in pools),
+           "engines": len(engines), "kv_swapped_out": sum(p.get("kv_swapped_out", 0) for p in pools)}
+    for p in pools:  # the pooled engines' step-loop counters and the workers' loop seconds (summed over GPUs)
+        for k, v in {**p.get("counters", {}), **{"loop_" + k: v for k, v in p.get("loop", {}).items()}}.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def where_time_went(before: dict, after: dict, wall: float, gpus: int) -> dict:
+    """The served step loop's time over a point, from the pooled engines' counters (as `bench pool --real`'s
+    `timing`): per step, the policy's CPU, the plan's memory moves (blocking loads included: `stall_s`), the
+    engine's step; and per GPU, how busy the step thread was and the event loop's share making and sending
+    outputs. Fractions are of the wall time times the GPUs."""
+    d = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
+    n = max(1, d.get("steps", 0))
+    span = wall * max(1, gpus)
+    return {
+        "policy_us_per_step": 1e6 * d.get("policy_s", 0) / n, "memory_ms_per_step": 1e3 * d.get("memory_s", 0) / n,
+        "engine_ms_per_step": 1e3 * d.get("engine_s", 0) / n, "stall_s": d.get("stall_s", 0.0),
+        "loads_per_s": d.get("loads", 0) / wall, "prefetches_per_s": d.get("prefetches", 0) / wall,
+        "load_gb": d.get("load_bytes", 0) / 1e9, "forced_evictions": d.get("forced_evictions", 0),
+        "idle_polls": d.get("idle_polls", 0),
+        "engine_busy_frac": d.get("engine_s", 0) / span, "memory_frac": d.get("memory_s", 0) / span,
+        "step_thread_busy_frac": d.get("loop_step_thread_s", 0) / span,
+        "emit_ms_per_step": 1e3 * d.get("loop_emit_s", 0) / n,
+    }
 
 
 def run_point(url: str, admin_token: str | None, names: list[str], rate: float, *, slo: ModelSLO, duration: float,
@@ -156,7 +180,8 @@ def run_point(url: str, admin_token: str | None, names: list[str], rate: float, 
     if before and after:
         steps = after["steps"] - before["steps"]
         res.update(steps=steps, steps_per_s=steps / wall, switches_per_s=(after["switches"] - before["switches"]) / wall,
-                   kv_swapped_out=after["kv_swapped_out"] - before["kv_swapped_out"])
+                   kv_swapped_out=after["kv_swapped_out"] - before["kv_swapped_out"],
+                   timing=where_time_went(before, after, wall, after["engines"]))
     return res
 
 
@@ -246,6 +271,8 @@ def run_serve(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durat
                         f"TTFT p50/p99={s['ttft_p50'] or 0:.2f}/{s['ttft_p99'] or 0:.2f}s max-gap p99="
                         f"{s['max_gap_p99'] or 0:.2f}s steps/s={res.get('steps_per_s', 0):.1f} "
                         f"switches/s={res.get('switches_per_s', 0):.1f} responses={res['responses']}")
+                    if res.get("timing"):
+                        say("  " + " ".join(f"{k}={v:.3g}" for k, v in res["timing"].items()))
                     write_json(Path(json_out) if json_out else None, out)
                     if stop_at_miss and s["attainment"] < target:
                         break

@@ -30,4 +30,8 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path):
         assert s["attainment"] == (len(items) - too_long) / len(items)  # generous SLO: all served are on time
         assert set(s["per_model"]) <= {"qwen2-1.5b-0", "qwen2-1.5b-1", "qwen2-1.5b-2"}
         assert p["steps"] > 0 and p["steps_per_s"] > 0
+        t = p["timing"]  # where the served step loop's time went, from the worker's counters
+        assert t["engine_ms_per_step"] > 0 and t["policy_us_per_step"] > 0
+        assert 0 < t["engine_busy_frac"] <= t["step_thread_busy_frac"] <= 1.0
+        assert t["emit_ms_per_step"] > 0
     assert out["policies"]["token"]["rate"] == 0.5

@@ -486,13 +486,21 @@ class MultiModelEngine:
                     "kv_pages_total": sum(e.scheduler.kv.num_blocks for e in self.engines.values()),
                     "kv_pages_used": sum(e.scheduler.kv.num_used for e in self.engines.values())}
             host, stall = 0, 0.0
+        counters = dict(self.timing)
+        if mem is not None:
+            ms = mem.stats
+            counters.update(stall_s=ms.stall_s, loads=ms.loads, prefetches=ms.prefetches, load_bytes=ms.load_bytes,
+                            evictions=ms.evictions, forced_evictions=ms.forced_evictions,
+                            prefetch_skipped=ms.prefetch_skipped)
         return {
             "device": str(self.device), "active": self.state.active, "registered": sorted(self.engines),
             "resident": sorted(n for n, m in models.items() if m["state"] == "resident"),
             "prefetching": sorted(n for n, m in models.items() if m["state"] == "loading"),
             "switches": self.switches, "switch_stall_s": stall / max(1, self.switches),
             "steps": int(self.timing["steps"]), "kv_swapped_out": self.kv_swapped_out,
-            "vram": vram, "host_cache_bytes": host, "models": models}
+            "vram": vram, "host_cache_bytes": host, "models": models,
+            # cumulative, for rates over a window (bench serve: where the step loop's time went)
+            "counters": counters}
 
     def run(self) -> dict[str, RequestOutput]:
         """Step until every request finished; the final output of each, by request id."""

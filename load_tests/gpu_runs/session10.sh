@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# H200 calls of session 10, at one commit. PARTS picks what runs, in this order:
+#   many     issue 14: bench serve, models per GPU at 0.1 req/s/model, 120 GB arena, 4 GB KV, seed MANY_SEED; one
+#            server per mix in MANY (';'-separated, e.g. "10x7b,15x1.5b;12x7b,18x1.5b"), with the step loop's time
+#   serve    issue 14: bench serve, 10 models on 60 GB, token policy at RATES (seed SEED)
+#   poolreal issue 14: bench pool --real, the same workload and rates (the served/harness step-rate ratio)
+#   request  issue 14: bench serve with the request-level policy at REQ_RATES
+#   tests    the GPU tests (openai client carried in .whl)
+#   dash     issue 18: tokenpool suite dashboards on this machine's CPUs (50 dashboards under 48 streams)
+# Usage (device tool, repo root, carry .whl): TOKENPOOL_COMMIT=<sha> PARTS="many" bash load_tests/gpu_runs/session10.sh
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site || exit 1
+export TOKENPOOL_COMMIT=${TOKENPOOL_COMMIT:-unknown} PYTHONUNBUFFERED=1
+t0=$(date +%s); at() { echo "$1 rc=$2 at $(( $(date +%s) - t0 )) s"; }
+SEED=${SEED:-0}; RATES=${RATES:-0.5}
+W="--models 4x7b,6x1.5b --duration 120 --drain 60 --slo-ttft 10 --slo-tpot 0.1 --gpu-budget-gb 60 --kv-cache-gb 4 --seed $SEED"
+show() { grep -E "rate=|attainment|policy_us|Error|Traceback" "$1" | tail -${2:-8} | cut -c1-600; }
+for part in ${PARTS:-many}; do case $part in
+many) IFS=';' read -ra mixes <<< "${MANY:-10x7b,15x1.5b}"
+  for mx in "${mixes[@]}"; do tag=$(echo "$mx" | tr -d ',.' ); log="$OUT/serve_many_$tag.log"
+    timeout "${LIMIT_MANY:-280}" python3 -m controller.cli bench serve --models "$mx" --rate 0.1 --duration 120 \
+      --drain 60 --slo-ttft 10 --slo-tpot 0.1 --gpu-budget-gb 120 --kv-cache-gb 4 --seed "${MANY_SEED:-7}" \
+      --policy token --json "$OUT/serve_many_$tag.json" > "$log" 2>&1; at "many $mx" $?; show "$log" 4
+  done ;;
+serve) timeout "${LIMIT_SERVE:-300}" python3 -m controller.cli bench serve $W --rate "$RATES" --policy token \
+    --json "$OUT/serve_token_s$SEED.json" > "$OUT/serve.log" 2>&1; at serve $?; show "$OUT/serve.log" ;;
+poolreal) timeout "${LIMIT_POOL:-260}" python3 -m controller.cli bench pool --real $W --rate "$RATES" --policy token \
+    --json "$OUT/pool_real_token_s$SEED.json" > "$OUT/pool_real.log" 2>&1; at poolreal $?
+  grep -E "attainment|steps|policy CPU|Error|Traceback" "$OUT/pool_real.log" | tail -6 | cut -c1-600 ;;
+request) timeout "${LIMIT_REQ:-400}" python3 -m controller.cli bench serve $W --rate "${REQ_RATES:-0.1,0.15}" \
+    --policy request --json "$OUT/serve_request_s$SEED.json" > "$OUT/serve_request.log" 2>&1; at request $?
+  show "$OUT/serve_request.log" ;;
+tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ > "$OUT/gpu_tests.log" 2>&1; at tests $?
+  grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.log" | tail -8 ;;
+dash) timeout "${LIMIT_DASH:-200}" python3 -m controller.cli suite dashboards --duration 10 --rounds "${DASH_ROUNDS:-6}" \
+    --streams 48 --dashboards 50 --model pace --json "$OUT/dashboard_cost.json" > "$OUT/dash.log" 2>&1; at dash $?
+  tail -5 "$OUT/dash.log" | cut -c1-400 ;;
+esac; done
+echo "total $(( $(date +%s) - t0 )) s"
