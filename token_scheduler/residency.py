@@ -48,14 +48,16 @@ class _Entry:
 
 @dataclass
 class PoolStats:
-    loads: int = 0
+    """What the pool did since `reset_stats`: weights brought in and what they cost, then weights let go."""
+
+    loads: int = 0  # blocking loads (a step waits for them); prefetches are counted apart
     prefetches: int = 0
-    evictions: int = 0
-    forced_evictions: int = 0
-    prefetch_skipped: int = 0
-    load_bytes: int = 0
-    stall_s: float = 0.0  # CPU-visible waits for weights at switches
+    load_bytes: int = 0  # of both
     load_s: list = field(default_factory=list)  # (bytes, seconds, hidden seconds) of completed loads
+    stall_s: float = 0.0  # CPU-visible waits for weights at switches
+    evictions: int = 0  # every weight slot given back (a cancelled prefetch too), planned or forced
+    forced_evictions: int = 0  # of those, the ones the slot table asked for to make a slot contiguous
+    prefetch_skipped: int = 0  # prefetches that found no contiguous range (and no order allowing evictions)
 
 
 class ModelPool:
