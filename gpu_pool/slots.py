@@ -43,8 +43,7 @@ class SlotTable:
         """Carve the KV region: pages of `block_tokens` tokens of a model of `per_token` KV bytes (`kv_pages`)."""
         self.page_bytes, n = kv_pages(self.kv_bytes, per_token, self.block_tokens, self.page_bytes)
         if n < 2:
-            raise ValueError(f"a KV region of {self.kv_bytes / 1e9} GB holds fewer than 2 pages of "
-                             f"{self.page_bytes} B")
+            raise ValueError(f"kv_cache_gb={self.kv_bytes / 1e9} holds fewer than 2 pages of {self.page_bytes} B")
         self.kv_slot = self.alloc.allocate(n * self.page_bytes, tag="kv")
         self.kv_pages = n
         return self.kv_slot
@@ -52,7 +51,7 @@ class SlotTable:
     @property
     def kv_usable(self) -> int:
         """Bytes of the KV pages models may hold: all but the last, the scratch page padded rows write into."""
-        return max(0, self.kv_pages - 1) * (self.page_bytes or 0)
+        return (self.kv_pages - 1) * self.page_bytes if self.kv_slot else 0
 
     def block_tokens_of(self, per_token: int) -> int:
         """Tokens a page holds for a model of `per_token` KV bytes: the largest power of two that fits."""
