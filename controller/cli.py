@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
 from pathlib import Path
 from typing import Optional
 
@@ -11,17 +15,49 @@ from tokenpool import env
 
 app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by token.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (GPU figures go to bench/results/).", no_args_is_help=True)
-# The options the workload benchmarks share (bench pool, bench serve replay the same seeded workload)
+# Options the benchmarks share
 JSON_OUT = typer.Option(None, "--json", help="write results here")
-MODELS = typer.Option("4x7b,6x1.5b", help="e.g. 4x7b,6x1.5b (with a GPU: made once per size and cached)")
-RATE = typer.Option("0.1", help="requests/s per model; a comma list (0.1,0.2,0.4) is a rate sweep (bench pool: "
-                    "--real only)")
-DURATION = typer.Option(120.0, help="seconds of arrivals")
-SLO_TTFT = typer.Option(10.0, help="each model's TTFT SLO (s)")
-SLO_TPOT = typer.Option(0.1, help="each model's TPOT SLO (s)")
 SEED = typer.Option(0, help="the workload's seed")
 TARGET = typer.Option(0.9, help="SLO attainment a rate must keep to count as sustained")
 app.add_typer(bench_app, name="bench")
+
+
+def _option(default, help: str) -> dataclasses.Field:
+    return dataclasses.field(metadata={"option": typer.Option(default, help=help)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """The seeded multi-model workload `bench pool` and `bench serve` replay: their shared options, declared once
+    (`with_workload` gives a command them)."""
+
+    models: str = _option("4x7b,6x1.5b", "e.g. 4x7b,6x1.5b (with a GPU: made once per size and cached)")
+    rate: str = _option("0.1", "requests/s per model; a comma list (0.1,0.2,0.4) is a rate sweep (bench pool: "
+                        "--real only)")
+    duration: float = _option(120.0, "seconds of arrivals")
+    slo_ttft: float = _option(10.0, "each model's TTFT SLO (s)")
+    slo_tpot: float = _option(0.1, "each model's TPOT SLO (s)")
+
+    def replay_args(self, rate) -> dict:
+        """Keyword arguments of the replay functions (load_tests): these fields, with `rate` as parsed."""
+        return {**dataclasses.asdict(self), "rate": rate}
+
+
+def with_workload(command):
+    """A typer command taking the `Workload` options where its `workload` parameter stands (typer reads the
+    signature), called with them gathered into one `Workload`."""
+    fields, types = dataclasses.fields(Workload), typing.get_type_hints(Workload)
+    options = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.metadata["option"],
+                                 annotation=types[f.name]) for f in fields]
+    sig = inspect.signature(command, eval_str=True)
+    params = [q for p in sig.parameters.values() for q in (options if p.name == "workload" else [p])]
+
+    @functools.wraps(command)
+    def run(**kw):
+        return command(workload=Workload(**{f.name: kw.pop(f.name) for f in fields}), **kw)
+
+    run.__signature__ = sig.replace(parameters=params)
+    return run
 
 
 def _add_suite() -> None:
@@ -187,12 +223,9 @@ def bench_swap_cmd(
 
 
 @bench_app.command("pool")
+@with_workload
 def bench_pool_cmd(
-    models: str = MODELS,
-    rate: str = RATE,
-    duration: float = DURATION,
-    slo_ttft: float = SLO_TTFT,
-    slo_tpot: float = SLO_TPOT,
+    workload: Workload,
     gpu_budget_gb: float = typer.Option(60.0),
     policy: str = typer.Option("token,request,static"),
     seed: int = SEED,
@@ -239,35 +272,27 @@ def bench_pool_cmd(
         from load_tests.bench_pool_real import parse_rates, run_real
 
         try:
-            rates = parse_rates(rate)
+            rates = parse_rates(workload.rate)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from e
-        run_real(models=models, rate=rates, duration=duration, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
-                 gpu_budget_gb=gpu_budget_gb, policies=policy.split(","), seed=seed, json_out=json_out,
-                 drain_s=drain, kv_cache_gb=4.0 if kv_cache_gb is None else kv_cache_gb, target=target,
-                 stop_at_miss=stop_at_miss,
-                 placement=placement)
+        run_real(**workload.replay_args(rates), gpu_budget_gb=gpu_budget_gb, policies=policy.split(","), seed=seed,
+                 json_out=json_out, drain_s=drain, kv_cache_gb=4.0 if kv_cache_gb is None else kv_cache_gb,
+                 target=target, stop_at_miss=stop_at_miss, placement=placement)
         return
     from load_tests.bench_pool import run_bench_pool
 
     try:
-        one_rate = float(rate)
+        one_rate = float(workload.rate)
     except ValueError as e:
         raise typer.BadParameter("the simulated mode takes one --rate (it searches the sustained rate itself)") from e
-    run_bench_pool(
-        models=models, rate=one_rate, duration=duration, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
-        gpu_budget_gb=gpu_budget_gb, policies=policy.split(","), seed=seed, json_out=json_out, target=target,
-        profile=profile, kv_cache_gb=kv_cache_gb,
-    )
+    run_bench_pool(**workload.replay_args(one_rate), gpu_budget_gb=gpu_budget_gb, policies=policy.split(","),
+                   seed=seed, json_out=json_out, target=target, profile=profile, kv_cache_gb=kv_cache_gb)
 
 
 @bench_app.command("serve")
+@with_workload
 def bench_serve_cmd(
-    models: str = MODELS,
-    rate: str = RATE,
-    duration: float = DURATION,
-    slo_ttft: float = SLO_TTFT,
-    slo_tpot: float = SLO_TPOT,
+    workload: Workload,
     gpu_budget_gb: Optional[float] = typer.Option(60.0, help="the server's arena per GPU (gpus.budget_gb)"),
     kv_cache_gb: Optional[float] = typer.Option(4.0, help="the KV region inside it (gpus.kv_cache_gb)"),
     policy: str = typer.Option("token", help="the server's multi-model policy per run: token,request,static"),
@@ -287,13 +312,13 @@ def bench_serve_cmd(
     from load_tests.bench_serve import run_serve
 
     try:
-        rates = parse_rates(rate)
+        rates = parse_rates(workload.rate)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
-    run_serve(models=models, rate=rates, duration=duration, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
-              gpu_budget_gb=gpu_budget_gb, kv_cache_gb=kv_cache_gb, policies=policy.split(","), seed=seed,
-              json_out=json_out, drain_s=drain, url=url, admin_token=admin_token, target=target,
-              stop_at_miss=stop_at_miss, device=device, admission=not no_admission)
+    run_serve(**workload.replay_args(rates), gpu_budget_gb=gpu_budget_gb, kv_cache_gb=kv_cache_gb,
+              policies=policy.split(","), seed=seed, json_out=json_out, drain_s=drain, url=url,
+              admin_token=admin_token, target=target, stop_at_miss=stop_at_miss, device=device,
+              admission=not no_admission)
 
 
 @app.command("loadtest")

@@ -1,8 +1,8 @@
 """Which weight slots to evict so that a model's slot finds a contiguous range: the one placement decision.
 
-Plain Python over integer ranges. The real pool (token_scheduler/residency.py, over its arena's
-`RangeAllocator`) and the simulator (load_tests/simulator.py, over a `RangeAllocator` of its own) both call
-`placement_victims`, so a fragmented arena skips the same prefetches and forces the same evictions in both.
+Plain Python over integer ranges. Its one caller is the slot table (gpu_pool/slots.py) that the real pool
+(token_scheduler/residency.py) and the simulator (load_tests/simulator.py) share, so a fragmented arena skips
+the same prefetches and forces the same evictions in both.
 
 A policy reasons in bytes; the arena needs one aligned contiguous range. When free bytes suffice but no free
 run does, something beyond the policy's plan must go. Two rules:

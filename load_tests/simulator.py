@@ -7,13 +7,13 @@ lognormal noise) -- then reports every measurement to its online `CostModel`, wh
 policy never sees the profile, nor a request's true output length.
 
 Pooled arena (`kv_cache_bytes` given, as the real engine's `ModelPool`): each GPU's budget is one arena, a KV
-region carved first and weight slots placed by the real allocator (`SimArena`); a fragmented arena skips
-prefetches and forces evictions exactly where the real pool would (same code: gpu_pool/placement.py). The
-policy then sees what the real engine shows it: the weight space as capacity, slot-rounded weight bytes, and
-the KV region apart (`PoolState.kv_capacity_bytes`), each model's KV in blocks of one page; a region running
-short is resolved by the plan (other models' KV swapped out), as in the engine, so `kv_region_exceeded` is a
-check that it never overflows. Without `kv_cache_bytes`, VRAM is one byte count for weights and KV, counted
-by the token.
+region carved first and weight slots placed by the pool's own slot bookkeeping (`gpu_pool.slots.SlotTable`,
+over an allocator of its own: `sim_arena`); a fragmented arena skips prefetches and forces evictions exactly
+where the real pool would (same code). The policy then sees what the real engine shows it: the weight space
+as capacity, slot-rounded weight bytes, and the KV region apart (`PoolState.kv_capacity_bytes`), each model's
+KV in blocks of one page; a region running short is resolved by the plan (other models' KV swapped out), as
+in the engine, so `kv_region_exceeded` is a check that it never overflows. Without `kv_cache_bytes`, VRAM is
+one byte count for weights and KV, counted by the token.
 
 Multi-GPU: a dispatcher sends each request to a GPU. `partition`: models bin-packed by weight bytes over GPUs,
 each model on one GPU; `hash`: crc32(model) % n; `p2c`: each model has two candidate GPUs (hashes) and a
@@ -34,8 +34,8 @@ import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
-from gpu_pool.arena import DEFAULT_ALIGN, RangeAllocator, Slot
-from gpu_pool.placement import kv_pages, placement_victims
+from gpu_pool.arena import DEFAULT_ALIGN, RangeAllocator
+from gpu_pool.slots import SlotTable
 from token_scheduler.cost_model import CostModel, HardwareProfile, ModelSize
 from token_scheduler.policies import make_policy
 from token_scheduler.policies.batching import shape_of
@@ -88,80 +88,17 @@ class GpuStats:
     policy_cpu_frac: list = field(default_factory=list)  # cpu / simulated step time, per step
 
 
-class SimArena:
-    """`ModelPool`'s weight-slot bookkeeping in virtual time: the same allocator (best fit, 2 MiB alignment), the
-    KV region carved first for the first model registered (`kv_pages`), the same placement decision with the
-    same inputs (`placement_victims`: the policy's order, or the pool's least-recently-used fallback)."""
-
-    def __init__(self, capacity: int, kv_bytes: int, align: int = DEFAULT_ALIGN, block_tokens: int = 16):
-        self.alloc = RangeAllocator(capacity, align)
-        self.kv_bytes, self.block_tokens = kv_bytes, block_tokens
-        self.page = self.kv_usable = 0  # bytes of a KV page (a block of every model) and of the usable pages
-        self.kv_slot: Slot | None = None
-        self.slots: dict[str, Slot] = {}  # every slot held: landed or landing, blocking load or prefetch
-        # ModelPool's `e.resident` models (blocking loads, prefetches once taken) -> last `load` call: the
-        # fallback's LRU candidates. A prefetch is taken at its model's first step.
-        self.taken: dict[str, float] = {}
-
-    def carve_kv(self, per_token: int) -> None:
-        self.page, n = kv_pages(self.kv_bytes, per_token, self.block_tokens)
-        self.kv_slot = self.alloc.allocate(n * self.page, tag="kv")
-        self.kv_usable = (n - 1) * self.page  # ModelPool's pages less the scratch page (the slot is rounded up)
-
-    def block_tokens_of(self, per_token: int) -> int:
-        """Tokens a page holds for a model of `per_token` KV bytes (ModelPool.register's block size)."""
-        return 1 << (max(1, self.page // per_token).bit_length() - 1)
-
-    @property
-    def weight_capacity(self) -> int:
-        return self.alloc.capacity - (self.kv_slot.nbytes if self.kv_slot else 0)
-
-    def slot_bytes(self, nbytes: int) -> int:
-        return self.alloc._round(nbytes)
-
-    def _victims(self, name: str, nbytes: int, order, lru, blocking: bool) -> list[str] | None:
-        if order is not None:
-            order = [n for n in order if n != name]
-        slots = {n: (s.offset, s.nbytes) for n, s in self.slots.items()}
-        return placement_victims(self.alloc.free_runs(), slots, self.slot_bytes(nbytes), self.alloc.align, order,
-                                 lru, blocking)
-
-    def load(self, name: str, nbytes: int, now: float, protect=(), order=None) -> list[str]:
-        """A blocking load (ModelPool.load): the models evicted to place it. Raises ArenaFull as the pool does."""
-        lru = sorted((n for n in self.taken if n != name and n not in protect), key=self.taken.__getitem__)
-        victims = self._victims(name, nbytes, order, lru, blocking=True) or []
-        for v in victims:
-            self.evict(v)
-        self.slots[name] = self.alloc.allocate(nbytes, name)
-        self.taken[name] = now
-        return victims
-
-    def prefetch(self, name: str, nbytes: int, order=None) -> list[str] | None:
-        """ModelPool.prefetch: the models evicted to place it, or None when it is skipped."""
-        victims = self._victims(name, nbytes, order, [], blocking=False)
-        if victims is None:
-            return None
-        for v in victims:
-            self.evict(v)
-        self.slots[name] = self.alloc.allocate(nbytes, name)
-        return victims
-
-    def take(self, name: str, now: float) -> None:
-        if name not in self.taken:
-            self.taken[name] = now
-
-    def evict(self, name: str) -> None:
-        slot = self.slots.pop(name, None)
-        if slot is not None:
-            self.alloc.free(slot)
-        self.taken.pop(name, None)
+def sim_arena(capacity: int, kv_bytes: int, align: int = DEFAULT_ALIGN) -> SlotTable:
+    """A simulated GPU's arena: `ModelPool`'s slot table over an allocator of its own (best fit, 2 MiB
+    alignment), its KV region carved when the first model registers."""
+    return SlotTable(RangeAllocator(capacity, align), kv_bytes)
 
 
 class GpuSim:
     """One GPU: state + policy + links. `step()` runs one plan and returns when the GPU is next free."""
 
     def __init__(self, gid: int, capacity: int, policy, hw: HardwareProfile, noise: float = 0.0, seed: int = 0,
-                 arena: SimArena | None = None, copy_slowdown: float = 0.0):
+                 arena: SlotTable | None = None, copy_slowdown: float = 0.0):
         self.gid, self.policy, self.hw, self.noise = gid, policy, hw, noise
         self.copy_slowdown = copy_slowdown  # a step beside a weight copy in flight takes this much longer
         self.state = PoolState(models={}, capacity_bytes=capacity, cost=CostModel(hw))
@@ -189,7 +126,7 @@ class GpuSim:
                     self.state.capacity_bytes = a.weight_capacity
                     self.state.kv_capacity_bytes = self.stats.kv_region_bytes = a.kv_usable
                 m.spec = replace(spec, weight_bytes=a.slot_bytes(spec.weight_bytes))
-                m.kv_block_tokens, m.kv_block_bytes = a.block_tokens_of(spec.kv_bytes_per_token), a.page
+                m.kv_block_tokens, m.kv_block_bytes = a.block_tokens_of(spec.kv_bytes_per_token), a.page_bytes
             self.state.models[spec.name] = m
             self.state.cost.register(m.spec)
 
@@ -278,7 +215,7 @@ class GpuSim:
             m.residency = Residency.HOST
             self.stats.evictions += 1
             if arena is not None:
-                arena.evict(name)
+                arena.free(name)
         out_end = self.now
         if plan.swap_out:
             nbytes = 0
@@ -297,15 +234,14 @@ class GpuSim:
         if plan.model is not None and plan.batch:
             m = models[plan.model]
             if m.residency == Residency.HOST:
-                if arena is not None:
-                    self._dropped(arena.load(plan.model, self.specs[plan.model].weight_bytes, self.now,
-                                             protect=(plan.prefetch,) if plan.prefetch else (), order=plan.load_order))
+                if arena is not None:  # ModelPool.load: raises ArenaFull as the pool does
+                    self._dropped(arena.claim(plan.model, self.specs[plan.model].weight_bytes, arena.free,
+                                              plan.load_order, (plan.prefetch,) if plan.prefetch else ()))
                 self._load(plan.model, wait, background=False)
-            else:
-                if arena is not None:
-                    arena.take(plan.model, self.now)
-                if plan.model in self.loads:
-                    self.loads[plan.model][4] = False  # needed now: no longer paused for other transfers
+            elif plan.model in self.loads:
+                self.loads[plan.model][4] = False  # needed now: no longer paused for other transfers
+            if arena is not None:  # in use: a fallback victim from now on (a prefetch at its first step)
+                arena.take(plan.model, self.now)
             self._ready = max(wait, m.ready_at if m.residency == Residency.LOADING else self.now)
             self._load_ready = self._ready
             if plan.swap_in:
@@ -321,7 +257,8 @@ class GpuSim:
         if plan.prefetch is not None and models[plan.prefetch].residency == Residency.HOST:
             if arena is not None:
                 order = None if plan.prefetch_order is None else [n for n in plan.prefetch_order if n != plan.model]
-                dropped = arena.prefetch(plan.prefetch, self.specs[plan.prefetch].weight_bytes, order)
+                dropped = arena.claim(plan.prefetch, self.specs[plan.prefetch].weight_bytes, arena.free, order,
+                                      blocking=False)
                 if dropped is None:
                     self.stats.prefetch_skipped += 1
                     return
@@ -464,7 +401,7 @@ def _run_gpus(items, gpu_ids: list[int], job: dict):
     slos, specs, where = job["slos"], job["specs"], job["where"]
     slo_of = (lambda m: slos) if isinstance(slos, ModelSLO) else (lambda m: slos[m])
     gpus = {g: GpuSim(g, job["capacity"], make_policy(job["policy"], **job["policy_kw"]), job["hw"], job["noise"],
-                      job["seed"], SimArena(job["capacity"], job["kv"]) if job["kv"] else None,
+                      job["seed"], sim_arena(job["capacity"], job["kv"]) if job["kv"] else None,
                       job["copy_slowdown"]) for g in gpu_ids}
     if job["static"]:
         for m, gs in where.items():

@@ -82,14 +82,16 @@ class Prefetcher:
         dst = self.swapper.arena.slot_bytes(p.slot)
         return ResidentModel(p.key, p.host.layout, p.slot, p.host.layout.views(dst), p.handle, p.host)
 
-    def cancel(self, p: Prefetch) -> None:
-        """Stop the prefetch and free its slot. Pieces already enqueued still run; later copies into the
-        slot are queued behind them on the same stream, so the slot may be reused at once."""
+    def cancel(self, p: Prefetch, free_slot: bool = True) -> None:
+        """Stop the prefetch and free its slot (with `free_slot=False` the slot is the caller's to free, as in
+        `Swapper.release`). Pieces already enqueued still run; later copies into the slot are queued behind
+        them on the same stream, so the slot may be reused at once."""
         if p.state != "running":
             return
         p.state = "cancelled"
         self._finish(p)
-        self.swapper.arena.free(p.slot)
+        if free_slot:
+            self.swapper.arena.free(p.slot)
 
     def _finish(self, p: Prefetch) -> None:
         p.handle.more = None

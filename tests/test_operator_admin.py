@@ -33,14 +33,14 @@ def admin(server) -> AdminClient:
 def test_tenant_with_given_key_hashes(server, admin):
     key = new_key()
     body = b.build_tenant_create("hashes-only", {"models": ["*"]}, b.tenant_key_hashes("hashes-only", [key]))
-    made = admin.add_tenant(body)
+    made = admin.tenants.add(body)
     assert made["api_key"] is None  # no key made server side: the caller holds its keys
-    assert "hashes-only" in admin.tenants()
+    assert "hashes-only" in admin.tenants.by_name()
     c = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
     c.models.list()
     with pytest.raises(AdminError, match="exists"):
-        admin.add_tenant(body)
-    assert admin.remove_tenant("hashes-only") and not admin.remove_tenant("hashes-only")
+        admin.tenants.add(body)
+    assert admin.tenants.remove("hashes-only") and not admin.tenants.remove("hashes-only")
     with pytest.raises(openai.AuthenticationError):
         c.models.list()
 
@@ -54,19 +54,19 @@ def test_key_hashes_must_be_hashes(server):
 
 
 def test_tenant_without_key_hashes_still_gets_a_key(admin):
-    made = admin.add_tenant(b.build_tenant_create("fresh", {}, []))
+    made = admin.tenants.add(b.build_tenant_create("fresh", {}, []))
     assert made["api_key"] and made["api_key"].startswith("tp-")
-    admin.remove_tenant("fresh")
+    admin.tenants.remove("fresh")
 
 
 def test_models_inflight_and_removal(server, admin):
     body = b.build_model_spec("pace-a", {"engine": {"kind": "pace"}, "replicas": {"min": 1, "max": 1}})
-    admin.add_model(body)
-    assert b.model_matches(body, admin.models()["pace-a"])
+    admin.models.add(body)
+    assert b.model_matches(body, admin.models.by_name()["pace-a"])
     with pytest.raises(AdminError, match="already registered"):
-        admin.add_model(body)
+        admin.models.add(body)
     key = new_key()
-    admin.add_tenant(b.build_tenant_create("reader", {}, b.tenant_key_hashes("reader", [key])))
+    admin.tenants.add(b.build_tenant_create("reader", {}, b.tenant_key_hashes("reader", [key])))
     c = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
     started, counts = threading.Event(), []
 
@@ -81,16 +81,16 @@ def test_models_inflight_and_removal(server, admin):
     t.join(30)
     counts.append(admin.inflight("pace-a"))
     assert counts == [1, 0]
-    assert admin.remove_model("pace-a") and not admin.remove_model("pace-a")
-    assert "pace-a" not in admin.models()
-    admin.remove_tenant("reader")
+    assert admin.models.remove("pace-a") and not admin.models.remove("pace-a")
+    assert "pace-a" not in admin.models.by_name()
+    admin.tenants.remove("reader")
 
 
 def test_errors_are_told_apart(server):
     with pytest.raises(AdminError, match="admin token"):
-        AdminClient(server.url, "wrong").models()
+        AdminClient(server.url, "wrong").models.by_name()
     with pytest.raises(AdminUnavailable):
-        AdminClient(f"http://127.0.0.1:{free_port()}", ADMIN, timeout_s=2).models()
+        AdminClient(f"http://127.0.0.1:{free_port()}", ADMIN, timeout_s=2).models.by_name()
 
 
 def test_operator_command_says_what_it_needs(tmp_path):

@@ -1,4 +1,5 @@
-"""Placement under fragmentation (gpu_pool/placement.py), and the simulator's arena against the real ModelPool."""
+"""Placement under fragmentation (gpu_pool/placement.py), and the slot table (gpu_pool/slots.py) that the real
+ModelPool and the simulator share, driven directly against the pool."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from gpu_pool.arena import ArenaFull, RangeAllocator
 from gpu_pool.placement import kv_pages, placement_victims
+from gpu_pool.slots import SlotTable
 
 
 def _layout(sizes: dict[str, int], holes: list[str], capacity: int, align: int = 1):
@@ -110,6 +112,33 @@ def test_kv_pages_as_the_pool_carves_them():
     assert kv_pages(10_000, 3, page_bytes=1000) == (1000, 10)
 
 
+def test_slot_table_claims_takes_and_frees():
+    """In units of 1: KV region [0, 4) (2 pages of 2), then A, B, C of 4 each, and 4 free at the end."""
+    t = SlotTable(RangeAllocator(20, 1), kv_bytes=4, page_bytes=2)
+    assert t.carve_kv(1).nbytes == 4 and (t.kv_pages, t.kv_usable, t.weight_capacity) == (2, 2, 16)
+    evicted = []
+
+    def evict(name):
+        evicted.append(name)
+        t.free(name)
+
+    for n in "ABC":
+        assert t.claim(n, 4, evict) == []
+    t.take("B", 1.0)
+    t.take("A", 2.0)
+    t.take("B", 3.0)  # the first time stays: B was taken before A
+    assert t.lru() == ["B", "A"] and t.lru({"B"}) == ["A"]  # C is a prefetch in flight: never a fallback victim
+    assert t.claim("D", 8, evict, blocking=False) is None and "D" not in t.slots  # a prefetch without an order
+    assert t.claim("D", 8, evict, order=["C"], blocking=False) == ["C"] and evicted == ["C"]  # [12, 20) free
+    assert t.claim("E", 4, evict, protect=["B"]) == ["A"] and t.slots["E"].offset == 4 and evicted == ["C", "A"]
+    assert t.lru() == ["B"] and t.free("nobody") is None
+    with pytest.raises(ArenaFull):  # evicting B (the only model taken) leaves no run of 8: nothing goes
+        t.claim("F", 8, evict)
+    assert evicted == ["C", "A"] and set(t.slots) == {"B", "D", "E"}
+    with pytest.raises(ValueError, match="fewer than 2 pages"):
+        SlotTable(RangeAllocator(20, 1), kv_bytes=3, page_bytes=2).carve_kv(1)
+
+
 @pytest.fixture
 def host_cache():
     import uuid
@@ -136,17 +165,16 @@ def _pool(make_tiny, host_cache, align=64 << 10):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_sim_arena_places_exactly_as_the_real_pool(make_tiny, host_cache, seed):
-    """The same loads, prefetches and evictions on ModelPool (CPU) and on the simulator's SimArena give the same
-    slots, the same forced evictions and the same skipped prefetches, with and without a policy order."""
-    from load_tests.simulator import SimArena
-
+def test_slot_table_places_exactly_as_the_real_pool(make_tiny, host_cache, seed):
+    """The same loads, prefetches and evictions on ModelPool (CPU) and on a SlotTable of its own (as the
+    simulator drives it) give the same slots, the same forced evictions and the same skipped prefetches, with
+    and without a policy order: the pool's tensors, copies and host copies follow its table."""
     pool = _pool(make_tiny, host_cache)
     names = list(pool.entries)
     nbytes = {n: pool.entries[n].host.nbytes for n in names}
-    sim = SimArena(pool.arena.capacity, pool.kv_bytes, align=pool.arena.alloc.align)
+    sim = SlotTable(RangeAllocator(pool.arena.capacity, pool.arena.alloc.align), pool.kv_bytes)
     sim.carve_kv(512)  # the first model's (qwen2) fp32 KV bytes per token
-    assert sim.kv_slot.nbytes == pool._kv_slot.nbytes and sim.weight_capacity == pool.weight_capacity
+    assert sim.kv_slot.nbytes == pool.slot_table.kv_slot.nbytes and sim.weight_capacity == pool.weight_capacity
     rng = random.Random(seed)
     forced = skipped = 0
     for t in range(200):
@@ -156,7 +184,7 @@ def test_sim_arena_places_exactly_as_the_real_pool(make_tiny, host_cache, seed):
         op = rng.random()
         if op < 0.3:
             pool.evict(name)
-            sim.evict(name)
+            sim.free(name)
         elif op < 0.65:  # a step of `name`: MultiModelEngine calls load unless its weights are resident
             if pool.entries[name].resident is None:
                 protect = (rng.choice(names),)
@@ -165,7 +193,8 @@ def test_sim_arena_places_exactly_as_the_real_pool(make_tiny, host_cache, seed):
                     sim.take(name, float(t))
                 else:
                     try:  # nothing the fallback may evict (prefetches in flight are not) makes room: both raise
-                        forced += len(sim.load(name, nbytes[name], float(t), protect=protect, order=order))
+                        forced += len(sim.claim(name, nbytes[name], sim.free, order, protect))
+                        sim.take(name, float(t))
                     except ArenaFull:
                         with pytest.raises(ArenaFull):
                             pool.load(name, protect=protect, order=order)
@@ -176,7 +205,7 @@ def test_sim_arena_places_exactly_as_the_real_pool(make_tiny, host_cache, seed):
             if name in sim.slots:
                 assert ok
             else:
-                v = sim.prefetch(name, nbytes[name], order)
+                v = sim.claim(name, nbytes[name], sim.free, order, blocking=False)
                 assert ok == (v is not None)
                 forced += len(v or ())
                 skipped += v is None

@@ -117,7 +117,7 @@ def test_pooled_arena_fragmentation_skips_prefetches_and_forces_evictions():
     when a plan counts them as room (`see_ranges=False`); the token policy's victim order (placement="window")
     turns most blocking loads back into prefetches, and so does a plan that counts free bytes only where one
     range holds the slot (the default)."""
-    from load_tests.simulator import SimArena
+    from load_tests.simulator import sim_arena
 
     MiB = 1 << 20
     specs = {f"m{i}": ModelSize(f"m{i}", s * MiB - 1000, 1024, 1.0, 1.0) for i, s in enumerate([30, 30, 20, 20, 12, 12])}
@@ -142,7 +142,7 @@ def test_pooled_arena_fragmentation_skips_prefetches_and_forces_evictions():
     assert 0 < lru["kv_peak_gb"] < 4 * MiB / 1e9 and not lru["kv_region_exceeded"]
     # what the policy sees is what MultiModelEngine shows it: weight space, slot-rounded weights, the KV region
     # apart, KV in pages (16 tokens of the first model's KV a page; a model of twice the width: 8 a page)
-    gpu = GpuSim(0, 84 * MiB, make_policy("token"), FLAT, arena=SimArena(84 * MiB, 4 * MiB))
+    gpu = GpuSim(0, 84 * MiB, make_policy("token"), FLAT, arena=sim_arena(84 * MiB, 4 * MiB))
     gpu.register(specs["m0"], SLO)
     gpu.register(ModelSize("wide", 12 * MiB, 2048, 1.0, 1.0), SLO)
     m = gpu.state.models["m0"]

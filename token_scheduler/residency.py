@@ -11,12 +11,14 @@ as its own block shape (tokens per block chosen so a block fills a page) and eve
 from one free list, so KV space moves between models block by block. Host KV pages (swap space) are shared
 the same way. The last GPU page is the scratch page padded CUDA-graph rows write into.
 
-Slots come from the arena's best-fit allocator; a model that lands at the offset of an earlier model of the
-same graph key replays that model's CUDA graphs (ModelRunner keys graphs by slot). If a load or a prefetch
-does not fit because free space is fragmented, `gpu_pool.placement.placement_victims` says what else must go
-(the simulator makes the same call): the window of slots the policy lets go (`order`) that costs least, or
-without an order, for a load, least recently used models until it fits, and for a prefetch nothing (skipped,
-`stats.prefetch_skipped`). Evictions made here are counted in `stats.forced_evictions`.
+Which model holds which slot is a `gpu_pool.slots.SlotTable` over the arena's best-fit allocator, the one the
+simulator drives too; this pool keeps the tensors, copies, host copies and streams beside it. A model that
+lands at the offset of an earlier model of the same graph key replays that model's CUDA graphs (ModelRunner
+keys graphs by slot). If a load or a prefetch does not fit because free space is fragmented, the table says
+what else must go (`gpu_pool.placement.placement_victims`): the window of slots the policy lets go (`order`)
+that costs least, or without an order, for a load, least recently used models until it fits, and for a
+prefetch nothing (skipped, `stats.prefetch_skipped`). Evictions made here are counted in
+`stats.forced_evictions`.
 """
 
 from __future__ import annotations
@@ -27,14 +29,10 @@ from pathlib import Path
 
 import torch
 
-from gpu_pool.placement import kv_pages, placement_victims
+from gpu_pool.slots import SlotTable
 from model_swapper.model_config import ModelConfig
 from token_scheduler.block_manager import BlockAllocator
 from token_scheduler.engine import SharedKV
-
-
-def _pow2_floor(n: int) -> int:
-    return 1 << (max(1, n).bit_length() - 1)
 
 
 @dataclass
@@ -46,19 +44,20 @@ class _Entry:
     prefetch: object | None = None  # model_swapper.Prefetch
     load_started: float | None = None  # monotonic, for the load-time measurement
     load_hidden: bool = False  # started as a prefetch
-    last_used: float = 0.0
 
 
 @dataclass
 class PoolStats:
-    loads: int = 0
+    """What the pool did since `reset_stats`: weights brought in and what they cost, then weights let go."""
+
+    loads: int = 0  # blocking loads (a step waits for them); prefetches are counted apart
     prefetches: int = 0
-    evictions: int = 0
-    forced_evictions: int = 0
-    prefetch_skipped: int = 0
-    load_bytes: int = 0
-    stall_s: float = 0.0  # CPU-visible waits for weights at switches
+    load_bytes: int = 0  # of both
     load_s: list = field(default_factory=list)  # (bytes, seconds, hidden seconds) of completed loads
+    stall_s: float = 0.0  # CPU-visible waits for weights at switches
+    evictions: int = 0  # every weight slot given back (a cancelled prefetch too), planned or forced
+    forced_evictions: int = 0  # of those, the ones the slot table asked for to make a slot contiguous
+    prefetch_skipped: int = 0  # prefetches that found no contiguous range (and no order allowing evictions)
 
 
 class ModelPool:
@@ -77,9 +76,7 @@ class ModelPool:
         self.cache = host_cache or HostModelCache(host_budget, namespace=namespace)
         self.kv_bytes = int(kv_cache_gb * 1e9)
         self.host_kv_bytes = int((kv_cache_gb if host_kv_gb is None else host_kv_gb) * 1e9)
-        self.block_tokens = block_tokens
-        self.page_bytes = page_bytes  # fixed by the first model registered unless given
-        self._kv_slot = None
+        self.slot_table = SlotTable(self.arena.alloc, self.kv_bytes, block_tokens, page_bytes)
         self.kv_flat: torch.Tensor | None = None
         self.pages: BlockAllocator | None = None
         self.host_kv = None
@@ -92,14 +89,20 @@ class ModelPool:
     @property
     def weight_capacity(self) -> int:
         """Bytes the weight slots may use (the arena minus the KV region)."""
-        return self.arena.capacity - (self._kv_slot.nbytes if self._kv_slot else 0)
+        return self.slot_table.weight_capacity
+
+    @property
+    def page_bytes(self) -> int | None:
+        """Bytes of a KV page: fixed by the first model registered unless given."""
+        return self.slot_table.page_bytes
+
+    @property
+    def _kv_slot(self):  # MultiModelEngine.snapshot reads it
+        return self.slot_table.kv_slot
 
     def _carve_kv(self, per_token: int) -> None:
-        self.page_bytes, n = kv_pages(self.kv_bytes, per_token, self.block_tokens, self.page_bytes)
-        if n < 2:
-            raise ValueError(f"kv_cache_gb={self.kv_bytes / 1e9} holds fewer than 2 pages of {self.page_bytes} B")
-        self._kv_slot = self.arena.allocate(n * self.page_bytes, tag="kv")
-        self.kv_flat = self.arena.slot_bytes(self._kv_slot)[: n * self.page_bytes]
+        slot, n = self.slot_table.carve_kv(per_token), self.slot_table.kv_pages
+        self.kv_flat = self.arena.slot_bytes(slot)[: n * self.page_bytes]
         self.pages = BlockAllocator(n - 1, 1)  # the last page is scratch
         nh = self.host_kv_bytes // self.page_bytes
         from model_swapper import HostKVPool
@@ -117,7 +120,7 @@ class ModelPool:
         per_token = cfg.kv_bytes_per_token(dtype)
         if self.pages is None:
             self._carve_kv(per_token)
-        bs = _pow2_floor(self.page_bytes // per_token)
+        bs = self.slot_table.block_tokens_of(per_token)
         if bs * per_token > self.page_bytes:
             raise ValueError(f"{name}: one token of KV ({per_token} B) is larger than a page ({self.page_bytes} B)")
         host = self.cache.get(model_dir, dtype, progress)
@@ -133,7 +136,7 @@ class ModelPool:
 
     def slot_bytes(self, name: str) -> int:
         """Arena bytes the model's weights take (its size rounded up to the arena's alignment)."""
-        return self.arena.alloc._round(self.entries[name].host.nbytes)
+        return self.slot_table.slot_bytes(self.entries[name].host.nbytes)
 
     def unregister(self, name: str) -> None:
         """Forget `name`: its slot is freed; its CUDA graphs and its host copy go too unless another registered
@@ -181,18 +184,19 @@ class ModelPool:
         """Make `name` resident and wait (CPU) until its weights have landed; returns the ResidentModel.
         The wait is the switch stall, measured; compute would have waited for it anyway. If no contiguous
         range is free, models in `order` (the policy's, preferred victim first) or, without one, the least
-        recently used models other than `name` and `protect` are evicted (module docstring)."""
+        recently taken models (`SlotTable.take`: their blocking load, or their first step after a prefetch)
+        other than `name`, `protect` and the pinned ones are evicted (module docstring)."""
         e = self.entries[name]
-        e.last_used = time.monotonic()
         if e.resident is None:
             if e.prefetch is not None:
                 e.resident, e.prefetch = self.prefetcher.take(e.prefetch), None
-            else:
-                self._make_contiguous(name, order, self._lru(exclude={name, *protect}), blocking=True)
-                e.resident = self.swapper.swap_in(e.host)  # raises ArenaFull if nothing could make room
+            else:  # raises ArenaFull if nothing could make room
+                self.slot_table.claim(name, e.host.nbytes, self._evict_forced, order, (*protect, *self.pinned))
+                e.resident = self.swapper.swap_in(e.host, self.slot_table.slots[name])
                 e.load_started, e.load_hidden = time.monotonic(), False
                 self.stats.loads += 1
                 self.stats.load_bytes += e.host.nbytes
+        self.slot_table.take(name, time.monotonic())
         t0 = time.perf_counter()
         e.resident.ready.synchronize()
         stall = time.perf_counter() - t0
@@ -203,50 +207,35 @@ class ModelPool:
     def prefetch(self, name: str, order: list[str] | None = None) -> bool:
         """Start bringing `name` in. Without an `order` only into free space (never evicts for a prefetch);
         with one, the models in it may go to make a contiguous range. False if there is no room."""
-        from gpu_pool.arena import ArenaError
-
         e = self.entries[name]
         if e.resident is not None or e.prefetch is not None:
             return True
-        if not self._make_contiguous(name, order, [], blocking=False):
+        if self.slot_table.claim(name, e.host.nbytes, self._evict_forced, order, blocking=False) is None:
             self.stats.prefetch_skipped += 1
             return False
-        try:
-            e.prefetch = self.prefetcher.prefetch(e.host, name=name)
-        except ArenaError:
-            self.stats.prefetch_skipped += 1
-            return False
+        e.prefetch = self.prefetcher.prefetch(e.host, self.slot_table.slots[name], name=name)
         e.load_started, e.load_hidden = time.monotonic(), True
         self.stats.prefetches += 1
         self.stats.load_bytes += e.host.nbytes
         return True
 
-    def _make_contiguous(self, name: str, order: list[str] | None, lru: list[str], blocking: bool) -> bool:
-        """Evict what `placement_victims` says so that `name`'s slot fits; False if it cannot fit."""
-        alloc = self.arena.alloc
-        slots = {}
-        for n, e in self.entries.items():
-            held = e.resident if e.resident is not None else e.prefetch
-            if held is not None and n != name:
-                slots[n] = (held.slot.offset, held.slot.nbytes)
-        victims = placement_victims(alloc.free_runs(), slots, self.slot_bytes(name), alloc.align, order, lru,
-                                    blocking)
-        for v in victims or ():
-            self.stats.forced_evictions += 1
-            self.evict(v)
-        return victims is not None
+    def _evict_forced(self, name: str) -> None:
+        """An eviction the slot table asked for to make a slot contiguous, beyond the policy's plan."""
+        self.stats.forced_evictions += 1
+        self.evict(name)
 
     def evict(self, name: str) -> None:
         """Drop the weights (the host copy stays); later copies into the slot wait for queued compute."""
         e = self.entries[name]
         if e.prefetch is not None:
-            self.prefetcher.cancel(e.prefetch)
+            self.prefetcher.cancel(e.prefetch, free_slot=False)
             e.prefetch = None
             self.stats.evictions += 1
         if e.resident is not None:
-            self.swapper.release(e.resident)
+            self.swapper.release(e.resident, free_slot=False)
             e.resident = None
             self.stats.evictions += 1
+        self.slot_table.free(name)
         e.load_started = None
 
     def reset_stats(self) -> None:
@@ -272,13 +261,6 @@ class ModelPool:
             secs = time.monotonic() - e.load_started
             self.stats.load_s.append((e.host.nbytes, secs, max(0.0, secs - stall) if e.load_hidden else 0.0))
             e.load_started = None
-
-    def _lru(self, exclude: set[str]) -> list[str]:
-        """Models with landed weights (prefetches in flight excluded), least recently used first: the fallback
-        victims. `last_used` is the last `load` call: a blocking load, or the first step after a prefetch."""
-        cands = [e for n, e in self.entries.items()
-                 if n not in exclude and n not in self.pinned and e.resident is not None]
-        return [e.name for e in sorted(cands, key=lambda e: e.last_used)]
 
     def close(self) -> None:
         for n in list(self.entries):

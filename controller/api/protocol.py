@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_N = 16
@@ -146,16 +146,16 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
+def _choice(name: str, content: str, kind: Any, logprobs: type[BaseModel]) -> type[BaseModel]:
+    """A choice of a reply or a streamed chunk, in OpenAI's order: `index`, its content (`text`, `message` or
+    `delta`: required), `logprobs` and `finish_reason`."""
+    return create_model(name, __module__=__name__, index=(int, ...), **{content: (kind, ...)},
+                        logprobs=(logprobs | None, None), finish_reason=(str | None, None))
 
 
 class _Reply(BaseModel):
     """What every completion reply and streamed chunk carries, in OpenAI's order (the SSE fast path in sse.py
-    writes the same bytes). Each subclass narrows `object` and `choices`; pydantic keeps a field's place."""
+    writes the same bytes). Each kind (`_reply`) narrows `object` and `choices`; pydantic keeps a field's place."""
 
     id: str
     object: str
@@ -166,9 +166,15 @@ class _Reply(BaseModel):
     usage: Usage | None = None
 
 
-class CompletionResponse(_Reply):
-    object: Literal["text_completion"] = "text_completion"
-    choices: list[CompletionChoice]
+def _reply(name: str, obj: str, choice: type[BaseModel]) -> type[_Reply]:
+    """A kind of reply: its `object` is `obj`, its choices are `choice`s."""
+    return create_model(name, __base__=_Reply, __module__=__name__, object=(Literal[obj], obj),
+                        choices=(list[choice], ...))
+
+
+CompletionChoice = _choice("CompletionChoice", "text", str, CompletionLogprobs)
+CompletionResponse = _reply("CompletionResponse", "text_completion", CompletionChoice)
+CompletionChunk = _reply("CompletionChunk", "text_completion", CompletionChoice)
 
 
 class TopLogprob(BaseModel):
@@ -192,38 +198,15 @@ class AssistantMessage(BaseModel):
     refusal: str | None = None
 
 
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionResponse(_Reply):
-    object: Literal["chat.completion"] = "chat.completion"
-    choices: list[ChatChoice]
-
-
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: ChatDelta
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(_Reply):
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    choices: list[ChatChunkChoice]
-
-
-class CompletionChunk(_Reply):
-    object: Literal["text_completion"] = "text_completion"
-    choices: list[CompletionChoice]
+ChatChoice = _choice("ChatChoice", "message", AssistantMessage, ChoiceLogprobs)
+ChatCompletionResponse = _reply("ChatCompletionResponse", "chat.completion", ChatChoice)
+ChatChunkChoice = _choice("ChatChunkChoice", "delta", ChatDelta, ChoiceLogprobs)
+ChatCompletionChunk = _reply("ChatCompletionChunk", "chat.completion.chunk", ChatChunkChoice)
 
 
 class ModelCard(BaseModel):

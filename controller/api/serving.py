@@ -124,14 +124,6 @@ class Tracked:
         self.t_handed = time.monotonic()  # generate() returns once every choice is on an engine
         self.finish: dict[int, str | None] = {}
 
-    @property
-    def prompt_tokens(self) -> int:
-        return self.gen.prompt_tokens
-
-    @property
-    def completion_tokens(self) -> int:
-        return self.gen.completion_tokens
-
     async def events(self) -> AsyncIterator[tuple[int, Delta]]:
         async for i, d in self.gen.events():
             if d.finished:
@@ -141,7 +133,7 @@ class Tracked:
     def pending(self) -> bool:
         return self.gen.pending()
 
-    def __getattr__(self, name: str):  # the rest of the Generation (sink, closed, entry, ...)
+    def __getattr__(self, name: str):  # the rest of the Generation (token counts, sink, closed, entry, ...)
         return getattr(self.gen, name)
 
     def close(self, status: int) -> None:

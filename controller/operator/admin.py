@@ -58,18 +58,17 @@ class AdminClient:
             raise AdminError(self._error(r))
         return r.status_code == 200
 
-    def models(self) -> dict[str, dict]:
-        return {m["name"]: m for m in self._expect("GET", "/admin/models", 200)}
+    @property
+    def models(self) -> Named:
+        return Named(self, "/admin/models", safe="/")  # a served name may hold '/' (org/model)
 
-    def add_model(self, body: dict) -> dict:
-        return self._expect("POST", "/admin/models", 201, body)
-
-    def remove_model(self, name: str) -> bool:
-        return self._if_present("DELETE", f"/admin/models/{quote(name, safe='/')}")
+    @property
+    def tenants(self) -> Named:
+        return Named(self, "/admin/tenants")
 
     def drain_model(self, name: str) -> bool:
         """Stop the controller admitting the model's requests (those in flight finish); False if it is gone."""
-        return self._if_present("POST", f"/admin/models/{quote(name, safe='/')}/drain")
+        return self._if_present("POST", self.models.path_of(name) + "/drain")
 
     def engines(self) -> list[dict]:
         return self._expect("GET", "/admin/engines", 200)
@@ -78,11 +77,25 @@ class AdminClient:
         """Requests of `model` now running on any engine."""
         return sum(rep["inflight"] for e in self.engines() for rep in e["models"] if rep["model"] == model)
 
-    def tenants(self) -> dict[str, dict]:
-        return {t["name"]: t for t in self._expect("GET", "/admin/tenants", 200)}
 
-    def add_tenant(self, body: dict) -> dict:
-        return self._expect("POST", "/admin/tenants", 201, body)
+@dataclass(frozen=True)
+class Named:
+    """Resources of one kind the admin API keeps by name at `path` (models, tenants): read, added, removed. There
+    is no in-place update: a changed one is removed and added again."""
 
-    def remove_tenant(self, name: str) -> bool:
-        return self._if_present("DELETE", f"/admin/tenants/{quote(name, safe='')}")
+    admin: AdminClient
+    path: str
+    safe: str = ""  # characters a name keeps unquoted in its URL
+
+    def path_of(self, name: str) -> str:
+        return f"{self.path}/{quote(name, safe=self.safe)}"
+
+    def by_name(self) -> dict[str, dict]:
+        return {x["name"]: x for x in self.admin._expect("GET", self.path, 200)}
+
+    def add(self, body: dict) -> dict:
+        return self.admin._expect("POST", self.path, 201, body)
+
+    def remove(self, name: str) -> bool:
+        """False if it was gone already."""
+        return self.admin._if_present("DELETE", self.path_of(name))

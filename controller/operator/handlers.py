@@ -200,15 +200,15 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
         want = b.digest(desired)
         try:
             old = status.get("served")
-            if old and old != desired["name"] and old in memo.admin.models():  # renamed (servedName changed)
+            if old and old != desired["name"] and old in memo.admin.models.by_name():  # renamed (servedName changed)
                 n = _drain_wait(memo.admin, old, spec, runtime)
                 if n:
                     _write_status(patch, status, {}, "Progressing", "Draining", f"{n} requests in flight on {old!r}", gen)
                     if runtime is None:
                         return
                     raise kopf.TemporaryError(f"draining {n} requests of {old!r} before the rename", delay=1)
-                memo.admin.remove_model(old)
-            actual = memo.admin.models().get(desired["name"])
+                memo.admin.models.remove(old)
+            actual = memo.admin.models.by_name().get(desired["name"])
             known = _applied(memo, meta) or status.get("appliedDigest")
             if actual is not None and (not b.model_matches(desired, actual) or known not in (None, want)):
                 # The admin API has no in-place update: re-register, after the requests in flight finish.
@@ -219,10 +219,10 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
                     if runtime is None:
                         return
                     raise kopf.TemporaryError(f"draining {n} requests before re-registering", delay=1)
-                memo.admin.remove_model(desired["name"])
+                memo.admin.models.remove(desired["name"])
                 actual = None
             if actual is None:
-                actual = memo.admin.add_model(desired)
+                actual = memo.admin.models.add(desired)
             memo.applied[meta["uid"]] = (gen, want)
         except (AdminError, AdminUnavailable) as e:
             _admin_failed(patch, status, gen, e)
@@ -250,7 +250,7 @@ def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Pa
                               meta.get("generation"))
                 raise kopf.TemporaryError(f"draining {n} requests before removal", delay=1)
             for served in names:
-                memo.admin.remove_model(served)
+                memo.admin.models.remove(served)
             memo.applied.pop(meta["uid"], None)
         except AdminUnavailable as e:
             raise _unavailable(e) from e
@@ -271,7 +271,7 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
         data = memo.kube.secret_data(namespace, ref.get("name", ""))
         if data is None:  # no Secret, no keys: a tenant already made loses them
             try:
-                if memo.admin.remove_tenant(name):
+                if memo.admin.tenants.remove(name):
                     memo.applied.pop(meta["uid"], None)
             except AdminUnavailable as e:
                 raise _unavailable(e) from e
@@ -285,13 +285,13 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
             return
         want = b.digest(desired)  # covers the key hashes, which the admin API does not show back
         try:
-            actual = memo.admin.tenants().get(name)
+            actual = memo.admin.tenants.by_name().get(name)
             known = _applied(memo, meta) or status.get("appliedDigest")
             if actual is not None and (not b.tenant_matches(desired, actual) or known != want):
-                memo.admin.remove_tenant(name)  # no in-place update: replace (its usage counters restart)
+                memo.admin.tenants.remove(name)  # no in-place update: replace (its usage counters restart)
                 actual = None
             if actual is None:
-                memo.admin.add_tenant(desired)
+                memo.admin.tenants.add(desired)
             memo.applied[meta["uid"]] = (gen, want)
         except (AdminError, AdminUnavailable) as e:
             _admin_failed(patch, status, gen, e)
@@ -305,7 +305,7 @@ def delete_tenant(name: str, meta: dict, memo: kopf.Memo, **_: Any) -> None:
     """The finalizer: the tenant's keys stop working before the resource is gone."""
     with _lock(memo, meta["uid"]):
         try:
-            memo.admin.remove_tenant(name)
+            memo.admin.tenants.remove(name)
             memo.applied.pop(meta["uid"], None)
         except AdminUnavailable as e:
             raise _unavailable(e) from e
