@@ -5,6 +5,8 @@
 #   serve    issue 14: bench serve, 10 models on 60 GB, token policy at RATES (seed SEED)
 #   poolreal issue 14: bench pool --real, the same workload and rates (the served/harness step-rate ratio)
 #   request  issue 14: bench serve with the request-level policy at REQ_RATES
+#   two      issue 14: bench serve on every GPU of the machine (2 workers, one node-shared host cache): TWO_MODELS
+#            (default 8x7b,12x1.5b) on 60 GB per GPU at TWO_RATE req/s/model, seed SEED
 #   tests    the GPU tests (openai client carried in .whl)
 #   dash     issue 18: tokenpool suite dashboards on this machine's CPUs (50 dashboards under 48 streams)
 # Usage (device tool, repo root, carry .whl): TOKENPOOL_COMMIT=<sha> PARTS="many" bash load_tests/gpu_runs/session10.sh
@@ -32,6 +34,10 @@ poolreal) timeout "${LIMIT_POOL:-260}" python3 -m controller.cli bench pool --re
 request) timeout "${LIMIT_REQ:-400}" python3 -m controller.cli bench serve $W --rate "${REQ_RATES:-0.1,0.15}" \
     --policy request --json "$OUT/serve_request_s$SEED.json" > "$OUT/serve_request.log" 2>&1; at request $?
   show "$OUT/serve_request.log" ;;
+two) timeout "${LIMIT_TWO:-300}" python3 -m controller.cli bench serve --models "${TWO_MODELS:-8x7b,12x1.5b}" \
+    --rate "${TWO_RATE:-0.7}" --duration 120 --drain 60 --slo-ttft 10 --slo-tpot 0.1 --gpu-budget-gb 60 --kv-cache-gb 4 \
+    --seed "$SEED" --policy token --json "$OUT/serve_two_gpus_s$SEED.json" > "$OUT/serve_two.log" 2>&1; at two $?
+  show "$OUT/serve_two.log"; nvidia-smi -L ;;
 tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ > "$OUT/gpu_tests.log" 2>&1; at tests $?
   grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.log" | tail -8 ;;
 dash) timeout "${LIMIT_DASH:-200}" python3 -m controller.cli suite dashboards --duration 10 --rounds "${DASH_ROUNDS:-6}" \
