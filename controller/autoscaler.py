@@ -6,6 +6,10 @@ Every tick the controller hands in each model's measured load (in-flight request
 attainment over a recent window; a model must be hot for `up_ticks` ticks in a row to grow by one replica and
 cold for `down_ticks` to shrink by one (down_ticks >> up_ticks: scaling up is cheap to undo, thrashing is not).
 Between the two thresholds nothing moves. After acting, the model's counter restarts (a cooldown).
+
+Placement is part of each tick too: a model below its minimum is registered where `router.place` says (the
+loads planned earlier in the tick count, so models placed together spread), and `router.rebalance` moves idle
+registrations off an engine that carries more than its share (an engine that joined late starts empty).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from controller.config import AutoscalerSettings
-from controller.router import EngineView, ModelInfo, place
+from controller.router import EngineView, ModelInfo, place, rebalance, with_registration
 
 
 @dataclass(frozen=True)
@@ -24,13 +28,15 @@ class ModelLoad:
     inflight: int
     capacity: int  # max_num_seqs of one replica
     slo_attainment: float | None = None  # fraction of recent requests within SLO; None: too few to tell
+    pinned: bool = False  # an operator's pin: its registrations stay where they are
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # "load" | "unload"
+    kind: str  # "load" | "unload" | "move" (load on engine_id, then unload from source: placement's evening out)
     model: str
     engine_id: str
+    source: str | None = None
 
 
 class Autoscaler:
@@ -50,6 +56,7 @@ class Autoscaler:
                 rt = place(ml.info, engines, models, exclude=frozenset(a.engine_id for a in actions if a.model == name))
                 if rt is not None:
                     actions.append(Action("load", name, rt.engine_id))
+                    engines = with_registration(engines, rt.engine_id, name)
                 continue
             load = ml.inflight / max(1, n * ml.capacity) if n else (1.0 if ml.inflight else 0.0)
             missing_slo = ml.slo_attainment is not None and ml.slo_attainment < self.s.slo_target
@@ -70,6 +77,9 @@ class Autoscaler:
                     victim = max(idle, key=lambda e: (e.inflight, e.engine_id))
                     actions.append(Action("unload", name, victim.engine_id))
                     self._cold[name] = 0
+        acted = frozenset(a.model for a in actions)
+        fixed = acted | {ml.info.name for ml in loads if ml.pinned}
+        actions += [Action("move", name, dst, src) for name, src, dst in rebalance(engines, models, fixed)]
         return actions
 
     def forget(self, model: str) -> None:

@@ -45,6 +45,7 @@ MAX_DEVICE_BYTES = 1 << 41  # 2 TiB: a claimed device larger than this is not be
 POOL_VIEW_MAX = 256 << 10  # bytes of a worker's pool view kept (it reaches /admin and the dashboard)
 MAX_EVENTS = 1024  # events per Stats
 REPO_ROOT = Path(__file__).resolve().parent.parent
+JOIN_GRACE_S = 300.0  # at start-up, how long the server waits for every local worker before it is ready without
 QUICK_DEATH_S = 30.0  # a local worker that dies sooner after it started is restarted with a growing backoff
 
 
@@ -121,6 +122,7 @@ class EnginePool:
         self._on_pruned: Callable[[EngineHandle], None] | None = None
         self._local_token = secrets.token_urlsafe(24)  # local workers prove they are ours with it
         self._server: asyncio.base_events.Server | None = None
+        self.local_slots, self.t_start = 0, time.monotonic()  # local worker slots started, and when (start)
         self._procs: dict[int, asyncio.subprocess.Process] = {}  # slot -> its worker process
         self._spares: dict[int, asyncio.subprocess.Process] = {}  # slot -> its standby (see the module docstring)
         self._tasks: list[asyncio.Task] = []
@@ -135,6 +137,7 @@ class EnginePool:
         if self.s.join_token_hash is None and not _is_loopback(self.s.listen.host):
             log.warning("worker listener on %s has no join token: only this controller's own workers can "
                         "register; set workers.join_token_hash to admit remote ones", self.s.listen.host)
+        self.local_slots, self.t_start = len(devices), time.monotonic()
         for slot, dev in enumerate(devices):
             self._tasks.append(asyncio.create_task(self._supervise(slot, dev)))
         self._tasks.append(asyncio.create_task(self._watchdog()))
@@ -219,6 +222,13 @@ class EnginePool:
             log.warning("the standby of w%d (pid %d) had exited with %s", slot, spare.pid, spare.returncode)
             return None
         return spare
+
+    def local_joined(self) -> bool:
+        """Whether every local slot's worker has joined (GPU workers start one by one), or JOIN_GRACE_S has passed
+        since the start (a slot that cannot start does not hold the rest back)."""
+        if time.monotonic() - self.t_start > JOIN_GRACE_S:
+            return True
+        return all(any(e.alive and e.slot == i for e in self.engines.values()) for i in range(self.local_slots))
 
     def _joined(self, slot: int, pid: int) -> bool:
         e = self.engines.get(f"w{slot}")

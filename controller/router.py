@@ -7,12 +7,13 @@ node's host cache and come into VRAM as that engine's policy plans, so registrat
 weight space. Placement spreads registrations so every engine carries a similar share of bytes and load;
 routing sends a request to the registered engine with the lowest estimated time to first token, by the
 pool's own numbers (its round, the model's queue, prefill seconds per prompt token, the load when the
-weights are not in VRAM). Nothing is loaded or evicted per request.
+weights are not in VRAM). Nothing is loaded or evicted per request. When engines join after models were
+placed (GPU workers start one by one), `rebalance` moves idle registrations to even the shares out.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from controller.admission import estimate_ttft
 
@@ -133,3 +134,51 @@ def initial_placement(specs: list[tuple[ModelInfo, int]], engines: list[EngineVi
             state[rt.engine_id][m.name] = ReplicaView(m.name, False, 1)
             out.append((m.name, rt.engine_id))
     return out
+
+
+def with_registration(engines: list[EngineView], engine_id: str, model: str) -> list[EngineView]:
+    """`engines` with a (not yet ready) registration of `model` on `engine_id`: what a planned load will make, so
+    the next placement of the same tick sees it."""
+    return [replace(e, replicas={**e.replicas, model: ReplicaView(model, False, 1)}) if e.engine_id == engine_id
+            else e for e in engines]
+
+
+def rebalance(engines: list[EngineView], models: dict[str, ModelInfo],
+              fixed: frozenset[str] = frozenset()) -> list[tuple[str, str, str]]:
+    """Moves (model, from engine, to engine) that even out the registered bytes per byte of weight space, e.g.
+    when a GPU's worker joins after every model was placed on the first one. A model moves only when its one
+    registration is ready and idle (nothing in flight), it is not `fixed` (pinned) and fits the target; and
+    only while the gap between the fullest and the emptiest engine is at least what the move itself shifts --
+    so the move back is never due (no ping-pong). The largest such model goes first."""
+    live = {e.engine_id: e for e in engines if e.usable}
+    if len(live) < 2:
+        return []
+    count: dict[str, int] = {}
+    for e in engines:
+        if e.alive:
+            for name in e.replicas:
+                count[name] = count.get(name, 0) + 1
+    regs = {eid: set(e.replicas) for eid, e in live.items()}
+    used = {eid: used_bytes(e, models) for eid, e in live.items()}
+    cap = {eid: max(1, e.memory_bytes) for eid, e in live.items()}
+    moves: list[tuple[str, str, str]] = []
+    while True:
+        src = max(live, key=lambda k: (used[k] / cap[k], k))
+        dst = min(live, key=lambda k: (used[k] / cap[k], k))
+        gap = used[src] / cap[src] - used[dst] / cap[dst]
+        best = None
+        for name, r in live[src].replicas.items():
+            info = models.get(name)
+            if (info is None or info.size_bytes <= 0 or name not in regs[src] or name in regs[dst] or name in fixed or count.get(name) != 1
+                    or not r.ready or r.inflight or r.draining or info.size_bytes > live[dst].memory_bytes):
+                continue
+            if info.size_bytes / cap[src] + info.size_bytes / cap[dst] <= gap * (1 + 1e-9) and (
+                    best is None or (info.size_bytes, name) > (best.size_bytes, best.name)):
+                best = info
+        if best is None:
+            return moves
+        regs[src].discard(best.name)
+        regs[dst].add(best.name)
+        used[src] -= best.size_bytes
+        used[dst] += best.size_bytes
+        moves.append((best.name, src, dst))

@@ -28,7 +28,7 @@ from controller.events import EventBus
 from controller.heap import collect_all, freeze_long_lived
 from controller.metrics import Metrics
 from controller.pool import EngineHandle, EnginePool, Replica, Sub, local_devices
-from controller.router import EngineView, ModelInfo, ReplicaView, place, route
+from controller.router import EngineView, ModelInfo, ReplicaView, place, rebalance, route
 from controller.tenants import Tenant, TenantRegistry
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
@@ -134,6 +134,7 @@ class Controller:
         self.tenants = TenantRegistry(cfg.tenants, cfg.auth_enabled, cfg.tenants_file)
         self.models: dict[str, ModelEntry] = {}
         self.autoscaler = Autoscaler(cfg.autoscaler)
+        self._was_ready = False  # ready() once: start-up is over (see ready)
         self.events = EventBus()
         self.activity = Activity()  # the admin views' rolling window (controller/dashboard/activity.py)
         self.pool = EnginePool(cfg.workers, cfg.gpus, on_registered=self._registered, on_dead=self._dead,
@@ -158,10 +159,17 @@ class Controller:
         await self.pool.stop()
 
     def ready(self) -> bool:
+        """Every model with a minimum is ready on a live engine. At start-up also: every local worker has joined
+        and placement has evened the registrations out (no move pending), so the first requests do not meet
+        models moving between GPUs; once ready, only the first condition counts."""
         alive = [e for e in self.pool.engines.values() if e.alive]
         need = [n for n, me in self.models.items() if me.spec.replicas.min > 0]
-        return bool(alive) and all(any(n in e.replicas and e.replicas[n].state == "ready" for e in alive)
-                                   for n in need)
+        ok = bool(alive) and all(any(n in e.replicas and e.replicas[n].state == "ready" for e in alive) for n in need)
+        if ok and not self._was_ready:
+            pinned = frozenset(n for n, me in self.models.items() if me.pinned)
+            ok = self.pool.local_joined() and not rebalance(self.views(), self.infos(), pinned)
+            self._was_ready = ok
+        return ok
 
     # --- models ---
     async def add_model(self, spec: ModelSpec) -> ModelEntry:
@@ -399,11 +407,11 @@ class Controller:
         for name, me in self.models.items():
             inflight = sum(r.inflight for ev in engines for n, r in ev.replicas.items() if n == name)
             rs = me.spec.replicas
-            loads.append(ModelLoad(me.info, rs.min, rs.max, inflight, me.spec.engine.max_num_seqs, me.attainment()))
-        if self.cfg.autoscaler.enabled:
-            actions = self.autoscaler.plan(loads, engines)
-        else:
-            actions = [a for a in self.autoscaler.plan(loads, engines) if a.kind == "load"]
+            loads.append(ModelLoad(me.info, rs.min, rs.max, inflight, me.spec.engine.max_num_seqs, me.attainment(),
+                                   me.pinned))
+        actions = self.autoscaler.plan(loads, engines)
+        if not self.cfg.autoscaler.enabled:  # placement only: minimum registrations, and evening out
+            actions = [a for a in actions if a.kind in ("load", "move")]
         for a in actions:
             e = self.pool.engines.get(a.engine_id)
             if e is None or not e.alive:
@@ -413,6 +421,12 @@ class Controller:
             elif a.kind == "unload" and not any(s.model == a.model for s in e.subs.values()) \
                     and not (a.model in self.models and self.models[a.model].pinned):
                 self._unregister(e, a.model, "autoscaler: an extra registration went cold")
+            elif a.kind == "move" and a.model in self.models:
+                src = self.pool.engines.get(a.source)
+                if src is None or not src.alive or any(s.model == a.model for s in src.subs.values()):
+                    continue  # a request came for it since the views were taken: it stays
+                self._register(e, self.models[a.model])
+                self._unregister(src, a.model, f"placement: moved to {e.id} (the engines' shares even out)")
         for e in self.pool.engines.values():
             if e.alive and e.draining and not e.subs:
                 for name in list(e.replicas):

@@ -12,7 +12,16 @@ from controller.admission import decide, estimate_ttft, expected_tokens
 from controller.autoscaler import Autoscaler, ModelLoad
 from controller.config import AutoscalerSettings, EngineOptions, ServerConfig, TenantSpec
 from controller.keys import hash_key, is_key_hash, new_key, verify_key
-from controller.router import EngineView, ModelInfo, ReplicaView, estimate_on, initial_placement, place, route
+from controller.router import (
+    EngineView,
+    ModelInfo,
+    ReplicaView,
+    estimate_on,
+    initial_placement,
+    place,
+    rebalance,
+    route,
+)
 from controller.tenants import Tenant, TenantRegistry, TokenBucket
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
@@ -248,3 +257,47 @@ def test_a_workers_own_pool_settings_override_the_configuration_within_bounds():
                      settings={"budget_gb": 500, "policy": "nope", "kv_cache_gb": -1, "host_cache_gb": "x"})
     assert worker_settings(bad) == {}  # more than the device, unknown policy, nonsense: ignored
     assert worker_settings(m.Register(host="h", pid=1, device="cpu", memory_bytes=1, settings=None)) == {}
+
+
+def test_models_placed_in_one_tick_spread_over_the_engines():
+    # the planned loads of a tick count for the next placement: not every model on the emptiest engine at the start
+    a = Autoscaler(AutoscalerSettings())
+    loads = [_load(f"big{i}", 0, size=15) for i in range(4)] + [_load(f"small{i}", 0, size=3) for i in range(6)]
+    acts = a.plan(loads, [EngineView("e0", 60 * GB), EngineView("e1", 60 * GB)])
+    on = {e: sorted(x.model for x in acts if x.engine_id == e) for e in ("e0", "e1")}
+    assert [x.kind for x in acts] == ["load"] * 10
+    assert sum(m.startswith("big") for m in on["e0"]) == sum(m.startswith("big") for m in on["e1"]) == 2
+    assert len(on["e0"]) == len(on["e1"]) == 5
+
+
+def _ready(*names, busy=()):
+    return {n: ReplicaView(n, True, 4, (5,) if n in busy else ()) for n in names}
+
+
+def test_rebalance_moves_idle_registrations_to_a_late_engine_and_never_back():
+    models = {f"m{i}": ModelInfo(f"m{i}", (15 if i < 4 else 3) * GB) for i in range(10)}
+    full = EngineView("e0", 60 * GB, _ready(*models, busy=("m0",)))
+    moves = rebalance([full, EngineView("e1", 60 * GB)], models, fixed=frozenset({"m1"}))
+    assert all(src == "e0" and dst == "e1" for _, src, dst in moves)
+    moved = {m for m, _, _ in moves}
+    assert "m0" not in moved and "m1" not in moved  # in flight, pinned: they stay
+    left = {n for n in models if n not in moved}
+    e0 = EngineView("e0", 60 * GB, _ready(*left))
+    e1 = EngineView("e1", 60 * GB, _ready(*moved))
+    share = [sum(models[n].size_bytes for n in e.replicas) for e in (e0, e1)]
+    assert abs(share[0] - share[1]) <= 15 * GB  # even to within the largest model
+    assert rebalance([e0, e1], models) == [] and rebalance([e1, e0], models) == []  # settled: no ping-pong
+    # one engine, a model registered twice, a registration still loading: nothing moves
+    assert rebalance([full], models) == []
+    two = EngineView("e1", 60 * GB, {"m5": ReplicaView("m5", True, 4)})
+    assert "m5" not in {m for m, _, _ in rebalance([full, two], models)}
+    loading = EngineView("e0", 60 * GB, {n: ReplicaView(n, False, 4) for n in models})
+    assert rebalance([loading, EngineView("e1", 60 * GB)], models) == []
+
+
+def test_the_autoscaler_plans_placement_moves():
+    a = Autoscaler(AutoscalerSettings(enabled=False))
+    loads = [_load(f"m{i}", 0, size=3) for i in range(4)]
+    engines = [EngineView("e0", 60 * GB, _ready("m0", "m1", "m2", "m3")), EngineView("e1", 60 * GB)]
+    acts = a.plan(loads, engines)
+    assert {(x.kind, x.engine_id, x.source) for x in acts} == {("move", "e1", "e0")} and len(acts) == 2
