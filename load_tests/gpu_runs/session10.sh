@@ -35,7 +35,7 @@ request) timeout "${LIMIT_REQ:-400}" python3 -m controller.cli bench serve $W --
     --policy request --json "$OUT/serve_request_s$SEED.json" > "$OUT/serve_request.log" 2>&1; at request $?
   show "$OUT/serve_request.log" ;;
 two) timeout "${LIMIT_TWO:-300}" python3 -m controller.cli bench serve --models "${TWO_MODELS:-8x7b,12x1.5b}" \
-    --rate "${TWO_RATE:-0.7}" --duration 120 --drain 60 --slo-ttft 10 --slo-tpot 0.1 --gpu-budget-gb 60 --kv-cache-gb 4 \
+    --rate "${TWO_RATE:-0.7}" --duration "${TWO_DUR:-120}" --drain "${TWO_DRAIN:-60}" --slo-ttft 10 --slo-tpot 0.1 --gpu-budget-gb 60 --kv-cache-gb 4 \
     --seed "$SEED" --policy token --json "$OUT/serve_two_gpus_s$SEED.json" > "$OUT/serve_two.log" 2>&1; at two $?
   show "$OUT/serve_two.log"; nvidia-smi -L ;;
 tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ > "$OUT/gpu_tests.log" 2>&1; at tests $?
