@@ -160,7 +160,7 @@ def where_time_went(before: dict, after: dict, wall: float, gpus: int) -> dict:
         "engine_ms_per_step": 1e3 * d.get("engine_s", 0) / n, "stall_s": d.get("stall_s", 0.0),
         "loads_per_s": d.get("loads", 0) / wall, "prefetches_per_s": d.get("prefetches", 0) / wall,
         "load_gb": d.get("load_bytes", 0) / 1e9, "forced_evictions": d.get("forced_evictions", 0),
-        "idle_polls": d.get("idle_polls", 0),
+        "idle_polls": d.get("idle_polls", 0), "late_episodes": d.get("late_episodes", 0),
         "engine_busy_frac": d.get("engine_s", 0) / span, "memory_frac": d.get("memory_s", 0) / span,
         "step_thread_busy_frac": d.get("loop_step_thread_s", 0) / span,
         "emit_ms_per_step": 1e3 * d.get("loop_emit_s", 0) / n,

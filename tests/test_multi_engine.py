@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
 from token_scheduler.engine import EngineConfig, LLMEngine
 from token_scheduler.multi_engine import MultiModelEngine
+from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
 
 ARCHS = ("qwen2", "llama", "qwen3")
@@ -419,3 +421,25 @@ def test_aliases_share_one_tokenizer_while_hosted(make_tiny, host_cache):
     multi.remove_model("b")
     assert list(multi._tokenizers) == [str(other)] and "b" not in multi.add_s
     multi.close()
+
+
+def test_a_model_falling_behind_its_deadlines_is_reported_once_until_it_steps(make_tiny):
+    d = make_tiny("qwen2")
+    # "a" has an SLO no step can meet (every token due 1 ms after arrival); "b" an easy one
+    multi = MultiModelEngine({"a": d, "b": d}, policy="token", device="cpu",
+                             slos={"a": ModelSLO(0.001, 0.001), "b": ModelSLO(60.0, 1.0)})
+    for m in ("a", "b"):
+        multi.add_request(f"r-{m}", [1, 2, 3, 4], SamplingParams(max_tokens=4, temperature=0.0), model=m)
+    time.sleep(0.01)
+    multi.step_tokens()
+    late = [e for e in multi.events if e["kind"] == "late"]
+    assert [e["model"] for e in late] == ["a"] and late[0]["late_s"] > 0
+    assert late[0]["waiting"] + late[0]["running"] == 1 and late[0]["residency"] == "resident"
+    multi._late_check = 0.0  # the next check is due now; "a" has not stepped since its event unless it ran
+    before = len(multi.events)
+    ran = multi.step_tokens() and multi.trace[-1]
+    again = [e for e in list(multi.events)[before:] if e["kind"] == "late"]
+    assert [e["model"] for e in again] == (["a"] if ran == "a" else [])  # once per episode: a new one only after a step
+    assert multi.timing["late_episodes"] == 1 + len(again)
+    multi.run()
+    assert all(e["model"] == "a" for e in multi.events if e["kind"] == "late")

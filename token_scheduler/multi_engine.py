@@ -41,7 +41,7 @@ from token_scheduler.cost_model import H100_PCIE53, CostModel, ModelSize, StepSh
 from token_scheduler.detokenizer import detokenize
 from token_scheduler.engine import EngineConfig, LLMEngine
 from token_scheduler.policies import make_policy
-from token_scheduler.policies.slo import ModelSLO
+from token_scheduler.policies.slo import ModelSLO, next_token_slack
 from token_scheduler.policies.state import ModelState, PoolState, Residency
 from token_scheduler.request import Request, RequestOutput, SamplingParams, TokenOutput
 
@@ -80,13 +80,17 @@ class MultiModelEngine:
         self.events: deque[dict] = deque(maxlen=1024)
         self.timeline: deque[list] = deque(maxlen=1024)
         self.stall_s = 0.0  # CPU-visible waits for weights at switches (pooled), summed
+        # "late" events: a model with a request past its next token's deadline (a miss under way), once until it
+        # steps again -- why a model fell behind is then in the event stream (its residency, its last step)
+        self._late: set[str] = set()
+        self._late_check = 0.0
         self._last_run: dict[str, float] = {}
         self._last_request: dict[str, float] = {}
         self._keep_alive: dict[str, float] = {}  # model -> idle seconds before its weights are evicted
         # policy_s/memory_s/engine_s/steps: the steps that ran; idle_*: schedule() calls that planned nothing
         # (a caller polling while requests wait that no plan can serve, e.g. static's unplaced models)
-        self.timing = dict.fromkeys(("policy_s", "memory_s", "engine_s", "steps", "idle_policy_s", "idle_polls"),
-                                    0.0)
+        self.timing = dict.fromkeys(("policy_s", "memory_s", "engine_s", "steps", "idle_policy_s", "idle_polls",
+                                     "late_episodes"), 0.0)
         # One tokenizer per model directory: aliases of a checkpoint share it (a large vocabulary takes ~0.5 s
         # to load; a restarted worker registers every model again). Loaded by `tokenizer()`, off the step
         # thread when the caller prepares a registration there.
@@ -175,6 +179,7 @@ class MultiModelEngine:
         self.policy.forget(name)
         self._sync_limits()
         self._last_run.pop(name, None)
+        self._late.discard(name)
         self._last_request.pop(name, None)
         self._keep_alive.pop(name, None)
         self.steps_per_model.pop(name, None)
@@ -417,6 +422,7 @@ class MultiModelEngine:
                 self.cost.observe_step(plan.model, _ran_shape(ran), t3 - t2)
             self.state.active = plan.model
             self._last_run[plan.model] = time.monotonic()
+            self._late.discard(plan.model)
             self.steps_per_model[plan.model] += 1
             if self.trace and self.trace[-1] != plan.model:
                 self.switches += 1
@@ -428,11 +434,30 @@ class MultiModelEngine:
                 tl[-1][3] += t3 - t2
             else:
                 tl.append([time.time() - (t3 - t2), plan.model, 1, t3 - t2])
+        if self.state.now >= self._late_check:
+            self._watch_late(self.state.now)
         # Aborted requests of models that did not step still owe their final output (no step runs for them).
         for name, eng in self.engines.items():
             if name != plan.model and eng._aborted:
                 outputs += eng.take_aborted()
         return outputs
+
+    def _watch_late(self, now: float) -> None:
+        """Twice a second: a "late" event for each model that has a request past its next token's deadline and
+        has not stepped since its last such event (what it waited on: its weights' residency, its last step)."""
+        self._late_check = now + 0.5
+        for name, eng in self.engines.items():
+            s, m = eng.scheduler, self.state.models[name]
+            if name in self._late or not (s.waiting or s.running or s.swapped):
+                continue
+            late = max(-next_token_slack(r, m.slo, now) for r in (*s.waiting, *s.running, *s.swapped))
+            if late > 0:
+                self._late.add(name)
+                self.timing["late_episodes"] += 1
+                last = self._last_run.get(name)
+                self._event("late", name, late_s=round(late, 3), residency=m.residency.name.lower(),
+                            since_step_s=None if last is None else round(now - last, 3),
+                            waiting=len(s.waiting), running=len(s.running) + len(s.swapped), active=self.state.active)
 
     def estimate(self, name: str) -> dict[str, float]:
         """This engine's own numbers for a new request's TTFT (the controller routes and admits with them):
