@@ -105,11 +105,56 @@ async def _one(host: str, port: int, item: WorkItem, rec: RequestRecord, prompt:
             conn.close()
 
 
+class EventLog:
+    """The server's admin event stream over a point: events counted by kind, and the "late" ones kept whole
+    (a model with a request past its next token's deadline: which, when, its weights' residency, its last step),
+    so a miss can be traced to what its model was waiting on."""
+
+    KEEP, MAX = ("late",), 2000
+
+    def __init__(self) -> None:
+        self.buf, self.counts, self.kept = b"", {}, []
+
+    def on_data(self, data: bytes, _now: float, _wall: float) -> None:
+        self.buf += data
+        *frames, self.buf = self.buf.split(b"\n\n")
+        for f in frames:
+            line = next((x for x in f.split(b"\n") if x.startswith(b"data: ")), None)
+            if line is None:
+                continue
+            try:
+                ev = json.loads(line[6:])
+            except ValueError:
+                continue
+            kind = ev.get("kind", "?")
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+            if kind in self.KEEP and len(self.kept) < self.MAX:
+                self.kept.append(ev)
+
+    def to_dict(self, t0_wall: float) -> dict:
+        late = [{**e, "t": round(e["t"] - t0_wall, 3)} for e in self.kept]  # seconds into the point
+        return {"counts": dict(sorted(self.counts.items())), "late": late}
+
+
+async def _follow_events(host: str, port: int, token: str, log: EventLog) -> None:
+    """Read /admin/events (no snapshots) into `log` until cancelled."""
+    conn = await connect(host, port)
+    try:
+        await conn.request("GET", f"{host}:{port}", "/admin/events", headers={"Authorization": f"Bearer {token}"},
+                           on_data=log.on_data)
+    finally:
+        conn.close()
+
+
 async def replay_http(url: str, items: list[WorkItem], slo: ModelSLO, vocab: int, drain_s: float,
-                      seed: int = 0) -> dict:
-    """Send `items` at their arrival times (open loop); return the records and what came back."""
+                      seed: int = 0, admin_token: str | None = None) -> dict:
+    """Send `items` at their arrival times (open loop); return the records and what came back (and, with the
+    admin token, the server's events over the run)."""
     u = httpx.URL(url)
     host, port = u.host, u.port or 80
+    events = EventLog() if admin_token else None
+    follow = asyncio.create_task(_follow_events(host, port, admin_token, events)) if events else None
+    t0_wall = time.time()
     rng = random.Random(seed)
     records: list[RequestRecord] = []
     stats: dict = {}
@@ -125,7 +170,17 @@ async def replay_http(url: str, items: list[WorkItem], slo: ModelSLO, vocab: int
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(_one(host, port, w, rec, prompt, stats, horizon)))
     await asyncio.gather(*tasks)
-    return {"records": records, "wall_s": time.perf_counter() - t0, "responses": stats}
+    out = {"records": records, "wall_s": time.perf_counter() - t0, "responses": stats}
+    if follow is not None:
+        follow.cancel()
+        try:
+            await follow
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # noqa: BLE001 - the event log is a diagnosis: its failure is said, not raised
+            out["events_error"] = repr(e)
+        out["events"] = events.to_dict(t0_wall)
+    return out
 
 
 def _admin(url: str, token: str, path: str):
@@ -171,12 +226,14 @@ def run_point(url: str, admin_token: str | None, names: list[str], rate: float, 
               drain_s: float, seed: int, vocab: int) -> dict:
     items = generate(names, rate, duration, seed=seed)
     before = _pool_counters(url, admin_token)
-    r = asyncio.run(replay_http(url, items, slo, vocab, drain_s, seed))
+    r = asyncio.run(replay_http(url, items, slo, vocab, drain_s, seed, admin_token))
     after = _pool_counters(url, admin_token)
     s = summarize(r["records"])
     wall = r["wall_s"]
     res = {"rate": rate, "requests": len(items), "slo": s.to_dict(), "wall_s": wall,
            "responses": r["responses"], "goodput_rps": sum(x.attained() for x in r["records"]) / wall}
+    if "events" in r:
+        res["events"] = r["events"]
     if before and after:
         steps = after["steps"] - before["steps"]
         res.update(steps=steps, steps_per_s=steps / wall, switches_per_s=(after["switches"] - before["switches"]) / wall,

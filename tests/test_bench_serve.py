@@ -34,4 +34,7 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path):
         assert t["engine_ms_per_step"] > 0 and t["policy_us_per_step"] > 0
         assert 0 < t["engine_busy_frac"] <= t["step_thread_busy_frac"] <= 1.0
         assert t["emit_ms_per_step"] > 0
+        ev = p["events"]  # the server's event stream over the point: one admit per served request
+        assert "events_error" not in p and ev["counts"].get("admit") == len(items) - too_long
+        assert ev["late"] == []  # an SLO of a minute: no model fell behind
     assert out["policies"]["token"]["rate"] == 0.5
