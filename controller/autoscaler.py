@@ -29,6 +29,7 @@ class ModelLoad:
     capacity: int  # max_num_seqs of one replica
     slo_attainment: float | None = None  # fraction of recent requests within SLO; None: too few to tell
     pinned: bool = False  # an operator's pin: its registrations stay where they are
+    avoid: frozenset[str] = frozenset()  # engines where its registration failed lately: not placed there again yet
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,9 @@ class Autoscaler:
             name = ml.info.name
             hosts = [e for e in engines if e.alive and name in e.replicas and not e.replicas[name].draining]
             n = len(hosts)
+            exclude = ml.avoid | {a.engine_id for a in actions if a.model == name}
             if n < ml.min_replicas:
-                rt = place(ml.info, engines, models, exclude=frozenset(a.engine_id for a in actions if a.model == name))
+                rt = place(ml.info, engines, models, exclude=exclude)
                 if rt is not None:
                     actions.append(Action("load", name, rt.engine_id))
                     engines = with_registration(engines, rt.engine_id, name)
@@ -65,7 +67,7 @@ class Autoscaler:
             self._hot[name] = self._hot.get(name, 0) + 1 if hot else 0
             self._cold[name] = self._cold.get(name, 0) + 1 if cold else 0
             if self._hot[name] >= self.s.up_ticks and 0 < n < ml.max_replicas:
-                rt = place(ml.info, engines, models, exclude=frozenset(a.engine_id for a in actions if a.model == name))
+                rt = place(ml.info, engines, models, exclude=exclude)
                 if rt is not None:
                     actions.append(Action("load", name, rt.engine_id))
                     self._hot[name] = 0
@@ -79,7 +81,8 @@ class Autoscaler:
                     self._cold[name] = 0
         acted = frozenset(a.model for a in actions)
         fixed = acted | {ml.info.name for ml in loads if ml.pinned}
-        actions += [Action("move", name, dst, src) for name, src, dst in rebalance(engines, models, fixed)]
+        avoid = {ml.info.name: ml.avoid for ml in loads if ml.avoid}
+        actions += [Action("move", name, dst, src) for name, src, dst in rebalance(engines, models, fixed, avoid)]
         return actions
 
     def forget(self, model: str) -> None:

@@ -143,11 +143,12 @@ def with_registration(engines: list[EngineView], engine_id: str, model: str) -> 
             else e for e in engines]
 
 
-def rebalance(engines: list[EngineView], models: dict[str, ModelInfo],
-              fixed: frozenset[str] = frozenset()) -> list[tuple[str, str, str]]:
+def rebalance(engines: list[EngineView], models: dict[str, ModelInfo], fixed: frozenset[str] = frozenset(),
+              avoid: dict[str, frozenset[str]] | None = None) -> list[tuple[str, str, str]]:
     """Moves (model, from engine, to engine) that even out the registered bytes per byte of weight space, e.g.
     when a GPU's worker joins after every model was placed on the first one. A model moves only when its one
-    registration is ready and idle (nothing in flight), it is not `fixed` (pinned) and fits the target; and
+    registration is ready and idle (nothing in flight), it is not `fixed` (pinned), fits the target and its
+    registration did not fail there lately (`avoid`: model -> engines); and
     only while the gap between the fullest and the emptiest engine is at least what the move itself shifts --
     so the move back is never due (no ping-pong). The largest such model goes first."""
     live = {e.engine_id: e for e in engines if e.usable}
@@ -170,7 +171,8 @@ def rebalance(engines: list[EngineView], models: dict[str, ModelInfo],
         for name, r in live[src].replicas.items():
             info = models.get(name)
             if (info is None or info.size_bytes <= 0 or name not in regs[src] or name in regs[dst] or name in fixed or count.get(name) != 1
-                    or not r.ready or r.inflight or r.draining or info.size_bytes > live[dst].memory_bytes):
+                    or not r.ready or r.inflight or r.draining or info.size_bytes > live[dst].memory_bytes
+                    or dst in (avoid or {}).get(name, ())):
                 continue
             if info.size_bytes / cap[src] + info.size_bytes / cap[dst] <= gap * (1 + 1e-9) and (
                     best is None or (info.size_bytes, name) > (best.size_bytes, best.name)):

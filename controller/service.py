@@ -35,6 +35,7 @@ from token_scheduler.request import SamplingParams
 
 log = logging.getLogger("tokenpool.controller")
 LOAD_TIMEOUT_S = 600.0
+FAILED_AVOID_S = 120.0  # a model whose registration failed on an engine is placed elsewhere for this long
 RETRY_WAIT_S = 15.0  # how long a request whose engine died before its first token waits for another
 
 
@@ -135,6 +136,7 @@ class Controller:
         self.models: dict[str, ModelEntry] = {}
         self.autoscaler = Autoscaler(cfg.autoscaler)
         self._was_ready = False  # ready() once: start-up is over (see ready)
+        self._failures: dict[str, dict[str, float]] = {}  # model -> engine id -> when its registration failed there
         self.events = EventBus()
         self.activity = Activity()  # the admin views' rolling window (controller/dashboard/activity.py)
         self.pool = EnginePool(cfg.workers, cfg.gpus, on_registered=self._registered, on_dead=self._dead,
@@ -204,6 +206,7 @@ class Controller:
         entry = self.models.pop(name, None)
         if entry is None:
             return False
+        self._failures.pop(name, None)
         for e in self.pool.engines.values():
             subs = [s for s in e.subs.values() if s.model == name]
             for s in subs:
@@ -408,7 +411,7 @@ class Controller:
             inflight = sum(r.inflight for ev in engines for n, r in ev.replicas.items() if n == name)
             rs = me.spec.replicas
             loads.append(ModelLoad(me.info, rs.min, rs.max, inflight, me.spec.engine.max_num_seqs, me.attainment(),
-                                   me.pinned))
+                                   me.pinned, self._failed_on(name)))
         actions = self.autoscaler.plan(loads, engines)
         if not self.cfg.autoscaler.enabled:  # placement only: minimum registrations, and evening out
             actions = [a for a in actions if a.kind in ("load", "move")]
@@ -503,11 +506,22 @@ class Controller:
         me = self.models.get(r.model)
         if r.state != "ready":
             log.error("registering %s on %s failed: %s", r.model, e.id, r.error)
+            self._failures.setdefault(r.model, {})[e.id] = time.monotonic()
             return
         if me is not None:
             me.info = dataclasses.replace(me.info, load_s=max(0.1, 0.5 * me.info.load_s + 0.5 * load_s))
             if r.max_model_len:
                 me.max_model_len = min(me.max_model_len, r.max_model_len)
+
+    def _failed_on(self, model: str) -> frozenset[str]:
+        """Engines where `model`'s registration failed in the last FAILED_AVOID_S: placement tries others first
+        (not the same failing engine every tick)."""
+        now, seen = time.monotonic(), self._failures.get(model)
+        if not seen:
+            return frozenset()
+        for eid in [k for k, t in seen.items() if now - t > FAILED_AVOID_S]:
+            del seen[eid]
+        return frozenset(seen)
 
     def _pruned(self, e: EngineHandle) -> None:
         """A dead engine left the pool for good: its series leave /metrics."""

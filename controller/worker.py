@@ -83,8 +83,8 @@ class Worker:
         self._loading: set[str] = set()
         self._unload_when_loaded: set[str] = set()  # unloaded by the controller while their load was under way
         self._wake = asyncio.Event()
-        self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="step")
-        self._load_thread = ThreadPoolExecutor(1, thread_name_prefix="load")
+        self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="step", initializer=bind_device, initargs=(device,))
+        self._load_thread = ThreadPoolExecutor(1, thread_name_prefix="load", initializer=bind_device, initargs=(device,))
         self._writer: asyncio.StreamWriter | None = None
         self._memory: tuple[int, int] | None = None
         self.steps = 0  # worker steps that ran (step times are measured once, per model, in HostedModels)
@@ -383,6 +383,19 @@ class Worker:
         # A step may still be running in the executor: queue the aborts for the next step boundary.
         self._pending = [m.Abort(list(self._owner))]
         self._wake.set()
+
+
+def bind_device(device: str) -> None:
+    """Make the worker's GPU the current device of the calling thread (a thread's current device is its own, 0
+    unless set). Triton launches, CUDA-graph capture streams and new streams follow the current device, not the
+    tensors': a worker on cuda:1 whose threads kept device 0 would capture its decode graphs on a stream of
+    device 0 and launch its Triton kernels there."""
+    if device.startswith("cuda"):
+        import torch
+
+        dev = torch.device(device)
+        if dev.index is not None:
+            torch.cuda.set_device(dev)
 
 
 def _resolve(fut: asyncio.Future, *_) -> None:

@@ -301,3 +301,15 @@ def test_the_autoscaler_plans_placement_moves():
     engines = [EngineView("e0", 60 * GB, _ready("m0", "m1", "m2", "m3")), EngineView("e1", 60 * GB)]
     acts = a.plan(loads, engines)
     assert {(x.kind, x.engine_id, x.source) for x in acts} == {("move", "e1", "e0")} and len(acts) == 2
+
+
+def test_a_failed_registration_is_placed_elsewhere_and_not_moved_back():
+    a = Autoscaler(AutoscalerSettings(enabled=False))
+    # its registration failed on the empty e1: e0 gets it, and rebalance does not send it back to e1
+    load = ModelLoad(ModelInfo("m", 3 * GB), 1, 1, 0, 4, avoid=frozenset({"e1"}))
+    acts = a.plan([load], [EngineView("e0", 60 * GB, _ready("x")), EngineView("e1", 60 * GB)])
+    assert [(x.kind, x.engine_id) for x in acts] == [("load", "e0")]
+    models = {"z": ModelInfo("z", 3 * GB), "a": ModelInfo("a", 3 * GB)}
+    full = [EngineView("e0", 60 * GB, _ready("z", "a")), EngineView("e1", 60 * GB)]
+    assert rebalance(full, models) == [("z", "e0", "e1")]  # one of two equal models moves: by name, z
+    assert rebalance(full, models, avoid={"z": frozenset({"e1"})}) == [("a", "e0", "e1")]

@@ -210,3 +210,31 @@ def test_rowwise_prefill_on_cuda_matches_hf(make_varied):
             assert res[f"r{i}"] == ref[0, len(p):].tolist()
         g = torch.Generator().manual_seed(3)
     assert outs[1 << 18] == outs[0]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_an_engine_on_the_second_gpu_runs_from_a_worker_thread(make_varied):
+    """A worker on cuda:1 steps from its own threads (controller/worker.py bind_device): CUDA-graph capture and
+    the Triton kernels must run on that GPU, and give the tokens the first GPU gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from controller.worker import bind_device
+
+    d = make_varied("qwen2")
+
+    def run(device: str) -> dict:
+        eng = LLMEngine(EngineConfig(model=str(d), device=device, dtype="fp32", cuda_graphs=True, overlap=True,
+                                     kv_cache_memory_gb=0.1, max_num_seqs=8))
+        for i in range(4):
+            eng.add_request(f"r{i}", [5 + i] * (3 + 5 * i), SamplingParams(temperature=0, max_tokens=16))
+        out = {}
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                if o.finished:
+                    out[o.request_id] = o.outputs[0].token_ids
+        assert eng.runner.kv.device == torch.device(device)
+        return out
+
+    with ThreadPoolExecutor(1, initializer=bind_device, initargs=("cuda:1",)) as ex:
+        second = ex.submit(run, "cuda:1").result()
+    assert second == run("cuda:0")
