@@ -10,12 +10,7 @@
 #   tests    the GPU tests (openai client carried in .whl)
 #   dash     issue 18: tokenpool suite dashboards on this machine's CPUs (50 dashboards under 48 streams)
 # Usage (device tool, repo root, carry .whl): TOKENPOOL_COMMIT=<sha> PARTS="many" bash load_tests/gpu_runs/session10.sh
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site || exit 1
-export TOKENPOOL_COMMIT=${TOKENPOOL_COMMIT:-unknown} PYTHONUNBUFFERED=1
-t0=$(date +%s); at() { echo "$1 rc=$2 at $(( $(date +%s) - t0 )) s"; }
+source "$(dirname "$0")/prelude.sh"
 SEED=${SEED:-0}; RATES=${RATES:-0.5}
 W="--models 4x7b,6x1.5b --duration 120 --drain 60 --slo-ttft 10 --slo-tpot 0.1 --gpu-budget-gb 60 --kv-cache-gb 4 --seed $SEED"
 show() { grep -E "rate=|attainment|policy_us|Error|Traceback" "$1" | tail -${2:-8} | cut -c1-600; }

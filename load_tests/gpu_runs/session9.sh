@@ -8,12 +8,7 @@
 #   serve    issue 14: bench serve (the product through its HTTP API), the same workload as poolreal
 #   many     issue 14: bench serve, models per GPU: MANY (e.g. 14x7b,21x1.5b) at 0.1 req/s/model on MANY_GB of arena
 # Usage (device tool, repo root, carry .whl): TOKENPOOL_COMMIT=<sha> PARTS="tests kill" bash load_tests/gpu_runs/session9.sh
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site || exit 1
-export TOKENPOOL_COMMIT=${TOKENPOOL_COMMIT:-unknown} PYTHONUNBUFFERED=1
-t0=$(date +%s); at() { echo "$1 rc=$2 at $(( $(date +%s) - t0 )) s"; }
+source "$(dirname "$0")/prelude.sh"
 W="--models 4x7b,6x1.5b --duration 120 --drain 60 --slo-ttft 10 --slo-tpot 0.1 --gpu-budget-gb 60 --kv-cache-gb 4 --seed 0"
 for part in ${PARTS:-tests kill serve cold probe}; do case $part in
 tests) timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ > "$OUT/gpu_tests.log" 2>&1; at tests $?
