@@ -46,7 +46,11 @@ class Autoscaler:
         self._hot: dict[str, int] = {}
         self._cold: dict[str, int] = {}
 
-    def plan(self, loads: list[ModelLoad], engines: list[EngineView]) -> list[Action]:
+    def plan(self, loads: list[ModelLoad], engines: list[EngineView],
+             moving: dict[str, str] | None = None) -> list[Action]:
+        """This tick's actions. `moving`: models whose placement move is under way (model -> the engine it
+        leaves once the new registration is ready); they count on their new engine only, and nothing else is done
+        to them."""
         models = {ml.info.name: ml.info for ml in loads}
         actions: list[Action] = []
         for ml in sorted(loads, key=lambda x: -x.info.priority):
@@ -79,10 +83,10 @@ class Autoscaler:
                     victim = max(idle, key=lambda e: (e.inflight, e.engine_id))
                     actions.append(Action("unload", name, victim.engine_id))
                     self._cold[name] = 0
-        acted = frozenset(a.model for a in actions)
+        acted = frozenset(a.model for a in actions) | set(moving or ())
         fixed = acted | {ml.info.name for ml in loads if ml.pinned}
         avoid = {ml.info.name: ml.avoid for ml in loads if ml.avoid}
-        actions += [Action("move", name, dst, src) for name, src, dst in rebalance(engines, models, fixed, avoid)]
+        actions += [Action("move", name, dst, src) for name, src, dst in rebalance(engines, models, fixed, avoid, moving)]
         return actions
 
     def forget(self, model: str) -> None:

@@ -144,23 +144,30 @@ def with_registration(engines: list[EngineView], engine_id: str, model: str) -> 
 
 
 def rebalance(engines: list[EngineView], models: dict[str, ModelInfo], fixed: frozenset[str] = frozenset(),
-              avoid: dict[str, frozenset[str]] | None = None) -> list[tuple[str, str, str]]:
+              avoid: dict[str, frozenset[str]] | None = None,
+              moving: dict[str, str] | None = None) -> list[tuple[str, str, str]]:
     """Moves (model, from engine, to engine) that even out the registered bytes per byte of weight space, e.g.
     when a GPU's worker joins after every model was placed on the first one. A model moves only when its one
     registration is ready and idle (nothing in flight), it is not `fixed` (pinned), fits the target and its
-    registration did not fail there lately (`avoid`: model -> engines); and
-    only while the gap between the fullest and the emptiest engine is at least what the move itself shifts --
-    so the move back is never due (no ping-pong). The largest such model goes first."""
+    registration did not fail there lately (`avoid`: model -> engines); and only while the gap between the
+    fullest and the emptiest engine is at least what the move itself shifts -- so the move back is never due (no
+    ping-pong). The largest such model goes first. A move under way (`moving`: model -> the engine it leaves)
+    counts on its new engine only."""
     live = {e.engine_id: e for e in engines if e.usable}
     if len(live) < 2:
         return []
     count: dict[str, int] = {}
     for e in engines:
         if e.alive:
-            for name in e.replicas:
-                count[name] = count.get(name, 0) + 1
-    regs = {eid: set(e.replicas) for eid, e in live.items()}
-    used = {eid: used_bytes(e, models) for eid, e in live.items()}
+            for name, r in e.replicas.items():
+                count[name] = count.get(name, 0) + (not r.draining)
+    # what each engine keeps: a draining registration (a moved model's old one, its last requests) is leaving
+    regs = {eid: {n for n, r in e.replicas.items() if not r.draining} for eid, e in live.items()}
+    used = {eid: sum(models[n].size_bytes for n in regs[eid] if n in models) for eid in live}
+    for name, src in (moving or {}).items():
+        if src in regs and name in regs[src] and name in models:
+            regs[src].discard(name)
+            used[src] -= models[name].size_bytes
     cap = {eid: max(1, e.memory_bytes) for eid, e in live.items()}
     moves: list[tuple[str, str, str]] = []
     while True:
@@ -170,8 +177,8 @@ def rebalance(engines: list[EngineView], models: dict[str, ModelInfo], fixed: fr
         best = None
         for name, r in live[src].replicas.items():
             info = models.get(name)
-            if (info is None or info.size_bytes <= 0 or name not in regs[src] or name in regs[dst] or name in fixed or count.get(name) != 1
-                    or not r.ready or r.inflight or r.draining or info.size_bytes > live[dst].memory_bytes
+            if (info is None or info.size_bytes <= 0 or name not in regs[src] or name in regs[dst] or name in fixed
+                    or count.get(name) != 1 or not r.ready or r.inflight or r.draining or info.size_bytes > live[dst].memory_bytes
                     or dst in (avoid or {}).get(name, ())):
                 continue
             if info.size_bytes / cap[src] + info.size_bytes / cap[dst] <= gap * (1 + 1e-9) and (

@@ -137,6 +137,8 @@ class Controller:
         self.autoscaler = Autoscaler(cfg.autoscaler)
         self._was_ready = False  # ready() once: start-up is over (see ready)
         self._failures: dict[str, dict[str, float]] = {}  # model -> engine id -> when its registration failed there
+        self._moving: dict[str, str] = {}  # model -> the engine it is moving from (until the new registration is up)
+        self._leaving: set[tuple[str, str]] = set()  # (engine id, model): a moved model's old registration, draining
         self.events = EventBus()
         self.activity = Activity()  # the admin views' rolling window (controller/dashboard/activity.py)
         self.pool = EnginePool(cfg.workers, cfg.gpus, on_registered=self._registered, on_dead=self._dead,
@@ -169,7 +171,8 @@ class Controller:
         ok = bool(alive) and all(any(n in e.replicas and e.replicas[n].state == "ready" for e in alive) for n in need)
         if ok and not self._was_ready:
             pinned = frozenset(n for n, me in self.models.items() if me.pinned)
-            ok = self.pool.local_joined() and not rebalance(self.views(), self.infos(), pinned)
+            ok = (self.pool.local_joined() and not self._moving
+                  and not rebalance(self.views(), self.infos(), pinned, moving=self._moving))
             self._was_ready = ok
         return ok
 
@@ -412,7 +415,7 @@ class Controller:
             rs = me.spec.replicas
             loads.append(ModelLoad(me.info, rs.min, rs.max, inflight, me.spec.engine.max_num_seqs, me.attainment(),
                                    me.pinned, self._failed_on(name)))
-        actions = self.autoscaler.plan(loads, engines)
+        actions = self.autoscaler.plan(loads, engines, self._moving)
         if not self.cfg.autoscaler.enabled:  # placement only: minimum registrations, and evening out
             actions = [a for a in actions if a.kind in ("load", "move")]
         for a in actions:
@@ -424,12 +427,11 @@ class Controller:
             elif a.kind == "unload" and not any(s.model == a.model for s in e.subs.values()) \
                     and not (a.model in self.models and self.models[a.model].pinned):
                 self._unregister(e, a.model, "autoscaler: an extra registration went cold")
-            elif a.kind == "move" and a.model in self.models:
-                src = self.pool.engines.get(a.source)
-                if src is None or not src.alive or any(s.model == a.model for s in src.subs.values()):
-                    continue  # a request came for it since the views were taken: it stays
+            elif a.kind == "move" and a.model in self.models and a.model not in self._moving:
+                # make before break: the source keeps serving it until the new registration is ready (_loaded)
+                self._moving[a.model] = a.source
                 self._register(e, self.models[a.model])
-                self._unregister(src, a.model, f"placement: moved to {e.id} (the engines' shares even out)")
+        self._finish_moves()
         for e in self.pool.engines.values():
             if e.alive and e.draining and not e.subs:
                 for name in list(e.replicas):
@@ -504,14 +506,29 @@ class Controller:
     def _loaded(self, e: EngineHandle, r: Replica, load_s: float) -> None:
         """A registration finished (its host copy is loaded on that engine's node)."""
         me = self.models.get(r.model)
+        src = self.pool.engines.get(self._moving.pop(r.model, ""))  # a placement move's source, if this ends one
         if r.state != "ready":
             log.error("registering %s on %s failed: %s", r.model, e.id, r.error)
             self._failures.setdefault(r.model, {})[e.id] = time.monotonic()
             return
+        if src is not None and src.alive and r.model in src.replicas and src is not e:
+            src.replicas[r.model].draining = True  # new requests go to the new one; its own finish there
+            self._leaving.add((src.id, r.model))
+            self._finish_moves()
         if me is not None:
             me.info = dataclasses.replace(me.info, load_s=max(0.1, 0.5 * me.info.load_s + 0.5 * load_s))
             if r.max_model_len:
                 me.max_model_len = min(me.max_model_len, r.max_model_len)
+
+    def _finish_moves(self) -> None:
+        """Unregister moved models' old registrations once no request of theirs is left there."""
+        for eid, name in list(self._leaving):
+            e = self.pool.engines.get(eid)
+            if e is None or not e.alive or name not in e.replicas:
+                self._leaving.discard((eid, name))
+            elif not any(s.model == name for s in e.subs.values()):
+                self._leaving.discard((eid, name))
+                self._unregister(e, name, "placement: moved to another engine (the engines' shares even out)")
 
     def _failed_on(self, model: str) -> frozenset[str]:
         """Engines where `model`'s registration failed in the last FAILED_AVOID_S: placement tries others first

@@ -313,3 +313,19 @@ def test_a_failed_registration_is_placed_elsewhere_and_not_moved_back():
     full = [EngineView("e0", 60 * GB, _ready("z", "a")), EngineView("e1", 60 * GB)]
     assert rebalance(full, models) == [("z", "e0", "e1")]  # one of two equal models moves: by name, z
     assert rebalance(full, models, avoid={"z": frozenset({"e1"})}) == [("a", "e0", "e1")]
+
+
+def test_a_move_under_way_counts_on_its_new_engine_and_nothing_moves_twice():
+    models = {"a": ModelInfo("a", 15 * GB), **{n: ModelInfo(n, 3 * GB) for n in "bcd"}}
+    # "a" is moving from e0 to e1 (registered on both until e1's registration is up): e0 keeps 9 GB, e1 has 15
+    e0 = EngineView("e0", 60 * GB, _ready("a", "b", "c", "d"))
+    e1 = EngineView("e1", 60 * GB, {"a": ReplicaView("a", False, 4)})
+    assert rebalance([e0, e1], models, moving={"a": "e0"}) == []
+    # blind to the move, e0 would look like 24 GB against 15 and send "d" after it: one move too many
+    assert rebalance([e0, e1], models, fixed=frozenset({"a"})) == [("d", "e0", "e1")]
+    # once e1's registration is up the old one drains (its last requests): it no longer counts for e0
+    e0d = EngineView("e0", 60 * GB, {**_ready("b", "c", "d"), "a": ReplicaView("a", True, 4, (5,), draining=True)})
+    assert rebalance([e0d, EngineView("e1", 60 * GB, _ready("a"))], models) == []
+    a = Autoscaler(AutoscalerSettings())
+    assert a.plan([_load("a", 0, size=15)] + [_load(n, 0, size=3) for n in "bcd"], [e0, e1],
+                  moving={"a": "e0"}) == []  # nothing else is done to the moving model, nothing else moves
