@@ -119,23 +119,6 @@ def place(model: ModelInfo, engines: list[EngineView], models: dict[str, ModelIn
     return Route(eid, model.load_s + step_s, False, 0, load=True)
 
 
-def initial_placement(specs: list[tuple[ModelInfo, int]], engines: list[EngineView]) -> list[tuple[str, str]]:
-    """(model, engine_id) pairs giving each model its minimum replicas; important and large models first."""
-    models = {m.name: m for m, _ in specs}
-    state = {e.engine_id: dict(e.replicas) for e in engines}
-    out = []
-    for m, n in sorted(specs, key=lambda s: (-s[0].priority, -s[0].size_bytes)):
-        for _ in range(n):
-            views = [EngineView(e.engine_id, e.memory_bytes, state[e.engine_id], e.step_s, e.alive, e.draining)
-                     for e in engines]
-            rt = place(m, views, models)
-            if rt is None:
-                break  # no engine's weight space fits it
-            state[rt.engine_id][m.name] = ReplicaView(m.name, False, 1)
-            out.append((m.name, rt.engine_id))
-    return out
-
-
 def with_registration(engines: list[EngineView], engine_id: str, model: str) -> list[EngineView]:
     """`engines` with a (not yet ready) registration of `model` on `engine_id`: what a planned load will make, so
     the next placement of the same tick sees it."""

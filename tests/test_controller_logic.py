@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,10 +19,10 @@ from controller.router import (
     ModelInfo,
     ReplicaView,
     estimate_on,
-    initial_placement,
     place,
     rebalance,
     route,
+    with_registration,
 )
 from controller.tenants import Tenant, TenantRegistry, TokenBucket
 from token_scheduler.policies.slo import ModelSLO
@@ -119,19 +121,28 @@ def test_route_skips_draining_and_dead_engines():
     assert place(models["a"], views, models) is None
 
 
-def test_initial_placement_spreads_and_shares():
-    models = [(ModelInfo("big", 6 * GB, 1), 2), (ModelInfo("s1", 1 * GB), 1), (ModelInfo("s2", 1 * GB), 1)]
+def test_placement_gives_each_model_its_minimum_and_shares_engines():
+    # the live path: each tick the autoscaler places what is below its minimum (one registration per model a tick)
+    a = Autoscaler(AutoscalerSettings(enabled=False))
+    loads = [ModelLoad(ModelInfo("big", 6 * GB, 1), 2, 2, 0, 4), _load("s1", 0), _load("s2", 0)]
     engines = [EngineView("e0", 10 * GB), EngineView("e1", 10 * GB)]
-    pl = initial_placement(models, engines)
-    assert sorted(e for m_, e in pl if m_ == "big") == ["e0", "e1"]
-    assert {m_ for m_, _ in pl} == {"big", "s1", "s2"}
-    assert {e for m_, e in pl if m_ in ("s1", "s2")} == {"e0", "e1"}  # balanced
+    for _ in range(3):
+        for x in a.plan(loads, engines):
+            assert x.kind in ("load", "move")
+            engines = with_registration(engines, x.engine_id, x.model)
+            if x.kind == "move":  # (its old registration goes once the new one is up)
+                engines = [replace(e, replicas={n: r for n, r in e.replicas.items() if n != x.model})
+                           if e.engine_id == x.source else e for e in engines]
+        engines = [replace(e, replicas={n: replace(r, ready=True) for n, r in e.replicas.items()}) for e in engines]
+    on = {e.engine_id: set(e.replicas) for e in engines}
+    assert on == {"e0": {"big", "s2"}, "e1": {"big", "s1"}}  # big on both engines, the small ones shared out
+    assert a.plan(loads, engines) == []  # every minimum met, the shares even: nothing more
 
 
-def test_initial_placement_of_many_models_on_one_engine_exceeds_its_vram():
-    models = [(ModelInfo(f"m{i}", 4 * GB), 1) for i in range(10)]
-    pl = initial_placement(models, [EngineView("e0", 10 * GB)])
-    assert len(pl) == 10
+def test_many_models_on_one_engine_exceed_its_vram():
+    a = Autoscaler(AutoscalerSettings(enabled=False))
+    acts = a.plan([_load(f"m{i}", 0, size=4) for i in range(10)], [EngineView("e0", 10 * GB)])
+    assert [(x.kind, x.engine_id) for x in acts] == [("load", "e0")] * 10  # 40 GB registered on 10 GB of VRAM
 
 
 def test_admission_refuses_a_prompt_whose_prefill_alone_misses_the_ttft_slo():
