@@ -35,14 +35,14 @@ def mix(n: int) -> str:
 def point(models: str, seed: int, *, rate: float = 0.1, duration: float = 300.0, drain: float = 60.0,
           gpu_budget_gb: float = 120.0, kv_cache_gb: float | None = 4.0, slo_ttft: float = 10.0,
           slo_tpot: float = 0.1, policy: str = "token", profile: str = "measured", policy_kw: dict | None = None,
-          noise: float = 0.0, copy_slowdown: float = 0.0) -> dict:
+          noise: float = 0.0, copy_slowdown: float = 0.0, step_host_ms: float = 0.0) -> dict:
     entries = parse_models(models)
     specs = {e.name: spec_for(e.arch, e.size, e.name) for e in entries}
     items = generate(list(specs), rate, duration, seed=seed)
     t0 = time.perf_counter()
     res = simulate(items, specs, ModelSLO(slo_ttft, slo_tpot), policy, capacity_bytes=int(gpu_budget_gb * 1e9),
                    hw=hardware_profile(profile, specs), drain_s=drain, seed=seed, policy_kw=policy_kw, noise=noise,
-                   **({"copy_slowdown": copy_slowdown} if copy_slowdown else {}),  # (runs on main's simulator too)
+                   copy_slowdown=copy_slowdown, step_host_s=step_host_ms / 1e3,
                    kv_cache_bytes=int(kv_cache_gb * 1e9) if kv_cache_gb else None)
     s, e = res.slo, res.extra
     det = s["per_model_detail"].values()
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--noise", type=float, default=0.0, help="lognormal sigma of every simulated step's time")
     ap.add_argument("--copy-slowdown", type=float, default=0.0, help="a step beside a weight copy takes 1 + this "
                     "times as long")
+    ap.add_argument("--step-host-ms", type=float, default=0.0, help="host time each step adds outside the device "
+                    "step (the served worker measured 0.17 ms on the H200: bench serve's timing)")
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     kw = dict(rate=a.rate, duration=a.duration, drain=a.drain, gpu_budget_gb=a.gpu_budget_gb,
               kv_cache_gb=a.kv_cache_gb or None, slo_ttft=a.slo_ttft, slo_tpot=a.slo_tpot, policy=a.policy,
               profile=a.profile, policy_kw=json.loads(a.policy_kw) if a.policy_kw else None, noise=a.noise,
-              copy_slowdown=a.copy_slowdown)
+              copy_slowdown=a.copy_slowdown, step_host_ms=a.step_host_ms)
     out = {"command": " ".join(["python -m load_tests.models_per_gpu", *(argv or sys.argv[1:])]),
            "commit": git_commit(), "config": {**kw, "target": a.target}, "points": [], "most_models": {}}
     for seed in (int(s) for s in a.seeds.split(",")):

@@ -98,9 +98,10 @@ class GpuSim:
     """One GPU: state + policy + links. `step()` runs one plan and returns when the GPU is next free."""
 
     def __init__(self, gid: int, capacity: int, policy, hw: HardwareProfile, noise: float = 0.0, seed: int = 0,
-                 arena: SlotTable | None = None, copy_slowdown: float = 0.0):
+                 arena: SlotTable | None = None, copy_slowdown: float = 0.0, step_host_s: float = 0.0):
         self.gid, self.policy, self.hw, self.noise = gid, policy, hw, noise
         self.copy_slowdown = copy_slowdown  # a step beside a weight copy in flight takes this much longer
+        self.step_host_s = step_host_s  # host time per step outside the device step (policy, memory moves, worker)
         self.state = PoolState(models={}, capacity_bytes=capacity, cost=CostModel(hw))
         self.arena = arena
         self.specs: dict[str, ModelSize] = {}  # the true sizes (the policy's may be the arena's view of them)
@@ -281,6 +282,7 @@ class GpuSim:
             dur *= math.exp(self.rng.gauss(-self.noise * self.noise / 2, self.noise))
         if self.copy_slowdown and any(ld[0] < ready + dur and ld[1] > ready for ld in self.loads.values()):
             dur *= 1.0 + self.copy_slowdown
+        dur += self.step_host_s
         start = ready
         end = start + dur
         st.cost.observe_step(m.name, shape, dur)
@@ -359,11 +361,14 @@ def simulate(items, specs: dict[str, ModelSize], slos: dict[str, ModelSLO] | Mod
              n_gpus: int = 1, capacity_bytes: int = 60 * 10**9, hw: HardwareProfile | None = None,
              placement: str = "partition", drain_s: float = 60.0, noise: float = 0.0, seed: int = 0,
              policy_kw: dict | None = None, keep_tokens: bool = False, workers: int = 1,
-             kv_cache_bytes: int | None = None, copy_slowdown: float = 0.0) -> SimResult:
+             kv_cache_bytes: int | None = None, copy_slowdown: float = 0.0, step_host_s: float = 0.0) -> SimResult:
     """Replay `items` (WorkItems, sorted by time) against `policy` on `n_gpus` simulated GPUs.
 
     `kv_cache_bytes`: each GPU's `capacity_bytes` is a pooled arena as the real engine's (module docstring)
     with a KV region of this size; None: one byte count for weights and KV.
+
+    `step_host_s`: seconds of host work each step adds outside the device step (the served worker's policy,
+    memory moves and step-loop work: 0.17 ms per step on the H200 at af0b71d, bench serve's `timing`); 0: none.
 
     `copy_slowdown`: a step that overlaps a weight copy takes 1 + this times as long (the H100 measured a
     decode 5-7.5% slower beside a 7B prefetch, README); 0 by default, as the fitted profiles were measured
@@ -379,7 +384,8 @@ def simulate(items, specs: dict[str, ModelSize], slos: dict[str, ModelSLO] | Mod
     duration = max((w.time for w in items), default=0.0)
     job = dict(specs=specs, slos=slos, policy=policy, capacity=capacity_bytes, hw=hw or H100_PCIE53,
                where=where, horizon=duration + drain_s, noise=noise, seed=seed, policy_kw=policy_kw or {},
-               keep_tokens=keep_tokens, static=placement != "p2c", kv=kv_cache_bytes, copy_slowdown=copy_slowdown)
+               keep_tokens=keep_tokens, static=placement != "p2c", kv=kv_cache_bytes, copy_slowdown=copy_slowdown,
+               step_host_s=step_host_s)
     workers = max(1, min(workers, n_gpus)) if placement != "p2c" else 1
     groups = [list(range(k, n_gpus, workers)) for k in range(workers)]
     if workers == 1:
@@ -402,7 +408,7 @@ def _run_gpus(items, gpu_ids: list[int], job: dict):
     slo_of = (lambda m: slos) if isinstance(slos, ModelSLO) else (lambda m: slos[m])
     gpus = {g: GpuSim(g, job["capacity"], make_policy(job["policy"], **job["policy_kw"]), job["hw"], job["noise"],
                       job["seed"], sim_arena(job["capacity"], job["kv"]) if job["kv"] else None,
-                      job["copy_slowdown"]) for g in gpu_ids}
+                      job["copy_slowdown"], job["step_host_s"]) for g in gpu_ids}
     if job["static"]:
         for m, gs in where.items():
             for g in gs:
