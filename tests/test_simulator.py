@@ -34,6 +34,16 @@ def test_hand_computed_schedule_request_policy():
     assert res.slo["attainment"] == 1.0
 
 
+def test_host_time_per_step_is_added_to_every_step():
+    # the hand-computed schedule above, each of its 5 steps 2 ms longer (host work outside the device step)
+    items = [WorkItem(0.0, "m0", 4, 3, "a"), WorkItem(0.0, "m0", 4, 2, "b"), WorkItem(0.05, "m1", 4, 2, "c")]
+    res = simulate(items, _tiny_specs(2), SLO, "request", capacity_bytes=1500, hw=FLAT, drain_s=10,
+                   keep_tokens=True, step_host_s=0.002)
+    recs = {r["id"]: r for r in res.extra["records"]}
+    assert recs["a"]["tokens"] == pytest.approx([0.112, 0.124, 0.136])
+    assert recs["c"]["tokens"] == pytest.approx([0.248, 0.260])
+
+
 def _long_run(policy: str, capacity: int, **kw):
     specs = _tiny_specs(3)
     items = generate(list(specs), 2.0, 20.0, seed=1, mean_prompt=64, mean_output=64, max_context=1024)
