@@ -408,6 +408,11 @@ class Controller:
 
     def tick(self) -> None:
         """One autoscaler round: measure, plan, act; also finishes drains."""
+        for name, src in list(self._moving.items()):  # a move whose new registration died or was removed: over
+            if name not in self.models or not any(e.alive and e.id != src and e.replicas.get(name) is not None
+                                                  and e.replicas[name].state == "loading"
+                                                  for e in self.pool.engines.values()):
+                del self._moving[name]
         engines = self.views()
         loads = []
         for name, me in self.models.items():
