@@ -305,8 +305,9 @@ class EnginePool:
                 elif isinstance(msg, m.Stats):
                     self._stats(e, msg)
         except (asyncio.IncompleteReadError, m.ProtocolError, OSError) as ex:
-            if e.alive:
-                log.warning("engine %s connection lost: %s", eid, type(ex).__name__)
+            if e.alive:  # (at shutdown the workers were told to stop: their exit is expected)
+                (log.info if self._stopping else log.warning)("engine %s connection lost: %s", eid,
+                                                               type(ex).__name__)
         finally:
             self._dead(e)
             writer.close()

@@ -138,7 +138,9 @@ async def serve_async(cfg: ServerConfig) -> int:
         except (ServingError, OSError, ValueError) as e:
             log.error("cannot start: %s", getattr(e, "message", None) or e)
             return 2
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+        # lifespan off: this function starts and stops the controller itself (build_app's lifespan would only
+        # close `serving`, done below); a lifespan task still waiting at exit was cancelled with a traceback
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=int(CLOSE_S), backlog=4096,
                                 http=_http_protocol() or "auto")
         server = GracefulServer(config, app.state.serving, cfg.shutdown_grace_s, url)

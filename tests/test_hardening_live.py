@@ -252,3 +252,14 @@ def test_a_second_signal_ends_the_drain_at_once(tmp_path):
         took = time.monotonic() - t0
     assert rc == 0 and took < 10, (rc, took)
     assert out["events"][-1] == "[DONE]" and "shutting down" in json.loads(out["events"][-2])["error"]["message"]
+
+
+def test_an_idle_server_stops_on_sigterm_without_a_traceback(tmp_path):
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "heartbeat_s": 0.25}, "models": [PACE]}
+    with LiveServer(cfg, tmp_path) as srv:
+        assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
+        os.kill(srv.proc.pid, signal.SIGTERM)
+        rc = srv.proc.wait(30)
+        log = srv.log()
+    assert rc == 0, log
+    assert "Traceback" not in log and "WARNING" not in log.split("draining", 1)[-1], log  # a clean, quiet stop
