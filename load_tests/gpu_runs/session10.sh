@@ -7,6 +7,7 @@
 #   request  issue 14: bench serve with the request-level policy at REQ_RATES
 #   two      issue 14: bench serve on every GPU of the machine (2 workers, one node-shared host cache): TWO_MODELS
 #            (default 8x7b,12x1.5b) on 60 GB per GPU at TWO_RATE req/s/model, seed SEED
+#   engine   issue 17/20: bench engine, 7B (batches 1-64) and 1.5B with bf16 parity (load_tests/gpu_runs/engine.sh's)
 #   tests    the GPU tests (openai client carried in .whl)
 #   dash     issue 18: tokenpool suite dashboards on this machine's CPUs (50 dashboards under 48 streams)
 # Usage (device tool, repo root, carry .whl): TOKENPOOL_COMMIT=<sha> PARTS="many" bash load_tests/gpu_runs/session10.sh
@@ -33,6 +34,13 @@ two) timeout "${LIMIT_TWO:-300}" python3 -m controller.cli bench serve --models 
     --rate "${TWO_RATE:-0.7}" --duration "${TWO_DUR:-120}" --drain "${TWO_DRAIN:-60}" --slo-ttft 10 --slo-tpot 0.1 --gpu-budget-gb 60 --kv-cache-gb 4 \
     --seed "$SEED" --policy token --json "$OUT/serve_two_gpus_s$SEED.json" > "$OUT/serve_two.log" 2>&1; at two $?
   show "$OUT/serve_two.log"; nvidia-smi -L ;;
+engine) M=/tmp/mm; mkdir -p $M
+  python3 -m controller.cli make-model --arch qwen2 --size 7b --out $M/q7 > "$OUT/make.log" 2>&1
+  timeout 200 python3 -m controller.cli bench engine --model $M/q7 --batch 1,8,32,64 --parity-dtype none \
+    --json "$OUT/engine_qwen2_7b.json" > "$OUT/engine_7b.log" 2>&1; at "engine 7b" $?; tail -3 "$OUT/engine_7b.log"
+  python3 -m controller.cli make-model --arch qwen2 --size 1.5b --out $M/q15 >> "$OUT/make.log" 2>&1
+  timeout 200 python3 -m controller.cli bench engine --model $M/q15 --batch 1,8,32 --parity-dtype bf16 --hf-exact \
+    --json "$OUT/engine_qwen2_1.5b.json" > "$OUT/engine_15b.log" 2>&1; at "engine 1.5b" $?; tail -3 "$OUT/engine_15b.log" ;;
 tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ > "$OUT/gpu_tests.log" 2>&1; at tests $?
   grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.log" | tail -8 ;;
 dash) timeout "${LIMIT_DASH:-200}" python3 -m controller.cli suite dashboards --duration 10 --rounds "${DASH_ROUNDS:-6}" \
