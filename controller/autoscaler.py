@@ -83,11 +83,17 @@ class Autoscaler:
                     victim = max(idle, key=lambda e: (e.inflight, e.engine_id))
                     actions.append(Action("unload", name, victim.engine_id))
                     self._cold[name] = 0
-        acted = frozenset(a.model for a in actions) | set(moving or ())
-        fixed = acted | {ml.info.name for ml in loads if ml.pinned}
+        return actions + self.moves(loads, engines, moving, acted=frozenset(a.model for a in actions))
+
+    @staticmethod
+    def moves(loads: list[ModelLoad], engines: list[EngineView], moving: dict[str, str] | None = None,
+              acted: frozenset[str] = frozenset()) -> list[Action]:
+        """Placement's evening out (`router.rebalance`): pinned models, models moving or `acted` on this tick stay;
+        none goes where its registration just failed."""
+        models = {ml.info.name: ml.info for ml in loads}
+        fixed = acted | set(moving or ()) | {ml.info.name for ml in loads if ml.pinned}
         avoid = {ml.info.name: ml.avoid for ml in loads if ml.avoid}
-        actions += [Action("move", name, dst, src) for name, src, dst in rebalance(engines, models, fixed, avoid, moving)]
-        return actions
+        return [Action("move", name, dst, src) for name, src, dst in rebalance(engines, models, fixed, avoid, moving)]
 
     def forget(self, model: str) -> None:
         self._hot.pop(model, None)

@@ -161,8 +161,8 @@ def rebalance(engines: list[EngineView], models: dict[str, ModelInfo], fixed: fr
         for name, r in live[src].replicas.items():
             info = models.get(name)
             if (info is None or info.size_bytes <= 0 or name not in regs[src] or name in regs[dst] or name in fixed
-                    or count.get(name) != 1 or not r.ready or r.inflight or r.draining or info.size_bytes > live[dst].memory_bytes
-                    or dst in (avoid or {}).get(name, ())):
+                    or count.get(name) != 1 or not r.ready or r.inflight or info.size_bytes > live[dst].memory_bytes
+                    or dst in (avoid or {}).get(name, ())):  # (a draining registration is not in regs)
                 continue
             if info.size_bytes / cap[src] + info.size_bytes / cap[dst] <= gap * (1 + 1e-9) and (
                     best is None or (info.size_bytes, name) > (best.size_bytes, best.name)):

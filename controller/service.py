@@ -28,7 +28,7 @@ from controller.events import EventBus
 from controller.heap import collect_all, freeze_long_lived
 from controller.metrics import Metrics
 from controller.pool import EngineHandle, EnginePool, Replica, Sub, local_devices
-from controller.router import EngineView, ModelInfo, ReplicaView, place, rebalance, route
+from controller.router import EngineView, ModelInfo, ReplicaView, place, route
 from controller.tenants import Tenant, TenantRegistry
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
@@ -170,9 +170,9 @@ class Controller:
         need = [n for n, me in self.models.items() if me.spec.replicas.min > 0]
         ok = bool(alive) and all(any(n in e.replicas and e.replicas[n].state == "ready" for e in alive) for n in need)
         if ok and not self._was_ready:
-            pinned = frozenset(n for n, me in self.models.items() if me.pinned)
+            views = self.views()  # the moves a tick would plan now, from the same inputs (pins, failures, moves)
             ok = (self.pool.local_joined() and not self._moving
-                  and not rebalance(self.views(), self.infos(), pinned, moving=self._moving))
+                  and not self.autoscaler.moves(self._loads(views), views, self._moving))
             self._was_ready = ok
         return ok
 
@@ -414,13 +414,7 @@ class Controller:
                                                   for e in self.pool.engines.values()):
                 del self._moving[name]
         engines = self.views()
-        loads = []
-        for name, me in self.models.items():
-            inflight = sum(r.inflight for ev in engines for n, r in ev.replicas.items() if n == name)
-            rs = me.spec.replicas
-            loads.append(ModelLoad(me.info, rs.min, rs.max, inflight, me.spec.engine.max_num_seqs, me.attainment(),
-                                   me.pinned, self._failed_on(name)))
-        actions = self.autoscaler.plan(loads, engines, self._moving)
+        actions = self.autoscaler.plan(self._loads(engines), engines, self._moving)
         if not self.cfg.autoscaler.enabled:  # placement only: minimum registrations, and evening out
             actions = [a for a in actions if a.kind in ("load", "move")]
         for a in actions:
@@ -524,6 +518,16 @@ class Controller:
             me.info = dataclasses.replace(me.info, load_s=max(0.1, 0.5 * me.info.load_s + 0.5 * load_s))
             if r.max_model_len:
                 me.max_model_len = min(me.max_model_len, r.max_model_len)
+
+    def _loads(self, engines: list[EngineView]) -> list[ModelLoad]:
+        """What the autoscaler plans from: each model's load, minimum and maximum, pin and failed engines."""
+        loads = []
+        for name, me in self.models.items():
+            inflight = sum(r.inflight for ev in engines for n, r in ev.replicas.items() if n == name)
+            rs = me.spec.replicas
+            loads.append(ModelLoad(me.info, rs.min, rs.max, inflight, me.spec.engine.max_num_seqs, me.attainment(),
+                                   me.pinned, self._failed_on(name)))
+        return loads
 
     def _finish_moves(self) -> None:
         """Unregister moved models' old registrations once no request of theirs is left there."""

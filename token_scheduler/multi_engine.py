@@ -512,11 +512,8 @@ class MultiModelEngine:
                     "kv_pages_used": sum(e.scheduler.kv.num_used for e in self.engines.values())}
             host, stall = 0, 0.0
         counters = dict(self.timing)
-        if mem is not None:
-            ms = mem.stats
-            counters.update(stall_s=ms.stall_s, loads=ms.loads, prefetches=ms.prefetches, load_bytes=ms.load_bytes,
-                            evictions=ms.evictions, forced_evictions=ms.forced_evictions,
-                            prefetch_skipped=ms.prefetch_skipped)
+        if mem is not None:  # the pool's counters (its list of loads aside)
+            counters.update((k, v) for k, v in dataclasses.asdict(mem.stats).items() if not isinstance(v, list))
         return {
             "device": str(self.device), "active": self.state.active, "registered": sorted(self.engines),
             "resident": sorted(n for n, m in models.items() if m["state"] == "resident"),
