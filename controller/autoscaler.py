@@ -8,7 +8,7 @@ cold for `down_ticks` to shrink by one (down_ticks >> up_ticks: scaling up is ch
 Between the two thresholds nothing moves. After acting, the model's counter restarts (a cooldown).
 
 Placement is part of each tick too: a model below its minimum is registered where `router.place` says (the
-loads planned earlier in the tick count, so models placed together spread), and `router.rebalance` moves idle
+loads planned earlier in the tick count, so models placed together spread), and `router.rebalance` moves
 registrations off an engine that carries more than its share (an engine that joined late starts empty).
 """
 

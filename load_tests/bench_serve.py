@@ -194,11 +194,16 @@ def _pool_counters(url: str, token: str | None) -> dict:
         return {}
     engines = [e for e in _admin(url, token, "/admin/engines") if e["alive"]]
     pools = [e.get("pool") or {} for e in engines]
-    out = {"steps": sum(p.get("steps", 0) for p in pools), "switches": sum(p.get("switches", 0) for p in pools),
-           "engines": len(engines), "kv_swapped_out": sum(p.get("kv_swapped_out", 0) for p in pools)}
-    for p in pools:  # the pooled engines' step-loop counters and the workers' loop seconds (summed over GPUs)
-        for k, v in {**p.get("counters", {}), **{"loop_" + k: v for k, v in p.get("loop", {}).items()}}.items():
+    out = {"per_engine": {}}
+    for e, p in zip(engines, pools):  # the pooled engines' step-loop counters and the workers' loop seconds
+        one = {"steps": p.get("steps", 0), "switches": p.get("switches", 0), "engines": 1,
+               "kv_swapped_out": p.get("kv_swapped_out", 0),
+               **p.get("counters", {}), **{"loop_" + k: v for k, v in p.get("loop", {}).items()}}
+        for k, v in one.items():  # summed over GPUs
             out[k] = out.get(k, 0) + v
+        out["per_engine"][e["id"]] = {**one, "models": sorted(r["model"] for r in e["models"])}
+    out.setdefault("steps", 0), out.setdefault("switches", 0), out.setdefault("kv_swapped_out", 0)
+    out.setdefault("engines", 0)
     return out
 
 
@@ -239,6 +244,10 @@ def run_point(url: str, admin_token: str | None, names: list[str], rate: float, 
         res.update(steps=steps, steps_per_s=steps / wall, switches_per_s=(after["switches"] - before["switches"]) / wall,
                    kv_swapped_out=after["kv_swapped_out"] - before["kv_swapped_out"],
                    timing=where_time_went(before, after, wall, after["engines"]))
+        if len(after["per_engine"]) > 1:  # each GPU's share: which models it carried, how busy it was
+            res["per_engine"] = {eid: {"models": a["models"], "models_before": before["per_engine"].get(eid, {}).get(
+                "models"), **where_time_went(before["per_engine"].get(eid, {}), a, wall, 1)}
+                for eid, a in after["per_engine"].items()}
     return res
 
 

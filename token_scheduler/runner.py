@@ -310,15 +310,19 @@ class _DecodeGraph:
             h = runner.fwd_decode(runner.cfg, runner.weights, runner.kv, runner.rope, self.dev[0], self.dev[1], meta)
             return llama.compute_logits(runner.weights, h)
 
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(warmup):
-                run()
-        torch.cuda.current_stream().wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = run()
+        # The capture stream is this runner's device's own: torch.cuda.graph's default capture stream is made
+        # once per process, on whichever device was current then, so a second GPU's graphs captured on it came
+        # out empty (and Triton refused the other device's pointers). Triton launches on the current device.
+        with torch.cuda.device(dev):
+            s = torch.cuda.Stream(dev)
+            s.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(s):
+                for _ in range(warmup):
+                    run()
+            torch.cuda.current_stream(dev).wait_stream(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool, stream=s):
+                self.logits = run()
 
     def fill(self, out: SchedulerOutput, runner: ModelRunner, ids: torch.Tensor | None = None) -> None:
         # Only the first `nb` block-table columns of real rows are read (the kernel stops at the context
