@@ -414,7 +414,11 @@ class Controller:
                                                   for e in self.pool.engines.values()):
                 del self._moving[name]
         engines = self.views()
-        actions = self.autoscaler.plan(self._loads(engines), engines, self._moving)
+        # At start-up placement waits (JOIN_GRACE_S at most) for every local GPU's worker: placed with all of them
+        # in view, the models spread by `router.place` exactly; placed on the first to join, they would have to
+        # be moved off it again, and `rebalance`'s greedy moves even the shares out less finely.
+        waiting = not self._was_ready and not self.pool.local_joined()
+        actions = [] if waiting else self.autoscaler.plan(self._loads(engines), engines, self._moving)
         if not self.cfg.autoscaler.enabled:  # placement only: minimum registrations, and evening out
             actions = [a for a in actions if a.kind in ("load", "move")]
         for a in actions:
