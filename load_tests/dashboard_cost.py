@@ -97,7 +97,9 @@ async def _measure(t: Target, streams: int, dashboards: int, duration: float, ro
     rows = []
     try:
         for r in range(2 * rounds):
-            n = dashboards if r % 2 else 0
+            # pairs in ABBA order (none then open, open then none, ...): a steady drift of the machine or of the
+            # controller's own state (its CPU rose over the first rounds) cancels out of the paired ratios
+            n = dashboards if (r % 2) != ((r // 2) % 2) else 0
             dash = [Dashboard(timed=i < TIMED) for i in range(n)]
             await asyncio.gather(*(d.open(t) for d in dash))
             await asyncio.sleep(settle_s)  # past the connections' first frames
@@ -122,8 +124,10 @@ async def _measure(t: Target, streams: int, dashboards: int, duration: float, ro
         await asyncio.gather(*clients, return_exceptions=True)
     base = statistics.median(x["cpu_s"] for x in rows if not x["dashboards"])
     dashed = statistics.median(x["cpu_s"] for x in rows if x["dashboards"])
-    # each round with dashboards against the one without just before it: the machine's drift mostly cancels
-    paired = [(rows[i + 1]["cpu_s"] - rows[i]["cpu_s"]) / rows[i]["cpu_s"] for i in range(0, len(rows), 2)]
+    # each round with dashboards against the one without beside it (ABBA pairs): the machine's drift cancels
+    pairs = [sorted(rows[i:i + 2], key=lambda x: x["dashboards"]) for i in range(0, len(rows) - 1, 2)]
+    paired = [(b["cpu_s"] - a["cpu_s"]) / a["cpu_s"] for a, b in pairs]
+    sem = statistics.stdev(paired) / len(paired) ** 0.5 if len(paired) > 1 else None
     writer = [x["writer_cpu_s"] for x in rows if x["dashboards"] and x["writer_cpu_s"] is not None]
     writer_s = statistics.median(writer) if writer else None
     return {"part": "dashboards", "streams": streams, "dashboards": dashboards, "duration_s": duration,
@@ -132,7 +136,8 @@ async def _measure(t: Target, streams: int, dashboards: int, duration: float, ro
             "baseline_cpu_s": round(base, 3), "with_dashboards_cpu_s": round(dashed, 3),
             "extra_cpu_s": round(dashed - base, 3),
             "ratio": round((dashed - base) / base, 4), "ratio_paired_median": round(statistics.median(paired), 4),
-            "ratio_paired": [round(x, 4) for x in paired], "extra_core_pct": round(100 * (dashed - base) / duration, 2),
+            "ratio_paired": [round(x, 4) for x in paired], "ratio_paired_mean": round(statistics.mean(paired), 4),
+            "ratio_paired_sem": round(sem, 4) if sem is not None else None, "extra_core_pct": round(100 * (dashed - base) / duration, 2),
             "writer_cpu_s": writer_s, "writer_ratio": round(writer_s / base, 4) if writer_s is not None else None,
             "event_to_screen_max_s": max((x["event_to_screen_max_s"] for x in rows if x["dashboards"]), default=None),
             "rows": rows}
