@@ -2,8 +2,8 @@
 # H200 calls of session 10, at one commit. PARTS picks what runs, in this order:
 #   many     issue 14: bench serve, models per GPU at 0.1 req/s/model, 120 GB arena, 4 GB KV, seed MANY_SEED; one
 #            server per mix in MANY (';'-separated, e.g. "10x7b,15x1.5b;12x7b,18x1.5b"), with the step loop's time
-#   serve    issue 14: bench serve, 10 models on 60 GB, token policy at RATES (seed SEED)
-#   poolreal issue 14: bench pool --real, the same workload and rates (the served/harness step-rate ratio)
+#   serve    issue 14: bench serve, 10 models on 60 GB, token policy at SERVE_RATES or RATES (seed SEED)
+#   poolreal issue 14: bench pool --real, the same workload at POOL_RATES or RATES (the served/harness step-rate ratio)
 #   request  issue 14: bench serve with the request-level policy at REQ_RATES
 #   two      issue 14: bench serve on every GPU of the machine (2 workers, one node-shared host cache): TWO_MODELS
 #            (default 8x7b,12x1.5b) on 60 GB per GPU at TWO_RATE req/s/model, seed SEED
@@ -22,9 +22,9 @@ many) IFS=';' read -ra mixes <<< "${MANY:-10x7b,15x1.5b}"
       --drain 60 --slo-ttft 10 --slo-tpot 0.1 --gpu-budget-gb 120 --kv-cache-gb 4 --seed "${MANY_SEED:-7}" \
       --policy token --json "$OUT/serve_many_$tag.json" > "$log" 2>&1; at "many $mx" $?; show "$log" 4
   done ;;
-serve) timeout "${LIMIT_SERVE:-300}" python3 -m controller.cli bench serve $W --rate "$RATES" --policy token \
+serve) timeout "${LIMIT_SERVE:-300}" python3 -m controller.cli bench serve $W --rate "${SERVE_RATES:-$RATES}" --policy token \
     --json "$OUT/serve_token_s$SEED.json" > "$OUT/serve.log" 2>&1; at serve $?; show "$OUT/serve.log" ;;
-poolreal) timeout "${LIMIT_POOL:-260}" python3 -m controller.cli bench pool --real $W --rate "$RATES" --policy token \
+poolreal) timeout "${LIMIT_POOL:-260}" python3 -m controller.cli bench pool --real $W --rate "${POOL_RATES:-$RATES}" --policy token \
     --json "$OUT/pool_real_token_s$SEED.json" > "$OUT/pool_real.log" 2>&1; at poolreal $?
   grep -E "attainment|steps|policy CPU|Error|Traceback" "$OUT/pool_real.log" | tail -6 | cut -c1-600 ;;
 request) timeout "${LIMIT_REQ:-400}" python3 -m controller.cli bench serve $W --rate "${REQ_RATES:-0.1,0.15}" \
@@ -45,7 +45,7 @@ engine) M=/tmp/mm; mkdir -p $M
 tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ > "$OUT/gpu_tests.log" 2>&1; at tests $?
   grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.log" | tail -8 ;;
 dash) timeout "${LIMIT_DASH:-200}" python3 -m controller.cli suite dashboards --duration 10 --rounds "${DASH_ROUNDS:-6}" \
-    --streams 48 --dashboards 50 --model pace --json "$OUT/dashboard_cost.json" > "$OUT/dash.log" 2>&1; at dash $?
+    --streams 48 --dashboards "${DASH_N:-50}" --model pace --json "$OUT/dashboard_cost.json" > "$OUT/dash.log" 2>&1; at dash $?
   tail -5 "$OUT/dash.log" | cut -c1-400 ;;
 esac; done
 echo "total $(( $(date +%s) - t0 )) s"
