@@ -33,7 +33,7 @@ request) timeout "${LIMIT_REQ:-400}" python3 -m controller.cli bench serve $W --
 two) timeout "${LIMIT_TWO:-300}" python3 -m controller.cli bench serve --models "${TWO_MODELS:-8x7b,12x1.5b}" \
     --rate "${TWO_RATE:-0.7}" --duration "${TWO_DUR:-120}" --drain "${TWO_DRAIN:-60}" --slo-ttft 10 --slo-tpot 0.1 --gpu-budget-gb 60 --kv-cache-gb 4 \
     --seed "$SEED" --policy token --json "$OUT/serve_two_gpus_s$SEED.json" > "$OUT/serve_two.log" 2>&1; at two $?
-  show "$OUT/serve_two.log"; for f in /tmp/bench-serve-*/token/server.log; do cp "$f" "$OUT/server_two.log"; done
+  show "$OUT/serve_two.log"; f=$(ls -td /tmp/bench-serve-*/token/server.log 2>/dev/null | head -1); [ -n "$f" ] && cp "$f" "$OUT/server_two.log"
   nvidia-smi -L ;;
 engine) M=/tmp/mm; mkdir -p $M
   python3 -m controller.cli make-model --arch qwen2 --size 7b --out $M/q7 > "$OUT/make.log" 2>&1
