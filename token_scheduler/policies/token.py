@@ -46,7 +46,6 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field, replace
-from functools import cache
 from itertools import islice
 
 from token_scheduler.policies.batching import BatchLimits, build_batch, kv_demand, prefill_budget
@@ -227,9 +226,9 @@ class TokenPolicy:
 
     def _step(self, st: PoolState, t: _Turn) -> StepPlan:
         cfg, m = self.cfg, st.models[t.model]
-        first_group = sum(r.num_prompt_tokens for r in islice(m.waiting, cfg.limits.group_size))
+        first_group = sum(r.num_prompt_tokens for r in islice(m.waiting, cfg.limits.group_size)) if m.waiting else 0
         chunk = prefill_budget(st.cost, m, cfg.limits, len(m.running), m.kv_gpu_tokens)
-        order = cache(lambda: self._victims(st, m.name))  # only when room is short or an order is handed on
+        order = _once(lambda: self._victims(st, m.name))  # only when room is short or an order is handed on
         fit = fit_step(st, m, kv_demand(m, min(first_group, chunk)), order, ranges=cfg.see_ranges)
         if fit is None:
             return StepPlan(why=f"no room for {m.name}")
@@ -428,6 +427,17 @@ class TokenPolicy:
                 self._skipped[d.model] = 0
                 keep.append(d)
         return keep or demands
+
+
+def _once(f):
+    """`f`, called at most once, when first asked (built every step: 0.15 us, functools.cache 1 us)."""
+    box = []
+
+    def get():
+        if not box:
+            box.append(f())
+        return box[0]
+    return get
 
 
 def _resident(st: PoolState, names: list[str]) -> list[str]:
