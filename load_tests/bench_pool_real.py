@@ -40,14 +40,17 @@ from token_scheduler.policies.slo import ModelSLO, RequestRecord, summarize
 
 
 def make_models(entries, cache_dir: Path, say=print) -> dict[str, Path]:
+    import torch
+
     from controller.model_factory import make_model
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # (bench serve --device cpu makes its models here too)
     dirs = {}
     for e in entries:
         d = cache_dir / f"{e.arch}-{e.size}-bf16"
         if not (d / "config.json").exists():
             t = time.perf_counter()
-            make_model(arch=e.arch, size=e.size, out=d, seed=0, dtype="bf16", device="cuda", progress=False)
+            make_model(arch=e.arch, size=e.size, out=d, seed=0, dtype="bf16", device=device, progress=False)
             say(f"made {d} in {time.perf_counter() - t:.1f}s")
         dirs[e.name] = d
     return dirs

@@ -38,3 +38,20 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path):
         assert "events_error" not in p and ev["counts"].get("admit") == len(items) - too_long
         assert ev["late"] == []  # an SLO of a minute: no model fell behind
     assert out["policies"]["token"]["rate"] == 0.5
+
+
+def test_the_bench_makes_its_models_where_there_is_no_gpu(tmp_path):
+    """`bench serve --device cpu` on a CPU-only machine: the factory's models are made on the CPU (it asked for
+    CUDA before and failed)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from load_tests.bench_pool_real import make_models
+    from load_tests.workload import parse_models
+
+    dirs = make_models(parse_models("2xtiny"), tmp_path, say=lambda *a: None)
+    assert set(dirs) == {"qwen2-tiny-0", "qwen2-tiny-1"} and len(set(dirs.values())) == 1  # one checkpoint, aliased
+    d = dirs["qwen2-tiny-0"]
+    assert (d / "config.json").exists()
+    w = {k: v for f in d.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert w and all(t.dtype == torch.bfloat16 for t in w.values())
