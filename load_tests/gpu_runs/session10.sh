@@ -9,6 +9,8 @@
 #            (default 8x7b,12x1.5b) on 60 GB per GPU at TWO_RATE req/s/model, seed SEED
 #   engine   issue 17/20: bench engine, 7B (batches 1-64) and 1.5B with bf16 parity (load_tests/gpu_runs/engine.sh's)
 #   tests    the GPU tests (openai client carried in .whl)
+#   profile  issue 14: bench serve at PROFILE_RATE (10 models on 60 GB) with py-spy (carried in .whl) on the worker
+#            for 30 s, PROFILE_INTO s into the arrivals: where a served step's host time goes (spy_summary.py)
 #   dash     issue 18: tokenpool suite dashboards on this machine's CPUs (50 dashboards under 48 streams)
 # Usage (device tool, repo root, carry .whl): TOKENPOOL_COMMIT=<sha> PARTS="many" bash load_tests/gpu_runs/session10.sh
 source "$(dirname "$0")/prelude.sh"
@@ -44,6 +46,16 @@ engine) M=/tmp/mm; mkdir -p $M
     --json "$OUT/engine_qwen2_1.5b.json" > "$OUT/engine_15b.log" 2>&1; at "engine 1.5b" $?; tail -3 "$OUT/engine_15b.log" ;;
 tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ > "$OUT/gpu_tests.log" 2>&1; at tests $?
   grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.log" | tail -8 ;;
+profile) timeout "${LIMIT_PROFILE:-300}" python3 -m controller.cli bench serve $W --rate "${PROFILE_RATE:-1.3}" \
+    --policy token --json "$OUT/serve_profile.json" > "$OUT/serve_profile.log" 2>&1 & bp=$!
+  for i in $(seq 1 150); do grep -q "up and warm" "$OUT/serve_profile.log" && break; sleep 2; done
+  wp=$(for p in $(pgrep -f "controller.worker"); do grep -qa standby /proc/$p/cmdline || echo $p; done | head -1)
+  sleep "${PROFILE_INTO:-40}"
+  /tmp/site/bin/py-spy record --idle -p "$wp" -d 30 -r 250 -f raw -o "$OUT/worker_profile.raw" > "$OUT/pyspy.log" 2>&1 \
+    || tail -3 "$OUT/pyspy.log"
+  python3 load_tests/gpu_runs/spy_summary.py "$OUT/worker_profile.raw" > "$OUT/worker_profile_summary.json" \
+    && head -24 "$OUT/worker_profile_summary.json"
+  wait $bp; at profile $?; show "$OUT/serve_profile.log" 3 ;;
 dash) timeout "${LIMIT_DASH:-200}" python3 -m controller.cli suite dashboards --duration 10 --rounds "${DASH_ROUNDS:-6}" \
     --streams 48 --dashboards "${DASH_N:-50}" --model pace --json "$OUT/dashboard_cost.json" > "$OUT/dash.log" 2>&1; at dash $?
   tail -5 "$OUT/dash.log" | cut -c1-400 ;;
