@@ -53,6 +53,7 @@ class Autoscaler:
         to them."""
         models = {ml.info.name: ml.info for ml in loads}
         actions: list[Action] = []
+        struggling = self.struggling(loads, engines)
         for ml in sorted(loads, key=lambda x: -x.info.priority):
             name = ml.info.name
             hosts = [e for e in engines if e.alive and name in e.replicas and not e.replicas[name].draining]
@@ -71,7 +72,7 @@ class Autoscaler:
             self._hot[name] = self._hot.get(name, 0) + 1 if hot else 0
             self._cold[name] = self._cold.get(name, 0) + 1 if cold else 0
             if self._hot[name] >= self.s.up_ticks and 0 < n < ml.max_replicas:
-                rt = place(ml.info, engines, models, exclude=exclude)
+                rt = place(ml.info, engines, models, exclude=exclude | struggling)
                 if rt is not None:
                     actions.append(Action("load", name, rt.engine_id))
                     self._hot[name] = 0
@@ -83,16 +84,27 @@ class Autoscaler:
                     victim = max(idle, key=lambda e: (e.inflight, e.engine_id))
                     actions.append(Action("unload", name, victim.engine_id))
                     self._cold[name] = 0
-        return actions + self.moves(loads, engines, moving, acted=frozenset(a.model for a in actions))
+        return actions + self.moves(loads, engines, moving, acted=frozenset(a.model for a in actions),
+                                    struggling=struggling)
+
+    def struggling(self, loads: list[ModelLoad], engines: list[EngineView]) -> frozenset[str]:
+        """Engines that host a model missing its SLO: they get no extra registration (a second replica, a move).
+        A pooled GPU steps its models in turn, so a registration added there takes turns from the models it
+        already fails; more weights to rotate make it worse (2 x H200, 20 models at 0.7 req/s each: a 7B
+        replica placed on a GPU whose 1.5B models were falling behind coincided with every late episode)."""
+        missing = {ml.info.name for ml in loads
+                   if ml.slo_attainment is not None and ml.slo_attainment < self.s.slo_target}
+        return frozenset(e.engine_id for e in engines
+                         if any(m in missing and not r.draining for m, r in e.replicas.items()))
 
     @staticmethod
     def moves(loads: list[ModelLoad], engines: list[EngineView], moving: dict[str, str] | None = None,
-              acted: frozenset[str] = frozenset()) -> list[Action]:
+              acted: frozenset[str] = frozenset(), struggling: frozenset[str] = frozenset()) -> list[Action]:
         """Placement's evening out (`router.rebalance`): pinned models, models moving or `acted` on this tick stay;
-        none goes where its registration just failed."""
+        none goes where its registration just failed, nor to a `struggling` engine."""
         models = {ml.info.name: ml.info for ml in loads}
         fixed = acted | set(moving or ()) | {ml.info.name for ml in loads if ml.pinned}
-        avoid = {ml.info.name: ml.avoid for ml in loads if ml.avoid}
+        avoid = {ml.info.name: ml.avoid | struggling for ml in loads if ml.avoid or struggling}
         return [Action("move", name, dst, src) for name, src, dst in rebalance(engines, models, fixed, avoid, moving)]
 
     def forget(self, model: str) -> None:

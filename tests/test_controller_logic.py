@@ -346,3 +346,32 @@ def test_a_move_under_way_counts_on_its_new_engine_and_nothing_moves_twice():
     a = Autoscaler(AutoscalerSettings())
     assert a.plan([_load("a", 0, size=15)] + [_load(n, 0, size=3) for n in "bcd"], [e0, e1],
                   moving={"a": "e0"}) == []  # nothing else is done to the moving model, nothing else moves
+
+
+def test_no_extra_registration_goes_to_a_gpu_whose_models_miss_their_slo():
+    """A pooled GPU steps its models in turn: a replica or a move placed on a GPU that already fails a model
+    takes turns from it. The hot model's replica goes to a GPU whose models keep their SLO, or nowhere."""
+    a = Autoscaler(AutoscalerSettings(up_ticks=1))
+    hot = ReplicaView("m", True, 4, (9,) * 4)
+    engines = [EngineView("e0", 10 * GB, {"m": hot}), EngineView("e1", 10 * GB, {"s": ReplicaView("s", True, 4)}),
+               EngineView("e2", 10 * GB, {"t": ReplicaView("t", True, 4), "u": ReplicaView("u", True, 4)})]
+    # e1 is the emptiest, but its model misses its SLO: the replica goes to e2
+    loads = [_load("m", 4, att=0.5), _load("s", 0, att=0.6), _load("t", 1, att=1.0), _load("u", 0)]
+    assert a.struggling(loads, engines) == {"e0", "e1"}
+    acts = a.plan(loads, engines)
+    assert [(x.kind, x.model, x.engine_id) for x in acts] == [("load", "m", "e2")]
+    # every other GPU struggles: no replica at all (the minimum is still restored anywhere)
+    a = Autoscaler(AutoscalerSettings(up_ticks=1))
+    loads = [_load("m", 4, att=0.5), _load("s", 0, att=0.6), _load("t", 0, att=0.5), _load("u", 0)]
+    assert [x for x in a.plan(loads, engines) if x.kind == "load"] == []
+    lonely = [_load("z", 0, lo=1)]
+    assert [x.kind for x in a.plan(lonely + loads, engines) if x.model == "z"] == ["load"]
+    # a struggling engine that is also the emptiest gets no move either, and a draining registration of a
+    # missing model does not count against its engine
+    late = [EngineView("e0", 10 * GB, {n: ReplicaView(n, True, 4) for n in ("a", "b", "c")}),
+            EngineView("e1", 10 * GB, {"s": ReplicaView("s", True, 4)})]
+    calm = [_load(n, 0) for n in ("a", "b", "c")]
+    assert [x.kind for x in Autoscaler(AutoscalerSettings()).plan(calm + [_load("s", 0)], late)] == ["move"]
+    assert Autoscaler(AutoscalerSettings()).plan(calm + [_load("s", 1, att=0.5)], late) == []
+    leaving = [late[0], EngineView("e1", 10 * GB, {"s": ReplicaView("s", True, 4, draining=True)})]
+    assert Autoscaler(AutoscalerSettings()).struggling(calm + [_load("s", 1, att=0.5)], leaving) == frozenset()
