@@ -216,7 +216,8 @@ def where_time_went(before: dict, after: dict, wall: float, gpus: int) -> dict:
     n = max(1, d.get("steps", 0))
     span = wall * max(1, gpus)
     return {
-        "policy_us_per_step": 1e6 * d.get("policy_s", 0) / n, "memory_ms_per_step": 1e3 * d.get("memory_s", 0) / n,
+        "policy_us_per_step": 1e6 * d.get("policy_s", 0) / n, "policy_cpu_us_per_step": 1e6 * d.get("policy_cpu_s", 0) / n,
+        "memory_ms_per_step": 1e3 * d.get("memory_s", 0) / n,
         "engine_ms_per_step": 1e3 * d.get("engine_s", 0) / n, "stall_s": d.get("stall_s", 0.0),
         "loads_per_s": d.get("loads", 0) / wall, "prefetches_per_s": d.get("prefetches", 0) / wall,
         "load_gb": d.get("load_bytes", 0) / 1e9, "forced_evictions": d.get("forced_evictions", 0),

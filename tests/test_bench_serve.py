@@ -32,6 +32,7 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path):
         assert p["steps"] > 0 and p["steps_per_s"] > 0
         t = p["timing"]  # where the served step loop's time went, from the worker's counters
         assert t["engine_ms_per_step"] > 0 and t["policy_us_per_step"] > 0
+        assert 0 < t["policy_cpu_us_per_step"] <= t["policy_us_per_step"] * 1.05  # (clock granularities differ)
         assert 0 < t["engine_busy_frac"] <= t["step_thread_busy_frac"] <= 1.0
         assert t["emit_ms_per_step"] > 0
         ev = p["events"]  # the server's event stream over the point: one admit per served request

@@ -89,8 +89,10 @@ class MultiModelEngine:
         self._keep_alive: dict[str, float] = {}  # model -> idle seconds before its weights are evicted
         # policy_s/memory_s/engine_s/steps: the steps that ran; idle_*: schedule() calls that planned nothing
         # (a caller polling while requests wait that no plan can serve, e.g. static's unplaced models)
-        self.timing = dict.fromkeys(("policy_s", "memory_s", "engine_s", "steps", "idle_policy_s", "idle_polls",
-                                     "late_episodes"), 0.0)
+        # policy_cpu_s: the policy's own thread CPU time; policy_s less it is time the step thread waited for the
+        # CPU or the GIL (another thread of the process holding it) in the middle of a plan
+        self.timing = dict.fromkeys(("policy_s", "policy_cpu_s", "memory_s", "engine_s", "steps", "idle_policy_s",
+                                     "idle_polls", "late_episodes"), 0.0)
         # One tokenizer per model directory: aliases of a checkpoint share it (a large vocabulary takes ~0.5 s
         # to load; a restarted worker registers every model again). Loaded by `tokenizer()`, off the step
         # thread when the caller prepares a registration there.
@@ -389,7 +391,7 @@ class MultiModelEngine:
         """One step of the model the policy picks: token ids, no text (see `LLMEngine.step_tokens`, and there
         `on_launch`)."""
         tm = self.timing
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         self._sync()
         plan = self.policy.schedule(self.state)
         t1 = time.perf_counter()
@@ -398,6 +400,7 @@ class MultiModelEngine:
             tm["idle_polls"] += 1
         else:
             tm["policy_s"] += t1 - t0
+            tm["policy_cpu_s"] += time.thread_time() - c0
         outputs, self._removed = self._removed, []
         if self._keep_alive:
             self.expire()
