@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from token_scheduler.cost_model import CostModel, StepShape
-from token_scheduler.policies.state import ModelState
+from token_scheduler.policies.state import ModelState, blocks
 from token_scheduler.request import RequestStatus
 
 _RUNNING, _SWAPPED = RequestStatus.RUNNING, RequestStatus.SWAPPED
@@ -171,8 +171,8 @@ def kv_demand(m: ModelState, prefill_tokens: int) -> int:
     """KV bytes `m`'s next step may add: every running request's next token, the swapped ones back in VRAM,
     and `prefill_tokens` of new prompts (what a policy makes room for before it builds the batch)."""
     bt = m.kv_block_tokens
-    d = 0  # in blocks (m.kv_bytes per request, inline: every step, every running request)
+    d = 0  # in blocks, priced once (every step, every running request)
     for r in m.running:
         c = r.num_computed_tokens
-        d += -(-(c + 1) // bt) - (-(-c // bt) if r.status == _RUNNING else 0)
-    return d * (m.kv_block_bytes or bt * m.spec.kv_bytes_per_token) + m.kv_bytes(prefill_tokens)
+        d += blocks(c + 1, bt) - (blocks(c, bt) if r.status == _RUNNING else 0)
+    return d * m.block_bytes + m.kv_bytes(prefill_tokens)

@@ -36,6 +36,11 @@ class Residency(enum.IntEnum):
 _HOST = Residency.HOST
 
 
+def blocks(tokens: int, block_tokens: int) -> int:
+    """Whole KV blocks holding `tokens` tokens (the mechanism allocates whole blocks)."""
+    return -(-tokens // block_tokens)
+
+
 @dataclass(slots=True)
 class ModelState:
     spec: ModelSize
@@ -61,10 +66,13 @@ class ModelState:
     def has_work(self) -> bool:
         return bool(self.waiting) or bool(self.running)
 
+    @property
+    def block_bytes(self) -> int:
+        return self.kv_block_bytes or self.kv_block_tokens * self.spec.kv_bytes_per_token
+
     def kv_bytes(self, tokens: int) -> int:
         """VRAM one request holding KV of `tokens` tokens takes: whole blocks, as the mechanism allocates."""
-        bt = self.kv_block_tokens
-        return -(-tokens // bt) * (self.kv_block_bytes or bt * self.spec.kv_bytes_per_token)
+        return blocks(tokens, self.kv_block_tokens) * self.block_bytes
 
     @property
     def kv_gpu_bytes(self) -> int:
@@ -99,10 +107,8 @@ class PoolState:
         """KV in the shared region (or, without one, in `capacity_bytes`); models' own KV caches not counted."""
         n = 0
         for m in self.models.values():
-            t = m.kv_gpu_tokens
-            if t and m.own_kv_bytes is None:  # m.kv_gpu_bytes, inline (whole blocks already)
-                bt = m.kv_block_tokens
-                n += -(-t // bt) * (m.kv_block_bytes or bt * m.spec.kv_bytes_per_token)
+            if m.kv_gpu_tokens and m.own_kv_bytes is None:
+                n += m.kv_gpu_bytes
         return n
 
     def free_bytes(self) -> int:
