@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -150,14 +151,12 @@ class EnginePool:
             t.cancel()
         procs = [*self._procs.values(), *self._spares.values()]
         for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                p.terminate()
+            _signal(p, signal.SIGTERM)
         for p in procs:
             try:
                 await asyncio.wait_for(p.wait(), 5)
             except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    p.kill()
+                _signal(p, signal.SIGKILL)
         if self._server is not None:
             self._server.close()
 
@@ -249,8 +248,7 @@ class EnginePool:
                     self._dead(e)
                     e.writer.close()
                     if e.slot is not None and e.slot in self._procs:
-                        with contextlib.suppress(ProcessLookupError):
-                            self._procs[e.slot].kill()
+                        _signal(self._procs[e.slot], signal.SIGKILL)
 
     # --- connections ---
     def _admit(self, reg: m.Register, peer: str) -> str | None:
@@ -419,6 +417,16 @@ class EnginePool:
     def pid_of(self, slot: int) -> int | None:
         p = self._procs.get(slot)
         return p.pid if p is not None and p.returncode is None else None
+
+
+def _signal(p: asyncio.subprocess.Process, sig: int) -> None:
+    """Signal a worker process unless it has been seen to exit. Not `p.terminate()`/`p.kill()`: subprocess's
+    send_signal polls first, and a poll that finds the worker just exited reaps it under asyncio's child watcher,
+    which then logs "Unknown child process pid ..." and reports exit status 255 (seen on SIGTERM of an idle
+    server: the workers exit on the controller's Shutdown message at the same moment)."""
+    if p.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, sig)
 
 
 def _is_loopback(host: str) -> bool:
