@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # H200 calls of session 10, at one commit. PARTS picks what runs, in this order:
-#   many     issue 14: bench serve, models per GPU at 0.1 req/s/model, 120 GB arena, 4 GB KV, seed MANY_SEED; one
+#   many     issue 14: bench serve, models per GPU at 0.1 req/s/model, 120 GB arena, 4 GB KV, seed MANY_SEED, MANY_DUR s
+#            of arrivals (default 120; the simulator needs 300 to show a mix past capacity: 35 models 99.8% at 120 s,
+#            89% at 300 s); one
 #            server per mix in MANY (';'-separated, e.g. "10x7b,15x1.5b;12x7b,18x1.5b"), with the step loop's time
 #   serve    issue 14: bench serve, 10 models on 60 GB, token policy at SERVE_RATES or RATES (seed SEED)
 #   poolreal issue 14: bench pool --real, the same workload at POOL_RATES or RATES (the served/harness step-rate ratio)
@@ -22,7 +24,7 @@ show() { grep -E "rate=|attainment|policy_us|Error|Traceback" "$1" | tail -${2:-
 for part in ${PARTS:-many}; do case $part in
 many) IFS=';' read -ra mixes <<< "${MANY:-10x7b,15x1.5b}"
   for mx in "${mixes[@]}"; do tag=$(echo "$mx" | tr -d ',.' ); log="$OUT/serve_many_$tag.log"
-    timeout "${LIMIT_MANY:-280}" python3 -m controller.cli bench serve --models "$mx" --rate 0.1 --duration 120 \
+    timeout "${LIMIT_MANY:-280}" python3 -m controller.cli bench serve --models "$mx" --rate 0.1 --duration "${MANY_DUR:-120}" \
       --drain 60 --slo-ttft 10 --slo-tpot 0.1 --gpu-budget-gb 120 --kv-cache-gb 4 --seed "${MANY_SEED:-7}" \
       --policy token --json "$OUT/serve_many_$tag.json" > "$log" 2>&1; at "many $mx" $?; show "$log" 4
   done ;;
