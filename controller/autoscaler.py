@@ -7,6 +7,10 @@ attainment over a recent window; a model must be hot for `up_ticks` ticks in a r
 cold for `down_ticks` to shrink by one (down_ticks >> up_ticks: scaling up is cheap to undo, thrashing is not).
 Between the two thresholds nothing moves. After acting, the model's counter restarts (a cooldown).
 
+A GPU that misses a model's SLO ("struggling") gets no extra registration, and gives back, after `up_ticks`, a
+registration whose model is also served on a healthy GPU (`sheds`: drained, then unregistered): a pooled GPU
+steps its models in turn, so an extra model there takes turns from the ones it fails.
+
 Placement is part of each tick too: a model below its minimum is registered where `router.place` says (the
 loads planned earlier in the tick count, so models placed together spread), and `router.rebalance` moves
 registrations off an engine that carries more than its share (an engine that joined late starts empty).
@@ -34,7 +38,9 @@ class ModelLoad:
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # "load" | "unload" | "move" (load on engine_id, then unload from source: placement's evening out)
+    # "load" | "unload" | "move" (load on engine_id, then unload from source: placement's evening out) | "shed"
+    # (drain the registration on engine_id, then unload it: the engine misses another model's SLO)
+    kind: str
     model: str
     engine_id: str
     source: str | None = None
@@ -45,6 +51,7 @@ class Autoscaler:
         self.s = settings
         self._hot: dict[str, int] = {}
         self._cold: dict[str, int] = {}
+        self._shed: dict[tuple[str, str], int] = {}  # (model, engine): ticks in a row its registration there could go
 
     def plan(self, loads: list[ModelLoad], engines: list[EngineView],
              moving: dict[str, str] | None = None) -> list[Action]:
@@ -84,8 +91,38 @@ class Autoscaler:
                     victim = max(idle, key=lambda e: (e.inflight, e.engine_id))
                     actions.append(Action("unload", name, victim.engine_id))
                     self._cold[name] = 0
+        actions += self.sheds(loads, engines, struggling, acted=frozenset(a.model for a in actions) | set(moving or ()))
         return actions + self.moves(loads, engines, moving, acted=frozenset(a.model for a in actions),
                                     struggling=struggling)
+
+    def sheds(self, loads: list[ModelLoad], engines: list[EngineView], struggling: frozenset[str],
+              acted: frozenset[str] = frozenset()) -> list[Action]:
+        """Registrations to drain off a `struggling` engine: a model registered there and also on an engine that is
+        not struggling gives the first one back (its requests there finish, new ones go to the other), so its turns
+        return to the models that engine fails -- the undoing of a second replica placed before its engine fell
+        behind. After `up_ticks` ticks in a row; one per model and one per engine a tick; never below the model's
+        minimum, never a pinned model."""
+        out: list[Action] = []
+        counts: dict[tuple[str, str], int] = {}
+        emptied: set[str] = set()
+        for ml in loads:
+            name = ml.info.name
+            if ml.pinned or name in acted:
+                continue
+            hosts = {e.engine_id: e.replicas[name] for e in engines
+                     if e.alive and name in e.replicas and not e.replicas[name].draining}
+            if len(hosts) <= max(1, ml.min_replicas) or not any(r.ready and h not in struggling
+                                                                 for h, r in hosts.items()):
+                continue  # (a registration elsewhere still loading does not serve yet)
+            for h in sorted(h for h in hosts if h in struggling):
+                k = (name, h)
+                counts[k] = self._shed.get(k, 0) + 1
+                if counts[k] >= self.s.up_ticks and h not in emptied and not any(a.model == name for a in out):
+                    out.append(Action("shed", name, h))
+                    emptied.add(h)
+                    counts[k] = 0
+        self._shed = counts  # a pair not seen this tick starts again
+        return out
 
     def struggling(self, loads: list[ModelLoad], engines: list[EngineView]) -> frozenset[str]:
         """Engines that host a model missing its SLO: they get no extra registration (a second replica, a move).
@@ -110,3 +147,4 @@ class Autoscaler:
     def forget(self, model: str) -> None:
         self._hot.pop(model, None)
         self._cold.pop(model, None)
+        self._shed = {k: v for k, v in self._shed.items() if k[0] != model}

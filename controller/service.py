@@ -136,9 +136,12 @@ class Controller:
         self.models: dict[str, ModelEntry] = {}
         self.autoscaler = Autoscaler(cfg.autoscaler)
         self._was_ready = False  # ready() once: start-up is over (see ready)
-        self._failures: dict[str, dict[str, float]] = {}  # model -> engine id -> when its registration failed there
+        # model -> engine id -> when its registration failed there (or was shed from there): placed elsewhere a while
+        self._failures: dict[str, dict[str, float]] = {}
         self._moving: dict[str, str] = {}  # model -> the engine it is moving from (until the new registration is up)
-        self._leaving: set[tuple[str, str]] = set()  # (engine id, model): a moved model's old registration, draining
+        # (engine id, model) -> why: a registration draining before it is unregistered (a moved model's old one,
+        # one the autoscaler sheds)
+        self._leaving: dict[tuple[str, str], str] = {}
         self.events = EventBus()
         self.activity = Activity()  # the admin views' rolling window (controller/dashboard/activity.py)
         self.pool = EnginePool(cfg.workers, cfg.gpus, on_registered=self._registered, on_dead=self._dead,
@@ -432,6 +435,12 @@ class Controller:
             elif a.kind == "unload" and not any(s.model == a.model for s in e.subs.values()) \
                     and not (a.model in self.models and self.models[a.model].pinned):
                 self._unregister(e, a.model, "autoscaler: an extra registration went cold")
+            elif (a.kind == "shed" and a.model in e.replicas and (e.id, a.model) not in self._leaving
+                  and not (a.model in self.models and self.models[a.model].pinned)):
+                e.replicas[a.model].draining = True  # new requests go to its other registrations
+                self._leaving[(e.id, a.model)] = "autoscaler: served elsewhere, and this GPU misses another model's SLO"
+                # not placed back there for FAILED_AVOID_S (that GPU recovering would otherwise invite it again)
+                self._failures.setdefault(a.model, {})[e.id] = time.monotonic()
             elif a.kind == "move" and a.model in self.models and a.model not in self._moving:
                 # make before break: the source keeps serving it until the new registration is ready (_loaded)
                 self._moving[a.model] = a.source
@@ -518,7 +527,7 @@ class Controller:
             return
         if src is not None and src.alive and r.model in src.replicas and src is not e:
             src.replicas[r.model].draining = True  # new requests go to the new one; its own finish there
-            self._leaving.add((src.id, r.model))
+            self._leaving[(src.id, r.model)] = "placement: moved to another engine (the engines' shares even out)"
             self._finish_moves()
         if me is not None:
             me.info = dataclasses.replace(me.info, load_s=max(0.1, 0.5 * me.info.load_s + 0.5 * load_s))
@@ -536,18 +545,18 @@ class Controller:
         return loads
 
     def _finish_moves(self) -> None:
-        """Unregister moved models' old registrations once no request of theirs is left there."""
-        for eid, name in list(self._leaving):
+        """Unregister draining registrations (moved, shed) once no request of theirs is left there."""
+        for (eid, name), why in list(self._leaving.items()):
             e = self.pool.engines.get(eid)
             if e is None or not e.alive or name not in e.replicas:
-                self._leaving.discard((eid, name))
+                del self._leaving[(eid, name)]
             elif not any(s.model == name for s in e.subs.values()):
-                self._leaving.discard((eid, name))
-                self._unregister(e, name, "placement: moved to another engine (the engines' shares even out)")
+                del self._leaving[(eid, name)]
+                self._unregister(e, name, why)
 
     def _failed_on(self, model: str) -> frozenset[str]:
-        """Engines where `model`'s registration failed in the last FAILED_AVOID_S: placement tries others first
-        (not the same failing engine every tick)."""
+        """Engines where `model`'s registration failed (or was shed) in the last FAILED_AVOID_S: placement tries
+        others first (not the same failing engine every tick)."""
         now, seen = time.monotonic(), self._failures.get(model)
         if not seen:
             return frozenset()

@@ -375,3 +375,38 @@ def test_no_extra_registration_goes_to_a_gpu_whose_models_miss_their_slo():
     assert Autoscaler(AutoscalerSettings()).plan(calm + [_load("s", 1, att=0.5)], late) == []
     leaving = [late[0], EngineView("e1", 10 * GB, {"s": ReplicaView("s", True, 4, draining=True)})]
     assert Autoscaler(AutoscalerSettings()).struggling(calm + [_load("s", 1, att=0.5)], leaving) == frozenset()
+
+
+def test_a_struggling_gpu_sheds_registrations_served_elsewhere():
+    """The undoing of a replica placed before its GPU fell behind: a model registered on a GPU that fails
+    another model, and also on a healthy GPU, gives the first registration back after `up_ticks` ticks -- never
+    below its minimum, never when pinned, never when all its GPUs struggle (then it is the one missing)."""
+    def views(m_on=("e0", "e1")):
+        return [EngineView("e0", 10 * GB, {**{n: ReplicaView(n, True, 4) for n in ("a", "b")},
+                                          **({"m": ReplicaView("m", True, 4)} if "e0" in m_on else {})}),
+                EngineView("e1", 10 * GB, {"c": ReplicaView("c", True, 4),
+                                          **({"m": ReplicaView("m", True, 4)} if "e1" in m_on else {})})]
+    late_a = [_load("a", 1, att=0.5), _load("b", 1), _load("c", 1)]
+    a = Autoscaler(AutoscalerSettings(up_ticks=2))
+    assert [x for x in a.plan(late_a + [_load("m", 1)], views()) if x.kind == "shed"] == []  # one tick: not yet
+    acts = [(x.kind, x.model, x.engine_id) for x in a.plan(late_a + [_load("m", 1)], views())]
+    assert ("shed", "m", "e0") in acts and not [x for x in acts if x[0] == "shed" and x[1] != "m"]
+    # a tick where e0 keeps its SLO restarts the count
+    a = Autoscaler(AutoscalerSettings(up_ticks=2))
+    a.plan(late_a + [_load("m", 1)], views())
+    a.plan([_load("a", 1), _load("b", 1), _load("c", 1), _load("m", 1)], views())
+    assert [x for x in a.plan(late_a + [_load("m", 1)], views()) if x.kind == "shed"] == []
+    # never below the minimum, never pinned, never when its other GPU struggles too
+    pinned = ModelLoad(ModelInfo("m", GB), 1, 3, 1, 4, None, pinned=True)
+    both_late = [_load("a", 1, att=0.5), _load("b", 1), _load("c", 1, att=0.5)]
+    for ml, loads in ((_load("m", 1, lo=2), late_a), (pinned, late_a), (_load("m", 1), both_late)):
+        a = Autoscaler(AutoscalerSettings(up_ticks=1))
+        assert [x for x in a.plan(loads + [ml], views()) if x.kind == "shed"] == []
+    # nor while its registration on the healthy GPU is still loading
+    loading = views()
+    loading[1].replicas["m"] = ReplicaView("m", False, 4)
+    a = Autoscaler(AutoscalerSettings(up_ticks=1))
+    assert [x for x in a.plan(late_a + [_load("m", 1)], loading) if x.kind == "shed"] == []
+    # a model with one registration stays where it is
+    a = Autoscaler(AutoscalerSettings(up_ticks=1))
+    assert [x for x in a.plan(late_a + [_load("m", 1)], views(("e0",))) if x.kind == "shed"] == []
