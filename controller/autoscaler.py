@@ -36,6 +36,11 @@ class ModelLoad:
     avoid: frozenset[str] = frozenset()  # engines where its registration failed lately: not placed there again yet
 
 
+def _hosts(name: str, engines: list[EngineView]) -> list[EngineView]:
+    """The live engines where `name` is registered and not draining."""
+    return [e for e in engines if e.alive and name in e.replicas and not e.replicas[name].draining]
+
+
 @dataclass(frozen=True)
 class Action:
     # "load" | "unload" | "move" (load on engine_id, then unload from source: placement's evening out) | "shed"
@@ -63,7 +68,7 @@ class Autoscaler:
         struggling = self.struggling(loads, engines)
         for ml in sorted(loads, key=lambda x: -x.info.priority):
             name = ml.info.name
-            hosts = [e for e in engines if e.alive and name in e.replicas and not e.replicas[name].draining]
+            hosts = _hosts(name, engines)
             n = len(hosts)
             exclude = ml.avoid | {a.engine_id for a in actions if a.model == name}
             if n < ml.min_replicas:
@@ -109,8 +114,7 @@ class Autoscaler:
             name = ml.info.name
             if ml.pinned or name in acted:
                 continue
-            hosts = {e.engine_id: e.replicas[name] for e in engines
-                     if e.alive and name in e.replicas and not e.replicas[name].draining}
+            hosts = {e.engine_id: e.replicas[name] for e in _hosts(name, engines)}
             if len(hosts) <= max(1, ml.min_replicas) or not any(r.ready and h not in struggling
                                                                  for h, r in hosts.items()):
                 continue  # (a registration elsewhere still loading does not serve yet)
@@ -134,11 +138,13 @@ class Autoscaler:
         return frozenset(e.engine_id for e in engines
                          if any(m in missing and not r.draining for m, r in e.replicas.items()))
 
-    @staticmethod
-    def moves(loads: list[ModelLoad], engines: list[EngineView], moving: dict[str, str] | None = None,
-              acted: frozenset[str] = frozenset(), struggling: frozenset[str] = frozenset()) -> list[Action]:
+    def moves(self, loads: list[ModelLoad], engines: list[EngineView], moving: dict[str, str] | None = None,
+              acted: frozenset[str] = frozenset(), struggling: frozenset[str] | None = None) -> list[Action]:
         """Placement's evening out (`router.rebalance`): pinned models, models moving or `acted` on this tick stay;
-        none goes where its registration just failed, nor to a `struggling` engine."""
+        none goes where its registration just failed, nor to a struggling engine (`struggling`, derived from the
+        same inputs unless the caller has it)."""
+        if struggling is None:
+            struggling = self.struggling(loads, engines)
         models = {ml.info.name: ml.info for ml in loads}
         fixed = acted | set(moving or ()) | {ml.info.name for ml in loads if ml.pinned}
         avoid = {ml.info.name: ml.avoid | struggling for ml in loads if ml.avoid or struggling}

@@ -174,10 +174,8 @@ class Controller:
         ok = bool(alive) and all(any(n in e.replicas and e.replicas[n].state == "ready" for e in alive) for n in need)
         if ok and not self._was_ready:
             views = self.views()  # the moves a tick would plan now, from the same inputs (pins, failures, moves)
-            loads = self._loads(views)
             ok = (self.pool.local_joined() and not self._moving
-                  and not self.autoscaler.moves(loads, views, self._moving,
-                                                struggling=self.autoscaler.struggling(loads, views)))
+                  and not self.autoscaler.moves(self._loads(views), views, self._moving))
             self._was_ready = ok
         return ok
 
