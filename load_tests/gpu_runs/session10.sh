@@ -12,6 +12,8 @@
 #   engine   issue 17/20: bench engine, 7B (batches 1-64) and 1.5B with bf16 parity (load_tests/gpu_runs/engine.sh's)
 #   profdecode issue 20: where a 1.5B and a 7B decode step go (load_tests/profile_decode.py: graph replay vs kernel sum
 #            vs full engine step, top kernels), batches 1 and 8
+#   sweep    issue 20: diag_gpu step-sweep (the batch-1 GEMV block configs tuned in the decode graph) for SWEEP_SIZES
+#            (default "1.5b 7b")
 #   tests    the GPU tests (openai client carried in .whl)
 #   profile  issue 14: bench serve at PROFILE_RATE (10 models on 60 GB) with py-spy (carried in .whl) on the worker
 #            for 30 s, PROFILE_INTO s into the arrivals: where a served step's host time goes (spy_summary.py)
@@ -54,6 +56,11 @@ profdecode) M=/tmp/mm; mkdir -p $M
     for b in 1 8; do timeout 120 python3 -m load_tests.profile_decode --model $d --batch $b --steps 50 \
         > "$OUT/profile_decode_${sz}_b$b.log" 2>&1; at "profdecode $sz b$b" $?; head -8 "$OUT/profile_decode_${sz}_b$b.log"
       tail -1 "$OUT/profile_decode_${sz}_b$b.log"; done; done ;;
+sweep) M=/tmp/mm; mkdir -p $M
+  for sz in ${SWEEP_SIZES:-1.5b 7b}; do d=$M/q$(echo $sz | tr -d .b); [ -f $d/config.json ] || python3 -m controller.cli \
+      make-model --arch qwen2 --size $sz --out $d >> "$OUT/make.log" 2>&1
+    timeout "${LIMIT_SWEEP:-150}" python3 -m load_tests.diag_gpu step-sweep --model $d > "$OUT/step_sweep_$sz.log" 2>&1
+    at "sweep $sz" $?; grep -E "^[a-z_]+ \(|^BEST|^start" "$OUT/step_sweep_$sz.log"; done ;;
 tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ > "$OUT/gpu_tests.log" 2>&1; at tests $?
   grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.log" | tail -8 ;;
 profile) timeout "${LIMIT_PROFILE:-300}" python3 -m controller.cli bench serve $W --rate "${PROFILE_RATE:-1.3}" \
