@@ -1,7 +1,9 @@
 """`tokenpool bench engine`: decode step time per batch size against the HBM floor and HF generate.
 
 Floor: every decode step reads all weights once, so floor = weight bytes / HBM bandwidth (measured in this
-run with a device-to-device copy). Peer: HF transformers `generate` on the same weights, same run.
+run with a device-to-device copy). Each batch also gets `floor_with_kv_ms`: the weights plus the KV bytes its
+step reads (every sequence's context, at the timed steps' mean length), the floor issue 20 sets batches 8 and 32
+against. Peer: HF transformers `generate` on the same weights, same run.
 Also checks parity with HF (first-step top-1 and greedy continuations over random prompts), per dtype: the
 bench engine's own (bf16 on CUDA) under `parity`, others (fp32) under `parity_<dtype>`, each with a near-tie
 diagnostic beside the strict figures.
@@ -85,7 +87,7 @@ def _decode_step_times(eng: LLMEngine, batch: int, context: int, steps: int, voc
     for rid in list(eng.scheduler.requests):
         eng.abort_request(rid)
     eng.step()
-    return {"batch": batch, "step_ms_median": 1e3 * statistics.median(times), "step_ms_mean": 1e3 * loop_s / steps,
+    return {"batch": batch, "steps": steps, "step_ms_median": 1e3 * statistics.median(times), "step_ms_mean": 1e3 * loop_s / steps,
             "overlap": eng.overlap, "step_ms_p90":
             1e3 * sorted(times)[int(0.9 * len(times))], "graph_replay_ms": replay_ms,
             "prefill_tokens_per_s": batch * context / prefill_s}
@@ -289,8 +291,13 @@ def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, con
         res["floor_ms"] = 1e3 * wbytes / bw
     res["decode"] = [_decode_step_times(eng, b, context, steps if dev == "cuda" else 5, vocab) for b in batches]
     if "floor_ms" in res:
+        kv_tok = eng.model_config.kv_bytes_per_token(eng.dtype)
         for d in res["decode"]:
             d["ratio_to_floor"] = d["step_ms_median"] / res["floor_ms"]
+            # the timed steps run from context + 1 to context + steps tokens a sequence (after the first token)
+            d["kv_bytes_read"] = kv_bytes = int(d["batch"] * (context + 1 + d["steps"] / 2) * kv_tok)
+            d["floor_with_kv_ms"] = 1e3 * (wbytes + kv_bytes) / bw
+            d["ratio_to_floor_with_kv"] = d["step_ms_median"] / d["floor_with_kv_ms"]
     b1 = next((d for d in res["decode"] if d["batch"] == 1), None)
     b32 = next((d for d in res["decode"] if d["batch"] == 32), None)
     if b1 and b32:
