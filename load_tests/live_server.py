@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 class LiveServer:
@@ -48,8 +53,15 @@ class LiveServer:
         self.ready_timeout = ready_timeout
         self.wait_ready = wait_ready
         self.proc: subprocess.Popen | None = None
+        self._sigterm = None
 
     def __enter__(self) -> LiveServer:
+        # The server runs in its own session (its workers with it), so a SIGTERM to this process (a `timeout`
+        # around a benchmark) does not reach it; Python's default SIGTERM exits without unwinding, which left
+        # the server and its workers running on the GPU beside the next benchmark. Unwind instead: __exit__
+        # stops the session.
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self._sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
                    TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                    **self.extra_env)
@@ -82,6 +94,9 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
 
     def __exit__(self, *exc) -> None:
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
         if self.proc is None:
             return
         try:
