@@ -275,7 +275,8 @@ def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, con
     from token_scheduler.model import llama
 
     res = header() | {"bench": "engine", "model": str(model), "context": context,
-                      "kernel_options": {"one_token_gemv": llama.USE_GEMV, "pdl": _pdl()}}
+                      "kernel_options": {"one_token_gemv": llama.USE_GEMV, "pdl": _pdl(),
+                                         "small_batch_gemv_max_rows": llama.GEMV_MAX_ROWS if llama.USE_GEMV else 0}}
     t = time.perf_counter()
     kv_gb = None if dev == "cpu" else 12.0
     eng = LLMEngine(EngineConfig(model=str(model), device=dev, max_num_seqs=max(batches),

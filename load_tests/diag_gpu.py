@@ -6,14 +6,16 @@
 - `gemv-triton`: the Triton GEMV (token_scheduler/model/triton_gemv.py) over block configs, per projection,
   against cuBLAS plus the elementwise kernels it folds in; prints the best config per shape.
 - `step`: the engine's decode step per batch size under each kernel launch variant (programmatic dependent
-  launch, the one-token GEMVs, RoPE in the qkv GEMV, GEMV block configs, the attention's split count).
-- `step-sweep`: the GEMV block configs tuned by the batch-1 decode graph's replay time, one projection at a time.
+  launch, the one-token GEMVs, the small-batch GEMVs, RoPE in the qkv GEMV, GEMV block configs, the attention's
+  split count).
+- `step-sweep`: the GEMV block configs tuned by the decode graph's replay time, one projection at a time: the
+  one-token kernel's at batch 1, the small-batch kernel's (for that batch's padded row count) above.
 
     python -m load_tests.diag_gpu kv
     python -m load_tests.diag_gpu gemv --model DIR
     python -m load_tests.diag_gpu gemv-triton --model DIR
-    python -m load_tests.diag_gpu step --model DIR --batch 1,8
-    python -m load_tests.diag_gpu step-sweep --model DIR
+    python -m load_tests.diag_gpu step --model DIR --batch 1,2,4,8,16,32
+    python -m load_tests.diag_gpu step-sweep --model DIR [--batch 8]
 """
 
 from __future__ import annotations
@@ -212,61 +214,74 @@ def step(model: str, batches: list[int], context: int = 512) -> None:
 
     timed = _StepTimer(model, max(batches), context)
     defaults = (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
-                triton_decode.num_splits_for)
+                triton_decode.num_splits_for, llama.GEMV_MAX_ROWS)
     # the qwen2-1.5b GEMV block configs tuned without PDL, one projection at a time (before step-sweep)
     old_cfgs = {(2048, 1536): (8, 512, 8), (1536, 1536): (2, 512, 4), (17920, 1536): (16, 512, 8),
                 (1536, 8960): (4, 1024, 8)}
     # name, then what it changes from the defaults
     variants = [("default", {}), ("no pdl", {"pdl": False}), ("no gemv", {"gemv": False}),
-                ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}), ("splits 16", {"splits": 16}),
+                ("no small-batch gemv", {"max_rows": 0}), ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}), ("splits 16", {"splits": 16}),
                 ("no pdl, gemv any size", {"pdl": False, "max_hidden": 1 << 30}), ("default again", {})]
     for name, v in variants:
         triton_ops.USE_PDL, llama.USE_GEMV = v.get("pdl", defaults[0]), v.get("gemv", defaults[1])
         llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE = v.get("max_hidden", defaults[2]), v.get("rope", defaults[3])
         triton_gemv._CONFIGS = v.get("cfgs", defaults[4])
         triton_decode.num_splits_for = (lambda *_a, s=v["splits"], **_k: s) if "splits" in v else defaults[5]
+        llama.GEMV_MAX_ROWS = v.get("max_rows", defaults[6])
         line = f"{name:22s}"
         for b in batches:
             d = timed(b, 40)
             line += f" | b{b}: step {d['step_ms_median']:.3f} ms, replay {d['graph_replay_ms']:.3f} ms"
         print(line, flush=True)
     (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
-     triton_decode.num_splits_for) = defaults
+     triton_decode.num_splits_for, llama.GEMV_MAX_ROWS) = defaults
 
 
-def step_sweep(model: str, context: int = 512) -> None:
-    """GEMV block configs tuned where they run: the batch-1 decode graph's replay time as each projection's
-    config varies in turn (coordinate descent from the current table). Back-to-back timings of one projection
+def step_sweep(model: str, batch: int = 1, context: int = 512) -> None:
+    """GEMV block configs tuned where they run: the decode graph's replay time at `batch` as each projection's
+    config varies in turn (coordinate descent from the current table); the one-token table at batch 1, the
+    small-batch table's entries for the batch's padded row count above. Back-to-back timings of one projection
     (`gemv-triton`) mislead under programmatic dependent launch: the next kernel may only start once every
     program of this one has, so how many programs a projection has matters beside its own speed."""
     from token_scheduler.model import triton_gemv
 
-    timed = _StepTimer(model, 1, context)
+    timed = _StepTimer(model, batch, context)
     cfg = timed.eng.model_config
     h, i, q, k = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
     shapes = {"gate_up": (2 * i, h), "down": (h, i), "qkv": (q + 2 * k, h), "o": (h, q)}
-    table = {s: triton_gemv.config_for(*s) for s in shapes.values()}
+    if batch == 1:
+        attr, key = "_CONFIGS", (lambda s: s)
+        current = triton_gemv.config_for
+        grid = [(bn, bk, nw) for bn in (2, 4, 8, 16, 32) for bk in (512, 1024) for nw in (4, 8) if bn * bk <= 16384]
+    else:
+        m_pad = triton_gemv.rows_pad(timed.eng.runner.bucket_of[batch])
+        attr, key = "_ROWS_CONFIGS", (lambda s: (*s, m_pad))
+        current = lambda n, kk: triton_gemv.rows_config_for(n, kk, m_pad)  # noqa: E731
+        grid = [(bn, bk, nw, ns) for bn in (16, 32, 64) for bk in (256, 512) for nw in (4, 8) for ns in (3, 4)
+                if bn * bk <= 16384]  # some need more shared memory than a block may have: skipped below
+    table = {key(s): current(*s) for s in shapes.values()}
 
     def replay_ms() -> float:
-        triton_gemv._CONFIGS = dict(table)
-        return timed(1, 20)["graph_replay_ms"]
+        setattr(triton_gemv, attr, dict(table))
+        return timed(batch, 20)["graph_replay_ms"]
 
     base = replay_ms()
     print(f"start {table}: {base:.4f} ms", flush=True)
     for name, shape in shapes.items():
-        best, best_ms = table[shape], replay_ms()
-        for bn in (2, 4, 8, 16, 32):
-            for bk in (512, 1024):
-                for nw in (4, 8):
-                    c = (bn, bk, nw)
-                    if bn * bk > 16384 or c == best:
-                        continue
-                    table[shape] = c
-                    ms = replay_ms()
-                    print(f"  {name} {c}: {ms:.4f} ms", flush=True)
-                    if ms < best_ms:
-                        best, best_ms = c, ms
-        table[shape] = best
+        best, best_ms = table[key(shape)], replay_ms()
+        for c in grid:
+            if c == best:
+                continue
+            table[key(shape)] = c
+            try:
+                ms = replay_ms()
+            except Exception as e:  # noqa: BLE001 -- a config the compiler or the launch rejects
+                print("  skip", c, str(e).splitlines()[0][:80], flush=True)
+                continue
+            print(f"  {name} {c}: {ms:.4f} ms", flush=True)
+            if ms < best_ms:
+                best, best_ms = c, ms
+        table[key(shape)] = best
         print(f"{name} {shape}: {best} {best_ms:.4f} ms", flush=True)
     print("BEST", table, f"{replay_ms():.4f} ms (start {base:.4f})")
 
@@ -275,11 +290,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["kv", "gemv", "gemv-triton", "step", "step-sweep"])
     ap.add_argument("--model")
-    ap.add_argument("--batch", default="1,8", help="step: batch sizes")
+    ap.add_argument("--batch", help="step: batch sizes (default 1,8); step-sweep: one batch size (default 1)")
     a = ap.parse_args()
     {"kv": kv, "gemv": lambda: gemv(a.model), "gemv-triton": lambda: gemv_triton(a.model),
-     "step": lambda: step(a.model, [int(b) for b in a.batch.split(",")]),
-     "step-sweep": lambda: step_sweep(a.model)}[a.what]()
+     "step": lambda: step(a.model, [int(b) for b in (a.batch or "1,8").split(",")]),
+     "step-sweep": lambda: step_sweep(a.model, int(a.batch or 1))}[a.what]()
 
 
 if __name__ == "__main__":

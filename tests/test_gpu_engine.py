@@ -146,10 +146,57 @@ def test_one_token_gemv_forward_equals_torch_forward(make_varied, arch, monkeypa
     assert not torch.equal(kv0, torch.zeros_like(kv0))
 
 
-def test_pdl_graph_replay_is_bit_exact(make_varied, monkeypatch):
-    """Programmatic dependent launch changes no arithmetic: a one-token step captured with it in a CUDA graph
-    and replayed gives the hidden state and KV of plain eager launches bit for bit, replay after replay (a
-    kernel reading before its wait would show as a race)."""
+def _decode_batch(rows: int, real: int):
+    """A decode step's inputs: `real` sequences of different context lengths over 8 blocks each, padded to
+    `rows` as the decode graph pads a bucket (token 0 at position 0, its K/V into the scratch block, the last);
+    the Triton attention, as the engine runs it. Returns (ids, positions, metadata, blocks the cache needs)."""
+    ctx = [100 - 13 * j for j in range(real)] + [1] * (rows - real)
+    scratch = 8 * real
+    bt = torch.full((rows, 8), scratch, dtype=torch.int32)
+    for j in range(real):
+        bt[j] = torch.arange(8 * j, 8 * j + 8)
+    pos = torch.tensor(ctx) - 1
+    meta = AttentionMetadata(bt[torch.arange(rows), pos // 16].long().cuda(), (pos % 16).cuda(), 16, decode=True,
+                             block_tables=bt.cuda(), context_lens=torch.tensor(ctx, device="cuda", dtype=torch.int32),
+                             use_triton=True)
+    ids = torch.tensor([5 + j for j in range(real)] + [0] * (rows - real), device="cuda")
+    return ids, pos.cuda(), meta, scratch + 1
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+def test_small_batch_gemv_forward_equals_cublas_forward(make_varied, arch, monkeypatch):
+    """A decode step of 8 rows (6 sequences, 2 padded) through the small-batch GEMVs: the hidden state and the
+    K/V written of the cuBLAS path, within bf16 rounding."""
+    from model_swapper.model_config import ModelConfig
+    from model_swapper.weights import load_weights
+    from token_scheduler.model import llama
+    from token_scheduler.runner import allocate_kv_cache
+
+    d = make_varied(arch)
+    cfg = ModelConfig.from_pretrained(d)
+    w = load_weights(d, cfg, "cuda", torch.bfloat16)
+    rope = llama.RopeCache.build(cfg, 256, "cuda")
+    ids, pos, meta, blocks = _decode_batch(8, 6)
+    kv = allocate_kv_cache(cfg, blocks, 16, torch.bfloat16, "cuda")
+    kv.normal_()
+    outs = []
+    for max_rows in (0, 32):
+        monkeypatch.setattr(llama, "GEMV_MAX_ROWS", max_rows)
+        kv1 = kv.clone()
+        h = llama.forward_fused(cfg, w, kv1, rope, ids, pos, meta)
+        outs.append((h, kv1[meta.slot_blocks, :, :, meta.slot_offsets]))  # every row's new K and V
+    (h0, kv0), (h1, kv1) = outs
+    for a, b in ((h0, h1), (kv0, kv1)):
+        assert (a.float() - b.float()).abs().max().item() < 0.05 * a.float().abs().max().item()
+    assert not torch.equal(kv1, kv[meta.slot_blocks, :, :, meta.slot_offsets])
+
+
+@pytest.mark.parametrize("rows,real", [(1, 1), (8, 6)])
+def test_pdl_graph_replay_is_bit_exact(make_varied, monkeypatch, rows, real):
+    """Programmatic dependent launch changes no arithmetic: a decode step (one token, or a padded small batch
+    through the small-batch GEMVs) captured with it in a CUDA graph and replayed gives the hidden state and KV
+    of plain eager launches bit for bit, replay after replay (a kernel reading before its wait would show as a
+    race)."""
     from model_swapper.model_config import ModelConfig
     from model_swapper.weights import load_weights
     from token_scheduler.model import llama, triton_ops
@@ -159,13 +206,9 @@ def test_pdl_graph_replay_is_bit_exact(make_varied, monkeypatch):
     cfg = ModelConfig.from_pretrained(d)
     w = load_weights(d, cfg, "cuda", torch.bfloat16)
     rope = llama.RopeCache.build(cfg, 256, "cuda")
-    kv = allocate_kv_cache(cfg, 8, 16, torch.bfloat16, "cuda")
+    ids, pos, meta, blocks = _decode_batch(rows, real)
+    kv = allocate_kv_cache(cfg, blocks, 16, torch.bfloat16, "cuda")
     kv.normal_()
-    T = 100
-    ids, pos = torch.tensor([5], device="cuda"), torch.tensor([T - 1], device="cuda")
-    bt = torch.arange(7, device="cuda")[None].int()
-    meta = AttentionMetadata(pos // 16, pos % 16, 16, decode=True, block_tables=bt,
-                             context_lens=torch.tensor([T], device="cuda", dtype=torch.int32))
     monkeypatch.setattr(triton_ops, "USE_PDL", False)
     ref_kv = kv.clone()
     ref = llama.forward_fused(cfg, w, ref_kv, rope, ids, pos, meta)

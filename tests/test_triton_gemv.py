@@ -1,6 +1,6 @@
-"""The batch-1 Triton GEMV (token_scheduler/model/triton_gemv.py) in Triton's CPU interpreter, fp32: each mode
-computes what the eager ops compute (bf16 is checked on the GPU: the interpreter truncates fp32 -> bf16
-instead of rounding to nearest, so only fp32 is meaningful here)."""
+"""The Triton GEMVs (token_scheduler/model/triton_gemv.py: one token, and a few) in Triton's CPU interpreter,
+fp32: each mode computes what the eager ops compute (bf16 is checked on the GPU: the interpreter truncates
+fp32 -> bf16 instead of rounding to nearest, so only fp32 is meaningful here)."""
 
 import os
 import subprocess
@@ -61,12 +61,90 @@ print("ok")
 """
 
 
-def test_gemv_modes_match_eager_ops_in_the_interpreter():
+def _interpret(code: str, *args: str) -> None:
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    r = subprocess.run([sys.executable, "-c", CODE], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=root, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_gemv_modes_match_eager_ops_in_the_interpreter():
+    _interpret(CODE)
+
+
+ROWS = """
+import torch, torch.nn.functional as F
+from token_scheduler.model.triton_gemv import MODE_NORM, MODE_SILU, RopeKV, gemv_rows
+from token_scheduler.model.triton_ops import rope_and_write_kv
+torch.manual_seed(0)
+N, K = 70, 200  # neither a multiple of the blocks: masked edges on both axes
+w, b, nw = torch.randn(N, K), torch.randn(N), torch.randn(K)
+def close(a, ref):
+    return (a - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+def norm(x):
+    return nw * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+H, KVH, D, L, BS = 4, 2, 32, 3, 4
+wq, bq = torch.randn((H + 2 * KVH) * D, K), torch.randn((H + 2 * KVH) * D)
+cos, sin = torch.randn(64, D), torch.randn(64, D)
+for M in (2, 5, 8, 17):  # 17: 32 padded rows
+    x, r = torch.randn(M, K), torch.randn(M, K)
+    y, none = gemv_rows(x, w, b, config=(16, 64, 4, 2))
+    assert y.shape == (M, N) and none is None and close(y, F.linear(x, w, b))
+    y, xo = gemv_rows(x, w, None, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, config=(32, 64, 4, 2))
+    assert torch.equal(xo, x + r) and close(y, F.linear(norm(x + r), w))
+    y, none = gemv_rows(x, w, b, mode=MODE_NORM, norm_w=nw, eps=1e-6, config=(16, 128, 4, 2))  # no residual add
+    assert none is None and close(y, F.linear(norm(x), w, b))
+    # gate_up with SiLU*mul in the epilogue: 35 pairs, not a multiple of the 8 or 16 a program owns
+    for bias, cfg in ((b, (16, 64, 4, 2)), (None, (32, 128, 4, 2))):
+        y, xo = gemv_rows(x, w, bias, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, glu=True, config=cfg)
+        g, u = F.linear(norm(x + r), w, bias).chunk(2, dim=-1)
+        assert y.shape == (M, N // 2) and torch.equal(xo, x + r) and close(y, F.silu(g) * u)
+    # RoPE in the qkv projection's epilogue, each row at its own position and cache slot: as the projection
+    # followed by rope_and_write_kv (to rounding: the interpreter's dot sums tiles of other shapes differently)
+    pos = torch.randint(0, 64, (M,))
+    slots = torch.randperm(7 * BS)[:M]
+    sb, so = slots // BS, slots % BS
+    for bias, cfg in ((bq, (16, 64, 4, 2)), (None, (32, 128, 4, 2)), (None, (64, 64, 4, 2))):  # 64: capped at D
+        kv_ref, kv = torch.zeros(7, L, 2, BS, KVH, D), torch.zeros(7, L, 2, BS, KVH, D)
+        qkv, _ = gemv_rows(x, wq, bias, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, config=cfg)
+        q_ref = rope_and_write_kv(qkv, cos, sin, pos, kv_ref, 1, sb, so, H, KVH, D)
+        q, xo = gemv_rows(x, wq, bias, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, config=cfg,
+                          rope=RopeKV(cos, sin, pos, kv, 1, sb, so, H, KVH, D))
+        assert q.shape == (M, H, D) and torch.equal(xo, x + r) and close(q, q_ref) and close(kv, kv_ref), cfg
+        written = torch.zeros(7, BS, dtype=torch.bool)
+        written[sb, so] = True
+        assert (kv[:, 1].abs().sum((1, 3, 4)) > 0).equal(written) and kv[:, [0, 2]].abs().sum() == 0  # those only
+for bad in (dict(mode=MODE_SILU), dict(glu=True, rope=RopeKV(cos, sin, pos, kv, 1, sb, so, H, KVH, D)),
+            dict(config=(8, 64, 4, 2))):
+    try:
+        gemv_rows(torch.randn(3, K), wq, **bad)
+        raise SystemExit(f"{bad} must raise")
+    except ValueError:
+        pass
+print("ok")
+"""
+
+
+def test_gemv_rows_modes_match_eager_ops_in_the_interpreter():
+    """The small-batch GEMV: each weight tile against every row, with the one-token kernel's folds per row."""
+    _interpret(ROWS)
+
+
+def test_pdl_rows_widens_programmatic_dependent_launch_to_its_steps(monkeypatch):
+    """Kernels over one row launch with PDL (where capable); over more rows only inside `pdl_rows`."""
+    pytest.importorskip("triton")
+    import torch
+
+    from token_scheduler.model import triton_ops
+
+    monkeypatch.setattr(triton_ops, "pdl_capable", lambda t: True)
+    one, eight = torch.zeros(1, 4), torch.zeros(8, 4)
+    assert triton_ops.pdl(one) and not triton_ops.pdl(eight)
+    with triton_ops.pdl_rows(8):
+        assert triton_ops.pdl(one) and triton_ops.pdl(eight) and not triton_ops.pdl(torch.zeros(9, 4))
+    assert not triton_ops.pdl(eight)
 
 
 FORWARD = """
@@ -105,9 +183,60 @@ print("ok")
 def test_one_token_forward_matches_reference_in_the_interpreter(make_varied, arch):
     """The whole one-token path (GEMVs with the norms, SiLU*mul and, for qwen2, RoPE+KV write folded in; qwen3
     keeps its q/k norm and the separate RoPE kernel) against the reference forward: hidden state and cache."""
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    r = subprocess.run([sys.executable, "-c", FORWARD, str(make_varied(arch))], env=env, cwd=root,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    _interpret(FORWARD, str(make_varied(arch)))
+
+
+BATCH_FORWARD = """
+import sys
+import torch
+from token_scheduler.model import llama, triton_gemv
+from token_scheduler.model.attention import AttentionMetadata
+from model_swapper.model_config import ModelConfig
+from model_swapper.weights import load_weights
+from token_scheduler.runner import allocate_kv_cache
+d = sys.argv[1]
+cfg = ModelConfig.from_pretrained(d)
+w = load_weights(d, cfg, "cpu", torch.float32)
+rope = llama.RopeCache.build(cfg, 256, "cpu")
+torch.manual_seed(0)
+# three sequences of different lengths prefilled in one varlen step, then one decode step over a bucket of 5
+# rows: theirs, and 2 padded as the decode graph pads a bucket (token 0 at position 0, K/V into the scratch block)
+lens, tables, scratch, pad = (40, 17, 5), (torch.tensor([0, 1, 2]), torch.tensor([3, 4]), torch.tensor([5])), 6, 2
+ids = [torch.randint(0, cfg.vocab_size, (n + 1,)) for n in lens]
+pos = [torch.arange(n + 1) for n in lens]
+starts = torch.tensor((0,) + lens[:-1]).cumsum(0).tolist()
+kv = allocate_kv_cache(cfg, scratch + 1, 16, torch.float32, "cpu").zero_()
+llama.forward(cfg, w, kv, rope, torch.cat([i[:-1] for i in ids]), torch.cat([p[:-1] for p in pos]),
+              AttentionMetadata(torch.cat([t[p[:-1] // 16] for t, p in zip(tables, pos)]),
+                                torch.cat([p[:-1] % 16 for p in pos]), 16, seqs=[(q0, n, n) for q0, n in
+                                                                                zip(starts, lens)],
+                                seq_block_tables=list(tables)))
+p1 = torch.tensor(list(lens) + [0] * pad)
+ids1 = torch.tensor([i[-1].item() for i in ids] + [0] * pad)
+bt = torch.full((len(lens) + pad, 3), scratch, dtype=torch.int32)
+for j, t in enumerate(tables):
+    bt[j, : len(t)] = t
+meta = AttentionMetadata(torch.tensor([t[n // 16].item() for t, n in zip(tables, lens)] + [scratch] * pad),
+                         p1 % 16, 16, decode=True, block_tables=bt,
+                         context_lens=torch.tensor([n + 1 for n in lens] + [1] * pad, dtype=torch.int32))
+kv_ref = kv.clone()
+ref = llama.forward(cfg, w, kv_ref, rope, ids1, p1, meta)
+calls = []
+rows = triton_gemv.gemv_rows
+triton_gemv.gemv_rows = lambda *a, **k: (calls.append(1), rows(*a, **k))[1]
+h = llama.forward_fused(cfg, w, kv, rope, ids1, p1, meta)
+assert len(calls) == 4 * cfg.num_layers  # every projection through the small-batch kernel
+for a, b in ((h, ref), (kv, kv_ref)):
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item(), (a - b).abs().max().item()
+for t, n in zip(tables, lens):  # each sequence's new K and V landed in its own slot
+    assert kv[t[n // 16], :, :, n % 16].abs().sum() > 0
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_small_batch_forward_matches_reference_in_the_interpreter(make_varied, arch):
+    """A decode step over sequences of different context lengths, padded to its graph bucket, through the
+    small-batch GEMVs (qwen2: RoPE+KV write folded in; qwen3: q/k norm and the separate RoPE kernel) against the
+    reference forward: hidden state of every row, and the whole cache."""
+    _interpret(BATCH_FORWARD, str(make_varied(arch)))

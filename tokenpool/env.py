@@ -31,7 +31,10 @@ CACHE = Var("TOKENPOOL_CACHE", None, "where the embedded demo's models are made 
             "~/.cache/tokenpool/models)")
 SHM_DIR = Var("TOKENPOOL_SHM_DIR", "/dev/shm", "where the node-shared pinned host regions live (a bigger "
               "tmpfs or hugetlbfs)")
-GEMV = Var("TOKENPOOL_GEMV", "1", "0: one-token steps through cuBLAS instead of the Triton GEMVs (A/B runs)")
+GEMV = Var("TOKENPOOL_GEMV", "1", "0: one-token steps (and small batches) through cuBLAS instead of the Triton "
+           "GEMVs (A/B runs)")
+GEMV_ROWS = Var("TOKENPOOL_GEMV_ROWS", "32", "steps of up to this many tokens run their projections as Triton "
+                "GEMVs too (small-batch kernels); 0: steps of several tokens through cuBLAS (A/B runs)")
 PDL = Var("TOKENPOOL_PDL", "1", "0: launch kernels without programmatic dependent launch (A/B runs)")
 JOIN_TOKEN = Var("TOKENPOOL_JOIN_TOKEN", None, "a worker's join token (the controller sets it for the "
                  "local workers it starts)")

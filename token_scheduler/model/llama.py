@@ -143,8 +143,9 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
     _fresh(meta)
     x = F.embedding(input_ids, w["embed"])
     T = input_ids.shape[0]
-    if T == 1 and USE_GEMV and (cfg.hidden_size <= GEMV_MAX_HIDDEN or k.pdl(x)):
-        return _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta)
+    if USE_GEMV and T <= max(1, GEMV_MAX_ROWS) and (cfg.hidden_size <= GEMV_MAX_HIDDEN or k.pdl_capable(x)):
+        with k.pdl_rows(T):
+            return _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta)
     H, KVH, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     h = k.add_rms_norm(x, None, w["l0.ln1"], eps)
     for n in range(cfg.num_layers):
@@ -166,15 +167,22 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
 # add+RMSNorm, SiLU*mul and RoPE+KV write folded in (triton_gemv), 6 kernels per layer instead of 11.
 # TOKENPOOL_GEMV=0: off. On the H100 it took qwen2-1.5b's batch-1 step from 2.01 to 1.68 ms. Without
 # programmatic dependent launch, small models only: a 7B step went from 5.87 to 5.97 ms; with it, 5.76 to 5.56.
+# Up to GEMV_MAX_ROWS tokens (small decode batches, short prefill chunks) a projection is still a weight stream,
+# which cuBLAS is far from at these sizes (H200, qwen2-1.5b batch 8: o 134 us a step against a 31 us floor):
+# `gemv_rows` loads each weight tile once for all rows, with the same folds, and these steps launch with
+# programmatic dependent launch too. TOKENPOOL_GEMV_ROWS=0: off.
 USE_GEMV = env.GEMV.on()
 GEMV_MAX_HIDDEN = 2048  # without programmatic dependent launch
 GEMV_ROPE = True  # RoPE+KV write in the qkv GEMV's epilogue (False: the separate kernel; for A/B runs)
+GEMV_MAX_ROWS = int(env.GEMV_ROWS.get())
 
 
 def _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata) -> torch.Tensor:
     from token_scheduler.model import triton_ops as k
-    from token_scheduler.model.triton_gemv import MODE_NORM, MODE_SILU, RopeKV, gemv
+    from token_scheduler.model.triton_gemv import MODE_NORM, MODE_SILU, RopeKV, gemv, gemv_rows
 
+    T = x.shape[0]
+    proj = gemv if T == 1 else gemv_rows
     H, KVH, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     r = None  # the residual stream is x + r: each add is folded into the next normed projection
     for n in range(cfg.num_layers):
@@ -183,7 +191,7 @@ def _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata)
         rk = None
         if GEMV_ROPE and not cfg.qk_norm:
             rk = RopeKV(rope.cos, rope.sin, positions, kv_cache, n, meta.slot_blocks, meta.slot_offsets, H, KVH, D)
-        qkv, x_new = gemv(x, w[p + "qkv"], w.get(p + "qkv_b"), mode=MODE_NORM, r=r, norm_w=w[p + "ln1"], eps=eps,
+        qkv, x_new = proj(x, w[p + "qkv"], w.get(p + "qkv_b"), mode=MODE_NORM, r=r, norm_w=w[p + "ln1"], eps=eps,
                           rope=rk)
         x = x if x_new is None else x_new
         if rk is not None:
@@ -193,9 +201,13 @@ def _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata)
                 qkv = _qk_norm_fused(cfg, w, p, qkv)
             q = k.rope_and_write_kv(qkv, rope.cos, rope.sin, positions, kv_cache, n, meta.slot_blocks,
                                     meta.slot_offsets, H, KVH, D)
-        o, _ = gemv(attend(q, kv_cache, n, meta, cfg).reshape(1, H * D), w[p + "o"])
-        gu, x = gemv(x, w[p + "gate_up"], mode=MODE_NORM, r=o, norm_w=w[p + "ln2"], eps=eps)
-        r, _ = gemv(gu, w[p + "down"], mode=MODE_SILU)
+        o, _ = proj(attend(q, kv_cache, n, meta, cfg).reshape(T, H * D), w[p + "o"])
+        if T == 1:
+            gu, x = gemv(x, w[p + "gate_up"], mode=MODE_NORM, r=o, norm_w=w[p + "ln2"], eps=eps)
+            r, _ = gemv(gu, w[p + "down"], mode=MODE_SILU)
+        else:  # SiLU*mul in gate_up's epilogue (see triton_gemv)
+            act, x = gemv_rows(x, w[p + "gate_up"], mode=MODE_NORM, r=o, norm_w=w[p + "ln2"], eps=eps, glu=True)
+            r, _ = gemv_rows(act, w[p + "down"])
     return k.add_rms_norm(x, r, w["norm"], eps)
 
 

@@ -1,13 +1,13 @@
-"""Batch-1 decode matmuls as Triton GEMVs with the layer's elementwise work folded in.
+"""Small-batch decode matmuls as Triton GEMVs with the layer's elementwise work folded in.
 
-At one token per step a projection is a pure weight stream (y = W x, W [N, K] row-major), and on a 1.5B model
+At a few tokens per step a projection is a pure weight stream (y = W x, W [N, K] row-major), and on a 1.5B model
 the small kernels between the four projections of a layer (add+RMSNorm twice, SiLU*mul, cuBLAS's split-K
 reduce) cost about as much as the smallest projections themselves. Here each projection is one kernel:
 
 - MODE_PLAIN: y = W x (+ bias)
 - MODE_NORM:  y = W rmsnorm(x + r) (+ bias); program 0 also writes the new residual x + r to `x_out`
   (out of place: every program reads x and r, so none may overwrite them)
-- MODE_SILU:  y = W (silu(gu[:K]) * gu[K:])
+- MODE_SILU:  y = W (silu(gu[:K]) * gu[K:])  (one token; `gemv_rows` does SiLU*mul in gate_up's epilogue)
 
 Rounding follows the eager ops (`forward`): the residual sum, the normalised vector, its product with the
 norm weight, silu and the product with `up` are each rounded to the model dtype; the dot product itself is
@@ -17,11 +17,12 @@ summed in fp32 in another order than cuBLAS, so results match the eager path to 
 With `rope` (the qkv projection) the epilogue also does `rope_and_write_kv`'s job: each program owns the same
 offsets of both halves of one head, rotates q and k, returns q and writes k and v into the paged cache.
 
-On Hopper the kernel is launched with programmatic dependent launch (triton_ops.pdl) and loads its first weight
-tile before waiting for the kernel before it.
+On Hopper the kernels are launched with programmatic dependent launch (triton_ops.pdl) and load their first
+weight tile before waiting for the kernel before them.
 
-Each program owns BLOCK_N output rows and streams them along K. Block sizes come from `config_for`
-(tuned on an H100 in the decode graph: `python -m load_tests.diag_gpu step-sweep --model DIR`).
+`gemv` takes one token: each program owns BLOCK_N output rows and streams them along K, a broadcast multiply.
+Block sizes come from `config_for` (tuned on an H100 in the decode graph:
+`python -m load_tests.diag_gpu step-sweep --model DIR`). `gemv_rows` takes 2..GEMV_MAX_ROWS tokens (see there).
 """
 
 from __future__ import annotations
@@ -39,14 +40,14 @@ MODE_PLAIN, MODE_NORM, MODE_SILU = 0, 1, 2
 
 @dataclass
 class RopeKV:
-    """What the qkv projection needs to finish the job of `rope_and_write_kv` in its epilogue (one token)."""
+    """What the qkv projection needs to finish the job of `rope_and_write_kv` in its epilogue."""
     cos: torch.Tensor
     sin: torch.Tensor
-    positions: torch.Tensor  # [1]
+    positions: torch.Tensor  # [T]
     kv: torch.Tensor  # the paged cache [NB, L, 2, BS, KVH, D]
     layer: int
-    slot_blocks: torch.Tensor  # [1]
-    slot_offsets: torch.Tensor  # [1]
+    slot_blocks: torch.Tensor  # [T]
+    slot_offsets: torch.Tensor  # [T]
     heads: int
     kv_heads: int
     head_dim: int
@@ -180,23 +181,212 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
     bn, bk, nw = config or config_for(n, k)
     if rope is None:
         y = torch.empty(1, n, device=x.device, dtype=x.dtype)
-        ropeargs = (x,) * 6 + (0,) * 5  # unused
-        H = KVH = D = 1
     else:
-        H, KVH, D = rope.heads, rope.kv_heads, rope.head_dim
-        if n != (H + 2 * KVH) * D:
-            raise ValueError(f"gemv: rope needs a fused qkv weight of {(H + 2 * KVH) * D} rows, got {n}")
-        bn = min(max(bn, 2), D)  # RoPE pairs: an even number of rows per program, within one head
-        if D % bn:
-            raise ValueError(f"gemv: rope needs a head_dim divisible by the row block, got {D} and {bn}")
-        y = torch.empty(1, H, D, device=x.device, dtype=x.dtype)
-        kv = rope.kv
-        s_kvb, s_kvl, s_kv2, s_kvt, s_kvh, _ = kv.stride()
-        ropeargs = (rope.cos, rope.sin, rope.positions, kv, rope.slot_blocks, rope.slot_offsets,
-                    s_kvb, s_kvt, s_kvh, rope.layer * s_kvl, rope.layer * s_kvl + s_kv2)
+        bn = min(max(bn, 2), rope.head_dim)  # RoPE pairs: an even number of rows per program, within one head
+        y = torch.empty(1, rope.heads, rope.head_dim, device=x.device, dtype=x.dtype)
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
         w, bias if bias is not None else w, y, eps, n, K=k, MODE=mode, HAS_R=r is not None,
         HAS_B=bias is not None, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl(x), ROPE=rope is not None,
-        **dict(zip(_ROPE_ARGS, ropeargs)), H=H, KVH=KVH, D=D, num_warps=nw, launch_pdl=pdl(x))
+        **_rope_args(rope, n, bn, x), num_warps=nw, launch_pdl=pdl(x))
+    return y, x_out
+
+
+def _rope_args(rope: RopeKV | None, n: int, bn: int, x: torch.Tensor) -> dict:
+    """The RoPE epilogue's kernel arguments (placeholders without `rope`), checked against the weight's rows."""
+    if rope is None:
+        return dict(zip(_ROPE_ARGS, (x,) * 6 + (0,) * 5), H=1, KVH=1, D=1)
+    H, KVH, D = rope.heads, rope.kv_heads, rope.head_dim
+    if n != (H + 2 * KVH) * D:
+        raise ValueError(f"gemv: rope needs a fused qkv weight of {(H + 2 * KVH) * D} rows, got {n}")
+    if D % bn:
+        raise ValueError(f"gemv: rope needs a head_dim divisible by the row block, got {D} and {bn}")
+    kv = rope.kv
+    s_kvb, s_kvl, s_kv2, s_kvt, s_kvh, _ = kv.stride()
+    args = (rope.cos, rope.sin, rope.positions, kv, rope.slot_blocks, rope.slot_offsets,
+            s_kvb, s_kvt, s_kvh, rope.layer * s_kvl, rope.layer * s_kvl + s_kv2)
+    return dict(zip(_ROPE_ARGS, args), H=H, KVH=KVH, D=D)
+
+
+# -- several tokens ---------------------------------------------------------------------------------------------
+# `gemv_rows`: each program owns BLOCK_N weight rows, streams them along K and multiplies each weight tile by the
+# same columns of all M rows of x: tl.dot(x [M_PAD, BLOCK_K], w [BLOCK_N, BLOCK_K]^T), fp32 accumulation. A
+# broadcast multiply as in `gemv` would hold M_PAD x BLOCK_N x BLOCK_K products in registers; the dot holds
+# M_PAD x BLOCK_N sums, and with tl.dot Triton pipelines the tile loads (num_stages: cp.async in the sm_90 code;
+# bf16 dots on mma.sync, fp32 ones on FMAs). tl.dot needs 16 rows at least: M is padded to M_PAD (masked rows
+# load nothing and store nothing).
+#
+# Every program re-reads its input rows (x, r and the norm weight; twice in MODE_NORM: the rms pass, then the
+# tiles), from L2: M x K per program against BLOCK_N x K of weights, so BLOCK_N bounds that traffic at
+# M / BLOCK_N of the weights' and grows with M. For the same reason SiLU*mul is not down's prologue here, as it
+# is in `gemv`, but gate_up's epilogue (`glu`): down then re-reads [M, I], not [M, 2I].
+
+
+@triton.jit
+def _rows_tile(X, R, NW, m, mm, cols, km, inv, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr, dt):
+    """Rows `m` (mask `mm`) of the projection's input over columns `cols`, after the mode's prologue, in the
+    model dtype (tl.dot's operand: the eager ops round each step to it)."""
+    xm = mm[:, None] & km[None, :]
+    off = m[:, None] * K + cols[None, :]
+    x = tl.load(X + off, mask=xm, other=0.0)
+    if MODE == 1:
+        if HAS_R:
+            x = (x.to(tl.float32) + tl.load(R + off, mask=xm, other=0.0).to(tl.float32)).to(dt)
+        y = (x.to(tl.float32) * inv[:, None]).to(dt)
+        nw = tl.load(NW + cols, mask=km, other=0.0)
+        x = (nw.to(tl.float32)[None, :] * y.to(tl.float32)).to(dt)
+    return x
+
+
+@triton.jit
+def _dot(x, w, acc, IEEE: tl.constexpr):
+    """acc + x w^T in fp32. IEEE (fp32 models): full-precision dots; Triton's fp32 default is TF32."""
+    if IEEE:
+        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(w), acc)
+
+
+# M varies with the batch (and eager steps' token counts): specialising on it would compile per value.
+@triton.jit(do_not_specialize=["M"])
+def _gemv_rows_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr,
+                      HAS_B: tl.constexpr, EPI: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+                      COS, SIN, POS, KV, SB, SO, s_kvb, s_kvt, s_kvh, off_k, off_v,
+                      H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr):
+    pid = tl.program_id(0)
+    dt = Y.dtype.element_ty
+    m = tl.arange(0, M_PAD)
+    mm = m < M
+    c = tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, BLOCK_K)
+    # EPI 1 (RoPE) and 2 (GLU) work on pairs of weight rows: tile column 2j + h holds member h of pair j, so a
+    # reshape to [M_PAD, PAIRS, 2] and a split hand the epilogue both members of each pair.
+    PAIRS: tl.constexpr = BLOCK_N // 2
+    if EPI == 1:  # pair j: offset i0 + j of both halves of one head
+        HALF: tl.constexpr = D // 2
+        head = pid // (HALF // PAIRS)
+        i0 = (pid % (HALF // PAIRS)) * PAIRS
+        rows = head * D + (c % 2) * HALF + i0 + c // 2
+        rmask = rows < N
+    elif EPI == 2:  # pair j: gate row i0 + j and up row N/2 + i0 + j
+        i0 = pid * PAIRS
+        rows = (c % 2) * (N // 2) + i0 + c // 2
+        rmask = i0 + c // 2 < N // 2
+    else:
+        rows = pid * BLOCK_N + c
+        rmask = rows < N
+    wp = W + rows[:, None].to(tl.int64) * K + kk[None, :]
+    wmask = rmask[:, None]
+    # The first weight tile is loaded before waiting on the previous kernel: no kernel writes weights.
+    w = tl.load(wp, mask=wmask & (kk < K)[None, :], other=0.0)
+    pdl_enter(PDL)
+    inv = tl.zeros([M_PAD], tl.float32)
+    if MODE == 1:  # per row: rms of (x + r), rounded to the model dtype as the residual stream is
+        ss = tl.zeros([M_PAD], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + kk
+            xm = mm[:, None] & (cols < K)[None, :]
+            off = m[:, None] * K + cols[None, :]
+            x = tl.load(X + off, mask=xm, other=0.0)
+            if HAS_R:
+                x = (x.to(tl.float32) + tl.load(R + off, mask=xm, other=0.0).to(tl.float32)).to(dt)
+                if pid == 0:
+                    tl.store(XOUT + off, x, mask=xm)
+            xf = x.to(tl.float32)
+            ss += tl.sum(xf * xf, 1)
+        inv = tl.math.rsqrt(ss / K + eps)
+    acc = _dot(_rows_tile(X, R, NW, m, mm, kk, kk < K, inv, K, MODE, HAS_R, dt), w,
+               tl.zeros([M_PAD, BLOCK_N], tl.float32), IEEE)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        cols = k0 + kk
+        km = cols < K
+        w = tl.load(wp + k0, mask=wmask & km[None, :], other=0.0)
+        acc = _dot(_rows_tile(X, R, NW, m, mm, cols, km, inv, K, MODE, HAS_R, dt), w, acc, IEEE)
+    if HAS_B:
+        acc += tl.load(B + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
+    if EPI == 0:
+        tl.store(Y + m[:, None] * N + rows[None, :], acc.to(dt), mask=mm[:, None] & rmask[None, :])
+    else:
+        a1, a2 = tl.split(tl.reshape(acc.to(dt).to(tl.float32), [M_PAD, PAIRS, 2]))
+        i = i0 + tl.arange(0, PAIRS)
+        if EPI == 2:  # as silu_mul on the stored projection
+            g = (a1 / (1.0 + tl.exp(-a1))).to(dt).to(tl.float32)
+            tl.store(Y + m[:, None] * (N // 2) + i[None, :], (g * a2).to(dt),
+                     mask=mm[:, None] & (i < N // 2)[None, :])
+        else:  # as rope_and_write_kv on the stored projection, each row at its own position and cache slot
+            if head < H + KVH:
+                pos = tl.load(POS + m, mask=mm, other=0)
+                y1, y2 = rope_pair(a1, a2, COS, SIN, pos[:, None], i[None, :], D, HALF, dt)
+            else:
+                y1, y2 = a1.to(dt), a2.to(dt)
+            if head < H:
+                yp = Y + m[:, None] * (H * D) + head * D + i[None, :]
+            else:
+                kb = (KV + tl.load(SB + m, mask=mm, other=0).to(tl.int64) * s_kvb
+                      + tl.load(SO + m, mask=mm, other=0).to(tl.int64) * s_kvt)
+                if head < H + KVH:
+                    kb += (head - H) * s_kvh + off_k
+                else:
+                    kb += (head - H - KVH) * s_kvh + off_v
+                yp = kb[:, None] + i[None, :]
+            tl.store(yp, y1, mask=mm[:, None])
+            tl.store(yp + HALF, y2, mask=mm[:, None])
+
+
+# (BLOCK_N, BLOCK_K for 2-byte dtypes, num_warps, num_stages) by weight shape [N, K] and padded rows M_PAD
+# (`rows_pad`), to be tuned in the decode graph (diag_gpu step-sweep --batch 8). Other shapes, untimed yet: 16
+# rows a program up to 16 tokens, 32 beyond (the input re-reads stay under the weight traffic), and 3 tiles of
+# 16 KB of weights in flight (a 1.5B's o and down have ~100 programs, one per SM: each needs that much in flight
+# to stream at HBM speed), narrower past 32 tokens. Compiled for sm_90 these take 80-255 registers a thread, no
+# spills, and under 170 KB of shared memory (the pipelined tiles of w, x and r).
+_ROWS_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
+
+
+def rows_pad(m: int) -> int:
+    """The rows the kernel computes for m tokens: tl.dot takes 16 at least, and powers of two keep the compiled
+    variants to a few (every batch bucket and eager token count up to 32 shares two)."""
+    return max(16, triton.next_power_of_2(m))
+
+
+def rows_config_for(n: int, k: int, m_pad: int) -> tuple[int, int, int, int]:
+    c = _ROWS_CONFIGS.get((n, k, m_pad))
+    if c is not None:
+        return c
+    return (16, 512, 4, 4) if m_pad <= 16 else (32, max(32, 8192 // m_pad), 8, 4)
+
+
+def gemv_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, mode: int = MODE_PLAIN,
+              r: torch.Tensor | None = None, norm_w: torch.Tensor | None = None, eps: float = 0.0,
+              glu: bool = False, rope: RopeKV | None = None, config: tuple[int, int, int, int] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x: [M, K], a few tokens; w: [N, K]; mode MODE_PLAIN or MODE_NORM. Returns (y [M, N], new residual x + r
+    or None). With `glu` (w is a fused [gate; up]): y = silu(x gate^T) * (x up^T), [M, N/2]. With `rope` (w is a
+    fused qkv): y is q after RoPE, [M, H, D], and each row's k (after RoPE) and v go into the cache at its slot."""
+    n, k = w.shape
+    m = x.shape[0]
+    if (mode == MODE_SILU or x.shape != (m, k) or not x.is_contiguous() or not w.is_contiguous()
+            or (r is not None and (r.shape != x.shape or not r.is_contiguous()))
+            or (glu and (n % 2 or rope is not None))):
+        raise ValueError(f"gemv_rows: x {tuple(x.shape)}, r {None if r is None else tuple(r.shape)} for w "
+                         f"{tuple(w.shape)} (mode {mode}, glu {glu}, rope {rope is not None}); needs [M, {k}], "
+                         "contiguous, mode PLAIN or NORM, glu on an even row count without rope")
+    x_out = torch.empty_like(x) if (mode == MODE_NORM and r is not None) else None
+    m_pad = rows_pad(m)
+    bn, bk, nw, ns = config or rows_config_for(n, k, m_pad)
+    # BLOCK_K counts 2-byte elements: fp32 takes half as many (the same shared memory for the pipelined tiles,
+    # which at fp32 would not fit), and none past K
+    bk = min(bk * 2 // x.element_size(), max(16, triton.next_power_of_2(k)))
+    if rope is not None:
+        bn = min(bn, rope.head_dim)  # pairs within one head
+        y = torch.empty(m, rope.heads, rope.head_dim, device=x.device, dtype=x.dtype)
+    else:
+        y = torch.empty(m, n // 2 if glu else n, device=x.device, dtype=x.dtype)
+    if bn < 16 or bk < 16:
+        raise ValueError(f"gemv_rows: tl.dot needs blocks of 16 at least, got BLOCK_N {bn}, BLOCK_K {bk}")
+    _gemv_rows_kernel[(triton.cdiv(n, bn),)](
+        x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
+        w, bias if bias is not None else w, y, eps, m, n, K=k, MODE=mode, HAS_R=r is not None,
+        HAS_B=bias is not None, EPI=1 if rope is not None else 2 if glu else 0, M_PAD=m_pad, BLOCK_N=bn,
+        BLOCK_K=bk, IEEE=x.dtype == torch.float32, PDL=pdl(x), **_rope_args(rope, n, bn, x), num_warps=nw,
+        num_stages=ns, launch_pdl=pdl(x))
     return y, x_out

@@ -5,6 +5,8 @@ torch reference does, so results stay bit-identical to the eager ops they replac
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import torch
@@ -22,13 +24,15 @@ except ImportError:  # pragma: no cover - older Triton: kernels launch plainly
 
 # Programmatic dependent launch (Hopper and later): a kernel launched with it may be scheduled while the kernel
 # before it drains, instead of after. Each such kernel calls `gdc_wait` before it touches anything an earlier
-# kernel wrote (the one-token GEMVs prefetch their first weight tile before it, since weights are read-only),
-# then `gdc_launch_dependents` so the next one may be scheduled in turn. Every kernel of a one-token decode step
-# is launched this way, which hides most of the gap between back-to-back microsecond kernels (H100: qwen2-1.5b
-# batch-1 step 1.65 -> 1.53 ms, 7B 5.88 -> 5.77 ms before the GEMVs were retuned for it). One-token steps only:
-# in batched steps the kernel before ours is often a cuBLAS GEMM, and ours launched early beside it made the 7B
-# batch-32 step slower (6.63 -> 6.98 ms). TOKENPOOL_PDL=0: off.
+# kernel wrote (the GEMVs prefetch their first weight tile before it, since weights are read-only), then
+# `gdc_launch_dependents` so the next one may be scheduled in turn. Every kernel of a one-token decode step is
+# launched this way, which hides most of the gap between back-to-back microsecond kernels (H100: qwen2-1.5b
+# batch-1 step 1.65 -> 1.53 ms, 7B 5.88 -> 5.77 ms before the GEMVs were retuned for it). Steps of more rows only
+# inside `pdl_rows` (llama's small-batch GEMV steps, whose projections are Triton kernels too): in batched steps
+# whose projections are cuBLAS GEMMs, ours launched early beside them made the 7B batch-32 step slower
+# (6.63 -> 6.98 ms). TOKENPOOL_PDL=0: off.
 USE_PDL = _HAS_GDC and env.PDL.on()
+_PDL_ROWS: contextvars.ContextVar[int] = contextvars.ContextVar("pdl_rows", default=1)
 
 
 @functools.cache
@@ -36,11 +40,26 @@ def _sm90_or_later(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+def pdl_capable(t: torch.Tensor) -> bool:
+    """Whether kernels on `t`'s device can be launched with programmatic dependent launch (Hopper or later)."""
+    return USE_PDL and t.is_cuda and _sm90_or_later(t.device.index if t.device.index is not None else 0)
+
+
 def pdl(t: torch.Tensor) -> bool:
     """Whether a kernel over `t` (leading dim: tokens or sequences) is launched with programmatic dependent
-    launch: on Hopper or later, in one-token steps."""
-    return (USE_PDL and t.is_cuda and t.shape[0] == 1
-            and _sm90_or_later(t.device.index if t.device.index is not None else 0))
+    launch: where capable, over one row, or over up to `pdl_rows`'s rows inside it."""
+    return t.shape[0] <= _PDL_ROWS.get() and pdl_capable(t)
+
+
+@contextlib.contextmanager
+def pdl_rows(rows: int):
+    """Kernels launched inside it over up to `rows` rows use programmatic dependent launch (where capable): for a
+    step of `rows` tokens whose every projection is a Triton kernel launched this way."""
+    token = _PDL_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _PDL_ROWS.reset(token)
 
 
 @triton.jit
