@@ -206,7 +206,7 @@ class _StepTimer:
         return _decode_step_times(self.eng, batch, self.context, steps, self.eng.model_config.vocab_size)
 
 
-def step(model: str, batches: list[int], context: int = 512) -> None:
+def step(model: str, batches: list[int], context: int = 512, only: list[str] | None = None) -> None:
     """The engine's decode step (median call time and graph replay) at each batch size, under each variant of
     the decode kernel options (the defaults, then one change at a time). One engine; each variant re-captures
     the graphs it times."""
@@ -223,6 +223,8 @@ def step(model: str, batches: list[int], context: int = 512) -> None:
                 ("no small-batch gemv", {"max_rows": 0}), ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}), ("splits 16", {"splits": 16}),
                 ("no pdl, gemv any size", {"pdl": False, "max_hidden": 1 << 30}), ("default again", {})]
     for name, v in variants:
+        if only and name not in only:
+            continue
         triton_ops.USE_PDL, llama.USE_GEMV = v.get("pdl", defaults[0]), v.get("gemv", defaults[1])
         llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE = v.get("max_hidden", defaults[2]), v.get("rope", defaults[3])
         triton_gemv._CONFIGS = v.get("cfgs", defaults[4])
@@ -290,10 +292,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["kv", "gemv", "gemv-triton", "step", "step-sweep"])
     ap.add_argument("--model")
+    ap.add_argument("--variants", help="step: only these variants, comma-separated (e.g. 'default,no pdl')")
     ap.add_argument("--batch", help="step: batch sizes (default 1,8); step-sweep: one batch size (default 1)")
     a = ap.parse_args()
     {"kv": kv, "gemv": lambda: gemv(a.model), "gemv-triton": lambda: gemv_triton(a.model),
-     "step": lambda: step(a.model, [int(b) for b in (a.batch or "1,8").split(",")]),
+     "step": lambda: step(a.model, [int(b) for b in (a.batch or "1,8").split(",")],
+                         only=a.variants.split(",") if a.variants else None),
      "step-sweep": lambda: step_sweep(a.model, int(a.batch or 1))}[a.what]()
 
 

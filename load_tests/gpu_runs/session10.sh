@@ -14,6 +14,9 @@
 #            vs full engine step, top kernels), batches 1 and 8
 #   sweep    issue 20: diag_gpu step-sweep (the batch-1 GEMV block configs tuned in the decode graph) for SWEEP_SIZES
 #            (default "1.5b 7b")
+#   rows     issue 20: the small-batch GEMV path: its GPU tests, then diag_gpu step (default vs "no small-batch gemv")
+#            for the 1.5B at ROWS_B15 and the 7B at ROWS_B7, then a batch-8 step-sweep of the 1.5B for what time is left
+#            (LIMIT_ROWS_SWEEP)
 #   tests    the GPU tests (openai client carried in .whl)
 #   profile  issue 14: bench serve at PROFILE_RATE (10 models on 60 GB) with py-spy (carried in .whl) on the worker
 #            for 30 s, PROFILE_INTO s into the arrivals: where a served step's host time goes (spy_summary.py)
@@ -61,6 +64,18 @@ sweep) M=/tmp/mm; mkdir -p $M
       make-model --arch qwen2 --size $sz --out $d >> "$OUT/make.log" 2>&1
     timeout "${LIMIT_SWEEP:-150}" python3 -m load_tests.diag_gpu step-sweep --model $d > "$OUT/step_sweep_$sz.log" 2>&1
     at "sweep $sz" $?; grep -E "^[a-z_]+ \(|^BEST|^start" "$OUT/step_sweep_$sz.log"; done ;;
+rows) M=/tmp/mm; mkdir -p $M
+  for sz in 1.5b 7b; do d=$M/q$(echo $sz | tr -d .b); [ -f $d/config.json ] || python3 -m controller.cli make-model \
+      --arch qwen2 --size $sz --out $d >> "$OUT/make.log" 2>&1; done
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py > "$OUT/rows_tests.log" 2>&1; at "rows tests" $?
+  grep -E "passed|failed|^FAILED|^ERROR" "$OUT/rows_tests.log" | tail -8
+  V="default,no small-batch gemv"
+  timeout 120 python3 -m load_tests.diag_gpu step --model $M/q15 --batch "${ROWS_B15:-1,2,4,8,16,32}" --variants "$V" \
+    > "$OUT/rows_step_1.5b.log" 2>&1; at "rows step 1.5b" $?; grep -E "b1:|Error" "$OUT/rows_step_1.5b.log" | cut -c1-400
+  timeout 120 python3 -m load_tests.diag_gpu step --model $M/q7 --batch "${ROWS_B7:-1,8,32}" --variants "$V" \
+    > "$OUT/rows_step_7b.log" 2>&1; at "rows step 7b" $?; grep -E "b1:|Error" "$OUT/rows_step_7b.log" | cut -c1-400
+  timeout "${LIMIT_ROWS_SWEEP:-60}" python3 -m load_tests.diag_gpu step-sweep --model $M/q15 --batch 8 \
+    > "$OUT/rows_sweep_1.5b_b8.log" 2>&1; at "rows sweep" $?; grep -E "^[a-z_]+ \(|^BEST|^start" "$OUT/rows_sweep_1.5b_b8.log" ;;
 tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ > "$OUT/gpu_tests.log" 2>&1; at tests $?
   grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.log" | tail -8 ;;
 profile) timeout "${LIMIT_PROFILE:-300}" python3 -m controller.cli bench serve $W --rate "${PROFILE_RATE:-1.3}" \
