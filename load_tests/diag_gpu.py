@@ -220,7 +220,7 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 (1536, 8960): (4, 1024, 8)}
     # name, then what it changes from the defaults
     variants = [("default", {}), ("no pdl", {"pdl": False}), ("no gemv", {"gemv": False}),
-                ("no small-batch gemv", {"max_rows": 0}), ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}), ("splits 16", {"splits": 16}),
+                ("small-batch gemv", {"max_rows": 32}), ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}), ("splits 16", {"splits": 16}),
                 ("no pdl, gemv any size", {"pdl": False, "max_hidden": 1 << 30}), ("default again", {})]
     for name, v in variants:
         if only and name not in only:
@@ -256,11 +256,14 @@ def step_sweep(model: str, batch: int = 1, context: int = 512) -> None:
         current = triton_gemv.config_for
         grid = [(bn, bk, nw) for bn in (2, 4, 8, 16, 32) for bk in (512, 1024) for nw in (4, 8) if bn * bk <= 16384]
     else:
+        from token_scheduler.model import llama
+
+        llama.GEMV_MAX_ROWS = 32  # the small-batch path is off by default
         m_pad = triton_gemv.rows_pad(timed.eng.runner.bucket_of[batch])
         attr, key = "_ROWS_CONFIGS", (lambda s: (*s, m_pad))
         current = lambda n, kk: triton_gemv.rows_config_for(n, kk, m_pad)  # noqa: E731
-        grid = [(bn, bk, nw, ns) for bn in (16, 32, 64) for bk in (256, 512) for nw in (4, 8) for ns in (3, 4)
-                if bn * bk <= 16384]  # some need more shared memory than a block may have: skipped below
+        grid = [(bn, bk, nw, ns) for bn in (16, 32, 64, 128) for bk in (256, 512) for nw in (4, 8) for ns in (3, 4)
+                if bn * bk <= 32768]  # some need more shared memory than a block may have: skipped below
     table = {key(s): current(*s) for s in shapes.values()}
 
     def replay_ms() -> float:

@@ -209,6 +209,7 @@ def test_pdl_graph_replay_is_bit_exact(make_varied, monkeypatch, rows, real):
     ids, pos, meta, blocks = _decode_batch(rows, real)
     kv = allocate_kv_cache(cfg, blocks, 16, torch.bfloat16, "cuda")
     kv.normal_()
+    monkeypatch.setattr(llama, "GEMV_MAX_ROWS", 32)  # the small-batch path (off by default)
     monkeypatch.setattr(triton_ops, "USE_PDL", False)
     ref_kv = kv.clone()
     ref = llama.forward_fused(cfg, w, ref_kv, rope, ids, pos, meta)

@@ -221,6 +221,7 @@ meta = AttentionMetadata(torch.tensor([t[n // 16].item() for t, n in zip(tables,
                          context_lens=torch.tensor([n + 1 for n in lens] + [1] * pad, dtype=torch.int32))
 kv_ref = kv.clone()
 ref = llama.forward(cfg, w, kv_ref, rope, ids1, p1, meta)
+llama.GEMV_MAX_ROWS = 32  # off by default (TOKENPOOL_GEMV_ROWS)
 calls = []
 rows = triton_gemv.gemv_rows
 triton_gemv.gemv_rows = lambda *a, **k: (calls.append(1), rows(*a, **k))[1]

@@ -33,8 +33,8 @@ SHM_DIR = Var("TOKENPOOL_SHM_DIR", "/dev/shm", "where the node-shared pinned hos
               "tmpfs or hugetlbfs)")
 GEMV = Var("TOKENPOOL_GEMV", "1", "0: one-token steps (and small batches) through cuBLAS instead of the Triton "
            "GEMVs (A/B runs)")
-GEMV_ROWS = Var("TOKENPOOL_GEMV_ROWS", "32", "steps of up to this many tokens run their projections as Triton "
-                "GEMVs too (small-batch kernels); 0: steps of several tokens through cuBLAS (A/B runs)")
+GEMV_ROWS = Var("TOKENPOOL_GEMV_ROWS", "0", "steps of up to this many tokens (at most 32) run their projections "
+                "as Triton GEMVs too (the small-batch kernels; off: slower than cuBLAS until tuned, see llama.py)")
 PDL = Var("TOKENPOOL_PDL", "1", "0: launch kernels without programmatic dependent launch (A/B runs)")
 JOIN_TOKEN = Var("TOKENPOOL_JOIN_TOKEN", None, "a worker's join token (the controller sets it for the "
                  "local workers it starts)")

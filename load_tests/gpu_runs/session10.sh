@@ -14,7 +14,7 @@
 #            vs full engine step, top kernels), batches 1 and 8
 #   sweep    issue 20: diag_gpu step-sweep (the batch-1 GEMV block configs tuned in the decode graph) for SWEEP_SIZES
 #            (default "1.5b 7b")
-#   rows     issue 20: the small-batch GEMV path: its GPU tests, then diag_gpu step (default vs "no small-batch gemv")
+#   rows     issue 20: the small-batch GEMV path: its GPU tests, then diag_gpu step (default vs "small-batch gemv")
 #            for the 1.5B at ROWS_B15 and the 7B at ROWS_B7, then a batch-8 step-sweep of the 1.5B for what time is left
 #            (LIMIT_ROWS_SWEEP)
 #   tests    the GPU tests (openai client carried in .whl)
@@ -69,7 +69,7 @@ rows) M=/tmp/mm; mkdir -p $M
       --arch qwen2 --size $sz --out $d >> "$OUT/make.log" 2>&1; done
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py > "$OUT/rows_tests.log" 2>&1; at "rows tests" $?
   grep -E "passed|failed|^FAILED|^ERROR" "$OUT/rows_tests.log" | tail -8
-  V="default,no small-batch gemv"
+  V="default,small-batch gemv"
   timeout 120 python3 -m load_tests.diag_gpu step --model $M/q15 --batch "${ROWS_B15:-1,2,4,8,16,32}" --variants "$V" \
     > "$OUT/rows_step_1.5b.log" 2>&1; at "rows step 1.5b" $?; grep -E "b1:|Error" "$OUT/rows_step_1.5b.log" | cut -c1-400
   timeout 120 python3 -m load_tests.diag_gpu step --model $M/q7 --batch "${ROWS_B7:-1,8,32}" --variants "$V" \

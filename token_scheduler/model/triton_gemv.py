@@ -339,7 +339,9 @@ def _gemv_rows_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE:
 # 16 KB of weights in flight (a 1.5B's o and down have ~100 programs, one per SM: each needs that much in flight
 # to stream at HBM speed), narrower past 32 tokens. Compiled for sm_90 these take 80-255 registers a thread, no
 # spills, and under 170 KB of shared memory (the pipelined tiles of w, x and r).
-_ROWS_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
+_ROWS_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
+    (17920, 1536, 16): (64, 256, 4, 3), (1536, 8960, 16): (16, 256, 4, 4),  # H200 batch-8 sweep, partial
+}
 
 
 def rows_pad(m: int) -> int:
