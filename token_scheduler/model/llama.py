@@ -174,7 +174,8 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
 # by default (TOKENPOOL_GEMV_ROWS=32: on). At a4cf912 with the untuned default blocks, graph replay against
 # cuBLAS: 1.5B batch 8 3.35 vs 1.77 ms, batch 32 3.73 vs 2.09; 7B batch 8 11.5 vs 4.61. A batch-8 sweep cut
 # the 1.5B's to 1.90 ms by tuning gate_up and down alone, the widest row block it tried winning
-# (bench/results/small_batch_gemv_h200_a4cf912.json); qkv, o and 32 rows are not tuned yet.
+# (bench/results/small_batch_gemv_h200_a4cf912.json); the default blocks follow that now (rows_config_for),
+# unmeasured; qkv, o and 32 rows are not tuned yet.
 USE_GEMV = env.GEMV.on()
 GEMV_MAX_HIDDEN = 2048  # without programmatic dependent launch
 GEMV_ROPE = True  # RoPE+KV write in the qkv GEMV's epilogue (False: the separate kernel; for A/B runs)

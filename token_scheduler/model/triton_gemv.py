@@ -334,14 +334,8 @@ def _gemv_rows_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE:
 
 
 # (BLOCK_N, BLOCK_K for 2-byte dtypes, num_warps, num_stages) by weight shape [N, K] and padded rows M_PAD
-# (`rows_pad`), to be tuned in the decode graph (diag_gpu step-sweep --batch 8). Other shapes, untimed yet: 16
-# rows a program up to 16 tokens, 32 beyond (the input re-reads stay under the weight traffic), and 3 tiles of
-# 16 KB of weights in flight (a 1.5B's o and down have ~100 programs, one per SM: each needs that much in flight
-# to stream at HBM speed), narrower past 32 tokens. Compiled for sm_90 these take 80-255 registers a thread, no
-# spills, and under 170 KB of shared memory (the pipelined tiles of w, x and r).
-_ROWS_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
-    (17920, 1536, 16): (64, 256, 4, 3), (1536, 8960, 16): (16, 256, 4, 4),  # H200 batch-8 sweep, partial
-}
+# (`rows_pad`), tuned in the decode graph (diag_gpu step-sweep --batch 8); other shapes: `rows_config_for`.
+_ROWS_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
 
 
 def rows_pad(m: int) -> int:
@@ -351,10 +345,15 @@ def rows_pad(m: int) -> int:
 
 
 def rows_config_for(n: int, k: int, m_pad: int) -> tuple[int, int, int, int]:
+    """Untuned shapes: rows a program so the grid is about two waves of 132 SMs (16 to 128). Every program
+    reads all M input rows (twice in the norm mode), so narrow blocks over many rows multiply that traffic: the
+    H200 batch-8 sweep's gate_up went 3.36 -> 1.99 ms a step from 16 rows to 64, its 17920 rows' two waves."""
     c = _ROWS_CONFIGS.get((n, k, m_pad))
     if c is not None:
         return c
-    return (16, 512, 4, 4) if m_pad <= 16 else (32, max(32, 8192 // m_pad), 8, 4)
+    bn = min(128, max(16, 1 << max(0, (n // 264).bit_length() - 1)))
+    bk = min(256 if m_pad <= 16 else max(32, 8192 // m_pad), 16384 // bn)  # <= 32 KB of weights a stage
+    return bn, bk, 4 if m_pad <= 16 else 8, 3 if bn >= 64 else 4
 
 
 def gemv_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, mode: int = MODE_PLAIN,
