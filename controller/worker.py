@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import logging
 import os
 import signal
@@ -91,6 +90,7 @@ class Worker:
         # seconds of the step thread in steps and of the event loop making and sending their outputs (the pool's
         # view: where a served step's time goes, beside the engines' own counters)
         self.loop_s = {"step_thread_s": 0.0, "emit_s": 0.0}
+        self._emitting: asyncio.Future | None = None  # the latest emit `_steps` handed the loop
         self.tokens = 0
 
     def send(self, msg: m.Message) -> None:
@@ -266,6 +266,42 @@ class Worker:
                     collect_all()  # its memory (device memory included) must not wait in the frozen heap
         return errors
 
+    def _steps(self, loop: asyncio.AbstractEventLoop, unsent: list | None) -> tuple[list, bool]:
+        """Steps back to back on the step thread while the loop has nothing for the engines (no message, load or
+        stop string waiting), for at most BURST_S: handing each step back to the event loop and out again cost
+        ~0.15 ms a step on the CPU (bench_worker_loop), time the GPU waits. Each step's outputs (`unsent`: the
+        step's before these) go to the loop to be emitted once the step after them has launched -- under the
+        GIL, text made while this thread prepares a step would delay its launch by as much -- all from this
+        thread, so in order; the last step's come back."""
+        deadline = time.perf_counter() + BURST_S
+        prev = unsent
+        while True:
+            sent = []  # whether this step launched, and so handed `prev` on
+
+            def launched(prev=prev, sent=sent):
+                sent.append(True)
+                if prev:
+                    loop.call_soon_threadsafe(self._emit_later, prev)
+
+            stepped, ran = self._step_all(launched)
+            if prev and not sent:  # it launched nothing to overlap the emit with
+                loop.call_soon_threadsafe(self._emit_later, prev)
+            if not (ran and not (self._pending or self._hosting or self._stops) and self.models.busy()
+                    and time.perf_counter() < deadline):
+                return stepped, ran
+            prev = stepped
+
+    def _emit_later(self, stepped: list) -> None:
+        """`_emit` on the loop, after the emits before it (their order is the tokens' order)."""
+        prev = self._emitting
+
+        async def emit():
+            if prev is not None:
+                await prev
+            await self._emit(stepped)
+
+        self._emitting = asyncio.ensure_future(emit())
+
     def _step_all(self, on_launch) -> tuple[list, bool]:
         """The step thread's whole share of a step: token ids (their text is `_emit`'s, beside the next step)."""
         t0 = time.perf_counter()
@@ -308,10 +344,9 @@ class Worker:
         os._exit(3)
 
     async def _step_loop(self) -> None:
-        """Step while there is work. Pipelined: step N+1 is on the device while step N's outputs are
-        detokenized and sent here, so the host's work on outputs does not stand between two steps. They are
-        made once the step thread has queued N+1 (`on_launch`), not at once: under the GIL, text made while
-        the step thread prepares its inputs would delay the launch by as much."""
+        """Step while there is work: runs of steps on the step thread (`_steps`), pipelined: step N+1 is on the
+        device while step N's outputs are detokenized and sent here, so the host's work on outputs does not
+        stand between two steps. Between runs: registrations, messages, stop strings."""
         loop = asyncio.get_running_loop()
         idle_since = None
         unsent = None  # the latest step's outputs, not yet emitted
@@ -333,17 +368,14 @@ class Worker:
                     except asyncio.TimeoutError:
                         await loop.run_in_executor(self._step_thread, self.models.tick)
                 continue
-            launched = loop.create_future()
-            step = loop.run_in_executor(self._step_thread, self._step_all,
-                                        functools.partial(loop.call_soon_threadsafe, _resolve, launched))
-            step.add_done_callback(functools.partial(_resolve, launched))  # a step that launched nothing
-            if unsent:
-                await launched
-                await self._emit(unsent)
+            step = loop.run_in_executor(self._step_thread, self._steps, loop, unsent)
             try:
                 unsent, ran = await step
             except Exception as e:  # noqa: BLE001 - reported to the controller, then the process exits
                 await self._crash("engine step failed", e)
+            if self._emitting is not None:  # the burst's emits (they may end requests) before the next look
+                await self._emitting
+                self._emitting = None
             if ran:
                 idle_since = None
             else:  # the policy planned no step although requests wait (no room by its estimate): do not spin
@@ -398,9 +430,7 @@ def bind_device(device: str) -> None:
             torch.cuda.set_device(dev)
 
 
-def _resolve(fut: asyncio.Future, *_) -> None:
-    if not fut.done():
-        fut.set_result(None)
+BURST_S = 0.05  # the longest run of steps without a look at the loop (stats, heartbeats' snapshots wait behind it)
 
 
 def standby(device: str) -> bool:
