@@ -91,5 +91,8 @@ profile) timeout "${LIMIT_PROFILE:-300}" python3 -m controller.cli bench serve $
 dash) timeout "${LIMIT_DASH:-200}" python3 -m controller.cli suite dashboards --duration 10 --rounds "${DASH_ROUNDS:-6}" \
     --streams 48 --dashboards "${DASH_N:-50}" --model pace --json "$OUT/dashboard_cost.json" > "$OUT/dash.log" 2>&1; at dash $?
   tail -5 "$OUT/dash.log" | cut -c1-400 ;;
-esac; done
+esac
+  # nothing of a part outlives it (a timed-out bench serve left its server beside the next part once, d20ccfc)
+  pkill -f "controller.serve" 2>/dev/null && sleep 3 && pkill -9 -f "controller.(serve|worker)" 2>/dev/null
+done
 echo "total $(( $(date +%s) - t0 )) s"
