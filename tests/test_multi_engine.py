@@ -307,6 +307,8 @@ def test_the_plans_batch_is_what_runs(make_tiny, host_cache, pooled):
         for o in multi.step():
             if o.finished:
                 done[o.request_id] = o.outputs[0].token_ids
+        for e in multi.engines.values():  # the blocks the policy's view counts (_sync): its running requests' own
+            assert e.scheduler.kv.num_held == sum(len(r.block_ids) for r in e.scheduler.running)
         plan, batch, _ = plans[-1]
         if plan.idle:
             continue
