@@ -227,7 +227,12 @@ class TokenPolicy:
     def _step(self, st: PoolState, t: _Turn) -> StepPlan:
         cfg, m = self.cfg, st.models[t.model]
         first_group = sum(r.num_prompt_tokens for r in islice(m.waiting, cfg.limits.group_size)) if m.waiting else 0
-        chunk = prefill_budget(st.cost, m, cfg.limits, len(m.running), m.kv_gpu_tokens)
+        # The prefill budget bounds only prompt tokens: a step with nothing to prefill (most steps: decodes only)
+        # builds the same batch without it and skips its two cost-model calls.
+        if m.waiting or any(r.num_tokens - r.num_computed_tokens > 1 for r in m.running):
+            chunk = prefill_budget(st.cost, m, cfg.limits, len(m.running), m.kv_gpu_tokens)
+        else:
+            chunk = 0
         order = _once(lambda: self._victims(st, m.name))  # only when room is short or an order is handed on
         fit = fit_step(st, m, kv_demand(m, min(first_group, chunk)), order, ranges=cfg.see_ranges)
         if fit is None:
