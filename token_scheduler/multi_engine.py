@@ -71,6 +71,7 @@ class MultiModelEngine:
         self._queues: list[tuple] = []  # (scheduler, its model's ModelState) of every hosted model, for `_sync`
         self.policy = make_policy(policy, **(policy_kw or {}))
         self._removed: list[TokenOutput] = []  # final outputs of a removed model's requests, owed next step
+        self._aborts_owed = False  # abort_request aborted a request since the last step: its final output is owed
         self._loads_seen = 0  # memory.stats.load_s entries already fed to the cost model
         self.steps_per_model: dict[str, int] = {}
         self.trace: deque[str] = deque(maxlen=4096)  # model of the latest steps, in order (tests, debugging)
@@ -302,6 +303,7 @@ class MultiModelEngine:
         model = self._model_of(request_id)
         if model is not None:
             self.engines[model].abort_request(request_id)
+            self._aborts_owed = True  # its final output goes out with the next step, whichever model runs
 
     def has_unfinished_requests(self) -> bool:
         return any(e.has_unfinished_requests() for e in self.engines.values()) or bool(self._removed)
@@ -454,9 +456,12 @@ class MultiModelEngine:
         if self.state.now >= self._late_check:
             self._watch_late(self.state.now)
         # Aborted requests of models that did not step still owe their final output (no step runs for them).
-        for name, eng in self.engines.items():
-            if name != plan.model and eng._aborted:
-                outputs += eng.take_aborted()
+        # Looked for only after an abort, not in every model at every step.
+        if self._aborts_owed:
+            self._aborts_owed = False
+            for name, eng in self.engines.items():
+                if name != plan.model and eng._aborted:
+                    outputs += eng.take_aborted()
         return outputs
 
     def _watch_late(self, now: float) -> None:
