@@ -24,6 +24,22 @@ def test_allocator_shortage_raises_and_double_free_is_caught():
     assert a.num_free == 4
 
 
+def test_views_of_a_shared_pool_count_their_own_blocks():
+    """Views draw from one free list; each counts what was drawn through it (a model's share of a shared KV
+    region, read every step by the multi-model engine instead of summing its requests' blocks)."""
+    pool = BlockAllocator(12, 1)
+    a, b = pool.share(16), pool.share(32)
+    got_a, got_b = a.allocate(3), b.allocate(4)
+    a.grow(got_a, 16 * 5)  # two more blocks
+    assert (a.num_held, b.num_held, pool.num_held) == (5, 4, 0) and pool.num_used == 9
+    with pytest.raises(NoFreeBlocks):
+        b.allocate(1 + pool.num_free)
+    assert b.num_held == 4  # a failed allocate changes nothing
+    a.free(got_a[:2])
+    b.free(got_b)
+    assert (a.num_held, b.num_held, pool.num_free) == (3, 0, 9)
+
+
 def test_no_leaks_after_1000_random_requests_with_aborts():
     rng = random.Random(0)
     kv, host = BlockAllocator(64, 16), BlockAllocator(32, 16)
@@ -41,7 +57,7 @@ def test_no_leaks_after_1000_random_requests_with_aborts():
         out = s.schedule()
         # Every scheduled chunk has its KV blocks; no block is owned twice.
         owned = [b for r in s.running for b in r.block_ids]
-        assert len(owned) == len(set(owned)) == kv.num_used
+        assert len(owned) == len(set(owned)) == kv.num_used == kv.num_held
         for c in out.chunks:
             assert len(c.request.block_ids) * 16 >= c.start + c.num_tokens
         sampled = {c.request.request_id: 7 for c in out.chunks if c.sample}

@@ -82,6 +82,23 @@ def test_add_request_validates_model(make_tiny):
     assert not multi.has_unfinished_requests()
 
 
+def test_an_abort_is_answered_by_the_next_step_whichever_model_runs(make_tiny):
+    """A request of a model that does not step is aborted: the next step -- another model's -- carries its final
+    output (the engine looks for owed aborts after abort_request, not in every model at every step), once."""
+    d = make_tiny("qwen2")
+    multi = MultiModelEngine({"a": d, "b": d}, policy="token", device="cpu")
+    sp = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    multi.add_request("a0", [1, 2, 3], sp, model="a")
+    multi.step_tokens()
+    multi.add_request("b0", [4, 5, 6], sp, model="b")
+    multi.abort_request("b0")  # before b ever ran: b has nothing left, so a runs next
+    outs = multi.step_tokens()
+    assert multi.trace[-1] == "a"
+    assert [(o.request.request_id, o.status.finish_reason) for o in outs if o.request.model == "b"] == [("b0", "abort")]
+    assert not any(o.request.request_id == "b0" for o in multi.step_tokens())
+    assert not multi.engines["b"].has_unfinished_requests()
+
+
 @pytest.fixture
 def host_cache():
     import uuid
@@ -307,6 +324,8 @@ def test_the_plans_batch_is_what_runs(make_tiny, host_cache, pooled):
         for o in multi.step():
             if o.finished:
                 done[o.request_id] = o.outputs[0].token_ids
+        for e in multi.engines.values():  # the blocks the policy's view counts (_sync): its running requests' own
+            assert e.scheduler.kv.num_held == sum(len(r.block_ids) for r in e.scheduler.running)
         plan, batch, _ = plans[-1]
         if plan.idle:
             continue

@@ -3,7 +3,8 @@
 `allocate` raises `NoFreeBlocks` on shortage; the scheduler decides what to do (wait, preempt, swap).
 The same class manages GPU blocks and host (swap) blocks. `share(block_size)` gives another model a view of
 the same pool with its own tokens per block: models of different KV widths then draw pages of one byte size
-from one free list (the multi-model engine's shared KV region).
+from one free list (the multi-model engine's shared KV region). Each view counts the blocks drawn through it
+(`num_held`): one model's share of the pool, read every step without walking its requests.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class BlockAllocator:
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
         self._used: set[int] = set()
+        self.num_held = 0  # blocks allocated through this allocator (this view of a shared pool), not yet freed
 
     def share(self, block_size: int) -> BlockAllocator:
         """Another allocator over the same blocks (one free list), counting `block_size` tokens per block."""
@@ -30,6 +32,7 @@ class BlockAllocator:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         view = object.__new__(BlockAllocator)
         view.num_blocks, view.block_size, view._free, view._used = self.num_blocks, block_size, self._free, self._used
+        view.num_held = 0
         return view
 
     @property
@@ -51,6 +54,7 @@ class BlockAllocator:
             raise NoFreeBlocks(f"need {n} KV blocks, {len(self._free)} free of {self.num_blocks}")
         out = [self._free.popleft() for _ in range(n)]
         self._used.update(out)
+        self.num_held += n
         return out
 
     def free(self, ids: list[int]) -> None:
@@ -59,6 +63,7 @@ class BlockAllocator:
                 raise ValueError(f"block {b} is not allocated (double free?)")
             self._used.remove(b)
             self._free.append(b)
+            self.num_held -= 1
 
     def grow(self, block_ids: list[int], num_tokens: int) -> None:
         """Extend `block_ids` in place so it covers `num_tokens` tokens (raises before changing anything)."""

@@ -19,6 +19,8 @@ is the H200's, the floor under fits measured there (`roofline_for`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from itertools import repeat
+from operator import add, mul, sub, truediv
 
 _FEATURE_SCALES = (1.0, 64.0, 1024.0, 65536.0, 1.0e6)  # keep the RLS well conditioned
 
@@ -165,7 +167,12 @@ CLIP_AFTER = 20  # measurements before robust clipping starts (the prior may be 
 
 
 class OnlineLinearFit:
-    """Recursive least squares with forgetting: y ~ theta . x, updated one measurement at a time (O(n^2))."""
+    """Recursive least squares with forgetting: y ~ theta . x, updated one measurement at a time (O(n^2)).
+
+    A pooled engine updates a fit after most steps (a step within 0.5% of its prediction is rare) and predicts
+    several times per plan, so both run as C-level maps over flat lists -- P is one row-major list -- rather
+    than index loops (5 features: an update 8.0 -> 5.8 us, a prediction 0.6 -> 0.2 us). Every product and
+    every sum is the one of the textbook index form, in the same order: the numbers are the same to the bit."""
 
     __slots__ = ("theta", "P", "lam", "n", "cap", "clip")
 
@@ -175,7 +182,7 @@ class OnlineLinearFit:
         self.theta = list(prior)
         # P0 = confidence * I is the prior's variance per (scaled) coefficient; against step times of
         # milliseconds, 100 s^2 is weak: a few dozen measurements override a wrong prior.
-        self.P = [[(confidence if i == j else 0.0) for j in range(k)] for i in range(k)]
+        self.P = [(confidence if i == j else 0.0) for i in range(k) for j in range(k)]  # k x k, row-major
         self.lam = forgetting
         self.cap = 10.0 * confidence * k  # forgetting inflates P along directions never measured: bound it
         self.n = 0
@@ -186,7 +193,7 @@ class OnlineLinearFit:
         self.clip = clip
 
     def predict(self, x) -> float:
-        return sum(t * v for t, v in zip(self.theta, x, strict=True))
+        return sum(map(mul, self.theta, x))
 
     def update(self, x, y: float, tol: float = 0.0) -> bool:
         """Fold in one measurement; skipped (returns False) when already predicted within `tol` (relative)."""
@@ -198,14 +205,14 @@ class OnlineLinearFit:
         if self.clip is not None and self.n > CLIP_AFTER and pred > 0:
             lim = self.clip * pred
             err = max(-lim, min(lim, err))
-        P, k = self.P, len(self.theta)
-        Px = [sum(P[i][j] * x[j] for j in range(k)) for i in range(k)]
-        denom = self.lam + sum(x[i] * Px[i] for i in range(k))
+        lam, P, k = self.lam, self.P, len(self.theta)
+        Px = [sum(map(mul, P[i:i + k], x)) for i in range(0, k * k, k)]  # P x
+        denom = lam + sum(map(mul, x, Px))
         gain = [p / denom for p in Px]
-        self.theta = [t + g * err for t, g in zip(self.theta, gain, strict=True)]
-        P = [[P[i][j] - gain[i] * Px[j] for j in range(k)] for i in range(k)]
-        if sum(P[i][i] for i in range(k)) < self.cap:
-            P = [[v / self.lam for v in row] for row in P]
+        self.theta = list(map(add, self.theta, map(mul, gain, repeat(err))))
+        P = list(map(sub, P, map(mul, [g for g in gain for _ in range(k)], Px * k)))  # P - gain (P x)^T
+        if sum(P[::k + 1]) < self.cap:  # the trace
+            P = list(map(truediv, P, repeat(lam)))
         self.P = P
         return True
 

@@ -68,8 +68,10 @@ class MultiModelEngine:
         # Seeded from physical numbers on a GPU; on CPU no prior fits, so it learns from the first steps.
         self.cost = cost or CostModel(H100_PCIE53 if str(device).startswith("cuda") else None, [])
         self.state = PoolState(models={}, capacity_bytes=0, cost=self.cost)
+        self._queues: list[tuple] = []  # (scheduler, its model's ModelState) of every hosted model, for `_sync`
         self.policy = make_policy(policy, **(policy_kw or {}))
         self._removed: list[TokenOutput] = []  # final outputs of a removed model's requests, owed next step
+        self._aborts_owed = False  # abort_request aborted a request since the last step: its final output is owed
         self._loads_seen = 0  # memory.stats.load_s entries already fed to the cost model
         self.steps_per_model: dict[str, int] = {}
         self.trace: deque[str] = deque(maxlen=4096)  # model of the latest steps, in order (tests, debugging)
@@ -143,6 +145,7 @@ class MultiModelEngine:
             m.own_kv_bytes = m.kv_bytes(kv.num_blocks * kv.block_size)
         self.cost.register(spec)
         self.state.models[name] = m
+        self._index_queues()
         self.steps_per_model[name] = 0
         self._capacity()
         self._sync_limits()
@@ -178,6 +181,7 @@ class MultiModelEngine:
             eng.step_tokens()
         self._removed += eng.take_aborted()
         del self.engines[name], self.state.models[name]
+        self._index_queues()
         self.policy.forget(name)
         self._sync_limits()
         self._last_run.pop(name, None)
@@ -299,11 +303,15 @@ class MultiModelEngine:
         model = self._model_of(request_id)
         if model is not None:
             self.engines[model].abort_request(request_id)
+            self._aborts_owed = True  # its final output goes out with the next step, whichever model runs
 
     def has_unfinished_requests(self) -> bool:
         return any(e.has_unfinished_requests() for e in self.engines.values()) or bool(self._removed)
 
     # -- the step loop -------------------------------------------------------------------------------
+    def _index_queues(self) -> None:
+        self._queues = [(e.scheduler, self.state.models[n]) for n, e in self.engines.items()]
+
     def _sync(self) -> None:
         """Point the policy's view at each model's scheduler queues (no copies of requests)."""
         mem = self.memory
@@ -312,11 +320,15 @@ class MultiModelEngine:
                 if name in self.state.models:
                     self.state.models[name].residency = Residency.RESIDENT
             self.state.weight_free_run = mem.arena.alloc.largest_free  # a slot needs one contiguous range
-        for name, eng in self.engines.items():
-            s, m = eng.scheduler, self.state.models[name]
+        # Every step, every model: O(1) each. The running list is the scheduler's own (the policy only reads it,
+        # and the scheduler changes it only after the plan is made); KV in whole blocks is what the model's
+        # allocator holds -- exactly its running requests' blocks (swapped ones hold host blocks, waiting ones
+        # none), counted as they are drawn instead of summed over the requests (35 models, 85 running requests:
+        # 11.3 -> 1.6 us).
+        for s, m in self._queues:
             m.waiting = s.waiting
-            m.running = s.running + list(s.swapped) if s.swapped else list(s.running)
-            m.kv_gpu_tokens = sum(len(r.block_ids) for r in s.running) * s.kv.block_size  # whole blocks
+            m.running = s.running + list(s.swapped) if s.swapped else s.running
+            m.kv_gpu_tokens = s.kv.num_held * s.kv.block_size
         self.state.now = time.monotonic()
 
     def _execute_memory(self, plan) -> None:
@@ -344,26 +356,30 @@ class MultiModelEngine:
             eng = self.engines[plan.model]
             if eng.weights is None or not mem.is_resident(plan.model) or mem.is_loading(plan.model):
                 was = mem.is_resident(plan.model) or mem.holds(plan.model)
-                stall0 = mem.stats.stall_s
+                stall0, forced = mem.stats.stall_s, mem.stats.forced_evictions
                 rm = mem.load(plan.model, protect=(plan.prefetch,) if plan.prefetch else (), order=plan.load_order)
                 eng.set_weights(rm.weights, rm.slot_id)
                 st.models[plan.model].residency = Residency.RESIDENT
                 self._event("load", plan.model, prefetched=was, stall_s=round(mem.stats.stall_s - stall0, 6))
-            self._forget_evicted()
+                self._forget_evicted(forced)
         if plan.prefetch is not None and plan.prefetch in self.engines:
             order = None if plan.prefetch_order is None else [n for n in plan.prefetch_order if n != plan.model]
-            was = mem.holds(plan.prefetch)
+            was, forced = mem.holds(plan.prefetch), mem.stats.forced_evictions
             if mem.prefetch(plan.prefetch, order=order):
                 if not was:
                     self._event("prefetch", plan.prefetch)
                 m = st.models[plan.prefetch]
                 m.residency = max(m.residency, Residency.LOADING)
                 m.ready_at = st.now + self.cost.load_time(m.spec.weight_bytes)
-            self._forget_evicted()
+            self._forget_evicted(forced)
 
-    def _forget_evicted(self) -> None:
-        """Models `memory` evicted to make a slot contiguous (not in the plan): tell the engines and the policy."""
+    def _forget_evicted(self, forced_before: int) -> None:
+        """Models `memory` evicted to make a slot contiguous (not in the plan) since its count of such evictions
+        was `forced_before`: tell the engines and the policy. Every other eviction is the plan's or keep_alive's,
+        which tell them as they evict, so most steps (none forced) have nothing to look at."""
         mem, st = self.memory, self.state
+        if mem.stats.forced_evictions == forced_before:
+            return
         for name, e in self.engines.items():
             if not mem.holds(name):
                 if e.weights is not None:
@@ -440,9 +456,12 @@ class MultiModelEngine:
         if self.state.now >= self._late_check:
             self._watch_late(self.state.now)
         # Aborted requests of models that did not step still owe their final output (no step runs for them).
-        for name, eng in self.engines.items():
-            if name != plan.model and eng._aborted:
-                outputs += eng.take_aborted()
+        # Looked for only after an abort, not in every model at every step.
+        if self._aborts_owed:
+            self._aborts_owed = False
+            for name, eng in self.engines.items():
+                if name != plan.model and eng._aborted:
+                    outputs += eng.take_aborted()
         return outputs
 
     def _watch_late(self, now: float) -> None:
@@ -515,8 +534,9 @@ class MultiModelEngine:
                     "kv_pages_used": sum(e.scheduler.kv.num_used for e in self.engines.values())}
             host, stall = 0, 0.0
         counters = dict(self.timing)
-        if mem is not None:  # the pool's counters (its list of loads aside)
-            counters.update((k, v) for k, v in dataclasses.asdict(mem.stats).items() if not isinstance(v, list))
+        if mem is not None:  # the pool's counters (its list of loads aside: asdict copied it whole, every snapshot --
+            # milliseconds on the step thread twice a second once a server has made thousands of loads)
+            counters.update((k, v) for k, v in vars(mem.stats).items() if not isinstance(v, list))
         return {
             "device": str(self.device), "active": self.state.active, "registered": sorted(self.engines),
             "resident": sorted(n for n, m in models.items() if m["state"] == "resident"),

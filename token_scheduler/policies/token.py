@@ -227,7 +227,12 @@ class TokenPolicy:
     def _step(self, st: PoolState, t: _Turn) -> StepPlan:
         cfg, m = self.cfg, st.models[t.model]
         first_group = sum(r.num_prompt_tokens for r in islice(m.waiting, cfg.limits.group_size)) if m.waiting else 0
-        chunk = prefill_budget(st.cost, m, cfg.limits, len(m.running), m.kv_gpu_tokens)
+        # The prefill budget bounds only prompt tokens: a step with nothing to prefill (most steps: decodes only)
+        # builds the same batch without it and skips its two cost-model calls.
+        if m.waiting or any(r.num_tokens - r.num_computed_tokens > 1 for r in m.running):
+            chunk = prefill_budget(st.cost, m, cfg.limits, len(m.running), m.kv_gpu_tokens)
+        else:
+            chunk = 0
         order = _once(lambda: self._victims(st, m.name))  # only when room is short or an order is handed on
         fit = fit_step(st, m, kv_demand(m, min(first_group, chunk)), order, ranges=cfg.see_ranges)
         if fit is None:
@@ -256,21 +261,26 @@ class TokenPolicy:
         served ones (and among the queued): their slot is exactly the range `keep` needs, so rotating models
         through slots of their own size keeps the arena from fragmenting -- room freed as several smaller
         slots is rarely contiguous, and then a prefetch is skipped or a load evicts beyond the plan."""
+        # Asked by any step or prefetch short of room (on every step where loads are quick and the next prefetch
+        # always finds the arena full): one pass each over the models and the queue, sizes read once (35 models,
+        # a queue of 13: 8.1 -> 3.3 us), the order exactly the rule's above.
+        mode, models = self.cfg.sized_victims, st.models
         queued = set(self._queue)
-        idle = [n for n, m in st.models.items() if not m.has_work and n != keep]
-        done = [n for n, m in st.models.items() if m.has_work and n not in queued and n != keep]
+        idle, done = [], []
+        for n, m in models.items():
+            if n == keep:
+                continue
+            if not (m.waiting or m.running):  # m.has_work, inlined
+                idle.append(n)
+            elif n not in queued:
+                done.append(n)
         back = [n for n in reversed(self._queue) if n != keep]
-        if self.cfg.sized_victims == "off":
+        if mode == "off":
             return idle + done + back
-        size = st.models[keep].spec.weight_bytes
-        if self.cfg.sized_victims == "all":
-            same = [n for n in idle + done + back if st.models[n].spec.weight_bytes == size]
-            return same + [n for n in idle + done + back if st.models[n].spec.weight_bytes != size]
-        free = idle + done
-        return ([n for n in free if st.models[n].spec.weight_bytes == size]
-                + [n for n in free if st.models[n].spec.weight_bytes != size]
-                + [n for n in back if st.models[n].spec.weight_bytes == size]
-                + [n for n in back if st.models[n].spec.weight_bytes != size])
+        size = models[keep].spec.weight_bytes
+        if mode == "all":
+            return _by_size(idle + done + back, models, size)
+        return _by_size(idle + done, models, size) + _by_size(back, models, size)
 
     def _plan_prefetch(self, st: PoolState, plan: StepPlan, room: Room, free_after: int) -> None:
         mode = self.cfg.prefetch
@@ -438,6 +448,14 @@ def _once(f):
             box.append(f())
         return box[0]
     return get
+
+
+def _by_size(names: list[str], models: dict[str, ModelState], size: int) -> list[str]:
+    """`names` with the models of weight size `size` first, each part in its order."""
+    same, other = [], []
+    for n in names:
+        (same if models[n].spec.weight_bytes == size else other).append(n)
+    return same + other
 
 
 def _resident(st: PoolState, names: list[str]) -> list[str]:
