@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import deque
 
 import pytest
 
@@ -127,6 +128,7 @@ def test_pooled_swaps_weights_and_kv_and_equals_alone(make_tiny, host_cache, kin
     mem = multi.memory
     assert mem.page_bytes == page and mem.weight_capacity == 4 * MiB
     assert {e.block_size for e in multi.engines.values()} == {16, 8}  # qwen3: 1 KiB of KV per token
+    mem.stats.load_s = deque(maxlen=2)  # the record of loads is bounded; the cost model still sees every one
     _interleaved_equals_alone(multi, alone, kind)
     # all three cannot be resident at once: weights were evicted, as the policy planned (no forced evictions)
     assert mem.stats.evictions > 0 and mem.stats.forced_evictions == 0
@@ -137,7 +139,7 @@ def test_pooled_swaps_weights_and_kv_and_equals_alone(make_tiny, host_cache, kin
         assert mem.stats.loads == len(ARCHS)
     # every completed load was measured and taught the cost model the link's speed
     cm = multi.cost.to_dict()["load"]
-    assert cm["samples"] == len(mem.stats.load_s) >= mem.stats.loads
+    assert cm["samples"] == mem.stats.loads_done >= mem.stats.loads and len(mem.stats.load_s) <= 2
     assert all(0.0 <= hidden <= secs for _, secs, hidden in mem.stats.load_s)
     # nothing leaked: every GPU page and host page is free again
     assert mem.pages.num_used == 0 and mem.host_kv.allocator.num_used == 0

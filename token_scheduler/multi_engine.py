@@ -72,7 +72,7 @@ class MultiModelEngine:
         self.policy = make_policy(policy, **(policy_kw or {}))
         self._removed: list[TokenOutput] = []  # final outputs of a removed model's requests, owed next step
         self._aborts_owed = False  # abort_request aborted a request since the last step: its final output is owed
-        self._loads_seen = 0  # memory.stats.load_s entries already fed to the cost model
+        self._loads_seen = 0  # memory.stats.loads_done already fed to the cost model
         self.steps_per_model: dict[str, int] = {}
         self.trace: deque[str] = deque(maxlen=4096)  # model of the latest steps, in order (tests, debugging)
         self.switches = 0  # steps whose model differs from the previous step's
@@ -422,10 +422,12 @@ class MultiModelEngine:
             self.expire()
         self._execute_memory(plan)
         if self.memory is not None:  # measured loads teach the cost model the link (and how much prefetch hides)
-            done = self.memory.stats.load_s
-            for nbytes, secs, hidden in done[self._loads_seen:]:
-                self.cost.observe_load(nbytes, secs, hidden_s=hidden)
-            self._loads_seen = len(done)
+            st = self.memory.stats
+            new = st.loads_done - self._loads_seen
+            if new:
+                for nbytes, secs, hidden in list(st.load_s)[-min(new, len(st.load_s)):]:
+                    self.cost.observe_load(nbytes, secs, hidden_s=hidden)
+                self._loads_seen = st.loads_done
         t2 = time.perf_counter()
         tm["memory_s"] += t2 - t1
         if not plan.idle:
@@ -534,9 +536,8 @@ class MultiModelEngine:
                     "kv_pages_used": sum(e.scheduler.kv.num_used for e in self.engines.values())}
             host, stall = 0, 0.0
         counters = dict(self.timing)
-        if mem is not None:  # the pool's counters (its list of loads aside: asdict copied it whole, every snapshot --
-            # milliseconds on the step thread twice a second once a server has made thousands of loads)
-            counters.update((k, v) for k, v in vars(mem.stats).items() if not isinstance(v, list))
+        if mem is not None:  # the pool's counters (its latest loads aside: asdict copied them, every snapshot)
+            counters.update((k, v) for k, v in vars(mem.stats).items() if not isinstance(v, deque))
         return {
             "device": str(self.device), "active": self.state.active, "registered": sorted(self.engines),
             "resident": sorted(n for n, m in models.items() if m["state"] == "resident"),

@@ -24,6 +24,7 @@ prefetch nothing (skipped, `stats.prefetch_skipped`). Evictions made here are co
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +54,9 @@ class PoolStats:
     loads: int = 0  # blocking loads (a step waits for them); prefetches are counted apart
     prefetches: int = 0
     load_bytes: int = 0  # of both
-    load_s: list = field(default_factory=list)  # (bytes, seconds, hidden seconds) of completed loads
+    # (bytes, seconds, hidden seconds) of the latest completed loads: bounded, a serving worker loads for days
+    load_s: deque = field(default_factory=lambda: deque(maxlen=4096))
+    loads_done: int = 0  # completed loads ever recorded (load_s keeps the latest)
     stall_s: float = 0.0  # CPU-visible waits for weights at switches
     evictions: int = 0  # every weight slot given back (a cancelled prefetch too), planned or forced
     forced_evictions: int = 0  # of those, the ones the slot table asked for to make a slot contiguous
@@ -260,6 +263,7 @@ class ModelPool:
         if e.load_started is not None:
             secs = time.monotonic() - e.load_started
             self.stats.load_s.append((e.host.nbytes, secs, max(0.0, secs - stall) if e.load_hidden else 0.0))
+            self.stats.loads_done += 1
             e.load_started = None
 
     def close(self) -> None:
