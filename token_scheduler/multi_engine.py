@@ -425,7 +425,8 @@ class MultiModelEngine:
             st = self.memory.stats
             new = st.loads_done - self._loads_seen
             if new:
-                for nbytes, secs, hidden in list(st.load_s)[-min(new, len(st.load_s)):]:
+                for i in range(-min(new, len(st.load_s)), 0):  # the newest, in order (a deque's ends index in O(1))
+                    nbytes, secs, hidden = st.load_s[i]
                     self.cost.observe_load(nbytes, secs, hidden_s=hidden)
                 self._loads_seen = st.loads_done
         t2 = time.perf_counter()
