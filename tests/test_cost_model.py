@@ -119,3 +119,53 @@ def test_measured_profile_replays_a_cost_model():
     # the prior a simulated policy starts from is the measured fit, and the profile crosses process borders
     assert CostModel(hw, [SPEC]).step_time("m", s) == pytest.approx(hw.step_time(SPEC, s), rel=1e-6)
     assert pickle.loads(pickle.dumps(hw)).step_time(SPEC, s) == hw.step_time(SPEC, s)
+
+
+def test_step_fit_stays_stable_over_a_long_run():
+    """A server updates one model's step fit after nearly every decode step, for days. The steps a pooled engine
+    reports (`_ran_shape`): mostly small decode batches over varying contexts, now and then a prefill chunk;
+    measured at a fixed linear law with 2% noise. The fit must keep predicting that law and P must stay a
+    covariance (symmetric, positive diagonal). The textbook update rounded P off symmetry, and forgetting (P /
+    lam, ~e every 1000 updates) grew the asymmetry from round-off to O(1) after ~40k updates: P's diagonal went
+    negative and the prediction left the truth (a 1.5B decode step: 2.1 ms -> 0 by 300k updates)."""
+    spec = spec_for("qwen2", "1.5b")
+    cm = CostModel(H100_PCIE53, [spec])
+    fit = cm._step[spec.name]
+    rng = random.Random(11)
+    probes = [StepShape(1, 1, 1024), StepShape(8, 8, 8 * 2048), StepShape(1, 512, 512, 512 * 512)]
+    k = len(fit.theta)
+    worst = 0.0
+    for i in range(1, 60_001):
+        r = rng.random()
+        if r < 0.02:  # a prefill chunk
+            t = rng.randint(16, 2048)
+            s = StepShape(1, t, t, t * t)
+        else:  # a decode step, most often of one sequence
+            b = 1 if r < 0.6 else rng.randint(2, 16)
+            s = StepShape(b, b, sum(rng.randint(32, 4096) for _ in range(b)))
+        cm.observe_step(spec.name, s, H100_PCIE53.step_time(spec, s) * (1 + 0.02 * rng.gauss(0, 1)))
+        if i % 1000 == 0:
+            P = fit.P
+            diag = P[::k + 1]
+            assert min(diag) > 0, (i, diag)
+            scale = max(diag)
+            assert all(abs(P[a * k + b] - P[b * k + a]) <= 1e-9 * scale for a in range(k) for b in range(a)), i
+            err = max(abs(cm.step_time(spec.name, p) / H100_PCIE53.step_time(spec, p) - 1) for p in probes)
+            worst = max(worst, err)
+    assert worst < 0.03
+
+
+def test_fit_restarts_a_broken_covariance_and_keeps_theta():
+    """A P that is no covariance any more (round-off, in principle) is reset to the prior's confidence * I;
+    theta is kept and the measurement still folds in."""
+    from token_scheduler.cost_model import OnlineLinearFit
+
+    fit = OnlineLinearFit((1.0, 0.0), confidence=100.0)
+    fit.P = [-1.0, 0.0, 0.0, -1.0]  # x^T P x < -lam: the gain's denominator is negative
+    assert fit.update((1.0, 1.0), 3.0)
+    assert all(v == v for v in fit.theta) and fit.predict((1.0, 1.0)) == pytest.approx(3.0, rel=0.01)
+    assert min(fit.P[::3]) > 0 and fit.P[1] == fit.P[2]
+    fit.P = [1.0, 0.0, 0.0, -0.5]  # the denominator is positive, but a variance is not
+    theta = list(fit.theta)
+    fit.update((1.0, 0.0), fit.predict((1.0, 0.0)) + 0.1)
+    assert fit.theta[1] == theta[1] and fit.P == [100.0, 0.0, 0.0, 100.0]

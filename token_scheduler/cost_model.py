@@ -171,10 +171,12 @@ class OnlineLinearFit:
 
     A pooled engine updates a fit after most steps (a step within 0.5% of its prediction is rare) and predicts
     several times per plan, so both run as C-level maps over flat lists -- P is one row-major list -- rather
-    than index loops (5 features: an update 8.0 -> 5.8 us, a prediction 0.6 -> 0.2 us). Every product and
-    every sum is the one of the textbook index form, in the same order: the numbers are the same to the bit."""
+    than index loops (5 features: an update 8.0 -> 5.8 us, a prediction 0.6 -> 0.2 us; keeping P symmetric, see
+    `update`, costs ~0.5 us more). P's update is the symmetric form P - h h^T (h = P x / sqrt(denom)), so P
+    stays symmetric to the bit over any number of updates; a P that stops being a covariance anyway is reset
+    to the prior's confidence * I, theta kept."""
 
-    __slots__ = ("theta", "P", "lam", "n", "cap", "clip")
+    __slots__ = ("theta", "P", "lam", "n", "cap", "clip", "conf")
 
     def __init__(self, prior: tuple[float, ...], confidence: float = 100.0, forgetting: float = 0.999,
                  clip: float | None = None):
@@ -182,7 +184,8 @@ class OnlineLinearFit:
         self.theta = list(prior)
         # P0 = confidence * I is the prior's variance per (scaled) coefficient; against step times of
         # milliseconds, 100 s^2 is weak: a few dozen measurements override a wrong prior.
-        self.P = [(confidence if i == j else 0.0) for i in range(k) for j in range(k)]  # k x k, row-major
+        self.conf = confidence
+        self.P = self._prior_P()  # k x k, row-major
         self.lam = forgetting
         self.cap = 10.0 * confidence * k  # forgetting inflates P along directions never measured: bound it
         self.n = 0
@@ -208,13 +211,31 @@ class OnlineLinearFit:
         lam, P, k = self.lam, self.P, len(self.theta)
         Px = [sum(map(mul, P[i:i + k], x)) for i in range(0, k * k, k)]  # P x
         denom = lam + sum(map(mul, x, Px))
+        if not denom > 0.0:  # P lost positive definiteness (round-off): restart its memory, keep theta
+            P = self._prior_P()
+            Px = [self.conf * v for v in x]
+            denom = lam + sum(map(mul, x, Px))
         gain = [p / denom for p in Px]
         self.theta = list(map(add, self.theta, map(mul, gain, repeat(err))))
-        P = list(map(sub, P, map(mul, [g for g in gain for _ in range(k)], Px * k)))  # P - gain (P x)^T
-        if sum(P[::k + 1]) < self.cap:  # the trace
-            P = list(map(truediv, P, repeat(lam)))
-        self.P = P
+        # P - (P x)(P x)^T / denom as h h^T with h = P x / sqrt(denom): h_i h_j == h_j h_i to the bit, so P stays
+        # exactly symmetric. The textbook gain (P x)^T form rounds g_i Px_j and g_j Px_i apart, and since that
+        # subtraction leaves P's antisymmetric part as it is, the division by lam below grew it by e every 1000
+        # updates: from round-off to O(1) after ~40k updates, then P (and the fit) diverged.
+        r = denom ** -0.5
+        h = [p * r for p in Px]
+        P = list(map(sub, P, map(mul, [a for a in h for _ in range(k)], h * k)))
+        diag = P[::k + 1]
+        if min(diag) <= 0.0:  # not positive definite any more: restart P's memory, keep theta
+            self.P = self._prior_P()
+        elif sum(diag) < self.cap:  # the trace
+            self.P = list(map(truediv, P, repeat(lam)))
+        else:
+            self.P = P
         return True
+
+    def _prior_P(self) -> list[float]:
+        k = len(self.theta)
+        return [(self.conf if i == j else 0.0) for i in range(k) for j in range(k)]
 
 
 STEP_CLIP = 1.0  # a step measured at more than twice its prediction counts as twice (see OnlineLinearFit)
