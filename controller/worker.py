@@ -430,7 +430,9 @@ def bind_device(device: str) -> None:
             torch.cuda.set_device(dev)
 
 
-BURST_S = 0.05  # the longest run of steps without a look at the loop (stats, heartbeats' snapshots wait behind it)
+# the longest run of steps without a look at the loop (stats, heartbeats' snapshots wait behind it); 0: one step
+# a hand-off, as before runs of steps (TOKENPOOL_WORKER_BURST_S, for A/B runs)
+BURST_S = float(os.environ.get("TOKENPOOL_WORKER_BURST_S", "0.05"))
 
 
 def standby(device: str) -> bool:

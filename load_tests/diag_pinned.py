@@ -1,6 +1,8 @@
 """Diagnostic: PCIe copy rates into/out of different kinds of page-locked host memory (not a benchmark).
 
-    python -m load_tests.diag_pinned
+    python -m load_tests.diag_pinned            # kinds of host memory, one GPU
+    python -m load_tests.diag_pinned gpus       # every GPU of the machine: alone, then all at once
+
 
 cudaHostAlloc (torch pin_memory) vs an mmap'd region registered with cudaHostRegister (PinnedRegion), with
 and without transparent huge pages, for KV-swap-sized copies (64 and 256 blocks of a 7B model's KV).
@@ -56,5 +58,35 @@ def main() -> None:
         r.close()
 
 
+def gpus(gb: float = 4.0, reps: int = 5) -> None:
+    """Host -> GPU rate from one registered region (as the node-shared host cache is) to each GPU alone, then
+    to all of them at once (one thread and stream per GPU): whether the GPUs of one node share a link."""
+    import threading
+    n = int(gb * 1e9)
+    src = PinnedRegion.anonymous(n, pin=True)
+    src.tensor.fill_(1)
+    devs = [torch.empty(n, dtype=torch.uint8, device=f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    for i, d in enumerate(devs):
+        with torch.cuda.device(i):
+            print(f"H2D cuda:{i} alone {rate(d, src.tensor, reps):6.1f} GB/s", flush=True)
+    got: dict[int, float] = {}
+
+    def one(i: int) -> None:
+        with torch.cuda.device(i):
+            got[i] = rate(devs[i], src.tensor, reps)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(devs))]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t
+    print(f"H2D all {len(devs)} at once: " + ", ".join(f"cuda:{i} {g:.1f}" for i, g in sorted(got.items()))
+          + f" GB/s; together {n * reps * len(devs) / wall / 1e9:.1f} GB/s (incl. warm-up)", flush=True)
+    src.close()
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    gpus() if sys.argv[1:] == ["gpus"] else main()
