@@ -430,9 +430,8 @@ def bind_device(device: str) -> None:
             torch.cuda.set_device(dev)
 
 
-# the longest run of steps without a look at the loop (stats, heartbeats' snapshots wait behind it); 0: one step
-# a hand-off, as before runs of steps (TOKENPOOL_WORKER_BURST_S, for A/B runs)
-BURST_S = float(os.environ.get("TOKENPOOL_WORKER_BURST_S", "0.05"))
+# the longest run of steps without a look at the loop (stats, heartbeats' snapshots wait behind it)
+BURST_S = float(env.WORKER_BURST_S.get())
 
 
 def standby(device: str) -> bool:

@@ -12,6 +12,7 @@ placed into the same slot see the same `data_ptr`s, so CUDA graphs captured for 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -93,7 +94,9 @@ class RangeAllocator:
                 return True
         return False
 
-    def allocate(self, nbytes: int, tag: str = "") -> Slot:
+    def allocate(self, nbytes: int, tag: str = "", prefer: Iterable[int] = ()) -> Slot:
+        """A slot of `nbytes` (rounded up to the alignment). `prefer`: offsets to place it at, in order, where the
+        range is free and begins or ends a free run (no new fragment); otherwise best fit."""
         if nbytes <= 0:
             raise ValueError(f"allocation size must be > 0, got {nbytes}")
         n = self._round(nbytes)
@@ -101,7 +104,9 @@ class RangeAllocator:
             raise ArenaTooSmall(
                 f"{tag or 'request'} needs {_gib(n)} but the whole arena is {_gib(self.capacity)}: "
                 "it can never fit; raise the arena budget", n, self.free_bytes, self.largest_free)
-        off = self._free.take(n, self.align)
+        off = next((o for o in prefer if o % self.align == 0 and self._free.take_at(o, n, edge_only=True)), None)
+        if off is None:
+            off = self._free.take(n, self.align)
         if off is None:
             raise ArenaFull(
                 f"{tag or 'request'} needs {_gib(n)}; free now {_gib(self.free_bytes)}, largest free range "
@@ -175,8 +180,8 @@ class Arena:
     def capacity(self) -> int:
         return self.alloc.capacity
 
-    def allocate(self, nbytes: int, tag: str = "") -> Slot:
-        return self.alloc.allocate(nbytes, tag)
+    def allocate(self, nbytes: int, tag: str = "", prefer: Iterable[int] = ()) -> Slot:
+        return self.alloc.allocate(nbytes, tag, prefer)
 
     def free(self, slot: Slot) -> None:
         """Return the slot's bytes. Work already queued on a stream that reads them is the caller's to order."""

@@ -7,7 +7,7 @@ holds two adjacent runs (the invariant the property tests check).
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 
 
 class FreeList:
@@ -56,6 +56,29 @@ class FreeList:
             self._insert(a + n, s + length - a - n)
         self.free -= n
         return a
+
+    def take_at(self, start: int, n: int, edge_only: bool = False) -> bool:
+        """Take exactly [start, start + n) if it is free; False (nothing taken) if not. `edge_only`: only where
+        the range begins or ends a free run, so no new free fragment is cut off (a run is shortened, not split)."""
+        if n <= 0:
+            raise ValueError(f"size must be > 0, got {n}")
+        i = bisect_right(self._starts, start) - 1
+        if i < 0:
+            return False
+        s = self._starts[i]
+        length = self._len[s]
+        if start + n > s + length:
+            return False
+        if edge_only and s != start and start + n != s + length:
+            return False
+        del self._len[s]
+        self._starts.pop(i)
+        if start > s:
+            self._insert(s, start - s)
+        if start + n < s + length:
+            self._insert(start + n, s + length - start - n)
+        self.free -= n
+        return True
 
     def take_upto(self, n: int) -> tuple[int, int] | None:
         """Part of the largest run: (start, min(n, its length)); None when nothing is free."""

@@ -19,6 +19,9 @@ from collections.abc import Callable, Iterable
 
 from gpu_pool.arena import RangeAllocator, Slot
 from gpu_pool.placement import kv_pages, placement_victims
+from tokenpool import env
+
+GRAPH_HOMES = env.GRAPH_HOMES.on()  # see SlotTable.homes
 
 
 class SlotTable:
@@ -37,6 +40,14 @@ class SlotTable:
         self.kv_pages = 0  # pages of the KV region, the scratch page included
         self.slots: dict[str, Slot] = {}
         self.taken: dict[str, float] = {}
+        # Offsets slots of each size have held, first used first. A model replays CUDA graphs captured at its
+        # slot's offset for its shapes (ModelRunner keys them by slot); at any other offset each decode bucket
+        # it runs is captured anew, on the step thread. Best fit alone scatters a mix of sizes over dozens of
+        # offsets (the simulator, 4 x 7B + 6 x 1.5B on 60 GB at 1.3 req/s/model: 37 (size, offset) pairs, most
+        # within the first minute): a cold server captures one graph per (offset, bucket) it meets, as it serves.
+        # So a slot goes to one of its size's earlier offsets where that fits without cutting a new fragment
+        # (`RangeAllocator.allocate`'s `prefer`); TOKENPOOL_GRAPH_HOMES=0: best fit only (A/B runs).
+        self.homes: dict[int, list[int]] = {}
 
     # -- the KV region --------------------------------------------------------------------------------------
     def carve_kv(self, per_token: int) -> Slot:
@@ -92,7 +103,11 @@ class SlotTable:
             return None
         for v in victims or ():
             evict(v)
-        self.slots[name] = self.alloc.allocate(nbytes, name)
+        n = self.slot_bytes(nbytes)
+        homes = self.homes.setdefault(n, [])
+        slot = self.slots[name] = self.alloc.allocate(nbytes, name, homes if GRAPH_HOMES else ())
+        if slot.offset not in homes:
+            homes.append(slot.offset)
         return victims or []
 
     def take(self, name: str, now: float) -> None:

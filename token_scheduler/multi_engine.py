@@ -44,6 +44,7 @@ from token_scheduler.policies import make_policy
 from token_scheduler.policies.slo import ModelSLO, next_token_slack
 from token_scheduler.policies.state import ModelState, PoolState, Residency
 from token_scheduler.request import Request, RequestOutput, SamplingParams, TokenOutput
+from token_scheduler.runner import CAPTURES
 
 
 class MultiModelEngine:
@@ -539,6 +540,7 @@ class MultiModelEngine:
         counters = dict(self.timing)
         if mem is not None:  # the pool's counters (its latest loads aside: asdict copied them, every snapshot)
             counters.update((k, v) for k, v in vars(mem.stats).items() if not isinstance(v, deque))
+            counters["graph_captures"], counters["graph_capture_s"] = mem.graphs.get(CAPTURES, (0, 0.0))
         return {
             "device": str(self.device), "active": self.state.active, "registered": sorted(self.engines),
             "resident": sorted(n for n, m in models.items() if m["state"] == "resident"),

@@ -8,6 +8,7 @@ non-blocking copies from pinned host memory); everything else runs eagerly.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from token_scheduler.request import Request
 from token_scheduler.sampler import Sampler, SampleResult
 from token_scheduler.scheduler import SchedulerOutput
 
+CAPTURES = ("captures",)  # the key of the capture counters in a `graphs` dict
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
 
@@ -259,9 +261,13 @@ class ModelRunner:
         # graph key and bucket, not for every weight slot a model of that shape lands in (a 7B capture with
         # warm-up took ~0.3 s on the H100, paid at every new slot).
         warmed = self.graphs.setdefault(("warm", self.graph_key), set())
+        t = time.perf_counter()
         g = _DecodeGraph(self, bucket, self._graph_pool, warmup=0 if bucket in warmed else 2)
         warmed.add(bucket)
         self.graphs[self._graph_id(bucket)] = g
+        done = self.graphs.setdefault(CAPTURES, [0, 0.0])  # captures made and their host seconds (the pool's stats)
+        done[0] += 1
+        done[1] += time.perf_counter() - t
         return g
 
     def _warm_attention(self) -> None:

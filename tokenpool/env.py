@@ -36,6 +36,10 @@ GEMV = Var("TOKENPOOL_GEMV", "1", "0: one-token steps (and small batches) throug
 GEMV_ROWS = Var("TOKENPOOL_GEMV_ROWS", "0", "steps of up to this many tokens (at most 32) run their projections "
                 "as Triton GEMVs too (the small-batch kernels; off: slower than cuBLAS until tuned, see llama.py)")
 PDL = Var("TOKENPOOL_PDL", "1", "0: launch kernels without programmatic dependent launch (A/B runs)")
+GRAPH_HOMES = Var("TOKENPOOL_GRAPH_HOMES", "1", "0: weight slots placed by best fit alone, not at offsets their size "
+                  "held before, where the CUDA graphs captured for it replay (A/B runs)")
+WORKER_BURST_S = Var("TOKENPOOL_WORKER_BURST_S", "0.05", "the longest run of steps a worker's step thread makes "
+                     "without a look at its event loop (0: one step a hand-off; A/B runs)")
 JOIN_TOKEN = Var("TOKENPOOL_JOIN_TOKEN", None, "a worker's join token (the controller sets it for the "
                  "local workers it starts)")
 ADMIN_TOKEN = Var("TOKENPOOL_ADMIN_TOKEN", None, "the controller's admin token (tokenpool ps/admin commands, "
