@@ -95,8 +95,8 @@ class RangeAllocator:
         return False
 
     def allocate(self, nbytes: int, tag: str = "", prefer: Iterable[int] = ()) -> Slot:
-        """A slot of `nbytes` (rounded up to the alignment). `prefer`: offsets to place it at, in order, where the
-        range is free and begins or ends a free run (no new fragment); otherwise best fit."""
+        """A slot of `nbytes` (rounded up to the alignment). `prefer`: offsets to place it at, the first whose
+        range is free wins; otherwise best fit."""
         if nbytes <= 0:
             raise ValueError(f"allocation size must be > 0, got {nbytes}")
         n = self._round(nbytes)
@@ -104,7 +104,7 @@ class RangeAllocator:
             raise ArenaTooSmall(
                 f"{tag or 'request'} needs {_gib(n)} but the whole arena is {_gib(self.capacity)}: "
                 "it can never fit; raise the arena budget", n, self.free_bytes, self.largest_free)
-        off = next((o for o in prefer if o % self.align == 0 and self._free.take_at(o, n, edge_only=True)), None)
+        off = next((o for o in prefer if o % self.align == 0 and self._free.take_at(o, n)), None)
         if off is None:
             off = self._free.take(n, self.align)
         if off is None:

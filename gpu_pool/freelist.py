@@ -57,9 +57,8 @@ class FreeList:
         self.free -= n
         return a
 
-    def take_at(self, start: int, n: int, edge_only: bool = False) -> bool:
-        """Take exactly [start, start + n) if it is free; False (nothing taken) if not. `edge_only`: only where
-        the range begins or ends a free run, so no new free fragment is cut off (a run is shortened, not split)."""
+    def take_at(self, start: int, n: int) -> bool:
+        """Take exactly [start, start + n) if it is free; False (nothing taken) if not."""
         if n <= 0:
             raise ValueError(f"size must be > 0, got {n}")
         i = bisect_right(self._starts, start) - 1
@@ -68,8 +67,6 @@ class FreeList:
         s = self._starts[i]
         length = self._len[s]
         if start + n > s + length:
-            return False
-        if edge_only and s != start and start + n != s + length:
             return False
         del self._len[s]
         self._starts.pop(i)

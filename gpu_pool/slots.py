@@ -40,13 +40,13 @@ class SlotTable:
         self.kv_pages = 0  # pages of the KV region, the scratch page included
         self.slots: dict[str, Slot] = {}
         self.taken: dict[str, float] = {}
-        # Offsets slots of each size have held, first used first. A model replays CUDA graphs captured at its
-        # slot's offset for its shapes (ModelRunner keys them by slot); at any other offset each decode bucket
-        # it runs is captured anew, on the step thread. Best fit alone scatters a mix of sizes over dozens of
-        # offsets (the simulator, 4 x 7B + 6 x 1.5B on 60 GB at 1.3 req/s/model: 37 (size, offset) pairs, most
-        # within the first minute): a cold server captures one graph per (offset, bucket) it meets, as it serves.
-        # So a slot goes to one of its size's earlier offsets where that fits without cutting a new fragment
-        # (`RangeAllocator.allocate`'s `prefer`); TOKENPOOL_GRAPH_HOMES=0: best fit only (A/B runs).
+        # Offsets slots of each size have held, first used first. A model replays the CUDA graphs captured at its
+        # slot's offset for its shapes (ModelRunner keys them by slot); anywhere else each decode bucket it runs
+        # is captured anew, on the step thread (H200: 32 ms a capture). Best fit alone scatters a mix of sizes
+        # over many offsets: the simulator with that cost (models_per_gpu --graph-capture-ms 32), 33 models on
+        # 120 GB, 361-381 captures in 360 s and attainment 92-94% -> 74-79%. So a slot goes to the first of its
+        # size's earlier offsets whose range is free (`RangeAllocator.allocate`'s `prefer`): 140-147 captures,
+        # 90-91%. TOKENPOOL_GRAPH_HOMES=0: best fit only (A/B runs).
         self.homes: dict[int, list[int]] = {}
 
     # -- the KV region --------------------------------------------------------------------------------------

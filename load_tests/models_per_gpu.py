@@ -35,14 +35,15 @@ def mix(n: int) -> str:
 def point(models: str, seed: int, *, rate: float = 0.1, duration: float = 300.0, drain: float = 60.0,
           gpu_budget_gb: float = 120.0, kv_cache_gb: float | None = 4.0, slo_ttft: float = 10.0,
           slo_tpot: float = 0.1, policy: str = "token", profile: str = "measured", policy_kw: dict | None = None,
-          noise: float = 0.0, copy_slowdown: float = 0.0, step_host_ms: float = 0.0) -> dict:
+          noise: float = 0.0, copy_slowdown: float = 0.0, step_host_ms: float = 0.0,
+          graph_capture_ms: float = 0.0) -> dict:
     entries = parse_models(models)
     specs = {e.name: spec_for(e.arch, e.size, e.name) for e in entries}
     items = generate(list(specs), rate, duration, seed=seed)
     t0 = time.perf_counter()
     res = simulate(items, specs, ModelSLO(slo_ttft, slo_tpot), policy, capacity_bytes=int(gpu_budget_gb * 1e9),
                    hw=hardware_profile(profile, specs), drain_s=drain, seed=seed, policy_kw=policy_kw, noise=noise,
-                   copy_slowdown=copy_slowdown, step_host_s=step_host_ms / 1e3,
+                   copy_slowdown=copy_slowdown, step_host_s=step_host_ms / 1e3, graph_capture_s=graph_capture_ms / 1e3,
                    kv_cache_bytes=int(kv_cache_gb * 1e9) if kv_cache_gb else None)
     s, e = res.slo, res.extra
     det = s["per_model_detail"].values()
@@ -55,7 +56,7 @@ def point(models: str, seed: int, *, rate: float = 0.1, duration: float = 300.0,
         "prefetch_skipped": e["prefetch_skipped"], "forced_evictions": e["forced_evictions"],
         "switches_per_s": res.switches_per_s, "gpu_busy_frac": res.gpu_busy_frac,
         "policy_cpu_us_per_step": res.policy_cpu_us_per_step, "policy_cpu_frac_mean": res.policy_cpu_frac_mean,
-        "kv_peak_gb": e.get("kv_peak_gb"), "swap_gb": res.swap_gb,
+        "kv_peak_gb": e.get("kv_peak_gb"), "swap_gb": res.swap_gb, "graph_captures": e.get("graph_captures", 0),
         "rounds": e.get("rounds_gpu0", {}), "sim_s": time.perf_counter() - t0,
     }
 
@@ -66,7 +67,8 @@ def row(p: dict) -> str:
             f"(ttft {p['ttft_late']}) unfinished={p['unfinished']} loads/s={p['loads_per_s']:.2f} "
             f"blocking={p['blocking_loads']} skipped={p['prefetch_skipped']} forced={p['forced_evictions']} "
             f"stall={p['load_stall_s']:.1f}s busy={p['gpu_busy_frac']:.2f} kv_peak={p['kv_peak_gb'] or 0:.1f}GB "
-            f"cpu={p['policy_cpu_us_per_step']:.0f}us ({100 * p['policy_cpu_frac_mean']:.1f}% of step)")
+            f"cpu={p['policy_cpu_us_per_step']:.0f}us ({100 * p['policy_cpu_frac_mean']:.1f}% of step) "
+            f"captures={p['graph_captures']}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,6 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "times as long")
     ap.add_argument("--step-host-ms", type=float, default=0.0, help="host time each step adds outside the device "
                     "step (the served worker measured 0.17 ms on the H200: bench serve's timing)")
+    ap.add_argument("--graph-capture-ms", type=float, default=32.0, help="host time of a CUDA-graph capture, paid "
+                    "at each new (size, slot offset, batch bucket); default: the H200's, bench serve's timing at "
+                    "8326aa3 (3.14 s for 98); 0: none")
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     kw = dict(rate=a.rate, duration=a.duration, drain=a.drain, gpu_budget_gb=a.gpu_budget_gb,
               kv_cache_gb=a.kv_cache_gb or None, slo_ttft=a.slo_ttft, slo_tpot=a.slo_tpot, policy=a.policy,
               profile=a.profile, policy_kw=json.loads(a.policy_kw) if a.policy_kw else None, noise=a.noise,
-              copy_slowdown=a.copy_slowdown, step_host_ms=a.step_host_ms)
+              copy_slowdown=a.copy_slowdown, step_host_ms=a.step_host_ms, graph_capture_ms=a.graph_capture_ms)
     out = {"command": " ".join(["python -m load_tests.models_per_gpu", *(argv or sys.argv[1:])]),
            "commit": git_commit(), "config": {**kw, "target": a.target}, "points": [], "most_models": {}}
     for seed in (int(s) for s in a.seeds.split(",")):

@@ -42,6 +42,7 @@ from token_scheduler.policies.batching import shape_of
 from token_scheduler.policies.slo import ModelSLO, RequestRecord, summarize
 from token_scheduler.policies.state import ModelState, PoolState, Residency, StepPlan
 from token_scheduler.request import RequestStatus
+from token_scheduler.runner import GRAPH_BUCKETS
 
 _W, _R, _S, _F = RequestStatus.WAITING, RequestStatus.RUNNING, RequestStatus.SWAPPED, RequestStatus.FINISHED_LENGTH
 
@@ -86,6 +87,7 @@ class GpuStats:
     policy_cpu_s: float = 0.0
     policy_calls: int = 0
     policy_cpu_frac: list = field(default_factory=list)  # cpu / simulated step time, per step
+    graph_captures: int = 0
 
 
 def sim_arena(capacity: int, kv_bytes: int, align: int = DEFAULT_ALIGN) -> SlotTable:
@@ -98,8 +100,14 @@ class GpuSim:
     """One GPU: state + policy + links. `step()` runs one plan and returns when the GPU is next free."""
 
     def __init__(self, gid: int, capacity: int, policy, hw: HardwareProfile, noise: float = 0.0, seed: int = 0,
-                 arena: SlotTable | None = None, copy_slowdown: float = 0.0, step_host_s: float = 0.0):
+                 arena: SlotTable | None = None, copy_slowdown: float = 0.0, step_host_s: float = 0.0,
+                 graph_capture_s: float = 0.0):
         self.gid, self.policy, self.hw, self.noise = gid, policy, hw, noise
+        # A decode step at a (weights' size, slot offset, batch bucket) not met before captures its CUDA graph
+        # first (ModelRunner keys graphs by slot): this many seconds of host time, once (H200: 3.14 s for 98
+        # captures in one served point, bench/results/serve_h200_token_1.3_seed0_8326aa3_cold.json).
+        self.graph_capture_s = graph_capture_s
+        self.captured: set[tuple[int, int, int]] = set()
         self.copy_slowdown = copy_slowdown  # a step beside a weight copy in flight takes this much longer
         self.step_host_s = step_host_s  # host time per step outside the device step (policy, memory moves, worker)
         self.state = PoolState(models={}, capacity_bytes=capacity, cost=CostModel(hw))
@@ -283,6 +291,13 @@ class GpuSim:
         if self.copy_slowdown and any(ld[0] < ready + dur and ld[1] > ready for ld in self.loads.values()):
             dur *= 1.0 + self.copy_slowdown
         dur += self.step_host_s
+        if self.graph_capture_s and self.arena is not None and all(n == 1 and r.status == _R for r, n in plan.batch):
+            key = (self.specs[m.name].weight_bytes, self.arena.slots[m.name].offset,
+                   next(b for b in GRAPH_BUCKETS if b >= len(plan.batch)))
+            if key not in self.captured:
+                self.captured.add(key)
+                self.stats.graph_captures += 1
+                dur += self.graph_capture_s
         start = ready
         end = start + dur
         st.cost.observe_step(m.name, shape, dur)
@@ -361,7 +376,8 @@ def simulate(items, specs: dict[str, ModelSize], slos: dict[str, ModelSLO] | Mod
              n_gpus: int = 1, capacity_bytes: int = 60 * 10**9, hw: HardwareProfile | None = None,
              placement: str = "partition", drain_s: float = 60.0, noise: float = 0.0, seed: int = 0,
              policy_kw: dict | None = None, keep_tokens: bool = False, workers: int = 1,
-             kv_cache_bytes: int | None = None, copy_slowdown: float = 0.0, step_host_s: float = 0.0) -> SimResult:
+             kv_cache_bytes: int | None = None, copy_slowdown: float = 0.0, step_host_s: float = 0.0,
+             graph_capture_s: float = 0.0) -> SimResult:
     """Replay `items` (WorkItems, sorted by time) against `policy` on `n_gpus` simulated GPUs.
 
     `kv_cache_bytes`: each GPU's `capacity_bytes` is a pooled arena as the real engine's (module docstring)
@@ -369,6 +385,9 @@ def simulate(items, specs: dict[str, ModelSize], slos: dict[str, ModelSLO] | Mod
 
     `step_host_s`: seconds of host work each step adds outside the device step (the served worker's policy,
     memory moves and step-loop work: 0.17 ms per step on the H200 at af0b71d, bench serve's `timing`); 0: none.
+
+    `graph_capture_s`: host seconds of one CUDA-graph capture, paid by a pooled GPU's first decode step at each
+    (weights' size, slot offset, batch bucket) (H200: 0.032 s); 0: none.
 
     `copy_slowdown`: a step that overlaps a weight copy takes 1 + this times as long (the H100 measured a
     decode 5-7.5% slower beside a 7B prefetch, README); 0 by default, as the fitted profiles were measured
@@ -385,7 +404,7 @@ def simulate(items, specs: dict[str, ModelSize], slos: dict[str, ModelSLO] | Mod
     job = dict(specs=specs, slos=slos, policy=policy, capacity=capacity_bytes, hw=hw or H100_PCIE53,
                where=where, horizon=duration + drain_s, noise=noise, seed=seed, policy_kw=policy_kw or {},
                keep_tokens=keep_tokens, static=placement != "p2c", kv=kv_cache_bytes, copy_slowdown=copy_slowdown,
-               step_host_s=step_host_s)
+               step_host_s=step_host_s, graph_capture_s=graph_capture_s)
     workers = max(1, min(workers, n_gpus)) if placement != "p2c" else 1
     groups = [list(range(k, n_gpus, workers)) for k in range(workers)]
     if workers == 1:
@@ -408,7 +427,7 @@ def _run_gpus(items, gpu_ids: list[int], job: dict):
     slo_of = (lambda m: slos) if isinstance(slos, ModelSLO) else (lambda m: slos[m])
     gpus = {g: GpuSim(g, job["capacity"], make_policy(job["policy"], **job["policy_kw"]), job["hw"], job["noise"],
                       job["seed"], sim_arena(job["capacity"], job["kv"]) if job["kv"] else None,
-                      job["copy_slowdown"], job["step_host_s"]) for g in gpu_ids}
+                      job["copy_slowdown"], job["step_host_s"], job["graph_capture_s"]) for g in gpu_ids}
     if job["static"]:
         for m, gs in where.items():
             for g in gs:
@@ -467,7 +486,8 @@ def _result(policy: str, stats: list[GpuStats], records: list[RequestRecord], du
     fracs.sort()
     span = max(duration, 1e-9)
     good = [r for r in records if r.attained()]
-    extra: dict = {k: int(tot[k]) for k in ("loads", "prefetches", "prefetch_skipped", "evictions", "forced_evictions")}
+    extra: dict = {k: int(tot[k]) for k in ("loads", "prefetches", "prefetch_skipped", "evictions", "forced_evictions",
+                                           "graph_captures")}
     extra["blocking_loads"] = extra["loads"] - extra["prefetches"]  # the real pool's `loads`
     extra["loads_per_s"] = tot["loads"] / max(end, 1e-9)  # weight loads (blocking or prefetch) per second
     if tot["kv_region_bytes"]:  # pooled arena, the largest over GPUs

@@ -89,6 +89,47 @@ def test_freelist_double_free_and_take_upto():
     assert f.take_upto(100) == (0, 10) and f.free == 0 and f.take_upto(1) is None
 
 
+def test_freelist_take_at_takes_exactly_that_range_or_nothing():
+    f = FreeList(10)
+    assert f.take_at(3, 4) and f.runs() == [(0, 3), (7, 3)] and f.free == 6  # inside a run: split in two
+    assert not f.take_at(2, 2) and not f.take_at(6, 2) and not f.take_at(8, 3)  # overlaps a taken or the end
+    assert f.runs() == [(0, 3), (7, 3)] and f.free == 6  # a refused take changes nothing
+    assert f.take_at(0, 3) and f.take_at(9, 1) and f.runs() == [(7, 2)] and f.free == 2  # whole run, run's end
+    f.give(3, 4)
+    assert f.runs() == [(3, 6)]
+    with pytest.raises(ValueError):
+        f.take_at(3, 0)
+
+
+def free_ranges_hold(a: RangeAllocator, off: int, n: int) -> bool:
+    return any(s <= off and off + n <= s + length for s, length in a.free_runs())
+
+
+@settings(max_examples=150, deadline=None)
+@given(seq=st.lists(st.tuples(st.sampled_from(["alloc", "free"]), st.integers(1, 30), st.integers(0, 1000)),
+                    max_size=80))
+def test_allocate_prefers_the_first_free_preferred_offset(seq):
+    """Weight slots go back to offsets their size held (their CUDA graphs replay there): the first preferred
+    offset whose range is free wins, else best fit, and the allocator's invariants hold either way."""
+    a = RangeAllocator(200, 1)
+    live, seen = [], {}
+    for op, n, r in seq:
+        if op == "alloc":
+            prefer = seen.get(n, [])[r % 3:]  # a tail of the offsets this size held
+            want = next((o for o in prefer if free_ranges_hold(a, o, n)), None)
+            try:
+                slot = a.allocate(n, prefer=prefer)
+            except ArenaFull:
+                assert want is None and not a.can_allocate(n)
+            else:
+                assert want is None or slot.offset == want
+                seen.setdefault(n, []).append(slot.offset)
+                live.append(slot)
+        elif live:
+            a.free(live.pop(r % len(live)))
+        check_invariants(a)
+
+
 def test_arena_views_alias_the_buffer_without_allocating():
     arena = Arena(8 << 20, "cpu", align=256)
     slot = arena.allocate(4096, tag="w")

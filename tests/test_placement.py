@@ -139,6 +139,23 @@ def test_slot_table_claims_takes_and_frees():
         SlotTable(RangeAllocator(20, 1), kv_bytes=3, page_bytes=2).carve_kv(1)
 
 
+def test_a_slot_goes_back_to_an_offset_its_size_held(monkeypatch):
+    """Best fit would put D right after X, at the start of the one free run; D's size held offset 8 before, where
+    the CUDA graphs captured for that size replay, so it goes there (TOKENPOOL_GRAPH_HOMES=0: best fit)."""
+    from gpu_pool import slots
+
+    for homes, want in ((True, 8), (False, 6)):
+        monkeypatch.setattr(slots, "GRAPH_HOMES", homes)
+        t = SlotTable(RangeAllocator(20, 1), kv_bytes=4, page_bytes=2)
+        t.carve_kv(1)  # [0, 4)
+        assert t.claim("A", 4, t.free) == [] and t.claim("B", 4, t.free) == []  # A [4, 8), B [8, 12)
+        t.free("A")
+        t.free("B")
+        assert t.claim("X", 2, t.free) == [] and t.slots["X"].offset == 4  # another size: best fit
+        assert t.claim("D", 4, t.free) == [] and t.slots["D"].offset == want
+        assert t.homes[4] == [4, 8] + ([] if homes else [6])
+
+
 @pytest.fixture
 def host_cache():
     import uuid
