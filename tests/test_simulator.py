@@ -44,6 +44,47 @@ def test_host_time_per_step_is_added_to_every_step():
     assert recs["c"]["tokens"] == pytest.approx([0.248, 0.260])
 
 
+def test_a_graph_capture_is_paid_once_per_size_offset_and_bucket():
+    """The hand-computed schedule above on a pooled arena, a capture costing 50 ms: the first decode of a+b
+    (bucket 2) and the first of a alone (bucket 1) each capture; prefill steps never do. m1 then lands in the
+    slot m0 left (best fit and its size's earlier offset agree), so its one decode replays m0's bucket-1 graph."""
+    items = [WorkItem(0.0, "m0", 4, 3, "a"), WorkItem(0.0, "m0", 4, 2, "b"), WorkItem(0.05, "m1", 4, 2, "c")]
+    MiB = 1 << 20
+    specs = {n: ModelSize(n, MiB, 1024, 1.0, 1.0) for n in ("m0", "m1")}
+
+    def run(capture_s):
+        return simulate(items, specs, SLO, "request", capacity_bytes=4 * MiB, hw=FLAT, drain_s=10,
+                        keep_tokens=True, kv_cache_bytes=MiB, graph_capture_s=capture_s)
+
+    base, cap = run(0.0), run(0.05)
+    t0 = {r["id"]: r["tokens"] for r in base.extra["records"]}
+    t1 = {r["id"]: r["tokens"] for r in cap.extra["records"]}
+    assert t0["a"] == pytest.approx([0.11, 0.12, 0.13])  # the schedule of the test above
+    assert t1["a"] == pytest.approx([0.11, 0.17, 0.23]) and t1["b"] == pytest.approx([0.11, 0.17])
+    assert t1["c"] == pytest.approx([t + 0.1 for t in t0["c"]])  # only the two captures before it
+    assert base.extra["graph_captures"] == 0 and cap.extra["graph_captures"] == 2
+
+
+def test_slot_homes_cut_graph_captures_under_fragmentation(monkeypatch):
+    """Models of three sizes rotating through an arena that holds about half of them: placing a slot at an
+    offset its size held before (gpu_pool.slots.SlotTable.homes) captures far fewer graphs than best fit."""
+    from gpu_pool import slots
+
+    MiB = 1 << 20
+    specs = {f"m{i}": ModelSize(f"m{i}", s * MiB - 1000, 1024, 1.0, 1.0) for i, s in enumerate([30, 30, 20, 20, 12, 12])}
+    items = generate(list(specs), 1.0, 30.0, seed=0, mean_prompt=32, mean_output=32, max_context=512)
+
+    def captures(homes):
+        monkeypatch.setattr(slots, "GRAPH_HOMES", homes)
+        res = simulate(items, specs, SLO, "token", capacity_bytes=84 * MiB, hw=FLAT, drain_s=600,
+                       kv_cache_bytes=4 * MiB, graph_capture_s=0.03)
+        assert res.unfinished == 0
+        return res.extra["graph_captures"]
+
+    with_homes, best_fit = captures(True), captures(False)  # 40 and 67 when this was written
+    assert 0 < with_homes < best_fit
+
+
 def _long_run(policy: str, capacity: int, **kw):
     specs = _tiny_specs(3)
     items = generate(list(specs), 2.0, 20.0, seed=1, mean_prompt=64, mean_output=64, max_context=1024)
