@@ -226,6 +226,8 @@ def where_time_went(before: dict, after: dict, wall: float, gpus: int) -> dict:
         "step_thread_busy_frac": d.get("loop_step_thread_s", 0) / span,
         "emit_ms_per_step": 1e3 * d.get("loop_emit_s", 0) / n,
         "graph_captures": d.get("graph_captures", 0), "graph_capture_s": d.get("graph_capture_s", 0.0),
+        "graph_first_captures": d.get("graph_first_captures", 0),
+        "graph_first_capture_s": d.get("graph_first_capture_s", 0.0),
     }
 
 

@@ -60,7 +60,12 @@ def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache
             assert done[f"{n}/{rid}"].outputs[0].token_ids == toks, (n, rid)
     assert multi.memory.stats.loads + multi.memory.stats.prefetches > len(paths)  # they rotated
     # graphs are keyed by (shape, slot, bucket): "a" and "b" (same shape) replayed the same captured graphs
-    graphs = [g for k, g in multi.memory.graphs.items() if k[0] not in ("pool", "warm")]
+    graphs = [g for k, g in multi.memory.graphs.items() if k[0] not in ("pool", "warm", "captures")]
     assert any({"a", "b"} <= g.users for g in graphs)
+    # each captured once, counted in the pool's counters (bench serve's graph_captures); per shape, the first
+    # capture of a bucket is the one with warm-up forwards
+    c = multi.snapshot()["counters"]
+    assert c["graph_captures"] == len(graphs) and c["graph_capture_s"] > 0
+    assert 0 < c["graph_first_captures"] <= c["graph_captures"]
     assert multi.memory.stats.forced_evictions == 0
     multi.close()

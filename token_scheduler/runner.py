@@ -261,13 +261,20 @@ class ModelRunner:
         # graph key and bucket, not for every weight slot a model of that shape lands in (a 7B capture with
         # warm-up took ~0.3 s on the H100, paid at every new slot).
         warmed = self.graphs.setdefault(("warm", self.graph_key), set())
+        first = bucket not in warmed
         t = time.perf_counter()
-        g = _DecodeGraph(self, bucket, self._graph_pool, warmup=0 if bucket in warmed else 2)
+        g = _DecodeGraph(self, bucket, self._graph_pool, warmup=2 if first else 0)
         warmed.add(bucket)
         self.graphs[self._graph_id(bucket)] = g
-        done = self.graphs.setdefault(CAPTURES, [0, 0.0])  # captures made and their host seconds (the pool's stats)
+        # the pool's stats: captures and their host seconds, then those of them that were a shape's first at
+        # that bucket (with warm-up forwards, and any first-use compile)
+        done = self.graphs.setdefault(CAPTURES, [0, 0.0, 0, 0.0])
+        dt = time.perf_counter() - t
         done[0] += 1
-        done[1] += time.perf_counter() - t
+        done[1] += dt
+        if first:
+            done[2] += 1
+            done[3] += dt
         return g
 
     def _warm_attention(self) -> None:
