@@ -155,6 +155,25 @@ def test_step_fit_stays_stable_over_a_long_run():
     assert worst < 0.03
 
 
+def test_step_fit_follows_a_change_after_a_long_run_at_batch_one():
+    """A model stepping at batch 1 for 30k steps never varies its sequence and token counts: forgetting inflated
+    P along those directions until the trace cap stopped forgetting everywhere, and a 30% change in its step
+    time was still 19% off 5000 steps later. Forgetting is now capped per direction, so the fit keeps its
+    memory of ~1000 steps along the directions that vary."""
+    spec = spec_for("qwen2", "1.5b")
+    cm = CostModel(H100_PCIE53, [spec])
+    rng = random.Random(3)
+    probe = StepShape(1, 1, 1024)
+    for slower in (1.0, 1.3):
+        for _ in range(30_000 if slower == 1.0 else 3000):
+            s = StepShape(1, 1, rng.randint(32, 4096))
+            cm.observe_step(spec.name, s, slower * H100_PCIE53.step_time(spec, s) * (1 + 0.02 * rng.gauss(0, 1)))
+    assert cm.step_time(spec.name, probe) == pytest.approx(1.3 * H100_PCIE53.step_time(spec, probe), rel=0.01)
+    fit = cm._step[spec.name]
+    diag = fit.P[:: len(fit.theta) + 1]
+    assert min(diag) > 0 and max(diag) < fit.cap / fit.lam  # bounded along the never-varied directions too
+
+
 def test_fit_restarts_a_broken_covariance_and_keeps_theta():
     """A P that is no covariance any more (round-off, in principle) is reset to the prior's confidence * I;
     theta is kept and the measurement still folds in."""
