@@ -228,6 +228,7 @@ def where_time_went(before: dict, after: dict, wall: float, gpus: int) -> dict:
         "graph_captures": d.get("graph_captures", 0), "graph_capture_s": d.get("graph_capture_s", 0.0),
         "graph_first_captures": d.get("graph_first_captures", 0),
         "graph_first_capture_s": d.get("graph_first_capture_s", 0.0),
+        "graph_output_gb": d.get("graph_output_bytes", 0) / 1e9,
     }
 
 

@@ -67,5 +67,6 @@ def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache
     c = multi.snapshot()["counters"]
     assert c["graph_captures"] == len(graphs) and c["graph_capture_s"] > 0
     assert 0 < c["graph_first_captures"] <= c["graph_captures"]
+    assert c["graph_output_bytes"] == sum(g.logits.numel() * g.logits.element_size() for g in graphs)
     assert multi.memory.stats.forced_evictions == 0
     multi.close()

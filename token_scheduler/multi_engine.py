@@ -543,7 +543,8 @@ class MultiModelEngine:
         if mem is not None:  # the pool's counters (its latest loads aside: asdict copied them, every snapshot)
             counters.update((k, v) for k, v in vars(mem.stats).items() if not isinstance(v, deque))
             (counters["graph_captures"], counters["graph_capture_s"], counters["graph_first_captures"],
-             counters["graph_first_capture_s"]) = mem.graphs.get(CAPTURES, (0, 0.0, 0, 0.0))
+             counters["graph_first_capture_s"], counters["graph_output_bytes"]) = mem.graphs.get(CAPTURES,
+                                                                                                 (0, 0.0, 0, 0.0, 0))
         return {
             "device": str(self.device), "active": self.state.active, "registered": sorted(self.engines),
             "resident": sorted(n for n, m in models.items() if m["state"] == "resident"),

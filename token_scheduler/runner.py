@@ -266,15 +266,17 @@ class ModelRunner:
         g = _DecodeGraph(self, bucket, self._graph_pool, warmup=2 if first else 0)
         warmed.add(bucket)
         self.graphs[self._graph_id(bucket)] = g
-        # the pool's stats: captures and their host seconds, then those of them that were a shape's first at
-        # that bucket (with warm-up forwards, and any first-use compile)
-        done = self.graphs.setdefault(CAPTURES, [0, 0.0, 0, 0.0])
+        # the pool's stats: captures and their host seconds, those of them that were a shape's first at that
+        # bucket (with warm-up forwards, and any first-use compile), and the device bytes their outputs hold
+        # (logits: outside the arena, kept for as long as the graph, one graph per shape, slot and bucket)
+        done = self.graphs.setdefault(CAPTURES, [0, 0.0, 0, 0.0, 0])
         dt = time.perf_counter() - t
         done[0] += 1
         done[1] += dt
         if first:
             done[2] += 1
             done[3] += dt
+        done[4] += g.logits.numel() * g.logits.element_size()
         return g
 
     def _warm_attention(self) -> None:
