@@ -90,7 +90,15 @@ def test_triton_paged_decode_fp32_is_exact_in_the_interpreter():
     """The fp32 engine on CUDA runs the Triton paged-decode kernel with IEEE fp32 dots (Triton's fp32 default
     is TF32). Triton's CPU interpreter runs the same kernel source: the fp32 result must match fp64."""
     pytest.importorskip("triton")
+    # Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a loop bound with int(array), which
+    # NumPy 2.4 refuses for arrays of one dimension: read it as its one element instead (the kernel is unchanged)
     code = """
+import triton.runtime.interpreter as ti
+patch_tensor = ti._patch_lang_tensor
+def patched(tensor, scope):
+    patch_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+ti._patch_lang_tensor = patched
 import torch
 from token_scheduler.model.attention import AttentionMetadata, _decode_torch
 from token_scheduler.model.triton_decode import paged_decode
