@@ -32,7 +32,16 @@ the mean of each round of `--steps` steps, median over `--rounds`:
 - `caller_us`: the caller's `has_unfinished_requests()` before each step (the worker asks the same);
 - `host_cpu_us`: `host_us` as the step thread's CPU time (`time.thread_time`), less sensitive to other processes
   on the cores (what the wall figures lose to preemption);
-- `forward_us`, `copy_us`, `stall_us`: the device work left out.
+- `forward_us`, `copy_us`, `stall_us`: the device work left out;
+- `wall_us`: the whole `step_tokens` call, device work included (what a step takes end to end);
+  `tokens_per_step`: tokens the steps computed (prefill chunks make a CPU forward long).
+
+Host work the engine does in a forward's `on_launch` (plan-ahead, TOKENPOOL_PLAN_AHEAD=1: the next step's plan)
+runs while the device is busy: the emulated device is busy `--device-ms` from the launch (the CPU forward), so
+that work is device time except what outlasts it (then the device waits for the host: host time). It is reported
+apart as `ahead_us` (the engine's `ahead_s`), with the early plans used and not used (`ahead_used`,
+`ahead_discarded`, per round); the policy and sync parts count only what runs outside it. Set
+TOKENPOOL_PLAN_AHEAD in the environment of the run (read at import).
 
 The timing wrappers themselves add about 2 us a step (mostly to `engine_us`: the forward's CPU clock), the same
 in every version. On 2 shared cores the figures are noisy: alternate runs of the versions compared and compare
@@ -78,12 +87,15 @@ class Clock:
     def __init__(self):
         self.s = dict.fromkeys(("sync", "policy", "memory", "engine", "forward", "copy", "stall", "device",
                                 "device_cpu"), 0.0)
+        self.launched = 0  # > 0: inside a forward's on_launch (beside the device: not a host part)
 
     def host(self, part: str, f):
         s = self.s
 
         @functools.wraps(f)
         def timed(*a, **kw):
+            if self.launched:
+                return f(*a, **kw)
             t, d = time.perf_counter(), s["device"]
             try:
                 return f(*a, **kw)
@@ -106,6 +118,40 @@ class Clock:
                 s[part] += dt
                 s["device"] += dt
                 s["device_cpu"] += time.thread_time() - c
+        return timed
+
+
+    def forward(self, execute, pad_s: float):
+        """`ModelRunner.execute` timed as device work: the device is busy `pad_s` after the launch (the CPU forward
+        and its `on_launch`); host work in `on_launch` past that is host time (the device waited for it)."""
+        s = self
+
+        @functools.wraps(execute)
+        def timed(runner, out, on_launch=None):
+            c, t = time.thread_time(), time.perf_counter()
+            span = []  # (wall start, wall end, thread CPU) of on_launch
+
+            def launched():
+                t_l, c_l = time.perf_counter(), time.thread_time()
+                s.launched += 1
+                try:
+                    on_launch()
+                finally:
+                    s.launched -= 1
+                    span.append((t_l, time.perf_counter(), time.thread_time() - c_l))
+
+            try:
+                return execute(runner, out, None if on_launch is None else launched)
+            finally:
+                now = time.perf_counter()
+                t_l, t_e, hook_cpu = span[0] if span else (now, now, 0.0)
+                if pad_s:
+                    time.sleep(max(0.0, t_l + pad_s - time.perf_counter()))
+                over = max(0.0, t_e - (t_l + pad_s))  # on_launch's host work past the device's end
+                dt = time.perf_counter() - t - over
+                s.s["forward"] += dt
+                s.s["device"] += dt
+                s.s["device_cpu"] += time.thread_time() - c - hook_cpu * over / max(t_e - t_l, 1e-9)
         return timed
 
 
@@ -199,7 +245,7 @@ def run(models: str = "14x7b,21x1.5b", steps: int = 2000, rounds: int = 5, warmu
     clock = Clock()
     execute, eng_step = ModelRunner.execute, LLMEngine.step_tokens
     copy = swapper.enqueue_copy  # weights into the arena: a DMA on a GPU, synchronous copies on CPU
-    ModelRunner.execute = clock.device("forward", execute, device_ms / 1e3)
+    ModelRunner.execute = clock.forward(execute, device_ms / 1e3)
     LLMEngine.step_tokens = clock.host("engine", eng_step)
     link = Link(clock, link_mb_s) if link_mb_s else None
     timed_copy = clock.device("copy", copy)
@@ -217,8 +263,9 @@ def run(models: str = "14x7b,21x1.5b", steps: int = 2000, rounds: int = 5, warmu
         runs = []
         for r in range(-1, rounds):  # round -1: the warm-up (cost model fits, every model's first turns)
             n_steps = warmup if r < 0 else steps
-            ran, idle, total, caller, cpu = 0, 0, 0.0, 0.0, 0.0
+            ran, idle, total, caller, cpu, toks = 0, 0, 0.0, 0.0, 0.0, 0
             s0 = dict(clock.s)
+            a0 = {k: multi.timing[k] for k in ("ahead_s", "ahead_used", "ahead_discarded")}
             while ran < n_steps:
                 t0 = time.perf_counter()
                 busy = multi.has_unfinished_requests()
@@ -233,6 +280,7 @@ def run(models: str = "14x7b,21x1.5b", steps: int = 2000, rounds: int = 5, warmu
                     time.sleep(0.001)
                     continue
                 ran += 1
+                toks += multi.engines[multi.trace[-1]].last_out.num_tokens
                 total += t2 - t1
                 cpu += c2 - c1
                 caller += t1 - t0
@@ -249,7 +297,11 @@ def run(models: str = "14x7b,21x1.5b", steps: int = 2000, rounds: int = 5, warmu
                 "memory_us": per(d["memory"]), "engine_us": per(d["engine"]),
                 "rest_us": per(host - d["sync"] - d["policy"] - d["memory"] - d["engine"]),
                 "caller_us": per(caller), "host_cpu_us": per(cpu - d["device_cpu"]), "forward_us": per(d["forward"]),
-                "copy_us": per(d["copy"]), "stall_us": per(d["stall"]), "idle_polls": idle,
+                "copy_us": per(d["copy"]), "stall_us": per(d["stall"]), "wall_us": per(total),
+                "ahead_us": per(multi.timing["ahead_s"] - a0["ahead_s"]),
+                "ahead_used": int(multi.timing["ahead_used"] - a0["ahead_used"]),
+                "ahead_discarded": int(multi.timing["ahead_discarded"] - a0["ahead_discarded"]), "idle_polls": idle,
+                "tokens_per_step": round(toks / ran, 2),
                 "running_per_model": round(sum(len(e.scheduler.running) + len(e.scheduler.swapped)
                                                for e in multi.engines.values()) / len(multi.engines), 2)})
             print(runs[-1], flush=True)
@@ -265,8 +317,11 @@ def run(models: str = "14x7b,21x1.5b", steps: int = 2000, rounds: int = 5, warmu
         ModelRunner.execute, LLMEngine.step_tokens = execute, eng_step
         swapper.enqueue_copy = prefetch.enqueue_copy = copy
         cache.close()
-    med = {k: round(statistics.median(r[k] for r in runs), 2) for k in (*PARTS, "forward_us", "copy_us", "stall_us")}
-    return {"models": models, "steps_per_round": steps, "rounds": rounds, "warmup_steps": warmup,
+    med = {k: round(statistics.median(r[k] for r in runs), 2)
+           for k in (*PARTS, "forward_us", "copy_us", "stall_us", "wall_us", "ahead_us", "ahead_used", "ahead_discarded")}
+    from token_scheduler import multi_engine
+
+    return {"plan_ahead": multi_engine.PLAN_AHEAD, "models": models, "steps_per_round": steps, "rounds": rounds, "warmup_steps": warmup,
             "device_ms": device_ms, "seed": seed, "weight_mib": weight_mib, "kv_mib": kv_mib, "link_mb_s": link_mb_s,
             "median": med, "runs": runs, "engine": info}
 

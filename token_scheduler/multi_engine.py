@@ -25,6 +25,13 @@ Two ways to hold the models:
   order, newest request first) to host pages -- dropped only where the host has no room.
 
 Request timing fields are the engine's (monotonic seconds), which is the policy's clock too.
+
+Plan-ahead (TOKENPOOL_PLAN_AHEAD=1, off by default): the policy's plan for step N+1 is made while step N's forward
+runs on the device -- in its `on_launch`, after the caller's own -- instead of while the device waits at the start
+of N+1. At N+1 that plan is used if it is still valid (`_take_ahead`), else the policy plans as without the flag.
+`TokenPolicy.schedule` advances the policy's own state on every call (the turn's step count, the round's queue,
+new rounds), so an early plan that is not used is undone (`checkpoint`/`restore`) before the step plans again:
+the policy sees one schedule call per step either way. Only policies with `checkpoint` plan ahead.
 """
 
 from __future__ import annotations
@@ -42,9 +49,14 @@ from token_scheduler.detokenizer import detokenize
 from token_scheduler.engine import EngineConfig, LLMEngine
 from token_scheduler.policies import make_policy
 from token_scheduler.policies.slo import ModelSLO, next_token_slack
-from token_scheduler.policies.state import ModelState, PoolState, Residency
-from token_scheduler.request import Request, RequestOutput, SamplingParams, TokenOutput
+from token_scheduler.policies.state import ModelState, PoolState, Residency, StepPlan
+from token_scheduler.request import Request, RequestOutput, RequestStatus, SamplingParams, TokenOutput
 from token_scheduler.runner import CAPTURES
+from tokenpool import env
+
+PLAN_AHEAD = env.PLAN_AHEAD.on()  # see the module docstring and `MultiModelEngine._take_ahead`
+AHEAD_MAX_AGE_S = 0.1  # an early plan older than this at its step (the caller paused) is made again
+_RUNNING, _WAITING = RequestStatus.RUNNING, RequestStatus.WAITING
 
 
 class MultiModelEngine:
@@ -96,8 +108,16 @@ class MultiModelEngine:
         # (a caller polling while requests wait that no plan can serve, e.g. static's unplaced models)
         # policy_cpu_s: the policy's own thread CPU time; policy_s less it is time the step thread waited for the
         # CPU or the GIL (another thread of the process holding it) in the middle of a plan
+        # Plan-ahead: policy_s/policy_cpu_s are the time before the step's memory moves (checking the early plan, and
+        # planning again when it failed); ahead_s/ahead_cpu_s the early plans' own (in on_launch, beside the device:
+        # part of engine_s), ahead_used/ahead_discarded how many of them ran or were not used
         self.timing = dict.fromkeys(("policy_s", "policy_cpu_s", "memory_s", "engine_s", "steps", "idle_policy_s",
-                                     "idle_polls", "late_episodes"), 0.0)
+                                     "idle_polls", "late_episodes", "ahead_s", "ahead_cpu_s", "ahead_used",
+                                     "ahead_discarded"), 0.0)
+        # Plan-ahead: (the plan, the policy's checkpoint before it, {id(request): tokens} of the step it was made
+        # beside, when it was made), or None
+        self._ahead: tuple | None = None
+        self._can_plan_ahead = hasattr(self.policy, "checkpoint")
         # One tokenizer per model directory: aliases of a checkpoint share it (a large vocabulary takes ~0.5 s
         # to load; a restarted worker registers every model again). Loaded by `tokenizer()`, off the step
         # thread when the caller prepares a registration there.
@@ -111,6 +131,7 @@ class MultiModelEngine:
         """Host another model (at runtime too). Pooled: its host copy is loaded now, its weights on demand."""
         if name in self.engines:
             raise ValueError(f"model {name!r} is already hosted")
+        self._drop_ahead()
         if not isinstance(cfg, EngineConfig):
             cfg = EngineConfig(model=str(cfg), device=self.device, served_model_name=name, **self.engine_kwargs)
         # steps alternate between models: read every step; a request's `model` is the name it is hosted under
@@ -178,6 +199,7 @@ class MultiModelEngine:
         eng = self.engines.get(name)
         if eng is None:
             raise ValueError(f"unknown model {name!r}; hosted: {sorted(self.engines)}")
+        self._drop_ahead()  # before the policy forgets `name` (its checkpoint still knows it)
         for rid in list(eng.scheduler.requests):
             eng.abort_request(rid)
         if eng._inflight is not None:  # an overlapped decode in flight: read it so its blocks are returned
@@ -217,6 +239,7 @@ class MultiModelEngine:
         """Start bringing `name`'s weights in now, into free room only (nothing is evicted for it)."""
         if self.memory is None or self.memory.holds(name):
             return True
+        self._drop_ahead()
         if self.memory.prefetch(name):
             m = self.state.models[name]
             m.residency = max(m.residency, Residency.LOADING)
@@ -236,6 +259,7 @@ class MultiModelEngine:
                     or self.memory.is_loading(name)):
                 continue
             if now - max(self._last_run.get(name, 0.0), self._last_request.get(name, 0.0)) >= ttl:
+                self._drop_ahead()
                 self.memory.evict(name)
                 self.engines[name].set_weights(None)
                 m.residency = Residency.HOST
@@ -246,6 +270,7 @@ class MultiModelEngine:
         there is free room (else at its next step, and then they stay)."""
         if name not in self.engines:
             raise ValueError(f"unknown model {name!r}; hosted: {sorted(self.engines)}")
+        self._drop_ahead()
         self.state.models[name].pinned = pinned
         if self.memory is None:
             return
@@ -305,6 +330,7 @@ class MultiModelEngine:
     def abort_request(self, request_id: str) -> None:
         model = self._model_of(request_id)
         if model is not None:
+            self._drop_ahead()
             self.engines[model].abort_request(request_id)
             self._aborts_owed = True  # its final output goes out with the next step, whichever model runs
 
@@ -411,8 +437,10 @@ class MultiModelEngine:
         `on_launch`)."""
         tm = self.timing
         t0, c0 = time.perf_counter(), time.thread_time()
-        self._sync()
-        plan = self.policy.schedule(self.state)
+        plan = self._take_ahead() if self._ahead is not None else None
+        if plan is None:
+            self._sync()
+            plan = self.policy.schedule(self.state)
         t1 = time.perf_counter()
         if plan.idle:
             tm["idle_policy_s"] += t1 - t0
@@ -437,7 +465,10 @@ class MultiModelEngine:
         if not plan.idle:
             eng = self.engines[plan.model]
             own = [r for r in plan.swap_out if r.model == plan.model]
-            outputs += eng.step_tokens(plan.batch, own, on_launch)
+            if PLAN_AHEAD and self._can_plan_ahead:
+                outputs += eng.step_tokens(plan.batch, own, self._ahead_hook(eng, on_launch))
+            else:
+                outputs += eng.step_tokens(plan.batch, own, on_launch)
             t3 = time.perf_counter()
             tm["engine_s"] += t3 - t2
             tm["steps"] += 1
@@ -469,6 +500,71 @@ class MultiModelEngine:
                 if name != plan.model and eng._aborted:
                     outputs += eng.take_aborted()
         return outputs
+
+    # -- plan-ahead ----------------------------------------------------------------------------------
+    def _ahead_hook(self, eng: LLMEngine, on_launch):
+        """The `on_launch` of a step with plan-ahead: the caller's, then the next step's plan (`_plan_ahead`)."""
+        def launched():
+            if on_launch is not None:
+                on_launch()
+            self._plan_ahead(eng.last_out)
+        return launched
+
+    def _plan_ahead(self, ran) -> None:
+        """While step `ran` (the SchedulerOutput committed and launched) runs on the device: the policy's plan for the
+        next step, kept for `_take_ahead`. A plan that moves memory (evictions, KV swaps) or plans nothing is undone
+        at once (the policy's checkpoint restored) and the next step plans as usual: its moves were judged against
+        KV and weights the running step still changes, and an idle plan saves nothing."""
+        tm = self.timing
+        t0, c0 = time.perf_counter(), time.thread_time()
+        self._drop_ahead()  # (none is pending here: the step took it)
+        policy = self.policy
+        cp = policy.checkpoint()
+        try:
+            self._sync()
+            plan = policy.schedule(self.state)
+        except Exception:  # noqa: BLE001 - undone; the next step plans again (and raises there, as without the flag)
+            plan = None
+        if plan is None or plan.idle or plan.evict or plan.swap_out or plan.swap_in:
+            policy.restore(cp)
+            tm["ahead_discarded"] += 1
+        else:
+            self._ahead = (plan, cp, {id(c.request): c.num_tokens for c in ran.chunks}, t0)
+        tm["ahead_s"] += time.perf_counter() - t0
+        tm["ahead_cpu_s"] += time.thread_time() - c0
+
+    def _drop_ahead(self) -> None:
+        """Undo a pending early plan (the policy's state back to before it): something it assumed is changing
+        (a model added or removed, an abort, weights moved outside a plan, pins, counters reset). Done before the
+        change, not found after it: the policy's checkpoint predates e.g. `forget` of a removed model."""
+        if self._ahead is not None:
+            self.policy.restore(self._ahead[1])
+            self._ahead = None
+            self.timing["ahead_discarded"] += 1
+
+    def _take_ahead(self) -> StepPlan | None:
+        """The early plan, when still valid at its step; else None (undone: the caller plans as usual).
+
+        Valid: its model still hosted (removals, additions, aborts, evictions and pins outside plans drop it before
+        they happen: `_drop_ahead`), made less than AHEAD_MAX_AGE_S ago, and every batch entry still runs as
+        planned: its request still this model's, unfinished (one that finished at the step before -- a stop
+        token, its length, a stop string, an abort -- is not run), RUNNING or WAITING (new requests in FCFS
+        order at the queue's head, as `commit` requires); a request that was in the step before may only decode (1
+        token: a prefill chunk planned before that step's tokens were counted is stale); and the KV blocks the
+        batch needs now are free (a decode that crossed a block boundary at the step before needs one block the
+        plan did not count). New requests since the plan are picked up a step later."""
+        plan, cp, prev, t_made = self._ahead
+        self._ahead = None
+        eng = self.engines.get(plan.model)
+        now = time.monotonic()
+        if (eng is None or time.perf_counter() - t_made > AHEAD_MAX_AGE_S
+                or not _still_fits(plan.batch, eng.scheduler, prev)):
+            self.policy.restore(cp)
+            self.timing["ahead_discarded"] += 1
+            return None
+        self.timing["ahead_used"] += 1
+        self.state.now = now  # the clock of this step's memory moves and late watch (the rest: at the next plan)
+        return plan
 
     def _watch_late(self, now: float) -> None:
         """Twice a second: a "late" event for each model that has a request past its next token's deadline and
@@ -566,6 +662,7 @@ class MultiModelEngine:
 
     def reset_stats(self) -> None:
         """Zero the counters (e.g. after a warm-up); the cost model keeps what it learned."""
+        self._drop_ahead()
         self.trace.clear()
         self.switches = 0
         self.steps_per_model = dict.fromkeys(self.engines, 0)
@@ -587,6 +684,7 @@ class MultiModelEngine:
 
     def close(self) -> None:
         """Give the memory back: every view into the arena (weights, KV, graphs) is dropped, then the arena."""
+        self._drop_ahead()
         for eng in self.engines.values():
             eng.set_weights(None)
             r = eng.runner
@@ -594,6 +692,32 @@ class MultiModelEngine:
         self.engines.clear()
         if self.memory is not None:
             self.memory.close()
+
+
+def _still_fits(batch: list, s, prev: dict) -> bool:
+    """Whether `batch` (an early plan's) still runs as planned on scheduler `s` (`MultiModelEngine._take_ahead`);
+    `prev`: {id(request): tokens} of the step that ran since it was planned."""
+    live, kv = s.requests, s.kv
+    bs, need, w, waiting = kv.block_size, 0, 0, s.waiting
+    for r, n in batch:
+        if live.get(r.request_id) is not r or r.num_tokens - r.num_computed_tokens < n:
+            return False
+        if n != 1 and id(r) in prev:
+            return False
+        st = r.status
+        if st is _RUNNING:
+            c = r.num_computed_tokens + n
+            grow = -(-c // bs) - len(r.block_ids)
+            if grow > 0:
+                need += grow
+        elif st is _WAITING:
+            if w >= len(waiting) or waiting[w] is not r:
+                return False
+            w += 1
+            need += -(-(r.num_computed_tokens + n) // bs) - len(r.block_ids)
+        else:
+            return False
+    return need <= kv.num_free
 
 
 def _ran_shape(out) -> StepShape:

@@ -163,6 +163,22 @@ class TokenPolicy:
         for d in (self._skipped, self._bonus, self.turns, self.empty_turns):
             d.pop(name, None)
 
+    def checkpoint(self) -> tuple:
+        """Everything `schedule` changes (the round, its queue, the turn in progress, the skip/bonus books and the
+        counters), copied: `restore` puts it back. `schedule` advances this state on every call (a turn's steps,
+        the queue's pops, a new round), so a plan made ahead of its step (MultiModelEngine, plan-ahead) and then
+        not used is undone with these before the step plans again -- one schedule call's effects per step."""
+        t = self._turn
+        return (deque(self._queue), self._plan, None if t is None else replace(t), dict(self._skipped),
+                dict(self._bonus), self.rounds, self.last_round_s, self.last_round_wall_s, self._round_started,
+                self.skips, self.need_rounds, self.hops, dict(self.turns), dict(self.empty_turns))
+
+    def restore(self, cp: tuple) -> None:
+        """Back to a `checkpoint` (the round plan is never changed in place: it is kept by reference)."""
+        (self._queue, self._plan, self._turn, self._skipped, self._bonus, self.rounds, self.last_round_s,
+         self.last_round_wall_s, self._round_started, self.skips, self.need_rounds, self.hops, self.turns,
+         self.empty_turns) = cp
+
     def reset_counters(self) -> None:
         """Zero what round_info counts (rounds, skips, turns); the schedule state is kept."""
         self.rounds = self.skips = self.need_rounds = self.hops = 0
