@@ -8,9 +8,11 @@ model of kind "llm" (a tiny one made by the model factory unless --model), `--st
 detokenizer holds text back as it does for a real stop string). Reported per worker step, median of the rounds:
 `wall_ms` (the loop's period), `forward_ms` (inside the runner: the model and its sampling, the GPU's share
 on a GPU) and `host_ms` = wall - forward, the time a GPU would wait for the host between two steps on this
-path. `--device-ms`: every forward also waits this long with the GIL released, as the host does while a GPU
-computes (a tiny model's CPU forward is mostly Python holding the GIL, so nothing could run beside it). On 2
-shared cores the figures are noisy: compare medians of alternating runs.
+path. `--device-ms`: every forward also waits this long with the GIL released, from its launch, as the host does
+while a GPU computes (a tiny model's CPU forward is mostly Python holding the GIL, so nothing could run beside
+it); host work in the forward's `on_launch` overlaps the wait (from session 14 on; before, the wait followed the whole
+forward, so earlier figures are not comparable). On 2 shared cores the figures are noisy: compare medians of
+alternating runs.
 """
 
 from __future__ import annotations
@@ -31,18 +33,30 @@ from token_scheduler.runner import ModelRunner
 
 
 def _timed_forward(device_s: float) -> list[float]:
-    """Sum the runner's execute time (the forward and the sampling, and `device_s` of GIL-free waiting) into the
-    returned cell."""
+    """Sum the device's share of the runner's execute calls into the returned cell: the CPU forward and sampling
+    (a GPU's work) and `device_s` of GIL-free waiting that starts at the launch (`on_launch`), as a GPU computes
+    while the host goes on. Host work done in `on_launch` (the worker's emits of the step before, the pooled
+    engine's early plan with TOKENPOOL_PLAN_AHEAD=1) overlaps that wait: it counts as host time only where it
+    outlasts it."""
     cell = [0.0]
     execute = ModelRunner.execute
 
-    def timed(self, out, *args):
+    def timed(self, out, on_launch=None):
         t = time.perf_counter()
+        hook_s = [0.0]
+
+        def hook():
+            h = time.perf_counter()
+            if on_launch is not None:
+                on_launch()
+            hook_s[0] = time.perf_counter() - h
+
         try:
-            return execute(self, out, *args)
+            return execute(self, out, hook)
         finally:
-            time.sleep(device_s)
-            cell[0] += time.perf_counter() - t
+            if device_s > hook_s[0]:
+                time.sleep(device_s - hook_s[0])
+            cell[0] += time.perf_counter() - t - max(hook_s[0] - device_s, 0.0)
 
     ModelRunner.execute = timed
     return cell
