@@ -40,8 +40,12 @@ def _alone(path) -> dict[str, list[int]]:
     return out
 
 
-def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache):
+@pytest.mark.parametrize("precapture", [False, True])
+def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache, monkeypatch, precapture):
     from gpu_pool.arena import MiB
+    from token_scheduler import multi_engine
+
+    monkeypatch.setattr(multi_engine, "GRAPH_PRECAPTURE", precapture)
 
     # two models of one shape (seeds differ) and one of another; each takes one 2 MiB slot (bf16), the budget
     # is a 2 MiB KV region + one slot, so the three rotate through the same slot
@@ -68,5 +72,9 @@ def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache
     assert c["graph_captures"] == len(graphs) and c["graph_capture_s"] > 0
     assert 0 < c["graph_first_captures"] <= c["graph_captures"]
     assert c["graph_output_bytes"] == sum(g.logits.numel() * g.logits.element_size() for g in graphs)
+    if precapture:  # every bucket of both shapes captured (and warmed) at their first load
+        buckets = next(iter(multi.engines.values())).runner.buckets
+        assert c["graph_first_captures"] == 2 * len(buckets)
+        assert all(set(buckets) <= w for k, w in multi.memory.graphs.items() if k[0] == "warm")
     assert multi.memory.stats.forced_evictions == 0
     multi.close()

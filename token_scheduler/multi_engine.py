@@ -54,6 +54,7 @@ from token_scheduler.request import Request, RequestOutput, RequestStatus, Sampl
 from token_scheduler.runner import CAPTURES
 from tokenpool import env
 
+GRAPH_PRECAPTURE = env.GRAPH_PRECAPTURE.on()  # see ModelRunner.capture_first
 PLAN_AHEAD = env.PLAN_AHEAD.on()  # see the module docstring and `MultiModelEngine._take_ahead`
 AHEAD_MAX_AGE_S = 0.1  # an early plan older than this at its step (the caller paused) is made again
 _RUNNING, _WAITING = RequestStatus.RUNNING, RequestStatus.WAITING
@@ -388,6 +389,8 @@ class MultiModelEngine:
                 stall0, forced = mem.stats.stall_s, mem.stats.forced_evictions
                 rm = mem.load(plan.model, protect=(plan.prefetch,) if plan.prefetch else (), order=plan.load_order)
                 eng.set_weights(rm.weights, rm.slot_id)
+                if GRAPH_PRECAPTURE:
+                    eng.runner.capture_first()
                 st.models[plan.model].residency = Residency.RESIDENT
                 self._event("load", plan.model, prefetched=was, stall_s=round(mem.stats.stall_s - stall0, 6))
                 self._forget_evicted(forced)

@@ -91,7 +91,7 @@ class ModelRunner:
         self.graphs: dict = graphs if graphs is not None else {}
         self.graph_key = graph_key
         self._graph_pool = None
-        buckets = [b for b in GRAPH_BUCKETS if b <= max_graph_batch] if self.is_cuda and cuda_graphs else []
+        self.buckets = buckets = [b for b in GRAPH_BUCKETS if b <= max_graph_batch] if self.is_cuda and cuda_graphs else []
         # decode batch size -> smallest bucket that fits
         self.bucket_of: dict[int, int] = {n: next(b for b in buckets if b >= n) for n in range(1, max(buckets or [0]) + 1)}
         # Every paged-attention variant compiled now, once per graph key (prefill rows and decode buckets
@@ -253,6 +253,16 @@ class ModelRunner:
         """Capture the buckets for the current weights (largest first, so smaller ones reuse its memory)."""
         for b in sorted(buckets, reverse=True):
             self._capture(b)
+
+    def capture_first(self) -> int:
+        """Capture, at the current weights' slot, every bucket no model of this shape has run yet: each one's
+        first capture (warm-up forwards, first-use compiles) then, at a load, instead of at its first step under
+        load. Later slots' captures skip the warm-up. The buckets captured (0 on CPU or once all are warm)."""
+        warmed = self.graphs.setdefault(("warm", self.graph_key), set())
+        missing = [b for b in self.buckets if b not in warmed]
+        if missing and self.weights is not None:
+            self.capture_graphs(missing)
+        return len(missing) if self.weights is not None else 0
 
     def _capture(self, bucket: int):
         if self._graph_pool is None:

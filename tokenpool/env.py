@@ -40,6 +40,8 @@ GRAPH_HOMES = Var("TOKENPOOL_GRAPH_HOMES", "1", "0: weight slots placed by best 
                   "held before, where the CUDA graphs captured for it replay (A/B runs)")
 WORKER_BURST_S = Var("TOKENPOOL_WORKER_BURST_S", "0.05", "the longest run of steps a worker's step thread makes "
                      "without a look at its event loop (0: one step a hand-off; A/B runs)")
+GRAPH_PRECAPTURE = Var("TOKENPOOL_GRAPH_PRECAPTURE", "0", "1: a pooled engine captures every CUDA-graph bucket of a "
+                       "model shape at its first load (compiles and warm-up forwards then, not under load; A/B runs)")
 PLAN_AHEAD = Var("TOKENPOOL_PLAN_AHEAD", "0", "1: a pooled engine plans step N+1 while step N's forward runs (in its "
                  "on_launch) and uses that plan when it is still valid at N+1, else plans as usual (A/B runs)")
 JOIN_TOKEN = Var("TOKENPOOL_JOIN_TOKEN", None, "a worker's join token (the controller sets it for the "
