@@ -154,6 +154,8 @@ async def replay_http(url: str, items: list[WorkItem], slo: ModelSLO, vocab: int
     host, port = u.host, u.port or 80
     events = EventLog() if admin_token else None
     follow = asyncio.create_task(_follow_events(host, port, admin_token, events)) if events else None
+    samples: list = []  # (seconds since t0, the pool's counters) every WINDOW_S, for `windows`
+    sampler = asyncio.create_task(_sample_counters(url, admin_token, samples)) if admin_token else None
     t0_wall = time.time()
     rng = random.Random(seed)
     records: list[RequestRecord] = []
@@ -170,7 +172,14 @@ async def replay_http(url: str, items: list[WorkItem], slo: ModelSLO, vocab: int
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(_one(host, port, w, rec, prompt, stats, horizon)))
     await asyncio.gather(*tasks)
-    out = {"records": records, "wall_s": time.perf_counter() - t0, "responses": stats}
+    out = {"records": records, "wall_s": time.perf_counter() - t0, "responses": stats, "t0": t0}
+    if sampler is not None:
+        sampler.cancel()
+        try:
+            await sampler
+        except asyncio.CancelledError:
+            pass
+        out["samples"] = [(t - t0, c) for t, c in samples]
     if follow is not None:
         follow.cancel()
         try:
@@ -180,6 +189,41 @@ async def replay_http(url: str, items: list[WorkItem], slo: ModelSLO, vocab: int
         except Exception as e:  # noqa: BLE001 - the event log is a diagnosis: its failure is said, not raised
             out["events_error"] = repr(e)
         out["events"] = events.to_dict(t0_wall)
+    return out
+
+
+WINDOW_S = 15.0  # bench serve's time series of a point (`windows`): one entry per this many seconds
+
+
+async def _sample_counters(url: str, token: str, into: list) -> None:
+    """The pool's counters every WINDOW_S (off the event loop: the request tasks run on it), until cancelled."""
+    while True:
+        await asyncio.sleep(WINDOW_S)
+        try:
+            into.append((time.perf_counter(), await asyncio.to_thread(_pool_counters, url, token)))
+        except Exception:  # noqa: BLE001 - a diagnosis: a failed sample leaves a longer window
+            pass
+
+
+def windows(records: list[RequestRecord], samples: list, before: dict, after: dict, t0: float, wall: float) -> list:
+    """A point as a time series, WINDOW_S apart: per window, the requests that arrived in it and the share of them
+    that met their SLO, and the step loop's counters over it (`where_time_went`): whether misses come from the
+    first minute (a cold server working off a backlog) or from all along, and whether steps got cheaper."""
+    edges = [(0.0, before)] + list(samples) + [(wall, after)]
+    out = []
+    for (a, ca), (b, cb) in zip(edges, edges[1:]):
+        if b <= a:
+            continue
+        arrived = [r for r in records if a <= r.arrival - t0 < b]
+        w = {"t0_s": round(a, 1), "t1_s": round(b, 1), "arrivals": len(arrived),
+             "attainment": sum(r.attained() for r in arrived) / len(arrived) if arrived else None}
+        if ca and cb:
+            steps = cb["steps"] - ca["steps"]
+            w.update(steps=steps, steps_per_s=steps / (b - a), **{k: v for k, v in where_time_went(ca, cb, b - a, cb["engines"]).items()
+                                                     if k in ("engine_ms_per_step", "policy_us_per_step",
+                                                              "engine_busy_frac", "step_thread_busy_frac",
+                                                              "late_episodes", "graph_captures", "graph_capture_s")})
+        out.append(w)
     return out
 
 
@@ -244,6 +288,8 @@ def run_point(url: str, admin_token: str | None, names: list[str], rate: float, 
            "responses": r["responses"], "goodput_rps": sum(x.attained() for x in r["records"]) / wall}
     if "events" in r:
         res["events"] = r["events"]
+    if before and after and "samples" in r:
+        res["windows"] = windows(r["records"], r["samples"], before, after, r["t0"], wall)
     if before and after:
         steps = after["steps"] - before["steps"]
         res.update(steps=steps, steps_per_s=steps / wall, switches_per_s=(after["switches"] - before["switches"]) / wall,

@@ -9,7 +9,10 @@ from load_tests.bench_serve import run_serve
 from load_tests.workload import generate
 
 
-def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path):
+def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path, monkeypatch):
+    from load_tests import bench_serve
+
+    monkeypatch.setattr(bench_serve, "WINDOW_S", 1.0)  # the point as a time series: several windows here
     d = make_tiny("qwen2")
     out_path = tmp_path / "serve.json"
     out = run_serve(models="3x1.5b", rate="0.5,1.0", duration=3.0, slo_ttft=60.0, slo_tpot=10.0, drain_s=60.0,
@@ -38,6 +41,9 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path):
         ev = p["events"]  # the server's event stream over the point: one admit per served request
         assert "events_error" not in p and ev["counts"].get("admit") == len(items) - too_long
         assert ev["late"] == []  # an SLO of a minute: no model fell behind
+        w = p["windows"]  # every arrival in one window, every step in one window
+        assert len(w) >= 2 and sum(x["arrivals"] for x in w) == len(items) and sum(x["steps"] for x in w) == p["steps"]
+        assert all(x["t0_s"] < x["t1_s"] for x in w) and w[0]["t0_s"] == 0.0
     assert out["policies"]["token"]["rate"] == 0.5
 
 
