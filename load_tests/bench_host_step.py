@@ -43,6 +43,17 @@ apart as `ahead_us` (the engine's `ahead_s`), with the early plans used and not 
 `ahead_discarded`, per round); the policy and sync parts count only what runs outside it. Set
 TOKENPOOL_PLAN_AHEAD in the environment of the run (read at import).
 
+Pipelined decode (TOKENPOOL_PIPELINE=1): a step launched before the one in flight is read goes through
+`ModelRunner.launch_decode` and `read` instead of `execute`; they are wrapped too (`Clock.launch`, `Clock.read`), so
+the emulated device runs each step as long either way (its CPU forward plus `--device-ms`), back to back when the
+next is queued before the one before ends, and the host's wait in `read` is device time. Host work done while a
+step is in flight (the step before's tokens, the next plan) is then hidden but still counted in `host_us` and its
+parts: with the pipeline `host_us` is the host's work per step, not the device's wait for it -- compare `wall_us`
+(the step call end to end) and `period_us` (a round's wall time per step, the caller's work between steps
+included); `pipelined_frac`: the share of steps launched before the step before was read. The CPU forward of a step
+queued behind another runs on the step thread at its launch (a GPU's launch costs ~tens of us): that pessimizes the
+pipeline's wall figures a little.
+
 The timing wrappers themselves add about 2 us a step (mostly to `engine_us`: the forward's CPU clock), the same
 in every version. On 2 shared cores the figures are noisy: alternate runs of the versions compared and compare
 medians.
@@ -88,6 +99,8 @@ class Clock:
         self.s = dict.fromkeys(("sync", "policy", "memory", "engine", "forward", "copy", "stall", "device",
                                 "device_cpu"), 0.0)
         self.launched = 0  # > 0: inside a forward's on_launch (beside the device: not a host part)
+        self.free_at = 0.0  # perf_counter when the emulated device is done with every step queued so far
+        self.done_at: dict[int, float] = {}  # id(LaunchedDecode) -> when the emulated device finishes it
 
     def host(self, part: str, f):
         s = self.s
@@ -148,10 +161,47 @@ class Clock:
                 if pad_s:
                     time.sleep(max(0.0, t_l + pad_s - time.perf_counter()))
                 over = max(0.0, t_e - (t_l + pad_s))  # on_launch's host work past the device's end
-                dt = time.perf_counter() - t - over
+                s.free_at = time.perf_counter()
+                dt = s.free_at - t - over
                 s.s["forward"] += dt
                 s.s["device"] += dt
                 s.s["device_cpu"] += time.thread_time() - c - hook_cpu * over / max(t_e - t_l, 1e-9)
+        return timed
+
+
+    def launch(self, launch_decode, pad_s: float):
+        """`ModelRunner.launch_decode` (an overlapped decode, TOKENPOOL_PIPELINE): the CPU forward runs now, on the step
+        thread, and is device time; the emulated device runs the step for as long as `execute` would (that CPU forward
+        plus `pad_s`), from the launch or, when the step before is still on it, from that step's end."""
+        s = self
+
+        @functools.wraps(launch_decode)
+        def timed(runner, out, ids=None):
+            c, t = time.thread_time(), time.perf_counter()
+            step = launch_decode(runner, out, ids)
+            dt = time.perf_counter() - t
+            s.s["forward"] += dt
+            s.s["device"] += dt
+            s.s["device_cpu"] += time.thread_time() - c
+            s.free_at = max(t, s.free_at) + dt + pad_s
+            s.done_at[id(step)] = s.free_at
+            return step
+        return timed
+
+    def read(self, read):
+        """`ModelRunner.read`: the host waits until the emulated device is done with the step (device time)."""
+        s = self
+
+        @functools.wraps(read)
+        def timed(step):
+            t = time.perf_counter()
+            time.sleep(max(0.0, s.done_at.pop(id(step), t) - t))
+            try:
+                return read(step)
+            finally:
+                dt = time.perf_counter() - t
+                s.s["forward"] += dt
+                s.s["device"] += dt
         return timed
 
 
@@ -244,9 +294,15 @@ def run(models: str = "14x7b,21x1.5b", steps: int = 2000, rounds: int = 5, warmu
     cache = HostModelCache(f"{2 * (weight_mib + kv_mib)}MiB", namespace=f"bench-host-{uuid.uuid4().hex[:8]}")
     clock = Clock()
     execute, eng_step = ModelRunner.execute, LLMEngine.step_tokens
+    launch, read = ModelRunner.launch_decode, ModelRunner.read
+    cont, complete = LLMEngine.continue_inflight, LLMEngine.complete_inflight
     copy = swapper.enqueue_copy  # weights into the arena: a DMA on a GPU, synchronous copies on CPU
     ModelRunner.execute = clock.forward(execute, device_ms / 1e3)
     LLMEngine.step_tokens = clock.host("engine", eng_step)
+    ModelRunner.launch_decode = clock.launch(launch, device_ms / 1e3)
+    ModelRunner.read = staticmethod(clock.read(read))
+    LLMEngine.continue_inflight = clock.host("engine", cont)
+    LLMEngine.complete_inflight = clock.host("engine", complete)
     link = Link(clock, link_mb_s) if link_mb_s else None
     timed_copy = clock.device("copy", copy)
     swapper.enqueue_copy = prefetch.enqueue_copy = link.wrap(timed_copy) if link else timed_copy
@@ -265,7 +321,8 @@ def run(models: str = "14x7b,21x1.5b", steps: int = 2000, rounds: int = 5, warmu
             n_steps = warmup if r < 0 else steps
             ran, idle, total, caller, cpu, toks = 0, 0, 0.0, 0.0, 0.0, 0
             s0 = dict(clock.s)
-            a0 = {k: multi.timing[k] for k in ("ahead_s", "ahead_used", "ahead_discarded")}
+            a0 = {k: multi.timing[k] for k in ("ahead_s", "ahead_used", "ahead_discarded", "pipelined_steps")}
+            t_round = time.perf_counter()
             while ran < n_steps:
                 t0 = time.perf_counter()
                 busy = multi.has_unfinished_requests()
@@ -284,6 +341,7 @@ def run(models: str = "14x7b,21x1.5b", steps: int = 2000, rounds: int = 5, warmu
                 total += t2 - t1
                 cpu += c2 - c1
                 caller += t1 - t0
+            t_round = time.perf_counter() - t_round
             if r < 0:
                 continue
             d = {k: clock.s[k] - s0[k] for k in clock.s}
@@ -301,6 +359,8 @@ def run(models: str = "14x7b,21x1.5b", steps: int = 2000, rounds: int = 5, warmu
                 "ahead_us": per(multi.timing["ahead_s"] - a0["ahead_s"]),
                 "ahead_used": int(multi.timing["ahead_used"] - a0["ahead_used"]),
                 "ahead_discarded": int(multi.timing["ahead_discarded"] - a0["ahead_discarded"]), "idle_polls": idle,
+                "pipelined_frac": round((multi.timing["pipelined_steps"] - a0["pipelined_steps"]) / ran, 3),
+                "period_us": per(t_round),
                 "tokens_per_step": round(toks / ran, 2),
                 "running_per_model": round(sum(len(e.scheduler.running) + len(e.scheduler.swapped)
                                                for e in multi.engines.values()) / len(multi.engines), 2)})
@@ -315,13 +375,16 @@ def run(models: str = "14x7b,21x1.5b", steps: int = 2000, rounds: int = 5, warmu
         multi.close()
     finally:
         ModelRunner.execute, LLMEngine.step_tokens = execute, eng_step
+        ModelRunner.launch_decode, ModelRunner.read = launch, staticmethod(read)
+        LLMEngine.continue_inflight, LLMEngine.complete_inflight = cont, complete
         swapper.enqueue_copy = prefetch.enqueue_copy = copy
         cache.close()
     med = {k: round(statistics.median(r[k] for r in runs), 2)
-           for k in (*PARTS, "forward_us", "copy_us", "stall_us", "wall_us", "ahead_us", "ahead_used", "ahead_discarded")}
+           for k in (*PARTS, "forward_us", "copy_us", "stall_us", "wall_us", "ahead_us", "ahead_used", "ahead_discarded",
+                     "pipelined_frac", "period_us")}
     from token_scheduler import multi_engine
 
-    return {"plan_ahead": multi_engine.PLAN_AHEAD, "models": models, "steps_per_round": steps, "rounds": rounds, "warmup_steps": warmup,
+    return {"plan_ahead": multi_engine.PLAN_AHEAD, "pipeline": multi_engine.PIPELINE, "models": models, "steps_per_round": steps, "rounds": rounds, "warmup_steps": warmup,
             "device_ms": device_ms, "seed": seed, "weight_mib": weight_mib, "kv_mib": kv_mib, "link_mb_s": link_mb_s,
             "median": med, "runs": runs, "engine": info}
 

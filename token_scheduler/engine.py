@@ -191,14 +191,17 @@ class LLMEngine:
         self.stop_requests(stopped)
         return outputs
 
-    def step_tokens(self, batch: list | None = None, swap_out=(), on_launch=None) -> list[TokenOutput]:
+    def step_tokens(self, batch: list | None = None, swap_out=(), on_launch=None,
+                    launch: bool = False) -> list[TokenOutput]:
         """Run one step; return the token ids it produced (no text: `detokenize` makes it, and the caller must
         pass the stops it finds to `stop_requests` before the step after next). `batch`: [(request, tokens)] a
         multi-model policy built (and `swap_out`, this model's requests it preempts): exactly that runs. None:
         the scheduler's own batch, everything the builder admits. With overlap, a decode step is queued on the
         GPU and its tokens are returned by the next call, which first queues the step after it (so the GPU never
         waits for the host between decode steps). `on_launch`: called once this call's device work is queued,
-        before the host waits for it (`ModelRunner.execute`)."""
+        before the host waits for it (`ModelRunner.execute`). `launch` (a pipelining multi-model engine): a planned
+        batch the runner can run overlapped is queued (`_inflight`) and `on_launch` called, its tokens not read: the
+        caller then continues it (`continue_inflight`) or reads it (`complete_inflight`) before anything else."""
         outputs = self.take_aborted()
         if self._inflight is not None:
             if batch is not None:
@@ -219,8 +222,31 @@ class LLMEngine:
         if self.overlap and self.runner.can_launch(out):
             self._inflight = self._launch(out, None)
             return outputs
+        if launch and self.runner.can_launch(out):
+            self._inflight = self._launch(out, None)
+            if on_launch is not None:
+                on_launch()
+            return outputs
         self._mark_scheduled(out)
         return outputs + self._complete(out, self.runner.execute(out, on_launch))
+
+    def continue_inflight(self, nxt: SchedulerOutput, on_launch=None) -> list[TokenOutput]:
+        """Pipelined (a multi-model engine): queue `nxt` -- `scheduler.continuation` of the step in flight, its KV
+        blocks already grown -- fed with that step's sampled ids on the device, call `on_launch`, then read the step
+        before and apply its tokens (returned). `nxt` is in flight after."""
+        prev = self._inflight
+        self._inflight = self._launch(nxt, prev)
+        self.last_out = nxt  # what ran
+        if on_launch is not None:
+            on_launch()
+        return self.take_aborted() + self._complete(prev.out, self.runner.read(prev))
+
+    def complete_inflight(self) -> list[TokenOutput]:
+        """Read the step in flight and apply its tokens (none in flight: nothing)."""
+        prev, self._inflight = self._inflight, None
+        if prev is None:
+            return []
+        return self._complete(prev.out, self.runner.read(prev))
 
     @staticmethod
     def _mark_scheduled(out: SchedulerOutput) -> None:

@@ -32,6 +32,20 @@ of N+1. At N+1 that plan is used if it is still valid (`_take_ahead`), else the 
 `TokenPolicy.schedule` advances the policy's own state on every call (the turn's step count, the round's queue,
 new rounds), so an early plan that is not used is undone (`checkpoint`/`restore`) before the step plans again:
 the policy sees one schedule call per step either way. Only policies with `checkpoint` plan ahead.
+
+Pipeline (TOKENPOOL_PIPELINE=1, off by default; it implies plan-ahead's early plans, whatever TOKENPOOL_PLAN_AHEAD
+says): within a model's turn of decode steps the device does not wait for the host between steps. A decode step N
+the runner can launch overlapped (`ModelRunner.can_launch`: a graph bucket, no KV moves, no penalties or logprobs)
+is queued and its early plan for N+1 made beside it; when that plan is exactly N's continuation (`_continues`: the
+same model, resident, nothing waiting or swapped, a 1-token decode of each request `scheduler.continuation` keeps,
+and nothing else), N is left in flight and the call returns. The next call queues N+1 fed with N's sampled ids on
+the device, then reads N and applies its tokens (its outputs are that call's), then plans N+2 beside N+1
+(`_step_pipelined`). Anything else reads the step in flight first (`_flush`) and goes on exactly as without the
+flag: a plan for another model or with memory moves, a request added, aborted, finished or stopped since the plan,
+KV blocks short, and every change from outside a step (add/remove_model, abort_request, set_pinned, preload, a
+keep-alive eviction, reset_stats, close); an idle step too, so `run()` drains everything. A request that stops on
+the token N samples has a row in N+1 whose result is dropped (`scheduler.update` skips it). The cost model learns a
+pipelined step's time as the interval between its completion and the one before (`_learn_pipelined`).
 """
 
 from __future__ import annotations
@@ -56,6 +70,7 @@ from tokenpool import env
 
 GRAPH_PRECAPTURE = env.GRAPH_PRECAPTURE.on()  # see ModelRunner.capture_first
 PLAN_AHEAD = env.PLAN_AHEAD.on()  # see the module docstring and `MultiModelEngine._take_ahead`
+PIPELINE = env.PIPELINE.on()  # see the module docstring and `MultiModelEngine._step_pipelined`; implies PLAN_AHEAD
 AHEAD_MAX_AGE_S = 0.1  # an early plan older than this at its step (the caller paused) is made again
 _RUNNING, _WAITING = RequestStatus.RUNNING, RequestStatus.WAITING
 
@@ -86,7 +101,9 @@ class MultiModelEngine:
         self.state = PoolState(models={}, capacity_bytes=0, cost=self.cost)
         self._queues: list[tuple] = []  # (scheduler, its model's ModelState) of every hosted model, for `_sync`
         self.policy = make_policy(policy, **(policy_kw or {}))
-        self._removed: list[TokenOutput] = []  # final outputs of a removed model's requests, owed next step
+        # outputs owed by the next step: a removed model's requests' final ones, and (pipeline) those of a step in
+        # flight that something outside a step completed (`_flush`)
+        self._removed: list[TokenOutput] = []
         self._aborts_owed = False  # abort_request aborted a request since the last step: its final output is owed
         self._loads_seen = 0  # memory.stats.loads_done already fed to the cost model
         self.steps_per_model: dict[str, int] = {}
@@ -114,7 +131,12 @@ class MultiModelEngine:
         # part of engine_s), ahead_used/ahead_discarded how many of them ran or were not used
         self.timing = dict.fromkeys(("policy_s", "policy_cpu_s", "memory_s", "engine_s", "steps", "idle_policy_s",
                                      "idle_polls", "late_episodes", "ahead_s", "ahead_cpu_s", "ahead_used",
-                                     "ahead_discarded"), 0.0)
+                                     "ahead_discarded", "pipelined_steps", "pipeline_kept", "pipeline_flushes"),
+                                    0.0)
+        # Pipeline: (model, perf_counter at its launch) of the decode step left in flight by the latest step call
+        # (its engine's `_inflight`), or None; `_t_done`: when the latest step's tokens were read
+        self._pipe: tuple[str, float] | None = None
+        self._t_done = 0.0
         # Plan-ahead: (the plan, the policy's checkpoint before it, {id(request): tokens} of the step it was made
         # beside, when it was made), or None
         self._ahead: tuple | None = None
@@ -132,6 +154,7 @@ class MultiModelEngine:
         """Host another model (at runtime too). Pooled: its host copy is loaded now, its weights on demand."""
         if name in self.engines:
             raise ValueError(f"model {name!r} is already hosted")
+        self._flush()
         self._drop_ahead()
         if not isinstance(cfg, EngineConfig):
             cfg = EngineConfig(model=str(cfg), device=self.device, served_model_name=name, **self.engine_kwargs)
@@ -200,6 +223,7 @@ class MultiModelEngine:
         eng = self.engines.get(name)
         if eng is None:
             raise ValueError(f"unknown model {name!r}; hosted: {sorted(self.engines)}")
+        self._flush()  # its step in flight read before its weights, KV and graphs go (its tokens owed)
         self._drop_ahead()  # before the policy forgets `name` (its checkpoint still knows it)
         for rid in list(eng.scheduler.requests):
             eng.abort_request(rid)
@@ -240,6 +264,7 @@ class MultiModelEngine:
         """Start bringing `name`'s weights in now, into free room only (nothing is evicted for it)."""
         if self.memory is None or self.memory.holds(name):
             return True
+        self._flush()
         self._drop_ahead()
         if self.memory.prefetch(name):
             m = self.state.models[name]
@@ -260,6 +285,7 @@ class MultiModelEngine:
                     or self.memory.is_loading(name)):
                 continue
             if now - max(self._last_run.get(name, 0.0), self._last_request.get(name, 0.0)) >= ttl:
+                self._flush()
                 self._drop_ahead()
                 self.memory.evict(name)
                 self.engines[name].set_weights(None)
@@ -271,6 +297,7 @@ class MultiModelEngine:
         there is free room (else at its next step, and then they stay)."""
         if name not in self.engines:
             raise ValueError(f"unknown model {name!r}; hosted: {sorted(self.engines)}")
+        self._flush()
         self._drop_ahead()
         self.state.models[name].pinned = pinned
         if self.memory is None:
@@ -331,6 +358,7 @@ class MultiModelEngine:
     def abort_request(self, request_id: str) -> None:
         model = self._model_of(request_id)
         if model is not None:
+            self._flush()
             self._drop_ahead()
             self.engines[model].abort_request(request_id)
             self._aborts_owed = True  # its final output goes out with the next step, whichever model runs
@@ -438,6 +466,11 @@ class MultiModelEngine:
     def step_tokens(self, on_launch=None) -> list[TokenOutput]:
         """One step of the model the policy picks: token ids, no text (see `LLMEngine.step_tokens`, and there
         `on_launch`)."""
+        if self._pipe is not None:  # (pipeline) a step in flight: continued, else read before anything else
+            outputs = self._step_pipelined(on_launch)
+            if outputs is not None:
+                return outputs
+            self._flush(learn=True)
         tm = self.timing
         t0, c0 = time.perf_counter(), time.thread_time()
         plan = self._take_ahead() if self._ahead is not None else None
@@ -468,7 +501,17 @@ class MultiModelEngine:
         if not plan.idle:
             eng = self.engines[plan.model]
             own = [r for r in plan.swap_out if r.model == plan.model]
-            if PLAN_AHEAD and self._can_plan_ahead:
+            if PIPELINE and self._can_plan_ahead:
+                # a decode the runner can launch is queued, not read: kept in flight when the early plan (made in
+                # the hook) continues it, read now otherwise
+                outputs += eng.step_tokens(plan.batch, own, self._ahead_hook(eng, on_launch), launch=True)
+                if eng._inflight is not None:
+                    if self._ahead is not None and self._continues(self._ahead[0], eng):
+                        self._pipe = (plan.model, t2)
+                        tm["pipeline_kept"] += 1
+                    else:
+                        outputs += eng.complete_inflight()
+            elif PLAN_AHEAD and self._can_plan_ahead:
                 outputs += eng.step_tokens(plan.batch, own, self._ahead_hook(eng, on_launch))
             else:
                 outputs += eng.step_tokens(plan.batch, own, on_launch)
@@ -477,7 +520,7 @@ class MultiModelEngine:
             tm["steps"] += 1
             ran = eng.last_out  # the batch that ran: the plan's, less requests aborted since it was made
             self.kv_swapped_out += len(ran.swap_out)
-            if ran.chunks:
+            if ran.chunks and self._pipe is None:  # (a step kept in flight is learned from when it is read)
                 self.cost.observe_step(plan.model, _ran_shape(ran), t3 - t2)
             self.state.active = plan.model
             self._last_run[plan.model] = time.monotonic()
@@ -502,6 +545,137 @@ class MultiModelEngine:
             for name, eng in self.engines.items():
                 if name != plan.model and eng._aborted:
                     outputs += eng.take_aborted()
+        return outputs
+
+    # -- pipeline ------------------------------------------------------------------------------------
+    def _continues(self, plan: StepPlan, eng: LLMEngine) -> bool:
+        """Whether `plan` (an early plan, made while `eng`'s step is in flight, its tokens not applied) is exactly that
+        step's continuation: the same model, its weights resident and not moving, nothing waiting or swapped, and its
+        batch a 1-token decode of each request `scheduler.continuation` keeps -- every live request of the step in
+        flight (all of the model's running ones) but those whose token of that step is their last by length -- and
+        nothing else. Early plans move no memory but a prefetch (`_plan_ahead` drops the rest), which goes to another
+        model's slot and never evicts the stepping one (`_execute_memory` keeps it out of the order). Whether the KV
+        blocks of one more token are free and the runner can launch it, `continuation` itself says."""
+        name, s, out = plan.model, eng.scheduler, eng._inflight.out
+        if plan.idle or name != s.model or s.waiting or s.swapped or not plan.batch or eng.weights is None:
+            return False
+        mem = self.memory
+        if mem is not None and (not mem.is_resident(name) or mem.is_loading(name)):
+            return False
+        live, keep, reqs = 0, set(), s.requests
+        for c in out.chunks:
+            r = c.request
+            if r.finished or reqs.get(r.request_id) is not r:
+                continue
+            live += 1
+            if len(r.output_token_ids) + 1 < r.max_output_tokens:
+                keep.add(id(r))
+        if live != len(s.running) or len(plan.batch) != len(keep):
+            return False
+        return all(n == 1 and id(r) in keep for r, n in plan.batch)
+
+    def _flush(self, learn: bool = False) -> None:
+        """(Pipeline) Read the step left in flight and apply its tokens, their outputs owed by the next step; before
+        anything that needs it finished: another model's step, any memory move, a model added or removed, an abort,
+        pins, preloads, keep-alive evictions, counters reset, close, and a step with nothing to continue."""
+        if self._pipe is None:
+            return
+        name, t_launch = self._pipe
+        self._pipe = None
+        eng = self.engines[name]
+        out = eng._inflight.out
+        self._removed += eng.complete_inflight()
+        if learn:  # (inside a step call; read from outside one, its time is the caller's pause as much)
+            self._learn_pipelined(name, out, t_launch)
+        else:
+            self._t_done = time.perf_counter()
+        self.timing["pipeline_flushes"] += 1
+
+    def _learn_pipelined(self, name: str, out, t_launch: float) -> None:
+        """The cost model learns a step kept in flight once it is read: its time is from its launch, or from the read
+        of the step before if that came later (it queued behind it), to its own read -- the interval between
+        completions, the device's time for it when the host keeps up, the host's when it does not. Not learned when
+        longer than AHEAD_MAX_AGE_S: the caller paused between the two calls (a decode step is milliseconds)."""
+        t = time.perf_counter()
+        dt = t - max(t_launch, self._t_done)
+        if out.chunks and dt <= AHEAD_MAX_AGE_S:
+            self.cost.observe_step(name, _ran_shape(out), dt)
+        self._t_done = t
+
+    def _step_pipelined(self, on_launch) -> list[TokenOutput] | None:
+        """A step while a decode step N of model A is in flight (`_pipe`): when the early plan for N+1 is still
+        exactly N's continuation (`_continues`), N+1 is queued fed with N's sampled ids on the device, then N is read
+        and its tokens applied (its outputs returned by this call), then the plan for N+2 is made beside N+1. N+1 stays
+        in flight if that plan continues it too, else it is read before returning. None: no continuation (something
+        changed since the plan: a request added, finished, stopped; short of KV blocks; the plan too old): the caller
+        reads N (`_flush`) and steps as without the flag, the early plan checked there as usual (`_take_ahead`)."""
+        tm = self.timing
+        if self._keep_alive:
+            self.expire()  # (flushes first if it evicts anything)
+            if self._pipe is None:
+                return None
+        t0, c0 = time.perf_counter(), time.thread_time()
+        name, t_launch = self._pipe
+        eng = self.engines[name]
+        ahead = self._ahead
+        if (ahead is None or ahead[0].model != name or t0 - ahead[3] > AHEAD_MAX_AGE_S
+                or not self._continues(ahead[0], eng)):
+            return None
+        nxt = eng.scheduler.continuation(eng._inflight.out, eng.runner.can_launch)  # grows the blocks it needs
+        if nxt is None:
+            return None
+        plan = ahead[0]
+        self._ahead = None
+        tm["ahead_used"] += 1
+        self.state.now = time.monotonic()
+        prev = eng._inflight.out
+        t1 = time.perf_counter()
+        tm["policy_s"] += t1 - t0
+        tm["policy_cpu_s"] += time.thread_time() - c0
+        outputs, self._removed = self._removed, []
+        if plan.prefetch is not None and self.memory is not None:  # the one memory move an early plan keeps
+            self._execute_memory(plan)  # (a prefetch into another model's slot: A's weights stay, resident)
+            st = self.memory.stats
+            new = st.loads_done - self._loads_seen
+            if new:
+                for i in range(-min(new, len(st.load_s)), 0):
+                    nbytes, secs, hidden = st.load_s[i]
+                    self.cost.observe_load(nbytes, secs, hidden_s=hidden)
+                self._loads_seen = st.loads_done
+        t2 = time.perf_counter()
+        tm["memory_s"] += t2 - t1
+        outputs += eng.continue_inflight(nxt, on_launch)  # N+1 queued, then N read
+        self._learn_pipelined(name, prev, t_launch)
+        self._pipe = (name, t2)
+        tm["pipelined_steps"] += 1
+        self._plan_ahead(nxt)  # beside N+1 (as the hook does for a step launched the usual way)
+        if self._ahead is not None and self._continues(self._ahead[0], eng):
+            tm["pipeline_kept"] += 1
+        else:
+            self._pipe = None
+            outputs += eng.complete_inflight()
+            self._learn_pipelined(name, nxt, t2)
+        t3 = time.perf_counter()
+        tm["engine_s"] += t3 - t2
+        tm["steps"] += 1
+        self.state.active = name
+        self._last_run[name] = time.monotonic()
+        self._late.discard(name)
+        self.steps_per_model[name] += 1
+        self.trace.append(name)  # (the same model as the step before: no switch)
+        tl = self.timeline
+        if tl and tl[-1][1] == name:
+            tl[-1][2] += 1
+            tl[-1][3] += t3 - t2
+        else:
+            tl.append([time.time() - (t3 - t2), name, 1, t3 - t2])
+        if self.state.now >= self._late_check:
+            self._watch_late(self.state.now)
+        if self._aborts_owed:
+            self._aborts_owed = False
+            for n, e in self.engines.items():
+                if n != name and e._aborted:
+                    outputs += e.take_aborted()
         return outputs
 
     # -- plan-ahead ----------------------------------------------------------------------------------
@@ -665,6 +839,7 @@ class MultiModelEngine:
 
     def reset_stats(self) -> None:
         """Zero the counters (e.g. after a warm-up); the cost model keeps what it learned."""
+        self._flush()
         self._drop_ahead()
         self.trace.clear()
         self.switches = 0
@@ -687,6 +862,7 @@ class MultiModelEngine:
 
     def close(self) -> None:
         """Give the memory back: every view into the arena (weights, KV, graphs) is dropped, then the arena."""
+        self._flush()
         self._drop_ahead()
         for eng in self.engines.values():
             eng.set_weights(None)

@@ -44,6 +44,9 @@ GRAPH_PRECAPTURE = Var("TOKENPOOL_GRAPH_PRECAPTURE", "0", "1: a pooled engine ca
                        "model shape at its first load (compiles and warm-up forwards then, not under load; A/B runs)")
 PLAN_AHEAD = Var("TOKENPOOL_PLAN_AHEAD", "0", "1: a pooled engine plans step N+1 while step N's forward runs (in its "
                  "on_launch) and uses that plan when it is still valid at N+1, else plans as usual (A/B runs)")
+PIPELINE = Var("TOKENPOOL_PIPELINE", "0", "1: a pooled engine launches a model's next decode step before reading the "
+               "one in flight when the early plan (TOKENPOOL_PIPELINE implies plan-ahead) is exactly its continuation; "
+               "anything else completes the step in flight first (A/B runs)")
 JOIN_TOKEN = Var("TOKENPOOL_JOIN_TOKEN", None, "a worker's join token (the controller sets it for the "
                  "local workers it starts)")
 ADMIN_TOKEN = Var("TOKENPOOL_ADMIN_TOKEN", None, "the controller's admin token (tokenpool ps/admin commands, "
