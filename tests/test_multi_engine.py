@@ -464,3 +464,35 @@ def test_a_model_falling_behind_its_deadlines_is_reported_once_until_it_steps(ma
     assert multi.timing["late_episodes"] == 1 + len(again)
     multi.run()
     assert all(e["model"] == "a" for e in multi.events if e["kind"] == "late")
+
+
+def test_a_slot_as_large_as_the_arena_evicts_an_idle_model(make_tiny, host_cache):
+    """Weight space of 4 MiB (a 6 MiB arena less its KV region), a 2 MiB and a 4 MiB model (2 MiB alignment).
+    Once the small one is idle and resident, the big one needs a whole slot's worth that no victim alone frees:
+    the plan used to find "no room" forever and its requests waited behind the idle model (a busy loop of idle
+    plans). Evicting every victim leaves the arena one free range, so the free bytes count: both finish, with
+    each model's tokens alone."""
+    from gpu_pool.arena import MiB
+
+    paths = {a: make_tiny(a) for a in ("qwen2", "llama")}
+    alone = {a: _alone(p, "greedy") for a, p in paths.items()}
+    page = 16 * 512
+    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=6 * MiB,
+                             kv_cache_gb=12 * page / 1e9, host_kv_gb=256 * page / 1e9, host_cache=host_cache)
+    assert multi.memory.weight_capacity == 4 * MiB
+    assert {a: multi.memory.slot_bytes(a) for a in paths} == {"qwen2": 2 * MiB, "llama": 4 * MiB}
+    for i, p in enumerate(PROMPTS):
+        for a in paths:
+            multi.add_request(f"{a}/r{i}", p, _params("greedy", i), model=a)
+    done, steps = {}, 0
+    while multi.has_unfinished_requests() and steps < 2000:  # (a hang shows as a failure, not a stuck test)
+        steps += 1
+        for o in multi.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+    assert not multi.has_unfinished_requests(), {a: len(e.scheduler.waiting) for a, e in multi.engines.items()}
+    for a in paths:
+        for rid, toks in alone[a].items():
+            assert done[f"{a}/{rid}"] == toks, (a, rid)
+    assert multi.memory.stats.forced_evictions == 0
+    multi.close()

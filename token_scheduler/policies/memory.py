@@ -79,7 +79,13 @@ def fit_step(st: PoolState, m: ModelState, kv_demand: int, victims: Callable[[],
     room_w = st.slot_room(need_w) if need_w and ranges else free  # fragmented arena: evict a slot's worth
     if need_w > room_w and evict:
         make_room(st, need_w - room_w, victims(), room, kv=False)
-        if need_w > room_w + room.freed:
+        # Short of a slot's worth from the victims: that took every victim there is. With no pinned weights and
+        # no load in flight left in the arena it is then all free, one range, so the free bytes count after all.
+        # A model whose slot is more than the others can free -- a 4 MiB slot in a 4 MiB arena beside an idle
+        # 2 MiB one -- otherwise never got a plan: its requests waited forever behind an idle model.
+        if need_w > room_w + room.freed and (room_w == free or need_w > free + room.freed or any(
+                o is not m and (o.residency == Residency.LOADING or (o.pinned and o.residency == Residency.RESIDENT))
+                for o in st.models.values())):
             return None
     kv_free = st.kv_free_bytes(m)
     near = st.kv_neighbours(m) if kv_demand > kv_free else None
