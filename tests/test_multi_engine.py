@@ -298,11 +298,9 @@ def _record_plans(multi) -> list:
     return plans
 
 
-@pytest.mark.parametrize("pooled", [True, False])
-def test_the_plans_batch_is_what_runs(make_tiny, host_cache, pooled):
-    """The policy's batch runs exactly (same requests, same token counts, same order): no second builder.
-    Twelve requests for one model: more than one FCFS group, and more KV than the pages hold, so the plan
-    preempts -- a scheduler building its own batch under the plan's token budget admitted them differently."""
+def _two_models_short_of_kv(make_tiny, host_cache, pooled: bool):
+    """qwen2 and qwen3 with 14 KV pages (shared, pooled) or 14 blocks each: less KV than twelve requests need, so
+    plans preempt. (multi, paths)"""
     from gpu_pool.arena import MiB
 
     paths = {a: make_tiny(a) for a in ("qwen2", "qwen3")}
@@ -314,12 +312,26 @@ def test_the_plans_batch_is_what_runs(make_tiny, host_cache, pooled):
     else:  # every model its own pool of 14 blocks
         multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", num_kv_blocks=14,
                                  num_host_kv_blocks=256, policy_kw={"max_round_s": 0.0})
-    alone = {a: _alone(p, "greedy") for a, p in paths.items()}
-    plans = _record_plans(multi)
-    for k in range(3):
+    return multi, paths
+
+
+def _submit_rounds(multi, paths, rounds: int = 3) -> None:
+    """Every prompt `rounds` times to each model, interleaved (request ids "{model}/r{i}.{k}"), greedy."""
+    for k in range(rounds):
         for i, p in enumerate(PROMPTS):
             for a in paths:
                 multi.add_request(f"{a}/r{i}.{k}", p, _params("greedy", i), model=a)
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_the_plans_batch_is_what_runs(make_tiny, host_cache, pooled):
+    """The policy's batch runs exactly (same requests, same token counts, same order): no second builder.
+    Twelve requests for one model: more than one FCFS group, and more KV than the pages hold, so the plan
+    preempts -- a scheduler building its own batch under the plan's token budget admitted them differently."""
+    multi, paths = _two_models_short_of_kv(make_tiny, host_cache, pooled)
+    alone = {a: _alone(p, "greedy") for a, p in paths.items()}
+    plans = _record_plans(multi)
+    _submit_rounds(multi, paths)
     done = {}
     ran_any_swap = False
     while multi.has_unfinished_requests():

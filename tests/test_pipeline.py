@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_multi_engine import ARCHS, PROMPTS, _alone, _alone_one, _interleaved_equals_alone, _params
+from tests.test_multi_engine import (
+    ARCHS,
+    PROMPTS,
+    _alone,
+    _alone_one,
+    _interleaved_equals_alone,
+    _submit_rounds,
+)
 from token_scheduler import multi_engine
 from token_scheduler.engine import EngineConfig, LLMEngine
 from token_scheduler.multi_engine import MultiModelEngine
@@ -182,10 +189,7 @@ def test_the_plan_that_runs_is_run_exactly(make_tiny, pipe):
     multi._execute_memory = lambda plan: (plans.append((plan, [(r.request_id, n) for r, n in plan.batch])),
                                           real_mem(plan))[1]
     multi._step_pipelined = pipelined
-    for k in range(3):
-        for i, p in enumerate(PROMPTS):
-            for a in paths:
-                multi.add_request(f"{a}/r{i}.{k}", p, _params("greedy", i), model=a)
+    _submit_rounds(multi, paths)
     done = {}
     while multi.has_unfinished_requests():
         n = len(plans)

@@ -6,7 +6,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_multi_engine import ARCHS, PROMPTS, _alone, _alone_one, _interleaved_equals_alone, _params
+from tests.test_multi_engine import (
+    ARCHS,
+    PROMPTS,
+    _alone,
+    _alone_one,
+    _interleaved_equals_alone,
+    _params,
+    _submit_rounds,
+    _two_models_short_of_kv,
+)
 from token_scheduler import multi_engine
 from token_scheduler.engine import EngineConfig
 from token_scheduler.multi_engine import MultiModelEngine
@@ -248,26 +257,13 @@ def test_a_pooled_state_snapshot_is_the_policys_view(make_tiny, ahead):
 def test_the_plan_that_runs_is_run_exactly(make_tiny, host_cache, ahead, pooled):
     """test_the_plans_batch_is_what_runs with plan-ahead: whichever plan a step takes (early or made again), its batch
     is exactly what the model's scheduler runs -- twelve requests, more KV than the pages hold (plans preempt)."""
-    from gpu_pool.arena import MiB
-
-    paths = {a: make_tiny(a) for a in ("qwen2", "qwen3")}
-    page = 16 * 512
-    if pooled:
-        multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=6 * MiB,
-                                 kv_cache_gb=14 * page / 1e9, host_kv_gb=256 * page / 1e9, host_cache=host_cache,
-                                 policy_kw={"max_round_s": 0.0})
-    else:
-        multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", num_kv_blocks=14,
-                                 num_host_kv_blocks=256, policy_kw={"max_round_s": 0.0})
+    multi, paths = _two_models_short_of_kv(make_tiny, host_cache, pooled)
     alone = {a: _alone(p, "greedy") for a, p in paths.items()}
     used = []  # the plan each step carried out: the one its memory moves were run for
     real = multi._execute_memory
     multi._execute_memory = lambda plan: (used.append((plan, [(r.request_id, n) for r, n in plan.batch])),
                                           real(plan))[1]
-    for k in range(3):
-        for i, p in enumerate(PROMPTS):
-            for a in paths:
-                multi.add_request(f"{a}/r{i}.{k}", p, _params("greedy", i), model=a)
+    _submit_rounds(multi, paths)
     done = {}
     while multi.has_unfinished_requests():
         for o in multi.step():
