@@ -85,6 +85,21 @@ def weight(info: ModelInfo) -> int:
     return info.size_bytes + STEP_OVERHEAD_BYTES
 
 
+SLOT_ALIGN = 2 * 2**20  # a pooled arena rounds every weight slot up to this (gpu_pool.arena.DEFAULT_ALIGN)
+
+
+def pin_blocks(name: str, registered: list[str], models: dict[str, ModelInfo], pinned: set[str],
+               memory_bytes: int) -> str | None:
+    """Whether pinning `name` on an engine of `memory_bytes` of weight space, where `registered` models are hosted
+    and `pinned` ones already pinned, leaves too little room for another registered model: that model's weights
+    could then never load, and its requests would wait forever. The first such model, or None."""
+    def slot(n: str) -> int:
+        return -(-models[n].size_bytes // SLOT_ALIGN) * SLOT_ALIGN if n in models else 0
+
+    held = sum(slot(n) for n in set(registered) & (pinned | {name}))
+    return next((n for n in registered if n != name and n not in pinned and slot(n) > memory_bytes - held), None)
+
+
 def used_weight(e: EngineView, models: dict[str, ModelInfo]) -> int:
     """The placement weight of the models registered on `e` (host-cache bytes and more: it may exceed VRAM)."""
     return sum(weight(models[m]) for m in e.replicas if m in models)

@@ -149,6 +149,28 @@ def test_pin_and_unpin(app):
     assert pins == [("pin", "beta"), ("unpin", "beta")]
 
 
+def test_a_pin_that_would_starve_a_registered_model_is_refused(app):
+    """w0 has 20 GB of weight space for alpha (8 GB), beta (8 GB) and gamma (10 GB). Pinning alpha leaves 12 GB:
+    fine. Pinning beta too would leave 4 GB, and gamma's weights could never load there: 409, nothing pinned."""
+    import dataclasses
+
+    ctl = app.state.controller
+    for n, gb in (("alpha", 8), ("beta", 8), ("gamma", 10)):
+        ctl.models[n].info = dataclasses.replace(ctl.models[n].info, size_bytes=gb * 10**9)
+    e = engine("w0", {"alpha": "ready", "beta": "ready", "gamma": "ready"})
+    e.memory_bytes = 20 * 10**9
+    ctl.pool.engines["w0"] = e
+    c = TestClient(app)
+    assert c.post("/admin/models/alpha/pin", headers=H).json()["pinned"] is True
+    r = c.post("/admin/models/beta/pin", headers=H)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "pin_would_starve"
+    assert "'gamma' could never load" in r.json()["error"]["message"]
+    assert ctl.models["beta"].pinned is False and ctl.models["alpha"].pinned is True
+    assert c.post("/admin/models/alpha/pin", headers=H).status_code == 200  # pinned already: nothing changes
+    assert c.post("/admin/models/alpha/unpin", headers=H).json()["pinned"] is False
+    assert c.post("/admin/models/beta/pin", headers=H).json()["pinned"] is True  # alpha's room is back
+
+
 def test_admin_views_need_the_admin_token(app):
     c = TestClient(app)
     for path in ("/admin/pool", "/admin/requests"):

@@ -19,6 +19,7 @@ from controller.router import (
     ModelInfo,
     ReplicaView,
     estimate_on,
+    pin_blocks,
     place,
     rebalance,
     route,
@@ -410,3 +411,19 @@ def test_a_struggling_gpu_sheds_registrations_served_elsewhere():
     # a model with one registration stays where it is
     a = Autoscaler(AutoscalerSettings(up_ticks=1))
     assert [x for x in a.plan(late_a + [_load("m", 1)], views(("e0",))) if x.kind == "shed"] == []
+
+
+def test_a_pin_that_leaves_a_registered_model_no_room_is_found():
+    """Two 15.2 GB models and a 3.1 GB one on 60 GB of weight space: pinning both big ones leaves 29.6 GB, room
+    for the rest. A 40 GB model beside a 15.2 GB one: on 60 GB the pin leaves 44.8, enough; on 50 GB it leaves
+    34.8, and the 40 GB model could never load. Slots are rounded up to 2 MiB, as the arena rounds them."""
+    GB = 10**9
+    models = {n: ModelInfo(n, int(b * GB)) for n, b in (("a", 15.2), ("b", 15.2), ("c", 3.1), ("big", 40.0))}
+    assert pin_blocks("a", ["a", "b", "c"], models, set(), 60 * GB) is None
+    assert pin_blocks("b", ["a", "b", "c"], models, {"a"}, 60 * GB) is None
+    assert pin_blocks("a", ["a", "big"], models, set(), 60 * GB) is None
+    assert pin_blocks("a", ["a", "big"], models, set(), 50 * GB) == "big"
+    assert pin_blocks("c", ["c", "big"], models, {"big"}, 43 * GB) is None  # a pinned model needs no more room
+    exact = {"x": ModelInfo("x", 4 << 20), "y": ModelInfo("y", (2 << 20) + 1)}  # y's slot: 4 MiB
+    assert pin_blocks("x", ["x", "y"], exact, set(), 8 << 20) is None
+    assert pin_blocks("x", ["x", "y"], exact, set(), (8 << 20) - 1) == "y"

@@ -10,6 +10,7 @@ from controller.config import ModelSpec, TenantSpec
 from controller.dashboard import stream, views
 from controller.errors import ServingError
 from controller.pool import EngineHandle
+from controller.router import pin_blocks
 from controller.service import Controller
 from controller.tenants import Tenant
 
@@ -176,6 +177,16 @@ def _pin(ctl: Controller, name: str, on: bool) -> ap.PinOut:
     me = ctl.models.get(name)
     if me is None:
         raise ServingError(404, f"no model {name!r}", code="model_not_found")
+    if on and not me.pinned:  # a pin that leaves a registered model no room would starve it for good: refused
+        infos, pinned = ctl.infos(), {n for n, x in ctl.models.items() if x.pinned}
+        for e in ctl.pool.engines.values():
+            if e.alive and name in e.replicas:
+                other = pin_blocks(name, list(e.replicas), infos, pinned, e.memory_bytes)
+                if other is not None:
+                    raise ServingError(409, f"pinning {name!r} would leave {e.id} less weight space than "
+                                       f"{other!r} needs ({infos[other].size_bytes / 1e9:.2f} GB of "
+                                       f"{e.memory_bytes / 1e9:.2f} GB): {other!r} could never load there; "
+                                       "unpin another model or move one first", code="pin_would_starve")
     ctl.set_pinned(name, on)
     views.events(ctl).publish("pin" if on else "unpin", model=name)
     return ap.PinOut(name=name, pinned=on)
