@@ -219,12 +219,9 @@ class LLMEngine:
         self.last_out = out  # what ran (the multi-model cost model learns from it)
         if out.empty:
             return outputs
-        if self.overlap and self.runner.can_launch(out):
+        if (self.overlap or launch) and self.runner.can_launch(out):
             self._inflight = self._launch(out, None)
-            return outputs
-        if launch and self.runner.can_launch(out):
-            self._inflight = self._launch(out, None)
-            if on_launch is not None:
+            if launch and on_launch is not None:
                 on_launch()
             return outputs
         self._mark_scheduled(out)

@@ -137,7 +137,7 @@ class MultiModelEngine:
         # (its engine's `_inflight`), or None; `_t_done`: when the latest step's tokens were read
         self._pipe: tuple[str, float] | None = None
         self._t_done = 0.0
-        # Plan-ahead: (the plan, the policy's checkpoint before it, {id(request): tokens} of the step it was made
+        # Plan-ahead: (the plan, the policy's checkpoint before it, {id(request)} of the step it was made
         # beside, when it was made), or None
         self._ahead: tuple | None = None
         self._can_plan_ahead = hasattr(self.policy, "checkpoint")
@@ -154,8 +154,7 @@ class MultiModelEngine:
         """Host another model (at runtime too). Pooled: its host copy is loaded now, its weights on demand."""
         if name in self.engines:
             raise ValueError(f"model {name!r} is already hosted")
-        self._flush()
-        self._drop_ahead()
+        self._settle()
         if not isinstance(cfg, EngineConfig):
             cfg = EngineConfig(model=str(cfg), device=self.device, served_model_name=name, **self.engine_kwargs)
         # steps alternate between models: read every step; a request's `model` is the name it is hosted under
@@ -223,8 +222,9 @@ class MultiModelEngine:
         eng = self.engines.get(name)
         if eng is None:
             raise ValueError(f"unknown model {name!r}; hosted: {sorted(self.engines)}")
-        self._flush()  # its step in flight read before its weights, KV and graphs go (its tokens owed)
-        self._drop_ahead()  # before the policy forgets `name` (its checkpoint still knows it)
+        # its step in flight read before its weights, KV and graphs go (its tokens owed), and the early plan undone
+        # before the policy forgets `name` (its checkpoint still knows it)
+        self._settle()
         for rid in list(eng.scheduler.requests):
             eng.abort_request(rid)
         if eng._inflight is not None:  # an overlapped decode in flight: read it so its blocks are returned
@@ -264,8 +264,7 @@ class MultiModelEngine:
         """Start bringing `name`'s weights in now, into free room only (nothing is evicted for it)."""
         if self.memory is None or self.memory.holds(name):
             return True
-        self._flush()
-        self._drop_ahead()
+        self._settle()
         if self.memory.prefetch(name):
             m = self.state.models[name]
             m.residency = max(m.residency, Residency.LOADING)
@@ -285,8 +284,7 @@ class MultiModelEngine:
                     or self.memory.is_loading(name)):
                 continue
             if now - max(self._last_run.get(name, 0.0), self._last_request.get(name, 0.0)) >= ttl:
-                self._flush()
-                self._drop_ahead()
+                self._settle()
                 self.memory.evict(name)
                 self.engines[name].set_weights(None)
                 m.residency = Residency.HOST
@@ -297,8 +295,7 @@ class MultiModelEngine:
         there is free room (else at its next step, and then they stay)."""
         if name not in self.engines:
             raise ValueError(f"unknown model {name!r}; hosted: {sorted(self.engines)}")
-        self._flush()
-        self._drop_ahead()
+        self._settle()
         self.state.models[name].pinned = pinned
         if self.memory is None:
             return
@@ -358,8 +355,7 @@ class MultiModelEngine:
     def abort_request(self, request_id: str) -> None:
         model = self._model_of(request_id)
         if model is not None:
-            self._flush()
-            self._drop_ahead()
+            self._settle()
             self.engines[model].abort_request(request_id)
             self._aborts_owed = True  # its final output goes out with the next step, whichever model runs
 
@@ -488,7 +484,35 @@ class MultiModelEngine:
         if self._keep_alive:
             self.expire()
         self._execute_memory(plan)
-        if self.memory is not None:  # measured loads teach the cost model the link (and how much prefetch hides)
+        self._learn_loads()
+        t2 = time.perf_counter()
+        tm["memory_s"] += t2 - t1
+        if not plan.idle:
+            eng = self.engines[plan.model]
+            own = [r for r in plan.swap_out if r.model == plan.model]
+            ahead = (PLAN_AHEAD or PIPELINE) and self._can_plan_ahead
+            pipe = PIPELINE and self._can_plan_ahead
+            # pipeline: a decode the runner can launch is queued, not read: kept in flight when the early plan (made
+            # in the hook) continues it, read now otherwise
+            outputs += eng.step_tokens(plan.batch, own, self._ahead_hook(eng, on_launch) if ahead else on_launch,
+                                       launch=pipe)
+            if pipe and eng._inflight is not None:
+                if self._ahead is not None and self._continues(self._ahead[0], eng):
+                    self._pipe = (plan.model, t2)
+                    tm["pipeline_kept"] += 1
+                else:
+                    outputs += eng.complete_inflight()
+            t3 = time.perf_counter()
+            ran = eng.last_out  # the batch that ran: the plan's, less requests aborted since it was made
+            self.kv_swapped_out += len(ran.swap_out)
+            if ran.chunks and self._pipe is None:  # (a step kept in flight is learned from when it is read)
+                self.cost.observe_step(plan.model, _ran_shape(ran), t3 - t2)
+            self._stepped(plan.model, t3 - t2)
+        return self._after_step(plan.model, outputs)
+
+    def _learn_loads(self) -> None:
+        """Measured loads teach the cost model the link (and how much prefetch hides)."""
+        if self.memory is not None:
             st = self.memory.stats
             new = st.loads_done - self._loads_seen
             if new:
@@ -496,54 +520,37 @@ class MultiModelEngine:
                     nbytes, secs, hidden = st.load_s[i]
                     self.cost.observe_load(nbytes, secs, hidden_s=hidden)
                 self._loads_seen = st.loads_done
-        t2 = time.perf_counter()
-        tm["memory_s"] += t2 - t1
-        if not plan.idle:
-            eng = self.engines[plan.model]
-            own = [r for r in plan.swap_out if r.model == plan.model]
-            if PIPELINE and self._can_plan_ahead:
-                # a decode the runner can launch is queued, not read: kept in flight when the early plan (made in
-                # the hook) continues it, read now otherwise
-                outputs += eng.step_tokens(plan.batch, own, self._ahead_hook(eng, on_launch), launch=True)
-                if eng._inflight is not None:
-                    if self._ahead is not None and self._continues(self._ahead[0], eng):
-                        self._pipe = (plan.model, t2)
-                        tm["pipeline_kept"] += 1
-                    else:
-                        outputs += eng.complete_inflight()
-            elif PLAN_AHEAD and self._can_plan_ahead:
-                outputs += eng.step_tokens(plan.batch, own, self._ahead_hook(eng, on_launch))
-            else:
-                outputs += eng.step_tokens(plan.batch, own, on_launch)
-            t3 = time.perf_counter()
-            tm["engine_s"] += t3 - t2
-            tm["steps"] += 1
-            ran = eng.last_out  # the batch that ran: the plan's, less requests aborted since it was made
-            self.kv_swapped_out += len(ran.swap_out)
-            if ran.chunks and self._pipe is None:  # (a step kept in flight is learned from when it is read)
-                self.cost.observe_step(plan.model, _ran_shape(ran), t3 - t2)
-            self.state.active = plan.model
-            self._last_run[plan.model] = time.monotonic()
-            self._late.discard(plan.model)
-            self.steps_per_model[plan.model] += 1
-            if self.trace and self.trace[-1] != plan.model:
-                self.switches += 1
-                self._event("switch", plan.model, previous=self.trace[-1])
-            self.trace.append(plan.model)
-            tl = self.timeline
-            if tl and tl[-1][1] == plan.model:
-                tl[-1][2] += 1
-                tl[-1][3] += t3 - t2
-            else:
-                tl.append([time.time() - (t3 - t2), plan.model, 1, t3 - t2])
+
+    def _stepped(self, name: str, engine_s: float) -> None:
+        """The books of a step of `name` that ran (its engine time `engine_s`): counters, switches, the timeline."""
+        tm = self.timing
+        tm["engine_s"] += engine_s
+        tm["steps"] += 1
+        self.state.active = name
+        self._last_run[name] = time.monotonic()
+        self._late.discard(name)
+        self.steps_per_model[name] += 1
+        if self.trace and self.trace[-1] != name:
+            self.switches += 1
+            self._event("switch", name, previous=self.trace[-1])
+        self.trace.append(name)
+        tl = self.timeline
+        if tl and tl[-1][1] == name:
+            tl[-1][2] += 1
+            tl[-1][3] += engine_s
+        else:
+            tl.append([time.time() - engine_s, name, 1, engine_s])
+
+    def _after_step(self, stepped: str | None, outputs: list[TokenOutput]) -> list[TokenOutput]:
+        """The end of every step call: the late watch, and the final outputs aborted requests of models that did not
+        step (`stepped`) still owe -- no step runs for them; looked for only after an abort, not in every model at
+        every step."""
         if self.state.now >= self._late_check:
             self._watch_late(self.state.now)
-        # Aborted requests of models that did not step still owe their final output (no step runs for them).
-        # Looked for only after an abort, not in every model at every step.
         if self._aborts_owed:
             self._aborts_owed = False
             for name, eng in self.engines.items():
-                if name != plan.model and eng._aborted:
+                if name != stepped and eng._aborted:
                     outputs += eng.take_aborted()
         return outputs
 
@@ -573,6 +580,13 @@ class MultiModelEngine:
         if live != len(s.running) or len(plan.batch) != len(keep):
             return False
         return all(n == 1 and id(r) in keep for r, n in plan.batch)
+
+    def _settle(self) -> None:
+        """Before a change from outside a step (a model added or removed, an abort, pins, preloads, keep-alive
+        evictions, counters reset, close): the step in flight read (`_flush`) and the early plan undone
+        (`_drop_ahead`)."""
+        self._flush()
+        self._drop_ahead()
 
     def _flush(self, learn: bool = False) -> None:
         """(Pipeline) Read the step left in flight and apply its tokens, their outputs owed by the next step; before
@@ -635,13 +649,7 @@ class MultiModelEngine:
         outputs, self._removed = self._removed, []
         if plan.prefetch is not None and self.memory is not None:  # the one memory move an early plan keeps
             self._execute_memory(plan)  # (a prefetch into another model's slot: A's weights stay, resident)
-            st = self.memory.stats
-            new = st.loads_done - self._loads_seen
-            if new:
-                for i in range(-min(new, len(st.load_s)), 0):
-                    nbytes, secs, hidden = st.load_s[i]
-                    self.cost.observe_load(nbytes, secs, hidden_s=hidden)
-                self._loads_seen = st.loads_done
+            self._learn_loads()
         t2 = time.perf_counter()
         tm["memory_s"] += t2 - t1
         outputs += eng.continue_inflight(nxt, on_launch)  # N+1 queued, then N read
@@ -655,28 +663,8 @@ class MultiModelEngine:
             self._pipe = None
             outputs += eng.complete_inflight()
             self._learn_pipelined(name, nxt, t2)
-        t3 = time.perf_counter()
-        tm["engine_s"] += t3 - t2
-        tm["steps"] += 1
-        self.state.active = name
-        self._last_run[name] = time.monotonic()
-        self._late.discard(name)
-        self.steps_per_model[name] += 1
-        self.trace.append(name)  # (the same model as the step before: no switch)
-        tl = self.timeline
-        if tl and tl[-1][1] == name:
-            tl[-1][2] += 1
-            tl[-1][3] += t3 - t2
-        else:
-            tl.append([time.time() - (t3 - t2), name, 1, t3 - t2])
-        if self.state.now >= self._late_check:
-            self._watch_late(self.state.now)
-        if self._aborts_owed:
-            self._aborts_owed = False
-            for n, e in self.engines.items():
-                if n != name and e._aborted:
-                    outputs += e.take_aborted()
-        return outputs
+        self._stepped(name, time.perf_counter() - t2)  # (the same model as the step before: no switch)
+        return self._after_step(name, outputs)
 
     # -- plan-ahead ----------------------------------------------------------------------------------
     def _ahead_hook(self, eng: LLMEngine, on_launch):
@@ -706,7 +694,7 @@ class MultiModelEngine:
             policy.restore(cp)
             tm["ahead_discarded"] += 1
         else:
-            self._ahead = (plan, cp, {id(c.request): c.num_tokens for c in ran.chunks}, t0)
+            self._ahead = (plan, cp, {id(c.request) for c in ran.chunks}, t0)
         tm["ahead_s"] += time.perf_counter() - t0
         tm["ahead_cpu_s"] += time.thread_time() - c0
 
@@ -839,8 +827,7 @@ class MultiModelEngine:
 
     def reset_stats(self) -> None:
         """Zero the counters (e.g. after a warm-up); the cost model keeps what it learned."""
-        self._flush()
-        self._drop_ahead()
+        self._settle()
         self.trace.clear()
         self.switches = 0
         self.steps_per_model = dict.fromkeys(self.engines, 0)
@@ -862,8 +849,7 @@ class MultiModelEngine:
 
     def close(self) -> None:
         """Give the memory back: every view into the arena (weights, KV, graphs) is dropped, then the arena."""
-        self._flush()
-        self._drop_ahead()
+        self._settle()
         for eng in self.engines.values():
             eng.set_weights(None)
             r = eng.runner
@@ -873,9 +859,9 @@ class MultiModelEngine:
             self.memory.close()
 
 
-def _still_fits(batch: list, s, prev: dict) -> bool:
+def _still_fits(batch: list, s, prev: set) -> bool:
     """Whether `batch` (an early plan's) still runs as planned on scheduler `s` (`MultiModelEngine._take_ahead`);
-    `prev`: {id(request): tokens} of the step that ran since it was planned."""
+    `prev`: {id(request)} of the step that ran since it was planned."""
     live, kv = s.requests, s.kv
     bs, need, w, waiting = kv.block_size, 0, 0, s.waiting
     for r, n in batch:
