@@ -508,3 +508,30 @@ def test_a_slot_as_large_as_the_arena_evicts_an_idle_model(make_tiny, host_cache
             assert done[f"{a}/{rid}"] == toks, (a, rid)
     assert multi.memory.stats.forced_evictions == 0
     multi.close()
+
+
+def test_a_step_that_captured_a_cuda_graph_is_not_learned(make_tiny):
+    """A step during which the runner captured a CUDA graph (tens of ms of capture and warm-up forwards on the
+    GPU) does not teach the cost model: only steps without a capture are observed."""
+    from token_scheduler.runner import CAPTURES
+
+    d = make_tiny("qwen2")
+    multi = MultiModelEngine({"a": d}, policy="token", device="cpu")
+    eng = multi.engines["a"]
+    seen = []
+    real_observe = multi.cost.observe_step
+    multi.cost.observe_step = lambda m, shape, s: (seen.append(m), real_observe(m, shape, s))
+    real_step = eng.step_tokens
+    calls = [0]
+
+    def step_tokens(*a, **k):  # every other step "captures" (CPU runners capture nothing: count one by hand)
+        calls[0] += 1
+        if calls[0] % 2 == 0:
+            eng.runner.graphs.setdefault(CAPTURES, [0, 0.0, 0, 0.0, 0])[0] += 1
+        return real_step(*a, **k)
+
+    eng.step_tokens = step_tokens
+    multi.add_request("r", list(range(5, 15)), SamplingParams(max_tokens=6, ignore_eos=True), model="a")
+    while multi.has_unfinished_requests():
+        multi.step()
+    assert calls[0] >= 6 and len(seen) == calls[0] - calls[0] // 2

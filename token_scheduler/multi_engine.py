@@ -494,6 +494,7 @@ class MultiModelEngine:
             pipe = PIPELINE and self._can_plan_ahead
             # pipeline: a decode the runner can launch is queued, not read: kept in flight when the early plan (made
             # in the hook) continues it, read now otherwise
+            captures = self._captures(eng)
             outputs += eng.step_tokens(plan.batch, own, self._ahead_hook(eng, on_launch) if ahead else on_launch,
                                        launch=pipe)
             if pipe and eng._inflight is not None:
@@ -505,10 +506,18 @@ class MultiModelEngine:
             t3 = time.perf_counter()
             ran = eng.last_out  # the batch that ran: the plan's, less requests aborted since it was made
             self.kv_swapped_out += len(ran.swap_out)
-            if ran.chunks and self._pipe is None:  # (a step kept in flight is learned from when it is read)
+            # (a step kept in flight is learned from when it is read; a step that captured a CUDA graph is not
+            # learned: its tens of ms of capture, warm-up forwards included, are not what the shape costs)
+            if ran.chunks and self._pipe is None and self._captures(eng) == captures:
                 self.cost.observe_step(plan.model, _ran_shape(ran), t3 - t2)
             self._stepped(plan.model, t3 - t2)
         return self._after_step(plan.model, outputs)
+
+    @staticmethod
+    def _captures(eng: LLMEngine) -> int:
+        """How many CUDA graphs `eng`'s runner (and the runners sharing its graphs) captured so far."""
+        done = eng.runner.graphs.get(CAPTURES)
+        return done[0] if done else 0
 
     def _learn_loads(self) -> None:
         """Measured loads teach the cost model the link (and how much prefetch hides)."""
