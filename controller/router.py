@@ -100,6 +100,31 @@ def pin_blocks(name: str, registered: list[str], models: dict[str, ModelInfo], p
     return next((n for n in registered if n != name and n not in pinned and slot(n) > memory_bytes - held), None)
 
 
+def starved_by_pins(engines: list[EngineView], models: dict[str, ModelInfo],
+                    pinned: set[str]) -> tuple[str, list[str], str] | None:
+    """A model the pinned models would leave too little weight space (`pin_blocks`, an engine's pins taken
+    together): (the engine, the pinned models registered there, the model), the first found; None when none.
+    A model registered on an engine is judged there; one registered nowhere (yet: replicas.min 0), against every
+    usable engine its weights fit -- starved only when pins leave it too little on each of them."""
+    usable = [e for e in engines if e.usable]
+    pins = {e.engine_id: [n for n in e.replicas if n in pinned] for e in usable}
+    for e in usable:
+        p = pins[e.engine_id]
+        other = pin_blocks(p[0], list(e.replicas), models, set(p[1:]), e.memory_bytes) if p else None
+        if other is not None:
+            return e.engine_id, p, other
+    placed = {n for e in usable for n in e.replicas}
+    for name, info in models.items():
+        if name in placed or name in pinned:
+            continue
+        fits = [e for e in usable if info.size_bytes <= e.memory_bytes]
+        if fits and all(pins[e.engine_id] and pin_blocks(pins[e.engine_id][0], [*e.replicas, name], models,
+                                                         set(pins[e.engine_id][1:]), e.memory_bytes) == name
+                        for e in fits):
+            return fits[0].engine_id, pins[fits[0].engine_id], name
+    return None
+
+
 def used_weight(e: EngineView, models: dict[str, ModelInfo]) -> int:
     """The placement weight of the models registered on `e` (host-cache bytes and more: it may exceed VRAM)."""
     return sum(weight(models[m]) for m in e.replicas if m in models)

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,15 @@ from controller.events import EventBus
 from controller.heap import collect_all, freeze_long_lived
 from controller.metrics import Metrics
 from controller.pool import EngineHandle, EnginePool, Replica, Sub, local_devices
-from controller.router import EngineView, ModelInfo, ReplicaView, place, route
+from controller.router import (
+    EngineView,
+    ModelInfo,
+    ReplicaView,
+    place,
+    route,
+    starved_by_pins,
+    with_registration,
+)
 from controller.tenants import Tenant, TenantRegistry
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
@@ -136,6 +144,11 @@ class Controller:
         self.models: dict[str, ModelEntry] = {}
         self.autoscaler = Autoscaler(cfg.autoscaler)
         self._was_ready = False  # ready() once: start-up is over (see ready)
+        self._pins_checked = False  # the first placement was checked against the pins (_check_pins)
+        # Why this configuration cannot be served, found once the engines joined (start-up is refused: nothing more
+        # is placed, and `on_fatal`, which `tokenpool serve` sets, stops the server with exit status 2); or None
+        self.fatal: str | None = None
+        self.on_fatal: Callable[[], None] | None = None
         # model -> engine id -> when its registration failed there (or was shed from there): placed elsewhere a while
         self._failures: dict[str, dict[str, float]] = {}
         self._moving: dict[str, str] = {}  # model -> the engine it is moving from (until the new registration is up)
@@ -169,6 +182,8 @@ class Controller:
         """Every model with a minimum is ready on a live engine. At start-up also: every local worker has joined
         and placement has evened the registrations out (no move pending), so the first requests do not meet
         models moving between GPUs; once ready, only the first condition counts."""
+        if self.fatal is not None:
+            return False
         alive = [e for e in self.pool.engines.values() if e.alive]
         need = [n for n, me in self.models.items() if me.spec.replicas.min > 0]
         ok = bool(alive) and all(any(n in e.replicas and e.replicas[n].state == "ready" for e in alive) for n in need)
@@ -404,6 +419,37 @@ class Controller:
             if e.alive:
                 self.pool.pin(e, name, pinned)
 
+    def _check_pins(self, engines: list[EngineView], actions: list) -> str | None:
+        """The first placement of a server with local workers (all joined, so each GPU's weight space is known)
+        against the configuration's pins (`pin: true`; a pin made since through the admin API counts too): why a
+        model's weights could never load where it is registered, or None. The rule is the admin API's
+        (`router.pin_blocks`, 409 pin_would_starve), a GPU's pins taken together; a model placed later
+        (`replicas.min: 0`) is starved only when every GPU its weights fit is so short. Without local workers
+        (remote ones join when they join) nothing is checked: placement may still spread the models."""
+        for a in actions:
+            if a.kind in ("load", "move"):
+                engines = with_registration(engines, a.engine_id, a.model)
+        infos = self.infos()
+        bad = starved_by_pins(engines, infos, {n for n, me in self.models.items() if me.pinned})
+        if bad is None:
+            return None
+        eid, pins, other = bad
+        e = self.pool.engines.get(eid)
+        space = next(v.memory_bytes for v in engines if v.engine_id == eid)
+        sized = ", ".join(f"{p!r} ({infos[p].size_bytes / 1e9:.2f} GB)" for p in pins)
+        return (f"pinned model{'s' if len(pins) > 1 else ''} {sized} would leave {other!r} "
+                f"({infos[other].size_bytes / 1e9:.2f} GB) too little of the {space / 1e9:.2f} GB weight space of "
+                f"{eid}{f' ({e.device})' if e is not None else ''}: {other!r} could never load there. Unpin a model "
+                f"(pin: false), give the GPU more weight space (gpus.{'cpu_' if e is not None and e.device == 'cpu' else ''}"
+                "budget_gb, gpus.kv_cache_gb) or serve fewer models there")
+
+    def _refuse(self, why: str) -> None:
+        """The configuration cannot be served (found at start-up): said once, nothing more placed, server stopped."""
+        self.fatal = why
+        log.error("cannot start: %s", why)
+        if self.on_fatal is not None:
+            self.on_fatal()
+
     def _unregister(self, e: EngineHandle, name: str, why: str) -> None:
         log.info("unregistering %s from %s (%s)", name, e.id, why)
         self.pool.unload(e, name)
@@ -416,6 +462,8 @@ class Controller:
                                                   and e.replicas[name].state == "loading"
                                                   for e in self.pool.engines.values()):
                 del self._moving[name]
+        if self.fatal is not None:
+            return
         engines = self.views()
         # At start-up placement waits (JOIN_GRACE_S at most) for every local GPU's worker: placed with all of them
         # in view, the models spread by `router.place` exactly; placed on the first to join, they would have to
@@ -424,6 +472,12 @@ class Controller:
         actions = [] if waiting else self.autoscaler.plan(self._loads(engines), engines, self._moving)
         if not self.cfg.autoscaler.enabled:  # placement only: minimum registrations, and evening out
             actions = [a for a in actions if a.kind in ("load", "move")]
+        if not waiting and not self._pins_checked and self.pool.local_slots and any(e.usable for e in engines):
+            self._pins_checked = True
+            why = self._check_pins(engines, actions)
+            if why is not None:
+                self._refuse(why)
+                return
         for a in actions:
             e = self.pool.engines.get(a.engine_id)
             if e is None or not e.alive:

@@ -144,8 +144,11 @@ async def serve_async(cfg: ServerConfig) -> int:
                                 timeout_graceful_shutdown=int(CLOSE_S), backlog=4096,
                                 http=_http_protocol() or "auto")
         server = GracefulServer(config, app.state.serving, cfg.shutdown_grace_s, url)
-        await server.serve(sockets=[sock])
-        return 0
+        # a configuration found unservable once the workers joined (Controller.fatal, logged there): exit 2
+        ctl.on_fatal = lambda: setattr(server, "should_exit", True)
+        if ctl.fatal is None:
+            await server.serve(sockets=[sock])
+        return 0 if ctl.fatal is None else 2
     finally:
         sock.close()
         await ctl.stop()

@@ -222,7 +222,8 @@ def windows(records: list[RequestRecord], samples: list, before: dict, after: di
             w.update(steps=steps, steps_per_s=steps / (b - a), **{k: v for k, v in where_time_went(ca, cb, b - a, cb["engines"]).items()
                                                      if k in ("engine_ms_per_step", "policy_us_per_step",
                                                               "engine_busy_frac", "step_thread_busy_frac",
-                                                              "late_episodes", "graph_captures", "graph_capture_s")})
+                                                              "late_episodes", "graph_captures", "graph_capture_s",
+                                                              "graph_evictions")})
         out.append(w)
     return out
 
@@ -272,7 +273,8 @@ def where_time_went(before: dict, after: dict, wall: float, gpus: int) -> dict:
         "graph_captures": d.get("graph_captures", 0), "graph_capture_s": d.get("graph_capture_s", 0.0),
         "graph_first_captures": d.get("graph_first_captures", 0),
         "graph_first_capture_s": d.get("graph_first_capture_s", 0.0),
-        "graph_output_gb": d.get("graph_output_bytes", 0) / 1e9,
+        "graph_evictions": d.get("graph_evictions", 0),
+        "graph_output_gb": after.get("graph_output_bytes", 0) / 1e9,  # held at the end (a level, not a rate)
     }
 
 

@@ -171,6 +171,61 @@ def test_a_pin_that_would_starve_a_registered_model_is_refused(app):
     assert c.post("/admin/models/beta/pin", headers=H).json()["pinned"] is True  # alpha's room is back
 
 
+def configured(models: list[tuple[str, float, bool]], gpus: int = 1, **spec) -> object:
+    """A controller whose configuration holds paced models (name, memory_gb, pin), registered as `start` does, and
+    `gpus` local worker slots; no worker has joined yet (`joins` stands for one)."""
+    cfg = ServerConfig(admin_token_hash=hash_key(ADMIN), models=[
+        ModelSpec(name=n, path=None, engine={"kind": "pace"}, memory_gb=gb, pin=pin, **spec) for n, gb, pin in models])
+    ctl = build_app(cfg).state.controller
+    for m in cfg.models:
+        asyncio.run(ctl.add_model(m))
+    ctl.pool.local_slots = gpus  # (pool.start sets it, with the workers it starts)
+    return ctl
+
+
+def joins(ctl, eid: str, slot: int, weight_space: int) -> EngineHandle:
+    e = EngineHandle(eid, slot, f"cuda:{slot}", "node1", 1234, weight_space, ClosedWriter())
+    ctl.pool.engines[eid] = e
+    ctl._registered(e, None)  # what the pool calls once the worker registered: the first placement, every slot in
+    return e
+
+
+@pytest.mark.parametrize("gamma_min", [1, 0])
+def test_config_pins_that_would_starve_a_model_refuse_start_up(gamma_min):
+    """alpha (8 GiB) and beta (8 GiB) pinned in the configuration, gamma (10 GiB) beside them on a GPU of 20 GB of
+    weight space: gamma's weights could never load there (the admin API's pin_would_starve, from the config). Start-up
+    is refused once the worker joins -- the message names the models, their sizes and the GPU; nothing is placed;
+    `tokenpool serve` stops (on_fatal) -- also when gamma would only be placed later (replicas.min 0)."""
+    ctl = configured([("alpha", 8, True), ("beta", 8, True)])
+    asyncio.run(ctl.add_model(ModelSpec(name="gamma", path=None, engine={"kind": "pace"}, memory_gb=10,
+                                        replicas={"min": gamma_min})))
+    stopped = []
+    ctl.on_fatal = lambda: stopped.append(True)
+    e = joins(ctl, "w0", 0, 20 * 10**9)
+    assert stopped == [True] and not ctl.ready()
+    assert ctl.fatal.startswith("pinned models 'alpha' (8.59 GB), 'beta' (8.59 GB) would leave 'gamma' (10.74 GB) "
+                                "too little of the 20.00 GB weight space of w0 (cuda:0): 'gamma' could never load")
+    assert e.replicas == {}
+    ctl.tick()  # nor later
+    assert e.replicas == {}
+
+
+def test_config_pins_that_fit_start():
+    """The same GPU with pins that leave gamma room: every model is placed. Two GPUs, pins together too big for one:
+    placement puts alpha and beta on different GPUs, and gamma fits beside either: not refused either (the check is
+    of the placement made, not of every model on one GPU)."""
+    ctl = configured([("alpha", 8, True), ("beta", 4, True), ("gamma", 6, False)])
+    e = joins(ctl, "w0", 0, 20 * 10**9)
+    assert ctl.fatal is None and sorted(e.replicas) == ["alpha", "beta", "gamma"]
+    ctl = configured([("alpha", 12, True), ("beta", 12, True), ("gamma", 6, False)], gpus=2)
+    w0 = EngineHandle("w0", 0, "cuda:0", "node1", 1234, 20 * 10**9, ClosedWriter())
+    ctl.pool.engines["w0"] = w0  # (joined first: placement waits for the second)
+    w1 = joins(ctl, "w1", 1, 20 * 10**9)
+    assert ctl.fatal is None
+    assert {"alpha", "beta"} <= set(w0.replicas) | set(w1.replicas) and not {"alpha", "beta"} <= set(w0.replicas)
+    assert "gamma" in set(w0.replicas) | set(w1.replicas)
+
+
 def test_admin_views_need_the_admin_token(app):
     c = TestClient(app)
     for path in ("/admin/pool", "/admin/requests"):

@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from controller.config import ModelSpec, ServerConfig, load_config, parse_duration
-from controller.keys import verify_key
+from controller.keys import hash_key, verify_key
 from controller.serve import model_specs, prepare
 from load_tests.live_server import REPO_ROOT, LiveServer
 
@@ -97,6 +97,22 @@ def test_serve_model_dir_with_names_live(make_tiny, tmp_path):
         assert r.usage.completion_tokens == 3
         with pytest.raises(openai.NotFoundError):
             c.completions.create(model="nope", prompt="Hi", max_tokens=1)
+
+
+def test_serve_refuses_config_pins_that_starve_a_model(tmp_path):
+    """`tokenpool serve --config`: pins that leave a registered model too little weight space stop start-up once the
+    GPU's worker joined, with exit status 2 and one line naming the models, their sizes and the GPU -- not requests
+    waiting forever (tests/test_admin_pool.py has the cases). The CPU worker here: a 2 GB arena, 0.5 GB of it KV."""
+    pace = {"engine": {"kind": "pace"}}
+    cfg = {"admin_token_hash": hash_key("unused"), "workers": {"local": "cpu", "standby": False},
+           "gpus": {"cpu_budget_gb": 2, "kv_cache_gb": 0.5},
+           "models": [{"name": "big", "memory_gb": 1.0, "pin": True, **pace}, {"name": "small", "memory_gb": 0.5, **pace}]}
+    with LiveServer(cfg, tmp_path, wait_ready=False) as srv:
+        assert srv.proc.wait(120) == 2, srv.log()
+        log = srv.log()
+    assert ("cannot start: pinned model 'big' (1.07 GB) would leave 'small' (0.54 GB) too little of the 1.50 GB "
+            "weight space of w0 (cpu)") in log
+    assert "Traceback" not in log
 
 
 def test_keys_cli():

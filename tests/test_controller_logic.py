@@ -23,6 +23,7 @@ from controller.router import (
     place,
     rebalance,
     route,
+    starved_by_pins,
     weight,
     with_registration,
 )
@@ -427,3 +428,25 @@ def test_a_pin_that_leaves_a_registered_model_no_room_is_found():
     exact = {"x": ModelInfo("x", 4 << 20), "y": ModelInfo("y", (2 << 20) + 1)}  # y's slot: 4 MiB
     assert pin_blocks("x", ["x", "y"], exact, set(), 8 << 20) is None
     assert pin_blocks("x", ["x", "y"], exact, set(), (8 << 20) - 1) == "y"
+
+
+def test_pins_of_a_gpu_are_judged_together_and_an_unplaced_model_against_every_gpu():
+    """`starved_by_pins` (start-up, the configuration's pins): on one 60 GB engine, a and b pinned (15.2 each) leave
+    29.6 GB: c (3.1) fits, big (40) does not. A model registered nowhere is starved only when every engine it fits
+    is too short for it."""
+    G = 10**9
+    models = {n: ModelInfo(n, int(b * G)) for n, b in (("a", 15.2), ("b", 15.2), ("c", 3.1), ("big", 40.0))}
+
+    def eng(eid: str, *names: str, mem: int = 60 * G) -> EngineView:
+        return EngineView(eid, mem, {n: ReplicaView(n, True, 8) for n in names})
+
+    assert starved_by_pins([eng("e0", "a", "b", "c", "big")], models, {"a", "b"}) == ("e0", ["a", "b"], "big")
+    assert starved_by_pins([eng("e0", "a", "b", "c", "big")], models, {"a"}) is None  # one pin leaves 44.8
+    small = {n: models[n] for n in ("a", "b", "c")}
+    assert starved_by_pins([eng("e0", "a", "b", "c")], small, {"a", "b"}) is None
+    assert starved_by_pins([eng("e0", "a", "b")], small, {"a", "b"}) is None  # c, registered nowhere, fits
+    # big registered nowhere yet: starved on e0; not when e1 has the room
+    one = {n: models[n] for n in ("a", "b", "big")}
+    assert starved_by_pins([eng("e0", "a", "b")], one, {"a", "b"}) == ("e0", ["a", "b"], "big")
+    assert starved_by_pins([eng("e0", "a", "b"), eng("e1")], one, {"a", "b"}) is None
+    assert starved_by_pins([eng("e0", "a", "b"), eng("e1", mem=30 * G)], one, {"a", "b"}) == ("e0", ["a", "b"], "big")

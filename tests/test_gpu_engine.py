@@ -80,6 +80,58 @@ def test_cuda_graph_decode_equals_eager(make_varied):
     assert sum(fed) > 10  # the overlapped engine did feed steps GPU to GPU
 
 
+def _graph_waves(d, cap: int, overlap: bool, monkeypatch) -> dict:
+    """Waves of decode batches of 1 to 8 requests (buckets 1, 2, 4, 8) on one engine under TOKENPOOL_GRAPH_CAP=`cap`:
+    the tokens, and what the graphs held (most graphs kept at once, the counters, device memory the engine holds)."""
+    import gc
+
+    from token_scheduler import graph_cap, runner
+
+    monkeypatch.setattr(runner, "GRAPH_CAP", cap)
+    gc.collect()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="fp32", overlap=overlap, kv_cache_memory_gb=0.1,
+                                 max_num_seqs=8))
+    graphs, key = eng.runner.graphs, eng.runner.graph_key
+    res, most = {}, 0
+    for w, n in enumerate([1, 3, 8, 2, 5, 1, 8, 4] * 2):
+        for i in range(n):  # lengths differ: the batch shrinks through smaller buckets, with overlap while in flight
+            eng.add_request(f"w{w}r{i}", [5 + i + w] * (3 + i),
+                            SamplingParams(temperature=0.8, seed=100 * w + i, max_tokens=6 + 2 * i, ignore_eos=True))
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                if o.finished:
+                    res[o.request_id] = o.outputs[0].token_ids
+            most = max(most, len(graph_cap.graph_ids(graphs, key)))
+    kept = [graphs[k].nbytes for k in graph_cap.graph_ids(graphs, key)]
+    out = {"res": res, "most": most, "kept": len(kept), "kept_bytes": sum(kept), "counters": list(graphs[graph_cap.CAPTURES]),
+           "bucket8_bytes": 8 * eng.model_config.vocab_size * 4}
+    torch.cuda.synchronize()
+    out["allocated"] = torch.cuda.memory_allocated() - base
+    del eng, graphs
+    gc.collect()
+    return out
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_graph_cap_evicts_and_decodes_as_uncapped(make_varied, monkeypatch, overlap):
+    """TOKENPOOL_GRAPH_CAP=2 over decode batches in 4 buckets: captures evict the least recently replayed graph (with
+    overlap, never the one the step in flight replayed), the tokens are those of the uncapped run, at most 2 graphs are
+    kept at any step, the held-bytes counter is what the kept graphs' logits take, and the device memory the engine
+    holds is less than uncapped by at least what the counter says was given back (eviction really frees it)."""
+    d = make_varied("qwen2")
+    free = _graph_waves(d, 96, overlap, monkeypatch)
+    capped = _graph_waves(d, 2, overlap, monkeypatch)
+    assert capped["res"] == free["res"] and len(free["res"]) == 64
+    assert free["counters"][5] == 0 and free["most"] == 4
+    captures, _, _, _, held, evictions = capped["counters"]
+    assert evictions > 0 and captures == evictions + capped["kept"] and capped["most"] <= 2
+    assert held == capped["kept_bytes"] <= 2 * capped["bucket8_bytes"]
+    assert free["counters"][4] == free["kept_bytes"] > held
+    assert free["allocated"] - capped["allocated"] >= free["counters"][4] - held
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
 def test_fused_forward_equals_torch_forward(make_varied, arch):
     """The fused CUDA path must compute the same function as the reference ops (bf16, same device)."""

@@ -72,6 +72,7 @@ def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache
     assert c["graph_captures"] == len(graphs) and c["graph_capture_s"] > 0
     assert 0 < c["graph_first_captures"] <= c["graph_captures"]
     assert c["graph_output_bytes"] == sum(g.logits.numel() * g.logits.element_size() for g in graphs)
+    assert c["graph_evictions"] == 0  # (under TOKENPOOL_GRAPH_CAP's default)
     if precapture:  # every bucket of both shapes captured (and warmed) at their first load
         buckets = next(iter(multi.engines.values())).runner.buckets
         assert c["graph_first_captures"] == 2 * len(buckets)

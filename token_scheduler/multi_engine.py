@@ -61,11 +61,11 @@ from model_swapper.model_config import ModelConfig
 from token_scheduler.cost_model import CostModel, ModelSize, StepShape, roofline_for
 from token_scheduler.detokenizer import detokenize
 from token_scheduler.engine import EngineConfig, LLMEngine
+from token_scheduler.graph_cap import CAPTURES, CAPTURES_ZERO
 from token_scheduler.policies import make_policy
 from token_scheduler.policies.slo import ModelSLO, next_token_slack
 from token_scheduler.policies.state import ModelState, PoolState, Residency, StepPlan
 from token_scheduler.request import Request, RequestOutput, RequestStatus, SamplingParams, TokenOutput
-from token_scheduler.runner import CAPTURES
 from tokenpool import env
 
 GRAPH_PRECAPTURE = env.GRAPH_PRECAPTURE.on()  # see ModelRunner.capture_first
@@ -812,9 +812,10 @@ class MultiModelEngine:
         counters = dict(self.timing)
         if mem is not None:  # the pool's counters (its latest loads aside: asdict copied them, every snapshot)
             counters.update((k, v) for k, v in vars(mem.stats).items() if not isinstance(v, deque))
+            # graph_output_bytes: held now (the kept graphs' logits), not summed over time; graph_evictions: over the cap
             (counters["graph_captures"], counters["graph_capture_s"], counters["graph_first_captures"],
-             counters["graph_first_capture_s"], counters["graph_output_bytes"]) = mem.graphs.get(CAPTURES,
-                                                                                                 (0, 0.0, 0, 0.0, 0))
+             counters["graph_first_capture_s"], counters["graph_output_bytes"],
+             counters["graph_evictions"]) = mem.graphs.get(CAPTURES, CAPTURES_ZERO)
         return {
             "device": str(self.device), "active": self.state.active, "registered": sorted(self.engines),
             "resident": sorted(n for n, m in models.items() if m["state"] == "resident"),

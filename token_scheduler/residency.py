@@ -32,6 +32,7 @@ import torch
 
 from gpu_pool.slots import SlotTable
 from model_swapper.model_config import ModelConfig
+from token_scheduler import graph_cap
 from token_scheduler.block_manager import BlockAllocator
 from token_scheduler.engine import SharedKV
 
@@ -151,8 +152,7 @@ class ModelPool:
         self.evict(name)
         del self.entries[name]
         if not any(o.graph_key == e.graph_key for o in self.entries.values()):
-            for k in [k for k in self.graphs if k[0] == e.graph_key or (k[0] in ("warm", "pool") and k[1] == e.graph_key)]:
-                del self.graphs[k]
+            graph_cap.drop_key(self.graphs, e.graph_key)
         if not any(o.host is e.host for o in self.entries.values()):
             from model_swapper.host_cache import HostCacheFull
 

@@ -15,14 +15,20 @@ from dataclasses import dataclass
 import torch
 
 from model_swapper.model_config import ModelConfig
+from token_scheduler import graph_cap
 from token_scheduler.model import llama
 from token_scheduler.model.attention import AttentionMetadata
 from token_scheduler.request import Request
 from token_scheduler.sampler import Sampler, SampleResult
 from token_scheduler.scheduler import SchedulerOutput
+from tokenpool import env
 
-CAPTURES = ("captures",)  # the key of the capture counters in a `graphs` dict
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+# CUDA graphs kept per graph key (graph_cap.py). 96: a cold `bench serve` point at 1.3 req/s/model (4 x 7B + 6 x 1.5B,
+# two shapes) captured 98 graphs in all, so a working set of that size stays whole (a capture again costs ~32 ms of
+# the step thread on the H200). What it bounds one shape's logits to: 96 x the largest bucket's (152k vocabulary:
+# ~20 MB at bucket 32, 1.9 GB for 96; at the served max_num_seqs of 64, ~39 MB each, 3.7 GB at most).
+GRAPH_CAP = max(1, int(env.GRAPH_CAP.get()))
 
 
 @dataclass
@@ -39,6 +45,7 @@ class LaunchedDecode:
     tokens: torch.Tensor  # [n] sampled ids on the device (the next step's inputs, fed GPU to GPU)
     host: torch.Tensor  # pinned [n]: the same ids once `event` has fired
     event: torch.cuda.Event | None  # None on CPU (already computed)
+    graph: _DecodeGraph | None = None  # the graph it replayed, in flight (not evictable) until `read`
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device, pin: bool = False):
@@ -56,7 +63,8 @@ class ModelRunner:
     its dict and captures every bucket up front. A multi-model engine passes one dict shared by all its
     runners and a `graph_key` naming everything a captured graph bakes in besides the weights (config, dtype,
     KV tensor, lengths): a model that lands in the same arena slot as an earlier model with the same key
-    replays that model's graphs; missing buckets are captured on first use.
+    replays that model's graphs; missing buckets are captured on first use. At most GRAPH_CAP graphs of a key
+    are kept: the least recently replayed one not in flight goes first (graph_cap.py).
     """
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor] | None, kv_cache: torch.Tensor,
@@ -118,7 +126,8 @@ class ModelRunner:
             raise RuntimeError("step planned for a model whose weights are not resident")
         sample_reqs = [c.request for c in out.chunks if c.sample]
         if out.is_decode and len(out.chunks) in self.bucket_of and not self.hf_exact_decode:
-            logits = self._decode_graph(out)
+            # (not marked in flight: its logits are sampled below, and nothing captures before that)
+            logits = self._decode_graph(out).logits[: len(out.chunks)]
         else:
             hidden, idx = self._forward_eager(out)
             logits = llama.compute_logits(self.weights, hidden[idx]) if idx else None
@@ -142,8 +151,10 @@ class ModelRunner:
     def launch_decode(self, out: SchedulerOutput, ids: torch.Tensor | None = None) -> LaunchedDecode:
         """Queue a decode step and its sampling without waiting for the GPU. `ids` [n] (device): the input
         token of each row, when the host does not know them yet (the previous step's sampled ids)."""
+        g = None
         if len(out.chunks) in self.bucket_of:
-            logits = self._decode_graph(out, ids)
+            g = self._decode_graph(out, ids)
+            logits = g.logits[: len(out.chunks)]
         else:  # CPU (no graphs): the same overlap logic, run eagerly
             hidden, idx = self._forward_eager(out, ids)
             logits = llama.compute_logits(self.weights, hidden[idx])
@@ -154,12 +165,17 @@ class ModelRunner:
         host.copy_(tokens, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
-        return LaunchedDecode(out, tokens, host, ev)
+        if g is not None:
+            g.in_flight += 1
+        return LaunchedDecode(out, tokens, host, ev, g)
 
     @staticmethod
     def read(step: LaunchedDecode) -> StepResult:
         if step.event is not None:
             step.event.synchronize()  # the one host wait of the step
+        if step.graph is not None:  # read: its graph may be evicted again (and this step no longer holds it)
+            step.graph.in_flight -= 1
+            step.graph = None
         return StepResult({c.request.request_id: t for c, t in zip(step.out.chunks, step.host.tolist())}, {})
 
     def swap_kv(self, swap_out, swap_in, wait: bool = True) -> list:
@@ -266,27 +282,24 @@ class ModelRunner:
 
     def _capture(self, bucket: int):
         if self._graph_pool is None:
-            self._graph_pool = self.graphs.setdefault(("pool", self.graph_key), torch.cuda.graph_pool_handle())
+            key = ("pool", self.graph_key)
+            if key not in self.graphs:
+                # One capture stream per pool, not one per capture: the caching allocator gives a freed block
+                # again only on the stream it was allocated on, so an evicted graph's memory is reused by the
+                # next capture only when both are captured on the same stream.
+                self.graphs[key] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device))
+            self._graph_pool = self.graphs[key]
+        # Over the cap, the least recently replayed graph of the key goes first, so its memory is free for this one.
+        graph_cap.make_room(self.graphs, self.graph_key, GRAPH_CAP)
         # Warm-up runs before a capture initialise lazy state (Triton JIT, cuBLAS workspaces): needed once per
         # graph key and bucket, not for every weight slot a model of that shape lands in (a 7B capture with
         # warm-up took ~0.3 s on the H100, paid at every new slot).
         warmed = self.graphs.setdefault(("warm", self.graph_key), set())
         first = bucket not in warmed
         t = time.perf_counter()
-        g = _DecodeGraph(self, bucket, self._graph_pool, warmup=2 if first else 0)
+        g = _DecodeGraph(self, bucket, *self._graph_pool, warmup=2 if first else 0)
         warmed.add(bucket)
-        self.graphs[self._graph_id(bucket)] = g
-        # the pool's stats: captures and their host seconds, those of them that were a shape's first at that
-        # bucket (with warm-up forwards, and any first-use compile), and the device bytes their outputs hold
-        # (logits: outside the arena, kept for as long as the graph, one graph per shape, slot and bucket)
-        done = self.graphs.setdefault(CAPTURES, [0, 0.0, 0, 0.0, 0])
-        dt = time.perf_counter() - t
-        done[0] += 1
-        done[1] += dt
-        if first:
-            done[2] += 1
-            done[3] += dt
-        done[4] += g.logits.numel() * g.logits.element_size()
+        graph_cap.added(self.graphs, self._graph_id(bucket), g, time.perf_counter() - t, first)
         return g
 
     def _warm_attention(self) -> None:
@@ -299,20 +312,21 @@ class ModelRunner:
         triton_decode.warm_up(q, self.kv, bt, torch.ones(1, dtype=torch.int32, device=dev), cfg.head_dim**-0.5,
                               cfg.sliding_window)
 
-    def _decode_graph(self, out: SchedulerOutput, ids: torch.Tensor | None = None) -> torch.Tensor:
-        n = len(out.chunks)
-        b = self.bucket_of[n]
+    def _decode_graph(self, out: SchedulerOutput, ids: torch.Tensor | None = None) -> _DecodeGraph:
+        """Replay the graph of `out`'s bucket (captured first if missing); its logits' first rows are `out`'s."""
+        b = self.bucket_of[len(out.chunks)]
         g = self.graphs.get(self._graph_id(b)) or self._capture(b)
         g.users.add(self.name)
         g.fill(out, self, ids)
         g.graph.replay()
-        return g.logits[:n]
+        graph_cap.touch(g)
+        return g
 
 
 class _DecodeGraph:
     """Static buffers + captured graph for one decode batch bucket."""
 
-    def __init__(self, runner: ModelRunner, batch: int, pool, warmup: int = 2):
+    def __init__(self, runner: ModelRunner, batch: int, pool, stream: torch.cuda.Stream, warmup: int = 2):
         dev, mb = runner.device, runner.max_blocks
         self.batch = batch
         # Two pinned input buffers, used in turn: with overlapped steps the host fills step N+1 while the
@@ -330,6 +344,8 @@ class _DecodeGraph:
 
         self.users: set[str] = set()  # names of the models that replayed it (shared per slot)
         self.keep = (runner.rope, meta)  # the graph reads them by address: keep them alive with it
+        self.last_replay = 0  # graph_cap's bookkeeping: recency, and launched steps not read yet
+        self.in_flight = 0
 
         def run():
             h = runner.fwd_decode(runner.cfg, runner.weights, runner.kv, runner.rope, self.dev[0], self.dev[1], meta)
@@ -339,7 +355,7 @@ class _DecodeGraph:
         # once per process, on whichever device was current then, so a second GPU's graphs captured on it came
         # out empty (and Triton refused the other device's pointers). Triton launches on the current device.
         with torch.cuda.device(dev):
-            s = torch.cuda.Stream(dev)
+            s = stream
             s.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(s):
                 for _ in range(warmup):
@@ -358,6 +374,7 @@ class _DecodeGraph:
                     self.logits = run()
                 finally:
                     self.graph.capture_end()
+        self.nbytes = self.logits.numel() * self.logits.element_size()  # held in the pool for as long as the graph
 
     def fill(self, out: SchedulerOutput, runner: ModelRunner, ids: torch.Tensor | None = None) -> None:
         # Only the first `nb` block-table columns of real rows are read (the kernel stops at the context

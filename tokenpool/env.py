@@ -38,6 +38,8 @@ GEMV_ROWS = Var("TOKENPOOL_GEMV_ROWS", "0", "steps of up to this many tokens (at
 PDL = Var("TOKENPOOL_PDL", "1", "0: launch kernels without programmatic dependent launch (A/B runs)")
 GRAPH_HOMES = Var("TOKENPOOL_GRAPH_HOMES", "1", "0: weight slots placed by best fit alone, not at offsets their size "
                   "held before, where the CUDA graphs captured for it replay (A/B runs)")
+GRAPH_CAP = Var("TOKENPOOL_GRAPH_CAP", "96", "CUDA graphs kept per model shape (their logits live outside the arena); "
+                "over it, a capture evicts the least recently replayed one (token_scheduler/runner.py GRAPH_CAP)")
 WORKER_BURST_S = Var("TOKENPOOL_WORKER_BURST_S", "0.05", "the longest run of steps a worker's step thread makes "
                      "without a look at its event loop (0: one step a hand-off; A/B runs)")
 GRAPH_PRECAPTURE = Var("TOKENPOOL_GRAPH_PRECAPTURE", "0", "1: a pooled engine captures every CUDA-graph bucket of a "
