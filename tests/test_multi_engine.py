@@ -513,7 +513,7 @@ def test_a_slot_as_large_as_the_arena_evicts_an_idle_model(make_tiny, host_cache
 def test_a_step_that_captured_a_cuda_graph_is_not_learned(make_tiny):
     """A step during which the runner captured a CUDA graph (tens of ms of capture and warm-up forwards on the
     GPU) does not teach the cost model: only steps without a capture are observed."""
-    from token_scheduler.runner import CAPTURES
+    from token_scheduler.graph_cap import counters
 
     d = make_tiny("qwen2")
     multi = MultiModelEngine({"a": d}, policy="token", device="cpu")
@@ -527,7 +527,7 @@ def test_a_step_that_captured_a_cuda_graph_is_not_learned(make_tiny):
     def step_tokens(*a, **k):  # every other step "captures" (CPU runners capture nothing: count one by hand)
         calls[0] += 1
         if calls[0] % 2 == 0:
-            eng.runner.graphs.setdefault(CAPTURES, [0, 0.0, 0, 0.0, 0])[0] += 1
+            counters(eng.runner.graphs)[0] += 1
         return real_step(*a, **k)
 
     eng.step_tokens = step_tokens
