@@ -92,9 +92,10 @@ def main(argv: list[str] | None = None) -> dict:
                     "times as long")
     ap.add_argument("--step-host-ms", type=float, default=0.0, help="host time each step adds outside the device "
                     "step (the served worker measured 0.17 ms on the H200: bench serve's timing)")
-    ap.add_argument("--graph-capture-ms", type=float, default=32.0, help="host time of a CUDA-graph capture, paid "
+    ap.add_argument("--graph-capture-ms", type=float, default=19.0, help="host time of a CUDA-graph capture, paid "
                     "at each new (size, slot offset, batch bucket); default: the H200's, bench serve's timing at "
-                    "8326aa3 (3.14 s for 98); 0: none")
+                    "9ff79c5 (1.78 s for 95, first captures of a bucket included; 32 ms before the capture stopped "
+                    "synchronizing the device); 0: none")
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)

@@ -387,7 +387,7 @@ def simulate(items, specs: dict[str, ModelSize], slos: dict[str, ModelSLO] | Mod
     memory moves and step-loop work: 0.17 ms per step on the H200 at af0b71d, bench serve's `timing`); 0: none.
 
     `graph_capture_s`: host seconds of one CUDA-graph capture, paid by a pooled GPU's first decode step at each
-    (weights' size, slot offset, batch bucket) (H200: 0.032 s); 0: none.
+    (weights' size, slot offset, batch bucket) (H200: 0.019 s at 9ff79c5, 0.032 s before); 0: none.
 
     `copy_slowdown`: a step that overlaps a weight copy takes 1 + this times as long (the H100 measured a
     decode 5-7.5% slower beside a 7B prefetch, README); 0 by default, as the fitted profiles were measured
