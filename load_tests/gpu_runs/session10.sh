@@ -17,6 +17,9 @@
 #   rows     issue 20: the small-batch GEMV path: its GPU tests, then diag_gpu step (default vs "small-batch gemv")
 #            for the 1.5B at ROWS_B15 and the 7B at ROWS_B7, then a batch-8 step-sweep of the 1.5B for what time is left
 #            (LIMIT_ROWS_SWEEP)
+#   ab       issue 14: A/B of a switch inside one call: bench serve (10 models on 60 GB) at AB_RATE (default 1.3), seed
+#            SEED, from a cold start (a fresh server each), first with AB_A's environment (default none), then AB_B's
+#            (e.g. "TOKENPOOL_PIPELINE=1"); LIMIT_AB s each (default 270)
 #   tests    the GPU tests (openai client carried in .whl)
 #   profile  issue 14: bench serve at PROFILE_RATE (10 models on 60 GB) with py-spy (carried in .whl) on the worker
 #            for 30 s, PROFILE_INTO s into the arrivals: where a served step's host time goes (spy_summary.py)
@@ -76,6 +79,12 @@ rows) M=/tmp/mm; mkdir -p $M
     > "$OUT/rows_step_7b.log" 2>&1; at "rows step 7b" $?; grep -E "b1:|Error" "$OUT/rows_step_7b.log" | cut -c1-400
   timeout "${LIMIT_ROWS_SWEEP:-60}" python3 -m load_tests.diag_gpu step-sweep --model $M/q15 --batch 8 \
     > "$OUT/rows_sweep_1.5b_b8.log" 2>&1; at "rows sweep" $?; grep -E "^[a-z_]+ \(|^BEST|^start" "$OUT/rows_sweep_1.5b_b8.log" ;;
+ab) for side in A B; do e=AB_$side; tag=$(echo "${!e:-default}" | tr -c 'A-Za-z0-9_.=\n' '_')
+    env ${!e:-} timeout "${LIMIT_AB:-270}" python3 -m controller.cli bench serve $W --rate "${AB_RATE:-1.3}" --policy token \
+      --json "$OUT/serve_ab_${side}_s$SEED.json" > "$OUT/serve_ab_$side.log" 2>&1; at "ab $side ($tag)" $?
+    show "$OUT/serve_ab_$side.log" 2
+    pkill -f "controller.serve" 2>/dev/null && sleep 3 && pkill -9 -f "controller.(serve|worker)" 2>/dev/null
+  done ;;
 tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ > "$OUT/gpu_tests.log" 2>&1; at tests $?
   grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.log" | tail -8 ;;
 profile) timeout "${LIMIT_PROFILE:-300}" python3 -m controller.cli bench serve $W --rate "${PROFILE_RATE:-1.3}" \
