@@ -290,6 +290,10 @@ def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, con
         bw = hbm_bandwidth()
         res["hbm_bytes_per_s"] = bw
         res["floor_ms"] = 1e3 * wbytes / bw
+    # A throwaway round first: the first prefill and decode of an engine pay first-use Triton compiles, cuBLAS
+    # heuristics and the first graph captures, which made batch 1's prefill_tokens_per_s read 10.7k on the H200's
+    # 7B where batch 8 right after it read 36k (ce7a9f3).
+    _decode_step_times(eng, 1, context, 2, vocab)
     res["decode"] = [_decode_step_times(eng, b, context, steps if dev == "cuda" else 5, vocab) for b in batches]
     if "floor_ms" in res:
         kv_tok = eng.model_config.kv_bytes_per_token(eng.dtype)
