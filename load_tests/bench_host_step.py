@@ -247,11 +247,13 @@ class Link:
 
 
 class Load:
-    """Closed loop: model i keeps 1 + i % 4 requests; a finished (or aborted) one is replaced at once."""
+    """Closed loop: model i keeps 1 + i % 4 requests (or `per_model` each); a finished (or aborted) one is replaced
+    at once."""
 
-    def __init__(self, multi, names: list[str], seed: int, vocab: int, max_context: int = 2048):
+    def __init__(self, multi, names: list[str], seed: int, vocab: int, max_context: int = 2048,
+                 per_model: int | None = None):
         self.multi, self.rng, self.vocab, self.max_context = multi, random.Random(seed), vocab, max_context
-        self.want = {n: 1 + i % 4 for i, n in enumerate(names)}
+        self.want = {n: per_model or 1 + i % 4 for i, n in enumerate(names)}
         self.live = dict.fromkeys(names, 0)
         self.owner: dict[str, str] = {}
         self.n = 0
@@ -281,7 +283,7 @@ class Load:
 
 def run(models: str = "14x7b,21x1.5b", steps: int = 2000, rounds: int = 5, warmup: int = 1000,
         device_ms: float = 2.0, seed: int = 0, weight_mib: int = 40, kv_mib: int = 32, link_mb_s: float = 10.0,
-        cache_dir: Path | None = None) -> dict:
+        cache_dir: Path | None = None, per_model: int | None = None) -> dict:
     from model_swapper import prefetch, swapper
     from model_swapper.host_cache import HostModelCache
     from token_scheduler.engine import LLMEngine
@@ -314,7 +316,7 @@ def run(models: str = "14x7b,21x1.5b", steps: int = 2000, rounds: int = 5, warmu
         multi._execute_memory = clock.host("memory", multi._execute_memory)
         multi.policy.schedule = clock.host("policy", multi.policy.schedule)
         vocab = min(e.model_config.vocab_size for e in multi.engines.values())
-        load = Load(multi, [e.name for e in entries], seed, vocab)
+        load = Load(multi, [e.name for e in entries], seed, vocab, per_model=per_model)
         freeze_long_lived(collect=True)  # the worker's collector settings, after its models are hosted
         runs = []
         for r in range(-1, rounds):  # round -1: the warm-up (cost model fits, every model's first turns)
@@ -401,10 +403,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--kv-mib", type=int, default=32, help="the arena's KV region")
     ap.add_argument("--link-mb-s", type=float, default=10.0,
                     help="the emulated link the weight copies cross (0: they land at once, as CPU copies do)")
+    ap.add_argument("--per-model", type=int, default=None, help="requests every model keeps (default: 1 + i %% 4)")
     ap.add_argument("--label", default=None, help="a name for this run in the JSON (e.g. before/after)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
-    out = run(a.models, a.steps, a.rounds, a.warmup, a.device_ms, a.seed, a.weight_mib, a.kv_mib, a.link_mb_s)
+    out = run(a.models, a.steps, a.rounds, a.warmup, a.device_ms, a.seed, a.weight_mib, a.kv_mib, a.link_mb_s,
+              per_model=a.per_model)
     print(f"median per step over {a.rounds} rounds of {a.steps}: {out['median']}")
     res = {**header(), "cpu": cpu_model(), "label": a.label, **out}
     if a.json:

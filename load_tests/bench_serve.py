@@ -247,6 +247,8 @@ def _pool_counters(url: str, token: str | None) -> dict:
         for k, v in one.items():  # summed over GPUs
             out[k] = out.get(k, 0) + v
         out["per_engine"][e["id"]] = {**one, "models": sorted(r["model"] for r in e["models"])}
+        if p.get("cost_model"):  # the first engine's learned costs (a result's `cost_model`, as bench pool --real's)
+            out.setdefault("cost_model", p["cost_model"])
     out.setdefault("steps", 0), out.setdefault("switches", 0), out.setdefault("kv_swapped_out", 0)
     out.setdefault("engines", 0)
     return out
@@ -294,6 +296,8 @@ def run_point(url: str, admin_token: str | None, names: list[str], rate: float, 
         res["windows"] = windows(r["records"], r["samples"], before, after, r["t0"], wall)
     if before and after:
         steps = after["steps"] - before["steps"]
+        if after.get("cost_model"):  # what the pool's cost model learned by the end of the point
+            res["cost_model"] = after["cost_model"]
         res.update(steps=steps, steps_per_s=steps / wall, switches_per_s=(after["switches"] - before["switches"]) / wall,
                    kv_swapped_out=after["kv_swapped_out"] - before["kv_swapped_out"],
                    timing=where_time_went(before, after, wall, after["engines"]))

@@ -5,7 +5,7 @@ costs nothing. One step of a model makes one token for every request of it that 
 So the fewest steps a model can take is the lazy schedule's: step only when the earliest token still owed is
 due, and then serve every request that has arrived. (Serving more requests at a forced step never forces a later
 step: their deadlines do not move.) Each step is priced with the simulator's ground-truth step costs (the
-`measured` H200 fits, or a profile file) at the shape it has -- its batch, its context, its prefills -- so the
+`measured` H200 fits, `bench engine`'s graph replays, or a profile file) at the shape it has -- its batch, its context, its prefills -- so the
 bound is the GPU-seconds per second of arrivals any policy must spend, before it pays anything for weight loads,
 switches or host time. Above 1.0 no policy can meet every SLO on one GPU, whatever it does with memory.
 
@@ -24,6 +24,8 @@ from load_tests.bench_pool import hardware_profile
 from load_tests.models_per_gpu import mix
 from load_tests.workload import generate, parse_models, spec_for
 from token_scheduler.cost_model import StepShape
+
+HBM_BYTES_PER_S = 4.25e12  # the H200's device-to-device copy rate (README): the weights floor's rate
 
 
 def lazy_steps(reqs: list, ttft: float, tpot: float) -> list[tuple[float, tuple[int, int, int, int]]]:
@@ -59,6 +61,35 @@ def lazy_steps(reqs: list, ttft: float, tpot: float) -> list[tuple[float, tuple[
     return steps
 
 
+ENGINE_RESULTS = {"7b": "bench/results/engine_qwen2_7b_h200_ce7a9f3.json",
+                  "1.5b": "bench/results/engine_qwen2_1.5b_h200_ce7a9f3.json"}
+
+
+class EngineCosts:
+    """Step costs from `bench engine` on the H200 (ce7a9f3): a decode step is its captured graph's replay at the
+    measured batches (1, 8, 32; linear between them, flat past the last), a prefill token costs 1 / the
+    prefill rate measured at batch 8 (batch 1's carried the engine's first-use compiles then), and each context
+    token's KV is read at the run's HBM rate. No host work: the engine alone, what a served step could cost."""
+
+    def __init__(self, root: Path | None = None):
+        root = root or Path(__file__).resolve().parent.parent
+        self.size: dict[str, dict] = {}
+        for size, f in ENGINE_RESULTS.items():
+            d = json.loads((root / f).read_text())
+            pts = sorted((r["batch"], r["graph_replay_ms"] / 1e3) for r in d["decode"])
+            pf = next(r["prefill_tokens_per_s"] for r in d["decode"] if r["batch"] == 8)
+            self.size[size] = {"pts": pts, "prefill_s": 1.0 / pf, "hbm": d["hbm_bytes_per_s"]}
+
+    def step_time(self, spec, shape: StepShape) -> float:
+        c = self.size["7b" if spec.weight_bytes > 8e9 else "1.5b"]
+        pts, b = c["pts"], shape.num_seqs
+        lo = max((p for p in pts if p[0] <= b), default=pts[0])
+        hi = min((p for p in pts if p[0] >= b), default=pts[-1])
+        dec = lo[1] if hi[0] == lo[0] else lo[1] + (hi[1] - lo[1]) * (b - lo[0]) / (hi[0] - lo[0])
+        prefill = max(0, shape.new_tokens - shape.num_seqs)
+        return dec + prefill * c["prefill_s"] + shape.ctx_tokens * spec.kv_bytes_per_token / c["hbm"]
+
+
 def bound(models: str, seed: int, *, rate: float = 0.1, duration: float = 300.0, slo_ttft: float = 10.0,
           slo_tpot: float = 0.1, profile: str = "measured", warm_s: float | None = None) -> dict:
     """The lazy schedule's cost, counted over the steady window [warm_s, duration) of the arrivals (default:
@@ -66,14 +97,14 @@ def bound(models: str, seed: int, *, rate: float = 0.1, duration: float = 300.0,
     lo = duration / 3 if warm_s is None else warm_s
     entries = parse_models(models)
     specs = {e.name: spec_for(e.arch, e.size, e.name) for e in entries}
-    hw = hardware_profile(profile, specs)
+    hw = EngineCosts() if profile == "engine" else hardware_profile(profile, specs)
     items = generate(list(specs), rate, duration, seed=seed)
     per_model, busy, n_steps, floor_s = {}, 0.0, 0, 0.0
     for name, spec in specs.items():
         reqs = [(w.time, w.prompt_len, w.output_len) for w in items if w.model == name]
         steps = [s for t, s in lazy_steps(reqs, slo_ttft, slo_tpot) if lo <= t < duration]
         secs = sum(hw.step_time(spec, StepShape(*s)) for s in steps)
-        weights_s = len(steps) * spec.weight_bytes / hw.hbm_bytes_per_s  # the weights read once a step
+        weights_s = len(steps) * spec.weight_bytes / HBM_BYTES_PER_S  # the weights read once a step
         per_model[name] = {"steps": len(steps), "gpu_s": secs, "mean_batch": sum(s[0] for s in steps) / max(1, len(steps))}
         busy += secs
         n_steps += len(steps)
@@ -106,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--duration", type=float, default=300.0)
     ap.add_argument("--slo-ttft", type=float, default=10.0)
     ap.add_argument("--slo-tpot", type=float, default=0.1)
-    ap.add_argument("--profile", default="measured")
+    ap.add_argument("--profile", default="measured", help="step costs: measured (the simulator's, fitted on a "
+                    "served H200 run) | engine (bench engine's graph replay and prefill rate, no host work) | a file")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     mixes = a.models.split(";") if a.models else [mix(int(n)) for n in a.counts.split(",")]

@@ -44,7 +44,15 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path, m
         w = p["windows"]  # every arrival in one window, every step in one window
         assert len(w) >= 2 and sum(x["arrivals"] for x in w) == len(items) and sum(x["steps"] for x in w) == p["steps"]
         assert all(x["t0_s"] < x["t1_s"] for x in w) and w[0]["t0_s"] == 0.0
+        cm = p["cost_model"]  # what the pool learned, per served model: its step fit and the samples behind it
+        assert all(cm["step"][m]["samples"] > 0 for m in s["per_model"])
     assert out["policies"]["token"]["rate"] == 0.5
+    # a served run's fits are a profile the simulator replays (bench pool --profile FILE)
+    from load_tests.bench_pool import hardware_profile
+    from load_tests.workload import spec_for
+
+    hw = hardware_profile(str(out_path), {"qwen2-1.5b-0": spec_for("qwen2", "1.5b", "qwen2-1.5b-0")})
+    assert hw.step_coefficients(spec_for("qwen2", "1.5b", "qwen2-1.5b-0"))[0] > 0
 
 
 def test_the_bench_makes_its_models_where_there_is_no_gpu(tmp_path):

@@ -22,3 +22,15 @@ def test_the_bound_grows_with_the_models_served():
     big = bound("2x7b,3x1.5b", seed=0, rate=0.1, duration=120)
     assert 0 < small["gpu_s_per_s"] < big["gpu_s_per_s"]
     assert small["weights_floor_s_per_s"] < small["gpu_s_per_s"]
+
+
+def test_engine_costs_interpolate_the_measured_batches():
+    from load_tests.models_bound import EngineCosts
+    from load_tests.workload import spec_for
+    from token_scheduler.cost_model import StepShape
+
+    ec, spec = EngineCosts(), spec_for("qwen2", "7b")
+    t1, t8, t4 = (ec.step_time(spec, StepShape(b, b, 0)) for b in (1, 8, 4))
+    pts = dict(ec.size["7b"]["pts"])
+    assert (t1, t8) == (pts[1], pts[8]) and t1 < t4 < t8
+    assert ec.step_time(spec, StepShape(1, 257, 256)) > t1  # a 256-token prefill costs on top

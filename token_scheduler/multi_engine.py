@@ -51,6 +51,7 @@ pipelined step's time as the interval between its completion and the one before 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections import deque
 from pathlib import Path
@@ -824,7 +825,10 @@ class MultiModelEngine:
             "steps": int(self.timing["steps"]), "kv_swapped_out": self.kv_swapped_out,
             "vram": vram, "host_cache_bytes": host, "models": models,
             # cumulative, for rates over a window (bench serve: where the step loop's time went)
-            "counters": counters}
+            "counters": counters,
+            # what the cost model has learned (the step fits per model, the link): a served run's fits, which
+            # the simulator can replay (`bench pool --profile FILE`); non-finite numbers as None, for JSON
+            "cost_model": _finite(self.cost.to_dict())}
 
     def run(self) -> dict[str, RequestOutput]:
         """Step until every request finished; the final output of each, by request id."""
@@ -893,6 +897,15 @@ def _still_fits(batch: list, s, prev: set) -> bool:
         else:
             return False
     return need <= kv.num_free
+
+
+def _finite(d):
+    """`d` (dicts, lists, numbers) with every non-finite float as None."""
+    if isinstance(d, dict):
+        return {k: _finite(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_finite(v) for v in d]
+    return None if isinstance(d, float) and not math.isfinite(d) else d
 
 
 def _ran_shape(out) -> StepShape:
