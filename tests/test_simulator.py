@@ -255,3 +255,17 @@ def test_measured_h200_profile_is_floored_at_the_h200_roofline():
     one = StepShape(1, 1, 512)
     assert hw.hbm_bytes_per_s == H200_PCIE54.hbm_bytes_per_s
     assert 4.5e-3 < hw.step_time(spec, one) < 5.0e-3 < 6.2e-3 < H100_PCIE53.step_time(spec, one)
+
+
+def test_diag_swaps_tells_a_model_starving_its_swapped_requests_from_swaps_between_turns():
+    """load_tests.diag_swaps reads a simulated point's plans. A 0.2 GB KV region for a 7B and a 1.5B at 3 req/s
+    each: the models preempt their own newest requests and step without some swapped ones (the starvation the
+    tool looks for). The same requests with 0.3 GB: swaps only make room for the other model's turn, and every
+    swapped request is back at its own model's next step."""
+    from load_tests.diag_swaps import run
+
+    tight = run("1x7b,1x1.5b", 0, 3.0, duration=10, drain=30, gpu_budget_gb=40, kv_cache_gb=0.2)
+    assert tight["own_model_preemptions"] > 0 and tight["swapped_left_out_while_model_stepped"] > 0
+    roomy = run("1x7b,1x1.5b", 0, 3.0, duration=10, drain=30, gpu_budget_gb=40, kv_cache_gb=0.3)
+    assert roomy["swap_outs"] > 0 and roomy["own_model_preemptions"] == 0
+    assert roomy["swapped_left_out_while_model_stepped"] == 0 and roomy["missed"] == 0

@@ -8,7 +8,7 @@ import pytest
 
 from load_tests.simulator import SimRequest
 from token_scheduler.cost_model import CostModel, HardwareProfile, ModelSize
-from token_scheduler.policies import make_policy
+from token_scheduler.policies import TokenConfig, make_policy
 from token_scheduler.policies.demand import covered
 from token_scheduler.policies.memory import fit_step
 from token_scheduler.policies.quota import TurnDemand, need_round
@@ -52,6 +52,24 @@ def test_need_round_margin_shrinks_to_what_fits():
     assert tight.target_s == pytest.approx({"a": 1.0, "b": 0.5 + 0.5 + 0.25 * 0.8})
     over = need_round(d, floor_s=0.5, cap_s=1.0, margin_s=1.0)
     assert over.overloaded and over.target_s["a"] == pytest.approx(1.0)  # no margin at all, R = cap
+
+
+def test_need_round_keeps_turns_when_a_smaller_margin_has_none():
+    """Two models whose streams are 1.8 s from their next deadlines, 50 ms steps (d / T = 0.5 each), floor 0.5 s,
+    cap 1 s. With the full 2 s margin each must cover 0.5 + 1 + 2 s: 1.5 s of turns, over the cap. With half of
+    it nobody's stream is due before 0.5 + 1 = 1.5 s, so no model needs a turn: an empty round that "fits", and
+    the policy used to plan pace quotas instead (uncapped: TokenPolicy._need_plan). keep_turns keeps the round
+    of the last margin that had turns, overloaded."""
+    d = [TurnDemand(m, 0.05, 0.1, run_slack_s=1.8) for m in "ab"]
+    empty = need_round(d, floor_s=0.5, cap_s=1.0, margin_s=2.0)
+    assert empty.quota_s == {} and not empty.overloaded
+    kept = need_round(d, floor_s=0.5, cap_s=1.0, margin_s=2.0, keep_turns=True)
+    assert kept.overloaded and kept.length_s == pytest.approx(1.5)
+    assert kept.quota_s == pytest.approx({"a": 0.6, "b": 0.9})  # (3.0 - 1.8) / 0.1 and (3.6 - 1.8) / 0.1 steps
+    assert kept.target_s == pytest.approx({"a": 3.0, "b": 3.6})  # each turn's start + R (at its cap) + 2 s
+    # a margin that fits with turns in it is taken as before: nothing kept from a larger one
+    assert need_round(d[:1], floor_s=0.5, cap_s=1.0, margin_s=2.0, keep_turns=True) == \
+        need_round(d[:1], floor_s=0.5, cap_s=1.0, margin_s=2.0)
 
 
 def _req(rid: str, model: str, arrival: float, outputs: int, status=RequestStatus.RUNNING, prompt: int = 10):
@@ -98,6 +116,33 @@ def test_under_pressure_the_tight_model_runs_and_the_ones_with_slack_sit_out():
     # planned time used up, stream not yet covered: the turn goes on
     t.steps, t.start = 5, st.now - 10 * t.quota_s / 9  # just past its quota, within the 2x + 0.1 s bound
     assert not covered(st.models["m7"], t.target) and pol._continue(st, t)
+
+
+def test_need_keep_turns_plans_a_deadline_round_where_pace_quotas_had_no_cap(monkeypatch):
+    """Eight models in host memory, 10 ms steps, 100 ms loads, each stream 2 s from its next deadline: the
+    switches alone (C = 0.8 s) do not fit under a 4 s round at S = 0.88, so the deadline rule is asked -- and
+    finds, once its margin has shrunk, that no model needs a turn. Pace quotas then planned a round of
+    C / (1 - S) = 6.7 s, past both max_round_s and the 2 s of slack that capped it. With need_keep_turns
+    (TOKENPOOL_NEED_KEEP_TURNS=1) the deadline rule plans the round: its turns run to their streams' targets."""
+    names = [f"m{i}" for i in range(8)]
+
+    def first_plan(**kw):
+        st = _pool(names, residency=Residency.HOST, capacity=10**6)
+        for i, n in enumerate(names):
+            st.models[n].running.append(_req(f"r{i}", n, -8.0, 0))
+        pol = make_policy("token", **kw)
+        return pol, pol.schedule(st)
+
+    pace, plan = first_plan(need_keep_turns=False)
+    assert plan.model == "m0" and pace.need_rounds == 0 and pace.last_round_s == pytest.approx(0.8 / 0.12)
+    assert pace._turn.target is None
+    need, plan = first_plan(need_keep_turns=True)
+    assert plan.model == "m0" and need.need_rounds == 1 and need._plan.overloaded
+    assert need._turn.target is not None and set(need._queue) == set(names[1:])
+    monkeypatch.setenv("TOKENPOOL_NEED_KEEP_TURNS", "1")
+    assert TokenConfig().need_keep_turns
+    monkeypatch.delenv("TOKENPOOL_NEED_KEEP_TURNS")
+    assert not TokenConfig().need_keep_turns  # off by default: the plans as before
 
 
 def test_plans_count_free_bytes_only_where_one_range_holds_the_slot():

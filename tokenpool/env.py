@@ -49,6 +49,9 @@ PLAN_AHEAD = Var("TOKENPOOL_PLAN_AHEAD", "0", "1: a pooled engine plans step N+1
 PIPELINE = Var("TOKENPOOL_PIPELINE", "0", "1: a pooled engine launches a model's next decode step before reading the "
                "one in flight when the early plan (TOKENPOOL_PIPELINE implies plan-ahead) is exactly its continuation; "
                "anything else completes the step in flight first (A/B runs)")
+NEED_KEEP_TURNS = Var("TOKENPOOL_NEED_KEEP_TURNS", "0", "1: a deadline-rule round whose margin, shrunk to fit under its "
+                      "cap, leaves no model a turn keeps the last margin that had turns, instead of pace quotas whose "
+                      "round nothing caps (token policy, TokenConfig.need_keep_turns; A/B runs)")
 JOIN_TOKEN = Var("TOKENPOOL_JOIN_TOKEN", None, "a worker's join token (the controller sets it for the "
                  "local workers it starts)")
 ADMIN_TOKEN = Var("TOKENPOOL_ADMIN_TOKEN", None, "the controller's admin token (tokenpool ps/admin commands, "

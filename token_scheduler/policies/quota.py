@@ -111,7 +111,7 @@ def aegaeon_round(demands: list[TurnDemand], max_quota_s: float = 4.0, alpha_flo
 
 
 def need_round(demands: list[TurnDemand], floor_s: float = 0.0, cap_s: float = 4.0, margin_s: float = 3.0,
-               iters: int = 8) -> RoundPlan:
+               iters: int = 8, keep_turns: bool = False) -> RoundPlan:
     """The deadline rule, for when pace quotas do not fit (`token_round` over its cap): each model gets the
     decode steps its tightest stream needs to stay on time until its next turn and a margin beyond, no more;
     a model that needs none this round (all its streams and its waiting requests have the slack) sits it out.
@@ -131,11 +131,23 @@ def need_round(demands: list[TurnDemand], floor_s: float = 0.0, cap_s: float = 4
     overloaded (each model still asks for its need; the turns at the end of the round run late). Time left
     over under the floor (the PCIe rotation) banks slack too: it goes to the models that run, in proportion
     to d / T.
+
+    `keep_turns` (TokenConfig.need_keep_turns): a margin so small that no model needs a turn is not a round that
+    fits -- it is no round. Where a larger margin had turns (its round over the cap) and the next one has none,
+    the larger margin's round is kept. Without it the caller (TokenPolicy._need_plan) plans pace quotas instead,
+    whose round (C + P) / (1 - S) nothing caps once prefill is shrunk to none: with S near 1 (simulated, 4 x 7B
+    + 6 x 1.5B at 1.3 req/s/model, copy_slowdown 0.2) a round of 31 s against the tightest stream's 2 s of
+    slack, each model then waiting up to 28 s for its next turn.
     """
+    over = None  # the last margin's fixed point whose round went over the cap
     for k in (1.0, 0.5, 0.25, 0.125, 0.0):
-        R, (t, quota, prefill, target, share) = _need_fixed_point(demands, floor_s, cap_s, k * margin_s, iters)
-        if t <= cap_s + 1e-9:
+        R, turns = _need_fixed_point(demands, floor_s, cap_s, k * margin_s, iters)
+        if turns[0] <= cap_s + 1e-9:
+            if keep_turns and not turns[1] and over is not None:
+                R, turns = over
             break
+        over = R, turns
+    t, quota, prefill, target, share = turns
     left = R - t
     if left > 1e-12 and share > 0:
         for d in demands:

@@ -54,6 +54,7 @@ from token_scheduler.policies.memory import Room, fit_step, make_room
 from token_scheduler.policies.quota import RoundPlan, TurnDemand, aegaeon_round, need_round, token_round
 from token_scheduler.policies.slo import next_token_slack
 from token_scheduler.policies.state import ModelState, PoolState, Residency, StepPlan
+from tokenpool import env
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,11 @@ class TokenConfig:
     # first, when that turn fits before the weights can land (instead of a stall, or its predecessor's turn
     # running on while it loads).
     hop: bool = True
+    # Under pressure, a deadline-rule round whose margin shrank until no model needs a turn keeps the last margin
+    # that had turns (quota.need_round's keep_turns) instead of falling back to pace quotas, whose round
+    # (C + P) / (1 - S) is uncapped once prefill is shrunk to none: 31 s rounds were seen against 2 s of slack.
+    # Default from TOKENPOOL_NEED_KEEP_TURNS (off: the plans as before).
+    need_keep_turns: bool = field(default_factory=env.NEED_KEEP_TURNS.on)
 
 
 @dataclass(slots=True)
@@ -416,7 +422,8 @@ class TokenPolicy:
                                  run_slack_s=run_slack[d.model], wait_slack_s=wait_slack[d.model]))
         rotate = max(0, footprint - st.capacity_bytes)
         floor = min(cfg.max_round_s, cost.load_time(rotate) / cfg.link_util if rotate else 0.0)
-        plan = need_round(needs, max(cfg.min_round_s, floor), cfg.max_round_s, cfg.need_margin_s)
+        plan = need_round(needs, max(cfg.min_round_s, floor), cfg.max_round_s, cfg.need_margin_s,
+                          keep_turns=cfg.need_keep_turns)
         return plan if plan.quota_s else None
 
     def _switch_charge(self, st: PoolState, m: ModelState, load_s: float) -> float:
