@@ -468,6 +468,9 @@ def test_a_model_falling_behind_its_deadlines_is_reported_once_until_it_steps(ma
     late = [e for e in multi.events if e["kind"] == "late"]
     assert [e["model"] for e in late] == ["a"] and late[0]["late_s"] > 0
     assert late[0]["waiting"] + late[0]["running"] == 1 and late[0]["residency"] == "resident"
+    assert late[0]["predicted_ms_per_step"] > 0  # what the cost model prices its next decode at
+    if late[0]["turn_steps"]:  # its last turn, when it had one: steps and engine time per step
+        assert late[0]["turn_ms_per_step"] > 0
     multi._late_check = 0.0  # the next check is due now; "a" has not stepped since its event unless it ran
     before = len(multi.events)
     ran = multi.step_tokens() and multi.trace[-1]

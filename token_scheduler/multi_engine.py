@@ -754,9 +754,17 @@ class MultiModelEngine:
                 self._late.add(name)
                 self.timing["late_episodes"] += 1
                 last = self._last_run.get(name)
+                # its last turn (steps, engine ms per step) against what the cost model predicts for a decode of
+                # its running requests now: a fit that prices its steps short plans it turns too short
+                turn = next((t for t in reversed(self.timeline) if t[1] == name), None)
+                ctx = sum(r.num_tokens for r in s.running)
+                n = max(1, len(s.running))
                 self._event("late", name, late_s=round(late, 3), residency=m.residency.name.lower(),
                             since_step_s=None if last is None else round(now - last, 3),
-                            waiting=len(s.waiting), running=len(s.running) + len(s.swapped), active=self.state.active)
+                            waiting=len(s.waiting), running=len(s.running) + len(s.swapped), active=self.state.active,
+                            turn_steps=turn[2] if turn else 0,
+                            turn_ms_per_step=round(1e3 * turn[3] / turn[2], 3) if turn else None,
+                            predicted_ms_per_step=round(1e3 * self.cost.step_time(name, StepShape(n, n, ctx)), 3))
 
     def estimate(self, name: str) -> dict[str, float]:
         """This engine's own numbers for a new request's TTFT (the controller routes and admits with them):
