@@ -49,22 +49,12 @@ def run(models: str, rate: float, seed: int, duration: float = 120.0, drain: flo
         gpu_budget_gb: float = 120.0, kv_cache_gb: float = 4.0, policy: str = "token") -> dict:
     specs = {e.name: spec_for(e.arch, e.size, e.name) for e in parse_models(models)}
     items = generate(list(specs), rate, duration, seed=seed)
-    recs: list[Recorder] = []
-    make = simulator.make_policy
-
-    def wrapped(*a, **kw):
-        recs.append(Recorder(make(*a, **kw)))
-        return recs[-1]
-
-    simulator.make_policy = wrapped  # the simulator builds its GPUs' policies by this name
-    try:
+    with simulator.policies_wrapped(Recorder) as recs:
         t0 = time.perf_counter()
         res = simulator.simulate(items, specs, ModelSLO(10.0, 0.1), policy, capacity_bytes=int(gpu_budget_gb * 1e9),
                                  hw=hardware_profile("measured", specs), drain_s=drain, seed=seed,
                                  kv_cache_bytes=int(kv_cache_gb * 1e9) if kv_cache_gb else None)
         wall = time.perf_counter() - t0
-    finally:
-        simulator.make_policy = make
     (rec,) = recs
     busy = [x / 1e3 for x in rec.busy_ns]
     idle = [x / 1e3 for x in rec.idle_ns]

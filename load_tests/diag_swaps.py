@@ -60,22 +60,12 @@ def run(models: str, seed: int, rate: float, duration: float = 120.0, drain: flo
     specs = {e.name: spec_for(e.arch, e.size, e.name) for e in parse_models(models)}
     items = generate(list(specs), rate, duration, seed=seed)
     slo = ModelSLO(10.0, 0.1)
-    watchers: list[Watcher] = []
-    make = simulator.make_policy
-
-    def wrapped(*a, **kw):
-        watchers.append(Watcher(make(*a, **kw)))
-        return watchers[-1]
-
-    simulator.make_policy = wrapped  # the simulator builds its GPUs' policies by this name
-    try:
+    with simulator.policies_wrapped(Watcher) as watchers:
         res = simulator.simulate(items, specs, slo, "token", capacity_bytes=int(gpu_budget_gb * 1e9),
                                  hw=hardware_profile("measured", specs), drain_s=drain, seed=seed,
                                  policy_kw=policy_kw, keep_tokens=True, kv_cache_bytes=int(kv_cache_gb * 1e9),
                                  copy_slowdown=copy_slowdown, step_host_s=step_host_ms / 1e3,
                                  graph_capture_s=graph_capture_ms / 1e3)
-    finally:
-        simulator.make_policy = make
     (w,) = watchers
     end = res.end_s
     n = own = starved = 0

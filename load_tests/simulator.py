@@ -26,6 +26,7 @@ time it scheduled (the brief's budget: <= 5%).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import random
@@ -370,6 +371,24 @@ def _placement(names: list[str], specs: dict[str, ModelSize], n: int, mode: str)
         load[g] += specs[m].weight_bytes
         out[m] = [g]
     return out
+
+
+@contextlib.contextmanager
+def policies_wrapped(wrap):
+    """Inside the block every policy the simulator builds is `wrap(policy)` (a recorder, a watcher); yields the
+    list of the wrapped policies, in the order they were built (one per simulated GPU)."""
+    global make_policy
+    made, make = [], make_policy
+
+    def wrapped(*a, **kw):
+        made.append(wrap(make(*a, **kw)))
+        return made[-1]
+
+    make_policy = wrapped  # _run_gpus builds its GPUs' policies by this name
+    try:
+        yield made
+    finally:
+        make_policy = make
 
 
 def simulate(items, specs: dict[str, ModelSize], slos: dict[str, ModelSLO] | ModelSLO, policy: str,
