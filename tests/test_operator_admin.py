@@ -109,3 +109,31 @@ def test_operator_command_says_what_it_needs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "controller.cli", "operator", "-n", "x", "-A"], capture_output=True,
                        env=dict(env, TOKENPOOL_ADMIN_TOKEN="t"), cwd=tmp_path, text=True, timeout=60)
     assert r.returncode == 2 and "not both" in r.stderr
+
+
+def test_a_rename_before_the_status_landed_still_removes_the_old_name(admin):
+    """servedName changed while the object's status did not yet say what it was served as (the create's status
+    patch still in flight: the update event carries the old status): the old name goes all the same."""
+    import kopf
+
+    from controller.operator import handlers
+
+    class Kube:  # the pool the model points at exists
+        def pool(self, namespace, name):
+            return {"metadata": {"name": name}}
+
+    memo = kopf.Memo(admin=admin, kube=Kube(), applied={}, served={}, locks={})
+    memo.locks_guard = threading.Lock()
+    spec = {"engine": {"kind": "pace"}, "replicas": {"min": 0, "max": 1}}
+    meta = {"uid": "u-ren", "generation": 1}
+    handlers._reconcile_model(name="ren-a", namespace="tp", spec=spec, status={}, meta=meta, patch=kopf.Patch(),
+                              memo=memo, runtime=None)
+    assert "ren-a" in admin.models.by_name()
+    renamed = dict(spec, servedName="ren-b")
+    handlers._reconcile_model(name="ren-a", namespace="tp", spec=renamed, status={}, meta={**meta, "generation": 2},
+                              patch=kopf.Patch(), memo=memo, runtime=None)
+    names = admin.models.by_name()
+    assert "ren-b" in names and "ren-a" not in names
+    handlers.delete_model(name="ren-a", spec=renamed, status={}, meta={**meta, "generation": 2}, patch=kopf.Patch(),
+                          memo=memo, runtime=None)
+    assert not {"ren-a", "ren-b"} & set(admin.models.by_name())

@@ -65,6 +65,9 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # uid -> (generation, digest) last applied by this process: status may lag behind a duplicate event, and a
     # timer's snapshot of the object may be older than what an update handler just applied.
     memo.applied = {}
+    # uid -> the name a PooledModel was registered under by this process: a rename reads the old name from
+    # status.served, which lags when the spec changes before the create's status patch landed
+    memo.served = {}
     memo.locks, memo.locks_guard = {}, threading.Lock()
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     # Keep kopf's bookkeeping in annotations: the CRDs' status schemas hold only tokenpool's fields.
@@ -199,7 +202,7 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
             return  # the timer looks again
         want = b.digest(desired)
         try:
-            old = status.get("served")
+            old = memo.served.get(meta["uid"]) or status.get("served")
             if old and old != desired["name"] and old in memo.admin.models.by_name():  # renamed (servedName changed)
                 n = _drain_wait(memo.admin, old, spec, runtime)
                 if n:
@@ -224,6 +227,7 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
             if actual is None:
                 actual = memo.admin.models.add(desired)
             memo.applied[meta["uid"]] = (gen, want)
+            memo.served[meta["uid"]] = desired["name"]
         except (AdminError, AdminUnavailable) as e:
             _admin_failed(patch, status, gen, e)
             return
@@ -239,7 +243,7 @@ def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Pa
                  runtime: datetime.timedelta, **_: Any) -> None:
     """The finalizer: drain the model (no new requests), let those in flight finish (up to
     spec.drainTimeoutSeconds), then remove it."""
-    names = {b.served_name(name, dict(spec)), status.get("served")} - {None}  # both, mid-rename
+    names = {b.served_name(name, dict(spec)), status.get("served"), memo.served.get(meta["uid"])} - {None}  # mid-rename
     with _lock(memo, meta["uid"]):
         try:
             for served in names:
@@ -252,6 +256,7 @@ def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Pa
             for served in names:
                 memo.admin.models.remove(served)
             memo.applied.pop(meta["uid"], None)
+            memo.served.pop(meta["uid"], None)
         except AdminUnavailable as e:
             raise _unavailable(e) from e
 
@@ -293,6 +298,7 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
             if actual is None:
                 memo.admin.tenants.add(desired)
             memo.applied[meta["uid"]] = (gen, want)
+            memo.served[meta["uid"]] = desired["name"]
         except (AdminError, AdminUnavailable) as e:
             _admin_failed(patch, status, gen, e)
             return
