@@ -25,8 +25,8 @@ from tokenpool import env
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 # CUDA graphs kept per graph key (graph_cap.py). 96: a cold `bench serve` point at 1.3 req/s/model (4 x 7B + 6 x 1.5B,
-# two shapes) captured 98 graphs in all, so a working set of that size stays whole (a capture again costs ~32 ms of
-# the step thread on the H200). What it bounds one shape's logits to: 96 x the largest bucket's (152k vocabulary:
+# two shapes) captured 98 graphs in all, so a working set of that size stays whole (a capture again costs ~14 ms of
+# the step thread on the H200 at 9ff79c5, a shape's first capture of a bucket ~45 ms). What it bounds one shape's logits to: 96 x the largest bucket's (152k vocabulary:
 # ~20 MB at bucket 32, 1.9 GB for 96; at the served max_num_seqs of 64, ~39 MB each, 3.7 GB at most).
 GRAPH_CAP = max(1, int(env.GRAPH_CAP.get()))
 
