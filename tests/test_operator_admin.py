@@ -111,11 +111,15 @@ def test_operator_command_says_what_it_needs(tmp_path):
     assert r.returncode == 2 and "not both" in r.stderr
 
 
-def test_a_rename_before_the_status_landed_still_removes_the_old_name(admin):
+def test_a_rename_before_the_status_landed_still_removes_the_old_name(admin, monkeypatch):
     """servedName changed while the object's status did not yet say what it was served as (the create's status
     patch still in flight: the update event carries the old status): the old name goes all the same."""
     import kopf
 
+    # Importing the handlers registers them with kopf, timers included, at the resync interval read at import:
+    # the one test_operator_e2e's operator (the same process, the same registry) runs with, or its timer-driven
+    # steps wait the default interval (the e2e took 110 s and timed out after this test had imported them).
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
     from controller.operator import handlers
 
     class Kube:  # the pool the model points at exists
