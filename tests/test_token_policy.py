@@ -200,3 +200,32 @@ def test_a_resident_model_hops_ahead_of_one_whose_weights_are_not_in():
     assert plan.model == "y" and plan.prefetch == "z" and pol.hops == 1
     plan = make_policy("token", hop=False).schedule(st)
     assert plan.model == "z"
+
+
+def test_a_pace_turn_runs_the_steps_its_quota_was_planned_to_buy():
+    """Pace quotas are time: q = R h d / T buys R h / T steps at the predicted d. A model whose steps the cost model
+    underprices got fewer tokens than its pace, turn after turn (served on the H200: a 1.5B priced at ~0 ms got one
+    step a turn while its lateness grew ~1 s a second). A pace turn now runs the steps its quota bought, within
+    twice its quota + 0.1 s; `pace_steps=False` keeps the time quota alone."""
+    def first_turn(**kw):
+        st = _pool(["a", "b"])
+        for n in "ab":
+            st.models[n].running.append(_req(f"r{n}", n, 0.0, 1))
+            st.models[n].kv_gpu_tokens = 16
+        pol = make_policy("token", min_round_s=1.0, **kw)
+        assert pol.schedule(st).model == "a" and pol.need_rounds == 0  # 10 ms steps, d / T = 0.1: pace quotas
+        return st, pol, pol._turn
+
+    st, pol, t = first_turn()
+    # a 1 s round: 1.1 x 10 ms / 100 ms of it, 0.11 s, buys 11 steps at FLAT's 10 ms each
+    assert t.quota_s == pytest.approx(0.11) and t.steps_min == pytest.approx(11)
+    t.steps, t.start = 1, st.now - 1.5 * t.quota_s  # its steps took longer than predicted: quota spent, 1 step run
+    assert pol._continue(st, t)
+    t.steps = int(t.steps_min) + 1  # the steps it bought: the turn ends
+    assert not pol._continue(st, t)
+    t.steps, t.start = 1, st.now - (2.0 * t.quota_s + 0.11)  # and never past twice its quota + 0.1 s
+    assert not pol._continue(st, t)
+    st, pol, t = first_turn(pace_steps=False)
+    assert t.steps_min == 0.0
+    t.steps, t.start = 1, st.now - 1.5 * t.quota_s
+    assert not pol._continue(st, t)

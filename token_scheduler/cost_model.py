@@ -176,7 +176,7 @@ class OnlineLinearFit:
     stays symmetric to the bit over any number of updates; a P that stops being a covariance anyway is reset
     to the prior's confidence * I, theta kept."""
 
-    __slots__ = ("theta", "P", "lam", "n", "cap", "clip", "conf")
+    __slots__ = ("theta", "P", "lam", "n", "cap", "clip", "conf", "resid")
 
     def __init__(self, prior: tuple[float, ...], confidence: float = 100.0, forgetting: float = 0.999,
                  clip: float | None = None):
@@ -192,7 +192,14 @@ class OnlineLinearFit:
         # only up to that. A one-off stall (a CUDA-graph capture, a JIT compile, a GC pause: 100x a step) would
         # otherwise dominate a squared-error fit for its whole memory (~1/(1 - forgetting) steps) and bend
         # every coefficient towards explaining it; a real change still moves the fit, step by step.
+        # The limit is `clip` x the larger of the prediction and 3 x the recent size of the (clipped) errors, `resid`
+        # (an EWMA over ~20 updates): a one-off stall moves `resid` by a twentieth of a step, while an error that
+        # persists widens the limit threefold every ~20 steps until the fit can follow it. Against the prediction
+        # alone, a fit that came to price a shape near zero could never climb back (each correction capped at
+        # that near-zero price) -- seen served (H200, 10 models at 1.3 req/s/model, seed 1): a 1.5B priced at
+        # 0-1.5 ms for decodes measured at 2.4-3.3 ms, for a minute.
         self.clip = clip
+        self.resid = 0.0
 
     def predict(self, x) -> float:
         return sum(map(mul, self.theta, x))
@@ -204,9 +211,10 @@ class OnlineLinearFit:
         self.n += 1
         if abs(err) <= tol * abs(y):
             return False
-        if self.clip is not None and self.n > CLIP_AFTER and pred > 0:
-            lim = self.clip * pred
+        if self.clip is not None and self.n > CLIP_AFTER:
+            lim = self.clip * max(pred, 3.0 * self.resid)
             err = max(-lim, min(lim, err))
+            self.resid += 0.05 * (abs(err) - self.resid)
         lam, P, k = self.lam, self.P, len(self.theta)
         Px = [sum(map(mul, P[i:i + k], x)) for i in range(0, k * k, k)]  # P x
         denom = lam + sum(map(mul, x, Px))
@@ -258,6 +266,7 @@ class CostModel:
         self._step: dict[str, OnlineLinearFit] = {}
         self._coef: dict[str, tuple[float, ...]] = {}  # per-unit coefficients, refreshed when a fit moves
         self._specs: dict[str, ModelSize] = {}
+        self._floor: dict[str, float] = {}
         bw = profile.pcie_bytes_per_s if profile else 25e9  # unseeded: a modest PCIe guess, refitted at once
         ovh = profile.switch_overhead_s if profile else 0.0
         conf = 100.0 if profile else 1e4  # no prior: trust the first measurements entirely
@@ -275,16 +284,20 @@ class CostModel:
         prior = self.profile.step_coefficients(spec) if self.profile else (0.0,) * 5
         self._step[spec.name] = OnlineLinearFit(prior, self._conf, clip=STEP_CLIP)
         self._coef.pop(spec.name, None)
+        # no step is priced under its weights read once at the profile's HBM rate. (Coefficients may be negative:
+        # with decodes costing far less per token than prefill, the fit says so with a negative s/seq.)
+        self._floor[spec.name] = spec.weight_bytes / self.profile.hbm_bytes_per_s if self.profile else 0.0
 
     def forget(self, model: str) -> None:
         """A model is no longer hosted: drop its step fit (the link fits are the device's, they stay)."""
         self._specs.pop(model, None)
         self._step.pop(model, None)
         self._coef.pop(model, None)
+        self._floor.pop(model, None)
 
     # -- predictions (cheap; called by policies every step) --
     def step_time(self, model: str, shape: StepShape) -> float:
-        return max(0.0, self._step[model].predict(shape.features()))
+        return max(self._floor[model], self._step[model].predict(shape.features()))
 
     def step_coefficients(self, model: str) -> tuple[float, ...]:
         """Fitted coefficients in per-unit terms: (base s, s/seq, s/new token, s/ctx token, s/attn pair)."""

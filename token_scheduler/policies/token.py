@@ -94,6 +94,10 @@ class TokenConfig:
     # (C + P) / (1 - S) is uncapped once prefill is shrunk to none: 31 s rounds were seen against 2 s of slack.
     # Default from TOKENPOOL_NEED_KEEP_TURNS (off: the plans as before).
     need_keep_turns: bool = field(default_factory=env.NEED_KEEP_TURNS.on)
+    # A pace turn runs at least the decode steps its time quota was planned to buy (quota / predicted step), up to
+    # twice its quota + 0.1 s: a model whose steps the cost model underprices keeps its pace instead of losing
+    # tokens turn after turn (the round stretches a little for everyone instead).
+    pace_steps: bool = True
 
 
 @dataclass(slots=True)
@@ -104,6 +108,7 @@ class _Turn:
     first_s: float = 0.0
     steps: int = 0
     target: float | None = None  # deadline rule: run until every stream's next deadline is past this (state clock)
+    steps_min: float = 0.0  # pace rule: the decode steps its quota was planned to buy (quota / predicted step)
 
 
 class TokenPolicy:
@@ -118,6 +123,7 @@ class TokenPolicy:
         self._turn: _Turn | None = None
         self._skipped: dict[str, int] = {}
         self._bonus: dict[str, int] = {}
+        self._steps: dict[str, float] = {}  # pace rounds: model -> decode steps its quota buys (`_Turn.steps_min`)
         self.rounds = 0
         self.last_round_s = 0.0  # the last round's planned length
         self.last_round_wall_s = 0.0  # how long the round before it actually took (state clock)
@@ -142,9 +148,11 @@ class TokenPolicy:
                 m = st.models.get(name)
                 if m is None or not m.has_work:
                     continue
-                quota = self._plan.turn_s(name) * (1 + self._bonus.pop(name, 0)) if self._plan else 0.0
+                more = 1 + self._bonus.pop(name, 0)
+                quota = self._plan.turn_s(name) * more if self._plan else 0.0
                 tgt = self._plan.target_s.get(name) if self._plan and self._plan.target_s else None
-                self._turn = _Turn(name, quota, target=None if tgt is None else self._round_started + tgt)
+                self._turn = _Turn(name, quota, target=None if tgt is None else self._round_started + tgt,
+                                   steps_min=self._steps.get(name, 0.0) * more)
                 self.turns[name] = self.turns.get(name, 0) + 1
                 plan = self._step(st, self._turn)
                 if not plan.idle:
@@ -175,13 +183,13 @@ class TokenPolicy:
         the queue's pops, a new round), so a plan made ahead of its step (MultiModelEngine, plan-ahead) and then
         not used is undone with these before the step plans again -- one schedule call's effects per step."""
         t = self._turn
-        return (deque(self._queue), self._plan, None if t is None else replace(t), dict(self._skipped),
+        return (deque(self._queue), self._plan, self._steps, None if t is None else replace(t), dict(self._skipped),
                 dict(self._bonus), self.rounds, self.last_round_s, self.last_round_wall_s, self._round_started,
                 self.skips, self.need_rounds, self.hops, dict(self.turns), dict(self.empty_turns))
 
     def restore(self, cp: tuple) -> None:
         """Back to a `checkpoint` (the round plan is never changed in place: it is kept by reference)."""
-        (self._queue, self._plan, self._turn, self._skipped, self._bonus, self.rounds, self.last_round_s,
+        (self._queue, self._plan, self._steps, self._turn, self._skipped, self._bonus, self.rounds, self.last_round_s,
          self.last_round_wall_s, self._round_started, self.skips, self.need_rounds, self.hops, self.turns,
          self.empty_turns) = cp
 
@@ -211,6 +219,11 @@ class TokenPolicy:
             return True
         if t.target is not None and st.now - t.start < 2.0 * t.quota_s + 0.1 and not covered(m, t.target):
             return True  # steps ran slower than planned: the need, not the time, ends a deadline-rule turn
+        if t.steps < t.steps_min and st.now - t.start < 2.0 * t.quota_s + 0.1:
+            # the same for a pace turn: its streams need the tokens, not the seconds. A time quota alone hands a
+            # model whose steps the cost model underprices fewer tokens than its pace, turn after turn (served:
+            # a 1.5B priced at ~0 ms got one step a turn, its lateness growing ~1 s a second)
+            return True
         if self.cfg.extend_on_load and m.running and self._queue:
             nxt = st.models[self._queue[0]]
             return (nxt.residency == Residency.LOADING and nxt.ready_at > st.now + t.first_s
@@ -349,6 +362,7 @@ class TokenPolicy:
         if self._round_started is not None:
             self.last_round_wall_s = now - self._round_started
         self._round_started = now
+        self._steps = {}  # (replaced, never changed in place: a checkpoint keeps it by reference)
         cands = [m for m in st.models.values() if m.has_work]
         self._queue.clear()
         if not cands:
@@ -394,6 +408,8 @@ class TokenPolicy:
             rotate = max(0, footprint - st.capacity_bytes)
             r_min = max(cfg.min_round_s, cost.load_time(rotate) / cfg.link_util if rotate else 0.0)
             plan = token_round(demands, cfg.headroom, min(r_min, cap), cap)
+            self._steps = {d.model: plan.quota_s[d.model] / d.decode_step_s for d in demands
+                           if d.decode_step_s > 0.0 and cfg.pace_steps}
         self._plan = plan
         self._queue.extend(names)
         self.rounds += 1
