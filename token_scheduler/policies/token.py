@@ -176,6 +176,7 @@ class TokenPolicy:
             self._turn = None
         for d in (self._skipped, self._bonus, self.turns, self.empty_turns):
             d.pop(name, None)
+        self._steps = {k: v for k, v in self._steps.items() if k != name}  # (replaced: a checkpoint may hold it)
 
     def checkpoint(self) -> tuple:
         """Everything `schedule` changes (the round, its queue, the turn in progress, the skip/bonus books and the
