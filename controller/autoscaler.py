@@ -14,6 +14,8 @@ steps its models in turn, so an extra model there takes turns from the ones it f
 Placement is part of each tick too: a model below its minimum is registered where `router.place` says (the
 loads planned earlier in the tick count, so models placed together spread), and `router.rebalance` moves
 registrations off an engine that carries more than its share (an engine that joined late starts empty).
+Neither puts a model on an engine whose pinned models would leave it (or, pinned itself, would leave a model
+there) too little weight space: registered there, its weights could never load (`router.pin_blocked`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from controller.config import AutoscalerSettings
-from controller.router import EngineView, ModelInfo, place, rebalance, with_registration
+from controller.router import EngineView, ModelInfo, Route, pin_blocked, place, rebalance, with_registration
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class Autoscaler:
         self._hot: dict[str, int] = {}
         self._cold: dict[str, int] = {}
         self._shed: dict[tuple[str, str], int] = {}  # (model, engine): ticks in a row its registration there could go
+        # (model, engine) -> (the model the pins there would starve, those pins): engines this tick's placements
+        # passed over for pins. The controller tells of them: a hot model placed elsewhere, or nowhere, is otherwise
+        # a silent difference from what its load asked for
+        self.pin_blocked: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}
 
     def plan(self, loads: list[ModelLoad], engines: list[EngineView],
              moving: dict[str, str] | None = None) -> list[Action]:
@@ -64,15 +70,17 @@ class Autoscaler:
         leaves once the new registration is ready); they count on their new engine only, and nothing else is done
         to them."""
         models = {ml.info.name: ml.info for ml in loads}
+        pinned = frozenset(ml.info.name for ml in loads if ml.pinned)
         actions: list[Action] = []
         struggling = self.struggling(loads, engines)
+        self.pin_blocked = {}
         for ml in sorted(loads, key=lambda x: -x.info.priority):
             name = ml.info.name
             hosts = _hosts(name, engines)
             n = len(hosts)
             exclude = ml.avoid | {a.engine_id for a in actions if a.model == name}
             if n < ml.min_replicas:
-                rt = place(ml.info, engines, models, exclude=exclude)
+                rt = self._place(ml.info, engines, models, exclude, pinned)
                 if rt is not None:
                     actions.append(Action("load", name, rt.engine_id))
                     engines = with_registration(engines, rt.engine_id, name)
@@ -84,7 +92,7 @@ class Autoscaler:
             self._hot[name] = self._hot.get(name, 0) + 1 if hot else 0
             self._cold[name] = self._cold.get(name, 0) + 1 if cold else 0
             if self._hot[name] >= self.s.up_ticks and 0 < n < ml.max_replicas:
-                rt = place(ml.info, engines, models, exclude=exclude | struggling)
+                rt = self._place(ml.info, engines, models, exclude | struggling, pinned)
                 if rt is not None:
                     actions.append(Action("load", name, rt.engine_id))
                     self._hot[name] = 0
@@ -99,6 +107,14 @@ class Autoscaler:
         actions += self.sheds(loads, engines, struggling, acted=frozenset(a.model for a in actions) | set(moving or ()))
         return actions + self.moves(loads, engines, moving, acted=frozenset(a.model for a in actions),
                                     struggling=struggling)
+
+    def _place(self, info: ModelInfo, engines: list[EngineView], models: dict[str, ModelInfo],
+               exclude: frozenset[str], pinned: frozenset[str]) -> Route | None:
+        """`router.place`, noting the engines it passed over for pins (`pin_blocked`)."""
+        regs = {e.engine_id: [*e.replicas, info.name] for e in engines}
+        for eid, other in pin_blocked(info, engines, models, pinned).items():
+            self.pin_blocked[(info.name, eid)] = other, tuple(n for n in regs[eid] if n in pinned)
+        return place(info, engines, models, exclude=exclude, pinned=pinned)
 
     def sheds(self, loads: list[ModelLoad], engines: list[EngineView], struggling: frozenset[str],
               acted: frozenset[str] = frozenset()) -> list[Action]:
@@ -141,14 +157,16 @@ class Autoscaler:
     def moves(self, loads: list[ModelLoad], engines: list[EngineView], moving: dict[str, str] | None = None,
               acted: frozenset[str] = frozenset(), struggling: frozenset[str] | None = None) -> list[Action]:
         """Placement's evening out (`router.rebalance`): pinned models, models moving or `acted` on this tick stay;
-        none goes where its registration just failed, nor to a struggling engine (`struggling`, derived from the
-        same inputs unless the caller has it)."""
+        none goes where its registration just failed, nor where the pins leave it too little weight space, nor to a
+        struggling engine (`struggling`, derived from the same inputs unless the caller has it)."""
         if struggling is None:
             struggling = self.struggling(loads, engines)
         models = {ml.info.name: ml.info for ml in loads}
-        fixed = acted | set(moving or ()) | {ml.info.name for ml in loads if ml.pinned}
+        pinned = frozenset(ml.info.name for ml in loads if ml.pinned)
+        fixed = acted | set(moving or ()) | pinned
         avoid = {ml.info.name: ml.avoid | struggling for ml in loads if ml.avoid or struggling}
-        return [Action("move", name, dst, src) for name, src, dst in rebalance(engines, models, fixed, avoid, moving)]
+        return [Action("move", name, dst, src)
+                for name, src, dst in rebalance(engines, models, fixed, avoid, moving, pinned)]
 
     def forget(self, model: str) -> None:
         self._hot.pop(model, None)

@@ -100,28 +100,51 @@ def pin_blocks(name: str, registered: list[str], models: dict[str, ModelInfo], p
     return next((n for n in registered if n != name and n not in pinned and slot(n) > memory_bytes - held), None)
 
 
+def pins_starve(registered: list[str], memory_bytes: int, models: dict[str, ModelInfo],
+                pinned: set[str] | frozenset[str]) -> str | None:
+    """`pin_blocks` for an engine's pins taken together: the model among `registered` (in that order: a caller asking
+    about a registration it would add puts that model first) that the pinned ones leave too little of
+    `memory_bytes` of weight space, or None. The one rule start-up, the admin API and placement share."""
+    p = [n for n in registered if n in pinned]
+    return pin_blocks(p[0], registered, models, set(p[1:]), memory_bytes) if p else None
+
+
+def pin_blocked(model: ModelInfo, engines: list[EngineView], models: dict[str, ModelInfo],
+                pinned: set[str] | frozenset[str]) -> dict[str, str]:
+    """The usable engines whose weight space fits `model` but where a new registration of it would be starved by the
+    pins there, or (pinned itself) would starve a model registered there (`pins_starve`): engine id -> that model.
+    Placement passes them over: the registration would be made, but its weights (or the other model's) could never
+    load, and requests to it would wait until they time out."""
+    out, models = {}, {**models, model.name: model}
+    for e in engines:
+        if e.usable and model.name not in e.replicas and model.size_bytes <= e.memory_bytes:
+            other = pins_starve([model.name, *e.replicas], e.memory_bytes, models, pinned)
+            if other is not None:
+                out[e.engine_id] = other
+    return out
+
+
 def starved_by_pins(engines: list[EngineView], models: dict[str, ModelInfo],
                     pinned: set[str]) -> tuple[str, list[str], str] | None:
-    """A model the pinned models would leave too little weight space (`pin_blocks`, an engine's pins taken
+    """A model the pinned models would leave too little weight space (`pins_starve`, an engine's pins taken
     together): (the engine, the pinned models registered there, the model), the first found; None when none.
-    A model registered on an engine is judged there; one registered nowhere (yet: replicas.min 0), against every
-    usable engine its weights fit -- starved only when pins leave it too little on each of them."""
+    A model registered on an engine is judged there; one registered nowhere (yet: replicas.min 0, or placement
+    found no engine: `pin_blocked`), against every usable engine its weights fit -- starved only when on each of
+    them it would be starved, or (pinned itself) would starve a model registered there."""
     usable = [e for e in engines if e.usable]
-    pins = {e.engine_id: [n for n in e.replicas if n in pinned] for e in usable}
     for e in usable:
-        p = pins[e.engine_id]
-        other = pin_blocks(p[0], list(e.replicas), models, set(p[1:]), e.memory_bytes) if p else None
+        other = pins_starve(list(e.replicas), e.memory_bytes, models, pinned)
         if other is not None:
-            return e.engine_id, p, other
+            return e.engine_id, [n for n in e.replicas if n in pinned], other
     placed = {n for e in usable for n in e.replicas}
     for name, info in models.items():
-        if name in placed or name in pinned:
+        if name in placed:
             continue
         fits = [e for e in usable if info.size_bytes <= e.memory_bytes]
-        if fits and all(pins[e.engine_id] and pin_blocks(pins[e.engine_id][0], [*e.replicas, name], models,
-                                                         set(pins[e.engine_id][1:]), e.memory_bytes) == name
-                        for e in fits):
-            return fits[0].engine_id, pins[fits[0].engine_id], name
+        blocked = pin_blocked(info, fits, models, pinned)
+        if fits and len(blocked) == len(fits):
+            e = fits[0]
+            return e.engine_id, [n for n in [*e.replicas, name] if n in pinned], blocked[e.engine_id]
     return None
 
 
@@ -156,14 +179,16 @@ def route(model: ModelInfo, engines: list[EngineView], prompt_tokens: int = 0) -
 
 
 def place(model: ModelInfo, engines: list[EngineView], models: dict[str, ModelInfo],
-          exclude: frozenset[str] = frozenset()) -> Route | None:
-    """Which engine a new registration of `model` goes to: one whose weight space fits the model, the one with
-    the smallest registered weight per byte of weight space, then the least busy. No evictions: a registration
-    takes host memory, and VRAM is the pooled engine's to share. None if no engine can ever run it.
-    Shares count each registration's `weight` (bytes plus a step's fixed cost)."""
+          exclude: frozenset[str] = frozenset(), pinned: set[str] | frozenset[str] = frozenset()) -> Route | None:
+    """Which engine a new registration of `model` goes to: one whose weight space fits the model beside the
+    `pinned` models there (`pin_blocked`), the one with the smallest registered weight per byte of weight space,
+    then the least busy. No evictions: a registration takes host memory, and VRAM is the pooled engine's to share.
+    None if no engine can ever run it. Shares count each registration's `weight` (bytes plus a step's fixed cost)."""
+    blocked = pin_blocked(model, engines, models, pinned) if pinned else {}
     options = []
     for e in engines:
-        if not e.usable or model.name in e.replicas or e.engine_id in exclude or model.size_bytes > e.memory_bytes:
+        if (not e.usable or model.name in e.replicas or e.engine_id in exclude or model.size_bytes > e.memory_bytes
+                or e.engine_id in blocked):
             continue
         share = used_weight(e, models) / max(1, e.memory_bytes)
         options.append((share, e.inflight, e.engine_id, e.step_s))
@@ -181,13 +206,14 @@ def with_registration(engines: list[EngineView], engine_id: str, model: str) -> 
 
 
 def rebalance(engines: list[EngineView], models: dict[str, ModelInfo], fixed: frozenset[str] = frozenset(),
-              avoid: dict[str, frozenset[str]] | None = None,
-              moving: dict[str, str] | None = None) -> list[tuple[str, str, str]]:
+              avoid: dict[str, frozenset[str]] | None = None, moving: dict[str, str] | None = None,
+              pinned: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, str, str]]:
     """Moves (model, from engine, to engine) that even out the registered `weight` per byte of weight space, e.g.
     when a GPU's worker joins after every model was placed on the first one. A model moves only when its one
     registration is ready, it is not `fixed` (pinned), fits the target and its registration did not fail there
-    lately (`avoid`: model -> engines); and only while the gap between the fullest and the emptiest engine is at
-    least what the move itself shifts -- so the move back is never due (no ping-pong). The largest such model
+    lately (`avoid`: model -> engines), and the `pinned` models there leave it room (`pins_starve`, the moves
+    planned before counted); and only while the gap between the fullest and the emptiest engine is at least what
+    the move itself shifts -- so the move back is never due (no ping-pong). The largest such model
     goes first, an idle one before a busy one of its size. A busy model moves too: the move is make-before-break
     (its requests in flight finish where they are), and under steady load no model is ever idle, so waiting for
     idleness left a late GPU nearly empty (2 x H200, 20 models at 0.7 req/s each: one GPU did the work). A move
@@ -218,7 +244,8 @@ def rebalance(engines: list[EngineView], models: dict[str, ModelInfo], fixed: fr
             info = models.get(name)
             if (info is None or info.size_bytes <= 0 or name not in regs[src] or name in regs[dst] or name in fixed
                     or count.get(name) != 1 or not r.ready or info.size_bytes > live[dst].memory_bytes
-                    or dst in (avoid or {}).get(name, ())):  # (a draining registration is not in regs)
+                    or dst in (avoid or {}).get(name, ())  # (a draining registration is not in regs)
+                    or pins_starve([name, *sorted(regs[dst])], live[dst].memory_bytes, models, pinned) is not None):
                 continue
             w = weight(info)
             key = (w, not r.inflight, name)

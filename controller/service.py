@@ -32,6 +32,7 @@ from controller.router import (
     EngineView,
     ModelInfo,
     ReplicaView,
+    pin_blocked,
     place,
     route,
     starved_by_pins,
@@ -145,6 +146,7 @@ class Controller:
         self.autoscaler = Autoscaler(cfg.autoscaler)
         self._was_ready = False  # ready() once: start-up is over (see ready)
         self._pins_checked = False  # the first placement was checked against the pins (_check_pins)
+        self._pin_blocked: set[tuple[str, str]] = set()  # (model, engine) placement passed over for pins, told of
         # Why this configuration cannot be served, found once the engines joined (start-up is refused: nothing more
         # is placed, and `on_fatal`, which `tokenpool serve` sets, stops the server with exit status 2); or None
         self.fatal: str | None = None
@@ -211,12 +213,19 @@ class Controller:
         if budgets and weights_bytes(spec) > max(budgets):
             raise ServingError(400, f"model {spec.name!r} needs {weights_bytes(spec) / 2**30:.1f} GiB for weights; the "
                                f"largest GPU's weight space is {max(budgets) / 2**30:.1f} GiB", param="memory_gb")
+        # Placement follows the pins (`router.pin_blocked`): registered while they leave it no GPU, the model would
+        # be placed nowhere, and every request to it refused for good. Refused here instead, as a pin that would
+        # starve a model is (409 pin_would_starve); at start-up no GPU is known yet (_check_pins judges then).
+        info = ModelInfo(spec.name, weights_bytes(spec), spec.priority)
+        why = self._pins_block(info, spec.pin) if budgets else None
+        if why is not None:
+            raise ServingError(409, f"model {spec.name!r} cannot be placed on any GPU its weights fit: {why}; unpin a "
+                               "model or remove one first", code="pin_would_starve")
         try:
             tok = await asyncio.to_thread(load_tokenizer, spec.path)
         except Exception as e:  # noqa: BLE001 - any unreadable tokenizer is the caller's error
             raise ServingError(400, f"cannot load the tokenizer from {spec.path}: {e}", param="path") from e
-        entry = ModelEntry(spec, ModelInfo(spec.name, weights_bytes(spec), spec.priority), tok, context_len(spec, tok),
-                           pinned=spec.pin)
+        entry = ModelEntry(spec, info, tok, context_len(spec, tok), pinned=spec.pin)
         self.models[spec.name] = entry
         freeze_long_lived()  # the tokenizer (and what loading it imported) lives as long as the model
         self.events.publish("register", model=spec.name)
@@ -305,9 +314,11 @@ class Controller:
         views = self.views()
         rt = route(entry.info, views, len(sub.prompt_ids))
         if rt is None:
-            pl = place(entry.info, views, self.infos())
+            pl = place(entry.info, views, self.infos(), pinned=self._pinned())
             if pl is None:
-                raise ServingError(503, f"no engine can serve model {name!r} now", retry_after=5)
+                why = self._pins_block(entry.info, entry.pinned)
+                raise ServingError(503, f"no engine can serve model {name!r} now{f': {why}' if why else ''}",
+                                   retry_after=5)
             self._register(self.pool.engines[pl.engine_id], entry)
             rt = route(entry.info, self.views(), len(sub.prompt_ids))
         if admission and self.cfg.admission.enabled:
@@ -370,6 +381,9 @@ class Controller:
     def infos(self) -> dict[str, ModelInfo]:
         return {n: me.info for n, me in self.models.items()}
 
+    def _pinned(self) -> set[str]:
+        return {n for n, me in self.models.items() if me.pinned}
+
     def views(self) -> list[EngineView]:
         out = []
         for e in self.pool.engines.values():
@@ -430,18 +444,38 @@ class Controller:
             if a.kind in ("load", "move"):
                 engines = with_registration(engines, a.engine_id, a.model)
         infos = self.infos()
-        bad = starved_by_pins(engines, infos, {n for n, me in self.models.items() if me.pinned})
+        bad = starved_by_pins(engines, infos, self._pinned())
         if bad is None:
             return None
         eid, pins, other = bad
         e = self.pool.engines.get(eid)
         space = next(v.memory_bytes for v in engines if v.engine_id == eid)
+        return (f"{self._pins_leave(eid, pins, other, space, infos)}. Unpin a model (pin: false), give the GPU more "
+                f"weight space (gpus.{'cpu_' if e is not None and e.device == 'cpu' else ''}budget_gb, "
+                "gpus.kv_cache_gb) or serve fewer models there")
+
+    def _pins_leave(self, eid: str, pins: list[str] | tuple[str, ...], other: str, space: int,
+                    infos: dict[str, ModelInfo]) -> str:
+        """A starvation by pins (`router.pins_starve`) in words: the pins and their sizes, the model, the GPU."""
+        e = self.pool.engines.get(eid)
         sized = ", ".join(f"{p!r} ({infos[p].size_bytes / 1e9:.2f} GB)" for p in pins)
         return (f"pinned model{'s' if len(pins) > 1 else ''} {sized} would leave {other!r} "
                 f"({infos[other].size_bytes / 1e9:.2f} GB) too little of the {space / 1e9:.2f} GB weight space of "
-                f"{eid}{f' ({e.device})' if e is not None else ''}: {other!r} could never load there. Unpin a model "
-                f"(pin: false), give the GPU more weight space (gpus.{'cpu_' if e is not None and e.device == 'cpu' else ''}"
-                "budget_gb, gpus.kv_cache_gb) or serve fewer models there")
+                f"{eid}{f' ({e.device})' if e is not None else ''}: {other!r} could never load there")
+
+    def _pins_block(self, info: ModelInfo, pin: bool) -> str | None:
+        """Why no GPU can take a registration of `info` (pinned, if `pin`): on every usable one its weights fit, the
+        pins would starve it, or it would starve a model there (`router.pin_blocked`, placement's rule); None when
+        one can, or none is usable (placement waits for one)."""
+        views = self.views()
+        infos = {**self.infos(), info.name: info}
+        pinned = self._pinned() | ({info.name} if pin else set())
+        fits = [v for v in views if v.usable and info.name not in v.replicas and info.size_bytes <= v.memory_bytes]
+        blocked = pin_blocked(info, fits, infos, pinned)
+        if not fits or len(blocked) < len(fits):
+            return None
+        return "; ".join(self._pins_leave(v.engine_id, [n for n in [*v.replicas, info.name] if n in pinned],
+                                          blocked[v.engine_id], v.memory_bytes, infos) for v in fits)
 
     def _refuse(self, why: str) -> None:
         """The configuration cannot be served (found at start-up): said once, nothing more placed, server stopped."""
@@ -472,6 +506,8 @@ class Controller:
         actions = [] if waiting else self.autoscaler.plan(self._loads(engines), engines, self._moving)
         if not self.cfg.autoscaler.enabled:  # placement only: minimum registrations, and evening out
             actions = [a for a in actions if a.kind in ("load", "move")]
+        if not waiting:
+            self._tell_pin_blocked(engines)
         if not waiting and not self._pins_checked and self.pool.local_slots and any(e.usable for e in engines):
             self._pins_checked = True
             why = self._check_pins(engines, actions)
@@ -509,6 +545,17 @@ class Controller:
             self.metrics.engines.labels(k).set(v)
         for name in self.models:
             self.metrics.replicas.labels(name).set(sum(1 for e in engines if name in e.replicas))
+
+    def _tell_pin_blocked(self, engines: list[EngineView]) -> None:
+        """Log, and publish as `pin_blocked` events, the engines this tick's placements passed over because the pins
+        there would starve the model (or it them): once while it stays so, not every tick a hot model asks again."""
+        infos, space = self.infos(), {v.engine_id: v.memory_bytes for v in engines}
+        for (name, eid), (other, pins) in self.autoscaler.pin_blocked.items():
+            if (name, eid) not in self._pin_blocked and name in infos and eid in space:
+                why = self._pins_leave(eid, pins, other, space[eid], infos)
+                log.warning("not placing %s on %s: %s", name, eid, why)
+                self.events.publish("pin_blocked", model=name, engine=eid, starved=other, pins=list(pins), reason=why)
+        self._pin_blocked = set(self.autoscaler.pin_blocked)
 
     async def _autoscale_loop(self) -> None:
         while True:

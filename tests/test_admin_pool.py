@@ -7,6 +7,7 @@ worker's registration would, carrying the pooled engine's `pool` state (controll
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import deque
 
@@ -210,6 +211,16 @@ def test_config_pins_that_would_starve_a_model_refuse_start_up(gamma_min):
     assert e.replicas == {}
 
 
+def test_config_pins_placed_after_the_model_they_would_starve_refuse_start_up():
+    """Placement follows the pins: gamma placed first, then alpha beside it, beta's pin would starve gamma, so beta
+    is placed nowhere. Start-up is refused all the same (a pinned model no GPU can take), in the same words."""
+    ctl = configured([("gamma", 10, False), ("alpha", 8, True), ("beta", 8, True)])
+    e = joins(ctl, "w0", 0, 20 * 10**9)
+    assert ctl.fatal.startswith("pinned models 'alpha' (8.59 GB), 'beta' (8.59 GB) would leave 'gamma' (10.74 GB) "
+                                "too little of the 20.00 GB weight space of w0 (cuda:0): 'gamma' could never load")
+    assert e.replicas == {}
+
+
 def test_config_pins_that_fit_start():
     """The same GPU with pins that leave gamma room: every model is placed. Two GPUs, pins together too big for one:
     placement puts alpha and beta on different GPUs, and gamma fits beside either: not refused either (the check is
@@ -224,6 +235,81 @@ def test_config_pins_that_fit_start():
     assert ctl.fatal is None
     assert {"alpha", "beta"} <= set(w0.replicas) | set(w1.replicas) and not {"alpha", "beta"} <= set(w0.replicas)
     assert "gamma" in set(w0.replicas) | set(w1.replicas)
+
+
+def sized(ctl, **gb: float) -> None:
+    for n, g in gb.items():
+        ctl.models[n].info = dataclasses.replace(ctl.models[n].info, size_bytes=int(g * 10**9))
+
+
+def test_a_model_added_where_pins_leave_it_no_room_goes_elsewhere_or_is_refused(app):
+    """w0 (20 GB of weight space) holds alpha and beta, both pinned (8 GB each): 4 GB left beside them. w1 (12 GB)
+    holds gamma (11 GB): fuller by share, so placement by shares alone picks w0. A 10 GiB model added through the
+    admin API goes to w1, where it fits (w0 passed over: a pin_blocked event). A 15 GiB model fits only w0's space,
+    where it could never load: 409 pin_would_starve naming it, the pins, the sizes and the GPU; nothing registered."""
+    ctl = app.state.controller
+    sized(ctl, alpha=8, beta=8, gamma=11)
+    ctl.models["alpha"].pinned = ctl.models["beta"].pinned = True
+    w0, w1 = engine("w0", {"alpha": "ready", "beta": "ready"}), engine("w1", {"gamma": "ready"})
+    w0.memory_bytes, w1.memory_bytes = 20 * 10**9, 12 * 10**9
+    ctl.pool.engines.update(w0=w0, w1=w1)
+    c = TestClient(app)
+    r = c.post("/admin/models", headers=H, json={"name": "delta", "engine": {"kind": "pace"}, "memory_gb": 10})
+    assert r.status_code == 201, r.text
+    assert "delta" in w1.replicas and "delta" not in w0.replicas
+    told = [(e["model"], e["engine"], e["starved"], e["pins"]) for e in ctl.events.recent if e["kind"] == "pin_blocked"]
+    assert told == [("delta", "w0", "delta", ["alpha", "beta"])]
+    r = c.post("/admin/models", headers=H, json={"name": "eps", "engine": {"kind": "pace"}, "memory_gb": 15})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "pin_would_starve"
+    assert r.json()["error"]["message"] == (
+        "model 'eps' cannot be placed on any GPU its weights fit: pinned models 'alpha' (8.00 GB), 'beta' (8.00 GB) "
+        "would leave 'eps' (16.11 GB) too little of the 20.00 GB weight space of w0 (cuda:0): 'eps' could never "
+        "load there; unpin a model or remove one first")
+    assert "eps" not in ctl.models and "eps" not in w0.replicas and "eps" not in w1.replicas
+    r = c.post("/admin/models", headers=H, json={"name": "zeta", "engine": {"kind": "pace"}, "memory_gb": 15,
+                                                 "pin": True})  # pinned itself: 31 GB of pins, no unpinned model short
+    assert r.status_code == 201 and "zeta" in w0.replicas
+
+
+def test_the_autoscaler_gives_a_hot_model_no_replica_where_pins_would_starve_it(app):
+    """beta (8 GB) is hot on w0. w1 (20 GB) is the emptiest by share, but alpha (14 GB) is pinned there: beta could
+    never load beside it. Ticks place beta nowhere and tell it once (a log line, one pin_blocked event), not every
+    tick. Once w2 joins, beta's second registration goes there."""
+    ctl = app.state.controller
+    ctl.cfg.autoscaler.up_ticks = 1
+    sized(ctl, alpha=14, beta=8, gamma=10)
+    ctl.models["alpha"].pinned = True
+    w0, w1, w2 = engine("w0", {"beta": "ready", "gamma": "ready"}), engine("w1", {"alpha": "ready"}), engine("w2", {})
+    w0.memory_bytes, w1.memory_bytes, w2.memory_bytes = 20 * 10**9, 20 * 10**9, 12 * 10**9
+    for i in range(ctl.models["beta"].spec.engine.max_num_seqs):
+        ctl.pool.submit(w0, Sub(f"cmpl-{i}-0", "beta", 0, [1, 2, 3], {}, 32, asyncio.Queue()))
+    ctl.pool.engines.update(w0=w0, w1=w1)
+    for _ in range(3):
+        ctl.tick()
+    assert sorted(w1.replicas) == ["alpha"] and not ctl._moving
+    told = [(e["model"], e["engine"], e["starved"], e["pins"]) for e in ctl.events.recent if e["kind"] == "pin_blocked"]
+    assert told == [("beta", "w1", "beta", ["alpha"])]
+    ctl.pool.engines["w2"] = w2
+    ctl.tick()
+    assert sorted(w2.replicas) == ["beta"] and sorted(w1.replicas) == ["alpha"]
+
+
+def test_rebalance_moves_no_model_where_pins_would_starve_it(app):
+    """w0 (12 GB) carries beta, gamma and delta (11 GB each), w1 (20 GB) only alpha (10 GB): the shares call for a
+    move to w1. Pinned, alpha leaves 10 GB there, too little for any of them: the tick moves nothing. Unpinned,
+    one moves."""
+    ctl = app.state.controller
+    asyncio.run(ctl.add_model(pace("delta")))
+    sized(ctl, alpha=10, beta=11, gamma=11, delta=11)
+    ctl.models["alpha"].pinned = True
+    w0, w1 = engine("w0", {"beta": "ready", "gamma": "ready", "delta": "ready"}), engine("w1", {"alpha": "ready"})
+    w0.memory_bytes, w1.memory_bytes = 12 * 10**9, 20 * 10**9
+    ctl.pool.engines.update(w0=w0, w1=w1)
+    ctl.tick()
+    assert sorted(w1.replicas) == ["alpha"] and not ctl._moving
+    ctl.models["alpha"].pinned = False
+    ctl.tick()
+    assert len(w1.replicas) == 2 and len(ctl._moving) == 1
 
 
 def test_admin_views_need_the_admin_token(app):

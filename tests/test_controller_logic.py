@@ -450,3 +450,58 @@ def test_pins_of_a_gpu_are_judged_together_and_an_unplaced_model_against_every_g
     assert starved_by_pins([eng("e0", "a", "b")], one, {"a", "b"}) == ("e0", ["a", "b"], "big")
     assert starved_by_pins([eng("e0", "a", "b"), eng("e1")], one, {"a", "b"}) is None
     assert starved_by_pins([eng("e0", "a", "b"), eng("e1", mem=30 * G)], one, {"a", "b"}) == ("e0", ["a", "b"], "big")
+    # a pinned model registered nowhere yet is judged by what its pin would do there: beside c on 20 GB, a and b
+    # pinned would leave c (3.1) too little room, wherever a lands (the start-up check of a placement that, following
+    # the pins, left a pinned model unplaced)
+    nowhere = {n: models[n] for n in ("a", "b", "c")}
+    assert starved_by_pins([eng("e0", "b", "c", mem=33 * G)], nowhere, {"a", "b"}) == ("e0", ["b", "a"], "c")
+    assert starved_by_pins([eng("e0", "b", "c", mem=33 * G), eng("e1")], nowhere, {"a", "b"}) is None
+
+
+def test_placement_passes_over_an_engine_whose_pins_would_starve_the_model():
+    """e0: 60 GB of weight space, a and b pinned (15.2 GB each) leave 29.6 GB; e1: 45 GB holding c (40 GB), fuller
+    by share. big (40 GB) fits either engine's space, but never beside e0's pins: placement picks e1, and with e1
+    gone, nothing. A pinned model is not placed where its pin would starve a model registered there either."""
+    G = 10**9
+    models = {n: ModelInfo(n, int(b * G)) for n, b in (("a", 15.2), ("b", 15.2), ("c", 40.0), ("big", 40.0),
+                                                        ("p", 20.0))}
+    e0 = EngineView("e0", 60 * G, _ready("a", "b"))
+    e1 = EngineView("e1", 45 * G, _ready("c"))
+    assert place(models["big"], [e0, e1], models).engine_id == "e0"  # by share alone
+    assert place(models["big"], [e0, e1], models, pinned={"a", "b"}).engine_id == "e1"
+    assert place(models["big"], [e0], models, pinned={"a", "b"}) is None
+    # p (20 GB), pinned, on e1 would leave c (40 GB) 25 GB: c could never load again
+    assert place(models["p"], [e1], models).engine_id == "e1"
+    assert place(models["p"], [e1], models, pinned={"p"}) is None
+
+
+def test_rebalance_moves_no_model_where_pins_would_starve_it():
+    """e0 (12 GB) carries three 11 GB models; e1 (20 GB) only a (10 GB). The shares call for a move to e1, and one
+    fits its space -- but not beside a pinned: rebalance moves nothing then (nor does the autoscaler's tick)."""
+    G = 10**9
+    models = {n: ModelInfo(n, int(b * G)) for n, b in (("a", 10), ("x", 11), ("y", 11), ("z", 11))}
+    engines = [EngineView("e0", 12 * G, _ready("x", "y", "z")), EngineView("e1", 20 * G, _ready("a"))]
+    assert len(rebalance(engines, models)) == 1
+    assert rebalance(engines, models, fixed=frozenset({"a"}), pinned={"a"}) == []
+    loads = [ModelLoad(models["a"], 1, 1, 0, 4, pinned=True)] + [ModelLoad(models[n], 1, 1, 0, 4) for n in "xyz"]
+    assert Autoscaler(AutoscalerSettings()).plan(loads, engines) == []
+    loads[0] = replace(loads[0], pinned=False)
+    assert [x.kind for x in Autoscaler(AutoscalerSettings()).plan(loads, engines)] == ["move"]
+
+
+def test_a_hot_model_gets_no_replica_where_pins_would_starve_it():
+    """m (8 GB) is hot on e0. e1 (20 GB) is the emptiest by share, but p (14 GB) is pinned there: 6 GB left, m
+    could never load. e2 (12 GB, fuller) has room: m's second registration goes there, and the autoscaler notes
+    e1 passed over (the controller tells of it). With e2 gone it places nothing (q, which needs e2, left out)."""
+    G = 10**9
+    hot = ModelLoad(ModelInfo("m", 8 * G), 1, 3, 8, 4)
+    loads = [hot, ModelLoad(ModelInfo("p", 14 * G), 1, 1, 0, 4, pinned=True),
+             ModelLoad(ModelInfo("q", 10 * G), 1, 1, 0, 4)]
+    engines = [EngineView("e0", 20 * G, {"m": ReplicaView("m", True, 4, (9,) * 4, (9,) * 4)}),
+               EngineView("e1", 20 * G, _ready("p")), EngineView("e2", 12 * G, _ready("q"))]
+    a = Autoscaler(AutoscalerSettings(up_ticks=1))
+    assert [(x.kind, x.model, x.engine_id) for x in a.plan(loads, engines)] == [("load", "m", "e2")]
+    assert a.pin_blocked == {("m", "e1"): ("m", ("p",))}
+    a = Autoscaler(AutoscalerSettings(up_ticks=1))
+    assert a.plan(loads[:2], engines[:2]) == [] and a.pin_blocked == {("m", "e1"): ("m", ("p",))}
+    assert a.plan([replace(hot, inflight=0), loads[1]], engines[:2]) == [] and a.pin_blocked == {}  # not hot: no ask
