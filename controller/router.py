@@ -92,11 +92,14 @@ def pin_blocks(name: str, registered: list[str], models: dict[str, ModelInfo], p
                memory_bytes: int) -> str | None:
     """Whether pinning `name` on an engine of `memory_bytes` of weight space, where `registered` models are hosted
     and `pinned` ones already pinned, leaves too little room for another registered model: that model's weights
-    could then never load, and its requests would wait forever. The first such model, or None."""
+    could then never load, and its requests would wait forever. The first such model, or None; `name` itself when
+    the pins alone (its own included) overfill the weight space."""
     def slot(n: str) -> int:
         return -(-models[n].size_bytes // SLOT_ALIGN) * SLOT_ALIGN if n in models else 0
 
     held = sum(slot(n) for n in set(registered) & (pinned | {name}))
+    if held > memory_bytes:  # the pins alone overfill the weight space: not all of them can ever be resident
+        return name
     return next((n for n in registered if n != name and n not in pinned and slot(n) > memory_bytes - held), None)
 
 

@@ -266,8 +266,14 @@ def test_a_model_added_where_pins_leave_it_no_room_goes_elsewhere_or_is_refused(
         "would leave 'eps' (16.11 GB) too little of the 20.00 GB weight space of w0 (cuda:0): 'eps' could never "
         "load there; unpin a model or remove one first")
     assert "eps" not in ctl.models and "eps" not in w0.replicas and "eps" not in w1.replicas
+    # pinned itself, no unpinned model is short -- but 8 + 8 + 16.1 GB of pins overfill w0's 20 GB: one pin could
+    # never be resident
     r = c.post("/admin/models", headers=H, json={"name": "zeta", "engine": {"kind": "pace"}, "memory_gb": 15,
-                                                 "pin": True})  # pinned itself: 31 GB of pins, no unpinned model short
+                                                 "pin": True})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "pin_would_starve"
+    assert "zeta" not in ctl.models and "zeta" not in w0.replicas
+    r = c.post("/admin/models", headers=H, json={"name": "zeta", "engine": {"kind": "pace"}, "memory_gb": 3,
+                                                 "pin": True})  # 19.2 GB of pins in 20: fits
     assert r.status_code == 201 and "zeta" in w0.replicas
 
 

@@ -424,7 +424,8 @@ def test_a_pin_that_leaves_a_registered_model_no_room_is_found():
     assert pin_blocks("b", ["a", "b", "c"], models, {"a"}, 60 * GB) is None
     assert pin_blocks("a", ["a", "big"], models, set(), 60 * GB) is None
     assert pin_blocks("a", ["a", "big"], models, set(), 50 * GB) == "big"
-    assert pin_blocks("c", ["c", "big"], models, {"big"}, 43 * GB) is None  # a pinned model needs no more room
+    assert pin_blocks("c", ["c", "big"], models, {"big"}, 44 * GB) is None  # a pinned model needs no more room
+    assert pin_blocks("c", ["c", "big"], models, {"big"}, 43 * GB) == "c"  # but the pins (43.1 GB) must fit
     exact = {"x": ModelInfo("x", 4 << 20), "y": ModelInfo("y", (2 << 20) + 1)}  # y's slot: 4 MiB
     assert pin_blocks("x", ["x", "y"], exact, set(), 8 << 20) is None
     assert pin_blocks("x", ["x", "y"], exact, set(), (8 << 20) - 1) == "y"
@@ -456,6 +457,10 @@ def test_pins_of_a_gpu_are_judged_together_and_an_unplaced_model_against_every_g
     nowhere = {n: models[n] for n in ("a", "b", "c")}
     assert starved_by_pins([eng("e0", "b", "c", mem=33 * G)], nowhere, {"a", "b"}) == ("e0", ["b", "a"], "c")
     assert starved_by_pins([eng("e0", "b", "c", mem=33 * G), eng("e1")], nowhere, {"a", "b"}) is None
+    # pins that overfill the weight space among themselves: one of them could never load (no unpinned model needed)
+    assert starved_by_pins([eng("e0", "a", "b", mem=20 * G)], small, {"a", "b"}) == ("e0", ["a", "b"], "a")
+    pair = {n: models[n] for n in ("a", "b")}
+    assert starved_by_pins([eng("e0", "a", "b", mem=31 * G)], pair, {"a", "b"}) is None  # 2 x 15.2 fit in 31
 
 
 def test_placement_passes_over_an_engine_whose_pins_would_starve_the_model():
