@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import os
 import sys
 import threading
 import time
@@ -122,6 +124,12 @@ class Operator:
 
     async def __aexit__(self, *exc) -> None:
         await asyncio.to_thread(self.runner.__exit__, None, None, None)
+        if exc[0] is not None:  # what kopf did, for the failure's report (pytest shows a failed test's stdout)
+            print("\n".join([ln for ln in self.runner.output.splitlines()
+                              if "kopf.objects" in ln or "tokenpool.operator" in ln][-300:]))
+        if os.environ.get("TOKENPOOL_OPERATOR_E2E_LOG_DIR"):  # every operator's whole log, to study a flaky run
+            out = Path(os.environ["TOKENPOOL_OPERATOR_E2E_LOG_DIR"]) / f"operator-{time.time_ns()}.log"
+            out.write_text(self.runner.output)
 
 
 @pytest.mark.asyncio
@@ -247,9 +255,15 @@ async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_t
             await _until("ren-2 in the controller", lambda: _has(controller, "/admin/models", "ren-2"))
             assert "ren" not in await controller("/admin/models")
             assert (await _until("ren Ready", lambda: _ready(kube, "pooledmodels", "ren", 2)))["status"]["served"] == "ren-2"
-            await kube.delete("pooledmodels", "ren")
-            await _until("ren-2 removed", lambda: _gone(controller, "/admin/models", "ren-2"))
+            # Deleted while a timer round runs (a round runs in a thread and cannot be stopped; kopf keeps the
+            # finalizer until it has returned): the round is held until the delete handler has run, so the race
+            # happens every time, not only on a loaded machine.
+            with _timer_round_held(monkeypatch, "ren") as held:
+                assert await asyncio.to_thread(held.entered.wait, 10), "no timer round of ren"
+                await kube.delete("pooledmodels", "ren")
+                await _until("ren-2 removed", lambda: _gone(controller, "/admin/models", "ren-2"))
             await _until("ren gone", lambda: _absent(kube, "pooledmodels", "ren"))  # finalizer released
+            assert "ren-2" not in await controller("/admin/models")  # the held round did not bring it back
 
             # Restart the operator: nothing changes (no admin-API mutation; statuses and the tenant's usage stay).
             before = {p: (await kube.get(p, n))["status"] for p, n in
@@ -304,13 +318,16 @@ async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_t
             await _until("the key works again", lambda: _key_works(srv.url, tenant_key), timeout=2 * resync + 20)
 
             # Delete while a request streams: the finalizer drains it (the stream finishes), then removes the model.
+            # The late request below must come while it still streams: at the pace model's 0.02 s a token, 120 tokens
+            # (2.4 s) ended first on a loaded 2-core machine, where the drain's status took ~1.5 s to appear and the
+            # test as long again to send it (then the model was gone: 404, not 503). 500 tokens stream for ~10 s.
             client = openai.OpenAI(base_url=srv.url + "/v1", api_key=tenant_key, max_retries=0)
             stream_done: dict = {}
             first_chunk = threading.Event()
 
             def consume() -> None:
                 n, reason = 0, None
-                for ch in client.completions.create(model="pace-m", prompt="hi", max_tokens=120, stream=True):
+                for ch in client.completions.create(model="pace-m", prompt="hi", max_tokens=500, stream=True):
                     first_chunk.set()
                     n += 1
                     reason = ch.choices[0].finish_reason or reason
@@ -337,6 +354,31 @@ async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_t
             # Deleting the tenant revokes its key.
             await kube.delete("tenants", "team-a")
             await _until("tenant removed", lambda: _gone(controller, "/admin/tenants", "team-a"))
+
+
+class _Held:
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+
+
+@contextlib.contextmanager
+def _timer_round_held(monkeypatch, name: str):
+    """The next timer round of PooledModel `name` waits inside its handler (in kopf's thread) until the block ends."""
+    handlers = sys.modules["controller.operator.handlers"]
+    original, held = handlers._reconcile_model, _Held()
+
+    def reconcile(*, runtime, **kw):
+        if kw["name"] == name and runtime is None and not held.entered.is_set():  # a timer round: runtime None
+            held.entered.set()
+            held.release.wait(60)
+        return original(runtime=runtime, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(handlers, "_reconcile_model", reconcile)
+        try:
+            yield held
+        finally:
+            held.release.set()
 
 
 async def _engine_alive(controller) -> bool:
