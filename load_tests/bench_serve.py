@@ -209,7 +209,13 @@ def windows(records: list[RequestRecord], samples: list, before: dict, after: di
     """A point as a time series, WINDOW_S apart: per window, the requests that arrived in it and the share of them
     that met their SLO, and the step loop's counters over it (`where_time_went`): whether misses come from the
     first minute (a cold server working off a backlog) or from all along, and whether steps got cheaper."""
-    edges = [(0.0, before)] + list(samples) + [(wall, after)]
+    # a sample less than 0.05 s after the edge before it, or before the point's end, would make a window that rounds
+    # to no time (t0_s == t1_s, seen in CI on a loaded machine): it joins its neighbour
+    edges = [(0.0, before)]
+    for t, c in samples:
+        if t - edges[-1][0] >= 0.05 and wall - t >= 0.05:
+            edges.append((t, c))
+    edges.append((wall, after))
     out = []
     for (a, ca), (b, cb) in zip(edges, edges[1:]):
         if b <= a:

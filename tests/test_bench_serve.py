@@ -70,3 +70,17 @@ def test_the_bench_makes_its_models_where_there_is_no_gpu(tmp_path):
     assert (d / "config.json").exists()
     w = {k: v for f in d.glob("*.safetensors") for k, v in load_file(f).items()}
     assert w and all(t.dtype == torch.bfloat16 for t in w.values())
+
+
+def test_windows_never_round_to_no_time():
+    """A counters sample a few ms before the point's end (a loaded machine) made a last window of 6.25-6.27 s, shown
+    as 6.3-6.3: it joins the window before it; the arrivals and steps of every window still add up."""
+    from load_tests.bench_serve import windows
+
+    def counters(steps):
+        return {"steps": steps, "engines": 1}
+
+    samples = [(1.0, counters(10)), (1.03, counters(11)), (2.0, counters(20)), (6.25, counters(60))]
+    w = windows([], samples, counters(0), counters(61), 0.0, 6.27)
+    assert [(x["t0_s"], x["t1_s"]) for x in w] == [(0.0, 1.0), (1.0, 2.0), (2.0, 6.3)]
+    assert sum(x["steps"] for x in w) == 61
