@@ -172,6 +172,24 @@ def test_a_pin_that_would_starve_a_registered_model_is_refused(app):
     assert c.post("/admin/models/beta/pin", headers=H).json()["pinned"] is True  # alpha's room is back
 
 
+def test_a_pin_that_would_starve_a_model_registered_nowhere_is_refused(app):
+    """gamma (10 GB, replicas.min 0) is registered nowhere yet; w0 (20 GB of weight space) holds alpha and beta (8 GB
+    each), the only GPU it fits. Pinning alpha leaves 12 GB: gamma still fits. Pinning beta too would leave 4 GB,
+    and gamma could never be placed where it loads: 409, nothing pinned."""
+    ctl = app.state.controller
+    sized(ctl, alpha=8, beta=8, gamma=10)
+    e = engine("w0", {"alpha": "ready", "beta": "ready"})
+    e.memory_bytes = 20 * 10**9
+    ctl.pool.engines["w0"] = e
+    c = TestClient(app)
+    assert c.post("/admin/models/alpha/pin", headers=H).json()["pinned"] is True
+    r = c.post("/admin/models/beta/pin", headers=H)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "pin_would_starve"
+    assert r.json()["error"]["message"].startswith("pinning 'beta': pinned models 'alpha' (8.00 GB), 'beta' (8.00 GB) "
+                                                   "would leave 'gamma' (10.00 GB) too little")
+    assert ctl.models["beta"].pinned is False
+
+
 def configured(models: list[tuple[str, float, bool]], gpus: int = 1, **spec) -> object:
     """A controller whose configuration holds paced models (name, memory_gb, pin), registered as `start` does, and
     `gpus` local worker slots; no worker has joined yet (`joins` stands for one)."""

@@ -10,7 +10,7 @@ from controller.config import ModelSpec, TenantSpec
 from controller.dashboard import stream, views
 from controller.errors import ServingError
 from controller.pool import EngineHandle
-from controller.router import pin_blocks
+from controller.router import pin_blocks, starved_by_pins
 from controller.service import Controller
 from controller.tenants import Tenant
 
@@ -187,6 +187,16 @@ def _pin(ctl: Controller, name: str, on: bool) -> ap.PinOut:
                                        f"{other!r} needs ({infos[other].size_bytes / 1e9:.2f} GB of "
                                        f"{e.memory_bytes / 1e9:.2f} GB): {other!r} could never load there; "
                                        "unpin another model or move one first", code="pin_would_starve")
+        # and a model registered nowhere yet (replicas.min: 0): starved if the pin leaves every GPU it fits too short
+        # (start-up's rule, `starved_by_pins`: only what this pin newly causes is refused)
+        views_ = ctl.views()
+        if starved_by_pins(views_, infos, pinned) is None:
+            bad = starved_by_pins(views_, infos, pinned | {name})
+            if bad is not None:
+                eid, pins, other = bad
+                space = next(v.memory_bytes for v in views_ if v.engine_id == eid)
+                raise ServingError(409, f"pinning {name!r}: {ctl._pins_leave(eid, pins, other, space, infos)}; "
+                                   "unpin another model or move one first", code="pin_would_starve")
     ctl.set_pinned(name, on)
     views.events(ctl).publish("pin" if on else "unpin", model=name)
     return ap.PinOut(name=name, pinned=on)
