@@ -150,44 +150,29 @@ def test_pin_and_unpin(app):
     assert pins == [("pin", "beta"), ("unpin", "beta")]
 
 
-def test_a_pin_that_would_starve_a_registered_model_is_refused(app):
-    """w0 has 20 GB of weight space for alpha (8 GB), beta (8 GB) and gamma (10 GB). Pinning alpha leaves 12 GB:
-    fine. Pinning beta too would leave 4 GB, and gamma's weights could never load there: 409, nothing pinned."""
-    import dataclasses
-
+@pytest.mark.parametrize("gamma_on_w0", [True, False], ids=["registered", "registered-nowhere"])
+def test_a_pin_that_would_starve_a_model_is_refused(app, gamma_on_w0):
+    """w0 has 20 GB of weight space for alpha (8 GB), beta (8 GB) and gamma (10 GB; registered there, or nowhere yet:
+    replicas.min 0, and w0 the only GPU it fits). Pinning alpha leaves 12 GB: fine. Pinning beta too would leave 4 GB,
+    and gamma's weights could never load there: 409, nothing pinned."""
     ctl = app.state.controller
-    for n, gb in (("alpha", 8), ("beta", 8), ("gamma", 10)):
-        ctl.models[n].info = dataclasses.replace(ctl.models[n].info, size_bytes=gb * 10**9)
-    e = engine("w0", {"alpha": "ready", "beta": "ready", "gamma": "ready"})
+    sized(ctl, alpha=8, beta=8, gamma=10)
+    e = engine("w0", {"alpha": "ready", "beta": "ready", **({"gamma": "ready"} if gamma_on_w0 else {})})
     e.memory_bytes = 20 * 10**9
     ctl.pool.engines["w0"] = e
     c = TestClient(app)
     assert c.post("/admin/models/alpha/pin", headers=H).json()["pinned"] is True
     r = c.post("/admin/models/beta/pin", headers=H)
     assert r.status_code == 409 and r.json()["error"]["code"] == "pin_would_starve"
-    assert "'gamma' could never load" in r.json()["error"]["message"]
+    if gamma_on_w0:
+        assert "'gamma' could never load" in r.json()["error"]["message"]
+    else:  # start-up's rule and words
+        assert r.json()["error"]["message"].startswith(
+            "pinning 'beta': pinned models 'alpha' (8.00 GB), 'beta' (8.00 GB) would leave 'gamma' (10.00 GB) too little")
     assert ctl.models["beta"].pinned is False and ctl.models["alpha"].pinned is True
     assert c.post("/admin/models/alpha/pin", headers=H).status_code == 200  # pinned already: nothing changes
     assert c.post("/admin/models/alpha/unpin", headers=H).json()["pinned"] is False
     assert c.post("/admin/models/beta/pin", headers=H).json()["pinned"] is True  # alpha's room is back
-
-
-def test_a_pin_that_would_starve_a_model_registered_nowhere_is_refused(app):
-    """gamma (10 GB, replicas.min 0) is registered nowhere yet; w0 (20 GB of weight space) holds alpha and beta (8 GB
-    each), the only GPU it fits. Pinning alpha leaves 12 GB: gamma still fits. Pinning beta too would leave 4 GB,
-    and gamma could never be placed where it loads: 409, nothing pinned."""
-    ctl = app.state.controller
-    sized(ctl, alpha=8, beta=8, gamma=10)
-    e = engine("w0", {"alpha": "ready", "beta": "ready"})
-    e.memory_bytes = 20 * 10**9
-    ctl.pool.engines["w0"] = e
-    c = TestClient(app)
-    assert c.post("/admin/models/alpha/pin", headers=H).json()["pinned"] is True
-    r = c.post("/admin/models/beta/pin", headers=H)
-    assert r.status_code == 409 and r.json()["error"]["code"] == "pin_would_starve"
-    assert r.json()["error"]["message"].startswith("pinning 'beta': pinned models 'alpha' (8.00 GB), 'beta' (8.00 GB) "
-                                                   "would leave 'gamma' (10.00 GB) too little")
-    assert ctl.models["beta"].pinned is False
 
 
 def configured(models: list[tuple[str, float, bool]], gpus: int = 1, **spec) -> object:
