@@ -314,7 +314,7 @@ class Controller:
         views = self.views()
         rt = route(entry.info, views, len(sub.prompt_ids))
         if rt is None:
-            pl = place(entry.info, views, self.infos(), pinned=self._pinned())
+            pl = place(entry.info, views, self.infos(), pinned=self.pinned())
             if pl is None:
                 why = self._pins_block(entry.info, entry.pinned)
                 raise ServingError(503, f"no engine can serve model {name!r} now{f': {why}' if why else ''}",
@@ -381,7 +381,8 @@ class Controller:
     def infos(self) -> dict[str, ModelInfo]:
         return {n: me.info for n, me in self.models.items()}
 
-    def _pinned(self) -> set[str]:
+    def pinned(self) -> set[str]:
+        """The models pinned now (configuration or admin API)."""
         return {n for n, me in self.models.items() if me.pinned}
 
     def views(self) -> list[EngineView]:
@@ -444,17 +445,17 @@ class Controller:
             if a.kind in ("load", "move"):
                 engines = with_registration(engines, a.engine_id, a.model)
         infos = self.infos()
-        bad = starved_by_pins(engines, infos, self._pinned())
+        bad = starved_by_pins(engines, infos, self.pinned())
         if bad is None:
             return None
         eid, pins, other = bad
         e = self.pool.engines.get(eid)
         space = next(v.memory_bytes for v in engines if v.engine_id == eid)
-        return (f"{self._pins_leave(eid, pins, other, space, infos)}. Unpin a model (pin: false), give the GPU more "
+        return (f"{self.pins_leave(eid, pins, other, space, infos)}. Unpin a model (pin: false), give the GPU more "
                 f"weight space (gpus.{'cpu_' if e is not None and e.device == 'cpu' else ''}budget_gb, "
                 "gpus.kv_cache_gb) or serve fewer models there")
 
-    def _pins_leave(self, eid: str, pins: list[str] | tuple[str, ...], other: str, space: int,
+    def pins_leave(self, eid: str, pins: list[str] | tuple[str, ...], other: str, space: int,
                     infos: dict[str, ModelInfo]) -> str:
         """A starvation by pins (`router.pins_starve`) in words: the pins and their sizes, the model, the GPU."""
         e = self.pool.engines.get(eid)
@@ -469,12 +470,12 @@ class Controller:
         one can, or none is usable (placement waits for one)."""
         views = self.views()
         infos = {**self.infos(), info.name: info}
-        pinned = self._pinned() | ({info.name} if pin else set())
+        pinned = self.pinned() | ({info.name} if pin else set())
         fits = [v for v in views if v.usable and info.name not in v.replicas and info.size_bytes <= v.memory_bytes]
         blocked = pin_blocked(info, fits, infos, pinned)
         if not fits or len(blocked) < len(fits):
             return None
-        return "; ".join(self._pins_leave(v.engine_id, [n for n in [*v.replicas, info.name] if n in pinned],
+        return "; ".join(self.pins_leave(v.engine_id, [n for n in [*v.replicas, info.name] if n in pinned],
                                           blocked[v.engine_id], v.memory_bytes, infos) for v in fits)
 
     def _refuse(self, why: str) -> None:
@@ -552,7 +553,7 @@ class Controller:
         infos, space = self.infos(), {v.engine_id: v.memory_bytes for v in engines}
         for (name, eid), (other, pins) in self.autoscaler.pin_blocked.items():
             if (name, eid) not in self._pin_blocked and name in infos and eid in space:
-                why = self._pins_leave(eid, pins, other, space[eid], infos)
+                why = self.pins_leave(eid, pins, other, space[eid], infos)
                 log.warning("not placing %s on %s: %s", name, eid, why)
                 self.events.publish("pin_blocked", model=name, engine=eid, starved=other, pins=list(pins), reason=why)
         self._pin_blocked = set(self.autoscaler.pin_blocked)

@@ -178,7 +178,7 @@ def _pin(ctl: Controller, name: str, on: bool) -> ap.PinOut:
     if me is None:
         raise ServingError(404, f"no model {name!r}", code="model_not_found")
     if on and not me.pinned:  # a pin that leaves a registered model no room would starve it for good: refused
-        infos, pinned = ctl.infos(), {n for n, x in ctl.models.items() if x.pinned}
+        infos, pinned = ctl.infos(), ctl.pinned()
         for e in ctl.pool.engines.values():
             if e.alive and name in e.replicas:
                 other = pin_blocks(name, list(e.replicas), infos, pinned, e.memory_bytes)
@@ -195,7 +195,7 @@ def _pin(ctl: Controller, name: str, on: bool) -> ap.PinOut:
             if bad is not None:
                 eid, pins, other = bad
                 space = next(v.memory_bytes for v in views_ if v.engine_id == eid)
-                raise ServingError(409, f"pinning {name!r}: {ctl._pins_leave(eid, pins, other, space, infos)}; "
+                raise ServingError(409, f"pinning {name!r}: {ctl.pins_leave(eid, pins, other, space, infos)}; "
                                    "unpin another model or move one first", code="pin_would_starve")
     ctl.set_pinned(name, on)
     views.events(ctl).publish("pin" if on else "unpin", model=name)

@@ -409,8 +409,9 @@ class TokenPolicy:
             rotate = max(0, footprint - st.capacity_bytes)
             r_min = max(cfg.min_round_s, cost.load_time(rotate) / cfg.link_util if rotate else 0.0)
             plan = token_round(demands, cfg.headroom, min(r_min, cap), cap)
-            self._steps = {d.model: plan.quota_s[d.model] / d.decode_step_s for d in demands
-                           if d.decode_step_s > 0.0 and cfg.pace_steps}
+            if cfg.pace_steps:
+                self._steps = {d.model: plan.quota_s[d.model] / d.decode_step_s for d in demands
+                               if d.decode_step_s > 0.0}
         self._plan = plan
         self._queue.extend(names)
         self.rounds += 1
