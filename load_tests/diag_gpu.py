@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -214,13 +215,15 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
 
     timed = _StepTimer(model, max(batches), context)
     defaults = (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
-                triton_decode.num_splits_for, llama.GEMV_MAX_ROWS)
+                triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_gemv.LATE_NORM)
     # the qwen2-1.5b GEMV block configs tuned without PDL, one projection at a time (before step-sweep)
     old_cfgs = {(2048, 1536): (8, 512, 8), (1536, 1536): (2, 512, 4), (17920, 1536): (16, 512, 8),
                 (1536, 8960): (4, 1024, 8)}
     # name, then what it changes from the defaults
     variants = [("default", {}), ("no pdl", {"pdl": False}), ("no gemv", {"gemv": False}),
-                ("small-batch gemv", {"max_rows": 32}), ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}), ("splits 16", {"splits": 16}),
+                ("small-batch gemv", {"max_rows": 32}), ("norm early", {"late": False}),
+                ("small-batch gemv early", {"max_rows": 32, "late": False}),
+                ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}), ("splits 16", {"splits": 16}),
                 ("no pdl, gemv any size", {"pdl": False, "max_hidden": 1 << 30}), ("default again", {})]
     for name, v in variants:
         if only and name not in only:
@@ -230,13 +233,14 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
         triton_gemv._CONFIGS = v.get("cfgs", defaults[4])
         triton_decode.num_splits_for = (lambda *_a, s=v["splits"], **_k: s) if "splits" in v else defaults[5]
         llama.GEMV_MAX_ROWS = v.get("max_rows", defaults[6])
+        triton_gemv.LATE_NORM = v.get("late", defaults[7])
         line = f"{name:22s}"
         for b in batches:
             d = timed(b, 40)
             line += f" | b{b}: step {d['step_ms_median']:.3f} ms, replay {d['graph_replay_ms']:.3f} ms"
         print(line, flush=True)
     (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
-     triton_decode.num_splits_for, llama.GEMV_MAX_ROWS) = defaults
+     triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_gemv.LATE_NORM) = defaults
 
 
 def step_sweep(model: str, batch: int = 1, context: int = 512) -> None:
@@ -265,6 +269,8 @@ def step_sweep(model: str, batch: int = 1, context: int = 512) -> None:
         grid = [(bn, bk, nw, ns) for bn in (16, 32, 64, 128) for bk in (256, 512) for nw in (4, 8) for ns in (3, 4)
                 if bn * bk <= 32768]  # some need more shared memory than a block may have: skipped below
     table = {key(s): current(*s) for s in shapes.values()}
+    if batch > 1:
+        _precompile_rows(model, timed.eng.runner.bucket_of[batch], grid)
 
     def replay_ms() -> float:
         setattr(triton_gemv, attr, dict(table))
@@ -289,6 +295,59 @@ def step_sweep(model: str, batch: int = 1, context: int = 512) -> None:
         table[key(shape)] = best
         print(f"{name} {shape}: {best} {best_ms:.4f} ms", flush=True)
     print("BEST", table, f"{replay_ms():.4f} ms (start {base:.4f})")
+
+
+def _compile_rows(model: str, m: int, configs: list) -> int:
+    """In a worker process: run each of `configs` once for each projection of `model`'s batched decode step, as
+    `_forward_gemv` calls them (mode, epilogue, PDL), so that Triton's on-disk cache holds the compiled kernels."""
+    from model_swapper.model_config import ModelConfig
+    from token_scheduler.model import triton_ops
+    from token_scheduler.model.triton_gemv import MODE_NORM, RopeKV, gemv_rows
+
+    cfg = ModelConfig.from_pretrained(model)
+    h, i, H, KVH, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    dev, dt = os.environ.get("DIAG_DEVICE", "cuda"), torch.bfloat16
+    x, r, nw = (torch.randn(m, h, device=dev, dtype=dt) for _ in range(2)), None, torch.ones(h, device=dev, dtype=dt)
+    x, r = tuple(x)
+    from token_scheduler.model import llama
+
+    kv = torch.zeros(4, cfg.num_layers, 2, 16, KVH, D, device=dev, dtype=dt)
+    rope = llama.RopeCache.build(cfg, 64, dev)
+    z = torch.zeros(5, m, dtype=torch.long, device=dev)  # as the decode graph's rows: slices of one [5, m]
+    rk = RopeKV(rope.cos, rope.sin, z[1], kv, 1, z[2], z[3], H, KVH, D)
+    wq = torch.randn(cfg.q_size + 2 * cfg.kv_size, h, device=dev, dtype=dt)
+    bq = torch.randn(cfg.q_size + 2 * cfg.kv_size, device=dev, dtype=dt) if cfg.qkv_bias else None
+    wo, wgu, wd = (torch.randn(a, b, device=dev, dtype=dt) for a, b in ((h, cfg.q_size), (2 * i, h), (h, i)))
+    xo, xd = torch.randn(m, cfg.q_size, device=dev, dtype=dt), torch.randn(m, i, device=dev, dtype=dt)
+    done = 0
+    with triton_ops.pdl_rows(m):
+        for c in configs:
+            for call in (lambda: gemv_rows(x, wq, bq, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, rope=rk, config=c),
+                         lambda: gemv_rows(x, wq, bq, mode=MODE_NORM, norm_w=nw, eps=1e-6, rope=rk, config=c),
+                         lambda: gemv_rows(xo, wo, config=c),
+                         lambda: gemv_rows(x, wgu, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, glu=True, config=c),
+                         lambda: gemv_rows(xd, wd, config=c)):
+                try:
+                    call()
+                    done += 1
+                except Exception:  # noqa: BLE001 -- a config the compiler rejects; step_sweep skips it too
+                    pass
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return done
+
+
+def _precompile_rows(model: str, m: int, grid: list, procs: int = 8) -> None:
+    """Compile the small-batch GEMV configs of a sweep in `procs` processes first: one compile is about a second,
+    and the sweep then only captures and times."""
+    import concurrent.futures
+    import multiprocessing
+
+    t = time.perf_counter()
+    chunks = [grid[j::procs] for j in range(procs)]
+    with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as ex:
+        n = sum(ex.map(_compile_rows, [model] * procs, [m] * procs, chunks))
+    print(f"precompiled {n} kernels in {time.perf_counter() - t:.1f} s", flush=True)
 
 
 def main() -> None:

@@ -16,7 +16,8 @@
 #            (default "1.5b 7b")
 #   rows     issue 20: the small-batch GEMV path: its GPU tests, then diag_gpu step (default vs "small-batch gemv")
 #            for the 1.5B at ROWS_B15 and the 7B at ROWS_B7, then a batch-8 step-sweep of the 1.5B for what time is left
-#            (LIMIT_ROWS_SWEEP)
+#            (LIMIT_ROWS_SWEEP); ROWS_V: the variants; ROWS_PROF_B: batches to profile (profile_decode, rows path on);
+#            ROWS_SWEEPS: "q15:8 q7:8" (model:batch) sweeps, LIMIT_ROWS_SWEEP s each
 #   ab       issue 14: A/B of a switch inside one call: bench serve (10 models on 60 GB) at AB_RATE (default 1.3), seed
 #            SEED, from a cold start (a fresh server each), first with AB_A's environment (default none), then AB_B's
 #            (e.g. "TOKENPOOL_PIPELINE=1"); LIMIT_AB s each (default 270)
@@ -72,13 +73,17 @@ rows) M=/tmp/mm; mkdir -p $M
       --arch qwen2 --size $sz --out $d >> "$OUT/make.log" 2>&1; done
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py > "$OUT/rows_tests.log" 2>&1; at "rows tests" $?
   grep -E "passed|failed|^FAILED|^ERROR" "$OUT/rows_tests.log" | tail -8
-  V="default,small-batch gemv"
-  timeout 120 python3 -m load_tests.diag_gpu step --model $M/q15 --batch "${ROWS_B15:-1,2,4,8,16,32}" --variants "$V" \
+  V=${ROWS_V:-"default,small-batch gemv"}
+  timeout "${LIMIT_ROWS_STEP:-120}" python3 -m load_tests.diag_gpu step --model $M/q15 --batch "${ROWS_B15:-1,2,4,8,16,32}" --variants "$V" \
     > "$OUT/rows_step_1.5b.log" 2>&1; at "rows step 1.5b" $?; grep -E "b1:|Error" "$OUT/rows_step_1.5b.log" | cut -c1-400
-  timeout 120 python3 -m load_tests.diag_gpu step --model $M/q7 --batch "${ROWS_B7:-1,8,32}" --variants "$V" \
+  timeout "${LIMIT_ROWS_STEP:-120}" python3 -m load_tests.diag_gpu step --model $M/q7 --batch "${ROWS_B7:-1,8,32}" --variants "$V" \
     > "$OUT/rows_step_7b.log" 2>&1; at "rows step 7b" $?; grep -E "b1:|Error" "$OUT/rows_step_7b.log" | cut -c1-400
-  timeout "${LIMIT_ROWS_SWEEP:-60}" python3 -m load_tests.diag_gpu step-sweep --model $M/q15 --batch 8 \
-    > "$OUT/rows_sweep_1.5b_b8.log" 2>&1; at "rows sweep" $?; grep -E "^[a-z_]+ \(|^BEST|^start" "$OUT/rows_sweep_1.5b_b8.log" ;;
+  for b in ${ROWS_PROF_B:-}; do TOKENPOOL_GEMV_ROWS=32 timeout 60 python3 -m load_tests.profile_decode --model $M/q15 --batch $b \
+    > "$OUT/rows_prof_1.5b_b$b.log" 2>&1; at "rows profile 1.5b b$b" $?; head -14 "$OUT/rows_prof_1.5b_b$b.log" | cut -c1-160; done
+  for sw in ${ROWS_SWEEPS:-q15:8}; do m=${sw%%:*}; b=${sw##*:}
+    timeout "${LIMIT_ROWS_SWEEP:-60}" python3 -m load_tests.diag_gpu step-sweep --model $M/$m --batch $b \
+      > "$OUT/rows_sweep_${m}_b$b.log" 2>&1; at "rows sweep $m b$b" $?
+    grep -E "^precompiled|^[a-z_]+ \(|^BEST|^start" "$OUT/rows_sweep_${m}_b$b.log"; done ;;
 ab) for side in A B; do e=AB_$side; tag=$(echo "${!e:-default}" | tr -c 'A-Za-z0-9_.=\n' '_')
     env ${!e:-} timeout "${LIMIT_AB:-270}" python3 -m controller.cli bench serve $W --rate "${AB_RATE:-1.3}" --policy token \
       --json "$OUT/serve_ab_${side}_s$SEED.json" > "$OUT/serve_ab_$side.log" 2>&1; at "ab $side ($tag)" $?
