@@ -9,6 +9,12 @@ reduce) cost about as much as the smallest projections themselves. Here each pro
   (out of place: every program reads x and r, so none may overwrite them)
 - MODE_SILU:  y = W (silu(gu[:K]) * gu[K:])  (one token; `gemv_rows` does SiLU*mul in gate_up's epilogue)
 
+MODE_NORM's scale is computed first, in a pass over x + r before the main loop. Applying it after the dot
+instead (W (nw x) / rms: x + r read once, its squares summed in the main loop) measured slower everywhere on the
+H200 at 0ca23f1 (`diag_gpu step`): qwen2-7b batch 1 3.96 -> 4.29 ms, qwen2-1.5b 1.273 -> 1.282 ms, and the
+small-batch path 2.18 -> 4.01 ms (1.5B batch 8): the first pass leaves x and r in L1, where the main loop's
+input loads, which are not pipelined like the weight tiles, then hit.
+
 Rounding follows the eager ops (`forward`): the residual sum, the normalised vector, its product with the
 norm weight, silu and the product with `up` are each rounded to the model dtype; the dot product itself is
 summed in fp32 in another order than cuBLAS, so results match the eager path to rounding, not bit for bit
@@ -36,14 +42,6 @@ import triton.language as tl
 from token_scheduler.model.triton_ops import pdl, pdl_enter, rope_pair
 
 MODE_PLAIN, MODE_NORM, MODE_SILU = 0, 1, 2
-
-# MODE_NORM with the rms scale after the dot: W (nw * (x / rms)) = (W (nw * x)) / rms, one scalar per token. The
-# projection's main loop then reads x + r once, summing its squares as it goes, where the scale first needs a
-# pass over all of x + r before the first multiply: a chain of dependent loads at the start of every program,
-# while the weight stream waits (one tile in flight). Rounding moves: nw * x is rounded to the model dtype
-# before the dot instead of x / rms and its product with nw, and the scale applies to the fp32 sum. False: the
-# scale first (the A/B baseline, `diag_gpu step`).
-LATE_NORM = True
 
 
 @dataclass
@@ -82,24 +80,10 @@ def _x_tile(X, R, NW, cols, km, inv, K: tl.constexpr, MODE: tl.constexpr, HAS_R:
 
 
 @triton.jit
-def _x_late(X, R, NW, XOUT, cols, km, pid, HAS_R: tl.constexpr, dt):
-    """LATE_NORM's input over columns `cols` (one token): (x + r) rounded to the model dtype (program 0 writes
-    it out as the new residual), times the norm weight, rounded again; and its squares, for the rms."""
-    x = tl.load(X + cols, mask=km, other=0.0)
-    if HAS_R:
-        x = (x.to(tl.float32) + tl.load(R + cols, mask=km, other=0.0).to(tl.float32)).to(dt)
-        if pid == 0:
-            tl.store(XOUT + cols, x, mask=km)
-    xf = x.to(tl.float32)
-    nw = tl.load(NW + cols, mask=km, other=0.0)
-    return (nw.to(tl.float32) * xf).to(dt).to(tl.float32), xf * xf
-
-
-@triton.jit
 def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr,
                  HAS_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
                  ROPE: tl.constexpr, COS, SIN, POS, KV, SB, SO, s_kvb, s_kvt, s_kvh, off_k, off_v,
-                 H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, LATE: tl.constexpr):
+                 H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr):
     pid = tl.program_id(0)
     dt = Y.dtype.element_ty
     kk = tl.arange(0, BLOCK_K)
@@ -121,44 +105,29 @@ def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.cons
     w = tl.load(wp, mask=wmask & (kk < K)[None, :], other=0.0)
     pdl_enter(PDL)
     inv = 0.0
-    if MODE == 1 and LATE:  # rmsnorm's scale after the dot (see LATE_NORM): x + r and its squares in the loop
+    if MODE == 1:  # rms of (x + r), rounded to the model dtype as the residual stream is
         ss = tl.zeros([BLOCK_K], tl.float32)
-        xn, ssq = _x_late(X, R, NW, XOUT, kk, kk < K, pid, HAS_R, dt)
-        ss += ssq
-        acc = w.to(tl.float32) * xn[None, :]
-        for k0 in range(BLOCK_K, K, BLOCK_K):
+        for k0 in range(0, K, BLOCK_K):
             cols = k0 + kk
             km = cols < K
-            w = tl.load(wp + k0, mask=wmask & km[None, :], other=0.0)
-            xn, ssq = _x_late(X, R, NW, XOUT, cols, km, pid, HAS_R, dt)
-            ss += ssq
-            acc += w.to(tl.float32) * xn[None, :]
-    else:
-        if MODE == 1:  # rms of (x + r), rounded to the model dtype as the residual stream is
-            ss = tl.zeros([BLOCK_K], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + kk
-                km = cols < K
-                x = tl.load(X + cols, mask=km, other=0.0)
-                if HAS_R:
-                    x = (x.to(tl.float32) + tl.load(R + cols, mask=km, other=0.0).to(tl.float32)).to(dt)
-                    if pid == 0:
-                        tl.store(XOUT + cols, x, mask=km)
-                xf = x.to(tl.float32)
-                ss += xf * xf
-            inv = tl.math.rsqrt(tl.sum(ss, 0) / K + eps)
-        acc = w.to(tl.float32) * _x_tile(X, R, NW, kk, kk < K, inv, K, MODE, HAS_R, dt)[None, :]
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            cols = k0 + kk
-            km = cols < K
-            w = tl.load(wp + k0, mask=wmask & km[None, :], other=0.0)
-            acc += w.to(tl.float32) * _x_tile(X, R, NW, cols, km, inv, K, MODE, HAS_R, dt)[None, :]
+            x = tl.load(X + cols, mask=km, other=0.0)
+            if HAS_R:
+                x = (x.to(tl.float32) + tl.load(R + cols, mask=km, other=0.0).to(tl.float32)).to(dt)
+                if pid == 0:
+                    tl.store(XOUT + cols, x, mask=km)
+            xf = x.to(tl.float32)
+            ss += xf * xf
+        inv = tl.math.rsqrt(tl.sum(ss, 0) / K + eps)
+    acc = w.to(tl.float32) * _x_tile(X, R, NW, kk, kk < K, inv, K, MODE, HAS_R, dt)[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        cols = k0 + kk
+        km = cols < K
+        w = tl.load(wp + k0, mask=wmask & km[None, :], other=0.0)
+        acc += w.to(tl.float32) * _x_tile(X, R, NW, cols, km, inv, K, MODE, HAS_R, dt)[None, :]
     if ROPE:
         out = tl.sum(acc, 2)
     else:
         out = tl.sum(acc, 1)
-    if MODE == 1 and LATE:
-        out = out * tl.math.rsqrt(tl.sum(ss, 0) / K + eps)
     if HAS_B:
         out += tl.load(B + rows, mask=rmask, other=0.0).to(tl.float32)
     if ROPE:  # as rope_and_write_kv on the stored projection: q out, k rotated and v into the cache
@@ -225,7 +194,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
         x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
         w, bias if bias is not None else w, y, eps, n, K=k, MODE=mode, HAS_R=r is not None,
         HAS_B=bias is not None, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl(x), ROPE=rope is not None,
-        **_rope_args(rope, n, bn, x), LATE=LATE_NORM, num_warps=nw, launch_pdl=pdl(x))
+        **_rope_args(rope, n, bn, x), num_warps=nw, launch_pdl=pdl(x))
     return y, x_out
 
 
@@ -276,23 +245,6 @@ def _rows_tile(X, R, NW, m, mm, cols, km, inv, K: tl.constexpr, MODE: tl.constex
 
 
 @triton.jit
-def _rows_late(X, R, NW, XOUT, m, mm, cols, km, pid, K: tl.constexpr, HAS_R: tl.constexpr, dt):
-    """LATE_NORM's input rows over columns `cols`: (x + r) rounded to the model dtype (program 0 writes it out
-    as the new residual), times the norm weight, in the model dtype (tl.dot's operand); and each row's sum of
-    squares over these columns."""
-    xm = mm[:, None] & km[None, :]
-    off = m[:, None] * K + cols[None, :]
-    x = tl.load(X + off, mask=xm, other=0.0)
-    if HAS_R:
-        x = (x.to(tl.float32) + tl.load(R + off, mask=xm, other=0.0).to(tl.float32)).to(dt)
-        if pid == 0:
-            tl.store(XOUT + off, x, mask=xm)
-    xf = x.to(tl.float32)
-    nw = tl.load(NW + cols, mask=km, other=0.0)
-    return (nw.to(tl.float32)[None, :] * xf).to(dt), tl.sum(xf * xf, 1)
-
-
-@triton.jit
 def _dot(x, w, acc, IEEE: tl.constexpr):
     """acc + x w^T in fp32. IEEE (fp32 models): full-precision dots; Triton's fp32 default is TF32."""
     if IEEE:
@@ -306,7 +258,7 @@ def _gemv_rows_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE:
                       HAS_B: tl.constexpr, EPI: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
                       COS, SIN, POS, KV, SB, SO, s_kvb, s_kvt, s_kvh, off_k, off_v,
-                      H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, LATE: tl.constexpr):
+                      H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr):
     pid = tl.program_id(0)
     dt = Y.dtype.element_ty
     m = tl.arange(0, M_PAD)
@@ -335,39 +287,27 @@ def _gemv_rows_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE:
     w = tl.load(wp, mask=wmask & (kk < K)[None, :], other=0.0)
     pdl_enter(PDL)
     inv = tl.zeros([M_PAD], tl.float32)
-    if MODE == 1 and LATE:  # rmsnorm's scale after the dot (see LATE_NORM): x + r and its squares in the loop
-        xn, ss = _rows_late(X, R, NW, XOUT, m, mm, kk, kk < K, pid, K, HAS_R, dt)
-        acc = _dot(xn, w, tl.zeros([M_PAD, BLOCK_N], tl.float32), IEEE)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
+    if MODE == 1:  # per row: rms of (x + r), rounded to the model dtype as the residual stream is
+        ss = tl.zeros([M_PAD], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
             cols = k0 + kk
-            km = cols < K
-            w = tl.load(wp + k0, mask=wmask & km[None, :], other=0.0)
-            xn, ssq = _rows_late(X, R, NW, XOUT, m, mm, cols, km, pid, K, HAS_R, dt)
-            ss += ssq
-            acc = _dot(xn, w, acc, IEEE)
-        acc = acc * tl.math.rsqrt(ss / K + eps)[:, None]
-    else:
-        if MODE == 1:  # per row: rms of (x + r), rounded to the model dtype as the residual stream is
-            ss = tl.zeros([M_PAD], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + kk
-                xm = mm[:, None] & (cols < K)[None, :]
-                off = m[:, None] * K + cols[None, :]
-                x = tl.load(X + off, mask=xm, other=0.0)
-                if HAS_R:
-                    x = (x.to(tl.float32) + tl.load(R + off, mask=xm, other=0.0).to(tl.float32)).to(dt)
-                    if pid == 0:
-                        tl.store(XOUT + off, x, mask=xm)
-                xf = x.to(tl.float32)
-                ss += tl.sum(xf * xf, 1)
-            inv = tl.math.rsqrt(ss / K + eps)
-        acc = _dot(_rows_tile(X, R, NW, m, mm, kk, kk < K, inv, K, MODE, HAS_R, dt), w,
-                   tl.zeros([M_PAD, BLOCK_N], tl.float32), IEEE)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            cols = k0 + kk
-            km = cols < K
-            w = tl.load(wp + k0, mask=wmask & km[None, :], other=0.0)
-            acc = _dot(_rows_tile(X, R, NW, m, mm, cols, km, inv, K, MODE, HAS_R, dt), w, acc, IEEE)
+            xm = mm[:, None] & (cols < K)[None, :]
+            off = m[:, None] * K + cols[None, :]
+            x = tl.load(X + off, mask=xm, other=0.0)
+            if HAS_R:
+                x = (x.to(tl.float32) + tl.load(R + off, mask=xm, other=0.0).to(tl.float32)).to(dt)
+                if pid == 0:
+                    tl.store(XOUT + off, x, mask=xm)
+            xf = x.to(tl.float32)
+            ss += tl.sum(xf * xf, 1)
+        inv = tl.math.rsqrt(ss / K + eps)
+    acc = _dot(_rows_tile(X, R, NW, m, mm, kk, kk < K, inv, K, MODE, HAS_R, dt), w,
+               tl.zeros([M_PAD, BLOCK_N], tl.float32), IEEE)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        cols = k0 + kk
+        km = cols < K
+        w = tl.load(wp + k0, mask=wmask & km[None, :], other=0.0)
+        acc = _dot(_rows_tile(X, R, NW, m, mm, cols, km, inv, K, MODE, HAS_R, dt), w, acc, IEEE)
     if HAS_B:
         acc += tl.load(B + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
     if EPI == 0:
@@ -454,6 +394,6 @@ def gemv_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
         x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
         w, bias if bias is not None else w, y, eps, m, n, K=k, MODE=mode, HAS_R=r is not None,
         HAS_B=bias is not None, EPI=1 if rope is not None else 2 if glu else 0, M_PAD=m_pad, BLOCK_N=bn,
-        BLOCK_K=bk, IEEE=x.dtype == torch.float32, PDL=pdl(x), **_rope_args(rope, n, bn, x), LATE=LATE_NORM,
-        num_warps=nw, num_stages=ns, launch_pdl=pdl(x))
+        BLOCK_K=bk, IEEE=x.dtype == torch.float32, PDL=pdl(x), **_rope_args(rope, n, bn, x), num_warps=nw,
+        num_stages=ns, launch_pdl=pdl(x))
     return y, x_out
