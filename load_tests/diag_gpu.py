@@ -324,11 +324,11 @@ def _compile_rows(model: str, m: int, configs: list) -> int:
     done = 0
     with triton_ops.pdl_rows(m):
         for c in configs:
-            for call in (lambda: gemv_rows(x, wq, bq, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, rope=rk, config=c),
-                         lambda: gemv_rows(x, wq, bq, mode=MODE_NORM, norm_w=nw, eps=1e-6, rope=rk, config=c),
-                         lambda: gemv_rows(xo, wo, config=c),
-                         lambda: gemv_rows(x, wgu, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, glu=True, config=c),
-                         lambda: gemv_rows(xd, wd, config=c)):
+            for call in (lambda c=c: gemv_rows(x, wq, bq, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, rope=rk, config=c),
+                         lambda c=c: gemv_rows(x, wq, bq, mode=MODE_NORM, norm_w=nw, eps=1e-6, rope=rk, config=c),
+                         lambda c=c: gemv_rows(xo, wo, config=c),
+                         lambda c=c: gemv_rows(x, wgu, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, glu=True, config=c),
+                         lambda c=c: gemv_rows(xd, wd, config=c)):
                 try:
                     call()
                     done += 1
