@@ -480,6 +480,21 @@ def test_placement_passes_over_an_engine_whose_pins_would_starve_the_model():
     assert place(models["p"], [e1], models, pinned={"p"}) is None
 
 
+def test_rebalance_tries_the_next_emptiest_engine_when_pins_block_the_emptiest():
+    """Three GPUs: e0 overfull with 4 GB models, e1 the emptiest by share but nearly all its space pinned to a,
+    e2 next. Unpinned, the first move goes to e1; with a pinned it would starve there, so the move goes to e2
+    (before, rebalance tried only the emptiest engine and moved nothing)."""
+    G = 10**9
+    models = {n: ModelInfo(n, int(b * G)) for n, b in (("a", 17), ("x", 4), ("y", 4), ("z", 4), ("u", 4),
+                                                        ("w", 75))}
+    engines = [EngineView("e0", 10 * G, _ready("x", "y", "z", "u")), EngineView("e1", 20 * G, _ready("a")),
+               EngineView("e2", 80 * G, _ready("w"))]
+    assert rebalance(engines, models)[0][2] == "e1"
+    moves = rebalance(engines, models, fixed=frozenset({"a"}), pinned={"a"})
+    assert moves and all(src == "e0" and dst == "e2" for _, src, dst in moves)
+    assert rebalance(engines, models, avoid={n: frozenset({"e1", "e2"}) for n in "xyzu"}) == []
+
+
 def test_rebalance_moves_no_model_where_pins_would_starve_it():
     """e0 (12 GB) carries three 11 GB models; e1 (20 GB) only a (10 GB). The shares call for a move to e1, and one
     fits its space -- but not beside a pinned: rebalance moves nothing then (nor does the autoscaler's tick)."""
