@@ -18,6 +18,7 @@
 #            for the 1.5B at ROWS_B15 and the 7B at ROWS_B7, then a batch-8 step-sweep of the 1.5B for what time is left
 #            (LIMIT_ROWS_SWEEP); ROWS_V: the variants; ROWS_PROF_B: batches to profile (profile_decode, rows path on);
 #            ROWS_SWEEPS: "q15:8 q7:8" (model:batch) sweeps, LIMIT_ROWS_SWEEP s each
+#   swap     issue 20: bench swap on the 7B (a decode beside a 7B prefetch, cold load into the host cache, swap-in)
 #   ab       issue 14: A/B of a switch inside one call: bench serve (10 models on 60 GB) at AB_RATE (default 1.3), seed
 #            SEED, from a cold start (a fresh server each), first with AB_A's environment (default none), then AB_B's
 #            (e.g. "TOKENPOOL_PIPELINE=1"); LIMIT_AB s each (default 270)
@@ -84,6 +85,10 @@ rows) M=/tmp/mm; mkdir -p $M
     timeout "${LIMIT_ROWS_SWEEP:-60}" python3 -m load_tests.diag_gpu step-sweep --model $M/$m --batch $b \
       > "$OUT/rows_sweep_${m}_b$b.log" 2>&1; at "rows sweep $m b$b" $?
     grep -E "^precompiled|^[a-z_]+ \(|^BEST|^start" "$OUT/rows_sweep_${m}_b$b.log"; done ;;
+swap) M=/tmp/mm; mkdir -p $M; [ -f $M/q7/config.json ] || python3 -m controller.cli make-model --arch qwen2 --size 7b \
+    --out $M/q7 >> "$OUT/make.log" 2>&1
+  timeout "${LIMIT_SWAP:-300}" python3 -m controller.cli bench swap --model $M/q7 --json "$OUT/swap_qwen2_7b_h200.json" \
+    > "$OUT/swap_7b.log" 2>&1; at swap $?; grep -E "slowdown|cold|Error|Traceback" "$OUT/swap_7b.log" | tail -8 | cut -c1-300 ;;
 ab) for side in A B; do e=AB_$side; tag=$(echo "${!e:-default}" | tr -c 'A-Za-z0-9_.=\n' '_')
     env ${!e:-} timeout "${LIMIT_AB:-270}" python3 -m controller.cli bench serve $W --rate "${AB_RATE:-1.3}" --policy token \
       --json "$OUT/serve_ab_${side}_s$SEED.json" > "$OUT/serve_ab_$side.log" 2>&1; at "ab $side ($tag)" $?
