@@ -183,6 +183,71 @@ def gemv_triton(model: str) -> None:
     print("BEST", best)
 
 
+def rows_triton(model: str, batches: list[int]) -> None:
+    """Small-batch projections, one kernel at a time: cuBLAS F.linear (alone, and with the elementwise kernels
+    the small-batch GEMV folds in) against `gemv_rows` at its default blocks and over a grid, and the normed
+    projections also without their norm prologue (MODE_PLAIN on the same shape): which projection, and which
+    part of it, keeps the small-batch path behind cuBLAS in the decode graph. Weights rotate over copies totalling
+    >= 400 MB so L2 holds none. cuBLAS as the decode graph runs it; the Triton kernels with programmatic dependent
+    launch, as there."""
+    from model_swapper.model_config import ModelConfig
+    from token_scheduler.model import triton_ops as k
+    from token_scheduler.model.triton_gemv import MODE_NORM, MODE_PLAIN, gemv_rows, rows_config_for, rows_pad
+
+    cfg = ModelConfig.from_pretrained(model)
+    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    shapes = {"qkv": (q + 2 * kv, h, MODE_NORM, False), "o": (h, q, MODE_PLAIN, False),
+              "gate_up": (2 * i, h, MODE_NORM, True), "down": (h, i, MODE_PLAIN, False)}
+    grid = [(bn, bk, 4, ns) for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for ns in (3, 4) if bn * bk <= 16384]
+    for m in batches:
+        _precompile_rows(model, m, grid)
+    dt, dev = torch.bfloat16, os.environ.get("DIAG_DEVICE", "cuda")
+    for name, (n, kk, mode, glu) in shapes.items():
+        nbytes = n * kk * 2
+        copies = max(2, min(64, -(-400_000_000 // nbytes)))
+        ws = [torch.randn(n, kk, device=dev, dtype=dt) * 0.02 for _ in range(copies)]
+        reps = copies * max(1, 64 // copies)
+        for m in batches:
+            x = torch.randn(m, kk, device=dev, dtype=dt)
+            r = torch.randn(m, kk, device=dev, dtype=dt)
+            nw = torch.ones(kk, device=dev, dtype=dt)
+            norm = mode == MODE_NORM
+
+            def ref(j, ws=ws, x=x, r=r, nw=nw, norm=norm, glu=glu):
+                xx = k.add_rms_norm(x.clone(), r, nw, 1e-6) if norm else x
+                y = F.linear(xx, ws[j % len(ws)])
+                return k.silu_mul(y) if glu else y
+
+            def rows(j, c=None, plain=False, ws=ws, x=x, r=r, nw=nw, norm=norm, glu=glu):
+                md = MODE_PLAIN if plain or not norm else MODE_NORM
+                return gemv_rows(x, ws[j % len(ws)], mode=md, r=r if md == MODE_NORM else None, norm_w=nw,
+                                 eps=1e-6, glu=glu, config=c)
+            lin = _graph_us(lambda j, ws=ws, x=x: F.linear(x, ws[j % len(ws)]), reps)
+            base = _graph_us(ref, reps)
+            # the Triton kernels launch as in the decode graph: programmatic dependent launch, each overlapping the
+            # one before (and the kernels compiled by _precompile_rows are these)
+            pdl_scope = k.pdl_rows(m)
+            pdl_scope.__enter__()
+            default = rows_config_for(n, kk, rows_pad(m))
+            out = [f"{name:8s} {n}x{kk} M={m} ({nbytes / 1e6:.1f} MB, floor {nbytes / 4.25e6:.2f} us): cuBLAS "
+                   f"{lin:.2f} us, +elementwise {base:.2f} us, rows default {default} {_graph_us(rows, reps):.2f} us"]
+            if norm:
+                out.append(f"rows without the norm prologue {_graph_us(lambda j: rows(j, plain=True), reps):.2f} us")
+            res = []
+            for c in grid:
+                try:
+                    res.append((_graph_us(lambda j, c=c: rows(j, c), reps), c))
+                except Exception as e:  # noqa: BLE001 -- shared memory: skipped
+                    print("  skip", c, str(e).splitlines()[0][:80], flush=True)
+            pdl_scope.__exit__(None, None, None)
+            res.sort()
+            out += [f"rows {c} {us:.2f} us {nbytes / us / 1e3:.0f} GB/s" for us, c in res[:4]]
+            print("\n    ".join(out), flush=True)
+        del ws
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+
 class _StepTimer:
     """One engine whose decode graph for a batch size is re-captured before each timing, so that kernel options
     changed in between (module globals read at capture) take effect."""
@@ -326,6 +391,10 @@ def _compile_rows(model: str, m: int, configs: list) -> int:
         for c in configs:
             for call in (lambda c=c: gemv_rows(x, wq, bq, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, rope=rk, config=c),
                          lambda c=c: gemv_rows(x, wq, bq, mode=MODE_NORM, norm_w=nw, eps=1e-6, rope=rk, config=c),
+                         # rows_triton's: without RoPE, and without the norm
+                         lambda c=c: gemv_rows(x, wq, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, config=c),
+                         lambda c=c: gemv_rows(x, wq, config=c),
+                         lambda c=c: gemv_rows(x, wgu, glu=True, config=c),
                          lambda c=c: gemv_rows(xo, wo, config=c),
                          lambda c=c: gemv_rows(x, wgu, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, glu=True, config=c),
                          lambda c=c: gemv_rows(xd, wd, config=c)):
@@ -354,7 +423,7 @@ def _precompile_rows(model: str, m: int, grid: list, procs: int = 8) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["kv", "gemv", "gemv-triton", "step", "step-sweep"])
+    ap.add_argument("what", choices=["kv", "gemv", "gemv-triton", "rows-triton", "step", "step-sweep"])
     ap.add_argument("--model")
     ap.add_argument("--variants", help="step: only these variants, comma-separated (e.g. 'default,no pdl')")
     ap.add_argument("--batch", help="step: batch sizes (default 1,8); step-sweep: one batch size (default 1)")
@@ -362,7 +431,8 @@ def main() -> None:
     {"kv": kv, "gemv": lambda: gemv(a.model), "gemv-triton": lambda: gemv_triton(a.model),
      "step": lambda: step(a.model, [int(b) for b in (a.batch or "1,8").split(",")],
                          only=a.variants.split(",") if a.variants else None),
-     "step-sweep": lambda: step_sweep(a.model, int(a.batch or 1))}[a.what]()
+     "step-sweep": lambda: step_sweep(a.model, int(a.batch or 1)),
+     "rows-triton": lambda: rows_triton(a.model, [int(b) for b in (a.batch or "8,32").split(",")])}[a.what]()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@
 #   rows     issue 20: the small-batch GEMV path: its GPU tests, then diag_gpu step (default vs "small-batch gemv")
 #            for the 1.5B at ROWS_B15 and the 7B at ROWS_B7, then a batch-8 step-sweep of the 1.5B for what time is left
 #            (LIMIT_ROWS_SWEEP); ROWS_V: the variants; ROWS_PROF_B: batches to profile (profile_decode, rows path on);
-#            ROWS_SWEEPS: "q15:8 q7:8" (model:batch) sweeps, LIMIT_ROWS_SWEEP s each
+#            ROWS_SWEEPS: "q15:8 q7:8" (model:batch) sweeps, LIMIT_ROWS_SWEEP s each; ROWS_TRITON: "q15 q7", each
+#            projection alone at batches 8 and 32 (diag_gpu rows-triton: cuBLAS vs gemv_rows, with and without the norm)
 #   swap     issue 20: bench swap on the 7B (a decode beside a 7B prefetch, cold load into the host cache, swap-in)
 #   ab       issue 14: A/B of a switch inside one call: bench serve (10 models on 60 GB) at AB_RATE (default 1.3), seed
 #            SEED, from a cold start (a fresh server each), first with AB_A's environment (default none), then AB_B's
@@ -81,6 +82,8 @@ rows) M=/tmp/mm; mkdir -p $M
     > "$OUT/rows_step_7b.log" 2>&1; at "rows step 7b" $?; grep -E "b1:|Error" "$OUT/rows_step_7b.log" | cut -c1-400
   for b in ${ROWS_PROF_B:-}; do TOKENPOOL_GEMV_ROWS=32 timeout 60 python3 -m load_tests.profile_decode --model $M/q15 --batch $b \
     > "$OUT/rows_prof_1.5b_b$b.log" 2>&1; at "rows profile 1.5b b$b" $?; head -14 "$OUT/rows_prof_1.5b_b$b.log" | cut -c1-160; done
+  for m in ${ROWS_TRITON:-}; do timeout "${LIMIT_ROWS_TRITON:-150}" python3 -m load_tests.diag_gpu rows-triton --model $M/$m \
+    --batch 8,32 > "$OUT/rows_triton_$m.log" 2>&1; at "rows-triton $m" $?; grep -vE "^  skip" "$OUT/rows_triton_$m.log" | cut -c1-220; done
   for sw in ${ROWS_SWEEPS:-q15:8}; do m=${sw%%:*}; b=${sw##*:}
     timeout "${LIMIT_ROWS_SWEEP:-60}" python3 -m load_tests.diag_gpu step-sweep --model $M/$m --batch $b \
       > "$OUT/rows_sweep_${m}_b$b.log" 2>&1; at "rows sweep $m b$b" $?
