@@ -198,9 +198,12 @@ def rows_triton(model: str, batches: list[int]) -> None:
     h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
     shapes = {"qkv": (q + 2 * kv, h, MODE_NORM, False), "o": (h, q, MODE_PLAIN, False),
               "gate_up": (2 * i, h, MODE_NORM, True), "down": (h, i, MODE_PLAIN, False)}
+    from load_tests.kernel_lab import FEW_MAX, gemv_few
+
     grid = [(bn, bk, 4, ns) for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for ns in (3, 4) if bn * bk <= 16384]
     for m in batches:
         _precompile_rows(model, m, grid)
+        _precompile_rows(model, m, FEW_GRID, procs=len(FEW_GRID))
     dt, dev = torch.bfloat16, os.environ.get("DIAG_DEVICE", "cuda")
     for name, (n, kk, mode, glu) in shapes.items():
         nbytes = n * kk * 2
@@ -239,6 +242,15 @@ def rows_triton(model: str, batches: list[int]) -> None:
                     res.append((_graph_us(lambda j, c=c: rows(j, c), reps), c))
                 except Exception as e:  # noqa: BLE001 -- shared memory: skipped
                     print("  skip", c, str(e).splitlines()[0][:80], flush=True)
+            if m <= FEW_MAX:  # the CUDA-core candidate (kernel_lab.gemv_few; no GLU epilogue: gate_up's GEMM only)
+                few = []
+                for c in FEW_GRID:
+                    md = MODE_NORM if norm else MODE_PLAIN
+                    few.append((_graph_us(lambda j, c=c, md=md, ws=ws, x=x, r=r, nw=nw: gemv_few(
+                        x, ws[j % len(ws)], mode=md, r=r if md == MODE_NORM else None, norm_w=nw, eps=1e-6,
+                        config=c), reps), c))
+                few.sort()
+                out += [f"few {c} {us:.2f} us {nbytes / us / 1e3:.0f} GB/s" for us, c in few[:3]]
             pdl_scope.__exit__(None, None, None)
             res.sort()
             out += [f"rows {c} {us:.2f} us {nbytes / us / 1e3:.0f} GB/s" for us, c in res[:4]]
@@ -387,6 +399,17 @@ def _compile_rows(model: str, m: int, configs: list) -> int:
     wo, wgu, wd = (torch.randn(a, b, device=dev, dtype=dt) for a, b in ((h, cfg.q_size), (2 * i, h), (h, i)))
     xo, xd = torch.randn(m, cfg.q_size, device=dev, dtype=dt), torch.randn(m, i, device=dev, dtype=dt)
     done = 0
+    from load_tests.kernel_lab import FEW_MAX, gemv_few
+
+    if len(configs) and len(configs[0]) == 3:  # kernel_lab.gemv_few's configs (rows_triton)
+        with triton_ops.pdl_rows(m):
+            for c in configs if m <= FEW_MAX else ():
+                for xx, ww, md in ((x, wq, MODE_NORM), (xo, wo, 0), (x, wgu, MODE_NORM), (xd, wd, 0)):
+                    gemv_few(xx, ww, mode=md, r=r if md == MODE_NORM else None, norm_w=nw, eps=1e-6, config=c)
+                    done += 1
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return done
     with triton_ops.pdl_rows(m):
         for c in configs:
             for call in (lambda c=c: gemv_rows(x, wq, bq, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, rope=rk, config=c),
@@ -406,6 +429,9 @@ def _compile_rows(model: str, m: int, configs: list) -> int:
     if dev == "cuda":
         torch.cuda.synchronize()
     return done
+
+
+FEW_GRID = [(4, 128, 4), (8, 128, 4), (4, 256, 4), (8, 128, 8), (16, 128, 8), (8, 256, 8)]
 
 
 def _precompile_rows(model: str, m: int, grid: list, procs: int = 8) -> None:

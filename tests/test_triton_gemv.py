@@ -132,6 +132,38 @@ def test_gemv_rows_modes_match_eager_ops_in_the_interpreter():
     _interpret(ROWS)
 
 
+FEW = """
+import torch, torch.nn.functional as F
+from load_tests.kernel_lab import gemv_few
+from token_scheduler.model.triton_gemv import MODE_NORM, MODE_SILU
+torch.manual_seed(0)
+N, K = 70, 200  # neither a multiple of the blocks: masked edges on both axes
+w, nw = torch.randn(N, K), torch.randn(K)
+def close(a, ref):
+    return (a - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+for M in (1, 3, 8):
+    x, r = torch.randn(M, K), torch.randn(M, K)
+    y, none = gemv_few(x, w, config=(8, 64, 4))
+    assert y.shape == (M, N) and none is None and close(y, F.linear(x, w))
+    y, xo = gemv_few(x, w, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, config=(16, 128, 4))
+    xs = x + r
+    assert torch.equal(xo, xs) and close(y, F.linear(nw * (xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + 1e-6)), w))
+for bad in (dict(x=torch.randn(9, K)), dict(x=torch.randn(2, K), mode=MODE_SILU)):
+    try:
+        gemv_few(bad.pop("x"), w, **bad)
+        raise SystemExit(f"{bad} must raise")
+    except ValueError:
+        pass
+print("ok")
+"""
+
+
+def test_gemv_few_candidate_matches_eager_ops_in_the_interpreter():
+    """kernel_lab.gemv_few, the CUDA-core candidate `diag_gpu rows-triton` times against cuBLAS: what it
+    computes is the projection (a timing of a wrong kernel would mean nothing)."""
+    _interpret(FEW)
+
+
 def test_pdl_rows_widens_programmatic_dependent_launch_to_its_steps(monkeypatch):
     """Kernels over one row launch with PDL (where capable); over more rows only inside `pdl_rows`."""
     pytest.importorskip("triton")
