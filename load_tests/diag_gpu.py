@@ -296,13 +296,14 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
 
     timed = _StepTimer(model, max(batches), context)
     defaults = (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
-                triton_decode.num_splits_for, llama.GEMV_MAX_ROWS)
+                triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER)
     # the qwen2-1.5b GEMV block configs tuned without PDL, one projection at a time (before step-sweep)
     old_cfgs = {(2048, 1536): (8, 512, 8), (1536, 1536): (2, 512, 4), (17920, 1536): (16, 512, 8),
                 (1536, 8960): (4, 1024, 8)}
     # name, then what it changes from the defaults
     variants = [("default", {}), ("no pdl", {"pdl": False}), ("no gemv", {"gemv": False}),
-                ("small-batch gemv", {"max_rows": 32}),
+                ("small-batch gemv", {"max_rows": 32}), ("attn 2 blocks", {"nbi": 2}), ("attn 4 blocks", {"nbi": 4}),
+                ("attn 8 blocks", {"nbi": 8}),
                 ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}), ("splits 16", {"splits": 16}),
                 ("no pdl, gemv any size", {"pdl": False, "max_hidden": 1 << 30}), ("default again", {})]
     for name, v in variants:
@@ -313,13 +314,14 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
         triton_gemv._CONFIGS = v.get("cfgs", defaults[4])
         triton_decode.num_splits_for = (lambda *_a, s=v["splits"], **_k: s) if "splits" in v else defaults[5]
         llama.GEMV_MAX_ROWS = v.get("max_rows", defaults[6])
+        triton_decode.BLOCKS_PER_ITER = v.get("nbi", defaults[7])
         line = f"{name:22s}"
         for b in batches:
             d = timed(b, 40)
             line += f" | b{b}: step {d['step_ms_median']:.3f} ms, replay {d['graph_replay_ms']:.3f} ms"
         print(line, flush=True)
     (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
-     triton_decode.num_splits_for, llama.GEMV_MAX_ROWS) = defaults
+     triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER) = defaults
 
 
 def step_sweep(model: str, batch: int = 1, context: int = 512) -> None:
@@ -453,11 +455,12 @@ def main() -> None:
     ap.add_argument("--model")
     ap.add_argument("--variants", help="step: only these variants, comma-separated (e.g. 'default,no pdl')")
     ap.add_argument("--batch", help="step: batch sizes (default 1,8); step-sweep: one batch size (default 1)")
+    ap.add_argument("--context", type=int, default=512, help="step, step-sweep: each sequence's context")
     a = ap.parse_args()
     {"kv": kv, "gemv": lambda: gemv(a.model), "gemv-triton": lambda: gemv_triton(a.model),
-     "step": lambda: step(a.model, [int(b) for b in (a.batch or "1,8").split(",")],
+     "step": lambda: step(a.model, [int(b) for b in (a.batch or "1,8").split(",")], a.context,
                          only=a.variants.split(",") if a.variants else None),
-     "step-sweep": lambda: step_sweep(a.model, int(a.batch or 1)),
+     "step-sweep": lambda: step_sweep(a.model, int(a.batch or 1), a.context),
      "rows-triton": lambda: rows_triton(a.model, [int(b) for b in (a.batch or "8,32").split(",")])}[a.what]()
 
 

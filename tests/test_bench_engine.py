@@ -101,6 +101,7 @@ def patched(tensor, scope):
 ti._patch_lang_tensor = patched
 import torch
 from token_scheduler.model.attention import AttentionMetadata, _decode_torch
+from token_scheduler.model import triton_decode
 from token_scheduler.model.triton_decode import paged_decode
 torch.manual_seed(0)
 B, KVH, D, BS, NB, L, G = 3, 2, 128, 16, 32, 2, 4
@@ -109,11 +110,14 @@ q = torch.randn(B, KVH * G, D)
 ctx = torch.tensor([1, 17, 100], dtype=torch.int32)
 bt = torch.stack([torch.randperm(NB)[:8] for _ in range(B)]).int()
 meta = AttentionMetadata(None, None, BS, decode=True, block_tables=bt, context_lens=ctx)
-for window in (None, 40):
-    ref = _decode_torch(q.double(), kv.double(), 1, meta, D**-0.5, window)
-    out = paged_decode(q, kv, 1, bt, ctx, D**-0.5, window)
-    err = ((out.double() - ref).norm() / ref.norm()).item()
-    assert out.dtype == torch.float32 and err < 1e-6, err
+# several cache blocks an iteration, over splits whose block ranges end mid-iteration (100 tokens: 7 blocks)
+for nbi, splits in ((1, None), (4, None), (4, 1), (4, 2), (2, 3)):
+    triton_decode.BLOCKS_PER_ITER = nbi
+    for window in (None, 40):
+        ref = _decode_torch(q.double(), kv.double(), 1, meta, D**-0.5, window)
+        out = paged_decode(q, kv, 1, bt, ctx, D**-0.5, window, num_splits=splits)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert out.dtype == torch.float32 and err < 1e-6, (nbi, splits, window, err)
 print("ok")
 """
     root = Path(__file__).resolve().parents[1]

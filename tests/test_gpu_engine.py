@@ -16,9 +16,13 @@ class _Cfg:
     head_dim = 128
 
 
+@pytest.mark.parametrize("nbi", [1, 4])
 @pytest.mark.parametrize("group,window", [(1, None), (7, None), (4, 40)])
-def test_triton_decode_matches_torch(group, window):
+def test_triton_decode_matches_torch(group, window, nbi, monkeypatch):
+    from token_scheduler.model import triton_decode
     from token_scheduler.model.triton_decode import paged_decode
+
+    monkeypatch.setattr(triton_decode, "BLOCKS_PER_ITER", nbi)  # cache blocks an iteration
 
     torch.manual_seed(0)
     B, KVH, D, BS, NB, L = 5, 2, 128, 16, 64, 3
@@ -29,9 +33,10 @@ def test_triton_decode_matches_torch(group, window):
     meta = AttentionMetadata(None, None, BS, decode=True, block_tables=bt, context_lens=ctx)
     for layer in range(L):
         ref = _decode_torch(q.float(), kv.float(), layer, meta, D**-0.5, window)
-        out = paged_decode(q, kv, layer, bt, ctx, D**-0.5, window)
-        err = (out.float() - ref).norm() / ref.norm()
-        assert err < 1e-2, err
+        for splits in (None, 1, 3):  # 3: block ranges that end mid-iteration
+            out = paged_decode(q, kv, layer, bt, ctx, D**-0.5, window, num_splits=splits)
+            err = (out.float() - ref).norm() / ref.norm()
+            assert err < 1e-2, (splits, err)
 
 
 @pytest.mark.parametrize("window", [None, 40])

@@ -19,6 +19,8 @@
 #            (LIMIT_ROWS_SWEEP); ROWS_V: the variants; ROWS_PROF_B: batches to profile (profile_decode, rows path on);
 #            ROWS_SWEEPS: "q15:8 q7:8" (model:batch) sweeps, LIMIT_ROWS_SWEEP s each; ROWS_TRITON: "q15 q7", each
 #            projection alone at batches 8 and 32 (diag_gpu rows-triton: cuBLAS vs gemv_rows, with and without the norm)
+#   attn     issue 20: the paged-decode kernel's cache blocks an iteration (1, 2, 4, 8), diag_gpu step at ATTN_B (1,8,32)
+#            and contexts ATTN_CTX (512 2048), both models
 #   swap     issue 20: bench swap on the 7B (a decode beside a 7B prefetch, cold load into the host cache, swap-in)
 #   ab       issue 14: A/B of a switch inside one call: bench serve (10 models on 60 GB) at AB_RATE (default 1.3), seed
 #            SEED, from a cold start (a fresh server each), first with AB_A's environment (default none), then AB_B's
@@ -88,6 +90,13 @@ rows) M=/tmp/mm; mkdir -p $M
     timeout "${LIMIT_ROWS_SWEEP:-60}" python3 -m load_tests.diag_gpu step-sweep --model $M/$m --batch $b \
       > "$OUT/rows_sweep_${m}_b$b.log" 2>&1; at "rows sweep $m b$b" $?
     grep -E "^precompiled|^[a-z_]+ \(|^BEST|^start" "$OUT/rows_sweep_${m}_b$b.log"; done ;;
+attn) M=/tmp/mm; mkdir -p $M
+  for sz in 1.5b 7b; do d=$M/q$(echo $sz | tr -d .b); [ -f $d/config.json ] || python3 -m controller.cli make-model \
+      --arch qwen2 --size $sz --out $d >> "$OUT/make.log" 2>&1; done
+  for c in ${ATTN_CTX:-512 2048}; do for m in q15 q7; do
+    timeout "${LIMIT_ATTN:-100}" python3 -m load_tests.diag_gpu step --model $M/$m --batch "${ATTN_B:-1,8,32}" --context $c \
+      --variants "default,attn 2 blocks,attn 4 blocks,attn 8 blocks" > "$OUT/attn_${m}_ctx$c.log" 2>&1; at "attn $m ctx $c" $?
+    grep -E "b1:|Error" "$OUT/attn_${m}_ctx$c.log" | cut -c1-300; done; done ;;
 swap) M=/tmp/mm; mkdir -p $M; [ -f $M/q7/config.json ] || python3 -m controller.cli make-model --arch qwen2 --size 7b \
     --out $M/q7 >> "$OUT/make.log" 2>&1
   timeout "${LIMIT_SWAP:-300}" python3 -m controller.cli bench swap --model $M/q7 --json "$OUT/swap_qwen2_7b_h200.json" \

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from token_scheduler.model.triton_ops import pdl, pdl_enter
+from tokenpool import env
 
 
 # s_btb (the block-table row stride) follows the longest context in the batch: specialising on it (Triton
@@ -22,7 +23,7 @@ def _paged_decode_kernel(
     s_qb, s_qh, s_kvb, s_kvt, s_kvh, s_btb, s_ob, s_oh, s_os, s_mb, s_mh,
     off_k, off_v,
     NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    BLOCK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    BLOCK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, NBI: tl.constexpr,
 ):
     pdl_enter(PDL)
     b = tl.program_id(0)
@@ -45,14 +46,18 @@ def _paged_decode_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
-    t = tl.arange(0, BLOCK)
-    for j in range(j0, j1):
-        blk = tl.load(BT + b * s_btb + j).to(tl.int64)
-        pos = j * BLOCK + t
-        valid = pos < ctx
+    # NBI cache blocks an iteration: each token's block id is gathered, so all NBI blocks' K and V loads are in
+    # flight at once (one block an iteration waits out a block-table load, then a K/V load, per 16 tokens)
+    t = tl.arange(0, BLOCK * NBI)
+    for j in range(j0, j1, NBI):
+        jb = j + t // BLOCK
+        inb = jb < j1
+        blk = tl.load(BT + b * s_btb + jb, mask=inb, other=0).to(tl.int64)
+        pos = jb * BLOCK + t % BLOCK
+        valid = inb & (pos < ctx)
         if window > 0:
             valid = valid & (pos >= ctx - window)
-        base = KV + blk * s_kvb + t[:, None] * s_kvt + kvh * s_kvh + d[None, :]
+        base = KV + blk[:, None] * s_kvb + (t % BLOCK)[:, None] * s_kvt + kvh * s_kvh + d[None, :]
         k = tl.load(base + off_k, mask=valid[:, None], other=0.0)
         v = tl.load(base + off_v, mask=valid[:, None], other=0.0)
         if IEEE:  # fp32 model: full-precision dots (Triton's fp32 default is TF32, ~1e-3 relative error)
@@ -96,6 +101,11 @@ def _combine_kernel(Part, M, L, Y, S: tl.constexpr, S_PAD: tl.constexpr, D: tl.c
 
 SPLITS = (1, 2, 4, 8, 16, 32)  # each value is one compiled variant of both kernels
 
+# Cache blocks a program reads an iteration (NBI). 1: one 16-token block at a time, as measured in every figure so
+# far. More: fewer, wider iterations over long contexts (diag_gpu step variant "attn 4 blocks"), unmeasured yet, so
+# off (TOKENPOOL_ATTN_BLOCKS_PER_ITER).
+BLOCKS_PER_ITER = int(env.ATTN_BLOCKS_PER_ITER.get())
+
 
 def num_splits_for(batch: int, kv_heads: int, sms: int = 132) -> int:
     """Splits so that batch x kv_heads x splits fills the GPU about twice, rounded down to a power of two:
@@ -133,7 +143,7 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
         o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1),
         layer * s_kvl, layer * s_kvl + s_kv2,
         NUM_SPLITS=S, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=BS, D=D,
-        IEEE=q.dtype == torch.float32, PDL=pdl(q), launch_pdl=pdl(q),
+        IEEE=q.dtype == torch.float32, PDL=pdl(q), NBI=BLOCKS_PER_ITER, launch_pdl=pdl(q),
     )
     out = torch.empty_like(q)
     _combine_kernel[(B * H,)](o, m, lsum, out, S=S, S_PAD=triton.next_power_of_2(S), D=D, num_warps=4,
