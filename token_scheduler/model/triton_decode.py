@@ -24,6 +24,7 @@ def _paged_decode_kernel(
     off_k, off_v,
     NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, NBI: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     pdl_enter(PDL)
     b = tl.program_id(0)
@@ -74,6 +75,10 @@ def _paged_decode_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m_i = m_new
+    if DIRECT:  # one split: the result itself (what the combine computes of one part, bit for bit)
+        o_ptr = Out + b * s_ob + heads[:, None] * s_oh + d[None, :]
+        tl.store(o_ptr, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=gmask[:, None])
+        return
     o_ptr = Out + b * s_ob + heads[:, None] * s_oh + sp * s_os + d[None, :]
     tl.store(o_ptr, acc, mask=gmask[:, None])
     ml = b * s_mb + heads * s_mh + sp
@@ -132,9 +137,13 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
     _, _, _, BS, KVH, _ = kv.shape
     group = H // KVH
     S = num_splits or num_splits_for(B, KVH)
-    o = torch.empty(B, H, S, D, device=q.device, dtype=torch.float32)
-    m = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
-    lsum = torch.empty_like(m)
+    out = torch.empty_like(q)
+    if S == 1:  # the kernel writes the result: no partials, no combine launch
+        o, m, lsum = out.unsqueeze(2), out[:, :, 0], out[:, :, 0]
+    else:
+        o = torch.empty(B, H, S, D, device=q.device, dtype=torch.float32)
+        m = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+        lsum = torch.empty_like(m)
     s_kvb, s_kvl, s_kv2, s_kvt, s_kvh, _ = kv.stride()
     _paged_decode_kernel[(B, KVH, S)](
         q, kv, block_tables, context_lens, o, m, lsum,
@@ -143,9 +152,10 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
         o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1),
         layer * s_kvl, layer * s_kvl + s_kv2,
         NUM_SPLITS=S, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=BS, D=D,
-        IEEE=q.dtype == torch.float32, PDL=pdl(q), NBI=BLOCKS_PER_ITER, launch_pdl=pdl(q),
+        IEEE=q.dtype == torch.float32, PDL=pdl(q), NBI=BLOCKS_PER_ITER, DIRECT=S == 1, launch_pdl=pdl(q),
     )
-    out = torch.empty_like(q)
+    if S == 1:
+        return out
     _combine_kernel[(B * H,)](o, m, lsum, out, S=S, S_PAD=triton.next_power_of_2(S), D=D, num_warps=4,
                               PDL=pdl(q), launch_pdl=pdl(q))
     return out
