@@ -89,6 +89,7 @@ class GpuStats:
     policy_calls: int = 0
     policy_cpu_frac: list = field(default_factory=list)  # cpu / simulated step time, per step
     graph_captures: int = 0
+    host_s: float = 0.0  # of busy_s: the host time per step (step_host_s, step_host_per_seq_s)
 
 
 def sim_arena(capacity: int, kv_bytes: int, align: int = DEFAULT_ALIGN) -> SlotTable:
@@ -102,7 +103,7 @@ class GpuSim:
 
     def __init__(self, gid: int, capacity: int, policy, hw: HardwareProfile, noise: float = 0.0, seed: int = 0,
                  arena: SlotTable | None = None, copy_slowdown: float = 0.0, step_host_s: float = 0.0,
-                 graph_capture_s: float = 0.0):
+                 graph_capture_s: float = 0.0, step_host_per_seq_s: float = 0.0, host_observed: bool = True):
         self.gid, self.policy, self.hw, self.noise = gid, policy, hw, noise
         # A decode step at a (weights' size, slot offset, batch bucket) not met before captures its CUDA graph
         # first (ModelRunner keys graphs by slot): this many seconds of host time, once (H200: 3.14 s for 98
@@ -111,6 +112,8 @@ class GpuSim:
         self.captured: set[tuple[int, int, int]] = set()
         self.copy_slowdown = copy_slowdown  # a step beside a weight copy in flight takes this much longer
         self.step_host_s = step_host_s  # host time per step outside the device step (policy, memory moves, worker)
+        self.step_host_per_seq_s = step_host_per_seq_s  # and per sequence in the step's batch
+        self.host_observed = host_observed  # whether the cost model's step fit sees the host time (the engine's: no)
         self.state = PoolState(models={}, capacity_bytes=capacity, cost=CostModel(hw))
         self.arena = arena
         self.specs: dict[str, ModelSize] = {}  # the true sizes (the policy's may be the arena's view of them)
@@ -291,7 +294,10 @@ class GpuSim:
             dur *= math.exp(self.rng.gauss(-self.noise * self.noise / 2, self.noise))
         if self.copy_slowdown and any(ld[0] < ready + dur and ld[1] > ready for ld in self.loads.values()):
             dur *= 1.0 + self.copy_slowdown
-        dur += self.step_host_s
+        device_s = dur
+        host = self.step_host_s + self.step_host_per_seq_s * len(plan.batch)
+        self.stats.host_s += host
+        dur += host
         if self.graph_capture_s and self.arena is not None and all(n == 1 and r.status == _R for r, n in plan.batch):
             key = (self.specs[m.name].weight_bytes, self.arena.slots[m.name].offset,
                    next(b for b in GRAPH_BUCKETS if b >= len(plan.batch)))
@@ -301,7 +307,7 @@ class GpuSim:
                 dur += self.graph_capture_s
         start = ready
         end = start + dur
-        st.cost.observe_step(m.name, shape, dur)
+        st.cost.observe_step(m.name, shape, dur if self.host_observed else device_s)
         finished = False
         for r, n in plan.batch:
             if r.status == _W:
@@ -396,7 +402,8 @@ def simulate(items, specs: dict[str, ModelSize], slos: dict[str, ModelSLO] | Mod
              placement: str = "partition", drain_s: float = 60.0, noise: float = 0.0, seed: int = 0,
              policy_kw: dict | None = None, keep_tokens: bool = False, workers: int = 1,
              kv_cache_bytes: int | None = None, copy_slowdown: float = 0.0, step_host_s: float = 0.0,
-             graph_capture_s: float = 0.0) -> SimResult:
+             graph_capture_s: float = 0.0, step_host_per_seq_s: float = 0.0,
+             host_observed: bool = True) -> SimResult:
     """Replay `items` (WorkItems, sorted by time) against `policy` on `n_gpus` simulated GPUs.
 
     `kv_cache_bytes`: each GPU's `capacity_bytes` is a pooled arena as the real engine's (module docstring)
@@ -404,6 +411,12 @@ def simulate(items, specs: dict[str, ModelSize], slos: dict[str, ModelSLO] | Mod
 
     `step_host_s`: seconds of host work each step adds outside the device step (the served worker's policy,
     memory moves and step-loop work: 0.17 ms per step on the H200 at af0b71d, bench serve's `timing`); 0: none.
+
+    `step_host_per_seq_s`: more host seconds per sequence in the step's batch (detokenizing, the books: on the H200
+    the engine's host time per step grew ~0.035 ms per token a step, bench/results/sim_gap_1.6_e755649.json).
+    `host_observed`: whether the policy's cost model learns a step's host time (and a graph capture) with its device
+    time; the engine's does not (MultiModelEngine times the engine's step alone), so False is the engine's view.
+    True (the default) keeps the results made before it existed.
 
     `graph_capture_s`: host seconds of one CUDA-graph capture, paid by a pooled GPU's first decode step at each
     (weights' size, slot offset, batch bucket) (H200: 0.019 s at 9ff79c5, 0.032 s before); 0: none.
@@ -423,7 +436,8 @@ def simulate(items, specs: dict[str, ModelSize], slos: dict[str, ModelSLO] | Mod
     job = dict(specs=specs, slos=slos, policy=policy, capacity=capacity_bytes, hw=hw or H100_PCIE53,
                where=where, horizon=duration + drain_s, noise=noise, seed=seed, policy_kw=policy_kw or {},
                keep_tokens=keep_tokens, static=placement != "p2c", kv=kv_cache_bytes, copy_slowdown=copy_slowdown,
-               step_host_s=step_host_s, graph_capture_s=graph_capture_s)
+               step_host_s=step_host_s, graph_capture_s=graph_capture_s, step_host_per_seq_s=step_host_per_seq_s,
+               host_observed=host_observed)
     workers = max(1, min(workers, n_gpus)) if placement != "p2c" else 1
     groups = [list(range(k, n_gpus, workers)) for k in range(workers)]
     if workers == 1:
@@ -446,7 +460,8 @@ def _run_gpus(items, gpu_ids: list[int], job: dict):
     slo_of = (lambda m: slos) if isinstance(slos, ModelSLO) else (lambda m: slos[m])
     gpus = {g: GpuSim(g, job["capacity"], make_policy(job["policy"], **job["policy_kw"]), job["hw"], job["noise"],
                       job["seed"], sim_arena(job["capacity"], job["kv"]) if job["kv"] else None,
-                      job["copy_slowdown"], job["step_host_s"], job["graph_capture_s"]) for g in gpu_ids}
+                      job["copy_slowdown"], job["step_host_s"], job["graph_capture_s"], job["step_host_per_seq_s"],
+                      job["host_observed"]) for g in gpu_ids}
     if job["static"]:
         for m, gs in where.items():
             for g in gs:
@@ -508,6 +523,7 @@ def _result(policy: str, stats: list[GpuStats], records: list[RequestRecord], du
     extra: dict = {k: int(tot[k]) for k in ("loads", "prefetches", "prefetch_skipped", "evictions", "forced_evictions",
                                            "graph_captures")}
     extra["blocking_loads"] = extra["loads"] - extra["prefetches"]  # the real pool's `loads`
+    extra["host_s"] = tot["host_s"]
     extra["loads_per_s"] = tot["loads"] / max(end, 1e-9)  # weight loads (blocking or prefetch) per second
     if tot["kv_region_bytes"]:  # pooled arena, the largest over GPUs
         extra["kv_peak_gb"] = tot["kv_peak_bytes"] / 1e9

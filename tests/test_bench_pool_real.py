@@ -131,8 +131,10 @@ def test_resimulate_puts_the_simulator_beside_real_points(tmp_path):
             for shape in (StepShape(b, b, b * 300), StepShape(1, 50 * b, 50 * b, (50 * b) ** 2)):
                 cm.observe_step(sp.name, shape, 3 * H100_PCIE53.step_time(sp, shape))
     src = tmp_path / "real.json"
+    # and the host time per step its engine spent outside the fitted steps: (0.99 x 100 s - 80 s) / 10,000 = 1.9 ms
+    host = {"wall_s": 100.0, "gpu_busy_frac": 0.99, "timing": {"steps": 10000.0, "engine_s": 80.0}}
     src.write_text(json.dumps({"mode": "real", "commit": "abc", "config": cfg,
-                               "sweep": {"token": [point | {"cost_model": cm.to_dict()}], "request": [point]}}))
+                               "sweep": {"token": [point | host | {"cost_model": cm.to_dict()}], "request": [point]}}))
     out = resimulate(src, tmp_path / "re.json")
     assert json.loads((tmp_path / "re.json").read_text())["points"] == out["points"]
     assert out["placement_of_real_run"] == "lru"  # a run from before TokenConfig.placement
@@ -148,6 +150,17 @@ def test_resimulate_puts_the_simulator_beside_real_points(tmp_path):
     assert 0.0 <= m["attainment"] <= 1.0 and "simulated_measured_costs" not in req
     assert tok["sim_measured_minus_real_points"] == pytest.approx(100 * (m["attainment"] - 0.75))
     assert m["tpot_p50"] > 2 * tok["simulated_lru"]["tpot_p50"]  # 3x slower steps, as measured, show
+    assert m["step_host_s"] == pytest.approx(0.0019) and tok["simulated_lru"]["step_host_s"] == 0.0  # charged
     with pytest.raises(ValueError):
         src.write_text(json.dumps({"mode": "simulated"}))
         resimulate(src)
+
+
+def test_host_per_step_is_the_step_calls_time_outside_the_engine_step():
+    from load_tests.bench_pool_real import host_per_step_s
+
+    # the H200's 1.6 req/s/model point (e755649): 178.8 s in step calls, 154.1 s of them the engine's, 24,232 steps
+    real = {"wall_s": 179.967124162, "gpu_busy_frac": 0.9935684693446757,
+            "timing": {"steps": 24232.0, "engine_s": 154.10610408700347}}
+    assert host_per_step_s(real) == pytest.approx(1.0195e-3, rel=1e-3)
+    assert host_per_step_s({"wall_s": 10.0}) == 0.0 and host_per_step_s({}) == 0.0  # an older point: none

@@ -269,3 +269,26 @@ def test_diag_swaps_tells_a_model_starving_its_swapped_requests_from_swaps_betwe
     roomy = run("1x7b,1x1.5b", 0, 3.0, duration=10, drain=30, gpu_budget_gb=40, kv_cache_gb=0.3)
     assert roomy["swap_outs"] > 0 and roomy["own_model_preemptions"] == 0
     assert roomy["swapped_left_out_while_model_stepped"] == 0 and roomy["missed"] == 0
+
+
+def test_host_time_the_cost_model_does_not_see_and_host_time_per_sequence():
+    """The hand-computed schedule above. As in the engine (MultiModelEngine times the engine's step alone), host time
+    with `host_observed=False` delays every token as before but the step fits never learn it; per sequence, a step of
+    two sequences pays twice."""
+    items = [WorkItem(0.0, "m0", 4, 3, "a"), WorkItem(0.0, "m0", 4, 2, "b"), WorkItem(0.05, "m1", 4, 2, "c")]
+
+    def run(**kw):
+        res = simulate(items, _tiny_specs(2), SLO, "request", capacity_bytes=1500, hw=FLAT, drain_s=10,
+                       keep_tokens=True, **kw)
+        return {r["id"]: r["tokens"] for r in res.extra["records"]}, res
+
+    seen, rs = run(step_host_s=0.002)
+    unseen, ru = run(step_host_s=0.002, host_observed=False)
+    assert unseen == seen and unseen["a"] == pytest.approx([0.112, 0.124, 0.136])
+    base = {r: res.extra["cost_model_gpu0"]["step"]["m0"]["coef"]["base_s"] for r, res in (("seen", rs), ("unseen", ru))}
+    assert base["unseen"] == pytest.approx(0.01) and base["seen"] > 0.0105  # FLAT's 10 ms steps, +2 ms learned
+    assert ru.extra["host_s"] == pytest.approx(5 * 0.002)
+    per_seq, rp = run(step_host_per_seq_s=0.001, host_observed=False)
+    # prefill a+b and decode a+b pay 2 ms, decode a, prefill c and decode c 1 ms each
+    assert per_seq["a"] == pytest.approx([0.112, 0.124, 0.135]) and per_seq["b"] == pytest.approx([0.112, 0.124])
+    assert per_seq["c"] == pytest.approx([0.246, 0.257]) and rp.extra["host_s"] == pytest.approx(0.007)
