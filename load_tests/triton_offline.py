@@ -1,0 +1,95 @@
+"""Compile a Triton kernel for a GPU this machine does not have (sm_90: H100/H200) and report what the compiler
+made of it: registers, stack/local bytes (spills), shared memory, and whether its loop was software-pipelined
+(async copies into shared memory). No GPU needed: Triton compiles to a cubin with its bundled ptxas, and
+cuobjdump reads the resource usage.
+
+    python -m load_tests.triton_offline rows    # gemv_rows as the 1.5B's batch-8 projections call it
+    python -m load_tests.triton_offline few     # kernel_lab.gemv_few
+
+Pointers are marked 16-byte aligned (and the integers listed in `aligned` divisible by 16), as the runtime
+specialises them for torch's allocations: without that, no load is wide enough for an async copy and no loop is
+pipelined, which is not what runs on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def inspect_kernel(fn, types: dict[str, str], constexprs: dict, aligned: tuple[str, ...] = (), num_warps: int = 4,
+                   num_stages: int = 3, arch: int = 90) -> dict:
+    """`types`: each non-constexpr argument's Triton type ("*bf16", "i32", "fp32", ...)."""
+    sig, attrs = {}, {}
+    for i, a in enumerate(fn.arg_names):
+        sig[a] = "constexpr" if a in constexprs else types[a]
+        if sig[a].startswith("*") or a in aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    ck = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                        options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(ck.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    try:
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+    def field(k: str) -> int:
+        m = re.search(k + r":(\d+)", usage)
+        return int(m.group(1)) if m else -1
+    ttgir = ck.asm["ttgir"]
+    return {"registers": field("REG"), "stack_bytes": field("STACK"), "local_bytes": field("LOCAL"),
+            "shared_bytes": ck.metadata.shared, "async_copies": ttgir.count("async_copy_global_to_local"),
+            "mma": "warp_group_dot" if "warp_group_dot" in ttgir else "mma_v2" if "tt.dot" in ttgir else "none"}
+
+
+def _rows(configs):
+    from token_scheduler.model import triton_gemv as g
+
+    fn = g._gemv_rows_kernel
+    types = {a: "*bf16" for a in ("X", "R", "NW", "XOUT", "W", "B", "Y", "KV")}
+    types.update({"COS": "*fp32", "SIN": "*fp32", "POS": "*i64", "SB": "*i64", "SO": "*i64", "eps": "fp32"})
+    types.update({a: "i32" for a in fn.arg_names if a not in types})
+    # qwen2-1.5b at batch 8 (16 padded rows): (name, K, MODE, HAS_R, EPI)
+    for name, k, mode, has_r, epi in (("qkv", 1536, 1, True, 1), ("o", 1536, 0, False, 0),
+                                      ("gate_up", 1536, 1, True, 2), ("down", 8960, 0, False, 0)):
+        for bn, bk, nw, ns in configs:
+            c = dict(K=k, MODE=mode, HAS_R=has_r, HAS_B=False, EPI=epi, M_PAD=16, BLOCK_N=bn, BLOCK_K=bk, IEEE=False,
+                     PDL=True, H=12, KVH=2, D=128)
+            r = inspect_kernel(fn, types, c, aligned=("N", "s_kvb", "s_kvt", "s_kvh", "off_k", "off_v"),
+                               num_warps=nw, num_stages=ns)
+            print(f"{name:8s} {(bn, bk, nw, ns)} {r}", flush=True)
+
+
+def _few(configs):
+    from load_tests.kernel_lab import _gemv_few_kernel as fn
+
+    types = {a: "*bf16" for a in ("X", "R", "NW", "XOUT", "W", "Y")}
+    types.update({"eps": "fp32", "M": "i32", "N": "i32"})
+    for name, k, mode, has_r in (("qkv", 1536, 1, True), ("down", 8960, 0, False)):
+        for bn, bk, nw in configs:
+            r = inspect_kernel(fn, types, dict(K=k, MODE=mode, HAS_R=has_r, M_PAD=8, BLOCK_N=bn, BLOCK_K=bk, PDL=True),
+                               aligned=("N",), num_warps=nw)
+            print(f"{name:8s} {(bn, bk, nw)} {r}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=["rows", "few"])
+    a = ap.parse_args()
+    if a.what == "rows":
+        _rows([(16, 256, 4, 4), (64, 256, 4, 3), (16, 512, 8, 3), (64, 256, 8, 3)])
+    else:
+        _few([(4, 128, 4), (8, 128, 4), (8, 128, 8), (16, 128, 8)])
+
+
+if __name__ == "__main__":
+    main()
