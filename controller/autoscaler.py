@@ -112,9 +112,10 @@ class Autoscaler:
                exclude: frozenset[str], pinned: frozenset[str]) -> Route | None:
         """`router.place`, noting the engines it passed over for pins (`pin_blocked`)."""
         regs = {e.engine_id: [*e.replicas, info.name] for e in engines}
-        for eid, other in pin_blocked(info, engines, models, pinned).items():
+        blocked = pin_blocked(info, engines, models, pinned)
+        for eid, other in blocked.items():
             self.pin_blocked[(info.name, eid)] = other, tuple(n for n in regs[eid] if n in pinned)
-        return place(info, engines, models, exclude=exclude, pinned=pinned)
+        return place(info, engines, models, exclude=exclude, pinned=pinned, blocked=blocked)
 
     def sheds(self, loads: list[ModelLoad], engines: list[EngineView], struggling: frozenset[str],
               acted: frozenset[str] = frozenset()) -> list[Action]:

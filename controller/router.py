@@ -182,12 +182,15 @@ def route(model: ModelInfo, engines: list[EngineView], prompt_tokens: int = 0) -
 
 
 def place(model: ModelInfo, engines: list[EngineView], models: dict[str, ModelInfo],
-          exclude: frozenset[str] = frozenset(), pinned: set[str] | frozenset[str] = frozenset()) -> Route | None:
+          exclude: frozenset[str] = frozenset(), pinned: set[str] | frozenset[str] = frozenset(),
+          blocked: dict[str, str] | None = None) -> Route | None:
     """Which engine a new registration of `model` goes to: one whose weight space fits the model beside the
     `pinned` models there (`pin_blocked`), the one with the smallest registered weight per byte of weight space,
     then the least busy. No evictions: a registration takes host memory, and VRAM is the pooled engine's to share.
-    None if no engine can ever run it. Shares count each registration's `weight` (bytes plus a step's fixed cost)."""
-    blocked = pin_blocked(model, engines, models, pinned) if pinned else {}
+    None if no engine can ever run it. Shares count each registration's `weight` (bytes plus a step's fixed cost).
+    `blocked`: `pin_blocked`'s answer, where the caller has it already."""
+    if blocked is None:
+        blocked = pin_blocked(model, engines, models, pinned) if pinned else {}
     options = []
     for e in engines:
         if (not e.usable or model.name in e.replicas or e.engine_id in exclude or model.size_bytes > e.memory_bytes
