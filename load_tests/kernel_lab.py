@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from token_scheduler.model.triton_gemv import MODE_NORM, MODE_PLAIN
+from token_scheduler.model.triton_gemv import MODE_NORM, MODE_PLAIN, rows_rms, rows_tile
 from token_scheduler.model.triton_ops import pdl, pdl_enter
 
 
@@ -33,34 +33,14 @@ def _gemv_few_kernel(X, R, NW, XOUT, W, Y, eps, M, N, K: tl.constexpr, MODE: tl.
     pdl_enter(PDL)
     inv = tl.zeros([M_PAD], tl.float32)
     if MODE == 1:
-        ss = tl.zeros([M_PAD], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + kk
-            xm = mm[:, None] & (cols < K)[None, :]
-            off = m[:, None] * K + cols[None, :]
-            x = tl.load(X + off, mask=xm, other=0.0)
-            if HAS_R:
-                x = (x.to(tl.float32) + tl.load(R + off, mask=xm, other=0.0).to(tl.float32)).to(dt)
-                if pid == 0:
-                    tl.store(XOUT + off, x, mask=xm)
-            xf = x.to(tl.float32)
-            ss += tl.sum(xf * xf, 1)
-        inv = tl.math.rsqrt(ss / K + eps)
+        inv = rows_rms(X, R, XOUT, m, mm, kk, pid, eps, K, BLOCK_K, HAS_R, dt)
     acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + kk
         km = cols < K
         # the next tile is requested before this one is used: two tiles in flight a program (masked off past K)
         w_next = tl.load(wp + k0 + BLOCK_K, mask=rmask[:, None] & (cols + BLOCK_K < K)[None, :], other=0.0)
-        xm = mm[:, None] & km[None, :]
-        off = m[:, None] * K + cols[None, :]
-        x = tl.load(X + off, mask=xm, other=0.0)
-        if MODE == 1:
-            if HAS_R:
-                x = (x.to(tl.float32) + tl.load(R + off, mask=xm, other=0.0).to(tl.float32)).to(dt)
-            y = (x.to(tl.float32) * inv[:, None]).to(dt)
-            nw = tl.load(NW + cols, mask=km, other=0.0)
-            x = (nw.to(tl.float32)[None, :] * y.to(tl.float32)).to(dt)
+        x = rows_tile(X, R, NW, m, mm, cols, km, inv, K, MODE, HAS_R, dt)
         acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
         w = w_next
     out = tl.sum(acc, 2)

@@ -229,7 +229,27 @@ def _rope_args(rope: RopeKV | None, n: int, bn: int, x: torch.Tensor) -> dict:
 
 
 @triton.jit
-def _rows_tile(X, R, NW, m, mm, cols, km, inv, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr, dt):
+def rows_rms(X, R, XOUT, m, mm, kk, pid, eps, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_R: tl.constexpr, dt):
+    """Per row m: 1 / rms of (x + r), the sum rounded to the model dtype as the residual stream is (program 0
+    writes it out as the new residual). A pass over x + r before the projection's main loop, which also leaves
+    them in L1 for it (see the module docstring)."""
+    ss = tl.zeros(m.shape, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + kk
+        xm = mm[:, None] & (cols < K)[None, :]
+        off = m[:, None] * K + cols[None, :]
+        x = tl.load(X + off, mask=xm, other=0.0)
+        if HAS_R:
+            x = (x.to(tl.float32) + tl.load(R + off, mask=xm, other=0.0).to(tl.float32)).to(dt)
+            if pid == 0:
+                tl.store(XOUT + off, x, mask=xm)
+        xf = x.to(tl.float32)
+        ss += tl.sum(xf * xf, 1)
+    return tl.math.rsqrt(ss / K + eps)
+
+
+@triton.jit
+def rows_tile(X, R, NW, m, mm, cols, km, inv, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr, dt):
     """Rows `m` (mask `mm`) of the projection's input over columns `cols`, after the mode's prologue, in the
     model dtype (tl.dot's operand: the eager ops round each step to it)."""
     xm = mm[:, None] & km[None, :]
@@ -287,27 +307,15 @@ def _gemv_rows_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE:
     w = tl.load(wp, mask=wmask & (kk < K)[None, :], other=0.0)
     pdl_enter(PDL)
     inv = tl.zeros([M_PAD], tl.float32)
-    if MODE == 1:  # per row: rms of (x + r), rounded to the model dtype as the residual stream is
-        ss = tl.zeros([M_PAD], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + kk
-            xm = mm[:, None] & (cols < K)[None, :]
-            off = m[:, None] * K + cols[None, :]
-            x = tl.load(X + off, mask=xm, other=0.0)
-            if HAS_R:
-                x = (x.to(tl.float32) + tl.load(R + off, mask=xm, other=0.0).to(tl.float32)).to(dt)
-                if pid == 0:
-                    tl.store(XOUT + off, x, mask=xm)
-            xf = x.to(tl.float32)
-            ss += tl.sum(xf * xf, 1)
-        inv = tl.math.rsqrt(ss / K + eps)
-    acc = _dot(_rows_tile(X, R, NW, m, mm, kk, kk < K, inv, K, MODE, HAS_R, dt), w,
+    if MODE == 1:
+        inv = rows_rms(X, R, XOUT, m, mm, kk, pid, eps, K, BLOCK_K, HAS_R, dt)
+    acc = _dot(rows_tile(X, R, NW, m, mm, kk, kk < K, inv, K, MODE, HAS_R, dt), w,
                tl.zeros([M_PAD, BLOCK_N], tl.float32), IEEE)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + kk
         km = cols < K
         w = tl.load(wp + k0, mask=wmask & km[None, :], other=0.0)
-        acc = _dot(_rows_tile(X, R, NW, m, mm, cols, km, inv, K, MODE, HAS_R, dt), w, acc, IEEE)
+        acc = _dot(rows_tile(X, R, NW, m, mm, cols, km, inv, K, MODE, HAS_R, dt), w, acc, IEEE)
     if HAS_B:
         acc += tl.load(B + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
     if EPI == 0:
