@@ -36,7 +36,7 @@ def point(models: str, seed: int, *, rate: float = 0.1, duration: float = 300.0,
           gpu_budget_gb: float = 120.0, kv_cache_gb: float | None = 4.0, slo_ttft: float = 10.0,
           slo_tpot: float = 0.1, policy: str = "token", profile: str = "measured", policy_kw: dict | None = None,
           noise: float = 0.0, copy_slowdown: float = 0.0, step_host_ms: float = 0.0,
-          graph_capture_ms: float = 0.0) -> dict:
+          graph_capture_ms: float = 0.0, step_host_per_seq_ms: float = 0.0, host_observed: bool = True) -> dict:
     entries = parse_models(models)
     specs = {e.name: spec_for(e.arch, e.size, e.name) for e in entries}
     items = generate(list(specs), rate, duration, seed=seed)
@@ -44,7 +44,8 @@ def point(models: str, seed: int, *, rate: float = 0.1, duration: float = 300.0,
     res = simulate(items, specs, ModelSLO(slo_ttft, slo_tpot), policy, capacity_bytes=int(gpu_budget_gb * 1e9),
                    hw=hardware_profile(profile, specs), drain_s=drain, seed=seed, policy_kw=policy_kw, noise=noise,
                    copy_slowdown=copy_slowdown, step_host_s=step_host_ms / 1e3, graph_capture_s=graph_capture_ms / 1e3,
-                   kv_cache_bytes=int(kv_cache_gb * 1e9) if kv_cache_gb else None)
+                   kv_cache_bytes=int(kv_cache_gb * 1e9) if kv_cache_gb else None,
+                   step_host_per_seq_s=step_host_per_seq_ms / 1e3, host_observed=host_observed)
     s, e = res.slo, res.extra
     det = s["per_model_detail"].values()
     return {
@@ -92,6 +93,11 @@ def main(argv: list[str] | None = None) -> dict:
                     "times as long")
     ap.add_argument("--step-host-ms", type=float, default=0.0, help="host time each step adds outside the device "
                     "step (the served worker measured 0.17 ms on the H200: bench serve's timing)")
+    ap.add_argument("--step-host-per-seq-ms", type=float, default=0.0, help="more host time a step adds per "
+                    "sequence in its batch (bench pool --real on the H200 at e755649: 0.243 ms + 0.0353 ms a sequence, "
+                    "bench/results/sim_gap_1.6_e755649.json)")
+    ap.add_argument("--host-unobserved", action="store_true", help="the policy's cost model does not learn the host "
+                    "time (as in the engine, whose step fits time the device step alone)")
     ap.add_argument("--graph-capture-ms", type=float, default=19.0, help="host time of a CUDA-graph capture, paid "
                     "at each new (size, slot offset, batch bucket); default: the H200's, bench serve's timing at "
                     "9ff79c5 (1.78 s for 95, first captures of a bucket included; 32 ms before the capture stopped "
@@ -103,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     kw = dict(rate=a.rate, duration=a.duration, drain=a.drain, gpu_budget_gb=a.gpu_budget_gb,
               kv_cache_gb=a.kv_cache_gb or None, slo_ttft=a.slo_ttft, slo_tpot=a.slo_tpot, policy=a.policy,
               profile=a.profile, policy_kw=json.loads(a.policy_kw) if a.policy_kw else None, noise=a.noise,
-              copy_slowdown=a.copy_slowdown, step_host_ms=a.step_host_ms, graph_capture_ms=a.graph_capture_ms)
+              copy_slowdown=a.copy_slowdown, step_host_ms=a.step_host_ms, graph_capture_ms=a.graph_capture_ms,
+              step_host_per_seq_ms=a.step_host_per_seq_ms, host_observed=not a.host_unobserved)
     out = {"command": " ".join(["python -m load_tests.models_per_gpu", *(argv or sys.argv[1:])]),
            "commit": git_commit(), "config": {**kw, "target": a.target}, "points": [], "most_models": {}}
     for seed in (int(s) for s in a.seeds.split(",")):
