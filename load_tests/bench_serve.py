@@ -283,6 +283,10 @@ def where_time_went(before: dict, after: dict, wall: float, gpus: int) -> dict:
         "graph_first_capture_s": d.get("graph_first_capture_s", 0.0),
         "graph_evictions": d.get("graph_evictions", 0),
         "graph_output_gb": after.get("graph_output_bytes", 0) / 1e9,  # held at the end (a level, not a rate)
+        # TOKENPOOL_PLAN_AHEAD / TOKENPOOL_PIPELINE: early plans used, and steps queued before the one in flight
+        # was read (the GPU kept busy through the host's work between them)
+        "ahead_used_frac": d.get("ahead_used", 0) / n, "pipelined_frac": d.get("pipelined_steps", 0) / n,
+        "pipeline_flushes": d.get("pipeline_flushes", 0),
     }
 
 

@@ -38,6 +38,7 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path, m
         assert 0 < t["policy_cpu_us_per_step"] <= t["policy_us_per_step"] * 1.05  # (clock granularities differ)
         assert 0 < t["engine_busy_frac"] <= t["step_thread_busy_frac"] <= 1.0
         assert t["emit_ms_per_step"] > 0
+        assert t["pipelined_frac"] == 0 and t["ahead_used_frac"] == 0  # TOKENPOOL_PIPELINE is off by default
         ev = p["events"]  # the server's event stream over the point: one admit per served request
         assert "events_error" not in p and ev["counts"].get("admit") == len(items) - too_long
         assert ev["late"] == []  # an SLO of a minute: no model fell behind
@@ -53,6 +54,22 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path, m
 
     hw = hardware_profile(str(out_path), {"qwen2-1.5b-0": spec_for("qwen2", "1.5b", "qwen2-1.5b-0")})
     assert hw.step_coefficients(spec_for("qwen2", "1.5b", "qwen2-1.5b-0"))[0] > 0
+
+
+def test_the_served_worker_pipelines_its_steps_with_the_switch_on(make_tiny, tmp_path, monkeypatch):
+    """TOKENPOOL_PIPELINE=1 (the served server inherits it): the worker's pooled engine queues a model's next decode
+    before reading the one in flight, and `bench serve` reports how many steps did so. Every request is still
+    served in full."""
+    monkeypatch.setenv("TOKENPOOL_PIPELINE", "1")
+    d = make_tiny("qwen2")
+    out = run_serve(models="2x1.5b", rate="1.0", duration=3.0, slo_ttft=60.0, slo_tpot=10.0, drain_s=60.0,
+                    policies=("token",), seed=5, json_out=None, model_dirs={"1.5b": d}, device="cpu",
+                    cpu_budget_gb=0.064, kv_cache_gb=0.016, workdir=tmp_path / "srv", say=lambda *a: None)
+    p = out["sweep"]["token"][0]
+    too_long = sum(w.prompt_len + w.output_len > 2048 for w in generate(["qwen2-1.5b-0", "qwen2-1.5b-1"], 1.0, 3.0,
+                                                                          seed=5))
+    assert p["slo"]["finished"] == p["requests"] - too_long
+    assert p["timing"]["pipelined_frac"] > 0 and p["timing"]["ahead_used_frac"] > 0  # (some steps: a CPU run is short)
 
 
 def test_the_bench_makes_its_models_where_there_is_no_gpu(tmp_path):
