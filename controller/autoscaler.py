@@ -111,10 +111,11 @@ class Autoscaler:
     def _place(self, info: ModelInfo, engines: list[EngineView], models: dict[str, ModelInfo],
                exclude: frozenset[str], pinned: frozenset[str]) -> Route | None:
         """`router.place`, noting the engines it passed over for pins (`pin_blocked`)."""
-        regs = {e.engine_id: [*e.replicas, info.name] for e in engines}
         blocked = pin_blocked(info, engines, models, pinned)
-        for eid, other in blocked.items():
-            self.pin_blocked[(info.name, eid)] = other, tuple(n for n in regs[eid] if n in pinned)
+        for e in engines:
+            if e.engine_id in blocked:
+                pins = tuple(n for n in [*e.replicas, info.name] if n in pinned)
+                self.pin_blocked[(info.name, e.engine_id)] = blocked[e.engine_id], pins
         return place(info, engines, models, exclude=exclude, pinned=pinned, blocked=blocked)
 
     def sheds(self, loads: list[ModelLoad], engines: list[EngineView], struggling: frozenset[str],

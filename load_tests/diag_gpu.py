@@ -24,6 +24,7 @@ import argparse
 import os
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -202,8 +203,9 @@ def rows_triton(model: str, batches: list[int]) -> None:
 
     grid = [(bn, bk, 4, ns) for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for ns in (3, 4) if bn * bk <= 16384]
     for m in batches:
-        _precompile_rows(model, m, grid)
-        _precompile_rows(model, m, FEW_GRID, procs=len(FEW_GRID))
+        _precompile(_compile_rows, model, m, grid)
+        if m <= FEW_MAX:
+            _precompile(_compile_few, model, m, FEW_GRID)
     dt, dev = torch.bfloat16, os.environ.get("DIAG_DEVICE", "cuda")
     for name, (n, kk, mode, glu) in shapes.items():
         nbytes = n * kk * 2
@@ -227,31 +229,29 @@ def rows_triton(model: str, batches: list[int]) -> None:
                                  eps=1e-6, glu=glu, config=c)
             lin = _graph_us(lambda j, ws=ws, x=x: F.linear(x, ws[j % len(ws)]), reps)
             base = _graph_us(ref, reps)
-            # the Triton kernels launch as in the decode graph: programmatic dependent launch, each overlapping the
-            # one before (and the kernels compiled by _precompile_rows are these)
-            pdl_scope = k.pdl_rows(m)
-            pdl_scope.__enter__()
             default = rows_config_for(n, kk, rows_pad(m))
-            out = [f"{name:8s} {n}x{kk} M={m} ({nbytes / 1e6:.1f} MB, floor {nbytes / 4.25e6:.2f} us): cuBLAS "
-                   f"{lin:.2f} us, +elementwise {base:.2f} us, rows default {default} {_graph_us(rows, reps):.2f} us"]
-            if norm:
-                out.append(f"rows without the norm prologue {_graph_us(lambda j: rows(j, plain=True), reps):.2f} us")
-            res = []
-            for c in grid:
-                try:
-                    res.append((_graph_us(lambda j, c=c: rows(j, c), reps), c))
-                except Exception as e:  # noqa: BLE001 -- shared memory: skipped
-                    print("  skip", c, str(e).splitlines()[0][:80], flush=True)
-            if m <= FEW_MAX:  # the CUDA-core candidate (kernel_lab.gemv_few; no GLU epilogue: gate_up's GEMM only)
-                few = []
-                for c in FEW_GRID:
+            res, few = [], []
+            # the Triton kernels launch as in the decode graph: programmatic dependent launch, each overlapping the
+            # one before (and the kernels _precompile compiled are these)
+            with k.pdl_rows(m):
+                out = [f"{name:8s} {n}x{kk} M={m} ({nbytes / 1e6:.1f} MB, floor {nbytes / 4.25e6:.2f} us): cuBLAS "
+                       f"{lin:.2f} us, +elementwise {base:.2f} us, rows default {default} "
+                       f"{_graph_us(rows, reps):.2f} us"]
+                if norm:
+                    out.append(f"rows without the norm prologue {_graph_us(lambda j: rows(j, plain=True), reps):.2f} us")
+                for c in grid:
+                    try:
+                        res.append((_graph_us(lambda j, c=c: rows(j, c), reps), c))
+                    except Exception as e:  # noqa: BLE001 -- shared memory: skipped
+                        print("  skip", c, str(e).splitlines()[0][:80], flush=True)
+                if m <= FEW_MAX:  # the CUDA-core candidate (kernel_lab.gemv_few; no GLU epilogue: gate_up's GEMM only)
                     md = MODE_NORM if norm else MODE_PLAIN
-                    few.append((_graph_us(lambda j, c=c, md=md, ws=ws, x=x, r=r, nw=nw: gemv_few(
-                        x, ws[j % len(ws)], mode=md, r=r if md == MODE_NORM else None, norm_w=nw, eps=1e-6,
-                        config=c), reps), c))
-                few.sort()
-                out += [f"few {c} {us:.2f} us {nbytes / us / 1e3:.0f} GB/s" for us, c in few[:3]]
-            pdl_scope.__exit__(None, None, None)
+                    for c in FEW_GRID:
+                        few.append((_graph_us(lambda j, c=c, md=md, ws=ws, x=x, r=r, nw=nw: gemv_few(
+                            x, ws[j % len(ws)], mode=md, r=r if md == MODE_NORM else None, norm_w=nw, eps=1e-6,
+                            config=c), reps), c))
+            few.sort()
+            out += [f"few {c} {us:.2f} us {nbytes / us / 1e3:.0f} GB/s" for us, c in few[:3]]
             res.sort()
             out += [f"rows {c} {us:.2f} us {nbytes / us / 1e3:.0f} GB/s" for us, c in res[:4]]
             print("\n    ".join(out), flush=True)
@@ -351,7 +351,7 @@ def step_sweep(model: str, batch: int = 1, context: int = 512) -> None:
                 if bn * bk <= 32768]  # some need more shared memory than a block may have: skipped below
     table = {key(s): current(*s) for s in shapes.values()}
     if batch > 1:
-        _precompile_rows(model, timed.eng.runner.bucket_of[batch], grid)
+        _precompile(_compile_rows, model, timed.eng.runner.bucket_of[batch], grid)
 
     def replay_ms() -> float:
         setattr(triton_gemv, attr, dict(table))
@@ -378,74 +378,96 @@ def step_sweep(model: str, batch: int = 1, context: int = 512) -> None:
     print("BEST", table, f"{replay_ms():.4f} ms (start {base:.4f})")
 
 
-def _compile_rows(model: str, m: int, configs: list) -> int:
-    """In a worker process: run each of `configs` once for each projection of `model`'s batched decode step, as
-    `_forward_gemv` calls them (mode, epilogue, PDL), so that Triton's on-disk cache holds the compiled kernels."""
+def _projection_inputs(model: str, m: int) -> SimpleNamespace:
+    """Random operands of `model`'s four projections for a step of `m` tokens, laid out as the decode graph's
+    (the RoPE positions and cache slots: rows of one [5, m] tensor), on DIAG_DEVICE (default cuda)."""
     from model_swapper.model_config import ModelConfig
-    from token_scheduler.model import triton_ops
-    from token_scheduler.model.triton_gemv import MODE_NORM, RopeKV, gemv_rows
+    from token_scheduler.model import llama
+    from token_scheduler.model.triton_gemv import RopeKV
 
     cfg = ModelConfig.from_pretrained(model)
     h, i, H, KVH, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dev, dt = os.environ.get("DIAG_DEVICE", "cuda"), torch.bfloat16
-    x, r, nw = (torch.randn(m, h, device=dev, dtype=dt) for _ in range(2)), None, torch.ones(h, device=dev, dtype=dt)
-    x, r = tuple(x)
-    from token_scheduler.model import llama
 
-    kv = torch.zeros(4, cfg.num_layers, 2, 16, KVH, D, device=dev, dtype=dt)
+    def rnd(*shape):
+        return torch.randn(*shape, device=dev, dtype=dt)
     rope = llama.RopeCache.build(cfg, 64, dev)
-    z = torch.zeros(5, m, dtype=torch.long, device=dev)  # as the decode graph's rows: slices of one [5, m]
-    rk = RopeKV(rope.cos, rope.sin, z[1], kv, 1, z[2], z[3], H, KVH, D)
-    wq = torch.randn(cfg.q_size + 2 * cfg.kv_size, h, device=dev, dtype=dt)
-    bq = torch.randn(cfg.q_size + 2 * cfg.kv_size, device=dev, dtype=dt) if cfg.qkv_bias else None
-    wo, wgu, wd = (torch.randn(a, b, device=dev, dtype=dt) for a, b in ((h, cfg.q_size), (2 * i, h), (h, i)))
-    xo, xd = torch.randn(m, cfg.q_size, device=dev, dtype=dt), torch.randn(m, i, device=dev, dtype=dt)
-    done = 0
-    from load_tests.kernel_lab import FEW_MAX, gemv_few
+    z = torch.zeros(5, m, dtype=torch.long, device=dev)
+    kv = torch.zeros(4, cfg.num_layers, 2, 16, KVH, D, device=dev, dtype=dt)
+    nqkv = cfg.q_size + 2 * cfg.kv_size
+    return SimpleNamespace(
+        dev=dev, x=rnd(m, h), r=rnd(m, h), nw=torch.ones(h, device=dev, dtype=dt),
+        rk=RopeKV(rope.cos, rope.sin, z[1], kv, 1, z[2], z[3], H, KVH, D), wq=rnd(nqkv, h),
+        bq=rnd(nqkv) if cfg.qkv_bias else None, wo=rnd(h, cfg.q_size), wgu=rnd(2 * i, h), wd=rnd(h, i),
+        xo=rnd(m, cfg.q_size), xd=rnd(m, i))
 
-    if len(configs) and len(configs[0]) == 3:  # kernel_lab.gemv_few's configs (rows_triton)
-        with triton_ops.pdl_rows(m):
-            for c in configs if m <= FEW_MAX else ():
-                for xx, ww, md in ((x, wq, MODE_NORM), (xo, wo, 0), (x, wgu, MODE_NORM), (xd, wd, 0)):
-                    gemv_few(xx, ww, mode=md, r=r if md == MODE_NORM else None, norm_w=nw, eps=1e-6, config=c)
-                    done += 1
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        return done
+
+def _run_all(calls, m: int, dev: str) -> int:
+    """Run each call (a compile where Triton's cache lacks it) with programmatic dependent launch over `m` rows,
+    as the decode graph launches these kernels; a config the compiler rejects is skipped (the sweeps skip it too).
+    How many ran."""
+    from token_scheduler.model import triton_ops
+
+    done = 0
     with triton_ops.pdl_rows(m):
-        for c in configs:
-            for call in (lambda c=c: gemv_rows(x, wq, bq, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, rope=rk, config=c),
-                         lambda c=c: gemv_rows(x, wq, bq, mode=MODE_NORM, norm_w=nw, eps=1e-6, rope=rk, config=c),
-                         # rows_triton's: without RoPE, and without the norm
-                         lambda c=c: gemv_rows(x, wq, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, config=c),
-                         lambda c=c: gemv_rows(x, wq, config=c),
-                         lambda c=c: gemv_rows(x, wgu, glu=True, config=c),
-                         lambda c=c: gemv_rows(xo, wo, config=c),
-                         lambda c=c: gemv_rows(x, wgu, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, glu=True, config=c),
-                         lambda c=c: gemv_rows(xd, wd, config=c)):
-                try:
-                    call()
-                    done += 1
-                except Exception:  # noqa: BLE001 -- a config the compiler rejects; step_sweep skips it too
-                    pass
+        for call in calls:
+            try:
+                call()
+                done += 1
+            except Exception:  # noqa: BLE001 -- e.g. more shared memory than a block may have
+                pass
     if dev == "cuda":
         torch.cuda.synchronize()
     return done
 
 
+def _compile_rows(model: str, m: int, configs: list) -> int:
+    """In a worker process: run each of `configs` once for each projection of `model`'s batched decode step, as
+    `_forward_gemv` calls them (mode, epilogue), and as `rows_triton` does (without RoPE, without the norm), so
+    that Triton's on-disk cache holds the compiled kernels."""
+    from token_scheduler.model.triton_gemv import MODE_NORM, gemv_rows
+
+    a = _projection_inputs(model, m)
+    norm = dict(mode=MODE_NORM, r=a.r, norm_w=a.nw, eps=1e-6)
+    calls = [call for c in configs for call in (
+        lambda c=c: gemv_rows(a.x, a.wq, a.bq, **norm, rope=a.rk, config=c),
+        lambda c=c: gemv_rows(a.x, a.wq, a.bq, mode=MODE_NORM, norm_w=a.nw, eps=1e-6, rope=a.rk, config=c),
+        lambda c=c: gemv_rows(a.x, a.wq, **norm, config=c),
+        lambda c=c: gemv_rows(a.x, a.wq, config=c),
+        lambda c=c: gemv_rows(a.x, a.wgu, glu=True, config=c),
+        lambda c=c: gemv_rows(a.xo, a.wo, config=c),
+        lambda c=c: gemv_rows(a.x, a.wgu, **norm, glu=True, config=c),
+        lambda c=c: gemv_rows(a.xd, a.wd, config=c))]
+    return _run_all(calls, m, a.dev)
+
+
+def _compile_few(model: str, m: int, configs: list) -> int:
+    """`_compile_rows` for kernel_lab.gemv_few's configs, as `rows_triton` calls it (no epilogues)."""
+    from load_tests.kernel_lab import gemv_few
+    from token_scheduler.model.triton_gemv import MODE_NORM
+
+    a = _projection_inputs(model, m)
+    norm = dict(mode=MODE_NORM, r=a.r, norm_w=a.nw, eps=1e-6)
+    calls = [call for c in configs for call in (
+        lambda c=c: gemv_few(a.x, a.wq, **norm, config=c), lambda c=c: gemv_few(a.xo, a.wo, config=c),
+        lambda c=c: gemv_few(a.x, a.wgu, **norm, config=c), lambda c=c: gemv_few(a.xd, a.wd, config=c))]
+    return _run_all(calls, m, a.dev)
+
+
 FEW_GRID = [(4, 128, 4), (8, 128, 4), (4, 256, 4), (8, 128, 8), (16, 128, 8), (8, 256, 8)]
 
 
-def _precompile_rows(model: str, m: int, grid: list, procs: int = 8) -> None:
-    """Compile the small-batch GEMV configs of a sweep in `procs` processes first: one compile is about a second,
-    and the sweep then only captures and times."""
+def _precompile(worker, model: str, m: int, grid: list, procs: int = 8) -> None:
+    """Compile a sweep's configs in `procs` processes first (`worker`: `_compile_rows` or `_compile_few`): one
+    compile is about a second, and the sweep then only captures and times."""
     import concurrent.futures
     import multiprocessing
 
     t = time.perf_counter()
+    procs = max(1, min(procs, len(grid)))
     chunks = [grid[j::procs] for j in range(procs)]
     with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as ex:
-        n = sum(ex.map(_compile_rows, [model] * procs, [m] * procs, chunks))
+        n = sum(ex.map(worker, [model] * procs, [m] * procs, chunks))
     print(f"precompiled {n} kernels in {time.perf_counter() - t:.1f} s", flush=True)
 
 
