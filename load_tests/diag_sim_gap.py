@@ -32,41 +32,29 @@ def run(src: str, variants: dict, rates: list[float]) -> list[dict]:
     t, cfg = d["policies"]["token"], d["config"]
     specs = {e.name: spec_for(e.arch, e.size, e.name) for e in parse_models(cfg["models"])}
     hw = MeasuredProfile.from_cost_dict(t["cost_model"], roofline_for(d.get("device")))
-    seqs = [0]
-    orig = simulator.GpuSim._run
-
-    def counted(self, plan):
-        seqs[0] += len(plan.batch)
-        return orig(self, plan)
-
     rows = []
-    simulator.GpuSim._run = counted
-    try:
-        for name, kw in variants.items():
-            for rate in rates:
-                kw2 = dict(kw)
-                sseed, fs = kw2.pop("sim_seed", 0), kw2.pop("fit_scale", 1.0)
-                items = generate(list(specs), rate, cfg["duration_s"], seed=cfg["seed"])
-                seqs[0], t0 = 0, time.time()
-                r = simulator.simulate(items, specs, ModelSLO(cfg["slo_ttft_s"], cfg["slo_tpot_s"]), "token",
-                                       capacity_bytes=int(cfg["gpu_budget_gb"] * 1e9), drain_s=cfg["drain_s"],
-                                       seed=sseed, policy_kw={"placement": cfg.get("placement", "lru")},
-                                       hw=scaled(hw, fs), kv_cache_bytes=int(cfg["kv_region_gb"] * 1e9), **kw2)
-                ri = r.extra.get("rounds_gpu0", {})
-                busy, host = r.gpu_busy_frac * r.end_s, r.extra["host_s"]
-                row = dict(variant=name, kwargs={**kw2, "sim_seed": sseed, "fit_scale": fs}, rate=rate,
-                           attainment=r.slo["attainment"], mean_rule=r.slo["attainment_mean_rule"], steps=r.steps,
-                           end_s=r.end_s, device_ms_per_step=1e3 * (busy - host) / r.steps,
-                           host_ms_per_step=1e3 * host / r.steps, seqs_per_step=seqs[0] / r.steps,
-                           switches_per_s=r.switches_per_s, rounds=ri.get("rounds"),
-                           need_rounds=ri.get("need_rounds"), last_round_s=ri.get("last_round_s"),
-                           ttft_p99=r.slo["ttft_p99"], tpot_p50=r.slo["tpot_p50"], unfinished=r.unfinished,
-                           swap_gb=r.swap_gb, wall_s=time.time() - t0)
-                rows.append(row)
-                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
-                      flush=True)
-    finally:
-        simulator.GpuSim._run = orig
+    for name, kw in variants.items():
+        for rate in rates:
+            kw2 = dict(kw)
+            sseed, fs = kw2.pop("sim_seed", 0), kw2.pop("fit_scale", 1.0)
+            items = generate(list(specs), rate, cfg["duration_s"], seed=cfg["seed"])
+            t0 = time.time()
+            r = simulator.simulate(items, specs, ModelSLO(cfg["slo_ttft_s"], cfg["slo_tpot_s"]), "token",
+                                   capacity_bytes=int(cfg["gpu_budget_gb"] * 1e9), drain_s=cfg["drain_s"],
+                                   seed=sseed, policy_kw={"placement": cfg.get("placement", "lru")},
+                                   hw=scaled(hw, fs), kv_cache_bytes=int(cfg["kv_region_gb"] * 1e9), **kw2)
+            ri = r.extra.get("rounds_gpu0", {})
+            busy, host = r.gpu_busy_frac * r.end_s, r.extra["host_s"]
+            row = dict(variant=name, kwargs={**kw2, "sim_seed": sseed, "fit_scale": fs}, rate=rate,
+                       attainment=r.slo["attainment"], mean_rule=r.slo["attainment_mean_rule"], steps=r.steps,
+                       end_s=r.end_s, device_ms_per_step=1e3 * (busy - host) / r.steps,
+                       host_ms_per_step=1e3 * host / r.steps, seqs_per_step=r.extra["seqs_stepped"] / r.steps,
+                       switches_per_s=r.switches_per_s, rounds=ri.get("rounds"),
+                       need_rounds=ri.get("need_rounds"), last_round_s=ri.get("last_round_s"),
+                       ttft_p99=r.slo["ttft_p99"], tpot_p50=r.slo["tpot_p50"], unfinished=r.unfinished,
+                       swap_gb=r.swap_gb, wall_s=time.time() - t0)
+            rows.append(row)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     return rows
 
 

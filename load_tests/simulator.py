@@ -90,6 +90,7 @@ class GpuStats:
     policy_cpu_frac: list = field(default_factory=list)  # cpu / simulated step time, per step
     graph_captures: int = 0
     host_s: float = 0.0  # of busy_s: the host time per step (step_host_s, step_host_per_seq_s)
+    seqs_stepped: int = 0  # sequences over all steps (their mean batch: over `steps`)
 
 
 def sim_arena(capacity: int, kv_bytes: int, align: int = DEFAULT_ALIGN) -> SlotTable:
@@ -297,6 +298,7 @@ class GpuSim:
         device_s = dur
         host = self.step_host_s + self.step_host_per_seq_s * len(plan.batch)
         self.stats.host_s += host
+        self.stats.seqs_stepped += len(plan.batch)
         dur += host
         if self.graph_capture_s and self.arena is not None and all(n == 1 and r.status == _R for r, n in plan.batch):
             key = (self.specs[m.name].weight_bytes, self.arena.slots[m.name].offset,
@@ -521,7 +523,7 @@ def _result(policy: str, stats: list[GpuStats], records: list[RequestRecord], du
     span = max(duration, 1e-9)
     good = [r for r in records if r.attained()]
     extra: dict = {k: int(tot[k]) for k in ("loads", "prefetches", "prefetch_skipped", "evictions", "forced_evictions",
-                                           "graph_captures")}
+                                           "graph_captures", "seqs_stepped")}
     extra["blocking_loads"] = extra["loads"] - extra["prefetches"]  # the real pool's `loads`
     extra["host_s"] = tot["host_s"]
     extra["loads_per_s"] = tot["loads"] / max(end, 1e-9)  # weight loads (blocking or prefetch) per second
