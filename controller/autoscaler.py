@@ -23,7 +23,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from controller.config import AutoscalerSettings
-from controller.router import EngineView, ModelInfo, Route, pin_blocked, place, rebalance, with_registration
+from controller.router import (
+    EngineView,
+    ModelInfo,
+    Route,
+    pin_blocked,
+    pins_on,
+    place,
+    rebalance,
+    with_registration,
+)
 
 
 @dataclass(frozen=True)
@@ -114,8 +123,7 @@ class Autoscaler:
         blocked = pin_blocked(info, engines, models, pinned)
         for e in engines:
             if e.engine_id in blocked:
-                pins = tuple(n for n in [*e.replicas, info.name] if n in pinned)
-                self.pin_blocked[(info.name, e.engine_id)] = blocked[e.engine_id], pins
+                self.pin_blocked[(info.name, e.engine_id)] = blocked[e.engine_id], tuple(pins_on(e, pinned, info.name))
         return place(info, engines, models, exclude=exclude, pinned=pinned, blocked=blocked)
 
     def sheds(self, loads: list[ModelLoad], engines: list[EngineView], struggling: frozenset[str],

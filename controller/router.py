@@ -112,6 +112,11 @@ def pins_starve(registered: list[str], memory_bytes: int, models: dict[str, Mode
     return pin_blocks(p[0], registered, models, set(p[1:]), memory_bytes) if p else None
 
 
+def pins_on(e: EngineView, pinned: set[str] | frozenset[str], adding: str | None = None) -> list[str]:
+    """The pinned models registered on `e` (and `adding`, a registration being weighed, if pinned), in its order."""
+    return [n for n in [*e.replicas, *([adding] if adding is not None else [])] if n in pinned]
+
+
 def pin_blocked(model: ModelInfo, engines: list[EngineView], models: dict[str, ModelInfo],
                 pinned: set[str] | frozenset[str]) -> dict[str, str]:
     """The usable engines whose weight space fits `model` but where a new registration of it would be starved by the
@@ -138,7 +143,7 @@ def starved_by_pins(engines: list[EngineView], models: dict[str, ModelInfo],
     for e in usable:
         other = pins_starve(list(e.replicas), e.memory_bytes, models, pinned)
         if other is not None:
-            return e.engine_id, [n for n in e.replicas if n in pinned], other
+            return e.engine_id, pins_on(e, pinned), other
     placed = {n for e in usable for n in e.replicas}
     for name, info in models.items():
         if name in placed:
@@ -147,7 +152,7 @@ def starved_by_pins(engines: list[EngineView], models: dict[str, ModelInfo],
         blocked = pin_blocked(info, fits, models, pinned)
         if fits and len(blocked) == len(fits):
             e = fits[0]
-            return e.engine_id, [n for n in [*e.replicas, name] if n in pinned], blocked[e.engine_id]
+            return e.engine_id, pins_on(e, pinned, name), blocked[e.engine_id]
     return None
 
 

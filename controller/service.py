@@ -33,6 +33,7 @@ from controller.router import (
     ModelInfo,
     ReplicaView,
     pin_blocked,
+    pins_on,
     place,
     route,
     starved_by_pins,
@@ -475,8 +476,8 @@ class Controller:
         blocked = pin_blocked(info, fits, infos, pinned)
         if not fits or len(blocked) < len(fits):
             return None
-        return "; ".join(self.pins_leave(v.engine_id, [n for n in [*v.replicas, info.name] if n in pinned],
-                                          blocked[v.engine_id], v.memory_bytes, infos) for v in fits)
+        return "; ".join(self.pins_leave(v.engine_id, pins_on(v, pinned, info.name), blocked[v.engine_id],
+                                          v.memory_bytes, infos) for v in fits)
 
     def _refuse(self, why: str) -> None:
         """The configuration cannot be served (found at start-up): said once, nothing more placed, server stopped."""
