@@ -40,12 +40,14 @@ def _alone(path) -> dict[str, list[int]]:
     return out
 
 
-@pytest.mark.parametrize("precapture", [False, True])
-def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache, monkeypatch, precapture):
+@pytest.mark.parametrize("precapture,pipeline", [(False, False), (True, False), (False, True)])
+def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache, monkeypatch, precapture, pipeline):
     from gpu_pool.arena import MiB
     from token_scheduler import multi_engine
 
     monkeypatch.setattr(multi_engine, "GRAPH_PRECAPTURE", precapture)
+    # TOKENPOOL_PIPELINE: a model's next decode queued on the GPU before the one in flight is read (same tokens)
+    monkeypatch.setattr(multi_engine, "PIPELINE", pipeline)
 
     # two models of one shape (seeds differ) and one of another; each takes one 2 MiB slot (bf16), the budget
     # is a 2 MiB KV region + one slot, so the three rotate through the same slot
@@ -78,4 +80,6 @@ def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache
         assert c["graph_first_captures"] == 2 * len(buckets)
         assert all(set(buckets) <= w for k, w in multi.memory.graphs.items() if k[0] == "warm")
     assert multi.memory.stats.forced_evictions == 0
+    if pipeline:  # it did pipeline: some steps were launched before the one in flight was read
+        assert multi.timing["pipelined_steps"] > 0, multi.timing
     multi.close()
