@@ -65,10 +65,15 @@ def replay(multi, items, slo: ModelSLO, vocab: int, drain_s: float, seed: int = 
     rng = random.Random(seed)
     records: dict[str, RequestRecord] = {}
     t0 = time.monotonic()
+    before = multi.timeline[-1] if multi.timeline else None  # the turn under way at the start (the warm-up's)
+    before_steps = before[2] if before else 0
     horizon = (items[-1].time if items else 0.0) + drain_s
     i, steps, step_s, idle, idle_since = 0, 0, 0.0, 0, None
+    samples = [(0.0, _counters(multi))]  # the pool's counters every WINDOW_S, for `windows`
     while True:
         now = time.monotonic() - t0
+        if now - samples[-1][0] >= WINDOW_S:
+            samples.append((now, _counters(multi)))
         while i < len(items) and items[i].time <= now:
             w = items[i]
             prompt = [rng.randrange(vocab) for _ in range(w.prompt_len)]
@@ -105,10 +110,66 @@ def replay(multi, items, slo: ModelSLO, vocab: int, drain_s: float, seed: int = 
                 for _ in o.delta_token_ids:
                     rec.on_token(t)
     wall = time.monotonic() - t0
+    samples.append((wall, _counters(multi)))
+    turns = list(multi.timeline)  # (it keeps the latest 1024 turns): those of the replay
+    at = next((k for k, tl in enumerate(turns) if tl is before), None)
+    if at is not None:
+        turns = turns[at + (turns[at][2] == before_steps):]
     for eng in multi.engines.values():  # what the drain left unfinished
         for rid in list(eng.scheduler.requests):
             multi.abort_request(rid)
-    return {"records": list(records.values()), "wall_s": wall, "steps": steps, "step_s": step_s, "idle_polls": idle}
+    return {"records": list(records.values()), "wall_s": wall, "steps": steps, "step_s": step_s, "idle_polls": idle,
+            "windows": windows(list(records.values()), samples, t0), "turns": turn_stats(turns)}
+
+
+WINDOW_S = 15.0  # a point as a time series (`windows`), as bench serve's
+
+
+def _counters(multi) -> dict:
+    tm = multi.timing
+    out = {"steps": tm["steps"], "engine_s": tm["engine_s"], "switches": multi.switches,
+           "late_episodes": tm["late_episodes"], "pipelined_steps": tm["pipelined_steps"]}
+    if hasattr(multi.policy, "rounds"):
+        out["rounds"] = multi.policy.rounds
+    return out
+
+
+def windows(records: list[RequestRecord], samples: list, t0: float) -> list[dict]:
+    """Per WINDOW_S of the replay: the requests that arrived in it (their attainment and TTFT p50) and what the pool
+    did over it (steps, engine ms a step, switches and the token policy's rounds a second): whether misses come from
+    all along or from one stretch, and whether turns got longer there."""
+    out = []
+    for (a, ca), (b, cb) in zip(samples, samples[1:]):
+        if b - a < 0.05:
+            continue
+        arrived = [r for r in records if a <= r.arrival - t0 < b]
+        ttfts = sorted(r.ttft for r in arrived if r.ttft is not None)
+        steps = cb["steps"] - ca["steps"]
+        w = {"t0_s": round(a, 1), "t1_s": round(b, 1), "arrivals": len(arrived),
+             "attainment": sum(r.attained() for r in arrived) / len(arrived) if arrived else None,
+             "ttft_p50": ttfts[len(ttfts) // 2] if ttfts else None, "steps_per_s": steps / (b - a),
+             "engine_ms_per_step": 1e3 * (cb["engine_s"] - ca["engine_s"]) / steps if steps else None,
+             "switches_per_s": (cb["switches"] - ca["switches"]) / (b - a),
+             "late_episodes": cb["late_episodes"] - ca["late_episodes"],
+             "pipelined_frac": (cb["pipelined_steps"] - ca["pipelined_steps"]) / steps if steps else 0.0}
+        if "rounds" in cb:
+            w["rounds_per_s"] = (cb["rounds"] - ca["rounds"]) / (b - a)
+        out.append(w)
+    return out
+
+
+def turn_stats(turns: list) -> dict:
+    """How long the turns of the replay were (the pool's timeline: [start, model, steps, engine seconds] a turn)."""
+    if not turns:
+        return {"turns": 0}
+    secs = sorted(t[3] for t in turns)
+    steps = sorted(t[2] for t in turns)
+
+    def q(xs, f):
+        return xs[min(len(xs) - 1, int(f * len(xs)))]
+
+    return {"turns": len(turns), "s_p50": q(secs, 0.5), "s_p90": q(secs, 0.9), "s_max": secs[-1],
+            "steps_p50": q(steps, 0.5), "steps_p90": q(steps, 0.9), "steps_max": steps[-1]}
 
 
 def parse_rates(rate) -> list[float]:
@@ -262,6 +323,7 @@ def run_point(p: str, rate: float, *, dirs, specs, slo, duration, drain_s, gpu_b
         "forced_evictions": mem.stats.forced_evictions, "load_gb": mem.stats.load_bytes / 1e9,
         "load_gbs_mean": (sum(b for b, _, _ in loads) / sum(x for _, x, _ in loads) / 1e9) if loads else None,
         "kv_swapped_out": multi.kv_swapped_out, "timing": multi.timing_summary(),
+        "windows": r["windows"], "turns": r["turns"],
         "cost_model": multi.cost.to_dict(),
     }
     if hasattr(multi.policy, "round_info"):  # token policy: rounds, skips, turns and empty turns per model

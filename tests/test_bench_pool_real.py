@@ -108,6 +108,11 @@ def test_real_sweep_two_rates_on_cpu(make_tiny, tmp_path):
         assert sum(v["requests"] for v in x["slo"]["per_model_detail"].values()) == x["requests"]
         turns = x["policy_info"]["turns"]
         assert set(turns) <= set(x["slo"]["per_model"]) and sum(turns.values()) > 0  # warm-up turns not counted
+        # the point as a time series: every request arrived in one window, the windows' steps are the point's
+        ws = x["windows"]
+        assert ws and sum(w["arrivals"] for w in ws) == x["requests"]
+        assert sum(w["steps_per_s"] * (w["t1_s"] - w["t0_s"]) for w in ws) == pytest.approx(x["steps"], rel=0.05)
+        assert 0 < x["turns"]["turns"] <= sum(turns.values()) + 1 and x["turns"]["steps_max"] >= 1
     assert disk["config"]["placement"] == "lru"
     assert disk["sustained"]["token"]["points"] == [[x["rate"], x["slo"]["attainment"]] for x in pts]
     assert json.loads(json.dumps(out["sustained"])) == disk["sustained"]
