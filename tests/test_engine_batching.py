@@ -214,9 +214,9 @@ def test_overlapped_decode_changes_nothing(jobs):
         fed = []
         orig = eng.runner.launch_decode
 
-        def spy(out, ids=None, orig=orig, fed=fed):
+        def spy(out, ids=None, orig=orig, fed=fed, **kw):
             fed.append(ids is not None)
-            return orig(out, ids)
+            return orig(out, ids, **kw)
 
         eng.runner.launch_decode = spy
         got = _run_staggered(eng, js)

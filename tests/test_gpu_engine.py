@@ -66,7 +66,8 @@ def test_cuda_graph_decode_equals_eager(make_varied):
         eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="fp32", cuda_graphs=graphs, overlap=overlap,
                                      kv_cache_memory_gb=0.1, max_num_seqs=8))
         orig = eng.runner.launch_decode
-        eng.runner.launch_decode = lambda out, ids=None, orig=orig: (fed.append(ids is not None), orig(out, ids))[1]
+        eng.runner.launch_decode = lambda out, ids=None, orig=orig, **kw: (fed.append(ids is not None),
+                                                                             orig(out, ids, **kw))[1]
         res, step = {}, 0
         while step < 8 or eng.has_unfinished_requests():
             if step < 6:  # one arrival per step

@@ -57,6 +57,14 @@ def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache
                                               max_num_seqs=8) for n, p in paths.items()},
                              policy="token", device="cuda", gpu_budget=4 * MiB, kv_cache_gb=0.002,
                              host_cache=host_cache, policy_kw={"max_round_s": 0.0})
+    if pipeline:  # a step kept in flight is learned from its device time (CUDA events), not the host's interval
+        from token_scheduler.runner import LaunchedDecode
+
+        timed, learned = [], []
+        dev = LaunchedDecode.device_s
+        monkeypatch.setattr(LaunchedDecode, "device_s", lambda self: timed.append(dev(self)) or timed[-1])
+        obs = multi.cost.observe_step
+        monkeypatch.setattr(multi.cost, "observe_step", lambda n, shape, dt: (learned.append(dt), obs(n, shape, dt)))
     for i, p in enumerate(PROMPTS):
         for n in paths:
             multi.add_request(f"{n}/r{i}", p, _params(i), model=n)
@@ -82,4 +90,6 @@ def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache
     assert multi.memory.stats.forced_evictions == 0
     if pipeline:  # it did pipeline: some steps were launched before the one in flight was read
         assert multi.timing["pipelined_steps"] > 0, multi.timing
+        assert timed and all(t is not None and 0 < t < 0.1 for t in timed)
+        assert all(any(t == x for x in learned) for t in timed)  # each learned as measured
     multi.close()

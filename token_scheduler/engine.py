@@ -109,6 +109,8 @@ class LLMEngine:
         self._aborted: list[Request] = []
         self.overlap = self.device.type == "cuda" if c.overlap is None else c.overlap
         self._inflight: LaunchedDecode | None = None  # a decode step queued, its tokens not read yet
+        # launches timed on the device (a pipelining MultiModelEngine learns a step kept in flight from its device time)
+        self.time_launches = False
         self.eos_token_ids = tuple(mc.eos_token_ids) or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
 
     def _default_num_blocks(self) -> int:
@@ -265,7 +267,7 @@ class LLMEngine:
                 if self.device.type == "cuda":
                     index = index.pin_memory().to(self.device, non_blocking=True)
                 ids = prev.tokens[index]
-        return self.runner.launch_decode(out, ids)
+        return self.runner.launch_decode(out, ids, timed=self.time_launches)
 
     def _complete(self, out: SchedulerOutput, res) -> list[TokenOutput]:
         outputs = []

@@ -45,7 +45,8 @@ flag: a plan for another model or with memory moves, a request added, aborted, f
 KV blocks short, and every change from outside a step (add/remove_model, abort_request, set_pinned, preload, a
 keep-alive eviction, reset_stats, close); an idle step too, so `run()` drains everything. A request that stops on
 the token N samples has a row in N+1 whose result is dropped (`scheduler.update` skips it). The cost model learns a
-pipelined step's time as the interval between its completion and the one before (`_learn_pipelined`).
+pipelined step's time as the device's for it (CUDA events), on CPU the interval between its completion and the one
+before (`_learn_pipelined`).
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ class MultiModelEngine:
                 shared = self.memory.register(name, cfg.model, mc, cfg.torch_dtype, max_len, self.progress)
             t2 = time.perf_counter()
             eng = LLMEngine(cfg, shared_kv=shared, load=self.memory is None, tokenizer=tok)
+            eng.time_launches = PIPELINE  # (`_learn_pipelined`)
         except BaseException:
             if self.memory is not None:
                 self.memory.unregister(name)  # a no-op if it was not registered
@@ -607,23 +609,29 @@ class MultiModelEngine:
         name, t_launch = self._pipe
         self._pipe = None
         eng = self.engines[name]
-        out = eng._inflight.out
+        step = eng._inflight
         self._removed += eng.complete_inflight()
         if learn:  # (inside a step call; read from outside one, its time is the caller's pause as much)
-            self._learn_pipelined(name, out, t_launch)
+            self._learn_pipelined(name, step, t_launch)
         else:
             self._t_done = time.perf_counter()
         self.timing["pipeline_flushes"] += 1
 
-    def _learn_pipelined(self, name: str, out, t_launch: float) -> None:
-        """The cost model learns a step kept in flight once it is read: its time is from its launch, or from the read
-        of the step before if that came later (it queued behind it), to its own read -- the interval between
-        completions, the device's time for it when the host keeps up, the host's when it does not. Not learned when
-        longer than AHEAD_MAX_AGE_S: the caller paused between the two calls (a decode step is milliseconds)."""
+    def _learn_pipelined(self, name: str, step, t_launch: float) -> None:
+        """The cost model learns a step kept in flight (`step`, a LaunchedDecode) once it is read. On a GPU its time is
+        the device's (CUDA events around it: `LaunchedDecode.device_s`). Not the interval between completions: that
+        holds whatever the caller did between two step calls -- a harness replaying arrivals and making text on the
+        step's thread, tens of ms now and then -- and an H200 replay taught a 1.5B decode of ~1.6 ms as 5-8 ms, whose
+        time quotas then bought turns of seconds (`bench pool --real`, 1.6 req/s/model: 29.9%, TTFT p50 13.6 s,
+        where the served worker, its text made on another thread, met 99.2%). On CPU (nothing queued: the forward ran
+        at launch) the interval from its launch, or from the read of the step before if later, to its read. Not
+        learned when longer than AHEAD_MAX_AGE_S: the caller paused between the two calls."""
         t = time.perf_counter()
-        dt = t - max(t_launch, self._t_done)
-        if out.chunks and dt <= AHEAD_MAX_AGE_S:
-            self.cost.observe_step(name, _ran_shape(out), dt)
+        dt = step.device_s()
+        if dt is None:
+            dt = t - max(t_launch, self._t_done)
+        if step.out.chunks and dt <= AHEAD_MAX_AGE_S:
+            self.cost.observe_step(name, _ran_shape(step.out), dt)
         self._t_done = t
 
     def _step_pipelined(self, on_launch) -> list[TokenOutput] | None:
@@ -652,7 +660,7 @@ class MultiModelEngine:
         self._ahead = None
         tm["ahead_used"] += 1
         self.state.now = time.monotonic()
-        prev = eng._inflight.out
+        prev = eng._inflight
         t1 = time.perf_counter()
         tm["policy_s"] += t1 - t0
         tm["policy_cpu_s"] += time.thread_time() - c0
@@ -671,8 +679,9 @@ class MultiModelEngine:
             tm["pipeline_kept"] += 1
         else:
             self._pipe = None
+            step = eng._inflight
             outputs += eng.complete_inflight()
-            self._learn_pipelined(name, nxt, t2)
+            self._learn_pipelined(name, step, t2)
         self._stepped(name, time.perf_counter() - t2)  # (the same model as the step before: no switch)
         return self._after_step(name, outputs)
 

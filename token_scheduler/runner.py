@@ -46,6 +46,12 @@ class LaunchedDecode:
     host: torch.Tensor  # pinned [n]: the same ids once `event` has fired
     event: torch.cuda.Event | None  # None on CPU (already computed)
     graph: _DecodeGraph | None = None  # the graph it replayed, in flight (not evictable) until `read`
+    start: torch.cuda.Event | None = None  # (launched `timed`) recorded before its device work, `event` after
+
+    def device_s(self) -> float | None:
+        """(Launched `timed`, once read) the device's time for the step: from when the stream reached it -- the step
+        before done, or its own launch, whichever came later -- to its last kernel; None when not timed or on CPU."""
+        return None if self.start is None else self.start.elapsed_time(self.event) / 1e3
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device, pin: bool = False):
@@ -148,9 +154,15 @@ class ModelRunner:
                 and all(not (sp := c.request.sampling_params).needs_penalties and sp.logprobs is None
                         for c in out.chunks))
 
-    def launch_decode(self, out: SchedulerOutput, ids: torch.Tensor | None = None) -> LaunchedDecode:
+    def launch_decode(self, out: SchedulerOutput, ids: torch.Tensor | None = None,
+                      timed: bool = False) -> LaunchedDecode:
         """Queue a decode step and its sampling without waiting for the GPU. `ids` [n] (device): the input
-        token of each row, when the host does not know them yet (the previous step's sampled ids)."""
+        token of each row, when the host does not know them yet (the previous step's sampled ids). `timed`: its
+        device time is measured (CUDA events; `LaunchedDecode.device_s`)."""
+        start = None
+        if timed and self.is_cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         g = None
         if len(out.chunks) in self.bucket_of:
             g = self._decode_graph(out, ids)
@@ -163,11 +175,11 @@ class ModelRunner:
             return LaunchedDecode(out, tokens, tokens, None)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
-        ev = torch.cuda.Event()
+        ev = torch.cuda.Event(enable_timing=start is not None)
         ev.record()
         if g is not None:
             g.in_flight += 1
-        return LaunchedDecode(out, tokens, host, ev, g)
+        return LaunchedDecode(out, tokens, host, ev, g, start)
 
     @staticmethod
     def read(step: LaunchedDecode) -> StepResult:
