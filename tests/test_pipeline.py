@@ -338,3 +338,31 @@ def test_flag_off_pipelines_nothing(make_tiny):
     _interleaved_equals_alone(multi, alone, "greedy")
     c = multi.snapshot()["counters"]
     assert c["pipelined_steps"] == c["pipeline_kept"] == c["pipeline_flushes"] == 0 and multi._pipe is None
+
+
+def test_a_callers_pause_between_steps_is_not_priced_into_pipelined_steps(make_tiny, pipe, monkeypatch):
+    """A step kept in flight is learned from the interval between reads less the caller's own time between the two
+    step calls: a caller that works 40 ms between calls (`bench pool --real` replays arrivals and makes text on the
+    step's thread) does not teach the cost model 40 ms steps, whose time quotas would then buy turns of seconds."""
+    import time
+
+    paths = {a: make_tiny(a) for a in ARCHS[:2]}
+    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", policy_kw=TURNS)
+    learned = []
+    obs = multi.cost.observe_step
+    monkeypatch.setattr(multi.cost, "observe_step", lambda n, shape, dt: (learned.append(dt), obs(n, shape, dt)))
+    for i, p in enumerate(PROMPTS[:3]):
+        for a in paths:
+            multi.add_request(f"{a}/{i}", p, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), model=a)
+    t_steps = 0.0
+    while multi.has_unfinished_requests():
+        t = time.perf_counter()
+        multi.step()
+        t_steps += time.perf_counter() - t
+        time.sleep(0.04)  # the caller's own work
+    c = multi.snapshot()["counters"]
+    assert c["pipelined_steps"] > 0 and learned
+    # every step learned took less than the pause; their sum is within the time spent inside step calls
+    assert max(learned) < 0.04, learned
+    assert sum(learned) <= t_steps * 1.05
+    _no_leak(multi)

@@ -45,8 +45,8 @@ flag: a plan for another model or with memory moves, a request added, aborted, f
 KV blocks short, and every change from outside a step (add/remove_model, abort_request, set_pinned, preload, a
 keep-alive eviction, reset_stats, close); an idle step too, so `run()` drains everything. A request that stops on
 the token N samples has a row in N+1 whose result is dropped (`scheduler.update` skips it). The cost model learns a
-pipelined step's time as the device's for it (CUDA events), on CPU the interval between its completion and the one
-before (`_learn_pipelined`).
+pipelined step's time as the interval between its completion and the one before, less the caller's own time between
+the two step calls, and not under the device's time for it (`_learn_pipelined`).
 """
 
 from __future__ import annotations
@@ -139,6 +139,9 @@ class MultiModelEngine:
         # (its engine's `_inflight`), or None; `_t_done`: when the latest step's tokens were read
         self._pipe: tuple[str, float] | None = None
         self._t_done = 0.0
+        # `_t_ret`: when the latest step call returned; `_gap`: the caller's time from then to this call (its own work
+        # between step calls, inside the interval of the step kept in flight: `_learn_pipelined` leaves it out)
+        self._t_ret = self._gap = 0.0
         # Plan-ahead: (the plan, the policy's checkpoint before it, {id(request)} of the step it was made
         # beside, when it was made), or None
         self._ahead: tuple | None = None
@@ -466,6 +469,7 @@ class MultiModelEngine:
         """One step of the model the policy picks: token ids, no text (see `LLMEngine.step_tokens`, and there
         `on_launch`)."""
         if self._pipe is not None:  # (pipeline) a step in flight: continued, else read before anything else
+            self._gap = time.perf_counter() - self._t_ret
             outputs = self._step_pipelined(on_launch)
             if outputs is not None:
                 return outputs
@@ -564,6 +568,7 @@ class MultiModelEngine:
             for name, eng in self.engines.items():
                 if name != stepped and eng._aborted:
                     outputs += eng.take_aborted()
+        self._t_ret = time.perf_counter()
         return outputs
 
     # -- pipeline ------------------------------------------------------------------------------------
@@ -611,26 +616,33 @@ class MultiModelEngine:
         eng = self.engines[name]
         step = eng._inflight
         self._removed += eng.complete_inflight()
-        if learn:  # (inside a step call; read from outside one, its time is the caller's pause as much)
-            self._learn_pipelined(name, step, t_launch)
+        if learn:  # (inside a step call, at its start; read from outside one, the caller's pause is in its time)
+            self._learn_pipelined(name, step, t_launch, self._gap)
         else:
             self._t_done = time.perf_counter()
         self.timing["pipeline_flushes"] += 1
 
-    def _learn_pipelined(self, name: str, step, t_launch: float) -> None:
-        """The cost model learns a step kept in flight (`step`, a LaunchedDecode) once it is read. On a GPU its time is
-        the device's (CUDA events around it: `LaunchedDecode.device_s`). Not the interval between completions: that
-        holds whatever the caller did between two step calls -- a harness replaying arrivals and making text on the
-        step's thread, tens of ms now and then -- and an H200 replay taught a 1.5B decode of ~1.6 ms as 5-8 ms, whose
-        time quotas then bought turns of seconds (`bench pool --real`, 1.6 req/s/model: 29.9%, TTFT p50 13.6 s,
-        where the served worker, its text made on another thread, met 99.2%). On CPU (nothing queued: the forward ran
-        at launch) the interval from its launch, or from the read of the step before if later, to its read. Not
-        learned when longer than AHEAD_MAX_AGE_S: the caller paused between the two calls."""
+    def _learn_pipelined(self, name: str, step, t_launch: float, gap: float = 0.0) -> None:
+        """The cost model learns a step kept in flight (`step`, a LaunchedDecode) once it is read: the interval between
+        completions -- from its launch, or from the read of the step before if that came later (it queued behind it),
+        to its own read -- less `gap`, the caller's own time between the two step calls inside it, and not under the
+        device's time for it where that was measured (CUDA events: `LaunchedDecode.device_s`). That is the step
+        loop's time a step: the device's when the host keeps up, the loop's host time (policy, memory moves, books,
+        the GIL shared with the thread making text) when it does not -- what a turn's time quota buys steps at.
+        - Without `gap`, a caller that works between step calls on the step's thread (`bench pool --real` replays
+          arrivals and makes text there) has that work priced into every step: on the H200 at 1.6 req/s/model it
+          taught 1.5B decodes of ~1.6 ms as 5-8 ms, whose time quotas then bought turns of seconds: 29.9%, TTFT p50
+          13.6 s, where the served worker (text made on another thread, gap ~0) met 99.2% (df838c1).
+        - The device's time alone leaves the loop's host time out, as a step read at once is learned (`step_tokens`):
+          served 77.0% at 1.6, the harness 90.6% (71b3f4c); device time is the floor here (a device-bound step whose
+          read the caller's gap delayed less than the interval shows).
+        Not learned when longer than AHEAD_MAX_AGE_S: the caller paused between the two calls."""
         t = time.perf_counter()
-        dt = step.device_s()
-        if dt is None:
-            dt = t - max(t_launch, self._t_done)
-        if step.out.chunks and dt <= AHEAD_MAX_AGE_S:
+        dt = t - max(t_launch, self._t_done) - gap
+        dev = step.device_s()
+        if dev is not None:
+            dt = max(dt, dev)
+        if step.out.chunks and 0.0 < dt <= AHEAD_MAX_AGE_S:
             self.cost.observe_step(name, _ran_shape(step.out), dt)
         self._t_done = t
 
@@ -671,7 +683,7 @@ class MultiModelEngine:
         t2 = time.perf_counter()
         tm["memory_s"] += t2 - t1
         outputs += eng.continue_inflight(nxt, on_launch)  # N+1 queued, then N read
-        self._learn_pipelined(name, prev, t_launch)
+        self._learn_pipelined(name, prev, t_launch, self._gap)
         self._pipe = (name, t2)
         tm["pipelined_steps"] += 1
         self._plan_ahead(nxt)  # beside N+1 (as the hook does for a step launched the usual way)
