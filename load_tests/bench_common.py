@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,8 @@ def header() -> dict:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "command": " ".join(["tokenpool", *sys.argv[1:]]) if sys.argv[0].endswith("tokenpool") else " ".join(sys.argv),
+        # the switches the run had on (TOKENPOOL_PIPELINE=1 ...): part of its command line
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TOKENPOOL_") and k != "TOKENPOOL_COMMIT"},
     }
 
 
