@@ -109,7 +109,7 @@ class LLMEngine:
         self._aborted: list[Request] = []
         self.overlap = self.device.type == "cuda" if c.overlap is None else c.overlap
         self._inflight: LaunchedDecode | None = None  # a decode step queued, its tokens not read yet
-        # launches timed on the device (a pipelining MultiModelEngine learns a step kept in flight from its device time)
+        # launches timed on the device (a pipelining MultiModelEngine floors what it learns of a step in flight)
         self.time_launches = False
         self.eos_token_ids = tuple(mc.eos_token_ids) or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
 
