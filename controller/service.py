@@ -681,7 +681,9 @@ class Controller:
                 mt.swap_total.labels(e.id).inc()
                 mt.swap_latency.labels(e.id).observe(float(ev.get("stall_s", 0.0)))
             fields = {k: v for k, v in ev.items() if k not in ("kind", "t")}
-            self.events.publish(kind, engine=e.id, **fields)
+            # `at`: when it happened on the engine (its wall clock); the bus's `t` is when the controller heard of it,
+            # a stats message later (turn lengths come from `at`: bench serve's `turns`)
+            self.events.publish(kind, engine=e.id, at=ev.get("t"), **fields)
 
     def _stats(self, e: EngineHandle) -> None:
         self.activity.stats(e)

@@ -49,6 +49,13 @@ def header() -> dict:
     }
 
 
+def spread(xs: list[float], key: str) -> dict:
+    """{key_p50, key_p90, key_max} of `xs` (nearest rank; not empty)."""
+    xs = sorted(xs)
+    return {f"{key}_p50": xs[len(xs) // 2], f"{key}_p90": xs[min(len(xs) - 1, int(0.9 * len(xs)))],
+            f"{key}_max": xs[-1]}
+
+
 def write_json(path: Path | None, data: dict) -> None:
     text = json.dumps(data, indent=2)
     print(text)

@@ -31,7 +31,7 @@ import random
 import time
 from pathlib import Path
 
-from load_tests.bench_common import header, write_json
+from load_tests.bench_common import header, spread, write_json
 from load_tests.bench_pool import bracket
 from load_tests.simulator import simulate
 from load_tests.workload import generate, parse_models, spec_for
@@ -162,14 +162,7 @@ def turn_stats(turns: list) -> dict:
     """How long the turns of the replay were (the pool's timeline: [start, model, steps, engine seconds] a turn)."""
     if not turns:
         return {"turns": 0}
-    secs = sorted(t[3] for t in turns)
-    steps = sorted(t[2] for t in turns)
-
-    def q(xs, f):
-        return xs[min(len(xs) - 1, int(f * len(xs)))]
-
-    return {"turns": len(turns), "s_p50": q(secs, 0.5), "s_p90": q(secs, 0.9), "s_max": secs[-1],
-            "steps_p50": q(steps, 0.5), "steps_p90": q(steps, 0.9), "steps_max": steps[-1]}
+    return {"turns": len(turns), **spread([t[3] for t in turns], "s"), **spread([t[2] for t in turns], "steps")}
 
 
 def parse_rates(rate) -> list[float]:

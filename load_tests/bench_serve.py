@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from load_tests.bench_common import header, write_json
+from load_tests.bench_common import header, spread, write_json
 from load_tests.bench_pool import bracket
 from load_tests.bench_pool_real import bound_ratios, make_models, parse_rates
 from load_tests.sse_client import connect
@@ -114,6 +114,8 @@ class EventLog:
 
     def __init__(self) -> None:
         self.buf, self.counts, self.kept = b"", {}, []
+        self._switch_at: dict[str, float] = {}  # engine -> its latest switch (the engine's clock)
+        self.turn_s: list[float] = []  # turn lengths: between an engine's consecutive switches
 
     def on_data(self, data: bytes, _now: float, _wall: float) -> None:
         self.buf += data
@@ -130,10 +132,22 @@ class EventLog:
             self.counts[kind] = self.counts.get(kind, 0) + 1
             if kind in self.KEEP and len(self.kept) < self.MAX:
                 self.kept.append(ev)
+            if kind == "switch" and isinstance(ev.get("at"), (int, float)):
+                eng, at = ev.get("engine"), float(ev["at"])
+                last = self._switch_at.get(eng)
+                if last is not None and at >= last:
+                    self.turn_s.append(at - last)
+                self._switch_at[eng] = at
 
     def to_dict(self, t0_wall: float) -> dict:
         late = [{**e, "t": round(e["t"] - t0_wall, 3)} for e in self.kept]  # seconds into the point
-        return {"counts": dict(sorted(self.counts.items())), "late": late}
+        return {"counts": dict(sorted(self.counts.items())), "late": late, "turns": turn_lengths(self.turn_s)}
+
+
+def turn_lengths(secs: list[float]) -> dict:
+    """How long turns lasted (seconds between an engine's consecutive switches, its own clock): a policy whose time
+    quotas buy seconds-long turns shows here before it shows as misses."""
+    return {"turns": len(secs), **spread(secs, "s")} if secs else {"turns": 0}
 
 
 async def _follow_events(host: str, port: int, token: str, log: EventLog) -> None:

@@ -36,12 +36,17 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path, m
         t = p["timing"]  # where the served step loop's time went, from the worker's counters
         assert t["engine_ms_per_step"] > 0 and t["policy_us_per_step"] > 0
         assert 0 < t["policy_cpu_us_per_step"] <= t["policy_us_per_step"] * 1.05  # (clock granularities differ)
-        assert 0 < t["engine_busy_frac"] <= t["step_thread_busy_frac"] <= 1.0
+        # (<= 1 but for the skew of two counters read at slightly different instants: 1.0004 seen on a loaded CPU)
+        assert 0 < t["engine_busy_frac"] <= t["step_thread_busy_frac"] <= 1.01
         assert t["emit_ms_per_step"] > 0
         assert t["pipelined_frac"] == 0 and t["ahead_used_frac"] == 0  # TOKENPOOL_PIPELINE is off by default
         ev = p["events"]  # the server's event stream over the point: one admit per served request
         assert "events_error" not in p and ev["counts"].get("admit") == len(items) - too_long
         assert ev["late"] == []  # an SLO of a minute: no model fell behind
+        # turns, from the switch events' engine times: one fewer than the switches (the first starts the count)
+        tr, switches = ev["turns"], ev["counts"].get("switch", 0)
+        assert tr["turns"] == max(0, switches - 1)
+        assert tr["turns"] == 0 or 0 <= tr["s_p50"] <= tr["s_p90"] <= tr["s_max"] < p["wall_s"] + 30
         w = p["windows"]  # every arrival in one window, every step in one window
         assert len(w) >= 2 and sum(x["arrivals"] for x in w) == len(items) and sum(x["steps"] for x in w) == p["steps"]
         assert all(x["t0_s"] < x["t1_s"] for x in w) and w[0]["t0_s"] == 0.0
