@@ -36,7 +36,8 @@ def point(models: str, seed: int, *, rate: float = 0.1, duration: float = 300.0,
           gpu_budget_gb: float = 120.0, kv_cache_gb: float | None = 4.0, slo_ttft: float = 10.0,
           slo_tpot: float = 0.1, policy: str = "token", profile: str = "measured", policy_kw: dict | None = None,
           noise: float = 0.0, copy_slowdown: float = 0.0, step_host_ms: float = 0.0,
-          graph_capture_ms: float = 0.0, step_host_per_seq_ms: float = 0.0, host_observed: bool = True) -> dict:
+          graph_capture_ms: float = 0.0, step_host_per_seq_ms: float = 0.0, host_observed: bool = True,
+          pipelined: bool = False) -> dict:
     entries = parse_models(models)
     specs = {e.name: spec_for(e.arch, e.size, e.name) for e in entries}
     items = generate(list(specs), rate, duration, seed=seed)
@@ -45,7 +46,7 @@ def point(models: str, seed: int, *, rate: float = 0.1, duration: float = 300.0,
                    hw=hardware_profile(profile, specs), drain_s=drain, seed=seed, policy_kw=policy_kw, noise=noise,
                    copy_slowdown=copy_slowdown, step_host_s=step_host_ms / 1e3, graph_capture_s=graph_capture_ms / 1e3,
                    kv_cache_bytes=int(kv_cache_gb * 1e9) if kv_cache_gb else None,
-                   step_host_per_seq_s=step_host_per_seq_ms / 1e3, host_observed=host_observed)
+                   step_host_per_seq_s=step_host_per_seq_ms / 1e3, host_observed=host_observed, pipelined=pipelined)
     s, e = res.slo, res.extra
     det = s["per_model_detail"].values()
     return {
@@ -58,6 +59,7 @@ def point(models: str, seed: int, *, rate: float = 0.1, duration: float = 300.0,
         "switches_per_s": res.switches_per_s, "gpu_busy_frac": res.gpu_busy_frac,
         "policy_cpu_us_per_step": res.policy_cpu_us_per_step, "policy_cpu_frac_mean": res.policy_cpu_frac_mean,
         "kv_peak_gb": e.get("kv_peak_gb"), "swap_gb": res.swap_gb, "graph_captures": e.get("graph_captures", 0),
+        "pipelined_frac": e.get("pipelined_steps", 0) / max(1, res.steps),
         "rounds": e.get("rounds_gpu0", {}), "sim_s": time.perf_counter() - t0,
     }
 
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "bench/results/sim_gap_1.6_e755649.json)")
     ap.add_argument("--host-unobserved", action="store_true", help="the policy's cost model does not learn the host "
                     "time (as in the engine, whose step fits time the device step alone)")
+    ap.add_argument("--pipelined", action="store_true", help="TOKENPOOL_PIPELINE's engine: a decode continuing the "
+                    "step before's model and requests pays max(device, host) instead of their sum")
     ap.add_argument("--graph-capture-ms", type=float, default=19.0, help="host time of a CUDA-graph capture, paid "
                     "at each new (size, slot offset, batch bucket); default: the H200's, bench serve's timing at "
                     "9ff79c5 (1.78 s for 95, first captures of a bucket included; 32 ms before the capture stopped "
@@ -110,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
               kv_cache_gb=a.kv_cache_gb or None, slo_ttft=a.slo_ttft, slo_tpot=a.slo_tpot, policy=a.policy,
               profile=a.profile, policy_kw=json.loads(a.policy_kw) if a.policy_kw else None, noise=a.noise,
               copy_slowdown=a.copy_slowdown, step_host_ms=a.step_host_ms, graph_capture_ms=a.graph_capture_ms,
-              step_host_per_seq_ms=a.step_host_per_seq_ms, host_observed=not a.host_unobserved)
+              step_host_per_seq_ms=a.step_host_per_seq_ms, host_observed=not a.host_unobserved,
+              pipelined=a.pipelined)
     out = {"command": " ".join(["python -m load_tests.models_per_gpu", *(argv or sys.argv[1:])]),
            "commit": git_commit(), "config": {**kw, "target": a.target}, "points": [], "most_models": {}}
     for seed in (int(s) for s in a.seeds.split(",")):

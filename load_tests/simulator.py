@@ -91,6 +91,7 @@ class GpuStats:
     graph_captures: int = 0
     host_s: float = 0.0  # of busy_s: the host time per step (step_host_s, step_host_per_seq_s)
     seqs_stepped: int = 0  # sequences over all steps (their mean batch: over `steps`)
+    pipelined_steps: int = 0  # (pipelined) steps whose host time overlapped the step before's device time
 
 
 def sim_arena(capacity: int, kv_bytes: int, align: int = DEFAULT_ALIGN) -> SlotTable:
@@ -104,8 +105,14 @@ class GpuSim:
 
     def __init__(self, gid: int, capacity: int, policy, hw: HardwareProfile, noise: float = 0.0, seed: int = 0,
                  arena: SlotTable | None = None, copy_slowdown: float = 0.0, step_host_s: float = 0.0,
-                 graph_capture_s: float = 0.0, step_host_per_seq_s: float = 0.0, host_observed: bool = True):
+                 graph_capture_s: float = 0.0, step_host_per_seq_s: float = 0.0, host_observed: bool = True,
+                 pipelined: bool = False):
         self.gid, self.policy, self.hw, self.noise = gid, policy, hw, noise
+        # TOKENPOOL_PIPELINE: a decode step continuing the model of the step before (its running requests, one token
+        # each, nothing waiting, no KV moves) was queued while that one ran, so its host time overlaps the device
+        # and it costs max(device, host) instead of their sum; the engine learns that (`_learn_pipelined`)
+        self.pipelined = pipelined
+        self._last_batch: set[int] = set()  # ids of the requests the step before ran (a continuation runs them all)
         # A decode step at a (weights' size, slot offset, batch bucket) not met before captures its CUDA graph
         # first (ModelRunner keys graphs by slot): this many seconds of host time, once (H200: 3.14 s for 98
         # captures in one served point, bench/results/serve_h200_token_1.3_seed0_8326aa3_cold.json).
@@ -299,7 +306,15 @@ class GpuSim:
         host = self.step_host_s + self.step_host_per_seq_s * len(plan.batch)
         self.stats.host_s += host
         self.stats.seqs_stepped += len(plan.batch)
-        dur += host
+        piped = (self.pipelined and self._last_model == m.name and not m.waiting and not plan.swap_in
+                 and not plan.swap_out and all(n == 1 and r.status == _R for r, n in plan.batch)
+                 and {id(r) for r, _ in plan.batch} <= self._last_batch)
+        self._last_batch = {id(r) for r, _ in plan.batch}
+        if piped:
+            self.stats.pipelined_steps += 1
+            dur = max(dur, host)
+        else:
+            dur += host
         if self.graph_capture_s and self.arena is not None and all(n == 1 and r.status == _R for r, n in plan.batch):
             key = (self.specs[m.name].weight_bytes, self.arena.slots[m.name].offset,
                    next(b for b in GRAPH_BUCKETS if b >= len(plan.batch)))
@@ -309,7 +324,7 @@ class GpuSim:
                 dur += self.graph_capture_s
         start = ready
         end = start + dur
-        st.cost.observe_step(m.name, shape, dur if self.host_observed else device_s)
+        st.cost.observe_step(m.name, shape, dur if self.host_observed or piped else device_s)
         finished = False
         for r, n in plan.batch:
             if r.status == _W:
@@ -405,7 +420,7 @@ def simulate(items, specs: dict[str, ModelSize], slos: dict[str, ModelSLO] | Mod
              policy_kw: dict | None = None, keep_tokens: bool = False, workers: int = 1,
              kv_cache_bytes: int | None = None, copy_slowdown: float = 0.0, step_host_s: float = 0.0,
              graph_capture_s: float = 0.0, step_host_per_seq_s: float = 0.0,
-             host_observed: bool = True) -> SimResult:
+             host_observed: bool = True, pipelined: bool = False) -> SimResult:
     """Replay `items` (WorkItems, sorted by time) against `policy` on `n_gpus` simulated GPUs.
 
     `kv_cache_bytes`: each GPU's `capacity_bytes` is a pooled arena as the real engine's (module docstring)
@@ -419,6 +434,8 @@ def simulate(items, specs: dict[str, ModelSize], slos: dict[str, ModelSLO] | Mod
     `host_observed`: whether the policy's cost model learns a step's host time (and a graph capture) with its device
     time; the engine's does not (MultiModelEngine times the engine's step alone), so False is the engine's view.
     True (the default) keeps the results made before it existed.
+    `pipelined`: TOKENPOOL_PIPELINE's engine: a decode step continuing the step before's model and requests costs
+    max(device, host) rather than their sum (its host time hidden under the step in flight), and is learned so.
 
     `graph_capture_s`: host seconds of one CUDA-graph capture, paid by a pooled GPU's first decode step at each
     (weights' size, slot offset, batch bucket) (H200: 0.019 s at 9ff79c5, 0.032 s before); 0: none.
@@ -439,7 +456,7 @@ def simulate(items, specs: dict[str, ModelSize], slos: dict[str, ModelSLO] | Mod
                where=where, horizon=duration + drain_s, noise=noise, seed=seed, policy_kw=policy_kw or {},
                keep_tokens=keep_tokens, static=placement != "p2c", kv=kv_cache_bytes, copy_slowdown=copy_slowdown,
                step_host_s=step_host_s, graph_capture_s=graph_capture_s, step_host_per_seq_s=step_host_per_seq_s,
-               host_observed=host_observed)
+               host_observed=host_observed, pipelined=pipelined)
     workers = max(1, min(workers, n_gpus)) if placement != "p2c" else 1
     groups = [list(range(k, n_gpus, workers)) for k in range(workers)]
     if workers == 1:
@@ -463,7 +480,7 @@ def _run_gpus(items, gpu_ids: list[int], job: dict):
     gpus = {g: GpuSim(g, job["capacity"], make_policy(job["policy"], **job["policy_kw"]), job["hw"], job["noise"],
                       job["seed"], sim_arena(job["capacity"], job["kv"]) if job["kv"] else None,
                       job["copy_slowdown"], job["step_host_s"], job["graph_capture_s"], job["step_host_per_seq_s"],
-                      job["host_observed"]) for g in gpu_ids}
+                      job["host_observed"], job["pipelined"]) for g in gpu_ids}
     if job["static"]:
         for m, gs in where.items():
             for g in gs:
@@ -523,7 +540,7 @@ def _result(policy: str, stats: list[GpuStats], records: list[RequestRecord], du
     span = max(duration, 1e-9)
     good = [r for r in records if r.attained()]
     extra: dict = {k: int(tot[k]) for k in ("loads", "prefetches", "prefetch_skipped", "evictions", "forced_evictions",
-                                           "graph_captures", "seqs_stepped")}
+                                           "graph_captures", "seqs_stepped", "pipelined_steps")}
     extra["blocking_loads"] = extra["loads"] - extra["prefetches"]  # the real pool's `loads`
     extra["host_s"] = tot["host_s"]
     extra["loads_per_s"] = tot["loads"] / max(end, 1e-9)  # weight loads (blocking or prefetch) per second

@@ -292,3 +292,23 @@ def test_host_time_the_cost_model_does_not_see_and_host_time_per_sequence():
     # prefill a+b and decode a+b pay 2 ms, decode a, prefill c and decode c 1 ms each
     assert per_seq["a"] == pytest.approx([0.112, 0.124, 0.135]) and per_seq["b"] == pytest.approx([0.112, 0.124])
     assert per_seq["c"] == pytest.approx([0.246, 0.257]) and rp.extra["host_s"] == pytest.approx(0.007)
+
+
+def test_a_pipelined_decode_pays_the_larger_of_device_and_host_time():
+    """The hand-computed schedule above with TOKENPOOL_PIPELINE's engine: a decode continuing the step before's model
+    and requests had its host time hidden under that step, so it costs max(device, host); a prefill, or a model's
+    first step, pays both. 2 ms of host time: the decodes of a+b, a and c cost their 10 ms; 20 ms (host-bound): 20 ms,
+    and the engine learns that (the interval between reads)."""
+    items = [WorkItem(0.0, "m0", 4, 3, "a"), WorkItem(0.0, "m0", 4, 2, "b"), WorkItem(0.05, "m1", 4, 2, "c")]
+
+    def run(host_s):
+        res = simulate(items, _tiny_specs(2), SLO, "request", capacity_bytes=1500, hw=FLAT, drain_s=10,
+                       keep_tokens=True, step_host_s=host_s, host_observed=False, pipelined=True)
+        return {r["id"]: r["tokens"] for r in res.extra["records"]}, res
+
+    t, res = run(0.002)
+    assert t["a"] == pytest.approx([0.112, 0.122, 0.132]) and t["b"] == pytest.approx([0.112, 0.122])
+    assert t["c"] == pytest.approx([0.244, 0.254]) and res.extra["pipelined_steps"] == 3
+    t, res = run(0.02)
+    assert t["a"] == pytest.approx([0.13, 0.15, 0.17]) and t["c"] == pytest.approx([0.30, 0.32])
+    assert res.extra["cost_model_gpu0"]["step"]["m0"]["coef"]["base_s"] > 0.015  # the 20 ms decodes learned
