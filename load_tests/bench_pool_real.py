@@ -142,20 +142,26 @@ def windows(records: list[RequestRecord], samples: list, t0: float) -> list[dict
     for (a, ca), (b, cb) in zip(samples, samples[1:]):
         if b - a < 0.05:
             continue
-        arrived = [r for r in records if a <= r.arrival - t0 < b]
+        arrived, w = window_arrivals(records, t0, a, b)
         ttfts = sorted(r.ttft for r in arrived if r.ttft is not None)
         steps = cb["steps"] - ca["steps"]
-        w = {"t0_s": round(a, 1), "t1_s": round(b, 1), "arrivals": len(arrived),
-             "attainment": sum(r.attained() for r in arrived) / len(arrived) if arrived else None,
-             "ttft_p50": ttfts[len(ttfts) // 2] if ttfts else None, "steps_per_s": steps / (b - a),
+        w.update({"ttft_p50": ttfts[len(ttfts) // 2] if ttfts else None, "steps_per_s": steps / (b - a),
              "engine_ms_per_step": 1e3 * (cb["engine_s"] - ca["engine_s"]) / steps if steps else None,
              "switches_per_s": (cb["switches"] - ca["switches"]) / (b - a),
              "late_episodes": cb["late_episodes"] - ca["late_episodes"],
-             "pipelined_frac": (cb["pipelined_steps"] - ca["pipelined_steps"]) / steps if steps else 0.0}
+             "pipelined_frac": (cb["pipelined_steps"] - ca["pipelined_steps"]) / steps if steps else 0.0})
         if "rounds" in cb:
             w["rounds_per_s"] = (cb["rounds"] - ca["rounds"]) / (b - a)
         out.append(w)
     return out
+
+
+def window_arrivals(records: list[RequestRecord], t0: float, a: float, b: float) -> tuple[list, dict]:
+    """The requests that arrived in [a, b) seconds after `t0`, and a time-series window's first fields: its edges,
+    how many arrived and the share of them that met their SLO (None: none arrived)."""
+    arrived = [r for r in records if a <= r.arrival - t0 < b]
+    return arrived, {"t0_s": round(a, 1), "t1_s": round(b, 1), "arrivals": len(arrived),
+                     "attainment": sum(r.attained() for r in arrived) / len(arrived) if arrived else None}
 
 
 def turn_stats(turns: list) -> dict:

@@ -27,7 +27,7 @@ import httpx
 
 from load_tests.bench_common import header, spread, write_json
 from load_tests.bench_pool import bracket
-from load_tests.bench_pool_real import bound_ratios, make_models, parse_rates
+from load_tests.bench_pool_real import bound_ratios, make_models, parse_rates, window_arrivals
 from load_tests.sse_client import connect
 from load_tests.workload import WorkItem, generate, parse_models
 from token_scheduler.policies.slo import ModelSLO, RequestRecord, summarize
@@ -234,9 +234,7 @@ def windows(records: list[RequestRecord], samples: list, before: dict, after: di
     for (a, ca), (b, cb) in zip(edges, edges[1:]):
         if b <= a:
             continue
-        arrived = [r for r in records if a <= r.arrival - t0 < b]
-        w = {"t0_s": round(a, 1), "t1_s": round(b, 1), "arrivals": len(arrived),
-             "attainment": sum(r.attained() for r in arrived) / len(arrived) if arrived else None}
+        _, w = window_arrivals(records, t0, a, b)
         if ca and cb:
             steps = cb["steps"] - ca["steps"]
             w.update(steps=steps, steps_per_s=steps / (b - a), **{k: v for k, v in where_time_went(ca, cb, b - a, cb["engines"]).items()
