@@ -306,10 +306,12 @@ class GpuSim:
         host = self.step_host_s + self.step_host_per_seq_s * len(plan.batch)
         self.stats.host_s += host
         self.stats.seqs_stepped += len(plan.batch)
-        piped = (self.pipelined and self._last_model == m.name and not m.waiting and not plan.swap_in
-                 and not plan.swap_out and all(n == 1 and r.status == _R for r, n in plan.batch)
-                 and {id(r) for r, _ in plan.batch} <= self._last_batch)
-        self._last_batch = {id(r) for r, _ in plan.batch}
+        piped = False
+        if self.pipelined:  # (the set of the batch's requests is built only then: a step of every simulated GPU)
+            ran = {id(r) for r, _ in plan.batch}
+            piped = (self._last_model == m.name and not m.waiting and not plan.swap_in and not plan.swap_out
+                     and all(n == 1 and r.status == _R for r, n in plan.batch) and ran <= self._last_batch)
+            self._last_batch = ran
         if piped:
             self.stats.pipelined_steps += 1
             dur = max(dur, host)
