@@ -66,8 +66,10 @@ def test_per_beat_work_does_not_grow_with_the_dashboards():
         for g in r["got"]:
             assert sum(c.count(b"\nid: ") + c.startswith(b"id: ") for _, c in g) == r["published"]
         # one snapshot build a tick (and one when the first dashboard came), not one per dashboard
-        assert r["builds"] <= r["elapsed"] / (2 * BEAT_S) + 2
-    assert abs(fifty["builds"] - one["builds"]) <= 2  # (the two runs' ticks differ only by timing)
+        # (50 dashboards building their own snapshot would be ~50 a tick; the bound is on the run's own
+        # ticks, since a loaded CI machine stretches one run more than the other: a fixed difference between
+        # the two runs' counts flaked, 15 against 12, on a run that took longer)
+        assert 1 <= r["builds"] <= r["elapsed"] / (2 * BEAT_S) + 2
     # the bytes every connection writes at a beat are one object, built once: the same ids for all 50
     per_conn = [[id(c) for _, c in g] for g in fifty["got"]]
     assert all(ids == per_conn[0] for ids in per_conn), "a connection wrote bytes of its own"
