@@ -223,3 +223,34 @@ def test_no_step_is_priced_under_its_weights_read_once():
     for _ in range(2000):
         cm.observe_step("m", probe, 0.0)
     assert cm.step_time("m", probe) >= SPEC.weight_bytes / H100_PCIE53.hbm_bytes_per_s
+
+
+def test_models_of_one_shape_share_a_step_fit_and_others_do_not():
+    # Two aliases of one 7B: `a` only ever steps at batch 1-2, `b` at batch 8-32 (noisy, as a GPU measures); a
+    # 1.5B beside them. `a`'s price of a batch-32 decode comes from what `b` ran: a step's time is its shape's.
+    slow = HardwareProfile("slow", 1.0e12, 2e14, 1e14, 20e9, 3e-3, 2e-4, 0.02, 1e-3)
+    small = spec_for("qwen2", "1.5b", "s")
+    a, b = (ModelSize(n, SPEC.weight_bytes, SPEC.kv_bytes_per_token, SPEC.flops_per_token, SPEC.attn_flops_per_pair)
+            for n in "ab")
+    cm = CostModel(H100_PCIE53, [a, b, small])
+    rng = random.Random(3)
+    for _ in range(300):
+        for m, lo, hi in (("a", 1, 2), ("b", 8, 32)):
+            n = rng.randint(lo, hi)
+            s = StepShape(n, n, n * rng.randint(100, 2000))
+            cm.observe_step(m, s, slow.step_time(SPEC, s) * rng.uniform(0.95, 1.05))
+    big = StepShape(32, 32, 32 * 1000)
+    assert cm.step_time("a", big) == pytest.approx(slow.step_time(SPEC, big), rel=0.05)
+    assert cm.step_coefficients("a") == cm.step_coefficients("b")
+    # the 1.5B learned nothing from them: still its prior
+    one = StepShape(1, 1, 500)
+    assert cm.step_time("s", one) == pytest.approx(H100_PCIE53.step_time(small, one))
+    # an alias leaving keeps the fit for the other; the last of a shape leaving drops it: a new one starts afresh
+    cm.forget("b")
+    assert cm.step_time("a", big) == pytest.approx(slow.step_time(SPEC, big), rel=0.05)
+    cm.register(b)
+    assert cm.step_coefficients("b") == cm.step_coefficients("a")
+    cm.forget("a"), cm.forget("b")
+    cm.register(a)
+    assert cm.step_time("a", big) == pytest.approx(H100_PCIE53.step_time(SPEC, big))
+    assert set(cm.to_dict()["step"]) == {"a", "s"}

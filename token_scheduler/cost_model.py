@@ -163,6 +163,12 @@ def roofline_for(device: str | None) -> HardwareProfile:
     return H200_PCIE54 if device and "H200" in device else H100_PCIE53
 
 
+def shape_key(spec: ModelSize) -> tuple:
+    """What a model's step time depends on: its sizes, not its name (aliases of one checkpoint, or models of
+    one architecture and size, share a key)."""
+    return spec.weight_bytes, spec.kv_bytes_per_token, spec.flops_per_token, spec.attn_flops_per_pair
+
+
 CLIP_AFTER = 20  # measurements before robust clipping starts (the prior may be far off until then)
 
 
@@ -255,7 +261,8 @@ STEP_CLIP = 1.0  # a step measured at more than twice its prediction counts as t
 
 
 class CostModel:
-    """Per-model step-time fits, one weight-load fit and one KV-swap fit (time = overhead + bytes / bandwidth).
+    """Step-time fits (one per model shape, shared by the models of that shape), one weight-load fit and one
+    KV-swap fit (time = overhead + bytes / bandwidth).
 
     `hidden_load_fraction` is measured too: the share of a weight load's time that overlapped compute
     (prefetch). Policies use it to charge only the exposed part of a switch.
@@ -263,9 +270,16 @@ class CostModel:
 
     def __init__(self, profile: HardwareProfile | None = None, specs: list[ModelSize] | tuple = ()):
         self.profile = profile
-        self._step: dict[str, OnlineLinearFit] = {}
-        self._coef: dict[str, tuple[float, ...]] = {}  # per-unit coefficients, refreshed when a fit moves
+        # One step fit per model *shape* (`shape_key`), shared by every hosted model of that shape: the same
+        # sizes run the same kernels, so a step's time is the shape's, not the name's. With a fit per name, each
+        # model learned from its own few batch sizes only. Served on the H200 (35 models of two shapes, 3 minutes,
+        # ~1,000 steps each, mostly at batch 1-3; serve_h200_models35_seed7_5d81aa7_pipeline.json), the 14 7Bs'
+        # fits priced a batch-8 decode from 3.6 to 19.3 ms and the 21 1.5Bs' from 1.8 to 11.7 ms, where `bench
+        # engine` measures 4.7 and 1.8: each alias was priced on its own extrapolation.
+        self._step: dict[str, OnlineLinearFit] = {}  # model -> its shape's fit (shared objects)
+        self._coef: dict[tuple, tuple[float, ...]] = {}  # shape -> per-unit coefficients, refreshed when it moves
         self._specs: dict[str, ModelSize] = {}
+        self._key: dict[str, tuple] = {}  # model -> shape_key (read at every prediction)
         self._floor: dict[str, float] = {}
         bw = profile.pcie_bytes_per_s if profile else 25e9  # unseeded: a modest PCIe guess, refitted at once
         ovh = profile.switch_overhead_s if profile else 0.0
@@ -280,20 +294,28 @@ class CostModel:
             self.register(s)
 
     def register(self, spec: ModelSize) -> None:
-        self._specs[spec.name] = spec
-        prior = self.profile.step_coefficients(spec) if self.profile else (0.0,) * 5
-        self._step[spec.name] = OnlineLinearFit(prior, self._conf, clip=STEP_CLIP)
-        self._coef.pop(spec.name, None)
+        """Host `spec`: it joins the step fit of the models of its shape, or starts one from the prior."""
+        self.forget(spec.name)  # (registered again, perhaps with another shape: a fresh start for a new shape)
+        key = shape_key(spec)
+        fit = next((self._step[m] for m, k in self._key.items() if k == key), None)
+        if fit is None:
+            prior = self.profile.step_coefficients(spec) if self.profile else (0.0,) * 5
+            fit = OnlineLinearFit(prior, self._conf, clip=STEP_CLIP)
+            self._coef.pop(key, None)
+        self._specs[spec.name], self._key[spec.name], self._step[spec.name] = spec, key, fit
         # no step is priced under its weights read once at the profile's HBM rate. (Coefficients may be negative:
         # with decodes costing far less per token than prefill, the fit says so with a negative s/seq.)
         self._floor[spec.name] = spec.weight_bytes / self.profile.hbm_bytes_per_s if self.profile else 0.0
 
     def forget(self, model: str) -> None:
-        """A model is no longer hosted: drop its step fit (the link fits are the device's, they stay)."""
+        """A model is no longer hosted: it leaves its shape's step fit, which goes with the last model of that
+        shape (the link fits are the device's, they stay)."""
         self._specs.pop(model, None)
         self._step.pop(model, None)
-        self._coef.pop(model, None)
         self._floor.pop(model, None)
+        key = self._key.pop(model, None)
+        if key is not None and key not in self._key.values():
+            self._coef.pop(key, None)
 
     # -- predictions (cheap; called by policies every step) --
     def step_time(self, model: str, shape: StepShape) -> float:
@@ -301,9 +323,10 @@ class CostModel:
 
     def step_coefficients(self, model: str) -> tuple[float, ...]:
         """Fitted coefficients in per-unit terms: (base s, s/seq, s/new token, s/ctx token, s/attn pair)."""
-        c = self._coef.get(model)
+        key = self._key[model]
+        c = self._coef.get(key)
         if c is None:
-            c = self._coef[model] = tuple(t / s for t, s in zip(self._step[model].theta, _FEATURE_SCALES, strict=True))
+            c = self._coef[key] = tuple(t / s for t, s in zip(self._step[model].theta, _FEATURE_SCALES, strict=True))
         return c
 
     def load_time(self, nbytes: float) -> float:
@@ -319,7 +342,7 @@ class CostModel:
     def observe_step(self, model: str, shape: StepShape, seconds: float) -> None:
         # Within 0.5% already: skip the O(n^2) update (most steps once the fit has converged).
         if self._step[model].update(shape.features(), seconds, tol=0.005):
-            self._coef.pop(model, None)
+            self._coef.pop(self._key[model], None)
 
     def observe_load(self, nbytes: float, seconds: float, hidden_s: float = 0.0) -> None:
         self._load.update((1.0, nbytes / 1e9), seconds)
