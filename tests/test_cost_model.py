@@ -250,7 +250,8 @@ def test_models_of_one_shape_share_a_step_fit_and_others_do_not():
     assert cm.step_time("a", big) == pytest.approx(slow.step_time(SPEC, big), rel=0.05)
     cm.register(b)
     assert cm.step_coefficients("b") == cm.step_coefficients("a")
-    cm.forget("a"), cm.forget("b")
+    for m in "ab":
+        cm.forget(m)
     cm.register(a)
     assert cm.step_time("a", big) == pytest.approx(H100_PCIE53.step_time(SPEC, big))
     assert set(cm.to_dict()["step"]) == {"a", "s"}

@@ -301,7 +301,6 @@ class CostModel:
         if fit is None:
             prior = self.profile.step_coefficients(spec) if self.profile else (0.0,) * 5
             fit = OnlineLinearFit(prior, self._conf, clip=STEP_CLIP)
-            self._coef.pop(key, None)
         self._specs[spec.name], self._key[spec.name], self._step[spec.name] = spec, key, fit
         # no step is priced under its weights read once at the profile's HBM rate. (Coefficients may be negative:
         # with decodes costing far less per token than prefill, the fit says so with a negative s/seq.)
