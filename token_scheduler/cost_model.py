@@ -278,7 +278,6 @@ class CostModel:
         # engine` measures 4.7 and 1.8: each alias was priced on its own extrapolation.
         self._step: dict[str, OnlineLinearFit] = {}  # model -> its shape's fit (shared objects)
         self._coef: dict[tuple, tuple[float, ...]] = {}  # shape -> per-unit coefficients, refreshed when it moves
-        self._specs: dict[str, ModelSize] = {}
         self._key: dict[str, tuple] = {}  # model -> shape_key (read at every prediction)
         self._floor: dict[str, float] = {}
         bw = profile.pcie_bytes_per_s if profile else 25e9  # unseeded: a modest PCIe guess, refitted at once
@@ -301,7 +300,7 @@ class CostModel:
         if fit is None:
             prior = self.profile.step_coefficients(spec) if self.profile else (0.0,) * 5
             fit = OnlineLinearFit(prior, self._conf, clip=STEP_CLIP)
-        self._specs[spec.name], self._key[spec.name], self._step[spec.name] = spec, key, fit
+        self._key[spec.name], self._step[spec.name] = key, fit
         # no step is priced under its weights read once at the profile's HBM rate. (Coefficients may be negative:
         # with decodes costing far less per token than prefill, the fit says so with a negative s/seq.)
         self._floor[spec.name] = spec.weight_bytes / self.profile.hbm_bytes_per_s if self.profile else 0.0
@@ -309,7 +308,6 @@ class CostModel:
     def forget(self, model: str) -> None:
         """A model is no longer hosted: it leaves its shape's step fit, which goes with the last model of that
         shape (the link fits are the device's, they stay)."""
-        self._specs.pop(model, None)
         self._step.pop(model, None)
         self._floor.pop(model, None)
         key = self._key.pop(model, None)
