@@ -176,9 +176,9 @@ class Clock:
         s = self
 
         @functools.wraps(launch_decode)
-        def timed(runner, out, ids=None):
+        def timed(runner, out, ids=None, timed=False):
             c, t = time.thread_time(), time.perf_counter()
-            step = launch_decode(runner, out, ids)
+            step = launch_decode(runner, out, ids, timed=timed)
             dt = time.perf_counter() - t
             s.s["forward"] += dt
             s.s["device"] += dt

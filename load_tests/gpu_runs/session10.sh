@@ -29,8 +29,10 @@
 #            SEED, from a cold start (a fresh server each), first with AB_A's environment (default none), then AB_B's
 #            (e.g. "TOKENPOOL_PIPELINE=1"); LIMIT_AB s each (default 270)
 #   tests    the GPU tests (openai client carried in .whl)
-#   profile  issue 14: bench serve at PROFILE_RATE (10 models on 60 GB) with py-spy (carried in .whl) on the worker
-#            for 30 s, PROFILE_INTO s into the arrivals: where a served step's host time goes (spy_summary.py)
+#   profile  issue 14: bench serve at PROFILE_RATE (10 models on 60 GB; or PROFILE_MANY, e.g. "14x7b,21x1.5b", at 0.1
+#            on 120 GB, as `many`) with py-spy (carried in .whl) on the worker for 30 s, PROFILE_INTO s into the
+#            arrivals, threads apart (PROFILE_GIL=1: only samples holding the GIL): where a served step's host time
+#            goes (spy_summary.py)
 #   dash     issue 18: tokenpool suite dashboards on this machine's CPUs (50 dashboards under 48 streams)
 # Usage (device tool, repo root, carry .whl): TOKENPOOL_COMMIT=<sha> PARTS="many" bash load_tests/gpu_runs/session10.sh
 source "$(dirname "$0")/prelude.sh"
@@ -116,12 +118,15 @@ ab) for side in A B; do e=AB_$side; tag=$(echo "${!e:-default}" | tr -c 'A-Za-z0
   done ;;
 tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ > "$OUT/gpu_tests.log" 2>&1; at tests $?
   grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.log" | tail -8 ;;
-profile) timeout "${LIMIT_PROFILE:-300}" python3 -m controller.cli bench serve $W --rate "${PROFILE_RATE:-1.3}" \
+profile) WP="$W --rate ${PROFILE_RATE:-1.3}"
+  [ -n "${PROFILE_MANY:-}" ] && WP="--models $PROFILE_MANY --rate 0.1 --duration 120 --drain 60 --slo-ttft 10 --slo-tpot 0.1 \
+    --gpu-budget-gb 120 --kv-cache-gb 4 --seed ${MANY_SEED:-7}"
+  timeout "${LIMIT_PROFILE:-300}" python3 -m controller.cli bench serve $WP \
     --policy token --json "$OUT/serve_profile.json" > "$OUT/serve_profile.log" 2>&1 & bp=$!
   for i in $(seq 1 150); do grep -q "up and warm" "$OUT/serve_profile.log" && break; sleep 2; done
   wp=$(for p in $(pgrep -f "controller.worker"); do grep -qa standby /proc/$p/cmdline || echo $p; done | head -1)
   sleep "${PROFILE_INTO:-40}"
-  /tmp/site/bin/py-spy record --idle -p "$wp" -d 30 -r 250 -f raw -o "$OUT/worker_profile.raw" > "$OUT/pyspy.log" 2>&1 \
+  /tmp/site/bin/py-spy record --idle --threads ${PROFILE_GIL:+--gil} -p "$wp" -d 30 -r 250 -f raw -o "$OUT/worker_profile.raw" > "$OUT/pyspy.log" 2>&1 \
     || tail -3 "$OUT/pyspy.log"
   python3 load_tests/gpu_runs/spy_summary.py "$OUT/worker_profile.raw" > "$OUT/worker_profile_summary.json" \
     && head -24 "$OUT/worker_profile_summary.json"
