@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # H200 calls of session 10, at one commit. PARTS picks what runs, in this order:
-#   make     the bench models (7B and 1.5B, bf16) into the cache bench serve and bench pool --real read, untimed: a
-#            part run first on a fresh machine otherwise spends ~25 s of its limit making them (poolreal hit its
-#            230 s limit that way in session 18)
+#   make     the bench models (7B and 1.5B, bf16) into the cache bench serve and bench pool --real read, untimed
+#            (every part that serves them makes them first anyway, outside its limit: `ensure_models`)
 #   many     issue 14: bench serve, models per GPU at 0.1 req/s/model, 120 GB arena, 4 GB KV, seed MANY_SEED, MANY_DUR s
 #            of arrivals (default 120; the simulator needs 300 to show a mix past capacity: 35 models 99.8% at 120 s,
 #            89% at 300 s); one
@@ -39,11 +38,18 @@ source "$(dirname "$0")/prelude.sh"
 SEED=${SEED:-0}; RATES=${RATES:-0.5}
 W="--models 4x7b,6x1.5b --duration 120 --drain 60 --slo-ttft 10 --slo-tpot 0.1 --gpu-budget-gb 60 --kv-cache-gb 4 --seed $SEED"
 show() { grep -E "rate=|attainment|policy_us|Error|Traceback" "$1" | tail -${2:-8} | cut -c1-600; }
-for part in ${PARTS:-many}; do case $part in
-make) python3 -c "from pathlib import Path; from load_tests.bench_pool_real import make_models
+# The bench models (one 7B and one 1.5B checkpoint that every alias shares), made once per machine: before a part
+# that serves them, outside its time limit (made inside, they cost a fresh machine's part ~25 s of its limit: a
+# poolreal in session 18 and a serve in session 20 timed out that way)
+ensure_models() {
+  python3 -c "from pathlib import Path; from load_tests.bench_pool_real import make_models
 from load_tests.workload import parse_models
-make_models(parse_models('1x7b,1x1.5b'), Path('~/.cache/tokenpool/bench-models').expanduser())" > "$OUT/make_bench.log" 2>&1
-  at make $?; tail -2 "$OUT/make_bench.log" ;;
+make_models(parse_models('1x7b,1x1.5b'), Path('~/.cache/tokenpool/bench-models').expanduser())" >> "$OUT/make_bench.log" 2>&1
+}
+for part in ${PARTS:-many}; do
+  case $part in many|serve|poolreal|request|two|ab|profile) ensure_models || at "make (before $part)" $? ;; esac
+  case $part in
+make) ensure_models; at make $?; tail -2 "$OUT/make_bench.log" ;;
 many) IFS=';' read -ra mixes <<< "${MANY:-10x7b,15x1.5b}"
   for mx in "${mixes[@]}"; do tag=$(echo "$mx" | tr -d ',.' ); log="$OUT/serve_many_$tag.log"
     timeout "${LIMIT_MANY:-280}" python3 -m controller.cli bench serve --models "$mx" --rate 0.1 --duration "${MANY_DUR:-120}" \
