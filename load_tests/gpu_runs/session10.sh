@@ -26,7 +26,8 @@
 #   swap     issue 20: bench swap on the 7B (a decode beside a 7B prefetch, cold load into the host cache, swap-in)
 #   ab       issue 14: A/B of a switch inside one call: bench serve (10 models on 60 GB) at AB_RATE (default 1.3), seed
 #            SEED, from a cold start (a fresh server each), first with AB_A's environment (default none), then AB_B's
-#            (e.g. "TOKENPOOL_PIPELINE=1"); LIMIT_AB s each (default 270)
+#            (e.g. "TOKENPOOL_PIPELINE=1"); LIMIT_AB s each (default 270). AB_MANY (e.g. "14x7b,21x1.5b"): that mix
+#            at 0.1 req/s/model on 120 GB instead, seed MANY_SEED, as `many` runs it
 #   tests    the GPU tests (openai client carried in .whl)
 #   profile  issue 14: bench serve at PROFILE_RATE (10 models on 60 GB; or PROFILE_MANY, e.g. "14x7b,21x1.5b", at 0.1
 #            on 120 GB, as `many`) with py-spy (carried in .whl) on the worker for 30 s, PROFILE_INTO s into the
@@ -116,8 +117,11 @@ swap) M=/tmp/mm; mkdir -p $M; [ -f $M/q7/config.json ] || python3 -m controller.
     --out $M/q7 >> "$OUT/make.log" 2>&1
   timeout "${LIMIT_SWAP:-300}" python3 -m controller.cli bench swap --model $M/q7 --json "$OUT/swap_qwen2_7b_h200.json" \
     > "$OUT/swap_7b.log" 2>&1; at swap $?; grep -E "slowdown|cold|Error|Traceback" "$OUT/swap_7b.log" | tail -8 | cut -c1-300 ;;
-ab) for side in A B; do e=AB_$side; tag=$(echo "${!e:-default}" | tr -c 'A-Za-z0-9_.=\n' '_')
-    env ${!e:-} timeout "${LIMIT_AB:-270}" python3 -m controller.cli bench serve $W --rate "${AB_RATE:-1.3}" --policy token \
+ab) WAB="$W --rate ${AB_RATE:-1.3}"
+  [ -n "${AB_MANY:-}" ] && WAB="--models $AB_MANY --rate 0.1 --duration ${MANY_DUR:-120} --drain 60 --slo-ttft 10 \
+    --slo-tpot 0.1 --gpu-budget-gb 120 --kv-cache-gb 4 --seed ${MANY_SEED:-7}"
+  for side in A B; do e=AB_$side; tag=$(echo "${!e:-default}" | tr -c 'A-Za-z0-9_.=\n' '_')
+    env ${!e:-} timeout "${LIMIT_AB:-270}" python3 -m controller.cli bench serve $WAB --policy token \
       --json "$OUT/serve_ab_${side}_s$SEED.json" > "$OUT/serve_ab_$side.log" 2>&1; at "ab $side ($tag)" $?
     show "$OUT/serve_ab_$side.log" 2
     pkill -f "controller.serve" 2>/dev/null && sleep 3 && pkill -9 -f "controller.(serve|worker)" 2>/dev/null
