@@ -30,6 +30,7 @@ from load_tests.bench_pool import bracket
 from load_tests.bench_pool_real import bound_ratios, make_models, parse_rates, window_arrivals
 from load_tests.sse_client import connect
 from load_tests.workload import WorkItem, generate, parse_models
+from token_scheduler.cost_model import step_phases
 from token_scheduler.policies.slo import ModelSLO, RequestRecord, summarize
 
 ENGINE = {"max_num_seqs": 64, "max_model_len": 4096, "max_num_batched_tokens": 2048}  # as bench pool --real
@@ -299,7 +300,9 @@ def where_time_went(before: dict, after: dict, wall: float, gpus: int) -> dict:
         # was read (the GPU kept busy through the host's work between them)
         "ahead_used_frac": d.get("ahead_used", 0) / n, "pipelined_frac": d.get("pipelined_steps", 0) / n,
         "pipeline_flushes": d.get("pipeline_flushes", 0),
+        "step_phases": step_phases(d),
     }
+
 
 
 def run_point(url: str, admin_token: str | None, names: list[str], rate: float, *, slo: ModelSLO, duration: float,
@@ -417,7 +420,9 @@ def run_serve(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durat
                         f"{s['max_gap_p99'] or 0:.2f}s steps/s={res.get('steps_per_s', 0):.1f} "
                         f"switches/s={res.get('switches_per_s', 0):.1f} responses={res['responses']}")
                     if res.get("timing"):
-                        say("  " + " ".join(f"{k}={v:.3g}" for k, v in res["timing"].items()))
+                        say("  " + " ".join(f"{k}={v:.3g}" for k, v in res["timing"].items() if k != "step_phases"))
+                        for kind, ph in res["timing"]["step_phases"].items():
+                            say(f"  {kind:7s} " + " ".join(f"{k}={v:.3g}" for k, v in ph.items()))
                     write_json(Path(json_out) if json_out else None, out)
                     if stop_at_miss and s["attainment"] < target:
                         break

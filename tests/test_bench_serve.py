@@ -40,6 +40,9 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path, m
         assert 0 < t["engine_busy_frac"] <= t["step_thread_busy_frac"] <= 1.01
         assert t["emit_ms_per_step"] > 0
         assert t["pipelined_frac"] == 0 and t["ahead_used_frac"] == 0  # TOKENPOOL_PIPELINE is off by default
+        ph = t["step_phases"]  # by kind of step: prefills and decodes (batch sizes), each phase's wall and CPU
+        assert "prefill" in ph and sum(k["steps"] for k in ph.values()) == p["steps"]
+        assert all(k["pre_ms"] > 0 and k["wait_ms"] > 0 and k["post_ms"] > 0 for k in ph.values())
         ev = p["events"]  # the server's event stream over the point: one admit per served request
         assert "events_error" not in p and ev["counts"].get("admit") == len(items) - too_long
         assert ev["late"] == []  # an SLO of a minute: no model fell behind

@@ -538,3 +538,30 @@ def test_a_step_that_captured_a_cuda_graph_is_not_learned(make_tiny):
     while multi.has_unfinished_requests():
         multi.step()
     assert calls[0] >= 6 and len(seen) == calls[0] - calls[0] // 2
+
+
+def test_where_each_kind_of_step_spent_its_time(make_tiny, host_cache):
+    """The books of where a step's time went (`ph_*`), by kind: three prompts of one model are prefilled, decoded
+    three at a time, then two and one as they finish (lengths 3, 5, 7). Every step that ran is in the kind of its
+    shape, its sequences counted, and its three phases add up to the engine time of those steps."""
+    from gpu_pool.arena import MiB
+
+    d = make_tiny("qwen2")
+    multi = MultiModelEngine({"a": d}, policy="token", device="cpu", gpu_budget=6 * MiB,
+                             kv_cache_gb=64 * 16 * 512 / 1e9, host_cache=host_cache)
+    for i, n in enumerate((3, 5, 7)):
+        multi.add_request(f"r{i}", "hello there", SamplingParams(max_tokens=n, ignore_eos=True), model="a")
+    while multi.has_unfinished_requests():
+        multi.step()
+    tm = multi.timing
+    kinds = {k: int(tm[f"ph_{k}_steps"]) for k in ("prefill", "d1", "d2", "d3")}
+    # one prefill of the three (their first tokens), then decodes: 2 of three, 2 of two, 2 of one
+    assert kinds == {"prefill": 1, "d3": 2, "d2": 2, "d1": 2}
+    assert sum(tm[f"ph_{k}_steps"] for k in ("d4", "d5_8", "d9_16", "d17")) == 0
+    assert tm["ph_d3_seqs"] == 6 and tm["ph_d2_seqs"] == 4 and tm["ph_d1_seqs"] == 2 and tm["ph_prefill_seqs"] == 3
+    spent = sum(tm[f"ph_{k}_{ph}_s"] for k in kinds for ph in ("pre", "wait", "post"))
+    assert tm["steps"] == 7 and abs(spent - tm["engine_s"]) < 1e-6 * tm["steps"] + 1e-3 * tm["engine_s"]
+    for k in kinds:
+        for ph in ("pre", "wait", "post"):
+            assert tm[f"ph_{k}_{ph}_s"] > 0 and 0 <= tm[f"ph_{k}_{ph}_cpu_s"] <= tm[f"ph_{k}_{ph}_s"] + 0.01
+    multi.close()

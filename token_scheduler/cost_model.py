@@ -39,6 +39,36 @@ class StepShape:
         return (1.0, self.num_seqs / s[1], self.new_tokens / s[2], self.ctx_tokens / s[3], self.attn_pairs / s[4])
 
 
+# Kinds of step for the books of where a served step's time went (`MultiModelEngine._phases`): decodes by batch
+# size, and steps with a prefill chunk (one kind)
+PHASE_KINDS = ("d1", "d2", "d3", "d4", "d5_8", "d9_16", "d17", "prefill")
+PHASE_KEYS = tuple(f"ph_{k}_{x}" for k in PHASE_KINDS
+                   for x in ("steps", "seqs", "pre_s", "pre_cpu_s", "wait_s", "wait_cpu_s", "post_s", "post_cpu_s"))
+
+
+def phase_kind(shape: StepShape) -> str:
+    n = shape.num_seqs
+    if shape.new_tokens > n:
+        return "prefill"
+    return f"d{n}" if n <= 4 else "d5_8" if n <= 8 else "d9_16" if n <= 16 else "d17"
+
+
+def step_phases(d: dict) -> dict:
+    """Per kind of step that ran unpipelined (decodes by batch size, steps with a prefill: the pooled engine's
+    `ph_*` counters, over a point): how many, their mean sequences, and ms per step before the device work was
+    queued, from then to the tokens on the host, and after; each with the step thread's CPU ms beside it."""
+    out = {}
+    for kind in PHASE_KINDS:
+        n = d.get(f"ph_{kind}_steps", 0)
+        if n:
+            row = {"steps": int(n), "seqs": d.get(f"ph_{kind}_seqs", 0) / n}
+            for ph in ("pre", "wait", "post"):
+                row[f"{ph}_ms"] = 1e3 * d.get(f"ph_{kind}_{ph}_s", 0) / n
+                row[f"{ph}_cpu_ms"] = 1e3 * d.get(f"ph_{kind}_{ph}_cpu_s", 0) / n
+            out[kind] = row
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class ModelSize:
     """The sizes of one model that matter to scheduling (bytes moved, FLOPs done)."""

@@ -76,6 +76,7 @@ class LLMEngine:
 
         self.config = c = config
         self.last_out = None  # the SchedulerOutput of the latest step that was scheduled here
+        self.t_read = None  # (perf_counter, thread_time) when the latest step_tokens call read its step's tokens
         self.device = torch.device(c.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' asked for, but CUDA is not available")
@@ -205,6 +206,7 @@ class LLMEngine:
         batch the runner can run overlapped is queued (`_inflight`) and `on_launch` called, its tokens not read: the
         caller then continues it (`continue_inflight`) or reads it (`complete_inflight`) before anything else."""
         outputs = self.take_aborted()
+        self.t_read = None
         if self._inflight is not None:
             if batch is not None:
                 raise RuntimeError("a planned batch needs overlap off (its plan was built before the step in flight)")
@@ -227,7 +229,9 @@ class LLMEngine:
                 on_launch()
             return outputs
         self._mark_scheduled(out)
-        return outputs + self._complete(out, self.runner.execute(out, on_launch))
+        res = self.runner.execute(out, on_launch)
+        self.t_read = (time.perf_counter(), time.thread_time())
+        return outputs + self._complete(out, res)
 
     def continue_inflight(self, nxt: SchedulerOutput, on_launch=None) -> list[TokenOutput]:
         """Pipelined (a multi-model engine): queue `nxt` -- `scheduler.continuation` of the step in flight, its KV

@@ -60,7 +60,15 @@ from pathlib import Path
 import torch
 
 from model_swapper.model_config import ModelConfig
-from token_scheduler.cost_model import CostModel, ModelSize, StepShape, roofline_for
+from token_scheduler.cost_model import (
+    PHASE_KEYS,
+    CostModel,
+    ModelSize,
+    StepShape,
+    phase_kind,
+    roofline_for,
+    step_phases,
+)
 from token_scheduler.detokenizer import detokenize
 from token_scheduler.engine import EngineConfig, LLMEngine
 from token_scheduler.graph_cap import CAPTURES, CAPTURES_ZERO
@@ -133,7 +141,8 @@ class MultiModelEngine:
         # part of engine_s), ahead_used/ahead_discarded how many of them ran or were not used
         self.timing = dict.fromkeys(("policy_s", "policy_cpu_s", "memory_s", "engine_s", "steps", "idle_policy_s",
                                      "idle_polls", "late_episodes", "ahead_s", "ahead_cpu_s", "ahead_used",
-                                     "ahead_discarded", "pipelined_steps", "pipeline_kept", "pipeline_flushes"),
+                                     "ahead_discarded", "pipelined_steps", "pipeline_kept", "pipeline_flushes",
+                                     *PHASE_KEYS),
                                     0.0)
         # Pipeline: (model, perf_counter at its launch) of the decode step left in flight by the latest step call
         # (its engine's `_inflight`), or None; `_t_done`: when the latest step's tokens were read
@@ -502,7 +511,10 @@ class MultiModelEngine:
             # pipeline: a decode the runner can launch is queued, not read: kept in flight when the early plan (made
             # in the hook) continues it, read now otherwise
             captures = self._captures(eng)
-            outputs += eng.step_tokens(plan.batch, own, self._ahead_hook(eng, on_launch) if ahead else on_launch,
+            c2 = time.thread_time()
+            at_launch = []  # (perf_counter, thread_time) when the step's device work was queued
+            launched = _marked(on_launch, at_launch)
+            outputs += eng.step_tokens(plan.batch, own, self._ahead_hook(eng, launched) if ahead else launched,
                                        launch=pipe)
             if pipe and eng._inflight is not None:
                 if self._ahead is not None and self._continues(self._ahead[0], eng):
@@ -516,9 +528,25 @@ class MultiModelEngine:
             # (a step kept in flight is learned from when it is read; a step that captured a CUDA graph is not
             # learned: its tens of ms of capture, warm-up forwards included, are not what the shape costs)
             if ran.chunks and self._pipe is None and self._captures(eng) == captures:
-                self.cost.observe_step(plan.model, _ran_shape(ran), t3 - t2)
+                shape = _ran_shape(ran)
+                self.cost.observe_step(plan.model, shape, t3 - t2)
+                if at_launch and eng.t_read is not None:
+                    self._phases(shape, (t2, c2), at_launch[0], eng.t_read, (t3, time.thread_time()))
             self._stepped(plan.model, t3 - t2)
         return self._after_step(plan.model, outputs)
+
+    def _phases(self, shape: StepShape, t2, launched, read, t3) -> None:
+        """The books of where a (not pipelined) step's time went, by its kind (`phase_kind`): before its device
+        work was queued (plan committed, KV moved, inputs filled, graph replayed or eager forward launched), from
+        then to its tokens on the host (sampling, the wait for the device), and after (the scheduler's update);
+        each as wall and the step thread's CPU time (wall less CPU: waits for the GIL, the CPU or the device)."""
+        kind = phase_kind(shape)
+        tm = self.timing
+        for (ta, ca), (tb, cb), ph in ((t2, launched, "pre"), (launched, read, "wait"), (read, t3, "post")):
+            tm[f"ph_{kind}_{ph}_s"] += tb - ta
+            tm[f"ph_{kind}_{ph}_cpu_s"] += cb - ca
+        tm[f"ph_{kind}_steps"] += 1
+        tm[f"ph_{kind}_seqs"] += shape.num_seqs
 
     @staticmethod
     def _captures(eng: LLMEngine) -> int:
@@ -887,8 +915,9 @@ class MultiModelEngine:
         tm = self.timing
         n = max(1.0, tm["steps"])
         work = tm["memory_s"] + tm["engine_s"]
-        return {**tm, "policy_us_per_step": 1e6 * tm["policy_s"] / n, "engine_ms_per_step": 1e3 * tm["engine_s"] / n,
-                "policy_frac": tm["policy_s"] / work if work else 0.0}
+        return {**{k: v for k, v in tm.items() if not k.startswith("ph_")},
+                "policy_us_per_step": 1e6 * tm["policy_s"] / n, "engine_ms_per_step": 1e3 * tm["engine_s"] / n,
+                "policy_frac": tm["policy_s"] / work if work else 0.0, "step_phases": step_phases(tm)}
 
     def close(self) -> None:
         """Give the memory back: every view into the arena (weights, KV, graphs) is dropped, then the arena."""
@@ -935,6 +964,15 @@ def _finite(d):
     if isinstance(d, (list, tuple)):
         return [_finite(v) for v in d]
     return None if isinstance(d, float) and not math.isfinite(d) else d
+
+
+def _marked(on_launch, into: list):
+    """`on_launch`, first noting when it was called (wall, the thread's CPU) in `into`."""
+    def launched():
+        into.append((time.perf_counter(), time.thread_time()))
+        if on_launch is not None:
+            on_launch()
+    return launched
 
 
 def _ran_shape(out) -> StepShape:
