@@ -471,9 +471,62 @@ def _precompile(worker, model: str, m: int, grid: list, procs: int = 8) -> None:
     print(f"precompiled {n} kernels in {time.perf_counter() - t:.1f} s", flush=True)
 
 
+def prefill(model: str, reps: int = 12) -> None:
+    """Where a prefill step's host time goes (issue 14: served prefills took ~28 ms of the step thread at 35 models,
+    nearly all before the device work was queued). (1) cuBLAS launch time of a projection at a token count seen
+    before vs a new one each call (a heuristics lookup per new shape?), with and without bias; (2) the engine's
+    prefill step of 3 prompts: ms until its forward is queued (host) and in all, at fixed and at varied lengths."""
+    import random
+
+    from token_scheduler import LLMEngine
+    from token_scheduler.engine import EngineConfig
+    from token_scheduler.request import SamplingParams
+
+    dev = "cuda"
+    for n, k in ((17920, 1536), (2048, 1536), (37888, 3584)):
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.01
+        b = torch.zeros(n, device=dev, dtype=torch.bfloat16)
+        for bias in (None, b):
+            for label, ms in (("same M", [768] * 28), ("new M", random.Random(n).sample(range(300, 1300), 28))):
+                x = {m: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for m in ms}
+                F.linear(x[ms[0]], w, bias)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for m in ms:
+                    F.linear(x[m], w, bias)
+                t1 = time.perf_counter()
+                torch.cuda.synchronize()
+                print(f"linear {n}x{k} bias={bias is not None} {label}: launch {1e6 * (t1 - t0) / len(ms):.1f} us a "
+                      f"call, {1e3 * (time.perf_counter() - t0):.2f} ms with the device", flush=True)
+    eng = LLMEngine(EngineConfig(model=model, device="cuda", max_num_seqs=8, max_num_batched_tokens=8192,
+                                 kv_cache_memory_gb=4.0, max_model_len=4096, num_host_kv_blocks=0))
+    vocab = eng.model_config.vocab_size
+    rng = random.Random(0)
+    shapes = (("fixed 3x256", lambda: [256, 256, 256]), ("varied 3x~256", lambda: [rng.randint(150, 400) for _ in "abc"]),
+              ("fixed 1x768", lambda: [768]), ("varied 3x~600", lambda: [rng.randint(450, 800) for _ in "abc"]))
+    for label, lens in shapes:
+        host, total = [], []
+        for i in range(reps):
+            for j, n in enumerate(lens()):
+                eng.add_request(f"{label}-{i}-{j}", [rng.randrange(vocab) for _ in range(n)],
+                                SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+            torch.cuda.synchronize()
+            marks = []
+            t0 = time.perf_counter()
+            eng.step_tokens(on_launch=lambda marks=marks: marks.append(time.perf_counter()))
+            t1 = time.perf_counter()
+            host.append(1e3 * (marks[0] - t0))
+            total.append(1e3 * (t1 - t0))
+            while eng.has_unfinished_requests():
+                eng.step_tokens()
+        host, total = sorted(host[2:]), sorted(total[2:])
+        print(f"prefill {label}: host until queued {host[len(host) // 2]:.2f} ms, step {total[len(total) // 2]:.2f} ms "
+              f"(medians of {len(host)})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["kv", "gemv", "gemv-triton", "rows-triton", "step", "step-sweep"])
+    ap.add_argument("what", choices=["kv", "gemv", "gemv-triton", "rows-triton", "step", "step-sweep", "prefill"])
     ap.add_argument("--model")
     ap.add_argument("--variants", help="step: only these variants, comma-separated (e.g. 'default,no pdl')")
     ap.add_argument("--batch", help="step: batch sizes (default 1,8); step-sweep: one batch size (default 1)")
@@ -483,6 +536,7 @@ def main() -> None:
      "step": lambda: step(a.model, [int(b) for b in (a.batch or "1,8").split(",")], a.context,
                          only=a.variants.split(",") if a.variants else None),
      "step-sweep": lambda: step_sweep(a.model, int(a.batch or 1), a.context),
+     "prefill": lambda: prefill(a.model),
      "rows-triton": lambda: rows_triton(a.model, [int(b) for b in (a.batch or "8,32").split(",")])}[a.what]()
 
 

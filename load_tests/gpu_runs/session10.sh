@@ -28,11 +28,13 @@
 #            SEED, from a cold start (a fresh server each), first with AB_A's environment (default none), then AB_B's
 #            (e.g. "TOKENPOOL_PIPELINE=1"); LIMIT_AB s each (default 270). AB_MANY (e.g. "14x7b,21x1.5b"): that mix
 #            at 0.1 req/s/model on 120 GB instead, seed MANY_SEED, as `many` runs it
-#   tests    the GPU tests (openai client carried in .whl)
+#   tests    the GPU tests (openai client carried in .whl); TESTS_FILES, TESTS_K (-k) pick some, LIMIT_TESTS s
 #   profile  issue 14: bench serve at PROFILE_RATE (10 models on 60 GB; or PROFILE_MANY, e.g. "14x7b,21x1.5b", at 0.1
 #            on 120 GB, as `many`) with py-spy (carried in .whl) on the worker for 30 s, PROFILE_INTO s into the
 #            arrivals, threads apart (PROFILE_GIL=1: only samples holding the GIL): where a served step's host time
 #            goes (spy_summary.py)
+#   prefill  issue 14: where a prefill step's host time goes (diag_gpu prefill: cuBLAS launch at a new token count vs a
+#            seen one; the engine's prefill of 3 prompts, host ms until queued), on the bench 1.5B and 7B
 #   dash     issue 18: tokenpool suite dashboards on this machine's CPUs (50 dashboards under 48 streams)
 # Usage (device tool, repo root, carry .whl): TOKENPOOL_COMMIT=<sha> PARTS="many" bash load_tests/gpu_runs/session10.sh
 source "$(dirname "$0")/prelude.sh"
@@ -48,7 +50,7 @@ from load_tests.workload import parse_models
 make_models(parse_models('1x7b,1x1.5b'), Path('~/.cache/tokenpool/bench-models').expanduser())" >> "$OUT/make_bench.log" 2>&1
 }
 for part in ${PARTS:-many}; do
-  case $part in many|serve|poolreal|request|two|ab|profile) ensure_models || at "make (before $part)" $? ;; esac
+  case $part in many|serve|poolreal|request|two|ab|profile|prefill) ensure_models || at "make (before $part)" $? ;; esac
   case $part in
 make) ensure_models; at make $?; tail -2 "$OUT/make_bench.log" ;;
 many) IFS=';' read -ra mixes <<< "${MANY:-10x7b,15x1.5b}"
@@ -126,7 +128,8 @@ ab) WAB="$W --rate ${AB_RATE:-1.3}"
     show "$OUT/serve_ab_$side.log" 2
     pkill -f "controller.serve" 2>/dev/null && sleep 3 && pkill -9 -f "controller.(serve|worker)" 2>/dev/null
   done ;;
-tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ > "$OUT/gpu_tests.log" 2>&1; at tests $?
+tests) timeout "${LIMIT_TESTS:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS_FILES:-tests/} \
+    ${TESTS_K:+-k "$TESTS_K"} > "$OUT/gpu_tests.log" 2>&1; at tests $?
   grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.log" | tail -8 ;;
 profile) WP="$W --rate ${PROFILE_RATE:-1.3}"
   [ -n "${PROFILE_MANY:-}" ] && WP="--models $PROFILE_MANY --rate 0.1 --duration 120 --drain 60 --slo-ttft 10 --slo-tpot 0.1 \
@@ -141,6 +144,9 @@ profile) WP="$W --rate ${PROFILE_RATE:-1.3}"
   python3 load_tests/gpu_runs/spy_summary.py "$OUT/worker_profile.raw" > "$OUT/worker_profile_summary.json" \
     && head -24 "$OUT/worker_profile_summary.json"
   wait $bp; at profile $?; show "$OUT/serve_profile.log" 3 ;;
+prefill) for sz in 1.5b 7b; do timeout "${LIMIT_PREFILL:-150}" python3 -m load_tests.diag_gpu prefill \
+      --model ~/.cache/tokenpool/bench-models/qwen2-$sz-bf16 > "$OUT/prefill_$sz.log" 2>&1; at "prefill $sz" $?
+    grep -E "^linear|^prefill|Error" "$OUT/prefill_$sz.log" | cut -c1-300; done ;;
 dash) timeout "${LIMIT_DASH:-200}" python3 -m controller.cli suite dashboards --duration 10 --rounds "${DASH_ROUNDS:-6}" \
     --streams 48 --dashboards "${DASH_N:-50}" --model pace --json "$OUT/dashboard_cost.json" > "$OUT/dash.log" 2>&1; at dash $?
   tail -5 "$OUT/dash.log" | cut -c1-400 ;;

@@ -1,0 +1,56 @@
+"""`_DecodeGraph.fill`, the host side of a decode graph's replay: a step's rows written into the pinned buffers
+(through their numpy views) and copied to the graph's static inputs. Checked on CPU tensors standing in for the
+pinned and device buffers (the capture itself needs CUDA: tests/test_gpu_engine.py replays it)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from token_scheduler.runner import _DecodeGraph
+
+
+def _graph(batch: int, max_blocks: int, scratch: int) -> _DecodeGraph:
+    g = _DecodeGraph.__new__(_DecodeGraph)  # the buffers __init__ makes, on CPU, without the capture
+    g.batch, g.turn = batch, 0
+    g.hosts = [torch.full((5, batch), -7, dtype=torch.long) for _ in range(2)]
+    g.host_bts = [torch.full((batch, max_blocks), -7, dtype=torch.int32) for _ in range(2)]
+    g.hosts_np = [h.numpy() for h in g.hosts]
+    g.host_bts_np = [h.numpy() for h in g.host_bts]
+    g.pad = [[0], [0], [scratch], [0], [1]]
+    g.dev = torch.zeros(5, batch, dtype=torch.long)
+    g.bt = torch.full((batch, max_blocks), scratch, dtype=torch.int32)
+    g.ctx32 = torch.ones(batch, dtype=torch.int32)
+    return g
+
+
+def _req(tokens: list[int], blocks: list[int]):
+    return SimpleNamespace(token_at=lambda p: tokens[p], block_ids=blocks)
+
+
+def _step(reqs_pos):
+    return SimpleNamespace(chunks=[SimpleNamespace(request=r, start=p) for r, p in reqs_pos])
+
+
+def test_fill_writes_each_row_and_pads_the_rest():
+    runner = SimpleNamespace(block_size=4, scratch_block=99)
+    g = _graph(batch=4, max_blocks=6, scratch=99)
+    a = _req(list(range(100, 110)), [5, 6, 7])  # position 9: block 7 (9 // 4 = 2), offset 1
+    b = _req(list(range(200, 205)), [11, 12])  # position 4: block 12, offset 0
+    g.fill(_step([(a, 9), (b, 4)]), runner)
+    assert g.dev.tolist() == [[109, 204, 0, 0], [9, 4, 0, 0], [7, 12, 99, 99], [1, 0, 0, 0], [10, 5, 1, 1]]
+    assert g.ctx32.tolist() == [10, 5, 1, 1]
+    # real rows' tables up to the longest (shorter ones padded with the scratch block); padded rows untouched
+    assert g.bt[:2, :3].tolist() == [[5, 6, 7], [11, 12, 99]]
+    assert g.bt[2:].eq(99).all()
+    assert g.turn == 1
+    # the next step fills the other buffer, three rows now, one of them with the ids already on the device
+    c = _req(list(range(300, 320)), [1, 2, 3, 4, 8])
+    g.fill(_step([(c, 17), (a, 10), (b, 5)]), runner, ids=torch.tensor([7, 8, 9]))
+    assert g.dev.tolist() == [[7, 8, 9, 0], [17, 10, 5, 0], [8, 7, 12, 99], [1, 2, 1, 0], [18, 11, 6, 1]]
+    assert g.bt[:3, :5].tolist() == [[1, 2, 3, 4, 8], [5, 6, 7, 99, 99], [11, 12, 99, 99, 99]]
+    assert g.turn == 0
+    # a full batch: no padded column; the first buffer again, its old padding overwritten
+    g.fill(_step([(a, 0), (b, 1), (c, 2), (a, 3)]), runner)
+    assert g.dev.tolist() == [[100, 201, 302, 103], [0, 1, 2, 3], [5, 11, 1, 5], [0, 1, 2, 3], [1, 2, 3, 4]]
