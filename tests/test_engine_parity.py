@@ -82,3 +82,29 @@ def test_rowwise_prefill_matches_hf(make_varied, arch, monkeypatch):
         assert o.outputs[0].token_ids == ref[0, len(ids):].tolist()
     # the prompts went row by row: some call carried a later chunk's rows (context beyond the chunk's start)
     assert any(k > 1 and c > 24 for groups in seen for _, c, k in groups)
+
+
+@pytest.mark.parametrize("row_max", [0, 1 << 20])
+def test_padded_prefill_rows_match_hf(make_varied, row_max, monkeypatch):
+    """Prefill and mixed steps padded to a few token counts (`padded_rows`, the CUDA default: cuBLAS's per-shape
+    algorithm choice costs ms the first time): the padding rows, over the scratch block, change no token. Chunks
+    by one SDPA each (row_max 0) and row by row through the decode attention, where the padding rows are rows too."""
+    from token_scheduler import runner as R
+
+    d = make_varied("qwen2")
+    llm = LLM(d, device="cpu", dtype="fp32", max_num_batched_tokens=24)
+    eng = llm.engine
+    eng.runner.pad_rows, eng.runner.rowwise_prefill_max = True, row_max
+    padded = []
+    orig = R.padded_rows
+    monkeypatch.setattr(R, "padded_rows", lambda t: padded.append((t, orig(t))) or orig(t))
+    hf = _hf(d)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, eng.model_config.vocab_size, (n,), generator=g).tolist() for n in (37, 9, 5)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    for ids, o in zip(prompts, outs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert o.outputs[0].token_ids == ref[0, len(ids):].tolist()
+    assert any(p > t for t, p in padded)  # some step ran with padding rows
+    assert [orig(t) for t in (1, 2, 17, 64, 65, 1000, 1025)] == [1, 16, 32, 64, 128, 1024, 1280]

@@ -99,8 +99,14 @@ class ModelRunner:
         # attention (one call for the step); 0 = never. CPU default 0: gathering each row's context costs more
         # there than the per-sequence calls it saves (tests set it to check the path against HF).
         self.rowwise_prefill_max = (1 << 18) if self.use_triton else 0
-        # Decode runs the fused kernels; prefill keeps the reference op sequence (it is compute-bound, so
-        # fusion buys little there, and first-token logits then follow HF's arithmetic op for op).
+        # Steps that are not decodes run with their token count rounded up (`padded_rows`; padding rows write their
+        # K/V into the scratch block and are dropped): cuBLAS picks its GEMM algorithm per shape the first time it
+        # sees it, ~1.6-3.3 ms a projection on the H200 (diag_gpu prefill), so a prefill of a new token count paid
+        # ~8 ms of host time before the rounding. On CUDA, but never on the HF-exact reference path.
+        self.pad_rows = self.is_cuda
+        # Every step runs the fused kernels but an HF-exact prefill, which keeps the reference op sequence (its
+        # first-token logits follow HF's arithmetic op for op). A long prompt's prefill on the reference path was
+        # launch-bound: ~47 ms of host time for 768 tokens of a 1.5B on the H200 (diag_gpu prefill), ~40 ops a layer.
         self.fwd_decode = llama.forward_fused if self.use_triton else llama.forward
         self.shared_graphs = graphs is not None
         self.graphs: dict = graphs if graphs is not None else {}
@@ -243,6 +249,12 @@ class ModelRunner:
             meta = self._decode_meta([(c.request, c.start + 1, 1) for c in out.chunks])
             meta.slot_blocks, meta.slot_offsets = t(sb), t(so)
         else:
+            pad = 0
+            if self.pad_rows and not self.hf_exact_prefill and input_ids is None:
+                pad = padded_rows(len(pos)) - len(pos)
+            if pad:  # rows at position 0 whose K/V go to the scratch block; their outputs are never read
+                ids, pos = ids + [0] * pad, pos + [0] * pad
+                sb, so = sb + [self.scratch_block] * pad, so + [0] * pad
             meta = AttentionMetadata(t(sb), t(so), self.block_size, hf_exact=self.hf_exact_prefill)
             q0, groups, qrows = 0, [], []
             row_max = 0 if self.hf_exact_prefill else self.rowwise_prefill_max
@@ -258,6 +270,8 @@ class ModelRunner:
                     meta.seqs.append((q0, c.num_tokens, ctx))
                     meta.seq_block_tables.append(t(c.request.block_ids[: -(-ctx // self.block_size)]))
                 q0 += c.num_tokens
+            if pad and groups and not meta.seqs:  # the padding rows as one-query rows over the scratch block
+                groups += [(_ScratchRow([self.scratch_block]), 1, 1)] * pad
             if groups and not meta.seqs:  # every row is a one-query row: the decode attention's call alone (no
                 # gather into it and scatter back, 3 launches a layer: a 28-layer prefill's host time is its launches)
                 meta = dataclasses.replace(self._decode_meta(groups), slot_blocks=meta.slot_blocks,
@@ -268,7 +282,7 @@ class ModelRunner:
         # hf_exact_prefill: pure prefill follows HF's op sequence (bit-exact first-token logits on the H100).
         # Otherwise every step runs the fused kernels: on the reference path (~40 ops per layer, one SDPA per
         # sequence) a prefill of a few short prompts was launch-bound, ~36 ms on the H100 for ~100 tokens.
-        fwd = self.fwd_decode if meta.decode or meta.mixed_rows is not None else llama.forward
+        fwd = llama.forward if self.hf_exact_prefill and not meta.decode and meta.mixed_rows is None else self.fwd_decode
         hidden = fwd(self.cfg, self.weights, self.kv, self.rope, t(ids) if input_ids is None else input_ids,
                      t(pos), meta)
         idx, q = [], 0
@@ -425,6 +439,23 @@ class _DecodeGraph:
             self.dev[0, :n].copy_(ids)
         self.bt[:n].copy_(host_bt[:n], non_blocking=True)
         self.ctx32.copy_(self.dev[4])
+
+
+def padded_rows(t: int) -> int:
+    """The row count a non-decode step of `t` tokens runs with: one row as it is, then multiples of 16 up to 64, of
+    64 up to 1024, of 256 beyond -- ~50 sizes in all up to 8192, so every GEMM shape is one cuBLAS has seen before
+    after a few prefills, for at most ~25% more rows (a prefill's projections are a few ms of the device at most)."""
+    if t <= 1:
+        return t
+    step = 16 if t <= 64 else 64 if t <= 1024 else 256
+    return -(-t // step) * step
+
+
+@dataclass
+class _ScratchRow:
+    """A padding row's stand-in request in `_decode_meta`: its one block is the scratch block."""
+
+    block_ids: list[int]
 
 
 def triton_available() -> bool:
