@@ -79,6 +79,9 @@ def test_pipeline_equals_alone(make_tiny, pipe, kind, max_round_s):
     assert multi.switches > 0 and all(n > 0 for n in multi.steps_per_model.values())
     if max_round_s:  # turns of several steps: pipelined within them
         assert c["pipelined_steps"] > 0 and c["pipeline_kept"] > 0
+        # where their time went, booked apart from the steps that ran unpipelined (`timing_summary`'s step_phases)
+        ph = multi.timing_summary()["step_phases"]["pipelined"]
+        assert ph["steps"] == c["pipelined_steps"] and ph["pre_ms"] > 0 and ph["wait_ms"] > 0 and ph["post_ms"] > 0
         # interleaved: a model's turn does not run to its requests' end before another model runs
         first = {a: multi.trace.index(a) for a in paths}
         last = {a: len(multi.trace) - 1 - list(reversed(multi.trace)).index(a) for a in paths}

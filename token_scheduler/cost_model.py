@@ -40,8 +40,8 @@ class StepShape:
 
 
 # Kinds of step for the books of where a served step's time went (`MultiModelEngine._phases`): decodes by batch
-# size, and steps with a prefill chunk (one kind)
-PHASE_KINDS = ("d1", "d2", "d3", "d4", "d5_8", "d9_16", "d17", "prefill")
+# size, steps with a prefill chunk (one kind), and decodes queued before the step in flight was read (one kind)
+PHASE_KINDS = ("d1", "d2", "d3", "d4", "d5_8", "d9_16", "d17", "prefill", "pipelined")
 PHASE_KEYS = tuple(f"ph_{k}_{x}" for k in PHASE_KINDS
                    for x in ("steps", "seqs", "pre_s", "pre_cpu_s", "wait_s", "wait_cpu_s", "post_s", "post_cpu_s"))
 

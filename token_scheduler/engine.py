@@ -76,7 +76,7 @@ class LLMEngine:
 
         self.config = c = config
         self.last_out = None  # the SchedulerOutput of the latest step that was scheduled here
-        self.t_read = None  # (perf_counter, thread_time) when the latest step_tokens call read its step's tokens
+        self.t_read = None  # (perf_counter, thread_time) when the latest step_tokens or continue_inflight read tokens
         self.device = torch.device(c.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' asked for, but CUDA is not available")
@@ -242,7 +242,9 @@ class LLMEngine:
         self.last_out = nxt  # what ran
         if on_launch is not None:
             on_launch()
-        return self.take_aborted() + self._complete(prev.out, self.runner.read(prev))
+        res = self.runner.read(prev)
+        self.t_read = (time.perf_counter(), time.thread_time())
+        return self.take_aborted() + self._complete(prev.out, res)
 
     def complete_inflight(self) -> list[TokenOutput]:
         """Read the step in flight and apply its tokens (none in flight: nothing)."""

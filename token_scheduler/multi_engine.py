@@ -535,12 +535,13 @@ class MultiModelEngine:
             self._stepped(plan.model, t3 - t2)
         return self._after_step(plan.model, outputs)
 
-    def _phases(self, shape: StepShape, t2, launched, read, t3) -> None:
-        """The books of where a (not pipelined) step's time went, by its kind (`phase_kind`): before its device
-        work was queued (plan committed, KV moved, inputs filled, graph replayed or eager forward launched), from
-        then to its tokens on the host (sampling, the wait for the device), and after (the scheduler's update);
-        each as wall and the step thread's CPU time (wall less CPU: waits for the GIL, the CPU or the device)."""
-        kind = phase_kind(shape)
+    def _phases(self, shape: StepShape, t2, launched, read, t3, kind: str | None = None) -> None:
+        """The books of where a step's time went, by its kind (`phase_kind`; "pipelined" for a step queued before the
+        one in flight was read): before its device work was queued (plan committed, KV moved, inputs filled, graph
+        replayed or eager forward launched), from then to tokens on the host (sampling and the wait for the device;
+        pipelined: the step before's), and after (the scheduler's update); each as wall and the step thread's CPU
+        time (wall less CPU: waits for the GIL, the CPU or the device)."""
+        kind = kind or phase_kind(shape)
         tm = self.timing
         for (ta, ca), (tb, cb), ph in ((t2, launched, "pre"), (launched, read, "wait"), (read, t3, "post")):
             tm[f"ph_{kind}_{ph}_s"] += tb - ta
@@ -708,9 +709,13 @@ class MultiModelEngine:
         if plan.prefetch is not None and self.memory is not None:  # the one memory move an early plan keeps
             self._execute_memory(plan)  # (a prefetch into another model's slot: A's weights stay, resident)
             self._learn_loads()
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.thread_time()
         tm["memory_s"] += t2 - t1
-        outputs += eng.continue_inflight(nxt, on_launch)  # N+1 queued, then N read
+        at_launch = []
+        outputs += eng.continue_inflight(nxt, _marked(on_launch, at_launch))  # N+1 queued, then N read
+        if at_launch and eng.t_read is not None:
+            self._phases(_ran_shape(nxt), (t2, c2), at_launch[0], eng.t_read,
+                         (time.perf_counter(), time.thread_time()), kind="pipelined")
         self._learn_pipelined(name, prev, t_launch, self._gap)
         self._pipe = (name, t2)
         tm["pipelined_steps"] += 1
