@@ -255,3 +255,42 @@ def test_models_of_one_shape_share_a_step_fit_and_others_do_not():
     cm.register(a)
     assert cm.step_time("a", big) == pytest.approx(H100_PCIE53.step_time(SPEC, big))
     assert set(cm.to_dict()["step"]) == {"a", "s"}
+
+
+def test_a_prefilling_steps_fixed_cost_is_its_own_term():
+    """Served steps as the H200 ran them at 35 models (serve_h200_models35_seed7_ec5e4d7_profiled.json): decodes of
+    1-8 sequences replay a graph, ~1.3 ms + ~0.08 ms a sequence for a 1.5B; a step that prefills runs eagerly and
+    pays ~20 ms of launches besides its tokens. The fit keeps that fixed cost apart: decodes of every batch size and
+    prefills are both priced within 10%. (Without the term, the same steps priced a 256-token prefill at 12.7 ms for
+    22.6: a linear fit in tokens and pairs has no place for a cost every prefill pays alike.)"""
+    from token_scheduler.cost_model import H200_PCIE54
+
+    spec = spec_for("qwen2", "1.5b", "m")
+    rng = random.Random(4)
+
+    def truth(s: StepShape) -> float:
+        t = 1.3e-3 + 0.08e-3 * s.num_seqs + 2e-8 * s.ctx_tokens
+        if s.new_tokens > s.num_seqs:
+            t += 20e-3 + 2e-6 * s.new_tokens + 1e-8 * s.attn_pairs
+        return t
+
+    def shape() -> StepShape:
+        if rng.random() < 0.02:  # ~1 step in 50 prefills 1-3 prompts of a few hundred tokens
+            lens = [min(2000, int(rng.lognormvariate(5.3, 0.6))) for _ in range(rng.randint(1, 3))]
+            return StepShape(len(lens), sum(lens), sum(lens), sum(n * n for n in lens))
+        b = rng.choice((1, 1, 1, 2, 2, 3, 4, 5, 8))
+        return StepShape(b, b, sum(rng.randint(100, 800) for _ in range(b)))
+
+    cm = CostModel(H200_PCIE54, [spec])
+    for _ in range(20000):
+        s = shape()
+        cm.observe_step("m", s, truth(s) * rng.uniform(0.95, 1.05))
+    for b in (1, 4, 8):
+        s = StepShape(b, b, 450 * b)
+        assert cm.step_time("m", s) == pytest.approx(truth(s), rel=0.1)
+    for lens in ((256,), (200, 300, 250), (900,)):
+        s = StepShape(len(lens), sum(lens), sum(lens), sum(n * n for n in lens))
+        assert cm.step_time("m", s) == pytest.approx(truth(s), rel=0.1)
+    c = cm.step_coefficients("m")
+    assert c[1] == pytest.approx(0.08e-3, abs=0.04e-3) and c[5] == pytest.approx(20e-3, rel=0.15)
+    assert cm.to_dict()["step"]["m"]["coef"]["per_prefill_step_s"] == c[5]

@@ -7,8 +7,9 @@ roofline, or zeros) and recursive least squares pulls it to what was measured.
 
 Step time is linear in the step's shape (see `StepShape.features`): a fixed launch cost plus the weights read
 once, a per-sequence cost, a per-new-token cost (GEMM FLOPs + KV writes), a per-context-token cost (KV
-reads) and a per-(query, key)-pair cost (prefill attention). The roofline below has exactly this form, which
-is why a simulator driven by it is fitted exactly and a real GPU is fitted well.
+reads), a per-(query, key)-pair cost (prefill attention) and a fixed cost of a step that prefills (one that runs
+eagerly, not a decode graph: its launches). The roofline below has exactly this form, which is why a simulator
+driven by it is fitted exactly and a real GPU is fitted well.
 
 `H100_PCIE53` is derived from physical numbers only -- 2.9 TB/s achieved HBM read bandwidth (the decode
 weights-read floor), 0.6 x 989 dense bf16 TFLOP/s for GEMMs, 53 GB/s pinned PCIe Gen5 x16 per direction --
@@ -22,21 +23,29 @@ from dataclasses import dataclass, field, replace
 from itertools import repeat
 from operator import add, mul, sub, truediv
 
-_FEATURE_SCALES = (1.0, 64.0, 1024.0, 65536.0, 1.0e6)  # keep the RLS well conditioned
+_FEATURE_SCALES = (1.0, 64.0, 1024.0, 65536.0, 1.0e6, 1.0)  # keep the RLS well conditioned
+STEP_COEF_KEYS = ("base_s", "per_seq_s", "per_new_token_s", "per_ctx_token_s", "per_attn_pair_s", "per_prefill_step_s")
 
 
 @dataclass(frozen=True, slots=True)
 class StepShape:
-    """What a step computes: sequences, new tokens (KV written), context tokens read, attention pairs."""
+    """What a step computes: sequences, new tokens (KV written), context tokens read, attention pairs; a step with
+    more new tokens than sequences prefills (some sequence gets several)."""
 
     num_seqs: int
     new_tokens: int
     ctx_tokens: int  # KV tokens read, summed over sequences (decode: ~sum of lengths)
     attn_pairs: int = 0  # sum over sequences of new_tokens * context length (prefill's quadratic part)
 
-    def features(self) -> tuple[float, float, float, float, float]:
+    def features(self) -> tuple[float, float, float, float, float, float]:
+        # The last one: whether the step prefills. Its fixed cost is of another kind than a decode's: an eager
+        # forward's ~250 launches, where a decode replays a graph (H200, 35 models served: ~20 ms of host time a
+        # prefill step, serve_h200_models35_seed7_ec5e4d7_profiled.json). Without it the fit can only spread that
+        # over its per-sequence, per-token and per-pair terms (tests/test_cost_model.py: a 256-token prefill priced
+        # at 12.7 ms for 22.6); the served fits there carried 0.44 ms a sequence where a decode's costs ~0.08 ms.
         s = _FEATURE_SCALES
-        return (1.0, self.num_seqs / s[1], self.new_tokens / s[2], self.ctx_tokens / s[3], self.attn_pairs / s[4])
+        return (1.0, self.num_seqs / s[1], self.new_tokens / s[2], self.ctx_tokens / s[3], self.attn_pairs / s[4],
+                1.0 if self.new_tokens > self.num_seqs else 0.0)
 
 
 # Kinds of step for the books of where a served step's time went (`MultiModelEngine._phases`): decodes by batch
@@ -110,6 +119,7 @@ class HardwareProfile:
     per_seq_overhead_s: float
     switch_overhead_s: float  # per weight load: allocation, remap, sync
     swap_overhead_s: float  # per KV swap batch
+    prefill_overhead_s: float = 0.0  # per step that prefills (an eager forward's launches), beyond step_overhead_s
 
     def step_time(self, spec: ModelSize, shape: StepShape) -> float:
         """Roofline without overlap (sum of memory and compute times): linear in `StepShape.features`."""
@@ -123,6 +133,7 @@ class HardwareProfile:
             s[2] * (spec.flops_per_token / self.gemm_flops_per_s + kv / self.hbm_bytes_per_s),
             s[3] * kv / self.hbm_bytes_per_s,
             s[4] * spec.attn_flops_per_pair / self.attn_flops_per_s,
+            s[5] * self.prefill_overhead_s,
         )
 
     def load_time(self, nbytes: float) -> float:
@@ -140,12 +151,12 @@ class MeasuredProfile(HardwareProfile):
     the measured linear fit, never below the base profile's physical roofline (a fit can carry negative terms
     outside the range it saw); a model it has no fit for gets the base profile's roofline."""
 
-    step_coef: dict = field(default_factory=dict)  # model -> per-unit (base s, s/seq, s/new token, s/ctx, s/pair)
+    step_coef: dict = field(default_factory=dict)  # model -> per-unit coefficients (STEP_COEF_KEYS' order)
 
     @staticmethod
     def from_cost_dict(d: dict, base: HardwareProfile) -> MeasuredProfile:
-        keys = ("base_s", "per_seq_s", "per_new_token_s", "per_ctx_token_s", "per_attn_pair_s")
-        coef = {m: tuple(float(v["coef"][k]) for k in keys) for m, v in d.get("step", {}).items()}
+        # (a fit saved before the prefill term has none: 0)
+        coef = {m: tuple(float(v["coef"].get(k, 0.0)) for k in STEP_COEF_KEYS) for m, v in d.get("step", {}).items()}
         load, swap = d.get("load", {}), d.get("swap", {})
         fields = {f: getattr(base, f) for f in HardwareProfile.__dataclass_fields__}
         fields["name"] = f"measured ({d.get('prior') or 'no prior'}, then fitted while running)"
@@ -207,7 +218,7 @@ class OnlineLinearFit:
 
     A pooled engine updates a fit after most steps (a step within 0.5% of its prediction is rare) and predicts
     several times per plan, so both run as C-level maps over flat lists -- P is one row-major list -- rather
-    than index loops (5 features: an update 8.0 -> 5.8 us, a prediction 0.6 -> 0.2 us; keeping P symmetric, see
+    than index loops (5 features then, 6 now: an update 8.0 -> 5.8 us, a prediction 0.6 -> 0.2 us; keeping P symmetric, see
     `update`, costs ~0.5 us more). P's update is the symmetric form P - h h^T (h = P x / sqrt(denom)), so P
     stays symmetric to the bit over any number of updates; a P that stops being a covariance anyway is reset
     to the prior's confidence * I, theta kept."""
@@ -328,7 +339,7 @@ class CostModel:
         key = shape_key(spec)
         fit = next((self._step[m] for m, k in self._key.items() if k == key), None)
         if fit is None:
-            prior = self.profile.step_coefficients(spec) if self.profile else (0.0,) * 5
+            prior = self.profile.step_coefficients(spec) if self.profile else (0.0,) * len(_FEATURE_SCALES)
             fit = OnlineLinearFit(prior, self._conf, clip=STEP_CLIP)
         self._key[spec.name], self._step[spec.name] = key, fit
         # no step is priced under its weights read once at the profile's HBM rate. (Coefficients may be negative:
@@ -349,7 +360,8 @@ class CostModel:
         return max(self._floor[model], self._step[model].predict(shape.features()))
 
     def step_coefficients(self, model: str) -> tuple[float, ...]:
-        """Fitted coefficients in per-unit terms: (base s, s/seq, s/new token, s/ctx token, s/attn pair)."""
+        """Fitted coefficients in per-unit terms: (base s, s/seq, s/new token, s/ctx token, s/attn pair, s/prefill
+        step)."""
         key = self._key[model]
         c = self._coef.get(key)
         if c is None:
@@ -392,8 +404,7 @@ class CostModel:
             "swap": {"overhead_s": self._swap.theta[0], "bytes_per_s": bw(self._swap), "samples": self._swap.n},
             "hidden_load_fraction": self.hidden_load_fraction,
             "step": {
-                m: {"coef": dict(zip(("base_s", "per_seq_s", "per_new_token_s", "per_ctx_token_s", "per_attn_pair_s"),
-                                     self.step_coefficients(m), strict=True)), "samples": f.n}
+                m: {"coef": dict(zip(STEP_COEF_KEYS, self.step_coefficients(m), strict=True)), "samples": f.n}
                 for m, f in self._step.items()
             },
         }

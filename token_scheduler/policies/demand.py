@@ -50,7 +50,7 @@ def prefill_s(st: PoolState, m: ModelState, limits: BatchLimits) -> float:
     if tokens == 0:
         return 0.0
     c = st.cost.step_coefficients(m.name)
-    return tokens * c[2] + pairs * c[4]
+    return tokens * c[2] + pairs * c[4] + max(0.0, c[5])  # (a prefilling step's fixed cost: its eager launches)
 
 
 def exposed_switch_s(st: PoolState, m: ModelState) -> float:
