@@ -49,6 +49,7 @@ class GpuSettings:
     host_cache_gb: float | None = None  # node-wide pinned host cache; None: 60% of the node's memory
     namespace: str = "tokenpool"  # workers of a node with the same namespace share host copies
     policy: str = "token"
+    plan_ahead: bool | None = None  # the policy plans step N+1 beside step N; None: $TOKENPOOL_PLAN_AHEAD
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> GpuSettings:
@@ -120,7 +121,7 @@ def _pooled(hm: HostedModels):
     s, b = hm.settings, hm.budget_bytes
     host = f"{s.host_cache_gb}GB" if s.host_cache_gb else 0.6
     return MultiModelEngine({}, policy=s.policy, device=hm.device, gpu_budget=b, kv_cache_gb=hm.kv_gb(b),
-                            host_budget=host, host_namespace=s.namespace)
+                            host_budget=host, host_namespace=s.namespace, plan_ahead=s.plan_ahead)
 
 
 def _read_host_copy(mm, cfg) -> None:

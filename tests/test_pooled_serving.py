@@ -36,8 +36,10 @@ def server(models, tmp_path_factory):
         "metrics_public": True,
         "workers": {"local": "cpu", "heartbeat_s": 0.2},
         "autoscaler": {"interval_s": 0.3},
-        # a 4 MiB arena: a 2 MiB KV region and ONE 2 MiB weight slot, for three 2 MiB models
-        "gpus": {"cpu_budget_gb": 4 * MiB / 1e9, "kv_cache_gb": 128 * PAGE / 1e9, "host_cache_namespace": ns},
+        # a 4 MiB arena: a 2 MiB KV region and ONE 2 MiB weight slot, for three 2 MiB models; the policy plans each
+        # step beside the one before (gpus.plan_ahead: the same tokens, checked below)
+        "gpus": {"cpu_budget_gb": 4 * MiB / 1e9, "kv_cache_gb": 128 * PAGE / 1e9, "host_cache_namespace": ns,
+                 "plan_ahead": True},
         "models": [{"name": n, "path": str(p), "slo": {"ttft_s": 30, "tpot_s": 5}} for n, p in models.items()],
     }
     with LiveServer(cfg, tmp_path_factory.mktemp("pooled")) as srv:
@@ -111,6 +113,7 @@ def test_concurrent_streams_to_three_models_over_budget_equal_each_model_alone(s
     e = _wait_pool(server, lambda e: e["pool"]["switches"] > 0)
     pool = e["pool"]
     assert pool["registered"] == sorted(models) and pool["switches"] > 0  # steps of different models interleaved
+    assert pool["counters"]["ahead_used"] > 0  # plans made beside the step before ran (gpus.plan_ahead)
     assert pool["vram"]["budget_bytes"] == 4 * MiB and len(pool["resident"]) + len(pool["prefetching"]) <= 1
     assert {m["state"] for m in pool["models"].values()} <= {"resident", "loading", "host"}
     assert all(r["state"] == "ready" for r in e["models"])

@@ -26,9 +26,9 @@ Two ways to hold the models:
 
 Request timing fields are the engine's (monotonic seconds), which is the policy's clock too.
 
-Plan-ahead (TOKENPOOL_PLAN_AHEAD=1, off by default): the policy's plan for step N+1 is made while step N's forward
-runs on the device -- in its `on_launch`, after the caller's own -- instead of while the device waits at the start
-of N+1. At N+1 that plan is used if it is still valid (`_take_ahead`), else the policy plans as without the flag.
+Plan-ahead (`plan_ahead=True`: a server's `gpus.plan_ahead`, by default $TOKENPOOL_PLAN_AHEAD, off): the policy's
+plan for step N+1 is made while step N's forward runs on the device -- in its `on_launch`, after the caller's own --
+instead of while the device waits at the start of N+1. At N+1 that plan is used if it is still valid (`_take_ahead`), else the policy plans as without the flag.
 `TokenPolicy.schedule` advances the policy's own state on every call (the turn's step count, the round's queue,
 new rounds), so an early plan that is not used is undone (`checkpoint`/`restore`) before the step plans again:
 the policy sees one schedule call per step either way. Only policies with `checkpoint` plan ahead.
@@ -90,7 +90,8 @@ class MultiModelEngine:
                  slos: dict[str, ModelSLO] | ModelSLO | None = None, device: str = "cpu",
                  cost: CostModel | None = None, policy_kw: dict | None = None, gpu_budget=None,
                  kv_cache_gb: float = 4.0, host_kv_gb: float | None = None, host_cache=None,
-                 host_budget="64GB", progress=None, host_namespace: str = "tokenpool", **engine_kwargs):
+                 host_budget="64GB", progress=None, host_namespace: str = "tokenpool", plan_ahead: bool | None = None,
+                 **engine_kwargs):
         self.device = device
         self.engine_kwargs = engine_kwargs
         self.progress = progress
@@ -155,6 +156,7 @@ class MultiModelEngine:
         # beside, when it was made), or None
         self._ahead: tuple | None = None
         self._can_plan_ahead = hasattr(self.policy, "checkpoint")
+        self.plan_ahead = PLAN_AHEAD if plan_ahead is None else plan_ahead  # (see the module docstring)
         # One tokenizer per model directory: aliases of a checkpoint share it (a large vocabulary takes ~0.5 s
         # to load; a restarted worker registers every model again). Loaded by `tokenizer()`, off the step
         # thread when the caller prepares a registration there.
@@ -506,7 +508,7 @@ class MultiModelEngine:
         if not plan.idle:
             eng = self.engines[plan.model]
             own = [r for r in plan.swap_out if r.model == plan.model]
-            ahead = (PLAN_AHEAD or PIPELINE) and self._can_plan_ahead
+            ahead = (self.plan_ahead or PIPELINE) and self._can_plan_ahead
             pipe = PIPELINE and self._can_plan_ahead
             # pipeline: a decode the runner can launch is queued, not read: kept in flight when the early plan (made
             # in the hook) continues it, read now otherwise
