@@ -304,7 +304,6 @@ def where_time_went(before: dict, after: dict, wall: float, gpus: int) -> dict:
     }
 
 
-
 def run_point(url: str, admin_token: str | None, names: list[str], rate: float, *, slo: ModelSLO, duration: float,
               drain_s: float, seed: int, vocab: int) -> dict:
     items = generate(names, rate, duration, seed=seed)

@@ -37,6 +37,10 @@ class StepShape:
     ctx_tokens: int  # KV tokens read, summed over sequences (decode: ~sum of lengths)
     attn_pairs: int = 0  # sum over sequences of new_tokens * context length (prefill's quadratic part)
 
+    @property
+    def prefills(self) -> bool:
+        return self.new_tokens > self.num_seqs
+
     def features(self) -> tuple[float, float, float, float, float, float]:
         # The last one: whether the step prefills. Its fixed cost is of another kind than a decode's: an eager
         # forward's ~250 launches, where a decode replays a graph (H200, 35 models served: ~20 ms of host time a
@@ -45,7 +49,7 @@ class StepShape:
         # at 12.7 ms for 22.6); the served fits there carried 0.44 ms a sequence where a decode's costs ~0.08 ms.
         s = _FEATURE_SCALES
         return (1.0, self.num_seqs / s[1], self.new_tokens / s[2], self.ctx_tokens / s[3], self.attn_pairs / s[4],
-                1.0 if self.new_tokens > self.num_seqs else 0.0)
+                1.0 if self.prefills else 0.0)
 
 
 # Kinds of step for the books of where a served step's time went (`MultiModelEngine._phases`): decodes by batch
@@ -56,9 +60,9 @@ PHASE_KEYS = tuple(f"ph_{k}_{x}" for k in PHASE_KINDS
 
 
 def phase_kind(shape: StepShape) -> str:
-    n = shape.num_seqs
-    if shape.new_tokens > n:
+    if shape.prefills:
         return "prefill"
+    n = shape.num_seqs
     return f"d{n}" if n <= 4 else "d5_8" if n <= 8 else "d9_16" if n <= 16 else "d17"
 
 

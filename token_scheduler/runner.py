@@ -104,9 +104,7 @@ class ModelRunner:
         # sees it, ~1.6-3.3 ms a projection on the H200 (diag_gpu prefill), so a prefill of a new token count paid
         # ~8 ms of host time before the rounding. On CUDA, but never on the HF-exact reference path.
         self.pad_rows = self.is_cuda
-        # Every step runs the fused kernels but an HF-exact prefill, which keeps the reference op sequence (its
-        # first-token logits follow HF's arithmetic op for op). A long prompt's prefill on the reference path was
-        # launch-bound: ~47 ms of host time for 768 tokens of a 1.5B on the H200 (diag_gpu prefill), ~40 ops a layer.
+        # the fused forward, on CUDA: every step runs it but an HF-exact prefill (`_forward_eager`)
         self.fwd_decode = llama.forward_fused if self.use_triton else llama.forward
         self.shared_graphs = graphs is not None
         self.graphs: dict = graphs if graphs is not None else {}
@@ -281,7 +279,8 @@ class ModelRunner:
                 meta.mixed = self._decode_meta(groups)
         # hf_exact_prefill: pure prefill follows HF's op sequence (bit-exact first-token logits on the H100).
         # Otherwise every step runs the fused kernels: on the reference path (~40 ops per layer, one SDPA per
-        # sequence) a prefill of a few short prompts was launch-bound, ~36 ms on the H100 for ~100 tokens.
+        # sequence) a prefill of a few short prompts was launch-bound, ~36 ms on the H100 for ~100 tokens, and one of
+        # 768 tokens of a 1.5B ~47 ms on the H200 (diag_gpu prefill).
         fwd = llama.forward if self.hf_exact_prefill and not meta.decode and meta.mixed_rows is None else self.fwd_decode
         hidden = fwd(self.cfg, self.weights, self.kv, self.rope, t(ids) if input_ids is None else input_ids,
                      t(pos), meta)
