@@ -4,7 +4,7 @@ made of it: registers, stack/local bytes (spills), shared memory, and whether it
 cuobjdump reads the resource usage.
 
     python -m load_tests.triton_offline rows    # gemv_rows as the 1.5B's batch-8 projections call it
-    python -m load_tests.triton_offline few     # kernel_lab.gemv_few
+    python -m load_tests.triton_offline few     # triton_gemv.gemv_few
 
 Pointers are marked 16-byte aligned (and the integers listed in `aligned` divisible by 16), as the runtime
 specialises them for torch's allocations: without that, no load is wide enough for an async copy and no loop is
@@ -70,15 +70,22 @@ def _rows(configs):
 
 
 def _few(configs):
-    from load_tests.kernel_lab import _gemv_few_kernel as fn
+    from token_scheduler.model import triton_gemv as g
 
-    types = {a: "*bf16" for a in ("X", "R", "NW", "XOUT", "W", "Y")}
-    types.update({"eps": "fp32", "M": "i32", "N": "i32"})
-    for name, k, mode, has_r in (("qkv", 1536, 1, True), ("down", 8960, 0, False)):
-        for bn, bk, nw in configs:
-            r = inspect_kernel(fn, types, dict(K=k, MODE=mode, HAS_R=has_r, M_PAD=8, BLOCK_N=bn, BLOCK_K=bk, PDL=True),
-                               aligned=("N",), num_warps=nw)
-            print(f"{name:8s} {(bn, bk, nw)} {r}", flush=True)
+    fn = g._gemv_few_kernel
+    types = {a: "*bf16" for a in ("X", "R", "NW", "XOUT", "W", "B", "Y", "KV")}
+    types.update({"COS": "*fp32", "SIN": "*fp32", "POS": "*i64", "SB": "*i64", "SO": "*i64", "eps": "fp32"})
+    types.update({a: "i32" for a in fn.arg_names if a not in types})
+    # qwen2-1.5b's projections as `_forward_gemv` calls them: (name, K, MODE, HAS_R, ROPE)
+    for m_pad in (2, 4, 8):
+        for name, k, mode, has_r, rope in (("qkv", 1536, 1, True, True), ("o", 1536, 0, False, False),
+                                           ("gate_up", 1536, 1, True, False), ("down", 8960, 2, False, False)):
+            for bn, bk, nw in configs:
+                c = dict(K=k, MODE=mode, HAS_R=has_r, HAS_B=rope, ROPE=rope, M_PAD=m_pad, BLOCK_N=bn, BLOCK_K=bk,
+                         PDL=True, H=12, KVH=2, D=128)
+                r = inspect_kernel(fn, types, c, aligned=("N", "s_kvb", "s_kvt", "s_kvh", "off_k", "off_v"),
+                                   num_warps=nw)
+                print(f"M_PAD {m_pad} {name:8s} {(bn, bk, nw)} {r}", flush=True)
 
 
 def main() -> None:
@@ -88,7 +95,7 @@ def main() -> None:
     if a.what == "rows":
         _rows([(16, 256, 4, 4), (64, 256, 4, 3), (16, 512, 8, 3), (64, 256, 8, 3)])
     else:
-        _few([(4, 128, 4), (8, 128, 4), (8, 128, 8), (16, 128, 8)])
+        _few([(4, 512, 8), (8, 512, 8), (2, 1024, 8), (16, 256, 8)])
 
 
 if __name__ == "__main__":
