@@ -476,7 +476,14 @@ def few_triton(model: str, batches: list[int], out: str | None = None) -> dict:
     from model_swapper.model_config import ModelConfig
     from token_scheduler.model import llama
     from token_scheduler.model import triton_ops as k
-    from token_scheduler.model.triton_gemv import MODE_NORM, MODE_SILU, RopeKV, few_config_for, few_pad, gemv_few
+    from token_scheduler.model.triton_gemv import (
+        MODE_NORM,
+        MODE_SILU,
+        RopeKV,
+        few_config_for,
+        few_pad,
+        gemv_few,
+    )
 
     cfg = ModelConfig.from_pretrained(model)
     pads = sorted({few_pad(m) for m in batches})
@@ -502,32 +509,34 @@ def few_triton(model: str, batches: list[int], out: str | None = None) -> dict:
             z = torch.zeros(3, m, dtype=torch.long, device=dev)
             rk = RopeKV(rope.cos, rope.sin, z[0], kvc, 1, z[1], z[2], H, KVH, D)
 
-            def ref(j):
-                w = ws[j % len(ws)]
-                if name == "qkv":
-                    y = F.linear(k.add_rms_norm(x.clone(), r, nw, 1e-6), w, bias)
-                    return k.rope_and_write_kv(y, rope.cos, rope.sin, z[0], kvc, 1, z[1], z[2], H, KVH, D)
-                if name == "gate_up":
-                    return F.linear(k.add_rms_norm(x.clone(), r, nw, 1e-6), w)
-                if name == "down":
-                    return F.linear(k.silu_mul(x), w)
-                return F.linear(x, w)
+            o = SimpleNamespace(name=name, ws=ws, x=x, r=r, nw=nw, bias=bias, rk=rk, z=z, kk=kk)
 
-            def few(j, c=None):
-                w = ws[j % len(ws)]
-                if name == "qkv":
-                    return gemv_few(x, w, bias, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, rope=rk, config=c)
-                if name == "gate_up":
-                    return gemv_few(x, w, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, config=c)
-                return gemv_few(x, w, mode=MODE_SILU if name == "down" else 0, config=c)
-            lin = _graph_us(lambda j: F.linear(x[:, :kk], ws[j % len(ws)]), reps)
+            def ref(j, o=o):
+                w = o.ws[j % len(o.ws)]
+                if o.name == "qkv":
+                    y = F.linear(k.add_rms_norm(o.x.clone(), o.r, o.nw, 1e-6), w, o.bias)
+                    return k.rope_and_write_kv(y, rope.cos, rope.sin, o.z[0], kvc, 1, o.z[1], o.z[2], H, KVH, D)
+                if o.name == "gate_up":
+                    return F.linear(k.add_rms_norm(o.x.clone(), o.r, o.nw, 1e-6), w)
+                if o.name == "down":
+                    return F.linear(k.silu_mul(o.x), w)
+                return F.linear(o.x, w)
+
+            def few(j, c=None, o=o):
+                w = o.ws[j % len(o.ws)]
+                if o.name == "qkv":
+                    return gemv_few(o.x, w, o.bias, mode=MODE_NORM, r=o.r, norm_w=o.nw, eps=1e-6, rope=o.rk, config=c)
+                if o.name == "gate_up":
+                    return gemv_few(o.x, w, mode=MODE_NORM, r=o.r, norm_w=o.nw, eps=1e-6, config=c)
+                return gemv_few(o.x, w, mode=MODE_SILU if o.name == "down" else 0, config=c)
+            lin = _graph_us(lambda j, o=o: F.linear(o.x[:, :o.kk], o.ws[j % len(o.ws)]), reps)
             base = _graph_us(ref, reps)
             res = []
             with k.pdl_rows(m):
                 default = _graph_us(few, reps)
                 for c in few_grid(mp):
                     try:
-                        res.append((_graph_us(lambda j, c=c: few(j, c), reps), c))
+                        res.append((_graph_us(lambda j, c=c, f=few: f(j, c), reps), c))
                     except Exception as e:  # noqa: BLE001 -- a config the compiler rejects
                         print("  skip", c, str(e).splitlines()[0][:80], flush=True)
             res.sort()
