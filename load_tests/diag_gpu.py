@@ -8,16 +8,13 @@
 - `step`: the engine's decode step per batch size under each kernel launch variant (programmatic dependent
   launch, the one-token GEMVs, the small-batch GEMVs, RoPE in the qkv GEMV, GEMV block configs, the attention's
   split count).
-- `few-triton`: the few-token GEMV (2..8 tokens) over block configs, per projection, against cuBLAS plus the
-  elementwise kernels it folds in; writes the best config per shape (`--few-configs`) for `step`'s "few tuned".
 - `step-sweep`: the GEMV block configs tuned by the decode graph's replay time, one projection at a time: the
   one-token kernel's at batch 1, the small-batch kernel's (for that batch's padded row count) above.
 
     python -m load_tests.diag_gpu kv
     python -m load_tests.diag_gpu gemv --model DIR
     python -m load_tests.diag_gpu gemv-triton --model DIR
-    python -m load_tests.diag_gpu few-triton --model DIR --batch 2,4,8 --few-configs few.json
-    python -m load_tests.diag_gpu step --model DIR --batch 1,2,4,8,16,32 [--few-configs few.json]
+    python -m load_tests.diag_gpu step --model DIR --batch 1,2,4,8,16,32
     python -m load_tests.diag_gpu step-sweep --model DIR [--batch 8]
 """
 
@@ -279,8 +276,7 @@ class _StepTimer:
                 self.eng.abort_request(rid)
 
 
-def step(model: str, batches: list[int], context: int = 512, only: list[str] | None = None,
-         few_configs: str | None = None) -> None:
+def step(model: str, batches: list[int], context: int = 512, only: list[str] | None = None) -> None:
     """The engine's decode step (median call time and graph replay) at each batch size, under each variant of
     the decode kernel options (the defaults, then one change at a time). One engine; each variant re-captures
     the graphs it times."""
@@ -288,21 +284,13 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
 
     timed = _StepTimer(model, max(batches), context)
     defaults = (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
-                triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER, llama.USE_FEW,
-                triton_gemv._FEW_CONFIGS)
-    tuned = {}
-    if few_configs:  # few_triton's JSON: "N,K,M_PAD" -> [BLOCK_N, BLOCK_K, num_warps]
-        import json
-
-        with open(few_configs) as f:
-            tuned = {tuple(map(int, key.split(","))): tuple(c) for key, c in json.load(f).items()}
+                triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER)
     # the qwen2-1.5b GEMV block configs tuned without PDL, one projection at a time (before step-sweep)
     old_cfgs = {(2048, 1536): (8, 512, 8), (1536, 1536): (2, 512, 4), (17920, 1536): (16, 512, 8),
                 (1536, 8960): (4, 1024, 8)}
     # name, then what it changes from the defaults
     variants = [("default", {}), ("no pdl", {"pdl": False}), ("no gemv", {"gemv": False}),
-                ("small-batch gemv", {"max_rows": 32}), ("few", {"few": True}),
-                ("few tuned", {"few": True, "few_cfgs": {**defaults[9], **tuned}}), ("attn 2 blocks", {"nbi": 2}), ("attn 4 blocks", {"nbi": 4}),
+                ("small-batch gemv", {"max_rows": 32}), ("attn 2 blocks", {"nbi": 2}), ("attn 4 blocks", {"nbi": 4}),
                 ("attn 8 blocks", {"nbi": 8}),
                 ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}), ("splits 16", {"splits": 16}),
                 ("no pdl, gemv any size", {"pdl": False, "max_hidden": 1 << 30}), ("default again", {})]
@@ -315,15 +303,13 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
         triton_decode.num_splits_for = (lambda *_a, s=v["splits"], **_k: s) if "splits" in v else defaults[5]
         llama.GEMV_MAX_ROWS = v.get("max_rows", defaults[6])
         triton_decode.BLOCKS_PER_ITER = v.get("nbi", defaults[7])
-        llama.USE_FEW, triton_gemv._FEW_CONFIGS = v.get("few", defaults[8]), v.get("few_cfgs", defaults[9])
         line = f"{name:22s}"
         for b in batches:
             d = timed(b, 40)
             line += f" | b{b}: step {d['step_ms_median']:.3f} ms, replay {d['graph_replay_ms']:.3f} ms"
         print(line, flush=True)
     (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
-     triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER, llama.USE_FEW,
-     triton_gemv._FEW_CONFIGS) = defaults
+     triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER) = defaults
 
 
 def step_sweep(model: str, batch: int = 1, context: int = 512) -> None:
@@ -443,120 +429,8 @@ def _compile_rows(model: str, m: int, configs: list) -> int:
     return _run_all(calls, m, a.dev)
 
 
-def _compile_few(model: str, m: int, configs: list) -> int:
-    """`_compile_rows` for `gemv_few`'s configs, each projection as `_forward_gemv` calls it (RoPE epilogue on qkv,
-    the norm on qkv and gate_up, SiLU*mul in down's prologue)."""
-    from token_scheduler.model.triton_gemv import MODE_NORM, MODE_SILU, gemv_few
-
-    a = _projection_inputs(model, m)
-    norm = dict(mode=MODE_NORM, r=a.r, norm_w=a.nw, eps=1e-6)
-    gu = torch.randn(m, 2 * a.xd.shape[1], device=a.dev, dtype=a.xd.dtype)
-    calls = [call for c in configs for call in (
-        lambda c=c: gemv_few(a.x, a.wq, a.bq, **norm, rope=a.rk, config=c),
-        lambda c=c: gemv_few(a.x, a.wq, a.bq, mode=MODE_NORM, norm_w=a.nw, eps=1e-6, rope=a.rk, config=c),
-        lambda c=c: gemv_few(a.xo, a.wo, config=c), lambda c=c: gemv_few(a.x, a.wgu, **norm, config=c),
-        lambda c=c: gemv_few(gu, a.wd, mode=MODE_SILU, config=c))]
-    return _run_all(calls, m, a.dev)
-
-
-def few_grid(m_pad: int) -> list[tuple[int, int, int]]:
-    """`gemv_few` configs whose partial products stay within 64 fp32 registers a thread."""
-    return [(bn, bk, nw) for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for nw in (4, 8)
-            if m_pad * bn * bk <= 64 * 32 * nw]
-
-
-def few_triton(model: str, batches: list[int], out: str | None = None) -> dict:
-    """The few-token GEMV (`gemv_few`, 2..8 tokens) one projection at a time, as the decode graph calls it (under
-    programmatic dependent launch, each kernel overlapping the one before; weights rotating over copies totalling
-    >= 400 MB so L2 holds none), over a grid of block configs, against cuBLAS with the elementwise kernels the
-    GEMV folds in (add+RMSNorm before qkv and gate_up, RoPE+KV write after qkv, SiLU*mul before down). The best
-    config per (N, K, M_PAD) is printed and, with `out`, written as JSON (`step --few-configs` replays them)."""
-    import json
-
-    from model_swapper.model_config import ModelConfig
-    from token_scheduler.model import llama
-    from token_scheduler.model import triton_ops as k
-    from token_scheduler.model.triton_gemv import (
-        MODE_NORM,
-        MODE_SILU,
-        RopeKV,
-        few_config_for,
-        few_pad,
-        gemv_few,
-    )
-
-    cfg = ModelConfig.from_pretrained(model)
-    pads = sorted({few_pad(m) for m in batches})
-    for mp in pads:
-        _precompile(_compile_few, model, mp, few_grid(mp))
-    h, i, H, KVH, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    nqkv = cfg.q_size + 2 * cfg.kv_size
-    dt, dev = torch.bfloat16, "cuda"
-    rope = llama.RopeCache.build(cfg, 64, dev)
-    kvc = torch.zeros(16, cfg.num_layers, 2, 16, KVH, D, device=dev, dtype=dt)
-    best = {}
-    for name, (n, kk) in {"qkv": (nqkv, h), "o": (h, cfg.q_size), "gate_up": (2 * i, h), "down": (h, i)}.items():
-        nbytes = n * kk * 2
-        copies = max(2, min(64, -(-400_000_000 // nbytes)))
-        ws = [torch.randn(n, kk, device=dev, dtype=dt) * 0.02 for _ in range(copies)]
-        bias = torch.randn(n, device=dev, dtype=dt) if name == "qkv" and cfg.qkv_bias else None
-        reps = copies * max(1, 64 // copies)
-        for m in batches:
-            mp = few_pad(m)
-            x = torch.randn(m, 2 * kk if name == "down" else kk, device=dev, dtype=dt)
-            r = torch.randn(m, kk, device=dev, dtype=dt)
-            nw = torch.ones(kk, device=dev, dtype=dt)
-            z = torch.zeros(3, m, dtype=torch.long, device=dev)
-            rk = RopeKV(rope.cos, rope.sin, z[0], kvc, 1, z[1], z[2], H, KVH, D)
-
-            o = SimpleNamespace(name=name, ws=ws, x=x, r=r, nw=nw, bias=bias, rk=rk, z=z, kk=kk)
-
-            def ref(j, o=o):
-                w = o.ws[j % len(o.ws)]
-                if o.name == "qkv":
-                    y = F.linear(k.add_rms_norm(o.x.clone(), o.r, o.nw, 1e-6), w, o.bias)
-                    return k.rope_and_write_kv(y, rope.cos, rope.sin, o.z[0], kvc, 1, o.z[1], o.z[2], H, KVH, D)
-                if o.name == "gate_up":
-                    return F.linear(k.add_rms_norm(o.x.clone(), o.r, o.nw, 1e-6), w)
-                if o.name == "down":
-                    return F.linear(k.silu_mul(o.x), w)
-                return F.linear(o.x, w)
-
-            def few(j, c=None, o=o):
-                w = o.ws[j % len(o.ws)]
-                if o.name == "qkv":
-                    return gemv_few(o.x, w, o.bias, mode=MODE_NORM, r=o.r, norm_w=o.nw, eps=1e-6, rope=o.rk, config=c)
-                if o.name == "gate_up":
-                    return gemv_few(o.x, w, mode=MODE_NORM, r=o.r, norm_w=o.nw, eps=1e-6, config=c)
-                return gemv_few(o.x, w, mode=MODE_SILU if o.name == "down" else 0, config=c)
-            lin = _graph_us(lambda j, o=o: F.linear(o.x[:, :o.kk], o.ws[j % len(o.ws)]), reps)
-            base = _graph_us(ref, reps)
-            res = []
-            with k.pdl_rows(m):
-                default = _graph_us(few, reps)
-                for c in few_grid(mp):
-                    try:
-                        res.append((_graph_us(lambda j, c=c, f=few: f(j, c), reps), c))
-                    except Exception as e:  # noqa: BLE001 -- a config the compiler rejects
-                        print("  skip", c, str(e).splitlines()[0][:80], flush=True)
-            res.sort()
-            if res and res[0][0] < default:
-                best[f"{n},{kk},{mp}"] = list(res[0][1])
-            print(f"{name:8s} {n}x{kk} M={m} ({nbytes / 1e6:.1f} MB, floor {nbytes / 4.25e6:.2f} us): cuBLAS "
-                  f"{lin:.2f} us, +elementwise {base:.2f} us, few default {few_config_for(n, kk, mp)} {default:.2f} us"
-                  + "".join(f"\n    few {c} {us:.2f} us {nbytes / us / 1e3:.0f} GB/s" for us, c in res[:3]),
-                  flush=True)
-        del ws
-        torch.cuda.empty_cache()
-    print("BEST", json.dumps(best))
-    if out:
-        with open(out, "w") as f:
-            json.dump(best, f)
-    return best
-
-
 def _precompile(worker, model: str, m: int, grid: list, procs: int = 8) -> None:
-    """Compile a sweep's configs in `procs` processes first (`worker`: `_compile_rows` or `_compile_few`): one
+    """Compile a sweep's configs in `procs` processes first (`worker`: `_compile_rows`): one
     compile is about a second, and the sweep then only captures and times."""
     import concurrent.futures
     import multiprocessing
@@ -624,19 +498,15 @@ def prefill(model: str, reps: int = 12) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["kv", "gemv", "gemv-triton", "rows-triton", "few-triton", "step", "step-sweep",
-                                     "prefill"])
+    ap.add_argument("what", choices=["kv", "gemv", "gemv-triton", "rows-triton", "step", "step-sweep", "prefill"])
     ap.add_argument("--model")
     ap.add_argument("--variants", help="step: only these variants, comma-separated (e.g. 'default,no pdl')")
     ap.add_argument("--batch", help="step: batch sizes (default 1,8); step-sweep: one batch size (default 1)")
     ap.add_argument("--context", type=int, default=512, help="step, step-sweep: each sequence's context")
-    ap.add_argument("--few-configs", help="few-triton: write the best configs here (JSON); step: the 'few tuned' "
-                    "variant's configs")
     a = ap.parse_args()
     {"kv": kv, "gemv": lambda: gemv(a.model), "gemv-triton": lambda: gemv_triton(a.model),
      "step": lambda: step(a.model, [int(b) for b in (a.batch or "1,8").split(",")], a.context,
-                         only=a.variants.split(",") if a.variants else None, few_configs=a.few_configs),
-     "few-triton": lambda: few_triton(a.model, [int(b) for b in (a.batch or "2,4,8").split(",")], a.few_configs),
+                         only=a.variants.split(",") if a.variants else None),
      "step-sweep": lambda: step_sweep(a.model, int(a.batch or 1), a.context),
      "prefill": lambda: prefill(a.model),
      "rows-triton": lambda: rows_triton(a.model, [int(b) for b in (a.batch or "8,32").split(",")])}[a.what]()

@@ -4,7 +4,6 @@ made of it: registers, stack/local bytes (spills), shared memory, and whether it
 cuobjdump reads the resource usage.
 
     python -m load_tests.triton_offline rows    # gemv_rows as the 1.5B's batch-8 projections call it
-    python -m load_tests.triton_offline few     # triton_gemv.gemv_few
 
 Pointers are marked 16-byte aligned (and the integers listed in `aligned` divisible by 16), as the runtime
 specialises them for torch's allocations: without that, no load is wide enough for an async copy and no loop is
@@ -69,33 +68,11 @@ def _rows(configs):
             print(f"{name:8s} {(bn, bk, nw, ns)} {r}", flush=True)
 
 
-def _few(configs):
-    from token_scheduler.model import triton_gemv as g
-
-    fn = g._gemv_few_kernel
-    types = {a: "*bf16" for a in ("X", "R", "NW", "XOUT", "W", "B", "Y", "KV")}
-    types.update({"COS": "*fp32", "SIN": "*fp32", "POS": "*i64", "SB": "*i64", "SO": "*i64", "eps": "fp32"})
-    types.update({a: "i32" for a in fn.arg_names if a not in types})
-    # qwen2-1.5b's projections as `_forward_gemv` calls them: (name, K, MODE, HAS_R, ROPE)
-    for m_pad in (2, 4, 8):
-        for name, k, mode, has_r, rope in (("qkv", 1536, 1, True, True), ("o", 1536, 0, False, False),
-                                           ("gate_up", 1536, 1, True, False), ("down", 8960, 2, False, False)):
-            for bn, bk, nw in configs:
-                c = dict(K=k, MODE=mode, HAS_R=has_r, HAS_B=rope, ROPE=rope, M_PAD=m_pad, BLOCK_N=bn, BLOCK_K=bk,
-                         PDL=True, H=12, KVH=2, D=128)
-                r = inspect_kernel(fn, types, c, aligned=("N", "s_kvb", "s_kvt", "s_kvh", "off_k", "off_v"),
-                                   num_warps=nw)
-                print(f"M_PAD {m_pad} {name:8s} {(bn, bk, nw)} {r}", flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["rows", "few"])
-    a = ap.parse_args()
-    if a.what == "rows":
-        _rows([(16, 256, 4, 4), (64, 256, 4, 3), (16, 512, 8, 3), (64, 256, 8, 3)])
-    else:
-        _few([(4, 512, 8), (8, 512, 8), (2, 1024, 8), (16, 256, 8)])
+    ap.add_argument("what", choices=["rows"])
+    ap.parse_args()
+    _rows([(16, 256, 4, 4), (64, 256, 4, 3), (16, 512, 8, 3), (64, 256, 8, 3)])
 
 
 if __name__ == "__main__":

@@ -221,12 +221,10 @@ def _decode_batch(rows: int, real: int):
     return ids, pos.cuda(), meta, scratch + 1
 
 
-@pytest.mark.parametrize("arch,path,rows,real", [(a, p, 8, 6) for a in ("qwen2", "qwen3", "llama") for p in ("rows", "few")]
-                         + [("qwen2", "few", 4, 3), ("qwen2", "few", 2, 2)])
-def test_small_batch_gemv_forward_equals_cublas_forward(make_varied, arch, path, rows, real, monkeypatch):
-    """A small decode step (e.g. 8 rows: 6 sequences, 2 padded) through the small-batch GEMVs (`gemv_rows`'s
-    tl.dot, or `gemv_few` on the CUDA cores): the hidden state and the K/V written of the cuBLAS path, within bf16
-    rounding."""
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+def test_small_batch_gemv_forward_equals_cublas_forward(make_varied, arch, monkeypatch):
+    """A decode step of 8 rows (6 sequences, 2 padded) through the small-batch GEMVs: the hidden state and the
+    K/V written of the cuBLAS path, within bf16 rounding."""
     from model_swapper.model_config import ModelConfig
     from model_swapper.weights import load_weights
     from token_scheduler.model import llama
@@ -236,13 +234,12 @@ def test_small_batch_gemv_forward_equals_cublas_forward(make_varied, arch, path,
     cfg = ModelConfig.from_pretrained(d)
     w = load_weights(d, cfg, "cuda", torch.bfloat16)
     rope = llama.RopeCache.build(cfg, 256, "cuda")
-    ids, pos, meta, blocks = _decode_batch(rows, real)
+    ids, pos, meta, blocks = _decode_batch(8, 6)
     kv = allocate_kv_cache(cfg, blocks, 16, torch.bfloat16, "cuda")
     kv.normal_()
     outs = []
-    for on in (False, True):
-        monkeypatch.setattr(llama, "GEMV_MAX_ROWS", 32 if on and path == "rows" else 0)
-        monkeypatch.setattr(llama, "USE_FEW", on and path == "few")
+    for max_rows in (0, 32):
+        monkeypatch.setattr(llama, "GEMV_MAX_ROWS", max_rows)
         kv1 = kv.clone()
         h = llama.forward_fused(cfg, w, kv1, rope, ids, pos, meta)
         outs.append((h, kv1[meta.slot_blocks, :, :, meta.slot_offsets]))  # every row's new K and V
@@ -252,8 +249,8 @@ def test_small_batch_gemv_forward_equals_cublas_forward(make_varied, arch, path,
     assert not torch.equal(kv1, kv[meta.slot_blocks, :, :, meta.slot_offsets])
 
 
-@pytest.mark.parametrize("rows,real,few", [(1, 1, False), (8, 6, False), (4, 3, True)])
-def test_pdl_graph_replay_is_bit_exact(make_varied, monkeypatch, rows, real, few):
+@pytest.mark.parametrize("rows,real", [(1, 1), (8, 6)])
+def test_pdl_graph_replay_is_bit_exact(make_varied, monkeypatch, rows, real):
     """Programmatic dependent launch changes no arithmetic: a decode step (one token, or a padded small batch
     through the small-batch GEMVs) captured with it in a CUDA graph and replayed gives the hidden state and KV
     of plain eager launches bit for bit, replay after replay (a kernel reading before its wait would show as a
@@ -270,8 +267,7 @@ def test_pdl_graph_replay_is_bit_exact(make_varied, monkeypatch, rows, real, few
     ids, pos, meta, blocks = _decode_batch(rows, real)
     kv = allocate_kv_cache(cfg, blocks, 16, torch.bfloat16, "cuda")
     kv.normal_()
-    monkeypatch.setattr(llama, "GEMV_MAX_ROWS", 0 if few else 32)  # a small-batch path (off by default)
-    monkeypatch.setattr(llama, "USE_FEW", few)
+    monkeypatch.setattr(llama, "GEMV_MAX_ROWS", 32)  # the small-batch path (off by default)
     monkeypatch.setattr(triton_ops, "USE_PDL", False)
     ref_kv = kv.clone()
     ref = llama.forward_fused(cfg, w, ref_kv, rope, ids, pos, meta)

@@ -132,64 +132,6 @@ def test_gemv_rows_modes_match_eager_ops_in_the_interpreter():
     _interpret(ROWS)
 
 
-FEW = """
-import torch, torch.nn.functional as F
-from token_scheduler.model.triton_gemv import FEW_MAX, MODE_NORM, MODE_SILU, RopeKV, gemv_few
-from token_scheduler.model.triton_ops import rope_and_write_kv
-torch.manual_seed(0)
-N, K = 70, 200  # neither a multiple of the blocks: masked edges on both axes
-w, b, nw = torch.randn(N, K), torch.randn(N), torch.randn(K)
-def close(a, ref):
-    return (a - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
-def norm(x):
-    return nw * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
-H, KVH, D, L, BS = 4, 2, 16, 3, 4
-wq, bq = torch.randn((H + 2 * KVH) * D, K), torch.randn((H + 2 * KVH) * D)
-cos, sin = torch.randn(64, D), torch.randn(64, D)
-for M in (2, 3, FEW_MAX):  # 3: a padded row
-    x, r = torch.randn(M, K), torch.randn(M, K)
-    y, none = gemv_few(x, w, b, config=(8, 64, 4))
-    assert y.shape == (M, N) and none is None and close(y, F.linear(x, w, b))
-    y, xo = gemv_few(x, w, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, config=(16, 128, 4))
-    assert torch.equal(xo, x + r) and close(y, F.linear(norm(x + r), w))
-    y, none = gemv_few(x, w, b, mode=MODE_NORM, norm_w=nw, eps=1e-6, config=(4, 128, 4))  # no residual add
-    assert none is None and close(y, F.linear(norm(x), w, b))
-    gu = torch.randn(M, 2 * K)  # down: SiLU*mul of (gate; up) in the prologue, as the one-token kernel
-    y, _ = gemv_few(gu, w, mode=MODE_SILU, config=(4, 64, 4))
-    assert close(y, F.linear(F.silu(gu[:, :K]) * gu[:, K:], w))
-    # RoPE in the qkv projection's epilogue, each row at its own position and cache slot: exactly as the
-    # projection followed by rope_and_write_kv
-    pos = torch.randint(0, 64, (M,))
-    slots = torch.randperm(7 * BS)[:M]
-    sb, so = slots // BS, slots % BS
-    for bias, cfg in ((bq, (8, 64, 4)), (None, (2, 128, 4)), (None, (64, 64, 4))):  # 64 rows: capped at D
-        kv_ref, kv = torch.zeros(7, L, 2, BS, KVH, D), torch.zeros(7, L, 2, BS, KVH, D)
-        qkv, xo_ref = gemv_few(x, wq, bias, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, config=cfg)
-        q_ref = rope_and_write_kv(qkv, cos, sin, pos, kv_ref, 1, sb, so, H, KVH, D)
-        q, xo = gemv_few(x, wq, bias, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, config=cfg,
-                         rope=RopeKV(cos, sin, pos, kv, 1, sb, so, H, KVH, D))
-        assert q.shape == (M, H, D) and torch.equal(xo, xo_ref)
-        assert torch.equal(q, q_ref.view(M, H, D)) and torch.equal(kv, kv_ref), cfg
-        written = torch.zeros(7, BS, dtype=torch.bool)
-        written[sb, so] = True
-        assert (kv[:, 1].abs().sum((1, 3, 4)) > 0).equal(written) and kv[:, [0, 2]].abs().sum() == 0  # those only
-for bad in (dict(x=torch.randn(FEW_MAX + 1, K)), dict(x=torch.randn(2, K), mode=MODE_SILU),
-            dict(x=torch.randn(2, K), r=torch.randn(2, K))):
-    try:
-        gemv_few(bad.pop("x"), w, **bad)
-        raise SystemExit(f"{bad} must raise")
-    except ValueError:
-        pass
-print("ok")
-"""
-
-
-def test_gemv_few_modes_match_eager_ops_in_the_interpreter():
-    """The few-token GEMV (2..8 tokens on the CUDA cores): each weight tile against every row, with the one-token
-    kernel's folds per row (norm, SiLU*mul prologue, RoPE+KV write epilogue)."""
-    _interpret(FEW)
-
-
 def test_pdl_rows_widens_programmatic_dependent_launch_to_its_steps(monkeypatch):
     """Kernels over one row launch with PDL (where capable); over more rows only inside `pdl_rows`."""
     pytest.importorskip("triton")

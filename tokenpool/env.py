@@ -35,8 +35,6 @@ GEMV = Var("TOKENPOOL_GEMV", "1", "0: one-token steps (and small batches) throug
            "GEMVs (A/B runs)")
 GEMV_ROWS = Var("TOKENPOOL_GEMV_ROWS", "0", "steps of up to this many tokens (at most 32) run their projections "
                 "as Triton GEMVs too (the small-batch kernels; off: slower than cuBLAS until tuned, see llama.py)")
-GEMV_FEW = Var("TOKENPOOL_GEMV_FEW", "0", "1: steps of 2 to 8 tokens run their projections as the few-token Triton "
-               "GEMVs (token_scheduler/model/triton_gemv.py gemv_few; see llama.py)")
 ATTN_BLOCKS_PER_ITER = Var("TOKENPOOL_ATTN_BLOCKS_PER_ITER", "1", "cache blocks the Triton paged-decode kernel "
                            "reads an iteration (1, 2, 4 or 8; see token_scheduler/model/triton_decode.py)")
 PDL = Var("TOKENPOOL_PDL", "1", "0: launch kernels without programmatic dependent launch (A/B runs)")

@@ -21,9 +21,6 @@
 #            (LIMIT_ROWS_SWEEP); ROWS_V: the variants; ROWS_PROF_B: batches to profile (profile_decode, rows path on);
 #            ROWS_SWEEPS: "q15:8 q7:8" (model:batch) sweeps, LIMIT_ROWS_SWEEP s each; ROWS_TRITON: "q15 q7", each
 #            projection alone at batches 8 and 32 (diag_gpu rows-triton: cuBLAS vs gemv_rows, with and without the norm)
-#   few      issue 20: the few-token GEMV (gemv_few, 2..8 tokens): its GPU tests, then per model in FEW_MODELS (default
-#            "q15 q7") diag_gpu few-triton (each projection over a grid, best configs to few_<m>.json) and diag_gpu step
-#            at FEW_B (default 1,2,4,8) for "default,few,few tuned" (the tuned: those JSON configs)
 #   attn     issue 20: the paged-decode kernel's cache blocks an iteration (1, 2, 4, 8), diag_gpu step at ATTN_B (1,8,32)
 #            and contexts ATTN_CTX (512 2048), both models
 #   swap     issue 20: bench swap on the 7B (a decode beside a 7B prefetch, cold load into the host cache, swap-in)
@@ -111,18 +108,6 @@ rows) M=/tmp/mm; mkdir -p $M
     timeout "${LIMIT_ROWS_SWEEP:-60}" python3 -m load_tests.diag_gpu step-sweep --model $M/$m --batch $b \
       > "$OUT/rows_sweep_${m}_b$b.log" 2>&1; at "rows sweep $m b$b" $?
     grep -E "^precompiled|^[a-z_]+ \(|^BEST|^start" "$OUT/rows_sweep_${m}_b$b.log"; done ;;
-few) M=/tmp/mm; mkdir -p $M
-  for sz in 1.5b 7b; do d=$M/q$(echo $sz | tr -d .b); [ -f $d/config.json ] || python3 -m controller.cli make-model \
-      --arch qwen2 --size $sz --out $d >> "$OUT/make.log" 2>&1; done
-  timeout "${LIMIT_FEW_TESTS:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py -k "small_batch or pdl" \
-    > "$OUT/few_tests.log" 2>&1; at "few tests" $?; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/few_tests.log" | tail -8
-  for m in ${FEW_MODELS:-q15 q7}; do
-    timeout "${LIMIT_FEW:-150}" python3 -m load_tests.diag_gpu few-triton --model $M/$m --batch 2,4,8 \
-      --few-configs "$OUT/few_$m.json" > "$OUT/few_triton_$m.log" 2>&1; at "few-triton $m" $?
-    grep -vE "^  skip" "$OUT/few_triton_$m.log" | cut -c1-220
-    timeout "${LIMIT_FEW_STEP:-120}" python3 -m load_tests.diag_gpu step --model $M/$m --batch "${FEW_B:-1,2,4,8}" \
-      --variants "default,few,few tuned" --few-configs "$OUT/few_$m.json" > "$OUT/few_step_$m.log" 2>&1
-    at "few step $m" $?; grep -E "b1:|Error" "$OUT/few_step_$m.log" | cut -c1-400; done ;;
 attn) M=/tmp/mm; mkdir -p $M
   for sz in 1.5b 7b; do d=$M/q$(echo $sz | tr -d .b); [ -f $d/config.json ] || python3 -m controller.cli make-model \
       --arch qwen2 --size $sz --out $d >> "$OUT/make.log" 2>&1; done

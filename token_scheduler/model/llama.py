@@ -143,8 +143,7 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
     _fresh(meta)
     x = F.embedding(input_ids, w["embed"])
     T = input_ids.shape[0]
-    gemv_rows_max = max(1, GEMV_MAX_ROWS, FEW_MAX if USE_FEW else 0)
-    if USE_GEMV and T <= gemv_rows_max and (cfg.hidden_size <= GEMV_MAX_HIDDEN or k.pdl_capable(x)):
+    if USE_GEMV and T <= max(1, GEMV_MAX_ROWS) and (cfg.hidden_size <= GEMV_MAX_HIDDEN or k.pdl_capable(x)):
         with k.pdl_rows(T):
             return _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta)
     H, KVH, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
@@ -181,19 +180,14 @@ USE_GEMV = env.GEMV.on()
 GEMV_MAX_HIDDEN = 2048  # without programmatic dependent launch
 GEMV_ROPE = True  # RoPE+KV write in the qkv GEMV's epilogue (False: the separate kernel; for A/B runs)
 GEMV_MAX_ROWS = int(env.GEMV_ROWS.get())
-# 2..FEW_MAX tokens: `gemv_few`, the one-token kernel's broadcast multiply with a token axis (not tl.dot), with the
-# same folds as one token (SiLU*mul in down's prologue). TOKENPOOL_GEMV_FEW=1: on.
-USE_FEW = env.GEMV_FEW.on()
-FEW_MAX = 8  # triton_gemv.FEW_MAX (not imported here: Triton is imported only on the CUDA path)
 
 
 def _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata) -> torch.Tensor:
     from token_scheduler.model import triton_ops as k
-    from token_scheduler.model.triton_gemv import MODE_NORM, MODE_SILU, RopeKV, gemv, gemv_few, gemv_rows
+    from token_scheduler.model.triton_gemv import MODE_NORM, MODE_SILU, RopeKV, gemv, gemv_rows
 
     T = x.shape[0]
-    few = USE_FEW and 1 < T <= FEW_MAX
-    proj = gemv if T == 1 else gemv_few if few else gemv_rows
+    proj = gemv if T == 1 else gemv_rows
     H, KVH, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     r = None  # the residual stream is x + r: each add is folded into the next normed projection
     for n in range(cfg.num_layers):
@@ -213,9 +207,9 @@ def _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata)
             q = k.rope_and_write_kv(qkv, rope.cos, rope.sin, positions, kv_cache, n, meta.slot_blocks,
                                     meta.slot_offsets, H, KVH, D)
         o, _ = proj(attend(q, kv_cache, n, meta, cfg).reshape(T, H * D), w[p + "o"])
-        if T == 1 or few:
-            gu, x = proj(x, w[p + "gate_up"], mode=MODE_NORM, r=o, norm_w=w[p + "ln2"], eps=eps)
-            r, _ = proj(gu, w[p + "down"], mode=MODE_SILU)
+        if T == 1:
+            gu, x = gemv(x, w[p + "gate_up"], mode=MODE_NORM, r=o, norm_w=w[p + "ln2"], eps=eps)
+            r, _ = gemv(gu, w[p + "down"], mode=MODE_SILU)
         else:  # SiLU*mul in gate_up's epilogue (see triton_gemv)
             act, x = gemv_rows(x, w[p + "gate_up"], mode=MODE_NORM, r=o, norm_w=w[p + "ln2"], eps=eps, glu=True)
             r, _ = gemv_rows(act, w[p + "down"])

@@ -15,6 +15,14 @@ H200 at 0ca23f1 (`diag_gpu step`): qwen2-7b batch 1 3.96 -> 4.29 ms, qwen2-1.5b 
 small-batch path 2.18 -> 4.01 ms (1.5B batch 8): the first pass leaves x and r in L1, where the main loop's
 input loads, which are not pipelined like the weight tiles, then hit.
 
+The same broadcast multiply with a token axis for 2-8 tokens (the one-token kernel's folds per row, partial
+products [M, BLOCK_N, BLOCK_K]) measured slower than cuBLAS in the decode graph on the H200 at d8ac9e9 at every
+batch, tuned per shape (`bench/results/small_batch_few_gemv_h200_d8ac9e9.json`): qwen2-1.5b batch 2/4/8 1.83/2.47/
+4.08 ms against 1.62/1.65/1.66, qwen2-7b 6.28/8.19/15.9 against 4.30/4.35/4.48. The per-tile input prologue (x + r,
+the norm weight, rounding) is redone for each token and amortised over only BLOCK_N weight rows, which with M FMAs
+a weight element makes it instruction-bound (1.5B gate_up at 2 tokens 28.8 us against cuBLAS+norm 20.8); it won
+only the small 1.5B projections alone (o 2.9 against 6.1 us). Removed; not to be tried again in that form.
+
 Rounding follows the eager ops (`forward`): the residual sum, the normalised vector, its product with the
 norm weight, silu and the product with `up` are each rounded to the model dtype; the dot product itself is
 summed in fp32 in another order than cuBLAS, so results match the eager path to rounding, not bit for bit
@@ -404,142 +412,4 @@ def gemv_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
         HAS_B=bias is not None, EPI=1 if rope is not None else 2 if glu else 0, M_PAD=m_pad, BLOCK_N=bn,
         BLOCK_K=bk, IEEE=x.dtype == torch.float32, PDL=pdl(x), **_rope_args(rope, n, bn, x), num_warps=nw,
         num_stages=ns, launch_pdl=pdl(x))
-    return y, x_out
-
-
-# -- a few tokens on the CUDA cores ------------------------------------------------------------------------------
-# `gemv_few`: 2..FEW_MAX tokens (decode batch buckets 2, 4 and 8; short prefill chunks), the one-token kernel's
-# broadcast multiply with a token axis and the same folds: each program streams BLOCK_N weight rows along K, keeps
-# [M_PAD, BLOCK_N, BLOCK_K] fp32 partial products and sums them over K at the end. At 8 tokens a weight element
-# costs 8 FMAs, under what the H200's CUDA cores do per byte of HBM read, so the projection stays a weight stream
-# without `tl.dot`, whose smallest tile pads the tokens to 16 rows and whose operands go through shared memory
-# (`gemv_rows`, which cuBLAS beats at these sizes). The next weight tile is requested before the current one is
-# used: two tiles in flight a program. MODE_SILU reads [M, 2K] (gate; up) as the one-token kernel does; RoPE+KV
-# write in the qkv epilogue as `gemv_rows` does it (a tile's row 2j + h is member h of RoPE pair j).
-FEW_MAX = 8
-
-
-@triton.jit
-def _few_tile(X, R, NW, m, mm, cols, km, inv, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr, dt):
-    """Rows `m` of the projection's input over columns `cols` after the mode's prologue, in fp32 (values rounded
-    to the model dtype as the eager ops round them)."""
-    if MODE == 2:
-        xm = mm[:, None] & km[None, :]
-        off = m[:, None] * (2 * K) + cols[None, :]
-        g = tl.load(X + off, mask=xm, other=0.0).to(tl.float32)
-        u = tl.load(X + off + K, mask=xm, other=0.0).to(tl.float32)
-        a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-        return (a * u).to(dt).to(tl.float32)
-    return rows_tile(X, R, NW, m, mm, cols, km, inv, K, MODE, HAS_R, dt).to(tl.float32)
-
-
-@triton.jit(do_not_specialize=["M"])
-def _gemv_few_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr,
-                     HAS_B: tl.constexpr, ROPE: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PDL: tl.constexpr, COS, SIN, POS, KV, SB, SO, s_kvb, s_kvt, s_kvh, off_k,
-                     off_v, H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr):
-    pid = tl.program_id(0)
-    dt = Y.dtype.element_ty
-    m = tl.arange(0, M_PAD)
-    mm = m < M
-    c = tl.arange(0, BLOCK_N)
-    kk = tl.arange(0, BLOCK_K)
-    PAIRS: tl.constexpr = BLOCK_N // 2
-    if ROPE:  # pair j: offset i0 + j of both halves of one head
-        HALF: tl.constexpr = D // 2
-        head = pid // (HALF // PAIRS)
-        i0 = (pid % (HALF // PAIRS)) * PAIRS
-        rows = head * D + (c % 2) * HALF + i0 + c // 2
-    else:
-        rows = pid * BLOCK_N + c
-    rmask = rows < N
-    wp = W + rows[:, None].to(tl.int64) * K + kk[None, :]
-    # The first weight tile is loaded before waiting on the previous kernel: no kernel writes weights.
-    w = tl.load(wp, mask=rmask[:, None] & (kk < K)[None, :], other=0.0)
-    pdl_enter(PDL)
-    inv = tl.zeros([M_PAD], tl.float32)
-    if MODE == 1:
-        inv = rows_rms(X, R, XOUT, m, mm, kk, pid, eps, K, BLOCK_K, HAS_R, dt)
-    acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + kk
-        km = cols < K
-        w_next = tl.load(wp + k0 + BLOCK_K, mask=rmask[:, None] & (cols + BLOCK_K < K)[None, :], other=0.0)
-        x = _few_tile(X, R, NW, m, mm, cols, km, inv, K, MODE, HAS_R, dt)
-        acc += w.to(tl.float32)[None, :, :] * x[:, None, :]
-        w = w_next
-    out = tl.sum(acc, 2)
-    if HAS_B:
-        out += tl.load(B + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
-    if ROPE:  # as rope_and_write_kv on the stored projection, each row at its own position and cache slot
-        a1, a2 = tl.split(tl.reshape(out.to(dt).to(tl.float32), [M_PAD, PAIRS, 2]))
-        i = i0 + tl.arange(0, PAIRS)
-        if head < H + KVH:
-            pos = tl.load(POS + m, mask=mm, other=0)
-            y1, y2 = rope_pair(a1, a2, COS, SIN, pos[:, None], i[None, :], D, HALF, dt)
-        else:
-            y1, y2 = a1.to(dt), a2.to(dt)
-        if head < H:
-            yp = Y + m[:, None] * (H * D) + head * D + i[None, :]
-        else:
-            kb = (KV + tl.load(SB + m, mask=mm, other=0).to(tl.int64) * s_kvb
-                  + tl.load(SO + m, mask=mm, other=0).to(tl.int64) * s_kvt)
-            if head < H + KVH:
-                kb += (head - H) * s_kvh + off_k
-            else:
-                kb += (head - H - KVH) * s_kvh + off_v
-            yp = kb[:, None] + i[None, :]
-        tl.store(yp, y1, mask=mm[:, None])
-        tl.store(yp + HALF, y2, mask=mm[:, None])
-    else:
-        tl.store(Y + m[:, None] * N + rows[None, :], out.to(dt), mask=mm[:, None] & rmask[None, :])
-
-
-# (BLOCK_N, BLOCK_K, num_warps) by weight shape [N, K] and padded rows M_PAD; other shapes: `few_config_for`.
-_FEW_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]] = {}
-
-
-def few_pad(m: int) -> int:
-    return max(2, triton.next_power_of_2(m))
-
-
-def few_config_for(n: int, k: int, m_pad: int) -> tuple[int, int, int]:
-    """Untuned shapes: the one-token kernel's blocks for the shape, with the row block cut so the partial products
-    stay at 64 fp32 registers a thread (M_PAD x BLOCK_N x BLOCK_K over the threads)."""
-    c = _FEW_CONFIGS.get((n, k, m_pad))
-    if c is not None:
-        return c
-    bn, bk, nw = config_for(n, k)
-    return max(2, min(bn, 64 * 32 * nw // (m_pad * bk))), bk, nw
-
-
-def gemv_few(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, mode: int = MODE_PLAIN,
-             r: torch.Tensor | None = None, norm_w: torch.Tensor | None = None, eps: float = 0.0,
-             rope: RopeKV | None = None, config: tuple[int, int, int] | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x: [M, K] with M <= FEW_MAX ([M, 2K] for MODE_SILU: gate then up); w: [N, K]. Returns (y [M, N], the new
-    residual x + r or None). With `rope` (w is a fused qkv): y is q after RoPE, [M, H, D], and each row's k (after
-    RoPE) and v go into the cache at its slot. config: (BLOCK_N, BLOCK_K, num_warps)."""
-    n, k = w.shape
-    m = x.shape[0]
-    want = 2 * k if mode == MODE_SILU else k
-    if (not 1 <= m <= FEW_MAX or x.shape != (m, want) or not x.is_contiguous() or not w.is_contiguous()
-            or (r is not None and (mode != MODE_NORM or r.shape != x.shape or not r.is_contiguous()))):
-        raise ValueError(f"gemv_few: x {tuple(x.shape)}, r {None if r is None else tuple(r.shape)} for w "
-                         f"{tuple(w.shape)} (mode {mode}); needs [M <= {FEW_MAX}, {want}], contiguous, r only "
-                         "with MODE_NORM and shaped as x")
-    x_out = torch.empty_like(x) if (mode == MODE_NORM and r is not None) else None
-    m_pad = few_pad(m)
-    bn, bk, nw = config or few_config_for(n, k, m_pad)
-    bk = min(bk, max(16, triton.next_power_of_2(k)))
-    if rope is not None:
-        bn = min(max(bn, 2), rope.head_dim)  # RoPE pairs: an even number of rows a program, within one head
-        y = torch.empty(m, rope.heads, rope.head_dim, device=x.device, dtype=x.dtype)
-    else:
-        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    _gemv_few_kernel[(triton.cdiv(n, bn),)](
-        x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
-        w, bias if bias is not None else w, y, eps, m, n, K=k, MODE=mode, HAS_R=r is not None,
-        HAS_B=bias is not None, ROPE=rope is not None, M_PAD=m_pad, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl(x),
-        **_rope_args(rope, n, bn, x), num_warps=nw, launch_pdl=pdl(x))
     return y, x_out
