@@ -49,7 +49,7 @@ class GpuSettings:
     host_cache_gb: float | None = None  # node-wide pinned host cache; None: 60% of the node's memory
     namespace: str = "tokenpool"  # workers of a node with the same namespace share host copies
     policy: str = "token"
-    plan_ahead: bool | None = None  # the policy plans step N+1 beside step N; None: $TOKENPOOL_PLAN_AHEAD
+    plan_ahead: bool | None = None  # the policy plans step N+1 beside step N; None: $TOKENPOOL_PLAN_AHEAD (on)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> GpuSettings:

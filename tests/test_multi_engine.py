@@ -285,7 +285,9 @@ def test_keep_alive_evicts_idle_weights_and_preload_brings_them_in(make_tiny, ho
 
 def _record_plans(multi) -> list:
     """Every plan the policy returns, with the batch the stepping model's scheduler then ran (filled in by
-    the caller after each step)."""
+    the caller after each step). Plan-ahead off: one plan a step, the step's own (with it, the latest plan is the
+    next step's early one; tests/test_plan_ahead.py checks the plans that run there)."""
+    multi.plan_ahead = False
     plans = []
     real = multi.policy.schedule
 

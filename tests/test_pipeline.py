@@ -25,7 +25,7 @@ TURNS = {"max_round_s": 4.0, "min_round_s": 1.0}
 
 @pytest.fixture
 def pipe(monkeypatch):
-    monkeypatch.setattr(multi_engine, "PIPELINE", True)  # implies the early plans (PLAN_AHEAD stays off)
+    monkeypatch.setattr(multi_engine, "PIPELINE", True)  # implies the early plans, whatever PLAN_AHEAD says
 
 
 @pytest.fixture

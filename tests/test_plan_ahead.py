@@ -86,8 +86,9 @@ def test_plan_ahead_pooled_swaps_and_equals_alone(make_tiny, host_cache, ahead):
 def test_flag_off_plans_nothing_ahead(make_tiny):
     paths = {a: make_tiny(a) for a in ARCHS[:2]}
     alone = {a: _alone(p, "greedy") for a, p in paths.items()}
-    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", policy_kw={"max_round_s": 0.0})
-    assert multi_engine.PLAN_AHEAD is False  # the default (TOKENPOOL_PLAN_AHEAD unset in tests)
+    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", policy_kw={"max_round_s": 0.0},
+                             plan_ahead=False)
+    assert multi_engine.PLAN_AHEAD is True  # the default (TOKENPOOL_PLAN_AHEAD unset in tests): on
     _interleaved_equals_alone(multi, alone, "greedy")
     c = multi.snapshot()["counters"]
     assert c["ahead_used"] == c["ahead_discarded"] == c["ahead_s"] == 0 and multi._ahead is None

@@ -46,8 +46,9 @@ WORKER_BURST_S = Var("TOKENPOOL_WORKER_BURST_S", "0.05", "the longest run of ste
                      "without a look at its event loop (0: one step a hand-off; A/B runs)")
 GRAPH_PRECAPTURE = Var("TOKENPOOL_GRAPH_PRECAPTURE", "0", "1: a pooled engine captures every CUDA-graph bucket of a "
                        "model shape at its first load (compiles and warm-up forwards then, not under load; A/B runs)")
-PLAN_AHEAD = Var("TOKENPOOL_PLAN_AHEAD", "0", "1: a pooled engine plans step N+1 while step N's forward runs (in its "
-                 "on_launch) and uses that plan when it is still valid at N+1, else plans as usual (A/B runs)")
+PLAN_AHEAD = Var("TOKENPOOL_PLAN_AHEAD", "1", "a pooled engine plans step N+1 while step N's forward runs (in its "
+                 "on_launch) and uses that plan when it is still valid at N+1, else plans as usual (0: off, for A/B "
+                 "runs)")
 PIPELINE = Var("TOKENPOOL_PIPELINE", "0", "1: a pooled engine launches a model's next decode step before reading the "
                "one in flight when the early plan (TOKENPOOL_PIPELINE implies plan-ahead) is exactly its continuation; "
                "anything else completes the step in flight first (A/B runs)")
