@@ -39,7 +39,8 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path, m
         # (<= 1 but for the skew of two counters read at slightly different instants: 1.0004 seen on a loaded CPU)
         assert 0 < t["engine_busy_frac"] <= t["step_thread_busy_frac"] <= 1.01
         assert t["emit_ms_per_step"] > 0
-        assert t["pipelined_frac"] == 0 and t["ahead_used_frac"] == 0  # TOKENPOOL_PIPELINE is off by default
+        # TOKENPOOL_PIPELINE is off by default, plan-ahead on: early plans ran, no step was pipelined
+        assert t["pipelined_frac"] == 0 and t["ahead_used_frac"] > 0.5
         ph = t["step_phases"]  # by kind of step: prefills and decodes (batch sizes), each phase's wall and CPU
         assert "prefill" in ph and sum(k["steps"] for k in ph.values()) == p["steps"]
         assert all(k["pre_ms"] > 0 and k["wait_ms"] > 0 and k["post_ms"] > 0 for k in ph.values())
