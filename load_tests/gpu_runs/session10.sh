@@ -2,7 +2,7 @@
 # H200 calls of session 10, at one commit. PARTS picks what runs, in this order:
 #   make     the bench models (7B and 1.5B, bf16) into the cache bench serve and bench pool --real read, untimed
 #            (every part that serves them makes them first anyway, outside its limit: `ensure_models`)
-#   many     issue 14: bench serve, models per GPU at 0.1 req/s/model, 120 GB arena, 4 GB KV, seed MANY_SEED, MANY_DUR s
+#   many     issue 14: bench serve, models per GPU at 0.1 req/s/model, MANY_BUDGET GB arena (default 120), 4 GB KV, seed MANY_SEED, MANY_DUR s
 #            of arrivals (default 120; the simulator needs 300 to show a mix past capacity: 35 models 99.8% at 120 s,
 #            89% at 300 s); one
 #            server per mix in MANY (';'-separated, e.g. "10x7b,15x1.5b;12x7b,18x1.5b"), with the step loop's time
@@ -56,7 +56,7 @@ make) ensure_models; at make $?; tail -2 "$OUT/make_bench.log" ;;
 many) IFS=';' read -ra mixes <<< "${MANY:-10x7b,15x1.5b}"
   for mx in "${mixes[@]}"; do tag=$(echo "$mx" | tr -d ',.' ); log="$OUT/serve_many_$tag.log"
     timeout "${LIMIT_MANY:-280}" python3 -m controller.cli bench serve --models "$mx" --rate 0.1 --duration "${MANY_DUR:-120}" \
-      --drain 60 --slo-ttft 10 --slo-tpot 0.1 --gpu-budget-gb 120 --kv-cache-gb 4 --seed "${MANY_SEED:-7}" \
+      --drain 60 --slo-ttft 10 --slo-tpot 0.1 --gpu-budget-gb "${MANY_BUDGET:-120}" --kv-cache-gb 4 --seed "${MANY_SEED:-7}" \
       --policy token --json "$OUT/serve_many_$tag.json" > "$log" 2>&1; at "many $mx" $?; show "$log" 4
   done ;;
 serve) timeout "${LIMIT_SERVE:-300}" python3 -m controller.cli bench serve $W --rate "${SERVE_RATES:-$RATES}" --policy token \
