@@ -77,3 +77,32 @@ def test_models_share_one_pooled_engine(make_tiny):
     hm.unload("p")
     assert hm.kinds == {} and hm.names() == [] and not hm.busy()
     assert not (Path("/dev/shm") / f"tokenpool-{ns}").exists()  # the host copies are gone with the last holder
+
+
+def test_plan_ahead_follows_the_gpu_settings(make_tiny):
+    """`gpus.plan_ahead` reaches the pooled engine a worker builds: unset, the default (on: early plans run); false,
+    off (none is made); the tokens are the same either way."""
+    from controller.config import ServerConfig
+    from gpu_pool.arena import MiB
+
+    assert ServerConfig.model_validate({"gpus": {"plan_ahead": False}}).gpus.plan_ahead is False
+    assert ServerConfig.model_validate({}).gpus.plan_ahead is None  # None: $TOKENPOOL_PLAN_AHEAD, on by default
+    path = make_tiny("qwen2")
+    prompt = [5, 9, 13, 17]
+    outs = []
+    for setting, on in ((None, True), (False, False)):
+        ns = f"test-{uuid.uuid4().hex[:10]}"
+        hm = HostedModels("cpu", GpuSettings.from_dict({"budget_bytes": 4 * MiB, "kv_cache_gb": 64 * 16 * 512 / 1e9,
+                                                        "namespace": ns, "plan_ahead": setting}))
+        hm.prepare(str(path), EngineOptions())
+        hm.host("a", str(path), EngineOptions(max_num_seqs=4), ModelSLO(ttft_s=5.0, tpot_s=0.5))
+        for i in range(2):
+            hm.add_request("a", f"a{i}", prompt, GREEDY)
+        done = {}
+        while hm.busy():
+            done.update({o.request_id: o.outputs[0].token_ids for o in hm.step()[0] if o.finished})
+        mm = hm.kinds["llm"]
+        assert mm.plan_ahead is on and (mm.snapshot()["counters"]["ahead_used"] > 0) is on
+        outs.append(done)
+        hm.unload("a")
+    assert outs[0] == outs[1] and len(outs[0]) == 2
