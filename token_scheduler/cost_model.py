@@ -222,8 +222,8 @@ class OnlineLinearFit:
 
     A pooled engine updates a fit after most steps (a step within 0.5% of its prediction is rare) and predicts
     several times per plan, so both run as C-level maps over flat lists -- P is one row-major list -- rather
-    than index loops (5 features then, 6 now: an update 8.0 -> 5.8 us, a prediction 0.6 -> 0.2 us; keeping P symmetric, see
-    `update`, costs ~0.5 us more). P's update is the symmetric form P - h h^T (h = P x / sqrt(denom)), so P
+    than index loops (5 features then, 6 now: an update 8.0 -> 5.8 us, a prediction 0.6 -> 0.2 us; keeping P
+    symmetric, see `update`, costs ~0.5 us more). P's update is the symmetric form P - h h^T (h = P x / sqrt(denom)), so P
     stays symmetric to the bit over any number of updates; a P that stops being a covariance anyway is reset
     to the prior's confidence * I, theta kept."""
 
@@ -362,6 +362,11 @@ class CostModel:
     # -- predictions (cheap; called by policies every step) --
     def step_time(self, model: str, shape: StepShape) -> float:
         return max(self._floor[model], self._step[model].predict(shape.features()))
+
+    def prefill_fixed_s(self, model: str) -> float:
+        """What a step that prefills costs beyond its tokens and pairs (its eager launches): the fit's prefill term,
+        never below 0 (a fit can carry negative terms outside the range it saw)."""
+        return max(0.0, self.step_coefficients(model)[5])
 
     def step_coefficients(self, model: str) -> tuple[float, ...]:
         """Fitted coefficients in per-unit terms: (base s, s/seq, s/new token, s/ctx token, s/attn pair, s/prefill

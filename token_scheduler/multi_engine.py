@@ -28,7 +28,8 @@ Request timing fields are the engine's (monotonic seconds), which is the policy'
 
 Plan-ahead (`plan_ahead=True`: a server's `gpus.plan_ahead`, by default $TOKENPOOL_PLAN_AHEAD, on): the policy's
 plan for step N+1 is made while step N's forward runs on the device -- in its `on_launch`, after the caller's own --
-instead of while the device waits at the start of N+1. At N+1 that plan is used if it is still valid (`_take_ahead`), else the policy plans as without the flag.
+instead of while the device waits at the start of N+1. At N+1 that plan is used if it is still valid
+(`_take_ahead`), else the policy plans as without the flag.
 `TokenPolicy.schedule` advances the policy's own state on every call (the turn's step count, the round's queue,
 new rounds), so an early plan that is not used is undone (`checkpoint`/`restore`) before the step plans again:
 the policy sees one schedule call per step either way. Only policies with `checkpoint` plan ahead.

@@ -69,11 +69,10 @@ def prefill_budget(cost: CostModel, m: ModelState, limits: BatchLimits, decode_s
     """Prefill tokens that keep the step near chunk_frac_tpot * TPOT, by inverting the linear step fit."""
     target = limits.chunk_frac_tpot * m.slo.tpot_s
     base = cost.step_time(m.name, StepShape(decode_seqs, decode_seqs, decode_ctx))
-    c = cost.step_coefficients(m.name)
-    per_token = c[2]
+    per_token = cost.step_coefficients(m.name)[2]
     if per_token <= 0:
         return limits.max_tokens
-    base += max(0.0, c[5])  # a step with a prefill chunk runs eagerly: its fixed cost
+    base += cost.prefill_fixed_s(m.name)  # a step with a prefill chunk runs eagerly: its fixed cost
     return max(limits.min_chunk, min(limits.max_tokens, int((target - base) / per_token)))
 
 

@@ -37,7 +37,8 @@ def need_step_s(st: PoolState, m: ModelState, limits: BatchLimits) -> float:
 
 
 def prefill_s(st: PoolState, m: ModelState, limits: BatchLimits) -> float:
-    """Prefill left of `m`'s running prompts and of its next waiting group (linear and attention terms)."""
+    """Prefill left of `m`'s running prompts and of its next waiting group (linear and attention terms, and a
+    prefilling step's fixed cost)."""
     tokens = pairs = 0
     for r in m.running:
         left = r.num_prompt_tokens - r.num_computed_tokens
@@ -50,7 +51,7 @@ def prefill_s(st: PoolState, m: ModelState, limits: BatchLimits) -> float:
     if tokens == 0:
         return 0.0
     c = st.cost.step_coefficients(m.name)
-    return tokens * c[2] + pairs * c[4] + max(0.0, c[5])  # (a prefilling step's fixed cost: its eager launches)
+    return tokens * c[2] + pairs * c[4] + st.cost.prefill_fixed_s(m.name)
 
 
 def exposed_switch_s(st: PoolState, m: ModelState) -> float:
