@@ -284,8 +284,7 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
 
     timed = _StepTimer(model, max(batches), context)
     defaults = (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
-                triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER,
-                triton_ops.GEMV_PREFETCH)
+                triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER)
     # the qwen2-1.5b GEMV block configs tuned without PDL, one projection at a time (before step-sweep)
     old_cfgs = {(2048, 1536): (8, 512, 8), (1536, 1536): (2, 512, 4), (17920, 1536): (16, 512, 8),
                 (1536, 8960): (4, 1024, 8)}
@@ -294,11 +293,7 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 ("small-batch gemv", {"max_rows": 32}), ("attn 2 blocks", {"nbi": 2}), ("attn 4 blocks", {"nbi": 4}),
                 ("attn 8 blocks", {"nbi": 8}),
                 ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}), ("splits 16", {"splits": 16}),
-                ("no pdl, gemv any size", {"pdl": False, "max_hidden": 1 << 30}),
-                ("prefetch 16k", {"prefetch": 16 << 10}), ("prefetch 64k", {"prefetch": 64 << 10}),
-                ("prefetch all", {"prefetch": 1 << 30}),
-                ("small-batch gemv + prefetch 64k", {"max_rows": 32, "prefetch": 64 << 10}),
-                ("small-batch gemv + prefetch all", {"max_rows": 32, "prefetch": 1 << 30}), ("default again", {})]
+                ("no pdl, gemv any size", {"pdl": False, "max_hidden": 1 << 30}), ("default again", {})]
     for name, v in variants:
         if only and name not in only:
             continue
@@ -308,15 +303,13 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
         triton_decode.num_splits_for = (lambda *_a, s=v["splits"], **_k: s) if "splits" in v else defaults[5]
         llama.GEMV_MAX_ROWS = v.get("max_rows", defaults[6])
         triton_decode.BLOCKS_PER_ITER = v.get("nbi", defaults[7])
-        triton_ops.GEMV_PREFETCH = v.get("prefetch", defaults[8])
         line = f"{name:22s}"
         for b in batches:
             d = timed(b, 40)
             line += f" | b{b}: step {d['step_ms_median']:.3f} ms, replay {d['graph_replay_ms']:.3f} ms"
         print(line, flush=True)
     (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
-     triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER,
-     triton_ops.GEMV_PREFETCH) = defaults
+     triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER) = defaults
 
 
 def step_sweep(model: str, batch: int = 1, context: int = 512) -> None:

@@ -4,7 +4,7 @@ made of it: registers, stack/local bytes (spills), shared memory, and whether it
 cuobjdump reads the resource usage.
 
     python -m load_tests.triton_offline rows    # gemv_rows as the 1.5B's batch-8 projections call it
-    python -m load_tests.triton_offline gemv --prefetch-kb 64   # the one-token GEMV, with its L2 bulk prefetch
+    python -m load_tests.triton_offline gemv    # the one-token GEMV as the 1.5B's batch-1 projections call it
 
 Pointers are marked 16-byte aligned (and the integers listed in `aligned` divisible by 16), as the runtime
 specialises them for torch's allocations: without that, no load is wide enough for an async copy and no loop is
@@ -48,8 +48,7 @@ def inspect_kernel(fn, types: dict[str, str], constexprs: dict, aligned: tuple[s
     ttgir = ck.asm["ttgir"]
     return {"registers": field("REG"), "stack_bytes": field("STACK"), "local_bytes": field("LOCAL"),
             "shared_bytes": ck.metadata.shared, "async_copies": ttgir.count("async_copy_global_to_local"),
-            "mma": "warp_group_dot" if "warp_group_dot" in ttgir else "mma_v2" if "tt.dot" in ttgir else "none",
-            "bulk_prefetches": ck.asm["ptx"].count("cp.async.bulk.prefetch.L2")}
+            "mma": "warp_group_dot" if "warp_group_dot" in ttgir else "mma_v2" if "tt.dot" in ttgir else "none"}
 
 
 def _types(fn) -> dict[str, str]:
@@ -62,7 +61,7 @@ def _types(fn) -> dict[str, str]:
 _ALIGNED = ("N", "s_kvb", "s_kvt", "s_kvh", "off_k", "off_v")
 
 
-def _gemv(prefetch: int):
+def _gemv():
     from token_scheduler.model import triton_gemv as g
 
     fn = g._gemv_kernel
@@ -71,12 +70,12 @@ def _gemv(prefetch: int):
                                           ("gate_up", 17920, 1536, 1, True, False), ("down", 1536, 8960, 2, False, False)):
         bn, bk, nw = g.config_for(n, k)
         c = dict(K=k, MODE=mode, HAS_R=has_r, HAS_B=False, BLOCK_N=bn, BLOCK_K=bk, PDL=True, ROPE=rope, H=12, KVH=2,
-                 D=128, PREFETCH=prefetch)
+                 D=128)
         r = inspect_kernel(fn, _types(fn), c, aligned=_ALIGNED, num_warps=nw, num_stages=1)
         print(f"{name:8s} {(bn, bk, nw)} {r}", flush=True)
 
 
-def _rows(configs, prefetch: int = 0):
+def _rows(configs):
     from token_scheduler.model import triton_gemv as g
 
     fn = g._gemv_rows_kernel
@@ -86,7 +85,7 @@ def _rows(configs, prefetch: int = 0):
                                       ("gate_up", 1536, 1, True, 2), ("down", 8960, 0, False, 0)):
         for bn, bk, nw, ns in configs:
             c = dict(K=k, MODE=mode, HAS_R=has_r, HAS_B=False, EPI=epi, M_PAD=16, BLOCK_N=bn, BLOCK_K=bk, IEEE=False,
-                     PDL=True, H=12, KVH=2, D=128, PREFETCH=prefetch)
+                     PDL=True, H=12, KVH=2, D=128)
             r = inspect_kernel(fn, types, c, aligned=_ALIGNED, num_warps=nw, num_stages=ns)
             print(f"{name:8s} {(bn, bk, nw, ns)} {r}", flush=True)
 
@@ -94,12 +93,11 @@ def _rows(configs, prefetch: int = 0):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["rows", "gemv"])
-    ap.add_argument("--prefetch-kb", type=int, default=0, help="the kernels' L2 bulk prefetch, KB (0: off)")
     a = ap.parse_args()
     if a.what == "gemv":
-        _gemv(1024 * a.prefetch_kb)
+        _gemv()
     else:
-        _rows([(16, 256, 4, 4), (64, 256, 4, 3), (16, 512, 8, 3), (64, 256, 8, 3)], 1024 * a.prefetch_kb)
+        _rows([(16, 256, 4, 4), (64, 256, 4, 3), (16, 512, 8, 3), (64, 256, 8, 3)])
 
 
 if __name__ == "__main__":

@@ -37,8 +37,6 @@ GEMV_ROWS = Var("TOKENPOOL_GEMV_ROWS", "0", "steps of up to this many tokens (at
                 "as Triton GEMVs too (the small-batch kernels; off: slower than cuBLAS until tuned, see llama.py)")
 ATTN_BLOCKS_PER_ITER = Var("TOKENPOOL_ATTN_BLOCKS_PER_ITER", "1", "cache blocks the Triton paged-decode kernel "
                            "reads an iteration (1, 2, 4 or 8; see token_scheduler/model/triton_decode.py)")
-GEMV_PREFETCH_KB = Var("TOKENPOOL_GEMV_PREFETCH_KB", "0", "Hopper: each Triton GEMV program first asks L2 for up to "
-                       "this many KB of its weight rows with one bulk prefetch (0: off; see triton_ops.l2_prefetch)")
 PDL = Var("TOKENPOOL_PDL", "1", "0: launch kernels without programmatic dependent launch (A/B runs)")
 GRAPH_HOMES = Var("TOKENPOOL_GRAPH_HOMES", "1", "0: weight slots placed by best fit alone, not at offsets their size "
                   "held before, where the CUDA graphs captured for it replay (A/B runs)")

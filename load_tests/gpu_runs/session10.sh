@@ -21,8 +21,6 @@
 #            (LIMIT_ROWS_SWEEP); ROWS_V: the variants; ROWS_PROF_B: batches to profile (profile_decode, rows path on);
 #            ROWS_SWEEPS: "q15:8 q7:8" (model:batch) sweeps, LIMIT_ROWS_SWEEP s each; ROWS_TRITON: "q15 q7", each
 #            projection alone at batches 8 and 32 (diag_gpu rows-triton: cuBLAS vs gemv_rows, with and without the norm)
-#   prefetch issue 20: the GEMVs' L2 bulk prefetch (TOKENPOOL_GEMV_PREFETCH_KB): its bit-exactness tests, then diag_gpu
-#            step over PF_V's variants for the 1.5B at PF_B15 and the 7B at PF_B7
 #   attn     issue 20: the paged-decode kernel's cache blocks an iteration (1, 2, 4, 8), diag_gpu step at ATTN_B (1,8,32)
 #            and contexts ATTN_CTX (512 2048), both models
 #   swap     issue 20: bench swap on the 7B (a decode beside a 7B prefetch, cold load into the host cache, swap-in)
@@ -110,16 +108,6 @@ rows) M=/tmp/mm; mkdir -p $M
     timeout "${LIMIT_ROWS_SWEEP:-60}" python3 -m load_tests.diag_gpu step-sweep --model $M/$m --batch $b \
       > "$OUT/rows_sweep_${m}_b$b.log" 2>&1; at "rows sweep $m b$b" $?
     grep -E "^precompiled|^[a-z_]+ \(|^BEST|^start" "$OUT/rows_sweep_${m}_b$b.log"; done ;;
-prefetch) M=/tmp/mm; mkdir -p $M
-  for sz in 1.5b 7b; do d=$M/q$(echo $sz | tr -d .b); [ -f $d/config.json ] || python3 -m controller.cli make-model \
-      --arch qwen2 --size $sz --out $d >> "$OUT/make.log" 2>&1; done
-  timeout "${LIMIT_PF_TESTS:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py -k "pdl or gemv" \
-    > "$OUT/prefetch_tests.log" 2>&1; at "prefetch tests" $?; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/prefetch_tests.log" | tail -8
-  V=${PF_V:-"default,prefetch 16k,prefetch 64k,prefetch all,small-batch gemv,small-batch gemv + prefetch 64k,small-batch gemv + prefetch all,default again"}
-  timeout "${LIMIT_PF_STEP:-150}" python3 -m load_tests.diag_gpu step --model $M/q15 --batch "${PF_B15:-1,2,4,8}" --variants "$V" \
-    > "$OUT/prefetch_step_1.5b.log" 2>&1; at "prefetch step 1.5b" $?; grep -E "b1:|Error" "$OUT/prefetch_step_1.5b.log" | cut -c1-400
-  timeout "${LIMIT_PF_STEP:-150}" python3 -m load_tests.diag_gpu step --model $M/q7 --batch "${PF_B7:-1,2,8}" --variants "$V" \
-    > "$OUT/prefetch_step_7b.log" 2>&1; at "prefetch step 7b" $?; grep -E "b1:|Error" "$OUT/prefetch_step_7b.log" | cut -c1-400 ;;
 attn) M=/tmp/mm; mkdir -p $M
   for sz in 1.5b 7b; do d=$M/q$(echo $sz | tr -d .b); [ -f $d/config.json ] || python3 -m controller.cli make-model \
       --arch qwen2 --size $sz --out $d >> "$OUT/make.log" 2>&1; done

@@ -32,7 +32,11 @@ With `rope` (the qkv projection) the epilogue also does `rope_and_write_kv`'s jo
 offsets of both halves of one head, rotates q and k, returns q and writes k and v into the paged cache.
 
 On Hopper the kernels are launched with programmatic dependent launch (triton_ops.pdl) and load their first
-weight tile before waiting for the kernel before them.
+weight tile before waiting for the kernel before them. Asking L2 for more of a program's rows there (one
+cp.async.bulk.prefetch.L2 of its first 16 KB, 64 KB or all of them) made every batch-1 step slower on the H200 at
+e321261 (1.5B 1.242 -> 1.295/1.370/1.364 ms, 7B 3.893 -> 4.006/4.498/4.779;
+bench/results/gemv_l2_prefetch_h200_e321261.json): the ~3 us a kernel above the weight stream is not idle HBM an
+early fill could use. Not kept.
 
 `gemv` takes one token: each program owns BLOCK_N output rows and streams them along K, a broadcast multiply.
 Block sizes come from `config_for` (tuned on an H100 in the decode graph:
@@ -47,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from token_scheduler.model.triton_ops import gemv_prefetch, l2_prefetch, pdl, pdl_enter, rope_pair
+from token_scheduler.model.triton_ops import pdl, pdl_enter, rope_pair
 
 MODE_PLAIN, MODE_NORM, MODE_SILU = 0, 1, 2
 
@@ -91,7 +95,7 @@ def _x_tile(X, R, NW, cols, km, inv, K: tl.constexpr, MODE: tl.constexpr, HAS_R:
 def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr,
                  HAS_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
                  ROPE: tl.constexpr, COS, SIN, POS, KV, SB, SO, s_kvb, s_kvt, s_kvh, off_k, off_v,
-                 H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, PREFETCH: tl.constexpr):
+                 H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr):
     pid = tl.program_id(0)
     dt = Y.dtype.element_ty
     kk = tl.arange(0, BLOCK_K)
@@ -99,20 +103,16 @@ def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.cons
         HALF: tl.constexpr = D // 2
         PAIRS: tl.constexpr = BLOCK_N // 2
         head = pid // (HALF // PAIRS)
-        i0 = (pid % (HALF // PAIRS)) * PAIRS
-        i = i0 + tl.arange(0, PAIRS)
+        i = (pid % (HALF // PAIRS)) * PAIRS + tl.arange(0, PAIRS)
         rows = head * D + tl.arange(0, 2)[None, :] * HALF + i[:, None]
         rmask = rows < N
         wp = W + rows[:, :, None].to(tl.int64) * K + kk[None, None, :]
         wmask = rmask[:, :, None]
-        l2_prefetch(W + (head * D + i0).to(tl.int64) * K, PAIRS * K, PREFETCH)
-        l2_prefetch(W + (head * D + HALF + i0).to(tl.int64) * K, PAIRS * K, PREFETCH)
     else:
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         wp = W + rows[:, None].to(tl.int64) * K + kk[None, :]
         wmask = rmask[:, None]
-        l2_prefetch(W + (pid * BLOCK_N).to(tl.int64) * K, tl.minimum(BLOCK_N, N - pid * BLOCK_N) * K, PREFETCH)
     # The first weight tile is loaded before waiting on the previous kernel: no kernel writes weights.
     w = tl.load(wp, mask=wmask & (kk < K)[None, :], other=0.0)
     pdl_enter(PDL)
@@ -206,7 +206,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
         x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
         w, bias if bias is not None else w, y, eps, n, K=k, MODE=mode, HAS_R=r is not None,
         HAS_B=bias is not None, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl(x), ROPE=rope is not None,
-        **_rope_args(rope, n, bn, x), PREFETCH=gemv_prefetch(x), num_warps=nw, launch_pdl=pdl(x))
+        **_rope_args(rope, n, bn, x), num_warps=nw, launch_pdl=pdl(x))
     return y, x_out
 
 
@@ -290,7 +290,7 @@ def _gemv_rows_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE:
                       HAS_B: tl.constexpr, EPI: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
                       COS, SIN, POS, KV, SB, SO, s_kvb, s_kvt, s_kvh, off_k, off_v,
-                      H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, PREFETCH: tl.constexpr):
+                      H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr):
     pid = tl.program_id(0)
     dt = Y.dtype.element_ty
     m = tl.arange(0, M_PAD)
@@ -306,18 +306,13 @@ def _gemv_rows_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE:
         i0 = (pid % (HALF // PAIRS)) * PAIRS
         rows = head * D + (c % 2) * HALF + i0 + c // 2
         rmask = rows < N
-        l2_prefetch(W + (head * D + i0).to(tl.int64) * K, PAIRS * K, PREFETCH)
-        l2_prefetch(W + (head * D + HALF + i0).to(tl.int64) * K, PAIRS * K, PREFETCH)
     elif EPI == 2:  # pair j: gate row i0 + j and up row N/2 + i0 + j
         i0 = pid * PAIRS
         rows = (c % 2) * (N // 2) + i0 + c // 2
         rmask = i0 + c // 2 < N // 2
-        l2_prefetch(W + i0.to(tl.int64) * K, tl.minimum(PAIRS, N // 2 - i0) * K, PREFETCH)
-        l2_prefetch(W + (N // 2 + i0).to(tl.int64) * K, tl.minimum(PAIRS, N // 2 - i0) * K, PREFETCH)
     else:
         rows = pid * BLOCK_N + c
         rmask = rows < N
-        l2_prefetch(W + (pid * BLOCK_N).to(tl.int64) * K, tl.minimum(BLOCK_N, N - pid * BLOCK_N) * K, PREFETCH)
     wp = W + rows[:, None].to(tl.int64) * K + kk[None, :]
     wmask = rmask[:, None]
     # The first weight tile is loaded before waiting on the previous kernel: no kernel writes weights.
@@ -419,6 +414,6 @@ def gemv_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
         x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
         w, bias if bias is not None else w, y, eps, m, n, K=k, MODE=mode, HAS_R=r is not None,
         HAS_B=bias is not None, EPI=1 if rope is not None else 2 if glu else 0, M_PAD=m_pad, BLOCK_N=bn,
-        BLOCK_K=bk, IEEE=x.dtype == torch.float32, PDL=pdl(x), **_rope_args(rope, n, bn, x),
-        PREFETCH=gemv_prefetch(x), num_warps=nw, num_stages=ns, launch_pdl=pdl(x))
+        BLOCK_K=bk, IEEE=x.dtype == torch.float32, PDL=pdl(x), **_rope_args(rope, n, bn, x), num_warps=nw,
+        num_stages=ns, launch_pdl=pdl(x))
     return y, x_out

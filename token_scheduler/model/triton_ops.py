@@ -70,34 +70,6 @@ def pdl_enter(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-# A GEMV program's weight rows are one contiguous run of bytes (two, for the row pairs of a RoPE or GLU epilogue).
-# With PREFETCH > 0 (bytes) it first hands up to that much of each run to L2 as one bulk prefetch (Hopper's
-# cp.async.bulk.prefetch, issued by one thread), before it waits on the kernel before it: under programmatic
-# dependent launch a program scheduled early then streams its weights while the previous kernel drains, instead of
-# holding one tile in flight (a kernel's ramp and tail at microsecond sizes are most of a small model's step:
-# bench/results/decode_profile_h200_ab4be3b.json). A hint: nothing waits on it, results do not depend on it.
-# TOKENPOOL_GEMV_PREFETCH_KB sets it (0: off).
-GEMV_PREFETCH = 1024 * int(env.GEMV_PREFETCH_KB.get())
-
-
-def gemv_prefetch(t: torch.Tensor) -> int:
-    """The PREFETCH bytes of a GEMV over `t` (0 where the device has no bulk prefetch)."""
-    return GEMV_PREFETCH if GEMV_PREFETCH > 0 and pdl_capable(t) else 0
-
-
-@triton.jit
-def l2_prefetch(ptr, nelem, PREFETCH: tl.constexpr):
-    """Ask L2 for the first min(nelem elements, PREFETCH bytes) from ptr (16-byte aligned, a multiple of 16
-    bytes), from thread 0 of the program; a no-op when PREFETCH is 0."""
-    if PREFETCH > 0:
-        n = tl.minimum(nelem * (ptr.dtype.element_ty.primitive_bitwidth // 8), PREFETCH)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; setp.gt.and.s32 p, $2, 0, p;"
-            " @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r", [ptr + tl.zeros([1], tl.int32), n + tl.zeros([1], tl.int32)],
-            dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit
 def _add_rms_norm_kernel(X, R, W, Y, eps, N: tl.constexpr, BLOCK: tl.constexpr, HAS_R: tl.constexpr,
                          PDL: tl.constexpr):
