@@ -48,6 +48,10 @@ keep-alive eviction, reset_stats, close); an idle step too, so `run()` drains ev
 the token N samples has a row in N+1 whose result is dropped (`scheduler.update` skips it). The cost model learns a
 pipelined step's time as the interval between its completion and the one before, less the caller's own time between
 the two step calls, and not under the device's time for it (`_learn_pipelined`).
+Queuing another model's early-planned step behind the one in flight as well (most turns at many models are one step)
+was tried at c29a20e and served far worse: 36 models on the H200, seed 0, 44.4% against 93.9% at the default, with
+steps priced at about twice their device time by the intervals learned
+(bench/results/serve_h200_models36_seed0_c29a20e_pipeline_across.json). Reverted.
 """
 
 from __future__ import annotations
