@@ -60,6 +60,7 @@ def point(models: str, seed: int, *, rate: float = 0.1, duration: float = 300.0,
         "policy_cpu_us_per_step": res.policy_cpu_us_per_step, "policy_cpu_frac_mean": res.policy_cpu_frac_mean,
         "kv_peak_gb": e.get("kv_peak_gb"), "swap_gb": res.swap_gb, "graph_captures": e.get("graph_captures", 0),
         "pipelined_frac": e.get("pipelined_steps", 0) / max(1, res.steps),
+        "steps_per_s": res.steps / max(1e-9, res.end_s), "mean_batch": e.get("seqs_stepped", 0) / max(1, res.steps),
         "rounds": e.get("rounds_gpu0", {}), "sim_s": time.perf_counter() - t0,
     }
 
@@ -71,7 +72,7 @@ def row(p: dict) -> str:
             f"blocking={p['blocking_loads']} skipped={p['prefetch_skipped']} forced={p['forced_evictions']} "
             f"stall={p['load_stall_s']:.1f}s busy={p['gpu_busy_frac']:.2f} kv_peak={p['kv_peak_gb'] or 0:.1f}GB "
             f"cpu={p['policy_cpu_us_per_step']:.0f}us ({100 * p['policy_cpu_frac_mean']:.1f}% of step) "
-            f"captures={p['graph_captures']}")
+            f"captures={p['graph_captures']} steps/s={p['steps_per_s']:.0f} batch={p['mean_batch']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> dict:
