@@ -65,13 +65,14 @@ def _gemv():
     from token_scheduler.model import triton_gemv as g
 
     fn = g._gemv_kernel
+    types = _types(fn)
     # qwen2-1.5b at batch 1: (name, N, K, MODE, HAS_R, ROPE), the configs config_for gives
     for name, n, k, mode, has_r, rope in (("qkv", 2048, 1536, 1, True, True), ("o", 1536, 1536, 0, False, False),
                                           ("gate_up", 17920, 1536, 1, True, False), ("down", 1536, 8960, 2, False, False)):
         bn, bk, nw = g.config_for(n, k)
         c = dict(K=k, MODE=mode, HAS_R=has_r, HAS_B=False, BLOCK_N=bn, BLOCK_K=bk, PDL=True, ROPE=rope, H=12, KVH=2,
                  D=128)
-        r = inspect_kernel(fn, _types(fn), c, aligned=_ALIGNED, num_warps=nw, num_stages=1)
+        r = inspect_kernel(fn, types, c, aligned=_ALIGNED, num_warps=nw, num_stages=1)
         print(f"{name:8s} {(bn, bk, nw)} {r}", flush=True)
 
 
