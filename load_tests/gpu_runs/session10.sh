@@ -13,7 +13,7 @@
 #            (default 8x7b,12x1.5b) on 60 GB per GPU at TWO_RATE req/s/model, seed SEED
 #   engine   issue 17/20: bench engine, 7B (batches 1-64) and 1.5B with bf16 parity (load_tests/gpu_runs/engine.sh's)
 #   profdecode issue 20: where a 1.5B and a 7B decode step go (load_tests/profile_decode.py: graph replay vs kernel sum
-#            vs full engine step, top kernels), batches 1 and 8
+#            vs full engine step, top kernels), batches PROF_B (default 1 8) of PROF_SIZES (default 1.5b 7b)
 #   sweep    issue 20: diag_gpu step-sweep (the batch-1 GEMV block configs tuned in the decode graph) for SWEEP_SIZES
 #            (default "1.5b 7b")
 #   rows     issue 20: the small-batch GEMV path: its GPU tests, then diag_gpu step (default vs "small-batch gemv")
@@ -80,9 +80,9 @@ engine) M=/tmp/mm; mkdir -p $M
   timeout 200 python3 -m controller.cli bench engine --model $M/q15 --batch 1,8,32 --parity-dtype bf16 --hf-exact \
     --json "$OUT/engine_qwen2_1.5b.json" > "$OUT/engine_15b.log" 2>&1; at "engine 1.5b" $?; tail -3 "$OUT/engine_15b.log" ;;
 profdecode) M=/tmp/mm; mkdir -p $M
-  for sz in 1.5b 7b; do d=$M/q$(echo $sz | tr -d .b); [ -f $d/config.json ] || python3 -m controller.cli make-model \
+  for sz in ${PROF_SIZES:-1.5b 7b}; do d=$M/q$(echo $sz | tr -d .b); [ -f $d/config.json ] || python3 -m controller.cli make-model \
       --arch qwen2 --size $sz --out $d >> "$OUT/make.log" 2>&1
-    for b in 1 8; do timeout 120 python3 -m load_tests.profile_decode --model $d --batch $b --steps 50 \
+    for b in ${PROF_B:-1 8}; do timeout 120 python3 -m load_tests.profile_decode --model $d --batch $b --steps 50 \
         > "$OUT/profile_decode_${sz}_b$b.log" 2>&1; at "profdecode $sz b$b" $?; head -8 "$OUT/profile_decode_${sz}_b$b.log"
       tail -1 "$OUT/profile_decode_${sz}_b$b.log"; done; done ;;
 sweep) M=/tmp/mm; mkdir -p $M
@@ -146,7 +146,7 @@ profile) WP="$W --rate ${PROFILE_RATE:-1.3}"
   wait $bp; at profile $?; show "$OUT/serve_profile.log" 3 ;;
 prefill) for sz in 1.5b 7b; do timeout "${LIMIT_PREFILL:-150}" python3 -m load_tests.diag_gpu prefill \
       --model ~/.cache/tokenpool/bench-models/qwen2-$sz-bf16 > "$OUT/prefill_$sz.log" 2>&1; at "prefill $sz" $?
-    grep -E "^linear|^prefill|Error" "$OUT/prefill_$sz.log" | cut -c1-300; done ;;
+    grep -E "^linear|^prefill|Error" "$OUT/prefill_$sz.log" | cut -c1-300; grep -A40 "Ordered by: internal" "$OUT/prefill_$sz.log" | cut -c1-200; done ;;
 dash) timeout "${LIMIT_DASH:-200}" python3 -m controller.cli suite dashboards --duration 10 --rounds "${DASH_ROUNDS:-6}" \
     --streams 48 --dashboards "${DASH_N:-50}" --model pace --json "$OUT/dashboard_cost.json" > "$OUT/dash.log" 2>&1; at dash $?
   tail -5 "$OUT/dash.log" | cut -c1-400 ;;
