@@ -49,10 +49,9 @@ GRAPH_PRECAPTURE = Var("TOKENPOOL_GRAPH_PRECAPTURE", "0", "1: a pooled engine ca
 PLAN_AHEAD = Var("TOKENPOOL_PLAN_AHEAD", "1", "a pooled engine plans step N+1 while step N's forward runs (in its "
                  "on_launch) and uses that plan when it is still valid at N+1, else plans as usual (0: off, for A/B "
                  "runs)")
-PIPELINE = Var("TOKENPOOL_PIPELINE", "0", "1: a pooled engine queues the next step before reading the one in flight "
-               "when the early plan (TOKENPOOL_PIPELINE implies plan-ahead) is exactly its continuation, or another "
-               "resident model's step that moves no memory but a prefetch; anything else completes the step in flight "
-               "first (A/B runs)")
+PIPELINE = Var("TOKENPOOL_PIPELINE", "0", "1: a pooled engine launches a model's next decode step before reading the "
+               "one in flight when the early plan (TOKENPOOL_PIPELINE implies plan-ahead) is exactly its continuation; "
+               "anything else completes the step in flight first (A/B runs)")
 NEED_KEEP_TURNS = Var("TOKENPOOL_NEED_KEEP_TURNS", "0", "1: a deadline-rule round whose margin, shrunk to fit under its "
                       "cap, leaves no model a turn keeps the last margin that had turns, instead of pace quotas whose "
                       "round nothing caps (token policy, TokenConfig.need_keep_turns; A/B runs)")
