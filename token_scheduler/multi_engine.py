@@ -51,7 +51,12 @@ the two step calls, and not under the device's time for it (`_learn_pipelined`).
 Queuing another model's early-planned step behind the one in flight as well (most turns at many models are one step)
 was tried at c29a20e and served far worse: 36 models on the H200, seed 0, 44.4% against 93.9% at the default, with
 steps priced at about twice their device time by the intervals learned
-(bench/results/serve_h200_models36_seed0_c29a20e_pipeline_across.json). Reverted.
+(bench/results/serve_h200_models36_seed0_c29a20e_pipeline_across.json). Reverted. Tried again at 1b95bf0 with a
+step queued behind another priced on the device's clock (CUDA events, from the step before's end to its own): the fits
+came out near the device's times (7B 3.30 ms + 0.60 a sequence, against 3.81 + 0.35 unpipelined), and it served as
+badly, 41.2% (bench/results/serve_h200_models36_seed0_1b95bf0_pipeline_across.json): the same tokens per second of
+device time, fewer and larger steps, 401 late episodes against 8, TTFT p50 4.7 s against 2.2. So the prices were not
+the cause; what is was not found. Reverted.
 """
 
 from __future__ import annotations
