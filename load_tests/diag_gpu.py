@@ -519,9 +519,60 @@ def _prefill_profile(eng, vocab: int, rng, SamplingParams, reps: int = 8) -> Non
     st.sort_stats("cumulative").print_stats(40)
 
 
+def prefill_pooled(model: str, reps: int = 8, device: str = "cuda") -> None:
+    """Where a *pooled* prefill step's host time goes (served at 36 models on the H200 its steps spent ~23 ms before
+    their forward was queued, where `prefill` measures the single engine's at ~9-18 ms): a MultiModelEngine over two
+    aliases of `model` in a 20 GB arena, warm (weights resident, graphs captured), then cProfile of the step call from
+    its start until its device work is queued (on_launch), over `reps` prefill steps of 3 prompts of ~256."""
+    import cProfile
+    import pstats
+    import random
+
+    from token_scheduler.engine import EngineConfig
+    from token_scheduler.multi_engine import MultiModelEngine
+    from token_scheduler.request import SamplingParams
+
+    names = ("a", "b")
+    multi = MultiModelEngine({n: EngineConfig(model=model, device=device, served_model_name=n, max_num_seqs=8)
+                              for n in names}, policy="token", device=device, gpu_budget="20GB", kv_cache_gb=2.0)
+    vocab = multi.engines["a"].model_config.vocab_size
+    rng = random.Random(0)
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+    def submit(tag: str) -> None:
+        for j in range(3):
+            multi.add_request(f"{tag}-{j}", [rng.randrange(vocab) for _ in range(rng.randint(150, 400))], sp, model="a")
+
+    try:
+        for i in range(3):  # warm: weights in, graphs captured
+            submit(f"warm{i}")
+            multi.run()
+        prof, host = cProfile.Profile(), []
+        for i in range(reps):
+            submit(f"prof{i}")
+            if device == "cuda":
+                torch.cuda.synchronize()
+            marks: list[float] = []
+            t0 = time.perf_counter()
+            prof.enable()
+            multi.step_tokens(on_launch=lambda marks=marks: (prof.disable(), marks.append(time.perf_counter())))
+            prof.disable()
+            if marks:
+                host.append(1e3 * (marks[0] - t0))
+            multi.run()
+        print(f"pooled prefill: host until queued {sorted(host)[len(host) // 2]:.2f} ms (median of {len(host)}: "
+              f"{[round(h, 1) for h in host]})", flush=True)
+        st = pstats.Stats(prof)
+        st.sort_stats("tottime").print_stats(25)
+        st.sort_stats("cumulative").print_stats(45)
+    finally:  # (a reader that stops early, e.g. `| head`, must not leave the host copies in /dev/shm)
+        multi.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["kv", "gemv", "gemv-triton", "rows-triton", "step", "step-sweep", "prefill"])
+    ap.add_argument("what", choices=["kv", "gemv", "gemv-triton", "rows-triton", "step", "step-sweep", "prefill",
+                                     "prefill-pooled"])
     ap.add_argument("--model")
     ap.add_argument("--variants", help="step: only these variants, comma-separated (e.g. 'default,no pdl')")
     ap.add_argument("--batch", help="step: batch sizes (default 1,8); step-sweep: one batch size (default 1)")
@@ -532,6 +583,7 @@ def main() -> None:
                          only=a.variants.split(",") if a.variants else None),
      "step-sweep": lambda: step_sweep(a.model, int(a.batch or 1), a.context),
      "prefill": lambda: prefill(a.model),
+     "prefill-pooled": lambda: prefill_pooled(a.model),
      "rows-triton": lambda: rows_triton(a.model, [int(b) for b in (a.batch or "8,32").split(",")])}[a.what]()
 
 
