@@ -99,7 +99,10 @@ class ModelRunner:
         # prefill chunks with tokens x context up to this run token by token through the batched decode
         # attention (one call for the step); 0 = never. CPU default 0: gathering each row's context costs more
         # there than the per-sequence calls it saves (tests set it to check the path against HF).
-        self.rowwise_prefill_max = (1 << 18) if self.use_triton else 0
+        # A longer chunk costs its step ~7 launches a layer more (gather, SDPA, scatter): on the H200 a 1.5B prefill
+        # of one 768-token prompt took 18.4 ms of host time until queued, three of ~256 9.4 ms (diag_gpu prefill,
+        # 09db4ba); row by row its device time grows with tokens x context instead. Not yet measured both ways.
+        self.rowwise_prefill_max = int(env.ROWWISE_PREFILL_MAX.get()) if self.use_triton else 0
         # Steps that are not decodes run with their token count rounded up (`padded_rows`; padding rows write their
         # K/V into the scratch block and are dropped): cuBLAS picks its GEMM algorithm per shape the first time it
         # sees it, ~1.6-3.3 ms a projection on the H200 (diag_gpu prefill), so a prefill of a new token count paid

@@ -34,7 +34,8 @@
 #            arrivals, threads apart (PROFILE_GIL=1: only samples holding the GIL): where a served step's host time
 #            goes (spy_summary.py)
 #   prefill  issue 14: where a prefill step's host time goes (diag_gpu prefill: cuBLAS launch at a new token count vs a
-#            seen one; the engine's prefill of 3 prompts, host ms until queued), on the bench 1.5B and 7B
+#            seen one; the engine's prefill of 3 prompts, host ms until queued; a cProfile), on the bench 1.5B and 7B,
+#            for each TOKENPOOL_ROWWISE_PREFILL_MAX in PREFILL_ROWWISE (default: "default", e.g. "default 4194304")
 #   dash     issue 18: tokenpool suite dashboards on this machine's CPUs (50 dashboards under 48 streams)
 # Usage (device tool, repo root, carry .whl): TOKENPOOL_COMMIT=<sha> PARTS="many" bash load_tests/gpu_runs/session10.sh
 source "$(dirname "$0")/prelude.sh"
@@ -144,8 +145,12 @@ profile) WP="$W --rate ${PROFILE_RATE:-1.3}"
   python3 load_tests/gpu_runs/spy_summary.py "$OUT/worker_profile.raw" > "$OUT/worker_profile_summary.json" \
     && head -24 "$OUT/worker_profile_summary.json"
   wait $bp; at profile $?; show "$OUT/serve_profile.log" 3 ;;
-prefill) for sz in 1.5b 7b; do timeout "${LIMIT_PREFILL:-150}" python3 -m load_tests.diag_gpu prefill \
-      --model ~/.cache/tokenpool/bench-models/qwen2-$sz-bf16 > "$OUT/prefill_$sz.log" 2>&1; at "prefill $sz" $?
+prefill) for sz in 1.5b 7b; do for rw in ${PREFILL_ROWWISE:-default}; do lg="$OUT/prefill_$sz.log"
+      [ "$rw" = default ] || lg="$OUT/prefill_${sz}_rowwise$rw.log"
+      ( [ "$rw" = default ] || export TOKENPOOL_ROWWISE_PREFILL_MAX=$rw
+        timeout "${LIMIT_PREFILL:-150}" python3 -m load_tests.diag_gpu prefill \
+        --model ~/.cache/tokenpool/bench-models/qwen2-$sz-bf16 > "$lg" 2>&1 ); at "prefill $sz rowwise=$rw" $?
+      grep -E "^prefill|Error" "$lg" | cut -c1-300; done
     grep -E "^linear|^prefill|Error" "$OUT/prefill_$sz.log" | cut -c1-300; grep -A40 "Ordered by: internal" "$OUT/prefill_$sz.log" | cut -c1-200; done ;;
 dash) timeout "${LIMIT_DASH:-200}" python3 -m controller.cli suite dashboards --duration 10 --rounds "${DASH_ROUNDS:-6}" \
     --streams 48 --dashboards "${DASH_N:-50}" --model pace --json "$OUT/dashboard_cost.json" > "$OUT/dash.log" 2>&1; at dash $?
