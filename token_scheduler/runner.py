@@ -101,7 +101,7 @@ class ModelRunner:
         # there than the per-sequence calls it saves (tests set it to check the path against HF).
         # A longer chunk costs its step ~7 launches a layer more (gather, SDPA, scatter): on the H200 a 1.5B prefill
         # of one 768-token prompt took 18.4 ms of host time until queued, three of ~256 9.4 ms (diag_gpu prefill,
-        # 09db4ba); row by row its device time grows with tokens x context instead. Not yet measured both ways.
+        # 1b95bf0); row by row its device time grows with tokens x context instead. Not yet measured both ways.
         self.rowwise_prefill_max = int(env.ROWWISE_PREFILL_MAX.get()) if self.use_triton else 0
         # Steps that are not decodes run with their token count rounded up (`padded_rows`; padding rows write their
         # K/V into the scratch block and are dropped): cuBLAS picks its GEMM algorithm per shape the first time it
