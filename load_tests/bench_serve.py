@@ -224,11 +224,12 @@ def windows(records: list[RequestRecord], samples: list, before: dict, after: di
     """A point as a time series, WINDOW_S apart: per window, the requests that arrived in it and the share of them
     that met their SLO, and the step loop's counters over it (`where_time_went`): whether misses come from the
     first minute (a cold server working off a backlog) or from all along, and whether steps got cheaper."""
-    # a sample less than 0.05 s after the edge before it, or before the point's end, would make a window that rounds
-    # to no time (t0_s == t1_s, seen in CI on a loaded machine): it joins its neighbour
+    # a sample less than 0.1 s after the edge before it, or before the point's end, could make a window that rounds
+    # to no time (edges are shown to 0.1 s: 2.06-2.14 s is 2.1-2.1; seen in CI on a loaded machine): it joins its
+    # neighbour
     edges = [(0.0, before)]
     for t, c in samples:
-        if t - edges[-1][0] >= 0.05 and wall - t >= 0.05:
+        if t - edges[-1][0] >= 0.1 and wall - t >= 0.1:
             edges.append((t, c))
     edges.append((wall, after))
     out = []
@@ -266,6 +267,8 @@ def _pool_counters(url: str, token: str | None) -> dict:
         for k, v in one.items():  # summed over GPUs
             out[k] = out.get(k, 0) + v
         out["per_engine"][e["id"]] = {**one, "models": sorted(r["model"] for r in e["models"])}
+        for m, st in (p.get("models") or {}).items():  # each model's steps (a model on two GPUs: summed)
+            out.setdefault("model_steps", {})[m] = out.get("model_steps", {}).get(m, 0) + st.get("steps", 0)
         if p.get("cost_model"):  # the first engine's learned costs (a result's `cost_model`, as bench pool --real's)
             out.setdefault("cost_model", p["cost_model"])
     out.setdefault("steps", 0), out.setdefault("switches", 0), out.setdefault("kv_swapped_out", 0)
@@ -325,6 +328,10 @@ def run_point(url: str, admin_token: str | None, names: list[str], rate: float, 
         res.update(steps=steps, steps_per_s=steps / wall, switches_per_s=(after["switches"] - before["switches"]) / wall,
                    kv_swapped_out=after["kv_swapped_out"] - before["kv_swapped_out"],
                    timing=where_time_went(before, after, wall, after["engines"]))
+        # which models the steps went to: the order of turns shows here when two runs step alike in all (the
+        # pipeline across models served 41% where the default served 94% with the same device time a token)
+        ms0 = before.get("model_steps", {})
+        res["steps_per_model"] = {m: n - ms0.get(m, 0) for m, n in sorted(after.get("model_steps", {}).items())}
         if len(after["per_engine"]) > 1:  # each GPU's share: which models it carried, how busy it was
             res["per_engine"] = {eid: {"models": a["models"], "models_before": before["per_engine"].get(eid, {}).get(
                 "models"), **where_time_went(before["per_engine"].get(eid, {}), a, wall, 1)}

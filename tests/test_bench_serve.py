@@ -33,6 +33,9 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path, m
         assert s["attainment"] == (len(items) - too_long) / len(items)  # generous SLO: all served are on time
         assert set(s["per_model"]) <= {"qwen2-1.5b-0", "qwen2-1.5b-1", "qwen2-1.5b-2"}
         assert p["steps"] > 0 and p["steps_per_s"] > 0
+        # each model's steps over the point: every step is one model's
+        assert set(p["steps_per_model"]) == {"qwen2-1.5b-0", "qwen2-1.5b-1", "qwen2-1.5b-2"}
+        assert sum(p["steps_per_model"].values()) == p["steps"]
         t = p["timing"]  # where the served step loop's time went, from the worker's counters
         assert t["engine_ms_per_step"] > 0 and t["policy_us_per_step"] > 0
         assert 0 < t["policy_cpu_us_per_step"] <= t["policy_us_per_step"] * 1.05  # (clock granularities differ)
@@ -106,7 +109,8 @@ def test_windows_never_round_to_no_time():
     def counters(steps):
         return {"steps": steps, "engines": 1}
 
-    samples = [(1.0, counters(10)), (1.03, counters(11)), (2.0, counters(20)), (6.25, counters(60))]
+    samples = [(1.0, counters(10)), (1.03, counters(11)), (2.0, counters(20)), (2.06, counters(25)),
+               (2.14, counters(30)), (6.25, counters(60))]  # (2.06-2.14 s would show as 2.1-2.1)
     w = windows([], samples, counters(0), counters(61), 0.0, 6.27)
-    assert [(x["t0_s"], x["t1_s"]) for x in w] == [(0.0, 1.0), (1.0, 2.0), (2.0, 6.3)]
+    assert [(x["t0_s"], x["t1_s"]) for x in w] == [(0.0, 1.0), (1.0, 2.0), (2.0, 2.1), (2.1, 6.3)]
     assert sum(x["steps"] for x in w) == 61
