@@ -39,8 +39,9 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path, m
         t = p["timing"]  # where the served step loop's time went, from the worker's counters
         assert t["engine_ms_per_step"] > 0 and t["policy_us_per_step"] > 0
         assert 0 < t["policy_cpu_us_per_step"] <= t["policy_us_per_step"] * 1.05  # (clock granularities differ)
-        # (<= 1 but for the skew of two counters read at slightly different instants: 1.0004 seen on a loaded CPU)
-        assert 0 < t["engine_busy_frac"] <= t["step_thread_busy_frac"] <= 1.01
+        # (<= 1 but for the skew of the counters, read over HTTP after the point's wall ends, against that wall: 1.0004
+        # seen on a loaded CPU, 1.018 in CI on 2 cores over a ~4 s point)
+        assert 0 < t["engine_busy_frac"] <= t["step_thread_busy_frac"] <= 1.05
         assert t["emit_ms_per_step"] > 0
         # TOKENPOOL_PIPELINE is off by default, plan-ahead on: early plans ran, no step was pipelined
         assert t["pipelined_frac"] == 0 and t["ahead_used_frac"] > 0.5
