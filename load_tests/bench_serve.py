@@ -267,8 +267,9 @@ def _pool_counters(url: str, token: str | None) -> dict:
         for k, v in one.items():  # summed over GPUs
             out[k] = out.get(k, 0) + v
         out["per_engine"][e["id"]] = {**one, "models": sorted(r["model"] for r in e["models"])}
-        for m, st in (p.get("models") or {}).items():  # each model's steps (a model on two GPUs: summed)
-            out.setdefault("model_steps", {})[m] = out.get("model_steps", {}).get(m, 0) + st.get("steps", 0)
+        steps = out.setdefault("model_steps", {})  # each model's steps (a model on two GPUs: summed)
+        for m, st in (p.get("models") or {}).items():
+            steps[m] = steps.get(m, 0) + st.get("steps", 0)
         if p.get("cost_model"):  # the first engine's learned costs (a result's `cost_model`, as bench pool --real's)
             out.setdefault("cost_model", p["cost_model"])
     out.setdefault("steps", 0), out.setdefault("switches", 0), out.setdefault("kv_swapped_out", 0)

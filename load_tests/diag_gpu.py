@@ -474,6 +474,11 @@ def prefill(model: str, reps: int = 12) -> None:
                                  kv_cache_memory_gb=4.0, max_model_len=4096, num_host_kv_blocks=0))
     vocab = eng.model_config.vocab_size
     rng = random.Random(0)
+
+    def finish() -> None:  # the rest of the requests' steps, untimed
+        while eng.has_unfinished_requests():
+            eng.step_tokens()
+
     shapes = (("fixed 3x256", lambda: [256, 256, 256]), ("varied 3x~256", lambda: [rng.randint(150, 400) for _ in "abc"]),
               ("fixed 1x768", lambda: [768]), ("varied 3x~600", lambda: [rng.randint(450, 800) for _ in "abc"]))
     for label, lens in shapes:
@@ -489,82 +494,69 @@ def prefill(model: str, reps: int = 12) -> None:
             t1 = time.perf_counter()
             host.append(1e3 * (marks[0] - t0))
             total.append(1e3 * (t1 - t0))
-            while eng.has_unfinished_requests():
-                eng.step_tokens()
+            finish()
         host, total = sorted(host[2:]), sorted(total[2:])
         print(f"prefill {label}: host until queued {host[len(host) // 2]:.2f} ms, step {total[len(total) // 2]:.2f} ms "
               f"(medians of {len(host)})", flush=True)
-    _prefill_profile(eng, vocab, rng, SamplingParams)
+    _profile_prefills(eng.step_tokens, _three_prompts(eng.add_request, vocab, rng, SamplingParams(
+        max_tokens=1, temperature=0, ignore_eos=True)), finish)
 
 
-def _prefill_profile(eng, vocab: int, rng, SamplingParams, reps: int = 8) -> None:
-    """cProfile of the host side of a prefill step (3 prompts of ~256), from the call until its forward is queued
-    (on_launch): which Python functions its ~15 ms go to, by own time and by cumulative time."""
+def _profile_prefills(step_tokens, submit, finish, reps: int = 8, sync: bool = True):
+    """cProfile of the host side of `reps` prefill steps, each of the prompts `submit(tag)` adds: from the step call
+    until its forward is queued (on_launch); `finish()` runs the rest untimed. Prints the host ms until queued (median)
+    and the top functions by own time and by cumulative time."""
     import cProfile
     import pstats
 
-    prof = cProfile.Profile()
+    prof, host = cProfile.Profile(), []
     for i in range(reps):
-        for j in range(3):
-            eng.add_request(f"prof-{i}-{j}", [rng.randrange(vocab) for _ in range(rng.randint(150, 400))],
-                            SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
-        torch.cuda.synchronize()
+        submit(f"prof{i}")
+        if sync:
+            torch.cuda.synchronize()
+        marks: list[float] = []
+        t0 = time.perf_counter()
         prof.enable()
-        eng.step_tokens(on_launch=prof.disable)
+        step_tokens(on_launch=lambda marks=marks: (prof.disable(), marks.append(time.perf_counter())))
         prof.disable()
-        while eng.has_unfinished_requests():
-            eng.step_tokens()
+        if marks:
+            host.append(1e3 * (marks[0] - t0))
+        finish()
+    print(f"profiled prefill: host until queued {sorted(host)[len(host) // 2]:.2f} ms (median of {len(host)}: "
+          f"{[round(h, 1) for h in host]})", flush=True)
     st = pstats.Stats(prof)
     st.sort_stats("tottime").print_stats(28)
     st.sort_stats("cumulative").print_stats(40)
 
 
+def _three_prompts(add, vocab: int, rng, sp):
+    """`submit(tag)` for `_profile_prefills`: 3 prompts of 150-400 random tokens through `add(id, prompt, params)`."""
+    def submit(tag: str) -> None:
+        for j in range(3):
+            add(f"{tag}-{j}", [rng.randrange(vocab) for _ in range(rng.randint(150, 400))], sp)
+    return submit
+
+
 def prefill_pooled(model: str, reps: int = 8, device: str = "cuda") -> None:
     """Where a *pooled* prefill step's host time goes (served at 36 models on the H200 its steps spent ~23 ms before
     their forward was queued, where `prefill` measures the single engine's at ~9-18 ms): a MultiModelEngine over two
-    aliases of `model` in a 20 GB arena, warm (weights resident, graphs captured), then cProfile of the step call from
-    its start until its device work is queued (on_launch), over `reps` prefill steps of 3 prompts of ~256."""
-    import cProfile
-    import pstats
+    aliases of `model` in a 20 GB arena, warm (weights resident, graphs captured), then `_profile_prefills`."""
     import random
 
     from token_scheduler.engine import EngineConfig
     from token_scheduler.multi_engine import MultiModelEngine
     from token_scheduler.request import SamplingParams
 
-    names = ("a", "b")
     multi = MultiModelEngine({n: EngineConfig(model=model, device=device, served_model_name=n, max_num_seqs=8)
-                              for n in names}, policy="token", device=device, gpu_budget="20GB", kv_cache_gb=2.0)
-    vocab = multi.engines["a"].model_config.vocab_size
-    rng = random.Random(0)
-    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-
-    def submit(tag: str) -> None:
-        for j in range(3):
-            multi.add_request(f"{tag}-{j}", [rng.randrange(vocab) for _ in range(rng.randint(150, 400))], sp, model="a")
-
+                              for n in ("a", "b")}, policy="token", device=device, gpu_budget="20GB", kv_cache_gb=2.0)
+    submit = _three_prompts(lambda rid, p, sp: multi.add_request(rid, p, sp, model="a"),
+                            multi.engines["a"].model_config.vocab_size, random.Random(0),
+                            SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     try:
         for i in range(3):  # warm: weights in, graphs captured
             submit(f"warm{i}")
             multi.run()
-        prof, host = cProfile.Profile(), []
-        for i in range(reps):
-            submit(f"prof{i}")
-            if device == "cuda":
-                torch.cuda.synchronize()
-            marks: list[float] = []
-            t0 = time.perf_counter()
-            prof.enable()
-            multi.step_tokens(on_launch=lambda marks=marks: (prof.disable(), marks.append(time.perf_counter())))
-            prof.disable()
-            if marks:
-                host.append(1e3 * (marks[0] - t0))
-            multi.run()
-        print(f"pooled prefill: host until queued {sorted(host)[len(host) // 2]:.2f} ms (median of {len(host)}: "
-              f"{[round(h, 1) for h in host]})", flush=True)
-        st = pstats.Stats(prof)
-        st.sort_stats("tottime").print_stats(25)
-        st.sort_stats("cumulative").print_stats(45)
+        _profile_prefills(multi.step_tokens, submit, multi.run, reps, sync=device == "cuda")
     finally:  # (a reader that stops early, e.g. `| head`, must not leave the host copies in /dev/shm)
         multi.close()
 

@@ -153,10 +153,11 @@ prefill) for sz in 1.5b 7b; do for rw in ${PREFILL_ROWWISE:-default}; do lg="$OU
         timeout "${LIMIT_PREFILL:-150}" python3 -m load_tests.diag_gpu prefill \
         --model ~/.cache/tokenpool/bench-models/qwen2-$sz-bf16 > "$lg" 2>&1 ); at "prefill $sz rowwise=$rw" $?
       grep -E "^prefill|Error" "$lg" | cut -c1-300; done
-    grep -E "^linear|^prefill|Error" "$OUT/prefill_$sz.log" | cut -c1-300; grep -A40 "Ordered by: internal" "$OUT/prefill_$sz.log" | cut -c1-200; done ;;
+    [ -f "$OUT/prefill_$sz.log" ] && { grep -E "^linear|^profiled" "$OUT/prefill_$sz.log" | cut -c1-300
+      grep -A40 "Ordered by: internal" "$OUT/prefill_$sz.log" | cut -c1-200; }; done ;;
 prefpool) for sz in ${PREFPOOL_SIZES:-1.5b 7b}; do timeout "${LIMIT_PREFPOOL:-150}" python3 -m load_tests.diag_gpu prefill-pooled \
       --model ~/.cache/tokenpool/bench-models/qwen2-$sz-bf16 > "$OUT/prefill_pooled_$sz.log" 2>&1; at "prefpool $sz" $?
-    grep -E "^pooled prefill|Error" "$OUT/prefill_pooled_$sz.log" | cut -c1-300
+    grep -E "^profiled prefill|Error" "$OUT/prefill_pooled_$sz.log" | cut -c1-300
     grep -A30 "Ordered by: internal" "$OUT/prefill_pooled_$sz.log" | cut -c1-200; done ;;
 dash) timeout "${LIMIT_DASH:-200}" python3 -m controller.cli suite dashboards --duration 10 --rounds "${DASH_ROUNDS:-6}" \
     --streams 48 --dashboards "${DASH_N:-50}" --model pace --json "$OUT/dashboard_cost.json" > "$OUT/dash.log" 2>&1; at dash $?
