@@ -291,10 +291,10 @@ def test_rowwise_prefill_on_cuda_matches_hf(make_varied):
     hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).cuda().eval()
     g = torch.Generator().manual_seed(3)
     outs = {}
-    for row_max in (1 << 18, 0):
+    for row_max in (1 << 22, 0):
         eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="fp32", kv_cache_memory_gb=0.1,
                                      max_num_seqs=8, max_num_batched_tokens=32))
-        assert eng.runner.rowwise_prefill_max == 1 << 18  # the CUDA default
+        assert eng.runner.rowwise_prefill_max == 1 << 22  # the CUDA default
         eng.runner.rowwise_prefill_max = row_max
         prompts = [torch.randint(0, eng.model_config.vocab_size, (n,), generator=g).tolist() for n in (45, 7, 20)]
         for i, p in enumerate(prompts):
@@ -311,7 +311,7 @@ def test_rowwise_prefill_on_cuda_matches_hf(make_varied):
                                   do_sample=False)
             assert res[f"r{i}"] == ref[0, len(p):].tolist()
         g = torch.Generator().manual_seed(3)
-    assert outs[1 << 18] == outs[0]
+    assert outs[1 << 22] == outs[0]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

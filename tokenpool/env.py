@@ -37,7 +37,7 @@ GEMV_ROWS = Var("TOKENPOOL_GEMV_ROWS", "0", "steps of up to this many tokens (at
                 "as Triton GEMVs too (the small-batch kernels; off: slower than cuBLAS until tuned, see llama.py)")
 ATTN_BLOCKS_PER_ITER = Var("TOKENPOOL_ATTN_BLOCKS_PER_ITER", "1", "cache blocks the Triton paged-decode kernel "
                            "reads an iteration (1, 2, 4 or 8; see token_scheduler/model/triton_decode.py)")
-ROWWISE_PREFILL_MAX = Var("TOKENPOOL_ROWWISE_PREFILL_MAX", str(1 << 18), "on CUDA, a prefill chunk of tokens x context up "
+ROWWISE_PREFILL_MAX = Var("TOKENPOOL_ROWWISE_PREFILL_MAX", str(1 << 22), "on CUDA, a prefill chunk of tokens x context up "
                           "to this runs row by row through the batched decode attention, longer ones one SDPA each "
                           "(token_scheduler/runner.py; A/B runs)")
 PDL = Var("TOKENPOOL_PDL", "1", "0: launch kernels without programmatic dependent launch (A/B runs)")
