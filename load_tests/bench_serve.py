@@ -243,7 +243,7 @@ def windows(records: list[RequestRecord], samples: list, before: dict, after: di
                                                      if k in ("engine_ms_per_step", "policy_us_per_step",
                                                               "engine_busy_frac", "step_thread_busy_frac",
                                                               "late_episodes", "graph_captures", "graph_capture_s",
-                                                              "graph_evictions")})
+                                                              "graph_evictions", "round_wall_over_planned")})
         out.append(w)
     return out
 
@@ -304,6 +304,10 @@ def where_time_went(before: dict, after: dict, wall: float, gpus: int) -> dict:
         # was read (the GPU kept busy through the host's work between them)
         "ahead_used_frac": d.get("ahead_used", 0) / n, "pipelined_frac": d.get("pipelined_steps", 0) / n,
         "pipeline_flushes": d.get("pipeline_flushes", 0),
+        # (token policy) rounds' wall time over what they were planned to take, and the share over 1.5x: a step
+        # loop whose turns overrun their quotas delays every model queued behind them
+        "round_wall_over_planned": (d["round_wall_s"] / d["round_planned_s"]) if d.get("round_planned_s") else None,
+        "rounds_overrun_frac": d.get("rounds_overrun", 0) / d["rounds_timed"] if d.get("rounds_timed") else None,
         "step_phases": step_phases(d),
     }
 

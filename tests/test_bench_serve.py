@@ -115,3 +115,16 @@ def test_windows_never_round_to_no_time():
     w = windows([], samples, counters(0), counters(61), 0.0, 6.27)
     assert [(x["t0_s"], x["t1_s"]) for x in w] == [(0.0, 1.0), (1.0, 2.0), (2.0, 2.1), (2.1, 6.3)]
     assert sum(x["steps"] for x in w) == 61
+
+
+def test_where_time_went_prices_rounds_against_their_plan():
+    """The worker's round books (token policy) over a point: the rounds' wall time over their planned time, and the
+    share that overran 1.5x; None when no round was booked over the point."""
+    from load_tests.bench_serve import where_time_went
+
+    before = {"steps": 10, "rounds_timed": 2, "round_planned_s": 1.0, "round_wall_s": 1.2, "rounds_overrun": 0}
+    after = {"steps": 110, "rounds_timed": 6, "round_planned_s": 3.0, "round_wall_s": 5.2, "rounds_overrun": 1}
+    t = where_time_went(before, after, wall=10.0, gpus=1)
+    assert t["round_wall_over_planned"] == 2.0 and t["rounds_overrun_frac"] == 0.25
+    t = where_time_went(after, after, wall=10.0, gpus=1)
+    assert t["round_wall_over_planned"] is None and t["rounds_overrun_frac"] is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from load_tests.simulator import SimRequest
@@ -175,3 +177,35 @@ def test_skip_on_slack_judges_by_the_measured_round_too():
     pol2 = make_policy("token")
     pol2.last_round_s, pol2.last_round_wall_s = 0.5, 1.5  # same plan, but the last round took 1.5 s
     assert pol2._apply_skips(st, demand, {"m": 2.0}) == demand and pol2.skips == 0  # 2.0 < 2 x 1.5: runs
+
+
+def test_token_policy_books_rounds_against_their_plan():
+    """A round that ran a step is booked with its planned length and the wall time it took (state clock); a round
+    that planned nothing is not; checkpoint/restore and reset_counters cover the books."""
+    from token_scheduler.policies.state import PoolState, Residency
+
+    specs = {n: ModelSize(n, 1000, 0, 1.0, 1.0) for n in "xy"}
+    models = {n: ModelState(s, ModelSLO(), residency=Residency.RESIDENT) for n, s in specs.items()}
+    for n in "xy":
+        models[n].waiting.append(SimRequest(f"{n}0", n, 0.0, 10, 5, None))  # type: ignore[arg-type]
+    st = PoolState(models, capacity_bytes=10_000, cost=CostModel(FLAT, list(specs.values())), now=2.0)
+    pol = make_policy("token")
+    first = pol.schedule(st)
+    assert not first.idle and pol.round_books == (0, 0.0, 0.0, 0)  # the first round is in progress
+    # (these toy sizes price the round at ~0 s: give it a length, as a real profile would)
+    pol._plan = dataclasses.replace(pol._plan, length_s=0.5)
+    cp = pol.checkpoint()
+    for m in models.values():  # every request gone: the next call ends the round and finds nothing to plan
+        m.waiting.clear()
+    st.now = 3.0  # the round took 1 s, twice its plan
+    assert pol.schedule(st).idle
+    n, p, w, over = pol.round_books
+    assert (n, over) == (1, 1) and p == pytest.approx(0.5) and w == pytest.approx(1.0)
+    assert pol.round_info()["round_books"]["rounds"] == 1
+    st.now += 1.0
+    assert pol.schedule(st).idle and pol.round_books[0] == 1  # the empty round in between is not booked
+    pol.restore(cp)
+    assert pol.round_books == (0, 0.0, 0.0, 0)
+    pol.round_books = (3, 1.0, 2.0, 1)
+    pol.reset_counters()
+    assert pol.round_books == (0, 0.0, 0.0, 0)

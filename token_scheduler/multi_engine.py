@@ -887,6 +887,9 @@ class MultiModelEngine:
                     "kv_pages_used": sum(e.scheduler.kv.num_used for e in self.engines.values())}
             host, stall = 0, 0.0
         counters = dict(self.timing)
+        books = getattr(self.policy, "round_books", None)  # (the token policy) rounds planned against their wall
+        if books is not None:
+            counters.update(zip(("rounds_timed", "round_planned_s", "round_wall_s", "rounds_overrun"), books))
         if mem is not None:  # the pool's counters (its latest loads aside: asdict copied them, every snapshot)
             counters.update((k, v) for k, v in vars(mem.stats).items() if not isinstance(v, deque))
             # graph_output_bytes: held now (the kept graphs' logits), not summed over time; graph_evictions: over the cap

@@ -128,6 +128,11 @@ class TokenPolicy:
         self.last_round_s = 0.0  # the last round's planned length
         self.last_round_wall_s = 0.0  # how long the round before it actually took (state clock)
         self._round_started: float | None = None
+        # Rounds that ran a step, their planned and wall seconds summed, and those that took over 1.5x their plan:
+        # whether rounds take what they were planned to (steps slower than priced, load stalls, the host's time
+        # between steps). A tuple, replaced: a checkpoint keeps it as it is.
+        self.round_books: tuple[int, float, float, int] = (0, 0.0, 0.0, 0)
+        self._round_ran = False  # the round in progress planned a step
         self.skips = 0
         self.need_rounds = 0  # rounds planned by the deadline rule
         self.hops = 0  # turns taken ahead of a queued model whose weights were still landing
@@ -141,6 +146,7 @@ class TokenPolicy:
         if t is not None and self._continue(st, t):
             plan = self._step(st, t)
             if not plan.idle:
+                self._round_ran = True
                 return plan
         for _ in range(2):  # the rest of this round, then a fresh one
             while self._queue:
@@ -156,6 +162,7 @@ class TokenPolicy:
                 self.turns[name] = self.turns.get(name, 0) + 1
                 plan = self._step(st, self._turn)
                 if not plan.idle:
+                    self._round_ran = True
                     return plan
                 self.empty_turns[name] = self.empty_turns.get(name, 0) + 1
             self._form_round(st)
@@ -186,23 +193,26 @@ class TokenPolicy:
         t = self._turn
         return (deque(self._queue), self._plan, self._steps, None if t is None else replace(t), dict(self._skipped),
                 dict(self._bonus), self.rounds, self.last_round_s, self.last_round_wall_s, self._round_started,
-                self.skips, self.need_rounds, self.hops, dict(self.turns), dict(self.empty_turns))
+                self.skips, self.need_rounds, self.hops, dict(self.turns), dict(self.empty_turns), self.round_books,
+                self._round_ran)
 
     def restore(self, cp: tuple) -> None:
         """Back to a `checkpoint` (the round plan is never changed in place: it is kept by reference)."""
         (self._queue, self._plan, self._steps, self._turn, self._skipped, self._bonus, self.rounds, self.last_round_s,
          self.last_round_wall_s, self._round_started, self.skips, self.need_rounds, self.hops, self.turns,
-         self.empty_turns) = cp
+         self.empty_turns, self.round_books, self._round_ran) = cp
 
     def reset_counters(self) -> None:
         """Zero what round_info counts (rounds, skips, turns); the schedule state is kept."""
         self.rounds = self.skips = self.need_rounds = self.hops = 0
         self.turns, self.empty_turns = {}, {}
+        self.round_books = (0, 0.0, 0.0, 0)
 
     def round_info(self) -> dict:
         p = self._plan
         return {"rounds": self.rounds, "last_round_s": self.last_round_s, "last_round_wall_s": self.last_round_wall_s,
                 "skips": self.skips, "need_rounds": self.need_rounds, "hops": self.hops,
+                "round_books": dict(zip(("rounds", "planned_s", "wall_s", "over_1_5x"), self.round_books)),
                 "turns": dict(sorted(self.turns.items())),
                 "empty_turns": dict(sorted(self.empty_turns.items())),
                 "share": p.share if p else 0.0, "overloaded": p.overloaded if p else False}
@@ -361,8 +371,13 @@ class TokenPolicy:
     def _form_round(self, st: PoolState) -> None:
         cfg, cost, now = self.cfg, st.cost, st.now
         if self._round_started is not None:
-            self.last_round_wall_s = now - self._round_started
+            self.last_round_wall_s = wall = now - self._round_started
+            planned = self._plan.length_s if self._plan is not None else 0.0
+            if self._round_ran and planned > 0.0:
+                n, p, w, over = self.round_books
+                self.round_books = (n + 1, p + planned, w + wall, over + (wall > 1.5 * planned))
         self._round_started = now
+        self._round_ran = False
         self._steps = {}  # (replaced, never changed in place: a checkpoint keeps it by reference)
         cands = [m for m in st.models.values() if m.has_work]
         self._queue.clear()
