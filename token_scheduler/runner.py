@@ -100,10 +100,10 @@ class ModelRunner:
         # attention (one call for the step); 0 = never. CPU default 0: gathering each row's context costs more
         # there than the per-sequence calls it saves (tests set it to check the path against HF).
         # A longer chunk costs its step ~7 launches a layer more (gather, SDPA, scatter); row by row its device time
-        # grows with tokens x context instead, and the steps are host-bound (the 7B's ~1,800-token GEMMs aside). H200, 8aa5247
-        # (diag_gpu prefill, step until read): 1.5B one 768-token prompt 34.1 ms per sequence -> 9.2 row by row,
-        # three of ~600 60.2 -> 16.6; 7B 31.2 -> 22.3, 74.7 -> 54.0. Served (36 models, seed 0) the prefill steps'
-        # host time went 23.0 -> 16.3 ms. Hence the default 2^22: prompts up to 2048 tokens row by row.
+        # grows with tokens x context instead, and the steps are host-bound (the 7B's ~1,800-token GEMMs aside).
+        # H200, 8aa5247 (diag_gpu prefill, step until read): 1.5B one 768-token prompt 34.1 ms per sequence -> 9.2
+        # row by row, three of ~600 60.2 -> 16.6; 7B 31.2 -> 22.3, 74.7 -> 54.0. Served (36 models, seed 0) the
+        # prefill steps' host time went 23.0 -> 16.3 ms. Hence the default 2^22: prompts up to 2048 tokens row by row.
         self.rowwise_prefill_max = int(env.ROWWISE_PREFILL_MAX.get()) if self.use_triton else 0
         # Steps that are not decodes run with their token count rounded up (`padded_rows`; padding rows write their
         # K/V into the scratch block and are dropped): cuBLAS picks its GEMM algorithm per shape the first time it
