@@ -30,7 +30,7 @@ from load_tests.bench_pool import bracket
 from load_tests.bench_pool_real import bound_ratios, make_models, parse_rates, window_arrivals
 from load_tests.sse_client import connect
 from load_tests.workload import WorkItem, generate, parse_models
-from token_scheduler.cost_model import step_phases
+from token_scheduler.cost_model import PHASE_KINDS, step_phases
 from token_scheduler.policies.slo import ModelSLO, RequestRecord, summarize
 
 ENGINE = {"max_num_seqs": 64, "max_model_len": 4096, "max_num_batched_tokens": 2048}  # as bench pool --real
@@ -243,7 +243,8 @@ def windows(records: list[RequestRecord], samples: list, before: dict, after: di
                                                      if k in ("engine_ms_per_step", "policy_us_per_step",
                                                               "engine_busy_frac", "step_thread_busy_frac",
                                                               "late_episodes", "graph_captures", "graph_capture_s",
-                                                              "graph_evictions", "round_wall_over_planned")})
+                                                              "graph_evictions", "round_wall_over_planned",
+                                                              "decode_device_busy_frac")})
         out.append(w)
     return out
 
@@ -309,7 +310,23 @@ def where_time_went(before: dict, after: dict, wall: float, gpus: int) -> dict:
         "round_wall_over_planned": (d["round_wall_s"] / d["round_planned_s"]) if d.get("round_planned_s") else None,
         "rounds_overrun_frac": d.get("rounds_overrun", 0) / d["rounds_timed"] if d.get("rounds_timed") else None,
         "step_phases": step_phases(d),
+        # (TOKENPOOL_TIME_STEPS) the share of the wall the device spent in decode steps by CUDA events (graph replay
+        # and sampling; a pipelined step from the step before's end): what the host's time between steps leaves it.
+        # Prefill steps are left out: their events also span the host's launches of an eager forward.
+        "decode_device_busy_frac": _decode_device_s(d) / span if _decode_device_s(d) is not None else None,
     }
+
+
+def _decode_device_s(d: dict) -> float | None:
+    """The device seconds of the decode steps timed (TOKENPOOL_TIME_STEPS), scaled up to every decode step that ran
+    (a step without sampled rows is not timed); None when none was timed."""
+    total, timed = 0.0, 0
+    for kind in PHASE_KINDS:
+        if kind == "prefill" or not d.get(f"ph_{kind}_dev_n"):
+            continue
+        total += d[f"ph_{kind}_dev_s"] * d.get(f"ph_{kind}_steps", 0) / d[f"ph_{kind}_dev_n"]
+        timed += 1
+    return total if timed else None
 
 
 def run_point(url: str, admin_token: str | None, names: list[str], rate: float, *, slo: ModelSLO, duration: float,
@@ -431,7 +448,8 @@ def run_serve(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durat
                         f"{s['max_gap_p99'] or 0:.2f}s steps/s={res.get('steps_per_s', 0):.1f} "
                         f"switches/s={res.get('switches_per_s', 0):.1f} responses={res['responses']}")
                     if res.get("timing"):
-                        say("  " + " ".join(f"{k}={v:.3g}" for k, v in res["timing"].items() if k != "step_phases"))
+                        say("  " + " ".join(f"{k}={v:.3g}" for k, v in res["timing"].items()
+                                            if k != "step_phases" and v is not None))
                         for kind, ph in res["timing"]["step_phases"].items():
                             say(f"  {kind:7s} " + " ".join(f"{k}={v:.3g}" for k, v in ph.items()))
                     write_json(Path(json_out) if json_out else None, out)

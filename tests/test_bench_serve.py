@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from load_tests.bench_serve import run_serve
 from load_tests.workload import generate
 
@@ -128,3 +130,22 @@ def test_where_time_went_prices_rounds_against_their_plan():
     assert t["round_wall_over_planned"] == 2.0 and t["rounds_overrun_frac"] == 0.25
     t = where_time_went(after, after, wall=10.0, gpus=1)
     assert t["round_wall_over_planned"] is None and t["rounds_overrun_frac"] is None
+
+
+def test_where_time_went_books_the_device_time_of_decodes():
+    """TOKENPOOL_TIME_STEPS: each kind's device ms a step (`dev_ms`) from the steps timed, and the decodes' share of
+    the wall by it -- each kind's timed mean over all its steps, prefills left out (their events span the host's
+    launches); None and no `dev_ms` when nothing was timed."""
+    from load_tests.bench_serve import where_time_went
+
+    before = {"steps": 0}
+    after = {"steps": 300, "ph_d1_steps": 100, "ph_d1_seqs": 100, "ph_d1_dev_s": 0.2, "ph_d1_dev_n": 100,
+             "ph_d2_steps": 150, "ph_d2_seqs": 300, "ph_d2_dev_s": 0.3, "ph_d2_dev_n": 100,  # a third untimed
+             "ph_prefill_steps": 50, "ph_prefill_seqs": 100, "ph_prefill_dev_s": 1.0, "ph_prefill_dev_n": 50}
+    t = where_time_went(before, after, wall=2.0, gpus=1)
+    ph = t["step_phases"]
+    assert ph["d1"]["dev_ms"] == pytest.approx(2.0) and ph["d2"]["dev_ms"] == pytest.approx(3.0)
+    assert ph["prefill"]["dev_ms"] == pytest.approx(20.0)
+    assert t["decode_device_busy_frac"] == pytest.approx((0.2 + 0.45) / 2.0)
+    t = where_time_went(before, {"steps": 100, "ph_d1_steps": 100, "ph_d1_seqs": 100}, wall=2.0, gpus=1)
+    assert t["decode_device_busy_frac"] is None and "dev_ms" not in t["step_phases"]["d1"]

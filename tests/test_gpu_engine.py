@@ -86,6 +86,38 @@ def test_cuda_graph_decode_equals_eager(make_varied):
     assert sum(fed) > 10  # the overlapped engine did feed steps GPU to GPU
 
 
+def test_timed_steps_report_device_time_and_the_same_tokens(make_varied):
+    """runner.time_steps (TOKENPOOL_TIME_STEPS in a pooled engine): each step that samples reports its device time
+    by CUDA events, more than nothing and less than the step's wall, graph decodes and the eager prefill alike; and
+    the tokens are those of an untimed engine."""
+    import time
+
+    d = make_varied("qwen2")
+    outs = {}
+    for timed in (False, True):
+        eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="fp32", kv_cache_memory_gb=0.1,
+                                     max_num_seqs=8, overlap=False))
+        eng.runner.time_steps = timed
+        for i in range(3):
+            eng.add_request(f"r{i}", [5 + i] * (4 + 5 * i), SamplingParams(temperature=0, max_tokens=9,
+                                                                         ignore_eos=True))
+        res, devs = {}, []
+        while eng.has_unfinished_requests():
+            t = time.perf_counter()
+            for o in eng.step():
+                if o.finished:
+                    res[o.request_id] = o.outputs[0].token_ids
+            wall = time.perf_counter() - t
+            if timed:
+                assert eng.device_s is not None and 0 < eng.device_s < wall
+                devs.append(eng.device_s)
+            else:
+                assert eng.device_s is None
+        outs[timed] = res
+        assert not timed or len(devs) == 9  # one prefill step, then 8 decodes of all three
+    assert outs[True] == outs[False]
+
+
 def _graph_waves(d, cap: int, overlap: bool, monkeypatch) -> dict:
     """Waves of decode batches of 1 to 8 requests (buckets 1, 2, 4, 8) on one engine under TOKENPOOL_GRAPH_CAP=`cap`:
     the tokens, and what the graphs held (most graphs kept at once, the counters, device memory the engine holds)."""

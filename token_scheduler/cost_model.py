@@ -56,7 +56,8 @@ class StepShape:
 # size, steps with a prefill chunk (one kind), and decodes queued before the step in flight was read (one kind)
 PHASE_KINDS = ("d1", "d2", "d3", "d4", "d5_8", "d9_16", "d17", "prefill", "pipelined")
 PHASE_KEYS = tuple(f"ph_{k}_{x}" for k in PHASE_KINDS
-                   for x in ("steps", "seqs", "pre_s", "pre_cpu_s", "wait_s", "wait_cpu_s", "post_s", "post_cpu_s"))
+                   for x in ("steps", "seqs", "pre_s", "pre_cpu_s", "wait_s", "wait_cpu_s", "post_s", "post_cpu_s",
+                             "dev_s", "dev_n"))
 
 
 def phase_kind(shape: StepShape) -> str:
@@ -69,7 +70,8 @@ def phase_kind(shape: StepShape) -> str:
 def step_phases(d: dict) -> dict:
     """Per kind of step that ran unpipelined (decodes by batch size, steps with a prefill: the pooled engine's
     `ph_*` counters, over a point): how many, their mean sequences, and ms per step before the device work was
-    queued, from then to the tokens on the host, and after; each with the step thread's CPU ms beside it."""
+    queued, from then to the tokens on the host, and after; each with the step thread's CPU ms beside it; and
+    with TOKENPOOL_TIME_STEPS, `dev_ms`: the device's time a step (CUDA events)."""
     out = {}
     for kind in PHASE_KINDS:
         n = d.get(f"ph_{kind}_steps", 0)
@@ -78,6 +80,8 @@ def step_phases(d: dict) -> dict:
             for ph in ("pre", "wait", "post"):
                 row[f"{ph}_ms"] = 1e3 * d.get(f"ph_{kind}_{ph}_s", 0) / n
                 row[f"{ph}_cpu_ms"] = 1e3 * d.get(f"ph_{kind}_{ph}_cpu_s", 0) / n
+            if d.get(f"ph_{kind}_dev_n"):  # (TOKENPOOL_TIME_STEPS) the device's own ms a step, by CUDA events
+                row["dev_ms"] = 1e3 * d[f"ph_{kind}_dev_s"] / d[f"ph_{kind}_dev_n"]
             out[kind] = row
     return out
 

@@ -77,6 +77,7 @@ class LLMEngine:
         self.config = c = config
         self.last_out = None  # the SchedulerOutput of the latest step that was scheduled here
         self.t_read = None  # (perf_counter, thread_time) when the latest step_tokens or continue_inflight read tokens
+        self.device_s = None  # (runner.time_steps / time_launches) the device's time for the step that read tokens
         self.device = torch.device(c.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' asked for, but CUDA is not available")
@@ -206,7 +207,7 @@ class LLMEngine:
         batch the runner can run overlapped is queued (`_inflight`) and `on_launch` called, its tokens not read: the
         caller then continues it (`continue_inflight`) or reads it (`complete_inflight`) before anything else."""
         outputs = self.take_aborted()
-        self.t_read = None
+        self.t_read = self.device_s = None
         if self._inflight is not None:
             if batch is not None:
                 raise RuntimeError("a planned batch needs overlap off (its plan was built before the step in flight)")
@@ -231,6 +232,7 @@ class LLMEngine:
         self._mark_scheduled(out)
         res = self.runner.execute(out, on_launch)
         self.t_read = (time.perf_counter(), time.thread_time())
+        self.device_s = res.device_s
         return outputs + self._complete(out, res)
 
     def continue_inflight(self, nxt: SchedulerOutput, on_launch=None) -> list[TokenOutput]:
@@ -244,6 +246,7 @@ class LLMEngine:
             on_launch()
         res = self.runner.read(prev)
         self.t_read = (time.perf_counter(), time.thread_time())
+        self.device_s = res.device_s
         return self.take_aborted() + self._complete(prev.out, res)
 
     def complete_inflight(self) -> list[TokenOutput]:

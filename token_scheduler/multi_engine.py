@@ -91,6 +91,7 @@ from tokenpool import env
 GRAPH_PRECAPTURE = env.GRAPH_PRECAPTURE.on()  # see ModelRunner.capture_first
 PLAN_AHEAD = env.PLAN_AHEAD.on()  # see the module docstring and `MultiModelEngine._take_ahead`
 PIPELINE = env.PIPELINE.on()  # see the module docstring and `MultiModelEngine._step_pipelined`; implies PLAN_AHEAD
+TIME_STEPS = env.TIME_STEPS.get() == "1"  # each step's device time in the books of `_phases` (a diagnostic)
 AHEAD_MAX_AGE_S = 0.1  # an early plan older than this at its step (the caller paused) is made again
 _RUNNING, _WAITING = RequestStatus.RUNNING, RequestStatus.WAITING
 
@@ -196,7 +197,8 @@ class MultiModelEngine:
                 shared = self.memory.register(name, cfg.model, mc, cfg.torch_dtype, max_len, self.progress)
             t2 = time.perf_counter()
             eng = LLMEngine(cfg, shared_kv=shared, load=self.memory is None, tokenizer=tok)
-            eng.time_launches = PIPELINE  # (`_learn_pipelined`)
+            eng.time_launches = PIPELINE or TIME_STEPS  # (`_learn_pipelined`)
+            eng.runner.time_steps = TIME_STEPS  # (`_phases`: dev_s)
         except BaseException:
             if self.memory is not None:
                 self.memory.unregister(name)  # a no-op if it was not registered
@@ -544,11 +546,13 @@ class MultiModelEngine:
                 shape = _ran_shape(ran)
                 self.cost.observe_step(plan.model, shape, t3 - t2)
                 if at_launch and eng.t_read is not None:
-                    self._phases(shape, (t2, c2), at_launch[0], eng.t_read, (t3, time.thread_time()))
+                    self._phases(shape, (t2, c2), at_launch[0], eng.t_read, (t3, time.thread_time()),
+                                 dev=eng.device_s)
             self._stepped(plan.model, t3 - t2)
         return self._after_step(plan.model, outputs)
 
-    def _phases(self, shape: StepShape, t2, launched, read, t3, kind: str | None = None) -> None:
+    def _phases(self, shape: StepShape, t2, launched, read, t3, kind: str | None = None,
+                dev: float | None = None) -> None:
         """The books of where a step's time went, by its kind (`phase_kind`; "pipelined" for a step queued before the
         one in flight was read): before its device work was queued (plan committed, KV moved, inputs filled, graph
         replayed or eager forward launched), from then to tokens on the host (sampling and the wait for the device;
@@ -561,6 +565,9 @@ class MultiModelEngine:
             tm[f"ph_{kind}_{ph}_cpu_s"] += cb - ca
         tm[f"ph_{kind}_steps"] += 1
         tm[f"ph_{kind}_seqs"] += shape.num_seqs
+        if dev is not None:  # (TOKENPOOL_TIME_STEPS) the device's time for the step read (pipelined: the one before)
+            tm[f"ph_{kind}_dev_s"] += dev
+            tm[f"ph_{kind}_dev_n"] += 1
 
     @staticmethod
     def _captures(eng: LLMEngine) -> int:
@@ -728,7 +735,7 @@ class MultiModelEngine:
         outputs += eng.continue_inflight(nxt, _marked(on_launch, at_launch))  # N+1 queued, then N read
         if at_launch and eng.t_read is not None:
             self._phases(_ran_shape(nxt), (t2, c2), at_launch[0], eng.t_read,
-                         (time.perf_counter(), time.thread_time()), kind="pipelined")
+                         (time.perf_counter(), time.thread_time()), kind="pipelined", dev=eng.device_s)
         self._learn_pipelined(name, prev, t_launch, self._gap)
         self._pipe = (name, t2)
         tm["pipelined_steps"] += 1

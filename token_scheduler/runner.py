@@ -37,6 +37,7 @@ GRAPH_CAP = max(1, int(env.GRAPH_CAP.get()))
 class StepResult:
     sampled: dict[str, int]
     logprobs: dict[str, dict[int, float]]
+    device_s: float | None = None  # (`ModelRunner.time_steps`, CUDA) the device's time for the step
 
 
 @dataclass
@@ -84,6 +85,7 @@ class ModelRunner:
         self.name = name
         self.hf_exact_prefill = hf_exact_prefill or hf_exact_decode
         self.hf_exact_decode = hf_exact_decode  # decode rows go the reference way too (eager, per sequence)
+        self.time_steps = False  # CUDA events time each step read in `execute` (StepResult.device_s; a diagnostic)
         self.weights = weights
         self.slot_key: object = None  # which weight slot `weights` live in (graphs are per slot)
         self.kv = kv_cache
@@ -142,10 +144,15 @@ class ModelRunner:
         if self.weights is None:
             raise RuntimeError("step planned for a model whose weights are not resident")
         sample_reqs = [c.request for c in out.chunks if c.sample]
+        # (time_steps) recorded just before the graph replays or the eager forward starts, so a graph step's time
+        # is the device's alone; an eager step's includes the gaps while the host launches its kernels
+        start = torch.cuda.Event(enable_timing=True) if self.time_steps and self.is_cuda and sample_reqs else None
         if out.is_decode and len(out.chunks) in self.bucket_of and not self.hf_exact_decode:
             # (not marked in flight: its logits are sampled below, and nothing captures before that)
-            logits = self._decode_graph(out).logits[: len(out.chunks)]
+            logits = self._decode_graph(out, start=start).logits[: len(out.chunks)]
         else:
+            if start is not None:
+                start.record()
             hidden, idx = self._forward_eager(out)
             logits = llama.compute_logits(self.weights, hidden[idx]) if idx else None
         if on_launch is not None:
@@ -155,7 +162,13 @@ class ModelRunner:
         res: SampleResult = self.sampler(logits, sample_reqs)
         sampled = {r.request_id: t for r, t in zip(sample_reqs, res.token_ids)}
         lps = {r.request_id: lp for r, lp in zip(sample_reqs, res.logprobs or []) if lp}
-        return StepResult(sampled, lps)
+        dev = None
+        if start is not None:  # the tokens are read: the stream is idle, so `end` fires at once
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            dev = start.elapsed_time(end) / 1e3
+        return StepResult(sampled, lps, dev)
 
     def can_launch(self, out: SchedulerOutput) -> bool:
         """Can `out` run as an overlapped decode: a graph bucket, no KV moves, and sampling that needs
@@ -199,7 +212,8 @@ class ModelRunner:
         if step.graph is not None:  # read: its graph may be evicted again (and this step no longer holds it)
             step.graph.in_flight -= 1
             step.graph = None
-        return StepResult({c.request.request_id: t for c, t in zip(step.out.chunks, step.host.tolist())}, {})
+        return StepResult({c.request.request_id: t for c, t in zip(step.out.chunks, step.host.tolist())}, {},
+                          step.device_s())
 
     def swap_kv(self, swap_out, swap_in, wait: bool = True) -> list:
         """KV copies on the swapper's copy stream: out first (GPU -> host), then in. With `wait`, compute
@@ -352,12 +366,16 @@ class ModelRunner:
         triton_decode.warm_up(q, self.kv, bt, torch.ones(1, dtype=torch.int32, device=dev), cfg.head_dim**-0.5,
                               cfg.sliding_window)
 
-    def _decode_graph(self, out: SchedulerOutput, ids: torch.Tensor | None = None) -> _DecodeGraph:
-        """Replay the graph of `out`'s bucket (captured first if missing); its logits' first rows are `out`'s."""
+    def _decode_graph(self, out: SchedulerOutput, ids: torch.Tensor | None = None,
+                      start: torch.cuda.Event | None = None) -> _DecodeGraph:
+        """Replay the graph of `out`'s bucket (captured first if missing); its logits' first rows are `out`'s.
+        `start`: recorded just before the replay (after a capture and the inputs' copies)."""
         b = self.bucket_of[len(out.chunks)]
         g = self.graphs.get(self._graph_id(b)) or self._capture(b)
         g.users.add(self.name)
         g.fill(out, self, ids)
+        if start is not None:
+            start.record()
         g.graph.replay()
         graph_cap.touch(g)
         return g
