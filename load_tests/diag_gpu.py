@@ -561,10 +561,83 @@ def prefill_pooled(model: str, reps: int = 8, device: str = "cuda") -> None:
         multi.close()
 
 
+def pipe_dev(model7: str, model15: str, steps: int = 600, batch: int = 3, device: str = "cuda",
+             budget: str = "40GB", kv_gb: float = 2.0) -> None:
+    """Does a decode step take the device longer when the pooled engine queues it before the step in flight is read
+    (TOKENPOOL_PIPELINE=1) than when the device waits for the host between steps? Served at 36 models (H200, seed 1,
+    f1cd6aa) a pipelined step measured 3.53 ms of device time against 2.5-3.3 unpipelined, but over another mix of
+    steps. Here one pooled engine hosts a 7B and a 1.5B, both resident (no weight traffic), each with `batch`
+    greedy streams, and steps `steps` times with the pipeline off, then on; every step read is timed by CUDA events
+    (TOKENPOOL_TIME_STEPS) and booked by model and batch: device ms a step, and the device's share of the wall."""
+    import random
+
+    from token_scheduler import multi_engine as me
+    from token_scheduler.engine import EngineConfig
+    from token_scheduler.request import SamplingParams
+
+    for pipe in (False, True):
+        me.PIPELINE, me.TIME_STEPS = pipe, True
+        multi = me.MultiModelEngine({n: EngineConfig(model=m, device=device, served_model_name=n, max_num_seqs=8)
+                                     for n, m in (("7b", model7), ("1.5b", model15))},
+                                    policy="token", device=device, gpu_budget=budget, kv_cache_gb=kv_gb)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        books: dict = {}
+        for name, eng in multi.engines.items():
+            for fn in ("execute", "read"):
+                orig = getattr(eng.runner, fn)
+
+                def timed(*a, orig=orig, name=name, fn=fn, books=books, **kw):
+                    res = orig(*a, **kw)
+                    if res.device_s is not None:
+                        out = a[0].out if fn == "read" else a[0]
+                        if out.is_decode:
+                            books.setdefault((name, len(out.chunks), fn), []).append(res.device_s)
+                    return res
+                setattr(eng.runner, fn, timed)
+        rng = random.Random(0)
+        try:
+            # one model stepping alone (turns of many steps: the pipeline keeps the device busy), then both
+            for phase, active in enumerate((("7b",), ("1.5b",), ("7b", "1.5b"))):
+                rids = []
+                for name in active:
+                    vocab = multi.engines[name].model_config.vocab_size
+                    for i in range(batch):
+                        rids.append(f"{phase}/{name}/{i}")
+                        multi.add_request(rids[-1], [rng.randrange(10, vocab - 10) for _ in range(100)],
+                                          SamplingParams(max_tokens=100000, temperature=0, ignore_eos=True),
+                                          model=name)
+                for _ in range(60):  # warm: weights in, graphs captured, prefills done
+                    multi.step_tokens()
+                multi._settle()
+                sync()
+                books.clear()
+                p0, sw0 = multi.timing["pipelined_steps"], multi.switches
+                t = time.perf_counter()
+                for _ in range(steps):
+                    multi.step_tokens()
+                multi._settle()
+                sync()
+                wall = time.perf_counter() - t
+                dev = sum(sum(v) for v in books.values()) or float("nan")
+                print(f"pipeline={int(pipe)} {'+'.join(active)}: {steps} steps in {wall * 1e3:.1f} ms "
+                      f"({wall / steps * 1e3:.3f} ms a step), device {dev * 1e3:.1f} ms timed ({dev / wall:.3f} of the "
+                      f"wall), pipelined {multi.timing['pipelined_steps'] - p0:.0f}, switches {multi.switches - sw0}")
+                for (name, b, fn), v in sorted(books.items()):
+                    v = sorted(v)
+                    print(f"  {name:5s} batch {b} via {fn:7s}: {len(v):4d} steps, device ms mean "
+                          f"{sum(v) / len(v) * 1e3:.3f} p50 {v[len(v) // 2] * 1e3:.3f} p90 {v[int(len(v) * 0.9)] * 1e3:.3f}")
+                for rid in rids:
+                    multi.abort_request(rid)
+                multi.run()
+        finally:
+            multi.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["kv", "gemv", "gemv-triton", "rows-triton", "step", "step-sweep", "prefill",
-                                     "prefill-pooled"])
+                                     "prefill-pooled", "pipe-dev"])
+    ap.add_argument("--model15", help="pipe-dev: the 1.5B beside --model (the 7B)")
     ap.add_argument("--model")
     ap.add_argument("--variants", help="step: only these variants, comma-separated (e.g. 'default,no pdl')")
     ap.add_argument("--batch", help="step: batch sizes (default 1,8); step-sweep: one batch size (default 1)")
@@ -576,6 +649,7 @@ def main() -> None:
      "step-sweep": lambda: step_sweep(a.model, int(a.batch or 1), a.context),
      "prefill": lambda: prefill(a.model),
      "prefill-pooled": lambda: prefill_pooled(a.model),
+     "pipe-dev": lambda: pipe_dev(a.model, a.model15),
      "rows-triton": lambda: rows_triton(a.model, [int(b) for b in (a.batch or "8,32").split(",")])}[a.what]()
 
 

@@ -38,6 +38,8 @@
 #            for each TOKENPOOL_ROWWISE_PREFILL_MAX in PREFILL_ROWWISE (default: "default", e.g. "default 4194304")
 #   prefpool issue 14: a pooled engine's prefill step (two aliases in a 20 GB arena, warm): host ms until queued and a
 #            cProfile (diag_gpu prefill-pooled), on the bench models of PREFPOOL_SIZES (default "1.5b 7b")
+#   pipedev  issue 14: diag_gpu pipe-dev: a decode step's device time (CUDA events) with the pooled engine's pipeline
+#            off and on, a bench 7B and 1.5B both resident, each stepping alone and both together
 #   dash     issue 18: tokenpool suite dashboards on this machine's CPUs (50 dashboards under 48 streams)
 # Usage (device tool, repo root, carry .whl): TOKENPOOL_COMMIT=<sha> PARTS="many" bash load_tests/gpu_runs/session10.sh
 source "$(dirname "$0")/prelude.sh"
@@ -53,7 +55,7 @@ from load_tests.workload import parse_models
 make_models(parse_models('1x7b,1x1.5b'), Path('~/.cache/tokenpool/bench-models').expanduser())" >> "$OUT/make_bench.log" 2>&1
 }
 for part in ${PARTS:-many}; do
-  case $part in many|serve|poolreal|request|two|ab|profile|prefill|prefpool) ensure_models || at "make (before $part)" $? ;; esac
+  case $part in many|serve|poolreal|request|two|ab|profile|prefill|prefpool|pipedev) ensure_models || at "make (before $part)" $? ;; esac
   case $part in
 make) ensure_models; at make $?; tail -2 "$OUT/make_bench.log" ;;
 many) IFS=';' read -ra mixes <<< "${MANY:-10x7b,15x1.5b}"
@@ -159,6 +161,9 @@ prefpool) for sz in ${PREFPOOL_SIZES:-1.5b 7b}; do timeout "${LIMIT_PREFPOOL:-15
       --model ~/.cache/tokenpool/bench-models/qwen2-$sz-bf16 > "$OUT/prefill_pooled_$sz.log" 2>&1; at "prefpool $sz" $?
     grep -E "^profiled prefill|Error" "$OUT/prefill_pooled_$sz.log" | cut -c1-300
     grep -A30 "Ordered by: internal" "$OUT/prefill_pooled_$sz.log" | cut -c1-200; done ;;
+pipedev) timeout "${LIMIT_PIPEDEV:-200}" python3 -m load_tests.diag_gpu pipe-dev --model ~/.cache/tokenpool/bench-models/qwen2-7b-bf16 \
+    --model15 ~/.cache/tokenpool/bench-models/qwen2-1.5b-bf16 > "$OUT/pipe_dev.log" 2>&1; at pipedev $?
+  grep -vE "Warning|warn" "$OUT/pipe_dev.log" | tail -30 | cut -c1-300 ;;
 dash) timeout "${LIMIT_DASH:-200}" python3 -m controller.cli suite dashboards --duration 10 --rounds "${DASH_ROUNDS:-6}" \
     --streams 48 --dashboards "${DASH_N:-50}" --model pace --json "$OUT/dashboard_cost.json" > "$OUT/dash.log" 2>&1; at dash $?
   tail -5 "$OUT/dash.log" | cut -c1-400 ;;
