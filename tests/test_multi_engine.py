@@ -247,7 +247,6 @@ def test_one_set_of_batch_limits_and_the_cost_model_learns_what_ran(make_tiny):
         multi.add_request(f"r{i}", list(range(5, 35)), SamplingParams(max_tokens=3, ignore_eos=True), model="a")
     while multi.has_unfinished_requests():
         multi.step()
-        multi.timing_summary()  # a step's books are applied at the next one's launch, or by a reader of them
         out = multi.engines["a"].last_out
         if out is not None and out.chunks:
             assert len(out.chunks) <= 3 and out.num_tokens <= 40
@@ -556,7 +555,6 @@ def test_where_each_kind_of_step_spent_its_time(make_tiny, host_cache):
         multi.add_request(f"r{i}", "hello there", SamplingParams(max_tokens=n, ignore_eos=True), model="a")
     while multi.has_unfinished_requests():
         multi.step()
-    multi.timing_summary()  # (the last step's books are applied by a reader, or at the next step's launch)
     tm = multi.timing
     kinds = {k: int(tm[f"ph_{k}_steps"]) for k in ("prefill", "d1", "d2", "d3")}
     # one prefill of the three (their first tokens), then decodes: 2 of three, 2 of two, 2 of one

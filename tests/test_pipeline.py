@@ -365,7 +365,9 @@ def test_a_callers_pause_between_steps_is_not_priced_into_pipelined_steps(make_t
         time.sleep(0.04)  # the caller's own work
     c = multi.snapshot()["counters"]
     assert c["pipelined_steps"] > 0 and learned
-    # every step learned took less than the pause; their sum is within the time spent inside step calls
-    assert max(learned) < 0.04, learned
+    # the steps learned are priced at their own time, not the pause: a priced pause would put every one at 40 ms or
+    # more, so their median is far below it (not their max: on 2 loaded cores one step of a tiny model took 50 ms);
+    # and their sum is within the time spent inside step calls
+    assert sorted(learned)[len(learned) // 2] < 0.02, learned
     assert sum(learned) <= t_steps * 1.05
     _no_leak(multi)

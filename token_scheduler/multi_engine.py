@@ -166,8 +166,6 @@ class MultiModelEngine:
         # Plan-ahead: (the plan, the policy's checkpoint before it, {id(request)} of the step it was made
         # beside, when it was made), or None
         self._ahead: tuple | None = None
-        # The last step read unpipelined, to be learned and booked (`_apply_books`), or None
-        self._books: tuple | None = None
         self._can_plan_ahead = hasattr(self.policy, "checkpoint")
         self.plan_ahead = PLAN_AHEAD if plan_ahead is None else plan_ahead  # (see the module docstring)
         # One tokenizer per model directory: aliases of a checkpoint share it (a large vocabulary takes ~0.5 s
@@ -503,7 +501,6 @@ class MultiModelEngine:
         t0, c0 = time.perf_counter(), time.thread_time()
         plan = self._take_ahead() if self._ahead is not None else None
         if plan is None:
-            self._apply_books()
             self._sync()
             plan = self.policy.schedule(self.state)
         # the CPU clock read inside the wall interval: CPU <= wall for intervals of a few µs (an early plan's check)
@@ -546,30 +543,13 @@ class MultiModelEngine:
             # (a step kept in flight is learned from when it is read; a step that captured a CUDA graph is not
             # learned: its tens of ms of capture, warm-up forwards included, are not what the shape costs)
             if ran.chunks and self._pipe is None and self._captures(eng) == captures:
-                # booked later (`_apply_books`): at the next step's launch, while the device runs it
-                self._books = (plan.model, ran, t3 - t2, (t2, c2), at_launch[0] if at_launch else None, eng.t_read,
-                               (t3, time.thread_time()), eng.device_s)
+                shape = _ran_shape(ran)
+                self.cost.observe_step(plan.model, shape, t3 - t2)
+                if at_launch and eng.t_read is not None:
+                    self._phases(shape, (t2, c2), at_launch[0], eng.t_read, (t3, time.thread_time()),
+                                 dev=eng.device_s)
             self._stepped(plan.model, t3 - t2)
         return self._after_step(plan.model, outputs)
-
-    def _apply_books(self) -> None:
-        """The cost model learns the last step read unpipelined, and `_phases` books where its time went. Deferred
-        from the step's end to the next step's launch (`_plan_ahead`, before it plans), or to whatever reads them
-        first (a plan made at a step's start, `snapshot`, `timing_summary`, `_settle`, the late watch): between a
-        step's read and the next launch the device waits for the host, and on the H200 host this bookkeeping was ~2%
-        of a served step's time (py-spy, 37 models: `CostModel.observe_step` 2.05% of `step_tokens`). A plan made
-        beside the next step sees the same costs as before: this step's were learned after its read, which is after
-        that plan's hook."""
-        b, self._books = self._books, None
-        if b is None:
-            return
-        name, ran, dt, pre, launched, read, post, dev = b
-        if name not in self.engines:  # removed since (the cost model forgot it)
-            return
-        shape = _ran_shape(ran)
-        self.cost.observe_step(name, shape, dt)
-        if launched is not None and read is not None:
-            self._phases(shape, pre, launched, read, post, dev=dev)
 
     def _phases(self, shape: StepShape, t2, launched, read, t3, kind: str | None = None,
                 dev: float | None = None) -> None:
@@ -631,7 +611,6 @@ class MultiModelEngine:
         step (`stepped`) still owe -- no step runs for them; looked for only after an abort, not in every model at
         every step."""
         if self.state.now >= self._late_check:
-            self._apply_books()  # (its events carry the cost model's price of each late model's next step)
             self._watch_late(self.state.now)
         if self._aborts_owed:
             self._aborts_owed = False
@@ -671,10 +650,9 @@ class MultiModelEngine:
     def _settle(self) -> None:
         """Before a change from outside a step (a model added or removed, an abort, pins, preloads, keep-alive
         evictions, counters reset, close): the step in flight read (`_flush`) and the early plan undone
-        (`_drop_ahead`), and the last step's books applied (`_apply_books`)."""
+        (`_drop_ahead`)."""
         self._flush()
         self._drop_ahead()
-        self._apply_books()
 
     def _flush(self, learn: bool = False) -> None:
         """(Pipeline) Read the step left in flight and apply its tokens, their outputs owed by the next step; before
@@ -787,7 +765,6 @@ class MultiModelEngine:
         at once (the policy's checkpoint restored) and the next step plans as usual: its moves were judged against
         KV and weights the running step still changes, and an idle plan saves nothing."""
         tm = self.timing
-        self._apply_books()  # (the step before's: beside this one, which the device runs now)
         t0, c0 = time.perf_counter(), time.thread_time()
         self._drop_ahead()  # (none is pending here: the step took it)
         policy = self.policy
@@ -882,7 +859,6 @@ class MultiModelEngine:
     def snapshot(self) -> dict:
         """What this device's models and memory are doing now, for the admin API and the dashboard (plain data,
         cheap: no tensors)."""
-        self._apply_books()
         mem, now = self.memory, time.monotonic()
         models = {}
         for name, eng in self.engines.items():
@@ -965,7 +941,6 @@ class MultiModelEngine:
     def timing_summary(self) -> dict:
         """Where the step loop's time went. `policy_frac`: the policy CPU time of the steps that ran over their
         wall time (weights/KV moves + engine steps); idle plans are counted apart (`idle_policy_s`)."""
-        self._apply_books()
         tm = self.timing
         n = max(1.0, tm["steps"])
         work = tm["memory_s"] + tm["engine_s"]
