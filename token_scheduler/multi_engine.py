@@ -57,6 +57,11 @@ came out near the device's times (7B 3.30 ms + 0.60 a sequence, against 3.81 + 0
 badly, 41.2% (bench/results/serve_h200_models36_seed0_1b95bf0_pipeline_across.json): the same tokens per second of
 device time, fewer and larger steps, 401 late episodes against 8, TTFT p50 4.7 s against 2.2. So the prices were not
 the cause; what is was not found. Reverted.
+The pipeline within a turn (this flag) does not slow the device: a step queued back to back took the same device time
+as one the device waited for (H200, `diag_gpu pipe-dev`: 7B 4.58 ms either way, 1.5B 1.78 against 1.86; a step's
+wall 4.96 -> 4.58 and 2.15 -> 1.79 ms; bench/results/pipeline_device_time_h200_d9f1c6f.json). Served at 36 models
+(seed 1) it still fell to 49.5% against 88.8% off, with the late models' last turns 22 steps long at the median against
+8, and their 1.5B turns' steps at 3.4 ms against a price of 2.4: how the policy's turns come out under it is the lead.
 """
 
 from __future__ import annotations
