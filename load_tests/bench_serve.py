@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 import uuid
 from pathlib import Path
@@ -244,7 +245,7 @@ def windows(records: list[RequestRecord], samples: list, before: dict, after: di
                                                               "engine_busy_frac", "step_thread_busy_frac",
                                                               "late_episodes", "graph_captures", "graph_capture_s",
                                                               "graph_evictions", "round_wall_over_planned",
-                                                              "decode_device_busy_frac")})
+                                                              "round_planned_mean_s", "decode_device_busy_frac")})
         out.append(w)
     return out
 
@@ -269,8 +270,11 @@ def _pool_counters(url: str, token: str | None) -> dict:
             out[k] = out.get(k, 0) + v
         out["per_engine"][e["id"]] = {**one, "models": sorted(r["model"] for r in e["models"])}
         steps = out.setdefault("model_steps", {})  # each model's steps (a model on two GPUs: summed)
+        priced = out.setdefault("model_priced", {})  # each model's [engine s, s its plans priced the steps at]
         for m, st in (p.get("models") or {}).items():
             steps[m] = steps.get(m, 0) + st.get("steps", 0)
+            e, q = priced.get(m, (0.0, 0.0))
+            priced[m] = (e + st.get("engine_s", 0.0), q + st.get("priced_s", 0.0))
         if p.get("cost_model"):  # the first engine's learned costs (a result's `cost_model`, as bench pool --real's)
             out.setdefault("cost_model", p["cost_model"])
     out.setdefault("steps", 0), out.setdefault("switches", 0), out.setdefault("kv_swapped_out", 0)
@@ -309,6 +313,9 @@ def where_time_went(before: dict, after: dict, wall: float, gpus: int) -> dict:
         # loop whose turns overrun their quotas delays every model queued behind them
         "round_wall_over_planned": (d["round_wall_s"] / d["round_planned_s"]) if d.get("round_planned_s") else None,
         "rounds_overrun_frac": d.get("rounds_overrun", 0) / d["rounds_timed"] if d.get("rounds_timed") else None,
+        # how long the rounds were planned to be (the token rule's R, or the deadline rule's): turns of more steps
+        # come from longer rounds (a pace turn's steps are R x headroom / TPOT, whatever a step is priced at)
+        "round_planned_mean_s": d["round_planned_s"] / d["rounds_timed"] if d.get("rounds_timed") else None,
         "step_phases": step_phases(d),
         # (TOKENPOOL_TIME_STEPS) the share of the wall the device spent in decode steps by CUDA events (graph replay
         # and sampling; a pipelined step from the step before's end): what the host's time between steps leaves it.
@@ -327,6 +334,28 @@ def _decode_device_s(d: dict) -> float | None:
         total += d[f"ph_{kind}_dev_s"] * d.get(f"ph_{kind}_steps", 0) / d[f"ph_{kind}_dev_n"]
         timed += 1
     return total if timed else None
+
+
+def engine_over_priced(before: dict, after: dict) -> dict:
+    """The engine time of the steps that ran over what their plans priced them at (`StepPlan.expected_s`: the cost
+    model's prediction the policy sized turns by), over a point: overall, per model, and per checkpoint size (a
+    served name less its alias number, "qwen2-1.5b-7" -> "qwen2-1.5b"). Above 1, turns run past the time the round
+    planned for them, and every model queued behind waits longer; None where nothing was priced."""
+
+    def ratio(e: float, q: float):
+        return e / q if q > 0 else None
+
+    tot, groups, by_model = [0.0, 0.0], {}, {}
+    for m, (e, q) in sorted(after.items()):
+        e0, q0 = before.get(m, (0.0, 0.0))
+        e, q = e - e0, q - q0
+        by_model[m] = ratio(e, q)
+        g = groups.setdefault(re.sub(r"-\d+$", "", m), [0.0, 0.0])
+        for acc in (tot, g):
+            acc[0] += e
+            acc[1] += q
+    return {"engine_over_priced": ratio(*tot), "by_size": {g: ratio(*v) for g, v in groups.items()},
+            "by_model": by_model}
 
 
 def run_point(url: str, admin_token: str | None, names: list[str], rate: float, *, slo: ModelSLO, duration: float,
@@ -354,6 +383,7 @@ def run_point(url: str, admin_token: str | None, names: list[str], rate: float, 
         # pipeline across models served 41% where the default served 94% with the same device time a token)
         ms0 = before.get("model_steps", {})
         res["steps_per_model"] = {m: n - ms0.get(m, 0) for m, n in sorted(after.get("model_steps", {}).items())}
+        res["priced"] = engine_over_priced(before.get("model_priced", {}), after.get("model_priced", {}))
         if len(after["per_engine"]) > 1:  # each GPU's share: which models it carried, how busy it was
             res["per_engine"] = {eid: {"models": a["models"], "models_before": before["per_engine"].get(eid, {}).get(
                 "models"), **where_time_went(before["per_engine"].get(eid, {}), a, wall, 1)}
@@ -452,6 +482,10 @@ def run_serve(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durat
                                             if k != "step_phases" and v is not None))
                         for kind, ph in res["timing"]["step_phases"].items():
                             say(f"  {kind:7s} " + " ".join(f"{k}={v:.3g}" for k, v in ph.items()))
+                    if res.get("priced") and res["priced"]["engine_over_priced"] is not None:
+                        pr = res["priced"]
+                        say(f"  engine/priced all={pr['engine_over_priced']:.3g} " + " ".join(
+                            f"{g}={v:.3g}" for g, v in pr["by_size"].items() if v is not None))
                     write_json(Path(json_out) if json_out else None, out)
                     if stop_at_miss and s["attainment"] < target:
                         break

@@ -38,6 +38,10 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path, m
         # each model's steps over the point: every step is one model's
         assert set(p["steps_per_model"]) == {"qwen2-1.5b-0", "qwen2-1.5b-1", "qwen2-1.5b-2"}
         assert sum(p["steps_per_model"].values()) == p["steps"]
+        # the steps' engine time against what their plans priced them at, from the server's per-model books
+        pr = p["priced"]
+        assert pr["engine_over_priced"] > 0 and set(pr["by_size"]) == {"qwen2-1.5b"}
+        assert set(pr["by_model"]) == set(p["steps_per_model"])
         t = p["timing"]  # where the served step loop's time went, from the worker's counters
         assert t["engine_ms_per_step"] > 0 and t["policy_us_per_step"] > 0
         assert 0 < t["policy_cpu_us_per_step"] <= t["policy_us_per_step"] * 1.05  # (clock granularities differ)
@@ -128,8 +132,10 @@ def test_where_time_went_prices_rounds_against_their_plan():
     after = {"steps": 110, "rounds_timed": 6, "round_planned_s": 3.0, "round_wall_s": 5.2, "rounds_overrun": 1}
     t = where_time_went(before, after, wall=10.0, gpus=1)
     assert t["round_wall_over_planned"] == 2.0 and t["rounds_overrun_frac"] == 0.25
+    assert t["round_planned_mean_s"] == 0.5
     t = where_time_went(after, after, wall=10.0, gpus=1)
     assert t["round_wall_over_planned"] is None and t["rounds_overrun_frac"] is None
+    assert t["round_planned_mean_s"] is None
 
 
 def test_where_time_went_books_the_device_time_of_decodes():
@@ -149,3 +155,17 @@ def test_where_time_went_books_the_device_time_of_decodes():
     assert t["decode_device_busy_frac"] == pytest.approx((0.2 + 0.45) / 2.0)
     t = where_time_went(before, {"steps": 100, "ph_d1_steps": 100, "ph_d1_seqs": 100}, wall=2.0, gpus=1)
     assert t["decode_device_busy_frac"] is None and "dev_ms" not in t["step_phases"]["d1"]
+
+
+def test_engine_over_priced_by_model_and_size():
+    """The point's engine seconds over priced seconds from the per-model books' deltas: overall, per checkpoint size
+    (the alias number dropped), per model; None for a model none of whose steps was priced over the point."""
+    from load_tests.bench_serve import engine_over_priced
+
+    before = {"qwen2-7b-0": (1.0, 1.0), "qwen2-1.5b-0": (0.5, 0.5)}
+    after = {"qwen2-7b-0": (4.0, 3.0), "qwen2-7b-1": (2.0, 2.0), "qwen2-1.5b-0": (2.5, 1.5), "qwen2-1.5b-1": (0.0, 0.0)}
+    r = engine_over_priced(before, after)
+    assert r["by_model"] == {"qwen2-1.5b-0": 2.0, "qwen2-1.5b-1": None, "qwen2-7b-0": 1.5, "qwen2-7b-1": 1.0}
+    assert r["by_size"] == {"qwen2-1.5b": 2.0, "qwen2-7b": 5.0 / 4.0}
+    assert r["engine_over_priced"] == 7.0 / 5.0
+    assert engine_over_priced({}, {})["engine_over_priced"] is None

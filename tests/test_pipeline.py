@@ -75,8 +75,13 @@ def test_pipeline_equals_alone(make_tiny, pipe, kind, max_round_s):
     multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu",
                              policy_kw={**TURNS, "max_round_s": max_round_s} if max_round_s else {"max_round_s": 0.0})
     _interleaved_equals_alone(multi, alone, kind)
-    c = multi.snapshot()["counters"]
+    snap = multi.snapshot()
+    c = snap["counters"]
     assert multi.switches > 0 and all(n > 0 for n in multi.steps_per_model.values())
+    # each model's steps' engine time, and what their plans priced them at (pipelined steps too): the engine time
+    # of every step is in exactly one model's books
+    assert all(m["engine_s"] > 0 and m["priced_s"] > 0 for m in snap["models"].values())
+    assert sum(m["engine_s"] for m in snap["models"].values()) == pytest.approx(c["engine_s"])
     if max_round_s:  # turns of several steps: pipelined within them
         assert c["pipelined_steps"] > 0 and c["pipeline_kept"] > 0
         # where their time went, booked apart from the steps that ran unpipelined (`timing_summary`'s step_phases)

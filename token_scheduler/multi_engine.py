@@ -134,6 +134,8 @@ class MultiModelEngine:
         self._aborts_owed = False  # abort_request aborted a request since the last step: its final output is owed
         self._loads_seen = 0  # memory.stats.loads_done already fed to the cost model
         self.steps_per_model: dict[str, int] = {}
+        # per model, over the steps that ran: [engine seconds, seconds the plans priced them at] (`_stepped`)
+        self.priced: dict[str, list[float]] = {}
         self.trace: deque[str] = deque(maxlen=4096)  # model of the latest steps, in order (tests, debugging)
         self.switches = 0  # steps whose model differs from the previous step's
         self.kv_swapped_out = 0  # requests whose KV went to host pages (preempted, by any model's plan)
@@ -228,6 +230,7 @@ class MultiModelEngine:
         self.state.models[name] = m
         self._index_queues()
         self.steps_per_model[name] = 0
+        self.priced[name] = [0.0, 0.0]
         self._capacity()
         self._sync_limits()
         self._event("register", name)
@@ -273,6 +276,7 @@ class MultiModelEngine:
         self._last_request.pop(name, None)
         self._keep_alive.pop(name, None)
         self.steps_per_model.pop(name, None)
+        self.priced.pop(name, None)
         self.add_s.pop(name, None)
         self._prune_tokenizers()
         eng.set_weights(None)
@@ -553,7 +557,7 @@ class MultiModelEngine:
                 if at_launch and eng.t_read is not None:
                     self._phases(shape, (t2, c2), at_launch[0], eng.t_read, (t3, time.thread_time()),
                                  dev=eng.device_s)
-            self._stepped(plan.model, t3 - t2)
+            self._stepped(plan.model, t3 - t2, plan.expected_s)
         return self._after_step(plan.model, outputs)
 
     def _phases(self, shape: StepShape, t2, launched, read, t3, kind: str | None = None,
@@ -591,11 +595,15 @@ class MultiModelEngine:
                     self.cost.observe_load(nbytes, secs, hidden_s=hidden)
                 self._loads_seen = st.loads_done
 
-    def _stepped(self, name: str, engine_s: float) -> None:
-        """The books of a step of `name` that ran (its engine time `engine_s`): counters, switches, the timeline."""
+    def _stepped(self, name: str, engine_s: float, priced_s: float = 0.0) -> None:
+        """The books of a step of `name` that ran (its engine time `engine_s`; `priced_s`: what the plan expected it to
+        take, `StepPlan.expected_s`): counters, switches, the timeline."""
         tm = self.timing
         tm["engine_s"] += engine_s
         tm["steps"] += 1
+        pb = self.priced[name]  # [engine seconds, priced seconds]: whether the policy's turns buy what it planned
+        pb[0] += engine_s
+        pb[1] += priced_s
         self.state.active = name
         self._last_run[name] = time.monotonic()
         self._late.discard(name)
@@ -752,7 +760,7 @@ class MultiModelEngine:
             step = eng._inflight
             outputs += eng.complete_inflight()
             self._learn_pipelined(name, step, t2)
-        self._stepped(name, time.perf_counter() - t2)  # (the same model as the step before: no switch)
+        self._stepped(name, time.perf_counter() - t2, plan.expected_s)  # (the same model as before: no switch)
         return self._after_step(name, outputs)
 
     # -- plan-ahead ----------------------------------------------------------------------------------
@@ -880,7 +888,8 @@ class MultiModelEngine:
                 "oldest_wait_s": max(0.0, now - oldest) if oldest is not None else 0.0,
                 "kv_pages_used": sum(len(r.block_ids) for r in s.running),
                 "kv_swapped": sum(len(r.host_block_ids or ()) for r in s.swapped),
-                "steps": self.steps_per_model.get(name, 0)}
+                "steps": self.steps_per_model.get(name, 0),
+                "engine_s": self.priced.get(name, (0.0, 0.0))[0], "priced_s": self.priced.get(name, (0.0, 0.0))[1]}
         if mem is not None:
             held = [n for n in mem.entries if mem.holds(n)]
             weights = sum(mem.slot_bytes(n) for n in held)
@@ -936,6 +945,7 @@ class MultiModelEngine:
         self.trace.clear()
         self.switches = 0
         self.steps_per_model = dict.fromkeys(self.engines, 0)
+        self.priced = {n: [0.0, 0.0] for n in self.engines}
         self.kv_swapped_out = 0
         self.timing = dict.fromkeys(self.timing, 0.0)
         if self.memory is not None:
