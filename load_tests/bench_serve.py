@@ -245,7 +245,8 @@ def windows(records: list[RequestRecord], samples: list, before: dict, after: di
                                                               "engine_busy_frac", "step_thread_busy_frac",
                                                               "late_episodes", "graph_captures", "graph_capture_s",
                                                               "graph_evictions", "round_wall_over_planned",
-                                                              "round_planned_mean_s", "decode_device_busy_frac")})
+                                                              "round_planned_mean_s", "need_round_frac",
+                                                              "decode_device_busy_frac")})
         out.append(w)
     return out
 
@@ -316,6 +317,8 @@ def where_time_went(before: dict, after: dict, wall: float, gpus: int) -> dict:
         # how long the rounds were planned to be (the token rule's R, or the deadline rule's): turns of more steps
         # come from longer rounds (a pace turn's steps are R x headroom / TPOT, whatever a step is priced at)
         "round_planned_mean_s": d["round_planned_s"] / d["rounds_timed"] if d.get("rounds_timed") else None,
+        # the share of rounds formed under the deadline rule (pace quotas did not fit under the round's cap)
+        "need_round_frac": d.get("need_rounds", 0) / d["rounds_formed"] if d.get("rounds_formed") else None,
         "step_phases": step_phases(d),
         # (TOKENPOOL_TIME_STEPS) the share of the wall the device spent in decode steps by CUDA events (graph replay
         # and sampling; a pipelined step from the step before's end): what the host's time between steps leaves it.

@@ -51,6 +51,8 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path, m
         assert t["emit_ms_per_step"] > 0
         # TOKENPOOL_PIPELINE is off by default, plan-ahead on: early plans ran, no step was pipelined
         assert t["pipelined_frac"] == 0 and t["ahead_used_frac"] > 0.5
+        # the token policy's rounds over the point: their planned length, and the share under the deadline rule
+        assert t["round_planned_mean_s"] > 0 and 0 <= t["need_round_frac"] <= 1
         ph = t["step_phases"]  # by kind of step: prefills and decodes (batch sizes), each phase's wall and CPU
         assert "prefill" in ph and sum(k["steps"] for k in ph.values()) == p["steps"]
         assert all(k["pre_ms"] > 0 and k["wait_ms"] > 0 and k["post_ms"] > 0 for k in ph.values())
@@ -128,14 +130,16 @@ def test_where_time_went_prices_rounds_against_their_plan():
     share that overran 1.5x; None when no round was booked over the point."""
     from load_tests.bench_serve import where_time_went
 
-    before = {"steps": 10, "rounds_timed": 2, "round_planned_s": 1.0, "round_wall_s": 1.2, "rounds_overrun": 0}
-    after = {"steps": 110, "rounds_timed": 6, "round_planned_s": 3.0, "round_wall_s": 5.2, "rounds_overrun": 1}
+    before = {"steps": 10, "rounds_timed": 2, "round_planned_s": 1.0, "round_wall_s": 1.2, "rounds_overrun": 0,
+              "rounds_formed": 3, "need_rounds": 1}
+    after = {"steps": 110, "rounds_timed": 6, "round_planned_s": 3.0, "round_wall_s": 5.2, "rounds_overrun": 1,
+             "rounds_formed": 8, "need_rounds": 3}
     t = where_time_went(before, after, wall=10.0, gpus=1)
     assert t["round_wall_over_planned"] == 2.0 and t["rounds_overrun_frac"] == 0.25
-    assert t["round_planned_mean_s"] == 0.5
+    assert t["round_planned_mean_s"] == 0.5 and t["need_round_frac"] == 0.4
     t = where_time_went(after, after, wall=10.0, gpus=1)
     assert t["round_wall_over_planned"] is None and t["rounds_overrun_frac"] is None
-    assert t["round_planned_mean_s"] is None
+    assert t["round_planned_mean_s"] is None and t["need_round_frac"] is None
 
 
 def test_where_time_went_books_the_device_time_of_decodes():

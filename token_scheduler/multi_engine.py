@@ -911,6 +911,8 @@ class MultiModelEngine:
         books = getattr(self.policy, "round_books", None)  # (the token policy) rounds planned against their wall
         if books is not None:
             counters.update(zip(("rounds_timed", "round_planned_s", "round_wall_s", "rounds_overrun"), books))
+            # rounds formed, and how many of them took the deadline rule (quota.need_round: pace quotas did not fit)
+            counters["rounds_formed"], counters["need_rounds"] = self.policy.rounds, self.policy.need_rounds
         if mem is not None:  # the pool's counters (its latest loads aside: asdict copied them, every snapshot)
             counters.update((k, v) for k, v in vars(mem.stats).items() if not isinstance(v, deque))
             # graph_output_bytes: held now (the kept graphs' logits), not summed over time; graph_evictions: over the cap
