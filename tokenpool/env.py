@@ -57,7 +57,8 @@ PIPELINE = Var("TOKENPOOL_PIPELINE", "0", "1: a pooled engine launches a model's
                "anything else completes the step in flight first (A/B runs)")
 TIME_STEPS = Var("TOKENPOOL_TIME_STEPS", "0", "1: a pooled engine times each step's device work with CUDA events (the "
                  "graph replay or eager forward and its sampling; a pipelined step from the step before's end): bench "
-                 "serve's step_phases dev_ms and device_busy_frac. A diagnostic for A/B runs: two events and a read a step")
+                 "serve's step_phases dev_ms and decode_device_busy_frac. A diagnostic for A/B runs: two events and a read a "
+                 "step")
 NEED_KEEP_TURNS = Var("TOKENPOOL_NEED_KEEP_TURNS", "0", "1: a deadline-rule round whose margin, shrunk to fit under its "
                       "cap, leaves no model a turn keeps the last margin that had turns, instead of pace quotas whose "
                       "round nothing caps (token policy, TokenConfig.need_keep_turns; A/B runs)")
