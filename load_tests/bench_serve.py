@@ -118,6 +118,7 @@ class EventLog:
         self.buf, self.counts, self.kept = b"", {}, []
         self._switch_at: dict[str, float] = {}  # engine -> its latest switch (the engine's clock)
         self.turn_s: list[float] = []  # turn lengths: between an engine's consecutive switches
+        self.turn_steps: dict[str, list[int]] = {}  # checkpoint size -> steps of each turn a switch ended
 
     def on_data(self, data: bytes, _now: float, _wall: float) -> None:
         self.buf += data
@@ -140,10 +141,16 @@ class EventLog:
                 if last is not None and at >= last:
                     self.turn_s.append(at - last)
                 self._switch_at[eng] = at
+            if kind == "switch" and isinstance(ev.get("turn_steps"), int) and isinstance(ev.get("previous"), str):
+                self.turn_steps.setdefault(re.sub(r"-\d+$", "", ev["previous"]), []).append(ev["turn_steps"])
 
     def to_dict(self, t0_wall: float) -> dict:
         late = [{**e, "t": round(e["t"] - t0_wall, 3)} for e in self.kept]  # seconds into the point
-        return {"counts": dict(sorted(self.counts.items())), "late": late, "turns": turn_lengths(self.turn_s)}
+        # steps a turn by checkpoint size ("qwen2-7b-3" -> "qwen2-7b"), over every turn a switch ended: whether a
+        # policy's turns come out longer in steps (a pace turn's steps are its round's length x headroom / TPOT)
+        steps = {g: {"turns": len(v), **spread(v, "steps")} for g, v in sorted(self.turn_steps.items())}
+        return {"counts": dict(sorted(self.counts.items())), "late": late,
+                "turns": {**turn_lengths(self.turn_s), "steps_by_size": steps}}
 
 
 def turn_lengths(secs: list[float]) -> dict:

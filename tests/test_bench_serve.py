@@ -62,6 +62,10 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path, m
         # turns, from the switch events' engine times: one fewer than the switches (the first starts the count)
         tr, switches = ev["turns"], ev["counts"].get("switch", 0)
         assert tr["turns"] == max(0, switches - 1)
+        # and the steps of every turn a switch ended, by checkpoint size (the three models are one size)
+        st = tr["steps_by_size"]
+        assert switches == 0 or (set(st) == {"qwen2-1.5b"} and st["qwen2-1.5b"]["turns"] == switches
+                                 and 1 <= st["qwen2-1.5b"]["steps_p50"] <= st["qwen2-1.5b"]["steps_max"])
         assert tr["turns"] == 0 or 0 <= tr["s_p50"] <= tr["s_p90"] <= tr["s_max"] < p["wall_s"] + 30
         w = p["windows"]  # every arrival in one window, every step in one window
         assert len(w) >= 2 and sum(x["arrivals"] for x in w) == len(items) and sum(x["steps"] for x in w) == p["steps"]

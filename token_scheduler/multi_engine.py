@@ -138,6 +138,7 @@ class MultiModelEngine:
         self.priced: dict[str, list[float]] = {}
         self.trace: deque[str] = deque(maxlen=4096)  # model of the latest steps, in order (tests, debugging)
         self.switches = 0  # steps whose model differs from the previous step's
+        self._turn_steps = 0  # steps of the current turn (the latest run of one model's steps)
         self.kv_swapped_out = 0  # requests whose KV went to host pages (preempted, by any model's plan)
         # What happened, for live views (the worker drains it into its Stats): switches, loads, evictions,
         # model registrations; and runs of consecutive steps of one model: [t_wall_start, model, steps, dur_s]
@@ -609,8 +610,10 @@ class MultiModelEngine:
         self._late.discard(name)
         self.steps_per_model[name] += 1
         if self.trace and self.trace[-1] != name:
-            self.switches += 1
-            self._event("switch", name, previous=self.trace[-1])
+            self.switches += 1  # (the event carries the steps of the turn it ends)
+            self._event("switch", name, previous=self.trace[-1], turn_steps=self._turn_steps)
+            self._turn_steps = 0
+        self._turn_steps += 1
         self.trace.append(name)
         tl = self.timeline
         if tl and tl[-1][1] == name:
@@ -945,7 +948,7 @@ class MultiModelEngine:
         """Zero the counters (e.g. after a warm-up); the cost model keeps what it learned."""
         self._settle()
         self.trace.clear()
-        self.switches = 0
+        self.switches = self._turn_steps = 0
         self.steps_per_model = dict.fromkeys(self.engines, 0)
         self.priced = {n: [0.0, 0.0] for n in self.engines}
         self.kv_swapped_out = 0
