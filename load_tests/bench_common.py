@@ -49,6 +49,13 @@ def header() -> dict:
     }
 
 
+def checkpoint_size(name: str) -> str:
+    """A served model's checkpoint size: its name less an alias number ("qwen2-1.5b-7" -> "qwen2-1.5b"); a name
+    without one as it is."""
+    head, _, tail = name.rpartition("-")
+    return head if head and tail.isdigit() else name
+
+
 def spread(xs: list[float], key: str) -> dict:
     """{key_p50, key_p90, key_max} of `xs` (nearest rank; not empty)."""
     xs = sorted(xs)

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from load_tests.bench_common import git_commit
+from load_tests.bench_common import checkpoint_size, git_commit
 from load_tests.simulator import simulate
 from load_tests.workload import generate, parse_models, spec_for
 from token_scheduler.cost_model import H100_PCIE53, HardwareProfile, MeasuredProfile, roofline_for
@@ -108,7 +108,7 @@ def hardware_profile(profile: str, specs: dict) -> HardwareProfile:
     device = d.get("device")  # the GPU it was measured on: its roofline is the floor under the fits
     if "sweep" in d:  # a bench pool --real result
         d = next(iter(d["sweep"].values()))[0]["cost_model"]
-    by_size = {k.rsplit("-", 1)[0] if k.rsplit("-", 1)[-1].isdigit() else k: v for k, v in d.get("step", {}).items()}
+    by_size = {checkpoint_size(k): v for k, v in d.get("step", {}).items()}
     step = {}
     for name in specs:
         fit = d.get("step", {}).get(name) or by_size.get(name.rsplit("-", 1)[0])

@@ -19,14 +19,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
 import time
 import uuid
 from pathlib import Path
 
 import httpx
 
-from load_tests.bench_common import header, spread, write_json
+from load_tests.bench_common import checkpoint_size, header, spread, write_json
 from load_tests.bench_pool import bracket
 from load_tests.bench_pool_real import bound_ratios, make_models, parse_rates, window_arrivals
 from load_tests.sse_client import connect
@@ -142,7 +141,7 @@ class EventLog:
                     self.turn_s.append(at - last)
                 self._switch_at[eng] = at
             if kind == "switch" and isinstance(ev.get("turn_steps"), int) and isinstance(ev.get("previous"), str):
-                self.turn_steps.setdefault(re.sub(r"-\d+$", "", ev["previous"]), []).append(ev["turn_steps"])
+                self.turn_steps.setdefault(checkpoint_size(ev["previous"]), []).append(ev["turn_steps"])
 
     def to_dict(self, t0_wall: float) -> dict:
         late = [{**e, "t": round(e["t"] - t0_wall, 3)} for e in self.kept]  # seconds into the point
@@ -298,6 +297,7 @@ def where_time_went(before: dict, after: dict, wall: float, gpus: int) -> dict:
     d = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
     n = max(1, d.get("steps", 0))
     span = wall * max(1, gpus)
+    dev_s = _decode_device_s(d)
     return {
         "policy_us_per_step": 1e6 * d.get("policy_s", 0) / n, "policy_cpu_us_per_step": 1e6 * d.get("policy_cpu_s", 0) / n,
         "memory_ms_per_step": 1e3 * d.get("memory_s", 0) / n,
@@ -330,7 +330,7 @@ def where_time_went(before: dict, after: dict, wall: float, gpus: int) -> dict:
         # (TOKENPOOL_TIME_STEPS) the share of the wall the device spent in decode steps by CUDA events (graph replay
         # and sampling; a pipelined step from the step before's end): what the host's time between steps leaves it.
         # Prefill steps are left out: their events also span the host's launches of an eager forward.
-        "decode_device_busy_frac": _decode_device_s(d) / span if _decode_device_s(d) is not None else None,
+        "decode_device_busy_frac": None if dev_s is None else dev_s / span,
     }
 
 
@@ -360,7 +360,7 @@ def engine_over_priced(before: dict, after: dict) -> dict:
         e0, q0 = before.get(m, (0.0, 0.0))
         e, q = e - e0, q - q0
         by_model[m] = ratio(e, q)
-        g = groups.setdefault(re.sub(r"-\d+$", "", m), [0.0, 0.0])
+        g = groups.setdefault(checkpoint_size(m), [0.0, 0.0])
         for acc in (tot, g):
             acc[0] += e
             acc[1] += q

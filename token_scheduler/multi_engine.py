@@ -205,7 +205,7 @@ class MultiModelEngine:
                 shared = self.memory.register(name, cfg.model, mc, cfg.torch_dtype, max_len, self.progress)
             t2 = time.perf_counter()
             eng = LLMEngine(cfg, shared_kv=shared, load=self.memory is None, tokenizer=tok)
-            eng.time_launches = PIPELINE or TIME_STEPS  # (`_learn_pipelined`)
+            eng.time_launches = PIPELINE  # (`_learn_pipelined`; and `_phases`' dev_s of a pipelined step)
             eng.runner.time_steps = TIME_STEPS  # (`_phases`: dev_s)
         except BaseException:
             if self.memory is not None:
@@ -886,13 +886,14 @@ class MultiModelEngine:
             else:
                 state = "host"
             oldest = min((r.arrival_time for r in s.waiting), default=None)
+            engine_s, priced_s = self.priced.get(name, (0.0, 0.0))
             models[name] = {
                 "state": state, "waiting": len(s.waiting), "running": len(s.running), "swapped": len(s.swapped),
                 "oldest_wait_s": max(0.0, now - oldest) if oldest is not None else 0.0,
                 "kv_pages_used": sum(len(r.block_ids) for r in s.running),
                 "kv_swapped": sum(len(r.host_block_ids or ()) for r in s.swapped),
                 "steps": self.steps_per_model.get(name, 0),
-                "engine_s": self.priced.get(name, (0.0, 0.0))[0], "priced_s": self.priced.get(name, (0.0, 0.0))[1]}
+                "engine_s": engine_s, "priced_s": priced_s}
         if mem is not None:
             held = [n for n in mem.entries if mem.holds(n)]
             weights = sum(mem.slot_bytes(n) for n in held)
