@@ -231,7 +231,7 @@ class OnlineLinearFit:
     stays symmetric to the bit over any number of updates; a P that stops being a covariance anyway is reset
     to the prior's confidence * I, theta kept."""
 
-    __slots__ = ("theta", "P", "lam", "n", "cap", "clip", "conf", "resid")
+    __slots__ = ("theta", "P", "lam", "n", "cap", "clip", "conf", "resid", "seen")
 
     def __init__(self, prior: tuple[float, ...], confidence: float = 100.0, forgetting: float = 0.999,
                  clip: float | None = None):
@@ -253,23 +253,32 @@ class OnlineLinearFit:
         # alone, a fit that came to price a shape near zero could never climb back (each correction capped at
         # that near-zero price) -- seen served (H200, 10 models at 1.3 req/s/model, seed 1): a 1.5B priced at
         # 0-1.5 ms for decodes measured at 2.4-3.3 ms, for a minute.
+        # `resid` is kept per kind of measurement (`update`'s `kind`: the step fits' decodes and prefills), and each
+        # kind is clipped only after CLIP_AFTER of its own: with one scale, the decodes (~25 a prefill, errors ~0.1
+        # ms) held it at a decode's size, and prefills priced under zero by terms a quiet spell had left wild stayed
+        # so (served, H200, 10 models at 1.44 req/s/model after a point at 0.1: steps ran 1.17x their price, a
+        # 1.5B's attention pairs at -0.48 us each, 79% attainment against 100% from a cold start).
         self.clip = clip
-        self.resid = 0.0
+        self.resid = [0.0, 0.0]
+        self.seen = [0, 0]
 
     def predict(self, x) -> float:
         return sum(map(mul, self.theta, x))
 
-    def update(self, x, y: float, tol: float = 0.0) -> bool:
-        """Fold in one measurement; skipped (returns False) when already predicted within `tol` (relative)."""
+    def update(self, x, y: float, tol: float = 0.0, kind: int = 0) -> bool:
+        """Fold in one measurement; skipped (returns False) when already predicted within `tol` (relative). `kind`
+        (0 or 1): which recent error size clips it (see `resid`)."""
         pred = self.predict(x)
         err = y - pred
         self.n += 1
         if abs(err) <= tol * abs(y):
             return False
-        if self.clip is not None and self.n > CLIP_AFTER:
-            lim = self.clip * max(pred, 3.0 * self.resid)
+        self.seen[kind] += 1
+        if self.clip is not None and self.seen[kind] > CLIP_AFTER:
+            res = self.resid
+            lim = self.clip * max(pred, 3.0 * res[kind])
             err = max(-lim, min(lim, err))
-            self.resid += 0.05 * (abs(err) - self.resid)
+            res[kind] += 0.05 * (abs(err) - res[kind])
         lam, P, k = self.lam, self.P, len(self.theta)
         Px = [sum(map(mul, P[i:i + k], x)) for i in range(0, k * k, k)]  # P x
         denom = lam + sum(map(mul, x, Px))
@@ -393,7 +402,7 @@ class CostModel:
     # -- measurements (reported by the mechanism) --
     def observe_step(self, model: str, shape: StepShape, seconds: float) -> None:
         # Within 0.5% already: skip the O(n^2) update (most steps once the fit has converged).
-        if self._step[model].update(shape.features(), seconds, tol=0.005):
+        if self._step[model].update(shape.features(), seconds, tol=0.005, kind=int(shape.prefills)):
             self._coef.pop(self._key[model], None)
 
     def observe_load(self, nbytes: float, seconds: float, hidden_s: float = 0.0) -> None:
