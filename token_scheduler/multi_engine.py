@@ -60,8 +60,11 @@ the cause; what is was not found. Reverted.
 The pipeline within a turn (this flag) does not slow the device: a step queued back to back took the same device time
 as one the device waited for (H200, `diag_gpu pipe-dev`: 7B 4.58 ms either way, 1.5B 1.78 against 1.86; a step's
 wall 4.96 -> 4.58 and 2.15 -> 1.79 ms; bench/results/pipeline_device_time_h200_d9f1c6f.json). Served at 36 models
-(seed 1) it still fell to 49.5% against 88.8% off, with the late models' last turns 22 steps long at the median against
-8, and their 1.5B turns' steps at 3.4 ms against a price of 2.4: how the policy's turns come out under it is the lead.
+(seed 1) it still fell to 49.5% against 88.8% off (50.2% against 86.1% at adcf9be). Over all turns, not just the late
+models' last ones, pipelined turns are shorter (1.5B p90 3 steps against 15) and steps cost what they were priced at
+(1.03x against 1.02x); what differs is the rounds the token policy plans: 1.8 s against 4.2 s at the mean (0.19 against
+6.4 s in the first, lightly loaded 15 s), taken in full where unpipelined ones end at 0.41 of their plan
+(bench/results/serve_h200_models36_seed1_adcf9be_timed_pipeline.json). Why they come out so short is the lead.
 """
 
 from __future__ import annotations
