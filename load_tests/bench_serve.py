@@ -32,6 +32,7 @@ from load_tests.sse_client import connect
 from load_tests.workload import WorkItem, generate, parse_models
 from token_scheduler.cost_model import PHASE_KINDS, step_phases
 from token_scheduler.policies.slo import ModelSLO, RequestRecord, summarize
+from token_scheduler.policies.token import ROUND_TERMS
 
 ENGINE = {"max_num_seqs": 64, "max_model_len": 4096, "max_num_batched_tokens": 2048}  # as bench pool --real
 
@@ -252,7 +253,7 @@ def windows(records: list[RequestRecord], samples: list, before: dict, after: di
                                                               "late_episodes", "graph_captures", "graph_capture_s",
                                                               "graph_evictions", "round_wall_over_planned",
                                                               "round_planned_mean_s", "need_round_frac",
-                                                              "decode_device_busy_frac")})
+                                                              "round_terms", "decode_device_busy_frac")})
         out.append(w)
     return out
 
@@ -326,12 +327,25 @@ def where_time_went(before: dict, after: dict, wall: float, gpus: int) -> dict:
         "round_planned_mean_s": d["round_planned_s"] / d["rounds_timed"] if d.get("rounds_timed") else None,
         # the share of rounds formed under the deadline rule (pace quotas did not fit under the round's cap)
         "need_round_frac": d.get("need_rounds", 0) / d["rounds_formed"] if d.get("rounds_formed") else None,
+        "round_terms": round_terms(d),
         "step_phases": step_phases(d),
         # (TOKENPOOL_TIME_STEPS) the share of the wall the device spent in decode steps by CUDA events (graph replay
         # and sampling; a pipelined step from the step before's end): what the host's time between steps leaves it.
         # Prefill steps are left out: their events also span the host's launches of an eager forward.
         "decode_device_busy_frac": None if dev_s is None else dev_s / span,
     }
+
+
+def round_terms(d: dict) -> dict | None:
+    """(token policy) What the rounds formed were made of, per round (TokenPolicy.round_terms): models, the PCIe
+    seconds of their weight loads, the cap the least banked slack put on them; and the share of rounds whose length
+    each term set (`bound`). None when no round was formed."""
+    n = d.get("rounds_formed")
+    if not n:
+        return None
+    return {"models_mean": d.get("round_models", 0) / n, "link_mean_s": d.get("round_link_s", 0.0) / n,
+            "cap_mean_s": d.get("round_cap_s", 0.0) / n,
+            "bound": {k: d.get(f"round_{k}", 0) / n for k in ROUND_TERMS[3:]}}
 
 
 def _decode_device_s(d: dict) -> float | None:
@@ -489,7 +503,11 @@ def run_serve(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durat
                         f"switches/s={res.get('switches_per_s', 0):.1f} responses={res['responses']}")
                     if res.get("timing"):
                         say("  " + " ".join(f"{k}={v:.3g}" for k, v in res["timing"].items()
-                                            if k != "step_phases" and v is not None))
+                                            if isinstance(v, (int, float))))
+                        if res["timing"]["round_terms"]:
+                            rt = res["timing"]["round_terms"]
+                            say("  rounds: " + " ".join(f"{k}={v:.3g}" for k, v in rt.items() if k != "bound")
+                                + " bound " + " ".join(f"{k}={v:.2f}" for k, v in rt["bound"].items()))
                         for kind, ph in res["timing"]["step_phases"].items():
                             say(f"  {kind:7s} " + " ".join(f"{k}={v:.3g}" for k, v in ph.items()))
                     if res.get("priced") and res["priced"]["engine_over_priced"] is not None:

@@ -53,6 +53,8 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path, m
         assert t["pipelined_frac"] == 0 and t["ahead_used_frac"] > 0.5
         # the token policy's rounds over the point: their planned length, and the share under the deadline rule
         assert t["round_planned_mean_s"] > 0 and 0 <= t["need_round_frac"] <= 1
+        rt = t["round_terms"]  # ... and what they were made of: every round formed has a model and one bound
+        assert rt["models_mean"] >= 1 and sum(rt["bound"].values()) == pytest.approx(1.0)
         ph = t["step_phases"]  # by kind of step: prefills and decodes (batch sizes), each phase's wall and CPU
         assert "prefill" in ph and sum(k["steps"] for k in ph.values()) == p["steps"]
         assert all(k["pre_ms"] > 0 and k["wait_ms"] > 0 and k["post_ms"] > 0 for k in ph.values())
@@ -177,3 +179,18 @@ def test_engine_over_priced_by_model_and_size():
     assert r["by_size"] == {"qwen2-1.5b": 2.0, "qwen2-7b": 5.0 / 4.0}
     assert r["engine_over_priced"] == 7.0 / 5.0
     assert engine_over_priced({}, {})["engine_over_priced"] is None
+
+
+def test_where_time_went_says_what_the_rounds_were_made_of():
+    """The token policy's round terms over a point (the pooled counters' round_*): models, loads' PCIe seconds and cap
+    per round formed, and the share of rounds each term set; None when no round was formed."""
+    from load_tests.bench_serve import where_time_went
+
+    before = {"steps": 0, "rounds_formed": 2, "round_models": 10, "round_link_s": 1.0, "round_cap_s": 8.0,
+              "round_formula": 1, "round_link": 0, "round_floor": 1, "round_overloaded": 0, "round_need": 0}
+    after = {"steps": 50, "rounds_formed": 6, "round_models": 30, "round_link_s": 2.0, "round_cap_s": 14.0,
+             "round_formula": 2, "round_link": 0, "round_floor": 1, "round_overloaded": 0, "round_need": 3}
+    rt = where_time_went(before, after, wall=1.0, gpus=1)["round_terms"]
+    assert rt["models_mean"] == 5.0 and rt["link_mean_s"] == 0.25 and rt["cap_mean_s"] == 1.5
+    assert rt["bound"] == {"formula": 0.25, "link": 0.0, "floor": 0.0, "overloaded": 0.0, "need": 0.75}
+    assert where_time_went(after, after, wall=1.0, gpus=1)["round_terms"] is None

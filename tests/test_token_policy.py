@@ -229,3 +229,38 @@ def test_a_pace_turn_runs_the_steps_its_quota_was_planned_to_buy():
     assert t.steps_min == 0.0
     t.steps, t.start = 1, st.now - 1.5 * t.quota_s
     assert not pol._continue(st, t)
+
+
+def test_round_terms_book_what_set_each_rounds_length():
+    """TokenPolicy.round_terms, per round formed: its models, their loads' PCIe seconds, its cap, and what set its
+    length -- pace quotas' (C + P) / (1 - S), the PCIe rotation floor, or the deadline rule; a checkpoint and
+    reset_counters cover them."""
+    from token_scheduler.policies.token import ROUND_TERMS
+
+    names = [f"m{i}" for i in range(8)]
+
+    def first_round(residency, capacity, **kw):
+        st = _pool(names, residency=residency, capacity=capacity)
+        for i, n in enumerate(names):
+            st.models[n].running.append(_req(f"r{i}", n, -8.0, 0))  # each stream ~2 s from its next deadline
+        pol = make_policy("token", **kw)
+        cp = pol.checkpoint()
+        assert not pol.schedule(st).idle
+        t = dict(zip(ROUND_TERMS, pol.round_terms))
+        return pol, cp, t, {k: t[k] for k in ROUND_TERMS[3:] if t[k]}
+
+    # 8 loads of 100 ms, 10 ms steps: pace quotas, C / (1 - S) = 6.7 s (over the slack's cap: nothing caps C)
+    pace, cp, t, bound = first_round(Residency.HOST, 10**6, need_keep_turns=False)
+    assert bound == {"formula": 1} and t["models"] == 8 and t["link_s"] == pytest.approx(0.8)
+    assert t["cap_s"] == pytest.approx(2.0, abs=0.2)  # the least banked slack, under max_round_s (4 s)
+    pace.restore(cp)
+    assert pace.round_terms == (0,) * len(ROUND_TERMS)
+    # the same under the deadline rule
+    _, _, t, bound = first_round(Residency.HOST, 10**6, need_keep_turns=True)
+    assert bound == {"need": 1} and t["models"] == 8 and t["link_s"] == pytest.approx(0.8)
+    # every model resident but the arena holds half of them: nothing to load this round, the PCIe rotation floors it
+    pol, _, t, bound = first_round(Residency.RESIDENT, 4000)
+    # (the rotation's 4000 bytes load in the profile's 0.1 s, PCIe at most half busy: 0.2 s)
+    assert bound == {"floor": 1} and t["link_s"] == 0.0 and pol.last_round_s == pytest.approx(0.2)
+    pol.reset_counters()
+    assert pol.round_terms == (0,) * len(ROUND_TERMS)

@@ -57,6 +57,13 @@ from token_scheduler.policies.state import ModelState, PoolState, Residency, Ste
 from tokenpool import env
 
 
+# TokenPolicy.round_terms, summed over the rounds formed: models in the round, the PCIe seconds of their weight loads,
+# the round's cap (max_round_s, lowered to the least banked run slack: token rule), then one count per round of what
+# set its length: `token_round`'s (C + P) / (1 - S), the loads' PCIe time, the PCIe rotation floor, overloaded
+# (S >= 1: max_round_s), or the deadline rule (quota.need_round)
+ROUND_TERMS = ("models", "link_s", "cap_s", "formula", "link", "floor", "overloaded", "need")
+
+
 @dataclass(frozen=True)
 class TokenConfig:
     limits: BatchLimits = field(default_factory=BatchLimits)
@@ -133,6 +140,11 @@ class TokenPolicy:
         # between steps). A tuple, replaced: a checkpoint keeps it as it is.
         self.round_books: tuple[int, float, float, int] = (0, 0.0, 0.0, 0)
         self._round_ran = False  # the round in progress planned a step
+        # Rounds formed, summed (ROUND_TERMS): their models, the PCIe time of their loads, the cap the least banked
+        # slack put on them, and what set each one's length -- whether rounds come out short because few models
+        # join, few of them load, a stream's slack caps them, or the deadline rule planned them. A tuple, as
+        # round_books.
+        self.round_terms: tuple = (0,) * len(ROUND_TERMS)
         self.skips = 0
         self.need_rounds = 0  # rounds planned by the deadline rule
         self.hops = 0  # turns taken ahead of a queued model whose weights were still landing
@@ -194,19 +206,20 @@ class TokenPolicy:
         return (deque(self._queue), self._plan, self._steps, None if t is None else replace(t), dict(self._skipped),
                 dict(self._bonus), self.rounds, self.last_round_s, self.last_round_wall_s, self._round_started,
                 self.skips, self.need_rounds, self.hops, dict(self.turns), dict(self.empty_turns), self.round_books,
-                self._round_ran)
+                self._round_ran, self.round_terms)
 
     def restore(self, cp: tuple) -> None:
         """Back to a `checkpoint` (the round plan is never changed in place: it is kept by reference)."""
         (self._queue, self._plan, self._steps, self._turn, self._skipped, self._bonus, self.rounds, self.last_round_s,
          self.last_round_wall_s, self._round_started, self.skips, self.need_rounds, self.hops, self.turns,
-         self.empty_turns, self.round_books, self._round_ran) = cp
+         self.empty_turns, self.round_books, self._round_ran, self.round_terms) = cp
 
     def reset_counters(self) -> None:
         """Zero what round_info counts (rounds, skips, turns); the schedule state is kept."""
         self.rounds = self.skips = self.need_rounds = self.hops = 0
         self.turns, self.empty_turns = {}, {}
         self.round_books = (0, 0.0, 0.0, 0)
+        self.round_terms = (0,) * len(ROUND_TERMS)
 
     def round_info(self) -> dict:
         p = self._plan
@@ -405,6 +418,8 @@ class TokenPolicy:
             if plan is not None:
                 self._plan = plan
                 self._queue.extend(d.model for d in order if d.model in plan.quota_s)
+                self._book_terms(len(self._queue), sum(d.load_s for d in order if d.model in plan.quota_s),
+                                 cfg.max_round_s, "need")
                 self.rounds += 1
                 self.need_rounds += 1
                 self.last_round_s = plan.length_s
@@ -416,14 +431,20 @@ class TokenPolicy:
             names.sort()
         else:
             names.sort(key=lambda n: (n != st.active, slack[n]))
+        link = sum(d.load_s for d in demands)
         if cfg.quota_rule == "aegaeon":
             plan = aegaeon_round(demands, max_quota_s=cfg.max_round_s)
+            self._book_terms(len(names), link, cfg.max_round_s, "formula")
         else:
             floor = sum(d.decode_step_s + d.switch_s for d in demands)
             cap = min(cfg.max_round_s, max(min(run_slack[n] for n in names), floor))
             rotate = max(0, footprint - st.capacity_bytes)
             r_min = max(cfg.min_round_s, cost.load_time(rotate) / cfg.link_util if rotate else 0.0)
             plan = token_round(demands, cfg.headroom, min(r_min, cap), cap)
+            R = plan.length_s
+            self._book_terms(len(names), link, cap, "overloaded" if plan.overloaded else
+                             "link" if link > 0.0 and R <= link + 1e-9 else
+                             "floor" if r_min > 0.0 and R <= min(r_min, cap) + 1e-9 else "formula")
             if cfg.pace_steps:
                 self._steps = {d.model: plan.quota_s[d.model] / d.decode_step_s for d in demands
                                if d.decode_step_s > 0.0}
@@ -431,6 +452,12 @@ class TokenPolicy:
         self._queue.extend(names)
         self.rounds += 1
         self.last_round_s = plan.length_s
+
+    def _book_terms(self, models: int, link_s: float, cap_s: float, bound: str) -> None:
+        t = self.round_terms
+        k = ROUND_TERMS.index(bound)
+        self.round_terms = (t[0] + models, t[1] + link_s, t[2] + cap_s) + tuple(
+            v + (i == k) for i, v in enumerate(t[3:], start=3))
 
     def _need_rule(self, demands: list[TurnDemand]) -> bool:
         """Whether this round takes the deadline rule: always, or where pace quotas cannot fit under
