@@ -56,7 +56,6 @@ from token_scheduler.policies.slo import next_token_slack
 from token_scheduler.policies.state import ModelState, PoolState, Residency, StepPlan
 from tokenpool import env
 
-
 # TokenPolicy.round_terms, summed over the rounds formed: models in the round, the PCIe seconds of their weight loads,
 # the round's cap (max_round_s, lowered to the least banked run slack: token rule), then one count per round of what
 # set its length: `token_round`'s (C + P) / (1 - S), the loads' PCIe time, the PCIe rotation floor, overloaded
