@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -47,8 +46,9 @@ def server(tmp_path_factory, make_tiny):
 
 
 @pytest.fixture(scope="module")
-def shots():
-    d = Path(os.environ.get("TOKENPOOL_DASHBOARD_SHOTS") or tempfile.mkdtemp(prefix="tokenpool-dashboard-"))
+def shots(tmp_path_factory):
+    # pytest's own temporary directory by default (it keeps the last few runs'), not a new /tmp directory a run
+    d = Path(os.environ.get("TOKENPOOL_DASHBOARD_SHOTS") or tmp_path_factory.mktemp("dashboard-shots"))
     d.mkdir(parents=True, exist_ok=True)
     print(f"\ndashboard screenshots: {d}")
     return d
