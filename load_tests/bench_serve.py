@@ -32,7 +32,7 @@ from load_tests.sse_client import connect
 from load_tests.workload import WorkItem, generate, parse_models
 from token_scheduler.cost_model import PHASE_KINDS, step_phases
 from token_scheduler.policies.slo import ModelSLO, RequestRecord, summarize
-from token_scheduler.policies.token import ROUND_TERMS
+from token_scheduler.policies.token import ROUND_TERMS, TURN_ENDS
 
 ENGINE = {"max_num_seqs": 64, "max_model_len": 4096, "max_num_batched_tokens": 2048}  # as bench pool --real
 
@@ -253,7 +253,7 @@ def windows(records: list[RequestRecord], samples: list, before: dict, after: di
                                                               "late_episodes", "graph_captures", "graph_capture_s",
                                                               "graph_evictions", "round_wall_over_planned",
                                                               "round_planned_mean_s", "need_round_frac",
-                                                              "round_terms", "decode_device_busy_frac")})
+                                                              "round_terms", "turn_ends", "decode_device_busy_frac")})
         out.append(w)
     return out
 
@@ -328,6 +328,8 @@ def where_time_went(before: dict, after: dict, wall: float, gpus: int) -> dict:
         # the share of rounds formed under the deadline rule (pace quotas did not fit under the round's cap)
         "need_round_frac": d.get("need_rounds", 0) / d["rounds_formed"] if d.get("rounds_formed") else None,
         "round_terms": round_terms(d),
+        # (token policy) why turns ended: out of work, their time spent, or cut at twice their quota still short
+        "turn_ends": turn_ends(d),
         "step_phases": step_phases(d),
         # (TOKENPOOL_TIME_STEPS) the share of the wall the device spent in decode steps by CUDA events (graph replay
         # and sampling; a pipelined step from the step before's end): what the host's time between steps leaves it.
@@ -346,6 +348,13 @@ def round_terms(d: dict) -> dict | None:
     return {"models_mean": d.get("round_models", 0) / n, "link_mean_s": d.get("round_link_s", 0.0) / n,
             "cap_mean_s": d.get("round_cap_s", 0.0) / n,
             "bound": {k: d.get(f"round_{k}", 0) / n for k in ROUND_TERMS[3:]}}
+
+
+def turn_ends(d: dict) -> dict | None:
+    """(token policy) The turns that ended over a point, and the share that ended each way (TokenPolicy.turn_ends);
+    None when none did."""
+    n = sum(d.get(f"turn_end_{k}", 0) for k in TURN_ENDS)
+    return {"turns": n, **{k: d.get(f"turn_end_{k}", 0) / n for k in TURN_ENDS}} if n else None
 
 
 def _decode_device_s(d: dict) -> float | None:
@@ -508,6 +517,8 @@ def run_serve(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durat
                             rt = res["timing"]["round_terms"]
                             say("  rounds: " + " ".join(f"{k}={v:.3g}" for k, v in rt.items() if k != "bound")
                                 + " bound " + " ".join(f"{k}={v:.2f}" for k, v in rt["bound"].items()))
+                        if res["timing"]["turn_ends"]:
+                            say("  turns ended: " + " ".join(f"{k}={v:.3g}" for k, v in res["timing"]["turn_ends"].items()))
                         for kind, ph in res["timing"]["step_phases"].items():
                             say(f"  {kind:7s} " + " ".join(f"{k}={v:.3g}" for k, v in ph.items()))
                     if res.get("priced") and res["priced"]["engine_over_priced"] is not None:

@@ -55,6 +55,8 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path, m
         assert t["round_planned_mean_s"] > 0 and 0 <= t["need_round_frac"] <= 1
         rt = t["round_terms"]  # ... and what they were made of: every round formed has a model and one bound
         assert rt["models_mean"] >= 1 and sum(rt["bound"].values()) == pytest.approx(1.0)
+        te = t["turn_ends"]  # why turns ended, each turn one way
+        assert te["turns"] > 0 and te["drained"] + te["quota"] + te["limit"] == pytest.approx(1.0)
         ph = t["step_phases"]  # by kind of step: prefills and decodes (batch sizes), each phase's wall and CPU
         assert "prefill" in ph and sum(k["steps"] for k in ph.values()) == p["steps"]
         assert all(k["pre_ms"] > 0 and k["wait_ms"] > 0 and k["post_ms"] > 0 for k in ph.values())
@@ -194,3 +196,8 @@ def test_where_time_went_says_what_the_rounds_were_made_of():
     assert rt["models_mean"] == 5.0 and rt["link_mean_s"] == 0.25 and rt["cap_mean_s"] == 1.5
     assert rt["bound"] == {"formula": 0.25, "link": 0.0, "floor": 0.0, "overloaded": 0.0, "need": 0.75}
     assert where_time_went(after, after, wall=1.0, gpus=1)["round_terms"] is None
+    before.update(turn_end_drained=5, turn_end_quota=5, turn_end_limit=0)
+    after.update(turn_end_drained=10, turn_end_quota=20, turn_end_limit=5)
+    assert where_time_went(before, after, wall=1.0, gpus=1)["turn_ends"] == {
+        "turns": 25, "drained": 0.2, "quota": 0.6, "limit": 0.2}
+    assert where_time_went(after, after, wall=1.0, gpus=1)["turn_ends"] is None

@@ -222,9 +222,14 @@ def test_a_pace_turn_runs_the_steps_its_quota_was_planned_to_buy():
     t.steps, t.start = 1, st.now - 1.5 * t.quota_s  # its steps took longer than predicted: quota spent, 1 step run
     assert pol._continue(st, t)
     t.steps = int(t.steps_min) + 1  # the steps it bought: the turn ends
-    assert not pol._continue(st, t)
+    assert not pol._continue(st, t) and pol.turn_ends == (0, 1, 0)  # (booked: its quota spent, its need met)
     t.steps, t.start = 1, st.now - (2.0 * t.quota_s + 0.11)  # and never past twice its quota + 0.1 s
-    assert not pol._continue(st, t)
+    assert not pol._continue(st, t) and pol.turn_ends == (0, 1, 1)  # (booked: cut at the limit, still short)
+    st.models["a"].running.clear()  # out of work: the turn ends whatever its quota
+    t.steps, t.start = 1, st.now
+    assert not pol._continue(st, t) and pol.turn_ends == (1, 1, 1)
+    pol.reset_counters()
+    assert pol.turn_ends == (0, 0, 0)
     st, pol, t = first_turn(pace_steps=False)
     assert t.steps_min == 0.0
     t.steps, t.start = 1, st.now - 1.5 * t.quota_s

@@ -93,7 +93,7 @@ from token_scheduler.graph_cap import CAPTURES, CAPTURES_ZERO
 from token_scheduler.policies import make_policy
 from token_scheduler.policies.slo import ModelSLO, next_token_slack
 from token_scheduler.policies.state import ModelState, PoolState, Residency, StepPlan
-from token_scheduler.policies.token import ROUND_TERMS
+from token_scheduler.policies.token import ROUND_TERMS, TURN_ENDS
 from token_scheduler.request import Request, RequestOutput, RequestStatus, SamplingParams, TokenOutput
 from tokenpool import env
 
@@ -922,6 +922,7 @@ class MultiModelEngine:
             # rounds formed, and how many of them took the deadline rule (quota.need_round: pace quotas did not fit)
             counters["rounds_formed"], counters["need_rounds"] = self.policy.rounds, self.policy.need_rounds
             counters.update(zip((f"round_{k}" for k in ROUND_TERMS), self.policy.round_terms))
+            counters.update(zip((f"turn_end_{k}" for k in TURN_ENDS), self.policy.turn_ends))
         if mem is not None:  # the pool's counters (its latest loads aside: asdict copied them, every snapshot)
             counters.update((k, v) for k, v in vars(mem.stats).items() if not isinstance(v, deque))
             # graph_output_bytes: held now (the kept graphs' logits), not summed over time; graph_evictions: over the cap

@@ -61,6 +61,9 @@ from tokenpool import env
 # set its length: `token_round`'s (C + P) / (1 - S), the loads' PCIe time, the PCIe rotation floor, overloaded
 # (S >= 1: max_round_s), or the deadline rule (quota.need_round)
 ROUND_TERMS = ("models", "link_s", "cap_s", "formula", "link", "floor", "overloaded", "need")
+# Why turns ended (TokenPolicy.turn_ends): the model ran out of work; its time quota was spent with its streams'
+# need met; or it was cut at twice its quota (+ 0.1 s) with a stream still short of its target or its pace steps
+TURN_ENDS = ("drained", "quota", "limit")
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,7 @@ class TokenPolicy:
         # join, few of them load, a stream's slack caps them, or the deadline rule planned them. A tuple, as
         # round_books.
         self.round_terms: tuple = (0,) * len(ROUND_TERMS)
+        self.turn_ends: tuple = (0,) * len(TURN_ENDS)  # turns that ended, by why (TURN_ENDS); a tuple, as above
         self.skips = 0
         self.need_rounds = 0  # rounds planned by the deadline rule
         self.hops = 0  # turns taken ahead of a queued model whose weights were still landing
@@ -205,13 +209,13 @@ class TokenPolicy:
         return (deque(self._queue), self._plan, self._steps, None if t is None else replace(t), dict(self._skipped),
                 dict(self._bonus), self.rounds, self.last_round_s, self.last_round_wall_s, self._round_started,
                 self.skips, self.need_rounds, self.hops, dict(self.turns), dict(self.empty_turns), self.round_books,
-                self._round_ran, self.round_terms)
+                self._round_ran, self.round_terms, self.turn_ends)
 
     def restore(self, cp: tuple) -> None:
         """Back to a `checkpoint` (the round plan is never changed in place: it is kept by reference)."""
         (self._queue, self._plan, self._steps, self._turn, self._skipped, self._bonus, self.rounds, self.last_round_s,
          self.last_round_wall_s, self._round_started, self.skips, self.need_rounds, self.hops, self.turns,
-         self.empty_turns, self.round_books, self._round_ran, self.round_terms) = cp
+         self.empty_turns, self.round_books, self._round_ran, self.round_terms, self.turn_ends) = cp
 
     def reset_counters(self) -> None:
         """Zero what round_info counts (rounds, skips, turns); the schedule state is kept."""
@@ -219,6 +223,7 @@ class TokenPolicy:
         self.turns, self.empty_turns = {}, {}
         self.round_books = (0, 0.0, 0.0, 0)
         self.round_terms = (0,) * len(ROUND_TERMS)
+        self.turn_ends = (0,) * len(TURN_ENDS)
 
     def round_info(self) -> dict:
         p = self._plan
@@ -233,7 +238,7 @@ class TokenPolicy:
     def _continue(self, st: PoolState, t: _Turn) -> bool:
         m = st.models[t.model]
         if not m.has_work:
-            return False
+            return self._ended(0)
         if t.steps == 0:
             return True
         if t.start is None:
@@ -249,8 +254,16 @@ class TokenPolicy:
             return True
         if self.cfg.extend_on_load and m.running and self._queue:
             nxt = st.models[self._queue[0]]
-            return (nxt.residency == Residency.LOADING and nxt.ready_at > st.now + t.first_s
-                    and self._hop(st) is None)
+            if nxt.residency == Residency.LOADING and nxt.ready_at > st.now + t.first_s and self._hop(st) is None:
+                return True
+        # its time spent: with its need met (quota), or cut at twice its quota with streams still short (limit)
+        short = (t.target is not None and not covered(m, t.target)) or t.steps < t.steps_min
+        return self._ended(2 if short else 1)
+
+    def _ended(self, why: int) -> bool:
+        """Book why a turn ended (TURN_ENDS' index) and say so (False: it does not continue)."""
+        e = self.turn_ends
+        self.turn_ends = e[:why] + (e[why] + 1,) + e[why + 1:]
         return False
 
     def _pop_next(self, st: PoolState) -> str:
