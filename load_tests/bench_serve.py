@@ -518,7 +518,8 @@ def run_serve(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durat
                             say("  rounds: " + " ".join(f"{k}={v:.3g}" for k, v in rt.items() if k != "bound")
                                 + " bound " + " ".join(f"{k}={v:.2f}" for k, v in rt["bound"].items()))
                         if res["timing"]["turn_ends"]:
-                            say("  turns ended: " + " ".join(f"{k}={v:.3g}" for k, v in res["timing"]["turn_ends"].items()))
+                            te = res["timing"]["turn_ends"]
+                            say(f"  turns ended: {te['turns']} " + " ".join(f"{k}={te[k]:.3f}" for k in TURN_ENDS))
                         for kind, ph in res["timing"]["step_phases"].items():
                             say(f"  {kind:7s} " + " ".join(f"{k}={v:.3g}" for k, v in ph.items()))
                     if res.get("priced") and res["priced"]["engine_over_priced"] is not None:
