@@ -262,8 +262,9 @@ class TokenPolicy:
 
     def _ended(self, why: int) -> bool:
         """Book why a turn ended (TURN_ENDS' index) and say so (False: it does not continue)."""
-        e = self.turn_ends
-        self.turn_ends = e[:why] + (e[why] + 1,) + e[why + 1:]
+        e = list(self.turn_ends)
+        e[why] += 1
+        self.turn_ends = tuple(e)
         return False
 
     def _pop_next(self, st: PoolState) -> str:
@@ -451,12 +452,12 @@ class TokenPolicy:
             floor = sum(d.decode_step_s + d.switch_s for d in demands)
             cap = min(cfg.max_round_s, max(min(run_slack[n] for n in names), floor))
             rotate = max(0, footprint - st.capacity_bytes)
-            r_min = max(cfg.min_round_s, cost.load_time(rotate) / cfg.link_util if rotate else 0.0)
-            plan = token_round(demands, cfg.headroom, min(r_min, cap), cap)
+            r_min = min(cap, max(cfg.min_round_s, cost.load_time(rotate) / cfg.link_util if rotate else 0.0))
+            plan = token_round(demands, cfg.headroom, r_min, cap)
             R = plan.length_s
             self._book_terms(len(names), link, cap, "overloaded" if plan.overloaded else
                              "link" if link > 0.0 and R <= link + 1e-9 else
-                             "floor" if r_min > 0.0 and R <= min(r_min, cap) + 1e-9 else "formula")
+                             "floor" if r_min > 0.0 and R <= r_min + 1e-9 else "formula")
             if cfg.pace_steps:
                 self._steps = {d.model: plan.quota_s[d.model] / d.decode_step_s for d in demands
                                if d.decode_step_s > 0.0}
@@ -466,10 +467,13 @@ class TokenPolicy:
         self.last_round_s = plan.length_s
 
     def _book_terms(self, models: int, link_s: float, cap_s: float, bound: str) -> None:
-        t = self.round_terms
-        k = ROUND_TERMS.index(bound)
-        self.round_terms = (t[0] + models, t[1] + link_s, t[2] + cap_s) + tuple(
-            v + (i == k) for i, v in enumerate(t[3:], start=3))
+        """Add a round formed to `round_terms` (ROUND_TERMS' order; a new tuple, as a checkpoint keeps the old)."""
+        t = list(self.round_terms)
+        t[0] += models
+        t[1] += link_s
+        t[2] += cap_s
+        t[ROUND_TERMS.index(bound)] += 1
+        self.round_terms = tuple(t)
 
     def _need_rule(self, demands: list[TurnDemand]) -> bool:
         """Whether this round takes the deadline rule: always, or where pace quotas cannot fit under
