@@ -111,7 +111,7 @@ def hardware_profile(profile: str, specs: dict) -> HardwareProfile:
     by_size = {checkpoint_size(k): v for k, v in d.get("step", {}).items()}
     step = {}
     for name in specs:
-        fit = d.get("step", {}).get(name) or by_size.get(name.rsplit("-", 1)[0])
+        fit = d.get("step", {}).get(name) or by_size.get(checkpoint_size(name))
         if fit is not None:
             step[name] = fit
     return MeasuredProfile.from_cost_dict({**d, "step": step}, roofline_for(device))

@@ -227,6 +227,9 @@ def test_simulated_bench_pool_uses_the_measured_profile_by_default(tmp_path):
     real.write_text(json.dumps({"sweep": {"token": [{"cost_model": {**cost, "step": {"qwen2-7b-0": cost["step"]["qwen2-7b"]}}}]}}))
     hw2 = hardware_profile(str(real), specs)
     assert set(hw2.step_coef) == {"qwen2-7b-0", "qwen2-7b-5"}  # no 1.5b fit in that run: roofline for it
+    # a model named without an alias number takes its checkpoint's fit too (the name is the size)
+    bare = {"qwen2-7b": spec_for("qwen2", "7b", "qwen2-7b")}
+    assert hardware_profile(str(real), bare).step_coef["qwen2-7b"] == hw2.step_coef["qwen2-7b-0"]
 
 
 def test_pooled_arena_short_kv_region_is_resolved_by_the_plan():
