@@ -71,9 +71,9 @@ def token_round(demands: list[TurnDemand], headroom: float = 1.1, min_round_s: f
         # Where the switches alone pass the cap (C > max_round_s (1 - S)) nothing bounds R = C / (1 - S): served on the
         # H200 a 36-model run's first 15 s planned rounds of 2,496 s on average (513cb95,
         # serve_h200_models36_seed1_513cb95_timed.json), each turn then running until its model drained. Treating
-        # such a round as overloaded (max_round_s split by share) lost in the simulator where switches are dear
-        # (10 models at 1.44-1.6 req/s/model, copies 20% slower: up to -9 points, seed 0), as turns that run to
-        # completion batch better than capped ones; kept uncapped.
+        # such a round as overloaded (max_round_s split by share) lost in the simulator past capacity (10 models at
+        # 1.6 req/s/model: up to -6 points; at 1.44 with copies 20% slower, 91.8 -> 82.5% on seed 0): turns that
+        # run until their model drains batch better than capped ones. Kept uncapped (session 28 notes).
         R = (C + P) / (1.0 - S)
         scale = 1.0
         if R > max_round_s and P > 0:
