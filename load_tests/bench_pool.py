@@ -108,10 +108,11 @@ def hardware_profile(profile: str, specs: dict) -> HardwareProfile:
     device = d.get("device")  # the GPU it was measured on: its roofline is the floor under the fits
     if "sweep" in d:  # a bench pool --real result
         d = next(iter(d["sweep"].values()))[0]["cost_model"]
-    by_size = {checkpoint_size(k): v for k, v in d.get("step", {}).items()}
+    fits = d.get("step", {})
+    by_size = {checkpoint_size(k): v for k, v in fits.items()}
     step = {}
     for name in specs:
-        fit = d.get("step", {}).get(name) or by_size.get(checkpoint_size(name))
+        fit = fits.get(name) or by_size.get(checkpoint_size(name))
         if fit is not None:
             step[name] = fit
     return MeasuredProfile.from_cost_dict({**d, "step": step}, roofline_for(device))
