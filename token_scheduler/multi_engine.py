@@ -101,6 +101,9 @@ GRAPH_PRECAPTURE = env.GRAPH_PRECAPTURE.on()  # see ModelRunner.capture_first
 PLAN_AHEAD = env.PLAN_AHEAD.on()  # see the module docstring and `MultiModelEngine._take_ahead`
 PIPELINE = env.PIPELINE.on()  # see the module docstring and `MultiModelEngine._step_pipelined`; implies PLAN_AHEAD
 TIME_STEPS = env.TIME_STEPS.on()  # each step's device time in the books of `_phases` (a diagnostic)
+PIPELINE_LEARN = env.PIPELINE_LEARN.get()  # what a pipelined step teaches the cost model (`_learn_pipelined`)
+if PIPELINE_LEARN not in ("interval", "device", "none"):
+    raise ValueError(f"{env.PIPELINE_LEARN.name} is {PIPELINE_LEARN!r}: interval, device or none")
 AHEAD_MAX_AGE_S = 0.1  # an early plan older than this at its step (the caller paused) is made again
 _RUNNING, _WAITING = RequestStatus.RUNNING, RequestStatus.WAITING
 
@@ -175,6 +178,9 @@ class MultiModelEngine:
         # `_t_ret`: when the latest step call returned; `_gap`: the caller's time from then to this call (its own work
         # between step calls, inside the interval of the step kept in flight: `_learn_pipelined` leaves it out)
         self._t_ret = self._gap = 0.0
+        # (TOKENPOOL_STEP_TRACE, a diagnostic) each step's timing sample, one CSV line (`_trace_step`)
+        trace = env.STEP_TRACE.get()
+        self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115 - closed in close()
         # Plan-ahead: (the plan, the policy's checkpoint before it, {id(request)} of the step it was made
         # beside, when it was made), or None
         self._ahead: tuple | None = None
@@ -559,6 +565,8 @@ class MultiModelEngine:
             if ran.chunks and self._pipe is None and self._captures(eng) == captures:
                 shape = _ran_shape(ran)
                 self.cost.observe_step(plan.model, shape, t3 - t2)
+                if self._trace is not None:
+                    self._trace_step(plan.model, "read", shape, t3 - t2, eng.device_s, 0.0, True)
                 if at_launch and eng.t_read is not None:
                     self._phases(shape, (t2, c2), at_launch[0], eng.t_read, (t3, time.thread_time()),
                                  dev=eng.device_s)
@@ -710,10 +718,21 @@ class MultiModelEngine:
         dt = t - max(t_launch, self._t_done) - gap
         dev = step.device_s()
         if dev is not None:
-            dt = max(dt, dev)
-        if step.out.chunks and 0.0 < dt <= AHEAD_MAX_AGE_S:
+            dt = dev if PIPELINE_LEARN == "device" else max(dt, dev)
+        learn = bool(step.out.chunks) and 0.0 < dt <= AHEAD_MAX_AGE_S and PIPELINE_LEARN != "none"
+        if learn:
             self.cost.observe_step(name, _ran_shape(step.out), dt)
+        if self._trace is not None and step.out.chunks:
+            self._trace_step(name, "pipelined", _ran_shape(step.out), dt, dev, gap, learn)
         self._t_done = t
+
+    def _trace_step(self, name: str, kind: str, shape: StepShape, secs: float, dev: float | None, gap: float,
+                    learned: bool) -> None:
+        """(TOKENPOOL_STEP_TRACE) One step's timing sample as a CSV line: what the cost model learned from it or
+        would have (`learned`), beside the device's time and the caller's gap."""
+        self._trace.write(f"{time.monotonic():.6f},{name},{kind},{shape.num_seqs},{shape.new_tokens},"
+                          f"{shape.ctx_tokens},{secs * 1e3:.4f},{'' if dev is None else f'{dev * 1e3:.4f}'},"
+                          f"{gap * 1e3:.4f},{int(learned)}\n")
 
     def _step_pipelined(self, on_launch) -> list[TokenOutput] | None:
         """A step while a decode step N of model A is in flight (`_pipe`): when the early plan for N+1 is still
@@ -985,6 +1004,9 @@ class MultiModelEngine:
         self.engines.clear()
         if self.memory is not None:
             self.memory.close()
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
 
 
 def _still_fits(batch: list, s, prev: set) -> bool:

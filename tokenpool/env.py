@@ -55,6 +55,13 @@ PLAN_AHEAD = Var("TOKENPOOL_PLAN_AHEAD", "1", "a pooled engine plans step N+1 wh
 PIPELINE = Var("TOKENPOOL_PIPELINE", "0", "1: a pooled engine launches a model's next decode step before reading the "
                "one in flight when the early plan (TOKENPOOL_PIPELINE implies plan-ahead) is exactly its continuation; "
                "anything else completes the step in flight first (A/B runs)")
+PIPELINE_LEARN = Var("TOKENPOOL_PIPELINE_LEARN", "interval", "what the cost model learns of a pipelined step "
+                     "(TOKENPOOL_PIPELINE): interval (between completions, less the caller's time; not under the "
+                     "device's), device (the device's time alone, CUDA events) or none (not learned: such steps are "
+                     "priced by the fit of the steps read at once; A/B runs)")
+STEP_TRACE = Var("TOKENPOOL_STEP_TRACE", None, "a file a pooled engine appends each step's timing sample to, as CSV "
+                 "(model, kind, seqs, new tokens, context tokens, seconds learned or measured, device seconds, the "
+                 "caller's gap, whether learned): a diagnostic for A/B runs")
 TIME_STEPS = Var("TOKENPOOL_TIME_STEPS", "0", "1: a pooled engine times each step's device work with CUDA events (the "
                  "graph replay or eager forward and its sampling; a pipelined step from the step before's end): bench "
                  "serve's step_phases dev_ms and decode_device_busy_frac. A diagnostic for A/B runs: two events and a read a "
