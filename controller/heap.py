@@ -13,8 +13,11 @@ Two costs the cyclic collector adds to streaming, both measured with py-spy unde
 from __future__ import annotations
 
 import gc
+import os
 
-YOUNG_THRESHOLD = 50_000
+from tokenpool import env
+
+YOUNG_THRESHOLD = 50_000  # (TOKENPOOL_GC_YOUNG overrides it, for A/B runs)
 
 
 def freeze_long_lived(collect: bool = False) -> None:
@@ -23,7 +26,8 @@ def freeze_long_lived(collect: bool = False) -> None:
         gc.collect()
     gc.freeze()
     _, g1, g2 = gc.get_threshold()
-    gc.set_threshold(max(YOUNG_THRESHOLD, gc.get_threshold()[0]), g1, g2)
+    young = int(env.GC_YOUNG.get() or YOUNG_THRESHOLD)
+    gc.set_threshold(young if env.GC_YOUNG.name in os.environ else max(young, gc.get_threshold()[0]), g1, g2)
 
 
 def collect_all() -> None:

@@ -504,6 +504,8 @@ def main(argv: list[str] | None = None) -> None:
                         stream=sys.stderr)
     if a.standby and not standby(a.device):
         return
+    if (si := env.SWITCH_INTERVAL_S.get()) is not None:
+        sys.setswitchinterval(float(si))
     worker = Worker((host or "127.0.0.1", int(port)), a.device, a.slot, a.join_token,
                     {"budget_gb": a.gpu_budget_gb, "kv_cache_gb": a.kv_cache_gb, "host_cache_gb": a.host_cache_gb,
                      "policy": a.policy})

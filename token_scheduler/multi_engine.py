@@ -70,6 +70,7 @@ models' last ones, pipelined turns are shorter (1.5B p90 3 steps against 15) and
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import time
 from collections import deque
@@ -181,6 +182,9 @@ class MultiModelEngine:
         # (TOKENPOOL_STEP_TRACE, a diagnostic) each step's timing sample, one CSV line (`_trace_step`)
         trace = env.STEP_TRACE.get()
         self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115 - closed in close()
+        self._gc_t0 = 0.0
+        if self._trace is not None:  # and every collection's pause, from whichever thread (kind "gc")
+            gc.callbacks.append(self._trace_gc)
         # Plan-ahead: (the plan, the policy's checkpoint before it, {id(request)} of the step it was made
         # beside, when it was made), or None
         self._ahead: tuple | None = None
@@ -726,6 +730,14 @@ class MultiModelEngine:
             self._trace_step(name, "pipelined", _ran_shape(step.out), dt, dev, gap, learn)
         self._t_done = t
 
+    def _trace_gc(self, phase: str, info: dict) -> None:
+        """(TOKENPOOL_STEP_TRACE) A collection's pause as a line: when, "gc", its generation, ms, objects collected."""
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        elif self._trace is not None:
+            self._trace.write(f"{time.monotonic():.6f},gc,{info['generation']},{info['collected']},0,0,"
+                              f"{(time.perf_counter() - self._gc_t0) * 1e3:.4f},,0,0\n")
+
     def _trace_step(self, name: str, kind: str, shape: StepShape, secs: float, dev: float | None, gap: float,
                     learned: bool) -> None:
         """(TOKENPOOL_STEP_TRACE) One step's timing sample as a CSV line: what the cost model learned from it or
@@ -1005,6 +1017,7 @@ class MultiModelEngine:
         if self.memory is not None:
             self.memory.close()
         if self._trace is not None:
+            gc.callbacks.remove(self._trace_gc)
             self._trace.close()
             self._trace = None
 

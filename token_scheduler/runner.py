@@ -53,7 +53,7 @@ class LaunchedDecode:
 
     def device_s(self) -> float | None:
         """(Launched `timed`, once read) the device's time for the step: from when the stream reached it -- the step
-        before done, or its own launch, whichever came later -- to its last kernel; None when not timed or on CPU."""
+        before done, or its replay's launch (after the inputs' copies), whichever came later -- to its last kernel; None when not timed or on CPU."""
         return None if self.start is None else self.start.elapsed_time(self.event) / 1e3
 
 
@@ -184,14 +184,15 @@ class ModelRunner:
         token of each row, when the host does not know them yet (the previous step's sampled ids). `timed`: its
         device time is measured (CUDA events; `LaunchedDecode.device_s`)."""
         start = None
-        if timed and self.is_cuda:
+        if timed and self.is_cuda:  # (recorded just before the replay: a host late to launch it is not device time)
             start = torch.cuda.Event(enable_timing=True)
-            start.record()
         g = None
         if len(out.chunks) in self.bucket_of:
-            g = self._decode_graph(out, ids)
+            g = self._decode_graph(out, ids, start=start)
             logits = g.logits[: len(out.chunks)]
         else:  # CPU (no graphs): the same overlap logic, run eagerly
+            if start is not None:
+                start.record()
             hidden, idx = self._forward_eager(out, ids)
             logits = llama.compute_logits(self.weights, hidden[idx])
         tokens = self.sampler.sample_tokens(logits, [c.request for c in out.chunks])

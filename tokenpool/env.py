@@ -69,6 +69,10 @@ TIME_STEPS = Var("TOKENPOOL_TIME_STEPS", "0", "1: a pooled engine times each ste
 NEED_KEEP_TURNS = Var("TOKENPOOL_NEED_KEEP_TURNS", "0", "1: a deadline-rule round whose margin, shrunk to fit under its "
                       "cap, leaves no model a turn keeps the last margin that had turns, instead of pace quotas whose "
                       "round nothing caps (token policy, TokenConfig.need_keep_turns; A/B runs)")
+SWITCH_INTERVAL_S = Var("TOKENPOOL_SWITCH_INTERVAL_S", None, "a worker's sys.setswitchinterval (unset: Python's 0.005 "
+                        "s): how long a thread that wants the GIL waits before the holder is asked to drop it (A/B runs)")
+GC_YOUNG = Var("TOKENPOOL_GC_YOUNG", "50000", "the serving processes' young-generation collection threshold "
+               "(controller/heap.py; A/B runs)")
 JOIN_TOKEN = Var("TOKENPOOL_JOIN_TOKEN", None, "a worker's join token (the controller sets it for the "
                  "local workers it starts)")
 ADMIN_TOKEN = Var("TOKENPOOL_ADMIN_TOKEN", None, "the controller's admin token (tokenpool ps/admin commands, "
