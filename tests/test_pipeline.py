@@ -376,3 +376,41 @@ def test_a_callers_pause_between_steps_is_not_priced_into_pipelined_steps(make_t
     assert sorted(learned)[len(learned) // 2] < 0.02, learned
     assert sum(learned) <= t_steps * 1.05
     _no_leak(multi)
+
+
+@pytest.mark.parametrize("learn", ["interval", "none"])
+def test_step_trace_and_what_pipelined_steps_teach(make_tiny, pipe, monkeypatch, tmp_path, learn):
+    """TOKENPOOL_STEP_TRACE: every step the cost model learns (or, pipelined with TOKENPOOL_PIPELINE_LEARN=none, would
+    have learned) is a CSV line naming its model, kind and shape, and each collector pause a "gc" line; the file and
+    the collector hook go with `close`. With `none` no pipelined step reaches the cost model."""
+    import gc
+
+    trace = tmp_path / "steps.csv"
+    monkeypatch.setenv("TOKENPOOL_STEP_TRACE", str(trace))
+    monkeypatch.setattr(multi_engine, "PIPELINE_LEARN", learn)
+    paths = {a: make_tiny(a) for a in ARCHS[:2]}
+    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", policy_kw=TURNS)
+    learned = []
+    obs = multi.cost.observe_step
+    monkeypatch.setattr(multi.cost, "observe_step", lambda n, shape, dt: (learned.append(n), obs(n, shape, dt)))
+    for i, p in enumerate(PROMPTS[:3]):
+        for a in paths:
+            multi.add_request(f"{a}/{i}", p, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), model=a)
+    _run_all(multi)
+    gc.collect()
+    multi.close()
+    assert multi._trace_gc not in gc.callbacks
+    rows = [line.split(",") for line in trace.read_text().splitlines()]
+    steps = [r for r in rows if r[1] != "gc"]
+    assert {r[1] for r in steps} == set(paths) and all(len(r) == 10 for r in rows)
+    assert any(r[1] == "gc" for r in rows)  # the collect above, at least
+    piped = [r for r in steps if r[2] == "pipelined"]
+    assert piped and all(int(r[3]) >= 1 and float(r[6]) > 0 for r in piped)
+    read = [r for r in steps if r[2] == "read"]
+    assert all(r[9] == "1" for r in read)
+    # the cost model saw exactly the steps the trace marks learned
+    assert len(learned) == sum(r[9] == "1" for r in steps)
+    if learn == "none":
+        assert all(r[9] == "0" for r in piped)
+    else:
+        assert any(r[9] == "1" for r in piped)
