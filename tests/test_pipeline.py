@@ -381,7 +381,8 @@ def test_a_callers_pause_between_steps_is_not_priced_into_pipelined_steps(make_t
 @pytest.mark.parametrize("learn", ["interval", "none"])
 def test_step_trace_and_what_pipelined_steps_teach(make_tiny, pipe, monkeypatch, tmp_path, learn):
     """TOKENPOOL_STEP_TRACE: every step the cost model learns (or, pipelined with TOKENPOOL_PIPELINE_LEARN=none, would
-    have learned) is a CSV line naming its model, kind and shape, and each collector pause a "gc" line; the file and
+    have learned) is a CSV line naming its model, kind and shape, each pipelined call's host time by part a "cycle"
+    line, and each collector pause a "gc" line; the file and
     the collector hook go with `close`. With `none` no pipelined step reaches the cost model."""
     import gc
 
@@ -401,7 +402,9 @@ def test_step_trace_and_what_pipelined_steps_teach(make_tiny, pipe, monkeypatch,
     multi.close()
     assert multi._trace_gc not in gc.callbacks
     rows = [line.split(",") for line in trace.read_text().splitlines()]
-    steps = [r for r in rows if r[1] != "gc"]
+    steps = [r for r in rows if r[2] in ("read", "pipelined")]
+    cycles = [r for r in rows if r[2] == "cycle"]
+    assert cycles and all(float(v) >= 0 for r in cycles for v in r[4:])  # a pipelined call's host time, by part
     assert {r[1] for r in steps} == set(paths) and all(len(r) == 10 for r in rows)
     assert any(r[1] == "gc" for r in rows)  # the collect above, at least
     piped = [r for r in steps if r[2] == "pipelined"]

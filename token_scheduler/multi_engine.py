@@ -741,7 +741,10 @@ class MultiModelEngine:
     def _trace_step(self, name: str, kind: str, shape: StepShape, secs: float, dev: float | None, gap: float,
                     learned: bool) -> None:
         """(TOKENPOOL_STEP_TRACE) One step's timing sample as a CSV line: what the cost model learned from it or
-        would have (`learned`), beside the device's time and the caller's gap."""
+        would have (`learned`), beside the device's time and the caller's gap. Other lines: "gc" (`_trace_gc`) and
+        "cycle", a pipelined call's host time in ms (`_step_pipelined`): its checks and continuation, the launch of
+        N+1, the wait for N's tokens, the caller's gap before the call, the next early plan, and the rest from the
+        read to that plan."""
         self._trace.write(f"{time.monotonic():.6f},{name},{kind},{shape.num_seqs},{shape.new_tokens},"
                           f"{shape.ctx_tokens},{secs * 1e3:.4f},{'' if dev is None else f'{dev * 1e3:.4f}'},"
                           f"{gap * 1e3:.4f},{int(learned)}\n")
@@ -790,7 +793,14 @@ class MultiModelEngine:
         self._learn_pipelined(name, prev, t_launch, self._gap)
         self._pipe = (name, t2)
         tm["pipelined_steps"] += 1
+        t_plan = time.perf_counter()
         self._plan_ahead(nxt)  # beside N+1 (as the hook does for a step launched the usual way)
+        if self._trace is not None and at_launch and eng.t_read is not None:
+            t_end = time.perf_counter()  # (the host's cycle of a pipelined call, where a stall between reads went)
+            self._trace.write(f"{time.monotonic():.6f},{name},cycle,{len(nxt.chunks)},{(t2 - t0) * 1e3:.4f},"
+                              f"{(at_launch[0][0] - t2) * 1e3:.4f},{(eng.t_read[0] - at_launch[0][0]) * 1e3:.4f},"
+                              f"{self._gap * 1e3:.4f},{(t_end - t_plan) * 1e3:.4f},"
+                              f"{(t_plan - eng.t_read[0]) * 1e3:.4f}\n")
         if self._ahead is not None and self._continues(self._ahead[0], eng):
             tm["pipeline_kept"] += 1
         else:
