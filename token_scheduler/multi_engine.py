@@ -65,6 +65,15 @@ models' last ones, pipelined turns are shorter (1.5B p90 3 steps against 15) and
 (1.03x against 1.02x); what differs is the rounds the token policy plans: 1.8 s against 4.2 s at the mean (0.19 against
 6.4 s in the first, lightly loaded 15 s), taken in full where unpipelined ones end at 0.41 of their plan
 (bench/results/serve_h200_models36_seed1_adcf9be_timed_pipeline.json). Why they come out so short is the lead.
+Session 29 (H200, 36 models, seed 1): still 54.8% against 100% off at 5e464df. The step trace (TOKENPOOL_STEP_TRACE)
+shows why the fits go wild (7B 1.59 ms + 2.84 ms a sequence learned, against 3.46 + 0.63 off): in a turn of several
+sequences (a 7B's from 2, a 1.5B's from 3; not at 1) the interval between two reads alternates ~4.6 and ~19.5 ms while
+each step's device time stays at ~4.5 ms (CUDA events from the replay: 7B batch 2 p99 4.7 ms): the host stalls ~15 ms
+every other step, outside the caller's gap, so ~10% of those steps are learned at 4x their price and the device
+idles. Not the collector (young/middle passes 0.1-1.8 ms) and not the GIL's switch interval (0.5 ms: the same
+stalls). Learning pipelined steps at their device time, or not at all, served no better (46%: the stall itself
+stays, and the fit of the steps read at once extrapolates badly). Where the 15 ms goes is the next lead: the trace's
+"cycle" lines split each pipelined call's host time (bench/results/logs/session29/).
 """
 
 from __future__ import annotations
