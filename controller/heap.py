@@ -13,7 +13,6 @@ Two costs the cyclic collector adds to streaming, both measured with py-spy unde
 from __future__ import annotations
 
 import gc
-import os
 
 from tokenpool import env
 
@@ -26,8 +25,8 @@ def freeze_long_lived(collect: bool = False) -> None:
         gc.collect()
     gc.freeze()
     _, g1, g2 = gc.get_threshold()
-    young = int(env.GC_YOUNG.get() or YOUNG_THRESHOLD)
-    gc.set_threshold(young if env.GC_YOUNG.name in os.environ else max(young, gc.get_threshold()[0]), g1, g2)
+    young = env.GC_YOUNG.get()
+    gc.set_threshold(int(young) if young else max(YOUNG_THRESHOLD, gc.get_threshold()[0]), g1, g2)
 
 
 def collect_all() -> None:

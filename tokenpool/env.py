@@ -71,8 +71,8 @@ NEED_KEEP_TURNS = Var("TOKENPOOL_NEED_KEEP_TURNS", "0", "1: a deadline-rule roun
                       "round nothing caps (token policy, TokenConfig.need_keep_turns; A/B runs)")
 SWITCH_INTERVAL_S = Var("TOKENPOOL_SWITCH_INTERVAL_S", None, "a worker's sys.setswitchinterval (unset: Python's 0.005 "
                         "s): how long a thread that wants the GIL waits before the holder is asked to drop it (A/B runs)")
-GC_YOUNG = Var("TOKENPOOL_GC_YOUNG", "50000", "the serving processes' young-generation collection threshold "
-               "(controller/heap.py; A/B runs)")
+GC_YOUNG = Var("TOKENPOOL_GC_YOUNG", None, "the serving processes' young-generation collection threshold (unset: "
+               "50000, or Python's if higher; controller/heap.py; A/B runs)")
 JOIN_TOKEN = Var("TOKENPOOL_JOIN_TOKEN", None, "a worker's join token (the controller sets it for the "
                  "local workers it starts)")
 ADMIN_TOKEN = Var("TOKENPOOL_ADMIN_TOKEN", None, "the controller's admin token (tokenpool ps/admin commands, "
