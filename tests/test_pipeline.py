@@ -348,20 +348,27 @@ def test_flag_off_pipelines_nothing(make_tiny):
     assert c["pipelined_steps"] == c["pipeline_kept"] == c["pipeline_flushes"] == 0 and multi._pipe is None
 
 
+def _two_models_learning(make_tiny, monkeypatch):
+    """Two tiny models, three greedy requests each submitted, and every step the cost model learns noted as
+    (model, seconds): (the engine, {model: path}, that list)."""
+    paths = {a: make_tiny(a) for a in ARCHS[:2]}
+    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", policy_kw=TURNS)
+    learned = []
+    obs = multi.cost.observe_step
+    monkeypatch.setattr(multi.cost, "observe_step", lambda n, shape, dt: (learned.append((n, dt)), obs(n, shape, dt)))
+    for i, p in enumerate(PROMPTS[:3]):
+        for a in paths:
+            multi.add_request(f"{a}/{i}", p, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), model=a)
+    return multi, paths, learned
+
+
 def test_a_callers_pause_between_steps_is_not_priced_into_pipelined_steps(make_tiny, pipe, monkeypatch):
     """A step kept in flight is learned from the interval between reads less the caller's own time between the two
     step calls: a caller that works 40 ms between calls (`bench pool --real` replays arrivals and makes text on the
     step's thread) does not teach the cost model 40 ms steps, whose time quotas would then buy turns of seconds."""
     import time
 
-    paths = {a: make_tiny(a) for a in ARCHS[:2]}
-    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", policy_kw=TURNS)
-    learned = []
-    obs = multi.cost.observe_step
-    monkeypatch.setattr(multi.cost, "observe_step", lambda n, shape, dt: (learned.append(dt), obs(n, shape, dt)))
-    for i, p in enumerate(PROMPTS[:3]):
-        for a in paths:
-            multi.add_request(f"{a}/{i}", p, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), model=a)
+    multi, _, noted = _two_models_learning(make_tiny, monkeypatch)
     t_steps = 0.0
     while multi.has_unfinished_requests():
         t = time.perf_counter()
@@ -369,6 +376,7 @@ def test_a_callers_pause_between_steps_is_not_priced_into_pipelined_steps(make_t
         t_steps += time.perf_counter() - t
         time.sleep(0.04)  # the caller's own work
     c = multi.snapshot()["counters"]
+    learned = [dt for _, dt in noted]
     assert c["pipelined_steps"] > 0 and learned
     # the steps learned are priced at their own time, not the pause: a priced pause would put every one at 40 ms or
     # more, so their median is far below it (not their max: on 2 loaded cores one step of a tiny model took 50 ms);
@@ -389,14 +397,7 @@ def test_step_trace_and_what_pipelined_steps_teach(make_tiny, pipe, monkeypatch,
     trace = tmp_path / "steps.csv"
     monkeypatch.setenv("TOKENPOOL_STEP_TRACE", str(trace))
     monkeypatch.setattr(multi_engine, "PIPELINE_LEARN", learn)
-    paths = {a: make_tiny(a) for a in ARCHS[:2]}
-    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", policy_kw=TURNS)
-    learned = []
-    obs = multi.cost.observe_step
-    monkeypatch.setattr(multi.cost, "observe_step", lambda n, shape, dt: (learned.append(n), obs(n, shape, dt)))
-    for i, p in enumerate(PROMPTS[:3]):
-        for a in paths:
-            multi.add_request(f"{a}/{i}", p, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), model=a)
+    multi, paths, learned = _two_models_learning(make_tiny, monkeypatch)
     _run_all(multi)
     gc.collect()
     multi.close()
