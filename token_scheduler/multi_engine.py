@@ -740,7 +740,8 @@ class MultiModelEngine:
         self._t_done = t
 
     def _trace_gc(self, phase: str, info: dict) -> None:
-        """(TOKENPOOL_STEP_TRACE) A collection's pause as a line: when, "gc", its generation, ms, objects collected."""
+        """(TOKENPOOL_STEP_TRACE) A collection's pause as a line: when, "gc", its generation, the objects it
+        collected, then (in the seconds column of a step's line) its ms."""
         if phase == "start":
             self._gc_t0 = time.perf_counter()
         elif self._trace is not None:

@@ -53,7 +53,8 @@ class LaunchedDecode:
 
     def device_s(self) -> float | None:
         """(Launched `timed`, once read) the device's time for the step: from when the stream reached it -- the step
-        before done, or its replay's launch (after the inputs' copies), whichever came later -- to its last kernel; None when not timed or on CPU."""
+        before done, or its replay's launch (after the inputs' copies), whichever came later -- to its last kernel;
+        None when not timed or on CPU."""
         return None if self.start is None else self.start.elapsed_time(self.event) / 1e3
 
 
