@@ -63,9 +63,9 @@ STEP_TRACE = Var("TOKENPOOL_STEP_TRACE", None, "a file a pooled engine appends e
                  "(model, kind, seqs, new tokens, context tokens, seconds learned or measured, device seconds, the "
                  "caller's gap, whether learned): a diagnostic for A/B runs")
 TIME_STEPS = Var("TOKENPOOL_TIME_STEPS", "0", "1: a pooled engine times each step's device work with CUDA events (the "
-                 "graph replay or eager forward and its sampling; a pipelined step from its replay's launch or the step before's end, whichever is later): bench "
-                 "serve's step_phases dev_ms and decode_device_busy_frac. A diagnostic for A/B runs: two events and a read a "
-                 "step")
+                 "graph replay or eager forward and its sampling; a pipelined step from its replay's launch or the "
+                 "step before's end, whichever is later): bench serve's step_phases dev_ms and "
+                 "decode_device_busy_frac. A diagnostic for A/B runs: two events and a read a step")
 NEED_KEEP_TURNS = Var("TOKENPOOL_NEED_KEEP_TURNS", "0", "1: a deadline-rule round whose margin, shrunk to fit under its "
                       "cap, leaves no model a turn keeps the last margin that had turns, instead of pace quotas whose "
                       "round nothing caps (token policy, TokenConfig.need_keep_turns; A/B runs)")
