@@ -390,8 +390,8 @@ def test_a_callers_pause_between_steps_is_not_priced_into_pipelined_steps(make_t
 def test_step_trace_and_what_pipelined_steps_teach(make_tiny, pipe, monkeypatch, tmp_path, learn):
     """TOKENPOOL_STEP_TRACE: every step the cost model learns (or, pipelined with TOKENPOOL_PIPELINE_LEARN=none, would
     have learned) is a CSV line naming its model, kind and shape, each pipelined call's host time by part a "cycle"
-    line, and each collector pause a "gc" line; the file and
-    the collector hook go with `close`. With `none` no pipelined step reaches the cost model."""
+    line, and each collector pause a "gc" line; the file and the collector hook go with `close`. With `none` no
+    pipelined step reaches the cost model."""
     import gc
 
     trace = tmp_path / "steps.csv"

@@ -745,8 +745,8 @@ class MultiModelEngine:
         if phase == "start":
             self._gc_t0 = time.perf_counter()
         elif self._trace is not None:
-            self._trace.write(f"{time.monotonic():.6f},gc,{info['generation']},{info['collected']},0,0,"
-                              f"{(time.perf_counter() - self._gc_t0) * 1e3:.4f},,0,0\n")
+            self._trace_row("gc", info["generation"], info["collected"], 0, 0,
+                            _ms(time.perf_counter() - self._gc_t0), "", 0, 0)
 
     def _trace_step(self, name: str, kind: str, shape: StepShape, secs: float, dev: float | None, gap: float,
                     learned: bool) -> None:
@@ -755,9 +755,12 @@ class MultiModelEngine:
         "cycle", a pipelined call's host time in ms (`_step_pipelined`): its checks and continuation, the launch of
         N+1, the wait for N's tokens, the caller's gap before the call, the next early plan, and the rest from the
         read to that plan."""
-        self._trace.write(f"{time.monotonic():.6f},{name},{kind},{shape.num_seqs},{shape.new_tokens},"
-                          f"{shape.ctx_tokens},{secs * 1e3:.4f},{'' if dev is None else f'{dev * 1e3:.4f}'},"
-                          f"{gap * 1e3:.4f},{int(learned)}\n")
+        self._trace_row(name, kind, shape.num_seqs, shape.new_tokens, shape.ctx_tokens, _ms(secs),
+                        "" if dev is None else _ms(dev), _ms(gap), int(learned))
+
+    def _trace_row(self, *cols) -> None:
+        """(TOKENPOOL_STEP_TRACE) One CSV line: when (time.monotonic), then `cols`."""
+        self._trace.write(f"{time.monotonic():.6f},{','.join(map(str, cols))}\n")
 
     def _step_pipelined(self, on_launch) -> list[TokenOutput] | None:
         """A step while a decode step N of model A is in flight (`_pipe`): when the early plan for N+1 is still
@@ -807,10 +810,9 @@ class MultiModelEngine:
         self._plan_ahead(nxt)  # beside N+1 (as the hook does for a step launched the usual way)
         if self._trace is not None and at_launch and eng.t_read is not None:
             t_end = time.perf_counter()  # (the host's cycle of a pipelined call, where a stall between reads went)
-            self._trace.write(f"{time.monotonic():.6f},{name},cycle,{len(nxt.chunks)},{(t2 - t0) * 1e3:.4f},"
-                              f"{(at_launch[0][0] - t2) * 1e3:.4f},{(eng.t_read[0] - at_launch[0][0]) * 1e3:.4f},"
-                              f"{self._gap * 1e3:.4f},{(t_end - t_plan) * 1e3:.4f},"
-                              f"{(t_plan - eng.t_read[0]) * 1e3:.4f}\n")
+            launched, read = at_launch[0][0], eng.t_read[0]
+            self._trace_row(name, "cycle", len(nxt.chunks), _ms(t2 - t0), _ms(launched - t2), _ms(read - launched),
+                            _ms(self._gap), _ms(t_end - t_plan), _ms(t_plan - read))
         if self._ahead is not None and self._continues(self._ahead[0], eng):
             tm["pipeline_kept"] += 1
         else:
@@ -1084,6 +1086,11 @@ def _marked(on_launch, into: list):
         if on_launch is not None:
             on_launch()
     return launched
+
+
+def _ms(seconds: float) -> str:
+    """Seconds as milliseconds for the step trace (TOKENPOOL_STEP_TRACE)."""
+    return f"{seconds * 1e3:.4f}"
 
 
 def _ran_shape(out) -> StepShape:
