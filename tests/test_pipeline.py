@@ -406,7 +406,7 @@ def test_step_trace_and_what_pipelined_steps_teach(make_tiny, pipe, monkeypatch,
     steps = [r for r in rows if r[2] in ("read", "pipelined")]
     cycles = [r for r in rows if r[2] == "cycle"]
     assert cycles and all(float(v) >= 0 for r in cycles for v in r[4:])  # a pipelined call's host time, by part
-    assert {r[1] for r in steps} == set(paths) and all(len(r) == 10 for r in rows)
+    assert {r[1] for r in steps} == set(paths) and all(len(r) == (13 if r[2] == "cycle" else 10) for r in rows)
     assert any(r[1] == "gc" for r in rows)  # the collect above, at least
     piped = [r for r in steps if r[2] == "pipelined"]
     assert piped and all(int(r[3]) >= 1 and float(r[6]) > 0 for r in piped)

@@ -192,6 +192,7 @@ class MultiModelEngine:
         trace = env.STEP_TRACE.get()
         self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115 - closed in close()
         self._gc_t0 = 0.0
+        self._cycle: list | None = None  # (trace) a pipelined call's cycle line, written as the call returns
         if self._trace is not None:  # and every collection's pause, from whichever thread (kind "gc")
             gc.callbacks.append(self._trace_gc)
         # Plan-ahead: (the plan, the policy's checkpoint before it, {id(request)} of the step it was made
@@ -659,6 +660,9 @@ class MultiModelEngine:
                 if name != stepped and eng._aborted:
                     outputs += eng.take_aborted()
         self._t_ret = time.perf_counter()
+        if self._cycle is not None:
+            row, self._cycle = self._cycle, None
+            self._trace_row(*row[:-1], _ms(self._t_ret - row[-1]))
         return outputs
 
     # -- pipeline ------------------------------------------------------------------------------------
@@ -753,8 +757,9 @@ class MultiModelEngine:
         """(TOKENPOOL_STEP_TRACE) One step's timing sample as a CSV line: what the cost model learned from it or
         would have (`learned`), beside the device's time and the caller's gap. Other lines: "gc" (`_trace_gc`) and
         "cycle", a pipelined call's host time in ms (`_step_pipelined`): its checks and continuation, the launch of
-        N+1, the wait for N's tokens, the caller's gap before the call, the next early plan, and the rest from the
-        read to that plan."""
+        N+1, the wait for N's tokens, the caller's gap before the call, the next early plan, the rest from the
+        read to that plan, the step thread's CPU time in the launch and in the wait (wall less CPU: the GIL, the
+        OS), and the call's tail after the plan."""
         self._trace_row(name, kind, shape.num_seqs, shape.new_tokens, shape.ctx_tokens, _ms(secs),
                         "" if dev is None else _ms(dev), _ms(gap), int(learned))
 
@@ -810,9 +815,11 @@ class MultiModelEngine:
         self._plan_ahead(nxt)  # beside N+1 (as the hook does for a step launched the usual way)
         if self._trace is not None and at_launch and eng.t_read is not None:
             t_end = time.perf_counter()  # (the host's cycle of a pipelined call, where a stall between reads went)
-            launched, read = at_launch[0][0], eng.t_read[0]
-            self._trace_row(name, "cycle", len(nxt.chunks), _ms(t2 - t0), _ms(launched - t2), _ms(read - launched),
-                            _ms(self._gap), _ms(t_end - t_plan), _ms(t_plan - read))
+            (launched, c_l), (read, c_r) = at_launch[0], eng.t_read
+            # written by `_after_step`, with the call's tail (books, late watch) after the plan
+            self._cycle = [name, "cycle", len(nxt.chunks), _ms(t2 - t0), _ms(launched - t2), _ms(read - launched),
+                           _ms(self._gap), _ms(t_end - t_plan), _ms(t_plan - read), _ms(c_l - c2), _ms(c_r - c_l),
+                           t_end]
         if self._ahead is not None and self._continues(self._ahead[0], eng):
             tm["pipeline_kept"] += 1
         else:

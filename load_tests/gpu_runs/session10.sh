@@ -31,7 +31,8 @@
 #   tests    the GPU tests (openai client carried in .whl); TESTS_FILES, TESTS_K (-k) pick some, LIMIT_TESTS s
 #   profile  issue 14: bench serve at PROFILE_RATE (10 models on 60 GB; or PROFILE_MANY, e.g. "14x7b,21x1.5b", at 0.1
 #            on 120 GB, as `many`) with py-spy (carried in .whl) on the worker for 30 s, PROFILE_INTO s into the
-#            arrivals, threads apart (PROFILE_GIL=1: only samples holding the GIL): where a served step's host time
+#            arrivals, threads apart (PROFILE_GIL=1: only samples holding the GIL; PROFILE_GIL2=1: a second window
+#            of those after the first; PROFILE_S: each window's seconds): where a served step's host time
 #            goes (spy_summary.py)
 #   prefill  issue 14: where a prefill step's host time goes (diag_gpu prefill: cuBLAS launch at a new token count vs a
 #            seen one; the engine's prefill of 3 prompts, host ms until queued; a cProfile), on the bench 1.5B and 7B,
@@ -144,8 +145,11 @@ profile) WP="$W --rate ${PROFILE_RATE:-1.3}"
   for i in $(seq 1 150); do grep -q "up and warm" "$OUT/serve_profile.log" && break; sleep 2; done
   wp=$(for p in $(pgrep -f "controller.worker"); do grep -qa standby /proc/$p/cmdline || echo $p; done | head -1)
   sleep "${PROFILE_INTO:-40}"
-  /tmp/site/bin/py-spy record --idle --threads ${PROFILE_GIL:+--gil} -p "$wp" -d 30 -r 250 -f raw -o "$OUT/worker_profile.raw" > "$OUT/pyspy.log" 2>&1 \
-    || tail -3 "$OUT/pyspy.log"
+  /tmp/site/bin/py-spy record --idle --threads ${PROFILE_GIL:+--gil} -p "$wp" -d "${PROFILE_S:-30}" -r 250 -f raw \
+    -o "$OUT/worker_profile.raw" > "$OUT/pyspy.log" 2>&1 || tail -3 "$OUT/pyspy.log"
+  # PROFILE_GIL2=1: then as long again, only the samples holding the GIL (who holds it while the step thread waits)
+  [ -n "${PROFILE_GIL2:-}" ] && { /tmp/site/bin/py-spy record --threads --gil -p "$wp" -d "${PROFILE_S:-30}" -r 250 -f raw \
+    -o "$OUT/worker_profile_gil.raw" >> "$OUT/pyspy.log" 2>&1 || tail -3 "$OUT/pyspy.log"; }
   python3 load_tests/gpu_runs/spy_summary.py "$OUT/worker_profile.raw" > "$OUT/worker_profile_summary.json" \
     && head -24 "$OUT/worker_profile_summary.json"
   wait $bp; at profile $?; show "$OUT/serve_profile.log" 3 ;;
