@@ -8,6 +8,8 @@
 - `step`: the engine's decode step per batch size under each kernel launch variant (programmatic dependent
   launch, the one-token GEMVs, the small-batch GEMVs, RoPE in the qkv GEMV, GEMV block configs, the attention's
   split count).
+- `copy-contention`: which small stream operations of a decode step (copies by kind and size, a kernel) wait behind
+  a weight prefetch's large host -> device copy on another stream.
 - `step-sweep`: the GEMV block configs tuned by the decode graph's replay time, one projection at a time: the
   one-token kernel's at batch 1, the small-batch kernel's (for that batch's padded row count) above.
 
@@ -16,6 +18,7 @@
     python -m load_tests.diag_gpu gemv-triton --model DIR
     python -m load_tests.diag_gpu step --model DIR --batch 1,2,4,8,16,32
     python -m load_tests.diag_gpu step-sweep --model DIR [--batch 8]
+    python -m load_tests.diag_gpu copy-contention
 """
 
 from __future__ import annotations
@@ -633,10 +636,99 @@ def pipe_dev(model7: str, model15: str, steps: int = 600, batch: int = 3, device
             multi.close()
 
 
+def copy_contention(gb: float = 3.0, pieces: int = 4, reps: int = 12) -> None:
+    """Which of a decode step's small stream operations wait behind a weight prefetch? Served pipelined at 36 models
+    (session 30), a step queued while another model's weights were being copied in on the swapper's stream started
+    ~17 ms late, its own device time clean. Here: a `gb` GB pinned host -> device copy in `pieces` on a side stream
+    (as `WeightSwapper.swap_in`), and on the default stream, one at a time, each small operation a pipelined step
+    queues before its graph: a kernel, host -> device copies from pinned memory of several sizes, device -> device
+    memcpys, a device -> host copy into pinned memory, and a device -> device copy made by a kernel; for each, the
+    host's time from queueing it to its completion (median and max of `reps`), idle and under the copy."""
+    dev = torch.device("cuda")
+    n = int(gb * GB) // 4 * 4
+    src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(n, dtype=torch.uint8, device=dev)
+    side = torch.cuda.Stream(dev)
+    x = torch.zeros(1024, device=dev)
+    small = {k: (torch.arange(k // 8, dtype=torch.long).pin_memory(), torch.zeros(k // 8, dtype=torch.long, device=dev))
+             for k in (40, 2 << 10, 8 << 10, 16 << 10, 64 << 10, 1 << 20)}
+    d_src = torch.arange(4, dtype=torch.long, device=dev)
+    d_dst = torch.zeros(5, 4, dtype=torch.long, device=dev)
+    h_out = torch.empty(4, dtype=torch.long, pin_memory=True)
+    ops = {"kernel add": lambda: x.add_(1),
+           **{f"h2d pinned {k} B": (lambda k=k: small[k][1].copy_(small[k][0], non_blocking=True)) for k in small},
+           "d2d memcpy 32 B": lambda: d_dst[0].copy_(d_src),
+           "d2d by kernel 32 B": lambda: torch.add(d_src, 0, out=d_dst[0]),
+           "d2h pinned 32 B": lambda: h_out.copy_(d_src, non_blocking=True)}
+    try:  # pinned host memory as a CUDA tensor (UVA: the same address), read by a kernel: no copy engine
+        zc = {k: mapped(h) for k, (h, _) in small.items() if k <= 16 << 10}
+        ops.update({f"zero-copy read {k} B": (lambda k=k: torch.add(zc[k], 0, out=small[k][1])) for k in zc})
+        zo = mapped(h_out)
+        ops["zero-copy write 32 B"] = lambda: torch.add(d_src, 0, out=zo)
+    except Exception as e:  # noqa: BLE001 - a diagnostic: say so and go on
+        print(f"zero-copy views not made: {e}")
+
+    def latency(op, behind: bool) -> float:
+        """From queueing `op` to its completion; `behind`: queued behind a ~2 ms kernel still running, as a
+        pipelined step's inputs are queued behind the step in flight."""
+        if behind:
+            torch.cuda._sleep(2_000_000)
+        t = time.perf_counter()
+        op()
+        ev = torch.cuda.Event()
+        ev.record()
+        ev.synchronize()
+        return time.perf_counter() - t
+
+    piece = n // pieces
+
+    def prefetch() -> None:
+        with torch.cuda.stream(side):
+            for i in range(pieces):
+                dst[i * piece:(i + 1) * piece].copy_(src[i * piece:(i + 1) * piece], non_blocking=True)
+
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record(side)
+    prefetch()
+    b.record(side)
+    b.synchronize()
+    print(f"{gb:.1f} GB in {pieces} pieces alone: {a.elapsed_time(b):.1f} ms")
+    print("ms from queueing to done, p50 / max of", reps, "(behind: queued behind a running ~2 ms kernel)")
+    for name, op in ops.items():
+        row = []
+        for behind in (False, True):
+            for busy in (False, True):
+                ts = []
+                for _ in range(reps + 2):
+                    if busy:
+                        prefetch()
+                        time.sleep(0.002)  # the first piece under way
+                    ts.append(latency(op, behind))
+                    side.synchronize()
+                ts = sorted(ts[2:])
+                row.append(f"{'behind' if behind else 'idle'}{'+copy' if busy else ''} "
+                           f"{ts[len(ts) // 2] * 1e3:.3f}/{ts[-1] * 1e3:.3f}")
+        print(f"{name:22s} " + " | ".join(row))
+    if "zero-copy write 32 B" in ops:
+        d_src.add_(7)
+        ops["zero-copy write 32 B"]()
+        torch.cuda.synchronize()
+        print("zero-copy write lands:", h_out.tolist() == d_src.tolist())
+
+
+def mapped(host: torch.Tensor) -> torch.Tensor:
+    """A CUDA tensor over pinned host memory `host` (same address under unified addressing): kernels read and
+    write it over the link, with no copy engine."""
+
+    class _View:
+        __cuda_array_interface__ = {"shape": tuple(host.shape), "typestr": host.numpy().dtype.str,
+                                    "data": (host.data_ptr(), False), "version": 3, "strides": None}
+    return torch.as_tensor(_View(), device="cuda")
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["kv", "gemv", "gemv-triton", "rows-triton", "step", "step-sweep", "prefill",
-                                     "prefill-pooled", "pipe-dev"])
+                                     "prefill-pooled", "pipe-dev", "copy-contention"])
     ap.add_argument("--model15", help="pipe-dev: the 1.5B beside --model (the 7B)")
     ap.add_argument("--model")
     ap.add_argument("--variants", help="step: only these variants, comma-separated (e.g. 'default,no pdl')")
@@ -650,6 +742,7 @@ def main() -> None:
      "prefill": lambda: prefill(a.model),
      "prefill-pooled": lambda: prefill_pooled(a.model),
      "pipe-dev": lambda: pipe_dev(a.model, a.model15),
+     "copy-contention": copy_contention,
      "rows-triton": lambda: rows_triton(a.model, [int(b) for b in (a.batch or "8,32").split(",")])}[a.what]()
 
 

@@ -465,7 +465,10 @@ class _DecodeGraph:
             hb[i, k:nb] = scratch
         self.dev.copy_(host, non_blocking=True)
         if ids is not None:
-            self.dev[0, :n].copy_(ids)
+            # by a kernel, not `copy_`: a device-to-device memcpy runs on a copy engine, where it can wait behind a
+            # weight prefetch's host-to-device pieces on the swapper's stream (session 30: pipelined steps queued
+            # during a prefetch started ~17 ms late, their device time clean)
+            torch.add(ids, 0, out=self.dev[0, :n])
         self.bt[:n].copy_(host_bt[:n], non_blocking=True)
         self.ctx32.copy_(self.dev[4])
 
