@@ -403,6 +403,32 @@ class PinnedRegion:
             pass
 
 
+def device_view(host: torch.Tensor, device: torch.device | str = "cuda") -> torch.Tensor:
+    """A CUDA tensor over the page-locked host tensor `host` (the same address under unified addressing): a kernel
+    reads or writes it across the link with no copy engine. Keep `host` alive while the view is used; its bytes are
+    read when the kernel runs, not when it is queued.
+
+    Why: a host-to-device `copy_` of 2 KB or more runs on a copy engine, and queued behind a running kernel while a
+    weight prefetch's large copy is under way on another stream, it waited for the whole prefetch on the H200 (52 ms
+    for 3 GB; `python -m load_tests.diag_gpu copy-contention`, session 30), where a kernel reading the same bytes
+    through this view did not wait at all."""
+
+    class _Interface:
+        __cuda_array_interface__ = {"shape": tuple(host.shape), "typestr": host.numpy().dtype.str,
+                                    "data": (host.data_ptr(), False), "version": 3, "strides": None}
+    view = torch.as_tensor(_Interface(), device=device)
+    # torch takes the device from the pointer (the one current when the pages were pinned) and copies to `device`
+    # if that is another: a copy is no view
+    if view.data_ptr() != host.data_ptr():
+        raise RuntimeError(f"pinned memory at {host.data_ptr():#x} is not mapped as a tensor of {device}")
+    return view
+
+
+def kernel_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """`dst.copy_(src)` by an elementwise kernel, never a memcpy (which a copy engine runs): for a `device_view`
+    source, read across the link by the kernel itself. Integer and exact for every dtype (adds zero)."""
+    torch.add(src, 0, out=dst)
+
 def _fallocate(fd: int, path: Path, nbytes: int) -> None:
     try:
         os.posix_fallocate(fd, 0, nbytes)

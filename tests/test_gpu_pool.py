@@ -96,3 +96,23 @@ def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache
         pairs = [(a[1], b[1]) for a, b in zip(seen, seen[1:]) if a[0] == "dev" and b[0] == "learned"]
         assert pairs and all(learned >= d for d, learned in pairs)  # the device's time is the floor
     multi.close()
+
+
+def test_device_view_is_the_pinned_memory_itself():
+    """`gpu_pool.pinned.device_view`: a CUDA tensor at the pinned tensor's own address (no copy); a kernel reads
+    the host bytes as they are when it runs (written after the view was made) and its writes land in host memory;
+    and a decode graph uploads its inputs through such views (the step's H2D input copies avoided: session 30)."""
+    import torch
+
+    from gpu_pool.pinned import device_view, kernel_copy
+
+    host = torch.zeros(300, dtype=torch.long, pin_memory=True)
+    view = device_view(host)
+    assert view.is_cuda and view.data_ptr() == host.data_ptr() and view.shape == host.shape
+    host.copy_(torch.arange(300))  # after the view was made
+    on_dev = torch.empty(300, dtype=torch.long, device="cuda")
+    kernel_copy(on_dev, view)
+    assert on_dev.tolist() == list(range(300))
+    kernel_copy(view[:10], on_dev[100:110] * 2)
+    torch.cuda.synchronize()
+    assert host[:10].tolist() == [2 * i for i in range(100, 110)]

@@ -265,18 +265,14 @@ class LLMEngine:
 
     def _launch(self, out: SchedulerOutput, prev: LaunchedDecode | None) -> LaunchedDecode:
         self._mark_scheduled(out)
-        ids = None
+        ids = rows = None
         if prev is not None:  # row i's input is the token prev sampled for the same request
-            rows = {c.request.request_id: i for i, c in enumerate(prev.out.chunks)}
-            idx = [rows[c.request.request_id] for c in out.chunks]
-            if idx == list(range(len(prev.out.chunks))):
-                ids = prev.tokens
-            else:  # a gather on the device; the index goes up without a host wait
-                index = torch.tensor(idx)
-                if self.device.type == "cuda":
-                    index = index.pin_memory().to(self.device, non_blocking=True)
-                ids = prev.tokens[index]
-        return self.runner.launch_decode(out, ids, timed=self.time_launches)
+            ids = prev.tokens
+            at = {c.request.request_id: i for i, c in enumerate(prev.out.chunks)}
+            rows = [at[c.request.request_id] for c in out.chunks]
+            if rows == list(range(len(prev.out.chunks))):
+                rows = None  # (the same rows: fed as they are; else gathered on the device, with the inputs)
+        return self.runner.launch_decode(out, ids, timed=self.time_launches, rows=rows)
 
     def _complete(self, out: SchedulerOutput, res) -> list[TokenOutput]:
         outputs = []

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gpu_pool.pinned import device_view, kernel_copy
 from model_swapper.model_config import ModelConfig
 from token_scheduler import graph_cap
 from token_scheduler.model import llama
@@ -180,18 +181,20 @@ class ModelRunner:
                         for c in out.chunks))
 
     def launch_decode(self, out: SchedulerOutput, ids: torch.Tensor | None = None,
-                      timed: bool = False) -> LaunchedDecode:
-        """Queue a decode step and its sampling without waiting for the GPU. `ids` [n] (device): the input
-        token of each row, when the host does not know them yet (the previous step's sampled ids). `timed`: its
-        device time is measured (CUDA events; `LaunchedDecode.device_s`)."""
+                      timed: bool = False, rows: list[int] | None = None) -> LaunchedDecode:
+        """Queue a decode step and its sampling without waiting for the GPU. `ids` (device): the previous step's
+        sampled ids, when the host does not know them yet: row i's input token is `ids[rows[i]]` (`rows` None:
+        `ids[i]`). `timed`: its device time is measured (CUDA events; `LaunchedDecode.device_s`)."""
         start = None
         if timed and self.is_cuda:  # (recorded just before the replay: a host late to launch it is not device time)
             start = torch.cuda.Event(enable_timing=True)
         g = None
         if len(out.chunks) in self.bucket_of:
-            g = self._decode_graph(out, ids, start=start)
+            g = self._decode_graph(out, ids, start=start, rows=rows)
             logits = g.logits[: len(out.chunks)]
         else:  # CPU (no graphs): the same overlap logic, run eagerly
+            if ids is not None and rows is not None:
+                ids = ids[torch.tensor(rows, device=ids.device)]
             if start is not None:
                 start.record()
             hidden, idx = self._forward_eager(out, ids)
@@ -369,13 +372,14 @@ class ModelRunner:
                               cfg.sliding_window)
 
     def _decode_graph(self, out: SchedulerOutput, ids: torch.Tensor | None = None,
-                      start: torch.cuda.Event | None = None) -> _DecodeGraph:
+                      start: torch.cuda.Event | None = None, rows: list[int] | None = None) -> _DecodeGraph:
         """Replay the graph of `out`'s bucket (captured first if missing); its logits' first rows are `out`'s.
-        `start`: recorded just before the replay (after a capture and the inputs' copies)."""
+        `ids`, `rows`: as in `launch_decode`. `start`: recorded just before the replay (after a capture and the
+        inputs' uploads)."""
         b = self.bucket_of[len(out.chunks)]
         g = self.graphs.get(self._graph_id(b)) or self._capture(b)
         g.users.add(self.name)
-        g.fill(out, self, ids)
+        g.fill(out, self, ids, rows)
         if start is not None:
             start.record()
         g.graph.replay()
@@ -390,9 +394,18 @@ class _DecodeGraph:
         dev, mb = runner.device, runner.max_blocks
         self.batch = batch
         # Two pinned input buffers, used in turn: with overlapped steps the host fills step N+1 while the
-        # copy that feeds step N may still be queued behind step N-1, so N+1 must not write N's buffer.
-        self.hosts = [torch.zeros(5, batch, dtype=torch.long, pin_memory=True) for _ in range(2)]
-        self.host_bts = [torch.zeros(batch, mb, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        # upload that feeds step N may still be queued behind step N-1, so N+1 must not write N's buffer.
+        with torch.cuda.device(dev):  # (pinned with `dev` current: mapped as its tensors, below)
+            self.hosts = [torch.zeros(5, batch, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self.host_bts = [torch.zeros(batch, mb, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        # Uploaded by a kernel reading them where they are (`device_view`), not by copies: a step queued behind the
+        # one in flight (TOKENPOOL_PIPELINE) while a weight prefetch ran had its block-table copy (2 KB and up)
+        # wait for the copy engine until the prefetch ended: ~17 ms late a step on the H200 at 36 models (session
+        # 30). Copies where the pinned pages cannot be mapped as `dev`'s tensors.
+        try:
+            self.views = [(device_view(h, dev), device_view(b, dev)) for h, b in zip(self.hosts, self.host_bts)]
+        except RuntimeError:
+            self.views = None
         # numpy views of the same pinned memory: `fill` writes the step's rows there from Python lists without a
         # torch call each (a torch op cost ~20 us of the step thread on the H200 host, before the replay; fill
         # was 5 of them, ~0.17 ms a step at 35 models)
@@ -442,7 +455,10 @@ class _DecodeGraph:
                     self.graph.capture_end()
         self.nbytes = self.logits.numel() * self.logits.element_size()  # held in the pool for as long as the graph
 
-    def fill(self, out: SchedulerOutput, runner: ModelRunner, ids: torch.Tensor | None = None) -> None:
+    def fill(self, out: SchedulerOutput, runner: ModelRunner, ids: torch.Tensor | None = None,
+             rows: list[int] | None = None) -> None:
+        """The inputs of `out`'s rows, uploaded (stream-ordered) into the graph's buffers. `ids` (device): the input
+        tokens, when the host does not know them yet -- row i's is `ids[rows[i]]` (`rows` None: `ids[i]`)."""
         # Only the first `nb` block-table columns of real rows are read (the kernel stops at the context
         # length), so stale columns need no reset. Padded rows write their K/V into the scratch block.
         bs, scratch = runner.block_size, runner.scratch_block
@@ -450,9 +466,9 @@ class _DecodeGraph:
         pos = [c.start for c in out.chunks]
         n = len(reqs)
         t = self.turn
-        host, host_bt, h, hb = self.hosts[t], self.host_bts[t], self.hosts_np[t], self.host_bts_np[t]
+        h, hb = self.hosts_np[t], self.host_bts_np[t]
         self.turn ^= 1
-        h[0, :n] = [r.token_at(p) for r, p in zip(reqs, pos)] if ids is None else 0
+        h[0, :n] = [r.token_at(p) for r, p in zip(reqs, pos)] if ids is None else (rows or 0)
         h[1, :n] = pos
         h[2, :n] = [r.block_ids[p // bs] for r, p in zip(reqs, pos)]
         h[3, :n] = [p % bs for p in pos]
@@ -463,13 +479,14 @@ class _DecodeGraph:
             k = len(r.block_ids)
             hb[i, :k] = r.block_ids
             hb[i, k:nb] = scratch
-        self.dev.copy_(host, non_blocking=True)
+        if self.views is not None:
+            kernel_copy(self.dev, self.views[t][0])
+            kernel_copy(self.bt[:n], self.views[t][1][:n])
+        else:
+            self.dev.copy_(self.hosts[t], non_blocking=True)
+            self.bt[:n].copy_(self.host_bts[t][:n], non_blocking=True)
         if ids is not None:
-            # by a kernel, not `copy_`: a device-to-device memcpy runs on a copy engine, where it can wait behind a
-            # weight prefetch's host-to-device pieces on the swapper's stream (session 30: pipelined steps queued
-            # during a prefetch started ~17 ms late, their device time clean)
-            torch.add(ids, 0, out=self.dev[0, :n])
-        self.bt[:n].copy_(host_bt[:n], non_blocking=True)
+            self.dev[0, :n].copy_(ids if rows is None else ids.index_select(0, self.dev[0, :n]))
         self.ctx32.copy_(self.dev[4])
 
 
