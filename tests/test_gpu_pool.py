@@ -98,7 +98,7 @@ def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache
     multi.close()
 
 
-def test_device_view_is_the_pinned_memory_itself():
+def test_device_view_is_the_pinned_memory_itself(make_varied):
     """`gpu_pool.pinned.device_view`: a CUDA tensor at the pinned tensor's own address (no copy); a kernel reads
     the host bytes as they are when it runs (written after the view was made) and its writes land in host memory;
     and a decode graph uploads its inputs through such views (the step's H2D input copies avoided: session 30)."""
@@ -116,3 +116,9 @@ def test_device_view_is_the_pinned_memory_itself():
     kernel_copy(view[:10], on_dev[100:110] * 2)
     torch.cuda.synchronize()
     assert host[:10].tolist() == [2 * i for i in range(100, 110)]
+    from token_scheduler.runner import _DecodeGraph
+
+    eng = LLMEngine(EngineConfig(model=str(make_varied("qwen2")), device="cuda", dtype="bf16", max_num_seqs=4,
+                                 kv_cache_memory_gb=0.05))
+    graphs = [g for g in eng.runner.graphs.values() if isinstance(g, _DecodeGraph)]
+    assert graphs and all(g.views is not None for g in graphs)
