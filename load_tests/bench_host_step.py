@@ -176,9 +176,9 @@ class Clock:
         s = self
 
         @functools.wraps(launch_decode)
-        def timed(runner, out, ids=None, timed=False):
+        def timed(runner, out, ids=None, timed=False, rows=None):
             c, t = time.thread_time(), time.perf_counter()
-            step = launch_decode(runner, out, ids, timed=timed)
+            step = launch_decode(runner, out, ids, timed=timed, rows=rows)
             dt = time.perf_counter() - t
             s.s["forward"] += dt
             s.s["device"] += dt

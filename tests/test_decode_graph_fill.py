@@ -1,17 +1,18 @@
 """`_DecodeGraph.fill`, the host side of a decode graph's replay: a step's rows written into the pinned buffers
-(through their numpy views) and copied to the graph's static inputs. Checked on CPU tensors standing in for the
+(through their numpy views) and uploaded to the graph's static inputs (read in place, or copied). Checked on CPU tensors standing in for the
 pinned and device buffers (the capture itself needs CUDA: tests/test_gpu_engine.py replays it)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from token_scheduler.runner import _DecodeGraph
 
 
-def _graph(batch: int, max_blocks: int, scratch: int) -> _DecodeGraph:
+def _graph(batch: int, max_blocks: int, scratch: int, views: bool = True) -> _DecodeGraph:
     g = _DecodeGraph.__new__(_DecodeGraph)  # the buffers __init__ makes, on CPU, without the capture
     g.batch, g.turn = batch, 0
     g.hosts = [torch.full((5, batch), -7, dtype=torch.long) for _ in range(2)]
@@ -22,6 +23,9 @@ def _graph(batch: int, max_blocks: int, scratch: int) -> _DecodeGraph:
     g.dev = torch.zeros(5, batch, dtype=torch.long)
     g.bt = torch.full((batch, max_blocks), scratch, dtype=torch.int32)
     g.ctx32 = torch.ones(batch, dtype=torch.int32)
+    # the pinned buffers as the device reads them in place (on CUDA `device_view`s at the same address; here the
+    # CPU tensors themselves), or None: uploaded by copies
+    g.views = [(h, b) for h, b in zip(g.hosts, g.host_bts)] if views else None
     return g
 
 
@@ -33,9 +37,10 @@ def _step(reqs_pos):
     return SimpleNamespace(chunks=[SimpleNamespace(request=r, start=p) for r, p in reqs_pos])
 
 
-def test_fill_writes_each_row_and_pads_the_rest():
+@pytest.mark.parametrize("views", [True, False], ids=["in_place", "copies"])
+def test_fill_writes_each_row_and_pads_the_rest(views):
     runner = SimpleNamespace(block_size=4, scratch_block=99)
-    g = _graph(batch=4, max_blocks=6, scratch=99)
+    g = _graph(batch=4, max_blocks=6, scratch=99, views=views)
     a = _req(list(range(100, 110)), [5, 6, 7])  # position 9: block 7 (9 // 4 = 2), offset 1
     b = _req(list(range(200, 205)), [11, 12])  # position 4: block 12, offset 0
     g.fill(_step([(a, 9), (b, 4)]), runner)
@@ -54,3 +59,6 @@ def test_fill_writes_each_row_and_pads_the_rest():
     # a full batch: no padded column; the first buffer again, its old padding overwritten
     g.fill(_step([(a, 0), (b, 1), (c, 2), (a, 3)]), runner)
     assert g.dev.tolist() == [[100, 201, 302, 103], [0, 1, 2, 3], [5, 11, 1, 5], [0, 1, 2, 3], [1, 2, 3, 4]]
+    # a continued step that lost a request: row i's input is the id the step before sampled at rows[i]
+    g.fill(_step([(b, 6), (a, 11)]), runner, ids=torch.tensor([40, 41, 42]), rows=[2, 0])
+    assert g.dev[:, :2].tolist() == [[42, 40], [6, 11], [12, 7], [2, 3], [7, 12]]
