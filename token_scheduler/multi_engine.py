@@ -72,8 +72,14 @@ each step's device time stays at ~4.5 ms (CUDA events from the replay: 7B batch 
 every other step, outside the caller's gap, so ~10% of those steps are learned at 4x their price and the device
 idles. Not the collector (young/middle passes 0.1-1.8 ms) and not the GIL's switch interval (0.5 ms: the same
 stalls). Learning pipelined steps at their device time, or not at all, served no better (46%: the stall itself
-stays, and the fit of the steps read at once extrapolates badly). Where the 15 ms goes is the next lead: the trace's
-"cycle" lines split each pipelined call's host time (bench/results/logs/session29/).
+stays, and the fit of the steps read at once extrapolates badly).
+Session 30 found it: the "cycle" lines put the stall in the host's wait for the step's tokens (CPU = wall: spinning
+on its event), in stretches as long as a weight prefetch. A pipelined step's inputs are queued behind the step in
+flight, and a pinned host-to-device copy of 2 KB or more queued behind a running kernel waits for a prefetch on the
+swapper's stream to end (`diag_gpu copy-contention`: ~52 ms for 3 GB; the block table is 2 KB+ from 7B batch 2 and
+1.5B batch 3). Decode graphs now read their inputs from the pinned buffers in place (`gpu_pool.pinned.device_view`):
+served at 36 models, seed 1, pipelined 100% (0 stalled calls of 48k) where it was 46-55%
+(bench/results/serve_h200_models36_seed1_4307f4b_pipeline.json; logs/session30).
 """
 
 from __future__ import annotations
