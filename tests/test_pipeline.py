@@ -369,20 +369,22 @@ def test_a_callers_pause_between_steps_is_not_priced_into_pipelined_steps(make_t
     import time
 
     multi, _, noted = _two_models_learning(make_tiny, monkeypatch)
-    t_steps = 0.0
+    calls = []
     while multi.has_unfinished_requests():
         t = time.perf_counter()
         multi.step()
-        t_steps += time.perf_counter() - t
+        calls.append(time.perf_counter() - t)
         time.sleep(0.04)  # the caller's own work
     c = multi.snapshot()["counters"]
     learned = [dt for _, dt in noted]
     assert c["pipelined_steps"] > 0 and learned
-    # the steps learned are priced at their own time, not the pause: a priced pause would put every one at 40 ms or
-    # more, so their median is far below it (not their max: on 2 loaded cores one step of a tiny model took 50 ms);
-    # and their sum is within the time spent inside step calls
-    assert sorted(learned)[len(learned) // 2] < 0.02, learned
-    assert sum(learned) <= t_steps * 1.05
+    # the steps learned are priced at their own time, not the pause: a priced pause would put each at a step call's
+    # time plus 40 ms, so their median stays near a call's (the calls themselves, not a fixed bound: on 2 cores
+    # loaded by an install beside the test a tiny model's step call took ~40 ms); and their sum is within the time
+    # spent inside step calls
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    assert median(learned) <= 1.5 * median(calls) + 0.005, (learned, calls)
+    assert sum(learned) <= sum(calls) * 1.05
     _no_leak(multi)
 
 
