@@ -86,6 +86,36 @@ def test_cuda_graph_decode_equals_eager(make_varied):
     assert sum(fed) > 10  # the overlapped engine did feed steps GPU to GPU
 
 
+def test_an_overlapped_launch_never_makes_the_host_wait(make_varied):
+    """A decode launched behind the step in flight (overlap, TOKENPOOL_PIPELINE) queues its inputs, graph and
+    sampling without one synchronizing CUDA call (torch's sync debug mode raises on any), whatever the sampling:
+    greedy, temperature, top-k, top-p, min-p, seeded; a row set that changes (a request finished) included. A
+    pageable `torch.tensor(..., device=cuda)` for the sampling settings used to wait for both steps."""
+    d = make_varied("qwen2")
+    eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="bf16", overlap=True, kv_cache_memory_gb=0.1,
+                                 max_num_seqs=8))
+    orig, launched = eng.runner.launch_decode, []
+
+    def strict(*a, **kw):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step = orig(*a, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        launched.append(kw.get("rows"))
+        return step
+    eng.runner.launch_decode = strict
+    kinds = [dict(temperature=0), dict(temperature=0.8), dict(temperature=0.7, top_k=5), dict(temperature=1.0, top_p=0.8),
+             dict(temperature=0.9, min_p=0.1), dict(temperature=0.8, seed=3)]
+    for i, kw in enumerate(kinds):
+        eng.add_request(f"r{i}", [7 + i] * (3 + i), SamplingParams(max_tokens=6 + 2 * i, ignore_eos=True, **kw))
+    done = set()
+    while eng.has_unfinished_requests():
+        done |= {o.request_id for o in eng.step() if o.finished}
+    assert done == {f"r{i}" for i in range(len(kinds))}
+    assert len(launched) > 10 and any(r is not None for r in launched)  # some launches gathered changed rows
+
+
 def test_timed_steps_report_device_time_and_the_same_tokens(make_varied):
     """runner.time_steps (TOKENPOOL_TIME_STEPS in a pooled engine): each step that samples reports its device time
     by CUDA events, more than nothing and less than the step's wall, graph decodes and the eager prefill alike; and
