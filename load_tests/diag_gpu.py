@@ -659,7 +659,10 @@ def copy_contention(gb: float = 3.0, pieces: int = 4, reps: int = 12) -> None:
            **{f"h2d pinned {k} B": (lambda k=k: small[k][1].copy_(small[k][0], non_blocking=True)) for k in small},
            "d2d memcpy 32 B": lambda: d_dst[0].copy_(d_src),
            "d2d by kernel 32 B": lambda: torch.add(d_src, 0, out=d_dst[0]),
-           "d2h pinned 32 B": lambda: h_out.copy_(d_src, non_blocking=True)}
+           "d2h pinned 32 B": lambda: h_out.copy_(d_src, non_blocking=True),
+           # what the eager paths (prefill) do: a list to the device from pageable memory (torch then waits)
+           **{f"pageable list {k} B": (lambda k=k: torch.tensor(list(range(k // 8)), device=dev))
+              for k in (2 << 10, 16 << 10, 128 << 10)}}
     try:  # pinned host memory as a CUDA tensor (UVA: the same address), read by a kernel: no copy engine
         zc = {k: mapped(h) for k, (h, _) in small.items() if k <= 16 << 10}
         ops.update({f"zero-copy read {k} B": (lambda k=k: torch.add(zc[k], 0, out=small[k][1])) for k in zc})
