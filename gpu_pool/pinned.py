@@ -429,6 +429,17 @@ def kernel_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     source, read across the link by the kernel itself. Integer and exact for every dtype (adds zero)."""
     torch.add(src, 0, out=dst)
 
+
+def upload(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list as a tensor on `device`, without the host waiting for the device: `torch.tensor(values,
+    device=cuda)` copies from pageable memory and then synchronizes the stream, so a step queued behind the one in
+    flight (TOKENPOOL_PIPELINE) would hold its launch until both had run. From pinned memory the copy is queued like
+    the kernels around it (torch's pinned allocator keeps the block until the copy has run)."""
+    if device.type != "cuda":
+        return torch.tensor(values, device=device, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def _fallocate(fd: int, path: Path, nbytes: int) -> None:
     try:
         os.posix_fallocate(fd, 0, nbytes)

@@ -644,6 +644,8 @@ def copy_contention(gb: float = 3.0, pieces: int = 4, reps: int = 12) -> None:
     queues before its graph: a kernel, host -> device copies from pinned memory of several sizes, device -> device
     memcpys, a device -> host copy into pinned memory, and a device -> device copy made by a kernel; for each, the
     host's time from queueing it to its completion (median and max of `reps`), idle and under the copy."""
+    from gpu_pool.pinned import device_view, kernel_copy
+
     dev = torch.device("cuda")
     n = int(gb * GB) // 4 * 4
     src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
@@ -658,16 +660,16 @@ def copy_contention(gb: float = 3.0, pieces: int = 4, reps: int = 12) -> None:
     ops = {"kernel add": lambda: x.add_(1),
            **{f"h2d pinned {k} B": (lambda k=k: small[k][1].copy_(small[k][0], non_blocking=True)) for k in small},
            "d2d memcpy 32 B": lambda: d_dst[0].copy_(d_src),
-           "d2d by kernel 32 B": lambda: torch.add(d_src, 0, out=d_dst[0]),
+           "d2d by kernel 32 B": lambda: kernel_copy(d_dst[0], d_src),
            "d2h pinned 32 B": lambda: h_out.copy_(d_src, non_blocking=True),
            # what the eager paths (prefill) do: a list to the device from pageable memory (torch then waits)
            **{f"pageable list {k} B": (lambda k=k: torch.tensor(list(range(k // 8)), device=dev))
               for k in (2 << 10, 16 << 10, 128 << 10)}}
     try:  # pinned host memory as a CUDA tensor (UVA: the same address), read by a kernel: no copy engine
-        zc = {k: mapped(h) for k, (h, _) in small.items() if k <= 16 << 10}
-        ops.update({f"zero-copy read {k} B": (lambda k=k: torch.add(zc[k], 0, out=small[k][1])) for k in zc})
-        zo = mapped(h_out)
-        ops["zero-copy write 32 B"] = lambda: torch.add(d_src, 0, out=zo)
+        zc = {k: device_view(h) for k, (h, _) in small.items() if k <= 16 << 10}
+        ops.update({f"zero-copy read {k} B": (lambda k=k: kernel_copy(small[k][1], zc[k])) for k in zc})
+        zo = device_view(h_out)
+        ops["zero-copy write 32 B"] = lambda: kernel_copy(zo, d_src)
     except Exception as e:  # noqa: BLE001 - a diagnostic: say so and go on
         print(f"zero-copy views not made: {e}")
 
@@ -718,15 +720,6 @@ def copy_contention(gb: float = 3.0, pieces: int = 4, reps: int = 12) -> None:
         torch.cuda.synchronize()
         print("zero-copy write lands:", h_out.tolist() == d_src.tolist())
 
-
-def mapped(host: torch.Tensor) -> torch.Tensor:
-    """A CUDA tensor over pinned host memory `host` (same address under unified addressing): kernels read and
-    write it over the link, with no copy engine."""
-
-    class _View:
-        __cuda_array_interface__ = {"shape": tuple(host.shape), "typestr": host.numpy().dtype.str,
-                                    "data": (host.data_ptr(), False), "version": 3, "strides": None}
-    return torch.as_tensor(_View(), device="cuda")
 
 def main() -> None:
     ap = argparse.ArgumentParser()

@@ -198,7 +198,8 @@ class MultiModelEngine:
         trace = env.STEP_TRACE.get()
         self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115 - closed in close()
         self._gc_t0 = 0.0
-        self._cycle: list | None = None  # (trace) a pipelined call's cycle line, written as the call returns
+        # (trace) a pipelined call's cycle line and when it ended, written as the call returns
+        self._cycle: tuple | None = None
         if self._trace is not None:  # and every collection's pause, from whichever thread (kind "gc")
             gc.callbacks.append(self._trace_gc)
         # Plan-ahead: (the plan, the policy's checkpoint before it, {id(request)} of the step it was made
@@ -667,8 +668,8 @@ class MultiModelEngine:
                     outputs += eng.take_aborted()
         self._t_ret = time.perf_counter()
         if self._cycle is not None:
-            row, self._cycle = self._cycle, None
-            self._trace_row(*row[:-1], _ms(self._t_ret - row[-1]))
+            (cols, t_end), self._cycle = self._cycle, None
+            self._trace_row(*cols, _ms(self._t_ret - t_end))
         return outputs
 
     # -- pipeline ------------------------------------------------------------------------------------
@@ -823,9 +824,9 @@ class MultiModelEngine:
             t_end = time.perf_counter()  # (the host's cycle of a pipelined call, where a stall between reads went)
             (launched, c_l), (read, c_r) = at_launch[0], eng.t_read
             # written by `_after_step`, with the call's tail (books, late watch) after the plan
-            self._cycle = [name, "cycle", len(nxt.chunks), _ms(t2 - t0), _ms(launched - t2), _ms(read - launched),
-                           _ms(self._gap), _ms(t_end - t_plan), _ms(t_plan - read), _ms(c_l - c2), _ms(c_r - c_l),
-                           t_end]
+            self._cycle = ((name, "cycle", len(nxt.chunks), _ms(t2 - t0), _ms(launched - t2), _ms(read - launched),
+                            _ms(self._gap), _ms(t_end - t_plan), _ms(t_plan - read), _ms(c_l - c2), _ms(c_r - c_l)),
+                           t_end)
         if self._ahead is not None and self._continues(self._ahead[0], eng):
             tm["pipeline_kept"] += 1
         else:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gpu_pool.pinned import device_view, kernel_copy
+from gpu_pool.pinned import device_view, kernel_copy, upload
 from model_swapper.model_config import ModelConfig
 from token_scheduler import graph_cap
 from token_scheduler.model import llama
@@ -194,7 +194,7 @@ class ModelRunner:
             logits = g.logits[: len(out.chunks)]
         else:  # CPU (no graphs): the same overlap logic, run eagerly
             if ids is not None and rows is not None:
-                ids = ids[torch.tensor(rows, device=ids.device)]
+                ids = ids[upload(rows, ids.device)]
             if start is not None:
                 start.record()
             hidden, idx = self._forward_eager(out, ids)

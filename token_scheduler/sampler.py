@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu_pool.pinned import upload
 from token_scheduler.request import Request
 
 
@@ -19,17 +20,6 @@ from token_scheduler.request import Request
 class SampleResult:
     token_ids: list[int]
     logprobs: list[dict[int, float]] | None  # per row, or None when no row asked for logprobs
-
-
-def _upload(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A small host list as a tensor on `device`, without the host waiting for the device: `torch.tensor(values,
-    device=cuda)` copies from pageable memory and then synchronizes the stream, so a pipelined step's sampling
-    (TOKENPOOL_PIPELINE: queued behind the step in flight) would hold its launch until both steps had run. From
-    pinned memory the copy is queued like the kernels around it (torch's pinned allocator keeps the block until
-    the copy has run)."""
-    if device.type != "cuda":
-        return torch.tensor(values, device=device, dtype=dtype)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def apply_penalties(logits: torch.Tensor, req: Request) -> torch.Tensor:
@@ -56,17 +46,17 @@ def _filter(x: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[f
     if any(0 < k < vocab for k in top_k):
         ks = [k if 0 < k < vocab else vocab for k in top_k]
         top = torch.topk(x, max(ks), dim=-1).values
-        kth = top.gather(1, _upload(ks, dev).sub_(1).unsqueeze(1))
+        kth = top.gather(1, upload(ks, dev).sub_(1).unsqueeze(1))
         x = x.masked_fill(x < kth, float("-inf"))
     if any(p < 1.0 for p in top_p):
         sorted_l, idx = torch.sort(x, dim=-1, descending=True)
         probs = sorted_l.softmax(-1)
         # keep the smallest prefix whose mass reaches top_p (a row with top_p 1.0 drops nothing)
-        drop = probs.cumsum(-1) - probs > _upload(top_p, dev, probs.dtype).unsqueeze(1)
+        drop = probs.cumsum(-1) - probs > upload(top_p, dev, probs.dtype).unsqueeze(1)
         x = x.scatter(1, idx, sorted_l.masked_fill(drop, float("-inf")))
     if any(p > 0.0 for p in min_p):
         probs = x.softmax(-1)
-        floor = _upload(min_p, dev, probs.dtype).unsqueeze(1) * probs.amax(-1, keepdim=True)
+        floor = upload(min_p, dev, probs.dtype).unsqueeze(1) * probs.amax(-1, keepdim=True)
         x = x.masked_fill(probs < floor, float("-inf"))
     return x
 
@@ -108,7 +98,7 @@ class Sampler:
         if all(greedy):
             return raw.argmax(-1)
         dev = raw.device
-        temps = _upload([1.0 if g else sp.temperature for g, sp in zip(greedy, sps)], dev, raw.dtype)
+        temps = upload([1.0 if g else sp.temperature for g, sp in zip(greedy, sps)], dev, raw.dtype)
         x = _filter(raw / temps.unsqueeze(1), [sp.top_k for sp in sps], [sp.top_p for sp in sps],
                     [sp.min_p for sp in sps])
         probs = x.softmax(-1)
@@ -120,7 +110,7 @@ class Sampler:
                 q[i].exponential_(1.0, generator=self.generator(reqs[i]))
         tokens = (probs / q).argmax(-1)
         if any(greedy):
-            tokens = torch.where(_upload(greedy, dev), raw.argmax(-1), tokens)
+            tokens = torch.where(upload(greedy, dev), raw.argmax(-1), tokens)
         return tokens
 
     def read(self, tokens: torch.Tensor, reqs: list[Request], logprobs_all: torch.Tensor | None) -> SampleResult:
