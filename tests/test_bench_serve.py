@@ -49,8 +49,8 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path, m
         # seen on a loaded CPU, 1.018 in CI on 2 cores over a ~4 s point)
         assert 0 < t["engine_busy_frac"] <= t["step_thread_busy_frac"] <= 1.05
         assert t["emit_ms_per_step"] > 0
-        # TOKENPOOL_PIPELINE is off by default, plan-ahead on: early plans ran, no step was pipelined
-        assert t["pipelined_frac"] == 0 and t["ahead_used_frac"] > 0.5
+        # plan-ahead and the pipeline are on by default: early plans ran (what was pipelined: the test below)
+        assert 0 <= t["pipelined_frac"] <= 1 and t["ahead_used_frac"] > 0.5
         # the token policy's rounds over the point: their planned length, and the share under the deadline rule
         assert t["round_planned_mean_s"] > 0 and 0 <= t["need_round_frac"] <= 1
         rt = t["round_terms"]  # ... and what they were made of: every round formed has a model and one bound
@@ -85,11 +85,16 @@ def test_bench_serve_replays_the_workload_through_the_api(make_tiny, tmp_path, m
     assert hw.step_coefficients(spec_for("qwen2", "1.5b", "qwen2-1.5b-0"))[0] > 0
 
 
-def test_the_served_worker_pipelines_its_steps_with_the_switch_on(make_tiny, tmp_path, monkeypatch):
-    """TOKENPOOL_PIPELINE=1 (the served server inherits it): the worker's pooled engine queues a model's next decode
-    before reading the one in flight, and `bench serve` reports how many steps did so. Every request is still
-    served in full."""
-    monkeypatch.setenv("TOKENPOOL_PIPELINE", "1")
+@pytest.mark.parametrize("switch", [None, "0"])
+def test_the_served_worker_pipelines_its_steps_unless_switched_off(make_tiny, tmp_path, monkeypatch, switch):
+    """By default (TOKENPOOL_PIPELINE unset; the served server inherits the environment) the worker's pooled engine
+    queues a model's next decode before reading the one in flight, and `bench serve` reports how many steps did so;
+    TOKENPOOL_PIPELINE=0 reads every step before the next (early plans still run). Every request is served in
+    full either way."""
+    if switch is None:
+        monkeypatch.delenv("TOKENPOOL_PIPELINE", raising=False)
+    else:
+        monkeypatch.setenv("TOKENPOOL_PIPELINE", switch)
     d = make_tiny("qwen2")
     out = run_serve(models="2x1.5b", rate="1.0", duration=3.0, slo_ttft=60.0, slo_tpot=10.0, drain_s=60.0,
                     policies=("token",), seed=5, json_out=None, model_dirs={"1.5b": d}, device="cpu",
@@ -98,7 +103,11 @@ def test_the_served_worker_pipelines_its_steps_with_the_switch_on(make_tiny, tmp
     too_long = sum(w.prompt_len + w.output_len > 2048 for w in generate(["qwen2-1.5b-0", "qwen2-1.5b-1"], 1.0, 3.0,
                                                                           seed=5))
     assert p["slo"]["finished"] == p["requests"] - too_long
-    assert p["timing"]["pipelined_frac"] > 0 and p["timing"]["ahead_used_frac"] > 0  # (some steps: a CPU run is short)
+    assert p["timing"]["ahead_used_frac"] > 0
+    if switch is None:
+        assert p["timing"]["pipelined_frac"] > 0  # (some steps: a CPU run is short)
+    else:
+        assert p["timing"]["pipelined_frac"] == 0
 
 
 def test_the_bench_makes_its_models_where_there_is_no_gpu(tmp_path):

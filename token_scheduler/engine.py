@@ -76,7 +76,7 @@ class LLMEngine:
 
         self.config = c = config
         self.last_out = None  # the SchedulerOutput of the latest step that was scheduled here
-        self.t_read = None  # (perf_counter, thread_time) when the latest step_tokens or continue_inflight read tokens
+        self.t_read = None  # (perf_counter, thread_time) when the latest step_tokens, continue_ or complete_inflight read
         self.device_s = None  # (runner.time_steps / time_launches) the device's time for the step that read tokens
         self.device = torch.device(c.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -254,7 +254,10 @@ class LLMEngine:
         prev, self._inflight = self._inflight, None
         if prev is None:
             return []
-        return self._complete(prev.out, self.runner.read(prev))
+        res = self.runner.read(prev)
+        self.t_read = (time.perf_counter(), time.thread_time())
+        self.device_s = res.device_s
+        return self._complete(prev.out, res)
 
     @staticmethod
     def _mark_scheduled(out: SchedulerOutput) -> None:

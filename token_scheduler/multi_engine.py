@@ -588,9 +588,14 @@ class MultiModelEngine:
                 self.cost.observe_step(plan.model, shape, t3 - t2)
                 if self._trace is not None:
                     self._trace_step(plan.model, "read", shape, t3 - t2, eng.device_s, 0.0, True)
-                if at_launch and eng.t_read is not None:
-                    self._phases(shape, (t2, c2), at_launch[0], eng.t_read, (t3, time.thread_time()),
+            if ran.chunks and at_launch:  # the books count every step
+                if self._pipe is None and eng.t_read is not None:
+                    self._phases(_ran_shape(ran), (t2, c2), at_launch[0], eng.t_read, (t3, time.thread_time()),
                                  dev=eng.device_s)
+                elif self._pipe is not None:  # kept in flight: the pipeline's, with no wait (its read is the next
+                    # call's, booked with the step that call queues)
+                    self._phases(_ran_shape(ran), (t2, c2), at_launch[0], at_launch[0], (t3, time.thread_time()),
+                                 kind="pipelined")
             self._stepped(plan.model, t3 - t2, plan.expected_s)
         return self._after_step(plan.model, outputs)
 
