@@ -89,7 +89,7 @@ def test_real_sweep_two_rates_on_cpu(make_tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENPOOL_PLAN_AHEAD", "0")  # a switch of the run: recorded with its command
     d = make_tiny("qwen2")
     path = tmp_path / "sweep.json"
-    out = run_real(models="1x7b,1x1.5b", rate="1.0,2.0", duration=1.0, drain_s=1.0, gpu_budget_gb=0.0075,
+    out = run_real(models="1x7b,1x1.5b", rate="1.0,2.0", duration=1.0, drain_s=10.0, gpu_budget_gb=0.0075,
                    kv_cache_gb=0.004, policies=("token",), json_out=path, device="cpu", dtype="fp32",
                    model_dirs={"7b": d, "1.5b": d}, host_budget_gb=0.1, say=lambda *a: None)
     disk = json.loads(path.read_text())
