@@ -6,7 +6,6 @@ import uuid
 
 import pytest
 
-from token_scheduler.cost_model import StepShape
 from token_scheduler.engine import EngineConfig, LLMEngine
 from token_scheduler.multi_engine import MultiModelEngine
 from token_scheduler.request import SamplingParams
@@ -123,32 +122,3 @@ def test_device_view_is_the_pinned_memory_itself(make_varied):
                                  kv_cache_memory_gb=0.05))
     graphs = [g for g in eng.runner.graphs.values() if isinstance(g, _DecodeGraph)]
     assert graphs and all(g.views is not None for g in graphs)
-
-
-def test_pooled_cuda_pipelined_across_models_equals_alone(make_varied, host_cache, monkeypatch):
-    """TOKENPOOL_PIPELINE across models on CUDA: every model resident, token by token, another model's decode is
-    queued on the GPU behind the one in flight before that one is read (same tokens as each model alone)."""
-    from gpu_pool.arena import MiB
-    from token_scheduler import multi_engine
-
-    monkeypatch.setattr(multi_engine, "PIPELINE", True)
-    monkeypatch.setattr(multi_engine, "PIPELINE_ACROSS", True)
-    paths = {"a": make_varied("qwen2"), "b": make_varied("qwen2", seed=1), "c": make_varied("llama")}
-    alone = {n: _alone(p) for n, p in paths.items()}
-    multi = MultiModelEngine({n: EngineConfig(model=str(p), device="cuda", dtype="bf16", served_model_name=n,
-                                              max_num_seqs=8) for n, p in paths.items()},
-                             policy="token", device="cuda", gpu_budget=16 * MiB, kv_cache_gb=0.002,
-                             host_cache=host_cache, policy_kw={"max_round_s": 0.0})
-    for i, p in enumerate(PROMPTS):
-        for n in paths:
-            multi.add_request(f"{n}/r{i}", p, _params(i), model=n)
-    done = multi.run()
-    for n in paths:
-        for rid, toks in alone[n].items():
-            assert done[f"{n}/{rid}"].outputs[0].token_ids == toks, (n, rid)
-    assert multi.timing["pipelined_across"] > 0, multi.timing
-    # queued behind the step in flight: priced on the device's clock (CUDA events), at most a fraction of a second
-    assert multi.timing["priced_on_device"] > 0, multi.timing
-    fits = multi.cost.to_dict()["step"]
-    assert all(0 < multi.cost.step_time(n, StepShape(1, 1, 64)) < 0.1 for n in fits), fits
-    multi.close()

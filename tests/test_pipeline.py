@@ -29,11 +29,6 @@ def pipe(monkeypatch):
 
 
 @pytest.fixture
-def across(pipe, monkeypatch):
-    monkeypatch.setattr(multi_engine, "PIPELINE_ACROSS", True)  # TOKENPOOL_PIPELINE_ACROSS=1
-
-
-@pytest.fixture
 def host_cache():
     import uuid
 
@@ -125,27 +120,6 @@ def test_pipeline_pooled_equals_alone(make_tiny, host_cache, pipe):
     multi.close()
 
 
-@pytest.mark.parametrize("kind", ["greedy", "seeded"])
-def test_pipeline_across_models_pooled_equals_alone(make_tiny, host_cache, across, kind):
-    """Pooled, every model resident, token by token: each step of another model is queued behind the step in flight
-    before that one is read (`_step_across`); tokens are each model's alone, every KV page comes back."""
-    from gpu_pool.arena import MiB
-
-    paths = {a: make_tiny(a) for a in ARCHS}
-    alone = {a: _alone(p, kind) for a, p in paths.items()}
-    page = 16 * 512
-    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=16 * MiB,
-                             kv_cache_gb=64 * page / 1e9, host_kv_gb=256 * page / 1e9, host_cache=host_cache,
-                             policy_kw={"max_round_s": 0.0})
-    _interleaved_equals_alone(multi, alone, kind)
-    c = multi.snapshot()["counters"]
-    assert c["pipelined_across"] > 0 and multi.switches >= len(multi.trace) // 2
-    ph = multi.timing_summary()["step_phases"]["pipelined"]
-    assert c["pipelined_steps"] <= ph["steps"] and ph["wait_ms"] > 0 and ph["post_ms"] > 0
-    _no_leak(multi)
-    multi.close()
-
-
 @pytest.mark.parametrize("pooled", [False, True])
 def test_pipeline_stops_and_lengths_equal_alone(make_tiny, host_cache, pipe, pooled):
     """Stop tokens (a request ends on a token it sampled while its next step was already queued: that row is
@@ -224,19 +198,9 @@ def test_the_plan_that_runs_is_run_exactly(make_tiny, pipe):
             plans.append((ahead[0], [(r.request_id, n) for r, n in ahead[0].batch]))
         return out
 
-    real_across = multi._step_across
-
-    def across(on_launch):
-        ahead = multi._ahead
-        out = real_across(on_launch)
-        if out is not None:
-            plans.append((ahead[0], [(r.request_id, n) for r, n in ahead[0].batch]))
-        return out
-
     multi._execute_memory = lambda plan: (plans.append((plan, [(r.request_id, n) for r, n in plan.batch])),
                                           real_mem(plan))[1]
     multi._step_pipelined = pipelined
-    multi._step_across = across
     _submit_rounds(multi, paths)
     done = {}
     while multi.has_unfinished_requests():
@@ -469,62 +433,3 @@ def test_step_trace_and_what_pipelined_steps_teach(make_tiny, pipe, monkeypatch,
         assert all(r[9] == "0" for r in piped)
     else:
         assert any(r[9] == "1" for r in piped)
-
-
-class _Ev:
-    """A CUDA event's stand-in for CPU runs: when it fired on a made-up device clock (ms); `elapsed_time` as CUDA's."""
-
-    def __init__(self, t: float):
-        self.t = t
-
-    def elapsed_time(self, other) -> float:
-        return other.t - self.t
-
-    def synchronize(self) -> None:
-        pass
-
-
-@pytest.mark.parametrize("max_round_s", [4.0, 0.0])  # turns of several steps; token by token (across models)
-def test_a_step_queued_behind_another_is_priced_on_the_device_clock(make_tiny, across, monkeypatch, max_round_s):
-    """A step queued while the one before was in flight is learned as the device's time from that step's end to its
-    own (not by when the host read it: at c29a20e a decode read after another model's prefill launches was priced at
-    those ~20 ms); a step launched with nothing in flight keeps the host rule, never under its device time."""
-    import time
-
-    from token_scheduler import runner as R
-
-    # on the made-up device clock every launched step starts 3 ms after the step before ends (the device waited for
-    # the host) and runs 7 ms: one queued behind another costs the loop 10 ms; its device time alone is 7
-    dev_ms, wait_ms, clock = 7.0, 3.0, [0.0]
-    launch = R.ModelRunner.launch_decode
-
-    def timed_launch(self, out, ids=None, timed=False, rows=None):
-        step = launch(self, out, ids, timed, rows)
-        if timed:
-            start = clock[0] + wait_ms
-            clock[0] = start + dev_ms
-            step.start, step.event = _Ev(start), _Ev(clock[0])
-        return step
-
-    monkeypatch.setattr(R.ModelRunner, "launch_decode", timed_launch)
-    paths = {a: make_tiny(a) for a in ARCHS}
-    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu",
-                             policy_kw={**TURNS, "max_round_s": max_round_s} if max_round_s else {"max_round_s": 0.0})
-    learned = []
-    obs = multi.cost.observe_step
-    monkeypatch.setattr(multi.cost, "observe_step", lambda n, shape, dt: (learned.append(dt), obs(n, shape, dt)))
-    for i, p in enumerate(PROMPTS[:3]):
-        for a in paths:
-            multi.add_request(f"{a}/{i}", p, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), model=a)
-    while multi.has_unfinished_requests():
-        multi.step()
-        time.sleep(0.02)  # the caller's own work: more than a step's device time here
-    c = multi.snapshot()["counters"]
-    assert c["pipelined_steps"] > 0 and c["priced_on_device"] > 0
-    if not max_round_s:
-        assert c["pipelined_across"] > 0
-    # queued behind another: the device's 10 ms from the end of the one before (the host rule, with the caller's 20 ms
-    # pause left out, floors it at its 7 ms of device time)
-    on_device = [dt for dt in learned if abs(dt - (dev_ms + wait_ms) / 1e3) < 1e-9]
-    assert len(on_device) == c["priced_on_device"]
-    _no_leak(multi)

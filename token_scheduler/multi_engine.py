@@ -80,12 +80,6 @@ swapper's stream to end (`diag_gpu copy-contention`: ~52 ms for 3 GB; the block 
 1.5B batch 3). Decode graphs now read their inputs from the pinned buffers in place (`gpu_pool.pinned.device_view`):
 served at 36 models, seed 1, pipelined 100% (0 stalled calls of 48k) where it was 46-55%
 (bench/results/serve_h200_models36_seed1_4307f4b_pipeline.json; logs/session30).
-With TOKENPOOL_PIPELINE_ACROSS=1 (off by default), across models too: when the early plan is another model's step
-(`_across`: its weights resident and not moving, no memory move but a prefetch, which never goes into the slot of
-either model), that step is committed and queued behind the step in flight, which is then read (`_step_across`); the
-new step stays in flight as above. Such a step is priced on the device's clock: from the end of the step before it to
-its own end (CUDA events). Tried twice before the copy stall was found (c29a20e, 1b95bf0: 44.4% and 41.2% at 36
-models), when a step queued behind another had its input copies wait for any weight prefetch.
 """
 
 from __future__ import annotations
@@ -123,7 +117,6 @@ GRAPH_PRECAPTURE = env.GRAPH_PRECAPTURE.on()  # see ModelRunner.capture_first
 PLAN_AHEAD = env.PLAN_AHEAD.on()  # see the module docstring and `MultiModelEngine._take_ahead`
 PIPELINE = env.PIPELINE.on()  # see the module docstring and `MultiModelEngine._step_pipelined`; implies PLAN_AHEAD
 TIME_STEPS = env.TIME_STEPS.on()  # each step's device time in the books of `_phases` (a diagnostic)
-PIPELINE_ACROSS = env.PIPELINE_ACROSS.on()  # another model's step queued behind the one in flight
 PIPELINE_LEARN = env.PIPELINE_LEARN.get()  # what a pipelined step teaches the cost model (`_learn_pipelined`)
 if PIPELINE_LEARN not in ("interval", "device", "none"):
     raise ValueError(f"{env.PIPELINE_LEARN.name} is {PIPELINE_LEARN!r}: interval, device or none")
@@ -191,8 +184,7 @@ class MultiModelEngine:
         # part of engine_s), ahead_used/ahead_discarded how many of them ran or were not used
         self.timing = dict.fromkeys(("policy_s", "policy_cpu_s", "memory_s", "engine_s", "steps", "idle_policy_s",
                                      "idle_polls", "late_episodes", "ahead_s", "ahead_cpu_s", "ahead_used",
-                                     "ahead_discarded", "pipelined_steps", "pipelined_across", "priced_on_device",
-                                     "pipeline_kept", "pipeline_flushes",
+                                     "ahead_discarded", "pipelined_steps", "pipeline_kept", "pipeline_flushes",
                                      *PHASE_KEYS),
                                     0.0)
         # Pipeline: (model, perf_counter at its launch) of the decode step left in flight by the latest step call
@@ -497,8 +489,7 @@ class MultiModelEngine:
                 self._event("load", plan.model, prefetched=was, stall_s=round(mem.stats.stall_s - stall0, 6))
                 self._forget_evicted(forced)
         if plan.prefetch is not None and plan.prefetch in self.engines:
-            keep = (plan.model, self._pipe[0] if self._pipe is not None else None)  # (and the step in flight's)
-            order = None if plan.prefetch_order is None else [n for n in plan.prefetch_order if n not in keep]
+            order = None if plan.prefetch_order is None else [n for n in plan.prefetch_order if n != plan.model]
             was, forced = mem.holds(plan.prefetch), mem.stats.forced_evictions
             if mem.prefetch(plan.prefetch, order=order):
                 if not was:
@@ -544,8 +535,6 @@ class MultiModelEngine:
         if self._pipe is not None:  # (pipeline) a step in flight: continued, else read before anything else
             self._gap = time.perf_counter() - self._t_ret
             outputs = self._step_pipelined(on_launch)
-            if outputs is None and PIPELINE_ACROSS:
-                outputs = self._step_across(on_launch)
             if outputs is not None:
                 return outputs
             self._flush(learn=True)
@@ -584,7 +573,7 @@ class MultiModelEngine:
             outputs += eng.step_tokens(plan.batch, own, self._ahead_hook(eng, launched) if ahead else launched,
                                        launch=pipe)
             if pipe and eng._inflight is not None:
-                if self._ahead is not None and self._keeps(self._ahead[0], eng):
+                if self._ahead is not None and self._continues(self._ahead[0], eng):
                     self._pipe = (plan.model, t2)
                     tm["pipeline_kept"] += 1
                 else:
@@ -753,21 +742,12 @@ class MultiModelEngine:
         - The device's time alone leaves the loop's host time out, as a step read at once is learned (`step_tokens`):
           served 77.0% at 1.6, the harness 90.6% (71b3f4c); device time is the floor here (a device-bound step whose
           read the caller's gap delayed less than the interval shows).
-        A step queued behind another that was still in flight (`LaunchedDecode.behind`, timed) is priced on the device's
-        clock instead: from the end of the step before it to its own end. When the host kept the device fed that is its
-        device time; when it did not, the device's wait for the host is in it. By host intervals, its read could come
-        after the next step's host launches (another model's prefill, ~20 ms on the H200; a graph capture), and was
-        priced so (see the module docstring: c29a20e).
         Not learned when longer than AHEAD_MAX_AGE_S: the caller paused between the two calls."""
         t = time.perf_counter()
+        dt = t - max(t_launch, self._t_done) - gap
         dev = step.device_s()
-        if dev is not None and step.behind is not None:  # queued behind another model's step: the device's clock
-            dt = step.behind.elapsed_time(step.event) / 1e3
-            self.timing["priced_on_device"] += 1
-        else:
-            dt = t - max(t_launch, self._t_done) - gap
-            if dev is not None:
-                dt = dev if PIPELINE_LEARN == "device" else max(dt, dev)
+        if dev is not None:
+            dt = dev if PIPELINE_LEARN == "device" else max(dt, dev)
         learn = bool(step.out.chunks) and 0.0 < dt <= AHEAD_MAX_AGE_S and PIPELINE_LEARN != "none"
         if learn:
             self.cost.observe_step(name, _ran_shape(step.out), dt)
@@ -837,8 +817,6 @@ class MultiModelEngine:
         tm["memory_s"] += t2 - t1
         at_launch = []
         outputs += eng.continue_inflight(nxt, _marked(on_launch, at_launch))  # N+1 queued, then N read
-        if PIPELINE_ACROSS:  # (queued while N was in flight: priced on the device's clock)
-            eng._inflight.behind = prev.event
         if at_launch and eng.t_read is not None:
             self._phases(_ran_shape(nxt), (t2, c2), at_launch[0], eng.t_read,
                          (time.perf_counter(), time.thread_time()), kind="pipelined", dev=eng.device_s)
@@ -854,7 +832,7 @@ class MultiModelEngine:
             self._cycle = ((name, "cycle", len(nxt.chunks), _ms(t2 - t0), _ms(launched - t2), _ms(read - launched),
                             _ms(self._gap), _ms(t_end - t_plan), _ms(t_plan - read), _ms(c_l - c2), _ms(c_r - c_l)),
                            t_end)
-        if self._ahead is not None and self._keeps(self._ahead[0], eng):
+        if self._ahead is not None and self._continues(self._ahead[0], eng):
             tm["pipeline_kept"] += 1
         else:
             self._pipe = None
@@ -863,93 +841,6 @@ class MultiModelEngine:
             self._learn_pipelined(name, step, t2)
         self._stepped(name, time.perf_counter() - t2, plan.expected_s)  # (the same model as before: no switch)
         return self._after_step(name, outputs)
-
-    def _across(self, plan: StepPlan, inflight: str) -> bool:
-        """Whether early plan `plan`, made while model `inflight`'s step runs, may be queued behind that step before
-        it is read: another model's step that moves no memory but a prefetch, its weights resident and not moving.
-        (Its batch is still checked as any early plan's, `_take_ahead`; whether the runner can queue it without
-        reading it, the engine says at launch.)"""
-        name = plan.model
-        if plan.idle or not plan.batch or name == inflight or name not in self.engines:
-            return False
-        mem = self.memory
-        if self.engines[name].weights is None or (mem is not None and (not mem.is_resident(name)
-                                                                       or mem.is_loading(name))):
-            return False
-        return not (plan.evict or plan.swap_out or plan.swap_in)
-
-    def _keeps(self, plan: StepPlan, eng: LLMEngine) -> bool:
-        """Whether `eng`'s step just queued stays in flight after its call: the next early plan continues it
-        (`_continues`) or goes to another model that may be queued behind it (`_across`)."""
-        return self._continues(plan, eng) or (PIPELINE_ACROSS and self._across(plan, eng.scheduler.model))
-
-    def _step_across(self, on_launch) -> list[TokenOutput] | None:
-        """A step while model B's decode step N is in flight (`_pipe`) and the early plan is another model C's
-        (`_across`): C's step N+1 is committed and queued behind N, then N is read and its tokens applied (their
-        outputs returned by this call, with any C's step made), then the plan for N+2 is made beside N+1, which stays
-        in flight if that plan continues it or may be queued behind it in turn (`_keeps`), else is read before
-        returning. The device does not wait for the host between two models' steps either. None: not that case (the
-        caller reads N first and steps as usual)."""
-        tm = self.timing
-        if self._keep_alive:
-            self.expire()  # (flushes first if it evicts anything)
-            if self._pipe is None:
-                return None
-        inflight, _ = self._pipe
-        ahead = self._ahead
-        if ahead is None or not self._across(ahead[0], inflight):
-            return None
-        t0, c0 = time.perf_counter(), time.thread_time()
-        plan = self._take_ahead()  # its batch checked as any early plan's (undone if stale: None)
-        if plan is None:
-            return None
-        c1, t1 = time.thread_time(), time.perf_counter()  # (inside the wall interval, as in step_tokens)
-        tm["policy_s"] += t1 - t0
-        tm["policy_cpu_s"] += c1 - c0
-        outputs, self._removed = self._removed, []
-        if plan.prefetch is not None and self.memory is not None:  # the one memory move an early plan keeps
-            self._execute_memory(plan)  # (never into the slot of the model stepping or of the one in flight)
-            self._learn_loads()
-        t2, c2 = time.perf_counter(), time.thread_time()
-        tm["memory_s"] += t2 - t1
-        eng = self.engines[plan.model]
-        at_launch, read = [], []
-        marked = _marked(on_launch, at_launch)
-
-        def launched():  # N+1 queued: read N beside it, then plan N+2 with N's tokens applied
-            marked()
-            self._flush(learn=True)
-            read.append((time.perf_counter(), time.thread_time()))
-            self._plan_ahead(eng.last_out)
-
-        before = self.engines[inflight]._inflight  # N, in flight until `launched` reads it
-        outputs += eng.step_tokens(plan.batch, (), launched, launch=True)
-        if eng._inflight is not None and before is not None:  # (queued behind N: priced on the device's clock)
-            eng._inflight.behind = before.event
-        if self._pipe is not None:  # (nothing was launched: N is read now)
-            self._flush(learn=True)
-        outputs += self._removed
-        self._removed = []
-        ran = eng.last_out
-        t3 = time.perf_counter()
-        if eng._inflight is not None:
-            tm["pipelined_steps"] += 1
-            tm["pipelined_across"] += 1
-            if at_launch and read:
-                self._phases(_ran_shape(ran), (t2, c2), at_launch[0], read[0], (t3, time.thread_time()),
-                             kind="pipelined")
-            self._pipe = (plan.model, t2)
-            if self._ahead is not None and self._keeps(self._ahead[0], eng):
-                tm["pipeline_kept"] += 1
-            else:
-                self._pipe = None
-                step = eng._inflight
-                outputs += eng.complete_inflight()
-                self._learn_pipelined(plan.model, step, t2)
-        elif ran.chunks:  # run and read at once (a step the runner does not queue): learned as usual
-            self.cost.observe_step(plan.model, _ran_shape(ran), t3 - t2)
-        self._stepped(plan.model, t3 - t2, plan.expected_s)
-        return self._after_step(plan.model, outputs)
 
     # -- plan-ahead ----------------------------------------------------------------------------------
     def _ahead_hook(self, eng: LLMEngine, on_launch):

@@ -51,8 +51,6 @@ class LaunchedDecode:
     event: torch.cuda.Event | None  # None on CPU (already computed)
     graph: _DecodeGraph | None = None  # the graph it replayed, in flight (not evictable) until `read`
     start: torch.cuda.Event | None = None  # (launched `timed`) recorded before its device work, `event` after
-    # (set by a pipelining multi-model engine) the `event` of the step it was queued behind, still in flight then
-    behind: torch.cuda.Event | None = None
 
     def device_s(self) -> float | None:
         """(Launched `timed`, once read) the device's time for the step: from when the stream reached it -- the step
