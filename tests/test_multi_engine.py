@@ -515,10 +515,14 @@ def test_a_slot_as_large_as_the_arena_evicts_an_idle_model(make_tiny, host_cache
     multi.close()
 
 
-def test_a_step_that_captured_a_cuda_graph_is_not_learned(make_tiny):
+def test_a_step_that_captured_a_cuda_graph_is_not_learned(make_tiny, monkeypatch):
     """A step during which the runner captured a CUDA graph (tens of ms of capture and warm-up forwards on the
-    GPU) does not teach the cost model: only steps without a capture are observed."""
+    GPU) does not teach the cost model: only steps without a capture are observed (each step read at once: a
+    pipelined step is learned when read, test_pipeline)."""
+    from token_scheduler import multi_engine
     from token_scheduler.graph_cap import counters
+
+    monkeypatch.setattr(multi_engine, "PIPELINE", False)
 
     d = make_tiny("qwen2")
     multi = MultiModelEngine({"a": d}, policy="token", device="cpu")
@@ -542,12 +546,15 @@ def test_a_step_that_captured_a_cuda_graph_is_not_learned(make_tiny):
     assert calls[0] >= 6 and len(seen) == calls[0] - calls[0] // 2
 
 
-def test_where_each_kind_of_step_spent_its_time(make_tiny, host_cache):
+def test_where_each_kind_of_step_spent_its_time(make_tiny, host_cache, monkeypatch):
     """The books of where a step's time went (`ph_*`), by kind: three prompts of one model are prefilled, decoded
     three at a time, then two and one as they finish (lengths 3, 5, 7). Every step that ran is in the kind of its
-    shape, its sequences counted, and its three phases add up to the engine time of those steps."""
+    shape, its sequences counted, and its three phases add up to the engine time of those steps (each step read at
+    once; pipelined steps' books: test_pipeline)."""
     from gpu_pool.arena import MiB
+    from token_scheduler import multi_engine
 
+    monkeypatch.setattr(multi_engine, "PIPELINE", False)
     d = make_tiny("qwen2")
     multi = MultiModelEngine({"a": d}, policy="token", device="cpu", gpu_budget=6 * MiB,
                              kv_cache_gb=64 * 16 * 512 / 1e9, host_cache=host_cache)

@@ -25,7 +25,8 @@ TURNS = {"max_round_s": 4.0, "min_round_s": 1.0}
 
 @pytest.fixture
 def pipe(monkeypatch):
-    monkeypatch.setattr(multi_engine, "PIPELINE", True)  # implies the early plans, whatever PLAN_AHEAD says
+    monkeypatch.setattr(multi_engine, "PIPELINE", True)  # on the early plans (PLAN_AHEAD: on by default)
+    monkeypatch.setattr(multi_engine, "PLAN_AHEAD", True)
 
 
 @pytest.fixture

@@ -53,7 +53,7 @@ PLAN_AHEAD = Var("TOKENPOOL_PLAN_AHEAD", "1", "a pooled engine plans step N+1 wh
                  "on_launch) and uses that plan when it is still valid at N+1, else plans as usual (0: off, for A/B "
                  "runs)")
 PIPELINE = Var("TOKENPOOL_PIPELINE", "1", "a pooled engine launches a model's next decode step before reading the "
-               "one in flight when the early plan (TOKENPOOL_PIPELINE implies plan-ahead) is exactly its continuation; "
+               "one in flight when the early plan (plan-ahead: off, no pipeline either) is exactly its continuation; "
                "anything else completes the step in flight first (0: every step read before the next, for A/B runs)")
 PIPELINE_LEARN = Var("TOKENPOOL_PIPELINE_LEARN", "interval", "what the cost model learns of a pipelined step "
                      "(TOKENPOOL_PIPELINE): interval (between completions, less the caller's time; not under the "
