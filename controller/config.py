@@ -179,6 +179,17 @@ class GPUSettings(_Strict):
     # the policy plans step N+1 while step N's forward runs (H200: 35 models at 0.1 req/s/model 91.0% -> 98.2%,
     # 10 models at 1.6 req/s/model 76.3% -> 95.1%); None: $TOKENPOOL_PLAN_AHEAD (on unless set to 0)
     plan_ahead: bool | None = None
+    # the policy's knobs (the token policy's TokenConfig: need_margin_s, headroom, max_round_s, ...); None:
+    # $TOKENPOOL_POLICY_OPTIONS (a JSON object), else the defaults
+    policy_options: dict[str, float | int | bool | str] | None = None
+
+    @model_validator(mode="after")
+    def _policy_options_known(self):
+        from token_scheduler.policies import policy_options
+
+        if self.policy_options is not None:
+            policy_options(self.policy, self.policy_options)  # ValueError: a validation error naming the option
+        return self
 
 
 class AdmissionSettings(_Strict):

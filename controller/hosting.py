@@ -22,12 +22,14 @@ attaches it and the other models keep stepping.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from controller.config import EngineOptions
+from tokenpool import env
 
 if TYPE_CHECKING:  # token_scheduler's engines import torch: only when a model with weights is hosted
     from token_scheduler.policies.slo import ModelSLO
@@ -50,6 +52,7 @@ class GpuSettings:
     namespace: str = "tokenpool"  # workers of a node with the same namespace share host copies
     policy: str = "token"
     plan_ahead: bool | None = None  # the policy plans step N+1 beside step N; None: $TOKENPOOL_PLAN_AHEAD (on)
+    policy_options: dict | None = None  # the policy's knobs; None: $TOKENPOOL_POLICY_OPTIONS (JSON), else defaults
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> GpuSettings:
@@ -121,7 +124,23 @@ def _pooled(hm: HostedModels):
     s, b = hm.settings, hm.budget_bytes
     host = f"{s.host_cache_gb}GB" if s.host_cache_gb else 0.6
     return MultiModelEngine({}, policy=s.policy, device=hm.device, gpu_budget=b, kv_cache_gb=hm.kv_gb(b),
-                            host_budget=host, host_namespace=s.namespace, plan_ahead=s.plan_ahead)
+                            host_budget=host, host_namespace=s.namespace, plan_ahead=s.plan_ahead,
+                            policy_kw=_policy_kw(s))
+
+
+def _policy_kw(s: GpuSettings) -> dict:
+    """The pooled engine's policy options: the configuration's, else $TOKENPOOL_POLICY_OPTIONS, checked."""
+    from token_scheduler.policies import policy_options
+
+    opts = s.policy_options
+    if opts is None and (raw := env.POLICY_OPTIONS.get()):
+        try:
+            opts = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"TOKENPOOL_POLICY_OPTIONS is not JSON: {e}") from None
+        if not isinstance(opts, dict):
+            raise ValueError(f"TOKENPOOL_POLICY_OPTIONS must be a JSON object, got {raw!r}")
+    return policy_options(s.policy, opts)
 
 
 def _read_host_copy(mm, cfg) -> None:

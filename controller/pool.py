@@ -312,12 +312,13 @@ class EnginePool:
 
     def gpu_settings(self, reg: m.Register) -> dict[str, Any]:
         """How the worker builds its pooled engine: the arena (gpus.budget_gb per GPU, default the device's free
-        memory less a margin; cpu_budget_gb on CPU), its KV region, the node's host cache, the policy, plan-ahead."""
+        memory less a margin; cpu_budget_gb on CPU), its KV region, the node's host cache, the policy and its options,
+        plan-ahead."""
         g = self.gpus
         budget = g.cpu_budget_gb if reg.device == "cpu" else g.budget_gb
         out = {"budget_bytes": int(budget * 1e9) if budget else None, "kv_cache_gb": g.kv_cache_gb,
                "host_cache_gb": g.host_cache_gb, "namespace": g.host_cache_namespace, "policy": g.policy,
-               "plan_ahead": g.plan_ahead}
+               "plan_ahead": g.plan_ahead, "policy_options": g.policy_options}
         return {**out, **worker_settings(reg)}
 
     def _stats(self, e: EngineHandle, msg: m.Stats) -> None:

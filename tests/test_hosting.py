@@ -106,3 +106,42 @@ def test_plan_ahead_follows_the_gpu_settings(make_tiny):
         outs.append(done)
         hm.unload("a")
     assert outs[0] == outs[1] and len(outs[0]) == 2
+
+
+def test_policy_options_reach_the_pooled_engine_and_bad_ones_are_refused(make_tiny, monkeypatch):
+    """`gpus.policy_options` (else $TOKENPOOL_POLICY_OPTIONS) are the pooled engine's policy knobs; an unknown option
+    or one of the wrong type is a configuration error naming it, and the baselines take none."""
+    import pytest
+    from pydantic import ValidationError
+
+    from controller.config import ServerConfig
+    from gpu_pool.arena import MiB
+
+    ok = ServerConfig.model_validate({"gpus": {"policy_options": {"need_margin_s": 2.0, "hop": False}}})
+    assert ok.gpus.policy_options == {"need_margin_s": 2.0, "hop": False}
+    for bad, says in (({"nope": 1.0}, "no option 'nope'"), ({"need_margin_s": "x"}, "must be a float"),
+                      ({"hop": 1}, "must be a bool")):
+        with pytest.raises(ValidationError, match=says):
+            ServerConfig.model_validate({"gpus": {"policy_options": bad}})
+    with pytest.raises(ValidationError, match="no option 'headroom'"):
+        ServerConfig.model_validate({"gpus": {"policy": "request", "policy_options": {"headroom": 1.0}}})
+
+    path = make_tiny("qwen2")
+    monkeypatch.setenv("TOKENPOOL_POLICY_OPTIONS", '{"need_margin_s": 1.5, "max_round_s": 3.0}')
+    for options, margin, rounds in ((None, 1.5, 3.0), ({"need_margin_s": 6.0}, 6.0, 4.0)):  # config over the env
+        ns = f"test-{uuid.uuid4().hex[:10]}"
+        hm = HostedModels("cpu", GpuSettings.from_dict({"budget_bytes": 4 * MiB, "kv_cache_gb": 64 * 16 * 512 / 1e9,
+                                                        "namespace": ns, "policy_options": options}))
+        hm.prepare(str(path), EngineOptions())
+        hm.host("a", str(path), EngineOptions(max_num_seqs=4), ModelSLO(ttft_s=5.0, tpot_s=0.5))
+        cfg = hm.kinds["llm"].policy.cfg
+        assert (cfg.need_margin_s, cfg.max_round_s) == (margin, rounds)
+        hm.add_request("a", "r", [5, 9, 13], GREEDY)
+        while hm.busy():
+            hm.step()
+        hm.unload("a")
+    monkeypatch.setenv("TOKENPOOL_POLICY_OPTIONS", "[1, 2]")
+    hm = HostedModels("cpu", GpuSettings.from_dict({"budget_bytes": 4 * MiB, "namespace": f"t-{uuid.uuid4().hex[:8]}"}))
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        hm.prepare(str(path), EngineOptions())
+        hm.host("a", str(path), EngineOptions(max_num_seqs=4), ModelSLO(ttft_s=5.0, tpot_s=0.5))

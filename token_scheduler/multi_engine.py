@@ -56,7 +56,10 @@ step queued behind another priced on the device's clock (CUDA events, from the s
 came out near the device's times (7B 3.30 ms + 0.60 a sequence, against 3.81 + 0.35 unpipelined), and it served as
 badly, 41.2% (bench/results/serve_h200_models36_seed0_1b95bf0_pipeline_across.json): the same tokens per second of
 device time, fewer and larger steps, 401 late episodes against 8, TTFT p50 4.7 s against 2.2. So the prices were not
-the cause; what is was not found. Reverted.
+the cause; what is was not found. Reverted. A third time at 476b472, after the copy stall below was fixed (behind a
+switch, TOKENPOOL_PIPELINE_ACROSS): 40 models, seed 1, 89.4% against 94.1% within turns only, in the same call, at the
+same step rate (335 against 333 steps/s): the switches' host time it overlaps was not what held the device back
+(bench/results/serve_h200_models40_seed1_0f7c205_pipeline_across.json). Reverted (2996f11).
 The pipeline within a turn (this flag) does not slow the device: a step queued back to back took the same device time
 as one the device waited for (H200, `diag_gpu pipe-dev`: 7B 4.58 ms either way, 1.5B 1.78 against 1.86; a step's
 wall 4.96 -> 4.58 and 2.15 -> 1.79 ms; bench/results/pipeline_device_time_h200_d9f1c6f.json). Served at 36 models

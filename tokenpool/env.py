@@ -66,6 +66,8 @@ TIME_STEPS = Var("TOKENPOOL_TIME_STEPS", "0", "1: a pooled engine times each ste
                  "graph replay or eager forward and its sampling; a pipelined step from its replay's launch or the "
                  "step before's end, whichever is later): bench serve's step_phases dev_ms and "
                  "decode_device_busy_frac. A diagnostic for A/B runs: two events and a read a step")
+POLICY_OPTIONS = Var("TOKENPOOL_POLICY_OPTIONS", None, "a JSON object of the policy's options for servers whose "
+                     "configuration sets no gpus.policy_options (e.g. '{\"need_margin_s\": 2.0}'; A/B runs)")
 NEED_KEEP_TURNS = Var("TOKENPOOL_NEED_KEEP_TURNS", "0", "1: a deadline-rule round whose margin, shrunk to fit under its "
                       "cap, leaves no model a turn keeps the last margin that had turns, instead of pace quotas whose "
                       "round nothing caps (token policy, TokenConfig.need_keep_turns; A/B runs)")

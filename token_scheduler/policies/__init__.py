@@ -35,6 +35,31 @@ AEGAEON_PRESET = dict(quota_rule="aegaeon", order="fixed", prefetch="next", swit
                       sized_victims="off", see_ranges=False)
 
 
+_OPTION_TYPES = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}
+
+
+def policy_options(name: str, options: dict | None) -> dict:
+    """`options` checked as knobs of policy `name` (a server's `gpus.policy_options`): the token policy's (and
+    aegaeon's) `TokenConfig` fields of a plain type -- need_margin_s, headroom, max_round_s, ...; the baselines take
+    none. Raises ValueError naming what is wrong and what is allowed."""
+    import dataclasses
+
+    options = dict(options or {})
+    if name not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
+    allowed = {}
+    if name in ("token", "aegaeon"):
+        allowed = {f.name: f.type for f in dataclasses.fields(TokenConfig) if f.type in _OPTION_TYPES}
+    for k, v in options.items():
+        if k not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise ValueError(f"policy {name!r} has no option {k!r} (its options: {known})")
+        want = _OPTION_TYPES[allowed[k]]
+        if not isinstance(v, want) or (isinstance(v, bool) and bool not in want):
+            raise ValueError(f"policy option {k!r} must be a {allowed[k]}, got {v!r}")
+    return options
+
+
 def make_policy(name: str, limits: BatchLimits | None = None, **kw) -> MultiModelPolicy:
     limits = limits or BatchLimits()
     if name == "token":
@@ -50,5 +75,5 @@ def make_policy(name: str, limits: BatchLimits | None = None, **kw) -> MultiMode
 
 __all__ = [
     "POLICY_NAMES", "BatchLimits", "MultiModelPolicy", "ModelSLO", "ModelState", "PoolState", "Residency", "StepPlan",
-    "TokenConfig", "TokenPolicy", "RequestPolicy", "StaticPolicy", "make_policy",
+    "TokenConfig", "TokenPolicy", "RequestPolicy", "StaticPolicy", "make_policy", "policy_options",
 ]
