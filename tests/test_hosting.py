@@ -120,7 +120,7 @@ def test_policy_options_reach_the_pooled_engine_and_bad_ones_are_refused(make_ti
     ok = ServerConfig.model_validate({"gpus": {"policy_options": {"need_margin_s": 2.0, "hop": False}}})
     assert ok.gpus.policy_options == {"need_margin_s": 2.0, "hop": False}
     for bad, says in (({"nope": 1.0}, "no option 'nope'"), ({"need_margin_s": "x"}, "must be a float"),
-                      ({"hop": 1}, "must be a bool")):
+                      ({"hop": 1}, "must be a bool"), ({"need_rule": "sometimes"}, "must be one of pressure, always")):
         with pytest.raises(ValidationError, match=says):
             ServerConfig.model_validate({"gpus": {"policy_options": bad}})
     with pytest.raises(ValidationError, match="no option 'headroom'"):

@@ -35,9 +35,10 @@ new rounds), so an early plan that is not used is undone (`checkpoint`/`restore`
 the policy sees one schedule call per step either way. Only policies with `checkpoint` plan ahead.
 
 Pipeline (TOKENPOOL_PIPELINE, on by default since session 31: 40 models on the H200, seed 1, 91.5% and 94.1% where
-off met 53.1% in the same call; it runs on plan-ahead's early plans, so plan-ahead off turns it off too): within a model's turn of decode steps the device does not wait for the host between steps. A decode step N
-the runner can launch overlapped (`ModelRunner.can_launch`: a graph bucket, no KV moves, no penalties or logprobs)
-is queued and its early plan for N+1 made beside it; when that plan is exactly N's continuation (`_continues`: the
+off met 53.1% in the same call; it runs on plan-ahead's early plans, so plan-ahead off turns it off too): within a
+model's turn of decode steps the device does not wait for the host between steps. A decode step N the runner can
+launch overlapped (`ModelRunner.can_launch`: a graph bucket, no KV moves, no penalties or logprobs) is queued and its
+early plan for N+1 made beside it; when that plan is exactly N's continuation (`_continues`: the
 same model, resident, nothing waiting or swapped, a 1-token decode of each request `scheduler.continuation` keeps,
 and nothing else), N is left in flight and the call returns. The next call queues N+1 fed with N's sampled ids on
 the device, then reads N and applies its tokens (its outputs are that call's), then plans N+2 beside N+1
@@ -535,7 +536,7 @@ class MultiModelEngine:
 
     @property
     def pipeline(self) -> bool:
-        """Whether decode steps are pipelined (TOKENPOOL_PIPELINE): only with plan-ahead, whose early plans it runs on."""
+        """Whether decode steps are pipelined (TOKENPOOL_PIPELINE): only with plan-ahead (it runs on early plans)."""
         return self._pipeline and self.plan_ahead
 
     def step_tokens(self, on_launch=None) -> list[TokenOutput]:

@@ -12,7 +12,7 @@ from token_scheduler.policies.baselines import RequestPolicy, StaticPolicy
 from token_scheduler.policies.batching import BatchLimits
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.policies.state import ModelState, PoolState, Residency, StepPlan
-from token_scheduler.policies.token import TokenConfig, TokenPolicy
+from token_scheduler.policies.token import TOKEN_CHOICES, TokenConfig, TokenPolicy
 
 POLICY_NAMES = ("token", "aegaeon", "request", "static")
 
@@ -57,6 +57,8 @@ def policy_options(name: str, options: dict | None) -> dict:
         want = _OPTION_TYPES[allowed[k]]
         if not isinstance(v, want) or (isinstance(v, bool) and bool not in want):
             raise ValueError(f"policy option {k!r} must be a {allowed[k]}, got {v!r}")
+        if k in TOKEN_CHOICES and v not in TOKEN_CHOICES[k]:
+            raise ValueError(f"policy option {k!r} must be one of {', '.join(TOKEN_CHOICES[k])}, got {v!r}")
     return options
 
 
