@@ -69,7 +69,8 @@ TURN_ENDS = ("drained", "quota", "limit")
 # The values each string option of TokenConfig takes (a server's gpus.policy_options are checked against them)
 TOKEN_CHOICES = {"quota_rule": ("token", "aegaeon"), "order": ("slack", "fixed"),
                  "prefetch": ("next_host", "next", "off"), "switch_charge": ("exposed", "host", "all"),
-                 "placement": ("window", "lru"), "need_rule": ("pressure", "always", "off"), "sized_victims": ("tiers", "all", "off")}
+                 "placement": ("window", "lru"), "need_rule": ("pressure", "always", "off"),
+                 "sized_victims": ("tiers", "all", "off")}
 
 
 @dataclass(frozen=True)
