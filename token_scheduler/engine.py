@@ -230,10 +230,7 @@ class LLMEngine:
                 on_launch()
             return outputs
         self._mark_scheduled(out)
-        res = self.runner.execute(out, on_launch)
-        self.t_read = (time.perf_counter(), time.thread_time())
-        self.device_s = res.device_s
-        return outputs + self._complete(out, res)
+        return outputs + self._complete(out, self._read(self.runner.execute(out, on_launch)))
 
     def continue_inflight(self, nxt: SchedulerOutput, on_launch=None) -> list[TokenOutput]:
         """Pipelined (a multi-model engine): queue `nxt` -- `scheduler.continuation` of the step in flight, its KV
@@ -244,9 +241,7 @@ class LLMEngine:
         self.last_out = nxt  # what ran
         if on_launch is not None:
             on_launch()
-        res = self.runner.read(prev)
-        self.t_read = (time.perf_counter(), time.thread_time())
-        self.device_s = res.device_s
+        res = self._read(self.runner.read(prev))
         return self.take_aborted() + self._complete(prev.out, res)
 
     def complete_inflight(self) -> list[TokenOutput]:
@@ -254,10 +249,13 @@ class LLMEngine:
         prev, self._inflight = self._inflight, None
         if prev is None:
             return []
-        res = self.runner.read(prev)
+        return self._complete(prev.out, self._read(self.runner.read(prev)))
+
+    def _read(self, res):
+        """`res`, the tokens of a step just read: when (`t_read`) and its device time (`device_s`) noted."""
         self.t_read = (time.perf_counter(), time.thread_time())
         self.device_s = res.device_s
-        return self._complete(prev.out, res)
+        return res
 
     @staticmethod
     def _mark_scheduled(out: SchedulerOutput) -> None:

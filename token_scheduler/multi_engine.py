@@ -593,18 +593,18 @@ class MultiModelEngine:
             self.kv_swapped_out += len(ran.swap_out)
             # (a step kept in flight is learned from when it is read; a step that captured a CUDA graph is not
             # learned: its tens of ms of capture, warm-up forwards included, are not what the shape costs)
-            if ran.chunks and self._pipe is None and self._captures(eng) == captures:
-                shape = _ran_shape(ran)
+            shape = _ran_shape(ran) if ran.chunks else None
+            if shape is not None and self._pipe is None and self._captures(eng) == captures:
                 self.cost.observe_step(plan.model, shape, t3 - t2)
                 if self._trace is not None:
                     self._trace_step(plan.model, "read", shape, t3 - t2, eng.device_s, 0.0, True)
-            if ran.chunks and at_launch:  # the books count every step
+            if shape is not None and at_launch:  # the books count every step
                 if self._pipe is None and eng.t_read is not None:
-                    self._phases(_ran_shape(ran), (t2, c2), at_launch[0], eng.t_read, (t3, time.thread_time()),
+                    self._phases(shape, (t2, c2), at_launch[0], eng.t_read, (t3, time.thread_time()),
                                  dev=eng.device_s)
                 elif self._pipe is not None:  # kept in flight: the pipeline's, with no wait (its read is the next
                     # call's, booked with the step that call queues)
-                    self._phases(_ran_shape(ran), (t2, c2), at_launch[0], at_launch[0], (t3, time.thread_time()),
+                    self._phases(shape, (t2, c2), at_launch[0], at_launch[0], (t3, time.thread_time()),
                                  kind="pipelined")
             self._stepped(plan.model, t3 - t2, plan.expected_s)
         return self._after_step(plan.model, outputs)
