@@ -331,3 +331,26 @@ def test_prefills_a_quiet_spell_left_priced_under_zero_climb_back_among_decodes(
             measured, priced = measured + y, priced + cm.step_time("m", s)
         cm.observe_step("m", s, y)
     assert 0.8 < measured / priced < 1.25, f"prefill steps ran {measured / priced:.2f}x their price"
+
+
+def test_a_measured_profile_floors_its_fits_at_physics_not_at_the_priors_overheads():
+    """The H200's served fits price a 1.5B decode at ~1.2 ms; its roofline with the prior's guessed 1 ms of host
+    overhead a step says 1.75 ms. The simulator's ground truth must keep the fit (floored only at the bytes over
+    HBM), and still floor a fit whose terms went negative; a model with no fit gets the whole roofline."""
+    from token_scheduler.cost_model import H200_PCIE54, STEP_COEF_KEYS, MeasuredProfile
+
+    spec = spec_for("qwen2", "1.5b", "m")
+    other = spec_for("qwen2", "1.5b", "unfitted")
+    weights_s = spec.weight_bytes / H200_PCIE54.hbm_bytes_per_s
+
+    def fit(base_s, per_seq_s=0.0):
+        coef = dict(zip(STEP_COEF_KEYS, (base_s, per_seq_s, 0.0, 0.0, 0.0, 0.0), strict=True))
+        return MeasuredProfile.from_cost_dict({"step": {"m": {"coef": coef}}}, H200_PCIE54)
+
+    decode = StepShape(1, 1, 500)
+    assert fit(1.2e-3).step_time(spec, decode) == pytest.approx(1.2e-3)
+    assert H200_PCIE54.step_time(spec, decode) > 1.7e-3  # the roofline with its overheads, above the measured step
+    below = fit(0.2e-3).step_time(spec, decode)  # under the bytes' floor: floored there
+    assert weights_s <= below < weights_s * 1.05
+    assert fit(1.2e-3, -1e-3).step_time(spec, StepShape(8, 8, 4000)) >= weights_s  # negative terms floored
+    assert fit(1.2e-3).step_time(other, decode) == pytest.approx(H200_PCIE54.step_time(other, decode))
