@@ -242,7 +242,8 @@ def bench_pool_cmd(
     placement: str = typer.Option("lru", help="--real: token policy's rule for a fragmented arena: window | lru"),
     resimulate: Optional[Path] = typer.Option(
         None, "--resimulate", help="--real: the current simulator beside each point of this --real JSON (no GPU)"),
-    profile: str = typer.Option("measured", help="simulated mode's costs: measured (an H200 run's fits) | roofline "
+    profile: str = typer.Option("measured", help="simulated mode's costs: measured (an H200 run's fits) | served (the "
+                                "H200 calibrated to served step rates, pipeline on) | roofline "
                                 "| a cost-model or --real JSON file"),
 ) -> None:
     """Replay a seeded multi-model workload against each scheduling policy (simulated unless --real)."""

@@ -93,17 +93,21 @@ def sustained_rate(run, start: float, target: float = 0.9, steps: int = 5, max_d
 
 
 MEASURED = Path(__file__).resolve().parent / "data" / "measured_h200.json"
+# Calibrated to the served step rate with the pipeline on (40 models; its "source" says how): the simulator at many
+# models per GPU, where the device is the limit and a few percent of step cost swing attainment by tens of points
+SERVED = Path(__file__).resolve().parent / "data" / "h200_served40.json"
 
 
 def hardware_profile(profile: str, specs: dict) -> HardwareProfile:
     """The simulator's ground truth: "measured" (the packaged H200 fit, floored at the H200's roofline: a fit is
-    taken only down to the physics of the GPU it was measured on), "roofline" (the H100 physical floor),
+    taken only down to the physics of the GPU it was measured on), "served" (the H200 calibrated to served step
+    rates with the pipeline on, `SERVED`), "roofline" (the H100 physical floor),
     or a JSON file: a cost model (`CostModel.to_dict()`, or the packaged file's shape, fits per model size) or a
     `bench pool --real` result (the cost model of its first point). Fits are matched to the simulated models by
     size ({arch}-{size}-{i}: models of one size share a fit)."""
     if profile == "roofline":
         return H100_PCIE53
-    path = MEASURED if profile == "measured" else Path(profile)
+    path = {"measured": MEASURED, "served": SERVED}.get(profile) or Path(profile)
     d = json.loads(path.read_text())
     device = d.get("device")  # the GPU it was measured on: its roofline is the floor under the fits
     if "sweep" in d:  # a bench pool --real result

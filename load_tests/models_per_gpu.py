@@ -7,6 +7,11 @@ ones, seconds stalled on loads, how busy the GPU was, and the policy's CPU time 
 
     python -m load_tests.models_per_gpu --counts 20,25,30,35,40 --seeds 7,0 --kv-cache-gb 4
 
+Past ~35 models the device is the limit and a few percent of step cost swing attainment by tens of points, so the
+costs must be the served engine's: `--profile served --pipelined` (load_tests/data/h200_served40.json). With it,
+40 models for 120 s: seed 7 99.8% (served 99.8%), seed 1 90.1% (91.5-94.1%), seed 0 81.4% (81.0%, a run it was
+not calibrated on); the packaged fit (pre-pipeline) gives 45-67% there.
+
 Models of one size share one checkpoint and host copy (as Aegaeon's evaluation does with aliases); each has its
 own weight slot, KV and requests on the GPU, so the GPU-side work is that of distinct models.
 """
@@ -90,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--slo-tpot", type=float, default=0.1)
     ap.add_argument("--policy", default="token")
     ap.add_argument("--policy-kw", default=None, help="JSON TokenConfig overrides, e.g. '{\"need_rule\": \"off\"}'")
-    ap.add_argument("--profile", default="measured")
+    ap.add_argument("--profile", default="measured", help="step costs: measured | served (calibrated to served "
+                    "step rates with the pipeline on: pass it with --pipelined) | roofline | a JSON file")
     ap.add_argument("--noise", type=float, default=0.0, help="lognormal sigma of every simulated step's time")
     ap.add_argument("--copy-slowdown", type=float, default=0.0, help="a step beside a weight copy takes 1 + this "
                     "times as long")

@@ -354,3 +354,19 @@ def test_a_measured_profile_floors_its_fits_at_physics_not_at_the_priors_overhea
     assert weights_s <= below < weights_s * 1.05
     assert fit(1.2e-3, -1e-3).step_time(spec, StepShape(8, 8, 4000)) >= weights_s  # negative terms floored
     assert fit(1.2e-3).step_time(other, decode) == pytest.approx(H200_PCIE54.step_time(other, decode))
+
+
+def test_the_served_profile_prices_the_h200s_pipelined_decodes_below_the_packaged_fit():
+    """`--profile served` (load_tests/data/h200_served40.json): the simulator's ground truth at many models per GPU,
+    calibrated to the served step rate with the pipeline on; the packaged fit predates the pipeline."""
+    from load_tests.bench_pool import hardware_profile
+
+    specs = {n: spec_for("qwen2", size, n) for n, size in (("qwen2-7b-0", "7b"), ("qwen2-1.5b-0", "1.5b"))}
+    served, packaged = hardware_profile("served", specs), hardware_profile("measured", specs)
+    for spec in specs.values():
+        decode = StepShape(1, 1, 300)
+        weights_s = spec.weight_bytes / 4.25e12  # the H200's copy rate: no decode beats its weights' read
+        assert weights_s < served.step_time(spec, decode) < 2.5 * weights_s  # (issue 20: a 1.5B is ~2x)
+        assert served.step_time(spec, decode) < packaged.step_time(spec, decode)
+        prefill = StepShape(3, 900, 900, 3 * 300 * 300 // 2)
+        assert served.step_time(spec, prefill) > 3 * served.step_time(spec, decode)  # a prefill's launches priced
