@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from load_tests.simulator import GpuSim, SimRequest, simulate
@@ -317,3 +319,18 @@ def test_a_pipelined_decode_pays_the_larger_of_device_and_host_time():
     t, res = run(0.02)
     assert t["a"] == pytest.approx([0.13, 0.15, 0.17]) and t["c"] == pytest.approx([0.30, 0.32])
     assert res.extra["cost_model_gpu0"]["step"]["m0"]["coef"]["base_s"] > 0.015  # the 20 ms decodes learned
+
+
+def test_sim_levers_runs_each_lever_on_the_served_profile(tmp_path):
+    """load_tests.sim_levers: one simulated point per lever and seed, written as JSON (the figures behind where issue
+    20's engine work pays for issue 14's models per GPU)."""
+    from load_tests import sim_levers
+
+    out = tmp_path / "levers.json"
+    res = sim_levers.main(["--models", "1x7b,2x1.5b", "--seeds", "1", "--duration", "20", "--drain", "10",
+                           "--json", str(out)])
+    assert json.loads(out.read_text()) == res
+    assert list(res["levers"]) == list(sim_levers.LEVERS)
+    for row in res["levers"].values():
+        p = row["seed1"]
+        assert p["requests"] > 0 and 0.0 <= p["attainment"] <= 1.0
