@@ -280,8 +280,12 @@ def bench_pool_cmd(
                  json_out=json_out, drain_s=drain, kv_cache_gb=4.0 if kv_cache_gb is None else kv_cache_gb,
                  target=target, stop_at_miss=stop_at_miss, placement=placement)
         return
-    from load_tests.bench_pool import run_bench_pool
+    from load_tests.bench_pool import hardware_profile, run_bench_pool
 
+    try:
+        hardware_profile(profile, {})
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--profile") from e
     try:
         one_rate = float(workload.rate)
     except ValueError as e:

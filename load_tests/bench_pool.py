@@ -108,7 +108,12 @@ def hardware_profile(profile: str, specs: dict) -> HardwareProfile:
     if profile == "roofline":
         return H100_PCIE53
     path = {"measured": MEASURED, "served": SERVED}.get(profile) or Path(profile)
-    d = json.loads(path.read_text())
+    if not path.is_file():
+        raise ValueError(f"no profile {profile!r}: measured, served, roofline or a JSON file")
+    try:
+        d = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"profile {str(path)!r} is not JSON ({e})") from e
     device = d.get("device")  # the GPU it was measured on: its roofline is the floor under the fits
     if "sweep" in d:  # a bench pool --real result
         d = next(iter(d["sweep"].values()))[0]["cost_model"]
