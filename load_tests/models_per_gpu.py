@@ -1,6 +1,6 @@
 """Models per GPU (issue 14's figure): the most models one GPU serves at a per-model rate with >= 95% attainment.
 
-Simulated (load_tests/simulator.py, the real policy code in virtual time, the measured H200 costs by default),
+Simulated (load_tests/simulator.py, the real policy code in virtual time, the served H200's costs by default),
 for mixes of 2 x 7B per 3 x 1.5B (`mix(n)`), per seed. Each point prints where its misses come from: first
 tokens late (TTFT) vs later tokens late (TPOT, banked slack run out), weight loads per second and the blocking
 ones, seconds stalled on loads, how busy the GPU was, and the policy's CPU time per step.
@@ -8,7 +8,7 @@ ones, seconds stalled on loads, how busy the GPU was, and the policy's CPU time 
     python -m load_tests.models_per_gpu --counts 20,25,30,35,40 --seeds 7,0 --kv-cache-gb 4
 
 Past ~35 models the device is the limit and a few percent of step cost swing attainment by tens of points, so the
-costs must be the served engine's: `--profile served --pipelined` (load_tests/data/h200_served40.json). With it,
+costs must be the served engine's: `--profile served --pipelined`, the defaults (load_tests/data/h200_served40.json). With them,
 40 models for 120 s: seed 7 99.8% (served 99.8%), seed 1 90.1% (91.5-94.1%), seed 0 81.4% (81.0%, a run it was
 not calibrated on); the packaged fit (pre-pipeline) gives 45-67% there.
 
@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--slo-tpot", type=float, default=0.1)
     ap.add_argument("--policy", default="token")
     ap.add_argument("--policy-kw", default=None, help="JSON TokenConfig overrides, e.g. '{\"need_rule\": \"off\"}'")
-    ap.add_argument("--profile", default="measured", help="step costs: measured | served (calibrated to served "
-                    "step rates with the pipeline on: pass it with --pipelined) | roofline | a JSON file")
+    ap.add_argument("--profile", default="served", help="step costs: served (the H200 calibrated to served step "
+                    "rates with the pipeline on, the default) | measured (the packaged fit, before the pipeline) | "
+                    "roofline | a JSON file")
     ap.add_argument("--noise", type=float, default=0.0, help="lognormal sigma of every simulated step's time")
     ap.add_argument("--copy-slowdown", type=float, default=0.0, help="a step beside a weight copy takes 1 + this "
                     "times as long")
@@ -107,8 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "bench/results/sim_gap_1.6_e755649.json)")
     ap.add_argument("--host-unobserved", action="store_true", help="the policy's cost model does not learn the host "
                     "time (as in the engine, whose step fits time the device step alone)")
-    ap.add_argument("--pipelined", action="store_true", help="TOKENPOOL_PIPELINE's engine: a decode continuing the "
-                    "step before's model and requests pays max(device, host) instead of their sum")
+    ap.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=True, help="TOKENPOOL_PIPELINE's "
+                    "engine (the default): a decode continuing the step before's model and requests pays max(device, "
+                    "host) instead of their sum")
     ap.add_argument("--graph-capture-ms", type=float, default=19.0, help="host time of a CUDA-graph capture, paid "
                     "at each new (size, slot offset, batch bucket); default: the H200's, bench serve's timing at "
                     "9ff79c5 (1.78 s for 95, first captures of a bucket included; 32 ms before the capture stopped "

@@ -334,3 +334,14 @@ def test_sim_levers_runs_each_lever_on_the_served_profile(tmp_path):
     for row in res["levers"].values():
         p = row["seed1"]
         assert p["requests"] > 0 and 0.0 <= p["attainment"] <= 1.0
+
+
+def test_models_per_gpu_simulates_the_served_engine_by_default(tmp_path):
+    """Its defaults are the served engine's: the H200 calibrated to served step rates, with the pipeline."""
+    from load_tests import models_per_gpu
+
+    out = tmp_path / "m.json"
+    models_per_gpu.main(["--models", "1x7b,1x1.5b", "--seeds", "7", "--duration", "10", "--drain", "5", "--json",
+                         str(out)])
+    cfg = json.loads(out.read_text())["config"]
+    assert cfg["profile"] == "served" and cfg["pipelined"] is True and cfg["graph_capture_ms"] == 19.0
