@@ -269,3 +269,39 @@ def test_round_terms_book_what_set_each_rounds_length():
     assert bound == {"floor": 1} and t["link_s"] == 0.0 and pol.last_round_s == pytest.approx(0.2)
     pol.reset_counters()
     assert pol.round_terms == (0,) * len(ROUND_TERMS)
+
+
+def test_late_rule_pace_plans_a_late_stream_from_now_not_from_its_lost_deadlines():
+    """Ten models under pressure (as above); m7's first token was due 5 s ago, so its request has missed under the
+    deadline rule whatever happens now. Catching up (the default) asks its turn for the 5 s behind as well as
+    the round and the 4 s margin ahead: R = n d with n = (R + 4 + 5) / T, d = 10 ms -> a 1.0 s turn. Re-anchored
+    ("pace"), it is due now: n = (R + 4) / T -> 0.44 s, and the other models' turns come that much sooner."""
+    names = [f"m{i}" for i in range(10)]
+
+    def first(**kw):
+        st = _pool(names)
+        for i, n in enumerate(names):
+            st.models[n].running.append(_req(f"r{i}", n, -15.0 if n == "m7" else 0.0, 0 if n == "m7" else 1))
+            st.models[n].kv_gpu_tokens = 16
+        pol = make_policy("token", **kw)
+        return st, pol, pol.schedule(st)
+
+    _, catch, plan = first()
+    assert plan.model == "m7" and catch._turn.quota_s == pytest.approx(1.0, rel=0.02) and catch._shift == {}
+    st, pace, plan = first(late_rule="pace")
+    assert plan.model == "m7" and pace._turn.quota_s == pytest.approx(0.4 / 0.9, rel=0.02)
+    assert pace._shift == {"r7": pytest.approx(5.0)}
+    m7 = st.models["m7"]
+    # its turn ends once the stream is covered on the moved deadlines (4.44 s of tokens from now), not the old ones
+    assert not covered(m7, pace._turn.target) and not covered(m7, pace._turn.target, pace._shift)
+    m7.running[0].num_output = 45
+    assert covered(m7, pace._turn.target, pace._shift) and not covered(m7, pace._turn.target)
+    cp = pace.checkpoint()  # a plan made ahead and dropped puts the moved deadlines back as they were
+    pace._reanchor([], st.now)
+    assert pace._shift == {}  # (no stream running: nothing kept)
+    pace.restore(cp)
+    assert pace._shift == {"r7": pytest.approx(5.0)}
+    with pytest.raises(ValueError, match="late_rule"):
+        from token_scheduler.policies import policy_options
+
+        policy_options("token", {"late_rule": "drop"})

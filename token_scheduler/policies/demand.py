@@ -64,9 +64,13 @@ def exposed_switch_s(st: PoolState, m: ModelState) -> float:
     return st.cost.exposed_load_time(m.spec.weight_bytes)
 
 
-def covered(m: ModelState, target: float) -> bool:
-    """Every running stream of `m` has its next token due after `target`, and no waiting one is due before it."""
+def covered(m: ModelState, target: float, shift: dict | None = None) -> bool:
+    """Every running stream of `m` has its next token due after `target`, and no waiting one is due before it.
+    `shift`: request id -> seconds its deadlines were moved on (TokenConfig.late_rule "pace")."""
     slo = m.slo
     if m.waiting and slo.deadline(m.waiting[0].arrival_time, 0) < target:
         return False
+    if shift:
+        return all(slo.deadline(r.arrival_time, r.num_tokens - r.num_prompt_tokens) + shift.get(r.request_id, 0.0)
+                   >= target for r in m.running)
     return all(slo.deadline(r.arrival_time, r.num_tokens - r.num_prompt_tokens) >= target for r in m.running)
