@@ -70,7 +70,6 @@ def covered(m: ModelState, target: float, shift: dict | None = None) -> bool:
     slo = m.slo
     if m.waiting and slo.deadline(m.waiting[0].arrival_time, 0) < target:
         return False
-    if shift:
-        return all(slo.deadline(r.arrival_time, r.num_tokens - r.num_prompt_tokens) + shift.get(r.request_id, 0.0)
-                   >= target for r in m.running)
-    return all(slo.deadline(r.arrival_time, r.num_tokens - r.num_prompt_tokens) >= target for r in m.running)
+    sh = shift or {}
+    return all(slo.deadline(r.arrival_time, r.num_tokens - r.num_prompt_tokens) + sh.get(r.request_id, 0.0) >= target
+               for r in m.running)
