@@ -108,3 +108,32 @@ def test_padded_prefill_rows_match_hf(make_varied, row_max, monkeypatch):
         assert o.outputs[0].token_ids == ref[0, len(ids):].tolist()
     assert any(p > t for t, p in padded)  # some step ran with padding rows
     assert [orig(t) for t in (1, 2, 17, 64, 65, 1000, 1025)] == [1, 16, 32, 64, 128, 1024, 1280]
+
+
+def test_row_pieces_match_hf(make_varied, monkeypatch):
+    """Prefill and mixed steps that go row by row run as pieces of rows in order (row graphs on CUDA, eagerly here):
+    with pieces of at most 8 rows and 2 sampled rows each, chunks split across pieces (a later piece attends to the
+    K/V an earlier one wrote) and steps with several sampled rows still give HF's greedy tokens."""
+    from token_scheduler import runner as R
+
+    d = make_varied("qwen2")
+    llm = LLM(d, device="cpu", dtype="fp32", max_num_batched_tokens=24)
+    eng = llm.engine
+    eng.runner.rowwise_prefill_max, eng.runner.row_graphs = 1 << 20, True
+    monkeypatch.setattr(R, "ROW_BUCKETS", (4, 8))
+    monkeypatch.setattr(R, "ROW_SELECT", 2)
+    pieces = []
+    orig = R.ModelRunner._row_piece
+    monkeypatch.setattr(R.ModelRunner, "_row_piece",
+                        lambda self, reqs, pos, sel, start=None: pieces.append((len(reqs), len(sel)))
+                        or orig(self, reqs, pos, sel, start))
+    hf = _hf(d)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, eng.model_config.vocab_size, (n,), generator=g).tolist() for n in (37, 3, 2, 4, 11)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    for ids, o in zip(prompts, outs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        assert o.outputs[0].token_ids == ref[0, len(ids):].tolist()
+    assert max(n for n, _ in pieces) == 8 and max(k for _, k in pieces) == 2
+    assert any(k == 0 for _, k in pieces)  # a piece inside a long chunk: nothing sampled

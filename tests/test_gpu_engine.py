@@ -344,20 +344,25 @@ def test_pdl_graph_replay_is_bit_exact(make_varied, monkeypatch, rows, real):
         assert torch.equal(h, ref) and torch.equal(kv, ref_kv)
 
 
-def test_rowwise_prefill_on_cuda_matches_hf(make_varied):
+def test_rowwise_prefill_on_cuda_matches_hf(make_varied, monkeypatch):
     """Short prefill chunks through the Triton attention, row by row (the CUDA default), in fp32: the greedy
-    tokens of chunked prompts equal HF's on the GPU, and equal the per-sequence SDPA path's."""
+    tokens of chunked prompts equal HF's on the GPU, and equal the per-sequence SDPA path's -- replaying row graphs
+    (the default; here pieces of at most 16 rows and 2 sampled rows) and eagerly."""
     from transformers import AutoModelForCausalLM
 
+    from token_scheduler import runner as R
+
+    monkeypatch.setattr(R, "ROW_BUCKETS", (8, 16))
+    monkeypatch.setattr(R, "ROW_SELECT", 2)
     d = make_varied("qwen2")
     hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).cuda().eval()
     g = torch.Generator().manual_seed(3)
     outs = {}
-    for row_max in (1 << 22, 0):
+    for row_max, row_graphs in ((1 << 22, True), (1 << 22, False), (0, False)):
         eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="fp32", kv_cache_memory_gb=0.1,
                                      max_num_seqs=8, max_num_batched_tokens=32))
-        assert eng.runner.rowwise_prefill_max == 1 << 22  # the CUDA default
-        eng.runner.rowwise_prefill_max = row_max
+        assert eng.runner.rowwise_prefill_max == 1 << 22 and eng.runner.row_graphs  # the CUDA defaults
+        eng.runner.rowwise_prefill_max, eng.runner.row_graphs = row_max, row_graphs
         prompts = [torch.randint(0, eng.model_config.vocab_size, (n,), generator=g).tolist() for n in (45, 7, 20)]
         for i, p in enumerate(prompts):
             eng.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
@@ -366,14 +371,16 @@ def test_rowwise_prefill_on_cuda_matches_hf(make_varied):
             for o in eng.step():
                 if o.finished:
                     res[o.request_id] = o.outputs[0].token_ids
-        outs[row_max] = res
+        outs[row_max, row_graphs] = res
+        row_ids = [k for k in eng.runner.graphs if len(k) == 3 and isinstance(k[2], tuple)]
+        assert bool(row_ids) == row_graphs and all(k[2] in (("rows", 8), ("rows", 16)) for k in row_ids)
         for i, p in enumerate(prompts):
             with torch.no_grad():
                 ref = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=12, min_new_tokens=12,
                                   do_sample=False)
             assert res[f"r{i}"] == ref[0, len(p):].tolist()
         g = torch.Generator().manual_seed(3)
-    assert outs[1 << 22] == outs[0]
+    assert outs[1 << 22, True] == outs[1 << 22, False] == outs[0, False]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -32,6 +32,14 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 # the step thread on the H200 at 9ff79c5, a shape's first capture of a bucket ~45 ms). What it bounds one shape's logits to: 96 x the largest bucket's (152k vocabulary:
 # ~20 MB at bucket 32, 1.9 GB for 96; at the served max_num_seqs of 64, ~39 MB each, 3.7 GB at most).
 GRAPH_CAP = max(1, int(env.GRAPH_CAP.get()))
+# Prefill and mixed steps whose every chunk goes row by row (`rowwise_prefill_max`) replay CUDA graphs too: such a
+# step is a decode of its rows (row p attends to positions <= p, its K/V written first in each layer), run in pieces
+# of up to ROW_BUCKETS[-1] rows in order (a later piece's rows read the K/V an earlier piece wrote). Eager, the
+# forward is ~170 Triton and ~110 cuBLAS launches whatever its length: served prefill steps spent ~19 ms of the step
+# thread before their forward was queued (serve_h200_models40_seed7_859bd59.json step_phases). A row graph keeps
+# the logits of ROW_SELECT rows (the sampled ones, picked by an index input), not of all its rows: ~19 MB a graph.
+ROW_BUCKETS = (32, 64, 128, 256)
+ROW_SELECT = 32
 
 
 @dataclass
@@ -114,6 +122,8 @@ class ModelRunner:
         # sees it, ~1.6-3.3 ms a projection on the H200 (diag_gpu prefill), so a prefill of a new token count paid
         # ~8 ms of host time before the rounding. On CUDA, but never on the HF-exact reference path.
         self.pad_rows = self.is_cuda
+        # row-by-row steps through captured row graphs (ROW_BUCKETS); CPU runs the same pieces eagerly (tests)
+        self.row_graphs = self.is_cuda and cuda_graphs and env.PREFILL_GRAPHS.on()
         # the fused forward, on CUDA: every step runs it but an HF-exact prefill (`_forward_eager`)
         self.fwd_decode = llama.forward_fused if self.use_triton else llama.forward
         self.shared_graphs = graphs is not None
@@ -152,6 +162,8 @@ class ModelRunner:
         if out.is_decode and len(out.chunks) in self.bucket_of and not self.hf_exact_decode:
             # (not marked in flight: its logits are sampled below, and nothing captures before that)
             logits = self._decode_graph(out, start=start).logits[: len(out.chunks)]
+        elif self.row_graphs and self._by_rows(out):
+            logits = self._row_pieces(out, start)
         else:
             if start is not None:
                 start.record()
@@ -320,8 +332,61 @@ class ModelRunner:
                 idx.append(q - 1)
         return hidden, idx
 
+    def _by_rows(self, out: SchedulerOutput) -> bool:
+        """Does every chunk of this prefill or mixed step go row by row (so the step can replay row graphs)?"""
+        return (not out.is_decode and not self.hf_exact_prefill and self.weights is not None
+                and all(c.num_tokens == 1 or c.num_tokens * (c.start + c.num_tokens) <= self.rowwise_prefill_max
+                        for c in out.chunks))
+
+    def _row_pieces(self, out: SchedulerOutput, start: torch.cuda.Event | None = None) -> torch.Tensor | None:
+        """Run a row-by-row step as pieces of consecutive rows (at most ROW_BUCKETS[-1] rows and ROW_SELECT sampled
+        rows each), in order; the logits of the sampled rows, in chunk order (None: nothing sampled)."""
+        pieces, reqs, pos, sel = [], [], [], []
+        limit = ROW_BUCKETS[-1]
+        for c in out.chunks:
+            for p in range(c.start, c.start + c.num_tokens):
+                if len(reqs) == limit:
+                    pieces.append((reqs, pos, sel))
+                    reqs, pos, sel = [], [], []
+                reqs.append(c.request)
+                pos.append(p)
+            if c.sample:
+                sel.append(len(reqs) - 1)
+                if len(sel) == ROW_SELECT:
+                    pieces.append((reqs, pos, sel))
+                    reqs, pos, sel = [], [], []
+        if reqs:
+            pieces.append((reqs, pos, sel))
+        parts = []
+        for i, (reqs, pos, sel) in enumerate(pieces):
+            logits = self._row_piece(reqs, pos, sel, start if i == 0 else None)
+            if sel:  # (a copy when another piece follows: it may replay the same graph, over these logits)
+                parts.append(logits[: len(sel)].clone() if i + 1 < len(pieces) else logits[: len(sel)])
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)) if parts else None
+
+    def _row_piece(self, reqs: list, pos: list[int], sel: list[int], start=None) -> torch.Tensor:
+        """One piece: rows (request, position) as a decode of their tokens; logits of rows `sel` first. CUDA:
+        the row graph of the smallest bucket that holds it; CPU: the same eagerly."""
+        if not self.is_cuda:
+            bs = self.block_size
+            meta = self._decode_meta([(r, p + 1, 1) for r, p in zip(reqs, pos)])
+            meta.slot_blocks = upload([r.block_ids[p // bs] for r, p in zip(reqs, pos)], self.device)
+            meta.slot_offsets = upload([p % bs for p in pos], self.device)
+            ids = upload([r.token_at(p) for r, p in zip(reqs, pos)], self.device)
+            h = self.fwd_decode(self.cfg, self.weights, self.kv, self.rope, ids, upload(pos, self.device), meta)
+            return llama.compute_logits(self.weights, h[upload(sel, self.device)]) if sel else h[:0]
+        b = ("rows", next(k for k in ROW_BUCKETS if k >= len(reqs)))
+        g = self.graphs.get(self._graph_id(b)) or self._capture(b)
+        g.users.add(self.name)
+        g.fill_rows(reqs, pos, self, sel)
+        if start is not None:
+            start.record()
+        g.graph.replay()
+        graph_cap.touch(g)
+        return g.logits
+
     # -- CUDA graphs ---------------------------------------------------------------------------------
-    def _graph_id(self, bucket: int) -> tuple:
+    def _graph_id(self, bucket) -> tuple:
         return (self.graph_key, self.slot_key, bucket)
 
     def capture_graphs(self, buckets: list[int]) -> None:
@@ -388,15 +453,17 @@ class ModelRunner:
 
 
 class _DecodeGraph:
-    """Static buffers + captured graph for one decode batch bucket."""
+    """Static buffers + captured graph for one decode batch bucket, or (bucket ("rows", n)) for the rows of a
+    row-by-row step: n rows, logits for ROW_SELECT of them, chosen by an index row of the inputs."""
 
-    def __init__(self, runner: ModelRunner, batch: int, pool, stream: torch.cuda.Stream, warmup: int = 2):
+    def __init__(self, runner: ModelRunner, bucket, pool, stream: torch.cuda.Stream, warmup: int = 2):
         dev, mb = runner.device, runner.max_blocks
-        self.batch = batch
+        rows = isinstance(bucket, tuple)
+        self.batch = batch = bucket[1] if rows else bucket
         # Two pinned input buffers, used in turn: with overlapped steps the host fills step N+1 while the
         # upload that feeds step N may still be queued behind step N-1, so N+1 must not write N's buffer.
         with torch.cuda.device(dev):  # (pinned with `dev` current: mapped as its tensors, below)
-            self.hosts = [torch.zeros(5, batch, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self.hosts = [torch.zeros(5 + rows, batch, dtype=torch.long, pin_memory=True) for _ in range(2)]
             self.host_bts = [torch.zeros(batch, mb, dtype=torch.int32, pin_memory=True) for _ in range(2)]
         # Uploaded by a kernel reading them where they are (`device_view`), not by copies: a step queued behind the
         # one in flight (TOKENPOOL_PIPELINE) while a weight prefetch ran had its block-table copy (2 KB and up)
@@ -411,9 +478,9 @@ class _DecodeGraph:
         # was 5 of them, ~0.17 ms a step at 35 models)
         self.hosts_np = [h.numpy() for h in self.hosts]
         self.host_bts_np = [h.numpy() for h in self.host_bts]
-        self.pad = [[0], [0], [runner.scratch_block], [0], [1]]  # a padded row's column of `hosts`
+        self.pad = [[0], [0], [runner.scratch_block], [0], [1]] + [[0]] * rows  # a padded row's column of `hosts`
         self.turn = 0
-        self.dev = torch.zeros(5, batch, dtype=torch.long, device=dev)
+        self.dev = torch.zeros(5 + rows, batch, dtype=torch.long, device=dev)
         self.bt = torch.full((batch, mb), runner.scratch_block, dtype=torch.int32, device=dev)
         self.ctx32 = torch.ones(batch, dtype=torch.int32, device=dev)
         self.dev[2].fill_(runner.scratch_block)
@@ -428,7 +495,7 @@ class _DecodeGraph:
 
         def run():
             h = runner.fwd_decode(runner.cfg, runner.weights, runner.kv, runner.rope, self.dev[0], self.dev[1], meta)
-            return llama.compute_logits(runner.weights, h)
+            return llama.compute_logits(runner.weights, h[self.dev[5, :ROW_SELECT]] if rows else h)
 
         # The capture stream is this runner's device's own: torch.cuda.graph's default capture stream is made
         # once per process, on whichever device was current then, so a second GPU's graphs captured on it came
@@ -461,9 +528,14 @@ class _DecodeGraph:
         tokens, when the host does not know them yet -- row i's is `ids[rows[i]]` (`rows` None: `ids[i]`)."""
         # Only the first `nb` block-table columns of real rows are read (the kernel stops at the context
         # length), so stale columns need no reset. Padded rows write their K/V into the scratch block.
+        self._fill([c.request for c in out.chunks], [c.start for c in out.chunks], runner, ids, rows)
+
+    def fill_rows(self, reqs: list, pos: list[int], runner: ModelRunner, sel: list[int]) -> None:
+        """A row graph's inputs: row i is request reqs[i]'s token at pos[i]; logits for rows `sel` (the rest 0)."""
+        self._fill(reqs, pos, runner, sel=sel)
+
+    def _fill(self, reqs: list, pos: list[int], runner: ModelRunner, ids=None, rows=None, sel=None) -> None:
         bs, scratch = runner.block_size, runner.scratch_block
-        reqs = [c.request for c in out.chunks]
-        pos = [c.start for c in out.chunks]
         n = len(reqs)
         t = self.turn
         h, hb = self.hosts_np[t], self.host_bts_np[t]
@@ -474,6 +546,9 @@ class _DecodeGraph:
         h[3, :n] = [p % bs for p in pos]
         h[4, :n] = [p + 1 for p in pos]
         h[:, n:] = self.pad
+        if sel is not None:
+            h[5, : len(sel)] = sel
+            h[5, len(sel):] = 0
         nb = max(len(r.block_ids) for r in reqs)
         for i, r in enumerate(reqs):
             k = len(r.block_ids)

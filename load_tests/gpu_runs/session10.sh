@@ -36,7 +36,8 @@
 #            goes (spy_summary.py)
 #   prefill  issue 14: where a prefill step's host time goes (diag_gpu prefill: cuBLAS launch at a new token count vs a
 #            seen one; the engine's prefill of 3 prompts, host ms until queued; a cProfile), on the bench 1.5B and 7B,
-#            for each TOKENPOOL_ROWWISE_PREFILL_MAX in PREFILL_ROWWISE (default: "default", e.g. "default 4194304")
+#            for each TOKENPOOL_ROWWISE_PREFILL_MAX in PREFILL_ROWWISE (default: "default", e.g. "default 4194304") and
+#            each environment setting in PREFILL_ENVS (e.g. "TOKENPOOL_PREFILL_GRAPHS=0 default"), sizes PREFILL_SIZES
 #   prefpool issue 14: a pooled engine's prefill step (two aliases in a 20 GB arena, warm): host ms until queued and a
 #            cProfile (diag_gpu prefill-pooled), on the bench models of PREFPOOL_SIZES (default "1.5b 7b")
 #   pipedev  issue 14: diag_gpu pipe-dev: a decode step's device time (CUDA events) with the pooled engine's pipeline
@@ -153,12 +154,15 @@ profile) WP="$W --rate ${PROFILE_RATE:-1.3}"
   python3 load_tests/gpu_runs/spy_summary.py "$OUT/worker_profile.raw" > "$OUT/worker_profile_summary.json" \
     && head -24 "$OUT/worker_profile_summary.json"
   wait $bp; at profile $?; show "$OUT/serve_profile.log" 3 ;;
-prefill) for sz in 1.5b 7b; do for rw in ${PREFILL_ROWWISE:-default}; do lg="$OUT/prefill_$sz.log"
+prefill) for sz in ${PREFILL_SIZES:-1.5b 7b}; do for rw in ${PREFILL_ROWWISE:-default}; do for pe in ${PREFILL_ENVS:-default}
+      do lg="$OUT/prefill_$sz.log"
       [ "$rw" = default ] || lg="$OUT/prefill_${sz}_rowwise$rw.log"
+      [ "$pe" = default ] || lg="${lg%.log}_$(echo "$pe" | tr -c 'A-Za-z0-9_.=\n' '_').log"
       ( [ "$rw" = default ] || export TOKENPOOL_ROWWISE_PREFILL_MAX=$rw
+        [ "$pe" = default ] || export "$pe"
         timeout "${LIMIT_PREFILL:-150}" python3 -m load_tests.diag_gpu prefill \
-        --model ~/.cache/tokenpool/bench-models/qwen2-$sz-bf16 > "$lg" 2>&1 ); at "prefill $sz rowwise=$rw" $?
-      grep -E "^prefill|Error" "$lg" | cut -c1-300; done
+        --model ~/.cache/tokenpool/bench-models/qwen2-$sz-bf16 > "$lg" 2>&1 ); at "prefill $sz rowwise=$rw $pe" $?
+      grep -E "^prefill|Error" "$lg" | cut -c1-300; done; done
     [ -f "$OUT/prefill_$sz.log" ] && { grep -E "^linear|^profiled" "$OUT/prefill_$sz.log" | cut -c1-300
       grep -A40 "Ordered by: internal" "$OUT/prefill_$sz.log" | cut -c1-200; }; done ;;
 prefpool) for sz in ${PREFPOOL_SIZES:-1.5b 7b}; do timeout "${LIMIT_PREFPOOL:-150}" python3 -m load_tests.diag_gpu prefill-pooled \
