@@ -119,7 +119,7 @@ def test_row_pieces_match_hf(make_varied, monkeypatch):
     d = make_varied("qwen2")
     llm = LLM(d, device="cpu", dtype="fp32", max_num_batched_tokens=24)
     eng = llm.engine
-    eng.runner.rowwise_prefill_max, eng.runner.row_graphs = 1 << 20, True
+    eng.runner.rowwise_prefill_max, eng.runner.row_graphs, eng.runner.row_graph_rows = 1 << 20, True, 1 << 20
     monkeypatch.setattr(R, "ROW_BUCKETS", (4, 8))
     monkeypatch.setattr(R, "ROW_SELECT", 2)
     pieces = []

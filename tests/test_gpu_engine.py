@@ -161,6 +161,7 @@ def _graph_waves(d, cap: int, overlap: bool, monkeypatch) -> dict:
     base = torch.cuda.memory_allocated()
     eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="fp32", overlap=overlap, kv_cache_memory_gb=0.1,
                                  max_num_seqs=8))
+    eng.runner.row_graphs = False  # decode graphs alone (the prefills' row graphs: test_rowwise_prefill_on_cuda_...)
     graphs, key = eng.runner.graphs, eng.runner.graph_key
     res, most = {}, 0
     for w, n in enumerate([1, 3, 8, 2, 5, 1, 8, 4] * 2):
@@ -352,7 +353,7 @@ def test_rowwise_prefill_on_cuda_matches_hf(make_varied, monkeypatch):
 
     from token_scheduler import runner as R
 
-    monkeypatch.setattr(R, "ROW_BUCKETS", (8, 16))
+    monkeypatch.setattr(R, "ROW_BUCKETS", (8, 16))  # (the default buckets: TOKENPOOL_PREFILL_GRAPHS > 0 here)
     monkeypatch.setattr(R, "ROW_SELECT", 2)
     d = make_varied("qwen2")
     hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).cuda().eval()
@@ -363,6 +364,7 @@ def test_rowwise_prefill_on_cuda_matches_hf(make_varied, monkeypatch):
                                      max_num_seqs=8, max_num_batched_tokens=32))
         assert eng.runner.rowwise_prefill_max == 1 << 22 and eng.runner.row_graphs  # the CUDA defaults
         eng.runner.rowwise_prefill_max, eng.runner.row_graphs = row_max, row_graphs
+        eng.runner.row_graph_rows = 1 << 20  # pieces of up to 16 rows whatever the step's
         prompts = [torch.randint(0, eng.model_config.vocab_size, (n,), generator=g).tolist() for n in (45, 7, 20)]
         for i, p in enumerate(prompts):
             eng.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))

@@ -33,13 +33,17 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 # ~20 MB at bucket 32, 1.9 GB for 96; at the served max_num_seqs of 64, ~39 MB each, 3.7 GB at most).
 GRAPH_CAP = max(1, int(env.GRAPH_CAP.get()))
 # Prefill and mixed steps whose every chunk goes row by row (`rowwise_prefill_max`) replay CUDA graphs too: such a
-# step is a decode of its rows (row p attends to positions <= p, its K/V written first in each layer), run in pieces
-# of up to ROW_BUCKETS[-1] rows in order (a later piece's rows read the K/V an earlier piece wrote). Eager, the
+# step is a decode of its rows (row p attends to positions <= p, its K/V written first in each layer). Eager, the
 # forward is ~170 Triton and ~110 cuBLAS launches whatever its length: served prefill steps spent ~19 ms of the step
-# thread before their forward was queued (serve_h200_models40_seed7_859bd59.json step_phases). A row graph keeps
-# the logits of ROW_SELECT rows (the sampled ones, picked by an index input), not of all its rows: ~19 MB a graph.
-ROW_BUCKETS = (32, 64, 128, 256)
+# thread before their forward was queued (serve_h200_models40_seed7_859bd59.json step_phases). A row graph keeps the
+# logits of ROW_SELECT rows (the sampled ones, picked by an index input), not of all its rows: ~19 MB a graph. Steps
+# of up to TOKENPOOL_PREFILL_GRAPHS rows go this way (buckets up to it), longer ones eagerly: their device time
+# covers their launches. More than ROW_SELECT sampled rows: pieces of rows in order, each a replay (a later piece's
+# rows read the K/V an earlier one wrote).
+ROW_BUCKETS_ALL = (32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 ROW_SELECT = 32
+ROW_GRAPH_ROWS = int(env.PREFILL_GRAPHS.get())
+ROW_BUCKETS = tuple(b for b in ROW_BUCKETS_ALL if b <= ROW_GRAPH_ROWS) or (0,)
 
 
 @dataclass
@@ -123,7 +127,8 @@ class ModelRunner:
         # ~8 ms of host time before the rounding. On CUDA, but never on the HF-exact reference path.
         self.pad_rows = self.is_cuda
         # row-by-row steps through captured row graphs (ROW_BUCKETS); CPU runs the same pieces eagerly (tests)
-        self.row_graphs = self.is_cuda and cuda_graphs and env.PREFILL_GRAPHS.on()
+        self.row_graphs = self.is_cuda and cuda_graphs and ROW_BUCKETS[-1] > 0
+        self.row_graph_rows = ROW_BUCKETS[-1]  # the most rows a step may have to go this way (more: eager)
         # the fused forward, on CUDA: every step runs it but an HF-exact prefill (`_forward_eager`)
         self.fwd_decode = llama.forward_fused if self.use_triton else llama.forward
         self.shared_graphs = graphs is not None
@@ -335,6 +340,7 @@ class ModelRunner:
     def _by_rows(self, out: SchedulerOutput) -> bool:
         """Does every chunk of this prefill or mixed step go row by row (so the step can replay row graphs)?"""
         return (not out.is_decode and not self.hf_exact_prefill and self.weights is not None
+                and sum(c.num_tokens for c in out.chunks) <= self.row_graph_rows
                 and all(c.num_tokens == 1 or c.num_tokens * (c.start + c.num_tokens) <= self.rowwise_prefill_max
                         for c in out.chunks))
 

@@ -157,7 +157,7 @@ profile) WP="$W --rate ${PROFILE_RATE:-1.3}"
 prefill) for sz in ${PREFILL_SIZES:-1.5b 7b}; do for rw in ${PREFILL_ROWWISE:-default}; do for pe in ${PREFILL_ENVS:-default}
       do lg="$OUT/prefill_$sz.log"
       [ "$rw" = default ] || lg="$OUT/prefill_${sz}_rowwise$rw.log"
-      [ "$pe" = default ] || lg="${lg%.log}_$(echo "$pe" | tr -c 'A-Za-z0-9_.=\n' '_').log"
+      [ "$pe" = default ] || lg="${lg%.log}_$(echo "$pe" | tr -c 'A-Za-z0-9_.\n' '_').log"
       ( [ "$rw" = default ] || export TOKENPOOL_ROWWISE_PREFILL_MAX=$rw
         [ "$pe" = default ] || export "$pe"
         timeout "${LIMIT_PREFILL:-150}" python3 -m load_tests.diag_gpu prefill \
