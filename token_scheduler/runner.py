@@ -36,13 +36,16 @@ GRAPH_CAP = max(1, int(env.GRAPH_CAP.get()))
 # step is a decode of its rows (row p attends to positions <= p, its K/V written first in each layer). Eager, the
 # forward is ~170 Triton and ~110 cuBLAS launches whatever its length: served prefill steps spent ~19 ms of the step
 # thread before their forward was queued (serve_h200_models40_seed7_859bd59.json step_phases). A row graph keeps the
-# logits of ROW_SELECT rows (the sampled ones, picked by an index input), not of all its rows: ~19 MB a graph. Steps
-# of up to TOKENPOOL_PREFILL_GRAPHS rows go this way (buckets up to it), longer ones eagerly: their device time
-# covers their launches. More than ROW_SELECT sampled rows: pieces of rows in order, each a replay (a later piece's
-# rows read the K/V an earlier one wrote).
+# logits of ROW_SELECT rows (the sampled ones, picked by an index input), not of all its rows: ~19 MB a graph. More
+# than ROW_SELECT sampled rows: pieces of rows in order, each a replay (a later piece's rows read the K/V an earlier
+# one wrote). Only host-bound steps go this way: up to TOKENPOOL_PREFILL_GRAPHS rows and ROW_GRAPH_FLOP of projections
+# (bucket padding and the capture's GEMM choices cost a device-bound step more than its launches). H200, d223a0b
+# (diag_gpu prefill, step until read, eager -> row graph): 1.5B 3x256 14.4 -> 7.8 ms, 3x~256 14.5 -> 9.5, 1x768
+# 10.9 -> 10.7, 3x~600 17.1 -> 20.4 (2048 rows); 7B 3x256 19.5 -> 20.2, 1x768 22.7 -> 23.6, 3x~600 54.7 -> 59.0.
 ROW_BUCKETS_ALL = (32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 ROW_SELECT = 32
 ROW_GRAPH_ROWS = int(env.PREFILL_GRAPHS.get())
+ROW_GRAPH_FLOP = 2.6e12  # ~1,000 rows of a 1.5B, ~200 of a 7B
 ROW_BUCKETS = tuple(b for b in ROW_BUCKETS_ALL if b <= ROW_GRAPH_ROWS) or (0,)
 
 
@@ -128,7 +131,8 @@ class ModelRunner:
         self.pad_rows = self.is_cuda
         # row-by-row steps through captured row graphs (ROW_BUCKETS); CPU runs the same pieces eagerly (tests)
         self.row_graphs = self.is_cuda and cuda_graphs and ROW_BUCKETS[-1] > 0
-        self.row_graph_rows = ROW_BUCKETS[-1]  # the most rows a step may have to go this way (more: eager)
+        # the most rows a step may have to go this way (more: eager)
+        self.row_graph_rows = min(ROW_BUCKETS[-1], int(ROW_GRAPH_FLOP / (2 * layer_params(cfg))))
         # the fused forward, on CUDA: every step runs it but an HF-exact prefill (`_forward_eager`)
         self.fwd_decode = llama.forward_fused if self.use_triton else llama.forward
         self.shared_graphs = graphs is not None
@@ -569,6 +573,12 @@ class _DecodeGraph:
         if ids is not None:
             self.dev[0, :n].copy_(ids if rows is None else ids.index_select(0, self.dev[0, :n]))
         self.ctx32.copy_(self.dev[4])
+
+
+def layer_params(cfg: ModelConfig) -> int:
+    """Weights a token's projections multiply in all the decoder layers (not the embedding or LM head)."""
+    h = cfg.hidden_size
+    return cfg.num_layers * (h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h + 3 * h * cfg.intermediate_size)
 
 
 def padded_rows(t: int) -> int:

@@ -40,8 +40,8 @@ ATTN_BLOCKS_PER_ITER = Var("TOKENPOOL_ATTN_BLOCKS_PER_ITER", "1", "cache blocks 
 ROWWISE_PREFILL_MAX = Var("TOKENPOOL_ROWWISE_PREFILL_MAX", str(1 << 22), "on CUDA, a prefill chunk of tokens x context up "
                           "to this runs row by row through the batched decode attention, longer ones one SDPA each "
                           "(token_scheduler/runner.py; A/B runs)")
-PREFILL_GRAPHS = Var("TOKENPOOL_PREFILL_GRAPHS", "256", "prefill and mixed steps of up to this many rows that go row "
-                     "by row replay row graphs (0: all eagerly; token_scheduler/runner.py ROW_BUCKETS; A/B runs)")
+PREFILL_GRAPHS = Var("TOKENPOOL_PREFILL_GRAPHS", "1024", "prefill and mixed steps of up to this many rows (and ~2.6 "
+                     "TFLOP) that go row by row replay row graphs (0: all eagerly; token_scheduler/runner.py ROW_BUCKETS; A/B runs)")
 PDL = Var("TOKENPOOL_PDL", "1", "0: launch kernels without programmatic dependent launch (A/B runs)")
 GRAPH_HOMES = Var("TOKENPOOL_GRAPH_HOMES", "1", "0: weight slots placed by best fit alone, not at offsets their size "
                   "held before, where the CUDA graphs captured for it replay (A/B runs)")
