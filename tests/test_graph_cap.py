@@ -120,3 +120,27 @@ def test_read_releases_the_graph_a_launched_step_replayed():
     assert g.in_flight == 1 and step.graph is None
     ModelRunner.read(step)  # (a second read of the same step changes nothing)
     assert g.in_flight == 1
+
+
+def test_row_graphs_are_capped_apart_from_decode_graphs_and_dropped_with_their_shape():
+    """A shape's row graphs (prefill steps) are kept under their own key: capturing them never evicts a decode graph
+    (nor the reverse), each kind is held to the cap, and dropping the shape drops both kinds."""
+    runner = SimpleNamespace(graph_key=KEY, slot_key=0)
+    ids = {b: ModelRunner._graph_id(runner, b) for b in (1, 2, ("rows", 64), ("rows", 256))}
+    assert ids[1] == (KEY, 0, 1) and ids[("rows", 64)][0] == graph_cap.rows_key(KEY) != KEY
+    graphs: dict = {}
+    for slot in (0, 1):
+        runner.slot_key = slot
+        for b in (1, 2, ("rows", 64), ("rows", 256)):
+            gid = ModelRunner._graph_id(runner, b)
+            graph_cap.make_room(graphs, gid[0], 4)
+            graph_cap.added(graphs, gid, SimpleNamespace(nbytes=MB, in_flight=0, last_replay=0), 0.01, first=slot == 0)
+    assert len(held(graphs, KEY)) == 4 and len(held(graphs, graph_cap.rows_key(KEY))) == 4  # nothing evicted
+    runner.slot_key = 2
+    gid = ModelRunner._graph_id(runner, ("rows", 64))
+    assert graph_cap.make_room(graphs, gid[0], 4) == [(graph_cap.rows_key(KEY), 0, ("rows", 64))]
+    assert len(held(graphs, KEY)) == 4  # the decode graphs stay
+    capture(graphs, 4, OTHER, 0, 1)
+    graph_cap.drop_key(graphs, KEY)
+    assert not held(graphs, KEY) and not held(graphs, graph_cap.rows_key(KEY)) and held(graphs, OTHER)
+    assert graph_cap.counters(graphs)[4] == MB  # OTHER's one graph

@@ -69,9 +69,16 @@ def added(graphs: dict, gid: tuple, g, seconds: float, first: bool) -> None:
     done[4] += g.nbytes
 
 
+def rows_key(graph_key: object) -> tuple:
+    """The key a shape's row graphs (prefill steps, `ModelRunner._row_piece`) are kept and capped under: apart from its
+    decode graphs, so neither kind evicts the other's working set (each slot a shape lands in has a few of each)."""
+    return ("rows", graph_key)
+
+
 def drop_key(graphs: dict, graph_key: object) -> None:
-    """Forget every graph of `graph_key` and its pool (no model of that shape is left); not counted as evictions."""
-    for k in graph_ids(graphs, graph_key):
+    """Forget every graph of `graph_key` (decode and row graphs) and its pool (no model of that shape is left); not
+    counted as evictions."""
+    for k in graph_ids(graphs, graph_key) + graph_ids(graphs, rows_key(graph_key)):
         counters(graphs)[4] -= graphs.pop(k).nbytes
     graphs.pop(("warm", graph_key), None)
     graphs.pop(("pool", graph_key), None)

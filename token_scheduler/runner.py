@@ -36,14 +36,19 @@ GRAPH_CAP = max(1, int(env.GRAPH_CAP.get()))
 # step is a decode of its rows (row p attends to positions <= p, its K/V written first in each layer). Eager, the
 # forward is ~170 Triton and ~110 cuBLAS launches whatever its length: served prefill steps spent ~19 ms of the step
 # thread before their forward was queued (serve_h200_models40_seed7_859bd59.json step_phases). A row graph keeps the
-# logits of ROW_SELECT rows (the sampled ones, picked by an index input), not of all its rows: ~19 MB a graph. More
+# logits of ROW_SELECT rows (the sampled ones, picked by an index input), not of all its rows: ~10 MB a graph,
+# capped per shape apart from the decode graphs (graph_cap.rows_key). More
 # than ROW_SELECT sampled rows: pieces of rows in order, each a replay (a later piece's rows read the K/V an earlier
 # one wrote). Only host-bound steps go this way: up to TOKENPOOL_PREFILL_GRAPHS rows and ROW_GRAPH_FLOP of projections
 # (bucket padding and the capture's GEMM choices cost a device-bound step more than its launches). H200, d223a0b
 # (diag_gpu prefill, step until read, eager -> row graph): 1.5B 3x256 14.4 -> 7.8 ms, 3x~256 14.5 -> 9.5, 1x768
 # 10.9 -> 10.7, 3x~600 17.1 -> 20.4 (2048 rows); 7B 3x256 19.5 -> 20.2, 1x768 22.7 -> 23.6, 3x~600 54.7 -> 59.0.
-ROW_BUCKETS_ALL = (32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
-ROW_SELECT = 32
+# Few buckets: a pooled engine captures each one in every weight slot a shape lands in (~18 ms each on the H200);
+# with 11 buckets (32 to 2048) a 40-model served run captured 277 graphs (5.1 s of the step thread) against 90
+# without row graphs, and evicted 141 (serve 37eb483, session 33). Padding rows cost little below ~256 rows: the step
+# streams the weights once whatever its rows.
+ROW_BUCKETS_ALL = (64, 256, 1024, 2048)
+ROW_SELECT = 16
 ROW_GRAPH_ROWS = int(env.PREFILL_GRAPHS.get())
 ROW_GRAPH_FLOP = 2.6e12  # ~1,000 rows of a 1.5B, ~200 of a 7B
 ROW_BUCKETS = tuple(b for b in ROW_BUCKETS_ALL if b <= ROW_GRAPH_ROWS) or (0,)
@@ -397,7 +402,9 @@ class ModelRunner:
 
     # -- CUDA graphs ---------------------------------------------------------------------------------
     def _graph_id(self, bucket) -> tuple:
-        return (self.graph_key, self.slot_key, bucket)
+        """(key, weight slot, bucket): a decode bucket is a batch size, a row graph's ("rows", rows)."""
+        key = graph_cap.rows_key(self.graph_key) if isinstance(bucket, tuple) else self.graph_key
+        return (key, self.slot_key, bucket)
 
     def capture_graphs(self, buckets: list[int]) -> None:
         """Capture the buckets for the current weights (largest first, so smaller ones reuse its memory)."""
@@ -424,7 +431,7 @@ class ModelRunner:
                 self.graphs[key] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device))
             self._graph_pool = self.graphs[key]
         # Over the cap, the least recently replayed graph of the key goes first, so its memory is free for this one.
-        graph_cap.make_room(self.graphs, self.graph_key, GRAPH_CAP)
+        graph_cap.make_room(self.graphs, self._graph_id(bucket)[0], GRAPH_CAP)
         # Warm-up runs before a capture initialise lazy state (Triton JIT, cuBLAS workspaces): needed once per
         # graph key and bucket, not for every weight slot a model of that shape lands in (a 7B capture with
         # warm-up took ~0.3 s on the H100, paid at every new slot).
