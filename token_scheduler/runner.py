@@ -37,16 +37,17 @@ GRAPH_CAP = max(1, int(env.GRAPH_CAP.get()))
 # forward is ~170 Triton and ~110 cuBLAS launches whatever its length: served prefill steps spent ~19 ms of the step
 # thread before their forward was queued (serve_h200_models40_seed7_859bd59.json step_phases). A row graph keeps the
 # logits of ROW_SELECT rows (the sampled ones, picked by an index input), not of all its rows: ~10 MB a graph,
-# capped per shape apart from the decode graphs (graph_cap.rows_key). More
-# than ROW_SELECT sampled rows: pieces of rows in order, each a replay (a later piece's rows read the K/V an earlier
-# one wrote). Only host-bound steps go this way: up to TOKENPOOL_PREFILL_GRAPHS rows and ROW_GRAPH_FLOP of projections
+# capped per shape apart from the decode graphs (graph_cap.rows_key). More than ROW_SELECT sampled rows: pieces of
+# rows in order, each a replay (a later piece's rows read the K/V an earlier one wrote). Only host-bound steps go this
+# way: up to TOKENPOOL_PREFILL_GRAPHS rows and ROW_GRAPH_FLOP of projections
 # (bucket padding and the capture's GEMM choices cost a device-bound step more than its launches). H200, d223a0b
 # (diag_gpu prefill, step until read, eager -> row graph): 1.5B 3x256 14.4 -> 7.8 ms, 3x~256 14.5 -> 9.5, 1x768
 # 10.9 -> 10.7, 3x~600 17.1 -> 20.4 (2048 rows); 7B 3x256 19.5 -> 20.2, 1x768 22.7 -> 23.6, 3x~600 54.7 -> 59.0.
 # Few buckets: a pooled engine captures each one in every weight slot a shape lands in (~18 ms each on the H200);
 # with 11 buckets (32 to 2048) a 40-model served run captured 277 graphs (5.1 s of the step thread) against 90
-# without row graphs, and evicted 141 (serve 37eb483, session 33). Padding rows cost little below ~256 rows: the step
-# streams the weights once whatever its rows.
+# without row graphs, and evicted 141 (serve 37eb483, session 33); with these 4 and a cap of their own: 184 captures, 4
+# evictions (43e49e4). Padding rows should cost little below ~256 rows, where a step is mostly its weights' stream
+# (not measured bucket by bucket).
 ROW_BUCKETS_ALL = (64, 256, 1024, 2048)
 ROW_SELECT = 16
 ROW_GRAPH_ROWS = int(env.PREFILL_GRAPHS.get())
