@@ -62,3 +62,24 @@ def test_fill_writes_each_row_and_pads_the_rest(views):
     # a continued step that lost a request: row i's input is the id the step before sampled at rows[i]
     g.fill(_step([(b, 6), (a, 11)]), runner, ids=torch.tensor([40, 41, 42]), rows=[2, 0])
     assert g.dev[:, :2].tolist() == [[42, 40], [6, 11], [12, 7], [2, 3], [7, 12]]
+
+
+def test_fill_rows_writes_a_prefills_rows_and_the_sampled_rows():
+    """A row graph's inputs (prefill steps): each prompt position a row with its request's table (runs of rows of one
+    request written together), a sixth input row naming the rows whose logits the graph keeps, zeros after them."""
+    runner = SimpleNamespace(block_size=4, scratch_block=99)
+    g = _graph(batch=8, max_blocks=4, scratch=99)
+    g.hosts = [torch.full((6, 8), -7, dtype=torch.long) for _ in range(2)]
+    g.hosts_np = [h.numpy() for h in g.hosts]
+    g.views = [(h, b) for h, b in zip(g.hosts, g.host_bts)]
+    g.pad = [[0], [0], [99], [0], [1], [0]]
+    g.dev = torch.zeros(6, 8, dtype=torch.long)
+    a = _req(list(range(100, 110)), [5, 6])  # a prompt of 5 (positions 0-4), then b's decode row, then a's again
+    b = _req(list(range(200, 210)), [11, 12, 13])
+    reqs, pos = [a] * 5 + [b, a], [0, 1, 2, 3, 4, 9, 5]
+    g.fill_rows(reqs, pos, runner, sel=[5, 6])
+    assert g.dev[0].tolist() == [100, 101, 102, 103, 104, 209, 105, 0]
+    assert g.dev[2].tolist() == [5, 5, 5, 5, 6, 13, 6, 99] and g.dev[3].tolist() == [0, 1, 2, 3, 0, 1, 1, 0]
+    assert g.ctx32.tolist() == [1, 2, 3, 4, 5, 10, 6, 1]
+    assert g.dev[5].tolist() == [5, 6, 0, 0, 0, 0, 0, 0]
+    assert g.bt[:7, :3].tolist() == [[5, 6, 99]] * 5 + [[11, 12, 13], [5, 6, 99]]

@@ -568,10 +568,15 @@ class _DecodeGraph:
             h[5, : len(sel)] = sel
             h[5, len(sel):] = 0
         nb = max(len(r.block_ids) for r in reqs)
-        for i, r in enumerate(reqs):
+        i = 0
+        while i < n:  # a run of rows of one request (a prefill's) shares its table: one numpy write for the run
+            r, j = reqs[i], i + 1
+            while j < n and reqs[j] is r:
+                j += 1
             k = len(r.block_ids)
-            hb[i, :k] = r.block_ids
-            hb[i, k:nb] = scratch
+            hb[i:j, :k] = r.block_ids
+            hb[i:j, k:nb] = scratch
+            i = j
         if self.views is not None:
             kernel_copy(self.dev, self.views[t][0])
             kernel_copy(self.bt[:n], self.views[t][1][:n])
