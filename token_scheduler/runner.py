@@ -392,14 +392,7 @@ class ModelRunner:
             h = self.fwd_decode(self.cfg, self.weights, self.kv, self.rope, ids, upload(pos, self.device), meta)
             return llama.compute_logits(self.weights, h[upload(sel, self.device)]) if sel else h[:0]
         b = ("rows", next(k for k in ROW_BUCKETS if k >= len(reqs)))
-        g = self.graphs.get(self._graph_id(b)) or self._capture(b)
-        g.users.add(self.name)
-        g.fill_rows(reqs, pos, self, sel)
-        if start is not None:
-            start.record()
-        g.graph.replay()
-        graph_cap.touch(g)
-        return g.logits
+        return self._replay(b, lambda g: g.fill_rows(reqs, pos, self, sel), start).logits
 
     # -- CUDA graphs ---------------------------------------------------------------------------------
     def _graph_id(self, bucket) -> tuple:
@@ -459,10 +452,13 @@ class ModelRunner:
         """Replay the graph of `out`'s bucket (captured first if missing); its logits' first rows are `out`'s.
         `ids`, `rows`: as in `launch_decode`. `start`: recorded just before the replay (after a capture and the
         inputs' uploads)."""
-        b = self.bucket_of[len(out.chunks)]
-        g = self.graphs.get(self._graph_id(b)) or self._capture(b)
+        return self._replay(self.bucket_of[len(out.chunks)], lambda g: g.fill(out, self, ids, rows), start)
+
+    def _replay(self, bucket, fill: Callable[[_DecodeGraph], None], start: torch.cuda.Event | None) -> _DecodeGraph:
+        """The graph of `bucket` at the current weights' slot (captured first if missing), `fill`ed and replayed."""
+        g = self.graphs.get(self._graph_id(bucket)) or self._capture(bucket)
         g.users.add(self.name)
-        g.fill(out, self, ids, rows)
+        fill(g)
         if start is not None:
             start.record()
         g.graph.replay()
