@@ -25,8 +25,8 @@ def freeze_long_lived(collect: bool = False) -> None:
         gc.collect()
     gc.freeze()
     _, g1, g2 = gc.get_threshold()
-    young = env.GC_YOUNG.get()
-    gc.set_threshold(int(young) if young else max(YOUNG_THRESHOLD, gc.get_threshold()[0]), g1, g2)
+    young = env.GC_YOUNG.integer() if env.GC_YOUNG.get() else max(YOUNG_THRESHOLD, gc.get_threshold()[0])
+    gc.set_threshold(young, g1, g2)
 
 
 def collect_all() -> None:

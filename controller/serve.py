@@ -14,6 +14,7 @@ from controller.config import (
     ensure_demo_models,
 )
 from controller.keys import hash_key, new_key
+from tokenpool import env
 
 log = logging.getLogger("tokenpool")
 
@@ -72,6 +73,10 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
     from controller import shutdown, startup
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    if bad := env.problems():  # (a worker would fail on it at its first model, leaving a server with none)
+        for p in bad:
+            log.error("%s", p)
+        raise SystemExit(2)
     try:
         cfg, admin_token = prepare(config_path, host, port, model_dirs, served_model_names, gpu_budget_gb)
     except startup.StartupError as e:

@@ -431,7 +431,7 @@ def bind_device(device: str) -> None:
 
 
 # the longest run of steps without a look at the loop (stats, heartbeats' snapshots wait behind it)
-BURST_S = float(env.WORKER_BURST_S.get())
+BURST_S = env.WORKER_BURST_S.number()
 
 
 def standby(device: str) -> bool:
@@ -504,8 +504,8 @@ def main(argv: list[str] | None = None) -> None:
                         stream=sys.stderr)
     if a.standby and not standby(a.device):
         return
-    if (si := env.SWITCH_INTERVAL_S.get()) is not None:
-        sys.setswitchinterval(float(si))
+    if env.SWITCH_INTERVAL_S.get():
+        sys.setswitchinterval(env.SWITCH_INTERVAL_S.number())
     worker = Worker((host or "127.0.0.1", int(port)), a.device, a.slot, a.join_token,
                     {"budget_gb": a.gpu_budget_gb, "kv_cache_gb": a.kv_cache_gb, "host_cache_gb": a.host_cache_gb,
                      "policy": a.policy})

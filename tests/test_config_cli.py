@@ -136,3 +136,26 @@ def test_version_and_bad_serve_arguments(tmp_path):
     assert bad.returncode == 2 and "no config.json" in bad.stderr
     bad = cli("serve", "--config", str(tmp_path / "missing.yaml"))
     assert bad.returncode == 2 and "no configuration file" in bad.stderr
+
+
+def test_serve_refuses_malformed_environment_variables(monkeypatch):
+    """A typed TOKENPOOL_* variable that does not parse, or a value outside its choices, stops `tokenpool serve` before
+    it starts (exit 2, one line each naming the variable and its meaning) -- not a server whose worker fails every
+    model it loads with a bare `invalid literal for int()`."""
+    from tokenpool import env
+
+    monkeypatch.setenv("TOKENPOOL_PREFILL_GRAPHS", "lots")
+    monkeypatch.setenv("TOKENPOOL_PIPELINE_LEARN", "always")
+    monkeypatch.setenv("TOKENPOOL_GC_YOUNG", "")  # optional and empty: unset
+    monkeypatch.setenv("TOKENPOOL_WORKER_BURST_S", "0.02")
+    assert len(env.problems()) == 2 and env.WORKER_BURST_S.number() == 0.02
+    with pytest.raises(ValueError, match="TOKENPOOL_PREFILL_GRAPHS='lots' is not an integer"):
+        env.PREFILL_GRAPHS.integer()
+    bad = cli("serve", "--port", "1")
+    assert bad.returncode == 2, bad.stderr
+    assert "TOKENPOOL_PREFILL_GRAPHS='lots' is not an integer (default 1024" in bad.stderr
+    assert "TOKENPOOL_PIPELINE_LEARN='always' is not one of interval, device, none" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    monkeypatch.setenv("TOKENPOOL_PREFILL_GRAPHS", "0")
+    monkeypatch.delenv("TOKENPOOL_PIPELINE_LEARN")
+    assert env.problems() == [] and env.PREFILL_GRAPHS.integer() == 0

@@ -121,9 +121,7 @@ GRAPH_PRECAPTURE = env.GRAPH_PRECAPTURE.on()  # see ModelRunner.capture_first
 PLAN_AHEAD = env.PLAN_AHEAD.on()  # see the module docstring and `MultiModelEngine._take_ahead`
 PIPELINE = env.PIPELINE.on()  # see the module docstring and `MultiModelEngine._step_pipelined`; needs plan-ahead
 TIME_STEPS = env.TIME_STEPS.on()  # each step's device time in the books of `_phases` (a diagnostic)
-PIPELINE_LEARN = env.PIPELINE_LEARN.get()  # what a pipelined step teaches the cost model (`_learn_pipelined`)
-if PIPELINE_LEARN not in ("interval", "device", "none"):
-    raise ValueError(f"{env.PIPELINE_LEARN.name} is {PIPELINE_LEARN!r}: interval, device or none")
+PIPELINE_LEARN = env.PIPELINE_LEARN.checked()  # what a pipelined step teaches the cost model (`_learn_pipelined`)
 AHEAD_MAX_AGE_S = 0.1  # an early plan older than this at its step (the caller paused) is made again
 _RUNNING, _WAITING = RequestStatus.RUNNING, RequestStatus.WAITING
 

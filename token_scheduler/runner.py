@@ -31,7 +31,7 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 # two shapes) captured 98 graphs in all, so a working set of that size stays whole (a capture again costs ~14 ms of
 # the step thread on the H200 at 9ff79c5, a shape's first capture of a bucket ~45 ms). What it bounds one shape's logits to: 96 x the largest bucket's (152k vocabulary:
 # ~20 MB at bucket 32, 1.9 GB for 96; at the served max_num_seqs of 64, ~39 MB each, 3.7 GB at most).
-GRAPH_CAP = max(1, int(env.GRAPH_CAP.get()))
+GRAPH_CAP = max(1, env.GRAPH_CAP.integer())
 # Prefill and mixed steps whose every chunk goes row by row (`rowwise_prefill_max`) replay CUDA graphs too: such a
 # step is a decode of its rows (row p attends to positions <= p, its K/V written first in each layer). Eager, the
 # forward is ~170 Triton and ~110 cuBLAS launches whatever its length: served prefill steps spent ~19 ms of the step
@@ -50,7 +50,7 @@ GRAPH_CAP = max(1, int(env.GRAPH_CAP.get()))
 # (not measured bucket by bucket).
 ROW_BUCKETS_ALL = (64, 256, 1024, 2048)
 ROW_SELECT = 16
-ROW_GRAPH_ROWS = int(env.PREFILL_GRAPHS.get())
+ROW_GRAPH_ROWS = env.PREFILL_GRAPHS.integer()
 ROW_GRAPH_FLOP = 2.6e12  # ~1,000 rows of a 1.5B, ~200 of a 7B
 ROW_BUCKETS = tuple(b for b in ROW_BUCKETS_ALL if b <= ROW_GRAPH_ROWS) or (0,)
 
@@ -129,7 +129,7 @@ class ModelRunner:
         # H200, 8aa5247 (diag_gpu prefill, step until read): 1.5B one 768-token prompt 34.1 ms per sequence -> 9.2
         # row by row, three of ~600 60.2 -> 16.6; 7B 31.2 -> 22.3, 74.7 -> 54.0. Served (36 models, seed 0) the
         # prefill steps' host time went 23.0 -> 16.3 ms. Hence the default 2^22: prompts up to 2048 tokens row by row.
-        self.rowwise_prefill_max = int(env.ROWWISE_PREFILL_MAX.get()) if self.use_triton else 0
+        self.rowwise_prefill_max = env.ROWWISE_PREFILL_MAX.integer() if self.use_triton else 0
         # Steps that are not decodes run with their token count rounded up (`padded_rows`; padding rows write their
         # K/V into the scratch block and are dropped): cuBLAS picks its GEMM algorithm per shape the first time it
         # sees it, ~1.6-3.3 ms a projection on the H200 (diag_gpu prefill), so a prefill of a new token count paid

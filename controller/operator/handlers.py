@@ -36,7 +36,7 @@ class OperatorConfig:
 
     @staticmethod
     def resync_from_env() -> float:
-        return float(env.OPERATOR_RESYNC_S.get())
+        return env.OPERATOR_RESYNC_S.number()
 
     @classmethod
     def from_env(cls) -> OperatorConfig:

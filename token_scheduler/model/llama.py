@@ -179,7 +179,7 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
 USE_GEMV = env.GEMV.on()
 GEMV_MAX_HIDDEN = 2048  # without programmatic dependent launch
 GEMV_ROPE = True  # RoPE+KV write in the qkv GEMV's epilogue (False: the separate kernel; for A/B runs)
-GEMV_MAX_ROWS = int(env.GEMV_ROWS.get())
+GEMV_MAX_ROWS = env.GEMV_ROWS.integer()
 
 
 def _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata) -> torch.Tensor:

@@ -109,7 +109,7 @@ SPLITS = (1, 2, 4, 8, 16, 32)  # each value is one compiled variant of both kern
 # Cache blocks a program reads an iteration (NBI). 1: one 16-token block at a time, as measured in every figure so
 # far. More: fewer, wider iterations over long contexts (diag_gpu step variant "attn 4 blocks"), unmeasured yet, so
 # off (TOKENPOOL_ATTN_BLOCKS_PER_ITER).
-BLOCKS_PER_ITER = int(env.ATTN_BLOCKS_PER_ITER.get())
+BLOCKS_PER_ITER = env.ATTN_BLOCKS_PER_ITER.integer()
 
 
 def num_splits_for(batch: int, kv_heads: int, sms: int = 132) -> int:
