@@ -311,13 +311,9 @@ class ModelRunner:
                 sb, so = sb + [self.scratch_block] * pad, so + [0] * pad
             meta = AttentionMetadata(t(sb), t(so), self.block_size, hf_exact=self.hf_exact_prefill)
             q0, groups, qrows = 0, [], []
-            row_max = 0 if self.hf_exact_prefill else self.rowwise_prefill_max
             for c in out.chunks:
                 ctx = c.start + c.num_tokens
-                # One-token chunks, and short chunks token by token, go to one batched decode-attention call;
-                # long chunks get one SDPA each (their ~12 launches per layer are amortised; row by row they
-                # would re-read the context once per token).
-                if (c.num_tokens == 1 and not self.hf_exact_decode) or c.num_tokens * ctx <= row_max:
+                if self._rowwise(c):
                     groups.append((c.request, c.start + 1, c.num_tokens))
                     qrows += range(q0, q0 + c.num_tokens)
                 else:
@@ -347,12 +343,18 @@ class ModelRunner:
                 idx.append(q - 1)
         return hidden, idx
 
+    def _rowwise(self, c) -> bool:
+        """Does chunk `c` of a non-decode step go row by row? One-token chunks, and short chunks token by token, go
+        to one batched decode-attention call; long chunks get one SDPA each (their ~12 launches per layer are
+        amortised; row by row they would re-read the context once per token)."""
+        row_max = 0 if self.hf_exact_prefill else self.rowwise_prefill_max
+        return (c.num_tokens == 1 and not self.hf_exact_decode) or c.num_tokens * (c.start + c.num_tokens) <= row_max
+
     def _by_rows(self, out: SchedulerOutput) -> bool:
         """Does every chunk of this prefill or mixed step go row by row (so the step can replay row graphs)?"""
         return (not out.is_decode and not self.hf_exact_prefill and self.weights is not None
                 and sum(c.num_tokens for c in out.chunks) <= self.row_graph_rows
-                and all(c.num_tokens == 1 or c.num_tokens * (c.start + c.num_tokens) <= self.rowwise_prefill_max
-                        for c in out.chunks))
+                and all(self._rowwise(c) for c in out.chunks))
 
     def _row_pieces(self, out: SchedulerOutput, start: torch.cuda.Event | None = None) -> torch.Tensor | None:
         """Run a row-by-row step as pieces of consecutive rows (at most ROW_BUCKETS[-1] rows and ROW_SELECT sampled

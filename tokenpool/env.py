@@ -64,21 +64,24 @@ SHM_DIR = Var("TOKENPOOL_SHM_DIR", "/dev/shm", "where the node-shared pinned hos
 GEMV = Var("TOKENPOOL_GEMV", "1", "0: one-token steps (and small batches) through cuBLAS instead of the Triton "
            "GEMVs (A/B runs)")
 GEMV_ROWS = Var("TOKENPOOL_GEMV_ROWS", "0", "steps of up to this many tokens (at most 32) run their projections "
-                "as Triton GEMVs too (the small-batch kernels; off: slower than cuBLAS until tuned, see llama.py)", kind='int')
+                "as Triton GEMVs too (the small-batch kernels; off: slower than cuBLAS until tuned, see llama.py)",
+                kind="int")
 ATTN_BLOCKS_PER_ITER = Var("TOKENPOOL_ATTN_BLOCKS_PER_ITER", "1", "cache blocks the Triton paged-decode kernel "
-                           "reads an iteration (1, 2, 4 or 8; see token_scheduler/model/triton_decode.py)", kind='int')
+                           "reads an iteration (1, 2, 4 or 8; see token_scheduler/model/triton_decode.py)", kind="int")
 ROWWISE_PREFILL_MAX = Var("TOKENPOOL_ROWWISE_PREFILL_MAX", str(1 << 22), "on CUDA, a prefill chunk of tokens x context up "
                           "to this runs row by row through the batched decode attention, longer ones one SDPA each "
-                          "(token_scheduler/runner.py; A/B runs)", kind='int')
+                          "(token_scheduler/runner.py; A/B runs)", kind="int")
 PREFILL_GRAPHS = Var("TOKENPOOL_PREFILL_GRAPHS", "1024", "prefill and mixed steps of up to this many rows (and ~2.6 "
-                     "TFLOP) that go row by row replay row graphs (0: all eagerly; token_scheduler/runner.py ROW_BUCKETS; A/B runs)", kind='int')
+                     "TFLOP) that go row by row replay row graphs (0: all eagerly; token_scheduler/runner.py "
+                     "ROW_BUCKETS; A/B runs)", kind="int")
 PDL = Var("TOKENPOOL_PDL", "1", "0: launch kernels without programmatic dependent launch (A/B runs)")
 GRAPH_HOMES = Var("TOKENPOOL_GRAPH_HOMES", "1", "0: weight slots placed by best fit alone, not at offsets their size "
                   "held before, where the CUDA graphs captured for it replay (A/B runs)")
 GRAPH_CAP = Var("TOKENPOOL_GRAPH_CAP", "96", "CUDA graphs kept per model shape (their logits live outside the arena); "
-                "over it, a capture evicts the least recently replayed one (token_scheduler/runner.py GRAPH_CAP)", kind='int')
+                "over it, a capture evicts the least recently replayed one (token_scheduler/runner.py GRAPH_CAP)",
+                kind="int")
 WORKER_BURST_S = Var("TOKENPOOL_WORKER_BURST_S", "0.05", "the longest run of steps a worker's step thread makes "
-                     "without a look at its event loop (0: one step a hand-off; A/B runs)", kind='number')
+                     "without a look at its event loop (0: one step a hand-off; A/B runs)", kind="number")
 GRAPH_PRECAPTURE = Var("TOKENPOOL_GRAPH_PRECAPTURE", "0", "1: a pooled engine captures every CUDA-graph bucket of a "
                        "model shape at its first load (compiles and warm-up forwards then, not under load; A/B runs)")
 PLAN_AHEAD = Var("TOKENPOOL_PLAN_AHEAD", "1", "a pooled engine plans step N+1 while step N's forward runs (in its "
@@ -90,7 +93,7 @@ PIPELINE = Var("TOKENPOOL_PIPELINE", "1", "a pooled engine launches a model's ne
 PIPELINE_LEARN = Var("TOKENPOOL_PIPELINE_LEARN", "interval", "what the cost model learns of a pipelined step "
                      "(TOKENPOOL_PIPELINE): interval (between completions, less the caller's time; not under the "
                      "device's), device (the device's time alone, CUDA events) or none (not learned: such steps are "
-                     "priced by the fit of the steps read at once; A/B runs)", kind='text', choices=("interval", "device", "none"))
+                     "priced by the fit of the steps read at once; A/B runs)", choices=("interval", "device", "none"))
 STEP_TRACE = Var("TOKENPOOL_STEP_TRACE", None, "a file a pooled engine appends each step's timing sample to, as CSV "
                  "(model, kind, seqs, new tokens, context tokens, seconds learned or measured, device seconds, the "
                  "caller's gap, whether learned): a diagnostic for A/B runs")
@@ -104,9 +107,10 @@ NEED_KEEP_TURNS = Var("TOKENPOOL_NEED_KEEP_TURNS", "0", "1: a deadline-rule roun
                       "cap, leaves no model a turn keeps the last margin that had turns, instead of pace quotas whose "
                       "round nothing caps (token policy, TokenConfig.need_keep_turns; A/B runs)")
 SWITCH_INTERVAL_S = Var("TOKENPOOL_SWITCH_INTERVAL_S", None, "a worker's sys.setswitchinterval (unset: Python's 0.005 "
-                        "s): how long a thread that wants the GIL waits before the holder is asked to drop it (A/B runs)", kind='number')
+                        "s): how long a thread that wants the GIL waits before the holder is asked to drop it (A/B runs)",
+                        kind="number")
 GC_YOUNG = Var("TOKENPOOL_GC_YOUNG", None, "the serving processes' young-generation collection threshold (unset: "
-               "50000, or Python's if higher; controller/heap.py; A/B runs)", kind='int')
+               "50000, or Python's if higher; controller/heap.py; A/B runs)", kind="int")
 JOIN_TOKEN = Var("TOKENPOOL_JOIN_TOKEN", None, "a worker's join token (the controller sets it for the "
                  "local workers it starts)")
 ADMIN_TOKEN = Var("TOKENPOOL_ADMIN_TOKEN", None, "the controller's admin token (tokenpool ps/admin commands, "
@@ -116,7 +120,8 @@ ADMIN_TOKEN_FILE = Var("TOKENPOOL_ADMIN_TOKEN_FILE", None, "a file holding it (t
 API_KEY = Var("TOKENPOOL_API_KEY", None, "a tenant key (tokenpool chat)")
 CONTROLLER_URL = Var("TOKENPOOL_CONTROLLER_URL", "http://tokenpool-controller:8000",
                      "the controller the operator reconciles into")
-OPERATOR_RESYNC_S = Var("TOKENPOOL_OPERATOR_RESYNC_S", "30", "seconds between the operator's timer reconciles", kind='number')
+OPERATOR_RESYNC_S = Var("TOKENPOOL_OPERATOR_RESYNC_S", "30", "seconds between the operator's timer reconciles",
+                        kind="number")
 POD_NAMESPACE = Var("POD_NAMESPACE", None, "the operator's own namespace (Kubernetes downward API): watched "
                     "when no --namespace is given")
 KUBECONFIG = Var("KUBECONFIG", None, "the operator outside a cluster: the first file of this list")
