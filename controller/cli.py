@@ -280,18 +280,17 @@ def bench_pool_cmd(
                  json_out=json_out, drain_s=drain, kv_cache_gb=4.0 if kv_cache_gb is None else kv_cache_gb,
                  target=target, stop_at_miss=stop_at_miss, placement=placement)
         return
-    from load_tests.bench_pool import hardware_profile, run_bench_pool
+    from load_tests.bench_pool import ProfileError, run_bench_pool
 
-    try:
-        hardware_profile(profile, {})
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--profile") from e
     try:
         one_rate = float(workload.rate)
     except ValueError as e:
         raise typer.BadParameter("the simulated mode takes one --rate (it searches the sustained rate itself)") from e
-    run_bench_pool(**workload.replay_args(one_rate), gpu_budget_gb=gpu_budget_gb, policies=policy.split(","),
-                   seed=seed, json_out=json_out, target=target, profile=profile, kv_cache_gb=kv_cache_gb)
+    try:
+        run_bench_pool(**workload.replay_args(one_rate), gpu_budget_gb=gpu_budget_gb, policies=policy.split(","),
+                       seed=seed, json_out=json_out, target=target, profile=profile, kv_cache_gb=kv_cache_gb)
+    except ProfileError as e:
+        raise typer.BadParameter(str(e), param_hint="--profile") from e
 
 
 @bench_app.command("serve")

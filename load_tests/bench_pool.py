@@ -98,6 +98,10 @@ MEASURED = Path(__file__).resolve().parent / "data" / "measured_h200.json"
 SERVED = Path(__file__).resolve().parent / "data" / "h200_served40.json"
 
 
+class ProfileError(ValueError):
+    """A --profile that names no profile, or a file that is not one."""
+
+
 def hardware_profile(profile: str, specs: dict) -> HardwareProfile:
     """The simulator's ground truth: "measured" (the packaged H200 fit, floored at the H200's roofline: a fit is
     taken only down to the physics of the GPU it was measured on), "served" (the H200 calibrated to served step
@@ -109,11 +113,11 @@ def hardware_profile(profile: str, specs: dict) -> HardwareProfile:
         return H100_PCIE53
     path = {"measured": MEASURED, "served": SERVED}.get(profile) or Path(profile)
     if not path.is_file():
-        raise ValueError(f"no profile {profile!r}: measured, served, roofline or a JSON file")
+        raise ProfileError(f"no profile {profile!r}: measured, served, roofline or a JSON file")
     try:
         d = json.loads(path.read_text())
     except ValueError as e:
-        raise ValueError(f"profile {str(path)!r} is not JSON ({e})") from e
+        raise ProfileError(f"profile {str(path)!r} is not JSON ({e})") from e
     device = d.get("device")  # the GPU it was measured on: its roofline is the floor under the fits
     if "sweep" in d:  # a bench pool --real result
         d = next(iter(d["sweep"].values()))[0]["cost_model"]

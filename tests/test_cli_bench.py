@@ -46,13 +46,16 @@ def test_bench_commands_show_the_workload_options_in_place():
     assert res.exit_code != 0 and "one --rate" in res.output
 
 
-def test_bench_pool_names_a_bad_profile_instead_of_a_traceback(calls, tmp_path):
-    r = CliRunner()
+def test_bench_pool_names_a_bad_profile_instead_of_a_traceback(tmp_path):
+    r = CliRunner()  # (the replay itself: it reads the profile before it simulates anything)
     res = r.invoke(app, ["bench", "pool", "--profile", "nosuch"], env={"COLUMNS": "200"})
     assert res.exit_code == 2 and "no profile 'nosuch'" in res.output and "served" in res.output
     bad = tmp_path / "p.json"
     bad.write_text("{not json")
     res = r.invoke(app, ["bench", "pool", "--profile", str(bad)], env={"COLUMNS": "200"})
     assert res.exit_code == 2 and "is not JSON" in res.output
-    assert r.invoke(app, ["bench", "pool", "--profile", "served"]).exit_code == 0
+
+
+def test_bench_pool_hands_a_named_profile_on(calls):
+    assert CliRunner().invoke(app, ["bench", "pool", "--profile", "served"]).exit_code == 0
     assert calls["run_bench_pool"]["profile"] == "served"

@@ -433,8 +433,9 @@ class TokenPolicy:
             self._plan = None
             return
         demands, slack, run_slack, wait_slack = [], {}, {}, {}
+        due = {r.request_id: next_token_slack(r, m.slo, now) for m in cands for r in m.running}
         if cfg.late_rule == "pace":
-            self._reanchor(cands, now)
+            self._reanchor(cands, due)
         footprint = 0  # weights + all KV of every model with work: what exceeds VRAM rotates every round
         for m in cands:
             footprint += m.spec.weight_bytes
@@ -446,8 +447,7 @@ class TokenPolicy:
             sw = self._switch_charge(st, m, load)
             demands.append(TurnDemand(m.name, d, m.slo.tpot_s, sw, load, pf, m.slo.priority))
             sh = self._shift
-            rs = min((next_token_slack(r, m.slo, now) + sh.get(r.request_id, 0.0) for r in m.running),
-                     default=float("inf"))
+            rs = min((due[r.request_id] + sh.get(r.request_id, 0.0) for r in m.running), default=float("inf"))
             ws = m.slo.deadline(m.waiting[0].arrival_time, 0) - now if m.waiting else float("inf")
             run_slack[m.name], slack[m.name] = rs, min(rs, ws)
             wait_slack[m.name] = ws - pf
@@ -492,14 +492,15 @@ class TokenPolicy:
         self.rounds += 1
         self.last_round_s = plan.length_s
 
-    def _reanchor(self, cands: list[ModelState], now: float) -> None:
-        """late_rule "pace": a running stream found late has its deadlines moved on so its next token is due now
-        (`_shift`, a new dict: the old one may be a checkpoint's); streams no longer running are dropped from it."""
+    def _reanchor(self, cands: list[ModelState], due: dict[str, float]) -> None:
+        """late_rule "pace": a running stream found late (`due`: each stream's next-token slack, unshifted) has its
+        deadlines moved on so its next token is due now (`_shift`, a new dict: the old one may be a checkpoint's);
+        streams no longer running are dropped from it."""
         old, new = self._shift, {}
         for m in cands:
             for r in m.running:
                 sh = old.get(r.request_id, 0.0)
-                late = -(next_token_slack(r, m.slo, now) + sh)
+                late = -(due[r.request_id] + sh)
                 if late > 0.0 or sh:
                     new[r.request_id] = sh + max(0.0, late)
         self._shift = new
