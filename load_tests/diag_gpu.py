@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -287,13 +288,14 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
 
     timed = _StepTimer(model, max(batches), context)
     defaults = (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
-                triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER)
+                triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER, triton_gemv.ROWS_SWAP)
     # the qwen2-1.5b GEMV block configs tuned without PDL, one projection at a time (before step-sweep)
     old_cfgs = {(2048, 1536): (8, 512, 8), (1536, 1536): (2, 512, 4), (17920, 1536): (16, 512, 8),
                 (1536, 8960): (4, 1024, 8)}
     # name, then what it changes from the defaults
     variants = [("default", {}), ("no pdl", {"pdl": False}), ("no gemv", {"gemv": False}),
-                ("small-batch gemv", {"max_rows": 32}), ("attn 2 blocks", {"nbi": 2}), ("attn 4 blocks", {"nbi": 4}),
+                ("small-batch gemv", {"max_rows": 32}), ("small-batch gemv, swapped", {"max_rows": 32, "swap": True}),
+                ("attn 2 blocks", {"nbi": 2}), ("attn 4 blocks", {"nbi": 4}),
                 ("attn 8 blocks", {"nbi": 8}),
                 ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}), ("splits 16", {"splits": 16}),
                 ("no pdl, gemv any size", {"pdl": False, "max_hidden": 1 << 30}), ("default again", {})]
@@ -306,16 +308,17 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
         triton_decode.num_splits_for = (lambda *_a, s=v["splits"], **_k: s) if "splits" in v else defaults[5]
         llama.GEMV_MAX_ROWS = v.get("max_rows", defaults[6])
         triton_decode.BLOCKS_PER_ITER = v.get("nbi", defaults[7])
+        triton_gemv.ROWS_SWAP = v.get("swap", defaults[8])
         line = f"{name:22s}"
         for b in batches:
             d = timed(b, 40)
             line += f" | b{b}: step {d['step_ms_median']:.3f} ms, replay {d['graph_replay_ms']:.3f} ms"
         print(line, flush=True)
     (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
-     triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER) = defaults
+     triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER, triton_gemv.ROWS_SWAP) = defaults
 
 
-def step_sweep(model: str, batch: int = 1, context: int = 512) -> None:
+def step_sweep(model: str, batch: int = 1, context: int = 512, swap: bool = False) -> None:
     """GEMV block configs tuned where they run: the decode graph's replay time at `batch` as each projection's
     config varies in turn (coordinate descent from the current table); the one-token table at batch 1, the
     small-batch table's entries for the batch's padded row count above. Back-to-back timings of one projection
@@ -335,6 +338,7 @@ def step_sweep(model: str, batch: int = 1, context: int = 512) -> None:
         from token_scheduler.model import llama
 
         llama.GEMV_MAX_ROWS = 32  # the small-batch path is off by default
+        triton_gemv.ROWS_SWAP = swap
         m_pad = triton_gemv.rows_pad(timed.eng.runner.bucket_of[batch])
         attr, key = "_ROWS_CONFIGS", (lambda s: (*s, m_pad))
         current = lambda n, kk: triton_gemv.rows_config_for(n, kk, m_pad)  # noqa: E731
@@ -342,7 +346,7 @@ def step_sweep(model: str, batch: int = 1, context: int = 512) -> None:
                 if bn * bk <= 32768]  # some need more shared memory than a block may have: skipped below
     table = {key(s): current(*s) for s in shapes.values()}
     if batch > 1:
-        _precompile(_compile_rows, model, timed.eng.runner.bucket_of[batch], grid)
+        _precompile(functools.partial(_compile_rows, swap=swap), model, timed.eng.runner.bucket_of[batch], grid)
 
     def replay_ms() -> float:
         setattr(triton_gemv, attr, dict(table))
@@ -412,11 +416,14 @@ def _run_all(calls, m: int, dev: str) -> int:
     return done
 
 
-def _compile_rows(model: str, m: int, configs: list) -> int:
+def _compile_rows(model: str, m: int, configs: list, swap: bool = False) -> int:
     """In a worker process: run each of `configs` once for each projection of `model`'s batched decode step, as
     `_forward_gemv` calls them (mode, epilogue), and as `rows_triton` does (without RoPE, without the norm), so
-    that Triton's on-disk cache holds the compiled kernels."""
+    that Triton's on-disk cache holds the compiled kernels (`swap`: triton_gemv.ROWS_SWAP's)."""
+    from token_scheduler.model import triton_gemv
     from token_scheduler.model.triton_gemv import MODE_NORM, gemv_rows
+
+    triton_gemv.ROWS_SWAP = swap
 
     a = _projection_inputs(model, m)
     norm = dict(mode=MODE_NORM, r=a.r, norm_w=a.nw, eps=1e-6)
@@ -730,11 +737,13 @@ def main() -> None:
     ap.add_argument("--variants", help="step: only these variants, comma-separated (e.g. 'default,no pdl')")
     ap.add_argument("--batch", help="step: batch sizes (default 1,8); step-sweep: one batch size (default 1)")
     ap.add_argument("--context", type=int, default=512, help="step, step-sweep: each sequence's context")
+    ap.add_argument("--swap", action="store_true", help="step-sweep above batch 1: the small-batch kernel's dot "
+                    "the other way round (triton_gemv.ROWS_SWAP)")
     a = ap.parse_args()
     {"kv": kv, "gemv": lambda: gemv(a.model), "gemv-triton": lambda: gemv_triton(a.model),
      "step": lambda: step(a.model, [int(b) for b in (a.batch or "1,8").split(",")], a.context,
                          only=a.variants.split(",") if a.variants else None),
-     "step-sweep": lambda: step_sweep(a.model, int(a.batch or 1), a.context),
+     "step-sweep": lambda: step_sweep(a.model, int(a.batch or 1), a.context, a.swap),
      "prefill": lambda: prefill(a.model),
      "prefill-pooled": lambda: prefill_pooled(a.model),
      "pipe-dev": lambda: pipe_dev(a.model, a.model15),

@@ -75,9 +75,11 @@ def test_gemv_modes_match_eager_ops_in_the_interpreter():
 
 
 ROWS = """
-import torch, torch.nn.functional as F
+import sys, torch, torch.nn.functional as F
+from token_scheduler.model import triton_gemv
 from token_scheduler.model.triton_gemv import MODE_NORM, MODE_SILU, RopeKV, gemv_rows
 from token_scheduler.model.triton_ops import rope_and_write_kv
+triton_gemv.ROWS_SWAP = sys.argv[1] == "swap"
 torch.manual_seed(0)
 N, K = 70, 200  # neither a multiple of the blocks: masked edges on both axes
 w, b, nw = torch.randn(N, K), torch.randn(N), torch.randn(K)
@@ -127,9 +129,11 @@ print("ok")
 """
 
 
-def test_gemv_rows_modes_match_eager_ops_in_the_interpreter():
-    """The small-batch GEMV: each weight tile against every row, with the one-token kernel's folds per row."""
-    _interpret(ROWS)
+@pytest.mark.parametrize("dot", ["x w^T", "swap"])
+def test_gemv_rows_modes_match_eager_ops_in_the_interpreter(dot):
+    """The small-batch GEMV: each weight tile against every row, with the one-token kernel's folds per row; its
+    dot either way round (ROWS_SWAP)."""
+    _interpret(ROWS, dot)
 
 
 def test_pdl_rows_widens_programmatic_dependent_launch_to_its_steps(monkeypatch):

@@ -277,8 +277,13 @@ def rows_tile(X, R, NW, m, mm, cols, km, inv, K: tl.constexpr, MODE: tl.constexp
 
 
 @triton.jit
-def _dot(x, w, acc, IEEE: tl.constexpr):
-    """acc + x w^T in fp32. IEEE (fp32 models): full-precision dots; Triton's fp32 default is TF32."""
+def _dot(x, w, acc, IEEE: tl.constexpr, SWAP: tl.constexpr):
+    """acc + x w^T in fp32 (SWAP: acc + w x^T, acc [BLOCK_N, M_PAD]). IEEE (fp32 models): full-precision dots;
+    Triton's fp32 default is TF32."""
+    if SWAP:
+        if IEEE:
+            return tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+        return tl.dot(w, tl.trans(x), acc)
     if IEEE:
         return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
     return tl.dot(x, tl.trans(w), acc)
@@ -288,7 +293,7 @@ def _dot(x, w, acc, IEEE: tl.constexpr):
 @triton.jit(do_not_specialize=["M"])
 def _gemv_rows_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr,
                       HAS_B: tl.constexpr, EPI: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+                      BLOCK_K: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr,
                       COS, SIN, POS, KV, SB, SO, s_kvb, s_kvt, s_kvh, off_k, off_v,
                       H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr):
     pid = tl.program_id(0)
@@ -321,13 +326,18 @@ def _gemv_rows_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE:
     inv = tl.zeros([M_PAD], tl.float32)
     if MODE == 1:
         inv = rows_rms(X, R, XOUT, m, mm, kk, pid, eps, K, BLOCK_K, HAS_R, dt)
-    acc = _dot(rows_tile(X, R, NW, m, mm, kk, kk < K, inv, K, MODE, HAS_R, dt), w,
-               tl.zeros([M_PAD, BLOCK_N], tl.float32), IEEE)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
+    else:
+        acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+    acc = _dot(rows_tile(X, R, NW, m, mm, kk, kk < K, inv, K, MODE, HAS_R, dt), w, acc, IEEE, SWAP)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + kk
         km = cols < K
         w = tl.load(wp + k0, mask=wmask & km[None, :], other=0.0)
-        acc = _dot(rows_tile(X, R, NW, m, mm, cols, km, inv, K, MODE, HAS_R, dt), w, acc, IEEE)
+        acc = _dot(rows_tile(X, R, NW, m, mm, cols, km, inv, K, MODE, HAS_R, dt), w, acc, IEEE, SWAP)
+    if SWAP:
+        acc = tl.trans(acc)
     if HAS_B:
         acc += tl.load(B + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
     if EPI == 0:
@@ -362,6 +372,13 @@ def _gemv_rows_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE:
 # (BLOCK_N, BLOCK_K for 2-byte dtypes, num_warps, num_stages) by weight shape [N, K] and padded rows M_PAD
 # (`rows_pad`), tuned in the decode graph (diag_gpu step-sweep --batch 8); other shapes: `rows_config_for`.
 _ROWS_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
+
+
+# The dot the other way round (acc [BLOCK_N, M_PAD] = w x^T): the weight tile is the MMA's wide operand, which at
+# BLOCK_N >= 64 lets Triton use Hopper's wgmma (an M of 64 and more) with its pipelined shared-memory operands,
+# where x w^T (M_PAD rows, 16 for a few tokens) takes mma.sync from registers. Unmeasured: off, an A/B variant
+# (diag_gpu step "small-batch gemv, swapped").
+ROWS_SWAP = False
 
 
 def rows_pad(m: int) -> int:
@@ -414,6 +431,6 @@ def gemv_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
         x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
         w, bias if bias is not None else w, y, eps, m, n, K=k, MODE=mode, HAS_R=r is not None,
         HAS_B=bias is not None, EPI=1 if rope is not None else 2 if glu else 0, M_PAD=m_pad, BLOCK_N=bn,
-        BLOCK_K=bk, IEEE=x.dtype == torch.float32, PDL=pdl(x), **_rope_args(rope, n, bn, x), num_warps=nw,
+        BLOCK_K=bk, IEEE=x.dtype == torch.float32, SWAP=ROWS_SWAP, PDL=pdl(x), **_rope_args(rope, n, bn, x), num_warps=nw,
         num_stages=ns, launch_pdl=pdl(x))
     return y, x_out
