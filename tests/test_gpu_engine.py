@@ -284,13 +284,15 @@ def _decode_batch(rows: int, real: int):
     return ids, pos.cuda(), meta, scratch + 1
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
-def test_small_batch_gemv_forward_equals_cublas_forward(make_varied, arch, monkeypatch):
-    """A decode step of 8 rows (6 sequences, 2 padded) through the small-batch GEMVs: the hidden state and the
-    K/V written of the cuBLAS path, within bf16 rounding."""
+@pytest.mark.parametrize("arch,swap", [("qwen2", False), ("qwen3", False), ("llama", False), ("qwen2", True)])
+def test_small_batch_gemv_forward_equals_cublas_forward(make_varied, arch, swap, monkeypatch):
+    """A decode step of 8 rows (6 sequences, 2 padded) through the small-batch GEMVs (their dot either way round:
+    ROWS_SWAP): the hidden state and the K/V written of the cuBLAS path, within bf16 rounding."""
     from model_swapper.model_config import ModelConfig
     from model_swapper.weights import load_weights
-    from token_scheduler.model import llama
+    from token_scheduler.model import llama, triton_gemv
+
+    monkeypatch.setattr(triton_gemv, "ROWS_SWAP", swap)
     from token_scheduler.runner import allocate_kv_cache
 
     d = make_varied(arch)
