@@ -294,7 +294,7 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 (1536, 8960): (4, 1024, 8)}
     # name, then what it changes from the defaults
     variants = [("default", {}), ("no pdl", {"pdl": False}), ("no gemv", {"gemv": False}),
-                ("small-batch gemv", {"max_rows": 32}), ("small-batch gemv, swapped", {"max_rows": 32, "swap": True}),
+                ("small-batch gemv", {"max_rows": 32}), ("small-batch gemv swapped", {"max_rows": 32, "swap": True}),
                 ("attn 2 blocks", {"nbi": 2}), ("attn 4 blocks", {"nbi": 4}),
                 ("attn 8 blocks", {"nbi": 8}),
                 ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}), ("splits 16", {"splits": 16}),

@@ -377,7 +377,7 @@ _ROWS_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
 # The dot the other way round (acc [BLOCK_N, M_PAD] = w x^T): the weight tile is the MMA's wide operand, which at
 # BLOCK_N >= 64 lets Triton use Hopper's wgmma (an M of 64 and more) with its pipelined shared-memory operands,
 # where x w^T (M_PAD rows, 16 for a few tokens) takes mma.sync from registers. Unmeasured: off, an A/B variant
-# (diag_gpu step "small-batch gemv, swapped").
+# (diag_gpu step "small-batch gemv swapped").
 ROWS_SWAP = False
 
 
