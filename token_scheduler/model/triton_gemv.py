@@ -280,13 +280,18 @@ def rows_tile(X, R, NW, m, mm, cols, km, inv, K: tl.constexpr, MODE: tl.constexp
 def _dot(x, w, acc, IEEE: tl.constexpr, SWAP: tl.constexpr):
     """acc + x w^T in fp32 (SWAP: acc + w x^T, acc [BLOCK_N, M_PAD]). IEEE (fp32 models): full-precision dots;
     Triton's fp32 default is TF32."""
+    # (if/else, not early returns: Triton compiles what follows a constexpr branch's return too)
     if SWAP:
         if IEEE:
-            return tl.dot(w, tl.trans(x), acc, input_precision="ieee")
-        return tl.dot(w, tl.trans(x), acc)
-    if IEEE:
-        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-    return tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, tl.trans(x), acc)
+    else:
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    return acc
 
 
 # M varies with the batch (and eager steps' token counts): specialising on it would compile per value.
