@@ -288,13 +288,15 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
 
     timed = _StepTimer(model, max(batches), context)
     defaults = (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
-                triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER, triton_gemv.ROWS_SWAP)
+                triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER, triton_gemv.ROWS_SWAP,
+                llama.GEMV_ROWS_MLP)
     # the qwen2-1.5b GEMV block configs tuned without PDL, one projection at a time (before step-sweep)
     old_cfgs = {(2048, 1536): (8, 512, 8), (1536, 1536): (2, 512, 4), (17920, 1536): (16, 512, 8),
                 (1536, 8960): (4, 1024, 8)}
     # name, then what it changes from the defaults
     variants = [("default", {}), ("no pdl", {"pdl": False}), ("no gemv", {"gemv": False}),
                 ("small-batch gemv", {"max_rows": 32}), ("small-batch gemv swapped", {"max_rows": 32, "swap": True}),
+                ("small-batch gemv attn", {"max_rows": 32, "mlp": False}),
                 ("attn 2 blocks", {"nbi": 2}), ("attn 4 blocks", {"nbi": 4}),
                 ("attn 8 blocks", {"nbi": 8}),
                 ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}), ("splits 16", {"splits": 16}),
@@ -309,13 +311,15 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
         llama.GEMV_MAX_ROWS = v.get("max_rows", defaults[6])
         triton_decode.BLOCKS_PER_ITER = v.get("nbi", defaults[7])
         triton_gemv.ROWS_SWAP = v.get("swap", defaults[8])
+        llama.GEMV_ROWS_MLP = v.get("mlp", defaults[9])
         line = f"{name:22s}"
         for b in batches:
             d = timed(b, 40)
             line += f" | b{b}: step {d['step_ms_median']:.3f} ms, replay {d['graph_replay_ms']:.3f} ms"
         print(line, flush=True)
     (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
-     triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER, triton_gemv.ROWS_SWAP) = defaults
+     triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER, triton_gemv.ROWS_SWAP,
+     llama.GEMV_ROWS_MLP) = defaults
 
 
 def step_sweep(model: str, batch: int = 1, context: int = 512, swap: bool = False) -> None:

@@ -180,6 +180,12 @@ USE_GEMV = env.GEMV.on()
 GEMV_MAX_HIDDEN = 2048  # without programmatic dependent launch
 GEMV_ROPE = True  # RoPE+KV write in the qkv GEMV's epilogue (False: the separate kernel; for A/B runs)
 GEMV_MAX_ROWS = env.GEMV_ROWS.integer()
+# Where the small-batch kernels lost at a4cf912 (H200, 1.5B batch 8): cuBLAS's gate_up and down ran at 73% and 58%
+# of the HBM rate, its qkv and o at 27% and 23%, and the add+RMSNorm, RoPE and SiLU*mul kernels between them took
+# 183 us of a 1.69 ms step (bench/results/decode_profile_h200_ab4be3b.json). GEMV_ROWS_MLP False: qkv (with the norm
+# and RoPE folded in) and o through gemv_rows, gate_up and down on cuBLAS -- the small projections and two of the
+# elementwise kernels without the large ones the Triton kernels lose. Unmeasured (TOKENPOOL_GEMV_ROWS_MLP=0).
+GEMV_ROWS_MLP = env.GEMV_ROWS_MLP.on()
 
 
 def _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata) -> torch.Tensor:
@@ -210,9 +216,12 @@ def _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata)
         if T == 1:
             gu, x = gemv(x, w[p + "gate_up"], mode=MODE_NORM, r=o, norm_w=w[p + "ln2"], eps=eps)
             r, _ = gemv(gu, w[p + "down"], mode=MODE_SILU)
-        else:  # SiLU*mul in gate_up's epilogue (see triton_gemv)
+        elif GEMV_ROWS_MLP:  # SiLU*mul in gate_up's epilogue (see triton_gemv)
             act, x = gemv_rows(x, w[p + "gate_up"], mode=MODE_NORM, r=o, norm_w=w[p + "ln2"], eps=eps, glu=True)
             r, _ = gemv_rows(act, w[p + "down"])
+        else:  # the MLP on cuBLAS, as forward_fused's (x += o in place: x is this step's own tensor)
+            h = k.add_rms_norm(x, o, w[p + "ln2"], eps)
+            r = F.linear(k.silu_mul(F.linear(h, w[p + "gate_up"])), w[p + "down"])
     return k.add_rms_norm(x, r, w["norm"], eps)
 
 
