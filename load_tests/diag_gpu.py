@@ -322,25 +322,27 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
      llama.GEMV_ROWS_MLP) = defaults
 
 
-def step_sweep(model: str, batch: int = 1, context: int = 512, swap: bool = False) -> None:
+def step_sweep(model: str, batch: int = 1, context: int = 512, swap: bool = False, mlp: bool = True) -> None:
     """GEMV block configs tuned where they run: the decode graph's replay time at `batch` as each projection's
     config varies in turn (coordinate descent from the current table); the one-token table at batch 1, the
     small-batch table's entries for the batch's padded row count above. Back-to-back timings of one projection
     (`gemv-triton`) mislead under programmatic dependent launch: the next kernel may only start once every
-    program of this one has, so how many programs a projection has matters beside its own speed."""
-    from token_scheduler.model import triton_gemv
+    program of this one has, so how many programs a projection has matters beside its own speed. `swap`, `mlp`
+    (above batch 1): triton_gemv.ROWS_SWAP and llama.GEMV_ROWS_MLP (False: qkv and o alone are swept)."""
+    from token_scheduler.model import llama, triton_gemv
 
+    llama.GEMV_ROWS_MLP = mlp  # (set before the engine captures anything)
     timed = _StepTimer(model, batch, context)
     cfg = timed.eng.model_config
     h, i, q, k = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
     shapes = {"gate_up": (2 * i, h), "down": (h, i), "qkv": (q + 2 * k, h), "o": (h, q)}
+    if batch > 1 and not mlp:
+        shapes = {n: shapes[n] for n in ("qkv", "o")}
     if batch == 1:
         attr, key = "_CONFIGS", (lambda s: s)
         current = triton_gemv.config_for
         grid = [(bn, bk, nw) for bn in (2, 4, 8, 16, 32) for bk in (512, 1024) for nw in (4, 8) if bn * bk <= 16384]
     else:
-        from token_scheduler.model import llama
-
         llama.GEMV_MAX_ROWS = 32  # the small-batch path is off by default
         triton_gemv.ROWS_SWAP = swap
         m_pad = triton_gemv.rows_pad(timed.eng.runner.bucket_of[batch])
@@ -743,11 +745,13 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512, help="step, step-sweep: each sequence's context")
     ap.add_argument("--swap", action="store_true", help="step-sweep above batch 1: the small-batch kernel's dot "
                     "the other way round (triton_gemv.ROWS_SWAP)")
+    ap.add_argument("--mlp-cublas", action="store_true", help="step-sweep above batch 1: the MLP on cuBLAS, qkv and o "
+                    "alone swept (llama.GEMV_ROWS_MLP off)")
     a = ap.parse_args()
     {"kv": kv, "gemv": lambda: gemv(a.model), "gemv-triton": lambda: gemv_triton(a.model),
      "step": lambda: step(a.model, [int(b) for b in (a.batch or "1,8").split(",")], a.context,
                          only=a.variants.split(",") if a.variants else None),
-     "step-sweep": lambda: step_sweep(a.model, int(a.batch or 1), a.context, a.swap),
+     "step-sweep": lambda: step_sweep(a.model, int(a.batch or 1), a.context, a.swap, not a.mlp_cublas),
      "prefill": lambda: prefill(a.model),
      "prefill-pooled": lambda: prefill_pooled(a.model),
      "pipe-dev": lambda: pipe_dev(a.model, a.model15),

@@ -19,7 +19,7 @@
 #   rows     issue 20: the small-batch GEMV path: its GPU tests (ROWS_TESTS=0: not), then diag_gpu step (default vs "small-batch gemv")
 #            for the 1.5B at ROWS_B15 and the 7B at ROWS_B7, then a batch-8 step-sweep of the 1.5B for what time is left
 #            (LIMIT_ROWS_SWEEP); ROWS_V: the variants; ROWS_PROF_B: batches to profile (profile_decode, rows path on);
-#            ROWS_SWEEPS: "q15:8 q7:8 q15:4:swap" (model:batch[:swap]) sweeps, LIMIT_ROWS_SWEEP s each; ROWS_TRITON: "q15 q7", each
+#            ROWS_SWEEPS: "q15:8 q7:8 q15:4:swap q15:4:attn" (model:batch[:swap|attn]) sweeps, LIMIT_ROWS_SWEEP s each; ROWS_TRITON: "q15 q7", each
 #            projection alone at batches 8 and 32 (diag_gpu rows-triton: cuBLAS vs gemv_rows, with and without the norm)
 #   attn     issue 20: the paged-decode kernel's cache blocks an iteration (1, 2, 4, 8), diag_gpu step at ATTN_B (1,8,32)
 #            and contexts ATTN_CTX (512 2048), both models
@@ -114,7 +114,8 @@ rows) M=/tmp/mm; mkdir -p $M
   for m in ${ROWS_TRITON:-}; do timeout "${LIMIT_ROWS_TRITON:-150}" python3 -m load_tests.diag_gpu rows-triton --model $M/$m \
     --batch 8,32 > "$OUT/rows_triton_$m.log" 2>&1; at "rows-triton $m" $?; grep -vE "^  skip" "$OUT/rows_triton_$m.log" | cut -c1-220; done
   for sw in ${ROWS_SWEEPS:-q15:8}; do IFS=: read -r m b sv <<< "$sw"
-    timeout "${LIMIT_ROWS_SWEEP:-60}" python3 -m load_tests.diag_gpu step-sweep --model $M/$m --batch $b ${sv:+--swap} \
+    flag=""; case "$sv" in swap) flag=--swap ;; attn) flag=--mlp-cublas ;; esac
+    timeout "${LIMIT_ROWS_SWEEP:-60}" python3 -m load_tests.diag_gpu step-sweep --model $M/$m --batch $b $flag \
       > "$OUT/rows_sweep_${m}_b$b$sv.log" 2>&1; at "rows sweep $m b$b $sv" $?
     grep -E "^precompiled|^[a-z_]+ \(|^BEST|^start" "$OUT/rows_sweep_${m}_b$b.log"; done ;;
 attn) M=/tmp/mm; mkdir -p $M
