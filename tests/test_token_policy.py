@@ -87,6 +87,26 @@ def _pool(names, weight=1000, capacity=10**9, residency=Residency.RESIDENT, size
                      kv_capacity_bytes=10**9)
 
 
+def test_a_fit_with_a_negative_token_term_prices_no_prefill_under_zero():
+    """As served fits came out (98caf51, a 1.5B): -0.068 ms a token, 74 ns a pair, 37 ms a prefilling step. Three
+    waiting 256-token prompts priced -0.5 ms, which widened their wait slack; now 0, and one prompt as fitted."""
+    from token_scheduler.cost_model import _FEATURE_SCALES
+    from token_scheduler.policies.batching import BatchLimits
+    from token_scheduler.policies.demand import prefill_s
+
+    st = _pool(["m"])
+    fit = st.cost._step["m"]
+    coef = (1e-3, 5.6e-4, -6.8e-5, 0.0, 7.4e-8, 0.0371)
+    fit.theta = [c * s for c, s in zip(coef, _FEATURE_SCALES, strict=True)]
+    st.cost._coef.clear()
+    m = st.models["m"]
+    m.waiting.extend(_req(f"w{i}", "m", 0.0, 0, RequestStatus.WAITING, prompt=256) for i in range(3))
+    assert prefill_s(st, m, BatchLimits()) == 0.0
+    while len(m.waiting) > 1:
+        m.waiting.pop()
+    assert prefill_s(st, m, BatchLimits()) == pytest.approx(256 * -6.8e-5 + 256 * 256 * 7.4e-8 + 0.0371)
+
+
 def test_turn_is_covered_once_every_stream_is_past_the_target():
     st = _pool(["m"])
     m = st.models["m"]
