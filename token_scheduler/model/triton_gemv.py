@@ -381,8 +381,10 @@ _ROWS_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
 
 # The dot the other way round (acc [BLOCK_N, M_PAD] = w x^T): the weight tile is the MMA's wide operand, which at
 # BLOCK_N >= 64 lets Triton use Hopper's wgmma (an M of 64 and more) with its pipelined shared-memory operands,
-# where x w^T (M_PAD rows, 16 for a few tokens) takes mma.sync from registers. Unmeasured: off, an A/B variant
-# (diag_gpu step "small-batch gemv swapped").
+# where x w^T (M_PAD rows, 16 for a few tokens) takes mma.sync from registers. No faster on the H200 at 9116b98
+# with the default blocks (1.5B step replay at batches 2/4/8: 2.05/2.11/2.17 ms, the other way round 2.09/1.90/2.13,
+# cuBLAS 1.64/1.66/1.66; bench/results/small_batch_gemv_swap_h200_9116b98.json): off, an A/B variant (diag_gpu step
+# "small-batch gemv swapped", step-sweep --swap; not swept yet).
 ROWS_SWAP = False
 
 
@@ -436,6 +438,6 @@ def gemv_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
         x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
         w, bias if bias is not None else w, y, eps, m, n, K=k, MODE=mode, HAS_R=r is not None,
         HAS_B=bias is not None, EPI=1 if rope is not None else 2 if glu else 0, M_PAD=m_pad, BLOCK_N=bn,
-        BLOCK_K=bk, IEEE=x.dtype == torch.float32, SWAP=ROWS_SWAP, PDL=pdl(x), **_rope_args(rope, n, bn, x), num_warps=nw,
-        num_stages=ns, launch_pdl=pdl(x))
+        BLOCK_K=bk, IEEE=x.dtype == torch.float32, SWAP=ROWS_SWAP, PDL=pdl(x), **_rope_args(rope, n, bn, x),
+        num_warps=nw, num_stages=ns, launch_pdl=pdl(x))
     return y, x_out
