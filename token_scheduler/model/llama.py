@@ -157,7 +157,7 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
                                 meta.slot_offsets, H, KVH, D)
         o = attend(q, kv_cache, n, meta, cfg)
         h = k.add_rms_norm(x, F.linear(o.reshape(T, H * D), w[p + "o"]), w[p + "ln2"], eps)
-        m = F.linear(k.silu_mul(F.linear(h, w[p + "gate_up"])), w[p + "down"])
+        m = _mlp(w, p, h)
         nxt = w[f"l{n + 1}.ln1"] if n + 1 < cfg.num_layers else w["norm"]
         h = k.add_rms_norm(x, m, nxt, eps)
     return h
@@ -186,6 +186,13 @@ GEMV_MAX_ROWS = env.GEMV_ROWS.integer()
 # and RoPE folded in) and o through gemv_rows, gate_up and down on cuBLAS -- the small projections and two of the
 # elementwise kernels without the large ones the Triton kernels lose. Unmeasured (TOKENPOOL_GEMV_ROWS_MLP=0).
 GEMV_ROWS_MLP = env.GEMV_ROWS_MLP.on()
+
+
+def _mlp(w, p: str, h: torch.Tensor) -> torch.Tensor:
+    """Layer `p`'s MLP on cuBLAS, SiLU*mul in Triton: down(silu(gate) * up) of the normed `h`."""
+    from token_scheduler.model import triton_ops as k
+
+    return F.linear(k.silu_mul(F.linear(h, w[p + "gate_up"])), w[p + "down"])
 
 
 def _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata) -> torch.Tensor:
@@ -220,8 +227,7 @@ def _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata)
             act, x = gemv_rows(x, w[p + "gate_up"], mode=MODE_NORM, r=o, norm_w=w[p + "ln2"], eps=eps, glu=True)
             r, _ = gemv_rows(act, w[p + "down"])
         else:  # the MLP on cuBLAS, as forward_fused's (x += o in place: x is this step's own tensor)
-            h = k.add_rms_norm(x, o, w[p + "ln2"], eps)
-            r = F.linear(k.silu_mul(F.linear(h, w[p + "gate_up"])), w[p + "down"])
+            r = _mlp(w, p, k.add_rms_norm(x, o, w[p + "ln2"], eps))
     return k.add_rms_norm(x, r, w["norm"], eps)
 
 
