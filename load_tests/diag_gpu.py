@@ -287,9 +287,13 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
     from token_scheduler.model import llama, triton_decode, triton_gemv, triton_ops
 
     timed = _StepTimer(model, max(batches), context)
-    defaults = (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
-                triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER, triton_gemv.ROWS_SWAP,
-                llama.GEMV_ROWS_MLP)
+    # each variant key: the (module, attribute) it sets; "splits" pins triton_decode.num_splits_for to a constant
+    knobs = {"pdl": (triton_ops, "USE_PDL"), "gemv": (llama, "USE_GEMV"), "max_hidden": (llama, "GEMV_MAX_HIDDEN"),
+             "rope": (llama, "GEMV_ROPE"), "cfgs": (triton_gemv, "_CONFIGS"),
+             "splits": (triton_decode, "num_splits_for"), "max_rows": (llama, "GEMV_MAX_ROWS"),
+             "nbi": (triton_decode, "BLOCKS_PER_ITER"), "swap": (triton_gemv, "ROWS_SWAP"),
+             "mlp": (llama, "GEMV_ROWS_MLP")}
+    defaults = {k: getattr(mod, attr) for k, (mod, attr) in knobs.items()}
     # the qwen2-1.5b GEMV block configs tuned without PDL, one projection at a time (before step-sweep)
     old_cfgs = {(2048, 1536): (8, 512, 8), (1536, 1536): (2, 512, 4), (17920, 1536): (16, 512, 8),
                 (1536, 8960): (4, 1024, 8)}
@@ -299,27 +303,29 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 ("small-batch gemv attn", {"max_rows": 32, "mlp": False}),
                 ("attn 2 blocks", {"nbi": 2}), ("attn 4 blocks", {"nbi": 4}),
                 ("attn 8 blocks", {"nbi": 8}),
-                ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}), ("splits 16", {"splits": 16}),
+                ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}),
+                *((f"splits {s}", {"splits": s}) for s in triton_decode.SPLITS),
+                # fewer splits with more cache blocks an iteration each: one split writes the result itself (no
+                # combine launch) but walks the whole context alone
+                *((f"splits {s} nbi {n}", {"splits": s, "nbi": n}) for s in (1, 2, 4, 8) for n in (4, 8)),
                 ("no pdl, gemv any size", {"pdl": False, "max_hidden": 1 << 30}), ("default again", {})]
-    for name, v in variants:
-        if only and name not in only:
-            continue
-        triton_ops.USE_PDL, llama.USE_GEMV = v.get("pdl", defaults[0]), v.get("gemv", defaults[1])
-        llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE = v.get("max_hidden", defaults[2]), v.get("rope", defaults[3])
-        triton_gemv._CONFIGS = v.get("cfgs", defaults[4])
-        triton_decode.num_splits_for = (lambda *_a, s=v["splits"], **_k: s) if "splits" in v else defaults[5]
-        llama.GEMV_MAX_ROWS = v.get("max_rows", defaults[6])
-        triton_decode.BLOCKS_PER_ITER = v.get("nbi", defaults[7])
-        triton_gemv.ROWS_SWAP = v.get("swap", defaults[8])
-        llama.GEMV_ROWS_MLP = v.get("mlp", defaults[9])
-        line = f"{name:22s}"
-        for b in batches:
-            d = timed(b, 40)
-            line += f" | b{b}: step {d['step_ms_median']:.3f} ms, replay {d['graph_replay_ms']:.3f} ms"
-        print(line, flush=True)
-    (triton_ops.USE_PDL, llama.USE_GEMV, llama.GEMV_MAX_HIDDEN, llama.GEMV_ROPE, triton_gemv._CONFIGS,
-     triton_decode.num_splits_for, llama.GEMV_MAX_ROWS, triton_decode.BLOCKS_PER_ITER, triton_gemv.ROWS_SWAP,
-     llama.GEMV_ROWS_MLP) = defaults
+    try:
+        for name, v in variants:
+            if only and name not in only:
+                continue
+            for k, (mod, attr) in knobs.items():
+                val = v.get(k, defaults[k])
+                if k == "splits" and k in v:
+                    val = lambda *_a, s=val, **_k: s  # noqa: E731
+                setattr(mod, attr, val)
+            line = f"{name:22s}"
+            for b in batches:
+                d = timed(b, 40)
+                line += f" | b{b}: step {d['step_ms_median']:.3f} ms, replay {d['graph_replay_ms']:.3f} ms"
+            print(line, flush=True)
+    finally:
+        for k, (mod, attr) in knobs.items():
+            setattr(mod, attr, defaults[k])
 
 
 def step_sweep(model: str, batch: int = 1, context: int = 512, swap: bool = False, mlp: bool = True) -> None:

@@ -117,7 +117,7 @@ rows) M=/tmp/mm; mkdir -p $M
     flag=""; case "$sv" in swap) flag=--swap ;; attn) flag=--mlp-cublas ;; esac
     timeout "${LIMIT_ROWS_SWEEP:-60}" python3 -m load_tests.diag_gpu step-sweep --model $M/$m --batch $b $flag \
       > "$OUT/rows_sweep_${m}_b$b$sv.log" 2>&1; at "rows sweep $m b$b $sv" $?
-    grep -E "^precompiled|^[a-z_]+ \(|^BEST|^start" "$OUT/rows_sweep_${m}_b$b.log"; done ;;
+    grep -E "^precompiled|^[a-z_]+ \(|^BEST|^start" "$OUT/rows_sweep_${m}_b$b$sv.log"; done ;;
 attn) M=/tmp/mm; mkdir -p $M
   for sz in 1.5b 7b; do d=$M/q$(echo $sz | tr -d .b); [ -f $d/config.json ] || python3 -m controller.cli make-model \
       --arch qwen2 --size $sz --out $d >> "$OUT/make.log" 2>&1; done
