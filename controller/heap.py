@@ -24,8 +24,8 @@ def freeze_long_lived(collect: bool = False) -> None:
     if collect:
         gc.collect()
     gc.freeze()
-    _, g1, g2 = gc.get_threshold()
-    young = env.GC_YOUNG.integer() if env.GC_YOUNG.get() else max(YOUNG_THRESHOLD, gc.get_threshold()[0])
+    g0, g1, g2 = gc.get_threshold()
+    young = env.GC_YOUNG.integer() if env.GC_YOUNG.get() else max(YOUNG_THRESHOLD, g0)
     gc.set_threshold(young, g1, g2)
 
 
