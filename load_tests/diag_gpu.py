@@ -354,7 +354,10 @@ def step_sweep(model: str, batch: int = 1, context: int = 512, swap: bool = Fals
         m_pad = triton_gemv.rows_pad(timed.eng.runner.bucket_of[batch])
         attr, key = "_ROWS_CONFIGS", (lambda s: (*s, m_pad))
         current = lambda n, kk: triton_gemv.rows_config_for(n, kk, m_pad)  # noqa: E731
-        grid = [(bn, bk, nw, ns) for bn in (16, 32, 64, 128) for bk in (256, 512) for nw in (4, 8) for ns in (3, 4)
+        # (qkv and o alone: narrower, longer tiles too -- 128 and 96 programs of 16 rows at the default blocks)
+        wide = (16, 32, 64) if not mlp else (16, 32, 64, 128)
+        grid = [(bn, bk, nw, ns) for bn in wide for bk in ((256, 512, 1024) if not mlp else (256, 512))
+                for nw in (4, 8) for ns in (3, 4)
                 if bn * bk <= 32768]  # some need more shared memory than a block may have: skipped below
     table = {key(s): current(*s) for s in shapes.values()}
     if batch > 1:
