@@ -375,8 +375,13 @@ def _gemv_rows_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE:
 
 
 # (BLOCK_N, BLOCK_K for 2-byte dtypes, num_warps, num_stages) by weight shape [N, K] and padded rows M_PAD
-# (`rows_pad`), tuned in the decode graph (diag_gpu step-sweep --batch 8); other shapes: `rows_config_for`.
-_ROWS_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
+# (`rows_pad`), tuned in the decode graph (diag_gpu step-sweep); other shapes: `rows_config_for`. qwen2-1.5b's qkv and
+# o at up to 16 rows: swept with the MLP on cuBLAS (--mlp-cublas) on the H200 at f4155ff, batch 4: the step's replay
+# 1.647 -> 1.581 ms (cuBLAS for all four: 1.607); batch 8 picked (64, 512, 8, 3) for qkv, 1.703 -> 1.644 (cuBLAS
+# 1.614) (bench/results/small_batch_qkv_o_sweep_h200_f4155ff.json).
+_ROWS_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
+    (2048, 1536, 16): (16, 512, 4, 4), (1536, 1536, 16): (16, 512, 4, 4),
+}
 
 
 # The dot the other way round (acc [BLOCK_N, M_PAD] = w x^T): the weight tile is the MMA's wide operand, which at
