@@ -25,8 +25,10 @@ def _prefill_3ms(step: dict) -> None:
         fit["coef"]["per_prefill_step_s"] = 0.003
 
 
-def _small_decode_1ms(step: dict) -> None:
-    step["qwen2-1.5b"]["coef"]["base_s"] = 0.001
+def _small_decode(base_s: float):
+    def change(step: dict) -> None:
+        step["qwen2-1.5b"]["coef"]["base_s"] = base_s
+    return change
 
 
 def _big_decode_5pct(step: dict) -> None:
@@ -36,7 +38,9 @@ def _big_decode_5pct(step: dict) -> None:
 LEVERS = {
     "as served": None,
     "prefill steps' fixed cost 3 ms (served: 7B 7.3, 1.5B 15 ms of host-bound eager launches)": _prefill_3ms,
-    "1.5B decode base 1.0 ms (served 1.4; issue 20's 1.3x floor at batch 1 is 0.95)": _small_decode_1ms,
+    "1.5B decode base 1.2 ms (served 1.4)": _small_decode(0.0012),
+    "1.5B decode base 1.1 ms": _small_decode(0.0011),
+    "1.5B decode base 1.0 ms (served 1.4; issue 20's 1.3x floor at batch 1 is 0.95)": _small_decode(0.001),
     "7B decode base 5% lower": _big_decode_5pct,
 }
 
@@ -48,19 +52,28 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--duration", type=float, default=120.0)
     ap.add_argument("--drain", type=float, default=60.0)
     ap.add_argument("--graph-capture-ms", type=float, default=19.0, help="as models_per_gpu's default")
+    ap.add_argument("--prefill-step-s", default=None, metavar="MODEL=S,...",
+                    help="each model's fixed cost a prefilling step instead of the profile's, e.g. the row-graph "
+                         "prefill's 'qwen2-7b=0.003,qwen2-1.5b=0.008' (session 34)")
+    ap.add_argument("--only", default=None, help="levers whose name starts with one of these, '|'-separated")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     base = json.loads(SERVED.read_text())
+    for item in filter(None, (a.prefill_step_s or "").split(",")):
+        model, _, secs = item.partition("=")
+        base["step"][model]["coef"]["per_prefill_step_s"] = float(secs)
+    levers = {n: c for n, c in LEVERS.items() if not a.only or n.startswith(tuple(a.only.split("|")))}
     out = {"what": f"{a.models} at 0.1 req/s/model, 120 GB, 4 GB KV, {a.duration:g} s + {a.drain:g} s drain, "
            "pipelined, simulated on the served-calibrated H200 profile and on copies with one cost lowered",
            "device": "none (the simulator, on CPU)", "commit": git_commit(),
            "command": "python -m load_tests.sim_levers " + " ".join(argv or []), "levers": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, change in LEVERS.items():
+        for name, change in levers.items():
             prof = SERVED
-            if change is not None:
+            if change is not None or a.prefill_step_s:
                 q = copy.deepcopy(base)
-                change(q["step"])
+                if change is not None:
+                    change(q["step"])
                 prof = Path(tmp) / f"{len(out['levers'])}.json"
                 prof.write_text(json.dumps(q))
             row = out["levers"][name] = {}

@@ -336,6 +336,19 @@ def test_sim_levers_runs_each_lever_on_the_served_profile(tmp_path):
         assert p["requests"] > 0 and 0.0 <= p["attainment"] <= 1.0
 
 
+def test_sim_levers_prefill_cost_and_lever_filter(tmp_path):
+    """--only keeps the levers named; --prefill-step-s replaces the profile's fixed cost of a prefilling step, under
+    every lever: at 2 s a prefill every first token misses its 10 s TTFT queue behind a few of them."""
+    from load_tests import sim_levers
+
+    args = ["--models", "1x7b,2x1.5b", "--seeds", "1", "--duration", "20", "--drain", "10", "--only", "as served|7B"]
+    plain = sim_levers.main(args)
+    slow = sim_levers.main([*args, "--prefill-step-s", "qwen2-7b=2.0,qwen2-1.5b=2.0"])
+    assert list(plain["levers"]) == ["as served", "7B decode base 5% lower"] == list(slow["levers"])
+    for name in plain["levers"]:
+        assert slow["levers"][name]["seed1"]["attainment"] < plain["levers"][name]["seed1"]["attainment"]
+
+
 def test_models_per_gpu_simulates_the_served_engine_by_default(tmp_path):
     """Its defaults are the served engine's: the H200 calibrated to served step rates, with the pipeline."""
     from load_tests import models_per_gpu
