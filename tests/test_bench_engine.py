@@ -86,19 +86,30 @@ def test_ulp_and_divergence():
     assert not _divergence(ref, 0, 7, torch.bfloat16, {7}, 2.0)["near_tie"]
 
 
-def test_triton_paged_decode_fp32_is_exact_in_the_interpreter():
-    """The fp32 engine on CUDA runs the Triton paged-decode kernel with IEEE fp32 dots (Triton's fp32 default
-    is TF32). Triton's CPU interpreter runs the same kernel source: the fp32 result must match fp64."""
-    pytest.importorskip("triton")
-    # Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a loop bound with int(array), which
-    # NumPy 2.4 refuses for arrays of one dimension: read it as its one element instead (the kernel is unchanged)
-    code = """
+# Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a loop bound with int(array), which
+# NumPy 2.4 refuses for arrays of one dimension: read it as its one element instead (the kernel is unchanged)
+_INTERP_PATCH = """
 import triton.runtime.interpreter as ti
 patch_tensor = ti._patch_lang_tensor
 def patched(tensor, scope):
     patch_tensor(tensor, scope)
     scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 ti._patch_lang_tensor = patched
+"""
+
+
+def _interpret(code: str) -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_triton_paged_decode_fp32_is_exact_in_the_interpreter():
+    """The fp32 engine on CUDA runs the Triton paged-decode kernel with IEEE fp32 dots (Triton's fp32 default
+    is TF32). Triton's CPU interpreter runs the same kernel source: the fp32 result must match fp64."""
+    pytest.importorskip("triton")
+    code = _INTERP_PATCH + """
 import torch
 from token_scheduler.model.attention import AttentionMetadata, _decode_torch
 from token_scheduler.model import triton_decode
@@ -120,7 +131,38 @@ for nbi, splits in ((1, None), (4, None), (4, 1), (4, 2), (2, 3)):
         assert out.dtype == torch.float32 and err < 1e-6, (nbi, splits, window, err)
 print("ok")
 """
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    _interpret(code)
+
+
+def test_paged_decode_with_rope_folded_in_equals_rope_then_decode_in_the_interpreter():
+    """paged_decode(rope=...) on the fused qkv of one new token a row: the same K/V written into the cache, bit for
+    bit, and the same attention output as rope_and_write_kv followed by paged_decode (fp32, to summation order), at
+    every split count, with a sliding window, and for a row whose context is its new token alone."""
+    pytest.importorskip("triton")
+    code = _INTERP_PATCH + """
+import torch
+from token_scheduler.model.triton_decode import paged_decode
+from token_scheduler.model.triton_ops import rope_and_write_kv
+torch.manual_seed(0)
+B, H, KVH, D, BS, NB, L = 3, 6, 2, 32, 16, 32, 2  # a group of 3 q heads a kv head
+kv = torch.randn(NB, L, 2, BS, KVH, D)
+qkv = torch.randn(B, (H + 2 * KVH) * D)
+cos, sin = torch.randn(128, D), torch.randn(128, D)
+ctx = torch.tensor([1, 17, 100], dtype=torch.int32)
+bt = torch.stack([torch.randperm(NB)[:8] for _ in range(B)]).int()
+pos = (ctx - 1).long()
+sb, so = bt.long().gather(1, (pos // BS)[:, None])[:, 0], pos % BS
+for splits in (None, 1, 2, 4):
+    for window in (None, 40):
+        kv_ref, kv_new = kv.clone(), kv.clone()
+        q = rope_and_write_kv(qkv, cos, sin, pos, kv_ref, 1, sb, so, H, KVH, D)
+        ref = paged_decode(q, kv_ref, 1, bt, ctx, D**-0.5, window, num_splits=splits)
+        out = paged_decode(qkv, kv_new, 1, bt, ctx, D**-0.5, window, num_splits=splits, rope=(cos, sin, pos, sb, so))
+        assert torch.equal(kv_new, kv_ref) and not torch.equal(kv_new, kv), (splits, window)
+        err = ((out - ref).norm() / ref.norm()).item()
+        assert out.shape == (B, H, D) and err < 1e-6, (splits, window, err)
+        v0 = kv_ref[sb[0], 1, 1, so[0]]  # row 0: its own token only, every head's output is its v
+        assert torch.allclose(out[0], v0.repeat_interleave(H // KVH, 0), atol=1e-6)
+print("ok")
+"""
+    _interpret(code)

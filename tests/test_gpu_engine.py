@@ -86,6 +86,33 @@ def test_cuda_graph_decode_equals_eager(make_varied):
     assert sum(fed) > 10  # the overlapped engine did feed steps GPU to GPU
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_decode_with_rope_in_the_attention_gives_the_same_tokens(make_varied, arch, monkeypatch):
+    """TOKENPOOL_ATTN_ROPE: batched decode steps (graphs and eager) with RoPE and the KV write inside the paged-decode
+    kernel give the tokens of the separate RoPE kernel (fp32), requests joining and finishing at different steps."""
+    from token_scheduler.model import llama
+
+    d = make_varied(arch)
+    outs = {}
+    for fold, graphs in ((False, True), (True, True), (True, False)):
+        monkeypatch.setattr(llama, "ATTN_ROPE", fold)
+        eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="fp32", cuda_graphs=graphs,
+                                     kv_cache_memory_gb=0.1, max_num_seqs=8))
+        res, step = {}, 0
+        while step < 8 or eng.has_unfinished_requests():
+            if step < 6:
+                sp = (SamplingParams(temperature=0.8, seed=step, max_tokens=10 + 3 * step, ignore_eos=True) if step % 2
+                      else SamplingParams(temperature=0, max_tokens=10 + 3 * step, ignore_eos=True))
+                eng.add_request(f"r{step}", [5 + step] * (3 + 7 * step), sp)
+            for o in eng.step():
+                if o.finished:
+                    res[o.request_id] = o.outputs[0].token_ids
+            step += 1
+        outs[(fold, graphs)] = res
+        assert eng.stats()["kv_blocks_used"] == 0 and len(res) == 6
+    assert outs[(True, True)] == outs[(False, True)] and outs[(True, False)] == outs[(False, True)]
+
+
 def test_an_overlapped_launch_never_makes_the_host_wait(make_varied):
     """A decode launched behind the step in flight (overlap, TOKENPOOL_PIPELINE) queues its inputs, graph and
     sampling without one synchronizing CUDA call (torch's sync debug mode raises on any), whatever the sampling:

@@ -301,7 +301,7 @@ class ModelRunner:
         t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
         if out.is_decode and not self.hf_exact_decode:
             meta = self._decode_meta([(c.request, c.start + 1, 1) for c in out.chunks])
-            meta.slot_blocks, meta.slot_offsets = t(sb), t(so)
+            meta.slot_blocks, meta.slot_offsets, meta.own_rows = t(sb), t(so), True
         else:
             pad = 0
             if self.pad_rows and not self.hf_exact_prefill and input_ids is None:
@@ -447,7 +447,7 @@ class ModelRunner:
         q = torch.zeros(1, cfg.num_heads, cfg.head_dim, dtype=self.kv.dtype, device=dev)
         bt = torch.full((1, 1), self.scratch_block, dtype=torch.int32, device=dev)
         triton_decode.warm_up(q, self.kv, bt, torch.ones(1, dtype=torch.int32, device=dev), cfg.head_dim**-0.5,
-                              cfg.sliding_window)
+                              cfg.sliding_window, self.rope if llama.ATTN_ROPE and not cfg.qk_norm else None)
 
     def _decode_graph(self, out: SchedulerOutput, ids: torch.Tensor | None = None,
                       start: torch.cuda.Event | None = None, rows: list[int] | None = None) -> _DecodeGraph:
@@ -502,7 +502,8 @@ class _DecodeGraph:
         self.dev[2].fill_(runner.scratch_block)
         self.dev[4].fill_(1)
         meta = AttentionMetadata(self.dev[2], self.dev[3], runner.block_size, decode=True,
-                                 block_tables=self.bt, context_lens=self.ctx32, use_triton=runner.use_triton)
+                                 block_tables=self.bt, context_lens=self.ctx32, use_triton=runner.use_triton,
+                                 own_rows=not rows)
 
         self.users: set[str] = set()  # names of the models that replayed it (shared per slot)
         self.keep = (runner.rope, meta)  # the graph reads them by address: keep them alive with it

@@ -29,6 +29,9 @@ class AttentionMetadata:
     seqs: list[tuple[int, int, int]] = field(default_factory=list)
     seq_block_tables: list[torch.Tensor] = field(default_factory=list)
     use_triton: bool = False
+    # decode: every row a different sequence's one new token, the last of its context (a decode step's rows; not a
+    # prefill taken row by row, whose rows read each other's K/V): the attention may write a row's K/V itself
+    own_rows: bool = False
     # varlen batch with decode rows (one new token each) among prefill chunks: those rows go through the
     # batched decode attention in one call (row index in q [n], padded block tables [n, mb], context lens [n])
     # instead of one SDPA per sequence -- per-sequence calls are launch-bound with dozens of decodes.

@@ -139,6 +139,7 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
     """CUDA path of `forward`: same arithmetic (bit-identical per op), with the elementwise work of a layer
     fused into three Triton kernels (add+RMSNorm, RoPE+KV write, SiLU*mul)."""
     from token_scheduler.model import triton_ops as k
+    from token_scheduler.model.triton_decode import paged_decode
 
     _fresh(meta)
     x = F.embedding(input_ids, w["embed"])
@@ -147,15 +148,21 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
         with k.pdl_rows(T):
             return _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta)
     H, KVH, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+    # a decode step's rows (one new token each, of different sequences): RoPE and the KV write in the attention
+    fold_rope = ATTN_ROPE and meta.decode and meta.own_rows and meta.use_triton and not cfg.qk_norm
     h = k.add_rms_norm(x, None, w["l0.ln1"], eps)
     for n in range(cfg.num_layers):
         p = f"l{n}."
         qkv = F.linear(h, w[p + "qkv"], w.get(p + "qkv_b"))
-        if cfg.qk_norm:
-            qkv = _qk_norm_fused(cfg, w, p, qkv)
-        q = k.rope_and_write_kv(qkv, rope.cos, rope.sin, positions, kv_cache, n, meta.slot_blocks,
-                                meta.slot_offsets, H, KVH, D)
-        o = attend(q, kv_cache, n, meta, cfg)
+        if fold_rope:
+            o = paged_decode(qkv, kv_cache, n, meta.block_tables, meta.context_lens, D**-0.5, cfg.sliding_window,
+                             rope=(rope.cos, rope.sin, positions, meta.slot_blocks, meta.slot_offsets))
+        else:
+            if cfg.qk_norm:
+                qkv = _qk_norm_fused(cfg, w, p, qkv)
+            q = k.rope_and_write_kv(qkv, rope.cos, rope.sin, positions, kv_cache, n, meta.slot_blocks,
+                                    meta.slot_offsets, H, KVH, D)
+            o = attend(q, kv_cache, n, meta, cfg)
         h = k.add_rms_norm(x, F.linear(o.reshape(T, H * D), w[p + "o"]), w[p + "ln2"], eps)
         m = _mlp(w, p, h)
         nxt = w[f"l{n + 1}.ln1"] if n + 1 < cfg.num_layers else w["norm"]
@@ -186,6 +193,14 @@ GEMV_MAX_ROWS = env.GEMV_ROWS.integer()
 # and RoPE folded in) and o through gemv_rows, gate_up and down on cuBLAS -- the small projections and two of the
 # elementwise kernels without the large ones the Triton kernels lose. Unmeasured (TOKENPOOL_GEMV_ROWS_MLP=0).
 GEMV_ROWS_MLP = env.GEMV_ROWS_MLP.on()
+# Batched decode steps on cuBLAS (2 to 32 sequences) spend a launch a layer on RoPE and the KV write between the qkv
+# GEMM and the attention: the H200 profile of a 1.5B batch-8 step has it at 61.5 us of 1.69 ms, the 7B's 66 us of
+# 4.53 ms (bench/results/decode_profile_h200_ab4be3b.json). ATTN_ROPE: the paged-decode kernel does that job itself
+# (triton_decode.paged_decode's `rope`), reading q, k and v from the qkv projection. The simulator puts 40 models
+# (16x7B + 24x1.5B) at the knee: 87.4% on seed 0 as served, 98.8% with the 1.5B step 0.2 ms shorter or the 7B's 5%
+# (bench/results/sim_levers_models40_rowgraph_120s_*.json). Correct in the interpreter (fp32); unmeasured on the
+# GPU, so off (TOKENPOOL_ATTN_ROPE=1: on).
+ATTN_ROPE = env.ATTN_ROPE.on()
 
 
 def _mlp(w, p: str, h: torch.Tensor) -> torch.Tensor:

@@ -25,13 +25,18 @@ def _paged_decode_kernel(
     NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, NBI: tl.constexpr,
     DIRECT: tl.constexpr,
+    ROPE: tl.constexpr = False, COS=None, SIN=None, POS=None, SB=None, SO=None, H: tl.constexpr = 0,
+    KVH: tl.constexpr = 0,
 ):
     pdl_enter(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
     ctx = tl.load(CTX + b)
-    nblk = tl.cdiv(ctx, BLOCK)
+    last = ctx  # cache positions read: < last (ROPE: the row's own new token comes from registers instead)
+    if ROPE:
+        last = ctx - 1
+    nblk = tl.cdiv(last, BLOCK)  # (so every block of a split's range has a position to read: no all -inf tile)
     jlo = 0
     if window > 0:
         jlo = tl.maximum(ctx - window, 0) // BLOCK
@@ -47,6 +52,27 @@ def _paged_decode_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    if ROPE:  # Q is the fused qkv projection [B, (H + 2 KVH) D]: RoPE here, and this row's own K/V from registers
+        dt = q.dtype
+        pos_b = tl.load(POS + b)
+        c = tl.load(COS + pos_b * D + d).to(dt).to(tl.float32)
+        sn = tl.load(SIN + pos_b * D + d).to(dt).to(tl.float32)
+        rot = (d + D // 2) % D  # rotate_half's partner of each offset, negated in the first half
+        sign = tl.where(d < D // 2, -1.0, 1.0)
+        qr = tl.load(Q + b * s_qb + heads[:, None] * s_qh + rot[None, :], mask=gmask[:, None], other=0.0)
+        q = ((q.to(tl.float32) * c[None, :]).to(dt).to(tl.float32)
+             + (sign[None, :] * qr.to(tl.float32) * sn[None, :]).to(dt).to(tl.float32)).to(dt)
+        kq = Q + b * s_qb + (H + kvh) * s_qh
+        kn = ((tl.load(kq + d).to(tl.float32) * c).to(dt).to(tl.float32)
+              + (sign * tl.load(kq + rot).to(tl.float32) * sn).to(dt).to(tl.float32)).to(dt)
+        vn = tl.load(Q + b * s_qb + (H + KVH + kvh) * s_qh + d)
+        if sp == 0:  # one program a (row, kv head) writes them and counts the new token; the others never read it
+            slot = KV + tl.load(SB + b).to(tl.int64) * s_kvb + tl.load(SO + b).to(tl.int64) * s_kvt + kvh * s_kvh
+            tl.store(slot + off_k + d, kn)
+            tl.store(slot + off_v + d, vn)
+            m_i = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale
+            l_i = tl.full([GROUP_PAD], 1.0, tl.float32)
+            acc = tl.zeros([GROUP_PAD, D], tl.float32) + vn.to(tl.float32)[None, :]
     # NBI cache blocks an iteration: each token's block id is gathered, so all NBI blocks' K and V loads are in
     # flight at once (one block an iteration waits out a block-table load, then a K/V load, per 16 tokens)
     t = tl.arange(0, BLOCK * NBI)
@@ -55,7 +81,7 @@ def _paged_decode_kernel(
         inb = jb < j1
         blk = tl.load(BT + b * s_btb + jb, mask=inb, other=0).to(tl.int64)
         pos = jb * BLOCK + t % BLOCK
-        valid = inb & (pos < ctx)
+        valid = inb & (pos < last)
         if window > 0:
             valid = valid & (pos >= ctx - window)
         base = KV + blk[:, None] * s_kvb + (t % BLOCK)[:, None] * s_kvt + kvh * s_kvh + d[None, :]
@@ -120,24 +146,41 @@ def num_splits_for(batch: int, kv_heads: int, sms: int = 132) -> int:
 
 
 def warm_up(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-            scale: float, window=None) -> None:
+            scale: float, window=None, rope=None) -> None:
     """Compile every split variant now (at engine start) rather than at first use while serving: for one
-    sequence and for several, which differ in launch mode (`pdl`). q, block_tables, context_lens: one row."""
+    sequence and for several, which differ in launch mode (`pdl`). q, block_tables, context_lens: one row (its
+    first block a scratch block). `rope` (a RopeCache): the variants with RoPE and the KV write folded in too,
+    writing into that scratch block."""
     rows = [(q, block_tables, context_lens)]
     if pdl(q):
         rows.append((q.repeat(2, 1, 1), block_tables.repeat(2, 1), context_lens.repeat(2)))
     for qq, bt, ctx in rows:
         for s in SPLITS:
             paged_decode(qq, kv, 0, bt, ctx, scale, window, num_splits=s)
+            if rope is not None:
+                n, kvh = qq.shape[0], kv.shape[4]
+                qkv = torch.zeros(n, qq.shape[1] + 2 * kvh, qq.shape[2], device=q.device, dtype=q.dtype)
+                zero = torch.zeros(n, dtype=torch.long, device=q.device)
+                paged_decode(qkv.view(n, -1), kv, 0, bt, ctx, scale, window, num_splits=s,
+                             rope=(rope.cos, rope.sin, zero, bt[:, 0].long(), zero))
 
 
-def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, num_splits=None):
-    """q: [B, H, D]; kv: [NB, L, 2, BS, KVH, D]; block_tables: [B, MB] int32; context_lens: [B] int32."""
-    B, H, D = q.shape
-    _, _, _, BS, KVH, _ = kv.shape
+def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, num_splits=None, rope=None):
+    """q: [B, H, D]; kv: [NB, L, 2, BS, KVH, D]; block_tables: [B, MB] int32; context_lens: [B] int32.
+
+    `rope` (cos, sin, positions, slot_blocks, slot_offsets): q is the fused qkv projection [B, (H + 2 KVH) D] of one
+    new token a row, each row a different sequence, before RoPE (no q/k norm): the kernel does `rope_and_write_kv`'s
+    job too -- q and the new k rotated in registers, the new k and v written to their cache slot and counted from
+    registers (the cache walk stops before them, so no program reads a slot another writes) -- one launch a layer
+    fewer. The same arithmetic to fp32 summation order (the new token's score is summed apart from the tile dots)."""
+    _, _, _, BS, KVH, D = kv.shape
+    B = q.shape[0]
+    if rope is not None:
+        q = q.view(B, -1, D)  # [B, H + 2 KVH, D]: q heads, then k, then v
+    H = q.shape[1] - (0 if rope is None else 2 * KVH)
     group = H // KVH
     S = num_splits or num_splits_for(B, KVH)
-    out = torch.empty_like(q)
+    out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     if S == 1:  # the kernel writes the result: no partials, no combine launch
         o, m, lsum = out.unsqueeze(2), out[:, :, 0], out[:, :, 0]
     else:
@@ -153,6 +196,7 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
         layer * s_kvl, layer * s_kvl + s_kv2,
         NUM_SPLITS=S, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=BS, D=D,
         IEEE=q.dtype == torch.float32, PDL=pdl(q), NBI=BLOCKS_PER_ITER, DIRECT=S == 1, launch_pdl=pdl(q),
+        **({} if rope is None else dict(zip(("COS", "SIN", "POS", "SB", "SO"), rope), ROPE=True, H=H, KVH=KVH)),
     )
     if S == 1:
         return out
