@@ -166,3 +166,50 @@ for splits in (None, 1, 2, 4):
 print("ok")
 """
     _interpret(code)
+
+
+def test_fused_decode_step_with_rope_in_the_attention_in_the_interpreter(make_varied):
+    """forward_fused on a decode step of 3 sequences (the cuBLAS-projection path, run by Triton's interpreter on
+    CPU, fp32): with TOKENPOOL_ATTN_ROPE's fold the same hidden states and the same K/V in the cache as with the
+    separate RoPE kernel -- and for a prefill taken row by row (rows that read each other's K/V) the fold stays off."""
+    pytest.importorskip("triton")
+    d = make_varied("qwen2")
+    code = _INTERP_PATCH + f"""
+import torch
+from model_swapper.model_config import ModelConfig
+from model_swapper.weights import load_weights
+from token_scheduler.model import llama
+from token_scheduler.model.attention import AttentionMetadata
+from token_scheduler.runner import allocate_kv_cache
+torch.manual_seed(0)
+cfg = ModelConfig.from_pretrained({str(d)!r})
+w = load_weights({str(d)!r}, cfg, "cpu", torch.float32)
+rope = llama.RopeCache.build(cfg, 64, "cpu")
+kv0 = allocate_kv_cache(cfg, 12, 16, torch.float32, "cpu")
+kv0.normal_()
+ctx = torch.tensor([5, 20, 33], dtype=torch.int32)
+bt = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]], dtype=torch.int32)
+pos = (ctx - 1).long()
+ids = torch.tensor([3, 7, 11])
+from token_scheduler.model import triton_ops
+calls, rope_kernel = [], triton_ops.rope_and_write_kv
+triton_ops.rope_and_write_kv = lambda *a: (calls.append(1), rope_kernel(*a))[1]
+def run(fold, own_rows):
+    llama.ATTN_ROPE = fold
+    calls.clear()
+    kv = kv0.clone()
+    meta = AttentionMetadata(bt.long().gather(1, (pos // 16)[:, None])[:, 0], pos % 16, 16, decode=True,
+                             block_tables=bt, context_lens=ctx, use_triton=True, own_rows=own_rows)
+    return llama.forward_fused(cfg, w, kv, rope, ids, pos, meta), kv
+h0, kv_0 = run(False, True)
+assert len(calls) == cfg.num_layers
+h1, kv_1 = run(True, True)
+assert not calls  # the attention did its job
+err = ((h1 - h0).norm() / h0.norm()).item()
+assert err < 1e-5 and not torch.equal(kv_0, kv0), err
+assert (kv_1 - kv_0).abs().max().item() < 1e-4 * kv_0.abs().max().item()
+h2, kv_2 = run(True, False)  # not a decode step's own rows: the separate kernel, bit for bit the same as off
+assert len(calls) == cfg.num_layers and torch.equal(h2, h0) and torch.equal(kv_2, kv_0)
+print("ok")
+"""
+    _interpret(code)
