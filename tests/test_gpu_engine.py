@@ -57,6 +57,22 @@ def test_triton_decode_fp32_uses_ieee_dots(window):
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
+def _staggered(eng) -> dict[str, list[int]]:
+    """Six requests arriving one a step (greedy and seeded sampling in turn, prompts and outputs of six lengths),
+    stepped until all finish: request id -> its tokens."""
+    res, step = {}, 0
+    while step < 8 or eng.has_unfinished_requests():
+        if step < 6:
+            sp = (SamplingParams(temperature=0.8, seed=step, max_tokens=12 + 3 * step, ignore_eos=True) if step % 2
+                  else SamplingParams(temperature=0, max_tokens=12 + 3 * step, ignore_eos=True))
+            eng.add_request(f"r{step}", [5 + step] * (3 + 7 * step), sp)
+        for o in eng.step():
+            if o.finished:
+                res[o.request_id] = o.outputs[0].token_ids
+        step += 1
+    return res
+
+
 def test_cuda_graph_decode_equals_eager(make_varied):
     """Graph decode, and overlapped graph decode (step N+1 fed N's sampled ids on the GPU), give the tokens
     of eager decode, while requests join at different steps and finish at different lengths."""
@@ -68,18 +84,7 @@ def test_cuda_graph_decode_equals_eager(make_varied):
         orig = eng.runner.launch_decode
         eng.runner.launch_decode = lambda out, ids=None, orig=orig, **kw: (fed.append(ids is not None),
                                                                              orig(out, ids, **kw))[1]
-        res, step = {}, 0
-        while step < 8 or eng.has_unfinished_requests():
-            if step < 6:  # one arrival per step
-                i = step
-                sp = (SamplingParams(temperature=0.8, seed=i, max_tokens=12 + 3 * i, ignore_eos=True) if i % 2
-                      else SamplingParams(temperature=0, max_tokens=12 + 3 * i, ignore_eos=True))
-                eng.add_request(f"r{i}", [5 + i] * (3 + 7 * i), sp)
-            for o in eng.step():
-                if o.finished:
-                    res[o.request_id] = o.outputs[0].token_ids
-            step += 1
-        outs[(graphs, overlap)] = res
+        outs[(graphs, overlap)] = _staggered(eng)
         assert eng.stats()["kv_blocks_used"] == 0
     assert outs[(True, False)] == outs[(False, False)]
     assert outs[(True, True)] == outs[(False, False)]
@@ -98,17 +103,7 @@ def test_decode_with_rope_in_the_attention_gives_the_same_tokens(make_varied, ar
         monkeypatch.setattr(llama, "ATTN_ROPE", fold)
         eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="fp32", cuda_graphs=graphs,
                                      kv_cache_memory_gb=0.1, max_num_seqs=8))
-        res, step = {}, 0
-        while step < 8 or eng.has_unfinished_requests():
-            if step < 6:
-                sp = (SamplingParams(temperature=0.8, seed=step, max_tokens=10 + 3 * step, ignore_eos=True) if step % 2
-                      else SamplingParams(temperature=0, max_tokens=10 + 3 * step, ignore_eos=True))
-                eng.add_request(f"r{step}", [5 + step] * (3 + 7 * step), sp)
-            for o in eng.step():
-                if o.finished:
-                    res[o.request_id] = o.outputs[0].token_ids
-            step += 1
-        outs[(fold, graphs)] = res
+        outs[(fold, graphs)] = res = _staggered(eng)
         assert eng.stats()["kv_blocks_used"] == 0 and len(res) == 6
     assert outs[(True, True)] == outs[(False, True)] and outs[(True, False)] == outs[(False, True)]
 
