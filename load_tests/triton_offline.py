@@ -5,6 +5,7 @@ cuobjdump reads the resource usage.
 
     python -m load_tests.triton_offline rows    # gemv_rows as the 1.5B's batch-8 projections call it
     python -m load_tests.triton_offline gemv    # the one-token GEMV as the 1.5B's batch-1 projections call it
+    python -m load_tests.triton_offline decode  # the paged-decode attention, with and without RoPE folded in
 
 Pointers are marked 16-byte aligned (and the integers listed in `aligned` divisible by 16), as the runtime
 specialises them for torch's allocations: without that, no load is wide enough for an async copy and no loop is
@@ -91,12 +92,39 @@ def _rows(configs):
             print(f"{name:8s} {(bn, bk, nw, ns)} {r}", flush=True)
 
 
+def decode_variants() -> dict[str, dict]:
+    """The paged-decode kernel's variants as the bench models run them, compiled for sm_90: label -> resources."""
+    from token_scheduler.model import triton_decode as t
+
+    fn = t._paged_decode_kernel
+    types = {a: "i32" for a in fn.arg_names}
+    types.update(Q="*bf16", KV="*bf16", BT="*i32", CTX="*i32", M="*fp32", L="*fp32", scale="fp32", COS="*fp32",
+                 SIN="*fp32", POS="*i64", SB="*i64", SO="*i64")
+    # qwen2-1.5b (12 heads, 2 kv heads) and qwen2-7b (28, 4), bf16, 16-token blocks: split-K (fp32 partials) and one
+    # split (the result written directly), with and without RoPE and the KV write folded in (TOKENPOOL_ATTN_ROPE)
+    out = {}
+    for name, h, kvh in (("1.5b", 12, 2), ("7b", 28, 4)):
+        for splits in (16, 1):
+            for rope in (False, True):
+                c = dict(NUM_SPLITS=splits, GROUP=h // kvh, GROUP_PAD=16, BLOCK=16, D=128, IEEE=False, PDL=True,
+                         NBI=1, DIRECT=splits == 1, ROPE=rope, H=h if rope else 0, KVH=kvh if rope else 0)
+                if not rope:
+                    c.update(COS=None, SIN=None, POS=None, SB=None, SO=None)
+                tt = dict(types, Out="*bf16" if splits == 1 else "*fp32")
+                out[f"{name} splits {splits} rope {rope}"] = inspect_kernel(
+                    fn, tt, c, aligned=("s_kvb", "s_kvt", "s_kvh", "off_k", "off_v"), num_warps=4, num_stages=1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["rows", "gemv"])
+    ap.add_argument("what", choices=["rows", "gemv", "decode"])
     a = ap.parse_args()
     if a.what == "gemv":
         _gemv()
+    elif a.what == "decode":
+        for label, r in decode_variants().items():
+            print(f"{label:28s} {r}", flush=True)
     else:
         _rows([(16, 256, 4, 4), (64, 256, 4, 3), (16, 512, 8, 3), (64, 256, 8, 3)])
 

@@ -213,3 +213,16 @@ assert len(calls) == cfg.num_layers and torch.equal(h2, h0) and torch.equal(kv_2
 print("ok")
 """
     _interpret(code)
+
+
+def test_paged_decode_variants_compile_for_the_h200_without_spills():
+    """Every paged-decode variant the bench models run, RoPE folded in or not, compiles for sm_90 (Triton's bundled
+    ptxas, no GPU) into registers alone: what the interpreter cannot say about the GPU code."""
+    pytest.importorskip("triton")
+    from load_tests.triton_offline import decode_variants
+
+    res = decode_variants()
+    assert len(res) == 8
+    for label, r in res.items():
+        assert r["stack_bytes"] == 0 and r["local_bytes"] == 0 and 0 < r["registers"] <= 255, (label, r)
+        assert r["mma"] == "mma_v2", label  # the score and value dots on tensor cores
