@@ -292,7 +292,8 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
              "rope": (llama, "GEMV_ROPE"), "cfgs": (triton_gemv, "_CONFIGS"),
              "splits": (triton_decode, "num_splits_for"), "max_rows": (llama, "GEMV_MAX_ROWS"),
              "nbi": (triton_decode, "BLOCKS_PER_ITER"), "swap": (triton_gemv, "ROWS_SWAP"),
-             "mlp": (llama, "GEMV_ROWS_MLP"), "attn_rope": (llama, "ATTN_ROPE")}
+             "mlp": (llama, "GEMV_ROWS_MLP"), "attn_rope": (llama, "ATTN_ROPE"),
+             "persist": (triton_gemv, "ROWS_PERSIST")}
     defaults = {k: getattr(mod, attr) for k, (mod, attr) in knobs.items()}
     # the qwen2-1.5b GEMV block configs tuned without PDL, one projection at a time (before step-sweep)
     old_cfgs = {(2048, 1536): (8, 512, 8), (1536, 1536): (2, 512, 4), (17920, 1536): (16, 512, 8),
@@ -302,6 +303,8 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 ("small-batch gemv", {"max_rows": 32}), ("small-batch gemv swapped", {"max_rows": 32, "swap": True}),
                 ("small-batch gemv attn", {"max_rows": 32, "mlp": False}),
                 ("rope in attention", {"attn_rope": True}),
+                ("small-batch gemv persistent 1", {"max_rows": 32, "persist": 1}),
+                ("small-batch gemv persistent 2", {"max_rows": 32, "persist": 2}),
                 ("attn 2 blocks", {"nbi": 2}), ("attn 4 blocks", {"nbi": 4}),
                 ("attn 8 blocks", {"nbi": 8}),
                 ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}),

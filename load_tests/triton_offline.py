@@ -77,7 +77,7 @@ def _gemv():
         print(f"{name:8s} {(bn, bk, nw)} {r}", flush=True)
 
 
-def _rows(configs):
+def _rows(configs, persist: bool = False):
     from token_scheduler.model import triton_gemv as g
 
     fn = g._gemv_rows_kernel
@@ -87,7 +87,7 @@ def _rows(configs):
                                       ("gate_up", 1536, 1, True, 2), ("down", 8960, 0, False, 0)):
         for bn, bk, nw, ns in configs:
             c = dict(K=k, MODE=mode, HAS_R=has_r, HAS_B=False, EPI=epi, M_PAD=16, BLOCK_N=bn, BLOCK_K=bk, IEEE=False,
-                     PDL=True, H=12, KVH=2, D=128)
+                     SWAP=False, PDL=True, H=12, KVH=2, D=128, PERSIST=persist)
             r = inspect_kernel(fn, types, c, aligned=_ALIGNED, num_warps=nw, num_stages=ns)
             print(f"{name:8s} {(bn, bk, nw, ns)} {r}", flush=True)
 
@@ -119,6 +119,7 @@ def decode_variants() -> dict[str, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["rows", "gemv", "decode"])
+    ap.add_argument("--persist", action="store_true", help="rows: the persistent grid (triton_gemv.ROWS_PERSIST)")
     a = ap.parse_args()
     if a.what == "gemv":
         _gemv()
@@ -126,7 +127,7 @@ def main() -> None:
         for label, r in decode_variants().items():
             print(f"{label:28s} {r}", flush=True)
     else:
-        _rows([(16, 256, 4, 4), (64, 256, 4, 3), (16, 512, 8, 3), (64, 256, 8, 3)])
+        _rows([(16, 256, 4, 4), (64, 256, 4, 3), (16, 512, 8, 3), (64, 256, 8, 3)], a.persist)
 
 
 if __name__ == "__main__":

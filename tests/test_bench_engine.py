@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.triton_interp import interpret
 
 
 def _finite(x) -> bool:
@@ -86,30 +84,11 @@ def test_ulp_and_divergence():
     assert not _divergence(ref, 0, 7, torch.bfloat16, {7}, 2.0)["near_tie"]
 
 
-# Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a loop bound with int(array), which
-# NumPy 2.4 refuses for arrays of one dimension: read it as its one element instead (the kernel is unchanged)
-_INTERP_PATCH = """
-import triton.runtime.interpreter as ti
-patch_tensor = ti._patch_lang_tensor
-def patched(tensor, scope):
-    patch_tensor(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-ti._patch_lang_tensor = patched
-"""
-
-
-def _interpret(code: str) -> None:
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
-
-
 def test_triton_paged_decode_fp32_is_exact_in_the_interpreter():
     """The fp32 engine on CUDA runs the Triton paged-decode kernel with IEEE fp32 dots (Triton's fp32 default
     is TF32). Triton's CPU interpreter runs the same kernel source: the fp32 result must match fp64."""
     pytest.importorskip("triton")
-    code = _INTERP_PATCH + """
+    code = """
 import torch
 from token_scheduler.model.attention import AttentionMetadata, _decode_torch
 from token_scheduler.model import triton_decode
@@ -131,7 +110,7 @@ for nbi, splits in ((1, None), (4, None), (4, 1), (4, 2), (2, 3)):
         assert out.dtype == torch.float32 and err < 1e-6, (nbi, splits, window, err)
 print("ok")
 """
-    _interpret(code)
+    interpret(code)
 
 
 def test_paged_decode_with_rope_folded_in_equals_rope_then_decode_in_the_interpreter():
@@ -139,7 +118,7 @@ def test_paged_decode_with_rope_folded_in_equals_rope_then_decode_in_the_interpr
     bit, and the same attention output as rope_and_write_kv followed by paged_decode (fp32, to summation order), at
     every split count, with a sliding window, and for a row whose context is its new token alone."""
     pytest.importorskip("triton")
-    code = _INTERP_PATCH + """
+    code = """
 import torch
 from token_scheduler.model.triton_decode import paged_decode
 from token_scheduler.model.triton_ops import rope_and_write_kv
@@ -165,7 +144,7 @@ for splits in (None, 1, 2, 4):
         assert torch.allclose(out[0], v0.repeat_interleave(H // KVH, 0), atol=1e-6)
 print("ok")
 """
-    _interpret(code)
+    interpret(code)
 
 
 def test_fused_decode_step_with_rope_in_the_attention_in_the_interpreter(make_varied):
@@ -174,7 +153,7 @@ def test_fused_decode_step_with_rope_in_the_attention_in_the_interpreter(make_va
     separate RoPE kernel -- and for a prefill taken row by row (rows that read each other's K/V) the fold stays off."""
     pytest.importorskip("triton")
     d = make_varied("qwen2")
-    code = _INTERP_PATCH + f"""
+    code = f"""
 import torch
 from model_swapper.model_config import ModelConfig
 from model_swapper.weights import load_weights
@@ -212,7 +191,7 @@ h2, kv_2 = run(True, False)  # not a decode step's own rows: the separate kernel
 assert len(calls) == cfg.num_layers and torch.equal(h2, h0) and torch.equal(kv_2, kv_0)
 print("ok")
 """
-    _interpret(code)
+    interpret(code)
 
 
 def test_paged_decode_variants_compile_for_the_h200_without_spills():

@@ -2,12 +2,9 @@
 fp32: each mode computes what the eager ops compute (bf16 is checked on the GPU: the interpreter truncates
 fp32 -> bf16 instead of rounding to nearest, so only fp32 is meaningful here)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.triton_interp import interpret
 
 CODE = """
 import torch, torch.nn.functional as F
@@ -61,17 +58,8 @@ print("ok")
 """
 
 
-def _interpret(code: str, *args: str) -> None:
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    r = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=root, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
-
-
 def test_gemv_modes_match_eager_ops_in_the_interpreter():
-    _interpret(CODE)
+    interpret(CODE)
 
 
 ROWS = """
@@ -80,6 +68,12 @@ from token_scheduler.model import triton_gemv
 from token_scheduler.model.triton_gemv import MODE_NORM, MODE_SILU, RopeKV, gemv_rows
 from token_scheduler.model.triton_ops import rope_and_write_kv
 triton_gemv.ROWS_SWAP = sys.argv[1] == "swap"
+_one_a_tile = gemv_rows
+def gemv_rows(*a, **kw):  # each call once a program a tile, then on a persistent grid of 3 (its cache writes last)
+    ref = _one_a_tile(*a, **kw)
+    out = _one_a_tile(*a, **kw, programs=3)
+    assert all(torch.equal(p, q) for p, q in zip(ref, out) if p is not None), kw.get("config")
+    return out
 torch.manual_seed(0)
 N, K = 70, 200  # neither a multiple of the blocks: masked edges on both axes
 w, b, nw = torch.randn(N, K), torch.randn(N), torch.randn(K)
@@ -132,8 +126,8 @@ print("ok")
 @pytest.mark.parametrize("dot", ["x w^T", "swap"])
 def test_gemv_rows_modes_match_eager_ops_in_the_interpreter(dot):
     """The small-batch GEMV: each weight tile against every row, with the one-token kernel's folds per row; its
-    dot either way round (ROWS_SWAP)."""
-    _interpret(ROWS, dot)
+    dot either way round (ROWS_SWAP); one program a tile and a persistent grid (ROWS_PERSIST) alike."""
+    interpret(ROWS, dot)
 
 
 def test_pdl_rows_widens_programmatic_dependent_launch_to_its_steps(monkeypatch):
@@ -187,7 +181,7 @@ print("ok")
 def test_one_token_forward_matches_reference_in_the_interpreter(make_varied, arch):
     """The whole one-token path (GEMVs with the norms, SiLU*mul and, for qwen2, RoPE+KV write folded in; qwen3
     keeps its q/k norm and the separate RoPE kernel) against the reference forward: hidden state and cache."""
-    _interpret(FORWARD, str(make_varied(arch)))
+    interpret(FORWARD, str(make_varied(arch)))
 
 
 BATCH_FORWARD = """
@@ -245,4 +239,4 @@ def test_small_batch_forward_matches_reference_in_the_interpreter(make_varied, a
     """A decode step over sequences of different context lengths, padded to its graph bucket, through the
     small-batch GEMVs (qwen2: RoPE+KV write folded in; qwen3: q/k norm and the separate RoPE kernel; "attn": qkv
     and o alone, GEMV_ROWS_MLP off) against the reference forward: hidden state of every row, and the whole cache."""
-    _interpret(BATCH_FORWARD, str(make_varied(arch)), proj)
+    interpret(BATCH_FORWARD, str(make_varied(arch)), proj)

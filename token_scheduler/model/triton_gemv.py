@@ -45,6 +45,7 @@ Block sizes come from `config_for` (tuned on an H100 in the decode graph:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -294,60 +295,42 @@ def _dot(x, w, acc, IEEE: tl.constexpr, SWAP: tl.constexpr):
     return acc
 
 
-# M varies with the batch (and eager steps' token counts): specialising on it would compile per value.
-@triton.jit(do_not_specialize=["M"])
-def _gemv_rows_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr,
-                      HAS_B: tl.constexpr, EPI: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr,
-                      COS, SIN, POS, KV, SB, SO, s_kvb, s_kvt, s_kvh, off_k, off_v,
-                      H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr):
-    pid = tl.program_id(0)
-    dt = Y.dtype.element_ty
-    m = tl.arange(0, M_PAD)
-    mm = m < M
+@triton.jit
+def _tile_rows(tile, N, EPI: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """Weight rows of output tile `tile` (and their mask; with EPI 1 the head, with EPI 1 and 2 the first pair
+    offset i0). EPI 1 (RoPE) and 2 (GLU) work on pairs of weight rows: tile column 2j + h holds member h of pair j,
+    so a reshape to [M_PAD, PAIRS, 2] and a split hand the epilogue both members of each pair."""
     c = tl.arange(0, BLOCK_N)
-    kk = tl.arange(0, BLOCK_K)
-    # EPI 1 (RoPE) and 2 (GLU) work on pairs of weight rows: tile column 2j + h holds member h of pair j, so a
-    # reshape to [M_PAD, PAIRS, 2] and a split hand the epilogue both members of each pair.
     PAIRS: tl.constexpr = BLOCK_N // 2
+    head = 0
+    i0 = 0
     if EPI == 1:  # pair j: offset i0 + j of both halves of one head
         HALF: tl.constexpr = D // 2
-        head = pid // (HALF // PAIRS)
-        i0 = (pid % (HALF // PAIRS)) * PAIRS
+        head = tile // (HALF // PAIRS)
+        i0 = (tile % (HALF // PAIRS)) * PAIRS
         rows = head * D + (c % 2) * HALF + i0 + c // 2
         rmask = rows < N
     elif EPI == 2:  # pair j: gate row i0 + j and up row N/2 + i0 + j
-        i0 = pid * PAIRS
+        i0 = tile * PAIRS
         rows = (c % 2) * (N // 2) + i0 + c // 2
         rmask = i0 + c // 2 < N // 2
     else:
-        rows = pid * BLOCK_N + c
+        rows = tile * BLOCK_N + c
         rmask = rows < N
-    wp = W + rows[:, None].to(tl.int64) * K + kk[None, :]
-    wmask = rmask[:, None]
-    # The first weight tile is loaded before waiting on the previous kernel: no kernel writes weights.
-    w = tl.load(wp, mask=wmask & (kk < K)[None, :], other=0.0)
-    pdl_enter(PDL)
-    inv = tl.zeros([M_PAD], tl.float32)
-    if MODE == 1:
-        inv = rows_rms(X, R, XOUT, m, mm, kk, pid, eps, K, BLOCK_K, HAS_R, dt)
-    if SWAP:
-        acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
-    else:
-        acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-    acc = _dot(rows_tile(X, R, NW, m, mm, kk, kk < K, inv, K, MODE, HAS_R, dt), w, acc, IEEE, SWAP)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        cols = k0 + kk
-        km = cols < K
-        w = tl.load(wp + k0, mask=wmask & km[None, :], other=0.0)
-        acc = _dot(rows_tile(X, R, NW, m, mm, cols, km, inv, K, MODE, HAS_R, dt), w, acc, IEEE, SWAP)
-    if SWAP:
-        acc = tl.trans(acc)
+    return rows, rmask, head, i0
+
+
+@triton.jit
+def _tile_store(acc, rows, rmask, head, i0, m, mm, Y, B, N, HAS_B: tl.constexpr, EPI: tl.constexpr,
+                M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, COS, SIN, POS, KV, SB, SO, s_kvb, s_kvt, s_kvh, off_k,
+                off_v, H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, dt):
+    """A tile's epilogue: bias, then the plain store, SiLU*mul (EPI 2) or RoPE and the KV write (EPI 1)."""
     if HAS_B:
         acc += tl.load(B + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
     if EPI == 0:
         tl.store(Y + m[:, None] * N + rows[None, :], acc.to(dt), mask=mm[:, None] & rmask[None, :])
     else:
+        PAIRS: tl.constexpr = BLOCK_N // 2
         a1, a2 = tl.split(tl.reshape(acc.to(dt).to(tl.float32), [M_PAD, PAIRS, 2]))
         i = i0 + tl.arange(0, PAIRS)
         if EPI == 2:  # as silu_mul on the stored projection
@@ -355,6 +338,7 @@ def _gemv_rows_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE:
             tl.store(Y + m[:, None] * (N // 2) + i[None, :], (g * a2).to(dt),
                      mask=mm[:, None] & (i < N // 2)[None, :])
         else:  # as rope_and_write_kv on the stored projection, each row at its own position and cache slot
+            HALF: tl.constexpr = D // 2
             if head < H + KVH:
                 pos = tl.load(POS + m, mask=mm, other=0)
                 y1, y2 = rope_pair(a1, a2, COS, SIN, pos[:, None], i[None, :], D, HALF, dt)
@@ -374,6 +358,66 @@ def _gemv_rows_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE:
             tl.store(yp + HALF, y2, mask=mm[:, None])
 
 
+# M varies with the batch (and eager steps' token counts): specialising on it would compile per value.
+@triton.jit(do_not_specialize=["M"])
+def _gemv_rows_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr,
+                      HAS_B: tl.constexpr, EPI: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr,
+                      COS, SIN, POS, KV, SB, SO, s_kvb, s_kvt, s_kvh, off_k, off_v,
+                      H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, PERSIST: tl.constexpr = False,
+                      TILES=1):
+    pid = tl.program_id(0)
+    dt = Y.dtype.element_ty
+    m = tl.arange(0, M_PAD)
+    mm = m < M
+    kk = tl.arange(0, BLOCK_K)
+    if PERSIST:  # a grid of a few programs an SM, each taking every G-th tile; tile and K loops one pipelined loop
+        pdl_enter(PDL)
+        inv = tl.zeros([M_PAD], tl.float32)
+        if MODE == 1:  # once a program, not once a tile
+            inv = rows_rms(X, R, XOUT, m, mm, kk, pid, eps, K, BLOCK_K, HAS_R, dt)
+        for tile in tl.range(pid, TILES, tl.num_programs(0), flatten=True):
+            rows, rmask, head, i0 = _tile_rows(tile, N, EPI, BLOCK_N, D)
+            wp = W + rows[:, None].to(tl.int64) * K + kk[None, :]
+            if SWAP:
+                acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
+            else:
+                acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + kk
+                km = cols < K
+                w = tl.load(wp + k0, mask=rmask[:, None] & km[None, :], other=0.0)
+                acc = _dot(rows_tile(X, R, NW, m, mm, cols, km, inv, K, MODE, HAS_R, dt), w, acc, IEEE, SWAP)
+            if SWAP:
+                acc = tl.trans(acc)
+            _tile_store(acc, rows, rmask, head, i0, m, mm, Y, B, N, HAS_B, EPI, M_PAD, BLOCK_N, COS, SIN, POS, KV,
+                        SB, SO, s_kvb, s_kvt, s_kvh, off_k, off_v, H, KVH, D, dt)
+    else:
+        rows, rmask, head, i0 = _tile_rows(pid, N, EPI, BLOCK_N, D)
+        wp = W + rows[:, None].to(tl.int64) * K + kk[None, :]
+        wmask = rmask[:, None]
+        # The first weight tile is loaded before waiting on the previous kernel: no kernel writes weights.
+        w = tl.load(wp, mask=wmask & (kk < K)[None, :], other=0.0)
+        pdl_enter(PDL)
+        inv = tl.zeros([M_PAD], tl.float32)
+        if MODE == 1:
+            inv = rows_rms(X, R, XOUT, m, mm, kk, pid, eps, K, BLOCK_K, HAS_R, dt)
+        if SWAP:
+            acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
+        else:
+            acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+        acc = _dot(rows_tile(X, R, NW, m, mm, kk, kk < K, inv, K, MODE, HAS_R, dt), w, acc, IEEE, SWAP)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            cols = k0 + kk
+            km = cols < K
+            w = tl.load(wp + k0, mask=wmask & km[None, :], other=0.0)
+            acc = _dot(rows_tile(X, R, NW, m, mm, cols, km, inv, K, MODE, HAS_R, dt), w, acc, IEEE, SWAP)
+        if SWAP:
+            acc = tl.trans(acc)
+        _tile_store(acc, rows, rmask, head, i0, m, mm, Y, B, N, HAS_B, EPI, M_PAD, BLOCK_N, COS, SIN, POS, KV, SB,
+                    SO, s_kvb, s_kvt, s_kvh, off_k, off_v, H, KVH, D, dt)
+
+
 # (BLOCK_N, BLOCK_K for 2-byte dtypes, num_warps, num_stages) by weight shape [N, K] and padded rows M_PAD
 # (`rows_pad`), tuned in the decode graph (diag_gpu step-sweep); other shapes: `rows_config_for`. qwen2-1.5b's qkv and
 # o at up to 16 rows: swept with the MLP on cuBLAS (--mlp-cublas) on the H200 at f4155ff, batch 4: the step's replay
@@ -391,6 +435,21 @@ _ROWS_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
 # cuBLAS 1.64/1.66/1.66; bench/results/small_batch_gemv_swap_h200_9116b98.json): off, an A/B variant (diag_gpu step
 # "small-batch gemv swapped", step-sweep --swap; not swept yet).
 ROWS_SWAP = False
+
+# A persistent grid: ROWS_PERSIST programs an SM, each looping over every G-th output tile, its tile and K loops
+# flattened into one software-pipelined loop (tl.range(flatten=True)), instead of one program a tile. Why: the
+# H200's batch-8 profile of the small-batch path (f4155ff) had its 112 kernels at 1,637 us a step against cuBLAS's
+# ~1,100 us for the same projections, and the sm_90 build of gate_up at (64, 256, 4, 3) holds 107 KB of shared
+# memory a program -- two programs an SM, 264 at once for its 280 tiles: a second wave of 16 programs, each as long as
+# the first (`python -m load_tests.triton_offline rows`). down's 96 tiles of 16 rows leave 36 SMs idle. The norm
+# pass (MODE_NORM) runs once a program instead of once a tile too. 0: off (unmeasured on the GPU: diag_gpu step
+# variants "small-batch gemv persistent ...").
+ROWS_PERSIST = 0
+
+
+@functools.cache
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def rows_pad(m: int) -> int:
@@ -413,11 +472,13 @@ def rows_config_for(n: int, k: int, m_pad: int) -> tuple[int, int, int, int]:
 
 def gemv_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, mode: int = MODE_PLAIN,
               r: torch.Tensor | None = None, norm_w: torch.Tensor | None = None, eps: float = 0.0,
-              glu: bool = False, rope: RopeKV | None = None, config: tuple[int, int, int, int] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+              glu: bool = False, rope: RopeKV | None = None, config: tuple[int, int, int, int] | None = None,
+              programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x: [M, K], a few tokens; w: [N, K]; mode MODE_PLAIN or MODE_NORM. Returns (y [M, N], new residual x + r
     or None). With `glu` (w is a fused [gate; up]): y = silu(x gate^T) * (x up^T), [M, N/2]. With `rope` (w is a
-    fused qkv): y is q after RoPE, [M, H, D], and each row's k (after RoPE) and v go into the cache at its slot."""
+    fused qkv): y is q after RoPE, [M, H, D], and each row's k (after RoPE) and v go into the cache at its slot.
+    `programs`: a persistent grid of that many programs when there are more tiles (default: ROWS_PERSIST an SM on
+    CUDA, else one program a tile)."""
     n, k = w.shape
     m = x.shape[0]
     if (mode == MODE_SILU or x.shape != (m, k) or not x.is_contiguous() or not w.is_contiguous()
@@ -439,10 +500,14 @@ def gemv_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
         y = torch.empty(m, n // 2 if glu else n, device=x.device, dtype=x.dtype)
     if bn < 16 or bk < 16:
         raise ValueError(f"gemv_rows: tl.dot needs blocks of 16 at least, got BLOCK_N {bn}, BLOCK_K {bk}")
-    _gemv_rows_kernel[(triton.cdiv(n, bn),)](
+    tiles = triton.cdiv(n, bn)
+    if programs is None and ROWS_PERSIST and x.is_cuda:
+        programs = ROWS_PERSIST * _sms(x.device.index if x.device.index is not None else 0)
+    persist = programs is not None and programs < tiles
+    _gemv_rows_kernel[(programs if persist else tiles,)](
         x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
         w, bias if bias is not None else w, y, eps, m, n, K=k, MODE=mode, HAS_R=r is not None,
         HAS_B=bias is not None, EPI=1 if rope is not None else 2 if glu else 0, M_PAD=m_pad, BLOCK_N=bn,
         BLOCK_K=bk, IEEE=x.dtype == torch.float32, SWAP=ROWS_SWAP, PDL=pdl(x), **_rope_args(rope, n, bn, x),
-        num_warps=nw, num_stages=ns, launch_pdl=pdl(x))
+        PERSIST=persist, TILES=tiles, num_warps=nw, num_stages=ns, launch_pdl=pdl(x))
     return y, x_out
