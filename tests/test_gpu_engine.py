@@ -310,18 +310,22 @@ def _decode_batch(rows: int, real: int):
     return ids, pos.cuda(), meta, scratch + 1
 
 
-@pytest.mark.parametrize("arch,swap,mlp", [("qwen2", False, True), ("qwen3", False, True), ("llama", False, True),
-                                           ("qwen2", True, True), ("qwen2", False, False)])
-def test_small_batch_gemv_forward_equals_cublas_forward(make_varied, arch, swap, mlp, monkeypatch):
+@pytest.mark.parametrize("arch,swap,mlp,persist", [
+    ("qwen2", False, True, 0), ("qwen3", False, True, 0), ("llama", False, True, 0), ("qwen2", True, True, 0),
+    ("qwen2", False, False, 0), ("qwen2", False, True, 2), ("qwen3", False, True, 2)])
+def test_small_batch_gemv_forward_equals_cublas_forward(make_varied, arch, swap, mlp, persist, monkeypatch):
     """A decode step of 8 rows (6 sequences, 2 padded) through the small-batch GEMVs (their dot either way round:
-    ROWS_SWAP; the MLP's too, or qkv and o alone: GEMV_ROWS_MLP): the hidden state and the K/V written of the cuBLAS
-    path, within bf16 rounding."""
+    ROWS_SWAP; the MLP's too, or qkv and o alone: GEMV_ROWS_MLP; on a persistent grid: ROWS_PERSIST, here 2 programs
+    in all, fewer than a tiny model's tiles): the hidden state and the K/V written of the cuBLAS path, within bf16
+    rounding."""
     from model_swapper.model_config import ModelConfig
     from model_swapper.weights import load_weights
     from token_scheduler.model import llama, triton_gemv
 
     monkeypatch.setattr(triton_gemv, "ROWS_SWAP", swap)
     monkeypatch.setattr(llama, "GEMV_ROWS_MLP", mlp)
+    monkeypatch.setattr(triton_gemv, "ROWS_PERSIST", persist)
+    monkeypatch.setattr(triton_gemv, "_sms", lambda index: 1)
     from token_scheduler.runner import allocate_kv_cache
 
     d = make_varied(arch)
