@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from token_scheduler.model.triton_ops import pdl, pdl_enter, rope_pair
+from tokenpool import env
 
 MODE_PLAIN, MODE_NORM, MODE_SILU = 0, 1, 2
 
@@ -443,8 +444,8 @@ ROWS_SWAP = False
 # memory a program -- two programs an SM, 264 at once for its 280 tiles: a second wave of 16 programs, each as long as
 # the first (`python -m load_tests.triton_offline rows`). down's 96 tiles of 16 rows leave 36 SMs idle. The norm
 # pass (MODE_NORM) runs once a program instead of once a tile too. 0: off (unmeasured on the GPU: diag_gpu step
-# variants "small-batch gemv persistent ...").
-ROWS_PERSIST = 0
+# variants "small-batch gemv persistent ..."; TOKENPOOL_GEMV_ROWS_PERSIST).
+ROWS_PERSIST = env.GEMV_ROWS_PERSIST.integer()
 
 
 @functools.cache
