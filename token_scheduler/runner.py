@@ -447,7 +447,7 @@ class ModelRunner:
         q = torch.zeros(1, cfg.num_heads, cfg.head_dim, dtype=self.kv.dtype, device=dev)
         bt = torch.full((1, 1), self.scratch_block, dtype=torch.int32, device=dev)
         triton_decode.warm_up(q, self.kv, bt, torch.ones(1, dtype=torch.int32, device=dev), cfg.head_dim**-0.5,
-                              cfg.sliding_window, self.rope if llama.ATTN_ROPE and not cfg.qk_norm else None)
+                              cfg.sliding_window, self.rope if llama.folds_rope(cfg) else None)
 
     def _decode_graph(self, out: SchedulerOutput, ids: torch.Tensor | None = None,
                       start: torch.cuda.Event | None = None, rows: list[int] | None = None) -> _DecodeGraph:

@@ -149,7 +149,7 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
             return _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta)
     H, KVH, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     # a decode step's rows (one new token each, of different sequences): RoPE and the KV write in the attention
-    fold_rope = ATTN_ROPE and meta.decode and meta.own_rows and meta.use_triton and not cfg.qk_norm
+    fold_rope = folds_rope(cfg) and meta.decode and meta.own_rows and meta.use_triton
     h = k.add_rms_norm(x, None, w["l0.ln1"], eps)
     for n in range(cfg.num_layers):
         p = f"l{n}."
@@ -201,6 +201,12 @@ GEMV_ROWS_MLP = env.GEMV_ROWS_MLP.on()
 # (bench/results/sim_levers_models40_rowgraph_120s_*.json). Correct in the interpreter (fp32); unmeasured on the
 # GPU, so off (TOKENPOOL_ATTN_ROPE=1: on).
 ATTN_ROPE = env.ATTN_ROPE.on()
+
+
+def folds_rope(cfg: ModelConfig) -> bool:
+    """Whether this model's batched decode steps run RoPE and the KV write in the attention (ATTN_ROPE; not with
+    q/k norms, which come between the projection and RoPE)."""
+    return ATTN_ROPE and not cfg.qk_norm
 
 
 def _mlp(w, p: str, h: torch.Tensor) -> torch.Tensor:

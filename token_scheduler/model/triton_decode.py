@@ -155,14 +155,15 @@ def warm_up(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor, conte
     if pdl(q):
         rows.append((q.repeat(2, 1, 1), block_tables.repeat(2, 1), context_lens.repeat(2)))
     for qq, bt, ctx in rows:
+        if rope is not None:  # the fused qkv of these rows, all at position 0 of the scratch block
+            n = qq.shape[0]
+            qkv = torch.zeros(n, (qq.shape[1] + 2 * kv.shape[4]) * qq.shape[2], device=q.device, dtype=q.dtype)
+            zero = torch.zeros(n, dtype=torch.long, device=q.device)
+            folded = (rope.cos, rope.sin, zero, bt[:, 0].long(), zero)
         for s in SPLITS:
             paged_decode(qq, kv, 0, bt, ctx, scale, window, num_splits=s)
             if rope is not None:
-                n, kvh = qq.shape[0], kv.shape[4]
-                qkv = torch.zeros(n, qq.shape[1] + 2 * kvh, qq.shape[2], device=q.device, dtype=q.dtype)
-                zero = torch.zeros(n, dtype=torch.long, device=q.device)
-                paged_decode(qkv.view(n, -1), kv, 0, bt, ctx, scale, window, num_splits=s,
-                             rope=(rope.cos, rope.sin, zero, bt[:, 0].long(), zero))
+                paged_decode(qkv, kv, 0, bt, ctx, scale, window, num_splits=s, rope=folded)
 
 
 def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, num_splits=None, rope=None):

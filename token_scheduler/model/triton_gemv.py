@@ -359,6 +359,27 @@ def _tile_store(acc, rows, rmask, head, i0, m, mm, Y, B, N, HAS_B: tl.constexpr,
             tl.store(yp + HALF, y2, mask=mm[:, None])
 
 
+@triton.jit
+def _acc_zeros(M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+    if SWAP:
+        return tl.zeros([BLOCK_N, M_PAD], tl.float32)
+    return tl.zeros([M_PAD, BLOCK_N], tl.float32)
+
+
+@triton.jit
+def _tile_dots(acc, k_start, X, R, NW, wp, rmask, m, mm, kk, inv, K: tl.constexpr, MODE: tl.constexpr,
+               HAS_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr, dt):
+    """A tile's weight rows `wp` against every input row from column k_start on, added to acc; [M_PAD, BLOCK_N]."""
+    for k0 in range(k_start, K, BLOCK_K):
+        cols = k0 + kk
+        km = cols < K
+        w = tl.load(wp + k0, mask=rmask[:, None] & km[None, :], other=0.0)
+        acc = _dot(rows_tile(X, R, NW, m, mm, cols, km, inv, K, MODE, HAS_R, dt), w, acc, IEEE, SWAP)
+    if SWAP:
+        acc = tl.trans(acc)
+    return acc
+
+
 # M varies with the batch (and eager steps' token counts): specialising on it would compile per value.
 @triton.jit(do_not_specialize=["M"])
 def _gemv_rows_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr,
@@ -380,41 +401,22 @@ def _gemv_rows_kernel(X, R, NW, XOUT, W, B, Y, eps, M, N, K: tl.constexpr, MODE:
         for tile in tl.range(pid, TILES, tl.num_programs(0), flatten=True):
             rows, rmask, head, i0 = _tile_rows(tile, N, EPI, BLOCK_N, D)
             wp = W + rows[:, None].to(tl.int64) * K + kk[None, :]
-            if SWAP:
-                acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
-            else:
-                acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + kk
-                km = cols < K
-                w = tl.load(wp + k0, mask=rmask[:, None] & km[None, :], other=0.0)
-                acc = _dot(rows_tile(X, R, NW, m, mm, cols, km, inv, K, MODE, HAS_R, dt), w, acc, IEEE, SWAP)
-            if SWAP:
-                acc = tl.trans(acc)
+            acc = _tile_dots(_acc_zeros(M_PAD, BLOCK_N, SWAP), 0, X, R, NW, wp, rmask, m, mm, kk, inv, K, MODE,
+                             HAS_R, BLOCK_K, IEEE, SWAP, dt)
             _tile_store(acc, rows, rmask, head, i0, m, mm, Y, B, N, HAS_B, EPI, M_PAD, BLOCK_N, COS, SIN, POS, KV,
                         SB, SO, s_kvb, s_kvt, s_kvh, off_k, off_v, H, KVH, D, dt)
     else:
         rows, rmask, head, i0 = _tile_rows(pid, N, EPI, BLOCK_N, D)
         wp = W + rows[:, None].to(tl.int64) * K + kk[None, :]
-        wmask = rmask[:, None]
         # The first weight tile is loaded before waiting on the previous kernel: no kernel writes weights.
-        w = tl.load(wp, mask=wmask & (kk < K)[None, :], other=0.0)
+        w = tl.load(wp, mask=rmask[:, None] & (kk < K)[None, :], other=0.0)
         pdl_enter(PDL)
         inv = tl.zeros([M_PAD], tl.float32)
         if MODE == 1:
             inv = rows_rms(X, R, XOUT, m, mm, kk, pid, eps, K, BLOCK_K, HAS_R, dt)
-        if SWAP:
-            acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
-        else:
-            acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-        acc = _dot(rows_tile(X, R, NW, m, mm, kk, kk < K, inv, K, MODE, HAS_R, dt), w, acc, IEEE, SWAP)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            cols = k0 + kk
-            km = cols < K
-            w = tl.load(wp + k0, mask=wmask & km[None, :], other=0.0)
-            acc = _dot(rows_tile(X, R, NW, m, mm, cols, km, inv, K, MODE, HAS_R, dt), w, acc, IEEE, SWAP)
-        if SWAP:
-            acc = tl.trans(acc)
+        acc = _dot(rows_tile(X, R, NW, m, mm, kk, kk < K, inv, K, MODE, HAS_R, dt), w,
+                   _acc_zeros(M_PAD, BLOCK_N, SWAP), IEEE, SWAP)
+        acc = _tile_dots(acc, BLOCK_K, X, R, NW, wp, rmask, m, mm, kk, inv, K, MODE, HAS_R, BLOCK_K, IEEE, SWAP, dt)
         _tile_store(acc, rows, rmask, head, i0, m, mm, Y, B, N, HAS_B, EPI, M_PAD, BLOCK_N, COS, SIN, POS, KV, SB,
                     SO, s_kvb, s_kvt, s_kvh, off_k, off_v, H, KVH, D, dt)
 
