@@ -10,6 +10,7 @@
   split count).
 - `copy-contention`: which small stream operations of a decode step (copies by kind and size, a kernel) wait behind
   a weight prefetch's large host -> device copy on another stream.
+- `co-step`: two models' decode graphs replayed on one stream and on two (does one fill the other's gaps?).
 - `step-sweep`: the GEMV block configs tuned by the decode graph's replay time, one projection at a time: the
   one-token kernel's at batch 1, the small-batch kernel's (for that batch's padded row count) above.
 
@@ -19,6 +20,7 @@
     python -m load_tests.diag_gpu step --model DIR --batch 1,2,4,8,16,32
     python -m load_tests.diag_gpu step-sweep --model DIR [--batch 8]
     python -m load_tests.diag_gpu copy-contention
+    python -m load_tests.diag_gpu co-step --model DIR_A --model15 DIR_B --batch 1,2,4
 """
 
 from __future__ import annotations
@@ -662,6 +664,78 @@ def pipe_dev(model7: str, model15: str, steps: int = 600, batch: int = 3, device
             multi.close()
 
 
+def co_step(model_a: str, model_b: str, batches: list[int], context: int = 512, reps: int = 60) -> None:
+    """Two models' decode steps at once: does a second model's captured decode graph, replayed on its own stream,
+    fill the first one's kernel boundaries? Served at 40 models the device is busy 95-97% with decode steps at a
+    mean batch of ~2 (session 35), 1.5B steps at 1.7x their weights' stream: ~3 us of fill and drain at each of
+    ~170 kernels. Two engines (model_a and model_b, each its own weights and KV), `batch` greedy streams each, their
+    graphs captured by the engine; then per batch: A alone, B alone, A then B on one stream, A and B on two
+    streams, each `reps` pairs, ms a pair by the wall with the device drained at both ends."""
+    from load_tests.bench_engine import decode_graph
+    from token_scheduler.request import SamplingParams
+
+    engines = [_StepTimer(m, max(batches), context).eng for m in (model_a, model_b)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+
+    def timed(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / reps * 1e3
+
+    for b in batches:
+        graphs = []
+        for n, eng in enumerate(engines):
+            g = torch.Generator().manual_seed(b + n)
+            vocab = eng.model_config.vocab_size
+            for i in range(b):
+                eng.add_request(f"co{b}-{i}", torch.randint(0, vocab, (context,), generator=g).tolist(),
+                                SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+            while any(r.is_prefilling or not r.output_token_ids for r in eng.scheduler.requests.values()):
+                eng.step()
+            for _ in range(3):
+                eng.step()
+            dg = decode_graph(eng, b)
+            if dg is None:
+                raise SystemExit(f"co-step: no decode graph at batch {b}")
+            graphs.append(dg.graph)
+        ga, gb = graphs
+
+        def both_one_stream(ga=ga, gb=gb):
+            ga.replay()
+            gb.replay()
+
+        def both_two_streams(ga=ga, gb=gb):  # a step of both models: both start together, the next waits for both
+            cur = torch.cuda.current_stream()
+            for s in streams:
+                s.wait_stream(cur)
+            with torch.cuda.stream(streams[0]):
+                ga.replay()
+            with torch.cuda.stream(streams[1]):
+                gb.replay()
+            for s in streams:
+                cur.wait_stream(s)
+
+        def both_free(ga=ga, gb=gb):  # no joins: each stream runs its replays back to back
+            with torch.cuda.stream(streams[0]):
+                ga.replay()
+            with torch.cuda.stream(streams[1]):
+                gb.replay()
+
+        a, bb = timed(ga.replay), timed(gb.replay)
+        one, two, free = timed(both_one_stream), timed(both_two_streams), timed(both_free)
+        print(f"co-step b{b}: A {a:.3f} ms, B {bb:.3f} ms, A+B one stream {one:.3f} ms, two streams joined "
+              f"{two:.3f} ms ({two / one:.3f} of one stream), two streams free {free:.3f} ms ({free / one:.3f})",
+              flush=True)
+        for eng in engines:
+            for rid in list(eng.scheduler.requests):
+                eng.abort_request(rid)
+            eng.step()
+
+
 def copy_contention(gb: float = 3.0, pieces: int = 4, reps: int = 12) -> None:
     """Which of a decode step's small stream operations wait behind a weight prefetch? Served pipelined at 36 models
     (session 30), a step queued while another model's weights were being copied in on the swapper's stream started
@@ -750,8 +824,8 @@ def copy_contention(gb: float = 3.0, pieces: int = 4, reps: int = 12) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["kv", "gemv", "gemv-triton", "rows-triton", "step", "step-sweep", "prefill",
-                                     "prefill-pooled", "pipe-dev", "copy-contention"])
-    ap.add_argument("--model15", help="pipe-dev: the 1.5B beside --model (the 7B)")
+                                     "prefill-pooled", "pipe-dev", "copy-contention", "co-step"])
+    ap.add_argument("--model15", help="pipe-dev: the 1.5B beside --model (the 7B); co-step: model B")
     ap.add_argument("--model")
     ap.add_argument("--variants", help="step: only these variants, comma-separated (e.g. 'default,no pdl')")
     ap.add_argument("--batch", help="step: batch sizes (default 1,8); step-sweep: one batch size (default 1)")
@@ -769,6 +843,7 @@ def main() -> None:
      "prefill-pooled": lambda: prefill_pooled(a.model),
      "pipe-dev": lambda: pipe_dev(a.model, a.model15),
      "copy-contention": copy_contention,
+     "co-step": lambda: co_step(a.model, a.model15, [int(b) for b in (a.batch or "1,2,4").split(",")], a.context),
      "rows-triton": lambda: rows_triton(a.model, [int(b) for b in (a.batch or "8,32").split(",")])}[a.what]()
 
 

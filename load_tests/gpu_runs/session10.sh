@@ -42,6 +42,8 @@
 #            cProfile (diag_gpu prefill-pooled), on the bench models of PREFPOOL_SIZES (default "1.5b 7b")
 #   pipedev  issue 14: diag_gpu pipe-dev: a decode step's device time (CUDA events) with the pooled engine's pipeline
 #            off and on, a bench 7B and 1.5B both resident, each stepping alone and both together
+#   costep   issue 14/20: diag_gpu co-step, two models' decode graphs on one stream and on two, for each pair in
+#            COSTEP_PAIRS (default "q15:q15 q7:q15 q7:q7") at batches COSTEP_B (default 1,2,4)
 #   dash     issue 18: tokenpool suite dashboards on this machine's CPUs (50 dashboards under 48 streams)
 # Usage (device tool, repo root, carry .whl): TOKENPOOL_COMMIT=<sha> PARTS="many" bash load_tests/gpu_runs/session10.sh
 source "$(dirname "$0")/prelude.sh"
@@ -175,6 +177,13 @@ prefpool) for sz in ${PREFPOOL_SIZES:-1.5b 7b}; do timeout "${LIMIT_PREFPOOL:-15
 pipedev) timeout "${LIMIT_PIPEDEV:-200}" python3 -m load_tests.diag_gpu pipe-dev --model ~/.cache/tokenpool/bench-models/qwen2-7b-bf16 \
     --model15 ~/.cache/tokenpool/bench-models/qwen2-1.5b-bf16 > "$OUT/pipe_dev.log" 2>&1; at pipedev $?
   grep -vE "Warning|warn" "$OUT/pipe_dev.log" | tail -30 | cut -c1-300 ;;
+costep) M=/tmp/mm; mkdir -p $M
+  for sz in 1.5b 7b; do d=$M/q$(echo $sz | tr -d .b); [ -f $d/config.json ] || python3 -m controller.cli make-model \
+      --arch qwen2 --size $sz --out $d >> "$OUT/make.log" 2>&1; done
+  for pr in ${COSTEP_PAIRS:-q15:q15 q7:q15 q7:q7}; do IFS=: read -r ma mb <<< "$pr"
+    timeout "${LIMIT_COSTEP:-150}" python3 -m load_tests.diag_gpu co-step --model $M/$ma --model15 $M/$mb \
+      --batch "${COSTEP_B:-1,2,4}" > "$OUT/costep_${ma}_$mb.log" 2>&1; at "costep $ma $mb" $?
+    grep -E "^co-step|Error" "$OUT/costep_${ma}_$mb.log" | cut -c1-300; done ;;
 dash) timeout "${LIMIT_DASH:-200}" python3 -m controller.cli suite dashboards --duration 10 --rounds "${DASH_ROUNDS:-6}" \
     --streams 48 --dashboards "${DASH_N:-50}" --model pace --json "$OUT/dashboard_cost.json" > "$OUT/dash.log" 2>&1; at dash $?
   tail -5 "$OUT/dash.log" | cut -c1-400 ;;
