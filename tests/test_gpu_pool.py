@@ -100,6 +100,42 @@ def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache
     multi.close()
 
 
+@pytest.mark.parametrize("budget_mib", [16, 4])
+def test_co_stepped_models_equal_alone(make_varied, host_cache, monkeypatch, budget_mib):
+    """TOKENPOOL_CO_STEP on CUDA: two models' decode steps in flight at once on two streams, each lane with graphs
+    and a graph memory pool of its own -- "a" and "b" share a shape, so one pool for both would alias their
+    intermediates. Token by token (every plan another model's): the tokens are each model's alone, steps did run
+    beside each other, lane 1 captured its own graphs. 16 MiB: all three resident; 4 MiB: they rotate through one
+    slot (prefetches beside steps in flight)."""
+    from gpu_pool.arena import MiB
+    from token_scheduler import multi_engine
+
+    monkeypatch.setattr(multi_engine, "PIPELINE", True)
+    monkeypatch.setattr(multi_engine, "PLAN_AHEAD", True)
+    monkeypatch.setattr(multi_engine, "CO_STEP", True)
+    paths = {"a": make_varied("qwen2"), "b": make_varied("qwen2", seed=1), "c": make_varied("llama")}
+    alone = {n: _alone(p) for n, p in paths.items()}
+    multi = MultiModelEngine({n: EngineConfig(model=str(p), device="cuda", dtype="bf16", served_model_name=n,
+                                              max_num_seqs=8) for n, p in paths.items()},
+                             policy="token", device="cuda", gpu_budget=budget_mib * MiB, kv_cache_gb=0.002,
+                             host_cache=host_cache, policy_kw={"max_round_s": 0.0})
+    for i, p in enumerate(PROMPTS):
+        for n in paths:
+            multi.add_request(f"{n}/r{i}", p, _params(i), model=n)
+    done = multi.run()
+    for n in paths:
+        for rid, toks in alone[n].items():
+            assert done[f"{n}/{rid}"].outputs[0].token_ids == toks, (n, rid)
+    c = multi.snapshot()["counters"]
+    if budget_mib == 16:
+        assert c["co_steps"] > 10, c
+        lane1 = [k for k in multi.memory.graphs if len(k) == 3 and isinstance(k[0], tuple) and k[0][:2] == ("lane", 1)]
+        assert lane1
+        assert ("pool", lane1[0][0]) in multi.memory.graphs
+    assert multi.memory.stats.forced_evictions == 0
+    multi.close()
+
+
 def test_device_view_is_the_pinned_memory_itself(make_varied):
     """`gpu_pool.pinned.device_view`: a CUDA tensor at the pinned tensor's own address (no copy); a kernel reads
     the host bytes as they are when it runs (written after the view was made) and its writes land in host memory;

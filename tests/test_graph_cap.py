@@ -125,7 +125,7 @@ def test_read_releases_the_graph_a_launched_step_replayed():
 def test_row_graphs_are_capped_apart_from_decode_graphs_and_dropped_with_their_shape():
     """A shape's row graphs (prefill steps) are kept under their own key: capturing them never evicts a decode graph
     (nor the reverse), each kind is held to the cap, and dropping the shape drops both kinds."""
-    runner = SimpleNamespace(graph_key=KEY, slot_key=0)
+    runner = SimpleNamespace(graph_key=KEY, slot_key=0, lane=0)
     ids = {b: ModelRunner._graph_id(runner, b) for b in (1, 2, ("rows", 64), ("rows", 256))}
     assert ids[1] == (KEY, 0, 1) and ids[("rows", 64)][0] == graph_cap.rows_key(KEY) != KEY
     graphs: dict = {}
@@ -140,7 +140,19 @@ def test_row_graphs_are_capped_apart_from_decode_graphs_and_dropped_with_their_s
     gid = ModelRunner._graph_id(runner, ("rows", 64))
     assert graph_cap.make_room(graphs, gid[0], 4) == [(graph_cap.rows_key(KEY), 0, ("rows", 64))]
     assert len(held(graphs, KEY)) == 4  # the decode graphs stay
+    # co-stepping's lane 1: the same shape's graphs under a key of their own, capped apart (a second set may run
+    # beside the first), dropped with the shape
+    runner.lane = 1
+    lane1 = graph_cap.lane_key(KEY, 1)
+    assert lane1 != KEY and graph_cap.lane_key(KEY, 0) == KEY
+    for b in (1, 2):
+        gid = ModelRunner._graph_id(runner, b)
+        assert gid == (lane1, 2, b) and graph_cap.make_room(graphs, gid[0], 4) == []
+        graph_cap.added(graphs, gid, SimpleNamespace(nbytes=MB, in_flight=0, last_replay=0), 0.01, first=True)
+    assert len(held(graphs, lane1)) == 2 and len(held(graphs, KEY)) == 4
+    graphs[("pool", lane1)] = graphs[("warm", lane1)] = object()
     capture(graphs, 4, OTHER, 0, 1)
     graph_cap.drop_key(graphs, KEY)
     assert not held(graphs, KEY) and not held(graphs, graph_cap.rows_key(KEY)) and held(graphs, OTHER)
+    assert not held(graphs, lane1) and ("pool", lane1) not in graphs and ("warm", lane1) not in graphs
     assert graph_cap.counters(graphs)[4] == MB  # OTHER's one graph

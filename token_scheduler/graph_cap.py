@@ -75,10 +75,19 @@ def rows_key(graph_key: object) -> tuple:
     return ("rows", graph_key)
 
 
+def lane_key(graph_key: object, lane: int) -> object:
+    """The key of a shape's graphs on co-stepping lane `lane` (`ModelRunner.lane`): lane 0's is the shape's own;
+    lane 1's are kept, capped and pooled apart, so a step on one lane never shares graph memory with one on the
+    other that runs at the same time."""
+    return graph_key if lane == 0 else ("lane", lane, graph_key)
+
+
 def drop_key(graphs: dict, graph_key: object) -> None:
-    """Forget every graph of `graph_key` (decode and row graphs) and its pool (no model of that shape is left); not
-    counted as evictions."""
-    for k in graph_ids(graphs, graph_key) + graph_ids(graphs, rows_key(graph_key)):
-        counters(graphs)[4] -= graphs.pop(k).nbytes
-    graphs.pop(("warm", graph_key), None)
-    graphs.pop(("pool", graph_key), None)
+    """Forget every graph of `graph_key` (decode and row graphs, on every lane) and their pools (no model of that shape
+    is left); not counted as evictions."""
+    keys = [lane_key(k, lane) for k in (graph_key, rows_key(graph_key)) for lane in (0, 1)]
+    for key in keys:
+        for k in graph_ids(graphs, key):
+            counters(graphs)[4] -= graphs.pop(k).nbytes
+        graphs.pop(("pool", key), None)
+        graphs.pop(("warm", key), None)

@@ -88,6 +88,7 @@ served at 36 models, seed 1, pipelined 100% (0 stalled calls of 48k) where it wa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import math
@@ -121,6 +122,7 @@ GRAPH_PRECAPTURE = env.GRAPH_PRECAPTURE.on()  # see ModelRunner.capture_first
 PLAN_AHEAD = env.PLAN_AHEAD.on()  # see the module docstring and `MultiModelEngine._take_ahead`
 PIPELINE = env.PIPELINE.on()  # see the module docstring and `MultiModelEngine._step_pipelined`; needs plan-ahead
 TIME_STEPS = env.TIME_STEPS.on()  # each step's device time in the books of `_phases` (a diagnostic)
+CO_STEP = env.CO_STEP.on()  # see `MultiModelEngine._co_step`; needs the pipeline
 PIPELINE_LEARN = env.PIPELINE_LEARN.checked()  # what a pipelined step teaches the cost model (`_learn_pipelined`)
 AHEAD_MAX_AGE_S = 0.1  # an early plan older than this at its step (the caller paused) is made again
 _RUNNING, _WAITING = RequestStatus.RUNNING, RequestStatus.WAITING
@@ -187,11 +189,14 @@ class MultiModelEngine:
         self.timing = dict.fromkeys(("policy_s", "policy_cpu_s", "memory_s", "engine_s", "steps", "idle_policy_s",
                                      "idle_polls", "late_episodes", "ahead_s", "ahead_cpu_s", "ahead_used",
                                      "ahead_discarded", "pipelined_steps", "pipeline_kept", "pipeline_flushes",
-                                     *PHASE_KEYS),
+                                     "co_steps", "co_kept", *PHASE_KEYS),
                                     0.0)
-        # Pipeline: (model, perf_counter at its launch) of the decode step left in flight by the latest step call
+        # Pipeline: (model, perf_counter at its launch, lane) of the decode step left in flight by the latest step call
         # (its engine's `_inflight`), or None; `_t_done`: when the latest step's tokens were read
-        self._pipe: tuple[str, float] | None = None
+        self._pipe: tuple[str, float, int] | None = None
+        self._co_step_on = CO_STEP  # (`_co_step`)
+        self._lane_streams: dict = {}  # device -> lane 1's CUDA stream (`_on_lane`)
+        self._kv_moved = False  # a plan swapped KV since lane 1 last caught up with the current stream (`_on_lane`)
         self._t_done = 0.0
         # `_t_ret`: when the latest step call returned; `_gap`: the caller's time from then to this call (its own work
         # between step calls, inside the interval of the step kept in flight: `_learn_pipelined` leaves it out)
@@ -458,8 +463,9 @@ class MultiModelEngine:
             m.kv_gpu_tokens = s.kv.num_held * s.kv.block_size
         self.state.now = time.monotonic()
 
-    def _execute_memory(self, plan) -> None:
-        """The plan's memory moves, in the StepPlan contract's order (all resident: KV swap-outs only)."""
+    def _execute_memory(self, plan, keep: tuple[str, ...] = ()) -> None:
+        """The plan's memory moves, in the StepPlan contract's order (all resident: KV swap-outs only). `keep`: models a
+        prefetch may not evict (a step of theirs is in flight on another stream: `_co_step`)."""
         mem, st = self.memory, self.state
         for name in plan.evict if mem is not None else ():
             if name != plan.model:
@@ -492,7 +498,8 @@ class MultiModelEngine:
                 self._event("load", plan.model, prefetched=was, stall_s=round(mem.stats.stall_s - stall0, 6))
                 self._forget_evicted(forced)
         if plan.prefetch is not None and plan.prefetch in self.engines:
-            order = None if plan.prefetch_order is None else [n for n in plan.prefetch_order if n != plan.model]
+            order = (None if plan.prefetch_order is None
+                     else [n for n in plan.prefetch_order if n != plan.model and n not in keep])
             was, forced = mem.holds(plan.prefetch), mem.stats.forced_evictions
             if mem.prefetch(plan.prefetch, order=order):
                 if not was:
@@ -543,6 +550,8 @@ class MultiModelEngine:
         if self._pipe is not None:  # (pipeline) a step in flight: continued, else read before anything else
             self._gap = time.perf_counter() - self._t_ret
             outputs = self._step_pipelined(on_launch)
+            if outputs is None and self._pipe is not None and self._co_step_on:
+                outputs = self._co_step(on_launch)
             if outputs is not None:
                 return outputs
             self._flush(learn=True)
@@ -565,6 +574,8 @@ class MultiModelEngine:
             self.expire()
         self._execute_memory(plan)
         self._learn_loads()
+        if plan.swap_out or plan.swap_in:
+            self._kv_moved = True
         t2 = time.perf_counter()
         tm["memory_s"] += t2 - t1
         if not plan.idle:
@@ -581,9 +592,8 @@ class MultiModelEngine:
             outputs += eng.step_tokens(plan.batch, own, self._ahead_hook(eng, launched) if ahead else launched,
                                        launch=pipe)
             if pipe and eng._inflight is not None:
-                if self._ahead is not None and self._continues(self._ahead[0], eng):
-                    self._pipe = (plan.model, t2)
-                    tm["pipeline_kept"] += 1
+                if self._keeps(eng):
+                    self._pipe = (plan.model, t2, 0)
                 else:
                     outputs += eng.complete_inflight()
             t3 = time.perf_counter()
@@ -712,6 +722,114 @@ class MultiModelEngine:
             return False
         return all(n == 1 and id(r) in keep for r, n in plan.batch)
 
+    # -- co-stepping ----------------------------------------------------------------------------------
+    def _keeps(self, eng: LLMEngine) -> bool:
+        """Whether `eng`'s step just launched stays in flight past this call: the early plan continues it
+        (`_continues`), or (co-stepping) it is another model's decode step that can run beside it (`_co_candidate`)."""
+        ahead = self._ahead
+        if ahead is None:
+            return False
+        if self._continues(ahead[0], eng):
+            self.timing["pipeline_kept"] += 1
+            return True
+        if self._co_step_on and self._co_candidate(ahead[0], eng.scheduler.model):
+            self.timing["co_kept"] += 1
+            return True
+        return False
+
+    def _co_candidate(self, plan: StepPlan, beside: str) -> bool:
+        """Whether `plan` (an early plan) can be launched while model `beside`'s step is in flight (`_co_step`):
+        another model's decode of requests already running, one token each, that its runner can launch overlapped (a
+        graph bucket, no penalties or logprobs), its weights resident and landed, no memory move but a prefetch."""
+        name = plan.model
+        if plan.idle or name == beside or not plan.batch or plan.evict or plan.swap_out or plan.swap_in:
+            return False
+        eng = self.engines.get(name)
+        if eng is None or eng._inflight is not None or eng.weights is None:
+            return False
+        mem = self.memory
+        if mem is not None and (not mem.is_resident(name) or mem.is_loading(name)):
+            return False
+        r = eng.runner
+        if r.hf_exact_decode or (r.is_cuda and len(plan.batch) not in r.bucket_of):
+            return False
+        return all(n == 1 and q.status is _RUNNING and q.output_token_ids and not q.is_prefilling
+                   and not q.sampling_params.needs_penalties and q.sampling_params.logprobs is None
+                   for q, n in plan.batch)
+
+    def _co_step(self, on_launch) -> list[TokenOutput] | None:
+        """(Co-stepping, TOKENPOOL_CO_STEP) A step while model A's decode step is in flight and the early plan is
+        another model B's decode (`_co_candidate`): B's step is launched on the other lane -- a second CUDA stream,
+        with graphs of its own (`ModelRunner.lane`) -- so the device runs both at once, then A is read and its tokens
+        applied (this call's outputs), then the plan for the step after B is made beside B, which stays in flight as
+        the pipeline's step. Why: a small decode step leaves the device idle at each of its ~170 kernel boundaries
+        (fill and drain); another model's kernels fill them. On the H200 two 1.5B batch-2 steps took 2.30 ms on two
+        streams against 3.50 on one, a 7B and a 1.5B 5.19 against 6.29 (`diag_gpu co-step`, 3c76624). Each step is
+        learned at its interval between reads (`_learn_pipelined`), not at its device time, which the other shares.
+        None: not such a step (the caller reads A and goes on as usual)."""
+        name_a, t_launch_a, lane_a = self._pipe
+        if self._ahead is None or not self._co_candidate(self._ahead[0], name_a):
+            return None
+        plan = self._take_ahead()  # (checked again at its step: age, requests, KV blocks; undone if stale)
+        if plan is None:
+            return None
+        tm = self.timing
+        outputs, self._removed = self._removed, []
+        if plan.prefetch is not None and self.memory is not None:
+            self._execute_memory(plan, keep=(name_a,))  # (never into A's slot: its step reads it)
+            self._learn_loads()
+        t2 = time.perf_counter()
+        eng_a, eng = self.engines[name_a], self.engines[plan.model]
+        step_a = eng_a._inflight
+        step_a.overlapped = True
+        lane = 1 - lane_a
+        at_launch = []
+        with self._on_lane(eng, lane):
+            outputs += eng.step_tokens(plan.batch, [], _marked(on_launch, at_launch), launch=True)
+        outputs += eng_a.complete_inflight()  # A read, beside B
+        self._learn_pipelined(name_a, step_a, t_launch_a, self._gap)
+        self._pipe = None
+        tm["co_steps"] += 1
+        if eng._inflight is not None:
+            eng._inflight.overlapped = True
+            self._pipe = (plan.model, t2, lane)
+            if at_launch:
+                self._phases(_ran_shape(eng.last_out), (t2, at_launch[0][1]), at_launch[0], at_launch[0],
+                             (time.perf_counter(), time.thread_time()), kind="pipelined")
+            self._plan_ahead(eng.last_out)  # beside B, A's tokens applied
+            if not self._keeps(eng):
+                self._pipe = None
+                step = eng._inflight
+                outputs += eng.complete_inflight()
+                self._learn_pipelined(plan.model, step, t2)
+        self._stepped(plan.model, time.perf_counter() - t2, plan.expected_s)
+        return self._after_step(plan.model, outputs)
+
+    @contextlib.contextmanager
+    def _on_lane(self, eng: LLMEngine, lane: int):
+        """`eng`'s launches inside on co-stepping lane `lane`: lane 0 is the current stream and the runner's own graphs,
+        lane 1 a second stream of the device and graphs (and a graph memory pool) of their own."""
+        if lane == 0:
+            yield
+            return
+        r = eng.runner
+        r.lane = lane
+        try:
+            if r.is_cuda:
+                s = self._lane_streams.get(r.device)
+                if s is None:
+                    s = self._lane_streams[r.device] = torch.cuda.Stream(r.device)
+                if self._kv_moved:  # KV blocks freed by a swap-out may be this step's: the current stream waited
+                    # for the copies (`swap_kv`), so this one waits for it (rare; it also waits for the step in flight)
+                    s.wait_stream(torch.cuda.current_stream(r.device))
+                    self._kv_moved = False
+                with torch.cuda.stream(s):
+                    yield
+            else:
+                yield
+        finally:
+            r.lane = 0
+
     def _settle(self) -> None:
         """Before a change from outside a step (a model added or removed, an abort, pins, preloads, keep-alive
         evictions, counters reset, close): the step in flight read (`_flush`) and the early plan undone
@@ -725,7 +843,7 @@ class MultiModelEngine:
         pins, preloads, keep-alive evictions, counters reset, close, and a step with nothing to continue."""
         if self._pipe is None:
             return
-        name, t_launch = self._pipe
+        name, t_launch, _ = self._pipe
         self._pipe = None
         eng = self.engines[name]
         step = eng._inflight
@@ -754,7 +872,8 @@ class MultiModelEngine:
         t = time.perf_counter()
         dt = t - max(t_launch, self._t_done) - gap
         dev = step.device_s()
-        if dev is not None:
+        if dev is not None and not step.overlapped:  # (a step beside another model's takes longer on the device,
+            # sharing it: the interval is its cost then)
             dt = dev if PIPELINE_LEARN == "device" else max(dt, dev)
         learn = bool(step.out.chunks) and 0.0 < dt <= AHEAD_MAX_AGE_S and PIPELINE_LEARN != "none"
         if learn:
@@ -800,7 +919,7 @@ class MultiModelEngine:
             if self._pipe is None:
                 return None
         t0, c0 = time.perf_counter(), time.thread_time()
-        name, t_launch = self._pipe
+        name, t_launch, lane = self._pipe
         eng = self.engines[name]
         ahead = self._ahead
         if (ahead is None or ahead[0].model != name or t0 - ahead[3] > AHEAD_MAX_AGE_S
@@ -824,12 +943,13 @@ class MultiModelEngine:
         t2, c2 = time.perf_counter(), time.thread_time()
         tm["memory_s"] += t2 - t1
         at_launch = []
-        outputs += eng.continue_inflight(nxt, _marked(on_launch, at_launch))  # N+1 queued, then N read
+        with self._on_lane(eng, lane):  # (N+1 on N's stream: it takes N's sampled ids there)
+            outputs += eng.continue_inflight(nxt, _marked(on_launch, at_launch))  # N+1 queued, then N read
         if at_launch and eng.t_read is not None:
             self._phases(_ran_shape(nxt), (t2, c2), at_launch[0], eng.t_read,
                          (time.perf_counter(), time.thread_time()), kind="pipelined", dev=eng.device_s)
         self._learn_pipelined(name, prev, t_launch, self._gap)
-        self._pipe = (name, t2)
+        self._pipe = (name, t2, lane)
         tm["pipelined_steps"] += 1
         t_plan = time.perf_counter()
         self._plan_ahead(nxt)  # beside N+1 (as the hook does for a step launched the usual way)
@@ -840,9 +960,7 @@ class MultiModelEngine:
             self._cycle = ((name, "cycle", len(nxt.chunks), _ms(t2 - t0), _ms(launched - t2), _ms(read - launched),
                             _ms(self._gap), _ms(t_end - t_plan), _ms(t_plan - read), _ms(c_l - c2), _ms(c_r - c_l)),
                            t_end)
-        if self._ahead is not None and self._continues(self._ahead[0], eng):
-            tm["pipeline_kept"] += 1
-        else:
+        if not self._keeps(eng):
             self._pipe = None
             step = eng._inflight
             outputs += eng.complete_inflight()

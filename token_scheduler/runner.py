@@ -72,6 +72,7 @@ class LaunchedDecode:
     event: torch.cuda.Event | None  # None on CPU (already computed)
     graph: _DecodeGraph | None = None  # the graph it replayed, in flight (not evictable) until `read`
     start: torch.cuda.Event | None = None  # (launched `timed`) recorded before its device work, `event` after
+    overlapped: bool = False  # another model's step ran on the device beside it (co-stepping): its device time is shared
 
     def device_s(self) -> float | None:
         """(Launched `timed`, once read) the device's time for the step: from when the stream reached it -- the step
@@ -144,7 +145,11 @@ class ModelRunner:
         self.shared_graphs = graphs is not None
         self.graphs: dict = graphs if graphs is not None else {}
         self.graph_key = graph_key
-        self._graph_pool = None
+        # Which lane the next steps run on (a multi-model engine's co-stepping sets it around a launch; see
+        # MultiModelEngine._co_step): lane 0 is the current stream's, lane 1 another model's step beside it. Each lane
+        # has graphs and a graph memory pool of its own (`graph_cap.lane_key`): graphs of one pool share their
+        # intermediates, so two in one pool must never run at once.
+        self.lane = 0
         self.buckets = buckets = [b for b in GRAPH_BUCKETS if b <= max_graph_batch] if self.is_cuda and cuda_graphs else []
         # decode batch size -> smallest bucket that fits
         self.bucket_of: dict[int, int] = {n: next(b for b in buckets if b >= n) for n in range(1, max(buckets or [0]) + 1)}
@@ -400,7 +405,7 @@ class ModelRunner:
     def _graph_id(self, bucket) -> tuple:
         """(key, weight slot, bucket): a decode bucket is a batch size, a row graph's ("rows", rows)."""
         key = graph_cap.rows_key(self.graph_key) if isinstance(bucket, tuple) else self.graph_key
-        return (key, self.slot_key, bucket)
+        return (graph_cap.lane_key(key, self.lane), self.slot_key, bucket)
 
     def capture_graphs(self, buckets: list[int]) -> None:
         """Capture the buckets for the current weights (largest first, so smaller ones reuse its memory)."""
@@ -418,23 +423,22 @@ class ModelRunner:
         return len(missing) if self.weights is not None else 0
 
     def _capture(self, bucket: int):
-        if self._graph_pool is None:
-            key = ("pool", self.graph_key)
-            if key not in self.graphs:
-                # One capture stream per pool, not one per capture: the caching allocator gives a freed block
-                # again only on the stream it was allocated on, so an evicted graph's memory is reused by the
-                # next capture only when both are captured on the same stream.
-                self.graphs[key] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device))
-            self._graph_pool = self.graphs[key]
+        key = ("pool", graph_cap.lane_key(self.graph_key, self.lane))
+        pool = self.graphs.get(key)
+        if pool is None:
+            # One capture stream per pool, not one per capture: the caching allocator gives a freed block
+            # again only on the stream it was allocated on, so an evicted graph's memory is reused by the
+            # next capture only when both are captured on the same stream.
+            pool = self.graphs[key] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device))
         # Over the cap, the least recently replayed graph of the key goes first, so its memory is free for this one.
         graph_cap.make_room(self.graphs, self._graph_id(bucket)[0], GRAPH_CAP)
         # Warm-up runs before a capture initialise lazy state (Triton JIT, cuBLAS workspaces): needed once per
         # graph key and bucket, not for every weight slot a model of that shape lands in (a 7B capture with
         # warm-up took ~0.3 s on the H100, paid at every new slot).
-        warmed = self.graphs.setdefault(("warm", self.graph_key), set())
+        warmed = self.graphs.setdefault(("warm", graph_cap.lane_key(self.graph_key, self.lane)), set())
         first = bucket not in warmed
         t = time.perf_counter()
-        g = _DecodeGraph(self, bucket, *self._graph_pool, warmup=2 if first else 0)
+        g = _DecodeGraph(self, bucket, *pool, warmup=2 if first else 0)
         warmed.add(bucket)
         graph_cap.added(self.graphs, self._graph_id(bucket), g, time.perf_counter() - t, first)
         return g
