@@ -44,6 +44,27 @@ def test_co_steps_equal_alone(make_tiny, co, kind):
     _no_leak(multi)
 
 
+@pytest.mark.parametrize("kind", ["greedy", "seeded"])
+def test_paired_turns_co_step_within_turns_and_equal_alone(make_tiny, co, kind):
+    """Turns of several steps (rounds of 1-4 s) with the token policy's paired turns: a resident, decoding model's
+    turn runs beside the turn in progress, their steps alternating, so steps launch beside each other inside turns,
+    not only at switches; tokens are each model's alone, and the policy's plan-ahead checkpoints carry the mate."""
+    paths = {a: make_tiny(a) for a in ARCHS}
+    alone = {a: _alone(p, kind) for a, p in paths.items()}
+    kw = {"max_round_s": 4.0, "min_round_s": 1.0}
+    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", policy_kw={**kw, "pair_turns": True})
+    _interleaved_equals_alone(multi, alone, kind)
+    c = multi.snapshot()["counters"]
+    assert multi.policy.mates > 0 and c["co_steps"] > 0
+    _no_leak(multi)
+    # the same without pairing: whole turns, co-steps at switches only -- fewer of them
+    single = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", policy_kw=kw)
+    _interleaved_equals_alone(single, alone, kind)
+    assert single.policy.mates == 0
+    assert single.snapshot()["counters"]["co_steps"] < c["co_steps"]
+    _no_leak(single)
+
+
 def test_co_step_off_launches_nothing_beside(make_tiny, monkeypatch):
     monkeypatch.setattr(multi_engine, "CO_STEP", False)
     paths = {a: make_tiny(a) for a in ARCHS[:2]}

@@ -126,6 +126,13 @@ class TokenConfig:
     # cannot attain its SLO any more, at the expense of the requests that still can. (The late request's tokens still
     # come at its TPOT; only the catching up is not planned.)
     late_rule: str = "catch_up"
+    # Paired turns: while a turn runs, the next model in the round whose weights are resident and whose requests all
+    # decode (nothing waiting, nothing to prefill) starts its turn beside it, and the two step in alternation, each on
+    # its own quota and clock -- so a mechanism that runs two models' steps at once (MultiModelEngine's co-stepping,
+    # TOKENPOOL_CO_STEP) has another model's step to launch beside every step in flight, not only at a switch (turns
+    # of ~10 steps at 40 models on the H200: co-stepping alone changed nothing served). When the turn ends its mate
+    # carries on as the turn. Default from TOKENPOOL_CO_STEP.
+    pair_turns: bool = field(default_factory=env.CO_STEP.on)
 
 
 @dataclass(slots=True)
@@ -149,6 +156,8 @@ class TokenPolicy:
         self._queue: deque[str] = deque()
         self._plan: RoundPlan | None = None
         self._turn: _Turn | None = None
+        self._mate: _Turn | None = None  # (pair_turns) the turn stepping in alternation with `_turn`
+        self._flip = False  # (pair_turns) the mate's step next
         self._skipped: dict[str, int] = {}
         self._bonus: dict[str, int] = {}
         self._steps: dict[str, float] = {}  # pace rounds: model -> decode steps its quota buys (`_Turn.steps_min`)
@@ -173,18 +182,32 @@ class TokenPolicy:
         self.skips = 0
         self.need_rounds = 0  # rounds planned by the deadline rule
         self.hops = 0  # turns taken ahead of a queued model whose weights were still landing
+        self.mates = 0  # (pair_turns) turns started beside another
         # per model: turns started, and turns that planned nothing (no room for the weights, or no request fit)
         self.turns: dict[str, int] = {}
         self.empty_turns: dict[str, int] = {}
 
     # -- the one entry point --
     def schedule(self, st: PoolState) -> StepPlan:
+        if self.cfg.pair_turns:
+            plan = self._mate_step(st)
+            if plan is not None:
+                self._round_ran = True
+                return plan
         t = self._turn
         if t is not None and self._continue(st, t):
             plan = self._step(st, t)
             if not plan.idle:
                 self._round_ran = True
                 return plan
+        if self._mate is not None:  # (pair_turns) the turn ended: its mate carries on as the turn
+            self._turn, self._mate = self._mate, None
+            t = self._turn
+            if self._continue(st, t):
+                plan = self._step(st, t)
+                if not plan.idle:
+                    self._round_ran = True
+                    return plan
         for _ in range(2):  # the rest of this round, then a fresh one
             while self._queue:
                 name = self._pop_next(st)
@@ -205,8 +228,51 @@ class TokenPolicy:
             self._form_round(st)
             if not self._queue:
                 break
-        self._turn = None
+        self._turn = self._mate = None
         return StepPlan(why="idle")
+
+    def _mate_step(self, st: PoolState) -> StepPlan | None:
+        """(pair_turns) Every other call while a turn runs: its mate's step -- the mate found first when there is
+        none (`_find_mate`) -- or None (the turn's step, as without pairing). A mate whose step would move memory
+        (evict, swap KV) or whose turn ended is dropped: its model waits for its turn in the round as usual (an ended
+        mate's model has had its turn)."""
+        self._flip = not self._flip
+        t = self._turn
+        if not self._flip or t is None:
+            return None
+        mate = self._mate
+        if mate is not None and (st.models.get(mate.model) is None or not self._continue(st, mate)):
+            mate = self._mate = None
+        if mate is None:
+            mate = self._mate = self._find_mate(st)
+            if mate is None:
+                return None
+        plan = self._step(st, mate)
+        if plan.idle or plan.evict or plan.swap_out or plan.swap_in:
+            self._mate = None
+            if not plan.idle and mate.steps == 1:  # (its first step: back to the head of the round, unstarted)
+                self._queue.appendleft(mate.model)
+            return None
+        return plan
+
+    def _find_mate(self, st: PoolState) -> _Turn | None:
+        """(pair_turns) A turn to run beside the turn in progress: the first model queued in this round whose weights
+        are resident and whose requests all decode (nothing waiting, no prompt left to prefill), taken out of the
+        queue with the quota and target its own turn would have had."""
+        for i, name in enumerate(self._queue):
+            m = st.models.get(name)
+            if (m is None or m.waiting or not m.running or m.residency != Residency.RESIDENT
+                    or any(r.num_tokens - r.num_computed_tokens > 1 for r in m.running)):
+                continue
+            del self._queue[i]
+            more = 1 + self._bonus.pop(name, 0)
+            quota = self._plan.turn_s(name) * more if self._plan else 0.0
+            tgt = self._plan.target_s.get(name) if self._plan and self._plan.target_s else None
+            self.turns[name] = self.turns.get(name, 0) + 1
+            self.mates += 1
+            return _Turn(name, quota, target=None if tgt is None else self._round_started + tgt,
+                         steps_min=self._steps.get(name, 0.0) * more)
+        return None
 
     def set_limits(self, max_seqs: int, max_tokens: int) -> None:
         """The engines' own batch limits (EngineConfig), so a planned batch is one the engine runs."""
@@ -218,6 +284,8 @@ class TokenPolicy:
             self._queue = deque(n for n in self._queue if n != name)
         if self._turn is not None and self._turn.model == name:
             self._turn = None
+        if self._mate is not None and self._mate.model == name:
+            self._mate = None
         for d in (self._skipped, self._bonus, self.turns, self.empty_turns):
             d.pop(name, None)
         self._steps = {k: v for k, v in self._steps.items() if k != name}  # (replaced: a checkpoint may hold it)
@@ -227,21 +295,23 @@ class TokenPolicy:
         counters), copied: `restore` puts it back. `schedule` advances this state on every call (a turn's steps,
         the queue's pops, a new round), so a plan made ahead of its step (MultiModelEngine, plan-ahead) and then
         not used is undone with these before the step plans again -- one schedule call's effects per step."""
-        t = self._turn
+        t, mate = self._turn, self._mate
         return (deque(self._queue), self._plan, self._steps, None if t is None else replace(t), dict(self._skipped),
                 dict(self._bonus), self.rounds, self.last_round_s, self.last_round_wall_s, self._round_started,
                 self.skips, self.need_rounds, self.hops, dict(self.turns), dict(self.empty_turns), self.round_books,
-                self._round_ran, self.round_terms, self.turn_ends, self._shift)
+                self._round_ran, self.round_terms, self.turn_ends, self._shift,
+                None if mate is None else replace(mate), self._flip, self.mates)
 
     def restore(self, cp: tuple) -> None:
         """Back to a `checkpoint` (the round plan is never changed in place: it is kept by reference)."""
         (self._queue, self._plan, self._steps, self._turn, self._skipped, self._bonus, self.rounds, self.last_round_s,
          self.last_round_wall_s, self._round_started, self.skips, self.need_rounds, self.hops, self.turns,
-         self.empty_turns, self.round_books, self._round_ran, self.round_terms, self.turn_ends, self._shift) = cp
+         self.empty_turns, self.round_books, self._round_ran, self.round_terms, self.turn_ends, self._shift,
+         self._mate, self._flip, self.mates) = cp
 
     def reset_counters(self) -> None:
         """Zero what round_info counts (rounds, skips, turns); the schedule state is kept."""
-        self.rounds = self.skips = self.need_rounds = self.hops = 0
+        self.rounds = self.skips = self.need_rounds = self.hops = self.mates = 0
         self.turns, self.empty_turns = {}, {}
         self.round_books = (0, 0.0, 0.0, 0)
         self.round_terms = (0,) * len(ROUND_TERMS)
@@ -250,7 +320,7 @@ class TokenPolicy:
     def round_info(self) -> dict:
         p = self._plan
         return {"rounds": self.rounds, "last_round_s": self.last_round_s, "last_round_wall_s": self.last_round_wall_s,
-                "skips": self.skips, "need_rounds": self.need_rounds, "hops": self.hops,
+                "skips": self.skips, "need_rounds": self.need_rounds, "hops": self.hops, "mates": self.mates,
                 "round_books": dict(zip(("rounds", "planned_s", "wall_s", "over_1_5x"), self.round_books)),
                 "turns": dict(sorted(self.turns.items())),
                 "empty_turns": dict(sorted(self.empty_turns.items())),
