@@ -106,8 +106,10 @@ def test_the_served_worker_pipelines_its_steps_unless_switched_off(make_tiny, tm
     assert p["timing"]["ahead_used_frac"] > 0
     if switch is None:
         assert p["timing"]["pipelined_frac"] > 0  # (some steps: a CPU run is short)
-    else:
-        assert p["timing"]["pipelined_frac"] == 0
+        # and co-stepping (TOKENPOOL_CO_STEP, on by default): the two models' steps launched beside each other
+        assert p["timing"]["co_step_frac"] > 0
+    else:  # (co-stepping runs on the pipeline's steps in flight: off with it)
+        assert p["timing"]["pipelined_frac"] == 0 and p["timing"]["co_step_frac"] == 0
 
 
 def test_the_bench_makes_its_models_where_there_is_no_gpu(tmp_path):

@@ -58,7 +58,7 @@ def test_paired_turns_co_step_within_turns_and_equal_alone(make_tiny, co, kind):
     assert multi.policy.mates > 0 and c["co_steps"] > 0
     _no_leak(multi)
     # the same without pairing: whole turns, co-steps at switches only -- fewer of them
-    single = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", policy_kw=kw)
+    single = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", policy_kw={**kw, "pair_turns": False})
     _interleaved_equals_alone(single, alone, kind)
     assert single.policy.mates == 0
     assert single.snapshot()["counters"]["co_steps"] < c["co_steps"]

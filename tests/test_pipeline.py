@@ -89,7 +89,9 @@ def test_pipeline_equals_alone(make_tiny, pipe, kind, max_round_s):
         # the steps queued behind another and the first of each run kept in flight; every step in one kind's books
         phases = multi.timing_summary()["step_phases"]
         ph = phases["pipelined"]
-        assert c["pipelined_steps"] < ph["steps"] <= c["pipelined_steps"] + c["pipeline_kept"]
+        # (co-stepping, on by default: steps launched beside another model's, and those kept for it, too)
+        assert c["pipelined_steps"] < ph["steps"] <= (c["pipelined_steps"] + c["pipeline_kept"] + c["co_steps"]
+                                                      + c["co_kept"])
         assert ph["pre_ms"] > 0 and ph["wait_ms"] > 0 and ph["post_ms"] > 0
         assert sum(k["steps"] for k in phases.values()) == sum(multi.steps_per_model.values())
         # interleaved: a model's turn does not run to its requests' end before another model runs
@@ -199,8 +201,8 @@ def test_the_plan_that_runs_is_run_exactly(make_tiny, pipe):
             plans.append((ahead[0], [(r.request_id, n) for r, n in ahead[0].batch]))
         return out
 
-    multi._execute_memory = lambda plan: (plans.append((plan, [(r.request_id, n) for r, n in plan.batch])),
-                                          real_mem(plan))[1]
+    multi._execute_memory = lambda plan, **kw: (plans.append((plan, [(r.request_id, n) for r, n in plan.batch])),
+                                                real_mem(plan, **kw))[1]
     multi._step_pipelined = pipelined
     _submit_rounds(multi, paths)
     done = {}
@@ -293,11 +295,15 @@ def test_a_switch_and_an_eviction_flush(make_tiny, host_cache, pipe):
     moves = []
     real = multi._execute_memory
 
-    def execute_memory(plan):
-        if plan.evict or plan.swap_out or plan.model != (multi.trace[-1] if multi.trace else None):
+    def execute_memory(plan, keep=()):
+        if keep:  # co-stepping (on by default): another model's decode launched beside the step in flight, the one
+            # switch that does not read it first -- and it moves no memory but a prefetch, never into `keep`'s slot
+            assert not (plan.evict or plan.swap_out or plan.swap_in) and plan.prefetch not in keep
+            assert [n for n, e in multi.engines.items() if e._inflight is not None] == list(keep)
+        elif plan.evict or plan.swap_out or plan.model != (multi.trace[-1] if multi.trace else None):
             moves.append(plan.model)
             assert multi._pipe is None and all(e._inflight is None for e in multi.engines.values())
-        return real(plan)
+        return real(plan, keep=keep)
 
     multi._execute_memory = execute_memory
     multi.run()

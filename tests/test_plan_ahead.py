@@ -264,8 +264,8 @@ def test_the_plan_that_runs_is_run_exactly(make_tiny, host_cache, ahead, pooled)
     alone = {a: _alone(p, "greedy") for a, p in paths.items()}
     used = []  # the plan each step carried out: the one its memory moves were run for
     real = multi._execute_memory
-    multi._execute_memory = lambda plan: (used.append((plan, [(r.request_id, n) for r, n in plan.batch])),
-                                          real(plan))[1]
+    multi._execute_memory = lambda plan, **kw: (used.append((plan, [(r.request_id, n) for r, n in plan.batch])),
+                                                real(plan, **kw))[1]
     _submit_rounds(multi, paths)
     done = {}
     while multi.has_unfinished_requests():

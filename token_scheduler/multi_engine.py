@@ -61,6 +61,11 @@ the cause; what is was not found. Reverted. A third time at 476b472, after the c
 switch, TOKENPOOL_PIPELINE_ACROSS): 40 models, seed 1, 89.4% against 94.1% within turns only, in the same call, at the
 same step rate (335 against 333 steps/s): the switches' host time it overlaps was not what held the device back
 (bench/results/serve_h200_models40_seed1_0f7c205_pipeline_across.json). Reverted (2996f11).
+Co-stepping (TOKENPOOL_CO_STEP, on by default since session 36; `_co_step`): when the early plan is another model's
+decode, that step is launched on a second CUDA stream beside the step in flight, then the step in flight is read --
+the device runs two models' small steps at once. With the token policy's paired turns (`TokenConfig.pair_turns`) that
+is most steps. H200, 40 models, seed 0: 92.8% where 87.4% without (bench/results/serve_h200_models40_seed0_
+1a50452_costep_paired.json).
 The pipeline within a turn (this flag) does not slow the device: a step queued back to back took the same device time
 as one the device waited for (H200, `diag_gpu pipe-dev`: 7B 4.58 ms either way, 1.5B 1.78 against 1.86; a step's
 wall 4.96 -> 4.58 and 2.15 -> 1.79 ms; bench/results/pipeline_device_time_h200_d9f1c6f.json). Served at 36 models
@@ -775,9 +780,8 @@ class MultiModelEngine:
             return None
         tm = self.timing
         outputs, self._removed = self._removed, []
-        if plan.prefetch is not None and self.memory is not None:
-            self._execute_memory(plan, keep=(name_a,))  # (never into A's slot: its step reads it)
-            self._learn_loads()
+        self._execute_memory(plan, keep=(name_a,))  # (a prefetch at most: never into A's slot, its step reads it)
+        self._learn_loads()
         t2 = time.perf_counter()
         eng_a, eng = self.engines[name_a], self.engines[plan.model]
         step_a = eng_a._inflight

@@ -97,9 +97,9 @@ PLAN_AHEAD = Var("TOKENPOOL_PLAN_AHEAD", "1", "a pooled engine plans step N+1 wh
 PIPELINE = Var("TOKENPOOL_PIPELINE", "1", "a pooled engine launches a model's next decode step before reading the "
                "one in flight when the early plan (plan-ahead: off, no pipeline either) is exactly its continuation; "
                "anything else completes the step in flight first (0: every step read before the next, for A/B runs)")
-CO_STEP = Var("TOKENPOOL_CO_STEP", "0", "1: a pooled engine on a pipelined step may launch another model's decode "
-              "step beside the one in flight, on a second CUDA stream with its own graphs (two models' small steps "
-              "fill each other's kernel boundaries), then read the first")
+CO_STEP = Var("TOKENPOOL_CO_STEP", "1", "a pooled engine launches another model's decode step beside the one in "
+              "flight, on a second CUDA stream with graphs of its own (two models' small steps fill each other's "
+              "kernel boundaries), and the token policy pairs turns so there is one to launch (0: off, for A/B runs)")
 PIPELINE_LEARN = Var("TOKENPOOL_PIPELINE_LEARN", "interval", "what the cost model learns of a pipelined step "
                      "(TOKENPOOL_PIPELINE): interval (between completions, less the caller's time; not under the "
                      "device's), device (the device's time alone, CUDA events) or none (not learned: such steps are "

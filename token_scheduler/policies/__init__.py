@@ -32,7 +32,7 @@ class MultiModelPolicy(Protocol):
 
 AEGAEON_PRESET = dict(quota_rule="aegaeon", order="fixed", prefetch="next", switch_charge="all",
                       extend_on_load=False, skip_on_slack=False, placement="lru", need_rule="off",
-                      sized_victims="off", see_ranges=False)
+                      sized_victims="off", see_ranges=False, pair_turns=False)
 
 
 _OPTION_TYPES = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}
