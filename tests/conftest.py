@@ -111,3 +111,15 @@ class Listener:
 
     def close(self) -> None:
         self.hub.close(self.conn)
+
+
+@pytest.fixture
+def host_cache():
+    """A node-shared pinned host cache of 256 MiB under a namespace of its own (closed after the test)."""
+    import uuid
+
+    from model_swapper.host_cache import HostModelCache
+
+    c = HostModelCache("256MiB", namespace=f"test-{uuid.uuid4().hex[:10]}")
+    yield c
+    c.close()

@@ -9,6 +9,7 @@ import pytest
 
 from tests.test_multi_engine import ARCHS, _alone, _interleaved_equals_alone
 from tests.test_pipeline import _no_leak
+from tests.test_plan_ahead import pooled_rotating_equals_alone
 from token_scheduler import multi_engine
 from token_scheduler.multi_engine import MultiModelEngine
 
@@ -18,17 +19,6 @@ def co(monkeypatch):
     monkeypatch.setattr(multi_engine, "PIPELINE", True)
     monkeypatch.setattr(multi_engine, "PLAN_AHEAD", True)
     monkeypatch.setattr(multi_engine, "CO_STEP", True)
-
-
-@pytest.fixture
-def host_cache():
-    import uuid
-
-    from model_swapper.host_cache import HostModelCache
-
-    c = HostModelCache("256MiB", namespace=f"test-{uuid.uuid4().hex[:10]}")
-    yield c
-    c.close()
 
 
 @pytest.mark.parametrize("kind", ["greedy", "seeded"])
@@ -80,15 +70,7 @@ def test_co_steps_pooled_equal_alone(make_tiny, host_cache, co):
     """Pooled: weights rotate through two slots and KV pages run short (plans evict, swap KV, prefetch) while steps
     run beside each other: tokens are alone's, no prefetch evicts the model whose step is in flight, every page comes
     back."""
-    from gpu_pool.arena import MiB
-
-    paths = {a: make_tiny(a) for a in ARCHS}
-    alone = {a: _alone(p, "greedy") for a, p in paths.items()}
-    page = 16 * 512
-    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=6 * MiB,
-                             kv_cache_gb=12 * page / 1e9, host_kv_gb=256 * page / 1e9, host_cache=host_cache,
-                             policy_kw={"max_round_s": 0.0})
-    _interleaved_equals_alone(multi, alone, "greedy")
+    multi = pooled_rotating_equals_alone(make_tiny, host_cache)
     c = multi.snapshot()["counters"]
     assert c["co_steps"] > 0 and multi.memory.stats.evictions > 0
     _no_leak(multi)

@@ -40,6 +40,25 @@ def _alone(path) -> dict[str, list[int]]:
     return out
 
 
+def _pooled(paths: dict, budget: int, host_cache) -> MultiModelEngine:
+    """The models of `paths` in one pooled CUDA engine (bf16) with a `budget`-byte arena, token by token."""
+    return MultiModelEngine({n: EngineConfig(model=str(p), device="cuda", dtype="bf16", served_model_name=n,
+                                             max_num_seqs=8) for n, p in paths.items()},
+                            policy="token", device="cuda", gpu_budget=budget, kv_cache_gb=0.002,
+                            host_cache=host_cache, policy_kw={"max_round_s": 0.0})
+
+
+def _run_equals_alone(multi: MultiModelEngine, paths: dict, alone: dict) -> None:
+    """Every prompt to every model at once, run to the end: each request's tokens are its model's alone."""
+    for i, p in enumerate(PROMPTS):
+        for n in paths:
+            multi.add_request(f"{n}/r{i}", p, _params(i), model=n)
+    done = multi.run()
+    for n in paths:
+        for rid, toks in alone[n].items():
+            assert done[f"{n}/{rid}"].outputs[0].token_ids == toks, (n, rid)
+
+
 @pytest.mark.parametrize("precapture,pipeline", [(False, False), (True, False), (False, True)])
 def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache, monkeypatch, precapture, pipeline):
     from gpu_pool.arena import MiB
@@ -53,10 +72,7 @@ def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache
     # is a 2 MiB KV region + one slot, so the three rotate through the same slot
     paths = {"a": make_varied("qwen2"), "b": make_varied("qwen2", seed=1), "c": make_varied("llama")}
     alone = {n: _alone(p) for n, p in paths.items()}
-    multi = MultiModelEngine({n: EngineConfig(model=str(p), device="cuda", dtype="bf16", served_model_name=n,
-                                              max_num_seqs=8) for n, p in paths.items()},
-                             policy="token", device="cuda", gpu_budget=4 * MiB, kv_cache_gb=0.002,
-                             host_cache=host_cache, policy_kw={"max_round_s": 0.0})
+    multi = _pooled(paths, 4 * MiB, host_cache)
     if pipeline:  # a step kept in flight is timed on the device (CUDA events): what it learns is not under that
         from token_scheduler.runner import LaunchedDecode
 
@@ -66,13 +82,7 @@ def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache
         obs = multi.cost.observe_step
         monkeypatch.setattr(multi.cost, "observe_step",
                             lambda n, shape, dt: (seen.append(("learned", dt)), obs(n, shape, dt)))
-    for i, p in enumerate(PROMPTS):
-        for n in paths:
-            multi.add_request(f"{n}/r{i}", p, _params(i), model=n)
-    done = multi.run()
-    for n in paths:
-        for rid, toks in alone[n].items():
-            assert done[f"{n}/{rid}"].outputs[0].token_ids == toks, (n, rid)
+    _run_equals_alone(multi, paths, alone)
     assert multi.memory.stats.loads + multi.memory.stats.prefetches > len(paths)  # they rotated
     # graphs are keyed by (shape, slot, bucket): "a" and "b" (same shape) replayed the same captured graphs
     graphs = [g for k, g in multi.memory.graphs.items() if k[0] not in ("pool", "warm", "captures")]
@@ -115,17 +125,8 @@ def test_co_stepped_models_equal_alone(make_varied, host_cache, monkeypatch, bud
     monkeypatch.setattr(multi_engine, "CO_STEP", True)
     paths = {"a": make_varied("qwen2"), "b": make_varied("qwen2", seed=1), "c": make_varied("llama")}
     alone = {n: _alone(p) for n, p in paths.items()}
-    multi = MultiModelEngine({n: EngineConfig(model=str(p), device="cuda", dtype="bf16", served_model_name=n,
-                                              max_num_seqs=8) for n, p in paths.items()},
-                             policy="token", device="cuda", gpu_budget=budget_mib * MiB, kv_cache_gb=0.002,
-                             host_cache=host_cache, policy_kw={"max_round_s": 0.0})
-    for i, p in enumerate(PROMPTS):
-        for n in paths:
-            multi.add_request(f"{n}/r{i}", p, _params(i), model=n)
-    done = multi.run()
-    for n in paths:
-        for rid, toks in alone[n].items():
-            assert done[f"{n}/{rid}"].outputs[0].token_ids == toks, (n, rid)
+    multi = _pooled(paths, budget_mib * MiB, host_cache)
+    _run_equals_alone(multi, paths, alone)
     c = multi.snapshot()["counters"]
     if budget_mib == 16:
         assert c["co_steps"] > 10, c

@@ -100,17 +100,6 @@ def test_an_abort_is_answered_by_the_next_step_whichever_model_runs(make_tiny):
     assert not multi.engines["b"].has_unfinished_requests()
 
 
-@pytest.fixture
-def host_cache():
-    import uuid
-
-    from model_swapper.host_cache import HostModelCache
-
-    c = HostModelCache("256MiB", namespace=f"test-{uuid.uuid4().hex[:10]}")
-    yield c
-    c.close()
-
-
 @pytest.mark.parametrize("kind,policy", [("greedy", "token"), ("seeded", "token"), ("greedy", "request")])
 def test_pooled_swaps_weights_and_kv_and_equals_alone(make_tiny, host_cache, kind, policy):
     """Weights that do not all fit the budget move in and out of arena slots, KV pages shared by the models

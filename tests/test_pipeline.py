@@ -29,17 +29,6 @@ def pipe(monkeypatch):
     monkeypatch.setattr(multi_engine, "PLAN_AHEAD", True)
 
 
-@pytest.fixture
-def host_cache():
-    import uuid
-
-    from model_swapper.host_cache import HostModelCache
-
-    c = HostModelCache("256MiB", namespace=f"test-{uuid.uuid4().hex[:10]}")
-    yield c
-    c.close()
-
-
 def _no_leak(multi) -> None:
     assert multi._pipe is None and not multi.has_unfinished_requests()
     for e in multi.engines.values():

@@ -156,17 +156,6 @@ def test_a_slot_goes_back_to_an_offset_its_size_held(monkeypatch):
         assert t.homes[4] == [4, 8] + ([] if homes else [6])
 
 
-@pytest.fixture
-def host_cache():
-    import uuid
-
-    from model_swapper.host_cache import HostModelCache
-
-    c = HostModelCache("256MiB", namespace=f"test-{uuid.uuid4().hex[:10]}")
-    yield c
-    c.close()
-
-
 def _pool(make_tiny, host_cache, align=64 << 10):
     import torch
 

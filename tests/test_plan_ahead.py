@@ -28,17 +28,6 @@ def ahead(monkeypatch):
     monkeypatch.setattr(multi_engine, "PLAN_AHEAD", True)
 
 
-@pytest.fixture
-def host_cache():
-    import uuid
-
-    from model_swapper.host_cache import HostModelCache
-
-    c = HostModelCache("256MiB", namespace=f"test-{uuid.uuid4().hex[:10]}")
-    yield c
-    c.close()
-
-
 def _ran(multi) -> list[tuple[str, int, int]]:
     """(request id, start, tokens) of the batch the latest step ran."""
     out = multi.engines[multi.trace[-1]].last_out
@@ -63,9 +52,10 @@ def test_plan_ahead_equals_alone(make_tiny, ahead, kind, max_round_s):
         assert multi.switches >= len(multi.trace) // 2
 
 
-def test_plan_ahead_pooled_swaps_and_equals_alone(make_tiny, host_cache, ahead):
-    """Weights rotate through two slots and the shared KV pages run short (the plans evict, swap KV out and in,
-    prefetch): those plans are made again at their step; every request's tokens are unchanged, nothing leaks."""
+def pooled_rotating_equals_alone(make_tiny, host_cache) -> MultiModelEngine:
+    """Every arch's tiny model pooled on the CPU, token by token, weights rotating through two slots and the shared
+    KV pages short (plans evict, swap KV out and in, prefetch), run to the end: every request's tokens are its model's
+    alone. The engine, for the caller's checks."""
     from gpu_pool.arena import MiB
 
     paths = {a: make_tiny(a) for a in ARCHS}
@@ -75,6 +65,13 @@ def test_plan_ahead_pooled_swaps_and_equals_alone(make_tiny, host_cache, ahead):
                              kv_cache_gb=12 * page / 1e9, host_kv_gb=256 * page / 1e9, host_cache=host_cache,
                              policy_kw={"max_round_s": 0.0})
     _interleaved_equals_alone(multi, alone, "greedy")
+    return multi
+
+
+def test_plan_ahead_pooled_swaps_and_equals_alone(make_tiny, host_cache, ahead):
+    """Weights rotate through two slots and the shared KV pages run short (the plans evict, swap KV out and in,
+    prefetch): those plans are made again at their step; every request's tokens are unchanged, nothing leaks."""
+    multi = pooled_rotating_equals_alone(make_tiny, host_cache)
     mem = multi.memory
     assert mem.stats.evictions > 0 and multi.kv_swapped_out > 0 and mem.stats.forced_evictions == 0
     c = multi.snapshot()["counters"]
