@@ -42,7 +42,7 @@ def point(models: str, seed: int, *, rate: float = 0.1, duration: float = 300.0,
           slo_tpot: float = 0.1, policy: str = "token", profile: str = "measured", policy_kw: dict | None = None,
           noise: float = 0.0, copy_slowdown: float = 0.0, step_host_ms: float = 0.0,
           graph_capture_ms: float = 0.0, step_host_per_seq_ms: float = 0.0, host_observed: bool = True,
-          pipelined: bool = False) -> dict:
+          pipelined: bool = False, co_step: float | None = -1.0) -> dict:
     entries = parse_models(models)
     specs = {e.name: spec_for(e.arch, e.size, e.name) for e in entries}
     items = generate(list(specs), rate, duration, seed=seed)
@@ -51,7 +51,8 @@ def point(models: str, seed: int, *, rate: float = 0.1, duration: float = 300.0,
                    hw=hardware_profile(profile, specs), drain_s=drain, seed=seed, policy_kw=policy_kw, noise=noise,
                    copy_slowdown=copy_slowdown, step_host_s=step_host_ms / 1e3, graph_capture_s=graph_capture_ms / 1e3,
                    kv_cache_bytes=int(kv_cache_gb * 1e9) if kv_cache_gb else None,
-                   step_host_per_seq_s=step_host_per_seq_ms / 1e3, host_observed=host_observed, pipelined=pipelined)
+                   step_host_per_seq_s=step_host_per_seq_ms / 1e3, host_observed=host_observed, pipelined=pipelined,
+                   co_step=co_step)
     s, e = res.slo, res.extra
     det = s["per_model_detail"].values()
     return {
@@ -65,6 +66,7 @@ def point(models: str, seed: int, *, rate: float = 0.1, duration: float = 300.0,
         "policy_cpu_us_per_step": res.policy_cpu_us_per_step, "policy_cpu_frac_mean": res.policy_cpu_frac_mean,
         "kv_peak_gb": e.get("kv_peak_gb"), "swap_gb": res.swap_gb, "graph_captures": e.get("graph_captures", 0),
         "pipelined_frac": e.get("pipelined_steps", 0) / max(1, res.steps),
+        "co_step_frac": e.get("co_steps", 0) / max(1, res.steps),
         "steps_per_s": res.steps / max(1e-9, res.end_s), "mean_batch": e.get("seqs_stepped", 0) / max(1, res.steps),
         "rounds": e.get("rounds_gpu0", {}), "sim_s": time.perf_counter() - t0,
     }
@@ -111,6 +113,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=True, help="TOKENPOOL_PIPELINE's "
                     "engine (the default): a decode continuing the step before's model and requests pays max(device, "
                     "host) instead of their sum")
+    ap.add_argument("--co-step", type=float, default=-1.0, help="TOKENPOOL_CO_STEP's engine (with --pipelined): a "
+                    "decode of another model than the step before's runs beside it, its device time this factor of "
+                    "its own (the H200's two-stream pairs: 0.66-0.83, bench/results/co_step_h200_3c76624.json); "
+                    "default: simulator.CO_STEP_FACTOR (0.8; off with TOKENPOOL_CO_STEP=0, which also stops the token "
+                    "policy pairing turns, as in the engine)")
     ap.add_argument("--graph-capture-ms", type=float, default=19.0, help="host time of a CUDA-graph capture, paid "
                     "at each new (size, slot offset, batch bucket); default: the H200's, bench serve's timing at "
                     "9ff79c5 (1.78 s for 95, first captures of a bucket included; 32 ms before the capture stopped "
@@ -124,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
               profile=a.profile, policy_kw=json.loads(a.policy_kw) if a.policy_kw else None, noise=a.noise,
               copy_slowdown=a.copy_slowdown, step_host_ms=a.step_host_ms, graph_capture_ms=a.graph_capture_ms,
               step_host_per_seq_ms=a.step_host_per_seq_ms, host_observed=not a.host_unobserved,
-              pipelined=a.pipelined)
+              pipelined=a.pipelined, co_step=a.co_step)
     out = {"command": " ".join(["python -m load_tests.models_per_gpu", *(argv or sys.argv[1:])]),
            "commit": git_commit(), "config": {**kw, "target": a.target}, "points": [], "most_models": {}}
     for seed in (int(s) for s in a.seeds.split(",")):

@@ -44,6 +44,7 @@ from token_scheduler.policies.slo import ModelSLO, RequestRecord, summarize
 from token_scheduler.policies.state import ModelState, PoolState, Residency, StepPlan
 from token_scheduler.request import RequestStatus
 from token_scheduler.runner import GRAPH_BUCKETS
+from tokenpool import env
 
 _W, _R, _S, _F = RequestStatus.WAITING, RequestStatus.RUNNING, RequestStatus.SWAPPED, RequestStatus.FINISHED_LENGTH
 
@@ -92,6 +93,7 @@ class GpuStats:
     host_s: float = 0.0  # of busy_s: the host time per step (step_host_s, step_host_per_seq_s)
     seqs_stepped: int = 0  # sequences over all steps (their mean batch: over `steps`)
     pipelined_steps: int = 0  # (pipelined) steps whose host time overlapped the step before's device time
+    co_steps: int = 0  # (co_step) decode steps of another model run beside the step before (two streams)
 
 
 def sim_arena(capacity: int, kv_bytes: int, align: int = DEFAULT_ALIGN) -> SlotTable:
@@ -100,19 +102,31 @@ def sim_arena(capacity: int, kv_bytes: int, align: int = DEFAULT_ALIGN) -> SlotT
     return SlotTable(RangeAllocator(capacity, align), kv_bytes)
 
 
+# A co-step's device time over its own alone (`GpuSim.co_step`): the H200's two-stream pairs measured 0.66 (two 1.5B at
+# batch 2-4) to 0.83 (a 7B and a 1.5B), bench/results/co_step_h200_3c76624.json; 0.8 weighs the served mix's 7B steps.
+# None when TOKENPOOL_CO_STEP is off (the engine then neither co-steps nor pairs turns).
+CO_STEP_FACTOR = 0.8 if env.CO_STEP.on() else None
+
+
 class GpuSim:
     """One GPU: state + policy + links. `step()` runs one plan and returns when the GPU is next free."""
 
     def __init__(self, gid: int, capacity: int, policy, hw: HardwareProfile, noise: float = 0.0, seed: int = 0,
                  arena: SlotTable | None = None, copy_slowdown: float = 0.0, step_host_s: float = 0.0,
                  graph_capture_s: float = 0.0, step_host_per_seq_s: float = 0.0, host_observed: bool = True,
-                 pipelined: bool = False):
+                 pipelined: bool = False, co_step: float | None = None):
         self.gid, self.policy, self.hw, self.noise = gid, policy, hw, noise
         # TOKENPOOL_PIPELINE: a decode step continuing the model of the step before (its running requests, one token
         # each, nothing waiting, no KV moves) was queued while that one ran, so its host time overlaps the device
         # and it costs max(device, host) instead of their sum; the engine learns that (`_learn_pipelined`)
         self.pipelined = pipelined
         self._last_batch: set[int] = set()  # ids of the requests the step before ran (a continuation runs them all)
+        # TOKENPOOL_CO_STEP (with `pipelined`): a decode step of another model than the step before's, both pure
+        # decodes of resident weights, runs beside it on a second stream: its host time overlapped as a pipelined
+        # step's, its device time this factor of its own (the H200's two-stream pairs: 0.66-0.83 of one stream,
+        # bench/results/co_step_h200_3c76624.json). None: off.
+        self.co_step = co_step
+        self._last_decode = False
         # A decode step at a (weights' size, slot offset, batch bucket) not met before captures its CUDA graph
         # first (ModelRunner keys graphs by slot): this many seconds of host time, once (H200: 3.14 s for 98
         # captures in one served point, bench/results/serve_h200_token_1.3_seed0_8326aa3_cold.json).
@@ -309,9 +323,15 @@ class GpuSim:
         piped = False
         if self.pipelined:  # (the set of the batch's requests is built only then: a step of every simulated GPU)
             ran = {id(r) for r, _ in plan.batch}
-            piped = (self._last_model == m.name and not m.waiting and not plan.swap_in and not plan.swap_out
-                     and all(n == 1 and r.status == _R for r, n in plan.batch) and ran <= self._last_batch)
-            self._last_batch = ran
+            decode = (not m.waiting and not plan.swap_in and not plan.swap_out
+                      and all(n == 1 and r.status == _R for r, n in plan.batch))
+            piped = self._last_model == m.name and decode and ran <= self._last_batch
+            if (self.co_step is not None and not piped and decode and self._last_decode
+                    and self._last_model not in (None, m.name) and ready <= self.now):
+                piped = True
+                dur *= self.co_step
+                self.stats.co_steps += 1
+            self._last_batch, self._last_decode = ran, decode
         if piped:
             self.stats.pipelined_steps += 1
             dur = max(dur, host)
@@ -422,7 +442,7 @@ def simulate(items, specs: dict[str, ModelSize], slos: dict[str, ModelSLO] | Mod
              policy_kw: dict | None = None, keep_tokens: bool = False, workers: int = 1,
              kv_cache_bytes: int | None = None, copy_slowdown: float = 0.0, step_host_s: float = 0.0,
              graph_capture_s: float = 0.0, step_host_per_seq_s: float = 0.0,
-             host_observed: bool = True, pipelined: bool = False) -> SimResult:
+             host_observed: bool = True, pipelined: bool = False, co_step: float | None = -1.0) -> SimResult:
     """Replay `items` (WorkItems, sorted by time) against `policy` on `n_gpus` simulated GPUs.
 
     `kv_cache_bytes`: each GPU's `capacity_bytes` is a pooled arena as the real engine's (module docstring)
@@ -438,6 +458,9 @@ def simulate(items, specs: dict[str, ModelSize], slos: dict[str, ModelSLO] | Mod
     True (the default) keeps the results made before it existed.
     `pipelined`: TOKENPOOL_PIPELINE's engine: a decode step continuing the step before's model and requests costs
     max(device, host) rather than their sum (its host time hidden under the step in flight), and is learned so.
+    `co_step` (with `pipelined`): TOKENPOOL_CO_STEP's engine (`GpuSim.co_step`): a decode of another model than the step
+    before's is pipelined too, and takes this factor of its device time; None: off; default: CO_STEP_FACTOR as the
+    engine's default (TOKENPOOL_CO_STEP), which also decides whether the token policy pairs turns.
 
     `graph_capture_s`: host seconds of one CUDA-graph capture, paid by a pooled GPU's first decode step at each
     (weights' size, slot offset, batch bucket) (H200: 0.019 s at 9ff79c5, 0.032 s before); 0: none.
@@ -451,6 +474,8 @@ def simulate(items, specs: dict[str, ModelSize], slos: dict[str, ModelSLO] | Mod
     """
     from token_scheduler.cost_model import H100_PCIE53
 
+    if co_step is not None and co_step < 0:
+        co_step = CO_STEP_FACTOR
     names = sorted({w.model for w in items} | set(specs))
     where = _placement(names, specs, n_gpus, placement)
     duration = max((w.time for w in items), default=0.0)
@@ -458,7 +483,7 @@ def simulate(items, specs: dict[str, ModelSize], slos: dict[str, ModelSLO] | Mod
                where=where, horizon=duration + drain_s, noise=noise, seed=seed, policy_kw=policy_kw or {},
                keep_tokens=keep_tokens, static=placement != "p2c", kv=kv_cache_bytes, copy_slowdown=copy_slowdown,
                step_host_s=step_host_s, graph_capture_s=graph_capture_s, step_host_per_seq_s=step_host_per_seq_s,
-               host_observed=host_observed, pipelined=pipelined)
+               host_observed=host_observed, pipelined=pipelined, co_step=co_step)
     workers = max(1, min(workers, n_gpus)) if placement != "p2c" else 1
     groups = [list(range(k, n_gpus, workers)) for k in range(workers)]
     if workers == 1:
@@ -482,7 +507,7 @@ def _run_gpus(items, gpu_ids: list[int], job: dict):
     gpus = {g: GpuSim(g, job["capacity"], make_policy(job["policy"], **job["policy_kw"]), job["hw"], job["noise"],
                       job["seed"], sim_arena(job["capacity"], job["kv"]) if job["kv"] else None,
                       job["copy_slowdown"], job["step_host_s"], job["graph_capture_s"], job["step_host_per_seq_s"],
-                      job["host_observed"], job["pipelined"]) for g in gpu_ids}
+                      job["host_observed"], job["pipelined"], job["co_step"]) for g in gpu_ids}
     if job["static"]:
         for m, gs in where.items():
             for g in gs:
@@ -542,7 +567,7 @@ def _result(policy: str, stats: list[GpuStats], records: list[RequestRecord], du
     span = max(duration, 1e-9)
     good = [r for r in records if r.attained()]
     extra: dict = {k: int(tot[k]) for k in ("loads", "prefetches", "prefetch_skipped", "evictions", "forced_evictions",
-                                           "graph_captures", "seqs_stepped", "pipelined_steps")}
+                                           "graph_captures", "seqs_stepped", "pipelined_steps", "co_steps")}
     extra["blocking_loads"] = extra["loads"] - extra["prefetches"]  # the real pool's `loads`
     extra["host_s"] = tot["host_s"]
     extra["loads_per_s"] = tot["loads"] / max(end, 1e-9)  # weight loads (blocking or prefetch) per second

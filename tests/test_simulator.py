@@ -321,6 +321,27 @@ def test_a_pipelined_decode_pays_the_larger_of_device_and_host_time():
     assert res.extra["cost_model_gpu0"]["step"]["m0"]["coef"]["base_s"] > 0.015  # the 20 ms decodes learned
 
 
+def test_a_co_step_runs_beside_the_step_before_at_its_factor():
+    """TOKENPOOL_CO_STEP's engine in the simulator (`co_step`): token by token, two models' decodes alternate; each
+    decode of another model than the step before's (both pure decodes of resident weights) is pipelined and takes the
+    factor of its device time -- the same tokens sooner. None: no co-steps; a factor of 1: co-steps, no device gain.
+    (3000 bytes: both models resident once loaded; b's weights land while a decodes, then the turns pair.)"""
+    items = [WorkItem(0.0, "m0", 4, 20, "a"), WorkItem(0.0, "m1", 4, 20, "b")]
+
+    def run(co):
+        res = simulate(items, _tiny_specs(2), SLO, "token", capacity_bytes=3000, hw=FLAT, drain_s=10, keep_tokens=True,
+                       pipelined=True, co_step=co, policy_kw={"max_round_s": 0.0, "pair_turns": co is not None})
+        return {r["id"]: r["tokens"] for r in res.extra["records"]}, res.extra["co_steps"]
+
+    off, n_off = run(None)
+    same, n_same = run(1.0)
+    half, n_half = run(0.5)
+    assert n_off == 0 and n_same > 0 and n_half == n_same
+    assert [len(t) for t in off.values()] == [len(t) for t in half.values()] == [20, 20]
+    assert same["a"][-1] == pytest.approx(off["a"][-1]) and same["b"][-1] == pytest.approx(off["b"][-1])
+    assert half["a"][-1] < off["a"][-1] - 0.01 and half["b"][-1] < off["b"][-1] - 0.01
+
+
 def test_sim_levers_runs_each_lever_on_the_served_profile(tmp_path):
     """load_tests.sim_levers: one simulated point per lever and seed, written as JSON (the figures behind where issue
     20's engine work pays for issue 14's models per GPU)."""
