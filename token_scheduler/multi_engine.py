@@ -755,12 +755,9 @@ class MultiModelEngine:
         mem = self.memory
         if mem is not None and (not mem.is_resident(name) or mem.is_loading(name)):
             return False
-        r = eng.runner
-        if r.hf_exact_decode or (r.is_cuda and len(plan.batch) not in r.bucket_of):
-            return False
-        return all(n == 1 and q.status is _RUNNING and q.output_token_ids and not q.is_prefilling
-                   and not q.sampling_params.needs_penalties and q.sampling_params.logprobs is None
-                   for q, n in plan.batch)
+        return (all(n == 1 and q.status is _RUNNING and q.output_token_ids and not q.is_prefilling
+                    for q, n in plan.batch)
+                and eng.runner.launchable(len(plan.batch), (q for q, _ in plan.batch)))
 
     def _co_step(self, on_launch) -> list[TokenOutput] | None:
         """(Co-stepping, TOKENPOOL_CO_STEP) A step while model A's decode step is in flight and the early plan is

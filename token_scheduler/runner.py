@@ -207,10 +207,15 @@ class ModelRunner:
     def can_launch(self, out: SchedulerOutput) -> bool:
         """Can `out` run as an overlapped decode: a graph bucket, no KV moves, and sampling that needs
         neither the tokens the host has not read yet (penalties) nor host-side logprobs."""
-        return (out.is_decode and not self.hf_exact_decode and (len(out.chunks) in self.bucket_of or not self.is_cuda)
-                and not out.swap_out and not out.swap_in and self.weights is not None
-                and all(not (sp := c.request.sampling_params).needs_penalties and sp.logprobs is None
-                        for c in out.chunks))
+        return (out.is_decode and not out.swap_out and not out.swap_in and self.weights is not None
+                and self.launchable(len(out.chunks), (c.request for c in out.chunks)))
+
+    def launchable(self, n: int, requests) -> bool:
+        """Whether a decode of `n` rows, `requests`, can run overlapped (`can_launch` less the step's own checks: a
+        co-stepping engine asks it of a plan before its step is committed): a graph bucket, not the HF-exact path,
+        and sampling that needs neither the tokens the host has not read yet (penalties) nor host-side logprobs."""
+        return (not self.hf_exact_decode and (n in self.bucket_of or not self.is_cuda)
+                and all(not (sp := r.sampling_params).needs_penalties and sp.logprobs is None for r in requests))
 
     def launch_decode(self, out: SchedulerOutput, ids: torch.Tensor | None = None,
                       timed: bool = False, rows: list[int] | None = None) -> LaunchedDecode:

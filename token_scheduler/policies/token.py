@@ -194,32 +194,23 @@ class TokenPolicy:
             if plan is not None:
                 self._round_ran = True
                 return plan
-        t = self._turn
-        if t is not None and self._continue(st, t):
-            plan = self._step(st, t)
-            if not plan.idle:
-                self._round_ran = True
-                return plan
-        if self._mate is not None:  # (pair_turns) the turn ended: its mate carries on as the turn
-            self._turn, self._mate = self._mate, None
+        for _ in range(2):  # the turn in progress, then (pair_turns) its mate carrying on as the turn
             t = self._turn
-            if self._continue(st, t):
+            if t is not None and self._continue(st, t):
                 plan = self._step(st, t)
                 if not plan.idle:
                     self._round_ran = True
                     return plan
+            if self._mate is None:
+                break
+            self._turn, self._mate = self._mate, None
         for _ in range(2):  # the rest of this round, then a fresh one
             while self._queue:
                 name = self._pop_next(st)
                 m = st.models.get(name)
                 if m is None or not m.has_work:
                     continue
-                more = 1 + self._bonus.pop(name, 0)
-                quota = self._plan.turn_s(name) * more if self._plan else 0.0
-                tgt = self._plan.target_s.get(name) if self._plan and self._plan.target_s else None
-                self._turn = _Turn(name, quota, target=None if tgt is None else self._round_started + tgt,
-                                   steps_min=self._steps.get(name, 0.0) * more)
-                self.turns[name] = self.turns.get(name, 0) + 1
+                self._turn = self._new_turn(name)
                 plan = self._step(st, self._turn)
                 if not plan.idle:
                     self._round_ran = True
@@ -265,14 +256,19 @@ class TokenPolicy:
                     or any(r.num_tokens - r.num_computed_tokens > 1 for r in m.running)):
                 continue
             del self._queue[i]
-            more = 1 + self._bonus.pop(name, 0)
-            quota = self._plan.turn_s(name) * more if self._plan else 0.0
-            tgt = self._plan.target_s.get(name) if self._plan and self._plan.target_s else None
-            self.turns[name] = self.turns.get(name, 0) + 1
             self.mates += 1
-            return _Turn(name, quota, target=None if tgt is None else self._round_started + tgt,
-                         steps_min=self._steps.get(name, 0.0) * more)
+            return self._new_turn(name)
         return None
+
+    def _new_turn(self, name: str) -> _Turn:
+        """`name`'s turn of this round, counted: its quota (with the rounds it sat out), its deadline-rule target and
+        its pace steps."""
+        more = 1 + self._bonus.pop(name, 0)
+        quota = self._plan.turn_s(name) * more if self._plan else 0.0
+        tgt = self._plan.target_s.get(name) if self._plan and self._plan.target_s else None
+        self.turns[name] = self.turns.get(name, 0) + 1
+        return _Turn(name, quota, target=None if tgt is None else self._round_started + tgt,
+                     steps_min=self._steps.get(name, 0.0) * more)
 
     def set_limits(self, max_seqs: int, max_tokens: int) -> None:
         """The engines' own batch limits (EngineConfig), so a planned batch is one the engine runs."""
