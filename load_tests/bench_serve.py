@@ -320,6 +320,8 @@ def where_time_went(before: dict, after: dict, wall: float, gpus: int) -> dict:
         "pipeline_flushes": d.get("pipeline_flushes", 0),
         # TOKENPOOL_CO_STEP: steps launched beside another model's step in flight (two streams at once)
         "co_step_frac": d.get("co_steps", 0) / n,
+        # TOKENPOOL_CO_STEP_DEEP: calls that left two models' steps in flight (each queued behind its own step)
+        "co_deep_frac": d.get("co_deep_kept", 0) / n,
         # (token policy) rounds' wall time over what they were planned to take, and the share over 1.5x: a step
         # loop whose turns overrun their quotas delays every model queued behind them
         "round_wall_over_planned": (d["round_wall_s"] / d["round_planned_s"]) if d.get("round_planned_s") else None,

@@ -736,6 +736,75 @@ def co_step(model_a: str, model_b: str, batches: list[int], context: int = 512, 
             eng.step()
 
 
+def co_loop(model_a: str, model_b: str, batches: list[int], steps: int = 800, device: str = "cuda",
+            modes: tuple[str, ...] = ("off", "co", "deep")) -> None:
+    """How much of two streams' overlap (`co-step`: two 1.5B batch-2 steps 0.66 of one stream's time) the pooled
+    engine's step loop realises. One pooled engine hosts model A and model B (the same checkpoint may be both: aliases
+    share it), both resident; each has `batch` greedy streams that never end; the token policy runs them for `steps`
+    steps with co-stepping off (turns, one model a step on the device), on (TOKENPOOL_CO_STEP: paired turns, the
+    mate's step launched beside the step in flight, one step in flight past a call) and deep
+    (TOKENPOOL_CO_STEP_DEEP: both models' steps kept in flight, each model's next queued behind its own). Prints ms a
+    step by the wall against each model's step alone (turns of one model, the pipeline within them)."""
+    import dataclasses
+    import random
+
+    from token_scheduler import multi_engine as me
+    from token_scheduler.engine import EngineConfig
+    from token_scheduler.request import SamplingParams
+
+    me.PIPELINE = me.PLAN_AHEAD = True
+    multi = me.MultiModelEngine({n: EngineConfig(model=m, device=device, served_model_name=n, max_num_seqs=8)
+                                 for n, m in (("a", model_a), ("b", model_b))},
+                                policy="token", device=device, gpu_budget="60GB" if device == "cuda" else "64MB",
+                                kv_cache_gb=2.0 if device == "cuda" else 0.01)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rng = random.Random(0)
+    tm = multi.timing
+    try:
+        for b in batches:
+            solo = {}
+            for mode in ("a", "b", *modes):
+                co = mode in ("co", "deep")
+                multi._co_step_on, multi._co_deep = co, mode == "deep"
+                multi.policy.cfg = dataclasses.replace(multi.policy.cfg, pair_turns=co)
+                rids = []
+                for name in ("a", "b") if mode not in ("a", "b") else (mode,):
+                    vocab = multi.engines[name].model_config.vocab_size
+                    for i in range(b):
+                        rids.append(f"{mode}/{b}/{name}/{i}")
+                        multi.add_request(rids[-1], [rng.randrange(10, vocab - 10) for _ in range(200)],
+                                          SamplingParams(max_tokens=100000, temperature=0, ignore_eos=True),
+                                          model=name)
+                for _ in range(80):  # warm: weights in, graphs captured (both lanes), prefills done
+                    multi.step_tokens()
+                multi._settle()
+                sync()
+                k0 = {k: tm[k] for k in ("steps", "co_steps", "co_deep_kept", "pipelined_steps")}
+                sw0 = multi.switches
+                t = time.perf_counter()
+                for _ in range(steps):
+                    multi.step_tokens()
+                multi._settle()
+                sync()
+                wall = time.perf_counter() - t
+                d = {k: tm[k] - v for k, v in k0.items()}
+                ms = wall / d["steps"] * 1e3
+                if mode in ("a", "b"):
+                    solo[mode] = ms
+                    ref = ""
+                else:
+                    alone = (solo["a"] + solo["b"]) / 2
+                    ref = f", {ms / alone:.3f} of alone ({alone:.3f} ms)"
+                print(f"co-loop b{b} {mode:4s}: {ms:.3f} ms a step{ref}; steps {d['steps']:.0f}, co-steps "
+                      f"{d['co_steps']:.0f}, deep kept {d['co_deep_kept']:.0f}, pipelined {d['pipelined_steps']:.0f}, "
+                      f"switches {multi.switches - sw0}", flush=True)
+                for rid in rids:
+                    multi.abort_request(rid)
+                multi.run()
+    finally:
+        multi.close()
+
+
 def copy_contention(gb: float = 3.0, pieces: int = 4, reps: int = 12) -> None:
     """Which of a decode step's small stream operations wait behind a weight prefetch? Served pipelined at 36 models
     (session 30), a step queued while another model's weights were being copied in on the swapper's stream started
@@ -824,8 +893,8 @@ def copy_contention(gb: float = 3.0, pieces: int = 4, reps: int = 12) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["kv", "gemv", "gemv-triton", "rows-triton", "step", "step-sweep", "prefill",
-                                     "prefill-pooled", "pipe-dev", "copy-contention", "co-step"])
-    ap.add_argument("--model15", help="pipe-dev: the 1.5B beside --model (the 7B); co-step: model B")
+                                     "prefill-pooled", "pipe-dev", "copy-contention", "co-step", "co-loop"])
+    ap.add_argument("--model15", help="pipe-dev: the 1.5B beside --model (the 7B); co-step, co-loop: model B")
     ap.add_argument("--model")
     ap.add_argument("--variants", help="step: only these variants, comma-separated (e.g. 'default,no pdl')")
     ap.add_argument("--batch", help="step: batch sizes (default 1,8); step-sweep: one batch size (default 1)")
@@ -844,6 +913,8 @@ def main() -> None:
      "pipe-dev": lambda: pipe_dev(a.model, a.model15),
      "copy-contention": copy_contention,
      "co-step": lambda: co_step(a.model, a.model15, [int(b) for b in (a.batch or "1,2,4").split(",")], a.context),
+     "co-loop": lambda: co_loop(a.model, a.model15, [int(b) for b in (a.batch or "1,2,4").split(",")],
+                                device="cuda" if torch.cuda.is_available() else "cpu"),
      "rows-triton": lambda: rows_triton(a.model, [int(b) for b in (a.batch or "8,32").split(",")])}[a.what]()
 
 

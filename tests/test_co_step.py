@@ -14,11 +14,15 @@ from token_scheduler import multi_engine
 from token_scheduler.multi_engine import MultiModelEngine
 
 
-@pytest.fixture
-def co(monkeypatch):
+@pytest.fixture(params=[False, True], ids=["shallow", "deep"])
+def co(monkeypatch, request):
+    """Co-stepping on; shallow (one step in flight past a call) or deep (TOKENPOOL_CO_STEP_DEEP: both models' steps
+    kept in flight, each model's next queued behind its own before the older is read). True: deep."""
     monkeypatch.setattr(multi_engine, "PIPELINE", True)
     monkeypatch.setattr(multi_engine, "PLAN_AHEAD", True)
     monkeypatch.setattr(multi_engine, "CO_STEP", True)
+    monkeypatch.setattr(multi_engine, "CO_STEP_DEEP", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("kind", ["greedy", "seeded"])
@@ -31,6 +35,7 @@ def test_co_steps_equal_alone(make_tiny, co, kind):
     _interleaved_equals_alone(multi, alone, kind)
     c = multi.snapshot()["counters"]
     assert c["co_steps"] > 0 and c["co_kept"] > 0 and multi.switches > 0
+    assert (c["co_deep_kept"] > 0) == co
     _no_leak(multi)
 
 
@@ -46,6 +51,8 @@ def test_paired_turns_co_step_within_turns_and_equal_alone(make_tiny, co, kind):
     _interleaved_equals_alone(multi, alone, kind)
     c = multi.snapshot()["counters"]
     assert multi.policy.mates > 0 and c["co_steps"] > 0
+    # deep: a model's next step queued behind its own while the other model's is in flight, inside paired turns
+    assert (c["co_deep_kept"] > 0) == co and (c["pipelined_steps"] > c["co_steps"]) == co
     _no_leak(multi)
     # the same without pairing: whole turns, co-steps at switches only -- fewer of them
     single = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", policy_kw={**kw, "pair_turns": False})

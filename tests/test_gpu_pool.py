@@ -110,26 +110,32 @@ def test_pooled_cuda_equals_alone_and_reuses_slot_graphs(make_varied, host_cache
     multi.close()
 
 
-@pytest.mark.parametrize("budget_mib", [16, 4])
-def test_co_stepped_models_equal_alone(make_varied, host_cache, monkeypatch, budget_mib):
+@pytest.mark.parametrize("budget_mib,deep", [(16, False), (4, False), (16, True), (4, True)])
+def test_co_stepped_models_equal_alone(make_varied, host_cache, monkeypatch, budget_mib, deep):
     """TOKENPOOL_CO_STEP on CUDA: two models' decode steps in flight at once on two streams, each lane with graphs
     and a graph memory pool of its own -- "a" and "b" share a shape, so one pool for both would alias their
     intermediates. Token by token (every plan another model's): the tokens are each model's alone, steps did run
-    beside each other, lane 1 captured its own graphs. 16 MiB: all three resident; 4 MiB: they rotate through one
-    slot (prefetches beside steps in flight)."""
+    beside each other, lane 1 captured its own graphs. 16 MiB: all resident; 4 MiB: they rotate through one slot
+    (prefetches beside steps in flight). `deep` (TOKENPOOL_CO_STEP_DEEP; "a" and "b" alone, alternating): both
+    models' steps stay in flight and each model's next step is queued on its stream, fed by its step before's sampled
+    ids, before the older is read."""
     from gpu_pool.arena import MiB
     from token_scheduler import multi_engine
 
     monkeypatch.setattr(multi_engine, "PIPELINE", True)
     monkeypatch.setattr(multi_engine, "PLAN_AHEAD", True)
     monkeypatch.setattr(multi_engine, "CO_STEP", True)
+    monkeypatch.setattr(multi_engine, "CO_STEP_DEEP", deep)
     paths = {"a": make_varied("qwen2"), "b": make_varied("qwen2", seed=1), "c": make_varied("llama")}
+    if deep:
+        del paths["c"]
     alone = {n: _alone(p) for n, p in paths.items()}
     multi = _pooled(paths, budget_mib * MiB, host_cache)
     _run_equals_alone(multi, paths, alone)
     c = multi.snapshot()["counters"]
     if budget_mib == 16:
         assert c["co_steps"] > 10, c
+        assert (c["co_deep_kept"] > 10) == deep, c
         lane1 = [k for k in multi.memory.graphs if len(k) == 3 and isinstance(k[0], tuple) and k[0][:2] == ("lane", 1)]
         assert lane1
         assert ("pool", lane1[0][0]) in multi.memory.graphs

@@ -30,7 +30,7 @@ def pipe(monkeypatch):
 
 
 def _no_leak(multi) -> None:
-    assert multi._pipe is None and not multi.has_unfinished_requests()
+    assert multi._pipe is None and multi._back is None and not multi.has_unfinished_requests()
     for e in multi.engines.values():
         s = e.scheduler
         assert e._inflight is None and not s.requests and not s.running and not s.waiting and not s.swapped

@@ -128,6 +128,7 @@ PLAN_AHEAD = env.PLAN_AHEAD.on()  # see the module docstring and `MultiModelEngi
 PIPELINE = env.PIPELINE.on()  # see the module docstring and `MultiModelEngine._step_pipelined`; needs plan-ahead
 TIME_STEPS = env.TIME_STEPS.on()  # each step's device time in the books of `_phases` (a diagnostic)
 CO_STEP = env.CO_STEP.on()  # see `MultiModelEngine._co_step`; needs the pipeline
+CO_STEP_DEEP = env.CO_STEP_DEEP.on()  # see `MultiModelEngine._hold`; needs co-stepping
 PIPELINE_LEARN = env.PIPELINE_LEARN.checked()  # what a pipelined step teaches the cost model (`_learn_pipelined`)
 AHEAD_MAX_AGE_S = 0.1  # an early plan older than this at its step (the caller paused) is made again
 _RUNNING, _WAITING = RequestStatus.RUNNING, RequestStatus.WAITING
@@ -194,12 +195,15 @@ class MultiModelEngine:
         self.timing = dict.fromkeys(("policy_s", "policy_cpu_s", "memory_s", "engine_s", "steps", "idle_policy_s",
                                      "idle_polls", "late_episodes", "ahead_s", "ahead_cpu_s", "ahead_used",
                                      "ahead_discarded", "pipelined_steps", "pipeline_kept", "pipeline_flushes",
-                                     "co_steps", "co_kept", *PHASE_KEYS),
+                                     "co_steps", "co_kept", "co_deep_kept", *PHASE_KEYS),
                                     0.0)
         # Pipeline: (model, perf_counter at its launch, lane) of the decode step left in flight by the latest step call
         # (its engine's `_inflight`), or None; `_t_done`: when the latest step's tokens were read
         self._pipe: tuple[str, float, int] | None = None
+        # (deep co-stepping) an older step in flight beside it, on the other lane, read before it (`_hold`)
+        self._back: tuple[str, float, int] | None = None
         self._co_step_on = CO_STEP  # (`_co_step`)
+        self._co_deep = CO_STEP_DEEP  # (`_hold`)
         self._lane_streams: dict = {}  # device -> lane 1's CUDA stream (`_on_lane`)
         self._kv_moved = False  # a plan swapped KV since lane 1 last caught up with the current stream (`_on_lane`)
         self._t_done = 0.0
@@ -554,9 +558,14 @@ class MultiModelEngine:
         `on_launch`)."""
         if self._pipe is not None:  # (pipeline) a step in flight: continued, else read before anything else
             self._gap = time.perf_counter() - self._t_ret
-            outputs = self._step_pipelined(on_launch)
-            if outputs is None and self._pipe is not None and self._co_step_on:
-                outputs = self._co_step(on_launch)
+            # (deep co-stepping) the older of two steps in flight continued, else read first
+            outputs = self._step_pipelined(on_launch, back=True) if self._back is not None else None
+            if outputs is None and self._back is not None:
+                self._removed += self._read("_back")
+            if outputs is None and self._pipe is not None:
+                outputs = self._step_pipelined(on_launch)
+                if outputs is None and self._pipe is not None and self._co_step_on:
+                    outputs = self._co_step(on_launch)
             if outputs is not None:
                 return outputs
             self._flush(learn=True)
@@ -769,7 +778,7 @@ class MultiModelEngine:
         streams against 3.50 on one, a 7B and a 1.5B 5.19 against 6.29 (`diag_gpu co-step`, 3c76624). Each step is
         learned at its interval between reads (`_learn_pipelined`), not at its device time, which the other shares.
         None: not such a step (the caller reads A and goes on as usual)."""
-        name_a, t_launch_a, lane_a = self._pipe
+        name_a, _, lane_a = self._pipe
         if self._ahead is None or not self._co_candidate(self._ahead[0], name_a):
             return None
         plan = self._take_ahead()  # (checked again at its step: age, requests, KV blocks; undone if stale)
@@ -780,29 +789,32 @@ class MultiModelEngine:
         self._execute_memory(plan, keep=(name_a,))  # (a prefetch at most: never into A's slot, its step reads it)
         self._learn_loads()
         t2 = time.perf_counter()
-        eng_a, eng = self.engines[name_a], self.engines[plan.model]
-        step_a = eng_a._inflight
-        step_a.overlapped = True
+        eng = self.engines[plan.model]
+        self.engines[name_a]._inflight.overlapped = True
         lane = 1 - lane_a
         at_launch = []
         with self._on_lane(eng, lane):
             outputs += eng.step_tokens(plan.batch, [], _marked(on_launch, at_launch), launch=True)
-        outputs += eng_a.complete_inflight()  # A read, beside B
-        self._learn_pipelined(name_a, step_a, t_launch_a, self._gap)
-        self._pipe = None
         tm["co_steps"] += 1
-        if eng._inflight is not None:
+        self._back, self._pipe = self._pipe, None  # A, the older
+        if eng._inflight is None:  # (B ran and was read at once)
+            outputs += self._read("_back")
+        else:
             eng._inflight.overlapped = True
             self._pipe = (plan.model, t2, lane)
             if at_launch:
                 self._phases(_ran_shape(eng.last_out), (t2, at_launch[0][1]), at_launch[0], at_launch[0],
                              (time.perf_counter(), time.thread_time()), kind="pipelined")
-            self._plan_ahead(eng.last_out)  # beside B, A's tokens applied
-            if not self._keeps(eng):
-                self._pipe = None
-                step = eng._inflight
-                outputs += eng.complete_inflight()
-                self._learn_pipelined(plan.model, step, t2)
+            kept = False
+            if self._co_deep:  # the plan beside both, neither read: A stays in flight if it continues A
+                self._plan_ahead(eng.last_out)
+                kept = self._keep_back()
+                if not kept:
+                    self._drop_ahead()
+            if not kept:
+                outputs += self._read("_back")  # A read, beside B
+                self._plan_ahead(eng.last_out)  # beside B, A's tokens applied
+                outputs += self._hold()
         self._stepped(plan.model, time.perf_counter() - t2, plan.expected_s)
         return self._after_step(plan.model, outputs)
 
@@ -842,18 +854,52 @@ class MultiModelEngine:
         """(Pipeline) Read the step left in flight and apply its tokens, their outputs owed by the next step; before
         anything that needs it finished: another model's step, any memory move, a model added or removed, an abort,
         pins, preloads, keep-alive evictions, counters reset, close, and a step with nothing to continue."""
-        if self._pipe is None:
-            return
-        name, t_launch, _ = self._pipe
-        self._pipe = None
+        for which in ("_back", "_pipe"):  # (the older first)
+            if getattr(self, which) is not None:
+                self._removed += self._read(which, learn)
+                self.timing["pipeline_flushes"] += 1
+
+    def _read(self, which: str, learn: bool = True) -> list[TokenOutput]:
+        """Read the step in flight that `which` ("_pipe" or "_back") names and apply its tokens (returned), learned
+        at its interval (`_learn_pipelined`) less the caller's gap before this call, which goes with the first step
+        read in a call. `learn` False: a read from outside a step call (the caller's pause is in its time)."""
+        name, t_launch, _ = getattr(self, which)
+        setattr(self, which, None)
         eng = self.engines[name]
         step = eng._inflight
-        self._removed += eng.complete_inflight()
-        if learn:  # (inside a step call, at its start; read from outside one, the caller's pause is in its time)
+        outputs = eng.complete_inflight()
+        if learn:
             self._learn_pipelined(name, step, t_launch, self._gap)
+            self._gap = 0.0
         else:
             self._t_done = time.perf_counter()
-        self.timing["pipeline_flushes"] += 1
+        return outputs
+
+    def _keep_back(self) -> bool:
+        """(Deep co-stepping, TOKENPOOL_CO_STEP_DEEP) Whether the older step in flight (`_back`) stays in flight past
+        this call: the early plan continues it (`_continues`), so the next call queues its model's next step on its
+        lane before reading it -- the device then always has the two models' next steps queued, one a stream, and
+        never waits for the host between them."""
+        ahead = self._ahead
+        if ahead is None or not self._co_deep or not self._continues(ahead[0], self.engines[self._back[0]]):
+            return False
+        self.timing["co_deep_kept"] += 1
+        return True
+
+    def _hold(self) -> list[TokenOutput]:
+        """After a step's launch and the early plan beside it: what stays in flight past this call. The older step
+        (`_back`, deep co-stepping) when the plan continues it (`_keep_back`), else it is read; then the newest
+        (`_pipe`) when the plan continues it or can run beside it (`_keeps`), else it is read. The outputs of the
+        steps read."""
+        outputs = []
+        if self._back is not None:
+            if self._keep_back():
+                return outputs
+            outputs += self._read("_back")
+        name, t_launch, _ = self._pipe
+        if not self._keeps(self.engines[name]):
+            outputs += self._read("_pipe")  # (launched in this call: the gap went with the step read before)
+        return outputs
 
     def _learn_pipelined(self, name: str, step, t_launch: float, gap: float = 0.0) -> None:
         """The cost model learns a step kept in flight (`step`, a LaunchedDecode) once it is read: the interval between
@@ -907,20 +953,22 @@ class MultiModelEngine:
         """(TOKENPOOL_STEP_TRACE) One CSV line: when (time.monotonic), then `cols`."""
         self._trace.write(f"{time.monotonic():.6f},{','.join(map(str, cols))}\n")
 
-    def _step_pipelined(self, on_launch) -> list[TokenOutput] | None:
+    def _step_pipelined(self, on_launch, back: bool = False) -> list[TokenOutput] | None:
         """A step while a decode step N of model A is in flight (`_pipe`): when the early plan for N+1 is still
         exactly N's continuation (`_continues`), N+1 is queued fed with N's sampled ids on the device, then N is read
         and its tokens applied (its outputs returned by this call), then the plan for N+2 is made beside N+1. N+1 stays
         in flight if that plan continues it too, else it is read before returning. None: no continuation (something
         changed since the plan: a request added, finished, stopped; short of KV blocks; the plan too old): the caller
-        reads N (`_flush`) and steps as without the flag, the early plan checked there as usual (`_take_ahead`)."""
+        reads N (`_flush`) and steps as without the flag, the early plan checked there as usual (`_take_ahead`).
+        `back` (deep co-stepping): N is the older of two steps in flight (`_back`), the other model's step stays in
+        flight beside N+1 and becomes the older (`_hold`)."""
         tm = self.timing
         if self._keep_alive:
             self.expire()  # (flushes first if it evicts anything)
             if self._pipe is None:
                 return None
         t0, c0 = time.perf_counter(), time.thread_time()
-        name, t_launch, lane = self._pipe
+        name, t_launch, lane = self._back if back else self._pipe
         eng = self.engines[name]
         ahead = self._ahead
         if (ahead is None or ahead[0].model != name or t0 - ahead[3] > AHEAD_MAX_AGE_S
@@ -939,7 +987,8 @@ class MultiModelEngine:
         tm["policy_cpu_s"] += c1 - c0
         outputs, self._removed = self._removed, []
         if plan.prefetch is not None and self.memory is not None:  # the one memory move an early plan keeps
-            self._execute_memory(plan)  # (a prefetch into another model's slot: A's weights stay, resident)
+            # (a prefetch into another model's slot: A's weights stay, resident, and those of a step beside it)
+            self._execute_memory(plan, keep=(self._pipe[0],) if back else ())
             self._learn_loads()
         t2, c2 = time.perf_counter(), time.thread_time()
         tm["memory_s"] += t2 - t1
@@ -949,8 +998,12 @@ class MultiModelEngine:
         if at_launch and eng.t_read is not None:
             self._phases(_ran_shape(nxt), (t2, c2), at_launch[0], eng.t_read,
                          (time.perf_counter(), time.thread_time()), kind="pipelined", dev=eng.device_s)
-        self._learn_pipelined(name, prev, t_launch, self._gap)
-        self._pipe = (name, t2, lane)
+        gap, self._gap = self._gap, 0.0
+        self._learn_pipelined(name, prev, t_launch, gap)
+        if back:
+            self._back, self._pipe = self._pipe, (name, t2, lane)
+        else:
+            self._pipe = (name, t2, lane)
         tm["pipelined_steps"] += 1
         t_plan = time.perf_counter()
         self._plan_ahead(nxt)  # beside N+1 (as the hook does for a step launched the usual way)
@@ -959,13 +1012,9 @@ class MultiModelEngine:
             (launched, c_l), (read, c_r) = at_launch[0], eng.t_read
             # written by `_after_step`, with the call's tail (books, late watch) after the plan
             self._cycle = ((name, "cycle", len(nxt.chunks), _ms(t2 - t0), _ms(launched - t2), _ms(read - launched),
-                            _ms(self._gap), _ms(t_end - t_plan), _ms(t_plan - read), _ms(c_l - c2), _ms(c_r - c_l)),
+                            _ms(gap), _ms(t_end - t_plan), _ms(t_plan - read), _ms(c_l - c2), _ms(c_r - c_l)),
                            t_end)
-        if not self._keeps(eng):
-            self._pipe = None
-            step = eng._inflight
-            outputs += eng.complete_inflight()
-            self._learn_pipelined(name, step, t2)
+        outputs += self._hold()
         self._stepped(name, time.perf_counter() - t2, plan.expected_s)  # (the same model as before: no switch)
         return self._after_step(name, outputs)
 
@@ -997,7 +1046,10 @@ class MultiModelEngine:
             policy.restore(cp)
             tm["ahead_discarded"] += 1
         else:
-            self._ahead = (plan, cp, {id(c.request) for c in ran.chunks}, t0)
+            prev = {id(c.request) for c in ran.chunks}
+            if self._back is not None:  # (deep co-stepping: the older step in flight's tokens are not applied either)
+                prev.update(id(c.request) for c in self.engines[self._back[0]]._inflight.out.chunks)
+            self._ahead = (plan, cp, prev, t0)
         c1, t1 = time.thread_time(), time.perf_counter()
         tm["ahead_s"] += t1 - t0
         tm["ahead_cpu_s"] += c1 - c0

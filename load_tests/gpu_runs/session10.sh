@@ -44,6 +44,9 @@
 #            off and on, a bench 7B and 1.5B both resident, each stepping alone and both together
 #   costep   issue 14/20: diag_gpu co-step, two models' decode graphs on one stream and on two, for each pair in
 #            COSTEP_PAIRS (default "q15:q15 q7:q15 q7:q7") at batches COSTEP_B (default 1,2,4)
+#   coloop   issue 14: diag_gpu co-loop, the pooled engine's step loop with two resident bench models decoding (pairs
+#            COLOOP_PAIRS, default "q15:q15 q7:q15"; batches COLOOP_B, default 1,2,4): ms a step with co-stepping off,
+#            on, and deep (TOKENPOOL_CO_STEP_DEEP), against each alone
 #   dash     issue 18: tokenpool suite dashboards on this machine's CPUs (50 dashboards under 48 streams)
 # Usage (device tool, repo root, carry .whl): TOKENPOOL_COMMIT=<sha> PARTS="many" bash load_tests/gpu_runs/session10.sh
 source "$(dirname "$0")/prelude.sh"
@@ -184,6 +187,12 @@ costep) M=/tmp/mm; mkdir -p $M
     timeout "${LIMIT_COSTEP:-150}" python3 -m load_tests.diag_gpu co-step --model $M/$ma --model15 $M/$mb \
       --batch "${COSTEP_B:-1,2,4}" > "$OUT/costep_${ma}_$mb.log" 2>&1; at "costep $ma $mb" $?
     grep -E "^co-step|Error" "$OUT/costep_${ma}_$mb.log" | cut -c1-300; done ;;
+coloop) M=~/.cache/tokenpool/bench-models; ensure_models
+  for pr in ${COLOOP_PAIRS:-q15:q15 q7:q15}; do IFS=: read -r ma mb <<< "$pr"
+    pa=$M/qwen2-$( [ $ma = q7 ] && echo 7b || echo 1.5b )-bf16; pb=$M/qwen2-$( [ $mb = q7 ] && echo 7b || echo 1.5b )-bf16
+    timeout "${LIMIT_COLOOP:-120}" python3 -m load_tests.diag_gpu co-loop --model $pa --model15 $pb \
+      --batch "${COLOOP_B:-1,2,4}" > "$OUT/coloop_${ma}_$mb.log" 2>&1; at "coloop $ma $mb" $?
+    grep -E "^co-loop|Error" "$OUT/coloop_${ma}_$mb.log" | cut -c1-300; done ;;
 dash) timeout "${LIMIT_DASH:-200}" python3 -m controller.cli suite dashboards --duration 10 --rounds "${DASH_ROUNDS:-6}" \
     --streams 48 --dashboards "${DASH_N:-50}" --model pace --json "$OUT/dashboard_cost.json" > "$OUT/dash.log" 2>&1; at dash $?
   tail -5 "$OUT/dash.log" | cut -c1-400 ;;
