@@ -134,7 +134,8 @@ def test_co_stepped_models_equal_alone(make_varied, host_cache, monkeypatch, bud
     _run_equals_alone(multi, paths, alone)
     c = multi.snapshot()["counters"]
     if budget_mib == 16:
-        assert c["co_steps"] > 10, c
+        # (deep: a co-step starts each pair of steps in flight, then each model continues its own)
+        assert c["co_steps"] > (0 if deep else 10), c
         assert (c["co_deep_kept"] > 10) == deep, c
         lane1 = [k for k in multi.memory.graphs if len(k) == 3 and isinstance(k[0], tuple) and k[0][:2] == ("lane", 1)]
         assert lane1

@@ -208,7 +208,8 @@ class MultiModelEngine:
         self._kv_moved = False  # a plan swapped KV since lane 1 last caught up with the current stream (`_on_lane`)
         self._t_done = 0.0
         # `_t_ret`: when the latest step call returned; `_gap`: the caller's time from then to this call (its own work
-        # between step calls, inside the interval of the step kept in flight: `_learn_pipelined` leaves it out)
+        # between step calls, inside the interval of the step kept in flight: `_learn_pipelined` leaves it out), and
+        # before earlier calls that read no step
         self._t_ret = self._gap = 0.0
         # (TOKENPOOL_STEP_TRACE, a diagnostic) each step's timing sample, one CSV line (`_trace_step`)
         trace = env.STEP_TRACE.get()
@@ -557,7 +558,8 @@ class MultiModelEngine:
         """One step of the model the policy picks: token ids, no text (see `LLMEngine.step_tokens`, and there
         `on_launch`)."""
         if self._pipe is not None:  # (pipeline) a step in flight: continued, else read before anything else
-            self._gap = time.perf_counter() - self._t_ret
+            # (summed over calls that read no step: a deep co-step's first call leaves both steps in flight)
+            self._gap += time.perf_counter() - self._t_ret
             # (deep co-stepping) the older of two steps in flight continued, else read first
             outputs = self._step_pipelined(on_launch, back=True) if self._back is not None else None
             if outputs is None and self._back is not None:
@@ -569,6 +571,7 @@ class MultiModelEngine:
             if outputs is not None:
                 return outputs
             self._flush(learn=True)
+        self._gap = 0.0  # (nothing in flight: no interval to leave the caller's time out of)
         tm = self.timing
         t0, c0 = time.perf_counter(), time.thread_time()
         plan = self._take_ahead() if self._ahead is not None else None

@@ -100,9 +100,10 @@ PIPELINE = Var("TOKENPOOL_PIPELINE", "1", "a pooled engine launches a model's ne
 CO_STEP = Var("TOKENPOOL_CO_STEP", "1", "a pooled engine launches another model's decode step beside the one in "
               "flight, on a second CUDA stream with graphs of its own (two models' small steps fill each other's "
               "kernel boundaries), and the token policy pairs turns so there is one to launch (0: off, for A/B runs)")
-CO_STEP_DEEP = Var("TOKENPOOL_CO_STEP_DEEP", "0", "1 (with TOKENPOOL_CO_STEP): a pooled engine keeps both co-stepped "
+CO_STEP_DEEP = Var("TOKENPOOL_CO_STEP_DEEP", "1", "with TOKENPOOL_CO_STEP: a pooled engine keeps both co-stepped "
                    "models' steps in flight, one a stream, and queues each model's next step behind its own before "
-                   "reading the older (the device never waits for the host between two models' steps)")
+                   "reading the older, so the device never waits for the host between two models' steps (0: one "
+                   "step in flight past a step call, for A/B runs)")
 PIPELINE_LEARN = Var("TOKENPOOL_PIPELINE_LEARN", "interval", "what the cost model learns of a pipelined step "
                      "(TOKENPOOL_PIPELINE): interval (between completions, less the caller's time; not under the "
                      "device's), device (the device's time alone, CUDA events) or none (not learned: such steps are "
