@@ -65,7 +65,13 @@ Co-stepping (TOKENPOOL_CO_STEP, on by default since session 36; `_co_step`): whe
 decode, that step is launched on a second CUDA stream beside the step in flight, then the step in flight is read --
 the device runs two models' small steps at once. With the token policy's paired turns (`TokenConfig.pair_turns`) that
 is most steps. H200, 40 models, seed 0: 92.8% where 87.4% without (bench/results/serve_h200_models40_seed0_
-1a50452_costep_paired.json).
+1a50452_costep_paired.json). That left the device half the time: after a read the other model's step ran alone
+while the host applied tokens and launched the next. Deep co-stepping (TOKENPOOL_CO_STEP_DEEP, on by default since
+session 37; `_hold`, `_keep_back`) keeps both models' steps in flight, one a stream, and queues each model's next
+step behind its own (fed by its sampled ids on the device) before reading the older: two 1.5B at batch 2 step at
+0.655 of one alone (the device's two-stream figure, 0.659), 0.720 one deep (`diag_gpu co-loop`, bench/results/
+co_loop_h200_e5c9347.json); 40 models served 99.6% (seed 0) and 100% (seed 1)
+(bench/results/serve_h200_models40_seed{0_e5c9347,1_a68ef1f}_deep.json).
 The pipeline within a turn (this flag) does not slow the device: a step queued back to back took the same device time
 as one the device waited for (H200, `diag_gpu pipe-dev`: 7B 4.58 ms either way, 1.5B 1.78 against 1.86; a step's
 wall 4.96 -> 4.58 and 2.15 -> 1.79 ms; bench/results/pipeline_device_time_h200_d9f1c6f.json). Served at 36 models
