@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_multi_engine import ARCHS, _alone, _interleaved_equals_alone
-from tests.test_pipeline import _no_leak
+from tests.test_multi_engine import ARCHS, _alone, _alone_one, _interleaved_equals_alone
+from tests.test_pipeline import _no_leak, _run_all, _setup
 from tests.test_plan_ahead import pooled_rotating_equals_alone
 from token_scheduler import multi_engine
 from token_scheduler.multi_engine import MultiModelEngine
@@ -22,6 +22,9 @@ def co(monkeypatch, request):
     monkeypatch.setattr(multi_engine, "PLAN_AHEAD", True)
     monkeypatch.setattr(multi_engine, "CO_STEP", True)
     monkeypatch.setattr(multi_engine, "CO_STEP_DEEP", request.param)
+    # (an early plan older than this is made again: on two loaded cores a tiny model's step can pass the default's
+    # 0.1 s, and then no step launches beside another -- whether co-steps happen must not hang on the machine's load)
+    monkeypatch.setattr(multi_engine, "AHEAD_MAX_AGE_S", 30.0)
     return request.param
 
 
@@ -82,3 +85,43 @@ def test_co_steps_pooled_equal_alone(make_tiny, host_cache, co):
     assert c["co_steps"] > 0 and multi.memory.stats.evictions > 0
     _no_leak(multi)
     multi.close()
+
+
+def _deep(multi, done: dict) -> str:
+    """Step until two models' steps are in flight (deep co-stepping); the older one's model."""
+    for _ in range(300):
+        for o in multi.step():
+            if o.finished:
+                done[o.request_id] = o
+        if multi._back is not None:
+            assert multi._back[2] != multi._pipe[2]  # one a lane
+            return multi._back[0]
+    raise AssertionError("never two steps in flight")
+
+
+@pytest.mark.parametrize("change", ["abort", "remove_model"])
+def test_a_change_from_outside_reads_both_steps_in_flight(make_tiny, co, change):
+    """Deep co-stepping: an abort or a model removed while two models' steps are in flight reads both first; the
+    aborted request ends with "abort", a removed model's requests end, the other model's tokens are its alone, and
+    nothing leaks."""
+    if not co:
+        pytest.skip("deep only")
+    multi, paths, sp = _setup(make_tiny, max_tokens=30)
+    done = {}
+    a = _deep(multi, done)
+    b = next(n for n in paths if n != a)
+    if change == "abort":
+        multi.abort_request(f"{a}/0")
+    else:
+        multi.remove_model(a)
+    assert multi._pipe is None and multi._back is None
+    assert all(e._inflight is None for e in multi.engines.values())
+    done.update(_run_all(multi, whole=False))
+    if change == "abort":
+        assert done[f"{a}/0"].outputs[0].finish_reason == "abort"
+        assert done[f"{a}/1"].outputs[0].token_ids == _alone_one(paths[a], [4, 4, 5], sp)
+    else:
+        assert a not in multi.engines and all(done[f"{a}/{i}"].finished for i in range(2))
+    for i in range(2):
+        assert done[f"{b}/{i}"].outputs[0].token_ids == _alone_one(paths[b], [3 + i, 4, 5], sp)
+    _no_leak(multi)
