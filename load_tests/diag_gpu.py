@@ -592,6 +592,32 @@ def prefill_pooled(model: str, reps: int = 8, device: str = "cuda") -> None:
         multi.close()
 
 
+def _endless_streams(multi, names, batch: int, rng, tag: str, prompt_len: int) -> list[str]:
+    """`batch` greedy requests that never end (random prompts of `prompt_len` tokens) to each model of `names` in
+    pooled engine `multi`; their ids."""
+    from token_scheduler.request import SamplingParams
+
+    rids = []
+    for name in names:
+        vocab = multi.engines[name].model_config.vocab_size
+        for i in range(batch):
+            rids.append(f"{tag}/{name}/{i}")
+            multi.add_request(rids[-1], [rng.randrange(10, vocab - 10) for _ in range(prompt_len)],
+                              SamplingParams(max_tokens=100000, temperature=0, ignore_eos=True), model=name)
+    return rids
+
+
+def _timed_steps(multi, steps: int, sync) -> float:
+    """Seconds of `steps` steps of `multi`, to nothing in flight and the device drained; untimed, a warm-up (weights
+    in, graphs captured, prefills done)."""
+    t = time.perf_counter()
+    for _ in range(steps):
+        multi.step_tokens()
+    multi._settle()
+    sync()
+    return time.perf_counter() - t
+
+
 def pipe_dev(model7: str, model15: str, steps: int = 600, batch: int = 3, device: str = "cuda",
              budget: str = "40GB", kv_gb: float = 2.0) -> None:
     """Does a decode step take the device longer when the pooled engine queues it before the step in flight is read
@@ -604,7 +630,6 @@ def pipe_dev(model7: str, model15: str, steps: int = 600, batch: int = 3, device
 
     from token_scheduler import multi_engine as me
     from token_scheduler.engine import EngineConfig
-    from token_scheduler.request import SamplingParams
 
     for pipe in (False, True):
         me.PIPELINE, me.TIME_STEPS = pipe, True
@@ -629,26 +654,11 @@ def pipe_dev(model7: str, model15: str, steps: int = 600, batch: int = 3, device
         try:
             # one model stepping alone (turns of many steps: the pipeline keeps the device busy), then both
             for phase, active in enumerate((("7b",), ("1.5b",), ("7b", "1.5b"))):
-                rids = []
-                for name in active:
-                    vocab = multi.engines[name].model_config.vocab_size
-                    for i in range(batch):
-                        rids.append(f"{phase}/{name}/{i}")
-                        multi.add_request(rids[-1], [rng.randrange(10, vocab - 10) for _ in range(100)],
-                                          SamplingParams(max_tokens=100000, temperature=0, ignore_eos=True),
-                                          model=name)
-                for _ in range(60):  # warm: weights in, graphs captured, prefills done
-                    multi.step_tokens()
-                multi._settle()
-                sync()
+                rids = _endless_streams(multi, active, batch, rng, str(phase), 100)
+                _timed_steps(multi, 60, sync)  # (warm)
                 books.clear()
                 p0, sw0 = multi.timing["pipelined_steps"], multi.switches
-                t = time.perf_counter()
-                for _ in range(steps):
-                    multi.step_tokens()
-                multi._settle()
-                sync()
-                wall = time.perf_counter() - t
+                wall = _timed_steps(multi, steps, sync)
                 dev = sum(sum(v) for v in books.values()) or float("nan")
                 print(f"pipeline={int(pipe)} {'+'.join(active)}: {steps} steps in {wall * 1e3:.1f} ms "
                       f"({wall / steps * 1e3:.3f} ms a step), device {dev * 1e3:.1f} ms timed ({dev / wall:.3f} of the "
@@ -750,7 +760,6 @@ def co_loop(model_a: str, model_b: str, batches: list[int], steps: int = 800, de
 
     from token_scheduler import multi_engine as me
     from token_scheduler.engine import EngineConfig
-    from token_scheduler.request import SamplingParams
 
     me.PIPELINE = me.PLAN_AHEAD = True
     multi = me.MultiModelEngine({n: EngineConfig(model=m, device=device, served_model_name=n, max_num_seqs=8)
@@ -767,26 +776,12 @@ def co_loop(model_a: str, model_b: str, batches: list[int], steps: int = 800, de
                 co = mode in ("co", "deep")
                 multi._co_step_on, multi._co_deep = co, mode == "deep"
                 multi.policy.cfg = dataclasses.replace(multi.policy.cfg, pair_turns=co)
-                rids = []
-                for name in ("a", "b") if mode not in ("a", "b") else (mode,):
-                    vocab = multi.engines[name].model_config.vocab_size
-                    for i in range(b):
-                        rids.append(f"{mode}/{b}/{name}/{i}")
-                        multi.add_request(rids[-1], [rng.randrange(10, vocab - 10) for _ in range(200)],
-                                          SamplingParams(max_tokens=100000, temperature=0, ignore_eos=True),
-                                          model=name)
-                for _ in range(80):  # warm: weights in, graphs captured (both lanes), prefills done
-                    multi.step_tokens()
-                multi._settle()
-                sync()
+                rids = _endless_streams(multi, ("a", "b") if mode not in ("a", "b") else (mode,), b, rng,
+                                        f"{mode}/{b}", 200)
+                _timed_steps(multi, 80, sync)  # (warm: both lanes' graphs captured)
                 k0 = {k: tm[k] for k in ("steps", "co_steps", "co_deep_kept", "pipelined_steps")}
                 sw0 = multi.switches
-                t = time.perf_counter()
-                for _ in range(steps):
-                    multi.step_tokens()
-                multi._settle()
-                sync()
-                wall = time.perf_counter() - t
+                wall = _timed_steps(multi, steps, sync)
                 d = {k: tm[k] - v for k, v in k0.items()}
                 ms = wall / d["steps"] * 1e3
                 if mode in ("a", "b"):

@@ -104,6 +104,8 @@ def sim_arena(capacity: int, kv_bytes: int, align: int = DEFAULT_ALIGN) -> SlotT
 
 # A co-step's device time over its own alone (`GpuSim.co_step`): the H200's two-stream pairs measured 0.66 (two 1.5B at
 # batch 2-4) to 0.83 (a 7B and a 1.5B), bench/results/co_step_h200_3c76624.json; 0.8 weighs the served mix's 7B steps.
+# The engine's step loop realises those figures with deep co-stepping (two 1.5B at batch 2 0.655 of alone, a 7B and a
+# 1.5B 0.833: bench/results/co_loop_h200_e5c9347.json); with one step in flight past a call it realised 0.72 / 0.89.
 # None when TOKENPOOL_CO_STEP is off (the engine then neither co-steps nor pairs turns).
 CO_STEP_FACTOR = 0.8 if env.CO_STEP.on() else None
 
