@@ -905,8 +905,7 @@ class MultiModelEngine:
             if self._keep_back():
                 return outputs
             outputs += self._read("_back")
-        name, t_launch, _ = self._pipe
-        if not self._keeps(self.engines[name]):
+        if not self._keeps(self.engines[self._pipe[0]]):
             outputs += self._read("_pipe")  # (launched in this call: the gap went with the step read before)
         return outputs
 

@@ -1,5 +1,7 @@
-"""User check: `tokenpool serve` (embedded default: three models, CPU) from a venv, the official openai client,
-errors, /metrics, co-stepping counters from /admin/engines, a clean Ctrl-C. Usage: python user_check.py VENV"""
+"""User check, as a user would: `tokenpool serve` (embedded default: three models, CPU) from a fresh venv (e.g. the
+one `.ci/run` made), the official openai client (streamed == unstreamed), errors, /metrics, co-stepping counters from
+/admin/engines, a clean Ctrl-C, no process or /dev/shm file left. Usage: VENV/bin/python load_tests/user_check.py VENV
+(the venv needs openai, which `pip install -e ".[test]"` brings)."""
 
 import concurrent.futures as cf
 import glob
@@ -16,7 +18,7 @@ from openai import BadRequestError, NotFoundError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 BASE = "http://127.0.0.1:8000"
-WORK = "/tmp/uc36"
+WORK = "/tmp/user_check"
 
 
 def find(x, key):
@@ -79,7 +81,8 @@ def main(venv: str) -> None:
         tok = open(tokfile.group(1)).read().strip()
         req = urllib.request.Request(BASE + "/admin/engines", headers={"Authorization": f"Bearer {tok}"})
         engines = json.loads(urllib.request.urlopen(req).read())
-        print("co_steps", list(find(engines, "co_steps")), "co_kept", list(find(engines, "co_kept")))
+        print("co_steps", list(find(engines, "co_steps")), "co_kept", list(find(engines, "co_kept")),
+              "co_deep_kept", list(find(engines, "co_deep_kept")))
     p.send_signal(signal.SIGINT)
     print("rc", p.wait(60))
     time.sleep(1)
