@@ -608,8 +608,8 @@ def _endless_streams(multi, names, batch: int, rng, tag: str, prompt_len: int) -
 
 
 def _timed_steps(multi, steps: int, sync) -> float:
-    """Seconds of `steps` steps of `multi`, to nothing in flight and the device drained; untimed, a warm-up (weights
-    in, graphs captured, prefills done)."""
+    """Seconds of `steps` steps of `multi`, to nothing in flight and the device drained (also the warm-up, its time
+    ignored: weights in, graphs captured, prefills done)."""
     t = time.perf_counter()
     for _ in range(steps):
         multi.step_tokens()

@@ -996,7 +996,7 @@ class MultiModelEngine:
         outputs, self._removed = self._removed, []
         if plan.prefetch is not None and self.memory is not None:  # the one memory move an early plan keeps
             # (a prefetch into another model's slot: A's weights stay, resident, and those of a step beside it)
-            self._execute_memory(plan, keep=(self._pipe[0],) if back else ())
+            self._execute_memory(plan, keep=(name, self._pipe[0]) if back else ())
             self._learn_loads()
         t2, c2 = time.perf_counter(), time.thread_time()
         tm["memory_s"] += t2 - t1
