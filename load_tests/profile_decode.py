@@ -1,6 +1,6 @@
 """Where a batch-1 decode step's time goes on CUDA: kernels by total time, launches per step, graph replay.
 
-    python -m load_tests.profile_decode --model DIR [--batch 1] [--steps 20]
+    python -m load_tests.profile_decode --model DIR [--batch 1] [--steps 20] [--context 64]
 
 Profiles the eager fused decode forward (the same kernels the CUDA graph replays) with torch.profiler and
 prints the top kernels; then times graph replay alone and a full engine step, so host overhead shows up as
@@ -20,13 +20,14 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--context", type=int, default=64, help="prompt tokens a sequence (bench engine decodes at 512)")
     a = ap.parse_args()
 
     from token_scheduler import EngineConfig, LLMEngine, SamplingParams
 
     eng = LLMEngine(EngineConfig(model=a.model, device="cuda", max_num_seqs=max(8, a.batch), kv_cache_memory_gb=4))
     for i in range(a.batch):
-        eng.add_request(f"r{i}", list(range(1, 65)), SamplingParams(max_tokens=100000, ignore_eos=True))
+        eng.add_request(f"r{i}", list(range(1, a.context + 1)), SamplingParams(max_tokens=100000, ignore_eos=True))
     for _ in range(5):
         eng.step()
     runner = eng.runner

@@ -13,7 +13,8 @@
 #            (default 8x7b,12x1.5b) on 60 GB per GPU at TWO_RATE req/s/model, seed SEED
 #   engine   issue 17/20: bench engine, 7B (batches 1-64) and 1.5B with bf16 parity (load_tests/gpu_runs/engine.sh's)
 #   profdecode issue 20: where a 1.5B and a 7B decode step go (load_tests/profile_decode.py: graph replay vs kernel sum
-#            vs full engine step, top kernels), batches PROF_B (default 1 8) of PROF_SIZES (default 1.5b 7b)
+#            vs full engine step, top kernels), batches PROF_B (default 1 8) of PROF_SIZES (default 1.5b 7b), PROF_CTX
+#            prompt tokens a sequence (default 64; bench engine decodes at 512)
 #   sweep    issue 20: diag_gpu step-sweep (the batch-1 GEMV block configs tuned in the decode graph) for SWEEP_SIZES
 #            (default "1.5b 7b")
 #   rows     issue 20: the small-batch GEMV path: its GPU tests (ROWS_TESTS=0: not), then diag_gpu step (default vs "small-batch gemv")
@@ -22,7 +23,7 @@
 #            ROWS_SWEEPS: "q15:8 q7:8 q15:4:swap q15:4:attn" (model:batch[:swap|attn]) sweeps, LIMIT_ROWS_SWEEP s each; ROWS_TRITON: "q15 q7", each
 #            projection alone at batches 8 and 32 (diag_gpu rows-triton: cuBLAS vs gemv_rows, with and without the norm)
 #   attn     issue 20: the paged-decode kernel's cache blocks an iteration (1, 2, 4, 8), diag_gpu step at ATTN_B (1,8,32)
-#            and contexts ATTN_CTX (512 2048), both models
+#            and contexts ATTN_CTX (512 2048), both models (ATTN_MODELS, default "q15 q7"); ATTN_V: the variants
 #   swap     issue 20: bench swap on the 7B (a decode beside a 7B prefetch, cold load into the host cache, swap-in)
 #   ab       issue 14: A/B of a switch inside one call: bench serve (10 models on 60 GB) at AB_RATE (default 1.3), seed
 #            SEED, from a cold start (a fresh server each), first with AB_A's environment (default none), then AB_B's
@@ -94,7 +95,7 @@ engine) M=/tmp/mm; mkdir -p $M
 profdecode) M=/tmp/mm; mkdir -p $M
   for sz in ${PROF_SIZES:-1.5b 7b}; do d=$M/q$(echo $sz | tr -d .b); [ -f $d/config.json ] || python3 -m controller.cli make-model \
       --arch qwen2 --size $sz --out $d >> "$OUT/make.log" 2>&1
-    for b in ${PROF_B:-1 8}; do timeout 120 python3 -m load_tests.profile_decode --model $d --batch $b --steps 50 \
+    for b in ${PROF_B:-1 8}; do timeout 120 python3 -m load_tests.profile_decode --model $d --batch $b --steps 50 --context "${PROF_CTX:-64}" \
         > "$OUT/profile_decode_${sz}_b$b.log" 2>&1; at "profdecode $sz b$b" $?; head -8 "$OUT/profile_decode_${sz}_b$b.log"
       tail -1 "$OUT/profile_decode_${sz}_b$b.log"; done; done ;;
 sweep) M=/tmp/mm; mkdir -p $M
@@ -126,9 +127,9 @@ rows) M=/tmp/mm; mkdir -p $M
 attn) M=/tmp/mm; mkdir -p $M
   for sz in 1.5b 7b; do d=$M/q$(echo $sz | tr -d .b); [ -f $d/config.json ] || python3 -m controller.cli make-model \
       --arch qwen2 --size $sz --out $d >> "$OUT/make.log" 2>&1; done
-  for c in ${ATTN_CTX:-512 2048}; do for m in q15 q7; do
+  for c in ${ATTN_CTX:-512 2048}; do for m in ${ATTN_MODELS:-q15 q7}; do
     timeout "${LIMIT_ATTN:-100}" python3 -m load_tests.diag_gpu step --model $M/$m --batch "${ATTN_B:-1,8,32}" --context $c \
-      --variants "default,attn 2 blocks,attn 4 blocks,attn 8 blocks" > "$OUT/attn_${m}_ctx$c.log" 2>&1; at "attn $m ctx $c" $?
+      --variants "${ATTN_V:-default,attn 2 blocks,attn 4 blocks,attn 8 blocks}" > "$OUT/attn_${m}_ctx$c.log" 2>&1; at "attn $m ctx $c" $?
     grep -E "b1:|Error" "$OUT/attn_${m}_ctx$c.log" | cut -c1-300; done; done ;;
 swap) M=/tmp/mm; mkdir -p $M; [ -f $M/q7/config.json ] || python3 -m controller.cli make-model --arch qwen2 --size 7b \
     --out $M/q7 >> "$OUT/make.log" 2>&1
