@@ -295,7 +295,9 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
              "splits": (triton_decode, "num_splits_for"), "max_rows": (llama, "GEMV_MAX_ROWS"),
              "nbi": (triton_decode, "BLOCKS_PER_ITER"), "swap": (triton_gemv, "ROWS_SWAP"),
              "mlp": (llama, "GEMV_ROWS_MLP"), "attn_rope": (llama, "ATTN_ROPE"),
-             "persist": (triton_gemv, "ROWS_PERSIST")}
+             "persist": (triton_gemv, "ROWS_PERSIST"), "attn_warps": (triton_decode, "DECODE_WARPS"),
+             "fill": (triton_decode, "FILL"),
+             "attn_stages": (triton_decode, "DECODE_STAGES")}
     defaults = {k: getattr(mod, attr) for k, (mod, attr) in knobs.items()}
     # the qwen2-1.5b GEMV block configs tuned without PDL, one projection at a time (before step-sweep)
     old_cfgs = {(2048, 1536): (8, 512, 8), (1536, 1536): (2, 512, 4), (17920, 1536): (16, 512, 8),
@@ -309,11 +311,14 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 ("small-batch gemv persistent 2", {"max_rows": 32, "persist": 2}),
                 ("attn 2 blocks", {"nbi": 2}), ("attn 4 blocks", {"nbi": 4}),
                 ("attn 8 blocks", {"nbi": 8}),
+                *((f"attn 4 blocks {w} warps", {"nbi": 4, "attn_warps": w}) for w in (2, 8)),
+                *((f"attn 4 blocks {n} stages", {"nbi": 4, "attn_stages": n}) for n in (1, 2, 4)),
+                *((f"attn {n} blocks fill {f}", {"nbi": n, "fill": f}) for n in (2, 4) for f in (4, 8)),
                 ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}),
                 *((f"splits {s}", {"splits": s}) for s in triton_decode.SPLITS),
                 # fewer splits with more cache blocks an iteration each: one split writes the result itself (no
                 # combine launch) but walks the whole context alone
-                *((f"splits {s} nbi {n}", {"splits": s, "nbi": n}) for s in (1, 2, 4, 8) for n in (4, 8)),
+                *((f"splits {s} nbi {n}", {"splits": s, "nbi": n}) for s in (1, 2, 4, 8, 16) for n in (2, 4, 8)),
                 ("no pdl, gemv any size", {"pdl": False, "max_hidden": 1 << 30}), ("default again", {})]
     try:
         for name, v in variants:

@@ -136,12 +136,19 @@ SPLITS = (1, 2, 4, 8, 16, 32)  # each value is one compiled variant of both kern
 # far. More: fewer, wider iterations over long contexts (diag_gpu step variant "attn 4 blocks"), unmeasured yet, so
 # off (TOKENPOOL_ATTN_BLOCKS_PER_ITER).
 BLOCKS_PER_ITER = env.ATTN_BLOCKS_PER_ITER.integer()
+# The paged-decode kernel's launch options (None: Triton's defaults, 4 warps and 3 stages): knobs for `diag_gpu step`.
+DECODE_WARPS: int | None = None
+DECODE_STAGES: int | None = None
+
+
+# Programs a paged-decode launch aims at, per SM (`num_splits_for`).
+FILL = 2
 
 
 def num_splits_for(batch: int, kv_heads: int, sms: int = 132) -> int:
-    """Splits so that batch x kv_heads x splits fills the GPU about twice, rounded down to a power of two:
+    """Splits so that batch x kv_heads x splits fills the GPU about FILL times, rounded down to a power of two:
     prefill rows make the batch vary widely, and every distinct value would be a JIT compile mid-serving."""
-    want = max(1, min(32, (2 * sms) // max(1, batch * kv_heads)))
+    want = max(1, min(32, (FILL * sms) // max(1, batch * kv_heads)))
     return max(s for s in SPLITS if s <= want)
 
 
@@ -197,6 +204,8 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
         layer * s_kvl, layer * s_kvl + s_kv2,
         NUM_SPLITS=S, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=BS, D=D,
         IEEE=q.dtype == torch.float32, PDL=pdl(q), NBI=BLOCKS_PER_ITER, DIRECT=S == 1, launch_pdl=pdl(q),
+        **({} if DECODE_WARPS is None else {"num_warps": DECODE_WARPS}),
+        **({} if DECODE_STAGES is None else {"num_stages": DECODE_STAGES}),
         **({} if rope is None else dict(zip(("COS", "SIN", "POS", "SB", "SO"), rope), ROPE=True, H=H, KVH=KVH)),
     )
     if S == 1:
