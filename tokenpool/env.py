@@ -72,8 +72,8 @@ GEMV_ROWS_PERSIST = Var("TOKENPOOL_GEMV_ROWS_PERSIST", "0", "with TOKENPOOL_GEMV
                         "persistent grid of this many programs an SM (0: one program a tile; unmeasured, see "
                         "triton_gemv.py)", kind="int")
 ATTN_ROPE = Var("TOKENPOOL_ATTN_ROPE", "0", "1: batched decode steps on cuBLAS do RoPE and the KV write inside the "
-                "paged-decode attention kernel (one launch a layer fewer; unmeasured, see llama.py)")
-ATTN_BLOCKS_PER_ITER = Var("TOKENPOOL_ATTN_BLOCKS_PER_ITER", "1", "cache blocks the Triton paged-decode kernel "
+                "paged-decode attention kernel (one launch a layer fewer; 1-2% on the H200, see llama.py)")
+ATTN_BLOCKS_PER_ITER = Var("TOKENPOOL_ATTN_BLOCKS_PER_ITER", "4", "cache blocks the Triton paged-decode kernel "
                            "reads an iteration (1, 2, 4 or 8; see token_scheduler/model/triton_decode.py)", kind="int")
 ROWWISE_PREFILL_MAX = Var("TOKENPOOL_ROWWISE_PREFILL_MAX", str(1 << 22), "on CUDA, a prefill chunk of tokens x context up "
                           "to this runs row by row through the batched decode attention, longer ones one SDPA each "

@@ -132,13 +132,16 @@ def _combine_kernel(Part, M, L, Y, S: tl.constexpr, S_PAD: tl.constexpr, D: tl.c
 
 SPLITS = (1, 2, 4, 8, 16, 32)  # each value is one compiled variant of both kernels
 
-# Cache blocks a program reads an iteration (NBI). 1: one 16-token block at a time, as measured in every figure so
-# far. More: fewer, wider iterations over long contexts (diag_gpu step variant "attn 4 blocks"), unmeasured yet, so
-# off (TOKENPOOL_ATTN_BLOCKS_PER_ITER).
+# Cache blocks a program reads an iteration (NBI; TOKENPOOL_ATTN_BLOCKS_PER_ITER) and the kernel's software-pipeline
+# stages. A program's walk over its blocks is a chain of dependent loads (block id, then K and V), so one 16-token
+# block an iteration left the walk latency-bound once a split holds several blocks: on the H200 (`diag_gpu step`,
+# 756bfdb, attn_blocks_h200_756bfdb.json) 4 blocks an iteration in 2 stages took a 7B batch-32 step at context 512
+# from 5.05 to 4.74 ms (at 2048: 6.74 -> 5.40) and was as fast or faster at every batch and context measured
+# (batch 1 included). 8 warps or splits filling the GPU 4 times: within 1% either way at context 512.
 BLOCKS_PER_ITER = env.ATTN_BLOCKS_PER_ITER.integer()
-# The paged-decode kernel's launch options (None: Triton's defaults, 4 warps and 3 stages): knobs for `diag_gpu step`.
+# The paged-decode kernel's launch options (None: Triton's default, 4 warps): knobs for `diag_gpu step`.
 DECODE_WARPS: int | None = None
-DECODE_STAGES: int | None = None
+DECODE_STAGES: int | None = 2
 
 
 # Programs a paged-decode launch aims at, per SM (`num_splits_for`).
