@@ -93,7 +93,8 @@ def _rows(configs, persist: bool = False):
 
 
 def decode_variants() -> dict[str, dict]:
-    """The paged-decode kernel's variants as the bench models run them, compiled for sm_90: label -> resources."""
+    """The paged-decode kernel's variants as the bench models run them (the module's blocks an iteration, warps and
+    stages), compiled for sm_90: label -> resources."""
     from token_scheduler.model import triton_decode as t
 
     fn = t._paged_decode_kernel
@@ -107,12 +108,13 @@ def decode_variants() -> dict[str, dict]:
         for splits in (16, 1):
             for rope in (False, True):
                 c = dict(NUM_SPLITS=splits, GROUP=h // kvh, GROUP_PAD=16, BLOCK=16, D=128, IEEE=False, PDL=True,
-                         NBI=1, DIRECT=splits == 1, ROPE=rope, H=h if rope else 0, KVH=kvh if rope else 0)
+                         NBI=t.BLOCKS_PER_ITER, DIRECT=splits == 1, ROPE=rope, H=h if rope else 0, KVH=kvh if rope else 0)
                 if not rope:
                     c.update(COS=None, SIN=None, POS=None, SB=None, SO=None)
                 tt = dict(types, Out="*bf16" if splits == 1 else "*fp32")
                 out[f"{name} splits {splits} rope {rope}"] = inspect_kernel(
-                    fn, tt, c, aligned=("s_kvb", "s_kvt", "s_kvh", "off_k", "off_v"), num_warps=4, num_stages=1)
+                    fn, tt, c, aligned=("s_kvb", "s_kvt", "s_kvh", "off_k", "off_v"),
+                    num_warps=t.DECODE_WARPS or 4, num_stages=t.DECODE_STAGES or 3)
     return out
 
 

@@ -71,8 +71,8 @@ GEMV_ROWS_MLP = Var("TOKENPOOL_GEMV_ROWS_MLP", "1", "with TOKENPOOL_GEMV_ROWS: 0
 GEMV_ROWS_PERSIST = Var("TOKENPOOL_GEMV_ROWS_PERSIST", "0", "with TOKENPOOL_GEMV_ROWS: the small-batch kernels on a "
                         "persistent grid of this many programs an SM (0: one program a tile; unmeasured, see "
                         "triton_gemv.py)", kind="int")
-ATTN_ROPE = Var("TOKENPOOL_ATTN_ROPE", "0", "1: batched decode steps on cuBLAS do RoPE and the KV write inside the "
-                "paged-decode attention kernel (one launch a layer fewer; 1-2% on the H200, see llama.py)")
+ATTN_ROPE = Var("TOKENPOOL_ATTN_ROPE", "1", "batched decode steps on cuBLAS do RoPE and the KV write inside the "
+                "paged-decode attention kernel (one launch a layer fewer; 1-3% on the H200, see llama.py); 0: off")
 ATTN_BLOCKS_PER_ITER = Var("TOKENPOOL_ATTN_BLOCKS_PER_ITER", "4", "cache blocks the Triton paged-decode kernel "
                            "reads an iteration (1, 2, 4 or 8; see token_scheduler/model/triton_decode.py)", kind="int")
 ROWWISE_PREFILL_MAX = Var("TOKENPOOL_ROWWISE_PREFILL_MAX", str(1 << 22), "on CUDA, a prefill chunk of tokens x context up "

@@ -198,8 +198,10 @@ GEMV_ROWS_MLP = env.GEMV_ROWS_MLP.on()
 # 4.53 ms (bench/results/decode_profile_h200_ab4be3b.json). ATTN_ROPE: the paged-decode kernel does that job itself
 # (triton_decode.paged_decode's `rope`), reading q, k and v from the qkv projection. The simulator puts 40 models
 # (16x7B + 24x1.5B) at the knee: 87.4% on seed 0 as served, 98.8% with the 1.5B step 0.2 ms shorter or the 7B's 5%
-# (bench/results/sim_levers_models40_rowgraph_120s_*.json). Correct in the interpreter (fp32); unmeasured on the
-# GPU, so off (TOKENPOOL_ATTN_ROPE=1: on).
+# (bench/results/sim_levers_models40_rowgraph_120s_*.json). Measured on the H200 (diag_gpu step, context 512, with
+# the paged decode's 4 blocks an iteration and 8 warps; 5a1fec0, attn_rope_h200_5a1fec0.json): 7B batches 8/32/64
+# 0.99 of the unfolded step (batch 32: 4.741 -> 4.693 ms, 1.23x its floor with the KV bytes), 1.5B 0.97-0.98. On by
+# default since session 38 (TOKENPOOL_ATTN_ROPE=0: off).
 ATTN_ROPE = env.ATTN_ROPE.on()
 
 

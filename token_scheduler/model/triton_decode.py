@@ -139,8 +139,9 @@ SPLITS = (1, 2, 4, 8, 16, 32)  # each value is one compiled variant of both kern
 # from 5.05 to 4.74 ms (at 2048: 6.74 -> 5.40) and was as fast or faster at every batch and context measured
 # (batch 1 included). 8 warps or splits filling the GPU 4 times: within 1% either way at context 512.
 BLOCKS_PER_ITER = env.ATTN_BLOCKS_PER_ITER.integer()
-# The paged-decode kernel's launch options (None: Triton's default, 4 warps): knobs for `diag_gpu step`.
-DECODE_WARPS: int | None = None
+# The paged-decode kernel's launch options (None: Triton's default; knobs for `diag_gpu step`). 8 warps: the same
+# time as 4 without RoPE folded in, ~0.5% faster with it (5a1fec0, attn_rope_h200_5a1fec0.json).
+DECODE_WARPS: int | None = 8
 DECODE_STAGES: int | None = 2
 
 
