@@ -274,9 +274,15 @@ def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, con
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     from token_scheduler.model import llama
 
-    res = header() | {"bench": "engine", "model": str(model), "context": context,
-                      "kernel_options": {"one_token_gemv": llama.USE_GEMV, "pdl": _pdl(),
-                                         "small_batch_gemv_max_rows": llama.GEMV_MAX_ROWS if llama.USE_GEMV else 0}}
+    options = {"one_token_gemv": llama.USE_GEMV, "pdl": _pdl(),
+               "small_batch_gemv_max_rows": llama.GEMV_MAX_ROWS if llama.USE_GEMV else 0}
+    try:  # the paged-decode kernel's options, where Triton is installed
+        from token_scheduler.model import triton_decode as td
+        options |= {"attn_rope": llama.ATTN_ROPE, "attn_blocks_per_iter": td.BLOCKS_PER_ITER,
+                    "attn_warps": td.DECODE_WARPS, "attn_stages": td.DECODE_STAGES}
+    except ImportError:
+        pass
+    res = header() | {"bench": "engine", "model": str(model), "context": context, "kernel_options": options}
     t = time.perf_counter()
     kv_gb = None if dev == "cpu" else 12.0
     eng = LLMEngine(EngineConfig(model=str(model), device=dev, max_num_seqs=max(batches),

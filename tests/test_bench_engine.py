@@ -49,6 +49,15 @@ def test_bench_engine_cpu_parity_fp32_exact_and_bf16_diagnostic(make_varied, tmp
     assert data == json.loads(json.dumps(r)) and _finite(data)
     assert [d["batch"] for d in data["decode"]] == [1, 2]
     assert all(d["graph_replay_ms"] is None for d in data["decode"])  # no CUDA graphs on CPU
+    # the kernel options the figures were taken under, the paged decode's where Triton is installed
+    opts = data["kernel_options"]
+    assert {"one_token_gemv", "pdl", "small_batch_gemv_max_rows"} <= set(opts)
+    try:
+        from token_scheduler.model import triton_decode
+    except ImportError:
+        assert "attn_blocks_per_iter" not in opts
+    else:
+        assert opts["attn_blocks_per_iter"] == triton_decode.BLOCKS_PER_ITER and "attn_rope" in opts
 
     # fp32 is the bench engine's own dtype on CPU: `parity`. A real check: identical to HF.
     p = data["parity"]
