@@ -214,3 +214,32 @@ def test_paged_decode_variants_compile_for_the_h200_without_spills():
     for label, r in res.items():
         assert r["stack_bytes"] == 0 and r["local_bytes"] == 0 and 0 < r["registers"] <= 255, (label, r)
         assert r["mma"] == "mma_v2", label  # the score and value dots on tensor cores
+
+
+def test_warm_up_compiles_the_folded_attention_only_where_it_can_run(monkeypatch):
+    """On a GPU where one row launches with PDL (its own compiled variants), warm-up compiles every split count for
+    one row and for several, and the RoPE-folded variants for several; for one row too only if one-token steps
+    may fold (not when they take the GEMV path). Where one row has no variants of its own, one set serves all."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from token_scheduler.model import triton_decode
+
+    calls = []
+    monkeypatch.setattr(triton_decode, "paged_decode", lambda q, *a, rope=None, num_splits=None, **k:
+                        calls.append((q.shape[0], rope is not None, num_splits)))
+    q, kv = torch.zeros(1, 4, 8), torch.zeros(2, 1, 2, 16, 2, 8)
+    bt, ctx = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    rope = SimpleNamespace(cos=torch.ones(4, 8), sin=torch.zeros(4, 8))
+    n = len(triton_decode.SPLITS)
+
+    def warm(pdl_one_row: bool, **kw) -> set:
+        calls.clear()
+        monkeypatch.setattr(triton_decode, "pdl", lambda t: pdl_one_row and t.shape[0] == 1)
+        triton_decode.warm_up(q, kv, bt, ctx, 0.1, None, rope, **kw)
+        assert len(calls) == len(set(calls))
+        return {(rows, folded) for rows, folded, _ in calls}
+
+    assert warm(True, rope_one_row=False) == {(1, False), (2, False), (2, True)} and len(calls) == 3 * n
+    assert warm(True) == {(1, False), (1, True), (2, False), (2, True)} and len(calls) == 4 * n
+    assert warm(False, rope_one_row=False) == {(1, False), (1, True)} and len(calls) == 2 * n

@@ -157,23 +157,25 @@ def num_splits_for(batch: int, kv_heads: int, sms: int = 132) -> int:
 
 
 def warm_up(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-            scale: float, window=None, rope=None) -> None:
+            scale: float, window=None, rope=None, rope_one_row: bool = True) -> None:
     """Compile every split variant now (at engine start) rather than at first use while serving: for one
     sequence and for several, which differ in launch mode (`pdl`). q, block_tables, context_lens: one row (its
     first block a scratch block). `rope` (a RopeCache): the variants with RoPE and the KV write folded in too,
-    writing into that scratch block."""
+    writing into that scratch block -- for one row only if `rope_one_row` (False where one-token steps run the
+    GEMV path, whose qkv epilogue does RoPE: their folded variant would never run)."""
     rows = [(q, block_tables, context_lens)]
-    if pdl(q):
+    if pdl(q):  # one row launches apart from several: its own variants
         rows.append((q.repeat(2, 1, 1), block_tables.repeat(2, 1), context_lens.repeat(2)))
-    for qq, bt, ctx in rows:
-        if rope is not None:  # the fused qkv of these rows, all at position 0 of the scratch block
+    for i, (qq, bt, ctx) in enumerate(rows):
+        fold = rope is not None and (rope_one_row or len(rows) == 1 or i > 0)
+        if fold:  # the fused qkv of these rows, all at position 0 of the scratch block
             n = qq.shape[0]
             qkv = torch.zeros(n, (qq.shape[1] + 2 * kv.shape[4]) * qq.shape[2], device=q.device, dtype=q.dtype)
             zero = torch.zeros(n, dtype=torch.long, device=q.device)
             folded = (rope.cos, rope.sin, zero, bt[:, 0].long(), zero)
         for s in SPLITS:
             paged_decode(qq, kv, 0, bt, ctx, scale, window, num_splits=s)
-            if rope is not None:
+            if fold:
                 paged_decode(qkv, kv, 0, bt, ctx, scale, window, num_splits=s, rope=folded)
 
 
