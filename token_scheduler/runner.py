@@ -455,11 +455,11 @@ class ModelRunner:
         cfg, dev = self.cfg, self.device
         q = torch.zeros(1, cfg.num_heads, cfg.head_dim, dtype=self.kv.dtype, device=dev)
         bt = torch.full((1, 1), self.scratch_block, dtype=torch.int32, device=dev)
-        # one-token steps take the GEMV path where it is on (on a PDL-capable GPU, the only one where one row has
-        # variants of its own): RoPE in its qkv epilogue, never the attention's
+        # a one-token step on the GEMV path does RoPE in its qkv epilogue, never in the attention
+        one = torch.zeros(1, cfg.hidden_size, dtype=self.kv.dtype, device=dev)
         triton_decode.warm_up(q, self.kv, bt, torch.ones(1, dtype=torch.int32, device=dev), cfg.head_dim**-0.5,
                               cfg.sliding_window, self.rope if llama.folds_rope(cfg) else None,
-                              rope_one_row=not llama.USE_GEMV)
+                              rope_one_row=not llama.takes_gemv(cfg, one))
 
     def _decode_graph(self, out: SchedulerOutput, ids: torch.Tensor | None = None,
                       start: torch.cuda.Event | None = None, rows: list[int] | None = None) -> _DecodeGraph:

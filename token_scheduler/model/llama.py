@@ -144,7 +144,7 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
     _fresh(meta)
     x = F.embedding(input_ids, w["embed"])
     T = input_ids.shape[0]
-    if USE_GEMV and T <= max(1, GEMV_MAX_ROWS) and (cfg.hidden_size <= GEMV_MAX_HIDDEN or k.pdl_capable(x)):
+    if takes_gemv(cfg, x):
         with k.pdl_rows(T):
             return _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta)
     H, KVH, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
@@ -203,6 +203,15 @@ GEMV_ROWS_MLP = env.GEMV_ROWS_MLP.on()
 # 0.99 of the unfolded step (batch 32: 4.741 -> 4.693 ms, 1.23x its floor with the KV bytes), 1.5B 0.97-0.98. On by
 # default since session 38 (TOKENPOOL_ATTN_ROPE=0: off).
 ATTN_ROPE = env.ATTN_ROPE.on()
+
+
+def takes_gemv(cfg: ModelConfig, x: torch.Tensor) -> bool:
+    """Whether `forward_fused` runs the step of hidden states `x` ([tokens, hidden]) through the Triton GEMVs (RoPE
+    in the qkv epilogue) rather than cuBLAS."""
+    from token_scheduler.model import triton_ops as k
+
+    return (USE_GEMV and x.shape[0] <= max(1, GEMV_MAX_ROWS)
+            and (cfg.hidden_size <= GEMV_MAX_HIDDEN or k.pdl_capable(x)))
 
 
 def folds_rope(cfg: ModelConfig) -> bool:
