@@ -279,7 +279,7 @@ def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, con
     try:  # the paged-decode kernel's options, where Triton is installed
         from token_scheduler.model import triton_decode as td
         options |= {"attn_rope": llama.ATTN_ROPE, "attn_blocks_per_iter": td.BLOCKS_PER_ITER,
-                    "attn_warps": td.DECODE_WARPS, "attn_stages": td.DECODE_STAGES}
+                    "attn_warps": td.DECODE_WARPS, "attn_stages": td.DECODE_STAGES, "attn_prefetch": td.PREFETCH_KV}
     except ImportError:
         pass
     res = header() | {"bench": "engine", "model": str(model), "context": context, "kernel_options": options}

@@ -47,9 +47,14 @@ def inspect_kernel(fn, types: dict[str, str], constexprs: dict, aligned: tuple[s
         m = re.search(k + r":(\d+)", usage)
         return int(m.group(1)) if m else -1
     ttgir = ck.asm["ttgir"]
+    # global loads issued before the PDL wait (-1: no wait): what a kernel fetches while the one before drains
+    ptx = ck.asm["ptx"]
+    wait = ptx.find("griddepcontrol.wait")
+    early = -1 if wait < 0 else len(re.findall(r"\bld\.global|\bcp\.async\.", ptx[:wait]))
     return {"registers": field("REG"), "stack_bytes": field("STACK"), "local_bytes": field("LOCAL"),
             "shared_bytes": ck.metadata.shared, "async_copies": ttgir.count("async_copy_global_to_local"),
-            "mma": "warp_group_dot" if "warp_group_dot" in ttgir else "mma_v2" if "tt.dot" in ttgir else "none"}
+            "mma": "warp_group_dot" if "warp_group_dot" in ttgir else "mma_v2" if "tt.dot" in ttgir else "none",
+            "loads_before_wait": early}
 
 
 def _types(fn) -> dict[str, str]:
@@ -102,17 +107,19 @@ def decode_variants() -> dict[str, dict]:
     types.update(Q="*bf16", KV="*bf16", BT="*i32", CTX="*i32", M="*fp32", L="*fp32", scale="fp32", COS="*fp32",
                  SIN="*fp32", POS="*i64", SB="*i64", SO="*i64")
     # qwen2-1.5b (12 heads, 2 kv heads) and qwen2-7b (28, 4), bf16, 16-token blocks: split-K (fp32 partials) and one
-    # split (the result written directly), with and without RoPE and the KV write folded in (TOKENPOOL_ATTN_ROPE)
+    # split (the result written directly), with and without RoPE and the KV write folded in (TOKENPOOL_ATTN_ROPE),
+    # and a decode step's one row loading its first cache tile before the PDL wait (TOKENPOOL_ATTN_PREFETCH)
     out = {}
     for name, h, kvh in (("1.5b", 12, 2), ("7b", 28, 4)):
         for splits in (16, 1):
-            for rope in (False, True):
+            for rope, prefetch in ((False, False), (True, False), (False, True)):
                 c = dict(NUM_SPLITS=splits, GROUP=h // kvh, GROUP_PAD=16, BLOCK=16, D=128, IEEE=False, PDL=True,
-                         NBI=t.BLOCKS_PER_ITER, DIRECT=splits == 1, ROPE=rope, H=h if rope else 0, KVH=kvh if rope else 0)
+                         NBI=t.BLOCKS_PER_ITER, DIRECT=splits == 1, ROPE=rope, H=h if rope else 0, KVH=kvh if rope else 0,
+                         PREFETCH=prefetch)
                 if not rope:
                     c.update(COS=None, SIN=None, POS=None, SB=None, SO=None)
                 tt = dict(types, Out="*bf16" if splits == 1 else "*fp32")
-                out[f"{name} splits {splits} rope {rope}"] = inspect_kernel(
+                out[f"{name} splits {splits} rope {rope}" + (" prefetch" if prefetch else "")] = inspect_kernel(
                     fn, tt, c, aligned=("s_kvb", "s_kvt", "s_kvh", "off_k", "off_v"),
                     num_warps=t.DECODE_WARPS or 4, num_stages=t.DECODE_STAGES or 3)
     return out

@@ -156,6 +156,43 @@ print("ok")
     interpret(code)
 
 
+def test_paged_decode_loading_its_first_tile_early_equals_the_plain_walk_in_the_interpreter():
+    """paged_decode(prefetch=True) (a decode step's own rows: the first cache tile loaded before the PDL wait, the new
+    token's K/V read after it and counted apart) gives the plain walk's output, fp32 to summation order, at every
+    split count (splits ending mid-iteration and empty ones), blocks an iteration 1 and 4, with a sliding window,
+    and for a row whose context is its new token alone; and the new token does count (changing its V changes it)."""
+    pytest.importorskip("triton")
+    code = """
+import torch
+from token_scheduler.model import triton_decode
+from token_scheduler.model.triton_decode import paged_decode
+torch.manual_seed(0)
+B, KVH, D, BS, NB, L, G = 3, 2, 32, 16, 32, 2, 3
+kv = torch.randn(NB, L, 2, BS, KVH, D)
+q = torch.randn(B, KVH * G, D)
+ctx = torch.tensor([1, 17, 100], dtype=torch.int32)
+bt = torch.stack([torch.randperm(NB)[:8] for _ in range(B)]).int()
+for nbi in (1, 4):
+    triton_decode.BLOCKS_PER_ITER = nbi
+    for splits in (None, 1, 2, 3, 8):
+        for window in (None, 40):
+            ref = paged_decode(q, kv, 1, bt, ctx, D**-0.5, window, num_splits=splits, prefetch=False)
+            out = paged_decode(q, kv, 1, bt, ctx, D**-0.5, window, num_splits=splits, prefetch=True)
+            err = ((out - ref).norm() / ref.norm()).item()
+            assert out.shape == ref.shape and err < 1e-6, (nbi, splits, window, err)
+            v0 = kv[bt[0, 0], 1, 1, 0]  # row 0: its own token only, every head's output is its v
+            assert torch.allclose(out[0], v0.repeat_interleave(G, 0), atol=1e-6)
+p = (ctx[2] - 1).item()  # row 2's new token: its V moved, row 2's output moves with it, the others not
+kv2 = kv.clone()
+kv2[bt[2, p // BS], 1, 1, p % BS] += 10.0
+a = paged_decode(q, kv, 1, bt, ctx, D**-0.5, num_splits=4, prefetch=True)
+b = paged_decode(q, kv2, 1, bt, ctx, D**-0.5, num_splits=4, prefetch=True)
+assert torch.equal(a[:2], b[:2]) and not torch.allclose(a[2], b[2])
+print("ok")
+"""
+    interpret(code)
+
+
 def test_fused_decode_step_with_rope_in_the_attention_in_the_interpreter(make_varied):
     """forward_fused on a decode step of 3 sequences (the cuBLAS-projection path, run by Triton's interpreter on
     CPU, fp32): with TOKENPOOL_ATTN_ROPE's fold the same hidden states and the same K/V in the cache as with the
@@ -210,10 +247,12 @@ def test_paged_decode_variants_compile_for_the_h200_without_spills():
     from load_tests.triton_offline import decode_variants
 
     res = decode_variants()
-    assert len(res) == 8
+    assert len(res) == 12
     for label, r in res.items():
         assert r["stack_bytes"] == 0 and r["local_bytes"] == 0 and 0 < r["registers"] <= 255, (label, r)
         assert r["mma"] == "mma_v2", label  # the score and value dots on tensor cores
+        # only the prefetching variant reads memory (the context length, block ids, K and V) before the PDL wait
+        assert (r["loads_before_wait"] > 0) == label.endswith("prefetch"), (label, r)
 
 
 def test_warm_up_compiles_the_folded_attention_only_where_it_can_run(monkeypatch):
@@ -226,8 +265,8 @@ def test_warm_up_compiles_the_folded_attention_only_where_it_can_run(monkeypatch
     from token_scheduler.model import triton_decode
 
     calls = []
-    monkeypatch.setattr(triton_decode, "paged_decode", lambda q, *a, rope=None, num_splits=None, **k:
-                        calls.append((q.shape[0], rope is not None, num_splits)))
+    monkeypatch.setattr(triton_decode, "paged_decode", lambda q, *a, rope=None, num_splits=None, own_rows=False, **k:
+                        calls.append((q.shape[0], rope is not None, num_splits, own_rows)))
     q, kv = torch.zeros(1, 4, 8), torch.zeros(2, 1, 2, 16, 2, 8)
     bt, ctx = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
     rope = SimpleNamespace(cos=torch.ones(4, 8), sin=torch.zeros(4, 8))
@@ -238,8 +277,15 @@ def test_warm_up_compiles_the_folded_attention_only_where_it_can_run(monkeypatch
         monkeypatch.setattr(triton_decode, "pdl", lambda t: pdl_one_row and t.shape[0] == 1)
         triton_decode.warm_up(q, kv, bt, ctx, 0.1, None, rope, **kw)
         assert len(calls) == len(set(calls))
-        return {(rows, folded) for rows, folded, _ in calls}
+        return {(rows, folded, own) for rows, folded, _, own in calls}
 
-    assert warm(True, rope_one_row=False) == {(1, False), (2, False), (2, True)} and len(calls) == 3 * n
-    assert warm(True) == {(1, False), (1, True), (2, False), (2, True)} and len(calls) == 4 * n
-    assert warm(False, rope_one_row=False) == {(1, False), (1, True)} and len(calls) == 2 * n
+    # one row with PDL: the variant loading its first cache tile early (a decode step's own rows) besides the plain
+    monkeypatch.setattr(triton_decode, "PREFETCH_KV", True)
+    assert (warm(True, rope_one_row=False) == {(1, False, False), (1, False, True), (2, False, False), (2, True, False)}
+            and len(calls) == 4 * n)
+    assert warm(True) == {(1, False, False), (1, False, True), (1, True, False), (2, False, False),
+                          (2, True, False)} and len(calls) == 5 * n
+    assert warm(False, rope_one_row=False) == {(1, False, False), (1, True, False)} and len(calls) == 2 * n
+    monkeypatch.setattr(triton_decode, "PREFETCH_KV", False)
+    assert (warm(True, rope_one_row=False) == {(1, False, False), (2, False, False), (2, True, False)}
+            and len(calls) == 3 * n)

@@ -57,6 +57,36 @@ def test_triton_decode_fp32_uses_ieee_dots(window):
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
+def test_one_row_decode_loading_its_cache_early_reads_the_new_token_written_just_before():
+    """A batch-1 decode's attention launched with PDL right behind the kernel writing its new token's K/V (RoPE + KV
+    write, PDL too), loading its older cache before the wait (TOKENPOOL_ATTN_PREFETCH): 200 steps queued back to
+    back, each a new position of one sequence whose cache the step before just grew, match the eager reference."""
+    from token_scheduler.model import triton_ops
+    from token_scheduler.model.triton_decode import paged_decode
+
+    torch.manual_seed(0)
+    H, KVH, D, BS, NB, L = 12, 2, 128, 16, 32, 2
+    kv = torch.randn(NB, L, 2, BS, KVH, D, device="cuda", dtype=torch.bfloat16)
+    cos, sin = torch.randn(512, D, device="cuda"), torch.randn(512, D, device="cuda")
+    bt = torch.randperm(NB, device="cuda")[:NB][None].int()
+    qkvs = torch.randn(200, 1, (H + 2 * KVH) * D, device="cuda", dtype=torch.bfloat16)
+    outs, qs, ctxs = [], [], []
+    for i in range(200):  # queued without a sync: each step's attention may start while its writer drains
+        c = 40 + i
+        ctx = torch.full((1,), c, device="cuda", dtype=torch.int32)
+        pos = torch.full((1,), c - 1, device="cuda", dtype=torch.long)
+        sb, so = bt[0, (c - 1) // BS].long().view(1), pos % BS
+        q = triton_ops.rope_and_write_kv(qkvs[i], cos, sin, pos, kv, 1, sb, so, H, KVH, D)
+        outs.append(paged_decode(q.view(1, H, D), kv, 1, bt, ctx, D**-0.5, own_rows=True))
+        qs.append(q.view(1, H, D).clone())
+        ctxs.append(ctx)
+    torch.cuda.synchronize()
+    for q, ctx, out in zip(qs, ctxs, outs):
+        meta = AttentionMetadata(None, None, BS, decode=True, block_tables=bt, context_lens=ctx)
+        ref = _decode_torch(q.float(), kv.float(), 1, meta, D**-0.5, None)  # the final cache: older slots unchanged
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
 def _staggered(eng) -> dict[str, list[int]]:
     """Six requests arriving one a step (greedy and seeded sampling in turn, prompts and outputs of six lengths),
     stepped until all finish: request id -> its tokens."""
@@ -105,6 +135,27 @@ def test_decode_with_rope_in_the_attention_gives_the_same_tokens(make_varied, ar
                                      kv_cache_memory_gb=0.1, max_num_seqs=8))
         outs[(fold, graphs)] = res = _staggered(eng)
         assert eng.stats()["kv_blocks_used"] == 0 and len(res) == 6
+    assert outs[(True, True)] == outs[(False, True)] and outs[(True, False)] == outs[(False, True)]
+
+
+def test_batch_one_decode_loading_its_cache_early_gives_the_same_tokens(make_varied, monkeypatch):
+    """TOKENPOOL_ATTN_PREFETCH: batch-1 decode steps (one request at a time; graphs and eager; the GEMV path, PDL)
+    give the tokens of the attention that loads everything after the wait (fp32)."""
+    from token_scheduler.model import triton_decode
+
+    d = make_varied("qwen2")
+    outs = {}
+    for prefetch, graphs in ((False, True), (True, True), (True, False)):
+        monkeypatch.setattr(triton_decode, "PREFETCH_KV", prefetch)
+        eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="fp32", cuda_graphs=graphs,
+                                     kv_cache_memory_gb=0.1, max_num_seqs=8))
+        res = outs[(prefetch, graphs)] = []
+        for i in range(3):
+            sp = SamplingParams(temperature=0, max_tokens=20 + 9 * i, ignore_eos=True)
+            eng.add_request(f"r{i}", [5 + i] * (3 + 11 * i), sp)
+            while eng.has_unfinished_requests():
+                res += [o.outputs[0].token_ids for o in eng.step() if o.finished]
+        assert eng.stats()["kv_blocks_used"] == 0 and len(res) == 3
     assert outs[(True, True)] == outs[(False, True)] and outs[(True, False)] == outs[(False, True)]
 
 

@@ -75,6 +75,9 @@ ATTN_ROPE = Var("TOKENPOOL_ATTN_ROPE", "1", "batched decode steps on cuBLAS do R
                 "paged-decode attention kernel (one launch a layer fewer; 1-3% on the H200, see llama.py); 0: off")
 ATTN_BLOCKS_PER_ITER = Var("TOKENPOOL_ATTN_BLOCKS_PER_ITER", "4", "cache blocks the Triton paged-decode kernel "
                            "reads an iteration (1, 2, 4 or 8; see token_scheduler/model/triton_decode.py)", kind="int")
+ATTN_PREFETCH = Var("TOKENPOOL_ATTN_PREFETCH", "1", "a decode step's paged-decode attention launched with programmatic "
+                    "dependent launch (batch 1) loads its first cache tile before waiting on the qkv projection "
+                    "(see token_scheduler/model/triton_decode.py); 0: off")
 ROWWISE_PREFILL_MAX = Var("TOKENPOOL_ROWWISE_PREFILL_MAX", str(1 << 22), "on CUDA, a prefill chunk of tokens x context up "
                           "to this runs row by row through the batched decode attention, longer ones one SDPA each "
                           "(token_scheduler/runner.py; A/B runs)", kind="int")

@@ -62,7 +62,7 @@ def attend(q: torch.Tensor, kv: torch.Tensor, layer: int, m: AttentionMetadata, 
         if m.use_triton:
             from token_scheduler.model.triton_decode import paged_decode
 
-            return paged_decode(q, kv, layer, m.block_tables, m.context_lens, scale, window)
+            return paged_decode(q, kv, layer, m.block_tables, m.context_lens, scale, window, own_rows=m.own_rows)
         return _decode_torch(q, kv, layer, m, scale, window)
     out = torch.empty_like(q)
     if m.mixed_rows is not None:

@@ -14,6 +14,43 @@ from token_scheduler.model.triton_ops import pdl, pdl_enter
 from tokenpool import env
 
 
+@triton.jit
+def _kv_tile(KV, BT, b, kvh, j, j1, t, d, ctx, last, window, s_btb, s_kvb, s_kvt, s_kvh, off_k, off_v,
+             BLOCK: tl.constexpr):
+    """K and V of cache blocks j.. (NBI of them, each token's block id gathered) of row b, kv head kvh, masked to
+    the split's blocks (< j1), the positions read (< last) and the window."""
+    jb = j + t // BLOCK
+    inb = jb < j1
+    blk = tl.load(BT + b * s_btb + jb, mask=inb, other=0).to(tl.int64)
+    pos = jb * BLOCK + t % BLOCK
+    valid = inb & (pos < last)
+    if window > 0:
+        valid = valid & (pos >= ctx - window)
+    base = KV + blk[:, None] * s_kvb + (t % BLOCK)[:, None] * s_kvt + kvh * s_kvh + d[None, :]
+    k = tl.load(base + off_k, mask=valid[:, None], other=0.0)
+    v = tl.load(base + off_v, mask=valid[:, None], other=0.0)
+    return k, v, valid
+
+
+@triton.jit
+def _attend_tile(q, k, v, valid, m_i, l_i, acc, scale, IEEE: tl.constexpr):
+    """The online softmax's update by one tile of K and V."""
+    if IEEE:  # fp32 model: full-precision dots (Triton's fp32 default is TF32, ~1e-3 relative error)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    else:
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    return m_new, l_i, acc
+
+
 # s_btb (the block-table row stride) follows the longest context in the batch: specialising on it (Triton
 # compiles separate variants for 1 and multiples of 16) would recompile mid-serving.
 @triton.jit(do_not_specialize=["s_btb"])
@@ -26,15 +63,19 @@ def _paged_decode_kernel(
     BLOCK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, NBI: tl.constexpr,
     DIRECT: tl.constexpr,
     ROPE: tl.constexpr = False, COS=None, SIN=None, POS=None, SB=None, SO=None, H: tl.constexpr = 0,
-    KVH: tl.constexpr = 0,
+    KVH: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
 ):
-    pdl_enter(PDL)
+    # PREFETCH (see PREFETCH_KV): the first tile of the cached context is loaded before the wait on the kernel
+    # before (which writes this step's new K/V and q, never an older position); the new token's K/V are read after
+    # it, apart, as ROPE's are
+    if not PREFETCH:
+        pdl_enter(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
     ctx = tl.load(CTX + b)
-    last = ctx  # cache positions read: < last (ROPE: the row's own new token comes from registers instead)
-    if ROPE:
+    last = ctx  # cache positions read: < last (ROPE, PREFETCH: the row's own new token is taken apart)
+    if ROPE or PREFETCH:
         last = ctx - 1
     nblk = tl.cdiv(last, BLOCK)  # (so every block of a split's range has a position to read: no all -inf tile)
     jlo = 0
@@ -48,6 +89,13 @@ def _paged_decode_kernel(
     gmask = g < GROUP
     heads = kvh * GROUP + g
     d = tl.arange(0, D)
+    # NBI cache blocks an iteration: each token's block id is gathered, so all NBI blocks' K and V loads are in
+    # flight at once (one block an iteration waits out a block-table load, then a K/V load, per 16 tokens)
+    t = tl.arange(0, BLOCK * NBI)
+    if PREFETCH:
+        k_first, v_first, valid_first = _kv_tile(KV, BT, b, kvh, j0, j1, t, d, ctx, last, window, s_btb, s_kvb,
+                                                 s_kvt, s_kvh, off_k, off_v, BLOCK)
+        pdl_enter(PDL)
     q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=gmask[:, None], other=0.0)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -73,34 +121,25 @@ def _paged_decode_kernel(
             m_i = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale
             l_i = tl.full([GROUP_PAD], 1.0, tl.float32)
             acc = tl.zeros([GROUP_PAD, D], tl.float32) + vn.to(tl.float32)[None, :]
-    # NBI cache blocks an iteration: each token's block id is gathered, so all NBI blocks' K and V loads are in
-    # flight at once (one block an iteration waits out a block-table load, then a K/V load, per 16 tokens)
-    t = tl.arange(0, BLOCK * NBI)
-    for j in range(j0, j1, NBI):
-        jb = j + t // BLOCK
-        inb = jb < j1
-        blk = tl.load(BT + b * s_btb + jb, mask=inb, other=0).to(tl.int64)
-        pos = jb * BLOCK + t % BLOCK
-        valid = inb & (pos < last)
-        if window > 0:
-            valid = valid & (pos >= ctx - window)
-        base = KV + blk[:, None] * s_kvb + (t % BLOCK)[:, None] * s_kvt + kvh * s_kvh + d[None, :]
-        k = tl.load(base + off_k, mask=valid[:, None], other=0.0)
-        v = tl.load(base + off_v, mask=valid[:, None], other=0.0)
-        if IEEE:  # fp32 model: full-precision dots (Triton's fp32 default is TF32, ~1e-3 relative error)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m_i = m_new
+    elif PREFETCH:  # the new token's K/V, just written to the cache by the kernel before: counted apart by split 0
+        if sp == 0:
+            pn = ctx - 1
+            slot = (KV + tl.load(BT + b * s_btb + pn // BLOCK).to(tl.int64) * s_kvb + (pn % BLOCK) * s_kvt
+                    + kvh * s_kvh)
+            kn = tl.load(slot + off_k + d)
+            vn = tl.load(slot + off_v + d)
+            m_i = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale
+            l_i = tl.full([GROUP_PAD], 1.0, tl.float32)
+            acc = tl.zeros([GROUP_PAD, D], tl.float32) + vn.to(tl.float32)[None, :]
+    j_start = j0
+    if PREFETCH:
+        if j0 < j1:
+            m_i, l_i, acc = _attend_tile(q, k_first, v_first, valid_first, m_i, l_i, acc, scale, IEEE)
+        j_start = j0 + NBI
+    for j in range(j_start, j1, NBI):
+        k, v, valid = _kv_tile(KV, BT, b, kvh, j, j1, t, d, ctx, last, window, s_btb, s_kvb, s_kvt, s_kvh, off_k,
+                               off_v, BLOCK)
+        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, scale, IEEE)
     if DIRECT:  # one split: the result itself (what the combine computes of one part, bit for bit)
         o_ptr = Out + b * s_ob + heads[:, None] * s_oh + d[None, :]
         tl.store(o_ptr, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=gmask[:, None])
@@ -145,6 +184,14 @@ DECODE_WARPS: int | None = 8
 DECODE_STAGES: int | None = 2
 
 
+# A decode step's attention launched with programmatic dependent launch (one row: the batch-1 step) waits on the qkv
+# projection before it, which writes q and the new token's K/V; every older cache position was written by steps
+# before. PREFETCH_KV: the kernel loads its first tile of those (with NBI blocks an iteration, at batch 1 and context
+# 512 a split's whole range) before the wait, so the cache reads overlap the projection's tail; the new token is
+# read after it and counted apart (as with RoPE folded in). Only for `own_rows` steps: rows of one sequence (a
+# prefill taken row by row) read each other's new K/V. TOKENPOOL_ATTN_PREFETCH=0: off.
+PREFETCH_KV = env.ATTN_PREFETCH.on()
+
 # Programs a paged-decode launch aims at, per SM (`num_splits_for`).
 FILL = 2
 
@@ -175,18 +222,25 @@ def warm_up(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor, conte
             folded = (rope.cos, rope.sin, zero, bt[:, 0].long(), zero)
         for s in SPLITS:
             paged_decode(qq, kv, 0, bt, ctx, scale, window, num_splits=s)
+            if PREFETCH_KV and pdl(qq):  # a decode step's own rows: the variant loading its first tile early
+                paged_decode(qq, kv, 0, bt, ctx, scale, window, num_splits=s, own_rows=True)
             if fold:
                 paged_decode(qkv, kv, 0, bt, ctx, scale, window, num_splits=s, rope=folded)
 
 
-def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, num_splits=None, rope=None):
+def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, num_splits=None, rope=None,
+                 own_rows: bool = False, prefetch: bool | None = None):
     """q: [B, H, D]; kv: [NB, L, 2, BS, KVH, D]; block_tables: [B, MB] int32; context_lens: [B] int32.
 
     `rope` (cos, sin, positions, slot_blocks, slot_offsets): q is the fused qkv projection [B, (H + 2 KVH) D] of one
     new token a row, each row a different sequence, before RoPE (no q/k norm): the kernel does `rope_and_write_kv`'s
     job too -- q and the new k rotated in registers, the new k and v written to their cache slot and counted from
     registers (the cache walk stops before them, so no program reads a slot another writes) -- one launch a layer
-    fewer. The same arithmetic to fp32 summation order (the new token's score is summed apart from the tile dots)."""
+    fewer. The same arithmetic to fp32 summation order (the new token's score is summed apart from the tile dots).
+
+    `own_rows`: every row is a different sequence's one new token, the last of its context, its K/V already in the
+    cache (a decode step's rows): launched with PDL, the kernel then loads its first cache tile before waiting on the
+    kernel before (PREFETCH_KV; `prefetch` forces it either way, for tests)."""
     _, _, _, BS, KVH, D = kv.shape
     B = q.shape[0]
     if rope is not None:
@@ -194,6 +248,8 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
     H = q.shape[1] - (0 if rope is None else 2 * KVH)
     group = H // KVH
     S = num_splits or num_splits_for(B, KVH)
+    if prefetch is None:
+        prefetch = PREFETCH_KV and pdl(q) and (own_rows or rope is not None)
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     if S == 1:  # the kernel writes the result: no partials, no combine launch
         o, m, lsum = out.unsqueeze(2), out[:, :, 0], out[:, :, 0]
@@ -210,6 +266,7 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
         layer * s_kvl, layer * s_kvl + s_kv2,
         NUM_SPLITS=S, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=BS, D=D,
         IEEE=q.dtype == torch.float32, PDL=pdl(q), NBI=BLOCKS_PER_ITER, DIRECT=S == 1, launch_pdl=pdl(q),
+        PREFETCH=prefetch,
         **({} if DECODE_WARPS is None else {"num_warps": DECODE_WARPS}),
         **({} if DECODE_STAGES is None else {"num_stages": DECODE_STAGES}),
         **({} if rope is None else dict(zip(("COS", "SIN", "POS", "SB", "SO"), rope), ROPE=True, H=H, KVH=KVH)),
