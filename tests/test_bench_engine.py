@@ -265,8 +265,8 @@ def test_warm_up_compiles_the_folded_attention_only_where_it_can_run(monkeypatch
     from token_scheduler.model import triton_decode
 
     calls = []
-    monkeypatch.setattr(triton_decode, "paged_decode", lambda q, *a, rope=None, num_splits=None, own_rows=False, **k:
-                        calls.append((q.shape[0], rope is not None, num_splits, own_rows)))
+    monkeypatch.setattr(triton_decode, "paged_decode", lambda q, *a, rope=None, num_splits=None, **k:
+                        calls.append((q.shape[0], rope is not None, num_splits)))
     q, kv = torch.zeros(1, 4, 8), torch.zeros(2, 1, 2, 16, 2, 8)
     bt, ctx = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
     rope = SimpleNamespace(cos=torch.ones(4, 8), sin=torch.zeros(4, 8))
@@ -277,15 +277,27 @@ def test_warm_up_compiles_the_folded_attention_only_where_it_can_run(monkeypatch
         monkeypatch.setattr(triton_decode, "pdl", lambda t: pdl_one_row and t.shape[0] == 1)
         triton_decode.warm_up(q, kv, bt, ctx, 0.1, None, rope, **kw)
         assert len(calls) == len(set(calls))
-        return {(rows, folded, own) for rows, folded, _, own in calls}
+        return {(rows, folded) for rows, folded, _ in calls}
 
-    # one row with PDL: the variant loading its first cache tile early (a decode step's own rows) besides the plain
+    assert warm(True, rope_one_row=False) == {(1, False), (2, False), (2, True)} and len(calls) == 3 * n
+    assert warm(True) == {(1, False), (1, True), (2, False), (2, True)} and len(calls) == 4 * n
+    assert warm(False, rope_one_row=False) == {(1, False), (1, True)} and len(calls) == 2 * n
+
+
+def test_the_attention_loads_its_cache_early_only_where_no_row_reads_another_rows_new_kv(monkeypatch):
+    """TOKENPOOL_ATTN_PREFETCH's rule: launched with PDL, over one row (whatever the step), a decode step's own rows,
+    or rows with RoPE folded in (own rows too); never over rows that may be one sequence's (a prefill taken row by
+    row), never without PDL, never with the knob off."""
+    pytest.importorskip("triton")
+    from token_scheduler.model import triton_decode
+
+    one, four = torch.zeros(1, 4, 8), torch.zeros(4, 4, 8)
     monkeypatch.setattr(triton_decode, "PREFETCH_KV", True)
-    assert (warm(True, rope_one_row=False) == {(1, False, False), (1, False, True), (2, False, False), (2, True, False)}
-            and len(calls) == 4 * n)
-    assert warm(True) == {(1, False, False), (1, False, True), (1, True, False), (2, False, False),
-                          (2, True, False)} and len(calls) == 5 * n
-    assert warm(False, rope_one_row=False) == {(1, False, False), (1, True, False)} and len(calls) == 2 * n
+    monkeypatch.setattr(triton_decode, "pdl", lambda t: True)
+    assert triton_decode._prefetches(one, False, False) and triton_decode._prefetches(four, True, False)
+    assert triton_decode._prefetches(four, False, True) and not triton_decode._prefetches(four, False, False)
+    monkeypatch.setattr(triton_decode, "pdl", lambda t: False)
+    assert not triton_decode._prefetches(one, True, True)
+    monkeypatch.setattr(triton_decode, "pdl", lambda t: True)
     monkeypatch.setattr(triton_decode, "PREFETCH_KV", False)
-    assert (warm(True, rope_one_row=False) == {(1, False, False), (2, False, False), (2, True, False)}
-            and len(calls) == 3 * n)
+    assert not triton_decode._prefetches(one, True, True)

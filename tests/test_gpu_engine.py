@@ -77,7 +77,7 @@ def test_one_row_decode_loading_its_cache_early_reads_the_new_token_written_just
         pos = torch.full((1,), c - 1, device="cuda", dtype=torch.long)
         sb, so = bt[0, (c - 1) // BS].long().view(1), pos % BS
         q = triton_ops.rope_and_write_kv(qkvs[i], cos, sin, pos, kv, 1, sb, so, H, KVH, D)
-        outs.append(paged_decode(q.view(1, H, D), kv, 1, bt, ctx, D**-0.5, own_rows=True))
+        outs.append(paged_decode(q.view(1, H, D), kv, 1, bt, ctx, D**-0.5))  # one row: loads early
         qs.append(q.view(1, H, D).clone())
         ctxs.append(ctx)
     torch.cuda.synchronize()

@@ -188,8 +188,10 @@ DECODE_STAGES: int | None = 2
 # projection before it, which writes q and the new token's K/V; every older cache position was written by steps
 # before. PREFETCH_KV: the kernel loads its first tile of those (with NBI blocks an iteration, at batch 1 and context
 # 512 a split's whole range) before the wait, so the cache reads overlap the projection's tail; the new token is
-# read after it and counted apart (as with RoPE folded in). Only for `own_rows` steps: rows of one sequence (a
-# prefill taken row by row) read each other's new K/V. TOKENPOOL_ATTN_PREFETCH=0: off.
+# read after it and counted apart (as with RoPE folded in). H200, graph replay (4bd0bf8, attn_prefetch_h200_4bd0bf8.json):
+# batch-1 steps 0.98 (1.5B) and 0.988 (7B) of the same kernel loading after the wait at context 512, 0.97 and 0.986
+# at 2048. Not for several rows of one sequence (a prefill taken row by row reads its rows' new K/V: `_prefetches`).
+# TOKENPOOL_ATTN_PREFETCH=0: off.
 PREFETCH_KV = env.ATTN_PREFETCH.on()
 
 # Programs a paged-decode launch aims at, per SM (`num_splits_for`).
@@ -222,10 +224,15 @@ def warm_up(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor, conte
             folded = (rope.cos, rope.sin, zero, bt[:, 0].long(), zero)
         for s in SPLITS:
             paged_decode(qq, kv, 0, bt, ctx, scale, window, num_splits=s)
-            if PREFETCH_KV and pdl(qq):  # a decode step's own rows: the variant loading its first tile early
-                paged_decode(qq, kv, 0, bt, ctx, scale, window, num_splits=s, own_rows=True)
             if fold:
                 paged_decode(qkv, kv, 0, bt, ctx, scale, window, num_splits=s, rope=folded)
+
+
+def _prefetches(q: torch.Tensor, own_rows: bool, rope: bool) -> bool:
+    """Whether the paged decode over `q` loads its first cache tile before the PDL wait: launched with PDL, and no row
+    reads another row's new K/V -- a decode step's own rows (`own_rows`, or RoPE folded in, which implies them), or
+    one row alone (any decode-shaped row's new token is the last of its context, written before the attention)."""
+    return PREFETCH_KV and pdl(q) and (q.shape[0] == 1 or own_rows or rope)
 
 
 def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, num_splits=None, rope=None,
@@ -240,7 +247,7 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
 
     `own_rows`: every row is a different sequence's one new token, the last of its context, its K/V already in the
     cache (a decode step's rows): launched with PDL, the kernel then loads its first cache tile before waiting on the
-    kernel before (PREFETCH_KV; `prefetch` forces it either way, for tests)."""
+    kernel before (PREFETCH_KV, `_prefetches`; `prefetch` forces it either way, for tests)."""
     _, _, _, BS, KVH, D = kv.shape
     B = q.shape[0]
     if rope is not None:
@@ -249,7 +256,7 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
     group = H // KVH
     S = num_splits or num_splits_for(B, KVH)
     if prefetch is None:
-        prefetch = PREFETCH_KV and pdl(q) and (own_rows or rope is not None)
+        prefetch = _prefetches(q, own_rows, rope is not None)
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     if S == 1:  # the kernel writes the result: no partials, no combine launch
         o, m, lsum = out.unsqueeze(2), out[:, :, 0], out[:, :, 0]
