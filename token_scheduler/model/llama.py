@@ -201,7 +201,8 @@ GEMV_ROWS_MLP = env.GEMV_ROWS_MLP.on()
 # (bench/results/sim_levers_models40_rowgraph_120s_*.json). Measured on the H200 (diag_gpu step, context 512, with
 # the paged decode's 4 blocks an iteration and 8 warps; 5a1fec0, attn_rope_h200_5a1fec0.json): 7B batches 8/32/64
 # 0.99 of the unfolded step (batch 32: 4.741 -> 4.693 ms, 1.23x its floor with the KV bytes), 1.5B 0.97-0.98. On by
-# default since session 38 (TOKENPOOL_ATTN_ROPE=0: off).
+# default since session 38 (TOKENPOOL_ATTN_ROPE=0: off). Served with it (64348ae): 10 models on 60 GB at 1.44
+# req/s/model 100% from a cold start; 40 models at 0.1 97.1% on seed 0 (bench/results/serve_h200_*_64348ae_*.json).
 ATTN_ROPE = env.ATTN_ROPE.on()
 
 
