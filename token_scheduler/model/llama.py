@@ -181,8 +181,8 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
 # by default (TOKENPOOL_GEMV_ROWS=32: on). At a4cf912 with the untuned default blocks, graph replay against
 # cuBLAS: 1.5B batch 8 3.35 vs 1.77 ms, batch 32 3.73 vs 2.09; 7B batch 8 11.5 vs 4.61. A batch-8 sweep cut
 # the 1.5B's to 1.90 ms by tuning gate_up and down alone, the widest row block it tried winning
-# (bench/results/small_batch_gemv_h200_a4cf912.json); the default blocks follow that now (rows_config_for),
-# unmeasured; qkv, o and 32 rows are not tuned yet.
+# (bench/results/small_batch_gemv_h200_a4cf912.json); the default blocks follow that now (rows_config_for): at
+# 9116b98 batches 2/4/8 2.09/1.90/2.13 ms against cuBLAS's 1.64/1.66/1.66 (small_batch_gemv_swap_h200_9116b98.json).
 USE_GEMV = env.GEMV.on()
 GEMV_MAX_HIDDEN = 2048  # without programmatic dependent launch
 GEMV_ROPE = True  # RoPE+KV write in the qkv GEMV's epilogue (False: the separate kernel; for A/B runs)
@@ -191,7 +191,9 @@ GEMV_MAX_ROWS = env.GEMV_ROWS.integer()
 # of the HBM rate, its qkv and o at 27% and 23%, and the add+RMSNorm, RoPE and SiLU*mul kernels between them took
 # 183 us of a 1.69 ms step (bench/results/decode_profile_h200_ab4be3b.json). GEMV_ROWS_MLP False: qkv (with the norm
 # and RoPE folded in) and o through gemv_rows, gate_up and down on cuBLAS -- the small projections and two of the
-# elementwise kernels without the large ones the Triton kernels lose. Unmeasured (TOKENPOOL_GEMV_ROWS_MLP=0).
+# elementwise kernels without the large ones the Triton kernels lose (TOKENPOOL_GEMV_ROWS_MLP=0). Measured with qkv and
+# o tuned (f4155ff, small_batch_qkv_o_sweep_h200_f4155ff.json): 1.5B batches 2/4/8 1.58/1.58/1.64 ms against cuBLAS's
+# 1.60/1.61/1.61 -- too small a gain to turn on, and the 7B lost at batch 8 (5.44 vs 4.49).
 GEMV_ROWS_MLP = env.GEMV_ROWS_MLP.on()
 # Batched decode steps on cuBLAS (2 to 32 sequences) spend a launch a layer on RoPE and the KV write between the qkv
 # GEMM and the attention: the H200 profile of a 1.5B batch-8 step has it at 61.5 us of 1.69 ms, the 7B's 66 us of

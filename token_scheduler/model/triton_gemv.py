@@ -445,8 +445,10 @@ ROWS_SWAP = False
 # ~1,100 us for the same projections, and the sm_90 build of gate_up at (64, 256, 4, 3) holds 107 KB of shared
 # memory a program -- two programs an SM, 264 at once for its 280 tiles: a second wave of 16 programs, each as long as
 # the first (`python -m load_tests.triton_offline rows`). down's 96 tiles of 16 rows leave 36 SMs idle. The norm
-# pass (MODE_NORM) runs once a program instead of once a tile too. 0: off (unmeasured on the GPU: diag_gpu step
-# variants "small-batch gemv persistent ..."; TOKENPOOL_GEMV_ROWS_PERSIST).
+# pass (MODE_NORM) runs once a program instead of once a tile too. 0: off (TOKENPOOL_GEMV_ROWS_PERSIST). Measured at
+# 957aac0 (diag_gpu step variants "small-batch gemv persistent ...", rows_rope_persist_h200_957aac0.json): 1.5B
+# batches 2/4/8 at 1 program an SM 1.06-1.09x cuBLAS's step time (batch 8 1.814 ms against one program a tile's
+# 1.984 and cuBLAS's 1.665), at 2 1.53x -- slower than cuBLAS, so off.
 ROWS_PERSIST = env.GEMV_ROWS_PERSIST.integer()
 
 
