@@ -67,19 +67,33 @@ def _types(fn) -> dict[str, str]:
 _ALIGNED = ("N", "s_kvb", "s_kvt", "s_kvh", "off_k", "off_v")
 
 
-def _gemv():
+def gemv_variants() -> dict[str, dict]:
+    """The one-token GEMV as qwen2-1.5b's and qwen2-7b's batch-1 projections call it (the configs config_for gives),
+    with and without the next weight tile's load kept in flight (triton_gemv.NEXT_TILE), compiled for sm_90:
+    label -> resources."""
     from token_scheduler.model import triton_gemv as g
 
     fn = g._gemv_kernel
     types = _types(fn)
-    # qwen2-1.5b at batch 1: (name, N, K, MODE, HAS_R, ROPE), the configs config_for gives
-    for name, n, k, mode, has_r, rope in (("qkv", 2048, 1536, 1, True, True), ("o", 1536, 1536, 0, False, False),
-                                          ("gate_up", 17920, 1536, 1, True, False), ("down", 1536, 8960, 2, False, False)):
-        bn, bk, nw = g.config_for(n, k)
-        c = dict(K=k, MODE=mode, HAS_R=has_r, HAS_B=False, BLOCK_N=bn, BLOCK_K=bk, PDL=True, ROPE=rope, H=12, KVH=2,
-                 D=128)
-        r = inspect_kernel(fn, types, c, aligned=_ALIGNED, num_warps=nw, num_stages=1)
-        print(f"{name:8s} {(bn, bk, nw)} {r}", flush=True)
+    out = {}
+    # (model, name, N, K, MODE, HAS_R, ROPE, H, KVH)
+    for model, h, kvh, hid, inter in (("1.5b", 12, 2, 1536, 8960), ("7b", 28, 4, 3584, 18944)):
+        qkv = (h + 2 * kvh) * 128
+        for name, n, k, mode, has_r, rope in (("qkv", qkv, hid, 1, True, True), ("o", hid, hid, 0, False, False),
+                                              ("gate_up", 2 * inter, hid, 1, True, False),
+                                              ("down", hid, inter, 2, False, False)):
+            bn, bk, nw = g.config_for(n, k)
+            for nxt in (False, True):
+                c = dict(K=k, MODE=mode, HAS_R=has_r, HAS_B=False, BLOCK_N=bn, BLOCK_K=bk, PDL=True, ROPE=rope, H=h,
+                         KVH=kvh, D=128, NEXT=nxt)
+                label = f"{model} {name} {(bn, bk, nw)}" + (" next" if nxt else "")
+                out[label] = inspect_kernel(fn, types, c, aligned=_ALIGNED, num_warps=nw, num_stages=1)
+    return out
+
+
+def _gemv():
+    for label, r in gemv_variants().items():
+        print(f"{label:34s} {r}", flush=True)
 
 
 def _rows(configs, persist: bool = False):
