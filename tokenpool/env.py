@@ -72,8 +72,8 @@ GEMV_NEXT_TILE = Var("TOKENPOOL_GEMV_NEXT_TILE", "0", "1: the one-token Triton G
                      "flight while multiplying the current one (unmeasured on the GPU; see "
                      "token_scheduler/model/triton_gemv.py)")
 GEMV_ROWS_PERSIST = Var("TOKENPOOL_GEMV_ROWS_PERSIST", "0", "with TOKENPOOL_GEMV_ROWS: the small-batch kernels on a "
-                        "persistent grid of this many programs an SM (0: one program a tile; unmeasured, see "
-                        "triton_gemv.py)", kind="int")
+                        "persistent grid of this many programs an SM (0: one program a tile; measured slower than cuBLAS, "
+                        "see triton_gemv.py)", kind="int")
 ATTN_ROPE = Var("TOKENPOOL_ATTN_ROPE", "1", "batched decode steps on cuBLAS do RoPE and the KV write inside the "
                 "paged-decode attention kernel (one launch a layer fewer; 1-3% on the H200, see llama.py); 0: off")
 ATTN_BLOCKS_PER_ITER = Var("TOKENPOOL_ATTN_BLOCKS_PER_ITER", "4", "cache blocks the Triton paged-decode kernel "
