@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from token_scheduler.model.triton_ops import pdl, pdl_enter
+from token_scheduler.model.triton_ops import pdl, pdl_capable, pdl_enter
 from tokenpool import env
 
 
@@ -194,6 +194,20 @@ DECODE_STAGES: int | None = 2
 # TOKENPOOL_ATTN_PREFETCH=0: off.
 PREFETCH_KV = env.ATTN_PREFETCH.on()
 
+# Batched decode steps (their projections on cuBLAS) launch the attention and its combine plainly: our kernels launched
+# with PDL beside cuBLAS's made the 7B batch-32 step slower once (triton_ops.USE_PDL), but that was every kernel of the
+# step. ATTN_PDL_ROWS: the attention pair alone launches with PDL up to this many rows, so the combine's launch hides
+# behind the attention and the attention loads its first cache tile (PREFETCH_KV, a decode step's own rows) while the
+# qkv projection drains. 0: off (unmeasured on the GPU: `diag_gpu step` variant "attn pdl 64";
+# TOKENPOOL_ATTN_PDL_ROWS=64).
+ATTN_PDL_ROWS = env.ATTN_PDL_ROWS.integer()
+
+
+def _pdl(q: torch.Tensor) -> bool:
+    """Whether the attention over `q` ([rows, ...]) and its combine launch with programmatic dependent launch."""
+    return pdl(q) or (q.shape[0] <= ATTN_PDL_ROWS and pdl_capable(q))
+
+
 # Programs a paged-decode launch aims at, per SM (`num_splits_for`).
 FILL = 2
 
@@ -208,13 +222,15 @@ def num_splits_for(batch: int, kv_heads: int, sms: int = 132) -> int:
 def warm_up(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
             scale: float, window=None, rope=None, rope_one_row: bool = True) -> None:
     """Compile every split variant now (at engine start) rather than at first use while serving: for one
-    sequence and for several, which differ in launch mode (`pdl`). q, block_tables, context_lens: one row (its
+    sequence and for several, which differ in launch mode (`_pdl`; with ATTN_PDL_ROWS, several up to it and more
+    than it differ too). q, block_tables, context_lens: one row (its
     first block a scratch block). `rope` (a RopeCache): the variants with RoPE and the KV write folded in too,
     writing into that scratch block -- for one row only if `rope_one_row` (False where one-token steps run the
     GEMV path, whose qkv epilogue does RoPE: their folded variant would never run)."""
     rows = [(q, block_tables, context_lens)]
-    if pdl(q):  # one row launches apart from several: its own variants
-        rows.append((q.repeat(2, 1, 1), block_tables.repeat(2, 1), context_lens.repeat(2)))
+    if _pdl(q):  # one row launches apart from several: its own variants
+        for n in [2] + ([ATTN_PDL_ROWS + 1] if ATTN_PDL_ROWS >= 2 else []):
+            rows.append((q.repeat(n, 1, 1), block_tables.repeat(n, 1), context_lens.repeat(n)))
     for i, (qq, bt, ctx) in enumerate(rows):
         fold = rope is not None and (rope_one_row or len(rows) == 1 or i > 0)
         if fold:  # the fused qkv of these rows, all at position 0 of the scratch block
@@ -232,7 +248,7 @@ def _prefetches(q: torch.Tensor, own_rows: bool, rope: bool) -> bool:
     """Whether the paged decode over `q` loads its first cache tile before the PDL wait: launched with PDL, and no row
     reads another row's new K/V -- a decode step's own rows (`own_rows`, or RoPE folded in, which implies them), or
     one row alone (any decode-shaped row's new token is the last of its context, written before the attention)."""
-    return PREFETCH_KV and pdl(q) and (q.shape[0] == 1 or own_rows or rope)
+    return PREFETCH_KV and _pdl(q) and (q.shape[0] == 1 or own_rows or rope)
 
 
 def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, num_splits=None, rope=None,
@@ -272,7 +288,7 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
         o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1),
         layer * s_kvl, layer * s_kvl + s_kv2,
         NUM_SPLITS=S, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=BS, D=D,
-        IEEE=q.dtype == torch.float32, PDL=pdl(q), NBI=BLOCKS_PER_ITER, DIRECT=S == 1, launch_pdl=pdl(q),
+        IEEE=q.dtype == torch.float32, PDL=_pdl(q), NBI=BLOCKS_PER_ITER, DIRECT=S == 1, launch_pdl=_pdl(q),
         PREFETCH=prefetch,
         **({} if DECODE_WARPS is None else {"num_warps": DECODE_WARPS}),
         **({} if DECODE_STAGES is None else {"num_stages": DECODE_STAGES}),
@@ -281,5 +297,5 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
     if S == 1:
         return out
     _combine_kernel[(B * H,)](o, m, lsum, out, S=S, S_PAD=triton.next_power_of_2(S), D=D, num_warps=4,
-                              PDL=pdl(q), launch_pdl=pdl(q))
+                              PDL=_pdl(q), launch_pdl=_pdl(q))
     return out
