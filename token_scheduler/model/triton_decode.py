@@ -51,6 +51,16 @@ def _attend_tile(q, k, v, valid, m_i, l_i, acc, scale, IEEE: tl.constexpr):
     return m_new, l_i, acc
 
 
+@triton.jit
+def _own_token(q, kn, vn, scale, GROUP_PAD: tl.constexpr, D: tl.constexpr):
+    """The online softmax's state after the row's own new token alone (its K and V given): counted apart from the
+    cache walk by split 0 where the walk stops before it (ROPE, PREFETCH)."""
+    m_i = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale
+    l_i = tl.full([GROUP_PAD], 1.0, tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32) + vn.to(tl.float32)[None, :]
+    return m_i, l_i, acc
+
+
 # s_btb (the block-table row stride) follows the longest context in the batch: specialising on it (Triton
 # compiles separate variants for 1 and multiples of 16) would recompile mid-serving.
 @triton.jit(do_not_specialize=["s_btb"])
@@ -118,19 +128,13 @@ def _paged_decode_kernel(
             slot = KV + tl.load(SB + b).to(tl.int64) * s_kvb + tl.load(SO + b).to(tl.int64) * s_kvt + kvh * s_kvh
             tl.store(slot + off_k + d, kn)
             tl.store(slot + off_v + d, vn)
-            m_i = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale
-            l_i = tl.full([GROUP_PAD], 1.0, tl.float32)
-            acc = tl.zeros([GROUP_PAD, D], tl.float32) + vn.to(tl.float32)[None, :]
+            m_i, l_i, acc = _own_token(q, kn, vn, scale, GROUP_PAD, D)
     elif PREFETCH:  # the new token's K/V, just written to the cache by the kernel before: counted apart by split 0
         if sp == 0:
             pn = ctx - 1
             slot = (KV + tl.load(BT + b * s_btb + pn // BLOCK).to(tl.int64) * s_kvb + (pn % BLOCK) * s_kvt
                     + kvh * s_kvh)
-            kn = tl.load(slot + off_k + d)
-            vn = tl.load(slot + off_v + d)
-            m_i = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale
-            l_i = tl.full([GROUP_PAD], 1.0, tl.float32)
-            acc = tl.zeros([GROUP_PAD, D], tl.float32) + vn.to(tl.float32)[None, :]
+            m_i, l_i, acc = _own_token(q, tl.load(slot + off_k + d), tl.load(slot + off_v + d), scale, GROUP_PAD, D)
     j_start = j0
     if PREFETCH:
         if j0 < j1:
@@ -271,6 +275,7 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
     H = q.shape[1] - (0 if rope is None else 2 * KVH)
     group = H // KVH
     S = num_splits or num_splits_for(B, KVH)
+    launch_pdl = _pdl(q)
     if prefetch is None:
         prefetch = _prefetches(q, own_rows, rope is not None)
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
@@ -288,7 +293,7 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
         o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1),
         layer * s_kvl, layer * s_kvl + s_kv2,
         NUM_SPLITS=S, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=BS, D=D,
-        IEEE=q.dtype == torch.float32, PDL=_pdl(q), NBI=BLOCKS_PER_ITER, DIRECT=S == 1, launch_pdl=_pdl(q),
+        IEEE=q.dtype == torch.float32, PDL=launch_pdl, NBI=BLOCKS_PER_ITER, DIRECT=S == 1, launch_pdl=launch_pdl,
         PREFETCH=prefetch,
         **({} if DECODE_WARPS is None else {"num_warps": DECODE_WARPS}),
         **({} if DECODE_STAGES is None else {"num_stages": DECODE_STAGES}),
@@ -297,5 +302,5 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
     if S == 1:
         return out
     _combine_kernel[(B * H,)](o, m, lsum, out, S=S, S_PAD=triton.next_power_of_2(S), D=D, num_warps=4,
-                              PDL=_pdl(q), launch_pdl=_pdl(q))
+                              PDL=launch_pdl, launch_pdl=launch_pdl)
     return out
