@@ -76,7 +76,7 @@ def gemv_variants() -> dict[str, dict]:
     fn = g._gemv_kernel
     types = _types(fn)
     out = {}
-    # (model, name, N, K, MODE, HAS_R, ROPE, H, KVH)
+    # (model, heads, kv heads, hidden, intermediate); then each projection's (name, N, K, MODE, HAS_R, ROPE)
     for model, h, kvh, hid, inter in (("1.5b", 12, 2, 1536, 8960), ("7b", 28, 4, 3584, 18944)):
         qkv = (h + 2 * kvh) * 128
         for name, n, k, mode, has_r, rope in (("qkv", qkv, hid, 1, True, True), ("o", hid, hid, 0, False, False),
