@@ -22,6 +22,7 @@ runs one program, whose barriers pass at once, to check the persistent kernel's 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -29,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from load_tests.bench_common import hbm_bandwidth
 from token_scheduler.model import triton_gemv as g
 from token_scheduler.model.triton_gemv import _x_tile
 from token_scheduler.model.triton_ops import pdl_enter
@@ -117,7 +119,7 @@ def _chunk(X, R, NW, XOUT, W, Y, N, eps, pid, w0, K: tl.constexpr, MODE: tl.cons
 
 
 @triton.jit
-def _mlp_kernel(ATT, H, NW, WO, WGU, WD, O, HNEW, GU, Y, BAR, eps, SPIN,
+def _mlp_kernel(ATT, H, NW, WO, WGU, WD, OUT_O, HNEW, GU, Y, BAR, eps, SPIN,
                 HID: tl.constexpr, INTER: tl.constexpr,
                 BN_O: tl.constexpr, BK_O: tl.constexpr, CH_O: tl.constexpr,
                 BN_G: tl.constexpr, BK_G: tl.constexpr, CH_G: tl.constexpr,
@@ -127,10 +129,10 @@ def _mlp_kernel(ATT, H, NW, WO, WGU, WD, O, HNEW, GU, Y, BAR, eps, SPIN,
     dt = Y.dtype.element_ty
     w0 = _first_tile(WO, pid, HID, HID, BN_O, BK_O, CH_O)
     pdl_enter(PDL)
-    _chunk(ATT, ATT, ATT, ATT, WO, O, HID, eps, pid, w0, HID, 0, False, BN_O, BK_O, CH_O, dt)
+    _chunk(ATT, ATT, ATT, ATT, WO, OUT_O, HID, eps, pid, w0, HID, 0, False, BN_O, BK_O, CH_O, dt)
     w1 = _first_tile(WGU, pid, 2 * INTER, HID, BN_G, BK_G, CH_G)
     _grid_sync(BAR, p, SPIN)
-    _chunk(H, O, NW, HNEW, WGU, GU, 2 * INTER, eps, pid, w1, HID, 1, True, BN_G, BK_G, CH_G, dt)
+    _chunk(H, OUT_O, NW, HNEW, WGU, GU, 2 * INTER, eps, pid, w1, HID, 1, True, BN_G, BK_G, CH_G, dt)
     w2 = _first_tile(WD, pid, HID, INTER, BN_D, BK_D, CH_D)
     _grid_sync(BAR, 2 * p, SPIN)
     _chunk(GU, GU, GU, GU, WD, Y, HID, eps, pid, w2, INTER, 2, False, BN_D, BK_D, CH_D, dt)
@@ -194,7 +196,7 @@ class Layers:
         return int(self.bar[:, ERR_SLOT].sum())
 
 
-def _replay_us(fn, reps: int = 20) -> float:
+def replay_us(fn, reps: int = 20) -> float:
     """Microseconds of one call of `fn`, captured in a CUDA graph and replayed (median of `reps`)."""
     fn()
     torch.cuda.synchronize()
@@ -212,18 +214,11 @@ def _replay_us(fn, reps: int = 20) -> float:
     return 1e6 * statistics.median(ts)
 
 
-def copy_rate(gb: float = 2.0) -> float:
-    """Device-to-device copy rate, bytes/s (read + write counted once each, as bench engine's floor)."""
-    a = torch.empty(int(gb * 1e9) // 2, dtype=torch.bfloat16, device="cuda")
-    b = torch.empty_like(a)
-    us = _replay_us(lambda: b.copy_(a), reps=10)
-    return 2 * a.numel() * 2 / (us * 1e-6)
-
-
 def resident(kernel, programs: int, num_warps: int) -> bool:
     """Whether `programs` programs of the compiled `kernel` fit on the GPU at once (else its barriers would wait on
     programs not yet scheduled)."""
     props = torch.cuda.get_device_properties(0)
+    kernel._init_handles()  # (n_regs is read from the loaded module)
     threads = 32 * num_warps
     regs = max(1, kernel.n_regs)
     per_warp = triton.cdiv(regs * 32, 256) * 256  # registers are allocated per warp in units of 256
@@ -239,19 +234,21 @@ def barrier(rounds: int = 1000) -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     x = torch.zeros(1, dtype=torch.int32, device="cuda")
     for programs in (sms, 2 * sms, 4 * sms):
-        plain = _replay_us(lambda: [_tick_kernel[(programs,)](x, PDL=False) for _ in range(rounds)]) / rounds
-        pdl = _replay_us(lambda: [_tick_kernel[(programs,)](x, PDL=True, launch_pdl=True)
-                                  for _ in range(rounds)]) / rounds
+        def ticks(pdl: bool, programs=programs):
+            for _ in range(rounds):
+                _tick_kernel[(programs,)](x, PDL=pdl, launch_pdl=pdl)
+        plain = replay_us(lambda: ticks(False)) / rounds
+        pdl = replay_us(lambda: ticks(True)) / rounds
         bar = torch.zeros(64, dtype=torch.int32, device="cuda")
         ck = _barriers_kernel.warmup(bar, x, rounds, 200_000, grid=(programs,), num_warps=4)
         if not resident(ck, programs, 4):
             print(f"{programs} programs: not resident at once, skipped")
             continue
 
-        def run():
+        def run(bar=bar, programs=programs):
             bar.zero_()
             _barriers_kernel[(programs,)](bar, x, rounds, 200_000, num_warps=4)
-        us = (_replay_us(run) - 0.0) / rounds
+        us = replay_us(run) / rounds
         print(f"{programs:4d} programs: kernel boundary {plain:.2f} us plain, {pdl:.2f} us with PDL | grid barrier "
               f"{us:.2f} us (given up: {int(bar[ERR_SLOT])})", flush=True)
 
@@ -272,14 +269,14 @@ CONFIGS = {
 
 
 def mlp(models: list[str], layers: int = 28) -> None:
-    rate = copy_rate()
+    rate = hbm_bandwidth()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"copy rate {rate / 1e12:.3f} TB/s", flush=True)
     for model in models:
         lay = Layers(model, layers, "cuda")
         floor = lay.weight_bytes / rate * 1e6
         ref = lay.separate()
-        sep = _replay_us(lay.separate)
+        sep = replay_us(lay.separate)
         print(f"{model}: {layers} layers' MLP half, floor {floor:.1f} us | three GEMVs a layer (PDL): {sep:.1f} us "
               f"({sep / floor:.3f}x)", flush=True)
         for per_sm, nw, blocks in CONFIGS[model]:
@@ -291,7 +288,7 @@ def mlp(models: list[str], layers: int = 28) -> None:
                 continue
             out = lay.persistent(programs, nw, blocks, pdl=True)
             diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(out, ref))
-            us = _replay_us(lambda: lay.persistent(programs, nw, blocks, pdl=True))
+            us = replay_us(functools.partial(lay.persistent, programs, nw, blocks, pdl=True))
             print(f"{label}: {us:.1f} us ({us / floor:.3f}x floor, {us / sep:.3f} of the GEMVs), {ck.n_regs} regs, "
                   f"max |diff| {diff:.2e}, barriers given up {lay.given_up()}", flush=True)
 

@@ -1,0 +1,93 @@
+"""Issue 20: the paged-decode attention alone (triton_decode.paged_decode, with its combine), against the KV bytes it
+reads at the device-to-device copy rate. A 7B batch-32 step at context 512 spends ~410 us of its 4.74 ms in this
+kernel against a ~110 us floor, and the 1.5B's ~280 us against ~55 (profile_decode at a3a756a): the largest gap
+left in batched steps. Each configuration (splits, cache blocks an iteration, warps, pipeline stages, whether the
+first cache tile is loaded before q and RoPE) is timed as 28 layers' calls back to back in one CUDA graph, the
+paging scattered as a served cache's is.
+
+    python -m load_tests.diag_attn --models 1.5b,7b --batch 8,32 --context 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+
+import torch
+
+from load_tests.bench_common import hbm_bandwidth
+from load_tests.diag_persist import replay_us
+from token_scheduler.model import triton_decode as td
+
+# (q heads, kv heads) of the bench models; head dim 128, 28 layers, 16-token cache blocks
+HEADS = {"1.5b": (12, 2), "7b": (28, 4)}
+LAYERS, D, BS = 28, 128, 16
+
+
+def _cache(model: str, batch: int, context: int, seed: int = 0):
+    h, kvh = HEADS[model]
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    per = math.ceil(context / BS)
+    nb = batch * per + 1
+    kv = torch.randn(nb, LAYERS, 2, BS, kvh, D, generator=gen, device="cuda").to(torch.bfloat16)
+    perm = torch.randperm(nb - 1, generator=gen, device="cuda") + 1
+    bt = perm[: batch * per].view(batch, per).to(torch.int32)
+    ctx = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, h, D, generator=gen, device="cuda").to(torch.bfloat16)
+    return q, kv, bt, ctx
+
+
+def sweep(models: list[str], batches: list[int], context: int, splits: list[int], nbis: list[int],
+          warps: list[int], stages: list[int]) -> None:
+    rate = hbm_bandwidth()
+    print(f"copy rate {rate / 1e12:.3f} TB/s", flush=True)
+    saved = (td.BLOCKS_PER_ITER, td.DECODE_WARPS, td.DECODE_STAGES)
+    try:
+        for model, batch in itertools.product(models, batches):
+            q, kv, bt, ctx = _cache(model, batch, context)
+            kvh = kv.shape[4]
+            floor = LAYERS * batch * context * kvh * D * 2 * 2 / rate * 1e6
+            scale = D ** -0.5
+            default_s = td.num_splits_for(batch, kvh)
+            print(f"{model} batch {batch} context {context}: {LAYERS} layers' KV floor {floor:.1f} us; the engine's "
+                  f"default: {default_s} splits, {saved[0]} blocks an iteration, {saved[1]} warps, {saved[2]} stages",
+                  flush=True)
+            rows = []
+            for s, nbi, w, st, early in itertools.product(splits, nbis, warps, stages, (False, True)):
+                td.BLOCKS_PER_ITER, td.DECODE_WARPS, td.DECODE_STAGES = nbi, w, st
+
+                def run(s=s, early=early, args=(q, kv), bt=bt, ctx=ctx, scale=scale):
+                    for layer in range(LAYERS):
+                        td.paged_decode(*args, layer, bt, ctx, scale, num_splits=s, prefetch=early)
+                try:
+                    us = replay_us(run)
+                except Exception as e:  # noqa: BLE001 - a config past the shared memory: say so, go on
+                    print(f"  splits {s} nbi {nbi} warps {w} stages {st} early {early}: {type(e).__name__}")
+                    continue
+                rows.append((us, s, nbi, w, st, early))
+                print(f"  splits {s:2d} nbi {nbi} warps {w} stages {st} early {int(early)}: {us:7.1f} us "
+                      f"({us / floor:.2f}x floor)", flush=True)
+            best = sorted(rows)[:5]
+            print(f"{model} b{batch} best: " + "; ".join(
+                f"{us:.1f} us s{s} nbi{n} w{w} st{st} e{int(e)}" for us, s, n, w, st, e in best), flush=True)
+    finally:
+        td.BLOCKS_PER_ITER, td.DECODE_WARPS, td.DECODE_STAGES = saved
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="1.5b,7b")
+    ap.add_argument("--batch", default="8,32")
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--splits", default="2,4,8,16")
+    ap.add_argument("--nbi", default="2,4,8")
+    ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--stages", default="2")
+    a = ap.parse_args()
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    sweep(a.models.split(","), ints(a.batch), a.context, ints(a.splits), ints(a.nbi), ints(a.warps), ints(a.stages))
+
+
+if __name__ == "__main__":
+    main()
