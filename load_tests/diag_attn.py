@@ -2,7 +2,7 @@
 reads at the device-to-device copy rate. A 7B batch-32 step at context 512 spends ~410 us of its 4.74 ms in this
 kernel against a ~110 us floor, and the 1.5B's ~280 us against ~55 (profile_decode at a3a756a): the largest gap
 left in batched steps. Each configuration (splits, cache blocks an iteration, warps, pipeline stages, whether the
-first cache tile is loaded before q and RoPE) is timed as 28 layers' calls back to back in one CUDA graph, the
+first cache tile is loaded before q and RoPE; with `--rope`, RoPE and the new K/V write folded in) is timed as 28 layers' calls back to back in one CUDA graph, the
 paging scattered as a served cache's is.
 
     python -m load_tests.diag_attn --models 1.5b,7b --batch 8,32 --context 512
@@ -38,8 +38,20 @@ def _cache(model: str, batch: int, context: int, seed: int = 0):
     return q, kv, bt, ctx
 
 
+def _rope(batch: int, context: int, bt: torch.Tensor, h: int, kvh: int, seed: int = 1):
+    """A fused qkv projection's output for each row's new token (at position context - 1) and the RoPE tables, as a
+    batched decode step with RoPE folded into the attention (llama.ATTN_ROPE) passes them."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = torch.randn(batch, (h + 2 * kvh) * D, generator=gen, device="cuda").to(torch.bfloat16)
+    inv = 1.0 / (1e6 ** (torch.arange(0, D, 2, device="cuda", dtype=torch.float32) / D))
+    ang = torch.outer(torch.arange(context, device="cuda", dtype=torch.float32), inv)
+    cos, sin = torch.cat([ang.cos(), ang.cos()], 1).contiguous(), torch.cat([ang.sin(), ang.sin()], 1).contiguous()
+    pos = torch.full((batch,), context - 1, dtype=torch.long, device="cuda")
+    return qkv, (cos, sin, pos, bt[:, (context - 1) // BS].long(), pos % BS)
+
+
 def sweep(models: list[str], batches: list[int], context: int, splits: list[int], nbis: list[int],
-          warps: list[int], stages: list[int]) -> None:
+          warps: list[int], stages: list[int], rope: bool = False, earlies: tuple = (False, True)) -> None:
     rate = hbm_bandwidth()
     print(f"copy rate {rate / 1e12:.3f} TB/s", flush=True)
     saved = (td.BLOCKS_PER_ITER, td.DECODE_WARPS, td.DECODE_STAGES)
@@ -47,6 +59,9 @@ def sweep(models: list[str], batches: list[int], context: int, splits: list[int]
         for model, batch in itertools.product(models, batches):
             q, kv, bt, ctx = _cache(model, batch, context)
             kvh = kv.shape[4]
+            folded = None
+            if rope:  # q is then the qkv projection; RoPE and the new K/V write happen in the kernel
+                q, folded = _rope(batch, context, bt, q.shape[1], kvh)
             floor = LAYERS * batch * context * kvh * D * 2 * 2 / rate * 1e6
             scale = D ** -0.5
             default_s = td.num_splits_for(batch, kvh)
@@ -54,12 +69,12 @@ def sweep(models: list[str], batches: list[int], context: int, splits: list[int]
                   f"default: {default_s} splits, {saved[0]} blocks an iteration, {saved[1]} warps, {saved[2]} stages",
                   flush=True)
             rows = []
-            for s, nbi, w, st, early in itertools.product(splits, nbis, warps, stages, (False, True)):
+            for s, nbi, w, st, early in itertools.product(splits, nbis, warps, stages, earlies):
                 td.BLOCKS_PER_ITER, td.DECODE_WARPS, td.DECODE_STAGES = nbi, w, st
 
-                def run(s=s, early=early, args=(q, kv), bt=bt, ctx=ctx, scale=scale):
+                def run(s=s, early=early, args=(q, kv), bt=bt, ctx=ctx, scale=scale, folded=folded):
                     for layer in range(LAYERS):
-                        td.paged_decode(*args, layer, bt, ctx, scale, num_splits=s, prefetch=early)
+                        td.paged_decode(*args, layer, bt, ctx, scale, num_splits=s, prefetch=early, rope=folded)
                 try:
                     us = replay_us(run)
                 except Exception as e:  # noqa: BLE001 - a config past the shared memory: say so, go on
@@ -84,9 +99,12 @@ def main() -> None:
     ap.add_argument("--nbi", default="2,4,8")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2")
+    ap.add_argument("--rope", action="store_true", help="RoPE and the new K/V write folded in, as batched steps run")
+    ap.add_argument("--early", default="0,1", help="the first cache tile loaded before q: 0, 1 or both")
     a = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    sweep(a.models.split(","), ints(a.batch), a.context, ints(a.splits), ints(a.nbi), ints(a.warps), ints(a.stages))
+    sweep(a.models.split(","), ints(a.batch), a.context, ints(a.splits), ints(a.nbi), ints(a.warps), ints(a.stages),
+          a.rope, tuple(bool(e) for e in ints(a.early)))
 
 
 if __name__ == "__main__":

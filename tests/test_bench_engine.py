@@ -268,6 +268,7 @@ def test_the_attention_loads_its_cache_early_only_where_no_row_reads_another_row
 
     one, four = torch.zeros(1, 4, 8), torch.zeros(4, 4, 8)
     monkeypatch.setattr(triton_decode, "PREFETCH_KV", True)
+    monkeypatch.setattr(triton_decode, "PREFETCH_ROWS", 4)
     monkeypatch.setattr(triton_decode, "pdl", lambda t: True)
     assert triton_decode._prefetches(one, False, False) and triton_decode._prefetches(four, True, False)
     assert triton_decode._prefetches(four, False, True) and not triton_decode._prefetches(four, False, False)
@@ -286,3 +287,7 @@ def test_the_attention_loads_its_cache_early_only_where_no_row_reads_another_row
     assert triton_decode._pdl(four) and triton_decode._prefetches(four, True, False)
     assert not triton_decode._prefetches(four, False, False)
     assert not triton_decode._pdl(torch.zeros(5, 4, 8))
+    # PREFETCH_ROWS: several rows launched with PDL load early only up to it (one row always)
+    monkeypatch.setattr(triton_decode, "PREFETCH_ROWS", 1)
+    assert triton_decode._pdl(four) and not triton_decode._prefetches(four, True, True)
+    assert triton_decode._prefetches(one, False, False)

@@ -134,6 +134,7 @@ def test_decode_with_rope_in_the_attention_gives_the_same_tokens(make_varied, ar
                                    (False, True, 64)):
         monkeypatch.setattr(llama, "ATTN_ROPE", fold)
         monkeypatch.setattr(triton_decode, "ATTN_PDL_ROWS", pdl_rows)
+        monkeypatch.setattr(triton_decode, "PREFETCH_ROWS", max(1, pdl_rows))
         eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="fp32", cuda_graphs=graphs,
                                      kv_cache_memory_gb=0.1, max_num_seqs=8))
         outs[(fold, graphs, pdl_rows)] = res = _staggered(eng)
