@@ -281,7 +281,7 @@ def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, con
         from token_scheduler.model import triton_gemv as tg
         options |= {"attn_rope": llama.ATTN_ROPE, "attn_blocks_per_iter": td.BLOCKS_PER_ITER,
                     "attn_warps": td.DECODE_WARPS, "attn_stages": td.DECODE_STAGES, "attn_prefetch": td.PREFETCH_KV,
-                    "gemv_next_tile": tg.NEXT_TILE, "attn_pdl_rows": td.ATTN_PDL_ROWS}
+                    "gemv_next_tile": tg.NEXT_TILE}
     except ImportError:
         pass
     res = header() | {"bench": "engine", "model": str(model), "context": context, "kernel_options": options}

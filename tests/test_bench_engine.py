@@ -242,20 +242,12 @@ def test_warm_up_compiles_the_folded_attention_only_where_it_can_run(monkeypatch
     def warm(pdl_one_row: bool, **kw) -> set:
         calls.clear()
         monkeypatch.setattr(triton_decode, "pdl", lambda t: pdl_one_row and t.shape[0] == 1)
-        monkeypatch.setattr(triton_decode, "pdl_capable", lambda t: pdl_one_row)
         triton_decode.warm_up(q, kv, bt, ctx, 0.1, None, rope, **kw)
         assert len(calls) == len(set(calls))
         return {(rows, folded) for rows, folded, _ in calls}
 
-    monkeypatch.setattr(triton_decode, "ATTN_PDL_ROWS", 0)
     assert warm(True, rope_one_row=False) == {(1, False), (2, False), (2, True)} and len(calls) == 3 * n
     assert warm(True) == {(1, False), (1, True), (2, False), (2, True)} and len(calls) == 4 * n
-    assert warm(False, rope_one_row=False) == {(1, False), (1, True)} and len(calls) == 2 * n
-    # batched steps of up to 4 rows launching the attention with PDL too (ATTN_PDL_ROWS): 2 rows for those, 5 for
-    # the plain launches past it
-    monkeypatch.setattr(triton_decode, "ATTN_PDL_ROWS", 4)
-    assert (warm(True, rope_one_row=False) == {(1, False), (2, False), (2, True), (5, False), (5, True)}
-            and len(calls) == 5 * n)
     assert warm(False, rope_one_row=False) == {(1, False), (1, True)} and len(calls) == 2 * n
 
 
@@ -277,17 +269,7 @@ def test_the_attention_loads_its_cache_early_only_where_no_row_reads_another_row
     monkeypatch.setattr(triton_decode, "pdl", lambda t: True)
     monkeypatch.setattr(triton_decode, "PREFETCH_KV", False)
     assert not triton_decode._prefetches(one, True, True)
-    # ATTN_PDL_ROWS: batched steps of up to that many rows launch the attention with PDL, and so load early too
+    # PREFETCH_ROWS: several rows launched with PDL (a small-batch GEMV step) load early only up to it; one row always
     monkeypatch.setattr(triton_decode, "PREFETCH_KV", True)
-    monkeypatch.setattr(triton_decode, "pdl", lambda t: t.shape[0] == 1)
-    monkeypatch.setattr(triton_decode, "pdl_capable", lambda t: True)
-    monkeypatch.setattr(triton_decode, "ATTN_PDL_ROWS", 0)
-    assert not triton_decode._pdl(four) and not triton_decode._prefetches(four, True, False)
-    monkeypatch.setattr(triton_decode, "ATTN_PDL_ROWS", 4)
-    assert triton_decode._pdl(four) and triton_decode._prefetches(four, True, False)
-    assert not triton_decode._prefetches(four, False, False)
-    assert not triton_decode._pdl(torch.zeros(5, 4, 8))
-    # PREFETCH_ROWS: several rows launched with PDL load early only up to it (one row always)
     monkeypatch.setattr(triton_decode, "PREFETCH_ROWS", 1)
-    assert triton_decode._pdl(four) and not triton_decode._prefetches(four, True, True)
-    assert triton_decode._prefetches(one, False, False)
+    assert not triton_decode._prefetches(four, True, True) and triton_decode._prefetches(one, False, False)

@@ -124,22 +124,18 @@ def test_cuda_graph_decode_equals_eager(make_varied):
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_decode_with_rope_in_the_attention_gives_the_same_tokens(make_varied, arch, monkeypatch):
     """TOKENPOOL_ATTN_ROPE: batched decode steps (graphs and eager) with RoPE and the KV write inside the paged-decode
-    kernel give the tokens of the separate RoPE kernel (fp32), requests joining and finishing at different steps --
-    and so do they with the attention launched with PDL and loading its cache early (TOKENPOOL_ATTN_PDL_ROWS)."""
-    from token_scheduler.model import llama, triton_decode
+    kernel give the tokens of the separate RoPE kernel (fp32), requests joining and finishing at different steps."""
+    from token_scheduler.model import llama
 
     d = make_varied(arch)
     outs = {}
-    for fold, graphs, pdl_rows in ((False, True, 0), (True, True, 0), (True, False, 0), (True, True, 64),
-                                   (False, True, 64)):
+    for fold, graphs in ((False, True), (True, True), (True, False)):
         monkeypatch.setattr(llama, "ATTN_ROPE", fold)
-        monkeypatch.setattr(triton_decode, "ATTN_PDL_ROWS", pdl_rows)
-        monkeypatch.setattr(triton_decode, "PREFETCH_ROWS", max(1, pdl_rows))
         eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="fp32", cuda_graphs=graphs,
                                      kv_cache_memory_gb=0.1, max_num_seqs=8))
-        outs[(fold, graphs, pdl_rows)] = res = _staggered(eng)
+        outs[(fold, graphs)] = res = _staggered(eng)
         assert eng.stats()["kv_blocks_used"] == 0 and len(res) == 6
-    assert all(o == outs[(False, True, 0)] for o in outs.values())
+    assert outs[(True, True)] == outs[(False, True)] and outs[(True, False)] == outs[(False, True)]
 
 
 def test_batch_one_decode_loading_its_cache_early_gives_the_same_tokens(make_varied, monkeypatch):

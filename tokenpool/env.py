@@ -81,9 +81,6 @@ ATTN_BLOCKS_PER_ITER = Var("TOKENPOOL_ATTN_BLOCKS_PER_ITER", "4", "cache blocks 
 ATTN_PREFETCH = Var("TOKENPOOL_ATTN_PREFETCH", "1", "a decode step's paged-decode attention launched with programmatic "
                     "dependent launch (batch 1) loads its first cache tile before waiting on the qkv projection "
                     "(see token_scheduler/model/triton_decode.py); 0: off")
-ATTN_PDL_ROWS = Var("TOKENPOOL_ATTN_PDL_ROWS", "0", "batched decode steps of up to this many rows launch the "
-                    "paged-decode attention and its combine with programmatic dependent launch (0: only one row; "
-                    "unmeasured, see token_scheduler/model/triton_decode.py)", kind="int")
 ROWWISE_PREFILL_MAX = Var("TOKENPOOL_ROWWISE_PREFILL_MAX", str(1 << 22), "on CUDA, a prefill chunk of tokens x context up "
                           "to this runs row by row through the batched decode attention, longer ones one SDPA each "
                           "(token_scheduler/runner.py; A/B runs)", kind="int")

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from token_scheduler.model.triton_ops import pdl, pdl_capable, pdl_enter
+from token_scheduler.model.triton_ops import pdl, pdl_enter
 from tokenpool import env
 
 
@@ -198,18 +198,9 @@ DECODE_STAGES: int | None = 2
 # TOKENPOOL_ATTN_PREFETCH=0: off.
 PREFETCH_KV = env.ATTN_PREFETCH.on()
 
-# Batched decode steps (their projections on cuBLAS) launch the attention and its combine plainly: our kernels launched
-# with PDL beside cuBLAS's made the 7B batch-32 step slower once (triton_ops.USE_PDL), but that was every kernel of the
-# step. ATTN_PDL_ROWS: the attention pair alone launches with PDL up to this many rows, so the combine's launch hides
-# behind the attention and the attention loads its first cache tile (PREFETCH_KV, a decode step's own rows) while the
-# qkv projection drains. 0: off (unmeasured on the GPU: `diag_gpu step` variant "attn pdl 64";
-# TOKENPOOL_ATTN_PDL_ROWS=64).
-ATTN_PDL_ROWS = env.ATTN_PDL_ROWS.integer()
-
-
-def _pdl(q: torch.Tensor) -> bool:
-    """Whether the attention over `q` ([rows, ...]) and its combine launch with programmatic dependent launch."""
-    return pdl(q) or (q.shape[0] <= ATTN_PDL_ROWS and pdl_capable(q))
+# Batched decode steps (their projections on cuBLAS) launch the attention and its combine plainly. The pair alone
+# launched with PDL up to 64 rows measured within 0.4% either way of that at batches 8 and 32 on the H200, and 0.5-1%
+# slower with its early cache tile too (diag_gpu step, fda154f, attn_batched_h200_fda154f.json): not kept.
 
 
 # Programs a paged-decode launch aims at, per SM (`num_splits_for`).
@@ -226,15 +217,13 @@ def num_splits_for(batch: int, kv_heads: int, sms: int = 132) -> int:
 def warm_up(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
             scale: float, window=None, rope=None, rope_one_row: bool = True) -> None:
     """Compile every split variant now (at engine start) rather than at first use while serving: for one
-    sequence and for several, which differ in launch mode (`_pdl`; with ATTN_PDL_ROWS, several up to it and more
-    than it differ too). q, block_tables, context_lens: one row (its
+    sequence and for several, which differ in launch mode (`pdl`). q, block_tables, context_lens: one row (its
     first block a scratch block). `rope` (a RopeCache): the variants with RoPE and the KV write folded in too,
     writing into that scratch block -- for one row only if `rope_one_row` (False where one-token steps run the
     GEMV path, whose qkv epilogue does RoPE: their folded variant would never run)."""
     rows = [(q, block_tables, context_lens)]
-    if _pdl(q):  # one row launches apart from several: its own variants
-        for n in [2] + ([ATTN_PDL_ROWS + 1] if ATTN_PDL_ROWS >= 2 else []):
-            rows.append((q.repeat(n, 1, 1), block_tables.repeat(n, 1), context_lens.repeat(n)))
+    if pdl(q):  # one row launches apart from several: its own variants
+        rows.append((q.repeat(2, 1, 1), block_tables.repeat(2, 1), context_lens.repeat(2)))
     for i, (qq, bt, ctx) in enumerate(rows):
         fold = rope is not None and (rope_one_row or len(rows) == 1 or i > 0)
         if fold:  # the fused qkv of these rows, all at position 0 of the scratch block
@@ -248,9 +237,10 @@ def warm_up(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor, conte
                 paged_decode(qkv, kv, 0, bt, ctx, scale, window, num_splits=s, rope=folded)
 
 
-# Rows up to which a decode step's attention launched with PDL loads its first cache tile early (PREFETCH_KV). Without
-# PDL, the same early tile (loaded before q, outside the pipelined cache walk) made the attention alone 5-15% slower
-# at batches 8 and 32 on the H200 (diag_attn, a088d3a): only batch 1 by default.
+# Rows up to which a decode step's attention launched with PDL loads its first cache tile early (PREFETCH_KV): one.
+# Several rows launch with PDL only inside llama's small-batch GEMV steps (off by default). On the H200 the early tile
+# made batched steps' attention launched with PDL 0.5-1% slower at batches 8 and 32 (fda154f), and without PDL
+# (loaded before q, outside the pipelined cache walk) the attention alone 5-15% slower (diag_attn, a088d3a).
 PREFETCH_ROWS = 1
 
 
@@ -259,7 +249,7 @@ def _prefetches(q: torch.Tensor, own_rows: bool, rope: bool) -> bool:
     reads another row's new K/V -- one row alone (any decode-shaped row's new token is the last of its context,
     written before the attention), or up to PREFETCH_ROWS of a decode step's own rows (`own_rows`, or RoPE folded in,
     which implies them)."""
-    return PREFETCH_KV and _pdl(q) and (q.shape[0] == 1 or ((own_rows or rope) and q.shape[0] <= PREFETCH_ROWS))
+    return PREFETCH_KV and pdl(q) and (q.shape[0] == 1 or ((own_rows or rope) and q.shape[0] <= PREFETCH_ROWS))
 
 
 def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, num_splits=None, rope=None,
@@ -282,7 +272,7 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
     H = q.shape[1] - (0 if rope is None else 2 * KVH)
     group = H // KVH
     S = num_splits or num_splits_for(B, KVH)
-    launch_pdl = _pdl(q)
+    launch_pdl = pdl(q)
     if prefetch is None:
         prefetch = _prefetches(q, own_rows, rope is not None)
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
