@@ -69,8 +69,7 @@ _ALIGNED = ("N", "s_kvb", "s_kvt", "s_kvh", "off_k", "off_v")
 
 def gemv_variants() -> dict[str, dict]:
     """The one-token GEMV as qwen2-1.5b's and qwen2-7b's batch-1 projections call it (the configs config_for gives),
-    with and without the next weight tile's load kept in flight (triton_gemv.NEXT_TILE), compiled for sm_90:
-    label -> resources."""
+    compiled for sm_90: label -> resources."""
     from token_scheduler.model import triton_gemv as g
 
     fn = g._gemv_kernel
@@ -83,11 +82,10 @@ def gemv_variants() -> dict[str, dict]:
                                               ("gate_up", 2 * inter, hid, 1, True, False),
                                               ("down", hid, inter, 2, False, False)):
             bn, bk, nw = g.config_for(n, k)
-            for nxt in (False, True):
-                c = dict(K=k, MODE=mode, HAS_R=has_r, HAS_B=False, BLOCK_N=bn, BLOCK_K=bk, PDL=True, ROPE=rope, H=h,
-                         KVH=kvh, D=128, NEXT=nxt)
-                label = f"{model} {name} {(bn, bk, nw)}" + (" next" if nxt else "")
-                out[label] = inspect_kernel(fn, types, c, aligned=_ALIGNED, num_warps=nw, num_stages=1)
+            c = dict(K=k, MODE=mode, HAS_R=has_r, HAS_B=False, BLOCK_N=bn, BLOCK_K=bk, PDL=True, ROPE=rope, H=h,
+                     KVH=kvh, D=128)
+            out[f"{model} {name} {(bn, bk, nw)}"] = inspect_kernel(fn, types, c, aligned=_ALIGNED, num_warps=nw,
+                                                                  num_stages=1)
     return out
 
 

@@ -344,35 +344,6 @@ def test_one_token_gemv_forward_equals_torch_forward(make_varied, arch, monkeypa
     assert not torch.equal(kv0, torch.zeros_like(kv0))
 
 
-def test_gemv_keeping_the_next_tile_in_flight_gives_the_same_bits(monkeypatch):
-    """TOKENPOOL_GEMV_NEXT_TILE changes when each weight tile is loaded, not the arithmetic: qwen2-1.5b's four
-    batch-1 projections at their tuned blocks (norm, SiLU*mul and the RoPE + KV-write epilogue folded in) give the
-    same bits, outputs and cache, with it and without."""
-    from token_scheduler.model import triton_gemv
-    from token_scheduler.model.triton_gemv import MODE_NORM, MODE_SILU, RopeKV, gemv
-
-    torch.manual_seed(0)
-    H, KVH, D, hid, inter = 12, 2, 128, 1536, 8960
-    bf = dict(device="cuda", dtype=torch.bfloat16)
-    x, r, nw = torch.randn(1, hid, **bf), torch.randn(1, hid, **bf), torch.randn(hid, **bf)
-    wq, bq = torch.randn((H + 2 * KVH) * D, hid, **bf) * 0.02, torch.randn((H + 2 * KVH) * D, **bf)
-    wo, wgu, wd = (torch.randn(n, k, **bf) * 0.02 for n, k in ((hid, hid), (2 * inter, hid), (hid, inter)))
-    cos, sin = torch.randn(64, D, device="cuda"), torch.randn(64, D, device="cuda")
-    pos, sb, so = (torch.tensor([v], device="cuda") for v in (37, 3, 5))
-    outs = []
-    for nxt in (False, True):
-        monkeypatch.setattr(triton_gemv, "NEXT_TILE", nxt)
-        kv = torch.zeros(4, 2, 2, 16, KVH, D, **bf)
-        q, xo = gemv(x, wq, bq, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6,
-                     rope=RopeKV(cos, sin, pos, kv, 1, sb, so, H, KVH, D))
-        o, _ = gemv(q.view(1, H * D), wo)
-        gu, x2 = gemv(xo, wgu, mode=MODE_NORM, r=o, norm_w=nw, eps=1e-6)
-        dn, _ = gemv(gu, wd, mode=MODE_SILU)
-        outs.append((q, xo, o, gu, x2, dn, kv))
-    assert all(torch.equal(a, b) for a, b in zip(*outs))
-    assert outs[0][-1].abs().sum() > 0 and outs[0][-2].abs().sum() > 0
-
-
 def _decode_batch(rows: int, real: int):
     """A decode step's inputs: `real` sequences of different context lengths over 8 blocks each, padded to
     `rows` as the decode graph pads a bucket (token 0 at position 0, its K/V into the scratch block, the last);

@@ -68,9 +68,6 @@ GEMV_ROWS = Var("TOKENPOOL_GEMV_ROWS", "0", "steps of up to this many tokens (at
                 kind="int")
 GEMV_ROWS_MLP = Var("TOKENPOOL_GEMV_ROWS_MLP", "1", "with TOKENPOOL_GEMV_ROWS: 0 keeps the MLP's gate_up and down on "
                     "cuBLAS, only qkv and o through the small-batch kernels (A/B runs; see llama.py)")
-GEMV_NEXT_TILE = Var("TOKENPOOL_GEMV_NEXT_TILE", "0", "1: the one-token Triton GEMVs keep the next weight tile's load in "
-                     "flight while multiplying the current one (unmeasured on the GPU; see "
-                     "token_scheduler/model/triton_gemv.py)")
 GEMV_ROWS_PERSIST = Var("TOKENPOOL_GEMV_ROWS_PERSIST", "0", "with TOKENPOOL_GEMV_ROWS: the small-batch kernels on a "
                         "persistent grid of this many programs an SM (0: one program a tile; measured slower than cuBLAS, "
                         "see triton_gemv.py)", kind="int")

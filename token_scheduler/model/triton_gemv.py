@@ -36,7 +36,10 @@ weight tile before waiting for the kernel before them. Asking L2 for more of a p
 cp.async.bulk.prefetch.L2 of its first 16 KB, 64 KB or all of them) made every batch-1 step slower on the H200 at
 e321261 (1.5B 1.242 -> 1.295/1.370/1.364 ms, 7B 3.893 -> 4.006/4.498/4.779;
 bench/results/gemv_l2_prefetch_h200_e321261.json): the ~3 us a kernel above the weight stream is not idle HBM an
-early fill could use. Not kept.
+early fill could use. Not kept. Nor is a second tile in flight a program: the loop is not software-pipelined (no
+tl.dot; no async copies at any num_stages), and keeping the next tile's load in flight while multiplying the current
+one (bit-identical) made the batch-1 step 10% (1.5B, 1.233 -> 1.355 ms) and 14% (7B, 3.909 -> 4.463) slower on the
+H200 at d2f2a91, its registers costing programs an SM (gemv_next_tile_h200_d2f2a91.json). Removed.
 
 `gemv` takes one token: each program owns BLOCK_N output rows and streams them along K, a broadcast multiply.
 Block sizes come from `config_for` (tuned on an H100 in the decode graph:
@@ -97,7 +100,7 @@ def _x_tile(X, R, NW, cols, km, inv, K: tl.constexpr, MODE: tl.constexpr, HAS_R:
 def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr,
                  HAS_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
                  ROPE: tl.constexpr, COS, SIN, POS, KV, SB, SO, s_kvb, s_kvt, s_kvh, off_k, off_v,
-                 H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, NEXT: tl.constexpr = False):
+                 H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr):
     pid = tl.program_id(0)
     dt = Y.dtype.element_ty
     kk = tl.arange(0, BLOCK_K)
@@ -115,11 +118,8 @@ def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.cons
         rmask = rows < N
         wp = W + rows[:, None].to(tl.int64) * K + kk[None, :]
         wmask = rmask[:, None]
-    # The first weight tile is loaded before waiting on the previous kernel: no kernel writes weights. NEXT (see
-    # NEXT_TILE): the second too, and each iteration then issues the load of the tile after the one it multiplies.
+    # The first weight tile is loaded before waiting on the previous kernel: no kernel writes weights.
     w = tl.load(wp, mask=wmask & (kk < K)[None, :], other=0.0)
-    if NEXT:
-        w_next = tl.load(wp + BLOCK_K, mask=wmask & (BLOCK_K + kk < K)[None, :], other=0.0)
     pdl_enter(PDL)
     inv = 0.0
     if MODE == 1:  # rms of (x + r), rounded to the model dtype as the residual stream is
@@ -139,11 +139,7 @@ def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.cons
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + kk
         km = cols < K
-        if NEXT:  # (past the last tile the mask is all false: no memory read)
-            w = w_next
-            w_next = tl.load(wp + k0 + BLOCK_K, mask=wmask & (cols + BLOCK_K < K)[None, :], other=0.0)
-        else:
-            w = tl.load(wp + k0, mask=wmask & km[None, :], other=0.0)
+        w = tl.load(wp + k0, mask=wmask & km[None, :], other=0.0)
         acc += w.to(tl.float32) * _x_tile(X, R, NW, cols, km, inv, K, MODE, HAS_R, dt)[None, :]
     if ROPE:
         out = tl.sum(acc, 2)
@@ -185,15 +181,6 @@ _CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
 
 _ROPE_ARGS = ("COS", "SIN", "POS", "KV", "SB", "SO", "s_kvb", "s_kvt", "s_kvh", "off_k", "off_v")
 
-# The one-token GEMV's loop is not software-pipelined (no tl.dot: Triton's pipeliner leaves its loads alone; sm_90
-# build, `triton_offline gemv`: no async copies at any num_stages), so a program has one weight tile in flight and
-# waits out its latency every iteration. That is enough where many programs share an SM (the 7B's GEMVs stream at
-# ~95% of the copy rate), not for the 1.5B's small projections: o runs as 48 programs (one SM in three), 32 KB in
-# flight each, and down's 8 KB tiles walk K = 8960 in 9 round trips. NEXT_TILE: each program keeps the next tile's
-# load in flight while it multiplies the current one (both loaded before the PDL wait). The arithmetic and its order
-# are unchanged. Unmeasured on the GPU (`diag_gpu step` variant "gemv next tile"; TOKENPOOL_GEMV_NEXT_TILE=1).
-NEXT_TILE = env.GEMV_NEXT_TILE.on()
-
 
 def config_for(n: int, k: int) -> tuple[int, int, int]:
     c = _CONFIGS.get((n, k))
@@ -224,7 +211,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
         x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
         w, bias if bias is not None else w, y, eps, n, K=k, MODE=mode, HAS_R=r is not None,
         HAS_B=bias is not None, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl(x), ROPE=rope is not None,
-        **_rope_args(rope, n, bn, x), num_warps=nw, launch_pdl=pdl(x), NEXT=NEXT_TILE and k > bk)
+        **_rope_args(rope, n, bn, x), num_warps=nw, launch_pdl=pdl(x))
     return y, x_out
 
 
