@@ -403,12 +403,21 @@ def test_pdl_graph_replay_is_bit_exact(make_varied, monkeypatch, rows, real):
     """Programmatic dependent launch changes no arithmetic: a decode step (one token, or a padded small batch
     through the small-batch GEMVs) captured with it in a CUDA graph and replayed gives the hidden state and KV
     of plain eager launches bit for bit, replay after replay (a kernel reading before its wait would show as a
-    race)."""
+    race). Under PDL one row's attention loads its cache early and counts the new token apart (PREFETCH_KV), a
+    different fp32 sum order: the plain launches take that path too (it needs no PDL to be right)."""
     from model_swapper.model_config import ModelConfig
     from model_swapper.weights import load_weights
-    from token_scheduler.model import llama, triton_ops
+    from token_scheduler.model import llama, triton_decode, triton_ops
     from token_scheduler.runner import allocate_kv_cache
 
+    prefetches = triton_decode._prefetches
+
+    def as_under_pdl(q, own_rows, rope):  # the early-load decision the PDL launch of this step makes
+        with monkeypatch.context() as m:
+            m.setattr(triton_decode, "pdl", lambda t: t.shape[0] <= rows)
+            return prefetches(q, own_rows, rope)
+
+    torch.manual_seed(0)
     d = make_varied("qwen2")
     cfg = ModelConfig.from_pretrained(d)
     w = load_weights(d, cfg, "cuda", torch.bfloat16)
@@ -418,8 +427,10 @@ def test_pdl_graph_replay_is_bit_exact(make_varied, monkeypatch, rows, real):
     kv.normal_()
     monkeypatch.setattr(llama, "GEMV_MAX_ROWS", 32)  # the small-batch path (off by default)
     monkeypatch.setattr(triton_ops, "USE_PDL", False)
+    monkeypatch.setattr(triton_decode, "_prefetches", as_under_pdl)
     ref_kv = kv.clone()
     ref = llama.forward_fused(cfg, w, ref_kv, rope, ids, pos, meta)
+    monkeypatch.setattr(triton_decode, "_prefetches", prefetches)
     monkeypatch.setattr(triton_ops, "USE_PDL", True)
     llama.forward_fused(cfg, w, kv.clone(), rope, ids, pos, meta)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
