@@ -32,7 +32,7 @@ import triton.language as tl
 
 from load_tests.bench_common import hbm_bandwidth
 from token_scheduler.model import triton_gemv as g
-from token_scheduler.model.triton_gemv import _x_tile
+from token_scheduler.model.triton_gemv import _x_tile, rms_inv
 from token_scheduler.model.triton_ops import pdl_enter
 
 # (hidden, intermediate) of the bench models' MLPs
@@ -89,18 +89,7 @@ def _chunk(X, R, NW, XOUT, W, Y, N, eps, pid, w0, K: tl.constexpr, MODE: tl.cons
     kk = tl.arange(0, BLOCK_K)
     inv = 0.0
     if MODE == 1:
-        ss = tl.zeros([BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + kk
-            km = cols < K
-            x = tl.load(X + cols, mask=km, other=0.0)
-            if HAS_R:
-                x = (x.to(tl.float32) + tl.load(R + cols, mask=km, other=0.0).to(tl.float32)).to(dt)
-                if pid == 0:
-                    tl.store(XOUT + cols, x, mask=km)
-            xf = x.to(tl.float32)
-            ss += xf * xf
-        inv = tl.math.rsqrt(tl.sum(ss, 0) / K + eps)
+        inv = rms_inv(X, R, XOUT, pid, eps, K, BLOCK_K, HAS_R, dt)
     for s in tl.static_range(CHUNK // BLOCK_N):
         rows = pid * CHUNK + s * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N

@@ -97,6 +97,25 @@ def _x_tile(X, R, NW, cols, km, inv, K: tl.constexpr, MODE: tl.constexpr, HAS_R:
 
 
 @triton.jit
+def rms_inv(X, R, XOUT, pid, eps, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_R: tl.constexpr, dt):
+    """MODE_NORM's scale: 1 / rms of (x + r), that sum rounded to the model dtype as the residual stream is; program 0
+    writes it to XOUT (the new residual)."""
+    kk = tl.arange(0, BLOCK_K)
+    ss = tl.zeros([BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + kk
+        km = cols < K
+        x = tl.load(X + cols, mask=km, other=0.0)
+        if HAS_R:
+            x = (x.to(tl.float32) + tl.load(R + cols, mask=km, other=0.0).to(tl.float32)).to(dt)
+            if pid == 0:
+                tl.store(XOUT + cols, x, mask=km)
+        xf = x.to(tl.float32)
+        ss += xf * xf
+    return tl.math.rsqrt(tl.sum(ss, 0) / K + eps)
+
+
+@triton.jit
 def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr,
                  HAS_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
                  ROPE: tl.constexpr, COS, SIN, POS, KV, SB, SO, s_kvb, s_kvt, s_kvh, off_k, off_v,
@@ -122,19 +141,8 @@ def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.cons
     w = tl.load(wp, mask=wmask & (kk < K)[None, :], other=0.0)
     pdl_enter(PDL)
     inv = 0.0
-    if MODE == 1:  # rms of (x + r), rounded to the model dtype as the residual stream is
-        ss = tl.zeros([BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + kk
-            km = cols < K
-            x = tl.load(X + cols, mask=km, other=0.0)
-            if HAS_R:
-                x = (x.to(tl.float32) + tl.load(R + cols, mask=km, other=0.0).to(tl.float32)).to(dt)
-                if pid == 0:
-                    tl.store(XOUT + cols, x, mask=km)
-            xf = x.to(tl.float32)
-            ss += xf * xf
-        inv = tl.math.rsqrt(tl.sum(ss, 0) / K + eps)
+    if MODE == 1:
+        inv = rms_inv(X, R, XOUT, pid, eps, K, BLOCK_K, HAS_R, dt)
     acc = w.to(tl.float32) * _x_tile(X, R, NW, kk, kk < K, inv, K, MODE, HAS_R, dt)[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + kk
