@@ -15,8 +15,11 @@ megakernel (one launch a layer, its projections separated by grid barriers) turn
     python -m load_tests.diag_persist barrier
     python -m load_tests.diag_persist mlp --models 1.5b,7b
 
-A research tool: nothing in the engine uses it. On CPU (the Triton interpreter, TRITON_INTERPRET=1) `mlp --check`
-runs one program, whose barriers pass at once, to check the persistent kernel's arithmetic against the GEMVs.
+A research tool: nothing in the engine uses it. On CPU (the Triton interpreter, TRITON_INTERPRET=1) `check` runs one
+program, whose barriers pass at once, to check the persistent kernel's arithmetic against the GEMVs (bit-equal).
+
+Measured on the H200 at a088d3a (bench/results/persist_barrier_h200_a088d3a.json): a PDL kernel boundary 0.51-0.87 us,
+a grid barrier 0.96-1.60 us; the persistent MLP half 1.08x the three GEMVs at best (1.5B), 1.26x (7B). No cheaper.
 """
 
 from __future__ import annotations
