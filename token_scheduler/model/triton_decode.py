@@ -199,7 +199,7 @@ DECODE_STAGES: int | None = 2
 PREFETCH_KV = env.ATTN_PREFETCH.on()
 
 # Batched decode steps (their projections on cuBLAS) launch the attention and its combine plainly. The pair alone
-# launched with PDL up to 64 rows measured within 0.4% either way of that at batches 8 and 32 on the H200, and 0.5-1%
+# launched with PDL up to 64 rows measured within 0.4% either way of that at batches 8 and 32 on the H200, and 0.4-2.7%
 # slower with its early cache tile too (diag_gpu step, fda154f, attn_batched_h200_fda154f.json): not kept.
 
 
@@ -239,7 +239,7 @@ def warm_up(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor, conte
 
 # Rows up to which a decode step's attention launched with PDL loads its first cache tile early (PREFETCH_KV): one.
 # Several rows launch with PDL only inside llama's small-batch GEMV steps (off by default). On the H200 the early tile
-# made batched steps' attention launched with PDL 0.5-1% slower at batches 8 and 32 (fda154f), and without PDL
+# made batched steps' attention launched with PDL 0.4-2.7% slower at batches 8 and 32 (fda154f), and without PDL
 # (loaded before q, outside the pipelined cache walk) the attention alone 5-15% slower (diag_attn, a088d3a).
 PREFETCH_ROWS = 1
 
