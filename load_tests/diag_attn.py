@@ -2,8 +2,8 @@
 reads at the device-to-device copy rate. A 7B batch-32 step at context 512 spends ~410 us of its 4.74 ms in this
 kernel against a ~110 us floor, and the 1.5B's ~280 us against ~55 (profile_decode at a3a756a): the largest gap
 left in batched steps. Each configuration (splits, cache blocks an iteration, warps, pipeline stages, whether the
-first cache tile is loaded before q and RoPE; with `--rope`, RoPE and the new K/V write folded in) is timed as 28 layers' calls back to back in one CUDA graph, the
-paging scattered as a served cache's is.
+first cache tile is loaded before q and RoPE; with `--rope`, RoPE and the new K/V write folded in) is timed as 28
+layers' calls back to back in one CUDA graph, the paging scattered as a served cache's is.
 
     python -m load_tests.diag_attn --models 1.5b,7b --batch 8,32 --context 512
 """

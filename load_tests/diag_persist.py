@@ -14,6 +14,7 @@ megakernel (one launch a layer, its projections separated by grid barriers) turn
 
     python -m load_tests.diag_persist barrier
     python -m load_tests.diag_persist mlp --models 1.5b,7b
+    python -m load_tests.diag_persist ramp    # each batch-1 GEMV's time beyond its weight stream
 
 A research tool: nothing in the engine uses it. On CPU (the Triton interpreter, TRITON_INTERPRET=1) `check` runs one
 program, whose barriers pass at once, to check the persistent kernel's arithmetic against the GEMVs (bit-equal).
@@ -295,9 +296,41 @@ def check(model: str = "1.5b", layers: int = 2) -> None:
     print(f"barriers given up: {lay.given_up()}")
 
 
+def ramp(layers: int = 28) -> None:
+    """Each batch-1 projection of the bench models as the engine runs it (triton_gemv.gemv, its blocks and mode, PDL;
+    RoPE left out), `layers` distinct weights back to back in one graph: time a kernel against its weight bytes at the
+    copy rate, and the least-squares fit t = a + bytes / r over the eight shapes (a: what each kernel costs beyond its
+    stream)."""
+    rate = hbm_bandwidth()
+    print(f"copy rate {rate / 1e12:.3f} TB/s", flush=True)
+    pts = []
+    for model, (hid, inter) in DIMS.items():
+        heads = {"1.5b": (12, 2), "7b": (28, 4)}[model]
+        qkv = (heads[0] + 2 * heads[1]) * 128
+        for name, n, k, mode in (("qkv", qkv, hid, g.MODE_NORM), ("o", hid, hid, g.MODE_PLAIN),
+                                 ("gate_up", 2 * inter, hid, g.MODE_NORM), ("down", hid, inter, g.MODE_SILU)):
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            ws = [(torch.randn(n, k, generator=gen, device="cuda") * 0.02).to(torch.bfloat16) for _ in range(layers)]
+            x = torch.randn(1, 2 * k if mode == g.MODE_SILU else k, generator=gen, device="cuda").to(torch.bfloat16)
+            r, nw = torch.randn_like(x[:, :k]), torch.ones(k, device="cuda", dtype=torch.bfloat16)
+            kw = dict(mode=mode) if mode != g.MODE_NORM else dict(mode=mode, r=r, norm_w=nw, eps=1e-6)
+            us = replay_us(lambda ws=ws, x=x, kw=kw: [g.gemv(x, w, **kw) for w in ws]) / layers
+            b = n * k * 2
+            pts.append((b, us))
+            print(f"{model} {name:8s} [{n}, {k}] {g.config_for(n, k)}: {us:6.2f} us a kernel, stream floor "
+                  f"{b / rate * 1e6:6.2f} us, above it {us - b / rate * 1e6:5.2f} us ({us / (b / rate * 1e6):.2f}x)",
+                  flush=True)
+            del ws
+    nb = len(pts)
+    mb, mt = sum(p[0] for p in pts) / nb, sum(p[1] for p in pts) / nb
+    slope = sum((b - mb) * (t - mt) for b, t in pts) / sum((b - mb) ** 2 for b, _ in pts)
+    print(f"fit: t = {mt - slope * mb:.2f} us + bytes / {1e6 / slope / 1e12:.3f} TB/s (copy rate "
+          f"{rate / 1e12:.3f})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["barrier", "mlp", "check"])
+    ap.add_argument("what", choices=["barrier", "mlp", "check", "ramp"])
     ap.add_argument("--models", default="1.5b,7b")
     ap.add_argument("--layers", type=int, default=28)
     a = ap.parse_args()
@@ -305,6 +338,8 @@ def main() -> None:
         barrier()
     elif a.what == "mlp":
         mlp(a.models.split(","), a.layers)
+    elif a.what == "ramp":
+        ramp(a.layers)
     else:
         check(a.models.split(",")[0], min(a.layers, 2))
 
