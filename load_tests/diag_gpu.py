@@ -317,6 +317,11 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 *((f"attn 4 blocks {n} stages", {"nbi": 4, "attn_stages": n}) for n in (1, 2, 4)),
                 *((f"attn {n} blocks fill {f}", {"nbi": n, "fill": f}) for n in (2, 4) for f in (4, 8)),
                 ("no gemv rope", {"rope": False}), ("old configs", {"cfgs": old_cfgs}),
+                # the down projection with longer K tiles (more bytes in flight: down streams at 1.2-1.8x its floor
+                # alone, diag_persist ramp at 457a2c1)
+                *((f"down {bn}x{bk}", {"cfgs": {**triton_gemv._CONFIGS, (1536, 8960): (bn, bk, 8),
+                                                 (3584, 18944): (bn, bk, 8)}})
+                  for bn, bk in ((4, 1024), (4, 2048), (2, 2048), (2, 4096), (1, 4096))),
                 *((f"splits {s}", {"splits": s}) for s in triton_decode.SPLITS),
                 # fewer splits with more cache blocks an iteration each: one split writes the result itself (no
                 # combine launch) but walks the whole context alone

@@ -321,6 +321,16 @@ def ramp(layers: int = 28) -> None:
                   f"{b / rate * 1e6:6.2f} us, above it {us - b / rate * 1e6:5.2f} us ({us / (b / rate * 1e6):.2f}x)",
                   flush=True)
             del ws
+    for model, (hid, inter) in DIMS.items():  # down: its blocks, K up to 4096 (bytes in flight grow with BLOCK_K)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        ws = [(torch.randn(hid, inter, generator=gen, device="cuda") * 0.02).to(torch.bfloat16) for _ in range(layers)]
+        x = torch.randn(1, 2 * inter, generator=gen, device="cuda").to(torch.bfloat16)
+        floor = hid * inter * 2 / rate * 1e6
+        for c in [(bn, bk, nw) for bn in (1, 2, 4, 8) for bk in (512, 1024, 2048, 4096) for nw in (4, 8)
+                  if bn * bk <= 16384]:
+            us = replay_us(lambda ws=ws, x=x, c=c: [g.gemv(x, w, mode=g.MODE_SILU, config=c) for w in ws]) / layers
+            print(f"{model} down {c}: {us:6.2f} us ({us / floor:.2f}x)", flush=True)
+        del ws
     nb = len(pts)
     mb, mt = sum(p[0] for p in pts) / nb, sum(p[1] for p in pts) / nb
     slope = sum((b - mb) * (t - mt) for b, t in pts) / sum((b - mb) ** 2 for b, _ in pts)
