@@ -180,9 +180,12 @@ def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.cons
 # qwen2-1.5b and qwen2-7b (diag_gpu step-sweep: 1.487 -> 1.464 and 5.563 -> 5.198 ms a replay). Timing one
 # projection back to back (diag_gpu gemv-triton) picks differently: under programmatic dependent launch the next
 # kernel may start only once every program of this one has, so few fat programs (o: 48 of them) can beat many
-# quick ones. Other shapes get (4, 1024, 8), within 6% of the best on every shape timed alone.
+# quick ones. Other shapes get (4, 1024, 8), within 6% of the best on every shape timed alone. The 1.5B's down
+# projection re-tuned on the H200, where alone it streamed at 1.8x its floor (diag_persist ramp: each program walks K
+# in short tiles): (4, 2048, 8), the batch-1 step's replay 1.200 -> 1.185 ms in one run (7a0178e,
+# down_blocks_h200_7a0178e.json); the 7B's down kept its (4, 512, 8), fastest there both alone and in the step.
 _CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
-    (2048, 1536): (8, 1024, 4), (1536, 1536): (32, 512, 8), (17920, 1536): (16, 512, 8), (1536, 8960): (4, 1024, 8),
+    (2048, 1536): (8, 1024, 4), (1536, 1536): (32, 512, 8), (17920, 1536): (16, 512, 8), (1536, 8960): (4, 2048, 8),
     (4608, 3584): (8, 512, 8), (3584, 3584): (2, 1024, 4), (37888, 3584): (16, 512, 8), (3584, 18944): (4, 512, 8),
 }
 
