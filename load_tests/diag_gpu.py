@@ -365,7 +365,9 @@ def step_sweep(model: str, batch: int = 1, context: int = 512, swap: bool = Fals
     if batch == 1:
         attr, key = "_CONFIGS", (lambda s: s)
         current = triton_gemv.config_for
-        grid = [(bn, bk, nw) for bn in (2, 4, 8, 16, 32) for bk in (512, 1024) for nw in (4, 8) if bn * bk <= 16384]
+        # (K tiles of 2048 too: the 1.5B's down took (4, 2048, 8) on the H200, 7a0178e)
+        grid = [(bn, bk, nw) for bn in (2, 4, 8, 16, 32) for bk in (512, 1024, 2048) for nw in (4, 8)
+                if bn * bk <= 16384]
     else:
         llama.GEMV_MAX_ROWS = 32  # the small-batch path is off by default
         triton_gemv.ROWS_SWAP = swap
