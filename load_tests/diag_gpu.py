@@ -297,7 +297,8 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
              "mlp": (llama, "GEMV_ROWS_MLP"), "attn_rope": (llama, "ATTN_ROPE"),
              "persist": (triton_gemv, "ROWS_PERSIST"), "attn_warps": (triton_decode, "DECODE_WARPS"),
              "fill": (triton_decode, "FILL"),
-             "attn_stages": (triton_decode, "DECODE_STAGES"), "prefetch": (triton_decode, "PREFETCH_KV")}
+             "attn_stages": (triton_decode, "DECODE_STAGES"), "prefetch": (triton_decode, "PREFETCH_KV"),
+             "norm_pass": (triton_gemv, "NORM_ONE_PASS")}
     defaults = {k: getattr(mod, attr) for k, (mod, attr) in knobs.items()}
     # the qwen2-1.5b GEMV block configs tuned without PDL, one projection at a time (before step-sweep)
     old_cfgs = {(2048, 1536): (8, 512, 8), (1536, 1536): (2, 512, 4), (17920, 1536): (16, 512, 8),
@@ -307,7 +308,7 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 ("small-batch gemv", {"max_rows": 32}), ("small-batch gemv swapped", {"max_rows": 32, "swap": True}),
                 ("small-batch gemv attn", {"max_rows": 32, "mlp": False}),
                 ("rope in attention", {"attn_rope": True}), ("no attn prefetch", {"prefetch": False}),
-                ("attn 8 blocks 4 warps", {"nbi": 8, "attn_warps": 4}),
+                ("attn 8 blocks 4 warps", {"nbi": 8, "attn_warps": 4}), ("norm one pass", {"norm_pass": True}),
                 ("rope in attention 8 warps", {"attn_rope": True, "attn_warps": 8}),
                 ("small-batch gemv persistent 1", {"max_rows": 32, "persist": 1}),
                 ("small-batch gemv persistent 2", {"max_rows": 32, "persist": 2}),

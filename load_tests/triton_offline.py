@@ -69,7 +69,8 @@ _ALIGNED = ("N", "s_kvb", "s_kvt", "s_kvh", "off_k", "off_v")
 
 def gemv_variants() -> dict[str, dict]:
     """The one-token GEMV as qwen2-1.5b's and qwen2-7b's batch-1 projections call it (the configs config_for gives),
-    compiled for sm_90: label -> resources."""
+    compiled for sm_90, and the MODE_NORM ones with their scale pass in one tile (triton_gemv.NORM_ONE_PASS, label
+    " one-pass"): label -> resources."""
     from token_scheduler.model import triton_gemv as g
 
     fn = g._gemv_kernel
@@ -82,10 +83,11 @@ def gemv_variants() -> dict[str, dict]:
                                               ("gate_up", 2 * inter, hid, 1, True, False),
                                               ("down", hid, inter, 2, False, False)):
             bn, bk, nw = g.config_for(n, k)
-            c = dict(K=k, MODE=mode, HAS_R=has_r, HAS_B=False, BLOCK_N=bn, BLOCK_K=bk, PDL=True, ROPE=rope, H=h,
-                     KVH=kvh, D=128)
-            out[f"{model} {name} {(bn, bk, nw)}"] = inspect_kernel(fn, types, c, aligned=_ALIGNED, num_warps=nw,
-                                                                  num_stages=1)
+            for nb in (bk, triton.next_power_of_2(k)) if mode == 1 else (bk,):
+                c = dict(K=k, MODE=mode, HAS_R=has_r, HAS_B=False, BLOCK_N=bn, BLOCK_K=bk, PDL=True, ROPE=rope, H=h,
+                         KVH=kvh, D=128, NORM_BLOCK=nb)
+                label = f"{model} {name} {(bn, bk, nw)}" + (" one-pass" if nb != bk else "")
+                out[label] = inspect_kernel(fn, types, c, aligned=_ALIGNED, num_warps=nw, num_stages=1)
     return out
 
 

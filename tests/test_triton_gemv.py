@@ -243,14 +243,39 @@ def test_small_batch_forward_matches_reference_in_the_interpreter(make_varied, a
 
 
 def test_gemv_variants_compile_for_the_h200_without_spills():
-    """The one-token GEMV as the bench models' batch-1 projections run it compiles for sm_90 (Triton's bundled ptxas,
-    no GPU) into registers alone, loading its first weight tile before the PDL wait: what the interpreter cannot say
-    about the GPU."""
+    """The one-token GEMV as the bench models' batch-1 projections run it (and with the norm's scale pass in one tile,
+    NORM_ONE_PASS) compiles for sm_90 (Triton's bundled ptxas, no GPU) into registers alone, loading its first weight
+    tile before the PDL wait: what the interpreter cannot say about the GPU."""
     pytest.importorskip("triton")
     from load_tests.triton_offline import gemv_variants
 
     res = gemv_variants()
-    assert len(res) == 8
+    assert len(res) == 12  # 8 projections, and the 4 with a norm in one pass too
     for label, r in res.items():
         assert r["stack_bytes"] == 0 and r["local_bytes"] == 0 and 0 < r["registers"] <= 255, (label, r)
         assert r["loads_before_wait"] > 0, (label, r)
+
+
+NORM_ONE_PASS = """
+import torch, torch.nn.functional as F
+from token_scheduler.model import triton_gemv
+from token_scheduler.model.triton_gemv import MODE_NORM, gemv
+torch.manual_seed(0)
+N, K = 70, 200
+w, x, r, nw = torch.randn(N, K), torch.randn(1, K), torch.randn(1, K), torch.randn(K)
+xs = x + r
+ref = F.linear(nw * (xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + 1e-6)), w)
+for one in (False, True):
+    triton_gemv.NORM_ONE_PASS = one
+    assert triton_gemv._norm_block(K, 64) == (256 if one else 64)
+    y, xo = gemv(x, w, None, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, config=(16, 64, 4))
+    assert torch.equal(xo, xs) and (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item(), one
+assert triton_gemv._norm_block(16384, 512) == 512  # past 8192: tiles of BLOCK_K
+print("ok")
+"""
+
+
+def test_the_norm_scale_pass_in_one_tile_computes_the_same_projection():
+    """NORM_ONE_PASS: the MODE_NORM GEMV with its scale pass over x + r in one tile (all of K) gives the eager
+    add+RMSNorm+linear to fp32 rounding, and the same new residual, as the tiled pass does (interpreter, fp32)."""
+    interpret(NORM_ONE_PASS)

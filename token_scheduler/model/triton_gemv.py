@@ -119,7 +119,7 @@ def rms_inv(X, R, XOUT, pid, eps, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_R:
 def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr,
                  HAS_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
                  ROPE: tl.constexpr, COS, SIN, POS, KV, SB, SO, s_kvb, s_kvt, s_kvh, off_k, off_v,
-                 H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr):
+                 H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, NORM_BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     dt = Y.dtype.element_ty
     kk = tl.arange(0, BLOCK_K)
@@ -142,7 +142,7 @@ def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.cons
     pdl_enter(PDL)
     inv = 0.0
     if MODE == 1:
-        inv = rms_inv(X, R, XOUT, pid, eps, K, BLOCK_K, HAS_R, dt)
+        inv = rms_inv(X, R, XOUT, pid, eps, K, NORM_BLOCK, HAS_R, dt)
     acc = w.to(tl.float32) * _x_tile(X, R, NW, kk, kk < K, inv, K, MODE, HAS_R, dt)[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + kk
@@ -193,6 +193,21 @@ _CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
 _ROPE_ARGS = ("COS", "SIN", "POS", "KV", "SB", "SO", "s_kvb", "s_kvt", "s_kvh", "off_k", "off_v")
 
 
+# MODE_NORM's scale pass walks x + r in BLOCK_K tiles, one dependent round trip each after the PDL wait (the 7B's
+# K = 3584 at BLOCK_K 512: 7) before any weight tile past the first is multiplied. NORM_ONE_PASS: the pass loads all
+# of x + r at once (K up to 8192), one round trip; the sum of squares is then added in another order (results agree
+# to rounding, not bit for bit). Alone, the 7B's qkv (one wave of programs) ran 4.7 us above its weight stream and
+# its gate_up (six waves) 0.5 (diag_persist ramp, 457a2c1). Unmeasured in the step: `diag_gpu step` variant "norm
+# one pass"; off.
+NORM_ONE_PASS = False
+
+
+def _norm_block(k: int, bk: int) -> int:
+    """The MODE_NORM scale pass's tile along K: all of it at once with NORM_ONE_PASS (up to 8192), else BLOCK_K."""
+    kp = triton.next_power_of_2(k)
+    return kp if NORM_ONE_PASS and kp <= 8192 else bk
+
+
 def config_for(n: int, k: int) -> tuple[int, int, int]:
     c = _CONFIGS.get((n, k))
     if c is not None:
@@ -222,7 +237,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
         x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
         w, bias if bias is not None else w, y, eps, n, K=k, MODE=mode, HAS_R=r is not None,
         HAS_B=bias is not None, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl(x), ROPE=rope is not None,
-        **_rope_args(rope, n, bn, x), num_warps=nw, launch_pdl=pdl(x))
+        **_rope_args(rope, n, bn, x), NORM_BLOCK=_norm_block(k, bk), num_warps=nw, launch_pdl=pdl(x))
     return y, x_out
 
 
