@@ -237,7 +237,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
         x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
         w, bias if bias is not None else w, y, eps, n, K=k, MODE=mode, HAS_R=r is not None,
         HAS_B=bias is not None, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl(x), ROPE=rope is not None,
-        **_rope_args(rope, n, bn, x), NORM_BLOCK=_norm_block(k, bk), num_warps=nw, launch_pdl=pdl(x))
+        **_rope_args(rope, n, bn, x), NORM_BLOCK=_norm_block(k, bk) if mode == MODE_NORM else bk, num_warps=nw,
+        launch_pdl=pdl(x))
     return y, x_out
 
 
