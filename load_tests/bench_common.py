@@ -72,6 +72,29 @@ def write_json(path: Path | None, data: dict) -> None:
         path.write_text(text + "\n")
 
 
+def graph_replay_us(fn, reps: int = 20) -> float:
+    """Microseconds of one call of `fn` (run once first), captured in a CUDA graph and replayed: median of `reps`."""
+    import statistics
+    import time
+
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return 1e6 * statistics.median(ts)
+
+
 def hbm_bandwidth(nbytes: int = 2 << 30, iters: int = 20) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     import torch

@@ -16,8 +16,8 @@ import math
 
 import torch
 
+from load_tests.bench_common import graph_replay_us as replay_us
 from load_tests.bench_common import hbm_bandwidth
-from load_tests.diag_persist import replay_us
 from token_scheduler.model import triton_decode as td
 
 # (q heads, kv heads) of the bench models; head dim 128, 28 layers, 16-token cache blocks

@@ -100,22 +100,9 @@ def kv() -> None:
 
 def _graph_us(fn, reps: int) -> float:
     """Microseconds per call of `fn(i)` for i in range(reps), captured in one CUDA graph and replayed."""
-    for i in range(reps):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(reps):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(5):
-        t = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
-    return 1e6 * statistics.median(ts) / reps
+    from load_tests.bench_common import graph_replay_us
+
+    return graph_replay_us(lambda: [fn(i) for i in range(reps)], 5) / reps
 
 
 def gemv(model: str) -> None:

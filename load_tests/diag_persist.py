@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 
 import torch
 import triton
 import triton.language as tl
 
+from load_tests.bench_common import graph_replay_us as replay_us
 from load_tests.bench_common import hbm_bandwidth
 from token_scheduler.model import triton_gemv as g
 from token_scheduler.model.triton_gemv import _x_tile, rms_inv
@@ -187,24 +186,6 @@ class Layers:
 
     def given_up(self) -> int:
         return int(self.bar[:, ERR_SLOT].sum())
-
-
-def replay_us(fn, reps: int = 20) -> float:
-    """Microseconds of one call of `fn`, captured in a CUDA graph and replayed (median of `reps`)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
-    return 1e6 * statistics.median(ts)
 
 
 def resident(kernel, programs: int, num_warps: int) -> bool:
