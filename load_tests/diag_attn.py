@@ -16,12 +16,14 @@ import math
 
 import torch
 
+from controller.model_factory import model_shape
 from load_tests.bench_common import graph_replay_us as replay_us
 from load_tests.bench_common import hbm_bandwidth
 from token_scheduler.model import triton_decode as td
 
-# (q heads, kv heads) of the bench models; head dim 128, 28 layers, 16-token cache blocks
-HEADS = {"1.5b": (12, 2), "7b": (28, 4)}
+# (q heads, kv heads) of the bench models (the model factory's qwen2 1.5b and 7b); head dim 128, 28 layers, 16-token
+# cache blocks
+HEADS = {m: (s.heads, s.kv_heads) for m, s in ((m, model_shape("qwen2", m)) for m in ("1.5b", "7b"))}
 LAYERS, D, BS = 28, 128, 16
 
 

@@ -32,14 +32,15 @@ import torch
 import triton
 import triton.language as tl
 
+from controller.model_factory import model_shape
 from load_tests.bench_common import graph_replay_us as replay_us
 from load_tests.bench_common import hbm_bandwidth
 from token_scheduler.model import triton_gemv as g
 from token_scheduler.model.triton_gemv import _x_tile, rms_inv
 from token_scheduler.model.triton_ops import pdl_enter
 
-# (hidden, intermediate) of the bench models' MLPs
-DIMS = {"1.5b": (1536, 8960), "7b": (3584, 18944)}
+# the bench models' shapes (the model factory's qwen2 1.5b and 7b)
+SHAPES = {m: model_shape("qwen2", m) for m in ("1.5b", "7b")}
 ERR_SLOT = 63  # BAR slot counting barriers given up on (a program waited SPIN polls): results then are void
 ERR = tl.constexpr(ERR_SLOT)
 
@@ -139,7 +140,7 @@ class Layers:
     """`layers` layers' MLP weights (random, the model's shapes) and a chain through them both ways."""
 
     def __init__(self, model: str, layers: int, device: str, dtype=torch.bfloat16, seed: int = 0):
-        self.hid, self.inter = DIMS[model]
+        self.hid, self.inter = SHAPES[model].hidden, SHAPES[model].intermediate
         gen = torch.Generator(device=device).manual_seed(seed)
 
         def rnd(*shape, scale=0.02):
@@ -285,9 +286,9 @@ def ramp(layers: int = 28) -> None:
     rate = hbm_bandwidth()
     print(f"copy rate {rate / 1e12:.3f} TB/s", flush=True)
     pts = []
-    for model, (hid, inter) in DIMS.items():
-        heads = {"1.5b": (12, 2), "7b": (28, 4)}[model]
-        qkv = (heads[0] + 2 * heads[1]) * 128
+    for model, s in SHAPES.items():
+        hid, inter = s.hidden, s.intermediate
+        qkv = (s.heads + 2 * s.kv_heads) * (s.head_dim or hid // s.heads)
         for name, n, k, mode in (("qkv", qkv, hid, g.MODE_NORM), ("o", hid, hid, g.MODE_PLAIN),
                                  ("gate_up", 2 * inter, hid, g.MODE_NORM), ("down", hid, inter, g.MODE_SILU)):
             gen = torch.Generator(device="cuda").manual_seed(0)
@@ -302,7 +303,8 @@ def ramp(layers: int = 28) -> None:
                   f"{b / rate * 1e6:6.2f} us, above it {us - b / rate * 1e6:5.2f} us ({us / (b / rate * 1e6):.2f}x)",
                   flush=True)
             del ws
-    for model, (hid, inter) in DIMS.items():  # down: its blocks, K up to 4096 (bytes in flight grow with BLOCK_K)
+    for model, s in SHAPES.items():  # down: its blocks, K up to 4096 (bytes in flight grow with BLOCK_K)
+        hid, inter = s.hidden, s.intermediate
         gen = torch.Generator(device="cuda").manual_seed(0)
         ws = [(torch.randn(hid, inter, generator=gen, device="cuda") * 0.02).to(torch.bfloat16) for _ in range(layers)]
         x = torch.randn(1, 2 * inter, generator=gen, device="cuda").to(torch.bfloat16)

@@ -71,13 +71,16 @@ def gemv_variants() -> dict[str, dict]:
     """The one-token GEMV as qwen2-1.5b's and qwen2-7b's batch-1 projections call it (the configs config_for gives),
     compiled for sm_90, and the MODE_NORM ones with their scale pass in one tile (triton_gemv.NORM_ONE_PASS, label
     " one-pass"): label -> resources."""
+    from controller.model_factory import model_shape
     from token_scheduler.model import triton_gemv as g
 
     fn = g._gemv_kernel
     types = _types(fn)
     out = {}
-    # (model, heads, kv heads, hidden, intermediate); then each projection's (name, N, K, MODE, HAS_R, ROPE)
-    for model, h, kvh, hid, inter in (("1.5b", 12, 2, 1536, 8960), ("7b", 28, 4, 3584, 18944)):
+    # the model factory's qwen2 1.5b and 7b; each projection's (name, N, K, MODE, HAS_R, ROPE)
+    for model in ("1.5b", "7b"):
+        s = model_shape("qwen2", model)
+        h, kvh, hid, inter = s.heads, s.kv_heads, s.hidden, s.intermediate
         qkv = (h + 2 * kvh) * 128
         for name, n, k, mode, has_r, rope in (("qkv", qkv, hid, 1, True, True), ("o", hid, hid, 0, False, False),
                                               ("gate_up", 2 * inter, hid, 1, True, False),
