@@ -287,6 +287,13 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
              "attn_stages": (triton_decode, "DECODE_STAGES"), "prefetch": (triton_decode, "PREFETCH_KV"),
              "norm_pass": (triton_gemv, "NORM_ONE_PASS")}
     defaults = {k: getattr(mod, attr) for k, (mod, attr) in knobs.items()}
+    # torch's switches read when a matmul is launched (so at capture): which BLAS library, and whether cuBLAS may
+    # reduce split-K partial sums in bf16
+    mm = torch.backends.cuda.matmul
+    switches = {"blas": (torch.backends.cuda.preferred_blas_library, torch.backends.cuda.preferred_blas_library),
+                "bf16_red": (lambda: mm.allow_bf16_reduced_precision_reduction,
+                             lambda v: setattr(mm, "allow_bf16_reduced_precision_reduction", v))}
+    defaults.update({k: get() for k, (get, _set) in switches.items()})
     # the qwen2-1.5b GEMV block configs tuned without PDL, one projection at a time (before step-sweep)
     old_cfgs = {(2048, 1536): (8, 512, 8), (1536, 1536): (2, 512, 4), (17920, 1536): (16, 512, 8),
                 (1536, 8960): (4, 1024, 8)}
@@ -314,7 +321,11 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 # fewer splits with more cache blocks an iteration each: one split writes the result itself (no
                 # combine launch) but walks the whole context alone
                 *((f"splits {s} nbi {n}", {"splits": s, "nbi": n}) for s in (1, 2, 4, 8, 16) for n in (2, 4, 8)),
-                ("no pdl, gemv any size", {"pdl": False, "max_hidden": 1 << 30}), ("default again", {})]
+                ("no pdl, gemv any size", {"pdl": False, "max_hidden": 1 << 30}),
+                # cuBLAS's batched projections (batches above the GEMV's): through cublasLt's heuristic instead of
+                # cublas's, and without bf16 split-K reductions
+                ("blas lt", {"blas": "cublaslt"}), ("no bf16 reduction", {"bf16_red": False}),
+                ("blas lt no bf16 reduction", {"blas": "cublaslt", "bf16_red": False}), ("default again", {})]
     try:
         for name, v in variants:
             if only and name not in only:
@@ -324,6 +335,8 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 if k == "splits" and k in v:
                     val = lambda *_a, s=val, **_k: s  # noqa: E731
                 setattr(mod, attr, val)
+            for k, (_get, put) in switches.items():
+                put(v.get(k, defaults[k]))
             line = f"{name:22s}"
             for b in batches:
                 d = timed(b, 40)
@@ -332,6 +345,8 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
     finally:
         for k, (mod, attr) in knobs.items():
             setattr(mod, attr, defaults[k])
+        for k, (_get, put) in switches.items():
+            put(defaults[k])
 
 
 def step_sweep(model: str, batch: int = 1, context: int = 512, swap: bool = False, mlp: bool = True) -> None:
