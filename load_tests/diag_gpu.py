@@ -302,7 +302,7 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 ("small-batch gemv", {"max_rows": 32}), ("small-batch gemv swapped", {"max_rows": 32, "swap": True}),
                 ("small-batch gemv attn", {"max_rows": 32, "mlp": False}),
                 ("rope in attention", {"attn_rope": True}), ("no attn prefetch", {"prefetch": False}),
-                ("attn 8 blocks 4 warps", {"nbi": 8, "attn_warps": 4}), ("norm one pass", {"norm_pass": True}),
+                ("attn 8 blocks 4 warps", {"nbi": 8, "attn_warps": 4}), ("norm tiled pass", {"norm_pass": False}),
                 ("rope in attention 8 warps", {"attn_rope": True, "attn_warps": 8}),
                 ("small-batch gemv persistent 1", {"max_rows": 32, "persist": 1}),
                 ("small-batch gemv persistent 2", {"max_rows": 32, "persist": 2}),

@@ -69,8 +69,8 @@ _ALIGNED = ("N", "s_kvb", "s_kvt", "s_kvh", "off_k", "off_v")
 
 def gemv_variants() -> dict[str, dict]:
     """The one-token GEMV as qwen2-1.5b's and qwen2-7b's batch-1 projections call it (the configs config_for gives),
-    compiled for sm_90, and the MODE_NORM ones with their scale pass in one tile (triton_gemv.NORM_ONE_PASS, label
-    " one-pass"): label -> resources."""
+    compiled for sm_90, the MODE_NORM ones both with their scale pass in BLOCK_K tiles and in one tile
+    (triton_gemv.NORM_ONE_PASS, the default; label " one-pass"): label -> resources."""
     from controller.model_factory import model_shape
     from token_scheduler.model import triton_gemv as g
 

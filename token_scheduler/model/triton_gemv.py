@@ -193,13 +193,14 @@ _CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
 _ROPE_ARGS = ("COS", "SIN", "POS", "KV", "SB", "SO", "s_kvb", "s_kvt", "s_kvh", "off_k", "off_v")
 
 
-# MODE_NORM's scale pass walks x + r in BLOCK_K tiles, one dependent round trip each after the PDL wait (the 7B's
-# K = 3584 at BLOCK_K 512: 7) before any weight tile past the first is multiplied. NORM_ONE_PASS: the pass loads all
-# of x + r at once (K up to 8192), one round trip; the sum of squares is then added in another order (results agree
+# MODE_NORM's scale pass walks x + r after the PDL wait, one dependent round trip a tile, before any weight tile past
+# the first is multiplied. NORM_ONE_PASS: the pass loads all of x + r at once (K up to 8192), one round trip, instead
+# of BLOCK_K tiles (the 7B's K = 3584 at BLOCK_K 512: 7); the sum of squares is added in another order (results agree
 # to rounding, not bit for bit). Alone, the 7B's qkv (one wave of programs) ran 4.7 us above its weight stream and
-# its gate_up (six waves) 0.5 (diag_persist ramp, 457a2c1). Unmeasured in the step: `diag_gpu step` variant "norm
-# one pass"; off.
-NORM_ONE_PASS = False
+# its gate_up (six waves) 0.5 (diag_persist ramp, 457a2c1). In the batch-1 step (diag_gpu step, graph replay, context
+# 512, H200, 0dbf991, norm_one_pass_h200_0dbf991.json): 1.5B 1.186/1.191 -> 1.174 ms (0.987), 7B 3.844/3.844 -> 3.820
+# (0.994), against the default measured before and after in the same run. On; False: the tiled pass.
+NORM_ONE_PASS = True
 
 
 def _norm_block(k: int, bk: int) -> int:
