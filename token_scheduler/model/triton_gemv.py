@@ -186,7 +186,7 @@ def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.cons
 # down_blocks_h200_7a0178e.json); the 7B's down kept its (4, 512, 8), fastest there both alone and in the step.
 _CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
     (2048, 1536): (8, 1024, 4), (1536, 1536): (4, 2048, 8), (17920, 1536): (16, 512, 8), (1536, 8960): (4, 2048, 4),
-    (4608, 3584): (8, 512, 8), (3584, 3584): (2, 1024, 4), (37888, 3584): (16, 512, 8), (3584, 18944): (4, 512, 8),
+    (4608, 3584): (8, 512, 4), (3584, 3584): (8, 512, 8), (37888, 3584): (8, 512, 4), (3584, 18944): (4, 512, 8),
 }
 
 
