@@ -176,14 +176,15 @@ def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.cons
         tl.store(Y + rows, out.to(dt), mask=rmask)
 
 
-# (BLOCK_N, BLOCK_K, num_warps) by weight shape [N, K], tuned on an H100 in the batch-1 decode graphs of
-# qwen2-1.5b and qwen2-7b (diag_gpu step-sweep: 1.487 -> 1.464 and 5.563 -> 5.198 ms a replay). Timing one
-# projection back to back (diag_gpu gemv-triton) picks differently: under programmatic dependent launch the next
-# kernel may start only once every program of this one has, so few fat programs (o: 48 of them) can beat many
-# quick ones. Other shapes get (4, 1024, 8), within 6% of the best on every shape timed alone. The 1.5B's down
-# projection re-tuned on the H200, where alone it streamed at 1.8x its floor (diag_persist ramp: each program walks K
-# in short tiles): (4, 2048, 8), the batch-1 step's replay 1.200 -> 1.185 ms in one run (7a0178e,
-# down_blocks_h200_7a0178e.json); the 7B's down kept its (4, 512, 8), fastest there both alone and in the step.
+# (BLOCK_N, BLOCK_K, num_warps) by weight shape [N, K], tuned in the batch-1 decode graphs of qwen2-1.5b and qwen2-7b
+# (diag_gpu step-sweep: each projection's config varied in turn, the graph's replay timed). Timing one projection back
+# to back (diag_gpu gemv-triton) picks differently: under programmatic dependent launch the next kernel may start only
+# once every program of this one has, so how many programs fit in one wave matters beside a program's own speed (the
+# 7B's qkv at (8, 512, 8): 576 programs of 63 registers, 4 an SM, a second wave of 48; at 4 warps one wave). Other
+# shapes get (4, 1024, 8), within 6% of the best on every shape timed alone (H100). First tuned on an H100; re-tuned on
+# the H200 at d70701b/bf69dbe with K tiles up to 2048 and NORM_ONE_PASS on (gemv_sweep_h200_cfa166b.json): 1.5B o and
+# down, replay 1.1794 -> 1.1478 ms; 7B qkv, o and gate_up, 3.8644 -> 3.7662 ms; a second pass from there moved nothing
+# beyond noise.
 _CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
     (2048, 1536): (8, 1024, 4), (1536, 1536): (4, 2048, 8), (17920, 1536): (16, 512, 8), (1536, 8960): (4, 2048, 4),
     (4608, 3584): (8, 512, 4), (3584, 3584): (8, 512, 8), (37888, 3584): (8, 512, 4), (3584, 18944): (4, 512, 8),
