@@ -42,7 +42,7 @@ one (bit-identical) made the batch-1 step 10% (1.5B, 1.233 -> 1.355 ms) and 14% 
 H200 at d2f2a91, its registers costing programs an SM (gemv_next_tile_h200_d2f2a91.json). Removed.
 
 `gemv` takes one token: each program owns BLOCK_N output rows and streams them along K, a broadcast multiply.
-Block sizes come from `config_for` (tuned on an H100 in the decode graph:
+Block sizes come from `config_for` (tuned in the decode graph, on an H100 then the H200:
 `python -m load_tests.diag_gpu step-sweep --model DIR`). `gemv_rows` takes 2..GEMV_MAX_ROWS tokens (see there).
 """
 
@@ -197,10 +197,11 @@ _ROPE_ARGS = ("COS", "SIN", "POS", "KV", "SB", "SO", "s_kvb", "s_kvt", "s_kvh", 
 # MODE_NORM's scale pass walks x + r after the PDL wait, one dependent round trip a tile, before any weight tile past
 # the first is multiplied. NORM_ONE_PASS: the pass loads all of x + r at once (K up to 8192), one round trip, instead
 # of BLOCK_K tiles (the 7B's K = 3584 at BLOCK_K 512: 7); the sum of squares is added in another order (results agree
-# to rounding, not bit for bit). Alone, the 7B's qkv (one wave of programs) ran 4.7 us above its weight stream and
-# its gate_up (six waves) 0.5 (diag_persist ramp, 457a2c1). In the batch-1 step (diag_gpu step, graph replay, context
-# 512, H200, 0dbf991, norm_one_pass_h200_0dbf991.json): 1.5B 1.186/1.191 -> 1.174 ms (0.987), 7B 3.844/3.844 -> 3.820
-# (0.994), against the default measured before and after in the same run. On; False: the tiled pass.
+# to rounding, not bit for bit). Alone, the 7B's qkv (then 576 programs, a wave and 48 more at 4 an SM) ran 4.7 us
+# above its weight stream and its gate_up (six waves) 0.5 (diag_persist ramp, 457a2c1). In the batch-1 step
+# (diag_gpu step, graph replay, context 512, H200, 0dbf991, norm_one_pass_h200_0dbf991.json): 1.5B 1.186/1.191 ->
+# 1.174 ms (0.987), 7B 3.844/3.844 -> 3.820 (0.994), against the default measured before and after in the same run.
+# On; False: the tiled pass.
 NORM_ONE_PASS = True
 
 
