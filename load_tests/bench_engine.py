@@ -276,10 +276,12 @@ def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, con
 
     options = {"one_token_gemv": llama.USE_GEMV, "pdl": _pdl(),
                "small_batch_gemv_max_rows": llama.GEMV_MAX_ROWS if llama.USE_GEMV else 0}
-    try:  # the paged-decode kernel's options, where Triton is installed
+    try:  # the Triton kernels' options (paged decode, one-token GEMV), where Triton is installed
         from token_scheduler.model import triton_decode as td
+        from token_scheduler.model import triton_gemv as tg
         options |= {"attn_rope": llama.ATTN_ROPE, "attn_blocks_per_iter": td.BLOCKS_PER_ITER,
-                    "attn_warps": td.DECODE_WARPS, "attn_stages": td.DECODE_STAGES, "attn_prefetch": td.PREFETCH_KV}
+                    "attn_warps": td.DECODE_WARPS, "attn_stages": td.DECODE_STAGES, "attn_prefetch": td.PREFETCH_KV,
+                    "gemv_norm_one_pass": tg.NORM_ONE_PASS}
     except ImportError:
         pass
     res = header() | {"bench": "engine", "model": str(model), "context": context, "kernel_options": options}

@@ -57,7 +57,9 @@ def test_bench_engine_cpu_parity_fp32_exact_and_bf16_diagnostic(make_varied, tmp
     except ImportError:
         assert "attn_blocks_per_iter" not in opts
     else:
+        from token_scheduler.model import triton_gemv
         assert opts["attn_blocks_per_iter"] == triton_decode.BLOCKS_PER_ITER and "attn_rope" in opts
+        assert opts["gemv_norm_one_pass"] == triton_gemv.NORM_ONE_PASS
 
     # fp32 is the bench engine's own dtype on CPU: `parity`. A real check: identical to HF.
     p = data["parity"]
