@@ -9,12 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.triton_interp import interpret
 from token_scheduler.runner import _DecodeGraph
 
 
-def _graph(batch: int, max_blocks: int, scratch: int, views: bool = True) -> _DecodeGraph:
+def _graph(batch: int, max_blocks: int, scratch: int, views: bool = True, fused: bool = False) -> _DecodeGraph:
     g = _DecodeGraph.__new__(_DecodeGraph)  # the buffers __init__ makes, on CPU, without the capture
-    g.batch, g.turn = batch, 0
+    g.batch, g.turn, g.fused = batch, 0, fused
     g.hosts = [torch.full((5, batch), -7, dtype=torch.long) for _ in range(2)]
     g.host_bts = [torch.full((batch, max_blocks), -7, dtype=torch.int32) for _ in range(2)]
     g.hosts_np = [h.numpy() for h in g.hosts]
@@ -83,3 +84,63 @@ def test_fill_rows_writes_a_prefills_rows_and_the_sampled_rows():
     assert g.ctx32.tolist() == [1, 2, 3, 4, 5, 10, 6, 1]
     assert g.dev[5].tolist() == [5, 6, 0, 0, 0, 0, 0, 0]
     assert g.bt[:7, :3].tolist() == [[5, 6, 99]] * 5 + [[11, 12, 13], [5, 6, 99]]
+
+
+FUSED = """
+import torch
+from types import SimpleNamespace
+from tests.test_decode_graph_fill import _graph, _req, _step
+from token_scheduler.model.triton_ops import fill_inputs
+runner = SimpleNamespace(block_size=4, scratch_block=99)
+a = _req(list(range(100, 110)), [5, 6, 7])
+b = _req(list(range(200, 205)), [11, 12])
+c = _req(list(range(300, 320)), [1, 2, 3, 4, 8])
+steps = [([(a, 9), (b, 4)], None, None), ([(c, 17), (a, 10), (b, 5)], torch.tensor([7, 8, 9]), None),
+         ([(a, 0), (b, 1), (c, 2), (a, 3)], None, None), ([(b, 6), (a, 11)], torch.tensor([40, 41, 42]), [2, 0]),
+         ([(c, 18)], torch.tensor([5, 6]), [1])]
+ref, ours = _graph(4, 6, 99), _graph(4, 6, 99, fused=True)
+for i, (rp, ids, rows) in enumerate(steps):
+    for g in (ref, ours):
+        g.fill(_step(rp), runner, ids=ids, rows=rows)
+    n, nb = len(rp), max(len(r.block_ids) for r, _ in rp)
+    assert torch.equal(ref.dev, ours.dev) and torch.equal(ref.ctx32, ours.ctx32), i
+    # the columns a step's rows read; the rest of the table (past the longest row, padded rows) untouched
+    assert torch.equal(ref.bt[:n, :nb], ours.bt[:n, :nb]), i
+assert ours.dev[0, :1].tolist() == [6]
+fresh = _graph(2, 6, 99, fused=True)
+fresh.fill(_step([(c, 18)]), runner)
+assert fresh.bt[1].eq(99).all() and fresh.bt[0, 5].item() == 99  # neither a padded row nor a column past nb
+# a fill of no rows (the warm-up at capture) copies the padded columns and no table row
+g3 = _graph(3, 6, 99, fused=True)
+g3.hosts[0][:] = torch.tensor(g3.pad)
+g3.dev.fill_(-1)
+g3.bt.fill_(-1)
+fill_inputs(g3.dev, g3.bt, g3.ctx32, *g3.views[0], 0, 0, torch.tensor([9]))
+assert g3.dev.tolist() == [[0] * 3, [0] * 3, [99] * 3, [0] * 3, [1] * 3] and g3.ctx32.tolist() == [1] * 3
+assert g3.bt.eq(-1).all()
+# a row graph's six input rows
+rg, rr = _graph(8, 4, 99, fused=True), _graph(8, 4, 99)
+for g in (rg, rr):
+    g.hosts = [torch.full((6, 8), -7, dtype=torch.long) for _ in range(2)]
+    g.hosts_np = [h.numpy() for h in g.hosts]
+    g.views = [(h, bt) for h, bt in zip(g.hosts, g.host_bts)]
+    g.pad = [[0], [0], [99], [0], [1], [0]]
+    g.dev = torch.zeros(6, 8, dtype=torch.long)
+    g.fill_rows([a] * 5 + [b, a], [0, 1, 2, 3, 4, 3, 5], runner, sel=[5, 6])
+assert torch.equal(rg.dev, rr.dev) and torch.equal(rg.ctx32, rr.ctx32) and torch.equal(rg.bt[:7, :3], rr.bt[:7, :3])
+for bad in (dict(n=4), dict(cols=7), dict(ctx=torch.ones(2, dtype=torch.int32))):
+    kw = dict(n=1, cols=1, ctx=g3.ctx32) | bad
+    try:
+        fill_inputs(g3.dev, g3.bt, kw["ctx"], *g3.views[0], kw["n"], kw["cols"])
+        raise SystemExit(f"fill_inputs must refuse {bad}")
+    except ValueError:
+        pass
+print("ok")
+"""
+
+
+def test_one_kernel_fills_what_the_copies_fill_in_the_interpreter():
+    """(runner.STEP_IO) `triton_ops.fill_inputs`, the inputs in one Triton launch, leaves the graph's buffers as the
+    kernel copies, the gather and the int32 copy leave them, over steps with host ids, ids on the device in the same
+    rows and gathered from other rows, and a row graph's inputs."""
+    interpret(FUSED)

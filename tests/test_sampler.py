@@ -63,3 +63,32 @@ def test_sampled_and_top_logprobs_are_the_log_softmax_values():
     assert all(abs(a[t] - v) < 1e-6 for t, v in zip(top.indices.tolist(), top.values.tolist()))
     assert res.logprobs[1] == {}
     assert res.logprobs[2] == {res.token_ids[2]: lsm[2, res.token_ids[2]].item()}
+
+
+def test_model_dtype_logits_sample_as_their_fp32_upcast():
+    """A decode graph may keep its logits in bf16 (runner.STEP_IO): every path -- greedy (ties included: the first
+    maximum), penalties, temperature and filters with seeded and unseeded rows, logprobs -- gives what the same values
+    upcast to fp32 give, and the caller's logits are left as they were."""
+    g = torch.Generator().manual_seed(3)
+    low = (torch.randn(5, 300, generator=g) * 4).to(torch.bfloat16)
+    low[0, 17] = low[0, 230] = low[0].max() + 1  # a tie: both pick 17
+    before = low.clone()
+    def cases():  # fresh requests each time: a seeded request carries its generator along
+        yield [_req(f"g{i}", temperature=0.0) for i in range(5)]
+        yield [_req("g", temperature=0.0), _req("p", temperature=0.0, repetition_penalty=1.5),
+               _req("s", temperature=0.8, top_k=40, top_p=0.9, seed=11), _req("u", temperature=1.1, min_p=0.05),
+               _req("f", temperature=0.7, frequency_penalty=0.5, presence_penalty=0.2, seed=3)]
+
+    for i, (mine, theirs) in enumerate(zip(cases(), cases())):
+        for r in mine + theirs:
+            r.output_token_ids = [17, 5, 5]
+        ours = Sampler(torch.device("cpu"), seed=4).sample_tokens(low, mine)
+        ref = Sampler(torch.device("cpu"), seed=4).sample_tokens(low.float(), theirs)
+        assert ours.tolist() == ref.tolist(), i
+        assert ours[0].item() == 17 and torch.equal(low, before)
+    def reqs():
+        return [_req("a", temperature=0.0, logprobs=3), _req("b", temperature=0.5, logprobs=0, seed=2)]
+
+    ours = Sampler(torch.device("cpu"))(low[:2], reqs())
+    ref = Sampler(torch.device("cpu"))(low[:2].float(), reqs())
+    assert ours.token_ids == ref.token_ids and ours.logprobs == ref.logprobs

@@ -53,6 +53,17 @@ ROW_SELECT = 16
 ROW_GRAPH_ROWS = env.PREFILL_GRAPHS.integer()
 ROW_GRAPH_FLOP = 2.6e12  # ~1,000 rows of a 1.5B, ~200 of a 7B
 ROW_BUCKETS = tuple(b for b in ROW_BUCKETS_ALL if b <= ROW_GRAPH_ROWS) or (0,)
+# The edges of a CUDA decode step, outside its graph's replay: the measured step (`bench engine`, H200, context 512)
+# is 28 us (1.5B) to 47 us (7B batch 32) longer than the replay alone (engine_qwen2_*_h200_cfa166b/bf69dbe.json),
+# which for the 7B's batch 32 is the distance between 1.25x its floor and 1.24x. Around each replay the stream ran
+# seven small operations one after another: two kernel copies of the inputs from pinned memory, a copy of the ids
+# sampled the step before (or a gather and a copy), an int64 -> int32 copy of the context lengths, then after the
+# replay the sampler's argmax and a copy engine's memcpy of the ids to the host. STEP_IO: one Triton kernel writes
+# every input (`triton_ops.fill_inputs`, the same bytes), the graph keeps its logits in the model dtype (no fp32 copy
+# of [batch, vocabulary] inside it, half the graph pool's logits memory; greedy argmax reads them as they are), and a
+# kernel writes the sampled ids to pinned memory through a device view (`_Readback`). Outputs are bit-identical
+# either way. Off until measured on a GPU (TOKENPOOL_STEP_IO=1: on).
+STEP_IO = env.STEP_IO.on()
 
 
 @dataclass
@@ -73,6 +84,7 @@ class LaunchedDecode:
     graph: _DecodeGraph | None = None  # the graph it replayed, in flight (not evictable) until `read`
     start: torch.cuda.Event | None = None  # (launched `timed`) recorded before its device work, `event` after
     overlapped: bool = False  # another model's step ran on the device beside it (co-stepping): its device time is shared
+    readback: tuple[_Readback, _IdsBuffer] | None = None  # (STEP_IO) where `host` came from: given back once read
 
     def device_s(self) -> float | None:
         """(Launched `timed`, once read) the device's time for the step: from when the stream reached it -- the step
@@ -121,6 +133,7 @@ class ModelRunner:
         self.scratch_block = self.kv.shape[0] - 1 if scratch_block is None else scratch_block  # padded graph rows
         self.rope = llama.RopeCache.build(cfg, max_model_len + 1, self.device)
         self.sampler = Sampler(self.device, seed)
+        self.readback = _Readback(self.device, max_graph_batch)  # (STEP_IO, CUDA) launched steps' ids
         self.use_triton = self.is_cuda and triton_available()
         # prefill chunks with tokens x context up to this run token by token through the batched decode
         # attention (one call for the step); 0 = never. CPU default 0: gathering each row's context costs more
@@ -239,13 +252,18 @@ class ModelRunner:
         tokens = self.sampler.sample_tokens(logits, [c.request for c in out.chunks])
         if not self.is_cuda:
             return LaunchedDecode(out, tokens, tokens, None)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
+        readback, n = None, tokens.shape[0]
+        if STEP_IO and (buf := self.readback.take(n)).view is not None:
+            readback, host = (self.readback, buf), buf.host[:n]
+            kernel_copy(buf.view[:n], tokens)
+        else:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
         ev = torch.cuda.Event(enable_timing=start is not None)
         ev.record()
         if g is not None:
             g.in_flight += 1
-        return LaunchedDecode(out, tokens, host, ev, g, start)
+        return LaunchedDecode(out, tokens, host, ev, g, start, readback=readback)
 
     @staticmethod
     def read(step: LaunchedDecode) -> StepResult:
@@ -254,8 +272,12 @@ class ModelRunner:
         if step.graph is not None:  # read: its graph may be evicted again (and this step no longer holds it)
             step.graph.in_flight -= 1
             step.graph = None
-        return StepResult({c.request.request_id: t for c, t in zip(step.out.chunks, step.host.tolist())}, {},
-                          step.device_s())
+        ids = step.host.tolist()
+        if step.readback is not None:  # (once: a step is read once)
+            pool, buf = step.readback
+            pool.give(buf)
+            step.readback = None
+        return StepResult({c.request.request_id: t for c, t in zip(step.out.chunks, ids)}, {}, step.device_s())
 
     def swap_kv(self, swap_out, swap_in, wait: bool = True) -> list:
         """KV copies on the swapper's copy stream: out first (GPU -> host), then in. With `wait`, compute
@@ -480,6 +502,38 @@ class ModelRunner:
         return g
 
 
+@dataclass
+class _IdsBuffer:
+    host: torch.Tensor  # pinned int64 [rows]
+    view: torch.Tensor | None  # the same memory as a device tensor (`device_view`), or None where it cannot be mapped
+
+
+class _Readback:
+    """(STEP_IO) Pinned buffers that launched decode steps' sampled ids are written into by a kernel through a device
+    view, instead of copied by a copy engine: one a step from its launch until it is read (`give`); a step dropped
+    unread keeps its buffer, which goes with it. The host reads the ids once the step's event has fired."""
+
+    def __init__(self, device: torch.device, rows: int):
+        self.device, self.rows = device, rows
+        self.free: list[_IdsBuffer] = []
+
+    def take(self, n: int) -> _IdsBuffer:
+        while self.free:
+            buf = self.free.pop()
+            if buf.host.shape[0] >= n:
+                return buf
+        with torch.cuda.device(self.device):  # (pinned with the device current: mapped as its tensors)
+            host = torch.zeros(max(n, self.rows), dtype=torch.long, pin_memory=True)
+        try:
+            view = device_view(host, self.device)
+        except RuntimeError:
+            view = None
+        return _IdsBuffer(host, view)
+
+    def give(self, buf: _IdsBuffer) -> None:
+        self.free.append(buf)
+
+
 class _DecodeGraph:
     """Static buffers + captured graph for one decode batch bucket, or (bucket ("rows", n)) for the rows of a
     row-by-row step: n rows, logits for ROW_SELECT of them, chosen by an index row of the inputs."""
@@ -507,12 +561,23 @@ class _DecodeGraph:
         self.hosts_np = [h.numpy() for h in self.hosts]
         self.host_bts_np = [h.numpy() for h in self.host_bts]
         self.pad = [[0], [0], [runner.scratch_block], [0], [1]] + [[0]] * rows  # a padded row's column of `hosts`
+        for h in self.hosts_np:
+            h[:] = self.pad
         self.turn = 0
         self.dev = torch.zeros(5 + rows, batch, dtype=torch.long, device=dev)
         self.bt = torch.full((batch, mb), runner.scratch_block, dtype=torch.int32, device=dev)
         self.ctx32 = torch.ones(batch, dtype=torch.int32, device=dev)
         self.dev[2].fill_(runner.scratch_block)
         self.dev[4].fill_(1)
+        # (STEP_IO) every input written by one kernel (`triton_ops.fill_inputs`), compiled now for both of its
+        # variants (ids from the host, ids gathered on the device), not at a first use under load: a fill of no rows,
+        # which copies the padded columns the buffers hold and writes what the lines above wrote
+        self.fused = STEP_IO and runner.use_triton and self.views is not None
+        if self.fused:
+            from token_scheduler.model import triton_ops
+
+            for ids in (None, self.dev[0]):
+                triton_ops.fill_inputs(self.dev, self.bt, self.ctx32, *self.views[0], 0, 0, ids)
         meta = AttentionMetadata(self.dev[2], self.dev[3], runner.block_size, decode=True,
                                  block_tables=self.bt, context_lens=self.ctx32, use_triton=runner.use_triton,
                                  own_rows=not rows)
@@ -524,7 +589,7 @@ class _DecodeGraph:
 
         def run():
             h = runner.fwd_decode(runner.cfg, runner.weights, runner.kv, runner.rope, self.dev[0], self.dev[1], meta)
-            return llama.compute_logits(runner.weights, h[self.dev[5, :ROW_SELECT]] if rows else h)
+            return llama.compute_logits(runner.weights, h[self.dev[5, :ROW_SELECT]] if rows else h, fp32=not STEP_IO)
 
         # The capture stream is this runner's device's own: torch.cuda.graph's default capture stream is made
         # once per process, on whichever device was current then, so a second GPU's graphs captured on it came
@@ -569,7 +634,7 @@ class _DecodeGraph:
         t = self.turn
         h, hb = self.hosts_np[t], self.host_bts_np[t]
         self.turn ^= 1
-        h[0, :n] = [r.token_at(p) for r, p in zip(reqs, pos)] if ids is None else (rows or 0)
+        h[0, :n] = [r.token_at(p) for r, p in zip(reqs, pos)] if ids is None else (rows or range(n))
         h[1, :n] = pos
         h[2, :n] = [r.block_ids[p // bs] for r, p in zip(reqs, pos)]
         h[3, :n] = [p % bs for p in pos]
@@ -588,6 +653,11 @@ class _DecodeGraph:
             hb[i:j, :k] = r.block_ids
             hb[i:j, k:nb] = scratch
             i = j
+        if self.fused:  # row i's token: ids[h[0, i]] with ids given
+            from token_scheduler.model import triton_ops
+
+            triton_ops.fill_inputs(self.dev, self.bt, self.ctx32, *self.views[t], n, nb, ids)
+            return
         if self.views is not None:
             kernel_copy(self.dev, self.views[t][0])
             kernel_copy(self.bt[:n], self.views[t][1][:n])

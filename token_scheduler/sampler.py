@@ -77,9 +77,10 @@ class Sampler:
         return req.generator
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
-        """logits: [N, V] float32, row i for reqs[i] (may be modified in place)."""
+        """logits: [N, V], row i for reqs[i]: fp32, or the model dtype (a decode graph's with runner.STEP_IO), which
+        is upcast where fp32 matters (logprobs, penalties, temperature) -- the same values either way."""
         want_lp = any(r.sampling_params.logprobs is not None for r in reqs)
-        logprobs_all = torch.log_softmax(logits, dim=-1) if want_lp else None
+        logprobs_all = torch.log_softmax(logits.float(), dim=-1) if want_lp else None
         tokens = self.sample_tokens(logits, reqs)
         return self.read(tokens, reqs, logprobs_all)
 
@@ -90,13 +91,14 @@ class Sampler:
         sps = [r.sampling_params for r in reqs]
         raw = logits
         if any(sp.needs_penalties for sp in sps):
-            raw = raw.clone()
+            raw = raw.to(torch.float32, copy=True)
             for i, (r, sp) in enumerate(zip(reqs, sps)):
                 if sp.needs_penalties:
                     raw[i] = apply_penalties(raw[i], r)
         greedy = [sp.greedy for sp in sps]
-        if all(greedy):
+        if all(greedy):  # (in the logits' own dtype: an upcast keeps every value, so the first maximum too)
             return raw.argmax(-1)
+        raw = raw.float()
         dev = raw.device
         temps = upload([1.0 if g else sp.temperature for g, sp in zip(greedy, sps)], dev, raw.dtype)
         x = _filter(raw / temps.unsqueeze(1), [sp.top_k for sp in sps], [sp.top_p for sp in sps],

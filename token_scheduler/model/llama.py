@@ -266,5 +266,8 @@ def _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata)
     return k.add_rms_norm(x, r, w["norm"], eps)
 
 
-def compute_logits(w: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
-    return F.linear(hidden, w.get("lm_head", w["embed"])).float()
+def compute_logits(w: dict[str, torch.Tensor], hidden: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+    """The LM head's logits, in fp32 (`fp32` False: in the model dtype, upcast later by whoever needs fp32 -- the
+    same values; the sampler's greedy argmax does not)."""
+    y = F.linear(hidden, w.get("lm_head", w["embed"]))
+    return y.float() if fp32 else y

@@ -170,3 +170,44 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     _silu_mul_kernel[(rows, triton.cdiv(n, 1024))](gu, y, N=n, BLOCK=1024, num_warps=4, PDL=pdl(gu),
                                                            launch_pdl=pdl(gu))
     return y
+
+
+# -- a decode graph's inputs ----------------------------------------------------------------------------------------
+# Counters and the block-table row length change every step: specialising on them (1, multiples of 16) would compile
+# a variant mid-serving.
+# BLOCK_C is fixed for the same reason (a table of 4096 positions in 16-token blocks is 4 tiles).
+@triton.jit(do_not_specialize=["n", "batch", "cols", "mb"])
+def _fill_kernel(HOST, HBT, IDS, DEV, BT, CTX, n, batch, cols, mb, R: tl.constexpr, R_PAD: tl.constexpr,
+                 GATHER: tl.constexpr, BLOCK_C: tl.constexpr):
+    i = tl.program_id(0)  # one row of the batch: its column of the inputs, its context length, its table
+    r = tl.arange(0, R_PAD)
+    rm = r < R
+    v = tl.load(HOST + r * batch + i, mask=rm, other=0)
+    if GATHER:
+        if i < n:  # input row 0 names the row of IDS (the step before's sampled ids) this row's token is
+            v = tl.where(r == 0, tl.load(IDS + tl.load(HOST + i)), v)
+    tl.store(DEV + r * batch + i, v, mask=rm)
+    tl.store(CTX + i, tl.load(HOST + 4 * batch + i).to(tl.int32))
+    if i < n:
+        for c0 in range(0, cols, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            cm = c < cols
+            tl.store(BT + i * mb + c, tl.load(HBT + i * mb + c, mask=cm), mask=cm)
+
+
+def fill_inputs(dev: torch.Tensor, bt: torch.Tensor, ctx: torch.Tensor, host: torch.Tensor, host_bt: torch.Tensor,
+                n: int, cols: int, ids: torch.Tensor | None = None) -> None:
+    """A decode graph's inputs in one launch, read where the host wrote them (`host`, `host_bt`: pinned memory as
+    device tensors): dev <- host ([R, batch] int64: token or row of `ids`, position, slot block, slot offset, context
+    length, ...), ctx <- its context-length row as int32, the first `cols` columns of bt's first `n` rows <- host_bt's.
+    With `ids` (device): row i < n's token is ids[host[0, i]]. The same bytes as `kernel_copy` of each buffer, the
+    gather and the int32 copy, which were five launches."""
+    R, batch = host.shape
+    if dev.shape != host.shape or bt.shape != host_bt.shape or ctx.shape != (batch,) or bt.shape[0] != batch:
+        raise ValueError(f"fill_inputs: dev {tuple(dev.shape)}, host {tuple(host.shape)}, bt {tuple(bt.shape)}, "
+                         f"host_bt {tuple(host_bt.shape)}, ctx {tuple(ctx.shape)}")
+    if R < 5 or not (0 <= n <= batch) or not (0 <= cols <= bt.shape[1]):
+        raise ValueError(f"fill_inputs: {R} input rows (5 at least), n {n} of {batch}, cols {cols} of {bt.shape[1]}")
+    _fill_kernel[(batch,)](host, host_bt, ids if ids is not None else host, dev, bt, ctx, n, batch, cols,
+                           bt.shape[1], R=R, R_PAD=triton.next_power_of_2(R), GATHER=ids is not None,
+                           BLOCK_C=64, num_warps=1)
