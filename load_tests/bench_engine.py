@@ -272,10 +272,11 @@ def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, con
     freed, HF first (its reference kept on the host, then freed), then a fresh engine, under `parity_<dtype>`
     -- so a 7B in fp32 needs 30 GB at a time, not 60."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    from token_scheduler import runner
     from token_scheduler.model import llama
 
     options = {"one_token_gemv": llama.USE_GEMV, "pdl": _pdl(),
-               "small_batch_gemv_max_rows": llama.GEMV_MAX_ROWS if llama.USE_GEMV else 0}
+               "small_batch_gemv_max_rows": llama.GEMV_MAX_ROWS if llama.USE_GEMV else 0, "step_io": runner.STEP_IO}
     try:  # the Triton kernels' options (paged decode, one-token GEMV), where Triton is installed
         from token_scheduler.model import triton_decode as td
         from token_scheduler.model import triton_gemv as tg

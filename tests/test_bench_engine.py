@@ -52,6 +52,8 @@ def test_bench_engine_cpu_parity_fp32_exact_and_bf16_diagnostic(make_varied, tmp
     # the kernel options the figures were taken under, the paged decode's where Triton is installed
     opts = data["kernel_options"]
     assert {"one_token_gemv", "pdl", "small_batch_gemv_max_rows"} <= set(opts)
+    from token_scheduler import runner
+    assert opts["step_io"] == runner.STEP_IO
     try:
         from token_scheduler.model import triton_decode
     except ImportError:

@@ -159,11 +159,16 @@ def test_batch_one_decode_loading_its_cache_early_gives_the_same_tokens(make_var
     assert outs[(True, True)] == outs[(False, True)] and outs[(True, False)] == outs[(False, True)]
 
 
-def test_an_overlapped_launch_never_makes_the_host_wait(make_varied):
+@pytest.mark.parametrize("step_io", [False, True])
+def test_an_overlapped_launch_never_makes_the_host_wait(make_varied, step_io, monkeypatch):
     """A decode launched behind the step in flight (overlap, TOKENPOOL_PIPELINE) queues its inputs, graph and
     sampling without one synchronizing CUDA call (torch's sync debug mode raises on any), whatever the sampling:
     greedy, temperature, top-k, top-p, min-p, seeded; a row set that changes (a request finished) included. A
-    pageable `torch.tensor(..., device=cuda)` for the sampling settings used to wait for both steps."""
+    pageable `torch.tensor(..., device=cuda)` for the sampling settings used to wait for both steps. With
+    runner.STEP_IO too (the fill kernel, the ids written through a device view of pinned memory)."""
+    from token_scheduler import runner
+
+    monkeypatch.setattr(runner, "STEP_IO", step_io)
     d = make_varied("qwen2")
     eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="bf16", overlap=True, kv_cache_memory_gb=0.1,
                                  max_num_seqs=8))
@@ -187,6 +192,39 @@ def test_an_overlapped_launch_never_makes_the_host_wait(make_varied):
         done |= {o.request_id for o in eng.step() if o.finished}
     assert done == {f"r{i}" for i in range(len(kinds))}
     assert len(launched) > 10 and any(r is not None for r in launched)  # some launches gathered changed rows
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_step_io_gives_the_same_tokens_and_logprobs(make_varied, dtype, monkeypatch):
+    """runner.STEP_IO -- a decode graph's inputs written by one kernel, its logits kept in the model dtype, the sampled
+    ids written to pinned memory by a kernel -- gives the tokens of the default, stepped with and without overlap
+    (requests joining and finishing at different steps, greedy and seeded sampling), and the same logprobs (steps that
+    ask for them run `execute`, whose graph logits are bf16 too)."""
+    from token_scheduler import runner
+
+    d = make_varied("qwen2")
+    outs = {}
+    for io in (False, True):
+        monkeypatch.setattr(runner, "STEP_IO", io)
+        for overlap in (False, True):
+            eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype=dtype, overlap=overlap,
+                                         kv_cache_memory_gb=0.1, max_num_seqs=8))
+            res = _staggered(eng)
+            eng.add_request("lp", [9] * 11, SamplingParams(temperature=0, max_tokens=7, logprobs=3, ignore_eos=True))
+            eng.add_request("lq", [4] * 5, SamplingParams(temperature=0.7, seed=1, max_tokens=9, logprobs=0,
+                                                          ignore_eos=True))
+            while eng.has_unfinished_requests():
+                for o in eng.step():
+                    if o.finished:
+                        res[o.request_id] = (o.outputs[0].token_ids, o.outputs[0].logprobs)
+            outs[(io, overlap)] = res
+            graphs = [g for k, g in eng.runner.graphs.items() if len(k) == 3]
+            assert graphs and all(g.fused == io for g in graphs)
+            assert all(g.logits.dtype == (eng.runner.kv.dtype if io else torch.float32) for g in graphs)
+            assert eng.stats()["kv_blocks_used"] == 0 and len(res) == 8
+            if io and overlap:  # every launched step gave its ids' buffer back once read
+                assert eng.runner.readback.free
+    assert outs[(True, False)] == outs[(False, False)] and outs[(True, True)] == outs[(False, True)]
 
 
 def test_timed_steps_report_device_time_and_the_same_tokens(make_varied):

@@ -12,6 +12,9 @@
 #   two      issue 14: bench serve on every GPU of the machine (2 workers, one node-shared host cache): TWO_MODELS
 #            (default 8x7b,12x1.5b) on 60 GB per GPU at TWO_RATE req/s/model, seed SEED
 #   engine   issue 17/20: bench engine, 7B (batches 1-64) and 1.5B with bf16 parity (load_tests/gpu_runs/engine.sh's)
+#   stepio   issue 20: TOKENPOOL_STEP_IO (token_scheduler/runner.py STEP_IO) A/B: its GPU tests (LIMIT_STEPIO_TESTS s),
+#            then bench engine without the HF peer, 7B at batches 1,8,32 and 1.5B at 1,8,32, off/on/off/on (STEPIO_ROUNDS
+#            pairs, default 2; STEPIO_SIZES, default "7b 1.5b"); JSON per run as engine_<size>_io<0|1>_<round>.json
 #   profdecode issue 20: where a 1.5B and a 7B decode step go (load_tests/profile_decode.py: graph replay vs kernel sum
 #            vs full engine step, top kernels), batches PROF_B (default 1 8) of PROF_SIZES (default 1.5b 7b), PROF_CTX
 #            prompt tokens a sequence (default 64; bench engine decodes at 512)
@@ -92,6 +95,19 @@ engine) M=/tmp/mm; mkdir -p $M
   python3 -m controller.cli make-model --arch qwen2 --size 1.5b --out $M/q15 >> "$OUT/make.log" 2>&1
   timeout 200 python3 -m controller.cli bench engine --model $M/q15 --batch 1,8,32 --parity-dtype bf16 --hf-exact \
     --json "$OUT/engine_qwen2_1.5b.json" > "$OUT/engine_15b.log" 2>&1; at "engine 1.5b" $?; tail -3 "$OUT/engine_15b.log" ;;
+stepio) M=/tmp/mm; mkdir -p $M
+  timeout "${LIMIT_STEPIO_TESTS:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py \
+    -k "step_io or overlapped or graph" > "$OUT/stepio_tests.log" 2>&1; at "stepio tests" $?
+  grep -E "passed|failed|^FAILED|^ERROR" "$OUT/stepio_tests.log" | tail -8
+  for sz in ${STEPIO_SIZES:-7b 1.5b}; do d=$M/q$(echo $sz | tr -d .b); [ -f $d/config.json ] || python3 -m controller.cli \
+      make-model --arch qwen2 --size $sz --out $d >> "$OUT/make.log" 2>&1
+    for r in $(seq 1 "${STEPIO_ROUNDS:-2}"); do for io in 0 1; do
+      TOKENPOOL_STEP_IO=$io timeout 150 python3 -m controller.cli bench engine --model $d --batch 1,8,32 --no-hf \
+        --parity-dtype none --json "$OUT/engine_${sz}_io${io}_$r.json" > "$OUT/engine_${sz}_io${io}_$r.log" 2>&1
+      at "stepio $sz io=$io round $r" $?; python3 -c "import json,sys; d=json.load(open(sys.argv[1]))
+print(' '.join(f\"b{x['batch']} {x['step_ms_median']:.4f}/{x['graph_replay_ms']:.4f} ms {x['ratio_to_floor_with_kv']:.4f}x\" for x in d['decode']))" \
+        "$OUT/engine_${sz}_io${io}_$r.json" 2>&1 | tail -1
+    done; done; done ;;
 profdecode) M=/tmp/mm; mkdir -p $M
   for sz in ${PROF_SIZES:-1.5b 7b}; do d=$M/q$(echo $sz | tr -d .b); [ -f $d/config.json ] || python3 -m controller.cli make-model \
       --arch qwen2 --size $sz --out $d >> "$OUT/make.log" 2>&1
