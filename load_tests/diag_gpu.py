@@ -273,6 +273,7 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
     """The engine's decode step (median call time and graph replay) at each batch size, under each variant of
     the decode kernel options (the defaults, then one change at a time). One engine; each variant re-captures
     the graphs it times."""
+    from token_scheduler import runner
     from token_scheduler.model import llama, triton_decode, triton_gemv, triton_ops
 
     timed = _StepTimer(model, max(batches), context)
@@ -285,7 +286,7 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
              "persist": (triton_gemv, "ROWS_PERSIST"), "attn_warps": (triton_decode, "DECODE_WARPS"),
              "fill": (triton_decode, "FILL"),
              "attn_stages": (triton_decode, "DECODE_STAGES"), "prefetch": (triton_decode, "PREFETCH_KV"),
-             "norm_pass": (triton_gemv, "NORM_ONE_PASS")}
+             "norm_pass": (triton_gemv, "NORM_ONE_PASS"), "step_io": (runner, "STEP_IO")}
     defaults = {k: getattr(mod, attr) for k, (mod, attr) in knobs.items()}
     # torch's switches read when a matmul is launched (so at capture): which BLAS library, and whether cuBLAS may
     # reduce split-K partial sums in bf16
@@ -301,7 +302,7 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
     variants = [("default", {}), ("no pdl", {"pdl": False}), ("no gemv", {"gemv": False}),
                 ("small-batch gemv", {"max_rows": 32}), ("small-batch gemv swapped", {"max_rows": 32, "swap": True}),
                 ("small-batch gemv attn", {"max_rows": 32, "mlp": False}),
-                ("rope in attention", {"attn_rope": True}), ("no attn prefetch", {"prefetch": False}),
+                ("step io", {"step_io": True}), ("rope in attention", {"attn_rope": True}), ("no attn prefetch", {"prefetch": False}),
                 ("attn 8 blocks 4 warps", {"nbi": 8, "attn_warps": 4}), ("norm tiled pass", {"norm_pass": False}),
                 ("rope in attention 8 warps", {"attn_rope": True, "attn_warps": 8}),
                 ("small-batch gemv persistent 1", {"max_rows": 32, "persist": 1}),

@@ -13,8 +13,9 @@
 #            (default 8x7b,12x1.5b) on 60 GB per GPU at TWO_RATE req/s/model, seed SEED
 #   engine   issue 17/20: bench engine, 7B (batches 1-64) and 1.5B with bf16 parity (load_tests/gpu_runs/engine.sh's)
 #   stepio   issue 20: TOKENPOOL_STEP_IO (token_scheduler/runner.py STEP_IO) A/B: its GPU tests (LIMIT_STEPIO_TESTS s),
-#            then bench engine without the HF peer, 7B at batches 1,8,32 and 1.5B at 1,8,32, off/on/off/on (STEPIO_ROUNDS
-#            pairs, default 2; STEPIO_SIZES, default "7b 1.5b"); JSON per run as engine_<size>_io<0|1>_<round>.json
+#            for each of STEPIO_SIZES (default "7b 1.5b") diag_gpu step at batches 1,8,32 in one engine (default, "step
+#            io", again each), then bench engine without the HF peer at 1,8,32, off/on in STEPIO_ROUNDS pairs (default 2;
+#            0: none); JSON per run as engine_<size>_io<0|1>_<round>.json
 #   profdecode issue 20: where a 1.5B and a 7B decode step go (load_tests/profile_decode.py: graph replay vs kernel sum
 #            vs full engine step, top kernels), batches PROF_B (default 1 8) of PROF_SIZES (default 1.5b 7b), PROF_CTX
 #            prompt tokens a sequence (default 64; bench engine decodes at 512)
@@ -101,6 +102,9 @@ stepio) M=/tmp/mm; mkdir -p $M
   grep -E "passed|failed|^FAILED|^ERROR" "$OUT/stepio_tests.log" | tail -8
   for sz in ${STEPIO_SIZES:-7b 1.5b}; do d=$M/q$(echo $sz | tr -d .b); [ -f $d/config.json ] || python3 -m controller.cli \
       make-model --arch qwen2 --size $sz --out $d >> "$OUT/make.log" 2>&1
+    timeout "${LIMIT_STEPIO_STEP:-150}" python3 -m load_tests.diag_gpu step --model $d --batch 1,8,32 \
+      --variants "default,step io,default again" > "$OUT/stepio_step_$sz.log" 2>&1; at "stepio step $sz" $?
+    grep -E "^(default|step io)" "$OUT/stepio_step_$sz.log"
     for r in $(seq 1 "${STEPIO_ROUNDS:-2}"); do for io in 0 1; do
       TOKENPOOL_STEP_IO=$io timeout 150 python3 -m controller.cli bench engine --model $d --batch 1,8,32 --no-hf \
         --parity-dtype none --json "$OUT/engine_${sz}_io${io}_$r.json" > "$OUT/engine_${sz}_io${io}_$r.log" 2>&1
