@@ -104,6 +104,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errs:
         return "invalid request", None
     first = errs[0]
+    if first.get("type") == "json_invalid":  # (its loc is the character position: not a parameter)
+        pos = next((x for x in first.get("loc", ()) if isinstance(x, int)), None)
+        why = (first.get("ctx") or {}).get("error")
+        return ("the request body is not valid JSON" + (f" (at character {pos})" if pos is not None else "")
+                + (f": {why}" if why else "")), None
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = ".".join(loc) or None
     return (f"{param}: {first.get('msg')}" if param else str(first.get("msg"))), param
@@ -143,6 +148,12 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
         except ServingError as denied:
             return _error(denied)
         msg, param = _validation_message(e)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if request.method == "POST" and not ctype.endswith("json"):
+            # (curl -d sends application/x-www-form-urlencoded unless told otherwise.) Not parsed as JSON anyway: a
+            # cross-site form post can send these content types without a preflight, JSON it cannot.
+            msg, param = (f"the request body must be JSON, sent with content-type: application/json (this request's "
+                          f"content-type: {ctype or 'none'})"), None
         return _error(ServingError(400, msg, param=param))
 
     @app.exception_handler(StarletteHTTPException)

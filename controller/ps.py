@@ -46,13 +46,10 @@ def _ago(t: float | None, now: float) -> str:
     if t is None:
         return "never"
     s = max(0.0, now - t)
-    if s < 60:
-        return f"{s:.0f} seconds ago"
-    if s < 3600:
-        return f"{s / 60:.0f} minutes ago"
-    if s < 86400:
-        return f"{s / 3600:.1f} hours ago"
-    return f"{s / 86400:.1f} days ago"
+    for limit, size, unit in ((60, 1, "second"), (3600, 60, "minute"), (86400, 3600, "hour"), (None, 86400, "day")):
+        if limit is None or s < limit - size / 2:  # (59.7 s reads "1 minute", not "60 seconds")
+            n = round(s / size)
+            return f"{n} {unit}{'' if n == 1 else 's'} ago"
 
 
 def rows(models: list[dict], engines: list[dict], now: float | None = None) -> list[list[str]]:

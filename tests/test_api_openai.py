@@ -69,6 +69,22 @@ def test_chat_and_max_completion_tokens(server):
     assert isinstance(r.choices[0].message.content, str)
 
 
+def test_chat_content_parts_text_and_refused_kinds(server):
+    """Text parts read as the plain string would; an image (or any non-text) part is refused with a 400 that names
+    the part's type and the message it is in, not a union's first mismatch."""
+    c = client(server)
+    plain = c.chat.completions.create(model="tiny-b", messages=[{"role": "user", "content": "Hi there"}],
+                                      max_tokens=4, **GREEDY)
+    parts = c.chat.completions.create(model="tiny-b", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}], max_tokens=4, **GREEDY)
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    e = _status(lambda: c.chat.completions.create(model="tiny-b", max_tokens=4, messages=[
+        {"role": "user", "content": "Hi"},
+        {"role": "user", "content": [{"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "x"}}]}]))
+    assert e.status_code == 400 and e.body["param"] == "messages.1.content"
+    assert "content parts of type 'image_url' are not supported" in e.body["message"]
+
+
 def test_streaming_matches_non_streaming_and_reports_usage(server):
     c = client(server)
     full = c.completions.create(model="tiny-a", prompt="Once upon", max_tokens=8, **GREEDY)
@@ -153,6 +169,17 @@ def test_400_malformed_and_too_long(server):
     assert e.status_code == 400
     r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {ALICE}"})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    err = r.json()["error"]  # sent without a JSON content-type (as curl -d does): says what to send
+    assert err["param"] is None and "content-type: application/json" in err["message"], err
+    for ctype in ("application/x-www-form-urlencoded", "text/plain"):  # valid JSON, but not sent as JSON
+        r = httpx.post(server.url + "/v1/completions", content=b'{"model": "tiny-a", "prompt": "x", "max_tokens": 1}',
+                       headers={"Authorization": f"Bearer {ALICE}", "content-type": ctype})
+        assert r.status_code == 400 and f"this request's content-type: {ctype}" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json",
+                   headers={"Authorization": f"Bearer {ALICE}", "content-type": "application/json"})
+    err = r.json()["error"]  # says what is wrong, and names no parameter (not the character position)
+    assert r.status_code == 400 and err["param"] is None, err
+    assert err["message"].startswith("the request body is not valid JSON (at character 1)"), err
 
 
 def test_401_403_404(server):

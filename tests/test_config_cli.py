@@ -159,3 +159,15 @@ def test_serve_refuses_malformed_environment_variables(monkeypatch):
     monkeypatch.setenv("TOKENPOOL_PREFILL_GRAPHS", "0")
     monkeypatch.delenv("TOKENPOOL_PIPELINE_LEARN")
     assert env.problems() == [] and env.PREFILL_GRAPHS.integer() == 0
+
+
+def test_ps_last_use_reads_as_ollama_ps_does():
+    """`tokenpool ps`'s LAST USED column: whole units, singular at one, the next unit once a count would round up to
+    it (never "60 seconds ago" or "1 minutes ago")."""
+    from controller.ps import _ago
+
+    said = {s: _ago(0.0, s) for s in (1, 30, 59.7, 61, 150, 3599, 7200, 90000, 3 * 86400)}
+    assert said == {1: "1 second ago", 30: "30 seconds ago", 59.7: "1 minute ago", 61: "1 minute ago",
+                    150: "2 minutes ago", 3599: "1 hour ago", 7200: "2 hours ago", 90000: "1 day ago",
+                    3 * 86400: "3 days ago"}
+    assert _ago(None, 5.0) == "never" and _ago(10.0, 5.0) == "0 seconds ago"  # (a clock behind: not negative)

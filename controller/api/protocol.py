@@ -13,7 +13,15 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 MAX_N = 16
@@ -112,6 +120,18 @@ class ChatMessage(_Req):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(None, max_length=256)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v: Any) -> Any:
+        """Parts other than text (image_url, input_audio, file) named in the error, not a union's first mismatch."""
+        if isinstance(v, list):
+            for p in v:
+                kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+                if kind != "text":
+                    raise PydanticCustomError("content_part", "content parts of type '{kind}' are not supported: the "
+                                              "served models take text ('text' parts)", {"kind": str(kind)})
+        return v
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
