@@ -125,7 +125,7 @@ def serve_cmd(
     config: Optional[Path] = typer.Option(
         None, help="YAML configuration (examples/); without it and without MODEL_DIR: the embedded default"),
     host: Optional[str] = typer.Option(None, help="listen address (overrides the config)"),
-    port: Optional[int] = typer.Option(None, help="listen port (overrides the config)"),
+    port: Optional[int] = typer.Option(None, min=0, max=65535, help="listen port (overrides the config; 0: any free)"),
 ) -> None:
     """Start the OpenAI-compatible server and its engines.
 

@@ -44,6 +44,8 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
     only models (no demo), on the default loopback listener without auth."""
     from controller.startup import StartupError, load_checked
 
+    if port is not None and not 0 <= port <= 65535:
+        raise StartupError(f"--port {port}: a port is 0 to 65535 (0: any free one)")
     try:
         specs = model_specs(list(model_dirs or []), list(served_model_names or []))
     except ValueError as e:

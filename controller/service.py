@@ -42,6 +42,7 @@ from controller.router import (
 from controller.tenants import Tenant, TenantRegistry
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
+from tokenpool.models import model_dir_problem
 
 log = logging.getLogger("tokenpool.controller")
 LOAD_TIMEOUT_S = 600.0
@@ -203,13 +204,8 @@ class Controller:
 
         if spec.name in self.models:
             raise ServingError(400, f"model {spec.name!r} is already registered", param="name")
-        if spec.path is not None:
-            p = Path(spec.path)
-            if not p.is_dir():
-                raise ServingError(400, f"model path {p} does not exist or is not a directory", param="path")
-            if not (p / "config.json").is_file():
-                raise ServingError(400, f"{p} has no config.json (not a Hugging Face model directory)",
-                                   param="path")
+        if spec.path is not None and (why := model_dir_problem(spec.path)) is not None:
+            raise ServingError(400, why, param="path")
         budgets = [e.memory_bytes for e in self.pool.engines.values() if e.alive]  # none yet at start-up
         if budgets and weights_bytes(spec) > max(budgets):
             raise ServingError(400, f"model {spec.name!r} needs {weights_bytes(spec) / 2**30:.1f} GiB for weights; the "

@@ -10,6 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from controller.config import ServerConfig, cache_dir, load_config
+from tokenpool.models import model_dir_problem
 
 
 class StartupError(Exception):
@@ -49,17 +50,11 @@ def load_checked(path: Path | None) -> ServerConfig:
 
 
 def check_models(cfg: ServerConfig) -> None:
-    """Each model path is a directory holding config.json (said precisely when not)."""
+    """Each model path is a directory holding a config.json of an architecture the engine runs (said precisely when
+    not): a server that started would list the model, then fail to load it at every request."""
     for m in cfg.models:
-        if m.path is None:
-            continue
-        p = Path(m.path)
-        if not p.exists():
-            raise StartupError(f"model {m.name!r}: path {p} does not exist")
-        if not p.is_dir():
-            raise StartupError(f"model {m.name!r}: path {p} is a file; give the model's directory")
-        if not (p / "config.json").is_file():
-            raise StartupError(f"model {m.name!r}: {p} has no config.json (not a Hugging Face model directory)")
+        if m.path is not None and (why := model_dir_problem(m.path)) is not None:
+            raise StartupError(f"model {m.name!r}: {why}")
 
 
 def admin_token_path(cfg: ServerConfig) -> Path:

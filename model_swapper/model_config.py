@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+from tokenpool.models import SUPPORTED_ARCHS
 
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

@@ -206,6 +206,18 @@ def test_a_folder_without_config_json_is_reported_as_such(tmp_path):
     assert "has no config.json" in line and str(folder) in line
     line = _one_line(_serve({"models": [{"name": "m", "path": str(tmp_path / "nowhere")}]}, tmp_path))
     assert "does not exist" in line
+    # a model of an architecture the engine does not run: refused before the server starts (it used to start, list
+    # the model and fail to load it), named with what is supported; config.json that is no JSON, said so
+    (folder / "config.json").write_text('{"model_type": "mamba", "hidden_size": 8}')
+    line = _one_line(_serve({"models": [{"name": "m", "path": str(folder)}]}, tmp_path))
+    assert "architecture 'mamba' is not supported; supported: llama, qwen2, qwen3, mistral" in line
+    (folder / "config.json").write_text("{oops")
+    assert "cannot be read as JSON" in _one_line(_serve({"models": [{"name": "m", "path": str(folder)}]}, tmp_path))
+    # the same from the command line: a MODEL_DIR, and a port out of range
+    for argv, expect in (([str(folder)], "cannot be read as JSON"), (["--port", "99999"], "a port is 0 to 65535")):
+        p = subprocess.run([sys.executable, "-m", "controller.serve", *argv], cwd=REPO_ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=60)
+        assert expect in _one_line(p), argv
 
 
 def test_declared_body_over_the_limit_gets_413_not_a_reset(tmp_path):

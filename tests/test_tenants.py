@@ -99,7 +99,7 @@ def test_max_concurrent_per_tenant(server):
     c.completions.create(model="blue-m", prompt="x", max_tokens=1)
 
 
-def test_admin_registers_and_unregisters_a_model(server):
+def test_admin_registers_and_unregisters_a_model(server, tmp_path):
     r = httpx.post(server.url + "/admin/models", headers=ADM,
                    json={"name": "red-new", "engine": PACE, "slo": {"ttft_s": 2, "tpot_s": 0.1}, "priority": 1,
                          "replicas": {"min": 1, "max": 2}})
@@ -111,5 +111,10 @@ def test_admin_registers_and_unregisters_a_model(server):
         oai(server, RED).completions.create(model="red-new", prompt="x", max_tokens=1)
     bad = httpx.post(server.url + "/admin/models", headers=ADM, json={"name": "x", "path": "/does/not/exist"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "path"
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')  # an architecture the engine does not run
+    bad = httpx.post(server.url + "/admin/models", headers=ADM, json={"name": "x", "path": str(tmp_path)})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "path"
+    assert "architecture 'gpt2' is not supported" in bad.json()["error"]["message"]
+    assert "x" not in {m["name"] for m in httpx.get(server.url + "/admin/models", headers=ADM).json()}
     huge = httpx.post(server.url + "/admin/models", headers=ADM, json={"name": "huge", "engine": PACE, "memory_gb": 1e5})
     assert huge.status_code == 400 and huge.json()["error"]["param"] == "memory_gb"  # fits no engine: never ready
