@@ -149,7 +149,7 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
             return _error(denied)
         msg, param = _validation_message(e)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if request.method == "POST" and not ctype.endswith("json"):
+        if not ctype.endswith("json") and any(err.get("loc", ("",))[:1] == ("body",) for err in e.errors()):
             # (curl -d sends application/x-www-form-urlencoded unless told otherwise.) Not parsed as JSON anyway: a
             # cross-site form post can send these content types without a preflight, JSON it cannot.
             msg, param = (f"the request body must be JSON, sent with content-type: application/json (this request's "
