@@ -186,6 +186,8 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
         ok = c.ready()
         body = {"status": "ok" if ok else "starting",
                 "engines": sum(1 for e in c.pool.engines.values() if e.alive), "models": len(c.models)}
+        if not ok and (failed := c.load_errors()):
+            body["failed_models"] = failed  # what keeps it from ready, where a load keeps failing
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", dependencies=[Depends(auth.metrics_reader)])

@@ -155,6 +155,7 @@ class Controller:
         self.on_fatal: Callable[[], None] | None = None
         # model -> engine id -> when its registration failed there (or was shed from there): placed elsewhere a while
         self._failures: dict[str, dict[str, float]] = {}
+        self._load_errors: dict[str, str] = {}  # model -> why its last registration failed (until one succeeds)
         self._moving: dict[str, str] = {}  # model -> the engine it is moving from (until the new registration is up)
         # (engine id, model) -> why: a registration draining before it is unregistered (a moved model's old one,
         # one the autoscaler sheds)
@@ -181,6 +182,13 @@ class Controller:
         for t in self._tasks:
             t.cancel()
         await self.pool.stop()
+
+    def load_errors(self) -> dict[str, str]:
+        """Models whose last registration failed and that are ready on no live engine: model -> why (for /health,
+        which otherwise only says "starting" while a model every replica of which fails keeps it from ready)."""
+        alive = [e for e in self.pool.engines.values() if e.alive]
+        return {n: why for n, why in self._load_errors.items()
+                if not any(n in e.replicas and e.replicas[n].state == "ready" for e in alive)}
 
     def ready(self) -> bool:
         """Every model with a minimum is ready on a live engine. At start-up also: every local worker has joined
@@ -234,6 +242,7 @@ class Controller:
         if entry is None:
             return False
         self._failures.pop(name, None)
+        self._load_errors.pop(name, None)
         for e in self.pool.engines.values():
             subs = [s for s in e.subs.values() if s.model == name]
             for s in subs:
@@ -621,7 +630,10 @@ class Controller:
         if r.state != "ready":
             log.error("registering %s on %s failed: %s", r.model, e.id, r.error)
             self._failures.setdefault(r.model, {})[e.id] = time.monotonic()
+            if r.model in self.models:
+                self._load_errors[r.model] = f"engine {e.id}: {r.error}"
             return
+        self._load_errors.pop(r.model, None)
         if src is not None and src.alive and r.model in src.replicas and src is not e:
             src.replicas[r.model].draining = True  # new requests go to the new one; its own finish there
             self._leaving[(src.id, r.model)] = "placement: moved to another engine (the engines' shares even out)"

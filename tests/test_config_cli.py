@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from pydantic import ValidationError
@@ -171,3 +172,34 @@ def test_ps_last_use_reads_as_ollama_ps_does():
                     150: "2 minutes ago", 3599: "1 hour ago", 7200: "2 hours ago", 90000: "1 day ago",
                     3 * 86400: "3 days ago"}
     assert _ago(None, 5.0) == "never" and _ago(10.0, 5.0) == "0 seconds ago"  # (a clock behind: not negative)
+
+
+def test_health_names_a_model_whose_load_keeps_failing(make_tiny, tmp_path):
+    """A model whose weights cannot be read (a truncated safetensors file: config.json is fine, so it passes the start-up
+    check) keeps /health at 503 "starting", and /health says which model and why; requests to it get a 503 naming the
+    cause at once, and the other model serves."""
+    import shutil
+    import time
+
+    good = make_tiny("qwen2")
+    bad = tmp_path / "broken"
+    shutil.copytree(good, bad)
+    w = next(bad.glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with LiveServer(None, tmp_path / "srv", args=[str(good), str(bad)], wait_ready=False) as srv:
+        deadline, body = time.monotonic() + 120, {}
+        while time.monotonic() < deadline and "failed_models" not in body:
+            try:
+                r = httpx.get(srv.url + "/health", timeout=5)
+                body = r.json()
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        assert r.status_code == 503 and body["status"] == "starting", body
+        assert list(body["failed_models"]) == ["broken"] and "engine w0:" in body["failed_models"]["broken"], body
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.APIStatusError) as ei:
+            c.completions.create(model="broken", prompt="Hi", max_tokens=1)
+        assert ei.value.status_code == 503 and "could not be registered" in ei.value.message
+        assert c.completions.create(model=good.name, prompt="Hi", max_tokens=2, temperature=0,
+                                    extra_body={"ignore_eos": True}).usage.completion_tokens == 2
