@@ -67,7 +67,7 @@ def rows(models: list[dict], engines: list[dict], now: float | None = None) -> l
         tail = [_ago(m.get("last_used"), now), ",".join(m.get("aliases") or []) or "-", flags or "-"]
         places = where.get(m["name"], [])
         if not places:
-            out.append(common + ["-", "-", "registered", "0"] + tail)
+            out.append(common + ["-", "-", "failed" if m.get("load_error") else "registered", "0"] + tail)
         for e, r in places:
             out.append(common + [e["id"], f"{e['host']}/{e['device']}", r["state"], str(r["inflight"])] + tail)
     return out
@@ -81,6 +81,9 @@ def render(models: list[dict], engines: list[dict], now: float | None = None) ->
     widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
     lines = ["   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
     lines.append("")
+    for m in models:
+        if m.get("load_error"):
+            lines.append(f"{m['name']} failed to load: {m['load_error']}")
     for e in engines:
         state = "alive" if e.get("alive") else "dead"
         if e.get("draining"):

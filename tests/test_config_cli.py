@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +21,10 @@ from load_tests.live_server import REPO_ROOT, LiveServer
 EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.yaml"))
 
 
-def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "controller.cli", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, input=stdin, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                          text=True, input=stdin, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})})
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
@@ -203,3 +205,8 @@ def test_health_names_a_model_whose_load_keeps_failing(make_tiny, tmp_path):
         assert ei.value.status_code == 503 and "could not be registered" in ei.value.message
         assert c.completions.create(model=good.name, prompt="Hi", max_tokens=2, temperature=0,
                                     extra_body={"ignore_eos": True}).usage.completion_tokens == 2
+        # the admin API and `tokenpool ps` say it too
+        path = re.search(r"admin token for this run written to (\S+) ", srv.log_path.read_text()).group(1)
+        out = cli("ps", "--url", srv.url, env={"TOKENPOOL_ADMIN_TOKEN": Path(path).read_text().strip()}).stdout
+        row = next(ln for ln in out.splitlines() if ln.startswith("broken"))
+        assert "failed" in row.split() and "broken failed to load: engine w0:" in out, out

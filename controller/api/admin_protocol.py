@@ -80,6 +80,7 @@ class ModelOut(BaseModel):
     max_model_len: int
     size_bytes: int
     slo_attainment: float | None
+    load_error: str | None = None  # why its last registration failed, while it is ready on no engine
 
 
 class GPUOut(BaseModel):
