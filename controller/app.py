@@ -104,14 +104,29 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errs:
         return "invalid request", None
     first = errs[0]
+    if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+        return "the request body is empty: send a JSON object", None
     if first.get("type") == "json_invalid":  # (its loc is the character position: not a parameter)
         pos = next((x for x in first.get("loc", ()) if isinstance(x, int)), None)
         why = (first.get("ctx") or {}).get("error")
         return ("the request body is not valid JSON" + (f" (at character {pos})" if pos is not None else "")
                 + (f": {why}" if why else "")), None
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    # A union field (stop: a string or a list of them) reports one error a branch, the branch that does not match the
+    # input's type first ("Input should be a valid string" for a list of 9 stop strings): the branch that matched
+    # says what is wrong. Its loc carries the branch's tag ("constrained-str", "list[str]"), not a parameter's name.
+    field = lambda err: [x for x in err.get("loc", ()) if x != "body"][:1]  # noqa: E731
+    if first.get("type", "").endswith("_type"):
+        first = next((err for err in errs[1:] if field(err) == field(first) and not err.get("type", "").endswith("_type")),
+                     first)
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _union_tag(x)]
     param = ".".join(loc) or None
     return (f"{param}: {first.get('msg')}" if param else str(first.get("msg"))), param
+
+
+def _union_tag(part) -> bool:
+    """A pydantic error-location part naming a union branch, not a field: 'str', 'constrained-str', 'list[str]'."""
+    return isinstance(part, str) and ("[" in part or "-" in part or part in ("str", "int", "float", "bool", "list",
+                                                                               "dict"))
 
 
 def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:

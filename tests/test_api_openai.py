@@ -180,6 +180,9 @@ def test_400_malformed_and_too_long(server):
     err = r.json()["error"]  # says what is wrong, and names no parameter (not the character position)
     assert r.status_code == 400 and err["param"] is None, err
     assert err["message"].startswith("the request body is not valid JSON (at character 1)"), err
+    r = httpx.post(server.url + "/v1/completions", content=b"",
+                   headers={"Authorization": f"Bearer {ALICE}", "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "the request body is empty: send a JSON object"
 
 
 def test_401_403_404(server):

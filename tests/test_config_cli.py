@@ -95,6 +95,10 @@ def test_serve_model_dir_with_names_live(make_tiny, tmp_path):
     with LiveServer(None, tmp_path, args=[str(d), "--served-model-name", "mine", "tiny"]) as srv:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         assert [m.id for m in c.models.list()] == ["mine"]
+        # its card by the name or an alias, as a request would name it (the alias used to be a 404 here)
+        assert c.models.retrieve("mine").id == "mine" and c.models.retrieve("tiny").id == "tiny"
+        with pytest.raises(openai.NotFoundError):
+            c.models.retrieve("nope")
         r = c.completions.create(model="tiny", prompt="Hi", max_tokens=3, temperature=0,
                                  extra_body={"ignore_eos": True})
         assert r.usage.completion_tokens == 3

@@ -213,6 +213,21 @@ def test_wrong_types_are_not_coerced(path, extra):
     assert err["param"] and err["param"].split(".")[0] in extra, err
 
 
+@pytest.mark.parametrize("extra,param,says", [
+    ({"stop": list("abcdefghi")}, "stop", "at most 8 items"),
+    ({"stop": ["ok", ""]}, "stop.1", "at least 1 character"),
+    ({"prompt": [[False]]}, "prompt", "valid string"),
+])
+def test_a_union_field_error_names_the_field_and_what_is_wrong(extra, param, says):
+    """A field that takes a string or a list (stop, prompt): the error is the matching branch's, under the field's
+    name -- not "stop.constrained-str: Input should be a valid string" for a list of 9 stop strings."""
+    async def body(c, app):
+        return await c.post("/v1/completions", headers=auth(), json={"model": "pace-a", "prompt": "x", **extra})
+
+    err = assert_error(run(PACE, body), 400, "invalid_request_error")
+    assert err["param"] == param and says in err["message"] and "constrained" not in err["message"], err
+
+
 def test_numbers_as_json_allows_still_pass():
     async def body(c, app):  # an integer where a float is expected is not a coercion
         return await c.post("/v1/completions", headers=auth(),

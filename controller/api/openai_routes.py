@@ -59,10 +59,9 @@ async def list_models(request: Request, tenant: Tenant = Depends(auth.tenant)):
 
 @router.get("/v1/models/{model:path}", response_model=p.ModelCard, responses=ERRORS)
 async def get_model(model: str, request: Request, tenant: Tenant = Depends(auth.tenant)):
-    for card in request.app.state.serving.models(tenant).data:
-        if card.id == model:
-            return card
-    raise ServingError(404, f"The model `{model}` does not exist.", param="model")
+    """A model by the name a request would use: its own, or one of its aliases (answered under the name asked)."""
+    me = request.app.state.serving.lookup(tenant, model)
+    return p.ModelCard(id=model, created=me.created, max_model_len=me.max_model_len)
 
 
 @router.get("/v1/usage", responses=ERRORS)

@@ -178,16 +178,21 @@ class OpenAIServing:
         return n
 
     # --- shared ---
-    def entry(self, tenant: Tenant, model: str) -> ModelEntry:
-        if self.draining:
-            raise ServingError(503, "the server is shutting down", code="shutting_down",
-                               retry_after=self.drain_retry_after)
+    def lookup(self, tenant: Tenant, model: str) -> ModelEntry:
+        """The model `tenant` asks for by its name or one of its aliases; 404 when there is none it may use."""
         me = self.ctl.models.get(model)
         if me is None:  # by one of its aliases
             me = next((e for e in self.ctl.models.values() if model in e.spec.aliases), None)
         if me is None or not (tenant.may_use(me.spec.name) or tenant.may_use(model)):
             # one answer for both: a tenant learns nothing of the others' models
             raise ServingError(404, f"The model `{model}` does not exist.", param="model")
+        return me
+
+    def entry(self, tenant: Tenant, model: str) -> ModelEntry:
+        if self.draining:
+            raise ServingError(503, "the server is shutting down", code="shutting_down",
+                               retry_after=self.drain_retry_after)
+        me = self.lookup(tenant, model)
         if me.draining:
             raise ServingError(503, f"model `{model}` is being drained (no new requests)", code="model_draining",
                                retry_after=5)
