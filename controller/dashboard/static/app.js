@@ -212,7 +212,9 @@ function renderChart(id, key) {
       ...chartSize(div), legend: { show: true }, cursor: { show: true },
       scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, Math.max(1, hi * 1.1)] } },
       series: [{}, ...names.map((n) => ({ label: n, stroke: color(n), width: 2, spanGaps: true }))],
-      axes: [{ space: 70, values: (u, vals) => vals.map(clock) }, { size: 50 }],
+      // ticks a whole number of seconds apart: labels are to the second (half-second ticks repeated each label)
+      axes: [{ space: 70, incrs: [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600],
+               values: (u, vals) => vals.map(clock) }, { size: 50 }],
     };
     c = S.charts[id] = { plot: new uPlot(opts, data, div), names };
   } else {
