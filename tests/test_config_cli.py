@@ -214,3 +214,8 @@ def test_health_names_a_model_whose_load_keeps_failing(make_tiny, tmp_path):
         out = cli("ps", "--url", srv.url, env={"TOKENPOOL_ADMIN_TOKEN": Path(path).read_text().strip()}).stdout
         row = next(ln for ln in out.splitlines() if ln.startswith("broken"))
         assert "failed" in row.split() and "broken failed to load: engine w0:" in out, out
+        pool = httpx.get(srv.url + "/admin/pool", headers={"Authorization": f"Bearer {Path(path).read_text().strip()}"},
+                         timeout=10).json()  # the dashboard's data: state "failed", the cause beside it
+        broken = next(m for m in pool["models"] if m["name"] == "broken")
+        assert broken["state"] == "failed" and broken["load_error"].startswith("engine w0:"), broken
+        assert next(m for m in pool["models"] if m["name"] != "broken")["load_error"] is None

@@ -125,7 +125,9 @@ class EnginePoolOut(BaseModel):
 class ModelPoolOut(BaseModel):
     name: str
     engines: list[str] = Field(description="engines the model is registered on")
-    state: str = Field(description="resident | loading | host | unplaced (the best over its engines)")
+    state: str = Field(description="resident | loading | host | unplaced (the best over its engines) | failed "
+                                   "(placed nowhere, its last registration failed: load_error says why)")
+    load_error: str | None = Field(None, description="why its last registration failed, while it is ready nowhere")
     pinned: bool
     size_bytes: int
     load_s: float = Field(description="the controller's estimate of one load (switch) of this model")

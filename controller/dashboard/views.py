@@ -132,14 +132,16 @@ def pool_view(ctl: Any, timeline_s: float = SPAN_S, resolution_s: float = RES_S)
     rejected = {k[0]: v for k, v in _counts(ctl.metrics.rejected, "model").items()}
     win = act.by_model(mono)
     stalls = _load_stalls(act, events(ctl))
+    failed = ctl.load_errors()
     models = []
     for name, me in ctl.models.items():
         pms = {eid: pm[name] for eid, pm in per_engine.items() if name in pm}
         states = {pm["state"] for pm in pms.values()}
+        state = next((s for s in STATE_ORDER if s in states), "failed" if name in failed else "unplaced")
         w = win.get(name, {})
         waits = [pm["oldest_wait_s"] for pm in pms.values() if pm["oldest_wait_s"] is not None]
         models.append(ap.ModelPoolOut(
-            name=name, engines=sorted(pms), state=next((s for s in STATE_ORDER if s in states), "unplaced"),
+            name=name, engines=sorted(pms), state=state, load_error=failed.get(name),
             pinned=bool(getattr(me, "pinned", False)), size_bytes=me.info.size_bytes, load_s=me.info.load_s,
             loads=len(stalls.get(name, ())),
             load_stall_s=sum(stalls[name]) / len(stalls[name]) if stalls.get(name) else None,

@@ -232,7 +232,7 @@ function renderModels(p) {
   const rows = p.models.map((m) => el("tr", { "data-model": m.name },
     el("td", {}, el("span", { class: "swatch", style: { background: color(m.name) } }), m.name,
       m.pinned ? el("span", { class: "badge pinned", text: "pinned" }) : null),
-    el("td", {}, el("span", { class: `badge ${m.state}`, text: m.state })),
+    el("td", {}, el("span", { class: `badge ${m.state}`, text: m.state, title: m.load_error })),
     el("td", { text: m.engines.join(", ") || "—" }),
     el("td", { class: "num", text: m.waiting }), el("td", { class: "num", text: fmtS(m.oldest_wait_s) }),
     el("td", { class: "num", text: m.running }),
