@@ -15,6 +15,7 @@ from controller.config import (
 )
 from controller.keys import hash_key, new_key
 from tokenpool import env
+from tokenpool.models import model_dir_problem
 
 log = logging.getLogger("tokenpool")
 
@@ -24,8 +25,8 @@ def model_specs(dirs: list[Path], names: list[str]) -> list[ModelSpec]:
     its aliases, as vLLM's --served-model-name does; by default a model is named after its directory."""
     dirs = [Path(d).expanduser().resolve() for d in dirs]
     for d in dirs:
-        if not (d / "config.json").exists():
-            raise ValueError(f"{d} is not a Hugging Face model directory (no config.json)")
+        if (why := model_dir_problem(d)) is not None:
+            raise ValueError(why)
     if names and len(dirs) > 1 and len(names) != len(dirs):
         raise ValueError(f"{len(dirs)} model directories but {len(names)} --served-model-name: give one per directory")
     if names and not dirs:

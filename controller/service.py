@@ -45,6 +45,11 @@ from token_scheduler.request import SamplingParams
 from tokenpool.models import model_dir_problem
 
 log = logging.getLogger("tokenpool.controller")
+
+
+def _ready_on(model: str, engines) -> bool:
+    """Whether `model` is registered and ready on one of `engines`."""
+    return any(model in e.replicas and e.replicas[model].state == "ready" for e in engines)
 LOAD_TIMEOUT_S = 600.0
 FAILED_AVOID_S = 120.0  # a model whose registration failed on an engine is placed elsewhere for this long
 RETRY_WAIT_S = 15.0  # how long a request whose engine died before its first token waits for another
@@ -187,8 +192,7 @@ class Controller:
         """Models whose last registration failed and that are ready on no live engine: model -> why (for /health,
         which otherwise only says "starting" while a model every replica of which fails keeps it from ready)."""
         alive = [e for e in self.pool.engines.values() if e.alive]
-        return {n: why for n, why in self._load_errors.items()
-                if not any(n in e.replicas and e.replicas[n].state == "ready" for e in alive)}
+        return {n: why for n, why in self._load_errors.items() if not _ready_on(n, alive)}
 
     def ready(self) -> bool:
         """Every model with a minimum is ready on a live engine. At start-up also: every local worker has joined
@@ -198,7 +202,7 @@ class Controller:
             return False
         alive = [e for e in self.pool.engines.values() if e.alive]
         need = [n for n, me in self.models.items() if me.spec.replicas.min > 0]
-        ok = bool(alive) and all(any(n in e.replicas and e.replicas[n].state == "ready" for e in alive) for n in need)
+        ok = bool(alive) and all(_ready_on(n, alive) for n in need)
         if ok and not self._was_ready:
             views = self.views()  # the moves a tick would plan now, from the same inputs (pins, failures, moves)
             ok = (self.pool.local_joined() and not self._moving
