@@ -152,6 +152,32 @@ def test_sampling_extras_pass_through(server):
     assert r.usage.completion_tokens == 4
 
 
+def test_logit_bias_and_min_tokens(server, tiny_model):
+    """logit_bias as OpenAI means it (a +100 token is drawn every step; keys are ids as strings), min_tokens as vLLM
+    means it (EOS, made the likeliest token, cannot end the output before that many tokens); bad values are 400s
+    naming the field."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    t = tok.encode(" hello")[0]
+    c = client(server)
+    r = c.completions.create(model="tiny-a", prompt="Hello there", max_tokens=3, temperature=0.8, seed=1,
+                             logit_bias={str(t): 100}, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == tok.decode([t] * 3) and r.usage.completion_tokens == 3
+    eos = {str(tok.eos_token_id): 100}
+    r = c.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "x"}], max_tokens=8,
+                                  temperature=0, logit_bias=eos)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 1 and r.choices[0].message.content == ""
+    r = c.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "x"}], max_tokens=8,
+                                  temperature=0, logit_bias=eos, extra_body={"min_tokens": 3})
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 4
+    for bias, words in (({"a": 1}, "logit_bias: keys are token ids (non-negative integers, written as strings); got 'a'"),
+                        ({"-1": 1}, "got '-1'"), ({"1": 101}, "less than or equal to 100"),
+                        ({"4000": 1}, "token id 4000 is outside the vocabulary (size 4000)")):
+        e = _status(lambda b=bias: c.completions.create(model="tiny-a", prompt="x", max_tokens=1, logit_bias=b))
+        assert e.status_code == 400 and words in e.body["message"] and e.body["param"].startswith("logit_bias"), e.body
+
+
 # --- errors ---
 def _status(fn) -> openai.APIStatusError:
     with pytest.raises(openai.APIStatusError) as ei:

@@ -116,13 +116,15 @@ def test_pipeline_pooled_equals_alone(make_tiny, host_cache, pipe):
 @pytest.mark.parametrize("pooled", [False, True])
 def test_pipeline_stops_and_lengths_equal_alone(make_tiny, host_cache, pipe, pooled):
     """Stop tokens (a request ends on a token it sampled while its next step was already queued: that row is
-    dropped), stop strings (found between steps, by detokenize), max_tokens of every length, seeded sampling: each
+    dropped), stop strings (found between steps, by detokenize), max_tokens of every length, seeded sampling,
+    logit_bias and min_tokens: each
     request's final output and streamed tokens equal the model alone's."""
     from gpu_pool.arena import MiB
 
     paths = {a: make_tiny(a) for a in ("qwen2", "qwen3")}
     full = {a: _alone_one(p, [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
             for a, p in paths.items()}
+    eos = {a: LLMEngine(EngineConfig(model=str(p), device="cpu")).eos_token_ids[0] for a, p in paths.items()}
     reqs = {}
     for a in paths:
         toks = full[a]
@@ -131,7 +133,13 @@ def test_pipeline_stops_and_lengths_equal_alone(make_tiny, host_cache, pipe, poo
                                                          stop_token_ids=[toks[7]])),
                    ("seeded", [9, 8, 7, 6], SamplingParams(temperature=1.0, top_k=20, seed=11, max_tokens=17,
                                                            ignore_eos=True)),
-                   ("short", [3, 4], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))]
+                   ("short", [3, 4], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)),
+                   # logit_bias (steps with it pipeline), and min_tokens with EOS made the likeliest token: the
+                   # stop-token mask counts the tokens made, so those rows read the step before them first
+                   ("bias", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                      logit_bias={toks[0]: -100.0, toks[0] + 1: 0.5})),
+                   ("min", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=12, min_tokens=6,
+                                                     logit_bias={eos[a]: 100.0}))]
     # a stop string: the text of a few of the greedy request's tokens
     texts = {}
     for a, p in paths.items():
@@ -169,6 +177,11 @@ def test_pipeline_stops_and_lengths_equal_alone(make_tiny, host_cache, pipe, poo
            for rid, o in done.items()}
     assert got == expect
     assert any(v[2] == "stop" for v in got.values())
+    for a in paths:  # what the two sampling options mean
+        bias, mintok = expect[f"{a}/bias"][0], expect[f"{a}/min"][0]
+        assert full[a][0] not in bias
+        assert len(mintok) == 7 and mintok[-1] == eos[a] and eos[a] not in mintok[:6]
+        assert expect[f"{a}/min"][2] == "stop"
     assert multi.timing["pipelined_steps"] > 0
     _no_leak(multi)
     multi.close()

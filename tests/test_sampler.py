@@ -3,6 +3,7 @@ filter, written out once per row), and a seeded row draws the same token in any 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from token_scheduler.request import Request, SamplingParams
@@ -92,3 +93,48 @@ def test_model_dtype_logits_sample_as_their_fp32_upcast():
     ours = Sampler(torch.device("cpu"))(low[:2], reqs())
     ref = Sampler(torch.device("cpu"))(low[:2].float(), reqs())
     assert ours.token_ids == ref.token_ids and ours.logprobs == ref.logprobs
+
+
+def test_logit_bias_moves_each_row_by_its_own_bias_only():
+    """OpenAI's logit_bias: each row's biases are added to its logits before the draw (greedy and seeded alike),
+    other rows are untouched, and the logprobs returned are the model's own."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 40, generator=g)
+    top = logits.argmax(-1).tolist()
+    low = logits.argmin(-1).tolist()
+    reqs = [_req("a", temperature=0.0, logit_bias={low[0]: 100.0}),  # the least likely token wins
+            _req("b", temperature=0.0, logit_bias={top[1]: -100.0}),  # the most likely one is gone
+            _req("c", temperature=0.0, logprobs=0),  # no bias: untouched
+            _req("d", temperature=0.9, seed=11, logit_bias={"7": -3.5, 2: 1.25})]  # (keys as JSON gives them)
+    res = Sampler(torch.device("cpu"))(logits.clone(), reqs)
+    second = logits[1].clone()
+    second[top[1]] -= 100.0
+    assert res.token_ids[:3] == [low[0], second.argmax().item(), top[2]]
+    assert res.logprobs[2] == {top[2]: torch.log_softmax(logits[2], -1)[top[2]].item()}
+    biased = logits[3:4].clone()
+    biased[0, 7] -= 3.5
+    biased[0, 2] += 1.25
+    alone = Sampler(torch.device("cpu")).sample_tokens(biased, [_req("d", temperature=0.9, seed=11)])
+    assert res.token_ids[3] == alone.item()
+
+
+def test_min_tokens_forbids_stop_tokens_until_the_output_is_long_enough():
+    """vLLM's min_tokens: EOS (unless ignore_eos) and the stop token ids cannot be drawn while the output is
+    shorter; from then on they can."""
+    logits = torch.zeros(3, 16)
+    logits[:, 5] = 10.0  # EOS, by far the likeliest
+    logits[:, 9] = 9.0  # a stop token id, next
+    logits[:, 3] = 8.0
+
+    def req(rid, made, **sp):
+        r = Request(rid, [1, 2], SamplingParams(temperature=0.0, stop_token_ids=[9], **sp), eos_token_ids=(5,))
+        r.output_token_ids = [3] * made
+        return r
+
+    rows = [req("short", 1, min_tokens=2), req("long enough", 2, min_tokens=2),
+            req("ignore eos", 0, min_tokens=2, ignore_eos=True)]
+    assert Sampler(torch.device("cpu")).sample_tokens(logits.clone(), rows).tolist() == [3, 5, 5]
+    with pytest.raises(ValueError, match="logit_bias values must be in"):
+        SamplingParams(logit_bias={1: 101})
+    with pytest.raises(ValueError, match="token ids"):
+        SamplingParams(logit_bias={"x": 1})

@@ -151,6 +151,9 @@ class LLMEngine:
             bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vs]
             if bad:
                 raise ValueError(f"prompt token ids must be integers in [0, {vs}); got {bad[:5]}")
+        if params.logit_bias and max(params.logit_bias) >= self.model_config.vocab_size:
+            raise ValueError(f"logit_bias token id {max(params.logit_bias)} is outside the vocabulary "
+                             f"(size {self.model_config.vocab_size})")
         if params.n != 1:
             raise ValueError("the engine takes n=1 requests; fan out n>1 before add_request (LLM.generate does)")
         req = Request(request_id, ids, params, model=self.model_name, eos_token_ids=self.eos_token_ids,

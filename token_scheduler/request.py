@@ -33,6 +33,9 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # top-k logprobs to return per generated token (0 = sampled token only)
     skip_special_tokens: bool = True
+    # OpenAI's logit_bias: token id -> a value in [-100, 100] added to its logit before sampling (the logprobs
+    # returned are the model's own, as vLLM's are)
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -41,6 +44,11 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:
             self.top_k = -1
+        if self.logit_bias is not None:  # (JSON carries the ids as strings)
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()} or None
+            except (TypeError, ValueError):
+                raise ValueError("logit_bias maps token ids (integers) to numbers") from None
         self.validate()
 
     def validate(self) -> None:
@@ -71,6 +79,11 @@ class SamplingParams:
             bad(f"logprobs must be in [0, 20], got {self.logprobs}")
         if any(not s for s in self.stop):  # type: ignore[union-attr]
             bad("stop strings must be non-empty")
+        for tid, v in (self.logit_bias or {}).items():
+            if tid < 0:
+                bad(f"logit_bias token ids must be non-negative, got {tid}")
+            if not -100 <= v <= 100:  # (NaN too)
+                bad(f"logit_bias values must be in [-100, 100], got {v} for token {tid}")
 
     @property
     def greedy(self) -> bool:
@@ -79,6 +92,12 @@ class SamplingParams:
     @property
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the sampler changes this request's logits before drawing: penalties, logit_bias, or a
+        min_tokens that forbids stop tokens while the output is shorter."""
+        return self.needs_penalties or self.logit_bias is not None or self.min_tokens > 0
 
 
 class RequestStatus(enum.IntEnum):

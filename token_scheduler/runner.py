@@ -22,7 +22,7 @@ from token_scheduler import graph_cap
 from token_scheduler.model import llama
 from token_scheduler.model.attention import AttentionMetadata
 from token_scheduler.request import Request
-from token_scheduler.sampler import Sampler, SampleResult
+from token_scheduler.sampler import Sampler, SampleResult, masks_stop_tokens
 from token_scheduler.scheduler import SchedulerOutput
 from tokenpool import env
 
@@ -226,9 +226,11 @@ class ModelRunner:
     def launchable(self, n: int, requests) -> bool:
         """Whether a decode of `n` rows, `requests`, can run overlapped (`can_launch` less the step's own checks: a
         co-stepping engine asks it of a plan before its step is committed): a graph bucket, not the HF-exact path,
-        and sampling that needs neither the tokens the host has not read yet (penalties) nor host-side logprobs."""
+        and sampling that needs neither the tokens the host has not read yet (penalties; min_tokens' stop-token mask,
+        which counts them) nor host-side logprobs."""
         return (not self.hf_exact_decode and (n in self.bucket_of or not self.is_cuda)
-                and all(not (sp := r.sampling_params).needs_penalties and sp.logprobs is None for r in requests))
+                and all(not (sp := r.sampling_params).needs_penalties and sp.logprobs is None
+                        and not masks_stop_tokens(r) for r in requests))
 
     def launch_decode(self, out: SchedulerOutput, ids: torch.Tensor | None = None,
                       timed: bool = False, rows: list[int] | None = None) -> LaunchedDecode:

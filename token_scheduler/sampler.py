@@ -37,6 +37,39 @@ def apply_penalties(logits: torch.Tensor, req: Request) -> torch.Tensor:
     return logits
 
 
+def adjust_logits(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """vLLM v1's order: logit_bias and min_tokens' stop-token mask over the batch (one scatter each), then each
+    row's penalties. `logits`: [N, V] fp32, changed in place. The mask reads how many tokens a row has made, so a
+    row it applies to never runs overlapped (`ModelRunner.launchable`): the host knows that count exactly."""
+    rows, cols, vals, mrows, mcols = [], [], [], [], []
+    for i, r in enumerate(reqs):
+        sp = r.sampling_params
+        if sp.logit_bias:
+            rows += [i] * len(sp.logit_bias)
+            cols += sp.logit_bias.keys()
+            vals += sp.logit_bias.values()
+        if masks_stop_tokens(r):
+            stops = {t for t in (*(sp.stop_token_ids or ()), *(() if sp.ignore_eos else r.eos_token_ids))
+                     if t < logits.shape[1]}  # (an id past the vocabulary is never drawn anyway)
+            mrows += [i] * len(stops)
+            mcols += stops
+    dev = logits.device
+    if rows:
+        logits.index_put_((upload(rows, dev), upload(cols, dev)), upload(vals, dev, logits.dtype), accumulate=True)
+    if mrows:
+        logits.index_put_((upload(mrows, dev), upload(mcols, dev)), torch.tensor(float("-inf"), device=dev))
+    for i, r in enumerate(reqs):
+        if r.sampling_params.needs_penalties:
+            logits[i] = apply_penalties(logits[i], r)
+    return logits
+
+
+def masks_stop_tokens(req: Request) -> bool:
+    """min_tokens (vLLM): EOS (unless ignore_eos) and the stop token ids cannot be drawn before the output has
+    that many tokens."""
+    return len(req.output_token_ids) < req.sampling_params.min_tokens
+
+
 def _filter(x: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> torch.Tensor:
     """Top-k, top-p and min-p over a batch of rows [N, V] at once, each row with its own settings (off: -1, 1.0,
     0.0). A batched op per filter instead of a Python loop over rows: the ops and results are those of
@@ -90,11 +123,8 @@ class Sampler:
         only penalties (rare) and seeded rows' random draws go row by row."""
         sps = [r.sampling_params for r in reqs]
         raw = logits
-        if any(sp.needs_penalties for sp in sps):
-            raw = raw.to(torch.float32, copy=True)
-            for i, (r, sp) in enumerate(zip(reqs, sps)):
-                if sp.needs_penalties:
-                    raw[i] = apply_penalties(raw[i], r)
+        if any(sp.adjusts_logits for sp in sps):
+            raw = adjust_logits(raw.to(torch.float32, copy=True), reqs)
         greedy = [sp.greedy for sp in sps]
         if all(greedy):  # (in the logits' own dtype: an upcast keeps every value, so the first maximum too)
             return raw.argmax(-1)

@@ -1,7 +1,7 @@
 """OpenAI-compatible request and response models (plus vLLM's sampling extras). Only shapes and ranges here.
 
 Unknown request fields are ignored, as vLLM does, so newer clients keep working; fields whose meaning we cannot
-honour (tools, logit_bias, suffix, ...) are refused by the serving layer with a 400 naming the field.
+honour (tools, suffix, ...) are refused by the serving layer with a 400 naming the field.
 
 Requests are validated strictly: JSON types are not coerced (`"max_tokens": "10"`, `"stream": "yes"` and
 `"prompt": [[false]]` are 400s, as OpenAI answers them), and text must be valid Unicode (a lone UTF-16
@@ -26,6 +26,7 @@ from pydantic_core import PydanticCustomError
 
 MAX_N = 16
 MAX_STOP = 8
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias a request may carry (OpenAI sets no number; this bounds the work)
 
 
 def lone_surrogate_path(v: Any, path: tuple = ()) -> tuple | None:
@@ -86,7 +87,9 @@ class _Sampling(_Top):
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    # token id (a string of digits, as JSON keys are) -> bias, OpenAI's range; the vocabulary is checked per model
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: str | None = Field(None, max_length=256)
     # vLLM extras
     top_k: int | None = Field(None, ge=-1, le=1 << 20)
@@ -96,6 +99,15 @@ class _Sampling(_Top):
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=1 << 31)]] | None = Field(None, max_length=64)
     skip_special_tokens: bool = True
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for k in v or ():
+            if not (k.isascii() and k.isdigit() and len(k) <= 10):
+                raise PydanticCustomError("logit_bias_key", "keys are token ids (non-negative integers, "
+                                          "written as strings); got {key}", {"key": repr(k[:40])})
+        return v
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=1 << 31)]], Field(min_length=1)]

@@ -205,8 +205,6 @@ class OpenAIServing:
 
     @staticmethod
     def _refuse_unsupported(req: p._Sampling) -> None:
-        if req.logit_bias:
-            raise ServingError(400, "logit_bias is not supported", param="logit_bias")
         for name in ("tools", "suffix"):
             if getattr(req, name, None):
                 raise ServingError(400, f"{name} is not supported", param=name)
@@ -220,10 +218,17 @@ class OpenAIServing:
             raise ServingError(400, "stream_options is only allowed when stream is true", param="stream_options")
 
     @staticmethod
-    def _params(req: p._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _params(me: ModelEntry, req: p._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        bias = None
+        if req.logit_bias:
+            bias = {int(k): v for k, v in req.logit_bias.items()}
+            vocab = OpenAIServing._vocab(me)
+            if (top := max(bias)) >= vocab:
+                raise ServingError(400, f"logit_bias: token id {top} is outside the vocabulary (size {vocab})",
+                                   param="logit_bias")
         kw = dict(n=1, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=req.stop,
                   stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-                  skip_special_tokens=req.skip_special_tokens)
+                  skip_special_tokens=req.skip_special_tokens, logit_bias=bias)
         for f, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", -1), ("min_p", 0.0),
                            ("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
             v = getattr(req, f)
@@ -234,10 +239,14 @@ class OpenAIServing:
             raise ServingError(400, str(e)) from None
 
     @staticmethod
+    def _vocab(me: ModelEntry) -> int:
+        return len(me.tokenizer) if hasattr(me.tokenizer, "__len__") else me.tokenizer.vocab_size
+
+    @staticmethod
     def _check_ids(me: ModelEntry, ids: list[int], param: str) -> list[int]:
         if not ids:
             raise ServingError(400, "the prompt is empty (it must contain at least one token)", param=param)
-        vocab = len(me.tokenizer) if hasattr(me.tokenizer, "__len__") else me.tokenizer.vocab_size
+        vocab = OpenAIServing._vocab(me)
         if max(ids) >= vocab:
             raise ServingError(400, f"token id {max(ids)} is outside the vocabulary (size {vocab})", param=param)
         return ids
@@ -254,7 +263,7 @@ class OpenAIServing:
                           request: Request) -> p.CompletionResponse | AsyncIterator[bytes]:
         me = self.entry(tenant, req.model)
         self._refuse_unsupported(req)
-        params = self._params(req, req.max_tokens, req.logprobs)
+        params = self._params(me, req, req.max_tokens, req.logprobs)
         texts, prompts, echo = await self.offload(self._completion_prompts, me, req)
         rid = self.ctl.new_id("cmpl")
         gen = self._track(await self.ctl.generate(me, tenant, prompts, params, req.n, rid))
@@ -366,7 +375,7 @@ class OpenAIServing:
         if req.top_logprobs is not None and not req.logprobs:
             raise ServingError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        params = self._params(me, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         if not getattr(me.tokenizer, "chat_template", None):
             raise ServingError(400, f"model `{req.model}` has no chat template; use /v1/completions")
         kwargs = check_template_kwargs(req.chat_template_kwargs)
