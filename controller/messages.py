@@ -108,6 +108,8 @@ class Delta:
     num_prompt_tokens: int = 0
     error: str | None = None  # set when the engine refused or failed the request
     error_kind: str | None = None  # "invalid" (client's fault: 400) | "engine" (503)
+    # (prompt_logprobs asked; with the first tokens) each prompt token's after the first, as `logprobs`
+    prompt_logprobs: list[list[list[float]]] | None = None
 
 
 @dataclass

@@ -34,17 +34,21 @@ log = logging.getLogger("tokenpool.worker")
 _promoted_at: float | None = None  # monotonic: when this process, a standby, took over its slot
 
 
+def _pairs(ids, lps) -> list[list[list[float]]]:
+    """Each token's logprobs as [[token_id, logprob], ...], the token's own first."""
+    return [[[tid, lp.get(tid, float("nan"))]] + [[k, v] for k, v in lp.items() if k != tid]
+            for tid, lp in zip(ids, lps)]
+
+
 def to_delta(out) -> m.Delta:
     c = out.outputs[0]
     lps = None
     if out.delta_logprobs is not None and out.delta_token_ids:
-        lps = []
-        for tid, lp in zip(out.delta_token_ids, out.delta_logprobs):
-            pairs = [[tid, lp.get(tid, float("nan"))]] + [[k, v] for k, v in lp.items() if k != tid]
-            lps.append(pairs)
+        lps = _pairs(out.delta_token_ids, out.delta_logprobs)
+    plp = None if out.prompt_logprobs is None else _pairs(out.prompt_token_ids[1:], out.prompt_logprobs[1:])
     return m.Delta(request_id=out.request_id, text=out.delta_text, token_ids=list(out.delta_token_ids),
                    logprobs=lps, finished=out.finished, finish_reason=c.finish_reason if out.finished else None,
-                   num_prompt_tokens=len(out.prompt_token_ids))
+                   num_prompt_tokens=len(out.prompt_token_ids), prompt_logprobs=plp)
 
 
 def _seqs(eng, msg: m.LoadModel) -> int:

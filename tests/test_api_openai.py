@@ -178,6 +178,52 @@ def test_logit_bias_and_min_tokens(server, tiny_model):
         assert e.status_code == 400 and words in e.body["message"] and e.body["param"].startswith("logit_bias"), e.body
 
 
+def test_continue_final_message(server, tiny_model):
+    """vLLM's continue_final_message: the last (assistant) message is left open and the model continues it: the same
+    tokens as /v1/completions given the template's text ending inside that message; with add_generation_prompt also
+    set true, a 400."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! I am"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, continue_final_message=True)
+    assert text.endswith("Hello! I am")
+    c = client(server)
+    r = c.chat.completions.create(model="tiny-a", messages=msgs, max_tokens=6, extra_body={
+        "continue_final_message": True, "ignore_eos": True}, temperature=0)
+    ref = c.completions.create(model="tiny-a", prompt=tok.encode(text), max_tokens=6, **GREEDY)
+    assert r.choices[0].message.content == ref.choices[0].text
+    assert r.usage.prompt_tokens == ref.usage.prompt_tokens == len(tok.encode(text))
+    e = _status(lambda: c.chat.completions.create(model="tiny-a", messages=msgs, max_tokens=1, extra_body={
+        "continue_final_message": True, "add_generation_prompt": True}))
+    assert e.status_code == 400 and e.body["param"] == "continue_final_message"
+
+
+def test_echo_with_logprobs_scores_the_prompt(server):
+    """OpenAI's echo with logprobs: the prompt's tokens come first in the logprobs (the first with null), their
+    offsets from 0 over the echoed text; streamed, the same lists arrive (the prompt with the first tokens); a paced
+    model, which has no logits, answers 400."""
+    c = client(server)
+    prompt = "The quick brown fox"
+    r = c.completions.create(model="tiny-a", prompt=prompt, max_tokens=2, logprobs=1, echo=True, **GREEDY)
+    lp, text = r.choices[0].logprobs, r.choices[0].text
+    n = r.usage.prompt_tokens
+    assert text.startswith(prompt) and len(lp.tokens) == n + 2 and "".join(lp.tokens) == text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(t) >= 1 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    plain = c.completions.create(model="tiny-a", prompt=prompt, max_tokens=2, logprobs=1, **GREEDY)
+    assert plain.choices[0].logprobs.token_logprobs == lp.token_logprobs[n:]  # the completion's, unchanged
+    chunks = list(c.completions.create(model="tiny-a", prompt=prompt, max_tokens=2, logprobs=1, echo=True,
+                                       stream=True, **GREEDY))
+    parts = [ch.choices[0] for ch in chunks if ch.choices]
+    assert "".join(x.text for x in parts) == text
+    assert [v for x in parts if x.logprobs for v in x.logprobs.token_logprobs] == lp.token_logprobs
+    assert [v for x in parts if x.logprobs for v in x.logprobs.text_offset] == lp.text_offset
+    e = _status(lambda: c.completions.create(model="pace-1", prompt="x", max_tokens=1, logprobs=1, echo=True))
+    assert e.status_code == 400 and "paced model" in e.body["message"], e.body
+
+
 # --- errors ---
 def _status(fn) -> openai.APIStatusError:
     with pytest.raises(openai.APIStatusError) as ei:

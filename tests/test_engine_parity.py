@@ -137,3 +137,31 @@ def test_row_pieces_match_hf(make_varied, monkeypatch):
         assert o.outputs[0].token_ids == ref[0, len(ids):].tolist()
     assert max(n for n, _ in pieces) == 8 and max(k for _, k in pieces) == 2
     assert any(k == 0 for _, k in pieces)  # a piece inside a long chunk: nothing sampled
+
+
+def test_prompt_logprobs_match_hf(make_varied):
+    """prompt_logprobs: each prompt token after the first gets HF's log-softmax at the position before it (and the top
+    k), over a prompt cut into chunks (chunked prefill, two requests in a step, one asking and one not); the first is
+    None, and the engine's logprobs of the generated tokens are unchanged by asking."""
+    d = make_varied("qwen2")
+    hf = _hf(d)
+    llm = LLM(d, device="cpu", dtype="fp32", max_num_batched_tokens=16)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, llm.engine.model_config.vocab_size, (41,), generator=g).tolist()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+    asks = SamplingParams(temperature=0, max_tokens=3, logprobs=0, prompt_logprobs=2, ignore_eos=True)
+    plain = SamplingParams(temperature=0, max_tokens=3, logprobs=0, ignore_eos=True)
+    got, other = llm.generate([ids, ids[:20]], [asks, plain])
+    assert other.prompt_logprobs is None
+    plp = got.prompt_logprobs
+    assert len(plp) == len(ids) and plp[0] is None
+    for p in range(1, len(ids)):
+        row = ref[p - 1]
+        top = torch.topk(row, 2)
+        want = {ids[p]: row[ids[p]].item(), **{t: v for t, v in zip(top.indices.tolist(), top.values.tolist())}}
+        assert list(plp[p])[0] == ids[p] and set(plp[p]) == set(want)
+        for t, v in want.items():
+            assert abs(plp[p][t] - v) <= 1e-4
+    same = llm.generate([ids, ids[:20]], [plain, plain])[0].outputs[0]  # the same batches, not asking
+    assert got.outputs[0].token_ids == same.token_ids and got.outputs[0].logprobs == same.logprobs

@@ -83,8 +83,12 @@ def detokenize(outs: list[TokenOutput]) -> tuple[list[RequestOutput], list[tuple
         if finished:
             ids, lps = ids[:n], None if lps is None else lps[:n]
         comp = CompletionOutput(0, d.text, ids, reason, stop_reason, lps)
+        plp = None
+        if req.sampling_params.prompt_logprobs is not None and k and n == k:  # (the first tokens' output)
+            plp = [None, *req.prompt_logprobs]
         results.append(RequestOutput(
             req.request_id, req.prompt_token_ids, [comp], finished, model=req.model, delta_text=delta,
             delta_token_ids=req.output_token_ids[n - k : n],
-            delta_logprobs=None if lps is None else req.output_logprobs[n - k : n], metrics=metrics))
+            delta_logprobs=None if lps is None else req.output_logprobs[n - k : n], metrics=metrics,
+            prompt_logprobs=plp))
     return results, stopped

@@ -280,6 +280,9 @@ class LLMEngine:
 
     def _complete(self, out: SchedulerOutput, res) -> list[TokenOutput]:
         outputs = []
+        if res.prompt_logprobs:  # (before `update`: a request it finishes keeps them)
+            for c in out.chunks:
+                c.request.prompt_logprobs += res.prompt_logprobs.get(c.request.request_id, ())
         got = self.scheduler.update(out, res.sampled)
         now = time.monotonic()
         for req in got:

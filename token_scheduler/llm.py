@@ -36,8 +36,11 @@ class LLM:
                 ids.append(rid)
             groups.append(ids)
         done: dict[str, RequestOutput] = {}
+        prompt_lps: dict[str, list] = {}  # (prompt_logprobs: on each request's first output)
         while self.engine.has_unfinished_requests():
             for o in self.engine.step():
+                if o.prompt_logprobs is not None:
+                    prompt_lps[o.request_id] = o.prompt_logprobs
                 if o.finished:
                     done[o.request_id] = o
         results = []
@@ -45,7 +48,8 @@ class LLM:
             first = done[ids[0]]
             outs = [replace(done[rid].outputs[0], index=i) for i, rid in enumerate(ids)]
             results.append(RequestOutput(first.request_id, first.prompt_token_ids, outs, True, model=first.model,
-                                         prompt=prompt if isinstance(prompt, str) else None))
+                                         prompt=prompt if isinstance(prompt, str) else None,
+                                         prompt_logprobs=prompt_lps.get(ids[0])))
         return results
 
 

@@ -96,6 +96,8 @@ class PaceEngine:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("prompt must contain at least one token")
+        if params.prompt_logprobs is not None:
+            raise ValueError("a paced model has no logits: the prompt's logprobs (echo with logprobs) cannot be given")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(ids)} tokens; the model's context is {self.max_model_len}")
         if request_id in self._running or any(r.rid == request_id for r in self._waiting):

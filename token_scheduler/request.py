@@ -32,6 +32,7 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: up to the model's context
     min_tokens: int = 0
     logprobs: int | None = None  # top-k logprobs to return per generated token (0 = sampled token only)
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (vLLM's; OpenAI's echo)
     skip_special_tokens: bool = True
     # OpenAI's logit_bias: token id -> a value in [-100, 100] added to its logit before sampling (the logprobs
     # returned are the model's own, as vLLM's are)
@@ -77,6 +78,8 @@ class SamplingParams:
             bad(f"min_tokens must be non-negative, got {self.min_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             bad(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            bad(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         if any(not s for s in self.stop):  # type: ignore[union-attr]
             bad("stop strings must be non-empty")
         for tid, v in (self.logit_bias or {}).items():
@@ -130,6 +133,7 @@ class Request:
 
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float]] = field(default_factory=list)  # prompt tokens 1.. (prompt_logprobs)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     block_ids: list[int] = field(default_factory=list)  # GPU KV blocks, in order
@@ -246,3 +250,6 @@ class RequestOutput:
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: list[dict[int, float]] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    # (prompt_logprobs asked) each prompt token's {token_id: logprob, top ones...}, None for the first (nothing
+    # precedes it): on the output carrying the request's first token -- the prompt is whole by then -- only
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -161,6 +161,8 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    # vLLM's: the last message is left open for the model to continue (a prefilled start of its answer)
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
 

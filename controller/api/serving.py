@@ -218,7 +218,8 @@ class OpenAIServing:
             raise ServingError(400, "stream_options is only allowed when stream is true", param="stream_options")
 
     @staticmethod
-    def _params(me: ModelEntry, req: p._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _params(me: ModelEntry, req: p._Sampling, max_tokens: int | None, logprobs: int | None,
+                prompt_logprobs: int | None = None) -> SamplingParams:
         bias = None
         if req.logit_bias:
             bias = {int(k): v for k, v in req.logit_bias.items()}
@@ -228,7 +229,7 @@ class OpenAIServing:
                                    param="logit_bias")
         kw = dict(n=1, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=req.stop,
                   stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-                  skip_special_tokens=req.skip_special_tokens, logit_bias=bias)
+                  skip_special_tokens=req.skip_special_tokens, logit_bias=bias, prompt_logprobs=prompt_logprobs)
         for f, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", -1), ("min_p", 0.0),
                            ("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
             v = getattr(req, f)
@@ -263,13 +264,16 @@ class OpenAIServing:
                           request: Request) -> p.CompletionResponse | AsyncIterator[bytes]:
         me = self.entry(tenant, req.model)
         self._refuse_unsupported(req)
-        params = self._params(me, req, req.max_tokens, req.logprobs)
+        # OpenAI's echo with logprobs: the prompt's tokens have logprobs too (the first null)
+        scored = req.logprobs if req.echo else None
+        params = self._params(me, req, req.max_tokens, req.logprobs, scored)
         texts, prompts, echo = await self.offload(self._completion_prompts, me, req)
         rid = self.ctl.new_id("cmpl")
         gen = self._track(await self.ctl.generate(me, tenant, prompts, params, req.n, rid))
+        firsts = [ids[0] for ids in prompts] if scored is not None else None
         if req.stream:
-            return self._stream_completion(gen, req, rid, me, echo)
-        return await self._collect(request, gen, self._collect_completion(gen, req, rid, me, echo))
+            return self._stream_completion(gen, req, rid, me, echo, firsts)
+        return await self._collect(request, gen, self._collect_completion(gen, req, rid, me, echo, firsts))
 
     def _completion_prompts(self, me: ModelEntry, req: p.CompletionRequest
                             ) -> tuple[list[str | None], list[list[int]], list[str]]:
@@ -320,9 +324,21 @@ class OpenAIServing:
             self.active.discard(gen)
             gen.close(status)
 
-    def _completion_logprobs(self, me: ModelEntry, d: Delta, k: int, offset: int) -> p.CompletionLogprobs:
+    def _completion_logprobs(self, me: ModelEntry, d: Delta, k: int, offset: int,
+                             first: int | None = None) -> p.CompletionLogprobs:
+        """The logprobs of `d`'s tokens, their text at `offset` on; with `first` (echo: the prompt's first token id),
+        those of the prompt's tokens before them, from offset 0 (the first token's null)."""
         out = p.CompletionLogprobs()
-        for pairs in d.logprobs or []:
+        pairs_of = d.logprobs or []
+        if first is not None:
+            s = self._tok(me, first)
+            out.tokens.append(s)
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            out.text_offset.append(0)
+            offset = len(s)
+            pairs_of = [*(d.prompt_logprobs or []), *pairs_of]
+        for pairs in pairs_of:
             tid, lp = pairs[0]
             s = self._tok(me, tid)
             out.tokens.append(s)
@@ -334,15 +350,16 @@ class OpenAIServing:
         return out
 
     async def _collect_completion(self, gen: Tracked, req: p.CompletionRequest, rid: str, me: ModelEntry,
-                                  echo: list[str]) -> p.CompletionResponse:
+                                  echo: list[str], firsts: list[int] | None) -> p.CompletionResponse:
         k = len(gen.subs)
         text = [echo[i // req.n] for i in range(k)]
         finish: list[str | None] = [None] * k
         lps = [p.CompletionLogprobs() if req.logprobs is not None else None for _ in range(k)]
         async for i, d in gen.events():
             lp = lps[i]
-            if lp is not None and d.logprobs:
-                part = self._completion_logprobs(me, d, req.logprobs or 0, len(text[i]))
+            if lp is not None and (d.logprobs or d.prompt_logprobs is not None):
+                first = None if firsts is None or d.prompt_logprobs is None else firsts[i // req.n]
+                part = self._completion_logprobs(me, d, req.logprobs or 0, len(text[i]), first)
                 for f in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                     getattr(lp, f).extend(getattr(part, f))
             text[i] += d.text
@@ -352,18 +369,23 @@ class OpenAIServing:
         return p.CompletionResponse(id=rid, model=req.model, choices=choices, usage=self._usage(gen))
 
     def _stream_completion(self, gen: Tracked, req: p.CompletionRequest, rid: str, me: ModelEntry,
-                           echo: list[str]) -> AsyncIterator[bytes]:
+                           echo: list[str], firsts: list[int] | None) -> AsyncIterator[bytes]:
         usage = req.stream_options is not None and req.stream_options.include_usage
         fr = ChunkFrames("text_completion", rid, int(time.time()), req.model, usage)
         offsets = [len(echo[i // req.n]) for i in range(len(gen.subs))]
-        lead = [fr.text(i, echo[i // req.n]) for i in range(len(gen.subs)) if echo[i // req.n]]
+        # the echoed prompt leads; with its logprobs (`firsts`), it goes with the first tokens, which bring them
+        lead = [] if firsts is not None else [fr.text(i, echo[i // req.n]) for i in range(len(gen.subs))
+                                              if echo[i // req.n]]
 
         def frame(i: int, d: Delta) -> bytes:
-            lp = NULL
+            lp, text = NULL, d.text
             if req.logprobs is not None:  # rare: built as a model (all four lists, as OpenAI sends them)
-                lp = self._completion_logprobs(me, d, req.logprobs, offsets[i]).model_dump_json().encode()
+                first = None if firsts is None or d.prompt_logprobs is None else firsts[i // req.n]
+                if first is not None:
+                    text = echo[i // req.n] + text
+                lp = self._completion_logprobs(me, d, req.logprobs, offsets[i], first).model_dump_json().encode()
                 offsets[i] += len(d.text)
-            return fr.text(i, d.text, lp, d.finish_reason if d.finished else None)
+            return fr.text(i, text, lp, d.finish_reason if d.finished else None)
 
         return self._stream(gen, lead, frame, fr, usage)
 
@@ -389,9 +411,15 @@ class OpenAIServing:
     def _chat_prompt(self, me: ModelEntry, req: p.ChatCompletionRequest, kwargs: dict[str, Any]) -> list[int]:
         """The prompt's token ids: the model's own chat template, rendered and tokenized in the tokenize pool."""
         msgs = [{"role": "system" if mm.role == "developer" else mm.role, "content": mm.text()} for mm in req.messages]
+        gen_prompt = req.add_generation_prompt
+        if req.continue_final_message:  # (add_generation_prompt left at its default: off, as the two exclude)
+            if gen_prompt and "add_generation_prompt" in req.model_fields_set:
+                raise ServingError(400, "continue_final_message and add_generation_prompt cannot both be true",
+                                   param="continue_final_message")
+            gen_prompt = False
+            kwargs = {**kwargs, "continue_final_message": True}
         try:
-            text = me.tokenizer.apply_chat_template(msgs, tokenize=False,
-                                                    add_generation_prompt=req.add_generation_prompt, **kwargs)
+            text = me.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt, **kwargs)
         except Exception as e:  # noqa: BLE001 - template errors (role order, ...) are the client's
             raise ServingError(400, f"cannot apply the chat template: {e}", param="messages") from None
         try:
