@@ -224,6 +224,41 @@ def test_echo_with_logprobs_scores_the_prompt(server):
     assert e.status_code == 400 and "paced model" in e.body["message"], e.body
 
 
+def test_response_format_json_schema(server):
+    """response_format: a JSON schema's instance comes back (a random-weight model, sampled: the grammar alone makes it
+    valid), on chat and completions, streamed too, ending with "stop"; json_object gives an object; a schema that
+    cannot compile and an unknown type are 400s naming the field."""
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                               "maximum": 9}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    rf = {"type": "json_schema", "json_schema": {"name": "small", "schema": schema, "strict": True}}
+    c = client(server)
+    msgs = [{"role": "user", "content": "Is it ok?"}]
+    for seed in range(3):
+        r = c.chat.completions.create(model="tiny-a", messages=msgs, max_tokens=40, temperature=1.0, seed=seed,
+                                      response_format=rf)
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+        assert r.choices[0].finish_reason == "stop"
+    chunks = list(c.chat.completions.create(model="tiny-b", messages=msgs, max_tokens=40, temperature=1.0, seed=7,
+                                            response_format=rf, stream=True))
+    jsonschema.validate(json.loads("".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)), schema)
+    r = c.completions.create(model="tiny-a", prompt="x", max_tokens=40, temperature=1.0, seed=1,
+                             extra_body={"response_format": rf})
+    jsonschema.validate(json.loads(r.choices[0].text), schema)
+    r = c.chat.completions.create(model="tiny-a", messages=msgs, max_tokens=60, temperature=0,
+                                  response_format={"type": "json_object"}, logit_bias={"0": -100})
+    assert r.choices[0].message.content.startswith("{")
+    for bad, param in (({"type": "xml"}, "response_format.type"), ({"type": "json_schema"}, "response_format.json_schema"),
+                       ({"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}, "response_format")):
+        e = _status(lambda b=bad: c.chat.completions.create(model="tiny-a", messages=msgs, max_tokens=1,
+                                                             response_format=b))
+        assert e.status_code == 400 and e.body["param"] == param, e.body
+
+
 # --- errors ---
 def _status(fn) -> openai.APIStatusError:
     with pytest.raises(openai.APIStatusError) as ei:

@@ -550,8 +550,13 @@ def test_an_engine_on_the_second_gpu_runs_from_a_worker_thread(make_varied):
 
 def test_prompt_logprobs_and_logit_bias_on_cuda(make_varied):
     """On CUDA (graphs on): a request asking for its prompt's logprobs takes the eager prefill (no row graphs), whose
-    values equal the CPU engine's on the same fp32 weights; asking changes no generated token; logit_bias and
-    min_tokens rows (the latter never overlapped) give the CPU engine's tokens."""
+    values equal the CPU engine's on the same fp32 weights; asking changes no generated token; logit_bias, min_tokens
+    and grammar rows (the latter two never overlapped) give the CPU engine's tokens, the grammar's a valid instance."""
+    import json
+
+    import jsonschema
+
+    from tests.test_pipeline import SMALL_JSON, SMALL_SCHEMA
     from token_scheduler import LLM
 
     d = make_varied("qwen2")
@@ -559,14 +564,16 @@ def test_prompt_logprobs_and_logit_bias_on_cuda(make_varied):
     eos = LLMEngine(EngineConfig(model=str(d), device="cpu")).eos_token_ids[0]
     params = [SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias={7: 50.0, 9: -100.0}),
-              SamplingParams(temperature=0, max_tokens=9, min_tokens=5, logit_bias={eos: 100.0})]
+              SamplingParams(temperature=0, max_tokens=9, min_tokens=5, logit_bias={eos: 100.0}),
+              SamplingParams(temperature=0, max_tokens=40, grammar=SMALL_JSON)]
     outs = {}
     for dev in ("cpu", "cuda"):
         llm = LLM(d, device=dev, dtype="fp32", **({"kv_cache_memory_gb": 0.1} if dev == "cuda" else {}))
-        outs[dev] = llm.generate([ids, ids[:9], ids[:12]], params)
+        outs[dev] = llm.generate([ids, ids[:9], ids[:12], ids[:7]], params)
     cpu, gpu = outs["cpu"], outs["cuda"]
     assert [o.outputs[0].token_ids for o in gpu] == [o.outputs[0].token_ids for o in cpu]
     assert len(gpu[2].outputs[0].token_ids) == 6 and gpu[2].outputs[0].token_ids[-1] == eos
+    jsonschema.validate(json.loads(gpu[3].outputs[0].text), SMALL_SCHEMA)
     assert gpu[0].prompt_logprobs[0] is None and len(gpu[0].prompt_logprobs) == len(ids)
     for a, b in zip(gpu[0].prompt_logprobs[1:], cpu[0].prompt_logprobs[1:]):
         t = list(b)[0]  # the prompt token's own (the top one's id may differ in a near-tie)

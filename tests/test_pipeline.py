@@ -4,8 +4,12 @@ pipelined steps happen, models still interleave, and nothing leaks."""
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import pytest
 
+from controller.api.serving import response_grammar
 from tests.test_multi_engine import (
     ARCHS,
     PROMPTS,
@@ -18,6 +22,12 @@ from token_scheduler import multi_engine
 from token_scheduler.engine import EngineConfig, LLMEngine
 from token_scheduler.multi_engine import MultiModelEngine
 from token_scheduler.request import SamplingParams
+
+# a JSON schema whose every instance is a few tokens: a random-weight model completes it well within max_tokens
+SMALL_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                                   "maximum": 9}},
+                "required": ["ok", "n"], "additionalProperties": False}
+SMALL_JSON = response_grammar({"type": "json_schema", "json_schema": {"schema": SMALL_SCHEMA}})
 
 # rounds of at least 1 s: on CPU (no switch cost) a turn is then several steps of a model, which pipeline
 TURNS = {"max_round_s": 4.0, "min_round_s": 1.0}
@@ -139,7 +149,9 @@ def test_pipeline_stops_and_lengths_equal_alone(make_tiny, host_cache, pipe, poo
                    ("bias", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
                                                       logit_bias={toks[0]: -100.0, toks[0] + 1: 0.5})),
                    ("min", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=12, min_tokens=6,
-                                                     logit_bias={eos[a]: 100.0}))]
+                                                     logit_bias={eos[a]: 100.0})),
+                   # a grammar (response_format's JSON schema): fed each token, so never overlapped
+                   ("json", [5, 6, 7], SamplingParams(temperature=1.0, seed=3, max_tokens=40, grammar=SMALL_JSON))]
     # a stop string: the text of a few of the greedy request's tokens
     texts = {}
     for a, p in paths.items():
@@ -182,6 +194,9 @@ def test_pipeline_stops_and_lengths_equal_alone(make_tiny, host_cache, pipe, poo
         assert full[a][0] not in bias
         assert len(mintok) == 7 and mintok[-1] == eos[a] and eos[a] not in mintok[:6]
         assert expect[f"{a}/min"][2] == "stop"
+        text, reason = expect[f"{a}/json"][1], expect[f"{a}/json"][2]
+        jsonschema.validate(json.loads(text), SMALL_SCHEMA)
+        assert reason == "stop"
     assert multi.timing["pipelined_steps"] > 0
     _no_leak(multi)
     multi.close()

@@ -37,6 +37,9 @@ class SamplingParams:
     # OpenAI's logit_bias: token id -> a value in [-100, 100] added to its logit before sampling (the logprobs
     # returned are the model's own, as vLLM's are)
     logit_bias: dict[int, float] | None = None
+    # an llguidance grammar (its JSON; e.g. made from a JSON schema, response_format): each token drawn keeps the
+    # output a prefix of a string the grammar accepts, and once it is whole only EOS may follow
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -98,9 +101,9 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Whether the sampler changes this request's logits before drawing: penalties, logit_bias, or a
-        min_tokens that forbids stop tokens while the output is shorter."""
-        return self.needs_penalties or self.logit_bias is not None or self.min_tokens > 0
+        """Whether the sampler changes this request's logits before drawing: penalties, logit_bias, a min_tokens
+        that forbids stop tokens while the output is shorter, or a grammar."""
+        return self.needs_penalties or self.logit_bias is not None or self.min_tokens > 0 or self.grammar is not None
 
 
 class RequestStatus(enum.IntEnum):
@@ -134,6 +137,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float]] = field(default_factory=list)  # prompt tokens 1.. (prompt_logprobs)
+    matcher: Any = None  # (SamplingParams.grammar) its llguidance matcher, fed each token the request makes
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     block_ids: list[int] = field(default_factory=list)  # GPU KV blocks, in order

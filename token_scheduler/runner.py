@@ -268,10 +268,10 @@ class ModelRunner:
         """Whether a decode of `n` rows, `requests`, can run overlapped (`can_launch` less the step's own checks: a
         co-stepping engine asks it of a plan before its step is committed): a graph bucket, not the HF-exact path,
         and sampling that needs neither the tokens the host has not read yet (penalties; min_tokens' stop-token mask,
-        which counts them) nor host-side logprobs."""
+        which counts them; a grammar, which is fed them) nor host-side logprobs."""
         return (not self.hf_exact_decode and (n in self.bucket_of or not self.is_cuda)
                 and all(not (sp := r.sampling_params).needs_penalties and sp.logprobs is None
-                        and not masks_stop_tokens(r) for r in requests))
+                        and not masks_stop_tokens(r) and r.matcher is None for r in requests))
 
     def launch_decode(self, out: SchedulerOutput, ids: torch.Tensor | None = None,
                       timed: bool = False, rows: list[int] | None = None) -> LaunchedDecode:

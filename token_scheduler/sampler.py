@@ -38,11 +38,13 @@ def apply_penalties(logits: torch.Tensor, req: Request) -> torch.Tensor:
 
 
 def adjust_logits(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-    """vLLM v1's order: logit_bias and min_tokens' stop-token mask over the batch (one scatter each), then each
-    row's penalties. `logits`: [N, V] fp32, changed in place. The mask reads how many tokens a row has made, so a
+    """vLLM v1's order: a grammar's mask (row by row), logit_bias and min_tokens' stop-token mask over the batch (one
+    scatter each), then each row's penalties. `logits`: [N, V] fp32, changed in place. The mask reads how many tokens a row has made, so a
     row it applies to never runs overlapped (`ModelRunner.launchable`): the host knows that count exactly."""
     rows, cols, vals, mrows, mcols = [], [], [], [], []
     for i, r in enumerate(reqs):
+        if r.matcher is not None:
+            _grammar_mask(logits[i], r.matcher)
         sp = r.sampling_params
         if sp.logit_bias:
             rows += [i] * len(sp.logit_bias)
@@ -62,6 +64,16 @@ def adjust_logits(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         if r.sampling_params.needs_penalties:
             logits[i] = apply_penalties(logits[i], r)
     return logits
+
+
+def _grammar_mask(row: torch.Tensor, matcher) -> None:
+    """-inf on every token the request's grammar does not allow next (llguidance's mask: a byte a token, 0 or not)."""
+    allowed = torch.frombuffer(bytearray(matcher.compute_logit_bias()), dtype=torch.uint8)
+    n = min(allowed.numel(), row.numel())
+    if row.device.type == "cuda":  # (from pinned memory, queued like the kernels around it)
+        allowed = allowed.pin_memory().to(row.device, non_blocking=True)
+    row[:n].masked_fill_(allowed[:n] == 0, float("-inf"))
+    row[n:] = float("-inf")
 
 
 def masks_stop_tokens(req: Request) -> bool:

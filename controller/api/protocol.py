@@ -90,6 +90,9 @@ class _Sampling(_Top):
     # token id (a string of digits, as JSON keys are) -> bias, OpenAI's range; the vocabulary is checked per model
     logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]],
                           Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}} (OpenAI's; vLLM
+    # takes it on completions too): checked and compiled by the serving layer
+    response_format: dict[str, Any] | None = None
     user: str | None = Field(None, max_length=256)
     # vLLM extras
     top_k: int | None = Field(None, ge=-1, le=1 << 20)
@@ -159,7 +162,6 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     # vLLM's: the last message is left open for the model to continue (a prefilled start of its answer)
     continue_final_message: bool = False

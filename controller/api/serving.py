@@ -62,6 +62,40 @@ def check_template_kwargs(kw: dict[str, Any] | None) -> dict[str, Any]:
     return kw
 
 
+# JSON as the model writes it under response_format: no free whitespace (a model could pad forever), Python's
+# separators
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def response_grammar(rf: dict[str, Any] | None) -> str | None:
+    """The llguidance grammar of OpenAI's response_format (None: free text): `json_object` any JSON object,
+    `json_schema` its `json_schema.schema`. A 400 naming the field for anything else or a schema it cannot compile."""
+    kind = (rf or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema: Any = {"type": "object"}
+    elif kind == "json_schema":
+        spec = rf.get("json_schema")  # type: ignore[union-attr]
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ServingError(400, "response_format type 'json_schema' needs json_schema.schema, a JSON schema "
+                               "object", param="response_format.json_schema")
+    else:
+        raise ServingError(400, f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                           param="response_format.type")
+    from llguidance import LLMatcher
+
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(schema, overrides=JSON_LAYOUT)
+    except ValueError as e:
+        raise ServingError(400, f"response_format: {e}", param="response_format") from None
+    err = LLMatcher.validate_grammar(grammar)
+    if err:
+        raise ServingError(400, f"response_format: the schema cannot be used: {err}", param="response_format")
+    return grammar
+
+
 class PromptTooLong(Exception):
     def __init__(self, n: int):
         self.n = n
@@ -208,9 +242,6 @@ class OpenAIServing:
         for name in ("tools", "suffix"):
             if getattr(req, name, None):
                 raise ServingError(400, f"{name} is not supported", param=name)
-        rf = getattr(req, "response_format", None)
-        if rf and rf.get("type", "text") != "text":
-            raise ServingError(400, "only response_format type 'text' is supported", param="response_format")
         best_of = getattr(req, "best_of", None)
         if best_of is not None and best_of != req.n:
             raise ServingError(400, "best_of other than n is not supported", param="best_of")
@@ -229,7 +260,8 @@ class OpenAIServing:
                                    param="logit_bias")
         kw = dict(n=1, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=req.stop,
                   stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-                  skip_special_tokens=req.skip_special_tokens, logit_bias=bias, prompt_logprobs=prompt_logprobs)
+                  skip_special_tokens=req.skip_special_tokens, logit_bias=bias, prompt_logprobs=prompt_logprobs,
+                  grammar=response_grammar(req.response_format))
         for f, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", -1), ("min_p", 0.0),
                            ("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
             v = getattr(req, f)
