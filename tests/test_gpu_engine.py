@@ -554,9 +554,7 @@ def test_prompt_logprobs_and_logit_bias_on_cuda(make_varied):
     and grammar rows (the latter two never overlapped) give the CPU engine's tokens, the grammar's a valid instance."""
     import json
 
-    import jsonschema
-
-    from tests.test_pipeline import SMALL_JSON, SMALL_SCHEMA
+    from tests.test_pipeline import SMALL_JSON
     from token_scheduler import LLM
 
     d = make_varied("qwen2")
@@ -573,7 +571,8 @@ def test_prompt_logprobs_and_logit_bias_on_cuda(make_varied):
     cpu, gpu = outs["cpu"], outs["cuda"]
     assert [o.outputs[0].token_ids for o in gpu] == [o.outputs[0].token_ids for o in cpu]
     assert len(gpu[2].outputs[0].token_ids) == 6 and gpu[2].outputs[0].token_ids[-1] == eos
-    jsonschema.validate(json.loads(gpu[3].outputs[0].text), SMALL_SCHEMA)
+    obj = json.loads(gpu[3].outputs[0].text)  # (SMALL_SCHEMA's instances; jsonschema is not on the GPU machine)
+    assert set(obj) == {"ok", "n"} and isinstance(obj["ok"], bool) and obj["n"] in range(10)
     assert gpu[0].prompt_logprobs[0] is None and len(gpu[0].prompt_logprobs) == len(ids)
     for a, b in zip(gpu[0].prompt_logprobs[1:], cpu[0].prompt_logprobs[1:]):
         t = list(b)[0]  # the prompt token's own (the top one's id may differ in a near-tie)

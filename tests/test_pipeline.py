@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import jsonschema
 import pytest
 
 from controller.api.serving import response_grammar
@@ -189,7 +188,9 @@ def test_pipeline_stops_and_lengths_equal_alone(make_tiny, host_cache, pipe, poo
            for rid, o in done.items()}
     assert got == expect
     assert any(v[2] == "stop" for v in got.values())
-    for a in paths:  # what the two sampling options mean
+    import jsonschema
+
+    for a in paths:  # what the sampling options mean
         bias, mintok = expect[f"{a}/bias"][0], expect[f"{a}/min"][0]
         assert full[a][0] not in bias
         assert len(mintok) == 7 and mintok[-1] == eos[a] and eos[a] not in mintok[:6]
