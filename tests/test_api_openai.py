@@ -259,6 +259,63 @@ def test_response_format_json_schema(server):
         assert e.status_code == 400 and e.body["param"] == param, e.body
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the forecast", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer", "minimum": 1,
+                                                                                 "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}}}
+NOOP = {"type": "function", "function": {"name": "noop", "parameters": {"type": "object", "properties": {},
+                                                                        "additionalProperties": False}}}
+
+
+def test_tools_required_and_named(server):
+    """tools with tool_choice "required" or a named function: the output is held to the calls' JSON, so a random-weight
+    model returns valid tool_calls (each call's arguments an instance of its tool's schema), streamed too; the calls
+    go back in as history; "auto" (no parser here), a missing or unknown tool, a repeated name are 400s."""
+    import json
+
+    import jsonschema
+
+    c = client(server)
+    msgs = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, NOOP)}
+
+    def check(msg, finish, n=None):
+        assert finish == "tool_calls" and msg.content is None and (n is None or len(msg.tool_calls) == n), msg
+        for call in msg.tool_calls:
+            assert call.type == "function" and call.id.startswith("call_")
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        return msg.tool_calls
+
+    for seed in range(3):
+        r = c.chat.completions.create(model="tiny-a", messages=msgs, tools=[WEATHER, NOOP], tool_choice="required",
+                                      parallel_tool_calls=False, max_tokens=60, temperature=1.0, seed=seed)
+        check(r.choices[0].message, r.choices[0].finish_reason, 1)
+    r = c.chat.completions.create(model="tiny-a", messages=msgs, tools=[WEATHER, NOOP], max_tokens=60,
+                                  tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    named = check(r.choices[0].message, r.choices[0].finish_reason, 1)
+    assert named[0].function.name == "get_weather"
+    chunks = list(c.chat.completions.create(model="tiny-b", messages=msgs, tools=[WEATHER], stream=True, max_tokens=60,
+                                            tool_choice={"type": "function", "function": {"name": "get_weather"}}))
+    deltas = [ch.choices[0] for ch in chunks if ch.choices]
+    streamed = [tc for d in deltas for tc in d.delta.tool_calls or []]
+    assert deltas[-1].finish_reason == "tool_calls" and len(streamed) == 1 and streamed[0].index == 0
+    jsonschema.validate(json.loads(streamed[0].function.arguments), schemas["get_weather"])
+    history = msgs + [{"role": "assistant", "content": None, "tool_calls": [named[0].model_dump()]},
+                      {"role": "tool", "tool_call_id": named[0].id, "content": "sunny"}]
+    r = c.chat.completions.create(model="tiny-a", messages=history, tools=[WEATHER], tool_choice="none", max_tokens=4,
+                                  **GREEDY)
+    assert r.choices[0].message.tool_calls is None and isinstance(r.choices[0].message.content, str)
+    for kw, param in (({"tools": [WEATHER]}, "tool_choice"), ({"tool_choice": "required"}, "tool_choice"),
+                      ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                       "tool_choice.function.name"), ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "tools.1"),
+                      ({"tools": [{"type": "function", "function": {"name": "has space"}}], "tool_choice": "required"},
+                       "tools.0.function.name")):
+        e = _status(lambda k=kw: c.chat.completions.create(model="tiny-a", messages=msgs, max_tokens=1, **k))
+        assert e.status_code == 400 and e.body["param"] == param, (kw, e.body)
+    e = _status(lambda: c.chat.completions.create(model="tiny-a", messages=msgs, max_tokens=1, tools=[WEATHER]))
+    assert "tool_choice 'auto'" in e.body["message"]
+
+
 # --- errors ---
 def _status(fn) -> openai.APIStatusError:
     with pytest.raises(openai.APIStatusError) as ei:

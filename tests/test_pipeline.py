@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from controller.api.serving import response_grammar
+from controller.api.structured import response_grammar
 from tests.test_multi_engine import (
     ARCHS,
     PROMPTS,

@@ -1,7 +1,7 @@
 """OpenAI-compatible request and response models (plus vLLM's sampling extras). Only shapes and ranges here.
 
 Unknown request fields are ignored, as vLLM does, so newer clients keep working; fields whose meaning we cannot
-honour (tools, suffix, ...) are refused by the serving layer with a 400 naming the field.
+honour (suffix, tool_choice "auto", ...) are refused by the serving layer with a 400 naming the field.
 
 Requests are validated strictly: JSON types are not coerced (`"max_tokens": "10"`, `"stream": "yes"` and
 `"prompt": [[false]]` are 400s, as OpenAI answers them), and text must be valid Unicode (a lone UTF-16
@@ -135,6 +135,8 @@ class ChatMessage(_Req):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(None, max_length=256)
+    tool_calls: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None  # an assistant's, as returned
+    tool_call_id: str | None = Field(None, max_length=256)  # a tool message's: the call it answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -154,14 +156,36 @@ class ChatMessage(_Req):
         return "".join(p.text for p in self.content)
 
 
+class FunctionDef(_Req):
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: str | None = Field(None, max_length=8192)
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(_Req):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Req):
+    name: str = Field(max_length=64)
+
+
+class NamedToolChoice(_Req):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_tokens: int | None = Field(None, ge=1, le=1 << 20)
     max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
     # vLLM's: the last message is left open for the model to continue (a prefilled start of its answer)
     continue_final_message: bool = False
@@ -228,10 +252,22 @@ class ChoiceLogprobs(BaseModel):
     refusal: list[TokenLogprob] | None = None
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatDelta(BaseModel):

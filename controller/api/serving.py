@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import re
 import time
@@ -20,6 +21,7 @@ from starlette.requests import Request
 
 from controller.api import protocol as p
 from controller.api.sse import DONE, EMPTY, NULL, ROLE, ChunkFrames, content, sse
+from controller.api.structured import ToolPlan, response_grammar, tool_plan
 from controller.errors import ServingError
 from controller.messages import Delta
 from controller.service import Controller, Generation, ModelEntry
@@ -60,40 +62,6 @@ def check_template_kwargs(kw: dict[str, Any] | None) -> dict[str, Any]:
             raise ServingError(400, f"chat_template_kwargs.{k} must be a boolean, number, null or a string of at "
                                f"most {MAX_TEMPLATE_KWARG_STR} characters", param="chat_template_kwargs")
     return kw
-
-
-# JSON as the model writes it under response_format: no free whitespace (a model could pad forever), Python's
-# separators
-JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-
-
-def response_grammar(rf: dict[str, Any] | None) -> str | None:
-    """The llguidance grammar of OpenAI's response_format (None: free text): `json_object` any JSON object,
-    `json_schema` its `json_schema.schema`. A 400 naming the field for anything else or a schema it cannot compile."""
-    kind = (rf or {}).get("type", "text")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        schema: Any = {"type": "object"}
-    elif kind == "json_schema":
-        spec = rf.get("json_schema")  # type: ignore[union-attr]
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise ServingError(400, "response_format type 'json_schema' needs json_schema.schema, a JSON schema "
-                               "object", param="response_format.json_schema")
-    else:
-        raise ServingError(400, f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
-                           param="response_format.type")
-    from llguidance import LLMatcher
-
-    try:
-        grammar = LLMatcher.grammar_from_json_schema(schema, overrides=JSON_LAYOUT)
-    except ValueError as e:
-        raise ServingError(400, f"response_format: {e}", param="response_format") from None
-    err = LLMatcher.validate_grammar(grammar)
-    if err:
-        raise ServingError(400, f"response_format: the schema cannot be used: {err}", param="response_format")
-    return grammar
 
 
 class PromptTooLong(Exception):
@@ -239,7 +207,7 @@ class OpenAIServing:
 
     @staticmethod
     def _refuse_unsupported(req: p._Sampling) -> None:
-        for name in ("tools", "suffix"):
+        for name in ("suffix",):
             if getattr(req, name, None):
                 raise ServingError(400, f"{name} is not supported", param=name)
         best_of = getattr(req, "best_of", None)
@@ -250,7 +218,7 @@ class OpenAIServing:
 
     @staticmethod
     def _params(me: ModelEntry, req: p._Sampling, max_tokens: int | None, logprobs: int | None,
-                prompt_logprobs: int | None = None) -> SamplingParams:
+                prompt_logprobs: int | None = None, tools: ToolPlan | None = None) -> SamplingParams:
         bias = None
         if req.logit_bias:
             bias = {int(k): v for k, v in req.logit_bias.items()}
@@ -261,7 +229,7 @@ class OpenAIServing:
         kw = dict(n=1, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=req.stop,
                   stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
                   skip_special_tokens=req.skip_special_tokens, logit_bias=bias, prompt_logprobs=prompt_logprobs,
-                  grammar=response_grammar(req.response_format))
+                  grammar=tools.grammar if tools else response_grammar(req.response_format))
         for f, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", -1), ("min_p", 0.0),
                            ("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
             v = getattr(req, f)
@@ -429,20 +397,45 @@ class OpenAIServing:
         if req.top_logprobs is not None and not req.logprobs:
             raise ServingError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self._params(me, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        tools = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)
+        if tools is not None and (req.response_format or {}).get("type", "text") != "text":
+            raise ServingError(400, "response_format and tools cannot both shape the output", param="response_format")
+        params = self._params(me, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, tools=tools)
         if not getattr(me.tokenizer, "chat_template", None):
             raise ServingError(400, f"model `{req.model}` has no chat template; use /v1/completions")
         kwargs = check_template_kwargs(req.chat_template_kwargs)
+        if tools is not None:
+            kwargs = {**kwargs, "tools": tools.template_tools}
         ids = await self.offload(self._chat_prompt, me, req, kwargs)
         rid = self.ctl.new_id("chatcmpl")
         gen = self._track(await self.ctl.generate(me, tenant, [ids], params, req.n, rid))
         if req.stream:
-            return self._stream_chat(gen, req, rid, me)
-        return await self._collect(request, gen, self._collect_chat(gen, req, rid, me))
+            return self._stream_chat(gen, req, rid, me, tools)
+        return await self._collect(request, gen, self._collect_chat(gen, req, rid, me, tools))
+
+    @staticmethod
+    def _template_message(mm: p.ChatMessage) -> dict[str, Any]:
+        """A message as chat templates take it: an assistant's tool calls with their arguments as objects (as vLLM
+        gives them: templates write them with `tojson`), a tool message's call id."""
+        d: dict[str, Any] = {"role": "system" if mm.role == "developer" else mm.role, "content": mm.text()}
+        if mm.tool_calls:
+            calls = []
+            for c in mm.tool_calls:
+                fn = c.get("function")
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    try:
+                        fn = {**fn, "arguments": json.loads(fn["arguments"])}
+                    except ValueError:
+                        pass
+                calls.append({**c, "function": fn})
+            d["tool_calls"] = calls
+        if mm.tool_call_id is not None:
+            d["tool_call_id"] = mm.tool_call_id
+        return d
 
     def _chat_prompt(self, me: ModelEntry, req: p.ChatCompletionRequest, kwargs: dict[str, Any]) -> list[int]:
         """The prompt's token ids: the model's own chat template, rendered and tokenized in the tokenize pool."""
-        msgs = [{"role": "system" if mm.role == "developer" else mm.role, "content": mm.text()} for mm in req.messages]
+        msgs = [self._template_message(mm) for mm in req.messages]
         gen_prompt = req.add_generation_prompt
         if req.continue_final_message:  # (add_generation_prompt left at its default: off, as the two exclude)
             if gen_prompt and "add_generation_prompt" in req.model_fields_set:
@@ -470,8 +463,17 @@ class OpenAIServing:
                 p.TopLogprob(token=(ts := self._tok(me, t)), logprob=v, bytes=list(ts.encode())) for t, v in top]))
         return out
 
+    @staticmethod
+    def _reply(text: str, finish: str | None, tools: ToolPlan | None) -> tuple[p.AssistantMessage, str | None]:
+        """A choice's message and finish reason: with tools, a whole output is its tool calls (finish reason
+        "tool_calls"); one cut short stays text."""
+        calls = tools.calls(text) if tools is not None and finish == "stop" else None
+        if calls is None:
+            return p.AssistantMessage(content=text), finish
+        return p.AssistantMessage(content=None, tool_calls=calls), "tool_calls"
+
     async def _collect_chat(self, gen: Tracked, req: p.ChatCompletionRequest, rid: str,
-                            me: ModelEntry) -> p.ChatCompletionResponse:
+                            me: ModelEntry, tools: ToolPlan | None) -> p.ChatCompletionResponse:
         k = len(gen.subs)
         text = [""] * k
         finish: list[str | None] = [None] * k
@@ -482,19 +484,36 @@ class OpenAIServing:
                 lps[i].extend(self._chat_logprobs(me, d, req.top_logprobs or 0))
             if d.finished:
                 finish[i] = d.finish_reason
-        choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=text[i]), finish_reason=finish[i],
-                                logprobs=p.ChoiceLogprobs(content=lps[i]) if req.logprobs else None) for i in range(k)]
+        replies = [self._reply(text[i], finish[i], tools) for i in range(k)]
+        choices = [p.ChatChoice(index=i, message=msg, finish_reason=why,
+                                logprobs=p.ChoiceLogprobs(content=lps[i]) if req.logprobs else None)
+                   for i, (msg, why) in enumerate(replies)]
         return p.ChatCompletionResponse(id=rid, model=req.model, choices=choices, usage=self._usage(gen))
 
     def _stream_chat(self, gen: Tracked, req: p.ChatCompletionRequest, rid: str,
-                     me: ModelEntry) -> AsyncIterator[bytes]:
+                     me: ModelEntry, tools: ToolPlan | None) -> AsyncIterator[bytes]:
         usage = req.stream_options is not None and req.stream_options.include_usage
         fr = ChunkFrames("chat.completion.chunk", rid, int(time.time()), req.model, usage)
         lead = [fr.delta(i, ROLE) for i in range(len(gen.subs))]
+        held = [""] * len(gen.subs)  # (tools) a choice's text, held until it is whole
+        held_lps: list[list[p.TokenLogprob]] = [[] for _ in gen.subs]
 
         def frame(i: int, d: Delta) -> bytes:
             out = b""
             lp = self._chat_logprobs(me, d, req.top_logprobs or 0) if req.logprobs else None
+            if tools is not None:  # the calls go out whole, in one delta (or the text, if it was cut short)
+                held[i] += d.text
+                held_lps[i] += lp or []
+                if not d.finished:
+                    return b""
+                msg, why = self._reply(held[i], d.finish_reason, tools)
+                lpj = p.ChoiceLogprobs(content=held_lps[i]).model_dump_json().encode() if req.logprobs else NULL
+                if msg.tool_calls:
+                    calls = [{"index": k, **c.model_dump()} for k, c in enumerate(msg.tool_calls)]
+                    body = json.dumps({"tool_calls": calls}, ensure_ascii=False, separators=(",", ":")).encode()
+                else:
+                    body = content(held[i])
+                return fr.delta(i, body, lpj) + fr.delta(i, EMPTY, NULL, why)
             if d.text or lp:
                 lpj = NULL if lp is None else p.ChoiceLogprobs(content=lp).model_dump_json(exclude_unset=True).encode()
                 out = fr.delta(i, content(d.text), lpj)

@@ -1,0 +1,109 @@
+"""Outputs held to a shape: OpenAI's `response_format` and `tools`, as llguidance grammars the engine's sampler
+masks each token with (SamplingParams.grammar).
+
+- `response_format` `json_object` (any JSON object) or `json_schema` (an instance of its schema).
+- `tools` with `tool_choice` "required" (a JSON list of calls, `[{"name": ..., "parameters": {...}}]`, as vLLM
+  constrains it) or one named function (its arguments object): the output is parsed into `tool_calls`. "auto" would
+  need a parser of each model's own call syntax, which this server does not have: a 400, as vLLM answers without
+  `--enable-auto-tool-choice`. "none": the tools are left out of the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from controller.errors import ServingError
+
+# JSON as the model writes it: no free whitespace (a model could pad forever), Python's separators
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def json_grammar(schema: dict[str, Any], param: str) -> str:
+    """The llguidance grammar of a JSON schema; a 400 on `param` if it cannot be compiled."""
+    from llguidance import LLMatcher
+
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(schema, overrides=JSON_LAYOUT)
+    except ValueError as e:
+        raise ServingError(400, f"{param}: {e}", param=param) from None
+    err = LLMatcher.validate_grammar(grammar)
+    if err:
+        raise ServingError(400, f"{param}: the schema cannot be used: {err}", param=param)
+    return grammar
+
+
+def response_grammar(rf: dict[str, Any] | None) -> str | None:
+    """The grammar of OpenAI's response_format (None: free text): `json_object` any JSON object, `json_schema` its
+    `json_schema.schema`. A 400 naming the field for anything else or a schema it cannot compile."""
+    kind = (rf or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_grammar({"type": "object"}, "response_format")
+    if kind != "json_schema":
+        raise ServingError(400, f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                           param="response_format.type")
+    spec = rf.get("json_schema")  # type: ignore[union-attr]
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise ServingError(400, "response_format type 'json_schema' needs json_schema.schema, a JSON schema object",
+                           param="response_format.json_schema")
+    return json_grammar(schema, "response_format")
+
+
+@dataclass
+class ToolPlan:
+    """How a chat request's tools shape its output."""
+
+    grammar: str
+    named: str | None  # tool_choice named this function: the whole output is its arguments
+    template_tools: list[dict[str, Any]]  # the tools as chat templates take them
+
+    def calls(self, text: str) -> list[dict[str, Any]] | None:
+        """The `tool_calls` of a whole output; None when it is not one (cut short by max_tokens)."""
+        try:
+            v = json.loads(text)
+        except ValueError:
+            return None
+        pairs = [(self.named, v)] if self.named else [(c["name"], c["parameters"]) for c in v]
+        return [{"id": f"call_{secrets.token_hex(12)}", "type": "function",
+                 "function": {"name": n, "arguments": json.dumps(a, ensure_ascii=False)}} for n, a in pairs]
+
+
+def tool_plan(tools: list | None, choice: Any, parallel: bool | None) -> ToolPlan | None:
+    """`tools` (protocol.Tool), `tool_choice` ("none" | "auto" | "required" | protocol.NamedToolChoice | None) and
+    `parallel_tool_calls`: the plan, or None when the output is free text."""
+    if choice is None:
+        choice = "auto" if tools else "none"
+    if choice == "none":
+        return None
+    if not tools:
+        raise ServingError(400, f"tool_choice {choice if isinstance(choice, str) else 'function'!r} needs tools",
+                           param="tool_choice")
+    if choice == "auto":
+        raise ServingError(400, "tool_choice 'auto' (the default with tools) needs a parser of the model's own "
+                           "tool-call syntax, which this server does not have: send tool_choice 'required' or "
+                           "{'type': 'function', 'function': {'name': ...}} (the output is then held to the call's "
+                           "JSON), or 'none'", param="tool_choice")
+    schemas: dict[str, dict[str, Any]] = {}
+    for i, t in enumerate(tools):
+        if t.function.name in schemas:
+            raise ServingError(400, f"tools: the name {t.function.name!r} is given twice", param=f"tools.{i}")
+        schemas[t.function.name] = t.function.parameters or {"type": "object", "properties": {}}
+    named = None
+    if isinstance(choice, str):  # "required": one call or more, of any of the tools
+        items = [{"type": "object", "properties": {"name": {"const": n}, "parameters": s},
+                  "required": ["name", "parameters"], "additionalProperties": False} for n, s in schemas.items()]
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+        if parallel is False:
+            schema["maxItems"] = 1
+    else:
+        named = choice.function.name
+        if named not in schemas:
+            raise ServingError(400, f"tool_choice names {named!r}, which is not among the tools",
+                               param="tool_choice.function.name")
+        schema = schemas[named]
+    return ToolPlan(json_grammar(schema, "tools"), named, [t.model_dump(exclude_none=True) for t in tools])
