@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+import tokenpool
 from tokenpool import env
 
 app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by token.", no_args_is_help=True)
@@ -72,18 +73,9 @@ keys_app = typer.Typer(help="API keys and tokens, and the salted hashes a config
 app.add_typer(keys_app, name="keys")
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("tokenpool")
-    except PackageNotFoundError:  # run from a checkout without installing
-        return "unknown (not installed)"
-
-
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"tokenpool {_version()}")
+        typer.echo(f"tokenpool {tokenpool.version()}")
         raise typer.Exit()
 
 

@@ -316,6 +316,38 @@ def test_tools_required_and_named(server):
     assert "tool_choice 'auto'" in e.body["message"]
 
 
+def test_tokenize_detokenize_version(server, tiny_model):
+    """vLLM's /tokenize (a prompt, or messages through the chat template: the ids a request feeds the model, counted as
+    its usage counts them), /detokenize (the way back), /version; a key is needed, bad input is a 400."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    c = client(server)
+    auth = {"Authorization": f"Bearer {ALICE}"}
+    text = "Hello there, tokens"
+    r = httpx.post(server.url + "/tokenize", json={"model": "tiny-a", "prompt": text}, headers=auth)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == tok.encode(text) and body["count"] == len(body["tokens"]) and body["max_model_len"] > 0
+    used = c.completions.create(model="tiny-a", prompt=text, max_tokens=1, **GREEDY).usage.prompt_tokens
+    assert used == body["count"]
+    msgs = [{"role": "user", "content": "Hi"}]
+    r = httpx.post(server.url + "/tokenize", json={"model": "tiny-a", "messages": msgs}, headers=auth)
+    chat_used = c.chat.completions.create(model="tiny-a", messages=msgs, max_tokens=1, **GREEDY).usage.prompt_tokens
+    assert r.json()["count"] == chat_used
+    r = httpx.post(server.url + "/detokenize", json={"model": "tiny-a", "tokens": body["tokens"]}, headers=auth)
+    assert r.status_code == 200 and r.json() == {"prompt": text}
+    for path, payload, status in (("/tokenize", {"model": "tiny-a"}, 400),
+                                  ("/tokenize", {"model": "tiny-a", "prompt": "x", "messages": msgs}, 400),
+                                  ("/detokenize", {"model": "tiny-a", "tokens": [10 ** 6]}, 400),
+                                  ("/tokenize", {"model": "nope", "prompt": "x"}, 404)):
+        r = httpx.post(server.url + path, json=payload, headers=auth)
+        assert r.status_code == status and "message" in r.json()["error"], (path, payload, r.text)
+    assert httpx.post(server.url + "/tokenize", json={"model": "tiny-a", "prompt": "x"}).status_code == 401
+    r = httpx.get(server.url + "/version")
+    assert r.status_code == 200 and r.json()["version"]
+
+
 # --- errors ---
 def _status(fn) -> openai.APIStatusError:
     with pytest.raises(openai.APIStatusError) as ei:

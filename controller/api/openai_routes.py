@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
+import tokenpool
 from controller.api import auth
 from controller.api import protocol as p
 from controller.api.serving import ClientGone
@@ -62,6 +63,23 @@ async def get_model(model: str, request: Request, tenant: Tenant = Depends(auth.
     """A model by the name a request would use: its own, or one of its aliases (answered under the name asked)."""
     me = request.app.state.serving.lookup(tenant, model)
     return p.ModelCard(id=model, created=me.created, max_model_len=me.max_model_len)
+
+
+@router.post("/tokenize", response_model=p.TokenizeResponse, responses=ERRORS)
+async def tokenize(body: p.TokenizeRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+    """vLLM's: the token ids of a prompt or of chat messages, as a completion or chat request would feed them."""
+    return await request.app.state.serving.tokenize(body, tenant)
+
+
+@router.post("/detokenize", response_model=p.DetokenizeResponse, responses=ERRORS)
+async def detokenize(body: p.DetokenizeRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+    return await request.app.state.serving.detokenize(body, tenant)
+
+
+@router.get("/version")
+async def version() -> dict:
+    """The server's version (vLLM's route; no key needed)."""
+    return {"version": tokenpool.version()}
 
 
 @router.get("/v1/usage", responses=ERRORS)

@@ -192,6 +192,38 @@ class ChatCompletionRequest(_Sampling):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
+class TokenizeRequest(_Top):
+    """vLLM's /tokenize: a prompt, or chat messages rendered by the model's template, as a request would feed them."""
+
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise PydanticCustomError("one_input", "send either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Top):
+    model: str = Field(min_length=1, max_length=256)
+    tokens: Annotated[list[Annotated[int, Field(ge=0, lt=1 << 31)]], Field(max_length=1 << 20)]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 # --- responses ---
 class Usage(BaseModel):
     prompt_tokens: int

@@ -433,8 +433,30 @@ class OpenAIServing:
             d["tool_call_id"] = mm.tool_call_id
         return d
 
-    def _chat_prompt(self, me: ModelEntry, req: p.ChatCompletionRequest, kwargs: dict[str, Any]) -> list[int]:
-        """The prompt's token ids: the model's own chat template, rendered and tokenized in the tokenize pool."""
+    # --- /tokenize, /detokenize (vLLM's) ---
+    async def tokenize(self, req: p.TokenizeRequest, tenant: Tenant) -> p.TokenizeResponse:
+        """The token ids a request would feed the model (no length limit: a count is what callers often want)."""
+        me = self.lookup(tenant, req.model)
+        if req.messages is None:
+            ids = await self.offload(encode, me.tokenizer, req.prompt)
+        else:
+            if not getattr(me.tokenizer, "chat_template", None):
+                raise ServingError(400, f"model `{req.model}` has no chat template", param="messages")
+            kwargs = check_template_kwargs(req.chat_template_kwargs)
+            ids = await self.offload(self._chat_prompt, me, req, kwargs, False)
+        return p.TokenizeResponse(count=len(ids), max_model_len=me.max_model_len, tokens=ids)
+
+    async def detokenize(self, req: p.DetokenizeRequest, tenant: Tenant) -> p.DetokenizeResponse:
+        me = self.lookup(tenant, req.model)
+        if req.tokens and max(req.tokens) >= (vocab := self._vocab(me)):
+            raise ServingError(400, f"token id {max(req.tokens)} is outside the vocabulary (size {vocab})",
+                               param="tokens")
+        return p.DetokenizeResponse(prompt=await self.offload(me.tokenizer.decode, req.tokens))
+
+    def _chat_prompt(self, me: ModelEntry, req: p.ChatCompletionRequest | p.TokenizeRequest, kwargs: dict[str, Any],
+                     limit: bool = True) -> list[int]:
+        """The prompt's token ids: the model's own chat template, rendered and tokenized in the tokenize pool
+        (`limit`: a prompt that leaves no room to generate is a 400)."""
         msgs = [self._template_message(mm) for mm in req.messages]
         gen_prompt = req.add_generation_prompt
         if req.continue_final_message:  # (add_generation_prompt left at its default: off, as the two exclude)
@@ -447,6 +469,8 @@ class OpenAIServing:
             text = me.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt, **kwargs)
         except Exception as e:  # noqa: BLE001 - template errors (role order, ...) are the client's
             raise ServingError(400, f"cannot apply the chat template: {e}", param="messages") from None
+        if not limit:
+            return encode(me.tokenizer, text)
         try:
             ids = encode(me.tokenizer, text, me.max_model_len)
         except PromptTooLong as e:
