@@ -160,6 +160,49 @@ def ps_cmd(
         raise typer.Exit(1) from None
 
 
+@app.command("run")
+def run_cmd(
+    model: str = typer.Argument(..., help="a model (or alias) the server serves"),
+    prompt: Optional[list[str]] = typer.Argument(None, help="the prompt (words are joined); none on a terminal: a "
+                                                 "conversation; none with stdin piped in: stdin is the prompt"),
+    url: str = typer.Option("http://127.0.0.1:8000", help="the server's base URL"),
+    api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key (env TOKENPOOL_API_KEY)"),
+    system: Optional[str] = typer.Option(None, help="a system message"),
+    max_tokens: Optional[int] = typer.Option(None, min=1, help="a reply's most tokens (default: the model's room)"),
+    temperature: Optional[float] = typer.Option(None, min=0, max=2),
+    seed: Optional[int] = typer.Option(None),
+) -> None:
+    """Chat with a model, as `ollama run`: one reply streamed, or a conversation (/bye to leave)."""
+    from controller.chat_cli import ChatError, run
+
+    options = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed))
+               if v is not None}
+    try:
+        run(url, api_key, model, " ".join(prompt) if prompt else None, system, options)
+    except ChatError as e:
+        typer.echo(f"tokenpool run: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command("ls")
+def ls_cmd(
+    url: str = typer.Option("http://127.0.0.1:8000", help="the server's base URL"),
+    api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key (env TOKENPOOL_API_KEY)"),
+) -> None:
+    """The models the key may use, as `ollama list` (their residency: `tokenpool ps`)."""
+    from controller.chat_cli import ChatError, models
+
+    try:
+        data = models(url, api_key)
+    except ChatError as e:
+        typer.echo(f"tokenpool ls: {e}", err=True)
+        raise typer.Exit(1) from None
+    width = max([4] + [len(m["id"]) for m in data])
+    typer.echo(f"{'NAME':<{width}}  CONTEXT")
+    for m in data:
+        typer.echo(f"{m['id']:<{width}}  {m.get('max_model_len') or '-'}")
+
+
 @keys_app.command("new")
 def keys_new_cmd(prefix: str = typer.Option("tp", help="tp: tenant key, tpadmin: admin token, ...")) -> None:
     """A fresh random key (256 bits) and the hash to put in a configuration."""

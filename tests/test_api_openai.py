@@ -348,6 +348,40 @@ def test_tokenize_detokenize_version(server, tiny_model):
     assert r.status_code == 200 and r.json()["version"]
 
 
+def test_tokenpool_run_and_ls(server):
+    """`tokenpool run` (as `ollama run`): a prompt's reply streamed to stdout, stdin piped in as the prompt, a
+    conversation that carries its history -- each the reply the openai client gets for the same messages; `tokenpool
+    ls` lists the key's models; an unknown model or a missing key: exit 1 and the server's reason."""
+    import io
+
+    from controller.chat_cli import conversation
+    from tests.test_config_cli import cli
+
+    c = client(server)
+    opts = ["--url", server.url, "--temperature", "0", "--max-tokens", "6"]
+
+    def reply(msgs):
+        return c.chat.completions.create(model="tiny-a", messages=msgs, temperature=0, max_tokens=6).choices[0].message
+
+    first = reply([{"role": "user", "content": "Hello there"}]).content
+    r = cli("run", "tiny-a", "Hello", "there", *opts, env={"TOKENPOOL_API_KEY": ALICE})
+    assert r.returncode == 0 and r.stdout == first + "\n", (r.stdout, r.stderr)
+    r = cli("run", "tiny-a", *opts, "--api-key", ALICE, stdin="Hello there")
+    assert r.returncode == 0 and r.stdout == first + "\n", r.stderr
+    out = io.StringIO()
+    body = {"model": "tiny-a", "messages": [], "temperature": 0, "max_tokens": 6}
+    conversation(server.url, ALICE, body, io.StringIO("Hello there\n\nAnd again\n/bye\n"), out)
+    second = reply([{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": "And again"}]).content
+    assert out.getvalue().split(">>> ")[1:] == [first + "\n", "", second + "\n", ""]
+    r = cli("ls", "--url", server.url, env={"TOKENPOOL_API_KEY": BOB})
+    assert r.returncode == 0 and r.stdout.split()[2:] == ["tiny-b", str(c.models.retrieve("tiny-b").max_model_len)]
+    r = cli("run", "nope", "hi", "--url", server.url, "--api-key", ALICE)
+    assert r.returncode == 1 and "The model `nope` does not exist." in r.stderr
+    r = cli("run", "tiny-a", "hi", "--url", server.url, env={"TOKENPOOL_API_KEY": ""})
+    assert r.returncode == 1 and "TOKENPOOL_API_KEY" in r.stderr, r.stderr
+
+
 # --- errors ---
 def _status(fn) -> openai.APIStatusError:
     with pytest.raises(openai.APIStatusError) as ei:
