@@ -81,7 +81,11 @@ def conversation(url: str, key: str | None, body: dict[str, Any], inp: TextIO, o
     while True:
         out.write(">>> ")
         out.flush()
-        line = inp.readline()
+        try:
+            line = inp.readline()
+        except KeyboardInterrupt:
+            out.write("\nUse Ctrl-D or /bye to leave.\n")
+            continue
         if not line or line.strip() == "/bye":
             if not line:
                 out.write("\n")

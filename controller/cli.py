@@ -182,6 +182,9 @@ def run_cmd(
     except ChatError as e:
         typer.echo(f"tokenpool run: {e}", err=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:  # (a one-shot reply stopped; the conversation catches its own)
+        typer.echo("")
+        raise typer.Exit(130) from None
 
 
 @app.command("ls")
