@@ -97,6 +97,25 @@ def test_streaming_matches_non_streaming_and_reports_usage(server):
     assert all(ch.usage is None for ch in chunks[:-1])
 
 
+def test_continuous_usage_stats(server):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far (its completion tokens never
+    falling, the prompt's fixed), the last the whole request's; without it only the last does."""
+    c = client(server)
+    for kind in ("chat", "completion"):
+        kw = dict(model="tiny-a", max_tokens=5, stream=True, **GREEDY,
+                  stream_options={"include_usage": True, "continuous_usage_stats": True})
+        chunks = list(c.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], **kw) if kind == "chat"
+                      else c.completions.create(prompt="Hi", **kw))
+        used = [ch.usage for ch in chunks]
+        assert all(u is not None for u in used) and used[-1].completion_tokens == 5, kind
+        done = [u.completion_tokens for u in used]
+        assert done == sorted(done) and len({u.prompt_tokens for u in used}) == 1
+        assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in used)
+    plain = list(c.completions.create(model="tiny-a", prompt="Hi", max_tokens=3, stream=True, **GREEDY,
+                                      stream_options={"include_usage": True}))
+    assert [ch.usage is None for ch in plain] == [True] * (len(plain) - 1) + [False]
+
+
 def test_chat_stream_shape(server):
     chunks = list(client(server).chat.completions.create(
         model="tiny-a", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True, **GREEDY))

@@ -252,6 +252,13 @@ class OpenAIServing:
             raise ServingError(400, f"token id {max(ids)} is outside the vocabulary (size {vocab})", param=param)
         return ids
 
+    def _live_usage(self, gen: Tracked, req: p._Sampling) -> Callable[[], bytes] | None:
+        """vLLM's stream_options.continuous_usage_stats (with include_usage): every chunk carries the usage so far."""
+        so = req.stream_options
+        if so is None or not (so.include_usage and so.continuous_usage_stats):
+            return None
+        return lambda: self._usage(gen).model_dump_json().encode()
+
     def _usage(self, gen: Tracked) -> p.Usage:
         return p.Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
                        total_tokens=gen.prompt_tokens + gen.completion_tokens)
@@ -371,7 +378,7 @@ class OpenAIServing:
     def _stream_completion(self, gen: Tracked, req: p.CompletionRequest, rid: str, me: ModelEntry,
                            echo: list[str], firsts: list[int] | None) -> AsyncIterator[bytes]:
         usage = req.stream_options is not None and req.stream_options.include_usage
-        fr = ChunkFrames("text_completion", rid, int(time.time()), req.model, usage)
+        fr = ChunkFrames("text_completion", rid, int(time.time()), req.model, usage, self._live_usage(gen, req))
         offsets = [len(echo[i // req.n]) for i in range(len(gen.subs))]
         # the echoed prompt leads; with its logprobs (`firsts`), it goes with the first tokens, which bring them
         lead = [] if firsts is not None else [fr.text(i, echo[i // req.n]) for i in range(len(gen.subs))
@@ -517,7 +524,7 @@ class OpenAIServing:
     def _stream_chat(self, gen: Tracked, req: p.ChatCompletionRequest, rid: str,
                      me: ModelEntry, tools: ToolPlan | None) -> AsyncIterator[bytes]:
         usage = req.stream_options is not None and req.stream_options.include_usage
-        fr = ChunkFrames("chat.completion.chunk", rid, int(time.time()), req.model, usage)
+        fr = ChunkFrames("chat.completion.chunk", rid, int(time.time()), req.model, usage, self._live_usage(gen, req))
         lead = [fr.delta(i, ROLE) for i in range(len(gen.subs))]
         held = [""] * len(gen.subs)  # (tools) a choice's text, held until it is whole
         held_lps: list[list[p.TokenLogprob]] = [[] for _ in gen.subs]

@@ -10,6 +10,7 @@ chunk: fields in model order, strings escaped as pydantic escapes them (UTF-8 ke
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from json.encoder import encode_basestring  # the C escaper json.dumps(ensure_ascii=False) uses
 
 from controller.api import protocol as p
@@ -36,11 +37,18 @@ def opt(s: str | None) -> bytes:
 class ChunkFrames:
     """The frames of one stream: `object` is "text_completion" or "chat.completion.chunk"."""
 
-    def __init__(self, obj: str, rid: str, created: int, model: str, include_usage: bool):
+    def __init__(self, obj: str, rid: str, created: int, model: str, include_usage: bool,
+                 live_usage: Callable[[], bytes] | None = None):
         self.head = (b'data: {"id":' + js(rid) + b',"object":' + js(obj) + b',"created":' + str(int(created)).encode()
                      + b',"model":' + js(model) + b',"choices":[')
-        # include_usage: every chunk but the last carries "usage": null, as OpenAI sends it
-        self.tail = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
+        # include_usage: every chunk but the last carries "usage": null, as OpenAI sends it; `live_usage` (vLLM's
+        # continuous_usage_stats): the usage so far instead, the JSON it returns
+        self._tail = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
+        self.live_usage = live_usage
+
+    @property
+    def tail(self) -> bytes:
+        return self._tail if self.live_usage is None else b'],"usage":' + self.live_usage() + b"}\n\n"
 
     def usage(self, usage: bytes) -> bytes:
         """The last chunk when include_usage: no choices, the request's Usage (JSON)."""
