@@ -64,3 +64,20 @@ def test_tool_grammars_and_calls(accepts):
     assert tool_plan(tools, "none", None) is None and tool_plan(None, None, None) is None
     with pytest.raises(ServingError, match="tool_choice 'auto'"):
         tool_plan(tools, None, None)
+
+
+def test_history_messages_reach_the_template_as_templates_take_them():
+    """An assistant's tool calls go to the chat template with their arguments as objects (templates write them with
+    tojson), a tool message with its call id, a participant with its name."""
+    from controller.api.serving import OpenAIServing
+
+    msgs = [p.ChatMessage.model_validate(m) for m in (
+        {"role": "user", "content": "hi", "name": "bob"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"x": 1}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "2"})]
+    got = [OpenAIServing._template_message(m) for m in msgs]
+    assert got == [{"role": "user", "content": "hi", "name": "bob"},
+                   {"role": "assistant", "content": "", "tool_calls": [
+                       {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": {"x": 1}}}]},
+                   {"role": "tool", "content": "2", "tool_call_id": "call_1"}]

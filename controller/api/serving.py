@@ -423,7 +423,7 @@ class OpenAIServing:
     @staticmethod
     def _template_message(mm: p.ChatMessage) -> dict[str, Any]:
         """A message as chat templates take it: an assistant's tool calls with their arguments as objects (as vLLM
-        gives them: templates write them with `tojson`), a tool message's call id."""
+        gives them: templates write them with `tojson`), a tool message's call id, a participant's name."""
         d: dict[str, Any] = {"role": "system" if mm.role == "developer" else mm.role, "content": mm.text()}
         if mm.tool_calls:
             calls = []
@@ -438,6 +438,8 @@ class OpenAIServing:
             d["tool_calls"] = calls
         if mm.tool_call_id is not None:
             d["tool_call_id"] = mm.tool_call_id
+        if mm.name is not None:  # (templates that know participants' names write it)
+            d["name"] = mm.name
         return d
 
     # --- /tokenize, /detokenize (vLLM's) ---
