@@ -74,6 +74,25 @@ def main(venv: str) -> None:
         c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
     except NotFoundError as e:
         print("unknown model ->", e.status_code)
+    # the output shaped: a JSON schema's instance, a named tool's call, the prompt scored by echo with logprobs
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+              "additionalProperties": False}
+    r = c.chat.completions.create(model=models[0], messages=[{"role": "user", "content": "Capital of France?"}],
+                                  max_tokens=30, temperature=0, response_format={"type": "json_schema", "json_schema": {
+                                      "name": "city", "schema": schema}})
+    print("json_schema ->", json.loads(r.choices[0].message.content), r.choices[0].finish_reason)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": schema}}
+    r = c.chat.completions.create(model=models[0], messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                  max_tokens=30, temperature=0, tools=[tool],
+                                  tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    print("tool call ->", [(t.function.name, t.function.arguments) for t in r.choices[0].message.tool_calls],
+          r.choices[0].finish_reason)
+    r = c.completions.create(model=models[0], prompt="The capital of France is Paris", echo=True, logprobs=1,
+                             max_tokens=1, temperature=0)
+    print("echo logprobs ->", len(r.choices[0].logprobs.tokens), "tokens, first", r.choices[0].logprobs.token_logprobs[0])
+    run = subprocess.run([f"{venv}/bin/tokenpool", "run", models[0], "Say hi", "--temperature", "0", "--max-tokens",
+                          "8"], capture_output=True, text=True, env=env, timeout=60)
+    print("tokenpool run ->", run.returncode, repr(run.stdout))
     text = urllib.request.urlopen(BASE + "/metrics").read().decode()
     print("metrics families", len(list(text_string_to_metric_families(text))))
     tokfile = re.search(r"admin token for this run written to (\S+)", open(log_path).read())
