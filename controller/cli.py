@@ -108,10 +108,11 @@ def make_model_cmd(
 @app.command("serve")
 def serve_cmd(
     model_dirs: Optional[list[Path]] = typer.Argument(
-        None, help="Hugging Face model directories to serve (beside --config's models)"),
+        None, help="Hugging Face model directories, or .gguf files (converted once), to serve (beside --config's "
+        "models)"),
     served_model_name: Optional[list[str]] = typer.Option(
         None, "--served-model-name", help="name of each MODEL_DIR, in order (repeat it); with one MODEL_DIR, the "
-        "names after the first are aliases. Default: the directory's name"),
+        "names after the first are aliases. Default: the directory's name (a .gguf file's: its name less .gguf)"),
     gpu_budget: Optional[float] = typer.Option(
         None, "--gpu-budget", min=0.001, help="GB per GPU for model weights (the config's gpus.budget_gb)"),
     config: Optional[Path] = typer.Option(

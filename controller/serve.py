@@ -22,10 +22,21 @@ log = logging.getLogger("tokenpool")
 
 def model_specs(dirs: list[Path], names: list[str]) -> list[ModelSpec]:
     """Models from `tokenpool serve DIR ...`: `names` gives one name per directory, or (one directory) a name and
-    its aliases, as vLLM's --served-model-name does; by default a model is named after its directory."""
+    its aliases, as vLLM's --served-model-name does; by default a model is named after its directory. A `.gguf` file
+    (as llama.cpp and Ollama keep models) is served from its conversion (`real_model.ensure_gguf`, cached), named
+    after the file."""
     dirs = [Path(d).expanduser().resolve() for d in dirs]
-    for d in dirs:
-        if (why := model_dir_problem(d)) is not None:
+    default_names = [d.stem if d.suffix == ".gguf" else d.name for d in dirs]
+    for i, d in enumerate(dirs):
+        if d.suffix == ".gguf" and d.is_file():
+            from controller.config import cache_dir
+            from controller.real_model import ensure_gguf
+
+            try:
+                dirs[i] = ensure_gguf(d, cache_dir())
+            except RuntimeError as e:
+                raise ValueError(str(e)) from None
+        if (why := model_dir_problem(dirs[i])) is not None:
             raise ValueError(why)
     if names and len(dirs) > 1 and len(names) != len(dirs):
         raise ValueError(f"{len(dirs)} model directories but {len(names)} --served-model-name: give one per directory")
@@ -33,7 +44,7 @@ def model_specs(dirs: list[Path], names: list[str]) -> list[ModelSpec]:
         raise ValueError("--served-model-name names the MODEL_DIR arguments; none were given")
     if len(dirs) == 1 and names:
         return [ModelSpec(name=names[0], path=str(dirs[0]), aliases=names[1:])]
-    return [ModelSpec(name=n, path=str(d)) for d, n in zip(dirs, names or [d.name for d in dirs])]
+    return [ModelSpec(name=n, path=str(d)) for d, n in zip(dirs, names or default_names)]
 
 
 def prepare(config_path: Path | None, host: str | None, port: int | None, model_dirs: list[Path] | None = None,

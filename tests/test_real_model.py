@@ -30,3 +30,61 @@ def test_converted_folder_is_complete_and_reused(smollm2):
     mtime = (smollm2 / "model.safetensors").stat().st_mtime_ns
     assert real_model.ensure_smollm2(smollm2) == smollm2
     assert (smollm2 / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_serve_a_gguf_file(smollm2, tmp_path, monkeypatch):
+    """`tokenpool serve FILE.gguf` (as llama.cpp and Ollama keep models): converted once, in a child process, into the
+    cache -- the same weights as the default's conversion of that file -- and served under the file's name; a second
+    start reuses the conversion; a file that is no GGUF: exit 2 and one line."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import openai
+
+    from controller.serve import model_specs
+    from load_tests.live_server import REPO_ROOT
+
+    gguf = real_model.find_gguf(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENPOOL_CACHE=str(tmp_path / "cache"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "controller.serve", str(gguf), "--port", str(port)], cwd=REPO_ROOT,
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.poll() is not None else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json().get("status") == "ok":
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.5)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        assert [m.id for m in c.models.list()] == ["SmolLM2-135M-Instruct.Q4_1"]
+        r = c.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", max_tokens=8, temperature=0,
+                                      messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in r.choices[0].message.content
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(60)
+    folder = real_model.gguf_folder(gguf, tmp_path / "cache")
+    assert (folder / "model.safetensors").read_bytes() == (smollm2 / "model.safetensors").read_bytes()
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path / "cache"))
+    spec, = model_specs([gguf], [])  # the serve command's own check: the cached conversion, named after the file
+    assert spec.name == "SmolLM2-135M-Instruct.Q4_1"
+    assert real_model.ensure_gguf(gguf, tmp_path / "cache") == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime  # converted once
+    bad = tmp_path / "broken.gguf"
+    bad.write_text("not a gguf")
+    r = subprocess.run([sys.executable, "-m", "controller.serve", str(bad)], cwd=REPO_ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    lines = [x for x in r.stderr.splitlines() if x.strip() and "converting" not in x]
+    assert r.returncode == 2 and len(lines) == 1 and "broken.gguf cannot be converted" in lines[0], r.stderr
