@@ -241,6 +241,9 @@ def test_echo_with_logprobs_scores_the_prompt(server):
     assert [v for x in parts if x.logprobs for v in x.logprobs.text_offset] == lp.text_offset
     e = _status(lambda: c.completions.create(model="pace-1", prompt="x", max_tokens=1, logprobs=1, echo=True))
     assert e.status_code == 400 and "paced model" in e.body["message"], e.body
+    e = _status(lambda: c.completions.create(model="pace-1", prompt="x", max_tokens=1,
+                                             extra_body={"response_format": {"type": "json_object"}}))
+    assert e.status_code == 400 and "held to a schema" in e.body["message"], e.body
 
 
 def test_response_format_json_schema(server):

@@ -98,6 +98,9 @@ class PaceEngine:
             raise ValueError("prompt must contain at least one token")
         if params.prompt_logprobs is not None:
             raise ValueError("a paced model has no logits: the prompt's logprobs (echo with logprobs) cannot be given")
+        if params.grammar is not None:
+            raise ValueError("a paced model has no logits: its output cannot be held to a schema (response_format, "
+                             "tools)")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(ids)} tokens; the model's context is {self.max_model_len}")
         if request_id in self._running or any(r.rid == request_id for r in self._waiting):
