@@ -75,13 +75,11 @@ class StepResult:
     prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
 
 
-def _scored_rows(out: SchedulerOutput, all_chunks: bool = False):
-    """How many rows of each chunk predict a prompt token whose logprob its request asked for (prompt_logprobs):
-    any at all (a step with some runs the eager forward, whose hidden states the LM head then reads), or with
-    `all_chunks` the count of each chunk."""
-    counts = (max(0, min(c.num_tokens, c.request.num_prompt_tokens - 1 - c.start))
-              if c.request.sampling_params.prompt_logprobs is not None else 0 for c in out.chunks)
-    return list(counts) if all_chunks else any(counts)
+def _scored_rows(out: SchedulerOutput) -> list[int]:
+    """How many rows of each chunk predict a prompt token whose logprob its request asked for (prompt_logprobs; a
+    step with any runs the eager forward, whose hidden states the LM head then reads)."""
+    return [max(0, min(c.num_tokens, c.request.num_prompt_tokens - 1 - c.start))
+            if c.request.sampling_params.prompt_logprobs is not None else 0 for c in out.chunks]
 
 
 # rows whose logprobs over the vocabulary are made at once (`ModelRunner._prompt_logprobs`)
@@ -211,14 +209,15 @@ class ModelRunner:
         if out.is_decode and len(out.chunks) in self.bucket_of and not self.hf_exact_decode:
             # (not marked in flight: its logits are sampled below, and nothing captures before that)
             logits = self._decode_graph(out, start=start).logits[: len(out.chunks)]
-        elif self.row_graphs and self._by_rows(out) and not _scored_rows(out):
+        elif self.row_graphs and self._by_rows(out) and not any(_scored_rows(out)):
             logits = self._row_pieces(out, start)
         else:
             if start is not None:
                 start.record()
             hidden, idx = self._forward_eager(out)
             logits = llama.compute_logits(self.weights, hidden[idx]) if idx else None
-            prompt_lps = self._prompt_logprobs(out, hidden) if _scored_rows(out) else {}
+            if any(scored := _scored_rows(out)):
+                prompt_lps = self._prompt_logprobs(out, hidden, scored)
         if on_launch is not None:
             on_launch()
         if not sample_reqs:
@@ -234,27 +233,29 @@ class ModelRunner:
             dev = start.elapsed_time(end) / 1e3
         return StepResult(sampled, lps, dev, prompt_lps)
 
-    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor) -> dict[str, list[dict[int, float]]]:
-        """The logprobs of the prompt tokens each chunk's rows predict (row p: token p + 1), for requests that asked
-        (`_scored_rows`): the LM head over those rows, PROMPT_LOGPROB_ROWS at a time (a long chunk's logits of the
-        whole vocabulary at once would be rows x vocabulary x 4 bytes)."""
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor,
+                         scored: list[int]) -> dict[str, list[dict[int, float]]]:
+        """The logprobs of the prompt tokens each chunk's first `scored` rows predict (row p: token p + 1): the LM
+        head over those rows, PROMPT_LOGPROB_ROWS at a time (a long chunk's logits of the whole vocabulary at once
+        would be rows x vocabulary x 4 bytes)."""
         res, q0 = {}, 0
-        for c, n in zip(out.chunks, _scored_rows(out, all_chunks=True)):
-            k = c.request.sampling_params.prompt_logprobs
-            got = res[c.request.request_id] = [] if n else None
+        for c, n in zip(out.chunks, scored):
+            k = c.request.sampling_params.prompt_logprobs or 0
+            got = []
             for a in range(0, n, PROMPT_LOGPROB_ROWS):
                 b = min(n, a + PROMPT_LOGPROB_ROWS)
                 lp = torch.log_softmax(llama.compute_logits(self.weights, hidden[q0 + a: q0 + b]), -1)
                 target = c.request.prompt_token_ids[c.start + 1 + a: c.start + 1 + b]
                 chosen = lp.gather(1, upload(target, lp.device).unsqueeze(1)).view(-1).tolist()
-                tops = [[], []] if not k else [x.tolist() for x in torch.topk(lp, k, dim=-1)]
-                for i, t in enumerate(target):
-                    d = {t: chosen[i]}
-                    for tid, v in zip(tops[1][i] if k else (), tops[0][i] if k else ()):
+                # (one read of each list for the block: a read a row would wait on the device once a row)
+                top_v, top_i = [x.tolist() for x in torch.topk(lp, k, dim=-1)] if k else ([[]] * len(target),) * 2
+                for t, p, ids, vals in zip(target, chosen, top_i, top_v):
+                    d = {t: p}
+                    for tid, v in zip(ids, vals):
                         d.setdefault(tid, v)
                     got.append(d)
-            if got is None:
-                del res[c.request.request_id]
+            if got:
+                res[c.request.request_id] = got
             q0 += c.num_tokens
         return res
 
