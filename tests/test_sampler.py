@@ -138,3 +138,4 @@ def test_min_tokens_forbids_stop_tokens_until_the_output_is_long_enough():
         SamplingParams(logit_bias={1: 101})
     with pytest.raises(ValueError, match="token ids"):
         SamplingParams(logit_bias={"x": 1})
+

@@ -39,8 +39,9 @@ def apply_penalties(logits: torch.Tensor, req: Request) -> torch.Tensor:
 
 def adjust_logits(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     """vLLM v1's order: a grammar's mask (row by row), logit_bias and min_tokens' stop-token mask over the batch (one
-    scatter each), then each row's penalties. `logits`: [N, V] fp32, changed in place. The mask reads how many tokens a row has made, so a
-    row it applies to never runs overlapped (`ModelRunner.launchable`): the host knows that count exactly."""
+    scatter each), then each row's penalties. `logits`: [N, V] fp32, changed in place. The stop-token mask reads
+    how many tokens a row has made, and a grammar is fed them, so such rows never run overlapped
+    (`ModelRunner.launchable`): the host knows those tokens exactly."""
     rows, cols, vals, mrows, mcols = [], [], [], [], []
     for i, r in enumerate(reqs):
         if r.matcher is not None:
@@ -67,7 +68,8 @@ def adjust_logits(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
 
 
 def _grammar_mask(row: torch.Tensor, matcher) -> None:
-    """-inf on every token the request's grammar does not allow next (llguidance's mask: a byte a token, 0 or not)."""
+    """-inf on every token the request's grammar does not allow next (llguidance's mask: a byte a token, 0 or not;
+    a matcher in an error state allows EOS alone, so such a request ends)."""
     allowed = torch.frombuffer(bytearray(matcher.compute_logit_bias()), dtype=torch.uint8)
     n = min(allowed.numel(), row.numel())
     if row.device.type == "cuda":  # (from pinned memory, queued like the kernels around it)
