@@ -119,6 +119,12 @@ def serve_cmd(
         None, help="YAML configuration (examples/); without it and without MODEL_DIR: the embedded default"),
     host: Optional[str] = typer.Option(None, help="listen address (overrides the config)"),
     port: Optional[int] = typer.Option(None, min=0, max=65535, help="listen port (overrides the config; 0: any free)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="as vLLM's: every request must send it (Bearer); "
+                                          "a tenant of every model beside the config's"),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1,
+                                                help="the MODEL_DIR models' context length (default: their config's)"),
+    dtype: Optional[str] = typer.Option(None, help="the MODEL_DIR models' weights dtype: auto (the checkpoint's), "
+                                        "bf16, fp16 or fp32"),
 ) -> None:
     """Start the OpenAI-compatible server and its engines.
 
@@ -134,7 +140,7 @@ def serve_cmd(
     if config is not None and not config.is_file():
         raise typer.BadParameter(f"no configuration file at {config}", param_hint="--config")
     serve(config_path=config, host=host, port=port, model_dirs=model_dirs, served_model_names=served_model_name,
-          gpu_budget_gb=gpu_budget)
+          gpu_budget_gb=gpu_budget, api_key=api_key, max_model_len=max_model_len, dtype=dtype)
 
 
 @app.command("ps")

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from controller.keys import is_key_hash
 from tokenpool import env
+from tokenpool.models import DTYPE_NAMES
 
 MAX_GB = 1e6  # sizes in GB are bounded so byte counts stay finite integers (1e308 GB is a 500, not a model)
 
@@ -44,6 +45,13 @@ class EngineOptions(_Strict):
 
     kind: Literal["llm", "pace"] = "llm"
     dtype: str = "auto"
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        if v.lower() not in DTYPE_NAMES:
+            raise ValueError(f"dtype {v!r} is not one of {', '.join(DTYPE_NAMES)}")
+        return v
     block_size: int | None = None
     num_kv_blocks: int | None = None
     # A served model's slots: the per-replica capacity the autoscaler scales on (in flight / max_num_seqs) and the
@@ -51,7 +59,7 @@ class EngineOptions(_Strict):
     # for one model alone; the served one is written only here.
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int | None = None
-    max_model_len: int | None = None
+    max_model_len: int | None = Field(None, ge=1)
     kv_cache_memory_gb: float | None = Field(None, gt=0, le=MAX_GB)  # set it when several models share a GPU
     cuda_graphs: bool | None = None
     seed: int = 0

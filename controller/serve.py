@@ -6,8 +6,11 @@ import logging
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from controller.config import (
     REAL_MODEL,
+    EngineOptions,
     GPUSettings,
     ModelSpec,
     ServerConfig,
@@ -48,12 +51,15 @@ def model_specs(dirs: list[Path], names: list[str]) -> list[ModelSpec]:
 
 
 def prepare(config_path: Path | None, host: str | None, port: int | None, model_dirs: list[Path] | None = None,
-            served_model_names: list[str] | None = None,
-            gpu_budget_gb: float | None = None) -> tuple[ServerConfig, str | None]:
+            served_model_names: list[str] | None = None, gpu_budget_gb: float | None = None,
+            api_key: str | None = None, max_model_len: int | None = None,
+            dtype: str | None = None) -> tuple[ServerConfig, str | None]:
     """The validated config with CLI overrides; a fresh admin token if the config has none (shown once).
 
     Model directories on the command line are served beside the config's models; without a config they are the
-    only models (no demo), on the default loopback listener without auth."""
+    only models (no demo), on the default loopback listener without auth. As vLLM's flags: `api_key` (every request
+    must present it: a tenant "api-key" of every model, auth on), and `max_model_len`/`dtype` for the directories'
+    models."""
     from controller.startup import StartupError, load_checked
 
     if port is not None and not 0 <= port <= 65535:
@@ -62,10 +68,26 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
         specs = model_specs(list(model_dirs or []), list(served_model_names or []))
     except ValueError as e:
         raise StartupError(str(e)) from None
+    if (max_model_len is not None or dtype is not None) and not specs:
+        raise StartupError("--max-model-len and --dtype apply to the MODEL_DIR arguments; none were given (a "
+                           "configuration sets them under models[].engine)")
+    try:
+        for s in specs:
+            s.engine = EngineOptions.model_validate({**s.engine.model_dump(), **{k: v for k, v in (
+                ("max_model_len", max_model_len), ("dtype", dtype)) if v is not None}})
+    except ValidationError as e:
+        raise StartupError("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: "
+                                     f"{err['msg'].removeprefix('Value error, ')}"
+                                     for err in e.errors())) from None
     if specs and config_path is None:
-        cfg = ServerConfig(auth=False)
+        cfg = ServerConfig(auth=api_key is not None)
     else:
         cfg = load_checked(config_path)
+    if api_key is not None:
+        if not api_key:
+            raise StartupError("--api-key is empty")
+        cfg = ServerConfig.model_validate({**cfg.model_dump(), "auth": True, "tenants": [
+            *[t.model_dump() for t in cfg.tenants], {"name": "api-key", "key_hashes": [hash_key(api_key)]}]})
     if specs:
         cfg = ServerConfig.model_validate({**cfg.model_dump(), "models": [*cfg.models, *specs]})
     if gpu_budget_gb is not None:
@@ -83,7 +105,8 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
 
 def serve(config_path: Path | None = None, host: str | None = None, port: int | None = None,
           model_dirs: list[Path] | None = None, served_model_names: list[str] | None = None,
-          gpu_budget_gb: float | None = None) -> None:
+          gpu_budget_gb: float | None = None, api_key: str | None = None, max_model_len: int | None = None,
+          dtype: str | None = None) -> None:
     from controller import shutdown, startup
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -92,7 +115,8 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
             log.error("%s", p)
         raise SystemExit(2)
     try:
-        cfg, admin_token = prepare(config_path, host, port, model_dirs, served_model_names, gpu_budget_gb)
+        cfg, admin_token = prepare(config_path, host, port, model_dirs, served_model_names, gpu_budget_gb, api_key,
+                                   max_model_len, dtype)
     except startup.StartupError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
@@ -135,8 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=None)
     ap.add_argument("--served-model-name", nargs="+", default=None)
     ap.add_argument("--gpu-budget", type=float, default=None)
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--dtype", default=None)
     a = ap.parse_args(argv)
-    serve(a.config, a.host, a.port, a.model_dirs, a.served_model_name, a.gpu_budget)
+    serve(a.config, a.host, a.port, a.model_dirs, a.served_model_name, a.gpu_budget, a.api_key, a.max_model_len,
+          a.dtype)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from controller.config import ModelSpec, ServerConfig, load_config, parse_duration
 from controller.keys import hash_key, verify_key
 from controller.serve import model_specs, prepare
+from controller.startup import StartupError
 from load_tests.live_server import REPO_ROOT, LiveServer
 
 EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.yaml"))
@@ -88,13 +89,29 @@ def test_model_dirs_become_models(make_tiny, tmp_path):
     assert [m.name for m in cfg.models][-1] == q.name and cfg.auth_enabled and cfg.listen.port == 9000
     with pytest.raises(ValidationError, match="greater than 0"):
         prepare(None, None, None, [q], [], 0)
+    # vLLM's flags: --api-key (a tenant of every model, auth on), --max-model-len and --dtype (the directories')
+    cfg, _ = prepare(None, None, None, [q], [], None, "k-123", 96, "bf16")
+    assert cfg.auth_enabled and [t.name for t in cfg.tenants] == ["api-key"]
+    assert verify_key("k-123", cfg.tenants[0].key_hashes[0]) and cfg.tenants[0].models == ["*"]
+    assert (cfg.models[0].engine.max_model_len, cfg.models[0].engine.dtype) == (96, "bf16")
+    for args, words in (((None, None, "banana"), "--dtype: dtype 'banana' is not one of auto, bf16"),
+                        ((None, 0, None), "--max-model-len: Input should be greater than or equal to 1"),
+                        (("", None, None), "--api-key is empty")):
+        with pytest.raises(StartupError, match=re.escape(words)):
+            prepare(None, None, None, [q], [], None, *args)
+    with pytest.raises(StartupError, match="apply to the MODEL_DIR arguments"):
+        prepare(None, None, None, [], [], None, None, 96)
 
 
 def test_serve_model_dir_with_names_live(make_tiny, tmp_path):
     d = make_tiny("qwen2")
-    with LiveServer(None, tmp_path, args=[str(d), "--served-model-name", "mine", "tiny"]) as srv:
-        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with LiveServer(None, tmp_path, args=[str(d), "--served-model-name", "mine", "tiny", "--api-key", "k-live",
+                                          "--max-model-len", "96"]) as srv:
+        with pytest.raises(openai.AuthenticationError):  # --api-key: a request without it is refused
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="k-live", max_retries=0, timeout=60)
         assert [m.id for m in c.models.list()] == ["mine"]
+        assert c.models.retrieve("mine").model_extra["max_model_len"] == 96
         # its card by the name or an alias, as a request would name it (the alias used to be a 404 here)
         assert c.models.retrieve("mine").id == "mine" and c.models.retrieve("tiny").id == "tiny"
         with pytest.raises(openai.NotFoundError):

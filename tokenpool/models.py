@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+# the weights' dtypes an engine may be asked for (`ModelConfig`'s DTYPES, and "auto": the checkpoint's own)
+DTYPE_NAMES = ("auto", "bf16", "bfloat16", "fp16", "float16", "half", "fp32", "float32", "float")
 
 
 def model_dir_problem(path: str | Path) -> str | None:
