@@ -34,3 +34,11 @@ def test_the_engine_refuses_what_the_check_refuses(tmp_path):
     assert "architecture 'gpt2' is not supported" in model_dir_problem(tmp_path)
     with pytest.raises(ValueError, match="architecture 'gpt2' is not supported"):
         ModelConfig.from_pretrained(tmp_path)
+
+
+def test_the_dtype_names_a_config_may_give_are_the_engines():
+    """The configuration checks `engine.dtype` with the standard library's list; it is the engine's own (and "auto")."""
+    from model_swapper.model_config import DTYPES
+    from tokenpool.models import DTYPE_NAMES
+
+    assert set(DTYPE_NAMES) == {"auto", *DTYPES}
