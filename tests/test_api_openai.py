@@ -281,6 +281,25 @@ def test_response_format_json_schema(server):
         assert e.status_code == 400 and e.body["param"] == param, e.body
 
 
+def test_vllm_structured_outputs_through_the_api(server):
+    """vLLM's structured outputs on both endpoints, a random-weight model sampled: guided_choice answers one of the
+    choices, structured_outputs.regex a match; two shapes at once are a 400."""
+    import re
+
+    c = client(server)
+    for seed in range(3):
+        r = c.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "Yes or no?"}],
+                                      max_tokens=10, temperature=1.0, seed=seed,
+                                      extra_body={"guided_choice": ["yes", "no", "maybe later"]})
+        assert r.choices[0].message.content in ("yes", "no", "maybe later") and r.choices[0].finish_reason == "stop"
+        r = c.completions.create(model="tiny-b", prompt="Code:", max_tokens=20, temperature=1.0, seed=seed,
+                                 extra_body={"structured_outputs": {"regex": "[A-Z]{2}-[0-9]{3}"}})
+        assert re.fullmatch("[A-Z]{2}-[0-9]{3}", r.choices[0].text), r.choices[0].text
+    e = _status(lambda: c.completions.create(model="tiny-a", prompt="x", max_tokens=1, extra_body={
+        "guided_choice": ["a"], "response_format": {"type": "json_object"}}))
+    assert e.status_code == 400 and e.body["param"] == "response_format", e.body
+
+
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the forecast", "parameters": {
     "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer", "minimum": 1,
                                                                                  "maximum": 7}},

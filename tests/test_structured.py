@@ -81,3 +81,38 @@ def test_history_messages_reach_the_template_as_templates_take_them():
                    {"role": "assistant", "content": "", "tool_calls": [
                        {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": {"x": 1}}}]},
                    {"role": "tool", "content": "2", "tool_call_id": "call_1"}]
+
+
+class _Req:
+    """The structured-output fields of a request, as protocol._Sampling carries them."""
+
+    def __init__(self, **kw):
+        self.structured_outputs = kw.pop("structured_outputs", None)
+        for k in ("json", "regex", "choice", "grammar"):
+            setattr(self, f"guided_{k}", kw.pop(f"guided_{k}", None))
+        assert not kw
+
+
+def test_vllm_structured_outputs(accepts):
+    from controller.api.structured import vllm_grammar
+
+    choice = vllm_grammar(_Req(guided_choice=["yes", "no", 'a "quoted" one']))
+    assert accepts(choice, "yes") and accepts(choice, 'a "quoted" one') and not accepts(choice, "maybe")
+    assert vllm_grammar(_Req(structured_outputs={"choice": ["yes", "no"]})) is not None
+    regex = vllm_grammar(_Req(structured_outputs={"regex": "[0-9]{3}-[a-z]+"}))
+    assert accepts(regex, "123-abc") and not accepts(regex, "12-abc")
+    lark = vllm_grammar(_Req(guided_grammar='start: "(" NUM ")"\nNUM: /[0-9]+/'))
+    assert accepts(lark, "(42)") and not accepts(lark, "42")
+    js = vllm_grammar(_Req(guided_json='{"type": "array", "items": {"type": "integer"}, "maxItems": 2}'))
+    assert accepts(js, "[1, 2]") and not accepts(js, "[1, 2, 3]")
+    assert accepts(vllm_grammar(_Req(structured_outputs={"json_object": True})), '{"a": 1}')
+    assert vllm_grammar(_Req()) is None and vllm_grammar(_Req(structured_outputs={"json_object": False})) is None
+    for req, param, words in ((_Req(guided_regex="[0-9", guided_choice=["a"]), "guided_regex", "one structured output"),
+                              (_Req(guided_regex="[0-9"), "guided_regex", "unclosed character class"),
+                              (_Req(structured_outputs={"choice": []}), "structured_outputs.choice", "non-empty"),
+                              (_Req(guided_json="{oops"), "guided_json", "not a JSON schema"),
+                              (_Req(structured_outputs={"json": {"type": "nonsense"}}), "structured_outputs.json",
+                               "cannot be used")):
+        with pytest.raises(ServingError) as ei:
+            vllm_grammar(req)
+        assert ei.value.param == param and words in str(ei.value), (param, str(ei.value))

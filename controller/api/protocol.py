@@ -94,6 +94,14 @@ class _Sampling(_Top):
     # takes it on completions too): checked and compiled by the serving layer
     response_format: dict[str, Any] | None = None
     user: str | None = Field(None, max_length=256)
+    # vLLM's structured outputs: {"json" | "regex" | "choice" | "grammar" (Lark) | "json_object": ...}, and the
+    # older guided_* fields of the same meanings (checked and compiled by the serving layer)
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(None, max_length=4096)
+    guided_choice: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=1024)]],
+                             Field(min_length=1, max_length=1024)] | None = None
+    guided_grammar: str | None = Field(None, max_length=65536)
     # vLLM extras
     top_k: int | None = Field(None, ge=-1, le=1 << 20)
     min_p: float | None = Field(None, ge=0, le=1)

@@ -21,7 +21,7 @@ from starlette.requests import Request
 
 from controller.api import protocol as p
 from controller.api.sse import DONE, EMPTY, NULL, ROLE, ChunkFrames, content, sse
-from controller.api.structured import ToolPlan, response_grammar, tool_plan
+from controller.api.structured import ToolPlan, response_grammar, tool_plan, vllm_grammar
 from controller.errors import ServingError
 from controller.messages import Delta
 from controller.service import Controller, Generation, ModelEntry
@@ -229,7 +229,7 @@ class OpenAIServing:
         kw = dict(n=1, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=req.stop,
                   stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
                   skip_special_tokens=req.skip_special_tokens, logit_bias=bias, prompt_logprobs=prompt_logprobs,
-                  grammar=tools.grammar if tools else response_grammar(req.response_format))
+                  grammar=OpenAIServing._grammar(req, tools))
         for f, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", -1), ("min_p", 0.0),
                            ("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
             v = getattr(req, f)
@@ -238,6 +238,16 @@ class OpenAIServing:
             return SamplingParams(**kw)
         except ValueError as e:
             raise ServingError(400, str(e)) from None
+
+    @staticmethod
+    def _grammar(req: p._Sampling, tools: ToolPlan | None) -> str | None:
+        """The one shape the output is held to: the tools' calls, response_format's, or vLLM's structured output."""
+        shaped = response_grammar(req.response_format)
+        vllm = vllm_grammar(req)
+        if sum(x is not None for x in (tools, shaped, vllm)) > 1:
+            raise ServingError(400, "tools, response_format and structured outputs cannot shape one output together",
+                               param="response_format" if shaped is not None else "structured_outputs")
+        return tools.grammar if tools else shaped or vllm
 
     @staticmethod
     def _vocab(me: ModelEntry) -> int:
@@ -405,8 +415,6 @@ class OpenAIServing:
             raise ServingError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         tools = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)
-        if tools is not None and (req.response_format or {}).get("type", "text") != "text":
-            raise ServingError(400, "response_format and tools cannot both shape the output", param="response_format")
         params = self._params(me, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, tools=tools)
         if not getattr(me.tokenizer, "chat_template", None):
             raise ServingError(400, f"model `{req.model}` has no chat template; use /v1/completions")

@@ -54,6 +54,60 @@ def response_grammar(rf: dict[str, Any] | None) -> str | None:
     return json_grammar(schema, "response_format")
 
 
+def _compiled(grammar: str, param: str) -> str:
+    from llguidance import LLMatcher
+
+    err = LLMatcher.validate_grammar(grammar)
+    if err:  # (its first line, and the reason a parser adds below a drawing of where: "error: ...")
+        lines = [x.strip() for x in err.strip().splitlines()]
+        why = " ".join([lines[0], *(x.removeprefix("error: ") for x in lines[1:] if x.startswith("error: "))])
+        raise ServingError(400, f"{param}: {why}", param=param)
+    return grammar
+
+
+def vllm_grammar(req: Any) -> str | None:
+    """The grammar of vLLM's structured outputs (`structured_outputs`, or the older `guided_json`, `guided_regex`,
+    `guided_choice`, `guided_grammar`); None when none is asked; a 400 when more than one is, or one cannot compile."""
+    from llguidance import LLMatcher
+
+    asked = {f"guided_{k}": v for k in ("json", "regex", "choice", "grammar")
+             if (v := getattr(req, f"guided_{k}", None)) is not None}
+    so = req.structured_outputs or {}
+    if not isinstance(so, dict):
+        raise ServingError(400, "structured_outputs must be an object", param="structured_outputs")
+    for k in ("json", "regex", "choice", "grammar", "json_object"):
+        if so.get(k) not in (None, False):
+            asked[f"structured_outputs.{k}"] = so[k]
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise ServingError(400, f"one structured output at a time: {', '.join(asked)} were given", param=next(iter(asked)))
+    (param, v), = asked.items()
+    kind = param.rsplit(".", 1)[-1].removeprefix("guided_")
+    if kind == "json_object":
+        return json_grammar({"type": "object"}, param)
+    if kind == "json":
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except ValueError as e:
+                raise ServingError(400, f"{param}: not a JSON schema ({e})", param=param) from None
+        if not isinstance(v, dict):
+            raise ServingError(400, f"{param}: a JSON schema is an object", param=param)
+        return json_grammar(v, param)
+    if kind == "regex":
+        if not isinstance(v, str):
+            raise ServingError(400, f"{param}: a regular expression is a string", param=param)
+        return _compiled(LLMatcher.grammar_from_regex(v), param)
+    if kind == "choice":
+        if not (isinstance(v, list) and v and all(isinstance(c, str) and c for c in v)):
+            raise ServingError(400, f"{param}: a list of non-empty strings", param=param)
+        return _compiled(LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in v)), param)
+    if not isinstance(v, str):
+        raise ServingError(400, f"{param}: a Lark grammar is a string", param=param)
+    return _compiled(LLMatcher.grammar_from_lark(v), param)
+
+
 @dataclass
 class ToolPlan:
     """How a chat request's tools shape its output."""
