@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -23,14 +24,39 @@ from tokenpool.models import model_dir_problem
 log = logging.getLogger("tokenpool")
 
 
+HF_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hf_cached(repo_id: str) -> Path:
+    """The snapshot of `repo_id` in the local Hugging Face cache (HF_HOME / HF_HUB_CACHE): this server does not
+    download. ValueError naming how to get it when it is not there."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise ValueError(f"{repo_id} is neither a path nor a model in the local Hugging Face cache ({HF_HUB_CACHE}): "
+                         f"download it first (`hf download {repo_id}`); tokenpool serve does not") from None
+    if (why := model_dir_problem(path)) is not None:
+        raise ValueError(why)
+    return path
+
+
 def model_specs(dirs: list[Path], names: list[str]) -> list[ModelSpec]:
     """Models from `tokenpool serve DIR ...`: `names` gives one name per directory, or (one directory) a name and
     its aliases, as vLLM's --served-model-name does; by default a model is named after its directory. A `.gguf` file
     (as llama.cpp and Ollama keep models) is served from its conversion (`real_model.ensure_gguf`, cached), named
-    after the file."""
+    after the file; a Hugging Face repo id (`org/name`, as `vllm serve` takes it) from the local Hugging Face cache,
+    named after the id."""
+    given = [str(d) for d in dirs]
     dirs = [Path(d).expanduser().resolve() for d in dirs]
     default_names = [d.stem if d.suffix == ".gguf" else d.name for d in dirs]
     for i, d in enumerate(dirs):
+        if not d.exists() and HF_REPO_ID.fullmatch(given[i]):
+            dirs[i], default_names[i] = hf_cached(given[i]), given[i]
+            continue
         if d.suffix == ".gguf" and d.is_file():
             from controller.config import cache_dir
             from controller.real_model import ensure_gguf

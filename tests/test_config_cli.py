@@ -123,6 +123,33 @@ def test_serve_model_dir_with_names_live(make_tiny, tmp_path):
             c.completions.create(model="nope", prompt="Hi", max_tokens=1)
 
 
+def test_serve_a_repo_id_from_the_local_hugging_face_cache(make_tiny, tmp_path):
+    """`tokenpool serve org/name`, as `vllm serve` takes a repo id: the snapshot in the local Hugging Face cache (the
+    layout the hub client writes: refs/main naming a snapshot), served under the id; one not cached: exit 2, one
+    line saying how to get it (this server downloads nothing)."""
+    import shutil
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--tinyorg--tiny-qwen2"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(make_tiny("qwen2"), repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    env = {"HF_HUB_CACHE": str(hub)}
+    with LiveServer(None, tmp_path, args=["tinyorg/tiny-qwen2"], env=env) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list()] == ["tinyorg/tiny-qwen2"]
+        assert c.models.retrieve("tinyorg/tiny-qwen2").id == "tinyorg/tiny-qwen2"
+        r = c.completions.create(model="tinyorg/tiny-qwen2", prompt="Hi", max_tokens=2, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 2
+    r = subprocess.run([sys.executable, "-m", "controller.serve", "tinyorg/not-here"], cwd=REPO_ROOT, timeout=60,
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env})
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "tinyorg/not-here is neither a path nor a model in the local Hugging Face cache" in lines[0]
+    assert "hf download tinyorg/not-here" in lines[0]
+
+
 def test_serve_refuses_config_pins_that_starve_a_model(tmp_path):
     """`tokenpool serve --config`: pins that leave a registered model too little weight space stop start-up once the
     GPU's worker joined, with exit status 2 and one line naming the models, their sizes and the GPU -- not requests
