@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from controller.api import admin_routes, auth, openai_routes
+from controller.api import admin_routes, auth, ollama, openai_routes
 from controller.api.serving import OpenAIServing
 from controller.config import ServerConfig
 from controller.dashboard import routes as dashboard_routes
@@ -149,12 +149,19 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
     app.state.controller = ctl = Controller(cfg)
     app.state.serving = OpenAIServing(ctl)
     app.include_router(openai_routes.router)
+    app.include_router(ollama.router)
     app.include_router(admin_routes.router)
     app.include_router(dashboard_routes.router)
 
-    @app.exception_handler(ServingError)
-    async def serving_error(_: Request, e: ServingError):
+    def answer(request: Request, e: ServingError) -> JSONResponse:
+        """The error as the route's API writes it: Ollama's `{"error": "..."}` under /api/, OpenAI's elsewhere."""
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": e.message}, status_code=e.status)
         return _error(e)
+
+    @app.exception_handler(ServingError)
+    async def serving_error(request: Request, e: ServingError):
+        return answer(request, e)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
@@ -175,6 +182,8 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
     async def http_error(request: Request, e: StarletteHTTPException):
         if e.status_code == 413:  # a request refused for its size is a refused request (others: no such route)
             request.app.state.controller.count_refusal(None, "-", 413)
+        if request.url.path.startswith("/api/"):  # Ollama's routes: its error shape
+            return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=getattr(e, "headers", None))
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         err = ServingError(e.status_code, str(e.detail), code=code)
         return ErrorJSON(err.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
@@ -184,14 +193,15 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
         if "surrogate" not in str(e):
             return await unexpected(request, e)
         # client text no request model checked (an admin body, say): its fault, not ours
-        return _error(ServingError(400, "the request holds text that is not valid Unicode (a lone UTF-16 surrogate)"))
+        return answer(request, ServingError(400, "the request holds text that is not valid Unicode (a lone UTF-16 "
+                                                 "surrogate)"))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception):
         log.exception("unhandled error")
         if not getattr(e, "counted", False):  # /v1 routes count their own 500s (with model and tenant)
             request.app.state.controller.count_refusal(None, "-", 500)
-        return _error(ServingError(500, f"internal error: {type(e).__name__}"))
+        return answer(request, ServingError(500, f"internal error: {type(e).__name__}"))
 
     @app.get("/health")
     async def health(request: Request):

@@ -186,6 +186,18 @@ def is_openai_error(body: bytes) -> bool:
         return False
 
 
+def is_error_body(path: str, body: bytes) -> bool:
+    """An error as the route's API writes it: Ollama's `{"error": "..."}` under /api/, OpenAI's error object
+    elsewhere."""
+    if not path.startswith("/api/"):
+        return is_openai_error(body)
+    try:
+        d = json.loads(body)
+        return isinstance(d, dict) and set(d) == {"error"} and isinstance(d["error"], str) and bool(d["error"])
+    except ValueError:
+        return False
+
+
 # --- streams over the lean client ---
 class Stream:
     """One streamed request: timestamps of its first token, its end, and how it ended."""
@@ -409,7 +421,7 @@ def _fuzz_mode(t: Target, schema, mode: str, examples: int, seed: int) -> dict:
             counts["unexpected_5xx"] += 1
         if (resp.status_code >= 500 and not ready_503) or (
                 resp.status_code >= 400 and not ready_503 and not (ct.startswith("application/json")
-                                                                   and is_openai_error(resp.content))):
+                                                                   and is_error_body(case.path, resp.content))):
             bad.append({"method": case.method, "path": case.path, "status": resp.status_code,
                         "body": resp.text[:300]})
 

@@ -423,6 +423,49 @@ def test_tokenpool_run_and_ls(server):
     assert r.returncode == 1 and "TOKENPOOL_API_KEY" in r.stderr, r.stderr
 
 
+def test_ollama_api_with_the_official_client(server):
+    """Ollama's API (/api/*) through the official `ollama` client: the key's models listed; chat, streamed and not,
+    and generate (templated, and raw) give the tokens the OpenAI routes give for the same request; `format` holds the
+    reply to a schema; the closing counts are the usage; unknown model 404, no key 401, a bad option 400."""
+    import json
+
+    import jsonschema
+    import ollama
+
+    def oc(key=ALICE):
+        return ollama.Client(host=server.url, headers={"Authorization": f"Bearer {key}"})
+
+    c = client(server)
+    assert [m.model for m in oc(BOB).list().models] == ["tiny-b"]
+    assert {m.model for m in oc().list().models} == {"tiny-a", "tiny-b", "pace-1"}
+    msgs = [{"role": "user", "content": "Hello there"}]
+    ref = c.chat.completions.create(model="tiny-a", messages=msgs, temperature=0, max_tokens=6)
+    r = oc().chat(model="tiny-a", messages=msgs, options={"temperature": 0, "num_predict": 6})
+    assert r.message.content == ref.choices[0].message.content and r.done and r.done_reason == ref.choices[0].finish_reason
+    assert (r.prompt_eval_count, r.eval_count) == (ref.usage.prompt_tokens, ref.usage.completion_tokens)
+    assert r.total_duration >= r.eval_duration > 0
+    parts = list(oc().chat(model="tiny-a", messages=msgs, stream=True, options={"temperature": 0, "num_predict": 6}))
+    assert "".join(x.message.content for x in parts) == r.message.content
+    assert [x.done for x in parts] == [False] * (len(parts) - 1) + [True] and parts[-1].eval_count == r.eval_count
+    g = oc().generate(model="tiny-a", prompt="Hello there", options={"temperature": 0, "num_predict": 6})
+    assert g.response == r.message.content  # (the model's template over the prompt, as Ollama applies it)
+    raw = oc().generate(model="tiny-a", prompt="Hello there", raw=True, options={"temperature": 0, "num_predict": 5})
+    assert raw.response == c.completions.create(model="tiny-a", prompt="Hello there", temperature=0,
+                                                max_tokens=5).choices[0].text
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    f = oc().chat(model="tiny-a", messages=msgs, format=schema, options={"temperature": 1.0, "seed": 3})
+    jsonschema.validate(json.loads(f.message.content), schema)
+    assert oc().show("tiny-a").modelinfo["context_length"] == c.models.retrieve("tiny-a").model_extra["max_model_len"]
+    for call, status, words in ((lambda: oc().chat(model="nope", messages=msgs), 404, "model 'nope' not found"),
+                                (lambda: oc("wrong").list(), 401, "Incorrect API key"),
+                                (lambda: oc().chat(model="tiny-a", messages=msgs, options={"temperature": 5}), 400,
+                                 "temperature")):
+        with pytest.raises(ollama.ResponseError) as ei:
+            call()
+        assert ei.value.status_code == status and words in ei.value.error, (status, ei.value.error)
+
+
 # --- errors ---
 def _status(fn) -> openai.APIStatusError:
     with pytest.raises(openai.APIStatusError) as ei:

@@ -1,0 +1,295 @@
+"""Ollama's API over the same serving layer, for the clients and GUIs that speak it (the `ollama` Python and
+JavaScript libraries, Open WebUI, editors' assistants): `POST /api/chat`, `POST /api/generate`, `GET /api/tags`,
+`POST /api/show`, `GET /api/ps`, `GET /api/version`.
+
+A request is translated into the OpenAI request it means (options -> sampling fields, `format` -> response_format)
+and validated as that one, then generated as it would be; the replies are Ollama's: newline-delimited JSON objects
+when streamed (Ollama's default), the last with `done: true`, the token counts and durations in nanoseconds; errors
+are `{"error": "..."}` with the HTTP status. Models are the served ones, named as /v1/models names them; the key is
+the same bearer key.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+import tokenpool
+from controller.api import auth
+from controller.api import protocol as p
+from controller.api.serving import ClientGone, OpenAIServing, Tracked, encode, unless_disconnected
+from controller.errors import ServingError
+
+router = APIRouter(prefix="/api")
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Options(_Loose):
+    """The sampling options Ollama clients send; others (num_ctx, num_gpu, mirostat, ...) are ignored."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    num_predict: int | None = None  # -1: until the context is full
+    seed: int | None = None
+    stop: list[str] | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+class Message(_Loose):
+    role: str
+    content: str = ""
+    images: list[str] | None = None
+
+
+class _Base(_Loose):
+    model: str
+    stream: bool = True
+    options: Options | None = None
+    format: str | dict[str, Any] | None = None  # "json" or a JSON schema
+    keep_alive: Any = None  # (residency is the pool's: accepted, not honoured per request)
+
+
+class ChatRequest(_Base):
+    messages: list[Message] = []
+
+
+class GenerateRequest(_Base):
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    suffix: str | None = None
+    images: list[str] | None = None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _sampling(body: _Base) -> dict[str, Any]:
+    """The OpenAI request fields `body`'s options and format mean."""
+    o = body.options or Options()
+    out: dict[str, Any] = {"model": body.model}
+    for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("min_p", "min_p"),
+                         ("seed", "seed"), ("stop", "stop"), ("repetition_penalty", "repeat_penalty"),
+                         ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty")):
+        if (v := getattr(o, theirs)) is not None:
+            out[ours] = v
+    if o.num_predict is not None and o.num_predict > 0:
+        out["max_tokens"] = o.num_predict
+    if body.format == "json":
+        out["response_format"] = {"type": "json_object"}
+    elif isinstance(body.format, dict):
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "format", "schema": body.format}}
+    elif body.format not in (None, ""):
+        raise ServingError(400, f"format must be \"json\" or a JSON schema, got {body.format!r}")
+    return out
+
+
+def _as(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    """`data` validated as the OpenAI request it is: its errors are the client's (400)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise ServingError(400, f"{where}: {err['msg']}" if where else err["msg"]) from None
+
+
+async def _body(request: Request, model: type[BaseModel]) -> Any:
+    try:
+        return model.model_validate(json.loads(await request.body() or b"{}"))
+    except ValueError as e:  # (ValidationError is a ValueError)
+        msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else f"the request body is not valid JSON: {e}"
+        raise ServingError(400, msg) from None
+
+
+def _stats(gen: Tracked) -> dict[str, Any]:
+    """Ollama's closing counts; durations in nanoseconds (prompt: arrival to first token; eval: first to last)."""
+    end = gen.t_last or time.monotonic()
+    first = gen.t_first or end
+    ns = lambda s: int(max(0.0, s) * 1e9)  # noqa: E731
+    return {"total_duration": ns(end - gen.t_arrival), "load_duration": 0, "prompt_eval_count": gen.prompt_tokens,
+            "prompt_eval_duration": ns(first - gen.t_arrival), "eval_count": gen.completion_tokens,
+            "eval_duration": ns(end - first)}
+
+
+async def _run(request: Request, body: _Base, chat: bool) -> Response:
+    serving: OpenAIServing = request.app.state.serving
+    ctl = request.app.state.controller
+    tenant = None
+    try:
+        tenant = auth.tenant(request)
+        if chat:
+            if any(m.images for m in body.messages):
+                raise ServingError(400, "images are not supported: the served models take text")
+            req = _as(p.ChatCompletionRequest, {**_sampling(body), "messages": [
+                {"role": m.role, "content": m.content} for m in body.messages]})
+        else:
+            if body.images or body.suffix:
+                raise ServingError(400, "images and suffix are not supported")
+            if not body.prompt:  # Ollama's "load the model" request: nothing to generate
+                serving.entry(tenant, body.model)
+                return JSONResponse({"model": body.model, "created_at": _now(), "response": "", "done": True,
+                                     "done_reason": "load"})
+            if body.raw:
+                req = _as(p.CompletionRequest, {"max_tokens": None, **_sampling(body), "prompt": body.prompt})
+            else:  # the model's template over the system message and the prompt, as Ollama applies it
+                msgs = ([{"role": "system", "content": body.system}] if body.system else [])
+                req = _as(p.ChatCompletionRequest, {**_sampling(body), "messages": [
+                    *msgs, {"role": "user", "content": body.prompt}]})
+        me = serving.entry(tenant, req.model)
+        if isinstance(req, p.ChatCompletionRequest):
+            if not getattr(me.tokenizer, "chat_template", None):
+                raise ServingError(400, f"model '{req.model}' has no chat template: use /api/generate with raw")
+            params = serving._params(me, req, req.max_tokens, None)
+            ids = await serving.offload(serving._chat_prompt, me, req, {})
+        else:
+            params = serving._params(me, req, req.max_tokens, None)
+            ids = serving._check_ids(me, await serving.offload(encode, me.tokenizer, req.prompt), "prompt")
+        gen = serving._track(await ctl.generate(me, tenant, [ids], params, 1, ctl.new_id("ollama")))
+    except ServingError as e:
+        if e.status != 401:  # (auth counted its own)
+            ctl.count_refusal(body.model, tenant.name if tenant else "-", e.status)
+        return _error(e.status, e.message if e.status != 404 else f"model '{body.model}' not found")
+    key = "message" if chat else "response"
+
+    def line(text: str, done: bool = False, reason: str | None = None) -> bytes:
+        d: dict[str, Any] = {"model": body.model, "created_at": _now(),
+                             key: {"role": "assistant", "content": text} if chat else text, "done": done}
+        if done:
+            d.update(done_reason=reason or "stop", **_stats(gen))
+        return json.dumps(d, ensure_ascii=False).encode() + b"\n"
+
+    if body.stream:
+        return StreamingResponse(_stream(serving, gen, line), media_type="application/x-ndjson")
+    status = 499
+    try:
+        text, reason = await unless_disconnected(request, _collect(gen))
+        status = 200
+        return Response(line(text, True, reason), media_type="application/json")
+    except ClientGone:
+        return Response(status_code=499)
+    except ServingError as e:
+        status = e.status
+        return _error(e.status, e.message)
+    finally:
+        serving.active.discard(gen)
+        gen.close(status)
+
+
+async def _collect(gen: Tracked) -> tuple[str, str | None]:
+    parts, reason = [], None
+    async for _, d in gen.events():
+        parts.append(d.text)
+        if d.finished:
+            reason = d.finish_reason
+            if d.error:
+                raise ServingError(503 if d.error_kind != "invalid" else 400, d.error)
+    return "".join(parts), reason
+
+
+async def _stream(serving: OpenAIServing, gen: Tracked, line) -> AsyncIterator[bytes]:
+    status = 499
+    try:
+        async for _, d in gen.events():
+            if d.finished and d.error:
+                yield json.dumps({"error": d.error}).encode() + b"\n"
+                status = 503
+                return
+            if d.text:
+                yield line(d.text)
+            if d.finished:
+                yield line("", True, d.finish_reason)
+        status = 200
+    finally:
+        serving.active.discard(gen)
+        gen.close(status)
+
+
+@router.post("/chat")
+async def chat(request: Request) -> Response:
+    try:
+        body = await _body(request, ChatRequest)
+    except ServingError as e:
+        return _error(e.status, e.message)
+    return await _run(request, body, chat=True)
+
+
+@router.post("/generate")
+async def generate(request: Request) -> Response:
+    try:
+        body = await _body(request, GenerateRequest)
+    except ServingError as e:
+        return _error(e.status, e.message)
+    return await _run(request, body, chat=False)
+
+
+def _models(request: Request) -> list[dict[str, Any]] | JSONResponse:
+    try:
+        tenant = auth.tenant(request)
+    except ServingError as e:
+        return _error(e.status, e.message)
+    out = []
+    for card in request.app.state.serving.models(tenant).data:
+        out.append({"name": card.id, "model": card.id,
+                    "modified_at": datetime.fromtimestamp(card.created, timezone.utc).isoformat(),
+                    "size": 0, "digest": "", "details": {"format": "safetensors", "family": "", "families": None,
+                                                          "parameter_size": "", "quantization_level": ""}})
+    return out
+
+
+@router.get("/tags")
+async def tags(request: Request):
+    """The served models the key may use (Ollama's list: sizes and digests are not tracked per model here)."""
+    models = _models(request)
+    return models if isinstance(models, JSONResponse) else {"models": models}
+
+
+@router.get("/ps")
+async def ps(request: Request):
+    """The served models (a pooled server keeps each one ready: residency is per token, `tokenpool ps` shows it)."""
+    models = _models(request)
+    return models if isinstance(models, JSONResponse) else {"models": [
+        {**m, "size_vram": 0, "expires_at": "0001-01-01T00:00:00Z"} for m in models]}
+
+
+@router.post("/show")
+async def show(request: Request) -> Response:
+    try:
+        tenant = auth.tenant(request)
+        data = json.loads(await request.body() or b"{}")
+        name = data.get("model") or data.get("name") if isinstance(data, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ServingError(400, "model is required")
+        me = request.app.state.serving.lookup(tenant, name)
+    except ValueError as e:
+        return _error(400, f"the request body is not valid JSON: {e}")
+    except ServingError as e:
+        return _error(e.status, e.message if e.status != 404 else f"model '{name}' not found")
+    tpl = getattr(me.tokenizer, "chat_template", None)
+    return JSONResponse({"modelfile": "", "parameters": "", "template": tpl if isinstance(tpl, str) else "",
+                         "details": {"format": "safetensors"},
+                         "model_info": {"context_length": me.max_model_len}, "capabilities": ["completion"]})
+
+
+@router.get("/version")
+async def version() -> dict:
+    return {"version": tokenpool.version()}
