@@ -224,29 +224,19 @@ async def _stream(serving: OpenAIServing, gen: Tracked, line) -> AsyncIterator[b
         gen.close(status)
 
 
+# (a ServingError raised here is answered in Ollama's shape by the app's handler, as every error under /api/)
 @router.post("/chat")
 async def chat(request: Request) -> Response:
-    try:
-        body = await _body(request, ChatRequest)
-    except ServingError as e:
-        return _error(e.status, e.message)
-    return await _run(request, body, chat=True)
+    return await _run(request, await _body(request, ChatRequest), chat=True)
 
 
 @router.post("/generate")
 async def generate(request: Request) -> Response:
-    try:
-        body = await _body(request, GenerateRequest)
-    except ServingError as e:
-        return _error(e.status, e.message)
-    return await _run(request, body, chat=False)
+    return await _run(request, await _body(request, GenerateRequest), chat=False)
 
 
-def _models(request: Request) -> list[dict[str, Any]] | JSONResponse:
-    try:
-        tenant = auth.tenant(request)
-    except ServingError as e:
-        return _error(e.status, e.message)
+def _models(request: Request) -> list[dict[str, Any]]:
+    tenant = auth.tenant(request)
     out = []
     for card in request.app.state.serving.models(tenant).data:
         out.append({"name": card.id, "model": card.id,
@@ -257,18 +247,15 @@ def _models(request: Request) -> list[dict[str, Any]] | JSONResponse:
 
 
 @router.get("/tags")
-async def tags(request: Request):
+async def tags(request: Request) -> dict:
     """The served models the key may use (Ollama's list: sizes and digests are not tracked per model here)."""
-    models = _models(request)
-    return models if isinstance(models, JSONResponse) else {"models": models}
+    return {"models": _models(request)}
 
 
 @router.get("/ps")
-async def ps(request: Request):
+async def ps(request: Request) -> dict:
     """The served models (a pooled server keeps each one ready: residency is per token, `tokenpool ps` shows it)."""
-    models = _models(request)
-    return models if isinstance(models, JSONResponse) else {"models": [
-        {**m, "size_vram": 0, "expires_at": "0001-01-01T00:00:00Z"} for m in models]}
+    return {"models": [{**m, "size_vram": 0, "expires_at": "0001-01-01T00:00:00Z"} for m in _models(request)]}
 
 
 @router.post("/show")
