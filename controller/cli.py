@@ -125,6 +125,9 @@ def serve_cmd(
                                                 help="the MODEL_DIR models' context length (default: their config's)"),
     dtype: Optional[str] = typer.Option(None, help="the MODEL_DIR models' weights dtype: auto (the checkpoint's), "
                                         "bf16, fp16 or fp32"),
+    tool_call_parser: Optional[str] = typer.Option(
+        None, "--tool-call-parser", help="the MODEL_DIR models' tool-call syntax, for tool_choice auto: hermes "
+        "(Qwen2.5, Hermes)"),
 ) -> None:
     """Start the OpenAI-compatible server and its engines.
 
@@ -140,7 +143,8 @@ def serve_cmd(
     if config is not None and not config.is_file():
         raise typer.BadParameter(f"no configuration file at {config}", param_hint="--config")
     serve(config_path=config, host=host, port=port, model_dirs=model_dirs, served_model_names=served_model_name,
-          gpu_budget_gb=gpu_budget, api_key=api_key, max_model_len=max_model_len, dtype=dtype)
+          gpu_budget_gb=gpu_budget, api_key=api_key, max_model_len=max_model_len, dtype=dtype,
+          tool_call_parser=tool_call_parser)
 
 
 @app.command("ps")

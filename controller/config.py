@@ -112,6 +112,9 @@ class ModelSpec(_Strict):
     keep_alive: float | None = None
     pin: bool = False
     preload: bool = False
+    # how the model writes tool calls, for tool_choice "auto" (vLLM's --tool-call-parser): "hermes" (Qwen2.5, Hermes:
+    # <tool_call>{"name", "arguments"}</tool_call>). None: "auto" is refused (a 400 saying what to send)
+    tool_call_parser: Literal["hermes"] | None = None
 
     @field_validator("keep_alive", mode="before")
     @classmethod

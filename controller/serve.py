@@ -79,13 +79,13 @@ def model_specs(dirs: list[Path], names: list[str]) -> list[ModelSpec]:
 def prepare(config_path: Path | None, host: str | None, port: int | None, model_dirs: list[Path] | None = None,
             served_model_names: list[str] | None = None, gpu_budget_gb: float | None = None,
             api_key: str | None = None, max_model_len: int | None = None,
-            dtype: str | None = None) -> tuple[ServerConfig, str | None]:
+            dtype: str | None = None, tool_call_parser: str | None = None) -> tuple[ServerConfig, str | None]:
     """The validated config with CLI overrides; a fresh admin token if the config has none (shown once).
 
     Model directories on the command line are served beside the config's models; without a config they are the
     only models (no demo), on the default loopback listener without auth. As vLLM's flags: `api_key` (every request
-    must present it: a tenant "api-key" of every model, auth on), and `max_model_len`/`dtype` for the directories'
-    models."""
+    must present it: a tenant "api-key" of every model, auth on), and `max_model_len`/`dtype`/`tool_call_parser` for
+    the directories' models."""
     from controller.startup import StartupError, load_checked
 
     if port is not None and not 0 <= port <= 65535:
@@ -94,9 +94,13 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
         specs = model_specs(list(model_dirs or []), list(served_model_names or []))
     except ValueError as e:
         raise StartupError(str(e)) from None
-    if (max_model_len is not None or dtype is not None) and not specs:
-        raise StartupError("--max-model-len and --dtype apply to the MODEL_DIR arguments; none were given (a "
-                           "configuration sets them under models[].engine)")
+    if (max_model_len is not None or dtype is not None or tool_call_parser is not None) and not specs:
+        raise StartupError("--max-model-len, --dtype and --tool-call-parser apply to the MODEL_DIR arguments; none "
+                           "were given (a configuration sets them per model)")
+    if tool_call_parser not in (None, "hermes"):
+        raise StartupError(f"--tool-call-parser {tool_call_parser}: the one known is hermes")
+    for s in specs:
+        s.tool_call_parser = tool_call_parser  # type: ignore[assignment]
     try:
         for s in specs:
             s.engine = EngineOptions.model_validate({**s.engine.model_dump(), **{k: v for k, v in (
@@ -132,7 +136,7 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
 def serve(config_path: Path | None = None, host: str | None = None, port: int | None = None,
           model_dirs: list[Path] | None = None, served_model_names: list[str] | None = None,
           gpu_budget_gb: float | None = None, api_key: str | None = None, max_model_len: int | None = None,
-          dtype: str | None = None) -> None:
+          dtype: str | None = None, tool_call_parser: str | None = None) -> None:
     from controller import shutdown, startup
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -142,7 +146,7 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
         raise SystemExit(2)
     try:
         cfg, admin_token = prepare(config_path, host, port, model_dirs, served_model_names, gpu_budget_gb, api_key,
-                                   max_model_len, dtype)
+                                   max_model_len, dtype, tool_call_parser)
     except startup.StartupError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
@@ -188,9 +192,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--tool-call-parser", default=None)
     a = ap.parse_args(argv)
     serve(a.config, a.host, a.port, a.model_dirs, a.served_model_name, a.gpu_budget, a.api_key, a.max_model_len,
-          a.dtype)
+          a.dtype, a.tool_call_parser)
 
 
 if __name__ == "__main__":

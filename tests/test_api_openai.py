@@ -32,7 +32,8 @@ def server(make_tiny, tmp_path_factory):
         ],
         "models": [
             {"name": "tiny-a", "path": str(make_tiny("qwen2")), "engine": {"max_num_seqs": 8}},
-            {"name": "tiny-b", "path": str(make_tiny("llama")), "engine": {"max_num_seqs": 8}},
+            {"name": "tiny-b", "path": str(make_tiny("llama")), "engine": {"max_num_seqs": 8},
+             "tool_call_parser": "hermes"},
             {"name": "pace-1", "engine": {"kind": "pace", "pace_s_per_token": 0.05, "max_num_seqs": 1},
              "slo": {"ttft_s": 0.5, "tpot_s": 0.2}},
         ],
@@ -354,7 +355,7 @@ def test_tools_required_and_named(server):
         e = _status(lambda k=kw: c.chat.completions.create(model="tiny-a", messages=msgs, max_tokens=1, **k))
         assert e.status_code == 400 and e.body["param"] == param, (kw, e.body)
     e = _status(lambda: c.chat.completions.create(model="tiny-a", messages=msgs, max_tokens=1, tools=[WEATHER]))
-    assert "tool_choice 'auto'" in e.body["message"]
+    assert "tool_choice 'auto'" in e.body["message"]  # (tiny-a has no tool_call_parser)
 
 
 def test_tokenize_detokenize_version(server, tiny_model):
@@ -464,6 +465,44 @@ def test_ollama_api_with_the_official_client(server):
         with pytest.raises(ollama.ResponseError) as ei:
             call()
         assert ei.value.status_code == status and words in ei.value.error, (status, ei.value.error)
+
+
+def test_tool_choice_auto_with_the_hermes_syntax(server, tiny_model):
+    """A model configured with tool_call_parser hermes takes tool_choice "auto" (the default with tools): a sampled
+    random-weight model answers text or calls, each call valid for its tool (the grammar holds a call's JSON); text
+    streams as the unstreamed reply; a model without a parser answers "auto" with a 400."""
+    import json
+
+    import jsonschema
+    from transformers import AutoTokenizer
+
+    c = client(server)
+    msgs = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
+    kinds = set()
+    for seed in range(6):
+        r = c.chat.completions.create(model="tiny-b", messages=msgs, tools=[WEATHER, NOOP], max_tokens=60,
+                                      temperature=1.0, seed=seed)
+        msg, why = r.choices[0].message, r.choices[0].finish_reason
+        if msg.tool_calls:
+            assert why == "tool_calls" and msg.content is None
+            for call in msg.tool_calls:
+                args = json.loads(call.function.arguments)
+                jsonschema.validate(args, {"get_weather": WEATHER, "noop": NOOP}[call.function.name]["function"][
+                    "parameters"])
+            kinds.add("calls")
+        else:
+            assert not msg.content.startswith("<tool_call>\n") and why in ("stop", "length")
+            kinds.add("text")
+    assert kinds  # (which of the two a random model picks is its own affair)
+    lt = str(AutoTokenizer.from_pretrained(tiny_model).encode("<")[0])
+    kw = dict(model="tiny-b", messages=msgs, tools=[WEATHER], max_tokens=8, **GREEDY, logit_bias={lt: -100})
+    whole = c.chat.completions.create(**kw).choices[0]
+    chunks = [ch.choices[0] for ch in c.chat.completions.create(stream=True, **kw) if ch.choices]
+    assert whole.message.tool_calls is None and whole.finish_reason == "length"
+    assert "".join(ch.delta.content or "" for ch in chunks) == whole.message.content
+    assert sum(1 for ch in chunks if ch.delta.content) > 1  # streamed as it came, not held to the end
+    e = _status(lambda: c.chat.completions.create(model="tiny-a", messages=msgs, max_tokens=1, tools=[WEATHER]))
+    assert e.status_code == 400 and "tool_call_parser" in e.body["message"]
 
 
 # --- errors ---

@@ -101,6 +101,10 @@ def test_model_dirs_become_models(make_tiny, tmp_path):
             prepare(None, None, None, [q], [], None, *args)
     with pytest.raises(StartupError, match="apply to the MODEL_DIR arguments"):
         prepare(None, None, None, [], [], None, None, 96)
+    cfg, _ = prepare(None, None, None, [q], [], None, None, None, None, "hermes")
+    assert cfg.models[0].tool_call_parser == "hermes"
+    with pytest.raises(StartupError, match="the one known is hermes"):
+        prepare(None, None, None, [q], [], None, None, None, None, "mistral")
 
 
 def test_serve_model_dir_with_names_live(make_tiny, tmp_path):

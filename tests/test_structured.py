@@ -116,3 +116,72 @@ def test_vllm_structured_outputs(accepts):
         with pytest.raises(ServingError) as ei:
             vllm_grammar(req)
         assert ei.value.param == param and words in str(ei.value), (param, str(ei.value))
+
+
+def test_hermes_auto_grammar_and_calls(accepts):
+    """tool_choice "auto" for a model that writes hermes calls (ModelSpec.tool_call_parser): the output is text that
+    does not begin as a call does, or <tool_call> blocks of {"name", "arguments"} held to the tools' schemas (one with
+    parallel_tool_calls false); the calls read back; without a parser "auto" is a 400."""
+    from controller.api.structured import HERMES_CLOSE, HERMES_OPEN
+
+    tools = _tools({"name": "add", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}},
+                                                  "required": ["x"], "additionalProperties": False}})
+    plan = tool_plan(tools, "auto", None, "hermes")
+    call = HERMES_OPEN + '{"name": "add", "arguments": {"x": 1}}' + HERMES_CLOSE
+    for text, ok in (("Hello there", True), ("<b>bold</b>", True), ("", True), (call, True), (call + "\n" + call, True),
+                     (HERMES_OPEN + '{"name": "sub", "arguments": {"x": 1}}' + HERMES_CLOSE, False),
+                     (HERMES_OPEN + "not json", False)):
+        assert accepts(plan.grammar, text) == ok, text
+    assert not accepts(tool_plan(tools, "auto", False, "hermes").grammar, call + "\n" + call)
+    calls = plan.calls(call + "\n" + call.replace('"x": 1', '"x": 2'))
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"x": 1}, {"x": 2}]
+    assert plan.calls("Hello there") is None and plan.calls(HERMES_OPEN + '{"name": "add", "argu') is None
+    assert [plan.opening(s) for s in ("<too", HERMES_OPEN, "Hello", "<b")] == [None, True, False, False]
+    with pytest.raises(ServingError, match="tool_choice 'auto'"):
+        tool_plan(tools, "auto", None, None)
+
+
+def _stream_frames(deltas, tools):
+    """What the chat stream writes for a choice whose engine deltas are `deltas` (the serving layer's own code over
+    a scripted generation)."""
+    import asyncio
+
+    from controller.api.serving import OpenAIServing
+    from controller.messages import Delta
+
+    class Gen:  # the Generation surface a stream reads
+        subs, prompt_tokens, completion_tokens = [0], 3, len(deltas)
+
+        async def events(self):
+            for text, finished in deltas:
+                yield 0, Delta("r", text=text, finished=finished, finish_reason="stop" if finished else None)
+
+        def pending(self):
+            return False
+
+        def close(self, status):
+            pass
+
+    serving = OpenAIServing.__new__(OpenAIServing)
+    serving.active = set()
+    req = p.ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                  "stream": True})
+
+    async def run():
+        return b"".join([b async for b in serving._stream_chat(Gen(), req, "id", None, tools)])
+
+    chunks = [json.loads(x[6:]) for x in asyncio.run(run()).decode().split("\n\n") if x.startswith("data: {")]
+    return [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in chunks][1:]  # (past the role)
+
+
+def test_auto_tool_stream_holds_a_call_and_streams_text():
+    from controller.api.structured import HERMES_CLOSE, HERMES_OPEN
+
+    plan = tool_plan(_tools({"name": "add"}), "auto", None, "hermes")
+    call = HERMES_OPEN + '{"name": "add", "arguments": {}}' + HERMES_CLOSE
+    frames = _stream_frames([(call[:4], False), (call[4:], True)], plan)  # "<too" held, then the call: one delta
+    assert [f[1] for f in frames] == [None, "tool_calls"] and frames[0][0]["tool_calls"][0]["function"] == {
+        "name": "add", "arguments": "{}"}
+    frames = _stream_frames([("<b", False), (">hi", False), ("!", True)], plan)  # text: as it comes, once known
+    assert frames == [({"content": "<b"}, None), ({"content": ">hi"}, None), ({"content": "!"}, None), ({}, "stop")]
+    assert _stream_frames([("<too", True)], plan) == [({"content": "<too"}, None), ({}, "stop")]  # ended undecided

@@ -8,6 +8,7 @@ ServingError for anything the client must hear as an HTTP error. Once a stream h
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -414,7 +415,7 @@ class OpenAIServing:
         if req.top_logprobs is not None and not req.logprobs:
             raise ServingError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        tools = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)
+        tools = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls, me.spec.tool_call_parser)
         params = self._params(me, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, tools=tools)
         if not getattr(me.tokenizer, "chat_template", None):
             raise ServingError(400, f"model `{req.model}` has no chat template; use /v1/completions")
@@ -538,15 +539,21 @@ class OpenAIServing:
         lead = [fr.delta(i, ROLE) for i in range(len(gen.subs))]
         held = [""] * len(gen.subs)  # (tools) a choice's text, held until it is whole
         held_lps: list[list[p.TokenLogprob]] = [[] for _ in gen.subs]
+        text_reply = [False] * len(gen.subs)  # ("auto") the choice turned out to be text: streamed as it comes
 
         def frame(i: int, d: Delta) -> bytes:
             out = b""
             lp = self._chat_logprobs(me, d, req.top_logprobs or 0) if req.logprobs else None
-            if tools is not None:  # the calls go out whole, in one delta (or the text, if it was cut short)
+            if tools is not None and not text_reply[i]:  # calls go out whole, in one delta (or the text, if cut short)
                 held[i] += d.text
                 held_lps[i] += lp or []
-                if not d.finished:
+                if held[i] and tools.opening(held[i]) is False:  # text after all: what was held, then as it comes
+                    text_reply[i] = True
+                    d = dataclasses.replace(d, text=held[i])
+                    lp = held_lps[i] if req.logprobs else None
+                elif not d.finished:
                     return b""
+            if tools is not None and not text_reply[i]:
                 msg, why = self._reply(held[i], d.finish_reason, tools)
                 lpj = p.ChoiceLogprobs(content=held_lps[i]).model_dump_json().encode() if req.logprobs else NULL
                 if msg.tool_calls:

@@ -11,6 +11,7 @@ masks each token with (SamplingParams.grammar).
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +109,9 @@ def vllm_grammar(req: Any) -> str | None:
     return _compiled(LLMatcher.grammar_from_lark(v), param)
 
 
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>\n", "\n</tool_call>"
+
+
 @dataclass
 class ToolPlan:
     """How a chat request's tools shape its output."""
@@ -115,21 +119,70 @@ class ToolPlan:
     grammar: str
     named: str | None  # tool_choice named this function: the whole output is its arguments
     template_tools: list[dict[str, Any]]  # the tools as chat templates take them
+    hermes: bool = False  # "auto" with the hermes syntax: text, or <tool_call> blocks (`may_call`)
 
     def calls(self, text: str) -> list[dict[str, Any]] | None:
-        """The `tool_calls` of a whole output; None when it is not one (cut short by max_tokens)."""
+        """The `tool_calls` of a whole output; None when it is not one (text, or cut short by max_tokens)."""
         try:
-            v = json.loads(text)
-        except ValueError:
+            if self.hermes:
+                if not text.startswith(HERMES_OPEN):
+                    return None
+                blocks = [json.loads(b.split(HERMES_CLOSE)[0]) for b in text.split(HERMES_OPEN)[1:]]
+                pairs = [(c["name"], c["arguments"]) for c in blocks]
+            else:
+                v = json.loads(text)
+                pairs = [(self.named, v)] if self.named else [(c["name"], c["parameters"]) for c in v]
+        except (ValueError, KeyError, TypeError):
             return None
-        pairs = [(self.named, v)] if self.named else [(c["name"], c["parameters"]) for c in v]
         return [{"id": f"call_{secrets.token_hex(12)}", "type": "function",
                  "function": {"name": n, "arguments": json.dumps(a, ensure_ascii=False)}} for n, a in pairs]
 
+    def opening(self, start: str) -> bool | None:
+        """Whether an output beginning `start` is tool calls (True), text (False), or not known yet (None: `start`
+        is a proper prefix of the call's opening, held back while streamed); the grammar lets no text reply begin
+        as a call does."""
+        if not self.hermes or start.startswith(HERMES_OPEN):
+            return True
+        return None if HERMES_OPEN.startswith(start) else False
 
-def tool_plan(tools: list | None, choice: Any, parallel: bool | None) -> ToolPlan | None:
-    """`tools` (protocol.Tool), `tool_choice` ("none" | "auto" | "required" | protocol.NamedToolChoice | None) and
-    `parallel_tool_calls`: the plan, or None when the output is free text."""
+
+def _not_starting_with(prefix: str) -> str:
+    """A regex of every string that does not begin with `prefix` (llguidance's regexes have no lookahead): the empty
+    string, each proper prefix's continuation by another character, and the proper prefixes themselves."""
+    def esc(s: str) -> str:  # (re.escape writes a newline as backslash + newline; the grammar's line needs "\n")
+        return re.escape(s).replace("\n", "n")
+
+    alts = [""]
+    for i, ch in enumerate(prefix):
+        alts.append(f"{esc(prefix[:i])}[^{esc(ch)}][\\s\\S]*")
+        if i:
+            alts.append(esc(prefix[:i]))
+    return "(" + "|".join(alts) + ")"
+
+
+def _hermes_grammar(schemas: dict[str, dict[str, Any]], parallel: bool | None) -> str:
+    """Text (not beginning as a call does), or one or more `<tool_call>` blocks of {"name", "arguments"} JSON."""
+    from llguidance import LLMatcher
+
+    calls = {"anyOf": [{"type": "object", "properties": {"name": {"const": n}, "arguments": s},
+                        "required": ["name", "arguments"], "additionalProperties": False}
+                       for n, s in schemas.items()], "x-guidance": JSON_LAYOUT}
+    more = "" if parallel is False else ' ("\\n" call)*'
+    lark = "\n".join([
+        "start: text | call" + more,
+        f"text: /{_not_starting_with(HERMES_OPEN)}/",
+        f"call: {json.dumps(HERMES_OPEN)} obj {json.dumps(HERMES_CLOSE)}",
+        f"obj: %json {json.dumps(calls)}"])
+    err = LLMatcher.validate_grammar(lark)
+    if err:
+        raise ServingError(400, f"tools: the schemas cannot be used: {err.strip().splitlines()[0]}", param="tools")
+    return lark
+
+
+def tool_plan(tools: list | None, choice: Any, parallel: bool | None, parser: str | None = None) -> ToolPlan | None:
+    """`tools` (protocol.Tool), `tool_choice` ("none" | "auto" | "required" | protocol.NamedToolChoice | None),
+    `parallel_tool_calls` and the model's tool-call syntax (`parser`: ModelSpec.tool_call_parser): the plan, or None
+    when the output is free text."""
     if choice is None:
         choice = "auto" if tools else "none"
     if choice == "none":
@@ -137,16 +190,19 @@ def tool_plan(tools: list | None, choice: Any, parallel: bool | None) -> ToolPla
     if not tools:
         raise ServingError(400, f"tool_choice {choice if isinstance(choice, str) else 'function'!r} needs tools",
                            param="tool_choice")
-    if choice == "auto":
-        raise ServingError(400, "tool_choice 'auto' (the default with tools) needs a parser of the model's own "
-                           "tool-call syntax, which this server does not have: send tool_choice 'required' or "
-                           "{'type': 'function', 'function': {'name': ...}} (the output is then held to the call's "
-                           "JSON), or 'none'", param="tool_choice")
+    if choice == "auto" and parser is None:
+        raise ServingError(400, "tool_choice 'auto' (the default with tools) needs the model's tool-call syntax, "
+                           "which its configuration does not name (tool_call_parser; tokenpool serve "
+                           "--tool-call-parser): send tool_choice 'required' or {'type': 'function', 'function': "
+                           "{'name': ...}} (the output is then held to the call's JSON), or 'none'", param="tool_choice")
     schemas: dict[str, dict[str, Any]] = {}
     for i, t in enumerate(tools):
         if t.function.name in schemas:
             raise ServingError(400, f"tools: the name {t.function.name!r} is given twice", param=f"tools.{i}")
         schemas[t.function.name] = t.function.parameters or {"type": "object", "properties": {}}
+    if choice == "auto":  # the model's own syntax: text, or calls in it, each held to its tool's schema
+        return ToolPlan(_hermes_grammar(schemas, parallel), None, [t.model_dump(exclude_none=True) for t in tools],
+                        hermes=True)
     named = None
     if isinstance(choice, str):  # "required": one call or more, of any of the tools
         items = [{"type": "object", "properties": {"name": {"const": n}, "parameters": s},
