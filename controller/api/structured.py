@@ -119,7 +119,7 @@ class ToolPlan:
     grammar: str
     named: str | None  # tool_choice named this function: the whole output is its arguments
     template_tools: list[dict[str, Any]]  # the tools as chat templates take them
-    hermes: bool = False  # "auto" with the hermes syntax: text, or <tool_call> blocks (`may_call`)
+    hermes: bool = False  # "auto" with the hermes syntax: text, or <tool_call> blocks (`opening` tells which)
 
     def calls(self, text: str) -> list[dict[str, Any]] | None:
         """The `tool_calls` of a whole output; None when it is not one (text, or cut short by max_tokens)."""
@@ -162,21 +162,15 @@ def _not_starting_with(prefix: str) -> str:
 
 def _hermes_grammar(schemas: dict[str, dict[str, Any]], parallel: bool | None) -> str:
     """Text (not beginning as a call does), or one or more `<tool_call>` blocks of {"name", "arguments"} JSON."""
-    from llguidance import LLMatcher
-
     calls = {"anyOf": [{"type": "object", "properties": {"name": {"const": n}, "arguments": s},
                         "required": ["name", "arguments"], "additionalProperties": False}
                        for n, s in schemas.items()], "x-guidance": JSON_LAYOUT}
     more = "" if parallel is False else ' ("\\n" call)*'
-    lark = "\n".join([
+    return _compiled("\n".join([
         "start: text | call" + more,
         f"text: /{_not_starting_with(HERMES_OPEN)}/",
         f"call: {json.dumps(HERMES_OPEN)} obj {json.dumps(HERMES_CLOSE)}",
-        f"obj: %json {json.dumps(calls)}"])
-    err = LLMatcher.validate_grammar(lark)
-    if err:
-        raise ServingError(400, f"tools: the schemas cannot be used: {err.strip().splitlines()[0]}", param="tools")
-    return lark
+        f"obj: %json {json.dumps(calls)}"]), "tools")
 
 
 def tool_plan(tools: list | None, choice: Any, parallel: bool | None, parser: str | None = None) -> ToolPlan | None:
