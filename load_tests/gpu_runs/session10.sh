@@ -100,7 +100,7 @@ engine) M=/tmp/mm; mkdir -p $M
 stepio) M=/tmp/mm; mkdir -p $M
   if [ "${STEPIO_TESTS:-1}" = 1 ]; then
     timeout "${LIMIT_STEPIO_TESTS:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py \
-      -k "step_io or overlapped or graph" > "$OUT/stepio_tests.log" 2>&1; at "stepio tests" $?
+      -k "${STEPIO_K:-step_io or overlapped or graph or prompt_logprobs}" > "$OUT/stepio_tests.log" 2>&1; at "stepio tests" $?
     grep -E "passed|failed|^FAILED|^ERROR" "$OUT/stepio_tests.log" | tail -8
   fi
   for sz in ${STEPIO_SIZES:-7b 1.5b}; do d=$M/q$(echo $sz | tr -d .b); [ -f $d/config.json ] || python3 -m controller.cli \
