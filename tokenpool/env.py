@@ -85,9 +85,9 @@ PREFILL_GRAPHS = Var("TOKENPOOL_PREFILL_GRAPHS", "1024", "prefill and mixed step
                      "TFLOP) that go row by row replay row graphs (0: all eagerly; token_scheduler/runner.py "
                      "ROW_BUCKETS; A/B runs)", kind="int")
 PDL = Var("TOKENPOOL_PDL", "1", "0: launch kernels without programmatic dependent launch (A/B runs)")
-STEP_IO = Var("TOKENPOOL_STEP_IO", "0", "a CUDA decode step's inputs uploaded by one Triton kernel, its logits kept "
+STEP_IO = Var("TOKENPOOL_STEP_IO", "1", "a CUDA decode step's inputs uploaded by one Triton kernel, its logits kept "
               "in the model dtype, its sampled ids written to pinned memory by a kernel (see token_scheduler/runner.py "
-              "STEP_IO; off until measured on a GPU)")
+              "STEP_IO; 0: the copies as before, for A/B runs)")
 GRAPH_HOMES = Var("TOKENPOOL_GRAPH_HOMES", "1", "0: weight slots placed by best fit alone, not at offsets their size "
                   "held before, where the CUDA graphs captured for it replay (A/B runs)")
 GRAPH_CAP = Var("TOKENPOOL_GRAPH_CAP", "96", "CUDA graphs kept per model shape (their logits live outside the arena); "
