@@ -99,10 +99,9 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
                            "were given (a configuration sets them per model)")
     if tool_call_parser not in (None, "hermes"):
         raise StartupError(f"--tool-call-parser {tool_call_parser}: the one known is hermes")
-    for s in specs:
-        s.tool_call_parser = tool_call_parser  # type: ignore[assignment]
     try:
         for s in specs:
+            s.tool_call_parser = tool_call_parser  # type: ignore[assignment]
             s.engine = EngineOptions.model_validate({**s.engine.model_dump(), **{k: v for k, v in (
                 ("max_model_len", max_model_len), ("dtype", dtype)) if v is not None}})
     except ValidationError as e:

@@ -103,8 +103,9 @@ def _sampling(body: _Base) -> dict[str, Any]:
     return out
 
 
-def _as(model: type[BaseModel], data: dict[str, Any]) -> Any:
-    """`data` validated as the OpenAI request it is: its errors are the client's (400)."""
+def _as(model: type[BaseModel], data: Any) -> Any:
+    """`data` validated as `model` (an Ollama request, or the OpenAI request it means): its errors are the client's
+    (400)."""
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -115,10 +116,10 @@ def _as(model: type[BaseModel], data: dict[str, Any]) -> Any:
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
     try:
-        return model.model_validate(json.loads(await request.body() or b"{}"))
-    except ValueError as e:  # (ValidationError is a ValueError)
-        msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else f"the request body is not valid JSON: {e}"
-        raise ServingError(400, msg) from None
+        data = json.loads(await request.body() or b"{}")
+    except ValueError as e:
+        raise ServingError(400, f"the request body is not valid JSON: {e}") from None
+    return _as(model, data)
 
 
 def _stats(gen: Tracked) -> dict[str, Any]:

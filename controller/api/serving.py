@@ -208,9 +208,8 @@ class OpenAIServing:
 
     @staticmethod
     def _refuse_unsupported(req: p._Sampling) -> None:
-        for name in ("suffix",):
-            if getattr(req, name, None):
-                raise ServingError(400, f"{name} is not supported", param=name)
+        if getattr(req, "suffix", None):
+            raise ServingError(400, "suffix is not supported", param="suffix")
         best_of = getattr(req, "best_of", None)
         if best_of is not None and best_of != req.n:
             raise ServingError(400, "best_of other than n is not supported", param="best_of")
@@ -223,10 +222,7 @@ class OpenAIServing:
         bias = None
         if req.logit_bias:
             bias = {int(k): v for k, v in req.logit_bias.items()}
-            vocab = OpenAIServing._vocab(me)
-            if (top := max(bias)) >= vocab:
-                raise ServingError(400, f"logit_bias: token id {top} is outside the vocabulary (size {vocab})",
-                                   param="logit_bias")
+            OpenAIServing._check_vocab(me, list(bias), "logit_bias", "logit_bias: ")
         kw = dict(n=1, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=req.stop,
                   stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
                   skip_special_tokens=req.skip_special_tokens, logit_bias=bias, prompt_logprobs=prompt_logprobs,
@@ -251,16 +247,17 @@ class OpenAIServing:
         return tools.grammar if tools else shaped or vllm
 
     @staticmethod
-    def _vocab(me: ModelEntry) -> int:
-        return len(me.tokenizer) if hasattr(me.tokenizer, "__len__") else me.tokenizer.vocab_size
+    def _check_vocab(me: ModelEntry, ids: list[int], param: str, what: str = "") -> None:
+        """A 400 on `param` when a token id of `ids` is past the model's vocabulary."""
+        vocab = len(me.tokenizer) if hasattr(me.tokenizer, "__len__") else me.tokenizer.vocab_size
+        if ids and max(ids) >= vocab:
+            raise ServingError(400, f"{what}token id {max(ids)} is outside the vocabulary (size {vocab})", param=param)
 
     @staticmethod
     def _check_ids(me: ModelEntry, ids: list[int], param: str) -> list[int]:
         if not ids:
             raise ServingError(400, "the prompt is empty (it must contain at least one token)", param=param)
-        vocab = OpenAIServing._vocab(me)
-        if max(ids) >= vocab:
-            raise ServingError(400, f"token id {max(ids)} is outside the vocabulary (size {vocab})", param=param)
+        OpenAIServing._check_vocab(me, ids, param)
         return ids
 
     def _live_usage(self, gen: Tracked, req: p._Sampling) -> Callable[[], bytes] | None:
@@ -466,9 +463,7 @@ class OpenAIServing:
 
     async def detokenize(self, req: p.DetokenizeRequest, tenant: Tenant) -> p.DetokenizeResponse:
         me = self.lookup(tenant, req.model)
-        if req.tokens and max(req.tokens) >= (vocab := self._vocab(me)):
-            raise ServingError(400, f"token id {max(req.tokens)} is outside the vocabulary (size {vocab})",
-                               param="tokens")
+        self._check_vocab(me, req.tokens, "tokens")
         return p.DetokenizeResponse(prompt=await self.offload(me.tokenizer.decode, req.tokens))
 
     def _chat_prompt(self, me: ModelEntry, req: p.ChatCompletionRequest | p.TokenizeRequest, kwargs: dict[str, Any],

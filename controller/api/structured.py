@@ -30,10 +30,7 @@ def json_grammar(schema: dict[str, Any], param: str) -> str:
         grammar = LLMatcher.grammar_from_json_schema(schema, overrides=JSON_LAYOUT)
     except ValueError as e:
         raise ServingError(400, f"{param}: {e}", param=param) from None
-    err = LLMatcher.validate_grammar(grammar)
-    if err:
-        raise ServingError(400, f"{param}: the schema cannot be used: {err}", param=param)
-    return grammar
+    return _compiled(grammar, param, "the schema cannot be used: ")
 
 
 def response_grammar(rf: dict[str, Any] | None) -> str | None:
@@ -55,14 +52,15 @@ def response_grammar(rf: dict[str, Any] | None) -> str | None:
     return json_grammar(schema, "response_format")
 
 
-def _compiled(grammar: str, param: str) -> str:
+def _compiled(grammar: str, param: str, what: str = "") -> str:
+    """`grammar` if llguidance can use it; else a 400 on `param` saying why (after `what`)."""
     from llguidance import LLMatcher
 
     err = LLMatcher.validate_grammar(grammar)
     if err:  # (its first line, and the reason a parser adds below a drawing of where: "error: ...")
         lines = [x.strip() for x in err.strip().splitlines()]
         why = " ".join([lines[0], *(x.removeprefix("error: ") for x in lines[1:] if x.startswith("error: "))])
-        raise ServingError(400, f"{param}: {why}", param=param)
+        raise ServingError(400, f"{param}: {what}{why}", param=param)
     return grammar
 
 
