@@ -74,10 +74,13 @@ class StreamOptions(_Req):
 StopStr = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
+ModelName = Annotated[str, Field(min_length=1, max_length=256)]  # a model (or alias) as a request names it
+
+
 class _Sampling(_Top):
     """Fields shared by both endpoints."""
 
-    model: str = Field(min_length=1, max_length=256)
+    model: ModelName
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
@@ -185,7 +188,16 @@ class NamedToolChoice(_Req):
     function: FunctionName
 
 
-class ChatCompletionRequest(_Sampling):
+class _ChatTemplate(_Req):
+    """How the model's chat template renders the messages (chat completions and /tokenize alike)."""
+
+    add_generation_prompt: bool = True
+    # vLLM's: the last message is left open for the model to continue (a prefilled start of its answer)
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(_Sampling, _ChatTemplate):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_tokens: int | None = Field(None, ge=1, le=1 << 20)
     max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20)
@@ -194,21 +206,14 @@ class ChatCompletionRequest(_Sampling):
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    add_generation_prompt: bool = True
-    # vLLM's: the last message is left open for the model to continue (a prefilled start of its answer)
-    continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
 
 
-class TokenizeRequest(_Top):
+class TokenizeRequest(_Top, _ChatTemplate):
     """vLLM's /tokenize: a prompt, or chat messages rendered by the model's template, as a request would feed them."""
 
-    model: str = Field(min_length=1, max_length=256)
+    model: ModelName
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)] | None = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
@@ -218,7 +223,7 @@ class TokenizeRequest(_Top):
 
 
 class DetokenizeRequest(_Top):
-    model: str = Field(min_length=1, max_length=256)
+    model: ModelName
     tokens: Annotated[list[Annotated[int, Field(ge=0, lt=1 << 31)]], Field(max_length=1 << 20)]
 
 
