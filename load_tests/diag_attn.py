@@ -53,10 +53,11 @@ def _rope(batch: int, context: int, bt: torch.Tensor, h: int, kvh: int, seed: in
 
 
 def sweep(models: list[str], batches: list[int], context: int, splits: list[int], nbis: list[int],
-          warps: list[int], stages: list[int], rope: bool = False, earlies: tuple = (False, True)) -> None:
+          warps: list[int], stages: list[int], rope: bool = False, earlies: tuple = (False, True),
+          pipes: tuple = (False, True)) -> None:
     rate = hbm_bandwidth()
     print(f"copy rate {rate / 1e12:.3f} TB/s", flush=True)
-    saved = (td.BLOCKS_PER_ITER, td.DECODE_WARPS, td.DECODE_STAGES)
+    saved = (td.BLOCKS_PER_ITER, td.DECODE_WARPS, td.DECODE_STAGES, td.PIPELINE_IDS, td.PIPE_STAGES)
     try:
         for model, batch in itertools.product(models, batches):
             q, kv, bt, ctx = _cache(model, batch, context)
@@ -71,8 +72,10 @@ def sweep(models: list[str], batches: list[int], context: int, splits: list[int]
                   f"default: {default_s} splits, {saved[0]} blocks an iteration, {saved[1]} warps, {saved[2]} stages",
                   flush=True)
             rows = []
-            for s, nbi, w, st, early in itertools.product(splits, nbis, warps, stages, earlies):
-                td.BLOCKS_PER_ITER, td.DECODE_WARPS, td.DECODE_STAGES = nbi, w, st
+            for s, nbi, w, st, early, pipe in itertools.product(splits, nbis, warps, stages, earlies, pipes):
+                # (pipe: the block ids an iteration ahead, PIPELINE_IDS; its stages are PIPE_STAGES)
+                td.BLOCKS_PER_ITER, td.DECODE_WARPS, td.DECODE_STAGES, td.PIPELINE_IDS, td.PIPE_STAGES = (
+                    nbi, w, st, pipe, st)
 
                 def run(s=s, early=early, args=(q, kv), bt=bt, ctx=ctx, scale=scale, folded=folded):
                     for layer in range(LAYERS):
@@ -80,16 +83,17 @@ def sweep(models: list[str], batches: list[int], context: int, splits: list[int]
                 try:
                     us = replay_us(run)
                 except Exception as e:  # noqa: BLE001 - a config past the shared memory: say so, go on
-                    print(f"  splits {s} nbi {nbi} warps {w} stages {st} early {early}: {type(e).__name__}")
+                    print(f"  splits {s} nbi {nbi} warps {w} stages {st} early {early} pipe {pipe}: "
+                          f"{type(e).__name__}")
                     continue
-                rows.append((us, s, nbi, w, st, early))
-                print(f"  splits {s:2d} nbi {nbi} warps {w} stages {st} early {int(early)}: {us:7.1f} us "
+                rows.append((us, s, nbi, w, st, early, pipe))
+                print(f"  splits {s:2d} nbi {nbi} warps {w} stages {st} early {int(early)} pipe {int(pipe)}: {us:7.1f} us "
                       f"({us / floor:.2f}x floor)", flush=True)
             best = sorted(rows)[:5]
             print(f"{model} b{batch} best: " + "; ".join(
-                f"{us:.1f} us s{s} nbi{n} w{w} st{st} e{int(e)}" for us, s, n, w, st, e in best), flush=True)
+                f"{us:.1f} us s{s} nbi{n} w{w} st{st} e{int(e)} p{int(p)}" for us, s, n, w, st, e, p in best), flush=True)
     finally:
-        td.BLOCKS_PER_ITER, td.DECODE_WARPS, td.DECODE_STAGES = saved
+        td.BLOCKS_PER_ITER, td.DECODE_WARPS, td.DECODE_STAGES, td.PIPELINE_IDS, td.PIPE_STAGES = saved
 
 
 def main() -> None:
@@ -103,10 +107,12 @@ def main() -> None:
     ap.add_argument("--stages", default="2")
     ap.add_argument("--rope", action="store_true", help="RoPE and the new K/V write folded in, as batched steps run")
     ap.add_argument("--early", default="0,1", help="the first cache tile loaded before q: 0, 1 or both")
+    ap.add_argument("--pipe", default="0,1", help="block ids an iteration ahead (triton_decode.PIPELINE_IDS): 0, 1 "
+                    "or both")
     a = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     sweep(a.models.split(","), ints(a.batch), a.context, ints(a.splits), ints(a.nbi), ints(a.warps), ints(a.stages),
-          a.rope, tuple(bool(e) for e in ints(a.early)))
+          a.rope, tuple(bool(e) for e in ints(a.early)), tuple(bool(p) for p in ints(a.pipe)))
 
 
 if __name__ == "__main__":

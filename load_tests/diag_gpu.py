@@ -286,7 +286,8 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
              "persist": (triton_gemv, "ROWS_PERSIST"), "attn_warps": (triton_decode, "DECODE_WARPS"),
              "fill": (triton_decode, "FILL"),
              "attn_stages": (triton_decode, "DECODE_STAGES"), "prefetch": (triton_decode, "PREFETCH_KV"),
-             "norm_pass": (triton_gemv, "NORM_ONE_PASS"), "step_io": (runner, "STEP_IO")}
+             "norm_pass": (triton_gemv, "NORM_ONE_PASS"), "step_io": (runner, "STEP_IO"),
+             "attn_pipe": (triton_decode, "PIPELINE_IDS"), "pipe_stages": (triton_decode, "PIPE_STAGES")}
     defaults = {k: getattr(mod, attr) for k, (mod, attr) in knobs.items()}
     # torch's switches read when a matmul is launched (so at capture): which BLAS library, and whether cuBLAS may
     # reduce split-K partial sums in bf16
@@ -307,6 +308,10 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 ("rope in attention 8 warps", {"attn_rope": True, "attn_warps": 8}),
                 ("small-batch gemv persistent 1", {"max_rows": 32, "persist": 1}),
                 ("small-batch gemv persistent 2", {"max_rows": 32, "persist": 2}),
+                ("attn unpiped", {"attn_pipe": False}),
+                *((f"attn pipe {n} stages", {"pipe_stages": n}) for n in (2, 3, 4)),
+                *((f"attn pipe {n} blocks", {"nbi": n}) for n in (2, 8)),
+                ("attn pipe 4 warps", {"attn_warps": 4}), ("attn pipe fill 4", {"fill": 4}),
                 ("attn 2 blocks", {"nbi": 2}), ("attn 4 blocks", {"nbi": 4}),
                 ("attn 8 blocks", {"nbi": 8}),
                 *((f"attn 4 blocks {w} warps", {"nbi": 4, "attn_warps": w}) for w in (2, 8)),

@@ -132,13 +132,14 @@ def decode_variants() -> dict[str, dict]:
             for rope, prefetch in ((False, False), (True, False), (False, True)):
                 c = dict(NUM_SPLITS=splits, GROUP=h // kvh, GROUP_PAD=16, BLOCK=16, D=128, IEEE=False, PDL=True,
                          NBI=t.BLOCKS_PER_ITER, DIRECT=splits == 1, ROPE=rope, H=h if rope else 0, KVH=kvh if rope else 0,
-                         PREFETCH=prefetch)
+                         PREFETCH=prefetch, PIPE=t.PIPELINE_IDS)
                 if not rope:
                     c.update(COS=None, SIN=None, POS=None, SB=None, SO=None)
                 tt = dict(types, Out="*bf16" if splits == 1 else "*fp32")
                 out[f"{name} splits {splits} rope {rope}" + (" prefetch" if prefetch else "")] = inspect_kernel(
                     fn, tt, c, aligned=("s_kvb", "s_kvt", "s_kvh", "off_k", "off_v"),
-                    num_warps=t.DECODE_WARPS or 4, num_stages=t.DECODE_STAGES or 3)
+                    num_warps=t.DECODE_WARPS or 4,
+                    num_stages=(t.PIPE_STAGES if t.PIPELINE_IDS else t.DECODE_STAGES) or 3)
     return out
 
 

@@ -105,6 +105,7 @@ def test_triton_paged_decode_fp32_is_exact_in_the_interpreter():
     blocks), with a sliding window, and for a row whose context is its new token alone."""
     pytest.importorskip("triton")
     code = """
+import itertools
 import torch
 from token_scheduler.model.attention import AttentionMetadata, _decode_torch
 from token_scheduler.model import triton_decode
@@ -117,14 +118,16 @@ ctx = torch.tensor([1, 17, 100], dtype=torch.int32)
 bt = torch.stack([torch.randperm(NB)[:8] for _ in range(B)]).int()
 meta = AttentionMetadata(None, None, BS, decode=True, block_tables=bt, context_lens=ctx)
 # several cache blocks an iteration, over splits whose block ranges end mid-iteration (100 tokens: 7 blocks)
-for nbi, splits in ((1, None), (4, None), (4, 1), (4, 2), (2, 3), (1, 8), (4, 8)):
-    triton_decode.BLOCKS_PER_ITER = nbi
+# with each tile's block ids loaded in the same iteration as its K/V, and an iteration ahead (PIPELINE_IDS)
+for pipe, (nbi, splits) in itertools.product((False, True), ((1, None), (4, None), (4, 1), (4, 2), (2, 3), (1, 8),
+                                                             (4, 8))):
+    triton_decode.BLOCKS_PER_ITER, triton_decode.PIPELINE_IDS = nbi, pipe
     for window in (None, 40):
         ref = _decode_torch(q.double(), kv.double(), 1, meta, D**-0.5, window)
         for prefetch in (False, True):
             out = paged_decode(q, kv, 1, bt, ctx, D**-0.5, window, num_splits=splits, prefetch=prefetch)
             err = ((out.double() - ref).norm() / ref.norm()).item()
-            assert out.dtype == torch.float32 and err < 1e-6, (nbi, splits, window, prefetch, err)
+            assert out.dtype == torch.float32 and err < 1e-6, (pipe, nbi, splits, window, prefetch, err)
 print("ok")
 """
     interpret(code)

@@ -39,6 +39,42 @@ def test_triton_decode_matches_torch(group, window, nbi, monkeypatch):
             assert err < 1e-2, (splits, err)
 
 
+@pytest.mark.parametrize("rope", [False, True])
+def test_triton_decode_with_block_ids_an_iteration_ahead_is_bit_identical(rope, monkeypatch):
+    """PIPELINE_IDS (each tile's block ids loaded an iteration ahead, K/V double-buffered) walks the same tiles in the
+    same order as the walk loading them in the iteration: the same bf16 output bit for bit, with RoPE and the new
+    token's K/V write folded in too, over contexts of several iterations a split."""
+    from token_scheduler.model import triton_decode
+    from token_scheduler.model.triton_decode import paged_decode
+
+    torch.manual_seed(0)
+    B, KVH, D, BS, NB, L, group = 6, 4, 128, 16, 512, 2, 7
+    kv0 = torch.randn(NB, L, 2, BS, KVH, D, device="cuda", dtype=torch.bfloat16)
+    ctx = torch.tensor([1, 17, 100, 255, 1000, 2048], device="cuda", dtype=torch.int32)
+    bt = torch.stack([torch.randperm(NB, device="cuda")[:128] for _ in range(B)]).int()
+    if rope:
+        from token_scheduler.model.llama import RopeCache
+
+        class Cfg:
+            head_dim, rope_theta, rope_scaling = D, 10000.0, None
+
+        rc = RopeCache.build(Cfg, 4096, "cuda")
+        q = torch.randn(B, (KVH * group + 2 * KVH) * D, device="cuda", dtype=torch.bfloat16)
+        pos = (ctx - 1).long()
+        folded = (rc.cos, rc.sin, pos, bt.long().gather(1, (pos // BS)[:, None])[:, 0], pos % BS)
+    else:
+        q = torch.randn(B, KVH * group, D, device="cuda", dtype=torch.bfloat16)
+        folded = None
+    outs = {}
+    for pipe in (False, True):
+        monkeypatch.setattr(triton_decode, "PIPELINE_IDS", pipe)
+        kv = kv0.clone()
+        outs[pipe] = [(paged_decode(q, kv, 1, bt, ctx, D**-0.5, window, num_splits=splits, rope=folded), kv)
+                      for splits in (None, 1, 3) for window in (None, 300)]
+    for (a, kva), (b, kvb) in zip(outs[False], outs[True]):
+        assert torch.equal(a, b) and torch.equal(kva, kvb)
+
+
 @pytest.mark.parametrize("window", [None, 40])
 def test_triton_decode_fp32_uses_ieee_dots(window):
     """fp32 models (the fp32 parity bench) get full-precision dots: TF32 would be off by ~1e-3."""

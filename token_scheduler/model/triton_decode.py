@@ -20,10 +20,16 @@ def _kv_tile(KV, BT, b, kvh, j, j1, t, d, ctx, last, window, s_btb, s_kvb, s_kvt
     """K and V of cache blocks j.. (NBI of them, each token's block id gathered) of row b, kv head kvh, masked to
     the split's blocks (< j1), the positions read (< last) and the window."""
     jb = j + t // BLOCK
-    inb = jb < j1
-    blk = tl.load(BT + b * s_btb + jb, mask=inb, other=0).to(tl.int64)
+    blk = tl.load(BT + b * s_btb + jb, mask=jb < j1, other=0).to(tl.int64)
+    return _kv_at(KV, blk, j, j1, t, d, ctx, last, window, s_kvb, s_kvt, s_kvh, off_k, off_v, kvh, BLOCK)
+
+
+@triton.jit
+def _kv_at(KV, blk, j, j1, t, d, ctx, last, window, s_kvb, s_kvt, s_kvh, off_k, off_v, kvh, BLOCK: tl.constexpr):
+    """`_kv_tile` with each token's cache block id `blk` given."""
+    jb = j + t // BLOCK
     pos = jb * BLOCK + t % BLOCK
-    valid = inb & (pos < last)
+    valid = (jb < j1) & (pos < last)
     if window > 0:
         valid = valid & (pos >= ctx - window)
     base = KV + blk[:, None] * s_kvb + (t % BLOCK)[:, None] * s_kvt + kvh * s_kvh + d[None, :]
@@ -73,7 +79,7 @@ def _paged_decode_kernel(
     BLOCK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, NBI: tl.constexpr,
     DIRECT: tl.constexpr,
     ROPE: tl.constexpr = False, COS=None, SIN=None, POS=None, SB=None, SO=None, H: tl.constexpr = 0,
-    KVH: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
+    KVH: tl.constexpr = 0, PREFETCH: tl.constexpr = False, PIPE: tl.constexpr = False,
 ):
     # PREFETCH (see PREFETCH_KV): the first tile of the cached context is loaded before the wait on the kernel
     # before (which writes this step's new K/V and q, never an older position); the new token's K/V are read after
@@ -140,10 +146,21 @@ def _paged_decode_kernel(
         if j0 < j1:
             m_i, l_i, acc = _attend_tile(q, k_first, v_first, valid_first, m_i, l_i, acc, scale, IEEE)
         j_start = j0 + NBI
-    for j in range(j_start, j1, NBI):
-        k, v, valid = _kv_tile(KV, BT, b, kvh, j, j1, t, d, ctx, last, window, s_btb, s_kvb, s_kvt, s_kvh, off_k,
-                               off_v, BLOCK)
-        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, scale, IEEE)
+    if PIPE:  # each tile's block ids loaded an iteration ahead (see PIPELINE_IDS)
+        jn = j_start + t // BLOCK
+        blk = tl.load(BT + b * s_btb + jn, mask=jn < j1, other=0)
+        for j in range(j_start, j1, NBI):
+            jn = j + NBI + t // BLOCK
+            blk_next = tl.load(BT + b * s_btb + jn, mask=jn < j1, other=0)
+            k, v, valid = _kv_at(KV, blk.to(tl.int64), j, j1, t, d, ctx, last, window, s_kvb, s_kvt, s_kvh, off_k,
+                                 off_v, kvh, BLOCK)
+            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, scale, IEEE)
+            blk = blk_next
+    else:
+        for j in range(j_start, j1, NBI):
+            k, v, valid = _kv_tile(KV, BT, b, kvh, j, j1, t, d, ctx, last, window, s_btb, s_kvb, s_kvt, s_kvh, off_k,
+                                   off_v, BLOCK)
+            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, scale, IEEE)
     if DIRECT:  # one split: the result itself (what the combine computes of one part, bit for bit)
         o_ptr = Out + b * s_ob + heads[:, None] * s_oh + d[None, :]
         tl.store(o_ptr, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=gmask[:, None])
@@ -186,6 +203,16 @@ BLOCKS_PER_ITER = env.ATTN_BLOCKS_PER_ITER.integer()
 # time as 4 without RoPE folded in, ~0.5% faster with it (5a1fec0, attn_rope_h200_5a1fec0.json).
 DECODE_WARPS: int | None = 8
 DECODE_STAGES: int | None = 2
+
+# A program's cache walk loads each tile's block ids, then the tile's K and V at them: Triton's software pipeliner
+# (num_stages) then puts the ids a stage ahead and keeps a single K/V buffer, so no K/V load is in flight while a tile
+# is multiplied -- every iteration waits out a whole HBM round trip (the sm_90 build at any num_stages: one 64x128
+# buffer each, `python -m load_tests.triton_offline decode`). PIPELINE_IDS: the block ids are loaded an iteration
+# ahead, in registers, so a tile's K/V addresses need no load of the same iteration; at PIPE_STAGES 3 the pipeliner
+# then double-buffers K and V (2x64x128 each, 72 KB of shared memory) and the next tile's copies are in flight while
+# this one is multiplied. The same tiles in the same order: bit-identical results. TOKENPOOL_ATTN_PIPE=0: off.
+PIPELINE_IDS = env.ATTN_PIPE.on()
+PIPE_STAGES: int | None = 3
 
 
 # A decode step's attention launched with programmatic dependent launch (one row: the batch-1 step) waits on the qkv
@@ -276,6 +303,7 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
     if prefetch is None:
         prefetch = _prefetches(q, own_rows, rope is not None)
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
+    stages = PIPE_STAGES if PIPELINE_IDS else DECODE_STAGES
     if S == 1:  # the kernel writes the result: no partials, no combine launch
         o, m, lsum = out.unsqueeze(2), out[:, :, 0], out[:, :, 0]
     else:
@@ -291,9 +319,9 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
         layer * s_kvl, layer * s_kvl + s_kv2,
         NUM_SPLITS=S, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=BS, D=D,
         IEEE=q.dtype == torch.float32, PDL=launch_pdl, NBI=BLOCKS_PER_ITER, DIRECT=S == 1, launch_pdl=launch_pdl,
-        PREFETCH=prefetch,
+        PREFETCH=prefetch, PIPE=PIPELINE_IDS,
         **({} if DECODE_WARPS is None else {"num_warps": DECODE_WARPS}),
-        **({} if DECODE_STAGES is None else {"num_stages": DECODE_STAGES}),
+        **({} if stages is None else {"num_stages": stages}),
         **({} if rope is None else dict(zip(("COS", "SIN", "POS", "SB", "SO"), rope), ROPE=True, H=H, KVH=KVH)),
     )
     if S == 1:
