@@ -14,6 +14,8 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+from controller.ps import error_message
+
 
 class ChatError(RuntimeError):
     pass
@@ -28,10 +30,7 @@ def _request(url: str, path: str, key: str | None, body: dict | None = None, tim
     try:
         return urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
-        try:
-            msg = json.loads(e.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            msg = e.reason
+        msg = error_message(e)
         hint = " (pass --api-key or set TOKENPOOL_API_KEY)" if e.code == 401 else ""
         raise ChatError(f"{msg}{hint}") from None
     except (urllib.error.URLError, OSError) as e:

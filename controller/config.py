@@ -97,6 +97,10 @@ def parse_duration(v: object) -> float | None:
     return None if sec < 0 else sec
 
 
+# the tool-call syntaxes a model may be configured with (ModelSpec.tool_call_parser, serve --tool-call-parser)
+ToolCallParser = Literal["hermes"]
+
+
 class ModelSpec(_Strict):
     name: str = Field(min_length=1, max_length=128, pattern=MODEL_NAME)
     path: str | None = None  # HF-format directory; None only for PaceEngine with its byte tokenizer
@@ -114,7 +118,7 @@ class ModelSpec(_Strict):
     preload: bool = False
     # how the model writes tool calls, for tool_choice "auto" (vLLM's --tool-call-parser): "hermes" (Qwen2.5, Hermes:
     # <tool_call>{"name", "arguments"}</tool_call>). None: "auto" is refused (a 400 saying what to send)
-    tool_call_parser: Literal["hermes"] | None = None
+    tool_call_parser: ToolCallParser | None = None
 
     @field_validator("keep_alive", mode="before")
     @classmethod

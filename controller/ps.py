@@ -16,16 +16,21 @@ class PsError(RuntimeError):
     pass
 
 
+def error_message(e: urllib.error.HTTPError) -> str:
+    """The message of an HTTP error's OpenAI error body (its reason where the body is not one)."""
+    try:
+        return json.loads(e.read())["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return e.reason
+
+
 def fetch(url: str, path: str, token: str | None, timeout: float = 10.0) -> Any:
     req = urllib.request.Request(url.rstrip("/") + path, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
-        try:
-            msg = json.loads(e.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            msg = e.reason
+        msg = error_message(e)
         hint = (" (pass --admin-token or set TOKENPOOL_ADMIN_TOKEN; a server without admin_token_hash writes this "
                 "run's token to the file its log names, by default ~/.cache/tokenpool/models/admin-token)"
                 if e.code == 401 else "")

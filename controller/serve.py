@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import typing
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -15,6 +16,7 @@ from controller.config import (
     GPUSettings,
     ModelSpec,
     ServerConfig,
+    ToolCallParser,
     ensure_demo_models,
 )
 from controller.keys import hash_key, new_key
@@ -97,8 +99,9 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
     if (max_model_len is not None or dtype is not None or tool_call_parser is not None) and not specs:
         raise StartupError("--max-model-len, --dtype and --tool-call-parser apply to the MODEL_DIR arguments; none "
                            "were given (a configuration sets them per model)")
-    if tool_call_parser not in (None, "hermes"):
-        raise StartupError(f"--tool-call-parser {tool_call_parser}: the one known is hermes")
+    known = typing.get_args(ToolCallParser)
+    if tool_call_parser is not None and tool_call_parser not in known:
+        raise StartupError(f"--tool-call-parser {tool_call_parser}: the ones known are {', '.join(known)}")
     try:
         for s in specs:
             s.tool_call_parser = tool_call_parser  # type: ignore[assignment]

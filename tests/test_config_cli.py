@@ -103,7 +103,7 @@ def test_model_dirs_become_models(make_tiny, tmp_path):
         prepare(None, None, None, [], [], None, None, 96)
     cfg, _ = prepare(None, None, None, [q], [], None, None, None, None, "hermes")
     assert cfg.models[0].tool_call_parser == "hermes"
-    with pytest.raises(StartupError, match="the one known is hermes"):
+    with pytest.raises(StartupError, match="the ones known are hermes"):
         prepare(None, None, None, [q], [], None, None, None, None, "mistral")
 
 
