@@ -23,9 +23,10 @@ EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.yaml"))
 
 
 def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    # (wide enough that rich's error box never wraps a message the tests look for: a temporary path's length varies)
     return subprocess.run([sys.executable, "-m", "controller.cli", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, input=stdin, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})})
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "400", **(env or {})})
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
