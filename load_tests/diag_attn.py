@@ -27,13 +27,22 @@ HEADS = {m: (s.heads, s.kv_heads) for m, s in ((m, model_shape("qwen2", m)) for 
 LAYERS, D, BS = 28, 128, 16
 
 
-def _cache(model: str, batch: int, context: int, seed: int = 0):
+def _cache(model: str, batch: int, context: int, seed: int = 0, layout: str = "block", order: str = "scattered"):
+    """`layout` "block": the engine's cache, [blocks, layers, ...] (a block's layers together, 1.8 MB apart for the
+    7B); "layer": the same shape viewed over layer-major storage ([layers, blocks, ...] permuted: a layer's blocks
+    together). `order` "scattered": each row's blocks a random permutation; "sequential": rows' blocks in order."""
     h, kvh = HEADS[model]
     gen = torch.Generator(device="cuda").manual_seed(seed)
     per = math.ceil(context / BS)
     nb = batch * per + 1
-    kv = torch.randn(nb, LAYERS, 2, BS, kvh, D, generator=gen, device="cuda").to(torch.bfloat16)
+    if layout == "layer":
+        kv = torch.randn(LAYERS, nb, 2, BS, kvh, D, generator=gen, device="cuda").to(torch.bfloat16)
+        kv = kv.permute(1, 0, 2, 3, 4, 5)
+    else:
+        kv = torch.randn(nb, LAYERS, 2, BS, kvh, D, generator=gen, device="cuda").to(torch.bfloat16)
     perm = torch.randperm(nb - 1, generator=gen, device="cuda") + 1
+    if order == "sequential":
+        perm = torch.arange(1, nb, device="cuda")
     bt = perm[: batch * per].view(batch, per).to(torch.int32)
     ctx = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, h, D, generator=gen, device="cuda").to(torch.bfloat16)
@@ -54,13 +63,13 @@ def _rope(batch: int, context: int, bt: torch.Tensor, h: int, kvh: int, seed: in
 
 def sweep(models: list[str], batches: list[int], context: int, splits: list[int], nbis: list[int],
           warps: list[int], stages: list[int], rope: bool = False, earlies: tuple = (False, True),
-          pipes: tuple = (False, True)) -> None:
+          pipes: tuple = (False, True), layouts: tuple = ("block",), orders: tuple = ("scattered",)) -> None:
     rate = hbm_bandwidth()
     print(f"copy rate {rate / 1e12:.3f} TB/s", flush=True)
     saved = (td.BLOCKS_PER_ITER, td.DECODE_WARPS, td.DECODE_STAGES, td.PIPELINE_IDS, td.PIPE_STAGES)
     try:
-        for model, batch in itertools.product(models, batches):
-            q, kv, bt, ctx = _cache(model, batch, context)
+        for model, batch, layout, order in itertools.product(models, batches, layouts, orders):
+            q, kv, bt, ctx = _cache(model, batch, context, layout=layout, order=order)
             kvh = kv.shape[4]
             folded = None
             if rope:  # q is then the qkv projection; RoPE and the new K/V write happen in the kernel
@@ -68,11 +77,12 @@ def sweep(models: list[str], batches: list[int], context: int, splits: list[int]
             floor = LAYERS * batch * context * kvh * D * 2 * 2 / rate * 1e6
             scale = D ** -0.5
             default_s = td.num_splits_for(batch, kvh)
-            print(f"{model} batch {batch} context {context}: {LAYERS} layers' KV floor {floor:.1f} us; the engine's "
+            here = [s or default_s for s in splits]  # 0: the engine's default
+            print(f"{model} batch {batch} context {context}, {layout}-major cache, {order} blocks: {LAYERS} layers' KV floor {floor:.1f} us; the engine's "
                   f"default: {default_s} splits, {saved[0]} blocks an iteration, {saved[1]} warps, {saved[2]} stages",
                   flush=True)
             rows = []
-            for s, nbi, w, st, early, pipe in itertools.product(splits, nbis, warps, stages, earlies, pipes):
+            for s, nbi, w, st, early, pipe in itertools.product(here, nbis, warps, stages, earlies, pipes):
                 # (pipe: the block ids an iteration ahead, PIPELINE_IDS; its stages are PIPE_STAGES)
                 td.BLOCKS_PER_ITER, td.DECODE_WARPS, td.DECODE_STAGES, td.PIPELINE_IDS, td.PIPE_STAGES = (
                     nbi, w, st, pipe, st)
@@ -107,12 +117,15 @@ def main() -> None:
     ap.add_argument("--stages", default="2")
     ap.add_argument("--rope", action="store_true", help="RoPE and the new K/V write folded in, as batched steps run")
     ap.add_argument("--early", default="0,1", help="the first cache tile loaded before q: 0, 1 or both")
+    ap.add_argument("--layout", default="block", help="block, layer or both (block,layer): see _cache")
+    ap.add_argument("--order", default="scattered", help="scattered, sequential or both")
     ap.add_argument("--pipe", default="0,1", help="block ids an iteration ahead (triton_decode.PIPELINE_IDS): 0, 1 "
                     "or both")
     a = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     sweep(a.models.split(","), ints(a.batch), a.context, ints(a.splits), ints(a.nbi), ints(a.warps), ints(a.stages),
-          a.rope, tuple(bool(e) for e in ints(a.early)), tuple(bool(p) for p in ints(a.pipe)))
+          a.rope, tuple(bool(e) for e in ints(a.early)), tuple(bool(p) for p in ints(a.pipe)),
+          tuple(a.layout.split(",")), tuple(a.order.split(",")))
 
 
 if __name__ == "__main__":
