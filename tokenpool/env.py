@@ -78,8 +78,8 @@ ATTN_BLOCKS_PER_ITER = Var("TOKENPOOL_ATTN_BLOCKS_PER_ITER", "4", "cache blocks 
 ATTN_PREFETCH = Var("TOKENPOOL_ATTN_PREFETCH", "1", "a decode step's paged-decode attention launched with programmatic "
                     "dependent launch (batch 1) loads its first cache tile before waiting on the qkv projection "
                     "(see token_scheduler/model/triton_decode.py); 0: off")
-ATTN_PIPE = Var("TOKENPOOL_ATTN_PIPE", "1", "the paged-decode attention loads each cache tile's block ids an iteration "
-                "ahead, so its K/V copies are double-buffered (see token_scheduler/model/triton_decode.py); 0: off")
+ATTN_PIPE = Var("TOKENPOOL_ATTN_PIPE", "0", "the paged-decode attention loads each cache tile's block ids an iteration "
+                "ahead, so its K/V copies are double-buffered (see token_scheduler/model/triton_decode.py); 1: on")
 ROWWISE_PREFILL_MAX = Var("TOKENPOOL_ROWWISE_PREFILL_MAX", str(1 << 22), "on CUDA, a prefill chunk of tokens x context up "
                           "to this runs row by row through the batched decode attention, longer ones one SDPA each "
                           "(token_scheduler/runner.py; A/B runs)", kind="int")

@@ -210,7 +210,11 @@ DECODE_STAGES: int | None = 2
 # buffer each, `python -m load_tests.triton_offline decode`). PIPELINE_IDS: the block ids are loaded an iteration
 # ahead, in registers, so a tile's K/V addresses need no load of the same iteration; at PIPE_STAGES 3 the pipeliner
 # then double-buffers K and V (2x64x128 each, 72 KB of shared memory) and the next tile's copies are in flight while
-# this one is multiplied. The same tiles in the same order: bit-identical results. TOKENPOOL_ATTN_PIPE=0: off.
+# this one is multiplied. The same tiles in the same order: bit-identical results. Measured on the H200 at 21057d2
+# (diag_attn, diag_gpu step; bench/results/attn_pipe_h200_21057d2.json): alone, 5-15% faster where a split walks
+# several tiles (2 splits: 7B batch 32 500 -> 476 us, 1.5B batch 8 325 -> 275), within 3% either way at the splits the
+# engine picks; in the decode step at context 512, 0.3-1.2% slower at batches 1, 8 and 32 on both models (its larger
+# shared memory and, at batch 1, registers). Off (TOKENPOOL_ATTN_PIPE=1: on).
 PIPELINE_IDS = env.ATTN_PIPE.on()
 PIPE_STAGES: int | None = 3
 
