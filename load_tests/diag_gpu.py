@@ -312,6 +312,8 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 *((f"attn pipe {n} stages", {"pipe_stages": n}) for n in (2, 3, 4)),
                 *((f"attn pipe {n} blocks", {"nbi": n}) for n in (2, 8)),
                 ("attn pipe 4 warps", {"attn_warps": 4}), ("attn pipe fill 4", {"fill": 4}),
+                ("attn pipe", {"attn_pipe": True}), ("attn fill 1", {"fill": 1}),
+                ("attn pipe fill 1", {"attn_pipe": True, "fill": 1}),
                 ("attn 2 blocks", {"nbi": 2}), ("attn 4 blocks", {"nbi": 4}),
                 ("attn 8 blocks", {"nbi": 8}),
                 *((f"attn 4 blocks {w} warps", {"nbi": 4, "attn_warps": w}) for w in (2, 8)),
