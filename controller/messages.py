@@ -110,6 +110,7 @@ class Delta:
     error_kind: str | None = None  # "invalid" (client's fault: 400) | "engine" (503)
     # (prompt_logprobs asked; with the first tokens) each prompt token's after the first, as `logprobs`
     prompt_logprobs: list[list[list[float]]] | None = None
+    embedding: list[float] | None = None  # (SamplingParams.embed; finished) the last prompt token's final hidden state
 
 
 @dataclass

@@ -61,6 +61,7 @@ class ModelEntry:
     info: ModelInfo
     tokenizer: Any
     max_model_len: int
+    hidden_size: int | None = None  # (config.json) the length of its embeddings
     outcomes: deque = dataclasses.field(default_factory=lambda: deque(maxlen=200))  # within SLO?
     used_fraction: float | None = None  # EWMA of completion tokens / max_tokens
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
@@ -84,16 +85,27 @@ def weights_bytes(spec: ModelSpec) -> int:
     return sum(f.stat().st_size for pat in ("*.safetensors", "*.bin", "*.pt") for f in p.glob(pat))
 
 
-def context_len(spec: ModelSpec, tokenizer: Any) -> int:
-    if spec.engine.max_model_len:
-        return spec.engine.max_model_len
+def _hf_config(spec: ModelSpec) -> dict[str, Any]:
+    """The model folder's config.json ({} when there is none to read)."""
     if spec.path is not None:
         try:
             cfg = json.loads((Path(spec.path) / "config.json").read_text())
-            return int(cfg.get("max_position_embeddings") or 4096)
+            return cfg if isinstance(cfg, dict) else {}
         except (OSError, ValueError):
             pass
-    return 4096
+    return {}
+
+
+def context_len(spec: ModelSpec, tokenizer: Any) -> int:
+    if spec.engine.max_model_len:
+        return spec.engine.max_model_len
+    return int(_hf_config(spec).get("max_position_embeddings") or 4096)
+
+
+def hidden_size(spec: ModelSpec) -> int | None:
+    """The width of the model's hidden states (its embeddings'), when its config says."""
+    v = _hf_config(spec).get("hidden_size")
+    return v if isinstance(v, int) else None
 
 
 class Generation:
@@ -122,7 +134,7 @@ class Generation:
                 self.ctl.pool.abort(self.subs)
                 status = 400 if d.error_kind == "invalid" else 503
                 raise ServingError(status, d.error if status == 400 else f"engine failure: {d.error}")
-            if d.token_ids:
+            if d.token_ids or d.embedding is not None:
                 now = time.monotonic()
                 self.t_first = self.t_first or now
                 self.t_last = now
@@ -234,7 +246,7 @@ class Controller:
             tok = await asyncio.to_thread(load_tokenizer, spec.path)
         except Exception as e:  # noqa: BLE001 - any unreadable tokenizer is the caller's error
             raise ServingError(400, f"cannot load the tokenizer from {spec.path}: {e}", param="path") from e
-        entry = ModelEntry(spec, info, tok, context_len(spec, tok), pinned=spec.pin)
+        entry = ModelEntry(spec, info, tok, context_len(spec, tok), hidden_size(spec), pinned=spec.pin)
         self.models[spec.name] = entry
         freeze_long_lived()  # the tokenizer (and what loading it imported) lives as long as the model
         self.events.publish("register", model=spec.name)

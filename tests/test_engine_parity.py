@@ -165,3 +165,36 @@ def test_prompt_logprobs_match_hf(make_varied):
             assert abs(plp[p][t] - v) <= 1e-4
     same = llm.generate([ids, ids[:20]], [plain, plain])[0].outputs[0]  # the same batches, not asking
     assert got.outputs[0].token_ids == same.token_ids and got.outputs[0].logprobs == same.logprobs
+
+
+def _hf_last_hidden(hf, ids: list[int]) -> torch.Tensor:
+    """HF's final hidden state (after the model's last norm) of the last token of `ids`."""
+    with torch.no_grad():
+        return hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1].float()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_embeddings_match_hf(make_varied, arch):
+    """SamplingParams.embed: the last prompt token's final hidden state, HF's to 1e-4, for a one-token prompt (a
+    decode-shaped step), one cut into chunks (chunked prefill) and one beside a generation in the same steps; the
+    generation's tokens are those it makes alone, and each embedding request ends with its prefill, KV freed."""
+    d = make_varied(arch)
+    hf = _hf(d)
+    llm = LLM(d, device="cpu", dtype="fp32", max_num_batched_tokens=16)
+    g = torch.Generator().manual_seed(3)
+    vocab = llm.engine.model_config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (1, 41, 9)]
+    plain = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = llm.generate([*prompts, prompts[2]], [SamplingParams(embed=True)] * 3 + [plain])
+    for ids, o in zip(prompts, outs):
+        ref = _hf_last_hidden(hf, ids)
+        assert o.embedding is not None and len(o.embedding) == ref.numel()
+        assert (torch.tensor(o.embedding) - ref).abs().max().item() <= 1e-4
+        assert o.finished and len(o.outputs[0].token_ids) <= 1
+    assert outs[3].embedding is None
+    assert outs[3].outputs[0].token_ids == llm.generate(prompts[2], plain)[0].outputs[0].token_ids
+    unit = llm.embed(prompts[1])[0]
+    ref = _hf_last_hidden(hf, prompts[1])
+    assert (torch.tensor(unit) - ref / ref.norm()).abs().max().item() <= 1e-5
+    assert abs(sum(x * x for x in unit) - 1) <= 1e-6
+    assert llm.engine.scheduler.kv.num_held == 0 and not llm.engine.scheduler.requests

@@ -303,6 +303,8 @@ class LLMEngine:
         if res.prompt_logprobs:  # (before `update`: a request it finishes keeps them)
             for c in out.chunks:
                 c.request.prompt_logprobs += res.prompt_logprobs.get(c.request.request_id, ())
+        for c in out.chunks if res.embeddings else ():
+            c.request.embedding = res.embeddings.get(c.request.request_id, c.request.embedding)
         got = self.scheduler.update(out, res.sampled)
         now = time.monotonic()
         for req in got:

@@ -6,7 +6,7 @@ from dataclasses import replace
 from itertools import count
 
 from token_scheduler.engine import EngineConfig, LLMEngine
-from token_scheduler.request import CompletionOutput, RequestOutput, SamplingParams
+from token_scheduler.request import CompletionOutput, RequestOutput, SamplingParams, l2_normalize
 
 
 class LLM:
@@ -49,8 +49,14 @@ class LLM:
             outs = [replace(done[rid].outputs[0], index=i) for i, rid in enumerate(ids)]
             results.append(RequestOutput(first.request_id, first.prompt_token_ids, outs, True, model=first.model,
                                          prompt=prompt if isinstance(prompt, str) else None,
-                                         prompt_logprobs=prompt_lps.get(ids[0])))
+                                         prompt_logprobs=prompt_lps.get(ids[0]), embedding=first.embedding))
         return results
+
+    def embed(self, prompts, normalize: bool = True) -> list[list[float]]:
+        """Each prompt's embedding (vLLM's `LLM.embed` for a decoder model: the last token's final hidden state),
+        L2-normalized unless `normalize` is False. prompts: as `generate` takes them."""
+        outs = self.generate(prompts, SamplingParams(embed=True))
+        return [l2_normalize(o.embedding) if normalize else o.embedding for o in outs]  # type: ignore[arg-type]
 
 
 __all__ = ["LLM", "SamplingParams", "CompletionOutput", "RequestOutput"]

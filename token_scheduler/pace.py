@@ -98,6 +98,8 @@ class PaceEngine:
             raise ValueError("prompt must contain at least one token")
         if params.prompt_logprobs is not None:
             raise ValueError("a paced model has no logits: the prompt's logprobs (echo with logprobs) cannot be given")
+        if params.embed:
+            raise ValueError("a paced model has no hidden states: it cannot embed")
         if params.grammar is not None:
             raise ValueError("a paced model has no logits: its output cannot be held to a schema (response_format, "
                              "tools)")

@@ -8,6 +8,7 @@ not-yet-computed tokens; when the cursor reaches the end, the step also samples 
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,8 +41,14 @@ class SamplingParams:
     # an llguidance grammar (its JSON; e.g. made from a JSON schema, response_format): each token drawn keeps the
     # output a prefix of a string the grammar accepts, and once it is whole only EOS may follow
     grammar: str | None = None
+    # an embedding, not a generation (vLLM's pooling; OpenAI's /v1/embeddings): the request ends with its prefill and
+    # returns the last prompt token's final hidden state (after the model's last norm, fp32; Request.embedding).
+    # The step still draws that one token, greedily, as a generation's first (the caller drops it).
+    embed: bool = False
 
     def __post_init__(self) -> None:
+        if self.embed:
+            self.max_tokens, self.temperature = 1, 0.0
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -106,6 +113,12 @@ class SamplingParams:
         return self.needs_penalties or self.logit_bias is not None or self.min_tokens > 0 or self.grammar is not None
 
 
+def l2_normalize(v: list[float]) -> list[float]:
+    """An embedding over its Euclidean norm, as embeddings are returned (a zero vector as it is)."""
+    n = math.sqrt(math.fsum(x * x for x in v))
+    return [x / n for x in v] if n > 0 else list(v)
+
+
 class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
@@ -137,6 +150,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float]] = field(default_factory=list)  # prompt tokens 1.. (prompt_logprobs)
+    embedding: list[float] | None = None  # (SamplingParams.embed) set by the step that ends its prefill
     matcher: Any = None  # (SamplingParams.grammar) its llguidance matcher, fed each token the request makes
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
@@ -257,3 +271,4 @@ class RequestOutput:
     # (prompt_logprobs asked) each prompt token's {token_id: logprob, top ones...}, None for the first (nothing
     # precedes it): on the output carrying the request's first token -- the prompt is whole by then -- only
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    embedding: list[float] | None = None  # (SamplingParams.embed) on its one, final output

@@ -73,6 +73,14 @@ class StepResult:
     device_s: float | None = None  # (`ModelRunner.time_steps`, CUDA) the device's time for the step
     # request id -> the logprobs of the prompt tokens this step's chunk predicts (SamplingParams.prompt_logprobs)
     prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+    # request id -> the last prompt token's final hidden state (SamplingParams.embed; the step that ends its prefill)
+    embeddings: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _embeds(out: SchedulerOutput) -> bool:
+    """Whether a chunk of `out` ends an embedding request's prompt (its step runs the eager forward, whose hidden
+    states it reads)."""
+    return any(c.sample and c.request.sampling_params.embed for c in out.chunks)
 
 
 def _scored_rows(out: SchedulerOutput) -> list[int]:
@@ -206,10 +214,12 @@ class ModelRunner:
         # is the device's alone; an eager step's includes the gaps while the host launches its kernels
         start = torch.cuda.Event(enable_timing=True) if self.time_steps and self.is_cuda and sample_reqs else None
         prompt_lps: dict[str, list[dict[int, float]]] = {}
-        if out.is_decode and len(out.chunks) in self.bucket_of and not self.hf_exact_decode:
+        embeds: dict[str, list[float]] = {}
+        eager = _embeds(out)  # (a one-token prompt's prefill is a decode-shaped step)
+        if out.is_decode and len(out.chunks) in self.bucket_of and not self.hf_exact_decode and not eager:
             # (not marked in flight: its logits are sampled below, and nothing captures before that)
             logits = self._decode_graph(out, start=start).logits[: len(out.chunks)]
-        elif self.row_graphs and self._by_rows(out) and not any(_scored_rows(out)):
+        elif self.row_graphs and self._by_rows(out) and not any(_scored_rows(out)) and not eager:
             logits = self._row_pieces(out, start)
         else:
             if start is not None:
@@ -218,6 +228,8 @@ class ModelRunner:
             logits = llama.compute_logits(self.weights, hidden[idx]) if idx else None
             if any(scored := _scored_rows(out)):
                 prompt_lps = self._prompt_logprobs(out, hidden, scored)
+            if eager:
+                embeds = self._embeddings(out, hidden)
         if on_launch is not None:
             on_launch()
         if not sample_reqs:
@@ -231,7 +243,19 @@ class ModelRunner:
             end.record()
             end.synchronize()
             dev = start.elapsed_time(end) / 1e3
-        return StepResult(sampled, lps, dev, prompt_lps)
+        return StepResult(sampled, lps, dev, prompt_lps, embeds)
+
+    @staticmethod
+    def _embeddings(out: SchedulerOutput, hidden: torch.Tensor) -> dict[str, list[float]]:
+        """The final hidden state of the last prompt token of each embedding request `out` ends the prefill of."""
+        rows, rids, q = [], [], 0
+        for c in out.chunks:
+            q += c.num_tokens
+            if c.sample and c.request.sampling_params.embed:
+                rows.append(q - 1)
+                rids.append(c.request.request_id)
+        vecs = hidden[rows].float().tolist()  # (one read for the step)
+        return dict(zip(rids, vecs))
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor,
                          scored: list[int]) -> dict[str, list[dict[int, float]]]:
@@ -269,9 +293,10 @@ class ModelRunner:
         """Whether a decode of `n` rows, `requests`, can run overlapped (`can_launch` less the step's own checks: a
         co-stepping engine asks it of a plan before its step is committed): a graph bucket, not the HF-exact path,
         and sampling that needs neither the tokens the host has not read yet (penalties; min_tokens' stop-token mask,
-        which counts them; a grammar, which is fed them) nor host-side logprobs."""
+        which counts them; a grammar, which is fed them) nor host-side logprobs, and no embedding (read from the eager
+        forward's hidden states)."""
         return (not self.hf_exact_decode and (n in self.bucket_of or not self.is_cuda)
-                and all(not (sp := r.sampling_params).needs_penalties and sp.logprobs is None
+                and all(not (sp := r.sampling_params).needs_penalties and sp.logprobs is None and not sp.embed
                         and not masks_stop_tokens(r) and r.matcher is None for r in requests))
 
     def launch_decode(self, out: SchedulerOutput, ids: torch.Tensor | None = None,

@@ -1,6 +1,6 @@
 """Ollama's API over the same serving layer, for the clients and GUIs that speak it (the `ollama` Python and
-JavaScript libraries, Open WebUI, editors' assistants): `POST /api/chat`, `POST /api/generate`, `GET /api/tags`,
-`POST /api/show`, `GET /api/ps`, `GET /api/version`.
+JavaScript libraries, Open WebUI, editors' assistants): `POST /api/chat`, `POST /api/generate`, `POST /api/embed`
+(and the older `/api/embeddings`), `GET /api/tags`, `POST /api/show`, `GET /api/ps`, `GET /api/version`.
 
 A request is translated into the OpenAI request it means (options -> sampling fields, `format` -> response_format)
 and validated as that one, then generated as it would be; the replies are Ollama's: newline-delimited JSON objects
@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 import tokenpool
-from controller.api import auth
+from controller.api import auth, embeddings
 from controller.api import protocol as p
 from controller.api.serving import ClientGone, OpenAIServing, Tracked, encode, unless_disconnected
 from controller.errors import ServingError
@@ -73,6 +73,22 @@ class GenerateRequest(_Base):
     raw: bool = False
     suffix: str | None = None
     images: list[str] | None = None
+
+
+class EmbedRequest(_Loose):
+    model: str
+    input: str | list[str] = ""
+    truncate: bool = True  # an input longer than the context keeps its start (False: a 400)
+    dimensions: int | None = None
+    options: Options | None = None  # (nothing in them changes an embedding)
+    keep_alive: Any = None
+
+
+class EmbeddingsRequest(_Loose):  # the older endpoint's
+    model: str
+    prompt: str = ""
+    options: Options | None = None
+    keep_alive: Any = None
 
 
 def _now() -> str:
@@ -234,6 +250,43 @@ async def chat(request: Request) -> Response:
 @router.post("/generate")
 async def generate(request: Request) -> Response:
     return await _run(request, await _body(request, GenerateRequest), chat=False)
+
+
+async def _embed(request: Request, model: str, raw: str | list[str], truncate: bool, dimensions: int | None,
+                 normalize: bool) -> tuple[list[list[float]], Tracked | None] | JSONResponse:
+    """The embeddings of `raw`, or the error response (refusals before the generation counted here, as `_run`'s)."""
+    serving: OpenAIServing = request.app.state.serving
+    tenant = None
+    try:
+        tenant = auth.tenant(request)
+        return await embeddings.ollama_embed(serving, tenant, request, model, raw, truncate, dimensions, normalize)
+    except ClientGone:
+        return JSONResponse({}, status_code=499)
+    except ServingError as e:
+        if e.status != 401 and not getattr(e, "counted", False):
+            request.app.state.controller.count_refusal(model, tenant.name if tenant else "-", e.status)
+        return _error(e.status, e.message if e.status != 404 else f"model '{model}' not found")
+
+
+@router.post("/embed")
+async def embed(request: Request) -> Response:
+    """Ollama's: each input's embedding, L2-normalized, and the prompt's token count."""
+    body = await _body(request, EmbedRequest)
+    got = await _embed(request, body.model, body.input, body.truncate, body.dimensions, normalize=True)
+    if isinstance(got, Response):
+        return got
+    vecs, gen = got
+    return JSONResponse({"model": body.model, "embeddings": vecs, **embeddings.ollama_counts(gen)})
+
+
+@router.post("/embeddings")
+async def embeddings_legacy(request: Request) -> Response:
+    """Ollama's older endpoint: one prompt's embedding, unnormalized (an empty prompt: an empty one)."""
+    body = await _body(request, EmbeddingsRequest)
+    got = await _embed(request, body.model, body.prompt, True, None, normalize=False)
+    if isinstance(got, Response):
+        return got
+    return JSONResponse({"embedding": got[0][0] if got[0] else []})
 
 
 def _models(request: Request) -> list[dict[str, Any]]:

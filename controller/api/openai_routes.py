@@ -10,6 +10,7 @@ from fastapi.responses import Response, StreamingResponse
 import tokenpool
 from controller.api import auth
 from controller.api import protocol as p
+from controller.api.embeddings import openai_embeddings
 from controller.api.serving import ClientGone
 from controller.errors import ServingError
 from controller.tenants import Tenant
@@ -51,6 +52,13 @@ async def completions(body: p.CompletionRequest, request: Request, tenant: Tenan
 @router.post("/v1/chat/completions", response_model=p.ChatCompletionResponse, responses=ERRORS)
 async def chat_completions(body: p.ChatCompletionRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
     return await _serve(request, request.app.state.serving.chat(body, tenant, request), body.model, tenant)
+
+
+@router.post("/v1/embeddings", response_model=p.EmbeddingResponse, responses=ERRORS)
+async def create_embeddings(body: p.EmbeddingRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+    """Each input's embedding: the last token's final hidden state, L2-normalized (controller/api/embeddings.py)."""
+    return await _serve(request, openai_embeddings(request.app.state.serving, body, tenant, request), body.model,
+                        tenant)
 
 
 @router.get("/v1/models", response_model=p.ModelList, responses=ERRORS)

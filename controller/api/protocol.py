@@ -137,6 +137,22 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
 
 
+MAX_EMBED_INPUTS = 2048  # inputs one embeddings request may carry (OpenAI's limit)
+
+
+class EmbeddingRequest(_Top):
+    """OpenAI's /v1/embeddings (vLLM's truncate_prompt_tokens too)."""
+
+    model: ModelName
+    input: Union[str, Annotated[list[str], Field(min_length=1, max_length=MAX_EMBED_INPUTS)], TokenIds,
+                 Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+    # vLLM's: an input longer than this keeps its last this many tokens (-1: as many as the model's context takes)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+
+
 class TextPart(_Req):
     type: Literal["text"]
     text: str
@@ -242,6 +258,24 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # (encoding_format "base64": the little-endian float32 bytes, base64)
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class CompletionLogprobs(BaseModel):

@@ -329,6 +329,7 @@ class OpenAIServing:
             return resp
         except ServingError as e:
             status = e.status
+            e.counted = True  # type: ignore[attr-defined]  # (by gen.close below: the route must not count it again)
             raise
         except Exception as e:  # noqa: BLE001 - counted here, answered by the app's handler
             if not isinstance(e, ClientGone):

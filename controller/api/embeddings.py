@@ -1,0 +1,116 @@
+"""Embeddings: OpenAI's `POST /v1/embeddings`, Ollama's `POST /api/embed` and its older `POST /api/embeddings`.
+
+The served models are decoder LMs. A text's embedding is its last token's final hidden state (after the model's
+last norm), as vLLM's pooling runner gives a decoder model by default ("last" pooling), L2-normalized; the older
+Ollama endpoint returns it unnormalized, as Ollama does. Each input is one engine request that ends with its prefill
+(`SamplingParams.embed`): admitted, routed, pooled and charged as any prompt, its usage the prompt's tokens.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from typing import Any
+
+from starlette.requests import Request
+
+from controller.api import protocol as p
+from controller.api.serving import OpenAIServing, PromptTooLong, Tracked, encode, too_long
+from controller.errors import ServingError
+from controller.service import ModelEntry
+from controller.tenants import Tenant
+from token_scheduler.request import SamplingParams, l2_normalize
+
+
+def prompts_of(serving: OpenAIServing, me: ModelEntry, raw: str | list, truncate: int | None,
+               keep_end: bool = True, param: str = "input") -> list[list[int]]:
+    """Each input's token ids (runs in the tokenize pool). `truncate`: an input longer keeps `truncate` tokens, its last
+    (vLLM's truncate_prompt_tokens) or with `keep_end` False its first (Ollama's truncate); -1: as many as the context
+    takes. None: an input the context cannot take is a 400."""
+    room = me.max_model_len - 1  # (the step that ends the prefill draws one token, dropped)
+    keep = room if truncate == -1 else min(truncate, room) if truncate is not None else None
+    items = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
+    out = []
+    for i, x in enumerate(items):
+        which = i if len(items) > 1 else None
+        if isinstance(x, str):
+            if not x:
+                raise ServingError(400, f"input{f' {which}' if which is not None else ''} is an empty string",
+                                   param=param)
+            try:
+                ids = encode(me.tokenizer, x, None if keep is not None else me.max_model_len)
+            except PromptTooLong as e:
+                raise too_long(me, e.n, param, which) from None
+        else:
+            ids = list(x)
+        if keep is not None and len(ids) > keep:
+            ids = (ids[len(ids) - keep:] if keep_end else ids[:keep]) if keep else []
+        elif len(ids) >= me.max_model_len:
+            raise too_long(me, len(ids), param, which)
+        out.append(serving._check_ids(me, ids, param))
+    return out
+
+
+async def embed(serving: OpenAIServing, me: ModelEntry, tenant: Tenant, request: Request,
+                prompts: list[list[int]], prefix: str) -> tuple[list[list[float]], Tracked]:
+    """The final hidden state of each prompt's last token, in order, and the generation that made them (closed)."""
+    gen = serving._track(await serving.ctl.generate(me, tenant, prompts, SamplingParams(embed=True), 1,
+                                                    serving.ctl.new_id(prefix)))
+
+    async def collect() -> list[list[float]]:
+        vecs: list[list[float] | None] = [None] * len(prompts)
+        async for i, d in gen.events():
+            if d.finished:
+                if d.embedding is None:  # (an engine that ended it otherwise: aborted, say)
+                    raise ServingError(503, f"the engine ended input {i} without an embedding "
+                                            f"({d.finish_reason or 'no reason'})")
+                vecs[i] = d.embedding
+        return vecs  # type: ignore[return-value]
+
+    return await serving._collect(request, gen, collect()), gen
+
+
+def _dimensions(me: ModelEntry, dimensions: int | None, model: str) -> None:
+    """A 400 unless `dimensions` is unset or the model's own (a decoder's hidden state cannot be shortened)."""
+    if dimensions is not None and dimensions != me.hidden_size:
+        size = f"of {me.hidden_size} dimensions" if me.hidden_size else "whose size its configuration does not give"
+        raise ServingError(400, f"model `{model}` gives embeddings {size} and cannot shorten them (it is not a "
+                                "Matryoshka embedding model); leave dimensions out", param="dimensions")
+
+
+async def openai_embeddings(serving: OpenAIServing, req: p.EmbeddingRequest, tenant: Tenant,
+                            request: Request) -> p.EmbeddingResponse:
+    me = serving.entry(tenant, req.model)
+    _dimensions(me, req.dimensions, req.model)
+    prompts = await serving.offload(prompts_of, serving, me, req.input, req.truncate_prompt_tokens)
+    vecs, gen = await embed(serving, me, tenant, request, prompts, "embd")
+    data = []
+    for i, v in enumerate(vecs):
+        unit = l2_normalize(v)
+        out: list[float] | str = unit
+        if req.encoding_format == "base64":
+            out = base64.b64encode(struct.pack(f"<{len(unit)}f", *unit)).decode()
+        data.append(p.Embedding(index=i, embedding=out))
+    return p.EmbeddingResponse(data=data, model=req.model,
+                               usage=p.EmbeddingUsage(prompt_tokens=gen.prompt_tokens, total_tokens=gen.prompt_tokens))
+
+
+async def ollama_embed(serving: OpenAIServing, tenant: Tenant, request: Request, model: str, raw: str | list[str],
+                       truncate: bool, dimensions: int | None, normalize: bool) -> tuple[list[list[float]], Tracked | None]:
+    """Ollama's: no input (an empty string or list) loads nothing and returns no vectors, as Ollama answers it."""
+    me = serving.entry(tenant, model)
+    _dimensions(me, dimensions, model)
+    if not raw:
+        return [], None
+    prompts = await serving.offload(prompts_of, serving, me, raw, -1 if truncate else None, False)
+    vecs, gen = await embed(serving, me, tenant, request, prompts, "ollama")
+    return [l2_normalize(v) if normalize else v for v in vecs], gen
+
+
+def ollama_counts(gen: Tracked | None) -> dict[str, Any]:
+    """Ollama's closing counts of an embedding (durations in nanoseconds)."""
+    if gen is None:
+        return {"total_duration": 0, "load_duration": 0, "prompt_eval_count": 0}
+    end = gen.t_last or gen.t_arrival
+    return {"total_duration": int(max(0.0, end - gen.t_arrival) * 1e9), "load_duration": 0,
+            "prompt_eval_count": gen.prompt_tokens}
