@@ -613,3 +613,23 @@ def test_prompt_logprobs_and_logit_bias_on_cuda(make_varied):
     for a, b in zip(gpu[0].prompt_logprobs[1:], cpu[0].prompt_logprobs[1:]):
         t = list(b)[0]  # the prompt token's own (the top one's id may differ in a near-tie)
         assert list(a)[0] == t and abs(a[t] - b[t]) <= 2e-3
+
+
+def test_embeddings_on_cuda(make_varied):
+    """On CUDA (graphs on): embedding requests take the eager forward whatever their shape (a one-token prompt's
+    prefill is decode-shaped; short prompts would go through the row graphs), beside a generation that replays its
+    graphs; each vector equals the CPU engine's on the same fp32 weights, and the generation's tokens are unchanged."""
+    from token_scheduler import LLM
+
+    d = make_varied("qwen2")
+    prompts = [list(range(5, 45)), [11], list(range(3, 12))]
+    plain = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    params = [SamplingParams(embed=True)] * 3 + [plain]
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        llm = LLM(d, device=dev, dtype="fp32", **({"kv_cache_memory_gb": 0.1} if dev == "cuda" else {}))
+        outs[dev] = llm.generate([*prompts, prompts[2]], params)
+    cpu, gpu = outs["cpu"], outs["cuda"]
+    assert gpu[3].outputs[0].token_ids == cpu[3].outputs[0].token_ids and gpu[3].embedding is None
+    for a, b in zip(gpu[:3], cpu[:3]):
+        assert max(abs(x - y) for x, y in zip(a.embedding, b.embedding)) <= 2e-3
