@@ -90,6 +90,10 @@ def main(venv: str) -> None:
     r = c.completions.create(model=models[0], prompt="The capital of France is Paris", echo=True, logprobs=1,
                              max_tokens=1, temperature=0)
     print("echo logprobs ->", len(r.choices[0].logprobs.tokens), "tokens, first", r.choices[0].logprobs.token_logprobs[0])
+    texts = ["The cat sat on the mat.", "A cat is sitting on a rug.", "Stock markets fell sharply today."]
+    v = [d.embedding for d in c.embeddings.create(model=models[0], input=texts).data]
+    cos = [round(sum(x * y for x, y in zip(v[0], w)), 3) for w in v[1:]]
+    print("embeddings ->", len(v), "x", len(v[0]), "cos(cat, cat'), cos(cat, stocks):", cos)
     run = subprocess.run([f"{venv}/bin/tokenpool", "run", models[0], "Say hi", "--temperature", "0", "--max-tokens",
                           "8"], capture_output=True, text=True, env=env, timeout=60)
     print("tokenpool run ->", run.returncode, repr(run.stdout))

@@ -91,3 +91,19 @@ def test_bf16_first_token_top1_matches_hf(smollm2, prompts):
     clear = [i for i, g in enumerate(gaps) if g > 0.05]
     assert len(clear) >= 4
     assert [outs[i].outputs[0].token_ids[0] for i in clear] == [refs[i] for i in clear]
+
+
+def test_fp32_embeddings_match_hf(smollm2, prompts):
+    """LLM.embed on real weights: HF's final hidden state of each prompt's last token, L2-normalized, within 1e-5;
+    the 8 questions are 8 different vectors."""
+    llm = LLM(smollm2, device="cpu", dtype="fp32")
+    hf = _hf(smollm2, torch.float32)
+    got = torch.tensor(llm.embed(prompts))
+    with torch.no_grad():
+        ref = torch.stack([hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+                           for ids in prompts])
+    ref = ref / ref.norm(dim=-1, keepdim=True)
+    assert got.shape == ref.shape and (got - ref).abs().max().item() <= 1e-5
+    sims = got @ got.T
+    assert (sims - torch.eye(len(prompts))).abs().max().item() > 1e-3 and sims.diagonal().sub(1).abs().max() < 1e-5
+    assert (sims.triu(1).abs().max().item()) < 0.9999
