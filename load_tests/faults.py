@@ -284,6 +284,7 @@ def corpus_cases(model: str) -> list[tuple[str, str, str, str, bytes, int]]:
     """(name, method, path, auth, raw body, expected status); auth: 'key' | 'admin' | 'none' | 'wrong'."""
     chat = "/v1/chat/completions"
     cmp_ = "/v1/completions"
+    emb = "/v1/embeddings"
 
     def j(d) -> bytes:
         return json.dumps(d).encode()
@@ -339,6 +340,12 @@ def corpus_cases(model: str) -> list[tuple[str, str, str, str, bytes, int]]:
         ("admin without token", "GET", "/admin/engines", "none", b"", 401),
         ("metrics without token", "GET", "/metrics", "none", b"", 401),
         ("drain a missing engine", "POST", "/admin/engines/no-such-engine/drain", "admin", b"", 404),
+        ("empty embedding input", "POST", emb, "key", j({"model": model, "input": ""}), 400),
+        ("embedding input [[false]]", "POST", emb, "key", j({"model": model, "input": [[False]]}), 400),
+        ("embedding over context", "POST", emb, "key", j({"model": model, "input": "x" * 20000}), 400),
+        ("embedding dimensions", "POST", emb, "key", j({"model": model, "input": "x", "dimensions": 1}), 400),
+        ("embedding encoding int8", "POST", emb, "key", j({"model": model, "input": "x", "encoding_format": "int8"}),
+         400),
     ]
 
 
