@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from controller.api import admin_routes, auth, ollama, openai_routes
+from controller.api.responses import ResponseStore
 from controller.api.serving import OpenAIServing
 from controller.config import ServerConfig
 from controller.dashboard import routes as dashboard_routes
@@ -148,6 +149,7 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
                   description="OpenAI-compatible multi-model serving on a shared GPU pool")
     app.state.controller = ctl = Controller(cfg)
     app.state.serving = OpenAIServing(ctl)
+    app.state.responses = ResponseStore()  # (/v1/responses with store: kept in memory)
     app.include_router(openai_routes.router)
     app.include_router(ollama.router)
     app.include_router(admin_routes.router)

@@ -94,6 +94,11 @@ def main(venv: str) -> None:
     v = [d.embedding for d in c.embeddings.create(model=models[0], input=texts).data]
     cos = [round(sum(x * y for x, y in zip(v[0], w)), 3) for w in v[1:]]
     print("embeddings ->", len(v), "x", len(v[0]), "cos(cat, cat'), cos(cat, stocks):", cos)
+    r1 = c.responses.create(model=models[0], input="What is the capital of France?", max_output_tokens=20,
+                            temperature=0)
+    r2 = c.responses.create(model=models[0], input="And of Italy?", previous_response_id=r1.id, max_output_tokens=20,
+                            temperature=0)
+    print("responses ->", repr(r1.output_text), "then", repr(r2.output_text), r2.usage.input_tokens, "input tokens")
     run = subprocess.run([f"{venv}/bin/tokenpool", "run", models[0], "Say hi", "--temperature", "0", "--max-tokens",
                           "8"], capture_output=True, text=True, env=env, timeout=60)
     print("tokenpool run ->", run.returncode, repr(run.stdout))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
 import tokenpool
-from controller.api import auth
+from controller.api import auth, responses
 from controller.api import protocol as p
 from controller.api.embeddings import openai_embeddings
 from controller.api.serving import ClientGone
@@ -20,9 +21,11 @@ ERRORS = {s: {"model": p.ErrorResponse} for s in (400, 401, 404, 413, 429, 500, 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _respond(result: p.BaseModel | AsyncIterator[bytes]) -> Response:
+def _respond(result: p.BaseModel | dict | AsyncIterator[bytes]) -> Response:
     if isinstance(result, p.BaseModel):
         return Response(result.model_dump_json(), media_type="application/json")
+    if isinstance(result, dict):
+        return Response(json.dumps(result, ensure_ascii=False), media_type="application/json")
     return StreamingResponse(result, media_type="text/event-stream; charset=utf-8", headers=SSE_HEADERS)
 
 
@@ -59,6 +62,25 @@ async def create_embeddings(body: p.EmbeddingRequest, request: Request, tenant: 
     """Each input's embedding: the last token's final hidden state, L2-normalized (controller/api/embeddings.py)."""
     return await _serve(request, openai_embeddings(request.app.state.serving, body, tenant, request), body.model,
                         tenant)
+
+
+@router.post("/v1/responses", responses=ERRORS)
+async def create_response(body: p.ResponsesRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+    """OpenAI's Responses API over the chat path (controller/api/responses.py)."""
+    return await _serve(request, responses.create(request.app.state.serving, request.app.state.responses, body,
+                                                  tenant, request), body.model, tenant)
+
+
+@router.get("/v1/responses/{response_id}", responses=ERRORS)
+async def get_response(response_id: str, request: Request, tenant: Tenant = Depends(auth.tenant)):
+    return responses.stored(request.app.state.responses, response_id, tenant)
+
+
+@router.delete("/v1/responses/{response_id}", responses=ERRORS)
+async def delete_response(response_id: str, request: Request, tenant: Tenant = Depends(auth.tenant)):
+    responses.stored(request.app.state.responses, response_id, tenant)
+    request.app.state.responses.delete(response_id, tenant.name)
+    return {"id": response_id, "object": "response", "deleted": True}
 
 
 @router.get("/v1/models", response_model=p.ModelList, responses=ERRORS)

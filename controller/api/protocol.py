@@ -224,6 +224,29 @@ class ChatCompletionRequest(_Sampling, _ChatTemplate):
     parallel_tool_calls: bool | None = None
 
 
+class ResponsesRequest(_Top):
+    """OpenAI's /v1/responses: the fields a stateless text model can honour (controller/api/responses.py reads the
+    input items; unknown fields are ignored, ones it cannot honour refused there)."""
+
+    model: ModelName
+    input: str | Annotated[list[dict[str, Any]], Field(min_length=1, max_length=4096)]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1, le=1 << 20)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None  # (vLLM's)
+    stream: bool = False
+    tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
+    store: bool = True
+    previous_response_id: str | None = Field(None, max_length=128)
+    metadata: Annotated[dict[str, str], Field(max_length=16)] | None = None
+    background: bool = False
+    user: str | None = None
+
+
 class TokenizeRequest(_Top, _ChatTemplate):
     """vLLM's /tokenize: a prompt, or chat messages rendered by the model's template, as a request would feed them."""
 

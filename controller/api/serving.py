@@ -408,6 +408,15 @@ class OpenAIServing:
     # --- /v1/chat/completions ---
     async def chat(self, req: p.ChatCompletionRequest, tenant: Tenant,
                    request: Request) -> p.ChatCompletionResponse | AsyncIterator[bytes]:
+        rid = self.ctl.new_id("chatcmpl")
+        me, tools, gen = await self.start_chat(req, tenant, rid)
+        if req.stream:
+            return self._stream_chat(gen, req, rid, me, tools)
+        return await self._collect(request, gen, self._collect_chat(gen, req, rid, me, tools))
+
+    async def start_chat(self, req: p.ChatCompletionRequest, tenant: Tenant,
+                         rid: str) -> tuple[ModelEntry, ToolPlan | None, Tracked]:
+        """A chat request's model, tool plan and admitted generation (tracked: whoever reads it closes it)."""
         me = self.entry(tenant, req.model)
         self._refuse_unsupported(req)
         if req.top_logprobs is not None and not req.logprobs:
@@ -421,11 +430,7 @@ class OpenAIServing:
         if tools is not None:
             kwargs = {**kwargs, "tools": tools.template_tools}
         ids = await self.offload(self._chat_prompt, me, req, kwargs)
-        rid = self.ctl.new_id("chatcmpl")
-        gen = self._track(await self.ctl.generate(me, tenant, [ids], params, req.n, rid))
-        if req.stream:
-            return self._stream_chat(gen, req, rid, me, tools)
-        return await self._collect(request, gen, self._collect_chat(gen, req, rid, me, tools))
+        return me, tools, self._track(await self.ctl.generate(me, tenant, [ids], params, req.n, rid))
 
     @staticmethod
     def _template_message(mm: p.ChatMessage) -> dict[str, Any]:

@@ -1,0 +1,337 @@
+"""OpenAI's Responses API over the chat path: `POST /v1/responses`, `GET` and `DELETE /v1/responses/{id}`.
+
+A request's input (a string, or items: messages with text parts, `function_call` and `function_call_output`) and
+its `instructions` become chat messages; tools, `tool_choice` and `text.format` become the chat request's tools and
+response_format; it is validated, templated, admitted and generated as that chat completion would be. The reply is
+a Response object: one `message` item of `output_text`, or `function_call` items; status `incomplete` when
+max_output_tokens cut it. Streamed, Responses' typed server-sent events, from `response.created` to
+`response.completed` (text deltas as they come; with tools the items go out whole at the end, as the chat path holds
+calls). Responses with `store` (OpenAI's default) are kept in memory, per tenant and bounded (ResponseStore), so
+`previous_response_id` continues a conversation (its instructions are not carried over, as OpenAI documents); a
+restart forgets them.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.requests import Request
+
+from controller.api import protocol as p
+from controller.api.serving import OpenAIServing, Tracked
+from controller.api.structured import ToolPlan
+from controller.errors import ServingError
+from controller.tenants import Tenant
+
+STORE_ENTRIES = 1024  # stored responses kept (the oldest go first)
+STORE_BYTES = 64 << 20  # their conversations' JSON, all together
+TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+class ResponseStore:
+    """Stored responses: id -> (tenant, the conversation as chat messages, the Response object), oldest first."""
+
+    def __init__(self, entries: int = STORE_ENTRIES, max_bytes: int = STORE_BYTES):
+        self.entries, self.max_bytes = entries, max_bytes
+        self._items: OrderedDict[str, tuple[str, list[dict[str, Any]], dict[str, Any], int]] = OrderedDict()
+        self.bytes = 0
+
+    def put(self, rid: str, tenant: str, messages: list[dict[str, Any]], response: dict[str, Any]) -> None:
+        size = len(json.dumps(messages)) + len(json.dumps(response))
+        self._items[rid] = (tenant, messages, response, size)
+        self.bytes += size
+        while self._items and (len(self._items) > self.entries or self.bytes > self.max_bytes):
+            self.bytes -= self._items.popitem(last=False)[1][3]
+
+    def get(self, rid: str, tenant: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+        got = self._items.get(rid)
+        return (got[1], got[2]) if got is not None and got[0] == tenant else None
+
+    def delete(self, rid: str, tenant: str) -> bool:
+        if self.get(rid, tenant) is None:
+            return False
+        self.bytes -= self._items.pop(rid)[3]
+        return True
+
+
+def _bad(message: str, param: str) -> ServingError:
+    return ServingError(400, message, param=param)
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content: a string, or its text parts joined (other parts, images say, are refused)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _bad(f"{where}.content must be a string or a list of text parts", where)
+    out = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            raise _bad(f"{where}.content[{j}]: only text parts ({', '.join(TEXT_PARTS)}) are supported, got "
+                       f"{kind!r}", f"{where}.content")
+        out.append(part["text"])
+    return "".join(out)
+
+
+def input_messages(raw: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chat messages of a Responses input: messages, a model's earlier calls (one assistant message for calls in
+    a row) and their outputs (tool messages); reasoning items are skipped."""
+    if isinstance(raw, str):
+        return [{"role": "user", "content": raw}]
+    msgs: list[dict[str, Any]] = []
+    for i, item in enumerate(raw):
+        where = f"input[{i}]"
+        kind = item.get("type", "message")
+        if kind == "message":
+            msgs.append({"role": item.get("role"), "content": _text(item.get("content"), where)})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+            if not all(isinstance(x, str) for x in (call["id"], item.get("name"), item.get("arguments"))):
+                raise _bad(f"{where}: a function_call needs call_id, name and arguments (strings)", where)
+            last = msgs[-1] if msgs else None
+            if last is not None and last["role"] == "assistant" and last.get("tool_calls") and not last["content"]:
+                last["tool_calls"].append(call)
+            else:
+                msgs.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            out = item.get("output")
+            if not isinstance(item.get("call_id"), str):
+                raise _bad(f"{where}: a function_call_output needs its call_id", where)
+            msgs.append({"role": "tool", "tool_call_id": item["call_id"],
+                         "content": out if isinstance(out, str) else _text(out, where)})
+        elif kind != "reasoning":
+            raise _bad(f"{where}: input items of type {kind!r} are not supported (message, function_call and "
+                       "function_call_output are)", where)
+    return msgs
+
+
+def _tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    if tools is None:
+        return None
+    out = []
+    for i, t in enumerate(tools):
+        if t.get("type") != "function":
+            raise _bad(f"tools[{i}]: only function tools are supported, got {t.get('type')!r}", "tools")
+        out.append({"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters", "strict")
+                                                     if t.get(k) is not None}})
+    return out
+
+
+def _tool_choice(choice: str | dict[str, Any] | None) -> Any:
+    if not isinstance(choice, dict):
+        return choice
+    if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+        raise _bad("tool_choice must be none, auto, required or {\"type\": \"function\", \"name\": ...}",
+                   "tool_choice")
+    return {"type": "function", "function": {"name": choice["name"]}}
+
+
+def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    fmt = (text or {}).get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise _bad("text.format must be an object", "text.format")
+    if fmt.get("type") == "json_schema":
+        return {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "schema", "strict") if k in fmt}}
+    return fmt
+
+
+def chat_request(req: p.ResponsesRequest, history: list[dict[str, Any]]) -> tuple[p.ChatCompletionRequest,
+                                                                                 list[dict[str, Any]]]:
+    """The chat request a Responses request means, and its conversation (without the instructions) to store."""
+    if req.background:
+        raise _bad("background responses are not supported", "background")
+    conversation = [*history, *input_messages(req.input)]
+    system = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    body: dict[str, Any] = {"model": req.model, "messages": [*system, *conversation],
+                            "max_completion_tokens": req.max_output_tokens, "temperature": req.temperature,
+                            "top_p": req.top_p, "seed": req.seed, "tools": _tools(req.tools),
+                            "tool_choice": _tool_choice(req.tool_choice), "parallel_tool_calls": req.parallel_tool_calls,
+                            "response_format": _response_format(req.text)}
+    try:
+        chat = p.ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        param = "input" if where.startswith("messages") else where.split(".")[0]
+        raise _bad(f"{where.replace('messages', 'input', 1)}: {err['msg']}", param) from None
+    return chat, conversation
+
+
+def _item_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+class _Reply:
+    """One response as it is built: its Response object's fields and output items."""
+
+    def __init__(self, serving: OpenAIServing, req: p.ResponsesRequest, rid: str, tools: ToolPlan | None):
+        self.serving, self.req, self.rid, self.tools = serving, req, rid, tools
+        self.created = int(time.time())
+        self.msg_id = _item_id("msg")
+        self.text, self.finish = "", None
+
+    def response(self, gen: Tracked, status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
+        r = self.req
+        usage = None
+        if status != "in_progress":
+            usage = {"input_tokens": gen.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                     "output_tokens": gen.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                     "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+        return {"id": self.rid, "object": "response", "created_at": self.created, "status": status, "error": None,
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "instructions": r.instructions, "max_output_tokens": r.max_output_tokens, "model": r.model,
+                "output": output, "parallel_tool_calls": r.parallel_tool_calls is not False,
+                "previous_response_id": r.previous_response_id,
+                "temperature": 1.0 if r.temperature is None else r.temperature,
+                "top_p": 1.0 if r.top_p is None else r.top_p, "tool_choice": r.tool_choice or "auto",
+                "tools": r.tools or [], "text": r.text or {"format": {"type": "text"}}, "store": r.store,
+                "metadata": r.metadata or {}, "usage": usage, "user": r.user}
+
+    def message(self, status: str) -> dict[str, Any]:
+        return {"type": "message", "id": self.msg_id, "status": status, "role": "assistant",
+                "content": [{"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}]}
+
+    def output(self) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+        """The output items, the assistant's chat message (for the stored conversation) and the status."""
+        msg, _ = self.serving._reply(self.text, self.finish, self.tools)
+        status = "incomplete" if self.finish == "length" else "completed"
+        if not msg.tool_calls:
+            return [self.message(status)], {"role": "assistant", "content": self.text}, status
+        items = [{"type": "function_call", "id": _item_id("fc"), "call_id": c.id, "name": c.function.name,
+                  "arguments": c.function.arguments, "status": "completed"} for c in msg.tool_calls]
+        return items, {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in msg.tool_calls]}, \
+            status
+
+
+async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesRequest, tenant: Tenant,
+                 request: Request) -> dict[str, Any] | AsyncIterator[bytes]:
+    history: list[dict[str, Any]] = []
+    if req.previous_response_id is not None:
+        prev = store.get(req.previous_response_id, tenant.name)
+        if prev is None:
+            raise ServingError(404, f"Previous response with id '{req.previous_response_id}' not found.",
+                               param="previous_response_id", code="not_found")
+        history = prev[0]
+    chat, conversation = chat_request(req, history)
+    rid = serving.ctl.new_id("resp")
+    _, tools, gen = await serving.start_chat(chat, tenant, rid)
+    reply = _Reply(serving, req, rid, tools)
+
+    def finish() -> dict[str, Any]:
+        items, assistant, status = reply.output()
+        out = reply.response(gen, status, items)
+        if req.store:
+            store.put(rid, tenant.name, [*conversation, assistant], out)
+        return out
+
+    if req.stream:
+        return _stream(serving, gen, reply, finish)
+
+    async def collect() -> dict[str, Any]:
+        async for _, d in gen.events():
+            reply.text += d.text
+            if d.finished:
+                reply.finish = d.finish_reason
+        return finish()
+
+    return await serving._collect(request, gen, collect())
+
+
+def _event(seq: list[int], kind: str, **fields: Any) -> bytes:
+    seq[0] += 1
+    body = json.dumps({"type": kind, "sequence_number": seq[0] - 1, **fields}, ensure_ascii=False)
+    return f"event: {kind}\ndata: {body}\n\n".encode()
+
+
+def _item_events(seq: list[int], index: int, item: dict[str, Any]) -> list[bytes]:
+    """A whole item's events, as a stream that held it to the end sends them."""
+    iid = item["id"]
+    if item["type"] == "function_call":
+        return [_event(seq, "response.output_item.added", output_index=index,
+                       item={**item, "arguments": "", "status": "in_progress"}),
+                _event(seq, "response.function_call_arguments.delta", item_id=iid, output_index=index,
+                       delta=item["arguments"]),
+                _event(seq, "response.function_call_arguments.done", item_id=iid, output_index=index,
+                       name=item["name"], arguments=item["arguments"]),
+                _event(seq, "response.output_item.done", output_index=index, item=item)]
+    part = item["content"][0]
+    return [_event(seq, "response.output_item.added", output_index=index,
+                   item={**item, "status": "in_progress", "content": []}),
+            _event(seq, "response.content_part.added", item_id=iid, output_index=index, content_index=0,
+                   part={**part, "text": ""}),
+            *([_event(seq, "response.output_text.delta", item_id=iid, output_index=index, content_index=0,
+                      delta=part["text"], logprobs=[])] if part["text"] else []),
+            *_text_done(seq, index, item)]
+
+
+def _text_done(seq: list[int], index: int, item: dict[str, Any]) -> list[bytes]:
+    part = item["content"][0]
+    return [_event(seq, "response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                   text=part["text"], logprobs=[]),
+            _event(seq, "response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                   part=part),
+            _event(seq, "response.output_item.done", output_index=index, item=item)]
+
+
+async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish) -> AsyncIterator[bytes]:
+    """Responses' events; always closes `gen`. A failure once streaming is an `error` event (the status has gone)."""
+    seq, status = [0], 499
+    live = reply.tools is None  # (text streams as it comes; calls are held to the end, as the chat path holds them)
+    try:
+        start = reply.response(gen, "in_progress", [])
+        out = [_event(seq, "response.created", response=start), _event(seq, "response.in_progress", response=start)]
+        if live:
+            out += [_event(seq, "response.output_item.added", output_index=0, item={**reply.message("in_progress"),
+                                                                                    "content": []}),
+                    _event(seq, "response.content_part.added", item_id=reply.msg_id, output_index=0, content_index=0,
+                           part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
+        yield b"".join(out)
+        out.clear()
+        async for _, d in gen.events():
+            reply.text += d.text
+            if d.finished:
+                reply.finish = d.finish_reason
+            if live and d.text:
+                out.append(_event(seq, "response.output_text.delta", item_id=reply.msg_id, output_index=0,
+                                  content_index=0, delta=d.text, logprobs=[]))
+            if out and not gen.pending():
+                yield b"".join(out)
+                out.clear()
+        done = finish()
+        if live:
+            out += _text_done(seq, 0, done["output"][0])
+        else:
+            for i, item in enumerate(done["output"]):
+                out += _item_events(seq, i, item)
+        kind = "response.incomplete" if done["status"] == "incomplete" else "response.completed"
+        out.append(_event(seq, kind, response=done))
+        yield b"".join(out)
+        status = 200
+    except ServingError as e:
+        status = e.status
+        yield b"".join(out) + _event(seq, "error", code=e.code or str(e.status), message=e.message, param=e.param)
+    except Exception:  # noqa: BLE001 - a bug mid-stream: the client hears an error event, the metrics a 500
+        status = 500
+        yield b"".join(out) + _event(seq, "error", code="internal_error", message="internal error while streaming",
+                                     param=None)
+    finally:
+        serving.active.discard(gen)
+        gen.close(status)
+
+
+def stored(store: ResponseStore, rid: str, tenant: Tenant) -> dict[str, Any]:
+    """A stored response (another tenant's, or one forgotten: 404)."""
+    got = store.get(rid, tenant.name)
+    if got is None:
+        raise ServingError(404, f"Response with id '{rid}' not found.", param="response_id", code="not_found")
+    return got[1]

@@ -1,0 +1,146 @@
+"""OpenAI's Responses API (/v1/responses) with the official `openai` client against a live server: the same tokens
+as the chat completion the request means, streamed and not; tools and text.format held to their schemas; stored
+responses continued with previous_response_id, retrieved and deleted, per tenant; clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+from controller.keys import hash_key
+from load_tests.live_server import LiveServer
+
+ALICE, BOB = "key-alice-resp-0123", "key-bob-resp-0123"
+GREEDY = {"temperature": 0}
+SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {
+    "type": "integer", "minimum": 1, "maximum": 7}}, "required": ["city", "days"], "additionalProperties": False}
+WEATHER = {"type": "function", "name": "get_weather", "description": "the forecast", "parameters": SCHEMA}
+
+
+@pytest.fixture(scope="module")
+def server(make_varied, tmp_path_factory):
+    cfg = {
+        "workers": {"local": "cpu", "heartbeat_s": 0.25},
+        "tenants": [{"name": "alice", "key_hashes": [hash_key(ALICE)]},
+                    {"name": "bob", "key_hashes": [hash_key(BOB)]}],
+        "models": [{"name": "tiny-a", "path": str(make_varied("qwen2")), "engine": {"max_num_seqs": 8}}],
+    }
+    with LiveServer(cfg, tmp_path_factory.mktemp("responses")) as srv:
+        yield srv
+
+
+def client(srv, key=ALICE) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _status(fn) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as ei:
+        fn()
+    return ei.value
+
+
+def test_text_response_is_the_chat_completion(server):
+    """A string input with instructions gives the chat completion's text (system + user messages) and usage; cut by
+    max_output_tokens it is incomplete; streamed, the deltas join to the same text, the events in order with
+    increasing sequence numbers, ending with the same Response."""
+    c = client(server)
+    ref = c.chat.completions.create(model="tiny-a", messages=[{"role": "system", "content": "Be brief."},
+                                                                {"role": "user", "content": "Hello there"}],
+                                    max_completion_tokens=12, **GREEDY)
+    r = c.responses.create(model="tiny-a", instructions="Be brief.", input="Hello there", max_output_tokens=12,
+                           **GREEDY)
+    assert r.object == "response" and r.id.startswith("resp") and r.model == "tiny-a"
+    assert r.output_text == ref.choices[0].message.content
+    assert [o.type for o in r.output] == ["message"] and r.output[0].role == "assistant"
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (ref.usage.prompt_tokens, ref.usage.completion_tokens)
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    want = ("incomplete", "max_output_tokens") if ref.choices[0].finish_reason == "length" else ("completed", None)
+    assert (r.status, r.incomplete_details and r.incomplete_details.reason) == want
+    parts = [{"role": "user", "content": [{"type": "input_text", "text": "Hello "},
+                                          {"type": "input_text", "text": "there"}]}]
+    same = c.responses.create(model="tiny-a", instructions="Be brief.", input=parts, max_output_tokens=12, **GREEDY)
+    assert same.output_text == r.output_text
+    events = list(c.responses.create(model="tiny-a", instructions="Be brief.", input="Hello there",
+                                     max_output_tokens=12, stream=True, **GREEDY))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          f"response.{r.status}"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == r.output_text
+    assert events[-1].response.output_text == r.output_text and events[-1].response.usage.output_tokens == 12
+
+
+def test_tools_and_text_format(server):
+    """A named function tool gives one function_call whose arguments are an instance of its schema (streamed: the
+    same item whole at the end); its output sent back continues the conversation; text.format json_schema gives an
+    instance of the schema."""
+    c = client(server)
+    r = c.responses.create(model="tiny-a", input="Weather in Paris?", tools=[WEATHER],
+                           tool_choice={"type": "function", "name": "get_weather"}, temperature=1.0, extra_body={"seed": 3})
+    (call,) = r.output
+    assert call.type == "function_call" and call.name == "get_weather" and r.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), SCHEMA)
+    events = list(c.responses.create(model="tiny-a", input="Weather in Paris?", tools=[WEATHER], stream=True,
+                                     tool_choice={"type": "function", "name": "get_weather"}, temperature=1.0, extra_body={"seed": 3}))
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert len(done) == 1 and done[0].arguments == call.arguments
+    assert [e.arguments for e in events if e.type == "response.function_call_arguments.done"] == [call.arguments]
+    follow = c.responses.create(model="tiny-a", tools=[WEATHER], max_output_tokens=8, **GREEDY, input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}], tool_choice="none")
+    assert follow.output[0].type == "message" and follow.usage.input_tokens > r.usage.input_tokens
+    fmt = c.responses.create(model="tiny-a", input="Weather?", temperature=1.0, extra_body={"seed": 1}, max_output_tokens=60,
+                             text={"format": {"type": "json_schema", "name": "w", "schema": SCHEMA, "strict": True}})
+    jsonschema.validate(json.loads(fmt.output_text), SCHEMA)
+
+
+def test_previous_response_id_retrieve_and_delete(server):
+    """A stored response continues with previous_response_id: the second turn is the chat completion over both turns;
+    retrieve gives the stored object, another tenant gets 404, delete forgets it; store false keeps nothing."""
+    c = client(server)
+    first = c.responses.create(model="tiny-a", input="Hello there", max_output_tokens=6, **GREEDY)
+    second = c.responses.create(model="tiny-a", input="And then?", previous_response_id=first.id,
+                                max_output_tokens=6, **GREEDY)
+    ref = c.chat.completions.create(model="tiny-a", max_completion_tokens=6, **GREEDY, messages=[
+        {"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "And then?"}])
+    assert second.output_text == ref.choices[0].message.content
+    assert second.usage.input_tokens == ref.usage.prompt_tokens and second.previous_response_id == first.id
+    got = c.responses.retrieve(first.id)
+    assert got.id == first.id and got.output_text == first.output_text
+    e = _status(lambda: client(server, BOB).responses.retrieve(first.id))
+    assert e.status_code == 404
+    e = _status(lambda: client(server, BOB).responses.create(model="tiny-a", input="x",
+                                                             previous_response_id=first.id))
+    assert e.status_code == 404 and e.body["param"] == "previous_response_id"
+    c.responses.delete(first.id)
+    e = _status(lambda: c.responses.retrieve(first.id))
+    assert e.status_code == 404
+    unstored = c.responses.create(model="tiny-a", input="x", max_output_tokens=2, store=False)
+    assert _status(lambda: c.responses.retrieve(unstored.id)).status_code == 404
+
+
+def test_responses_errors(server):
+    """Inputs the server cannot honour are 400s naming the field: an image part, a built-in tool, an unknown item
+    type, background; an unknown model 404; no key 401."""
+    c = client(server)
+    for kw, param, words in (
+            (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]),
+             "input[0].content", "only text parts"),
+            (dict(input="x", tools=[{"type": "web_search"}]), "tools", "only function tools"),
+            (dict(input=[{"type": "computer_call", "id": "1"}]), "input[0]", "not supported"),
+            (dict(input="x", background=True), "background", "not supported"),
+            (dict(input=[{"role": "wizard", "content": "x"}]), "input", "role"),
+            (dict(input="x", tool_choice="required"), "tool_choice", "needs tools"),
+            (dict(input="x", text={"format": {"type": "xml"}}), "response_format.type", "")):
+        e = _status(lambda kw=kw: c.responses.create(model="tiny-a", **kw))
+        assert e.status_code == 400 and e.body["param"] == param and words in e.body["message"], (kw, e.body)
+    assert _status(lambda: c.responses.create(model="nope", input="x")).status_code == 404
+    assert _status(lambda: client(server, "wrong").responses.create(model="tiny-a", input="x")).status_code == 401
