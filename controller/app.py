@@ -205,6 +205,12 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
             request.app.state.controller.count_refusal(None, "-", 500)
         return answer(request, ServingError(500, f"internal error: {type(e).__name__}"))
 
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def root() -> Response:
+        """What answers here, in one line (Ollama's clients check that the root answers 200)."""
+        return Response("tokenpool is running: OpenAI's API under /v1, Ollama's under /api, the dashboard at "
+                        "/dashboard\n", media_type="text/plain")
+
     @app.get("/health")
     async def health(request: Request):
         c: Controller = request.app.state.controller

@@ -467,6 +467,33 @@ def test_ollama_api_with_the_official_client(server):
         assert ei.value.status_code == status and words in ei.value.error, (status, ei.value.error)
 
 
+def test_ollama_root_pull_and_model_management(server):
+    """The root answers 200 (GET and HEAD), as Ollama's clients check; `pull` of a served model succeeds (streamed or
+    not), of any other a 404 saying this server downloads nothing; create/copy/delete/push are 501s naming the admin
+    API; each needs the key."""
+    import ollama
+
+    oc = ollama.Client(host=server.url, headers={"Authorization": f"Bearer {ALICE}"})
+    assert httpx.get(server.url + "/").text.startswith("tokenpool is running")
+    assert httpx.head(server.url + "/").status_code == 200
+    assert oc.pull("tiny-a").status == "success"
+    assert [x.status for x in oc.pull("tiny-a", stream=True)] == ["success"]
+    with pytest.raises(ollama.ResponseError) as ei:
+        oc.pull("llama3.2")
+    assert ei.value.status_code == 404 and "downloads nothing" in ei.value.error
+    with pytest.raises(ollama.ResponseError) as ei:
+        oc.delete("tiny-a")
+    assert ei.value.status_code == 501 and "/admin/models" in ei.value.error
+    with pytest.raises(ollama.ResponseError) as ei:
+        oc.copy("tiny-a", "tiny-c")
+    assert ei.value.status_code == 501
+    with pytest.raises(ollama.ResponseError) as ei:
+        ollama.Client(host=server.url).delete("tiny-a")
+    assert ei.value.status_code == 401
+    r = httpx.post(server.url + "/api/nothing", headers={"Authorization": f"Bearer {ALICE}"}, json={})
+    assert r.status_code == 404 and "error" in r.json()
+
+
 def test_tool_choice_auto_with_the_hermes_syntax(server, tiny_model):
     """A model configured with tool_call_parser hermes takes tool_choice "auto" (the default with tools): a sampled
     random-weight model answers text or calls, each call valid for its tool (the grammar holds a call's JSON); text

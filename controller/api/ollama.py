@@ -334,3 +334,42 @@ async def show(request: Request) -> Response:
 @router.get("/version")
 async def version() -> dict:
     return {"version": tokenpool.version()}
+
+
+class PullRequest(_Loose):
+    model: str = ""
+    name: str = ""  # (older clients' field)
+    stream: bool = True
+
+
+@router.post("/pull")
+async def pull(request: Request) -> Response:
+    """Ollama's pull, for a model already served (clients pull before they use one): success, as Ollama answers a
+    model it has. This server downloads nothing: any other name is a 404 saying how models get here."""
+    body = await _body(request, PullRequest)
+    name = body.model or body.name
+    try:
+        request.app.state.serving.lookup(auth.tenant(request), name)
+    except ServingError as e:
+        if e.status != 404:
+            return _error(e.status, e.message)
+        return _error(404, f"model '{name}' is not served here, and this server downloads nothing: serve a model "
+                           "folder (tokenpool serve DIR) or register one through the admin API (POST /admin/models)")
+    done = {"status": "success"}
+    if body.stream:
+        return StreamingResponse(iter([json.dumps(done).encode() + b"\n"]), media_type="application/x-ndjson")
+    return JSONResponse(done)
+
+
+@router.api_route("/{action}", methods=["POST", "DELETE"], include_in_schema=False)
+async def manage(action: str, request: Request) -> Response:
+    """Ollama's model management (create, copy, delete, push, ...): not this server's; models are the configured ones
+    and those registered through the admin API."""
+    auth.tenant(request)
+    if action not in MANAGEMENT:
+        return _error(404, f"no such endpoint: /api/{action}")
+    return _error(501, f"/api/{action} is not supported: tokenpool serves the models in its configuration and those "
+                       "registered through the admin API (POST /admin/models, DELETE /admin/models/NAME)")
+
+
+MANAGEMENT = frozenset({"create", "copy", "delete", "push"})
