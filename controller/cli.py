@@ -157,17 +157,37 @@ def ps_cmd(
     """Which models a running server has, where they are resident (engine, device), their size and last use."""
     from controller.ps import PsError, ps
 
-    if admin_token is None:  # a local default server: its run's token file (owner-only)
+    try:
+        typer.echo(ps(url, _admin_token(admin_token)))
+    except PsError as e:
+        typer.echo(f"tokenpool ps: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _admin_token(given: str | None) -> str | None:
+    """The admin token given, else a local default server's: its run's token file (owner-only)."""
+    if given is None:
         from controller.config import cache_dir
 
         f = cache_dir() / "admin-token"
         if f.is_file():
-            admin_token = f.read_text().strip() or None
+            return f.read_text().strip() or None
+    return given
+
+
+@app.command("stop")
+def stop_cmd(
+    model: str = typer.Argument(..., help="a model the server serves"),
+    url: str = typer.Option("http://127.0.0.1:8000", help="the server's base URL"),
+    admin_token: Optional[str] = typer.Option(None, envvar=env.ADMIN_TOKEN.name, help="admin token (as for ps)"),
+) -> None:
+    """Free a model's GPU memory once its requests finish, as `ollama stop` (it stays served)."""
+    from controller.ps import PsError, stop
 
     try:
-        typer.echo(ps(url, admin_token))
+        typer.echo(stop(url, _admin_token(admin_token), model))
     except PsError as e:
-        typer.echo(f"tokenpool ps: {e}", err=True)
+        typer.echo(f"tokenpool stop: {e}", err=True)
         raise typer.Exit(1) from None
 
 

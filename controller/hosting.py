@@ -254,6 +254,12 @@ class HostedModels:
         if name in self.engines:
             self._of(name).set_pinned(name, pinned)
 
+    def evict_when_idle(self, name: str) -> None:
+        """Evict `name`'s weights once it has no request (its engine kind's rule); not hosted here: nothing."""
+        if name in self.engines and hasattr(mm := self._of(name), "evict_when_idle"):
+            mm.evict_when_idle(name)
+            mm.expire()  # (idle now: at once; between steps, as the worker applies its messages)
+
     def tick(self) -> None:
         """Between steps while idle (step thread): time-based residency (keep_alive)."""
         for mm in list(self.kinds.values()):

@@ -73,6 +73,11 @@ class UnloadModel:  # C->W
 
 
 @dataclass
+class EvictModel:  # C->W: free a registered model's VRAM once it is idle (it stays registered; host copy kept)
+    model: str
+
+
+@dataclass
 class ModelLoaded:  # W->C, answer to LoadModel (ok or not)
     model: str
     ok: bool
@@ -142,12 +147,12 @@ class Shutdown:  # C->W
 
 
 Message = Union[
-    Register, Registered, Rejected, LoadModel, PinModel, UnloadModel, ModelLoaded, NewRequest, Abort, Outputs,
+    Register, Registered, Rejected, LoadModel, PinModel, UnloadModel, EvictModel, ModelLoaded, NewRequest, Abort, Outputs,
     Heartbeat, Stats, Shutdown,
 ]
 _TYPES: dict[str, type] = {
     c.__name__: c
-    for c in (Register, Registered, Rejected, LoadModel, PinModel, UnloadModel, ModelLoaded, NewRequest, Abort,
+    for c in (Register, Registered, Rejected, LoadModel, PinModel, UnloadModel, EvictModel, ModelLoaded, NewRequest, Abort,
               Outputs, Heartbeat, Stats, Shutdown)
 }
 

@@ -394,6 +394,10 @@ class EnginePool:
         if model in e.replicas:
             e.send(m.PinModel(model, pinned))
 
+    def evict(self, e: EngineHandle, model: str) -> None:
+        if model in e.replicas:
+            e.send(m.EvictModel(model))
+
     def unload(self, e: EngineHandle, model: str) -> None:
         if e.replicas.pop(model, None) is not None:
             e.send(m.UnloadModel(model))

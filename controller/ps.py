@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -24,8 +25,9 @@ def error_message(e: urllib.error.HTTPError) -> str:
         return e.reason
 
 
-def fetch(url: str, path: str, token: str | None, timeout: float = 10.0) -> Any:
-    req = urllib.request.Request(url.rstrip("/") + path, headers={"Authorization": f"Bearer {token}"} if token else {})
+def fetch(url: str, path: str, token: str | None, timeout: float = 10.0, method: str = "GET") -> Any:
+    req = urllib.request.Request(url.rstrip("/") + path, method=method,
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
@@ -103,3 +105,11 @@ def render(models: list[dict], engines: list[dict], now: float | None = None) ->
 
 def ps(url: str, token: str | None) -> str:
     return render(fetch(url, "/admin/models", token), fetch(url, "/admin/engines", token))
+
+
+def stop(url: str, token: str | None, model: str) -> str:
+    """`tokenpool stop MODEL`: free the model's VRAM once its requests finish (as `ollama stop`); what was done."""
+    got = fetch(url, f"/admin/models/{urllib.parse.quote(model, safe='')}/evict", token, method="POST")
+    n = got["engines"]
+    return (f"{model}: its weights leave VRAM on {n} engine{'' if n == 1 else 's'} once its requests there finish; "
+            "the next request brings them back" if n else f"{model}: resident on no engine")

@@ -456,6 +456,16 @@ class Controller:
             if e.alive:
                 self.pool.pin(e, name, pinned)
 
+    def evict(self, name: str) -> int:
+        """Free a model's VRAM on every engine it is registered on, once its requests there finish (it stays served:
+        the next request brings its weights back); how many engines were told."""
+        n = 0
+        for e in self.pool.engines.values():
+            if e.alive and name in e.replicas:
+                self.pool.evict(e, name)
+                n += 1
+        return n
+
     def _check_pins(self, engines: list[EngineView], actions: list) -> str | None:
         """The first placement of a server with local workers (all joined, so each GPU's weight space is known)
         against the configuration's pins (`pin: true`; a pin made since through the admin API counts too): why a

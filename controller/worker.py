@@ -263,6 +263,8 @@ class Worker:
             elif isinstance(msg, m.PinModel):
                 if msg.model in self.models:
                     self.models.set_pinned(msg.model, msg.pinned)
+            elif isinstance(msg, m.EvictModel):
+                self.models.evict_when_idle(msg.model)
             elif isinstance(msg, m.UnloadModel):
                 if msg.model in self.models:
                     for rid in [r for r, mm in self._owner.items() if mm == msg.model]:

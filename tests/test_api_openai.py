@@ -469,14 +469,15 @@ def test_ollama_api_with_the_official_client(server):
 
 def test_ollama_root_pull_and_model_management(server):
     """The root answers 200 (GET and HEAD), as Ollama's clients check; `pull` of a served model succeeds (streamed or
-    not), of any other a 404 saying this server downloads nothing; create/copy/delete/push are 501s naming the admin
-    API; each needs the key."""
+    not), of any other a 404 saying this server downloads nothing; keep_alive 0 unloads nothing on a server with
+    tenants; create/copy/delete/push are 501s naming the admin API; each needs the key."""
     import ollama
 
     oc = ollama.Client(host=server.url, headers={"Authorization": f"Bearer {ALICE}"})
     assert httpx.get(server.url + "/").text.startswith("tokenpool is running")
     assert httpx.head(server.url + "/").status_code == 200
     assert oc.pull("tiny-a").status == "success"
+    assert oc.generate(model="tiny-a", prompt="", keep_alive=0).done_reason == "load"  # (tenants: no unloading)
     assert [x.status for x in oc.pull("tiny-a", stream=True)] == ["success"]
     with pytest.raises(ollama.ResponseError) as ei:
         oc.pull("llama3.2")

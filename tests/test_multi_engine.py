@@ -563,3 +563,36 @@ def test_where_each_kind_of_step_spent_its_time(make_tiny, host_cache, monkeypat
         for ph in ("pre", "wait", "post"):
             assert tm[f"ph_{k}_{ph}_s"] > 0 and 0 <= tm[f"ph_{k}_{ph}_cpu_s"] <= tm[f"ph_{k}_{ph}_s"] + 0.01
     multi.close()
+
+
+def test_evict_when_idle_waits_for_requests_and_keeps_pins(make_tiny, host_cache):
+    """An operator's evict (Ollama's stop): a model with a request in flight keeps its weights until it finishes,
+    then they go, once (a later request brings them back and they stay); a pinned model's stay; an unknown name is
+    refused."""
+    from gpu_pool.arena import MiB
+
+    paths = {"a": make_tiny("qwen2"), "b": make_tiny("qwen3")}
+    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=8 * MiB,
+                             kv_cache_gb=64 * 16 * 512 / 1e9, host_cache=host_cache)
+    assert multi.preload("a") and multi.preload("b")
+    multi.memory.poll()
+    multi.add_request("r1", "hello", SamplingParams(max_tokens=4, ignore_eos=True), model="a")
+    multi.step()
+    multi.evict_when_idle("a")
+    multi.expire()
+    assert multi.memory.holds("a")  # busy: not yet
+    multi.run()
+    multi.expire()
+    assert not multi.memory.holds("a") and multi.engines["a"].weights is None
+    assert any(e["kind"] == "evict" and e.get("keep_alive") == 0.0 for e in multi.events)
+    multi.add_request("r2", "hello", SamplingParams(max_tokens=2, ignore_eos=True), model="a")
+    assert multi.run()["r2"].outputs[0].token_ids
+    multi.expire()
+    assert multi.memory.holds("a")  # once: back for good
+    multi.set_pinned("b", True)
+    multi.evict_when_idle("b")
+    multi.expire()
+    assert multi.memory.holds("b")
+    with pytest.raises(ValueError, match="unknown model"):
+        multi.evict_when_idle("nope")
+    multi.close()

@@ -191,6 +191,7 @@ class MultiModelEngine:
         self._last_run: dict[str, float] = {}
         self._last_request: dict[str, float] = {}
         self._keep_alive: dict[str, float] = {}  # model -> idle seconds before its weights are evicted
+        self._evict_idle: set[str] = set()  # models whose weights go once they are idle, once (`evict_when_idle`)
         # policy_s/memory_s/engine_s/steps: the steps that ran; idle_*: schedule() calls that planned nothing
         # (a caller polling while requests wait that no plan can serve, e.g. static's unplaced models)
         # policy_cpu_s: the policy's own thread CPU time; policy_s less it is time the step thread waited for the
@@ -354,6 +355,14 @@ class MultiModelEngine:
         else:
             self._keep_alive[name] = max(0.0, float(seconds))
 
+    def evict_when_idle(self, name: str) -> None:
+        """Evict `name`'s weights (the host copy stays) as soon as it has no request, once: an operator freeing the
+        GPU now (Ollama's `stop`, keep_alive 0 on a request). A pinned model's stay; a later request brings them
+        back as any evicted model's."""
+        if name not in self.engines:
+            raise ValueError(f"unknown model {name!r}; hosted: {sorted(self.engines)}")
+        self._evict_idle.add(name)
+
     def preload(self, name: str) -> bool:
         """Start bringing `name`'s weights in now, into free room only (nothing is evicted for it)."""
         if self.memory is None or self.memory.holds(name):
@@ -370,14 +379,19 @@ class MultiModelEngine:
         """keep_alive: idle models past their time lose their weights (the host copy stays). Called before every
         step, and by an idle caller now and then (nothing steps while nothing is asked)."""
         if self.memory is None:
+            self._evict_idle.clear()
             return
         now = time.monotonic()
-        for name, ttl in self._keep_alive.items():
+        for name in [*self._keep_alive, *self._evict_idle]:
             m = self.state.models.get(name)
-            if (m is None or self.engines[name].has_unfinished_requests() or m.pinned or not self.memory.holds(name)
-                    or self.memory.is_loading(name)):
+            if m is None or m.pinned or not self.memory.holds(name):
+                self._evict_idle.discard(name)  # (gone, pinned or already out: nothing to do once)
                 continue
+            if self.engines[name].has_unfinished_requests() or self.memory.is_loading(name):
+                continue
+            ttl = 0.0 if name in self._evict_idle else self._keep_alive[name]
             if now - max(self._last_run.get(name, 0.0), self._last_request.get(name, 0.0)) >= ttl:
+                self._evict_idle.discard(name)
                 self._settle()
                 self.memory.evict(name)
                 self.engines[name].set_weights(None)
@@ -593,7 +607,7 @@ class MultiModelEngine:
             tm["policy_s"] += t1 - t0
             tm["policy_cpu_s"] += c1 - c0
         outputs, self._removed = self._removed, []
-        if self._keep_alive:
+        if self._keep_alive or self._evict_idle:
             self.expire()
         self._execute_memory(plan)
         self._learn_loads()
@@ -971,7 +985,7 @@ class MultiModelEngine:
         `back` (deep co-stepping): N is the older of two steps in flight (`_back`), the other model's step stays in
         flight beside N+1 and becomes the older (`_hold`)."""
         tm = self.timing
-        if self._keep_alive:
+        if self._keep_alive or self._evict_idle:
             self.expire()  # (flushes first if it evicts anything)
             if self._pipe is None:
                 return None

@@ -195,6 +195,11 @@ class PinOut(BaseModel):
     pinned: bool
 
 
+class EvictOut(BaseModel):
+    name: str
+    engines: int  # engines told to free its VRAM (once its requests there finish)
+
+
 class DrainOut(BaseModel):
     name: str
     draining: bool

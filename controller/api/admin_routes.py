@@ -155,6 +155,22 @@ async def pin(name: str, request: Request):
     return _pin(_ctl(request), name, request.url.path.endswith("/pin"))
 
 
+@router.post("/models/{name:path}/evict", response_model=ap.EvictOut)
+async def evict(name: str, request: Request):
+    """Free the model's VRAM on every engine, once its requests there finish (Ollama's `stop`); it stays served and
+    the next request brings its weights back from the host cache. A pinned model's are kept: 409."""
+    ctl = _ctl(request)
+    me = ctl.models.get(name)
+    if me is None:
+        raise ServingError(404, f"no model {name!r}", code="model_not_found")
+    if me.pinned:
+        raise ServingError(409, f"{name!r} is pinned: unpin it first (POST /admin/models/{name}/unpin)",
+                           code="model_pinned")
+    n = ctl.evict(name)
+    views.events(ctl).publish("evict", model=name, engines=n)
+    return ap.EvictOut(name=name, engines=n)
+
+
 @router.post("/models/{name:path}/drain", response_model=ap.DrainOut)
 @router.post("/models/{name:path}/resume", response_model=ap.DrainOut)
 async def drain_model(name: str, request: Request):

@@ -25,6 +25,7 @@ import tokenpool
 from controller.api import auth, embeddings
 from controller.api import protocol as p
 from controller.api.serving import ClientGone, OpenAIServing, Tracked, encode, unless_disconnected
+from controller.config import parse_duration
 from controller.errors import ServingError
 
 router = APIRouter(prefix="/api")
@@ -60,7 +61,7 @@ class _Base(_Loose):
     stream: bool = True
     options: Options | None = None
     format: str | dict[str, Any] | None = None  # "json" or a JSON schema
-    keep_alive: Any = None  # (residency is the pool's: accepted, not honoured per request)
+    keep_alive: Any = None  # (residency is the pool's: honoured only as 0 on a load request, `_load`)
 
 
 class ChatRequest(_Base):
@@ -154,6 +155,8 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
     tenant = None
     try:
         tenant = auth.tenant(request)
+        if not (body.messages if chat else body.prompt):  # Ollama's "load the model" request: nothing to generate
+            return _load(request, serving.entry(tenant, body.model), body, chat)
         if chat:
             if any(m.images for m in body.messages):
                 raise ServingError(400, "images are not supported: the served models take text")
@@ -162,10 +165,6 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         else:
             if body.images or body.suffix:
                 raise ServingError(400, "images and suffix are not supported")
-            if not body.prompt:  # Ollama's "load the model" request: nothing to generate
-                serving.entry(tenant, body.model)
-                return JSONResponse({"model": body.model, "created_at": _now(), "response": "", "done": True,
-                                     "done_reason": "load"})
             if body.raw:
                 req = _as(p.CompletionRequest, {"max_tokens": None, **_sampling(body), "prompt": body.prompt})
             else:  # the model's template over the system message and the prompt, as Ollama applies it
@@ -210,6 +209,29 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
     finally:
         serving.active.discard(gen)
         gen.close(status)
+
+
+def _zero(keep_alive: Any) -> bool:
+    """Whether an Ollama keep_alive means "unload now": a duration of zero (0, "0", "0s", "0m", ...)."""
+    try:
+        return parse_duration(keep_alive) == 0.0
+    except ValueError:
+        return False
+
+
+def _load(request: Request, me: Any, body: _Base, chat: bool) -> JSONResponse:
+    """A request with nothing to generate: Ollama's load (the pool brings weights in when they are asked for), or
+    with keep_alive 0 its unload (`ollama stop`): the model's VRAM freed once its requests finish. Unloading is a
+    single user's call: on a server with tenants (auth on) one tenant must not evict the others' models, so there it
+    is answered as a load (operators use `tokenpool stop` or the admin API)."""
+    ctl = request.app.state.controller
+    unload = _zero(body.keep_alive) and not ctl.tenants.auth
+    if unload:
+        ctl.evict(me.spec.name)
+    key = "message" if chat else "response"
+    return JSONResponse({"model": body.model, "created_at": _now(),
+                         key: {"role": "assistant", "content": ""} if chat else "", "done": True,
+                         "done_reason": "unload" if unload else "load"})
 
 
 async def _collect(gen: Tracked) -> tuple[str, str | None]:

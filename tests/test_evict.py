@@ -1,0 +1,92 @@
+"""Freeing a model's VRAM on a live pooled server: the admin API's evict, `tokenpool stop` (as `ollama stop`), and
+Ollama's load request with keep_alive 0 (what `ollama stop` sends), each observed in /admin/pool's resident models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from controller.keys import hash_key
+from load_tests.live_server import REPO_ROOT, LiveServer
+
+ADMIN = "admin-evict-token"
+H = {"Authorization": f"Bearer {ADMIN}"}
+
+
+@pytest.fixture(scope="module")
+def server(make_tiny, tmp_path_factory):
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "heartbeat_s": 0.2},
+           "models": [{"name": "tiny-a", "path": str(make_tiny("qwen2"))},
+                      {"name": "tiny-b", "path": str(make_tiny("llama")), "pin": True}]}
+    with LiveServer(cfg, tmp_path_factory.mktemp("evict")) as srv:
+        yield srv
+
+
+def _resident(srv) -> set[str]:
+    return {n for e in httpx.get(srv.url + "/admin/pool", headers=H).json()["engines"] for n in e["resident"]}
+
+
+def _until(srv, want: bool, model: str = "tiny-a", timeout: float = 20.0) -> bool:
+    """Whether `model`'s residency became `want` within `timeout` (the pool's state arrives with heartbeats)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if (model in _resident(srv)) == want:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _use(srv, model: str = "tiny-a") -> str:
+    r = httpx.post(srv.url + "/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 3,
+                                                      "temperature": 0, "ignore_eos": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def test_admin_evict_and_tokenpool_stop(server):
+    """POST /admin/models/NAME/evict frees its VRAM (the model stays served: the next request brings it back and
+    answers as before); `tokenpool stop` does the same from the command line; a pinned model is a 409, an unknown one
+    a 404, no token a 401."""
+    text = _use(server)
+    assert _until(server, True)
+    r = httpx.post(server.url + "/admin/models/tiny-a/evict", headers=H)
+    assert r.status_code == 200 and r.json() == {"name": "tiny-a", "engines": 1}
+    assert _until(server, False)
+    assert _use(server) == text and _until(server, True)
+    out = subprocess.run([sys.executable, "-m", "controller.cli", "stop", "tiny-a", "--url", server.url],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TOKENPOOL_ADMIN_TOKEN": ADMIN})
+    assert out.returncode == 0 and "leave VRAM on 1 engine" in out.stdout, out
+    assert _until(server, False)
+    r = httpx.post(server.url + "/admin/models/tiny-b/evict", headers=H)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "model_pinned"
+    assert httpx.post(server.url + "/admin/models/nope/evict", headers=H).status_code == 404
+    assert httpx.post(server.url + "/admin/models/tiny-a/evict").status_code == 401
+    bad = subprocess.run([sys.executable, "-m", "controller.cli", "stop", "nope", "--url", server.url],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TOKENPOOL_ADMIN_TOKEN": ADMIN})
+    assert bad.returncode == 1 and "no model 'nope'" in bad.stderr
+
+
+def test_ollama_keep_alive_zero_unloads(server):
+    """Ollama's `stop` (a generate with no prompt and keep_alive 0) answers done_reason "unload" and frees the
+    model's VRAM; the plain load request (no keep_alive) is a "load" and changes nothing."""
+    import ollama
+
+    oc = ollama.Client(host=server.url)
+    _use(server)
+    assert _until(server, True)
+    assert oc.generate(model="tiny-a", prompt="").done_reason == "load"
+    assert _until(server, True)
+    r = httpx.post(server.url + "/api/generate", json={"model": "tiny-a", "keep_alive": 0}).json()
+    assert r["done"] and r["done_reason"] == "unload"
+    assert _until(server, False)
+    _use(server)
+    assert _until(server, True)
+    assert oc.chat(model="tiny-a", messages=[], keep_alive="0s").done_reason == "unload"
+    assert _until(server, False)
