@@ -225,6 +225,17 @@ def run(page, ctx, server, shots: Path) -> None:
     for kind in ("drain", "resume"):
         expect(page.locator(f"#events-list li[data-kind={kind}]")).to_contain_text("engine=w0")
 
+    # --- evict a resident model: its VRAM goes (the pool's state shows it), the event is there ---
+    page.click("#tabs [data-view=models]")
+    tiny_a = page.locator('#models-table tr[data-model="tiny-a"]')
+    expect(tiny_a.locator(".badge.resident")).to_be_visible(timeout=10_000)
+    tiny_a.locator("[data-action=evict]").click()
+    expect(page.locator("#toast")).to_have_text("tiny-a evicted once idle")
+    expect(tiny_a.locator(".badge.resident")).to_have_count(0, timeout=10_000)
+    assert "tiny-a" not in page.request.get(url + "/admin/pool").json()["engines"][0]["resident"]
+    page.click("#tabs [data-view=events]")
+    expect(page.locator("#events-list li[data-kind=evict]").first).to_contain_text("tiny-a")
+
     # --- signing out ends the session ---
     page.click("header form button")
     expect(page.locator("#token")).to_be_visible()

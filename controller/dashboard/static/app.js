@@ -248,6 +248,13 @@ function renderModels(p) {
         : el("button", { "data-action": "pin", onclick: () => act(`Pin ${m.name} resident?`, "POST",
           `/admin/models/${encodeURIComponent(m.name)}/pin`, undefined, () => `${m.name} pinned`) }, "Pin"),
       " ",
+      m.state === "resident" && !m.pinned
+        ? el("button", { "data-action": "evict", title: "free its GPU memory once its requests finish; the next " +
+          "request brings it back", onclick: () => act(`Evict ${m.name} from GPU memory?`, "POST",
+          `/admin/models/${encodeURIComponent(m.name)}/evict`, undefined, () => `${m.name} evicted once idle`) },
+        "Evict")
+        : null,
+      " ",
       el("button", { class: "danger", "data-action": "remove", onclick: () => act(`Remove model ${m.name}? Its ` +
         "requests in flight end with an error.", "DELETE", `/admin/models/${encodeURIComponent(m.name)}`, undefined,
       () => `${m.name} removed`) }, "Remove"))));
