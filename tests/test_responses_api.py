@@ -144,3 +144,21 @@ def test_responses_errors(server):
         assert e.status_code == 400 and e.body["param"] == param and words in e.body["message"], (kw, e.body)
     assert _status(lambda: c.responses.create(model="nope", input="x")).status_code == 404
     assert _status(lambda: client(server, "wrong").responses.create(model="tiny-a", input="x")).status_code == 401
+
+
+def test_response_store_is_bounded_and_per_tenant():
+    """The store keeps at most its entries and bytes (the oldest go first); a tenant sees only its own; delete
+    gives the bytes back."""
+    from controller.api.responses import ResponseStore
+
+    st = ResponseStore(entries=3, max_bytes=10_000)
+    for i in range(5):
+        st.put(f"r{i}", "alice", [{"role": "user", "content": "x" * 100}], {"id": f"r{i}"})
+    assert [r for r in ("r0", "r1", "r2", "r3", "r4") if st.get(r, "alice")] == ["r2", "r3", "r4"]
+    assert st.get("r4", "bob") is None and not st.delete("r4", "bob") and st.get("r4", "alice")
+    st.put("big", "alice", [{"role": "user", "content": "y" * 9_000}], {"id": "big"})
+    assert st.get("big", "alice") and st.bytes <= 10_000 and len([r for r in ("r2", "r3", "r4")
+                                                                   if st.get(r, "alice")]) < 3
+    before = st.bytes
+    assert st.delete("big", "alice") and st.get("big", "alice") is None and st.bytes < before
+    assert st.bytes == sum(v[3] for v in st._items.values())
