@@ -76,7 +76,10 @@ def rows(models: list[dict], engines: list[dict], now: float | None = None) -> l
         if not places:
             out.append(common + ["-", "-", "failed" if m.get("load_error") else "registered", "0"] + tail)
         for e, r in places:
-            out.append(common + [e["id"], f"{e['host']}/{e['device']}", r["state"], str(r["inflight"])] + tail)
+            state = r["state"]
+            if state == "ready":  # registered; a pooled engine says whether its weights are in VRAM now
+                state = ((e.get("pool") or {}).get("models") or {}).get(m["name"], {}).get("state", state)
+            out.append(common + [e["id"], f"{e['host']}/{e['device']}", state, str(r["inflight"])] + tail)
     return out
 
 
@@ -95,7 +98,8 @@ def render(models: list[dict], engines: list[dict], now: float | None = None) ->
         state = "alive" if e.get("alive") else "dead"
         if e.get("draining"):
             state += ", draining"
-        lines.append(f"engine {e['id']} on {e['host']}/{e['device']}: {_size(e.get('used_bytes', 0))} of "
+        used = ((e.get("pool") or {}).get("vram") or {}).get("weights_bytes", e.get("used_bytes", 0))
+        lines.append(f"engine {e['id']} on {e['host']}/{e['device']}: {_size(used)} of "
                      f"{_size(e.get('memory_bytes', 0))} used by weights, {e.get('inflight', 0)} in flight, "
                      f"step {1000 * e.get('step_s', 0.0):.1f} ms ({state})")
     if not engines:

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -108,11 +109,23 @@ def test_ps_lists_models_where_resident(server):
     lines = r.stdout.splitlines()
     assert lines[0].split()[:3] == ["NAME", "SIZE", "ENGINE"]
     real = next(line for line in lines if line.startswith(REAL_MODEL))
-    assert "cpu" in real and "ready" in real and "ago" in real and "smollm2" in real
-    assert sum(line.startswith(tuple(DEMOS)) and "ready" in line for line in lines) == 2
+    # the state is the pooled engine's: weights in VRAM (resident), on their way (loading) or in the host cache
+    assert "cpu" in real and "resident" in real.split() and "ago" in real and "smollm2" in real
+    assert sum(line.startswith(tuple(DEMOS)) and bool({"resident", "loading", "host"} & set(line.split()))
+               for line in lines) == 2
     assert any(line.startswith("engine w") and "used by weights" in line for line in lines)
     bad = cli("ps", "--url", server.url, env={"TOKENPOOL_ADMIN_TOKEN": "wrong"})
     assert bad.returncode == 1 and "401" in bad.stderr and "TOKENPOOL_ADMIN_TOKEN" in bad.stderr
+    # `tokenpool stop` (as `ollama stop`): the weights leave VRAM, which `ps` then shows; the next request brings them
+    env = {"TOKENPOOL_ADMIN_TOKEN": _admin_token(server)}
+    stop = cli("stop", REAL_MODEL, "--url", server.url, env=env)
+    assert stop.returncode == 0 and "leave VRAM" in stop.stdout, stop.stderr
+    deadline = time.monotonic() + 20
+    while "host" not in next(ln for ln in cli("ps", "--url", server.url, env=env).stdout.splitlines()
+                             if ln.startswith(REAL_MODEL)).split():
+        assert time.monotonic() < deadline, "the stopped model never left VRAM"
+        time.sleep(0.3)
+    ask_france(server, REAL_MODEL)
 
 
 def test_loadtest_against_the_real_model(server, tmp_path):
