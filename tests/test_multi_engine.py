@@ -567,8 +567,8 @@ def test_where_each_kind_of_step_spent_its_time(make_tiny, host_cache, monkeypat
 
 def test_evict_when_idle_waits_for_requests_and_keeps_pins(make_tiny, host_cache):
     """An operator's evict (Ollama's stop): a model with a request in flight keeps its weights until it finishes,
-    then they go, once (a later request brings them back and they stay); a pinned model's stay; an unknown name is
-    refused."""
+    then they go, once (a later request brings them back and they stay); asked while a request waits for weights in
+    the host cache, they come in for it and go after; a pinned model's stay; an unknown name is refused."""
     from gpu_pool.arena import MiB
 
     paths = {"a": make_tiny("qwen2"), "b": make_tiny("qwen3")}
@@ -589,6 +589,16 @@ def test_evict_when_idle_waits_for_requests_and_keeps_pins(make_tiny, host_cache
     assert multi.run()["r2"].outputs[0].token_ids
     multi.expire()
     assert multi.memory.holds("a")  # once: back for good
+    multi.evict_when_idle("a")
+    multi.expire()
+    assert not multi.memory.holds("a")
+    # asked while a request waits for weights still in the host cache: they come in for it, and go after it
+    multi.add_request("r3", "hello", SamplingParams(max_tokens=2, ignore_eos=True), model="a")
+    multi.evict_when_idle("a")
+    multi.expire()
+    assert multi.run()["r3"].outputs[0].token_ids
+    multi.expire()
+    assert not multi.memory.holds("a")
     multi.set_pinned("b", True)
     multi.evict_when_idle("b")
     multi.expire()

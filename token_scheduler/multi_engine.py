@@ -384,10 +384,13 @@ class MultiModelEngine:
         now = time.monotonic()
         for name in [*self._keep_alive, *self._evict_idle]:
             m = self.state.models.get(name)
-            if m is None or m.pinned or not self.memory.holds(name):
-                self._evict_idle.discard(name)  # (gone, pinned or already out: nothing to do once)
+            if m is None or m.pinned:
+                self._evict_idle.discard(name)  # (gone, or pinned: its weights stay)
                 continue
             if self.engines[name].has_unfinished_requests() or self.memory.is_loading(name):
+                continue  # (an evict waits for the requests, whose weights may still be on their way in)
+            if not self.memory.holds(name):
+                self._evict_idle.discard(name)  # (out already, and idle: nothing left to do)
                 continue
             ttl = 0.0 if name in self._evict_idle else self._keep_alive[name]
             if now - max(self._last_run.get(name, 0.0), self._last_request.get(name, 0.0)) >= ttl:
