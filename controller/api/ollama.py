@@ -350,7 +350,9 @@ async def show(request: Request) -> Response:
     tpl = getattr(me.tokenizer, "chat_template", None)
     return JSONResponse({"modelfile": "", "parameters": "", "template": tpl if isinstance(tpl, str) else "",
                          "details": {"format": "safetensors"},
-                         "model_info": {"context_length": me.max_model_len}, "capabilities": ["completion"]})
+                         "model_info": {"context_length": me.max_model_len},
+                         # (tools: the model's own call syntax is configured, so tool_choice "auto" works, as Ollama's)
+                         "capabilities": ["completion", *(["tools"] if me.spec.tool_call_parser else [])]})
 
 
 @router.get("/version")
