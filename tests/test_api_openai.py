@@ -497,6 +497,77 @@ def test_ollama_root_pull_and_model_management(server):
     assert r.status_code == 404 and "error" in r.json()
 
 
+def test_ollama_chat_with_tools(server):
+    """Ollama's chat with tools (the model decides, as with tool_choice "auto") gives what /v1/chat/completions gives
+    for the same request and seed: the same calls (arguments as objects, as Ollama writes them) or the same text,
+    streamed too; a conversation with the model's calls and the tool's result continues as the chat endpoint's does;
+    a model without a tool-call parser is a 400 saying it does not support tools."""
+    import json
+
+    import ollama
+
+    oc = ollama.Client(host=server.url, headers={"Authorization": f"Bearer {ALICE}"})
+    c = client(server)
+    msgs = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
+    kinds = set()
+    for seed in range(6):
+        ref = c.chat.completions.create(model="tiny-b", messages=msgs, tools=[WEATHER, NOOP], max_tokens=60,
+                                        temperature=1.0, seed=seed).choices[0].message
+        opts = {"temperature": 1.0, "seed": seed, "num_predict": 60}
+        r = oc.chat(model="tiny-b", messages=msgs, tools=[WEATHER, NOOP], options=opts)
+        parts = list(oc.chat(model="tiny-b", messages=msgs, tools=[WEATHER, NOOP], options=opts, stream=True))
+        streamed = [tc for x in parts for tc in (x.message.tool_calls or [])]
+        if ref.tool_calls:
+            kinds.add("calls")
+            want = [(t.function.name, json.loads(t.function.arguments)) for t in ref.tool_calls]
+            assert [(t.function.name, dict(t.function.arguments)) for t in r.message.tool_calls] == want
+            assert [(t.function.name, dict(t.function.arguments)) for t in streamed] == want
+            assert r.message.content == "" and r.done_reason == "stop"
+        else:
+            kinds.add("text")
+            assert not r.message.tool_calls and r.message.content == ref.content
+            assert "".join(x.message.content for x in parts) == ref.content and not streamed
+        assert parts[-1].done
+    assert kinds  # (seeds 0-5 give text on this random model: the calls' shape is test_ollama_tool_calls_shape's)
+    history = [*msgs, {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}}]},
+        {"role": "tool", "content": "sunny, 21 C", "tool_name": "get_weather"}]
+    ref = c.chat.completions.create(model="tiny-b", tools=[WEATHER], max_tokens=8, temperature=0, messages=[
+        *msgs, {"role": "assistant", "content": "", "tool_calls": [{"id": "call_0", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": "Paris", "days": 3})}}]},
+        {"role": "tool", "content": "sunny, 21 C", "name": "get_weather"}])
+    r = oc.chat(model="tiny-b", messages=history, tools=[WEATHER], options={"temperature": 0, "num_predict": 8})
+    assert r.prompt_eval_count == ref.usage.prompt_tokens
+    assert (r.message.content, [t.function.name for t in r.message.tool_calls or []]) == (
+        ref.choices[0].message.content or "", [t.function.name for t in ref.choices[0].message.tool_calls or []])
+    with pytest.raises(ollama.ResponseError) as ei:
+        oc.chat(model="tiny-a", messages=msgs, tools=[WEATHER])
+    assert ei.value.status_code == 400 and "does not support tools" in ei.value.error
+
+
+def test_ollama_tool_calls_shape():
+    """A whole hermes output's calls as Ollama's chat returns them: name and arguments as an object, which the official
+    client's Message type reads; text, or an output cut short, is no calls."""
+    import json
+
+    import ollama
+
+    from controller.api import protocol as p
+    from controller.api.ollama import _calls
+    from controller.api.serving import OpenAIServing
+    from controller.api.structured import tool_plan
+
+    plan = tool_plan([p.Tool.model_validate(t) for t in (WEATHER, NOOP)], None, None, "hermes")
+    text = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "days": 2}}\n</tool_call>'
+            '<tool_call>\n{"name": "noop", "arguments": {}}\n</tool_call>')
+    calls = _calls(OpenAIServing, text, "stop", plan)
+    msg = ollama.Message.model_validate({"role": "assistant", "content": "", "tool_calls": json.loads(json.dumps(calls))})
+    assert [(t.function.name, dict(t.function.arguments)) for t in msg.tool_calls] == [
+        ("get_weather", {"city": "Rome", "days": 2}), ("noop", {})]
+    assert _calls(OpenAIServing, "It is sunny.", "stop", plan) is None
+    assert _calls(OpenAIServing, text[:40], "length", plan) is None
+
+
 def test_tool_choice_auto_with_the_hermes_syntax(server, tiny_model):
     """A model configured with tool_call_parser hermes takes tool_choice "auto" (the default with tools): a sampled
     random-weight model answers text or calls, each call valid for its tool (the grammar holds a call's JSON); text

@@ -25,6 +25,7 @@ import tokenpool
 from controller.api import auth, embeddings
 from controller.api import protocol as p
 from controller.api.serving import ClientGone, OpenAIServing, Tracked, encode, unless_disconnected
+from controller.api.structured import ToolPlan, tool_plan
 from controller.config import parse_duration
 from controller.errors import ServingError
 
@@ -54,6 +55,8 @@ class Message(_Loose):
     role: str
     content: str = ""
     images: list[str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's: [{"function": {"name", "arguments": {...}}}]
+    tool_name: str | None = None  # a tool message's: the function whose result it is
 
 
 class _Base(_Loose):
@@ -66,6 +69,7 @@ class _Base(_Loose):
 
 class ChatRequest(_Base):
     messages: list[Message] = []
+    tools: list[dict[str, Any]] | None = None  # OpenAI's function tools; the model decides ("auto")
 
 
 class GenerateRequest(_Base):
@@ -160,8 +164,8 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         if chat:
             if any(m.images for m in body.messages):
                 raise ServingError(400, "images are not supported: the served models take text")
-            req = _as(p.ChatCompletionRequest, {**_sampling(body), "messages": [
-                {"role": m.role, "content": m.content} for m in body.messages]})
+            req = _as(p.ChatCompletionRequest, {**_sampling(body), "messages": [_message(m) for m in body.messages],
+                                                **({"tools": body.tools} if body.tools else {})})
         else:
             if body.images or body.suffix:
                 raise ServingError(400, "images and suffix are not supported")
@@ -172,34 +176,43 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                 req = _as(p.ChatCompletionRequest, {**_sampling(body), "messages": [
                     *msgs, {"role": "user", "content": body.prompt}]})
         me = serving.entry(tenant, req.model)
+        tools = None
         if isinstance(req, p.ChatCompletionRequest):
             if not getattr(me.tokenizer, "chat_template", None):
                 raise ServingError(400, f"model '{req.model}' has no chat template: use /api/generate with raw")
-            params = serving._params(me, req, req.max_tokens, None)
-            ids = await serving.offload(serving._chat_prompt, me, req, {})
+            if req.tools and not me.spec.tool_call_parser:  # (Ollama's answer for a model whose template has none)
+                raise ServingError(400, f"{req.model} does not support tools (serve it with a tool-call parser: "
+                                        "--tool-call-parser hermes, or tool_call_parser in its configuration)")
+            tools = tool_plan(req.tools, None, None, me.spec.tool_call_parser)
+            params = serving._params(me, req, req.max_tokens, None, tools=tools)
+            ids = await serving.offload(serving._chat_prompt, me, req, {"tools": tools.template_tools} if tools else {})
         else:
             params = serving._params(me, req, req.max_tokens, None)
             ids = serving._check_ids(me, await serving.offload(encode, me.tokenizer, req.prompt), "prompt")
         gen = serving._track(await ctl.generate(me, tenant, [ids], params, 1, ctl.new_id("ollama")))
     except ServingError as e:
-        if e.status != 401:  # (auth counted its own)
+        if e.status != 401 and not getattr(e, "counted", False):  # (auth counts its own; a generation its own)
             ctl.count_refusal(body.model, tenant.name if tenant else "-", e.status)
         return _error(e.status, e.message if e.status != 404 else f"model '{body.model}' not found")
     key = "message" if chat else "response"
 
-    def line(text: str, done: bool = False, reason: str | None = None) -> bytes:
-        d: dict[str, Any] = {"model": body.model, "created_at": _now(),
-                             key: {"role": "assistant", "content": text} if chat else text, "done": done}
+    def line(text: str, done: bool = False, reason: str | None = None, calls: list | None = None) -> bytes:
+        msg: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            msg["tool_calls"] = calls
+        d: dict[str, Any] = {"model": body.model, "created_at": _now(), key: msg if chat else text, "done": done}
         if done:
             d.update(done_reason=reason or "stop", **_stats(gen))
         return json.dumps(d, ensure_ascii=False).encode() + b"\n"
 
     if body.stream:
-        return StreamingResponse(_stream(serving, gen, line), media_type="application/x-ndjson")
+        return StreamingResponse(_stream(serving, gen, line, tools), media_type="application/x-ndjson")
     status = 499
     try:
         text, reason = await unless_disconnected(request, _collect(gen))
         status = 200
+        if tools is not None and (calls := _calls(serving, text, reason, tools)):
+            return Response(line("", True, reason, calls), media_type="application/json")
         return Response(line(text, True, reason), media_type="application/json")
     except ClientGone:
         return Response(status_code=499)
@@ -245,19 +258,54 @@ async def _collect(gen: Tracked) -> tuple[str, str | None]:
     return "".join(parts), reason
 
 
-async def _stream(serving: OpenAIServing, gen: Tracked, line) -> AsyncIterator[bytes]:
-    status = 499
+def _message(m: Message) -> dict[str, Any]:
+    """An Ollama chat message as the chat request takes it: an assistant's calls with their arguments as JSON text
+    (ids made up: Ollama's have none), a tool message's function as its name."""
+    d: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        calls = []
+        for i, c in enumerate(m.tool_calls):
+            fn = c.get("function") if isinstance(c.get("function"), dict) else {}
+            args = fn.get("arguments", {})
+            calls.append({"id": f"call_{i}", "type": "function", "function": {
+                "name": fn.get("name"), "arguments": args if isinstance(args, str) else json.dumps(args)}})
+        d["tool_calls"] = calls
+    if m.tool_name is not None:
+        d["name"] = m.tool_name
+    return d
+
+
+def _calls(serving: OpenAIServing, text: str, reason: str | None, tools: ToolPlan) -> list[dict[str, Any]] | None:
+    """A whole output's tool calls as Ollama writes them (arguments as objects), or None when it is text."""
+    msg, _ = serving._reply(text, reason, tools)
+    if not msg.tool_calls:
+        return None
+    return [{"function": {"index": i, "name": c.function.name, "arguments": json.loads(c.function.arguments)}}
+            for i, c in enumerate(msg.tool_calls)]
+
+
+async def _stream(serving: OpenAIServing, gen: Tracked, line, tools: ToolPlan | None = None) -> AsyncIterator[bytes]:
+    """The NDJSON lines, the last `done`; with tools the reply is held to its end, then goes as its calls or its
+    text. An engine error once streaming is an `{"error": ...}` line (the status has gone)."""
+    status, held = 499, []
     try:
         async for _, d in gen.events():
-            if d.finished and d.error:
-                yield json.dumps({"error": d.error}).encode() + b"\n"
-                status = 503
-                return
+            if tools is not None:
+                held.append(d.text)
+                if d.finished:
+                    text = "".join(held)
+                    calls = _calls(serving, text, d.finish_reason, tools)
+                    yield line("", calls=calls) if calls else line(text)
+                    yield line("", True, d.finish_reason)
+                continue
             if d.text:
                 yield line(d.text)
             if d.finished:
                 yield line("", True, d.finish_reason)
         status = 200
+    except ServingError as e:
+        status = e.status
+        yield json.dumps({"error": e.message}).encode() + b"\n"
     finally:
         serving.active.discard(gen)
         gen.close(status)
