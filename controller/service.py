@@ -62,6 +62,7 @@ class ModelEntry:
     tokenizer: Any
     max_model_len: int
     hidden_size: int | None = None  # (config.json) the length of its embeddings
+    architecture: str | None = None  # (config.json's model_type) llama, qwen2, ...
     outcomes: deque = dataclasses.field(default_factory=lambda: deque(maxlen=200))  # within SLO?
     used_fraction: float | None = None  # EWMA of completion tokens / max_tokens
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
@@ -106,6 +107,12 @@ def hidden_size(spec: ModelSpec) -> int | None:
     """The width of the model's hidden states (its embeddings'), when its config says."""
     v = _hf_config(spec).get("hidden_size")
     return v if isinstance(v, int) else None
+
+
+def architecture(spec: ModelSpec) -> str | None:
+    """The model's architecture as its config names it (model_type: llama, qwen2, ...), when it does."""
+    v = _hf_config(spec).get("model_type")
+    return v if isinstance(v, str) and v else None
 
 
 class Generation:
@@ -246,7 +253,8 @@ class Controller:
             tok = await asyncio.to_thread(load_tokenizer, spec.path)
         except Exception as e:  # noqa: BLE001 - any unreadable tokenizer is the caller's error
             raise ServingError(400, f"cannot load the tokenizer from {spec.path}: {e}", param="path") from e
-        entry = ModelEntry(spec, info, tok, context_len(spec, tok), hidden_size(spec), pinned=spec.pin)
+        entry = ModelEntry(spec, info, tok, context_len(spec, tok), hidden_size(spec), architecture(spec),
+                           pinned=spec.pin)
         self.models[spec.name] = entry
         freeze_long_lived()  # the tokenizer (and what loading it imported) lives as long as the model
         self.events.publish("register", model=spec.name)

@@ -458,6 +458,9 @@ def test_ollama_api_with_the_official_client(server):
     f = oc().chat(model="tiny-a", messages=msgs, format=schema, options={"temperature": 1.0, "seed": 3})
     jsonschema.validate(json.loads(f.message.content), schema)
     assert oc().show("tiny-a").modelinfo["context_length"] == c.models.retrieve("tiny-a").model_extra["max_model_len"]
+    info = oc().show("tiny-b").modelinfo  # (Ollama's key names: clients read "<architecture>.context_length")
+    assert info["general.architecture"] == "llama" and info["llama.context_length"] == info["context_length"]
+    assert info["llama.embedding_length"] == len(c.embeddings.create(model="tiny-b", input="x").data[0].embedding)
     assert oc().show("tiny-a").capabilities == ["completion"] and oc().show("tiny-b").capabilities == ["completion",
                                                                                                        "tools"]
     for call, status, words in ((lambda: oc().chat(model="nope", messages=msgs), 404, "model 'nope' not found"),

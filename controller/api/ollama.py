@@ -396,9 +396,15 @@ async def show(request: Request) -> Response:
     except ServingError as e:
         return _error(e.status, e.message if e.status != 404 else f"model '{name}' not found")
     tpl = getattr(me.tokenizer, "chat_template", None)
+    # model_info as Ollama names its keys (clients read "<architecture>.context_length"), the plain one kept too
+    arch = me.architecture or "unknown"
+    info: dict[str, Any] = {"general.architecture": arch, f"{arch}.context_length": me.max_model_len,
+                            "context_length": me.max_model_len}
+    if me.hidden_size:
+        info[f"{arch}.embedding_length"] = me.hidden_size
     return JSONResponse({"modelfile": "", "parameters": "", "template": tpl if isinstance(tpl, str) else "",
-                         "details": {"format": "safetensors"},
-                         "model_info": {"context_length": me.max_model_len},
+                         "details": {"format": "safetensors", "family": arch, "families": [arch]},
+                         "model_info": info,
                          # (tools: the model's own call syntax is configured, so tool_choice "auto" works, as Ollama's)
                          "capabilities": ["completion", *(["tools"] if me.spec.tool_call_parser else [])]})
 
