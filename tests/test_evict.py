@@ -90,3 +90,21 @@ def test_ollama_keep_alive_zero_unloads(server):
     assert _until(server, True)
     assert oc.chat(model="tiny-a", messages=[], keep_alive="0s").done_reason == "unload"
     assert _until(server, False)
+
+
+def test_ollama_ps_lists_the_models_in_vram(server):
+    """Ollama's ps (as `ollama ps` reads it) lists the models whose weights are in VRAM, with their size; a stopped
+    model leaves the list. Its tags give each model's size and family."""
+    import ollama
+
+    oc = ollama.Client(host=server.url)
+    tags = {m.model: m for m in oc.list().models}
+    assert tags["tiny-a"].size > 0 and tags["tiny-a"].details.family == "qwen2"
+    _use(server)
+    assert _until(server, True)
+    got = {m.model: m for m in oc.ps().models}
+    assert "tiny-a" in got and got["tiny-a"].size_vram == got["tiny-a"].size == tags["tiny-a"].size
+    assert "tiny-b" in got  # (pinned: its weights came in at start, and show as in VRAM though idle since)
+    httpx.post(server.url + "/admin/models/tiny-a/evict", headers=H).raise_for_status()
+    assert _until(server, False)
+    assert "tiny-a" not in {m.model for m in oc.ps().models}

@@ -606,3 +606,24 @@ def test_evict_when_idle_waits_for_requests_and_keeps_pins(make_tiny, host_cache
     with pytest.raises(ValueError, match="unknown model"):
         multi.evict_when_idle("nope")
     multi.close()
+
+
+def test_a_preload_that_landed_reads_resident_and_can_expire_idle(make_tiny, host_cache):
+    """Weights brought in with no request (a preload or a pin) read "resident" once they land, though no step has
+    taken them yet; keep_alive then evicts them when idle long enough (it waited for a step before: "loading" for
+    good on an idle server)."""
+    import time
+
+    from gpu_pool.arena import MiB
+
+    paths = {"a": make_tiny("qwen2"), "b": make_tiny("qwen3")}
+    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=8 * MiB,
+                             kv_cache_gb=64 * 16 * 512 / 1e9, host_cache=host_cache)
+    assert multi.preload("a") and multi.memory.landed("a") and not multi.memory.landed("b")
+    assert multi.snapshot()["models"]["a"]["state"] == "resident"
+    assert multi.snapshot()["models"]["b"]["state"] == "host"
+    multi.set_keep_alive("a", 0.1)
+    time.sleep(0.2)
+    multi.expire()
+    assert not multi.memory.holds("a") and multi.snapshot()["models"]["a"]["state"] == "host"
+    multi.close()

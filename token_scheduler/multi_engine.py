@@ -381,17 +381,20 @@ class MultiModelEngine:
         if self.memory is None:
             self._evict_idle.clear()
             return
+        self._poll_loads()  # (idle, nothing else polls: a pin's or a preload's load would read "loading" for good)
         now = time.monotonic()
         for name in [*self._keep_alive, *self._evict_idle]:
             m = self.state.models.get(name)
             if m is None or m.pinned:
                 self._evict_idle.discard(name)  # (gone, or pinned: its weights stay)
                 continue
-            if self.engines[name].has_unfinished_requests() or self.memory.is_loading(name):
+            if self.engines[name].has_unfinished_requests():
                 continue  # (an evict waits for the requests, whose weights may still be on their way in)
             if not self.memory.holds(name):
                 self._evict_idle.discard(name)  # (out already, and idle: nothing left to do)
                 continue
+            if not self.memory.landed(name):
+                continue  # (a copy in flight: evicted once it lands)
             ttl = 0.0 if name in self._evict_idle else self._keep_alive[name]
             if now - max(self._last_run.get(name, 0.0), self._last_request.get(name, 0.0)) >= ttl:
                 self._evict_idle.discard(name)
@@ -481,9 +484,7 @@ class MultiModelEngine:
         """Point the policy's view at each model's scheduler queues (no copies of requests)."""
         mem = self.memory
         if mem is not None:
-            for name in mem.poll():
-                if name in self.state.models:
-                    self.state.models[name].residency = Residency.RESIDENT
+            self._poll_loads()
             self.state.weight_free_run = mem.arena.alloc.largest_free  # a slot needs one contiguous range
         # Every step, every model: O(1) each. The running list is the scheduler's own (the policy only reads it,
         # and the scheduler changes it only after the plan is made); KV in whole blocks is what the model's
@@ -495,6 +496,12 @@ class MultiModelEngine:
             m.running = s.running + list(s.swapped) if s.swapped else s.running
             m.kv_gpu_tokens = s.kv.num_held * s.kv.block_size
         self.state.now = time.monotonic()
+
+    def _poll_loads(self) -> None:
+        """Models whose weights finished coming in are resident."""
+        for name in self.memory.poll():
+            if name in self.state.models:
+                self.state.models[name].residency = Residency.RESIDENT
 
     def _execute_memory(self, plan, keep: tuple[str, ...] = ()) -> None:
         """The plan's memory moves, in the StepPlan contract's order (all resident: KV swap-outs only). `keep`: models a
@@ -1162,7 +1169,7 @@ class MultiModelEngine:
             if mem is None:
                 state = "resident"
             elif mem.holds(name):
-                state = "loading" if mem.is_loading(name) else "resident"
+                state = "resident" if mem.landed(name) else "loading"
             else:
                 state = "host"
             oldest = min((r.arrival_time for r in s.waiting), default=None)

@@ -174,6 +174,13 @@ class ModelPool:
         e = self.entries[name]
         return e.prefetch is not None or (e.resident is not None and not e.resident.ready.done())
 
+    def landed(self, name: str) -> bool:
+        """All of `name`'s weights are in VRAM (a finished prefetch its first step has not taken yet counts)."""
+        e = self.entries[name]
+        if e.resident is not None:
+            return e.resident.ready.done()
+        return e.prefetch is not None and e.prefetch.handle.done()
+
     def holds(self, name: str) -> bool:
         """A slot is `name`'s: its weights landed, or are landing (blocking load or prefetch)."""
         e = self.entries[name]

@@ -27,6 +27,7 @@ from controller.api import protocol as p
 from controller.api.serving import ClientGone, OpenAIServing, Tracked, encode, unless_disconnected
 from controller.api.structured import ToolPlan, tool_plan
 from controller.config import parse_duration
+from controller.dashboard.views import engine_models
 from controller.errors import ServingError
 
 router = APIRouter(prefix="/api")
@@ -361,25 +362,34 @@ async def embeddings_legacy(request: Request) -> Response:
 
 def _models(request: Request) -> list[dict[str, Any]]:
     tenant = auth.tenant(request)
+    ctl = request.app.state.controller
     out = []
     for card in request.app.state.serving.models(tenant).data:
+        me = ctl.models[card.id]
+        arch = me.architecture or ""
         out.append({"name": card.id, "model": card.id,
                     "modified_at": datetime.fromtimestamp(card.created, timezone.utc).isoformat(),
-                    "size": 0, "digest": "", "details": {"format": "safetensors", "family": "", "families": None,
-                                                          "parameter_size": "", "quantization_level": ""}})
+                    "size": me.info.size_bytes, "digest": "", "details": {
+                        "format": "safetensors", "family": arch, "families": [arch] if arch else None,
+                        "parameter_size": "", "quantization_level": ""}})
     return out
 
 
 @router.get("/tags")
 async def tags(request: Request) -> dict:
-    """The served models the key may use (Ollama's list: sizes and digests are not tracked per model here)."""
+    """The served models the key may use, with their weights' size (digests are not kept here)."""
     return {"models": _models(request)}
 
 
 @router.get("/ps")
 async def ps(request: Request) -> dict:
-    """The served models (a pooled server keeps each one ready: residency is per token, `tokenpool ps` shows it)."""
-    return {"models": [{**m, "size_vram": 0, "expires_at": "0001-01-01T00:00:00Z"} for m in _models(request)]}
+    """Like Ollama's: the models whose weights are in VRAM now, on some live engine (residency is the pool's, token
+    by token; `tokenpool ps` shows where). No expiry is planned: the pool evicts when it needs the room."""
+    ctl = request.app.state.controller
+    resident = {n for e in ctl.pool.engines.values() if e.alive
+                for n, m in engine_models(e).items() if m["state"] == "resident"}
+    return {"models": [{**m, "size_vram": m["size"], "expires_at": "0001-01-01T00:00:00Z"}
+                       for m in _models(request) if m["name"] in resident]}
 
 
 @router.post("/show")

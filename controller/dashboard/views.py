@@ -56,7 +56,7 @@ def _counts(counter: Any, *labels: str) -> dict[tuple[str, ...], float]:
     return out
 
 
-def _engine_models(e: Any) -> dict[str, dict[str, Any]]:
+def engine_models(e: Any) -> dict[str, dict[str, Any]]:
     """Per registered model on one engine: state, waiting, running, oldest_wait_s, kv_pages_used, kv_swapped."""
     pool = getattr(e, "pool", None) or {}
     if pool.get("models") is not None:
@@ -75,7 +75,7 @@ def _engine_models(e: Any) -> dict[str, dict[str, Any]]:
 
 def _engine_out(ctl: Any, act: Activity, e: Any, now: float, span_s: float, res_s: float) -> ap.EnginePoolOut:
     pool = getattr(e, "pool", None) or {}
-    models = _engine_models(e)
+    models = engine_models(e)
     if "timeline" in pool:
         act.stats(e)  # idempotent: Controller._stats does the same on every Stats once it calls act.stats
     elif e.alive:
@@ -121,7 +121,7 @@ def pool_view(ctl: Any, timeline_s: float = SPAN_S, resolution_s: float = RES_S)
     now, mono = time.time(), time.monotonic()
     alive = [e for e in ctl.pool.engines.values() if e.alive]
     engines = [_engine_out(ctl, act, e, now, timeline_s, resolution_s) for e in ctl.pool.engines.values()]
-    per_engine = {e.id: _engine_models(e) for e in alive}
+    per_engine = {e.id: engine_models(e) for e in alive}
 
     # tokens/s: tokens of finished requests (Prometheus counter) + tokens so far of those in flight
     tokens = {k[0]: v for k, v in _counts(ctl.metrics.generation_tokens, "model").items()}
