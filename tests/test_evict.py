@@ -75,7 +75,8 @@ def test_admin_evict_and_tokenpool_stop(server):
 
 def test_ollama_keep_alive_zero_unloads(server):
     """Ollama's `stop` (a generate with no prompt and keep_alive 0) answers done_reason "unload" and frees the
-    model's VRAM; the plain load request (no keep_alive) is a "load" and changes nothing."""
+    model's VRAM; the plain load request (no keep_alive) is a "load" and changes nothing; a request with a prompt and
+    keep_alive 0 is answered as without, and its model's weights go once it is done."""
     import ollama
 
     oc = ollama.Client(host=server.url)
@@ -89,6 +90,12 @@ def test_ollama_keep_alive_zero_unloads(server):
     _use(server)
     assert _until(server, True)
     assert oc.chat(model="tiny-a", messages=[], keep_alive="0s").done_reason == "unload"
+    assert _until(server, False)
+    # with a prompt: the reply as without, and the weights go after it
+    want = oc.generate(model="tiny-a", prompt="hi", options={"temperature": 0, "num_predict": 4}).response
+    assert _until(server, True)
+    r = oc.generate(model="tiny-a", prompt="hi", options={"temperature": 0, "num_predict": 4}, keep_alive=0)
+    assert r.response == want and r.done_reason == "length"
     assert _until(server, False)
 
 

@@ -65,7 +65,7 @@ class _Base(_Loose):
     stream: bool = True
     options: Options | None = None
     format: str | dict[str, Any] | None = None  # "json" or a JSON schema
-    keep_alive: Any = None  # (residency is the pool's: honoured only as 0 on a load request, `_load`)
+    keep_alive: Any = None  # (residency is the pool's: honoured only as 0, `_unloads`)
 
 
 class ChatRequest(_Base):
@@ -191,6 +191,8 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
             params = serving._params(me, req, req.max_tokens, None)
             ids = serving._check_ids(me, await serving.offload(encode, me.tokenizer, req.prompt), "prompt")
         gen = serving._track(await ctl.generate(me, tenant, [ids], params, 1, ctl.new_id("ollama")))
+        if _unloads(ctl, body.keep_alive):  # (sent after the request: the engine evicts once it is done)
+            ctl.evict(me.spec.name)
     except ServingError as e:
         if e.status != 401 and not getattr(e, "counted", False):  # (auth counts its own; a generation its own)
             ctl.count_refusal(body.model, tenant.name if tenant else "-", e.status)
@@ -233,13 +235,19 @@ def _zero(keep_alive: Any) -> bool:
         return False
 
 
+def _unloads(ctl: Any, keep_alive: Any) -> bool:
+    """Whether a request's keep_alive frees its model's VRAM once its requests finish (Ollama's keep_alive 0; `ollama
+    stop` is a load request with it). Unloading is a single user's call: on a server with tenants (auth on) one
+    tenant must not evict the others' models, so there it is ignored (operators use `tokenpool stop` or the admin
+    API)."""
+    return _zero(keep_alive) and not ctl.tenants.auth
+
+
 def _load(request: Request, me: Any, body: _Base, chat: bool) -> JSONResponse:
     """A request with nothing to generate: Ollama's load (the pool brings weights in when they are asked for), or
-    with keep_alive 0 its unload (`ollama stop`): the model's VRAM freed once its requests finish. Unloading is a
-    single user's call: on a server with tenants (auth on) one tenant must not evict the others' models, so there it
-    is answered as a load (operators use `tokenpool stop` or the admin API)."""
+    with keep_alive 0 its unload (`_unloads`)."""
     ctl = request.app.state.controller
-    unload = _zero(body.keep_alive) and not ctl.tenants.auth
+    unload = _unloads(ctl, body.keep_alive)
     if unload:
         ctl.evict(me.spec.name)
     key = "message" if chat else "response"
