@@ -97,6 +97,8 @@ def test_ollama_keep_alive_zero_unloads(server):
     r = oc.generate(model="tiny-a", prompt="hi", options={"temperature": 0, "num_predict": 4}, keep_alive=0)
     assert r.response == want and r.done_reason == "length"
     assert _until(server, False)
+    assert len(oc.embed(model="tiny-a", input="hi").embeddings) == 1 and _until(server, True)
+    assert len(oc.embed(model="tiny-a", input="hi", keep_alive=0).embeddings) == 1 and _until(server, False)
 
 
 def test_ollama_ps_lists_the_models_in_vram(server):

@@ -355,6 +355,9 @@ async def embed(request: Request) -> Response:
     if isinstance(got, Response):
         return got
     vecs, gen = got
+    ctl = request.app.state.controller
+    if _unloads(ctl, body.keep_alive):  # (its requests are done: at once)
+        ctl.evict(request.app.state.serving.lookup(auth.tenant(request), body.model).spec.name)
     return JSONResponse({"model": body.model, "embeddings": vecs, **embeddings.ollama_counts(gen)})
 
 
