@@ -115,6 +115,16 @@ def test_previous_response_id_retrieve_and_delete(server):
     assert second.usage.input_tokens == ref.usage.prompt_tokens and second.previous_response_id == first.id
     got = c.responses.retrieve(first.id)
     assert got.id == first.id and got.output_text == first.output_text
+    items = c.responses.input_items.list(second.id)  # (this request's input only, as OpenAI lists it)
+    assert [(i.type, i.role, [p.text for p in i.content]) for i in items.data] == [("message", "user", ["And then?"])]
+    three = c.responses.create(model="tiny-a", max_output_tokens=2, input=[
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}])
+    asc = c.responses.input_items.list(three.id, order="asc", limit=2)
+    assert [i.content[0].text for i in asc.data] == ["a", "b"] and asc.has_more
+    assert [i.content[0].type for i in asc.data] == ["input_text", "output_text"]
+    rest = c.responses.input_items.list(three.id, order="asc", after=asc.last_id)
+    assert [i.content[0].text for i in rest.data] == ["c"] and not rest.has_more
+    assert [i.content[0].text for i in c.responses.input_items.list(three.id).data] == ["c", "b", "a"]
     e = _status(lambda: client(server, BOB).responses.retrieve(first.id))
     assert e.status_code == 404
     e = _status(lambda: client(server, BOB).responses.create(model="tiny-a", input="x",
@@ -161,4 +171,4 @@ def test_response_store_is_bounded_and_per_tenant():
                                                                    if st.get(r, "alice")]) < 3
     before = st.bytes
     assert st.delete("big", "alice") and st.get("big", "alice") is None and st.bytes < before
-    assert st.bytes == sum(v[3] for v in st._items.values())
+    assert st.bytes == sum(v.size for v in st._items.values())

@@ -73,7 +73,15 @@ async def create_response(body: p.ResponsesRequest, request: Request, tenant: Te
 
 @router.get("/v1/responses/{response_id}", responses=ERRORS)
 async def get_response(response_id: str, request: Request, tenant: Tenant = Depends(auth.tenant)):
-    return responses.stored(request.app.state.responses, response_id, tenant)
+    return responses.stored(request.app.state.responses, response_id, tenant).response
+
+
+@router.get("/v1/responses/{response_id}/input_items", responses=ERRORS)
+async def response_input_items(response_id: str, request: Request, tenant: Tenant = Depends(auth.tenant),
+                               order: str = "desc", limit: int = 20, after: str | None = None):
+    """A stored response's input items (this request's, not those of the responses before it)."""
+    return responses.page(responses.stored(request.app.state.responses, response_id, tenant).inputs, order, limit,
+                          after)
 
 
 @router.delete("/v1/responses/{response_id}", responses=ERRORS)

@@ -18,6 +18,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -34,29 +35,40 @@ STORE_BYTES = 64 << 20  # their conversations' JSON, all together
 TEXT_PARTS = ("input_text", "output_text", "text")
 
 
+@dataclass
+class Stored:
+    tenant: str
+    messages: list[dict[str, Any]]  # the conversation as chat messages, the reply last (previous_response_id's)
+    response: dict[str, Any]  # the Response object
+    inputs: list[dict[str, Any]]  # this request's input items, with ids (GET .../input_items)
+    size: int  # their JSON's bytes, all together
+
+
 class ResponseStore:
-    """Stored responses: id -> (tenant, the conversation as chat messages, the Response object), oldest first."""
+    """Stored responses by id, oldest first; at most `entries` of them and `max_bytes` of their JSON."""
 
     def __init__(self, entries: int = STORE_ENTRIES, max_bytes: int = STORE_BYTES):
         self.entries, self.max_bytes = entries, max_bytes
-        self._items: OrderedDict[str, tuple[str, list[dict[str, Any]], dict[str, Any], int]] = OrderedDict()
+        self._items: OrderedDict[str, Stored] = OrderedDict()
         self.bytes = 0
 
-    def put(self, rid: str, tenant: str, messages: list[dict[str, Any]], response: dict[str, Any]) -> None:
-        size = len(json.dumps(messages)) + len(json.dumps(response))
-        self._items[rid] = (tenant, messages, response, size)
+    def put(self, rid: str, tenant: str, messages: list[dict[str, Any]], response: dict[str, Any],
+            inputs: list[dict[str, Any]] | None = None) -> None:
+        inputs = inputs or []
+        size = len(json.dumps(messages)) + len(json.dumps(response)) + len(json.dumps(inputs))
+        self._items[rid] = Stored(tenant, messages, response, inputs, size)
         self.bytes += size
         while self._items and (len(self._items) > self.entries or self.bytes > self.max_bytes):
-            self.bytes -= self._items.popitem(last=False)[1][3]
+            self.bytes -= self._items.popitem(last=False)[1].size
 
-    def get(self, rid: str, tenant: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    def get(self, rid: str, tenant: str) -> Stored | None:
         got = self._items.get(rid)
-        return (got[1], got[2]) if got is not None and got[0] == tenant else None
+        return got if got is not None and got.tenant == tenant else None
 
     def delete(self, rid: str, tenant: str) -> bool:
         if self.get(rid, tenant) is None:
             return False
-        self.bytes -= self._items.pop(rid)[3]
+        self.bytes -= self._items.pop(rid).size
         return True
 
 
@@ -221,7 +233,7 @@ async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesR
         if prev is None:
             raise ServingError(404, f"Previous response with id '{req.previous_response_id}' not found.",
                                param="previous_response_id", code="not_found")
-        history = prev[0]
+        history = prev.messages
     chat, conversation = chat_request(req, history)
     rid = serving.ctl.new_id("resp")
     _, tools, gen = await serving.start_chat(chat, tenant, rid)
@@ -231,7 +243,7 @@ async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesR
         items, assistant, status = reply.output()
         out = reply.response(gen, status, items)
         if req.store:
-            store.put(rid, tenant.name, [*conversation, assistant], out)
+            store.put(rid, tenant.name, [*conversation, assistant], out, input_items(req.input))
         return out
 
     if req.stream:
@@ -329,9 +341,44 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish) -
         gen.close(status)
 
 
-def stored(store: ResponseStore, rid: str, tenant: Tenant) -> dict[str, Any]:
+def stored(store: ResponseStore, rid: str, tenant: Tenant) -> Stored:
     """A stored response (another tenant's, or one forgotten: 404)."""
     got = store.get(rid, tenant.name)
     if got is None:
         raise ServingError(404, f"Response with id '{rid}' not found.", param="response_id", code="not_found")
-    return got[1]
+    return got
+
+
+def input_items(raw: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A request's input as Responses' items with ids (GET .../input_items): a string is one user message; a
+    message's string content is one text part (output_text for the assistant's, input_text for the others')."""
+    items = [{"type": "message", "role": "user", "content": raw}] if isinstance(raw, str) else raw
+    out = []
+    for item in items:
+        item = {"type": "message", **item} if "type" not in item else dict(item)
+        if item["type"] == "message":
+            if isinstance(item.get("content"), str):
+                kind = "output_text" if item.get("role") == "assistant" else "input_text"
+                item["content"] = [{"type": kind, "text": item["content"]}]
+            item.setdefault("status", "completed")
+        item.setdefault("id", _item_id("msg" if item["type"] == "message" else "fc" if item["type"] == "function_call"
+                                       else "fco"))
+        out.append(item)
+    return out
+
+
+def page(items: list[dict[str, Any]], order: str, limit: int, after: str | None) -> dict[str, Any]:
+    """A list page as OpenAI's list endpoints give it (`order` desc: newest first, their default)."""
+    if order not in ("asc", "desc"):
+        raise _bad("order must be 'asc' or 'desc'", "order")
+    if not 1 <= limit <= 100:
+        raise _bad("limit must be between 1 and 100", "limit")
+    seq = items[::-1] if order == "desc" else list(items)
+    if after is not None:
+        at = next((i for i, x in enumerate(seq) if x.get("id") == after), None)
+        if at is None:
+            raise _bad(f"no item with id '{after}'", "after")
+        seq = seq[at + 1:]
+    data = seq[:limit]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": len(seq) > limit}
