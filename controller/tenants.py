@@ -82,6 +82,11 @@ class TenantRegistry:
                 self._t[s.name] = Tenant(s, from_file=True)
         self._anon = Tenant(ANONYMOUS)
 
+    @property
+    def single_user(self) -> bool:
+        """No auth, or one tenant (vLLM's --api-key): nobody else's requests share the models."""
+        return not self.auth or len(self._t) <= 1
+
     def authenticate(self, key: str | None) -> Tenant | None:
         """The tenant a key belongs to (every hash is checked, in constant time each), or None."""
         if not self.auth:

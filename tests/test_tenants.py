@@ -118,3 +118,14 @@ def test_admin_registers_and_unregisters_a_model(server, tmp_path):
     assert "x" not in {m["name"] for m in httpx.get(server.url + "/admin/models", headers=ADM).json()}
     huge = httpx.post(server.url + "/admin/models", headers=ADM, json={"name": "huge", "engine": PACE, "memory_gb": 1e5})
     assert huge.status_code == 400 and huge.json()["error"]["param"] == "memory_gb"  # fits no engine: never ready
+
+
+def test_single_user_is_no_auth_or_one_tenant():
+    """Ollama's keep_alive 0 unloads only where nobody else shares the models: no auth, or one tenant (vLLM's
+    --api-key); a second tenant makes it a shared server."""
+    from controller.config import TenantSpec
+    from controller.tenants import TenantRegistry
+
+    assert TenantRegistry([], auth=False).single_user
+    assert TenantRegistry([TenantSpec(name="only")], auth=True).single_user
+    assert not TenantRegistry([TenantSpec(name="a"), TenantSpec(name="b")], auth=True).single_user

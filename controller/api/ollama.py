@@ -237,10 +237,9 @@ def _zero(keep_alive: Any) -> bool:
 
 def _unloads(ctl: Any, keep_alive: Any) -> bool:
     """Whether a request's keep_alive frees its model's VRAM once its requests finish (Ollama's keep_alive 0; `ollama
-    stop` is a load request with it). Unloading is a single user's call: on a server with tenants (auth on) one
-    tenant must not evict the others' models, so there it is ignored (operators use `tokenpool stop` or the admin
-    API)."""
-    return _zero(keep_alive) and not ctl.tenants.auth
+    stop` is a load request with it). Unloading is a single user's call: on a server with several tenants one must
+    not evict the others' models, so there it is ignored (operators use `tokenpool stop` or the admin API)."""
+    return _zero(keep_alive) and ctl.tenants.single_user
 
 
 def _load(request: Request, me: Any, body: _Base, chat: bool) -> JSONResponse:
