@@ -226,6 +226,8 @@ def run(page, ctx, server, shots: Path) -> None:
         expect(page.locator(f"#events-list li[data-kind={kind}]")).to_contain_text("engine=w0")
 
     # --- evict a resident model: its VRAM goes (the pool's state shows it), the event is there ---
+    httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60, json={
+        "model": "tiny-a", "prompt": "hi", "max_tokens": 1}).raise_for_status()  # (resident now, whatever the drain did)
     page.click("#tabs [data-view=models]")
     tiny_a = page.locator('#models-table tr[data-model="tiny-a"]')
     expect(tiny_a.locator(".badge.resident")).to_be_visible(timeout=10_000)
