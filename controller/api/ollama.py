@@ -25,7 +25,7 @@ import tokenpool
 from controller.api import auth, embeddings
 from controller.api import protocol as p
 from controller.api.serving import ClientGone, OpenAIServing, Tracked, encode, unless_disconnected
-from controller.api.structured import ToolPlan, tool_plan
+from controller.api.structured import ToolPlan
 from controller.config import parse_duration
 from controller.dashboard.views import engine_models
 from controller.errors import ServingError
@@ -178,19 +178,17 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                     *msgs, {"role": "user", "content": body.prompt}]})
         me = serving.entry(tenant, req.model)
         tools = None
-        if isinstance(req, p.ChatCompletionRequest):
+        if isinstance(req, p.ChatCompletionRequest):  # (Ollama's answers first, then as the chat endpoint admits it)
             if not getattr(me.tokenizer, "chat_template", None):
                 raise ServingError(400, f"model '{req.model}' has no chat template: use /api/generate with raw")
             if req.tools and not me.spec.tool_call_parser:  # (Ollama's answer for a model whose template has none)
                 raise ServingError(400, f"{req.model} does not support tools (serve it with a tool-call parser: "
                                         "--tool-call-parser hermes, or tool_call_parser in its configuration)")
-            tools = tool_plan(req.tools, None, None, me.spec.tool_call_parser)
-            params = serving._params(me, req, req.max_tokens, None, tools=tools)
-            ids = await serving.offload(serving._chat_prompt, me, req, {"tools": tools.template_tools} if tools else {})
+            me, tools, gen = await serving.start_chat(req, tenant, ctl.new_id("ollama"))
         else:
             params = serving._params(me, req, req.max_tokens, None)
             ids = serving._check_ids(me, await serving.offload(encode, me.tokenizer, req.prompt), "prompt")
-        gen = serving._track(await ctl.generate(me, tenant, [ids], params, 1, ctl.new_id("ollama")))
+            gen = serving._track(await ctl.generate(me, tenant, [ids], params, 1, ctl.new_id("ollama")))
         if _unloads(ctl, body.keep_alive):  # (sent after the request: the engine evicts once it is done)
             ctl.evict(me.spec.name)
     except ServingError as e:
@@ -357,7 +355,9 @@ async def embed(request: Request) -> Response:
     ctl = request.app.state.controller
     if _unloads(ctl, body.keep_alive):  # (its requests are done: at once)
         ctl.evict(request.app.state.serving.lookup(auth.tenant(request), body.model).spec.name)
-    return JSONResponse({"model": body.model, "embeddings": vecs, **embeddings.ollama_counts(gen)})
+    stats = _stats(gen) if gen is not None else {}
+    counts = {k: stats.get(k, 0) for k in ("total_duration", "load_duration", "prompt_eval_count")}  # (Ollama's)
+    return JSONResponse({"model": body.model, "embeddings": vecs, **counts})
 
 
 @router.post("/embeddings")
