@@ -256,14 +256,15 @@ class HostedModels:
 
     def evict_when_idle(self, name: str) -> None:
         """Evict `name`'s weights once it has no request (its engine kind's rule); not hosted here: nothing."""
-        if name in self.engines and hasattr(mm := self._of(name), "evict_when_idle"):
+        if name in self.engines:
+            mm = self._of(name)
             mm.evict_when_idle(name)
             mm.expire()  # (idle now: at once; between steps, as the worker applies its messages)
 
     def tick(self) -> None:
-        """Between steps while idle (step thread): time-based residency (keep_alive)."""
+        """Between steps while idle (step thread): loads that landed, and time-based residency (keep_alive)."""
         for mm in list(self.kinds.values()):
-            mm.expire()
+            mm.tick()
 
     def residency(self, name: str, pinned: bool = False, keep_alive_s: float | None = None,
                   preload: bool = False) -> None:

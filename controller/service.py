@@ -97,21 +97,22 @@ def _hf_config(spec: ModelSpec) -> dict[str, Any]:
     return {}
 
 
-def context_len(spec: ModelSpec, tokenizer: Any) -> int:
+def context_len(spec: ModelSpec, cfg: dict[str, Any]) -> int:
+    """The model's context: the configured one, else its config.json's (`cfg`, `_hf_config`), else 4096."""
     if spec.engine.max_model_len:
         return spec.engine.max_model_len
-    return int(_hf_config(spec).get("max_position_embeddings") or 4096)
+    return int(cfg.get("max_position_embeddings") or 4096)
 
 
-def hidden_size(spec: ModelSpec) -> int | None:
+def hidden_size(cfg: dict[str, Any]) -> int | None:
     """The width of the model's hidden states (its embeddings'), when its config says."""
-    v = _hf_config(spec).get("hidden_size")
+    v = cfg.get("hidden_size")
     return v if isinstance(v, int) else None
 
 
-def architecture(spec: ModelSpec) -> str | None:
+def architecture(cfg: dict[str, Any]) -> str | None:
     """The model's architecture as its config names it (model_type: llama, qwen2, ...), when it does."""
-    v = _hf_config(spec).get("model_type")
+    v = cfg.get("model_type")
     return v if isinstance(v, str) and v else None
 
 
@@ -253,7 +254,8 @@ class Controller:
             tok = await asyncio.to_thread(load_tokenizer, spec.path)
         except Exception as e:  # noqa: BLE001 - any unreadable tokenizer is the caller's error
             raise ServingError(400, f"cannot load the tokenizer from {spec.path}: {e}", param="path") from e
-        entry = ModelEntry(spec, info, tok, context_len(spec, tok), hidden_size(spec), architecture(spec),
+        cfg = _hf_config(spec)  # (read once for the three)
+        entry = ModelEntry(spec, info, tok, context_len(spec, cfg), hidden_size(cfg), architecture(cfg),
                            pinned=spec.pin)
         self.models[spec.name] = entry
         freeze_long_lived()  # the tokenizer (and what loading it imported) lives as long as the model

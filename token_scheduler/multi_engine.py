@@ -381,7 +381,6 @@ class MultiModelEngine:
         if self.memory is None:
             self._evict_idle.clear()
             return
-        self._poll_loads()  # (idle, nothing else polls: a pin's or a preload's load would read "loading" for good)
         now = time.monotonic()
         for name in [*self._keep_alive, *self._evict_idle]:
             m = self.state.models.get(name)
@@ -403,6 +402,13 @@ class MultiModelEngine:
                 self.engines[name].set_weights(None)
                 m.residency = Residency.HOST
                 self._event("evict", name, keep_alive=ttl)
+
+    def tick(self) -> None:
+        """What an idle caller does now and then (nothing steps while nothing is asked): loads that finished are
+        taken as resident and prefetch windows topped up (else only a step polls them), then `expire`."""
+        if self.memory is not None:
+            self._poll_loads()
+        self.expire()
 
     def set_pinned(self, name: str, pinned: bool) -> None:
         """Keep `name`'s weights in VRAM (pooled): no plan or fallback evicts them; they are brought in now if

@@ -254,6 +254,12 @@ class PacedModels:
     def expire(self) -> None:
         pass
 
+    def tick(self) -> None:
+        pass
+
+    def evict_when_idle(self, name: str) -> None:
+        pass
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     model: str | None = None) -> None:
         if model not in self.engines:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import struct
-from typing import Any
 
 from starlette.requests import Request
 
@@ -106,11 +105,3 @@ async def ollama_embed(serving: OpenAIServing, tenant: Tenant, request: Request,
     vecs, gen = await embed(serving, me, tenant, request, prompts, "ollama")
     return [l2_normalize(v) if normalize else v for v in vecs], gen
 
-
-def ollama_counts(gen: Tracked | None) -> dict[str, Any]:
-    """Ollama's closing counts of an embedding (durations in nanoseconds)."""
-    if gen is None:
-        return {"total_duration": 0, "load_duration": 0, "prompt_eval_count": 0}
-    end = gen.t_last or gen.t_arrival
-    return {"total_duration": int(max(0.0, end - gen.t_arrival) * 1e9), "load_duration": 0,
-            "prompt_eval_count": gen.prompt_tokens}
