@@ -101,6 +101,13 @@ def parse_duration(v: object) -> float | None:
 ToolCallParser = Literal["hermes"]
 
 
+class LoraModule(_Strict):
+    """A LoRA adapter served over its model (vLLM's --lora-modules): requests name it as their model."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=MODEL_NAME)
+    path: str  # a PEFT adapter directory (adapter_config.json, adapter_model.safetensors)
+
+
 class ModelSpec(_Strict):
     name: str = Field(min_length=1, max_length=128, pattern=MODEL_NAME)
     path: str | None = None  # HF-format directory; None only for PaceEngine with its byte tokenizer
@@ -119,6 +126,16 @@ class ModelSpec(_Strict):
     # how the model writes tool calls, for tool_choice "auto" (vLLM's --tool-call-parser): "hermes" (Qwen2.5, Hermes:
     # <tool_call>{"name", "arguments"}</tool_call>). None: "auto" is refused (a 400 saying what to send)
     tool_call_parser: ToolCallParser | None = None
+    # LoRA adapters over this model's weights, each served under its own name (its requests run on the model's
+    # engines, adding the adapter's deltas); POST /v1/load_lora_adapter adds more at runtime
+    lora_modules: list[LoraModule] = Field(default_factory=list)
+
+    @property
+    def lora_names(self) -> list[str]:
+        return [lm.name for lm in self.lora_modules]
+
+    def lora_paths(self) -> dict[str, str]:
+        return {lm.name: lm.path for lm in self.lora_modules}
 
     @field_validator("keep_alive", mode="before")
     @classmethod
@@ -139,6 +156,8 @@ class ModelSpec(_Strict):
             raise ValueError(f"model {self.name!r}: path is required unless engine.kind is 'pace'")
         if self.name in self.aliases:
             raise ValueError(f"model {self.name!r}: an alias repeats the name")
+        if self.lora_modules and self.engine.kind == "pace":
+            raise ValueError(f"model {self.name!r}: a paced model has no weights for LoRA adapters")
         return self
 
 
@@ -250,10 +269,10 @@ class ServerConfig(_Strict):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError("model names must be unique")
-        every = names + [a for m in self.models for a in m.aliases]
+        every = names + [a for m in self.models for a in m.aliases + m.lora_names]
         if len(set(every)) != len(every):
             dup = sorted({n for n in every if every.count(n) > 1})
-            raise ValueError(f"model names and aliases must be unique across models: {', '.join(dup)}")
+            raise ValueError(f"model names, aliases and LoRA adapter names must be unique across models: {', '.join(dup)}")
         tnames = [t.name for t in self.tenants]
         if len(set(tnames)) != len(tnames):
             raise ValueError("tenant names must be unique")

@@ -22,6 +22,7 @@ attaches it and the other models keep stepping.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -231,12 +232,17 @@ class HostedModels:
         kind.prepare(mm, kind.config(path, opts, self.device))
         return {"make_engine_s": t1 - t0, "read_s": time.perf_counter() - t1}
 
-    def host(self, name: str, path: str | None, opts: EngineOptions, slo: ModelSLO | None):
+    def host(self, name: str, path: str | None, opts: EngineOptions, slo: ModelSLO | None,
+             loras: dict[str, str] | None = None):
         """Register a model in its kind's engine (step thread, between steps). A model with weights has its host
         copy loaded (or attached, when another worker of the node has it); no VRAM is taken until the policy
-        plans a step of it. The phases' seconds are in `add_s[name]` afterwards (kinds that measure them)."""
+        plans a step of it. The phases' seconds are in `add_s[name]` afterwards (kinds that measure them).
+        `loras`: LoRA adapters served over it (name -> directory; kind "llm")."""
         mm = self._engine(opts.kind)
-        mm.add_model(name, KINDS[opts.kind].config(path, opts, self.device), slo)
+        cfg = KINDS[opts.kind].config(path, opts, self.device)
+        if loras:
+            cfg = dataclasses.replace(cfg, lora_modules=dict(loras))
+        mm.add_model(name, cfg, slo)
         self._kind[name] = opts.kind
         self.engines[name] = eng = mm.engines[name]
         return eng
@@ -253,6 +259,14 @@ class HostedModels:
     def set_pinned(self, name: str, pinned: bool) -> None:
         if name in self.engines:
             self._of(name).set_pinned(name, pinned)
+
+    def set_loras(self, name: str, loras: dict[str, str]) -> list[str]:
+        """Host exactly these LoRA adapters over `name` (LLMEngine.set_loras); the errors of any not read."""
+        if name not in self.engines:
+            return []
+        if self._kind[name] != "llm":
+            return [f"a {self._kind[name]} model has no weights for LoRA adapters"]
+        return self.engines[name].set_loras(loras)
 
     def evict_when_idle(self, name: str) -> None:
         """Evict `name`'s weights once it has no request (its engine kind's rule); not hosted here: nothing."""

@@ -59,6 +59,13 @@ class LoadModel:  # C->W
     pinned: bool = False  # keep its weights in VRAM once registered
     keep_alive_s: float | None = None  # evict its weights once idle this long (None: when the memory is needed)
     preload: bool = False  # bring its weights into VRAM at registration, before any request
+    loras: dict[str, str] = field(default_factory=dict)  # LoRA adapters served over it: name -> adapter directory
+
+
+@dataclass
+class SetLoras:  # C->W: host exactly these LoRA adapters over a registered model (name -> directory)
+    model: str
+    loras: dict[str, str]
 
 
 @dataclass
@@ -147,13 +154,13 @@ class Shutdown:  # C->W
 
 
 Message = Union[
-    Register, Registered, Rejected, LoadModel, PinModel, UnloadModel, EvictModel, ModelLoaded, NewRequest, Abort, Outputs,
-    Heartbeat, Stats, Shutdown,
+    Register, Registered, Rejected, LoadModel, PinModel, UnloadModel, EvictModel, SetLoras, ModelLoaded, NewRequest, Abort,
+    Outputs, Heartbeat, Stats, Shutdown,
 ]
 _TYPES: dict[str, type] = {
     c.__name__: c
-    for c in (Register, Registered, Rejected, LoadModel, PinModel, UnloadModel, EvictModel, ModelLoaded, NewRequest, Abort,
-              Outputs, Heartbeat, Stats, Shutdown)
+    for c in (Register, Registered, Rejected, LoadModel, PinModel, UnloadModel, EvictModel, SetLoras, ModelLoaded,
+              NewRequest, Abort, Outputs, Heartbeat, Stats, Shutdown)
 }
 
 

@@ -351,3 +351,62 @@ class _Progress:
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.__exit__(*exc)
+
+
+LORA_STD = 0.05  # A's and B's: a delta of the base weights' order (PEFT starts B at zero; a trained one is not)
+
+
+def make_lora(model_dir: str | Path, out: str | Path, rank: int = 4, alpha: float = 8.0, seed: int = 0,
+              targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+              rslora: bool = False, layers: list[int] | None = None) -> Path:
+    """Write a random LoRA adapter of the model in `model_dir` in PEFT's format (adapter_config.json,
+    adapter_model.safetensors with PEFT's tensor names) into `out`; return `out`. `layers`: only these layers'
+    modules (all by default)."""
+    from safetensors.torch import save_file
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    heads, kvh = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // heads
+    shapes = {"q_proj": (heads * d, h), "k_proj": (kvh * d, h), "v_proj": (kvh * d, h), "o_proj": (h, heads * d),
+              "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
+    tensors = {}
+    for n in range(cfg["num_hidden_layers"]) if layers is None else layers:
+        for mod in targets:
+            rows, feats = shapes[mod]
+            part = "self_attn" if mod in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"base_model.model.model.layers.{n}.{part}.{mod}"
+            for ab, shape in (("A", (rank, feats)), ("B", (rows, rank))):
+                g = torch.Generator().manual_seed(_tensor_seed(seed, f"{key}.lora_{ab}"))
+                tensors[f"{key}.lora_{ab}.weight"] = (torch.randn(shape, generator=g) * LORA_STD).contiguous()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model_dir), "r": rank,
+        "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": list(targets), "bias": "none",
+        "use_rslora": rslora, "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
+        "rank_pattern": {}, "alpha_pattern": {}}, indent=2) + "\n")
+    return out
+
+
+def merge_lora(model_dir: str | Path, adapter_dir: str | Path, out: str | Path) -> Path:
+    """A copy of the model in `model_dir` with the adapter's deltas merged into its weights (W + scale B A, in fp32,
+    then the checkpoint's dtype): the reference an engine serving the adapter unmerged is checked against."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir, out = Path(model_dir), Path(out)
+    acfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    lora = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    shutil.copytree(model_dir, out)
+    for f in sorted(out.glob("*.safetensors")):
+        ts = load_file(str(f))
+        for name in list(ts):
+            key = "base_model.model." + name.removesuffix(".weight")
+            if f"{key}.lora_A.weight" in lora:
+                a, b = lora[f"{key}.lora_A.weight"].float(), lora[f"{key}.lora_B.weight"].float()
+                r = a.shape[0]
+                scale = acfg["lora_alpha"] / (r ** 0.5 if acfg.get("use_rslora") else r)
+                ts[name] = (ts[name].float() + scale * (b @ a)).to(ts[name].dtype).contiguous()
+        save_file(ts, str(f), metadata={"format": "pt"})
+    return out

@@ -383,12 +383,16 @@ class EnginePool:
     # --- commands ---
     def load(self, e: EngineHandle, model: str, path: str | None, engine_opts: EngineOptions,
              slo: ModelSLO | None = None, pinned: bool = False, keep_alive_s: float | None = None,
-             preload: bool = False) -> Replica:
+             preload: bool = False, loras: dict[str, str] | None = None) -> Replica:
         r = e.replicas.get(model)
         if r is None:
             r = e.replicas[model] = Replica(model)
-            e.send(m.LoadModel(model, path, engine_opts, slo, pinned, keep_alive_s, preload))
+            e.send(m.LoadModel(model, path, engine_opts, slo, pinned, keep_alive_s, preload, dict(loras or {})))
         return r
+
+    def set_loras(self, e: EngineHandle, model: str, loras: dict[str, str]) -> None:
+        if model in e.replicas:
+            e.send(m.SetLoras(model, dict(loras)))
 
     def pin(self, e: EngineHandle, model: str, pinned: bool) -> None:
         if model in e.replicas:

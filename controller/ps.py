@@ -71,7 +71,8 @@ def rows(models: list[dict], engines: list[dict], now: float | None = None) -> l
         common = [m["name"], _size(m.get("size_bytes", 0))]
         flags = ("pinned" if m.get("pin") else "") or (
             f"keep {m['keep_alive']:g}s" if m.get("keep_alive") is not None else "")
-        tail = [_ago(m.get("last_used"), now), ",".join(m.get("aliases") or []) or "-", flags or "-"]
+        names = [*(m.get("aliases") or []), *(f"{lm['name']}(lora)" for lm in m.get("lora_modules") or [])]
+        tail = [_ago(m.get("last_used"), now), ",".join(names) or "-", flags or "-"]
         places = where.get(m["name"], [])
         if not places:
             out.append(common + ["-", "-", "failed" if m.get("load_error") else "registered", "0"] + tail)

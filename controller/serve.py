@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -14,6 +15,7 @@ from controller.config import (
     REAL_MODEL,
     EngineOptions,
     GPUSettings,
+    LoraModule,
     ModelSpec,
     ServerConfig,
     ToolCallParser,
@@ -78,16 +80,49 @@ def model_specs(dirs: list[Path], names: list[str]) -> list[ModelSpec]:
     return [ModelSpec(name=n, path=str(d)) for d, n in zip(dirs, names or default_names)]
 
 
+def add_lora_modules(specs: list[ModelSpec], values: list[str]) -> None:
+    """vLLM's --lora-modules onto the MODEL_DIR models: each `NAME=PATH`, or JSON {"name", "path",
+    "base_model_name"}. The model is base_model_name (a served name), else the one MODEL_DIR."""
+    for v in values:
+        base = None
+        if v.lstrip().startswith("{"):
+            try:
+                d = json.loads(v)
+                name, path, base = d["name"], d["path"], d.get("base_model_name")
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"--lora-modules {v}: JSON needs \"name\" and \"path\" (and may name "
+                                 "\"base_model_name\")") from None
+        else:
+            name, eq, path = v.partition("=")
+            if not eq or not name or not path:
+                raise ValueError(f"--lora-modules {v}: give NAME=PATH, or JSON with name, path and base_model_name")
+        if base is None:
+            if len(specs) != 1:
+                raise ValueError(f"--lora-modules {v}: {len(specs)} models are served; say which one it goes over "
+                                 "with the JSON form's base_model_name")
+            spec = specs[0]
+        else:
+            spec = next((s for s in specs if base == s.name or base in s.aliases), None)
+            if spec is None:
+                raise ValueError(f"--lora-modules {v}: base_model_name {base!r} is not one of the MODEL_DIR models "
+                                 f"({', '.join(s.name for s in specs)})")
+        try:
+            spec.lora_modules.append(LoraModule(name=name, path=str(path)))
+        except ValidationError:
+            raise ValueError(f"--lora-modules {v}: a name is 1-128 characters of A-Z a-z 0-9 . _ : / -") from None
+
+
 def prepare(config_path: Path | None, host: str | None, port: int | None, model_dirs: list[Path] | None = None,
             served_model_names: list[str] | None = None, gpu_budget_gb: float | None = None,
             api_key: str | None = None, max_model_len: int | None = None,
-            dtype: str | None = None, tool_call_parser: str | None = None) -> tuple[ServerConfig, str | None]:
+            dtype: str | None = None, tool_call_parser: str | None = None,
+            lora_modules: list[str] | None = None) -> tuple[ServerConfig, str | None]:
     """The validated config with CLI overrides; a fresh admin token if the config has none (shown once).
 
     Model directories on the command line are served beside the config's models; without a config they are the
     only models (no demo), on the default loopback listener without auth. As vLLM's flags: `api_key` (every request
-    must present it: a tenant "api-key" of every model, auth on), and `max_model_len`/`dtype`/`tool_call_parser` for
-    the directories' models."""
+    must present it: a tenant "api-key" of every model, auth on), and `max_model_len`/`dtype`/`tool_call_parser`/
+    `lora_modules` for the directories' models."""
     from controller.startup import StartupError, load_checked
 
     if port is not None and not 0 <= port <= 65535:
@@ -96,9 +131,13 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
         specs = model_specs(list(model_dirs or []), list(served_model_names or []))
     except ValueError as e:
         raise StartupError(str(e)) from None
-    if (max_model_len is not None or dtype is not None or tool_call_parser is not None) and not specs:
-        raise StartupError("--max-model-len, --dtype and --tool-call-parser apply to the MODEL_DIR arguments; none "
-                           "were given (a configuration sets them per model)")
+    if (max_model_len is not None or dtype is not None or tool_call_parser is not None or lora_modules) and not specs:
+        raise StartupError("--max-model-len, --dtype, --tool-call-parser and --lora-modules apply to the MODEL_DIR "
+                           "arguments; none were given (a configuration sets them per model)")
+    try:
+        add_lora_modules(specs, lora_modules or [])
+    except ValueError as e:
+        raise StartupError(str(e)) from None
     known = typing.get_args(ToolCallParser)
     if tool_call_parser is not None and tool_call_parser not in known:
         raise StartupError(f"--tool-call-parser {tool_call_parser}: the ones known are {', '.join(known)}")
@@ -138,7 +177,7 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
 def serve(config_path: Path | None = None, host: str | None = None, port: int | None = None,
           model_dirs: list[Path] | None = None, served_model_names: list[str] | None = None,
           gpu_budget_gb: float | None = None, api_key: str | None = None, max_model_len: int | None = None,
-          dtype: str | None = None, tool_call_parser: str | None = None) -> None:
+          dtype: str | None = None, tool_call_parser: str | None = None, lora_modules: list[str] | None = None) -> None:
     from controller import shutdown, startup
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -148,7 +187,7 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
         raise SystemExit(2)
     try:
         cfg, admin_token = prepare(config_path, host, port, model_dirs, served_model_names, gpu_budget_gb, api_key,
-                                   max_model_len, dtype, tool_call_parser)
+                                   max_model_len, dtype, tool_call_parser, lora_modules)
     except startup.StartupError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
@@ -195,9 +234,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--tool-call-parser", default=None)
+    ap.add_argument("--lora-modules", nargs="+", default=None)
     a = ap.parse_args(argv)
     serve(a.config, a.host, a.port, a.model_dirs, a.served_model_name, a.gpu_budget, a.api_key, a.max_model_len,
-          a.dtype, a.tool_call_parser)
+          a.dtype, a.tool_call_parser, a.lora_modules)
 
 
 if __name__ == "__main__":

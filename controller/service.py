@@ -21,7 +21,7 @@ from typing import Any
 from controller import messages as m
 from controller.admission import decide, expected_tokens
 from controller.autoscaler import Autoscaler, ModelLoad
-from controller.config import SLO, ModelSpec, ServerConfig
+from controller.config import SLO, LoraModule, ModelSpec, ServerConfig
 from controller.dashboard.activity import Activity
 from controller.errors import ServingError
 from controller.events import EventBus
@@ -42,7 +42,7 @@ from controller.router import (
 from controller.tenants import Tenant, TenantRegistry
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
-from tokenpool.models import model_dir_problem
+from tokenpool.models import adapter_fit_problem, model_dir_problem
 
 log = logging.getLogger("tokenpool.controller")
 
@@ -238,6 +238,12 @@ class Controller:
             raise ServingError(400, f"model {spec.name!r} is already registered", param="name")
         if spec.path is not None and (why := model_dir_problem(spec.path)) is not None:
             raise ServingError(400, why, param="path")
+        if taken := self.names_taken([spec.name, *spec.aliases, *spec.lora_names]):
+            raise ServingError(400, f"already served under these names (a model, an alias or an adapter): "
+                               f"{', '.join(taken)}", param="aliases")
+        for lm in spec.lora_modules:
+            if (why := adapter_fit_problem(lm.path, spec.path)) is not None:
+                raise ServingError(400, why, param="lora_modules")
         budgets = [e.memory_bytes for e in self.pool.engines.values() if e.alive]  # none yet at start-up
         if budgets and weights_bytes(spec) > max(budgets):
             raise ServingError(400, f"model {spec.name!r} needs {weights_bytes(spec) / 2**30:.1f} GiB for weights; the "
@@ -456,7 +462,59 @@ class Controller:
         # the worker's multi-model policy weighs models by SLO; priority as a weight, as admission scales slack
         slo = ModelSLO(spec.slo.ttft_s, spec.slo.tpot_s, priority=2.0 ** max(-2, min(2, spec.priority)))
         return self.pool.load(e, spec.name, spec.path, spec.engine, slo, pinned=entry.pinned,
-                              keep_alive_s=spec.keep_alive, preload=spec.preload)
+                              keep_alive_s=spec.keep_alive, preload=spec.preload, loras=spec.lora_paths())
+
+    # --- LoRA adapters ---
+    def names_taken(self, names: list[str]) -> list[str]:
+        """Which of `names` a registered model already answers to (its name, an alias or a LoRA adapter)."""
+        taken = {n for me in self.models.values() for n in (me.spec.name, *me.spec.aliases, *me.spec.lora_names)}
+        return [n for n in names if n in taken]
+
+    def load_lora(self, base: str | None, name: str, path: str) -> str:
+        """Serve a LoRA adapter over model `base` (its name or an alias; None: the one model with weights) under
+        `name` (vLLM's /v1/load_lora_adapter): checked here against the model's shapes, then hosted by every engine
+        the model is registered on (and any it goes to later). Returns the model's name."""
+        if base is None:
+            weighted = [me for me in self.models.values() if me.spec.path is not None]
+            if len(weighted) != 1:
+                raise ServingError(400, f"base_model_name is required: {len(weighted)} models could take it",
+                                   param="base_model_name")
+            entry = weighted[0]
+        else:
+            entry = next((me for me in self.models.values() if base == me.spec.name or base in me.spec.aliases), None)
+        if entry is None:
+            raise ServingError(404, f"no model {base!r}", param="base_model_name", code="model_not_found")
+        if self.names_taken([name]):
+            raise ServingError(400, f"the name {name!r} is already served (a model, an alias or an adapter)",
+                               param="lora_name")
+        if entry.spec.engine.kind == "pace" or entry.spec.path is None:
+            raise ServingError(400, f"model {base!r} has no weights for LoRA adapters", param="base_model_name")
+        try:
+            lm = LoraModule(name=name, path=path)
+        except ValueError as e:  # (pydantic's ValidationError is one)
+            raise ServingError(400, f"bad LoRA adapter name {name!r}: 1-128 characters of A-Z a-z 0-9 . _ : / -",
+                               param="lora_name") from e
+        if (why := adapter_fit_problem(path, entry.spec.path)) is not None:
+            raise ServingError(400, why, param="lora_path")
+        entry.spec.lora_modules.append(lm)
+        self._send_loras(entry)
+        self.events.publish("lora_load", model=entry.spec.name, lora=name)
+        return entry.spec.name
+
+    def unload_lora(self, name: str) -> str:
+        """Stop serving a LoRA adapter (its requests in flight finish with it); the model it was served over."""
+        entry = next((me for me in self.models.values() if name in me.spec.lora_names), None)
+        if entry is None:
+            raise ServingError(404, f"no LoRA adapter {name!r}", param="lora_name", code="model_not_found")
+        entry.spec.lora_modules[:] = [lm for lm in entry.spec.lora_modules if lm.name != name]
+        self._send_loras(entry)
+        self.events.publish("lora_unload", model=entry.spec.name, lora=name)
+        return entry.spec.name
+
+    def _send_loras(self, entry: ModelEntry) -> None:
+        for e in self.pool.engines.values():
+            if e.alive:
+                self.pool.set_loras(e, entry.spec.name, entry.spec.lora_paths())
 
     def set_pinned(self, name: str, pinned: bool) -> None:
         """Keep a model's weights in VRAM on every GPU it is registered on (an operator's pin), or stop."""

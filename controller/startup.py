@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from controller.config import ServerConfig, cache_dir, load_config
-from tokenpool.models import model_dir_problem
+from tokenpool.models import adapter_fit_problem, model_dir_problem
 
 
 class StartupError(Exception):
@@ -55,6 +55,9 @@ def check_models(cfg: ServerConfig) -> None:
     for m in cfg.models:
         if m.path is not None and (why := model_dir_problem(m.path)) is not None:
             raise StartupError(f"model {m.name!r}: {why}")
+        for lm in m.lora_modules:
+            if (why := adapter_fit_problem(lm.path, m.path)) is not None:
+                raise StartupError(f"model {m.name!r}, LoRA adapter {lm.name!r}: {why}")
 
 
 def admin_token_path(cfg: ServerConfig) -> Path:

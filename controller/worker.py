@@ -86,6 +86,7 @@ class Worker:
         self._stops: list = []  # requests a stop string ended (answered already), for the engine at the next boundary
         self._pending: list[m.Message] = []
         self._hosting: list[tuple[m.LoadModel, asyncio.Future]] = []  # loads the step loop runs between steps
+        self._loras_later: dict[str, dict[str, str]] = {}  # (SetLoras while loading) adapters to set once hosted
         self._loading: set[str] = set()
         self._unload_when_loaded: set[str] = set()  # unloaded by the controller while their load was under way
         self._wake = asyncio.Event()
@@ -205,6 +206,7 @@ class Worker:
             raise
         except Exception as e:  # noqa: BLE001 - any load failure is reported, the worker lives on
             log.exception("loading %s failed", msg.model)
+            self._loras_later.pop(msg.model, None)
             self.send(m.ModelLoaded(msg.model, False, error=f"{type(e).__name__}: {e}"))
             return
         finally:
@@ -226,13 +228,16 @@ class Worker:
             msg, fut = self._hosting.pop(0)
             try:
                 eng = await loop.run_in_executor(self._step_thread, self.models.host, msg.model, msg.path,
-                                                 msg.engine, msg.slo)
+                                                 msg.engine, msg.slo, msg.loras)
             except Exception as e:  # noqa: BLE001 - reported by _load
                 if not fut.done():
                     fut.set_exception(e)
             else:
                 self.models.residency(msg.model, pinned=msg.pinned, keep_alive_s=msg.keep_alive_s,
                                       preload=msg.preload)
+                if (loras := self._loras_later.pop(msg.model, None)) is not None:
+                    for why in await loop.run_in_executor(self._step_thread, self.models.set_loras, msg.model, loras):
+                        log.error("%s: %s", msg.model, why)
                 if not fut.done():
                     fut.set_result(eng)
 
@@ -265,6 +270,11 @@ class Worker:
                     self.models.set_pinned(msg.model, msg.pinned)
             elif isinstance(msg, m.EvictModel):
                 self.models.evict_when_idle(msg.model)
+            elif isinstance(msg, m.SetLoras):
+                if msg.model not in self.models and msg.model in self._loading:  # (its LoadModel named the adapters
+                    self._loras_later[msg.model] = msg.loras  # of before: these are set once it is hosted)
+                for why in self.models.set_loras(msg.model, msg.loras):
+                    log.error("%s: %s", msg.model, why)
             elif isinstance(msg, m.UnloadModel):
                 if msg.model in self.models:
                     for rid in [r for r, mm in self._owner.items() if mm == msg.model]:

@@ -44,6 +44,9 @@ class EngineConfig:
     # Every step as HF calls it, decode too (eager reference ops, one SDPA per sequence over a contiguous copy
     # of its context, no CUDA graphs): for bf16 greedy parity checks only -- many times slower than serving.
     hf_exact: bool = False
+    # LoRA adapters served over this model (vLLM's --lora-modules): name -> PEFT adapter directory. A request asks
+    # for one by SamplingParams.lora; `LLMEngine.add_lora` / `remove_lora` change them at runtime.
+    lora_modules: dict[str, str] | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -108,6 +111,9 @@ class LLMEngine:
                                   swapper, cuda_graphs=c.cuda_graphs, max_graph_batch=c.max_num_seqs,
                                   graphs=graphs, graph_key=graph_key, name=self.model_name,
                                   hf_exact_prefill=c.hf_exact_prefill, hf_exact_decode=c.hf_exact)
+        self._retiring: set[str] = set()  # adapters unlisted (set_loras) that still have unfinished requests
+        for name, path in (c.lora_modules or {}).items():
+            self.add_lora(name, path)
         self._aborted: list[Request] = []
         self._grammar_tokenizer = None  # (SamplingParams.grammar) the tokenizer in llguidance form, made once
         self.overlap = self.device.type == "cuda" if c.overlap is None else c.overlap
@@ -136,6 +142,60 @@ class LLMEngine:
         self.weights = weights
         self.runner.set_weights(weights, slot_key)
 
+    def add_lora(self, name: str, path: str | Path) -> None:
+        """Host a LoRA adapter (PEFT's format) for this model's requests to ask for by `name` (SamplingParams.lora).
+        Its weights are read now, onto the host; a step that uses it copies them to the device. ValueError: not an
+        adapter the engine runs, or not one of this model (its shapes)."""
+        from token_scheduler.model.lora import LoraAdapter
+
+        if name in self.runner.loras:
+            raise ValueError(f"LoRA adapter {name!r} is already loaded")
+        self.runner.loras[name] = LoraAdapter.load(name, path, self.model_config, self.dtype)
+
+    def remove_lora(self, name: str) -> None:
+        """Stop hosting an adapter; ValueError while a request of it is unfinished."""
+        if name not in self.runner.loras:
+            raise ValueError(f"LoRA adapter {name!r} is not loaded")
+        busy = self._lora_busy(name)
+        if busy:
+            raise ValueError(f"LoRA adapter {name!r} has {busy} unfinished request(s)")
+        self.runner.drop_lora(name)
+        self._retiring.discard(name)
+
+    def _lora_busy(self, name: str) -> int:
+        return sum(r.sampling_params.lora == name for r in self.scheduler.requests.values())
+
+    def set_loras(self, loras: dict[str, str]) -> list[str]:
+        """Host exactly these adapters (name -> path): new ones are read now; one no longer listed takes no new
+        request and goes once its unfinished ones are done (`retire_loras`). Returns the errors of those that could
+        not be read (the others are set regardless)."""
+        errors = []
+        for name, ad in list(self.runner.loras.items()):
+            if loras.get(name) != ad.path:
+                self._retiring.add(name)
+        self.retire_loras()
+        for name, path in loras.items():
+            if name in self.runner.loras and name not in self._retiring:
+                continue
+            if name in self._retiring:  # listed again (another path) while its requests finish: they keep the old
+                errors.append(f"LoRA adapter {name!r} is being replaced; its unfinished requests use the old one")
+                continue
+            try:
+                self.add_lora(name, path)
+            except (OSError, ValueError) as e:
+                errors.append(str(e))
+        return errors
+
+    def retire_loras(self) -> None:
+        """Drop the adapters `set_loras` retired whose requests are all done."""
+        for name in [n for n in self._retiring if not self._lora_busy(n)]:
+            self.runner.drop_lora(name)
+            self._retiring.discard(name)
+
+    @property
+    def loras(self) -> list[str]:
+        return [n for n in self.runner.loras if n not in self._retiring]
+
     @property
     def weight_bytes(self) -> int:
         return weight_numel(self.model_config) * torch.empty((), dtype=self.dtype).element_size()
@@ -157,6 +217,9 @@ class LLMEngine:
                              f"(size {self.model_config.vocab_size})")
         if params.n != 1:
             raise ValueError("the engine takes n=1 requests; fan out n>1 before add_request (LLM.generate does)")
+        if params.lora is not None and (params.lora not in self.runner.loras or params.lora in self._retiring):
+            raise ValueError(f"LoRA adapter {params.lora!r} is not loaded for model {self.model_name!r}"
+                             f"{'; loaded: ' + ', '.join(self.runner.loras) if self.runner.loras else ''}")
         req = Request(request_id, ids, params, model=self.model_name, eos_token_ids=self.eos_token_ids,
                       max_model_len=self.max_model_len)
         if params.grammar is not None:

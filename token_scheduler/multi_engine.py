@@ -409,6 +409,9 @@ class MultiModelEngine:
         if self.memory is not None:
             self._poll_loads()
         self.expire()
+        for eng in self.engines.values():
+            if eng._retiring:  # LoRA adapters unlisted while their requests ran
+                eng.retire_loras()
 
     def set_pinned(self, name: str, pinned: bool) -> None:
         """Keep `name`'s weights in VRAM (pooled): no plan or fallback evicts them; they are brought in now if

@@ -45,6 +45,9 @@ class SamplingParams:
     # returns the last prompt token's final hidden state (after the model's last norm, fp32; Request.embedding).
     # The step still draws that one token, greedily, as a generation's first (the caller drops it).
     embed: bool = False
+    # the name of a LoRA adapter hosted with the model (EngineConfig.lora_modules, LLMEngine.add_lora) whose deltas
+    # this request's projections add (vLLM's LoRARequest); None: the base model
+    lora: str | None = None
 
     def __post_init__(self) -> None:
         if self.embed:

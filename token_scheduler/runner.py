@@ -21,6 +21,7 @@ from model_swapper.model_config import ModelConfig
 from token_scheduler import graph_cap
 from token_scheduler.model import llama
 from token_scheduler.model.attention import AttentionMetadata
+from token_scheduler.model.lora import LoraAdapter, LoraRows
 from token_scheduler.request import Request
 from token_scheduler.sampler import Sampler, SampleResult, masks_stop_tokens
 from token_scheduler.scheduler import SchedulerOutput
@@ -145,6 +146,10 @@ class ModelRunner:
         self.time_steps = False  # CUDA events time each step read in `execute` (StepResult.device_s; a diagnostic)
         self.weights = weights
         self.slot_key: object = None  # which weight slot `weights` live in (graphs are per slot)
+        # LoRA adapters hosted with the model, by name (host copies; LLMEngine.add_lora), and the device copies of
+        # those its steps used while its weights were resident (dropped with them: they are outside the weight arena)
+        self.loras: dict[str, LoraAdapter] = {}
+        self._lora_dev: dict[str, LoraAdapter] = {}
         self.kv = kv_cache
         self.kv_swapper = kv_swapper  # model_swapper.KVSwapper over `kv` and the host KV pool
         self.block_size = block_size
@@ -199,6 +204,32 @@ class ModelRunner:
     def set_weights(self, weights: dict[str, torch.Tensor] | None, slot_key: object = None) -> None:
         """Point the runner at a model's weights (views into an arena slot), or at none (evicted)."""
         self.weights, self.slot_key = weights, slot_key
+        if weights is None:
+            self._lora_dev.clear()
+
+    def drop_lora(self, name: str) -> None:
+        self.loras.pop(name, None)
+        self._lora_dev.pop(name, None)
+
+    def _lora_rows(self, out: SchedulerOutput) -> LoraRows | None:
+        """The adapters of `out`'s rows (a step with any runs the eager forward, which adds their deltas)."""
+        rows: dict[str, list[int]] = {}
+        q0 = 0
+        for c in out.chunks:
+            if (name := c.request.sampling_params.lora) is not None:
+                rows.setdefault(name, []).extend(range(q0, q0 + c.num_tokens))
+            q0 += c.num_tokens
+        if not rows:
+            return None
+        groups = []
+        for name, idx in rows.items():
+            ad = self._lora_dev.get(name)
+            if ad is None:
+                if name not in self.loras:
+                    raise RuntimeError(f"step planned with LoRA adapter {name!r}, which is not hosted")
+                ad = self._lora_dev[name] = self.loras[name].to(self.device)
+            groups.append((ad, upload(idx, self.device)))
+        return LoraRows(groups)
 
     # -- execution ---------------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput, on_launch: Callable[[], None] | None = None) -> StepResult:
@@ -215,7 +246,8 @@ class ModelRunner:
         start = torch.cuda.Event(enable_timing=True) if self.time_steps and self.is_cuda and sample_reqs else None
         prompt_lps: dict[str, list[dict[int, float]]] = {}
         embeds: dict[str, list[float]] = {}
-        eager = _embeds(out)  # (a one-token prompt's prefill is a decode-shaped step)
+        lora = self._lora_rows(out)
+        eager = _embeds(out) or lora is not None  # (a one-token prompt's prefill is a decode-shaped step)
         if out.is_decode and len(out.chunks) in self.bucket_of and not self.hf_exact_decode and not eager:
             # (not marked in flight: its logits are sampled below, and nothing captures before that)
             logits = self._decode_graph(out, start=start).logits[: len(out.chunks)]
@@ -224,7 +256,7 @@ class ModelRunner:
         else:
             if start is not None:
                 start.record()
-            hidden, idx = self._forward_eager(out)
+            hidden, idx = self._forward_eager(out, lora=lora)
             logits = llama.compute_logits(self.weights, hidden[idx]) if idx else None
             if any(scored := _scored_rows(out)):
                 prompt_lps = self._prompt_logprobs(out, hidden, scored)
@@ -294,9 +326,10 @@ class ModelRunner:
         co-stepping engine asks it of a plan before its step is committed): a graph bucket, not the HF-exact path,
         and sampling that needs neither the tokens the host has not read yet (penalties; min_tokens' stop-token mask,
         which counts them; a grammar, which is fed them) nor host-side logprobs, and no embedding (read from the eager
-        forward's hidden states)."""
+        forward's hidden states), and no LoRA adapter (the eager forward adds its deltas)."""
         return (not self.hf_exact_decode and (n in self.bucket_of or not self.is_cuda)
                 and all(not (sp := r.sampling_params).needs_penalties and sp.logprobs is None and not sp.embed
+                        and sp.lora is None
                         and not masks_stop_tokens(r) and r.matcher is None for r in requests))
 
     def launch_decode(self, out: SchedulerOutput, ids: torch.Tensor | None = None,
@@ -396,7 +429,8 @@ class ModelRunner:
                                  block_tables=torch.from_numpy(bt).to(self.device),
                                  context_lens=torch.from_numpy(ctx).to(self.device), use_triton=self.use_triton)
 
-    def _forward_eager(self, out: SchedulerOutput, input_ids: torch.Tensor | None = None):
+    def _forward_eager(self, out: SchedulerOutput, input_ids: torch.Tensor | None = None,
+                       lora: LoraRows | None = None):
         ids, pos, sb, so = self._inputs(out, input_ids is not None)
         dev = self.device
         t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
@@ -434,9 +468,13 @@ class ModelRunner:
         # Otherwise every step runs the fused kernels: on the reference path (~40 ops per layer, one SDPA per
         # sequence) a prefill of a few short prompts was launch-bound, ~36 ms on the H100 for ~100 tokens, and one of
         # 768 tokens of a 1.5B ~47 ms on the H200 (diag_gpu prefill).
+        # LoRA rows: the reference forward, which adds the adapters' deltas between its unfused ops
         fwd = llama.forward if self.hf_exact_prefill and not meta.decode and meta.mixed_rows is None else self.fwd_decode
+        kw = {}
+        if lora is not None:
+            fwd, kw = llama.forward, {"lora": lora}
         hidden = fwd(self.cfg, self.weights, self.kv, self.rope, t(ids) if input_ids is None else input_ids,
-                     t(pos), meta)
+                     t(pos), meta, **kw)
         idx, q = [], 0
         for c in out.chunks:
             q += c.num_tokens

@@ -6,6 +6,8 @@ registered; `ModelConfig.from_hf` (the engine's reader) refuses the same archite
 from __future__ import annotations
 
 import json
+import re
+import struct
 from pathlib import Path
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
@@ -31,4 +33,119 @@ def model_dir_problem(path: str | Path) -> str | None:
     arch = data.get("model_type") if isinstance(data, dict) else None
     if arch not in SUPPORTED_ARCHS:
         return f"{cfg}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}"
+    return None
+
+
+# A LoRA adapter in PEFT's format (`save_pretrained`: adapter_config.json and adapter_model.safetensors), served over
+# the model it was trained on as vLLM's --lora-modules are. The projections an adapter may change: the engine adds
+# scale * B(A(x)) to each (token_scheduler.model.lora); embeddings, the LM head, DoRA and biases are refused.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def read_adapter_config(path: str | Path) -> dict:
+    """A LoRA adapter directory's adapter_config.json, checked for what the engine runs; ValueError names what is
+    wrong with it in a sentence."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"LoRA adapter path {p} " + ("is not a directory" if p.exists() else "does not exist"))
+    cfg_file = p / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"{p} has no adapter_config.json (not a PEFT LoRA adapter directory)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{cfg_file} cannot be read as JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_file} is not a JSON object")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r} is not supported; only LORA")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise ValueError(f"{cfg_file}: r (a positive integer) and lora_alpha (a number) are required")
+    unsupported = {"use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out weights", "modules_to_save": "modules_to_save",
+                   "alpha_pattern": "alpha_pattern", "layers_pattern": "layers_pattern"}
+    for key, what in unsupported.items():
+        if cfg.get(key):
+            raise ValueError(f"{cfg_file}: {what} is not supported")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"{cfg_file}: bias {cfg['bias']!r} is not supported; only 'none'")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, list):
+        bad = [t for t in targets if t.split(".")[-1] not in LORA_TARGETS]
+        if bad:
+            raise ValueError(f"{cfg_file}: target modules {bad} are not supported; supported: {', '.join(LORA_TARGETS)}")
+    if not (p / ADAPTER_WEIGHTS).is_file():
+        raise ValueError(f"{p} has no {ADAPTER_WEIGHTS}" +
+                         (" (adapter_model.bin is not read; save with safe_serialization)"
+                          if (p / "adapter_model.bin").exists() else ""))
+    return cfg
+
+
+
+
+# PEFT's tensor names: ...layers.N.(self_attn|mlp).MODULE.lora_(A|B)[.ADAPTER].weight
+LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[A-Za-z_]\w*)?\.weight$")
+
+
+def lora_dims(hidden: int, q_size: int, kv_size: int, intermediate: int) -> dict[str, tuple[int, int]]:
+    """Each module an adapter may change -> (its output rows, its input features)."""
+    return {"q_proj": (q_size, hidden), "k_proj": (kv_size, hidden), "v_proj": (kv_size, hidden),
+            "o_proj": (hidden, q_size), "gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden),
+            "down_proj": (hidden, intermediate)}
+
+
+def lora_modules(shapes: dict[str, tuple[int, ...]], num_layers: int,
+                 dims: dict[str, tuple[int, int]]) -> dict[tuple[int, str], dict[str, str]]:
+    """An adapter's tensors (name -> shape) as (layer, module) -> {"A": name, "B": name}, checked against a model of
+    `num_layers` layers and module `dims` (lora_dims); ValueError names the first tensor that does not fit."""
+    mods: dict[tuple[int, str], dict[str, str]] = {}
+    for key in shapes:
+        m = LORA_KEY.search(key)
+        if m is None or m.group(2) not in dims:
+            raise ValueError(f"tensor {key} is not a LoRA weight of a supported module ({', '.join(LORA_TARGETS)})")
+        layer = int(m.group(1))
+        if layer >= num_layers:
+            raise ValueError(f"tensor {key} is for layer {layer}; the model has {num_layers}")
+        mods.setdefault((layer, m.group(2)), {})[m.group(3)] = key
+    if not mods:
+        raise ValueError("it has no LoRA weights")
+    for (layer, mod), ab in mods.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"layer {layer} {mod} has lora_{''.join(ab)} without its pair")
+        a, b = shapes[ab["A"]], shapes[ab["B"]]
+        rows, feats = dims[mod]
+        if len(a) != 2 or len(b) != 2 or a[1] != feats or tuple(b) != (rows, a[0]):
+            raise ValueError(f"layer {layer} {mod} has A {list(a)} and B {list(b)}; this model's takes A [r, {feats}] "
+                             f"and B [{rows}, r]")
+    return mods
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header (8 bytes of length, then JSON), without reading the
+    tensors."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100 << 20:
+            raise ValueError(f"{path}: not a safetensors file (a header of {n} bytes)")
+        header = json.loads(f.read(n))
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def adapter_fit_problem(adapter_dir: str | Path, model_dir: str | Path) -> str | None:
+    """Why the LoRA adapter in `adapter_dir` cannot be served over the model in `model_dir` (its configuration, its
+    tensors' names and shapes against the model's config.json); None when it can."""
+    try:
+        read_adapter_config(adapter_dir)
+    except ValueError as e:
+        return str(e)
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        d = cfg.get("head_dim") or h // heads
+        dims = lora_dims(h, heads * d, cfg.get("num_key_value_heads", heads) * d, cfg["intermediate_size"])
+        lora_modules(safetensors_shapes(Path(adapter_dir) / ADAPTER_WEIGHTS), cfg["num_hidden_layers"], dims)
+    except (OSError, KeyError, ValueError, struct.error) as e:
+        why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        return f"LoRA adapter {adapter_dir} does not fit model {model_dir}: {why}"
     return None

@@ -70,6 +70,7 @@ class ModelOut(BaseModel):
     name: str
     path: str | None
     aliases: list[str] = []
+    lora_modules: list[dict] = []  # LoRA adapters served over it: {"name", "path"}
     keep_alive: float | None = None
     pin: bool = False
     last_used: float | None = None  # unix time of the latest request for it (through any alias)

@@ -72,6 +72,7 @@ def _model_out(ctl: Controller, name: str, last_used: dict[str, float]) -> ap.Mo
     me = ctl.models[name]
     s = me.spec
     return ap.ModelOut(name=name, path=s.path, aliases=s.aliases, keep_alive=s.keep_alive, pin=s.pin,
+                       lora_modules=[lm.model_dump() for lm in s.lora_modules],
                        last_used=last_used.get(name),
                        slo=s.slo.model_dump(), priority=s.priority,
                        replicas=s.replicas.model_dump(), max_model_len=me.max_model_len, size_bytes=me.info.size_bytes,

@@ -38,6 +38,15 @@ def admin(request: Request) -> None:
         raise ServingError(401, "admin token required", code="invalid_admin_token")
 
 
+def operator(request: Request) -> None:
+    """Changes to what the server serves that vLLM lets its one user make (/v1/load_lora_adapter): the admin token,
+    or on a single-user server (no auth, or one key as with --api-key) that user's key."""
+    tenants = request.app.state.controller.tenants
+    if tenants.single_user and tenants.authenticate(bearer(request)) is not None:
+        return
+    admin(request)
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -14,7 +14,7 @@ import struct
 from starlette.requests import Request
 
 from controller.api import protocol as p
-from controller.api.serving import OpenAIServing, PromptTooLong, Tracked, encode, too_long
+from controller.api.serving import OpenAIServing, PromptTooLong, Tracked, encode, lora_of, too_long
 from controller.errors import ServingError
 from controller.service import ModelEntry
 from controller.tenants import Tenant
@@ -51,10 +51,11 @@ def prompts_of(serving: OpenAIServing, me: ModelEntry, raw: str | list, truncate
 
 
 async def embed(serving: OpenAIServing, me: ModelEntry, tenant: Tenant, request: Request,
-                prompts: list[list[int]], prefix: str) -> tuple[list[list[float]], Tracked]:
-    """The final hidden state of each prompt's last token, in order, and the generation that made them (closed)."""
-    gen = serving._track(await serving.ctl.generate(me, tenant, prompts, SamplingParams(embed=True), 1,
-                                                    serving.ctl.new_id(prefix)))
+                prompts: list[list[int]], prefix: str, model: str) -> tuple[list[list[float]], Tracked]:
+    """The final hidden state of each prompt's last token, in order, and the generation that made them (closed).
+    `model`: the name asked for (a LoRA adapter's runs with it)."""
+    params = SamplingParams(embed=True, lora=lora_of(me, model))
+    gen = serving._track(await serving.ctl.generate(me, tenant, prompts, params, 1, serving.ctl.new_id(prefix)))
 
     async def collect() -> list[list[float]]:
         vecs: list[list[float] | None] = [None] * len(prompts)
@@ -82,7 +83,7 @@ async def openai_embeddings(serving: OpenAIServing, req: p.EmbeddingRequest, ten
     me = serving.entry(tenant, req.model)
     _dimensions(me, req.dimensions, req.model)
     prompts = await serving.offload(prompts_of, serving, me, req.input, req.truncate_prompt_tokens)
-    vecs, gen = await embed(serving, me, tenant, request, prompts, "embd")
+    vecs, gen = await embed(serving, me, tenant, request, prompts, "embd", req.model)
     data = []
     for i, v in enumerate(vecs):
         unit = l2_normalize(v)
@@ -102,6 +103,6 @@ async def ollama_embed(serving: OpenAIServing, tenant: Tenant, request: Request,
     if not raw:
         return [], None
     prompts = await serving.offload(prompts_of, serving, me, raw, -1 if truncate else None, False)
-    vecs, gen = await embed(serving, me, tenant, request, prompts, "ollama")
+    vecs, gen = await embed(serving, me, tenant, request, prompts, "ollama", model)
     return [l2_normalize(v) if normalize else v for v in vecs], gen
 

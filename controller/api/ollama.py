@@ -375,7 +375,7 @@ def _models(request: Request) -> list[dict[str, Any]]:
     ctl = request.app.state.controller
     out = []
     for card in request.app.state.serving.models(tenant).data:
-        me = ctl.models[card.id]
+        me = ctl.models[card.parent or card.id]  # (a LoRA adapter: its model's)
         arch = me.architecture or ""
         out.append({"name": card.id, "model": card.id,
                     "modified_at": datetime.fromtimestamp(card.created, timezone.utc).isoformat(),

@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 import tokenpool
 from controller.api import auth, responses
@@ -99,8 +99,7 @@ async def list_models(request: Request, tenant: Tenant = Depends(auth.tenant)):
 @router.get("/v1/models/{model:path}", response_model=p.ModelCard, responses=ERRORS)
 async def get_model(model: str, request: Request, tenant: Tenant = Depends(auth.tenant)):
     """A model by the name a request would use: its own, or one of its aliases (answered under the name asked)."""
-    me = request.app.state.serving.lookup(tenant, model)
-    return p.ModelCard(id=model, created=me.created, max_model_len=me.max_model_len)
+    return request.app.state.serving.card(tenant, model)
 
 
 @router.post("/tokenize", response_model=p.TokenizeResponse, responses=ERRORS)
@@ -112,6 +111,21 @@ async def tokenize(body: p.TokenizeRequest, request: Request, tenant: Tenant = D
 @router.post("/detokenize", response_model=p.DetokenizeResponse, responses=ERRORS)
 async def detokenize(body: p.DetokenizeRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
     return await request.app.state.serving.detokenize(body, tenant)
+
+
+@router.post("/v1/load_lora_adapter", responses=ERRORS, dependencies=[Depends(auth.operator)])
+async def load_lora_adapter(body: p.LoadLoraAdapterRequest, request: Request) -> PlainTextResponse:
+    """vLLM's: serve a LoRA adapter under a model name of its own, over the model it was trained on. The admin
+    token, or on a single-user server that user's key."""
+    request.app.state.controller.load_lora(body.base_model_name, body.lora_name, body.lora_path)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter", responses=ERRORS, dependencies=[Depends(auth.operator)])
+async def unload_lora_adapter(body: p.UnloadLoraAdapterRequest, request: Request) -> PlainTextResponse:
+    """vLLM's: stop serving an adapter (its requests in flight finish with it)."""
+    request.app.state.controller.unload_lora(body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
 @router.get("/version")

@@ -388,7 +388,21 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "tokenpool"
+    parent: str | None = None  # (vLLM's) a LoRA adapter's model (no `root`: a tenant is not shown server paths)
     max_model_len: int | None = None
+
+
+class LoadLoraAdapterRequest(_Top):
+    """vLLM's /v1/load_lora_adapter. base_model_name: the model it goes over (may be left out when one is served)."""
+
+    lora_name: ModelName
+    lora_path: str = Field(min_length=1, max_length=4096)
+    base_model_name: str | None = None
+
+
+class UnloadLoraAdapterRequest(_Top):
+    lora_name: ModelName
+    lora_int_id: int | None = None  # (vLLM's; ignored: adapters are named)
 
 
 class ModelList(BaseModel):

@@ -152,6 +152,12 @@ class Tracked:
         g.close(status)
 
 
+
+def lora_of(me: ModelEntry, name: str) -> str | None:
+    """The LoRA adapter a request for `name` runs with on model `me` (None: `name` is the model or an alias)."""
+    return name if name in me.spec.lora_names else None
+
+
 class OpenAIServing:
     def __init__(self, ctl: Controller):
         self.ctl = ctl
@@ -182,10 +188,12 @@ class OpenAIServing:
 
     # --- shared ---
     def lookup(self, tenant: Tenant, model: str) -> ModelEntry:
-        """The model `tenant` asks for by its name or one of its aliases; 404 when there is none it may use."""
+        """The model `tenant` asks for by its name, one of its aliases or one of its LoRA adapters' (whose requests the
+        model's engines run with the adapter: `lora_of`); 404 when there is none it may use."""
         me = self.ctl.models.get(model)
-        if me is None:  # by one of its aliases
-            me = next((e for e in self.ctl.models.values() if model in e.spec.aliases), None)
+        if me is None:  # by one of its aliases or adapters
+            me = next((e for e in self.ctl.models.values() if model in e.spec.aliases or model in e.spec.lora_names),
+                      None)
         if me is None or not (tenant.may_use(me.spec.name) or tenant.may_use(model)):
             # one answer for both: a tenant learns nothing of the others' models
             raise ServingError(404, f"The model `{model}` does not exist.", param="model")
@@ -203,8 +211,23 @@ class OpenAIServing:
         return me
 
     def models(self, tenant: Tenant) -> p.ModelList:
-        return p.ModelList(data=[p.ModelCard(id=n, created=me.created, max_model_len=me.max_model_len)
-                                 for n, me in self.ctl.models.items() if tenant.may_use(n)])
+        """The models `tenant` may use, then the LoRA adapters over them (an adapter's `parent`: its model, as vLLM's
+        cards have it)."""
+        cards = []
+        for n, me in self.ctl.models.items():
+            if tenant.may_use(n):
+                cards.append(p.ModelCard(id=n, created=me.created, max_model_len=me.max_model_len))
+        for n, me in self.ctl.models.items():
+            for lm in me.spec.lora_modules:
+                if tenant.may_use(n) or tenant.may_use(lm.name):
+                    cards.append(p.ModelCard(id=lm.name, created=me.created, max_model_len=me.max_model_len, parent=n))
+        return p.ModelList(data=cards)
+
+    def card(self, tenant: Tenant, model: str) -> p.ModelCard:
+        """A model's card by the name a request would use (answered under the name asked)."""
+        me = self.lookup(tenant, model)
+        return p.ModelCard(id=model, created=me.created, max_model_len=me.max_model_len,
+                           parent=me.spec.name if lora_of(me, model) else None)
 
     @staticmethod
     def _refuse_unsupported(req: p._Sampling) -> None:
@@ -223,7 +246,7 @@ class OpenAIServing:
         if req.logit_bias:
             bias = {int(k): v for k, v in req.logit_bias.items()}
             OpenAIServing._check_vocab(me, list(bias), "logit_bias", "logit_bias: ")
-        kw = dict(n=1, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=req.stop,
+        kw = dict(n=1, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=req.stop, lora=lora_of(me, req.model),
                   stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
                   skip_special_tokens=req.skip_special_tokens, logit_bias=bias, prompt_logprobs=prompt_logprobs,
                   grammar=OpenAIServing._grammar(req, tools))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from model_swapper.model_config import ModelConfig
 from token_scheduler.model.attention import AttentionMetadata, attend, write_kv
+from token_scheduler.model.lora import LoraRows
 from tokenpool import env
 
 
@@ -91,8 +92,10 @@ def forward(
     input_ids: torch.Tensor,  # [T]
     positions: torch.Tensor,  # [T]
     meta: AttentionMetadata,
+    lora: LoraRows | None = None,
 ) -> torch.Tensor:
-    """Hidden states after the final norm, [T, hidden]."""
+    """Hidden states after the final norm, [T, hidden]. `lora`: adapters' deltas added to their rows' projections
+    (the rows of no adapter run as without it, op for op)."""
     _fresh(meta)
     x = F.embedding(input_ids, w["embed"])
     dt = x.dtype
@@ -109,18 +112,29 @@ def forward(
         # follow HF's bit for bit only this way. The fused decode path keeps one GEMM each.
         q, k, v = (F.linear(h, wt, bt) for wt, bt in zip(_rows(w[p + "qkv"], qkv_split),
                                                          _rows(w.get(p + "qkv_b"), qkv_split)))
+        if lora is not None:
+            lora.add_(n, "qkv", h, [q, k, v])
         q, k, v = q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D)
         if cfg.qk_norm:
             q = rms_norm(q, w[p + "q_norm"], eps)
             k = rms_norm(k, w[p + "k_norm"], eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         write_kv(kv_cache, n, k, v, meta)
-        o = attend(q, kv_cache, n, meta, cfg)
-        x = x + F.linear(o.reshape(T, H * D), w[p + "o"])
+        o = attend(q, kv_cache, n, meta, cfg).reshape(T, H * D)
+        y = F.linear(o, w[p + "o"])
+        if lora is not None:
+            lora.add_(n, "o", o, [y])
+        x = x + y
         h = rms_norm(x, w[p + "ln2"], eps)
         wg, wu = w[p + "gate_up"].chunk(2, dim=0)
         g, u = F.linear(h, wg), F.linear(h, wu)
-        x = x + F.linear(F.silu(g) * u, w[p + "down"])
+        if lora is not None:
+            lora.add_(n, "gate_up", h, [g, u])
+        a = F.silu(g) * u
+        y = F.linear(a, w[p + "down"])
+        if lora is not None:
+            lora.add_(n, "down", a, [y])
+        x = x + y
     return rms_norm(x, w["norm"], eps)
 
 

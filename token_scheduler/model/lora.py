@@ -1,0 +1,111 @@
+"""LoRA adapters over a hosted model's weights (PEFT's format; vLLM's multi-LoRA serving).
+
+An adapter changes some projections of each layer: y = W x + scale * B (A x), A [r, in], B [out, r], scale =
+lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA). The engine's projections are fused (q|k|v, gate|up), so an
+adapter is kept in the same shape: for a fused projection, the A of its parts stacked ([r_q + r_k + r_v, in]) and B
+block-diagonal ([q + 2 kv, r_q + r_k + r_v], zeros where a part's output does not read another part's rank), with the
+scale folded into B. The base weights are never changed: requests of several adapters and of the base model share a
+step, each row getting its own adapter's delta (`LoraRows`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model_swapper.model_config import ModelConfig
+from tokenpool.models import ADAPTER_WEIGHTS, lora_dims, lora_modules, read_adapter_config
+
+
+def _fused(cfg: ModelConfig) -> dict[str, tuple[str, int]]:
+    """The engine's fused projection of each module an adapter may change, and the part's row offset in it."""
+    q, kv, i = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    return {"q_proj": ("qkv", 0), "k_proj": ("qkv", q), "v_proj": ("qkv", q + kv), "o_proj": ("o", 0),
+            "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", i), "down_proj": ("down", 0)}
+
+
+def _out_rows(cfg: ModelConfig) -> dict[str, int]:
+    return {"qkv": cfg.q_size + 2 * cfg.kv_size, "o": cfg.hidden_size, "gate_up": 2 * cfg.intermediate_size,
+            "down": cfg.hidden_size}
+
+
+@dataclass
+class LoraAdapter:
+    name: str
+    path: str
+    rank: int  # the largest rank of its modules
+    # per layer: fused projection -> (A [R, in], B [out, R] times the scale); projections it leaves alone are absent
+    layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
+
+    @staticmethod
+    def load(name: str, path: str | Path, cfg: ModelConfig, dtype: torch.dtype) -> LoraAdapter:
+        """Read a PEFT LoRA adapter for a model of `cfg`; ValueError when it is not one the engine can run or does
+        not fit that model."""
+        from safetensors import safe_open
+
+        acfg = read_adapter_config(path)
+        alpha, rslora = float(acfg["lora_alpha"]), bool(acfg.get("use_rslora"))
+        fused = _fused(cfg)
+        with safe_open(str(Path(path) / ADAPTER_WEIGHTS), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            try:
+                mods = lora_modules(shapes, cfg.num_layers,
+                                    lora_dims(cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size))
+            except ValueError as e:
+                raise ValueError(f"LoRA adapter {name!r} does not fit this model: {e}") from None
+            layers: list[dict[str, list]] = [{} for _ in range(cfg.num_layers)]
+            rank = 0
+            for (layer, mod), ab in sorted(mods.items()):
+                a, b = f.get_tensor(ab["A"]).float(), f.get_tensor(ab["B"]).float()
+                r = a.shape[0]
+                proj, off = fused[mod]
+                rank = max(rank, r)
+                scale = alpha / (r ** 0.5 if rslora else r)
+                layers[layer].setdefault(proj, []).append((off, b.shape[0], a, b * scale))
+        out = _out_rows(cfg)
+        stacked: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+        for per in layers:
+            d = {}
+            for proj, items in per.items():
+                a = torch.cat([x[2] for x in items])
+                b = torch.zeros(out[proj], a.shape[0])
+                c = 0
+                for off, rows, _, bb in items:
+                    b[off: off + rows, c: c + bb.shape[1]] = bb
+                    c += bb.shape[1]
+                d[proj] = (a.to(dtype).contiguous(), b.to(dtype).contiguous())
+            stacked.append(d)
+        return LoraAdapter(name, str(path), rank, stacked)
+
+    def to(self, device: torch.device) -> LoraAdapter:
+        layers = [{k: (a.to(device), b.to(device)) for k, (a, b) in d.items()} for d in self.layers]
+        return LoraAdapter(self.name, self.path, self.rank, layers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for d in self.layers for a, b in d.values())
+
+
+class LoraRows:
+    """The adapters of one step's rows: (adapter, the rows it applies to, as indices into the step's tokens). Rows of
+    no adapter are the base model's and are left as they are."""
+
+    def __init__(self, groups: list[tuple[LoraAdapter, torch.Tensor]]):
+        self.groups = groups
+
+    def add_(self, layer: int, proj: str, x: torch.Tensor, outs: list[torch.Tensor]) -> None:
+        """Add each adapter's delta of projection `proj` of `layer` (input `x` [T, in]) to its rows of `outs`, the
+        projection's output as its parts (q, k, v / gate, up / the whole), in place."""
+        for ad, idx in self.groups:
+            ab = ad.layers[layer].get(proj)
+            if ab is None:
+                continue
+            a, b = ab
+            delta = (x.index_select(0, idx) @ a.t()) @ b.t()
+            c = 0
+            for o in outs:
+                w = o.shape[-1]
+                o.index_add_(0, idx, delta[:, c: c + w])
+                c += w
