@@ -99,6 +99,22 @@ def main(venv: str) -> None:
     r2 = c.responses.create(model=models[0], input="And of Italy?", previous_response_id=r1.id, max_output_tokens=20,
                             temperature=0)
     print("responses ->", repr(r1.output_text), "then", repr(r2.output_text), r2.usage.input_tokens, "input tokens")
+    # a LoRA adapter loaded at runtime (vLLM's route; no auth on the embedded default), asked for by name
+    base_dir = json.loads(subprocess.run([f"{venv}/bin/python", "-c", "import json; from controller.config import "
+                                          "default_config; print(json.dumps(default_config().models[0].path))"],
+                                         capture_output=True, text=True, env=env, cwd=WORK).stdout)
+    subprocess.run([f"{venv}/bin/python", "-c", f"from controller.model_factory import make_lora; make_lora("
+                    f"{base_dir!r}, {WORK + '/adapter'!r}, rank=4, alpha=8)"], check=True, env=env, cwd=WORK)
+    req = urllib.request.Request(BASE + "/v1/load_lora_adapter", method="POST", headers={
+        "Content-Type": "application/json"}, data=json.dumps({"lora_name": "mini-lora", "lora_path": WORK + "/adapter",
+                                                              "base_model_name": models[0]}).encode())
+    print("load_lora_adapter ->", urllib.request.urlopen(req).read().decode())
+    parents = {m.id: m.model_extra.get("parent") for m in c.models.list().data}
+    said = [chat(c, m, 2, False) for m in (models[0], "mini-lora")]
+    print("lora -> parent", parents.get("mini-lora"), "| base:", repr(said[0]), "| adapter:", repr(said[1]))
+    req = urllib.request.Request(BASE + "/v1/unload_lora_adapter", method="POST", headers={
+        "Content-Type": "application/json"}, data=json.dumps({"lora_name": "mini-lora"}).encode())
+    print("unload_lora_adapter ->", urllib.request.urlopen(req).read().decode())
     run = subprocess.run([f"{venv}/bin/tokenpool", "run", models[0], "Say hi", "--temperature", "0", "--max-tokens",
                           "8"], capture_output=True, text=True, env=env, timeout=60)
     print("tokenpool run ->", run.returncode, repr(run.stdout))

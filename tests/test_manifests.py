@@ -145,6 +145,8 @@ def test_examples_validate_against_their_crd(kind):
     ("PooledModel", ("spec", "engine", "kind"), "vllm"),
     ("PooledModel", ("spec", "engine", "kvCacheMemoryGB"), 0),
     ("PooledModel", ("spec", "replicas", "min"), -1),
+    ("PooledModel", ("spec", "loraAdapters"), [{"name": "a b", "path": "x"}]),
+    ("PooledModel", ("spec", "loraAdapters"), [{"name": "a"}]),
     ("Tenant", ("spec", "rateLimits", "requestsPerSecond"), -5),
     ("Tenant", ("spec", "maxConcurrent"), 0),
 ])

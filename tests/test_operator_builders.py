@@ -24,6 +24,21 @@ def test_model_spec_from_a_pooled_model():
                               "kv_cache_memory_gb": 4.0, "max_model_len": None}  # the rest: ModelSpec's defaults
 
 
+def test_model_spec_lora_adapters():
+    """loraAdapters become the model's lora_modules (relative paths under the models volume); the controller's
+    model matches only with the same adapters."""
+    spec = {"source": {"path": "q7"}, "loraAdapters": [{"name": "sql", "path": "adapters/sql"},
+                                                       {"name": "chat", "path": "/data/chat"}]}
+    body = b.build_model_spec("q", spec)
+    assert body["lora_modules"] == [{"name": "sql", "path": "/models/adapters/sql"}, {"name": "chat", "path": "/data/chat"}]
+    assert b.model_matches(body, _model_out(body, lora_modules=body["lora_modules"]))
+    assert not b.model_matches(body, _model_out(body))
+    assert not b.model_matches(body, _model_out(body, lora_modules=body["lora_modules"][:1]))
+    with pytest.raises(ValueError, match="pattern"):
+        b.build_model_spec("q", {**spec, "loraAdapters": [{"name": "bad name", "path": "x"}]})
+    assert b.build_model_spec("q", {"source": {"path": "q7"}})["lora_modules"] == []
+
+
 def test_model_spec_defaults_pin_and_absolute_paths():
     body = b.build_model_spec("m", {"source": {"path": "/data/m"}, "pin": True, "replicas": {"min": 0, "max": 2}})
     assert body["name"] == "m" and body["path"] == "/data/m"

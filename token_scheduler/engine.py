@@ -170,6 +170,7 @@ class LLMEngine:
         request and goes once its unfinished ones are done (`retire_loras`). Returns the errors of those that could
         not be read (the others are set regardless)."""
         errors = []
+        loras = {n: str(p) for n, p in loras.items()}
         for name, ad in list(self.runner.loras.items()):
             if loras.get(name) != ad.path:
                 self._retiring.add(name)
@@ -219,7 +220,7 @@ class LLMEngine:
             raise ValueError("the engine takes n=1 requests; fan out n>1 before add_request (LLM.generate does)")
         if params.lora is not None and (params.lora not in self.runner.loras or params.lora in self._retiring):
             raise ValueError(f"LoRA adapter {params.lora!r} is not loaded for model {self.model_name!r}"
-                             f"{'; loaded: ' + ', '.join(self.runner.loras) if self.runner.loras else ''}")
+                             f"{'; loaded: ' + ', '.join(self.loras) if self.loras else ''}")
         req = Request(request_id, ids, params, model=self.model_name, eos_token_ids=self.eos_token_ids,
                       max_model_len=self.max_model_len)
         if params.grammar is not None:

@@ -468,11 +468,9 @@ class ModelRunner:
         # Otherwise every step runs the fused kernels: on the reference path (~40 ops per layer, one SDPA per
         # sequence) a prefill of a few short prompts was launch-bound, ~36 ms on the H100 for ~100 tokens, and one of
         # 768 tokens of a 1.5B ~47 ms on the H200 (diag_gpu prefill).
-        # LoRA rows: the reference forward, which adds the adapters' deltas between its unfused ops
+        # LoRA rows: their adapters' deltas added after each projection (the fused forward on cuBLAS, eager)
         fwd = llama.forward if self.hf_exact_prefill and not meta.decode and meta.mixed_rows is None else self.fwd_decode
-        kw = {}
-        if lora is not None:
-            fwd, kw = llama.forward, {"lora": lora}
+        kw = {} if lora is None else {"lora": lora}
         hidden = fwd(self.cfg, self.weights, self.kv, self.rope, t(ids) if input_ids is None else input_ids,
                      t(pos), meta, **kw)
         idx, q = [], 0

@@ -124,12 +124,23 @@ def lora_modules(shapes: dict[str, tuple[int, ...]], num_layers: int,
 def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape from a safetensors file's header (8 bytes of length, then JSON), without reading the
     tensors."""
+    size = Path(path).stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100 << 20:
-            raise ValueError(f"{path}: not a safetensors file (a header of {n} bytes)")
-        header = json.loads(f.read(n))
-    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= min(100 << 20, size - 8):
+            raise ValueError(f"{path} is not a safetensors file (no header)")
+        try:
+            header = json.loads(f.read(n))
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+            shapes = {k: tuple(v["shape"]) for k, v in tensors.items()}
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise ValueError(f"{path} is not a safetensors file (its header does not parse)") from None
+    if 8 + n + end > size:
+        raise ValueError(f"{path} is cut short: its header places {end} bytes of tensors after it; the file holds "
+                         f"{size - 8 - n}")
+    return shapes
 
 
 def adapter_fit_problem(adapter_dir: str | Path, model_dir: str | Path) -> str | None:
@@ -144,8 +155,15 @@ def adapter_fit_problem(adapter_dir: str | Path, model_dir: str | Path) -> str |
         h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
         d = cfg.get("head_dim") or h // heads
         dims = lora_dims(h, heads * d, cfg.get("num_key_value_heads", heads) * d, cfg["intermediate_size"])
-        lora_modules(safetensors_shapes(Path(adapter_dir) / ADAPTER_WEIGHTS), cfg["num_hidden_layers"], dims)
-    except (OSError, KeyError, ValueError, struct.error) as e:
-        why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-        return f"LoRA adapter {adapter_dir} does not fit model {model_dir}: {why}"
+        layers = cfg["num_hidden_layers"]
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        return f"cannot read the shapes of model {model_dir} from its config.json: {type(e).__name__}: {e}"
+    try:
+        shapes = safetensors_shapes(Path(adapter_dir) / ADAPTER_WEIGHTS)
+    except (OSError, ValueError) as e:
+        return f"LoRA adapter {adapter_dir}: {e}"
+    try:
+        lora_modules(shapes, layers, dims)
+    except ValueError as e:
+        return f"LoRA adapter {adapter_dir} does not fit model {model_dir}: {e}"
     return None

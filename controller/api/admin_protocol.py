@@ -130,6 +130,7 @@ class ModelPoolOut(BaseModel):
                                    "(placed nowhere, its last registration failed: load_error says why)")
     load_error: str | None = Field(None, description="why its last registration failed, while it is ready nowhere")
     pinned: bool
+    loras: list[str] = Field(default_factory=list, description="the LoRA adapters served over it, by name")
     size_bytes: int
     load_s: float = Field(description="the controller's estimate of one load (switch) of this model")
     loads: int = Field(description="weight loads among the recent events (the event ring)")

@@ -142,7 +142,8 @@ def pool_view(ctl: Any, timeline_s: float = SPAN_S, resolution_s: float = RES_S)
         waits = [pm["oldest_wait_s"] for pm in pms.values() if pm["oldest_wait_s"] is not None]
         models.append(ap.ModelPoolOut(
             name=name, engines=sorted(pms), state=state, load_error=failed.get(name),
-            pinned=bool(getattr(me, "pinned", False)), size_bytes=me.info.size_bytes, load_s=me.info.load_s,
+            pinned=bool(getattr(me, "pinned", False)), loras=me.spec.lora_names, size_bytes=me.info.size_bytes,
+            load_s=me.info.load_s,
             loads=len(stalls.get(name, ())),
             load_stall_s=sum(stalls[name]) / len(stalls[name]) if stalls.get(name) else None,
             waiting=sum(pm["waiting"] for pm in pms.values()), oldest_wait_s=max(waits) if waits else None,

@@ -36,6 +36,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "pin": False,
     "replicas": {"min": 1, "max": 4},
     "drainTimeoutSeconds": 120,
+    "loraAdapters": [],
 }
 TENANT_DEFAULTS: dict[str, Any] = {"models": ["*"], "priority": 0, "rateLimits": {}}
 MODELS_MOUNT = "/models"  # where a pool's model volume is mounted in workers (and the controller)
@@ -89,6 +90,8 @@ def build_model_spec(name: str, spec: dict) -> dict:
             body["engine"][key] = s["engine"][field]
     if src.get("memoryGB") is not None:
         body["memory_gb"] = src["memoryGB"]
+    body["lora_modules"] = [{"name": a["name"], "path": a["path"] if a["path"].startswith("/") else
+                             f"{MODELS_MOUNT}/{a['path']}"} for a in s["loraAdapters"]]
     return ModelSpec.model_validate(body).model_dump(mode="json")
 
 
@@ -98,6 +101,7 @@ def model_matches(desired: dict, actual: dict | None) -> bool:
         return False
     return (actual.get("path") == desired["path"] and actual.get("priority") == desired["priority"]
             and actual.get("replicas") == desired["replicas"]
+            and (actual.get("lora_modules") or []) == desired.get("lora_modules", [])
             and {k: float(v) for k, v in (actual.get("slo") or {}).items()} ==
             {k: float(v) for k, v in desired["slo"].items()})
 

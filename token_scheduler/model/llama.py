@@ -149,16 +149,18 @@ def _qk_norm_fused(cfg, w, p: str, qkv: torch.Tensor) -> torch.Tensor:
     return torch.cat([q.view(T, -1), kk.view(T, -1), v], dim=-1)
 
 
-def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionMetadata,
+                  lora: LoraRows | None = None) -> torch.Tensor:
     """CUDA path of `forward`: same arithmetic (bit-identical per op), with the elementwise work of a layer
-    fused into three Triton kernels (add+RMSNorm, RoPE+KV write, SiLU*mul)."""
+    fused into three Triton kernels (add+RMSNorm, RoPE+KV write, SiLU*mul). `lora`: as `forward`'s (on cuBLAS: a
+    step with adapter rows never takes the GEMVs)."""
     from token_scheduler.model import triton_ops as k
     from token_scheduler.model.triton_decode import paged_decode
 
     _fresh(meta)
     x = F.embedding(input_ids, w["embed"])
     T = input_ids.shape[0]
-    if takes_gemv(cfg, x):
+    if takes_gemv(cfg, x) and lora is None:
         with k.pdl_rows(T):
             return _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta)
     H, KVH, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
@@ -168,6 +170,8 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
     for n in range(cfg.num_layers):
         p = f"l{n}."
         qkv = F.linear(h, w[p + "qkv"], w.get(p + "qkv_b"))
+        if lora is not None:
+            lora.add_(n, "qkv", h, [qkv])
         if fold_rope:
             o = paged_decode(qkv, kv_cache, n, meta.block_tables, meta.context_lens, D**-0.5, cfg.sliding_window,
                              rope=(rope.cos, rope.sin, positions, meta.slot_blocks, meta.slot_offsets))
@@ -177,8 +181,12 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
             q = k.rope_and_write_kv(qkv, rope.cos, rope.sin, positions, kv_cache, n, meta.slot_blocks,
                                     meta.slot_offsets, H, KVH, D)
             o = attend(q, kv_cache, n, meta, cfg)
-        h = k.add_rms_norm(x, F.linear(o.reshape(T, H * D), w[p + "o"]), w[p + "ln2"], eps)
-        m = _mlp(w, p, h)
+        o = o.reshape(T, H * D)
+        y = F.linear(o, w[p + "o"])
+        if lora is not None:
+            lora.add_(n, "o", o, [y])
+        h = k.add_rms_norm(x, y, w[p + "ln2"], eps)
+        m = _mlp(w, p, h, lora, n)
         nxt = w[f"l{n + 1}.ln1"] if n + 1 < cfg.num_layers else w["norm"]
         h = k.add_rms_norm(x, m, nxt, eps)
     return h
@@ -237,11 +245,19 @@ def folds_rope(cfg: ModelConfig) -> bool:
     return ATTN_ROPE and not cfg.qk_norm
 
 
-def _mlp(w, p: str, h: torch.Tensor) -> torch.Tensor:
-    """Layer `p`'s MLP on cuBLAS, SiLU*mul in Triton: down(silu(gate) * up) of the normed `h`."""
+def _mlp(w, p: str, h: torch.Tensor, lora: LoraRows | None = None, n: int = 0) -> torch.Tensor:
+    """Layer `p`'s MLP on cuBLAS, SiLU*mul in Triton: down(silu(gate) * up) of the normed `h` (with `lora`: layer
+    `n`'s adapter deltas added to gate|up and down)."""
     from token_scheduler.model import triton_ops as k
 
-    return F.linear(k.silu_mul(F.linear(h, w[p + "gate_up"])), w[p + "down"])
+    if lora is None:
+        return F.linear(k.silu_mul(F.linear(h, w[p + "gate_up"])), w[p + "down"])
+    gu = F.linear(h, w[p + "gate_up"])
+    lora.add_(n, "gate_up", h, [gu])
+    a = k.silu_mul(gu)
+    y = F.linear(a, w[p + "down"])
+    lora.add_(n, "down", a, [y])
+    return y
 
 
 def _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata) -> torch.Tensor:

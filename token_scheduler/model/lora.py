@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from model_swapper.model_config import ModelConfig
-from tokenpool.models import ADAPTER_WEIGHTS, lora_dims, lora_modules, read_adapter_config
+from tokenpool.models import ADAPTER_WEIGHTS, lora_dims, lora_modules, read_adapter_config, safetensors_shapes
 
 
 def _fused(cfg: ModelConfig) -> dict[str, tuple[str, int]]:
@@ -47,23 +47,28 @@ class LoraAdapter:
 
         acfg = read_adapter_config(path)
         alpha, rslora = float(acfg["lora_alpha"]), bool(acfg.get("use_rslora"))
+        file = Path(path) / ADAPTER_WEIGHTS
+        shapes = safetensors_shapes(file)  # (a file cut short, or not safetensors: a ValueError saying so)
+        try:
+            mods = lora_modules(shapes, cfg.num_layers,
+                                lora_dims(cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size))
+        except ValueError as e:
+            raise ValueError(f"LoRA adapter {name!r} does not fit this model: {e}") from None
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                t = {k: f.get_tensor(k).float() for ab in mods.values() for k in ab.values()}
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type (SafetensorError) for a damaged file
+            raise ValueError(f"LoRA adapter {name!r}: cannot read {file}: {e}") from None
         fused = _fused(cfg)
-        with safe_open(str(Path(path) / ADAPTER_WEIGHTS), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            try:
-                mods = lora_modules(shapes, cfg.num_layers,
-                                    lora_dims(cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size))
-            except ValueError as e:
-                raise ValueError(f"LoRA adapter {name!r} does not fit this model: {e}") from None
-            layers: list[dict[str, list]] = [{} for _ in range(cfg.num_layers)]
-            rank = 0
-            for (layer, mod), ab in sorted(mods.items()):
-                a, b = f.get_tensor(ab["A"]).float(), f.get_tensor(ab["B"]).float()
-                r = a.shape[0]
-                proj, off = fused[mod]
-                rank = max(rank, r)
-                scale = alpha / (r ** 0.5 if rslora else r)
-                layers[layer].setdefault(proj, []).append((off, b.shape[0], a, b * scale))
+        layers: list[dict[str, list]] = [{} for _ in range(cfg.num_layers)]
+        rank = 0
+        for (layer, mod), ab in sorted(mods.items()):
+            a, b = t[ab["A"]], t[ab["B"]]
+            r = a.shape[0]
+            proj, off = fused[mod]
+            rank = max(rank, r)
+            scale = alpha / (r ** 0.5 if rslora else r)
+            layers[layer].setdefault(proj, []).append((off, b.shape[0], a, b * scale))
         out = _out_rows(cfg)
         stacked: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
         for per in layers:

@@ -231,7 +231,9 @@ function renderModels(p) {
     ? `(latency and SLO over the last ${p.window_s} s)` : "(SLO over recent requests; latency window not fed)";
   const rows = p.models.map((m) => el("tr", { "data-model": m.name },
     el("td", {}, el("span", { class: "swatch", style: { background: color(m.name) } }), m.name,
-      m.pinned ? el("span", { class: "badge pinned", text: "pinned" }) : null),
+      m.pinned ? el("span", { class: "badge pinned", text: "pinned" }) : null,
+      ...(m.loras || []).map((a) => el("span", { class: "badge lora", text: `LoRA ${a}`,
+        title: `LoRA adapter served over ${m.name}: requests name it as their model` }))),
     el("td", {}, el("span", { class: `badge ${m.state}`, text: m.state, title: m.load_error })),
     el("td", { text: m.engines.join(", ") || "—" }),
     el("td", { class: "num", text: m.waiting }), el("td", { class: "num", text: fmtS(m.oldest_wait_s) }),
