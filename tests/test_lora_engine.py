@@ -307,3 +307,25 @@ def test_damaged_adapter_weights_refused_with_value_error(setup, tmp_path):
         eng.add_lora("cut", bad)
     assert "not a safetensors file" in adapter_fit_problem(bad, d)
     assert eng.loras == [] and eng.set_loras({"cut": str(bad)}) and eng.loras == []
+
+
+def test_device_copies_kept_are_bounded(setup, monkeypatch):
+    """TOKENPOOL_GPU_LORAS bounds the adapters whose copies a runner keeps between steps (least recently used goes),
+    never below the adapters of the step running; the tokens are HF's whichever copies were dropped and made again."""
+    from token_scheduler import runner
+
+    monkeypatch.setattr(runner, "GPU_LORAS", 1)
+    d, dirs, hfs = setup("qwen2")
+    eng = LLMEngine(EngineConfig(model=str(d), device="cpu", dtype="fp32",
+                                 lora_modules={k: str(v) for k, v in dirs.items()}))
+    ids = _prompts(eng.model_config.vocab_size, [6], seed=5)[0]
+    sp = {k: SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, lora=k) for k in ("full", "part")}
+    for k in ("full", "part", "full"):
+        done = _run(eng, {k: (ids, sp[k])})
+        assert done[k].outputs[0].token_ids == _greedy(hfs[k], ids) and list(eng.runner._lora_dev) == [k]
+    _run(eng, {"a": (ids, sp["full"]), "b": (ids, sp["part"])})  # (both in every step: both kept while they run)
+    assert sorted(eng.runner._lora_dev) == ["full", "part"]
+    _run(eng, {"c": (ids, sp["part"])})
+    assert list(eng.runner._lora_dev) == ["part"]
+    eng.set_weights(None)  # (evicted: the copies go with the weights)
+    assert not eng.runner._lora_dev

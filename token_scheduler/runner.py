@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 # the step thread on the H200 at 9ff79c5, a shape's first capture of a bucket ~45 ms). What it bounds one shape's logits to: 96 x the largest bucket's (152k vocabulary:
 # ~20 MB at bucket 32, 1.9 GB for 96; at the served max_num_seqs of 64, ~39 MB each, 3.7 GB at most).
 GRAPH_CAP = max(1, env.GRAPH_CAP.integer())
+GPU_LORAS = max(1, env.GPU_LORAS.integer())  # adapters' device copies kept per model (`ModelRunner._lora_rows`)
 # Prefill and mixed steps whose every chunk goes row by row (`rowwise_prefill_max`) replay CUDA graphs too: such a
 # step is a decode of its rows (row p attends to positions <= p, its K/V written first in each layer). Eager, the
 # forward is ~170 Triton and ~110 cuBLAS launches whatever its length: served prefill steps spent ~19 ms of the step
@@ -149,7 +151,7 @@ class ModelRunner:
         # LoRA adapters hosted with the model, by name (host copies; LLMEngine.add_lora), and the device copies of
         # those its steps used while its weights were resident (dropped with them: they are outside the weight arena)
         self.loras: dict[str, LoraAdapter] = {}
-        self._lora_dev: dict[str, LoraAdapter] = {}
+        self._lora_dev: OrderedDict[str, LoraAdapter] = OrderedDict()  # least recently used first
         self.kv = kv_cache
         self.kv_swapper = kv_swapper  # model_swapper.KVSwapper over `kv` and the host KV pool
         self.block_size = block_size
@@ -228,8 +230,12 @@ class ModelRunner:
                 if name not in self.loras:
                     raise RuntimeError(f"step planned with LoRA adapter {name!r}, which is not hosted")
                 ad = self._lora_dev[name] = self.loras[name].to(self.device)
+            self._lora_dev.move_to_end(name)
             groups.append((ad, upload(idx, self.device)))
+        while len(self._lora_dev) > max(GPU_LORAS, len(rows)):  # (this step's are the most recent: kept)
+            self._lora_dev.popitem(last=False)
         return LoraRows(groups)
+
 
     # -- execution ---------------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput, on_launch: Callable[[], None] | None = None) -> StepResult:

@@ -95,6 +95,9 @@ GRAPH_HOMES = Var("TOKENPOOL_GRAPH_HOMES", "1", "0: weight slots placed by best 
 GRAPH_CAP = Var("TOKENPOOL_GRAPH_CAP", "96", "CUDA graphs kept per model shape (their logits live outside the arena); "
                 "over it, a capture evicts the least recently replayed one (token_scheduler/runner.py GRAPH_CAP)",
                 kind="int")
+GPU_LORAS = Var("TOKENPOOL_GPU_LORAS", "8", "LoRA adapters of one model whose weights stay on its device between "
+                "steps (vLLM's --max-loras); over it, the least recently used goes (a step with more uses them all)",
+                kind="int")
 WORKER_BURST_S = Var("TOKENPOOL_WORKER_BURST_S", "0.05", "the longest run of steps a worker's step thread makes "
                      "without a look at its event loop (0: one step a hand-off; A/B runs)", kind="number")
 GRAPH_PRECAPTURE = Var("TOKENPOOL_GRAPH_PRECAPTURE", "0", "1: a pooled engine captures every CUDA-graph bucket of a "
