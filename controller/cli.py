@@ -131,6 +131,9 @@ def serve_cmd(
     lora_modules: Optional[list[str]] = typer.Option(
         None, "--lora-modules", help="as vLLM's: a LoRA adapter (PEFT directory) served under its own name over a "
         "MODEL_DIR model, NAME=PATH (one MODEL_DIR) or JSON {\"name\", \"path\", \"base_model_name\"}; repeat it"),
+    enable_prefix_caching: Optional[bool] = typer.Option(
+        None, "--enable-prefix-caching/--no-enable-prefix-caching", help="as vLLM's: the MODEL_DIR models' requests "
+        "start on the cached KV of the tokens they begin with (default: on)"),
 ) -> None:
     """Start the OpenAI-compatible server and its engines.
 
@@ -147,7 +150,7 @@ def serve_cmd(
         raise typer.BadParameter(f"no configuration file at {config}", param_hint="--config")
     serve(config_path=config, host=host, port=port, model_dirs=model_dirs, served_model_names=served_model_name,
           gpu_budget_gb=gpu_budget, api_key=api_key, max_model_len=max_model_len, dtype=dtype,
-          tool_call_parser=tool_call_parser, lora_modules=lora_modules)
+          tool_call_parser=tool_call_parser, lora_modules=lora_modules, enable_prefix_caching=enable_prefix_caching)
 
 
 @app.command("ps")

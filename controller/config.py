@@ -63,6 +63,7 @@ class EngineOptions(_Strict):
     kv_cache_memory_gb: float | None = Field(None, gt=0, le=MAX_GB)  # set it when several models share a GPU
     cuda_graphs: bool | None = None
     seed: int = 0
+    enable_prefix_caching: bool = True  # (vLLM's) requests start on the cached KV of the tokens they begin with
     # PaceEngine only: seconds per decode step / per prompt token, and a tokenizer-less byte vocabulary.
     pace_s_per_token: float = Field(0.02, ge=0)
     pace_prefill_s_per_token: float = Field(0.0, ge=0)

@@ -113,6 +113,10 @@ class Metrics:
                                      ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_len = Histogram("tokenpool_request_prompt_tokens", "Prompt tokens per request", ["model"],
                                     buckets=TOKEN_BUCKETS, registry=r)
+        self.cache_queries = Counter("tokenpool_prefix_cache_queries_total", "Prompt tokens of finished requests "
+                                     "(vLLM's prefix-cache queries)", ["model"], registry=r)
+        self.cache_hits = Counter("tokenpool_prefix_cache_hits_total", "Of those, tokens whose KV was found in the "
+                                  "prefix cache", ["model"], registry=r)
         self.generation_len = Histogram("tokenpool_request_generation_tokens", "Generated tokens per request "
                                         "(all choices)", ["model"], buckets=TOKEN_BUCKETS, registry=r)
         # --- engine state, from worker Stats ---
@@ -124,11 +128,14 @@ class Metrics:
         r.register(_GPUCollector())
 
     def request_done(self, model: str, finish_reasons: list[str | None], prompt_tokens: int, generation_tokens: int,
-                     queue_s: float | None, prefill_s: float | None, decode_s: float | None) -> None:
+                     queue_s: float | None, prefill_s: float | None, decode_s: float | None,
+                     cached_tokens: int = 0) -> None:
         """One API request has ended (its choices' finish reasons; None: cut short, counted as abort)."""
         for fr in finish_reasons:
             self.request_success.labels(model, fr or "abort").inc()
         self.prompt_len.labels(model).observe(prompt_tokens)
+        self.cache_queries.labels(model).inc(prompt_tokens)
+        self.cache_hits.labels(model).inc(cached_tokens)
         self.generation_len.labels(model).observe(generation_tokens)
         for h, v in ((self.queue_time, queue_s), (self.prefill_time, prefill_s), (self.decode_time, decode_s)):
             if v is not None:

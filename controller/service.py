@@ -126,6 +126,8 @@ class Generation:
         self.sink = sink
         self.subs: list[Sub] = []
         self.completion_tokens = 0
+        self.per_prompt = 1  # choices per prompt (n)
+        self._cached: dict[int, int] = {}  # prompt -> its prompt tokens found in the prefix cache (the most of its n)
         self.t_arrival = time.monotonic()
         self.t_first: float | None = None
         self.t_last: float | None = None
@@ -149,7 +151,15 @@ class Generation:
                 self.completion_tokens += len(d.token_ids)
             if d.finished:
                 open_ -= 1
+                if d.num_cached_tokens:
+                    p = sub.index // self.per_prompt
+                    self._cached[p] = max(self._cached.get(p, 0), d.num_cached_tokens)
             yield sub.index, d
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose KV was found in the prefix cache (each prompt's once, whatever its n)."""
+        return sum(self._cached.values())
 
     def pending(self) -> bool:
         """Whether `events()` has a delta ready without waiting."""
@@ -323,6 +333,9 @@ class Controller:
             raise ServingError(429, refused[1], retry_after=refused[0])
         slo = self.slo_for(entry, tenant)
         gen = Generation(self, entry, tenant, slo, charged, prompt_tokens, asyncio.Queue())
+        gen.per_prompt = n
+        if not self.tenants.single_user:  # (a tenant's prompts neither use nor time another's cached KV)
+            params = dataclasses.replace(params, cache_salt=f"{tenant.name}\0{params.cache_salt or ''}")
         self.activity.started(gen, request_id)
         try:
             for p, ids in enumerate(prompts):

@@ -46,12 +46,13 @@ def to_delta(out) -> m.Delta:
     if out.delta_logprobs is not None and out.delta_token_ids:
         lps = _pairs(out.delta_token_ids, out.delta_logprobs)
     plp = None if out.prompt_logprobs is None else _pairs(out.prompt_token_ids[1:], out.prompt_logprobs[1:])
+    cached = (out.num_cached_tokens or 0) if out.finished else 0
     if out.embedding is not None:  # (an embedding: the token its step drew is not an output)
         return m.Delta(request_id=out.request_id, finished=True, finish_reason="stop",
-                       num_prompt_tokens=len(out.prompt_token_ids), embedding=out.embedding)
+                       num_prompt_tokens=len(out.prompt_token_ids), embedding=out.embedding, num_cached_tokens=cached)
     return m.Delta(request_id=out.request_id, text=out.delta_text, token_ids=list(out.delta_token_ids),
                    logprobs=lps, finished=out.finished, finish_reason=c.finish_reason if out.finished else None,
-                   num_prompt_tokens=len(out.prompt_token_ids), prompt_logprobs=plp)
+                   num_prompt_tokens=len(out.prompt_token_ids), prompt_logprobs=plp, num_cached_tokens=cached)
 
 
 def _seqs(eng, msg: m.LoadModel) -> int:

@@ -68,6 +68,10 @@ class SimRequest:
     def num_tokens(self) -> int:
         return self.num_prompt_tokens + self.num_output
 
+    @property
+    def kv_tokens_freed(self) -> int:  # (no prefix cache simulated: preempting frees all its KV)
+        return self.num_computed_tokens
+
 
 @dataclass
 class GpuStats:

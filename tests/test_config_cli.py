@@ -106,6 +106,11 @@ def test_model_dirs_become_models(make_tiny, tmp_path):
     assert cfg.models[0].tool_call_parser == "hermes"
     with pytest.raises(StartupError, match="the ones known are hermes"):
         prepare(None, None, None, [q], [], None, None, None, None, "mistral")
+    # vLLM's --[no-]enable-prefix-caching: the directories' models (on unless said)
+    assert prepare(None, None, None, [q], [])[0].models[0].engine.enable_prefix_caching
+    assert not prepare(None, None, None, [q], [], enable_prefix_caching=False)[0].models[0].engine.enable_prefix_caching
+    with pytest.raises(StartupError, match="apply to the MODEL_DIR arguments"):
+        prepare(None, None, None, [], [], enable_prefix_caching=False)
 
 
 def test_serve_model_dir_with_names_live(make_tiny, tmp_path):

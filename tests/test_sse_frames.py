@@ -44,7 +44,8 @@ def test_chat_frames_match_pydantic(rid, model, created, index, text, fin, usage
 
 
 def test_usage_frame_matches_pydantic():
-    u = p.Usage(prompt_tokens=3, completion_tokens=5, total_tokens=8)
+    u = p.Usage(prompt_tokens=3, completion_tokens=5, total_tokens=8,
+                prompt_tokens_details=p.PromptTokensDetails(cached_tokens=2))  # (as the server makes it)
     for obj, cls in (("text_completion", p.CompletionChunk), ("chat.completion.chunk", p.ChatCompletionChunk)):
         want = sse(cls(object=obj, id="x-1", created=7, model="m", choices=[], usage=u))
         assert ChunkFrames(obj, "x-1", 7, "m", True).usage(u.model_dump_json().encode()) == want

@@ -90,5 +90,6 @@ def detokenize(outs: list[TokenOutput]) -> tuple[list[RequestOutput], list[tuple
             req.request_id, req.prompt_token_ids, [comp], finished, model=req.model, delta_text=delta,
             delta_token_ids=req.output_token_ids[n - k : n],
             delta_logprobs=None if lps is None else req.output_logprobs[n - k : n], metrics=metrics,
-            prompt_logprobs=plp, embedding=req.embedding if finished else None))
+            prompt_logprobs=plp, embedding=req.embedding if finished else None,
+            num_cached_tokens=req.num_cached_tokens))
     return results, stopped

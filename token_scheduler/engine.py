@@ -47,6 +47,9 @@ class EngineConfig:
     # LoRA adapters served over this model (vLLM's --lora-modules): name -> PEFT adapter directory. A request asks
     # for one by SamplingParams.lora; `LLMEngine.add_lora` / `remove_lora` change them at runtime.
     lora_modules: dict[str, str] | None = None
+    # Automatic prefix caching (vLLM's): a request starts on the cached KV blocks its tokens begin with (a shared
+    # system prompt, the turns before a chat's last). Off on the HF-exact reference paths.
+    enable_prefix_caching: bool = True
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -106,6 +109,7 @@ class LLMEngine:
         swapper = KVSwapper(kv, self.host_kv, staging_blocks=16 if shared_kv else 64) if self.host_kv else None
         self.scheduler = BatchScheduler(
             BatchLimits.of(c), gpu_alloc, self.host_kv.allocator if self.host_kv else None, model=self.model_name,
+            prefix_caching=c.enable_prefix_caching and not (c.hf_exact or c.hf_exact_prefill),
         )
         self.runner = ModelRunner(mc, self.weights, kv, block_size, self.max_model_len, self.device, c.seed,
                                   swapper, cuda_graphs=c.cuda_graphs, max_graph_batch=c.max_num_seqs,
@@ -223,6 +227,8 @@ class LLMEngine:
                              f"{'; loaded: ' + ', '.join(self.loras) if self.loras else ''}")
         req = Request(request_id, ids, params, model=self.model_name, eos_token_ids=self.eos_token_ids,
                       max_model_len=self.max_model_len)
+        if params.lora is not None:
+            req.lora_uid = self.runner.loras[params.lora].uid
         if params.grammar is not None:
             req.matcher = self._matcher(params.grammar)
         if arrival_time is not None:

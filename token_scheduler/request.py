@@ -48,6 +48,9 @@ class SamplingParams:
     # the name of a LoRA adapter hosted with the model (EngineConfig.lora_modules, LLMEngine.add_lora) whose deltas
     # this request's projections add (vLLM's LoRARequest); None: the base model
     lora: str | None = None
+    # (vLLM's) prefix caching shares KV only between requests of the same salt: a tenant's prompts are never served
+    # from another tenant's cache (nor timed against it). None: shared with every request of no salt.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if self.embed:
@@ -170,6 +173,40 @@ class Request:
     # generator of a seeded request.
     detok: Any = None
     generator: Any = None
+    # Prefix caching (BatchScheduler): the chained hashes of its full blocks so far, how many of its blocks are
+    # offered to the cache, and how many prompt tokens its first start found there (usage's cached_tokens).
+    block_hashes: list = field(default_factory=list)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int | None = None
+    kv_view: Any = None  # (prefix caching) the allocator of its blocks, which knows which are shared
+    lora_uid: int | None = None  # (SamplingParams.lora) the adapter's load: one reloaded under its name is another
+
+    @property
+    def kv_tokens_freed(self) -> int:
+        """Computed tokens whose KV preempting it would free: all, less those in the cached prefix blocks another
+        request holds too (a policy counts these when it plans a preemption)."""
+        c, kv = self.num_computed_tokens, self.kv_view
+        if kv is None or not self.block_ids:
+            return c
+        return max(0, c - kv.shared(self.block_ids) * kv.block_size)
+
+    def block_hash_extra(self) -> bytes:
+        """What besides the tokens keeps its KV apart: the LoRA adapter, the cache salt."""
+        sp = self.sampling_params
+        if sp.lora is None and sp.cache_salt is None:
+            return b""
+        return f"{sp.lora or ''}\0{self.lora_uid}\0{sp.cache_salt or ''}".encode()
+
+    def hashes_to(self, n_blocks: int, block_size: int) -> list:
+        """The chained hashes of its first `n_blocks` full blocks (made once each, kept)."""
+        from token_scheduler.block_manager import block_hash
+
+        hs = self.block_hashes
+        if len(hs) < n_blocks:
+            toks, extra = self.all_token_ids, self.block_hash_extra()
+            for i in range(len(hs), n_blocks):
+                hs.append(block_hash(hs[-1] if hs else b"", toks[i * block_size: (i + 1) * block_size], extra))
+        return hs[:n_blocks]
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -275,3 +312,5 @@ class RequestOutput:
     # precedes it): on the output carrying the request's first token -- the prompt is whole by then -- only
     prompt_logprobs: list[dict[int, float] | None] | None = None
     embedding: list[float] | None = None  # (SamplingParams.embed) on its one, final output
+    # (prefix caching; vLLM's) prompt tokens whose KV its first start found cached, once it has started
+    num_cached_tokens: int | None = None

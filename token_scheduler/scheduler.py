@@ -28,6 +28,9 @@ class ScheduledChunk:
     start: int  # first position computed this step (== request.num_computed_tokens)
     num_tokens: int
     sample: bool  # this chunk reaches the end of the sequence: sample the next token
+    # (prefix caching) tokens its request found cached as it started this step: the chunk begins after them, so it
+    # may be shorter than the batch planned (a chunk that reaches the end samples sooner)
+    cached: int = 0
 
 
 @dataclass
@@ -55,7 +58,7 @@ class SchedulerOutput:
 
 class BatchScheduler:
     def __init__(self, limits: BatchLimits, kv: BlockAllocator, host_kv: BlockAllocator | None = None,
-                 model: str = "default"):
+                 model: str = "default", prefix_caching: bool = False):
         # alone, every admissible request starts at once: no FCFS groups
         self.limits = replace(limits, group_size=limits.max_seqs)
         self.kv = kv
@@ -66,6 +69,12 @@ class BatchScheduler:
         self.swapped: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # requests preempted so far (KV swapped to host, or dropped and recomputed)
+        # Prefix caching: a request starting takes the cached blocks its tokens begin with (`_reuse_prefix`), and each
+        # full block computed is offered to the cache (`update`). The prompt tokens of first starts, and of them those
+        # found cached (vLLM's prefix-cache queries and hits).
+        self.prefix_caching = prefix_caching
+        self.cache_queries = 0
+        self.cache_hits = 0
 
     # -- queue ---------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -78,6 +87,8 @@ class BatchScheduler:
                 f"the pool holds {self.kv.num_blocks * self.kv.block_size}"
             )
         self.requests[req.request_id] = req
+        if self.prefix_caching:
+            req.kv_view = self.kv
         self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
@@ -113,6 +124,7 @@ class BatchScheduler:
         self.running.remove(req)
         out.preempted.append(req.request_id)
         n = len(req.block_ids)
+        req.num_registered_blocks = 0  # (its blocks go: those it gets back are offered again)
         if self.host_kv is not None and self.host_kv.can_allocate(n) and req.num_computed_tokens > 0:
             req.host_block_ids = self.host_kv.allocate(n)
             out.swap_out.append((list(req.block_ids), list(req.host_block_ids)))
@@ -152,6 +164,7 @@ class BatchScheduler:
             if req in self.running:
                 self._preempt(req, out)
         kv, chunks, live, bs = self.kv, out.chunks, self.requests, self.kv.block_size
+        spare = self._spare(entries) if self.prefix_caching and self.waiting else 0
         for req, n in entries:
             st = req.status
             if st is _RUNNING:  # the common case first, the rest of the loop inline: it runs per request per step
@@ -176,8 +189,13 @@ class BatchScheduler:
                 self.waiting.popleft()
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
+                if self.prefix_caching:
+                    n, spare = self._reuse_prefix(req, n, spare)
+            cached = req.num_computed_tokens if st is RequestStatus.WAITING else 0
             self.kv.grow(req.block_ids, req.num_computed_tokens + n)
             self._add_chunk(out, req, n)
+            if cached:
+                chunks[-1].cached = cached
         return out
 
     def continuation(self, prev: SchedulerOutput, can_launch) -> SchedulerOutput | None:
@@ -209,6 +227,48 @@ class BatchScheduler:
             self.kv.grow(c.request.block_ids, c.start + 1)
         return out
 
+    def _spare(self, entries) -> int:
+        """Free blocks beyond what a batch needs, as `commit` would take them (taking cached blocks no request holds
+        draws on these: the batch was built to fit the free blocks, cached ones counted in)."""
+        need, bfor = 0, self.kv.blocks_for
+        for req, n in entries:
+            if req.status is _SWAPPED:
+                need += max(len(req.host_block_ids), bfor(req.num_computed_tokens + n))
+            else:
+                need += max(0, bfor(req.num_computed_tokens + n) - len(req.block_ids))
+        return self.kv.num_free - need
+
+    def _reuse_prefix(self, req: Request, n: int, spare: int) -> tuple[int, int]:
+        """Start `req` (planned `n` tokens from the first) on the cached blocks its tokens begin with: at most all its
+        full blocks before its last token (a step must compute that one to sample), as many as the spare free blocks
+        allow. Returns the tokens its chunk has now and the spare blocks left."""
+        first = req.num_cached_tokens is None
+        if first:
+            req.num_cached_tokens = 0
+            self.cache_queries += req.num_prompt_tokens
+        bs, bfor = self.kv.block_size, self.kv.blocks_for
+        most = (req.num_tokens - 1) // bs
+        if req.num_computed_tokens or req.block_ids or not most or req.sampling_params.prompt_logprobs is not None:
+            return n, spare
+        hits = self.kv.cached_prefix(req.hashes_to(most, bs))
+        k = len(hits)
+        while k:  # taking k blocks costs the idle ones among them, and the chunk then needs fewer blocks of its own
+            m = min(n, req.num_tokens - k * bs)
+            cost = sum(idle for _, idle in hits[:k]) + bfor(m) - bfor(n)
+            if cost <= spare:
+                break
+            k -= 1
+        if not k:
+            return n, spare
+        blocks = [b for b, _ in hits[:k]]
+        self.kv.take_cached(blocks)
+        req.block_ids = blocks
+        req.num_computed_tokens, req.num_registered_blocks = k * bs, k
+        if first:
+            req.num_cached_tokens = min(k * bs, req.num_prompt_tokens)
+            self.cache_hits += req.num_cached_tokens
+        return m, spare - cost
+
     @staticmethod
     def _add_chunk(out: SchedulerOutput, req: Request, n: int) -> None:
         out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n, req.num_computed_tokens + n == req.num_tokens))
@@ -221,6 +281,11 @@ class BatchScheduler:
             if req.finished or req.request_id not in self.requests:
                 continue
             req.num_computed_tokens += c.num_tokens
+            if self.prefix_caching and (full := req.num_computed_tokens // self.kv.block_size) > req.num_registered_blocks:
+                hs = req.hashes_to(full, self.kv.block_size)
+                for i in range(req.num_registered_blocks, full):
+                    self.kv.register(req.block_ids[i], hs[i])
+                req.num_registered_blocks = full
             if c.sample and req.request_id in sampled:
                 req.output_token_ids.append(sampled[req.request_id])
                 req.check_stop_token()
@@ -237,4 +302,6 @@ class BatchScheduler:
             "kv_blocks_used": self.kv.num_used,
             "kv_blocks_total": self.kv.num_blocks,
             "num_preemptions": self.num_preemptions,
+            "prefix_cache_queries": self.cache_queries,
+            "prefix_cache_hits": self.cache_hits,
         }

@@ -113,6 +113,9 @@ class _Sampling(_Top):
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=1 << 31)]] | None = Field(None, max_length=64)
     skip_special_tokens: bool = True
+    # (vLLM's) prefix caching shares KV only among requests of the same salt (on a multi-tenant server each tenant's
+    # requests are salted with the tenant as well)
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
 
     @field_validator("logit_bias")
     @classmethod
@@ -277,10 +280,15 @@ class DetokenizeResponse(BaseModel):
 
 
 # --- responses ---
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV was found in the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()  # (OpenAI's) the cached part of the prompt
 
 
 class EmbeddingUsage(BaseModel):

@@ -196,7 +196,7 @@ class _Reply:
         r = self.req
         usage = None
         if status != "in_progress":
-            usage = {"input_tokens": gen.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            usage = {"input_tokens": gen.prompt_tokens, "input_tokens_details": {"cached_tokens": gen.cached_tokens},
                      "output_tokens": gen.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": gen.prompt_tokens + gen.completion_tokens}
         return {"id": self.rid, "object": "response", "created_at": self.created, "status": status, "error": None,

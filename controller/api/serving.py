@@ -148,7 +148,7 @@ class Tracked:
             self.metrics.request_done(
                 g.entry.spec.name, reasons, g.prompt_tokens, g.completion_tokens,
                 queue_s=self.t_handed - g.t_arrival, prefill_s=g.t_first - self.t_handed if ok else None,
-                decode_s=g.t_last - g.t_first if ok and g.t_last is not None else None)
+                decode_s=g.t_last - g.t_first if ok and g.t_last is not None else None, cached_tokens=g.cached_tokens)
         g.close(status)
 
 
@@ -249,6 +249,7 @@ class OpenAIServing:
         kw = dict(n=1, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=req.stop, lora=lora_of(me, req.model),
                   stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
                   skip_special_tokens=req.skip_special_tokens, logit_bias=bias, prompt_logprobs=prompt_logprobs,
+                  cache_salt=req.cache_salt,
                   grammar=OpenAIServing._grammar(req, tools))
         for f, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", -1), ("min_p", 0.0),
                            ("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
@@ -292,6 +293,7 @@ class OpenAIServing:
 
     def _usage(self, gen: Tracked) -> p.Usage:
         return p.Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                       prompt_tokens_details=p.PromptTokensDetails(cached_tokens=gen.cached_tokens),
                        total_tokens=gen.prompt_tokens + gen.completion_tokens)
 
     def _tok(self, me: ModelEntry, tid: int) -> str:

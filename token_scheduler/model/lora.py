@@ -10,7 +10,8 @@ step, each row getting its own adapter's delta (`LoraRows`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import count
 from pathlib import Path
 
 import torch
@@ -31,6 +32,9 @@ def _out_rows(cfg: ModelConfig) -> dict[str, int]:
             "down": cfg.hidden_size}
 
 
+_UIDS = count(1)
+
+
 @dataclass
 class LoraAdapter:
     name: str
@@ -38,6 +42,7 @@ class LoraAdapter:
     rank: int  # the largest rank of its modules
     # per layer: fused projection -> (A [R, in], B [out, R] times the scale); projections it leaves alone are absent
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
+    uid: int = field(default_factory=lambda: next(_UIDS))  # this load's (its requests' cached KV is keyed by it)
 
     @staticmethod
     def load(name: str, path: str | Path, cfg: ModelConfig, dtype: torch.dtype) -> LoraAdapter:
@@ -86,7 +91,7 @@ class LoraAdapter:
 
     def to(self, device: torch.device) -> LoraAdapter:
         layers = [{k: (a.to(device), b.to(device)) for k, (a, b) in d.items()} for d in self.layers]
-        return LoraAdapter(self.name, self.path, self.rank, layers)
+        return LoraAdapter(self.name, self.path, self.rank, layers, self.uid)
 
     @property
     def nbytes(self) -> int:

@@ -123,7 +123,7 @@ def select_batch(on_gpu: Sequence, swapped: Sequence, waiting: Iterable, block_t
             last -= 1
             held -= 1
             swap_out.append(victim)
-            free += kv_bytes(victim.num_computed_tokens)
+            free += kv_bytes(victim.kv_tokens_freed)
         if grow > free:
             stuck = True  # even alone it does not fit: nothing more this step
             break

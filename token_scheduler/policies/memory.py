@@ -43,7 +43,7 @@ def make_room(st: PoolState, need: int, victims: list[str], room: Room | None = 
                 if r.status == RequestStatus.RUNNING and id(r) not in out_ids:
                     room.swap_out.append(r)
                     out_ids.add(id(r))
-                    room.freed += m.kv_bytes(r.num_computed_tokens)
+                    room.freed += m.kv_bytes(r.kv_tokens_freed)
                     if room.freed >= need:
                         break
         if room.freed >= need:
