@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
         system += PARAGRAPH.format(i=i)
         i += 1
     engine = {"max_num_seqs": 8}
+    slo = {"ttft_s": 120.0}  # (admission estimates a prefill from the whole prompt: a CPU one of 1,500 tokens is long)
     cfg = {"workers": {"local": a.device}, "models": [
-        {"name": "cached", "path": model, "engine": engine},
-        {"name": "uncached", "path": model, "engine": {**engine, "enable_prefix_caching": False}}]}
+        {"name": "cached", "path": model, "engine": engine, "slo": slo},
+        {"name": "uncached", "path": model, "engine": {**engine, "enable_prefix_caching": False}, "slo": slo}]}
     rows = {"cached": [], "uncached": []}
     with tempfile.TemporaryDirectory() as work, LiveServer(cfg, Path(work), ready_timeout=600) as srv:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=600)
