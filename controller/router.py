@@ -13,6 +13,7 @@ placed (GPU workers start one by one), `rebalance` moves registrations to even t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from controller.admission import estimate_ttft
@@ -70,6 +71,7 @@ class Route:
     queue_len: int
     load: bool = False  # a new registration: the model is registered there first
     prefill_s: float = 0.0  # the request's own prefill there, by the pool's fit (admission refuses what alone misses)
+    cached_tokens: int = 0  # of its prompt, the tokens that engine likely has cached (controller.prefix_index)
 
 
 # What a decode step costs beyond reading its weights, in weight bytes (H200, bench engine at batch 1: a 1.5B
@@ -170,19 +172,23 @@ def estimate_on(e: EngineView, r: ReplicaView, prompt_tokens: int = 0) -> tuple[
                          prefill_s=prefill), queued
 
 
-def route(model: ModelInfo, engines: list[EngineView], prompt_tokens: int = 0) -> Route | None:
+def route(model: ModelInfo, engines: list[EngineView], prompt_tokens: int = 0,
+          cached: Callable[[str], int] | None = None) -> Route | None:
     """The registered engine with the lowest estimated TTFT for one request, or None if no usable engine has
-    the model registered (the caller places a registration: `place`)."""
+    the model registered (the caller places a registration: `place`). `cached(engine_id)`: the prompt tokens that
+    engine likely has in its prefix cache (they cost no prefill there: prefix-cache-aware routing)."""
     best: Route | None = None
     for e in engines:
         r = e.replicas.get(model.name)
         if not e.usable or r is None or r.draining:
             continue
-        est, queued = estimate_on(e, r, prompt_tokens)
+        hit = min(cached(e.engine_id), prompt_tokens) if cached is not None else 0
+        est, queued = estimate_on(e, r, prompt_tokens - hit)
         if not r.ready:
             est += model.load_s  # its registration (host copy) is still being loaded
         if best is None or est < best.est_ttft_s:
-            best = Route(e.engine_id, est, queued, r.inflight, prefill_s=prompt_tokens * r.prefill_s_per_token)
+            best = Route(e.engine_id, est, queued, r.inflight, prefill_s=(prompt_tokens - hit) * r.prefill_s_per_token,
+                         cached_tokens=hit)
     return best
 
 

@@ -28,6 +28,7 @@ from controller.events import EventBus
 from controller.heap import collect_all, freeze_long_lived
 from controller.metrics import Metrics
 from controller.pool import EngineHandle, EnginePool, Replica, Sub, local_devices
+from controller.prefix_index import PrefixIndex, prompt_hashes
 from controller.router import (
     EngineView,
     ModelInfo,
@@ -179,6 +180,7 @@ class Controller:
         self.cfg = cfg
         self.metrics = Metrics()
         self.tenants = TenantRegistry(cfg.tenants, cfg.auth_enabled, cfg.tenants_file)
+        self.prefix = PrefixIndex()  # the prompt blocks sent to each engine: prefix-cache-aware routing
         self.models: dict[str, ModelEntry] = {}
         self.autoscaler = Autoscaler(cfg.autoscaler)
         self._was_ready = False  # ready() once: start-up is over (see ready)
@@ -363,7 +365,12 @@ class Controller:
         A model with no usable registration (its engine died, say) is registered on the best engine first."""
         name = entry.spec.name
         views = self.views()
-        rt = route(entry.info, views, len(sub.prompt_ids))
+        hashes, cached = [], None
+        if entry.spec.engine.kind == "llm" and entry.spec.engine.enable_prefix_caching:
+            sp = sub.params
+            hashes = prompt_hashes(sub.prompt_ids, f"{sp.lora or ''}\0{sp.cache_salt or ''}".encode())
+            cached = lambda eid: self.prefix.cached_tokens(name, eid, hashes)  # noqa: E731
+        rt = route(entry.info, views, len(sub.prompt_ids), cached)
         if rt is None:
             pl = place(entry.info, views, self.infos(), pinned=self.pinned())
             if pl is None:
@@ -371,7 +378,7 @@ class Controller:
                 raise ServingError(503, f"no engine can serve model {name!r} now{f': {why}' if why else ''}",
                                    retry_after=5)
             self._register(self.pool.engines[pl.engine_id], entry)
-            rt = route(entry.info, self.views(), len(sub.prompt_ids))
+            rt = route(entry.info, self.views(), len(sub.prompt_ids), cached)
         if admission and self.cfg.admission.enabled:
             slack = self.cfg.admission.slack * 2.0 ** max(-2, min(2, priority))
             d = decide(rt.est_ttft_s, rt.queued, slo.ttft_s, slack, rt.queue_len,
@@ -396,6 +403,7 @@ class Controller:
         if sub.done:  # aborted while the model was being registered
             return
         self.pool.submit(e, sub)
+        self.prefix.sent(name, e.id, hashes)
 
     def finished(self, gen: Generation, status: int) -> None:
         self.activity.finished(gen, status)
@@ -601,6 +609,7 @@ class Controller:
     def _unregister(self, e: EngineHandle, name: str, why: str) -> None:
         log.info("unregistering %s from %s (%s)", name, e.id, why)
         self.pool.unload(e, name)
+        self.prefix.forget(name, e.id)
         self.metrics.forget_engine_model(e.id, name)
 
     def tick(self) -> None:
@@ -700,6 +709,7 @@ class Controller:
 
     def _dead(self, e: EngineHandle, orphans: list[Sub]) -> None:
         self.events.publish("worker_death", engine=e.id, orphans=len(orphans))
+        self.prefix.forget(engine_id=e.id)  # (its KV went with it)
         for s in orphans:
             if s.done:
                 continue

@@ -525,3 +525,46 @@ def test_a_hot_model_gets_no_replica_where_pins_would_starve_it():
     a = Autoscaler(AutoscalerSettings(up_ticks=1))
     assert a.plan(loads[:2], engines[:2]) == [] and a.pin_blocked == {("m", "e1"): ("m", ("p",))}
     assert a.plan([replace(hot, inflight=0), loads[1]], engines[:2]) == [] and a.pin_blocked == {}  # not hot: no ask
+
+
+def test_prefix_index_remembers_what_each_engine_was_sent():
+    """The controller's guess of each engine's prefix cache: the longest run of a prompt's blocks sent there before
+    (whole blocks, never the one holding the last token), per model and engine, apart by salt/adapter, bounded
+    (least recently sent forgotten first), forgotten with an engine or a model."""
+    from controller.prefix_index import BLOCK, PrefixIndex, prompt_hashes
+
+    system = list(range(100, 100 + 4 * BLOCK))
+    a, b = system + [1, 2, 3], system + [7, 8, 9, 10]
+    ha, hb = prompt_hashes(a), prompt_hashes(b)
+    assert len(ha) == 4 and prompt_hashes(a[:BLOCK + 1]) == ha[:1] and prompt_hashes(a[:BLOCK]) == []
+    idx = PrefixIndex()
+    assert idx.cached_tokens("m", "e0", hb) == 0
+    idx.sent("m", "e0", ha)
+    assert idx.cached_tokens("m", "e0", hb) == 4 * BLOCK  # the shared system prompt
+    assert idx.cached_tokens("m", "e1", hb) == 0 and idx.cached_tokens("other", "e0", hb) == 0
+    assert idx.cached_tokens("m", "e0", prompt_hashes(b, b"lora\0")) == 0
+    assert idx.cached_tokens("m", "e0", prompt_hashes([5] + b)) == 0  # a prefix, not any shared run
+    small = PrefixIndex(max_blocks=4)
+    small.sent("m", "e0", ha)
+    small.sent("m", "e0", prompt_hashes(list(range(9, 9 + 2 * BLOCK + 1))))
+    assert small.cached_tokens("m", "e0", ha) == 0  # its first two blocks went first
+    idx.sent("m", "e1", ha)
+    idx.forget(engine_id="e0")
+    assert idx.cached_tokens("m", "e0", ha) == 0 and idx.cached_tokens("m", "e1", ha) == 4 * BLOCK
+    idx.forget(model="m")
+    assert idx.cached_tokens("m", "e1", ha) == 0
+
+
+def test_route_prefers_the_engine_with_the_prompt_cached():
+    """Prefix-cache-aware routing: of two engines otherwise alike, the one likely holding the prompt's prefix, whose
+    prefill is then only the rest (what admission weighs); a cache does not outweigh a long queue."""
+    models = _models(("a", 1, 0))
+    rv = ReplicaView("a", True, 8, step_s=0.01, prefill_s_per_token=0.001)
+    e0, e1 = EngineView("e0", 10 * GB, {"a": rv}, step_s=0.01), EngineView("e1", 10 * GB, {"a": rv}, step_s=0.01)
+    assert route(models["a"], [e0, e1], 1000).engine_id == "e0"  # (a tie: the first)
+    rt = route(models["a"], [e0, e1], 1000, lambda e: {"e1": 960}.get(e, 0))
+    assert rt.engine_id == "e1" and rt.cached_tokens == 960 and rt.prefill_s == pytest.approx(0.04)
+    assert route(models["a"], [e0, e1], 100, lambda e: 5000).cached_tokens == 100  # (never more than the prompt)
+    busy = ReplicaView("a", True, 8, step_s=0.01, prefill_s_per_token=0.001, queued_prompt_tokens=3000)
+    e1 = EngineView("e1", 10 * GB, {"a": busy}, step_s=0.01)
+    assert route(models["a"], [e0, e1], 1000, lambda e: 960 if e == "e1" else 0).engine_id == "e0"
