@@ -120,6 +120,16 @@ def run(page, ctx, server, shots: Path) -> None:
     page.click("#tabs [data-view=models]")
     for name in ("pace-a", "tiny-a", "tiny-b"):
         expect(page.locator(f'#models-table tr[data-model="{name}"]')).to_be_visible()
+    # the prefix cache's share of tiny-a's prompt tokens: "—" before any request, then what two alike found
+    from openai import OpenAI
+
+    cached = page.locator('#models-table tr[data-model="tiny-a"] td:nth-child(12)')
+    expect(cached).to_have_text("—")
+    client = OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    got = [client.completions.create(model="tiny-a", prompt="hello there " * 24, max_tokens=2) for _ in range(2)]
+    found = got[1].usage.prompt_tokens_details.cached_tokens
+    assert found > 0 and got[0].usage.prompt_tokens_details.cached_tokens == 0
+    expect(cached).to_have_text(f"{100 * found / (2 * got[0].usage.prompt_tokens):.1f}%", timeout=10_000)
     page.locator('#models-table tr[data-model="tiny-b"] [data-action=pin]').click()
     expect(page.locator("#toast")).to_have_text("tiny-b pinned")
     expect(page.locator('#models-table tr[data-model="tiny-b"] .badge.pinned')).to_be_visible()

@@ -131,6 +131,8 @@ class ModelPoolOut(BaseModel):
     load_error: str | None = Field(None, description="why its last registration failed, while it is ready nowhere")
     pinned: bool
     loras: list[str] = Field(default_factory=list, description="the LoRA adapters served over it, by name")
+    cache_hit_frac: float | None = Field(None, description="of its finished requests' prompt tokens, those found in "
+                                         "the prefix cache (since the server started; None before any)")
     size_bytes: int
     load_s: float = Field(description="the controller's estimate of one load (switch) of this model")
     loads: int = Field(description="weight loads among the recent events (the event ring)")

@@ -130,6 +130,8 @@ def pool_view(ctl: Any, timeline_s: float = SPAN_S, resolution_s: float = RES_S)
             tokens[s.model] = tokens.get(s.model, 0.0) + s.generated
     tps = act.rate("model_tokens", tokens, mono)
     rejected = {k[0]: v for k, v in _counts(ctl.metrics.rejected, "model").items()}
+    asked = {k[0]: v for k, v in _counts(ctl.metrics.cache_queries, "model").items()}
+    found = {k[0]: v for k, v in _counts(ctl.metrics.cache_hits, "model").items()}
     win = act.by_model(mono)
     stalls = _load_stalls(act, events(ctl))
     failed = ctl.load_errors()
@@ -143,6 +145,7 @@ def pool_view(ctl: Any, timeline_s: float = SPAN_S, resolution_s: float = RES_S)
         models.append(ap.ModelPoolOut(
             name=name, engines=sorted(pms), state=state, load_error=failed.get(name),
             pinned=bool(getattr(me, "pinned", False)), loras=me.spec.lora_names, size_bytes=me.info.size_bytes,
+            cache_hit_frac=found.get(name, 0.0) / asked[name] if asked.get(name) else None,
             load_s=me.info.load_s,
             loads=len(stalls.get(name, ())),
             load_stall_s=sum(stalls[name]) / len(stalls[name]) if stalls.get(name) else None,

@@ -242,6 +242,7 @@ function renderModels(p) {
     el("td", { class: "num", text: `${fmtS(m.ttft_p50)} / ${fmtS(m.ttft_p99)}` }),
     el("td", { class: "num", text: `${fmtS(m.tpot_p50)} / ${fmtS(m.tpot_p99)}` }),
     el("td", { class: "num", text: fmtPct(m.attainment) }), el("td", { class: "num", text: fmtNum(m.tokens_per_s) }),
+    el("td", { class: "num", text: fmtPct(m.cache_hit_frac) }),
     el("td", { class: "num", text: m.loads ? `${fmtS(m.load_stall_s)} (${m.loads})` : "—" }),
     el("td", { class: "actions" },
       m.pinned
