@@ -472,6 +472,37 @@ def test_ollama_api_with_the_official_client(server):
         assert ei.value.status_code == status and words in ei.value.error, (status, ei.value.error)
 
 
+def test_ollama_generate_context_continues_a_conversation(server):
+    """Ollama's `context`: /api/generate returns its prompt and reply as token ids, and a next /api/generate passing
+    them continues after them -- the same tokens as /v1/completions on those ids then the new prompt's (templated,
+    or raw), streamed or not, starting on the KV the prefix cache kept; a context that is not token ids is a 400."""
+    import ollama
+
+    oc = ollama.Client(host=server.url, headers={"Authorization": f"Bearer {ALICE}"})
+    c = client(server)
+    opts = {"temperature": 0, "num_predict": 6}
+    first = oc.generate(model="tiny-a", prompt="Hello there, tell me a story about a cat", options=opts)
+    ctx = first.context
+    assert ctx and len(ctx) == first.prompt_eval_count + first.eval_count
+    tok = httpx.post(server.url + "/tokenize", headers={"Authorization": f"Bearer {ALICE}"}, json={
+        "model": "tiny-a", "messages": [{"role": "user", "content": "And then?"}],
+        "add_generation_prompt": True}).json()["tokens"]
+    want = c.completions.create(model="tiny-a", prompt=ctx + tok, temperature=0, max_tokens=6)
+    second = oc.generate(model="tiny-a", prompt="And then?", context=ctx, options=opts)
+    assert second.response == want.choices[0].text and second.prompt_eval_count == len(ctx) + len(tok)
+    assert second.context[: len(ctx) + len(tok)] == ctx + tok and len(second.context) == len(ctx) + len(tok) + 6
+    parts = list(oc.generate(model="tiny-a", prompt="And then?", context=ctx, options=opts, stream=True))
+    assert "".join(x.response for x in parts) == second.response and parts[-1].context == second.context
+    raw = oc.generate(model="tiny-a", prompt=" More.", context=ctx, raw=True, options=opts)
+    raw_ids = httpx.post(server.url + "/tokenize", headers={"Authorization": f"Bearer {ALICE}"},
+                         json={"model": "tiny-a", "prompt": " More."}).json()["tokens"]
+    assert raw.response == c.completions.create(model="tiny-a", prompt=ctx + raw_ids, temperature=0,
+                                                max_tokens=6).choices[0].text
+    bad = httpx.post(server.url + "/api/generate", headers={"Authorization": f"Bearer {ALICE}"},
+                     json={"model": "tiny-a", "prompt": "x", "context": [1, "two"], "stream": False})
+    assert bad.status_code == 400 and "context" in bad.json()["error"]
+
+
 def test_ollama_root_pull_and_model_management(server):
     """The root answers 200 (GET and HEAD), as Ollama's clients check; `pull` of a served model succeeds (streamed or
     not), of any other a 404 saying this server downloads nothing; keep_alive 0 unloads nothing on a server with

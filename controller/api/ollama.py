@@ -79,6 +79,9 @@ class GenerateRequest(_Base):
     raw: bool = False
     suffix: str | None = None
     images: list[str] | None = None
+    # (Ollama's, deprecated there but still sent) the `context` a previous /api/generate returned: its prompt and
+    # reply as token ids, which this prompt continues (on the KV the prefix cache kept of them)
+    context: list[int] | None = None
 
 
 class EmbedRequest(_Loose):
@@ -178,7 +181,16 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                     *msgs, {"role": "user", "content": body.prompt}]})
         me = serving.entry(tenant, req.model)
         tools = None
-        if isinstance(req, p.ChatCompletionRequest):  # (Ollama's answers first, then as the chat endpoint admits it)
+        context = None if chat else body.context
+        if context is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
+            raise ServingError(400, "context must be the token ids a previous /api/generate returned")
+        if context:  # the earlier turns' ids, then this prompt's (templated unless raw)
+            params = serving._params(me, req, req.max_tokens, None)
+            new = await (serving.offload(encode, me.tokenizer, req.prompt) if body.raw else
+                         serving.offload(serving._chat_prompt, me, req, {}))
+            ids = serving._check_ids(me, list(context) + new, "context")
+            gen = serving._track(await ctl.generate(me, tenant, [ids], params, 1, ctl.new_id("ollama")))
+        elif isinstance(req, p.ChatCompletionRequest):  # (Ollama's answers first, then as the chat endpoint admits it)
             if not getattr(me.tokenizer, "chat_template", None):
                 raise ServingError(400, f"model '{req.model}' has no chat template: use /api/generate with raw")
             if req.tools and not me.spec.tool_call_parser:  # (Ollama's answer for a model whose template has none)
@@ -196,6 +208,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
             ctl.count_refusal(body.model, tenant.name if tenant else "-", e.status)
         return _error(e.status, e.message if e.status != 404 else f"model '{body.model}' not found")
     key = "message" if chat else "response"
+    out_ids: list[int] = []  # (generate) the reply's ids, for the `context` of its last line
 
     def line(text: str, done: bool = False, reason: str | None = None, calls: list | None = None) -> bytes:
         msg: dict[str, Any] = {"role": "assistant", "content": text}
@@ -204,13 +217,15 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         d: dict[str, Any] = {"model": body.model, "created_at": _now(), key: msg if chat else text, "done": done}
         if done:
             d.update(done_reason=reason or "stop", **_stats(gen))
+            if not chat:  # (Ollama's: what a next /api/generate passes back as `context` to continue)
+                d["context"] = [*gen.subs[0].prompt_ids, *out_ids]
         return json.dumps(d, ensure_ascii=False).encode() + b"\n"
 
     if body.stream:
-        return StreamingResponse(_stream(serving, gen, line, tools), media_type="application/x-ndjson")
+        return StreamingResponse(_stream(serving, gen, line, tools, out_ids), media_type="application/x-ndjson")
     status = 499
     try:
-        text, reason = await unless_disconnected(request, _collect(gen))
+        text, reason = await unless_disconnected(request, _collect(gen, out_ids))
         status = 200
         if tools is not None and (calls := _calls(serving, text, reason, tools)):
             return Response(line("", True, reason, calls), media_type="application/json")
@@ -253,10 +268,13 @@ def _load(request: Request, me: Any, body: _Base, chat: bool) -> JSONResponse:
                          "done_reason": "unload" if unload else "load"})
 
 
-async def _collect(gen: Tracked) -> tuple[str, str | None]:
+async def _collect(gen: Tracked, ids: list[int] | None = None) -> tuple[str, str | None]:
+    """The reply's text and finish reason (its token ids appended to `ids`)."""
     parts, reason = [], None
     async for _, d in gen.events():
         parts.append(d.text)
+        if ids is not None:
+            ids += d.token_ids
         if d.finished:
             reason = d.finish_reason
             if d.error:
@@ -290,12 +308,16 @@ def _calls(serving: OpenAIServing, text: str, reason: str | None, tools: ToolPla
             for i, c in enumerate(msg.tool_calls)]
 
 
-async def _stream(serving: OpenAIServing, gen: Tracked, line, tools: ToolPlan | None = None) -> AsyncIterator[bytes]:
+async def _stream(serving: OpenAIServing, gen: Tracked, line, tools: ToolPlan | None = None,
+                  ids: list[int] | None = None) -> AsyncIterator[bytes]:
     """The NDJSON lines, the last `done`; with tools the reply is held to its end, then goes as its calls or its
-    text. An engine error once streaming is an `{"error": ...}` line (the status has gone)."""
+    text. An engine error once streaming is an `{"error": ...}` line (the status has gone). The reply's token ids are
+    appended to `ids` before its last line is made."""
     status, held = 499, []
     try:
         async for _, d in gen.events():
+            if ids is not None:
+                ids += d.token_ids
             if tools is not None:
                 held.append(d.text)
                 if d.finished:
