@@ -2,7 +2,7 @@
 the cache on and off, on one `tokenpool serve` serving the same model under two names (one with
 `engine.enable_prefix_caching: false`), measured with the official `openai` client (streamed).
 
-    python -m load_tests.bench_prefix [--model DIR] [--system-tokens 1500] [--questions 8] [--device cpu] [--json F]
+    python -m load_tests.bench_prefix [--model DIR] [--system-tokens 1500] [--questions 8] [--device cpu|auto] [--json F]
 
 The requests alternate cached / uncached, one at a time, so load from other processes falls on both alike; the
 first cached request fills the cache and is reported apart. Greedy: the texts must be the same either way.
@@ -48,17 +48,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--system-tokens", type=int, default=1500, help="about this many tokens of system prompt")
     ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--device", default="cpu", help="the worker's device (cpu, or all: the GPUs)")
+    ap.add_argument("--device", default="cpu", help="the workers: cpu, or auto (one a GPU)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     import openai
     from transformers import AutoTokenizer
 
-    from controller.config import REAL_MODEL, cache_dir
-    from controller.real_model import ensure_smollm2
     from load_tests.live_server import LiveServer
 
-    model = a.model or str(ensure_smollm2(cache_dir() / REAL_MODEL))
+    model = a.model
+    if model is None:
+        from controller.config import REAL_MODEL, cache_dir
+        from controller.real_model import ensure_smollm2
+
+        model = str(ensure_smollm2(cache_dir() / REAL_MODEL))
     tok = AutoTokenizer.from_pretrained(model)
     system, i = "", 0
     while len(tok.encode(system)) < a.system_tokens:
