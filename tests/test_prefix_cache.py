@@ -565,3 +565,19 @@ def test_pooled_models_never_share_cached_blocks(models, pool_cache):
         assert mem.pages.num_used == 0 and mem.pages.num_free == mem.pages.num_blocks
     finally:
         multi.close()
+
+
+def test_a_freed_prefix_is_evicted_from_its_end():
+    """A request's cached blocks freed together are handed out last block first: the prefix's start, which more
+    prompts share, stays cached longest."""
+    kv = BlockAllocator(3, 4)
+    blocks = kv.allocate(3)
+    hs = []
+    for i, b in enumerate(blocks):
+        hs.append(block_hash(hs[-1] if hs else b"", [i] * 4))
+        kv.register(b, hs[-1])
+    kv.free(blocks)
+    assert kv.num_free == 3 and kv.num_cached == 3
+    assert kv.allocate(1) == [blocks[2]]
+    assert [b for b, _ in kv.cached_prefix(hs)] == blocks[:2]
+    assert kv.allocate(1) == [blocks[1]] and [b for b, _ in kv.cached_prefix(hs)] == blocks[:1]

@@ -102,8 +102,10 @@ class BlockAllocator:
         return out
 
     def free(self, ids: list[int]) -> None:
+        """Give back one request's blocks (in its order). Cached ones become evictable last block first: a prefix's
+        later blocks, the less shared, are handed out before its first."""
         c = self._cache
-        for b in ids:
+        for b in reversed(ids):
             if b not in self._used:
                 raise ValueError(f"block {b} is not allocated (double free?)")
             held = c.refs.pop(b, 1) - 1
