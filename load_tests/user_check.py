@@ -98,7 +98,8 @@ def main(venv: str) -> None:
                             temperature=0)
     r2 = c.responses.create(model=models[0], input="And of Italy?", previous_response_id=r1.id, max_output_tokens=20,
                             temperature=0)
-    print("responses ->", repr(r1.output_text), "then", repr(r2.output_text), r2.usage.input_tokens, "input tokens")
+    print("responses ->", repr(r1.output_text), "then", repr(r2.output_text), r2.usage.input_tokens, "input tokens,",
+          r2.usage.input_tokens_details.cached_tokens, "of them cached")
     # a LoRA adapter loaded at runtime (vLLM's route; no auth on the embedded default), asked for by name
     base_dir = json.loads(subprocess.run([f"{venv}/bin/python", "-c", "import json; from controller.config import "
                                           "default_config; print(json.dumps(default_config().models[0].path))"],
