@@ -68,6 +68,10 @@ class Metrics:
                                      registry=r)
         self.generation_tokens = Counter("tokenpool_generation_tokens_total", "Tokens generated", ["model", "tenant"],
                                          registry=r)
+        self.lora_requests = Counter("tokenpool_lora_requests_total", "Finished API requests for a LoRA adapter "
+                                     "(also counted under its model)", ["model", "lora", "status"], registry=r)
+        self.lora_generation_tokens = Counter("tokenpool_lora_generation_tokens_total", "Tokens generated with a LoRA "
+                                              "adapter", ["model", "lora"], registry=r)
         self.ttft = Histogram("tokenpool_time_to_first_token_seconds", "Time to first token", ["model"],
                               buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("tokenpool_time_per_output_token_seconds", "Mean time per output token after the first",

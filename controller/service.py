@@ -412,6 +412,9 @@ class Controller:
         mt.requests.labels(name, tname, str(status)).inc()
         mt.prompt_tokens.labels(name, tname).inc(gen.prompt_tokens)
         mt.generation_tokens.labels(name, tname).inc(gen.completion_tokens)
+        if gen.subs and (lora := gen.subs[0].params.lora) is not None:
+            mt.lora_requests.labels(name, lora, str(status)).inc()
+            mt.lora_generation_tokens.labels(name, lora).inc(gen.completion_tokens)
         TenantRegistry.release(gen.tenant, gen.charged, gen.prompt_tokens, gen.completion_tokens)
         if status != 200 or gen.t_first is None:
             return

@@ -106,6 +106,14 @@ def test_configured_adapter_matches_merged_weights(server, hf):
     assert differ >= 2
     chat = c.chat.completions.create(model="sql", messages=[{"role": "user", "content": "hi"}], **GREEDY)
     assert chat.model == "sql" and chat.choices[0].message.content
+    # /metrics: the adapter's requests and tokens, beside its model's (which count them too)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+    got_m = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text)
+             for s in f.samples}
+    assert got_m[("tokenpool_lora_requests_total", (("lora", "sql"), ("model", "tiny-a"), ("status", "200")))] == 4
+    assert got_m[("tokenpool_lora_generation_tokens_total", (("lora", "sql"), ("model", "tiny-a")))] == 40
 
 
 def test_models_list_adapters_with_their_parent(server):
