@@ -232,8 +232,9 @@ function renderModels(p) {
   const rows = p.models.map((m) => el("tr", { "data-model": m.name },
     el("td", {}, el("span", { class: "swatch", style: { background: color(m.name) } }), m.name,
       m.pinned ? el("span", { class: "badge pinned", text: "pinned" }) : null,
-      ...(m.loras || []).map((a) => el("span", { class: "badge lora", text: `LoRA ${a}`,
-        title: `LoRA adapter served over ${m.name}: requests name it as their model` }))),
+      (m.loras || []).length ? el("span", { class: "badge lora", text: `${m.loras.length} LoRA`,
+        title: `LoRA adapters served over ${m.name} (requests name them as their model): ${m.loras.join(", ")}` })
+        : null),
     el("td", {}, el("span", { class: `badge ${m.state}`, text: m.state, title: m.load_error })),
     el("td", { text: m.engines.join(", ") || "—" }),
     el("td", { class: "num", text: m.waiting }), el("td", { class: "num", text: fmtS(m.oldest_wait_s) }),
