@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import struct
 import threading
+import time
 
 import httpx
 import openai
@@ -222,3 +223,67 @@ def test_ollama_embed_with_the_official_client(server, hf):
     with pytest.raises(ollama.ResponseError) as ei:
         ollama.Client(host=server.url, headers={"Authorization": "Bearer wrong"}).embed(model="tiny-a", input="a")
     assert ei.value.status_code == 401
+
+
+def test_rerank_and_score_by_cosine_of_hf_embeddings(server, hf):
+    """vLLM's /rerank (/v1, /v2; Jina's and Cohere's shape) and /score: cosine similarities of HF's last hidden states
+    (these decoders' embeddings), documents best first, top_n and return_documents honoured, usage the prompts'
+    tokens; a document that is neither text nor {"text"} and mismatched score lists are 400s naming the field."""
+    tok, last = hf["tiny-a"]
+    hdr = {"Authorization": f"Bearer {ALICE}"}
+    query, docs = "a cat", ["dogs and cats", {"text": "the stock market"}, "x y z", "a cat sat"]
+    texts = [d if isinstance(d, str) else d["text"] for d in docs]
+    q = _unit(last(tok.encode(query, add_special_tokens=False)))
+    want = [float(q @ _unit(last(tok.encode(t, add_special_tokens=False)))) for t in texts]
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        r = httpx.post(server.url + path, headers=hdr, json={"model": "tiny-a", "query": query, "documents": docs})
+        assert r.status_code == 200, r.text
+        res = r.json()["results"]
+        assert [x["index"] for x in res] == sorted(range(4), key=lambda i: -want[i])
+        assert all(abs(x["relevance_score"] - want[x["index"]]) < 1e-4 and x["document"]["text"] == texts[x["index"]]
+                   for x in res)
+        assert r.json()["usage"]["prompt_tokens"] == sum(len(tok.encode(t, add_special_tokens=False))
+                                                         for t in [query, *texts])
+    top = httpx.post(server.url + "/v1/rerank", headers=hdr, json={"model": "tiny-a", "query": query, "documents": docs,
+                                                                    "top_n": 2, "return_documents": False}).json()
+    assert [x["index"] for x in top["results"]] == sorted(range(4), key=lambda i: -want[i])[:2]
+    assert "document" not in top["results"][0]
+    s = httpx.post(server.url + "/score", headers=hdr, json={"model": "tiny-a", "text_1": query, "text_2": texts})
+    assert [round(d["score"], 4) for d in s.json()["data"]] == [round(w, 4) for w in want]
+    pairs = httpx.post(server.url + "/v1/score", headers=hdr, json={"model": "tiny-a", "text_1": [query, texts[0]],
+                                                                     "text_2": [texts[3], texts[3]]}).json()["data"]
+    assert abs(pairs[0]["score"] - want[3]) < 1e-4 and len(pairs) == 2
+    for path, body, param in (("/rerank", {"model": "tiny-a", "query": query, "documents": [{"title": "no text"}]},
+                               "documents"),
+                              ("/score", {"model": "tiny-a", "text_1": ["a", "b"], "text_2": ["a", "b", "c"]},
+                               "text_1")):
+        r = httpx.post(server.url + path, headers=hdr, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert httpx.post(server.url + "/rerank", headers=hdr, json={"model": "nope", "query": "a",
+                                                                 "documents": ["b"]}).status_code == 404
+
+
+def test_llama_swap_running_and_unload(server):
+    """llama-swap's /running lists the key's models in VRAM (ttl: keep_alive); its /unload frees every model's VRAM
+    once idle -- the admin token on this multi-tenant server, a tenant's key refused -- and they answer again after."""
+    hdr = {"Authorization": f"Bearer {ALICE}"}
+    client(server).completions.create(model="tiny-a", prompt="hi", max_tokens=2)
+
+    def running() -> list[dict]:
+        return httpx.get(server.url + "/running", headers=hdr).json()["running"]
+
+    deadline = time.monotonic() + 10
+    while "tiny-a" not in {m["model"] for m in running()}:  # (residency comes with the worker's next stats)
+        assert time.monotonic() < deadline, running()
+        time.sleep(0.2)
+    assert all(m["state"] == "ready" for m in running())
+    bob = httpx.get(server.url + "/running", headers={"Authorization": f"Bearer {BOB}"}).json()["running"]
+    assert {m["model"] for m in bob} <= {"tiny-b"}
+    assert httpx.get(server.url + "/unload", headers=hdr).status_code == 401
+    r = httpx.get(server.url + "/unload", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200 and r.text == "OK"
+    deadline = time.monotonic() + 20
+    while {m["model"] for m in running()} & {"tiny-a", "tiny-b"}:  # (a paced model has no weights to free)
+        assert time.monotonic() < deadline, "models still resident after /unload"
+        time.sleep(0.3)
+    assert client(server).completions.create(model="tiny-a", prompt="hi", max_tokens=2).choices[0].text is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import struct
+import time
 
 from starlette.requests import Request
 
@@ -106,3 +107,55 @@ async def ollama_embed(serving: OpenAIServing, tenant: Tenant, request: Request,
     vecs, gen = await embed(serving, me, tenant, request, prompts, "ollama", model)
     return [l2_normalize(v) if normalize else v for v in vecs], gen
 
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    u, v = l2_normalize(a), l2_normalize(b)
+    return sum(x * y for x, y in zip(u, v))
+
+
+async def _scores(serving: OpenAIServing, me: ModelEntry, tenant: Tenant, request: Request, model: str,
+                  queries: list[str], docs: list[str], truncate: int | None, param: str) -> tuple[list[float], Tracked]:
+    """The cosine similarity of each (query, document) pair, queries one or as many as documents: vLLM's score for
+    an embedding model (these decoders' last-token states). One generation embeds them all."""
+    texts = queries + docs
+    prompts = await serving.offload(prompts_of, serving, me, texts, truncate, True, param)
+    vecs, gen = await embed(serving, me, tenant, request, prompts, "score", model)
+    qv, dv = vecs[: len(queries)], vecs[len(queries):]
+    return [_cosine(qv[0] if len(qv) == 1 else qv[i], d) for i, d in enumerate(dv)], gen
+
+
+async def rerank(serving: OpenAIServing, req: p.RerankRequest, tenant: Tenant, request: Request) -> dict:
+    """vLLM's /rerank (Jina's, Cohere's): the documents by relevance to the query, best first (top_n of them)."""
+    me = serving.entry(tenant, req.model)
+    docs = []
+    for i, d in enumerate(req.documents):
+        text = d if isinstance(d, str) else d.get("text")
+        if not isinstance(text, str) or not text:
+            raise ServingError(400, f"document {i} is not a non-empty string or an object with a text",
+                               param="documents")
+        docs.append(text)
+    scores, gen = await _scores(serving, me, tenant, request, req.model, [req.query], docs,
+                                req.truncate_prompt_tokens, "documents")
+    order = sorted(range(len(docs)), key=lambda i: -scores[i])[: req.top_n or len(docs)]
+    results = [{"index": i, "relevance_score": scores[i], **({"document": {"text": docs[i]}}
+                                                             if req.return_documents else {})} for i in order]
+    return {"id": serving.ctl.new_id("rerank"), "model": req.model, "results": results,
+            "usage": {"prompt_tokens": gen.prompt_tokens, "total_tokens": gen.prompt_tokens}}
+
+
+async def score(serving: OpenAIServing, req: p.ScoreRequest, tenant: Tenant, request: Request) -> dict:
+    """vLLM's /score: text_1 against each text_2 (a single text_1 against all, or pairs of equal lists)."""
+    me = serving.entry(tenant, req.model)
+    t1 = [req.text_1] if isinstance(req.text_1, str) else list(req.text_1)
+    t2 = [req.text_2] if isinstance(req.text_2, str) else list(req.text_2)
+    if len(t1) > 1 and len(t2) == 1:
+        t2 = t2 * len(t1)
+    if len(t1) != 1 and len(t1) != len(t2):
+        raise ServingError(400, f"text_1 has {len(t1)} texts and text_2 {len(t2)}: give one text_1, or as many as "
+                                "text_2", param="text_1")
+    scores, gen = await _scores(serving, me, tenant, request, req.model, t1, t2, req.truncate_prompt_tokens,
+                                "text_2")
+    return {"id": serving.ctl.new_id("score"), "object": "list", "model": req.model, "created": int(time.time()),
+            "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+            "usage": {"prompt_tokens": gen.prompt_tokens, "total_tokens": gen.prompt_tokens}}

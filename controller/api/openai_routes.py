@@ -9,10 +9,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 import tokenpool
-from controller.api import auth, responses
+from controller.api import auth, embeddings, responses
 from controller.api import protocol as p
 from controller.api.embeddings import openai_embeddings
 from controller.api.serving import ClientGone
+from controller.dashboard.views import engine_models
 from controller.errors import ServingError
 from controller.tenants import Tenant
 
@@ -62,6 +63,43 @@ async def create_embeddings(body: p.EmbeddingRequest, request: Request, tenant: 
     """Each input's embedding: the last token's final hidden state, L2-normalized (controller/api/embeddings.py)."""
     return await _serve(request, openai_embeddings(request.app.state.serving, body, tenant, request), body.model,
                         tenant)
+
+
+@router.post("/rerank", responses=ERRORS)
+@router.post("/v1/rerank", responses=ERRORS)
+@router.post("/v2/rerank", responses=ERRORS)
+async def rerank(body: p.RerankRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+    """vLLM's (Jina's, Cohere's; llama-swap's paths): documents by the cosine similarity of their embeddings to the
+    query's, best first (controller/api/embeddings.py)."""
+    return await _serve(request, embeddings.rerank(request.app.state.serving, body, tenant, request), body.model, tenant)
+
+
+@router.post("/score", responses=ERRORS)
+@router.post("/v1/score", responses=ERRORS)
+async def score(body: p.ScoreRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+    """vLLM's: the cosine similarity of text_1's embedding to each text_2's."""
+    return await _serve(request, embeddings.score(request.app.state.serving, body, tenant, request), body.model, tenant)
+
+
+@router.get("/running")
+async def running(request: Request, tenant: Tenant = Depends(auth.tenant)) -> dict:
+    """llama-swap's: the models the key may use whose weights are in VRAM now, with their keep_alive (its ttl)."""
+    ctl = request.app.state.controller
+    resident = {n for e in ctl.pool.engines.values() if e.alive
+                for n, m in engine_models(e).items() if m["state"] == "resident"}
+    return {"running": [{"model": n, "state": "ready", "ttl": me.spec.keep_alive}
+                        for n, me in ctl.models.items() if n in resident and tenant.may_use(n)]}
+
+
+@router.api_route("/unload", methods=["GET", "POST"], dependencies=[Depends(auth.operator)])
+async def unload_all(request: Request) -> PlainTextResponse:
+    """llama-swap's: free every model's VRAM once its requests finish (they stay served; pinned ones stay). The admin
+    token, or on a single-user server that user's key."""
+    ctl = request.app.state.controller
+    for name, me in ctl.models.items():
+        if not me.pinned:
+            ctl.evict(name)
+    return PlainTextResponse("OK")
 
 
 @router.post("/v1/responses", responses=ERRORS)

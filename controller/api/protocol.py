@@ -156,6 +156,28 @@ class EmbeddingRequest(_Top):
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
 
 
+class RerankRequest(_Top):
+    """vLLM's /rerank, /v1/rerank, /v2/rerank (the Jina and Cohere shape; llama-swap routes the same paths)."""
+
+    model: ModelName
+    query: Annotated[str, StringConstraints(min_length=1)]
+    documents: Annotated[list[Union[str, dict[str, Any]]], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = True
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+
+
+class ScoreRequest(_Top):
+    """vLLM's /score and /v1/score: text_1 against each text_2 (one of either side may be a single string)."""
+
+    model: ModelName
+    text_1: Union[Annotated[str, StringConstraints(min_length=1)], Annotated[list[str], Field(min_length=1,
+                                                                                            max_length=MAX_EMBED_INPUTS)]]
+    text_2: Union[Annotated[str, StringConstraints(min_length=1)], Annotated[list[str], Field(min_length=1,
+                                                                                            max_length=MAX_EMBED_INPUTS)]]
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+
+
 class TextPart(_Req):
     type: Literal["text"]
     text: str
