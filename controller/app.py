@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from controller.api import admin_routes, auth, ollama, openai_routes
+from controller.api.anthropic import error_body as anthropic_error
 from controller.api.responses import ResponseStore
 from controller.api.serving import OpenAIServing
 from controller.config import ServerConfig
@@ -159,6 +160,8 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
         """The error as the route's API writes it: Ollama's `{"error": "..."}` under /api/, OpenAI's elsewhere."""
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": e.message}, status_code=e.status)
+        if request.url.path.startswith("/v1/messages"):  # Anthropic's Messages API: its error shape
+            return JSONResponse(anthropic_error(e), status_code=e.status, headers=e.headers())
         return _error(e)
 
     @app.exception_handler(ServingError)
@@ -170,7 +173,7 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
         try:
             _auth_first(request)  # a caller without a valid token hears 401 whatever its body holds
         except ServingError as denied:
-            return _error(denied)
+            return answer(request, denied)
         msg, param = _validation_message(e)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if not ctype.endswith("json") and any(err.get("loc", ("",))[:1] == ("body",) for err in e.errors()):
@@ -178,7 +181,7 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
             # cross-site form post can send these content types without a preflight, JSON it cannot.
             msg, param = (f"the request body must be JSON, sent with content-type: application/json (this request's "
                           f"content-type: {ctype or 'none'})"), None
-        return _error(ServingError(400, msg, param=param))
+        return answer(request, ServingError(400, msg, param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):

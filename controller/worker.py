@@ -52,7 +52,8 @@ def to_delta(out) -> m.Delta:
                        num_prompt_tokens=len(out.prompt_token_ids), embedding=out.embedding, num_cached_tokens=cached)
     return m.Delta(request_id=out.request_id, text=out.delta_text, token_ids=list(out.delta_token_ids),
                    logprobs=lps, finished=out.finished, finish_reason=c.finish_reason if out.finished else None,
-                   num_prompt_tokens=len(out.prompt_token_ids), prompt_logprobs=plp, num_cached_tokens=cached)
+                   num_prompt_tokens=len(out.prompt_token_ids), prompt_logprobs=plp, num_cached_tokens=cached,
+                   stop_reason=c.stop_reason if out.finished else None)
 
 
 def _seqs(eng, msg: m.LoadModel) -> int:

@@ -13,9 +13,10 @@ from controller.tenants import Tenant
 
 
 def bearer(request: Request) -> str | None:
+    """The key a request presents: `Authorization: Bearer KEY`, or Anthropic's clients' `x-api-key: KEY`."""
     h = request.headers.get("authorization")
     if not h:
-        return None
+        return request.headers.get("x-api-key") or None
     scheme, _, token = h.partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
 

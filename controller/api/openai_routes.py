@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 import tokenpool
-from controller.api import auth, embeddings, responses
+from controller.api import anthropic, auth, embeddings, responses
 from controller.api import protocol as p
 from controller.api.embeddings import openai_embeddings
 from controller.api.serving import ClientGone
@@ -63,6 +63,18 @@ async def create_embeddings(body: p.EmbeddingRequest, request: Request, tenant: 
     """Each input's embedding: the last token's final hidden state, L2-normalized (controller/api/embeddings.py)."""
     return await _serve(request, openai_embeddings(request.app.state.serving, body, tenant, request), body.model,
                         tenant)
+
+
+@router.post("/v1/messages", responses=ERRORS)
+async def create_message(body: p.MessagesRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+    """Anthropic's Messages API over the chat path (controller/api/anthropic.py)."""
+    return await _serve(request, anthropic.create(request.app.state.serving, body, tenant, request), body.model,
+                        tenant)
+
+
+@router.post("/v1/messages/count_tokens", responses=ERRORS)
+async def count_message_tokens(body: p.MessagesRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+    return await anthropic.count_tokens(request.app.state.serving, body, tenant)
 
 
 @router.post("/rerank", responses=ERRORS)

@@ -178,6 +178,29 @@ class ScoreRequest(_Top):
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
 
 
+class AnthropicMessage(_Req):
+    role: Literal["user", "assistant"]
+    content: Union[str, Annotated[list[dict[str, Any]], Field(max_length=4096)]]
+
+
+class MessagesRequest(_Top):
+    """Anthropic's /v1/messages (and /v1/messages/count_tokens, whose max_tokens is not sent)."""
+
+    model: ModelName
+    messages: Annotated[list[AnthropicMessage], Field(min_length=1, max_length=4096)]
+    max_tokens: int | None = Field(None, ge=1, le=1 << 20)
+    system: str | Annotated[list[dict[str, Any]], Field(max_length=4096)] | None = None
+    stop_sequences: Annotated[list[StopStr], Field(max_length=MAX_STOP)] | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, le=1 << 20)
+    stream: bool = False
+    tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+
+
 class TextPart(_Req):
     type: Literal["text"]
     text: str

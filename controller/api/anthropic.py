@@ -1,0 +1,239 @@
+"""Anthropic's Messages API over the chat path: `POST /v1/messages` and `POST /v1/messages/count_tokens`, as the
+official `anthropic` client (and the tools built on it) sends them to a local server, which llama.cpp's server and
+llama-swap also answer.
+
+A request's `system`, `messages` (text blocks, `tool_use` and `tool_result`), `max_tokens`, `stop_sequences`,
+sampling fields, `tools` (name, description, input_schema) and `tool_choice` become the chat completion they mean;
+it is validated, templated, admitted and generated as that one would be. The reply is a Message: `text` or
+`tool_use` content blocks, its `stop_reason` (end_turn, max_tokens, stop_sequence, tool_use) and usage (the prompt
+tokens found in the prefix cache as `cache_read_input_tokens`). Streamed, the Messages API's server-sent events
+(message_start ... message_stop; text as it comes, tool calls whole at the end, as the chat path holds them).
+Images, documents and extended thinking are refused with a 400 naming the field. Errors take Anthropic's shape.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.requests import Request
+
+from controller.api import protocol as p
+from controller.api.serving import OpenAIServing, Tracked
+from controller.api.structured import ToolPlan, tool_plan
+from controller.errors import ServingError
+from controller.tenants import Tenant
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def error_body(e: ServingError) -> dict[str, Any]:
+    """An error as the Messages API writes it."""
+    return {"type": "error", "error": {"type": ERROR_TYPES.get(e.status, "api_error"), "message": e.message}}
+
+
+def _bad(msg: str, param: str) -> ServingError:
+    return ServingError(400, msg, param=param)
+
+
+def _text(content: Any, where: str) -> str:
+    """A system prompt or tool result's text: a string, or text blocks."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for b in content:
+            if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(b.get("text"), str):
+                raise _bad(f"{where}: only text blocks are supported", where)
+            parts.append(b["text"])
+        return "".join(parts)
+    raise _bad(f"{where} must be a string or a list of text blocks", where)
+
+
+def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
+    """The conversation as chat messages: text blocks joined, tool_use blocks as the assistant's calls, tool_result
+    blocks as tool messages."""
+    out: list[dict[str, Any]] = []
+    if req.system is not None:
+        out.append({"role": "system", "content": _text(req.system, "system")})
+    for i, m in enumerate(req.messages):
+        where = f"messages.{i}.content"
+        if isinstance(m.content, str):
+            out.append({"role": m.role, "content": m.content})
+            continue
+        texts, calls = [], []
+        for b in m.content:
+            kind = b.get("type") if isinstance(b, dict) else None
+            if kind == "text" and isinstance(b.get("text"), str):
+                texts.append(b["text"])
+            elif kind == "tool_use" and m.role == "assistant":
+                calls.append({"id": str(b.get("id") or f"toolu_{len(calls)}"), "type": "function", "function": {
+                    "name": b.get("name"), "arguments": json.dumps(b.get("input") or {})}})
+            elif kind == "tool_result" and m.role == "user":
+                if texts:  # (text before a result: its own user message, in order)
+                    out.append({"role": "user", "content": "".join(texts)})
+                    texts = []
+                out.append({"role": "tool", "tool_call_id": str(b.get("tool_use_id") or ""),
+                            "content": _text(b.get("content", ""), where)})
+            elif kind in ("image", "document"):
+                raise _bad(f"{where}: {kind} blocks are not supported: the served models take text", where)
+            else:
+                raise _bad(f"{where}: a block of type {kind!r} is not supported here", where)
+        if calls:
+            out.append({"role": "assistant", "content": "".join(texts) or None, "tool_calls": calls})
+        elif texts or m.role == "assistant":
+            out.append({"role": m.role, "content": "".join(texts)})
+    return out
+
+
+def chat_request(req: p.MessagesRequest) -> p.ChatCompletionRequest:
+    if req.thinking is not None and req.thinking.get("type") not in (None, "disabled"):
+        raise _bad("extended thinking is not supported", "thinking")
+    body: dict[str, Any] = {"model": req.model, "messages": _messages(req), "max_tokens": req.max_tokens}
+    for ours, theirs in (("temperature", req.temperature), ("top_p", req.top_p), ("top_k", req.top_k)):
+        if theirs is not None:
+            body[ours] = theirs
+    if req.stop_sequences:
+        body["stop"] = req.stop_sequences
+    if req.tools:
+        tools = []
+        for i, t in enumerate(req.tools):
+            if "input_schema" not in t or "name" not in t:  # (server tools: web search, code execution, ...)
+                raise _bad(f"tools.{i}: only client tools (name, input_schema) are supported", f"tools.{i}")
+            tools.append({"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
+                                                           "parameters": t["input_schema"]}})
+        body["tools"] = tools
+        tc = req.tool_choice or {"type": "auto"}
+        kind = tc.get("type")
+        choice = {"auto": "auto", "any": "required", "none": "none"}.get(kind)
+        if kind == "tool":
+            choice = {"type": "function", "function": {"name": tc.get("name")}}
+        if choice is None:
+            raise _bad(f"tool_choice type {kind!r} is not one of auto, any, tool, none", "tool_choice")
+        body["tool_choice"] = choice
+        if tc.get("disable_parallel_tool_use"):
+            body["parallel_tool_calls"] = False
+    try:
+        return p.ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise _bad(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}", "messages") from None
+
+
+class _Reply:
+    def __init__(self, serving: OpenAIServing, req: p.MessagesRequest, tools: ToolPlan | None):
+        self.serving, self.req, self.tools = serving, req, tools
+        self.id = f"msg_{secrets.token_hex(12)}"
+        self.text, self.finish, self.stop = "", None, None
+
+    def blocks(self) -> tuple[list[dict[str, Any]], str]:
+        """The content blocks and the stop reason."""
+        msg, why = self.serving._reply(self.text, self.finish, self.tools)
+        if msg.tool_calls:
+            return [{"type": "tool_use", "id": f"toolu_{secrets.token_hex(12)}", "name": c.function.name,
+                     "input": json.loads(c.function.arguments)} for c in msg.tool_calls], "tool_use"
+        if why == "length":
+            reason = "max_tokens"
+        elif isinstance(self.stop, str) and self.stop in (self.req.stop_sequences or []):
+            reason = "stop_sequence"
+        else:
+            reason = "end_turn"
+        return [{"type": "text", "text": self.text}], reason
+
+    def usage(self, gen: Tracked, output: int | None = None) -> dict[str, Any]:
+        return {"input_tokens": gen.prompt_tokens - gen.cached_tokens, "cache_read_input_tokens": gen.cached_tokens,
+                "cache_creation_input_tokens": 0,
+                "output_tokens": gen.completion_tokens if output is None else output}
+
+    def message(self, gen: Tracked, content: list[dict[str, Any]], reason: str | None) -> dict[str, Any]:
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.req.model, "content": content,
+                "stop_reason": reason, "stop_sequence": self.stop if reason == "stop_sequence" else None,
+                "usage": self.usage(gen)}
+
+
+async def create(serving: OpenAIServing, req: p.MessagesRequest, tenant: Tenant,
+                 request: Request) -> dict[str, Any] | AsyncIterator[bytes]:
+    if req.max_tokens is None:
+        raise _bad("max_tokens: Field required", "max_tokens")
+    _, tools, gen = await serving.start_chat(chat_request(req), tenant, serving.ctl.new_id("msg"))
+    reply = _Reply(serving, req, tools)
+    if req.stream:
+        return _stream(serving, gen, reply)
+
+    async def collect() -> dict[str, Any]:
+        async for _, d in gen.events():
+            reply.text += d.text
+            if d.finished:
+                reply.finish, reply.stop = d.finish_reason, d.stop_reason
+        content, reason = reply.blocks()
+        return reply.message(gen, content, reason)
+
+    return await serving._collect(request, gen, collect())
+
+
+def _event(kind: str, **fields: Any) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields}, ensure_ascii=False)}\n\n".encode()
+
+
+async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncIterator[bytes]:
+    """The Messages API's events; always closes `gen`. A failure once streaming is an `error` event."""
+    status = 499
+    live = reply.tools is None  # (text streams as it comes; calls are held to the end)
+    out: list[bytes] = []
+    try:
+        start = {**reply.message(gen, [], None), "usage": reply.usage(gen, 0)}
+        out = [_event("message_start", message=start)]
+        if live:
+            out.append(_event("content_block_start", index=0, content_block={"type": "text", "text": ""}))
+        yield b"".join(out)
+        out.clear()
+        async for _, d in gen.events():
+            reply.text += d.text
+            if d.finished:
+                reply.finish, reply.stop = d.finish_reason, d.stop_reason
+            if live and d.text:
+                out.append(_event("content_block_delta", index=0, delta={"type": "text_delta", "text": d.text}))
+            if out and not gen.pending():
+                yield b"".join(out)
+                out.clear()
+        content, reason = reply.blocks()
+        if live:
+            out.append(_event("content_block_stop", index=0))
+        else:
+            for i, b in enumerate(content):
+                if b["type"] == "text":
+                    out += [_event("content_block_start", index=i, content_block={"type": "text", "text": ""}),
+                            _event("content_block_delta", index=i, delta={"type": "text_delta", "text": b["text"]})]
+                else:
+                    out += [_event("content_block_start", index=i, content_block={**b, "input": {}}),
+                            _event("content_block_delta", index=i, delta={"type": "input_json_delta",
+                                                                          "partial_json": json.dumps(b["input"])})]
+                out.append(_event("content_block_stop", index=i))
+        out += [_event("message_delta", delta={"stop_reason": reason,
+                                               "stop_sequence": reply.stop if reason == "stop_sequence" else None},
+                       usage=reply.usage(gen)),
+                _event("message_stop")]
+        yield b"".join(out)
+        status = 200
+    except ServingError as e:
+        status = e.status
+        yield b"".join(out) + _event("error", error=error_body(e)["error"])
+    except Exception:  # noqa: BLE001 - a bug mid-stream: the client hears an error event, the metrics a 500
+        status = 500
+        yield b"".join(out) + _event("error", error={"type": "api_error", "message": "internal error while streaming"})
+    finally:
+        serving.active.discard(gen)
+        gen.close(status)
+
+
+async def count_tokens(serving: OpenAIServing, req: p.MessagesRequest, tenant: Tenant) -> dict[str, Any]:
+    """The prompt's tokens as /v1/messages would feed them (the template, with the tools' declarations)."""
+    chat = chat_request(req)
+    me = serving.lookup(tenant, chat.model)
+    tools = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, me.spec.tool_call_parser)
+    ids = await serving.offload(serving._chat_prompt, me, chat, {"tools": tools.template_tools} if tools else {}, False)
+    return {"input_tokens": len(ids)}

@@ -1,0 +1,135 @@
+"""Anthropic's Messages API through the live server with the official `anthropic` client: the same tokens as the chat
+endpoint for the same conversation, streamed and not; stop sequences, max_tokens, tool use (a named tool held to its
+schema; tool results fed back), count_tokens, the prefix cache in the usage, and errors in Anthropic's shape."""
+
+from __future__ import annotations
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from controller.keys import hash_key
+from load_tests.live_server import LiveServer
+
+ALICE, BOB = "key-alice-anth-0123", "key-bob-anth-0123"
+SYSTEM = "You are a careful assistant who answers briefly. " * 8
+GREEDY = {"temperature": 0}  # (the client's create() no longer takes sampling fields; the API still does)
+
+
+@pytest.fixture(scope="module")
+def server(make_varied, tmp_path_factory):
+    cfg = {
+        "workers": {"local": "cpu", "heartbeat_s": 0.25},
+        "tenants": [{"name": "alice", "key_hashes": [hash_key(ALICE)]},
+                    {"name": "bob", "key_hashes": [hash_key(BOB)], "models": ["tiny-b"]}],
+        "models": [{"name": "tiny-a", "path": str(make_varied("qwen2")), "engine": {"max_num_seqs": 8}},
+                   {"name": "tiny-b", "path": str(make_varied("llama")), "engine": {"max_num_seqs": 8},
+                    "tool_call_parser": "hermes"}],
+    }
+    with LiveServer(cfg, tmp_path_factory.mktemp("anthropic")) as srv:
+        yield srv
+
+
+def ac(srv, key=ALICE) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=srv.url, api_key=key, max_retries=0, timeout=60)
+
+
+def oc(srv) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key=ALICE, max_retries=0, timeout=60)
+
+
+def test_messages_equal_chat_completions(server):
+    """A system prompt and a two-turn conversation: the reply's text and token counts are the chat endpoint's (greedy),
+    streamed or not; max_tokens cuts with stop_reason max_tokens; the second request reads the system prompt's KV
+    from the prefix cache (cache_read_input_tokens), input_tokens being the rest."""
+    msgs = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi!"},
+            {"role": "user", "content": [{"type": "text", "text": "Tell me "}, {"type": "text", "text": "a story."}]}]
+    chat = [{"role": "system", "content": SYSTEM}, msgs[0], msgs[1], {"role": "user", "content": "Tell me a story."}]
+    want = oc(server).chat.completions.create(model="tiny-a", messages=chat, max_tokens=12, temperature=0)
+    r = ac(server).messages.create(model="tiny-a", system=SYSTEM, messages=msgs, max_tokens=12, extra_body=GREEDY)
+    assert r.type == "message" and r.role == "assistant" and r.model == "tiny-a" and r.id.startswith("msg_")
+    assert [b.type for b in r.content] == ["text"] and r.content[0].text == want.choices[0].message.content
+    assert r.stop_reason == ("max_tokens" if want.choices[0].finish_reason == "length" else "end_turn")
+    u = r.usage
+    assert u.input_tokens + u.cache_read_input_tokens == want.usage.prompt_tokens
+    assert u.output_tokens == want.usage.completion_tokens and u.cache_read_input_tokens > 0
+    with ac(server).messages.stream(model="tiny-a", system=SYSTEM, messages=msgs, max_tokens=12,
+                                    extra_body=GREEDY) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == r.content[0].text and final.content[0].text == text and final.stop_reason == r.stop_reason
+    assert final.usage.output_tokens == u.output_tokens
+    n = ac(server).messages.count_tokens(model="tiny-a", system=SYSTEM, messages=msgs)
+    assert n.input_tokens == want.usage.prompt_tokens
+
+
+def test_stop_sequences(server):
+    """A stop sequence in the reply ends it there, stop_reason stop_sequence naming it (streamed too)."""
+    c = ac(server)
+    free = c.messages.create(model="tiny-a", messages=[{"role": "user", "content": "Count: 1 2 3"}], max_tokens=20,
+                             extra_body=GREEDY).content[0].text
+    stop = free.strip().split()[1] if len(free.split()) > 1 else free.strip()[:2]
+    r = c.messages.create(model="tiny-a", messages=[{"role": "user", "content": "Count: 1 2 3"}], max_tokens=20,
+                          extra_body=GREEDY, stop_sequences=[stop])
+    assert r.stop_reason == "stop_sequence" and r.stop_sequence == stop and stop not in r.content[0].text
+    assert free.startswith(r.content[0].text)
+    with c.messages.stream(model="tiny-a", messages=[{"role": "user", "content": "Count: 1 2 3"}], max_tokens=20,
+                           extra_body=GREEDY, stop_sequences=[stop]) as s:
+        final = s.get_final_message()
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == stop
+
+
+def test_tool_use_and_results(server):
+    """tool_choice naming a tool: a tool_use block whose input holds to the tool's input_schema (streamed as
+    input_json_delta too), stop_reason tool_use; the call and its tool_result fed back give the chat endpoint's reply."""
+    c = ac(server, BOB)
+    tool = {"name": "get_weather", "description": "Weather in a city",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                             "required": ["city"], "additionalProperties": False}}
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    r = c.messages.create(model="tiny-b", messages=msgs, max_tokens=40, extra_body=GREEDY, tools=[tool],
+                          tool_choice={"type": "tool", "name": "get_weather"})
+    assert r.stop_reason == "tool_use" and [b.type for b in r.content] == ["tool_use"]
+    call = r.content[0]
+    assert call.name == "get_weather" and set(call.input) == {"city"} and isinstance(call.input["city"], str)
+    with c.messages.stream(model="tiny-b", messages=msgs, max_tokens=40, extra_body=GREEDY, tools=[tool],
+                           tool_choice={"type": "tool", "name": "get_weather"}) as s:
+        final = s.get_final_message()
+    assert final.content[0].type == "tool_use" and final.content[0].input == call.input
+    turn2 = [*msgs, {"role": "assistant", "content": [{"type": "tool_use", "id": call.id, "name": call.name,
+                                                       "input": call.input}]},
+             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "sunny"}]}]
+    r2 = c.messages.create(model="tiny-b", messages=turn2, max_tokens=8, extra_body=GREEDY)
+    import json
+
+    chat = [*msgs, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": json.dumps(call.input)}}]},
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    want = openai.OpenAI(base_url=server.url + "/v1", api_key=BOB, max_retries=0).chat.completions.create(
+        model="tiny-b", messages=chat, max_tokens=8, temperature=0)
+    assert r2.content[0].text == want.choices[0].message.content
+
+
+def test_errors_in_anthropic_shape(server):
+    """Refusals as the Messages API writes them (the client raises its own error classes): an unknown model, a
+    model the key may not use, no key, an image block, max_tokens missing, extended thinking."""
+    c = ac(server)
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(anthropic.NotFoundError):
+        c.messages.create(model="nope", messages=msgs, max_tokens=4)
+    with pytest.raises(anthropic.NotFoundError):
+        ac(server, BOB).messages.create(model="tiny-a", messages=msgs, max_tokens=4)
+    with pytest.raises(anthropic.AuthenticationError):
+        ac(server, "wrong").messages.create(model="tiny-a", messages=msgs, max_tokens=4)
+    img = [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                     "data": "AAAA"}}]}]
+    with pytest.raises(anthropic.BadRequestError) as ei:
+        c.messages.create(model="tiny-a", messages=img, max_tokens=4)
+    assert "image blocks are not supported" in str(ei.value)
+    for body, words in (({"model": "tiny-a", "messages": msgs}, "max_tokens"),
+                        ({"model": "tiny-a", "messages": msgs, "max_tokens": 4,
+                          "thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking")):
+        r = httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": ALICE})
+        assert r.status_code == 400 and r.json()["type"] == "error", r.text
+        assert r.json()["error"]["type"] == "invalid_request_error" and words in r.json()["error"]["message"]
