@@ -47,7 +47,7 @@ class BodyLimit:
                     await self._drain(receive, 0)
                 if self.on_refused is not None:
                     self.on_refused()
-                return await _too_large(send, self.limit)
+                return await _too_large(send, self.limit, scope.get("path", ""))
         seen = 0
 
         async def limited():
@@ -73,8 +73,12 @@ class BodyLimit:
                 return
 
 
-async def _too_large(send, limit: int) -> None:
-    body = ErrorJSON(ServingError(413, f"request body exceeds {limit} bytes").body(), 413).body
+async def _too_large(send, limit: int, path: str = "") -> None:
+    """The 413 in the shape of the route's API (Ollama's under /api/, Anthropic's under /v1/messages, else OpenAI's)."""
+    err = ServingError(413, f"request body exceeds {limit} bytes")
+    content = {"error": err.message} if path.startswith("/api/") else \
+        anthropic_error(err) if path.startswith("/v1/messages") else err.body()
+    body = ErrorJSON(content, 413).body
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
@@ -191,6 +195,8 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
             return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=getattr(e, "headers", None))
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         err = ServingError(e.status_code, str(e.detail), code=code)
+        if request.url.path.startswith("/v1/messages"):
+            return JSONResponse(anthropic_error(err), status_code=e.status_code, headers=getattr(e, "headers", None))
         return ErrorJSON(err.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(UnicodeEncodeError)

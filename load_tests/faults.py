@@ -187,8 +187,15 @@ def is_openai_error(body: bytes) -> bool:
 
 
 def is_error_body(path: str, body: bytes) -> bool:
-    """An error as the route's API writes it: Ollama's `{"error": "..."}` under /api/, OpenAI's error object
-    elsewhere."""
+    """An error as the route's API writes it: Ollama's `{"error": "..."}` under /api/, Anthropic's `{"type": "error",
+    "error": {"type", "message"}}` under /v1/messages, OpenAI's error object elsewhere."""
+    if path.startswith("/v1/messages"):
+        try:
+            d = json.loads(body)
+            e = d.get("error") if isinstance(d, dict) else None
+            return d.get("type") == "error" and isinstance(e, dict) and bool(e.get("type")) and bool(e.get("message"))
+        except (ValueError, AttributeError):
+            return False
     if not path.startswith("/api/"):
         return is_openai_error(body)
     try:
