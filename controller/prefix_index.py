@@ -15,7 +15,7 @@ from collections import OrderedDict
 from token_scheduler.block_manager import block_hash
 
 BLOCK = 16
-MAX_BLOCKS = 1 << 14  # per (model, engine): 262,144 tokens of prompts remembered
+MAX_BLOCKS = 1 << 12  # per (model, engine): 65,536 tokens of prompts remembered (under 1 MB)
 
 
 def prompt_hashes(ids: list[int], extra: bytes = b"") -> list[bytes]:
