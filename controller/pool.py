@@ -79,6 +79,7 @@ class Sub:
     engine_id: str | None = None
     attempts: int = 0
     done: bool = False
+    prefix_hashes: list | None = None  # (prefix-aware routing) its prompt's block hashes, made once for its n choices
 
 
 @dataclass

@@ -344,6 +344,8 @@ class Controller:
                 for i in range(n):
                     sp = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
                     sub = Sub(f"{request_id}-{p * n + i}", entry.spec.name, p * n + i, ids, sp, budgets[p], gen.sink)
+                    if i:  # (the prompt's block hashes, made for its first choice)
+                        sub.prefix_hashes = gen.subs[-1].prefix_hashes
                     gen.subs.append(sub)
                     await self._place(sub, entry, slo, tenant.spec.priority, admission=True)
             self.events.publish("admit", model=entry.spec.name, tenant=tenant.name, request_id=request_id,
@@ -367,8 +369,10 @@ class Controller:
         views = self.views()
         hashes, cached = [], None
         if entry.spec.engine.kind == "llm" and entry.spec.engine.enable_prefix_caching:
-            sp = sub.params
-            hashes = prompt_hashes(sub.prompt_ids, f"{sp.lora or ''}\0{sp.cache_salt or ''}".encode())
+            if sub.prefix_hashes is None:
+                sp = sub.params
+                sub.prefix_hashes = prompt_hashes(sub.prompt_ids, f"{sp.lora or ''}\0{sp.cache_salt or ''}".encode())
+            hashes = sub.prefix_hashes
             cached = lambda eid: self.prefix.cached_tokens(name, eid, hashes)  # noqa: E731
         rt = route(entry.info, views, len(sub.prompt_ids), cached)
         if rt is None:
