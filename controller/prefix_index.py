@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from token_scheduler.block_manager import block_hash
+from token_scheduler.block_manager import chain_hashes
 
 BLOCK = 16
 MAX_BLOCKS = 1 << 12  # per (model, engine): 65,536 tokens of prompts remembered (under 1 MB)
@@ -20,10 +20,7 @@ MAX_BLOCKS = 1 << 12  # per (model, engine): 65,536 tokens of prompts remembered
 
 def prompt_hashes(ids: list[int], extra: bytes = b"") -> list[bytes]:
     """The chained hashes of a prompt's full blocks but the one holding its last token (which an engine computes)."""
-    out: list[bytes] = []
-    for i in range((len(ids) - 1) // BLOCK):
-        out.append(block_hash(out[-1] if out else b"", ids[i * BLOCK: (i + 1) * BLOCK], extra))
-    return out
+    return chain_hashes([], ids, (len(ids) - 1) // BLOCK, BLOCK, extra)
 
 
 class PrefixIndex:

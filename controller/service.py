@@ -41,6 +41,7 @@ from controller.router import (
     with_registration,
 )
 from controller.tenants import Tenant, TenantRegistry
+from token_scheduler.block_manager import hash_extra
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
 from tokenpool.models import adapter_fit_problem, model_dir_problem
@@ -371,7 +372,7 @@ class Controller:
         if entry.spec.engine.kind == "llm" and entry.spec.engine.enable_prefix_caching:
             if sub.prefix_hashes is None:
                 sp = sub.params
-                sub.prefix_hashes = prompt_hashes(sub.prompt_ids, f"{sp.lora or ''}\0{sp.cache_salt or ''}".encode())
+                sub.prefix_hashes = prompt_hashes(sub.prompt_ids, hash_extra(sp.lora, sp.cache_salt))
             hashes = sub.prefix_hashes
             cached = lambda eid: self.prefix.cached_tokens(name, eid, hashes)  # noqa: E731
         rt = route(entry.info, views, len(sub.prompt_ids), cached)

@@ -34,6 +34,22 @@ def block_hash(parent: bytes, tokens: list[int], extra: bytes = b"") -> bytes:
     return hashlib.blake2b(parent + array("q", tokens).tobytes() + extra, digest_size=16).digest()
 
 
+def hash_extra(lora: str | None, salt: str | None, load: int | None = None) -> bytes:
+    """What besides the tokens keeps cached KV apart: the LoRA adapter (and which load of it) and the cache salt."""
+    if lora is None and salt is None:
+        return b""
+    return f"{lora or ''}\0{load}\0{salt or ''}".encode()
+
+
+def chain_hashes(hashes: list[bytes], tokens: list[int], n_blocks: int, block_size: int,
+                 extra: bytes = b"") -> list[bytes]:
+    """Extend `hashes`, the chained hashes of the first blocks of `tokens`, to its first `n_blocks` blocks (in
+    place); returns those."""
+    for i in range(len(hashes), n_blocks):
+        hashes.append(block_hash(hashes[-1] if hashes else b"", tokens[i * block_size: (i + 1) * block_size], extra))
+    return hashes[:n_blocks]
+
+
 class _Cache:
     """The prefix cache of one pool, shared by its views."""
 

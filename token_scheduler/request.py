@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from token_scheduler.block_manager import chain_hashes, hash_extra
+
 
 @dataclass
 class SamplingParams:
@@ -190,23 +192,14 @@ class Request:
             return c
         return max(0, c - kv.shared(self.block_ids) * kv.block_size)
 
-    def block_hash_extra(self) -> bytes:
-        """What besides the tokens keeps its KV apart: the LoRA adapter, the cache salt."""
-        sp = self.sampling_params
-        if sp.lora is None and sp.cache_salt is None:
-            return b""
-        return f"{sp.lora or ''}\0{self.lora_uid}\0{sp.cache_salt or ''}".encode()
-
     def hashes_to(self, n_blocks: int, block_size: int) -> list:
-        """The chained hashes of its first `n_blocks` full blocks (made once each, kept)."""
-        from token_scheduler.block_manager import block_hash
-
-        hs = self.block_hashes
-        if len(hs) < n_blocks:
-            toks, extra = self.all_token_ids, self.block_hash_extra()
-            for i in range(len(hs), n_blocks):
-                hs.append(block_hash(hs[-1] if hs else b"", toks[i * block_size: (i + 1) * block_size], extra))
-        return hs[:n_blocks]
+        """The chained hashes of its first `n_blocks` full blocks (made once each, kept), apart by its adapter's load
+        and its cache salt."""
+        if len(self.block_hashes) < n_blocks:
+            sp = self.sampling_params
+            chain_hashes(self.block_hashes, self.all_token_ids, n_blocks, block_size,
+                         hash_extra(sp.lora, sp.cache_salt, self.lora_uid))
+        return self.block_hashes[:n_blocks]
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -215,6 +215,8 @@ class ModelRunner:
 
     def _lora_rows(self, out: SchedulerOutput) -> LoraRows | None:
         """The adapters of `out`'s rows (a step with any runs the eager forward, which adds their deltas)."""
+        if not self.loras:  # (the common case: no adapter hosted, no walk of the step's chunks)
+            return None
         rows: dict[str, list[int]] = {}
         q0 = 0
         for c in out.chunks:

@@ -39,7 +39,6 @@ _UIDS = count(1)
 class LoraAdapter:
     name: str
     path: str
-    rank: int  # the largest rank of its modules
     # per layer: fused projection -> (A [R, in], B [out, R] times the scale); projections it leaves alone are absent
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
     uid: int = field(default_factory=lambda: next(_UIDS))  # this load's (its requests' cached KV is keyed by it)
@@ -66,12 +65,10 @@ class LoraAdapter:
             raise ValueError(f"LoRA adapter {name!r}: cannot read {file}: {e}") from None
         fused = _fused(cfg)
         layers: list[dict[str, list]] = [{} for _ in range(cfg.num_layers)]
-        rank = 0
         for (layer, mod), ab in sorted(mods.items()):
             a, b = t[ab["A"]], t[ab["B"]]
             r = a.shape[0]
             proj, off = fused[mod]
-            rank = max(rank, r)
             scale = alpha / (r ** 0.5 if rslora else r)
             layers[layer].setdefault(proj, []).append((off, b.shape[0], a, b * scale))
         out = _out_rows(cfg)
@@ -87,15 +84,11 @@ class LoraAdapter:
                     c += bb.shape[1]
                 d[proj] = (a.to(dtype).contiguous(), b.to(dtype).contiguous())
             stacked.append(d)
-        return LoraAdapter(name, str(path), rank, stacked)
+        return LoraAdapter(name, str(path), stacked)
 
     def to(self, device: torch.device) -> LoraAdapter:
         layers = [{k: (a.to(device), b.to(device)) for k, (a, b) in d.items()} for d in self.layers]
-        return LoraAdapter(self.name, self.path, self.rank, layers, self.uid)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for d in self.layers for a, b in d.values())
+        return LoraAdapter(self.name, self.path, layers, self.uid)
 
 
 class LoraRows:
