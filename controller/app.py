@@ -73,12 +73,18 @@ class BodyLimit:
                 return
 
 
+def error_content(path: str, e: ServingError) -> dict:
+    """An error's body as the route's API writes it: Ollama's `{"error": "..."}` under /api/, Anthropic's under
+    /v1/messages, OpenAI's elsewhere."""
+    if path.startswith("/api/"):
+        return {"error": e.message}
+    if path.startswith("/v1/messages"):
+        return anthropic_error(e)
+    return e.body()
+
+
 async def _too_large(send, limit: int, path: str = "") -> None:
-    """The 413 in the shape of the route's API (Ollama's under /api/, Anthropic's under /v1/messages, else OpenAI's)."""
-    err = ServingError(413, f"request body exceeds {limit} bytes")
-    content = {"error": err.message} if path.startswith("/api/") else \
-        anthropic_error(err) if path.startswith("/v1/messages") else err.body()
-    body = ErrorJSON(content, 413).body
+    body = ErrorJSON(error_content(path, ServingError(413, f"request body exceeds {limit} bytes")), 413).body
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
@@ -90,10 +96,6 @@ class ErrorJSON(JSONResponse):
 
     def render(self, content) -> bytes:
         return json.dumps(content, separators=(",", ":")).encode()
-
-
-def _error(e: ServingError) -> JSONResponse:
-    return ErrorJSON(e.body(), status_code=e.status, headers=e.headers())
 
 
 def _auth_first(request: Request) -> None:
@@ -161,12 +163,10 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
     app.include_router(dashboard_routes.router)
 
     def answer(request: Request, e: ServingError) -> JSONResponse:
-        """The error as the route's API writes it: Ollama's `{"error": "..."}` under /api/, OpenAI's elsewhere."""
-        if request.url.path.startswith("/api/"):
-            return JSONResponse({"error": e.message}, status_code=e.status)
-        if request.url.path.startswith("/v1/messages"):  # Anthropic's Messages API: its error shape
-            return JSONResponse(anthropic_error(e), status_code=e.status, headers=e.headers())
-        return _error(e)
+        """The error as the route's API writes it (`error_content`; Ollama's without Retry-After)."""
+        path = request.url.path
+        return ErrorJSON(error_content(path, e), status_code=e.status,
+                         headers=None if path.startswith("/api/") else e.headers())
 
     @app.exception_handler(ServingError)
     async def serving_error(request: Request, e: ServingError):
@@ -191,13 +191,10 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
     async def http_error(request: Request, e: StarletteHTTPException):
         if e.status_code == 413:  # a request refused for its size is a refused request (others: no such route)
             request.app.state.controller.count_refusal(None, "-", 413)
-        if request.url.path.startswith("/api/"):  # Ollama's routes: its error shape
-            return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=getattr(e, "headers", None))
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         err = ServingError(e.status_code, str(e.detail), code=code)
-        if request.url.path.startswith("/v1/messages"):
-            return JSONResponse(anthropic_error(err), status_code=e.status_code, headers=getattr(e, "headers", None))
-        return ErrorJSON(err.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
+        return ErrorJSON(error_content(request.url.path, err), status_code=e.status_code,
+                         headers=getattr(e, "headers", None))
 
     @app.exception_handler(UnicodeEncodeError)
     async def not_unicode(request: Request, e: UnicodeEncodeError):

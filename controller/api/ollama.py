@@ -27,7 +27,7 @@ from controller.api import protocol as p
 from controller.api.serving import ClientGone, OpenAIServing, Tracked, encode, unless_disconnected
 from controller.api.structured import ToolPlan
 from controller.config import parse_duration
-from controller.dashboard.views import engine_models
+from controller.dashboard.views import resident_models
 from controller.errors import ServingError
 
 router = APIRouter(prefix="/api")
@@ -184,23 +184,20 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         context = None if chat else body.context
         if context is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
             raise ServingError(400, "context must be the token ids a previous /api/generate returned")
-        if context:  # the earlier turns' ids, then this prompt's (templated unless raw)
+        templated = isinstance(req, p.ChatCompletionRequest)
+        if context or not templated:  # a raw prompt's ids, or the earlier turns' then this prompt's (templated or raw)
             params = serving._params(me, req, req.max_tokens, None)
-            new = await (serving.offload(encode, me.tokenizer, req.prompt) if body.raw else
-                         serving.offload(serving._chat_prompt, me, req, {}))
-            ids = serving._check_ids(me, list(context) + new, "context")
+            new = await (serving.offload(serving._chat_prompt, me, req, {}) if templated else
+                         serving.offload(encode, me.tokenizer, req.prompt))
+            ids = serving._check_ids(me, [*(context or []), *new], "context" if context else "prompt")
             gen = serving._track(await ctl.generate(me, tenant, [ids], params, 1, ctl.new_id("ollama")))
-        elif isinstance(req, p.ChatCompletionRequest):  # (Ollama's answers first, then as the chat endpoint admits it)
+        else:  # (Ollama's answers first, then as the chat endpoint admits it)
             if not getattr(me.tokenizer, "chat_template", None):
                 raise ServingError(400, f"model '{req.model}' has no chat template: use /api/generate with raw")
             if req.tools and not me.spec.tool_call_parser:  # (Ollama's answer for a model whose template has none)
                 raise ServingError(400, f"{req.model} does not support tools (serve it with a tool-call parser: "
                                         "--tool-call-parser hermes, or tool_call_parser in its configuration)")
             me, tools, gen = await serving.start_chat(req, tenant, ctl.new_id("ollama"))
-        else:
-            params = serving._params(me, req, req.max_tokens, None)
-            ids = serving._check_ids(me, await serving.offload(encode, me.tokenizer, req.prompt), "prompt")
-            gen = serving._track(await ctl.generate(me, tenant, [ids], params, 1, ctl.new_id("ollama")))
         if _unloads(ctl, body.keep_alive):  # (sent after the request: the engine evicts once it is done)
             ctl.evict(me.spec.name)
     except ServingError as e:
@@ -418,8 +415,7 @@ async def ps(request: Request) -> dict:
     """Like Ollama's: the models whose weights are in VRAM now, on some live engine (residency is the pool's, token
     by token; `tokenpool ps` shows where). No expiry is planned: the pool evicts when it needs the room."""
     ctl = request.app.state.controller
-    resident = {n for e in ctl.pool.engines.values() if e.alive
-                for n, m in engine_models(e).items() if m["state"] == "resident"}
+    resident = resident_models(ctl.pool.engines.values())
     return {"models": [{**m, "size_vram": m["size"], "expires_at": "0001-01-01T00:00:00Z"}
                        for m in _models(request) if m["name"] in resident]}
 

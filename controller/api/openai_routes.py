@@ -13,7 +13,7 @@ from controller.api import anthropic, auth, embeddings, responses
 from controller.api import protocol as p
 from controller.api.embeddings import openai_embeddings
 from controller.api.serving import ClientGone
-from controller.dashboard.views import engine_models
+from controller.dashboard.views import resident_models
 from controller.errors import ServingError
 from controller.tenants import Tenant
 
@@ -97,8 +97,7 @@ async def score(body: p.ScoreRequest, request: Request, tenant: Tenant = Depends
 async def running(request: Request, tenant: Tenant = Depends(auth.tenant)) -> dict:
     """llama-swap's: the models the key may use whose weights are in VRAM now, with their keep_alive (its ttl)."""
     ctl = request.app.state.controller
-    resident = {n for e in ctl.pool.engines.values() if e.alive
-                for n, m in engine_models(e).items() if m["state"] == "resident"}
+    resident = resident_models(ctl.pool.engines.values())
     return {"running": [{"model": n, "state": "ready", "ttl": me.spec.keep_alive}
                         for n, me in ctl.models.items() if n in resident and tenant.may_use(n)]}
 

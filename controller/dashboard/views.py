@@ -56,6 +56,11 @@ def _counts(counter: Any, *labels: str) -> dict[tuple[str, ...], float]:
     return out
 
 
+def resident_models(engines: Any) -> set[str]:
+    """The models whose weights are in VRAM now on some live engine of `engines` (an EnginePool's)."""
+    return {n for e in engines if e.alive for n, m in engine_models(e).items() if m["state"] == "resident"}
+
+
 def engine_models(e: Any) -> dict[str, dict[str, Any]]:
     """Per registered model on one engine: state, waiting, running, oldest_wait_s, kv_pages_used, kv_swapped."""
     pool = getattr(e, "pool", None) or {}
