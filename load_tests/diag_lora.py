@@ -1,12 +1,19 @@
 """What a LoRA adapter costs a decode step on the GPU: the same greedy generation with and without an adapter (a
 random PEFT one of `--rank` over every projection), per batch size, through the engine (`token_scheduler.LLM`).
-Adapter rows run the eager forward (no CUDA graph), the model's own replay their graphs; the model's own without
-graphs too (`cuda_graphs=False`), to tell the eager forward's cost from the adapter's.
+
+Columns, each a ms per decode step:
+- base: the model's own rows (its decode graphs);
+- lora: every row on the adapter (the decode graphs over the adapter slots, `LoraSlots`);
+- mixed: half the rows on the adapter, half on a second adapter of another rank, in the same steps;
+- lora_by_index: every row on the adapter, the deltas added adapter by adapter on the eager forward (the path a
+  step takes when it asks for more adapters than TOKENPOOL_GPU_LORAS; before the slots, every adapter step's);
+- base_eager: the model's own rows without graphs (`cuda_graphs=False`): the eager forward's own cost.
 
     python -m load_tests.diag_lora --model DIR [--rank 16] [--batch 1,8,32] [--tokens 64] [--json FILE]
 
 Each point is timed after a warm-up run of the same batch; its ms per step is the generation's wall time over its
-decode steps (its one prefill, of prompts cached by the warm-up, included).
+decode steps (its one prefill, of prompts cached by the warm-up, included). `tokens_equal_by_index`: whether the
+graph path's greedy tokens equal the by-index path's (bf16: rounding may differ where two tokens are near a tie).
 """
 
 from __future__ import annotations
@@ -30,29 +37,47 @@ def main(argv: list[str] | None = None) -> dict:
 
     from controller.model_factory import make_lora
     from token_scheduler import LLM, SamplingParams
+    from token_scheduler import runner as R
 
-    adapter = make_lora(a.model, tempfile.mkdtemp() + "/lora", rank=a.rank, alpha=2.0 * a.rank)
-    llm = LLM(a.model, device="cuda", dtype="bf16", lora_modules={"a": str(adapter)}, kv_cache_memory_gb=8)
-    # the model's own steps without CUDA graphs: how much of an adapter step is the eager forward itself
+    root = tempfile.mkdtemp()
+    adapter = make_lora(a.model, root + "/lora", rank=a.rank, alpha=2.0 * a.rank)
+    other = make_lora(a.model, root + "/lora2", rank=max(1, a.rank // 2), alpha=float(a.rank), seed=2)
+    llm = LLM(a.model, device="cuda", dtype="bf16", lora_modules={"a": str(adapter), "b": str(other)},
+              kv_cache_memory_gb=8)
+    # the model's own steps without CUDA graphs: how much of a by-index step is the eager forward itself
     eager = LLM(a.model, device="cuda", dtype="bf16", kv_cache_memory_gb=8, cuda_graphs=False)
+    slots = R.GPU_LORAS
     rows = []
     for b in (int(x) for x in a.batch.split(",")):
         prompts = [[5 + i] * 32 for i in range(b)]
         point = {"batch": b}
-        for name, engine, lora in (("base", llm, None), ("lora", llm, "a"), ("base_eager", eager, None)):
-            sp = SamplingParams(temperature=0, max_tokens=a.tokens, ignore_eos=True, lora=lora)
-            engine.generate(prompts, sp)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            engine.generate(prompts, sp)
-            torch.cuda.synchronize()
+        toks = {}
+        for name, engine, loras, n_slots in (("base", llm, [None], slots), ("lora", llm, ["a"], slots),
+                                             ("mixed", llm, ["a", "b"], slots), ("lora_by_index", llm, ["a"], 0),
+                                             ("base_eager", eager, [None], slots)):
+            R.GPU_LORAS = n_slots  # (0: no slots, so adapter rows take the by-index path)
+            sps = [SamplingParams(temperature=0, max_tokens=a.tokens, ignore_eos=True, lora=loras[i % len(loras)])
+                   for i in range(b)]
+            try:
+                engine.generate(prompts, sps)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                outs = engine.generate(prompts, sps)
+                torch.cuda.synchronize()
+            finally:
+                R.GPU_LORAS = slots
             point[f"{name}_ms_per_step"] = (time.perf_counter() - t0) / a.tokens * 1e3
-        point["ratio"] = point["lora_ms_per_step"] / point["base_ms_per_step"]
-        print(f"batch {b}: base {point['base_ms_per_step']:.2f} ms/step, with the adapter "
-              f"{point['lora_ms_per_step']:.2f} ms/step ({point['ratio']:.2f}x), base without graphs "
-              f"{point['base_eager_ms_per_step']:.2f} ms/step")
+            toks[name] = [o.outputs[0].token_ids for o in outs]
+        point["lora_over_base"] = point["lora_ms_per_step"] / point["base_ms_per_step"]
+        point["mixed_over_base"] = point["mixed_ms_per_step"] / point["base_ms_per_step"]
+        point["by_index_over_lora"] = point["lora_by_index_ms_per_step"] / point["lora_ms_per_step"]
+        point["tokens_equal_by_index"] = sum(x == y for x, y in zip(toks["lora"], toks["lora_by_index"])) / b
+        print(f"batch {b}: base {point['base_ms_per_step']:.2f} ms/step; adapter {point['lora_ms_per_step']:.2f} "
+              f"({point['lora_over_base']:.2f}x), two adapters {point['mixed_ms_per_step']:.2f} "
+              f"({point['mixed_over_base']:.2f}x); by index {point['lora_by_index_ms_per_step']:.2f}; base without "
+              f"graphs {point['base_eager_ms_per_step']:.2f}; tokens equal by index {point['tokens_equal_by_index']:.2f}")
         rows.append(point)
-    res = {**header(), "model": a.model, "rank": a.rank, "tokens": a.tokens, "points": rows}
+    res = {**header(), "model": a.model, "rank": a.rank, "tokens": a.tokens, "slots": slots, "points": rows}
     if a.json:
         write_json(a.json, res)
     return res

@@ -637,10 +637,10 @@ def test_embeddings_on_cuda(make_varied):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_lora_on_cuda(make_varied, tmp_path, dtype):
-    """On CUDA (graphs on): requests of two adapters and of the model in one engine, decoding together (their steps
-    eager), then the model's alone (its graphs), which are an adapter-less engine's; fp32 tokens equal the CPU
-    engine's; bf16 adapter tokens equal a bf16 engine's on the merged weights for most prompts (rounding differs:
-    merged vs unmerged)."""
+    """On CUDA (graphs on): requests of two adapters and of the model in one engine, decoding together (through the
+    decode graphs over the adapter slots), then the model's alone (its own graphs), which are an adapter-less
+    engine's; fp32 tokens equal the CPU engine's; bf16 adapter tokens equal a bf16 engine's on the merged weights for
+    most prompts (rounding differs: merged vs unmerged)."""
     from controller.model_factory import make_lora, merge_lora
     from token_scheduler import LLM
 
@@ -653,10 +653,11 @@ def test_lora_on_cuda(make_varied, tmp_path, dtype):
     extra = {"kv_cache_memory_gb": 0.1}
     gpu = LLM(d, device="cuda", dtype=dtype, lora_modules={k: str(v) for k, v in ads.items()}, **extra)
     got = [o.outputs[0].token_ids for o in gpu.generate(prompts * 3, params)]
+    assert gpu.engine.runner._lora_graphs  # (the adapter rows decoded in graphs, not eagerly)
     alone = [o.outputs[0].token_ids for o in gpu.generate(prompts, params[:3])]  # (graphs, after adapter steps)
     plain = LLM(d, device="cuda", dtype=dtype, **extra)
     assert alone == [o.outputs[0].token_ids for o in plain.generate(prompts, params[:3])]
-    if dtype == "fp32":  # (bf16: a model row beside adapter rows runs the eager ops, whose rounding is not the graph's)
+    if dtype == "fp32":  # (bf16: a model row beside adapter rows takes other kernels and shapes, so other rounding)
         assert got[:3] == alone
         cpu = LLM(d, device="cpu", dtype="fp32", lora_modules={k: str(v) for k, v in ads.items()})
         assert got == [o.outputs[0].token_ids for o in cpu.generate(prompts * 3, params)]

@@ -143,13 +143,13 @@ def test_chunked_prefill_beside_decodes_matches_hf_merged(setup, knobs, monkeypa
     elif knobs == "padded":
         run.pad_rows = True
     steps = []
-    orig = R.ModelRunner._lora_rows
+    orig = R.ModelRunner._lora_slots
 
     def spy(self, out):
         steps.append([(c.request.sampling_params.lora, c.start, c.num_tokens, c.sample) for c in out.chunks])
         return orig(self, out)
 
-    monkeypatch.setattr(R.ModelRunner, "_lora_rows", spy)
+    monkeypatch.setattr(R.ModelRunner, "_lora_slots", spy)
     long_, short, tiny = _prompts(llm.engine.model_config.vocab_size, (53, 3, 6), seed=11)
     params = [SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, lora=name)
               for name in ("part", None, "full", "full")]
@@ -222,8 +222,8 @@ def test_refusals(setup, make_tiny, tmp_path):
 
 def test_overlapped_decode_then_adapter_request_matches_hf_merged(setup, monkeypatch):
     """Overlapped decode (queued a step ahead, as on CUDA): base requests decode overlapped; an adapter request that
-    arrives meanwhile is not run on the overlapped path (the eager forward adds its deltas), and every request still
-    gets HF's tokens on its model."""
+    arrives meanwhile decodes overlapped too, in the same launched steps (its rows name their adapter's slot), and
+    every request still gets HF's tokens on its model."""
     from token_scheduler import runner as R
 
     d, dirs, hfs = setup("llama")
@@ -250,7 +250,7 @@ def test_overlapped_decode_then_adapter_request_matches_hf_merged(setup, monkeyp
     assert done["b"].outputs[0].token_ids == _greedy(hfs[None], b)
     assert done["c"].outputs[0].token_ids == _greedy(hfs["full"], c)
     assert done["c-base"].outputs[0].token_ids == _greedy(hfs[None], c)
-    assert all(name is None for rows in launched for name in rows)
+    assert any("full" in rows and None in rows for rows in launched)  # adapter and base rows in one launched step
 
 
 @pytest.mark.parametrize("host_blocks", [0, 64], ids=["recompute", "swap"])
@@ -309,9 +309,11 @@ def test_damaged_adapter_weights_refused_with_value_error(setup, tmp_path):
     assert eng.loras == [] and eng.set_loras({"cut": str(bad)}) and eng.loras == []
 
 
-def test_device_copies_kept_are_bounded(setup, monkeypatch):
-    """TOKENPOOL_GPU_LORAS bounds the adapters whose copies a runner keeps between steps (least recently used goes),
-    never below the adapters of the step running; the tokens are HF's whichever copies were dropped and made again."""
+def test_adapter_slots_are_bounded(setup, monkeypatch):
+    """TOKENPOOL_GPU_LORAS bounds a model's adapter slots on its device: with one slot, adapters asked for in turn take
+    it in turn (written again each time), a step asking for more adapters than there are slots takes them by index
+    instead (each request still on its own adapter), and the slots go with the weights. The tokens are HF's
+    throughout; an adapter unloaded frees its slot."""
     from token_scheduler import runner
 
     monkeypatch.setattr(runner, "GPU_LORAS", 1)
@@ -320,12 +322,47 @@ def test_device_copies_kept_are_bounded(setup, monkeypatch):
                                  lora_modules={k: str(v) for k, v in dirs.items()}))
     ids = _prompts(eng.model_config.vocab_size, [6], seed=5)[0]
     sp = {k: SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, lora=k) for k in ("full", "part")}
+    uid = {k: eng.runner.loras[k].uid for k in sp}
     for k in ("full", "part", "full"):
         done = _run(eng, {k: (ids, sp[k])})
-        assert done[k].outputs[0].token_ids == _greedy(hfs[k], ids) and list(eng.runner._lora_dev) == [k]
-    _run(eng, {"a": (ids, sp["full"]), "b": (ids, sp["part"])})  # (both in every step: both kept while they run)
-    assert sorted(eng.runner._lora_dev) == ["full", "part"]
-    _run(eng, {"c": (ids, sp["part"])})
-    assert list(eng.runner._lora_dev) == ["part"]
-    eng.set_weights(None)  # (evicted: the copies go with the weights)
-    assert not eng.runner._lora_dev
+        assert done[k].outputs[0].token_ids == _greedy(hfs[k], ids)
+        slots = eng.runner._slots
+        assert slots.slots == 1 and list(slots.held) == [uid[k]]
+    by_index = []
+    orig = runner.ModelRunner._lora_rows
+    monkeypatch.setattr(runner.ModelRunner, "_lora_rows", lambda self, out: by_index.append(r := orig(self, out)) or r)
+    done = _run(eng, {"a": (ids, sp["full"]), "b": (ids, sp["part"])})  # (two adapters a step, one slot)
+    assert done["a"].outputs[0].token_ids == _greedy(hfs["full"], ids)
+    assert done["b"].outputs[0].token_ids == _greedy(hfs["part"], ids)
+    assert any(r is not None and len(r.groups) == 2 for r in by_index)
+    eng.remove_lora("full")
+    assert uid["full"] not in eng.runner._slots.held
+    eng.set_weights(None)  # (evicted: the slots go with the weights)
+    assert eng.runner._slots is None
+
+
+def test_slots_hold_adapters_of_several_ranks_and_reload(setup, monkeypatch):
+    """Slots are made for the largest rank and every projection hosted: adapters of rank 8 and 4 and of different
+    targets share them; a fourth adapter added at runtime makes them again (more slots), and an adapter reloaded under
+    its name with other weights is written anew (its old slot is not served). Tokens are HF's on each merged model."""
+    from token_scheduler import runner
+
+    monkeypatch.setattr(runner, "GPU_LORAS", 8)
+    d, dirs, hfs = setup("qwen2")
+    eng = LLMEngine(EngineConfig(model=str(d), device="cpu", dtype="fp32",
+                                 lora_modules={"part": str(dirs["part"]), "rs": str(dirs["rs"])}))
+    ids = _prompts(eng.model_config.vocab_size, [9], seed=21)[0]
+    greedy = dict(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    done = _run(eng, {k: (ids, SamplingParams(**greedy, lora=k)) for k in ("part", "rs")})
+    first = eng.runner._slots
+    assert (first.slots, first.rank) == (2, 8) and first.projs == {"qkv", "o", "gate_up", "down"}
+    eng.add_lora("full", dirs["full"])
+    done |= _run(eng, {f"{k}2": (ids, SamplingParams(**greedy, lora=k)) for k in ("part", "rs", "full")})
+    assert eng.runner._slots is not first and eng.runner._slots.slots == 3
+    for k in ("part", "rs", "full"):
+        assert done[f"{k}2"].outputs[0].token_ids == _greedy(hfs[k], ids), k
+    assert done["part"].outputs[0].token_ids == done["part2"].outputs[0].token_ids
+    eng.remove_lora("rs")
+    eng.add_lora("rs", dirs["part"])  # (the name now serves other weights)
+    done = _run(eng, {"again": (ids, SamplingParams(**greedy, lora="rs"))})
+    assert done["again"].outputs[0].token_ids == _greedy(hfs["part"], ids)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ from model_swapper.model_config import ModelConfig
 from token_scheduler import graph_cap
 from token_scheduler.model import llama
 from token_scheduler.model.attention import AttentionMetadata
-from token_scheduler.model.lora import LoraAdapter, LoraRows
+from token_scheduler.model.lora import LoraAdapter, LoraRows, LoraSlots
 from token_scheduler.request import Request
 from token_scheduler.sampler import Sampler, SampleResult, masks_stop_tokens
 from token_scheduler.scheduler import SchedulerOutput
@@ -34,7 +33,7 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 # the step thread on the H200 at 9ff79c5, a shape's first capture of a bucket ~45 ms). What it bounds one shape's logits to: 96 x the largest bucket's (152k vocabulary:
 # ~20 MB at bucket 32, 1.9 GB for 96; at the served max_num_seqs of 64, ~39 MB each, 3.7 GB at most).
 GRAPH_CAP = max(1, env.GRAPH_CAP.integer())
-GPU_LORAS = max(1, env.GPU_LORAS.integer())  # adapters' device copies kept per model (`ModelRunner._lora_rows`)
+GPU_LORAS = max(1, env.GPU_LORAS.integer())  # adapter slots a model has on its device (`LoraSlots`; vLLM's --max-loras)
 # Prefill and mixed steps whose every chunk goes row by row (`rowwise_prefill_max`) replay CUDA graphs too: such a
 # step is a decode of its rows (row p attends to positions <= p, its K/V written first in each layer). Eager, the
 # forward is ~170 Triton and ~110 cuBLAS launches whatever its length: served prefill steps spent ~19 ms of the step
@@ -148,10 +147,14 @@ class ModelRunner:
         self.time_steps = False  # CUDA events time each step read in `execute` (StepResult.device_s; a diagnostic)
         self.weights = weights
         self.slot_key: object = None  # which weight slot `weights` live in (graphs are per slot)
-        # LoRA adapters hosted with the model, by name (host copies; LLMEngine.add_lora), and the device copies of
-        # those its steps used while its weights were resident (dropped with them: they are outside the weight arena)
+        # LoRA adapters hosted with the model, by name (host copies; LLMEngine.add_lora); their device slots, made at
+        # the first step that needs them and dropped with the weights (outside the weight arena: GPU_LORAS slots of
+        # the largest rank hosted); and the decode graphs over those slots at the current weights, by (lane, bucket),
+        # in a graph memory pool a lane of their own
         self.loras: dict[str, LoraAdapter] = {}
-        self._lora_dev: OrderedDict[str, LoraAdapter] = OrderedDict()  # least recently used first
+        self._slots: LoraSlots | None = None
+        self._lora_graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self._lora_pools: dict[int, tuple] = {}
         self.kv = kv_cache
         self.kv_swapper = kv_swapper  # model_swapper.KVSwapper over `kv` and the host KV pool
         self.block_size = block_size
@@ -205,38 +208,54 @@ class ModelRunner:
 
     def set_weights(self, weights: dict[str, torch.Tensor] | None, slot_key: object = None) -> None:
         """Point the runner at a model's weights (views into an arena slot), or at none (evicted)."""
-        self.weights, self.slot_key = weights, slot_key
+        if weights is None or slot_key != self.slot_key:  # (graphs read the weights by address)
+            self._lora_graphs.clear()
+            self._lora_pools.clear()
         if weights is None:
-            self._lora_dev.clear()
+            self._slots = None
+        self.weights, self.slot_key = weights, slot_key
 
     def drop_lora(self, name: str) -> None:
-        self.loras.pop(name, None)
-        self._lora_dev.pop(name, None)
+        ad = self.loras.pop(name, None)
+        if ad is not None and self._slots is not None:
+            self._slots.forget(ad.uid)
 
-    def _lora_rows(self, out: SchedulerOutput) -> LoraRows | None:
-        """The adapters of `out`'s rows (a step with any runs the eager forward, which adds their deltas)."""
+    def _lora_slots(self, out: SchedulerOutput) -> list[int] | None:
+        """Each chunk's adapter slot (-1: the model alone), its adapters written into the slots first; None when no
+        row asks for an adapter, or when more adapters than GPU_LORAS do (`_lora_rows` then)."""
         if not self.loras:  # (the common case: no adapter hosted, no walk of the step's chunks)
             return None
+        names = [c.request.sampling_params.lora for c in out.chunks]
+        used = {n for n in names if n is not None}
+        if not used or len(used) > GPU_LORAS:
+            return None
+        for n in used:
+            if n not in self.loras:
+                raise RuntimeError(f"step planned with LoRA adapter {n!r}, which is not hosted")
+        s, want = self._slots, min(GPU_LORAS, len(self.loras))
+        if s is None or s.slots < want or not s.holds(self.loras[n] for n in used):
+            # slots for every adapter hosted (up to GPU_LORAS), of the largest rank among them: made again only when
+            # adapters are added; the graphs over the old ones go
+            rank, projs = LoraSlots.shape_for(self.loras.values())
+            s = self._slots = LoraSlots(self.cfg, self.kv.dtype, self.device, want, rank, projs)
+            self._lora_graphs.clear()
+            self._lora_pools.clear()
+        keep = {self.loras[n].uid for n in used}
+        slot = {n: s.slot_of(self.loras[n], keep) for n in used}
+        return [-1 if n is None else slot[n] for n in names]
+
+    def _lora_rows(self, out: SchedulerOutput) -> LoraRows | None:
+        """A step with adapter rows of more adapters than the slots hold: each adapter's rows by index, over device
+        copies made for the step (slow, and only then: the eager forward adds the deltas adapter by adapter)."""
         rows: dict[str, list[int]] = {}
         q0 = 0
         for c in out.chunks:
             if (name := c.request.sampling_params.lora) is not None:
                 rows.setdefault(name, []).extend(range(q0, q0 + c.num_tokens))
             q0 += c.num_tokens
-        if not rows:
+        if len(rows) <= GPU_LORAS:
             return None
-        groups = []
-        for name, idx in rows.items():
-            ad = self._lora_dev.get(name)
-            if ad is None:
-                if name not in self.loras:
-                    raise RuntimeError(f"step planned with LoRA adapter {name!r}, which is not hosted")
-                ad = self._lora_dev[name] = self.loras[name].to(self.device)
-            self._lora_dev.move_to_end(name)
-            groups.append((ad, upload(idx, self.device)))
-        while len(self._lora_dev) > max(GPU_LORAS, len(rows)):  # (this step's are the most recent: kept)
-            self._lora_dev.popitem(last=False)
-        return LoraRows(groups)
+        return LoraRows([(self.loras[name].to(self.device), upload(idx, self.device)) for name, idx in rows.items()])
 
 
     # -- execution ---------------------------------------------------------------------------------
@@ -254,17 +273,19 @@ class ModelRunner:
         start = torch.cuda.Event(enable_timing=True) if self.time_steps and self.is_cuda and sample_reqs else None
         prompt_lps: dict[str, list[dict[int, float]]] = {}
         embeds: dict[str, list[float]] = {}
-        lora = self._lora_rows(out)
+        # adapter rows: their slots, or (more adapters than slots) their deltas by index on the eager forward
+        slots = self._lora_slots(out)
+        lora = self._lora_rows(out) if slots is None and self.loras else None
         eager = _embeds(out) or lora is not None  # (a one-token prompt's prefill is a decode-shaped step)
         if out.is_decode and len(out.chunks) in self.bucket_of and not self.hf_exact_decode and not eager:
             # (not marked in flight: its logits are sampled below, and nothing captures before that)
-            logits = self._decode_graph(out, start=start).logits[: len(out.chunks)]
-        elif self.row_graphs and self._by_rows(out) and not any(_scored_rows(out)) and not eager:
+            logits = self._decode_graph(out, start=start, slots=slots).logits[: len(out.chunks)]
+        elif self.row_graphs and self._by_rows(out) and not any(_scored_rows(out)) and not eager and slots is None:
             logits = self._row_pieces(out, start)
         else:
             if start is not None:
                 start.record()
-            hidden, idx = self._forward_eager(out, lora=lora)
+            hidden, idx = self._forward_eager(out, lora=lora, slots=slots)
             logits = llama.compute_logits(self.weights, hidden[idx]) if idx else None
             if any(scored := _scored_rows(out)):
                 prompt_lps = self._prompt_logprobs(out, hidden, scored)
@@ -334,10 +355,11 @@ class ModelRunner:
         co-stepping engine asks it of a plan before its step is committed): a graph bucket, not the HF-exact path,
         and sampling that needs neither the tokens the host has not read yet (penalties; min_tokens' stop-token mask,
         which counts them; a grammar, which is fed them) nor host-side logprobs, and no embedding (read from the eager
-        forward's hidden states), and no LoRA adapter (the eager forward adds its deltas)."""
+        forward's hidden states), and no more LoRA adapters than the slots hold."""
+        requests = list(requests)
         return (not self.hf_exact_decode and (n in self.bucket_of or not self.is_cuda)
+                and len({r.sampling_params.lora for r in requests} - {None}) <= GPU_LORAS
                 and all(not (sp := r.sampling_params).needs_penalties and sp.logprobs is None and not sp.embed
-                        and sp.lora is None
                         and not masks_stop_tokens(r) and r.matcher is None for r in requests))
 
     def launch_decode(self, out: SchedulerOutput, ids: torch.Tensor | None = None,
@@ -349,15 +371,16 @@ class ModelRunner:
         if timed and self.is_cuda:  # (recorded just before the replay: a host late to launch it is not device time)
             start = torch.cuda.Event(enable_timing=True)
         g = None
+        slots = self._lora_slots(out)
         if len(out.chunks) in self.bucket_of:
-            g = self._decode_graph(out, ids, start=start, rows=rows)
+            g = self._decode_graph(out, ids, start=start, rows=rows, slots=slots)
             logits = g.logits[: len(out.chunks)]
         else:  # CPU (no graphs): the same overlap logic, run eagerly
             if ids is not None and rows is not None:
                 ids = ids[upload(rows, ids.device)]
             if start is not None:
                 start.record()
-            hidden, idx = self._forward_eager(out, ids)
+            hidden, idx = self._forward_eager(out, ids, slots=slots)
             logits = llama.compute_logits(self.weights, hidden[idx])
         tokens = self.sampler.sample_tokens(logits, [c.request for c in out.chunks])
         if not self.is_cuda:
@@ -438,8 +461,10 @@ class ModelRunner:
                                  context_lens=torch.from_numpy(ctx).to(self.device), use_triton=self.use_triton)
 
     def _forward_eager(self, out: SchedulerOutput, input_ids: torch.Tensor | None = None,
-                       lora: LoraRows | None = None):
+                       lora: LoraRows | None = None, slots: list[int] | None = None):
+        """`lora`: adapters' deltas by row index; `slots`: each chunk's adapter slot (`_lora_slots`)."""
         ids, pos, sb, so = self._inputs(out, input_ids is not None)
+        row_slots = [s for c, s in zip(out.chunks, slots) for _ in range(c.num_tokens)] if slots else None
         dev = self.device
         t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
         if out.is_decode and not self.hf_exact_decode:
@@ -452,6 +477,8 @@ class ModelRunner:
             if pad:  # rows at position 0 whose K/V go to the scratch block; their outputs are never read
                 ids, pos = ids + [0] * pad, pos + [0] * pad
                 sb, so = sb + [self.scratch_block] * pad, so + [0] * pad
+                if row_slots:
+                    row_slots += [-1] * pad
             meta = AttentionMetadata(t(sb), t(so), self.block_size, hf_exact=self.hf_exact_prefill)
             q0, groups, qrows = 0, [], []
             for c in out.chunks:
@@ -478,6 +505,8 @@ class ModelRunner:
         # 768 tokens of a 1.5B ~47 ms on the H200 (diag_gpu prefill).
         # LoRA rows: their adapters' deltas added after each projection (the fused forward on cuBLAS, eager)
         fwd = llama.forward if self.hf_exact_prefill and not meta.decode and meta.mixed_rows is None else self.fwd_decode
+        if row_slots:
+            lora = self._slots.rows(upload(row_slots, dev))
         kw = {} if lora is None else {"lora": lora}
         hidden = fwd(self.cfg, self.weights, self.kv, self.rope, t(ids) if input_ids is None else input_ids,
                      t(pos), meta, **kw)
@@ -597,15 +626,31 @@ class ModelRunner:
                               rope_one_row=not llama.takes_gemv(cfg, one))
 
     def _decode_graph(self, out: SchedulerOutput, ids: torch.Tensor | None = None,
-                      start: torch.cuda.Event | None = None, rows: list[int] | None = None) -> _DecodeGraph:
+                      start: torch.cuda.Event | None = None, rows: list[int] | None = None,
+                      slots: list[int] | None = None) -> _DecodeGraph:
         """Replay the graph of `out`'s bucket (captured first if missing); its logits' first rows are `out`'s.
         `ids`, `rows`: as in `launch_decode`. `start`: recorded just before the replay (after a capture and the
-        inputs' uploads)."""
-        return self._replay(self.bucket_of[len(out.chunks)], lambda g: g.fill(out, self, ids, rows), start)
+        inputs' uploads). `slots` (`_lora_slots`): the graph over the adapter slots, each row's slot an input."""
+        return self._replay(self.bucket_of[len(out.chunks)], lambda g: g.fill(out, self, ids, rows, slots), start,
+                            lora=slots is not None)
 
-    def _replay(self, bucket, fill: Callable[[_DecodeGraph], None], start: torch.cuda.Event | None) -> _DecodeGraph:
+    def _capture_lora(self, bucket: int) -> _DecodeGraph:
+        """The decode graph of `bucket` over the adapter slots, on this lane (its own pool: one per lane, as the
+        model's graphs have, so two never run at once); warmed up each time (captures are rare: a bucket's first
+        adapter step at a weight slot, or after the slots were made again)."""
+        pool = self._lora_pools.get(self.lane)
+        if pool is None:
+            pool = self._lora_pools[self.lane] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device))
+        g = self._lora_graphs[(self.lane, bucket)] = _DecodeGraph(self, bucket, *pool, lora=self._slots)
+        return g
+
+    def _replay(self, bucket, fill: Callable[[_DecodeGraph], None], start: torch.cuda.Event | None,
+                lora: bool = False) -> _DecodeGraph:
         """The graph of `bucket` at the current weights' slot (captured first if missing), `fill`ed and replayed."""
-        g = self.graphs.get(self._graph_id(bucket)) or self._capture(bucket)
+        if lora:
+            g = self._lora_graphs.get((self.lane, bucket)) or self._capture_lora(bucket)
+        else:
+            g = self.graphs.get(self._graph_id(bucket)) or self._capture(bucket)
         g.users.add(self.name)
         fill(g)
         if start is not None:
@@ -649,9 +694,11 @@ class _Readback:
 
 class _DecodeGraph:
     """Static buffers + captured graph for one decode batch bucket, or (bucket ("rows", n)) for the rows of a
-    row-by-row step: n rows, logits for ROW_SELECT of them, chosen by an index row of the inputs."""
+    row-by-row step: n rows, logits for ROW_SELECT of them, chosen by an index row of the inputs. With `lora` (a
+    decode bucket): over those adapter slots, each row's slot (-1: none) one more input."""
 
-    def __init__(self, runner: ModelRunner, bucket, pool, stream: torch.cuda.Stream, warmup: int = 2):
+    def __init__(self, runner: ModelRunner, bucket, pool, stream: torch.cuda.Stream, warmup: int = 2,
+                 lora: LoraSlots | None = None):
         dev, mb = runner.device, runner.max_blocks
         rows = isinstance(bucket, tuple)
         self.batch = batch = bucket[1] if rows else bucket
@@ -660,14 +707,16 @@ class _DecodeGraph:
         with torch.cuda.device(dev):  # (pinned with `dev` current: mapped as its tensors, below)
             self.hosts = [torch.zeros(5 + rows, batch, dtype=torch.long, pin_memory=True) for _ in range(2)]
             self.host_bts = [torch.zeros(batch, mb, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+            self.host_slots = [torch.full((batch,), -1, dtype=torch.long, pin_memory=True) for _ in range(2)] if lora else []
         # Uploaded by a kernel reading them where they are (`device_view`), not by copies: a step queued behind the
         # one in flight (TOKENPOOL_PIPELINE) while a weight prefetch ran had its block-table copy (2 KB and up)
         # wait for the copy engine until the prefetch ended: ~17 ms late a step on the H200 at 36 models (session
         # 30). Copies where the pinned pages cannot be mapped as `dev`'s tensors.
         try:
             self.views = [(device_view(h, dev), device_view(b, dev)) for h, b in zip(self.hosts, self.host_bts)]
+            self.slot_views = [device_view(h, dev) for h in self.host_slots]
         except RuntimeError:
-            self.views = None
+            self.views = self.slot_views = None
         # numpy views of the same pinned memory: `fill` writes the step's rows there from Python lists without a
         # torch call each (a torch op cost ~20 us of the step thread on the H200 host, before the replay; fill
         # was 5 of them, ~0.17 ms a step at 35 models)
@@ -682,6 +731,8 @@ class _DecodeGraph:
         self.ctx32 = torch.ones(batch, dtype=torch.int32, device=dev)
         self.dev[2].fill_(runner.scratch_block)
         self.dev[4].fill_(1)
+        self.lora = lora
+        self.slot_ids = torch.full((batch,), -1, dtype=torch.long, device=dev) if lora else None
         # (STEP_IO) every input written by one kernel (`triton_ops.fill_inputs`), compiled now for both of its
         # variants (ids from the host, ids gathered on the device), not at a first use under load: a fill of no rows,
         # which copies the padded columns the buffers hold and writes what the lines above wrote
@@ -700,8 +751,10 @@ class _DecodeGraph:
         self.last_replay = 0  # graph_cap's bookkeeping: recency, and launched steps not read yet
         self.in_flight = 0
 
-        def run():
-            h = runner.fwd_decode(runner.cfg, runner.weights, runner.kv, runner.rope, self.dev[0], self.dev[1], meta)
+        def run():  # (the adapter mask from the rows' slots is computed in the graph, at every replay)
+            kw = {} if lora is None else {"lora": lora.rows(self.slot_ids)}
+            h = runner.fwd_decode(runner.cfg, runner.weights, runner.kv, runner.rope, self.dev[0], self.dev[1], meta,
+                                  **kw)
             return llama.compute_logits(runner.weights, h[self.dev[5, :ROW_SELECT]] if rows else h, fp32=not STEP_IO)
 
         # The capture stream is this runner's device's own: torch.cuda.graph's default capture stream is made
@@ -730,11 +783,20 @@ class _DecodeGraph:
         self.nbytes = self.logits.numel() * self.logits.element_size()  # held in the pool for as long as the graph
 
     def fill(self, out: SchedulerOutput, runner: ModelRunner, ids: torch.Tensor | None = None,
-             rows: list[int] | None = None) -> None:
+             rows: list[int] | None = None, slots: list[int] | None = None) -> None:
         """The inputs of `out`'s rows, uploaded (stream-ordered) into the graph's buffers. `ids` (device): the input
-        tokens, when the host does not know them yet -- row i's is `ids[rows[i]]` (`rows` None: `ids[i]`)."""
+        tokens, when the host does not know them yet -- row i's is `ids[rows[i]]` (`rows` None: `ids[i]`). `slots`:
+        each row's adapter slot (a graph over the adapter slots)."""
         # Only the first `nb` block-table columns of real rows are read (the kernel stops at the context
         # length), so stale columns need no reset. Padded rows write their K/V into the scratch block.
+        if self.lora is not None:  # (this turn's buffer, as `_fill`'s; padded rows: no adapter)
+            hs = self.host_slots[self.turn].numpy()
+            hs[: len(slots)] = slots
+            hs[len(slots):] = -1
+            if self.slot_views is not None:
+                kernel_copy(self.slot_ids, self.slot_views[self.turn])
+            else:
+                self.slot_ids.copy_(self.host_slots[self.turn], non_blocking=True)
         self._fill([c.request for c in out.chunks], [c.start for c in out.chunks], runner, ids, rows)
 
     def fill_rows(self, reqs: list, pos: list[int], runner: ModelRunner, sel: list[int]) -> None:

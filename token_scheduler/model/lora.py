@@ -10,6 +10,7 @@ step, each row getting its own adapter's delta (`LoraRows`).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
@@ -112,3 +113,108 @@ class LoraRows:
                 w = o.shape[-1]
                 o.index_add_(0, idx, delta[:, c: c + w])
                 c += w
+
+
+def _in_cols(cfg: ModelConfig) -> dict[str, int]:
+    return {"qkv": cfg.hidden_size, "o": cfg.q_size, "gate_up": cfg.hidden_size, "down": cfg.intermediate_size}
+
+
+class LoraSlots:
+    """A model's adapters in fixed device slots, so that one step -- one captured decode graph -- serves any mix of
+    them and of the model, without a graph or an index op per adapter (vLLM's --max-loras, punica's layout).
+
+    Per layer and projection: A of every slot stacked, [slots x rank, in], and B side by side, [out, slots x rank];
+    slot s holds its adapter in rows / columns [s x rank, s x rank + r) and zeros past its own rank r or where it
+    leaves the projection alone. A step's rows each name a slot (-1: the model alone); the mask M [rows, slots x rank]
+    is 1 where a column is the row's slot, and every projection adds `((x A^T) * M) B^T` to its output: three GEMM-
+    sized ops a projection whatever the adapters, and rows of no adapter get exactly zero added. The tensors never
+    move (a graph reads them by address); an adapter is copied into a slot when a step needs it (`slot_of`)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, slots: int, rank: int,
+                 projs: frozenset[str]):
+        self.slots, self.rank, self.projs, self.dtype = slots, rank, projs, dtype
+        ins, outs = _in_cols(cfg), _out_rows(cfg)
+        n = slots * rank
+        self.a = [{p: torch.zeros(n, ins[p], dtype=dtype, device=device) for p in projs}
+                  for _ in range(cfg.num_layers)]
+        self.b = [{p: torch.zeros(outs[p], n, dtype=dtype, device=device) for p in projs}
+                  for _ in range(cfg.num_layers)]
+        self.col_slot = torch.arange(n, device=device) // rank  # the slot of each column of x A^T
+        self.held: OrderedDict[int, int] = OrderedDict()  # adapter uid -> its slot, least recently used first
+
+    @staticmethod
+    def shape_for(adapters) -> tuple[int, frozenset[str]]:
+        """The rank (a multiple of 8, for aligned rows) and projections slots must have to hold any of `adapters`."""
+        r, projs = 8, set()
+        for ad in adapters:
+            for layer in ad.layers:
+                for p, (a, _) in layer.items():
+                    projs.add(p)
+                    r = max(r, -(-a.shape[0] // 8) * 8)
+        return r, frozenset(projs)
+
+    def holds(self, adapters) -> bool:
+        r, projs = self.shape_for(adapters)
+        return r <= self.rank and projs <= self.projs
+
+    def slot_of(self, ad: LoraAdapter, keep: set[int]) -> int:
+        """`ad`'s slot, written there first if it is not held (into a free slot, else the least recently used one
+        whose adapter is not in `keep`, the uids the step needs). Stream-ordered: a step queued before on this
+        stream reads the slot's former contents."""
+        s = self.held.get(ad.uid)
+        if s is None:
+            free = set(range(self.slots)) - set(self.held.values())
+            if free:
+                s = min(free)
+            else:
+                old = next(u for u in self.held if u not in keep)
+                s = self.held.pop(old)
+            self._write(s, ad)
+            self.held[ad.uid] = s
+        self.held.move_to_end(ad.uid)
+        return s
+
+    def forget(self, uid: int) -> None:
+        """An adapter unloaded: its slot is free again (its contents are overwritten when the slot is next used)."""
+        self.held.pop(uid, None)
+
+    def _write(self, s: int, ad: LoraAdapter) -> None:
+        lo, hi = s * self.rank, (s + 1) * self.rank
+        for n, layer in enumerate(ad.layers):
+            for p in self.projs:
+                a, b = self.a[n][p][lo:hi], self.b[n][p][:, lo:hi]
+                a.zero_()
+                b.zero_()
+                if p in layer:
+                    aa, bb = layer[p]
+                    r = aa.shape[0]
+                    a[:r].copy_(aa, non_blocking=True)
+                    b[:, :r].copy_(bb, non_blocking=True)
+
+    def rows(self, slot_ids: torch.Tensor) -> SlotRows:
+        """The deltas of a step whose row i is slot `slot_ids[i]`'s (-1: the model alone); [rows] int64, on the
+        device (a graph's input buffer: the mask is computed in the graph)."""
+        return SlotRows(self, (slot_ids[:, None] == self.col_slot[None, :]).to(self.dtype))
+
+
+class SlotRows:
+    """`LoraRows`' interface over `LoraSlots`: each row's adapter by the step's mask."""
+
+    def __init__(self, slots: LoraSlots, mask: torch.Tensor):
+        self.slots, self.mask = slots, mask
+
+    def add_(self, layer: int, proj: str, x: torch.Tensor, outs: list[torch.Tensor]) -> None:
+        a = self.slots.a[layer].get(proj)
+        if a is None:
+            return
+        t = (x @ a.t()).mul_(self.mask)
+        b = self.slots.b[layer][proj]
+        if len(outs) == 1:  # (the fused forward's projections: the delta summed into the output by the GEMM)
+            outs[0].addmm_(t, b.t())
+            return
+        delta = t @ b.t()
+        c = 0
+        for o in outs:
+            w = o.shape[-1]
+            o.add_(delta[:, c: c + w])
+            c += w
