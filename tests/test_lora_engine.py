@@ -126,7 +126,7 @@ def test_mixed_adapters_in_one_engine_match_hf_merged(setup, arch):
     assert eng.scheduler.kv.num_held == 0 and not eng.scheduler.requests
 
 
-@pytest.mark.parametrize("knobs", ["default", "rowwise", "padded"])
+@pytest.mark.parametrize("knobs", ["default", "rowwise", "padded", "row_pieces"])
 def test_chunked_prefill_beside_decodes_matches_hf_merged(setup, knobs, monkeypatch):
     """A long adapter prompt prefilled over several steps (max_num_batched_tokens 16) beside requests decoding (base
     and another adapter's): the tokens are still HF's on each merged model. Also as CUDA runs its steps: short chunks
@@ -142,6 +142,8 @@ def test_chunked_prefill_beside_decodes_matches_hf_merged(setup, knobs, monkeypa
         run.rowwise_prefill_max = 1 << 20
     elif knobs == "padded":
         run.pad_rows = True
+    elif knobs == "row_pieces":  # (as CUDA's row graphs run a prefill: pieces of rows, each row its adapter's slot)
+        run.rowwise_prefill_max, run.row_graphs, run.row_graph_rows = 1 << 20, True, 1 << 20
     steps = []
     orig = R.ModelRunner._lora_slots
 

@@ -280,8 +280,8 @@ class ModelRunner:
         if out.is_decode and len(out.chunks) in self.bucket_of and not self.hf_exact_decode and not eager:
             # (not marked in flight: its logits are sampled below, and nothing captures before that)
             logits = self._decode_graph(out, start=start, slots=slots).logits[: len(out.chunks)]
-        elif self.row_graphs and self._by_rows(out) and not any(_scored_rows(out)) and not eager and slots is None:
-            logits = self._row_pieces(out, start)
+        elif self.row_graphs and self._by_rows(out) and not any(_scored_rows(out)) and not eager:
+            logits = self._row_pieces(out, start, slots)
         else:
             if start is not None:
                 start.record()
@@ -530,45 +530,52 @@ class ModelRunner:
                 and sum(c.num_tokens for c in out.chunks) <= self.row_graph_rows
                 and all(self._rowwise(c) for c in out.chunks))
 
-    def _row_pieces(self, out: SchedulerOutput, start: torch.cuda.Event | None = None) -> torch.Tensor | None:
+    def _row_pieces(self, out: SchedulerOutput, start: torch.cuda.Event | None = None,
+                    slots: list[int] | None = None) -> torch.Tensor | None:
         """Run a row-by-row step as pieces of consecutive rows (at most ROW_BUCKETS[-1] rows and ROW_SELECT sampled
-        rows each), in order; the logits of the sampled rows, in chunk order (None: nothing sampled)."""
-        pieces, reqs, pos, sel = [], [], [], []
+        rows each), in order; the logits of the sampled rows, in chunk order (None: nothing sampled). `slots`: each
+        chunk's adapter slot (`_lora_slots`)."""
+        pieces, reqs, pos, sel, sl = [], [], [], [], []
         limit = ROW_BUCKETS[-1]
-        for c in out.chunks:
+        for i, c in enumerate(out.chunks):
             for p in range(c.start, c.start + c.num_tokens):
                 if len(reqs) == limit:
-                    pieces.append((reqs, pos, sel))
-                    reqs, pos, sel = [], [], []
+                    pieces.append((reqs, pos, sel, sl))
+                    reqs, pos, sel, sl = [], [], [], []
                 reqs.append(c.request)
                 pos.append(p)
+                sl.append(slots[i] if slots else -1)
             if c.sample:
                 sel.append(len(reqs) - 1)
                 if len(sel) == ROW_SELECT:
-                    pieces.append((reqs, pos, sel))
-                    reqs, pos, sel = [], [], []
+                    pieces.append((reqs, pos, sel, sl))
+                    reqs, pos, sel, sl = [], [], [], []
         if reqs:
-            pieces.append((reqs, pos, sel))
+            pieces.append((reqs, pos, sel, sl))
         parts = []
-        for i, (reqs, pos, sel) in enumerate(pieces):
-            logits = self._row_piece(reqs, pos, sel, start if i == 0 else None)
+        for i, (reqs, pos, sel, sl) in enumerate(pieces):
+            logits = self._row_piece(reqs, pos, sel, start if i == 0 else None, sl if slots else None)
             if sel:  # (a copy when another piece follows: it may replay the same graph, over these logits)
                 parts.append(logits[: len(sel)].clone() if i + 1 < len(pieces) else logits[: len(sel)])
         return (parts[0] if len(parts) == 1 else torch.cat(parts)) if parts else None
 
-    def _row_piece(self, reqs: list, pos: list[int], sel: list[int], start=None) -> torch.Tensor:
+    def _row_piece(self, reqs: list, pos: list[int], sel: list[int], start=None,
+                   slots: list[int] | None = None) -> torch.Tensor:
         """One piece: rows (request, position) as a decode of their tokens; logits of rows `sel` first. CUDA:
-        the row graph of the smallest bucket that holds it; CPU: the same eagerly."""
+        the row graph of the smallest bucket that holds it (over the adapter slots with `slots`, each row's); CPU: the
+        same eagerly."""
         if not self.is_cuda:
             bs = self.block_size
             meta = self._decode_meta([(r, p + 1, 1) for r, p in zip(reqs, pos)])
             meta.slot_blocks = upload([r.block_ids[p // bs] for r, p in zip(reqs, pos)], self.device)
             meta.slot_offsets = upload([p % bs for p in pos], self.device)
             ids = upload([r.token_at(p) for r, p in zip(reqs, pos)], self.device)
-            h = self.fwd_decode(self.cfg, self.weights, self.kv, self.rope, ids, upload(pos, self.device), meta)
+            kw = {} if slots is None else {"lora": self._slots.rows(upload(slots, self.device))}
+            h = self.fwd_decode(self.cfg, self.weights, self.kv, self.rope, ids, upload(pos, self.device), meta, **kw)
             return llama.compute_logits(self.weights, h[upload(sel, self.device)]) if sel else h[:0]
         b = ("rows", next(k for k in ROW_BUCKETS if k >= len(reqs)))
-        return self._replay(b, lambda g: g.fill_rows(reqs, pos, self, sel), start).logits
+        return self._replay(b, lambda g: g.fill_rows(reqs, pos, self, sel, slots), start,
+                            lora=slots is not None).logits
 
     # -- CUDA graphs ---------------------------------------------------------------------------------
     def _graph_id(self, bucket) -> tuple:
@@ -789,24 +796,27 @@ class _DecodeGraph:
         each row's adapter slot (a graph over the adapter slots)."""
         # Only the first `nb` block-table columns of real rows are read (the kernel stops at the context
         # length), so stale columns need no reset. Padded rows write their K/V into the scratch block.
-        if self.lora is not None:  # (this turn's buffer, as `_fill`'s; padded rows: no adapter)
-            hs = self.host_slots[self.turn].numpy()
-            hs[: len(slots)] = slots
-            hs[len(slots):] = -1
-            if self.slot_views is not None:
-                kernel_copy(self.slot_ids, self.slot_views[self.turn])
-            else:
-                self.slot_ids.copy_(self.host_slots[self.turn], non_blocking=True)
-        self._fill([c.request for c in out.chunks], [c.start for c in out.chunks], runner, ids, rows)
+        self._fill([c.request for c in out.chunks], [c.start for c in out.chunks], runner, ids, rows, slots=slots)
 
-    def fill_rows(self, reqs: list, pos: list[int], runner: ModelRunner, sel: list[int]) -> None:
-        """A row graph's inputs: row i is request reqs[i]'s token at pos[i]; logits for rows `sel` (the rest 0)."""
-        self._fill(reqs, pos, runner, sel=sel)
+    def fill_rows(self, reqs: list, pos: list[int], runner: ModelRunner, sel: list[int],
+                  slots: list[int] | None = None) -> None:
+        """A row graph's inputs: row i is request reqs[i]'s token at pos[i]; logits for rows `sel` (the rest 0);
+        `slots`: each row's adapter slot (a graph over the adapter slots)."""
+        self._fill(reqs, pos, runner, sel=sel, slots=slots)
 
-    def _fill(self, reqs: list, pos: list[int], runner: ModelRunner, ids=None, rows=None, sel=None) -> None:
+    def _fill(self, reqs: list, pos: list[int], runner: ModelRunner, ids=None, rows=None, sel=None,
+              slots=None) -> None:
         bs, scratch = runner.block_size, runner.scratch_block
         n = len(reqs)
         t = self.turn
+        if self.lora is not None:  # (this turn's buffer; padded rows: no adapter)
+            hs = self.host_slots[t].numpy()
+            hs[:n] = slots
+            hs[n:] = -1
+            if self.slot_views is not None:
+                kernel_copy(self.slot_ids, self.slot_views[t])
+            else:
+                self.slot_ids.copy_(self.host_slots[t], non_blocking=True)
         h, hb = self.hosts_np[t], self.host_bts_np[t]
         self.turn ^= 1
         h[0, :n] = [r.token_at(p) for r, p in zip(reqs, pos)] if ids is None else (rows or range(n))
