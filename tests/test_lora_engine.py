@@ -130,7 +130,8 @@ def test_mixed_adapters_in_one_engine_match_hf_merged(setup, arch):
 def test_chunked_prefill_beside_decodes_matches_hf_merged(setup, knobs, monkeypatch):
     """A long adapter prompt prefilled over several steps (max_num_batched_tokens 16) beside requests decoding (base
     and another adapter's): the tokens are still HF's on each merged model. Also as CUDA runs its steps: short chunks
-    row by row through the decode attention, and padded row counts (padding rows belong to no adapter). Through the
+    row by row through the decode attention, as row pieces (the steps of CUDA's row graphs, each row its adapter's
+    slot), and padded row counts (padding rows belong to no adapter). Through the
     offline `LLM` API, which passes lora_modules on to the engine, and n=2 of an adapter request."""
     from token_scheduler import runner as R
 
