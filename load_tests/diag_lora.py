@@ -5,6 +5,8 @@ Columns, each a ms per decode step:
 - base: the model's own rows (its decode graphs);
 - lora: every row on the adapter (the decode graphs over the adapter slots, `LoraSlots`);
 - mixed: half the rows on the adapter, half on a second adapter of another rank, in the same steps;
+- lora_cublas: as lora, the mask product and expand on cuBLAS (lora.EXPAND_TRITON off: three launches a projection
+  instead of two);
 - lora_by_index: every row on the adapter, the deltas added adapter by adapter on the eager forward (the path a
   step takes when it asks for more adapters than TOKENPOOL_GPU_LORAS; before the slots, every adapter step's);
 - base_eager: the model's own rows without graphs (`cuda_graphs=False`): the eager forward's own cost.
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     from controller.model_factory import make_lora
     from token_scheduler import LLM, SamplingParams
     from token_scheduler import runner as R
+    from token_scheduler.model import lora as L
 
     root = tempfile.mkdtemp()
     adapter = make_lora(a.model, root + "/lora", rank=a.rank, alpha=2.0 * a.rank)
@@ -53,9 +56,11 @@ def main(argv: list[str] | None = None) -> dict:
         point = {"batch": b}
         toks = {}
         for name, engine, loras, n_slots in (("base", llm, [None], slots), ("lora", llm, ["a"], slots),
-                                             ("mixed", llm, ["a", "b"], slots), ("lora_by_index", llm, ["a"], 0),
-                                             ("base_eager", eager, [None], slots)):
+                                             ("mixed", llm, ["a", "b"], slots), ("lora_cublas", llm, ["a"], slots),
+                                             ("lora_by_index", llm, ["a"], 0), ("base_eager", eager, [None], slots)):
             R.GPU_LORAS = n_slots  # (0: no slots, so adapter rows take the by-index path)
+            L.EXPAND_TRITON = name != "lora_cublas"  # (read as each step's deltas are set up: graphs captured again)
+            engine.engine.runner._lora_graphs.clear()
             sps = [SamplingParams(temperature=0, max_tokens=a.tokens, ignore_eos=True, lora=loras[i % len(loras)])
                    for i in range(b)]
             try:
@@ -65,16 +70,17 @@ def main(argv: list[str] | None = None) -> dict:
                 outs = engine.generate(prompts, sps)
                 torch.cuda.synchronize()
             finally:
-                R.GPU_LORAS = slots
+                R.GPU_LORAS, L.EXPAND_TRITON = slots, True
             point[f"{name}_ms_per_step"] = (time.perf_counter() - t0) / a.tokens * 1e3
             toks[name] = [o.outputs[0].token_ids for o in outs]
         point["lora_over_base"] = point["lora_ms_per_step"] / point["base_ms_per_step"]
         point["mixed_over_base"] = point["mixed_ms_per_step"] / point["base_ms_per_step"]
         point["by_index_over_lora"] = point["lora_by_index_ms_per_step"] / point["lora_ms_per_step"]
+        point["cublas_expand_over_lora"] = point["lora_cublas_ms_per_step"] / point["lora_ms_per_step"]
         point["tokens_equal_by_index"] = sum(x == y for x, y in zip(toks["lora"], toks["lora_by_index"])) / b
         print(f"batch {b}: base {point['base_ms_per_step']:.2f} ms/step; adapter {point['lora_ms_per_step']:.2f} "
               f"({point['lora_over_base']:.2f}x), two adapters {point['mixed_ms_per_step']:.2f} "
-              f"({point['mixed_over_base']:.2f}x); by index {point['lora_by_index_ms_per_step']:.2f}; base without "
+              f"({point['mixed_over_base']:.2f}x), expand on cuBLAS {point['lora_cublas_ms_per_step']:.2f}; by index {point['lora_by_index_ms_per_step']:.2f}; base without "
               f"graphs {point['base_eager_ms_per_step']:.2f}; tokens equal by index {point['tokens_equal_by_index']:.2f}")
         rows.append(point)
     res = {**header(), "model": a.model, "rank": a.rank, "tokens": a.tokens, "slots": slots, "points": rows}

@@ -237,7 +237,7 @@ class ModelRunner:
             # slots for every adapter hosted (up to GPU_LORAS), of the largest rank among them: made again only when
             # adapters are added; the graphs over the old ones go
             rank, projs = LoraSlots.shape_for(self.loras.values())
-            s = self._slots = LoraSlots(self.cfg, self.kv.dtype, self.device, want, rank, projs)
+            s = self._slots = LoraSlots(self.cfg, self.kv.dtype, self.device, want, rank, projs, self.use_triton)
             self._lora_graphs.clear()
             self._lora_pools.clear()
         keep = {self.loras[n].uid for n in used}

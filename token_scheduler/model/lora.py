@@ -115,6 +115,11 @@ class LoraRows:
                 c += w
 
 
+# On CUDA with Triton: the mask product and the expand GEMM of each projection as one kernel (triton_lora.expand_),
+# two launches a projection instead of three. False: cuBLAS's (for A/B runs: load_tests/diag_lora.py).
+EXPAND_TRITON = True
+
+
 def _in_cols(cfg: ModelConfig) -> dict[str, int]:
     return {"qkv": cfg.hidden_size, "o": cfg.q_size, "gate_up": cfg.hidden_size, "down": cfg.intermediate_size}
 
@@ -131,8 +136,9 @@ class LoraSlots:
     move (a graph reads them by address); an adapter is copied into a slot when a step needs it (`slot_of`)."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, slots: int, rank: int,
-                 projs: frozenset[str]):
+                 projs: frozenset[str], use_triton: bool = False):
         self.slots, self.rank, self.projs, self.dtype = slots, rank, projs, dtype
+        self.use_triton = use_triton
         ins, outs = _in_cols(cfg), _out_rows(cfg)
         n = slots * rank
         self.a = [{p: torch.zeros(n, ins[p], dtype=dtype, device=device) for p in projs}
@@ -194,21 +200,30 @@ class LoraSlots:
     def rows(self, slot_ids: torch.Tensor) -> SlotRows:
         """The deltas of a step whose row i is slot `slot_ids[i]`'s (-1: the model alone); [rows] int64, on the
         device (a graph's input buffer: the mask is computed in the graph)."""
-        return SlotRows(self, (slot_ids[:, None] == self.col_slot[None, :]).to(self.dtype))
+        expand = self.use_triton and EXPAND_TRITON
+        return SlotRows(self, slot_ids, None if expand else (slot_ids[:, None] == self.col_slot[None, :]).to(self.dtype))
 
 
 class SlotRows:
-    """`LoraRows`' interface over `LoraSlots`: each row's adapter by the step's mask."""
+    """`LoraRows`' interface over `LoraSlots`: each row's adapter by its slot id (`mask` None: the Triton expand
+    applies it; else the mask itself, [rows, slots x rank])."""
 
-    def __init__(self, slots: LoraSlots, mask: torch.Tensor):
-        self.slots, self.mask = slots, mask
+    def __init__(self, slots: LoraSlots, slot_ids: torch.Tensor, mask: torch.Tensor | None):
+        self.slots, self.slot_ids, self.mask = slots, slot_ids, mask
 
     def add_(self, layer: int, proj: str, x: torch.Tensor, outs: list[torch.Tensor]) -> None:
         a = self.slots.a[layer].get(proj)
         if a is None:
             return
-        t = (x @ a.t()).mul_(self.mask)
+        t = x @ a.t()
         b = self.slots.b[layer][proj]
+        if self.mask is None and len(outs) == 1:
+            from token_scheduler.model.triton_lora import expand_
+
+            expand_(outs[0], t, b, self.slot_ids, self.slots.rank)
+            return
+        mask = self.mask if self.mask is not None else (self.slot_ids[:, None] == self.slots.col_slot).to(t.dtype)
+        t.mul_(mask)
         if len(outs) == 1:  # (the fused forward's projections: the delta summed into the output by the GEMM)
             outs[0].addmm_(t, b.t())
             return
