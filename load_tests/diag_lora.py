@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
                                              ("lora_by_index", llm, ["a"], 0), ("base_eager", eager, [None], slots)):
             R.GPU_LORAS = n_slots  # (0: no slots, so adapter rows take the by-index path)
             L.EXPAND_TRITON = name != "lora_cublas"  # (read as each step's deltas are set up: graphs captured again)
-            engine.engine.runner._lora_graphs.clear()
+            engine.engine.runner.drop_lora_graphs()
             sps = [SamplingParams(temperature=0, max_tokens=a.tokens, ignore_eos=True, lora=loras[i % len(loras)])
                    for i in range(b)]
             try:

@@ -209,11 +209,16 @@ class ModelRunner:
     def set_weights(self, weights: dict[str, torch.Tensor] | None, slot_key: object = None) -> None:
         """Point the runner at a model's weights (views into an arena slot), or at none (evicted)."""
         if weights is None or slot_key != self.slot_key:  # (graphs read the weights by address)
-            self._lora_graphs.clear()
-            self._lora_pools.clear()
+            self.drop_lora_graphs()
         if weights is None:
             self._slots = None
         self.weights, self.slot_key = weights, slot_key
+
+    def drop_lora_graphs(self) -> None:
+        """Forget the graphs over the adapter slots, and their pools with them: a pool whose graphs are all gone is
+        released by the allocator, and a capture into its handle again fails (an internal assert)."""
+        self._lora_graphs.clear()
+        self._lora_pools.clear()
 
     def drop_lora(self, name: str) -> None:
         ad = self.loras.pop(name, None)
@@ -238,8 +243,7 @@ class ModelRunner:
             # adapters are added; the graphs over the old ones go
             rank, projs = LoraSlots.shape_for(self.loras.values())
             s = self._slots = LoraSlots(self.cfg, self.kv.dtype, self.device, want, rank, projs, self.use_triton)
-            self._lora_graphs.clear()
-            self._lora_pools.clear()
+            self.drop_lora_graphs()
         keep = {self.loras[n].uid for n in used}
         slot = {n: s.slot_of(self.loras[n], keep) for n in used}
         return [-1 if n is None else slot[n] for n in names]
