@@ -27,6 +27,7 @@ def _graph(batch: int, max_blocks: int, scratch: int, views: bool = True, fused:
     # the pinned buffers as the device reads them in place (on CUDA `device_view`s at the same address; here the
     # CPU tensors themselves), or None: uploaded by copies
     g.views = [(h, b) for h, b in zip(g.hosts, g.host_bts)] if views else None
+    g.lora = None  # (a graph of the model alone; `test_fill_writes_each_rows_adapter_slot` sets one)
     return g
 
 
@@ -144,3 +145,27 @@ def test_one_kernel_fills_what_the_copies_fill_in_the_interpreter():
     kernel copies, the gather and the int32 copy leave them, over steps with host ids, ids on the device in the same
     rows and gathered from other rows, and a row graph's inputs."""
     interpret(FUSED)
+
+
+@pytest.mark.parametrize("views", [True, False], ids=["in_place", "copies"])
+def test_fill_writes_each_rows_adapter_slot(views):
+    """A graph over the adapter slots takes each row's slot as one more input, this turn's buffer as the others do,
+    padded rows -1 (no adapter); decode and row graphs alike."""
+    runner = SimpleNamespace(block_size=4, scratch_block=99)
+    g = _graph(batch=4, max_blocks=6, scratch=99, views=views)
+    g.lora = object()
+    g.host_slots = [torch.full((4,), -7, dtype=torch.long) for _ in range(2)]
+    g.slot_views = g.host_slots if views else None
+    g.slot_ids = torch.full((4,), -5, dtype=torch.long)
+    a, b = _req(list(range(100, 110)), [5, 6, 7]), _req(list(range(200, 205)), [11, 12])
+    g.fill(_step([(a, 9), (b, 4)]), runner, slots=[3, -1])
+    assert g.slot_ids.tolist() == [3, -1, -1, -1] and g.host_slots[0].tolist() == [3, -1, -1, -1]
+    g.fill(_step([(b, 3), (a, 8), (b, 2)]), runner, slots=[0, 2, 0])
+    assert g.slot_ids.tolist() == [0, 2, 0, -1] and g.host_slots[1].tolist() == [0, 2, 0, -1]
+    g.hosts = [torch.full((6, 4), -7, dtype=torch.long) for _ in range(2)]  # (a row graph: the sampled-rows input)
+    g.hosts_np = [h.numpy() for h in g.hosts]
+    g.views = [(h, bt) for h, bt in zip(g.hosts, g.host_bts)] if views else None
+    g.pad = [[0], [0], [99], [0], [1], [0]]
+    g.dev = torch.zeros(6, 4, dtype=torch.long)
+    g.fill_rows([a, a], [0, 1], runner, sel=[1], slots=[1, 1])
+    assert g.slot_ids.tolist() == [1, 1, -1, -1]

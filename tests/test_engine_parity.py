@@ -125,8 +125,8 @@ def test_row_pieces_match_hf(make_varied, monkeypatch):
     pieces = []
     orig = R.ModelRunner._row_piece
     monkeypatch.setattr(R.ModelRunner, "_row_piece",
-                        lambda self, reqs, pos, sel, start=None: pieces.append((len(reqs), len(sel)))
-                        or orig(self, reqs, pos, sel, start))
+                        lambda self, reqs, pos, sel, *a: pieces.append((len(reqs), len(sel)))
+                        or orig(self, reqs, pos, sel, *a))
     hf = _hf(d)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, eng.model_config.vocab_size, (n,), generator=g).tolist() for n in (37, 3, 2, 4, 11)]
