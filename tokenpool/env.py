@@ -95,8 +95,9 @@ GRAPH_HOMES = Var("TOKENPOOL_GRAPH_HOMES", "1", "0: weight slots placed by best 
 GRAPH_CAP = Var("TOKENPOOL_GRAPH_CAP", "96", "CUDA graphs kept per model shape (their logits live outside the arena); "
                 "over it, a capture evicts the least recently replayed one (token_scheduler/runner.py GRAPH_CAP)",
                 kind="int")
-GPU_LORAS = Var("TOKENPOOL_GPU_LORAS", "8", "LoRA adapters of one model whose weights stay on its device between "
-                "steps (vLLM's --max-loras); over it, the least recently used goes (a step with more uses them all)",
+GPU_LORAS = Var("TOKENPOOL_GPU_LORAS", "8", "LoRA adapter slots a model has on its device (vLLM's --max-loras): a "
+                "step over up to this many adapters replays a CUDA graph; an adapter not held takes the least recently "
+                "used slot; a step asking for more adds their deltas one by one on the eager forward",
                 kind="int")
 WORKER_BURST_S = Var("TOKENPOOL_WORKER_BURST_S", "0.05", "the longest run of steps a worker's step thread makes "
                      "without a look at its event loop (0: one step a hand-off; A/B runs)", kind="number")
