@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from controller.keys import is_key_hash
 from tokenpool import env
-from tokenpool.models import DTYPE_NAMES
+from tokenpool.models import DTYPE_NAMES, MAX_LORA_RANK
 
 MAX_GB = 1e6  # sizes in GB are bounded so byte counts stay finite integers (1e308 GB is a 500, not a model)
 
@@ -64,6 +64,8 @@ class EngineOptions(_Strict):
     cuda_graphs: bool | None = None
     seed: int = 0
     enable_prefix_caching: bool = True  # (vLLM's) requests start on the cached KV of the tokens they begin with
+    # (vLLM's --max-lora-rank) the largest LoRA adapter rank served over this model; larger ones are refused
+    max_lora_rank: int = Field(MAX_LORA_RANK, ge=1, le=1024)
     # PaceEngine only: seconds per decode step / per prompt token, and a tokenizer-less byte vocabulary.
     pace_s_per_token: float = Field(0.02, ge=0)
     pace_prefill_s_per_token: float = Field(0.0, ge=0)

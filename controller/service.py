@@ -255,7 +255,7 @@ class Controller:
             raise ServingError(400, f"already served under these names (a model, an alias or an adapter): "
                                f"{', '.join(taken)}", param="aliases")
         for lm in spec.lora_modules:
-            if (why := adapter_fit_problem(lm.path, spec.path)) is not None:
+            if (why := adapter_fit_problem(lm.path, spec.path, spec.engine.max_lora_rank)) is not None:
                 raise ServingError(400, why, param="lora_modules")
         budgets = [e.memory_bytes for e in self.pool.engines.values() if e.alive]  # none yet at start-up
         if budgets and weights_bytes(spec) > max(budgets):
@@ -523,7 +523,7 @@ class Controller:
         except ValueError as e:  # (pydantic's ValidationError is one)
             raise ServingError(400, f"bad LoRA adapter name {name!r}: 1-128 characters of A-Z a-z 0-9 . _ : / -",
                                param="lora_name") from e
-        if (why := adapter_fit_problem(path, entry.spec.path)) is not None:
+        if (why := adapter_fit_problem(path, entry.spec.path, entry.spec.engine.max_lora_rank)) is not None:
             raise ServingError(400, why, param="lora_path")
         entry.spec.lora_modules.append(lm)
         self._send_loras(entry)

@@ -56,7 +56,7 @@ def check_models(cfg: ServerConfig) -> None:
         if m.path is not None and (why := model_dir_problem(m.path)) is not None:
             raise StartupError(f"model {m.name!r}: {why}")
         for lm in m.lora_modules:
-            if (why := adapter_fit_problem(lm.path, m.path)) is not None:
+            if (why := adapter_fit_problem(lm.path, m.path, m.engine.max_lora_rank)) is not None:
                 raise StartupError(f"model {m.name!r}, LoRA adapter {lm.name!r}: {why}")
 
 

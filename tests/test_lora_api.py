@@ -28,7 +28,8 @@ def dirs(make_varied, make_tiny, tmp_path_factory):
          "sql": make_lora(a, root / "sql", rank=4, alpha=48, seed=1),
          "chat": make_lora(a, root / "chat", rank=2, alpha=32, seed=2, targets=("q_proj", "v_proj", "down_proj")),
          "llama-ad": make_lora(b, root / "llama-ad", rank=4, alpha=48, seed=3),
-         "qwen3-ad": make_lora(make_tiny("qwen3"), root / "qwen3-ad", rank=4)}  # (q/k/v of other shapes)
+         "qwen3-ad": make_lora(make_tiny("qwen3"), root / "qwen3-ad", rank=4),  # (q/k/v of other shapes)
+         "rank72": make_lora(a, root / "rank72", rank=72, targets=("o_proj",))}  # (over the default largest rank)
     for ad in ("sql", "chat"):
         d[f"merged-{ad}"] = merge_lora(a, d[ad], root / f"merged-{ad}")
     return d
@@ -194,11 +195,14 @@ def test_unload_while_a_request_streams(server, dirs, hf):
 
 
 def test_load_errors(server, dirs):
-    """Each refusal is a clear OpenAI error naming the field: an adapter of another shape, a taken name, an unknown
-    model, a path that is no adapter, two models and no base_model_name, a bad name."""
+    """Each refusal is a clear OpenAI error naming the field: an adapter of another shape, one of a rank over the
+    model's largest (engine.max_lora_rank, default 64), a taken name, an unknown model, a path that is no adapter, two
+    models and no base_model_name, a bad name."""
     cases = [
         ({"lora_name": "x1", "lora_path": str(dirs["qwen3-ad"]), "base_model_name": "tiny-a"}, 400, "lora_path",
          "does not fit"),
+        ({"lora_name": "x6", "lora_path": str(dirs["rank72"]), "base_model_name": "tiny-a"}, 400, "lora_path",
+         "has rank 72; ranks up to 64 are served"),
         ({"lora_name": "sql", "lora_path": str(dirs["chat"]), "base_model_name": "tiny-a"}, 400, "lora_name",
          "already served"),
         ({"lora_name": "tiny-b", "lora_path": str(dirs["chat"]), "base_model_name": "tiny-a"}, 400, "lora_name",
@@ -219,7 +223,7 @@ def test_load_errors(server, dirs):
         err = r.json()["error"]
         assert err["param"] == param and words in err["message"], (body, err)
     ids = {m.id for m in client(server).models.list().data}
-    assert not ids & {"x1", "x2", "x3", "x4", "x5"}
+    assert not ids & {"x1", "x2", "x3", "x4", "x5", "x6"}
     # a working adapter of the other model, by base_model_name
     body = {"lora_name": "llama-ad", "lora_path": str(dirs["llama-ad"]), "base_model_name": "tiny-b"}
     assert _post(server, "/v1/load_lora_adapter", body).status_code == 200
@@ -253,6 +257,14 @@ def test_serve_lora_modules_flag(dirs, tmp_path):
             prepare(None, None, None, [a] if len(names) == 1 else [a, b], names, lora_modules=mods)
     with pytest.raises(StartupError, match="apply to the MODEL_DIR arguments"):
         prepare(None, None, None, [], [], lora_modules=[f"sql={dirs['sql']}"])
+    # vLLM's --max-lora-rank: the directories' models' largest adapter rank
+    cfg, _ = prepare(None, None, None, [a], ["main"], max_lora_rank=8)
+    assert cfg.models[0].engine.max_lora_rank == 8
+    assert prepare(None, None, None, [a], ["main"])[0].models[0].engine.max_lora_rank == 64
+    with pytest.raises(StartupError, match="--max-lora-rank: Input should be greater than or equal to 1"):
+        prepare(None, None, None, [a], ["main"], max_lora_rank=0)
+    with pytest.raises(StartupError, match="--max-lora-rank apply to the MODEL_DIR arguments"):
+        prepare(None, None, None, [], [], max_lora_rank=8)
 
 
 def test_serve_with_lora_modules_live(dirs, hf, tmp_path):
@@ -277,3 +289,8 @@ def test_serve_with_lora_modules_live(dirs, hf, tmp_path):
     with bad as srv:
         assert srv.proc.wait(timeout=60) == 2
         assert "LoRA adapter 'q3'" in srv.log() and "does not fit" in srv.log()
+    big = LiveServer(None, tmp_path / "big", args=[str(dirs["tiny-a"]), "--lora-modules", f"sql={dirs['sql']}",
+                                                   "--max-lora-rank", "2"], wait_ready=False)
+    with big as srv:  # (sql is rank 4)
+        assert srv.proc.wait(timeout=60) == 2
+        assert "LoRA adapter 'sql'" in srv.log() and "has rank 4; ranks up to 2 are served" in srv.log()

@@ -295,7 +295,7 @@ def test_preempted_adapter_requests_resume_on_their_adapter(setup, host_blocks, 
 
 def test_damaged_adapter_weights_refused_with_value_error(setup, tmp_path):
     """A damaged adapter_model.safetensors (its data cut short) is refused as add_lora documents (ValueError), and the
-    torch-free check says why before the engine tries."""
+    torch-free check says why before the engine tries; so is an adapter of a rank over max_lora_rank."""
     d, dirs, _ = setup("llama")
     bad = tmp_path / "cut"
     shutil.copytree(dirs["full"], bad)
@@ -310,6 +310,11 @@ def test_damaged_adapter_weights_refused_with_value_error(setup, tmp_path):
         eng.add_lora("cut", bad)
     assert "not a safetensors file" in adapter_fit_problem(bad, d)
     assert eng.loras == [] and eng.set_loras({"cut": str(bad)}) and eng.loras == []
+    small = LLMEngine(EngineConfig(model=str(d), device="cpu", dtype="fp32", max_lora_rank=4))  # (vLLM's max_lora_rank)
+    with pytest.raises(ValueError, match="has rank 8; ranks up to 4 are served"):
+        small.add_lora("full", dirs["full"])
+    small.add_lora("part", dirs["part"])  # (rank 4)
+    assert small.loras == ["part"]
 
 
 def test_adapter_slots_are_bounded(setup, monkeypatch):

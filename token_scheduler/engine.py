@@ -16,6 +16,7 @@ from token_scheduler.policies.batching import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SE
 from token_scheduler.request import Request, RequestOutput, RequestStatus, SamplingParams, TokenOutput
 from token_scheduler.runner import LaunchedDecode, ModelRunner, allocate_kv_cache
 from token_scheduler.scheduler import BatchScheduler, SchedulerOutput
+from tokenpool.models import MAX_LORA_RANK
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class EngineConfig:
     # LoRA adapters served over this model (vLLM's --lora-modules): name -> PEFT adapter directory. A request asks
     # for one by SamplingParams.lora; `LLMEngine.add_lora` / `remove_lora` change them at runtime.
     lora_modules: dict[str, str] | None = None
+    # The largest adapter rank served (vLLM's --max-lora-rank): the adapter slots on the device are as wide as the
+    # largest rank hosted, GPU_LORAS of them (runner.py), so an adapter of a larger rank is refused at add_lora.
+    max_lora_rank: int = MAX_LORA_RANK
     # Automatic prefix caching (vLLM's): a request starts on the cached KV blocks its tokens begin with (a shared
     # system prompt, the turns before a chat's last). Off on the HF-exact reference paths.
     enable_prefix_caching: bool = True
@@ -154,7 +158,7 @@ class LLMEngine:
 
         if name in self.runner.loras:
             raise ValueError(f"LoRA adapter {name!r} is already loaded")
-        self.runner.loras[name] = LoraAdapter.load(name, path, self.model_config, self.dtype)
+        self.runner.loras[name] = LoraAdapter.load(name, path, self.model_config, self.dtype, self.config.max_lora_rank)
 
     def remove_lora(self, name: str) -> None:
         """Stop hosting an adapter; ValueError while a request of it is unfinished."""

@@ -95,10 +95,16 @@ def lora_dims(hidden: int, q_size: int, kv_size: int, intermediate: int) -> dict
             "down_proj": (hidden, intermediate)}
 
 
-def lora_modules(shapes: dict[str, tuple[int, ...]], num_layers: int,
-                 dims: dict[str, tuple[int, int]]) -> dict[tuple[int, str], dict[str, str]]:
+# The largest LoRA rank served unless configured otherwise (vLLM's --max-lora-rank; its default is 16): a model's
+# adapter slots on the device are as wide as the largest rank it hosts (token_scheduler/model/lora.py LoraSlots).
+MAX_LORA_RANK = 64
+
+
+def lora_modules(shapes: dict[str, tuple[int, ...]], num_layers: int, dims: dict[str, tuple[int, int]],
+                 max_rank: int | None = None) -> dict[tuple[int, str], dict[str, str]]:
     """An adapter's tensors (name -> shape) as (layer, module) -> {"A": name, "B": name}, checked against a model of
-    `num_layers` layers and module `dims` (lora_dims); ValueError names the first tensor that does not fit."""
+    `num_layers` layers and module `dims` (lora_dims), and ranks up to `max_rank`; ValueError names the first tensor
+    that does not fit."""
     mods: dict[tuple[int, str], dict[str, str]] = {}
     for key in shapes:
         m = LORA_KEY.search(key)
@@ -118,6 +124,9 @@ def lora_modules(shapes: dict[str, tuple[int, ...]], num_layers: int,
         if len(a) != 2 or len(b) != 2 or a[1] != feats or tuple(b) != (rows, a[0]):
             raise ValueError(f"layer {layer} {mod} has A {list(a)} and B {list(b)}; this model's takes A [r, {feats}] "
                              f"and B [{rows}, r]")
+        if max_rank is not None and a[0] > max_rank:
+            raise ValueError(f"layer {layer} {mod} has rank {a[0]}; ranks up to {max_rank} are served "
+                             "(--max-lora-rank, engine.max_lora_rank)")
     return mods
 
 
@@ -143,9 +152,9 @@ def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def adapter_fit_problem(adapter_dir: str | Path, model_dir: str | Path) -> str | None:
+def adapter_fit_problem(adapter_dir: str | Path, model_dir: str | Path, max_rank: int | None = None) -> str | None:
     """Why the LoRA adapter in `adapter_dir` cannot be served over the model in `model_dir` (its configuration, its
-    tensors' names and shapes against the model's config.json); None when it can."""
+    tensors' names and shapes against the model's config.json, its rank against `max_rank`); None when it can."""
     try:
         read_adapter_config(adapter_dir)
     except ValueError as e:
@@ -163,7 +172,7 @@ def adapter_fit_problem(adapter_dir: str | Path, model_dir: str | Path) -> str |
     except (OSError, ValueError) as e:
         return f"LoRA adapter {adapter_dir}: {e}"
     try:
-        lora_modules(shapes, layers, dims)
+        lora_modules(shapes, layers, dims, max_rank)
     except ValueError as e:
         return f"LoRA adapter {adapter_dir} does not fit model {model_dir}: {e}"
     return None

@@ -45,9 +45,10 @@ class LoraAdapter:
     uid: int = field(default_factory=lambda: next(_UIDS))  # this load's (its requests' cached KV is keyed by it)
 
     @staticmethod
-    def load(name: str, path: str | Path, cfg: ModelConfig, dtype: torch.dtype) -> LoraAdapter:
-        """Read a PEFT LoRA adapter for a model of `cfg`; ValueError when it is not one the engine can run or does
-        not fit that model."""
+    def load(name: str, path: str | Path, cfg: ModelConfig, dtype: torch.dtype,
+             max_rank: int | None = None) -> LoraAdapter:
+        """Read a PEFT LoRA adapter for a model of `cfg`; ValueError when it is not one the engine can run, does not
+        fit that model, or has a rank over `max_rank`."""
         from safetensors import safe_open
 
         acfg = read_adapter_config(path)
@@ -56,7 +57,7 @@ class LoraAdapter:
         shapes = safetensors_shapes(file)  # (a file cut short, or not safetensors: a ValueError saying so)
         try:
             mods = lora_modules(shapes, cfg.num_layers,
-                                lora_dims(cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size))
+                                lora_dims(cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size), max_rank)
         except ValueError as e:
             raise ValueError(f"LoRA adapter {name!r} does not fit this model: {e}") from None
         try:
