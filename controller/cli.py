@@ -134,6 +134,9 @@ def serve_cmd(
     enable_prefix_caching: Optional[bool] = typer.Option(
         None, "--enable-prefix-caching/--no-enable-prefix-caching", help="as vLLM's: the MODEL_DIR models' requests "
         "start on the cached KV of the tokens they begin with (default: on)"),
+    max_loras: Optional[int] = typer.Option(
+        None, "--max-loras", min=1, max=256, help="as vLLM's: the MODEL_DIR models' LoRA adapter slots on the GPU, "
+        "the adapters a step serves at full speed (default: TOKENPOOL_GPU_LORAS, 8)"),
     max_lora_rank: Optional[int] = typer.Option(
         None, "--max-lora-rank", min=1, max=1024, help="as vLLM's: the largest LoRA adapter rank served over the "
         "MODEL_DIR models (default: 64); larger ones are refused"),
@@ -154,7 +157,7 @@ def serve_cmd(
     serve(config_path=config, host=host, port=port, model_dirs=model_dirs, served_model_names=served_model_name,
           gpu_budget_gb=gpu_budget, api_key=api_key, max_model_len=max_model_len, dtype=dtype,
           tool_call_parser=tool_call_parser, lora_modules=lora_modules, enable_prefix_caching=enable_prefix_caching,
-          max_lora_rank=max_lora_rank)
+          max_loras=max_loras, max_lora_rank=max_lora_rank)
 
 
 @app.command("ps")

@@ -64,7 +64,9 @@ class EngineOptions(_Strict):
     cuda_graphs: bool | None = None
     seed: int = 0
     enable_prefix_caching: bool = True  # (vLLM's) requests start on the cached KV of the tokens they begin with
-    # (vLLM's --max-lora-rank) the largest LoRA adapter rank served over this model; larger ones are refused
+    # (vLLM's --max-loras) this model's LoRA adapter slots on its device (unset: TOKENPOOL_GPU_LORAS, 8), and
+    # (--max-lora-rank) the largest adapter rank served over it; larger ones are refused
+    max_loras: int | None = Field(None, ge=1, le=256)
     max_lora_rank: int = Field(MAX_LORA_RANK, ge=1, le=1024)
     # PaceEngine only: seconds per decode step / per prompt token, and a tokenizer-less byte vocabulary.
     pace_s_per_token: float = Field(0.02, ge=0)

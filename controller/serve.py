@@ -117,13 +117,13 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
             api_key: str | None = None, max_model_len: int | None = None,
             dtype: str | None = None, tool_call_parser: str | None = None,
             lora_modules: list[str] | None = None, enable_prefix_caching: bool | None = None,
-            max_lora_rank: int | None = None) -> tuple[ServerConfig, str | None]:
+            max_loras: int | None = None, max_lora_rank: int | None = None) -> tuple[ServerConfig, str | None]:
     """The validated config with CLI overrides; a fresh admin token if the config has none (shown once).
 
     Model directories on the command line are served beside the config's models; without a config they are the
     only models (no demo), on the default loopback listener without auth. As vLLM's flags: `api_key` (every request
     must present it: a tenant "api-key" of every model, auth on), and `max_model_len`/`dtype`/`tool_call_parser`/
-    `lora_modules`/`enable_prefix_caching`/`max_lora_rank` for the directories' models."""
+    `lora_modules`/`enable_prefix_caching`/`max_loras`/`max_lora_rank` for the directories' models."""
     from controller.startup import StartupError, load_checked
 
     if port is not None and not 0 <= port <= 65535:
@@ -133,10 +133,10 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
     except ValueError as e:
         raise StartupError(str(e)) from None
     if (max_model_len is not None or dtype is not None or tool_call_parser is not None or lora_modules
-            or enable_prefix_caching is not None or max_lora_rank is not None) and not specs:
+            or enable_prefix_caching is not None or max_loras is not None or max_lora_rank is not None) and not specs:
         raise StartupError("--max-model-len, --dtype, --tool-call-parser, --lora-modules, --[no-]enable-prefix-"
-                           "caching and --max-lora-rank apply to the MODEL_DIR arguments; none were given (a "
-                           "configuration sets them per model)")
+                           "caching, --max-loras and --max-lora-rank apply to the MODEL_DIR arguments; none were given "
+                           "(a configuration sets them per model)")
     try:
         add_lora_modules(specs, lora_modules or [])
     except ValueError as e:
@@ -149,7 +149,7 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
             s.tool_call_parser = tool_call_parser  # type: ignore[assignment]
             s.engine = EngineOptions.model_validate({**s.engine.model_dump(), **{k: v for k, v in (
                 ("max_model_len", max_model_len), ("dtype", dtype), ("enable_prefix_caching", enable_prefix_caching),
-                ("max_lora_rank", max_lora_rank)) if v is not None}})
+                ("max_loras", max_loras), ("max_lora_rank", max_lora_rank)) if v is not None}})
     except ValidationError as e:
         raise StartupError("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: "
                                      f"{err['msg'].removeprefix('Value error, ')}"
@@ -182,7 +182,8 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
           model_dirs: list[Path] | None = None, served_model_names: list[str] | None = None,
           gpu_budget_gb: float | None = None, api_key: str | None = None, max_model_len: int | None = None,
           dtype: str | None = None, tool_call_parser: str | None = None, lora_modules: list[str] | None = None,
-          enable_prefix_caching: bool | None = None, max_lora_rank: int | None = None) -> None:
+          enable_prefix_caching: bool | None = None, max_loras: int | None = None,
+          max_lora_rank: int | None = None) -> None:
     from controller import shutdown, startup
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -193,7 +194,7 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
     try:
         cfg, admin_token = prepare(config_path, host, port, model_dirs, served_model_names, gpu_budget_gb, api_key,
                                    max_model_len, dtype, tool_call_parser, lora_modules, enable_prefix_caching,
-                                   max_lora_rank)
+                                   max_loras, max_lora_rank)
     except startup.StartupError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
@@ -242,10 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tool-call-parser", default=None)
     ap.add_argument("--lora-modules", nargs="+", default=None)
     ap.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--max-loras", type=int, default=None)
     ap.add_argument("--max-lora-rank", type=int, default=None)
     a = ap.parse_args(argv)
     serve(a.config, a.host, a.port, a.model_dirs, a.served_model_name, a.gpu_budget, a.api_key, a.max_model_len,
-          a.dtype, a.tool_call_parser, a.lora_modules, a.enable_prefix_caching, a.max_lora_rank)
+          a.dtype, a.tool_call_parser, a.lora_modules, a.enable_prefix_caching, a.max_loras, a.max_lora_rank)
 
 
 if __name__ == "__main__":

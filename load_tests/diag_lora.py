@@ -8,7 +8,7 @@ Columns, each a ms per decode step:
 - lora_cublas: as lora, the mask product and expand on cuBLAS (lora.EXPAND_TRITON off: three launches a projection
   instead of two);
 - lora_by_index: every row on the adapter, the deltas added adapter by adapter on the eager forward (the path a
-  step takes when it asks for more adapters than TOKENPOOL_GPU_LORAS; before the slots, every adapter step's);
+  step takes when it asks for more adapters than it has slots (max_loras); before the slots, every adapter step's);
 - base_eager: the model's own rows without graphs (`cuda_graphs=False`): the eager forward's own cost.
 
     python -m load_tests.diag_lora --model DIR [--rank 16] [--batch 1,8,32] [--tokens 64] [--json FILE]
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
               kv_cache_memory_gb=8)
     # the model's own steps without CUDA graphs: how much of a by-index step is the eager forward itself
     eager = LLM(a.model, device="cuda", dtype="bf16", kv_cache_memory_gb=8, cuda_graphs=False)
-    slots = R.GPU_LORAS
+    slots = R.GPU_LORAS  # (the engines' max_loras)
     rows = []
     for b in (int(x) for x in a.batch.split(",")):
         prompts = [[5 + i] * 32 for i in range(b)]
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, engine, loras, n_slots in (("base", llm, [None], slots), ("lora", llm, ["a"], slots),
                                              ("mixed", llm, ["a", "b"], slots), ("lora_cublas", llm, ["a"], slots),
                                              ("lora_by_index", llm, ["a"], 0), ("base_eager", eager, [None], slots)):
-            R.GPU_LORAS = n_slots  # (0: no slots, so adapter rows take the by-index path)
+            engine.engine.runner.max_loras = n_slots  # (0: no slots, so adapter rows take the by-index path)
             L.EXPAND_TRITON = name != "lora_cublas"  # (read as each step's deltas are set up: graphs captured again)
             engine.engine.runner.drop_lora_graphs()
             sps = [SamplingParams(temperature=0, max_tokens=a.tokens, ignore_eos=True, lora=loras[i % len(loras)])
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
                 outs = engine.generate(prompts, sps)
                 torch.cuda.synchronize()
             finally:
-                R.GPU_LORAS, L.EXPAND_TRITON = slots, True
+                engine.engine.runner.max_loras, L.EXPAND_TRITON = slots, True
             point[f"{name}_ms_per_step"] = (time.perf_counter() - t0) / a.tokens * 1e3
             toks[name] = [o.outputs[0].token_ids for o in outs]
         point["lora_over_base"] = point["lora_ms_per_step"] / point["base_ms_per_step"]

@@ -43,16 +43,16 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [[5 + 7 * i + j for j in range(9 + 3 * i)] for i in range(a.batch)]
     sp = SamplingParams(temperature=0, max_tokens=a.tokens, ignore_eos=True, lora="a")
     toks = {}
-    slots = R.GPU_LORAS
+    slots = R.GPU_LORAS  # (the default max_loras)
     for name, graphs, n_slots, triton in (("slots", True, slots, True), ("slots_cublas", True, slots, False),
                                           ("slots_eager", False, slots, True), ("by_index", True, 0, True)):
-        R.GPU_LORAS, L.EXPAND_TRITON = n_slots, triton
+        L.EXPAND_TRITON = triton
         try:
-            llm = LLM(a.model, lora_modules={"a": str(adapter)}, cuda_graphs=graphs, **kw)
+            llm = LLM(a.model, lora_modules={"a": str(adapter)}, cuda_graphs=graphs, max_loras=n_slots, **kw)
             toks[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
             del llm
         finally:
-            R.GPU_LORAS, L.EXPAND_TRITON = slots, True
+            L.EXPAND_TRITON = True
     llm = LLM(merged, **kw)
     toks["merged"] = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(
         temperature=0, max_tokens=a.tokens, ignore_eos=True))]

@@ -265,6 +265,11 @@ def test_serve_lora_modules_flag(dirs, tmp_path):
         prepare(None, None, None, [a], ["main"], max_lora_rank=0)
     with pytest.raises(StartupError, match="--max-lora-rank apply to the MODEL_DIR arguments"):
         prepare(None, None, None, [], [], max_lora_rank=8)
+    # vLLM's --max-loras: their adapter slots (unset: the engine's TOKENPOOL_GPU_LORAS)
+    assert prepare(None, None, None, [a], ["main"], max_loras=2)[0].models[0].engine.max_loras == 2
+    assert prepare(None, None, None, [a], ["main"])[0].models[0].engine.max_loras is None
+    with pytest.raises(StartupError, match="--max-loras: Input should be greater than or equal to 1"):
+        prepare(None, None, None, [a], ["main"], max_loras=0)
 
 
 def test_serve_with_lora_modules_live(dirs, hf, tmp_path):

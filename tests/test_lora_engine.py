@@ -318,15 +318,14 @@ def test_damaged_adapter_weights_refused_with_value_error(setup, tmp_path):
 
 
 def test_adapter_slots_are_bounded(setup, monkeypatch):
-    """TOKENPOOL_GPU_LORAS bounds a model's adapter slots on its device: with one slot, adapters asked for in turn take
-    it in turn (written again each time), a step asking for more adapters than there are slots takes them by index
-    instead (each request still on its own adapter), and the slots go with the weights. The tokens are HF's
+    """max_loras (vLLM's --max-loras) bounds a model's adapter slots on its device: with one slot, adapters asked for
+    in turn take it in turn (written again each time), a step asking for more adapters than there are slots takes them
+    by index instead (each request still on its own adapter), and the slots go with the weights. The tokens are HF's
     throughout; an adapter unloaded frees its slot."""
     from token_scheduler import runner
 
-    monkeypatch.setattr(runner, "GPU_LORAS", 1)
     d, dirs, hfs = setup("qwen2")
-    eng = LLMEngine(EngineConfig(model=str(d), device="cpu", dtype="fp32",
+    eng = LLMEngine(EngineConfig(model=str(d), device="cpu", dtype="fp32", max_loras=1,
                                  lora_modules={k: str(v) for k, v in dirs.items()}))
     ids = _prompts(eng.model_config.vocab_size, [6], seed=5)[0]
     sp = {k: SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, lora=k) for k in ("full", "part")}

@@ -48,8 +48,10 @@ class EngineConfig:
     # LoRA adapters served over this model (vLLM's --lora-modules): name -> PEFT adapter directory. A request asks
     # for one by SamplingParams.lora; `LLMEngine.add_lora` / `remove_lora` change them at runtime.
     lora_modules: dict[str, str] | None = None
-    # The largest adapter rank served (vLLM's --max-lora-rank): the adapter slots on the device are as wide as the
-    # largest rank hosted, GPU_LORAS of them (runner.py), so an adapter of a larger rank is refused at add_lora.
+    # The adapter slots on the device (vLLM's --max-loras): a step over up to this many adapters replays a graph;
+    # None: TOKENPOOL_GPU_LORAS (runner.GPU_LORAS). The largest adapter rank served (vLLM's --max-lora-rank): the
+    # slots are as wide as the largest rank hosted, so an adapter of a larger rank is refused at add_lora.
+    max_loras: int | None = None
     max_lora_rank: int = MAX_LORA_RANK
     # Automatic prefix caching (vLLM's): a request starts on the cached KV blocks its tokens begin with (a shared
     # system prompt, the turns before a chat's last). Off on the HF-exact reference paths.
@@ -118,7 +120,8 @@ class LLMEngine:
         self.runner = ModelRunner(mc, self.weights, kv, block_size, self.max_model_len, self.device, c.seed,
                                   swapper, cuda_graphs=c.cuda_graphs, max_graph_batch=c.max_num_seqs,
                                   graphs=graphs, graph_key=graph_key, name=self.model_name,
-                                  hf_exact_prefill=c.hf_exact_prefill, hf_exact_decode=c.hf_exact)
+                                  hf_exact_prefill=c.hf_exact_prefill, hf_exact_decode=c.hf_exact,
+                                  max_loras=c.max_loras)
         self._retiring: set[str] = set()  # adapters unlisted (set_loras) that still have unfinished requests
         for name, path in (c.lora_modules or {}).items():
             self.add_lora(name, path)

@@ -139,7 +139,8 @@ class ModelRunner:
                  block_size: int, max_model_len: int, device: torch.device, seed: int = 0,
                  kv_swapper=None, cuda_graphs: bool = True, max_graph_batch: int = 256,
                  graphs: dict | None = None, graph_key: object = None, scratch_block: int | None = None,
-                 name: str = "", hf_exact_prefill: bool = False, hf_exact_decode: bool = False):
+                 name: str = "", hf_exact_prefill: bool = False, hf_exact_decode: bool = False,
+                 max_loras: int | None = None):
         self.cfg = cfg
         self.name = name
         self.hf_exact_prefill = hf_exact_prefill or hf_exact_decode
@@ -148,10 +149,11 @@ class ModelRunner:
         self.weights = weights
         self.slot_key: object = None  # which weight slot `weights` live in (graphs are per slot)
         # LoRA adapters hosted with the model, by name (host copies; LLMEngine.add_lora); their device slots, made at
-        # the first step that needs them and dropped with the weights (outside the weight arena: GPU_LORAS slots of
+        # the first step that needs them and dropped with the weights (outside the weight arena: max_loras slots of
         # the largest rank hosted); and the decode graphs over those slots at the current weights, by (lane, bucket),
         # in a graph memory pool a lane of their own
         self.loras: dict[str, LoraAdapter] = {}
+        self.max_loras = GPU_LORAS if max_loras is None else max_loras  # the slots (vLLM's --max-loras)
         self._slots: LoraSlots | None = None
         self._lora_graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._lora_pools: dict[int, tuple] = {}
@@ -227,19 +229,19 @@ class ModelRunner:
 
     def _lora_slots(self, out: SchedulerOutput) -> list[int] | None:
         """Each chunk's adapter slot (-1: the model alone), its adapters written into the slots first; None when no
-        row asks for an adapter, or when more adapters than GPU_LORAS do (`_lora_rows` then)."""
+        row asks for an adapter, or when more adapters than `max_loras` do (`_lora_rows` then)."""
         if not self.loras:  # (the common case: no adapter hosted, no walk of the step's chunks)
             return None
         names = [c.request.sampling_params.lora for c in out.chunks]
         used = {n for n in names if n is not None}
-        if not used or len(used) > GPU_LORAS:
+        if not used or len(used) > self.max_loras:
             return None
         for n in used:
             if n not in self.loras:
                 raise RuntimeError(f"step planned with LoRA adapter {n!r}, which is not hosted")
-        s, want = self._slots, min(GPU_LORAS, len(self.loras))
+        s, want = self._slots, min(self.max_loras, len(self.loras))
         if s is None or s.slots < want or not s.holds(self.loras[n] for n in used):
-            # slots for every adapter hosted (up to GPU_LORAS), of the largest rank among them: made again only when
+            # slots for every adapter hosted (up to max_loras), of the largest rank among them: made again only when
             # adapters are added; the graphs over the old ones go
             rank, projs = LoraSlots.shape_for(self.loras.values())
             s = self._slots = LoraSlots(self.cfg, self.kv.dtype, self.device, want, rank, projs, self.use_triton)
@@ -257,7 +259,7 @@ class ModelRunner:
             if (name := c.request.sampling_params.lora) is not None:
                 rows.setdefault(name, []).extend(range(q0, q0 + c.num_tokens))
             q0 += c.num_tokens
-        if len(rows) <= GPU_LORAS:
+        if len(rows) <= self.max_loras:
             return None
         return LoraRows([(self.loras[name].to(self.device), upload(idx, self.device)) for name, idx in rows.items()])
 
@@ -362,7 +364,7 @@ class ModelRunner:
         forward's hidden states), and no more LoRA adapters than the slots hold."""
         requests = list(requests)
         return (not self.hf_exact_decode and (n in self.bucket_of or not self.is_cuda)
-                and len({r.sampling_params.lora for r in requests} - {None}) <= GPU_LORAS
+                and len({r.sampling_params.lora for r in requests} - {None}) <= self.max_loras
                 and all(not (sp := r.sampling_params).needs_penalties and sp.logprobs is None and not sp.embed
                         and not masks_stop_tokens(r) and r.matcher is None for r in requests))
 
