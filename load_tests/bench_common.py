@@ -63,6 +63,23 @@ def spread(xs: list[float], key: str) -> dict:
             f"{key}_max": xs[-1]}
 
 
+# Short chat questions the served benchmarks ask (bench_prefix, bench_lora).
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Name three primary colours.",
+             "Explain what a CPU does in one sentence.", "Who wrote Romeo and Juliet?", "What is 12 times 7?",
+             "Give me a short tip for learning to cook.", "Translate 'good morning' into Spanish.",
+             "What colour is the sky?", "Name a large mammal.", "How many legs has a spider?", "Say hello."]
+
+
+def model_or_smollm2(model: str | None) -> str:
+    """`model`, or the embedded SmolLM2-135M-Instruct's directory (made from its GGUF on first use)."""
+    if model is not None:
+        return model
+    from controller.config import REAL_MODEL, cache_dir
+    from controller.real_model import ensure_smollm2
+
+    return str(ensure_smollm2(cache_dir() / REAL_MODEL))
+
+
 def write_json(path: Path | None, data: dict) -> None:
     text = json.dumps(data, indent=2)
     print(text)

@@ -24,12 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from load_tests.bench_common import cpu_model, header, write_json
-
-QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Name three primary colours.",
-             "Explain what a CPU does in one sentence.", "Who wrote Romeo and Juliet?", "What is 12 times 7?",
-             "Give me a short tip for learning to cook.", "Translate 'good morning' into Spanish.",
-             "What colour is the sky?", "Name a large mammal.", "How many legs has a spider?", "Say hello."]
+from load_tests.bench_common import QUESTIONS, cpu_model, header, model_or_smollm2, write_json
 
 
 def _one(client, model: str, question: str, max_tokens: int) -> tuple[float, float, int]:
@@ -76,12 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     from controller.model_factory import make_lora
     from load_tests.live_server import LiveServer
 
-    model = a.model
-    if model is None:
-        from controller.config import REAL_MODEL, cache_dir
-        from controller.real_model import ensure_smollm2
-
-        model = str(ensure_smollm2(cache_dir() / REAL_MODEL))
+    model = model_or_smollm2(a.model)
     rounds = {"base": ["m"], "one_adapter": ["a"], "mixed": ["m", "a", "b"]}
     out: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as work:

@@ -16,12 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from load_tests.bench_common import cpu_model, header, write_json
+from load_tests.bench_common import QUESTIONS, cpu_model, header, model_or_smollm2, write_json
 
-QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Name three primary colours.",
-             "Explain what a CPU does in one sentence.", "Who wrote Romeo and Juliet?", "What is 12 times 7?",
-             "Give me a short tip for learning to cook.", "Translate 'good morning' into Spanish.",
-             "What colour is the sky?", "Name a large mammal.", "How many legs has a spider?", "Say hello."]
 PARAGRAPH = ("The assistant answers questions about the handbook below. It is careful, brief and polite, and it "
              "says when the handbook does not cover a question. Section {i}: members of staff keep their desks "
              "tidy, report faults to the facilities team, and book meeting rooms a day ahead where they can. ")
@@ -56,12 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from load_tests.live_server import LiveServer
 
-    model = a.model
-    if model is None:
-        from controller.config import REAL_MODEL, cache_dir
-        from controller.real_model import ensure_smollm2
-
-        model = str(ensure_smollm2(cache_dir() / REAL_MODEL))
+    model = model_or_smollm2(a.model)
     tok = AutoTokenizer.from_pretrained(model)
     system, i = "", 0
     while len(tok.encode(system)) < a.system_tokens:
