@@ -373,3 +373,43 @@ def test_slots_hold_adapters_of_several_ranks_and_reload(setup, monkeypatch):
     eng.add_lora("rs", dirs["part"])  # (the name now serves other weights)
     done = _run(eng, {"again": (ids, SamplingParams(**greedy, lora="rs"))})
     assert done["again"].outputs[0].token_ids == _greedy(hfs["part"], ids)
+
+
+def test_no_memory_for_the_slots_falls_back_to_rows_by_index(setup, monkeypatch):
+    """Slots that do not fit on the device (torch.OutOfMemoryError making them) leave adapter steps to the by-index
+    path, not an error: the tokens are still HF's on the merged weights, no overlapped launch takes adapter rows, the
+    allocation is not retried at every step, and it is tried again once the weights change."""
+    from token_scheduler.model import lora as L
+
+    d, dirs, hfs = setup("llama")
+    tries = []
+
+    def no_memory(self, *a, **k):
+        tries.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(L.LoraSlots, "__init__", no_memory)
+    from token_scheduler import runner as R
+
+    launched = []
+    orig = R.ModelRunner.launch_decode
+    monkeypatch.setattr(R.ModelRunner, "launch_decode",
+                        lambda self, out, *a, **k: launched.append([c.request.sampling_params.lora for c in out.chunks])
+                        or orig(self, out, *a, **k))
+    eng = LLMEngine(EngineConfig(model=str(d), device="cpu", dtype="fp32", overlap=True,
+                                 lora_modules={"full": str(dirs["full"])}))
+    a, b = _prompts(eng.model_config.vocab_size, (7, 5), seed=23)
+    sp = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    done = _run(eng, {"a": (a, replace(sp, lora="full")), "b": (b, sp), "a2": (b, replace(sp, lora="full"))})
+    assert done["a"].outputs[0].token_ids == _greedy(hfs["full"], a)
+    assert done["a2"].outputs[0].token_ids == _greedy(hfs["full"], b)
+    assert done["b"].outputs[0].token_ids == _greedy(hfs[None], b)
+    assert len(tries) == 1 and eng.runner._slots is None
+    assert not launched  # (adapter rows in every step: none went overlapped)
+    _run(eng, {"b2": (b, sp)})
+    assert launched and not any("full" in rows for rows in launched)  # (the model's rows alone do)
+    w = eng.weights
+    eng.set_weights(None)
+    eng.set_weights(w)  # (resident again: the slots are tried again, at the next adapter step)
+    _run(eng, {"c": (a, replace(sp, lora="full"))})
+    assert len(tries) == 2

@@ -9,6 +9,7 @@ non-blocking copies from pinned host memory); everything else runs eagerly.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from token_scheduler.request import Request
 from token_scheduler.sampler import Sampler, SampleResult, masks_stop_tokens
 from token_scheduler.scheduler import SchedulerOutput
 from tokenpool import env
+
+log = logging.getLogger(__name__)
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 # CUDA graphs kept per graph key (graph_cap.py). 96: a cold `bench serve` point at 1.3 req/s/model (4 x 7B + 6 x 1.5B,
@@ -155,6 +158,7 @@ class ModelRunner:
         self.loras: dict[str, LoraAdapter] = {}
         self.max_loras = GPU_LORAS if max_loras is None else max_loras  # the slots (vLLM's --max-loras)
         self._slots: LoraSlots | None = None
+        self._slots_failed: tuple | None = None  # (slots, rank, projections) whose allocation ran out of memory
         self._lora_graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._lora_pools: dict[int, tuple] = {}
         self.kv = kv_cache
@@ -213,7 +217,7 @@ class ModelRunner:
         if weights is None or slot_key != self.slot_key:  # (graphs read the weights by address)
             self.drop_lora_graphs()
         if weights is None:
-            self._slots = None
+            self._slots = self._slots_failed = None
         self.weights, self.slot_key = weights, slot_key
 
     def drop_lora_graphs(self) -> None:
@@ -244,22 +248,35 @@ class ModelRunner:
             # slots for every adapter hosted (up to max_loras), of the largest rank among them: made again only when
             # adapters are added; the graphs over the old ones go
             rank, projs = LoraSlots.shape_for(self.loras.values())
-            s = self._slots = LoraSlots(self.cfg, self.kv.dtype, self.device, want, rank, projs, self.use_triton)
+            if self._slots_failed == (want, rank, projs):
+                return None  # (out of memory for these before: by index, until the weights or adapters change)
+            self._slots = None
             self.drop_lora_graphs()
+            try:
+                s = self._slots = LoraSlots(self.cfg, self.kv.dtype, self.device, want, rank, projs, self.use_triton)
+            except torch.OutOfMemoryError:
+                # Outside the weight arena and the KV budget: on a device filled to its budget the slots may not fit.
+                # Adapter rows then take the by-index path (device copies of a step's adapters alone).
+                self._slots_failed = (want, rank, projs)
+                log.warning("model %s: no device memory for %d LoRA slots of rank %d; adapter steps run by index "
+                            "(slower) until its adapters or weights change", self.name, want, rank)
+                return None
+            self._slots_failed = None
         keep = {self.loras[n].uid for n in used}
         slot = {n: s.slot_of(self.loras[n], keep) for n in used}
         return [-1 if n is None else slot[n] for n in names]
 
     def _lora_rows(self, out: SchedulerOutput) -> LoraRows | None:
-        """A step with adapter rows of more adapters than the slots hold: each adapter's rows by index, over device
-        copies made for the step (slow, and only then: the eager forward adds the deltas adapter by adapter)."""
+        """A step with adapter rows of more adapters than the slots hold, or when the slots could not be made (out of
+        device memory): each adapter's rows by index, over device copies made for the step (slow, and only then: the
+        eager forward adds the deltas adapter by adapter)."""
         rows: dict[str, list[int]] = {}
         q0 = 0
         for c in out.chunks:
             if (name := c.request.sampling_params.lora) is not None:
                 rows.setdefault(name, []).extend(range(q0, q0 + c.num_tokens))
             q0 += c.num_tokens
-        if len(rows) <= self.max_loras:
+        if not rows or (len(rows) <= self.max_loras and self._slots_failed is None):
             return None
         return LoraRows([(self.loras[name].to(self.device), upload(idx, self.device)) for name, idx in rows.items()])
 
@@ -364,7 +381,8 @@ class ModelRunner:
         forward's hidden states), and no more LoRA adapters than the slots hold."""
         requests = list(requests)
         return (not self.hf_exact_decode and (n in self.bucket_of or not self.is_cuda)
-                and len({r.sampling_params.lora for r in requests} - {None}) <= self.max_loras
+                and len(names := {r.sampling_params.lora for r in requests} - {None}) <= self.max_loras
+                and not (names and self._slots_failed is not None)
                 and all(not (sp := r.sampling_params).needs_penalties and sp.logprobs is None and not sp.embed
                         and not masks_stop_tokens(r) and r.matcher is None for r in requests))
 
