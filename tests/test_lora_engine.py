@@ -413,3 +413,35 @@ def test_no_memory_for_the_slots_falls_back_to_rows_by_index(setup, monkeypatch)
     eng.set_weights(w)  # (resident again: the slots are tried again, at the next adapter step)
     _run(eng, {"c": (a, replace(sp, lora="full"))})
     assert len(tries) == 2
+
+
+def test_slots_made_again_without_memory_in_a_launched_decode(setup, monkeypatch):
+    """Slots made again at a launched (overlapped) decode, when an adapter is added at runtime, that do not fit: that
+    step runs its adapter rows by index, eagerly, and still on their adapter (HF's tokens), never on the model alone."""
+    from token_scheduler.model import lora as L
+
+    d, dirs, hfs = setup("qwen2")
+    made = []
+    real = L.LoraSlots.__init__
+
+    def second_fails(self, *a, **k):
+        made.append(1)
+        if len(made) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        real(self, *a, **k)
+
+    monkeypatch.setattr(L.LoraSlots, "__init__", second_fails)
+    eng = LLMEngine(EngineConfig(model=str(d), device="cpu", dtype="fp32", overlap=True,
+                                 lora_modules={"full": str(dirs["full"])}))
+    a = _prompts(eng.model_config.vocab_size, (6,), seed=29)[0]
+    n = 12
+    eng.add_request("a", a, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, lora="full"))
+    done = {}
+    for _ in range(3):  # (its prefill, then decodes launched overlapped over one slot)
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+    assert eng.runner._slots is not None and eng.runner._slots.slots == 1 and eng._inflight is not None
+    eng.add_lora("part", dirs["part"])  # (two hosted: the next step makes two slots, which fail)
+    while eng.has_unfinished_requests():
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+    assert len(made) == 2 and eng.runner._slots_failed is not None
+    assert done["a"].outputs[0].token_ids == _greedy(hfs["full"], a, n)

@@ -159,7 +159,7 @@ class ModelRunner:
         self.max_loras = GPU_LORAS if max_loras is None else max_loras  # the slots (vLLM's --max-loras)
         self._slots: LoraSlots | None = None
         self._slots_failed: tuple | None = None  # (slots, rank, projections) whose allocation ran out of memory
-        self._lora_graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self._lora_graphs: dict[tuple, _DecodeGraph] = {}
         self._lora_pools: dict[int, tuple] = {}
         self.kv = kv_cache
         self.kv_swapper = kv_swapper  # model_swapper.KVSwapper over `kv` and the host KV pool
@@ -396,7 +396,9 @@ class ModelRunner:
             start = torch.cuda.Event(enable_timing=True)
         g = None
         slots = self._lora_slots(out)
-        if len(out.chunks) in self.bucket_of:
+        # (adapter rows whose slots could not be made just now, out of memory: by index, eagerly)
+        lora = self._lora_rows(out) if slots is None and self.loras else None
+        if len(out.chunks) in self.bucket_of and lora is None:
             g = self._decode_graph(out, ids, start=start, rows=rows, slots=slots)
             logits = g.logits[: len(out.chunks)]
         else:  # CPU (no graphs): the same overlap logic, run eagerly
@@ -404,7 +406,7 @@ class ModelRunner:
                 ids = ids[upload(rows, ids.device)]
             if start is not None:
                 start.record()
-            hidden, idx = self._forward_eager(out, ids, slots=slots)
+            hidden, idx = self._forward_eager(out, ids, lora=lora, slots=slots)
             logits = llama.compute_logits(self.weights, hidden[idx])
         tokens = self.sampler.sample_tokens(logits, [c.request for c in out.chunks])
         if not self.is_cuda:
@@ -665,10 +667,10 @@ class ModelRunner:
         return self._replay(self.bucket_of[len(out.chunks)], lambda g: g.fill(out, self, ids, rows, slots), start,
                             lora=slots is not None)
 
-    def _capture_lora(self, bucket: int) -> _DecodeGraph:
-        """The decode graph of `bucket` over the adapter slots, on this lane (its own pool: one per lane, as the
-        model's graphs have, so two never run at once); warmed up each time (captures are rare: a bucket's first
-        adapter step at a weight slot, or after the slots were made again)."""
+    def _capture_lora(self, bucket) -> _DecodeGraph:
+        """The graph of `bucket` (a decode bucket, or a row graph's) over the adapter slots, on this lane (its own
+        pool: one per lane, as the model's graphs have, so two never run at once); warmed up each time (captures are
+        rare: a bucket's first adapter step at a weight slot, or after the slots were made again)."""
         pool = self._lora_pools.get(self.lane)
         if pool is None:
             pool = self._lora_pools[self.lane] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device))
@@ -725,8 +727,8 @@ class _Readback:
 
 class _DecodeGraph:
     """Static buffers + captured graph for one decode batch bucket, or (bucket ("rows", n)) for the rows of a
-    row-by-row step: n rows, logits for ROW_SELECT of them, chosen by an index row of the inputs. With `lora` (a
-    decode bucket): over those adapter slots, each row's slot (-1: none) one more input."""
+    row-by-row step: n rows, logits for ROW_SELECT of them, chosen by an index row of the inputs. With `lora`: over
+    those adapter slots, each row's slot (-1: none) one more input."""
 
     def __init__(self, runner: ModelRunner, bucket, pool, stream: torch.cuda.Stream, warmup: int = 2,
                  lora: LoraSlots | None = None):
