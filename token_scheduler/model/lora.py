@@ -132,8 +132,9 @@ class LoraSlots:
     Per layer and projection: A of every slot stacked, [slots x rank, in], and B side by side, [out, slots x rank];
     slot s holds its adapter in rows / columns [s x rank, s x rank + r) and zeros past its own rank r or where it
     leaves the projection alone. A step's rows each name a slot (-1: the model alone); the mask M [rows, slots x rank]
-    is 1 where a column is the row's slot, and every projection adds `((x A^T) * M) B^T` to its output: three GEMM-
-    sized ops a projection whatever the adapters, and rows of no adapter get exactly zero added. The tensors never
+    is 1 where a column is the row's slot, and every projection adds `((x A^T) * M) B^T` to its output: three ops a
+    projection whatever the adapters (two with the Triton expand, which applies M itself), and rows of no adapter get
+    exactly zero added. The tensors never
     move (a graph reads them by address); an adapter is copied into a slot when a step needs it (`slot_of`)."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, slots: int, rank: int,
