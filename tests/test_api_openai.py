@@ -172,6 +172,42 @@ def test_sampling_extras_pass_through(server):
     assert r.usage.completion_tokens == 4
 
 
+def test_allowed_token_ids_and_include_stop_str_in_output(server, tiny_model):
+    """vLLM's allowed_token_ids (only those ids are drawn, sampled or greedy) and include_stop_str_in_output (the
+    stop string that ends the output is kept, streamed or not); bad ids are 400s naming the field."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    a, b = tok.encode(" hello")[0], tok.encode(" world")[0]
+    c = client(server)
+    r = c.completions.create(model="tiny-a", prompt="Hello there", max_tokens=6, temperature=1.0, seed=3,
+                             logprobs=0, extra_body={"allowed_token_ids": [a, b], "ignore_eos": True})
+    assert r.usage.completion_tokens == 6
+    assert set(r.choices[0].logprobs.tokens) <= {tok.decode([a]), tok.decode([b])}
+    r = c.completions.create(model="tiny-a", prompt="Hello there", max_tokens=3, temperature=0,
+                             extra_body={"allowed_token_ids": [b], "ignore_eos": True})
+    assert r.choices[0].text == tok.decode([b] * 3)
+    for ids, words in (([], "at least 1 item"), ([-1], "greater than or equal to 0"),
+                       ([4000], "allowed_token_ids: token id 4000 is outside the vocabulary (size 4000)")):
+        e = _status(lambda i=ids: c.completions.create(model="tiny-a", prompt="x", max_tokens=1,
+                                                       extra_body={"allowed_token_ids": i}))
+        assert e.status_code == 400 and words in e.body["message"] and e.body["param"].startswith("allowed_token_ids")
+
+    full = c.completions.create(model="tiny-a", prompt="Once upon", max_tokens=12, temperature=0,
+                                extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert len(stop) == 3
+    at = full.find(stop)
+    for include in (False, True):
+        kw = dict(model="tiny-a", prompt="Once upon", max_tokens=12, temperature=0, stop=[stop],
+                  extra_body={"ignore_eos": True, "include_stop_str_in_output": include})
+        want = full[: at + len(stop)] if include else full[:at]
+        r = c.completions.create(**kw)
+        assert r.choices[0].text == want and r.choices[0].finish_reason == "stop", (include, r.choices[0].text)
+        streamed = "".join(ch.choices[0].text for ch in c.completions.create(stream=True, **kw) if ch.choices)
+        assert streamed == want
+
+
 def test_logit_bias_and_min_tokens(server, tiny_model):
     """logit_bias as OpenAI means it (a +100 token is drawn every step; keys are ids as strings), min_tokens as vLLM
     means it (EOS, made the likeliest token, cannot end the output before that many tokens); bad values are 400s

@@ -118,6 +118,31 @@ def test_logit_bias_moves_each_row_by_its_own_bias_only():
     assert res.token_ids[3] == alone.item()
 
 
+def test_allowed_token_ids_keep_only_those_tokens_of_their_row():
+    """vLLM's allowed_token_ids: a row draws only among its ids, greedy (the likeliest of them) or seeded (the draw of
+    its logits with every other id at -inf), with logit_bias on top; other rows are untouched; ids past the
+    vocabulary are ignored; the logprobs returned are the model's own."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 40, generator=g)
+    top = logits.argmax(-1).tolist()
+    allowed = [3, 17, 29, 1000]
+    best = max(allowed[:3], key=lambda t: logits[0, t].item())
+    reqs = [_req("a", temperature=0.0, allowed_token_ids=allowed, logprobs=0),
+            _req("b", temperature=0.0),
+            _req("c", temperature=1.0, seed=4, allowed_token_ids=[8, 9]),
+            _req("d", temperature=0.0, allowed_token_ids=[3, 17], logit_bias={17: 100.0})]
+    res = Sampler(torch.device("cpu"))(logits.clone(), reqs)
+    assert res.token_ids[0] == best and res.token_ids[1] == top[1] and res.token_ids[3] == 17
+    assert res.logprobs[0] == {best: torch.log_softmax(logits[0], -1)[best].item()}
+    masked = torch.full((1, 40), float("-inf"))
+    masked[0, [8, 9]] = logits[2, [8, 9]]
+    alone = Sampler(torch.device("cpu")).sample_tokens(masked, [_req("c", temperature=1.0, seed=4)])
+    assert res.token_ids[2] == alone.item() and res.token_ids[2] in (8, 9)
+    for bad in ([], [-1]):
+        with pytest.raises(ValueError, match="allowed_token_ids must be a non-empty list"):
+            SamplingParams(allowed_token_ids=bad)
+
+
 def test_min_tokens_forbids_stop_tokens_until_the_output_is_long_enough():
     """vLLM's min_tokens: EOS (unless ignore_eos) and the stop token ids cannot be drawn while the output is
     shorter; from then on they can."""

@@ -23,9 +23,11 @@ class IncrementalDetokenizer:
     """One request's text, decoded as its tokens come (`Request.detok`). Touched only by whoever calls
     `detokenize` for the request's engine: one thread at a time."""
 
-    def __init__(self, tokenizer, stop: list[str] | None = None, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, stop: list[str] | None = None, skip_special_tokens: bool = True,
+                 include_stop: bool = False):
         self.tok = tokenizer
         self.stop = list(stop or [])
+        self.include_stop = include_stop  # (vLLM's include_stop_str_in_output) the stop string kept at the end
         self.skip_special_tokens = skip_special_tokens  # the request's own (SamplingParams), as vLLM and HF decode
         self.hold = max(map(len, self.stop)) - 1 if self.stop else 0
         self.prefix_offset = 0
@@ -52,7 +54,7 @@ class IncrementalDetokenizer:
             hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
             if hits:
                 i, s = min(hits)
-                self.text, self.stop_hit = self.text[:i], s
+                self.text, self.stop_hit = self.text[: i + len(s) if self.include_stop else i], s
                 finished = True
         upto = max(self.sent, len(self.text) - (0 if finished else self.hold))
         delta = self.text[self.sent : upto]

@@ -240,7 +240,8 @@ class LLMEngine:
             req.matcher = self._matcher(params.grammar)
         if arrival_time is not None:
             req.arrival_time = arrival_time
-        req.detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
+        req.detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
+                                           params.include_stop_str_in_output)
         self.scheduler.add(req)
         return req
 

@@ -182,7 +182,7 @@ class PaceEngine:
         for s in p.stop or []:
             i = r.text.find(s, max(0, r.sent - len(s)))
             if i >= 0:
-                r.text, r.finish_reason = r.text[:i], "stop"
+                r.text, r.finish_reason = r.text[: i + len(s) if p.include_stop_str_in_output else i], "stop"
                 break
         if r.finish_reason is None:
             if tok in (p.stop_token_ids or []):

@@ -40,6 +40,11 @@ class SamplingParams:
     # OpenAI's logit_bias: token id -> a value in [-100, 100] added to its logit before sampling (the logprobs
     # returned are the model's own, as vLLM's are)
     logit_bias: dict[int, float] | None = None
+    # (vLLM's) only these token ids may be drawn: every other's logit is -inf before sampling (the logprobs returned
+    # are the model's own, as with logit_bias)
+    allowed_token_ids: list[int] | None = None
+    # (vLLM's) a stop string that ends the output is kept at its end instead of cut
+    include_stop_str_in_output: bool = False
     # an llguidance grammar (its JSON; e.g. made from a JSON schema, response_format): each token drawn keeps the
     # output a prefix of a string the grammar accepts, and once it is whole only EOS may follow
     grammar: str | None = None
@@ -63,6 +68,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:
             self.top_k = -1
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
         if self.logit_bias is not None:  # (JSON carries the ids as strings)
             try:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()} or None
@@ -100,6 +107,8 @@ class SamplingParams:
             bad(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         if any(not s for s in self.stop):  # type: ignore[union-attr]
             bad("stop strings must be non-empty")
+        if self.allowed_token_ids is not None and (not self.allowed_token_ids or min(self.allowed_token_ids) < 0):
+            bad("allowed_token_ids must be a non-empty list of token ids (non-negative integers)")
         for tid, v in (self.logit_bias or {}).items():
             if tid < 0:
                 bad(f"logit_bias token ids must be non-negative, got {tid}")
@@ -116,9 +125,10 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Whether the sampler changes this request's logits before drawing: penalties, logit_bias, a min_tokens
-        that forbids stop tokens while the output is shorter, or a grammar."""
-        return self.needs_penalties or self.logit_bias is not None or self.min_tokens > 0 or self.grammar is not None
+        """Whether the sampler changes this request's logits before drawing: penalties, logit_bias,
+        allowed_token_ids, a min_tokens that forbids stop tokens while the output is shorter, or a grammar."""
+        return (self.needs_penalties or self.logit_bias is not None or self.allowed_token_ids is not None
+                or self.min_tokens > 0 or self.grammar is not None)
 
 
 def l2_normalize(v: list[float]) -> list[float]:

@@ -38,8 +38,8 @@ def apply_penalties(logits: torch.Tensor, req: Request) -> torch.Tensor:
 
 
 def adjust_logits(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-    """vLLM v1's order: a grammar's mask (row by row), logit_bias and min_tokens' stop-token mask over the batch (one
-    scatter each), then each row's penalties. `logits`: [N, V] fp32, changed in place. The stop-token mask reads
+    """vLLM v1's order: a grammar's mask and allowed_token_ids' (row by row), logit_bias and min_tokens' stop-token
+    mask over the batch (one scatter each), then each row's penalties. `logits`: [N, V] fp32, changed in place. The stop-token mask reads
     how many tokens a row has made, and a grammar is fed them, so such rows never run overlapped
     (`ModelRunner.launchable`): the host knows those tokens exactly."""
     rows, cols, vals, mrows, mcols = [], [], [], [], []
@@ -47,6 +47,10 @@ def adjust_logits(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         if r.matcher is not None:
             _grammar_mask(logits[i], r.matcher)
         sp = r.sampling_params
+        if sp.allowed_token_ids is not None:  # (ids past the vocabulary are never drawn anyway)
+            ids = upload([t for t in sp.allowed_token_ids if t < logits.shape[1]], logits.device)
+            keep = logits[i].index_select(0, ids)
+            logits[i].fill_(float("-inf")).index_copy_(0, ids, keep)
         if sp.logit_bias:
             rows += [i] * len(sp.logit_bias)
             cols += sp.logit_bias.keys()

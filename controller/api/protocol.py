@@ -113,6 +113,9 @@ class _Sampling(_Top):
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=1 << 31)]] | None = Field(None, max_length=64)
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    allowed_token_ids: Annotated[list[Annotated[int, Field(ge=0, lt=1 << 31)]],
+                                 Field(min_length=1, max_length=1 << 18)] | None = None
     # (vLLM's) prefix caching shares KV only among requests of the same salt (on a multi-tenant server each tenant's
     # requests are salted with the tenant as well)
     cache_salt: str | None = Field(None, min_length=1, max_length=256)

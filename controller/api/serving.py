@@ -246,9 +246,12 @@ class OpenAIServing:
         if req.logit_bias:
             bias = {int(k): v for k, v in req.logit_bias.items()}
             OpenAIServing._check_vocab(me, list(bias), "logit_bias", "logit_bias: ")
+        if req.allowed_token_ids:
+            OpenAIServing._check_vocab(me, req.allowed_token_ids, "allowed_token_ids", "allowed_token_ids: ")
         kw = dict(n=1, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=req.stop, lora=lora_of(me, req.model),
                   stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
                   skip_special_tokens=req.skip_special_tokens, logit_bias=bias, prompt_logprobs=prompt_logprobs,
+                  allowed_token_ids=req.allowed_token_ids, include_stop_str_in_output=req.include_stop_str_in_output,
                   cache_salt=req.cache_salt,
                   grammar=OpenAIServing._grammar(req, tools))
         for f, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", -1), ("min_p", 0.0),
