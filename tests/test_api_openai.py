@@ -208,6 +208,23 @@ def test_allowed_token_ids_and_include_stop_str_in_output(server, tiny_model):
         assert streamed == want
 
 
+def test_bad_words(server):
+    """vLLM's bad_words: a word the greedy output holds is not generated once banned (alone or after a space), the
+    output is the same greedy one up to it and goes on past it (a ban is not a stop); a blank word is a 400 naming the
+    field."""
+    c = client(server)
+    kw = dict(model="tiny-a", prompt="Once upon a time", max_tokens=12, temperature=0, logprobs=0)
+    free = c.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0]
+    word = next(t for t in free.logprobs.tokens if t.strip())
+    banned = c.completions.create(**kw, extra_body={"ignore_eos": True, "bad_words": [word.strip()]}).choices[0]
+    assert all(t.strip() != word.strip() for t in banned.logprobs.tokens), (word, banned.logprobs.tokens)
+    assert banned.text != free.text and len(banned.logprobs.tokens) == 12
+    first = free.logprobs.tokens.index(word)
+    assert banned.logprobs.tokens[:first] == free.logprobs.tokens[:first]  # (the same until the banned word)
+    e = _status(lambda: c.completions.create(model="tiny-a", prompt="x", max_tokens=1, extra_body={"bad_words": [""]}))
+    assert e.status_code == 400 and e.body["param"].startswith("bad_words")
+
+
 def test_logit_bias_and_min_tokens(server, tiny_model):
     """logit_bias as OpenAI means it (a +100 token is drawn every step; keys are ids as strings), min_tokens as vLLM
     means it (EOS, made the likeliest token, cannot end the output before that many tokens); bad values are 400s

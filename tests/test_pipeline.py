@@ -20,7 +20,7 @@ from tests.test_multi_engine import (
 from token_scheduler import multi_engine
 from token_scheduler.engine import EngineConfig, LLMEngine
 from token_scheduler.multi_engine import MultiModelEngine
-from token_scheduler.request import SamplingParams
+from token_scheduler.request import SamplingParams, bad_word_ids
 
 # a JSON schema whose every instance is a few tokens: a random-weight model completes it well within max_tokens
 SMALL_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
@@ -152,7 +152,7 @@ def test_pipeline_stops_and_lengths_equal_alone(make_tiny, host_cache, pipe, poo
                    # a grammar (response_format's JSON schema): fed each token, so never overlapped
                    ("json", [5, 6, 7], SamplingParams(temperature=1.0, seed=3, max_tokens=40, grammar=SMALL_JSON))]
     # a stop string: the text of a few of the greedy request's tokens
-    texts = {}
+    texts, words = {}, {}
     for a, p in paths.items():
         eng = LLMEngine(EngineConfig(model=str(p), device="cpu"))
         eng.add_request("t", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
@@ -163,6 +163,14 @@ def test_pipeline_stops_and_lengths_equal_alone(make_tiny, host_cache, pipe, poo
         if stop.strip():
             reqs[a].append(("stopstr", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
                                                                  stop=[stop])))
+            reqs[a].append(("stopkept", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
+                                                                  stop=[stop], include_stop_str_in_output=True)))
+        # vLLM's bad_words (matched against the tokens made, so those rows are never overlapped) and allowed_token_ids
+        words[a] = next(w for t in full[a][3:] if (w := eng.tokenizer.decode([t]).strip()))  # (a token's text)
+        reqs[a].append(("badword", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
+                                                             bad_words=[words[a]])))
+        reqs[a].append(("allowed", [5, 6, 7], SamplingParams(temperature=1.0, seed=5, max_tokens=10, ignore_eos=True,
+                                                             allowed_token_ids=[toks[2], toks[3], 11])))
     expect = {}
     for a, p in paths.items():
         eng = LLMEngine(EngineConfig(model=str(p), device="cpu"))
@@ -195,6 +203,16 @@ def test_pipeline_stops_and_lengths_equal_alone(make_tiny, host_cache, pipe, poo
         assert full[a][0] not in bias
         assert len(mintok) == 7 and mintok[-1] == eos[a] and eos[a] not in mintok[:6]
         assert expect[f"{a}/min"][2] == "stop"
+        assert set(expect[f"{a}/allowed"][0]) <= {full[a][2], full[a][3], 11}
+        tok = LLMEngine(EngineConfig(model=str(paths[a]), device="cpu")).tokenizer
+        made = expect[f"{a}/badword"][0]
+        seqs = bad_word_ids(tok, [words[a]])
+        for seq in seqs:
+            assert not any(made[i: i + len(seq)] == seq for i in range(len(made))), (words[a], seq)
+        assert any(full[a][i: i + len(seq)] == seq for seq in seqs for i in range(8))  # (unbanned, it was made)
+        if f"{a}/stopkept" in expect:
+            kept, cut = expect[f"{a}/stopkept"][1], expect[f"{a}/stopstr"][1]
+            assert kept == cut + expect[f"{a}/stopstr"][3]
         text, reason = expect[f"{a}/json"][1], expect[f"{a}/json"][2]
         jsonschema.validate(json.loads(text), SMALL_SCHEMA)
         assert reason == "stop"
@@ -460,3 +478,20 @@ def test_step_trace_and_what_pipelined_steps_teach(make_tiny, pipe, monkeypatch,
         assert all(r[9] == "0" for r in piped)
     else:
         assert any(r[9] == "1" for r in piped)
+
+
+def test_rows_matched_against_their_tokens_are_not_launched_overlapped(make_tiny):
+    """A decode is queued a step ahead only when no row's sampling reads the tokens the host has not read yet:
+    bad_words (matched against the output's end) keeps its rows out, as penalties and min_tokens do;
+    allowed_token_ids and include_stop_str_in_output do not."""
+    from token_scheduler.request import Request
+
+    eng = LLMEngine(EngineConfig(model=str(make_tiny("qwen2")), device="cpu"))
+
+    def req(**sp):
+        return Request("r", [5, 6, 7], SamplingParams(temperature=0.0, **sp))
+
+    assert eng.runner.launchable(1, [req()])
+    assert eng.runner.launchable(1, [req(allowed_token_ids=[3, 4]), req(stop=["x"], include_stop_str_in_output=True)])
+    for sp in (dict(bad_words=["hello"]), dict(repetition_penalty=1.2), dict(min_tokens=3)):
+        assert not eng.runner.launchable(2, [req(), req(**sp)]), sp

@@ -143,6 +143,26 @@ def test_allowed_token_ids_keep_only_those_tokens_of_their_row():
             SamplingParams(allowed_token_ids=bad)
 
 
+def test_bad_words_mask_the_token_that_would_complete_a_word():
+    """vLLM's bad_words: a one-token word is never drawn; a longer word's last token is masked only where the output
+    ends with the word's other tokens; other rows untouched."""
+    logits = torch.zeros(3, 16)
+    logits[:, 4] = 10.0  # the likeliest everywhere
+    logits[:, 6] = 9.0
+
+    def req(rid, out, seqs):
+        r = Request(rid, [1, 2], SamplingParams(temperature=0.0, bad_words=["w"]))
+        r.output_token_ids, r.bad_word_ids = out, seqs
+        return r
+
+    rows = [req("one-token word", [1], [[4]]),
+            req("prefix made", [7, 2, 3], [[2, 3, 4]]),
+            req("prefix not made", [7, 3, 2], [[2, 3, 4], [9, 4]])]
+    assert Sampler(torch.device("cpu")).sample_tokens(logits.clone(), rows).tolist() == [6, 6, 4]
+    with pytest.raises(ValueError, match="bad_words must be non-empty words"):
+        SamplingParams(bad_words=[" "])
+
+
 def test_min_tokens_forbids_stop_tokens_until_the_output_is_long_enough():
     """vLLM's min_tokens: EOS (unless ignore_eos) and the stop token ids cannot be drawn while the output is
     shorter; from then on they can."""

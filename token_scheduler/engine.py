@@ -13,7 +13,14 @@ from model_swapper.weights import load_weights, weight_numel
 from token_scheduler.block_manager import BlockAllocator
 from token_scheduler.detokenizer import IncrementalDetokenizer, detokenize
 from token_scheduler.policies.batching import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, BatchLimits
-from token_scheduler.request import Request, RequestOutput, RequestStatus, SamplingParams, TokenOutput
+from token_scheduler.request import (
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SamplingParams,
+    TokenOutput,
+    bad_word_ids,
+)
 from token_scheduler.runner import LaunchedDecode, ModelRunner, allocate_kv_cache
 from token_scheduler.scheduler import BatchScheduler, SchedulerOutput
 from tokenpool.models import MAX_LORA_RANK
@@ -238,6 +245,8 @@ class LLMEngine:
             req.lora_uid = self.runner.loras[params.lora].uid
         if params.grammar is not None:
             req.matcher = self._matcher(params.grammar)
+        if params.bad_words:
+            req.bad_word_ids = bad_word_ids(self.tokenizer, params.bad_words)
         if arrival_time is not None:
             req.arrival_time = arrival_time
         req.detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens,

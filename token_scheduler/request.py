@@ -45,6 +45,9 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     # (vLLM's) a stop string that ends the output is kept at its end instead of cut
     include_stop_str_in_output: bool = False
+    # (vLLM's) words never to be generated: each word's tokens (alone and after a space) are matched against the end
+    # of the output, and the token that would complete one is not drawn (Request.bad_word_ids, made by the engine)
+    bad_words: list[str] | None = None
     # an llguidance grammar (its JSON; e.g. made from a JSON schema, response_format): each token drawn keeps the
     # output a prefix of a string the grammar accepts, and once it is whole only EOS may follow
     grammar: str | None = None
@@ -70,6 +73,8 @@ class SamplingParams:
             self.top_k = -1
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.bad_words is not None:
+            self.bad_words = list(self.bad_words) or None
         if self.logit_bias is not None:  # (JSON carries the ids as strings)
             try:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()} or None
@@ -107,6 +112,8 @@ class SamplingParams:
             bad(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         if any(not s for s in self.stop):  # type: ignore[union-attr]
             bad("stop strings must be non-empty")
+        if any(not w.strip() for w in self.bad_words or ()):
+            bad("bad_words must be non-empty words")
         if self.allowed_token_ids is not None and (not self.allowed_token_ids or min(self.allowed_token_ids) < 0):
             bad("allowed_token_ids must be a non-empty list of token ids (non-negative integers)")
         for tid, v in (self.logit_bias or {}).items():
@@ -128,7 +135,20 @@ class SamplingParams:
         """Whether the sampler changes this request's logits before drawing: penalties, logit_bias,
         allowed_token_ids, a min_tokens that forbids stop tokens while the output is shorter, or a grammar."""
         return (self.needs_penalties or self.logit_bias is not None or self.allowed_token_ids is not None
-                or self.min_tokens > 0 or self.grammar is not None)
+                or self.min_tokens > 0 or self.grammar is not None or self.bad_words is not None)
+
+
+def bad_word_ids(tokenizer, words: list[str]) -> list[list[int]]:
+    """The token sequences of `words` the sampler keeps from being completed (vLLM's bad_words): each word as its
+    tokens, and again after a space when that gives another first token in as many tokens (the word inside text)."""
+    seqs: list[list[int]] = []
+    for w in words:
+        alone = tokenizer.encode(w.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + w.lstrip(), add_special_tokens=False)
+        for ids in (alone, spaced) if spaced[:1] != alone[:1] and len(spaced) == len(alone) else (alone,):
+            if ids and ids not in seqs:
+                seqs.append(ids)
+    return seqs
 
 
 def l2_normalize(v: list[float]) -> list[float]:
@@ -192,6 +212,7 @@ class Request:
     num_cached_tokens: int | None = None
     kv_view: Any = None  # (prefix caching) the allocator of its blocks, which knows which are shared
     lora_uid: int | None = None  # (SamplingParams.lora) the adapter's load: one reloaded under its name is another
+    bad_word_ids: list[list[int]] = field(default_factory=list)  # (SamplingParams.bad_words) their token sequences
 
     @property
     def kv_tokens_freed(self) -> int:

@@ -377,13 +377,14 @@ class ModelRunner:
         """Whether a decode of `n` rows, `requests`, can run overlapped (`can_launch` less the step's own checks: a
         co-stepping engine asks it of a plan before its step is committed): a graph bucket, not the HF-exact path,
         and sampling that needs neither the tokens the host has not read yet (penalties; min_tokens' stop-token mask,
-        which counts them; a grammar, which is fed them) nor host-side logprobs, and no embedding (read from the eager
+        which counts them; a grammar, which is fed them; bad_words, matched against them) nor host-side logprobs, and no embedding (read from the eager
         forward's hidden states), and no more LoRA adapters than the slots hold."""
         requests = list(requests)
         return (not self.hf_exact_decode and (n in self.bucket_of or not self.is_cuda)
                 and len(names := {r.sampling_params.lora for r in requests} - {None}) <= self.max_loras
                 and not (names and self._slots_failed is not None)
                 and all(not (sp := r.sampling_params).needs_penalties and sp.logprobs is None and not sp.embed
+                        and not sp.bad_words
                         and not masks_stop_tokens(r) and r.matcher is None for r in requests))
 
     def launch_decode(self, out: SchedulerOutput, ids: torch.Tensor | None = None,

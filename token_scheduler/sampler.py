@@ -55,6 +55,11 @@ def adjust_logits(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
             rows += [i] * len(sp.logit_bias)
             cols += sp.logit_bias.keys()
             vals += sp.logit_bias.values()
+        for seq in r.bad_word_ids:  # (vLLM's bad_words) the token that would complete one is masked
+            if len(seq) == 1 or r.output_token_ids[len(r.output_token_ids) - len(seq) + 1:] == seq[:-1]:
+                if seq[-1] < logits.shape[1]:
+                    mrows.append(i)
+                    mcols.append(seq[-1])
         if masks_stop_tokens(r):
             stops = {t for t in (*(sp.stop_token_ids or ()), *(() if sp.ignore_eos else r.eos_token_ids))
                      if t < logits.shape[1]}  # (an id past the vocabulary is never drawn anyway)

@@ -114,6 +114,8 @@ class _Sampling(_Top):
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=1 << 31)]] | None = Field(None, max_length=64)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    bad_words: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=256)]],
+                         Field(max_length=256)] | None = None
     allowed_token_ids: Annotated[list[Annotated[int, Field(ge=0, lt=1 << 31)]],
                                  Field(min_length=1, max_length=1 << 18)] | None = None
     # (vLLM's) prefix caching shares KV only among requests of the same salt (on a multi-tenant server each tenant's

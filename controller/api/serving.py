@@ -252,6 +252,7 @@ class OpenAIServing:
                   stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
                   skip_special_tokens=req.skip_special_tokens, logit_bias=bias, prompt_logprobs=prompt_logprobs,
                   allowed_token_ids=req.allowed_token_ids, include_stop_str_in_output=req.include_stop_str_in_output,
+                  bad_words=req.bad_words,
                   cache_salt=req.cache_salt,
                   grammar=OpenAIServing._grammar(req, tools))
         for f, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", -1), ("min_p", 0.0),
