@@ -495,3 +495,13 @@ def test_rows_matched_against_their_tokens_are_not_launched_overlapped(make_tiny
     assert eng.runner.launchable(1, [req(allowed_token_ids=[3, 4]), req(stop=["x"], include_stop_str_in_output=True)])
     for sp in (dict(bad_words=["hello"]), dict(repetition_penalty=1.2), dict(min_tokens=3)):
         assert not eng.runner.launchable(2, [req(), req(**sp)]), sp
+
+
+def test_allowed_token_ids_past_the_vocabulary_are_refused(make_tiny):
+    """An allowed id outside the model's vocabulary is refused when the request is added (every id allowed could be
+    one: the row would have nothing left to draw)."""
+    eng = LLMEngine(EngineConfig(model=str(make_tiny("qwen2")), device="cpu"))
+    v = eng.model_config.vocab_size
+    with pytest.raises(ValueError, match=f"token id {v} is outside the vocabulary"):
+        eng.add_request("r", [5, 6], SamplingParams(allowed_token_ids=[3, v]))
+    assert not eng.has_unfinished_requests()

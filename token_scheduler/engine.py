@@ -245,6 +245,9 @@ class LLMEngine:
             req.lora_uid = self.runner.loras[params.lora].uid
         if params.grammar is not None:
             req.matcher = self._matcher(params.grammar)
+        if params.allowed_token_ids is not None and max(params.allowed_token_ids) >= self.model_config.vocab_size:
+            raise ValueError(f"allowed_token_ids: token id {max(params.allowed_token_ids)} is outside the vocabulary "
+                             f"(size {self.model_config.vocab_size})")
         if params.bad_words:
             req.bad_word_ids = bad_word_ids(self.tokenizer, params.bad_words)
         if arrival_time is not None:
