@@ -132,11 +132,15 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
         specs = model_specs(list(model_dirs or []), list(served_model_names or []))
     except ValueError as e:
         raise StartupError(str(e)) from None
-    if (max_model_len is not None or dtype is not None or tool_call_parser is not None or lora_modules
-            or enable_prefix_caching is not None or max_loras is not None or max_lora_rank is not None) and not specs:
-        raise StartupError("--max-model-len, --dtype, --tool-call-parser, --lora-modules, --[no-]enable-prefix-"
-                           "caching, --max-loras and --max-lora-rank apply to the MODEL_DIR arguments; none were given "
-                           "(a configuration sets them per model)")
+    engine = {"max_model_len": max_model_len, "dtype": dtype, "enable_prefix_caching": enable_prefix_caching,
+              "max_loras": max_loras, "max_lora_rank": max_lora_rank}  # (EngineOptions fields)
+    flags = {"--max-model-len": max_model_len, "--dtype": dtype, "--tool-call-parser": tool_call_parser,
+             "--lora-modules": lora_modules or None, "--[no-]enable-prefix-caching": enable_prefix_caching,
+             "--max-loras": max_loras, "--max-lora-rank": max_lora_rank}
+    if any(v is not None for v in flags.values()) and not specs:
+        *names, last = flags
+        raise StartupError(f"{', '.join(names)} and {last} apply to the MODEL_DIR arguments; none were given (a "
+                           "configuration sets them per model)")
     try:
         add_lora_modules(specs, lora_modules or [])
     except ValueError as e:
@@ -147,9 +151,8 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
     try:
         for s in specs:
             s.tool_call_parser = tool_call_parser  # type: ignore[assignment]
-            s.engine = EngineOptions.model_validate({**s.engine.model_dump(), **{k: v for k, v in (
-                ("max_model_len", max_model_len), ("dtype", dtype), ("enable_prefix_caching", enable_prefix_caching),
-                ("max_loras", max_loras), ("max_lora_rank", max_lora_rank)) if v is not None}})
+            s.engine = EngineOptions.model_validate({**s.engine.model_dump(),
+                                                     **{k: v for k, v in engine.items() if v is not None}})
     except ValidationError as e:
         raise StartupError("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: "
                                      f"{err['msg'].removeprefix('Value error, ')}"

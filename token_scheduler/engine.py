@@ -231,9 +231,10 @@ class LLMEngine:
             bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vs]
             if bad:
                 raise ValueError(f"prompt token ids must be integers in [0, {vs}); got {bad[:5]}")
-        if params.logit_bias and max(params.logit_bias) >= self.model_config.vocab_size:
-            raise ValueError(f"logit_bias token id {max(params.logit_bias)} is outside the vocabulary "
-                             f"(size {self.model_config.vocab_size})")
+        vs = self.model_config.vocab_size
+        for what, tids in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
+            if tids and max(tids) >= vs:
+                raise ValueError(f"{what} token id {max(tids)} is outside the vocabulary (size {vs})")
         if params.n != 1:
             raise ValueError("the engine takes n=1 requests; fan out n>1 before add_request (LLM.generate does)")
         if params.lora is not None and (params.lora not in self.runner.loras or params.lora in self._retiring):
@@ -245,9 +246,6 @@ class LLMEngine:
             req.lora_uid = self.runner.loras[params.lora].uid
         if params.grammar is not None:
             req.matcher = self._matcher(params.grammar)
-        if params.allowed_token_ids is not None and max(params.allowed_token_ids) >= self.model_config.vocab_size:
-            raise ValueError(f"allowed_token_ids: token id {max(params.allowed_token_ids)} is outside the vocabulary "
-                             f"(size {self.model_config.vocab_size})")
         if params.bad_words:
             req.bad_word_ids = bad_word_ids(self.tokenizer, params.bad_words)
         if arrival_time is not None:

@@ -266,6 +266,12 @@ class ModelRunner:
         slot = {n: s.slot_of(self.loras[n], keep) for n in used}
         return [-1 if n is None else slot[n] for n in names]
 
+    def _adapters(self, out: SchedulerOutput) -> tuple[list[int] | None, LoraRows | None]:
+        """How `out`'s adapter rows get their deltas: each chunk's slot (`_lora_slots`), or, past the slots or without
+        them, by row index (`_lora_rows`); (None, None) for a step of the model alone."""
+        slots = self._lora_slots(out)
+        return slots, (self._lora_rows(out) if slots is None and self.loras else None)
+
     def _lora_rows(self, out: SchedulerOutput) -> LoraRows | None:
         """A step with adapter rows of more adapters than the slots hold, or when the slots could not be made (out of
         device memory): each adapter's rows by index, over device copies made for the step (slow, and only then: the
@@ -297,8 +303,7 @@ class ModelRunner:
         prompt_lps: dict[str, list[dict[int, float]]] = {}
         embeds: dict[str, list[float]] = {}
         # adapter rows: their slots, or (more adapters than slots) their deltas by index on the eager forward
-        slots = self._lora_slots(out)
-        lora = self._lora_rows(out) if slots is None and self.loras else None
+        slots, lora = self._adapters(out)
         eager = _embeds(out) or lora is not None  # (a one-token prompt's prefill is a decode-shaped step)
         if out.is_decode and len(out.chunks) in self.bucket_of and not self.hf_exact_decode and not eager:
             # (not marked in flight: its logits are sampled below, and nothing captures before that)
@@ -396,9 +401,8 @@ class ModelRunner:
         if timed and self.is_cuda:  # (recorded just before the replay: a host late to launch it is not device time)
             start = torch.cuda.Event(enable_timing=True)
         g = None
-        slots = self._lora_slots(out)
         # (adapter rows whose slots could not be made just now, out of memory: by index, eagerly)
-        lora = self._lora_rows(out) if slots is None and self.loras else None
+        slots, lora = self._adapters(out)
         if len(out.chunks) in self.bucket_of and lora is None:
             g = self._decode_graph(out, ids, start=start, rows=rows, slots=slots)
             logits = g.logits[: len(out.chunks)]

@@ -102,7 +102,8 @@ async def running(request: Request, tenant: Tenant = Depends(auth.tenant)) -> di
                         for n, me in ctl.models.items() if n in resident and tenant.may_use(n)]}
 
 
-@router.api_route("/unload", methods=["GET", "POST"], dependencies=[Depends(auth.operator)])
+@router.get("/unload", dependencies=[Depends(auth.operator)], operation_id="unload_all_get")
+@router.post("/unload", dependencies=[Depends(auth.operator)], operation_id="unload_all")
 async def unload_all(request: Request) -> PlainTextResponse:
     """llama-swap's: free every model's VRAM once its requests finish (they stay served; pinned ones stay). The admin
     token, or on a single-user server that user's key."""

@@ -199,11 +199,15 @@ class LoraSlots:
                     a[:r].copy_(aa, non_blocking=True)
                     b[:, :r].copy_(bb, non_blocking=True)
 
+    def mask(self, slot_ids: torch.Tensor) -> torch.Tensor:
+        """M [rows, slots x rank]: 1 where a column is the row's slot (rows of slot -1: all 0), in the model dtype."""
+        return (slot_ids[:, None] == self.col_slot[None, :]).to(self.dtype)
+
     def rows(self, slot_ids: torch.Tensor) -> SlotRows:
         """The deltas of a step whose row i is slot `slot_ids[i]`'s (-1: the model alone); [rows] int64, on the
         device (a graph's input buffer: the mask is computed in the graph)."""
         expand = self.use_triton and EXPAND_TRITON
-        return SlotRows(self, slot_ids, None if expand else (slot_ids[:, None] == self.col_slot[None, :]).to(self.dtype))
+        return SlotRows(self, slot_ids, None if expand else self.mask(slot_ids))
 
 
 class SlotRows:
@@ -224,8 +228,7 @@ class SlotRows:
 
             expand_(outs[0], t, b, self.slot_ids, self.slots.rank)
             return
-        mask = self.mask if self.mask is not None else (self.slot_ids[:, None] == self.slots.col_slot).to(t.dtype)
-        t.mul_(mask)
+        t.mul_(self.mask if self.mask is not None else self.slots.mask(self.slot_ids))
         if len(outs) == 1:  # (the fused forward's projections: the delta summed into the output by the GEMM)
             outs[0].addmm_(t, b.t())
             return
