@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import copy
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -232,6 +234,65 @@ def test_overlay_config_tokens_and_ports_agree():
     assert op["command"][:2] == ["tokenpool", "operator"]
     ctl = _by_kind("Deployment", "tokenpool-controller")["spec"]["template"]["spec"]["containers"][0]
     assert ctl["command"] == ["tokenpool", "serve", "--config", "/etc/tokenpool/config.yaml"]
+
+
+def _ports(n: int) -> list[int]:
+    """n free ports: from 18130-18139 where free (the range this test was written to keep to on a shared
+    machine), else any."""
+    from load_tests.live_server import free_port
+
+    out: list[int] = []
+    for port in range(18130, 18140):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        out.append(port)
+        if len(out) == n:
+            return out
+    return out + [free_port() for _ in range(n - len(out))]
+
+
+def _probe_port(container: dict, probe: dict) -> str:
+    port = probe["httpGet"]["port"]
+    return next(p["name"] for p in container["ports"] if port in (p["name"], p["containerPort"]))
+
+
+def test_controller_probes_and_service_let_a_starting_controller_be_reached(tmp_path):
+    """The overlay's controller, started as in the cluster (no local worker; workers and models come later,
+    through the Service): its liveness probe must pass while it waits, and while its readiness probe fails the
+    Service must still route to it, or the workers and the operator never reach it (they make it ready)."""
+    import httpx
+
+    from load_tests.live_server import LiveServer
+
+    dep = _by_kind("Deployment", "tokenpool-controller")
+    ctl = dep["spec"]["template"]["spec"]["containers"][0]
+    svc = _by_kind("Service", "tokenpool-controller")
+    cfg = yaml.safe_load((MANIFESTS / "overlays" / "example" / "config.yaml").read_text())
+    api, workers = _ports(2)
+    cfg["workers"]["listen"] = {"host": "127.0.0.1", "port": workers}
+    srv = LiveServer(cfg, tmp_path, wait_ready=False)
+    srv.port, srv.url = api, f"http://127.0.0.1:{api}"
+    srv.config_path.write_text(yaml.safe_dump(dict(cfg, listen={"host": "127.0.0.1", "port": api})))
+    answers: dict[str, int] = {}
+    with srv:
+        for kind in ("livenessProbe", "readinessProbe"):
+            probe = ctl[kind]
+            assert _probe_port(ctl, probe) == "http"
+            path = probe["httpGet"]["path"]
+            for _ in range(150):  # the server's start (imports) on a loaded machine
+                try:
+                    answers[kind] = httpx.get(srv.url + path, timeout=2).status_code
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+            else:
+                raise AssertionError(f"the controller did not answer {path}:\n{srv.log()}")
+    assert answers["livenessProbe"] == 200, answers  # else the kubelet restarts it while it waits for workers
+    if answers["readinessProbe"] != 200:  # not ready until workers join: the Service must route to it all the same
+        assert svc["spec"].get("publishNotReadyAddresses") is True, answers
 
 
 def test_operator_role_grants_what_it_uses_and_no_more():
