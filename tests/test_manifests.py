@@ -63,6 +63,25 @@ def _validate_cr(obj: dict) -> None:
     schema = copy.deepcopy(_crd_schema(obj["kind"]))
     schema["properties"].pop("metadata", None)
     jsonschema.Draft4Validator(schema).validate(obj)
+    _list_types(schema, obj, "")
+
+
+def _list_types(schema: dict, value, where: str) -> None:
+    """What the API server checks beside the schema's draft-4 part: a map list's keys and a set list's items
+    are unique (x-kubernetes-list-type)."""
+    if isinstance(value, dict):
+        for k, sub in (schema.get("properties") or {}).items():
+            if k in value:
+                _list_types(sub, value[k], f"{where}.{k}")
+    elif isinstance(value, list):
+        kind = schema.get("x-kubernetes-list-type")
+        seen = [tuple(v.get(k) for k in schema["x-kubernetes-list-map-keys"]) for v in value] if kind == "map" else (
+            [yaml.safe_dump(v) for v in value] if kind == "set" else [])
+        dup = {x for x in seen if seen.count(x) > 1}
+        if dup:
+            raise jsonschema.ValidationError(f"{where}: duplicate {kind} list entries {sorted(map(str, dup))}")
+        for v in value:
+            _list_types(schema.get("items") or {}, v, f"{where}[]")
 
 
 def test_every_file_is_in_a_kustomization():
@@ -149,6 +168,7 @@ def test_examples_validate_against_their_crd(kind):
     ("PooledModel", ("spec", "replicas", "min"), -1),
     ("PooledModel", ("spec", "loraAdapters"), [{"name": "a b", "path": "x"}]),
     ("PooledModel", ("spec", "loraAdapters"), [{"name": "a"}]),
+    ("PooledModel", ("spec", "loraAdapters"), [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]),
     ("Tenant", ("spec", "rateLimits", "requestsPerSecond"), -5),
     ("Tenant", ("spec", "maxConcurrent"), 0),
 ])
@@ -160,6 +180,45 @@ def test_crd_schemas_reject_bad_values(kind, path, value):
     node[path[-1]] = value
     with pytest.raises(jsonschema.ValidationError):
         _validate_cr(obj)
+
+
+CEL_MACROS = (".all(", ".exists(", ".exists_one(", ".map(", ".filter(")
+CEL_PER_RULE_LIMIT = 1_000_000  # the API server's per-call cost limit (apiextensions: PerCallLimit)
+
+
+def _cel_rules(schema: dict, where: str = ""):
+    for rule in schema.get("x-kubernetes-validations") or []:
+        yield where, schema, rule["rule"]
+    for k, sub in (schema.get("properties") or {}).items():
+        yield from _cel_rules(sub, f"{where}.{k}")
+    if "items" in schema:
+        yield from _cel_rules(schema["items"], f"{where}[]")
+
+
+def _lists(schema: dict):
+    """Every array schema at or under `schema`."""
+    if schema.get("type") == "array":
+        yield schema
+    for sub in (schema.get("properties") or {}).values():
+        yield from _lists(sub)
+    if "items" in schema:
+        yield from _lists(schema["items"])
+
+
+@pytest.mark.parametrize("kind", ["GPUPool", "PooledModel", "Tenant"])
+def test_cel_rules_fit_the_api_servers_cost_budget(kind):
+    """The API server estimates each rule's worst case when the CRD is created and refuses the CRD when a rule
+    is over budget. A list without maxItems is as long as a 3 MiB request allows (about a million items): a
+    macro over it (two nested: a million squared) is over; bounded, the estimate is maxItems to the nesting."""
+    for where, node, rule in _cel_rules(_crd_schema(kind)):
+        depth = sum(rule.count(m) for m in CEL_MACROS)
+        if not depth:
+            continue
+        lists = list(_lists(node))
+        assert lists, (where, rule)  # a macro needs a list (or map) under the rule
+        unbounded = [x for x in lists if "maxItems" not in x]
+        assert not unbounded, f"{kind}{where}: {rule!r} iterates a list without maxItems"
+        assert max(x["maxItems"] for x in lists) ** depth <= CEL_PER_RULE_LIMIT, (where, rule)
 
 
 def _apply_defaults(schema: dict, value):
