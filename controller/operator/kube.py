@@ -4,6 +4,7 @@ DaemonSet. Plain dicts in and out (raw JSON, no client models), through the offi
 
 from __future__ import annotations
 
+import copy
 import json
 
 from controller.operator import GROUP, VERSION
@@ -53,6 +54,26 @@ class Kube:
         want = ds["metadata"]["annotations"][ANNOTATION_DIGEST]
         if (cur.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_DIGEST) == want:
             return cur
-        # A JSON merge patch replaces lists whole (a strategic merge would keep containers the builder dropped).
-        return self._raw(self.apps.patch_namespaced_daemon_set, name, ns, {"metadata": ds["metadata"], "spec": ds["spec"]},
+        # A JSON merge patch replaces lists whole (a strategic merge would keep containers the builder dropped), but
+        # merges objects: a free-form map's keys the builder no longer has are deleted explicitly (null).
+        patch = {"metadata": ds["metadata"], "spec": copy.deepcopy(ds["spec"])}
+        for path in FREE_FORM_MAPS:
+            have, want = _at(cur, path), _at(patch, path, create=True)
+            want.update({k: None for k in have if k not in want})
+        return self._raw(self.apps.patch_namespaced_daemon_set, name, ns, patch,
                          _content_type="application/merge-patch+json") or ds
+
+
+# Maps in the worker DaemonSet whose keys come from the GPUPool's spec (the rest of its objects have fixed keys).
+FREE_FORM_MAPS = (("spec", "template", "spec", "nodeSelector"),)
+
+
+def _at(obj: dict, path: tuple[str, ...], create: bool = False) -> dict:
+    """The map at `path` in `obj` ({} where absent; made in place with `create`)."""
+    for key in path:
+        if not isinstance(obj.get(key), dict):
+            if not create:
+                return {}
+            obj[key] = {}
+        obj = obj[key]
+    return obj

@@ -1,0 +1,75 @@
+"""controller/operator/kube.py against kmock's Kubernetes emulator: what reaches the cluster when a GPUPool
+changes (the worker DaemonSet it applies), without the rest of the operator."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+import pytest
+import yaml
+
+kmock = pytest.importorskip("kmock")
+pytest.importorskip("kubernetes")
+
+from controller.operator import builders as b  # noqa: E402
+from controller.operator.kube import Kube  # noqa: E402
+
+NS = "tp"
+
+
+@contextlib.asynccontextmanager
+async def _emulated(tmp_path):
+    """A `Kube` on a fresh emulator, and the emulator (to read objects back the way kubectl would)."""
+    async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s):
+        k8s.resources["apps/v1/daemonsets"] = kmock.ResourceInfo(kind="DaemonSet", namespaced=True)
+        k8s.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
+        cfg = tmp_path / "kubeconfig"
+        cfg.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+            "clusters": [{"name": "kmock", "cluster": {"server": str(k8s.url).rstrip("/")}}],
+            "users": [{"name": "kmock", "user": {"token": "kmock"}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": NS}}]}))
+        yield await asyncio.to_thread(Kube, str(cfg)), k8s
+
+
+async def _daemonset(k8s, name: str) -> dict:
+    r = await k8s.get(f"/apis/apps/v1/namespaces/{NS}/daemonsets/{name}")
+    assert r.status == 200, await r.text()
+    return await r.json()
+
+
+def _owned(ds: dict) -> dict:
+    ds["metadata"]["ownerReferences"] = [{"apiVersion": "tokenpool.dev/v1alpha1", "kind": "GPUPool", "name": "a",
+                                          "uid": str(uuid.uuid4()), "controller": True, "blockOwnerDeletion": True}]
+    return ds
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_pool_spec_change_replaces_what_the_daemonset_had(tmp_path):
+    """The DaemonSet after a change is the builder's for the new spec, whatever the old one held: a node
+    selector label the pool no longer asks for leaves the pods' nodeSelector (a JSON merge patch merges maps:
+    the old key stayed, and the workers could only go on nodes with both labels, or none)."""
+    async with _emulated(tmp_path) as (kube, k8s):
+        await _pool_changes(kube, k8s)
+
+
+async def _pool_changes(kube: Kube, k8s) -> None:
+    name = "tokenpool-workers-a"
+    one = b.build_worker_daemonset("a", NS, {"nodeSelector": {"gpu": "h100", "zone": "z1"}, "gpusPerNode": 2})
+    await asyncio.to_thread(kube.apply_daemonset, _owned(one))
+    got = await _daemonset(k8s, name)
+    assert got["spec"]["template"]["spec"]["nodeSelector"] == {"gpu": "h100", "zone": "z1"}
+
+    for spec in ({"nodeSelector": {"gpu": "h200"}, "gpusPerNode": 1},  # a key dropped, a value changed
+                 {"nodeSelector": {}, "gpusPerNode": 1},  # every GPU node
+                 {"gpusPerNode": 1}):  # the default selector again
+        want = b.build_worker_daemonset("a", NS, spec)
+        await asyncio.to_thread(kube.apply_daemonset, _owned(want))
+        got = await _daemonset(k8s, name)
+        pod = got["spec"]["template"]["spec"]
+        assert (pod.get("nodeSelector") or {}) == want["spec"]["template"]["spec"]["nodeSelector"], spec
+        assert [c["name"] for c in pod["containers"]] == ["worker-0"]
+        assert got["metadata"]["annotations"][b.ANNOTATION_DIGEST] == want["metadata"]["annotations"][b.ANNOTATION_DIGEST]
