@@ -141,3 +141,57 @@ def test_a_rename_before_the_status_landed_still_removes_the_old_name(admin, mon
     handlers.delete_model(name="ren-a", spec=renamed, status={}, meta={**meta, "generation": 2}, patch=kopf.Patch(),
                           memo=memo, runtime=None)
     assert not {"ren-a", "ren-b"} & set(admin.models.by_name())
+
+
+def test_two_pooled_models_asking_for_one_served_name(admin, monkeypatch):
+    """Two PooledModels with one servedName: the older one has it; the newer is Degraded (NameConflict) and
+    neither replaces the older one's model in the controller nor removes it when deleted. (Before, the newer
+    one's reconcile replaced the model with its own spec, the older one's timer put its own back, and so on,
+    each time draining; and deleting either removed the model of both.)"""
+    import kopf
+
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")  # see the test above
+    from controller.operator import handlers
+
+    class Kube:
+        def pool(self, namespace, name):
+            return {"metadata": {"name": name}}
+
+    memo = kopf.Memo(admin=admin, kube=Kube(), applied={}, served={}, locks={})
+    memo.locks_guard = threading.Lock()
+    old = {"servedName": "shared-m", "engine": {"kind": "pace"}, "priority": 1, "replicas": {"min": 0, "max": 1}}
+    new = dict(old, priority=9)
+    meta_a = {"uid": "u-a", "generation": 1, "creationTimestamp": "2026-01-01T00:00:00Z"}
+    meta_b = {"uid": "u-b", "generation": 1, "creationTimestamp": "2026-01-02T00:00:00Z"}
+    objs = {"a": (old, meta_a), "b": (new, meta_b)}
+    index = {}  # what kopf's index holds once both exist
+    for n, (spec, meta) in objs.items():
+        for key, value in handlers.served_names(name=n, namespace="tp", spec=spec, meta=meta).items():
+            index.setdefault(key, []).append(value)
+
+    def reconcile(n: str) -> kopf.Patch:
+        spec, meta = objs[n]
+        patch = kopf.Patch()
+        handlers._reconcile_model(name=n, namespace="tp", spec=spec, status={}, meta=meta, patch=patch, memo=memo,
+                                  runtime=None, served_names=index)
+        return patch
+
+    try:
+        reconcile("a")
+        assert admin.models.by_name()["shared-m"]["priority"] == 1
+        patch = reconcile("b")
+        assert admin.models.by_name()["shared-m"]["priority"] == 1  # the older one's model, untouched
+        degraded = next(c for c in patch.status["conditions"] if c["type"] == "Degraded")
+        assert degraded["status"] == "True" and degraded["reason"] == "NameConflict" and "tp/a" in degraded["message"]
+        assert "served" not in patch.status
+        reconcile("a")  # the older one's next round: nothing to put back
+        handlers.delete_model(name="b", spec=new, status={}, meta=meta_b, patch=kopf.Patch(), memo=memo,
+                              runtime=None, served_names=index)
+        assert admin.models.by_name()["shared-m"]["priority"] == 1  # deleting the newer one left it
+        index["shared-m"] = [v for v in index["shared-m"] if v[3] != "u-b"]
+        handlers.delete_model(name="a", spec=old, status={"served": "shared-m"}, meta=meta_a, patch=kopf.Patch(),
+                              memo=memo, runtime=None, served_names=index)
+        assert "shared-m" not in admin.models.by_name()
+    finally:
+        admin.models.remove("shared-m")
+

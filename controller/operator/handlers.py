@@ -179,6 +179,20 @@ def _drain_wait(admin: AdminClient, served: str, spec: dict, runtime: datetime.t
     return n
 
 
+@kopf.index(GROUP, VERSION, "pooledmodels")
+def served_names(name: str, namespace: str, spec: dict, meta: dict, **_: Any) -> dict:
+    """Which PooledModels ask for each served name. The controller has one namespace of model names, across all
+    the namespaces the operator watches: the oldest PooledModel that asks for a name has it; the others are
+    Degraded (NameConflict) and never touch it, neither while they exist nor when they are deleted."""
+    return {b.served_name(name, dict(spec)): (meta.get("creationTimestamp") or "", namespace or "", name, meta["uid"])}
+
+
+def _name_owner(served_names: Any, served: str) -> tuple | None:
+    """(creationTimestamp, namespace, name, uid) of the PooledModel that has `served`; None when none asks."""
+    claims = list((served_names or {}).get(served) or [])
+    return min(claims) if claims else None
+
+
 @kopf.on.resume(GROUP, VERSION, "pooledmodels")
 @kopf.on.create(GROUP, VERSION, "pooledmodels")
 @kopf.on.update(GROUP, VERSION, "pooledmodels", field="spec")
@@ -192,7 +206,8 @@ def resync_model(runtime: datetime.timedelta, **kw: Any) -> None:
 
 
 def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: dict, patch: kopf.Patch,
-                     memo: kopf.Memo, runtime: datetime.timedelta | None, **_: Any) -> None:
+                     memo: kopf.Memo, runtime: datetime.timedelta | None, served_names: Any = None,
+                     **_: Any) -> None:
     gen, spec = meta.get("generation"), dict(spec)
     with _lock(memo, meta["uid"]):
         if meta.get("deletionTimestamp") or _stale(memo, meta):
@@ -202,6 +217,11 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
         except ValueError as e:
             _write_status(patch, status, {}, "Degraded", "InvalidSpec", str(e), gen)
             return  # nothing to retry until the spec changes
+        owner = _name_owner(served_names, desired["name"])
+        if owner is not None and owner[3] != meta["uid"]:
+            _write_status(patch, status, {}, "Degraded", "NameConflict", f"model name {desired['name']!r} is "
+                          f"PooledModel {owner[1]}/{owner[2]}'s (older); set another servedName", gen)
+            return  # the timer looks again (the other one may go)
         pool = b.with_defaults(spec, b.MODEL_DEFAULTS)["poolRef"]
         if memo.kube.pool(namespace, pool) is None:
             _write_status(patch, status, {}, "Degraded", "PoolNotFound", f"no GPUPool {pool!r} in {namespace}", gen)
@@ -209,7 +229,9 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
         want = b.digest(desired)
         try:
             old = memo.served.get(meta["uid"]) or status.get("served")
-            if old and old != desired["name"] and old in memo.admin.models.by_name():  # renamed (servedName changed)
+            old_owner = _name_owner(served_names, old) if old else None
+            if (old and old != desired["name"] and (old_owner is None or old_owner[3] == meta["uid"])
+                    and old in memo.admin.models.by_name()):  # renamed (servedName changed); not to another's name
                 n = _drain_wait(memo.admin, old, spec, runtime)
                 if n:
                     _write_status(patch, status, {}, "Progressing", "Draining", f"{n} requests in flight on {old!r}", gen)
@@ -246,10 +268,11 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
 
 @kopf.on.delete(GROUP, VERSION, "pooledmodels")
 def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Patch, memo: kopf.Memo,
-                 runtime: datetime.timedelta, **_: Any) -> None:
+                 runtime: datetime.timedelta, served_names: Any = None, **_: Any) -> None:
     """The finalizer: drain the model (no new requests), let those in flight finish (up to
-    spec.drainTimeoutSeconds), then remove it."""
+    spec.drainTimeoutSeconds), then remove it. Only names it has: not one an older PooledModel asks for."""
     names = {b.served_name(name, dict(spec)), status.get("served"), memo.served.get(meta["uid"])} - {None}  # mid-rename
+    names = {n for n in names if (owner := _name_owner(served_names, n)) is None or owner[3] == meta["uid"]}
     with _lock(memo, meta["uid"]):
         try:
             for served in names:
