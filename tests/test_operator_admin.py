@@ -195,3 +195,53 @@ def test_two_pooled_models_asking_for_one_served_name(admin, monkeypatch):
     finally:
         admin.models.remove("shared-m")
 
+
+def test_a_tenant_whose_secret_lost_its_key_loses_it_too(server, admin, monkeypatch):
+    """keysSecretRef.keys names the Secret's data keys to use: one removed from the Secret (a key revoked) is
+    revoked in the controller too, as a deleted Secret is; and a Secret with no key leaves no tenant behind (the
+    controller would have made a key of its own, shown to nobody). Before, the old key kept working under
+    'Degraded InvalidSpec', and an empty Secret made the tenant Ready with 0 keys."""
+    import base64
+
+    import kopf
+
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")  # see the tests above
+    from controller.operator import handlers
+
+    key = new_key()
+    secret = {"key-1": base64.b64encode(key.encode()).decode()}
+
+    class Kube:
+        def secret_data(self, namespace, name):
+            return dict(secret)
+
+    memo = kopf.Memo(admin=admin, kube=Kube(), applied={}, served={}, locks={})
+    memo.locks_guard = threading.Lock()
+    spec = {"keysSecretRef": {"name": "t-keys", "keys": ["key-1"]}}
+    meta = {"uid": "u-t", "generation": 1}
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+    def reconcile() -> dict:
+        patch = kopf.Patch()
+        handlers.reconcile_tenant(name="t-revoke", namespace="tp", spec=spec, status={}, meta=meta, patch=patch,
+                                  memo=memo)
+        return {c["type"]: c for c in patch.status["conditions"]} | {"keys": patch.status.get("keys")}
+
+    try:
+        assert reconcile()["Ready"]["status"] == "True"
+        client.models.list()  # the key works
+        secret.pop("key-1")
+        secret["key-2"] = base64.b64encode(new_key().encode()).decode()
+        st = reconcile()
+        assert st["Degraded"]["status"] == "True" and st["Degraded"]["reason"] == "InvalidSecret" and st["keys"] == 0
+        assert "key-1" in st["Degraded"]["message"]
+        with pytest.raises(openai.AuthenticationError):
+            client.models.list()
+        assert "t-revoke" not in admin.tenants.by_name()
+        spec["keysSecretRef"] = {"name": "t-keys"}  # every data key of the Secret: blank ones are no keys
+        secret.clear()
+        secret["blank"] = base64.b64encode(b"  \n").decode()
+        st = reconcile()
+        assert st["Degraded"]["reason"] == "NoKeys" and "t-revoke" not in admin.tenants.by_name()
+    finally:
+        admin.tenants.remove("t-revoke")

@@ -302,19 +302,32 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
         if meta.get("deletionTimestamp") or _stale(memo, meta):
             return
         ref = spec.get("keysSecretRef") or {}
-        data = memo.kube.secret_data(namespace, ref.get("name", ""))
-        if data is None:  # no Secret, no keys: a tenant already made loses them
+        secret = ref.get("name", "")
+
+        def revoke(reason: str, message: str) -> None:
+            """No keys to be had: a tenant already made loses the ones it had (fail closed); the timer looks again."""
             try:
                 if memo.admin.tenants.remove(name):
                     memo.applied.pop(meta["uid"], None)
             except AdminUnavailable as e:
                 raise _unavailable(e) from e
-            _write_status(patch, status, {"keys": 0}, "Degraded", "SecretNotFound", f"no Secret {ref.get('name')!r}", gen)
-            return  # the timer looks again
+            _write_status(patch, status, {"keys": 0}, "Degraded", reason, message, gen)
+
+        data = memo.kube.secret_data(namespace, secret)
+        if data is None:
+            revoke("SecretNotFound", f"no Secret {secret!r}")
+            return
         try:
             hashes = b.tenant_key_hashes(name, b.secret_keys(data, ref.get("keys")))
+        except (KeyError, ValueError) as e:  # a data key it names is gone (a revoked key), or a value is not text
+            revoke("InvalidSecret", f"Secret {secret!r}: {e.args[0] if isinstance(e, KeyError) else e}")
+            return
+        if not hashes:  # (the controller would make a key of its own, which nobody is shown)
+            revoke("NoKeys", f"Secret {secret!r} holds no key")
+            return
+        try:
             desired = b.build_tenant_create(name, spec, hashes)
-        except (KeyError, ValueError) as e:
+        except ValueError as e:
             _write_status(patch, status, {}, "Degraded", "InvalidSpec", str(e), gen)
             return
         want = b.digest(desired)  # covers the key hashes, which the admin API does not show back
