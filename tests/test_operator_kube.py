@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import uuid
 
 import pytest
@@ -73,3 +74,34 @@ async def _pool_changes(kube: Kube, k8s) -> None:
         assert (pod.get("nodeSelector") or {}) == want["spec"]["template"]["spec"]["nodeSelector"], spec
         assert [c["name"] for c in pod["containers"]] == ["worker-0"]
         assert got["metadata"]["annotations"][b.ANNOTATION_DIGEST] == want["metadata"]["annotations"][b.ANNOTATION_DIGEST]
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_refused_daemonset_says_why_in_the_pools_status(tmp_path, monkeypatch):
+    """The API server refuses a DaemonSet the CRD's schema lets through (a toleration with operator Exists and a
+    value): the GPUPool's Degraded condition carries the API server's message, not only '422 Unprocessable
+    Entity', and the handler asks kopf to retry."""
+    import kopf
+
+    # Importing the handlers fixes their timers' interval for this process: the e2e test's (see test_operator_admin)
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
+    from controller.operator import handlers
+
+    why = ('DaemonSet.apps "tokenpool-workers-a" is invalid: spec.template.spec.tolerations[0].operator: '
+           'Invalid value: "Exists": value must be empty when `operator` is \'Exists\'')
+    async with _emulated(tmp_path) as (kube, k8s):
+        k8s[f"post /apis/apps/v1/namespaces/{NS}/daemonsets"] << 422 << {
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422, "message": why}
+        memo = kopf.Memo(kube=kube, applied={}, locks={})
+        memo.locks_guard = threading.Lock()
+        spec = {"tolerations": [{"key": "gpu", "operator": "Exists", "value": "x"}]}
+        meta = {"name": "a", "namespace": NS, "uid": str(uuid.uuid4()), "generation": 3}
+        body = kopf.Body({"apiVersion": "tokenpool.dev/v1alpha1", "kind": "GPUPool", "metadata": meta, "spec": spec})
+        patch = kopf.Patch()
+        with pytest.raises(kopf.TemporaryError, match="value must be empty"):
+            await asyncio.to_thread(handlers.reconcile_pool, name="a", namespace=NS, spec=spec, status={}, meta=meta,
+                                    body=body, patch=patch, memo=memo)
+    degraded = next(c for c in patch.status["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "WorkersNotApplied"
+    assert why in degraded["message"] and degraded["observedGeneration"] == 3

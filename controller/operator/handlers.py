@@ -10,6 +10,7 @@ Handlers are sync (kopf runs them in threads); one lock per object keeps its tim
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import threading
@@ -133,6 +134,14 @@ def _write_status(patch: kopf.Patch, status: dict, fields: dict, state: str, rea
             patch.status[k] = v
 
 
+def _api_message(e: ApiException) -> str:
+    """The message of the Status object a refused Kubernetes API call answers with (else its body)."""
+    try:
+        return str(json.loads(e.body)["message"])
+    except (TypeError, ValueError, KeyError):
+        return str(e.body or "")[:300]
+
+
 def _unavailable(e: AdminUnavailable) -> kopf.TemporaryError:
     return kopf.TemporaryError(f"controller unavailable: {e}", delay=5)
 
@@ -153,8 +162,9 @@ def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: di
         try:
             current = memo.kube.apply_daemonset(ds)
         except ApiException as e:
-            _write_status(patch, status, {}, "Degraded", "WorkersNotApplied", f"DaemonSet: {e.status} {e.reason}", gen)
-            raise kopf.TemporaryError(f"applying the worker DaemonSet: {e.status} {e.reason}", delay=10) from e
+            why = f"{e.status} {e.reason}: {_api_message(e)}"  # the API server's why (422: which field, and why)
+            _write_status(patch, status, {}, "Degraded", "WorkersNotApplied", f"DaemonSet: {why}", gen)
+            raise kopf.TemporaryError(f"applying the worker DaemonSet: {why}", delay=10) from e
         memo.applied[meta["uid"]] = (gen, ds["metadata"]["annotations"][b.ANNOTATION_DIGEST])
         try:
             engines = memo.admin.engines()
