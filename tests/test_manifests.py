@@ -41,7 +41,8 @@ def _kustomize_files(d: Path) -> list[Path]:
     return out
 
 
-ALL_FILES = sorted({p for p in MANIFESTS.rglob("*.yaml") if p.name != "kustomization.yaml"
+KUSTOMIZE_FILES = ("kustomization.yaml", "kustomizeconfig.yaml")  # kustomize's own, not objects
+ALL_FILES = sorted({p for p in MANIFESTS.rglob("*.yaml") if p.name not in KUSTOMIZE_FILES
                     and p.parent.name != "example" or p.name == "namespace.yaml"})
 OBJECTS = [(f.relative_to(MANIFESTS).as_posix(), d) for f in ALL_FILES for d in _docs(f)]
 CRDS = {d["spec"]["names"]["kind"]: d for _, d in OBJECTS if d["kind"] == "CustomResourceDefinition"}
@@ -362,6 +363,37 @@ def test_operator_role_grants_what_it_uses_and_no_more():
     assert grants[("tokenpool.dev", "gpupools/finalizers")] == {"update"}  # ownerReference blockOwnerDeletion
     assert all("delete" not in v and "*" not in v for v in grants.values())
     assert not [d for _, d in OBJECTS if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+
+
+def _images(docs: list[dict]) -> dict[str, str]:
+    """Every tokenpool image the rendered objects run: the Deployments' containers and each GPUPool's workers
+    (spec.image, or the CRD's default)."""
+    out = {}
+    for d in docs:
+        if d["kind"] == "Deployment":
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                out[f"{d['metadata']['name']}/{c['name']}"] = c["image"]
+        elif d["kind"] == "GPUPool":
+            spec = _apply_defaults(_crd_schema("GPUPool")["properties"]["spec"], d.get("spec") or {})
+            out[f"GPUPool/{d['metadata']['name']}"] = spec["image"]
+    return out
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (kubectl kustomize renders the overlay)")
+def test_an_overlays_image_tag_moves_the_workers_too(tmp_path):
+    """What a user does to install another version: set the overlay's images: newTag. The workers (the
+    GPUPool's spec.image) must get it with the controller and the operator, not stay on the CRD's default."""
+    copy_root = tmp_path / "manifests"
+    shutil.copytree(MANIFESTS, copy_root)
+    k = copy_root / "overlays" / "example" / "kustomization.yaml"
+    kust = yaml.safe_load(k.read_text())
+    kust["images"] = [dict(i, newTag="9.9.9-test") for i in kust["images"]]
+    k.write_text(yaml.safe_dump(kust))
+    out = subprocess.run(["kubectl", "kustomize", str(k.parent)], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    images = _images([d for d in yaml.safe_load_all(out) if d])
+    assert any(n.startswith("GPUPool/") for n in images) and len(images) >= 3, images
+    assert set(images.values()) == {"ghcr.io/tokenpool/tokenpool:9.9.9-test"}, images
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (kubectl kustomize renders the overlay)")
