@@ -355,6 +355,35 @@ async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_t
             await kube.delete("tenants", "team-a")
             await _until("tenant removed", lambda: _gone(controller, "/admin/tenants", "team-a"))
 
+        # Every Kubernetes API call the operators made (kopf's and its own) is one the operator's Role allows:
+        # in a cluster a missing verb is a 403 at run time.
+        _assert_role_allows(_operator_calls(k8s))
+
+
+VERBS = {("GET", "FETCH"): "get", ("GET", "LIST"): "list", ("GET", "WATCH"): "watch", ("POST", "CREATE"): "create",
+         ("PATCH", "UPDATE"): "patch", ("PUT", "UPDATE"): "update", ("DELETE", "DELETE"): "delete"}
+
+
+def _operator_calls(k8s) -> set[tuple[str, str, str]]:
+    """(API group, resource[/subresource], RBAC verb) of each resource request made with the kubeconfig's token:
+    the operator's (this test's own requests carry none). Discovery (/api, /apis/...) needs no Role."""
+    out = set()
+    for r in k8s:
+        if r.headers.get("Authorization") != "Bearer kmock" or r.resource is None or not r.resource.plural:
+            continue
+        verb = VERBS[(r.method.value, r.action.value)]
+        out.add((r.resource.group or "", r.resource.plural + (f"/{r.subresource}" if r.subresource else ""), verb))
+    return out
+
+
+def _assert_role_allows(calls: set[tuple[str, str, str]]) -> None:
+    rbac = [d for d in yaml.safe_load_all((ROOT / "manifests" / "base" / "rbac.yaml").read_text()) if d]
+    rules = next(d for d in rbac if d["kind"] == "Role" and d["metadata"]["name"] == "tokenpool-operator")["rules"]
+    assert {c[1] for c in calls} >= {"pooledmodels", "tenants", "gpupools", "daemonsets", "secrets"}, calls
+    denied = sorted(c for c in calls if not any(c[0] in r["apiGroups"] and c[1] in r["resources"] and c[2] in r["verbs"]
+                                                for r in rules))
+    assert not denied, f"the operator's Role does not allow {denied}"
+
 
 class _Held:
     def __init__(self) -> None:
