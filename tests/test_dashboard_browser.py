@@ -9,6 +9,7 @@ path is printed (TOKENPOOL_DASHBOARD_SHOTS=DIR keeps them there instead).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import time
@@ -79,6 +80,102 @@ class Stream(threading.Thread):
             self.error = str(e)
         finally:
             self.started.set()
+
+
+def sign_in(page, url: str) -> None:
+    page.goto(url + "/dashboard")
+    page.fill("#token", ADMIN)
+    page.click("#login")
+    sync_api.expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
+
+
+def test_dashboard_details(server, shots):
+    """Before any other traffic (this runs first): what an operator sees beyond the actions. Colours follow the
+    pool's model order; a removed model leaves the charts; an idle engine says so; numeric headers sit over their
+    numbers; the active tab is marked for assistive technology; times read as a 24 h clock, an engine's `at` too;
+    at a phone's width (390 px) the header keeps to the screen and every tab can be tapped."""
+    expect = sync_api.expect
+    url, auth = server.url, {"Authorization": f"Bearer {ADMIN}"}
+    errors: list[str] = []
+    # tiny-b, the last of the pool's models, runs: the engine's timeline (drawn first) names it alone
+    httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60, json={
+        "model": "tiny-b", "prompt": "hi", "max_tokens": 2}).raise_for_status()
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_context(viewport={"width": 1440, "height": 900}).new_page()
+            page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            sign_in(page, url)
+            expect(page.locator("#engines canvas.timeline")).to_have_count(1)
+
+            # an idle engine is "idle", though the pool still names the model of its last turn
+            pool = page.request.get(url + "/admin/pool").json()
+            assert pool["engines"][0]["inflight"] == 0 and pool["engines"][0]["active"] == "tiny-b", pool["engines"][0]
+            expect(page.locator('.engine[data-engine="w0"] .head')).to_contain_text("running now: idle")
+
+            # the Models table: a swatch per model in the palette's order, whatever the pool view drew first
+            page.click("#tabs [data-view=models]")
+            expect(page.locator("#tabs [aria-current=page]")).to_have_attribute("data-view", "models")
+            expect(page.locator("#tabs [aria-current]")).to_have_count(1)
+            names = [m["name"] for m in pool["models"]]
+            for n in names:
+                expect(page.locator(f'#models-table tr[data-model="{n}"]')).to_be_visible()
+            swatches = page.evaluate("""names => names.map(n => getComputedStyle(document.querySelector(
+                `#models-table tr[data-model="${n}"] .swatch`)).backgroundColor)""", names)
+            palette = page.evaluate("""n => PALETTE.slice(0, n).map(c => {
+                const d = document.createElement('div'); d.style.background = c; document.body.append(d);
+                const v = getComputedStyle(d).backgroundColor; d.remove(); return v; })""", len(names))
+            assert swatches == palette, (names, swatches, palette)
+
+            # a number's header is aligned as its numbers are (right), in the models and tenants tables
+            page.click("#tabs [data-view=tenants]")
+            expect(page.locator("#tenants-table tbody tr").first).to_be_visible()
+            for table in ("models-table", "tenants-table"):
+                bad = page.evaluate("""id => {
+                    const t = document.getElementById(id), ths = t.querySelectorAll('thead th');
+                    return [...t.querySelector('tbody tr').children].flatMap((td, i) =>
+                        td.classList.contains('num') && getComputedStyle(ths[i]).textAlign !== 'right'
+                        ? [ths[i].textContent] : []); }""", table)
+                assert bad == [], (table, bad)
+
+            # events: the clock as the charts' (24 h), and an engine's `at` as one too, not seconds since 1970
+            page.click("#tabs [data-view=events]")
+            register = page.locator("#events-list li[data-kind=register]", has_text="engine=w0").first
+            expect(register).to_be_visible()
+            assert re.fullmatch(r"\d\d:\d\d:\d\d", register.locator(".t").inner_text())
+            assert re.search(r"at=\d\d:\d\d:\d\d\.\d{3}(\s|$)", register.inner_text()), register.inner_text()
+
+            # a model removed while the page is open leaves the charts' legends
+            page.click("#tabs [data-view=pool]")
+            httpx.post(url + "/admin/models", headers=auth, json={
+                "name": "pace-gone", "path": None, "engine": {"kind": "pace"}}).raise_for_status()
+            legend = page.locator("#chart-tps .u-legend")
+            expect(legend).to_contain_text("pace-gone", timeout=5_000)
+            httpx.delete(url + "/admin/models/pace-gone", headers=auth).raise_for_status()
+            expect(legend).not_to_contain_text("pace-gone", timeout=5_000)
+            expect(legend).to_contain_text("tiny-b")
+
+            # a phone: nothing wider than the screen, the header holds its tabs, each one can be tapped
+            phone = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+            mobile = phone.new_page()
+            mobile.on("pageerror", lambda e: errors.append(f"page error (phone): {e}"))
+            sign_in(mobile, url)
+            header = mobile.locator("header").bounding_box()
+            for view in ("models", "tenants", "requests", "events", "pool"):
+                tab = mobile.locator(f"#tabs [data-view={view}]")
+                box = tab.bounding_box()
+                assert box["x"] >= 0 and box["x"] + box["width"] <= 390, (view, box)
+                assert box["y"] + box["height"] <= header["y"] + header["height"], (view, box, header)
+                tab.click(timeout=3_000)  # (a tab squeezed under its neighbours is not clickable)
+                expect(mobile.locator(f"#view-{view}")).to_be_visible()
+                assert mobile.evaluate("document.documentElement.scrollWidth") <= 390, view
+            out = mobile.locator("header form button").bounding_box()
+            assert out["x"] + out["width"] <= 390, out
+            mobile.screenshot(path=str(shots / "phone-pool.png"), full_page=True)
+        finally:
+            browser.close()
+    assert errors == [], errors
 
 
 def test_dashboard_in_a_browser(server, shots):

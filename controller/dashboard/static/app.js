@@ -81,7 +81,10 @@ async function act(question, method, path, body, done) {
 // --- views ---
 function show(view) {
   S.view = view;
-  for (const b of document.querySelectorAll("#tabs button")) b.classList.toggle("active", b.dataset.view === view);
+  for (const b of document.querySelectorAll("#tabs button")) {
+    b.classList.toggle("active", b.dataset.view === view);
+    if (b.dataset.view === view) b.setAttribute("aria-current", "page"); else b.removeAttribute("aria-current");
+  }
   for (const s of document.querySelectorAll("main > section")) s.hidden = s.id !== `view-${view}`;
   if (S.pool) applyPool(S.pool, false);
   if (view === "pool") resizeCharts();
@@ -159,7 +162,8 @@ function renderEngines(p) {
       el("div", { class: "head" },
         el("h3", { text: `${e.id}` }), el("span", { class: `badge ${state}`, "data-state": state, text: state }),
         el("span", { class: "facts", text: `${e.device} on ${e.host}` }),
-        el("span", { class: "facts" }, "running now: ", el("b", { text: e.active || (e.pooled ? "idle" : "—") })),
+        el("span", { class: "facts" }, "running now: ",
+          el("b", { text: e.inflight && e.active ? e.active : e.pooled || e.inflight === 0 ? "idle" : "—" })),
         el("span", { class: "facts", text: `switches ${e.switches ?? "—"} · mean stall ${fmtS(e.switch_stall_s)}` }),
         el("span", { class: "facts", text: `in flight ${e.inflight} · step ${fmtS(e.step_s)}` }),
         el("span", { class: "actions" }, button)),
@@ -184,6 +188,9 @@ function renderEngines(p) {
 // --- charts (uPlot): tokens/s and queue depth per model, the last SPAN_S seconds of polls ---
 function pushSeries(p) {
   const s = S.series;
+  // a model removed from the pool leaves the charts (and their legends) at once
+  const names = new Set(p.models.map((m) => m.name));
+  for (const key of ["tps", "queue"]) for (const n of [...s[key].keys()]) if (!names.has(n)) s[key].delete(n);
   s.t.push(p.t);
   for (const m of p.models) {
     for (const [key, val] of [["tps", m.tokens_per_s], ["queue", m.waiting]]) {
@@ -293,9 +300,12 @@ function renderRequests() {
   document.getElementById("requests-empty").hidden = rows.length > 0;
 }
 
+function clockMs(t) { return `${clock(t)}.${String(Math.floor((t % 1) * 1000)).padStart(3, "0")}`; }
+
 function eventText(ev) {
   return Object.entries(ev).filter(([k, v]) => !["seq", "t", "kind"].includes(k) && v !== null && v !== undefined)
-    .map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join("  ");
+    .map(([k, v]) => `${k}=${k === "at" && typeof v === "number" ? clockMs(v) : typeof v === "object" ? JSON.stringify(v) : v}`)
+    .join("  ");
 }
 
 function renderEvents() {
@@ -310,7 +320,7 @@ function renderEvents() {
     const ev = S.events[i];
     if (want === "!switch" ? ev.kind === "switch" : want && ev.kind !== want) continue;
     items.push(el("li", { "data-kind": ev.kind },
-      el("span", { class: "t", text: new Date(ev.t * 1000).toLocaleTimeString() }),
+      el("span", { class: "t", text: clock(ev.t) }),
       el("span", { class: `kind kind-${ev.kind}`, text: ev.kind }), el("span", { text: eventText(ev) })));
   }
   document.getElementById("events-list").replaceChildren(...items);
@@ -319,6 +329,9 @@ function renderEvents() {
 // --- data flow: events and once-a-second snapshots (pool, requests) arrive on one event stream ---
 function applyPool(p, chart) {
   S.pool = p;
+  // colours by the models' order in the pool (registration), not by which view drew a model first: a model has
+  // the same colour in every dashboard and after a reload
+  for (const m of p.models) color(m.name);
   if (chart) pushSeries(p);
   renderSummary(p);
   if (S.view === "pool") { renderEngines(p); renderChart("chart-tps", "tps"); renderChart("chart-queue", "queue"); }
