@@ -32,6 +32,20 @@ def test_without_a_session_the_dashboard_is_the_login_form(client):
     assert r.headers["cache-control"] == "no-store"
 
 
+def test_the_login_form_says_where_this_runs_token_is(client, monkeypatch):
+    """`tokenpool serve` without admin_token_hash writes its token to a file (the log names the file, never the
+    token): the form sends the operator there, not to a start-up print that never happens."""
+    from pathlib import Path
+
+    from controller.startup import admin_token_path
+
+    monkeypatch.delenv("TOKENPOOL_CACHE", raising=False)  # the default place
+    text = client.get("/dashboard").text
+    default = admin_token_path(ServerConfig()).relative_to(Path.home())
+    assert f"~/{default}" in text and "admin_token_hash" in text
+    assert "printed" not in text
+
+
 def test_a_wrong_token_is_refused_and_sets_no_cookie(client):
     for token in ("", "nope", ADMIN + "x"):
         r = login(client, token)
