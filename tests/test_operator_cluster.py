@@ -115,9 +115,15 @@ def test_operator_on_a_cluster(tmp_path, monkeypatch):
                 assert e.value.status == 422
                 with pytest.raises(ApiException):
                     create("gpupools", "GPUPool", "bad", {"gpusPerNode": 0})
+                with pytest.raises(ApiException) as e:  # loraAdapters is a map list keyed by name
+                    create("pooledmodels", "PooledModel", "bad", {"source": {"path": "m"}, "loraAdapters": [
+                        {"name": "a", "path": "x"}, {"name": "a", "path": "y"}]})
+                assert e.value.status == 422
 
                 core.create_namespaced_secret(ns, {"metadata": {"name": "keys"},
                                                    "data": {"k": base64.b64encode(tenant_key.encode()).decode()}})
+                core.create_namespaced_secret(ns, {"metadata": {"name": "tokenpool-join-token"},  # the pool's default
+                                                   "data": {"token": base64.b64encode(b"tpjoin-test").decode()}})
                 create("gpupools", "GPUPool", "default", {})
                 create("pooledmodels", "PooledModel", "pace-m", {"engine": {"kind": "pace"}})  # the rest defaulted
                 create("tenants", "Tenant", "team", {"keysSecretRef": {"name": "keys"}})

@@ -193,6 +193,10 @@ async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_t
 
         await kube.create("secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "team-a-keys", "namespace": NS},
                                       "data": {"key-1": base64.b64encode(tenant_key.encode()).decode()}})
+        # The workers' join token, as the overlay's secretGenerator makes it (the pool's default joinTokenSecretRef)
+        await kube.create("secrets", {"apiVersion": "v1", "kind": "Secret",
+                                      "metadata": {"name": "tokenpool-join-token", "namespace": NS},
+                                      "data": {"token": base64.b64encode(new_key("tpjoin").encode()).decode()}})
         await kube.create("gpupools", _obj("GPUPool", "default", {"gpusPerNode": 2, "hostCacheGB": 8}))
         await kube.create("pooledmodels", _obj("PooledModel", "pace-m", {
             "engine": {"kind": "pace"}, "slo": {"ttftSeconds": 5, "tpotSeconds": 0.5}, "priority": 3,

@@ -105,3 +105,49 @@ async def test_a_refused_daemonset_says_why_in_the_pools_status(tmp_path, monkey
     degraded = next(c for c in patch.status["conditions"] if c["type"] == "Degraded")
     assert degraded["status"] == "True" and degraded["reason"] == "WorkersNotApplied"
     assert why in degraded["message"] and degraded["observedGeneration"] == 3
+
+
+class _NoEngines:
+    """The admin API of a controller no worker has joined yet."""
+
+    def engines(self) -> list[dict]:
+        return []
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_pool_without_its_join_token_secret_says_so(tmp_path, monkeypatch):
+    """The workers' join token comes from a Secret (joinTokenSecretRef). Without it the worker pods cannot start
+    (CreateContainerConfigError): the pool is Degraded and names the Secret, instead of waiting for workers
+    that never come; once the Secret is there, it waits for them."""
+    import kopf
+
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")  # see the test above
+    from controller.operator import handlers
+
+    async with _emulated(tmp_path) as (kube, k8s):
+        memo = kopf.Memo(kube=kube, admin=_NoEngines(), applied={}, locks={})
+        memo.locks_guard = threading.Lock()
+        spec = {"joinTokenSecretRef": {"name": "join"}}
+        meta = {"name": "a", "namespace": NS, "uid": str(uuid.uuid4()), "generation": 1}
+        body = kopf.Body({"apiVersion": "tokenpool.dev/v1alpha1", "kind": "GPUPool", "metadata": meta, "spec": spec})
+
+        async def conditions() -> dict:
+            patch = kopf.Patch()
+            await asyncio.to_thread(handlers.reconcile_pool, name="a", namespace=NS, spec=spec, status={},
+                                    meta=meta, body=body, patch=patch, memo=memo)
+            return {c["type"]: c for c in patch.status["conditions"] if c["status"] == "True"}
+
+        st = await conditions()
+        assert st["Degraded"]["reason"] == "JoinTokenNotFound" and "'join'" in st["Degraded"]["message"]
+        await _daemonset(k8s, "tokenpool-workers-a")  # applied all the same: its pods start once the Secret is there
+        r = await k8s.post(f"/api/v1/namespaces/{NS}/secrets", json={
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "join", "namespace": NS}, "data": {"other": "eA=="}})
+        assert r.status < 300
+        st = await conditions()
+        assert st["Degraded"]["reason"] == "JoinTokenNotFound" and "no key 'token'" in st["Degraded"]["message"]
+        r = await k8s.patch(f"/api/v1/namespaces/{NS}/secrets/join", json={"data": {"token": "eA=="}},
+                            headers={"Content-Type": "application/merge-patch+json"})
+        assert r.status < 300
+        st = await conditions()
+        assert set(st) == {"Progressing"} and st["Progressing"]["reason"] == "WaitingForWorkers"

@@ -166,13 +166,22 @@ def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: di
             _write_status(patch, status, {}, "Degraded", "WorkersNotApplied", f"DaemonSet: {why}", gen)
             raise kopf.TemporaryError(f"applying the worker DaemonSet: {why}", delay=10) from e
         memo.applied[meta["uid"]] = (gen, ds["metadata"]["annotations"][b.ANNOTATION_DIGEST])
+        # The workers' join token comes from a Secret: without it (or its key) a worker pod cannot start
+        # (CreateContainerConfigError), which the pool would otherwise show only as "no engine has joined yet".
+        tok = b.with_defaults(dict(spec), b.POOL_DEFAULTS)["joinTokenSecretRef"]
+        token = memo.kube.secret_data(namespace, tok["name"])
+        no_token = (f"no Secret {tok['name']!r}" if token is None else
+                    f"Secret {tok['name']!r} has no key {tok['key']!r}" if tok["key"] not in token else None)
         try:
             engines = memo.admin.engines()
         except (AdminError, AdminUnavailable) as e:
             _admin_failed(patch, status, gen, e)
             return
         st = b.build_pool_status(engines, current, dict(spec), gen)
-        if st["enginesReady"]:
+        if no_token:
+            _write_status(patch, status, st, "Degraded", "JoinTokenNotFound", f"{no_token}: worker pods cannot "
+                          "start (joinTokenSecretRef)", gen)
+        elif st["enginesReady"]:
             _write_status(patch, status, st, "Ready", "EnginesReady", f"{st['enginesReady']} engine(s) ready", gen)
         else:
             _write_status(patch, status, st, "Progressing", "WaitingForWorkers", "no engine has joined yet", gen)
