@@ -133,3 +133,26 @@ def test_errors_in_anthropic_shape(server):
         r = httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": ALICE})
         assert r.status_code == 400 and r.json()["type"] == "error", r.text
         assert r.json()["error"]["type"] == "invalid_request_error" and words in r.json()["error"]["message"]
+
+
+def test_tools_without_the_call_syntax_refused_in_anthropic_terms(server):
+    """Tools with tool_choice auto (the default) on a model without a tool-call parser: a 400 on tool_choice naming
+    the Messages API's choices (any, tool, none), not the chat path's (required, function), from create() and
+    count_tokens() alike; tool_choice any then gives the call."""
+    c = ac(server)
+    tool = {"name": "get_weather", "description": "Weather in a city",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                             "required": ["city"], "additionalProperties": False}}
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    for call in (lambda: c.messages.create(model="tiny-a", messages=msgs, max_tokens=8, tools=[tool]),
+                 lambda: c.messages.count_tokens(model="tiny-a", messages=msgs, tools=[tool],
+                                                 tool_choice={"type": "auto"})):
+        with pytest.raises(anthropic.BadRequestError) as ei:
+            call()
+        err = ei.value.body["error"]
+        assert err["type"] == "invalid_request_error" and '{"type": "any"}' in err["message"], err
+        assert "required" not in err["message"] and "function" not in err["message"], err
+    r = c.messages.create(model="tiny-a", messages=msgs, max_tokens=60, tools=[tool],
+                          tool_choice={"type": "any", "disable_parallel_tool_use": True},
+                          extra_body=GREEDY)
+    assert r.stop_reason == "tool_use" and r.content[0].name == "get_weather"

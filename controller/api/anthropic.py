@@ -124,6 +124,19 @@ def chat_request(req: p.MessagesRequest) -> p.ChatCompletionRequest:
         raise _bad(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}", "messages") from None
 
 
+def check_tool_choice(serving: OpenAIServing, req: p.MessagesRequest, tenant: Tenant) -> None:
+    """Tools with tool_choice auto (the default) need the model's own call syntax (its tool_call_parser); without
+    one the chat path refuses them, and this says so in the Messages API's terms (the choices that hold the output
+    to a call's JSON are `any` and `tool` here, not the chat path's `required` and `function`)."""
+    if not req.tools or (req.tool_choice or {}).get("type", "auto") != "auto":
+        return
+    if not serving.lookup(tenant, req.model).spec.tool_call_parser:
+        raise _bad("tool_choice auto (the default with tools) needs the model's tool-call syntax, which its "
+                   "configuration does not name (tool_call_parser; tokenpool serve --tool-call-parser): send "
+                   'tool_choice {"type": "any"} or {"type": "tool", "name": ...} (the output is then held to a '
+                   'call in JSON), or {"type": "none"}', "tool_choice")
+
+
 class _Reply:
     def __init__(self, serving: OpenAIServing, req: p.MessagesRequest, tools: ToolPlan | None):
         self.serving, self.req, self.tools = serving, req, tools
@@ -159,7 +172,9 @@ async def create(serving: OpenAIServing, req: p.MessagesRequest, tenant: Tenant,
                  request: Request) -> dict[str, Any] | AsyncIterator[bytes]:
     if req.max_tokens is None:
         raise _bad("max_tokens: Field required", "max_tokens")
-    _, tools, gen = await serving.start_chat(chat_request(req), tenant, serving.ctl.new_id("msg"))
+    chat = chat_request(req)
+    check_tool_choice(serving, req, tenant)
+    _, tools, gen = await serving.start_chat(chat, tenant, serving.ctl.new_id("msg"))
     reply = _Reply(serving, req, tools)
     if req.stream:
         return _stream(serving, gen, reply)
@@ -233,6 +248,7 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncI
 async def count_tokens(serving: OpenAIServing, req: p.MessagesRequest, tenant: Tenant) -> dict[str, Any]:
     """The prompt's tokens as /v1/messages would feed them (the template, with the tools' declarations)."""
     chat = chat_request(req)
+    check_tool_choice(serving, req, tenant)
     me = serving.lookup(tenant, chat.model)
     tools = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, me.spec.tool_call_parser)
     ids = await serving.offload(serving._chat_prompt, me, chat, {"tools": tools.template_tools} if tools else {}, False)
