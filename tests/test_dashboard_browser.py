@@ -93,7 +93,8 @@ def test_dashboard_details(server, shots):
     """Before any other traffic (this runs first): what an operator sees beyond the actions. Colours follow the
     pool's model order; a removed model leaves the charts; an idle engine says so; numeric headers sit over their
     numbers; the active tab is marked for assistive technology; times read as a 24 h clock, an engine's `at` too;
-    at a phone's width (390 px) the header keeps to the screen and every tab can be tapped."""
+    at a phone's width (390 px) the header keeps to the screen and every tab can be tapped; signing out in one tab
+    signs the others out."""
     expect = sync_api.expect
     url, auth = server.url, {"Authorization": f"Bearer {ADMIN}"}
     errors: list[str] = []
@@ -103,7 +104,8 @@ def test_dashboard_details(server, shots):
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         try:
-            page = browser.new_context(viewport={"width": 1440, "height": 900}).new_page()
+            ctx = browser.new_context(viewport={"width": 1440, "height": 900})
+            page = ctx.new_page()
             page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
             sign_in(page, url)
@@ -173,6 +175,15 @@ def test_dashboard_details(server, shots):
             out = mobile.locator("header form button").bounding_box()
             assert out["x"] + out["width"] <= 390, out
             mobile.screenshot(path=str(shots / "phone-pool.png"), full_page=True)
+
+            # signing out in one tab signs the session's other tabs out too: their open event stream ends (it
+            # went on carrying the pool's snapshots and events), so they come back to the login form
+            other = ctx.new_page()
+            other.goto(url + "/dashboard")
+            expect(other.locator("#conn")).to_have_text("live", timeout=10_000)
+            page.click("header form button")
+            expect(page.locator("#token")).to_be_visible()
+            expect(other.locator("#token")).to_be_visible(timeout=5_000)
         finally:
             browser.close()
     assert errors == [], errors

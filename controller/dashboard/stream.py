@@ -27,9 +27,11 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from controller.dashboard import session
 from controller.events import EventBus
 
 log = logging.getLogger("tokenpool.dashboard")
@@ -94,6 +96,7 @@ class Conn:
     seen: int  # the last snapshot number handed to it
     task: asyncio.Task = field(default_factory=asyncio.current_task)  # its response's: waits for the client
     blocked: asyncio.Task | None = None  # the rest of a write that waits for room in the socket's buffer
+    alive: Callable[[], bool] | None = None  # a dashboard session's stream: whether that session still is
 
 
 class Hub:
@@ -120,9 +123,11 @@ class Hub:
         self.conns: set[Conn] = set()
         self._task: asyncio.Task | None = None
 
-    def open(self, send: Send, since: int | None, snapshots: bool = False) -> Conn:
+    def open(self, send: Send, since: int | None, snapshots: bool = False,
+             alive: Callable[[], bool] | None = None) -> Conn:
         """A new connection (its response has started): the events after `since` (None: from now on), with
-        `snapshots` the current snapshot, written at once; then what each beat has."""
+        `snapshots` the current snapshot, written at once; then what each beat has. With `alive` (a dashboard
+        session's stream), the connection ends at the first beat that finds it false (signed out, expired)."""
         bus = self.bus
         sent = last_seq(bus) if since is None else since
         if sent > last_seq(bus):  # a seq from before the server restarted: all the new server has
@@ -137,12 +142,14 @@ class Hub:
             self._build()  # the first dashboard gets its gauges at once, not at the next tick (later ones
             # get the current one, at most a tick old)
         backlog = after(bus, sent)
-        c = Conn(send, snapshots, backlog[-1]["seq"] if backlog else sent, self.snapshots)
+        c = Conn(send, snapshots, backlog[-1]["seq"] if backlog else sent, self.snapshots, alive=alive)
         self.conns.add(c)
         self._write(c, b"".join([RETRY, *(self.frames(e) for e in backlog), self.snapshot if snapshots else b""]))
         return c
 
     def close(self, c: Conn) -> None:
+        if c not in self.conns:  # (ended by the hub, then closed by its response)
+            return
         self.conns.discard(c)
         if c.blocked is not None:
             c.blocked.cancel()
@@ -179,6 +186,8 @@ class Hub:
 
     def _beat(self, tick: bool, quiet: float) -> float:
         """Write what this beat has to every connection; returns how long nothing was written."""
+        for c in [c for c in self.conns if c.alive is not None and not c.alive()]:
+            self._end(c)
         new = after(self.bus, self.seq)
         if not tick and all(e["kind"] in ROUTINE for e in new):
             new = []  # left in the ring for the tick
@@ -248,10 +257,34 @@ class Hub:
         finally:
             step.close()  # (a no-op once it has returned; unwinds it when the connection closed first)
 
+    def _end(self, c: Conn) -> None:
+        """End a connection whose session ended: nothing more is written to it, its response's body ends (the ASGI
+        server's receive then says the client is gone, so the response returns; a browser reconnects, and that
+        reconnect gets a 401)."""
+        self.close(c)
+        end = asyncio.ensure_future(c.send({"type": "http.response.body", "body": b"", "more_body": False}))
+        end.add_done_callback(lambda t: t.cancelled() or t.exception())  # (a client already gone: nothing to say)
+
     @staticmethod
     def _failed(c: Conn) -> None:
         log.exception("writing to an event stream failed")
         c.task.cancel()  # that connection ends (its response's `finally` closes it here; a browser reconnects)
+
+
+def session_alive(scope: Scope) -> Callable[[], bool] | None:
+    """For a stream that a dashboard session opened (its cookie, no token: as controller.api.auth.admin lets it
+    in), whether that session is still signed in; None for one a token opened. A stream outlives the check made
+    when it opened: without this, signing out (or the session's expiry) left every open tab of it live."""
+    if "app" not in scope or "headers" not in scope:
+        return None
+    conn = HTTPConnection(scope)
+    if conn.headers.get("authorization") or conn.headers.get("x-api-key"):
+        return None
+    sid = conn.cookies.get(session.COOKIE)
+    if not sid:
+        return None
+    sessions = session.sessions(conn.app)
+    return lambda: sessions.valid(sid)
 
 
 class EventStream(Response):
@@ -267,7 +300,7 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        c = self.hub.open(send, self.since, self.snapshots)
+        c = self.hub.open(send, self.since, self.snapshots, alive=session_alive(scope))
         try:
             while (await receive())["type"] != "http.disconnect":
                 pass
