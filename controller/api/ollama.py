@@ -12,6 +12,7 @@ the same bearer key.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -26,7 +27,6 @@ from controller.api import auth, embeddings
 from controller.api import protocol as p
 from controller.api.serving import ClientGone, OpenAIServing, Tracked, encode, unless_disconnected
 from controller.api.structured import ToolPlan
-from controller.config import parse_duration
 from controller.dashboard.views import resident_models
 from controller.errors import ServingError
 
@@ -65,7 +65,10 @@ class _Base(_Loose):
     stream: bool = True
     options: Options | None = None
     format: str | dict[str, Any] | None = None  # "json" or a JSON schema
-    keep_alive: Any = None  # (residency is the pool's: honoured only as 0, `_unloads`)
+    keep_alive: Any = None  # (residency is the pool's: honoured only as 0, `_unloads`; checked by `_keep_alive_s`)
+    # Ollama's: true/false, or a level ("high", "medium", "low"); a model whose template has no thinking is a 400
+    # when it is asked for (`_thinking`)
+    think: bool | str | None = None
 
 
 class ChatRequest(_Base):
@@ -157,19 +160,90 @@ def _stats(gen: Tracked) -> dict[str, Any]:
             "eval_duration": ns(end - first)}
 
 
+THINK_LEVELS = ("high", "medium", "low")
+
+
+def _thinks(me: Any) -> bool:
+    """Whether a model's chat template thinks: Qwen3's `enable_thinking` switch, or a `<think>` block it writes."""
+    tpl = getattr(me.tokenizer, "chat_template", None)
+    return isinstance(tpl, str) and ("enable_thinking" in tpl or "<think>" in tpl)
+
+
+def _think(me: Any, body: _Base) -> tuple[dict[str, Any], bool]:
+    """What a request's `think` means for model `me`: the chat template's switch (Qwen3's `enable_thinking`, set
+    either way when `think` is sent) and whether the reply's thinking goes apart from its content (`thinking`), as
+    Ollama gives it. Asked of a model whose template has no thinking: a 400, as Ollama answers."""
+    think = body.think
+    if isinstance(think, str) and think not in THINK_LEVELS:
+        raise ServingError(400, f"think must be true, false or one of {', '.join(THINK_LEVELS)}, got {think!r}")
+    wants = think is not None and think is not False
+    if wants and not _thinks(me):
+        raise ServingError(400, f'"{body.model}" does not support thinking')
+    tpl = getattr(me.tokenizer, "chat_template", None)
+    kwargs = {"enable_thinking": wants} if think is not None and "enable_thinking" in (tpl or "") else {}
+    return kwargs, wants
+
+
+class _Split:
+    """A reply's thinking (a leading `<think>...</think>` block) apart from its content, chunk by chunk: a piece that
+    may be a tag's start is held until the next chunk tells; whitespace around the tags is dropped."""
+
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self) -> None:
+        self.state, self.buf = "start", ""
+
+    def feed(self, text: str, end: bool = False) -> tuple[str, str]:
+        """The (thinking, content) to send for `text`; `end`: the reply is over, nothing is held back."""
+        self.buf += text
+        thinking = ""
+        if self.state == "start":
+            head = self.buf.lstrip()
+            if head.startswith(self.OPEN):
+                self.state, self.buf = "open", head[len(self.OPEN):]
+            elif self.OPEN.startswith(head) and not end:
+                return "", ""
+            else:
+                self.state = "content"
+        if self.state == "open":  # (the whitespace after <think>)
+            self.buf = self.buf.lstrip()
+            if not self.buf:
+                return "", ""
+            self.state = "think"
+        if self.state == "think":
+            i = self.buf.find(self.CLOSE)
+            if i < 0:  # (held: what may be the closing tag's start, and the whitespace before it)
+                tag = 0 if end else next((n for n in range(len(self.CLOSE) - 1, 0, -1)
+                                          if self.buf.endswith(self.CLOSE[:n])), 0)
+                n = len(self.buf[:len(self.buf) - tag].rstrip())
+                thinking, self.buf = self.buf[:n], "" if end else self.buf[n:]
+                return thinking, ""
+            thinking, self.buf, self.state = self.buf[:i].rstrip(), self.buf[i + len(self.CLOSE):], "close"
+        if self.state == "close":  # (the whitespace after </think>)
+            self.buf = self.buf.lstrip()
+            if not self.buf:
+                return thinking, ""
+            self.state = "content"
+        content, self.buf = self.buf, ""
+        return thinking, content
+
+
 async def _run(request: Request, body: _Base, chat: bool) -> Response:
     serving: OpenAIServing = request.app.state.serving
     ctl = request.app.state.controller
     tenant = None
     try:
         tenant = auth.tenant(request)
+        _keep_alive_s(body.keep_alive)  # (a 400 before anything is done when it is no duration)
         if not (body.messages if chat else body.prompt):  # Ollama's "load the model" request: nothing to generate
             return _load(request, serving.entry(tenant, body.model), body, chat)
+        think_kwargs, thinking = _think(serving.lookup(tenant, body.model), body)
+        extra = {"chat_template_kwargs": think_kwargs} if think_kwargs else {}
         if chat:
             if any(m.images for m in body.messages):
                 raise ServingError(400, "images are not supported: the served models take text")
             req = _as(p.ChatCompletionRequest, {**_sampling(body), "messages": [_message(m) for m in body.messages],
-                                                **({"tools": body.tools} if body.tools else {})})
+                                                **({"tools": body.tools} if body.tools else {}), **extra})
         else:
             if body.images or body.suffix:
                 raise ServingError(400, "images and suffix are not supported")
@@ -178,7 +252,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
             else:  # the model's template over the system message and the prompt, as Ollama applies it
                 msgs = ([{"role": "system", "content": body.system}] if body.system else [])
                 req = _as(p.ChatCompletionRequest, {**_sampling(body), "messages": [
-                    *msgs, {"role": "user", "content": body.prompt}]})
+                    *msgs, {"role": "user", "content": body.prompt}], **extra})
         me = serving.entry(tenant, req.model)
         tools = None
         context = None if chat else body.context
@@ -187,7 +261,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         templated = isinstance(req, p.ChatCompletionRequest)
         if context or not templated:  # a raw prompt's ids, or the earlier turns' then this prompt's (templated or raw)
             params = serving._params(me, req, req.max_tokens, None)
-            new = await (serving.offload(serving._chat_prompt, me, req, {}) if templated else
+            new = await (serving.offload(serving._chat_prompt, me, req, think_kwargs) if templated else
                          serving.offload(encode, me.tokenizer, req.prompt))
             ids = serving._check_ids(me, [*(context or []), *new], "context" if context else "prompt")
             gen = serving._track(await ctl.generate(me, tenant, [ids], params, 1, ctl.new_id("ollama")))
@@ -207,11 +281,16 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
     key = "message" if chat else "response"
     out_ids: list[int] = []  # (generate) the reply's ids, for the `context` of its last line
 
-    def line(text: str, done: bool = False, reason: str | None = None, calls: list | None = None) -> bytes:
+    def line(text: str, done: bool = False, reason: str | None = None, calls: list | None = None,
+             thought: str = "") -> bytes:
         msg: dict[str, Any] = {"role": "assistant", "content": text}
+        if thought and chat:
+            msg["thinking"] = thought
         if calls:
             msg["tool_calls"] = calls
         d: dict[str, Any] = {"model": body.model, "created_at": _now(), key: msg if chat else text, "done": done}
+        if thought and not chat:
+            d["thinking"] = thought
         if done:
             d.update(done_reason=reason or "stop", **_stats(gen))
             if not chat:  # (Ollama's: what a next /api/generate passes back as `context` to continue)
@@ -219,14 +298,16 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         return json.dumps(d, ensure_ascii=False).encode() + b"\n"
 
     if body.stream:
-        return StreamingResponse(_stream(serving, gen, line, tools, out_ids), media_type="application/x-ndjson")
+        return StreamingResponse(_stream(serving, gen, line, tools, out_ids, _Split() if thinking else None),
+                                 media_type="application/x-ndjson")
     status = 499
     try:
         text, reason = await unless_disconnected(request, _collect(gen, out_ids))
         status = 200
+        thought, text = _Split().feed(text, True) if thinking else ("", text)
         if tools is not None and (calls := _calls(serving, text, reason, tools)):
-            return Response(line("", True, reason, calls), media_type="application/json")
-        return Response(line(text, True, reason), media_type="application/json")
+            return Response(line("", True, reason, calls, thought), media_type="application/json")
+        return Response(line(text, True, reason, thought=thought), media_type="application/json")
     except ClientGone:
         return Response(status_code=499)
     except ServingError as e:
@@ -237,12 +318,37 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         gen.close(status)
 
 
+# Go's duration syntax, as Ollama parses a keep_alive string ("5m", "1h30m", "-1m", "300ms"); a bare number (seconds)
+# is taken too, as a JSON number is
+_GO_DURATION = re.compile(r"[+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|\u00b5s|\u03bcs|ms|s|m|h))+")
+_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_GO_UNIT_S = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+
+
+def _keep_alive_s(keep_alive: Any) -> float | None:
+    """An Ollama keep_alive in seconds (None: not sent); negative means forever. Not a duration: a 400, as Ollama
+    answers one."""
+    if keep_alive is None:
+        return None
+    if isinstance(keep_alive, (int, float)) and not isinstance(keep_alive, bool):
+        if keep_alive != keep_alive or keep_alive in (float("inf"), float("-inf")):
+            raise ServingError(400, f"keep_alive: invalid duration {keep_alive!r}")
+        return float(keep_alive)
+    if isinstance(keep_alive, str):
+        v = keep_alive.strip()
+        if _NUMBER.fullmatch(v):
+            return float(v)
+        if _GO_DURATION.fullmatch(v):
+            sec = sum(float(n) * _GO_UNIT_S[u] for n, u in _GO_PART.findall(v))
+            return -sec if v.startswith("-") else sec
+    raise ServingError(400, f"keep_alive: invalid duration {keep_alive!r} (a number of seconds or a duration such as "
+                            "\"5m\", \"1h30m\", \"-1\")")
+
+
 def _zero(keep_alive: Any) -> bool:
     """Whether an Ollama keep_alive means "unload now": a duration of zero (0, "0", "0s", "0m", ...)."""
-    try:
-        return parse_duration(keep_alive) == 0.0
-    except ValueError:
-        return False
+    return _keep_alive_s(keep_alive) == 0.0
 
 
 def _unloads(ctl: Any, keep_alive: Any) -> bool:
@@ -306,10 +412,10 @@ def _calls(serving: OpenAIServing, text: str, reason: str | None, tools: ToolPla
 
 
 async def _stream(serving: OpenAIServing, gen: Tracked, line, tools: ToolPlan | None = None,
-                  ids: list[int] | None = None) -> AsyncIterator[bytes]:
+                  ids: list[int] | None = None, split: _Split | None = None) -> AsyncIterator[bytes]:
     """The NDJSON lines, the last `done`; with tools the reply is held to its end, then goes as its calls or its
     text. An engine error once streaming is an `{"error": ...}` line (the status has gone). The reply's token ids are
-    appended to `ids` before its last line is made."""
+    appended to `ids` before its last line is made. `split`: the thinking goes apart from the content."""
     status, held = 499, []
     try:
         async for _, d in gen.events():
@@ -318,13 +424,14 @@ async def _stream(serving: OpenAIServing, gen: Tracked, line, tools: ToolPlan | 
             if tools is not None:
                 held.append(d.text)
                 if d.finished:
-                    text = "".join(held)
+                    thought, text = split.feed("".join(held), True) if split else ("", "".join(held))
                     calls = _calls(serving, text, d.finish_reason, tools)
-                    yield line("", calls=calls) if calls else line(text)
+                    yield line("", calls=calls, thought=thought) if calls else line(text, thought=thought)
                     yield line("", True, d.finish_reason)
                 continue
-            if d.text:
-                yield line(d.text)
+            thought, text = split.feed(d.text, d.finished) if split else ("", d.text)
+            if text or thought:
+                yield line(text, thought=thought)
             if d.finished:
                 yield line("", True, d.finish_reason)
         status = 200
@@ -367,6 +474,7 @@ async def _embed(request: Request, model: str, raw: str | list[str], truncate: b
 async def embed(request: Request) -> Response:
     """Ollama's: each input's embedding, L2-normalized, and the prompt's token count."""
     body = await _body(request, EmbedRequest)
+    _keep_alive_s(body.keep_alive)  # (a 400 before any work when it is no duration)
     got = await _embed(request, body.model, body.input, body.truncate, body.dimensions, normalize=True)
     if isinstance(got, Response):
         return got
@@ -416,8 +524,13 @@ async def ps(request: Request) -> dict:
     by token; `tokenpool ps` shows where). No expiry is planned: the pool evicts when it needs the room."""
     ctl = request.app.state.controller
     resident = resident_models(ctl.pool.engines.values())
-    return {"models": [{**m, "size_vram": m["size"], "expires_at": "0001-01-01T00:00:00Z"}
-                       for m in _models(request) if m["name"] in resident]}
+    out = []
+    for m in _models(request):
+        if m["name"] in resident:
+            me = request.app.state.serving.lookup(auth.tenant(request), m["name"])
+            out.append({**m, "size_vram": m["size"], "expires_at": "0001-01-01T00:00:00Z",
+                        "context_length": me.max_model_len})  # (Ollama's: the context the model runs with)
+    return {"models": out}
 
 
 @router.post("/show")
@@ -443,8 +556,10 @@ async def show(request: Request) -> Response:
     return JSONResponse({"modelfile": "", "parameters": "", "template": tpl if isinstance(tpl, str) else "",
                          "details": {"format": "safetensors", "family": arch, "families": [arch]},
                          "model_info": info,
-                         # (tools: the model's own call syntax is configured, so tool_choice "auto" works, as Ollama's)
-                         "capabilities": ["completion", *(["tools"] if me.spec.tool_call_parser else [])]})
+                         # (tools: the model's own call syntax is configured, so tool_choice "auto" works, as Ollama's;
+                         # thinking: its template thinks, so `think` is taken)
+                         "capabilities": ["completion", *(["tools"] if me.spec.tool_call_parser else []),
+                                          *(["thinking"] if _thinks(me) else [])]})
 
 
 @router.get("/version")

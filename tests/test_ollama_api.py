@@ -1,0 +1,114 @@
+"""Ollama's API (/api/*) through the official `ollama` client against a live single-user server (no keys, as
+`tokenpool serve` runs by default): `think` as the model's template allows it, `keep_alive` as Ollama parses it,
+`ps` as Ollama writes it. (The chat/generate/embed parity with the OpenAI routes, tools and `context` are tested in
+test_api_openai.py.)"""
+
+from __future__ import annotations
+
+import shutil
+
+import httpx
+import ollama
+import pytest
+
+from load_tests.live_server import LiveServer
+
+# Qwen3's switch, as its template has it: with enable_thinking false the reply starts after an empty think block
+THINKING_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+
+
+@pytest.fixture(scope="module")
+def server(make_tiny, tmp_path_factory):
+    work = tmp_path_factory.mktemp("ollama")
+    thinker = work / "thinker"
+    shutil.copytree(make_tiny("qwen2"), thinker)
+    (thinker / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    cfg = {
+        "workers": {"local": "cpu", "heartbeat_s": 0.25},
+        "models": [{"name": "tiny-a", "path": str(make_tiny("qwen2")), "engine": {"max_num_seqs": 8}},
+                   {"name": "think-a", "path": str(thinker), "engine": {"max_num_seqs": 8}}],
+    }
+    with LiveServer(cfg, work) as srv:
+        yield srv
+
+
+def oc(srv) -> ollama.Client:
+    return ollama.Client(host=srv.url, timeout=60)
+
+
+def tokens(srv, model: str, msgs: list[dict], **kwargs) -> int:
+    r = httpx.post(srv.url + "/tokenize", json={"model": model, "messages": msgs, **kwargs})
+    assert r.status_code == 200, r.text
+    return len(r.json()["tokens"])
+
+
+def test_think_follows_the_models_template(server):
+    """`think` asked of a model whose template has no thinking is Ollama's 400 (`think: false` is fine); a template
+    with Qwen3's enable_thinking gets it either way (the prompt is the one /tokenize renders with it), and `show`
+    lists the thinking capability; a think value that is no level is a 400."""
+    c = oc(server)
+    msgs = [{"role": "user", "content": "Hello there"}]
+    opts = {"temperature": 0, "num_predict": 2}
+    for call in (lambda: c.chat(model="tiny-a", messages=msgs, think=True, options=opts),
+                 lambda: c.generate(model="tiny-a", prompt="Hello there", think="high", options=opts)):
+        with pytest.raises(ollama.ResponseError) as ei:
+            call()
+        assert ei.value.status_code == 400 and ei.value.error == '"tiny-a" does not support thinking'
+    assert c.chat(model="tiny-a", messages=msgs, think=False, options=opts).done
+    assert "thinking" not in c.show("tiny-a").capabilities and "thinking" in c.show("think-a").capabilities
+    off, on = (tokens(server, "think-a", msgs, chat_template_kwargs={"enable_thinking": v}) for v in (False, True))
+    assert off > on == tokens(server, "think-a", msgs)
+    for think, want in ((False, off), (True, on), (None, on)):
+        r = c.chat(model="think-a", messages=msgs, think=think, options=opts)
+        assert r.prompt_eval_count == want, (think, r.prompt_eval_count, want)
+        g = c.generate(model="think-a", prompt="Hello there", think=think, options=opts)
+        assert g.prompt_eval_count == want, (think, g.prompt_eval_count, want)
+    with pytest.raises(ollama.ResponseError) as ei:
+        c.chat(model="think-a", messages=msgs, think="hard", options=opts)
+    assert ei.value.status_code == 400 and "think" in ei.value.error
+
+
+def test_thinking_apart_from_content():
+    """A reply's leading <think> block goes to `thinking`, the rest to `content`, the same whether it comes whole or
+    in pieces that split the tags (a piece that may be a tag's start is held); a reply without one is all content."""
+    from controller.api.ollama import _Split
+
+    def split(chunks: list[str]) -> tuple[str, str]:
+        s, thinking, content = _Split(), "", ""
+        for i, c in enumerate(chunks):
+            t, x = s.feed(c, i == len(chunks) - 1)
+            thinking, content = thinking + t, content + x
+        return thinking, content
+
+    whole = "<think>\nThe user greets me.\n</think>\n\nHello!"
+    assert split([whole]) == ("The user greets me.", "Hello!")
+    assert split([whole[i:i + 3] for i in range(0, len(whole), 3)]) == ("The user greets me.", "Hello!")
+    assert split(list(whole)) == ("The user greets me.", "Hello!")
+    assert split(["<", "b>bold</b>"]) == ("", "<b>bold</b>")
+    assert split(["Hi <think>", "x</think>"]) == ("", "Hi <think>x</think>")
+    assert split(["<think>cut sh", "ort </th"]) == ("cut short </th", "")
+
+
+def test_keep_alive_as_ollama_parses_it(server):
+    """keep_alive takes Go's durations ("1h30m"; "0m0s" unloads, as 0 does) and numbers of seconds; anything else
+    is a 400 before any work, on chat, generate and embed alike. `ps` gives each resident model's context length."""
+    c = oc(server)
+    msgs = [{"role": "user", "content": "Hi"}]
+    opts = {"temperature": 0, "num_predict": 2}
+    assert c.chat(model="tiny-a", messages=msgs, keep_alive="1h30m", options=opts).done
+    assert c.generate(model="tiny-a", prompt="Hi", keep_alive=300, options=opts).done
+    for call in (lambda: c.chat(model="tiny-a", messages=msgs, keep_alive="5x", options=opts),
+                 lambda: c.generate(model="tiny-a", prompt="Hi", keep_alive="soon", options=opts),
+                 lambda: c.generate(model="tiny-a", keep_alive="1hour"),
+                 lambda: c.embed(model="tiny-a", input="Hi", keep_alive="5 minutes")):
+        with pytest.raises(ollama.ResponseError) as ei:
+            call()
+        assert ei.value.status_code == 400 and "keep_alive" in ei.value.error, ei.value.error
+    ps = {m.model: m for m in c.ps().models}
+    assert ps["tiny-a"].context_length == c.show("tiny-a").modelinfo["context_length"]
+    assert c.generate(model="tiny-a", keep_alive="0m0s").done_reason == "unload"
+    assert c.generate(model="tiny-a", keep_alive="-1m").done_reason == "load"
