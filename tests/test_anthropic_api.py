@@ -156,3 +156,19 @@ def test_tools_without_the_call_syntax_refused_in_anthropic_terms(server):
                           tool_choice={"type": "any", "disable_parallel_tool_use": True},
                           extra_body=GREEDY)
     assert r.stop_reason == "tool_use" and r.content[0].name == "get_weather"
+
+
+def test_assistant_prefill_is_continued(server):
+    """A last assistant message is a prefill: the reply continues it (the chat endpoint's continue_final_message),
+    not a new turn after it; the usage and count_tokens count that prompt; streamed alike."""
+    msgs = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon a time"}]
+    want = oc(server).chat.completions.create(model="tiny-a", messages=msgs, max_tokens=8, temperature=0, extra_body={
+        "continue_final_message": True, "add_generation_prompt": False})
+    new_turn = oc(server).chat.completions.create(model="tiny-a", messages=msgs, max_tokens=8, temperature=0)
+    assert new_turn.usage.prompt_tokens > want.usage.prompt_tokens  # (the closed turn and the next one's header)
+    r = ac(server).messages.create(model="tiny-a", messages=msgs, max_tokens=8, extra_body=GREEDY)
+    assert r.content[0].text == want.choices[0].message.content
+    assert r.usage.input_tokens + r.usage.cache_read_input_tokens == want.usage.prompt_tokens
+    assert ac(server).messages.count_tokens(model="tiny-a", messages=msgs).input_tokens == want.usage.prompt_tokens
+    with ac(server).messages.stream(model="tiny-a", messages=msgs, max_tokens=8, extra_body=GREEDY) as s:
+        assert "".join(s.text_stream) == r.content[0].text

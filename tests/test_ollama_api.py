@@ -112,3 +112,23 @@ def test_keep_alive_as_ollama_parses_it(server):
     assert ps["tiny-a"].context_length == c.show("tiny-a").modelinfo["context_length"]
     assert c.generate(model="tiny-a", keep_alive="0m0s").done_reason == "unload"
     assert c.generate(model="tiny-a", keep_alive="-1m").done_reason == "load"
+
+
+def test_last_assistant_message_is_continued(server):
+    """A chat ending with an assistant's text is continued (Ollama leaves that message open), as the chat endpoint's
+    continue_final_message does: the same prompt and reply, streamed too; a finished turn after a user's is not."""
+    import openai
+
+    c = oc(server)
+    o = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    msgs = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon a time"}]
+    want = o.chat.completions.create(model="tiny-a", messages=msgs, max_tokens=8, temperature=0, extra_body={
+        "continue_final_message": True, "add_generation_prompt": False})
+    opts = {"temperature": 0, "num_predict": 8}
+    r = c.chat(model="tiny-a", messages=msgs, options=opts)
+    assert (r.message.content, r.prompt_eval_count) == (want.choices[0].message.content, want.usage.prompt_tokens)
+    assert "".join(x.message.content for x in c.chat(model="tiny-a", messages=msgs, options=opts,
+                                                       stream=True)) == r.message.content
+    turn = [*msgs, {"role": "user", "content": "Go on."}]
+    ref = o.chat.completions.create(model="tiny-a", messages=turn, max_tokens=8, temperature=0)
+    assert c.chat(model="tiny-a", messages=turn, options=opts).prompt_eval_count == ref.usage.prompt_tokens

@@ -90,10 +90,21 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
     return out
 
 
+def prefills(msgs: list[dict[str, Any]]) -> bool:
+    """Whether chat messages end with an assistant's text (no tool calls): a prefill, the start of the reply that the
+    model continues rather than a finished turn followed by a new one (the Messages API's, and Ollama's)."""
+    last = msgs[-1] if msgs else {}
+    return (last.get("role") == "assistant" and not last.get("tool_calls")
+            and isinstance(last.get("content"), str) and bool(last["content"].strip()))
+
+
 def chat_request(req: p.MessagesRequest) -> p.ChatCompletionRequest:
     if req.thinking is not None and req.thinking.get("type") not in (None, "disabled"):
         raise _bad("extended thinking is not supported", "thinking")
-    body: dict[str, Any] = {"model": req.model, "messages": _messages(req), "max_tokens": req.max_tokens}
+    msgs = _messages(req)
+    body: dict[str, Any] = {"model": req.model, "messages": msgs, "max_tokens": req.max_tokens}
+    if prefills(msgs):  # (the reply continues it, as the Messages API's prefill does)
+        body["continue_final_message"] = True
     for ours, theirs in (("temperature", req.temperature), ("top_p", req.top_p), ("top_k", req.top_k)):
         if theirs is not None:
             body[ours] = theirs

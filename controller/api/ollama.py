@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 import tokenpool
 from controller.api import auth, embeddings
 from controller.api import protocol as p
+from controller.api.anthropic import prefills
 from controller.api.serving import ClientGone, OpenAIServing, Tracked, encode, unless_disconnected
 from controller.api.structured import ToolPlan
 from controller.dashboard.views import resident_models
@@ -242,7 +243,10 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         if chat:
             if any(m.images for m in body.messages):
                 raise ServingError(400, "images are not supported: the served models take text")
-            req = _as(p.ChatCompletionRequest, {**_sampling(body), "messages": [_message(m) for m in body.messages],
+            msgs = [_message(m) for m in body.messages]
+            if prefills(msgs):  # (a last assistant message is continued, as Ollama's template leaves it open)
+                extra["continue_final_message"] = True
+            req = _as(p.ChatCompletionRequest, {**_sampling(body), "messages": msgs,
                                                 **({"tools": body.tools} if body.tools else {}), **extra})
         else:
             if body.images or body.suffix:
