@@ -262,6 +262,14 @@ class HostedModels:
         if name in self.engines:
             self._of(name).set_pinned(name, pinned)
 
+    def retune(self, name: str, slo: ModelSLO, keep_alive_s: float | None) -> None:
+        """A hosted model's SLO (what its kind's policy weighs it by) and keep_alive, changed in place: its weights,
+        KV and requests stay (requests already admitted keep the SLO they came under)."""
+        if name in self.engines:
+            mm = self._of(name)
+            mm.set_slo(name, slo)
+            mm.set_keep_alive(name, keep_alive_s)
+
     def set_loras(self, name: str, loras: dict[str, str]) -> list[str]:
         """Host exactly these LoRA adapters over `name` (LLMEngine.set_loras); the errors of any not read."""
         if name not in self.engines:

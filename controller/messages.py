@@ -75,6 +75,13 @@ class PinModel:  # C->W: keep a registered model's weights in VRAM (or stop)
 
 
 @dataclass
+class RetuneModel:  # C->W: a registered model's SLO (the policy's weights) and keep_alive, changed in place
+    model: str
+    slo: ModelSLO
+    keep_alive_s: float | None = None  # None: its weights stay until the memory is needed
+
+
+@dataclass
 class UnloadModel:  # C->W
     model: str
 
@@ -156,13 +163,13 @@ class Shutdown:  # C->W
 
 
 Message = Union[
-    Register, Registered, Rejected, LoadModel, PinModel, UnloadModel, EvictModel, SetLoras, ModelLoaded, NewRequest, Abort,
-    Outputs, Heartbeat, Stats, Shutdown,
+    Register, Registered, Rejected, LoadModel, PinModel, RetuneModel, UnloadModel, EvictModel, SetLoras, ModelLoaded,
+    NewRequest, Abort, Outputs, Heartbeat, Stats, Shutdown,
 ]
 _TYPES: dict[str, type] = {
     c.__name__: c
-    for c in (Register, Registered, Rejected, LoadModel, PinModel, UnloadModel, EvictModel, SetLoras, ModelLoaded,
-              NewRequest, Abort, Outputs, Heartbeat, Stats, Shutdown)
+    for c in (Register, Registered, Rejected, LoadModel, PinModel, RetuneModel, UnloadModel, EvictModel, SetLoras,
+              ModelLoaded, NewRequest, Abort, Outputs, Heartbeat, Stats, Shutdown)
 }
 
 
@@ -202,6 +209,7 @@ _BASE = {t: {f.name: getattr(t(), f.name) for f in dataclasses.fields(t)} for t 
 _TYPED: dict[tuple[type, str], tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
     (NewRequest, "params"): (_changed, lambda d: SamplingParams(**d)),
     (LoadModel, "slo"): (_changed, lambda d: ModelSLO(**d)),
+    (RetuneModel, "slo"): (_changed, lambda d: ModelSLO(**d)),
     (LoadModel, "engine"): (lambda o: o.model_dump(exclude_defaults=True), EngineOptions.model_validate),
 }
 

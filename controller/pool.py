@@ -395,6 +395,10 @@ class EnginePool:
         if model in e.replicas:
             e.send(m.SetLoras(model, dict(loras)))
 
+    def retune(self, e: EngineHandle, model: str, slo: ModelSLO, keep_alive_s: float | None) -> None:
+        if model in e.replicas:
+            e.send(m.RetuneModel(model, slo, keep_alive_s))
+
     def pin(self, e: EngineHandle, model: str, pinned: bool) -> None:
         if model in e.replicas:
             e.send(m.PinModel(model, pinned))

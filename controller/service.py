@@ -79,6 +79,16 @@ class ModelEntry:
         return sum(self.outcomes) / len(self.outcomes) if len(self.outcomes) >= 10 else None
 
 
+# ModelSpec fields a registered model changes in place (update_model); any other needs it registered again
+UPDATABLE = frozenset({"slo", "priority", "replicas", "keep_alive"})
+
+
+def _policy_slo(spec: ModelSpec) -> ModelSLO:
+    """What the worker's multi-model policy weighs a model by: its SLO, priority as a weight (as admission scales
+    slack)."""
+    return ModelSLO(spec.slo.ttft_s, spec.slo.tpot_s, priority=2.0 ** max(-2, min(2, spec.priority)))
+
+
 def weights_bytes(spec: ModelSpec) -> int:
     if spec.memory_gb is not None:
         return int(spec.memory_gb * (1 << 30))
@@ -280,6 +290,27 @@ class Controller:
         freeze_long_lived()  # the tokenizer (and what loading it imported) lives as long as the model
         self.events.publish("register", model=spec.name)
         self.tick()
+        return entry
+
+    def update_model(self, name: str, changes: dict[str, Any]) -> ModelEntry:
+        """Change a registered model's SLO, priority, replica bounds or keep_alive in place (PATCH /admin/models, the
+        Kubernetes operator's scaling): its registrations, weights and requests in flight stay (those already
+        admitted keep the SLO they came under). `changes`: validated ModelSpec fields by name."""
+        entry = self.models.get(name)
+        if entry is None:
+            raise ServingError(404, f"no model {name!r}", code="model_not_found")
+        unknown = set(changes) - UPDATABLE
+        if unknown:
+            raise ServingError(400, f"not changeable in place: {', '.join(sorted(unknown))} (remove the model and "
+                               "register it again)", param=sorted(unknown)[0])
+        entry.spec = entry.spec.model_copy(update=changes)
+        entry.info = dataclasses.replace(entry.info, priority=entry.spec.priority)
+        slo = _policy_slo(entry.spec)
+        for e in self.pool.engines.values():
+            if e.alive:
+                self.pool.retune(e, name, slo, entry.spec.keep_alive)
+        self.events.publish("update", model=name, fields=sorted(changes))
+        self.tick()  # (replica bounds: the autoscaler acts on them)
         return entry
 
     def remove_model(self, name: str) -> bool:
@@ -488,9 +519,7 @@ class Controller:
         is the engine's pooled policy's to give (nothing else on the engine is unloaded)."""
         log.info("registering %s on %s", entry.spec.name, e.id)
         spec = entry.spec
-        # the worker's multi-model policy weighs models by SLO; priority as a weight, as admission scales slack
-        slo = ModelSLO(spec.slo.ttft_s, spec.slo.tpot_s, priority=2.0 ** max(-2, min(2, spec.priority)))
-        return self.pool.load(e, spec.name, spec.path, spec.engine, slo, pinned=entry.pinned,
+        return self.pool.load(e, spec.name, spec.path, spec.engine, _policy_slo(spec), pinned=entry.pinned,
                               keep_alive_s=spec.keep_alive, preload=spec.preload, loras=spec.lora_paths())
 
     # --- LoRA adapters ---

@@ -89,6 +89,7 @@ class Worker:
         self._pending: list[m.Message] = []
         self._hosting: list[tuple[m.LoadModel, asyncio.Future]] = []  # loads the step loop runs between steps
         self._loras_later: dict[str, dict[str, str]] = {}  # (SetLoras while loading) adapters to set once hosted
+        self._retune_later: dict[str, m.RetuneModel] = {}  # (RetuneModel while loading) applied once hosted
         self._loading: set[str] = set()
         self._unload_when_loaded: set[str] = set()  # unloaded by the controller while their load was under way
         self._wake = asyncio.Event()
@@ -209,6 +210,7 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - any load failure is reported, the worker lives on
             log.exception("loading %s failed", msg.model)
             self._loras_later.pop(msg.model, None)
+            self._retune_later.pop(msg.model, None)
             self.send(m.ModelLoaded(msg.model, False, error=f"{type(e).__name__}: {e}"))
             return
         finally:
@@ -237,6 +239,8 @@ class Worker:
             else:
                 self.models.residency(msg.model, pinned=msg.pinned, keep_alive_s=msg.keep_alive_s,
                                       preload=msg.preload)
+                if (rt := self._retune_later.pop(msg.model, None)) is not None:
+                    self.models.retune(msg.model, rt.slo, rt.keep_alive_s)
                 if (loras := self._loras_later.pop(msg.model, None)) is not None:
                     for why in await loop.run_in_executor(self._step_thread, self.models.set_loras, msg.model, loras):
                         log.error("%s: %s", msg.model, why)
@@ -270,6 +274,11 @@ class Worker:
             elif isinstance(msg, m.PinModel):
                 if msg.model in self.models:
                     self.models.set_pinned(msg.model, msg.pinned)
+            elif isinstance(msg, m.RetuneModel):
+                if msg.model in self.models:
+                    self.models.retune(msg.model, msg.slo, msg.keep_alive_s)
+                elif msg.model in self._loading:  # (its LoadModel carried the old values: these apply once hosted)
+                    self._retune_later[msg.model] = msg
             elif isinstance(msg, m.EvictModel):
                 self.models.evict_when_idle(msg.model)
             elif isinstance(msg, m.SetLoras):

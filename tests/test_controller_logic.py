@@ -248,7 +248,8 @@ def test_messages_round_trip():
             m.LoadModel("m", "/x", EngineOptions(kind="pace", max_num_seqs=8), ModelSLO(1.0, 0.1, 2.0)),
             m.LoadModel("m", None, EngineOptions()),
             m.Outputs([m.Delta("r", "hi", [5], [[[5, -0.1], [6, -2.0]]], True, "stop", 2)]),
-            m.Stats({"m": {"num_running": 1.0}}, 0.01, 3, 4), m.ModelLoaded("m", True, max_model_len=64)]
+            m.Stats({"m": {"num_running": 1.0}}, 0.01, 3, 4), m.ModelLoaded("m", True, max_model_len=64),
+            m.RetuneModel("m", ModelSLO(2.0, 0.5, 4.0), 300.0), m.RetuneModel("m", ModelSLO())]
     for msg in msgs:
         frame = m.encode(msg)
         assert int.from_bytes(frame[:4], "big") == len(frame) - 4

@@ -74,6 +74,22 @@ def test_model_matches_what_the_admin_api_shows():
     assert not b.model_matches(desired, _model_out(desired, path="/models/other"))
 
 
+def test_what_changes_in_place_and_what_registers_the_model_again():
+    """Scale, SLO and priority are a PATCH (the model stays loaded); a path, engine option or adapter change is a
+    re-registration, seen in what the controller shows or in the digest of what it does not show."""
+    spec = {"source": {"path": "m"}, "slo": {"ttftSeconds": 2}, "replicas": {"min": 1, "max": 2}}
+    desired = b.build_model_spec("m", spec)
+    scaled = b.build_model_spec("m", {**spec, "replicas": {"min": 1, "max": 5}, "priority": 3,
+                                      "slo": {"ttftSeconds": 9}})
+    assert b.reload_digest(scaled) == b.reload_digest(desired)
+    assert not b.model_reloads(scaled, _model_out(desired)) and not b.model_matches(scaled, _model_out(desired))
+    assert b.live_fields(scaled) == {"slo": {"ttft_s": 9.0, "tpot_s": 0.25}, "priority": 3,
+                                     "replicas": {"min": 1, "max": 5}}
+    bf16 = b.build_model_spec("m", {**spec, "engine": {"dtype": "bf16"}})
+    assert b.reload_digest(bf16) != b.reload_digest(desired)  # (not shown by the controller: the digest says it)
+    assert b.model_reloads(desired, _model_out(desired, path="/models/other"))
+
+
 def test_model_status():
     desired = b.build_model_spec("m", {"source": {"path": "m"}})
     st = b.build_model_status(_model_out(desired), {"source": {"path": "m"}}, 4)

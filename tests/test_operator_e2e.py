@@ -275,10 +275,12 @@ async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_t
             usage = (await controller("/admin/tenants"))["team-a"]["usage"]["requests"]
             assert usage == 1
         # Each change reached the controller once, however often kopf ran the handlers (kmock replays a watch's
-        # initial listing, so creation is handled twice): one POST per tenant; a model's scale re-registers it.
+        # initial listing, so creation is handled twice): one POST per tenant and model; a model's scale is a PATCH
+        # in place (it stays loaded, its requests run on), never a DELETE and a POST.
         assert first.output.count("admin POST /admin/tenants team-a") == 1 and "admin DELETE /admin/tenants" not in first.output
-        assert first.output.count("admin POST /admin/models pace-m") == 2
-        assert first.output.count("admin DELETE /admin/models/pace-m") == 1
+        assert first.output.count("admin POST /admin/models pace-m") == 1
+        assert first.output.count("admin PATCH /admin/models/pace-m") == 1
+        assert "admin DELETE /admin/models/pace-m" not in first.output
 
         async with Operator() as second:
             await asyncio.sleep(4)  # resume handlers, then timer rounds (every second)

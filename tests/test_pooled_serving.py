@@ -163,3 +163,43 @@ def test_remove_a_model_mid_stream_ends_only_its_streams_and_leaks_nothing(serve
     r = c.completions.create(model="qa", prompt=PROMPTS["qa"], max_tokens=8, temperature=0,
                              extra_body={"ignore_eos": True})
     assert r.choices[0].text == _alone(models["qa"], PROMPTS["qa"], 8, temperature=0.0)
+
+
+def test_a_model_changed_in_place_keeps_its_registration_and_its_stream(server, models):
+    """PATCH /admin/models/{name} (the operator's scaling, an SLO change): the model's stream in flight goes on to
+    the same tokens, the worker's policy weighs it by the new SLO and keep_alive, and it is never registered again."""
+    c = _client(server)
+    out: dict = {}
+    t = threading.Thread(target=_stream, args=(c, "qb", PROMPTS["qb"], 600, out, "qb"), kwargs={"temperature": 0})
+    t.start()
+    _wait_pool(server, lambda e: e["pool"]["models"].get("qb", {}).get("running", 0) > 0, timeout=60)
+    body = {"slo": {"ttft_s": 20, "tpot_s": 2}, "priority": 1, "replicas": {"min": 1, "max": 2}, "keep_alive": "5m"}
+    r = httpx.patch(server.url + "/admin/models/qb", json=body, headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200, r.text
+    m = r.json()
+    assert (m["slo"], m["priority"], m["replicas"], m["keep_alive"]) == (
+        {"ttft_s": 20.0, "tpot_s": 2.0}, 1, {"min": 1, "max": 2}, 300.0)
+    assert "qb" not in out, "the stream finished before the change: nothing was tested"
+    # the worker's policy has it (priority 1 weighs 2x), while the stream still runs
+    e = _wait_pool(server, lambda e: e["pool"]["models"]["qb"]["slo"]["tpot_s"] == 2.0)
+    assert e["pool"]["models"]["qb"]["slo"] == {"ttft_s": 20.0, "tpot_s": 2.0, "priority": 2.0}
+    assert e["pool"]["models"]["qb"]["keep_alive_s"] == 300.0
+    t.join(180)
+    assert out["qb"] == (_alone(models["qb"], PROMPTS["qb"], 600, temperature=0.0), "length")
+    listed = {x["name"]: x for x in _admin(server, "GET", "/admin/models").json()}
+    assert listed["qb"]["slo"] == {"ttft_s": 20.0, "tpot_s": 2.0} and listed["qb"]["engines"]
+    assert server.log().count("registering qb on") == 1  # never unregistered and registered again
+    # keep_alive null: until the memory is needed (a field left out stays)
+    r = httpx.patch(server.url + "/admin/models/qb", json={"keep_alive": None}, headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200 and r.json()["keep_alive"] is None and r.json()["priority"] == 1
+    _wait_pool(server, lambda e: e["pool"]["models"]["qb"]["keep_alive_s"] is None)
+    # what cannot change in place, nulls, bad bounds, a missing model, no token
+    for body, status, param in (({"path": "/x"}, 400, "path"), ({"slo": None}, 400, None),
+                                ({"replicas": {"min": 3, "max": 2}}, 400, None), ({"priority": "high"}, 400, "priority")):
+        r = httpx.patch(server.url + "/admin/models/qb", json=body, headers={"Authorization": f"Bearer {ADMIN}"})
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and (param is None or err["param"] == param), (body, err)
+    r = httpx.patch(server.url + "/admin/models/nope", json={"priority": 1}, headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert httpx.patch(server.url + "/admin/models/qb", json={"priority": 1}).status_code == 401

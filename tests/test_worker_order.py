@@ -14,6 +14,7 @@ from controller.config import EngineOptions
 from controller.worker import Worker
 from load_tests.worker_harness import FakeController
 from load_tests.worker_harness import with_worker as _with_worker
+from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
 
 PACE = EngineOptions(kind="pace", pace_s_per_token=0.001, max_model_len=64)
@@ -60,5 +61,26 @@ def test_load_unload_load_in_one_tick_is_hosted_and_answered_once():
         assert [x.ok for x in got] == [True], got
         d = await _generate(ctl, "r1", "a")
         assert d.error is None and d.finish_reason == "length", d
+
+    asyncio.run(_with_worker(body))
+
+
+def test_a_retune_sent_while_the_model_loads_is_applied_once_it_is_hosted(make_tiny):
+    """RetuneModel (PATCH /admin/models) right behind the LoadModel, before the model is hosted: the policy weighs
+    it by the new SLO and keep_alive, not the LoadModel's."""
+    path = str(make_tiny("qwen2"))
+
+    async def body(ctl: FakeController, worker: Worker) -> None:
+        ctl.send(m.LoadModel("a", path, EngineOptions(), ModelSLO(1.0, 0.1)),
+                 m.RetuneModel("a", ModelSLO(9.0, 0.9, 2.0), 60.0))
+        assert (await ctl.expect(m.ModelLoaded)).ok
+        mm = worker.models._of("a")
+        for _ in range(100):  # (applied between steps)
+            if mm.state.models["a"].slo != ModelSLO(1.0, 0.1):
+                break
+            await asyncio.sleep(0.02)
+        assert mm.state.models["a"].slo == ModelSLO(9.0, 0.9, 2.0)
+        assert mm._keep_alive["a"] == 60.0
+        assert not worker._retune_later
 
     asyncio.run(_with_worker(body))

@@ -347,6 +347,14 @@ class MultiModelEngine:
         self._capacity()
         self.events.append({"kind": "unregister", "model": name, "t": time.time()})
 
+    def set_slo(self, name: str, slo: ModelSLO) -> None:
+        """`name`'s SLO from now on: what the policy weighs its next turns by (requests already admitted keep the
+        SLO they came under)."""
+        if name not in self.engines:
+            raise ValueError(f"unknown model {name!r}; hosted: {sorted(self.engines)}")
+        self._settle()
+        self.state.models[name].slo = slo
+
     def set_keep_alive(self, name: str, seconds: float | None) -> None:
         """Evict `name`'s weights once it has been idle (no request) for `seconds` (Ollama's keep_alive,
         llama-swap's ttl); None: they stay until the policy needs the room."""
@@ -1189,7 +1197,9 @@ class MultiModelEngine:
                 "kv_pages_used": sum(len(r.block_ids) for r in s.running),
                 "kv_swapped": sum(len(r.host_block_ids or ()) for r in s.swapped),
                 "steps": self.steps_per_model.get(name, 0),
-                "engine_s": engine_s, "priced_s": priced_s}
+                "engine_s": engine_s, "priced_s": priced_s,
+                # what the policy weighs it by, and its residency (PATCH /admin/models changes them in place)
+                "slo": dataclasses.asdict(self.state.models[name].slo), "keep_alive_s": self._keep_alive.get(name)}
         if mem is not None:
             held = [n for n in mem.entries if mem.holds(n)]
             weights = sum(mem.slot_bytes(n) for n in held)

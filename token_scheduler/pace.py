@@ -248,6 +248,9 @@ class PacedModels:
     def set_keep_alive(self, name: str, seconds: float | None) -> None:
         pass
 
+    def set_slo(self, name: str, slo: ModelSLO) -> None:
+        pass  # (paced models run in turn, weighed by no SLO)
+
     def preload(self, name: str) -> bool:
         return True
 

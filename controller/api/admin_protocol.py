@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from controller.config import RateLimit
+from controller.config import SLO, RateLimit, Replicas, parse_duration
 from controller.keys import is_key_hash
 
 
@@ -82,6 +82,32 @@ class ModelOut(BaseModel):
     size_bytes: int
     slo_attainment: float | None
     load_error: str | None = None  # why its last registration failed, while it is ready on no engine
+
+
+class ModelPatch(BaseModel):
+    """PATCH /admin/models/{name}: what a registered model changes in place (its weights, registrations and
+    requests in flight stay). Fields left out stay as they are; keep_alive null: until the memory is needed."""
+    model_config = ConfigDict(extra="forbid")
+    slo: SLO | None = None
+    priority: int | None = None
+    replicas: Replicas | None = None
+    keep_alive: float | None = None
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> float | None:
+        return parse_duration(v)
+
+    @model_validator(mode="after")
+    def _not_null(self) -> ModelPatch:
+        nulls = [f for f in ("slo", "priority", "replicas") if f in self.model_fields_set and getattr(self, f) is None]
+        if nulls:
+            raise ValueError(f"{', '.join(nulls)} cannot be null (leave a field out to keep it)")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        """The fields the body named (keep_alive may be named null: until the memory is needed)."""
+        return {f: getattr(self, f) for f in self.model_fields_set}
 
 
 class GPUOut(BaseModel):

@@ -93,6 +93,14 @@ async def register_model(spec: ModelSpec, request: Request):
     return _model_out(ctl, spec.name, request.app.state.serving.last_used)
 
 
+@router.patch("/models/{name:path}", response_model=ap.ModelOut)
+async def update_model(name: str, patch: ap.ModelPatch, request: Request):
+    """Change a model's SLO, priority, replica bounds or keep_alive without unloading it."""
+    ctl = _ctl(request)
+    ctl.update_model(name, patch.changes())
+    return _model_out(ctl, name, request.app.state.serving.last_used)
+
+
 @router.delete("/models/{name:path}")
 async def unregister_model(name: str, request: Request) -> dict:
     if not _ctl(request).remove_model(name):

@@ -80,8 +80,8 @@ class AdminClient:
 
 @dataclass(frozen=True)
 class Named:
-    """Resources of one kind the admin API keeps by name at `path` (models, tenants): read, added, removed. There
-    is no in-place update: a changed one is removed and added again."""
+    """Resources of one kind the admin API keeps by name at `path` (models, tenants): read, added, removed, and
+    (models) some fields changed in place; any other change is a remove and an add."""
 
     admin: AdminClient
     path: str
@@ -95,6 +95,10 @@ class Named:
 
     def add(self, body: dict) -> dict:
         return self.admin._expect("POST", self.path, 201, body)
+
+    def update(self, name: str, body: dict) -> dict:
+        """Change fields of one in place (PATCH; models: slo, priority, replicas)."""
+        return self.admin._expect("PATCH", self.path_of(name), 200, body)
 
     def remove(self, name: str) -> bool:
         """False if it was gone already."""

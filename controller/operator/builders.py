@@ -95,13 +95,33 @@ def build_model_spec(name: str, spec: dict) -> dict:
     return ModelSpec.model_validate(body).model_dump(mode="json")
 
 
+# What a registered model changes in place (PATCH /admin/models/{name}): a change of only these (HPA's scaling
+# through replicas, an SLO or priority) keeps its weights loaded and its requests running.
+LIVE_FIELDS = ("slo", "priority", "replicas")
+
+
+def live_fields(desired: dict) -> dict:
+    return {k: desired[k] for k in LIVE_FIELDS}
+
+
+def reload_digest(desired: dict) -> str:
+    """The digest of what needs the model registered again to change (its path, engine options, adapters...)."""
+    return digest({k: v for k, v in desired.items() if k not in LIVE_FIELDS})
+
+
+def model_reloads(desired: dict, actual: dict) -> bool:
+    """Whether the controller's model (a `GET /admin/models` item) differs from `desired` in what it shows and
+    cannot change in place."""
+    return (actual.get("path") != desired["path"]
+            or (actual.get("lora_modules") or []) != desired.get("lora_modules", []))
+
+
 def model_matches(desired: dict, actual: dict | None) -> bool:
     """Whether the controller's model (a `GET /admin/models` item) already is `desired` in what it shows."""
     if actual is None:
         return False
-    return (actual.get("path") == desired["path"] and actual.get("priority") == desired["priority"]
+    return (not model_reloads(desired, actual) and actual.get("priority") == desired["priority"]
             and actual.get("replicas") == desired["replicas"]
-            and (actual.get("lora_modules") or []) == desired.get("lora_modules", [])
             and {k: float(v) for k, v in (actual.get("slo") or {}).items()} ==
             {k: float(v) for k, v in desired["slo"].items()})
 

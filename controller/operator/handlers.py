@@ -245,7 +245,7 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
         if memo.kube.pool(namespace, pool) is None:
             _write_status(patch, status, {}, "Degraded", "PoolNotFound", f"no GPUPool {pool!r} in {namespace}", gen)
             return  # the timer looks again
-        want = b.digest(desired)
+        want = b.reload_digest(desired)  # (what a PATCH changes in place is compared as the controller shows it)
         try:
             old = memo.served.get(meta["uid"]) or status.get("served")
             old_owner = _name_owner(served_names, old) if old else None
@@ -260,8 +260,9 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
                 memo.admin.models.remove(old)
             actual = memo.admin.models.by_name().get(desired["name"])
             known = _applied(memo, meta) or status.get("appliedDigest")
-            if actual is not None and (not b.model_matches(desired, actual) or known not in (None, want)):
-                # The admin API has no in-place update: re-register, after the requests in flight finish.
+            if actual is not None and (b.model_reloads(desired, actual) or known not in (None, want)):
+                # Not changeable in place (path, engine options, adapters): re-register, after the requests in
+                # flight finish.
                 n = _drain_wait(memo.admin, desired["name"], spec, runtime)
                 if n:
                     _write_status(patch, status, {}, "Progressing", "Draining", f"{n} requests in flight before the "
@@ -273,6 +274,8 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
                 actual = None
             if actual is None:
                 actual = memo.admin.models.add(desired)
+            elif not b.model_matches(desired, actual):  # SLO, priority, replica bounds: in place, nothing unloaded
+                actual = memo.admin.models.update(desired["name"], b.live_fields(desired))
             memo.applied[meta["uid"]] = (gen, want)
             memo.served[meta["uid"]] = desired["name"]
         except (AdminError, AdminUnavailable) as e:
