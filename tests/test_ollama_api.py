@@ -30,7 +30,9 @@ def server(make_tiny, tmp_path_factory):
     cfg = {
         "workers": {"local": "cpu", "heartbeat_s": 0.25},
         "models": [{"name": "tiny-a", "path": str(make_tiny("qwen2")), "engine": {"max_num_seqs": 8}},
-                   {"name": "think-a", "path": str(thinker), "engine": {"max_num_seqs": 8}}],
+                   {"name": "think-a", "path": str(thinker), "engine": {"max_num_seqs": 8}},
+                   {"name": "short-a", "path": str(make_tiny("qwen2")), "engine": {"max_num_seqs": 8,
+                                                                                 "max_model_len": 48}}],
     }
     with LiveServer(cfg, work) as srv:
         yield srv
@@ -132,3 +134,26 @@ def test_last_assistant_message_is_continued(server):
     turn = [*msgs, {"role": "user", "content": "Go on."}]
     ref = o.chat.completions.create(model="tiny-a", messages=turn, max_tokens=8, temperature=0)
     assert c.chat(model="tiny-a", messages=turn, options=opts).prompt_eval_count == ref.usage.prompt_tokens
+
+
+def test_num_predict_past_the_context_fills_it(server):
+    """num_predict past the room the prompt leaves generates until the context is full (Ollama's), done_reason
+    "length", streamed or not, on chat, generate and raw generate alike, where the chat endpoint's max_tokens is a
+    400; within the room it is the cap."""
+    import openai
+
+    c = oc(server)
+    ctx = c.show("short-a").modelinfo["context_length"]
+    assert ctx == 48
+    msgs = [{"role": "user", "content": "Tell me a story."}]
+    with pytest.raises(openai.BadRequestError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0).chat.completions.create(
+            model="short-a", messages=msgs, max_tokens=ctx, temperature=0)
+    opts = {"temperature": 0, "num_predict": ctx, "seed": 1}
+    for r in (c.chat(model="short-a", messages=msgs, options=opts),
+              list(c.chat(model="short-a", messages=msgs, options=opts, stream=True))[-1],
+              c.generate(model="short-a", prompt="Tell me a story.", options=opts),
+              c.generate(model="short-a", prompt="Tell me a story.", raw=True, options=opts)):
+        assert r.done_reason == "length" and r.prompt_eval_count + r.eval_count == ctx, r
+    r = c.chat(model="short-a", messages=msgs, options={**opts, "num_predict": 3})
+    assert r.done_reason == "length" and r.eval_count == 3

@@ -258,24 +258,34 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                 req = _as(p.ChatCompletionRequest, {**_sampling(body), "messages": [
                     *msgs, {"role": "user", "content": body.prompt}], **extra})
         me = serving.entry(tenant, req.model)
-        tools = None
         context = None if chat else body.context
         if context is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
             raise ServingError(400, "context must be the token ids a previous /api/generate returned")
         templated = isinstance(req, p.ChatCompletionRequest)
-        if context or not templated:  # a raw prompt's ids, or the earlier turns' then this prompt's (templated or raw)
-            params = serving._params(me, req, req.max_tokens, None)
-            new = await (serving.offload(serving._chat_prompt, me, req, think_kwargs) if templated else
-                         serving.offload(encode, me.tokenizer, req.prompt))
-            ids = serving._check_ids(me, [*(context or []), *new], "context" if context else "prompt")
-            gen = serving._track(await ctl.generate(me, tenant, [ids], params, 1, ctl.new_id("ollama")))
-        else:  # (Ollama's answers first, then as the chat endpoint admits it)
+
+        async def begin(req: Any) -> tuple[Any, ToolPlan | None, Tracked]:
+            if context or not templated:  # a raw prompt's ids, or the earlier turns' then this prompt's
+                params = serving._params(me, req, req.max_tokens, None)
+                new = await (serving.offload(serving._chat_prompt, me, req, think_kwargs) if templated else
+                             serving.offload(encode, me.tokenizer, req.prompt))
+                ids = serving._check_ids(me, [*(context or []), *new], "context" if context else "prompt")
+                return me, None, serving._track(await ctl.generate(me, tenant, [ids], params, 1, ctl.new_id("ollama")))
+            # (Ollama's answers first, then as the chat endpoint admits it)
             if not getattr(me.tokenizer, "chat_template", None):
                 raise ServingError(400, f"model '{req.model}' has no chat template: use /api/generate with raw")
             if req.tools and not me.spec.tool_call_parser:  # (Ollama's answer for a model whose template has none)
                 raise ServingError(400, f"{req.model} does not support tools (serve it with a tool-call parser: "
                                         "--tool-call-parser hermes, or tool_call_parser in its configuration)")
-            me, tools, gen = await serving.start_chat(req, tenant, ctl.new_id("ollama"))
+            return await serving.start_chat(req, tenant, ctl.new_id("ollama"))
+
+        try:
+            me, tools, gen = await begin(req)
+        except ServingError as e:
+            # num_predict past the context the prompt leaves: Ollama generates on until the context is full, so the
+            # reply takes the room there is (done_reason "length"), where max_tokens would be a 400
+            if not (e.code == "context_length_exceeded" and e.param == "max_tokens" and req.max_tokens is not None):
+                raise
+            me, tools, gen = await begin(req.model_copy(update={"max_tokens": None}))
         if _unloads(ctl, body.keep_alive):  # (sent after the request: the engine evicts once it is done)
             ctl.evict(me.spec.name)
     except ServingError as e:
