@@ -160,9 +160,19 @@ def test_examples_validate_against_their_crd(kind):
         _validate_cr(e)
 
 
+def test_gpupool_takes_worker_resources_as_kubernetes_quantities():
+    pool = copy.deepcopy(next(d for _, d in OBJECTS if d["kind"] == "GPUPool"))
+    pool["spec"]["workerResources"] = {"requests": {"cpu": 2, "memory": "40Gi"}, "limits": {"memory": "80Gi"}}
+    _validate_cr(pool)
+    ds = b.build_worker_daemonset("default", "tokenpool", pool["spec"])
+    kv.validate(ds, K8S_VERSION, strict=True)
+
+
 @pytest.mark.parametrize("kind,path,value", [
     ("GPUPool", ("spec", "gpusPerNode"), 0),
     ("GPUPool", ("spec", "policy"), "fastest"),
+    ("GPUPool", ("spec", "workerResources", "requests", "cpu"), [2]),
+    ("GPUPool", ("spec", "workerResources", "requests"), "2"),
     ("PooledModel", ("spec", "slo", "ttftSeconds"), 0),
     ("PooledModel", ("spec", "engine", "kind"), "vllm"),
     ("PooledModel", ("spec", "engine", "kvCacheMemoryGB"), 0),

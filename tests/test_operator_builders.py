@@ -147,7 +147,8 @@ def test_worker_daemonset_one_container_per_gpu():
     assert ds["metadata"] == {**ds["metadata"], "name": "tokenpool-workers-a", "namespace": "ns"}
     assert [c["name"] for c in pod["containers"]] == ["worker-0", "worker-1", "worker-2", "worker-3"]
     for c in pod["containers"]:
-        assert c["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+        # requests by default (not BestEffort): 2 CPUs, its share of the 128 GB host cache + 4 GiB; no memory limit
+        assert c["resources"] == {"requests": {"cpu": "2", "memory": "36Gi"}, "limits": {"nvidia.com/gpu": "1"}}
         assert c["command"] == ["python", "-m", "controller.worker", "--controller", "ctl:9000", "--device", "cuda:0",
                                 "--policy", "request", "--host-cache-gb", "128", "--gpu-budget-gb", "60"]
         tok = next(e for e in c["env"] if e["name"] == "TOKENPOOL_JOIN_TOKEN")
@@ -159,6 +160,18 @@ def test_worker_daemonset_one_container_per_gpu():
     assert pod["nodeSelector"] == {"pool": "a"} and pod["tolerations"] == spec["tolerations"]
     assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
     assert not pod["automountServiceAccountToken"]
+
+
+def test_worker_resources_of_the_pool_keep_the_gpu():
+    own = {"requests": {"cpu": "500m", "memory": "8Gi"}, "limits": {"memory": "64Gi", "nvidia.com/gpu": "2"}}
+    (c,) = b.build_worker_daemonset("a", "ns", {"workerResources": own})["spec"]["template"]["spec"]["containers"]
+    assert c["resources"] == {"requests": {"cpu": "500m", "memory": "8Gi"},
+                              "limits": {"memory": "64Gi", "nvidia.com/gpu": "1"}}  # one GPU a worker, always
+    (c,) = b.build_worker_daemonset("a", "ns", {"workerResources": {}})["spec"]["template"]["spec"]["containers"]
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": "1"}}  # (asked for: nothing but the GPU)
+    (c,) = b.build_worker_daemonset("a", "ns", {"hostCacheGB": 5, "gpusPerNode": 1})["spec"]["template"]["spec"][
+        "containers"]
+    assert c["resources"]["requests"] == {"cpu": "2", "memory": "9Gi"}
 
 
 def test_worker_daemonset_digest_follows_the_spec():

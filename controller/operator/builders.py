@@ -196,6 +196,19 @@ def tenant_matches(desired: dict, actual: dict | None) -> bool:
 
 
 # --- GPUPool -> worker DaemonSet ---
+def worker_resources(s: dict) -> dict:
+    """Each worker container's requests and limits: the pool's `workerResources`, or by default requests of 2 CPUs
+    (its step loop and its loads) and memory for its share of the host cache plus 4 GiB (the process, CUDA's
+    host side), so the pods are not BestEffort, the first evicted under memory pressure. No memory limit by
+    default: the shared cache's pages are charged to whichever container touched them first. Always one GPU."""
+    own = s.get("workerResources")
+    if own is None:
+        share = -(-s["hostCacheGB"] // s["gpusPerNode"])  # (ceil)
+        own = {"requests": {"cpu": "2", "memory": f"{share + 4}Gi"}}
+    limits = {**own.get("limits", {}), "nvidia.com/gpu": "1"}
+    return {**({"requests": dict(own["requests"])} if own.get("requests") else {}), "limits": limits}
+
+
 def build_worker_daemonset(pool: str, namespace: str, spec: dict) -> dict:
     """One pod per GPU node, one worker container per GPU. Every container asks the device plugin for one GPU,
     so inside it the GPU is `cuda:0`; the pod's containers share one memory-backed /dev/shm, the node's host
@@ -222,7 +235,7 @@ def build_worker_daemonset(pool: str, namespace: str, spec: dict) -> dict:
             {"name": "TOKENPOOL_JOIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": tok["name"], "key": tok["key"]}}},
             {"name": "HOME", "value": "/tmp"},
         ],
-        "resources": {"limits": {"nvidia.com/gpu": "1"}},
+        "resources": worker_resources(s),
         "volumeMounts": mounts,
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
