@@ -157,3 +157,17 @@ def test_num_predict_past_the_context_fills_it(server):
         assert r.done_reason == "length" and r.prompt_eval_count + r.eval_count == ctx, r
     r = c.chat(model="short-a", messages=msgs, options={**opts, "num_predict": 3})
     assert r.done_reason == "length" and r.eval_count == 3
+
+
+def test_managing_a_model_not_served_is_not_found(server):
+    """delete, copy and push of a model that is not served: Ollama's 404 naming it; of a served one the 501 saying
+    models are managed through the admin API."""
+    c = oc(server)
+    for call in (lambda: c.delete("nope"), lambda: c.copy("nope", "other"), lambda: c.push("nope")):
+        with pytest.raises(ollama.ResponseError) as ei:
+            call()
+        assert (ei.value.status_code, ei.value.error) == (404, "model 'nope' not found")
+    for call in (lambda: c.delete("tiny-a"), lambda: c.copy("tiny-a", "other")):
+        with pytest.raises(ollama.ResponseError) as ei:
+            call()
+        assert ei.value.status_code == 501 and "/admin/models" in ei.value.error

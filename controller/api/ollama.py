@@ -609,10 +609,21 @@ async def pull(request: Request) -> Response:
 @router.api_route("/{action}", methods=["POST", "DELETE"], include_in_schema=False)
 async def manage(action: str, request: Request) -> Response:
     """Ollama's model management (create, copy, delete, push, ...): not this server's; models are the configured ones
-    and those registered through the admin API."""
-    auth.tenant(request)
+    and those registered through the admin API. One naming a model that is not served is Ollama's 404."""
+    tenant = auth.tenant(request)
     if action not in MANAGEMENT:
         return _error(404, f"no such endpoint: /api/{action}")
+    try:
+        data = json.loads(await request.body() or b"{}")
+    except ValueError as e:
+        return _error(400, f"the request body is not valid JSON: {e}")
+    if action != "create" and isinstance(data, dict):  # (create names a new model)
+        name = data.get("source") if action == "copy" else data.get("model") or data.get("name")
+        if isinstance(name, str) and name:
+            try:
+                request.app.state.serving.lookup(tenant, name)
+            except ServingError as e:
+                return _error(e.status, f"model '{name}' not found" if e.status == 404 else e.message)
     return _error(501, f"/api/{action} is not supported: tokenpool serves the models in its configuration and those "
                        "registered through the admin API (POST /admin/models, DELETE /admin/models/NAME)")
 
