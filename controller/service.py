@@ -70,6 +70,7 @@ class ModelEntry:
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     pinned: bool = False  # an operator keeps its weights in VRAM (controller.set_pinned)
     draining: bool = False  # an operator stopped admitting its requests (before removing it, say)
+    source: str = "admin"  # "config": from the configuration at start; "admin": registered over the admin API
 
     @property
     def default_step_s(self) -> float:
@@ -220,7 +221,7 @@ class Controller:
     # --- lifecycle ---
     async def start(self) -> None:
         for spec in self.cfg.models:
-            await self.add_model(spec)
+            await self.add_model(spec, source="config")
         devices = await asyncio.to_thread(local_devices, self.cfg.workers.local)
         await self.pool.start(devices)
         self._tasks.append(asyncio.create_task(self._autoscale_loop()))
@@ -254,7 +255,7 @@ class Controller:
         return ok
 
     # --- models ---
-    async def add_model(self, spec: ModelSpec) -> ModelEntry:
+    async def add_model(self, spec: ModelSpec, source: str = "admin") -> ModelEntry:
         from token_scheduler.tokenizer import load_tokenizer
 
         if spec.name in self.models:
@@ -285,7 +286,7 @@ class Controller:
             raise ServingError(400, f"cannot load the tokenizer from {spec.path}: {e}", param="path") from e
         cfg = _hf_config(spec)  # (read once for the three)
         entry = ModelEntry(spec, info, tok, context_len(spec, cfg), hidden_size(cfg), architecture(cfg),
-                           pinned=spec.pin)
+                           pinned=spec.pin, source=source)
         self.models[spec.name] = entry
         freeze_long_lived()  # the tokenizer (and what loading it imported) lives as long as the model
         self.events.publish("register", model=spec.name)

@@ -20,7 +20,7 @@ ADMIN = new_key("tpadmin")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cfg = {"admin_token_hash": hash_key(ADMIN), "auth": True, "workers": {"local": "cpu"},
-           "autoscaler": {"enabled": False}}
+           "autoscaler": {"enabled": False}, "models": [{"name": "from-config", "engine": {"kind": "pace"}}]}
     with LiveServer(cfg, tmp_path_factory.mktemp("opadmin")) as srv:
         yield srv
 
@@ -194,6 +194,38 @@ def test_two_pooled_models_asking_for_one_served_name(admin, monkeypatch):
         assert "shared-m" not in admin.models.by_name()
     finally:
         admin.models.remove("shared-m")
+
+
+def test_a_model_of_the_controllers_configuration_is_not_a_pooled_models(admin, monkeypatch):
+    """A PooledModel whose served name a model of the controller's own configuration has: Degraded NameConflict;
+    the configured model is neither replaced nor, when the PooledModel is deleted, removed. (Before, the operator
+    re-registered it with the PooledModel's spec, and its deletion took the configured model away.)"""
+    import kopf
+
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
+    from controller.operator import handlers
+
+    class Kube:
+        def pool(self, namespace, name):
+            return {"metadata": {"name": name}}
+
+    memo = kopf.Memo(admin=admin, kube=Kube(), applied={}, served={}, locks={})
+    memo.locks_guard = threading.Lock()
+    listed = admin.models.by_name()["from-config"]
+    assert listed["source"] == "config"
+    spec = {"servedName": "from-config", "engine": {"kind": "pace"}, "priority": 7}
+    meta = {"uid": "u-c", "generation": 1, "creationTimestamp": "2026-01-01T00:00:00Z"}
+    patch = kopf.Patch()
+    handlers._reconcile_model(name="c", namespace="tp", spec=spec, status={}, meta=meta, patch=patch, memo=memo,
+                              runtime=None)
+    degraded = next(c for c in patch.status["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "NameConflict"
+    assert "configuration" in degraded["message"]
+    handlers.delete_model(name="c", spec=spec, status={}, meta=meta, patch=kopf.Patch(), memo=memo, runtime=None)
+    assert admin.models.by_name()["from-config"] == listed  # untouched, still served
+    added = admin.models.add(b.build_model_spec("over-admin", {"engine": {"kind": "pace"}}))
+    assert added["source"] == "admin"
+    admin.models.remove("over-admin")
 
 
 def test_a_tenant_whose_secret_lost_its_key_loses_it_too(server, admin, monkeypatch):

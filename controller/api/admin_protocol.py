@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -82,6 +82,7 @@ class ModelOut(BaseModel):
     size_bytes: int
     slo_attainment: float | None
     load_error: str | None = None  # why its last registration failed, while it is ready on no engine
+    source: Literal["config", "admin"] = "admin"  # from the configuration at start, or over the admin API
 
 
 class ModelPatch(BaseModel):

@@ -77,7 +77,7 @@ def _model_out(ctl: Controller, name: str, last_used: dict[str, float]) -> ap.Mo
                        slo=s.slo.model_dump(), priority=s.priority,
                        replicas=s.replicas.model_dump(), max_model_len=me.max_model_len, size_bytes=me.info.size_bytes,
                        engines=[e.id for e in ctl.pool.engines.values() if e.alive and name in e.replicas],
-                       slo_attainment=me.attainment(), load_error=ctl.load_errors().get(name))
+                       slo_attainment=me.attainment(), load_error=ctl.load_errors().get(name), source=me.source)
 
 
 @router.get("/models", response_model=list[ap.ModelOut])

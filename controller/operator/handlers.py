@@ -247,6 +247,10 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
             return  # the timer looks again
         want = b.reload_digest(desired)  # (what a PATCH changes in place is compared as the controller shows it)
         try:
+            if desired["name"] in _config_models(memo.admin):
+                _write_status(patch, status, {}, "Degraded", "NameConflict", f"model name {desired['name']!r} is "
+                              "served by the controller's own configuration; set another servedName", gen)
+                return  # never replaced or removed by a PooledModel (the timer looks again)
             old = memo.served.get(meta["uid"]) or status.get("served")
             old_owner = _name_owner(served_names, old) if old else None
             if (old and old != desired["name"] and (old_owner is None or old_owner[3] == meta["uid"])
@@ -288,6 +292,11 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
             _write_status(patch, status, st, "Progressing", "Loading", "registered; waiting for an engine", gen)
 
 
+def _config_models(admin: Any) -> set[str]:
+    """The controller's models from its own configuration (not the operator's to replace or remove)."""
+    return {n for n, m in admin.models.by_name().items() if m.get("source") == "config"}
+
+
 @kopf.on.delete(GROUP, VERSION, "pooledmodels")
 def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Patch, memo: kopf.Memo,
                  runtime: datetime.timedelta, served_names: Any = None, **_: Any) -> None:
@@ -297,6 +306,7 @@ def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Pa
     names = {n for n in names if (owner := _name_owner(served_names, n)) is None or owner[3] == meta["uid"]}
     with _lock(memo, meta["uid"]):
         try:
+            names -= _config_models(memo.admin)  # (a model of the controller's configuration is never this one's)
             for served in names:
                 memo.admin.drain_model(served)  # idempotent: a retried finalizer drains again, harmlessly
             n = sum(_drain_wait(memo.admin, served, dict(spec), runtime) for served in names)
