@@ -158,6 +158,21 @@ def test_dashboard_details(server, shots):
             expect(legend).not_to_contain_text("pace-gone", timeout=5_000)
             expect(legend).to_contain_text("tiny-b")
 
+            # a request of 3 choices is one request: the Requests tab's count says 1, as its table does
+            page.click("#tabs [data-view=requests]")
+            with httpx.stream("POST", url + "/v1/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
+                              json={"model": "pace-a", "prompt": "hi", "max_tokens": 1000, "n": 3, "stream": True,
+                                    "ignore_eos": True}) as n3:
+                lines = n3.iter_lines()  # (kept: a dropped iterator closes the response)
+                next(lines)
+                expect(page.locator("#requests-table tbody tr")).to_have_count(1, timeout=10_000)
+                (req,) = page.request.get(url + "/admin/requests").json()
+                assert req["choices"] == 3, req
+                expect(page.locator("#n-requests")).to_have_text("1")
+            # (the client went: the request ends)
+            expect(page.locator("#n-requests")).to_have_text("0", timeout=10_000)
+            expect(page.locator("#requests-empty")).to_be_visible()
+
             # a phone: nothing wider than the screen, the header holds its tabs, each one can be tapped
             phone = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
             mobile = phone.new_page()

@@ -106,7 +106,6 @@ function renderSummary(p) {
   ];
   document.getElementById("summary").replaceChildren(...tiles.map(([k, v]) =>
     el("div", { class: "tile" }, el("div", { class: "v", text: String(v) }), el("div", { class: "k", text: k }))));
-  document.getElementById("n-requests").textContent = String(inflight);
 }
 
 function drawTimeline(canvas, runs, now) {
@@ -341,6 +340,8 @@ function applyPool(p, chart) {
 
 function applyRequests(list) {
   S.requests = list;
+  // the tab counts the requests it lists (one with n choices is one row; "In flight" counts the engines' requests)
+  document.getElementById("n-requests").textContent = String(list.length);
   if (S.view === "requests") renderRequests();
 }
 
