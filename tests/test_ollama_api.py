@@ -171,3 +171,33 @@ def test_managing_a_model_not_served_is_not_found(server):
         with pytest.raises(ollama.ResponseError) as ei:
             call()
         assert ei.value.status_code == 501 and "/admin/models" in ei.value.error
+
+
+def test_logprobs(server):
+    """logprobs (with top_logprobs) as Ollama gives them: each generated token with its log probability and its
+    alternatives, the chat endpoint's for the same request; streamed, each line with its own tokens; generate and
+    raw generate too; top_logprobs past 20 is a 400."""
+    import openai
+
+    c = oc(server)
+    o = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    msgs = [{"role": "user", "content": "Hello there"}]
+    want = o.chat.completions.create(model="tiny-a", messages=msgs, max_tokens=4, temperature=0, logprobs=True,
+                                     top_logprobs=2).choices[0].logprobs.content
+    opts = {"temperature": 0, "num_predict": 4}
+    r = c.chat(model="tiny-a", messages=msgs, logprobs=True, top_logprobs=2, options=opts)
+    got = [(x.token, round(x.logprob, 4), [(t.token, round(t.logprob, 4)) for t in x.top_logprobs])
+           for x in r.logprobs]
+    assert got == [(x.token, round(x.logprob, 4), [(t.token, round(t.logprob, 4)) for t in x.top_logprobs])
+                   for x in want] and len(got) == r.eval_count == 4
+    parts = list(c.chat(model="tiny-a", messages=msgs, logprobs=True, top_logprobs=2, options=opts, stream=True))
+    assert [x.token for p in parts for x in p.logprobs or []] == [x.token for x in r.logprobs]
+    assert all("".join(x.token for x in p.logprobs or []) == p.message.content for p in parts)
+    for g in (c.generate(model="tiny-a", prompt="Hello there", logprobs=True, options=opts),
+              c.generate(model="tiny-a", prompt="Hello there", raw=True, logprobs=True, top_logprobs=3, options=opts)):
+        assert "".join(x.token for x in g.logprobs) == g.response and len(g.logprobs) == g.eval_count
+    assert len(g.logprobs[0].top_logprobs) == 3
+    assert c.chat(model="tiny-a", messages=msgs, options=opts).logprobs is None
+    with pytest.raises(ollama.ResponseError) as ei:
+        c.chat(model="tiny-a", messages=msgs, logprobs=True, top_logprobs=21, options=opts)
+    assert ei.value.status_code == 400 and "top_logprobs" in ei.value.error

@@ -70,6 +70,8 @@ class _Base(_Loose):
     # Ollama's: true/false, or a level ("high", "medium", "low"); a model whose template has no thinking is a 400
     # when it is asked for (`_thinking`)
     think: bool | str | None = None
+    logprobs: bool = False  # Ollama's: each generated token's log probability, and its top_logprobs alternatives
+    top_logprobs: int | None = None
 
 
 class ChatRequest(_Base):
@@ -239,7 +241,10 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         if not (body.messages if chat else body.prompt):  # Ollama's "load the model" request: nothing to generate
             return _load(request, serving.entry(tenant, body.model), body, chat)
         think_kwargs, thinking = _think(serving.lookup(tenant, body.model), body)
-        extra = {"chat_template_kwargs": think_kwargs} if think_kwargs else {}
+        extra: dict[str, Any] = {"chat_template_kwargs": think_kwargs} if think_kwargs else {}
+        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
+            raise ServingError(400, "top_logprobs must be between 0 and 20")
+        k = (body.top_logprobs or 0) if body.logprobs else None  # (None: no logprobs)
         if chat:
             if any(m.images for m in body.messages):
                 raise ServingError(400, "images are not supported: the served models take text")
@@ -247,7 +252,8 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
             if prefills(msgs):  # (a last assistant message is continued, as Ollama's template leaves it open)
                 extra["continue_final_message"] = True
             req = _as(p.ChatCompletionRequest, {**_sampling(body), "messages": msgs,
-                                                **({"tools": body.tools} if body.tools else {}), **extra})
+                                                **({"tools": body.tools} if body.tools else {}), **extra,
+                                                **({"logprobs": True, "top_logprobs": k} if k is not None else {})})
         else:
             if body.images or body.suffix:
                 raise ServingError(400, "images and suffix are not supported")
@@ -256,7 +262,8 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
             else:  # the model's template over the system message and the prompt, as Ollama applies it
                 msgs = ([{"role": "system", "content": body.system}] if body.system else [])
                 req = _as(p.ChatCompletionRequest, {**_sampling(body), "messages": [
-                    *msgs, {"role": "user", "content": body.prompt}], **extra})
+                    *msgs, {"role": "user", "content": body.prompt}], **extra,
+                    **({"logprobs": True, "top_logprobs": k} if k is not None else {})})
         me = serving.entry(tenant, req.model)
         context = None if chat else body.context
         if context is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
@@ -265,7 +272,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
 
         async def begin(req: Any) -> tuple[Any, ToolPlan | None, Tracked]:
             if context or not templated:  # a raw prompt's ids, or the earlier turns' then this prompt's
-                params = serving._params(me, req, req.max_tokens, None)
+                params = serving._params(me, req, req.max_tokens, k)
                 new = await (serving.offload(serving._chat_prompt, me, req, think_kwargs) if templated else
                              serving.offload(encode, me.tokenizer, req.prompt))
                 ids = serving._check_ids(me, [*(context or []), *new], "context" if context else "prompt")
@@ -296,7 +303,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
     out_ids: list[int] = []  # (generate) the reply's ids, for the `context` of its last line
 
     def line(text: str, done: bool = False, reason: str | None = None, calls: list | None = None,
-             thought: str = "") -> bytes:
+             thought: str = "", logprobs: list | None = None) -> bytes:
         msg: dict[str, Any] = {"role": "assistant", "content": text}
         if thought and chat:
             msg["thinking"] = thought
@@ -305,23 +312,29 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         d: dict[str, Any] = {"model": body.model, "created_at": _now(), key: msg if chat else text, "done": done}
         if thought and not chat:
             d["thinking"] = thought
+        if logprobs:  # (Ollama's: the tokens this line carries, each with its top_logprobs)
+            d["logprobs"] = logprobs
         if done:
             d.update(done_reason=reason or "stop", **_stats(gen))
             if not chat:  # (Ollama's: what a next /api/generate passes back as `context` to continue)
                 d["context"] = [*gen.subs[0].prompt_ids, *out_ids]
         return json.dumps(d, ensure_ascii=False).encode() + b"\n"
 
+    def logprobs_of(d: Any) -> list[dict[str, Any]]:
+        return [lp.model_dump() for lp in serving._chat_logprobs(me, d, k)] if k is not None else []
+
     if body.stream:
-        return StreamingResponse(_stream(serving, gen, line, tools, out_ids, _Split() if thinking else None),
-                                 media_type="application/x-ndjson")
+        return StreamingResponse(_stream(serving, gen, line, tools, out_ids, _Split() if thinking else None,
+                                         logprobs_of), media_type="application/x-ndjson")
     status = 499
     try:
-        text, reason = await unless_disconnected(request, _collect(gen, out_ids))
+        lps: list[dict[str, Any]] = []
+        text, reason = await unless_disconnected(request, _collect(gen, out_ids, lambda d: lps.extend(logprobs_of(d))))
         status = 200
         thought, text = _Split().feed(text, True) if thinking else ("", text)
         if tools is not None and (calls := _calls(serving, text, reason, tools)):
-            return Response(line("", True, reason, calls, thought), media_type="application/json")
-        return Response(line(text, True, reason, thought=thought), media_type="application/json")
+            return Response(line("", True, reason, calls, thought, lps), media_type="application/json")
+        return Response(line(text, True, reason, thought=thought, logprobs=lps), media_type="application/json")
     except ClientGone:
         return Response(status_code=499)
     except ServingError as e:
@@ -385,11 +398,13 @@ def _load(request: Request, me: Any, body: _Base, chat: bool) -> JSONResponse:
                          "done_reason": "unload" if unload else "load"})
 
 
-async def _collect(gen: Tracked, ids: list[int] | None = None) -> tuple[str, str | None]:
-    """The reply's text and finish reason (its token ids appended to `ids`)."""
+async def _collect(gen: Tracked, ids: list[int] | None = None, each: Any = None) -> tuple[str, str | None]:
+    """The reply's text and finish reason (its token ids appended to `ids`; `each` called with each delta)."""
     parts, reason = [], None
     async for _, d in gen.events():
         parts.append(d.text)
+        if each is not None:
+            each(d)
         if ids is not None:
             ids += d.token_ids
         if d.finished:
@@ -426,26 +441,31 @@ def _calls(serving: OpenAIServing, text: str, reason: str | None, tools: ToolPla
 
 
 async def _stream(serving: OpenAIServing, gen: Tracked, line, tools: ToolPlan | None = None,
-                  ids: list[int] | None = None, split: _Split | None = None) -> AsyncIterator[bytes]:
+                  ids: list[int] | None = None, split: _Split | None = None,
+                  logprobs_of: Any = None) -> AsyncIterator[bytes]:
     """The NDJSON lines, the last `done`; with tools the reply is held to its end, then goes as its calls or its
     text. An engine error once streaming is an `{"error": ...}` line (the status has gone). The reply's token ids are
-    appended to `ids` before its last line is made. `split`: the thinking goes apart from the content."""
-    status, held = 499, []
+    appended to `ids` before its last line is made. `split`: the thinking goes apart from the content;
+    `logprobs_of`: a delta's logprobs, which go with the line its text goes in (with tools, the held line)."""
+    status, held, held_lps = 499, [], []
     try:
         async for _, d in gen.events():
             if ids is not None:
                 ids += d.token_ids
+            lps = logprobs_of(d) if logprobs_of is not None else []
             if tools is not None:
                 held.append(d.text)
+                held_lps += lps
                 if d.finished:
                     thought, text = split.feed("".join(held), True) if split else ("", "".join(held))
                     calls = _calls(serving, text, d.finish_reason, tools)
-                    yield line("", calls=calls, thought=thought) if calls else line(text, thought=thought)
+                    yield (line("", calls=calls, thought=thought, logprobs=held_lps) if calls else
+                           line(text, thought=thought, logprobs=held_lps))
                     yield line("", True, d.finish_reason)
                 continue
             thought, text = split.feed(d.text, d.finished) if split else ("", d.text)
-            if text or thought:
-                yield line(text, thought=thought)
+            if text or thought or lps:
+                yield line(text, thought=thought, logprobs=lps)
             if d.finished:
                 yield line("", True, d.finish_reason)
         status = 200
