@@ -171,21 +171,31 @@ def ps_cmd(
     from controller.ps import PsError, ps
 
     try:
-        typer.echo(ps(url, _admin_token(admin_token)))
+        typer.echo(ps(url, _admin_token(admin_token, url)))
     except PsError as e:
         typer.echo(f"tokenpool ps: {e}", err=True)
         raise typer.Exit(1) from None
 
 
-def _admin_token(given: str | None) -> str | None:
-    """The admin token given, else a local default server's: its run's token file (owner-only)."""
-    if given is None:
-        from controller.config import cache_dir
+def _admin_token(given: str | None, url: str) -> str | None:
+    """The admin token given, else that of a server on this machine without admin_token_hash: the owner-only file
+    its run wrote for the URL's port. Never read for another host (it would be sent there)."""
+    if given is not None:
+        return given
+    from urllib.parse import urlsplit
 
-        f = cache_dir() / "admin-token"
-        if f.is_file():
-            return f.read_text().strip() or None
-    return given
+    from controller.config import admin_token_file
+
+    u = urlsplit(url)
+    if u.hostname not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    try:
+        f = admin_token_file(u.port or (443 if u.scheme == "https" else 80))
+        if not f.is_file():
+            return None
+        return f.read_text().strip() or None
+    except (OSError, ValueError):  # (an unreadable file, a port that is not a number)
+        return None
 
 
 @app.command("stop")
@@ -198,7 +208,7 @@ def stop_cmd(
     from controller.ps import PsError, stop
 
     try:
-        typer.echo(stop(url, _admin_token(admin_token), model))
+        typer.echo(stop(url, _admin_token(admin_token, url), model))
     except PsError as e:
         typer.echo(f"tokenpool stop: {e}", err=True)
         raise typer.Exit(1) from None

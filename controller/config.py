@@ -300,6 +300,12 @@ def cache_dir() -> Path:
     return Path(env.CACHE.get() or Path.home() / ".cache" / "tokenpool" / "models")
 
 
+def admin_token_file(port: int) -> Path:
+    """Where a server listening on `port` without admin_token_hash writes its run's admin token (one file a port:
+    two servers of one user keep their own, and `tokenpool ps --url` finds the one it asks)."""
+    return cache_dir() / f"admin-token-{port}"
+
+
 def load_config(path: Path | None) -> ServerConfig:
     if path is None:
         return default_config()

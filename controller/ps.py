@@ -34,7 +34,7 @@ def fetch(url: str, path: str, token: str | None, timeout: float = 10.0, method:
     except urllib.error.HTTPError as e:
         msg = error_message(e)
         hint = (" (pass --admin-token or set TOKENPOOL_ADMIN_TOKEN; a server without admin_token_hash writes this "
-                "run's token to the file its log names, by default ~/.cache/tokenpool/models/admin-token)"
+                "run's token to the file its log names, by default ~/.cache/tokenpool/models/admin-token-PORT)"
                 if e.code == 401 else "")
         raise PsError(f"{url}{path}: HTTP {e.code}: {msg}{hint}") from None
     except (urllib.error.URLError, OSError) as e:

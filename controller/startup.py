@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from controller.config import ServerConfig, cache_dir, load_config
+from controller.config import ServerConfig, admin_token_file, load_config
 from tokenpool.models import adapter_fit_problem, model_dir_problem
 
 
@@ -61,7 +61,7 @@ def check_models(cfg: ServerConfig) -> None:
 
 
 def admin_token_path(cfg: ServerConfig) -> Path:
-    return Path(cfg.admin_token_file) if cfg.admin_token_file else cache_dir() / "admin-token"
+    return Path(cfg.admin_token_file) if cfg.admin_token_file else admin_token_file(cfg.listen.port)
 
 
 def write_admin_token(cfg: ServerConfig, token: str) -> Path:

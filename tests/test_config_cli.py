@@ -273,3 +273,23 @@ def test_health_names_a_model_whose_load_keeps_failing(make_tiny, tmp_path):
         broken = next(m for m in pool["models"] if m["name"] == "broken")
         assert broken["state"] == "failed" and broken["load_error"].startswith("engine w0:"), broken
         assert next(m for m in pool["models"] if m["name"] != "broken")["load_error"] is None
+
+
+def test_the_cli_reads_a_local_servers_token_for_that_port_only(tmp_path, monkeypatch):
+    """`tokenpool ps/stop` without a token: the owner-only file a server without admin_token_hash wrote for the URL's
+    port; another port's file is not that server's (two servers of one user), and no file is read for another host
+    (its token would be sent there)."""
+    from controller.cli import _admin_token
+    from controller.config import ServerConfig
+    from controller.startup import write_admin_token
+
+    monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path))
+    for port, token in ((8123, "tok-a"), (80, "tok-80")):
+        f = write_admin_token(ServerConfig.model_validate({"listen": {"port": port}}), token)
+        assert f.name == f"admin-token-{port}" and f.stat().st_mode & 0o077 == 0
+    assert _admin_token(None, "http://127.0.0.1:8123") == "tok-a"
+    assert _admin_token(None, "http://localhost:8123/") == "tok-a"
+    assert _admin_token(None, "http://127.0.0.1:8124") is None  # another server's port
+    assert _admin_token(None, "http://127.0.0.1") == "tok-80"
+    assert _admin_token(None, "http://gpu-box.example:8123") is None and _admin_token(None, "http://10.0.0.2") is None
+    assert _admin_token("given", "http://127.0.0.1:8123") == "given"

@@ -42,7 +42,8 @@ def test_the_login_form_says_where_this_runs_token_is(client, monkeypatch):
     monkeypatch.delenv("TOKENPOOL_CACHE", raising=False)  # the default place
     text = client.get("/dashboard").text
     default = admin_token_path(ServerConfig()).relative_to(Path.home())
-    assert f"~/{default}" in text and "admin_token_hash" in text
+    assert default.name == f"admin-token-{ServerConfig().listen.port}"  # one file a port
+    assert f"~/{default.parent}/admin-token-PORT" in text and "admin_token_hash" in text
     assert "printed" not in text
 
 

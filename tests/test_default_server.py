@@ -96,6 +96,7 @@ def _admin_token(srv) -> str:
     m = re.search(r"admin token for this run written to (\S+) ", srv.log_path.read_text())
     assert m, srv.log()  # the log names the owner-only file, never the token
     path = Path(m.group(1))
+    assert path.name == f"admin-token-{srv.port}"  # one file a port: another server of this user keeps its own
     assert path.stat().st_mode & 0o077 == 0
     token = path.read_text().strip()
     assert token not in srv.log_path.read_text()
@@ -104,7 +105,12 @@ def _admin_token(srv) -> str:
 
 def test_ps_lists_models_where_resident(server):
     ask_france(server, REAL_MODEL)
-    r = cli("ps", "--url", server.url, env={"TOKENPOOL_ADMIN_TOKEN": _admin_token(server)})
+    _admin_token(server)  # (the file is where its name says)
+    # no token given: on this machine, `ps` reads the one the server wrote for its port, as `ollama ps` just works
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "ps", "--url", server.url], cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=120, env={
+                           **{k: v for k, v in os.environ.items() if k != "TOKENPOOL_ADMIN_TOKEN"},
+                           "PYTHONPATH": str(REPO_ROOT)})
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split()[:3] == ["NAME", "SIZE", "ENGINE"]
