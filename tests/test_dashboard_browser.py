@@ -93,6 +93,7 @@ def test_dashboard_details(server, shots):
     """Before any other traffic (this runs first): what an operator sees beyond the actions. Colours follow the
     pool's model order; a removed model leaves the charts; an idle engine says so; numeric headers sit over their
     numbers; the active tab is marked for assistive technology; times read as a 24 h clock, an engine's `at` too;
+    a model's name of 128 characters is cut short, not widening the cards;
     at a phone's width (390 px) the header keeps to the screen and every tab can be tapped; signing out in one tab
     signs the others out."""
     expect = sync_api.expect
@@ -148,13 +149,23 @@ def test_dashboard_details(server, shots):
             assert re.fullmatch(r"\d\d:\d\d:\d\d", register.locator(".t").inner_text())
             assert re.search(r"at=\d\d:\d\d:\d\d\.\d{3}(\s|$)", register.inner_text()), register.inner_text()
 
-            # a model removed while the page is open leaves the charts' legends
+            # a model of the longest name allowed (128 characters) is cut short (its title has it all), not pushing
+            # a card wider than the page; removed while the page is open, it leaves the charts' legends
+            gone = "pace-gone-" + "x" * 118
             page.click("#tabs [data-view=pool]")
             httpx.post(url + "/admin/models", headers=auth, json={
-                "name": "pace-gone", "path": None, "engine": {"kind": "pace"}}).raise_for_status()
+                "name": gone, "path": None, "engine": {"kind": "pace"}}).raise_for_status()
             legend = page.locator("#chart-tps .u-legend")
-            expect(legend).to_contain_text("pace-gone", timeout=5_000)
-            httpx.delete(url + "/admin/models/pace-gone", headers=auth).raise_for_status()
+            expect(legend).to_contain_text(gone, timeout=5_000)
+            expect(page.locator(f'#engines .chip[title="{gone}"]').first).to_be_visible()
+            wide = """() => [...document.querySelectorAll('main > section:not([hidden]) .card')]
+                .filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.querySelector('h3')?.textContent)"""
+            assert page.evaluate(wide) == []
+            page.click("#tabs [data-view=models]")
+            expect(page.locator(f'#models-table tr[data-model="{gone}"] .mname')).to_have_attribute("title", gone)
+            assert page.evaluate(wide) == []
+            page.click("#tabs [data-view=pool]")
+            httpx.delete(url + f"/admin/models/{gone}", headers=auth).raise_for_status()
             expect(legend).not_to_contain_text("pace-gone", timeout=5_000)
             expect(legend).to_contain_text("tiny-b")
 

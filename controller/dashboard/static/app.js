@@ -149,7 +149,7 @@ function renderEngines(p) {
         el("span", { class: "swatch", style: { background: "var(--free)" } }), `free ${fmtBytes(v.free_bytes)}`,
         ` of ${fmtBytes(v.budget_bytes)}`),
     ] : [el("div", { class: "muted", text: "no VRAM report" })];
-    const chips = (names, cls) => names.length ? names.map((n) => el("span", { class: `chip ${n === e.active ? "active" : ""}` },
+    const chips = (names, cls) => names.length ? names.map((n) => el("span", { class: `chip ${n === e.active ? "active" : ""}`, title: n },
       el("span", { class: "swatch", style: { background: color(n) } }), n)) : [el("span", { class: "muted", text: cls })];
     const button = e.draining
       ? el("button", { "data-action": "resume", onclick: () => act(`Resume engine ${e.id}?`, "POST",
@@ -169,7 +169,7 @@ function renderEngines(p) {
       el("div", { class: "timeline-wrap" }, canvas,
         el("div", { class: "axis" }, el("span", { text: `−${SPAN_S} s` }), el("span", { text: "which model ran, each moment" }),
           el("span", { text: "now" })),
-        el("div", { class: "legend" }, [...models].map((n) => el("span", {},
+        el("div", { class: "legend" }, [...models].map((n) => el("span", { title: n },
           el("span", { class: "swatch", style: { background: color(n) } }), n)))),
       el("div", { class: "row2" },
         el("div", {}, el("div", { class: "muted", text: "VRAM" }), ...vram,
@@ -223,6 +223,7 @@ function renderChart(id, key) {
                values: (u, vals) => vals.map(clock) }, { size: 50 }],
     };
     c = S.charts[id] = { plot: new uPlot(opts, data, div), names };
+    for (const label of div.querySelectorAll(".u-legend .u-label")) label.title = label.textContent; // (cut short)
   } else {
     c.plot.setData(data);
   }
@@ -236,7 +237,8 @@ function renderModels(p) {
   document.getElementById("window-note").textContent = p.latency_window
     ? `(latency and SLO over the last ${p.window_s} s)` : "(SLO over recent requests; latency window not fed)";
   const rows = p.models.map((m) => el("tr", { "data-model": m.name },
-    el("td", {}, el("span", { class: "swatch", style: { background: color(m.name) } }), m.name,
+    el("td", {}, el("span", { class: "swatch", style: { background: color(m.name) } }),
+      el("span", { class: "mname", title: m.name, text: m.name }),
       m.pinned ? el("span", { class: "badge pinned", text: "pinned" }) : null,
       (m.loras || []).length ? el("span", { class: "badge lora", text: `${m.loras.length} LoRA`,
         title: `LoRA adapters served over ${m.name} (requests name them as their model): ${m.loras.join(", ")}` })
@@ -287,7 +289,8 @@ function renderTenants(p) {
 
 function renderRequests() {
   const rows = S.requests.map((r) => el("tr", { "data-request": r.id },
-    el("td", {}, el("code", { text: r.id })), el("td", { text: r.model }), el("td", { text: r.tenant ?? "—" }),
+    el("td", {}, el("code", { text: r.id })), el("td", {}, el("span", { class: "mname", title: r.model, text: r.model })),
+    el("td", { text: r.tenant ?? "—" }),
     el("td", { text: r.engines.join(", ") || "—" }), el("td", {}, el("span", { class: `badge ${r.state}`, text: r.state })),
     el("td", { class: "num", text: fmtS(r.age_s) }), el("td", { class: "num", text: r.tokens }),
     el("td", { class: "num", text: fmtNum(r.tokens_per_s) }),
