@@ -117,6 +117,11 @@ def test_dashboard_details(server, shots):
             assert pool["engines"][0]["inflight"] == 0 and pool["engines"][0]["active"] == "tiny-b", pool["engines"][0]
             expect(page.locator('.engine[data-engine="w0"] .head')).to_contain_text("running now: idle")
 
+            # authentication is on (a tenant is configured): no notice that keys take no effect
+            page.click("#tabs [data-view=tenants]")
+            expect(page.locator('#tenants-table tr[data-tenant="team-a"]')).to_be_visible()
+            expect(page.locator("#auth-off")).to_be_hidden()
+
             # the Models table: a swatch per model in the palette's order, whatever the pool view drew first
             page.click("#tabs [data-view=models]")
             expect(page.locator("#tabs [aria-current=page]")).to_have_attribute("data-view", "models")
@@ -213,6 +218,34 @@ def test_dashboard_details(server, shots):
         finally:
             browser.close()
     assert errors == [], errors
+
+
+def test_dashboard_without_auth_or_models(tmp_path_factory, shots):
+    """A server without tenants (authentication off, as the embedded default): the Tenants view says that keys
+    made there take no effect; and once its only model is removed, the Models view says there is none."""
+    expect = sync_api.expect
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"},
+           "models": [{"name": "pace-only", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.01}}]}
+    with LiveServer(cfg, tmp_path_factory.mktemp("open")) as srv, sync_api.sync_playwright() as pw:
+        url, auth = srv.url, {"Authorization": f"Bearer {ADMIN}"}
+        assert httpx.get(url + "/v1/models").status_code == 200  # no key needed: authentication is off
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            sign_in(page, url)
+            page.click("#tabs [data-view=tenants]")
+            expect(page.locator('#tenants-table tr[data-tenant="anonymous"]')).to_be_visible()
+            expect(page.locator("#auth-off")).to_be_visible()
+            expect(page.locator("#auth-off")).to_contain_text("take no effect")
+            page.click("#tabs [data-view=models]")
+            expect(page.locator('#models-table tr[data-model="pace-only"]')).to_be_visible()
+            expect(page.locator("#models-empty")).to_be_hidden()
+            httpx.delete(url + "/admin/models/pace-only", headers=auth).raise_for_status()
+            expect(page.locator("#models-table tbody tr")).to_have_count(0, timeout=5_000)
+            expect(page.locator("#models-empty")).to_be_visible()
+            page.screenshot(path=str(shots / "no-models.png"))
+        finally:
+            browser.close()
 
 
 def test_dashboard_in_a_browser(server, shots):

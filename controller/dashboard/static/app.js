@@ -271,6 +271,7 @@ function renderModels(p) {
         "requests in flight end with an error.", "DELETE", `/admin/models/${encodeURIComponent(m.name)}`, undefined,
       () => `${m.name} removed`) }, "Remove"))));
   document.querySelector("#models-table tbody").replaceChildren(...rows);
+  document.getElementById("models-empty").hidden = rows.length > 0;
 }
 
 function renderTenants(p) {
@@ -285,6 +286,8 @@ function renderTenants(p) {
         "at once.", "DELETE", `/admin/tenants/${encodeURIComponent(t.name)}`, undefined, () => `Tenant ${t.name} revoked`),
     }, "Revoke"))));
   document.querySelector("#tenants-table tbody").replaceChildren(...rows);
+  // the pool lists the anonymous tenant only while authentication is off (controller.dashboard.views)
+  document.getElementById("auth-off").hidden = !p.tenants.some((t) => t.name === "anonymous");
 }
 
 function renderRequests() {
