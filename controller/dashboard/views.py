@@ -64,9 +64,10 @@ def resident_models(engines: Any) -> set[str]:
 def engine_models(e: Any) -> dict[str, dict[str, Any]]:
     """Per registered model on one engine: state, waiting, running, oldest_wait_s, kv_pages_used, kv_swapped."""
     pool = getattr(e, "pool", None) or {}
-    if pool.get("models") is not None:
+    if pool.get("models") is not None:  # (an engine reports oldest_wait_s 0.0 with none waiting: no wait, None)
         return {n: dict(state=pm.get("state", "host"), waiting=int(pm.get("waiting", 0)),
-                        running=int(pm.get("running", 0)), oldest_wait_s=pm.get("oldest_wait_s"),
+                        running=int(pm.get("running", 0)),
+                        oldest_wait_s=pm.get("oldest_wait_s") if int(pm.get("waiting", 0)) else None,
                         kv_pages_used=int(pm.get("kv_pages_used", 0)), kv_swapped=int(pm.get("kv_swapped", 0)))
                 for n, pm in pool["models"].items()}
     out = {}
