@@ -384,6 +384,7 @@ def run(page, ctx, server, shots: Path) -> None:
     assert httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     page.locator('#tenants-table tr[data-tenant="team-new"] [data-action=revoke]').click()
     expect(page.locator("#toast")).to_have_text("Tenant team-new revoked")
+    expect(page.locator("#new-key")).to_be_hidden()  # (its key no longer works: not left on show)
     assert httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
 
     # --- drain the worker: shown drained; resume ---

@@ -286,6 +286,9 @@ function renderTenants(p) {
         "at once.", "DELETE", `/admin/tenants/${encodeURIComponent(t.name)}`, undefined, () => `Tenant ${t.name} revoked`),
     }, "Revoke"))));
   document.querySelector("#tenants-table tbody").replaceChildren(...rows);
+  // a new key shown once: gone with its tenant (revoked here or elsewhere), not left on show as if it worked
+  const box = document.getElementById("new-key");
+  if (!box.hidden && !p.tenants.some((t) => t.name === box.dataset.tenant)) { box.hidden = true; box.replaceChildren(); }
   // the pool lists the anonymous tenant only while authentication is off (controller.dashboard.views)
   document.getElementById("auth-off").hidden = !p.tenants.some((t) => t.name === "anonymous");
 }
@@ -418,6 +421,7 @@ function init() {
         el("code", { id: "new-key-value", text: t.api_key }),
         el("span", { class: "muted", text: "Copy it now: it is shown once (only its hash is kept)." }));
       box.hidden = false;
+      box.dataset.tenant = t.name;
       toast(`Tenant ${t.name} created`);
       ev.target.reset();
     } catch (e) {
