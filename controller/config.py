@@ -80,25 +80,36 @@ class EngineOptions(_Strict):
 
 
 MODEL_NAME = r"^[A-Za-z0-9._:/-]+$"
-_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_S = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# Go's time.ParseDuration spellings (Ollama's keep_alive: "5m", "1h30m", "300ms", "-1s"), and "d" for days
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+_DURATION = re.compile(r"[+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|\u00b5s|\u03bcs|ms|s|m|h|d))+")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h|d)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
+           "d": 86400.0}
+
+
+def duration_s(v: object) -> float:
+    """Seconds from 300, "300", "30s", "5m", "1h30m", "-1" (a number of seconds, or Go's duration spellings as
+    Ollama's keep_alive takes them, and "d"); ValueError for anything else."""
+    sec = None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        sec = float(v)
+    elif isinstance(v, str):
+        s = v.strip()
+        if _NUMBER.fullmatch(s):
+            sec = float(s)
+        elif _DURATION.fullmatch(s):
+            sec = sum(float(n) * _UNIT_S[u] for n, u in _DURATION_PART.findall(s)) * (-1 if s.startswith("-") else 1)
+    if sec is None or sec != sec or sec in (float("inf"), float("-inf")):
+        raise ValueError(f"bad duration {v!r}: use seconds or a duration such as '30s', '5m', '1h30m', '-1' (forever)")
+    return sec
 
 
 def parse_duration(v: object) -> float | None:
-    """Seconds from 300, "300", "30s", "5m", "1h" (Ollama's keep_alive spellings); a negative one is forever (None)."""
+    """Seconds from a duration (`duration_s`); None stays None, and a negative one is forever (None)."""
     if v is None:
         return None
-    if isinstance(v, bool):
-        raise ValueError("a duration is a number of seconds or a string like '30s', '5m', '1h'")
-    if isinstance(v, (int, float)):
-        sec = float(v)
-    else:
-        m = _DURATION.match(str(v))
-        if m is None:
-            raise ValueError(f"bad duration {v!r}: use seconds or a string like '30s', '5m', '1h', '-1' (forever)")
-        sec = float(m.group(1)) * _UNIT_S[m.group(2) or "s"]
-    if sec != sec or sec in (float("inf"), float("-inf")):
-        raise ValueError(f"bad duration {v!r}")
+    sec = duration_s(v)
     return None if sec < 0 else sec
 
 

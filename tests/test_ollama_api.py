@@ -6,6 +6,7 @@ test_api_openai.py.)"""
 from __future__ import annotations
 
 import shutil
+import time
 
 import httpx
 import ollama
@@ -110,7 +111,10 @@ def test_keep_alive_as_ollama_parses_it(server):
         with pytest.raises(ollama.ResponseError) as ei:
             call()
         assert ei.value.status_code == 400 and "keep_alive" in ei.value.error, ei.value.error
-    ps = {m.model: m for m in c.ps().models}
+    deadline = time.monotonic() + 20  # (residency is the worker's report, a stats beat after the step that loaded it)
+    while "tiny-a" not in (ps := {m.model: m for m in c.ps().models}):
+        assert time.monotonic() < deadline, "tiny-a never resident after its requests"
+        time.sleep(0.1)
     assert ps["tiny-a"].context_length == c.show("tiny-a").modelinfo["context_length"]
     assert c.generate(model="tiny-a", keep_alive="0m0s").done_reason == "unload"
     assert c.generate(model="tiny-a", keep_alive="-1m").done_reason == "load"

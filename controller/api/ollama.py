@@ -12,7 +12,6 @@ the same bearer key.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ from controller.api import protocol as p
 from controller.api.anthropic import prefills
 from controller.api.serving import ClientGone, OpenAIServing, Tracked, encode, unless_disconnected
 from controller.api.structured import ToolPlan
+from controller.config import duration_s
 from controller.dashboard.views import resident_models
 from controller.errors import ServingError
 
@@ -345,32 +345,18 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         gen.close(status)
 
 
-# Go's duration syntax, as Ollama parses a keep_alive string ("5m", "1h30m", "-1m", "300ms"); a bare number (seconds)
-# is taken too, as a JSON number is
-_GO_DURATION = re.compile(r"[+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|\u00b5s|\u03bcs|ms|s|m|h))+")
-_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
-_GO_UNIT_S = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
-
-
+# Go's duration syntax, as Ollama parses a keep_alive string ("5m", "1h30m", "-1m", "300ms"; config.duration_s); a
+# bare number (seconds) is taken too, as a JSON number is
 def _keep_alive_s(keep_alive: Any) -> float | None:
     """An Ollama keep_alive in seconds (None: not sent); negative means forever. Not a duration: a 400, as Ollama
     answers one."""
     if keep_alive is None:
         return None
-    if isinstance(keep_alive, (int, float)) and not isinstance(keep_alive, bool):
-        if keep_alive != keep_alive or keep_alive in (float("inf"), float("-inf")):
-            raise ServingError(400, f"keep_alive: invalid duration {keep_alive!r}")
-        return float(keep_alive)
-    if isinstance(keep_alive, str):
-        v = keep_alive.strip()
-        if _NUMBER.fullmatch(v):
-            return float(v)
-        if _GO_DURATION.fullmatch(v):
-            sec = sum(float(n) * _GO_UNIT_S[u] for n, u in _GO_PART.findall(v))
-            return -sec if v.startswith("-") else sec
-    raise ServingError(400, f"keep_alive: invalid duration {keep_alive!r} (a number of seconds or a duration such as "
-                            "\"5m\", \"1h30m\", \"-1\")")
+    try:
+        return duration_s(keep_alive)
+    except ValueError:
+        raise ServingError(400, f"keep_alive: invalid duration {keep_alive!r} (a number of seconds or a duration such "
+                                "as \"5m\", \"1h30m\", \"-1\")") from None
 
 
 def _zero(keep_alive: Any) -> bool:
