@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from controller.api import admin_routes, auth, ollama, openai_routes
 from controller.api.anthropic import error_body as anthropic_error
+from controller.api.anthropic import speaks_anthropic
 from controller.api.responses import ResponseStore
 from controller.api.serving import OpenAIServing
 from controller.config import ServerConfig
@@ -73,12 +74,12 @@ class BodyLimit:
                 return
 
 
-def error_content(path: str, e: ServingError) -> dict:
+def error_content(path: str, e: ServingError, anthropic: bool = False) -> dict:
     """An error's body as the route's API writes it: Ollama's `{"error": "..."}` under /api/, Anthropic's under
-    /v1/messages, OpenAI's elsewhere."""
+    /v1/messages (and to the `anthropic` client: `anthropic`), OpenAI's elsewhere."""
     if path.startswith("/api/"):
         return {"error": e.message}
-    if path.startswith("/v1/messages"):
+    if anthropic or path.startswith("/v1/messages"):
         return anthropic_error(e)
     return e.body()
 
@@ -165,7 +166,7 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
     def answer(request: Request, e: ServingError) -> JSONResponse:
         """The error as the route's API writes it (`error_content`; Ollama's without Retry-After)."""
         path = request.url.path
-        return ErrorJSON(error_content(path, e), status_code=e.status,
+        return ErrorJSON(error_content(path, e, speaks_anthropic(request)), status_code=e.status,
                          headers=None if path.startswith("/api/") else e.headers())
 
     @app.exception_handler(ServingError)
@@ -193,7 +194,7 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
             request.app.state.controller.count_refusal(None, "-", 413)
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         err = ServingError(e.status_code, str(e.detail), code=code)
-        return ErrorJSON(error_content(request.url.path, err), status_code=e.status_code,
+        return ErrorJSON(error_content(request.url.path, err, speaks_anthropic(request)), status_code=e.status_code,
                          headers=getattr(e, "headers", None))
 
     @app.exception_handler(UnicodeEncodeError)

@@ -172,3 +172,26 @@ def test_assistant_prefill_is_continued(server):
     assert ac(server).messages.count_tokens(model="tiny-a", messages=msgs).input_tokens == want.usage.prompt_tokens
     with ac(server).messages.stream(model="tiny-a", messages=msgs, max_tokens=8, extra_body=GREEDY) as s:
         assert "".join(s.text_stream) == r.content[0].text
+
+
+def test_the_anthropic_clients_models_api(server):
+    """`client.models.list()/retrieve()` of the `anthropic` client (it sends anthropic-version): Anthropic's Models
+    API shapes, paged, the key's models only, its errors in Anthropic's shape; the openai client's list is
+    unchanged (OpenAI's shape)."""
+    served = [m.id for m in oc(server).models.list()]
+    c = ac(server)
+    listed = list(c.models.list())
+    assert [m.id for m in listed] == served and all(m.type == "model" and m.display_name == m.id for m in listed)
+    assert all(m.created_at.year >= 2026 for m in listed)
+    first = c.models.list(limit=1)
+    assert [m.id for m in first.data] == served[:1] and first.has_more and first.last_id == served[0]
+    assert [m.id for m in c.models.list(limit=1, after_id=served[0]).data] == served[1:2]
+    assert [m.id for m in c.models.list(before_id=served[-1]).data] == served[:-1]
+    assert c.models.retrieve(served[0]).id == served[0]
+    with pytest.raises(anthropic.NotFoundError) as ei:
+        c.models.retrieve("nope")
+    assert ei.value.body["type"] == "error" and ei.value.body["error"]["type"] == "not_found_error"
+    with pytest.raises(anthropic.BadRequestError):
+        c.models.list(limit=0)
+    assert [m.id for m in ac(server, BOB).models.list()] == ["tiny-b"]  # what the key may use
+    assert oc(server).models.retrieve(served[0]).object == "model"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import ValidationError
@@ -34,6 +35,44 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 def error_body(e: ServingError) -> dict[str, Any]:
     """An error as the Messages API writes it."""
     return {"type": "error", "error": {"type": ERROR_TYPES.get(e.status, "api_error"), "message": e.message}}
+
+
+def speaks_anthropic(request: Request) -> bool:
+    """Whether a request is the Messages API's, or the `anthropic` client's (it sends `anthropic-version` with every
+    call, `models.list()` too): its errors and model cards take Anthropic's shape."""
+    path = request.url.path
+    return path.startswith("/v1/messages") or (path.startswith("/v1/models") and "anthropic-version" in request.headers)
+
+
+def model_info(card: p.ModelCard) -> dict[str, Any]:
+    """A served model as Anthropic's Models API describes one."""
+    created = datetime.fromtimestamp(card.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"type": "model", "id": card.id, "display_name": card.id, "created_at": created}
+
+
+def model_page(cards: list[p.ModelCard], query: Any) -> dict[str, Any]:
+    """Anthropic's `GET /v1/models` page: `limit` (1-1000, default 20) cards after `after_id` or before `before_id`."""
+    try:
+        limit = int(query.get("limit", 20))
+    except ValueError:
+        raise _bad("limit must be an integer", "limit") from None
+    if not 1 <= limit <= 1000:
+        raise _bad("limit must be between 1 and 1000", "limit")
+    ids = [c.id for c in cards]
+    lo, hi = 0, len(cards)
+    for key in ("after_id", "before_id"):
+        if (at := query.get(key)) is not None:
+            if at not in ids:
+                raise ServingError(404, f"no model {at!r}", param=key)
+            if key == "after_id":
+                lo = ids.index(at) + 1
+            else:
+                hi = ids.index(at)
+    window = cards[lo:hi]
+    page = window[max(0, len(window) - limit):] if "before_id" in query and "after_id" not in query else window[:limit]
+    data = [model_info(c) for c in page]
+    return {"data": data, "has_more": len(page) < len(window), "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
 
 
 def _bad(msg: str, param: str) -> ServingError:

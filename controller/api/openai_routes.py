@@ -143,13 +143,18 @@ async def delete_response(response_id: str, request: Request, tenant: Tenant = D
 
 @router.get("/v1/models", response_model=p.ModelList, responses=ERRORS)
 async def list_models(request: Request, tenant: Tenant = Depends(auth.tenant)):
-    return request.app.state.serving.models(tenant)
+    """OpenAI's list; to the `anthropic` client, Anthropic's Models API page (`limit`, `after_id`, `before_id`)."""
+    models = request.app.state.serving.models(tenant)
+    if anthropic.speaks_anthropic(request):
+        return _respond(anthropic.model_page(models.data, request.query_params))
+    return models
 
 
 @router.get("/v1/models/{model:path}", response_model=p.ModelCard, responses=ERRORS)
 async def get_model(model: str, request: Request, tenant: Tenant = Depends(auth.tenant)):
     """A model by the name a request would use: its own, or one of its aliases (answered under the name asked)."""
-    return request.app.state.serving.card(tenant, model)
+    card = request.app.state.serving.card(tenant, model)
+    return _respond(anthropic.model_info(card)) if anthropic.speaks_anthropic(request) else card
 
 
 @router.post("/tokenize", response_model=p.TokenizeResponse, responses=ERRORS)
