@@ -39,6 +39,7 @@ from kopf.testing import KopfRunner  # noqa: E402
 
 from controller.keys import hash_key, new_key  # noqa: E402
 from load_tests.live_server import LiveServer  # noqa: E402
+from tests.kmock_util import write_kubeconfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NS = "tp"
@@ -179,12 +180,7 @@ async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_t
         k8s.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False)
         k8s.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
         k8s.resources["apps/v1/daemonsets"] = kmock.ResourceInfo(kind="DaemonSet", namespaced=True)
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-            "clusters": [{"name": "kmock", "cluster": {"server": str(k8s.url).rstrip("/")}}],
-            "users": [{"name": "kmock", "user": {"token": "kmock"}}],
-            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": NS}}]}))
+        kubeconfig = write_kubeconfig(k8s, tmp_path / "kubeconfig", NS)
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
         monkeypatch.setenv("TOKENPOOL_CONTROLLER_URL", srv.url)
         monkeypatch.setenv("TOKENPOOL_ADMIN_TOKEN", admin_token)

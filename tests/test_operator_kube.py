@@ -9,13 +9,13 @@ import threading
 import uuid
 
 import pytest
-import yaml
 
 kmock = pytest.importorskip("kmock")
 pytest.importorskip("kubernetes")
 
 from controller.operator import builders as b  # noqa: E402
 from controller.operator.kube import Kube  # noqa: E402
+from tests.kmock_util import write_kubeconfig  # noqa: E402
 
 NS = "tp"
 
@@ -26,12 +26,7 @@ async def _emulated(tmp_path):
     async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s):
         k8s.resources["apps/v1/daemonsets"] = kmock.ResourceInfo(kind="DaemonSet", namespaced=True)
         k8s.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
-        cfg = tmp_path / "kubeconfig"
-        cfg.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-            "clusters": [{"name": "kmock", "cluster": {"server": str(k8s.url).rstrip("/")}}],
-            "users": [{"name": "kmock", "user": {"token": "kmock"}}],
-            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": NS}}]}))
+        cfg = write_kubeconfig(k8s, tmp_path / "kubeconfig", NS)
         yield await asyncio.to_thread(Kube, str(cfg)), k8s
 
 
