@@ -22,7 +22,10 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0
 
 
 class _GPUCollector:
-    """GPU memory and utilization from gpu_pool.inventory.list_devices(), if that module is available."""
+    """GPU memory and utilization from gpu_pool.inventory.list_devices(), if that module is available.
+
+    Only NVIDIA devices (kind "cuda"): a host without one has no GPU series, rather than its CPU and RAM reported
+    as GPU 0 (list_devices' fallback). NVML's utilization is a whole percent (0-100), so 1 is 0.01, not 1.0."""
 
     def collect(self):
         try:
@@ -33,30 +36,19 @@ class _GPUCollector:
         mem_total = GaugeMetricFamily("tokenpool_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
         util = GaugeMetricFamily("tokenpool_gpu_utilization_ratio", "GPU busy fraction (0-1)", labels=["gpu"])
         try:
-            devices = list_devices()
+            devices = list_devices(cpu_fallback=False)
         except Exception as e:  # noqa: BLE001 - no driver / no GPU: no GPU metrics
             log.debug("list_devices failed: %s", e)
             return
-        for i, d in enumerate(devices):
-            idx = str(_attr(d, ("index", "id"), i))
-            used = _attr(d, ("memory_used_bytes", "memory_used", "used_bytes"), None)
-            total = _attr(d, ("memory_total_bytes", "memory_total", "total_bytes", "total_memory"), None)
-            u = _attr(d, ("utilization", "utilization_ratio", "gpu_util", "util"), None)
-            if used is not None:
-                mem_used.add_metric([idx], float(used))
-            if total is not None:
-                mem_total.add_metric([idx], float(total))
-            if u is not None:
-                util.add_metric([idx], float(u) / 100.0 if float(u) > 1.0 else float(u))
+        for d in devices:
+            if d.kind != "cuda":
+                continue
+            idx = str(d.index)
+            mem_used.add_metric([idx], float(d.memory_used))
+            mem_total.add_metric([idx], float(d.memory_total))
+            if d.utilization is not None:
+                util.add_metric([idx], float(d.utilization) / 100.0)
         yield from (mem_used, mem_total, util)
-
-
-def _attr(d, names, default):
-    for n in names:
-        v = d.get(n) if isinstance(d, dict) else getattr(d, n, None)
-        if v is not None:
-            return v
-    return default
 
 
 class Metrics:
