@@ -2,12 +2,18 @@
 
 Keys are kept only as salted hashes (controller.keys); a new key is shown once, when the tenant is made.
 Limits are token buckets (requests/s with a burst, tokens/min charged at admission as prompt + max_tokens and
-refunded for what was not generated) and a cap on concurrent requests.
+refunded for what was not generated) and a cap on concurrent requests. They belong to the tenant's name: a tenant
+replaced through the admin API (delete, then create: how keys are rotated) keeps its requests in flight and what is
+left in its buckets, so a rotation neither doubles its concurrency nor refills its rate limits.
+
+A tenant of the configuration file deleted through the admin API stays revoked across restarts: its key hashes are
+recorded in the tenants file, and on start a configured tenant loses those keys (and is left out when none remain).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,6 +23,8 @@ import yaml
 
 from controller.config import TenantSpec
 from controller.keys import hash_key, new_key, verify_key
+
+log = logging.getLogger("tokenpool.tenants")
 
 
 class TokenBucket:
@@ -43,15 +51,28 @@ class TokenBucket:
     def give_back(self, n: float) -> None:
         self.level = min(self.capacity, self.level + n)
 
+    def full(self, now: float | None = None) -> bool:
+        self._fill(time.monotonic() if now is None else now)
+        return self.level >= self.capacity
+
+
+class _Flight:
+    """Requests in flight under a tenant's name, shared by the entries that replace one another."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
 
 @dataclass
 class Tenant:
     spec: TenantSpec
     from_file: bool = False
-    inflight: int = 0
     rps: TokenBucket | None = None
     tpm: TokenBucket | None = None
     usage: dict[str, int] = field(default_factory=lambda: {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
+    flight: _Flight = field(default_factory=_Flight, repr=False)
 
     def __post_init__(self) -> None:
         r = self.spec.rate
@@ -64,6 +85,27 @@ class Tenant:
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def inflight(self) -> int:
+        return self.flight.n
+
+    @inflight.setter
+    def inflight(self, n: int) -> None:
+        self.flight.n = n
+
+    def succeed(self, old: Tenant) -> None:
+        """Take over the limits' state of `old`, the entry of this name that was deleted: its requests in flight
+        (their ends are counted here too), and its buckets (the same objects when the rate is unchanged, else what
+        was left in them, up to the new sizes)."""
+        self.flight = old.flight
+        if old.spec.rate == self.spec.rate:
+            self.rps, self.tpm = old.rps, old.tpm
+            return
+        for new, prev in ((self.rps, old.rps), (self.tpm, old.tpm)):
+            if new is not None and prev is not None:
+                prev._fill(new.t)
+                new.level = min(new.capacity, prev.level * new.capacity / prev.capacity)
+
     def may_use(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, p) for p in self.spec.models)
 
@@ -75,11 +117,30 @@ class TenantRegistry:
     def __init__(self, specs: list[TenantSpec], auth: bool, tenants_file: str | None = None):
         self.auth = auth
         self.file = Path(tenants_file) if tenants_file else None
+        self._config = {s.name: s for s in specs}
         self._t: dict[str, Tenant] = {s.name: Tenant(s) for s in specs}
+        self._gone: dict[str, Tenant] = {}  # deleted entries whose limits' state a re-created namesake takes over
+        # configured tenants deleted through the admin API: {"name", "key_hashes"} (kept in the tenants file)
+        self._revoked: list[dict] = []
+        entries: list = []
         if self.file is not None and self.file.exists():
-            for d in yaml.safe_load(self.file.read_text()) or []:
-                s = TenantSpec.model_validate(d)
-                self._t[s.name] = Tenant(s, from_file=True)
+            raw = yaml.safe_load(self.file.read_text())
+            if isinstance(raw, dict):  # (a plain list before any configured tenant was revoked)
+                entries, self._revoked = raw.get("tenants") or [], raw.get("revoked") or []
+            else:
+                entries = raw or []
+        for r in self._revoked:
+            t = self._t.get(r["name"])
+            if t is None:
+                continue
+            keep = [h for h in t.spec.key_hashes if h not in r.get("key_hashes", [])]
+            if keep:  # keys the configuration gained since: they are not revoked
+                self._t[t.name] = Tenant(t.spec.model_copy(update={"key_hashes": keep}))
+            else:
+                del self._t[t.name]
+        for d in entries:
+            s = TenantSpec.model_validate(d)
+            self._t[s.name] = Tenant(s, from_file=True)
         self._anon = Tenant(ANONYMOUS)
 
     @property
@@ -114,19 +175,40 @@ class TenantRegistry:
         if key is not None:
             spec = spec.model_copy(update={"key_hashes": [*spec.key_hashes, hash_key(key)]})
         t = self._t[spec.name] = Tenant(spec, from_file=True)
+        prev = self._gone.pop(spec.name, None)
+        if prev is not None:
+            t.succeed(prev)
         self._save()
         return t, key
 
     def delete(self, name: str) -> bool:
         t = self._t.pop(name, None)
-        if t is not None and t.from_file:
+        if t is None:
+            return False
+        now = time.monotonic()
+        self._gone = {n: g for n, g in self._gone.items()
+                      if g.inflight or any(b is not None and not b.full(now) for b in (g.rps, g.tpm))}
+        self._gone[name] = t
+        cfg = self._config.get(name)
+        record = False
+        if cfg is not None:  # else the configuration brings it back at the next start
+            done = [r for r in self._revoked if r["name"] == name]
+            fresh = [h for h in cfg.key_hashes if not any(h in r["key_hashes"] for r in done)]
+            record = bool(fresh) or not done
+            if record:
+                self._revoked.append({"name": name, "key_hashes": fresh})
+                if self.file is None:
+                    log.warning("tenant %r of the configuration is revoked until the server restarts (no "
+                                "tenants_file to record it in): remove it from the configuration", name)
+        if t.from_file or record:
             self._save()
-        return t is not None
+        return True
 
     def _save(self) -> None:
         if self.file is None:
             return
-        data = [t.spec.model_dump(mode="json") for t in self._t.values() if t.from_file]
+        tenants = [t.spec.model_dump(mode="json") for t in self._t.values() if t.from_file]
+        data = {"tenants": tenants, "revoked": self._revoked} if self._revoked else tenants
         tmp = self.file.with_suffix(".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -137,18 +219,27 @@ class TenantRegistry:
     @staticmethod
     def acquire(t: Tenant, tokens: int, now: float | None = None) -> tuple[int, str] | None:
         """Reserve one request of `tokens`; None when granted, else (retry-after seconds, reason)."""
+        r = t.spec.rate
         if t.spec.max_concurrent is not None and t.inflight >= t.spec.max_concurrent:
-            return 1, f"tenant has {t.inflight} requests in flight (limit {t.spec.max_concurrent})"
+            return 1, (f"tenant {t.name!r} has {t.inflight} requests in flight (limit {t.spec.max_concurrent}); "
+                       "retry when one has finished.")
         if t.rps is not None:
             wait = t.rps.take(1, now)
             if wait > 0:
-                return max(1, math.ceil(wait)), "request rate limit reached"
+                s = max(1, math.ceil(wait))
+                return s, (f"request rate limit reached for tenant {t.name!r}: {r.requests_per_s:g} requests/s "
+                           f"(burst {t.rps.capacity:g}); try again in {s}s.")
         if t.tpm is not None:
             wait = t.tpm.take(tokens, now)
             if wait > 0:
                 if t.rps is not None:
                     t.rps.give_back(1)
-                return max(1, math.ceil(wait)), "token rate limit reached"
+                s = max(1, math.ceil(wait))
+                over = (" (more than a minute's allowance: it waits for a full one; a lower max_tokens reserves "
+                        "less)" if tokens > t.tpm.capacity else "")
+                return s, (f"token rate limit reached for tenant {t.name!r}: {r.tokens_per_min:g} tokens/min; "
+                           f"this request reserves {tokens} tokens (prompt + max_tokens, refunded for tokens not "
+                           f"generated){over}; try again in {s}s.")
         t.inflight += 1
         return None
 

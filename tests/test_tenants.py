@@ -129,3 +129,53 @@ def test_single_user_is_no_auth_or_one_tenant():
     assert TenantRegistry([], auth=False).single_user
     assert TenantRegistry([TenantSpec(name="only")], auth=True).single_user
     assert not TenantRegistry([TenantSpec(name="a"), TenantSpec(name="b")], auth=True).single_user
+
+
+def test_key_rotation_keeps_the_tenants_limits(server):
+    """Rotating a key is delete + create (the admin API has no in-place update; the operator does the same): the
+    new entry must not start with no requests in flight and full buckets, or each rotation lifts the limits."""
+    spec = {"name": "rot", "models": ["blue-slow"], "rate": {"requests_per_s": 0.1, "burst": 1}, "max_concurrent": 1}
+    old = httpx.post(server.url + "/admin/tenants", headers=ADM, json=spec).json()["api_key"]
+    try:
+        stream = oai(server, old).completions.create(model="blue-slow", prompt="x", max_tokens=20, stream=True)
+        assert httpx.delete(server.url + "/admin/tenants/rot", headers=ADM).status_code == 200
+        r = httpx.post(server.url + "/admin/tenants", headers=ADM, json=spec)
+        assert r.status_code == 201 and r.json()["inflight"] == 1  # the old key's stream, still running
+        new = r.json()["api_key"]
+        with pytest.raises(openai.AuthenticationError):
+            oai(server, old).models.list()
+        with pytest.raises(openai.RateLimitError) as ei:  # the stream of the old key still counts
+            oai(server, new).completions.create(model="blue-slow", prompt="x", max_tokens=1)
+        assert "in flight (limit 1)" in ei.value.message
+        assert len(list(stream)) >= 20  # the old stream runs to its end
+        with pytest.raises(openai.RateLimitError) as ei:  # and its request used the bucket: 1 per 10 s
+            oai(server, new).completions.create(model="blue-slow", prompt="x", max_tokens=1)
+        assert "0.1 requests/s" in ei.value.message and 1 <= int(ei.value.response.headers["Retry-After"]) <= 10
+        rot = [t for t in httpx.get(server.url + "/admin/tenants", headers=ADM).json() if t["name"] == "rot"]
+        assert rot[0]["inflight"] == 0
+    finally:
+        httpx.delete(server.url + "/admin/tenants/rot", headers=ADM)
+
+
+def test_revoking_a_configured_tenant_outlasts_a_restart(tmp_path):
+    """DELETE /admin/tenants/NAME of a tenant from the configuration file: after a restart its key must still be
+    refused (the registry is rebuilt from the same configuration and tenants file)."""
+    from controller.config import TenantSpec
+    from controller.tenants import TenantRegistry
+
+    f = str(tmp_path / "tenants.yaml")
+    specs = [TenantSpec(name="red", key_hashes=[hash_key(RED)]), TenantSpec(name="blue", key_hashes=[hash_key(BLUE)])]
+    reg = TenantRegistry(specs, auth=True, tenants_file=f)
+    made, key = reg.create(TenantSpec(name="green"))
+    assert reg.delete("red") and reg.authenticate(RED) is None
+    again = TenantRegistry(specs, auth=True, tenants_file=f)
+    assert again.authenticate(RED) is None and again.get("red") is None
+    assert again.authenticate(BLUE).name == "blue" and again.authenticate(key).name == "green"
+    assert RED not in (tmp_path / "tenants.yaml").read_text()
+    # the configuration gives red a new key: that one works, the revoked one still does not
+    fresh = "key-red-rotated-abcdefghijklmnop"
+    specs[0] = specs[0].model_copy(update={"key_hashes": [*specs[0].key_hashes, hash_key(fresh)]})
+    third = TenantRegistry(specs, auth=True, tenants_file=f)
+    assert third.authenticate(fresh).name == "red" and third.authenticate(RED) is None
+    assert third.delete("red")  # and revoking it again revokes the new key too
+    assert TenantRegistry(specs, auth=True, tenants_file=f).authenticate(fresh) is None
