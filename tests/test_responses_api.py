@@ -147,13 +147,37 @@ def test_responses_errors(server):
             (dict(input="x", tools=[{"type": "web_search"}]), "tools", "only function tools"),
             (dict(input=[{"type": "computer_call", "id": "1"}]), "input[0]", "not supported"),
             (dict(input="x", background=True), "background", "not supported"),
-            (dict(input=[{"role": "wizard", "content": "x"}]), "input", "role"),
+            (dict(input=[{"role": "wizard", "content": "x"}]), "input[0].role", "role"),
+            (dict(instructions="x", input=[{"role": "user", "content": "x"}, {"role": "tool", "content": "x"}]),
+             "input[1].role", "'tool'"),
+            (dict(input=[{"type": "function_call_output", "call_id": "c1"}]), "input[0]", "output"),
             (dict(input="x", tool_choice="required"), "tool_choice", "needs tools"),
-            (dict(input="x", text={"format": {"type": "xml"}}), "response_format.type", "")):
+            (dict(input="x", text={"format": {"type": "xml"}}), "text.format.type", "text.format type")):
         e = _status(lambda kw=kw: c.responses.create(model="tiny-a", **kw))
         assert e.status_code == 400 and e.body["param"] == param and words in e.body["message"], (kw, e.body)
     assert _status(lambda: c.responses.create(model="nope", input="x")).status_code == 404
     assert _status(lambda: client(server, "wrong").responses.create(model="tiny-a", input="x")).status_code == 401
+
+
+def test_errors_name_the_responses_fields(server):
+    """An error the chat path finds names the field the Responses request sent, in its param and its message, not
+    the chat request's it became (messages, max_tokens, response_format, tool_choice.function, tools.0.function)."""
+    c = client(server)
+    mml = c.models.retrieve("tiny-a").model_extra["max_model_len"]
+    for kw, param, words in (
+            (dict(input="x", max_output_tokens=1 << 20), "max_output_tokens", "reduce the prompt or max_output_tokens"),
+            (dict(input="hi " * mml), "input", "maximum context length"),
+            (dict(input="x", text={"format": {"type": "json_schema", "name": "w"}}), "text.format.schema",
+             "needs text.format.schema"),
+            (dict(input="x", tools=[WEATHER], tool_choice={"type": "function", "name": "nope"}), "tool_choice.name",
+             "'nope'"),
+            (dict(input="x", tools=[WEATHER]), "tool_choice", "{'type': 'function', 'name': ...}"),
+            (dict(input="x", tools=[{"type": "function", "parameters": SCHEMA}], tool_choice="required"),
+             "tools[0].name", "tools[0].name")):
+        e = _status(lambda kw=kw: c.responses.create(model="tiny-a", **kw))
+        msg = e.body["message"]
+        assert e.status_code == 400 and e.body["param"] == param and words in msg, (kw, e.body)
+        assert not any(w in msg for w in ("messages", "max_tokens", "response_format", "json_schema.", "'function': {")), msg
 
 
 def test_response_store_is_bounded_and_per_tenant():

@@ -14,6 +14,7 @@ restart forgets them.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -33,6 +34,7 @@ from controller.tenants import Tenant
 STORE_ENTRIES = 1024  # stored responses kept (the oldest go first)
 STORE_BYTES = 64 << 20  # their conversations' JSON, all together
 TEXT_PARTS = ("input_text", "output_text", "text")
+ROLES = ("user", "assistant", "system", "developer")  # (a message item's: tool results are function_call_output)
 
 
 @dataclass
@@ -76,12 +78,41 @@ def _bad(message: str, param: str) -> ServingError:
     return ServingError(400, message, param=param)
 
 
+# The chat request's fields (as the chat path's errors name them) and the Responses fields they came from.
+_CHAT_PATHS = ((re.compile(r"^messages\b[.\w]*"), "input"),
+               (re.compile(r"\bmax_(?:completion_)?tokens\b"), "max_output_tokens"),
+               (re.compile(r"\bresponse_format\.json_schema\.(\w+)"), r"text.format.\1"),
+               (re.compile(r"\b(?:response_format\.)?json_schema\.schema\b"), "text.format.schema"),
+               (re.compile(r"\bresponse_format\.json_schema\b"), "text.format.schema"),
+               (re.compile(r"\bresponse_format\b"), "text.format"),
+               (re.compile(r"\btool_choice\.function\.name\b"), "tool_choice.name"),
+               (re.compile(r"\btools\.(\d+)\.function\.(\w+)"), r"tools[\1].\2"),
+               (re.compile(r"\btools\.(\d+)"), r"tools[\1]"),
+               (re.compile(r"\{'type': 'function', 'function': \{'name': \.\.\.\}\}"),
+                "{'type': 'function', 'name': ...}"))
+
+
+def _responses_terms(text: str) -> str:
+    for pattern, repl in _CHAT_PATHS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def _as_responses(e: ServingError) -> ServingError:
+    """The chat path's error in the Responses request's terms: its param and message name the fields the client
+    sent (`input`, `max_output_tokens`, `text.format`, `tool_choice.name`), not the chat request's."""
+    e.param = _responses_terms(e.param) if e.param else e.param
+    e.message = _responses_terms(e.message)
+    e.args = (e.message,)
+    return e
+
+
 def _text(content: Any, where: str) -> str:
     """A message's content: a string, or its text parts joined (other parts, images say, are refused)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise _bad(f"{where}.content must be a string or a list of text parts", where)
+        raise _bad(f"{where}.content must be a string or a list of text parts", f"{where}.content")
     out = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -102,7 +133,10 @@ def input_messages(raw: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         where = f"input[{i}]"
         kind = item.get("type", "message")
         if kind == "message":
-            msgs.append({"role": item.get("role"), "content": _text(item.get("content"), where)})
+            if item.get("role") not in ROLES:
+                raise _bad(f"{where}.role must be one of {', '.join(ROLES)}, got {item.get('role')!r}",
+                           f"{where}.role")
+            msgs.append({"role": item["role"], "content": _text(item.get("content"), where)})
         elif kind == "function_call":
             call = {"id": item.get("call_id"), "type": "function",
                     "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
@@ -115,8 +149,9 @@ def input_messages(raw: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                 msgs.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             out = item.get("output")
-            if not isinstance(item.get("call_id"), str):
-                raise _bad(f"{where}: a function_call_output needs its call_id", where)
+            if not isinstance(item.get("call_id"), str) or not isinstance(out, (str, list)):
+                raise _bad(f"{where}: a function_call_output needs its call_id and output (a string or text "
+                           "parts)", where)
             msgs.append({"role": "tool", "tool_call_id": item["call_id"],
                          "content": out if isinstance(out, str) else _text(out, where)})
         elif kind != "reasoning":
@@ -174,8 +209,7 @@ def chat_request(req: p.ResponsesRequest, history: list[dict[str, Any]]) -> tupl
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
-        param = "input" if where.startswith("messages") else where.split(".")[0]
-        raise _bad(f"{where.replace('messages', 'input', 1)}: {err['msg']}", param) from None
+        raise _as_responses(_bad(f"{where}: {err['msg']}", where)) from None
     return chat, conversation
 
 
@@ -236,7 +270,10 @@ async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesR
         history = prev.messages
     chat, conversation = chat_request(req, history)
     rid = serving.ctl.new_id("resp")
-    _, tools, gen = await serving.start_chat(chat, tenant, rid)
+    try:
+        _, tools, gen = await serving.start_chat(chat, tenant, rid)
+    except ServingError as e:
+        raise _as_responses(e) from None
     reply = _Reply(serving, req, rid, tools)
 
     def finish() -> dict[str, Any]:
