@@ -159,6 +159,13 @@ def test_responses_errors(server):
     assert _status(lambda: client(server, "wrong").responses.create(model="tiny-a", input="x")).status_code == 401
 
 
+def test_text_config_without_format_echoes_the_text_format(server):
+    """`text` without `format` (only verbosity, say) is plain text: the Response's text.format says so, as it does
+    when `text` is left out (it was missing, so `response.text.format.type` failed)."""
+    r = client(server).responses.create(model="tiny-a", input="x", max_output_tokens=2, text={"verbosity": "low"})
+    assert r.text.format is not None and r.text.format.type == "text" and r.text.verbosity == "low"
+
+
 def test_errors_name_the_responses_fields(server):
     """An error the chat path finds names the field the Responses request sent, in its param and its message, not
     the chat request's it became (messages, max_tokens, response_format, tool_choice.function, tools.0.function)."""

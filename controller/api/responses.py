@@ -240,7 +240,7 @@ class _Reply:
                 "previous_response_id": r.previous_response_id,
                 "temperature": 1.0 if r.temperature is None else r.temperature,
                 "top_p": 1.0 if r.top_p is None else r.top_p, "tool_choice": r.tool_choice or "auto",
-                "tools": r.tools or [], "text": r.text or {"format": {"type": "text"}}, "store": r.store,
+                "tools": r.tools or [], "text": {"format": {"type": "text"}, **(r.text or {})}, "store": r.store,
                 "metadata": r.metadata or {}, "usage": usage, "user": r.user}
 
     def message(self, status: str) -> dict[str, Any]:
