@@ -447,12 +447,17 @@ class Controller:
         name, tname = gen.entry.spec.name, gen.tenant.name
         mt = self.metrics
         mt.requests.labels(name, tname, str(status)).inc()
-        mt.prompt_tokens.labels(name, tname).inc(gen.prompt_tokens)
+        # Served (answered, or made tokens before it failed or the client left): its tokens count, in the metrics and
+        # the tenant's usage. Refused before any token (admission's 429, a load that failed): nothing of it is
+        # charged (the tenant's tokens/min reservation comes back whole), only its status above.
+        served = status == 200 or gen.t_first is not None
+        prompt = gen.prompt_tokens if served else 0
+        mt.prompt_tokens.labels(name, tname).inc(prompt)
         mt.generation_tokens.labels(name, tname).inc(gen.completion_tokens)
         if gen.subs and (lora := gen.subs[0].params.lora) is not None:
             mt.lora_requests.labels(name, lora, str(status)).inc()
             mt.lora_generation_tokens.labels(name, lora).inc(gen.completion_tokens)
-        TenantRegistry.release(gen.tenant, gen.charged, gen.prompt_tokens, gen.completion_tokens)
+        TenantRegistry.release(gen.tenant, gen.charged, prompt, gen.completion_tokens, served=served)
         if status != 200 or gen.t_first is None:
             return
         now = time.monotonic()

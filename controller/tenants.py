@@ -244,10 +244,14 @@ class TenantRegistry:
         return None
 
     @staticmethod
-    def release(t: Tenant, charged: int, prompt_tokens: int, completion_tokens: int) -> None:
+    def release(t: Tenant, charged: int, prompt_tokens: int, completion_tokens: int, served: bool = True) -> None:
+        """A request of `t` is done: its concurrency slot and the tokens/min it reserved but did not use come back;
+        a served one counts in the usage (one refused before any token does not)."""
         t.inflight -= 1
         if t.tpm is not None:
             t.tpm.give_back(max(0, charged - prompt_tokens - completion_tokens))
+        if not served:
+            return
         t.usage["requests"] += 1
         t.usage["prompt_tokens"] += prompt_tokens
         t.usage["completion_tokens"] += completion_tokens

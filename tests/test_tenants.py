@@ -29,7 +29,10 @@ def server(tmp_path_factory):
              "rate": {"tokens_per_min": 600}, "max_concurrent": 2},
         ],
         "models": [{"name": n, "engine": PACE} for n in ("red-m", "blue-m", "shared")]
-                  + [{"name": "blue-slow", "engine": dict(PACE, pace_s_per_token=0.1)}],
+                  + [{"name": "blue-slow", "engine": dict(PACE, pace_s_per_token=0.1)},
+                     # one request at a time, a 0.2 s TTFT: a second one while the first streams is refused (429)
+                     {"name": "red-narrow", "engine": dict(PACE, pace_s_per_token=0.1, max_num_seqs=1),
+                      "slo": {"ttft_s": 0.2, "tpot_s": 1.0}}],
     }
     with LiveServer(cfg, work) as srv:
         yield srv
@@ -58,7 +61,7 @@ def test_config_and_tenants_file_hold_no_plain_keys(server):
 
 
 def test_isolation_of_models_and_usage(server):
-    assert {m.id for m in oai(server, RED).models.list()} == {"red-m", "shared"}
+    assert {m.id for m in oai(server, RED).models.list()} == {"red-m", "red-narrow", "shared"}
     assert {m.id for m in oai(server, BLUE).models.list()} == {"blue-m", "blue-slow", "shared"}
     with pytest.raises(openai.NotFoundError):  # another tenant's model looks missing (issue 16)
         oai(server, RED).completions.create(model="blue-m", prompt="x", max_tokens=1)
@@ -179,3 +182,32 @@ def test_revoking_a_configured_tenant_outlasts_a_restart(tmp_path):
     assert third.authenticate(fresh).name == "red" and third.authenticate(RED) is None
     assert third.delete("red")  # and revoking it again revokes the new key too
     assert TenantRegistry(specs, auth=True, tenants_file=f).authenticate(fresh) is None
+
+
+def test_a_request_refused_before_any_token_is_not_charged(server):
+    """SLO admission's 429 (the model's one slot busy for longer than its TTFT allows): the tenant's usage and the
+    token counters stay as they were, and its tokens/min reservation comes back; the request still counts in
+    requests_total under its status. The served request that held the slot counts in full."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def usage() -> dict:
+        return httpx.get(server.url + "/v1/usage", headers={"Authorization": f"Bearer {RED}"}).json()
+
+    def prompt_tokens() -> float:
+        text = httpx.get(server.url + "/metrics", headers=ADM).text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "tokenpool_prompt_tokens_total" and s.labels.get("model") == "red-narrow")
+
+    c = oai(server, RED)
+    before, tokens_before = usage(), prompt_tokens()
+    stream = c.completions.create(model="red-narrow", prompt="a b c", max_tokens=30, stream=True)
+    next(iter(stream))  # it holds the one slot for ~3 s
+    with pytest.raises(openai.RateLimitError) as ei:
+        c.completions.create(model="red-narrow", prompt="a much longer prompt than the first", max_tokens=5)
+    assert "overloaded" in str(ei.value)
+    assert usage() == before and prompt_tokens() == tokens_before
+    done = [ch for ch in stream]
+    assert done and done[-1].choices[0].finish_reason == "length"
+    after = usage()
+    assert after["requests"] == before["requests"] + 1 and after["completion_tokens"] == before["completion_tokens"] + 30
+    assert prompt_tokens() == tokens_before + (after["prompt_tokens"] - before["prompt_tokens"]) > tokens_before
