@@ -207,6 +207,20 @@ def test_dashboard_details(server, shots):
             assert out["x"] + out["width"] <= 390, out
             mobile.screenshot(path=str(shots / "phone-pool.png"), full_page=True)
 
+            # a stream the browser closed (it does at a 502 from a proxy, or as here when the page stops loading) is
+            # opened again from the last event seen: each event once in the list, not the ring's backlog again
+            page.click("#tabs [data-view=events]")
+            page.select_option("#event-filter", "")
+            joins = page.locator("#events-list li[data-kind=worker_join]")
+            expect(joins).to_have_count(1)
+            page.evaluate("window.stop()")
+            expect(page.locator("#conn")).to_have_text("reconnecting…")
+            expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
+            httpx.post(url + "/admin/tenants", headers=auth, json={"name": "probe"}).raise_for_status()
+            expect(page.locator("#events-list li[data-kind=tenant_created]", has_text="probe")).to_be_visible()
+            expect(joins).to_have_count(1)  # (the backlog came before that event, on the same stream)
+            httpx.delete(url + "/admin/tenants/probe", headers=auth).raise_for_status()
+
             # signing out in one tab signs the session's other tabs out too: their open event stream ends (it
             # went on carrying the pool's snapshots and events), so they come back to the login form
             other = ctx.new_page()

@@ -12,6 +12,7 @@ const PALETTE = ["#2f6fdf", "#e0573a", "#1f9d55", "#9b59d0", "#d19a00", "#14a3b8
 const S = {
   view: "pool", pool: null, requests: [], events: [], kinds: new Set(), colors: new Map(),
   series: { t: [], tps: new Map(), queue: new Map() }, charts: {}, soon: null, eventsDue: null,
+  lastSeq: 0, // the last event's seq: a new stream goes on from it (the ring's backlog once, not again)
 };
 
 // --- small helpers ---
@@ -372,8 +373,10 @@ function refreshSoon(ms = 150) {
 
 function connect() {
   const conn = document.getElementById("conn");
-  // since=0: the ring's backlog first; a reconnect sends Last-Event-ID by itself
-  const es = new EventSource("/admin/events?since=0&snapshots=true");
+  // since=0 at first: the ring's backlog; the browser's own reconnect sends Last-Event-ID; a new stream after one
+  // that failed (CLOSED) goes on from the last event seen (since=0 there showed every event twice). A restarted
+  // server, whose seqs are all below it, sends what it has.
+  const es = new EventSource(`/admin/events?since=${S.lastSeq}&snapshots=true`);
   es.onopen = () => { conn.textContent = "live"; conn.className = "conn live"; };
   es.onerror = () => {
     conn.textContent = "reconnecting…";
@@ -382,6 +385,7 @@ function connect() {
   };
   es.onmessage = (msg) => {
     const ev = JSON.parse(msg.data);
+    if (typeof ev.seq === "number") S.lastSeq = ev.seq;
     S.events.push(ev);
     if (S.events.length > MAX_EVENTS) S.events.splice(0, S.events.length - MAX_EVENTS);
     S.kinds.add(ev.kind);
