@@ -477,9 +477,19 @@ class Controller:
         if att is not None:
             mt.slo_attainment.labels(name).set(att)
 
+    def resolve(self, name: str | None) -> ModelEntry | None:
+        """The model a request names: by its own name, one of its aliases or one of its LoRA adapters'."""
+        if not name:
+            return None
+        me = self.models.get(name)
+        if me is None:
+            me = next((e for e in self.models.values() if name in e.spec.aliases or name in e.spec.lora_names), None)
+        return me
+
     def count_refusal(self, model: str | None, tenant: str, status: int) -> None:
-        label = model if model in self.models else "-"
-        self.metrics.requests.labels(label, tenant, str(status)).inc()
+        """A request refused before it became a Generation, under its model's own name ("-": none or unknown)."""
+        me = self.resolve(model)
+        self.metrics.requests.labels(me.spec.name if me is not None else "-", tenant, str(status)).inc()
 
     # --- snapshots for the pure logic ---
     def infos(self) -> dict[str, ModelInfo]:

@@ -28,7 +28,8 @@ def server(tmp_path_factory):
             {"name": "blue", "key_hashes": [hash_key(BLUE)], "models": ["blue-*", "shared"],
              "rate": {"tokens_per_min": 600}, "max_concurrent": 2},
         ],
-        "models": [{"name": n, "engine": PACE} for n in ("red-m", "blue-m", "shared")]
+        "models": [{"name": n, "engine": PACE} for n in ("red-m", "blue-m")]
+                  + [{"name": "shared", "engine": PACE, "aliases": ["common"]}]
                   + [{"name": "blue-slow", "engine": dict(PACE, pace_s_per_token=0.1)},
                      # one request at a time, a 0.2 s TTFT: a second one while the first streams is refused (429)
                      {"name": "red-narrow", "engine": dict(PACE, pace_s_per_token=0.1, max_num_seqs=1),
@@ -211,3 +212,20 @@ def test_a_request_refused_before_any_token_is_not_charged(server):
     after = usage()
     assert after["requests"] == before["requests"] + 1 and after["completion_tokens"] == before["completion_tokens"] + 30
     assert prompt_tokens() == tokens_before + (after["prompt_tokens"] - before["prompt_tokens"]) > tokens_before
+
+
+def test_a_refusal_by_alias_counts_under_the_models_name(server):
+    """requests_total's model label is the model's own name when a refused request named it by an alias (it was
+    "-", as for a model that does not exist)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def refused(model: str) -> float:
+        text = httpx.get(server.url + "/metrics", headers=ADM).text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "tokenpool_requests_total" and s.labels.get("model") == model
+                   and s.labels.get("status") == "400" and s.labels.get("tenant") == "red")
+
+    before = refused("shared")
+    with pytest.raises(openai.BadRequestError):
+        oai(server, RED).completions.create(model="common", prompt="x", max_tokens=1_000_000)  # past its context
+    assert refused("shared") == before + 1

@@ -190,10 +190,7 @@ class OpenAIServing:
     def lookup(self, tenant: Tenant, model: str) -> ModelEntry:
         """The model `tenant` asks for by its name, one of its aliases or one of its LoRA adapters' (whose requests the
         model's engines run with the adapter: `lora_of`); 404 when there is none it may use."""
-        me = self.ctl.models.get(model)
-        if me is None:  # by one of its aliases or adapters
-            me = next((e for e in self.ctl.models.values() if model in e.spec.aliases or model in e.spec.lora_names),
-                      None)
+        me = self.ctl.resolve(model)
         if me is None or not (tenant.may_use(me.spec.name) or tenant.may_use(model)):
             # one answer for both: a tenant learns nothing of the others' models
             raise ServingError(404, f"The model `{model}` does not exist.", param="model")
