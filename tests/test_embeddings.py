@@ -169,6 +169,9 @@ def test_embedding_truncation_and_errors(server, hf):
     assert r.usage.prompt_tokens == ctx - 1
     e = _status(lambda: c.embeddings.create(model="tiny-a", input=long))
     assert e.status_code == 400 and e.body["code"] == "context_length_exceeded" and e.body["param"] == "input"
+    e = _status(lambda: c.embeddings.create(model="tiny-a", input=[[1, 2], ids[:ctx]]))  # (exactly the context's)
+    assert e.status_code == 400 and e.body["code"] == "context_length_exceeded", e.body
+    assert f"at most {ctx - 1}" in e.body["message"] and f"input 1 has {ctx} tokens" in e.body["message"], e.body
     for kw, param, words in (
             (dict(input=""), "input", "empty"),
             (dict(input=["a", ""]), "input", "input 1 is an empty string"),

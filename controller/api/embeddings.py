@@ -15,11 +15,20 @@ import time
 from starlette.requests import Request
 
 from controller.api import protocol as p
-from controller.api.serving import OpenAIServing, PromptTooLong, Tracked, encode, lora_of, too_long
+from controller.api.serving import OpenAIServing, PromptTooLong, Tracked, encode, lora_of
 from controller.errors import ServingError
 from controller.service import ModelEntry
 from controller.tenants import Tenant
 from token_scheduler.request import SamplingParams, l2_normalize
+
+
+def _too_long(me: ModelEntry, n: int, param: str, index: int | None) -> ServingError:
+    """An input to embed that the context cannot take. Its limit is one token under the context (the prefill's step
+    draws a token), so say so: "the context is 2048 tokens; the prompt has 2048" read as no error at all."""
+    which = f" {index}" if index is not None else ""
+    return ServingError(400, f"This model's maximum context length is {me.max_model_len} tokens, so an input to embed "
+                             f"may have at most {me.max_model_len - 1}; input{which} has {n} tokens.", param=param,
+                        code="context_length_exceeded")
 
 
 def prompts_of(serving: OpenAIServing, me: ModelEntry, raw: str | list, truncate: int | None,
@@ -40,13 +49,13 @@ def prompts_of(serving: OpenAIServing, me: ModelEntry, raw: str | list, truncate
             try:
                 ids = encode(me.tokenizer, x, None if keep is not None else me.max_model_len)
             except PromptTooLong as e:
-                raise too_long(me, e.n, param, which) from None
+                raise _too_long(me, e.n, param, which) from None
         else:
             ids = list(x)
         if keep is not None and len(ids) > keep:
             ids = (ids[len(ids) - keep:] if keep_end else ids[:keep]) if keep else []
         elif len(ids) >= me.max_model_len:
-            raise too_long(me, len(ids), param, which)
+            raise _too_long(me, len(ids), param, which)
         out.append(serving._check_ids(me, ids, param))
     return out
 
