@@ -637,3 +637,27 @@ def test_a_preload_that_landed_reads_resident_and_can_expire_idle(make_tiny, hos
     multi.expire()
     assert not multi.memory.holds("a") and multi.snapshot()["models"]["a"]["state"] == "host"
     multi.close()
+
+
+def test_a_models_kv_pages_count_a_shared_prefix_once(make_tiny, host_cache):
+    """The snapshot's kv_pages_used per model (the dashboard's Models view): requests sharing a cached prefix hold
+    its pages once, as the pool's page count does (it counted each request's pages, a shared page once per request)."""
+    from gpu_pool.arena import MiB
+
+    multi = MultiModelEngine({"a": make_tiny("qwen2")}, policy="token", device="cpu", gpu_budget=8 * MiB,
+                             kv_cache_gb=64 * 16 * 512 / 1e9, host_cache=host_cache)
+    prompt = list(range(5, 5 + 40))  # two and a half 16-token pages
+    multi.add_request("r0", prompt, SamplingParams(max_tokens=30, ignore_eos=True), model="a")
+    multi.step()  # its prefill: the prompt's whole pages go into the prefix cache
+    for i in (1, 2, 3):
+        multi.add_request(f"r{i}", prompt, SamplingParams(max_tokens=30, ignore_eos=True), model="a")
+    for _ in range(4):
+        multi.step()
+    running = multi.engines["a"].scheduler.running
+    assert len(running) == 4
+    per_request = sum(len(r.block_ids) for r in running)
+    distinct = {b for r in running for b in r.block_ids}
+    assert len(distinct) < per_request  # (the prefix pages are shared: the test means something)
+    snap = multi.snapshot()
+    assert snap["models"]["a"]["kv_pages_used"] == len(distinct) == snap["vram"]["kv_pages_used"]
+    multi.close()

@@ -1194,7 +1194,8 @@ class MultiModelEngine:
             models[name] = {
                 "state": state, "waiting": len(s.waiting), "running": len(s.running), "swapped": len(s.swapped),
                 "oldest_wait_s": max(0.0, now - oldest) if oldest is not None else 0.0,
-                "kv_pages_used": sum(len(r.block_ids) for r in s.running),
+                # (distinct pages: a prefix-cached page several requests share is one page)
+                "kv_pages_used": len({b for r in s.running for b in r.block_ids}),
                 "kv_swapped": sum(len(r.host_block_ids or ()) for r in s.swapped),
                 "steps": self.steps_per_model.get(name, 0),
                 "engine_s": engine_s, "priced_s": priced_s,
