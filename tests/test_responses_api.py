@@ -187,6 +187,38 @@ def test_errors_name_the_responses_fields(server):
         assert not any(w in msg for w in ("messages", "max_tokens", "response_format", "json_schema.", "'function': {")), msg
 
 
+def test_truncation_input_tokens_cancel_and_the_fields_it_cannot_honour(server):
+    """truncation "auto" drops the oldest turns of a conversation too long for the context (it was ignored: a 400),
+    "disabled" keeps the 400; input_tokens counts the input as it would be fed (it was a 405); cancel of a stored
+    response is a 400 (no background responses), of an unknown one a 404; conversation and prompt are 400s naming
+    them; truncation and reasoning are echoed."""
+    c = client(server)
+    mml = c.models.retrieve("tiny-a").model_extra["max_model_len"]
+    long_turn = {"role": "user", "content": "hi " * mml}  # (past the context alone)
+    convo = [long_turn, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "and then?"}]
+    e = _status(lambda: c.responses.create(model="tiny-a", input=convo, max_output_tokens=4))
+    assert e.status_code == 400 and "maximum context length" in e.body["message"]
+    r = c.responses.create(model="tiny-a", input=convo, max_output_tokens=4, truncation="auto",
+                           reasoning={"effort": "low"})
+    assert r.status == "incomplete" and r.truncation == "auto" and r.reasoning.effort == "low"
+    alone = c.responses.create(model="tiny-a", input=convo[1:], max_output_tokens=4, temperature=0)  # (oldest gone)
+    again = c.responses.create(model="tiny-a", input=convo, max_output_tokens=4, truncation="auto", temperature=0)
+    assert again.output_text == alone.output_text and again.usage.input_tokens == alone.usage.input_tokens
+    assert c.responses.create(model="tiny-a", input="x", max_output_tokens=1).truncation == "disabled"
+    # input_tokens: what the Response's usage says the same input was
+    counted = c.responses.input_tokens.count(model="tiny-a", input=convo[2:], instructions="be brief")
+    done = c.responses.create(model="tiny-a", input=convo[2:], instructions="be brief", max_output_tokens=1)
+    assert counted.input_tokens == done.usage.input_tokens and counted.object == "response.input_tokens"
+    e = _status(lambda: c.responses.input_tokens.count(model="tiny-a", input="x", previous_response_id="resp-nope"))
+    assert e.status_code == 404
+    e = _status(lambda: c.responses.cancel(done.id))
+    assert e.status_code == 400 and "background" in e.body["message"]
+    assert _status(lambda: c.responses.cancel("resp-nope")).status_code == 404
+    for kw, param in ((dict(conversation="conv_123"), "conversation"), (dict(prompt={"id": "pmpt_1"}), "prompt")):
+        e = _status(lambda kw=kw: c.responses.create(model="tiny-a", input="x", **kw))
+        assert e.status_code == 400 and e.body["param"] == param, e.body
+
+
 def test_response_store_is_bounded_and_per_tenant():
     """The store keeps at most its entries and bytes (the oldest go first); a tenant sees only its own; delete
     gives the bytes back."""

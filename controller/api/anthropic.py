@@ -24,7 +24,7 @@ from starlette.requests import Request
 
 from controller.api import protocol as p
 from controller.api.serving import OpenAIServing, Tracked
-from controller.api.structured import ToolPlan, tool_plan
+from controller.api.structured import ToolPlan
 from controller.errors import ServingError
 from controller.tenants import Tenant
 
@@ -299,7 +299,4 @@ async def count_tokens(serving: OpenAIServing, req: p.MessagesRequest, tenant: T
     """The prompt's tokens as /v1/messages would feed them (the template, with the tools' declarations)."""
     chat = chat_request(req)
     check_tool_choice(serving, req, tenant)
-    me = serving.lookup(tenant, chat.model)
-    tools = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, me.spec.tool_call_parser)
-    ids = await serving.offload(serving._chat_prompt, me, chat, {"tools": tools.template_tools} if tools else {}, False)
-    return {"input_tokens": len(ids)}
+    return {"input_tokens": await serving.chat_prompt_tokens(tenant, chat)}

@@ -121,6 +121,20 @@ async def create_response(body: p.ResponsesRequest, request: Request, tenant: Te
                                                   tenant, request), body.model, tenant)
 
 
+@router.post("/v1/responses/input_tokens", responses=ERRORS)
+async def response_input_tokens(body: p.ResponsesRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+    """The input's tokens as /v1/responses would feed them (the SDK's responses.input_tokens.count)."""
+    return await responses.input_tokens(request.app.state.serving, request.app.state.responses, body, tenant)
+
+
+@router.post("/v1/responses/{response_id}/cancel", responses=ERRORS)
+async def cancel_response(response_id: str, request: Request, tenant: Tenant = Depends(auth.tenant)):
+    """Only background responses can be cancelled, and there are none here: 404 for an unknown id, else a 400."""
+    responses.stored(request.app.state.responses, response_id, tenant)
+    raise ServingError(400, "only background responses can be cancelled (this server runs none)",
+                       param="response_id")
+
+
 @router.get("/v1/responses/{response_id}", responses=ERRORS)
 async def get_response(response_id: str, request: Request, tenant: Tenant = Depends(auth.tenant)):
     return responses.stored(request.app.state.responses, response_id, tenant).response

@@ -298,6 +298,12 @@ class ResponsesRequest(_Top):
     metadata: Annotated[dict[str, str], Field(max_length=16)] | None = None
     background: bool = False
     user: str | None = None
+    # "auto": the oldest turns of a conversation too long for the context are dropped until it fits
+    truncation: Literal["auto", "disabled"] | None = None
+    reasoning: dict[str, Any] | None = None  # (echoed; these models do not reason apart)
+    include: list[str] | None = None  # (accepted; nothing extra is included)
+    conversation: Any = None  # refused: no Conversations API (previous_response_id chains)
+    prompt: Any = None  # refused: no stored prompt templates
 
 
 class TokenizeRequest(_Top, _ChatTemplate):

@@ -197,7 +197,16 @@ def chat_request(req: p.ResponsesRequest, history: list[dict[str, Any]]) -> tupl
     """The chat request a Responses request means, and its conversation (without the instructions) to store."""
     if req.background:
         raise _bad("background responses are not supported", "background")
+    if req.conversation is not None:
+        raise _bad("conversations are not supported: chain responses with previous_response_id", "conversation")
+    if req.prompt is not None:
+        raise _bad("stored prompt templates are not supported: send input and instructions", "prompt")
     conversation = [*history, *input_messages(req.input)]
+    return _chat(req, conversation), conversation
+
+
+def _chat(req: p.ResponsesRequest, conversation: list[dict[str, Any]]) -> p.ChatCompletionRequest:
+    """The chat request of `conversation` under the request's instructions and options."""
     system = [{"role": "system", "content": req.instructions}] if req.instructions else []
     body: dict[str, Any] = {"model": req.model, "messages": [*system, *conversation],
                             "max_completion_tokens": req.max_output_tokens, "temperature": req.temperature,
@@ -205,12 +214,20 @@ def chat_request(req: p.ResponsesRequest, history: list[dict[str, Any]]) -> tupl
                             "tool_choice": _tool_choice(req.tool_choice), "parallel_tool_calls": req.parallel_tool_calls,
                             "response_format": _response_format(req.text)}
     try:
-        chat = p.ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
+        return p.ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
         raise _as_responses(_bad(f"{where}: {err['msg']}", where)) from None
-    return chat, conversation
+
+
+def _drop_oldest(conversation: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """`truncation: "auto"`: the conversation without its oldest turn (and the tool results that answered a call
+    of it), or None when only the last turn is left."""
+    rest = conversation[1:]
+    while rest and rest[0].get("role") == "tool":
+        rest = rest[1:]
+    return rest or None
 
 
 def _item_id(prefix: str) -> str:
@@ -241,7 +258,9 @@ class _Reply:
                 "temperature": 1.0 if r.temperature is None else r.temperature,
                 "top_p": 1.0 if r.top_p is None else r.top_p, "tool_choice": r.tool_choice or "auto",
                 "tools": r.tools or [], "text": {"format": {"type": "text"}, **(r.text or {})}, "store": r.store,
-                "metadata": r.metadata or {}, "usage": usage, "user": r.user}
+                "metadata": r.metadata or {}, "usage": usage, "user": r.user,
+                "truncation": r.truncation or "disabled",
+                "reasoning": {"effort": None, "summary": None, **(r.reasoning or {})}}
 
     def message(self, status: str) -> dict[str, Any]:
         return {"type": "message", "id": self.msg_id, "status": status, "role": "assistant",
@@ -259,21 +278,33 @@ class _Reply:
             status
 
 
+def _history(store: ResponseStore, req: p.ResponsesRequest, tenant: Tenant) -> list[dict[str, Any]]:
+    """The conversation before `previous_response_id` ([] without one); 404 when it is not stored."""
+    if req.previous_response_id is None:
+        return []
+    prev = store.get(req.previous_response_id, tenant.name)
+    if prev is None:
+        raise ServingError(404, f"Previous response with id '{req.previous_response_id}' not found.",
+                           param="previous_response_id", code="not_found")
+    return prev.messages
+
+
 async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesRequest, tenant: Tenant,
                  request: Request) -> dict[str, Any] | AsyncIterator[bytes]:
-    history: list[dict[str, Any]] = []
-    if req.previous_response_id is not None:
-        prev = store.get(req.previous_response_id, tenant.name)
-        if prev is None:
-            raise ServingError(404, f"Previous response with id '{req.previous_response_id}' not found.",
-                               param="previous_response_id", code="not_found")
-        history = prev.messages
-    chat, conversation = chat_request(req, history)
+    chat, conversation = chat_request(req, _history(store, req, tenant))
     rid = serving.ctl.new_id("resp")
-    try:
-        _, tools, gen = await serving.start_chat(chat, tenant, rid)
-    except ServingError as e:
-        raise _as_responses(e) from None
+    sent = conversation
+    while True:
+        try:
+            _, tools, gen = await serving.start_chat(chat, tenant, rid)
+            break
+        except ServingError as e:
+            if req.truncation == "auto" and e.code == "context_length_exceeded" and (
+                    shorter := _drop_oldest(sent)) is not None:
+                sent = shorter  # (the stored conversation stays whole: a later turn truncates it again)
+                chat = _chat(req, sent)
+                continue
+            raise _as_responses(e) from None
     reply = _Reply(serving, req, rid, tools)
 
     def finish() -> dict[str, Any]:
@@ -376,6 +407,18 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish) -
     finally:
         serving.active.discard(gen)
         gen.close(status)
+
+
+async def input_tokens(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesRequest,
+                       tenant: Tenant) -> dict[str, Any]:
+    """POST /v1/responses/input_tokens: the tokens the request's input would be, as it would be fed (its
+    instructions, the conversation before previous_response_id, the tools' declarations); nothing is generated."""
+    chat, _ = chat_request(req, _history(store, req, tenant))
+    try:
+        n = await serving.chat_prompt_tokens(tenant, chat)
+    except ServingError as e:
+        raise _as_responses(e) from None
+    return {"object": "response.input_tokens", "input_tokens": n}
 
 
 def stored(store: ResponseStore, rid: str, tenant: Tenant) -> Stored:

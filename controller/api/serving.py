@@ -498,6 +498,14 @@ class OpenAIServing:
         self._check_vocab(me, req.tokens, "tokens")
         return p.DetokenizeResponse(prompt=await self.offload(me.tokenizer.decode, req.tokens))
 
+    async def chat_prompt_tokens(self, tenant: Tenant, chat: p.ChatCompletionRequest) -> int:
+        """How many tokens a chat request's prompt is, as it would be fed (the template, with its tools'
+        declarations); nothing is generated (Anthropic's count_tokens, Responses' input_tokens)."""
+        me = self.lookup(tenant, chat.model)
+        tools = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, me.spec.tool_call_parser)
+        ids = await self.offload(self._chat_prompt, me, chat, {"tools": tools.template_tools} if tools else {}, False)
+        return len(ids)
+
     def _chat_prompt(self, me: ModelEntry, req: p.ChatCompletionRequest | p.TokenizeRequest, kwargs: dict[str, Any],
                      limit: bool = True) -> list[int]:
         """The prompt's token ids: the model's own chat template, rendered and tokenized in the tokenize pool
