@@ -330,6 +330,17 @@ def test_admin_views_need_the_admin_token(app):
     assert c.post("/admin/models/alpha/pin").status_code == 401
 
 
+def test_a_tenant_made_where_authentication_is_off_says_it_has_no_effect(app):
+    """POST /admin/tenants on a server without authentication (the embedded default): made, with a warning that no
+    request is asked for its key (the dashboard showed a key whose limits applied to no one); none with auth on."""
+    body = {"name": "team-b", "rate": {"requests_per_s": 0.5}}
+    on = TestClient(app).post("/admin/tenants", headers=H, json=body)
+    assert on.status_code == 201 and on.json()["warning"] is None
+    off = TestClient(build_app(ServerConfig(admin_token_hash=hash_key(ADMIN), models=[], auth=False)))
+    r = off.post("/admin/tenants", headers=H, json=body)
+    assert r.status_code == 201 and r.json()["api_key"] and "authentication is off" in r.json()["warning"]
+
+
 def gen_for(ctl, model: str, tenant_name: str, rid: str, n: int = 1) -> Generation:
     entry, tenant = ctl.models[model], ctl.tenants.get(tenant_name)
     gen = Generation(ctl, entry, tenant, entry.spec.slo, 100, 4, asyncio.Queue())

@@ -42,6 +42,7 @@ class TenantOut(BaseModel):
 
 class TenantCreated(TenantOut):
     api_key: str | None = Field(description="shown once; only its hash is kept (null when key_hashes were given)")
+    warning: str | None = Field(None, description="set when the tenant has no effect (authentication is off)")
 
 
 class ReplicaOut(BaseModel):

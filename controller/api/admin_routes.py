@@ -123,7 +123,10 @@ async def create_tenant(body: ap.TenantCreate, request: Request):
     except KeyError:
         raise ServingError(400, f"tenant {body.name!r} exists", param="name") from None
     views.events(ctl).publish("tenant_created", tenant=t.name)
-    return {**_tenant_out(t), "api_key": key}
+    warning = None if ctl.tenants.auth else (
+        "authentication is off on this server (auth: false, or no tenant configured at start): requests are not "
+        "asked for a key, so this tenant's limits and model list apply to no one; restart with auth on")
+    return {**_tenant_out(t), "api_key": key, "warning": warning}
 
 
 @router.delete("/tenants/{name}")
