@@ -8,6 +8,7 @@ path is printed (TOKENPOOL_DASHBOARD_SHOTS=DIR keeps them there instead).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -82,6 +83,24 @@ class Stream(threading.Thread):
             self.started.set()
 
 
+@contextlib.contextmanager
+def chromium():
+    """Debian's chromium, headless, under Playwright; closed on the way out."""
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def watched(page, errors: list[str]):
+    """`page`, with its console errors and uncaught exceptions collected in `errors`."""
+    page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+    return page
+
+
 def sign_in(page, url: str) -> None:
     page.goto(url + "/dashboard")
     page.fill("#token", ADMIN)
@@ -102,135 +121,129 @@ def test_dashboard_details(server, shots):
     # tiny-b, the last of the pool's models, runs: the engine's timeline (drawn first) names it alone
     httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60, json={
         "model": "tiny-b", "prompt": "hi", "max_tokens": 2}).raise_for_status()
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        try:
-            ctx = browser.new_context(viewport={"width": 1440, "height": 900})
-            page = ctx.new_page()
-            page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
-            sign_in(page, url)
-            expect(page.locator("#engines canvas.timeline")).to_have_count(1)
+    with chromium() as browser:
+        ctx = browser.new_context(viewport={"width": 1440, "height": 900})
+        page = watched(ctx.new_page(), errors)
+        sign_in(page, url)
+        expect(page.locator("#engines canvas.timeline")).to_have_count(1)
 
-            # an idle engine is "idle", though the pool still names the model of its last turn
-            pool = page.request.get(url + "/admin/pool").json()
-            assert pool["engines"][0]["inflight"] == 0 and pool["engines"][0]["active"] == "tiny-b", pool["engines"][0]
-            expect(page.locator('.engine[data-engine="w0"] .head')).to_contain_text("running now: idle")
+        # an idle engine is "idle", though the pool still names the model of its last turn
+        pool = page.request.get(url + "/admin/pool").json()
+        assert pool["engines"][0]["inflight"] == 0 and pool["engines"][0]["active"] == "tiny-b", pool["engines"][0]
+        expect(page.locator('.engine[data-engine="w0"] .head')).to_contain_text("running now: idle")
 
-            # authentication is on (a tenant is configured): no notice that keys take no effect
-            page.click("#tabs [data-view=tenants]")
-            expect(page.locator('#tenants-table tr[data-tenant="team-a"]')).to_be_visible()
-            expect(page.locator("#auth-off")).to_be_hidden()
+        # authentication is on (a tenant is configured): no notice that keys take no effect
+        page.click("#tabs [data-view=tenants]")
+        expect(page.locator('#tenants-table tr[data-tenant="team-a"]')).to_be_visible()
+        expect(page.locator("#auth-off")).to_be_hidden()
 
-            # the Models table: a swatch per model in the palette's order, whatever the pool view drew first
-            page.click("#tabs [data-view=models]")
-            expect(page.locator("#tabs [aria-current=page]")).to_have_attribute("data-view", "models")
-            expect(page.locator("#tabs [aria-current]")).to_have_count(1)
-            names = [m["name"] for m in pool["models"]]
-            for n in names:
-                expect(page.locator(f'#models-table tr[data-model="{n}"]')).to_be_visible()
-            swatches = page.evaluate("""names => names.map(n => getComputedStyle(document.querySelector(
-                `#models-table tr[data-model="${n}"] .swatch`)).backgroundColor)""", names)
-            palette = page.evaluate("""n => PALETTE.slice(0, n).map(c => {
-                const d = document.createElement('div'); d.style.background = c; document.body.append(d);
-                const v = getComputedStyle(d).backgroundColor; d.remove(); return v; })""", len(names))
-            assert swatches == palette, (names, swatches, palette)
+        # the Models table: a swatch per model in the palette's order, whatever the pool view drew first
+        page.click("#tabs [data-view=models]")
+        expect(page.locator("#tabs [aria-current=page]")).to_have_attribute("data-view", "models")
+        expect(page.locator("#tabs [aria-current]")).to_have_count(1)
+        names = [m["name"] for m in pool["models"]]
+        for n in names:
+            expect(page.locator(f'#models-table tr[data-model="{n}"]')).to_be_visible()
+        swatches = page.evaluate("""names => names.map(n => getComputedStyle(document.querySelector(
+            `#models-table tr[data-model="${n}"] .swatch`)).backgroundColor)""", names)
+        palette = page.evaluate("""n => PALETTE.slice(0, n).map(c => {
+            const d = document.createElement('div'); d.style.background = c; document.body.append(d);
+            const v = getComputedStyle(d).backgroundColor; d.remove(); return v; })""", len(names))
+        assert swatches == palette, (names, swatches, palette)
 
-            # a number's header is aligned as its numbers are (right), in the models and tenants tables
-            page.click("#tabs [data-view=tenants]")
-            expect(page.locator("#tenants-table tbody tr").first).to_be_visible()
-            for table in ("models-table", "tenants-table"):
-                bad = page.evaluate("""id => {
-                    const t = document.getElementById(id), ths = t.querySelectorAll('thead th');
-                    return [...t.querySelector('tbody tr').children].flatMap((td, i) =>
-                        td.classList.contains('num') && getComputedStyle(ths[i]).textAlign !== 'right'
-                        ? [ths[i].textContent] : []); }""", table)
-                assert bad == [], (table, bad)
+        # a number's header is aligned as its numbers are (right), in the models and tenants tables
+        page.click("#tabs [data-view=tenants]")
+        expect(page.locator("#tenants-table tbody tr").first).to_be_visible()
+        for table in ("models-table", "tenants-table"):
+            bad = page.evaluate("""id => {
+                const t = document.getElementById(id), ths = t.querySelectorAll('thead th');
+                return [...t.querySelector('tbody tr').children].flatMap((td, i) =>
+                    td.classList.contains('num') && getComputedStyle(ths[i]).textAlign !== 'right'
+                    ? [ths[i].textContent] : []); }""", table)
+            assert bad == [], (table, bad)
 
-            # events: the clock as the charts' (24 h), and an engine's `at` as one too, not seconds since 1970
-            page.click("#tabs [data-view=events]")
-            register = page.locator("#events-list li[data-kind=register]", has_text="engine=w0").first
-            expect(register).to_be_visible()
-            assert re.fullmatch(r"\d\d:\d\d:\d\d", register.locator(".t").inner_text())
-            assert re.search(r"at=\d\d:\d\d:\d\d\.\d{3}(\s|$)", register.inner_text()), register.inner_text()
+        # events: the clock as the charts' (24 h), and an engine's `at` as one too, not seconds since 1970
+        page.click("#tabs [data-view=events]")
+        register = page.locator("#events-list li[data-kind=register]", has_text="engine=w0").first
+        expect(register).to_be_visible()
+        assert re.fullmatch(r"\d\d:\d\d:\d\d", register.locator(".t").inner_text())
+        assert re.search(r"at=\d\d:\d\d:\d\d\.\d{3}(\s|$)", register.inner_text()), register.inner_text()
 
-            # a model of the longest name allowed (128 characters) is cut short (its title has it all), not pushing
-            # a card wider than the page; removed while the page is open, it leaves the charts' legends
-            gone = "pace-gone-" + "x" * 118
-            page.click("#tabs [data-view=pool]")
-            httpx.post(url + "/admin/models", headers=auth, json={
-                "name": gone, "path": None, "engine": {"kind": "pace"}}).raise_for_status()
-            legend = page.locator("#chart-tps .u-legend")
-            expect(legend).to_contain_text(gone, timeout=5_000)
-            expect(page.locator(f'#engines .chip[title="{gone}"]').first).to_be_visible()
-            wide = """() => [...document.querySelectorAll('main > section:not([hidden]) .card')]
-                .filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.querySelector('h3')?.textContent)"""
-            assert page.evaluate(wide) == []
-            page.click("#tabs [data-view=models]")
-            expect(page.locator(f'#models-table tr[data-model="{gone}"] .mname')).to_have_attribute("title", gone)
-            assert page.evaluate(wide) == []
-            page.click("#tabs [data-view=pool]")
-            httpx.delete(url + f"/admin/models/{gone}", headers=auth).raise_for_status()
-            expect(legend).not_to_contain_text("pace-gone", timeout=5_000)
-            expect(legend).to_contain_text("tiny-b")
+        # a model of the longest name allowed (128 characters) is cut short (its title has it all), not pushing
+        # a card wider than the page; removed while the page is open, it leaves the charts' legends
+        gone = "pace-gone-" + "x" * 118
+        page.click("#tabs [data-view=pool]")
+        httpx.post(url + "/admin/models", headers=auth, json={
+            "name": gone, "path": None, "engine": {"kind": "pace"}}).raise_for_status()
+        legend = page.locator("#chart-tps .u-legend")
+        expect(legend).to_contain_text(gone, timeout=5_000)
+        expect(page.locator(f'#engines .chip[title="{gone}"]').first).to_be_visible()
+        wide = """() => [...document.querySelectorAll('main > section:not([hidden]) .card')]
+            .filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.querySelector('h3')?.textContent)"""
+        assert page.evaluate(wide) == []
+        page.click("#tabs [data-view=models]")
+        expect(page.locator(f'#models-table tr[data-model="{gone}"] .mname')).to_have_attribute("title", gone)
+        assert page.evaluate(wide) == []
+        page.click("#tabs [data-view=pool]")
+        httpx.delete(url + f"/admin/models/{gone}", headers=auth).raise_for_status()
+        expect(legend).not_to_contain_text("pace-gone", timeout=5_000)
+        expect(legend).to_contain_text("tiny-b")
 
-            # a request of 3 choices is one request: the Requests tab's count says 1, as its table does
-            page.click("#tabs [data-view=requests]")
-            with httpx.stream("POST", url + "/v1/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
-                              json={"model": "pace-a", "prompt": "hi", "max_tokens": 1000, "n": 3, "stream": True,
-                                    "ignore_eos": True}) as n3:
-                lines = n3.iter_lines()  # (kept: a dropped iterator closes the response)
-                next(lines)
-                expect(page.locator("#requests-table tbody tr")).to_have_count(1, timeout=10_000)
-                (req,) = page.request.get(url + "/admin/requests").json()
-                assert req["choices"] == 3, req
-                expect(page.locator("#n-requests")).to_have_text("1")
-            # (the client went: the request ends)
-            expect(page.locator("#n-requests")).to_have_text("0", timeout=10_000)
-            expect(page.locator("#requests-empty")).to_be_visible()
+        # a request of 3 choices is one request: the Requests tab's count says 1, as its table does
+        page.click("#tabs [data-view=requests]")
+        with httpx.stream("POST", url + "/v1/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "pace-a", "prompt": "hi", "max_tokens": 1000, "n": 3, "stream": True,
+                                "ignore_eos": True}) as n3:
+            lines = n3.iter_lines()  # (kept: a dropped iterator closes the response)
+            next(lines)
+            expect(page.locator("#requests-table tbody tr")).to_have_count(1, timeout=10_000)
+            (req,) = page.request.get(url + "/admin/requests").json()
+            assert req["choices"] == 3, req
+            expect(page.locator("#n-requests")).to_have_text("1")
+        # (the client went: the request ends)
+        expect(page.locator("#n-requests")).to_have_text("0", timeout=10_000)
+        expect(page.locator("#requests-empty")).to_be_visible()
 
-            # a phone: nothing wider than the screen, the header holds its tabs, each one can be tapped
-            phone = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
-            mobile = phone.new_page()
-            mobile.on("pageerror", lambda e: errors.append(f"page error (phone): {e}"))
-            sign_in(mobile, url)
-            header = mobile.locator("header").bounding_box()
-            for view in ("models", "tenants", "requests", "events", "pool"):
-                tab = mobile.locator(f"#tabs [data-view={view}]")
-                box = tab.bounding_box()
-                assert box["x"] >= 0 and box["x"] + box["width"] <= 390, (view, box)
-                assert box["y"] + box["height"] <= header["y"] + header["height"], (view, box, header)
-                tab.click(timeout=3_000)  # (a tab squeezed under its neighbours is not clickable)
-                expect(mobile.locator(f"#view-{view}")).to_be_visible()
-                assert mobile.evaluate("document.documentElement.scrollWidth") <= 390, view
-            out = mobile.locator("header form button").bounding_box()
-            assert out["x"] + out["width"] <= 390, out
-            mobile.screenshot(path=str(shots / "phone-pool.png"), full_page=True)
+        # a phone: nothing wider than the screen, the header holds its tabs, each one can be tapped
+        phone = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+        mobile = phone.new_page()
+        mobile.on("pageerror", lambda e: errors.append(f"page error (phone): {e}"))
+        sign_in(mobile, url)
+        header = mobile.locator("header").bounding_box()
+        for view in ("models", "tenants", "requests", "events", "pool"):
+            tab = mobile.locator(f"#tabs [data-view={view}]")
+            box = tab.bounding_box()
+            assert box["x"] >= 0 and box["x"] + box["width"] <= 390, (view, box)
+            assert box["y"] + box["height"] <= header["y"] + header["height"], (view, box, header)
+            tab.click(timeout=3_000)  # (a tab squeezed under its neighbours is not clickable)
+            expect(mobile.locator(f"#view-{view}")).to_be_visible()
+            assert mobile.evaluate("document.documentElement.scrollWidth") <= 390, view
+        out = mobile.locator("header form button").bounding_box()
+        assert out["x"] + out["width"] <= 390, out
+        mobile.screenshot(path=str(shots / "phone-pool.png"), full_page=True)
 
-            # a stream the browser closed (it does at a 502 from a proxy, or as here when the page stops loading) is
-            # opened again from the last event seen: each event once in the list, not the ring's backlog again
-            page.click("#tabs [data-view=events]")
-            page.select_option("#event-filter", "")
-            joins = page.locator("#events-list li[data-kind=worker_join]")
-            expect(joins).to_have_count(1)
-            page.evaluate("window.stop()")
-            expect(page.locator("#conn")).to_have_text("reconnecting…")
-            expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
-            httpx.post(url + "/admin/tenants", headers=auth, json={"name": "probe"}).raise_for_status()
-            expect(page.locator("#events-list li[data-kind=tenant_created]", has_text="probe")).to_be_visible()
-            expect(joins).to_have_count(1)  # (the backlog came before that event, on the same stream)
-            httpx.delete(url + "/admin/tenants/probe", headers=auth).raise_for_status()
+        # a stream the browser closed (it does at a 502 from a proxy, or as here when the page stops loading) is
+        # opened again from the last event seen: each event once in the list, not the ring's backlog again
+        page.click("#tabs [data-view=events]")
+        page.select_option("#event-filter", "")
+        joins = page.locator("#events-list li[data-kind=worker_join]")
+        expect(joins).to_have_count(1)
+        page.evaluate("window.stop()")
+        expect(page.locator("#conn")).to_have_text("reconnecting…")
+        expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
+        httpx.post(url + "/admin/tenants", headers=auth, json={"name": "probe"}).raise_for_status()
+        expect(page.locator("#events-list li[data-kind=tenant_created]", has_text="probe")).to_be_visible()
+        expect(joins).to_have_count(1)  # (the backlog came before that event, on the same stream)
+        httpx.delete(url + "/admin/tenants/probe", headers=auth).raise_for_status()
 
-            # signing out in one tab signs the session's other tabs out too: their open event stream ends (it
-            # went on carrying the pool's snapshots and events), so they come back to the login form
-            other = ctx.new_page()
-            other.goto(url + "/dashboard")
-            expect(other.locator("#conn")).to_have_text("live", timeout=10_000)
-            page.click("header form button")
-            expect(page.locator("#token")).to_be_visible()
-            expect(other.locator("#token")).to_be_visible(timeout=5_000)
-        finally:
-            browser.close()
+        # signing out in one tab signs the session's other tabs out too: their open event stream ends (it
+        # went on carrying the pool's snapshots and events), so they come back to the login form
+        other = ctx.new_page()
+        other.goto(url + "/dashboard")
+        expect(other.locator("#conn")).to_have_text("live", timeout=10_000)
+        page.click("header form button")
+        expect(page.locator("#token")).to_be_visible()
+        expect(other.locator("#token")).to_be_visible(timeout=5_000)
     assert errors == [], errors
 
 
@@ -240,41 +253,31 @@ def test_dashboard_without_auth_or_models(tmp_path_factory, shots):
     expect = sync_api.expect
     cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"},
            "models": [{"name": "pace-only", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.01}}]}
-    with LiveServer(cfg, tmp_path_factory.mktemp("open")) as srv, sync_api.sync_playwright() as pw:
+    with LiveServer(cfg, tmp_path_factory.mktemp("open")) as srv, chromium() as browser:
         url, auth = srv.url, {"Authorization": f"Bearer {ADMIN}"}
         assert httpx.get(url + "/v1/models").status_code == 200  # no key needed: authentication is off
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 900})
-            sign_in(page, url)
-            page.click("#tabs [data-view=tenants]")
-            expect(page.locator('#tenants-table tr[data-tenant="anonymous"]')).to_be_visible()
-            expect(page.locator("#auth-off")).to_be_visible()
-            expect(page.locator("#auth-off")).to_contain_text("take no effect")
-            page.click("#tabs [data-view=models]")
-            expect(page.locator('#models-table tr[data-model="pace-only"]')).to_be_visible()
-            expect(page.locator("#models-empty")).to_be_hidden()
-            httpx.delete(url + "/admin/models/pace-only", headers=auth).raise_for_status()
-            expect(page.locator("#models-table tbody tr")).to_have_count(0, timeout=5_000)
-            expect(page.locator("#models-empty")).to_be_visible()
-            page.screenshot(path=str(shots / "no-models.png"))
-        finally:
-            browser.close()
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        sign_in(page, url)
+        page.click("#tabs [data-view=tenants]")
+        expect(page.locator('#tenants-table tr[data-tenant="anonymous"]')).to_be_visible()
+        expect(page.locator("#auth-off")).to_be_visible()
+        expect(page.locator("#auth-off")).to_contain_text("take no effect")
+        page.click("#tabs [data-view=models]")
+        expect(page.locator('#models-table tr[data-model="pace-only"]')).to_be_visible()
+        expect(page.locator("#models-empty")).to_be_hidden()
+        httpx.delete(url + "/admin/models/pace-only", headers=auth).raise_for_status()
+        expect(page.locator("#models-table tbody tr")).to_have_count(0, timeout=5_000)
+        expect(page.locator("#models-empty")).to_be_visible()
+        page.screenshot(path=str(shots / "no-models.png"))
 
 
 def test_dashboard_in_a_browser(server, shots):
     errors: list[str] = []
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        try:
-            ctx = browser.new_context(viewport={"width": 1440, "height": 900})
-            page = ctx.new_page()
-            page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
-            page.on("dialog", lambda d: d.accept())  # every action asks for confirmation first
-            run(page, ctx, server, shots)
-        finally:
-            browser.close()
+    with chromium() as browser:
+        ctx = browser.new_context(viewport={"width": 1440, "height": 900})
+        page = watched(ctx.new_page(), errors)
+        page.on("dialog", lambda d: d.accept())  # every action asks for confirmation first
+        run(page, ctx, server, shots)
     assert errors == [], errors
 
 
