@@ -219,6 +219,27 @@ def test_truncation_input_tokens_cancel_and_the_fields_it_cannot_honour(server):
         assert e.status_code == 400 and e.body["param"] == param, e.body
 
 
+def test_output_text_logprobs_equal_the_chat_completions(server):
+    """include message.output_text.logprobs with top_logprobs: the output text's tokens with their logprobs and
+    alternatives, as the chat completion of the same input gives them (they were always []), streamed too."""
+    c = client(server)
+    o = c.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "Hello"}], max_tokens=5,
+                                  temperature=0, logprobs=True, top_logprobs=3)
+    want = [(t.token, round(t.logprob, 4), [(a.token, round(a.logprob, 4)) for a in t.top_logprobs])
+            for t in o.choices[0].logprobs.content]
+    r = c.responses.create(model="tiny-a", input="Hello", max_output_tokens=5, temperature=0, top_logprobs=3,
+                           include=["message.output_text.logprobs"])
+    got = r.output[0].content[0].logprobs
+    assert [(t.token, round(t.logprob, 4), [(a.token, round(a.logprob, 4)) for a in t.top_logprobs]) for t in got] \
+        == want and len(want) == 5
+    deltas = [e for e in c.responses.create(model="tiny-a", input="Hello", max_output_tokens=5, temperature=0,
+                                            top_logprobs=3, include=["message.output_text.logprobs"], stream=True)
+              if e.type == "response.output_text.delta"]
+    assert [t.token for e in deltas for t in e.logprobs] == [t[0] for t in want]
+    plain = c.responses.create(model="tiny-a", input="Hello", max_output_tokens=2, temperature=0)
+    assert plain.output[0].content[0].logprobs == []
+
+
 def test_response_store_is_bounded_and_per_tenant():
     """The store keeps at most its entries and bytes (the oldest go first); a tenant sees only its own; delete
     gives the bytes back."""

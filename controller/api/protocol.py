@@ -301,7 +301,9 @@ class ResponsesRequest(_Top):
     # "auto": the oldest turns of a conversation too long for the context are dropped until it fits
     truncation: Literal["auto", "disabled"] | None = None
     reasoning: dict[str, Any] | None = None  # (echoed; these models do not reason apart)
-    include: list[str] | None = None  # (accepted; nothing extra is included)
+    # "message.output_text.logprobs": each output token's logprob (with top_logprobs alternatives); others accepted
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     conversation: Any = None  # refused: no Conversations API (previous_response_id chains)
     prompt: Any = None  # refused: no stored prompt templates
 

@@ -208,17 +208,25 @@ def chat_request(req: p.ResponsesRequest, history: list[dict[str, Any]]) -> tupl
 def _chat(req: p.ResponsesRequest, conversation: list[dict[str, Any]]) -> p.ChatCompletionRequest:
     """The chat request of `conversation` under the request's instructions and options."""
     system = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    logprobs = wants_logprobs(req)
     body: dict[str, Any] = {"model": req.model, "messages": [*system, *conversation],
                             "max_completion_tokens": req.max_output_tokens, "temperature": req.temperature,
                             "top_p": req.top_p, "seed": req.seed, "tools": _tools(req.tools),
                             "tool_choice": _tool_choice(req.tool_choice), "parallel_tool_calls": req.parallel_tool_calls,
-                            "response_format": _response_format(req.text)}
+                            "response_format": _response_format(req.text),
+                            "logprobs": True if logprobs else None, "top_logprobs": req.top_logprobs if logprobs else None}
     try:
         return p.ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
         raise _as_responses(_bad(f"{where}: {err['msg']}", where)) from None
+
+
+def wants_logprobs(req: p.ResponsesRequest) -> bool:
+    """Whether the output text carries its tokens' logprobs (OpenAI's include "message.output_text.logprobs";
+    top_logprobs alone asks for them too)."""
+    return "message.output_text.logprobs" in (req.include or []) or req.top_logprobs is not None
 
 
 def _drop_oldest(conversation: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
@@ -242,6 +250,19 @@ class _Reply:
         self.created = int(time.time())
         self.msg_id = _item_id("msg")
         self.text, self.finish = "", None
+        self.logprobs: list[dict[str, Any]] = []  # (with wants_logprobs) each output token's, in order
+        self.me = serving.ctl.resolve(req.model) if wants_logprobs(req) else None  # (started: it exists)
+
+    def add(self, d: Any) -> list[dict[str, Any]]:
+        """Take one delta of the generation: its text, its finish, and (when asked) its tokens' logprobs, returned."""
+        self.text += d.text
+        if d.finished:
+            self.finish = d.finish_reason
+        if self.me is None:
+            return []
+        lps = [lp.model_dump() for lp in self.serving._chat_logprobs(self.me, d, self.req.top_logprobs or 0)]
+        self.logprobs += lps
+        return lps
 
     def response(self, gen: Tracked, status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
         r = self.req
@@ -264,7 +285,8 @@ class _Reply:
 
     def message(self, status: str) -> dict[str, Any]:
         return {"type": "message", "id": self.msg_id, "status": status, "role": "assistant",
-                "content": [{"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}]}
+                "content": [{"type": "output_text", "text": self.text, "annotations": [],
+                             "logprobs": self.logprobs}]}
 
     def output(self) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
         """The output items, the assistant's chat message (for the stored conversation) and the status."""
@@ -319,9 +341,7 @@ async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesR
 
     async def collect() -> dict[str, Any]:
         async for _, d in gen.events():
-            reply.text += d.text
-            if d.finished:
-                reply.finish = d.finish_reason
+            reply.add(d)
         return finish()
 
     return await serving._collect(request, gen, collect())
@@ -350,14 +370,14 @@ def _item_events(seq: list[int], index: int, item: dict[str, Any]) -> list[bytes
             _event(seq, "response.content_part.added", item_id=iid, output_index=index, content_index=0,
                    part={**part, "text": ""}),
             *([_event(seq, "response.output_text.delta", item_id=iid, output_index=index, content_index=0,
-                      delta=part["text"], logprobs=[])] if part["text"] else []),
+                      delta=part["text"], logprobs=part["logprobs"])] if part["text"] else []),
             *_text_done(seq, index, item)]
 
 
 def _text_done(seq: list[int], index: int, item: dict[str, Any]) -> list[bytes]:
     part = item["content"][0]
     return [_event(seq, "response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                   text=part["text"], logprobs=[]),
+                   text=part["text"], logprobs=part["logprobs"]),
             _event(seq, "response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
                    part=part),
             _event(seq, "response.output_item.done", output_index=index, item=item)]
@@ -378,12 +398,10 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish) -
         yield b"".join(out)
         out.clear()
         async for _, d in gen.events():
-            reply.text += d.text
-            if d.finished:
-                reply.finish = d.finish_reason
+            lps = reply.add(d)
             if live and d.text:
                 out.append(_event(seq, "response.output_text.delta", item_id=reply.msg_id, output_index=0,
-                                  content_index=0, delta=d.text, logprobs=[]))
+                                  content_index=0, delta=d.text, logprobs=lps))
             if out and not gen.pending():
                 yield b"".join(out)
                 out.clear()
