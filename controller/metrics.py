@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 
 log = logging.getLogger("tokenpool.metrics")
@@ -53,6 +60,9 @@ class _GPUCollector:
 
 class Metrics:
     def __init__(self) -> None:
+        # No `<name>_created` series beside each counter and histogram (vLLM turns them off too): they doubled the
+        # series a scrape returns. (prometheus_client's switch is process-wide; this process's metrics are these.)
+        disable_created_metrics()
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter("tokenpool_requests_total", "Finished API requests", ["model", "tenant", "status"],
                                 registry=r)
