@@ -20,7 +20,8 @@ ADMIN = new_key("tpadmin")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cfg = {"admin_token_hash": hash_key(ADMIN), "auth": True, "workers": {"local": "cpu"},
-           "autoscaler": {"enabled": False}, "models": [{"name": "from-config", "engine": {"kind": "pace"}}]}
+           "autoscaler": {"enabled": False}, "models": [{"name": "from-config", "engine": {"kind": "pace"}}],
+           "tenants": [{"name": "from-config-t", "key_hashes": [hash_key(new_key())]}]}
     with LiveServer(cfg, tmp_path_factory.mktemp("opadmin")) as srv:
         yield srv
 
@@ -277,3 +278,57 @@ def test_a_tenant_whose_secret_lost_its_key_loses_it_too(server, admin, monkeypa
         assert st["Degraded"]["reason"] == "NoKeys" and "t-revoke" not in admin.tenants.by_name()
     finally:
         admin.tenants.remove("t-revoke")
+
+
+def test_one_tenant_name_one_tenant_resource_and_never_the_configurations(server, admin, monkeypatch):
+    """Tenants of one name in two watched namespaces: the older has it; the newer is Degraded NameConflict and
+    neither replaces nor revokes it (not when its own Secret is missing, not when it is deleted). A Tenant named as
+    one of the controller's configuration is NameConflict too, and its deletion leaves that tenant. (Before, the
+    newer replaced the older's keys with its own, and deleting either revoked the name.)"""
+    import base64
+
+    import kopf
+
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
+    from controller.operator import handlers
+
+    key = new_key()
+    secrets_by_ns = {"a": {"k": base64.b64encode(key.encode()).decode()}, "b": None}
+
+    class Kube:
+        def secret_data(self, namespace, name):
+            return secrets_by_ns.get(namespace)
+
+    memo = kopf.Memo(admin=admin, kube=Kube(), applied={}, served={}, locks={})
+    memo.locks_guard = threading.Lock()
+    spec = {"keysSecretRef": {"name": "keys"}}
+    metas = {"a": {"uid": "u-a", "generation": 1, "creationTimestamp": "2026-01-01T00:00:00Z"},
+             "b": {"uid": "u-b", "generation": 1, "creationTimestamp": "2026-01-02T00:00:00Z"}}
+    index: dict = {}
+    for ns, meta in metas.items():
+        for k, v in handlers.tenant_names(name="dup", namespace=ns, meta=meta).items():
+            index.setdefault(k, []).append(v)
+
+    def reconcile(ns: str, name: str = "dup", meta: dict | None = None) -> dict:
+        patch = kopf.Patch()
+        handlers.reconcile_tenant(name=name, namespace=ns, spec=spec, status={}, meta=meta or metas[ns], patch=patch,
+                                  memo=memo, tenant_names=index)
+        return {c["type"]: c for c in patch.status["conditions"]}
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    try:
+        assert reconcile("a")["Ready"]["status"] == "True"
+        client.models.list()
+        st = reconcile("b")  # its Secret is missing: it would revoke the name's keys if it acted
+        assert st["Degraded"]["reason"] == "NameConflict" and "a/dup" in st["Degraded"]["message"]
+        client.models.list()  # the older one's key still works
+        handlers.delete_tenant(name="dup", meta=metas["b"], memo=memo, tenant_names=index)
+        client.models.list()
+        assert admin.tenants.by_name()["from-config-t"]["source"] == "config"
+        cfg_meta = {"uid": "u-c", "generation": 1, "creationTimestamp": "2026-01-01T00:00:00Z"}
+        st = reconcile("a", "from-config-t", cfg_meta)
+        assert st["Degraded"]["reason"] == "NameConflict" and "configuration" in st["Degraded"]["message"]
+        handlers.delete_tenant(name="from-config-t", meta=cfg_meta, memo=memo, tenant_names=index)
+        assert "from-config-t" in admin.tenants.by_name()
+    finally:
+        admin.tenants.remove("dup")

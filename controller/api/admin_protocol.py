@@ -38,6 +38,7 @@ class TenantOut(BaseModel):
     slo_class: str | None
     inflight: int
     usage: dict[str, int]
+    source: Literal["config", "admin"] = "admin"  # from the configuration at start, or over the admin API
 
 
 class TenantCreated(TenantOut):

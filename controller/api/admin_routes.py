@@ -33,7 +33,8 @@ def _engine_out(ctl: Controller, e: EngineHandle) -> ap.EngineOut:
 def _tenant_out(t: Tenant) -> dict:
     s = t.spec
     return dict(name=s.name, models=s.models, rate=s.rate, max_concurrent=s.max_concurrent, priority=s.priority,
-                slo_class=s.slo_class, inflight=t.inflight, usage=dict(t.usage))
+                slo_class=s.slo_class, inflight=t.inflight, usage=dict(t.usage),
+                source="admin" if t.from_file else "config")
 
 
 @router.get("/engines", response_model=list[ap.EngineOut])

@@ -323,15 +323,41 @@ def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Pa
 
 
 # --- Tenant ---
+@kopf.index(GROUP, VERSION, "tenants")
+def tenant_names(name: str, namespace: str, meta: dict, **_: Any) -> dict:
+    """Which Tenants ask for each tenant name: the controller has one namespace of tenant names across the
+    namespaces the operator watches; the oldest Tenant of a name has it, the others are Degraded (NameConflict)."""
+    return {name: (meta.get("creationTimestamp") or "", namespace or "", name, meta["uid"])}
+
+
+def _tenant_conflict(admin: Any, name: str, meta: dict, tenant_names: Any) -> str | None:
+    """Why a Tenant may not have its name in the controller (another, older Tenant has it, or the controller's own
+    configuration does), or None."""
+    owner = _name_owner(tenant_names, name)
+    if owner is not None and owner[3] != meta["uid"]:
+        return f"tenant name {name!r} is Tenant {owner[1]}/{owner[2]}'s (older); rename this one"
+    if (admin.tenants.by_name().get(name) or {}).get("source") == "config":
+        return f"tenant {name!r} is the controller's own (its configuration); rename this one"
+    return None
+
+
 @kopf.on.resume(GROUP, VERSION, "tenants")
 @kopf.on.create(GROUP, VERSION, "tenants")
 @kopf.on.update(GROUP, VERSION, "tenants", field="spec")
 @kopf.timer(GROUP, VERSION, "tenants", interval=RESYNC_S, initial_delay=RESYNC_S)
 def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: dict, patch: kopf.Patch,
-                     memo: kopf.Memo, **_: Any) -> None:
+                     memo: kopf.Memo, tenant_names: Any = None, **_: Any) -> None:
     gen, spec = meta.get("generation"), dict(spec)
     with _lock(memo, meta["uid"]):
         if meta.get("deletionTimestamp") or _stale(memo, meta):
+            return
+        try:
+            conflict = _tenant_conflict(memo.admin, name, meta, tenant_names)
+        except (AdminError, AdminUnavailable) as e:
+            _admin_failed(patch, status, gen, e)
+            return
+        if conflict is not None:  # never added, replaced or revoked by this one (the timer looks again)
+            _write_status(patch, status, {"keys": 0}, "Degraded", "NameConflict", conflict, gen)
             return
         ref = spec.get("keysSecretRef") or {}
         secret = ref.get("name", "")
@@ -381,11 +407,12 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
 
 
 @kopf.on.delete(GROUP, VERSION, "tenants")
-def delete_tenant(name: str, meta: dict, memo: kopf.Memo, **_: Any) -> None:
-    """The finalizer: the tenant's keys stop working before the resource is gone."""
+def delete_tenant(name: str, meta: dict, memo: kopf.Memo, tenant_names: Any = None, **_: Any) -> None:
+    """The finalizer: the tenant's keys stop working before the resource is gone (not another's of its name)."""
     with _lock(memo, meta["uid"]):
         try:
-            memo.admin.tenants.remove(name)
+            if _tenant_conflict(memo.admin, name, meta, tenant_names) is None:
+                memo.admin.tenants.remove(name)
             memo.applied.pop(meta["uid"], None)
         except AdminUnavailable as e:
             raise _unavailable(e) from e
