@@ -214,6 +214,13 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
     except startup.StartupError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
+    try:  # before the admin token file is written: a server already on the port keeps its own file
+        probe = shutdown.bind(cfg.listen.host, cfg.listen.port, backlog=1)
+    except OSError as e:
+        log.error("cannot listen on %s:%d: %s", cfg.listen.host, cfg.listen.port, e.strerror or e)
+        raise SystemExit(2) from None
+    cfg.listen.port = probe.getsockname()[1]  # --port 0: the free port the kernel gave, which the file is named by
+    probe.close()
     token_file = None
     if admin_token is not None:
         token_file = startup.write_admin_token(cfg, admin_token)

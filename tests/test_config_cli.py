@@ -114,6 +114,38 @@ def test_model_dirs_become_models(make_tiny, tmp_path):
         prepare(None, None, None, [], [], enable_prefix_caching=False)
 
 
+def test_serve_on_a_busy_port_keeps_that_servers_token_file_and_port_0_names_its_own(make_tiny, tmp_path,
+                                                                                      monkeypatch):
+    """A second `tokenpool serve` on a port in use used to overwrite the running server's admin-token-PORT file and
+    remove it at exit (its `tokenpool ps` then got 401s); `--port 0` wrote admin-token-0, which `tokenpool ps --url`
+    of the port it listened on never finds."""
+    import socket
+
+    from controller import serve as serve_mod
+    from controller import shutdown
+
+    monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path))
+    ran = []
+
+    def fake_run(cfg):  # (the listener and the workers are not the point: where the token file went is)
+        ran.append((cfg.listen.port, sorted(p.name for p in tmp_path.glob("admin-token-*"))))
+        return 0
+
+    monkeypatch.setattr(shutdown, "run", fake_run)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        theirs = tmp_path / f"admin-token-{port}"
+        theirs.write_text("tpadmin-theirs\n")
+        with pytest.raises(SystemExit) as e:
+            serve_mod.serve(model_dirs=[make_tiny("qwen2")], port=port)
+        assert e.value.code == 2 and not ran and theirs.read_text() == "tpadmin-theirs\n"
+    serve_mod.serve(model_dirs=[make_tiny("qwen2")], port=0)
+    (got, files), = ran
+    assert got != 0 and f"admin-token-{got}" in files and "admin-token-0" not in files
+
+
 def test_serve_model_dir_with_names_live(make_tiny, tmp_path):
     d = make_tiny("qwen2")
     with LiveServer(None, tmp_path, args=[str(d), "--served-model-name", "mine", "tiny", "--api-key", "k-live",
