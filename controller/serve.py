@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from controller.config import (
+    MODEL_NAME,
     REAL_MODEL,
     EngineOptions,
     GPUSettings,
@@ -23,12 +24,13 @@ from controller.config import (
 )
 from controller.keys import hash_key, new_key
 from tokenpool import env
-from tokenpool.models import model_dir_problem
+from tokenpool.models import model_dir_problem, model_max_positions
 
 log = logging.getLogger("tokenpool")
 
 
 HF_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+MODEL_NAME_RE = re.compile(MODEL_NAME)  # what ModelSpec takes as a name (and an alias)
 
 
 def hf_cached(repo_id: str) -> Path:
@@ -75,9 +77,19 @@ def model_specs(dirs: list[Path], names: list[str]) -> list[ModelSpec]:
         raise ValueError(f"{len(dirs)} model directories but {len(names)} --served-model-name: give one per directory")
     if names and not dirs:
         raise ValueError("--served-model-name names the MODEL_DIR arguments; none were given")
+    every = names if len(dirs) == 1 and names else (names or default_names)
+    for n in every:
+        if not MODEL_NAME_RE.fullmatch(n) or len(n) > 128:
+            given_by = "--served-model-name" if names else "the default name (its directory's)"
+            raise ValueError(f"{given_by} {n!r} is not a model name: 1-128 characters of A-Z a-z 0-9 . _ : / -"
+                             + ("" if names else "; name it with --served-model-name"))
+    if dup := sorted({n for n in every if every.count(n) > 1}):
+        raise ValueError(f"two models would be named {', '.join(map(repr, dup))}: give each its own name with "
+                         "--served-model-name" if not names else
+                         f"--served-model-name {', '.join(map(repr, dup))} is given twice: names must be unique")
     if len(dirs) == 1 and names:
         return [ModelSpec(name=names[0], path=str(dirs[0]), aliases=names[1:])]
-    return [ModelSpec(name=n, path=str(d)) for d, n in zip(dirs, names or default_names)]
+    return [ModelSpec(name=n, path=str(d)) for d, n in zip(dirs, every)]
 
 
 def add_lora_modules(specs: list[ModelSpec], values: list[str]) -> None:
@@ -124,7 +136,7 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
     only models (no demo), on the default loopback listener without auth. As vLLM's flags: `api_key` (every request
     must present it: a tenant "api-key" of every model, auth on), and `max_model_len`/`dtype`/`tool_call_parser`/
     `lora_modules`/`enable_prefix_caching`/`max_loras`/`max_lora_rank` for the directories' models."""
-    from controller.startup import StartupError, load_checked
+    from controller.startup import StartupError, load_checked, validation_line
 
     if port is not None and not 0 <= port <= 65535:
         raise StartupError(f"--port {port}: a port is 0 to 65535 (0: any free one)")
@@ -141,6 +153,11 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
         *names, last = flags
         raise StartupError(f"{', '.join(names)} and {last} apply to the MODEL_DIR arguments; none were given (a "
                            "configuration sets them per model)")
+    for s in specs:  # as vLLM refuses a --max-model-len past the model's positions (the engine would clamp it)
+        limit = model_max_positions(s.path)
+        if max_model_len is not None and limit is not None and max_model_len > limit:
+            raise StartupError(f"--max-model-len {max_model_len} is more than model {s.name!r} takes: "
+                               f"{limit} tokens (max_position_embeddings in its config.json)")
     try:
         add_lora_modules(specs, lora_modules or [])
     except ValueError as e:
@@ -161,13 +178,21 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
         cfg = ServerConfig(auth=api_key is not None)
     else:
         cfg = load_checked(config_path)
-    if api_key is not None:
-        if not api_key:
-            raise StartupError("--api-key is empty")
-        cfg = ServerConfig.model_validate({**cfg.model_dump(), "auth": True, "tenants": [
-            *[t.model_dump() for t in cfg.tenants], {"name": "api-key", "key_hashes": [hash_key(api_key)]}]})
-    if specs:
-        cfg = ServerConfig.model_validate({**cfg.model_dump(), "models": [*cfg.models, *specs]})
+    taken = {n for m in cfg.models for n in (m.name, *m.aliases, *m.lora_names)}
+    if clash := sorted(taken & {n for s in specs for n in (s.name, *s.aliases, *s.lora_names)}):
+        raise StartupError(f"{', '.join(map(repr, clash))}: already a model (or alias) of config {config_path}; "
+                           "name the MODEL_DIR otherwise with --served-model-name")
+    try:
+        if api_key is not None:
+            if not api_key:
+                raise StartupError("--api-key is empty")
+            cfg = ServerConfig.model_validate({**cfg.model_dump(), "auth": True, "tenants": [
+                *[t.model_dump() for t in cfg.tenants], {"name": "api-key", "key_hashes": [hash_key(api_key)]}]})
+        if specs:
+            cfg = ServerConfig.model_validate({**cfg.model_dump(), "models": [*cfg.models, *specs]})
+    except ValidationError as e:  # (a MODEL_DIR named as a --config model, a tenant named api-key)
+        raise StartupError(f"the MODEL_DIR models and --api-key beside config {config_path}: "
+                           f"{validation_line(e)}" if config_path else validation_line(e)) from None
     if gpu_budget_gb is not None:
         cfg.gpus.budget_gb = GPUSettings.model_validate({"budget_gb": gpu_budget_gb}).budget_gb
     if host is not None:

@@ -17,7 +17,7 @@ class StartupError(Exception):
     """A problem the operator must fix; `tokenpool serve` prints its message as one line and exits 2."""
 
 
-def _validation_line(e: ValidationError) -> str:
+def validation_line(e: ValidationError) -> str:
     errs = e.errors()
     first = errs[0]
     loc = ".".join(str(x) for x in first.get("loc", ()))
@@ -44,7 +44,7 @@ def load_checked(path: Path | None) -> ServerConfig:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise StartupError(f"{where}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     except ValidationError as e:
-        raise StartupError(f"{where}: {_validation_line(e)}") from None
+        raise StartupError(f"{where}: {validation_line(e)}") from None
     except (TypeError, AttributeError) as e:  # e.g. a top-level list instead of a mapping
         raise StartupError(f"{where}: expected a mapping of settings ({e})") from None
 

@@ -114,6 +114,29 @@ def test_model_dirs_become_models(make_tiny, tmp_path):
         prepare(None, None, None, [], [], enable_prefix_caching=False)
 
 
+def test_serve_names_each_model_dir_problem_in_a_line(make_tiny, tmp_path):
+    """Names two folders would share, a --served-model-name given twice or not a name, a name a --config model has,
+    and a --max-model-len past the model's positions are refused in one line naming them (they were a pydantic
+    traceback, a pydantic error dump, and a silent clamp to the model's 2048)."""
+    q, ll = make_tiny("qwen2"), make_tiny("llama")
+    twin = tmp_path / "other" / q.name
+    twin.parent.mkdir()
+    twin.symlink_to(q)
+    for args, words in ((([q, twin], []), f"two models would be named '{q.name}'"),
+                        (([q, ll], ["a", "a"]), "'a' is given twice"),
+                        (([q], ["bad name!"]), "--served-model-name 'bad name!' is not a model name")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            model_specs(*args)
+    (tmp_path / "c.yaml").write_text(f"models:\n  - name: a\n    path: {ll}\n")
+    with pytest.raises(StartupError, match="'a': already a model .* name the MODEL_DIR otherwise"):
+        prepare(tmp_path / "c.yaml", None, None, [q], ["a"])
+    with pytest.raises(StartupError, match=rf"--max-model-len 4096 is more than model '{q.name}' takes: 2048 tokens"):
+        prepare(None, None, None, [q], [], None, None, 4096)
+    assert prepare(None, None, None, [q], [], None, None, 2048)[0].models[0].engine.max_model_len == 2048
+    r = cli("serve", str(q), str(twin), "--port", "1")
+    assert r.returncode == 2 and f"two models would be named '{q.name}'" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_serve_on_a_busy_port_keeps_that_servers_token_file_and_port_0_names_its_own(make_tiny, tmp_path,
                                                                                       monkeypatch):
     """A second `tokenpool serve` on a port in use used to overwrite the running server's admin-token-PORT file and

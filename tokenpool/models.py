@@ -36,6 +36,16 @@ def model_dir_problem(path: str | Path) -> str | None:
     return None
 
 
+def model_max_positions(path: str | Path | None) -> int | None:
+    """The most tokens the model in directory `path` takes (its config.json's max_position_embeddings, which the
+    engine bounds max_model_len by); None when its config does not say."""
+    try:
+        v = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")  # type: ignore[arg-type]
+    except (OSError, TypeError, ValueError, AttributeError):
+        return None
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
 # A LoRA adapter in PEFT's format (`save_pretrained`: adapter_config.json and adapter_model.safetensors), served over
 # the model it was trained on as vLLM's --lora-modules are. The projections an adapter may change: the engine adds
 # scale * B(A(x)) to each (token_scheduler.model.lora); embeddings, the LM head, DoRA and biases are refused.
