@@ -1,5 +1,6 @@
 """`tokenpool run MODEL [PROMPT]` (as `ollama run`): one chat turn streamed to the terminal, or a conversation when
-no prompt is given on a terminal (stdin piped in is the prompt). `tokenpool ls` (as `ollama list`): the models the
+no prompt is given on a terminal (stdin piped in is the prompt, or comes before PROMPT as `ollama run` puts it).
+`tokenpool ls` (as `ollama list`): the models the
 key may use.
 
 Talks to the server's OpenAI API (`/v1/chat/completions`, streamed; `/v1/models`) with the standard library only.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from typing import Any, TextIO
@@ -40,6 +42,13 @@ def _request(url: str, path: str, key: str | None, body: dict | None = None, tim
 def models(url: str, key: str | None) -> list[dict[str, Any]]:
     with _request(url, "/v1/models", key, timeout=10) as r:
         return json.loads(r.read())["data"]
+
+
+def check_model(url: str, key: str | None, model: str) -> None:
+    """ChatError unless the server serves `model` (a name or an alias) to this key: said before a conversation
+    starts, as `ollama run` does, rather than as an error after every line typed."""
+    with _request(url, f"/v1/models/{urllib.parse.quote(model, safe='/')}", key, timeout=10):
+        pass
 
 
 def stream_chat(url: str, key: str | None, body: dict[str, Any]) -> Iterator[str]:
@@ -73,25 +82,50 @@ def turn(url: str, key: str | None, body: dict[str, Any], out: TextIO) -> str:
     return "".join(parts)
 
 
+MULTILINE = '"""'
+
+
+def read_message(inp: TextIO, out: TextIO) -> str | None:
+    """One user turn: a line, or as `ollama run` takes them, the lines from one that begins with \"\"\" to one that
+    ends with it (pasted text, code); None at the end of input."""
+    line = inp.readline()
+    if not line:
+        return None
+    if not line.lstrip().startswith(MULTILINE):
+        return line.rstrip("\n")
+    rest, parts = line.lstrip()[len(MULTILINE):].rstrip("\n"), []
+    while not rest.endswith(MULTILINE):
+        parts.append(rest)
+        out.write("... ")
+        out.flush()
+        line = inp.readline()
+        if not line:  # (the input ended inside the message: what was given is the message)
+            return "\n".join(parts)
+        rest = line.rstrip("\n")
+    parts.append(rest[:-len(MULTILINE)])
+    return "\n".join(parts)
+
+
 def conversation(url: str, key: str | None, body: dict[str, Any], inp: TextIO, out: TextIO) -> None:
-    """A conversation: each line read is a user turn (`/bye` or end of input ends it; Ctrl-C stops a reply)."""
+    """A conversation: each line read is a user turn, or the lines between \"\"\" and \"\"\" (`/bye` or end of input
+    ends it; Ctrl-C stops a reply)."""
     messages = body["messages"]
-    out.write("(/bye or Ctrl-D to leave; Ctrl-C stops a reply)\n")
+    out.write('(/bye or Ctrl-D to leave; Ctrl-C stops a reply; """ begins and ends a multi-line message)\n')
     while True:
         out.write(">>> ")
         out.flush()
         try:
-            line = inp.readline()
+            line = read_message(inp, out)
         except KeyboardInterrupt:
             out.write("\nUse Ctrl-D or /bye to leave.\n")
             continue
-        if not line or line.strip() == "/bye":
-            if not line:
+        if line is None or line.strip() == "/bye":
+            if line is None:
                 out.write("\n")
             return
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
+        messages.append({"role": "user", "content": line})
         try:
             reply = turn(url, key, body, out)
         except KeyboardInterrupt:
@@ -109,12 +143,14 @@ def run(url: str, key: str | None, model: str, prompt: str | None, system: str |
         inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     body: dict[str, Any] = {"model": model, "messages": messages, **options}
-    if prompt is None and not inp.isatty():
-        prompt = inp.read()
+    if not inp.isatty():  # piped in: the prompt, or (as `ollama run`) text the prompt's words follow
+        piped = inp.read()
+        prompt = piped if prompt is None else f"{piped.rstrip()}\n\n{prompt}" if piped.strip() else prompt
     if prompt is not None:
         if not prompt.strip():
             raise ChatError("the prompt is empty")
         messages.append({"role": "user", "content": prompt})
         turn(url, key, body, out)
         return
+    check_model(url, key, model)
     conversation(url, key, body, inp, out)

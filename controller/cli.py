@@ -218,7 +218,8 @@ def stop_cmd(
 def run_cmd(
     model: str = typer.Argument(..., help="a model (or alias) the server serves"),
     prompt: Optional[list[str]] = typer.Argument(None, help="the prompt (words are joined); none on a terminal: a "
-                                                 "conversation; none with stdin piped in: stdin is the prompt"),
+                                                 "conversation (\"\"\" begins and ends a multi-line message); "
+                                                 "stdin piped in is the prompt, or comes before it"),
     url: str = typer.Option("http://127.0.0.1:8000", help="the server's base URL"),
     api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key (env TOKENPOOL_API_KEY)"),
     system: Optional[str] = typer.Option(None, help="a system message"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -24,8 +25,9 @@ EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.yaml"))
 
 def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     # (wide enough that rich's error box never wraps a message the tests look for: a temporary path's length varies)
+    # (stdin is never inherited: `tokenpool run` reads a stdin that is not a terminal, as `ollama run` does)
     return subprocess.run([sys.executable, "-m", "controller.cli", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, input=stdin, timeout=60,
+                          text=True, input=stdin if stdin is not None else "", timeout=60,
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "400", **(env or {})})
 
 
@@ -349,3 +351,86 @@ def test_the_cli_reads_a_local_servers_token_for_that_port_only(tmp_path, monkey
     assert _admin_token(None, "http://127.0.0.1") == "tok-80"
     assert _admin_token(None, "http://gpu-box.example:8123") is None and _admin_token(None, "http://10.0.0.2") is None
     assert _admin_token("given", "http://127.0.0.1:8123") == "given"
+
+
+@pytest.fixture
+def chat_stub():
+    """A stand-in OpenAI server for `tokenpool run`: it serves the model "known", records each chat body, and streams
+    "ok" as the reply. Yields (url, bodies)."""
+    import http.server
+    import json
+    import threading
+
+    bodies: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _json(self, code: int, obj: dict) -> None:
+            data = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path in ("/v1/models/known", "/v1/models"):
+                return self._json(200, {"id": "known"} if self.path.endswith("known") else {"data": [{"id": "known"}]})
+            self._json(404, {"error": {"message": "The model `nosuch` does not exist."}})
+
+        def do_POST(self):
+            bodies.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            if bodies[-1]["model"] != "known":
+                return self._json(404, {"error": {"message": "The model `nosuch` does not exist."}})
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(b'data: {"choices": [{"delta": {"content": "ok"}}]}\n\ndata: [DONE]\n\n')
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", bodies
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_run_takes_piped_text_before_the_prompt_and_multi_line_messages(chat_stub):
+    """As `ollama run`: `cat file | tokenpool run M "summarize"` sends the file and then the words (the piped text was
+    dropped), and in a conversation the lines between \"\"\" and \"\"\" are one message (each was its own turn)."""
+    from controller.chat_cli import run
+
+    url, bodies = chat_stub
+    r = cli("run", "known", "summarize", "this", "--url", url, stdin="line 1\nline 2\n")
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+    assert bodies[-1]["messages"] == [{"role": "user", "content": "line 1\nline 2\n\nsummarize this"}]
+    r = cli("run", "known", "--url", url, stdin="just stdin")
+    assert r.returncode == 0 and bodies[-1]["messages"] == [{"role": "user", "content": "just stdin"}]
+    r = cli("run", "known", "words", "--url", url)  # (nothing piped: the words alone)
+    assert r.returncode == 0 and bodies[-1]["messages"] == [{"role": "user", "content": "words"}]
+    out = io.StringIO()
+    run(url, None, "known", None, None, {}, _Terminal('"""def f():\n    return 1\n"""\n"""one line"""\n/bye\n'), out)
+    assert [b["messages"][-1]["content"] for b in bodies[-2:]] == ["def f():\n    return 1\n", "one line"]
+    assert out.getvalue().count(">>> ") == 3 and out.getvalue().count("... ") == 2
+
+
+def test_run_refuses_an_unknown_model_before_a_conversation(chat_stub):
+    """`tokenpool run nosuch` on a terminal: one line and exit 1, as `ollama run` says it (it started a conversation
+    that answered every line typed with the same error)."""
+    from controller.chat_cli import ChatError, run
+
+    url, bodies = chat_stub
+    out = io.StringIO()
+    with pytest.raises(ChatError, match="The model `nosuch` does not exist."):
+        run(url, None, "nosuch", None, None, {}, _Terminal("hello\n/bye\n"), out)
+    assert bodies == [] and ">>>" not in out.getvalue()
+    run(url, None, "known", None, None, {}, _Terminal("hello\n/bye\n"), out)
+    assert [b["messages"] for b in bodies] == [[{"role": "user", "content": "hello"}]]
