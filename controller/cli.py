@@ -170,11 +170,17 @@ def ps_cmd(
     """Which models a running server has, where they are resident (engine, device), their size and last use."""
     from controller.ps import PsError, ps
 
+    url = _base_url(url)
     try:
         typer.echo(ps(url, _admin_token(admin_token, url)))
     except PsError as e:
         typer.echo(f"tokenpool ps: {e}", err=True)
         raise typer.Exit(1) from None
+
+
+def _base_url(url: str) -> str:
+    """--url as given, or (host:port without a scheme, as OLLAMA_HOST takes it) over http."""
+    return url if "://" in url else f"http://{url}"
 
 
 def _admin_token(given: str | None, url: str) -> str | None:
@@ -207,6 +213,7 @@ def stop_cmd(
     """Free a model's GPU memory once its requests finish, as `ollama stop` (it stays served)."""
     from controller.ps import PsError, stop
 
+    url = _base_url(url)
     try:
         typer.echo(stop(url, _admin_token(admin_token, url), model))
     except PsError as e:
@@ -233,7 +240,7 @@ def run_cmd(
     options = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed))
                if v is not None}
     try:
-        run(url, api_key, model, " ".join(prompt) if prompt else None, system, options)
+        run(_base_url(url), api_key, model, " ".join(prompt) if prompt else None, system, options)
     except ChatError as e:
         typer.echo(f"tokenpool run: {e}", err=True)
         raise typer.Exit(1) from None
@@ -251,7 +258,7 @@ def ls_cmd(
     from controller.chat_cli import ChatError, models
 
     try:
-        data = models(url, api_key)
+        data = models(_base_url(url), api_key)
     except ChatError as e:
         typer.echo(f"tokenpool ls: {e}", err=True)
         raise typer.Exit(1) from None
@@ -431,8 +438,13 @@ def loadtest_cmd(
     """Drive a running server with concurrent streaming requests and report latencies (exit 1 if no token came)."""
     from load_tests.loadtest import run_loadtest
 
-    res = run_loadtest(url=url, streams=streams, duration=duration, model=model, json_out=json_out, api_key=api_key,
-                       max_tokens=max_tokens)
+    url = _base_url(url)
+    try:
+        res = run_loadtest(url=url, streams=streams, duration=duration, model=model, json_out=json_out,
+                           api_key=api_key, max_tokens=max_tokens)
+    except OSError as e:  # (the first request: no server there)
+        typer.echo(f"tokenpool loadtest: cannot reach {url}: {e.strerror or e}", err=True)
+        raise typer.Exit(1) from None
     if res["tokens"] == 0:
         typer.echo(f"tokenpool loadtest: no tokens received ({res['errors']} errors, e.g. "
                    f"{(res['error_examples'] or ['-'])[0]})", err=True)

@@ -434,3 +434,21 @@ def test_run_refuses_an_unknown_model_before_a_conversation(chat_stub):
     assert bodies == [] and ">>>" not in out.getvalue()
     run(url, None, "known", None, None, {}, _Terminal("hello\n/bye\n"), out)
     assert [b["messages"] for b in bodies] == [[{"role": "user", "content": "hello"}]]
+
+
+def test_cli_urls_without_a_scheme_and_loadtest_without_a_server(chat_stub):
+    """--url host:port (as OLLAMA_HOST is given) is http (it was `unknown url type`), and `tokenpool loadtest`
+    with nothing listening says so in one line (it was a traceback)."""
+    import socket
+
+    url, bodies = chat_stub
+    r = cli("ls", "--url", url.removeprefix("http://"))
+    assert r.returncode == 0 and r.stdout.split() == ["NAME", "CONTEXT", "known", "-"], r.stderr
+    r = cli("run", "known", "hi", "--url", url.removeprefix("http://"))
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = cli("loadtest", "--url", f"127.0.0.1:{port}", "--duration", "0.2", "--streams", "1")
+    assert r.returncode == 1 and r.stderr.strip() == f"tokenpool loadtest: cannot reach http://127.0.0.1:{port}: " \
+        "Connection refused", r.stderr
