@@ -185,3 +185,76 @@ def test_auto_tool_stream_holds_a_call_and_streams_text():
     frames = _stream_frames([("<b", False), (">hi", False), ("!", True)], plan)  # text: as it comes, once known
     assert frames == [({"content": "<b"}, None), ({"content": ">hi"}, None), ({"content": "!"}, None), ({}, "stop")]
     assert _stream_frames([("<too", True)], plan) == [({"content": "<too"}, None), ({}, "stop")]  # ended undecided
+
+
+def _official_client_errors(model_path, requests):
+    """Each request (the official `openai` client's chat.completions.create keywords) sent to the app as `tokenpool
+    serve` builds it, in process (no engine runs: a request that passes every check is a 503 "no engine"): the
+    (status, error param) each one gets."""
+    import asyncio
+
+    import httpx
+    import openai
+
+    from controller.app import build_app
+    from controller.config import ModelSpec, ServerConfig
+
+    async def go():
+        app = build_app(ServerConfig.model_validate({"auth": False}))
+        await app.state.controller.add_model(ModelSpec.model_validate({"name": "tiny", "path": str(model_path)}))
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                                 base_url="http://test")
+        client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", http_client=http, max_retries=0)
+        out = []
+        try:
+            for kw in requests:
+                try:
+                    await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                         max_tokens=8, **kw)
+                    out.append((200, None))
+                except openai.APIStatusError as e:
+                    out.append((e.status_code, (e.body or {}).get("param") if isinstance(e.body, dict) else None))
+        finally:
+            await http.aclose()
+            getattr(app.state.serving, "close", lambda: None)()
+        return out
+
+    return asyncio.run(go())
+
+
+def _nested_tool():
+    """A tool as `openai.pydantic_function_tool` writes one for a model with a nested model: `$defs` and `$ref`."""
+    from typing import Literal
+
+    import openai
+    from pydantic import BaseModel
+
+    class Place(BaseModel):
+        city: Literal["Paris", "Rome"]
+
+    class GetWeather(BaseModel):
+        where: Place
+        also: list[Place]
+
+    return openai.pydantic_function_tool(GetWeather)
+
+
+def test_tools_with_refs_are_held_whatever_the_tool_choice(accepts, tiny_model):
+    """A tool whose parameters have `$defs`/`$ref` (pydantic's nested models) works with tool_choice "required" and
+    hermes "auto" as with a named choice: the references resolve within the calls' grammar (they were a 400, "Pointer
+    '/$defs/Place' does not exist"), and the nested arguments are held to their schema."""
+    tool = _nested_tool()
+    assert "$defs" in tool["function"]["parameters"]
+    named = {"type": "function", "function": {"name": "GetWeather"}}
+    got = _official_client_errors(tiny_model, [{"tools": [tool], "tool_choice": c} for c in ("required", named)])
+    assert got == [(503, None), (503, None)], got  # past every check (then no engine in this test)
+
+    tools = _tools(tool["function"], {"name": "noop"})
+    good, bad = '{"where": {"city": "Rome"}, "also": []}', '{"where": {"city": "Oslo"}, "also": []}'
+    req = tool_plan(tools, "required", None)
+    assert accepts(req.grammar, f'[{{"name": "GetWeather", "parameters": {good}}}]')
+    assert not accepts(req.grammar, f'[{{"name": "GetWeather", "parameters": {bad}}}]')
+    assert not accepts(req.grammar, '[{"name": "GetWeather", "parameters": {"where": {"city": "Rome"}}}]')
+    auto = tool_plan(tools, "auto", None, "hermes")
+    call = '<tool_call>\n{"name": "GetWeather", "arguments": %s}\n</tool_call>'
+    assert accepts(auto.grammar, call % good) and not accepts(auto.grammar, call % bad)

@@ -160,15 +160,39 @@ def _not_starting_with(prefix: str) -> str:
 
 def _hermes_grammar(schemas: dict[str, dict[str, Any]], parallel: bool | None) -> str:
     """Text (not beginning as a call does), or one or more `<tool_call>` blocks of {"name", "arguments"} JSON."""
-    calls = {"anyOf": [{"type": "object", "properties": {"name": {"const": n}, "arguments": s},
+    calls = {"anyOf": [{"type": "object", "properties": {"name": {"const": n}, "arguments": {"$ref": f"#/$defs/{n}"}},
                         "required": ["name", "arguments"], "additionalProperties": False}
-                       for n, s in schemas.items()], "x-guidance": JSON_LAYOUT}
+                       for n in schemas], "$defs": _rooted_defs(schemas), "x-guidance": JSON_LAYOUT}
     more = "" if parallel is False else ' ("\\n" call)*'
     return _compiled("\n".join([
         "start: text | call" + more,
         f"text: /{_not_starting_with(HERMES_OPEN)}/",
         f"call: {json.dumps(HERMES_OPEN)} obj {json.dumps(HERMES_CLOSE)}",
         f"obj: %json {json.dumps(calls)}"]), "tools")
+
+
+def _rerooted(schema: Any, root: str) -> Any:
+    """`schema` with its local references (`#`, `#/...`) pointing below `root`, where it is placed in a larger
+    schema; values (enum, const, default, examples) are left as they are."""
+    if isinstance(schema, list):
+        return [_rerooted(x, root) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for k, v in schema.items():
+        if k == "$ref" and isinstance(v, str) and v.startswith("#"):
+            out[k] = root + v[1:]
+        elif k in ("enum", "const", "default", "examples"):
+            out[k] = v
+        else:
+            out[k] = _rerooted(v, root)
+    return out
+
+
+def _rooted_defs(schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The tools' argument schemas as `$defs` of one schema holding every call (each at `#/$defs/NAME`, its own
+    `$defs` and `$ref`s, as pydantic writes nested models, still resolving)."""
+    return {n: _rerooted(s, f"#/$defs/{n}") for n, s in schemas.items()}
 
 
 def tool_plan(tools: list | None, choice: Any, parallel: bool | None, parser: str | None = None) -> ToolPlan | None:
@@ -197,9 +221,10 @@ def tool_plan(tools: list | None, choice: Any, parallel: bool | None, parser: st
                         hermes=True)
     named = None
     if isinstance(choice, str):  # "required": one call or more, of any of the tools
-        items = [{"type": "object", "properties": {"name": {"const": n}, "parameters": s},
-                  "required": ["name", "parameters"], "additionalProperties": False} for n, s in schemas.items()]
-        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+        items = [{"type": "object", "properties": {"name": {"const": n}, "parameters": {"$ref": f"#/$defs/{n}"}},
+                  "required": ["name", "parameters"], "additionalProperties": False} for n in schemas]
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": items},
+                                  "$defs": _rooted_defs(schemas)}
         if parallel is False:
             schema["maxItems"] = 1
     else:
