@@ -258,3 +258,19 @@ def test_tools_with_refs_are_held_whatever_the_tool_choice(accepts, tiny_model):
     auto = tool_plan(tools, "auto", None, "hermes")
     call = '<tool_call>\n{"name": "GetWeather", "arguments": %s}\n</tool_call>'
     assert accepts(auto.grammar, call % good) and not accepts(auto.grammar, call % bad)
+
+
+def test_tool_parameters_must_describe_an_object(accepts, tiny_model):
+    """A function's arguments are a JSON object (OpenAI refuses other parameters schemas): `parameters` of another
+    type is a 400 naming it (it was accepted, and the calls' arguments came back as JSON strings, which the client's
+    parsers cannot use as keyword arguments); a schema naming no type is held to objects."""
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
+    ok = {"type": "function", "function": {"name": "g", "parameters": {"type": "object"}}}
+    got = _official_client_errors(tiny_model, [{"tools": [ok, bad], "tool_choice": "required"},
+                                               {"tools": [bad], "tool_choice": {"type": "function",
+                                                                                "function": {"name": "f"}}}])
+    assert got == [(400, "tools.1.function.parameters"), (400, "tools.0.function.parameters")], got
+    untyped = _tools({"name": "f", "parameters": {"properties": {"x": {"type": "integer"}}}})
+    g = tool_plan(untyped, p.NamedToolChoice.model_validate({"type": "function", "function": {"name": "f"}}),
+                  None).grammar
+    assert accepts(g, '{"x": 1}') and not accepts(g, '"text"') and not accepts(g, "[1]")

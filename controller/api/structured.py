@@ -171,6 +171,19 @@ def _hermes_grammar(schemas: dict[str, dict[str, Any]], parallel: bool | None) -
         f"obj: %json {json.dumps(calls)}"]), "tools")
 
 
+def _arguments_schema(params: dict[str, Any] | None, param: str) -> dict[str, Any]:
+    """A tool's `parameters` as the schema of its arguments, which are a JSON object (as OpenAI requires: a 400 on
+    `param` for a schema of anything else; one that names no type is held to objects)."""
+    if not params:
+        return {"type": "object", "properties": {}}
+    if "type" not in params:
+        return {**params, "type": "object"}
+    if params["type"] != "object":
+        raise ServingError(400, f"{param}: a function's parameters are a JSON schema of type 'object', got "
+                           f"{params['type']!r}", param=param)
+    return params
+
+
 def _rerooted(schema: Any, root: str) -> Any:
     """`schema` with its local references (`#`, `#/...`) pointing below `root`, where it is placed in a larger
     schema; values (enum, const, default, examples) are left as they are."""
@@ -215,7 +228,7 @@ def tool_plan(tools: list | None, choice: Any, parallel: bool | None, parser: st
     for i, t in enumerate(tools):
         if t.function.name in schemas:
             raise ServingError(400, f"tools: the name {t.function.name!r} is given twice", param=f"tools.{i}")
-        schemas[t.function.name] = t.function.parameters or {"type": "object", "properties": {}}
+        schemas[t.function.name] = _arguments_schema(t.function.parameters, f"tools.{i}.function.parameters")
     if choice == "auto":  # the model's own syntax: text, or calls in it, each held to its tool's schema
         return ToolPlan(_hermes_grammar(schemas, parallel), None, [t.model_dump(exclude_none=True) for t in tools],
                         hermes=True)
