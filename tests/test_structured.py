@@ -274,3 +274,15 @@ def test_tool_parameters_must_describe_an_object(accepts, tiny_model):
     g = tool_plan(untyped, p.NamedToolChoice.model_validate({"type": "function", "function": {"name": "f"}}),
                   None).grammar
     assert accepts(g, '{"x": 1}') and not accepts(g, '"text"') and not accepts(g, "[1]")
+
+
+def test_structured_outputs_it_cannot_hold_are_refused(tiny_model):
+    """vLLM's structured_outputs with a shape this server does not hold to (structural_tag), or a misspelt key, is a
+    400 naming it: the output was free text, as if nothing had been asked. vLLM's options beside a shape pass."""
+    got = _official_client_errors(tiny_model, [
+        {"extra_body": {"structured_outputs": {"structural_tag": '{"type": "structural_tag"}'}}},
+        {"extra_body": {"structured_outputs": {"jsonschema": {"type": "object"}}}},
+        {"extra_body": {"structured_outputs": {"regex": "[0-9]+", "disable_any_whitespace": True,
+                                               "disable_fallback": True}}}])
+    assert got == [(400, "structured_outputs.structural_tag"), (400, "structured_outputs.jsonschema"),
+                   (503, None)], got

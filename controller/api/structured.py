@@ -64,6 +64,12 @@ def _compiled(grammar: str, param: str, what: str = "") -> str:
     return grammar
 
 
+_SO_SHAPES = ("json", "regex", "choice", "grammar", "json_object")
+# vLLM's options beside a shape that change nothing here: the JSON layout has no free whitespace already, and
+# there is no other backend to fall back to
+_SO_OPTIONS = frozenset({"disable_any_whitespace", "whitespace_pattern", "disable_fallback"})
+
+
 def vllm_grammar(req: Any) -> str | None:
     """The grammar of vLLM's structured outputs (`structured_outputs`, or the older `guided_json`, `guided_regex`,
     `guided_choice`, `guided_grammar`); None when none is asked; a 400 when more than one is, or one cannot compile."""
@@ -74,7 +80,11 @@ def vllm_grammar(req: Any) -> str | None:
     so = req.structured_outputs or {}
     if not isinstance(so, dict):
         raise ServingError(400, "structured_outputs must be an object", param="structured_outputs")
-    for k in ("json", "regex", "choice", "grammar", "json_object"):
+    for k in so:  # a shape this server cannot hold to (structural_tag, a misspelt key) is refused, not ignored
+        if k not in _SO_SHAPES and k not in _SO_OPTIONS:
+            raise ServingError(400, f"structured_outputs.{k} is not supported: one of {', '.join(_SO_SHAPES)}",
+                               param=f"structured_outputs.{k}")
+    for k in _SO_SHAPES:
         if so.get(k) not in (None, False):
             asked[f"structured_outputs.{k}"] = so[k]
     if not asked:
