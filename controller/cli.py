@@ -108,13 +108,15 @@ def make_model_cmd(
 @app.command("serve")
 def serve_cmd(
     model_dirs: Optional[list[Path]] = typer.Argument(
-        None, help="Hugging Face model directories, or .gguf files (converted once), to serve (beside --config's "
-        "models)"),
+        None, help="Hugging Face model directories, .gguf files (converted once), or Hugging Face repo ids (org/name) "
+        "in the local Hugging Face cache, to serve (beside --config's models)"),
     served_model_name: Optional[list[str]] = typer.Option(
         None, "--served-model-name", help="name of each MODEL_DIR, in order (repeat it); with one MODEL_DIR, the "
-        "names after the first are aliases. Default: the directory's name (a .gguf file's: its name less .gguf)"),
+        "names after the first are aliases. Default: the directory's name (a .gguf file's: its name less .gguf; a "
+        "repo id's: the id)"),
     gpu_budget: Optional[float] = typer.Option(
-        None, "--gpu-budget", min=0.001, help="GB per GPU for model weights (the config's gpus.budget_gb)"),
+        None, "--gpu-budget", min=0.001, help="GB per GPU for the pooled arena, weights and KV (the config's "
+        "gpus.budget_gb; a CPU worker's is gpus.cpu_budget_gb)"),
     config: Optional[Path] = typer.Option(
         None, help="YAML configuration (examples/); without it and without MODEL_DIR: the embedded default"),
     host: Optional[str] = typer.Option(None, help="listen address (overrides the config)"),

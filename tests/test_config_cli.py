@@ -218,6 +218,15 @@ def test_serve_a_repo_id_from_the_local_hugging_face_cache(make_tiny, tmp_path):
     assert "hf download tinyorg/not-here" in lines[0]
 
 
+def test_serve_help_names_what_serve_takes():
+    """`tokenpool serve --help` says it takes a repo id (it named folders and .gguf files only), and that
+    --gpu-budget is the arena, weights and KV (it said weights)."""
+    r = cli("serve", "--help")
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", r.stdout).split())
+    assert r.returncode == 0 and "Hugging Face repo ids (org/name) in the local Hugging Face cache" in text, text
+    assert "pooled arena, weights and KV" in text
+
+
 def test_serve_refuses_config_pins_that_starve_a_model(tmp_path):
     """`tokenpool serve --config`: pins that leave a registered model too little weight space stop start-up once the
     GPU's worker joined, with exit status 2 and one line naming the models, their sizes and the GPU -- not requests
