@@ -189,6 +189,13 @@ def test_serve_model_dir_with_names_live(make_tiny, tmp_path):
         assert r.usage.completion_tokens == 3
         with pytest.raises(openai.NotFoundError):
             c.completions.create(model="nope", prompt="Hi", max_tokens=1)
+        # `tokenpool stop` takes the alias `tokenpool run` takes (it was a 404 "no model 'tiny'")
+        path = re.search(r"admin token for this run written to (\S+) ", srv.log_path.read_text()).group(1)
+        admin = {"TOKENPOOL_ADMIN_TOKEN": Path(path).read_text().strip()}
+        r = cli("stop", "tiny", "--url", srv.url, env=admin)
+        assert r.returncode == 0 and r.stdout.startswith("tiny: its weights leave VRAM on 1 engine"), r.stderr
+        r = cli("stop", "nope", "--url", srv.url, env=admin)
+        assert r.returncode == 1 and "HTTP 404: no model 'nope'" in r.stderr
 
 
 def test_serve_a_repo_id_from_the_local_hugging_face_cache(make_tiny, tmp_path):
