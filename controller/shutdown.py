@@ -8,6 +8,11 @@ whatever is still running then ends with an error event and `data: [DONE]` (a no
 Then uvicorn closes its connections, the controller stops its workers, and the process exits 0. A second
 signal stops at once.
 
+A signal that comes while the server is still starting (the controller loads tokenizers and starts its workers
+before uvicorn serves, seconds with real models) stops the start-up: the workers started so far are stopped,
+the run's admin token file is removed, and the process exits 0 (it used to die by the signal, status 143,
+leaving the token file behind).
+
 "listening on" is logged once uvicorn serves on the bound socket, with the port the kernel gave; a port that
 cannot be bound, or a controller that cannot start (a model that will not load, ...), is one log line and
 exit status 2, never a traceback.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import socket
 import time
 
@@ -120,7 +126,65 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True
 
 
+class StartupSignals:
+    """SIGTERM/SIGINT while the server starts (before uvicorn's own handlers): `run(start)` runs the start-up
+    coroutine, cancelled by the first such signal (one that came earlier, during the synchronous set-up, counts
+    too: the loop runs its handler first). Installed on construction; `remove()` gives the previous handlers back
+    (uvicorn then installs its own). Without signals to catch (not the main thread), it only runs `start`."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.got: int | None = None
+        self._task: asyncio.Future | None = None
+        self._old: dict[int, object] = {}
+        for sig in self.SIGNALS:
+            old = signal.getsignal(sig)
+            try:
+                self.loop.add_signal_handler(sig, self._on_signal, sig)
+            except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no signals here
+                continue
+            self._old[sig] = old
+
+    def _on_signal(self, sig: int) -> None:
+        if self.got is None:
+            self.got = sig
+            log.warning("signal %d during start-up: stopping", sig)
+        if self._task is not None:
+            self._task.cancel()
+
+    async def run(self, start) -> bool:
+        """Await `start` (a coroutine); True if a signal stopped it (it was cancelled), False once it finished."""
+        self._task = asyncio.ensure_future(start)
+        if self.got is not None:
+            self._task.cancel()
+        try:
+            await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            if self.got is None:  # this task itself was cancelled, not by a signal
+                self._task.cancel()
+                raise
+            await asyncio.gather(self._task, return_exceptions=True)  # let the start-up unwind
+            return True
+        return False
+
+    def remove(self) -> None:
+        for sig, old in self._old.items():
+            self.loop.remove_signal_handler(sig)
+            signal.signal(sig, old)  # type: ignore[arg-type]  (remove_signal_handler installs the default)
+        self._old = {}
+
+
 async def serve_async(cfg: ServerConfig) -> int:
+    early = StartupSignals()
+    try:
+        return await _serve(cfg, early)
+    finally:
+        early.remove()
+
+
+async def _serve(cfg: ServerConfig, early: StartupSignals) -> int:
     from controller.app import build_app
 
     try:
@@ -134,10 +198,12 @@ async def serve_async(cfg: ServerConfig) -> int:
     ctl = app.state.controller
     try:
         try:
-            await ctl.start()
+            if await early.run(ctl.start()):
+                return 0  # a signal during start-up: stopped before serving (the finally below stops the workers)
         except (ServingError, OSError, ValueError) as e:
             log.error("cannot start: %s", getattr(e, "message", None) or e)
             return 2
+        early.remove()  # uvicorn installs its own handlers (GracefulServer.handle_exit) as it starts serving
         # lifespan off: this function starts and stops the controller itself (build_app's lifespan would only
         # close `serving`, done below); a lifespan task still waiting at exit was cancelled with a traceback
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",

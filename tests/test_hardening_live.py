@@ -275,3 +275,24 @@ def test_an_idle_server_stops_on_sigterm_without_a_traceback(tmp_path):
         log = srv.log()
     assert rc == 0, log
     assert "Traceback" not in log and "WARNING" not in log.split("draining", 1)[-1], log  # a clean, quiet stop
+
+
+def test_sigterm_during_start_up_stops_cleanly(tmp_path, tiny_model):
+    """A SIGTERM while the server still starts (tokenizers loading, workers starting; before uvicorn serves) used
+    to kill it by the signal (status -15/143) and leave the run's admin token file behind; it stops the start-up."""
+    token_file = tmp_path / "admin-token"
+    models = [{"name": f"t{i}", "path": str(tiny_model)} for i in range(3)]  # tokenizers to load: a start-up window
+    cfg = {"workers": {"local": "cpu"}, "admin_token_file": str(token_file), "models": models}
+    with LiveServer(cfg, tmp_path, wait_ready=False) as srv:
+        deadline = time.monotonic() + 60
+        while "admin token for this run written" not in srv.log():
+            assert time.monotonic() < deadline and srv.proc.poll() is None, srv.log()
+            time.sleep(0.005)
+        assert token_file.exists()
+        os.kill(srv.proc.pid, signal.SIGTERM)
+        rc = srv.proc.wait(30)
+        log = srv.log()
+    assert "listening on" not in log, log  # the signal came during the start-up
+    assert rc == 0, log
+    assert "signal 15 during start-up: stopping" in log and "Traceback" not in log, log
+    assert not token_file.exists()
