@@ -106,11 +106,20 @@ def read_message(inp: TextIO, out: TextIO) -> str | None:
     return "\n".join(parts)
 
 
+HELP = """Available commands:
+  /clear    forget the conversation so far (a --system message stays)
+  /bye      leave (as Ctrl-D does)
+  /?, /help this help
+Begin and end a multi-line message with \"\"\". Ctrl-C stops a reply.
+"""
+
+
 def conversation(url: str, key: str | None, body: dict[str, Any], inp: TextIO, out: TextIO) -> None:
     """A conversation: each line read is a user turn, or the lines between \"\"\" and \"\"\" (`/bye` or end of input
-    ends it; Ctrl-C stops a reply)."""
+    ends it; Ctrl-C stops a reply); `/clear`, `/?` and `/help` as `ollama run` has them."""
     messages = body["messages"]
-    out.write('(/bye or Ctrl-D to leave; Ctrl-C stops a reply; """ begins and ends a multi-line message)\n')
+    kept = len(messages)  # (the --system message: /clear keeps it)
+    out.write("(/bye or Ctrl-D to leave; /? for help; Ctrl-C stops a reply)\n")
     while True:
         out.write(">>> ")
         out.flush()
@@ -124,6 +133,22 @@ def conversation(url: str, key: str | None, body: dict[str, Any], inp: TextIO, o
                 out.write("\n")
             return
         if not line.strip():
+            continue
+        command = line.strip()
+        if command in ("/?", "/help"):
+            out.write(HELP)
+            continue
+        if command == "/clear":
+            del messages[kept:]
+            out.write("Cleared the conversation so far.\n")
+            continue
+        word = command.split()[0]
+        if word in ("/set", "/show", "/load", "/save"):  # (`ollama run`'s, which this one does not have)
+            out.write(f"{word} is not supported here: give tokenpool run's options (--system, --temperature, "
+                      "--max-tokens, --seed) instead\n")
+            continue
+        if word == command and command.startswith("/"):  # (as `ollama run`: a lone /word is a command)
+            out.write(f"Unknown command {command!r}. Type /? for help\n")
             continue
         messages.append({"role": "user", "content": line})
         try:

@@ -468,3 +468,24 @@ def test_cli_urls_without_a_scheme_and_loadtest_without_a_server(chat_stub):
     r = cli("loadtest", "--url", f"127.0.0.1:{port}", "--duration", "0.2", "--streams", "1")
     assert r.returncode == 1 and r.stderr.strip() == f"tokenpool loadtest: cannot reach http://127.0.0.1:{port}: " \
         "Connection refused", r.stderr
+
+
+def test_conversation_commands_as_ollama_run_has_them(chat_stub):
+    """/? and /help print the commands, /clear forgets the turns so far (the --system message stays), a lone unknown
+    /word and ollama's /set etc. are said to be commands, not sent; text that only begins with / is a message (they
+    all went to the model as messages)."""
+    from controller.chat_cli import run
+
+    url, bodies = chat_stub
+    out = io.StringIO()
+    typed = "/?\nhi\n/clear\nagain\n/nope\n/set parameter temperature 0\n/etc/hosts explain\n/bye\n"
+    run(url, None, "known", None, "be brief", {}, _Terminal(typed), out)
+    sys_msg = {"role": "system", "content": "be brief"}
+    assert [b["messages"] for b in bodies] == [
+        [sys_msg, {"role": "user", "content": "hi"}],
+        [sys_msg, {"role": "user", "content": "again"}],  # (after /clear: not hi, ok)
+        [sys_msg, {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"},
+         {"role": "user", "content": "/etc/hosts explain"}]]
+    text = out.getvalue()
+    assert "/clear    forget the conversation" in text and "Cleared the conversation so far." in text
+    assert "Unknown command '/nope'. Type /? for help" in text and "/set is not supported here" in text
