@@ -67,6 +67,8 @@ def fuzz_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: 
 def kill_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
              model: str = MODEL, sig: str = typer.Option("KILL", "--signal", help="KILL | STOP"),
              streams: int = typer.Option(8), queued: int = typer.Option(4, help="requests waiting for a slot"),
+             max_tokens: int = typer.Option(2000, help="each running stream's (less where the model's context is "
+                                            "shorter)"),
              json_out: Optional[Path] = JSON) -> None:
     """A worker SIGKILLed or SIGSTOPped mid-stream: error events, retried queue, restart, leaks."""
     from load_tests.faults import run_kill, target
@@ -74,7 +76,7 @@ def kill_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: 
     if sig.upper().removeprefix("SIG") not in ("KILL", "STOP"):
         raise typer.BadParameter("--signal is KILL or STOP")
     with target(url, admin_token, key, model=model, max_num_seqs=streams, ttft_s=60.0) as t:
-        _write(run_kill(t, sig, streams, queued), json_out)
+        _write(run_kill(t, sig, streams, queued, max_tokens), json_out)
 
 
 @suite_app.command("pooled-kill")
@@ -104,12 +106,14 @@ def pooled_kill_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN
 @suite_app.command("disconnects")
 def disconnects_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
                     model: str = MODEL, streams: int = typer.Option(1000),
+                    max_tokens: int = typer.Option(3000, help="each stream's (less where the model's context is "
+                                                   "shorter)"),
                     json_out: Optional[Path] = JSON) -> None:
     """N streams dropped after their first token: seconds until KV and running requests are back to zero."""
     from load_tests.faults import run_disconnects, target
 
     with target(url, admin_token, key, model=model, max_num_seqs=max(64, streams), ttft_s=60.0) as t:
-        _write(run_disconnects(t, streams), json_out)
+        _write(run_disconnects(t, streams, max_tokens), json_out)
 
 
 @suite_app.command("overload")

@@ -276,6 +276,18 @@ async def open_stream(t: Target, max_tokens: int, prompt: str = "x", wait: bool 
     return s
 
 
+def fit_max_tokens(t: Target, want: int, model: str | None = None) -> int:
+    """`want`, or less where the model's context (max_model_len on its /v1/models card) leaves less room beside the
+    one-token prompt: against a real server (the default's demo models have 2048) a long stream must not be
+    refused with 400 before it starts, which left the part measuring nothing and reporting success."""
+    try:
+        r = httpx.get(f"{t.url}/v1/models/{model or t.model}", headers=t.headers(), timeout=10)
+        ctx = int(r.json()["max_model_len"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return want
+    return max(1, min(want, ctx - 16))
+
+
 async def _until(pred, timeout: float, every: float = 0.02) -> float | None:
     """Seconds until pred() is true (polled), or None after `timeout`."""
     t0 = time.monotonic()
@@ -545,6 +557,7 @@ def run_kill(t: Target, sig: str = "KILL", streams: int = 8, queued: int = 4, ma
              during: str | None = None, models: list[str] | None = None) -> dict:
     signum = {"KILL": signal.SIGKILL, "STOP": signal.SIGSTOP}[sig.upper().removeprefix("SIG")]
     part = "kill" if during is None else f"pooled_kill_during_{during}"
+    max_tokens = min(fit_max_tokens(t, max_tokens, n) for n in (models or [t.model]))
     return {"part": part, **asyncio.run(_kill(t, signum, streams, queued, max_tokens, during, models))}
 
 
@@ -573,11 +586,13 @@ async def _disconnects(t: Target, n: int, max_tokens: int) -> dict:
     return {"streams": n, "streaming_when_dropped": streaming, "held_at_peak": peak,
             "back_to_zero_s": None if back is None else round(t_poll - t_drop + back, 3),
             "held_after": await asyncio.to_thread(t.held), "request_after_ok": ok.done and not ok.error,
-            "refused": sum(1 for s in live if s.status not in (0, 200))}
+            "refused": sum(1 for s in live if s.status not in (0, 200)),
+            "refused_statuses": {str(k): v for k, v in _count(s.status for s in live if s.status not in (0, 200)).items()}}
 
 
 def run_disconnects(t: Target, streams: int = 1000, max_tokens: int = 3000) -> dict:
-    return {"part": "disconnects", **asyncio.run(_disconnects(t, streams, max_tokens))}
+    max_tokens = fit_max_tokens(t, max_tokens)
+    return {"part": "disconnects", "max_tokens": max_tokens, **asyncio.run(_disconnects(t, streams, max_tokens))}
 
 
 # --- overload ---

@@ -104,3 +104,13 @@ def test_pooled_kill_part_on_cpu(tmp_path, monkeypatch):
     assert d["running_streams_ended_with_error_event"] >= 1 and d["running_streams_cut_without_done"] == 0
     assert d["queued_requests_completed"] == 2 and d["request_after_restart_ok"]
     assert d["dev_shm_files_leaked"] == [] and not d["victim_process_left"]
+
+
+def test_disconnects_fit_a_short_context():
+    """Against a model whose context is shorter than the part's 3000 tokens (the default server's demo models have
+    2048) every stream was refused with 400 and the part still reported success; it now asks for what fits."""
+    with faults.target(pace_s=0.01, max_num_seqs=8, ttft_s=60.0, max_model_len=512) as t:
+        r = faults.run_disconnects(t, streams=4)
+    assert r["refused"] == 0 and r["streaming_when_dropped"] == 4 and r["held_at_peak"]["running"] == 4, r
+    assert r["max_tokens"] < 512 and r["refused_statuses"] == {}, r
+    assert r["back_to_zero_s"] is not None and not any(r["held_after"].values()), r
