@@ -35,6 +35,7 @@ from controller.errors import ServingError
 log = logging.getLogger("tokenpool")
 FLUSH_S = 2.0  # after the grace period, how long the ended streams get to write their error event
 CLOSE_S = 5.0  # uvicorn's own wait for connections to close once draining is over
+HEADER_TIMEOUT_S = 30.0  # a connection's request head (line and headers) must be complete this long after it opened
 
 
 def bind(host: str, port: int, backlog: int = 4096) -> socket.socket:
@@ -55,23 +56,67 @@ def bind(host: str, port: int, backlog: int = 4096) -> socket.socket:
 
 def _http_protocol():
     """uvicorn's httptools protocol, but a request it cannot parse gets a 400 in OpenAI's error JSON (uvicorn
-    writes plain text); None (uvicorn's choice) without httptools."""
+    writes plain text), and a connection whose request head (request line and headers) is not complete
+    HEADER_TIMEOUT_S after it opened, or after its previous response, gets a 408 and is closed: uvicorn has no
+    such deadline, so idle or slowloris connections (a few bytes of headers, then nothing) were held for ever,
+    each a file descriptor, until the process ran out of them. None (uvicorn's choice) without httptools."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return None
 
     class JSONErrorProtocol(HttpToolsProtocol):
-        def send_400_response(self, msg: str) -> None:
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _send_error(self, status: bytes, msg: str, code: str) -> None:
             body = json.dumps({"error": {"message": msg, "type": "invalid_request_error", "param": None,
-                                         "code": "bad_http_request"}}).encode()
-            head = [b"HTTP/1.1 400 Bad Request\r\n"]
+                                         "code": code}}).encode()
+            head = [b"HTTP/1.1 ", status, b"\r\n"]
             for name, value in self.server_state.default_headers:
                 head += [name, b": ", value, b"\r\n"]
             head += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
                      b"\r\nconnection: close\r\n\r\n"]
             self.transport.write(b"".join(head) + body)
             self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            self._send_error(b"400 Bad Request", msg, "bad_http_request")
+
+        # the request head's deadline: armed when the connection opens and after each response, disarmed once a
+        # request's headers are complete (its body and its response take what they take)
+        def _arm_head_timer(self) -> None:
+            self._disarm_head_timer()
+            if not self.transport.is_closing():
+                self._head_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._head_timeout)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing() or not (self.cycle is None or self.cycle.response_complete):
+                return
+            self._send_error(b"408 Request Timeout",
+                             f"the request's headers did not arrive within {HEADER_TIMEOUT_S:g} s", "request_timeout")
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+        def on_headers_complete(self) -> None:
+            self._disarm_head_timer()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_head_timer()
 
     return JSONErrorProtocol
 

@@ -296,3 +296,58 @@ def test_sigterm_during_start_up_stops_cleanly(tmp_path, tiny_model):
     assert rc == 0, log
     assert "signal 15 during start-up: stopping" in log and "Traceback" not in log, log
     assert not token_file.exists()
+
+
+def test_a_request_head_that_never_completes_gets_408_and_is_closed(monkeypatch):
+    """Slowloris: connections that send part of a request head (or nothing) were held for ever (uvicorn has no
+    header deadline), each a file descriptor; they get a 408 in OpenAI's error JSON once HEADER_TIMEOUT_S passes,
+    and a prompt client on the same server, keep-alive included, is not affected."""
+    import asyncio
+
+    import uvicorn
+
+    from controller import shutdown
+
+    monkeypatch.setattr(shutdown, "HEADER_TIMEOUT_S", 0.5, raising=False)
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main() -> None:
+        sock = shutdown.bind("127.0.0.1", 0)
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, http=shutdown._http_protocol(), lifespan="off",
+                                               log_level="warning", timeout_keep_alive=30))
+        serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        try:
+            slow = []
+            for head in (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n", b"", b"GET /hea"):
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(head)
+                slow.append((r, w))
+            r, w = await asyncio.open_connection("127.0.0.1", port)  # keep-alive: 2 requests, a pause between
+            for _ in range(2):
+                w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert (await asyncio.wait_for(r.readuntil(b"ok"), 5)).startswith(b"HTTP/1.1 200")
+                await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            for sr, sw in slow:
+                data = await asyncio.wait_for(sr.read(), 5)  # to EOF: the server closed it
+                head, body = data.split(b"\r\n\r\n", 1)
+                assert head.startswith(b"HTTP/1.1 408"), data
+                assert json.loads(body)["error"]["code"] == "request_timeout"
+                sw.close()
+            assert time.monotonic() - t0 < 2.0
+            w.close()
+            r, w = await asyncio.open_connection("127.0.0.1", port)  # the server still serves
+            w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await asyncio.wait_for(r.readuntil(b"ok"), 5)).startswith(b"HTTP/1.1 200")
+            w.close()
+        finally:
+            server.should_exit = True
+            await serving
+
+    asyncio.run(main())
