@@ -53,6 +53,7 @@ def _ready_on(model: str, engines) -> bool:
     """Whether `model` is registered and ready on one of `engines`."""
     return any(model in e.replicas and e.replicas[model].state == "ready" for e in engines)
 LOAD_TIMEOUT_S = 600.0
+STARTUP_WAIT_S = 120.0  # how long a request waits for the local workers of a server that is starting
 FAILED_AVOID_S = 120.0  # a model whose registration failed on an engine is placed elsewhere for this long
 RETRY_WAIT_S = 15.0  # how long a request whose engine died before its first token waits for another
 
@@ -407,15 +408,22 @@ class Controller:
                 sub.prefix_hashes = prompt_hashes(sub.prompt_ids, hash_extra(sp.lora, sp.cache_salt))
             hashes = sub.prefix_hashes
             cached = lambda eid: self.prefix.cached_tokens(name, eid, hashes)  # noqa: E731
-        rt = route(entry.info, views, len(sub.prompt_ids), cached)
-        if rt is None:
+        waited_until = None
+        while (rt := route(entry.info, views, len(sub.prompt_ids), cached)) is None:
             pl = place(entry.info, views, self.infos(), pinned=self.pinned())
-            if pl is None:
+            if pl is not None:
+                self._register(self.pool.engines[pl.engine_id], entry)
+                rt = route(entry.info, self.views(), len(sub.prompt_ids), cached)
+                break
+            # A server started a moment ago, its local workers not all joined yet (a GPU worker takes seconds): the
+            # request waits for them rather than hearing 503 (it did for ~0.3 s after "listening" on a CPU).
+            waited_until = waited_until or time.monotonic() + STARTUP_WAIT_S
+            if self.pool.local_joined() or time.monotonic() > waited_until:
                 why = self._pins_block(entry.info, entry.pinned)
                 raise ServingError(503, f"no engine can serve model {name!r} now{f': {why}' if why else ''}",
                                    retry_after=5)
-            self._register(self.pool.engines[pl.engine_id], entry)
-            rt = route(entry.info, self.views(), len(sub.prompt_ids), cached)
+            await asyncio.sleep(0.05)
+            views = self.views()
         if admission and self.cfg.admission.enabled:
             slack = self.cfg.admission.slack * 2.0 ** max(-2, min(2, priority))
             d = decide(rt.est_ttft_s, rt.queued, slo.ttft_s, slack, rt.queue_len,
