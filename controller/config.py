@@ -284,7 +284,8 @@ class ServerConfig(_Strict):
     def _consistent(self) -> ServerConfig:
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
-            raise ValueError("model names must be unique")
+            raise ValueError(f"model names must be unique: {', '.join(sorted({n for n in names if names.count(n) > 1}))}"
+                             " more than once")
         every = names + [a for m in self.models for a in m.aliases + m.lora_names]
         if len(set(every)) != len(every):
             dup = sorted({n for n in every if every.count(n) > 1})

@@ -16,7 +16,12 @@ PREFIX = "sha256"
 
 
 def new_key(prefix: str = "tp") -> str:
-    return f"{prefix}-{secrets.token_urlsafe(32)}"
+    """A new API key: `prefix-` then 256 random bits, URL-safe (no prefix: no leading dash, which a command line
+    would read as an option)."""
+    key = secrets.token_urlsafe(32)
+    while key.startswith("-"):  # (token_urlsafe's alphabet has '-')
+        key = secrets.token_urlsafe(32)
+    return f"{prefix}-{key}" if prefix else key
 
 
 def hash_key(key: str, salt: str | None = None) -> str:

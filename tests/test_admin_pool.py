@@ -538,3 +538,19 @@ def test_timeline_compaction_bounds_its_size_and_keeps_who_ran():
     # a shorter span cuts the start; a coarse resolution still says who ran
     assert act.timeline("w0", now, 15, 0.25) == [[pytest.approx(now - 15), "a", 2000, pytest.approx(5.0, abs=1e-6)],
                                                  c]  # (the steps are those of the model shown: b's not counted)
+
+
+def test_evict_takes_an_alias_and_duplicate_model_names_are_named():
+    """POST /admin/models/ALIAS/evict evicts the model the alias names (`tokenpool stop ALIAS`, Ollama's stop by
+    the name it used), as the serving routes resolve it; it was a 404. A configuration naming a model twice says
+    which."""
+    import pydantic
+
+    spec = ModelSpec(name="real-name", path=None, engine={"kind": "pace"}, aliases=["nick"])
+    app = build_app(ServerConfig(admin_token_hash=hash_key(ADMIN), models=[], auth=False))
+    asyncio.run(app.state.controller.add_model(spec))
+    r = TestClient(app).post("/admin/models/nick/evict", headers=H)
+    assert r.status_code == 200 and r.json()["name"] == "real-name", r.text
+    assert TestClient(app).post("/admin/models/nope/evict", headers=H).status_code == 404
+    with pytest.raises(pydantic.ValidationError, match="model names must be unique: twice more than once"):
+        ServerConfig.model_validate({"models": [{"name": n, "engine": {"kind": "pace"}} for n in ("twice", "twice", "x")]})

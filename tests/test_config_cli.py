@@ -489,3 +489,16 @@ def test_conversation_commands_as_ollama_run_has_them(chat_stub):
     text = out.getvalue()
     assert "/clear    forget the conversation" in text and "Cleared the conversation so far." in text
     assert "Unknown command '/nope'. Type /? for help" in text and "/set is not supported here" in text
+
+
+def test_a_key_without_a_prefix_never_starts_with_a_dash(monkeypatch):
+    """`tokenpool keys new --prefix ""`: a key that began with '-' was read as an option by `keys hash KEY`."""
+    import secrets
+
+    from controller import keys
+
+    drawn = iter(["-starts-with-dash", "abc_def"])
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda n: next(drawn))
+    assert keys.new_key("") == "abc_def"
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda n: "-x")
+    assert keys.new_key("tp") == "tp--x"  # (a prefix keeps it from leading)

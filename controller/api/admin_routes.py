@@ -173,9 +173,10 @@ async def evict(name: str, request: Request):
     """Free the model's VRAM on every engine, once its requests there finish (Ollama's `stop`); it stays served and
     the next request brings its weights back from the host cache. A pinned model's are kept: 409."""
     ctl = _ctl(request)
-    me = ctl.models.get(name)
+    me = ctl.resolve(name)  # (by its name or an alias, as `tokenpool stop` and Ollama's stop name it)
     if me is None:
         raise ServingError(404, f"no model {name!r}", code="model_not_found")
+    name = me.spec.name
     if me.pinned:
         raise ServingError(409, f"{name!r} is pinned: unpin it first (POST /admin/models/{name}/unpin)",
                            code="model_pinned")
