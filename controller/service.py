@@ -409,11 +409,14 @@ class Controller:
             hashes = sub.prefix_hashes
             cached = lambda eid: self.prefix.cached_tokens(name, eid, hashes)  # noqa: E731
         waited_until = None
+        self._still_registered(entry)
         while (rt := route(entry.info, views, len(sub.prompt_ids), cached)) is None:
             pl = place(entry.info, views, self.infos(), pinned=self.pinned())
             if pl is not None:
                 self._register(self.pool.engines[pl.engine_id], entry)
                 rt = route(entry.info, self.views(), len(sub.prompt_ids), cached)
+                if rt is None:
+                    raise ServingError(503, f"no engine can serve model {name!r} now", retry_after=5)
                 break
             # A server started a moment ago, its local workers not all joined yet (a GPU worker takes seconds): the
             # request waits for them rather than hearing 503 (it did for ~0.3 s after "listening" on a CPU).
@@ -423,6 +426,7 @@ class Controller:
                 raise ServingError(503, f"no engine can serve model {name!r} now{f': {why}' if why else ''}",
                                    retry_after=5)
             await asyncio.sleep(0.05)
+            self._still_registered(entry)
             views = self.views()
         if admission and self.cfg.admission.enabled:
             slack = self.cfg.admission.slack * 2.0 ** max(-2, min(2, priority))
@@ -434,6 +438,7 @@ class Controller:
                 raise ServingError(429, f"model {name!r} is overloaded: {d.reason}", retry_after=d.retry_after_s)
         e = self.pool.engines[rt.engine_id]
         for _ in range(3):  # the autoscaler may drop a registration while this request waits for it: again
+            self._still_registered(entry)
             r = e.replicas.get(name) or self._register(e, entry)
             if not r.ready.is_set():
                 try:
@@ -442,6 +447,7 @@ class Controller:
                     raise ServingError(503, f"model {name!r} is still being registered", retry_after=10) from None
             if e.replicas.get(name) is r or r.state != "ready":
                 break
+        self._still_registered(entry)
         if r.state != "ready" or not e.alive:
             raise ServingError(503, f"model {name!r} could not be registered on engine {e.id}: {r.error}",
                                retry_after=5)
@@ -449,6 +455,14 @@ class Controller:
             return
         self.pool.submit(e, sub)
         self.prefix.sent(name, e.id, hashes)
+
+    def _still_registered(self, entry: ModelEntry) -> None:
+        """A request whose model was removed (or removed and added again) while it waited (tokenizing, a load): a
+        404, before anything registers that entry on an engine again (a worker then hosted a model the controller
+        no longer listed, and a re-added name was served with the old settings)."""
+        if self.models.get(entry.spec.name) is not entry:
+            raise ServingError(404, f"model {entry.spec.name!r} was unregistered", param="model",
+                               code="model_not_found")
 
     def finished(self, gen: Generation, status: int) -> None:
         self.activity.finished(gen, status)
