@@ -19,9 +19,11 @@ def new_key(prefix: str = "tp") -> str:
     """A new API key: `prefix-` then 256 random bits, URL-safe (no prefix: no leading dash, which a command line
     would read as an option)."""
     key = secrets.token_urlsafe(32)
+    if prefix:
+        return f"{prefix}-{key}"
     while key.startswith("-"):  # (token_urlsafe's alphabet has '-')
         key = secrets.token_urlsafe(32)
-    return f"{prefix}-{key}" if prefix else key
+    return key
 
 
 def hash_key(key: str, salt: str | None = None) -> str:
