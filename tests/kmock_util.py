@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -15,3 +16,91 @@ def write_kubeconfig(k8s, path: Path, namespace: str) -> Path:
         "users": [{"name": "kmock", "user": {"token": "kmock"}}],
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": namespace}}]}))
     return path
+
+
+PORTS = range(18300, 18400)  # the TCP ports these tests keep to (a machine shared with other test runs)
+
+
+def free_port() -> int:
+    """A free port of PORTS for a kmock.Server."""
+    import socket
+
+    for port in PORTS:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORTS}")
+
+
+class FakeController:
+    """The controller's admin API as the operator uses it, on a kmock.RawHandler: models and tenants kept in
+    dicts, so a test sees what the operator changed and counts the requests it made (`handler['get /admin/models']`)."""
+
+    def __init__(self, handler) -> None:
+        self.handler = handler
+        self.models: dict[str, dict] = {}
+        self.tenants: dict[str, dict] = {}
+        self.engines: list[dict] = []
+        h = handler
+        h["get /admin/models"] << (lambda: list(self.models.values()))
+        h["post /admin/models"] << (lambda req: self._add(self.models, req.data, self._model))
+        h["get /admin/tenants"] << (lambda: list(self.tenants.values()))
+        h["post /admin/tenants"] << (lambda req: self._add(self.tenants, req.data, self._tenant))
+        h["get /admin/engines"] << (lambda: self.engines)
+        for kind, store in (("models", self.models), ("tenants", self.tenants)):
+            one = re.compile(rf"/admin/{kind}/.+")
+            h["delete", one] << (lambda req, s=store: self._remove(s, req))
+            h["post", re.compile(rf"/admin/{kind}/.+/drain")] << (lambda req, s=store: self._remove(s, req, drain=True))
+            h["patch", one] << (lambda req, s=store: self._patch(s, req))
+
+    @staticmethod
+    def _name(req, drain: bool = False) -> str:
+        from urllib.parse import unquote
+
+        path = req.url.path.split("/admin/", 1)[1].split("/", 1)[1]
+        return unquote(path[: -len("/drain")] if drain else path)
+
+    @staticmethod
+    def _model(body: dict) -> dict:
+        return {"name": body["name"], "path": body.get("path"), "lora_modules": body.get("lora_modules") or [],
+                "slo": body["slo"], "priority": body["priority"], "replicas": body["replicas"], "engines": ["e0"],
+                "slo_attainment": None, "source": "admin"}
+
+    @staticmethod
+    def _tenant(body: dict) -> dict:
+        return {k: body[k] for k in ("name", "models", "rate", "max_concurrent", "priority", "slo_class")} | {
+            "inflight": 0, "usage": {}, "source": "admin"}
+
+    def _add(self, store: dict, body: dict, out):
+        from kmock import Response
+
+        if body["name"] in store:
+            return Response(status=409, payload={"error": {"message": f"{body['name']} already registered"}})
+        store[body["name"]] = out(body)
+        return Response(status=201, payload=store[body["name"]])
+
+    def _remove(self, store: dict, req, drain: bool = False):
+        from kmock import Response
+
+        name = self._name(req, drain)
+        if name not in store:
+            return Response(status=404, payload={"error": {"message": f"no {name}"}})
+        if not drain:
+            del store[name]
+        return {}
+
+    def _patch(self, store: dict, req):
+        from kmock import Response
+
+        name = self._name(req)
+        if name not in store:
+            return Response(status=404, payload={"error": {"message": f"no {name}"}})
+        store[name].update(req.data)
+        return store[name]
+
+    def count(self, method: str, path: str) -> int:
+        """Requests made so far of `method` on exactly `path`."""
+        return sum(1 for r in self.handler if r.method.value == method and r.url.path == path)

@@ -15,7 +15,7 @@ pytest.importorskip("kubernetes")
 
 from controller.operator import builders as b  # noqa: E402
 from controller.operator.kube import Kube  # noqa: E402
-from tests.kmock_util import write_kubeconfig  # noqa: E402
+from tests.kmock_util import free_port, write_kubeconfig  # noqa: E402
 
 NS = "tp"
 
@@ -23,7 +23,7 @@ NS = "tp"
 @contextlib.asynccontextmanager
 async def _emulated(tmp_path):
     """A `Kube` on a fresh emulator, and the emulator (to read objects back the way kubectl would)."""
-    async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s):
+    async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s, port=free_port()):
         k8s.resources["apps/v1/daemonsets"] = kmock.ResourceInfo(kind="DaemonSet", namespaced=True)
         k8s.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
         cfg = write_kubeconfig(k8s, tmp_path / "kubeconfig", NS)

@@ -247,14 +247,15 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
             return  # the timer looks again
         want = b.reload_digest(desired)  # (what a PATCH changes in place is compared as the controller shows it)
         try:
-            if desired["name"] in _config_models(memo.admin):
+            models = memo.admin.models.by_name()  # the one read of the controller's models this round
+            if desired["name"] in _config_models(models):
                 _write_status(patch, status, {}, "Degraded", "NameConflict", f"model name {desired['name']!r} is "
                               "served by the controller's own configuration; set another servedName", gen)
                 return  # never replaced or removed by a PooledModel (the timer looks again)
             old = memo.served.get(meta["uid"]) or status.get("served")
             old_owner = _name_owner(served_names, old) if old else None
             if (old and old != desired["name"] and (old_owner is None or old_owner[3] == meta["uid"])
-                    and old in memo.admin.models.by_name()):  # renamed (servedName changed); not to another's name
+                    and old in models):  # renamed (servedName changed); not to another's name
                 n = _drain_wait(memo.admin, old, spec, runtime)
                 if n:
                     _write_status(patch, status, {}, "Progressing", "Draining", f"{n} requests in flight on {old!r}", gen)
@@ -262,7 +263,7 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
                         return
                     raise kopf.TemporaryError(f"draining {n} requests of {old!r} before the rename", delay=1)
                 memo.admin.models.remove(old)
-            actual = memo.admin.models.by_name().get(desired["name"])
+            actual = models.get(desired["name"])  # (removing `old` leaves another name's entry as it was)
             known = _applied(memo, meta) or status.get("appliedDigest")
             if actual is not None and (b.model_reloads(desired, actual) or known not in (None, want)):
                 # Not changeable in place (path, engine options, adapters): re-register, after the requests in
@@ -292,9 +293,10 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
             _write_status(patch, status, st, "Progressing", "Loading", "registered; waiting for an engine", gen)
 
 
-def _config_models(admin: Any) -> set[str]:
-    """The controller's models from its own configuration (not the operator's to replace or remove)."""
-    return {n for n, m in admin.models.by_name().items() if m.get("source") == "config"}
+def _config_models(models: dict[str, dict]) -> set[str]:
+    """The controller's models from its own configuration (not the operator's to replace or remove), of what
+    `GET /admin/models` answered (by name)."""
+    return {n for n, m in models.items() if m.get("source") == "config"}
 
 
 @kopf.on.delete(GROUP, VERSION, "pooledmodels")
@@ -306,7 +308,7 @@ def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Pa
     names = {n for n in names if (owner := _name_owner(served_names, n)) is None or owner[3] == meta["uid"]}
     with _lock(memo, meta["uid"]):
         try:
-            names -= _config_models(memo.admin)  # (a model of the controller's configuration is never this one's)
+            names -= _config_models(memo.admin.models.by_name())  # (a model of the controller's configuration is never this one's)
             for served in names:
                 memo.admin.drain_model(served)  # idempotent: a retried finalizer drains again, harmlessly
             n = sum(_drain_wait(memo.admin, served, dict(spec), runtime) for served in names)
@@ -330,13 +332,13 @@ def tenant_names(name: str, namespace: str, meta: dict, **_: Any) -> dict:
     return {name: (meta.get("creationTimestamp") or "", namespace or "", name, meta["uid"])}
 
 
-def _tenant_conflict(admin: Any, name: str, meta: dict, tenant_names: Any) -> str | None:
+def _tenant_conflict(tenants: dict[str, dict], name: str, meta: dict, tenant_names: Any) -> str | None:
     """Why a Tenant may not have its name in the controller (another, older Tenant has it, or the controller's own
-    configuration does), or None."""
+    configuration does), or None. `tenants`: what `GET /admin/tenants` answered, by name."""
     owner = _name_owner(tenant_names, name)
     if owner is not None and owner[3] != meta["uid"]:
         return f"tenant name {name!r} is Tenant {owner[1]}/{owner[2]}'s (older); rename this one"
-    if (admin.tenants.by_name().get(name) or {}).get("source") == "config":
+    if (tenants.get(name) or {}).get("source") == "config":
         return f"tenant {name!r} is the controller's own (its configuration); rename this one"
     return None
 
@@ -352,7 +354,8 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
         if meta.get("deletionTimestamp") or _stale(memo, meta):
             return
         try:
-            conflict = _tenant_conflict(memo.admin, name, meta, tenant_names)
+            tenants = memo.admin.tenants.by_name()  # the one read of the controller's tenants this round
+            conflict = _tenant_conflict(tenants, name, meta, tenant_names)
         except (AdminError, AdminUnavailable) as e:
             _admin_failed(patch, status, gen, e)
             return
@@ -390,7 +393,7 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
             return
         want = b.digest(desired)  # covers the key hashes, which the admin API does not show back
         try:
-            actual = memo.admin.tenants.by_name().get(name)
+            actual = tenants.get(name)
             known = _applied(memo, meta) or status.get("appliedDigest")
             if actual is not None and (not b.tenant_matches(desired, actual) or known != want):
                 memo.admin.tenants.remove(name)  # no in-place update: replace (its usage counters restart)
@@ -411,7 +414,7 @@ def delete_tenant(name: str, meta: dict, memo: kopf.Memo, tenant_names: Any = No
     """The finalizer: the tenant's keys stop working before the resource is gone (not another's of its name)."""
     with _lock(memo, meta["uid"]):
         try:
-            if _tenant_conflict(memo.admin, name, meta, tenant_names) is None:
+            if _tenant_conflict(memo.admin.tenants.by_name(), name, meta, tenant_names) is None:
                 memo.admin.tenants.remove(name)
             memo.applied.pop(meta["uid"], None)
         except AdminUnavailable as e:

@@ -1,0 +1,129 @@
+"""One reconcile round of the operator's handlers, called as kopf calls them, against kmock's Kubernetes emulator
+(the GPUPool, the Secrets) and a fake controller (tests/kmock_util.FakeController, on kmock too), counting the
+admin-API requests each round makes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import threading
+import uuid
+
+import pytest
+
+kmock = pytest.importorskip("kmock")
+kopf = pytest.importorskip("kopf")
+
+from controller.operator.admin import AdminClient  # noqa: E402
+from tests.kmock_util import FakeController, free_port, write_kubeconfig  # noqa: E402
+
+NS = "tp"
+GV = "tokenpool.dev/v1alpha1"
+
+
+@pytest.fixture()
+def handlers(monkeypatch):
+    # Importing the handlers fixes their timers' interval for this process: the e2e test's (see test_operator_kube)
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
+    from controller.operator import handlers
+
+    return handlers
+
+
+@contextlib.asynccontextmanager
+async def _world(tmp_path):
+    """(memo, emulator, fake controller): a memo as the operator's startup makes it, on both."""
+    from controller.operator.kube import Kube
+
+    async with (kmock.KubernetesEmulator() as k8s, kmock.Server(k8s, port=free_port()),
+                kmock.RawHandler() as ctl, kmock.Server(ctl, port=free_port()) as ctl_srv):
+        k8s.resources[f"{GV}/gpupools"] = kmock.ResourceInfo(kind="GPUPool", namespaced=True)
+        k8s.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
+        fake = FakeController(ctl)
+        kube = await asyncio.to_thread(Kube, str(write_kubeconfig(k8s, tmp_path / "kubeconfig", NS)))
+        memo = kopf.Memo(kube=kube, admin=AdminClient(str(ctl_srv.url), "t"), applied={}, served={}, locks={})
+        memo.locks_guard = threading.Lock()
+        yield memo, k8s, fake
+
+
+async def _create(k8s, path: str, body: dict) -> None:
+    r = await k8s.post(path, json=body)
+    assert r.status < 300, await r.text()
+
+
+def _meta(name: str, generation: int = 1, uid: str | None = None) -> dict:
+    return {"name": name, "namespace": NS, "uid": uid or str(uuid.uuid4()), "generation": generation,
+            "creationTimestamp": "2026-01-01T00:00:00Z"}
+
+
+def _index(name: str, meta: dict) -> dict:
+    """What kopf's index of served (or tenant) names holds for one object asking for `name`."""
+    return {name: [(meta["creationTimestamp"], NS, meta["name"], meta["uid"])]}
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_model_round_reads_the_controllers_models_once(tmp_path, handlers):
+    """Each round (the first, which registers; a converged one; a rename) makes one GET of /admin/models: the
+    configuration check, the rename check and the comparison all read the same answer."""
+    async with _world(tmp_path) as (memo, k8s, fake):
+        await _create(k8s, f"/apis/{GV}/namespaces/{NS}/gpupools",
+                      {"apiVersion": GV, "kind": "GPUPool", "metadata": {"name": "default", "namespace": NS}, "spec": {}})
+        fake.models["cfg"] = dict(FakeController._model(
+            {"name": "cfg", "path": "/m", "slo": {}, "priority": 0, "replicas": {}}), source="config")
+        meta, status = _meta("m"), {}
+
+        async def round_(spec: dict, served: str, runtime=None) -> dict:
+            before = fake.count("GET", "/admin/models")
+            patch = kopf.Patch()
+            await asyncio.to_thread(handlers._reconcile_model, name="m", namespace=NS, spec=spec, status=status,
+                                    meta=meta, patch=patch, memo=memo, runtime=runtime,
+                                    served_names=_index(served, meta))
+            assert fake.count("GET", "/admin/models") - before == 1, spec
+            status.update(patch.status)
+            return status
+
+        spec = {"engine": {"kind": "pace"}}
+        st = await round_(spec, "m")
+        assert set(fake.models) == {"cfg", "m"} and st["served"] == "m"
+        await round_(spec, "m")  # converged
+        meta["generation"] = 2
+        spec = {"engine": {"kind": "pace"}, "servedName": "m2"}
+        st = await round_(spec, "m2")  # renamed: the old name goes, the new one comes
+        assert set(fake.models) == {"cfg", "m2"} and st["served"] == "m2"
+        meta["generation"] = 3
+        spec = {"engine": {"kind": "pace"}, "servedName": "cfg"}  # the configuration's own name: refused
+        st = await round_(spec, "cfg")
+        assert [c["reason"] for c in st["conditions"] if c["status"] == "True"] == ["NameConflict"]
+    assert fake.count("POST", "/admin/models") == 2  # m, then m2: nothing registered twice
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_tenant_round_reads_the_controllers_tenants_once(tmp_path, handlers):
+    """Each round of a Tenant (the first, which adds it; a converged one; a change, which replaces it) makes one
+    GET of /admin/tenants: the name-conflict check and the comparison read the same answer."""
+    async with _world(tmp_path) as (memo, k8s, fake):
+        await _create(k8s, f"/api/v1/namespaces/{NS}/secrets", {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keys", "namespace": NS},
+            "data": {"k": base64.b64encode(b"tp-a-key").decode()}})
+        meta, status = _meta("team"), {}
+
+        async def round_(spec: dict) -> dict:
+            before = fake.count("GET", "/admin/tenants")
+            patch = kopf.Patch()
+            await asyncio.to_thread(handlers.reconcile_tenant, name="team", namespace=NS, spec=spec, status=status,
+                                    meta=meta, patch=patch, memo=memo, tenant_names=_index("team", meta))
+            assert fake.count("GET", "/admin/tenants") - before == 1, spec
+            status.update(patch.status)
+            return status
+
+        spec = {"keysSecretRef": {"name": "keys"}}
+        st = await round_(spec)
+        assert "team" in fake.tenants and st["keys"] == 1
+        await round_(spec)  # converged
+        meta["generation"] = 2
+        st = await round_(dict(spec, priority=4))  # replaced
+        assert fake.tenants["team"]["priority"] == 4
+    assert fake.count("POST", "/admin/tenants") == 2 and fake.count("DELETE", "/admin/tenants/team") == 1
