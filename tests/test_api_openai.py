@@ -335,6 +335,36 @@ def test_response_format_json_schema(server):
         assert e.status_code == 400 and e.body["param"] == param, e.body
 
 
+def test_one_of_schema_through_the_api(server):
+    """A `oneOf` schema (held as anyOf, as vLLM does; it was a 400) on response_format, structured outputs and a
+    tool's parameters: a sampled random-weight model's output parses and is an instance of the schema."""
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {
+        "id": {"oneOf": [{"type": "string", "pattern": "^[a-z]{1,8}$"}, {"type": "integer", "minimum": 1, "maximum": 99}]},
+        "n": {"oneOf": [{"type": "integer", "minimum": -9, "maximum": 0}, {"type": "integer", "minimum": 10,
+                                                                          "maximum": 99}]}},
+        "required": ["id", "n"], "additionalProperties": False}
+    rf = {"type": "json_schema", "json_schema": {"name": "union", "schema": schema, "strict": True}}
+    c = client(server)
+    msgs = [{"role": "user", "content": "Pick one."}]
+    for seed in range(3):
+        r = c.chat.completions.create(model="tiny-a", messages=msgs, max_tokens=60, temperature=1.0, seed=seed,
+                                      response_format=rf)
+        assert r.choices[0].finish_reason == "stop", r.choices[0]
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    r = c.completions.create(model="tiny-b", prompt="x", max_tokens=60, temperature=1.0, seed=3,
+                             extra_body={"structured_outputs": {"json": schema}})
+    jsonschema.validate(json.loads(r.choices[0].text), schema)
+    tool = {"type": "function", "function": {"name": "pick", "parameters": schema}}
+    r = c.chat.completions.create(model="tiny-a", messages=msgs, tools=[tool], max_tokens=60, temperature=1.0, seed=4,
+                                  tool_choice={"type": "function", "function": {"name": "pick"}})
+    assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
+    jsonschema.validate(json.loads(r.choices[0].message.tool_calls[0].function.arguments), schema)
+
+
 def test_vllm_structured_outputs_through_the_api(server):
     """vLLM's structured outputs on both endpoints, a random-weight model sampled: guided_choice answers one of the
     choices, structured_outputs.regex a match; two shapes at once are a 400."""

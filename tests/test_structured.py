@@ -286,3 +286,26 @@ def test_structured_outputs_it_cannot_hold_are_refused(tiny_model):
                                                "disable_fallback": True}}}])
     assert got == [(400, "structured_outputs.structural_tag"), (400, "structured_outputs.jsonschema"),
                    (503, None)], got
+
+
+def test_one_of_is_held_as_any_of(accepts):
+    """`oneOf` (pydantic's discriminated unions, tool parameters written by hand) is generated as `anyOf`, as vLLM's
+    backends do: branches llguidance cannot prove disjoint were a 400 ("oneOf constraints are not supported") on
+    response_format, structured outputs and tools alike."""
+    from controller.api.structured import vllm_grammar
+
+    one_of = {"type": "object", "properties": {"id": {"oneOf": [{"type": "string", "pattern": "^[a-z]{1,8}$"},
+                                                                {"type": "integer", "minimum": 1}]},
+                                               "n": {"oneOf": [{"type": "integer", "maximum": 0},
+                                                               {"type": "integer", "minimum": 10}]}},
+              "required": ["id", "n"], "additionalProperties": False}
+    g = response_grammar({"type": "json_schema", "json_schema": {"name": "u", "schema": one_of}})
+    assert accepts(g, '{"id": "abc", "n": -3}') and accepts(g, '{"id": 7, "n": 12}')
+    assert not accepts(g, '{"id": "ABC", "n": 0}') and not accepts(g, '{"id": "a", "n": 5}')
+    req = p.ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                  "structured_outputs": {"json": one_of}})
+    assert accepts(vllm_grammar(req), '{"id": "z", "n": 0}')
+    plan = tool_plan(_tools({"name": "f", "parameters": one_of}), "required", None)
+    assert accepts(plan.grammar, '[{"name": "f", "parameters": {"id": 2, "n": 10}}]')
+    auto = tool_plan(_tools({"name": "f", "parameters": one_of}), "auto", None, "hermes")
+    assert accepts(auto.grammar, '<tool_call>\n{"name": "f", "arguments": {"id": "q", "n": 99}}\n</tool_call>')

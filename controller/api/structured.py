@@ -18,8 +18,10 @@ from typing import Any
 
 from controller.errors import ServingError
 
-# JSON as the model writes it: no free whitespace (a model could pad forever), Python's separators
-JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# JSON as the model writes it: no free whitespace (a model could pad forever), Python's separators; `oneOf` is
+# generated as `anyOf` (as vLLM's backends do: llguidance otherwise refuses a oneOf whose branches it cannot prove
+# disjoint, and an output matching two overlapping branches is the approximation's one difference)
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "coerce_one_of": True}
 
 
 def json_grammar(schema: dict[str, Any], param: str) -> str:
