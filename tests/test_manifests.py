@@ -132,8 +132,16 @@ def test_pooledmodel_scale_subresource():
     assert _resolve(schema, scale["labelSelectorPath"])["type"] == "string"
 
 
+JUNCTORS = ("allOf", "anyOf", "oneOf", "not")
+# What a junctor's schemas may not set (apiextensions' structural schema rules): they only validate values.
+NOT_IN_JUNCTORS = ("type", "description", "default", "additionalProperties", "nullable")
+INT_OR_STRING = [{"type": "integer"}, {"type": "string"}]  # allowed beside x-kubernetes-int-or-string
+
+
 def _structural(s: dict, where: str) -> None:
-    """Every node has a type (what the API server demands of a structural schema)."""
+    """What the API server demands of a structural schema: every node has a type; the schemas under allOf, anyOf,
+    oneOf and not only validate values (no type, description, default, additionalProperties, nullable or
+    x-kubernetes-* extension) and name only fields the structural part declares at the same place."""
     assert "type" in s or s.get("x-kubernetes-preserve-unknown-fields") or s.get("x-kubernetes-int-or-string"), where
     for k, sub in (s.get("properties") or {}).items():
         _structural(sub, f"{where}.{k}")
@@ -141,6 +149,44 @@ def _structural(s: dict, where: str) -> None:
         _structural(s["items"], f"{where}[]")
     if isinstance(s.get("additionalProperties"), dict):
         _structural(s["additionalProperties"], f"{where}{{}}")
+    for j in JUNCTORS:
+        if j == "anyOf" and s.get("x-kubernetes-int-or-string") and s[j] == INT_OR_STRING:
+            continue  # the one pattern that sets types under a junctor
+        for i, sub in enumerate(_branches(s, j)):
+            _junctor_branch(sub, s, f"{where}.{j}[{i}]")
+
+
+def _branches(s: dict, junctor: str) -> list[dict]:
+    return ([s[junctor]] if junctor == "not" else s[junctor]) if junctor in s else []
+
+
+def _junctor_branch(branch: dict, outer: dict, where: str) -> None:
+    bad = [k for k in branch if k in NOT_IN_JUNCTORS or k.startswith("x-kubernetes-")]
+    assert not bad, f"{where}: {bad} not allowed under a junctor"
+    for k in branch.get("required", []):
+        assert k in (outer.get("properties") or {}), f"{where}: required {k!r} is not a declared field"
+    for k, sub in (branch.get("properties") or {}).items():
+        assert k in (outer.get("properties") or {}), f"{where}: {k!r} is not a declared field"
+        _junctor_branch(sub, outer["properties"][k], f"{where}.{k}")
+    if "items" in branch:
+        assert "items" in outer, f"{where}: items where the structural schema has none"
+        _junctor_branch(branch["items"], outer["items"], f"{where}[]")
+    for j in JUNCTORS:
+        for i, sub in enumerate(_branches(branch, j)):
+            _junctor_branch(sub, outer, f"{where}.{j}[{i}]")
+
+
+@pytest.mark.parametrize("branch", [
+    {"type": "object"},
+    {"properties": {"source": {"description": "x"}}},
+    {"properties": {"nowhere": {"required": ["x"]}}},
+    {"required": ["nowhere"]},
+])
+def test_structural_check_is_not_vacuous(branch):
+    schema = copy.deepcopy(_crd_schema("PooledModel"))
+    schema["properties"]["spec"]["anyOf"] = [branch]
+    with pytest.raises(AssertionError):
+        _structural(schema, "")
 
 
 def _resolve(schema: dict, path: str) -> dict | None:
@@ -180,6 +226,7 @@ def test_gpupool_takes_worker_resources_as_kubernetes_quantities():
     ("PooledModel", ("spec", "loraAdapters"), [{"name": "a b", "path": "x"}]),
     ("PooledModel", ("spec", "loraAdapters"), [{"name": "a"}]),
     ("PooledModel", ("spec", "loraAdapters"), [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]),
+    ("PooledModel", ("spec", "source"), {"memoryGB": 4}),  # an llm model (the example's engine.kind) needs a path
     ("Tenant", ("spec", "rateLimits", "requestsPerSecond"), -5),
     ("Tenant", ("spec", "maxConcurrent"), 0),
 ])
@@ -230,6 +277,30 @@ def test_cel_rules_fit_the_api_servers_cost_budget(kind):
         unbounded = [x for x in lists if "maxItems" not in x]
         assert not unbounded, f"{kind}{where}: {rule!r} iterates a list without maxItems"
         assert max(x["maxItems"] for x in lists) ** depth <= CEL_PER_RULE_LIMIT, (where, rule)
+
+
+@pytest.mark.parametrize("spec,valid", [
+    ({}, False),  # engine.kind defaults to llm: its weights must be somewhere
+    ({"source": {}}, False),
+    ({"source": {"memoryGB": 3}, "engine": {"kind": "llm", "dtype": "bf16"}}, False),
+    ({"engine": {"dtype": "bf16"}, "source": {"path": "m"}}, True),
+    ({"source": {"path": "/abs/m"}}, True),
+    ({"engine": {"kind": "pace"}}, True),  # a paced stand-in: no weights
+    ({"engine": {"kind": "pace"}, "source": {"path": "m"}}, True),
+])
+def test_an_llm_pooledmodel_needs_a_source_path(spec, valid):
+    """Refused when applied (the operator could only report InvalidSpec afterwards), as the API server does it:
+    its defaults first, then the schema. What the schema lets through, the operator's builder takes."""
+    obj = {"apiVersion": "tokenpool.dev/v1alpha1", "kind": "PooledModel", "metadata": {"name": "m"},
+           "spec": _apply_defaults(_crd_schema("PooledModel")["properties"]["spec"], spec)}
+    if valid:
+        _validate_cr(obj)
+        b.build_model_spec("m", spec)
+    else:
+        with pytest.raises(jsonschema.ValidationError):
+            _validate_cr(obj)
+        with pytest.raises(ValueError, match="path is required"):
+            b.build_model_spec("m", spec)
 
 
 def _apply_defaults(schema: dict, value):

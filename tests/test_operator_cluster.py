@@ -119,6 +119,9 @@ def test_operator_on_a_cluster(tmp_path, monkeypatch):
                     create("pooledmodels", "PooledModel", "bad", {"source": {"path": "m"}, "loraAdapters": [
                         {"name": "a", "path": "x"}, {"name": "a", "path": "y"}]})
                 assert e.value.status == 422
+                with pytest.raises(ApiException) as e:  # an llm model (the default kind) needs source.path
+                    create("pooledmodels", "PooledModel", "bad", {"source": {"memoryGB": 1}})
+                assert e.value.status == 422
 
                 core.create_namespaced_secret(ns, {"metadata": {"name": "keys"},
                                                    "data": {"k": base64.b64encode(tenant_key.encode()).decode()}})
