@@ -127,3 +127,32 @@ async def test_a_tenant_round_reads_the_controllers_tenants_once(tmp_path, handl
         st = await round_(dict(spec, priority=4))  # replaced
         assert fake.tenants["team"]["priority"] == 4
     assert fake.count("POST", "/admin/tenants") == 2 and fake.count("DELETE", "/admin/tenants/team") == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_model_that_failed_to_load_is_degraded_with_the_controllers_reason(tmp_path, handlers):
+    """A model registered with weights no engine could load (a wrong path, too big for any GPU) is shown by the
+    controller with load_error: the PooledModel says so (Degraded, LoadFailed, the reason), not 'waiting for an
+    engine' for ever; once an engine has it, it is Ready."""
+    async with _world(tmp_path) as (memo, k8s, fake):
+        await _create(k8s, f"/apis/{GV}/namespaces/{NS}/gpupools",
+                      {"apiVersion": GV, "kind": "GPUPool", "metadata": {"name": "default", "namespace": NS}, "spec": {}})
+        meta, status, spec = _meta("m"), {}, {"source": {"path": "no-such-dir"}}
+
+        async def round_() -> dict:
+            patch = kopf.Patch()
+            await asyncio.to_thread(handlers._reconcile_model, name="m", namespace=NS, spec=spec, status=status,
+                                    meta=meta, patch=patch, memo=memo, runtime=None, served_names=_index("m", meta))
+            status.update(patch.status)
+            return {c["type"]: c for c in status["conditions"] if c["status"] == "True"}
+
+        await round_()  # registered
+        why = "engine w0: [Errno 2] No such file or directory: '/models/no-such-dir/config.json'"
+        fake.models["m"].update(engines=[], load_error=why)
+        st = await round_()
+        assert set(st) == {"Degraded"} and st["Degraded"]["reason"] == "LoadFailed", st
+        assert why in st["Degraded"]["message"] and status["registered"] and not status["ready"]
+        fake.models["m"].update(engines=["e1"], load_error=None)
+        st = await round_()
+        assert set(st) == {"Ready"} and status["ready"]

@@ -289,6 +289,9 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
         st = dict(b.build_model_status(actual, spec, gen), appliedDigest=want, served=desired["name"])
         if st["ready"]:
             _write_status(patch, status, st, "Ready", "Serving", f"on {st['replicas']} engine(s)", gen)
+        elif actual.get("load_error"):  # no engine could load it (a wrong path, too big...): it waits in vain
+            _write_status(patch, status, st, "Degraded", "LoadFailed", f"registered, but its last load failed: "
+                          f"{actual['load_error']}", gen)
         else:
             _write_status(patch, status, st, "Progressing", "Loading", "registered; waiting for an engine", gen)
 
