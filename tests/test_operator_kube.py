@@ -146,3 +146,27 @@ async def test_a_pool_without_its_join_token_secret_says_so(tmp_path, monkeypatc
         assert r.status < 300
         st = await conditions()
         assert set(st) == {"Progressing"} and st["Progressing"]["reason"] == "WaitingForWorkers"
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_recreated_pool_adopts_the_daemonset_its_name_left(tmp_path):
+    """A GPUPool deleted with --cascade=orphan (its DaemonSet kept, the garbage collector strips the ownerReference)
+    and made again, or made again before the collector came by: the DaemonSet has the same spec, so the digest
+    matches, but it must become the new pool's (its uid) or deleting the new pool leaves the workers behind."""
+    async with _emulated(tmp_path) as (kube, k8s):
+        name = "tokenpool-workers-a"
+        ds = _owned(b.build_worker_daemonset("a", NS, {}))
+        await asyncio.to_thread(kube.apply_daemonset, ds)
+        r = await k8s.patch(f"/apis/apps/v1/namespaces/{NS}/daemonsets/{name}",  # what an orphaning delete leaves
+                            json={"metadata": {"ownerReferences": None}},
+                            headers={"Content-Type": "application/merge-patch+json"})
+        assert r.status < 300 and not (await _daemonset(k8s, name))["metadata"].get("ownerReferences")
+        again = _owned(b.build_worker_daemonset("a", NS, {}))  # the new pool: another uid, the same spec
+        await asyncio.to_thread(kube.apply_daemonset, again)
+        got = await _daemonset(k8s, name)
+        assert got["metadata"]["ownerReferences"] == again["metadata"]["ownerReferences"]
+        newer = _owned(b.build_worker_daemonset("a", NS, {}))  # made again before the collector came by
+        await asyncio.to_thread(kube.apply_daemonset, newer)
+        got = await _daemonset(k8s, name)
+        assert got["metadata"]["ownerReferences"] == newer["metadata"]["ownerReferences"]

@@ -52,7 +52,13 @@ class Kube:
         if cur is None:
             return self._raw(self.apps.create_namespaced_daemon_set, ns, ds) or ds
         want = ds["metadata"]["annotations"][ANNOTATION_DIGEST]
-        if (cur.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_DIGEST) == want:
+        meta = cur.get("metadata") or {}
+        # Its owner too: a pool deleted with --cascade=orphan, or made again before the garbage collector came by,
+        # leaves a DaemonSet of the same spec owned by no pool or by the old one (deleting the new pool would leave
+        # the workers behind, or the collector would take the new pool's workers).
+        owners = {o.get("uid") for o in meta.get("ownerReferences") or []}
+        if ((meta.get("annotations") or {}).get(ANNOTATION_DIGEST) == want
+                and owners >= {o["uid"] for o in ds["metadata"].get("ownerReferences") or []}):
             return cur
         # A JSON merge patch replaces lists whole (a strategic merge would keep containers the builder dropped), but
         # merges objects: a free-form map's keys the builder no longer has are deleted explicitly (null).
