@@ -56,6 +56,10 @@ LOAD_TIMEOUT_S = 600.0
 STARTUP_WAIT_S = 120.0  # how long a request waits for the local workers of a server that is starting
 FAILED_AVOID_S = 120.0  # a model whose registration failed on an engine is placed elsewhere for this long
 RETRY_WAIT_S = 15.0  # how long a request whose engine died before its first token waits for another
+# A deleted tenant's requests in flight end this long after the DELETE, unless a namesake made meanwhile holds every
+# key it had (the operator's update: DELETE then POST); its keys stop working at once.
+REVOKE_GRACE_S = 1.0
+REVOKED = "the API key was revoked"
 
 
 @dataclasses.dataclass
@@ -156,6 +160,8 @@ class Generation:
             sub, d = await self.sink.get()
             if d.error is not None:
                 self.ctl.pool.abort(self.subs)
+                if d.error_kind == "revoked":  # its tenant was deleted (Controller.tenant_deleted)
+                    raise ServingError(401, d.error, code="invalid_api_key")
                 status = 400 if d.error_kind == "invalid" else 503
                 raise ServingError(status, d.error if status == 400 else f"engine failure: {d.error}")
             if d.token_ids or d.embedding is not None:
@@ -334,6 +340,43 @@ class Controller:
         collect_all()  # its tokenizer was frozen with the long-lived heap
         return True
 
+    # --- tenants ---
+    def tenant_deleted(self, t: Tenant) -> None:
+        """`t` was deleted through the admin API (its keys authenticate no new request): its requests in flight end
+        after REVOKE_GRACE_S (`_revoke`)."""
+        asyncio.get_running_loop().call_later(REVOKE_GRACE_S, self._revoke, t)
+
+    def _revoke(self, t: Tenant) -> None:
+        """End the requests of deleted tenant `t` (streams: an error event in OpenAI's shape, then [DONE]; the engines
+        abort them and free their KV), and admit none still on their way, unless the namesake made since holds every
+        key `t` had: nothing was revoked (the operator's update), they belong to that one now."""
+        new = self.tenants.get(t.name)
+        if new is not None and new is not t and set(t.spec.key_hashes) <= set(new.spec.key_hashes):
+            t.successor = new
+            return
+        t.revoked = True
+        n = self.end_requests(lambda g: g.tenant.latest() is t, REVOKED, "revoked")
+        if n:
+            log.info("tenant %r deleted: %d request(s) in flight ended", t.name, n)
+            self.events.publish("tenant_requests_ended", tenant=t.name, requests=n)
+
+    def end_requests(self, match: Callable[[Generation], bool], error: str, kind: str) -> int:
+        """End the requests in flight that `match`, as an operator's cancel does: each choice's stream gets `error`,
+        its engine request is aborted (a choice still waiting for its model is never submitted). How many ended."""
+        n = 0
+        for gen in list(self.activity.live.values()):
+            if gen.closed or not match(gen):
+                continue
+            subs = [s for s in gen.subs if not s.done]
+            for s in subs:
+                s.sink.put_nowait((s, m.Delta(s.rid, finished=True, finish_reason="error", error=error,
+                                              error_kind=kind)))
+            self.pool.abort(subs)
+            for s in subs:
+                s.done = True
+            n += 1
+        return n
+
     def slo_for(self, entry: ModelEntry, tenant: Tenant) -> SLO:
         c = tenant.spec.slo_class
         return self.cfg.slo_classes[c] if c is not None and c in self.cfg.slo_classes else entry.spec.slo
@@ -380,6 +423,8 @@ class Controller:
                     sub = Sub(f"{request_id}-{p * n + i}", entry.spec.name, p * n + i, ids, sp, budgets[p], gen.sink)
                     if i:  # (the prompt's block hashes, made for its first choice)
                         sub.prefix_hashes = gen.subs[-1].prefix_hashes
+                    if tenant.latest().revoked:  # deleted while this request was on its way (see _revoke)
+                        raise ServingError(401, REVOKED, code="invalid_api_key")
                     gen.subs.append(sub)
                     await self._place(sub, entry, slo, tenant.spec.priority, admission=True)
             self.events.publish("admit", model=entry.spec.name, tenant=tenant.name, request_id=request_id,

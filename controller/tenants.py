@@ -3,8 +3,12 @@
 Keys are kept only as salted hashes (controller.keys); a new key is shown once, when the tenant is made.
 Limits are token buckets (requests/s with a burst, tokens/min charged at admission as prompt + max_tokens and
 refunded for what was not generated) and a cap on concurrent requests. They belong to the tenant's name: a tenant
-replaced through the admin API (delete, then create: how keys are rotated) keeps its requests in flight and what is
-left in its buckets, so a rotation neither doubles its concurrency nor refills its rate limits.
+replaced through the admin API (delete, then create: how keys are rotated) keeps its count of requests in flight and
+what is left in its buckets, so a rotation neither doubles its concurrency nor refills its rate limits.
+
+A deleted tenant's keys stop working at once (401), and its requests in flight are ended shortly after
+(`Controller.tenant_deleted`: streams get an error event, the engines free their KV), unless a namesake made within
+that grace holds every key it had (the Kubernetes operator's update, a DELETE then a POST): those run on.
 
 A tenant of the configuration file deleted through the admin API stays revoked across restarts: its key hashes are
 recorded in the tenants file, and on start a configured tenant loses those keys (and is left out when none remain).
@@ -73,6 +77,10 @@ class Tenant:
     tpm: TokenBucket | None = None
     usage: dict[str, int] = field(default_factory=lambda: {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
     flight: _Flight = field(default_factory=_Flight, repr=False)
+    # Deleted through the admin API: `revoked` once its keys are gone for good (its requests are ended, none is
+    # admitted); `successor`, the entry that replaced it with every key it had (its requests belong to that one now)
+    revoked: bool = field(default=False, repr=False)
+    successor: Tenant | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         r = self.spec.rate
@@ -105,6 +113,13 @@ class Tenant:
             if new is not None and prev is not None:
                 prev._fill(new.t)
                 new.level = min(new.capacity, prev.level * new.capacity / prev.capacity)
+
+    def latest(self) -> Tenant:
+        """The entry this one's requests answer to now: itself, or the one that replaced it keeping its keys."""
+        t = self
+        while t.successor is not None:
+            t = t.successor
+        return t
 
     def may_use(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, p) for p in self.spec.models)

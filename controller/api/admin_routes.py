@@ -132,9 +132,13 @@ async def create_tenant(body: ap.TenantCreate, request: Request):
 
 @router.delete("/tenants/{name}")
 async def delete_tenant(name: str, request: Request) -> dict:
+    """Revoke a tenant: its keys get 401 from now on; its requests in flight end a moment later (a stream gets an
+    error event, its KV is freed) unless it is re-created meanwhile with every key it had (a limits change)."""
     ctl = _ctl(request)
-    if not ctl.tenants.delete(name):
+    t = ctl.tenants.get(name)
+    if t is None or not ctl.tenants.delete(name):
         raise ServingError(404, f"no tenant {name!r}", code="tenant_not_found")
+    ctl.tenant_deleted(t)
     views.events(ctl).publish("tenant_revoked", tenant=name)
     return {"deleted": name}
 
