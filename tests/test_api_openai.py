@@ -441,6 +441,40 @@ def test_tools_required_and_named(server):
     assert "tool_choice 'auto'" in e.body["message"]  # (tiny-a has no tool_call_parser)
 
 
+def test_streamed_tool_calls_have_null_content(server):
+    """A streamed reply of tool calls carries `content: null` in every delta, the role's included, as OpenAI's stream
+    does (the role's delta had `content: ""`: a client reading `delta.content is None` as "no text" saw text); the
+    calls' arguments, accumulated by index, parse as JSON; the openai client's stream helper rebuilds the message
+    with no content. A text stream still opens with `content: ""`."""
+    import json
+
+    c = client(server)
+    msgs = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        chunks = list(c.chat.completions.create(model="tiny-a", messages=msgs, tools=[WEATHER], tool_choice=choice,
+                                                parallel_tool_calls=False, n=2, stream=True, max_tokens=100,
+                                                temperature=1.0, seed=5))
+        deltas = [ch.choices[0] for ch in chunks if ch.choices]
+        assert deltas and all(d.delta.content is None for d in deltas), [d.delta for d in deltas]
+        for i in (0, 1):
+            mine = [d for d in deltas if d.index == i]
+            assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == "tool_calls"
+            args: dict[int, str] = {}
+            for d in mine:
+                for tc in d.delta.tool_calls or []:
+                    args[tc.index] = args.get(tc.index, "") + (tc.function.arguments or "")
+            assert args and all(isinstance(json.loads(a), dict) for a in args.values()), args
+    with c.chat.completions.stream(model="tiny-a", messages=msgs, tools=[WEATHER], tool_choice="required",
+                                   parallel_tool_calls=False, max_tokens=100, temperature=1.0, seed=6) as stream:
+        final = stream.get_final_completion()
+    msg = final.choices[0].message
+    assert final.choices[0].finish_reason == "tool_calls" and msg.content is None and msg.tool_calls
+    assert json.loads(msg.tool_calls[0].function.arguments)["city"] in ("Paris", "Rome")
+    text = [ch.choices[0].delta for ch in c.chat.completions.create(model="tiny-a", messages=msgs, stream=True,
+                                                                     max_tokens=3, **GREEDY) if ch.choices]
+    assert text[0].role == "assistant" and text[0].content == ""
+
+
 def test_tokenize_detokenize_version(server, tiny_model):
     """vLLM's /tokenize (a prompt, or messages through the chat template: the ids a request feeds the model, counted as
     its usage counts them), /detokenize (the way back), /version; a key is needed, bad input is a 400."""

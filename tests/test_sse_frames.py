@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller.api import protocol as p
-from controller.api.sse import EMPTY, ROLE, ChunkFrames, content, sse
+from controller.api.sse import EMPTY, ROLE, ROLE_CALLS, ChunkFrames, content, sse
 
 texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)  # no lone surrogates: not UTF-8
 names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20)
@@ -39,6 +39,7 @@ def test_chat_frames_match_pydantic(rid, model, created, index, text, fin, usage
                                          choices=[choice], **extra))
 
     assert fr.delta(index, ROLE) == want(p.ChatDelta(role="assistant", content=""))
+    assert fr.delta(index, ROLE_CALLS) == want(p.ChatDelta(role="assistant", content=None))
     assert fr.delta(index, content(text)) == want(p.ChatDelta(content=text))
     assert fr.delta(index, EMPTY, finish_reason=fin) == want(p.ChatDelta(), fin)
 

@@ -141,9 +141,9 @@ def test_hermes_auto_grammar_and_calls(accepts):
         tool_plan(tools, "auto", None, None)
 
 
-def _stream_frames(deltas, tools):
+def _stream_frames(deltas, tools, role=False):
     """What the chat stream writes for a choice whose engine deltas are `deltas` (the serving layer's own code over
-    a scripted generation)."""
+    a scripted generation), past the role's first delta (`role`: with it)."""
     import asyncio
 
     from controller.api.serving import OpenAIServing
@@ -171,7 +171,7 @@ def _stream_frames(deltas, tools):
         return b"".join([b async for b in serving._stream_chat(Gen(), req, "id", None, tools)])
 
     chunks = [json.loads(x[6:]) for x in asyncio.run(run()).decode().split("\n\n") if x.startswith("data: {")]
-    return [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in chunks][1:]  # (past the role)
+    return [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in chunks][0 if role else 1:]
 
 
 def test_auto_tool_stream_holds_a_call_and_streams_text():
@@ -185,6 +185,24 @@ def test_auto_tool_stream_holds_a_call_and_streams_text():
     frames = _stream_frames([("<b", False), (">hi", False), ("!", True)], plan)  # text: as it comes, once known
     assert frames == [({"content": "<b"}, None), ({"content": ">hi"}, None), ({"content": "!"}, None), ({}, "stop")]
     assert _stream_frames([("<too", True)], plan) == [({"content": "<too"}, None), ({}, "stop")]  # ended undecided
+
+
+def test_streamed_choice_opens_with_null_content_when_it_is_calls():
+    """The role's delta says `content: null` for tool calls and `content: ""` for text, as OpenAI's streams do; with
+    "auto" it goes out once the output shows which (before the call is whole; with the text's first delta)."""
+    from controller.api.structured import HERMES_CLOSE, HERMES_OPEN
+
+    auto = tool_plan(_tools({"name": "add"}), "auto", None, "hermes")
+    call = HERMES_OPEN + '{"name": "add", "arguments": {}}' + HERMES_CLOSE
+    frames = _stream_frames([(call[:4], False), (call[4:20], False), (call[20:], True)], auto, role=True)
+    assert [f[0].get("content", "-") for f in frames] == [None, "-", "-"] and frames[0][0]["role"] == "assistant"
+    assert frames[1][0]["tool_calls"][0]["function"]["name"] == "add"
+    frames = _stream_frames([("<b", False), ("!", True)], auto, role=True)
+    assert frames[:2] == [({"role": "assistant", "content": ""}, None), ({"content": "<b"}, None)]
+    required = tool_plan(_tools({"name": "add"}), "required", None)
+    frames = _stream_frames([('[{"name": "add", ', False), ('"parameters": {}}]', True)], required, role=True)
+    assert frames[0] == ({"role": "assistant", "content": None}, None) and frames[1][0]["tool_calls"]
+    assert "content" not in frames[1][0] and frames[2] == ({}, "tool_calls")
 
 
 def _official_client_errors(model_path, requests):

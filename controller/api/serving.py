@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 
 from controller.api import protocol as p
-from controller.api.sse import DONE, EMPTY, NULL, ROLE, ChunkFrames, content, sse
+from controller.api.sse import DONE, EMPTY, NULL, ROLE, ROLE_CALLS, ChunkFrames, content, sse
 from controller.api.structured import ToolPlan, response_grammar, tool_plan, vllm_grammar
 from controller.errors import ServingError
 from controller.messages import Delta
@@ -571,10 +571,20 @@ class OpenAIServing:
                      me: ModelEntry, tools: ToolPlan | None) -> AsyncIterator[bytes]:
         usage = req.stream_options is not None and req.stream_options.include_usage
         fr = ChunkFrames("chat.completion.chunk", rid, int(time.time()), req.model, usage, self._live_usage(gen, req))
-        lead = [fr.delta(i, ROLE) for i in range(len(gen.subs))]
+        # each choice opens with the role: with text `content: ""`, with tool calls `content: null` (as OpenAI's
+        # streams do); a choice of "auto" (hermes) opens once its output shows which it is
+        hermes = tools is not None and tools.hermes
+        lead = [] if hermes else [fr.delta(i, ROLE if tools is None else ROLE_CALLS) for i in range(len(gen.subs))]
+        opened = [not hermes] * len(gen.subs)
         held = [""] * len(gen.subs)  # (tools) a choice's text, held until it is whole
         held_lps: list[list[p.TokenLogprob]] = [[] for _ in gen.subs]
         text_reply = [False] * len(gen.subs)  # ("auto") the choice turned out to be text: streamed as it comes
+
+        def role(i: int, calls: bool) -> bytes:
+            if opened[i]:
+                return b""
+            opened[i] = True
+            return fr.delta(i, ROLE_CALLS if calls else ROLE)
 
         def frame(i: int, d: Delta) -> bytes:
             out = b""
@@ -582,12 +592,13 @@ class OpenAIServing:
             if tools is not None and not text_reply[i]:  # calls go out whole, in one delta (or the text, if cut short)
                 held[i] += d.text
                 held_lps[i] += lp or []
-                if held[i] and tools.opening(held[i]) is False:  # text after all: what was held, then as it comes
+                opening = tools.opening(held[i]) if held[i] else None
+                if opening is False:  # text after all: what was held, then as it comes
                     text_reply[i] = True
                     d = dataclasses.replace(d, text=held[i])
                     lp = held_lps[i] if req.logprobs else None
                 elif not d.finished:
-                    return b""
+                    return role(i, True) if opening else b""
             if tools is not None and not text_reply[i]:
                 msg, why = self._reply(held[i], d.finish_reason, tools)
                 lpj = p.ChoiceLogprobs(content=held_lps[i]).model_dump_json().encode() if req.logprobs else NULL
@@ -596,10 +607,11 @@ class OpenAIServing:
                     body = json.dumps({"tool_calls": calls}, ensure_ascii=False, separators=(",", ":")).encode()
                 else:
                     body = content(held[i])
-                return fr.delta(i, body, lpj) + fr.delta(i, EMPTY, NULL, why)
+                return role(i, bool(msg.tool_calls)) + fr.delta(i, body, lpj) + fr.delta(i, EMPTY, NULL, why)
+            out = role(i, False)
             if d.text or lp:
                 lpj = NULL if lp is None else p.ChoiceLogprobs(content=lp).model_dump_json(exclude_unset=True).encode()
-                out = fr.delta(i, content(d.text), lpj)
+                out += fr.delta(i, content(d.text), lpj)
             if d.finished:
                 out += fr.delta(i, EMPTY, NULL, d.finish_reason)
             return out

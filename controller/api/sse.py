@@ -65,7 +65,8 @@ class ChunkFrames:
             self.head, index, delta, logprobs, opt(finish_reason), self.tail)
 
 
-ROLE = b'{"role":"assistant","content":""}'  # the first delta of every chat choice
+ROLE = b'{"role":"assistant","content":""}'  # the first delta of every chat choice (of text)
+ROLE_CALLS = b'{"role":"assistant","content":null}'  # the first delta of a choice of tool calls (as OpenAI's)
 EMPTY = b"{}"  # the delta of a chat choice's last chunk, which carries only finish_reason
 
 
