@@ -1,10 +1,11 @@
 """Prometheus metrics (`tokenpool_` prefix), on a registry owned by the app (no module-level collectors).
 
 Named as vLLM names its own (`vllm:` -> `tokenpool_`) where there is a counterpart: counters end in `_total`,
-durations are `_seconds` histograms, fractions are `_ratio` gauges. Request metrics are recorded as requests
-finish (the controller: status, tokens, TTFT/TPOT/e2e; the serving layer: finish reason, queue/prefill/decode
-time, prompt and generation length); engine gauges are refreshed from worker Stats messages; GPU memory and
-utilization are read at scrape time from gpu_pool.inventory when present.
+durations are `_seconds` histograms, fractions are `_ratio` gauges; no gauge ends in `_total` (Prometheus keeps it
+for counters; `tokenpool_kv_blocks_total`, the old name of `tokenpool_kv_blocks`, is exported until the next
+release). Request metrics are recorded as requests finish (the controller: status, tokens, TTFT/TPOT/e2e; the
+serving layer: finish reason, queue/prefill/decode time, prompt and generation length); engine gauges are refreshed
+from worker Stats messages; GPU memory and utilization are read at scrape time from gpu_pool.inventory when present.
 """
 
 from __future__ import annotations
@@ -86,7 +87,11 @@ class Metrics:
                                  ["engine", "model"], registry=r)
         self.running = Gauge("tokenpool_running_requests", "Requests being decoded", ["engine", "model"], registry=r)
         self.kv_used = Gauge("tokenpool_kv_blocks_used", "KV cache blocks in use", ["engine", "model"], registry=r)
-        self.kv_total = Gauge("tokenpool_kv_blocks_total", "KV cache blocks", ["engine", "model"], registry=r)
+        self.kv_blocks = Gauge("tokenpool_kv_blocks", "KV cache blocks (capacity)", ["engine", "model"], registry=r)
+        # The same gauge under its old name, whose `_total` suffix Prometheus keeps for counters: exported for one
+        # more release beside tokenpool_kv_blocks, then removed
+        self.kv_total = Gauge("tokenpool_kv_blocks_total", "Deprecated (removed in the next release): use "
+                              "tokenpool_kv_blocks, the same value. KV cache blocks", ["engine", "model"], registry=r)
         self.swaps = Gauge("tokenpool_swapped_requests", "Requests whose KV is swapped out", ["engine", "model"],
                            registry=r)
         self.swap_total = Counter("tokenpool_model_swaps_total", "Weight loads into an engine's VRAM (pooled engine)",
@@ -152,6 +157,7 @@ class Metrics:
         self.running.labels(engine, model).set(s.get("num_running", 0))
         used, total = s.get("kv_blocks_used", 0), s.get("kv_blocks_total", 0)
         self.kv_used.labels(engine, model).set(used)
+        self.kv_blocks.labels(engine, model).set(total)
         self.kv_total.labels(engine, model).set(total)
         self.kv_usage.labels(engine, model).set(used / total if total else 0.0)
         self.swaps.labels(engine, model).set(s.get("num_swapped", 0))
@@ -164,8 +170,8 @@ class Metrics:
             self.preemptions.labels(engine, model).inc(0)  # the series exists from the model's first Stats
 
     def forget_engine_model(self, engine: str, model: str) -> None:
-        for g in (self.queue_depth, self.running, self.kv_used, self.kv_total, self.kv_usage, self.swaps,
-                  self.preemptions):
+        for g in (self.queue_depth, self.running, self.kv_used, self.kv_blocks, self.kv_total, self.kv_usage,
+                  self.swaps, self.preemptions):
             try:
                 g.remove(engine, model)
             except KeyError:
