@@ -428,18 +428,24 @@ class Worker:
                        pool=pool, events=hm.drain_events())
 
     async def _beat(self, period: float) -> None:
-        """Heartbeats from the loop (never behind a step or a registration); stats from the step thread."""
+        """Heartbeats from the loop (never behind a step or a registration); stats from the step thread, sent as
+        soon as they are taken (they used to wait for the next beat: the controller's view was a beat late)."""
         loop = asyncio.get_running_loop()
         stats: asyncio.Future | None = None
         while True:
             self.send(m.Heartbeat(time.time()))
-            if stats is None or stats.done():
-                if stats is not None and stats.exception() is None:
-                    self.send(stats.result())
-                elif stats is not None:
-                    log.error("worker stats failed: %r", stats.exception())
+            if stats is None or stats.done():  # (one snapshot at a time: a long burst does not queue them up)
                 stats = loop.run_in_executor(self._step_thread, self._snapshot)
+                stats.add_done_callback(self._send_stats)
             await asyncio.sleep(period)
+
+    def _send_stats(self, fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            return
+        if fut.exception() is not None:
+            log.error("worker stats failed: %r", fut.exception())
+        else:
+            self.send(fut.result())
 
     def _abort_all(self) -> None:
         # A step may still be running in the executor: queue the aborts for the next step boundary.
