@@ -274,7 +274,7 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
     the decode kernel options (the defaults, then one change at a time). One engine; each variant re-captures
     the graphs it times."""
     from token_scheduler import runner
-    from token_scheduler.model import llama, triton_decode, triton_gemv, triton_ops
+    from token_scheduler.model import llama, triton_decode, triton_gemv, triton_ops, triton_tma
 
     timed = _StepTimer(model, max(batches), context)
     # each variant key: the (module, attribute) it sets; "splits" pins triton_decode.num_splits_for to a constant
@@ -287,7 +287,8 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
              "fill": (triton_decode, "FILL"),
              "attn_stages": (triton_decode, "DECODE_STAGES"), "prefetch": (triton_decode, "PREFETCH_KV"),
              "norm_pass": (triton_gemv, "NORM_ONE_PASS"), "step_io": (runner, "STEP_IO"),
-             "attn_pipe": (triton_decode, "PIPELINE_IDS"), "pipe_stages": (triton_decode, "PIPE_STAGES")}
+             "attn_pipe": (triton_decode, "PIPELINE_IDS"), "pipe_stages": (triton_decode, "PIPE_STAGES"),
+             "tma_rows": (triton_tma, "MAX_ROWS")}
     defaults = {k: getattr(mod, attr) for k, (mod, attr) in knobs.items()}
     # torch's switches read when a matmul is launched (so at capture): which BLAS library, and whether cuBLAS may
     # reduce split-K partial sums in bf16
@@ -301,6 +302,8 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 (1536, 8960): (4, 1024, 8)}
     # name, then what it changes from the defaults
     variants = [("default", {}), ("no pdl", {"pdl": False}), ("no gemv", {"gemv": False}),
+                # batched steps' projections as TMA-fed Triton GEMMs, every kernel under PDL (triton_tma), or cuBLAS
+                ("tma", {"tma_rows": 32}), ("tma again", {"tma_rows": 32}), ("cublas", {"tma_rows": 0}),
                 ("small-batch gemv", {"max_rows": 32}), ("small-batch gemv swapped", {"max_rows": 32, "swap": True}),
                 ("small-batch gemv attn", {"max_rows": 32, "mlp": False}),
                 ("step io", {"step_io": True}), ("rope in attention", {"attn_rope": True}), ("no attn prefetch", {"prefetch": False}),

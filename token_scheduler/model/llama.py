@@ -155,7 +155,7 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
     fused into three Triton kernels (add+RMSNorm, RoPE+KV write, SiLU*mul). `lora`: as `forward`'s (on cuBLAS: a
     step with adapter rows never takes the GEMVs)."""
     from token_scheduler.model import triton_ops as k
-    from token_scheduler.model.triton_decode import paged_decode
+    from token_scheduler.model import triton_tma as tma
 
     _fresh(meta)
     x = F.embedding(input_ids, w["embed"])
@@ -163,13 +163,29 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
     if takes_gemv(cfg, x) and lora is None:
         with k.pdl_rows(T):
             return _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta)
+    if lora is None and tma.takes(x, meta.decode):  # every kernel of the step launched with PDL (triton_tma)
+        with k.pdl_rows(T):
+            return _fused_layers(cfg, w, kv_cache, rope, x, positions, meta, None, True)
+    return _fused_layers(cfg, w, kv_cache, rope, x, positions, meta, lora, False)
+
+
+def _fused_layers(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata, lora: LoraRows | None,
+                  use_tma: bool) -> torch.Tensor:
+    """forward_fused's layers from the embeddings `x`: projections on cuBLAS, or (`use_tma`) triton_tma's GEMMs
+    with SiLU*mul in gate_up's epilogue and down's split-K partial sums added by the next add+RMSNorm."""
+    from token_scheduler.model import triton_ops as k
+    from token_scheduler.model import triton_tma as tma
+    from token_scheduler.model.triton_decode import paged_decode
+
+    linear = tma.linear if use_tma else F.linear
+    T = x.shape[0]
     H, KVH, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     # a decode step's rows (one new token each, of different sequences): RoPE and the KV write in the attention
     fold_rope = folds_rope(cfg) and meta.decode and meta.own_rows and meta.use_triton
     h = k.add_rms_norm(x, None, w["l0.ln1"], eps)
     for n in range(cfg.num_layers):
         p = f"l{n}."
-        qkv = F.linear(h, w[p + "qkv"], w.get(p + "qkv_b"))
+        qkv = linear(h, w[p + "qkv"], w.get(p + "qkv_b"))
         if lora is not None:
             lora.add_(n, "qkv", h, [qkv])
         if fold_rope:
@@ -182,11 +198,14 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
                                     meta.slot_offsets, H, KVH, D)
             o = attend(q, kv_cache, n, meta, cfg)
         o = o.reshape(T, H * D)
-        y = F.linear(o, w[p + "o"])
+        y = linear(o, w[p + "o"])
         if lora is not None:
             lora.add_(n, "o", o, [y])
         h = k.add_rms_norm(x, y, w[p + "ln2"], eps)
-        m = _mlp(w, p, h, lora, n)
+        if use_tma:  # down's partial sums: the add+RMSNorm below adds them
+            m = tma.linear(tma.linear(h, w[p + "gate_up"], glu=True), w[p + "down"], parts=True)
+        else:
+            m = _mlp(w, p, h, lora, n)
         nxt = w[f"l{n + 1}.ln1"] if n + 1 < cfg.num_layers else w["norm"]
         h = k.add_rms_norm(x, m, nxt, eps)
     return h

@@ -71,15 +71,21 @@ def pdl_enter(PDL: tl.constexpr):
 
 
 @triton.jit
-def _add_rms_norm_kernel(X, R, W, Y, eps, N: tl.constexpr, BLOCK: tl.constexpr, HAS_R: tl.constexpr,
-                         PDL: tl.constexpr):
+def _add_rms_norm_kernel(X, R, W, Y, eps, part_stride, N: tl.constexpr, BLOCK: tl.constexpr, HAS_R: tl.constexpr,
+                         PARTS: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     m = cols < N
     x = tl.load(X + row * N + cols, mask=m, other=0.0)
     if HAS_R:  # x <- x + r, rounded to the model dtype, and written back as the new residual
-        r = tl.load(R + row * N + cols, mask=m, other=0.0)
+        if PARTS:  # r is a projection's PARTS fp32 partial sums (triton_tma's split K): summed in order, rounded
+            rs = tl.load(R + row * N + cols, mask=m, other=0.0)
+            for i in tl.static_range(1, PARTS):
+                rs += tl.load(R + i * part_stride + row * N + cols, mask=m, other=0.0)
+            r = rs.to(X.dtype.element_ty)
+        else:
+            r = tl.load(R + row * N + cols, mask=m, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
         tl.store(X + row * N + cols, x, mask=m)
     xf = x.to(tl.float32)
@@ -90,12 +96,17 @@ def _add_rms_norm_kernel(X, R, W, Y, eps, N: tl.constexpr, BLOCK: tl.constexpr, 
 
 
 def add_rms_norm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """If r is given: x += r in place (the residual stream). Returns rms_norm(x) * w."""
+    """If r is given: x += r in place (the residual stream). Returns rms_norm(x) * w. `r` of one more dimension
+    than x ([parts, *x.shape], fp32): partial sums of the projection r, added in order and rounded first."""
     n = x.shape[-1]
     y = torch.empty_like(x)
     rows = x.numel() // n
-    _add_rms_norm_kernel[(rows,)](x, r if r is not None else x, w, y, eps, N=n, BLOCK=triton.next_power_of_2(n),
-                                  HAS_R=r is not None, num_warps=8 if n >= 2048 else 4, PDL=pdl(x), launch_pdl=pdl(x))
+    parts = r.shape[0] if r is not None and r.dim() == x.dim() + 1 else 0
+    if parts and (r.shape[1:] != x.shape or r.dtype != torch.float32 or not r.is_contiguous()):
+        raise ValueError(f"add_rms_norm: partial sums {tuple(r.shape)} {r.dtype} for x {tuple(x.shape)}")
+    _add_rms_norm_kernel[(rows,)](x, r if r is not None else x, w, y, eps, rows * n, N=n,
+                                  BLOCK=triton.next_power_of_2(n), HAS_R=r is not None, PARTS=parts,
+                                  num_warps=8 if n >= 2048 else 4, PDL=pdl(x), launch_pdl=pdl(x))
     return y
 
 

@@ -1,0 +1,138 @@
+"""Batched decode projections (2 to MAX_ROWS rows) as Triton GEMMs whose tiles arrive by TMA.
+
+A decode step of a few sequences streams each projection's weights once; cuBLAS does that at 1.1-1.6x the weights'
+copy time on the big projections and ~3x on the small ones, and its kernels cannot be launched with programmatic
+dependent launch, so every kernel of a batched step started after the one before had drained. Here each projection
+is one Triton kernel: the dot swapped (acc [BLOCK_N, M_PAD] = W_tile x_tile^T, the weight tile wgmma's wide operand),
+both tiles copied by the tensor memory accelerator (host-side tensor descriptors) and pipelined over STAGES buffers,
+launched with programmatic dependent launch like the rest of the step (triton_ops.pdl_rows). Measured alone, 28
+distinct weight copies in a CUDA graph on the H100 (load_tests/diag_tma.py, bench/results/tma_gemm_h100_3873605.json):
+faster than cuBLAS at every projection of qwen2-1.5b and 7B at batches 8 and 32 (1.5B batch 8: qkv 5.04 against
+5.75 us, o 4.70 against 5.82, gate_up 21.3 against 23.8, down 12.8 against 14.5; 7B gate_up 92 against 98).
+
+Folds: the bias (qkv), SiLU*mul (GLU: gate and up rows of one program, `silu_mul`'s rounding), and for projections
+with few output tiles (down) a split along K into fp32 partial sums [SPLIT, M, N] that the next add+RMSNorm sums in a
+fixed order (triton_ops.add_rms_norm with `r` of one more dimension): deterministic, and no zeroed buffer or atomics.
+Results match the cuBLAS path to rounding (fp32 sums in another order), not bit for bit.
+
+TOKENPOOL_TMA_ROWS (default: see MAX_ROWS) sets the largest batch; 0: cuBLAS.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from token_scheduler.model.triton_ops import pdl, pdl_capable, pdl_enter
+from tokenpool import env
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - Triton without host tensor descriptors: cuBLAS
+    TensorDescriptor = None
+
+MAX_ROWS = env.TMA_ROWS.integer()
+# (BLOCK_N, BLOCK_K, STAGES, SPLIT) by weight shape [N, K] (GLU: N counts gate and up) and padded rows; others:
+# `config_for`. From the H100 sweep (diag_tma, 3873605): 64-row tiles everywhere; K tiles of 256 over 4 stages for
+# qkv and o, 128 over 3 for gate_up and down; down split so its ~24-56 output tiles fill the SMs.
+_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
+
+
+def rows_pad(m: int) -> int:
+    """The rows a kernel computes for m tokens (wgmma's N: 16 at least; powers of two keep the variants few)."""
+    return max(16, triton.next_power_of_2(m))
+
+
+def config_for(n: int, k: int, m_pad: int, sms: int = 132) -> tuple[int, int, int, int]:
+    c = _CONFIGS.get((n, k, m_pad))
+    if c is not None:
+        return c
+    bn = 64
+    bk, st = (256, 4) if k <= 4096 and n < 8192 else (128, 3)
+    tiles_n, tiles_k = triton.cdiv(n, bn), triton.cdiv(k, bk)
+    split = 1
+    while tiles_n * split * 2 <= sms * 1.5 and tiles_k >= 4 * split * 2:  # fill the SMs, 4 K tiles a split at least
+        split *= 2
+    return bn, bk, st, split
+
+
+@functools.cache
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def takes(x: torch.Tensor, decode: bool) -> bool:
+    """Whether a step of hidden states `x` ([rows, hidden]) runs its projections here: a decode step of 2 to
+    MAX_ROWS rows on a GPU with TMA and programmatic dependent launch (Hopper or later)."""
+    return (TensorDescriptor is not None and decode and 2 <= x.shape[0] <= MAX_ROWS and pdl_capable(x)
+            and x.dtype in (torch.bfloat16, torch.float16))
+
+
+@triton.jit
+def _tma_kernel(w_desc, x_desc, B, Y, M, N, tiles_k, per_split, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                M_PAD: tl.constexpr, STAGES: tl.constexpr, HAS_B: tl.constexpr, GLU: tl.constexpr,
+                PARTS: tl.constexpr, PDL: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    t0 = pid_k * per_split
+    t1 = tl.minimum(t0 + per_split, tiles_k)
+    pdl_enter(PDL)
+    acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
+    acc_u = tl.zeros([BLOCK_N, M_PAD], tl.float32)
+    for t in tl.range(t0, t1, num_stages=STAGES):
+        xt = tl.trans(x_desc.load([0, t * BLOCK_K]))
+        acc = tl.dot(w_desc.load([n0, t * BLOCK_K]), xt, acc)
+        if GLU:  # the up rows of the same outputs, N rows further
+            acc_u = tl.dot(w_desc.load([N + n0, t * BLOCK_K]), xt, acc_u)
+    m = tl.arange(0, M_PAD)
+    n = n0 + tl.arange(0, BLOCK_N)
+    mask = (m < M)[:, None] & (n < N)[None, :]
+    off = m[:, None] * N + n[None, :]
+    y = tl.trans(acc)
+    if PARTS:  # this split's fp32 partial sums; the reader adds the splits in order
+        tl.store(Y + pid_k * M * N + off, y, mask=mask)
+    else:
+        dt = Y.dtype.element_ty
+        if HAS_B:  # added to the fp32 sum, one rounding (as cuBLAS's bias epilogue)
+            y = y + tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        if GLU:  # as silu_mul on the stored projection: g and u rounded, silu(g) rounded, the product rounded
+            g = y.to(dt).to(tl.float32)
+            u = tl.trans(acc_u).to(dt).to(tl.float32)
+            y = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u
+        tl.store(Y + off, y.to(dt), mask=mask)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, glu: bool = False,
+           parts: bool = False, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] (a few rows), w [N, K] -> x w^T (+ bias), [M, N]. `glu` (w a fused [gate; up]): silu(x gate^T) *
+    (x up^T), [M, N/2]. `parts`: the config's K splits' fp32 partial sums [SPLIT, M, N] (for add_rms_norm's r; a
+    config of one split gives one)."""
+    m, k = x.shape
+    n = w.shape[0] // 2 if glu else w.shape[0]
+    if (w.shape[1] != k or not x.is_contiguous() or not w.is_contiguous() or (glu and (w.shape[0] % 2 or bias is
+                                                                                       not None or parts))):
+        raise ValueError(f"tma.linear: x {tuple(x.shape)}, w {tuple(w.shape)} (glu {glu}, parts {parts}, bias "
+                         f"{bias is not None}): needs [M, K] and [N, K], contiguous; glu on an even row count alone")
+    m_pad = rows_pad(m)
+    bn, bk, st, split = config or config_for(w.shape[0], k, m_pad, _sms(x.device.index or 0) if x.is_cuda else 132)
+    bk = min(bk, max(16, triton.next_power_of_2(k)))
+    while glu and n % bn and bn > 16:  # a program's gate rows must not run into the up rows
+        bn //= 2
+    if glu and n % bn:
+        raise ValueError(f"tma.linear: glu needs its {n} gate rows in whole blocks of 16")
+    if not parts:
+        split = 1
+    tiles_k = triton.cdiv(k, bk)
+    per = triton.cdiv(tiles_k, split)
+    splits = triton.cdiv(tiles_k, per)
+    y = (torch.empty(splits, m, n, device=x.device, dtype=torch.float32) if parts
+         else torch.empty(m, n, device=x.device, dtype=x.dtype))
+    _tma_kernel[(triton.cdiv(n, bn), splits)](
+        TensorDescriptor.from_tensor(w, [bn, bk]), TensorDescriptor.from_tensor(x, [m_pad, bk]),
+        bias if bias is not None else y, y, m, n, tiles_k, per, BLOCK_N=bn, BLOCK_K=bk, M_PAD=m_pad, STAGES=st,
+        HAS_B=bias is not None, GLU=glu, PARTS=parts, PDL=pdl(x), num_warps=4, launch_pdl=pdl(x))
+    return y
