@@ -423,7 +423,8 @@ class Worker:
         hm = self.models
         # step_s for the router is a round: the time a model waits between two of its steps
         pool = hm.snapshot()
-        pool["loop"] = {**self.loop_s, "steps": self.steps}
+        # t: when it was taken (wall clock), so a reader can tell a view taken after its own question
+        pool["loop"] = {**self.loop_s, "steps": self.steps, "t": time.time()}
         return m.Stats(models=hm.stats(), step_s=hm.round_estimate_s, steps=self.steps, tokens=self.tokens,
                        pool=pool, events=hm.drain_events())
 

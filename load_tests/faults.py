@@ -66,10 +66,20 @@ class Target:
         r.raise_for_status()
         return r.json()
 
-    def held(self) -> dict[str, int]:
-        """What the controller and the engines still hold: requests and KV blocks (all engines, all models)."""
+    def held(self, fresh_s: float = 10.0) -> dict[str, int]:
+        """What the controller and the engines still hold: requests and KV blocks (all engines, all models), as
+        they are now: the engines' part comes with their Stats, so this waits (up to `fresh_s`) for a view every
+        live engine took after the question (`pool.loop.t`, when its worker took it; a worker that does not say
+        is read as it is). It used to read the last view, up to two heartbeats old: a zero taken before the
+        requests started, or counts taken before they ended."""
+        asked, deadline = time.time(), time.monotonic() + fresh_s
+        while True:
+            es = self.engines()
+            if all(_taken(e) is None or _taken(e) >= asked for e in es if e["alive"]) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
         out = {"inflight": 0, "running": 0, "waiting": 0, "kv_blocks_used": 0}
-        for e in self.engines():
+        for e in es:
             if not e["alive"]:
                 continue
             out["inflight"] += e["inflight"]
@@ -78,6 +88,12 @@ class Target:
                 out["waiting"] += int(s.get("num_waiting", 0))
                 out["kv_blocks_used"] += int(s.get("kv_blocks_used", 0))
         return out
+
+
+def _taken(e: dict) -> float | None:
+    """When the engine's worker took the view /admin/engines shows (wall clock), if it says."""
+    t = ((e.get("pool") or {}).get("loop") or {}).get("t")
+    return float(t) if isinstance(t, (int, float)) else None
 
 
 def paced_config(pace_s: float = 0.01, max_num_seqs: int = 64, ttft_s: float = 2.0, max_model_len: int = 4096,
@@ -573,7 +589,7 @@ async def _disconnects(t: Target, n: int, max_tokens: int) -> dict:
     while not all(s.t_first is not None or s.t_end is not None for s in live) and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     streaming = sum(1 for s in live if s.t_first is not None and s.t_end is None)
-    await _until(lambda: t.held()["running"] >= streaming, 3)  # engine stats come with the next heartbeat
+    await _until(lambda: t.held()["running"] >= streaming, 3)  # (a step may not have taken them all in yet)
     peak = await asyncio.to_thread(t.held)
     t_drop = time.monotonic()
     for s in live:
