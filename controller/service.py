@@ -60,6 +60,15 @@ RETRY_WAIT_S = 15.0  # how long a request whose engine died before its first tok
 # key it had (the operator's update: DELETE then POST); its keys stop working at once.
 REVOKE_GRACE_S = 1.0
 REVOKED = "the API key was revoked"
+CANCELLED = "cancelled by an operator"
+
+
+class Ended(ServingError):
+    """A request ended on purpose (an operator's cancel): the answer tells clients not to send it again (OpenAI's and
+    Anthropic's clients retry a 503 unless `x-should-retry: false`; a cancelled request came back on its own)."""
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "x-should-retry": "false"}
 
 
 @dataclasses.dataclass
@@ -162,6 +171,8 @@ class Generation:
                 self.ctl.pool.abort(self.subs)
                 if d.error_kind == "revoked":  # its tenant was deleted (Controller.tenant_deleted)
                     raise ServingError(401, d.error, code="invalid_api_key")
+                if d.error_kind == "cancelled":  # an operator's cancel (Controller.cancel)
+                    raise Ended(503, d.error, code="request_cancelled")
                 status = 400 if d.error_kind == "invalid" else 503
                 raise ServingError(status, d.error if status == 400 else f"engine failure: {d.error}")
             if d.token_ids or d.embedding is not None:
@@ -359,6 +370,16 @@ class Controller:
         if n:
             log.info("tenant %r deleted: %d request(s) in flight ended", t.name, n)
             self.events.publish("tenant_requests_ended", tenant=t.name, requests=n)
+
+    def cancel(self, request_id: str) -> tuple[str, str, int] | None:
+        """An operator ends request `request_id` (POST /admin/requests/{id}/cancel): its stream gets an error event, a
+        request not streamed a 503 its client is told not to retry, the engines abort it. (model, tenant, choices
+        ended), or None when the controller holds no such request with a choice still running."""
+        gen = self.activity.live.get(request_id)
+        if gen is None or gen.closed or not (subs := [s for s in gen.subs if not s.done]):
+            return None
+        self.end_requests(lambda g: g is gen, CANCELLED, "cancelled")
+        return subs[0].model, gen.tenant.name, len(subs)
 
     def end_requests(self, match: Callable[[Generation], bool], error: str, kind: str) -> int:
         """End the requests in flight that `match`, as an operator's cancel does: each choice's stream gets `error`,

@@ -160,8 +160,15 @@ async def requests(request: Request):
 
 @router.post("/requests/{request_id}/cancel", response_model=ap.CancelOut)
 async def cancel(request_id: str, request: Request):
-    """End a request: its stream gets an error event ("cancelled by an operator"), the engines abort it."""
-    return views.cancel(_ctl(request), request_id)
+    """End a request: its stream gets an error event ("cancelled by an operator"; not streamed: a 503 with
+    `x-should-retry: false`, so the client does not send it again), the engines abort it."""
+    ctl = _ctl(request)
+    done = ctl.cancel(request_id)
+    if done is None:  # (engine requests the controller holds no request of: the views find and end them)
+        return views.cancel(ctl, request_id)
+    model, tenant, n = done
+    views.events(ctl).publish("cancel", request_id=request_id, model=model, tenant=tenant)
+    return ap.CancelOut(id=request_id, model=model, cancelled=n)
 
 
 # Each switch is one route pair on one handler: the last path segment says which way.

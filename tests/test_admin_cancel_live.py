@@ -1,0 +1,101 @@
+"""An operator's cancel (POST /admin/requests/{id}/cancel) against a live `tokenpool serve`, with the official `openai`
+client as users run it (its default retries on): the request ends once, and is not sent again by the client."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from unittest import mock
+
+import httpx
+import openai
+import pytest
+
+from controller.keys import hash_key
+from load_tests import live_server
+from load_tests.live_server import LiveServer
+
+ADMIN = "admin-cancel-live"
+ADM = {"Authorization": f"Bearer {ADMIN}"}
+KEY = "key-cancel-abcdefghijklmnop"
+
+
+def port_in_range(lo: int = 18230, hi: int = 18289) -> int:
+    """A free TCP port of the range these machines give tests (18200-18299)."""
+    for port in range(lo, hi + 1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {lo}-{hi}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cfg = {"admin_token_hash": hash_key(ADMIN),
+           "workers": {"local": "cpu", "listen": {"host": "127.0.0.1", "port": port_in_range(18290, 18299)}},
+           "tenants": [{"name": "t", "key_hashes": [hash_key(KEY)]}],
+           "models": [{"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.02}}]}
+    with mock.patch.object(live_server, "free_port", port_in_range), \
+            LiveServer(cfg, tmp_path_factory.mktemp("srv")) as srv:
+        yield srv
+
+
+def _in_flight(srv) -> list[dict]:
+    return httpx.get(srv.url + "/admin/requests", headers=ADM, timeout=5).json()
+
+
+def _cancel_first(srv) -> str:
+    deadline = time.monotonic() + 20
+    while not (reqs := _in_flight(srv)):
+        assert time.monotonic() < deadline, "the request never showed in /admin/requests"
+        time.sleep(0.05)
+    r = httpx.post(srv.url + f"/admin/requests/{reqs[0]['id']}/cancel", headers=ADM, timeout=5)
+    assert r.status_code == 200, r.text
+    return reqs[0]["id"]
+
+
+def _usage(srv) -> dict:
+    return httpx.get(srv.url + "/v1/usage", headers={"Authorization": f"Bearer {KEY}"}, timeout=5).json()
+
+
+def test_a_cancelled_request_is_not_retried_by_the_client(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=60)  # max_retries: its default, 2
+    before = _usage(server)["requests"]
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            client.completions.create(model="pace", prompt="x", max_tokens=300)  # ~6 s
+            out["end"] = "complete"
+        except openai.APIError as e:
+            out["end"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    _cancel_first(server)
+    t.join(20)
+    assert not t.is_alive()
+    err = out["end"]
+    assert isinstance(err, openai.APIStatusError), err
+    assert err.body["code"] == "request_cancelled" and "cancelled by an operator" in err.message
+    assert "engine failure" not in err.message
+    time.sleep(0.5)
+    assert _in_flight(server) == []  # nothing sent again
+    assert _usage(server)["requests"] == before + 1
+
+
+def test_a_cancelled_stream_ends_with_an_error_event(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=60)
+    stream = client.chat.completions.create(model="pace", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=300, stream=True)
+    next(iter(stream))
+    _cancel_first(server)
+    with pytest.raises(openai.APIError) as ei:
+        for _ in stream:
+            pass
+    assert ei.value.body["code"] == "request_cancelled" and ei.value.body["type"]
+    assert _in_flight(server) == []
