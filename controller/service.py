@@ -277,12 +277,12 @@ class Controller:
         from token_scheduler.tokenizer import load_tokenizer
 
         if spec.name in self.models:
-            raise ServingError(400, f"model {spec.name!r} is already registered", param="name")
+            raise ServingError(409, f"model {spec.name!r} is already registered", param="name", code="model_exists")
         if spec.path is not None and (why := model_dir_problem(spec.path)) is not None:
             raise ServingError(400, why, param="path")
         if taken := self.names_taken([spec.name, *spec.aliases, *spec.lora_names]):
-            raise ServingError(400, f"already served under these names (a model, an alias or an adapter): "
-                               f"{', '.join(taken)}", param="aliases")
+            raise ServingError(409, f"already served under these names (a model, an alias or an adapter): "
+                               f"{', '.join(taken)}", param="aliases", code="model_exists")
         for lm in spec.lora_modules:
             if (why := adapter_fit_problem(lm.path, spec.path, spec.engine.max_lora_rank)) is not None:
                 raise ServingError(400, why, param="lora_modules")

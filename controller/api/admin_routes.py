@@ -122,7 +122,7 @@ async def create_tenant(body: ap.TenantCreate, request: Request):
     try:
         t, key = ctl.tenants.create(TenantSpec(**body.model_dump()), issue_key=not body.key_hashes)
     except KeyError:
-        raise ServingError(400, f"tenant {body.name!r} exists", param="name") from None
+        raise ServingError(409, f"tenant {body.name!r} exists", param="name", code="tenant_exists") from None
     views.events(ctl).publish("tenant_created", tenant=t.name)
     warning = None if ctl.tenants.auth else (
         "authentication is off on this server (auth: false, or no tenant configured at start): requests are not "

@@ -1,0 +1,45 @@
+"""The admin API answers a create of a name already taken (a tenant, a model, an alias) with 409 Conflict in OpenAI's
+error shape, as the Kubernetes API and the kmock emulation of this controller do (it was a 400, which reads as a bad
+body)."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from controller.app import build_app
+from controller.config import ServerConfig, TenantSpec
+from controller.keys import hash_key
+
+ADMIN = "admin-conflicts-token"
+H = {"Authorization": f"Bearer {ADMIN}"}
+
+
+def client() -> TestClient:
+    cfg = ServerConfig(admin_token_hash=hash_key(ADMIN), models=[], tenants=[TenantSpec(name="team-a")])
+    return TestClient(build_app(cfg))  # (no lifespan: no workers start)
+
+
+def test_a_tenant_name_taken_is_a_409():
+    c = client()
+    assert c.post("/admin/tenants", headers=H, json={"name": "team-b"}).status_code == 201
+    for name in ("team-a", "team-b"):  # one of the configuration, one made here
+        r = c.post("/admin/tenants", headers=H, json={"name": name})
+        assert r.status_code == 409, r.text
+        assert r.json() == {"error": {"message": f"tenant {name!r} exists", "type": "invalid_request_error",
+                                      "param": "name", "code": "tenant_exists"}}
+    assert [t["name"] for t in c.get("/admin/tenants", headers=H).json()] == ["team-a", "team-b"]
+    r = c.post("/admin/tenants", headers=H, json={"name": "bad name"})  # a bad body is still a 400
+    assert r.status_code == 400 and r.json()["error"]["param"] == "name"
+
+
+def test_a_model_name_or_alias_taken_is_a_409():
+    c = client()
+    pace = {"name": "alpha", "engine": {"kind": "pace"}, "aliases": ["a"]}
+    assert c.post("/admin/models", headers=H, json=pace).status_code == 201
+    r = c.post("/admin/models", headers=H, json=pace)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "model_exists", r.text
+    assert "already registered" in r.json()["error"]["message"]
+    r = c.post("/admin/models", headers=H, json={"name": "beta", "engine": {"kind": "pace"}, "aliases": ["a"]})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "model_exists", r.text
+    assert r.json()["error"]["param"] == "aliases" and "a" in r.json()["error"]["message"]
+    assert [m["name"] for m in c.get("/admin/models", headers=H).json()] == ["alpha"]
