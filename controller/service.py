@@ -361,9 +361,7 @@ class Controller:
         """End the requests of deleted tenant `t` (streams: an error event in OpenAI's shape, then [DONE]; the engines
         abort them and free their KV), and admit none still on their way, unless the namesake made since holds every
         key `t` had: nothing was revoked (the operator's update), they belong to that one now."""
-        new = self.tenants.get(t.name)
-        if new is not None and new is not t and set(t.spec.key_hashes) <= set(new.spec.key_hashes):
-            t.successor = new
+        if t.successor is not None:  # (Tenant.succeed)
             return
         t.revoked = True
         n = self.end_requests(lambda g: g.tenant.latest() is t, REVOKED, "revoked")
@@ -545,7 +543,8 @@ class Controller:
         if gen.subs and (lora := gen.subs[0].params.lora) is not None:
             mt.lora_requests.labels(name, lora, str(status)).inc()
             mt.lora_generation_tokens.labels(name, lora).inc(gen.completion_tokens)
-        TenantRegistry.release(gen.tenant, gen.charged, prompt, gen.completion_tokens, served=served)
+        # (under the entry that replaced the one it began under with the same keys, if one did: the tenant's now)
+        TenantRegistry.release(gen.tenant.latest(), gen.charged, prompt, gen.completion_tokens, served=served)
         if status != 200 or gen.t_first is None:
             return
         now = time.monotonic()

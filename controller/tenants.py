@@ -104,8 +104,11 @@ class Tenant:
     def succeed(self, old: Tenant) -> None:
         """Take over the limits' state of `old`, the entry of this name that was deleted: its requests in flight
         (their ends are counted here too), and its buckets (the same objects when the rate is unchanged, else what
-        was left in them, up to the new sizes)."""
+        was left in them, up to the new sizes). Made with every key `old` had (a change of limits, not a revocation),
+        it is `old`'s successor: `old`'s requests run on as this one's (their usage is counted here)."""
         self.flight = old.flight
+        if not old.revoked and set(old.spec.key_hashes) <= set(self.spec.key_hashes):
+            old.successor = self
         if old.spec.rate == self.spec.rate:
             self.rps, self.tpm = old.rps, old.tpm
             return

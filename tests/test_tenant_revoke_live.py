@@ -130,6 +130,9 @@ def test_tenant_replaced_with_its_keys_keeps_its_streams(tmp_path, ports):
         t.join(30)
         assert kept["end"] == "complete", kept
         assert kept["chunks"] >= 150
+        # its usage counts under the entry that replaced the one it began under (the same tenant, the same key)
+        usage = httpx.get(srv.url + "/v1/usage", headers={"Authorization": "Bearer ops-key"}, timeout=5).json()
+        assert (usage["requests"], usage["completion_tokens"]) == (1, 150), usage
 
         # a rotation: the old key's stream ends, the new key works
         cut: dict = {}
