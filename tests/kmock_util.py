@@ -44,17 +44,30 @@ class FakeController:
         self.models: dict[str, dict] = {}
         self.tenants: dict[str, dict] = {}
         self.engines: list[dict] = []
+        self.down = False  # True: every request is a 503 (the controller's Service has no endpoint)
         h = handler
-        h["get /admin/models"] << (lambda: list(self.models.values()))
-        h["post /admin/models"] << (lambda req: self._add(self.models, req.data, self._model))
-        h["get /admin/tenants"] << (lambda: list(self.tenants.values()))
-        h["post /admin/tenants"] << (lambda req: self._add(self.tenants, req.data, self._tenant))
-        h["get /admin/engines"] << (lambda: self.engines)
+        up = self._up
+        h["get /admin/models"] << up(lambda req: list(self.models.values()))
+        h["post /admin/models"] << up(lambda req: self._add(self.models, req.data, self._model))
+        h["get /admin/tenants"] << up(lambda req: list(self.tenants.values()))
+        h["post /admin/tenants"] << up(lambda req: self._add(self.tenants, req.data, self._tenant))
+        h["get /admin/engines"] << up(lambda req: self.engines)
         for kind, store in (("models", self.models), ("tenants", self.tenants)):
             one = re.compile(rf"/admin/{kind}/.+")
-            h["delete", one] << (lambda req, s=store: self._remove(s, req))
-            h["post", re.compile(rf"/admin/{kind}/.+/drain")] << (lambda req, s=store: self._remove(s, req, drain=True))
-            h["patch", one] << (lambda req, s=store: self._patch(s, req))
+            h["delete", one] << up(lambda req, s=store: self._remove(s, req))
+            h["post", re.compile(rf"/admin/{kind}/.+/drain")] << up(lambda req, s=store: self._remove(s, req, True))
+            h["patch", one] << up(lambda req, s=store: self._patch(s, req))
+
+    def _up(self, fn):
+        def answer(req):
+            from kmock import Response
+
+            if self.down:
+                return Response(status=503, payload="no endpoints available")
+            out = fn(req)  # (a status once answered sticks to the reaction: always give one)
+            return out if isinstance(out, Response) else Response(status=200, payload=out)
+
+        return answer
 
     @staticmethod
     def _name(req, drain: bool = False) -> str:

@@ -324,7 +324,7 @@ def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Pa
             memo.applied.pop(meta["uid"], None)
             memo.served.pop(meta["uid"], None)
         except AdminUnavailable as e:
-            raise _unavailable(e) from e
+            _removal_failed(patch, status, meta, e)
 
 
 # --- Tenant ---
@@ -413,7 +413,8 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
 
 
 @kopf.on.delete(GROUP, VERSION, "tenants")
-def delete_tenant(name: str, meta: dict, memo: kopf.Memo, tenant_names: Any = None, **_: Any) -> None:
+def delete_tenant(name: str, status: dict, meta: dict, patch: kopf.Patch, memo: kopf.Memo, tenant_names: Any = None,
+                  **_: Any) -> None:
     """The finalizer: the tenant's keys stop working before the resource is gone (not another's of its name)."""
     with _lock(memo, meta["uid"]):
         try:
@@ -421,4 +422,12 @@ def delete_tenant(name: str, meta: dict, memo: kopf.Memo, tenant_names: Any = No
                 memo.admin.tenants.remove(name)
             memo.applied.pop(meta["uid"], None)
         except AdminUnavailable as e:
-            raise _unavailable(e) from e
+            _removal_failed(patch, status, meta, e)
+
+
+def _removal_failed(patch: kopf.Patch, status: dict, meta: dict, e: AdminUnavailable) -> None:
+    """A finalizer that could not reach the controller: the object stays (Terminating) until it can, and says why
+    (it showed Ready until then); raised for kopf to retry."""
+    _write_status(patch, status, {}, "Degraded", "ControllerUnavailable", f"removing it from the controller: {e}",
+                  meta.get("generation"))
+    raise _unavailable(e) from e

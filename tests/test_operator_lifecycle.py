@@ -1,0 +1,117 @@
+"""The operator as a user drives it, on kmock's Kubernetes emulator with a fake controller (no live server, so
+cheap): resources applied, changed and deleted in different orders; what is left behind after each delete
+(finalizers, the controller's entries) and what the statuses say on the way. tests/test_operator_e2e.py covers
+the same against a live `tokenpool serve`."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+import pytest_asyncio
+
+kopf = pytest.importorskip("kopf")
+kmock = pytest.importorskip("kmock")
+
+from tests.kmock_util import FakeController, free_port, write_kubeconfig  # noqa: E402
+from tests.test_operator_e2e import NS, Cluster, Operator, _cond, _declare_crds, _obj, _until  # noqa: E402
+
+FINALIZER = "tokenpool.dev/finalizer"
+
+
+def _true(obj: dict | None) -> dict:
+    """The condition that is True, or {}."""
+    return next((c for c in ((obj or {}).get("status") or {}).get("conditions") or [] if c["status"] == "True"), {})
+
+
+async def _reason(kube: Cluster, plural: str, name: str, reason: str):
+    obj = await kube.get(plural, name)
+    return obj if _true(obj).get("reason") == reason else None
+
+
+async def _removing(kube: Cluster, plural: str, name: str):
+    """The object if its finalizer says it cannot reach the controller (not a reconcile from before the delete)."""
+    obj = await _reason(kube, plural, name, "ControllerUnavailable")
+    return obj if obj and _true(obj)["message"].startswith("removing it from the controller:") else None
+
+
+async def _gone(kube: Cluster, plural: str, name: str) -> bool:
+    return await kube.get(plural, name) is None
+
+
+@pytest_asyncio.fixture()
+async def world(tmp_path, monkeypatch):
+    async with (kmock.KubernetesEmulator() as k8s, kmock.Server(k8s, port=free_port()),
+                kmock.RawHandler() as ctl, kmock.Server(ctl, port=free_port()) as ctl_srv):
+        _declare_crds(k8s)
+        k8s.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False)
+        k8s.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
+        k8s.resources["apps/v1/daemonsets"] = kmock.ResourceInfo(kind="DaemonSet", namespaced=True)
+        fake = FakeController(ctl)
+        fake.engines.append({"id": "e0", "alive": True, "draining": False, "models": []})
+        monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(k8s, tmp_path / "kubeconfig", NS)))
+        monkeypatch.setenv("TOKENPOOL_CONTROLLER_URL", str(ctl_srv.url))
+        monkeypatch.setenv("TOKENPOOL_ADMIN_TOKEN", "t")
+        monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
+        kube = Cluster(k8s)
+        for name, key in (("keys", "k"), ("tokenpool-join-token", "token")):
+            await kube.create("secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
+                                          "data": {key: base64.b64encode(b"tp-some-key").decode()}})
+        yield kube, fake
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_deletes_in_any_order_leave_nothing_behind(world):
+    kube, fake = world
+    async with Operator():
+        await kube.create("gpupools", _obj("GPUPool", "default", {}))
+        await kube.create("pooledmodels", _obj("PooledModel", "m", {"engine": {"kind": "pace"}}))
+        await kube.create("tenants", _obj("Tenant", "t", {"keysSecretRef": {"name": "keys"}}))
+        for plural, name in (("gpupools", "default"), ("pooledmodels", "m"), ("tenants", "t")):
+            await _until(f"{plural}/{name} Ready", lambda p=plural, n=name: _reason(kube, p, n, {
+                "gpupools": "EnginesReady", "pooledmodels": "Serving", "tenants": "Applied"}[p]))
+        assert "m" in fake.models and "t" in fake.tenants
+
+        # The pool first, under a model that uses it: the pool goes (its workers with it, by their owner
+        # reference); the model says it has no pool, and stays served (its engines may be elsewhere).
+        await kube.delete("gpupools", "default")
+        await _until("the pool gone", lambda: _gone(kube, "gpupools", "default"))
+        await _until("PoolNotFound", lambda: _reason(kube, "pooledmodels", "m", "PoolNotFound"))
+        # The tenant's Secret, then the tenant: revoked, then gone.
+        await kube.delete("secrets", "keys")
+        await _until("SecretNotFound", lambda: _reason(kube, "tenants", "t", "SecretNotFound"))
+        assert "t" not in fake.tenants
+        await kube.delete("tenants", "t")
+        await _until("the tenant gone", lambda: _gone(kube, "tenants", "t"))
+        # The model, without a pool: its finalizer still removes it from the controller.
+        await kube.delete("pooledmodels", "m")
+        await _until("the model gone", lambda: _gone(kube, "pooledmodels", "m"))
+        assert "m" not in fake.models and not fake.tenants
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_a_delete_while_the_controller_is_gone_says_so_and_finishes_when_it_is_back(world):
+    """The controller's Deployment deleted (or not ready) when a PooledModel and a Tenant are deleted: their
+    finalizers cannot remove them from the controller, so the objects stay (a tenant's keys must not outlive it),
+    and each says why (Degraded, ControllerUnavailable) instead of still showing Ready; once the controller is
+    back, both finish and nothing is left."""
+    kube, fake = world
+    async with Operator():
+        await kube.create("gpupools", _obj("GPUPool", "default", {}))
+        await kube.create("pooledmodels", _obj("PooledModel", "m", {"engine": {"kind": "pace"}}))
+        await kube.create("tenants", _obj("Tenant", "t", {"keysSecretRef": {"name": "keys"}}))
+        await _until("m Serving", lambda: _reason(kube, "pooledmodels", "m", "Serving"))
+        await _until("t Applied", lambda: _reason(kube, "tenants", "t", "Applied"))
+        fake.down = True
+        for plural, name in (("pooledmodels", "m"), ("tenants", "t")):
+            await kube.delete(plural, name)
+            obj = await _until(f"{plural}/{name} ControllerUnavailable", lambda p=plural, n=name: _removing(kube, p, n))
+            assert obj["metadata"].get("deletionTimestamp") and FINALIZER in obj["metadata"]["finalizers"]
+            assert "503" in _cond(obj, "Degraded")["message"]
+        assert "m" in fake.models and "t" in fake.tenants
+        fake.down = False
+        for plural, name in (("pooledmodels", "m"), ("tenants", "t")):
+            await _until(f"{plural}/{name} gone", lambda p=plural, n=name: _gone(kube, p, n))
+        assert "m" not in fake.models and "t" not in fake.tenants
