@@ -5,6 +5,7 @@ the operator's builders (labels, ports, defaults, tokens)."""
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import socket
 import subprocess
@@ -60,9 +61,8 @@ def _crd_schema(kind: str) -> dict:
 
 def _validate_cr(obj: dict) -> None:
     """A custom resource against its CRD's schema (OpenAPI v3.0 is JSON Schema draft 4 plus x-kubernetes-*,
-    which draft 4 ignores; metadata is the API server's business)."""
+    which draft 4 ignores; metadata is the API server's business, but for what a CRD may say of metadata.name)."""
     schema = copy.deepcopy(_crd_schema(obj["kind"]))
-    schema["properties"].pop("metadata", None)
     jsonschema.Draft4Validator(schema).validate(obj)
     _list_types(schema, obj, "")
 
@@ -227,6 +227,8 @@ def test_gpupool_takes_worker_resources_as_kubernetes_quantities():
     ("PooledModel", ("spec", "loraAdapters"), [{"name": "a"}]),
     ("PooledModel", ("spec", "loraAdapters"), [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]),
     ("PooledModel", ("spec", "source"), {"memoryGB": 4}),  # an llm model (the example's engine.kind) needs a path
+    ("GPUPool", ("metadata", "name"), "p" * 64),  # its workers' label value
+    ("Tenant", ("metadata", "name"), "t" * 65),  # the controller's tenant names
     ("Tenant", ("spec", "rateLimits", "requestsPerSecond"), -5),
     ("Tenant", ("spec", "maxConcurrent"), 0),
 ])
@@ -301,6 +303,29 @@ def test_an_llm_pooledmodel_needs_a_source_path(spec, valid):
             _validate_cr(obj)
         with pytest.raises(ValueError, match="path is required"):
             b.build_model_spec("m", spec)
+
+
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")  # and at most 63 characters
+
+
+def _labels_valid(labels: dict[str, str]) -> bool:
+    return all(len(v) <= 63 and LABEL_VALUE.match(v) for v in labels.values())
+
+
+def test_resource_names_are_bounded_as_what_they_become_needs():
+    """A name Kubernetes takes (up to 253 characters) but the operator cannot use is refused when applied, not
+    reported later: a GPUPool's name is a label value of its workers (63 at most: a longer one and the API server
+    refuses the DaemonSet), a Tenant's is the controller's tenant name."""
+    bound = _crd_schema("GPUPool")["properties"]["metadata"]["properties"]["name"]["maxLength"]
+    for n, ok in ((bound, True), (bound + 1, False)):
+        ds = b.build_worker_daemonset("p" * n, "tokenpool", {})
+        labels = [ds["metadata"]["labels"], ds["spec"]["selector"]["matchLabels"],
+                  ds["spec"]["template"]["metadata"]["labels"]]
+        assert all(_labels_valid(x) for x in labels) is ok, n
+    bound = _crd_schema("Tenant")["properties"]["metadata"]["properties"]["name"]["maxLength"]
+    b.build_tenant_create("t" * bound, {}, [])
+    with pytest.raises(ValueError):
+        b.build_tenant_create("t" * (bound + 1), {}, [])
 
 
 def _apply_defaults(schema: dict, value):
