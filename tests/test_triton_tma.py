@@ -82,3 +82,20 @@ def test_default_configs_fill_the_gpu_without_tiny_splits(n, k, m_pad):
         assert split == 1
     if (n, k) == (1536, 8960):
         assert split >= 4  # 24 output tiles alone would leave 108 SMs idle
+
+
+def test_rows_tma_cannot_address_take_torchs_ops():
+    """A weight whose rows are not a multiple of 16 bytes (K of 7 in fp32: 28 bytes): the same results through
+    torch's ops, in each mode (glu: SiLU*mul of the projection; parts: the projection itself, which add_rms_norm
+    takes as well)."""
+    import torch
+    import torch.nn.functional as F
+
+    from token_scheduler.model import triton_tma as tma
+
+    x, w, b = torch.randn(3, 7), torch.randn(32, 7), torch.randn(32)
+    assert not tma._fits(x, w)
+    assert torch.equal(tma.linear(x, w, b), F.linear(x, w, b))
+    g, u = F.linear(x, w[:16]), F.linear(x, w[16:])
+    assert torch.allclose(tma.linear(x, w, glu=True), F.silu(g) * u, atol=1e-6)
+    assert torch.equal(tma.linear(x, w, parts=True), F.linear(x, w))

@@ -71,7 +71,7 @@ GEMV_ROWS_MLP = Var("TOKENPOOL_GEMV_ROWS_MLP", "1", "with TOKENPOOL_GEMV_ROWS: 0
 GEMV_ROWS_PERSIST = Var("TOKENPOOL_GEMV_ROWS_PERSIST", "0", "with TOKENPOOL_GEMV_ROWS: the small-batch kernels on a "
                         "persistent grid of this many programs an SM (0: one program a tile; measured slower than cuBLAS, "
                         "see triton_gemv.py)", kind="int")
-TMA_ROWS = Var("TOKENPOOL_TMA_ROWS", "0", "decode steps of 2 to this many sequences run their projections as Triton "
+TMA_ROWS = Var("TOKENPOOL_TMA_ROWS", "32", "decode steps of 2 to this many sequences run their projections as Triton "
                "GEMMs fed by TMA, launched with programmatic dependent launch (Hopper and later; see "
                "token_scheduler/model/triton_tma.py); 0: cuBLAS", kind="int")
 ATTN_ROPE = Var("TOKENPOOL_ATTN_ROPE", "1", "batched decode steps on cuBLAS do RoPE and the KV write inside the "

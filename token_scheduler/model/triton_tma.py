@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -71,6 +72,11 @@ def takes(x: torch.Tensor, decode: bool) -> bool:
             and x.dtype in (torch.bfloat16, torch.float16))
 
 
+def _fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether TMA can copy tiles of x and w: 16-byte aligned bases and row strides."""
+    return all(t.data_ptr() % 16 == 0 and (t.shape[1] * t.element_size()) % 16 == 0 for t in (x, w))
+
+
 @triton.jit
 def _tma_kernel(w_desc, x_desc, B, Y, M, N, tiles_k, per_split, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 M_PAD: tl.constexpr, STAGES: tl.constexpr, HAS_B: tl.constexpr, GLU: tl.constexpr,
@@ -110,9 +116,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
            parts: bool = False, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (a few rows), w [N, K] -> x w^T (+ bias), [M, N]. `glu` (w a fused [gate; up]): silu(x gate^T) *
     (x up^T), [M, N/2]. `parts`: the config's K splits' fp32 partial sums [SPLIT, M, N] (for add_rms_norm's r; a
-    config of one split gives one)."""
+    config of one split gives one). Where TMA cannot address x or w, torch's ops (`parts`: the projection itself,
+    which add_rms_norm takes as well)."""
     m, k = x.shape
     n = w.shape[0] // 2 if glu else w.shape[0]
+    if not _fits(x, w):  # rows TMA cannot address (not 16-byte aligned): torch's ops, the same roundings
+        y = F.linear(x, w, bias)
+        if glu:
+            g, u = y.chunk(2, dim=-1)
+            return F.silu(g) * u
+        return y
     if (w.shape[1] != k or not x.is_contiguous() or not w.is_contiguous() or (glu and (w.shape[0] % 2 or bias is
                                                                                        not None or parts))):
         raise ValueError(f"tma.linear: x {tuple(x.shape)}, w {tuple(w.shape)} (glu {glu}, parts {parts}, bias "
