@@ -136,6 +136,33 @@ def test_stop_string(server):
     assert r.choices[0].text == text[: text.index(stop)]
 
 
+def test_completion_text_offset_with_stop_strings(server):
+    """logprobs.text_offset is each token's place in the text: the offset before it plus the tokens' lengths before
+    it, whether or not a stop string holds text back (the engine keeps back what could begin a stop string: the
+    offsets followed the text sent so far and lagged, [0, 0, 0, 1, ...]), streamed, and echoed with the prompt."""
+    c = client(server)
+    text = c.completions.create(model="tiny-b", prompt="x", max_tokens=16, **GREEDY).choices[0].text
+    assert len(text) >= 10 and text.index(text[6:10]) == 6, text
+    stop = text[6:10]
+
+    def check(tokens, offsets, start=0):
+        want = [start + sum(len(t) for t in tokens[:j]) for j in range(len(tokens))]
+        assert offsets == want, (tokens, offsets, want)
+
+    for kw in ({"stop": [stop]}, {}):
+        r = c.completions.create(model="tiny-b", prompt="x", max_tokens=16, logprobs=1, **kw, **GREEDY)
+        lp = r.choices[0].logprobs
+        assert r.choices[0].text == (text[: text.index(stop)] if kw else text)
+        check(lp.tokens, lp.text_offset)
+        chunks = list(c.completions.create(model="tiny-b", prompt="x", max_tokens=16, logprobs=1, stream=True, **kw,
+                                           **GREEDY))
+        lps = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].logprobs]
+        check([t for lp in lps for t in lp.tokens], [o for lp in lps for o in lp.text_offset])
+        r = c.completions.create(model="tiny-b", prompt="x", max_tokens=16, logprobs=1, echo=True, **kw, **GREEDY)
+        lp = r.choices[0].logprobs
+        check(lp.tokens, lp.text_offset)
+
+
 def test_seed_reproducible_and_n(server):
     c = client(server)
 

@@ -366,6 +366,12 @@ class OpenAIServing:
             self.active.discard(gen)
             gen.close(status)
 
+    @staticmethod
+    def _offset_after(lp: p.CompletionLogprobs, offset: int) -> int:
+        """The text_offset of the token after `lp`'s (`offset` when it has none): its last token's offset plus that
+        token's length. Offsets follow the tokens, not the text sent so far, which a stop string can hold back."""
+        return lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else offset
+
     def _completion_logprobs(self, me: ModelEntry, d: Delta, k: int, offset: int,
                              first: int | None = None) -> p.CompletionLogprobs:
         """The logprobs of `d`'s tokens, their text at `offset` on; with `first` (echo: the prompt's first token id),
@@ -397,11 +403,13 @@ class OpenAIServing:
         text = [echo[i // req.n] for i in range(k)]
         finish: list[str | None] = [None] * k
         lps = [p.CompletionLogprobs() if req.logprobs is not None else None for _ in range(k)]
+        offsets = [len(t) for t in text]  # (each choice's next token's text_offset)
         async for i, d in gen.events():
             lp = lps[i]
             if lp is not None and (d.logprobs or d.prompt_logprobs is not None):
                 first = None if firsts is None or d.prompt_logprobs is None else firsts[i // req.n]
-                part = self._completion_logprobs(me, d, req.logprobs or 0, len(text[i]), first)
+                part = self._completion_logprobs(me, d, req.logprobs or 0, offsets[i], first)
+                offsets[i] = self._offset_after(part, offsets[i])
                 for f in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                     getattr(lp, f).extend(getattr(part, f))
             text[i] += d.text
@@ -425,8 +433,9 @@ class OpenAIServing:
                 first = None if firsts is None or d.prompt_logprobs is None else firsts[i // req.n]
                 if first is not None:
                     text = echo[i // req.n] + text
-                lp = self._completion_logprobs(me, d, req.logprobs, offsets[i], first).model_dump_json().encode()
-                offsets[i] += len(d.text)
+                part = self._completion_logprobs(me, d, req.logprobs, offsets[i], first)
+                offsets[i] = self._offset_after(part, offsets[i])
+                lp = part.model_dump_json().encode()
             return fr.text(i, text, lp, d.finish_reason if d.finished else None)
 
         return self._stream(gen, lead, frame, fr, usage)
