@@ -115,3 +115,59 @@ async def test_a_delete_while_the_controller_is_gone_says_so_and_finishes_when_i
         for plural, name in (("pooledmodels", "m"), ("tenants", "t")):
             await _until(f"{plural}/{name} gone", lambda p=plural, n=name: _gone(kube, p, n))
         assert "m" not in fake.models and "t" not in fake.tenants
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_two_models_of_one_served_name_deleted_in_either_order(world):
+    """Two PooledModels asking for one served name: the older has it. Deleting the newer (Degraded NameConflict)
+    leaves the older's model served; deleting the older hands the name to the one left, with its settings."""
+    kube, fake = world
+    async with Operator():
+        await kube.create("gpupools", _obj("GPUPool", "default", {}))
+        old = _obj("PooledModel", "a", {"engine": {"kind": "pace"}, "servedName": "shared", "priority": 1})
+        await kube.create("pooledmodels", old)
+        await _until("a Serving", lambda: _reason(kube, "pooledmodels", "a", "Serving"))
+        for n in ("b", "c"):
+            newer = _obj("PooledModel", n, {"engine": {"kind": "pace"}, "servedName": "shared", "priority": 2})
+            newer["metadata"]["creationTimestamp"] = "2026-01-02T00:00:00Z"
+            await kube.create("pooledmodels", newer)
+            await _until(f"{n} NameConflict", lambda n=n: _reason(kube, "pooledmodels", n, "NameConflict"))
+        await kube.delete("pooledmodels", "b")
+        await _until("b gone", lambda: _gone(kube, "pooledmodels", "b"))
+        assert fake.models["shared"]["priority"] == 1 and fake.count("DELETE", "/admin/models/shared") == 0
+        await kube.delete("pooledmodels", "a")
+        await _until("a gone", lambda: _gone(kube, "pooledmodels", "a"))
+        await _until("c Serving", lambda: _reason(kube, "pooledmodels", "c", "Serving"))
+        assert fake.models["shared"]["priority"] == 2
+        await kube.delete("pooledmodels", "c")
+        await _until("c gone", lambda: _gone(kube, "pooledmodels", "c"))
+        assert not fake.models
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_a_pool_change_reaches_its_workers_and_a_lost_join_token_is_named(world):
+    """A new image (what an upgrade does) and more GPUs per node reach the worker DaemonSet, which stays the pool's;
+    the join token's Secret deleted: the pool says its workers cannot start, until the Secret is back."""
+    kube, fake = world
+    async with Operator():
+        pool = _obj("GPUPool", "default", {"image": "ghcr.io/tokenpool/tokenpool:0.1.0"})
+        await kube.create("gpupools", pool)
+        await _until("pool Ready", lambda: _reason(kube, "gpupools", "default", "EnginesReady"))
+        await kube.patch("gpupools", "default", {"metadata": {"generation": 2},
+                                                 "spec": {"image": "ghcr.io/tokenpool/tokenpool:0.2.0", "gpusPerNode": 2}})
+
+        async def rolled():
+            ds = await kube.get("daemonsets", "tokenpool-workers-default")
+            cs = ds["spec"]["template"]["spec"]["containers"]
+            return ds if [c["image"] for c in cs] == ["ghcr.io/tokenpool/tokenpool:0.2.0"] * 2 else None
+
+        ds = await _until("the new image on 2 workers", rolled)
+        assert [(o["kind"], o["uid"]) for o in ds["metadata"]["ownerReferences"]] == [("GPUPool", pool["metadata"]["uid"])]
+        await kube.delete("secrets", "tokenpool-join-token")
+        await _until("JoinTokenNotFound", lambda: _reason(kube, "gpupools", "default", "JoinTokenNotFound"))
+        await kube.create("secrets", {"apiVersion": "v1", "kind": "Secret",
+                                      "metadata": {"name": "tokenpool-join-token", "namespace": NS},
+                                      "data": {"token": base64.b64encode(b"tp-join").decode()}})
+        await _until("pool Ready again", lambda: _reason(kube, "gpupools", "default", "EnginesReady"))
