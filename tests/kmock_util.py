@@ -80,7 +80,7 @@ class FakeController:
     def _model(body: dict) -> dict:
         return {"name": body["name"], "path": body.get("path"), "lora_modules": body.get("lora_modules") or [],
                 "slo": body["slo"], "priority": body["priority"], "replicas": body["replicas"], "engines": ["e0"],
-                "slo_attainment": None, "source": "admin"}
+                "slo_attainment": None, "pin": body.get("pin", False), "source": "admin"}
 
     @staticmethod
     def _tenant(body: dict) -> dict:

@@ -332,3 +332,15 @@ def test_one_tenant_name_one_tenant_resource_and_never_the_configurations(server
         assert "from-config-t" in admin.tenants.by_name()
     finally:
         admin.tenants.remove("dup")
+
+
+def test_a_pinned_model_shows_pinned(admin):
+    """What the operator registers for a PooledModel with pin: true, the controller shows back as it was sent, so
+    a converged reconcile re-registers nothing."""
+    body = b.build_model_spec("pace-pinned", {"engine": {"kind": "pace"}, "pin": True})
+    admin.models.add(body)
+    try:
+        actual = admin.models.by_name()["pace-pinned"]
+        assert actual["pin"] is True and not b.model_reloads(body, actual) and b.model_matches(body, actual)
+    finally:
+        admin.models.remove("pace-pinned")

@@ -43,6 +43,8 @@ def test_model_spec_defaults_pin_and_absolute_paths():
     body = b.build_model_spec("m", {"source": {"path": "/data/m"}, "pin": True, "replicas": {"min": 0, "max": 2}})
     assert body["name"] == "m" and body["path"] == "/data/m"
     assert body["replicas"] == {"min": 1, "max": 2}  # pinned: at least one replica
+    assert body["pin"] is True  # and the controller's pin: its weights never evicted for another model's
+    assert b.build_model_spec("m", {"source": {"path": "m"}})["pin"] is False
     assert body["slo"] == {"ttft_s": 5.0, "tpot_s": 0.25} and body["priority"] == 0
     assert b.build_model_spec("p", {"engine": {"kind": "pace"}})["path"] is None
 

@@ -156,3 +156,32 @@ async def test_a_model_that_failed_to_load_is_degraded_with_the_controllers_reas
         fake.models["m"].update(engines=["e1"], load_error=None)
         st = await round_()
         assert set(st) == {"Ready"} and status["ready"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_pinned_model_is_pinned_in_the_controller(tmp_path, handlers):
+    """spec.pin keeps the model resident 'whatever the autoscaler decides': the controller's pin (weights never
+    evicted for another model's), not only replicas.min 1, which lets LRU eviction unload it. Unpinning
+    re-registers it unpinned; a model re-registered unpinned behind the operator's back is pinned again."""
+    async with _world(tmp_path) as (memo, k8s, fake):
+        await _create(k8s, f"/apis/{GV}/namespaces/{NS}/gpupools",
+                      {"apiVersion": GV, "kind": "GPUPool", "metadata": {"name": "default", "namespace": NS}, "spec": {}})
+        meta, status = _meta("m"), {}
+
+        async def round_(spec: dict) -> None:
+            patch = kopf.Patch()
+            await asyncio.to_thread(handlers._reconcile_model, name="m", namespace=NS, spec=spec, status=status,
+                                    meta=meta, patch=patch, memo=memo, runtime=None, served_names=_index("m", meta))
+            status.update(patch.status)
+
+        await round_({"engine": {"kind": "pace"}, "pin": True})
+        assert fake.models["m"]["pin"] is True
+        fake.models["m"]["pin"] = False  # (re-registered by hand, unpinned)
+        await round_({"engine": {"kind": "pace"}, "pin": True})
+        assert fake.models["m"]["pin"] is True
+        meta["generation"] = 2
+        await round_({"engine": {"kind": "pace"}, "pin": False})
+        assert fake.models["m"]["pin"] is False
+        await round_({"engine": {"kind": "pace"}, "pin": False})  # converged: nothing more
+    assert fake.count("POST", "/admin/models") == 3

@@ -83,6 +83,7 @@ def build_model_spec(name: str, spec: dict) -> dict:
         "priority": s["priority"],
         "replicas": {"min": lo, "max": hi},
         "engine": {"kind": s["engine"]["kind"], "dtype": s["engine"]["dtype"]},
+        "pin": bool(s["pin"]),  # the controller's pin: its weights are never evicted for another model's
     }
     for field, key in (("maxNumSeqs", "max_num_seqs"), ("maxModelLen", "max_model_len"),
                        ("kvCacheMemoryGB", "kv_cache_memory_gb")):
@@ -112,7 +113,7 @@ def reload_digest(desired: dict) -> str:
 def model_reloads(desired: dict, actual: dict) -> bool:
     """Whether the controller's model (a `GET /admin/models` item) differs from `desired` in what it shows and
     cannot change in place."""
-    return (actual.get("path") != desired["path"]
+    return (actual.get("path") != desired["path"] or bool(actual.get("pin")) != desired.get("pin", False)
             or (actual.get("lora_modules") or []) != desired.get("lora_modules", []))
 
 
