@@ -8,7 +8,7 @@ Events are plain dicts {"seq", "t", "kind", ...fields}. A bounded ring keeps the
 reconnects can ask for what it missed (`since(seq)`); a slow subscriber's queue is bounded and it loses the
 oldest events rather than slowing the publisher (serving never waits for a dashboard).
 Kinds: switch, load, evict, admit, reject, register, unregister, worker_join, worker_death, drain, resume,
-cancel, tenant_created, tenant_revoked, tenant_requests_ended (a deleted tenant's requests in flight were ended),
+cancel, tenant_created, tenant_updated, tenant_revoked, tenant_requests_ended (a deleted tenant's requests in flight were ended),
 pin_blocked (placement passed a GPU over: its pins would starve the model),
 update (a model's SLO, priority, replica bounds or keep_alive changed in place).
 """

@@ -199,6 +199,22 @@ class TenantRegistry:
         self._save()
         return t, key
 
+    def update(self, name: str, changes: dict) -> Tenant:
+        """Change a tenant made through the admin API in place (PATCH /admin/tenants): `changes`, validated TenantSpec
+        fields other than name and key_hashes. The new entry takes the old one's place at once (its keys never stop
+        working), with its usage, requests in flight and buckets (`succeed`). KeyError: no such tenant; ValueError:
+        one of the configuration file (which would bring it back unchanged at the next start: change it there)."""
+        t = self._t[name]
+        if not t.from_file:
+            raise ValueError(name)
+        spec = TenantSpec.model_validate({**t.spec.model_dump(), **changes})
+        new = Tenant(spec, from_file=True)
+        new.succeed(t)
+        new.usage = t.usage
+        self._t[name] = new
+        self._save()
+        return new
+
     def delete(self, name: str) -> bool:
         t = self._t.pop(name, None)
         if t is None:

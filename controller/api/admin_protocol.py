@@ -29,6 +29,29 @@ class TenantCreate(BaseModel):
         return v
 
 
+class TenantPatch(BaseModel):
+    """PATCH /admin/tenants/{name}: what a tenant changes in place (its keys keep working; its usage, requests in
+    flight and buckets carry over). Fields left out stay as they are; max_concurrent and slo_class null: none. Keys
+    are not changed here: a rotation is a DELETE then a POST."""
+    model_config = ConfigDict(extra="forbid")
+    models: list[str] | None = None
+    rate: RateLimit | None = None
+    max_concurrent: int | None = Field(None, ge=1)
+    priority: int | None = None
+    slo_class: str | None = None
+
+    @model_validator(mode="after")
+    def _not_null(self) -> TenantPatch:
+        nulls = [f for f in ("models", "rate", "priority") if f in self.model_fields_set and getattr(self, f) is None]
+        if nulls:
+            raise ValueError(f"{', '.join(nulls)} cannot be null (leave a field out to keep it)")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        """The fields the body named."""
+        return {f: getattr(self, f) for f in self.model_fields_set}
+
+
 class TenantOut(BaseModel):
     name: str
     models: list[str]

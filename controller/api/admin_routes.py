@@ -130,6 +130,25 @@ async def create_tenant(body: ap.TenantCreate, request: Request):
     return {**_tenant_out(t), "api_key": key, "warning": warning}
 
 
+@router.patch("/tenants/{name}", response_model=ap.TenantOut)
+async def update_tenant(name: str, patch: ap.TenantPatch, request: Request):
+    """Change a tenant's models, limits, priority or SLO class in place: its keys keep working (no DELETE then POST,
+    whose gap answered them 401), its usage, requests in flight and buckets carry over."""
+    ctl = _ctl(request)
+    changes = patch.changes()
+    if changes.get("slo_class") is not None and changes["slo_class"] not in ctl.cfg.slo_classes:
+        raise ServingError(400, f"unknown slo_class {changes['slo_class']!r}", param="slo_class")
+    try:
+        t = ctl.tenants.update(name, changes)
+    except KeyError:
+        raise ServingError(404, f"no tenant {name!r}", code="tenant_not_found") from None
+    except ValueError:
+        raise ServingError(409, f"tenant {name!r} is from the configuration file: change it there (a change made here "
+                           "would be undone at the next start)", code="tenant_from_config") from None
+    views.events(ctl).publish("tenant_updated", tenant=name, fields=sorted(changes))
+    return _tenant_out(t)
+
+
 @router.delete("/tenants/{name}")
 async def delete_tenant(name: str, request: Request) -> dict:
     """Revoke a tenant: its keys get 401 from now on; its requests in flight end a moment later (a stream gets an
