@@ -170,3 +170,18 @@ async def test_a_recreated_pool_adopts_the_daemonset_its_name_left(tmp_path):
         await asyncio.to_thread(kube.apply_daemonset, newer)
         got = await _daemonset(k8s, name)
         assert got["metadata"]["ownerReferences"] == newer["metadata"]["ownerReferences"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_worker_resources_given_as_numbers_reach_the_daemonset(tmp_path):
+    """workerResources quantities as YAML numbers (cpu: 2, cpu: 0.5: the CRD takes int-or-string, as Kubernetes
+    does): the client refused the DaemonSet before sending it (its models take quantities as strings), so the
+    pool got no workers and no status saying why."""
+    async with _emulated(tmp_path) as (kube, k8s):
+        spec = {"workerResources": {"requests": {"cpu": 2, "memory": "8Gi"}, "limits": {"cpu": 0.5, "memory": 4}}}
+        await asyncio.to_thread(kube.apply_daemonset, _owned(b.build_worker_daemonset("a", NS, spec)))
+        res = (await _daemonset(k8s, "tokenpool-workers-a"))["spec"]["template"]["spec"]["containers"][0]["resources"]
+        assert res == {"requests": {"cpu": "2", "memory": "8Gi"},
+                       "limits": {"cpu": "0.5", "memory": "4", "nvidia.com/gpu": "1"}}
+

@@ -206,8 +206,11 @@ def worker_resources(s: dict) -> dict:
     if own is None:
         share = -(-s["hostCacheGB"] // s["gpusPerNode"])  # (ceil)
         own = {"requests": {"cpu": "2", "memory": f"{share + 4}Gi"}}
-    limits = {**own.get("limits", {}), "nvidia.com/gpu": "1"}
-    return {**({"requests": dict(own["requests"])} if own.get("requests") else {}), "limits": limits}
+    # Quantities as strings: the CRD takes YAML numbers too (int-or-string, as Kubernetes does), which the client's
+    # models refuse (a DaemonSet with cpu: 2 was never sent)
+    limits = {**{k: str(v) for k, v in own.get("limits", {}).items()}, "nvidia.com/gpu": "1"}
+    requests = {k: str(v) for k, v in (own.get("requests") or {}).items()}
+    return {**({"requests": requests} if requests else {}), "limits": limits}
 
 
 def build_worker_daemonset(pool: str, namespace: str, spec: dict) -> dict:
