@@ -30,6 +30,8 @@ from controller.keys import hash_key, new_key, verify_key
 
 log = logging.getLogger("tokenpool.tenants")
 
+MAX_RETRY_AFTER_S = 86400  # a 429's Retry-After at most (a tiny rate's wait overflowed to infinity: a 500)
+
 
 class TokenBucket:
     def __init__(self, rate: float, capacity: float, now: float | None = None):
@@ -50,7 +52,7 @@ class TokenBucket:
         if self.level >= want:
             self.level -= n
             return 0.0
-        return (want - self.level) / self.rate
+        return (want - self.level) / self.rate if self.rate > 0 else math.inf  # (a rate that underflowed to 0)
 
     def give_back(self, n: float) -> None:
         self.level = min(self.capacity, self.level + n)
@@ -260,7 +262,7 @@ class TenantRegistry:
         if t.rps is not None:
             wait = t.rps.take(1, now)
             if wait > 0:
-                s = max(1, math.ceil(wait))
+                s = max(1, math.ceil(min(wait, MAX_RETRY_AFTER_S)))
                 return s, (f"request rate limit reached for tenant {t.name!r}: {r.requests_per_s:g} requests/s "
                            f"(burst {t.rps.capacity:g}); try again in {s}s.")
         if t.tpm is not None:
@@ -268,7 +270,7 @@ class TenantRegistry:
             if wait > 0:
                 if t.rps is not None:
                     t.rps.give_back(1)
-                s = max(1, math.ceil(wait))
+                s = max(1, math.ceil(min(wait, MAX_RETRY_AFTER_S)))
                 over = (" (more than a minute's allowance: it waits for a full one; a lower max_tokens reserves "
                         "less)" if tokens > t.tpm.capacity else "")
                 return s, (f"token rate limit reached for tenant {t.name!r}: {r.tokens_per_min:g} tokens/min; "

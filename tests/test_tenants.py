@@ -249,3 +249,18 @@ def test_a_refusal_by_alias_counts_under_the_models_name(server):
     with pytest.raises(openai.BadRequestError):
         oai(server, RED).completions.create(model="common", prompt="x", max_tokens=1_000_000)  # past its context
     assert refused("shared") == before + 1
+
+
+def test_retry_after_of_a_tiny_rate_is_bounded():
+    """A rate so small (a tenant made with requests_per_s 1e-320, which validation lets through as > 0) that the wait
+    overflows to infinity: a 429 with a bounded Retry-After, not a 500 (math.ceil(inf) raised OverflowError)."""
+    from controller.config import TenantSpec
+    from controller.tenants import MAX_RETRY_AFTER_S, Tenant, TenantRegistry
+
+    for rate in ({"requests_per_s": 1e-320, "burst": 1}, {"tokens_per_min": 1e-320}, {"requests_per_s": 1e-300},
+                 {"tokens_per_min": 5e-324}):  # (per second: 0.0, a ZeroDivisionError)
+        t = Tenant(TenantSpec(name="slow", rate=rate))
+        assert TenantRegistry.acquire(t, 10, now=0.0) is None  # a full bucket grants the first
+        refused = TenantRegistry.acquire(t, 10, now=0.0)
+        assert refused is not None and refused[0] == MAX_RETRY_AFTER_S, refused
+        assert "try again in" in refused[1] and len(refused[1]) < 400
