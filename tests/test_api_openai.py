@@ -192,6 +192,28 @@ def test_logprobs(server):
     assert sum(len(lp.tokens) for lp in lps) == 3 and all(len(lp.tokens) == len(lp.text_offset) for lp in lps)
 
 
+def test_chat_logprobs_bytes_of_partial_characters(server, tiny_model):
+    """A token that is part of a character's UTF-8 (one byte of an emoji) has its own bytes in logprobs' `bytes`, as
+    OpenAI gives them so a client can join tokens back into text: they were the replacement character's
+    ([239, 191, 189], what the token decodes to alone) for every such token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = tok.encode("\U0001f389", add_special_tokens=False)  # (four byte tokens here, each decoding to U+FFFD)
+    raw = {tok.decode([i]): None for i in ids}
+    assert list(raw) == ["\ufffd"] and len(ids) == 4, ids
+    want = [list("\U0001f389".encode())[k:k + 1] for k in range(4)]
+    r = client(server).chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "party"}],
+                                               max_tokens=6, logprobs=True, top_logprobs=4,
+                                               extra_body={"allowed_token_ids": ids, "ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6
+    for t in content:
+        assert t.token == "\ufffd" and t.bytes in want, t
+        for x in t.top_logprobs:  # (the alternatives are the model's, past allowed_token_ids: any token)
+            assert x.bytes != [239, 191, 189] if x.token == "\ufffd" else x.bytes == list(x.token.encode()), x
+
+
 def test_sampling_extras_pass_through(server):
     r = client(server).completions.create(
         model="tiny-a", prompt="x", max_tokens=4, temperature=0.7, top_p=0.9, presence_penalty=0.5,

@@ -42,6 +42,38 @@ TEMPLATE_KWARG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 MAX_TEMPLATE_KWARGS, MAX_TEMPLATE_KWARG_STR = 16, 1024
 
 
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's `bytes_to_unicode`, which Qwen, Llama 3, SmolLM share): the character
+    each byte is written as in a token's piece, mapped back to the byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+BYTE_LEVEL = _byte_level_chars()
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
+
+
+def token_bytes(tok: Any, tid: int, text: str) -> list[int]:
+    """The UTF-8 bytes of token `tid`, which decodes alone to `text`: its text's, unless the token is part of a
+    character (it decodes to U+FFFD), whose own bytes are read from its piece (byte-level BPE's alphabet or
+    SentencePiece's `<0xNN>`), as OpenAI's logprobs give them so a client can join tokens into text."""
+    if "\ufffd" in text:
+        piece = tok.convert_ids_to_tokens(int(tid))
+        if isinstance(piece, str) and piece:
+            if m := BYTE_FALLBACK.fullmatch(piece):
+                return [int(m[1], 16)]
+            if all(c in BYTE_LEVEL for c in piece):
+                return [BYTE_LEVEL[c] for c in piece]
+    return list(text.encode())
+
+
 class ClientGone(Exception):
     """The client of a non-streamed request disconnected; the route answers 499 to nobody, quietly."""
 
@@ -545,8 +577,9 @@ class OpenAIServing:
             tid, lp = pairs[0]
             s = self._tok(me, tid)
             top = sorted(pairs, key=lambda x: -x[1])[:k]
-            out.append(p.TokenLogprob(token=s, logprob=lp, bytes=list(s.encode()), top_logprobs=[
-                p.TopLogprob(token=(ts := self._tok(me, t)), logprob=v, bytes=list(ts.encode())) for t, v in top]))
+            out.append(p.TokenLogprob(token=s, logprob=lp, bytes=token_bytes(me.tokenizer, tid, s), top_logprobs=[
+                p.TopLogprob(token=(ts := self._tok(me, t)), logprob=v, bytes=token_bytes(me.tokenizer, t, ts))
+                for t, v in top]))
         return out
 
     @staticmethod
