@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import threading
 import uuid
 
@@ -185,3 +186,49 @@ async def test_worker_resources_given_as_numbers_reach_the_daemonset(tmp_path):
         assert res == {"requests": {"cpu": "2", "memory": "8Gi"},
                        "limits": {"cpu": "0.5", "memory": "4", "nvidia.com/gpu": "1"}}
 
+
+
+async def _patch_ds(k8s, name: str, body: dict) -> None:
+    r = await k8s.patch(f"/apis/apps/v1/namespaces/{NS}/daemonsets/{name}", json=body,
+                        headers={"Content-Type": "application/merge-patch+json"})
+    assert r.status < 300, await r.text()
+
+
+def _ds_patches(k8s, name: str) -> int:
+    return sum(1 for r in k8s if r.method.value == "PATCH" and r.url.path.endswith(f"/daemonsets/{name}"))
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_hand_edited_daemonset_is_set_back_and_api_server_defaults_are_not_an_edit(tmp_path):
+    """`kubectl set image` or `kubectl edit` on the workers' DaemonSet (its digest annotation untouched): the next
+    apply sets back what the pool asks for. What the API server adds by itself (defaults, a quantity written
+    another way) is not an edit: nothing is patched for it, round after round."""
+    async with _emulated(tmp_path) as (kube, k8s):
+        name = "tokenpool-workers-a"
+        spec = {"workerResources": {"requests": {"cpu": 0.5, "memory": "1Gi"}}, "gpusPerNode": 2}
+        want = _owned(b.build_worker_daemonset("a", NS, spec))
+        await asyncio.to_thread(kube.apply_daemonset, want)
+        got = await _daemonset(k8s, name)
+        pod = got["spec"]["template"]["spec"]
+        for c in pod["containers"]:  # what the API server fills in and how it writes quantities back
+            c.update(imagePullPolicy="IfNotPresent", terminationMessagePath="/dev/termination-log")
+            c["resources"]["requests"]["cpu"] = "500m"
+        await _patch_ds(k8s, name, {"spec": {"revisionHistoryLimit": 10, "template": {"spec": dict(
+            pod, restartPolicy="Always", dnsPolicy="ClusterFirst")}}})
+        before = _ds_patches(k8s, name)
+        await asyncio.to_thread(kube.apply_daemonset, _owned(b.build_worker_daemonset("a", NS, spec)) | {
+            "metadata": want["metadata"]})
+        assert _ds_patches(k8s, name) == before  # converged: no write
+
+        edited = copy.deepcopy(pod)
+        edited["containers"][0]["image"] = "example.org/other:1"
+        edited["containers"] = edited["containers"][:1]
+        edited["nodeSelector"] = {"somewhere": "else"}
+        await _patch_ds(k8s, name, {"spec": {"template": {"spec": edited}}})
+        await asyncio.to_thread(kube.apply_daemonset, _owned(b.build_worker_daemonset("a", NS, spec)) | {
+            "metadata": want["metadata"]})
+        pod = (await _daemonset(k8s, name))["spec"]["template"]["spec"]
+        assert [(c["name"], c["image"]) for c in pod["containers"]] == [
+            (c["name"], c["image"]) for c in want["spec"]["template"]["spec"]["containers"]]
+        assert pod["nodeSelector"] == want["spec"]["template"]["spec"]["nodeSelector"]

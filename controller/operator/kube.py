@@ -57,8 +57,12 @@ class Kube:
         # leaves a DaemonSet of the same spec owned by no pool or by the old one (deleting the new pool would leave
         # the workers behind, or the collector would take the new pool's workers).
         owners = {o.get("uid") for o in meta.get("ownerReferences") or []}
+        # And what it holds: a hand edit (kubectl set image, kubectl edit) keeps the digest annotation, and the pool
+        # would keep the edited workers for good.
         if ((meta.get("annotations") or {}).get(ANNOTATION_DIGEST) == want
-                and owners >= {o["uid"] for o in ds["metadata"].get("ownerReferences") or []}):
+                and owners >= {o["uid"] for o in ds["metadata"].get("ownerReferences") or []}
+                and not differs(ds["spec"], cur.get("spec")) and not differs(ds["metadata"].get("labels"),
+                                                                                meta.get("labels"))):
             return cur
         # A JSON merge patch replaces lists whole (a strategic merge would keep containers the builder dropped), but
         # merges objects: a free-form map's keys the builder no longer has are deleted explicitly (null).
@@ -68,6 +72,31 @@ class Kube:
             want.update({k: None for k in have if k not in want})
         return self._raw(self.apps.patch_namespaced_daemon_set, name, ns, patch,
                          _content_type="application/merge-patch+json") or ds
+
+
+def differs(want, have) -> bool:
+    """Whether `have` (an object as the API server keeps it) differs from `want` (the builder's) in what `want`
+    sets. What the API server adds by itself (its defaults) is no difference, nor a quantity written another way
+    (0.5 and 500m), nor an empty map or list it left out."""
+    if isinstance(want, dict | list):
+        kind = type(want)
+        have = kind() if have is None else have
+        if not isinstance(have, kind):
+            return True
+        if kind is list:
+            return len(want) != len(have) or any(differs(w, h) for w, h in zip(want, have))
+        return any(differs(v, have.get(k)) for k, v in want.items())
+    if want == have and type(want) is type(have):
+        return False
+    if isinstance(want, str | int | float) and isinstance(have, str | int | float) and not isinstance(want, bool) \
+            and not isinstance(have, bool):
+        from kubernetes.utils import parse_quantity
+
+        try:
+            return parse_quantity(want) != parse_quantity(have)
+        except (ValueError, TypeError, ArithmeticError):
+            return True
+    return True
 
 
 # Maps in the worker DaemonSet whose keys come from the GPUPool's spec (the rest of its objects have fixed keys).
