@@ -32,6 +32,7 @@ from tokenpool import env
 
 log = logging.getLogger("tokenpool.worker")
 _promoted_at: float | None = None  # monotonic: when this process, a standby, took over its slot
+_warming: threading.Thread | None = None  # a standby's warm-up thread (it may still run after the takeover)
 
 
 def _pairs(ids, lps) -> list[list[list[float]]]:
@@ -197,7 +198,9 @@ class Worker:
                 eng = self.models.engines[msg.model]
             else:  # into its kind's multi-model engine, between steps (see controller/hosting.py)
                 # what it needs (host copy, tokenizer) is read here, beside the steps; registering it on the step
-                # thread is quick
+                # thread is quick. After a takeover, not before the warm-up's imports are done (see standby()).
+                if _warming is not None and _warming.is_alive():
+                    await loop.run_in_executor(self._load_thread, _warming.join)
                 phases = await loop.run_in_executor(self._load_thread, self.models.prepare, msg.path, msg.engine)
                 t1 = time.monotonic()
                 fut = loop.create_future()
@@ -477,12 +480,13 @@ def standby(device: str) -> bool:
     (the controller stopped or died), exit. Nothing else is taken while waiting: no arena, no host copy, no
     connection (the slot's worker holds them; a spare must not halve its VRAM).
 
-    The warm-up runs on a thread, so a takeover never waits for it: the worker goes on at once and waits only
-    for what it needs that the warm-up has not done yet (an import under way on the thread is finished there,
-    never done twice: Python's import locks). A paced-only worker needs none of it."""
-    global _promoted_at
+    The warm-up runs on a thread, so a takeover never waits for it: the worker registers at once, and its model
+    loads wait for the rest of the warm-up (`Worker._load`). They used to run beside it, on the strength of
+    Python's import locks; but a package's lazy module imported on two threads at once came back half made
+    (transformers: "cannot import name 'AutoConfig'"), and every model of the slot failed to register."""
+    global _promoted_at, _warming
     t0 = time.monotonic()
-    warm = threading.Thread(target=_warm_up, args=(device, t0), name="warm-up", daemon=True)
+    _warming = warm = threading.Thread(target=_warm_up, args=(device, t0), name="warm-up", daemon=True)
     warm.start()
     if sys.stdin.readline().strip() != "go":
         return False
@@ -494,7 +498,7 @@ def standby(device: str) -> bool:
 
 def _warm_up(device: str, t0: float) -> None:
     try:
-        warm_up(device)
+        warm_up(device)  # (looked up here, at call time: a test puts a slow one in its place)
     except Exception:  # noqa: BLE001 - a spare that cannot warm up is still a worker: it starts up on its turn
         log.exception("standby: warm-up failed")
         return
