@@ -221,6 +221,21 @@ def test_sampling_extras_pass_through(server):
     assert r.usage.completion_tokens == 4
 
 
+def test_min_tokens_past_max_tokens_is_a_400(server):
+    """min_tokens above max_tokens (max_completion_tokens) cannot be honoured: a 400 naming min_tokens, as vLLM
+    answers it (the output was cut at max_tokens, shorter than asked, with no word); equal is fine."""
+    c = client(server)
+    msgs = [{"role": "user", "content": "Hi"}]
+    for kw in ({"max_tokens": 2}, {"max_completion_tokens": 2}):
+        e = _status(lambda k=kw: c.chat.completions.create(model="tiny-a", messages=msgs, extra_body={"min_tokens": 5},
+                                                            **k))
+        assert e.status_code == 400 and e.body["param"] == "min_tokens" and "max_tokens" in e.body["message"], e.body
+    e = _status(lambda: c.completions.create(model="tiny-a", prompt="x", extra_body={"min_tokens": 17}))  # (16: default)
+    assert e.status_code == 400 and e.body["param"] == "min_tokens", e.body
+    r = c.completions.create(model="tiny-a", prompt="x", max_tokens=3, temperature=0, extra_body={"min_tokens": 3})
+    assert r.usage.completion_tokens == 3
+
+
 def test_allowed_token_ids_and_include_stop_str_in_output(server, tiny_model):
     """vLLM's allowed_token_ids (only those ids are drawn, sampled or greedy) and include_stop_str_in_output (the
     stop string that ends the output is kept, streamed or not); bad ids are 400s naming the field."""

@@ -271,6 +271,9 @@ class OpenAIServing:
     @staticmethod
     def _params(me: ModelEntry, req: p._Sampling, max_tokens: int | None, logprobs: int | None,
                 prompt_logprobs: int | None = None, tools: ToolPlan | None = None) -> SamplingParams:
+        if max_tokens is not None and req.min_tokens > max_tokens:
+            raise ServingError(400, f"min_tokens ({req.min_tokens}) must be at most max_tokens ({max_tokens})",
+                               param="min_tokens")
         bias = None
         if req.logit_bias:
             bias = {int(k): v for k, v in req.logit_bias.items()}
