@@ -525,3 +525,54 @@ def test_rendered_overlay_validates():
         kv.validate(d, K8S_VERSION, strict=True)
         if d["kind"] != "Namespace" and "namespace" in d["metadata"]:
             assert d["metadata"]["namespace"] == "tokenpool"
+
+
+def _render(overlay: Path) -> list[dict]:
+    out = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def _one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, (kind, name, [d["metadata"]["name"] for d in docs if d["kind"] == kind])
+    return found[0]
+
+
+def _secret_refs(docs: list[dict]) -> dict[str, str]:
+    """Where the rendered objects name the generated Secrets: what -> the Secret's name."""
+    ctl = _one(docs, "Deployment", "tokenpool-controller")["spec"]["template"]["spec"]
+    op = _one(docs, "Deployment", "tokenpool-operator")["spec"]["template"]["spec"]["containers"][0]
+    sm = _one(docs, "ServiceMonitor")
+    pool = _apply_defaults(_crd_schema("GPUPool")["properties"]["spec"], _one(docs, "GPUPool")["spec"])
+    return {"controller config": next(v["secret"]["secretName"] for v in ctl["volumes"] if v["name"] == "config"),
+            "operator admin token": next(e["valueFrom"]["secretKeyRef"]["name"] for e in op["env"]
+                                         if e["name"] == "TOKENPOOL_ADMIN_TOKEN"),
+            "ServiceMonitor admin token": sm["spec"]["endpoints"][0]["authorization"]["credentials"]["name"],
+            "GPUPool join token": pool["joinTokenSecretRef"]["name"]}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (kubectl kustomize renders the overlay)")
+def test_a_changed_config_or_admin_token_rolls_what_reads_it(tmp_path):
+    """What a user does to change the controller's configuration or the admin token: edit the overlay's file and
+    apply it again. A Secret changed in place under a running pod changes nothing there (the controller reads its
+    config at start, the operator its token from the environment): the generated Secrets' names carry a hash of
+    their content, so the pods that read them roll. Every reference names a Secret the overlay makes; the join
+    token keeps its name (a GPUPool names it)."""
+    root = tmp_path / "manifests"
+    shutil.copytree(MANIFESTS, root)
+    ex = root / "overlays" / "example"
+    before = _render(ex)
+    secrets = {d["metadata"]["name"] for d in before if d["kind"] == "Secret"}
+    refs = _secret_refs(before)
+    assert set(refs.values()) <= secrets, (refs, secrets)
+    assert refs["GPUPool join token"] == "tokenpool-join-token"
+    assert refs["operator admin token"] == refs["ServiceMonitor admin token"]
+    (ex / "config.yaml").write_text((ex / "config.yaml").read_text() + "# changed\n")
+    (ex / "admin-token.env").write_text((ex / "admin-token.env").read_text().replace("token=", "token=x", 1))
+    after = _render(ex)
+    changed = _secret_refs(after)
+    assert set(changed.values()) <= {d["metadata"]["name"] for d in after if d["kind"] == "Secret"}
+    for what in ("controller config", "operator admin token"):
+        assert changed[what] != refs[what], what  # a new pod template: the Deployment rolls
+    assert changed["GPUPool join token"] == refs["GPUPool join token"]
