@@ -8,7 +8,9 @@ what is left in its buckets, so a rotation neither doubles its concurrency nor r
 
 A deleted tenant's keys stop working at once (401), and its requests in flight are ended shortly after
 (`Controller.tenant_deleted`: streams get an error event, the engines free their KV), unless a namesake made within
-that grace holds every key it had (the Kubernetes operator's update, a DELETE then a POST): those run on.
+that grace holds every key it had (the Kubernetes operator's update, a DELETE then a POST): those run on, and count
+under the new entry (`Tenant.successor`). A change of limits, models, priority or SLO class is better made in place
+(`TenantRegistry.update`, PATCH /admin/tenants/{name}): no moment without the tenant, and its usage carries over.
 
 A tenant of the configuration file deleted through the admin API stays revoked across restarts: its key hashes are
 recorded in the tenants file, and on start a configured tenant loses those keys (and is left out when none remain).
