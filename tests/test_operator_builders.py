@@ -210,3 +210,16 @@ def test_with_defaults_and_digest():
     got = b.with_defaults({"b": {"c": 5}, "e": [1]}, d)
     assert got == {"a": 1, "b": {"c": 5, "d": 3}, "e": [1]} and d == {"a": 1, "b": {"c": 2, "d": 3}}
     assert b.digest({"x": 1, "y": 2}) == b.digest({"y": 2, "x": 1}) != b.digest({"x": 1, "y": 3})
+
+
+def test_a_tenants_live_fields_are_a_patch_the_admin_api_takes():
+    """What the operator PATCHes for a Tenant's limits change is a TenantPatch naming every field it shows (so a
+    field the spec no longer sets, such as maxConcurrent, is cleared), never its keys."""
+    from controller.api.admin_protocol import TenantPatch
+
+    for spec in ({}, {"models": ["a"], "rateLimits": {"burst": 2}, "maxConcurrent": 4, "priority": -1,
+                      "sloClass": "batch"}):
+        live = b.tenant_live_fields(b.build_tenant_create("t", spec, []))
+        patch = TenantPatch.model_validate(live)
+        assert set(patch.changes()) == set(live) and patch.model_dump(mode="json") == live
+        assert "key_hashes" not in live

@@ -124,9 +124,58 @@ async def test_a_tenant_round_reads_the_controllers_tenants_once(tmp_path, handl
         assert "team" in fake.tenants and st["keys"] == 1
         await round_(spec)  # converged
         meta["generation"] = 2
-        st = await round_(dict(spec, priority=4))  # replaced
+        st = await round_(dict(spec, priority=4))  # changed in place
         assert fake.tenants["team"]["priority"] == 4
-    assert fake.count("POST", "/admin/tenants") == 2 and fake.count("DELETE", "/admin/tenants/team") == 1
+    assert fake.count("POST", "/admin/tenants") == 1 and fake.count("PATCH", "/admin/tenants/team") == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_tenants_limits_change_in_place_and_its_keys_by_replacement(tmp_path, handlers):
+    """A Tenant's models, rate limits, maxConcurrent, priority or sloClass changed: a PATCH (its keys keep working,
+    its usage and requests in flight carry over; a DELETE then POST answered its keys 401 in between). Its keys
+    changed (the Secret rotated): a DELETE then a POST, the admin API's only way to change keys. A tenant changed
+    behind the operator's back is set back."""
+    async with _world(tmp_path) as (memo, k8s, fake):
+        secret = f"/api/v1/namespaces/{NS}/secrets"
+        await _create(k8s, secret, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keys", "namespace": NS},
+                                    "data": {"k": base64.b64encode(b"tp-a-key").decode()}})
+        meta, status = _meta("team"), {}
+
+        async def round_(spec: dict) -> dict:
+            patch = kopf.Patch()
+            await asyncio.to_thread(handlers.reconcile_tenant, name="team", namespace=NS, spec=spec, status=status,
+                                    meta=meta, patch=patch, memo=memo, tenant_names=_index("team", meta))
+            status.update(patch.status)
+            return {c["type"]: c for c in status["conditions"] if c["status"] == "True"}
+
+        def calls() -> tuple[int, int, int]:
+            return (fake.count("POST", "/admin/tenants"), fake.count("PATCH", "/admin/tenants/team"),
+                    fake.count("DELETE", "/admin/tenants/team"))
+
+        spec = {"keysSecretRef": {"name": "keys"}}
+        await round_(spec)
+        assert calls() == (1, 0, 0)
+        meta["generation"] = 2
+        spec = {"keysSecretRef": {"name": "keys"}, "models": ["a-*"], "rateLimits": {"requestsPerSecond": 2},
+                "maxConcurrent": 3, "priority": 7}
+        st = await round_(spec)
+        assert calls() == (1, 1, 0) and set(st) == {"Ready"}
+        t = fake.tenants["team"]
+        assert (t["models"], t["rate"]["requests_per_s"], t["max_concurrent"], t["priority"]) == (["a-*"], 2, 3, 7)
+        await round_(spec)  # converged
+        assert calls() == (1, 1, 0)
+        fake.tenants["team"]["priority"] = 0  # changed by hand
+        await round_(spec)
+        assert calls() == (1, 2, 0) and fake.tenants["team"]["priority"] == 7
+        r = await k8s.patch(f"{secret}/keys", json={"data": {"k": base64.b64encode(b"tp-rotated").decode()}},
+                            headers={"Content-Type": "application/merge-patch+json"})
+        assert r.status < 300
+        await round_(spec)  # the keys rotated: replaced
+        assert calls() == (2, 2, 1) and fake.tenants["team"]["priority"] == 7
+        meta["generation"] = 3
+        await round_(dict(spec, priority=1))  # and again in place, after the rotation
+        assert calls() == (2, 3, 1)
 
 
 @pytest.mark.asyncio

@@ -189,11 +189,29 @@ def build_tenant_create(name: str, spec: dict, key_hashes: list[str]) -> dict:
     return TenantCreate.model_validate(body).model_dump(mode="json")
 
 
+# What a tenant changes in place (PATCH /admin/tenants/{name}): all it shows but its keys, which only a DELETE then
+# a POST change (their hashes are not shown: the digest covers them).
+TENANT_LIVE_FIELDS = ("models", "rate", "max_concurrent", "priority", "slo_class")
+
+
 def tenant_matches(desired: dict, actual: dict | None) -> bool:
     """Whether the controller's tenant shows what `desired` asks (key hashes are not shown: see the digest)."""
     if actual is None:
         return False
-    return all(actual.get(k) == desired[k] for k in ("models", "rate", "max_concurrent", "priority", "slo_class"))
+    return all(actual.get(k) == desired[k] for k in TENANT_LIVE_FIELDS)
+
+
+def tenant_live_fields(desired: dict) -> dict:
+    return {k: desired[k] for k in TENANT_LIVE_FIELDS}
+
+
+def tenant_keys_unchanged(desired: dict, actual: dict, applied: str | None) -> bool:
+    """Whether `desired` holds the key hashes last applied (`applied`: the digest of what was applied then), so a
+    PATCH can make the controller's tenant `desired`. Known when the digest is the same, or when `desired` with
+    the fields the controller shows now is what was applied (only those fields changed since)."""
+    if applied is None:
+        return False
+    return applied == digest(desired) or applied == digest({**desired, **{k: actual.get(k) for k in TENANT_LIVE_FIELDS}})
 
 
 # --- GPUPool -> worker DaemonSet ---

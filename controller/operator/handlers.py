@@ -399,8 +399,11 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
             actual = tenants.get(name)
             known = _applied(memo, meta) or status.get("appliedDigest")
             if actual is not None and (not b.tenant_matches(desired, actual) or known != want):
-                memo.admin.tenants.remove(name)  # no in-place update: replace (its usage counters restart)
-                actual = None
+                if b.tenant_keys_unchanged(desired, actual, known):  # its keys keep working, its usage carries over
+                    memo.admin.tenants.update(name, b.tenant_live_fields(desired))
+                else:  # keys are changed only by a replacement
+                    memo.admin.tenants.remove(name)
+                    actual = None
             if actual is None:
                 memo.admin.tenants.add(desired)
             memo.applied[meta["uid"]] = (gen, want)
