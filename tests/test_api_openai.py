@@ -214,6 +214,30 @@ def test_chat_logprobs_bytes_of_partial_characters(server, tiny_model):
             assert x.bytes != [239, 191, 189] if x.token == "\ufffd" else x.bytes == list(x.token.encode()), x
 
 
+def test_completion_top_logprobs_hold_the_sampled_token(server):
+    """Completions' top_logprobs hold the sampled token beside the `logprobs` most likely ("the API will always return
+    the logprob of the sampled token, so there may be up to logprobs+1 elements", as OpenAI's legacy API and vLLM
+    give them): a sampled token outside the top k was missing, and logprobs=0 gave {} instead of it alone."""
+    c = client(server)
+    for k in (0, 2):
+        for stream in (False, True):
+            kw = dict(model="tiny-b", prompt="x", max_tokens=12, logprobs=k, temperature=2.0, seed=11,
+                      extra_body={"ignore_eos": True})
+            if stream:
+                parts = [ch.choices[0].logprobs for ch in c.completions.create(stream=True, **kw)
+                         if ch.choices and ch.choices[0].logprobs]
+            else:
+                parts = [c.completions.create(**kw).choices[0].logprobs]
+            got = [(t, lp, top) for part in parts
+                   for t, lp, top in zip(part.tokens, part.token_logprobs, part.top_logprobs)]
+            assert len(got) == 12
+            for t, lp, top in got:
+                assert top.get(t) == lp and len(top) <= k + 1, (k, t, lp, top)
+                assert list(top.values()) == sorted(top.values(), reverse=True), top
+            if k:
+                assert any(len(top) == k + 1 for _, _, top in got), got  # (sampled hot: some fall outside the top k)
+
+
 def test_sampling_extras_pass_through(server):
     r = client(server).completions.create(
         model="tiny-a", prompt="x", max_tokens=4, temperature=0.7, top_p=0.9, presence_penalty=0.5,

@@ -407,6 +407,19 @@ class OpenAIServing:
         token's length. Offsets follow the tokens, not the text sent so far, which a stop string can hold back."""
         return lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else offset
 
+    @staticmethod
+    def _top_with_sampled(pairs: list, k: int) -> list[tuple[int, float]]:
+        """A completions token's top_logprobs: the `k` most likely of `pairs` ([token id, logprob], the sampled one
+        first) and the sampled token, most likely first (up to k + 1: "the API will always return the logprob of
+        the sampled token", as OpenAI's legacy API and vLLM give them)."""
+        best: dict[int, float] = {}
+        for t, v in sorted(pairs, key=lambda x: -x[1]):
+            if len(best) == k:
+                break
+            best.setdefault(int(t), v)
+        best.setdefault(int(pairs[0][0]), pairs[0][1])
+        return sorted(best.items(), key=lambda x: -x[1])
+
     def _completion_logprobs(self, me: ModelEntry, d: Delta, k: int, offset: int,
                              first: int | None = None) -> p.CompletionLogprobs:
         """The logprobs of `d`'s tokens, their text at `offset` on; with `first` (echo: the prompt's first token id),
@@ -426,8 +439,7 @@ class OpenAIServing:
             s = self._tok(me, tid)
             out.tokens.append(s)
             out.token_logprobs.append(lp)
-            top = sorted(pairs, key=lambda x: -x[1])[:k] if k else []
-            out.top_logprobs.append({self._tok(me, t): v for t, v in top})
+            out.top_logprobs.append({self._tok(me, t): v for t, v in self._top_with_sampled(pairs, k)})
             out.text_offset.append(offset)
             offset += len(s)
         return out
