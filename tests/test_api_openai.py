@@ -238,6 +238,29 @@ def test_completion_top_logprobs_hold_the_sampled_token(server):
                 assert any(len(top) == k + 1 for _, _, top in got), got  # (sampled hot: some fall outside the top k)
 
 
+def test_truncate_prompt_tokens_on_completions_and_chat(server):
+    """vLLM's truncate_prompt_tokens on completions and chat keeps a prompt's last N tokens (-1: as many as the
+    context takes); it was ignored: a long prompt was a 400 and a short one was fed whole. Past the context: a 400."""
+    c = client(server)
+    ctx = next(m for m in c.models.list() if m.id == "tiny-a").max_model_len
+    r = c.completions.create(model="tiny-a", prompt="word " * 5000, max_tokens=2, extra_body={"truncate_prompt_tokens": 20})
+    assert r.usage.prompt_tokens == 20
+    ids = httpx.post(server.url + "/tokenize", json={"model": "tiny-a", "prompt": "Once upon a time there"},
+                     headers={"Authorization": f"Bearer {ALICE}"}).json()["tokens"]
+    short = c.completions.create(model="tiny-a", prompt="Once upon a time there", max_tokens=4,
+                                 extra_body={"truncate_prompt_tokens": 3, "ignore_eos": True}, temperature=0)
+    last3 = c.completions.create(model="tiny-a", prompt=ids[-3:], max_tokens=4, **GREEDY)
+    assert short.usage.prompt_tokens == 3 and short.choices[0].text == last3.choices[0].text
+    r = c.completions.create(model="tiny-a", prompt="word " * 5000, max_tokens=1, extra_body={"truncate_prompt_tokens": -1})
+    assert r.usage.prompt_tokens == ctx - 1
+    r = c.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "word " * 5000}], max_tokens=2,
+                                  extra_body={"truncate_prompt_tokens": 10})
+    assert r.usage.prompt_tokens == 10
+    e = _status(lambda: c.completions.create(model="tiny-a", prompt="x", max_tokens=1,
+                                             extra_body={"truncate_prompt_tokens": ctx + 1}))
+    assert e.status_code == 400 and e.body["param"] == "truncate_prompt_tokens", e.body
+
+
 def test_sampling_extras_pass_through(server):
     r = client(server).completions.create(
         model="tiny-a", prompt="x", max_tokens=4, temperature=0.7, top_p=0.9, presence_penalty=0.5,

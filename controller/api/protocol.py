@@ -121,6 +121,8 @@ class _Sampling(_Top):
     # (vLLM's) prefix caching shares KV only among requests of the same salt (on a multi-tenant server each tenant's
     # requests are salted with the tenant as well)
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
+    # (vLLM's) a prompt longer keeps its last this many tokens (-1: as many as the model's context takes)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
 
     @field_validator("logit_bias")
     @classmethod

@@ -363,17 +363,34 @@ class OpenAIServing:
             texts, prompts = [None], [list(raw)]  # type: ignore[list-item]
         else:
             texts, prompts = [None] * len(raw), [list(x) for x in raw]  # type: ignore[union-attr]
+        keep = self._kept_tokens(me, req)
         if texts[0] is not None:
             prompts = []
             for i, t in enumerate(texts):
                 try:
-                    prompts.append(encode(me.tokenizer, t, me.max_model_len) if t else [])  # type: ignore[arg-type]
+                    prompts.append(encode(me.tokenizer, t, None if keep is not None else me.max_model_len)  # type: ignore[arg-type]
+                                   if t else [])
                 except PromptTooLong as e:
                     raise too_long(me, e.n, "prompt", i if len(texts) > 1 else None) from None
+        if keep is not None:  # (a cut prompt is echoed as it was fed)
+            texts = [t if len(ids) <= keep else None for t, ids in zip(texts, prompts)]
+            prompts = [ids[len(ids) - keep:] if len(ids) > keep else ids for ids in prompts]
         prompts = [self._check_ids(me, ids, "prompt") for ids in prompts]
         echo = [(t if t is not None else me.tokenizer.decode(ids)) if req.echo else "" for t, ids in
                 zip(texts, prompts)]
         return texts, prompts, echo
+
+    @staticmethod
+    def _kept_tokens(me: ModelEntry, req: Any) -> int | None:
+        """How many of a prompt's last tokens vLLM's truncate_prompt_tokens keeps (-1: as many as the context takes,
+        leaving one to generate); None: the prompt is fed whole. Past the context: a 400, as vLLM answers it."""
+        n = getattr(req, "truncate_prompt_tokens", None)
+        if n is None:
+            return None
+        if n > me.max_model_len:
+            raise ServingError(400, f"truncate_prompt_tokens ({n}) is greater than the model's maximum context length "
+                               f"({me.max_model_len})", param="truncate_prompt_tokens")
+        return me.max_model_len - 1 if n == -1 else n
 
     def _track(self, gen: Generation) -> Tracked:
         t = Tracked(gen, self.ctl.metrics)
@@ -580,6 +597,10 @@ class OpenAIServing:
             raise ServingError(400, f"cannot apply the chat template: {e}", param="messages") from None
         if not limit:
             return encode(me.tokenizer, text)
+        keep = self._kept_tokens(me, req)
+        if keep is not None:
+            ids = encode(me.tokenizer, text)
+            return self._check_ids(me, ids[len(ids) - keep:] if len(ids) > keep else ids, "messages")
         try:
             ids = encode(me.tokenizer, text, me.max_model_len)
         except PromptTooLong as e:
