@@ -62,6 +62,8 @@ def test_bench_engine_cpu_parity_fp32_exact_and_bf16_diagnostic(make_varied, tmp
         from token_scheduler.model import triton_gemv
         assert opts["attn_blocks_per_iter"] == triton_decode.BLOCKS_PER_ITER and "attn_rope" in opts
         assert opts["gemv_norm_one_pass"] == triton_gemv.NORM_ONE_PASS
+        from token_scheduler.model import triton_tma
+        assert opts["tma_max_rows"] == triton_tma.MAX_ROWS
 
     # fp32 is the bench engine's own dtype on CPU: `parity`. A real check: identical to HF.
     p = data["parity"]
