@@ -2,11 +2,11 @@
 
     `tokenpool serve` -> run(cfg) -> exit status
 
-SIGTERM (or a first Ctrl-C) does not stop the server at once: new requests get 503 + Retry-After (and /health
+SIGTERM (or a first Ctrl-C, or SIGHUP: the terminal closed) does not stop the server at once: new requests get 503 + Retry-After (and /health
 says "draining", so a load balancer stops sending), requests in flight get `shutdown_grace_s` to finish, and
 whatever is still running then ends with an error event and `data: [DONE]` (a non-streamed one with a 503).
 Then uvicorn closes its connections, the controller stops its workers, and the process exits 0. A second
-signal stops at once.
+signal stops at once. A SIGHUP ignored when the server started (nohup) stays ignored.
 
 A signal that comes while the server is still starting (the controller loads tokenizers and starts its workers
 before uvicorn serves, seconds with real models) stops the start-up: the workers started so far are stopped,
@@ -21,11 +21,13 @@ exit status 2, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 import socket
 import time
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -131,6 +133,19 @@ class GracefulServer(uvicorn.Server):
         self._signals = 0
         self._drain: asyncio.Task | None = None
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's (SIGINT, SIGTERM), and SIGHUP as SIGTERM (the terminal that ran the server closed: it died by
+        the signal, streams cut without an error event, the admin token file left), unless SIGHUP was ignored
+        when the server started (nohup): then it stays ignored."""
+        hup = _take_hangup(self.handle_exit)
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            if hup is not None:
+                signal.signal(signal.SIGHUP, hup)  # type: ignore[arg-type]
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets=sockets)
@@ -171,13 +186,25 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True
 
 
+def _take_hangup(handler) -> object | None:
+    """Install `handler` for SIGHUP unless SIGHUP is ignored (nohup) or there is none (or not the main thread);
+    the handler it replaced, else None."""
+    sig = getattr(signal, "SIGHUP", None)
+    if sig is None or signal.getsignal(sig) == signal.SIG_IGN:
+        return None
+    try:
+        return signal.signal(sig, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
 class StartupSignals:
     """SIGTERM/SIGINT while the server starts (before uvicorn's own handlers): `run(start)` runs the start-up
     coroutine, cancelled by the first such signal (one that came earlier, during the synchronous set-up, counts
     too: the loop runs its handler first). Installed on construction; `remove()` gives the previous handlers back
     (uvicorn then installs its own). Without signals to catch (not the main thread), it only runs `start`."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -186,6 +213,8 @@ class StartupSignals:
         self._old: dict[int, object] = {}
         for sig in self.SIGNALS:
             old = signal.getsignal(sig)
+            if old == signal.SIG_IGN and sig == getattr(signal, "SIGHUP", None):  # (under nohup: stays ignored)
+                continue
             try:
                 self.loop.add_signal_handler(sig, self._on_signal, sig)
             except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no signals here

@@ -393,3 +393,53 @@ def test_a_model_removed_while_its_requests_are_placed(tmp_path):
         r = client.post("/v1/completions", json={"model": "m1", "prompt": "hi", "max_tokens": 10}, timeout=30)
         assert r.status_code == 200 and time.monotonic() - t0 >= 0.9  # 10 tokens at its new 0.1 s, not the old 0.01
     assert "Traceback" not in srv.log(), srv.log()[-3000:]
+
+
+def _hangup_server(tmp_path, token_file):
+    cfg = {"workers": {"local": "cpu"}, "admin_token_file": str(token_file), "shutdown_grace_s": 1.5,
+           "models": [PACE]}
+    return LiveServer(cfg, tmp_path)
+
+
+def test_sighup_drains_like_sigterm(tmp_path):
+    """The terminal that ran `tokenpool serve` closes (SIGHUP): the server died by the signal at once (status
+    -1), every stream cut without an error event, and the run's admin token file left behind; it drains as
+    on SIGTERM."""
+    token_file = tmp_path / "admin-token"
+    with _hangup_server(tmp_path, token_file) as srv:
+        out: dict = {}
+        th = threading.Thread(target=_stream, args=(srv.url, 3000, out))
+        th.start()
+        deadline = time.monotonic() + 20
+        while not out.get("first"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert token_file.exists()
+        os.kill(srv.proc.pid, signal.SIGHUP)
+        th.join(30)
+        rc = srv.proc.wait(30)
+        log = srv.log()
+    assert rc == 0, log
+    assert "transport_error" not in out and out["events"][-1] == "[DONE]", out.get("transport_error")
+    assert "shutting down" in json.loads(out["events"][-2])["error"]["message"]
+    assert "signal 1: draining" in log and "Traceback" not in log, log
+    assert not token_file.exists()
+
+
+def test_sighup_ignored_at_start_stays_ignored(tmp_path):
+    """Under nohup (SIGHUP ignored when the server starts) a SIGHUP does nothing: the server keeps serving."""
+    token_file = tmp_path / "admin-token"
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited by the server, as nohup does
+    try:
+        srv = _hangup_server(tmp_path, token_file).__enter__()
+    finally:
+        signal.signal(signal.SIGHUP, old)
+    try:
+        os.kill(srv.proc.pid, signal.SIGHUP)
+        time.sleep(0.5)  # (nothing should happen: give a wrong handler the time to act)
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "pace", "prompt": "x", "max_tokens": 2}, timeout=10)
+        assert r.status_code == 200 and srv.proc.poll() is None
+        assert httpx.get(srv.url + "/health", timeout=10).json()["status"] != "draining"
+    finally:
+        srv.__exit__()
+    assert "draining" not in srv.log().split("listening on", 1)[-1].split("signal 15", 1)[0]
