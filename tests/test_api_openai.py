@@ -261,6 +261,34 @@ def test_truncate_prompt_tokens_on_completions_and_chat(server):
     assert e.status_code == 400 and e.body["param"] == "truncate_prompt_tokens", e.body
 
 
+def test_vllm_extras_it_cannot_honour_are_refused_and_token_ids_as_tokens(server):
+    """vLLM's prompt_logprobs and use_beam_search were ignored (no prompt logprobs in the reply, a sampled output for
+    a beam search): a 400 naming each; return_tokens_as_token_ids writes logprobs' tokens as "token_id:N" on both
+    endpoints, as vLLM does (it was ignored)."""
+    c = client(server)
+    msgs = [{"role": "user", "content": "Hi"}]
+    for extra in ({"prompt_logprobs": 1}, {"use_beam_search": True}):
+        (param,) = extra
+        e = _status(lambda x=extra: c.chat.completions.create(model="tiny-a", messages=msgs, max_tokens=2, extra_body=x))
+        assert e.status_code == 400 and e.body["param"] == param, e.body
+        e = _status(lambda x=extra: c.completions.create(model="tiny-a", prompt="x", max_tokens=2, extra_body=x))
+        assert e.status_code == 400 and e.body["param"] == param, e.body
+    ok = c.completions.create(model="tiny-a", prompt="x", max_tokens=2, extra_body={"use_beam_search": False,
+                                                                                   "prompt_logprobs": None})
+    assert ok.usage.completion_tokens >= 1
+    ids = {"return_tokens_as_token_ids": True, "ignore_eos": True}
+    r = c.completions.create(model="tiny-a", prompt="x", max_tokens=3, logprobs=2, temperature=0, extra_body=ids)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 3 and all(t.startswith("token_id:") and t[9:].isdigit() for t in lp.tokens), lp.tokens
+    assert all(k.startswith("token_id:") for top in lp.top_logprobs for k in top), lp.top_logprobs
+    r = c.chat.completions.create(model="tiny-a", messages=msgs, max_tokens=3, logprobs=True, top_logprobs=2,
+                                  temperature=0, extra_body=ids)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3 and all(t.token.startswith("token_id:") and t.bytes == list(t.token.encode())
+                                     for t in content), content
+    assert all(x.token.startswith("token_id:") for t in content for x in t.top_logprobs)
+
+
 def test_sampling_extras_pass_through(server):
     r = client(server).completions.create(
         model="tiny-a", prompt="x", max_tokens=4, temperature=0.7, top_p=0.9, presence_penalty=0.5,

@@ -123,6 +123,11 @@ class _Sampling(_Top):
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
     # (vLLM's) a prompt longer keeps its last this many tokens (-1: as many as the model's context takes)
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    # (vLLM's) logprobs' tokens written as "token_id:N"
+    return_tokens_as_token_ids: bool = False
+    # (vLLM's) refused by the serving layer when asked: no prompt logprobs field in replies, no beam search
+    prompt_logprobs: int | None = None
+    use_beam_search: bool = False
 
     @field_validator("logit_bias")
     @classmethod

@@ -267,6 +267,11 @@ class OpenAIServing:
             raise ServingError(400, "best_of other than n is not supported", param="best_of")
         if req.stream_options is not None and not req.stream:
             raise ServingError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        if req.prompt_logprobs is not None:
+            raise ServingError(400, "prompt_logprobs is not supported (on /v1/completions, echo with logprobs scores "
+                               "the prompt's tokens)", param="prompt_logprobs")
+        if req.use_beam_search:
+            raise ServingError(400, "beam search is not supported", param="use_beam_search")
 
     @staticmethod
     def _params(me: ModelEntry, req: p._Sampling, max_tokens: int | None, logprobs: int | None,
@@ -332,7 +337,10 @@ class OpenAIServing:
                        prompt_tokens_details=p.PromptTokensDetails(cached_tokens=gen.cached_tokens),
                        total_tokens=gen.prompt_tokens + gen.completion_tokens)
 
-    def _tok(self, me: ModelEntry, tid: int) -> str:
+    def _tok(self, me: ModelEntry, tid: int, as_ids: bool = False) -> str:
+        """A token as logprobs write it: its text, or (vLLM's return_tokens_as_token_ids) "token_id:N"."""
+        if as_ids:
+            return f"token_id:{int(tid)}"
         return me.tokenizer.decode([int(tid)], skip_special_tokens=False)
 
     # --- /v1/completions ---
@@ -438,13 +446,13 @@ class OpenAIServing:
         return sorted(best.items(), key=lambda x: -x[1])
 
     def _completion_logprobs(self, me: ModelEntry, d: Delta, k: int, offset: int,
-                             first: int | None = None) -> p.CompletionLogprobs:
+                             first: int | None = None, as_ids: bool = False) -> p.CompletionLogprobs:
         """The logprobs of `d`'s tokens, their text at `offset` on; with `first` (echo: the prompt's first token id),
         those of the prompt's tokens before them, from offset 0 (the first token's null)."""
         out = p.CompletionLogprobs()
         pairs_of = d.logprobs or []
         if first is not None:
-            s = self._tok(me, first)
+            s = self._tok(me, first, as_ids)
             out.tokens.append(s)
             out.token_logprobs.append(None)
             out.top_logprobs.append(None)
@@ -453,10 +461,10 @@ class OpenAIServing:
             pairs_of = [*(d.prompt_logprobs or []), *pairs_of]
         for pairs in pairs_of:
             tid, lp = pairs[0]
-            s = self._tok(me, tid)
+            s = self._tok(me, tid, as_ids)
             out.tokens.append(s)
             out.token_logprobs.append(lp)
-            out.top_logprobs.append({self._tok(me, t): v for t, v in self._top_with_sampled(pairs, k)})
+            out.top_logprobs.append({self._tok(me, t, as_ids): v for t, v in self._top_with_sampled(pairs, k)})
             out.text_offset.append(offset)
             offset += len(s)
         return out
@@ -472,7 +480,8 @@ class OpenAIServing:
             lp = lps[i]
             if lp is not None and (d.logprobs or d.prompt_logprobs is not None):
                 first = None if firsts is None or d.prompt_logprobs is None else firsts[i // req.n]
-                part = self._completion_logprobs(me, d, req.logprobs or 0, offsets[i], first)
+                part = self._completion_logprobs(me, d, req.logprobs or 0, offsets[i], first,
+                                                 req.return_tokens_as_token_ids)
                 offsets[i] = self._offset_after(part, offsets[i])
                 for f in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                     getattr(lp, f).extend(getattr(part, f))
@@ -497,7 +506,7 @@ class OpenAIServing:
                 first = None if firsts is None or d.prompt_logprobs is None else firsts[i // req.n]
                 if first is not None:
                     text = echo[i // req.n] + text
-                part = self._completion_logprobs(me, d, req.logprobs, offsets[i], first)
+                part = self._completion_logprobs(me, d, req.logprobs, offsets[i], first, req.return_tokens_as_token_ids)
                 offsets[i] = self._offset_after(part, offsets[i])
                 lp = part.model_dump_json().encode()
             return fr.text(i, text, lp, d.finish_reason if d.finished else None)
@@ -607,14 +616,14 @@ class OpenAIServing:
             raise too_long(me, e.n, "messages") from None
         return self._check_ids(me, ids, "messages")
 
-    def _chat_logprobs(self, me: ModelEntry, d: Delta, k: int) -> list[p.TokenLogprob]:
+    def _chat_logprobs(self, me: ModelEntry, d: Delta, k: int, as_ids: bool = False) -> list[p.TokenLogprob]:
         out = []
         for pairs in d.logprobs or []:
             tid, lp = pairs[0]
-            s = self._tok(me, tid)
+            s = self._tok(me, tid, as_ids)
             top = sorted(pairs, key=lambda x: -x[1])[:k]
             out.append(p.TokenLogprob(token=s, logprob=lp, bytes=token_bytes(me.tokenizer, tid, s), top_logprobs=[
-                p.TopLogprob(token=(ts := self._tok(me, t)), logprob=v, bytes=token_bytes(me.tokenizer, t, ts))
+                p.TopLogprob(token=(ts := self._tok(me, t, as_ids)), logprob=v, bytes=token_bytes(me.tokenizer, t, ts))
                 for t, v in top]))
         return out
 
@@ -636,7 +645,7 @@ class OpenAIServing:
         async for i, d in gen.events():
             text[i] += d.text
             if req.logprobs:
-                lps[i].extend(self._chat_logprobs(me, d, req.top_logprobs or 0))
+                lps[i].extend(self._chat_logprobs(me, d, req.top_logprobs or 0, req.return_tokens_as_token_ids))
             if d.finished:
                 finish[i] = d.finish_reason
         replies = [self._reply(text[i], finish[i], tools) for i in range(k)]
@@ -666,7 +675,7 @@ class OpenAIServing:
 
         def frame(i: int, d: Delta) -> bytes:
             out = b""
-            lp = self._chat_logprobs(me, d, req.top_logprobs or 0) if req.logprobs else None
+            lp = self._chat_logprobs(me, d, req.top_logprobs or 0, req.return_tokens_as_token_ids) if req.logprobs else None
             if tools is not None and not text_reply[i]:  # calls go out whole, in one delta (or the text, if cut short)
                 held[i] += d.text
                 held_lps[i] += lp or []
