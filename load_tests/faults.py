@@ -66,19 +66,24 @@ class Target:
         r.raise_for_status()
         return r.json()
 
+    def tenant_inflight(self) -> int:
+        """The tenants' concurrency slots taken (max_concurrent counts them); 0 where the admin API has none."""
+        r = httpx.get(self.url + "/admin/tenants", headers=self.admin_headers(), timeout=10)
+        return sum(int(t.get("inflight", 0)) for t in r.json()) if r.status_code == 200 else 0
+
     def held(self, fresh_s: float = 10.0) -> dict[str, int]:
-        """What the controller and the engines still hold: requests and KV blocks (all engines, all models), as
-        they are now: the engines' part comes with their Stats, so this waits (up to `fresh_s`) for a view every
-        live engine took after the question (`pool.loop.t`, when its worker took it; a worker that does not say
-        is read as it is). It used to read the last view, up to two heartbeats old: a zero taken before the
-        requests started, or counts taken before they ended."""
+        """What the controller and the engines still hold: requests, KV blocks (all engines, all models) and the
+        tenants' concurrency slots, as they are now: the engines' part comes with their Stats, so this waits (up
+        to `fresh_s`) for a view every live engine took after the question (`pool.loop.t`, when its worker took
+        it; a worker that does not say is read as it is). It used to read the last view, up to two heartbeats
+        old: a zero taken before the requests started, or counts taken before they ended."""
         asked, deadline = time.time(), time.monotonic() + fresh_s
         while True:
             es = self.engines()
             if all(_taken(e) is None or _taken(e) >= asked for e in es if e["alive"]) or time.monotonic() > deadline:
                 break
             time.sleep(0.02)
-        out = {"inflight": 0, "running": 0, "waiting": 0, "kv_blocks_used": 0}
+        out = {"inflight": 0, "running": 0, "waiting": 0, "kv_blocks_used": 0, "tenant_inflight": self.tenant_inflight()}
         for e in es:
             if not e["alive"]:
                 continue

@@ -26,4 +26,5 @@ def test_held_reads_the_state_after_it_is_asked():
         done, during, after = asyncio.run(body())
     assert all(s.done and not s.error and s.tokens == 400 for s in done), [(s.error, s.tokens) for s in done]
     assert during["inflight"] == 4 and during["running"] == 4 and during["kv_blocks_used"] > 0, during
+    assert during["tenant_inflight"] == 4, during  # the suite tenant's concurrency slots
     assert not any(after.values()), after
