@@ -203,7 +203,8 @@ def _fused_layers(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata,
             lora.add_(n, "o", o, [y])
         h = k.add_rms_norm(x, y, w[p + "ln2"], eps)
         if use_tma:  # down's partial sums: the add+RMSNorm below adds them
-            m = tma.linear(tma.linear(h, w[p + "gate_up"], glu=True), w[p + "down"], parts=True)
+            a = tma.linear(h, w[p + "gate_up"], glu=True) if tma.GLU else k.silu_mul(tma.linear(h, w[p + "gate_up"]))
+            m = tma.linear(a, w[p + "down"], parts=True)
         else:
             m = _mlp(w, p, h, lora, n)
         nxt = w[f"l{n + 1}.ln1"] if n + 1 < cfg.num_layers else w["norm"]

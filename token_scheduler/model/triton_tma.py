@@ -47,13 +47,29 @@ def rows_pad(m: int) -> int:
     return max(16, triton.next_power_of_2(m))
 
 
-def config_for(n: int, k: int, m_pad: int, sms: int = 132) -> tuple[int, int, int, int]:
+# SiLU*mul in gate_up's epilogue (False: gate_up's output written whole, then triton_ops.silu_mul; for A/B runs)
+GLU = True
+# Shared memory a program of a projection wider than the GPU may take: two programs an SM (Hopper: 228 KB an SM).
+# At one program an SM the GLU gate_up of the 1.5B at 32 rows (140 programs, 120 KB each at K tiles of 128 over 3
+# stages) ran in two waves.
+SMEM_WIDE = 110 * 1024
+
+
+def smem_bytes(bn: int, bk: int, st: int, m_pad: int, glu: bool) -> int:
+    """A program's pipelined tiles: STAGES x (weight rows, twice with GLU, + input rows) x BLOCK_K, 2-byte."""
+    return st * ((2 if glu else 1) * bn + m_pad) * bk * 2
+
+
+def config_for(n: int, k: int, m_pad: int, sms: int = 132, glu: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, STAGES, SPLIT) for weights [n, k] (glu: n counts gate and up) at m_pad rows."""
     c = _CONFIGS.get((n, k, m_pad))
-    if c is not None:
+    if c is not None and not glu:
         return c
     bn = 64
     bk, st = (256, 4) if k <= 4096 and n < 8192 else (128, 3)
-    tiles_n, tiles_k = triton.cdiv(n, bn), triton.cdiv(k, bk)
+    tiles_n, tiles_k = triton.cdiv(n // 2 if glu else n, bn), triton.cdiv(k, bk)
+    while tiles_n > sms and smem_bytes(bn, bk, st, m_pad, glu) > SMEM_WIDE and bk > 32:
+        st, bk = (st - 1, bk) if st > 2 else (st, bk // 2)
     split = 1
     while tiles_n * split * 2 <= sms * 1.5 and tiles_k >= 4 * split * 2:  # fill the SMs, 4 K tiles a split at least
         split *= 2
@@ -131,7 +147,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
         raise ValueError(f"tma.linear: x {tuple(x.shape)}, w {tuple(w.shape)} (glu {glu}, parts {parts}, bias "
                          f"{bias is not None}): needs [M, K] and [N, K], contiguous; glu on an even row count alone")
     m_pad = rows_pad(m)
-    bn, bk, st, split = config or config_for(w.shape[0], k, m_pad, _sms(x.device.index or 0) if x.is_cuda else 132)
+    bn, bk, st, split = config or config_for(w.shape[0], k, m_pad, _sms(x.device.index or 0) if x.is_cuda else 132,
+                                              glu)
     bk = min(bk, max(16, triton.next_power_of_2(k)))
     while glu and n % bn and bn > 16:  # a program's gate rows must not run into the up rows
         bn //= 2
