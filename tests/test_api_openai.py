@@ -614,6 +614,22 @@ def test_streamed_tool_calls_have_null_content(server):
     assert text[0].role == "assistant" and text[0].content == ""
 
 
+def test_tool_message_without_tool_call_id_is_a_400(server):
+    """A tool message names the call it answers (`tool_call_id`), as OpenAI requires: without it, a 400 naming the
+    field (it went to the template, which cannot tie the result to a call)."""
+    c = client(server)
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                             "arguments": '{"city": "Paris", "days": 3}'}}
+    history = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    for extra in ({}, {"tool_call_id": None}):
+        e = _status(lambda x=extra: c.chat.completions.create(model="tiny-a", max_tokens=2, messages=[
+            *history, {"role": "tool", "content": "sunny", **x}]))
+        assert e.status_code == 400 and e.body["param"] == "messages.2.tool_call_id", e.body
+    r = c.chat.completions.create(model="tiny-a", max_tokens=2, messages=[
+        *history, {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}])
+    assert r.usage.completion_tokens >= 1
+
+
 def test_tokenize_detokenize_version(server, tiny_model):
     """vLLM's /tokenize (a prompt, or messages through the chat template: the ids a request feeds the model, counted as
     its usage counts them), /detokenize (the way back), /version; a key is needed, bad input is a 400."""
@@ -825,7 +841,7 @@ def test_ollama_chat_with_tools(server):
     ref = c.chat.completions.create(model="tiny-b", tools=[WEATHER], max_tokens=8, temperature=0, messages=[
         *msgs, {"role": "assistant", "content": "", "tool_calls": [{"id": "call_0", "type": "function", "function": {
             "name": "get_weather", "arguments": json.dumps({"city": "Paris", "days": 3})}}]},
-        {"role": "tool", "content": "sunny, 21 C", "name": "get_weather"}])
+        {"role": "tool", "content": "sunny, 21 C", "name": "get_weather", "tool_call_id": "call_0"}])
     r = oc.chat(model="tiny-b", messages=history, tools=[WEATHER], options={"temperature": 0, "num_predict": 8})
     assert r.prompt_eval_count == ref.usage.prompt_tokens
     assert (r.message.content, [t.function.name for t in r.message.tool_calls or []]) == (

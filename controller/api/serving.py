@@ -516,6 +516,10 @@ class OpenAIServing:
     # --- /v1/chat/completions ---
     async def chat(self, req: p.ChatCompletionRequest, tenant: Tenant,
                    request: Request) -> p.ChatCompletionResponse | AsyncIterator[bytes]:
+        for i, m in enumerate(req.messages):  # (OpenAI's rule; Ollama's tool messages, which carry none, come apart)
+            if m.role == "tool" and not m.tool_call_id:
+                raise ServingError(400, "a tool message needs tool_call_id, the id of the call it answers",
+                                   param=f"messages.{i}.tool_call_id")
         rid = self.ctl.new_id("chatcmpl")
         me, tools, gen = await self.start_chat(req, tenant, rid)
         if req.stream:
