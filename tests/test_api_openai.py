@@ -518,6 +518,9 @@ def test_vllm_structured_outputs_through_the_api(server):
         r = c.completions.create(model="tiny-b", prompt="Code:", max_tokens=20, temperature=1.0, seed=seed,
                                  extra_body={"structured_outputs": {"regex": "[A-Z]{2}-[0-9]{3}"}})
         assert re.fullmatch("[A-Z]{2}-[0-9]{3}", r.choices[0].text), r.choices[0].text
+        r = c.completions.create(model="tiny-a", prompt="Ok?", max_tokens=10, temperature=1.0, seed=seed,
+                                 extra_body={"guided_grammar": 'root ::= answer "!"\nanswer ::= "yes" | "no"'})
+        assert r.choices[0].text in ("yes!", "no!"), r.choices[0].text  # (GBNF, as vLLM's examples write it)
     e = _status(lambda: c.completions.create(model="tiny-a", prompt="x", max_tokens=1, extra_body={
         "guided_choice": ["a"], "response_format": {"type": "json_object"}}))
     assert e.status_code == 400 and e.body["param"] == "response_format", e.body

@@ -327,3 +327,28 @@ def test_one_of_is_held_as_any_of(accepts):
     assert accepts(plan.grammar, '[{"name": "f", "parameters": {"id": 2, "n": 10}}]')
     auto = tool_plan(_tools({"name": "f", "parameters": one_of}), "auto", None, "hermes")
     assert accepts(auto.grammar, '<tool_call>\n{"name": "f", "arguments": {"id": "q", "n": 99}}\n</tool_call>')
+
+
+def test_gbnf_grammars_as_vllm_takes_them(accepts):
+    """vLLM's grammar shapes (guided_grammar, structured_outputs.grammar) take GBNF/EBNF (`root ::= ...`, as vLLM's
+    own examples write them) besides Lark: GBNF was a 400 ("Expected token '_'")."""
+    from controller.api.structured import vllm_grammar
+
+    sql = ('root ::= select_statement\n'
+           'select_statement ::= "SELECT " column " from " table " where " condition\n'
+           'column ::= "col_1 " | "col_2 "\ntable ::= "table_1 " | "table_2 "\n'
+           'condition ::= column "= " number\nnumber ::= "1 " | "2 "\n')
+
+    def req(**kw):
+        return p.CompletionRequest.model_validate({"model": "m", "prompt": "x", **kw})
+
+    for r in (req(guided_grammar=sql), req(structured_outputs={"grammar": sql})):
+        g = vllm_grammar(r)
+        assert accepts(g, "SELECT col_1  from table_2  where col_2 = 1 ")
+        assert not accepts(g, "SELECT col_3  from table_2  where col_2 = 1 ")
+    lark = vllm_grammar(req(guided_grammar='start: "yes" | "no"'))
+    assert accepts(lark, "yes") and not accepts(lark, "maybe")
+    for bad in ('root ::= "yes" (', "root ::= undefined"):
+        with pytest.raises(ServingError) as ei:
+            vllm_grammar(req(guided_grammar=bad))
+        assert ei.value.status == 400 and ei.value.param == "guided_grammar", bad

@@ -74,7 +74,7 @@ _SO_OPTIONS = frozenset({"disable_any_whitespace", "whitespace_pattern", "disabl
 
 def vllm_grammar(req: Any) -> str | None:
     """The grammar of vLLM's structured outputs (`structured_outputs`, or the older `guided_json`, `guided_regex`,
-    `guided_choice`, `guided_grammar`); None when none is asked; a 400 when more than one is, or one cannot compile."""
+    `guided_choice`, `guided_grammar`; a grammar is Lark or GBNF/EBNF); None when none is asked; a 400 when more than one is, or one cannot compile."""
     from llguidance import LLMatcher
 
     asked = {f"guided_{k}": v for k in ("json", "regex", "choice", "grammar")
@@ -115,8 +115,19 @@ def vllm_grammar(req: Any) -> str | None:
             raise ServingError(400, f"{param}: a list of non-empty strings", param=param)
         return _compiled(LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in v)), param)
     if not isinstance(v, str):
-        raise ServingError(400, f"{param}: a Lark grammar is a string", param=param)
-    return _compiled(LLMatcher.grammar_from_lark(v), param)
+        raise ServingError(400, f"{param}: a grammar (Lark, or GBNF/EBNF) is a string", param=param)
+    return _compiled(LLMatcher.grammar_from_lark(_as_lark(v, param)), param)
+
+
+def _as_lark(grammar: str, param: str) -> str:
+    """A grammar as Lark: GBNF/EBNF (`root ::= ...`, llama.cpp's and xgrammar's, as vLLM's examples write them)
+    converted, as vLLM's guidance backend does; Lark (a `start:` rule) as it is."""
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        return any_to_lark(grammar)
+    except Exception as e:  # noqa: BLE001 - the converter's parse errors are of several kinds
+        raise ServingError(400, f"{param}: not a Lark or GBNF grammar ({e})", param=param) from None
 
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>\n", "\n</tool_call>"
