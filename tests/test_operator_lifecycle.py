@@ -5,6 +5,7 @@ the same against a live `tokenpool serve`."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import pytest
@@ -47,6 +48,7 @@ async def world(tmp_path, monkeypatch):
         k8s.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False)
         k8s.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
         k8s.resources["apps/v1/daemonsets"] = kmock.ResourceInfo(kind="DaemonSet", namespaced=True)
+        k8s.resources["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True)
         fake = FakeController(ctl)
         fake.engines.append({"id": "e0", "alive": True, "draining": False, "models": []})
         monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(k8s, tmp_path / "kubeconfig", NS)))
@@ -171,3 +173,39 @@ async def test_a_pool_change_reaches_its_workers_and_a_lost_join_token_is_named(
                                       "metadata": {"name": "tokenpool-join-token", "namespace": NS},
                                       "data": {"token": base64.b64encode(b"tp-join").decode()}})
         await _until("pool Ready again", lambda: _reason(kube, "gpupools", "default", "EnginesReady"))
+
+
+def _events(kube: Cluster, name: str, reason: str) -> list[dict]:
+    """The Warning events the operator posted about object `name` with `reason` (the requests: kmock keeps one
+    event of a namespace, having no generateName)."""
+    return [r.data for r in kube.k8s if r.method.value == "POST" and r.url.path == f"/api/v1/namespaces/{NS}/events"
+            and r.data.get("type") == "Warning" and r.data.get("reason") == reason
+            and r.data.get("involvedObject", {}).get("name") == name]
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_a_resource_turning_degraded_is_a_warning_event_once(world):
+    """`kubectl describe` (or `kubectl get events`) shows why a resource is Degraded: a Warning event with the
+    condition's reason when it turns Degraded, not one per periodic round while it stays so. (The operator posted
+    none: kopf posts no log message unless told to.)"""
+    kube, fake = world
+    async with Operator():
+        await kube.create("pooledmodels", _obj("PooledModel", "m", {"engine": {"kind": "pace"}, "poolRef": "nowhere"}))
+        await kube.create("tenants", _obj("Tenant", "t", {"keysSecretRef": {"name": "missing"}}))
+        await _until("PoolNotFound", lambda: _reason(kube, "pooledmodels", "m", "PoolNotFound"))
+        await _until("SecretNotFound", lambda: _reason(kube, "tenants", "t", "SecretNotFound"))
+        await _until("the events", _both_events(kube))
+        await asyncio.sleep(3)  # timer rounds every second: still Degraded, for the same reason
+        for name, reason, what, kind in (("m", "PoolNotFound", "'nowhere'", "PooledModel"),
+                                         ("t", "SecretNotFound", "'missing'", "Tenant")):
+            events = _events(kube, name, reason)
+            assert len(events) == 1, (name, events)
+            assert what in events[0]["message"] and events[0]["involvedObject"]["kind"] == kind
+
+
+def _both_events(kube: Cluster):
+    async def check() -> bool:
+        return bool(_events(kube, "m", "PoolNotFound")) and bool(_events(kube, "t", "SecretNotFound"))
+
+    return check

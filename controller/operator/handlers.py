@@ -9,6 +9,7 @@ Handlers are sync (kopf runs them in threads); one lock per object keeps its tim
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -79,7 +80,10 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Keep kopf's bookkeeping in annotations: the CRDs' status schemas hold only tokenpool's fields.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    # Warning events: a resource turning Degraded (_write_status) and kopf's own warnings and errors (a handler that
+    # failed); kopf posts none of its log messages unless told to.
     settings.posting.level = logging.WARNING
+    settings.posting.loggers = True
     settings.background.cancellation_polling = TIMER_EXIT_POLL_S
     # Watch the given namespaces and the resources found at start: no cluster-wide CRD or namespace watching,
     # so the operator needs no ClusterRole (a newly installed CRD needs an operator restart).
@@ -115,18 +119,37 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _admin_failed(patch, status, gen, e: Exception) -> None:
+def _admin_failed(body: Any, patch, status, gen, e: Exception) -> None:
     """The controller refused a change (Degraded, Rejected: the next change of the object tries again) or could
     not be reached (Degraded, ControllerUnavailable: raised for kopf to retry)."""
     if isinstance(e, AdminUnavailable):
-        _write_status(patch, status, {}, "Degraded", "ControllerUnavailable", str(e), gen)
+        _write_status(body, patch, status, {}, "Degraded", "ControllerUnavailable", str(e), gen)
         raise _unavailable(e) from e
-    _write_status(patch, status, {}, "Degraded", "Rejected", str(e), gen)
+    _write_status(body, patch, status, {}, "Degraded", "Rejected", str(e), gen)
 
 
-def _write_status(patch: kopf.Patch, status: dict, fields: dict, state: str, reason: str, message: str,
+_WARNED: dict[str | None, str] = {}  # uid -> the reason of the Warning event posted for it while it stays Degraded
+_WARNED_LOCK = threading.Lock()
+
+
+def _write_status(body: Any, patch: kopf.Patch, status: dict, fields: dict, state: str, reason: str, message: str,
                   generation: int | None) -> None:
-    """Patch status only where it differs (a converged object gets no write)."""
+    """Patch status only where it differs (a converged object gets no write). Turning Degraded (or Degraded for
+    another reason) is also a Warning event on the object `body` (what `kubectl describe` shows), with the
+    condition's reason: once, not again while it stays so."""
+    was = next(((c.get("type"), c.get("reason")) for c in status.get("conditions") or [] if c.get("status") == "True"),
+               None)
+    uid = (body or {}).get("metadata", {}).get("uid")
+    with _WARNED_LOCK:  # (and not again for a snapshot whose status lags: a timer's, a replayed event's)
+        told = _WARNED.pop(uid, None)
+        if state == "Degraded":
+            _WARNED[uid] = reason
+    if state == "Degraded" and was != (state, reason) and told != reason:
+        log.warning("%s/%s: %s: %s", (body or {}).get("kind", "?"), (body or {}).get("metadata", {}).get("name"),
+                    reason, message)
+        if body is not None:
+            with contextlib.suppress(LookupError):  # (LookupError: called outside kopf, as tests do)
+                kopf.warn(body, reason=reason, message=message)
     new = dict(fields, conditions=b.build_conditions(state, reason, message, generation, status.get("conditions"),
                                                      _now()))
     for k, v in new.items():
@@ -163,7 +186,7 @@ def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: di
             current = memo.kube.apply_daemonset(ds)
         except ApiException as e:
             why = f"{e.status} {e.reason}: {_api_message(e)}"  # the API server's why (422: which field, and why)
-            _write_status(patch, status, {}, "Degraded", "WorkersNotApplied", f"DaemonSet: {why}", gen)
+            _write_status(body, patch, status, {}, "Degraded", "WorkersNotApplied", f"DaemonSet: {why}", gen)
             raise kopf.TemporaryError(f"applying the worker DaemonSet: {why}", delay=10) from e
         memo.applied[meta["uid"]] = (gen, ds["metadata"]["annotations"][b.ANNOTATION_DIGEST])
         # The workers' join token comes from a Secret: without it (or its key) a worker pod cannot start
@@ -175,16 +198,16 @@ def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: di
         try:
             engines = memo.admin.engines()
         except (AdminError, AdminUnavailable) as e:
-            _admin_failed(patch, status, gen, e)
+            _admin_failed(body, patch, status, gen, e)
             return
         st = b.build_pool_status(engines, current, dict(spec), gen)
         if no_token:
-            _write_status(patch, status, st, "Degraded", "JoinTokenNotFound", f"{no_token}: worker pods cannot "
+            _write_status(body, patch, status, st, "Degraded", "JoinTokenNotFound", f"{no_token}: worker pods cannot "
                           "start (joinTokenSecretRef)", gen)
         elif st["enginesReady"]:
-            _write_status(patch, status, st, "Ready", "EnginesReady", f"{st['enginesReady']} engine(s) ready", gen)
+            _write_status(body, patch, status, st, "Ready", "EnginesReady", f"{st['enginesReady']} engine(s) ready", gen)
         else:
-            _write_status(patch, status, st, "Progressing", "WaitingForWorkers", "no engine has joined yet", gen)
+            _write_status(body, patch, status, st, "Progressing", "WaitingForWorkers", "no engine has joined yet", gen)
 
 
 # --- PooledModel ---
@@ -226,7 +249,7 @@ def resync_model(runtime: datetime.timedelta, **kw: Any) -> None:
 
 def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: dict, patch: kopf.Patch,
                      memo: kopf.Memo, runtime: datetime.timedelta | None, served_names: Any = None,
-                     **_: Any) -> None:
+                     body: Any = None, **_: Any) -> None:
     gen, spec = meta.get("generation"), dict(spec)
     with _lock(memo, meta["uid"]):
         if meta.get("deletionTimestamp") or _stale(memo, meta):
@@ -234,22 +257,23 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
         try:
             desired = b.build_model_spec(name, spec)
         except ValueError as e:
-            _write_status(patch, status, {}, "Degraded", "InvalidSpec", str(e), gen)
+            _write_status(body, patch, status, {}, "Degraded", "InvalidSpec", str(e), gen)
             return  # nothing to retry until the spec changes
         owner = _name_owner(served_names, desired["name"])
         if owner is not None and owner[3] != meta["uid"]:
-            _write_status(patch, status, {}, "Degraded", "NameConflict", f"model name {desired['name']!r} is "
+            _write_status(body, patch, status, {}, "Degraded", "NameConflict", f"model name {desired['name']!r} is "
                           f"PooledModel {owner[1]}/{owner[2]}'s (older); set another servedName", gen)
             return  # the timer looks again (the other one may go)
         pool = b.with_defaults(spec, b.MODEL_DEFAULTS)["poolRef"]
         if memo.kube.pool(namespace, pool) is None:
-            _write_status(patch, status, {}, "Degraded", "PoolNotFound", f"no GPUPool {pool!r} in {namespace}", gen)
+            _write_status(body, patch, status, {}, "Degraded", "PoolNotFound", f"no GPUPool {pool!r} in {namespace}",
+                          gen)
             return  # the timer looks again
         want = b.reload_digest(desired)  # (what a PATCH changes in place is compared as the controller shows it)
         try:
             models = memo.admin.models.by_name()  # the one read of the controller's models this round
             if desired["name"] in _config_models(models):
-                _write_status(patch, status, {}, "Degraded", "NameConflict", f"model name {desired['name']!r} is "
+                _write_status(body, patch, status, {}, "Degraded", "NameConflict", f"model name {desired['name']!r} is "
                               "served by the controller's own configuration; set another servedName", gen)
                 return  # never replaced or removed by a PooledModel (the timer looks again)
             old = memo.served.get(meta["uid"]) or status.get("served")
@@ -258,7 +282,8 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
                     and old in models):  # renamed (servedName changed); not to another's name
                 n = _drain_wait(memo.admin, old, spec, runtime)
                 if n:
-                    _write_status(patch, status, {}, "Progressing", "Draining", f"{n} requests in flight on {old!r}", gen)
+                    _write_status(body, patch, status, {}, "Progressing", "Draining",
+                                  f"{n} requests in flight on {old!r}", gen)
                     if runtime is None:
                         return
                     raise kopf.TemporaryError(f"draining {n} requests of {old!r} before the rename", delay=1)
@@ -270,8 +295,8 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
                 # flight finish.
                 n = _drain_wait(memo.admin, desired["name"], spec, runtime)
                 if n:
-                    _write_status(patch, status, {}, "Progressing", "Draining", f"{n} requests in flight before the "
-                                  "change", gen)
+                    _write_status(body, patch, status, {}, "Progressing", "Draining",
+                                  f"{n} requests in flight before the change", gen)
                     if runtime is None:
                         return
                     raise kopf.TemporaryError(f"draining {n} requests before re-registering", delay=1)
@@ -284,16 +309,16 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
             memo.applied[meta["uid"]] = (gen, want)
             memo.served[meta["uid"]] = desired["name"]
         except (AdminError, AdminUnavailable) as e:
-            _admin_failed(patch, status, gen, e)
+            _admin_failed(body, patch, status, gen, e)
             return
         st = dict(b.build_model_status(actual, spec, gen), appliedDigest=want, served=desired["name"])
         if st["ready"]:
-            _write_status(patch, status, st, "Ready", "Serving", f"on {st['replicas']} engine(s)", gen)
+            _write_status(body, patch, status, st, "Ready", "Serving", f"on {st['replicas']} engine(s)", gen)
         elif actual.get("load_error"):  # no engine could load it (a wrong path, too big...): it waits in vain
-            _write_status(patch, status, st, "Degraded", "LoadFailed", f"registered, but its last load failed: "
+            _write_status(body, patch, status, st, "Degraded", "LoadFailed", f"registered, but its last load failed: "
                           f"{actual['load_error']}", gen)
         else:
-            _write_status(patch, status, st, "Progressing", "Loading", "registered; waiting for an engine", gen)
+            _write_status(body, patch, status, st, "Progressing", "Loading", "registered; waiting for an engine", gen)
 
 
 def _config_models(models: dict[str, dict]) -> set[str]:
@@ -304,19 +329,20 @@ def _config_models(models: dict[str, dict]) -> set[str]:
 
 @kopf.on.delete(GROUP, VERSION, "pooledmodels")
 def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Patch, memo: kopf.Memo,
-                 runtime: datetime.timedelta, served_names: Any = None, **_: Any) -> None:
+                 runtime: datetime.timedelta, served_names: Any = None, body: Any = None, **_: Any) -> None:
     """The finalizer: drain the model (no new requests), let those in flight finish (up to
     spec.drainTimeoutSeconds), then remove it. Only names it has: not one an older PooledModel asks for."""
     names = {b.served_name(name, dict(spec)), status.get("served"), memo.served.get(meta["uid"])} - {None}  # mid-rename
     names = {n for n in names if (owner := _name_owner(served_names, n)) is None or owner[3] == meta["uid"]}
     with _lock(memo, meta["uid"]):
         try:
-            names -= _config_models(memo.admin.models.by_name())  # (a model of the controller's configuration is never this one's)
+            # (a model of the controller's configuration is never this one's)
+            names -= _config_models(memo.admin.models.by_name())
             for served in names:
                 memo.admin.drain_model(served)  # idempotent: a retried finalizer drains again, harmlessly
             n = sum(_drain_wait(memo.admin, served, dict(spec), runtime) for served in names)
             if n:
-                _write_status(patch, status, {}, "Progressing", "Draining", f"{n} requests in flight before removal",
+                _write_status(body, patch, status, {}, "Progressing", "Draining", f"{n} requests in flight before removal",
                               meta.get("generation"))
                 raise kopf.TemporaryError(f"draining {n} requests before removal", delay=1)
             for served in names:
@@ -324,7 +350,7 @@ def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Pa
             memo.applied.pop(meta["uid"], None)
             memo.served.pop(meta["uid"], None)
         except AdminUnavailable as e:
-            _removal_failed(patch, status, meta, e)
+            _removal_failed(body, patch, status, meta, e)
 
 
 # --- Tenant ---
@@ -351,7 +377,7 @@ def _tenant_conflict(tenants: dict[str, dict], name: str, meta: dict, tenant_nam
 @kopf.on.update(GROUP, VERSION, "tenants", field="spec")
 @kopf.timer(GROUP, VERSION, "tenants", interval=RESYNC_S, initial_delay=RESYNC_S)
 def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: dict, patch: kopf.Patch,
-                     memo: kopf.Memo, tenant_names: Any = None, **_: Any) -> None:
+                     memo: kopf.Memo, tenant_names: Any = None, body: Any = None, **_: Any) -> None:
     gen, spec = meta.get("generation"), dict(spec)
     with _lock(memo, meta["uid"]):
         if meta.get("deletionTimestamp") or _stale(memo, meta):
@@ -360,10 +386,10 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
             tenants = memo.admin.tenants.by_name()  # the one read of the controller's tenants this round
             conflict = _tenant_conflict(tenants, name, meta, tenant_names)
         except (AdminError, AdminUnavailable) as e:
-            _admin_failed(patch, status, gen, e)
+            _admin_failed(body, patch, status, gen, e)
             return
         if conflict is not None:  # never added, replaced or revoked by this one (the timer looks again)
-            _write_status(patch, status, {"keys": 0}, "Degraded", "NameConflict", conflict, gen)
+            _write_status(body, patch, status, {"keys": 0}, "Degraded", "NameConflict", conflict, gen)
             return
         ref = spec.get("keysSecretRef") or {}
         secret = ref.get("name", "")
@@ -375,7 +401,7 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
                     memo.applied.pop(meta["uid"], None)
             except AdminUnavailable as e:
                 raise _unavailable(e) from e
-            _write_status(patch, status, {"keys": 0}, "Degraded", reason, message, gen)
+            _write_status(body, patch, status, {"keys": 0}, "Degraded", reason, message, gen)
 
         data = memo.kube.secret_data(namespace, secret)
         if data is None:
@@ -392,7 +418,7 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
         try:
             desired = b.build_tenant_create(name, spec, hashes)
         except ValueError as e:
-            _write_status(patch, status, {}, "Degraded", "InvalidSpec", str(e), gen)
+            _write_status(body, patch, status, {}, "Degraded", "InvalidSpec", str(e), gen)
             return
         want = b.digest(desired)  # covers the key hashes, which the admin API does not show back
         try:
@@ -409,15 +435,15 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
             memo.applied[meta["uid"]] = (gen, want)
             memo.served[meta["uid"]] = desired["name"]
         except (AdminError, AdminUnavailable) as e:
-            _admin_failed(patch, status, gen, e)
+            _admin_failed(body, patch, status, gen, e)
             return
-        _write_status(patch, status, {"observedGeneration": gen, "keys": len(hashes), "appliedDigest": want},
+        _write_status(body, patch, status, {"observedGeneration": gen, "keys": len(hashes), "appliedDigest": want},
                       "Ready", "Applied", f"{len(hashes)} key(s)", gen)
 
 
 @kopf.on.delete(GROUP, VERSION, "tenants")
 def delete_tenant(name: str, status: dict, meta: dict, patch: kopf.Patch, memo: kopf.Memo, tenant_names: Any = None,
-                  **_: Any) -> None:
+                  body: Any = None, **_: Any) -> None:
     """The finalizer: the tenant's keys stop working before the resource is gone (not another's of its name)."""
     with _lock(memo, meta["uid"]):
         try:
@@ -425,12 +451,12 @@ def delete_tenant(name: str, status: dict, meta: dict, patch: kopf.Patch, memo: 
                 memo.admin.tenants.remove(name)
             memo.applied.pop(meta["uid"], None)
         except AdminUnavailable as e:
-            _removal_failed(patch, status, meta, e)
+            _removal_failed(body, patch, status, meta, e)
 
 
-def _removal_failed(patch: kopf.Patch, status: dict, meta: dict, e: AdminUnavailable) -> None:
+def _removal_failed(body: Any, patch: kopf.Patch, status: dict, meta: dict, e: AdminUnavailable) -> None:
     """A finalizer that could not reach the controller: the object stays (Terminating) until it can, and says why
     (it showed Ready until then); raised for kopf to retry."""
-    _write_status(patch, status, {}, "Degraded", "ControllerUnavailable", f"removing it from the controller: {e}",
+    _write_status(body, patch, status, {}, "Degraded", "ControllerUnavailable", f"removing it from the controller: {e}",
                   meta.get("generation"))
     raise _unavailable(e) from e
