@@ -672,11 +672,11 @@ def test_lora_on_cuda(make_varied, tmp_path, dtype):
     assert got[3:6] != got[:3]
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
-def test_tma_forward_equals_cublas_forward(make_varied, arch, monkeypatch):
+@pytest.mark.parametrize("arch,glu", [("qwen2", False), ("qwen3", False), ("llama", False), ("qwen2", True)])
+def test_tma_forward_equals_cublas_forward(make_varied, arch, glu, monkeypatch):
     """A decode step of 8 rows (6 sequences, 2 padded) with its projections through triton_tma (SiLU*mul in
-    gate_up's epilogue, down split along K and summed by the next add+RMSNorm): the hidden state and the K/V written
-    of the cuBLAS path, within bf16 rounding; every projection went through the TMA kernel."""
+    gate_up's epilogue or after it: GLU, down split along K and summed by the next add+RMSNorm): the hidden state and
+    the K/V written of the cuBLAS path, within bf16 rounding; every projection went through the TMA kernel."""
     from model_swapper.model_config import ModelConfig
     from model_swapper.weights import load_weights
     from token_scheduler.model import llama, triton_tma
@@ -684,6 +684,7 @@ def test_tma_forward_equals_cublas_forward(make_varied, arch, monkeypatch):
 
     if not triton_tma.pdl_capable(torch.zeros(1, device="cuda")):
         pytest.skip("TMA and programmatic dependent launch need Hopper or later")
+    monkeypatch.setattr(triton_tma, "GLU", glu)
     d = make_varied(arch)
     cfg = ModelConfig.from_pretrained(d)
     w = load_weights(d, cfg, "cuda", torch.bfloat16)

@@ -47,8 +47,11 @@ def rows_pad(m: int) -> int:
     return max(16, triton.next_power_of_2(m))
 
 
-# SiLU*mul in gate_up's epilogue (False: gate_up's output written whole, then triton_ops.silu_mul; for A/B runs)
-GLU = True
+# SiLU*mul in gate_up's epilogue (True), or gate_up's output written whole, then triton_ops.silu_mul (False). The
+# GLU kernel holds two weight tiles a stage: fewer programs an SM, or fewer stages. H100 step replay at c7819c9
+# (context 512; bench/results/tma_step_variants_h100_c7819c9.json): without it 1.5B batch 8 1.738 against 1.725 ms,
+# batch 32 2.055 against 2.055-2.072; 7B batch 8 5.624 against 5.680, batch 32 6.024 against 6.345 (cuBLAS 6.168).
+GLU = False
 # Shared memory a program of a projection wider than the GPU may take: two programs an SM (Hopper: 228 KB an SM).
 # At one program an SM the GLU gate_up of the 1.5B at 32 rows (140 programs, 120 KB each at K tiles of 128 over 3
 # stages) ran in two waves.
