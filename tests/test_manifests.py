@@ -576,3 +576,17 @@ def test_a_changed_config_or_admin_token_rolls_what_reads_it(tmp_path):
     for what in ("controller config", "operator admin token"):
         assert changed[what] != refs[what], what  # a new pod template: the Deployment rolls
     assert changed["GPUPool join token"] == refs["GPUPool join token"]
+
+
+@pytest.mark.parametrize("kind,valid", [("GPUPool", True), ("PooledModel", False), ("Tenant", False)])
+def test_a_resource_without_spec(kind, valid):
+    """`kubectl apply` of a resource with no spec at all, validated as the API server does (its defaults first):
+    a GPUPool is all defaults; a PooledModel (an llm without a path) and a Tenant (no Secret) are refused like
+    one with an empty spec, not let through for the operator to find invalid."""
+    obj = _apply_defaults(_crd_schema(kind), {"apiVersion": "tokenpool.dev/v1alpha1", "kind": kind,
+                                              "metadata": {"name": "x"}})
+    if valid:
+        _validate_cr(obj)
+    else:
+        with pytest.raises(jsonschema.ValidationError):
+            _validate_cr(obj)
