@@ -158,8 +158,12 @@ class EnginePool:
                 await asyncio.wait_for(p.wait(), 5)
             except asyncio.TimeoutError:
                 _signal(p, signal.SIGKILL)
+                with contextlib.suppress(asyncio.TimeoutError):  # reaped: a zombie would still hold its copies
+                    await asyncio.wait_for(p.wait(), 5)
         if self._server is not None:
             self._server.close()
+        if self.local_slots:
+            await asyncio.to_thread(drop_unheld_host_copies, self.gpus.host_cache_namespace)
 
     async def _supervise(self, slot: int, device: str) -> None:
         """Keep one local worker process alive for `slot`: when it dies its standby takes over at once, else a
@@ -432,6 +436,22 @@ class EnginePool:
     def pid_of(self, slot: int) -> int | None:
         p = self._procs.get(slot)
         return p.pid if p is not None and p.returncode is None else None
+
+
+def drop_unheld_host_copies(namespace: str) -> None:
+    """After the local workers have exited: the node's host copies of `namespace` (/dev/shm, or
+    $TOKENPOOL_SHM_DIR) that no live process holds are removed, and the cache's directory once it is empty. A
+    worker does this as it exits (`HostedModels.close`); one SIGKILLed or crashed cannot, and when the server
+    stopped before a next worker had joined (to attach to them, and give them back at its own exit) they stayed
+    in RAM after the server. Copies another server's workers hold are left to them."""
+    if not (Path(env.SHM_DIR.get()) / f"tokenpool-{namespace}").is_dir():  # (gpu_pool.pinned.default_shm_dir)
+        return  # (the usual case: the last worker removed it; torch is not imported for nothing)
+    try:
+        from model_swapper.host_cache import HostModelCache
+
+        HostModelCache(1, namespace=namespace).close(unlink_unused=True)  # (a budget: it loads nothing)
+    except Exception:  # noqa: BLE001 - a stop must finish: say so, leave them
+        log.exception("could not remove the host copies no worker holds (namespace %s)", namespace)
 
 
 def _signal(p: asyncio.subprocess.Process, sig: int) -> None:
