@@ -163,6 +163,34 @@ def test_completion_text_offset_with_stop_strings(server):
         check(lp.tokens, lp.text_offset)
 
 
+def test_stop_reason_says_what_stopped_it(server):
+    """vLLM's `stop_reason` beside finish_reason: the stop string or stop token id that ended a choice (None for the
+    end of text or the length), in replies and in a stream's finishing chunk, on both endpoints."""
+    c = client(server)
+    lp = c.completions.create(model="tiny-b", prompt="x", max_tokens=8, logprobs=0, **{
+        **GREEDY, "extra_body": {"ignore_eos": True, "return_tokens_as_token_ids": True}}).choices[0].logprobs
+    ids = [int(t.removeprefix("token_id:")) for t in lp.tokens]
+    text = c.completions.create(model="tiny-b", prompt="x", max_tokens=8, **GREEDY).choices[0].text
+    stop = text[6:10]
+    msgs = [{"role": "user", "content": "x"}]
+    for kw, want in (({"stop": [stop]}, stop), ({"extra_body": {"ignore_eos": True, "stop_token_ids": [ids[3]]}},
+                                                  ids[3]), ({}, None)):
+        args = {**GREEDY, **kw, "extra_body": {"ignore_eos": True, **kw.get("extra_body", {})}}
+        r = c.completions.create(model="tiny-b", prompt="x", max_tokens=8, **args).choices[0]
+        assert (r.finish_reason, r.model_extra.get("stop_reason", "-")) == ("length" if want is None else "stop",
+                                                                           want), (kw, r)
+        last = [ch.choices[0] for ch in c.completions.create(model="tiny-b", prompt="x", max_tokens=8, stream=True,
+                                                              **args) if ch.choices][-1]
+        assert last.finish_reason and last.model_extra.get("stop_reason", "-") == want, (kw, last)
+    chat = c.chat.completions.create(model="tiny-b", messages=msgs, max_tokens=8, **GREEDY).choices[0].message.content
+    for kw, want in (({"stop": [chat[3:6]]}, chat[3:6]), ({}, None)):
+        r = c.chat.completions.create(model="tiny-b", messages=msgs, max_tokens=8, **kw, **GREEDY).choices[0]
+        assert r.model_extra.get("stop_reason", "-") == want, (kw, r)
+        last = [ch.choices[0] for ch in c.chat.completions.create(model="tiny-b", messages=msgs, max_tokens=8,
+                                                                   stream=True, **kw, **GREEDY) if ch.choices][-1]
+        assert last.finish_reason and last.model_extra.get("stop_reason", "-") == want, (kw, last)
+
+
 def test_seed_reproducible_and_n(server):
     c = client(server)
 

@@ -13,35 +13,43 @@ from controller.api.sse import EMPTY, ROLE, ROLE_CALLS, ChunkFrames, content, ss
 texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)  # no lone surrogates: not UTF-8
 names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20)
 finish = st.sampled_from([None, "stop", "length", "abort"])
+stops = st.one_of(st.none(), st.integers(0, 2**31 - 1), texts)  # vLLM's stop_reason: a stop token id or string
+
+
+def _stop(fin, stop) -> dict:
+    """A finishing choice's stop_reason, as the frames write it (set: written even when None); none in the others."""
+    return {"stop_reason": stop} if fin is not None else {}
 
 
 @settings(max_examples=300, deadline=None)
 @given(rid=names, model=names, created=st.integers(0, 2**40), index=st.integers(0, 15), text=texts,
-       fin=finish, usage=st.booleans())
-def test_completion_frames_match_pydantic(rid, model, created, index, text, fin, usage):
+       fin=finish, usage=st.booleans(), stop=stops)
+def test_completion_frames_match_pydantic(rid, model, created, index, text, fin, usage, stop):
     extra = {"usage": None} if usage else {}
     want = sse(p.CompletionChunk(object="text_completion", id=rid, created=created, model=model, **extra,
-                                 choices=[p.CompletionChoice(index=index, text=text, logprobs=None, finish_reason=fin)]))
-    got = ChunkFrames("text_completion", rid, created, model, usage).text(index, text, finish_reason=fin)
+                                 choices=[p.CompletionChoice(index=index, text=text, logprobs=None, finish_reason=fin,
+                                                             **_stop(fin, stop))]))
+    got = ChunkFrames("text_completion", rid, created, model, usage).text(index, text, finish_reason=fin,
+                                                                          stop_reason=stop)
     assert got == want
 
 
 @settings(max_examples=300, deadline=None)
 @given(rid=names, model=names, created=st.integers(0, 2**40), index=st.integers(0, 15), text=texts,
-       fin=finish, usage=st.booleans())
-def test_chat_frames_match_pydantic(rid, model, created, index, text, fin, usage):
+       fin=finish, usage=st.booleans(), stop=stops)
+def test_chat_frames_match_pydantic(rid, model, created, index, text, fin, usage, stop):
     extra = {"usage": None} if usage else {}
     fr = ChunkFrames("chat.completion.chunk", rid, created, model, usage)
 
-    def want(delta: p.ChatDelta, finish_reason: str | None = None) -> bytes:
-        choice = p.ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=None)
+    def want(delta: p.ChatDelta, finish_reason: str | None = None, **kw) -> bytes:
+        choice = p.ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=None, **kw)
         return sse(p.ChatCompletionChunk(object="chat.completion.chunk", id=rid, created=created, model=model,
                                          choices=[choice], **extra))
 
     assert fr.delta(index, ROLE) == want(p.ChatDelta(role="assistant", content=""))
     assert fr.delta(index, ROLE_CALLS) == want(p.ChatDelta(role="assistant", content=None))
     assert fr.delta(index, content(text)) == want(p.ChatDelta(content=text))
-    assert fr.delta(index, EMPTY, finish_reason=fin) == want(p.ChatDelta(), fin)
+    assert fr.delta(index, EMPTY, finish_reason=fin, stop_reason=stop) == want(p.ChatDelta(), fin, **_stop(fin, stop))
 
 
 def test_usage_frame_matches_pydantic():

@@ -383,9 +383,11 @@ class CompletionLogprobs(BaseModel):
 
 def _choice(name: str, content: str, kind: Any, logprobs: type[BaseModel]) -> type[BaseModel]:
     """A choice of a reply or a streamed chunk, in OpenAI's order: `index`, its content (`text`, `message` or
-    `delta`: required), `logprobs` and `finish_reason`."""
+    `delta`: required), `logprobs` and `finish_reason`; then vLLM's `stop_reason`, the stop string or stop token id
+    that ended it (None: the end of text, the length; a stream's chunks carry it once, with the finish reason)."""
     return create_model(name, __module__=__name__, index=(int, ...), **{content: (kind, ...)},
-                        logprobs=(logprobs | None, None), finish_reason=(str | None, None))
+                        logprobs=(logprobs | None, None), finish_reason=(str | None, None),
+                        stop_reason=(int | str | None, None))
 
 
 class _Reply(BaseModel):

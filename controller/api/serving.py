@@ -474,6 +474,7 @@ class OpenAIServing:
         k = len(gen.subs)
         text = [echo[i // req.n] for i in range(k)]
         finish: list[str | None] = [None] * k
+        stops: list[int | str | None] = [None] * k
         lps = [p.CompletionLogprobs() if req.logprobs is not None else None for _ in range(k)]
         offsets = [len(t) for t in text]  # (each choice's next token's text_offset)
         async for i, d in gen.events():
@@ -487,8 +488,9 @@ class OpenAIServing:
                     getattr(lp, f).extend(getattr(part, f))
             text[i] += d.text
             if d.finished:
-                finish[i] = d.finish_reason
-        choices = [p.CompletionChoice(index=i, text=text[i], logprobs=lps[i], finish_reason=finish[i]) for i in range(k)]
+                finish[i], stops[i] = d.finish_reason, d.stop_reason
+        choices = [p.CompletionChoice(index=i, text=text[i], logprobs=lps[i], finish_reason=finish[i],
+                                      stop_reason=stops[i]) for i in range(k)]
         return p.CompletionResponse(id=rid, model=req.model, choices=choices, usage=self._usage(gen))
 
     def _stream_completion(self, gen: Tracked, req: p.CompletionRequest, rid: str, me: ModelEntry,
@@ -509,7 +511,7 @@ class OpenAIServing:
                 part = self._completion_logprobs(me, d, req.logprobs, offsets[i], first, req.return_tokens_as_token_ids)
                 offsets[i] = self._offset_after(part, offsets[i])
                 lp = part.model_dump_json().encode()
-            return fr.text(i, text, lp, d.finish_reason if d.finished else None)
+            return fr.text(i, text, lp, d.finish_reason if d.finished else None, d.stop_reason)
 
         return self._stream(gen, lead, frame, fr, usage)
 
@@ -645,15 +647,16 @@ class OpenAIServing:
         k = len(gen.subs)
         text = [""] * k
         finish: list[str | None] = [None] * k
+        stops: list[int | str | None] = [None] * k
         lps: list[list[p.TokenLogprob]] = [[] for _ in range(k)]
         async for i, d in gen.events():
             text[i] += d.text
             if req.logprobs:
                 lps[i].extend(self._chat_logprobs(me, d, req.top_logprobs or 0, req.return_tokens_as_token_ids))
             if d.finished:
-                finish[i] = d.finish_reason
+                finish[i], stops[i] = d.finish_reason, d.stop_reason
         replies = [self._reply(text[i], finish[i], tools) for i in range(k)]
-        choices = [p.ChatChoice(index=i, message=msg, finish_reason=why,
+        choices = [p.ChatChoice(index=i, message=msg, finish_reason=why, stop_reason=stops[i],
                                 logprobs=p.ChoiceLogprobs(content=lps[i]) if req.logprobs else None)
                    for i, (msg, why) in enumerate(replies)]
         return p.ChatCompletionResponse(id=rid, model=req.model, choices=choices, usage=self._usage(gen))
@@ -698,13 +701,14 @@ class OpenAIServing:
                     body = json.dumps({"tool_calls": calls}, ensure_ascii=False, separators=(",", ":")).encode()
                 else:
                     body = content(held[i])
-                return role(i, bool(msg.tool_calls)) + fr.delta(i, body, lpj) + fr.delta(i, EMPTY, NULL, why)
+                return (role(i, bool(msg.tool_calls)) + fr.delta(i, body, lpj)
+                        + fr.delta(i, EMPTY, NULL, why, d.stop_reason))
             out = role(i, False)
             if d.text or lp:
                 lpj = NULL if lp is None else p.ChoiceLogprobs(content=lp).model_dump_json(exclude_unset=True).encode()
                 out += fr.delta(i, content(d.text), lpj)
             if d.finished:
-                out += fr.delta(i, EMPTY, NULL, d.finish_reason)
+                out += fr.delta(i, EMPTY, NULL, d.finish_reason, d.stop_reason)
             return out
 
         return self._stream(gen, lead, frame, fr, usage)

@@ -54,15 +54,27 @@ class ChunkFrames:
         """The last chunk when include_usage: no choices, the request's Usage (JSON)."""
         return self.head + b'],"usage":' + usage + b"}\n\n"
 
-    def text(self, index: int, text: str, logprobs: bytes = NULL, finish_reason: str | None = None) -> bytes:
-        """A completions chunk; `logprobs` is the JSON of its CompletionLogprobs (or null)."""
-        return b'%b{"index":%d,"text":%b,"logprobs":%b,"finish_reason":%b}%b' % (
-            self.head, index, js(text), logprobs, opt(finish_reason), self.tail)
+    def text(self, index: int, text: str, logprobs: bytes = NULL, finish_reason: str | None = None,
+             stop_reason: int | str | None = None) -> bytes:
+        """A completions chunk; `logprobs` is the JSON of its CompletionLogprobs (or null); a finishing one (with
+        `finish_reason`) carries vLLM's `stop_reason` too."""
+        return b'%b{"index":%d,"text":%b,"logprobs":%b,"finish_reason":%b%b}%b' % (
+            self.head, index, js(text), logprobs, opt(finish_reason), _stop(finish_reason, stop_reason), self.tail)
 
-    def delta(self, index: int, delta: bytes, logprobs: bytes = NULL, finish_reason: str | None = None) -> bytes:
-        """A chat chunk; `delta` is the JSON of its Delta (see `content`, ROLE, EMPTY)."""
-        return b'%b{"index":%d,"delta":%b,"logprobs":%b,"finish_reason":%b}%b' % (
-            self.head, index, delta, logprobs, opt(finish_reason), self.tail)
+    def delta(self, index: int, delta: bytes, logprobs: bytes = NULL, finish_reason: str | None = None,
+              stop_reason: int | str | None = None) -> bytes:
+        """A chat chunk; `delta` is the JSON of its Delta (see `content`, ROLE, EMPTY); a finishing one (with
+        `finish_reason`) carries vLLM's `stop_reason` too."""
+        return b'%b{"index":%d,"delta":%b,"logprobs":%b,"finish_reason":%b%b}%b' % (
+            self.head, index, delta, logprobs, opt(finish_reason), _stop(finish_reason, stop_reason), self.tail)
+
+
+def _stop(finish_reason: str | None, stop_reason: int | str | None) -> bytes:
+    """vLLM's `stop_reason` member of a finishing chunk's choice (nothing in the others)."""
+    if finish_reason is None:
+        return b""
+    return b',"stop_reason":' + (NULL if stop_reason is None else b"%d" % stop_reason if isinstance(stop_reason, int)
+                                 else js(stop_reason))
 
 
 ROLE = b'{"role":"assistant","content":""}'  # the first delta of every chat choice (of text)
