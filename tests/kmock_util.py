@@ -21,11 +21,13 @@ def write_kubeconfig(k8s, path: Path, namespace: str) -> Path:
 PORTS = range(18300, 18400)  # the TCP ports these tests keep to (a machine shared with other test runs)
 
 
-def free_port() -> int:
-    """A free port of PORTS for a kmock.Server."""
+def free_port(skip: tuple[int, ...] = ()) -> int:
+    """A free port of PORTS (not one of `skip`) for a kmock.Server or a live server."""
     import socket
 
     for port in PORTS:
+        if port in skip:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))

@@ -39,7 +39,7 @@ from kopf.testing import KopfRunner  # noqa: E402
 
 from controller.keys import hash_key, new_key  # noqa: E402
 from load_tests.live_server import LiveServer  # noqa: E402
-from tests.kmock_util import write_kubeconfig  # noqa: E402
+from tests.kmock_util import free_port, write_kubeconfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NS = "tp"
@@ -143,11 +143,14 @@ async def test_operator_end_to_end(tmp_path, monkeypatch):
     servers: list[LiveServer] = []
 
     def start_controller(port: int | None = None) -> LiveServer:
-        """A fresh `tokenpool serve`; with `port`, on the port of the one before (a restarted controller)."""
+        """A fresh `tokenpool serve`; with `port`, on the port of the one before (a restarted controller). Its
+        ports (API, workers) are of kmock_util.PORTS, as the machines running the tests ask."""
         s = LiveServer(cfg, tmp_path / f"srv{len(servers)}")
-        if port is not None:
-            s.port, s.url = port, f"http://127.0.0.1:{port}"
-            s.config_path.write_text(yaml.safe_dump(dict(cfg, listen={"host": "127.0.0.1", "port": port})))
+        port = port or free_port()
+        workers = free_port(skip=(port,))
+        s.port, s.url = port, f"http://127.0.0.1:{port}"
+        s.config_path.write_text(yaml.safe_dump(dict(cfg, listen={"host": "127.0.0.1", "port": port}, workers=dict(
+            cfg["workers"], listen={"host": "127.0.0.1", "port": workers}))))
         servers.append(s)
         return s.__enter__()
 
@@ -175,7 +178,7 @@ async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_t
 
     await _until("the controller's CPU engine", lambda: _engine_alive(controller), timeout=60)
 
-    async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s):
+    async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s, port=free_port(skip=(srv.port,))):
         _declare_crds(k8s)
         k8s.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False)
         k8s.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
