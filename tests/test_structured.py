@@ -352,3 +352,23 @@ def test_gbnf_grammars_as_vllm_takes_them(accepts):
         with pytest.raises(ServingError) as ei:
             vllm_grammar(req(guided_grammar=bad))
         assert ei.value.status == 400 and ei.value.param == "guided_grammar", bad
+
+
+def test_disable_additional_properties_closes_the_objects(accepts):
+    """vLLM's structured_outputs option disable_additional_properties (its guidance backend's): every object schema
+    that does not say otherwise takes no other properties (it was a 400, an unknown key); off, they are allowed."""
+    from controller.api.structured import vllm_grammar
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "in": {
+        "type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}, "free": {
+        "type": "object", "additionalProperties": True}}, "required": ["a", "in", "free"]}
+
+    def g(**so):
+        return vllm_grammar(p.CompletionRequest.model_validate({"model": "m", "prompt": "x",
+                                                                "structured_outputs": {"json": schema, **so}}))
+
+    closed, open_ = g(disable_additional_properties=True), g(disable_additional_properties=False)
+    plain = '{"a": 1, "in": {"b": 2}, "free": {"z": 3}}'
+    assert accepts(closed, plain) and accepts(open_, plain)
+    for extra in ('{"a": 1, "in": {"b": 2}, "free": {}, "c": 3}', '{"a": 1, "in": {"b": 2, "c": 3}, "free": {}}'):
+        assert not accepts(closed, extra) and accepts(open_, extra), extra
