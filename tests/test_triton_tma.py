@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from token_scheduler.model import triton_ops, triton_tma as tma
 torch.manual_seed(0)
 close = lambda a, b: (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
-for m, n, k, cfg in ((3, 128, 96, (64, 32, 2, 2)), (5, 192, 320, (64, 64, 3, 4)), (17, 64, 128, (64, 64, 2, 1))):
+for m, n, k, cfg in ((3, 128, 96, (64, 32, 2, 2)), (5, 192, 320, (64, 64, 3, 4)), (17, 64, 128, (64, 64, 2, 1)),
+                      (4, 96, 64, (16, 32, 2, 2)), (6, 64, 96, (32, 32, 3, 1))):
     x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
     assert close(tma.linear(x, w, config=cfg), F.linear(x, w))
     assert close(tma.linear(x, w, b, config=cfg), F.linear(x, w, b))

@@ -63,18 +63,27 @@ def smem_bytes(bn: int, bk: int, st: int, m_pad: int, glu: bool) -> int:
     return st * ((2 if glu else 1) * bn + m_pad) * bk * 2
 
 
+# Projections whose 64-row tiles would leave most SMs idle (qkv and o of a 1.5B: 32 and 24 tiles) take BLOCK_N of
+# NARROW_BN rows instead (64: as wide as the others); for A/B runs (diag_gpu step "tma narrow ...").
+NARROW_BN = 64
+# o's output as split-K partial sums too (add+RMSNorm adds them, as down's), for A/B runs; and the fewest K tiles a
+# split may have.
+O_PARTS = False
+MIN_SPLIT_TILES = 4
+
+
 def config_for(n: int, k: int, m_pad: int, sms: int = 132, glu: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, STAGES, SPLIT) for weights [n, k] (glu: n counts gate and up) at m_pad rows."""
     c = _CONFIGS.get((n, k, m_pad))
     if c is not None and not glu:
         return c
-    bn = 64
+    bn = 64 if triton.cdiv(n, 64) * 2 >= sms else NARROW_BN
     bk, st = (256, 4) if k <= 4096 and n < 8192 else (128, 3)
     tiles_n, tiles_k = triton.cdiv(n // 2 if glu else n, bn), triton.cdiv(k, bk)
     while tiles_n > sms and smem_bytes(bn, bk, st, m_pad, glu) > SMEM_WIDE and bk > 32:
         st, bk = (st - 1, bk) if st > 2 else (st, bk // 2)
     split = 1
-    while tiles_n * split * 2 <= sms * 1.5 and tiles_k >= 4 * split * 2:  # fill the SMs, 4 K tiles a split at least
+    while tiles_n * split * 2 <= sms * 1.5 and tiles_k >= MIN_SPLIT_TILES * split * 2:  # fill the SMs
         split *= 2
     return bn, bk, st, split
 
