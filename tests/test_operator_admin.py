@@ -8,11 +8,13 @@ import threading
 import httpx
 import openai
 import pytest
+import yaml
 
 from controller.keys import hash_key, new_key
 from controller.operator import builders as b
 from controller.operator.admin import AdminClient, AdminError, AdminUnavailable
-from load_tests.live_server import LiveServer, free_port
+from load_tests.live_server import LiveServer
+from tests import kmock_util
 
 ADMIN = new_key("tpadmin")
 
@@ -22,7 +24,12 @@ def server(tmp_path_factory):
     cfg = {"admin_token_hash": hash_key(ADMIN), "auth": True, "workers": {"local": "cpu"},
            "autoscaler": {"enabled": False}, "models": [{"name": "from-config", "engine": {"kind": "pace"}}],
            "tenants": [{"name": "from-config-t", "key_hashes": [hash_key(new_key())]}]}
-    with LiveServer(cfg, tmp_path_factory.mktemp("opadmin")) as srv:
+    srv = LiveServer(cfg, tmp_path_factory.mktemp("opadmin"))
+    api = kmock_util.free_port()  # ports of kmock_util.PORTS, as the machines running the tests ask
+    srv.port, srv.url = api, f"http://127.0.0.1:{api}"
+    srv.config_path.write_text(yaml.safe_dump(dict(cfg, listen={"host": "127.0.0.1", "port": api}, workers=dict(
+        cfg["workers"], listen={"host": "127.0.0.1", "port": kmock_util.free_port(skip=(api,))}))))
+    with srv:
         yield srv
 
 
@@ -91,7 +98,7 @@ def test_errors_are_told_apart(server):
     with pytest.raises(AdminError, match="admin token"):
         AdminClient(server.url, "wrong").models.by_name()
     with pytest.raises(AdminUnavailable):
-        AdminClient(f"http://127.0.0.1:{free_port()}", ADMIN, timeout_s=2).models.by_name()
+        AdminClient(f"http://127.0.0.1:{kmock_util.free_port()}", ADMIN, timeout_s=2).models.by_name()
 
 
 def test_operator_command_says_what_it_needs(tmp_path):
@@ -322,13 +329,14 @@ def test_one_tenant_name_one_tenant_resource_and_never_the_configurations(server
         st = reconcile("b")  # its Secret is missing: it would revoke the name's keys if it acted
         assert st["Degraded"]["reason"] == "NameConflict" and "a/dup" in st["Degraded"]["message"]
         client.models.list()  # the older one's key still works
-        handlers.delete_tenant(name="dup", meta=metas["b"], memo=memo, tenant_names=index)
+        handlers.delete_tenant(name="dup", status={}, meta=metas["b"], patch=kopf.Patch(), memo=memo, tenant_names=index)
         client.models.list()
         assert admin.tenants.by_name()["from-config-t"]["source"] == "config"
         cfg_meta = {"uid": "u-c", "generation": 1, "creationTimestamp": "2026-01-01T00:00:00Z"}
         st = reconcile("a", "from-config-t", cfg_meta)
         assert st["Degraded"]["reason"] == "NameConflict" and "configuration" in st["Degraded"]["message"]
-        handlers.delete_tenant(name="from-config-t", meta=cfg_meta, memo=memo, tenant_names=index)
+        handlers.delete_tenant(name="from-config-t", status={}, meta=cfg_meta, patch=kopf.Patch(), memo=memo,
+                               tenant_names=index)
         assert "from-config-t" in admin.tenants.by_name()
     finally:
         admin.tenants.remove("dup")
