@@ -616,6 +616,82 @@ def run_disconnects(t: Target, streams: int = 1000, max_tokens: int = 3000) -> d
     return {"part": "disconnects", "max_tokens": max_tokens, **asyncio.run(_disconnects(t, streams, max_tokens))}
 
 
+# --- drops anywhere ---
+DROP_POINTS = ("request_head", "request_sent", "response_head", "mid_stream", "never")
+
+
+async def _drop_at(t: Target, model: str, prompt: str, max_tokens: int, point: str, after: float) -> tuple[str, int]:
+    """One streamed completion on a raw connection, reset (as a client that goes away) at `point`: once its
+    request head is sent (`after` s later; its body never comes), once the whole request is sent (`after` s
+    later: while it is admitted, placed or prefilled), once the response head came (`after` s later), after
+    `after` data events (mid-decode), or `never` (read to its end). (point, status: 0 before a response head)."""
+    host, port = t.host_port
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+                       "ignore_eos": True}).encode()
+    auth = "".join(f"{k}: {v}\r\n" for k, v in t.headers().items())
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{auth}"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    status = 0
+    try:
+        r, w = await asyncio.open_connection(host, port)
+    except OSError:
+        return point, -1
+    try:
+        w.write(head)
+        await w.drain()
+        if point == "request_head":
+            await asyncio.sleep(after)
+            return point, status
+        w.write(body)
+        await w.drain()
+        if point == "request_sent":
+            await asyncio.sleep(after)
+            return point, status
+        status = int((await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 120)).split()[1])
+        if point == "response_head":
+            await asyncio.sleep(after)
+            return point, status
+        events = 0
+        while chunk := await asyncio.wait_for(r.read(65536), 120):
+            events += chunk.count(b"data: ")
+            if point == "mid_stream" and events >= after:
+                break
+        return point, status
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
+        return point, status or -1
+    finally:
+        w.transport.abort()
+
+
+async def _drops(t: Target, n: int, max_tokens: int, models: list[str], seed: int) -> dict:
+    rnd = random.Random(seed)
+    tasks = []
+    for i in range(n):
+        point = rnd.choice(DROP_POINTS)
+        after = rnd.randint(1, 20) if point == "mid_stream" else rnd.random() * 0.5
+        prompt = "hello " * rnd.choice([1, 50, 300])  # short and long prefills
+        tasks.append(asyncio.ensure_future(_drop_at(t, models[i % len(models)], prompt, max_tokens, point, after)))
+        if i % 25 == 24:
+            await asyncio.sleep(0.02)  # do not SYN-flood the listen backlog
+    ends = await asyncio.gather(*tasks)
+    t_end = time.monotonic()
+    back = await _until(lambda: not any(t.held().values()), 30, 0.05)
+    after = {m: await open_stream(t, 3, model=m) for m in models}
+    return {"streams": n, "models": models, "ends": {f"{p} {s}": c for (p, s), c in sorted(_count(ends).items())},
+            "back_to_zero_s": None if back is None else round(time.monotonic() - t_end, 3),
+            "held_after": await asyncio.to_thread(t.held),
+            "requests_after_ok": {m: s.done and not s.error for m, s in after.items()}}
+
+
+def run_drops(t: Target, streams: int = 300, max_tokens: int = 200, models: list[str] | None = None,
+              seed: int = 0) -> dict:
+    """Streams dropped at random points (DROP_POINTS), across `models` (so a pooled engine swaps under them):
+    what the server still holds after, and whether each model still serves."""
+    models = models or [t.model]
+    max_tokens = min(fit_max_tokens(t, max_tokens, m) for m in models)
+    return {"part": "drops", "max_tokens": max_tokens, **asyncio.run(_drops(t, streams, max_tokens, models, seed))}
+
+
 # --- overload ---
 async def _overload(t: Target, factor: float, duration: float, max_tokens: int, capacity_rps: float,
                     slo_ttft_s: float, seed: int) -> dict:
