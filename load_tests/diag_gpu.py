@@ -288,9 +288,7 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
              "attn_stages": (triton_decode, "DECODE_STAGES"), "prefetch": (triton_decode, "PREFETCH_KV"),
              "norm_pass": (triton_gemv, "NORM_ONE_PASS"), "step_io": (runner, "STEP_IO"),
              "attn_pipe": (triton_decode, "PIPELINE_IDS"), "pipe_stages": (triton_decode, "PIPE_STAGES"),
-             "tma_rows": (triton_tma, "MAX_ROWS"), "tma_glu": (triton_tma, "GLU"), "tma_smem": (triton_tma, "SMEM_WIDE"),
-             "tma_narrow": (triton_tma, "NARROW_BN"), "tma_o_parts": (triton_tma, "O_PARTS"),
-             "tma_min_split": (triton_tma, "MIN_SPLIT_TILES")}
+             "tma_rows": (triton_tma, "MAX_ROWS"), "tma_glu": (triton_tma, "GLU"), "tma_smem": (triton_tma, "SMEM_WIDE")}
     defaults = {k: getattr(mod, attr) for k, (mod, attr) in knobs.items()}
     # torch's switches read when a matmul is launched (so at capture): which BLAS library, and whether cuBLAS may
     # reduce split-K partial sums in bf16
@@ -308,10 +306,6 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 ("tma", {"tma_rows": 32}), ("tma again", {"tma_rows": 32}), ("cublas", {"tma_rows": 0}),
                 ("tma no glu", {"tma_rows": 32, "tma_glu": False}),
                 *((f"tma smem {n}k", {"tma_rows": 32, "tma_smem": n * 1024}) for n in (75, 220)),
-                *((f"tma narrow {n}", {"tma_rows": 32, "tma_narrow": n}) for n in (16, 32)),
-                ("tma o parts", {"tma_rows": 32, "tma_o_parts": True}),
-                ("tma o parts min 2", {"tma_rows": 32, "tma_o_parts": True, "tma_min_split": 2}),
-                ("tma narrow 32 o parts", {"tma_rows": 32, "tma_narrow": 32, "tma_o_parts": True}),
                 ("small-batch gemv", {"max_rows": 32}), ("small-batch gemv swapped", {"max_rows": 32, "swap": True}),
                 ("small-batch gemv attn", {"max_rows": 32, "mlp": False}),
                 ("step io", {"step_io": True}), ("rope in attention", {"attn_rope": True}), ("no attn prefetch", {"prefetch": False}),

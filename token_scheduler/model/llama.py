@@ -198,7 +198,7 @@ def _fused_layers(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata,
                                     meta.slot_offsets, H, KVH, D)
             o = attend(q, kv_cache, n, meta, cfg)
         o = o.reshape(T, H * D)
-        y = tma.linear(o, w[p + "o"], parts=True) if use_tma and tma.O_PARTS else linear(o, w[p + "o"])
+        y = linear(o, w[p + "o"])
         if lora is not None:
             lora.add_(n, "o", o, [y])
         h = k.add_rms_norm(x, y, w[p + "ln2"], eps)

@@ -63,13 +63,9 @@ def smem_bytes(bn: int, bk: int, st: int, m_pad: int, glu: bool) -> int:
     return st * ((2 if glu else 1) * bn + m_pad) * bk * 2
 
 
-# Projections whose 64-row tiles would leave most SMs idle (qkv and o of a 1.5B: 32 and 24 tiles) take BLOCK_N of
-# NARROW_BN rows instead (64: as wide as the others); for A/B runs (diag_gpu step "tma narrow ...").
-NARROW_BN = 64
-# o's output as split-K partial sums too (add+RMSNorm adds them, as down's), for A/B runs; and the fewest K tiles a
-# split may have.
-O_PARTS = False
-MIN_SPLIT_TILES = 4
+# Measured out (H100 step replay at 63ec818, bench/results/tma_step_variants_h100_63ec818.json): 32- or 16-row tiles
+# for qkv and o, whose 64-row tiles leave most SMs idle (1.5B batch 8 1.802 and 1.913 ms against 1.737; the 7B 6.13
+# and 6.06 against 5.63), and o's output as split-K parts like down's (1.732 against 1.737: noise).
 
 
 def config_for(n: int, k: int, m_pad: int, sms: int = 132, glu: bool = False) -> tuple[int, int, int, int]:
@@ -77,13 +73,13 @@ def config_for(n: int, k: int, m_pad: int, sms: int = 132, glu: bool = False) ->
     c = _CONFIGS.get((n, k, m_pad))
     if c is not None and not glu:
         return c
-    bn = 64 if triton.cdiv(n, 64) * 2 >= sms else NARROW_BN
+    bn = 64
     bk, st = (256, 4) if k <= 4096 and n < 8192 else (128, 3)
     tiles_n, tiles_k = triton.cdiv(n // 2 if glu else n, bn), triton.cdiv(k, bk)
     while tiles_n > sms and smem_bytes(bn, bk, st, m_pad, glu) > SMEM_WIDE and bk > 32:
         st, bk = (st - 1, bk) if st > 2 else (st, bk // 2)
     split = 1
-    while tiles_n * split * 2 <= sms * 1.5 and tiles_k >= MIN_SPLIT_TILES * split * 2:  # fill the SMs
+    while tiles_n * split * 2 <= sms * 1.5 and tiles_k >= 4 * split * 2:  # fill the SMs, 4 K tiles a split at least
         split *= 2
     return bn, bk, st, split
 
