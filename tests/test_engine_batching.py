@@ -276,3 +276,29 @@ def test_hf_exact_mode_decodes_the_reference_way(make_varied, monkeypatch):
     monkeypatch.setattr(R.ModelRunner, "_decode_meta", lambda self, g: calls.append(g) or orig(self, g))
     assert _run_alone(d, "The quick brown fox", sp, hf_exact=True) == want
     assert calls == []
+
+
+def test_a_stop_string_completed_by_the_last_allowed_token_finishes_as_stop(make_varied):
+    """A stop string that completes on the max_tokens-th token: the text is cut before it and the finish reason is
+    "stop" with the string as stop_reason (as vLLM's), not "length"."""
+    d = make_varied("qwen2")
+    eng = _engine(d)
+
+    def text(n):
+        eng.add_request(f"t{n}", "Hello", SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        return [o for _ in range(n + 10) for o in eng.step()][-1].outputs[0].text
+
+    for n in range(12, 30):
+        prev, full = text(n - 1), text(n)
+        stop = full[max(0, len(prev) - 1):]
+        if len(full) > len(prev) and full.index(stop) == len(full) - len(stop):
+            break
+    else:
+        pytest.fail("no stop string found that only the last token completes")
+    eng.add_request("s", "Hello", SamplingParams(temperature=0, max_tokens=n, stop=[stop], ignore_eos=True))
+    outs = [o for _ in range(n + 10) for o in eng.step()]
+    final = outs[-1].outputs[0]
+    assert outs[-1].finished and final.text == full[: len(full) - len(stop)]
+    assert (final.finish_reason, final.stop_reason) == ("stop", stop)
+    assert not eng.has_unfinished_requests()
+    assert eng.scheduler.kv.num_used == 0  # nothing held

@@ -78,6 +78,8 @@ def detokenize(outs: list[TokenOutput]) -> tuple[list[RequestOutput], list[tuple
             finished, reason, stop_reason = True, "stop", d.stop_hit
             metrics = {**metrics, "finished_time": time.monotonic()}
             stopped.append((req, d.stop_hit))
+        elif d.stop_hit is not None and reason == "length":  # the last allowed token completed a stop string (as
+            reason, stop_reason = "stop", d.stop_hit  # vLLM: a stop; the engine has freed the request already)
         d.done = finished
         # Running: the request's own lists, not copies (a copy per step made a generation's cost quadratic in its
         # length); they only grow. Finished: cut at this output's length, once (a later step may have appended).
