@@ -94,17 +94,33 @@ async def register_model(spec: ModelSpec, request: Request):
     return _model_out(ctl, spec.name, request.app.state.serving.last_used)
 
 
+def _model_named(ctl: Controller, name: str, adapters: bool = False) -> str:
+    """The registered model `name` names: by its own name or one of its aliases (as requests name it); with
+    `adapters`, also by one of its LoRA adapters' names (evict: `tokenpool stop` takes any name a request used). An
+    adapter's name is not its model's for a change or a removal (DELETE by an adapter's name would remove the model
+    under it). 404 in OpenAI's shape when none."""
+    me = ctl.resolve(name) if adapters else ctl.models.get(name) or next(
+        (e for e in ctl.models.values() if name in e.spec.aliases), None)
+    if me is None:
+        raise ServingError(404, f"no model {name!r}", code="model_not_found")
+    return me.spec.name
+
+
 @router.patch("/models/{name:path}", response_model=ap.ModelOut)
 async def update_model(name: str, patch: ap.ModelPatch, request: Request):
-    """Change a model's SLO, priority, replica bounds or keep_alive without unloading it."""
+    """Change a model's SLO, priority, replica bounds or keep_alive without unloading it (by its name or an alias)."""
     ctl = _ctl(request)
+    name = _model_named(ctl, name)
     ctl.update_model(name, patch.changes())
     return _model_out(ctl, name, request.app.state.serving.last_used)
 
 
 @router.delete("/models/{name:path}")
 async def unregister_model(name: str, request: Request) -> dict:
-    if not _ctl(request).remove_model(name):
+    """Unregister a model (by its name or an alias): its requests in flight end."""
+    ctl = _ctl(request)
+    name = _model_named(ctl, name)
+    if not ctl.remove_model(name):
         raise ServingError(404, f"no model {name!r}", code="model_not_found")
     return {"deleted": name}
 
@@ -194,7 +210,8 @@ async def cancel(request_id: str, request: Request):
 @router.post("/models/{name:path}/pin", response_model=ap.PinOut)
 @router.post("/models/{name:path}/unpin", response_model=ap.PinOut)
 async def pin(name: str, request: Request):
-    """pin: keep the model's weights resident on every GPU it is registered on; unpin: stop."""
+    """pin: keep the model's weights resident on every GPU it is registered on; unpin: stop. By its name or an
+    alias."""
     return _pin(_ctl(request), name, request.url.path.endswith("/pin"))
 
 
@@ -203,11 +220,8 @@ async def evict(name: str, request: Request):
     """Free the model's VRAM on every engine, once its requests there finish (Ollama's `stop`); it stays served and
     the next request brings its weights back from the host cache. A pinned model's are kept: 409."""
     ctl = _ctl(request)
-    me = ctl.resolve(name)  # (by its name or an alias, as `tokenpool stop` and Ollama's stop name it)
-    if me is None:
-        raise ServingError(404, f"no model {name!r}", code="model_not_found")
-    name = me.spec.name
-    if me.pinned:
+    name = _model_named(ctl, name, adapters=True)  # (by any name a request used, as `tokenpool stop` and Ollama's)
+    if ctl.models[name].pinned:
         raise ServingError(409, f"{name!r} is pinned: unpin it first (POST /admin/models/{name}/unpin)",
                            code="model_pinned")
     n = ctl.evict(name)
@@ -219,24 +233,21 @@ async def evict(name: str, request: Request):
 @router.post("/models/{name:path}/resume", response_model=ap.DrainOut)
 async def drain_model(name: str, request: Request):
     """drain: stop admitting requests for the model (503 + Retry-After), those in flight finish (before a
-    removal); resume: admit again."""
+    removal); resume: admit again. By its name or an alias."""
     return _drain_model(_ctl(request), name, request.url.path.endswith("/drain"))
 
 
 def _drain_model(ctl: Controller, name: str, on: bool) -> ap.DrainOut:
-    me = ctl.models.get(name)
-    if me is None:
-        raise ServingError(404, f"no model {name!r}", code="model_not_found")
-    me.draining = on
+    name = _model_named(ctl, name)
+    ctl.models[name].draining = on
     views.events(ctl).publish("drain" if on else "resume", model=name)
     n = sum(1 for e in ctl.pool.engines.values() for s in e.subs.values() if s.model == name)
     return ap.DrainOut(name=name, draining=on, inflight=n)
 
 
 def _pin(ctl: Controller, name: str, on: bool) -> ap.PinOut:
-    me = ctl.models.get(name)
-    if me is None:
-        raise ServingError(404, f"no model {name!r}", code="model_not_found")
+    name = _model_named(ctl, name)
+    me = ctl.models[name]
     if on and not me.pinned:  # a pin that leaves a registered model no room would starve it for good: refused
         infos, pinned = ctl.infos(), ctl.pinned()
         for e in ctl.pool.engines.values():

@@ -1,0 +1,67 @@
+"""Every admin route on one model takes the model's name or one of its aliases, as POST /admin/models/{name}/evict
+and the serving routes do (pin, unpin, drain, resume, PATCH and DELETE answered 404 for an alias); an unknown name
+is a 404 in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi.testclient import TestClient
+
+from controller.app import build_app
+from controller.config import ModelSpec, ServerConfig
+from controller.keys import hash_key
+
+ADMIN = "admin-aliases-token"
+H = {"Authorization": f"Bearer {ADMIN}"}
+
+
+def make() -> tuple[TestClient, object]:
+    app = build_app(ServerConfig(admin_token_hash=hash_key(ADMIN), models=[], auth=False))  # (no workers start)
+    ctl = app.state.controller
+    asyncio.run(ctl.add_model(ModelSpec(name="real-name", path=None, engine={"kind": "pace"}, aliases=["nick"])))
+    return TestClient(app), ctl
+
+
+def _not_found(r, name: str) -> None:
+    assert r.status_code == 404, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == "model_not_found", err
+    assert repr(name) in err["message"], err
+
+
+def test_switches_take_an_alias():
+    c, ctl = make()
+    me = ctl.models["real-name"]
+    r = c.post("/admin/models/nick/pin", headers=H)
+    assert r.status_code == 200 and r.json() == {"name": "real-name", "pinned": True}, r.text
+    assert me.pinned
+    r = c.post("/admin/models/nick/unpin", headers=H)
+    assert r.status_code == 200 and r.json() == {"name": "real-name", "pinned": False}, r.text
+    assert not me.pinned
+    r = c.post("/admin/models/nick/drain", headers=H)
+    assert r.status_code == 200 and r.json()["name"] == "real-name" and r.json()["draining"] is True, r.text
+    assert me.draining
+    r = c.post("/admin/models/nick/resume", headers=H)
+    assert r.status_code == 200 and r.json()["name"] == "real-name" and r.json()["draining"] is False, r.text
+    assert not me.draining
+
+
+def test_patch_and_delete_take_an_alias():
+    c, ctl = make()
+    r = c.patch("/admin/models/nick", headers=H, json={"priority": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["name"] == "real-name" and r.json()["priority"] == 3
+    assert ctl.models["real-name"].spec.priority == 3
+    r = c.delete("/admin/models/nick", headers=H)
+    assert r.status_code == 200 and r.json() == {"deleted": "real-name"}, r.text
+    assert "real-name" not in ctl.models
+
+
+def test_an_unknown_name_is_a_404_everywhere():
+    c, ctl = make()
+    for path in ("pin", "unpin", "drain", "resume", "evict"):
+        _not_found(c.post(f"/admin/models/nope/{path}", headers=H), "nope")
+    _not_found(c.patch("/admin/models/nope", headers=H, json={"priority": 1}), "nope")
+    _not_found(c.delete("/admin/models/nope", headers=H), "nope")
+    assert list(ctl.models) == ["real-name"] and not ctl.models["real-name"].pinned
