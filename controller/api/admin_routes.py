@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Request
+from starlette.routing import Match
 
 from controller.api import admin_protocol as ap
 from controller.api import auth
@@ -128,6 +129,15 @@ async def unregister_model(name: str, request: Request) -> dict:
 @router.get("/tenants", response_model=list[ap.TenantOut])
 async def tenants(request: Request):
     return [_tenant_out(t) for t in _ctl(request).tenants.all()]
+
+
+@router.get("/tenants/{name}", response_model=ap.TenantOut)
+async def tenant(name: str, request: Request):
+    """One tenant, as GET /admin/tenants lists it (its keys are never shown: only their hashes are kept)."""
+    t = _ctl(request).tenants.get(name)
+    if t is None:
+        raise ServingError(404, f"no tenant {name!r}", code="tenant_not_found")
+    return _tenant_out(t)
 
 
 @router.post("/tenants", response_model=ap.TenantCreated, status_code=201)
@@ -290,3 +300,15 @@ async def events(request: Request, since: int | None = None, snapshots: bool = F
         st.event_hub = stream.Hub(views.events(ctl), lambda: views.snapshot(ctl),
                                   on_cpu=ctl.metrics.event_stream_cpu.inc)
     return stream.EventStream(st.event_hub, since, snapshots, headers=SSE_HEADERS)
+
+
+# Last of the admin routes: a path with a trailing slash that none of them takes. Starlette's redirect_slashes answered
+# some with a bare 307 to the path without it (which clients do not follow for a DELETE or a POST: `DELETE
+# /admin/tenants/` with an empty name looked like a success to a script) and others with a 405; now a 404 that says so.
+@router.api_route("/{rest:path}/", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+async def trailing_slash(rest: str, request: Request):
+    path, bare = request.url.path, request.url.path.rstrip("/")
+    scope = dict(request.scope, path=bare)
+    route = any(r.matches(scope)[0] == Match.FULL for r in request.app.router.routes)
+    raise ServingError(404, f"no route {request.method} {path}: admin paths take no trailing slash"
+                       + (f" ({request.method} {bare})" if route else ""), code="not_found")
