@@ -412,8 +412,13 @@ class EnginePool:
             e.send(m.EvictModel(model))
 
     def unload(self, e: EngineHandle, model: str) -> None:
-        if e.replicas.pop(model, None) is not None:
+        r = e.replicas.pop(model, None)
+        if r is not None:
             e.send(m.UnloadModel(model))
+            if not r.ready.is_set():  # dropped while loading: what waits for it is told now (the worker's answer
+                # finds no registration, or never comes: they waited out the load timeout, ten minutes)
+                r.state, r.error = "failed", f"unregistered from engine {e.id} while it loaded"
+                r.ready.set()
 
     def submit(self, e: EngineHandle, sub: Sub) -> None:
         sub.engine_id = e.id
