@@ -177,6 +177,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
         raise ValueError(f"tma.linear: glu needs its {n} gate rows in whole blocks of 16")
     if not parts:
         split = 1
+    if PEEL:  # the peeled tile has shared memory of its own: one stage fewer
+        st = max(2, st - 1)
     tiles_k = triton.cdiv(k, bk)
     per = triton.cdiv(tiles_k, split)
     splits = triton.cdiv(tiles_k, per)
