@@ -56,7 +56,7 @@ class Replica:
 
     model: str
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # set when loaded or failed
-    state: str = "loading"  # loading | ready | failed
+    state: str = "loading"  # loading | ready | failed | dropped (unregistered while it loaded)
     error: str | None = None
     max_model_len: int = 0
     max_num_seqs: int = 0
@@ -417,7 +417,7 @@ class EnginePool:
             e.send(m.UnloadModel(model))
             if not r.ready.is_set():  # dropped while loading: what waits for it is told now (the worker's answer
                 # finds no registration, or never comes: they waited out the load timeout, ten minutes)
-                r.state, r.error = "failed", f"unregistered from engine {e.id} while it loaded"
+                r.state, r.error = "dropped", f"unregistered from engine {e.id} while it loaded"
                 r.ready.set()
 
     def submit(self, e: EngineHandle, sub: Sub) -> None:
