@@ -98,8 +98,9 @@ async def running(request: Request, tenant: Tenant = Depends(auth.tenant)) -> di
     """llama-swap's: the models the key may use whose weights are in VRAM now, with their keep_alive (its ttl)."""
     ctl = request.app.state.controller
     resident = resident_models(ctl.pool.engines.values())
+    names = request.app.state.serving.names_for  # (a model allowed only by an alias: under that name)
     return {"running": [{"model": n, "state": "ready", "ttl": me.spec.keep_alive}
-                        for n, me in ctl.models.items() if n in resident and tenant.may_use(n)]}
+                        for name, me in ctl.models.items() if name in resident for n in names(tenant, me)]}
 
 
 @router.get("/unload", dependencies=[Depends(auth.operator)], operation_id="unload_all_get")

@@ -239,12 +239,20 @@ class OpenAIServing:
         self.last_used[me.spec.name] = time.time()
         return me
 
+    @staticmethod
+    def names_for(tenant: Tenant, me: ModelEntry) -> list[str]:
+        """The names `tenant` may ask for model `me` by (`lookup`): its own, else those of its aliases it is allowed
+        (a tenant allowed a model only by an alias uses it under that name)."""
+        if tenant.may_use(me.spec.name):
+            return [me.spec.name]
+        return [a for a in me.spec.aliases if tenant.may_use(a)]
+
     def models(self, tenant: Tenant) -> p.ModelList:
-        """The models `tenant` may use, then the LoRA adapters over them (an adapter's `parent`: its model, as vLLM's
-        cards have it)."""
+        """The models `tenant` may use, under the names it may use them by (`names_for`), then the LoRA adapters over
+        them (an adapter's `parent`: its model, as vLLM's cards have it)."""
         cards = []
-        for n, me in self.ctl.models.items():
-            if tenant.may_use(n):
+        for me in self.ctl.models.values():
+            for n in self.names_for(tenant, me):
                 cards.append(p.ModelCard(id=n, created=me.created, max_model_len=me.max_model_len))
         for n, me in self.ctl.models.items():
             for lm in me.spec.lora_modules:
