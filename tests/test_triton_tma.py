@@ -42,10 +42,8 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("peel", [False, True])
-def test_tma_projection_modes_match_torch_in_the_interpreter(peel):
-    """(peel: each program's first weight tile loaded before its wait, the loop from the second)"""
-    interpret(f"from token_scheduler.model import triton_tma; triton_tma.PEEL = {peel}\n" + CODE)
+def test_tma_projection_modes_match_torch_in_the_interpreter():
+    interpret(CODE)
 
 
 def test_the_step_takes_tma_only_for_batched_decode_steps_on_a_capable_gpu(monkeypatch):

@@ -47,8 +47,6 @@ def rows_pad(m: int) -> int:
     return max(16, triton.next_power_of_2(m))
 
 
-# Each program's first weight tile loaded before its PDL wait, the K loop's pipeline after it (for A/B runs)
-PEEL = False
 # SiLU*mul in gate_up's epilogue (True), or gate_up's output written whole, then triton_ops.silu_mul (False). The
 # GLU kernel holds two weight tiles a stage: fewer programs an SM, or fewer stages. H100 step replay at c7819c9
 # (context 512; bench/results/tma_step_variants_h100_c7819c9.json): without it 1.5B batch 8 1.738 against 1.725 ms,
@@ -106,27 +104,19 @@ def _fits(x: torch.Tensor, w: torch.Tensor) -> bool:
 @triton.jit
 def _tma_kernel(w_desc, x_desc, B, Y, M, N, tiles_k, per_split, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 M_PAD: tl.constexpr, STAGES: tl.constexpr, HAS_B: tl.constexpr, GLU: tl.constexpr,
-                PARTS: tl.constexpr, PDL: tl.constexpr, PEEL: tl.constexpr):
+                PARTS: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n0 = pid_n * BLOCK_N
     t0 = pid_k * per_split
     t1 = tl.minimum(t0 + per_split, tiles_k)  # (every program has one K tile at least)
-    if PEEL:  # the first weight tile copied before the wait on the kernel before: no kernel writes weights
-        w0 = w_desc.load([n0, t0 * BLOCK_K])
-        if GLU:
-            u0 = w_desc.load([N + n0, t0 * BLOCK_K])
+    # Weights are loaded after the wait, in the pipeline's prologue. Peeling the first weight tile off the loop to
+    # load it before the wait (as the GEMVs do) cost it a stage and made the 1.5B's step slower on the H100 at
+    # 30ce819 (diag_gpu step: batch 8 1.837 against 1.744 ms, batch 32 2.153 against 2.050). Not kept.
     pdl_enter(PDL)
     acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
     acc_u = tl.zeros([BLOCK_N, M_PAD], tl.float32)
-    start = t0
-    if PEEL:
-        xt0 = tl.trans(x_desc.load([0, t0 * BLOCK_K]))
-        acc = tl.dot(w0, xt0, acc)
-        if GLU:
-            acc_u = tl.dot(u0, xt0, acc_u)
-        start = t0 + 1
-    for t in tl.range(start, t1, num_stages=STAGES):
+    for t in tl.range(t0, t1, num_stages=STAGES):
         xt = tl.trans(x_desc.load([0, t * BLOCK_K]))
         acc = tl.dot(w_desc.load([n0, t * BLOCK_K]), xt, acc)
         if GLU:  # the up rows of the same outputs, N rows further
@@ -177,8 +167,6 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
         raise ValueError(f"tma.linear: glu needs its {n} gate rows in whole blocks of 16")
     if not parts:
         split = 1
-    if PEEL:  # the peeled tile has shared memory of its own: one stage fewer
-        st = max(2, st - 1)
     tiles_k = triton.cdiv(k, bk)
     per = triton.cdiv(tiles_k, split)
     splits = triton.cdiv(tiles_k, per)
@@ -187,5 +175,5 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     _tma_kernel[(triton.cdiv(n, bn), splits)](
         TensorDescriptor.from_tensor(w, [bn, bk]), TensorDescriptor.from_tensor(x, [m_pad, bk]),
         bias if bias is not None else y, y, m, n, tiles_k, per, BLOCK_N=bn, BLOCK_K=bk, M_PAD=m_pad, STAGES=st,
-        HAS_B=bias is not None, GLU=glu, PARTS=parts, PDL=pdl(x), PEEL=PEEL, num_warps=4, launch_pdl=pdl(x))
+        HAS_B=bias is not None, GLU=glu, PARTS=parts, PDL=pdl(x), num_warps=4, launch_pdl=pdl(x))
     return y
