@@ -10,12 +10,16 @@ distinct weight copies in a CUDA graph on the H100 (load_tests/diag_tma.py, benc
 faster than cuBLAS at every projection of qwen2-1.5b and 7B at batches 8 and 32 (1.5B batch 8: qkv 5.04 against
 5.75 us, o 4.70 against 5.82, gate_up 21.3 against 23.8, down 12.8 against 14.5; 7B gate_up 92 against 98).
 
-Folds: the bias (qkv), SiLU*mul (GLU: gate and up rows of one program, `silu_mul`'s rounding), and for projections
-with few output tiles (down) a split along K into fp32 partial sums [SPLIT, M, N] that the next add+RMSNorm sums in a
-fixed order (triton_ops.add_rms_norm with `r` of one more dimension): deterministic, and no zeroed buffer or atomics.
+Folds: the bias (qkv); for down, whose few output tiles would leave SMs idle, a split along K into fp32 partial sums
+[SPLIT, M, N] that the next add+RMSNorm adds in a fixed order (triton_ops.add_rms_norm with `r` of one more
+dimension): deterministic, no zeroed buffer, no atomics. SiLU*mul can be folded into gate_up (GLU, off: see there).
 Results match the cuBLAS path to rounding (fp32 sums in another order), not bit for bit.
 
-TOKENPOOL_TMA_ROWS (default: see MAX_ROWS) sets the largest batch; 0: cuBLAS.
+In the step (H100, graph replay at context 512, interleaved with cuBLAS in one engine; 63ec818): qwen2-1.5b batch 8
+1.737 against 1.877 ms, batch 32 2.036 against 2.148; 7B 5.634 against 5.830 and 6.050 against 6.150
+(bench/results/tma_step_variants_h100_63ec818.json).
+
+TOKENPOOL_TMA_ROWS (default 32) sets the largest batch; 0: cuBLAS.
 """
 
 from __future__ import annotations
@@ -36,10 +40,6 @@ except ImportError:  # pragma: no cover - Triton without host tensor descriptors
     TensorDescriptor = None
 
 MAX_ROWS = env.TMA_ROWS.integer()
-# (BLOCK_N, BLOCK_K, STAGES, SPLIT) by weight shape [N, K] (GLU: N counts gate and up) and padded rows; others:
-# `config_for`. From the H100 sweep (diag_tma, 3873605): 64-row tiles everywhere; K tiles of 256 over 4 stages for
-# qkv and o, 128 over 3 for gate_up and down; down split so its ~24-56 output tiles fill the SMs.
-_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
 
 
 def rows_pad(m: int) -> int:
@@ -69,10 +69,9 @@ def smem_bytes(bn: int, bk: int, st: int, m_pad: int, glu: bool) -> int:
 
 
 def config_for(n: int, k: int, m_pad: int, sms: int = 132, glu: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, STAGES, SPLIT) for weights [n, k] (glu: n counts gate and up) at m_pad rows."""
-    c = _CONFIGS.get((n, k, m_pad))
-    if c is not None and not glu:
-        return c
+    """(BLOCK_N, BLOCK_K, STAGES, SPLIT) for weights [n, k] (glu: n counts gate and up) at m_pad rows. From the H100
+    sweep (diag_tma at 3873605): 64-row tiles everywhere; K tiles of 256 over 4 stages for qkv and o, 128 over 3 for
+    gate_up and down; down split so that its 24-56 output tiles fill the SMs."""
     bn = 64
     bk, st = (256, 4) if k <= 4096 and n < 8192 else (128, 3)
     tiles_n, tiles_k = triton.cdiv(n // 2 if glu else n, bn), triton.cdiv(k, bk)
