@@ -116,7 +116,8 @@ def serve_cmd(
         "repo id's: the id)"),
     gpu_budget: Optional[float] = typer.Option(
         None, "--gpu-budget", min=0.001, help="GB per GPU for the pooled arena, weights and KV (the config's "
-        "gpus.budget_gb; a CPU worker's is gpus.cpu_budget_gb)"),
+        "gpus.budget_gb); where this machine's worker runs on the CPU (no GPU), that worker's arena "
+        "(gpus.cpu_budget_gb)"),
     config: Optional[Path] = typer.Option(
         None, help="YAML configuration (examples/); without it and without MODEL_DIR: the embedded default"),
     host: Optional[str] = typer.Option(None, help="listen address (overrides the config)"),

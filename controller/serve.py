@@ -195,6 +195,13 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
                            f"{validation_line(e)}" if config_path else validation_line(e)) from None
     if gpu_budget_gb is not None:
         cfg.gpus.budget_gb = GPUSettings.model_validate({"budget_gb": gpu_budget_gb}).budget_gb
+        from controller.pool import local_devices
+
+        if "cpu" in local_devices(cfg.workers.local):  # (no GPU here, or workers.local: cpu) a CPU worker's arena
+            cfg.gpus.cpu_budget_gb = cfg.gpus.budget_gb  # is gpus.cpu_budget_gb: the flag would size nothing
+            log.warning("--gpu-budget %g GB is the CPU worker's arena (gpus.cpu_budget_gb): this machine's local "
+                        "worker runs on the CPU (%s)", gpu_budget_gb,
+                        "workers.local: cpu" if cfg.workers.local == "cpu" else "no GPU found")
     if host is not None:
         cfg.listen.host = host
     if port is not None:
