@@ -40,7 +40,7 @@ from controller.router import (
     starved_by_pins,
     with_registration,
 )
-from controller.tenants import Tenant, TenantRegistry
+from controller.tenants import KEY_USED, Tenant, TenantRegistry
 from token_scheduler.block_manager import hash_extra
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
@@ -61,6 +61,27 @@ RETRY_WAIT_S = 15.0  # how long a request whose engine died before its first tok
 REVOKE_GRACE_S = 1.0
 REVOKED = "the API key was revoked"
 CANCELLED = "cancelled by an operator"
+
+
+def _answers_to(entry: Tenant, t: Tenant) -> bool:
+    """Whether a request admitted under tenant entry `entry` answers to entry `t`: `t` is `entry` or one of the
+    entries that replaced it since (`Tenant.successor`)."""
+    e: Tenant | None = entry
+    while e is not None:
+        if e is t:
+            return True
+        e = e.successor
+    return False
+
+
+def _holds(entry: Tenant, key_hash: str | None) -> bool:
+    """Whether the tenant a request was admitted under (`entry`) still holds the key it was admitted with (a
+    replacement may have dropped it: a rotation); a key not known, whether it kept every key (as `_revoke` judges)."""
+    latest = entry.latest()
+    if latest is entry:
+        return True
+    keep = set(latest.spec.key_hashes)
+    return key_hash in keep if key_hash is not None else set(entry.spec.key_hashes) <= keep
 
 
 class Ended(ServingError):
@@ -161,6 +182,7 @@ class Generation:
         self.closed = False
         self.request_id = ""  # the API request's id (set by Activity.started)
         self.t_wall = time.time()
+        self.key_hash = KEY_USED.get()  # the hash of the key it was admitted with (None: none, or not known)
 
     async def events(self) -> AsyncIterator[tuple[int, m.Delta]]:
         """Deltas as they come; raises ServingError if a choice fails (the others are aborted)."""
@@ -359,9 +381,18 @@ class Controller:
 
     def _revoke(self, t: Tenant) -> None:
         """End the requests of deleted tenant `t` (streams: an error event in OpenAI's shape, then [DONE]; the engines
-        abort them and free their KV), and admit none still on their way, unless the namesake made since holds every
-        key `t` had: nothing was revoked (the operator's update), they belong to that one now."""
+        abort them and free their KV), and admit none still on their way, unless the namesake made since keeps some
+        of `t`'s keys (the operator's update, or a rotation that drops some keys): then only the requests admitted
+        with a key it dropped end (a request whose key is not known too); the others belong to that one now."""
         if t.successor is not None:  # (Tenant.succeed)
+            dropped = set(t.spec.key_hashes) - set(t.latest().spec.key_hashes)
+            if not dropped:
+                return
+            n = self.end_requests(lambda g: _answers_to(g.tenant, t) and (g.key_hash is None or g.key_hash in dropped),
+                                  REVOKED, "revoked")
+            if n:
+                log.info("tenant %r lost %d key(s): %d request(s) in flight on them ended", t.name, len(dropped), n)
+                self.events.publish("tenant_requests_ended", tenant=t.name, requests=n)
             return
         t.revoked = True
         n = self.end_requests(lambda g: g.tenant.latest() is t, REVOKED, "revoked")
@@ -442,7 +473,8 @@ class Controller:
                     sub = Sub(f"{request_id}-{p * n + i}", entry.spec.name, p * n + i, ids, sp, budgets[p], gen.sink)
                     if i:  # (the prompt's block hashes, made for its first choice)
                         sub.prefix_hashes = gen.subs[-1].prefix_hashes
-                    if tenant.latest().revoked:  # deleted while this request was on its way (see _revoke)
+                    if tenant.latest().revoked or not _holds(tenant, gen.key_hash):
+                        # deleted while this request was on its way, or replaced without its key (see _revoke)
                         raise ServingError(401, REVOKED, code="invalid_api_key")
                     gen.subs.append(sub)
                     await self._place(sub, entry, slo, tenant.spec.priority, admission=True)

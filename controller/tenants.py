@@ -8,8 +8,9 @@ what is left in its buckets, so a rotation neither doubles its concurrency nor r
 
 A deleted tenant's keys stop working at once (401), and its requests in flight are ended shortly after
 (`Controller.tenant_deleted`: streams get an error event, the engines free their KV), unless a namesake made within
-that grace holds every key it had (the Kubernetes operator's update, a DELETE then a POST): those run on, and count
-under the new entry (`Tenant.successor`). A change of limits, models, priority or SLO class is better made in place
+that grace keeps their keys (the Kubernetes operator's update, a DELETE then a POST): a request runs on, counted under
+the new entry (`Tenant.successor`), when the key it was admitted with (`KEY_USED`, recorded on its Generation) is one
+the namesake holds; those of the keys it dropped (a rotation that removes one key of several) are ended. A change of limits, models, priority or SLO class is better made in place
 (`TenantRegistry.update`, PATCH /admin/tenants/{name}): no moment without the tenant, and its usage carries over.
 
 A tenant of the configuration file deleted through the admin API stays revoked across restarts: its key hashes are
@@ -22,6 +23,7 @@ import fnmatch
 import logging
 import math
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,11 @@ from controller.config import TenantSpec
 from controller.keys import hash_key, new_key, verify_key
 
 log = logging.getLogger("tokenpool.tenants")
+
+# The hash of the key the request being handled authenticated with (`TenantRegistry.identify`, set by the route's
+# authentication, controller/api/auth.py): a request records it when admitted, so a rotation ends only the requests
+# of the keys it removed. None: no key (authentication off), or not known.
+KEY_USED: ContextVar[str | None] = ContextVar("tokenpool_key_used", default=None)
 
 MAX_RETRY_AFTER_S = 86400  # a 429's Retry-After at most (a tiny rate's wait overflowed to infinity: a 500)
 
@@ -82,7 +89,8 @@ class Tenant:
     usage: dict[str, int] = field(default_factory=lambda: {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
     flight: _Flight = field(default_factory=_Flight, repr=False)
     # Deleted through the admin API: `revoked` once its keys are gone for good (its requests are ended, none is
-    # admitted); `successor`, the entry that replaced it with every key it had (its requests belong to that one now)
+    # admitted); `successor`, the entry that replaced it keeping some of its keys (its requests belong to that one
+    # now; those admitted with a key it dropped are ended: `Controller._revoke`)
     revoked: bool = field(default=False, repr=False)
     successor: Tenant | None = field(default=None, repr=False)
 
@@ -108,10 +116,12 @@ class Tenant:
     def succeed(self, old: Tenant) -> None:
         """Take over the limits' state of `old`, the entry of this name that was deleted: its requests in flight
         (their ends are counted here too), and its buckets (the same objects when the rate is unchanged, else what
-        was left in them, up to the new sizes). Made with every key `old` had (a change of limits, not a revocation),
-        it is `old`'s successor: `old`'s requests run on as this one's (their usage is counted here)."""
+        was left in them, up to the new sizes). Made with any key `old` had (a change of limits, or a rotation that
+        keeps some keys), it is `old`'s successor: `old`'s requests of the keys kept run on as this one's (their usage
+        is counted here); those of the keys dropped are ended (`Controller._revoke`)."""
         self.flight = old.flight
-        if not old.revoked and set(old.spec.key_hashes) <= set(self.spec.key_hashes):
+        keys = set(old.spec.key_hashes)
+        if not old.revoked and (not keys or keys & set(self.spec.key_hashes)):
             old.successor = self
         if old.spec.rate == self.spec.rate:
             self.rps, self.tpm = old.rps, old.tpm
@@ -172,15 +182,20 @@ class TenantRegistry:
 
     def authenticate(self, key: str | None) -> Tenant | None:
         """The tenant a key belongs to (every hash is checked, in constant time each), or None."""
+        return self.identify(key)[0]
+
+    def identify(self, key: str | None) -> tuple[Tenant | None, str | None]:
+        """The tenant a key belongs to and the hash it matched (None, None: none; the anonymous tenant and None
+        without authentication)."""
         if not self.auth:
-            return self._anon
+            return self._anon, None
         if not key:
-            return None
-        found = None
+            return None, None
+        found: tuple[Tenant | None, str | None] = (None, None)
         for t in self._t.values():
             for h in t.spec.key_hashes:
-                if verify_key(key, h) and found is None:
-                    found = t
+                if verify_key(key, h) and found[0] is None:
+                    found = t, h
         return found
 
     def get(self, name: str) -> Tenant | None:

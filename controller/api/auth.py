@@ -9,7 +9,7 @@ from fastapi import Request
 from controller.dashboard import session
 from controller.errors import ServingError
 from controller.keys import verify_key
-from controller.tenants import Tenant
+from controller.tenants import KEY_USED, Tenant
 
 
 def bearer(request: Request) -> str | None:
@@ -22,12 +22,22 @@ def bearer(request: Request) -> str | None:
 
 
 def tenant(request: Request) -> Tenant:
-    t = request.app.state.controller.tenants.authenticate(bearer(request))
+    """The tenant whose key the request presents (401 if none); the key's hash is kept for the request in
+    `tenants.KEY_USED` (its requests record it when admitted: a rotation ends only those of the keys it removed).
+    Called from the route's own task: as a dependency, through `tenant_dep` (a sync dependency runs in a thread,
+    whose context variables the route never sees)."""
+    t, key_hash = request.app.state.controller.tenants.identify(bearer(request))
+    KEY_USED.set(key_hash)
     if t is None:
         request.app.state.controller.count_refusal(None, "-", 401)
         raise ServingError(401, "Incorrect API key provided." if bearer(request) else
                            "You didn't provide an API key (Authorization: Bearer <key>).")
     return t
+
+
+async def tenant_dep(request: Request) -> Tenant:
+    """`tenant` as a route dependency (FastAPI runs an async one in the route's task: `KEY_USED` stays set there)."""
+    return tenant(request)
 
 
 def admin(request: Request) -> None:

@@ -49,38 +49,38 @@ async def _serve(request: Request, call, model: str, tenant: Tenant) -> Response
 
 
 @router.post("/v1/completions", response_model=p.CompletionResponse, responses=ERRORS)
-async def completions(body: p.CompletionRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+async def completions(body: p.CompletionRequest, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     return await _serve(request, request.app.state.serving.completions(body, tenant, request), body.model, tenant)
 
 
 @router.post("/v1/chat/completions", response_model=p.ChatCompletionResponse, responses=ERRORS)
-async def chat_completions(body: p.ChatCompletionRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+async def chat_completions(body: p.ChatCompletionRequest, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     return await _serve(request, request.app.state.serving.chat(body, tenant, request), body.model, tenant)
 
 
 @router.post("/v1/embeddings", response_model=p.EmbeddingResponse, responses=ERRORS)
-async def create_embeddings(body: p.EmbeddingRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+async def create_embeddings(body: p.EmbeddingRequest, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     """Each input's embedding: the last token's final hidden state, L2-normalized (controller/api/embeddings.py)."""
     return await _serve(request, openai_embeddings(request.app.state.serving, body, tenant, request), body.model,
                         tenant)
 
 
 @router.post("/v1/messages", responses=ERRORS)
-async def create_message(body: p.MessagesRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+async def create_message(body: p.MessagesRequest, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     """Anthropic's Messages API over the chat path (controller/api/anthropic.py)."""
     return await _serve(request, anthropic.create(request.app.state.serving, body, tenant, request), body.model,
                         tenant)
 
 
 @router.post("/v1/messages/count_tokens", responses=ERRORS)
-async def count_message_tokens(body: p.MessagesRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+async def count_message_tokens(body: p.MessagesRequest, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     return await anthropic.count_tokens(request.app.state.serving, body, tenant)
 
 
 @router.post("/rerank", responses=ERRORS)
 @router.post("/v1/rerank", responses=ERRORS)
 @router.post("/v2/rerank", responses=ERRORS)
-async def rerank(body: p.RerankRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+async def rerank(body: p.RerankRequest, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     """vLLM's (Jina's, Cohere's; llama-swap's paths): documents by the cosine similarity of their embeddings to the
     query's, best first (controller/api/embeddings.py)."""
     return await _serve(request, embeddings.rerank(request.app.state.serving, body, tenant, request), body.model, tenant)
@@ -88,13 +88,13 @@ async def rerank(body: p.RerankRequest, request: Request, tenant: Tenant = Depen
 
 @router.post("/score", responses=ERRORS)
 @router.post("/v1/score", responses=ERRORS)
-async def score(body: p.ScoreRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+async def score(body: p.ScoreRequest, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     """vLLM's: the cosine similarity of text_1's embedding to each text_2's."""
     return await _serve(request, embeddings.score(request.app.state.serving, body, tenant, request), body.model, tenant)
 
 
 @router.get("/running")
-async def running(request: Request, tenant: Tenant = Depends(auth.tenant)) -> dict:
+async def running(request: Request, tenant: Tenant = Depends(auth.tenant_dep)) -> dict:
     """llama-swap's: the models the key may use whose weights are in VRAM now, with their keep_alive (its ttl)."""
     ctl = request.app.state.controller
     resident = resident_models(ctl.pool.engines.values())
@@ -116,20 +116,20 @@ async def unload_all(request: Request) -> PlainTextResponse:
 
 
 @router.post("/v1/responses", responses=ERRORS)
-async def create_response(body: p.ResponsesRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+async def create_response(body: p.ResponsesRequest, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     """OpenAI's Responses API over the chat path (controller/api/responses.py)."""
     return await _serve(request, responses.create(request.app.state.serving, request.app.state.responses, body,
                                                   tenant, request), body.model, tenant)
 
 
 @router.post("/v1/responses/input_tokens", responses=ERRORS)
-async def response_input_tokens(body: p.ResponsesRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+async def response_input_tokens(body: p.ResponsesRequest, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     """The input's tokens as /v1/responses would feed them (the SDK's responses.input_tokens.count)."""
     return await responses.input_tokens(request.app.state.serving, request.app.state.responses, body, tenant)
 
 
 @router.post("/v1/responses/{response_id}/cancel", responses=ERRORS)
-async def cancel_response(response_id: str, request: Request, tenant: Tenant = Depends(auth.tenant)):
+async def cancel_response(response_id: str, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     """Only background responses can be cancelled, and there are none here: 404 for an unknown id, else a 400."""
     responses.stored(request.app.state.responses, response_id, tenant)
     raise ServingError(400, "only background responses can be cancelled (this server runs none)",
@@ -137,12 +137,12 @@ async def cancel_response(response_id: str, request: Request, tenant: Tenant = D
 
 
 @router.get("/v1/responses/{response_id}", responses=ERRORS)
-async def get_response(response_id: str, request: Request, tenant: Tenant = Depends(auth.tenant)):
+async def get_response(response_id: str, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     return responses.stored(request.app.state.responses, response_id, tenant).response
 
 
 @router.get("/v1/responses/{response_id}/input_items", responses=ERRORS)
-async def response_input_items(response_id: str, request: Request, tenant: Tenant = Depends(auth.tenant),
+async def response_input_items(response_id: str, request: Request, tenant: Tenant = Depends(auth.tenant_dep),
                                order: str = "desc", limit: int = 20, after: str | None = None):
     """A stored response's input items (this request's, not those of the responses before it)."""
     return responses.page(responses.stored(request.app.state.responses, response_id, tenant).inputs, order, limit,
@@ -150,14 +150,14 @@ async def response_input_items(response_id: str, request: Request, tenant: Tenan
 
 
 @router.delete("/v1/responses/{response_id}", responses=ERRORS)
-async def delete_response(response_id: str, request: Request, tenant: Tenant = Depends(auth.tenant)):
+async def delete_response(response_id: str, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     responses.stored(request.app.state.responses, response_id, tenant)
     request.app.state.responses.delete(response_id, tenant.name)
     return {"id": response_id, "object": "response", "deleted": True}
 
 
 @router.get("/v1/models", response_model=p.ModelList, responses=ERRORS)
-async def list_models(request: Request, tenant: Tenant = Depends(auth.tenant)):
+async def list_models(request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     """OpenAI's list; to the `anthropic` client, Anthropic's Models API page (`limit`, `after_id`, `before_id`)."""
     models = request.app.state.serving.models(tenant)
     if anthropic.speaks_anthropic(request):
@@ -166,20 +166,20 @@ async def list_models(request: Request, tenant: Tenant = Depends(auth.tenant)):
 
 
 @router.get("/v1/models/{model:path}", response_model=p.ModelCard, responses=ERRORS)
-async def get_model(model: str, request: Request, tenant: Tenant = Depends(auth.tenant)):
+async def get_model(model: str, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     """A model by the name a request would use: its own, or one of its aliases (answered under the name asked)."""
     card = request.app.state.serving.card(tenant, model)
     return _respond(anthropic.model_info(card)) if anthropic.speaks_anthropic(request) else card
 
 
 @router.post("/tokenize", response_model=p.TokenizeResponse, responses=ERRORS)
-async def tokenize(body: p.TokenizeRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+async def tokenize(body: p.TokenizeRequest, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     """vLLM's: the token ids of a prompt or of chat messages, as a completion or chat request would feed them."""
     return await request.app.state.serving.tokenize(body, tenant)
 
 
 @router.post("/detokenize", response_model=p.DetokenizeResponse, responses=ERRORS)
-async def detokenize(body: p.DetokenizeRequest, request: Request, tenant: Tenant = Depends(auth.tenant)):
+async def detokenize(body: p.DetokenizeRequest, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     return await request.app.state.serving.detokenize(body, tenant)
 
 
@@ -205,6 +205,6 @@ async def version() -> dict:
 
 
 @router.get("/v1/usage", responses=ERRORS)
-async def usage(tenant: Tenant = Depends(auth.tenant)) -> dict:
+async def usage(tenant: Tenant = Depends(auth.tenant_dep)) -> dict:
     """The caller's own usage since the server started (never another tenant's)."""
     return {"tenant": tenant.name, **tenant.usage}
