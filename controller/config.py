@@ -5,6 +5,7 @@ Environment variables are read in tokenpool/env.py and nowhere else.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Literal
@@ -14,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from controller.keys import is_key_hash
 from tokenpool import env
-from tokenpool.models import DTYPE_NAMES, MAX_LORA_RANK
+from tokenpool.models import DTYPE_NAMES, MAX_LORA_RANK, model_max_positions
+
+log = logging.getLogger("tokenpool")
 
 MAX_GB = 1e6  # sizes in GB are bounded so byte counts stay finite integers (1e308 GB is a 500, not a model)
 
@@ -174,7 +177,22 @@ class ModelSpec(_Strict):
             raise ValueError(f"model {self.name!r}: an alias repeats the name")
         if self.lora_modules and self.engine.kind == "pace":
             raise ValueError(f"model {self.name!r}: a paced model has no weights for LoRA adapters")
+        self.bound_context()
         return self
+
+    def bound_context(self) -> None:
+        """engine.max_model_len past the model's positions (its config.json's max_position_embeddings) is that
+        many, as the engine runs it (min of the two): the controller's admission, /v1/models and its 400 for a long
+        prompt go by the value the engine will take, not one it clamps later. Said once, in a line. Only for a
+        path that is absolute (load_config calls it again once a file's relative paths are resolved)."""
+        n = self.engine.max_model_len
+        if n is None or self.engine.kind != "llm" or self.path is None or not Path(self.path).is_absolute():
+            return
+        limit = model_max_positions(self.path)
+        if limit is not None and n > limit:
+            self.engine.max_model_len = limit
+            log.warning("model %r: engine.max_model_len %d is more than the model takes; using %d "
+                        "(max_position_embeddings in %s)", self.name, n, limit, Path(self.path) / "config.json")
 
 
 class RateLimit(_Strict):
@@ -327,6 +345,7 @@ def load_config(path: Path | None) -> ServerConfig:
     for m in cfg.models:
         if m.path is not None and not Path(m.path).is_absolute():
             m.path = str(base / m.path)
+            m.bound_context()
     if cfg.tenants_file and not Path(cfg.tenants_file).is_absolute():
         cfg.tenants_file = str(base / cfg.tenants_file)
     return cfg

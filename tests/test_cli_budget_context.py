@@ -3,12 +3,16 @@ past the model's positions: what the controller says and admits agrees with what
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import shutil
 import socket
 from unittest import mock
 
+import httpx
 import openai
+import pytest
 
 from controller import pool
 from controller.serve import prepare
@@ -61,3 +65,53 @@ def test_gpu_budget_is_the_cpu_workers_arena_live(make_tiny, tmp_path):
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         assert c.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=0,
                                     extra_body={"ignore_eos": True}).usage.completion_tokens == 2
+
+
+@pytest.fixture
+def short_model(make_tiny, tmp_path):
+    """The tiny qwen2 model with a 64-token context (max_position_embeddings), which the engine bounds a longer
+    configured max_model_len by."""
+    d = tmp_path / "short"
+    shutil.copytree(make_tiny("qwen2"), d)
+    c = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**c, "max_position_embeddings": 64}))
+    return d
+
+
+def test_a_configured_max_model_len_past_the_models_positions_is_the_models(short_model, tmp_path, caplog):
+    """engine.max_model_len 1000 over a model of 64 positions: the engine runs 64 (min of the two); the controller
+    now takes that effective 64 as the model's context too (a relative path in a file, an absolute one, and a
+    model registered through the admin API's ModelSpec alike), saying so in one line; one within the model's is
+    kept as it is."""
+    from controller.config import ModelSpec, load_config
+
+    (tmp_path / "c.yaml").write_text("models:\n  - name: s\n    path: short\n    engine: {max_model_len: 1000}\n"
+                                     "  - name: k\n    path: short\n    engine: {max_model_len: 32}\n")
+    with caplog.at_level(logging.WARNING, logger="tokenpool"):
+        cfg = load_config(tmp_path / "c.yaml")
+    assert [m.engine.max_model_len for m in cfg.models] == [64, 32]
+    said = [r.getMessage() for r in caplog.records if "max_model_len" in r.getMessage()]
+    assert len(said) == 1 and "model 's'" in said[0] and "1000" in said[0] and "64" in said[0], said
+    spec = ModelSpec.model_validate({"name": "s", "path": str(short_model), "engine": {"max_model_len": 1000}})
+    assert spec.engine.max_model_len == 64
+
+
+def test_models_and_a_too_long_prompts_400_say_the_engines_context_live(short_model, tmp_path):
+    """/v1/models said the configured 1000 while the engine runs 64, and the controller admitted prompts the
+    engine then refused. Now: the card says 64 before and after the model loads, a 64-token prompt is a 400
+    naming 64, and a 63-token one is served. (Once the model had loaded, its engine's 64 was taken; until then,
+    for a model loaded on demand, the controller went by the configured 1000.)"""
+    cfg = {"workers": {"local": "cpu", "listen": {"host": "127.0.0.1", "port": port_in_range(18790, 18799)}},
+           "models": [{"name": "short", "path": str(short_model), "engine": {"max_model_len": 1000},
+                       "replicas": {"min": 0, "max": 1}}]}  # (loaded at its first request, as Ollama's are)
+    with mock.patch.object(live_server, "free_port", port_in_range), LiveServer(cfg, tmp_path / "srv") as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert c.models.retrieve("short").model_extra["max_model_len"] == 64
+        with pytest.raises(openai.BadRequestError) as ei:
+            c.completions.create(model="short", prompt=[5] * 64, max_tokens=1)
+        assert "maximum context length is 64 tokens" in ei.value.message, ei.value.message
+        r = c.completions.create(model="short", prompt=[5] * 63, max_tokens=1, extra_body={"ignore_eos": True})
+        assert r.usage.prompt_tokens == 63 and r.usage.completion_tokens == 1
+        assert [m.model_extra["max_model_len"] for m in c.models.list()] == [64]
+        card = httpx.get(srv.url + "/v1/models/short", timeout=10).json()
+        assert card["max_model_len"] == 64
