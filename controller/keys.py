@@ -16,11 +16,11 @@ PREFIX = "sha256"
 
 
 def new_key(prefix: str = "tp") -> str:
-    """A new API key: `prefix-` then 256 random bits, URL-safe (no prefix: no leading dash, which a command line
-    would read as an option)."""
+    """A new API key: `prefix-` then 256 random bits, URL-safe (a prefix that ends in '-' or '_' is used as it is;
+    no prefix: no leading dash, which a command line would read as an option)."""
     key = secrets.token_urlsafe(32)
     if prefix:
-        return f"{prefix}-{key}"
+        return f"{prefix}{key}" if prefix.endswith(("-", "_")) else f"{prefix}-{key}"
     while key.startswith("-"):  # (token_urlsafe's alphabet has '-')
         key = secrets.token_urlsafe(32)
     return key
