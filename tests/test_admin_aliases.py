@@ -65,3 +65,21 @@ def test_an_unknown_name_is_a_404_everywhere():
     _not_found(c.patch("/admin/models/nope", headers=H, json={"priority": 1}), "nope")
     _not_found(c.delete("/admin/models/nope", headers=H), "nope")
     assert list(ctl.models) == ["real-name"] and not ctl.models["real-name"].pinned
+
+
+def test_the_listing_shows_the_pin_of_now():
+    """GET /admin/models shows whether a model is pinned now (what /pin and /unpin set), not its registration's
+    `pin`: the Kubernetes operator compares it with a PooledModel's pin (it showed the registration's, so a pin
+    made or undone through the admin API was invisible)."""
+    c, ctl = make()
+    c.post("/admin/models", headers=H, json={"name": "pinned", "engine": {"kind": "pace"}, "pin": True})
+
+    def pins() -> dict[str, bool]:
+        return {m["name"]: m["pin"] for m in c.get("/admin/models", headers=H).json()}
+
+    assert pins() == {"real-name": False, "pinned": True}
+    assert c.post("/admin/models/nick/pin", headers=H).status_code == 200
+    assert c.post("/admin/models/pinned/unpin", headers=H).status_code == 200
+    assert pins() == {"real-name": True, "pinned": False}
+    r = c.patch("/admin/models/real-name", headers=H, json={"priority": 1})
+    assert r.status_code == 200 and r.json()["pin"] is True

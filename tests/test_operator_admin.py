@@ -352,3 +352,57 @@ def test_a_pinned_model_shows_pinned(admin):
         assert actual["pin"] is True and not b.model_reloads(body, actual) and b.model_matches(body, actual)
     finally:
         admin.models.remove("pace-pinned")
+
+
+def test_a_pin_change_is_made_in_place(admin, server, monkeypatch):
+    """A PooledModel's pin changed: the operator pins or unpins the live controller's model in place (it removed and
+    registered it again: a drain, and a reload); the listing shows the pin of now, so a model unpinned through the
+    admin API behind the operator's back is pinned again."""
+    import time
+
+    import kopf
+
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")  # (see the rename test)
+    from controller.operator import handlers
+
+    class Kube:  # the pool the model points at exists
+        def pool(self, namespace, name):
+            return {"metadata": {"name": name}}
+
+    memo = kopf.Memo(admin=admin, kube=Kube(), applied={}, served={}, locks={})
+    memo.locks_guard = threading.Lock()
+    meta, status = {"uid": "u-pin", "generation": 1}, {}
+
+    def round_(spec: dict) -> dict:
+        patch = kopf.Patch()
+        handlers._reconcile_model(name="pin-m", namespace="tp", spec=spec, status=status, meta=meta, patch=patch,
+                                  memo=memo, runtime=None)
+        status.update(patch.status)
+        return admin.models.by_name()["pin-m"]
+
+    key = new_key()
+    admin.tenants.add(b.build_tenant_create("pin-reader", {}, b.tenant_key_hashes("pin-reader", [key])))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+    def created() -> int:  # when the controller registered the model (whole seconds)
+        return next(m.created for m in client.models.list() if m.id == "pin-m")
+
+    pinned = {"engine": {"kind": "pace"}, "pin": True, "replicas": {"min": 0, "max": 1}}
+    try:
+        assert round_(pinned)["pin"] is True
+        first = created()
+        time.sleep(1.1)
+        meta["generation"] = 2
+        unpinned = dict(pinned, pin=False)
+        actual = round_(unpinned)
+        assert actual["pin"] is False and actual["replicas"] == {"min": 0, "max": 1}
+        assert b.model_matches(b.build_model_spec("pin-m", unpinned), actual)
+        assert created() == first  # the same registration: not removed and registered again
+        meta["generation"] = 3
+        assert round_(pinned)["pin"] is True and created() == first
+        r = httpx.post(server.url + "/admin/models/pin-m/unpin", headers={"Authorization": f"Bearer {ADMIN}"})
+        assert r.status_code == 200 and admin.models.by_name()["pin-m"]["pin"] is False
+        assert round_(pinned)["pin"] is True and created() == first  # (a timer's round: pinned again)
+    finally:
+        admin.models.remove("pin-m")
+        admin.tenants.remove("pin-reader")

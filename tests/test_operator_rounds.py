@@ -207,13 +207,33 @@ async def test_a_model_that_failed_to_load_is_degraded_with_the_controllers_reas
         assert set(st) == {"Ready"} and status["ready"]
 
 
+def _pin_switches(fake: FakeController) -> None:
+    """The controller's POST /admin/models/{name}/pin and /unpin on the fake (which kmock_util's does not answer)."""
+    import re
+
+    from kmock import Response
+
+    def switch(req):
+        if fake.down:
+            return Response(status=503, payload="no endpoints available")
+        name, on = req.url.path[len("/admin/models/"):].rsplit("/", 1)
+        if name not in fake.models:
+            return Response(status=404, payload={"error": {"message": f"no model {name!r}"}})
+        fake.models[name]["pin"] = on == "pin"
+        return Response(status=200, payload={"name": name, "pinned": on == "pin"})
+
+    fake.handler["post", re.compile(r"/admin/models/.+/(pin|unpin)$")] << switch
+
+
 @pytest.mark.asyncio
 @pytest.mark.timeout(60)
 async def test_a_pinned_model_is_pinned_in_the_controller(tmp_path, handlers):
     """spec.pin keeps the model resident 'whatever the autoscaler decides': the controller's pin (weights never
-    evicted for another model's), not only replicas.min 1, which lets LRU eviction unload it. Unpinning
-    re-registers it unpinned; a model re-registered unpinned behind the operator's back is pinned again."""
+    evicted for another model's), not only replicas.min 1, which lets LRU eviction unload it. A change of pin is made
+    in place (POST .../pin or .../unpin: it re-registered the model, draining and reloading it); a model unpinned
+    through the admin API behind the operator's back (the listing shows the pin of now) is pinned again."""
     async with _world(tmp_path) as (memo, k8s, fake):
+        _pin_switches(fake)
         await _create(k8s, f"/apis/{GV}/namespaces/{NS}/gpupools",
                       {"apiVersion": GV, "kind": "GPUPool", "metadata": {"name": "default", "namespace": NS}, "spec": {}})
         meta, status = _meta("m"), {}
@@ -226,11 +246,25 @@ async def test_a_pinned_model_is_pinned_in_the_controller(tmp_path, handlers):
 
         await round_({"engine": {"kind": "pace"}, "pin": True})
         assert fake.models["m"]["pin"] is True
-        fake.models["m"]["pin"] = False  # (re-registered by hand, unpinned)
+        fake.models["m"]["pin"] = False  # (unpinned through the admin API)
         await round_({"engine": {"kind": "pace"}, "pin": True})
-        assert fake.models["m"]["pin"] is True
+        assert fake.models["m"]["pin"] is True and fake.count("POST", "/admin/models/m/pin") == 1
         meta["generation"] = 2
         await round_({"engine": {"kind": "pace"}, "pin": False})
-        assert fake.models["m"]["pin"] is False
+        assert fake.models["m"]["pin"] is False and fake.count("POST", "/admin/models/m/unpin") == 1
         await round_({"engine": {"kind": "pace"}, "pin": False})  # converged: nothing more
-    assert fake.count("POST", "/admin/models") == 3
+        meta["generation"] = 3
+        await round_({"engine": {"kind": "pace"}, "pin": True, "replicas": {"min": 0, "max": 2}})
+        assert fake.models["m"]["pin"] is True and fake.models["m"]["replicas"] == {"min": 1, "max": 2}
+        assert [c["reason"] for c in status["conditions"] if c["status"] == "True"] == ["Serving"]
+        # a restarted operator (no memo) whose status lags behind the pin change (its digest: of pin false): nothing
+        from controller.operator import builders as b
+
+        memo.applied.clear()
+        spec = {"engine": {"kind": "pace"}, "pin": True, "replicas": {"min": 0, "max": 2}}
+        status["appliedDigest"] = b.reload_digest(dict(b.build_model_spec("m", spec), pin=False))
+        await round_(spec)
+    assert fake.count("POST", "/admin/models") == 1  # registered once: never removed and registered again
+    assert fake.count("DELETE", "/admin/models/m") == 0 and fake.count("POST", "/admin/models/m/drain") == 0
+    assert fake.count("POST", "/admin/models/m/pin") == 2 and fake.count("POST", "/admin/models/m/unpin") == 1
+    assert fake.count("PATCH", "/admin/models/m") == 1  # (the replica bounds, once; a pin alone is no PATCH)

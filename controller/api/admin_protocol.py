@@ -97,7 +97,7 @@ class ModelOut(BaseModel):
     aliases: list[str] = []
     lora_modules: list[dict] = []  # LoRA adapters served over it: {"name", "path"}
     keep_alive: float | None = None
-    pin: bool = False
+    pin: bool = False  # pinned now (the registration's pin, or what POST .../pin or .../unpin set since)
     last_used: float | None = None  # unix time of the latest request for it (through any alias)
     slo: dict
     priority: int

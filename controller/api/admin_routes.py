@@ -73,7 +73,7 @@ async def gpus(request: Request):
 def _model_out(ctl: Controller, name: str, last_used: dict[str, float]) -> ap.ModelOut:
     me = ctl.models[name]
     s = me.spec
-    return ap.ModelOut(name=name, path=s.path, aliases=s.aliases, keep_alive=s.keep_alive, pin=s.pin,
+    return ap.ModelOut(name=name, path=s.path, aliases=s.aliases, keep_alive=s.keep_alive, pin=me.pinned,
                        lora_modules=[lm.model_dump() for lm in s.lora_modules],
                        last_used=last_used.get(name),
                        slo=s.slo.model_dump(), priority=s.priority,

@@ -70,6 +70,10 @@ class AdminClient:
         """Stop the controller admitting the model's requests (those in flight finish); False if it is gone."""
         return self._if_present("POST", self.models.path_of(name) + "/drain")
 
+    def set_pin(self, name: str, on: bool) -> dict:
+        """Pin the model (its weights kept in VRAM wherever it is registered) or unpin it, in place."""
+        return self._expect("POST", self.models.path_of(name) + ("/pin" if on else "/unpin"), 200)
+
     def engines(self) -> list[dict]:
         return self._expect("GET", "/admin/engines", 200)
 

@@ -106,22 +106,36 @@ def live_fields(desired: dict) -> dict:
 
 
 def reload_digest(desired: dict) -> str:
-    """The digest of what needs the model registered again to change (its path, engine options, adapters...)."""
+    """The digest of what needs the model registered again to change (its path, engine options, adapters...), and
+    its pin (which changes in place, `same_registration`: kept in the digest, the digests that status.appliedDigest
+    holds from before stay valid)."""
     return digest({k: v for k, v in desired.items() if k not in LIVE_FIELDS})
+
+
+def same_registration(desired: dict, applied: str | None) -> bool:
+    """Whether `applied` (the reload digest last applied; None: not known) is that of `desired` but for the pin, which
+    changes in place (POST /admin/models/{name}/pin or /unpin): nothing to register again."""
+    return applied is None or applied in {reload_digest(dict(desired, pin=p)) for p in (False, True)}
 
 
 def model_reloads(desired: dict, actual: dict) -> bool:
     """Whether the controller's model (a `GET /admin/models` item) differs from `desired` in what it shows and
-    cannot change in place."""
-    return (actual.get("path") != desired["path"] or bool(actual.get("pin")) != desired.get("pin", False)
+    cannot change in place (the pin can: `pin_differs`)."""
+    return (actual.get("path") != desired["path"]
             or (actual.get("lora_modules") or []) != desired.get("lora_modules", []))
+
+
+def pin_differs(desired: dict, actual: dict) -> bool:
+    """Whether the controller's model is pinned now (its listing's `pin`) other than `desired` asks."""
+    return bool(actual.get("pin")) != desired.get("pin", False)
 
 
 def model_matches(desired: dict, actual: dict | None) -> bool:
     """Whether the controller's model (a `GET /admin/models` item) already is `desired` in what it shows."""
     if actual is None:
         return False
-    return (not model_reloads(desired, actual) and actual.get("priority") == desired["priority"]
+    return (not model_reloads(desired, actual) and not pin_differs(desired, actual)
+            and actual.get("priority") == desired["priority"]
             and actual.get("replicas") == desired["replicas"]
             and {k: float(v) for k, v in (actual.get("slo") or {}).items()} ==
             {k: float(v) for k, v in desired["slo"].items()})

@@ -290,9 +290,9 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
                 memo.admin.models.remove(old)
             actual = models.get(desired["name"])  # (removing `old` leaves another name's entry as it was)
             known = _applied(memo, meta) or status.get("appliedDigest")
-            if actual is not None and (b.model_reloads(desired, actual) or known not in (None, want)):
+            if actual is not None and (b.model_reloads(desired, actual) or not b.same_registration(desired, known)):
                 # Not changeable in place (path, engine options, adapters): re-register, after the requests in
-                # flight finish.
+                # flight finish. (The pin is: below.)
                 n = _drain_wait(memo.admin, desired["name"], spec, runtime)
                 if n:
                     _write_status(body, patch, status, {}, "Progressing", "Draining",
@@ -304,8 +304,12 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
                 actual = None
             if actual is None:
                 actual = memo.admin.models.add(desired)
-            elif not b.model_matches(desired, actual):  # SLO, priority, replica bounds: in place, nothing unloaded
-                actual = memo.admin.models.update(desired["name"], b.live_fields(desired))
+            else:  # the pin, SLO, priority, replica bounds: changed in place, nothing unloaded
+                if b.pin_differs(desired, actual):
+                    memo.admin.set_pin(desired["name"], desired["pin"])
+                    actual = dict(actual, pin=desired["pin"])
+                if not b.model_matches(desired, actual):
+                    actual = memo.admin.models.update(desired["name"], b.live_fields(desired))
             memo.applied[meta["uid"]] = (gen, want)
             memo.served[meta["uid"]] = desired["name"]
         except (AdminError, AdminUnavailable) as e:
