@@ -303,8 +303,9 @@ class Controller:
         if spec.path is not None and (why := model_dir_problem(spec.path)) is not None:
             raise ServingError(400, why, param="path")
         if taken := self.names_taken([spec.name, *spec.aliases, *spec.lora_names]):
+            field = "name" if spec.name in taken else "aliases" if set(spec.aliases) & set(taken) else "lora_modules"
             raise ServingError(409, f"already served under these names (a model, an alias or an adapter): "
-                               f"{', '.join(taken)}", param="aliases", code="model_exists")
+                               f"{', '.join(taken)}", param=field, code="model_exists")
         for lm in spec.lora_modules:
             if (why := adapter_fit_problem(lm.path, spec.path, spec.engine.max_lora_rank)) is not None:
                 raise ServingError(400, why, param="lora_modules")

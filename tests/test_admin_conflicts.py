@@ -43,3 +43,6 @@ def test_a_model_name_or_alias_taken_is_a_409():
     assert r.status_code == 409 and r.json()["error"]["code"] == "model_exists", r.text
     assert r.json()["error"]["param"] == "aliases" and "a" in r.json()["error"]["message"]
     assert [m["name"] for m in c.get("/admin/models", headers=H).json()] == ["alpha"]
+    # a name that is another model's alias: the field at fault is the name
+    r = c.post("/admin/models", headers=H, json={"name": "a", "engine": {"kind": "pace"}})
+    assert r.status_code == 409 and r.json()["error"]["param"] == "name", r.text

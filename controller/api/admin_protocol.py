@@ -25,7 +25,7 @@ class TenantCreate(BaseModel):
     @classmethod
     def _hashed(cls, v: list[str]) -> list[str]:
         if not all(is_key_hash(h) for h in v):
-            raise ValueError("key_hashes must hold sha256$salt$digest hashes (python -m controller.keys KEY)")
+            raise ValueError("key_hashes must hold sha256$salt$digest hashes (tokenpool keys hash KEY)")
         return v
 
 
