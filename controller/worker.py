@@ -198,8 +198,10 @@ class Worker:
                 eng = self.models.engines[msg.model]
             else:  # into its kind's multi-model engine, between steps (see controller/hosting.py)
                 # what it needs (host copy, tokenizer) is read here, beside the steps; registering it on the step
-                # thread is quick. After a takeover, not before the warm-up's imports are done (see standby()).
-                if _warming is not None and _warming.is_alive():
+                # thread is quick. After a takeover, not before the warm-up's imports are done (see standby()),
+                # unless it needs none of them (a paced model without a tokenizer: the fault suite's, the bench's)
+                needs = msg.path is not None or msg.engine.kind != "pace"
+                if needs and _warming is not None and _warming.is_alive():
                     await loop.run_in_executor(self._load_thread, _warming.join)
                 phases = await loop.run_in_executor(self._load_thread, self.models.prepare, msg.path, msg.engine)
                 t1 = time.monotonic()

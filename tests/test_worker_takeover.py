@@ -23,11 +23,11 @@ from load_tests.worker_harness import FakeController, with_worker
 PACE = EngineOptions(kind="pace", pace_s_per_token=0.001, max_model_len=64)
 
 
-def test_a_load_after_takeover_waits_for_the_warm_up(monkeypatch):
-    warmed = threading.Event()
+def test_a_load_after_takeover_waits_for_the_warm_up(monkeypatch, tiny_model):
+    warmed, release = threading.Event(), threading.Event()
 
     def slow_warm_up(device: str) -> None:  # the imports, still under way when the takeover comes
-        time.sleep(1.5)
+        release.wait(60)
         warmed.set()
 
     seen: list[bool] = []
@@ -44,11 +44,17 @@ def test_a_load_after_takeover_waits_for_the_warm_up(monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("go\n"))
     t0 = time.monotonic()
     assert worker_mod.standby("cpu")  # "go" comes at once: the takeover does not wait for the warm-up
-    assert time.monotonic() - t0 < 1.0 and not warmed.is_set()
+    assert time.monotonic() - t0 < 10 and not warmed.is_set()
 
     async def body(ctl: FakeController, worker: Worker) -> None:
-        ctl.send(m.LoadModel("a", None, PACE))
+        ctl.send(m.LoadModel("bare", None, PACE))  # a paced model without a tokenizer imports nothing: no wait
+        assert (await asyncio.wait_for(ctl.expect(m.ModelLoaded), 30)).ok
+        ctl.send(m.LoadModel("a", str(tiny_model), PACE))  # its tokenizer: transformers
+        threading.Timer(1.0, release.set).start()  # the warm-up ends a second later: the load waits for it
         assert (await asyncio.wait_for(ctl.expect(m.ModelLoaded), 30)).ok
 
-    asyncio.run(with_worker(body))
-    assert seen == [True], seen
+    try:
+        asyncio.run(with_worker(body))
+    finally:
+        release.set()
+    assert seen == [False, True], seen
