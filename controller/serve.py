@@ -24,7 +24,7 @@ from controller.config import (
 )
 from controller.keys import hash_key, new_key
 from tokenpool import env
-from tokenpool.models import model_dir_problem, model_max_positions
+from tokenpool.models import adapter_fit_problem, model_dir_problem, model_max_positions
 
 log = logging.getLogger("tokenpool")
 
@@ -213,6 +213,20 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
     return cfg, token
 
 
+def check_config_models(models: list[ModelSpec], config_path: Path) -> None:
+    """Each of a configuration file's models has a directory the engine runs, and its LoRA adapters fit it; else a
+    StartupError naming the file, the key (models.N.path) and the model."""
+    from controller.startup import StartupError
+
+    for i, m in enumerate(models):
+        if m.path is not None and (why := model_dir_problem(m.path)) is not None:
+            raise StartupError(f"config {config_path}: models.{i}.path: model {m.name!r}: {why}")
+        for j, lm in enumerate(m.lora_modules):
+            if (why := adapter_fit_problem(lm.path, m.path, m.engine.max_lora_rank)) is not None:
+                raise StartupError(f"config {config_path}: models.{i}.lora_modules.{j}.path: model {m.name!r}, "
+                                   f"LoRA adapter {lm.name!r}: {why}")
+
+
 def serve(config_path: Path | None = None, host: str | None = None, port: int | None = None,
           model_dirs: list[Path] | None = None, served_model_names: list[str] | None = None,
           gpu_budget_gb: float | None = None, api_key: str | None = None, max_model_len: int | None = None,
@@ -242,6 +256,8 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
                     Path(cfg.models[0].path).parent if cfg.models[0].path else "-", cfg.listen.host)
         ensure_demo_models(cfg)
     try:
+        if config_path is not None:  # (a config's models: the file and the key named; the MODEL_DIRs were checked)
+            check_config_models(cfg.models[:len(cfg.models) - len(model_dirs or [])], config_path)
         startup.check_models(cfg)
     except startup.StartupError as e:
         log.error("%s", e)

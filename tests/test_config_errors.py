@@ -1,0 +1,47 @@
+"""A configuration file wrong in the ways people get one wrong (a typo in a key, another server's key, a wrong type,
+a model path that is not there, a duplicate name, a negative number): `tokenpool serve --config` exits 2 with one
+line naming the file and the key, and no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from load_tests.live_server import REPO_ROOT
+
+
+def serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "controller.cli", "serve", *args, "--port", "18798"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, input="", timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "400"})
+
+
+def one_line(r: subprocess.CompletedProcess) -> str:
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    return lines[0]
+
+
+CASES = {  # name: (models entry beside a good one, or a whole file when it starts with "!", words the line says)
+    "missing-path": ("  - name: b\n    path: /nowhere/model\n", "models.1.path: model 'b': path /nowhere/model does not exist"),
+    "relative-path": ("  - name: b\n    path: not-here\n", "models.1.path: model 'b': path {dir}/not-here does not exist"),
+    "path-is-a-file": ("  - name: b\n    path: {tiny}/config.json\n", "models.1.path: model 'b': path {tiny}/config.json is a file"),
+    "wrong-type": ("  - name: b\n    path: {tiny}\n    priority: high\n", "models.1.priority: Input should be a valid integer"),
+    "negative": ("  - name: b\n    path: {tiny}\n    engine: {{max_num_seqs: -3}}\n",
+                 "models.1.engine.max_num_seqs: Input should be greater than or equal to 1"),
+    "duplicate": ("  - name: a\n    path: {tiny}\n", "model names must be unique: a more than once"),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_a_bad_configuration_is_one_line_naming_the_file_and_the_key(case, make_tiny, tmp_path):
+    tiny = make_tiny("qwen2")
+    extra, words = CASES[case]
+    f = tmp_path / "bad.yaml"
+    f.write_text(f"models:\n  - name: a\n    path: {tiny}\n" + extra.format(tiny=tiny))
+    line = one_line(serve("--config", str(f)))
+    assert f"config {f}: " in line and words.format(tiny=tiny, dir=tmp_path) in line, line
+
