@@ -5,8 +5,10 @@ Environment variables are read in tokenpool/env.py and nowhere else.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +25,25 @@ MAX_GB = 1e6  # sizes in GB are bounded so byte counts stay finite integers (1e3
 
 
 class _Strict(BaseModel):
+    """Settings of a section: a key it does not have is refused, naming it and the key it may have meant (or
+    what another server's key is called here)."""
+
     model_config = ConfigDict(extra="forbid")
+    _other_servers: typing.ClassVar[dict[str, str]] = {}  # another server's key here: what it is called here
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for k in data:
+                if k not in cls.model_fields:
+                    if (other := cls._other_servers.get(str(k))) is not None:
+                        hint = f" ({other})"
+                    else:
+                        near = difflib.get_close_matches(str(k), list(cls.model_fields), n=1, cutoff=0.6)
+                        hint = f" (did you mean {near[0]!r}?)" if near else ""
+                    raise ValueError(f"unknown key {k!r}{hint}")
+        return data
 
 
 class SLO(_Strict):
@@ -128,6 +148,9 @@ class LoraModule(_Strict):
 
 
 class ModelSpec(_Strict):
+    _other_servers = {"ttl": "llama-swap's ttl is keep_alive here",
+                      "cmd": "tokenpool runs the model itself: give path, its Hugging Face directory",
+                      "proxy": "tokenpool runs the model itself: give path, its Hugging Face directory"}
     name: str = Field(min_length=1, max_length=128, pattern=MODEL_NAME)
     path: str | None = None  # HF-format directory; None only for PaceEngine with its byte tokenizer
     aliases: list[str] = Field(default_factory=list)  # other names clients may ask for (llama-swap's aliases)
@@ -277,6 +300,10 @@ class AutoscalerSettings(_Strict):
 
 
 class ServerConfig(_Strict):
+    _other_servers = {"groups": "llama-swap's groups: here every model shares the GPUs, swapped in and out by the "
+                      "scheduler (gpus.policy)",
+                      "keep_alive": "keep_alive is set per model: models[].keep_alive",
+                      "ttl": "llama-swap's ttl is set per model here: models[].keep_alive"}
     listen: Listen = Listen()
     admin_token_hash: str | None = None
     # /metrics carries per-tenant usage. It is open when public, or on a loopback listener without auth (the

@@ -29,6 +29,10 @@ CASES = {  # name: (models entry beside a good one, or a whole file when it star
     "missing-path": ("  - name: b\n    path: /nowhere/model\n", "models.1.path: model 'b': path /nowhere/model does not exist"),
     "relative-path": ("  - name: b\n    path: not-here\n", "models.1.path: model 'b': path {dir}/not-here does not exist"),
     "path-is-a-file": ("  - name: b\n    path: {tiny}/config.json\n", "models.1.path: model 'b': path {tiny}/config.json is a file"),
+    "typo": ("  - name: b\n    path: {tiny}\n    keep_alvie: 5m\n",
+             "models.1: unknown key 'keep_alvie' (did you mean 'keep_alive'?)"),
+    "llama-swap-ttl": ("  - name: b\n    path: {tiny}\n    ttl: 60\n",
+                       "models.1: unknown key 'ttl' (llama-swap's ttl is keep_alive here)"),
     "wrong-type": ("  - name: b\n    path: {tiny}\n    priority: high\n", "models.1.priority: Input should be a valid integer"),
     "negative": ("  - name: b\n    path: {tiny}\n    engine: {{max_num_seqs: -3}}\n",
                  "models.1.engine.max_num_seqs: Input should be greater than or equal to 1"),
@@ -45,3 +49,9 @@ def test_a_bad_configuration_is_one_line_naming_the_file_and_the_key(case, make_
     line = one_line(serve("--config", str(f)))
     assert f"config {f}: " in line and words.format(tiny=tiny, dir=tmp_path) in line, line
 
+
+def test_a_top_level_typo_is_named_with_what_it_may_have_meant(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("modles:\n  - name: a\n    engine: {kind: pace}\n")
+    line = one_line(serve("--config", str(f)))
+    assert f"config {f}: unknown key 'modles' (did you mean 'models'?)" in line, line
