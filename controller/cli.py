@@ -151,12 +151,13 @@ def serve_cmd(
     """
     from controller.serve import model_specs, serve
 
-    try:
+    try:  # (one line, as the server's own start-up errors are: not a usage box wrapped over several)
         model_specs(list(model_dirs or []), list(served_model_name or []))
+        if config is not None and not config.is_file():
+            raise ValueError(f"no configuration file at {config} (--config)")
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from e
-    if config is not None and not config.is_file():
-        raise typer.BadParameter(f"no configuration file at {config}", param_hint="--config")
+        typer.echo(f"tokenpool serve: {e}", err=True)
+        raise typer.Exit(2) from None
     serve(config_path=config, host=host, port=port, model_dirs=model_dirs, served_model_names=served_model_name,
           gpu_budget_gb=gpu_budget, api_key=api_key, max_model_len=max_model_len, dtype=dtype,
           tool_call_parser=tool_call_parser, lora_modules=lora_modules, enable_prefix_caching=enable_prefix_caching,

@@ -55,3 +55,17 @@ def test_a_top_level_typo_is_named_with_what_it_may_have_meant(tmp_path):
     f.write_text("modles:\n  - name: a\n    engine: {kind: pace}\n")
     line = one_line(serve("--config", str(f)))
     assert f"config {f}: unknown key 'modles' (did you mean 'models'?)" in line, line
+
+
+def test_serve_arguments_that_are_not_models_are_one_line_on_a_narrow_terminal(tmp_path):
+    """`tokenpool serve DIR` with DIR not a model, and --config of no file: one line, exit 2 (it was a boxed
+    usage error, wrapped over several lines on an 80-column terminal)."""
+    (tmp_path / "empty").mkdir()
+    for args, words in (([str(tmp_path / "nowhere")], f"tokenpool serve: path {tmp_path / 'nowhere'} does not exist"),
+                        ([str(tmp_path / "empty")], f"tokenpool serve: {tmp_path / 'empty'} has no config.json"),
+                        (["--config", str(tmp_path / "c.yaml")], f"tokenpool serve: no configuration file at "
+                                                                  f"{tmp_path / 'c.yaml'}")):
+        r = subprocess.run([sys.executable, "-m", "controller.cli", "serve", *args], cwd=REPO_ROOT, input="",
+                           capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "80"})
+        assert words in one_line(r), r.stderr
