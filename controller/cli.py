@@ -183,8 +183,11 @@ def ps_cmd(
 
 
 def _base_url(url: str) -> str:
-    """--url as given, or (host:port without a scheme, as OLLAMA_HOST takes it) over http."""
-    return url if "://" in url else f"http://{url}"
+    """--url as given, or (host:port without a scheme, as OLLAMA_HOST takes it) over http; an OpenAI client's base
+    URL (ending in /v1) is its server's (the commands add /v1/... and /admin/... themselves)."""
+    url = url if "://" in url else f"http://{url}"
+    trimmed = url.rstrip("/")
+    return trimmed.removesuffix("/v1") if trimmed.endswith("/v1") else url
 
 
 def _admin_token(given: str | None, url: str) -> str | None:

@@ -470,6 +470,17 @@ def test_cli_urls_without_a_scheme_and_loadtest_without_a_server(chat_stub):
         "Connection refused", r.stderr
 
 
+def test_cli_urls_given_as_an_openai_base_url(chat_stub):
+    """--url http://host:port/v1, the base URL an OpenAI client is given, is that server (`tokenpool run` and `ls`
+    asked /v1/v1/... and said a bare 'Not Found')."""
+    url, bodies = chat_stub
+    for given in (url + "/v1", url + "/v1/", url.removeprefix("http://") + "/v1"):
+        r = cli("ls", "--url", given)
+        assert r.returncode == 0 and r.stdout.split() == ["NAME", "CONTEXT", "known", "-"], (given, r.stderr)
+        r = cli("run", "known", "hi", "--url", given)
+        assert r.returncode == 0 and r.stdout == "ok\n", (given, r.stderr)
+
+
 def test_conversation_commands_as_ollama_run_has_them(chat_stub):
     """/? and /help print the commands, /clear forgets the turns so far (the --system message stays), a lone unknown
     /word and ollama's /set etc. are said to be commands, not sent; text that only begins with / is a message (they
