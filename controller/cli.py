@@ -156,7 +156,10 @@ def serve_cmd(
         if config is not None and not config.is_file():
             raise ValueError(f"no configuration file at {config} (--config)")
     except ValueError as e:
-        typer.echo(f"tokenpool serve: {e}", err=True)
+        lost = [d for d in model_dirs or [] if not d.exists() and not d.suffix]
+        hint = ("; (a name after --served-model-name's first is read as a MODEL_DIR: repeat --served-model-name "
+                "for each name)" if served_model_name and lost and "does not exist" in str(e) else "")
+        typer.echo(f"tokenpool serve: {e}{hint}", err=True)
         raise typer.Exit(2) from None
     serve(config_path=config, host=host, port=port, model_dirs=model_dirs, served_model_names=served_model_name,
           gpu_budget_gb=gpu_budget, api_key=api_key, max_model_len=max_model_len, dtype=dtype,
