@@ -34,6 +34,12 @@ class _Strict(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _known_keys(cls, data: object) -> object:
+        if not isinstance(data, (dict, cls)):  # (pydantic would name the class: "instance of Listen")
+            keys = list(cls.model_fields)
+            what = ", ".join(keys) if len(keys) <= 6 else f"settings ({', '.join(keys[:4])}, ...)"
+            got = (f"the string {data!r}" if isinstance(data, str) else "a list" if isinstance(data, list) else
+                   "nothing" if data is None else f"{type(data).__name__} {data!r}")
+            raise ValueError(f"expected a mapping of {what}; got {got}")
         if isinstance(data, dict):
             for k in data:
                 if k not in cls.model_fields:
@@ -304,6 +310,14 @@ class ServerConfig(_Strict):
                       "scheduler (gpus.policy)",
                       "keep_alive": "keep_alive is set per model: models[].keep_alive",
                       "ttl": "llama-swap's ttl is set per model here: models[].keep_alive"}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _models_listed(cls, data: object) -> object:
+        if isinstance(data, dict) and isinstance(data.get("models"), dict):
+            raise ValueError("models: a list of models (- name: NAME, path: DIR), not a mapping of names as "
+                             "llama-swap's")
+        return data
     listen: Listen = Listen()
     admin_token_hash: str | None = None
     # /metrics carries per-tenant usage. It is open when public, or on a loopback listener without auth (the

@@ -79,3 +79,22 @@ def test_served_model_name_given_as_vllm_takes_it_says_how_tokenpool_takes_it(ma
                        text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "80"})
     line = one_line(r)
     assert "alt-name does not exist" in line and "repeat --served-model-name for each name" in line, line
+
+
+@pytest.mark.parametrize("text, words", [
+    ("models:\n  m1:\n    path: /x\n    ttl: 60\n",
+     "models: a list of models (- name: NAME, path: DIR), not a mapping of names as llama-swap's"),
+    ('listen: ":8080"\n', "listen: expected a mapping of host, port; got the string ':8080'"),
+    ("models:\n  - some-model\n", "models.0: expected a mapping of settings (name, path, aliases, slo, ...); got the "
+                                  "string 'some-model'"),
+    ("- a\n- b\n", "expected a mapping of settings (listen, admin_token_hash, metrics_public, metrics_token_hash, "
+                   "...); got a list"),
+], ids=["llama-swap-models-mapping", "listen-string", "model-string", "top-level-list"])
+def test_a_section_of_the_wrong_shape_says_what_it_takes(text, words, tmp_path):
+    """A section given as something other than a mapping said 'Input should be a valid dictionary or instance of
+    Listen' (a class name, not the keys); llama-swap's models (a mapping of names) said 'Input should be a valid
+    list'."""
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    line = one_line(serve("--config", str(f)))
+    assert f"config {f}: {words}" in line, line
