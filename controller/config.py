@@ -382,13 +382,21 @@ def load_config(path: Path | None) -> ServerConfig:
         return default_config()
     data = yaml.safe_load(Path(path).read_text()) or {}
     cfg = ServerConfig.model_validate(data)
-    base = Path(path).resolve().parent  # relative model paths are relative to the file
+    base = Path(path).resolve().parent
+
+    def where(p: str) -> str:  # ~ is the home directory; a relative path is relative to the file
+        return str(base / Path(p).expanduser())
+
     for m in cfg.models:
         if m.path is not None and not Path(m.path).is_absolute():
-            m.path = str(base / m.path)
+            m.path = where(m.path)
             m.bound_context()
-    if cfg.tenants_file and not Path(cfg.tenants_file).is_absolute():
-        cfg.tenants_file = str(base / cfg.tenants_file)
+        for lm in m.lora_modules:
+            lm.path = where(lm.path)
+    if cfg.tenants_file:
+        cfg.tenants_file = where(cfg.tenants_file)
+    if cfg.admin_token_file:
+        cfg.admin_token_file = where(cfg.admin_token_file)
     return cfg
 
 

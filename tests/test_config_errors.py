@@ -98,3 +98,26 @@ def test_a_section_of_the_wrong_shape_says_what_it_takes(text, words, tmp_path):
     f.write_text(text)
     line = one_line(serve("--config", str(f)))
     assert f"config {f}: {words}" in line, line
+
+
+def test_paths_in_a_configuration_may_start_with_a_tilde(make_tiny, tmp_path, monkeypatch):
+    """`path: ~/models/x` (as people write it, and as `tokenpool serve ~/models/x` takes it) is under the home
+    directory; it was read as relative to the file (FILE_DIR/~/models/x). LoRA adapter paths, tenants_file and
+    admin_token_file likewise; a relative LoRA path is relative to the file, as a model's is."""
+    import shutil
+
+    from controller.config import load_config
+
+    home = tmp_path / "home"
+    shutil.copytree(make_tiny("qwen2"), home / "models" / "tiny")
+    monkeypatch.setenv("HOME", str(home))
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "c.yaml").write_text("tenants_file: ~/tenants.yaml\nadmin_token_file: ~/token\nmodels:\n"
+                                 "  - name: a\n    path: ~/models/tiny\n"
+                                 "    lora_modules: [{name: l1, path: ~/adapters/l1}, {name: l2, path: ad/l2}]\n")
+    cfg = load_config(conf / "c.yaml")
+    m = cfg.models[0]
+    assert m.path == str(home / "models" / "tiny")
+    assert [lm.path for lm in m.lora_modules] == [str(home / "adapters" / "l1"), str(conf / "ad" / "l2")]
+    assert (cfg.tenants_file, cfg.admin_token_file) == (str(home / "tenants.yaml"), str(home / "token"))
