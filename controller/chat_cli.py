@@ -8,6 +8,7 @@ Talks to the server's OpenAI API (`/v1/chat/completions`, streamed; `/v1/models`
 
 from __future__ import annotations
 
+import http.client
 import json
 import sys
 import urllib.error
@@ -54,29 +55,40 @@ def check_model(url: str, key: str | None, model: str) -> None:
 def stream_chat(url: str, key: str | None, body: dict[str, Any]) -> Iterator[str]:
     """The content deltas of one streamed chat completion; ChatError on an error event or refusal."""
     with _request(url, "/v1/chat/completions", key, {**body, "stream": True}) as r:
-        for raw in r:
-            line = raw.decode("utf-8").strip()
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                return
-            ev = json.loads(data)
-            if "error" in ev:
-                raise ChatError(ev["error"].get("message", "the stream failed"))
-            for ch in ev.get("choices", []):
-                text = (ch.get("delta") or {}).get("content")
-                if text:
-                    yield text
+        try:
+            for raw in r:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                ev = json.loads(data)
+                if "error" in ev:
+                    raise ChatError(ev["error"].get("message", "the stream failed"))
+                for ch in ev.get("choices", []):
+                    text = (ch.get("delta") or {}).get("content")
+                    if text:
+                        yield text
+        except (OSError, http.client.HTTPException) as e:  # (a connection reset, a chunked body cut short)
+            raise ChatError(f"the stream ended before the reply did ({type(e).__name__})") from None
+    # (no [DONE]: the server went away mid-reply, or a proxy cut it; what came is not the whole reply)
+    raise ChatError("the stream ended before the reply did (the server closed it)")
 
 
 def turn(url: str, key: str | None, body: dict[str, Any], out: TextIO) -> str:
     """One streamed reply written to `out` as it comes; its whole text."""
     parts = []
-    for text in stream_chat(url, key, body):
-        out.write(text)
-        out.flush()
-        parts.append(text)
+    try:
+        for text in stream_chat(url, key, body):
+            out.write(text)
+            out.flush()
+            parts.append(text)
+    except ChatError:
+        if parts:  # (the error's line after the text that came, not on it)
+            out.write("\n")
+            out.flush()
+        raise
     out.write("\n")
     out.flush()
     return "".join(parts)

@@ -1,0 +1,68 @@
+"""`tokenpool run` when the server goes away mid-reply: an error and exit 1, not a cut reply that exits 0."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from load_tests.live_server import REPO_ROOT
+
+
+@pytest.fixture
+def cut_stub():
+    """A stand-in OpenAI server whose chat streams stop after one delta: the connection closes with no [DONE] (a
+    server killed mid-reply, a proxy timing out). Yields its URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"  # (the end of the body is the connection's close, as a killed server's is)
+
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            data = b'{"id": "known"}'
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(b'data: {"choices": [{"delta": {"content": "half a rep"}}]}\n\n')
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_reply_cut_off_is_an_error_not_a_success(cut_stub):
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "run", "known", "hi", "--url", cut_stub],
+                       cwd=REPO_ROOT, capture_output=True, text=True, input="", timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert r.returncode == 1 and r.stdout.startswith("half a rep"), (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.strip() == "tokenpool run: the stream ended before the reply did (the server closed it)", r.stderr
+    # in a conversation: said after the cut text, and the turn is not kept as the model's reply
+    from controller.chat_cli import run
+
+    out = io.StringIO()
+    run(cut_stub, None, "known", None, None, {}, _Terminal("hello\n/bye\n"), out)
+    assert "half a rep\nerror: the stream ended before the reply did" in out.getvalue(), out.getvalue()
