@@ -104,6 +104,8 @@ class Worker:
         self.loop_s = {"step_thread_s": 0.0, "emit_s": 0.0}
         self._emitting: asyncio.Future | None = None  # the latest emit `_steps` handed the loop
         self.tokens = 0
+        self._signalled = False  # (a local worker) a first SIGTERM/SIGINT came: it stops with its controller
+        self._joined = False  # registered with the controller, in this session (until it ends)
 
     def send(self, msg: m.Message) -> None:
         if self._writer is not None and not self._writer.is_closing():
@@ -111,11 +113,18 @@ class Worker:
 
     async def run(self) -> None:
         """Serve until the controller goes (a local worker) or SIGTERM/SIGINT; then give back the pool: VRAM,
-        pinned memory and the node's /dev/shm host copies no other process holds."""
+        pinned memory and the node's /dev/shm host copies no other process holds.
+
+        A local worker connected to its controller takes a first SIGTERM/SIGINT as "stop with the controller": it
+        serves on until the controller tells it to stop or goes away (LOCAL_STOP_WAIT_S at most; a second signal
+        stops it at once). A stop that signals every process of the server at once (systemd's default
+        KillMode=control-group, `kill -TERM -- -PGID`) used to end the workers at once, while the controller
+        began its graceful drain: every stream in flight ended with "engine died" instead of finishing, and the
+        supervisor started a new worker in the middle of the drain."""
         loop = asyncio.get_running_loop()
         me = asyncio.current_task()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, me.cancel)
+            loop.add_signal_handler(sig, self._on_signal, me, sig)
         try:
             delay = 0.5
             while True:
@@ -136,6 +145,15 @@ class Worker:
             self._step_thread.shutdown(wait=False)
             self._load_thread.shutdown(wait=False)
 
+    def _on_signal(self, me: asyncio.Task, sig: int) -> None:
+        if self.slot is None or not self._joined or self._signalled:
+            me.cancel()
+            return
+        self._signalled = True
+        log.info("signal %d: stopping with the controller (at its word, when it goes, or in %.0f s; signal again "
+                 "to stop now)", sig, LOCAL_STOP_WAIT_S)
+        asyncio.get_running_loop().call_later(LOCAL_STOP_WAIT_S, me.cancel)
+
     async def _session(self) -> None:
         reader, writer = await asyncio.open_connection(*self.controller)
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -149,6 +167,7 @@ class Worker:
         if isinstance(reply, m.Rejected):
             raise SystemExit(f"controller refused this worker: {reply.reason}")
         assert isinstance(reply, m.Registered)
+        self._joined = True
         if not self.models.engines:  # a reconnecting worker keeps its pool (and the models in it)
             self.models = HostedModels(self.device, GpuSettings.from_dict(reply.settings), free)
         log.info("registered as %s (arena %.1f GB) %.2f s after the process %s", reply.worker_id,
@@ -180,6 +199,7 @@ class Worker:
             self._abort_all()
             writer.close()
             self._writer = None
+            self._joined = False
 
     def _cancel_unload(self, model: str) -> None:
         """The controller registers a model again that it unregistered a moment ago: the unload not yet
@@ -471,6 +491,10 @@ def bind_device(device: str) -> None:
         if dev.index is not None:
             torch.cuda.set_device(dev)
 
+
+# a local worker signalled while its controller is connected serves on this long at most (the controller's drain:
+# shutdown_grace_s, 30 s by default, and the stop after it; systemd's SIGKILL comes after 90 s)
+LOCAL_STOP_WAIT_S = 60.0
 
 # the longest run of steps without a look at the loop (stats, heartbeats' snapshots wait behind it)
 BURST_S = env.WORKER_BURST_S.number()

@@ -443,3 +443,38 @@ def test_sighup_ignored_at_start_stays_ignored(tmp_path):
     finally:
         srv.__exit__()
     assert "draining" not in srv.log().split("listening on", 1)[-1].split("signal 15", 1)[0]
+
+
+def test_sigterm_to_every_process_of_the_server_still_drains(tmp_path):
+    """systemd's default stop (KillMode=control-group) or `kill -TERM -- -PGID` signals the controller and its
+    workers at once: the workers used to exit at once, so streams that would have finished within the grace
+    ended with "engine w0 died" (and a new worker was started during the drain). Local workers now stop with
+    their controller: the streams finish, the server exits 0, no worker is left."""
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"}, "shutdown_grace_s": 10,
+           "models": [PACE]}
+    with LiveServer(cfg, tmp_path) as srv:
+        outs = [{} for _ in range(3)]
+        ts = [threading.Thread(target=_stream, args=(srv.url, 60, o)) for o in outs]  # ~1.2 s each
+        [t.start() for t in ts]
+        deadline = time.monotonic() + 20
+        while not all(o.get("first") for o in outs):
+            assert time.monotonic() < deadline, outs
+            time.sleep(0.02)
+        kids = [int(p) for p in subprocess.run(["ps", "-o", "pid=", "--ppid", str(srv.proc.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+        worker = httpx.get(srv.url + "/admin/engines", headers=ADM, timeout=5).json()[0]["pid"]
+        assert worker in kids, (worker, kids)
+        for pid in [srv.proc.pid, *kids]:
+            os.kill(pid, signal.SIGTERM)
+        [t.join(30) for t in ts]
+        rc = srv.proc.wait(30)
+        log = srv.log()
+    assert rc == 0, log
+    for o in outs:
+        assert "transport_error" not in o and o["events"][-1] == "[DONE]", o.get("transport_error")
+        assert json.loads(o["events"][-2])["choices"][0]["finish_reason"] == "length", o["events"][-2:]
+    assert "restarting" not in log and "takes over" not in log, log
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{p}") for p in kids):  # (reaped by the server before it exited)
+        assert time.monotonic() < deadline, [p for p in kids if os.path.exists(f"/proc/{p}")]
+        time.sleep(0.05)
