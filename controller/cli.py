@@ -407,7 +407,9 @@ def bench_pool_cmd(
 @with_workload
 def bench_serve_cmd(
     workload: Workload,
-    gpu_budget_gb: Optional[float] = typer.Option(60.0, help="the server's arena per GPU (gpus.budget_gb)"),
+    gpu_budget_gb: Optional[float] = typer.Option(
+        None, help="the server's arena per GPU (gpus.budget_gb; default 60); --device cpu: the CPU worker's "
+        "(gpus.cpu_budget_gb; default 8)"),
     kv_cache_gb: Optional[float] = typer.Option(4.0, help="the KV region inside it (gpus.kv_cache_gb)"),
     policy: str = typer.Option("token", help="the server's multi-model policy per run: token,request,static"),
     seed: int = SEED,
@@ -429,7 +431,11 @@ def bench_serve_cmd(
         rates = parse_rates(workload.rate)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
-    run_serve(**workload.replay_args(rates), gpu_budget_gb=gpu_budget_gb, kv_cache_gb=kv_cache_gb,
+    if device == "cpu":  # (a CPU worker's arena is gpus.cpu_budget_gb: gpus.budget_gb would size nothing)
+        budget = {"gpu_budget_gb": None, "cpu_budget_gb": 8.0 if gpu_budget_gb is None else gpu_budget_gb}
+    else:
+        budget = {"gpu_budget_gb": 60.0 if gpu_budget_gb is None else gpu_budget_gb}
+    run_serve(**workload.replay_args(rates), **budget, kv_cache_gb=kv_cache_gb,
               policies=policy.split(","), seed=seed, json_out=json_out, drain_s=drain, url=url,
               admin_token=admin_token, target=target, stop_at_miss=stop_at_miss, device=device,
               admission=not no_admission)

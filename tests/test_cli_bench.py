@@ -59,3 +59,17 @@ def test_bench_pool_names_a_bad_profile_instead_of_a_traceback(tmp_path):
 def test_bench_pool_hands_a_named_profile_on(calls):
     assert CliRunner().invoke(app, ["bench", "pool", "--profile", "served"]).exit_code == 0
     assert calls["run_bench_pool"]["profile"] == "served"
+
+
+def test_bench_serve_gpu_budget_on_the_cpu_is_the_cpu_workers_arena(calls):
+    """`bench serve --device cpu --gpu-budget-gb 2` handed 2 to gpus.budget_gb, which a CPU worker never reads (its
+    arena stayed 8 GB): the flag was ignored, as serve's was. On the CPU it is that worker's arena now; without it,
+    each device keeps its default (cuda 60, cpu 8)."""
+    r = CliRunner()
+    assert r.invoke(app, ["bench", "serve", "--device", "cpu", "--gpu-budget-gb", "2"]).exit_code == 0
+    assert calls.pop("run_serve")["cpu_budget_gb"] == 2.0
+    assert r.invoke(app, ["bench", "serve", "--device", "cpu"]).exit_code == 0
+    assert calls.pop("run_serve")["cpu_budget_gb"] == 8.0
+    assert r.invoke(app, ["bench", "serve"]).exit_code == 0
+    got = calls.pop("run_serve")
+    assert got["gpu_budget_gb"] == 60.0 and got.get("cpu_budget_gb", 8.0) == 8.0
