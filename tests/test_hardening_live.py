@@ -188,7 +188,7 @@ def test_config_errors_are_one_clear_line(tmp_path):
         ("models: [{name: m}]", "path is required"),
         ("listen: {port: 99999}", "listen.port"),
         ("models: [ {name: m", "not valid YAML at line"),
-        ("- just\n- a list", "valid dictionary"),
+        ("- just\n- a list", "expected a mapping of settings"),
         ("nonsense_key: 1", "nonsense_key"),
     ]
     for text, expect in cases:
