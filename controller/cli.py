@@ -259,6 +259,15 @@ def run_cmd(
         raise typer.Exit(130) from None
 
 
+@app.command("pull", hidden=True)  # (hidden: there is nothing to do but say so to whoever types `ollama pull`)
+def pull_cmd(model: str = typer.Argument(..., help="a model")) -> None:
+    """As `ollama pull`: tokenpool downloads nothing; says how a model gets to it."""
+    typer.echo(f"tokenpool pull: tokenpool downloads nothing: put a Hugging Face model in the local cache with "
+               f"`hf download {model}` (or give a model folder or a .gguf file), then `tokenpool serve {model}`",
+               err=True)
+    raise typer.Exit(2)
+
+
 @app.command("ls")
 def ls_cmd(
     url: str = typer.Option("http://127.0.0.1:8000", help="the server's base URL"),

@@ -66,3 +66,16 @@ def test_a_reply_cut_off_is_an_error_not_a_success(cut_stub):
     out = io.StringIO()
     run(cut_stub, None, "known", None, None, {}, _Terminal("hello\n/bye\n"), out)
     assert "half a rep\nerror: the stream ended before the reply did" in out.getvalue(), out.getvalue()
+
+
+def test_pull_says_how_a_model_gets_here():
+    """`tokenpool pull MODEL`, as an Ollama user types it: one line saying this server downloads nothing and how a
+    model gets to it (it was typer's 'No such command', in a box); exit 2."""
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "pull", "HuggingFaceTB/SmolLM2-135M-Instruct"],
+                       cwd=REPO_ROOT, capture_output=True, text=True, input="", timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "80"})
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("tokenpool pull: tokenpool downloads nothing") and \
+        "hf download HuggingFaceTB/SmolLM2-135M-Instruct" in lines[0] and \
+        "tokenpool serve HuggingFaceTB/SmolLM2-135M-Instruct" in lines[0], lines[0]
