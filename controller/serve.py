@@ -194,7 +194,11 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
         raise StartupError(f"the MODEL_DIR models and --api-key beside config {config_path}: "
                            f"{validation_line(e)}" if config_path else validation_line(e)) from None
     if gpu_budget_gb is not None:
-        cfg.gpus.budget_gb = GPUSettings.model_validate({"budget_gb": gpu_budget_gb}).budget_gb
+        try:
+            cfg.gpus.budget_gb = GPUSettings.model_validate({"budget_gb": gpu_budget_gb}).budget_gb
+        except ValidationError as e:
+            raise StartupError(f"--gpu-budget {gpu_budget_gb:g}: {validation_line(e).removeprefix('budget_gb: ')} "
+                               "(GB)") from None
         from controller.pool import local_devices
 
         if "cpu" in local_devices(cfg.workers.local):  # (no GPU here, or workers.local: cpu) a CPU worker's arena

@@ -91,7 +91,7 @@ def test_model_dirs_become_models(make_tiny, tmp_path):
     assert cfg.gpus.budget_gb == 12.5 and cfg.listen.host == "127.0.0.1" and verify_key(token, cfg.admin_token_hash)
     cfg, _ = prepare(REPO_ROOT / "examples" / "multi-tenant.yaml", None, 9000, [q], [])
     assert [m.name for m in cfg.models][-1] == q.name and cfg.auth_enabled and cfg.listen.port == 9000
-    with pytest.raises(ValidationError, match="greater than 0"):
+    with pytest.raises(StartupError, match="--gpu-budget 0: Input should be greater than 0"):
         prepare(None, None, None, [q], [], 0)
     # vLLM's flags: --api-key (a tenant of every model, auth on), --max-model-len and --dtype (the directories')
     cfg, _ = prepare(None, None, None, [q], [], None, "k-123", 96, "bf16")

@@ -121,3 +121,11 @@ def test_paths_in_a_configuration_may_start_with_a_tilde(make_tiny, tmp_path, mo
     assert m.path == str(home / "models" / "tiny")
     assert [lm.path for lm in m.lora_modules] == [str(home / "adapters" / "l1"), str(conf / "ad" / "l2")]
     assert (cfg.tenants_file, cfg.admin_token_file) == (str(home / "tenants.yaml"), str(home / "token"))
+
+
+def test_a_gpu_budget_out_of_range_is_one_line(make_tiny):
+    """--gpu-budget past the bound a configuration's gpus.budget_gb has (1e6 GB) was a pydantic traceback, exit 1."""
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "serve", str(make_tiny("qwen2")), "--gpu-budget",
+                        "1e7", "--port", "18798"], cwd=REPO_ROOT, capture_output=True, text=True, input="",
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "400"})
+    assert "--gpu-budget 1e+07: Input should be less than or equal to 1000000" in one_line(r), r.stderr
