@@ -435,6 +435,46 @@ def _decode_batch(rows: int, real: int):
     return ids, pos.cuda(), meta, scratch + 1
 
 
+def _decode_step_model(make_varied, arch: str, rows: int, real: int):
+    """A varied model of `arch` in bf16 on the GPU and a padded decode step's inputs (`_decode_batch`) over a cache of
+    random K/V: (config, weights, rope, ids, positions, metadata, cache)."""
+    from model_swapper.model_config import ModelConfig
+    from model_swapper.weights import load_weights
+    from token_scheduler.model import llama
+    from token_scheduler.runner import allocate_kv_cache
+
+    d = make_varied(arch)
+    cfg = ModelConfig.from_pretrained(d)
+    w = load_weights(d, cfg, "cuda", torch.bfloat16)
+    rope = llama.RopeCache.build(cfg, 256, "cuda")
+    ids, pos, meta, blocks = _decode_batch(rows, real)
+    kv = allocate_kv_cache(cfg, blocks, 16, torch.bfloat16, "cuda")
+    kv.normal_()
+    return cfg, w, rope, ids, pos, meta, kv
+
+
+def _assert_steps_close(outs, kv, meta) -> None:
+    """Two paths' (hidden state, new K/V of every row) of one decode step agree within bf16 rounding, and the step
+    wrote K/V."""
+    (h0, kv0), (h1, kv1) = outs
+    for a, b in ((h0, h1), (kv0, kv1)):
+        assert (a.float() - b.float()).abs().max().item() < 0.05 * a.float().abs().max().item()
+    assert not torch.equal(kv1, kv[meta.slot_blocks, :, :, meta.slot_offsets])
+
+
+def _assert_replays_equal(step, kv, ref, ref_kv) -> None:
+    """`step(kv)` (a decode step writing into kv) run once outside a capture (compiling), captured in a CUDA graph and
+    replayed three times: its hidden state and cache equal `ref` and `ref_kv` bit for bit after each replay."""
+    step(kv.clone())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h = step(kv)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(h, ref) and torch.equal(kv, ref_kv)
+
+
 @pytest.mark.parametrize("arch,swap,mlp,persist", [
     ("qwen2", False, True, 0), ("qwen3", False, True, 0), ("llama", False, True, 0), ("qwen2", True, True, 0),
     ("qwen2", False, False, 0), ("qwen2", False, True, 2), ("qwen3", False, True, 2)])
@@ -443,33 +483,20 @@ def test_small_batch_gemv_forward_equals_cublas_forward(make_varied, arch, swap,
     ROWS_SWAP; the MLP's too, or qkv and o alone: GEMV_ROWS_MLP; on a persistent grid: ROWS_PERSIST, here 2 programs
     in all, fewer than a tiny model's tiles): the hidden state and the K/V written of the cuBLAS path, within bf16
     rounding."""
-    from model_swapper.model_config import ModelConfig
-    from model_swapper.weights import load_weights
     from token_scheduler.model import llama, triton_gemv
 
     monkeypatch.setattr(triton_gemv, "ROWS_SWAP", swap)
     monkeypatch.setattr(llama, "GEMV_ROWS_MLP", mlp)
     monkeypatch.setattr(triton_gemv, "ROWS_PERSIST", persist)
     monkeypatch.setattr(triton_gemv, "_sms", lambda index: 1)
-    from token_scheduler.runner import allocate_kv_cache
-
-    d = make_varied(arch)
-    cfg = ModelConfig.from_pretrained(d)
-    w = load_weights(d, cfg, "cuda", torch.bfloat16)
-    rope = llama.RopeCache.build(cfg, 256, "cuda")
-    ids, pos, meta, blocks = _decode_batch(8, 6)
-    kv = allocate_kv_cache(cfg, blocks, 16, torch.bfloat16, "cuda")
-    kv.normal_()
+    cfg, w, rope, ids, pos, meta, kv = _decode_step_model(make_varied, arch, 8, 6)
     outs = []
     for max_rows in (0, 32):
         monkeypatch.setattr(llama, "GEMV_MAX_ROWS", max_rows)
         kv1 = kv.clone()
         h = llama.forward_fused(cfg, w, kv1, rope, ids, pos, meta)
         outs.append((h, kv1[meta.slot_blocks, :, :, meta.slot_offsets]))  # every row's new K and V
-    (h0, kv0), (h1, kv1) = outs
-    for a, b in ((h0, h1), (kv0, kv1)):
-        assert (a.float() - b.float()).abs().max().item() < 0.05 * a.float().abs().max().item()
-    assert not torch.equal(kv1, kv[meta.slot_blocks, :, :, meta.slot_offsets])
+    _assert_steps_close(outs, kv, meta)
 
 
 @pytest.mark.parametrize("rows,real", [(1, 1), (8, 6)])
@@ -479,10 +506,7 @@ def test_pdl_graph_replay_is_bit_exact(make_varied, monkeypatch, rows, real):
     of plain eager launches bit for bit, replay after replay (a kernel reading before its wait would show as a
     race). Under PDL one row's attention loads its cache early and counts the new token apart (PREFETCH_KV), a
     different fp32 sum order: the plain launches take that path too (it needs no PDL to be right)."""
-    from model_swapper.model_config import ModelConfig
-    from model_swapper.weights import load_weights
     from token_scheduler.model import llama, triton_decode, triton_ops
-    from token_scheduler.runner import allocate_kv_cache
 
     prefetches = triton_decode._prefetches
 
@@ -492,13 +516,7 @@ def test_pdl_graph_replay_is_bit_exact(make_varied, monkeypatch, rows, real):
             return prefetches(q, own_rows, rope)
 
     torch.manual_seed(0)
-    d = make_varied("qwen2")
-    cfg = ModelConfig.from_pretrained(d)
-    w = load_weights(d, cfg, "cuda", torch.bfloat16)
-    rope = llama.RopeCache.build(cfg, 256, "cuda")
-    ids, pos, meta, blocks = _decode_batch(rows, real)
-    kv = allocate_kv_cache(cfg, blocks, 16, torch.bfloat16, "cuda")
-    kv.normal_()
+    cfg, w, rope, ids, pos, meta, kv = _decode_step_model(make_varied, "qwen2", rows, real)
     monkeypatch.setattr(llama, "GEMV_MAX_ROWS", 32)  # the small-batch path (off by default)
     monkeypatch.setattr(triton_ops, "USE_PDL", False)
     monkeypatch.setattr(triton_decode, "_prefetches", as_under_pdl)
@@ -506,14 +524,7 @@ def test_pdl_graph_replay_is_bit_exact(make_varied, monkeypatch, rows, real):
     ref = llama.forward_fused(cfg, w, ref_kv, rope, ids, pos, meta)
     monkeypatch.setattr(triton_decode, "_prefetches", prefetches)
     monkeypatch.setattr(triton_ops, "USE_PDL", True)
-    llama.forward_fused(cfg, w, kv.clone(), rope, ids, pos, meta)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        h = llama.forward_fused(cfg, w, kv, rope, ids, pos, meta)
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(h, ref) and torch.equal(kv, ref_kv)
+    _assert_replays_equal(lambda c: llama.forward_fused(cfg, w, c, rope, ids, pos, meta), kv, ref, ref_kv)
 
 
 def test_rowwise_prefill_on_cuda_matches_hf(make_varied, monkeypatch):
@@ -677,21 +688,12 @@ def test_tma_forward_equals_cublas_forward(make_varied, arch, glu, monkeypatch):
     """A decode step of 8 rows (6 sequences, 2 padded) with its projections through triton_tma (SiLU*mul in
     gate_up's epilogue or after it: GLU, down split along K and summed by the next add+RMSNorm): the hidden state and
     the K/V written of the cuBLAS path, within bf16 rounding; every projection went through the TMA kernel."""
-    from model_swapper.model_config import ModelConfig
-    from model_swapper.weights import load_weights
     from token_scheduler.model import llama, triton_tma
-    from token_scheduler.runner import allocate_kv_cache
 
     if not triton_tma.pdl_capable(torch.zeros(1, device="cuda")):
         pytest.skip("TMA and programmatic dependent launch need Hopper or later")
     monkeypatch.setattr(triton_tma, "GLU", glu)
-    d = make_varied(arch)
-    cfg = ModelConfig.from_pretrained(d)
-    w = load_weights(d, cfg, "cuda", torch.bfloat16)
-    rope = llama.RopeCache.build(cfg, 256, "cuda")
-    ids, pos, meta, blocks = _decode_batch(8, 6)
-    kv = allocate_kv_cache(cfg, blocks, 16, torch.bfloat16, "cuda")
-    kv.normal_()
+    cfg, w, rope, ids, pos, meta, kv = _decode_step_model(make_varied, arch, 8, 6)
     calls, linear = [], triton_tma.linear
     monkeypatch.setattr(triton_tma, "linear", lambda *a, **k: (calls.append(1), linear(*a, **k))[1])
     outs = []
@@ -701,42 +703,23 @@ def test_tma_forward_equals_cublas_forward(make_varied, arch, glu, monkeypatch):
         h = llama.forward_fused(cfg, w, kv1, rope, ids, pos, meta)
         outs.append((h, kv1[meta.slot_blocks, :, :, meta.slot_offsets]))
     assert len(calls) == 4 * cfg.num_layers
-    (h0, kv0), (h1, kv1) = outs
-    for a, b in ((h0, h1), (kv0, kv1)):
-        assert (a.float() - b.float()).abs().max().item() < 0.05 * a.float().abs().max().item()
-    assert not torch.equal(kv1, kv[meta.slot_blocks, :, :, meta.slot_offsets])
+    _assert_steps_close(outs, kv, meta)
 
 
 def test_tma_graph_replay_is_bit_exact(make_varied, monkeypatch):
     """The TMA step captured in a CUDA graph with every kernel under programmatic dependent launch gives the hidden
     state and KV of the same kernels launched plainly, eagerly, bit for bit, replay after replay (a kernel reading
     before its wait would show as a race)."""
-    from model_swapper.model_config import ModelConfig
-    from model_swapper.weights import load_weights
     from token_scheduler.model import llama, triton_ops, triton_tma
-    from token_scheduler.runner import allocate_kv_cache
 
     if not triton_tma.pdl_capable(torch.zeros(1, device="cuda")):
         pytest.skip("TMA and programmatic dependent launch need Hopper or later")
     torch.manual_seed(0)
-    d = make_varied("qwen2")
-    cfg = ModelConfig.from_pretrained(d)
-    w = load_weights(d, cfg, "cuda", torch.bfloat16)
-    rope = llama.RopeCache.build(cfg, 256, "cuda")
-    ids, pos, meta, blocks = _decode_batch(8, 6)
-    kv = allocate_kv_cache(cfg, blocks, 16, torch.bfloat16, "cuda")
-    kv.normal_()
+    cfg, w, rope, ids, pos, meta, kv = _decode_step_model(make_varied, "qwen2", 8, 6)
     monkeypatch.setattr(triton_tma, "MAX_ROWS", 32)
     monkeypatch.setattr(triton_tma, "pdl_capable", lambda t: True)  # the TMA path, its kernels launched plainly:
     monkeypatch.setattr(triton_ops, "USE_PDL", False)
     ref_kv = kv.clone()
     ref = llama.forward_fused(cfg, w, ref_kv, rope, ids, pos, meta)
     monkeypatch.setattr(triton_ops, "USE_PDL", True)
-    llama.forward_fused(cfg, w, kv.clone(), rope, ids, pos, meta)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        h = llama.forward_fused(cfg, w, kv, rope, ids, pos, meta)
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(h, ref) and torch.equal(kv, ref_kv)
+    _assert_replays_equal(lambda c: llama.forward_fused(cfg, w, c, rope, ids, pos, meta), kv, ref, ref_kv)
