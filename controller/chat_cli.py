@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from controller.ps import error_message
+from controller.ps import openai_error, read_json
 
 
 class ChatError(RuntimeError):
@@ -33,7 +33,9 @@ def _request(url: str, path: str, key: str | None, body: dict | None = None, tim
     try:
         return urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
-        msg = error_message(e)
+        msg = openai_error(e)
+        if msg is None:  # (not this server's error: say which URL answered what)
+            raise ChatError(f"{url.rstrip('/')}{path}: HTTP {e.code}: {e.reason}") from None
         hint = " (pass --api-key or set TOKENPOOL_API_KEY)" if e.code == 401 else ""
         raise ChatError(f"{msg}{hint}") from None
     except (urllib.error.URLError, OSError) as e:
@@ -42,7 +44,11 @@ def _request(url: str, path: str, key: str | None, body: dict | None = None, tim
 
 def models(url: str, key: str | None) -> list[dict[str, Any]]:
     with _request(url, "/v1/models", key, timeout=10) as r:
-        return json.loads(r.read())["data"]
+        got = read_json(r, url.rstrip("/") + "/v1/models", ChatError)
+    data = got.get("data") if isinstance(got, dict) else None
+    if not isinstance(data, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in data):
+        raise ChatError(f"{url.rstrip('/')}/v1/models: not an OpenAI model list (is it a tokenpool server?)")
+    return data
 
 
 def check_model(url: str, key: str | None, model: str) -> None:

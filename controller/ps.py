@@ -17,12 +17,27 @@ class PsError(RuntimeError):
     pass
 
 
+def openai_error(e: urllib.error.HTTPError) -> str | None:
+    """The message of an HTTP error's OpenAI error body; None where the body is not one (another server's page)."""
+    try:
+        msg = json.loads(e.read())["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return msg if isinstance(msg, str) else None
+
+
 def error_message(e: urllib.error.HTTPError) -> str:
     """The message of an HTTP error's OpenAI error body (its reason where the body is not one)."""
+    msg = openai_error(e)
+    return e.reason if msg is None else msg
+
+
+def read_json(r, where: str, error: type[Exception]) -> Any:
+    """A response's JSON body; `error` naming `where` when it is none (--url at a server that is not this one)."""
     try:
-        return json.loads(e.read())["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return e.reason
+        return json.loads(r.read())
+    except ValueError:
+        raise error(f"{where}: not JSON (is it a tokenpool server?)") from None
 
 
 def fetch(url: str, path: str, token: str | None, timeout: float = 10.0, method: str = "GET") -> Any:
@@ -30,7 +45,7 @@ def fetch(url: str, path: str, token: str | None, timeout: float = 10.0, method:
                                  headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
+            return read_json(r, url.rstrip("/") + path, PsError)
     except urllib.error.HTTPError as e:
         msg = error_message(e)
         hint = (" (pass --admin-token or set TOKENPOOL_ADMIN_TOKEN; a server without admin_token_hash writes this "

@@ -79,3 +79,52 @@ def test_pull_says_how_a_model_gets_here():
     assert lines[0].startswith("tokenpool pull: tokenpool downloads nothing") and \
         "hf download HuggingFaceTB/SmolLM2-135M-Instruct" in lines[0] and \
         "tokenpool serve HuggingFaceTB/SmolLM2-135M-Instruct" in lines[0], lines[0]
+
+
+@pytest.fixture
+def web_page():
+    """Not an OpenAI server: every GET is a 200 HTML page but /missing, a 404 page; POST is a 501 page."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _page(self, code: int) -> None:
+            data = b"<html><body>hello</body></html>"
+            self.send_response(code)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._page(404 if self.path.startswith("/missing") else 200)
+
+        def do_POST(self):
+            self._page(501)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_url_that_is_not_a_tokenpool_server_is_named_in_one_line(web_page):
+    """--url at some other web server: ls, ps, stop and run say which URL answered what, in one line, exit 1 (ls
+    said a bare 'File not found' and run 'Unsupported method', naming no URL; a 200 that is no JSON was a
+    traceback)."""
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "controller.cli", *args], cwd=REPO_ROOT, capture_output=True,
+                           text=True, input="", timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+        return lines[0]
+
+    assert cli("ls", "--url", web_page) == f"tokenpool ls: {web_page}/v1/models: not JSON (is it a tokenpool server?)"
+    assert cli("ps", "--url", web_page) == f"tokenpool ps: {web_page}/admin/models: not JSON (is it a tokenpool server?)"
+    assert cli("ls", "--url", web_page + "/missing") == f"tokenpool ls: {web_page}/missing/v1/models: HTTP 404: Not Found"
+    assert cli("run", "m", "hi", "--url", web_page) == \
+        f"tokenpool run: {web_page}/v1/chat/completions: HTTP 501: Not Implemented"
