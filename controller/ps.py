@@ -114,10 +114,14 @@ def render(models: list[dict], engines: list[dict], now: float | None = None) ->
         state = "alive" if e.get("alive") else "dead"
         if e.get("draining"):
             state += ", draining"
-        used = ((e.get("pool") or {}).get("vram") or {}).get("weights_bytes", e.get("used_bytes", 0))
-        lines.append(f"engine {e['id']} on {e['host']}/{e['device']}: {_size(used)} of "
-                     f"{_size(e.get('memory_bytes', 0))} used by weights, {e.get('inflight', 0)} in flight, "
-                     f"step {1000 * e.get('step_s', 0.0):.1f} ms ({state})")
+        vram = (e.get("pool") or {}).get("vram") or {}
+        used = vram.get("weights_bytes", e.get("used_bytes", 0))
+        arena = vram.get("budget_bytes")  # (a pooled engine's arena: gpus.budget_gb, --gpu-budget, or the default)
+        of = (f"of a {_size(arena)} arena used by weights (the device has {_size(e.get('memory_bytes', 0))})"
+              if isinstance(arena, (int, float)) and arena > 0 else f"of {_size(e.get('memory_bytes', 0))} used by "
+              "weights")
+        lines.append(f"engine {e['id']} on {e['host']}/{e['device']}: {_size(used)} {of}, {e.get('inflight', 0)} in "
+                     f"flight, step {1000 * e.get('step_s', 0.0):.1f} ms ({state})")
     if not engines:
         lines.append("no engine is registered")
     return "\n".join(lines)

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import httpx
@@ -17,7 +21,7 @@ import pytest
 from controller import pool
 from controller.serve import prepare
 from load_tests import live_server
-from load_tests.live_server import LiveServer
+from load_tests.live_server import REPO_ROOT, LiveServer
 
 
 def port_in_range(lo: int = 18720, hi: int = 18799) -> int:
@@ -65,6 +69,26 @@ def test_gpu_budget_is_the_cpu_workers_arena_live(make_tiny, tmp_path):
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         assert c.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=0,
                                     extra_body={"ignore_eos": True}).usage.completion_tokens == 2
+        # `tokenpool ps` says the arena the flag gave (its engine line named the device's memory only)
+        token = re.search(r"admin token for this run written to (\S+) ", log).group(1)
+        r = subprocess.run([sys.executable, "-m", "controller.cli", "ps", "--url", srv.url], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT),
+                                "TOKENPOOL_ADMIN_TOKEN": Path(token).read_text().strip()})
+        line = next(x for x in r.stdout.splitlines() if x.startswith("engine w0"))
+        assert re.search(r"of a 1\.5 GB arena used by weights \(the device has [\d.]+ [KMGT]?B\)", line), line
+
+
+def test_ps_names_each_engines_arena():
+    from controller.ps import render
+
+    engine = {"id": "w0", "host": "h", "device": "cuda:0", "memory_bytes": 80 * 10**9, "alive": True,
+              "inflight": 0, "step_s": 0.01, "models": [],
+              "pool": {"vram": {"budget_bytes": 60 * 10**9, "weights_bytes": 3 * 10**9}}}
+    assert "engine w0 on h/cuda:0: 3.0 GB of a 60.0 GB arena used by weights (the device has 80.0 GB), 0 in " \
+        "flight" in render([], [engine])
+    del engine["pool"]  # (no pool view yet: the device's memory, as before)
+    assert "engine w0 on h/cuda:0: 0 B of 80.0 GB used by weights, 0 in flight" in render([], [engine])
 
 
 @pytest.fixture
