@@ -3,17 +3,14 @@ client as users run it (its default retries on): the request ends once, and is n
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
-from unittest import mock
 
 import httpx
 import openai
 import pytest
 
 from controller.keys import hash_key
-from load_tests import live_server
 from load_tests.live_server import LiveServer
 
 ADMIN = "admin-cancel-live"
@@ -21,26 +18,14 @@ ADM = {"Authorization": f"Bearer {ADMIN}"}
 KEY = "key-cancel-abcdefghijklmnop"
 
 
-def port_in_range(lo: int = 18230, hi: int = 18289) -> int:
-    """A free TCP port of the range these machines give tests (18200-18299)."""
-    for port in range(lo, hi + 1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {lo}-{hi}")
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cfg = {"admin_token_hash": hash_key(ADMIN),
-           "workers": {"local": "cpu", "listen": {"host": "127.0.0.1", "port": port_in_range(18290, 18299)}},
+           "workers": {"local": "cpu"},
            "tenants": [{"name": "t", "key_hashes": [hash_key(KEY)]}],
            "models": [{"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.02}}]}
-    with mock.patch.object(live_server, "free_port", port_in_range), \
-            LiveServer(cfg, tmp_path_factory.mktemp("srv")) as srv:
+    with LiveServer(cfg, tmp_path_factory.mktemp("srv")) as srv:
         yield srv
 
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
-from unittest import mock
 
 import httpx
 import pytest
@@ -20,7 +18,6 @@ import pytest
 from controller.dashboard.stream import PING, RETRY, EventStream, Hub, snapshot_frame
 from controller.events import EventBus
 from controller.keys import hash_key
-from load_tests import live_server
 from load_tests.live_server import LiveServer
 from tests.conftest import Listener
 
@@ -251,26 +248,14 @@ def test_a_connection_whose_send_fails_ends_and_the_others_go_on(caplog):
     assert "writing to an event stream failed" in caplog.text
 
 
-def port_in_range(lo: int = 18230, hi: int = 18289) -> int:
-    """A free TCP port of the range these machines give tests (18200-18299)."""
-    for port in range(lo, hi + 1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {lo}-{hi}")
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cfg = {"admin_token_hash": hash_key(ADMIN),
-           "workers": {"local": "cpu", "listen": {"host": "127.0.0.1", "port": port_in_range(18290, 18299)}},
+           "workers": {"local": "cpu"},
            "tenants_file": str(tmp_path_factory.mktemp("tenants") / "tenants.yaml"),
            "models": [{"name": "pace-a", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.01}}]}
-    with mock.patch.object(live_server, "free_port", port_in_range), \
-            LiveServer(cfg, tmp_path_factory.mktemp("srv")) as srv:
+    with LiveServer(cfg, tmp_path_factory.mktemp("srv")) as srv:
         yield srv
 
 

@@ -4,16 +4,13 @@ conventions (`_total` only on counters), so the KV capacity gauge is `tokenpool_
 
 from __future__ import annotations
 
-import socket
 import time
-from unittest import mock
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.keys import hash_key
-from load_tests import live_server
 from load_tests.live_server import LiveServer
 
 ADMIN = "admin-metrics-live"
@@ -21,26 +18,14 @@ ADM = {"Authorization": f"Bearer {ADMIN}"}
 DEPRECATED = {"tokenpool_kv_blocks_total": "tokenpool_kv_blocks"}  # (gauge -> its replacement) until the next release
 
 
-def port_in_range(lo: int = 18230, hi: int = 18289) -> int:
-    """A free TCP port of the range these machines give tests (18200-18299)."""
-    for port in range(lo, hi + 1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {lo}-{hi}")
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cfg = {"admin_token_hash": hash_key(ADMIN),
-           "workers": {"local": "cpu", "listen": {"host": "127.0.0.1", "port": port_in_range(18290, 18299)}},
+           "workers": {"local": "cpu"},
            "tenants": [{"name": "t", "key_hashes": [hash_key("t-key")]}],
            "models": [{"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.005}}]}
-    with mock.patch.object(live_server, "free_port", port_in_range), \
-            LiveServer(cfg, tmp_path_factory.mktemp("srv")) as srv:
+    with LiveServer(cfg, tmp_path_factory.mktemp("srv")) as srv:
         yield srv
 
 

@@ -8,11 +8,9 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import httpx
 import openai
@@ -20,20 +18,7 @@ import pytest
 
 from controller import pool
 from controller.serve import prepare
-from load_tests import live_server
 from load_tests.live_server import REPO_ROOT, LiveServer
-
-
-def port_in_range(lo: int = 18720, hi: int = 18799) -> int:
-    """A free TCP port of the range these tests take (18720-18799)."""
-    for port in range(lo, hi + 1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {lo}-{hi}")
 
 
 def test_gpu_budget_sizes_the_cpu_workers_arena_where_the_local_workers_are_on_the_cpu(make_tiny, monkeypatch,
@@ -59,10 +44,9 @@ def test_gpu_budget_sizes_the_cpu_workers_arena_where_the_local_workers_are_on_t
 def test_gpu_budget_is_the_cpu_workers_arena_live(make_tiny, tmp_path):
     """A live server whose one local worker is a CPU one: its arena is --gpu-budget's size (it was 8 GB, the
     CPU default, whatever the flag said)."""
-    cfg = {"workers": {"local": "cpu", "listen": {"host": "127.0.0.1", "port": port_in_range(18790, 18799)}},
+    cfg = {"workers": {"local": "cpu"},
            "models": [{"name": "tiny", "path": str(make_tiny("qwen2"))}]}
-    with mock.patch.object(live_server, "free_port", port_in_range), \
-            LiveServer(cfg, tmp_path, args=["--gpu-budget", "1.5"]) as srv:
+    with LiveServer(cfg, tmp_path, args=["--gpu-budget", "1.5"]) as srv:
         log = srv.log_path.read_text()
         assert re.search(r"registered as w0 \(arena 1\.5 GB\)", log), log[-3000:]
         assert "--gpu-budget 1.5 GB is the CPU worker's arena" in log, log[-3000:]
@@ -125,10 +109,10 @@ def test_models_and_a_too_long_prompts_400_say_the_engines_context_live(short_mo
     engine then refused. Now: the card says 64 before and after the model loads, a 64-token prompt is a 400
     naming 64, and a 63-token one is served. (Once the model had loaded, its engine's 64 was taken; until then,
     for a model loaded on demand, the controller went by the configured 1000.)"""
-    cfg = {"workers": {"local": "cpu", "listen": {"host": "127.0.0.1", "port": port_in_range(18790, 18799)}},
+    cfg = {"workers": {"local": "cpu"},
            "models": [{"name": "short", "path": str(short_model), "engine": {"max_model_len": 1000},
                        "replicas": {"min": 0, "max": 1}}]}  # (loaded at its first request, as Ollama's are)
-    with mock.patch.object(live_server, "free_port", port_in_range), LiveServer(cfg, tmp_path / "srv") as srv:
+    with LiveServer(cfg, tmp_path / "srv") as srv:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         assert c.models.retrieve("short").model_extra["max_model_len"] == 64
         with pytest.raises(openai.BadRequestError) as ei:

@@ -4,7 +4,6 @@ tenant replaced by the same keys (the Kubernetes operator's update: DELETE then 
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -13,7 +12,6 @@ import openai
 import pytest
 
 from controller.keys import hash_key
-from load_tests import live_server
 from load_tests.live_server import LiveServer
 
 ADMIN = "admin-tenant-revoke"
@@ -21,26 +19,9 @@ ADM = {"Authorization": f"Bearer {ADMIN}"}
 PACE = {"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.02}}
 
 
-def port_in_range(lo: int = 18230, hi: int = 18299) -> int:
-    """A free TCP port of this project's machines' range for tests (18200-18299)."""
-    for port in range(lo, hi + 1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in range")
-
-
-@pytest.fixture
-def ports(monkeypatch):
-    monkeypatch.setattr(live_server, "free_port", port_in_range)
-
-
 def _config(models: list[dict]) -> dict:
     return {"admin_token_hash": hash_key(ADMIN), "models": models,
-            "workers": {"local": "cpu", "listen": {"host": "127.0.0.1", "port": port_in_range(18290, 18299)}},
+            "workers": {"local": "cpu"},
             "tenants": [{"name": "keeper", "key_hashes": [hash_key("keeper-key")]}]}
 
 
@@ -62,7 +43,7 @@ def _consume(client: openai.OpenAI, model: str, max_tokens: int, out: dict) -> N
     out["t_end"] = time.monotonic()
 
 
-def test_deleted_tenant_stream_ends_and_frees_its_kv(tmp_path, ports, smollm2):
+def test_deleted_tenant_stream_ends_and_frees_its_kv(tmp_path, smollm2):
     cfg = _config([{"name": "smollm2", "path": str(smollm2)}])
     with LiveServer(cfg, tmp_path) as srv:
         made = httpx.post(srv.url + "/admin/tenants", headers=ADM, json={"name": "eve"}, timeout=10)
@@ -111,7 +92,7 @@ def test_deleted_tenant_stream_ends_and_frees_its_kv(tmp_path, ports, smollm2):
                                              max_tokens=2).choices[0].finish_reason == "length"
 
 
-def test_tenant_replaced_with_its_keys_keeps_its_streams(tmp_path, ports):
+def test_tenant_replaced_with_its_keys_keeps_its_streams(tmp_path):
     """The operator changes a tenant's limits by DELETE then POST with the same key hashes: nothing was revoked,
     its streams run on. Re-created with another key (a rotation), the old key's streams end."""
     with LiveServer(_config([PACE]), tmp_path) as srv:

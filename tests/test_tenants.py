@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import socket
 import time
-from unittest import mock
 
 import httpx
 import openai
 import pytest
 
 from controller.keys import hash_key
-from load_tests import live_server
 from load_tests.live_server import LiveServer
 
 ADMIN = "admin-tenants-token"
 RED, BLUE = "key-red-abcdefghijklmnop", "key-blue-abcdefghijklmnop"
 PACE = {"kind": "pace", "pace_s_per_token": 0.005, "max_num_seqs": 64}
 
-
-def port_in_range(lo: int = 18230, hi: int = 18289) -> int:
-    """A free TCP port of the range these machines give tests (18200-18299)."""
-    for port in range(lo, hi + 1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {lo}-{hi}")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +23,7 @@ def server(tmp_path_factory):
     cfg = {
         "admin_token_hash": hash_key(ADMIN),
         "tenants_file": str(work / "tenants.yaml"),
-        "workers": {"local": "cpu", "listen": {"host": "127.0.0.1", "port": port_in_range(18290, 18299)}},
+        "workers": {"local": "cpu"},
         "tenants": [
             {"name": "red", "key_hashes": [hash_key(RED)], "models": ["red-*", "shared"]},
             {"name": "blue", "key_hashes": [hash_key(BLUE)], "models": ["blue-*", "shared"],
@@ -50,7 +36,7 @@ def server(tmp_path_factory):
                      {"name": "red-narrow", "engine": dict(PACE, pace_s_per_token=0.1, max_num_seqs=1),
                       "slo": {"ttft_s": 0.2, "tpot_s": 1.0}}],
     }
-    with mock.patch.object(live_server, "free_port", port_in_range), LiveServer(cfg, work) as srv:
+    with LiveServer(cfg, work) as srv:
         yield srv
 
 
