@@ -7,11 +7,11 @@ import io
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 
 from load_tests.live_server import REPO_ROOT
+from tests.http_stub import Terminal, stub_server
 
 
 @pytest.fixture
@@ -40,18 +40,8 @@ def cut_stub():
             self.end_headers()
             self.wfile.write(b'data: {"choices": [{"delta": {"content": "half a rep"}}]}\n\n')
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
-
-
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
+    with stub_server(Handler) as url:
+        yield url
 
 
 def test_a_reply_cut_off_is_an_error_not_a_success(cut_stub):
@@ -64,7 +54,7 @@ def test_a_reply_cut_off_is_an_error_not_a_success(cut_stub):
     from controller.chat_cli import run
 
     out = io.StringIO()
-    run(cut_stub, None, "known", None, None, {}, _Terminal("hello\n/bye\n"), out)
+    run(cut_stub, None, "known", None, None, {}, Terminal("hello\n/bye\n"), out)
     assert "half a rep\nerror: the stream ended before the reply did" in out.getvalue(), out.getvalue()
 
 
@@ -103,13 +93,8 @@ def web_page():
         def do_POST(self):
             self._page(501)
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with stub_server(Handler) as url:
+        yield url
 
 
 def test_a_url_that_is_not_a_tokenpool_server_is_named_in_one_line(web_page):

@@ -19,6 +19,7 @@ from controller.keys import hash_key, verify_key
 from controller.serve import model_specs, prepare
 from controller.startup import StartupError
 from load_tests.live_server import REPO_ROOT, LiveServer
+from tests.http_stub import Terminal, stub_server
 
 EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.yaml"))
 
@@ -375,7 +376,6 @@ def chat_stub():
     "ok" as the reply. Yields (url, bodies)."""
     import http.server
     import json
-    import threading
 
     bodies: list[dict] = []
 
@@ -405,18 +405,8 @@ def chat_stub():
             self.end_headers()
             self.wfile.write(b'data: {"choices": [{"delta": {"content": "ok"}}]}\n\ndata: [DONE]\n\n')
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}", bodies
-    finally:
-        srv.shutdown()
-        srv.server_close()
-
-
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
+    with stub_server(Handler) as url:
+        yield url, bodies
 
 
 def test_run_takes_piped_text_before_the_prompt_and_multi_line_messages(chat_stub):
@@ -433,7 +423,7 @@ def test_run_takes_piped_text_before_the_prompt_and_multi_line_messages(chat_stu
     r = cli("run", "known", "words", "--url", url)  # (nothing piped: the words alone)
     assert r.returncode == 0 and bodies[-1]["messages"] == [{"role": "user", "content": "words"}]
     out = io.StringIO()
-    run(url, None, "known", None, None, {}, _Terminal('"""def f():\n    return 1\n"""\n"""one line"""\n/bye\n'), out)
+    run(url, None, "known", None, None, {}, Terminal('"""def f():\n    return 1\n"""\n"""one line"""\n/bye\n'), out)
     assert [b["messages"][-1]["content"] for b in bodies[-2:]] == ["def f():\n    return 1\n", "one line"]
     assert out.getvalue().count(">>> ") == 3 and out.getvalue().count("... ") == 2
 
@@ -446,9 +436,9 @@ def test_run_refuses_an_unknown_model_before_a_conversation(chat_stub):
     url, bodies = chat_stub
     out = io.StringIO()
     with pytest.raises(ChatError, match="The model `nosuch` does not exist."):
-        run(url, None, "nosuch", None, None, {}, _Terminal("hello\n/bye\n"), out)
+        run(url, None, "nosuch", None, None, {}, Terminal("hello\n/bye\n"), out)
     assert bodies == [] and ">>>" not in out.getvalue()
-    run(url, None, "known", None, None, {}, _Terminal("hello\n/bye\n"), out)
+    run(url, None, "known", None, None, {}, Terminal("hello\n/bye\n"), out)
     assert [b["messages"] for b in bodies] == [[{"role": "user", "content": "hello"}]]
 
 
@@ -490,7 +480,7 @@ def test_conversation_commands_as_ollama_run_has_them(chat_stub):
     url, bodies = chat_stub
     out = io.StringIO()
     typed = "/?\nhi\n/clear\nagain\n/nope\n/set parameter temperature 0\n/etc/hosts explain\n/bye\n"
-    run(url, None, "known", None, "be brief", {}, _Terminal(typed), out)
+    run(url, None, "known", None, "be brief", {}, Terminal(typed), out)
     sys_msg = {"role": "system", "content": "be brief"}
     assert [b["messages"] for b in bodies] == [
         [sys_msg, {"role": "user", "content": "hi"}],
