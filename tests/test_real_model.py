@@ -88,3 +88,21 @@ def test_serve_a_gguf_file(smollm2, tmp_path, monkeypatch):
                        capture_output=True, text=True, timeout=120)
     lines = [x for x in r.stderr.splitlines() if x.strip() and "converting" not in x]
     assert r.returncode == 2 and len(lines) == 1 and "broken.gguf cannot be converted" in lines[0], r.stderr
+
+
+def test_the_converters_command_line_takes_help_as_help(tmp_path):
+    """`python -m controller.real_model --help` prints its usage and makes nothing (it took --help as the folder and
+    converted the model into ./--help); --gguf without OUT_DIR is a usage error."""
+    import subprocess
+    import sys
+
+    from load_tests.live_server import REPO_ROOT
+
+    env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "controller.real_model", "--help"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m controller.real_model")
+    assert list(tmp_path.iterdir()) == []
+    r = subprocess.run([sys.executable, "-m", "controller.real_model", "--gguf", "x.gguf"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and "needs OUT_DIR" in r.stderr and list(tmp_path.iterdir()) == []
