@@ -152,8 +152,9 @@ def _qk_norm_fused(cfg, w, p: str, qkv: torch.Tensor) -> torch.Tensor:
 def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionMetadata,
                   lora: LoraRows | None = None) -> torch.Tensor:
     """CUDA path of `forward`: same arithmetic (bit-identical per op), with the elementwise work of a layer
-    fused into three Triton kernels (add+RMSNorm, RoPE+KV write, SiLU*mul). `lora`: as `forward`'s (on cuBLAS: a
-    step with adapter rows never takes the GEMVs)."""
+    fused into three Triton kernels (add+RMSNorm, RoPE+KV write, SiLU*mul). One token: the GEMVs (`_forward_gemv`);
+    a decode step of 2 to triton_tma.MAX_ROWS rows on Hopper: TMA-fed GEMMs, every kernel under PDL. `lora`: as
+    `forward`'s (on cuBLAS: a step with adapter rows takes neither)."""
     from token_scheduler.model import triton_ops as k
     from token_scheduler.model import triton_tma as tma
 
@@ -171,8 +172,9 @@ def forward_fused(cfg, w, kv_cache, rope, input_ids, positions, meta: AttentionM
 
 def _fused_layers(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata, lora: LoraRows | None,
                   use_tma: bool) -> torch.Tensor:
-    """forward_fused's layers from the embeddings `x`: projections on cuBLAS, or (`use_tma`) triton_tma's GEMMs
-    with SiLU*mul in gate_up's epilogue and down's split-K partial sums added by the next add+RMSNorm."""
+    """forward_fused's layers from the embeddings `x`: projections on cuBLAS, or (`use_tma`) triton_tma's GEMMs, down's
+    split-K partial sums added by the next add+RMSNorm (SiLU*mul its own kernel, or gate_up's epilogue with
+    triton_tma.GLU)."""
     from token_scheduler.model import triton_ops as k
     from token_scheduler.model import triton_tma as tma
     from token_scheduler.model.triton_decode import paged_decode
