@@ -542,7 +542,7 @@ class Controller:
                     await asyncio.wait_for(asyncio.shield(r.ready.wait()), LOAD_TIMEOUT_S)
                 except asyncio.TimeoutError:
                     raise ServingError(503, f"model {name!r} is still being registered", retry_after=10) from None
-            if e.replicas.get(name) is r or r.state != "ready":
+            if e.replicas.get(name) is r or r.state not in ("ready", "dropped"):  # (dropped: register it again)
                 break
         self._still_registered(entry)
         if r.state != "ready" or not e.alive:

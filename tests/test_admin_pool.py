@@ -554,3 +554,34 @@ def test_evict_takes_an_alias_and_duplicate_model_names_are_named():
     assert TestClient(app).post("/admin/models/nope/evict", headers=H).status_code == 404
     with pytest.raises(pydantic.ValidationError, match="model names must be unique: twice more than once"):
         ServerConfig.model_validate({"models": [{"name": n, "engine": {"kind": "pace"}} for n in ("twice", "twice", "x")]})
+
+
+def test_a_request_waiting_for_a_registration_the_autoscaler_drops_registers_it_again(app):
+    """The autoscaler drops beta's registration on w0 while a request waits for it to load: the request registers
+    beta there again and goes to it once it is loaded (it got a 503 'could not be registered')."""
+    ctl = app.state.controller
+    w0 = engine("w0", {"beta": "loading"})
+    ctl.pool.engines["w0"] = w0
+    entry = ctl.models["beta"]
+    sub = Sub("cmpl-drop-0", "beta", 0, [1, 2, 3], {}, 8, asyncio.Queue())
+
+    async def main():
+        task = asyncio.create_task(ctl._place(sub, entry, entry.spec.slo, 0, False))
+        first = w0.replicas["beta"]
+        for _ in range(100):  # until the request waits for the load
+            await asyncio.sleep(0.01)
+        assert not task.done()
+        ctl._unregister(w0, "beta", "autoscaler: an extra registration went cold")
+        assert first.state == "dropped"
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if task.done() or w0.replicas.get("beta") not in (None, first):
+                break
+        again = w0.replicas.get("beta")
+        assert again is not None and again is not first, task.exception() if task.done() else "not registered"
+        again.state = "ready"
+        again.ready.set()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
+    assert sub.engine_id == "w0" and "cmpl-drop-0" in w0.subs
