@@ -48,6 +48,17 @@ def _stream(url: str, max_tokens: int, out: dict) -> None:
     out["events"] = events
 
 
+def _streaming(url: str, out: dict) -> threading.Thread:
+    """A long stream (`_stream`, 3000 tokens) in a thread, returned once its first token came."""
+    th = threading.Thread(target=_stream, args=(url, 3000, out))
+    th.start()
+    deadline = time.monotonic() + 20
+    while not out.get("first"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return th
+
+
 def test_sigterm_drains_in_flight_streams_then_exits_0(tmp_path):
     cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"}, "shutdown_grace_s": 1.5,
            "models": [PACE]}
@@ -249,12 +260,7 @@ def test_a_second_signal_ends_the_drain_at_once(tmp_path):
            "models": [PACE]}
     with LiveServer(cfg, tmp_path) as srv:
         out: dict = {}
-        th = threading.Thread(target=_stream, args=(srv.url, 3000, out))
-        th.start()
-        deadline = time.monotonic() + 20
-        while not out.get("first"):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        th = _streaming(srv.url, out)
         os.kill(srv.proc.pid, signal.SIGTERM)
         time.sleep(0.3)
         t0 = time.monotonic()
@@ -408,12 +414,7 @@ def test_sighup_drains_like_sigterm(tmp_path):
     token_file = tmp_path / "admin-token"
     with _hangup_server(tmp_path, token_file) as srv:
         out: dict = {}
-        th = threading.Thread(target=_stream, args=(srv.url, 3000, out))
-        th.start()
-        deadline = time.monotonic() + 20
-        while not out.get("first"):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        th = _streaming(srv.url, out)
         assert token_file.exists()
         os.kill(srv.proc.pid, signal.SIGHUP)
         th.join(30)
