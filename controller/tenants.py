@@ -10,8 +10,9 @@ A deleted tenant's keys stop working at once (401), and its requests in flight a
 (`Controller.tenant_deleted`: streams get an error event, the engines free their KV), unless a namesake made within
 that grace keeps their keys (the Kubernetes operator's update, a DELETE then a POST): a request runs on, counted under
 the new entry (`Tenant.successor`), when the key it was admitted with (`KEY_USED`, recorded on its Generation) is one
-the namesake holds; those of the keys it dropped (a rotation that removes one key of several) are ended. A change of limits, models, priority or SLO class is better made in place
-(`TenantRegistry.update`, PATCH /admin/tenants/{name}): no moment without the tenant, and its usage carries over.
+the namesake holds; those of the keys it dropped (a rotation that removes one key of several) are ended. A change of
+limits, models, priority or SLO class is better made in place (`TenantRegistry.update`, PATCH /admin/tenants/{name}):
+no moment without the tenant, and its usage carries over.
 
 A tenant of the configuration file deleted through the admin API stays revoked across restarts: its key hashes are
 recorded in the tenants file, and on start a configured tenant loses those keys (and is left out when none remain).
