@@ -116,6 +116,28 @@ def disconnects_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN
         _write(run_disconnects(t, streams, max_tokens), json_out)
 
 
+@suite_app.command("drops")
+def drops_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
+              models: Optional[str] = typer.Option(None, help="with --url: comma-separated models to spread over"),
+              streams: int = typer.Option(300), max_tokens: int = typer.Option(200), seed: int = typer.Option(0),
+              json_out: Optional[Path] = JSON) -> None:
+    """N streams dropped at random points (right after the request head, after the request, after the response
+    head, mid-decode, or read to the end) across models the pool swaps between: what the server still holds after,
+    and whether each model still serves. Without --url: three tiny factory models over a one-slot CPU arena."""
+    from controller.config import cache_dir
+    from load_tests.faults import pooled_config, run_drops, target, tiny_pooled_models
+
+    names = models.split(",") if models else None
+    if url is not None:
+        with target(url, admin_token, key, model=(names or ["-"])[0]) as t:
+            _write(run_drops(t, streams, max_tokens, names, seed), json_out)
+        return
+    dirs = tiny_pooled_models(cache_dir())
+    cfg = pooled_config(dirs, budget_gb=4 * 2**20 / 1e9, kv_cache_gb=64 * 16 * 512 / 1e9)
+    with target(config=cfg, model=next(iter(dirs))) as t:
+        _write(run_drops(t, streams, max_tokens, list(dirs), seed), json_out)
+
+
 @suite_app.command("overload")
 def overload_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
                  model: str = MODEL, factor: float = typer.Option(5.0), duration: float = typer.Option(10.0),

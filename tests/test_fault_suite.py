@@ -106,6 +106,26 @@ def test_pooled_kill_part_on_cpu(tmp_path, monkeypatch):
     assert d["dev_shm_files_leaked"] == [] and not d["victim_process_left"]
 
 
+
+def test_drops_part_on_cpu(tmp_path, monkeypatch):
+    """`tokenpool suite drops`: streams dropped at random points across three tiny models over a one-slot CPU arena;
+    nothing held after, every model still serves."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from controller.cli_suite import suite_app
+
+    monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "drops.json"
+    r = CliRunner().invoke(suite_app, ["drops", "--streams", "30", "--max-tokens", "20", "--seed", "2",
+                                       "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    d = json.loads(out.read_text())
+    assert d["part"] == "drops" and sum(d["ends"].values()) == 30
+    assert d["back_to_zero_s"] is not None and not any(d["held_after"].values()), d
+    assert len(d["requests_after_ok"]) == 3 and all(d["requests_after_ok"].values()), d
+
 def test_disconnects_fit_a_short_context():
     """Against a model whose context is shorter than the part's 3000 tokens (the default server's demo models have
     2048) every stream was refused with 400 and the part still reported success; it now asks for what fits."""
