@@ -426,6 +426,16 @@ class EnginePool:
         e.subs[sub.rid] = sub
         e.send(m.NewRequest(sub.rid, sub.model, sub.prompt_ids, sub.params))
 
+    def end(self, subs: list[Sub], error: str, kind: str) -> None:
+        """End engine requests from the controller's side (an operator's cancel, a revoked key): each choice's stream
+        gets `error` (a Delta of error_kind `kind`), the engines abort them, and one still waiting for its model to
+        load is never submitted."""
+        for s in subs:
+            s.sink.put_nowait((s, m.Delta(s.rid, finished=True, finish_reason="error", error=error, error_kind=kind)))
+        self.abort(subs)
+        for s in subs:
+            s.done = True
+
     def abort(self, subs: list[Sub]) -> None:
         by_engine: dict[str, list[str]] = {}
         for s in subs:

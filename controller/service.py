@@ -23,6 +23,7 @@ from controller.admission import decide, expected_tokens
 from controller.autoscaler import Autoscaler, ModelLoad
 from controller.config import SLO, LoraModule, ModelSpec, ServerConfig
 from controller.dashboard.activity import Activity
+from controller.dashboard.views import CANCELLED
 from controller.errors import ServingError
 from controller.events import EventBus
 from controller.heap import collect_all, freeze_long_lived
@@ -60,7 +61,6 @@ RETRY_WAIT_S = 15.0  # how long a request whose engine died before its first tok
 # key it had (the operator's update: DELETE then POST); its keys stop working at once.
 REVOKE_GRACE_S = 1.0
 REVOKED = "the API key was revoked"
-CANCELLED = "cancelled by an operator"
 
 
 def _answers_to(entry: Tenant, t: Tenant) -> bool:
@@ -389,16 +389,15 @@ class Controller:
             dropped = set(t.spec.key_hashes) - set(t.latest().spec.key_hashes)
             if not dropped:
                 return
-            n = self.end_requests(lambda g: _answers_to(g.tenant, t) and (g.key_hash is None or g.key_hash in dropped),
-                                  REVOKED, "revoked")
-            if n:
-                log.info("tenant %r lost %d key(s): %d request(s) in flight on them ended", t.name, len(dropped), n)
-                self.events.publish("tenant_requests_ended", tenant=t.name, requests=n)
-            return
-        t.revoked = True
-        n = self.end_requests(lambda g: g.tenant.latest() is t, REVOKED, "revoked")
+            what = f"lost {len(dropped)} key(s)"
+            match = lambda g: _answers_to(g.tenant, t) and (g.key_hash is None or g.key_hash in dropped)  # noqa: E731
+        else:
+            t.revoked = True
+            what = "deleted"
+            match = lambda g: g.tenant.latest() is t  # noqa: E731
+        n = self.end_requests(match, REVOKED, "revoked")
         if n:
-            log.info("tenant %r deleted: %d request(s) in flight ended", t.name, n)
+            log.info("tenant %r %s: %d request(s) in flight on them ended", t.name, what, n)
             self.events.publish("tenant_requests_ended", tenant=t.name, requests=n)
 
     def cancel(self, request_id: str) -> tuple[str, str, int] | None:
@@ -418,13 +417,7 @@ class Controller:
         for gen in list(self.activity.live.values()):
             if gen.closed or not match(gen):
                 continue
-            subs = [s for s in gen.subs if not s.done]
-            for s in subs:
-                s.sink.put_nowait((s, m.Delta(s.rid, finished=True, finish_reason="error", error=error,
-                                              error_kind=kind)))
-            self.pool.abort(subs)
-            for s in subs:
-                s.done = True
+            self.pool.end([s for s in gen.subs if not s.done], error, kind)
             n += 1
         return n
 
@@ -597,13 +590,14 @@ class Controller:
         if att is not None:
             mt.slo_attainment.labels(name).set(att)
 
-    def resolve(self, name: str | None) -> ModelEntry | None:
-        """The model a request names: by its own name, one of its aliases or one of its LoRA adapters'."""
+    def resolve(self, name: str | None, adapters: bool = True) -> ModelEntry | None:
+        """The model a request names: by its own name, one of its aliases or (`adapters`) one of its LoRA adapters'."""
         if not name:
             return None
         me = self.models.get(name)
         if me is None:
-            me = next((e for e in self.models.values() if name in e.spec.aliases or name in e.spec.lora_names), None)
+            me = next((e for e in self.models.values()
+                       if name in e.spec.aliases or (adapters and name in e.spec.lora_names)), None)
         return me
 
     def count_refusal(self, model: str | None, tenant: str, status: int) -> None:
@@ -675,7 +669,7 @@ class Controller:
                                    param="base_model_name")
             entry = weighted[0]
         else:
-            entry = next((me for me in self.models.values() if base == me.spec.name or base in me.spec.aliases), None)
+            entry = self.resolve(base, adapters=False)
         if entry is None:
             raise ServingError(404, f"no model {base!r}", param="base_model_name", code="model_not_found")
         if self.names_taken([name]):

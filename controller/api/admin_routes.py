@@ -100,8 +100,7 @@ def _model_named(ctl: Controller, name: str, adapters: bool = False) -> str:
     `adapters`, also by one of its LoRA adapters' names (evict: `tokenpool stop` takes any name a request used). An
     adapter's name is not its model's for a change or a removal (DELETE by an adapter's name would remove the model
     under it). 404 in OpenAI's shape when none."""
-    me = ctl.resolve(name) if adapters else ctl.models.get(name) or next(
-        (e for e in ctl.models.values() if name in e.spec.aliases), None)
+    me = ctl.resolve(name, adapters)
     if me is None:
         raise ServingError(404, f"no model {name!r}", code="model_not_found")
     return me.spec.name

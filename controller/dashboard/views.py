@@ -13,7 +13,6 @@ from typing import Any
 
 from pydantic_core import to_json
 
-from controller import messages as m
 from controller.api import admin_protocol as ap
 from controller.dashboard.activity import RES_S, SPAN_S, WINDOW_S, Activity
 from controller.dashboard.stream import after, last_seq, snapshot_frame
@@ -248,12 +247,7 @@ def cancel(ctl: Any, request_id: str) -> ap.CancelOut:
     subs = [s for s in subs if not s.done]
     if not subs:
         raise ServingError(404, f"no request {request_id!r} in flight", code="request_not_found")
-    for s in subs:
-        s.sink.put_nowait((s, m.Delta(s.rid, finished=True, finish_reason="error", error=CANCELLED,
-                                      error_kind="engine")))
-    ctl.pool.abort(subs)
-    for s in subs:
-        s.done = True  # one still waiting for its model to load is then never submitted
+    ctl.pool.end(subs, CANCELLED, "engine")
     tenant = gen.tenant.name if gen is not None else None
     events(ctl).publish("cancel", request_id=request_id, model=subs[0].model, tenant=tenant)
     return ap.CancelOut(id=request_id, model=subs[0].model, cancelled=len(subs))
