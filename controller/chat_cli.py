@@ -183,7 +183,8 @@ def conversation(url: str, key: str | None, body: dict[str, Any], inp: TextIO, o
 
 
 def run(url: str, key: str | None, model: str, prompt: str | None, system: str | None, options: dict[str, Any],
-        inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+        inp: TextIO | None = None, out: TextIO | None = None) -> None:
+    inp, out = inp or sys.stdin, out or sys.stdout  # (read when called: a test runner swaps them after import)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     body: dict[str, Any] = {"model": model, "messages": messages, **options}
     if not inp.isatty():  # piped in: the prompt, or (as `ollama run`) text the prompt's words follow

@@ -14,13 +14,15 @@ import typer
 import tokenpool
 from tokenpool import env
 
-app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by token.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks (GPU figures go to bench/results/).", no_args_is_help=True)
+app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by token.")
+bench_app = typer.Typer(help="Benchmarks (GPU figures go to bench/results/).")
 # Options the benchmarks share
 JSON_OUT = typer.Option(None, "--json", help="write results here")
 SEED = typer.Option(0, help="the workload's seed")
 TARGET = typer.Option(0.9, help="SLO attainment a rate must keep to count as sustained")
-app.add_typer(bench_app, name="bench")
+# The client commands' server (run, ls, ps, stop), as OLLAMA_HOST is ollama's
+CLIENT_URL = typer.Option(env.URL.default, envvar=env.URL.name, help="the server's base URL (host:port, a URL, or "
+                          "an OpenAI base URL ending in /v1)")
 
 
 def _option(default, help: str) -> dataclasses.Field:
@@ -61,16 +63,29 @@ def with_workload(command):
     return run
 
 
+def _help_if_bare(ctx: typer.Context) -> None:
+    """A command group given no command prints its help and exits 0, as `ollama` and `git` with no arguments do
+    (click's no_args_is_help prints it as a usage error, exit 2)."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
+
+
+def _group(group: typer.Typer, name: str) -> None:
+    group.callback(invoke_without_command=True)(_help_if_bare)
+    app.add_typer(group, name=name)
+
+
 def _add_suite() -> None:
     from controller.cli_suite import suite_app  # the fault and load suite (load_tests/faults.py)
 
-    app.add_typer(suite_app, name="suite")
+    _group(suite_app, "suite")
 
 
+_group(bench_app, "bench")
 _add_suite()
-keys_app = typer.Typer(help="API keys and tokens, and the salted hashes a configuration stores.",
-                       no_args_is_help=True)
-app.add_typer(keys_app, name="keys")
+keys_app = typer.Typer(help="API keys and tokens, and the salted hashes a configuration stores.")
+_group(keys_app, "keys")
 
 
 def _print_version(value: bool) -> None:
@@ -79,12 +94,14 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def main(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="print the version and exit"),
 ) -> None:
     """tokenpool: many models, one GPU pool, scheduled token by token."""
+    _help_if_bare(ctx)
 
 
 @app.command("make-model")
@@ -169,7 +186,7 @@ def serve_cmd(
 
 @app.command("ps")
 def ps_cmd(
-    url: str = typer.Option("http://127.0.0.1:8000", help="the server's base URL"),
+    url: str = CLIENT_URL,
     admin_token: Optional[str] = typer.Option(
         None, envvar=env.ADMIN_TOKEN.name, help="admin token (env TOKENPOOL_ADMIN_TOKEN; default: the token file "
         "a local server without admin_token_hash writes at start)"),
@@ -217,7 +234,7 @@ def _admin_token(given: str | None, url: str) -> str | None:
 @app.command("stop")
 def stop_cmd(
     model: str = typer.Argument(..., help="a model the server serves"),
-    url: str = typer.Option("http://127.0.0.1:8000", help="the server's base URL"),
+    url: str = CLIENT_URL,
     admin_token: Optional[str] = typer.Option(None, envvar=env.ADMIN_TOKEN.name, help="admin token (as for ps)"),
 ) -> None:
     """Free a model's GPU memory once its requests finish, as `ollama stop` (it stays served)."""
@@ -237,7 +254,7 @@ def run_cmd(
     prompt: Optional[list[str]] = typer.Argument(None, help="the prompt (words are joined); none on a terminal: a "
                                                  "conversation (\"\"\" begins and ends a multi-line message); "
                                                  "stdin piped in is the prompt, or comes before it"),
-    url: str = typer.Option("http://127.0.0.1:8000", help="the server's base URL"),
+    url: str = CLIENT_URL,
     api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key (env TOKENPOOL_API_KEY)"),
     system: Optional[str] = typer.Option(None, help="a system message"),
     max_tokens: Optional[int] = typer.Option(None, min=1, help="a reply's most tokens (default: the model's room)"),
@@ -270,7 +287,7 @@ def pull_cmd(model: str = typer.Argument(..., help="a model")) -> None:
 
 @app.command("ls")
 def ls_cmd(
-    url: str = typer.Option("http://127.0.0.1:8000", help="the server's base URL"),
+    url: str = CLIENT_URL,
     api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key (env TOKENPOOL_API_KEY)"),
 ) -> None:
     """The models the key may use, as `ollama list` (their residency: `tokenpool ps`)."""
@@ -452,7 +469,7 @@ def bench_serve_cmd(
 
 @app.command("loadtest")
 def loadtest_cmd(
-    url: str = typer.Option("http://127.0.0.1:8000", help="server base URL (loopback only)"),
+    url: str = typer.Option(env.URL.default, envvar=env.URL.name, help="the server's base URL (loopback only)"),
     streams: int = typer.Option(100, min=1, help="concurrent streams"),
     duration: float = typer.Option(10.0, min=0.1, help="seconds"),
     model: Optional[str] = typer.Option(None, help="default: the first model /v1/models lists"),

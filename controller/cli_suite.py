@@ -1,6 +1,6 @@
 """`tokenpool suite ...`: the fault and load suite (load_tests/faults.py); each command writes one JSON result.
 
-Wired into the main CLI with `app.add_typer(suite_app, name="suite")` (controller/cli.py).
+Wired into the main CLI by controller/cli.py (which also makes a bare `tokenpool suite` print this help).
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from typing import Optional
 
 import typer
 
-suite_app = typer.Typer(help="Fault and load suite against a live server (its own paced one unless --url).",
-                        no_args_is_help=True)
+suite_app = typer.Typer(help="Fault and load suite against a live server (its own paced one unless --url).")
 
 URL = typer.Option(None, help="drive this running server (loopback) instead of starting a paced one")
 ADMIN = typer.Option(None, "--admin-token", help="with --url: the admin token")
