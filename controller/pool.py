@@ -77,8 +77,11 @@ class Sub:
     sink: asyncio.Queue
     generated: int = 0
     engine_id: str | None = None
-    attempts: int = 0
+    attempts: int = 0  # engines it was sent to (a request whose engine failed is sent again, MAX_ATTEMPTS in all)
     done: bool = False
+    # its deltas reach no client before it ends (a request not streamed: the Generation holds them), so it may be run
+    # again from its start after its engine failed mid-generation, not only before its first token
+    restartable: bool = False
     prefix_hashes: list | None = None  # (prefix-aware routing) its prompt's block hashes, made once for its n choices
 
 
@@ -115,12 +118,14 @@ class EnginePool:
                  on_dead: Callable[[EngineHandle, list[Sub]], None],
                  on_loaded: Callable[[EngineHandle, Replica, float], None],
                  on_stats: Callable[[EngineHandle], None],
-                 on_events: Callable[[EngineHandle, list[dict[str, Any]]], None] | None = None):
+                 on_events: Callable[[EngineHandle, list[dict[str, Any]]], None] | None = None,
+                 on_failed: Callable[[EngineHandle, Sub, str], None] | None = None):
         self.s = settings
         self.gpus = gpus
         self.engines: dict[str, EngineHandle] = {}
         self._on_registered, self._on_dead, self._on_loaded, self._on_stats = on_registered, on_dead, on_loaded, on_stats
         self._on_events = on_events
+        self._on_failed = on_failed  # a request its engine failed (error_kind "engine"): the controller may send it again
         self._on_pruned: Callable[[EngineHandle], None] | None = None
         self._local_token = secrets.token_urlsafe(24)  # local workers prove they are ours with it
         self._server: asyncio.base_events.Server | None = None
@@ -357,6 +362,9 @@ class EnginePool:
             sub.generated += len(d.token_ids)
             if d.finished:
                 del subs[d.request_id]
+                if d.error is not None and d.error_kind == "engine" and self._on_failed is not None:
+                    self._on_failed(e, sub, d.error)  # (its engine crashed, or lost its model: sent again, or ended)
+                    continue
                 sub.done = True
             sub.sink.put_nowait((sub, d))
 

@@ -56,7 +56,9 @@ def _ready_on(model: str, engines) -> bool:
 LOAD_TIMEOUT_S = 600.0
 STARTUP_WAIT_S = 120.0  # how long a request waits for the local workers of a server that is starting
 FAILED_AVOID_S = 120.0  # a model whose registration failed on an engine is placed elsewhere for this long
-RETRY_WAIT_S = 15.0  # how long a request whose engine died before its first token waits for another
+RETRY_WAIT_S = 15.0  # how long a request whose engine failed waits for another to take it
+MAX_ATTEMPTS = 3  # engines one engine request is sent to, at most, when each fails it (dies, crashes) in turn
+RESTART = None  # (in a Generation's sink, for a delta) this choice runs again from its start: drop what it made
 # A deleted tenant's requests in flight end this long after the DELETE, unless a namesake made meanwhile holds every
 # key it had (the operator's update: DELETE then POST); its keys stop working at once.
 REVOKE_GRACE_S = 1.0
@@ -183,12 +185,21 @@ class Generation:
         self.request_id = ""  # the API request's id (set by Activity.started)
         self.t_wall = time.time()
         self.key_hash = KEY_USED.get()  # the hash of the key it was admitted with (None: none, or not known)
+        # Not streamed (Controller.generate's `stream`): each choice's deltas are held until it ends, so a choice
+        # whose engine fails mid-generation runs again from its start elsewhere (Sub.restartable): nothing of it has
+        # reached the client, and what the failed run made is dropped (RESTART), never joined to the new run's.
+        self.buffered = False
+        self._held: dict[int, list[m.Delta]] = {}  # (buffered) choice -> its deltas so far
 
     async def events(self) -> AsyncIterator[tuple[int, m.Delta]]:
-        """Deltas as they come; raises ServingError if a choice fails (the others are aborted)."""
+        """Deltas as they come (buffered: each choice's all at once, when it ends); raises ServingError if a choice
+        fails (the others are aborted)."""
         open_ = len(self.subs)
         while open_:
             sub, d = await self.sink.get()
+            if d is RESTART:
+                self.completion_tokens -= sum(len(x.token_ids) for x in self._held.pop(sub.index, ()))
+                continue
             if d.error is not None:
                 self.ctl.pool.abort(self.subs)
                 if d.error_kind == "revoked":  # its tenant was deleted (Controller.tenant_deleted)
@@ -202,12 +213,22 @@ class Generation:
                 self.t_first = self.t_first or now
                 self.t_last = now
                 self.completion_tokens += len(d.token_ids)
+            if self.buffered:
+                held = self._held.setdefault(sub.index, [])
+                held.append(d)
+                if not d.finished:
+                    continue
+                del self._held[sub.index]
             if d.finished:
                 open_ -= 1
                 if d.num_cached_tokens:
                     p = sub.index // self.per_prompt
                     self._cached[p] = max(self._cached.get(p, 0), d.num_cached_tokens)
-            yield sub.index, d
+            if self.buffered:
+                for x in held:
+                    yield sub.index, x
+            else:
+                yield sub.index, d
 
     @property
     def cached_tokens(self) -> int:
@@ -252,7 +273,8 @@ class Controller:
         self.events = EventBus()
         self.activity = Activity()  # the admin views' rolling window (controller/dashboard/activity.py)
         self.pool = EnginePool(cfg.workers, cfg.gpus, on_registered=self._registered, on_dead=self._dead,
-                               on_loaded=self._loaded, on_stats=self._stats, on_events=self._events)
+                               on_loaded=self._loaded, on_stats=self._stats, on_events=self._events,
+                               on_failed=self._failed)
         self.pool._on_pruned = self._pruned
         self._ids = itertools.count()
         self._prefix = os.urandom(4).hex()
@@ -430,8 +452,10 @@ class Controller:
         return f"{kind}-{self._prefix}{next(self._ids):x}"
 
     async def generate(self, entry: ModelEntry, tenant: Tenant, prompts: list[list[int]], params: SamplingParams,
-                       n: int, request_id: str) -> Generation:
-        """Admit and place the n * len(prompts) engine requests of one API request (ServingError if refused)."""
+                       n: int, request_id: str, stream: bool = True) -> Generation:
+        """Admit and place the n * len(prompts) engine requests of one API request (ServingError if refused).
+        `stream=False` (the answer is sent once whole): its choices are buffered, and one whose engine fails
+        mid-generation is run again from its start (Generation.buffered)."""
         ctx = entry.max_model_len
         budgets = []
         for i, ids in enumerate(prompts):
@@ -457,6 +481,7 @@ class Controller:
         slo = self.slo_for(entry, tenant)
         gen = Generation(self, entry, tenant, slo, charged, prompt_tokens, asyncio.Queue())
         gen.per_prompt = n
+        gen.buffered = not stream
         if not self.tenants.single_user:  # (a tenant's prompts neither use nor time another's cached KV)
             params = dataclasses.replace(params, cache_salt=f"{tenant.name}\0{params.cache_salt or ''}")
         self.activity.started(gen, request_id)
@@ -464,7 +489,8 @@ class Controller:
             for p, ids in enumerate(prompts):
                 for i in range(n):
                     sp = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
-                    sub = Sub(f"{request_id}-{p * n + i}", entry.spec.name, p * n + i, ids, sp, budgets[p], gen.sink)
+                    sub = Sub(f"{request_id}-{p * n + i}", entry.spec.name, p * n + i, ids, sp, budgets[p], gen.sink,
+                              restartable=gen.buffered)
                     if i:  # (the prompt's block hashes, made for its first choice)
                         sub.prefix_hashes = gen.subs[-1].prefix_hashes
                     if tenant.latest().revoked or not _holds(tenant, gen.key_hash):
@@ -486,11 +512,18 @@ class Controller:
             raise
         return gen
 
-    async def _place(self, sub: Sub, entry: ModelEntry, slo: SLO, priority: int, admission: bool) -> None:
+    async def _place(self, sub: Sub, entry: ModelEntry, slo: SLO, priority: int, admission: bool,
+                     avoid: EngineHandle | None = None) -> None:
         """Send one engine request to the registered engine with the lowest estimated TTFT (admission first).
-        A model with no usable registration (its engine died, say) is registered on the best engine first."""
+        A model with no usable registration (its engine died, say) is registered on the best engine first.
+        `avoid`: an engine that failed this request and may not be dead yet (a crashed step's worker exits a moment
+        after it said so), left out (its replacement, a new handle under the same id, is not)."""
         name = entry.spec.name
-        views = self.views()
+
+        def _views() -> list[EngineView]:
+            return [v for v in self.views() if avoid is None or self.pool.engines.get(v.engine_id) is not avoid]
+
+        views = _views()
         hashes, cached = [], None
         if entry.spec.engine.kind == "llm" and entry.spec.engine.enable_prefix_caching:
             if sub.prefix_hashes is None:
@@ -504,7 +537,7 @@ class Controller:
             pl = place(entry.info, views, self.infos(), pinned=self.pinned())
             if pl is not None:
                 self._register(self.pool.engines[pl.engine_id], entry)
-                rt = route(entry.info, self.views(), len(sub.prompt_ids), cached)
+                rt = route(entry.info, _views(), len(sub.prompt_ids), cached)
                 if rt is None:
                     raise ServingError(503, f"no engine can serve model {name!r} now", retry_after=5)
                 break
@@ -517,7 +550,7 @@ class Controller:
                                    retry_after=5)
             await asyncio.sleep(0.05)
             self._still_registered(entry)
-            views = self.views()
+            views = _views()
         if admission and self.cfg.admission.enabled:
             slack = self.cfg.admission.slack * 2.0 ** max(-2, min(2, priority))
             d = decide(rt.est_ttft_s, rt.queued, slo.ttft_s, slack, rt.queue_len,
@@ -878,25 +911,41 @@ class Controller:
         self.events.publish("worker_death", engine=e.id, orphans=len(orphans))
         self.prefix.forget(engine_id=e.id)  # (its KV went with it)
         for s in orphans:
-            if s.done:
-                continue
-            if s.generated == 0 and s.attempts < 3 and s.model in self.models:
-                asyncio.get_running_loop().create_task(self._retry(s))
-            else:
-                s.done = True
-                s.sink.put_nowait((s, m.Delta(s.rid, finished=True, finish_reason="error",
-                                              error=f"engine {e.id} died", error_kind="engine")))
+            self._recover(e, s, f"engine {e.id} died")
         for name in e.replicas:
             self.metrics.forget_engine_model(e.id, name)
 
-    async def _retry(self, s: Sub) -> None:
-        """Re-place a request whose engine died before it produced a token (nothing was sent: safe to redo)."""
+    def _failed(self, e: EngineHandle, s: Sub, why: str) -> None:
+        """Engine `e` ended request `s` with an engine-side error (its step crashed, its model was gone): as a death."""
+        self._recover(e, s, f"engine {e.id}: {why}")
+
+    def _recover(self, e: EngineHandle, s: Sub, why: str) -> None:
+        """An engine request whose engine `e` failed it (`why`): sent again, from its start, where that is safe -- nothing
+        of it reached the client (no token yet, or its request is not streamed: `Sub.restartable`) -- and it has
+        been tried fewer than MAX_ATTEMPTS times; else its choice ends with the error."""
+        if s.done:
+            return
+        if (s.generated == 0 or s.restartable) and s.attempts < MAX_ATTEMPTS and s.model in self.models:
+            if s.restartable:
+                s.sink.put_nowait((s, RESTART))  # (after every delta of the failed run: dropped, not joined)
+            s.generated = 0
+            asyncio.get_running_loop().create_task(self._retry(s, e, why))
+            return
+        s.done = True
+        tried = f" (tried on {s.attempts} engines)" if s.attempts > 1 else ""
+        s.sink.put_nowait((s, m.Delta(s.rid, finished=True, finish_reason="error", error=f"{why}{tried}",
+                                      error_kind="engine")))
+
+    async def _retry(self, s: Sub, failed: EngineHandle, why: str) -> None:
+        """Re-place a request whose engine (`failed`) failed it where nothing of it was sent (see _recover): safe to
+        redo."""
         deadline = time.monotonic() + RETRY_WAIT_S
         err = "no engine"
+        log.warning("%s: sending request %s again (attempt %d of %d)", why, s.rid, s.attempts + 1, MAX_ATTEMPTS)
         while time.monotonic() < deadline and not s.done and s.model in self.models:
             entry = self.models[s.model]
             try:
-                await self._place(s, entry, entry.spec.slo, 0, admission=False)
+                await self._place(s, entry, entry.spec.slo, 0, admission=False, avoid=failed)
                 return
             except ServingError as ex:
                 err = ex.message
@@ -904,7 +953,7 @@ class Controller:
         if not s.done:
             s.done = True
             s.sink.put_nowait((s, m.Delta(s.rid, finished=True, finish_reason="error",
-                                          error=f"engine died and no other could take the request: {err}",
+                                          error=f"{why}, and no other engine could take the request: {err}",
                                           error_kind="engine")))
 
     def _loaded(self, e: EngineHandle, r: Replica, load_s: float) -> None:

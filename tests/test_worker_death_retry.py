@@ -1,0 +1,159 @@
+"""A request whose engine fails it mid-generation: one not streamed runs again from its start on another engine
+(nothing of it was sent), a bounded number of times; a stream that already had tokens ends with the error.
+
+Controller state built by hand: engines are EngineHandles in the pool, as a worker's registration makes them, whose
+writer records what the controller sends; their outputs and deaths are the pool's own calls (`_outputs`, `_dead`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from controller import messages as m
+from controller.config import SLO, ModelSpec, ServerConfig
+from controller.errors import ServingError
+from controller.pool import EngineHandle, Replica
+from controller.service import MAX_ATTEMPTS, Controller
+from token_scheduler.request import SamplingParams
+
+
+class Wire:
+    """A worker connection: what the controller sent it, decoded."""
+
+    def __init__(self) -> None:
+        self.sent: list[m.Message] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, frame: bytes) -> None:
+        self.sent.append(m.decode(frame[4:]))
+
+    def close(self) -> None:
+        pass
+
+
+def _engine(ctl: Controller, eid: str, slot: int) -> EngineHandle:
+    e = EngineHandle(eid, slot, "cpu", "node", 1000 + slot, 8 << 30, Wire())
+    e.replicas["m"] = Replica("m", state="ready")
+    e.replicas["m"].ready.set()
+    ctl.pool.engines[eid] = e
+    return e
+
+
+async def _controller() -> tuple[Controller, list[EngineHandle]]:
+    ctl = Controller(ServerConfig(models=[], workers={"local": "none"}))
+    await ctl.add_model(ModelSpec(name="m", path=None, engine={"kind": "pace"}, slo=SLO(ttft_s=5, tpot_s=1)))
+    return ctl, [_engine(ctl, f"w{i}", i) for i in range(MAX_ATTEMPTS + 1)]
+
+
+async def _sent_to(ctl: Controller, sub, other_than: str | None = None) -> EngineHandle:
+    """The engine `sub` is on now (after a retry: once it was placed again)."""
+    for _ in range(200):
+        if sub.engine_id not in (None, other_than) and sub.rid in ctl.pool.engines[sub.engine_id].subs:
+            return ctl.pool.engines[sub.engine_id]
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{sub.rid} was not sent again")
+
+
+def _tokens(ctl: Controller, e: EngineHandle, rid: str, words: list[str], finish: bool) -> None:
+    ds = [m.Delta(rid, text=w, token_ids=[10 + i]) for i, w in enumerate(words)]
+    if finish:
+        ds[-1] = m.Delta(rid, text=words[-1], token_ids=[10 + len(words) - 1], finished=True, finish_reason="length")
+    ctl.pool._outputs(e, m.Outputs(ds))
+
+
+async def _collect(gen) -> tuple[str, list]:
+    text, finishes = "", []
+    async for _, d in gen.events():
+        text += d.text
+        if d.finished:
+            finishes.append(d.finish_reason)
+    return text, finishes
+
+
+def test_a_request_not_streamed_runs_again_from_its_start_when_its_worker_dies_mid_generation():
+    async def go():
+        ctl, _ = await _controller()
+        tenant = ctl.tenants.authenticate(None)
+        params = SamplingParams(max_tokens=4, seed=7)
+        gen = await ctl.generate(ctl.models["m"], tenant, [[1, 2, 3]], params, 1, "cmpl-a", stream=False)
+        (sub,) = gen.subs
+        first = await _sent_to(ctl, sub)
+        _tokens(ctl, first, sub.rid, ["dup", "licated"], finish=False)  # two tokens made, then the worker dies
+        ctl.pool._dead(first)
+        second = await _sent_to(ctl, sub, other_than=first.id)
+        (again,) = [x for x in second.writer.sent if isinstance(x, m.NewRequest)]
+        assert again.prompt_token_ids == [1, 2, 3] and again.params.seed == 7  # the same request, from its start
+        _tokens(ctl, second, sub.rid, ["a", "b", "c", "d"], finish=True)
+        text, finishes = await _collect(gen)
+        assert text == "abcd" and finishes == ["length"]  # nothing of the dead run, nothing twice
+        assert gen.completion_tokens == 4
+        gen.close(200)
+
+    asyncio.run(go())
+
+
+def test_a_request_not_streamed_gets_a_503_after_every_try_failed():
+    async def go():
+        ctl, _ = await _controller()
+        gen = await ctl.generate(ctl.models["m"], ctl.tenants.authenticate(None), [[1, 2]],
+                                 SamplingParams(max_tokens=4), 1, "cmpl-b", stream=False)
+        (sub,) = gen.subs
+        seen = []
+        for _ in range(MAX_ATTEMPTS):
+            e = await _sent_to(ctl, sub, other_than=seen[-1] if seen else None)
+            seen.append(e.id)
+            _tokens(ctl, e, sub.rid, ["x"], finish=False)
+            ctl.pool._dead(e)
+        assert len(set(seen)) == MAX_ATTEMPTS
+        with pytest.raises(ServingError) as ei:
+            await _collect(gen)
+        assert ei.value.status == 503 and "died" in ei.value.message
+        assert ei.value.body()["error"]["message"] == ei.value.message  # OpenAI's error JSON
+        gen.close(503)
+
+    asyncio.run(go())
+
+
+def test_a_stream_that_had_tokens_ends_with_the_error_and_is_not_run_again():
+    async def go():
+        ctl, _ = await _controller()
+        gen = await ctl.generate(ctl.models["m"], ctl.tenants.authenticate(None), [[1, 2]],
+                                 SamplingParams(max_tokens=4), 1, "chatcmpl-c")
+        (sub,) = gen.subs
+        e = await _sent_to(ctl, sub)
+        _tokens(ctl, e, sub.rid, ["sent"], finish=False)
+        got = []
+        with pytest.raises(ServingError) as ei:
+            async for _, d in gen.events():
+                got.append(d.text)
+                if len(got) == 1:
+                    ctl.pool._dead(e)
+        assert got == ["sent"] and ei.value.status == 503
+        await asyncio.sleep(0.05)
+        assert not any(sub.rid in x.subs for x in ctl.pool.engines.values())  # not sent again
+        gen.close(503)
+
+    asyncio.run(go())
+
+
+def test_an_engine_crash_that_fails_a_request_not_streamed_sends_it_again():
+    """A worker whose step crashed answers its requests with an engine error before it exits: as a death."""
+    async def go():
+        ctl, _ = await _controller()
+        gen = await ctl.generate(ctl.models["m"], ctl.tenants.authenticate(None), [[1, 2]],
+                                 SamplingParams(max_tokens=2), 1, "cmpl-d", stream=False)
+        (sub,) = gen.subs
+        e = await _sent_to(ctl, sub)
+        _tokens(ctl, e, sub.rid, ["x"], finish=False)
+        ctl.pool._outputs(e, m.Outputs([m.Delta(sub.rid, finished=True, finish_reason="error",
+                                                error="engine failed: boom", error_kind="engine")]))
+        second = await _sent_to(ctl, sub, other_than=e.id)
+        _tokens(ctl, second, sub.rid, ["o", "k"], finish=True)
+        assert (await _collect(gen)) == ("ok", ["length"])
+        gen.close(200)
+
+    asyncio.run(go())
