@@ -276,7 +276,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                 new = await (serving.offload(serving._chat_prompt, me, req, think_kwargs) if templated else
                              serving.offload(encode, me.tokenizer, req.prompt))
                 ids = serving._check_ids(me, [*(context or []), *new], "context" if context else "prompt")
-                return me, None, serving._track(await ctl.generate(me, tenant, [ids], params, 1, ctl.new_id("ollama")))
+                return me, None, await serving.generate(me, tenant, req.model, [ids], params, 1, ctl.new_id("ollama"))
             # (Ollama's answers first, then as the chat endpoint admits it)
             if not getattr(me.tokenizer, "chat_template", None):
                 raise ServingError(400, f"model '{req.model}' has no chat template: use /api/generate with raw")
@@ -522,7 +522,7 @@ def _models(request: Request) -> list[dict[str, Any]]:
     ctl = request.app.state.controller
     out = []
     for card in request.app.state.serving.models(tenant).data:
-        me = ctl.models[card.parent or card.id]  # (a LoRA adapter: its model's)
+        me = ctl.resolve(card.id)  # (a LoRA adapter: its model's; an alias: the model's)
         arch = me.architecture or ""
         out.append({"name": card.id, "model": card.id,
                     "modified_at": datetime.fromtimestamp(card.created, timezone.utc).isoformat(),
@@ -545,9 +545,9 @@ async def ps(request: Request) -> dict:
     ctl = request.app.state.controller
     resident = resident_models(ctl.pool.engines.values())
     out = []
-    for m in _models(request):
-        if m["name"] in resident:
-            me = request.app.state.serving.lookup(auth.tenant(request), m["name"])
+    for m in _models(request):  # (under the names the key uses: a model allowed only by an alias, under that alias)
+        me = ctl.resolve(m["name"], adapters=False)
+        if me is not None and me.spec.name in resident:
             out.append({**m, "size_vram": m["size"], "expires_at": "0001-01-01T00:00:00Z",
                         "context_length": me.max_model_len})  # (Ollama's: the context the model runs with)
     return {"models": out}

@@ -153,17 +153,21 @@ class Tracked:
     """A Generation as the serving layer sees it: notes each choice's finish reason and when the engines had the
     request, and records the request's metrics (finish reason, queue/prefill/decode time, lengths) on close."""
 
-    def __init__(self, gen: Generation, metrics):
+    def __init__(self, gen: Generation, metrics, asked: str | None = None):
         self.gen, self.metrics = gen, metrics
+        self.asked = asked or gen.entry.spec.name  # the model's name as the client asked for it
         self.subs = gen.subs
         self.t_handed = time.monotonic()  # generate() returns once every choice is on an engine
         self.finish: dict[int, str | None] = {}
 
     async def events(self) -> AsyncIterator[tuple[int, Delta]]:
-        async for i, d in self.gen.events():
-            if d.finished:
-                self.finish[i] = d.finish_reason
-            yield i, d
+        try:
+            async for i, d in self.gen.events():
+                if d.finished:
+                    self.finish[i] = d.finish_reason
+                yield i, d
+        except ServingError as e:
+            raise as_asked(e, self.gen.entry.spec.name, self.asked) from None
 
     def pending(self) -> bool:
         return self.gen.pending()
@@ -183,6 +187,17 @@ class Tracked:
                 decode_s=g.t_last - g.t_first if ok and g.t_last is not None else None, cached_tokens=g.cached_tokens)
         g.close(status)
 
+
+
+def as_asked(e: ServingError, real: str, asked: str) -> ServingError:
+    """`e` naming the model as the client asked for it (an alias, a LoRA adapter's name) where it names the model's
+    own: a tenant allowed a model only by an alias, or an adapter alone, must not learn the name behind it (the
+    controller and the engines word their errors with it: "model 'NAME' is overloaded")."""
+    if real == asked or real not in e.message:
+        return e
+    e.message = re.sub(rf"(?<![\w.-]){re.escape(real)}(?![\w.-])", lambda _: asked, e.message)
+    e.args = (e.message,)
+    return e
 
 
 def lora_of(me: ModelEntry, name: str) -> str | None:
@@ -247,9 +262,15 @@ class OpenAIServing:
             return [me.spec.name]
         return [a for a in me.spec.aliases if tenant.may_use(a)]
 
+    def parent_for(self, tenant: Tenant, me: ModelEntry) -> str | None:
+        """A LoRA adapter's `parent` as `tenant` is shown it: its model under the first name the tenant may use it by
+        (an alias, for a tenant allowed the model only so); None for a tenant allowed the adapter alone (the model's
+        name is not the tenant's to know)."""
+        return next(iter(self.names_for(tenant, me)), None)
+
     def models(self, tenant: Tenant) -> p.ModelList:
         """The models `tenant` may use, under the names it may use them by (`names_for`), then the LoRA adapters over
-        them (an adapter's `parent`: its model, as vLLM's cards have it)."""
+        them (an adapter's `parent`: its model, as vLLM's cards have it, by a name the tenant knows: `parent_for`)."""
         cards = []
         for me in self.ctl.models.values():
             for n in self.names_for(tenant, me):
@@ -257,14 +278,15 @@ class OpenAIServing:
         for n, me in self.ctl.models.items():
             for lm in me.spec.lora_modules:
                 if tenant.may_use(n) or tenant.may_use(lm.name):
-                    cards.append(p.ModelCard(id=lm.name, created=me.created, max_model_len=me.max_model_len, parent=n))
+                    cards.append(p.ModelCard(id=lm.name, created=me.created, max_model_len=me.max_model_len,
+                                             parent=self.parent_for(tenant, me)))
         return p.ModelList(data=cards)
 
     def card(self, tenant: Tenant, model: str) -> p.ModelCard:
         """A model's card by the name a request would use (answered under the name asked)."""
         me = self.lookup(tenant, model)
         return p.ModelCard(id=model, created=me.created, max_model_len=me.max_model_len,
-                           parent=me.spec.name if lora_of(me, model) else None)
+                           parent=self.parent_for(tenant, me) if lora_of(me, model) else None)
 
     @staticmethod
     def _refuse_unsupported(req: p._Sampling) -> None:
@@ -361,7 +383,7 @@ class OpenAIServing:
         params = self._params(me, req, req.max_tokens, req.logprobs, scored)
         texts, prompts, echo = await self.offload(self._completion_prompts, me, req)
         rid = self.ctl.new_id("cmpl")
-        gen = self._track(await self.ctl.generate(me, tenant, prompts, params, req.n, rid))
+        gen = await self.generate(me, tenant, req.model, prompts, params, req.n, rid)
         firsts = [ids[0] for ids in prompts] if scored is not None else None
         if req.stream:
             return self._stream_completion(gen, req, rid, me, echo, firsts)
@@ -408,10 +430,19 @@ class OpenAIServing:
                                f"({me.max_model_len})", param="truncate_prompt_tokens")
         return me.max_model_len - 1 if n == -1 else n
 
-    def _track(self, gen: Generation) -> Tracked:
-        t = Tracked(gen, self.ctl.metrics)
+    def _track(self, gen: Generation, asked: str | None = None) -> Tracked:
+        t = Tracked(gen, self.ctl.metrics, asked)
         self.active.add(t)
         return t
+
+    async def generate(self, me: ModelEntry, tenant: Tenant, asked: str, prompts: list[list[int]],
+                       params: SamplingParams, n: int, rid: str) -> Tracked:
+        """Controller.generate, tracked; its refusals (and the engines' errors after) name the model as `asked`."""
+        try:
+            gen = await self.ctl.generate(me, tenant, prompts, params, n, rid)
+        except ServingError as e:
+            raise as_asked(e, me.spec.name, asked) from None
+        return self._track(gen, asked)
 
     async def _collect(self, request, gen, collect):
         """Await a non-streamed response; the generation is closed with the status it ended with (499 when
@@ -552,7 +583,7 @@ class OpenAIServing:
         if tools is not None:
             kwargs = {**kwargs, "tools": tools.template_tools}
         ids = await self.offload(self._chat_prompt, me, req, kwargs)
-        return me, tools, self._track(await self.ctl.generate(me, tenant, [ids], params, req.n, rid))
+        return me, tools, await self.generate(me, tenant, req.model, [ids], params, req.n, rid)
 
     @staticmethod
     def _template_message(mm: p.ChatMessage) -> dict[str, Any]:

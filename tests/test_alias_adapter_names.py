@@ -1,0 +1,84 @@
+"""A tenant allowed a model only by an alias (`models: [nick, sql]`), or one of its LoRA adapters alone (`models:
+[sql]`), never hears the model's own name: not as an adapter's `parent` in /v1/models (it showed the real name),
+not in /api/tags or /api/show, and not in the errors the controller words with it ("no engine can serve model
+'NAME' now", "model 'NAME' is overloaded") through any API. An app without workers: every generation is refused
+with such a 503 at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fastapi.testclient import TestClient
+
+from controller.app import build_app
+from controller.config import LoraModule, ModelSpec, ServerConfig, TenantSpec
+from controller.keys import hash_key
+from controller.model_factory import make_lora
+
+REAL = "hidden-base-model"
+NICK, ADAPTER_ONLY, ALL = "key-nick-names-abcdefgh", "key-adapter-names-abcdefg", "key-all-names-abcdefghij"
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model, tmp_path_factory):
+    sql = make_lora(tiny_model, tmp_path_factory.mktemp("alias-lora") / "sql", rank=2)
+    cfg = ServerConfig(admin_token_hash=hash_key("admin-alias-names"), models=[], tenants=[
+        TenantSpec(name="nick", key_hashes=[hash_key(NICK)], models=["nick", "sql"]),
+        TenantSpec(name="adapter-only", key_hashes=[hash_key(ADAPTER_ONLY)], models=["sql"]),
+        TenantSpec(name="all", key_hashes=[hash_key(ALL)])])
+    app = build_app(cfg)  # (no lifespan: no workers start)
+    asyncio.run(app.state.controller.add_model(ModelSpec(
+        name=REAL, path=str(tiny_model), aliases=["nick"], lora_modules=[LoraModule(name="sql", path=str(sql))])))
+    return TestClient(app)
+
+
+def _h(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_an_adapters_parent_is_the_name_the_tenant_knows(client):
+    r = client.get("/v1/models", headers=_h(NICK))
+    assert REAL not in r.text, r.text
+    assert [(m["id"], m.get("parent")) for m in r.json()["data"]] == [("nick", None), ("sql", "nick")]
+    assert client.get("/v1/models/sql", headers=_h(NICK)).json()["parent"] == "nick"
+    only = client.get("/v1/models", headers=_h(ADAPTER_ONLY))
+    assert REAL not in only.text and [m["id"] for m in only.json()["data"]] == ["sql"]
+    assert client.get("/v1/models/sql", headers=_h(ADAPTER_ONLY)).json().get("parent") is None
+    # a tenant allowed the model by its own name sees that name, as before
+    every = client.get("/v1/models", headers=_h(ALL)).json()["data"]
+    assert [(m["id"], m.get("parent")) for m in every] == [(REAL, None), ("sql", REAL)]
+    tags = client.get("/api/tags", headers=_h(NICK))
+    assert tags.status_code == 200 and REAL not in tags.text
+    assert [m["name"] for m in tags.json()["models"]] == ["nick", "sql"]
+    assert all(m["size"] > 0 for m in tags.json()["models"])
+    for key in (NICK, ADAPTER_ONLY):
+        show = client.post("/api/show", json={"model": "sql"}, headers=_h(key))
+        assert show.status_code == 200 and REAL not in show.text
+
+
+def test_ollama_ps_lists_a_resident_model_under_its_alias(client, monkeypatch):
+    """/api/ps lists a model in VRAM under the name the key uses it by (an alias-only tenant saw nothing)."""
+    import controller.api.ollama as ollama
+
+    monkeypatch.setattr(ollama, "resident_models", lambda engines: {REAL})
+    got = client.get("/api/ps", headers=_h(NICK))
+    assert [m["name"] for m in got.json()["models"]] == ["nick"] and REAL not in got.text
+
+
+@pytest.mark.parametrize("key,model", [(NICK, "nick"), (NICK, "sql"), (ADAPTER_ONLY, "sql")])
+def test_refusals_name_the_model_as_asked(client, key, model):
+    """The controller's 503 (no engine) reaches each API naming the model as the request did."""
+    chat = [{"role": "user", "content": "hi"}]
+    calls = [("/v1/chat/completions", {"model": model, "messages": chat, "max_tokens": 2}),
+             ("/v1/chat/completions", {"model": model, "messages": chat, "max_tokens": 2, "stream": True}),
+             ("/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2}),
+             ("/v1/embeddings", {"model": model, "input": "hi"}),
+             ("/v1/messages", {"model": model, "messages": chat, "max_tokens": 2}),
+             ("/v1/responses", {"model": model, "input": "hi", "max_output_tokens": 2}),
+             ("/api/chat", {"model": model, "messages": chat, "stream": False}),
+             ("/api/generate", {"model": model, "prompt": "hi", "raw": True, "stream": False})]
+    for path, body in calls:
+        r = client.post(path, json=body, headers=_h(key))
+        assert r.status_code == 503, (path, r.status_code, r.text)
+        assert REAL not in r.text and f"'{model}'" in r.text, (path, r.text)
