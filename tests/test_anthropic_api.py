@@ -195,3 +195,36 @@ def test_the_anthropic_clients_models_api(server):
         c.models.list(limit=0)
     assert [m.id for m in ac(server, BOB).models.list()] == ["tiny-b"]  # what the key may use
     assert oc(server).models.retrieve(served[0]).object == "model"
+
+
+def _events(srv, body: dict) -> list[dict]:
+    """A streamed /v1/messages' events' data, in order."""
+    import json
+
+    r = httpx.post(srv.url + "/v1/messages", json={**body, "stream": True}, headers={"x-api-key": ALICE}, timeout=60)
+    assert r.status_code == 200, r.text
+    return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+
+
+def test_message_start_carries_the_prompts_usage(server):
+    """As Anthropic's stream: message_start's usage is the prompt's, the part the prefix cache held as
+    cache_read_input_tokens (it said 0, counting them in input_tokens: it went out before the engine had started the
+    request); message_delta's is the whole cumulative usage. A one-token reply, whose only delta tells the cache's
+    part (a longer one's first delta does not yet: its message_start counts them in input_tokens)."""
+    body = {"model": "tiny-a", "system": SYSTEM + "Usage.", "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 1, **GREEDY}
+    _events(server, body)  # (the system prompt's blocks, cached)
+    ev = _events(server, body)
+    assert [e["type"] for e in ev][:2] == ["message_start", "content_block_start"] and ev[-1]["type"] == "message_stop"
+    start, delta = ev[0]["message"]["usage"], ev[-2]["usage"]
+    n = ac(server).messages.count_tokens(model="tiny-a", system=body["system"], messages=body["messages"]).input_tokens
+    assert start["cache_read_input_tokens"] > 0 and start["input_tokens"] + start["cache_read_input_tokens"] == n
+    assert start["output_tokens"] == 0 and delta["output_tokens"] == 1
+    assert {k: delta[k] for k in ("input_tokens", "cache_read_input_tokens")} == \
+        {k: start[k] for k in ("input_tokens", "cache_read_input_tokens")}
+    # a longer reply: the client's accumulated message has the whole usage, as create() gives it
+    body = {**body, "max_tokens": 6}
+    r = ac(server).messages.create(**{k: v for k, v in body.items() if k != "temperature"}, extra_body=GREEDY)
+    with ac(server).messages.stream(**{k: v for k, v in body.items() if k != "temperature"}, extra_body=GREEDY) as s:
+        final = s.get_final_message()
+    assert final.usage.model_dump() == r.usage.model_dump() and r.usage.cache_read_input_tokens > 0

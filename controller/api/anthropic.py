@@ -207,8 +207,11 @@ class _Reply:
             reason = "end_turn"
         return [{"type": "text", "text": self.text}], reason
 
-    def usage(self, gen: Tracked, output: int | None = None) -> dict[str, Any]:
-        return {"input_tokens": gen.prompt_tokens - gen.cached_tokens, "cache_read_input_tokens": gen.cached_tokens,
+    def usage(self, gen: Tracked, output: int | None = None, cached: int | None = None) -> dict[str, Any]:
+        """The Messages API's usage: the prompt's tokens read from the prefix cache (`cached`, else as the generation
+        has them) apart from the rest (input_tokens), and the output's."""
+        cached = gen.cached_tokens if cached is None else cached
+        return {"input_tokens": gen.prompt_tokens - cached, "cache_read_input_tokens": cached,
                 "cache_creation_input_tokens": 0,
                 "output_tokens": gen.completion_tokens if output is None else output}
 
@@ -245,18 +248,26 @@ def _event(kind: str, **fields: Any) -> bytes:
 
 
 async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncIterator[bytes]:
-    """The Messages API's events; always closes `gen`. A failure once streaming is an `error` event."""
+    """The Messages API's events; always closes `gen`. A failure once streaming is an `error` event.
+
+    `message_start` goes with the engine's first delta, not before: its usage is the prompt's (input_tokens, and
+    cache_read_input_tokens the prompt tokens the prefix cache held), as Anthropic's, and the engine knows the
+    cache's part once it has started the request. It reports that part with the first delta that carries it (today
+    the last: before it, the cached tokens count in message_start's input_tokens); `message_delta`'s usage is the
+    whole cumulative usage, exact, which the `anthropic` client's accumulated message takes."""
     status = 499
     live = reply.tools is None  # (text streams as it comes; calls are held to the end)
     out: list[bytes] = []
+    started = False
     try:
-        start = {**reply.message(gen, [], None), "usage": reply.usage(gen, 0)}
-        out = [_event("message_start", message=start)]
-        if live:
-            out.append(_event("content_block_start", index=0, content_block={"type": "text", "text": ""}))
-        yield b"".join(out)
-        out.clear()
         async for _, d in gen.events():
+            if not started:
+                started = True
+                cached = max(d.num_cached_tokens, gen.cached_tokens)
+                out.append(_event("message_start", message={**reply.message(gen, [], None),
+                                                            "usage": reply.usage(gen, 0, cached)}))
+                if live:
+                    out.append(_event("content_block_start", index=0, content_block={"type": "text", "text": ""}))
             reply.text += d.text
             if d.finished:
                 reply.finish, reply.stop = d.finish_reason, d.stop_reason
