@@ -35,6 +35,7 @@ from typing import Any
 from controller import messages as m
 from controller.config import EngineOptions, GPUSettings, WorkerSettings
 from controller.keys import verify_key
+from controller.worker import STOPPING
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
 from tokenpool import env
@@ -98,6 +99,7 @@ class EngineHandle:
     subs: dict[str, Sub] = field(default_factory=dict)
     alive: bool = True
     draining: bool = False
+    retiring: bool = False  # its worker was signalled to stop (STOPPING): stopped (Shutdown) once it has no request
     last_seen: float = field(default_factory=time.monotonic)
     step_s: float = 0.0
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -119,13 +121,15 @@ class EnginePool:
                  on_loaded: Callable[[EngineHandle, Replica, float], None],
                  on_stats: Callable[[EngineHandle], None],
                  on_events: Callable[[EngineHandle, list[dict[str, Any]]], None] | None = None,
-                 on_failed: Callable[[EngineHandle, Sub, str], None] | None = None):
+                 on_failed: Callable[[EngineHandle, Sub, str], None] | None = None,
+                 on_stopping: Callable[[EngineHandle], None] | None = None):
         self.s = settings
         self.gpus = gpus
         self.engines: dict[str, EngineHandle] = {}
         self._on_registered, self._on_dead, self._on_loaded, self._on_stats = on_registered, on_dead, on_loaded, on_stats
         self._on_events = on_events
         self._on_failed = on_failed  # a request its engine failed (error_kind "engine"): the controller may send it again
+        self._on_stopping = on_stopping  # a worker signalled to stop asks to be let go: the controller decides how
         self._on_pruned: Callable[[EngineHandle], None] | None = None
         self._local_token = secrets.token_urlsafe(24)  # local workers prove they are ours with it
         self._server: asyncio.base_events.Server | None = None
@@ -134,6 +138,7 @@ class EnginePool:
         self._spares: dict[int, asyncio.subprocess.Process] = {}  # slot -> its standby (see the module docstring)
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
+        self.quiet = False  # the server is draining to stop (shutdown.py): a local worker that exits is not replaced
         self.port = 0
         self.restarts = 0
 
@@ -194,7 +199,7 @@ class EnginePool:
                 rc = await dead
             finally:
                 dead.cancel()  # stop() cancelled this supervisor: no task left pending
-            if self._stopping or not self.s.restart:
+            if self._stopping or self.quiet or not self.s.restart:
                 return
             self.restarts += 1
             backoff = 0.2 if time.monotonic() - t0 > QUICK_DEATH_S else min(backoff * 2, 10.0)
@@ -231,6 +236,14 @@ class EnginePool:
             log.warning("the standby of w%d (pid %d) had exited with %s", slot, spare.pid, spare.returncode)
             return None
         return spare
+
+    def replacing(self) -> bool:
+        """Whether a local slot has no worker that takes requests now but will (its worker died or is stopping, and
+        one is being started or promoted): a request waits for it rather than hearing 503."""
+        if self._stopping or self.quiet or not self.s.restart:
+            return False
+        return any(not any(e.alive and not e.retiring and e.slot == i for e in self.engines.values())
+                   for i in range(self.local_slots))
 
     def local_joined(self) -> bool:
         """Whether every local slot's worker has joined (GPU workers start one by one), or JOIN_GRACE_S has passed
@@ -345,8 +358,21 @@ class EnginePool:
         if isinstance(cap, int) and 0 < cap <= MAX_DEVICE_BYTES:
             e.memory_bytes = cap
         self._on_stats(e)
-        if msg.events and self._on_events is not None:
-            self._on_events(e, [x for x in msg.events[:MAX_EVENTS] if isinstance(x, dict)])
+        events = [x for x in msg.events[:MAX_EVENTS] if isinstance(x, dict)] if isinstance(msg.events, list) else []
+        if events and self._on_events is not None:
+            self._on_events(e, events)
+        if not e.retiring and any(x.get("kind") == STOPPING for x in events):
+            e.retiring = True
+            if self._on_stopping is not None:
+                self._on_stopping(e)
+            self.release_if_idle(e)
+
+    def release_if_idle(self, e: EngineHandle) -> None:
+        """A retiring engine (its worker was signalled) with no request left is told to stop: its process exits and the
+        slot's standby takes over."""
+        if e.retiring and e.alive and not e.subs:
+            log.info("engine %s: signalled to stop and no request left: stopping it", e.id)
+            e.send(m.Shutdown("signalled: no request left"))
 
     def _outputs(self, e: EngineHandle, msg: m.Outputs) -> None:
         now = time.monotonic()
@@ -362,6 +388,8 @@ class EnginePool:
             sub.generated += len(d.token_ids)
             if d.finished:
                 del subs[d.request_id]
+                if e.retiring and not subs:
+                    self.release_if_idle(e)
                 if d.error is not None and d.error_kind == "engine" and self._on_failed is not None:
                     self._on_failed(e, sub, d.error)  # (its engine crashed, or lost its model: sent again, or ended)
                     continue
@@ -455,6 +483,7 @@ class EnginePool:
                 by_engine.setdefault(e.id, []).append(s.rid)
         for eid, rids in by_engine.items():
             self.engines[eid].send(m.Abort(rids))
+            self.release_if_idle(self.engines[eid])
 
     def pid_of(self, slot: int) -> int | None:
         p = self._procs.get(slot)

@@ -274,7 +274,7 @@ class Controller:
         self.activity = Activity()  # the admin views' rolling window (controller/dashboard/activity.py)
         self.pool = EnginePool(cfg.workers, cfg.gpus, on_registered=self._registered, on_dead=self._dead,
                                on_loaded=self._loaded, on_stats=self._stats, on_events=self._events,
-                               on_failed=self._failed)
+                               on_failed=self._failed, on_stopping=self._stopping)
         self.pool._on_pruned = self._pruned
         self._ids = itertools.count()
         self._prefix = os.urandom(4).hex()
@@ -541,10 +541,11 @@ class Controller:
                 if rt is None:
                     raise ServingError(503, f"no engine can serve model {name!r} now", retry_after=5)
                 break
-            # A server started a moment ago, its local workers not all joined yet (a GPU worker takes seconds): the
-            # request waits for them rather than hearing 503 (it did for ~0.3 s after "listening" on a CPU).
+            # A server started a moment ago, its local workers not all joined yet (a GPU worker takes seconds), or a
+            # local worker being replaced (it died, or was signalled to stop): the request waits for them rather than
+            # hearing 503 (it did for ~0.3 s after "listening" on a CPU, and while a lone worker restarted).
             waited_until = waited_until or time.monotonic() + STARTUP_WAIT_S
-            if self.pool.local_joined() or time.monotonic() > waited_until:
+            if (self.pool.local_joined() and not self.pool.replacing()) or time.monotonic() > waited_until:
                 why = self._pins_block(entry.info, entry.pinned)
                 raise ServingError(503, f"no engine can serve model {name!r} now{f': {why}' if why else ''}",
                                    retry_after=5)
@@ -858,7 +859,7 @@ class Controller:
                 self._register(e, self.models[a.model])
         self._finish_moves()
         for e in self.pool.engines.values():
-            if e.alive and e.draining and not e.subs:
+            if e.alive and e.draining and not e.retiring and not e.subs:  # (a stopping one's, its successor's)
                 for name in list(e.replicas):
                     self._unregister(e, name, "engine drained")
         states = {"alive": 0, "draining": 0, "dead": 0}
@@ -900,7 +901,7 @@ class Controller:
     def _registered(self, e: EngineHandle, previous: EngineHandle | None) -> None:
         if previous is not None:  # a restarted worker gets back what its predecessor held
             self.metrics.engine_restarts.inc()
-            e.draining = previous.draining
+            e.draining = previous.draining and not previous.retiring  # (an operator's drain stays; a stop does not)
             for name in previous.replicas:
                 if name in self.models:
                     self._register(e, self.models[name])
@@ -914,6 +915,32 @@ class Controller:
             self._recover(e, s, f"engine {e.id} died")
         for name in e.replicas:
             self.metrics.forget_engine_model(e.id, name)
+
+    def _stopping(self, e: EngineHandle) -> None:
+        """Engine `e`'s worker was signalled to stop (one SIGTERM to it, or to the whole server): no new request goes
+        there, and the pool stops it once those it has are done (EnginePool.release_if_idle), shutdown_grace_s at
+        most: then they are handed off (_hand_off). Its slot's standby takes over as it exits; until then a request
+        for a model only it had waits for that one (EnginePool.replacing)."""
+        grace = self.cfg.shutdown_grace_s
+        log.warning("engine %s (pid %d) was signalled to stop: no new requests go there; its %d request(s) in flight "
+                    "get %.0f s to finish", e.id, e.pid, len(e.subs), grace)
+        self.events.publish("worker_stopping", engine=e.id, requests=len(e.subs))
+        e.draining = True
+        if e.subs:
+            asyncio.get_running_loop().call_later(grace, self._hand_off, e)
+
+    def _hand_off(self, e: EngineHandle) -> None:
+        """A signalled engine's grace is over: what it still runs is aborted there and sent to another engine where
+        that is safe (_recover), else ended with the error; then it is told to stop."""
+        if not e.alive or not e.subs:
+            return
+        subs = list(e.subs.values())
+        log.warning("engine %s: %d request(s) still running after the grace: handed off or ended", e.id, len(subs))
+        e.subs.clear()
+        e.send(m.Abort([s.rid for s in subs]))
+        for s in subs:
+            self._recover(e, s, f"engine {e.id} was stopped (signalled) before the request finished")
+        self.pool.release_if_idle(e)
 
     def _failed(self, e: EngineHandle, s: Sub, why: str) -> None:
         """Engine `e` ended request `s` with an engine-side error (its step crashed, its model was gone): as a death."""

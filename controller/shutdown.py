@@ -6,7 +6,13 @@ SIGTERM (or a first Ctrl-C, or SIGHUP: the terminal closed) does not stop the se
 says "draining", so a load balancer stops sending), requests in flight get `shutdown_grace_s` to finish, and
 whatever is still running then ends with an error event and `data: [DONE]` (a non-streamed one with a 503).
 Then uvicorn closes its connections, the controller stops its workers, and the process exits 0. A second
-signal stops at once. A SIGHUP ignored when the server started (nohup) stays ignored.
+signal stops at once. A local worker that exits meanwhile (signalled too: its requests done, the controller lets it
+go) is not replaced.
+
+One SIGTERM to a single local worker (not the server) stops that worker alone, quickly: it stops taking requests at
+once, finishes those it has (`shutdown_grace_s` at most; then they go to another engine where nothing of them was
+sent, else end with an error), and exits; its standby takes the slot, and requests for its models wait for that
+one (controller/worker.py `Worker.run`, service.py `Controller._stopping`). A SIGHUP ignored when the server started (nohup) stays ignored.
 
 A signal that comes while the server is still starting (the controller loads tokenizers and starts its workers
 before uvicorn serves, seconds with real models) stops the start-up: the workers started so far are stopped,
@@ -171,6 +177,9 @@ class GracefulServer(uvicorn.Server):
     async def drain(self, sig: int = 15) -> None:
         s = self.serving
         s.draining = True
+        # A stop that signals the whole server (systemd's control group) signals its local workers too: each finishes
+        # its requests, then the controller lets it go (EnginePool.release_if_idle); none is replaced while draining
+        s.ctl.pool.quiet = True
         s.drain_retry_after = max(1, int(self.grace_s) + 1)
         log.warning("signal %d: draining; %d requests in flight get %.0f s to finish (signal again to stop now)",
                     sig, len(s.active), self.grace_s)

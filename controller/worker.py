@@ -104,7 +104,8 @@ class Worker:
         self.loop_s = {"step_thread_s": 0.0, "emit_s": 0.0}
         self._emitting: asyncio.Future | None = None  # the latest emit `_steps` handed the loop
         self.tokens = 0
-        self._signalled = False  # (a local worker) a first SIGTERM/SIGINT came: it stops with its controller
+        self._signalled = False  # (a local worker) a first SIGTERM/SIGINT came: it stops at its controller's word
+        self._notices: list[dict[str, Any]] = []  # the worker's own events for the next Stats (STOPPING)
         self._joined = False  # registered with the controller, in this session (until it ends)
 
     def send(self, msg: m.Message) -> None:
@@ -115,12 +116,16 @@ class Worker:
         """Serve until the controller goes (a local worker) or SIGTERM/SIGINT; then give back the pool: VRAM,
         pinned memory and the node's /dev/shm host copies no other process holds.
 
-        A local worker connected to its controller takes a first SIGTERM/SIGINT as "stop with the controller": it
-        serves on until the controller tells it to stop or goes away (LOCAL_STOP_WAIT_S at most; a second signal
-        stops it at once). A stop that signals every process of the server at once (systemd's default
-        KillMode=control-group, `kill -TERM -- -PGID`) used to end the workers at once, while the controller
-        began its graceful drain: every stream in flight ended with "engine died" instead of finishing, and the
-        supervisor started a new worker in the middle of the drain."""
+        A local worker connected to its controller takes a first SIGTERM/SIGINT as "stop once my requests are done":
+        it tells the controller (a `worker_stopping` event in its next Stats, sent at once), which sends it no new
+        request and tells it to stop (Shutdown) as soon as none of its own is left -- at once when it has none, after
+        the controller's `shutdown_grace_s` at most (what is left then is handed to other engines where that is safe,
+        else ended) -- and a standby takes the slot. It serves on meanwhile, LOCAL_STOP_WAIT_S at most (a controller
+        that never answers); a second signal stops it at once. A stop that signals every process of the server at
+        once (systemd's default KillMode=control-group) used to end the workers at once, while the controller began
+        its graceful drain: every stream in flight ended with "engine died" instead of finishing; now they finish
+        (the controller, draining, starts no new worker). A single signal to one worker used to wait the whole
+        LOCAL_STOP_WAIT_S (60 s) for a controller that was not stopping."""
         loop = asyncio.get_running_loop()
         me = asyncio.current_task()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -150,9 +155,13 @@ class Worker:
             me.cancel()
             return
         self._signalled = True
-        log.info("signal %d: stopping with the controller (at its word, when it goes, or in %.0f s; signal again "
-                 "to stop now)", sig, LOCAL_STOP_WAIT_S)
-        asyncio.get_running_loop().call_later(LOCAL_STOP_WAIT_S, me.cancel)
+        log.info("signal %d: stopping once this worker's requests are done (at the controller's word, when it goes, "
+                 "or in %.0f s; signal again to stop now)", sig, LOCAL_STOP_WAIT_S)
+        loop = asyncio.get_running_loop()
+        loop.call_later(LOCAL_STOP_WAIT_S, me.cancel)
+        self._notices.append({"kind": STOPPING, "t": time.time(), "signal": int(sig)})
+        # told now, not at the next beat (a snapshot is taken between two steps, on the step thread)
+        loop.run_in_executor(self._step_thread, self._snapshot).add_done_callback(self._send_stats)
 
     async def _session(self) -> None:
         reader, writer = await asyncio.open_connection(*self.controller)
@@ -451,7 +460,11 @@ class Worker:
         # t: when it was taken (wall clock), so a reader can tell a view taken after its own question
         pool["loop"] = {**self.loop_s, "steps": self.steps, "t": time.time()}
         return m.Stats(models=hm.stats(), step_s=hm.round_estimate_s, steps=self.steps, tokens=self.tokens,
-                       pool=pool, events=hm.drain_events())
+                       pool=pool, events=[*hm.drain_events(), *self._take_notices()])
+
+    def _take_notices(self) -> list[dict[str, Any]]:
+        out, self._notices = self._notices, []
+        return out
 
     async def _beat(self, period: float) -> None:
         """Heartbeats from the loop (never behind a step or a registration); stats from the step thread, sent as
@@ -492,9 +505,11 @@ def bind_device(device: str) -> None:
             torch.cuda.set_device(dev)
 
 
-# a local worker signalled while its controller is connected serves on this long at most (the controller's drain:
-# shutdown_grace_s, 30 s by default, and the stop after it; systemd's SIGKILL comes after 90 s)
+# a local worker signalled while its controller is connected serves on this long at most, waiting for the
+# controller's word (its own drain, shutdown_grace_s, 30 s by default, and the stop after it; a signalled worker's
+# requests get as long); systemd's SIGKILL comes after 90 s
 LOCAL_STOP_WAIT_S = 60.0
+STOPPING = "worker_stopping"  # the event (in Stats.events) by which a signalled worker asks the controller to let it go
 
 # the longest run of steps without a look at the loop (stats, heartbeats' snapshots wait behind it)
 BURST_S = env.WORKER_BURST_S.number()

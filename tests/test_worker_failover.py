@@ -126,3 +126,67 @@ def test_request_without_tokens_is_retried_on_restart(server):
     t.join(60)
     assert "r" in out, out
     assert out["r"].usage.completion_tokens == 3
+
+
+def _alive(srv, other_than: int | None = None, timeout: float = 30) -> dict:
+    """The slot's live engine (once one other than pid `other_than` has joined and holds the model)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        live = [e for e in engines(srv) if e["alive"] and e["pid"] != other_than]
+        if live:
+            return live[0]
+        assert time.monotonic() < deadline, engines(srv)
+        time.sleep(0.1)
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_one_sigterm_to_an_idle_worker_stops_it_and_its_standby_takes_over(server):
+    """A single SIGTERM to a local worker (not the server) used to leave it serving for 60 s, waiting for a
+    controller that was not stopping; with nothing in flight it now stops at once and the slot's standby serves."""
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    e0 = _alive(server)
+    c.completions.create(model="pace", prompt="x", max_tokens=2)  # (the model is registered on it)
+    os.kill(e0["pid"], signal.SIGTERM)
+    assert _gone(e0["pid"], 20), "the signalled worker did not exit"
+    e1 = _alive(server, other_than=e0["pid"])
+    assert e1["id"] == e0["id"]
+    assert c.completions.create(model="pace", prompt="x", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_one_sigterm_to_a_busy_worker_finishes_its_stream_and_later_requests_wait_for_its_successor(server):
+    """The signalled worker's stream finishes (no error), it then exits, and a request sent meanwhile is not
+    refused: it waits for the standby that takes the slot."""
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    e0 = _alive(server)
+    stream = c.chat.completions.create(model="pace", messages=[{"role": "user", "content": "hi"}], max_tokens=60,
+                                       stream=True)
+    it = iter(stream)
+    for _ in range(3):  # (tokens sent: a stream cut now could not be run again elsewhere)
+        next(it)
+    os.kill(e0["pid"], signal.SIGTERM)
+    out = {}
+
+    def later():
+        try:
+            out["r"] = c.completions.create(model="pace", prompt="x", max_tokens=3)
+        except Exception as e:  # noqa: BLE001
+            out["e"] = e
+
+    t = threading.Thread(target=later)
+    time.sleep(0.3)  # (the worker has said it stops: the request is not sent there)
+    t.start()
+    chunks = list(it)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    t.join(60)
+    assert "r" in out, out
+    assert out["r"].usage.completion_tokens == 3
+    assert _gone(e0["pid"], 20)
+    assert _alive(server)["pid"] != e0["pid"]
