@@ -10,6 +10,7 @@ Handlers are sync (kopf runs them in threads); one lock per object keeps its tim
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -55,6 +56,8 @@ class OperatorConfig:
 
 
 RESYNC_S = OperatorConfig.resync_from_env()
+FINALIZER = f"{GROUP}/finalizer"  # kopf's, on every object of the three kinds (delete handlers, timers)
+PLURALS = ("pooledmodels", "tenants", "gpupools")
 # How often kopf looks again whether a deleted object's timer has exited. A timer round runs in a thread and cannot
 # be stopped: an object deleted during one keeps its finalizer until kopf sees the round gone, and kopf's default
 # (60 s) left the object Terminating a minute after its delete handler had finished. A round takes well under a
@@ -76,7 +79,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # status.served, which lags when the spec changes before the create's status patch landed
     memo.served = {}
     memo.locks, memo.locks_guard = {}, threading.Lock()
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.finalizer = FINALIZER
     # Keep kopf's bookkeeping in annotations: the CRDs' status schemas hold only tokenpool's fields.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
@@ -336,8 +339,7 @@ def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Pa
                  runtime: datetime.timedelta, served_names: Any = None, body: Any = None, **_: Any) -> None:
     """The finalizer: drain the model (no new requests), let those in flight finish (up to
     spec.drainTimeoutSeconds), then remove it. Only names it has: not one an older PooledModel asks for."""
-    names = {b.served_name(name, dict(spec)), status.get("served"), memo.served.get(meta["uid"])} - {None}  # mid-rename
-    names = {n for n in names if (owner := _name_owner(served_names, n)) is None or owner[3] == meta["uid"]}
+    names = _model_names(name, spec, status, meta, memo, served_names)
     with _lock(memo, meta["uid"]):
         try:
             # (a model of the controller's configuration is never this one's)
@@ -354,7 +356,14 @@ def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Pa
             memo.applied.pop(meta["uid"], None)
             memo.served.pop(meta["uid"], None)
         except AdminUnavailable as e:
-            _removal_failed(body, patch, status, meta, e)
+            _removal_failed(body, patch, status, meta, memo, e)
+
+
+def _model_names(name: str, spec: dict, status: dict, meta: dict, memo: kopf.Memo, served_names: Any) -> set[str]:
+    """The served names a PooledModel being deleted has in the controller (two, mid-rename); not one an older
+    PooledModel asks for."""
+    names = {b.served_name(name, dict(spec)), status.get("served"), memo.served.get(meta["uid"])} - {None}
+    return {n for n in names if (owner := _name_owner(served_names, n)) is None or owner[3] == meta["uid"]}
 
 
 # --- Tenant ---
@@ -455,12 +464,92 @@ def delete_tenant(name: str, status: dict, meta: dict, patch: kopf.Patch, memo: 
                 memo.admin.tenants.remove(name)
             memo.applied.pop(meta["uid"], None)
         except AdminUnavailable as e:
-            _removal_failed(body, patch, status, meta, e)
+            _removal_failed(body, patch, status, meta, memo, e)
 
 
-def _removal_failed(body: Any, patch: kopf.Patch, status: dict, meta: dict, e: AdminUnavailable) -> None:
+def _removal_failed(body: Any, patch: kopf.Patch, status: dict, meta: dict, memo: kopf.Memo,
+                    e: AdminUnavailable) -> None:
     """A finalizer that could not reach the controller: the object stays (Terminating) until it can, and says why
-    (it showed Ready until then); raised for kopf to retry."""
+    (it showed Ready until then); raised for kopf to retry. Except in a namespace being deleted (an uninstall:
+    `kubectl delete -k`, `kubectl delete namespace`), whose controller goes with it: there the finalizer lets go,
+    or the object, and so the namespace, would stay Terminating for good."""
+    namespace = meta.get("namespace")
+    if namespace and _leaving(memo, namespace):
+        log.warning("%s/%s: the controller is unreachable (%s) and namespace %s is being deleted: letting it go",
+                    (body or {}).get("kind", "?"), meta.get("name"), e, namespace)
+        return
     _write_status(body, patch, status, {}, "Degraded", "ControllerUnavailable", f"removing it from the controller: {e}",
                   meta.get("generation"))
     raise _unavailable(e) from e
+
+
+def _leaving(memo: kopf.Memo, namespace: str) -> bool:
+    """Whether `namespace` is being deleted; False when that cannot be read (the finalizer keeps holding on)."""
+    try:
+        return memo.kube.namespace_leaving(namespace)
+    except ApiException as e:
+        log.warning("reading namespace %s: %s %s", namespace, e.status, e.reason)
+        return False
+
+
+@kopf.index(GROUP, VERSION, "gpupools")
+def pool_names(name: str, namespace: str, meta: dict, **_: Any) -> dict:
+    """The GPUPools by name (what `cleanup` needs of them: their namespaces)."""
+    return {name: (meta.get("creationTimestamp") or "", namespace or "", name, meta["uid"])}
+
+
+@kopf.on.cleanup()
+def cleanup(memo: kopf.Memo, served_names: Any = None, tenant_names: Any = None, pool_names: Any = None,
+            **_: Any) -> None:
+    """The operator exiting. In a namespace being deleted (an uninstall) its objects being deleted lose this
+    operator's finalizer: the operator is going too, and nothing else would ever remove it (the objects, their CRDs
+    and the namespace would stay Terminating). Each is first removed from the controller if it still answers
+    (its requests in flight are not waited for: the controller is going as well)."""
+    kube = getattr(memo, "kube", None)
+    if kube is None:  # the startup never finished
+        return
+    namespaces = {c[1] for index in (served_names, tenant_names, pool_names) for claims in (index or {}).values()
+                  for c in claims}
+    admin = dataclasses.replace(memo.admin, timeout_s=3.0)  # (the pod's grace period is short)
+    reachable = True
+    for namespace in sorted(namespaces):
+        if not _leaving(memo, namespace):
+            continue  # a restart (a rollout): the next operator runs the finalizers
+        for plural in PLURALS:
+            try:
+                objs = kube.objects(namespace, plural)
+            except ApiException as e:
+                log.warning("listing %s in %s: %s %s", plural, namespace, e.status, e.reason)
+                continue
+            for obj in objs:
+                meta = obj["metadata"]
+                if not meta.get("deletionTimestamp") or FINALIZER not in (meta.get("finalizers") or []):
+                    continue
+                if reachable:
+                    try:
+                        _remove_now(admin, memo, plural, obj, served_names, tenant_names)
+                    except (AdminError, AdminUnavailable) as e:  # one try: the controller is likely gone
+                        log.warning("%s/%s/%s: not removed from the controller: %s", namespace, plural,
+                                    meta["name"], e)
+                        reachable = not isinstance(e, AdminUnavailable)
+                try:
+                    kube.release(obj, plural, FINALIZER)
+                except ApiException as e:
+                    log.warning("%s/%s/%s: finalizer not removed: %s %s", namespace, plural, meta["name"], e.status,
+                                e.reason)
+                    continue
+                log.warning("%s/%s/%s: namespace being deleted: finalizer %s removed on the way out", namespace,
+                            plural, meta["name"], FINALIZER)
+
+
+def _remove_now(admin: AdminClient, memo: kopf.Memo, plural: str, obj: dict, served_names: Any,
+                tenant_names: Any) -> None:
+    """What the finalizer of `obj` removes from the controller, at once (no drain)."""
+    meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
+    if plural == "pooledmodels":
+        names = _model_names(meta["name"], spec, status, meta, memo, served_names)
+        for served in names - _config_models(admin.models.by_name()):
+            admin.models.remove(served)
+    elif plural == "tenants":
+        if _tenant_conflict(admin.tenants.by_name(), meta["name"], meta, tenant_names) is None:
+            admin.tenants.remove(meta["name"])

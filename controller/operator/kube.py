@@ -45,6 +45,35 @@ class Kube:
     def pool(self, namespace: str, name: str) -> dict | None:
         return self._raw(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, "gpupools", name)
 
+    def namespace_leaving(self, name: str) -> bool:
+        """Whether namespace `name` is being deleted (Terminating): an uninstall, which takes the controller with it.
+        (A Role may read its own namespace: the API server authorizes GET /namespaces/N in namespace N.) Not found
+        or not allowed (an older install's Role): not known, so not leaving."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            ns = self._raw(self.core.read_namespace, name)
+        except ApiException as e:
+            if e.status == 403:
+                return False
+            raise
+        return ns is not None and bool((ns.get("metadata") or {}).get("deletionTimestamp"))
+
+    def objects(self, namespace: str, plural: str) -> list[dict]:
+        """The namespace's custom resources of `plural` (one of this operator's kinds)."""
+        got = self._raw(self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural)
+        return list((got or {}).get("items") or [])
+
+    def release(self, obj: dict, plural: str, finalizer: str) -> None:
+        """Remove `finalizer` from `obj` (a merge patch of its finalizers without it, on the resourceVersion read:
+        the API server refuses it if another writer changed the list meanwhile)."""
+        meta = obj["metadata"]
+        keep = [f for f in meta.get("finalizers") or [] if f != finalizer]
+        self._raw(self.custom.patch_namespaced_custom_object, GROUP, VERSION, meta["namespace"], plural, meta["name"],
+                  {"metadata": {"finalizers": keep, **({"resourceVersion": meta["resourceVersion"]}
+                                                        if meta.get("resourceVersion") else {})}},
+                  _content_type="application/merge-patch+json")
+
     def apply_daemonset(self, ds: dict) -> dict:
         """Create `ds`, or replace its spec when the builder's digest annotation differs; the current object."""
         ns, name = ds["metadata"]["namespace"], ds["metadata"]["name"]
