@@ -205,3 +205,23 @@ def test_logprobs(server):
     with pytest.raises(ollama.ResponseError) as ei:
         c.chat(model="tiny-a", messages=msgs, logprobs=True, top_logprobs=21, options=opts)
     assert ei.value.status_code == 400 and "top_logprobs" in ei.value.error
+
+
+def test_a_name_with_ollamas_latest_tag_is_the_served_model(server):
+    """Ollama names every model with a tag, `:latest` when none is given, and its clients and scripts send either
+    (`smollm2:latest`): each endpoint takes `NAME:latest` for a model served as NAME (a 404 before), echoing the
+    name as sent; an unknown name with the tag is still a 404 naming it."""
+    c = oc(server)
+    msgs = [{"role": "user", "content": "Hello there"}]
+    opts = {"temperature": 0, "num_predict": 3}
+    want = c.chat(model="tiny-a", messages=msgs, options=opts)
+    got = c.chat(model="tiny-a:latest", messages=msgs, options=opts)
+    assert got.model == "tiny-a:latest" and got.message.content == want.message.content
+    streamed = list(c.generate(model="tiny-a:latest", prompt="Hello there", options=opts, stream=True))
+    assert streamed[-1].done and streamed[-1].model == "tiny-a:latest"
+    assert c.show("tiny-a:latest").modelinfo["context_length"] == c.show("tiny-a").modelinfo["context_length"]
+    assert c.embed(model="tiny-a:latest", input="hi").embeddings == c.embed(model="tiny-a", input="hi").embeddings
+    assert c.pull("tiny-a:latest").status == "success"
+    with pytest.raises(ollama.ResponseError) as ei:
+        c.chat(model="nope:latest", messages=msgs, options=opts)
+    assert ei.value.status_code == 404 and "nope:latest" in str(ei.value)

@@ -114,10 +114,23 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _sampling(body: _Base) -> dict[str, Any]:
-    """The OpenAI request fields `body`'s options and format mean."""
+LATEST = ":latest"
+
+
+def served(request: Request, name: Any) -> Any:
+    """The served name an Ollama model name means. Ollama names every model with a tag, `:latest` when none is
+    given (`smollm2` and `smollm2:latest` are one model there, and clients and scripts send either); served names
+    have none here, so `:latest` is dropped unless a model answers to the whole name. Replies still echo the name
+    as sent."""
+    if isinstance(name, str) and name.endswith(LATEST) and request.app.state.controller.resolve(name) is None:
+        return name[:-len(LATEST)]
+    return name
+
+
+def _sampling(body: _Base, model: str) -> dict[str, Any]:
+    """The OpenAI request fields `body`'s options and format mean (for `model`, the served name it asks for)."""
     o = body.options or Options()
-    out: dict[str, Any] = {"model": body.model}
+    out: dict[str, Any] = {"model": model}
     for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("min_p", "min_p"),
                          ("seed", "seed"), ("stop", "stop"), ("repetition_penalty", "repeat_penalty"),
                          ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty")):
@@ -238,9 +251,10 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
     try:
         tenant = auth.tenant(request)
         _keep_alive_s(body.keep_alive)  # (a 400 before anything is done when it is no duration)
+        model = served(request, body.model)
         if not (body.messages if chat else body.prompt):  # Ollama's "load the model" request: nothing to generate
-            return _load(request, serving.entry(tenant, body.model), body, chat)
-        think_kwargs, thinking = _think(serving.lookup(tenant, body.model), body)
+            return _load(request, serving.entry(tenant, model), body, chat)
+        think_kwargs, thinking = _think(serving.lookup(tenant, model), body)
         extra: dict[str, Any] = {"chat_template_kwargs": think_kwargs} if think_kwargs else {}
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
             raise ServingError(400, "top_logprobs must be between 0 and 20")
@@ -251,17 +265,17 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
             msgs = [_message(m) for m in body.messages]
             if prefills(msgs):  # (a last assistant message is continued, as Ollama's template leaves it open)
                 extra["continue_final_message"] = True
-            req = _as(p.ChatCompletionRequest, {**_sampling(body), "messages": msgs,
+            req = _as(p.ChatCompletionRequest, {**_sampling(body, model), "messages": msgs,
                                                 **({"tools": body.tools} if body.tools else {}), **extra,
                                                 **({"logprobs": True, "top_logprobs": k} if k is not None else {})})
         else:
             if body.images or body.suffix:
                 raise ServingError(400, "images and suffix are not supported")
             if body.raw:
-                req = _as(p.CompletionRequest, {"max_tokens": None, **_sampling(body), "prompt": body.prompt})
+                req = _as(p.CompletionRequest, {"max_tokens": None, **_sampling(body, model), "prompt": body.prompt})
             else:  # the model's template over the system message and the prompt, as Ollama applies it
                 msgs = ([{"role": "system", "content": body.system}] if body.system else [])
-                req = _as(p.ChatCompletionRequest, {**_sampling(body), "messages": [
+                req = _as(p.ChatCompletionRequest, {**_sampling(body, model), "messages": [
                     *msgs, {"role": "user", "content": body.prompt}], **extra,
                     **({"logprobs": True, "top_logprobs": k} if k is not None else {})})
         me = serving.entry(tenant, req.model)
@@ -481,7 +495,8 @@ async def _embed(request: Request, model: str, raw: str | list[str], truncate: b
     tenant = None
     try:
         tenant = auth.tenant(request)
-        return await embeddings.ollama_embed(serving, tenant, request, model, raw, truncate, dimensions, normalize)
+        return await embeddings.ollama_embed(serving, tenant, request, served(request, model), raw, truncate,
+                                             dimensions, normalize)
     except ClientGone:
         return JSONResponse({}, status_code=499)
     except ServingError as e:
@@ -501,7 +516,7 @@ async def embed(request: Request) -> Response:
     vecs, gen = got
     ctl = request.app.state.controller
     if _unloads(ctl, body.keep_alive):  # (its requests are done: at once)
-        ctl.evict(request.app.state.serving.lookup(auth.tenant(request), body.model).spec.name)
+        ctl.evict(request.app.state.serving.lookup(auth.tenant(request), served(request, body.model)).spec.name)
     stats = _stats(gen) if gen is not None else {}
     counts = {k: stats.get(k, 0) for k in ("total_duration", "load_duration", "prompt_eval_count")}  # (Ollama's)
     return JSONResponse({"model": body.model, "embeddings": vecs, **counts})
@@ -561,7 +576,7 @@ async def show(request: Request) -> Response:
         name = data.get("model") or data.get("name") if isinstance(data, dict) else None
         if not isinstance(name, str) or not name:
             raise ServingError(400, "model is required")
-        me = request.app.state.serving.lookup(tenant, name)
+        me = request.app.state.serving.lookup(tenant, served(request, name))
     except ValueError as e:
         return _error(400, f"the request body is not valid JSON: {e}")
     except ServingError as e:
@@ -600,7 +615,7 @@ async def pull(request: Request) -> Response:
     body = await _body(request, PullRequest)
     name = body.model or body.name
     try:
-        request.app.state.serving.lookup(auth.tenant(request), name)
+        request.app.state.serving.lookup(auth.tenant(request), served(request, name))
     except ServingError as e:
         if e.status != 404:
             return _error(e.status, e.message)
@@ -627,7 +642,7 @@ async def manage(action: str, request: Request) -> Response:
         name = data.get("source") if action == "copy" else data.get("model") or data.get("name")
         if isinstance(name, str) and name:
             try:
-                request.app.state.serving.lookup(tenant, name)
+                request.app.state.serving.lookup(tenant, served(request, name))
             except ServingError as e:
                 return _error(e.status, f"model '{name}' not found" if e.status == 404 else e.message)
     return _error(501, f"/api/{action} is not supported: tokenpool serves the models in its configuration and those "
