@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -55,7 +56,9 @@ def _ready_on(model: str, engines) -> bool:
     return any(model in e.replicas and e.replicas[model].state == "ready" for e in engines)
 LOAD_TIMEOUT_S = 600.0
 STARTUP_WAIT_S = 120.0  # how long a request waits for the local workers of a server that is starting
-FAILED_AVOID_S = 120.0  # a model whose registration failed on an engine is placed elsewhere for this long
+FAILED_AVOID_S = 120.0  # a model shed from an engine (or failing to load there again and again) is placed elsewhere
+LOAD_RETRY_S = 10.0  # a model whose registration failed on an engine is tried there again after this, doubled at each
+# failure in a row (10, 20, 40, 80, then every FAILED_AVOID_S); meanwhile its requests hear why, and when (a 503)
 RETRY_WAIT_S = 15.0  # how long a request whose engine failed waits for another to take it
 MAX_ATTEMPTS = 3  # engines one engine request is sent to, at most, when each fails it (dies, crashes) in turn
 RESTART = None  # (in a Generation's sink, for a delta) this choice runs again from its start: drop what it made
@@ -264,7 +267,8 @@ class Controller:
         self.fatal: str | None = None
         self.on_fatal: Callable[[], None] | None = None
         # model -> engine id -> when its registration failed there (or was shed from there): placed elsewhere a while
-        self._failures: dict[str, dict[str, float]] = {}
+        self._failures: dict[str, dict[str, float]] = {}  # model -> engine id -> until when it is not placed there
+        self._fail_counts: dict[tuple[str, str], int] = {}  # (model, engine id) -> registrations failed in a row
         self._load_errors: dict[str, str] = {}  # model -> why its last registration failed (until one succeeds)
         self._moving: dict[str, str] = {}  # model -> the engine it is moving from (until the new registration is up)
         # (engine id, model) -> why: a registration draining before it is unregistered (a moved model's old one,
@@ -298,7 +302,7 @@ class Controller:
         """Models whose last registration failed and that are ready on no live engine: model -> why (for /health,
         which otherwise only says "starting" while a model every replica of which fails keeps it from ready)."""
         alive = [e for e in self.pool.engines.values() if e.alive]
-        return {n: why for n, why in self._load_errors.items() if not _ready_on(n, alive)}
+        return {n: self.load_error(n) or "" for n in self._load_errors if not _ready_on(n, alive)}
 
     def ready(self) -> bool:
         """Every model with a minimum is ready on a live engine. At start-up also: every local worker has joined
@@ -383,6 +387,8 @@ class Controller:
             return False
         self._failures.pop(name, None)
         self._load_errors.pop(name, None)
+        for k in [k for k in self._fail_counts if k[0] == name]:
+            del self._fail_counts[k]
         for e in self.pool.engines.values():
             subs = [s for s in e.subs.values() if s.model == name]
             for s in subs:
@@ -534,7 +540,10 @@ class Controller:
         waited_until = None
         self._still_registered(entry)
         while (rt := route(entry.info, views, len(sub.prompt_ids), cached)) is None:
-            pl = place(entry.info, views, self.infos(), pinned=self.pinned())
+            # not where its registration failed lately: requests do not load a failing model again and again
+            pl = place(entry.info, views, self.infos(), exclude=self._failed_on(name), pinned=self.pinned())
+            if pl is None and self._failed_on(name) and name in self._load_errors:
+                raise self._load_failed(name)
             if pl is not None:
                 self._register(self.pool.engines[pl.engine_id], entry)
                 rt = route(entry.info, _views(), len(sub.prompt_ids), cached)
@@ -572,6 +581,8 @@ class Controller:
             if e.replicas.get(name) is r or r.state not in ("ready", "dropped"):  # (dropped: register it again)
                 break
         self._still_registered(entry)
+        if r.state == "failed" and e.alive and name in self._load_errors:
+            raise self._load_failed(name)
         if r.state != "ready" or not e.alive:
             raise ServingError(503, f"model {name!r} could not be registered on engine {e.id}: {r.error}",
                                retry_after=5)
@@ -579,6 +590,12 @@ class Controller:
             return
         self.pool.submit(e, sub)
         self.prefix.sent(name, e.id, hashes)
+
+    def _load_failed(self, name: str) -> ServingError:
+        """The 503 of a request for a model whose registration failed where it could go: why, and when it is tried
+        again (Retry-After then)."""
+        return ServingError(503, f"model {name!r} could not be registered (its load failed): {self.load_error(name)}",
+                            retry_after=max(1, math.ceil(self._retry_in(name))), code="model_load_failed")
 
     def _still_registered(self, entry: ModelEntry) -> None:
         """A request whose model was removed (or removed and added again) while it waited (tokenizing, a load): a
@@ -852,7 +869,7 @@ class Controller:
                 e.replicas[a.model].draining = True  # new requests go to its other registrations
                 self._leaving[(e.id, a.model)] = "autoscaler: served elsewhere, and this GPU misses another model's SLO"
                 # not placed back there for FAILED_AVOID_S (that GPU recovering would otherwise invite it again)
-                self._failures.setdefault(a.model, {})[e.id] = time.monotonic()
+                self._failures.setdefault(a.model, {})[e.id] = time.monotonic() + FAILED_AVOID_S
             elif a.kind == "move" and a.model in self.models and a.model not in self._moving:
                 # make before break: the source keeps serving it until the new registration is ready (_loaded)
                 self._moving[a.model] = a.source
@@ -988,12 +1005,16 @@ class Controller:
         me = self.models.get(r.model)
         src = self.pool.engines.get(self._moving.pop(r.model, ""))  # a placement move's source, if this ends one
         if r.state != "ready":
-            log.error("registering %s on %s failed: %s", r.model, e.id, r.error)
-            self._failures.setdefault(r.model, {})[e.id] = time.monotonic()
+            n = self._fail_counts[(r.model, e.id)] = self._fail_counts.get((r.model, e.id), 0) + 1
+            wait = min(FAILED_AVOID_S, LOAD_RETRY_S * 2 ** (n - 1))
+            log.error("registering %s on %s failed (%d in a row; tried there again in %.0f s): %s", r.model, e.id, n,
+                      wait, r.error)
+            self._failures.setdefault(r.model, {})[e.id] = time.monotonic() + wait
             if r.model in self.models:
                 self._load_errors[r.model] = f"engine {e.id}: {r.error}"
             return
         self._load_errors.pop(r.model, None)
+        self._fail_counts.pop((r.model, e.id), None)
         if src is not None and src.alive and r.model in src.replicas and src is not e:
             src.replicas[r.model].draining = True  # new requests go to the new one; its own finish there
             self._leaving[(src.id, r.model)] = "placement: moved to another engine (the engines' shares even out)"
@@ -1024,14 +1045,29 @@ class Controller:
                 self._unregister(e, name, why)
 
     def _failed_on(self, model: str) -> frozenset[str]:
-        """Engines where `model`'s registration failed (or was shed) in the last FAILED_AVOID_S: placement tries
-        others first (not the same failing engine every tick)."""
+        """Engines where `model`'s registration failed lately (LOAD_RETRY_S, growing) or whence it was shed
+        (FAILED_AVOID_S): placement tries others first, and does not try the same failing engine every tick, nor for
+        every request."""
         now, seen = time.monotonic(), self._failures.get(model)
         if not seen:
             return frozenset()
-        for eid in [k for k, t in seen.items() if now - t > FAILED_AVOID_S]:
+        for eid in [k for k, until in seen.items() if now >= until]:
             del seen[eid]
         return frozenset(seen)
+
+    def _retry_in(self, model: str) -> float:
+        """Seconds until placement may try `model` again on an engine where its registration failed (0: it may now)."""
+        if not self._failed_on(model):
+            return 0.0
+        return max(0.0, min(self._failures[model].values()) - time.monotonic())
+
+    def load_error(self, model: str) -> str | None:
+        """Why `model`'s last registration failed, and when it is tried again (None: it did not fail)."""
+        why = self._load_errors.get(model)
+        if why is None:
+            return None
+        wait = self._retry_in(model)
+        return f"{why} (tried again in {math.ceil(wait)} s)" if wait else f"{why} (being tried again)"
 
     def _pruned(self, e: EngineHandle) -> None:
         """A dead engine left the pool for good: its series leave /metrics."""
