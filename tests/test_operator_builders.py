@@ -86,7 +86,7 @@ def test_what_changes_in_place_and_what_registers_the_model_again():
     assert b.reload_digest(scaled) == b.reload_digest(desired)
     assert not b.model_reloads(scaled, _model_out(desired)) and not b.model_matches(scaled, _model_out(desired))
     assert b.live_fields(scaled) == {"slo": {"ttft_s": 9.0, "tpot_s": 0.25}, "priority": 3,
-                                     "replicas": {"min": 1, "max": 5}}
+                                     "replicas": {"min": 1, "max": 5}, "keep_alive": None}  # (null: until needed)
     bf16 = b.build_model_spec("m", {**spec, "engine": {"dtype": "bf16"}})
     assert b.reload_digest(bf16) != b.reload_digest(desired)  # (not shown by the controller: the digest says it)
     assert b.model_reloads(desired, _model_out(desired, path="/models/other"))

@@ -91,14 +91,16 @@ def build_model_spec(name: str, spec: dict) -> dict:
             body["engine"][key] = s["engine"][field]
     if src.get("memoryGB") is not None:
         body["memory_gb"] = src["memoryGB"]
+    if s.get("keepAlive") is not None:  # seconds or "5m": the controller's parsing
+        body["keep_alive"] = s["keepAlive"]
     body["lora_modules"] = [{"name": a["name"], "path": a["path"] if a["path"].startswith("/") else
                              f"{MODELS_MOUNT}/{a['path']}"} for a in s["loraAdapters"]]
     return ModelSpec.model_validate(body).model_dump(mode="json")
 
 
 # What a registered model changes in place (PATCH /admin/models/{name}): a change of only these (HPA's scaling
-# through replicas, an SLO or priority) keeps its weights loaded and its requests running.
-LIVE_FIELDS = ("slo", "priority", "replicas")
+# through replicas, an SLO, priority or keep_alive) keeps its weights loaded and its requests running.
+LIVE_FIELDS = ("slo", "priority", "replicas", "keep_alive")
 
 
 def live_fields(desired: dict) -> dict:
@@ -108,8 +110,8 @@ def live_fields(desired: dict) -> dict:
 def reload_digest(desired: dict) -> str:
     """The digest of what needs the model registered again to change (its path, engine options, adapters...), and
     its pin (which changes in place, `same_registration`: kept in the digest, the digests that status.appliedDigest
-    holds from before stay valid)."""
-    return digest({k: v for k, v in desired.items() if k not in LIVE_FIELDS})
+    holds from before stay valid; so is keep_alive, as every digest before keepAlive held it: null)."""
+    return digest({**{k: v for k, v in desired.items() if k not in LIVE_FIELDS}, "keep_alive": None})
 
 
 def same_registration(desired: dict, applied: str | None) -> bool:
@@ -137,8 +139,13 @@ def model_matches(desired: dict, actual: dict | None) -> bool:
     return (not model_reloads(desired, actual) and not pin_differs(desired, actual)
             and actual.get("priority") == desired["priority"]
             and actual.get("replicas") == desired["replicas"]
+            and _seconds(actual.get("keep_alive")) == _seconds(desired.get("keep_alive"))
             and {k: float(v) for k, v in (actual.get("slo") or {}).items()} ==
             {k: float(v) for k, v in desired["slo"].items()})
+
+
+def _seconds(v: Any) -> float | None:
+    return None if v is None else float(v)
 
 
 def build_model_status(actual: dict | None, spec: dict, generation: int | None) -> dict:
