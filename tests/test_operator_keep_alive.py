@@ -79,3 +79,20 @@ async def test_keep_alive_is_registered_and_changed_in_place(world):
 async def _at(fake, seconds) -> bool:
     m = fake.models.get("m") or {}
     return "keep_alive" in m and m["keep_alive"] == seconds
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_a_model_of_min_0_on_no_engine_says_it_is_scaled_to_zero(world):
+    """replicas.min 0 (KServe's minReplicas 0): the controller may leave an idle model on no engine, and the next
+    request places it. The PooledModel stays Ready, and says so rather than "Serving on 0 engine(s)"."""
+    kube, fake = world
+    async with Operator():
+        await kube.create("gpupools", _obj("GPUPool", "default", {}))
+        await kube.create("pooledmodels", _obj("PooledModel", "m", dict(PACE, replicas={"min": 0, "max": 2})))
+        await _until("m Serving", lambda: _reason(kube, "pooledmodels", "m", "Serving"))
+        fake.models["m"]["engines"] = []  # the controller's autoscaler took it off its last engine
+        obj = await _until("m ScaledToZero", lambda: _reason(kube, "pooledmodels", "m", "ScaledToZero"))
+        assert obj["status"]["ready"] is True and obj["status"]["replicas"] == 0
+        fake.models["m"]["engines"] = ["e0"]  # a request came
+        await _until("m Serving again", lambda: _reason(kube, "pooledmodels", "m", "Serving"))

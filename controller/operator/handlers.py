@@ -319,7 +319,10 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
             _admin_failed(body, patch, status, gen, e)
             return
         st = dict(b.build_model_status(actual, spec, gen), appliedDigest=want, served=desired["name"])
-        if st["ready"]:
+        if st["ready"] and not st["replicas"]:  # replicas.min 0: the next request places it (KServe's minReplicas 0)
+            _write_status(body, patch, status, st, "Ready", "ScaledToZero", "registered, on no engine: the next "
+                          "request loads it", gen)
+        elif st["ready"]:
             _write_status(body, patch, status, st, "Ready", "Serving", f"on {st['replicas']} engine(s)", gen)
         elif actual.get("load_error"):  # no engine could load it (a wrong path, too big...): it waits in vain
             _write_status(body, patch, status, st, "Degraded", "LoadFailed", f"registered, but its last load failed: "
@@ -511,35 +514,44 @@ def cleanup(memo: kopf.Memo, served_names: Any = None, tenant_names: Any = None,
     namespaces = {c[1] for index in (served_names, tenant_names, pool_names) for claims in (index or {}).values()
                   for c in claims}
     admin = dataclasses.replace(memo.admin, timeout_s=3.0)  # (the pod's grace period is short)
-    reachable = True
     for namespace in sorted(namespaces):
-        if not _leaving(memo, namespace):
-            continue  # a restart (a rollout): the next operator runs the finalizers
-        for plural in PLURALS:
-            try:
-                objs = kube.objects(namespace, plural)
-            except ApiException as e:
-                log.warning("listing %s in %s: %s %s", plural, namespace, e.status, e.reason)
+        try:
+            _release_all(kube, admin, memo, namespace, served_names, tenant_names)
+        except Exception as e:  # noqa: BLE001 - never raised: kopf would retry a failed cleanup until the pod is killed
+            log.warning("namespace %s: finalizers not released on the way out: %r", namespace, e)
+
+
+def _release_all(kube: Any, admin: AdminClient, memo: kopf.Memo, namespace: str, served_names: Any,
+                 tenant_names: Any) -> None:
+    """`cleanup` in one namespace: nothing unless it is being deleted."""
+    if not _leaving(memo, namespace):
+        return  # a restart (a rollout): the next operator runs the finalizers
+    reachable = True
+    for plural in PLURALS:
+        try:
+            objs = kube.objects(namespace, plural)
+        except ApiException as e:
+            log.warning("listing %s in %s: %s %s", plural, namespace, e.status, e.reason)
+            continue
+        for obj in objs:
+            meta = obj["metadata"]
+            if not meta.get("deletionTimestamp") or FINALIZER not in (meta.get("finalizers") or []):
                 continue
-            for obj in objs:
-                meta = obj["metadata"]
-                if not meta.get("deletionTimestamp") or FINALIZER not in (meta.get("finalizers") or []):
-                    continue
-                if reachable:
-                    try:
-                        _remove_now(admin, memo, plural, obj, served_names, tenant_names)
-                    except (AdminError, AdminUnavailable) as e:  # one try: the controller is likely gone
-                        log.warning("%s/%s/%s: not removed from the controller: %s", namespace, plural,
-                                    meta["name"], e)
-                        reachable = not isinstance(e, AdminUnavailable)
+            if reachable:
                 try:
-                    kube.release(obj, plural, FINALIZER)
-                except ApiException as e:
-                    log.warning("%s/%s/%s: finalizer not removed: %s %s", namespace, plural, meta["name"], e.status,
-                                e.reason)
-                    continue
-                log.warning("%s/%s/%s: namespace being deleted: finalizer %s removed on the way out", namespace,
-                            plural, meta["name"], FINALIZER)
+                    _remove_now(admin, memo, plural, obj, served_names, tenant_names)
+                except (AdminError, AdminUnavailable) as e:  # one try: the controller is likely gone
+                    log.warning("%s/%s/%s: not removed from the controller: %s", namespace, plural,
+                                meta["name"], e)
+                    reachable = not isinstance(e, AdminUnavailable)
+            try:
+                kube.release(obj, plural, FINALIZER)
+            except ApiException as e:
+                log.warning("%s/%s/%s: finalizer not removed: %s %s", namespace, plural, meta["name"], e.status,
+                            e.reason)
+                continue
+            log.warning("%s/%s/%s: namespace being deleted: finalizer %s removed on the way out", namespace,
+                        plural, meta["name"], FINALIZER)
 
 
 def _remove_now(admin: AdminClient, memo: kopf.Memo, plural: str, obj: dict, served_names: Any,
