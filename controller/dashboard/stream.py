@@ -82,6 +82,11 @@ def last_seq(bus: EventBus) -> int:
     return bus.recent[-1]["seq"] if bus.recent else 0
 
 
+def end_frame(why: str) -> bytes:
+    """The last frame of a stream the server ends (no id: it does not move a client's Last-Event-ID)."""
+    return snapshot_frame("end", json.dumps({"reason": why}))
+
+
 def snapshot_frame(event: str, body: bytes | str) -> bytes:
     """An SSE frame with an event type and no id (so it does not move a client's Last-Event-ID)."""
     return b"event: %s\ndata: %s\n\n" % (event.encode(), body.encode() if isinstance(body, str) else body)
@@ -96,7 +101,7 @@ class Conn:
     seen: int  # the last snapshot number handed to it
     task: asyncio.Task = field(default_factory=asyncio.current_task)  # its response's: waits for the client
     blocked: asyncio.Task | None = None  # the rest of a write that waits for room in the socket's buffer
-    alive: Callable[[], bool] | None = None  # a dashboard session's stream: whether that session still is
+    ends: Callable[[], str | None] | None = None  # why it ends now (`stream_ends`); None while it goes on
 
 
 class Hub:
@@ -124,10 +129,11 @@ class Hub:
         self._task: asyncio.Task | None = None
 
     def open(self, send: Send, since: int | None, snapshots: bool = False,
-             alive: Callable[[], bool] | None = None) -> Conn:
+             ends: Callable[[], str | None] | None = None) -> Conn:
         """A new connection (its response has started): the events after `since` (None: from now on), with
-        `snapshots` the current snapshot, written at once; then what each beat has. With `alive` (a dashboard
-        session's stream), the connection ends at the first beat that finds it false (signed out, expired)."""
+        `snapshots` the current snapshot, written at once; then what each beat has. With `ends`
+        (`stream_ends`), the connection ends at the first beat that it gives a reason (its dashboard session signed
+        out or expired, the server stopping): an `event: end` frame says which, then the body ends."""
         bus = self.bus
         sent = last_seq(bus) if since is None else since
         if sent > last_seq(bus):  # a seq from before the server restarted: all the new server has
@@ -142,7 +148,7 @@ class Hub:
             self._build()  # the first dashboard gets its gauges at once, not at the next tick (later ones
             # get the current one, at most a tick old)
         backlog = after(bus, sent)
-        c = Conn(send, snapshots, backlog[-1]["seq"] if backlog else sent, self.snapshots, alive=alive)
+        c = Conn(send, snapshots, backlog[-1]["seq"] if backlog else sent, self.snapshots, ends=ends)
         self.conns.add(c)
         self._write(c, b"".join([RETRY, *(self.frames(e) for e in backlog), self.snapshot if snapshots else b""]))
         return c
@@ -186,8 +192,9 @@ class Hub:
 
     def _beat(self, tick: bool, quiet: float) -> float:
         """Write what this beat has to every connection; returns how long nothing was written."""
-        for c in [c for c in self.conns if c.alive is not None and not c.alive()]:
-            self._end(c)
+        for c, why in [(c, c.ends()) for c in self.conns if c.ends is not None]:
+            if why is not None:
+                self._end(c, why)
         new = after(self.bus, self.seq)
         if not tick and all(e["kind"] in ROUTINE for e in new):
             new = []  # left in the ring for the tick
@@ -257,13 +264,18 @@ class Hub:
         finally:
             step.close()  # (a no-op once it has returned; unwinds it when the connection closed first)
 
-    def _end(self, c: Conn) -> None:
-        """End a connection whose session ended: nothing more is written to it, its response's body ends (the ASGI
-        server's receive then says the client is gone, so the response returns; a browser reconnects, and that
-        reconnect gets a 401)."""
+    def _end(self, c: Conn, why: str) -> None:
+        """End a connection: nothing more is written to it but an `event: end` frame saying why (a dashboard signed
+        out goes to its login form at once, not through a reconnect answered 401), then its response's body ends
+        (the ASGI server's receive then says the client is gone, so the response returns)."""
         self.close(c)
-        end = asyncio.ensure_future(c.send({"type": "http.response.body", "body": b"", "more_body": False}))
-        end.add_done_callback(lambda t: t.cancelled() or t.exception())  # (a client already gone: nothing to say)
+
+        async def end() -> None:
+            await c.send({"type": "http.response.body", "body": end_frame(why), "more_body": True})
+            await c.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        done = asyncio.ensure_future(end())
+        done.add_done_callback(lambda t: t.cancelled() or t.exception())  # (a client already gone: nothing to say)
 
     @staticmethod
     def _failed(c: Conn) -> None:
@@ -287,6 +299,32 @@ def session_alive(scope: Scope) -> Callable[[], bool] | None:
     return lambda: sessions.valid(sid)
 
 
+def server_stopping(scope: Scope) -> Callable[[], bool] | None:
+    """Whether the server is about to stop: it drains (SIGTERM, controller.shutdown) and no request is left in
+    flight, so the drain is over and uvicorn closes its connections next. A stream does not end by itself: uvicorn
+    waited its whole graceful timeout (5 s) for each open dashboard, then cancelled it with a traceback logged as an
+    ERROR. While requests still finish, the streams go on (an operator watches the drain). None without the app's
+    serving layer (a bare test app)."""
+    serving = getattr(getattr(scope.get("app"), "state", None), "serving", None)
+    if serving is None or not hasattr(serving, "draining"):
+        return None
+    return lambda: serving.draining and not serving.active
+
+
+def stream_ends(scope: Scope) -> Callable[[], str | None]:
+    """A new stream's `ends` (Hub.open): "signed out" once its dashboard session ended, "stopping" once the
+    server stops, else None."""
+    signed_in, stopping = session_alive(scope), server_stopping(scope)
+
+    def ends() -> str | None:
+        if stopping is not None and stopping():
+            return "stopping"
+        if signed_in is not None and not signed_in():
+            return "signed out"
+        return None
+    return ends
+
+
 class EventStream(Response):
     """The response of GET /admin/events: `Hub` writes the stream; this only registers the connection and
     waits for the client to go (the disconnect, which is what this connection's task does all along)."""
@@ -300,7 +338,7 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        c = self.hub.open(send, self.since, self.snapshots, alive=session_alive(scope))
+        c = self.hub.open(send, self.since, self.snapshots, ends=stream_ends(scope))
         try:
             while (await receive())["type"] != "http.disconnect":
                 pass

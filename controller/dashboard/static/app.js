@@ -13,7 +13,13 @@ const S = {
   view: "pool", pool: null, requests: [], events: [], kinds: new Set(), colors: new Map(),
   series: { t: [], tps: new Map(), queue: new Map() }, charts: {}, soon: null, eventsDue: null,
   lastSeq: 0, // the last event's seq: a new stream goes on from it (the ring's backlog once, not again)
+  snapshots: 0, // pool snapshots drawn (the browser tests wait on it)
+  es: null, // the event stream
+  calls: 0, // admin API calls in flight
+  leaving: false, // signed out: the page goes to the login form once no call is in flight
+  gone: false, // ... and went
 };
+const VIEWS = ["pool", "models", "tenants", "requests", "events"];
 
 // --- small helpers ---
 function el(tag, attrs, ...kids) {
@@ -43,6 +49,46 @@ function clock(t) {
   const d = new Date(t * 1000);
   return [d.getHours(), d.getMinutes(), d.getSeconds()].map((x) => String(x).padStart(2, "0")).join(":");
 }
+// The views are drawn again at every snapshot (once a second): `patch` brings what is on the page up to date
+// rather than replacing it, so that the focus (a keyboard user's Tab to a button), a click in progress (a mouse
+// button pressed on a button that the next snapshot replaced never became a click) and a text selection survive
+// it. A node is kept where its tag and attributes are unchanged, and its children are patched the same way; one
+// whose attributes changed is replaced, listeners and all. Siblings are matched by their key (the row's model,
+// request, tenant, engine or event), else by position: a kept button belongs to the same row, so its listener
+// acts on the same thing as the new one would.
+const KEYS = ["data-model", "data-request", "data-tenant", "data-engine", "data-seq"];
+function keyOf(n) {
+  if (n.nodeType !== Node.ELEMENT_NODE) return null;
+  for (const k of KEYS) if (n.hasAttribute(k)) return `${k}=${n.getAttribute(k)}`;
+  return null;
+}
+function sameNode(a, b) {
+  if (a.nodeName !== b.nodeName || a.nodeType !== b.nodeType) return false;
+  if (a.nodeType !== Node.ELEMENT_NODE) return true;
+  if (a.attributes.length !== b.attributes.length) return false;
+  for (const { name, value } of b.attributes) if (a.getAttribute(name) !== value) return false;
+  return true;
+}
+function patch(parent, kids) {
+  const old = [...parent.childNodes];
+  const byKey = new Map(old.map((n) => [keyOf(n), n]));
+  const out = kids.map((b) => (b instanceof Node ? b : document.createTextNode(String(b)))).map((b, i) => {
+    const k = keyOf(b);
+    const a = k !== null ? byKey.get(k) : old[i] && keyOf(old[i]) === null ? old[i] : undefined;
+    if (!a || !sameNode(a, b)) return b;
+    if (a.nodeType === Node.ELEMENT_NODE) patch(a, [...b.childNodes]);
+    else if (a.nodeValue !== b.nodeValue) a.nodeValue = b.nodeValue;
+    return a;
+  });
+  const keep = new Set(out);
+  for (const n of old) if (!keep.has(n)) n.remove();
+  let at = parent.firstChild; // what is already in place stays where it is (moving a node blurs it)
+  for (const n of out) {
+    if (n === at) at = at.nextSibling;
+    else parent.insertBefore(n, at);
+  }
+}
+
 function color(model) {
   if (!S.colors.has(model)) S.colors.set(model, PALETTE[S.colors.size % PALETTE.length]);
   return S.colors.get(model);
@@ -59,12 +105,31 @@ function toast(msg, error = false) {
 async function api(method, path, body) {
   const opts = { method, credentials: "same-origin", headers: {} };
   if (body !== undefined) { opts.headers["Content-Type"] = "application/json"; opts.body = JSON.stringify(body); }
-  const r = await fetch(path, opts);
-  let data = null;
-  try { data = await r.json(); } catch (e) { data = null; }
-  if (r.status === 401) { location.assign("/dashboard"); throw new Error("signed out"); }
+  let r, data = null;
+  S.calls++;
+  try {
+    r = await fetch(path, opts);
+    try { data = await r.json(); } catch (e) { data = null; }
+  } finally {
+    S.calls--;
+    if (S.leaving) signedOut();
+  }
+  if (r.status === 401) { signedOut(); throw new Error("signed out"); }
   if (!r.ok) throw new Error((data && data.error && data.error.message) || `HTTP ${r.status}`);
   return data;
+}
+
+// The session ended (signed out in another tab, expired, the server restarted): back to the login form, once,
+// when no call is in flight and the event stream has ended (each call that got a 401 navigated again, and a
+// navigation aborts the requests in flight: failed requests in the browser's log). The server ends a signed-out
+// session's stream within a beat; 3 s is the limit all the same.
+function signedOut(now = false) {
+  if (!S.leaving) setTimeout(() => signedOut(true), 3000);
+  S.leaving = true;
+  if (S.gone || (!now && (S.calls > 0 || (S.es && S.es.readyState === EventSource.OPEN)))) return;
+  S.gone = true;
+  if (S.es) S.es.close();
+  location.assign("/dashboard");
 }
 
 // An action: confirmed first, its result (or error) shown, then the views refreshed.
@@ -80,6 +145,12 @@ async function act(question, method, path, body, done) {
 }
 
 // --- views ---
+// The view is the URL's fragment (#models): a reload stays on it, Back and Forward go through the views seen.
+function viewOf(hash) {
+  const v = hash.replace(/^#/, "");
+  return VIEWS.includes(v) ? v : "pool";
+}
+
 function show(view) {
   S.view = view;
   for (const b of document.querySelectorAll("#tabs button")) {
@@ -105,11 +176,12 @@ function renderSummary(p) {
     ["Tokens/s", tps.toFixed(1)], ["Switches", switches],
     ["Worst SLO attainment", att.length ? fmtPct(Math.min(...att.map((m) => m.attainment))) : "—"],
   ];
-  document.getElementById("summary").replaceChildren(...tiles.map(([k, v]) =>
+  patch(document.getElementById("summary"), tiles.map(([k, v]) =>
     el("div", { class: "tile" }, el("div", { class: "v", text: String(v) }), el("div", { class: "k", text: k }))));
 }
 
 function drawTimeline(canvas, runs, now) {
+  if (!canvas) return;
   const dpr = window.devicePixelRatio || 1;
   const w = canvas.clientWidth, h = canvas.clientHeight;
   if (!w || !h) return;
@@ -179,10 +251,11 @@ function renderEngines(p) {
           el("div", { class: "muted", text: "resident" }), el("div", { class: "chips" }, chips(e.resident, "none")),
           el("div", { class: "muted", text: "prefetching" }), el("div", { class: "chips" }, chips(e.prefetching, "none")),
           el("div", { class: "muted", text: "registered" }), el("div", { class: "chips" }, chips(e.registered, "none")))));
-    return [card, canvas, e];
+    return card;
   });
-  box.replaceChildren(...cards.map((c) => c[0]));
-  for (const [, canvas, e] of cards) drawTimeline(canvas, e.timeline, p.t);
+  patch(box, cards);
+  // (drawn on the canvases now on the page: a kept card keeps its canvas)
+  for (const e of p.engines) drawTimeline(box.querySelector(`.engine[data-engine="${CSS.escape(e.id)}"] canvas.timeline`), e.timeline, p.t);
 }
 
 // --- charts (uPlot): tokens/s and queue depth per model, the last SPAN_S seconds of polls ---
@@ -271,7 +344,7 @@ function renderModels(p) {
       el("button", { class: "danger", "data-action": "remove", onclick: () => act(`Remove model ${m.name}? Its ` +
         "requests in flight end with an error.", "DELETE", `/admin/models/${encodeURIComponent(m.name)}`, undefined,
       () => `${m.name} removed`) }, "Remove"))));
-  document.querySelector("#models-table tbody").replaceChildren(...rows);
+  patch(document.querySelector("#models-table tbody"), rows);
   document.getElementById("models-empty").hidden = rows.length > 0;
 }
 
@@ -286,7 +359,7 @@ function renderTenants(p) {
       class: "danger", "data-action": "revoke", onclick: () => act(`Revoke tenant ${t.name}? Its keys stop working ` +
         "at once.", "DELETE", `/admin/tenants/${encodeURIComponent(t.name)}`, undefined, () => `Tenant ${t.name} revoked`),
     }, "Revoke"))));
-  document.querySelector("#tenants-table tbody").replaceChildren(...rows);
+  patch(document.querySelector("#tenants-table tbody"), rows);
   // a new key shown once: gone with its tenant (revoked here or elsewhere), not left on show as if it worked
   const box = document.getElementById("new-key");
   if (!box.hidden && !p.tenants.some((t) => t.name === box.dataset.tenant)) { box.hidden = true; box.replaceChildren(); }
@@ -305,7 +378,7 @@ function renderRequests() {
       act(`Cancel request ${r.id}? Its stream ends with an error.`, "POST",
         `/admin/requests/${encodeURIComponent(r.id)}/cancel`, undefined, (res) => `Request ${res.id} cancelled`) },
     "Cancel"))));
-  document.querySelector("#requests-table tbody").replaceChildren(...rows);
+  patch(document.querySelector("#requests-table tbody"), rows);
   document.getElementById("requests-empty").hidden = rows.length > 0;
 }
 
@@ -328,16 +401,17 @@ function renderEvents() {
   for (let i = S.events.length - 1; i >= 0 && items.length < 200; i--) {
     const ev = S.events[i];
     if (want === "!switch" ? ev.kind === "switch" : want && ev.kind !== want) continue;
-    items.push(el("li", { "data-kind": ev.kind },
+    items.push(el("li", { "data-kind": ev.kind, "data-seq": ev.seq },
       el("span", { class: "t", text: clock(ev.t) }),
       el("span", { class: `kind kind-${ev.kind}`, text: ev.kind }), el("span", { text: eventText(ev) })));
   }
-  document.getElementById("events-list").replaceChildren(...items);
+  patch(document.getElementById("events-list"), items);
 }
 
 // --- data flow: events and once-a-second snapshots (pool, requests) arrive on one event stream ---
 function applyPool(p, chart) {
   S.pool = p;
+  if (chart) S.snapshots++;
   // colours by the models' order in the pool (registration), not by which view drew a model first: a model has
   // the same colour in every dashboard and after a reload
   for (const m of p.models) color(m.name);
@@ -376,9 +450,10 @@ function connect() {
   // since=0 at first: the ring's backlog; the browser's own reconnect sends Last-Event-ID; a new stream after one
   // that failed (CLOSED) goes on from the last event seen (since=0 there showed every event twice). A restarted
   // server, whose seqs are all below it, sends what it has.
-  const es = new EventSource(`/admin/events?since=${S.lastSeq}&snapshots=true`);
+  const es = S.es = new EventSource(`/admin/events?since=${S.lastSeq}&snapshots=true`);
   es.onopen = () => { conn.textContent = "live"; conn.className = "conn live"; };
   es.onerror = () => {
+    if (S.leaving) { signedOut(); return; } // (the stream ended: the page goes to the login form)
     conn.textContent = "reconnecting…";
     conn.className = "conn down";
     if (es.readyState === EventSource.CLOSED) { es.close(); setTimeout(connect, 2000); refreshSoon(0); }
@@ -394,11 +469,21 @@ function connect() {
     }
   };
   es.addEventListener("pool", (msg) => applyPool(JSON.parse(msg.data), true));
+  // the server ends the stream: a session signed out (in another tab, or expired) goes to the login form at once,
+  // not through a reconnect answered 401; a server stopping is reconnected to (the page says so meanwhile)
+  es.addEventListener("end", (msg) => { if (JSON.parse(msg.data).reason === "signed out") signedOut(); });
   es.addEventListener("requests", (msg) => applyRequests(JSON.parse(msg.data)));
 }
 
 function init() {
-  for (const b of document.querySelectorAll("#tabs button")) b.addEventListener("click", () => show(b.dataset.view));
+  for (const b of document.querySelectorAll("#tabs button")) {
+    b.addEventListener("click", () => {
+      if (b.dataset.view !== viewOf(location.hash)) history.pushState(null, "", `#${b.dataset.view}`);
+      show(b.dataset.view);
+    });
+  }
+  window.addEventListener("popstate", () => show(viewOf(location.hash)));
+  if (viewOf(location.hash) !== "pool") show(viewOf(location.hash));
   document.getElementById("event-filter").addEventListener("change", renderEvents);
   document.getElementById("add-model").addEventListener("submit", (ev) => {
     ev.preventDefault();

@@ -1,0 +1,160 @@
+"""The dashboard as an operator uses it around the actions (tests/test_dashboard_browser.py has the actions): the
+keyboard while the snapshots redraw the page, the view in the URL (reload, Back), the session ending elsewhere, and
+the server stopping with the page open. Headless Chromium (Debian's `chromium`) under Playwright, one browser and
+one live server of a pace engine for the module; skipped without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import threading
+
+import httpx
+import pytest
+
+from controller.keys import hash_key
+from load_tests.live_server import LiveServer
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs the system chromium (apt-get install chromium)")
+expect = sync_api.expect
+
+ADMIN = "admin-dashboard-ops-token"
+KEY = "tp-dashboard-ops-key"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"},
+           "tenants": [{"name": "team-a", "key_hashes": [hash_key(KEY)]}],
+           "models": [{"name": "pace-a", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.05}}]}
+    with LiveServer(cfg, tmp_path_factory.mktemp("srv")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@contextlib.contextmanager
+def signed_in(browser, url: str, failed: list[str] | None = None):
+    """A page of a fresh context, signed in and live; its console errors, page errors and failed requests are
+    collected in `failed`."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = ctx.new_page()
+    if failed is not None:
+        page.on("console", lambda m: failed.append(f"console: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: failed.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: failed.append(f"failed: {r.method} {r.url} {r.failure}"))
+    page.on("dialog", lambda d: d.accept())
+    page.goto(url + "/dashboard")
+    page.fill("#token", ADMIN)
+    page.click("#login")
+    expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
+    try:
+        yield page
+    finally:
+        ctx.close()
+
+
+def snapshots(page, n: int) -> None:
+    """Wait until the page has drawn n more snapshots of the pool (one a second)."""
+    seen = page.evaluate("S.snapshots")
+    page.wait_for_function("n => S.snapshots >= n", arg=seen + n, timeout=15_000)
+
+
+def test_focus_survives_the_snapshots(server, browser):
+    """A button the keyboard is on stays focused while the snapshots redraw its table (each replaced every row,
+    so the focus fell back to the page at the next second, and Enter did nothing; a mouse click that straddled a
+    redraw was lost the same way): Enter then acts on it, in a row whose numbers change meanwhile too."""
+    failed: list[str] = []
+    done = threading.Event()
+
+    def stream() -> None:  # a request in flight for 10 s (200 tokens at 50 ms): its row's age and tokens change
+        with contextlib.suppress(httpx.HTTPError), httpx.stream(
+                "POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                json={"model": "pace-a", "prompt": "hi", "max_tokens": 200, "stream": True}) as r:
+            for _ in r.iter_lines():
+                pass
+        done.set()
+
+    threading.Thread(target=stream, daemon=True).start()
+    with signed_in(browser, server.url, failed) as page:
+        page.click("#tabs [data-view=requests]")
+        cancel = page.locator("#requests-table tbody tr [data-action=cancel]")
+        expect(cancel).to_have_count(1, timeout=10_000)
+        cancel.focus()
+        tokens = page.locator("#requests-table tbody tr td:nth-child(7)").inner_text()
+        snapshots(page, 2)
+        assert page.locator("#requests-table tbody tr td:nth-child(7)").inner_text() != tokens  # (redrawn)
+        assert page.evaluate("document.activeElement.dataset.action") == "cancel"
+        page.keyboard.press("Enter")
+        expect(page.locator("#toast")).to_contain_text("cancelled")
+        assert done.wait(10)
+
+        page.click("#tabs [data-view=models]")
+        pin = page.locator('#models-table tr[data-model="pace-a"] [data-action=pin]')
+        pin.focus()
+        snapshots(page, 2)
+        assert page.evaluate("document.activeElement.dataset.action") == "pin"
+        page.keyboard.press("Enter")
+        expect(page.locator("#toast")).to_have_text("pace-a pinned")
+        httpx.post(server.url + "/admin/models/pace-a/unpin", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert failed == [], failed
+
+
+def test_the_view_is_in_the_url(server, browser):
+    """The view is the URL's fragment: a reload stays on it (it went back to the pool), Back and Forward go
+    through the views seen."""
+    with signed_in(browser, server.url) as page:
+        page.click("#tabs [data-view=models]")
+        assert page.url.endswith("/dashboard#models")
+        page.reload()
+        expect(page.locator("#view-models")).to_be_visible()
+        expect(page.locator("#tabs [aria-current=page]")).to_have_attribute("data-view", "models")
+        expect(page.locator('#models-table tr[data-model="pace-a"]')).to_be_visible()
+        page.click("#tabs [data-view=events]")
+        expect(page.locator("#view-events")).to_be_visible()
+        page.go_back()
+        expect(page.locator("#view-models")).to_be_visible()
+        expect(page.locator("#view-events")).to_be_hidden()
+        page.go_back()
+        expect(page.locator("#view-pool")).to_be_visible()
+        page.go_forward()
+        expect(page.locator("#view-models")).to_be_visible()
+        expect(page.locator("#tabs [aria-current=page]")).to_have_attribute("data-view", "models")
+
+
+def test_signed_out_elsewhere_goes_to_the_login_once(server, browser):
+    """Signed out in another tab, a page goes to the login form as its event stream ends, without an error in the
+    browser's log: it went through a reconnect answered 401 and a refresh whose two calls got 401s, each navigating
+    again and aborting the other (failed requests)."""
+    failed: list[str] = []
+    with signed_in(browser, server.url, failed) as page:
+        other = page.context.new_page()
+        other.goto(server.url + "/dashboard")
+        expect(other.locator("#conn")).to_have_text("live", timeout=10_000)
+        other.click("header form button")
+        expect(page.locator("#token")).to_be_visible(timeout=10_000)
+    assert failed == [], failed
+
+
+def test_server_stop_with_the_dashboard_open(server, browser):
+    """Last (it stops the module's server). A SIGTERM with a dashboard open: its event stream ends once the drain
+    is over, so the server stops without waiting out uvicorn's graceful timeout for it and cancelling it (an ERROR
+    and a traceback in the log at every restart); the page says it reconnects."""
+    with signed_in(browser, server.url) as page:
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+        expect(page.locator("#conn")).to_have_text("reconnecting…", timeout=10_000)
+    log = server.log()
+    assert "graceful shutdown exceeded" not in log and "Traceback" not in log, log
