@@ -605,3 +605,16 @@ def test_a_resource_without_spec(kind, valid):
     else:
         with pytest.raises(jsonschema.ValidationError):
             _validate_cr(obj)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (kubectl kustomize renders it)")
+def test_the_crds_apply_alone_and_are_waited_for_by_label():
+    """A fresh cluster refuses custom resources applied with their CRDs (no mapping until they are established):
+    the CRDs go first, then `kubectl wait --for condition=established crd -l app.kubernetes.io/part-of=tokenpool`
+    must find each of them (and the overlay puts the same label on them)."""
+    alone = _render(MANIFESTS / "crds")
+    assert {d["metadata"]["name"] for d in alone} == {c["metadata"]["name"] for c in CRDS.values()}
+    for docs in (alone, [d for d in _render(MANIFESTS / "overlays" / "example")
+                         if d["kind"] == "CustomResourceDefinition"]):
+        assert len(docs) == 3 and all(d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "tokenpool"
+                                      for d in docs)
