@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 import tokenpool
+from controller.cli_suite import needs_test_extra
 from tokenpool import env
 
 app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by token.")
@@ -125,7 +126,7 @@ def make_model_cmd(
 @app.command("serve")
 def serve_cmd(
     model_dirs: Optional[list[Path]] = typer.Argument(
-        None, help="Hugging Face model directories, .gguf files (converted once), or Hugging Face repo ids (org/name) "
+        None, metavar="MODEL_DIR", help="Hugging Face model directories, .gguf files (converted once), or Hugging Face repo ids (org/name) "
         "in the local Hugging Face cache, to serve (beside --config's models)"),
     served_model_name: Optional[list[str]] = typer.Option(
         None, "--served-model-name", help="name of each MODEL_DIR, in order (repeat it); with one MODEL_DIR, the "
@@ -233,7 +234,7 @@ def _admin_token(given: str | None, url: str) -> str | None:
 
 @app.command("stop")
 def stop_cmd(
-    model: str = typer.Argument(..., help="a model the server serves"),
+    model: str = typer.Argument(..., metavar="MODEL", help="a model (or alias) the server serves"),
     url: str = CLIENT_URL,
     admin_token: Optional[str] = typer.Option(None, envvar=env.ADMIN_TOKEN.name, help="admin token (as for ps)"),
 ) -> None:
@@ -250,8 +251,8 @@ def stop_cmd(
 
 @app.command("run")
 def run_cmd(
-    model: str = typer.Argument(..., help="a model (or alias) the server serves"),
-    prompt: Optional[list[str]] = typer.Argument(None, help="the prompt (words are joined); none on a terminal: a "
+    model: str = typer.Argument(..., metavar="MODEL", help="a model (or alias) the server serves"),
+    prompt: Optional[list[str]] = typer.Argument(None, metavar="PROMPT", help="the prompt (words are joined); none on a terminal: a "
                                                  "conversation (\"\"\" begins and ends a multi-line message); "
                                                  "stdin piped in is the prompt, or comes before it"),
     url: str = CLIENT_URL,
@@ -277,7 +278,7 @@ def run_cmd(
 
 
 @app.command("pull", hidden=True)  # (hidden: there is nothing to do but say so to whoever types `ollama pull`)
-def pull_cmd(model: str = typer.Argument(..., help="a model")) -> None:
+def pull_cmd(model: str = typer.Argument(..., metavar="MODEL", help="a model")) -> None:
     """As `ollama pull`: tokenpool downloads nothing; says how a model gets to it."""
     typer.echo(f"tokenpool pull: tokenpool downloads nothing: put a Hugging Face model in the local cache with "
                f"`hf download {model}` (or give a model folder or a .gguf file), then `tokenpool serve {model}`",
@@ -314,7 +315,7 @@ def keys_new_cmd(prefix: str = typer.Option("tp", help="tp: tenant key, tpadmin:
 
 
 @keys_app.command("hash")
-def keys_hash_cmd(key: str = typer.Argument(..., help="the key; '-' reads it from stdin")) -> None:
+def keys_hash_cmd(key: str = typer.Argument(..., metavar="KEY", help="the key; '-' reads it from stdin")) -> None:
     """The salted hash of a key you already have (for key_hashes, admin_token_hash, metrics_token_hash)."""
     import sys
 
@@ -431,6 +432,7 @@ def bench_pool_cmd(
 
 @bench_app.command("serve")
 @with_workload
+@needs_test_extra
 def bench_serve_cmd(
     workload: Workload,
     gpu_budget_gb: Optional[float] = typer.Option(

@@ -5,6 +5,7 @@ Wired into the main CLI by controller/cli.py (which also makes a bare `tokenpool
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +20,35 @@ MODEL = typer.Option("pace", help="with --url: the model to request")
 JSON = typer.Option(None, "--json", help="write the result here (it is printed too)")
 
 
+def _context():
+    try:
+        from typer._click.globals import get_current_context  # typer >= 0.2x carries its own click
+    except ImportError:
+        from click import get_current_context
+    return get_current_context()
+
+
+OWN_PACKAGES = {"tokenpool", "controller", "gpu_pool", "model_swapper", "token_scheduler", "load_tests"}
+
+
+def needs_test_extra(command):
+    """A command of the tools (load_tests), which need the test extra's packages (httpx, schemathesis, ...) that a
+    server's install does not have: one missing is a line saying how to install them, exit 2, not a traceback."""
+
+    @functools.wraps(command)  # (typer reads the signature through __wrapped__)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ModuleNotFoundError as e:
+            if e.name is None or e.name.partition(".")[0] in OWN_PACKAGES:
+                raise
+            typer.echo(f"{_context().command_path}: needs the test extra ({e.name} is not installed): "
+                       "pip install -e '.[test]' in the repository", err=True)
+            raise typer.Exit(2) from None
+
+    return run
+
+
 def _write(result: dict, json_out: Optional[Path]) -> None:
     """Print the result and write it to --json, headed by date, commit and the command that made it (rebuilt
     from the parsed options, so it is the same however the suite was launched)."""
@@ -26,12 +56,7 @@ def _write(result: dict, json_out: Optional[Path]) -> None:
 
     from load_tests.bench_common import git_commit, write_json
 
-    try:
-        from typer._click.globals import get_current_context  # typer >= 0.2x carries its own click
-    except ImportError:
-        from click import get_current_context
-
-    ctx = get_current_context()
+    ctx = _context()
     flag = {p.name: max(p.opts, key=len) for p in ctx.command.params if getattr(p, "opts", None)}
     opts = [f"{flag.get(k, '--' + k)} {v}" for k, v in ctx.params.items()
             if v is not None and k not in ("admin_token", "key")]  # never write a secret into a result
@@ -41,6 +66,7 @@ def _write(result: dict, json_out: Optional[Path]) -> None:
 
 
 @suite_app.command("corpus")
+@needs_test_extra
 def corpus_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
                model: str = MODEL, json_out: Optional[Path] = JSON) -> None:
     """Known-bad requests (every defect of issue 16 among them), each with the status it must get."""
@@ -51,6 +77,7 @@ def corpus_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key
 
 
 @suite_app.command("fuzz")
+@needs_test_extra
 def fuzz_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
              examples: int = typer.Option(50, help="generated requests per operation and mode"),
              json_out: Optional[Path] = JSON) -> None:
@@ -63,6 +90,7 @@ def fuzz_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: 
 
 
 @suite_app.command("kill")
+@needs_test_extra
 def kill_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
              model: str = MODEL, sig: str = typer.Option("KILL", "--signal", help="KILL | STOP"),
              streams: int = typer.Option(8), queued: int = typer.Option(4, help="requests waiting for a slot"),
@@ -79,6 +107,7 @@ def kill_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: 
 
 
 @suite_app.command("pooled-kill")
+@needs_test_extra
 def pooled_kill_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
                     models: Optional[str] = typer.Option(None, help="with --url: comma-separated models to stream"),
                     during: str = typer.Option("weights", help="weights (a switch moves weights) | kv (a KV swap-out)"),
@@ -103,6 +132,7 @@ def pooled_kill_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN
 
 
 @suite_app.command("disconnects")
+@needs_test_extra
 def disconnects_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
                     model: str = MODEL, streams: int = typer.Option(1000),
                     max_tokens: int = typer.Option(3000, help="each stream's (less where the model's context is "
@@ -116,6 +146,7 @@ def disconnects_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN
 
 
 @suite_app.command("drops")
+@needs_test_extra
 def drops_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
               models: Optional[str] = typer.Option(None, help="with --url: comma-separated models to spread over"),
               streams: int = typer.Option(300), max_tokens: int = typer.Option(200), seed: int = typer.Option(0),
@@ -138,6 +169,7 @@ def drops_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key:
 
 
 @suite_app.command("overload")
+@needs_test_extra
 def overload_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
                  model: str = MODEL, factor: float = typer.Option(5.0), duration: float = typer.Option(10.0),
                  max_num_seqs: int = typer.Option(16, help="the model's slots (with --url: what the server has)"),
@@ -152,6 +184,7 @@ def overload_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, k
 
 
 @suite_app.command("soak")
+@needs_test_extra
 def soak_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
              model: str = MODEL, pid: Optional[int] = typer.Option(None, help="with --url: the server's pid (RSS)"),
              duration: float = typer.Option(60.0, help="seconds (1800 for the 30-minute soak)"),
@@ -164,6 +197,7 @@ def soak_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: 
 
 
 @suite_app.command("dashboards")
+@needs_test_extra
 def dashboards_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
                    model: str = MODEL, pid: Optional[int] = typer.Option(None, help="with --url: the server's pid (CPU)"),
                    streams: int = typer.Option(48, help="concurrent streamed completions (the serving load)"),
@@ -180,6 +214,7 @@ def dashboards_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN,
 
 
 @suite_app.command("block")
+@needs_test_extra
 def block_cmd(prompt_mb: float = typer.Option(4.0, help="size of the one huge prompt"),
               json_out: Optional[Path] = JSON) -> None:
     """/health latency while the server tokenizes a PROMPT_MB prompt (a factory model's real tokenizer)."""

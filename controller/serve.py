@@ -263,6 +263,7 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
         if config_path is not None:  # (a config's models: the file and the key named; the MODEL_DIRs were checked)
             check_config_models(cfg.models[:len(cfg.models) - len(model_dirs or [])], config_path)
         startup.check_models(cfg)
+        startup.check_local_workers(cfg, config_path)
     except startup.StartupError as e:
         log.error("%s", e)
         raise SystemExit(2) from None

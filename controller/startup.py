@@ -60,6 +60,22 @@ def check_models(cfg: ServerConfig) -> None:
                 raise StartupError(f"model {m.name!r}, LoRA adapter {lm.name!r}: {why}")
 
 
+def check_local_workers(cfg: ServerConfig, config_path: Path | None = None) -> None:
+    """workers.local's GPU indices are GPUs this machine has (as CUDA sees them: CUDA_VISIBLE_DEVICES counts): a
+    worker started on one that is not there dies at its first CUDA call, and is restarted, again and again."""
+    spec = cfg.workers.local
+    if not isinstance(spec, list):
+        return
+    from controller.pool import local_devices
+
+    have = [d for d in local_devices("auto") if d != "cpu"]
+    if missing := [i for i in spec if f"cuda:{i}" not in have]:
+        where = f"config {config_path}: " if config_path is not None else ""
+        seen = f"{len(have)} GPU{'' if len(have) == 1 else 's'} (0 to {len(have) - 1})" if have else "no GPU"
+        raise StartupError(f"{where}workers.local: GPU {', '.join(map(str, missing))} is not on this machine, which "
+                           f"has {seen} as CUDA sees them; give indices it has, or auto, or cpu")
+
+
 def admin_token_path(cfg: ServerConfig) -> Path:
     return Path(cfg.admin_token_file) if cfg.admin_token_file else admin_token_file(cfg.listen.port)
 

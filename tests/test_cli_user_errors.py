@@ -1,0 +1,66 @@
+"""What a user of a fresh install meets on the command line, each a one-line error with a non-zero exit where a
+traceback or a restart loop was: the tools without the test extra, GPU indices the machine lacks, a configuration
+file given as a model directory; and the usage lines name their arguments as the help and README do."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from controller.cli import app
+
+
+@pytest.mark.parametrize("args", [["suite", "corpus"], ["suite", "block"], ["bench", "serve", "--device", "cpu"]])
+def test_the_tools_without_the_test_extra_say_how_to_install_it(monkeypatch, args):
+    """`pip install -e .` (no [test]) has the server, not the tools' httpx: `tokenpool suite corpus` was a
+    ModuleNotFoundError traceback."""
+    for mod in ("load_tests.faults", "load_tests.dashboard_cost", "load_tests.bench_serve"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    monkeypatch.setitem(sys.modules, "httpx", None)  # (import httpx: ModuleNotFoundError, as where it is missing)
+    r = CliRunner().invoke(app, args, prog_name="tokenpool")
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert r.exit_code == 2 and len(lines) == 1, (r.exit_code, r.output, r.exception)
+    assert lines[0] == (f"tokenpool {' '.join(args[:2])}: needs the test extra (httpx is not installed): "
+                        "pip install -e '.[test]' in the repository"), lines[0]
+
+
+def test_gpu_indices_the_machine_lacks_are_refused_at_start(tmp_path, caplog, monkeypatch):
+    """`workers.local: [64]`: a worker started on a GPU that is not there died at its first CUDA call, traceback
+    after traceback as it was restarted, behind a server that said it listened."""
+    from controller import shutdown
+    from controller.serve import serve
+
+    def started(cfg):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(shutdown, "run", started)
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("workers: {local: [64]}\nlisten: {port: 0}\n")
+    with caplog.at_level(logging.ERROR, logger="tokenpool"), pytest.raises(SystemExit) as e:
+        serve(config_path=cfg)
+    assert e.value.code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith(f"config {cfg}: workers.local: GPU 64 is not on this machine"), \
+        errors
+
+
+def test_a_configuration_file_given_as_a_model_directory_points_at_config(tmp_path):
+    f = tmp_path / "models.yaml"
+    f.write_text("models: []\n")
+    r = CliRunner().invoke(app, ["serve", str(f)])
+    assert r.exit_code == 2 and "(a configuration file is given with --config FILE)" in r.output, r.output
+
+
+@pytest.mark.parametrize(("args", "names"), [(["serve"], ["MODEL_DIR"]), (["run"], ["MODEL", "PROMPT"]),
+                                            (["stop"], ["MODEL"]), (["keys", "hash"], ["KEY"])])
+def test_usage_lines_name_the_arguments_as_the_help_does(args, names):
+    """The help and the README say MODEL_DIR, MODEL, PROMPT; the usage line said {model} [prompt]... and
+    [model_dirs]..."""
+    r = CliRunner().invoke(app, [*args, "--help"], prog_name="tokenpool", env={"COLUMNS": "200"})
+    usage = next(x for x in r.output.splitlines() if "Usage:" in x)
+    assert r.exit_code == 0 and all(n in usage and f"{{{n.lower()}" not in usage and f"[{n.lower()}" not in usage
+                                    for n in names), usage
