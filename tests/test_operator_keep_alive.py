@@ -1,6 +1,7 @@
-"""A PooledModel's keepAlive (scale to zero when idle): the CRD takes what Ollama's keep_alive and Knative's retention
-take, the operator registers it with the controller and changes it in place (PATCH; the model stays registered,
-its requests run on), and operators from before keepAlive see no change to make."""
+"""Scaling a PooledModel to zero. keepAlive (its weights off the GPU when idle): the CRD takes what Ollama's keep_alive
+and Knative's retention take, the operator registers it with the controller and changes it in place (PATCH; the model
+stays registered, its requests run on), and operators from before keepAlive see no change to make. replicas.max 0
+(the scale subresource at 0, what KEDA's minReplicaCount 0 asks): on no engine while idle, loaded by a request."""
 
 from __future__ import annotations
 
@@ -45,6 +46,27 @@ def test_the_crd_takes_seconds_or_a_duration(value, valid):
     if valid:
         _validate_cr(obj)
         b.build_model_spec(obj["metadata"]["name"], obj["spec"])  # and the controller's parsing takes it too
+    else:
+        with pytest.raises(jsonschema.ValidationError):
+            _validate_cr(obj)
+
+
+def test_max_0_is_scaled_to_zero_and_a_request_still_loads_it():
+    body = b.build_model_spec("m", dict(PACE, keepAlive="5m", replicas={"min": 0, "max": 0}))
+    assert body["replicas"] == {"min": 0, "max": 1} and body["keep_alive"] == 0.0
+    assert b.reload_digest(body) == b.reload_digest(b.build_model_spec("m", PACE))  # in place: a PATCH
+    with pytest.raises(ValueError, match="pin"):
+        b.build_model_spec("m", dict(PACE, pin=True, replicas={"min": 0, "max": 0}))
+
+
+@pytest.mark.parametrize("replicas,valid", [({"min": 0, "max": 0}, True), ({"min": 0, "max": -1}, False)])
+def test_the_crd_takes_max_0(replicas, valid):
+    from tests.test_manifests import OBJECTS, _validate_cr
+
+    obj = copy.deepcopy(next(d for _, d in OBJECTS if d["kind"] == "PooledModel"))
+    obj["spec"].update(replicas=replicas, pin=False)
+    if valid:
+        _validate_cr(obj)
     else:
         with pytest.raises(jsonschema.ValidationError):
             _validate_cr(obj)
@@ -96,3 +118,25 @@ async def test_a_model_of_min_0_on_no_engine_says_it_is_scaled_to_zero(world):
         assert obj["status"]["ready"] is True and obj["status"]["replicas"] == 0
         fake.models["m"]["engines"] = ["e0"]  # a request came
         await _until("m Serving again", lambda: _reason(kube, "pooledmodels", "m", "Serving"))
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_scaling_to_zero_and_back_is_a_patch(world):
+    """`kubectl scale pm m --replicas 0` (KEDA scaling in to its minReplicaCount 0) and back up: each a PATCH of
+    the controller's model, which stays registered (a request in between still loads it)."""
+    kube, fake = world
+    async with Operator():
+        await kube.create("gpupools", _obj("GPUPool", "default", {}))
+        await kube.create("pooledmodels", _obj("PooledModel", "m", dict(PACE, replicas={"min": 0, "max": 2})))
+        await _until("m Serving", lambda: _reason(kube, "pooledmodels", "m", "Serving"))
+        await kube.patch("pooledmodels", "m", {"metadata": {"generation": 2}, "spec": {"replicas": {"max": 0}}})
+        await _until("scaled to zero", lambda: _replicas(fake, {"min": 0, "max": 1}, 0.0))
+        await kube.patch("pooledmodels", "m", {"metadata": {"generation": 3}, "spec": {"replicas": {"max": 3}}})
+        await _until("scaled up", lambda: _replicas(fake, {"min": 0, "max": 3}, None))
+    assert fake.count("POST", "/admin/models") == 1 and fake.count("DELETE", "/admin/models/m") == 0
+
+
+async def _replicas(fake, replicas: dict, keep_alive) -> bool:
+    m = fake.models.get("m") or {}
+    return m.get("replicas") == replicas and "keep_alive" in m and m["keep_alive"] == keep_alive

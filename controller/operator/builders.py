@@ -74,6 +74,13 @@ def build_model_spec(name: str, spec: dict) -> dict:
     if path is not None and not path.startswith("/"):
         path = f"{MODELS_MOUNT}/{path}"
     lo, hi = s["replicas"]["min"], s["replicas"]["max"]
+    keep_alive = s.get("keepAlive")  # seconds or "5m": the controller's parsing
+    if hi == 0:  # scaled to zero (the scale subresource at 0: KEDA's minReplicaCount 0, kubectl scale --replicas 0)
+        if s["pin"]:
+            raise ValueError("replicas.max 0 (scaled to zero) with pin: a pinned model keeps a replica; unpin it")
+        # Registered still, on no engine while idle and its weights freed as soon as it is: a request loads it on
+        # one engine (the controller is its own activator), and the autoscaler's trigger scales it up again.
+        lo, hi, keep_alive = 0, 1, 0
     if s["pin"]:  # pinned: always at least one replica resident, whatever the autoscaler thinks
         lo = max(lo, 1)
     body: dict[str, Any] = {
@@ -91,8 +98,8 @@ def build_model_spec(name: str, spec: dict) -> dict:
             body["engine"][key] = s["engine"][field]
     if src.get("memoryGB") is not None:
         body["memory_gb"] = src["memoryGB"]
-    if s.get("keepAlive") is not None:  # seconds or "5m": the controller's parsing
-        body["keep_alive"] = s["keepAlive"]
+    if keep_alive is not None:
+        body["keep_alive"] = keep_alive
     body["lora_modules"] = [{"name": a["name"], "path": a["path"] if a["path"].startswith("/") else
                              f"{MODELS_MOUNT}/{a['path']}"} for a in s["loraAdapters"]]
     return ModelSpec.model_validate(body).model_dump(mode="json")
