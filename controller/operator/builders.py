@@ -100,6 +100,10 @@ def build_model_spec(name: str, spec: dict) -> dict:
         body["memory_gb"] = src["memoryGB"]
     if keep_alive is not None:
         body["keep_alive"] = keep_alive
+    # (unset: the controller's defaults, what every registration before these fields had)
+    for field, key in (("aliases", "aliases"), ("toolCallParser", "tool_call_parser"), ("preload", "preload")):
+        if s.get(field) is not None:
+            body[key] = s[field]
     body["lora_modules"] = [{"name": a["name"], "path": a["path"] if a["path"].startswith("/") else
                              f"{MODELS_MOUNT}/{a['path']}"} for a in s["loraAdapters"]]
     return ModelSpec.model_validate(body).model_dump(mode="json")
