@@ -134,6 +134,36 @@ def test_the_view_is_in_the_url(server, browser):
         expect(page.locator("#tabs [aria-current=page]")).to_have_attribute("data-view", "models")
 
 
+def test_the_model_form_is_emptied_once_added_and_a_dead_engine_has_no_actions(server, browser):
+    """The add-model form is emptied once the model is added, as the tenant form is (left filled, the next Enter
+    asked to add it again, a 409). A dead engine's card offers no Drain (the pool replaces or prunes it) and runs
+    nothing (it said "idle")."""
+    failed: list[str] = []
+    with signed_in(browser, server.url, failed) as page:
+        page.click("#tabs [data-view=models]")
+        page.fill("#add-model [name=name]", "pace-form")
+        page.select_option("#add-model [name=kind]", "pace")
+        page.click("#add-model button[type=submit]")
+        expect(page.locator("#toast")).to_have_text("Model pace-form added")
+        expect(page.locator("#add-model [name=name]")).to_have_value("")
+        expect(page.locator("#add-model [name=kind]")).to_have_value("llm")
+        page.locator('#models-table tr[data-model="pace-form"] [data-action=remove]').click()
+        expect(page.locator("#toast")).to_have_text("pace-form removed")
+
+        page.click("#tabs [data-view=pool]")
+        expect(page.locator('.engine[data-engine="w0"] [data-action=drain]')).to_be_visible()
+        # the snapshot of a worker just killed (its standby takes over within a second: too brief to catch live)
+        card = page.evaluate("""() => {
+            const p = structuredClone(S.pool);
+            Object.assign(p.engines[0], { alive: false, inflight: 0 });
+            applyPool(p, false);
+            const c = document.querySelector('.engine[data-engine="w0"]');
+            return { state: c.querySelector('.badge').dataset.state, actions: c.querySelectorAll('button').length,
+                     running: c.querySelector('.head b').textContent }; }""")
+        assert card == {"state": "dead", "actions": 0, "running": "—"}, card
+    assert failed == [], failed
+
+
 def test_signed_out_elsewhere_goes_to_the_login_once(server, browser):
     """Signed out in another tab, a page goes to the login form as its event stream ends, without an error in the
     browser's log: it went through a reconnect answered 401 and a refresh whose two calls got 401s, each navigating

@@ -132,16 +132,19 @@ function signedOut(now = false) {
   location.assign("/dashboard");
 }
 
-// An action: confirmed first, its result (or error) shown, then the views refreshed.
+// An action: confirmed first, its result (or error) shown, then the views refreshed. True when it was done.
 async function act(question, method, path, body, done) {
-  if (!window.confirm(question)) return;
+  if (!window.confirm(question)) return false;
+  let ok = false;
   try {
     const res = await api(method, path, body);
     toast(done(res));
+    ok = true;
   } catch (e) {
     toast(`Failed: ${e.message}`, true);
   }
   refreshSoon(0);
+  return ok;
 }
 
 // --- views ---
@@ -224,7 +227,8 @@ function renderEngines(p) {
     ] : [el("div", { class: "muted", text: "no VRAM report" })];
     const chips = (names, cls) => names.length ? names.map((n) => el("span", { class: `chip ${n === e.active ? "active" : ""}`, title: n },
       el("span", { class: "swatch", style: { background: color(n) } }), n)) : [el("span", { class: "muted", text: cls })];
-    const button = e.draining
+    // (a dead engine takes no action: the pool replaces its worker, or prunes it)
+    const button = !e.alive ? null : e.draining
       ? el("button", { "data-action": "resume", onclick: () => act(`Resume engine ${e.id}?`, "POST",
         `/admin/engines/${encodeURIComponent(e.id)}/resume`, undefined, () => `Engine ${e.id} resumed`) }, "Resume")
       : el("button", { class: "danger", "data-action": "drain", onclick: () => act(`Drain engine ${e.id}? It takes no new ` +
@@ -235,7 +239,8 @@ function renderEngines(p) {
         el("h3", { text: `${e.id}` }), el("span", { class: `badge ${state}`, "data-state": state, text: state }),
         el("span", { class: "facts", text: `${e.device} on ${e.host}` }),
         el("span", { class: "facts" }, "running now: ",
-          el("b", { text: e.inflight && e.active ? e.active : e.pooled || e.inflight === 0 ? "idle" : "—" })),
+          el("b", { text: !e.alive ? "—" : e.inflight && e.active ? e.active
+            : e.pooled || e.inflight === 0 ? "idle" : "—" })),
         el("span", { class: "facts", text: `switches ${e.switches ?? "—"} · mean stall ${fmtS(e.switch_stall_s)}` }),
         el("span", { class: "facts", text: `in flight ${e.inflight} · step ${fmtS(e.step_s)}` }),
         el("span", { class: "actions" }, button)),
@@ -485,14 +490,17 @@ function init() {
   window.addEventListener("popstate", () => show(viewOf(location.hash)));
   if (viewOf(location.hash) !== "pool") show(viewOf(location.hash));
   document.getElementById("event-filter").addEventListener("change", renderEvents);
-  document.getElementById("add-model").addEventListener("submit", (ev) => {
+  document.getElementById("add-model").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const f = new FormData(ev.target);
     const kind = f.get("kind");
     const spec = { name: f.get("name"), path: f.get("path") || null, engine: { kind },
       slo: { ttft_s: Number(f.get("ttft")), tpot_s: Number(f.get("tpot")) } };
     if (kind === "pace") spec.engine.pace_s_per_token = Number(f.get("pace"));
-    act(`Add model ${spec.name}?`, "POST", "/admin/models", spec, (m) => `Model ${m.name} added`);
+    // emptied once added, as the tenant form is (left filled, the next Enter added the same model again: a 409)
+    if (await act(`Add model ${spec.name}?`, "POST", "/admin/models", spec, (m) => `Model ${m.name} added`)) {
+      ev.target.reset();
+    }
   });
   document.getElementById("add-tenant").addEventListener("submit", async (ev) => {
     ev.preventDefault();
