@@ -519,7 +519,7 @@ class Controller:
         return gen
 
     async def _place(self, sub: Sub, entry: ModelEntry, slo: SLO, priority: int, admission: bool,
-                     avoid: EngineHandle | None = None) -> None:
+                     avoid: EngineHandle | None = None, tries: int = 1) -> None:
         """Send one engine request to the registered engine with the lowest estimated TTFT (admission first).
         A model with no usable registration (its engine died, say) is registered on the best engine first.
         `avoid`: an engine that failed this request and may not be dead yet (a crashed step's worker exits a moment
@@ -581,6 +581,10 @@ class Controller:
             if e.replicas.get(name) is r or r.state not in ("ready", "dropped"):  # (dropped: register it again)
                 break
         self._still_registered(entry)
+        if not e.alive and tries < MAX_ATTEMPTS and not sub.done:
+            # its engine died while the model loaded there: placed again (another engine, or its successor), as a
+            # request whose engine died before its first token is (nothing was sent)
+            return await self._place(sub, entry, slo, priority, False, avoid, tries + 1)
         if r.state == "failed" and e.alive and name in self._load_errors:
             raise self._load_failed(name)
         if r.state != "ready" or not e.alive:

@@ -157,3 +157,28 @@ def test_an_engine_crash_that_fails_a_request_not_streamed_sends_it_again():
         gen.close(200)
 
     asyncio.run(go())
+
+
+def test_a_request_waiting_for_its_model_to_load_goes_elsewhere_when_that_engine_dies():
+    """The engine a request waits on (its model loading there) dies: the request is placed again (here on the
+    other engine), not refused with 503 'could not be registered ... died' while another engine could serve it."""
+    async def go():
+        ctl = Controller(ServerConfig(models=[], workers={"local": "none"}))
+        await ctl.add_model(ModelSpec(name="m", path=None, engine={"kind": "pace"}, slo=SLO(ttft_s=5, tpot_s=1)))
+        w0 = EngineHandle("w0", 0, "cpu", "node", 1000, 8 << 30, Wire())
+        ctl.pool.engines["w0"] = w0
+        task = asyncio.ensure_future(ctl.generate(ctl.models["m"], ctl.tenants.authenticate(None), [[1, 2]],
+                                                  SamplingParams(max_tokens=2), 1, "cmpl-e", stream=False))
+        for _ in range(100):
+            if "m" in w0.replicas:
+                break
+            await asyncio.sleep(0.01)
+        assert w0.replicas["m"].state == "loading" and not task.done()
+        w1 = _engine(ctl, "w1", 1)  # another engine, the model ready there
+        ctl.pool._dead(w0)
+        gen = await asyncio.wait_for(task, 5)
+        (sub,) = gen.subs
+        assert sub.engine_id == "w1" and sub.rid in w1.subs
+        gen.close(499)
+
+    asyncio.run(go())
