@@ -15,7 +15,9 @@ import tokenpool
 from controller.cli_suite import needs_test_extra
 from tokenpool import env
 
-app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by token.")
+# -h as --help everywhere, as ollama, git and vllm take it (the context setting passes down to every command)
+app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by token.",
+                  context_settings={"help_option_names": ["--help", "-h"]})
 bench_app = typer.Typer(help="Benchmarks (GPU figures go to bench/results/).")
 # Options the benchmarks share
 JSON_OUT = typer.Option(None, "--json", help="write results here")
@@ -42,6 +44,26 @@ class Workload:
     slo_ttft: float = _option(10.0, "each model's TTFT SLO (s)")
     slo_tpot: float = _option(0.1, "each model's TPOT SLO (s)")
 
+    def check(self, policy: str) -> None:
+        """--models as `parse_models` reads it, of the factory's archs and sizes, and --policy's names: usage errors
+        naming the option, before a model is made or a server started."""
+        from controller.model_factory import ARCHS, SIZES
+        from load_tests.workload import parse_models
+        from token_scheduler.policies import POLICY_NAMES
+
+        try:
+            models = parse_models(self.models)
+        except ValueError:
+            raise typer.BadParameter(f"cannot read {self.models!r}: comma-separated COUNTxSIZE or COUNTxARCH:SIZE, "
+                                     "e.g. 4x7b,6x1.5b or 2xllama:8b", param_hint="--models") from None
+        for m in models:
+            if m.arch not in ARCHS or m.size not in SIZES:
+                raise typer.BadParameter(f"{m.arch}:{m.size} is not a factory model (archs: {', '.join(ARCHS)}; "
+                                         f"sizes: {', '.join(SIZES)})", param_hint="--models")
+        if bad := [p for p in policy.split(",") if p not in POLICY_NAMES]:
+            raise typer.BadParameter(f"unknown policy {bad[0]!r}; choose from {', '.join(POLICY_NAMES)}",
+                                     param_hint="--policy")
+
     def replay_args(self, rate) -> dict:
         """Keyword arguments of the replay functions (load_tests): these fields, with `rate` as parsed."""
         return {**dataclasses.asdict(self), "rate": rate}
@@ -58,7 +80,9 @@ def with_workload(command):
 
     @functools.wraps(command)
     def run(**kw):
-        return command(workload=Workload(**{f.name: kw.pop(f.name) for f in fields}), **kw)
+        workload = Workload(**{f.name: kw.pop(f.name) for f in fields})
+        workload.check(kw["policy"])
+        return command(workload=workload, **kw)
 
     run.__signature__ = sig.replace(parameters=params)
     return run
@@ -98,7 +122,7 @@ def _print_version(value: bool) -> None:
 @app.callback(invoke_without_command=True)
 def main(
     ctx: typer.Context,
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+    version: bool = typer.Option(False, "--version", "-v", callback=_print_version, is_eager=True,
                                  help="print the version and exit"),
 ) -> None:
     """tokenpool: many models, one GPU pool, scheduled token by token."""
@@ -111,7 +135,7 @@ def make_model_cmd(
     size: str = typer.Option(..., help="tiny | small | 0.5b | 1.5b | 3b | 7b | 8b"),
     out: Path = typer.Option(..., help="output directory"),
     seed: int = typer.Option(0, help="random seed (same seed, same bytes)"),
-    dtype: str = typer.Option("bf16", help="bf16 | fp32"),
+    dtype: str = typer.Option("bf16", help="bf16 | fp16 | fp32"),
     device: Optional[str] = typer.Option(None, help="where to draw the weights (default: cuda if present)"),
 ) -> None:
     """Write a randomly initialised Hugging Face model directory with real shapes."""
@@ -287,6 +311,7 @@ def pull_cmd(model: str = typer.Argument(..., metavar="MODEL", help="a model")) 
 
 
 @app.command("ls")
+@app.command("list", hidden=True)  # (as `ollama list`, whose short form is ls)
 def ls_cmd(
     url: str = CLIENT_URL,
     api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key (env TOKENPOOL_API_KEY)"),
@@ -327,6 +352,14 @@ def keys_hash_cmd(key: str = typer.Argument(..., metavar="KEY", help="the key; '
     typer.echo(hash_key(k))
 
 
+def _check_model_dir(model: Path) -> None:
+    """--model is a directory the engine runs (said as a usage error, before a benchmark's imports and set-up)."""
+    from tokenpool.models import model_dir_problem
+
+    if (why := model_dir_problem(model)) is not None:
+        raise typer.BadParameter(why, param_hint="--model")
+
+
 @bench_app.command("engine")
 def bench_engine_cmd(
     model: Path = typer.Option(..., help="model directory"),
@@ -341,9 +374,17 @@ def bench_engine_cmd(
     hf_exact: bool = typer.Option(False, help="also check parity with every step (decode too) run the way HF runs it"),
 ) -> None:
     """Decode step time per batch size, prefill tokens/s, HBM floor, HF generate peer, parity with HF."""
+    _check_model_dir(model)
+    try:
+        batches = [int(b) for b in batch.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"a comma list of batch sizes, e.g. 1,8,32; got {batch!r}",
+                                 param_hint="--batch") from None
+    if min(batches) < 1:
+        raise typer.BadParameter(f"batch sizes are at least 1; got {batch!r}", param_hint="--batch")
     from load_tests.bench_engine import run_bench_engine
 
-    run_bench_engine(model, [int(b) for b in batch.split(",")], json_out, context=context, hf=hf,
+    run_bench_engine(model, batches, json_out, context=context, hf=hf,
                      parity_dtypes=([] if parity_dtype == "none" else parity_dtype.split(",")) if parity_dtype else None, parity_prompts=parity_prompts,
                      hf_exact_prefill=hf_exact_prefill, hf_exact=hf_exact)
 
@@ -354,6 +395,7 @@ def bench_swap_cmd(
     json_out: Optional[Path] = JSON_OUT,
 ) -> None:
     """Swap-in latency vs the PCIe floor and peers; prefetch stall; KV swap bandwidth."""
+    _check_model_dir(model)
     from load_tests.bench_swap import run_bench_swap
 
     run_bench_swap(model, json_out)

@@ -64,3 +64,39 @@ def test_usage_lines_name_the_arguments_as_the_help_does(args, names):
     usage = next(x for x in r.output.splitlines() if "Usage:" in x)
     assert r.exit_code == 0 and all(n in usage and f"{{{n.lower()}" not in usage and f"[{n.lower()}" not in usage
                                     for n in names), usage
+
+
+@pytest.mark.parametrize("args", [["-h"], ["run", "-h"], ["bench", "pool", "-h"], ["keys", "hash", "-h"]])
+def test_dash_h_is_help_everywhere(args):
+    """`-h`, as ollama, git and vllm take it, was 'No such option: -h'."""
+    r = CliRunner().invoke(app, args, prog_name="tokenpool")
+    assert r.exit_code == 0 and f"Usage: tokenpool {' '.join(args[:-1])}".rstrip() in " ".join(r.output.split()), \
+        r.output
+
+
+def test_dash_v_and_list_as_ollama_has_them(monkeypatch):
+    import tokenpool
+
+    r = CliRunner().invoke(app, ["-v"])
+    assert r.exit_code == 0 and r.output == f"tokenpool {tokenpool.version()}\n", r.output
+    seen = []
+    monkeypatch.setattr("controller.chat_cli.models", lambda url, key: seen.append(url) or [{"id": "m"}])
+    r = CliRunner().invoke(app, ["list", "--url", "h:1"])
+    assert r.exit_code == 0 and seen == ["http://h:1"] and "m" in r.output.split(), r.output
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["bench", "engine", "--model", "/nonexistent"], "Invalid value for --model: path /nonexistent does not exist"),
+    (["bench", "swap", "--model", "/nonexistent"], "Invalid value for --model: path /nonexistent does not exist"),
+    (["bench", "engine", "--model", "MODEL", "--batch", "1,x"], "Invalid value for --batch: a comma list"),
+    (["bench", "pool", "--models", "4x7z"], "Invalid value for --models: qwen2:7z is not a factory model"),
+    (["bench", "pool", "--models", "ax7b"], "Invalid value for --models: cannot read 'ax7b'"),
+    (["bench", "pool", "--policy", "fifo"], "Invalid value for --policy: unknown policy 'fifo'"),
+    (["bench", "serve", "--models", "2xgpt2:7b"], "Invalid value for --models: gpt2:7b is not a factory model"),
+])
+def test_bench_options_are_checked_before_it_runs(tmp_path, args, said):
+    """Each was a ValueError or FileNotFoundError traceback from inside the benchmark, exit 1."""
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
+    args = [str(tmp_path) if a == "MODEL" else a for a in args]
+    r = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and said in r.output, (r.exit_code, r.output, r.exception)
