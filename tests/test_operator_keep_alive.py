@@ -84,59 +84,35 @@ world = lifecycle_world
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(120)
-async def test_keep_alive_is_registered_and_changed_in_place(world):
+async def test_scaling_a_model_to_zero_through_its_pooled_model(world):
+    """One operator for the three (each kopf run costs seconds): keepAlive registered and changed in place; a model
+    of replicas.min 0 on no engine is Ready, reason ScaledToZero (KServe's minReplicas 0), not "Serving on 0
+    engine(s)"; `kubectl scale pm m --replicas 0` (KEDA scaling in to its minReplicaCount 0) and back up. Every
+    change a PATCH of the controller's model, which stays registered (a request in between still loads it)."""
     kube, fake = world
     async with Operator():
         await kube.create("gpupools", _obj("GPUPool", "default", {}))
-        await kube.create("pooledmodels", _obj("PooledModel", "m", dict(PACE, keepAlive="5m")))
+        await kube.create("pooledmodels", _obj("PooledModel", "m", dict(PACE, keepAlive="5m",
+                                                                          replicas={"min": 0, "max": 2})))
         await _until("m Serving", lambda: _reason(kube, "pooledmodels", "m", "Serving"))
-        await _until("keep_alive 300 s", lambda: _at(fake, 300.0))
+        await _until("keep_alive 300 s", lambda: _at(fake, {"min": 0, "max": 2}, 300.0))
         await kube.patch("pooledmodels", "m", {"metadata": {"generation": 2}, "spec": {"keepAlive": 0}})
-        await _until("keep_alive 0", lambda: _at(fake, 0.0))
-        await kube.patch("pooledmodels", "m", {"metadata": {"generation": 3}, "spec": {"keepAlive": None}})
-        await _until("keep_alive unset", lambda: _at(fake, None))
-    assert fake.count("POST", "/admin/models") == 1 and fake.count("DELETE", "/admin/models/m") == 0
+        await _until("keep_alive 0", lambda: _at(fake, {"min": 0, "max": 2}, 0.0))
 
-
-async def _at(fake, seconds) -> bool:
-    m = fake.models.get("m") or {}
-    return "keep_alive" in m and m["keep_alive"] == seconds
-
-
-@pytest.mark.asyncio
-@pytest.mark.timeout(120)
-async def test_a_model_of_min_0_on_no_engine_says_it_is_scaled_to_zero(world):
-    """replicas.min 0 (KServe's minReplicas 0): the controller may leave an idle model on no engine, and the next
-    request places it. The PooledModel stays Ready, and says so rather than "Serving on 0 engine(s)"."""
-    kube, fake = world
-    async with Operator():
-        await kube.create("gpupools", _obj("GPUPool", "default", {}))
-        await kube.create("pooledmodels", _obj("PooledModel", "m", dict(PACE, replicas={"min": 0, "max": 2})))
-        await _until("m Serving", lambda: _reason(kube, "pooledmodels", "m", "Serving"))
         fake.models["m"]["engines"] = []  # the controller's autoscaler took it off its last engine
         obj = await _until("m ScaledToZero", lambda: _reason(kube, "pooledmodels", "m", "ScaledToZero"))
         assert obj["status"]["ready"] is True and obj["status"]["replicas"] == 0
         fake.models["m"]["engines"] = ["e0"]  # a request came
         await _until("m Serving again", lambda: _reason(kube, "pooledmodels", "m", "Serving"))
 
-
-@pytest.mark.asyncio
-@pytest.mark.timeout(120)
-async def test_scaling_to_zero_and_back_is_a_patch(world):
-    """`kubectl scale pm m --replicas 0` (KEDA scaling in to its minReplicaCount 0) and back up: each a PATCH of
-    the controller's model, which stays registered (a request in between still loads it)."""
-    kube, fake = world
-    async with Operator():
-        await kube.create("gpupools", _obj("GPUPool", "default", {}))
-        await kube.create("pooledmodels", _obj("PooledModel", "m", dict(PACE, replicas={"min": 0, "max": 2})))
-        await _until("m Serving", lambda: _reason(kube, "pooledmodels", "m", "Serving"))
-        await kube.patch("pooledmodels", "m", {"metadata": {"generation": 2}, "spec": {"replicas": {"max": 0}}})
-        await _until("scaled to zero", lambda: _replicas(fake, {"min": 0, "max": 1}, 0.0))
-        await kube.patch("pooledmodels", "m", {"metadata": {"generation": 3}, "spec": {"replicas": {"max": 3}}})
-        await _until("scaled up", lambda: _replicas(fake, {"min": 0, "max": 3}, None))
+        await kube.patch("pooledmodels", "m", {"metadata": {"generation": 3}, "spec": {"replicas": {"max": 0}}})
+        await _until("scaled to zero", lambda: _at(fake, {"min": 0, "max": 1}, 0.0))
+        await kube.patch("pooledmodels", "m", {"metadata": {"generation": 4},
+                                               "spec": {"replicas": {"max": 3}, "keepAlive": None}})
+        await _until("scaled up, keep_alive unset", lambda: _at(fake, {"min": 0, "max": 3}, None))
     assert fake.count("POST", "/admin/models") == 1 and fake.count("DELETE", "/admin/models/m") == 0
 
 
-async def _replicas(fake, replicas: dict, keep_alive) -> bool:
+async def _at(fake, replicas: dict, keep_alive) -> bool:
     m = fake.models.get("m") or {}
     return m.get("replicas") == replicas and "keep_alive" in m and m["keep_alive"] == keep_alive
