@@ -234,11 +234,14 @@ def requests_view(ctl: Any) -> list[dict[str, Any]]:
 
 
 def snapshot(ctl: Any, max_requests: int = SNAPSHOT_REQUESTS) -> bytes:
-    """The dashboard's gauges as two SSE frames (`event: pool`, `event: requests`), built once a second for
-    every open dashboard (controller.dashboard.stream.Hub)."""
-    reqs = requests_view(ctl)[:max_requests]
+    """The dashboard's gauges as SSE frames, built once a second for every open dashboard
+    (controller.dashboard.stream.Hub): `event: pool` (GET /admin/pool's body), `event: inflight` (how many requests
+    are in flight) and `event: requests` (GET /admin/requests' body, its oldest `max_requests`: past them the
+    page's count said max_requests however many more there were)."""
+    reqs = requests_view(ctl)
     return (snapshot_frame("pool", pool_view(ctl).model_dump_json())
-            + snapshot_frame("requests", to_json(reqs)))
+            + snapshot_frame("inflight", str(len(reqs)))
+            + snapshot_frame("requests", to_json(reqs[:max_requests])))
 
 
 def cancel(ctl: Any, request_id: str) -> ap.CancelOut:

@@ -10,7 +10,8 @@ const PALETTE = ["#2f6fdf", "#e0573a", "#1f9d55", "#9b59d0", "#d19a00", "#14a3b8
   "#8c5a3c", "#4b5fc9", "#d06b00", "#2e8b7a"];
 
 const S = {
-  view: "pool", pool: null, requests: [], events: [], kinds: new Set(), colors: new Map(),
+  view: "pool", pool: null, events: [], kinds: new Set(), colors: new Map(),
+  requests: [], requestsTotal: 0, inflight: null, // the oldest in flight, how many are, what the stream said
   series: { t: [], tps: new Map(), queue: new Map() }, charts: {}, soon: null, eventsDue: null,
   lastSeq: 0, // the last event's seq: a new stream goes on from it (the ring's backlog once, not again)
   snapshots: 0, // pool snapshots drawn (the browser tests wait on it)
@@ -385,6 +386,8 @@ function renderRequests() {
     "Cancel"))));
   patch(document.querySelector("#requests-table tbody"), rows);
   document.getElementById("requests-empty").hidden = rows.length > 0;
+  document.getElementById("requests-note").textContent = S.requestsTotal > rows.length
+    ? `(the oldest ${rows.length} of ${S.requestsTotal})` : "";
 }
 
 function clockMs(t) { return `${clock(t)}.${String(Math.floor((t % 1) * 1000)).padStart(3, "0")}`; }
@@ -427,10 +430,12 @@ function applyPool(p, chart) {
   if (S.view === "tenants") renderTenants(p);
 }
 
-function applyRequests(list) {
+// `total`: how many are in flight, where the snapshot lists only the oldest (controller.dashboard.views.snapshot)
+function applyRequests(list, total = list.length) {
   S.requests = list;
-  // the tab counts the requests it lists (one with n choices is one row; "In flight" counts the engines' requests)
-  document.getElementById("n-requests").textContent = String(list.length);
+  S.requestsTotal = Math.max(total, list.length);
+  // the tab counts the requests in flight (one with n choices is one; "In flight" counts the engines' requests)
+  document.getElementById("n-requests").textContent = String(S.requestsTotal);
   if (S.view === "requests") renderRequests();
 }
 
@@ -477,7 +482,12 @@ function connect() {
   // the server ends the stream: a session signed out (in another tab, or expired) goes to the login form at once,
   // not through a reconnect answered 401; a server stopping is reconnected to (the page says so meanwhile)
   es.addEventListener("end", (msg) => { if (JSON.parse(msg.data).reason === "signed out") signedOut(); });
-  es.addEventListener("requests", (msg) => applyRequests(JSON.parse(msg.data)));
+  es.addEventListener("inflight", (msg) => { S.inflight = Number(msg.data); }); // (just before `requests`)
+  es.addEventListener("requests", (msg) => {
+    const list = JSON.parse(msg.data);
+    applyRequests(list, S.inflight ?? list.length);
+    S.inflight = null;
+  });
 }
 
 function init() {
