@@ -64,10 +64,10 @@ async def test_in_a_namespace_being_deleted_a_finalizer_lets_go_when_the_control
 @pytest.mark.asyncio
 @pytest.mark.timeout(120)
 async def test_the_operator_leaving_a_namespace_being_deleted_takes_its_finalizers_with_it(world):
-    """The operator's pod stopped (SIGTERM) while its finalizers still wait (here a model's drain; on a real
-    uninstall, often before its watch saw the deletes at all): on the way out it removes what the controller still
-    has at once, and its finalizer from every object being deleted in a namespace being deleted. A plain restart
-    (the namespace stays) leaves them for the next operator."""
+    """The operator's pod stopped (SIGTERM) while its finalizers still wait (here a model's drain), or before the
+    namespace's deletion reached its objects at all: on the way out it removes what the controller still has at
+    once, and its finalizer from every object in a namespace being deleted. A plain restart (the namespace stays)
+    leaves them for the next operator."""
     kube, fake = world
     ns = Namespace(kube)
     async with Operator():
@@ -83,7 +83,10 @@ async def test_the_operator_leaving_a_namespace_being_deleted_takes_its_finalize
         ns.terminating = True
     await _until("m gone", lambda: _gone(kube, "pooledmodels", "m"))
     assert "m" not in fake.models and not fake.tenants
-    assert await kube.get("gpupools", "default") is not None  # not being deleted: left to the namespace's deletion
+    pool = await kube.get("gpupools", "default")  # not deleted yet: the namespace's deletion comes to it later
+    assert FINALIZER not in (pool["metadata"].get("finalizers") or [])
+    await kube.delete("gpupools", "default")
+    assert await _gone(kube, "gpupools", "default")
 
 
 def test_the_operators_role_may_read_its_namespace_and_nothing_more_of_it():

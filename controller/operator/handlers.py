@@ -504,10 +504,11 @@ def pool_names(name: str, namespace: str, meta: dict, **_: Any) -> dict:
 @kopf.on.cleanup()
 def cleanup(memo: kopf.Memo, served_names: Any = None, tenant_names: Any = None, pool_names: Any = None,
             **_: Any) -> None:
-    """The operator exiting. In a namespace being deleted (an uninstall) its objects being deleted lose this
-    operator's finalizer: the operator is going too, and nothing else would ever remove it (the objects, their CRDs
-    and the namespace would stay Terminating). Each is first removed from the controller if it still answers
-    (its requests in flight are not waited for: the controller is going as well)."""
+    """The operator exiting. In a namespace being deleted (an uninstall) its objects lose this operator's finalizer,
+    those not deleted yet too (the namespace's deletion may reach them only after the operator's pod is gone): the
+    operator is going, and nothing else would ever remove it (the objects, their CRDs and the namespace would stay
+    Terminating). Each is first removed from the controller if it still answers (its requests in flight are not
+    waited for: the controller is going as well)."""
     kube = getattr(memo, "kube", None)
     if kube is None:  # the startup never finished
         return
@@ -535,7 +536,7 @@ def _release_all(kube: Any, admin: AdminClient, memo: kopf.Memo, namespace: str,
             continue
         for obj in objs:
             meta = obj["metadata"]
-            if not meta.get("deletionTimestamp") or FINALIZER not in (meta.get("finalizers") or []):
+            if FINALIZER not in (meta.get("finalizers") or []):
                 continue
             if reachable:
                 try:
