@@ -266,8 +266,9 @@ class Controller:
         # is placed, and `on_fatal`, which `tokenpool serve` sets, stops the server with exit status 2); or None
         self.fatal: str | None = None
         self.on_fatal: Callable[[], None] | None = None
-        # model -> engine id -> when its registration failed there (or was shed from there): placed elsewhere a while
-        self._failures: dict[str, dict[str, float]] = {}  # model -> engine id -> until when it is not placed there
+        # model -> engine id -> until when (monotonic) it is not placed there: its registration failed there (tried
+        # again after LOAD_RETRY_S, doubling), or it was shed from there (FAILED_AVOID_S)
+        self._failures: dict[str, dict[str, float]] = {}
         self._fail_counts: dict[tuple[str, str], int] = {}  # (model, engine id) -> registrations failed in a row
         self._load_errors: dict[str, str] = {}  # model -> why its last registration failed (until one succeeds)
         self._moving: dict[str, str] = {}  # model -> the engine it is moving from (until the new registration is up)
