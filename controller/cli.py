@@ -213,8 +213,8 @@ def serve_cmd(
 def ps_cmd(
     url: str = CLIENT_URL,
     admin_token: Optional[str] = typer.Option(
-        None, envvar=env.ADMIN_TOKEN.name, help="admin token (env TOKENPOOL_ADMIN_TOKEN; default: the token file "
-        "a local server without admin_token_hash writes at start)"),
+        None, envvar=env.ADMIN_TOKEN.name, help="admin token (default: the token file a local server without "
+        "admin_token_hash writes at start)"),
 ) -> None:
     """Which models a running server has, where they are resident (engine, device), their size and last use."""
     from controller.ps import PsError, ps
@@ -280,11 +280,12 @@ def run_cmd(
                                                  "conversation (\"\"\" begins and ends a multi-line message); "
                                                  "stdin piped in is the prompt, or comes before it"),
     url: str = CLIENT_URL,
-    api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key (env TOKENPOOL_API_KEY)"),
+    api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key"),
     system: Optional[str] = typer.Option(None, help="a system message"),
     max_tokens: Optional[int] = typer.Option(None, min=1, help="a reply's most tokens (default: the model's room)"),
-    temperature: Optional[float] = typer.Option(None, min=0, max=2),
-    seed: Optional[int] = typer.Option(None),
+    temperature: Optional[float] = typer.Option(None, min=0, max=2, help="sampling temperature (default: the "
+                                                "server's, 1; 0: greedy)"),
+    seed: Optional[int] = typer.Option(None, help="sampling seed (the same seed and prompt, the same reply)"),
 ) -> None:
     """Chat with a model, as `ollama run`: one reply streamed, or a conversation (/bye to leave)."""
     from controller.chat_cli import ChatError, run
@@ -314,7 +315,7 @@ def pull_cmd(model: str = typer.Argument(..., metavar="MODEL", help="a model")) 
 @app.command("list", hidden=True)  # (as `ollama list`, whose short form is ls)
 def ls_cmd(
     url: str = CLIENT_URL,
-    api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key (env TOKENPOOL_API_KEY)"),
+    api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key"),
 ) -> None:
     """The models the key may use, as `ollama list` (their residency: `tokenpool ps`)."""
     from controller.chat_cli import ChatError, models
@@ -518,8 +519,8 @@ def loadtest_cmd(
     duration: float = typer.Option(10.0, min=0.1, help="seconds"),
     model: Optional[str] = typer.Option(None, help="default: the first model /v1/models lists"),
     max_tokens: int = typer.Option(64, min=1, help="per request; each stream asks again when one ends"),
-    api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key (env TOKENPOOL_API_KEY)"),
-    json_out: Optional[Path] = typer.Option(None, "--json"),
+    api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result here (it is printed too)"),
 ) -> None:
     """Drive a running server with concurrent streaming requests and report latencies (exit 1 if no token came)."""
     from load_tests.loadtest import run_loadtest

@@ -29,6 +29,7 @@ from tokenpool.models import adapter_fit_problem, model_dir_problem, model_max_p
 log = logging.getLogger("tokenpool")
 
 
+API_KEY_TENANT = "api-key"  # the tenant --api-key is served as (vLLM's flag: one key for every model)
 HF_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 MODEL_NAME_RE = re.compile(MODEL_NAME)  # what ModelSpec takes as a name (and an alias)
 
@@ -186,8 +187,11 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
         if api_key is not None:
             if not api_key:
                 raise StartupError("--api-key is empty")
+            if any(t.name == API_KEY_TENANT for t in cfg.tenants):
+                raise StartupError(f"--api-key is served as a tenant named {API_KEY_TENANT!r}, and config "
+                                   f"{config_path} has a tenant of that name: rename it, or give the key there")
             cfg = ServerConfig.model_validate({**cfg.model_dump(), "auth": True, "tenants": [
-                *[t.model_dump() for t in cfg.tenants], {"name": "api-key", "key_hashes": [hash_key(api_key)]}]})
+                *[t.model_dump() for t in cfg.tenants], {"name": API_KEY_TENANT, "key_hashes": [hash_key(api_key)]}]})
         if specs:
             cfg = ServerConfig.model_validate({**cfg.model_dump(), "models": [*cfg.models, *specs]})
     except ValidationError as e:  # (a MODEL_DIR named as a --config model, a tenant named api-key)

@@ -100,3 +100,16 @@ def test_bench_options_are_checked_before_it_runs(tmp_path, args, said):
     args = [str(tmp_path) if a == "MODEL" else a for a in args]
     r = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
     assert r.exit_code == 2 and said in r.output, (r.exit_code, r.output, r.exception)
+
+
+def test_api_key_beside_a_config_tenant_of_its_name_says_which(tmp_path):
+    """--api-key is served as a tenant named api-key; beside a configuration that has one, the error was 'tenant
+    names must be unique', naming neither."""
+    from controller.serve import prepare
+    from controller.startup import StartupError
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("tenants:\n  - {name: api-key, key_hashes: []}\n")
+    with pytest.raises(StartupError, match=r"--api-key is served as a tenant named 'api-key', and config .* has a "
+                                           r"tenant of that name"):
+        prepare(cfg, None, None, api_key="k")
