@@ -406,3 +406,24 @@ def test_a_pin_change_is_made_in_place(admin, server, monkeypatch):
     finally:
         admin.models.remove("pin-m")
         admin.tenants.remove("pin-reader")
+
+
+def test_the_live_controller_takes_scale_to_zero_and_the_model_fields(admin):
+    """What the operator sends for keepAlive, aliases, toolCallParser, preload and replicas.max 0 (scaled to zero),
+    the controller takes, changes in place (PATCH) and shows back, so a converged round changes nothing."""
+    spec = {"engine": {"kind": "pace"}, "keepAlive": "5m", "aliases": ["pace-zero-alias"], "toolCallParser": "hermes",
+            "preload": True, "replicas": {"min": 0, "max": 2}}
+    body = b.build_model_spec("pace-zero", spec)
+    admin.models.add(body)
+    try:
+        actual = admin.models.by_name()["pace-zero"]
+        assert actual["keep_alive"] == 300 and actual["aliases"] == ["pace-zero-alias"]
+        assert b.model_matches(body, actual)
+        for changed in (dict(spec, replicas={"min": 0, "max": 0}),  # kubectl scale --replicas 0
+                        dict(spec, keepAlive=None, replicas={"min": 0, "max": 3})):
+            want = b.build_model_spec("pace-zero", changed)
+            assert b.same_registration(want, b.reload_digest(body))  # in place
+            admin.models.update("pace-zero", b.live_fields(want))
+            assert b.model_matches(want, admin.models.by_name()["pace-zero"]), changed
+    finally:
+        admin.models.remove("pace-zero")
