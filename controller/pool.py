@@ -49,6 +49,7 @@ MAX_EVENTS = 1024  # events per Stats
 REPO_ROOT = Path(__file__).resolve().parent.parent
 JOIN_GRACE_S = 300.0  # at start-up, how long the server waits for every local worker before it is ready without
 QUICK_DEATH_S = 30.0  # a local worker that dies sooner after it started is restarted with a growing backoff
+LOOPING_BACKOFF_S = 1.6  # a slot whose restart backoff reached this is in a crash loop (3 quick deaths in a row)
 
 
 @dataclass
@@ -136,6 +137,7 @@ class EnginePool:
         self.local_slots, self.t_start = 0, time.monotonic()  # local worker slots started, and when (start)
         self._procs: dict[int, asyncio.subprocess.Process] = {}  # slot -> its worker process
         self._spares: dict[int, asyncio.subprocess.Process] = {}  # slot -> its standby (see the module docstring)
+        self._looping: dict[int, bool] = {}  # slot -> its workers keep dying soon after they start (a crash loop)
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self.quiet = False  # the server is draining to stop (shutdown.py): a local worker that exits is not replaced
@@ -203,6 +205,7 @@ class EnginePool:
                 return
             self.restarts += 1
             backoff = 0.2 if time.monotonic() - t0 > QUICK_DEATH_S else min(backoff * 2, 10.0)
+            self._looping[slot] = backoff >= LOOPING_BACKOFF_S
             spare = self._spares.get(slot)
             if spare is not None and spare.returncode is None:
                 log.warning("local worker w%d (pid %d) exited with %s; its standby (pid %d) takes over", slot,
@@ -239,10 +242,12 @@ class EnginePool:
 
     def replacing(self) -> bool:
         """Whether a local slot has no worker that takes requests now but will (its worker died or is stopping, and
-        one is being started or promoted): a request waits for it rather than hearing 503."""
+        one is being started or promoted): a request waits for it rather than hearing 503. Not a slot in a crash loop
+        (LOOPING_BACKOFF_S): its requests would wait for a worker that may never come."""
         if self._stopping or self.quiet or not self.s.restart:
             return False
-        return any(not any(e.alive and not e.retiring and e.slot == i for e in self.engines.values())
+        return any(not self._looping.get(i) and
+                   not any(e.alive and not e.retiring and e.slot == i for e in self.engines.values())
                    for i in range(self.local_slots))
 
     def local_joined(self) -> bool:

@@ -182,3 +182,23 @@ def test_a_request_waiting_for_its_model_to_load_goes_elsewhere_when_that_engine
         gen.close(499)
 
     asyncio.run(go())
+
+
+def test_requests_wait_for_a_local_worker_being_replaced_but_not_for_a_crash_loop():
+    """EnginePool.replacing: a local slot whose worker died or is stopping (signalled) will have one again: a request
+    waits for it; a slot whose workers keep dying at start may never: its requests are answered."""
+    async def go():
+        ctl = Controller(ServerConfig(models=[], workers={"local": "none"}))
+        pool = ctl.pool
+        pool.local_slots = 1
+        assert pool.replacing()  # (no worker on slot 0 yet)
+        e = _engine(ctl, "w0", 0)
+        assert not pool.replacing()
+        e.retiring = True
+        assert pool.replacing()
+        e.retiring, e.alive = False, False
+        assert pool.replacing()
+        pool._looping[0] = True
+        assert not pool.replacing()
+
+    asyncio.run(go())
