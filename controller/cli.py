@@ -23,6 +23,7 @@ bench_app = typer.Typer(help="Benchmarks (GPU figures go to bench/results/).")
 JSON_OUT = typer.Option(None, "--json", help="write results here")
 SEED = typer.Option(0, help="the workload's seed")
 TARGET = typer.Option(0.9, help="SLO attainment a rate must keep to count as sustained")
+DEFAULT_PORT = 8000  # the server's (controller.config.Listen), where a client's --url leaves it out
 # The client commands' server (run, ls, ps, stop), as OLLAMA_HOST is ollama's
 CLIENT_URL = typer.Option(env.URL.default, envvar=env.URL.name, help="the server's base URL (host:port, a URL, or "
                           "an OpenAI base URL ending in /v1)")
@@ -228,9 +229,23 @@ def ps_cmd(
 
 
 def _base_url(url: str) -> str:
-    """--url as given, or (host:port without a scheme, as OLLAMA_HOST takes it) over http; an OpenAI client's base
-    URL (ending in /v1) is its server's (the commands add /v1/... and /admin/... themselves)."""
-    url = url if "://" in url else f"http://{url}"
+    """--url as given, or without a scheme as OLLAMA_HOST takes it: over http, the host 127.0.0.1 and the port 8000
+    where they are left out (`:8001`, `myhost`); an OpenAI client's base URL (ending in /v1) is its server's (the
+    commands add /v1/... and /admin/... themselves)."""
+    if "://" not in url:
+        import ipaddress
+        from urllib.parse import urlsplit
+
+        url = url.strip()
+        try:  # (a bare IPv6 address, ::1, has colons and no port)
+            host, port, path = str(ipaddress.IPv6Address(url.strip("[]"))), DEFAULT_PORT, ""
+        except ValueError:
+            u = urlsplit(f"http://{url}")
+            try:
+                host, port, path = u.hostname or "127.0.0.1", u.port or DEFAULT_PORT, u.path
+            except ValueError:  # (not a port: left for the request to name)
+                host, port, path = url, None, ""
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}{path}" if port is not None else f"http://{url}"
     trimmed = url.rstrip("/")
     return trimmed.removesuffix("/v1") if trimmed.endswith("/v1") else url
 
@@ -507,7 +522,8 @@ def bench_serve_cmd(
     else:
         budget = {"gpu_budget_gb": 60.0 if gpu_budget_gb is None else gpu_budget_gb}
     run_serve(**workload.replay_args(rates), **budget, kv_cache_gb=kv_cache_gb,
-              policies=policy.split(","), seed=seed, json_out=json_out, drain_s=drain, url=url,
+              policies=policy.split(","), seed=seed, json_out=json_out, drain_s=drain,
+              url=_base_url(url) if url else None,
               admin_token=admin_token, target=target, stop_at_miss=stop_at_miss, device=device,
               admission=not no_admission)
 

@@ -100,3 +100,15 @@ def test_the_url_variable_is_declared_and_shown_in_help():
     for cmd in ("run", "ls", "ps", "stop", "loadtest"):
         r = CliRunner().invoke(app, [cmd, "--help"], env={"COLUMNS": "200"})
         assert "TOKENPOOL_URL" in r.output, (cmd, r.output)
+
+
+@pytest.mark.parametrize(("given", "url"), [(":18382", "http://127.0.0.1:18382"), ("myhost", "http://myhost:8000"),
+                                            ("::1", "http://[::1]:8000"), ("[::1]:9", "http://[::1]:9"),
+                                            ("h:1/v1/", "http://h:1"), ("http://h", "http://h"),
+                                            ("https://h/v1", "https://h"), ("0.0.0.0", "http://0.0.0.0:8000")])
+def test_url_without_a_scheme_reads_as_ollama_host_does(given, url):
+    """OLLAMA_HOST's spellings: a missing host is 127.0.0.1 and a missing port the server's default (`:18382` was
+    'Name or service not known', `myhost` went to port 80)."""
+    from controller.cli import _base_url
+
+    assert _base_url(given) == url
