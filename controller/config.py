@@ -377,10 +377,31 @@ def admin_token_file(port: int) -> Path:
     return cache_dir() / f"admin-token-{port}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently: a second
+    `models:` would drop the first one's models)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # (<<: *anchor: its keys may be given again, to override)
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # (an unhashable key: the base class says so)
+                continue
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"found key {key!r} twice (first at line {first.line + 1}); give it once",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: Path | None) -> ServerConfig:
     if path is None:
         return default_config()
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader) or {}  # (a SafeLoader)
     cfg = ServerConfig.model_validate(data)
     base = Path(path).resolve().parent
 

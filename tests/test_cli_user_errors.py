@@ -113,3 +113,18 @@ def test_api_key_beside_a_config_tenant_of_its_name_says_which(tmp_path):
     with pytest.raises(StartupError, match=r"--api-key is served as a tenant named 'api-key', and config .* has a "
                                            r"tenant of that name"):
         prepare(cfg, None, None, api_key="k")
+
+
+def test_a_key_given_twice_in_the_configuration_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys silently: a second `models:` dropped the first one's models, and the
+    server started without them."""
+    from controller.startup import StartupError, load_checked
+
+    f = tmp_path / "c.yaml"
+    f.write_text("models:\n  - {name: a, engine: {kind: pace}}\nlisten: {port: 0}\nmodels:\n"
+                 "  - {name: b, engine: {kind: pace}}\n")
+    with pytest.raises(StartupError, match=r"line 4, column 1: found key 'models' twice \(first at line 1\)"):
+        load_checked(f)
+    # a merge key's keys may still be given again (to override them)
+    f.write_text("listen: &l {host: 127.0.0.2, port: 0}\nworkers:\n  listen:\n    <<: *l\n    host: 127.0.0.1\n")
+    assert load_checked(f).workers.listen.host == "127.0.0.1"
