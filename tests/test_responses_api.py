@@ -256,3 +256,25 @@ def test_response_store_is_bounded_and_per_tenant():
     before = st.bytes
     assert st.delete("big", "alice") and st.get("big", "alice") is None and st.bytes < before
     assert st.bytes == sum(v.size for v in st._items.values())
+
+
+def test_every_response_and_event_is_a_valid_openai_object(server):
+    """Each streamed event (text, a function call, logprobs) and the Response, as JSON on the wire, validates as
+    the `openai` client's own types, every required field there (`usage.input_tokens_details.cache_write_tokens`
+    was missing: a typed client read None where the type says an int)."""
+    import httpx
+    import pydantic
+    from openai.types.responses import Response, ResponseStreamEvent
+
+    events = pydantic.TypeAdapter(ResponseStreamEvent)
+    h = {"Authorization": f"Bearer {ALICE}"}
+    base = {"model": "tiny-a", "input": "Weather in Paris?", "max_output_tokens": 4, **GREEDY}
+    for extra in ({}, {"tools": [WEATHER], "tool_choice": "required", "max_output_tokens": 40},
+                  {"include": ["message.output_text.logprobs"], "top_logprobs": 1}):
+        r = httpx.post(server.url + "/v1/responses", json={**base, **extra, "stream": True}, headers=h, timeout=60)
+        got = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+        assert got and got[-1]["type"] in ("response.completed", "response.incomplete"), r.text[-300:]
+        for e in got:
+            events.validate_python(e)
+    r = httpx.post(server.url + "/v1/responses", json=base, headers=h, timeout=60)
+    assert Response.model_validate(r.json()).usage.input_tokens_details.cache_write_tokens == 0

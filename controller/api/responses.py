@@ -268,7 +268,10 @@ class _Reply:
         r = self.req
         usage = None
         if status != "in_progress":
-            usage = {"input_tokens": gen.prompt_tokens, "input_tokens_details": {"cached_tokens": gen.cached_tokens},
+            # (cache_write_tokens, which OpenAI's Response requires: none are billed as written here, the prefix
+            # cache keeps every prompt's blocks unasked)
+            usage = {"input_tokens": gen.prompt_tokens,
+                     "input_tokens_details": {"cached_tokens": gen.cached_tokens, "cache_write_tokens": 0},
                      "output_tokens": gen.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": gen.prompt_tokens + gen.completion_tokens}
         return {"id": self.rid, "object": "response", "created_at": self.created, "status": status, "error": None,
