@@ -349,8 +349,14 @@ def ls_cmd(
 @keys_app.command("new")
 def keys_new_cmd(prefix: str = typer.Option("tp", help="tp: tenant key, tpadmin: admin token, ...")) -> None:
     """A fresh random key (256 bits) and the hash to put in a configuration."""
+    import re
+
     from controller.keys import hash_key, new_key
 
+    # (a space would break the Authorization header; a leading dash would be read as an option by `keys hash`)
+    if prefix and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", prefix):
+        raise typer.BadParameter(f"{prefix!r}: a prefix is letters, digits and . _ - (not first); a key is sent "
+                                 "in an Authorization header and given to `keys hash KEY`", param_hint="--prefix")
     k = new_key(prefix)
     typer.echo(f"key:  {k}\nhash: {hash_key(k)}")
 

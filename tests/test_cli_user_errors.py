@@ -128,3 +128,12 @@ def test_a_key_given_twice_in_the_configuration_is_refused(tmp_path):
     # a merge key's keys may still be given again (to override them)
     f.write_text("listen: &l {host: 127.0.0.2, port: 0}\nworkers:\n  listen:\n    <<: *l\n    host: 127.0.0.1\n")
     assert load_checked(f).workers.listen.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("prefix", ["my key", "-x", "tp/admin"])
+def test_a_key_prefix_that_would_break_its_use_is_refused(prefix):
+    """`keys new --prefix "my key"` made a key with a space (a broken Bearer header), `--prefix=-x` one that
+    `keys hash KEY` reads as an option."""
+    r = CliRunner().invoke(app, ["keys", "new", f"--prefix={prefix}"], env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and "Invalid value for --prefix" in r.output, r.output
+    assert CliRunner().invoke(app, ["keys", "new", "--prefix", "tp.admin_1"]).exit_code == 0
