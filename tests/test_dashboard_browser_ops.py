@@ -109,7 +109,7 @@ def test_focus_survives_the_snapshots(server, browser):
         page.keyboard.press("Enter")
         expect(page.locator("#toast")).to_have_text("pace-a pinned")
         httpx.post(server.url + "/admin/models/pace-a/unpin", headers={"Authorization": f"Bearer {ADMIN}"})
-    assert failed == [], failed
+    assert failed == [], "\n".join(failed)
 
 
 def test_the_view_is_in_the_url(server, browser):
@@ -148,7 +148,7 @@ def test_the_model_form_is_emptied_once_added(server, browser):
         expect(page.locator("#add-model [name=kind]")).to_have_value("llm")
         page.locator('#models-table tr[data-model="pace-form"] [data-action=remove]').click()
         expect(page.locator("#toast")).to_have_text("pace-form removed")
-    assert failed == [], failed
+    assert failed == [], "\n".join(failed)
 
 
 def test_snapshots_too_rare_to_catch_live(server, browser):
@@ -178,21 +178,25 @@ def test_snapshots_too_rare_to_catch_live(server, browser):
                     document.getElementById('requests-note').textContent,
                     document.querySelectorAll('#requests-table tbody tr').length]; }""")
         assert shown == ["1000", "(the oldest 1 of 1000)", 1], shown
-    assert failed == [], failed
+    assert failed == [], "\n".join(failed)
 
 
 def test_signed_out_elsewhere_goes_to_the_login_once(server, browser):
     """Signed out in another tab, a page goes to the login form as its event stream ends, without an error in the
     browser's log: it went through a reconnect answered 401 and a refresh whose two calls got 401s, each navigating
-    again and aborting the other (failed requests)."""
+    again and aborting the other (failed requests). The tab signing out waits for its stream's end too (its
+    navigation aborted the open stream)."""
     failed: list[str] = []
     with signed_in(browser, server.url, failed) as page:
         other = page.context.new_page()
+        other.on("requestfailed", lambda r: failed.append(f"failed (signing out): {r.method} {r.url} {r.failure}"))
         other.goto(server.url + "/dashboard")
         expect(other.locator("#conn")).to_have_text("live", timeout=10_000)
         other.click("header form button")
+        expect(other.locator("#token")).to_be_visible(timeout=10_000)
         expect(page.locator("#token")).to_be_visible(timeout=10_000)
-    assert failed == [], failed
+        assert other.request.get(server.url + "/admin/pool").status == 401
+    assert failed == [], "\n".join(failed)
 
 
 def test_server_stop_with_the_dashboard_open(server, browser):

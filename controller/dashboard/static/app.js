@@ -536,6 +536,17 @@ function init() {
     }
     refreshSoon(0);
   });
+  // signing out: the session is dropped, then the page goes to the login form once the server has ended the event
+  // stream (within a beat), as a tab signed out elsewhere does; a navigation at once aborted the open stream (a
+  // failed request in the browser's log). Without this script the form posts as it is.
+  document.querySelector("header form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      // (its redirect followed and read to the end: one not followed, or not read, is an aborted request)
+      await (await fetch(ev.target.action, { method: "POST", credentials: "same-origin" })).text();
+    } catch (e) { /* (the server is gone: the login form says so) */ }
+    signedOut();
+  });
   window.addEventListener("resize", () => { resizeCharts(); if (S.pool && S.view === "pool") renderEngines(S.pool); });
   connect();
 }
