@@ -29,6 +29,7 @@ from tokenpool.models import adapter_fit_problem, model_dir_problem, model_max_p
 log = logging.getLogger("tokenpool")
 
 
+CACHE_HINT = f" (set {env.CACHE.name} to a folder you may write)"
 API_KEY_TENANT = "api-key"  # the tenant --api-key is served as (vLLM's flag: one key for every model)
 HF_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 MODEL_NAME_RE = re.compile(MODEL_NAME)  # what ModelSpec takes as a name (and an alias)
@@ -72,6 +73,9 @@ def model_specs(dirs: list[Path], names: list[str]) -> list[ModelSpec]:
                 dirs[i] = ensure_gguf(d, cache_dir())
             except RuntimeError as e:
                 raise ValueError(str(e)) from None
+            except OSError as e:  # (the cache cannot be written)
+                raise ValueError(f"{d} cannot be converted into {cache_dir()}: {e.strerror or e}"
+                                 f"{CACHE_HINT}") from None
         if (why := model_dir_problem(dirs[i])) is not None:
             raise ValueError(why)
     if names and len(dirs) > 1 and len(names) != len(dirs):
@@ -262,7 +266,12 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
                     "models %s (made on first run under %s) with NO authentication, bound to %s only",
                     REAL_MODEL, [m.name for m in cfg.models if m.name != REAL_MODEL],
                     Path(cfg.models[0].path).parent if cfg.models[0].path else "-", cfg.listen.host)
-        ensure_demo_models(cfg)
+        try:
+            ensure_demo_models(cfg)
+        except OSError as e:
+            log.error("cannot make the default's models under %s: %s%s", Path(cfg.models[0].path or ".").parent,
+                      e.strerror or e, CACHE_HINT)
+            raise SystemExit(2) from None
     try:
         if config_path is not None:  # (a config's models: the file and the key named; the MODEL_DIRs were checked)
             check_config_models(cfg.models[:len(cfg.models) - len(model_dirs or [])], config_path)
@@ -280,7 +289,13 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
     probe.close()
     token_file = None
     if admin_token is not None:
-        token_file = startup.write_admin_token(cfg, admin_token)
+        try:
+            token_file = startup.write_admin_token(cfg, admin_token)
+        except OSError as e:
+            log.error("cannot write this run's admin token to %s: %s (set admin_token_file, or admin_token_hash, in "
+                      "a configuration%s)", startup.admin_token_path(cfg), e.strerror or e,
+                      "" if cfg.admin_token_file else f"; or {env.CACHE.name}")
+            raise SystemExit(2) from None
         log.warning("admin token for this run written to %s (readable by you only)", token_file)
     if not cfg.auth_enabled:
         log.warning("authentication is OFF: every caller may use every model")

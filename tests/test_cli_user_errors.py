@@ -137,3 +137,27 @@ def test_a_key_prefix_that_would_break_its_use_is_refused(prefix):
     r = CliRunner().invoke(app, ["keys", "new", f"--prefix={prefix}"], env={"COLUMNS": "300"})
     assert r.exit_code == 2 and "Invalid value for --prefix" in r.output, r.output
     assert CliRunner().invoke(app, ["keys", "new", "--prefix", "tp.admin_1"]).exit_code == 0
+
+
+@pytest.mark.parametrize("what", ["default", "model_dir"])
+def test_a_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, caplog, what):
+    """TOKENPOOL_CACHE at a file (or a folder not writable): the default's models, and a run's admin token file,
+    were a FileExistsError traceback, exit 1."""
+    from controller import shutdown
+    from controller.serve import serve
+
+    def started(cfg):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(shutdown, "run", started)
+    (tmp_path / "cache").write_text("a file, not a folder")
+    monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "qwen2"}')
+    with caplog.at_level(logging.ERROR, logger="tokenpool"), pytest.raises(SystemExit) as e:
+        serve(port=0, model_dirs=[model] if what == "model_dir" else None)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert e.value.code == 2 and len(errors) == 1, errors
+    want = "cannot make the default's models under" if what == "default" else "cannot write this run's admin token to"
+    assert errors[0].startswith(f"{want} {tmp_path / 'cache'}") and "TOKENPOOL_CACHE" in errors[0], errors
