@@ -82,3 +82,19 @@ def test_refusals_name_the_model_as_asked(client, key, model):
         r = client.post(path, json=body, headers=_h(key))
         assert r.status_code == 503, (path, r.status_code, r.text)
         assert REAL not in r.text and f"'{model}'" in r.text, (path, r.text)
+
+
+def test_as_asked_replaces_the_name_whole():
+    """The model's name is replaced where it stands whole (quoted, bare, ending a sentence), never inside a longer
+    name."""
+    from controller.api.serving import as_asked
+    from controller.errors import ServingError
+
+    def said(m: str) -> str:
+        return as_asked(ServingError(503, m), "q2.5", "nick").message
+
+    assert said("model 'q2.5' is overloaded") == "model 'nick' is overloaded"
+    assert said("engine failure: model q2.5 is not loaded here") == "engine failure: model nick is not loaded here"
+    assert said("no model q2.5.") == "no model nick."
+    for other in ("q2.5-instruct and q2.5x", "x.q2.5", "q2.5.1"):
+        assert said(other) == other

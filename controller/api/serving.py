@@ -195,7 +195,8 @@ def as_asked(e: ServingError, real: str, asked: str) -> ServingError:
     controller and the engines word their errors with it: "model 'NAME' is overloaded")."""
     if real == asked or real not in e.message:
         return e
-    e.message = re.sub(rf"(?<![\w.-]){re.escape(real)}(?![\w.-])", lambda _: asked, e.message)
+    # (the name whole: not inside a longer one, which may end a sentence: "... model qwen2.5.")
+    e.message = re.sub(rf"(?<![\w.-]){re.escape(real)}(?![\w-])(?!\.\w)", lambda _: asked, e.message)
     e.args = (e.message,)
     return e
 
