@@ -202,3 +202,42 @@ def test_requests_wait_for_a_local_worker_being_replaced_but_not_for_a_crash_loo
         assert not pool.replacing()
 
     asyncio.run(go())
+
+
+def test_a_signalled_worker_is_let_go_once_idle_and_what_outlives_its_grace_is_handed_off():
+    """A worker's STOPPING event (its SIGTERM): no new request goes there; it is told to stop (Shutdown) once it has
+    none; after shutdown_grace_s what it still runs is aborted there and handed to another engine where nothing of
+    it was sent (a queued request), else ended (a stream with tokens)."""
+    from controller.worker import STOPPING
+
+    async def go():
+        ctl, (w0, w1, *_) = await _controller()
+        for e in ctl.pool.engines.values():
+            e.draining = e is not w0  # (both requests go to w0)
+        tenant = ctl.tenants.authenticate(None)
+        streamed = await ctl.generate(ctl.models["m"], tenant, [[1]], SamplingParams(max_tokens=9), 1, "chatcmpl-f")
+        queued = await ctl.generate(ctl.models["m"], tenant, [[2]], SamplingParams(max_tokens=9), 1, "chatcmpl-g")
+        for e in ctl.pool.engines.values():
+            e.draining = False
+        (s1,), (s2,) = streamed.subs, queued.subs
+        assert s1.engine_id == s2.engine_id == "w0"
+        _tokens(ctl, w0, s1.rid, ["a"], finish=False)
+        ctl.pool._stats(w0, m.Stats({}, 0.0, 0, 0, events=[{"kind": STOPPING, "signal": 15}]))
+        assert w0.retiring and w0.draining and not any(isinstance(x, m.Shutdown) for x in w0.writer.sent)
+        ctl._hand_off(w0)  # (its grace is over)
+        (abort,) = [x for x in w0.writer.sent if isinstance(x, m.Abort)]
+        assert sorted(abort.request_ids) == sorted([s1.rid, s2.rid])
+        assert isinstance(w0.writer.sent[-1], m.Shutdown)  # nothing left there: let go
+        moved = await _sent_to(ctl, s2, other_than="w0")
+        assert moved is not w0
+        with pytest.raises(ServingError):
+            async for _ in streamed.events():
+                pass
+        streamed.close(503)
+        queued.close(499)
+
+        idle = ctl.pool.engines["w2"]
+        ctl.pool._stats(idle, m.Stats({}, 0.0, 0, 0, events=[{"kind": STOPPING, "signal": 15}]))
+        assert isinstance(idle.writer.sent[-1], m.Shutdown)  # idle: let go at once
+
+    asyncio.run(go())
