@@ -146,6 +146,9 @@ def make_model_cmd(
         make_model(arch=arch, size=size, out=out, seed=seed, dtype=dtype, device=device, progress=True)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
+    except OSError as e:  # (a folder that cannot be made or written)
+        typer.echo(f"tokenpool make-model: cannot write {e.filename or out}: {e.strerror or e}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command("serve")

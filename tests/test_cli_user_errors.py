@@ -161,3 +161,10 @@ def test_a_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, caplo
     assert e.value.code == 2 and len(errors) == 1, errors
     want = "cannot make the default's models under" if what == "default" else "cannot write this run's admin token to"
     assert errors[0].startswith(f"{want} {tmp_path / 'cache'}") and "TOKENPOOL_CACHE" in errors[0], errors
+
+
+def test_make_model_into_a_folder_it_cannot_make_is_one_line(tmp_path):
+    (tmp_path / "f").write_text("a file")
+    r = CliRunner().invoke(app, ["make-model", "--arch", "qwen2", "--size", "tiny", "--out", str(tmp_path / "f" / "m")])
+    assert r.exit_code == 1 and r.output.strip() == \
+        f"tokenpool make-model: cannot write {tmp_path / 'f' / 'm'}: Not a directory", (r.output, r.exception)
