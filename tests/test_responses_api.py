@@ -261,7 +261,7 @@ def test_response_store_is_bounded_and_per_tenant():
 def test_every_response_and_event_is_a_valid_openai_object(server):
     """Each streamed event (text, a function call, logprobs) and the Response, as JSON on the wire, validates as
     the `openai` client's own types, every required field there (`usage.input_tokens_details.cache_write_tokens`
-    was missing: a typed client read None where the type says an int)."""
+    was missing: a typed client read None where the type says an int); ids are OpenAI's `resp_...`."""
     import httpx
     import pydantic
     from openai.types.responses import Response, ResponseStreamEvent
@@ -276,5 +276,5 @@ def test_every_response_and_event_is_a_valid_openai_object(server):
         assert got and got[-1]["type"] in ("response.completed", "response.incomplete"), r.text[-300:]
         for e in got:
             events.validate_python(e)
-    r = httpx.post(server.url + "/v1/responses", json=base, headers=h, timeout=60)
-    assert Response.model_validate(r.json()).usage.input_tokens_details.cache_write_tokens == 0
+    r = Response.model_validate(httpx.post(server.url + "/v1/responses", json=base, headers=h, timeout=60).json())
+    assert r.usage.input_tokens_details.cache_write_tokens == 0 and r.id.startswith("resp_")  # (OpenAI's ids)

@@ -317,7 +317,7 @@ def _history(store: ResponseStore, req: p.ResponsesRequest, tenant: Tenant) -> l
 async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesRequest, tenant: Tenant,
                  request: Request) -> dict[str, Any] | AsyncIterator[bytes]:
     chat, conversation = chat_request(req, _history(store, req, tenant))
-    rid = serving.ctl.new_id("resp")
+    rid = serving.ctl.new_id("resp").replace("-", "_", 1)  # (OpenAI's ids: resp_...)
     sent = conversation
     while True:
         try:
