@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 import tokenpool
-from controller.cli_suite import needs_test_extra
+from controller.cli_suite import json_path, needs_test_extra
 from tokenpool import env
 
 # -h as --help everywhere, as ollama, git and vllm take it (the context setting passes down to every command)
@@ -20,7 +20,7 @@ app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by
                   context_settings={"help_option_names": ["--help", "-h"]})
 bench_app = typer.Typer(help="Benchmarks (GPU figures go to bench/results/).")
 # Options the benchmarks share
-JSON_OUT = typer.Option(None, "--json", help="write results here")
+JSON_OUT = typer.Option(None, "--json", callback=json_path, help="write results here")
 SEED = typer.Option(0, help="the workload's seed")
 TARGET = typer.Option(0.9, help="SLO attainment a rate must keep to count as sustained")
 DEFAULT_PORT = 8000  # the server's (controller.config.Listen), where a client's --url leaves it out
@@ -545,7 +545,8 @@ def loadtest_cmd(
     model: Optional[str] = typer.Option(None, help="default: the first model /v1/models lists"),
     max_tokens: int = typer.Option(64, min=1, help="per request; each stream asks again when one ends"),
     api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result here (it is printed too)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", callback=json_path,
+                                            help="write the result here (it is printed too)"),
 ) -> None:
     """Drive a running server with concurrent streaming requests and report latencies (exit 1 if no token came)."""
     from load_tests.loadtest import run_loadtest

@@ -17,7 +17,20 @@ URL = typer.Option(None, help="drive this running server (loopback) instead of s
 ADMIN = typer.Option(None, "--admin-token", help="with --url: the admin token")
 KEY = typer.Option(None, help="with --url: a tenant key (none: auth is off)")
 MODEL = typer.Option("pace", help="with --url: the model to request")
-JSON = typer.Option(None, "--json", help="write the result here (it is printed too)")
+def json_path(path: Optional[Path]) -> Optional[Path]:
+    """--json's file, refused before a run rather than after it when it cannot be a file (a folder, or under a
+    file); missing folders above it are made when it is written."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise typer.BadParameter(f"{path} is a folder; give a file to write the result to")
+    above = next((p for p in path.parents if p.exists()), Path("."))
+    if not above.is_dir():
+        raise typer.BadParameter(f"{path} cannot be written: {above} is not a folder")
+    return path
+
+
+JSON = typer.Option(None, "--json", callback=json_path, help="write the result here (it is printed too)")
 
 
 def _context():

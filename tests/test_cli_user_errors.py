@@ -168,3 +168,18 @@ def test_make_model_into_a_folder_it_cannot_make_is_one_line(tmp_path):
     r = CliRunner().invoke(app, ["make-model", "--arch", "qwen2", "--size", "tiny", "--out", str(tmp_path / "f" / "m")])
     assert r.exit_code == 1 and r.output.strip() == \
         f"tokenpool make-model: cannot write {tmp_path / 'f' / 'm'}: Not a directory", (r.output, r.exception)
+
+
+@pytest.mark.parametrize("args", [["loadtest"], ["bench", "pool"], ["suite", "corpus"]])
+def test_a_json_path_that_cannot_be_a_file_is_refused_before_the_run(tmp_path, monkeypatch, args):
+    """--json at a folder (or under a file) failed when the result was written, after the whole run."""
+    def ran(*a, **kw):
+        raise AssertionError("it ran")
+
+    for where in ("load_tests.loadtest.run_loadtest", "load_tests.bench_pool.run_bench_pool",
+                  "load_tests.faults.target"):
+        monkeypatch.setattr(where, ran)
+    (tmp_path / "f").write_text("a file")
+    for bad, said in ((tmp_path, "is a folder"), (tmp_path / "f" / "r.json", "is not a folder")):
+        r = CliRunner().invoke(app, [*args, "--json", str(bad)], env={"COLUMNS": "300"})
+        assert r.exit_code == 2 and "Invalid value for '--json'" in r.output and said in r.output, r.output
