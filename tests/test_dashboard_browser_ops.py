@@ -151,6 +151,48 @@ def test_the_model_form_is_emptied_once_added(server, browser):
     assert failed == [], "\n".join(failed)
 
 
+def test_aliases_tenant_limits_and_a_new_key(server, browser):
+    """What the snapshots do not carry, from /admin/models and /admin/tenants: a model's aliases (settable in the
+    add form), a tenant's models and limits. A tenant made here gets a new key (its old one stops, its models and
+    limits stay: DELETE then POST, as the admin API rotates keys); one of the configuration file is changed there."""
+    failed: list[str] = []
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    with signed_in(browser, server.url, failed) as page:
+        page.click("#tabs [data-view=models]")
+        page.fill("#add-model [name=name]", "pace-aliased")
+        page.fill("#add-model [name=aliases]", "pa, pa-2")
+        page.select_option("#add-model [name=kind]", "pace")
+        page.click("#add-model button[type=submit]")
+        expect(page.locator('#models-table tr[data-model="pace-aliased"] .aliases')).to_have_text("pa, pa-2")
+        assert httpx.get(server.url + "/admin/models", headers=auth).json()[-1]["aliases"] == ["pa", "pa-2"]
+        httpx.delete(server.url + "/admin/models/pace-aliased", headers=auth).raise_for_status()
+
+        page.click("#tabs [data-view=tenants]")
+        page.fill("#add-tenant [name=name]", "team-keyed")
+        page.fill("#add-tenant [name=models]", "pace-a")
+        page.fill("#add-tenant [name=rps]", "5")
+        page.fill("#add-tenant [name=conc]", "3")
+        page.click("#add-tenant button[type=submit]")
+        old = page.locator("#new-key-value").inner_text(timeout=5_000)
+        row = page.locator('#tenants-table tr[data-tenant="team-keyed"]')
+        expect(row.locator("td").nth(1)).to_have_text("pace-a")
+        expect(row).to_contain_text("5 req/s · 3 at once")
+        expect(page.locator('#tenants-table tr[data-tenant="team-a"] td').nth(1)).to_have_text("*")
+        expect(page.locator('#tenants-table tr[data-tenant="team-a"] [data-action=rotate]')).to_have_count(0)
+
+        row.locator("[data-action=rotate]").click()
+        expect(page.locator("#toast")).to_have_text("Tenant team-keyed has a new key")
+        new = page.locator("#new-key-value").inner_text()
+        assert new.startswith("tp-") and new != old
+        models = lambda key: httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"})  # noqa: E731
+        assert models(old).status_code == 401 and models(new).status_code == 200
+        t = httpx.get(server.url + "/admin/tenants/team-keyed", headers=auth).json()
+        assert t["models"] == ["pace-a"] and t["rate"]["requests_per_s"] == 5 and t["max_concurrent"] == 3
+        expect(row).to_contain_text("5 req/s · 3 at once")
+        httpx.delete(server.url + "/admin/tenants/team-keyed", headers=auth).raise_for_status()
+    assert failed == [], failed
+
+
 def test_snapshots_too_rare_to_catch_live(server, browser):
     """Snapshots given to the page's stream handlers as the stream would (one evaluate: the next snapshot would
     redraw): a worker just killed (its standby takes over within a second), whose card offers no Drain and runs

@@ -19,6 +19,9 @@ const S = {
   calls: 0, // admin API calls in flight
   leaving: false, // signed out: the page goes to the login form once no call is in flight
   gone: false, // ... and went
+  // what the snapshots do not carry: each model's aliases (GET /admin/models), each tenant's models, limits and
+  // source (GET /admin/tenants); fetched again when the names change, after an action and at a tenant's change
+  details: { models: new Map(), tenants: new Map(), names: null, loading: false, again: false },
 };
 const VIEWS = ["pool", "models", "tenants", "requests", "events"];
 
@@ -146,6 +149,67 @@ async function act(question, method, path, body, done) {
   }
   refreshSoon(0);
   return ok;
+}
+
+async function loadDetails() {
+  const d = S.details;
+  if (d.loading) { d.again = true; return; }
+  d.loading = true;
+  try {
+    const [ms, ts] = await Promise.all([api("GET", "/admin/models"), api("GET", "/admin/tenants")]);
+    d.models = new Map(ms.map((m) => [m.name, m]));
+    d.tenants = new Map(ts.map((t) => [t.name, t]));
+  } catch (e) {
+    // (the views go on without them; a session that ended is api()'s to handle)
+  } finally {
+    d.loading = false;
+  }
+  if (d.again) { d.again = false; loadDetails(); } else if (S.pool) applyPool(S.pool, false);
+}
+
+function detailsFor(p) {
+  const names = [...p.models.map((m) => m.name), "", ...p.tenants.map((t) => t.name)].join("\n");
+  if (names !== S.details.names) { S.details.names = names; loadDetails(); }
+}
+
+function fmtLimits(t) {
+  if (!t) return "—";
+  const r = t.rate || {}, out = [];
+  if (r.requests_per_s) out.push(`${r.requests_per_s} req/s${r.burst ? ` (burst ${r.burst})` : ""}`);
+  if (r.tokens_per_min) out.push(`${r.tokens_per_min} tok/min`);
+  if (t.max_concurrent) out.push(`${t.max_concurrent} at once`);
+  return out.join(" · ") || "none";
+}
+
+// A tenant's key rotated, as the admin API rotates keys: DELETE, then POST with the same models and limits; the
+// new key is shown once. Only for a tenant made here: one of the configuration file is changed there.
+async function rotate(name) {
+  if (!window.confirm(`Give tenant ${name} a new key? Its keys stop working at once and its requests in flight ` +
+    "end; its models and limits stay.")) return;
+  try {
+    const t = await api("GET", `/admin/tenants/${encodeURIComponent(name)}`);
+    await api("DELETE", `/admin/tenants/${encodeURIComponent(name)}`);
+    const spec = { name, models: t.models, rate: t.rate, max_concurrent: t.max_concurrent, priority: t.priority,
+      slo_class: t.slo_class };
+    try {
+      showKey(await api("POST", "/admin/tenants", spec));
+    } catch (e) { // (revoked, not made again: say what it was, so that it can be made again by hand)
+      throw new Error(`${e.message}; ${name} is revoked, it was ${JSON.stringify(spec)}`);
+    }
+    toast(`Tenant ${name} has a new key`);
+  } catch (e) {
+    toast(`Failed: ${e.message}`, true);
+  }
+  refreshSoon(0);
+}
+
+function showKey(t) {
+  const box = document.getElementById("new-key");
+  box.replaceChildren(el("b", { text: `Key for ${t.name}` }),
+    el("code", { id: "new-key-value", text: t.api_key }),
+    el("span", { class: "muted", text: "Copy it now: it is shown once (only its hash is kept)." }));
+  box.hidden = false;
+  box.dataset.tenant = t.name;
 }
 
 // --- views ---
@@ -319,6 +383,9 @@ function renderModels(p) {
   const rows = p.models.map((m) => el("tr", { "data-model": m.name },
     el("td", {}, el("span", { class: "swatch", style: { background: color(m.name) } }),
       el("span", { class: "mname", title: m.name, text: m.name }),
+      (S.details.models.get(m.name)?.aliases || []).length ? el("span", { class: "aliases muted",
+        title: "aliases: requests may name the model by them", text: S.details.models.get(m.name).aliases.join(", ") })
+        : null,
       m.pinned ? el("span", { class: "badge pinned", text: "pinned" }) : null,
       (m.loras || []).length ? el("span", { class: "badge lora", text: `${m.loras.length} LoRA`,
         title: `LoRA adapters served over ${m.name} (requests name them as their model): ${m.loras.join(", ")}` })
@@ -355,16 +422,22 @@ function renderModels(p) {
 }
 
 function renderTenants(p) {
-  const rows = p.tenants.map((t) => el("tr", { "data-tenant": t.name },
-    el("td", { text: t.name }), el("td", { class: "num", text: fmtNum(t.requests_per_s, 2) }),
+  const rows = p.tenants.map((t) => { const d = S.details.tenants.get(t.name); return el("tr", { "data-tenant": t.name },
+    el("td", { text: t.name }),
+    el("td", {}, el("span", { class: "mname", title: d ? d.models.join(", ") : "", text: d ? d.models.join(", ") : "—" })),
+    el("td", { class: "num", text: fmtNum(t.requests_per_s, 2) }),
     el("td", { class: "num", text: fmtNum(t.tokens_per_min, 0) }),
     el("td", { class: "num", text: `${t.concurrency}${t.max_concurrent ? ` / ${t.max_concurrent}` : ""}` }),
     el("td", { class: "num", text: t.rejected_total }), el("td", { class: "num", text: fmtNum(t.rejected_per_min, 1) }),
     el("td", { class: "num", text: fmtPct(t.attainment) }),
-    el("td", { class: "actions" }, t.name === "anonymous" ? null : el("button", {
-      class: "danger", "data-action": "revoke", onclick: () => act(`Revoke tenant ${t.name}? Its keys stop working ` +
-        "at once.", "DELETE", `/admin/tenants/${encodeURIComponent(t.name)}`, undefined, () => `Tenant ${t.name} revoked`),
-    }, "Revoke"))));
+    el("td", { text: t.name === "anonymous" ? "—" : fmtLimits(d) }),
+    el("td", { class: "actions" },
+      d && d.source === "admin" ? el("button", { "data-action": "rotate", onclick: () => rotate(t.name),
+        title: "a new key for it, the same models and limits; its keys stop working" }, "New key") : null, " ",
+      t.name === "anonymous" ? null : el("button", {
+        class: "danger", "data-action": "revoke", onclick: () => act(`Revoke tenant ${t.name}? Its keys stop working ` +
+          "at once.", "DELETE", `/admin/tenants/${encodeURIComponent(t.name)}`, undefined, () => `Tenant ${t.name} revoked`),
+      }, "Revoke"))); });
   patch(document.querySelector("#tenants-table tbody"), rows);
   // a new key shown once: gone with its tenant (revoked here or elsewhere), not left on show as if it worked
   const box = document.getElementById("new-key");
@@ -423,6 +496,7 @@ function applyPool(p, chart) {
   // colours by the models' order in the pool (registration), not by which view drew a model first: a model has
   // the same colour in every dashboard and after a reload
   for (const m of p.models) color(m.name);
+  detailsFor(p);
   if (chart) pushSeries(p);
   renderSummary(p);
   if (S.view === "pool") { renderEngines(p); renderChart("chart-tps", "tps"); renderChart("chart-queue", "queue"); }
@@ -443,6 +517,7 @@ function applyRequests(list, total = list.length) {
 async function refresh() {
   try {
     const [p, reqs] = await Promise.all([api("GET", "/admin/pool"), api("GET", "/admin/requests")]);
+    loadDetails();
     applyPool(p, false);
     applyRequests(reqs);
   } catch (e) {
@@ -474,6 +549,7 @@ function connect() {
     S.events.push(ev);
     if (S.events.length > MAX_EVENTS) S.events.splice(0, S.events.length - MAX_EVENTS);
     S.kinds.add(ev.kind);
+    if (ev.kind === "tenant_updated" || ev.kind === "update") loadDetails();
     if (S.eventsDue === null) { // the server sends events in batches (one write a tick): draw once a batch
       S.eventsDue = requestAnimationFrame(() => { S.eventsDue = null; renderEvents(); });
     }
@@ -505,6 +581,7 @@ function init() {
     const f = new FormData(ev.target);
     const kind = f.get("kind");
     const spec = { name: f.get("name"), path: f.get("path") || null, engine: { kind },
+      aliases: String(f.get("aliases") || "").split(",").map((a) => a.trim()).filter(Boolean),
       slo: { ttft_s: Number(f.get("ttft")), tpot_s: Number(f.get("tpot")) } };
     if (kind === "pace") spec.engine.pace_s_per_token = Number(f.get("pace"));
     // emptied once added, as the tenant form is (left filled, the next Enter added the same model again: a 409)
@@ -521,14 +598,9 @@ function init() {
     if (f.get("tpm")) body.rate.tokens_per_min = Number(f.get("tpm"));
     if (f.get("conc")) body.max_concurrent = Number(f.get("conc"));
     if (!window.confirm(`Create tenant ${body.name}?`)) return;
-    const box = document.getElementById("new-key");
     try {
       const t = await api("POST", "/admin/tenants", body);
-      box.replaceChildren(el("b", { text: `Key for ${t.name}` }),
-        el("code", { id: "new-key-value", text: t.api_key }),
-        el("span", { class: "muted", text: "Copy it now: it is shown once (only its hash is kept)." }));
-      box.hidden = false;
-      box.dataset.tenant = t.name;
+      showKey(t);
       toast(`Tenant ${t.name} created`);
       ev.target.reset();
     } catch (e) {
