@@ -343,6 +343,10 @@ class Worker:
             sent = []  # whether this step launched, and so handed `prev` on
 
             def launched(prev=prev, sent=sent):
+                # once a step: a worker hosting two kinds (a pooled and a paced model) launches twice in it, and
+                # `prev` emitted twice sent each token twice (its text too, where the text is made per token)
+                if sent:
+                    return
                 sent.append(True)
                 if prev:
                     loop.call_soon_threadsafe(self._emit_later, prev)
