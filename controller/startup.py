@@ -66,11 +66,14 @@ def check_local_workers(cfg: ServerConfig, config_path: Path | None = None) -> N
     spec = cfg.workers.local
     if not isinstance(spec, list):
         return
+    where = f"config {config_path}: " if config_path is not None else ""
+    if twice := sorted({i for i in spec if spec.count(i) > 1}):  # (two workers, two arenas, on one device)
+        raise StartupError(f"{where}workers.local: GPU {', '.join(map(str, twice))} is given twice; a GPU has one "
+                           "worker, which pools every model placed on it")
     from controller.pool import local_devices
 
     have = [d for d in local_devices("auto") if d != "cpu"]
     if missing := [i for i in spec if f"cuda:{i}" not in have]:
-        where = f"config {config_path}: " if config_path is not None else ""
         seen = f"{len(have)} GPU{'' if len(have) == 1 else 's'} (0 to {len(have) - 1})" if have else "no GPU"
         raise StartupError(f"{where}workers.local: GPU {', '.join(map(str, missing))} is not on this machine, which "
                            f"has {seen} as CUDA sees them; give indices it has, or auto, or cpu")

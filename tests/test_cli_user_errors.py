@@ -46,6 +46,12 @@ def test_gpu_indices_the_machine_lacks_are_refused_at_start(tmp_path, caplog, mo
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].startswith(f"config {cfg}: workers.local: GPU 64 is not on this machine"), \
         errors
+    # and one given twice (two workers, each sizing an arena for the whole device)
+    from controller.config import ServerConfig
+    from controller.startup import StartupError, check_local_workers
+
+    with pytest.raises(StartupError, match="workers.local: GPU 0 is given twice"):
+        check_local_workers(ServerConfig.model_validate({"workers": {"local": [0, 0]}}))
 
 
 def test_a_configuration_file_given_as_a_model_directory_points_at_config(tmp_path):
