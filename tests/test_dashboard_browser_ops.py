@@ -75,7 +75,8 @@ def snapshots(page, n: int) -> None:
 def test_focus_survives_the_snapshots(server, browser):
     """A button the keyboard is on stays focused while the snapshots redraw its table (each replaced every row,
     so the focus fell back to the page at the next second, and Enter did nothing; a mouse click that straddled a
-    redraw was lost the same way): Enter then acts on it, in a row whose numbers change meanwhile too."""
+    redraw was lost the same way): Enter then acts on it, in a row whose numbers change meanwhile too. (Runs first:
+    before any request, the Models view says its latency window is fed, not "not fed".)"""
     failed: list[str] = []
     done = threading.Event()
 
@@ -87,8 +88,11 @@ def test_focus_survives_the_snapshots(server, browser):
                 pass
         done.set()
 
-    threading.Thread(target=stream, daemon=True).start()
     with signed_in(browser, server.url, failed) as page:
+        # (first, before any request: a fresh server's window is fed, it has nothing in it yet; it said "not fed")
+        page.click("#tabs [data-view=models]")
+        expect(page.locator("#window-note")).to_have_text("(latency and SLO over the last 60 s)")
+        threading.Thread(target=stream, daemon=True).start()
         page.click("#tabs [data-view=requests]")
         cancel = page.locator("#requests-table tbody tr [data-action=cancel]")
         expect(cancel).to_have_count(1, timeout=10_000)

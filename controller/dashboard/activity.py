@@ -118,7 +118,7 @@ class Rate:
 
 
 class Activity:
-    def __init__(self, window_s: float = WINDOW_S):
+    def __init__(self, window_s: float = WINDOW_S, hooked: bool = True):
         self.window_s = window_s
         self.done: deque[Outcome] = deque(maxlen=CAP)  # finished, not yet counted in the window (a read does)
         self.window: deque[Outcome] = deque()  # counted in `groups`, oldest first
@@ -126,7 +126,10 @@ class Activity:
         self.live: dict[str, Any] = {}  # request id -> Generation, while it runs
         self.timelines: dict[str, deque[list]] = {}  # engine id -> [t_wall_start, model, n_steps, dur_s] runs
         self.first_seen: dict[str, float] = {}  # engine request id -> wall time first seen (age without a hook)
-        self.hooked = False  # whether the controller feeds started/finished
+        # whether the controller feeds started/finished: the Controller, which makes its Activity, does from its first
+        # request (False until then said "latency window not fed" on every fresh server); views.activity's fallback,
+        # for a controller without one, is not fed until a request says otherwise
+        self.hooked = hooked
         self.rates: dict[str, Rate] = {}  # by what is counted (see rate())
         self._sampled: dict[str, float] = {}  # engine id -> wall time of the last sampled timeline run
         self.loads: deque[tuple[int, str, float]] = deque()  # (seq, model, stall_s): weight-load events read

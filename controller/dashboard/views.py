@@ -28,7 +28,7 @@ def activity(ctl: Any) -> Activity:
     """The controller's Activity (Controller.__init__ makes it; made here when it does not yet)."""
     act = getattr(ctl, "activity", None)
     if act is None:
-        act = ctl.activity = Activity()
+        act = ctl.activity = Activity(hooked=False)
     return act
 
 
