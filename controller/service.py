@@ -943,9 +943,12 @@ class Controller:
         there, and the pool stops it once those it has are done (EnginePool.release_if_idle), shutdown_grace_s at
         most: then they are handed off (_hand_off). Its slot's standby takes over as it exits; until then a request
         for a model only it had waits for that one (EnginePool.replacing)."""
-        grace = self.cfg.shutdown_grace_s
-        log.warning("engine %s (pid %d) was signalled to stop: no new requests go there; its %d request(s) in flight "
-                    "get %.0f s to finish", e.id, e.pid, len(e.subs), grace)
+        grace, n = self.cfg.shutdown_grace_s, len(e.subs)
+        # (a stop of the whole server signals its workers too: expected then, not worth a warning)
+        (log.info if self.pool.quiet else log.warning)(
+            "engine %s (pid %d) was signalled to stop: %s", e.id, e.pid,
+            f"no new requests go there; its {n} request(s) in flight get {grace:.0f} s to finish" if n else
+            "it has no request: stopped now")
         self.events.publish("worker_stopping", engine=e.id, requests=len(e.subs))
         e.draining = True
         if e.subs:
