@@ -189,6 +189,15 @@ def serve_cmd(
     max_lora_rank: Optional[int] = typer.Option(
         None, "--max-lora-rank", min=1, max=1024, help="as vLLM's: the largest LoRA adapter rank served over the "
         "MODEL_DIR models (default: 64); larger ones are refused"),
+    max_num_seqs: Optional[int] = typer.Option(
+        None, "--max-num-seqs", min=1, help="as vLLM's: the MODEL_DIR models' sequences in one engine's batch at "
+        "once (default: 64)"),
+    enforce_eager: bool = typer.Option(
+        False, "--enforce-eager", help="as vLLM's: the MODEL_DIR models run without CUDA graphs"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", hidden=True),  # (vLLM's: nothing to trust)
+    vllm_only: Optional[list[str]] = typer.Option(
+        None, "--gpu-memory-utilization", "--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp",
+        hidden=True),  # (vLLM's flags with no counterpart here: said so, with what to give instead)
 ) -> None:
     """Start the OpenAI-compatible server and its engines.
 
@@ -198,6 +207,8 @@ def serve_cmd(
     from controller.serve import model_specs, serve
 
     try:  # (one line, as the server's own start-up errors are: not a usage box wrapped over several)
+        if vllm_only:
+            raise ValueError(VLLM_ONLY)
         model_specs(list(model_dirs or []), list(served_model_name or []))
         if config is not None and not config.is_file():
             raise ValueError(f"no configuration file at {config} (--config)")
@@ -210,7 +221,13 @@ def serve_cmd(
     serve(config_path=config, host=host, port=port, model_dirs=model_dirs, served_model_names=served_model_name,
           gpu_budget_gb=gpu_budget, api_key=api_key, max_model_len=max_model_len, dtype=dtype,
           tool_call_parser=tool_call_parser, lora_modules=lora_modules, enable_prefix_caching=enable_prefix_caching,
-          max_loras=max_loras, max_lora_rank=max_lora_rank)
+          max_loras=max_loras, max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
+          enforce_eager=enforce_eager or None, trust_remote_code=trust_remote_code)
+
+
+VLLM_ONLY = ("--gpu-memory-utilization, --tensor-parallel-size and --pipeline-parallel-size are vLLM's: here each "
+             "GPU pools whole models (no model is split over GPUs) and --gpu-budget GB sizes the arena a GPU gives "
+             "them (default: its free memory less a margin)")
 
 
 @app.command("ps")

@@ -189,3 +189,28 @@ def test_a_json_path_that_cannot_be_a_file_is_refused_before_the_run(tmp_path, m
     for bad, said in ((tmp_path, "is a folder"), (tmp_path / "f" / "r.json", "is not a folder")):
         r = CliRunner().invoke(app, [*args, "--json", str(bad)], env={"COLUMNS": "300"})
         assert r.exit_code == 2 and "Invalid value for '--json'" in r.output and said in r.output, r.output
+
+
+def test_vllm_serve_flags_its_users_type(tmp_path, monkeypatch, caplog):
+    """`--max-num-seqs` and `--enforce-eager` set the MODEL_DIR models' engine as vLLM's do; `--trust-remote-code` is
+    accepted with a line saying it is not needed; `--gpu-memory-utilization` and `-tp` say what is given here
+    instead (each was typer's 'No such option')."""
+    from controller import shutdown
+    from controller.serve import prepare
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "qwen2"}')
+    cfg, _ = prepare(None, None, None, [model], max_num_seqs=4, enforce_eager=True)
+    assert (cfg.models[0].engine.max_num_seqs, cfg.models[0].engine.cuda_graphs) == (4, False)
+    for flag in (["--gpu-memory-utilization", "0.9"], ["-tp", "2"]):
+        r = CliRunner().invoke(app, ["serve", str(model), *flag], env={"COLUMNS": "300"})
+        lines = [x for x in r.output.splitlines() if x.strip()]
+        assert r.exit_code == 2 and len(lines) == 1 and "are vLLM's" in lines[0] and "--gpu-budget GB" in lines[0], \
+            r.output
+    monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(shutdown, "run", lambda cfg: 0)
+    with caplog.at_level(logging.WARNING, logger="tokenpool"):
+        r = CliRunner().invoke(app, ["serve", str(model), "--trust-remote-code", "--port", "0"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert any(x.getMessage().startswith("--trust-remote-code is ignored") for x in caplog.records)
