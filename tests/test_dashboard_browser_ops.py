@@ -155,6 +155,28 @@ def test_the_model_form_is_emptied_once_added(server, browser):
     assert failed == [], "\n".join(failed)
 
 
+def test_a_failed_action_says_why_at_once(server, browser):
+    """An action the server refuses: the toast says why, as an alert (read out at once; it was a polite status),
+    and the form keeps what was typed, to be corrected. Redrawn lists given one key twice (seqs of a restarted
+    server's events) keep both items."""
+    with signed_in(browser, server.url) as page:
+        page.click("#tabs [data-view=models]")
+        page.fill("#add-model [name=name]", "pace-a")
+        page.select_option("#add-model [name=kind]", "pace")
+        page.click("#add-model button[type=submit]")
+        toast = page.locator("#toast")
+        expect(toast).to_have_text("Failed: model 'pace-a' is already registered")
+        expect(toast).to_have_attribute("role", "alert")
+        expect(toast).to_have_class("error")
+        expect(page.locator("#add-model [name=name]")).to_have_value("pace-a")
+        items = page.evaluate("""() => {
+            const ol = document.createElement('ol');
+            patch(ol, [el('li', { 'data-seq': 1 }, 'old')]);
+            patch(ol, [el('li', { 'data-seq': 1 }, 'new'), el('li', { 'data-seq': 1 }, 'old')]);
+            return [...ol.children].map((li) => li.textContent); }""")
+        assert items == ["new", "old"], items
+
+
 def test_aliases_tenant_limits_and_a_new_key(server, browser):
     """What the snapshots do not carry, from /admin/models and /admin/tenants: a model's aliases (settable in the
     add form), a tenant's models and limits. A tenant made here gets a new key (its old one stops, its models and

@@ -76,10 +76,12 @@ function sameNode(a, b) {
 function patch(parent, kids) {
   const old = [...parent.childNodes];
   const byKey = new Map(old.map((n) => [keyOf(n), n]));
+  const used = new Set(); // (a key given twice keeps its node once)
   const out = kids.map((b) => (b instanceof Node ? b : document.createTextNode(String(b)))).map((b, i) => {
     const k = keyOf(b);
     const a = k !== null ? byKey.get(k) : old[i] && keyOf(old[i]) === null ? old[i] : undefined;
-    if (!a || !sameNode(a, b)) return b;
+    if (!a || used.has(a) || !sameNode(a, b)) return b;
+    used.add(a);
     if (a.nodeType === Node.ELEMENT_NODE) patch(a, [...b.childNodes]);
     else if (a.nodeValue !== b.nodeValue) a.nodeValue = b.nodeValue;
     return a;
@@ -99,6 +101,7 @@ function color(model) {
 }
 function toast(msg, error = false) {
   const t = document.getElementById("toast");
+  t.setAttribute("role", error ? "alert" : "status"); // (an error is read out at once)
   t.textContent = msg;
   t.className = error ? "error" : "";
   t.hidden = false;
