@@ -58,6 +58,25 @@ def check_model(url: str, key: str | None, model: str) -> None:
         pass
 
 
+LATEST = ":latest"
+
+
+def resolve(url: str, key: str | None, model: str) -> str:
+    """`model` as the server names it: as Ollama names models, `NAME:latest` is NAME where the server has no model
+    of the whole name (its Ollama API takes either; `ollama run` users type both)."""
+    if not model.endswith(LATEST):
+        return model
+    try:
+        check_model(url, key, model)
+        return model
+    except ChatError as e:
+        try:
+            check_model(url, key, model.removesuffix(LATEST))
+        except ChatError:
+            raise e from None
+        return model.removesuffix(LATEST)
+
+
 def stream_chat(url: str, key: str | None, body: dict[str, Any]) -> Iterator[str]:
     """The content deltas of one streamed chat completion; ChatError on an error event or refusal."""
     with _request(url, "/v1/chat/completions", key, {**body, "stream": True}) as r:
@@ -185,6 +204,7 @@ def conversation(url: str, key: str | None, body: dict[str, Any], inp: TextIO, o
 def run(url: str, key: str | None, model: str, prompt: str | None, system: str | None, options: dict[str, Any],
         inp: TextIO | None = None, out: TextIO | None = None) -> None:
     inp, out = inp or sys.stdin, out or sys.stdout  # (read when called: a test runner swaps them after import)
+    model = resolve(url, key, model)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     body: dict[str, Any] = {"model": model, "messages": messages, **options}
     if not inp.isatty():  # piped in: the prompt, or (as `ollama run`) text the prompt's words follow

@@ -134,7 +134,10 @@ def ps(url: str, token: str | None) -> str:
 def stop(url: str, token: str | None, model: str) -> str:
     """`tokenpool stop MODEL`: free the model's VRAM once its requests finish (as `ollama stop`); what was done.
     MODEL may be an alias, as `tokenpool run` takes it (the admin API names a model by its own name)."""
-    name = next((m["name"] for m in fetch(url, "/admin/models", token) if model in (m.get("aliases") or [])), model)
+    served = fetch(url, "/admin/models", token)
+    names = {n: m["name"] for m in served for n in (m["name"], *(m.get("aliases") or []))}
+    # (as Ollama names models, NAME:latest is NAME where no model has the whole name)
+    name = names.get(model) or names.get(model.removesuffix(":latest")) or model
     got = fetch(url, f"/admin/models/{urllib.parse.quote(name, safe='')}/evict", token, method="POST")
     n = got["engines"]
     return (f"{model}: its weights leave VRAM on {n} engine{'' if n == 1 else 's'} once its requests there finish; "

@@ -214,3 +214,29 @@ def test_vllm_serve_flags_its_users_type(tmp_path, monkeypatch, caplog):
         r = CliRunner().invoke(app, ["serve", str(model), "--trust-remote-code", "--port", "0"])
     assert r.exit_code == 0, (r.output, r.exception)
     assert any(x.getMessage().startswith("--trust-remote-code is ignored") for x in caplog.records)
+
+
+def test_ollamas_latest_tag_names_the_model(monkeypatch):
+    """`tokenpool run smollm2:latest` (as `ollama run` users type it) was 'The model `smollm2:latest` does not
+    exist', where the server's own Ollama API takes either; so was `tokenpool stop smollm2:latest`."""
+    import io
+
+    from controller import chat_cli, ps
+
+    def check(url, key, model):
+        if model != "m":
+            raise chat_cli.ChatError(f"The model `{model}` does not exist.")
+
+    sent = []
+    monkeypatch.setattr(chat_cli, "check_model", check)
+    monkeypatch.setattr(chat_cli, "turn", lambda url, key, body, out: sent.append(body["model"]) or "ok")
+    chat_cli.run("http://h", None, "m:latest", "hi", None, {}, io.StringIO(""), io.StringIO())
+    assert sent == ["m"]
+    with pytest.raises(chat_cli.ChatError, match="The model `x:latest` does not exist"):
+        chat_cli.run("http://h", None, "x:latest", "hi", None, {}, io.StringIO(""), io.StringIO())
+    asked = []
+    monkeypatch.setattr(ps, "fetch", lambda url, path, token, method="GET": asked.append(path) or (
+        [{"name": "m", "aliases": ["a"]}] if path == "/admin/models" else {"engines": 1}))
+    ps.stop("http://h", None, "a:latest")
+    ps.stop("http://h", None, "m:latest")
+    assert asked[1::2] == ["/admin/models/m/evict", "/admin/models/m/evict"], asked
