@@ -227,7 +227,7 @@ async def create(serving: OpenAIServing, req: p.MessagesRequest, tenant: Tenant,
         raise _bad("max_tokens: Field required", "max_tokens")
     chat = chat_request(req)
     check_tool_choice(serving, req, tenant)
-    _, tools, gen = await serving.start_chat(chat, tenant, serving.ctl.new_id("msg"))
+    _, tools, gen = await serving.start_chat(chat, tenant, serving.ctl.new_id("msg"), req.stream)
     reply = _Reply(serving, req, tools)
     if req.stream:
         return _stream(serving, gen, reply)

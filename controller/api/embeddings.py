@@ -65,7 +65,7 @@ async def embed(serving: OpenAIServing, me: ModelEntry, tenant: Tenant, request:
     """The final hidden state of each prompt's last token, in order, and the generation that made them (closed).
     `model`: the name asked for (a LoRA adapter's runs with it)."""
     params = SamplingParams(embed=True, lora=lora_of(me, model))
-    gen = await serving.generate(me, tenant, model, prompts, params, 1, serving.ctl.new_id(prefix))
+    gen = await serving.generate(me, tenant, model, prompts, params, 1, serving.ctl.new_id(prefix), stream=False)
 
     async def collect() -> list[list[float]]:
         vecs: list[list[float] | None] = [None] * len(prompts)

@@ -290,14 +290,15 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                 new = await (serving.offload(serving._chat_prompt, me, req, think_kwargs) if templated else
                              serving.offload(encode, me.tokenizer, req.prompt))
                 ids = serving._check_ids(me, [*(context or []), *new], "context" if context else "prompt")
-                return me, None, await serving.generate(me, tenant, req.model, [ids], params, 1, ctl.new_id("ollama"))
+                return me, None, await serving.generate(me, tenant, req.model, [ids], params, 1, ctl.new_id("ollama"),
+                                                        body.stream)
             # (Ollama's answers first, then as the chat endpoint admits it)
             if not getattr(me.tokenizer, "chat_template", None):
                 raise ServingError(400, f"model '{req.model}' has no chat template: use /api/generate with raw")
             if req.tools and not me.spec.tool_call_parser:  # (Ollama's answer for a model whose template has none)
                 raise ServingError(400, f"{req.model} does not support tools (serve it with a tool-call parser: "
                                         "--tool-call-parser hermes, or tool_call_parser in its configuration)")
-            return await serving.start_chat(req, tenant, ctl.new_id("ollama"))
+            return await serving.start_chat(req, tenant, ctl.new_id("ollama"), body.stream)
 
         try:
             me, tools, gen = await begin(req)

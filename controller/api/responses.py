@@ -321,7 +321,7 @@ async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesR
     sent = conversation
     while True:
         try:
-            _, tools, gen = await serving.start_chat(chat, tenant, rid)
+            _, tools, gen = await serving.start_chat(chat, tenant, rid, req.stream)
             break
         except ServingError as e:
             if req.truncation == "auto" and e.code == "context_length_exceeded" and (

@@ -384,7 +384,7 @@ class OpenAIServing:
         params = self._params(me, req, req.max_tokens, req.logprobs, scored)
         texts, prompts, echo = await self.offload(self._completion_prompts, me, req)
         rid = self.ctl.new_id("cmpl")
-        gen = await self.generate(me, tenant, req.model, prompts, params, req.n, rid)
+        gen = await self.generate(me, tenant, req.model, prompts, params, req.n, rid, req.stream)
         firsts = [ids[0] for ids in prompts] if scored is not None else None
         if req.stream:
             return self._stream_completion(gen, req, rid, me, echo, firsts)
@@ -437,10 +437,12 @@ class OpenAIServing:
         return t
 
     async def generate(self, me: ModelEntry, tenant: Tenant, asked: str, prompts: list[list[int]],
-                       params: SamplingParams, n: int, rid: str) -> Tracked:
-        """Controller.generate, tracked; its refusals (and the engines' errors after) name the model as `asked`."""
+                       params: SamplingParams, n: int, rid: str, stream: bool) -> Tracked:
+        """Controller.generate, tracked; its refusals (and the engines' errors after) name the model as `asked`.
+        `stream`: the reply goes out as it is made; else once whole (then a choice whose engine fails mid-generation
+        runs again elsewhere: nothing of it was sent)."""
         try:
-            gen = await self.ctl.generate(me, tenant, prompts, params, n, rid)
+            gen = await self.ctl.generate(me, tenant, prompts, params, n, rid, stream=stream)
         except ServingError as e:
             raise as_asked(e, me.spec.name, asked) from None
         return self._track(gen, asked)
@@ -563,14 +565,15 @@ class OpenAIServing:
                 raise ServingError(400, "a tool message needs tool_call_id, the id of the call it answers",
                                    param=f"messages.{i}.tool_call_id")
         rid = self.ctl.new_id("chatcmpl")
-        me, tools, gen = await self.start_chat(req, tenant, rid)
+        me, tools, gen = await self.start_chat(req, tenant, rid, req.stream)
         if req.stream:
             return self._stream_chat(gen, req, rid, me, tools)
         return await self._collect(request, gen, self._collect_chat(gen, req, rid, me, tools))
 
-    async def start_chat(self, req: p.ChatCompletionRequest, tenant: Tenant,
-                         rid: str) -> tuple[ModelEntry, ToolPlan | None, Tracked]:
-        """A chat request's model, tool plan and admitted generation (tracked: whoever reads it closes it)."""
+    async def start_chat(self, req: p.ChatCompletionRequest, tenant: Tenant, rid: str,
+                         stream: bool) -> tuple[ModelEntry, ToolPlan | None, Tracked]:
+        """A chat request's model, tool plan and admitted generation (tracked: whoever reads it closes it).
+        `stream`: whether the API request (chat, Messages, Responses, Ollama) sends its reply as it is made."""
         me = self.entry(tenant, req.model)
         self._refuse_unsupported(req)
         if req.top_logprobs is not None and not req.logprobs:
@@ -584,7 +587,7 @@ class OpenAIServing:
         if tools is not None:
             kwargs = {**kwargs, "tools": tools.template_tools}
         ids = await self.offload(self._chat_prompt, me, req, kwargs)
-        return me, tools, await self.generate(me, tenant, req.model, [ids], params, req.n, rid)
+        return me, tools, await self.generate(me, tenant, req.model, [ids], params, req.n, rid, stream)
 
     @staticmethod
     def _template_message(mm: p.ChatMessage) -> dict[str, Any]:
