@@ -49,6 +49,10 @@ MAX_EVENTS = 1024  # events per Stats
 REPO_ROOT = Path(__file__).resolve().parent.parent
 JOIN_GRACE_S = 300.0  # at start-up, how long the server waits for every local worker before it is ready without
 QUICK_DEATH_S = 30.0  # a local worker that dies sooner after it started is restarted with a growing backoff
+# a local worker must join this long after it started (a cold start: imports; on a GPU the device measured first) or
+# after its standby was told to take over (its start-up done: it registers at once); else it is killed and replaced
+COLD_JOIN_S = 300.0
+PROMOTED_JOIN_S = 30.0
 LOOPING_BACKOFF_S = 1.6  # a slot whose restart backoff reached this is in a crash loop (3 quick deaths in a row)
 
 
@@ -182,19 +186,29 @@ class EnginePool:
         new one is started. A worker that dies within QUICK_DEATH_S of its start doubles the backoff (a crash
         loop): it delays a cold start, and a spare never starts sooner after its worker, nor before that
         worker has joined (one that never joins gets none). A GPU worker joins after its own start-up (it
-        measures the device first), so the two start-ups do not compete for the host's cores."""
+        measures the device first), so the two start-ups do not compete for the host's cores. One that has not
+        joined COLD_JOIN_S after it started (PROMOTED_JOIN_S after a standby was told to take over) is killed: a
+        stopped or hung spare used to hold its slot, with no worker, for good."""
         backoff = 0.2
         while not self._stopping:
             proc = await self._promote(slot)
+            promoted = proc is not None
             if proc is None:
                 proc = await self._spawn(slot, device)
             self._procs[slot] = proc
             t0 = time.monotonic()
             dead = asyncio.ensure_future(proc.wait())
             try:
+                # one that never joins (hung: in its start-up, or stopped) is killed, so the slot gets another
+                limit = t0 + (PROMOTED_JOIN_S if promoted else COLD_JOIN_S)
+                while self.s.restart and not dead.done() and not self._joined(slot, proc.pid):
+                    if time.monotonic() > limit:
+                        log.warning("local worker w%d (pid %d) has not joined %.0f s after it %s: killing it", slot,
+                                    proc.pid, time.monotonic() - t0, "took over" if promoted else "started")
+                        _signal(proc, signal.SIGKILL)
+                        break
+                    await asyncio.wait({dead}, timeout=0.1)
                 if self.s.standby and self.s.restart:
-                    while not dead.done() and not self._joined(slot, proc.pid):
-                        await asyncio.wait({dead}, timeout=0.1)
                     await asyncio.wait({dead}, timeout=max(0.0, t0 + backoff - time.monotonic()))
                     if not dead.done() and not self._stopping:
                         self._spares[slot] = await self._spawn(slot, device, standby=True)
