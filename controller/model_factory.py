@@ -230,8 +230,12 @@ def _device(device: str | None) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"bad device {device!r}: {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: the factory draws weights on cpu or cuda (cuda:N)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 

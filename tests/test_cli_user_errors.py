@@ -240,3 +240,11 @@ def test_ollamas_latest_tag_names_the_model(monkeypatch):
     ps.stop("http://h", None, "a:latest")
     ps.stop("http://h", None, "m:latest")
     assert asked[1::2] == ["/admin/models/m/evict", "/admin/models/m/evict"], asked
+
+
+def test_make_model_on_a_device_it_cannot_draw_on_is_refused_before_writing(tmp_path):
+    """--device mps (or meta) was a RuntimeError traceback after half the folder was written."""
+    r = CliRunner().invoke(app, ["make-model", "--arch", "qwen2", "--size", "tiny", "--out", str(tmp_path / "m"),
+                                 "--device", "mps"], env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and "the factory draws weights on cpu or cuda" in r.output, (r.output, r.exception)
+    assert not (tmp_path / "m").exists()
