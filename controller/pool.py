@@ -53,7 +53,7 @@ QUICK_DEATH_S = 30.0  # a local worker that dies sooner after it started is rest
 # after its standby was told to take over (its start-up done: it registers at once); else it is killed and replaced
 COLD_JOIN_S = 300.0
 PROMOTED_JOIN_S = 30.0
-LOOPING_BACKOFF_S = 1.6  # a slot whose restart backoff reached this is in a crash loop (3 quick deaths in a row)
+LOOPING_DEATHS = 3  # a slot whose workers died this many times in a row before they joined is in a crash loop
 
 
 @dataclass
@@ -141,7 +141,8 @@ class EnginePool:
         self.local_slots, self.t_start = 0, time.monotonic()  # local worker slots started, and when (start)
         self._procs: dict[int, asyncio.subprocess.Process] = {}  # slot -> its worker process
         self._spares: dict[int, asyncio.subprocess.Process] = {}  # slot -> its standby (see the module docstring)
-        self._looping: dict[int, bool] = {}  # slot -> its workers keep dying soon after they start (a crash loop)
+        self._looping: dict[int, bool] = {}  # slot -> its workers keep dying before they join (a crash loop)
+        self._unjoined: dict[int, int] = {}  # slot -> its workers in a row that died (or were killed) before joining
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self.quiet = False  # the server is draining to stop (shutdown.py): a local worker that exits is not replaced
@@ -208,6 +209,8 @@ class EnginePool:
                         _signal(proc, signal.SIGKILL)
                         break
                     await asyncio.wait({dead}, timeout=0.1)
+                # (a crash loop is workers dying before they join, not a worker killed or stopped on purpose)
+                self._unjoined[slot] = 0 if self._joined(slot, proc.pid) else self._unjoined.get(slot, 0) + 1
                 if self.s.standby and self.s.restart:
                     await asyncio.wait({dead}, timeout=max(0.0, t0 + backoff - time.monotonic()))
                     if not dead.done() and not self._stopping:
@@ -219,7 +222,7 @@ class EnginePool:
                 return
             self.restarts += 1
             backoff = 0.2 if time.monotonic() - t0 > QUICK_DEATH_S else min(backoff * 2, 10.0)
-            self._looping[slot] = backoff >= LOOPING_BACKOFF_S
+            self._looping[slot] = self._unjoined.get(slot, 0) >= LOOPING_DEATHS
             spare = self._spares.get(slot)
             if spare is not None and spare.returncode is None:
                 log.warning("local worker w%d (pid %d) exited with %s; its standby (pid %d) takes over", slot,
@@ -257,7 +260,7 @@ class EnginePool:
     def replacing(self) -> bool:
         """Whether a local slot has no worker that takes requests now but will (its worker died or is stopping, and
         one is being started or promoted): a request waits for it rather than hearing 503. Not a slot in a crash loop
-        (LOOPING_BACKOFF_S): its requests would wait for a worker that may never come."""
+        (LOOPING_DEATHS): its requests would wait for a worker that may never come."""
         if self._stopping or self.quiet or not self.s.restart:
             return False
         return any(not self._looping.get(i) and
