@@ -307,6 +307,9 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
         log.warning("admin token for this run written to %s (readable by you only)", token_file)
     if not cfg.auth_enabled:
         log.warning("authentication is OFF: every caller may use every model")
+    elif not cfg.tenants and not cfg.tenants_file:
+        log.warning("authentication is on and no tenant is configured: every request is refused (401) until one is "
+                    "made through the admin API (POST /admin/tenants, or the dashboard's Tenants page)")
     try:
         rc = shutdown.run(cfg)
     finally:

@@ -248,3 +248,17 @@ def test_make_model_on_a_device_it_cannot_draw_on_is_refused_before_writing(tmp_
                                  "--device", "mps"], env={"COLUMNS": "300"})
     assert r.exit_code == 2 and "the factory draws weights on cpu or cuda" in r.output, (r.output, r.exception)
     assert not (tmp_path / "m").exists()
+
+
+def test_auth_on_without_a_tenant_says_every_request_is_refused(tmp_path, monkeypatch, caplog):
+    """`auth: true` and no tenant: a server nobody may use, said nowhere."""
+    from controller import shutdown
+    from controller.serve import serve
+
+    monkeypatch.setattr(shutdown, "run", lambda cfg: 0)
+    monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("auth: true\nlisten: {port: 0}\n")
+    with caplog.at_level(logging.WARNING, logger="tokenpool"):
+        serve(config_path=cfg)
+    assert any(r.getMessage().startswith("authentication is on and no tenant is configured") for r in caplog.records)
