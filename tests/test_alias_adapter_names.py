@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from controller.app import build_app
 from controller.config import LoraModule, ModelSpec, ServerConfig, TenantSpec
+from controller.errors import ServingError
 from controller.keys import hash_key
 from controller.model_factory import make_lora
 
@@ -88,7 +89,6 @@ def test_as_asked_replaces_the_name_whole():
     """The model's name is replaced where it stands whole (quoted, bare, ending a sentence), never inside a longer
     name."""
     from controller.api.serving import as_asked
-    from controller.errors import ServingError
 
     def said(m: str) -> str:
         return as_asked(ServingError(503, m), "q2.5", "nick").message
@@ -98,3 +98,22 @@ def test_as_asked_replaces_the_name_whole():
     assert said("no model q2.5.") == "no model nick."
     for other in ("q2.5-instruct and q2.5x", "x.q2.5", "q2.5.1"):
         assert said(other) == other
+
+
+def test_a_failed_loads_reason_is_the_operators(client, monkeypatch):
+    """On a server of several tenants, a request for a model whose load failed hears that it failed and when it is
+    tried again (503, Retry-After), not the worker's exception, which names the server's paths (it did)."""
+    ctl = client.app.state.controller
+
+    async def generate(entry, tenant, prompts, params, n, request_id, stream=True):
+        raise ServingError(503, f"model {REAL!r} could not be registered (its load failed): OSError: no file "
+                                f"/srv/secret/{REAL}/model.safetensors (tried again in 30 s)", retry_after=30,
+                           code="model_load_failed")
+
+    monkeypatch.setattr(ctl, "generate", generate)
+    r = client.post("/v1/chat/completions", json={"model": "nick", "messages": [{"role": "user", "content": "hi"}]},
+                    headers=_h(NICK))
+    assert r.status_code == 503 and r.headers["retry-after"] == "30", r.text
+    err = r.json()["error"]
+    assert err["code"] == "model_load_failed" and "'nick'" in err["message"] and "30 s" in err["message"]
+    assert "/srv" not in r.text and REAL not in r.text

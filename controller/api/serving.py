@@ -444,6 +444,12 @@ class OpenAIServing:
         try:
             gen = await self.ctl.generate(me, tenant, prompts, params, n, rid, stream=stream)
         except ServingError as e:
+            if e.code == "model_load_failed" and not self.ctl.tenants.single_user:
+                # why a load failed is the worker's exception, with the server's paths in it: the operator's to
+                # read (/admin/models' load_error), not another tenant's; when it is tried again stays
+                e.message = (f"model {asked!r} could not be loaded; it is tried again in {e.retry_after} s (the "
+                             "operator sees why)")
+                e.args = (e.message,)
             raise as_asked(e, me.spec.name, asked) from None
         return self._track(gen, asked)
 
