@@ -305,6 +305,9 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
                       "" if cfg.admin_token_file else f"; or {env.CACHE.name}")
             raise SystemExit(2) from None
         log.warning("admin token for this run written to %s (readable by you only)", token_file)
+    if not cfg.models:
+        log.warning("no model is configured: add models through the admin API (POST /admin/models, or the "
+                    "dashboard's Models page), or give model folders: tokenpool serve DIR")
     if not cfg.auth_enabled:
         log.warning("authentication is OFF: every caller may use every model")
     elif not cfg.tenants and not cfg.tenants_file:

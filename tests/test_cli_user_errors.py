@@ -251,7 +251,7 @@ def test_make_model_on_a_device_it_cannot_draw_on_is_refused_before_writing(tmp_
 
 
 def test_auth_on_without_a_tenant_says_every_request_is_refused(tmp_path, monkeypatch, caplog):
-    """`auth: true` and no tenant: a server nobody may use, said nowhere."""
+    """`auth: true` and no tenant: a server nobody may use, said nowhere; and so a server with no model."""
     from controller import shutdown
     from controller.serve import serve
 
@@ -261,4 +261,6 @@ def test_auth_on_without_a_tenant_says_every_request_is_refused(tmp_path, monkey
     cfg.write_text("auth: true\nlisten: {port: 0}\n")
     with caplog.at_level(logging.WARNING, logger="tokenpool"):
         serve(config_path=cfg)
-    assert any(r.getMessage().startswith("authentication is on and no tenant is configured") for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("authentication is on and no tenant is configured") for m in said), said
+    assert any(m.startswith("no model is configured: add models through the admin API") for m in said), said
