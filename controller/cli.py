@@ -24,7 +24,7 @@ JSON_OUT = typer.Option(None, "--json", callback=json_path, help="write results 
 SEED = typer.Option(0, help="the workload's seed")
 TARGET = typer.Option(0.9, help="SLO attainment a rate must keep to count as sustained")
 DEFAULT_PORT = 8000  # the server's (controller.config.Listen), where a client's --url leaves it out
-# The client commands' server (run, ls, ps, stop), as OLLAMA_HOST is ollama's
+# The client commands' server (run, ls, ps, stop; loadtest's too), as OLLAMA_HOST is ollama's
 CLIENT_URL = typer.Option(env.URL.default, envvar=env.URL.name, help="the server's base URL (host:port, a URL, or "
                           "an OpenAI base URL ending in /v1)")
 
@@ -154,8 +154,8 @@ def make_model_cmd(
 @app.command("serve")
 def serve_cmd(
     model_dirs: Optional[list[Path]] = typer.Argument(
-        None, metavar="MODEL_DIR", help="Hugging Face model directories, .gguf files (converted once), or Hugging Face repo ids (org/name) "
-        "in the local Hugging Face cache, to serve (beside --config's models)"),
+        None, metavar="MODEL_DIR", help="Hugging Face model directories, .gguf files (converted once), or Hugging "
+        "Face repo ids (org/name) in the local Hugging Face cache, to serve (beside --config's models)"),
     served_model_name: Optional[list[str]] = typer.Option(
         None, "--served-model-name", help="name of each MODEL_DIR, in order (repeat it); with one MODEL_DIR, the "
         "names after the first are aliases. Default: the directory's name (a .gguf file's: its name less .gguf; a "
@@ -311,9 +311,9 @@ def stop_cmd(
 @app.command("run")
 def run_cmd(
     model: str = typer.Argument(..., metavar="MODEL", help="a model (or alias) the server serves"),
-    prompt: Optional[list[str]] = typer.Argument(None, metavar="PROMPT", help="the prompt (words are joined); none on a terminal: a "
-                                                 "conversation (\"\"\" begins and ends a multi-line message); "
-                                                 "stdin piped in is the prompt, or comes before it"),
+    prompt: Optional[list[str]] = typer.Argument(
+        None, metavar="PROMPT", help="the prompt (words are joined); none on a terminal: a conversation (\"\"\" "
+        "begins and ends a multi-line message); stdin piped in is the prompt, or comes before it"),
     url: str = CLIENT_URL,
     api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key"),
     system: Optional[str] = typer.Option(None, help="a system message"),
