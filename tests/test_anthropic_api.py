@@ -223,7 +223,7 @@ def test_message_start_carries_the_prompts_usage(server):
     assert {k: delta[k] for k in ("input_tokens", "cache_read_input_tokens")} == \
         {k: start[k] for k in ("input_tokens", "cache_read_input_tokens")}
     # a longer reply: the client's accumulated message has the whole usage, as create() gives it
-    body = {**body, "max_tokens": 6}
+    body = {**body, "max_tokens": 3}
     r = ac(server).messages.create(**{k: v for k, v in body.items() if k != "temperature"}, extra_body=GREEDY)
     with ac(server).messages.stream(**{k: v for k, v in body.items() if k != "temperature"}, extra_body=GREEDY) as s:
         final = s.get_final_message()
