@@ -48,13 +48,17 @@ def browser():
 @contextlib.contextmanager
 def signed_in(browser, url: str, failed: list[str] | None = None):
     """A page of a fresh context, signed in and live; its console errors, page errors and failed requests are
-    collected in `failed`."""
+    collected in `failed` until the block ends (closing the page aborts what it has in flight: not the page's)."""
     ctx = browser.new_context(viewport={"width": 1280, "height": 800})
     page = ctx.new_page()
+    live = [True]
     if failed is not None:
-        page.on("console", lambda m: failed.append(f"console: {m.text}") if m.type == "error" else None)
-        page.on("pageerror", lambda e: failed.append(f"page error: {e}"))
-        page.on("requestfailed", lambda r: failed.append(f"failed: {r.method} {r.url} {r.failure}"))
+        def note(what: str) -> None:
+            if live[0]:
+                failed.append(what)
+        page.on("console", lambda m: note(f"console: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: note(f"page error: {e}"))
+        page.on("requestfailed", lambda r: note(f"failed: {r.method} {r.url} {r.failure}"))
     page.on("dialog", lambda d: d.accept())
     page.goto(url + "/dashboard")
     page.fill("#token", ADMIN)
@@ -63,6 +67,7 @@ def signed_in(browser, url: str, failed: list[str] | None = None):
     try:
         yield page
     finally:
+        live[0] = False
         ctx.close()
 
 
