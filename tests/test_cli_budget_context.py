@@ -41,26 +41,48 @@ def test_gpu_budget_sizes_the_cpu_workers_arena_where_the_local_workers_are_on_t
     assert not [r for r in caplog.records if "--gpu-budget" in r.getMessage()]
 
 
-def test_gpu_budget_is_the_cpu_workers_arena_live(make_tiny, tmp_path):
+def _shorten(src: Path, dst: Path) -> Path:
+    """A copy of the model at `src` with a 64-token context (max_position_embeddings)."""
+    shutil.copytree(src, dst)
+    c = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**c, "max_position_embeddings": 64}))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def live(make_tiny, tmp_path_factory):
+    """One live server for the live tests below (a start-up of a real model is most of their cost): `tokenpool serve
+    --gpu-budget 1.5` whose one local worker is a CPU one, serving "tiny" and "short" (the 64-token copy of it,
+    engine.max_model_len 1000, loaded at its first request as Ollama's are). Neither test asks for the other's
+    model."""
+    work = tmp_path_factory.mktemp("budget-context")
+    short = _shorten(make_tiny("qwen2"), work / "short")
+    cfg = {"workers": {"local": "cpu"},
+           "models": [{"name": "tiny", "path": str(make_tiny("qwen2"))},
+                      {"name": "short", "path": str(short), "engine": {"max_model_len": 1000},
+                       "replicas": {"min": 0, "max": 1}}]}
+    with LiveServer(cfg, work / "srv", args=["--gpu-budget", "1.5"]) as srv:
+        yield srv
+
+
+def test_gpu_budget_is_the_cpu_workers_arena_live(live):
     """A live server whose one local worker is a CPU one: its arena is --gpu-budget's size (it was 8 GB, the
     CPU default, whatever the flag said)."""
-    cfg = {"workers": {"local": "cpu"},
-           "models": [{"name": "tiny", "path": str(make_tiny("qwen2"))}]}
-    with LiveServer(cfg, tmp_path, args=["--gpu-budget", "1.5"]) as srv:
-        log = srv.log_path.read_text()
-        assert re.search(r"registered as w0 \(arena 1\.5 GB\)", log), log[-3000:]
-        assert "--gpu-budget 1.5 GB is the CPU worker's arena" in log, log[-3000:]
-        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        assert c.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=0,
-                                    extra_body={"ignore_eos": True}).usage.completion_tokens == 2
-        # `tokenpool ps` says the arena the flag gave (its engine line named the device's memory only)
-        token = re.search(r"admin token for this run written to (\S+) ", log).group(1)
-        r = subprocess.run([sys.executable, "-m", "controller.cli", "ps", "--url", srv.url], cwd=REPO_ROOT,
-                           capture_output=True, text=True, timeout=60,
-                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT),
-                                "TOKENPOOL_ADMIN_TOKEN": Path(token).read_text().strip()})
-        line = next(x for x in r.stdout.splitlines() if x.startswith("engine w0"))
-        assert re.search(r"of a 1\.5 GB arena used by weights \(the device has [\d.]+ [KMGT]?B\)", line), line
+    srv = live
+    log = srv.log_path.read_text()
+    assert re.search(r"registered as w0 \(arena 1\.5 GB\)", log), log[-3000:]
+    assert "--gpu-budget 1.5 GB is the CPU worker's arena" in log, log[-3000:]
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    assert c.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=0,
+                                extra_body={"ignore_eos": True}).usage.completion_tokens == 2
+    # `tokenpool ps` says the arena the flag gave (its engine line named the device's memory only)
+    token = re.search(r"admin token for this run written to (\S+) ", log).group(1)
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "ps", "--url", srv.url], cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO_ROOT),
+                            "TOKENPOOL_ADMIN_TOKEN": Path(token).read_text().strip()})
+    line = next(x for x in r.stdout.splitlines() if x.startswith("engine w0"))
+    assert re.search(r"of a 1\.5 GB arena used by weights \(the device has [\d.]+ [KMGT]?B\)", line), line
 
 
 def test_ps_names_each_engines_arena():
@@ -79,11 +101,7 @@ def test_ps_names_each_engines_arena():
 def short_model(make_tiny, tmp_path):
     """The tiny qwen2 model with a 64-token context (max_position_embeddings), which the engine bounds a longer
     configured max_model_len by."""
-    d = tmp_path / "short"
-    shutil.copytree(make_tiny("qwen2"), d)
-    c = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**c, "max_position_embeddings": 64}))
-    return d
+    return _shorten(make_tiny("qwen2"), tmp_path / "short")
 
 
 def test_a_configured_max_model_len_past_the_models_positions_is_the_models(short_model, tmp_path, caplog):
@@ -104,22 +122,19 @@ def test_a_configured_max_model_len_past_the_models_positions_is_the_models(shor
     assert spec.engine.max_model_len == 64
 
 
-def test_models_and_a_too_long_prompts_400_say_the_engines_context_live(short_model, tmp_path):
+def test_models_and_a_too_long_prompts_400_say_the_engines_context_live(live):
     """/v1/models said the configured 1000 while the engine runs 64, and the controller admitted prompts the
     engine then refused. Now: the card says 64 before and after the model loads, a 64-token prompt is a 400
     naming 64, and a 63-token one is served. (Once the model had loaded, its engine's 64 was taken; until then,
     for a model loaded on demand, the controller went by the configured 1000.)"""
-    cfg = {"workers": {"local": "cpu"},
-           "models": [{"name": "short", "path": str(short_model), "engine": {"max_model_len": 1000},
-                       "replicas": {"min": 0, "max": 1}}]}  # (loaded at its first request, as Ollama's are)
-    with LiveServer(cfg, tmp_path / "srv") as srv:
-        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        assert c.models.retrieve("short").model_extra["max_model_len"] == 64
-        with pytest.raises(openai.BadRequestError) as ei:
-            c.completions.create(model="short", prompt=[5] * 64, max_tokens=1)
-        assert "maximum context length is 64 tokens" in ei.value.message, ei.value.message
-        r = c.completions.create(model="short", prompt=[5] * 63, max_tokens=1, extra_body={"ignore_eos": True})
-        assert r.usage.prompt_tokens == 63 and r.usage.completion_tokens == 1
-        assert [m.model_extra["max_model_len"] for m in c.models.list()] == [64]
-        card = httpx.get(srv.url + "/v1/models/short", timeout=10).json()
-        assert card["max_model_len"] == 64
+    srv = live  # "short": engine.max_model_len 1000 over 64 positions, loaded at its first request
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    assert c.models.retrieve("short").model_extra["max_model_len"] == 64
+    with pytest.raises(openai.BadRequestError) as ei:
+        c.completions.create(model="short", prompt=[5] * 64, max_tokens=1)
+    assert "maximum context length is 64 tokens" in ei.value.message, ei.value.message
+    r = c.completions.create(model="short", prompt=[5] * 63, max_tokens=1, extra_body={"ignore_eos": True})
+    assert r.usage.prompt_tokens == 63 and r.usage.completion_tokens == 1
+    assert [m.model_extra["max_model_len"] for m in c.models.list() if m.id == "short"] == [64]
+    card = httpx.get(srv.url + "/v1/models/short", timeout=10).json()
+    assert card["max_model_len"] == 64
