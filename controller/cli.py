@@ -13,6 +13,7 @@ import typer
 
 import tokenpool
 from controller.cli_suite import json_path, needs_test_extra
+from controller.ps import base_url
 from tokenpool import env
 
 # -h as --help everywhere, as ollama, git and vllm take it (the context setting passes down to every command)
@@ -23,7 +24,6 @@ bench_app = typer.Typer(help="Benchmarks (GPU figures go to bench/results/).")
 JSON_OUT = typer.Option(None, "--json", callback=json_path, help="write results here")
 SEED = typer.Option(0, help="the workload's seed")
 TARGET = typer.Option(0.9, help="SLO attainment a rate must keep to count as sustained")
-DEFAULT_PORT = 8000  # the server's (controller.config.Listen), where a client's --url leaves it out
 # The client commands' server (run, ls, ps, stop; loadtest's too), as OLLAMA_HOST is ollama's
 CLIENT_URL = typer.Option(env.URL.default, envvar=env.URL.name, help="the server's base URL (host:port, a URL, or "
                           "an OpenAI base URL ending in /v1)")
@@ -240,34 +240,12 @@ def ps_cmd(
     """Which models a running server has, where they are resident (engine, device), their size and last use."""
     from controller.ps import PsError, ps
 
-    url = _base_url(url)
+    url = base_url(url)
     try:
         typer.echo(ps(url, _admin_token(admin_token, url)))
     except PsError as e:
         typer.echo(f"tokenpool ps: {e}", err=True)
         raise typer.Exit(1) from None
-
-
-def _base_url(url: str) -> str:
-    """--url as given, or without a scheme as OLLAMA_HOST takes it: over http, the host 127.0.0.1 and the port 8000
-    where they are left out (`:8001`, `myhost`); an OpenAI client's base URL (ending in /v1) is its server's (the
-    commands add /v1/... and /admin/... themselves)."""
-    if "://" not in url:
-        import ipaddress
-        from urllib.parse import urlsplit
-
-        url = url.strip()
-        try:  # (a bare IPv6 address, ::1, has colons and no port)
-            host, port, path = str(ipaddress.IPv6Address(url.strip("[]"))), DEFAULT_PORT, ""
-        except ValueError:
-            u = urlsplit(f"http://{url}")
-            try:
-                host, port, path = u.hostname or "127.0.0.1", u.port or DEFAULT_PORT, u.path
-            except ValueError:  # (not a port: left for the request to name)
-                host, port, path = url, None, ""
-        url = f"http://{f'[{host}]' if ':' in host else host}:{port}{path}" if port is not None else f"http://{url}"
-    trimmed = url.rstrip("/")
-    return trimmed.removesuffix("/v1") if trimmed.endswith("/v1") else url
 
 
 def _admin_token(given: str | None, url: str) -> str | None:
@@ -300,7 +278,7 @@ def stop_cmd(
     """Free a model's GPU memory once its requests finish, as `ollama stop` (it stays served)."""
     from controller.ps import PsError, stop
 
-    url = _base_url(url)
+    url = base_url(url)
     try:
         typer.echo(stop(url, _admin_token(admin_token, url), model))
     except PsError as e:
@@ -328,7 +306,7 @@ def run_cmd(
     options = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed))
                if v is not None}
     try:
-        run(_base_url(url), api_key, model, " ".join(prompt) if prompt else None, system, options)
+        run(base_url(url), api_key, model, " ".join(prompt) if prompt else None, system, options)
     except ChatError as e:
         typer.echo(f"tokenpool run: {e}", err=True)
         raise typer.Exit(1) from None
@@ -356,7 +334,7 @@ def ls_cmd(
     from controller.chat_cli import ChatError, models
 
     try:
-        data = models(_base_url(url), api_key)
+        data = models(base_url(url), api_key)
     except ChatError as e:
         typer.echo(f"tokenpool ls: {e}", err=True)
         raise typer.Exit(1) from None
@@ -549,7 +527,7 @@ def bench_serve_cmd(
         budget = {"gpu_budget_gb": 60.0 if gpu_budget_gb is None else gpu_budget_gb}
     run_serve(**workload.replay_args(rates), **budget, kv_cache_gb=kv_cache_gb,
               policies=policy.split(","), seed=seed, json_out=json_out, drain_s=drain,
-              url=_base_url(url) if url else None,
+              url=base_url(url) if url else None,
               admin_token=admin_token, target=target, stop_at_miss=stop_at_miss, device=device,
               admission=not no_admission)
 
@@ -568,7 +546,7 @@ def loadtest_cmd(
     """Drive a running server with concurrent streaming requests and report latencies (exit 1 if no token came)."""
     from load_tests.loadtest import run_loadtest
 
-    url = _base_url(url)
+    url = base_url(url)
     try:
         res = run_loadtest(url=url, streams=streams, duration=duration, model=model, json_out=json_out,
                            api_key=api_key, max_tokens=max_tokens)

@@ -11,9 +11,12 @@ from typing import Optional
 
 import typer
 
+from controller.ps import base_url
+
 suite_app = typer.Typer(help="Fault and load suite against a live server (its own paced one unless --url).")
 
-URL = typer.Option(None, help="drive this running server (loopback) instead of starting a paced one")
+URL = typer.Option(None, callback=lambda url: base_url(url) if url else None,  # (as the client commands read it)
+                   help="drive this running server (loopback) instead of starting a paced one")
 ADMIN = typer.Option(None, "--admin-token", help="with --url: the admin token")
 KEY = typer.Option(None, help="with --url: a tenant key (none: auth is off)")
 MODEL = typer.Option("pace", help="with --url: the model to request")

@@ -1,4 +1,5 @@
-"""`tokenpool ps`: which models a running server has registered, and where they are resident (as `ollama ps`).
+"""`tokenpool ps`: which models a running server has registered, and where they are resident (as `ollama ps`);
+`tokenpool stop`; and how every client command reads its --url (`base_url`).
 
 Reads the admin API (`/admin/models`, `/admin/engines`) with the admin token; stdlib HTTP only.
 """
@@ -15,6 +16,30 @@ from typing import Any
 
 class PsError(RuntimeError):
     pass
+
+
+DEFAULT_PORT = 8000  # the server's (controller.config.Listen), where a client's --url leaves it out
+
+
+def base_url(url: str) -> str:
+    """--url as given, or without a scheme as OLLAMA_HOST takes it: over http, the host 127.0.0.1 and the port 8000
+    where they are left out (`:8001`, `myhost`); an OpenAI client's base URL (ending in /v1) is its server's (the
+    commands add /v1/... and /admin/... themselves)."""
+    if "://" not in url:
+        import ipaddress
+
+        url = url.strip()
+        try:  # (a bare IPv6 address, ::1, has colons and no port)
+            host, port, path = str(ipaddress.IPv6Address(url.strip("[]"))), DEFAULT_PORT, ""
+        except ValueError:
+            u = urllib.parse.urlsplit(f"http://{url}")
+            try:
+                host, port, path = u.hostname or "127.0.0.1", u.port or DEFAULT_PORT, u.path
+            except ValueError:  # (not a port: left for the request to name)
+                host, port, path = url, None, ""
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}{path}" if port is not None else f"http://{url}"
+    trimmed = url.rstrip("/")
+    return trimmed.removesuffix("/v1") if trimmed.endswith("/v1") else url
 
 
 def openai_error(e: urllib.error.HTTPError) -> str | None:

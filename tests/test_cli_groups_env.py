@@ -109,6 +109,23 @@ def test_the_url_variable_is_declared_and_shown_in_help():
 def test_url_without_a_scheme_reads_as_ollama_host_does(given, url):
     """OLLAMA_HOST's spellings: a missing host is 127.0.0.1 and a missing port the server's default (`:18382` was
     'Name or service not known', `myhost` went to port 80)."""
-    from controller.cli import _base_url
+    from controller.ps import base_url
 
-    assert _base_url(given) == url
+    assert base_url(given) == url
+
+
+def test_suite_url_is_read_as_the_client_commands_read_it(monkeypatch):
+    """`tokenpool suite corpus --url :8001` (or host:port) went to the suite's HTTP client without a scheme."""
+    import contextlib
+
+    seen = []
+
+    @contextlib.contextmanager
+    def target(url, *a, **kw):
+        seen.append(url)
+        raise SystemExit(0)
+        yield
+
+    monkeypatch.setattr("load_tests.faults.target", target)
+    r = CliRunner().invoke(app, ["suite", "corpus", "--url", ":18382"])
+    assert r.exit_code == 0 and seen == ["http://127.0.0.1:18382"], (r.output, seen)
