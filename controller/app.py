@@ -99,6 +99,16 @@ class ErrorJSON(JSONResponse):
         return json.dumps(content, separators=(",", ":")).encode()
 
 
+def _may_operate(request: Request) -> bool:
+    if not request.app.state.controller.cfg.auth_enabled:
+        return True
+    try:
+        auth.operator(request)  # the admin token, the dashboard's session, or a single-user server's one key
+    except ServingError:
+        return False
+    return True
+
+
 def _auth_first(request: Request) -> None:
     """Raise the 401 a request would get from its route's auth dependency (which runs after body parsing)."""
     path = request.url.path
@@ -227,7 +237,10 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
         body = {"status": "ok" if ok else "starting",
                 "engines": sum(1 for e in c.pool.engines.values() if e.alive), "models": len(c.models)}
         if not ok and (failed := c.load_errors()):
-            body["failed_models"] = failed  # what keeps it from ready, where a load keeps failing
+            # What keeps it from ready, where a load keeps failing. /health answers anyone (probes send no key): the
+            # names and the workers' errors (paths, exception text) go only to whoever may change what is served (no
+            # auth, the admin token, the dashboard's session, or a single-user server's key); others hear how many.
+            body["failed_models"] = failed if _may_operate(request) else len(failed)
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", dependencies=[Depends(auth.metrics_reader)])
