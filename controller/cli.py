@@ -553,6 +553,11 @@ def loadtest_cmd(
     except OSError as e:  # (the first request: no server there)
         typer.echo(f"tokenpool loadtest: cannot reach {url}: {e.strerror or e}", err=True)
         raise typer.Exit(1) from None
+    except SystemExit as e:  # (its refusal of a URL that is not loopback: the message, named as the others are)
+        if not isinstance(e.code, str):
+            raise
+        typer.echo(f"tokenpool loadtest: {e.code}", err=True)
+        raise typer.Exit(1) from None
     if res["tokens"] == 0:
         typer.echo(f"tokenpool loadtest: no tokens received ({res['errors']} errors, e.g. "
                    f"{(res['error_examples'] or ['-'])[0]})", err=True)

@@ -129,3 +129,9 @@ def test_suite_url_is_read_as_the_client_commands_read_it(monkeypatch):
     monkeypatch.setattr("load_tests.faults.target", target)
     r = CliRunner().invoke(app, ["suite", "corpus", "--url", ":18382"])
     assert r.exit_code == 0 and seen == ["http://127.0.0.1:18382"], (r.output, seen)
+
+
+def test_loadtest_refusing_a_remote_url_names_itself():
+    r = CliRunner().invoke(app, ["loadtest", "--url", "example.com:80"])
+    assert r.exit_code == 1 and r.output == "tokenpool loadtest: refusing to load-test 'example.com': loopback only\n", \
+        r.output
