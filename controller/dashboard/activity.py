@@ -109,6 +109,11 @@ class Rate:
         while len(self.samples) > 1 and now - self.samples[1][0] >= self.span_s:
             self.samples.popleft()
         base = self.samples[0] if self.samples else None
+        if base is not None and now - base[0] > 2 * self.span_s:
+            # nothing read for longer than the span (no dashboard open): counts that old say nothing of the last span
+            # (the first reads after an hour showed an idle model's tokens/s averaged over the hour); measured afresh
+            self.samples.popleft()
+            base = self.samples[0] if self.samples else None
         if not self.samples or now - self.samples[-1][0] >= 0.2:  # reads closer than 0.2 s share a sample
             self.samples.append((now, counts))
         if base is None or now - base[0] < 0.5:
