@@ -437,10 +437,12 @@ def bench_pool_cmd(
         "simulated: default none, VRAM as one byte count)"),
     stop_at_miss: bool = typer.Option(False, help="--real: skip a policy's remaining rates once it misses --target"),
     merge: Optional[list[Path]] = typer.Option(
-        None, "--merge", help="--real: combine these earlier --real JSON files into --json (repeatable; runs nothing)"),
+        None, "--merge", exists=True, dir_okay=False,
+        help="--real: combine these earlier --real JSON files into --json (repeatable; runs nothing)"),
     placement: str = typer.Option("lru", help="--real: token policy's rule for a fragmented arena: window | lru"),
     resimulate: Optional[Path] = typer.Option(
-        None, "--resimulate", help="--real: the current simulator beside each point of this --real JSON (no GPU)"),
+        None, "--resimulate", exists=True, dir_okay=False,
+        help="--real: the current simulator beside each point of this --real JSON (no GPU)"),
     profile: str = typer.Option("measured", help="simulated mode's costs: measured (an H200 run's fits) | served (the "
                                 "H200 calibrated to served step rates, pipeline on) | roofline "
                                 "| a cost-model or --real JSON file"),

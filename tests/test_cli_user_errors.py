@@ -99,6 +99,10 @@ def test_dash_v_and_list_as_ollama_has_them(monkeypatch):
     (["bench", "pool", "--models", "ax7b"], "Invalid value for --models: cannot read 'ax7b'"),
     (["bench", "pool", "--policy", "fifo"], "Invalid value for --policy: unknown policy 'fifo'"),
     (["bench", "serve", "--models", "2xgpt2:7b"], "Invalid value for --models: gpt2:7b is not a factory model"),
+    (["bench", "pool", "--real", "--merge", "/nonexistent.json"], "Invalid value for '--merge': file "
+     "'/nonexistent.json' does not exist"),
+    (["bench", "pool", "--real", "--resimulate", "/nonexistent.json"], "Invalid value for '--resimulate': file "
+     "'/nonexistent.json' does not exist"),
 ])
 def test_bench_options_are_checked_before_it_runs(tmp_path, args, said):
     """Each was a ValueError or FileNotFoundError traceback from inside the benchmark, exit 1."""
