@@ -201,6 +201,18 @@ def conversation(url: str, key: str | None, body: dict[str, Any], inp: TextIO, o
         messages.append({"role": "assistant", "content": reply})
 
 
+def read_text(inp: TextIO) -> str:
+    """What is piped in, as text; ChatError when it is not UTF-8 (a decoder that keeps undecodable bytes, as
+    Python's does in the C locale, would send them on as lone surrogates, which the server refuses by another
+    name)."""
+    try:
+        text = inp.read()
+        text.encode("utf-8")
+    except UnicodeError:
+        raise ChatError("what is piped in is not UTF-8 text") from None
+    return text
+
+
 def run(url: str, key: str | None, model: str, prompt: str | None, system: str | None, options: dict[str, Any],
         inp: TextIO | None = None, out: TextIO | None = None) -> None:
     inp, out = inp or sys.stdin, out or sys.stdout  # (read when called: a test runner swaps them after import)
@@ -208,7 +220,7 @@ def run(url: str, key: str | None, model: str, prompt: str | None, system: str |
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     body: dict[str, Any] = {"model": model, "messages": messages, **options}
     if not inp.isatty():  # piped in: the prompt, or (as `ollama run`) text the prompt's words follow
-        piped = inp.read()
+        piped = read_text(inp)
         prompt = piped if prompt is None else f"{piped.rstrip()}\n\n{prompt}" if piped.strip() else prompt
     if prompt is not None:
         if not prompt.strip():

@@ -268,3 +268,17 @@ def test_auth_on_without_a_tenant_says_every_request_is_refused(tmp_path, monkey
     said = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("authentication is on and no tenant is configured") for m in said), said
     assert any(m.startswith("no model is configured: add models through the admin API") for m in said), said
+
+
+def test_input_piped_in_that_is_not_utf8_is_said_so(monkeypatch):
+    """Bytes that are not UTF-8 piped into `tokenpool run` went on as lone surrogates (Python's stdin keeps them so),
+    and the server's 400 named 'lone UTF-16 surrogate'; a strict decoder raised a traceback."""
+    import io
+
+    from controller import chat_cli
+
+    monkeypatch.setattr(chat_cli, "turn", lambda *a: pytest.fail("sent"))
+    for raw, errors in ((b"caf\xe9\n", "surrogateescape"), (b"caf\xe9\n", "strict")):
+        inp = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8", errors=errors)
+        with pytest.raises(chat_cli.ChatError, match="what is piped in is not UTF-8 text"):
+            chat_cli.run("http://h", None, "m", None, None, {}, inp, io.StringIO())
