@@ -122,10 +122,28 @@ def turn(url: str, key: str | None, body: dict[str, Any], out: TextIO) -> str:
 MULTILINE = '"""'
 
 
-def read_message(inp: TextIO, out: TextIO) -> str | None:
-    """One user turn: a line, or as `ollama run` takes them, the lines from one that begins with \"\"\" to one that
-    ends with it (pasted text, code); None at the end of input."""
-    line = inp.readline()
+def prompt_line(inp: TextIO, out: TextIO, prompt: str) -> str:
+    """A line typed after `prompt` ("" at the end of input). At the terminal itself through `input()` with
+    readline, so a line can be edited and earlier ones recalled with the arrow keys, as `ollama run` allows (a
+    plain read of stdin echoes the keys' escapes as ^[[A)."""
+    if inp is sys.stdin and out is sys.stdout and inp.isatty():
+        try:
+            import readline  # noqa: F401 - (imported, it gives input() line editing and history)
+        except ImportError:  # (a Python built without it: input() without editing)
+            pass
+        try:
+            return input(prompt) + "\n"
+        except EOFError:
+            return ""
+    out.write(prompt)
+    out.flush()
+    return inp.readline()
+
+
+def read_message(inp: TextIO, out: TextIO, prompt: str = "") -> str | None:
+    """One user turn, read after `prompt`: a line, or as `ollama run` takes them, the lines from one that begins
+    with \"\"\" to one that ends with it (pasted text, code); None at the end of input."""
+    line = prompt_line(inp, out, prompt)
     if not line:
         return None
     if not line.lstrip().startswith(MULTILINE):
@@ -133,9 +151,7 @@ def read_message(inp: TextIO, out: TextIO) -> str | None:
     rest, parts = line.lstrip()[len(MULTILINE):].rstrip("\n"), []
     while not rest.endswith(MULTILINE):
         parts.append(rest)
-        out.write("... ")
-        out.flush()
-        line = inp.readline()
+        line = prompt_line(inp, out, "... ")
         if not line:  # (the input ended inside the message: what was given is the message)
             return "\n".join(parts)
         rest = line.rstrip("\n")
@@ -158,10 +174,8 @@ def conversation(url: str, key: str | None, body: dict[str, Any], inp: TextIO, o
     kept = len(messages)  # (the --system message: /clear keeps it)
     out.write("(/bye or Ctrl-D to leave; /? for help; Ctrl-C stops a reply)\n")
     while True:
-        out.write(">>> ")
-        out.flush()
         try:
-            line = read_message(inp, out)
+            line = read_message(inp, out, ">>> ")
         except KeyboardInterrupt:
             out.write("\nUse Ctrl-D or /bye to leave.\n")
             continue

@@ -282,3 +282,30 @@ def test_input_piped_in_that_is_not_utf8_is_said_so(monkeypatch):
         inp = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8", errors=errors)
         with pytest.raises(chat_cli.ChatError, match="what is piped in is not UTF-8 text"):
             chat_cli.run("http://h", None, "m", None, None, {}, inp, io.StringIO())
+
+
+def test_a_conversation_at_the_terminal_reads_lines_with_editing(monkeypatch):
+    """At a terminal, `tokenpool run`'s lines come through input() (readline: arrow keys edit a line and recall
+    earlier ones, as in `ollama run`); a plain read of stdin echoed the arrows as ^[[A."""
+    import builtins
+    import io
+
+    from controller import chat_cli
+    from tests.http_stub import Terminal
+
+    typed = iter(['"""first', 'second"""', "/bye"])
+    prompts = []
+
+    def fake_input(prompt=""):
+        prompts.append(prompt)
+        return next(typed)
+
+    sent = []
+    monkeypatch.setattr(builtins, "input", fake_input)
+    monkeypatch.setattr("sys.stdin", Terminal(""))
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    monkeypatch.setattr(chat_cli, "check_model", lambda *a: None)
+    monkeypatch.setattr(chat_cli, "turn", lambda url, key, body, out: sent.append(body["messages"][-1]) or "ok")
+    chat_cli.run("http://h", None, "m", None, None, {})
+    assert prompts == [">>> ", "... ", ">>> "] and sent == [{"role": "user", "content": "first\nsecond"}], \
+        (prompts, sent)
