@@ -190,3 +190,29 @@ def test_one_sigterm_to_a_busy_worker_finishes_its_stream_and_later_requests_wai
     assert out["r"].usage.completion_tokens == 3
     assert _gone(e0["pid"], 20)
     assert _alive(server)["pid"] != e0["pid"]
+
+
+def test_a_request_not_streamed_is_run_again_when_its_worker_dies_mid_generation(server):
+    """A non-streamed request whose worker is
+    SIGKILLed after it made tokens: nothing was sent, so it runs again from its start on the restarted worker and
+    the client gets the whole answer, not a 503."""
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    e0 = _alive(server)
+    out = {}
+
+    def go():
+        try:
+            out["r"] = c.completions.create(model="pace", prompt="x", max_tokens=150)
+        except Exception as e:  # noqa: BLE001
+            out["e"] = e
+
+    t = threading.Thread(target=go)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not any(r["tokens"] >= 5 for r in httpx.get(server.url + "/admin/requests", headers=ADM).json()):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(e0["pid"], signal.SIGKILL)
+    t.join(60)
+    assert "r" in out, out
+    assert out["r"].usage.completion_tokens == 150 and out["r"].choices[0].finish_reason == "length"
