@@ -46,3 +46,17 @@ def test_a_model_name_or_alias_taken_is_a_409():
     # a name that is another model's alias: the field at fault is the name
     r = c.post("/admin/models", headers=H, json={"name": "a", "engine": {"kind": "pace"}})
     assert r.status_code == 409 and r.json()["error"]["param"] == "name", r.text
+
+
+def test_a_tenant_naming_no_served_model_is_made_with_a_warning():
+    """A tenant whose models match nothing served is kept (a PooledModel may come after its Tenant) and told so in
+    `warning`; names and globs that match a model's name or alias are not named there."""
+    c = client()
+    assert c.post("/admin/models", headers=H, json={"name": "alpha", "engine": {"kind": "pace"},
+                                                    "aliases": ["a"]}).status_code == 201
+    r = c.post("/admin/tenants", headers=H, json={"name": "team-c", "models": ["alpha", "a", "al*", "qwen*", "betta"]})
+    assert r.status_code == 201, r.text
+    assert "['qwen*', 'betta'] match no model served now" in r.json()["warning"], r.json()
+    assert c.get("/admin/tenants/team-c", headers=H).json()["models"] == ["alpha", "a", "al*", "qwen*", "betta"]
+    r = c.post("/admin/tenants", headers=H, json={"name": "team-d", "models": ["a*"]})
+    assert r.status_code == 201 and r.json()["warning"] is None, r.text

@@ -66,7 +66,8 @@ class TenantOut(BaseModel):
 
 class TenantCreated(TenantOut):
     api_key: str | None = Field(description="shown once; only its hash is kept (null when key_hashes were given)")
-    warning: str | None = Field(None, description="set when the tenant has no effect (authentication is off)")
+    warning: str | None = Field(None, description="set when the tenant has no effect (authentication is off) or names "
+                                  "models no model answers to now")
 
 
 class ReplicaOut(BaseModel):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.routing import Match
 
@@ -149,10 +151,15 @@ async def create_tenant(body: ap.TenantCreate, request: Request):
     except KeyError:
         raise ServingError(409, f"tenant {body.name!r} exists", param="name", code="tenant_exists") from None
     views.events(ctl).publish("tenant_created", tenant=t.name)
-    warning = None if ctl.tenants.auth else (
+    warnings = [] if ctl.tenants.auth else [
         "authentication is off on this server (auth: false, or no tenant configured at start): requests are not "
-        "asked for a key, so this tenant's limits and model list apply to no one; restart with auth on")
-    return {**_tenant_out(t), "api_key": key, "warning": warning}
+        "asked for a key, so this tenant's limits and model list apply to no one; restart with auth on"]
+    # A name or glob no model answers to now is kept (a PooledModel may come after its Tenant), and said: a typo
+    # would otherwise show only as the tenant's 404s.
+    served = [n for me in ctl.models.values() for n in (me.spec.name, *me.spec.aliases, *me.spec.lora_names)]
+    if unmatched := [p for p in t.spec.models if not any(fnmatch.fnmatchcase(n, p) for n in served)]:
+        warnings.append(f"models {unmatched} match no model served now; this tenant can use them once they are added")
+    return {**_tenant_out(t), "api_key": key, "warning": "; ".join(warnings) or None}
 
 
 @router.patch("/tenants/{name}", response_model=ap.TenantOut)
