@@ -146,6 +146,9 @@ class EnginePool:
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self.quiet = False  # the server is draining to stop (shutdown.py): a local worker that exits is not replaced
+        # how long a signalled local worker waits for this controller's word before it stops on its own (sent in
+        # Registered.settings; None: the worker's LOCAL_STOP_WAIT_S)
+        self.stop_wait_s: float | None = None
         self.port = 0
         self.restarts = 0
 
@@ -358,12 +361,14 @@ class EnginePool:
     def gpu_settings(self, reg: m.Register) -> dict[str, Any]:
         """How the worker builds its pooled engine: the arena (gpus.budget_gb per GPU, default the device's free
         memory less a margin; cpu_budget_gb on CPU), its KV region, the node's host cache, the policy and its options,
-        plan-ahead."""
+        plan-ahead; and how long a signalled worker waits for the controller's word (`stop_wait_s`)."""
         g = self.gpus
         budget = g.cpu_budget_gb if reg.device == "cpu" else g.budget_gb
         out = {"budget_bytes": int(budget * 1e9) if budget else None, "kv_cache_gb": g.kv_cache_gb,
                "host_cache_gb": g.host_cache_gb, "namespace": g.host_cache_namespace, "policy": g.policy,
                "plan_ahead": g.plan_ahead, "policy_options": g.policy_options}
+        if self.stop_wait_s is not None:  # (not the arena's: a signalled local worker's wait, Worker.run)
+            out["stop_wait_s"] = self.stop_wait_s
         return {**out, **worker_settings(reg)}
 
     def _stats(self, e: EngineHandle, msg: m.Stats) -> None:

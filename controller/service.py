@@ -281,6 +281,10 @@ class Controller:
                                on_loaded=self._loaded, on_stats=self._stats, on_events=self._events,
                                on_failed=self._failed, on_stopping=self._stopping)
         self.pool._on_pruned = self._pruned
+        # a signalled local worker serves on until this controller lets it go, at most this long: past the drain of a
+        # stop of the whole server (shutdown_grace_s, then the ended streams' flush and the connections' close) and a
+        # signalled worker's own grace (the same), with room to spare; the worker's own default is 60 s
+        self.pool.stop_wait_s = cfg.shutdown_grace_s + 30.0
         self._ids = itertools.count()
         self._prefix = os.urandom(4).hex()
         self._tasks: list[asyncio.Task] = []

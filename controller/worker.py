@@ -106,6 +106,7 @@ class Worker:
         self.tokens = 0
         self._signalled = False  # (a local worker) a first SIGTERM/SIGINT came: it stops at its controller's word
         self._notices: list[dict[str, Any]] = []  # the worker's own events for the next Stats (STOPPING)
+        self.stop_wait_s = LOCAL_STOP_WAIT_S  # (signalled) the longest wait for the controller's word: its setting
         self._joined = False  # registered with the controller, in this session (until it ends)
 
     def send(self, msg: m.Message) -> None:
@@ -120,11 +121,11 @@ class Worker:
         it tells the controller (a `worker_stopping` event in its next Stats, sent at once), which sends it no new
         request and tells it to stop (Shutdown) as soon as none of its own is left -- at once when it has none, after
         the controller's `shutdown_grace_s` at most (what is left then is handed to other engines where that is safe,
-        else ended) -- and a standby takes the slot. It serves on meanwhile, LOCAL_STOP_WAIT_S at most (a controller
-        that never answers); a second signal stops it at once. A stop that signals every process of the server at
-        once (systemd's default KillMode=control-group) used to end the workers at once, while the controller began
-        its graceful drain: every stream in flight ended with "engine died" instead of finishing; now they finish
-        (the controller, draining, starts no new worker). A single signal to one worker used to wait the whole
+        else ended) -- and a standby takes the slot. It serves on meanwhile, `stop_wait_s` at most (a controller
+        that never answers: the controller's shutdown_grace_s + 30 s, by default 60 s); a second signal stops it at
+        once. A stop that signals every process of the server at once (systemd's default KillMode=control-group)
+        used to end the workers at once, while the controller began its graceful drain: every stream in flight ended
+        with "engine died" instead of finishing; now they finish (the controller, draining, starts no new worker). A single signal to one worker used to wait the whole
         LOCAL_STOP_WAIT_S (60 s) for a controller that was not stopping."""
         loop = asyncio.get_running_loop()
         me = asyncio.current_task()
@@ -156,9 +157,9 @@ class Worker:
             return
         self._signalled = True
         log.info("signal %d: stopping once this worker's requests are done (at the controller's word, when it goes, "
-                 "or in %.0f s; signal again to stop now)", sig, LOCAL_STOP_WAIT_S)
+                 "or in %.0f s; signal again to stop now)", sig, self.stop_wait_s)
         loop = asyncio.get_running_loop()
-        loop.call_later(LOCAL_STOP_WAIT_S, me.cancel)
+        loop.call_later(self.stop_wait_s, me.cancel)
         self._notices.append({"kind": STOPPING, "t": time.time(), "signal": int(sig)})
         # told now, not at the next beat (a snapshot is taken between two steps, on the step thread)
         loop.run_in_executor(self._step_thread, self._snapshot).add_done_callback(self._send_stats)
@@ -179,6 +180,7 @@ class Worker:
         self._joined = True
         if not self.models.engines:  # a reconnecting worker keeps its pool (and the models in it)
             self.models = HostedModels(self.device, GpuSettings.from_dict(reply.settings), free)
+        self.stop_wait_s = stop_wait(reply.settings)
         log.info("registered as %s (arena %.1f GB) %.2f s after the process %s", reply.worker_id,
                  self.models.budget_bytes / 1e9, *_age())
         tasks = [asyncio.create_task(self._step_loop()), asyncio.create_task(self._beat(reply.heartbeat_s))]
@@ -510,10 +512,20 @@ def bind_device(device: str) -> None:
 
 
 # a local worker signalled while its controller is connected serves on this long at most, waiting for the
-# controller's word (its own drain, shutdown_grace_s, 30 s by default, and the stop after it; a signalled worker's
-# requests get as long); systemd's SIGKILL comes after 90 s
+# controller's word, unless the controller says otherwise (`stop_wait`: its shutdown_grace_s + 30 s, the drain of a
+# stop of the whole server and the stop after it); systemd's SIGKILL comes after 90 s
 LOCAL_STOP_WAIT_S = 60.0
 STOPPING = "worker_stopping"  # the event (in Stats.events) by which a signalled worker asks the controller to let it go
+
+
+def stop_wait(settings: dict[str, Any] | None) -> float:
+    """A signalled local worker's longest wait for its controller's word: the controller's `stop_wait_s` (its
+    shutdown_grace_s and a margin: a configured grace over 60 s used to be cut at LOCAL_STOP_WAIT_S), else
+    LOCAL_STOP_WAIT_S; a day at most."""
+    v = (settings or {}).get("stop_wait_s")
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 86400
+    return float(v) if ok else LOCAL_STOP_WAIT_S
+
 
 # the longest run of steps without a look at the loop (stats, heartbeats' snapshots wait behind it)
 BURST_S = env.WORKER_BURST_S.number()

@@ -241,3 +241,14 @@ def test_a_signalled_worker_is_let_go_once_idle_and_what_outlives_its_grace_is_h
         assert isinstance(idle.writer.sent[-1], m.Shutdown)  # idle: let go at once
 
     asyncio.run(go())
+
+
+def test_a_signalled_worker_waits_for_its_controller_as_long_as_the_controllers_grace():
+    """The controller tells its workers how long a signalled one may wait for its word (stop_wait_s in Registered's
+    settings): a shutdown_grace_s over 60 s used to be cut at the worker's own 60 s in a stop of the whole server."""
+    from controller.worker import LOCAL_STOP_WAIT_S, stop_wait
+
+    ctl = Controller(ServerConfig(models=[], workers={"local": "none"}, shutdown_grace_s=120))
+    settings = ctl.pool.gpu_settings(m.Register(host="h", pid=1, device="cpu", memory_bytes=1 << 30))
+    assert stop_wait(settings) == 150.0 > LOCAL_STOP_WAIT_S
+    assert stop_wait({}) == stop_wait({"stop_wait_s": -1}) == stop_wait({"stop_wait_s": True}) == LOCAL_STOP_WAIT_S
