@@ -60,7 +60,9 @@ FAILED_AVOID_S = 120.0  # a model shed from an engine (or failing to load there 
 LOAD_RETRY_S = 10.0  # a model whose registration failed on an engine is tried there again after this, doubled at each
 # failure in a row (10, 20, 40, 80, then every FAILED_AVOID_S); meanwhile its requests hear why, and when (a 503)
 RETRY_WAIT_S = 15.0  # how long a request whose engine failed waits for another to take it
-MAX_ATTEMPTS = 3  # engines one engine request is sent to, at most, when each fails it (dies, crashes) in turn
+MAX_ATTEMPTS = 3  # engines one engine request is sent to, at most, when each fails it (dies) in turn
+CRASH_ATTEMPTS = 2  # ... when its engine's step crashed: the request itself may be what crashes it (each crash ends
+# every stream of that worker), so it is sent to one more engine only
 RESTART = None  # (in a Generation's sink, for a delta) this choice runs again from its start: drop what it made
 # A deleted tenant's requests in flight end this long after the DELETE, unless a namesake made meanwhile holds every
 # key it had (the operator's update: DELETE then POST); its keys stop working at once.
@@ -972,16 +974,17 @@ class Controller:
         self.pool.release_if_idle(e)
 
     def _failed(self, e: EngineHandle, s: Sub, why: str) -> None:
-        """Engine `e` ended request `s` with an engine-side error (its step crashed, its model was gone): as a death."""
-        self._recover(e, s, f"engine {e.id}: {why}")
+        """Engine `e` ended request `s` with an engine-side error (its step crashed, its model was gone): as a death,
+        but tried on CRASH_ATTEMPTS engines at most."""
+        self._recover(e, s, f"engine {e.id}: {why}", CRASH_ATTEMPTS)
 
-    def _recover(self, e: EngineHandle, s: Sub, why: str) -> None:
+    def _recover(self, e: EngineHandle, s: Sub, why: str, attempts: int = MAX_ATTEMPTS) -> None:
         """An engine request whose engine `e` failed it (`why`): sent again, from its start, where that is safe -- nothing
         of it reached the client (no token yet, or its request is not streamed: `Sub.restartable`) -- and it has
-        been tried fewer than MAX_ATTEMPTS times; else its choice ends with the error."""
+        been tried on fewer than `attempts` engines; else its choice ends with the error."""
         if s.done:
             return
-        if (s.generated == 0 or s.restartable) and s.attempts < MAX_ATTEMPTS and s.model in self.models:
+        if (s.generated == 0 or s.restartable) and s.attempts < attempts and s.model in self.models:
             if s.restartable:
                 s.sink.put_nowait((s, RESTART))  # (after every delta of the failed run: dropped, not joined)
             s.generated = 0

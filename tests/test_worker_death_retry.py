@@ -15,7 +15,7 @@ from controller import messages as m
 from controller.config import SLO, ModelSpec, ServerConfig
 from controller.errors import ServingError
 from controller.pool import EngineHandle, Replica
-from controller.service import MAX_ATTEMPTS, Controller
+from controller.service import CRASH_ATTEMPTS, MAX_ATTEMPTS, Controller
 from token_scheduler.request import SamplingParams
 
 
@@ -155,6 +155,27 @@ def test_an_engine_crash_that_fails_a_request_not_streamed_sends_it_again():
         _tokens(ctl, second, sub.rid, ["o", "k"], finish=True)
         assert (await _collect(gen)) == ("ok", ["length"])
         gen.close(200)
+
+    asyncio.run(go())
+
+
+def test_a_request_whose_engines_crash_twice_is_not_sent_to_a_third():
+    """A crashed step may be the request's own doing (each crash ends every stream of that worker): one more engine,
+    then the error."""
+    async def go():
+        ctl, _ = await _controller()
+        gen = await ctl.generate(ctl.models["m"], ctl.tenants.authenticate(None), [[1, 2]],
+                                 SamplingParams(max_tokens=2), 1, "cmpl-h", stream=False)
+        (sub,) = gen.subs
+        e = None
+        for _ in range(CRASH_ATTEMPTS):
+            e = await _sent_to(ctl, sub, other_than=e.id if e is not None else None)
+            ctl.pool._outputs(e, m.Outputs([m.Delta(sub.rid, finished=True, finish_reason="error",
+                                                    error="engine failed: boom", error_kind="engine")]))
+        with pytest.raises(ServingError) as ei:
+            await _collect(gen)
+        assert ei.value.status == 503 and "boom" in ei.value.message and sub.attempts == CRASH_ATTEMPTS
+        gen.close(503)
 
     asyncio.run(go())
 
