@@ -309,7 +309,9 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
         log.warning("no model is configured: add models through the admin API (POST /admin/models, or the "
                     "dashboard's Models page), or give model folders: tokenpool serve DIR")
     if not cfg.auth_enabled:
-        log.warning("authentication is OFF: every caller may use every model")
+        loopback = cfg.listen.host in ("127.0.0.1", "localhost", "::1")
+        log.warning("authentication is OFF: every caller may use every model%s", "" if loopback else
+                    f", and {cfg.listen.host} is reachable from other machines (give tenants, or --api-key)")
     elif not cfg.tenants and not cfg.tenants_file:
         log.warning("authentication is on and no tenant is configured: every request is refused (401) until one is "
                     "made through the admin API (POST /admin/tenants, or the dashboard's Tenants page)")

@@ -309,3 +309,18 @@ def test_a_conversation_at_the_terminal_reads_lines_with_editing(monkeypatch):
     chat_cli.run("http://h", None, "m", None, None, {})
     assert prompts == [">>> ", "... ", ">>> "] and sent == [{"role": "user", "content": "first\nsecond"}], \
         (prompts, sent)
+
+
+def test_no_auth_on_a_listener_other_machines_reach_says_so(tmp_path, monkeypatch, caplog):
+    from controller import shutdown
+    from controller.serve import serve
+
+    monkeypatch.setattr(shutdown, "run", lambda cfg: 0)
+    monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "qwen2"}')
+    with caplog.at_level(logging.WARNING, logger="tokenpool"):
+        serve(host="0.0.0.0", port=0, model_dirs=[model])
+    assert "authentication is OFF: every caller may use every model, and 0.0.0.0 is reachable from other machines " \
+           "(give tenants, or --api-key)" in [r.getMessage() for r in caplog.records]
