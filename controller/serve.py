@@ -243,6 +243,15 @@ def check_config_models(models: list[ModelSpec], config_path: Path) -> None:
                                    f"LoRA adapter {lm.name!r}: {why}")
 
 
+def default_banner(cfg: ServerConfig) -> str:
+    """The start-up line of the embedded default: what it serves, and whether a key is asked (--api-key)."""
+    return (f"no --config and no model directory: serving {REAL_MODEL} (real weights) and the random-weight demo "
+            f"models {[m.name for m in cfg.models if m.name != REAL_MODEL]} (made on first run under "
+            f"{Path(cfg.models[0].path).parent if cfg.models[0].path else '-'}) "
+            f"{'to requests that send the --api-key' if cfg.auth_enabled else 'with NO authentication'}, "
+            f"bound to {cfg.listen.host} only")
+
+
 def serve(config_path: Path | None = None, host: str | None = None, port: int | None = None,
           model_dirs: list[Path] | None = None, served_model_names: list[str] | None = None,
           gpu_budget_gb: float | None = None, api_key: str | None = None, max_model_len: int | None = None,
@@ -270,10 +279,7 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
     if cfg.is_default:
         if host is None:
             cfg.listen.host = "127.0.0.1"
-        log.warning("no --config and no model directory: serving %s (real weights) and the random-weight demo "
-                    "models %s (made on first run under %s) with NO authentication, bound to %s only",
-                    REAL_MODEL, [m.name for m in cfg.models if m.name != REAL_MODEL],
-                    Path(cfg.models[0].path).parent if cfg.models[0].path else "-", cfg.listen.host)
+        log.warning("%s", default_banner(cfg))
         try:
             ensure_demo_models(cfg)
         except OSError as e:

@@ -324,3 +324,16 @@ def test_no_auth_on_a_listener_other_machines_reach_says_so(tmp_path, monkeypatc
         serve(host="0.0.0.0", port=0, model_dirs=[model])
     assert "authentication is OFF: every caller may use every model, and 0.0.0.0 is reachable from other machines " \
            "(give tenants, or --api-key)" in [r.getMessage() for r in caplog.records]
+
+
+def test_the_defaults_start_up_line_says_whether_a_key_is_asked():
+    """`tokenpool serve` on the embedded default says it runs with NO authentication; with `--api-key` it runs
+    behind that key (requests without it are 401s) and says so, not "NO authentication"."""
+    from controller.serve import default_banner, prepare
+
+    plain, _ = prepare(None, None, None, [], [], None, None)
+    keyed, _ = prepare(None, None, None, [], [], None, "k-banner")
+    assert plain.is_default and keyed.is_default and keyed.auth_enabled and not plain.auth_enabled
+    assert "with NO authentication" in default_banner(plain)
+    said = default_banner(keyed)
+    assert "NO authentication" not in said and "to requests that send the --api-key" in said, said
