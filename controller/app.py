@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,6 +24,9 @@ from controller.errors import ServingError
 from controller.service import Controller
 
 log = logging.getLogger("tokenpool.app")
+
+# The browser origins allowed by default (cfg.cors_origins None): pages served from this machine, any port.
+LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 
 
 class BodyLimit:
@@ -248,4 +252,11 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
         return Response(request.app.state.controller.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes, on_refused=lambda: ctl.count_refusal(None, "-", 413))
+    # Last added, so outermost: errors (401s, 413s) carry the CORS headers too, or a browser reports them as
+    # network failures. No credentials: the API takes keys in headers, and the dashboard is same-origin.
+    origins = cfg.cors_origins
+    app.add_middleware(CORSMiddleware, allow_origins=origins or [],
+                       allow_origin_regex=LOCAL_ORIGINS if origins is None else None, allow_methods=["*"],
+                       allow_headers=["*"], expose_headers=["Retry-After", "x-request-id", "x-should-retry"],
+                       allow_credentials=False, max_age=600)
     return app

@@ -194,6 +194,10 @@ def serve_cmd(
         "once (default: 64)"),
     enforce_eager: bool = typer.Option(
         False, "--enforce-eager", help="as vLLM's: the MODEL_DIR models run without CUDA graphs"),
+    allowed_origins: Optional[list[str]] = typer.Option(
+        None, "--allowed-origins", help="as vLLM's: browser origins (CORS) that may call the API, as a JSON list or "
+        "one an option (repeat it); \"*\" for any (the config's cors_origins). Default: pages of this machine only "
+        "(http(s)://localhost, 127.0.0.1, [::1]), as Ollama"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", hidden=True),  # (vLLM's: nothing to trust)
     vllm_only: Optional[list[str]] = typer.Option(
         None, "--gpu-memory-utilization", "--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp",
@@ -222,7 +226,7 @@ def serve_cmd(
           gpu_budget_gb=gpu_budget, api_key=api_key, max_model_len=max_model_len, dtype=dtype,
           tool_call_parser=tool_call_parser, lora_modules=lora_modules, enable_prefix_caching=enable_prefix_caching,
           max_loras=max_loras, max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
-          enforce_eager=enforce_eager or None, trust_remote_code=trust_remote_code)
+          enforce_eager=enforce_eager or None, trust_remote_code=trust_remote_code, allowed_origins=allowed_origins)
 
 
 VLLM_ONLY = ("--gpu-memory-utilization, --tensor-parallel-size and --pipeline-parallel-size are vLLM's: here each "

@@ -334,6 +334,9 @@ class ServerConfig(_Strict):
     admission: AdmissionSettings = AdmissionSettings()
     autoscaler: AutoscalerSettings = AutoscalerSettings()
     max_request_bytes: int = Field(4 << 20, ge=1024)
+    # Browser origins (CORS) that may call the API: None, the default, only pages served from this machine
+    # (http(s)://localhost, 127.0.0.1, [::1], any port), as Ollama allows; a list: those origins, "*" any (vLLM's).
+    cors_origins: list[str] | None = None
     # SIGTERM: new requests get 503 + Retry-After; in-flight ones get this long to finish, then an error event
     shutdown_grace_s: float = Field(30.0, ge=0, le=86400)
     admin_token_file: str | None = None  # where a generated admin token is written (mode 0600); default: cache dir

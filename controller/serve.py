@@ -243,6 +243,25 @@ def check_config_models(models: list[ModelSpec], config_path: Path) -> None:
                                    f"LoRA adapter {lm.name!r}: {why}")
 
 
+def origins_given(values: list[str]) -> list[str]:
+    """--allowed-origins: each value an origin, or a JSON list of them as vLLM's flag takes ('["*"]')."""
+    from controller.startup import StartupError
+
+    out: list[str] = []
+    for v in values:
+        if v.lstrip().startswith("["):
+            try:
+                got = json.loads(v)
+            except json.JSONDecodeError as e:
+                raise StartupError(f"--allowed-origins {v}: not a JSON list ({e.msg})") from None
+            if not isinstance(got, list) or not all(isinstance(o, str) for o in got):
+                raise StartupError(f"--allowed-origins {v}: a JSON list of strings, e.g. '[\"*\"]'")
+            out += got
+        else:
+            out.append(v)
+    return [o.rstrip("/") for o in out]
+
+
 def default_banner(cfg: ServerConfig) -> str:
     """The start-up line of the embedded default: what it serves, and whether a key is asked (--api-key)."""
     return (f"no --config and no model directory: serving {REAL_MODEL} (real weights) and the random-weight demo "
@@ -258,7 +277,7 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
           dtype: str | None = None, tool_call_parser: str | None = None, lora_modules: list[str] | None = None,
           enable_prefix_caching: bool | None = None, max_loras: int | None = None,
           max_lora_rank: int | None = None, max_num_seqs: int | None = None, enforce_eager: bool | None = None,
-          trust_remote_code: bool = False) -> None:
+          trust_remote_code: bool = False, allowed_origins: list[str] | None = None) -> None:
     from controller import shutdown, startup
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -273,6 +292,8 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
         cfg, admin_token = prepare(config_path, host, port, model_dirs, served_model_names, gpu_budget_gb, api_key,
                                    max_model_len, dtype, tool_call_parser, lora_modules, enable_prefix_caching,
                                    max_loras, max_lora_rank, max_num_seqs, enforce_eager)
+        if allowed_origins:
+            cfg.cors_origins = origins_given(allowed_origins)
     except startup.StartupError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
@@ -351,10 +372,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-lora-rank", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--enforce-eager", action="store_true", default=None)
+    ap.add_argument("--allowed-origins", nargs="+", default=None)
     a = ap.parse_args(argv)
     serve(a.config, a.host, a.port, a.model_dirs, a.served_model_name, a.gpu_budget, a.api_key, a.max_model_len,
           a.dtype, a.tool_call_parser, a.lora_modules, a.enable_prefix_caching, a.max_loras, a.max_lora_rank,
-          a.max_num_seqs, a.enforce_eager)
+          a.max_num_seqs, a.enforce_eager, allowed_origins=a.allowed_origins)
 
 
 if __name__ == "__main__":
