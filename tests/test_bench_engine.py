@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tests.triton_interp import interpret
+from tests.triton_interp import interpret, interpret_each
 
 
 def _finite(x) -> bool:
@@ -107,7 +107,7 @@ def test_triton_paged_decode_fp32_is_exact_in_the_interpreter():
     blocks), with a sliding window, and for a row whose context is its new token alone."""
     pytest.importorskip("triton")
     code = """
-import itertools
+import sys
 import torch
 from token_scheduler.model.attention import AttentionMetadata, _decode_torch
 from token_scheduler.model import triton_decode
@@ -120,9 +120,10 @@ ctx = torch.tensor([1, 17, 100], dtype=torch.int32)
 bt = torch.stack([torch.randperm(NB)[:8] for _ in range(B)]).int()
 meta = AttentionMetadata(None, None, BS, decode=True, block_tables=bt, context_lens=ctx)
 # several cache blocks an iteration, over splits whose block ranges end mid-iteration (100 tokens: 7 blocks)
-# with each tile's block ids loaded in the same iteration as its K/V, and an iteration ahead (PIPELINE_IDS)
-for pipe, (nbi, splits) in itertools.product((False, True), ((1, None), (4, None), (4, 1), (4, 2), (2, 3), (1, 8),
-                                                             (4, 8))):
+# with each tile's block ids loaded in the same iteration as its K/V (argument 0), and an iteration ahead
+# (PIPELINE_IDS, argument 1)
+pipe = sys.argv[1] == "1"
+for nbi, splits in ((1, None), (4, None), (4, 1), (4, 2), (2, 3), (1, 8), (4, 8)):
     triton_decode.BLOCKS_PER_ITER, triton_decode.PIPELINE_IDS = nbi, pipe
     for window in (None, 40):
         ref = _decode_torch(q.double(), kv.double(), 1, meta, D**-0.5, window)
@@ -132,7 +133,7 @@ for pipe, (nbi, splits) in itertools.product((False, True), ((1, None), (4, None
             assert out.dtype == torch.float32 and err < 1e-6, (pipe, nbi, splits, window, prefetch, err)
 print("ok")
 """
-    interpret(code)
+    interpret_each(code, [["0"], ["1"]])  # PIPELINE_IDS off and on, side by side
 
 
 def test_paged_decode_with_rope_folded_in_equals_rope_then_decode_in_the_interpreter():
@@ -141,6 +142,7 @@ def test_paged_decode_with_rope_folded_in_equals_rope_then_decode_in_the_interpr
     every split count, with a sliding window, and for a row whose context is its new token alone."""
     pytest.importorskip("triton")
     code = """
+import sys
 import torch
 from token_scheduler.model.triton_decode import paged_decode
 from token_scheduler.model.triton_ops import rope_and_write_kv
@@ -153,7 +155,7 @@ ctx = torch.tensor([1, 17, 100], dtype=torch.int32)
 bt = torch.stack([torch.randperm(NB)[:8] for _ in range(B)]).int()
 pos = (ctx - 1).long()
 sb, so = bt.long().gather(1, (pos // BS)[:, None])[:, 0], pos % BS
-for splits in (None, 1, 2, 4):
+for splits in [None if a == "None" else int(a) for a in sys.argv[1:]]:
     for window in (None, 40):
         kv_ref, kv_new = kv.clone(), kv.clone()
         q = rope_and_write_kv(qkv, cos, sin, pos, kv_ref, 1, sb, so, H, KVH, D)
@@ -166,7 +168,7 @@ for splits in (None, 1, 2, 4):
         assert torch.allclose(out[0], v0.repeat_interleave(H // KVH, 0), atol=1e-6)
 print("ok")
 """
-    interpret(code)
+    interpret_each(code, [["None"], ["1", "2", "4"]])  # the split counts, over two processes side by side
 
 
 def test_fused_decode_step_with_rope_in_the_attention_in_the_interpreter(make_varied):
