@@ -322,6 +322,7 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
         raise SystemExit(2) from None
     cfg.listen.port = probe.getsockname()[1]  # --port 0: the free port the kernel gave, which the file is named by
     probe.close()
+    shutdown.hold_signals()  # a signal from here on stops the start-up cleanly (the token file is removed)
     token_file = None
     if admin_token is not None:
         try:

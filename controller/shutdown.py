@@ -207,6 +207,21 @@ def _take_hangup(handler) -> object | None:
         return None
 
 
+_early: list[int] = []  # signals `hold_signals` recorded before the start-up's own handlers were installed
+
+
+def hold_signals() -> None:
+    """From now until `StartupSignals` takes over, SIGTERM/SIGINT/SIGHUP are recorded instead of killing the process
+    (one ignored at start, as under nohup, stays ignored): the start-up then stops at once, cleanly. `serve` calls it
+    before it writes the run's admin token file, which a kill by the signal left behind."""
+    for sig in StartupSignals.SIGNALS:
+        try:
+            if signal.getsignal(sig) != signal.SIG_IGN:
+                signal.signal(sig, lambda got, _frame: _early.append(got))
+        except ValueError:  # not the main thread: nothing to hold
+            return
+
+
 class StartupSignals:
     """SIGTERM/SIGINT while the server starts (before uvicorn's own handlers): `run(start)` runs the start-up
     coroutine, cancelled by the first such signal (one that came earlier, during the synchronous set-up, counts
@@ -229,6 +244,9 @@ class StartupSignals:
             except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no signals here
                 continue
             self._old[sig] = old
+        if _early:  # one came between `hold_signals` and here
+            self._on_signal(_early[0])
+            _early.clear()
 
     def _on_signal(self, sig: int) -> None:
         if self.got is None:
