@@ -71,3 +71,18 @@ def test_request_too_large_for_pool_is_rejected():
     s = BatchScheduler(BatchLimits(), BlockAllocator(2, 16))
     with pytest.raises(ValueError, match="pool holds 32"):
         s.add(Request("big", [1] * 20, SamplingParams(max_tokens=20)))
+
+
+def test_a_schedulers_stats_count_its_own_blocks_of_a_shared_pool():
+    """`tokenpool_kv_blocks_used{model}` comes from each model's scheduler stats: on a pooled engine the models'
+    allocators are views of one KV region, and each model showed the whole region's blocks in use (3 models with 3,
+    6 and 6 pages each said 15)."""
+    pool = BlockAllocator(64, 1)
+    scheds = [BatchScheduler(BatchLimits(max_seqs=4, max_tokens=256), pool.share(16), model=m) for m in "abc"]
+    for s, n in zip(scheds, (1, 2, 3)):
+        for i in range(n):
+            s.add(Request(f"{s.model}{i}", [1] * 20, SamplingParams(max_tokens=4, ignore_eos=True)))  # 2 blocks each
+        s.schedule()
+    used = [s.stats()["kv_blocks_used"] for s in scheds]
+    assert used == [2, 4, 6] and sum(used) == pool.num_used, used
+    assert all(s.stats()["kv_blocks_total"] == 64 for s in scheds)

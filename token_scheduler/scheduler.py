@@ -299,7 +299,9 @@ class BatchScheduler:
             "num_running": len(self.running),
             "num_waiting": len(self.waiting),
             "num_swapped": len(self.swapped),
-            "kv_blocks_used": self.kv.num_used,
+            # this model's blocks: on a pooled engine its allocator is a view of the GPU's shared KV region, whose
+            # num_used (every model's) /metrics showed under each model's label
+            "kv_blocks_used": self.kv.num_held,
             "kv_blocks_total": self.kv.num_blocks,
             "num_preemptions": self.num_preemptions,
             "prefix_cache_queries": self.cache_queries,
