@@ -130,7 +130,7 @@ class Delta:
     # (prompt_logprobs asked; with the first tokens) each prompt token's after the first, as `logprobs`
     prompt_logprobs: list[list[list[float]]] | None = None
     embedding: list[float] | None = None  # (SamplingParams.embed; finished) the last prompt token's final hidden state
-    num_cached_tokens: int = 0  # (finished) prompt tokens whose KV its start found in the prefix cache
+    num_cached_tokens: int = 0  # (first and last delta) prompt tokens whose KV its start found in the prefix cache
     stop_reason: int | str | None = None  # (finished "stop") the stop string or stop token id that ended it
 
 

@@ -224,11 +224,11 @@ class Generation:
                 if not d.finished:
                     continue
                 del self._held[sub.index]
+            if d.num_cached_tokens:  # (the first delta and the last say it)
+                p = sub.index // self.per_prompt
+                self._cached[p] = max(self._cached.get(p, 0), d.num_cached_tokens)
             if d.finished:
                 open_ -= 1
-                if d.num_cached_tokens:
-                    p = sub.index // self.per_prompt
-                    self._cached[p] = max(self._cached.get(p, 0), d.num_cached_tokens)
             if self.buffered:
                 for x in held:
                     yield sub.index, x

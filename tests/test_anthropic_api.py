@@ -209,19 +209,22 @@ def _events(srv, body: dict) -> list[dict]:
 def test_message_start_carries_the_prompts_usage(server):
     """As Anthropic's stream: message_start's usage is the prompt's, the part the prefix cache held as
     cache_read_input_tokens (it said 0, counting them in input_tokens: it went out before the engine had started the
-    request); message_delta's is the whole cumulative usage. A one-token reply, whose only delta tells the cache's
-    part (a longer one's first delta does not yet: its message_start counts them in input_tokens)."""
+    request); message_delta's is the whole cumulative usage. A one-token reply and a longer one, whose first delta
+    tells the cache's part too (it came with the last only, so a longer reply's message_start counted it in
+    input_tokens)."""
     body = {"model": "tiny-a", "system": SYSTEM + "Usage.", "messages": [{"role": "user", "content": "Hi"}],
             "max_tokens": 1, **GREEDY}
     _events(server, body)  # (the system prompt's blocks, cached)
-    ev = _events(server, body)
-    assert [e["type"] for e in ev][:2] == ["message_start", "content_block_start"] and ev[-1]["type"] == "message_stop"
-    start, delta = ev[0]["message"]["usage"], ev[-2]["usage"]
     n = ac(server).messages.count_tokens(model="tiny-a", system=body["system"], messages=body["messages"]).input_tokens
-    assert start["cache_read_input_tokens"] > 0 and start["input_tokens"] + start["cache_read_input_tokens"] == n
-    assert start["output_tokens"] == 0 and delta["output_tokens"] == 1
-    assert {k: delta[k] for k in ("input_tokens", "cache_read_input_tokens")} == \
-        {k: start[k] for k in ("input_tokens", "cache_read_input_tokens")}
+    for new in (1, 4):
+        ev = _events(server, {**body, "max_tokens": new, "ignore_eos": True})
+        assert [e["type"] for e in ev][:2] == ["message_start", "content_block_start"]
+        assert ev[-1]["type"] == "message_stop"
+        start, delta = ev[0]["message"]["usage"], ev[-2]["usage"]
+        assert start["cache_read_input_tokens"] > 0 and start["input_tokens"] + start["cache_read_input_tokens"] == n
+        assert start["output_tokens"] == 0 and delta["output_tokens"] == new
+        assert {k: delta[k] for k in ("input_tokens", "cache_read_input_tokens")} == \
+            {k: start[k] for k in ("input_tokens", "cache_read_input_tokens")}, (new, start, delta)
     # a longer reply: the client's accumulated message has the whole usage, as create() gives it
     body = {**body, "max_tokens": 3}
     r = ac(server).messages.create(**{k: v for k, v in body.items() if k != "temperature"}, extra_body=GREEDY)
