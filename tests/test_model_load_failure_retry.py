@@ -17,20 +17,8 @@ from controller.config import SLO, ModelSpec, ServerConfig
 from controller.errors import ServingError
 from controller.pool import EngineHandle
 from controller.service import LOAD_RETRY_S, Controller
+from tests.fake_worker import Wire
 from token_scheduler.request import SamplingParams
-
-
-class Wire:
-    """A worker connection: what the controller sent it, decoded."""
-
-    def __init__(self) -> None:
-        self.sent: list[m.Message] = []
-
-    def is_closing(self) -> bool:
-        return False
-
-    def write(self, frame: bytes) -> None:
-        self.sent.append(m.decode(frame[4:]))
 
 
 def _loads(e: EngineHandle) -> int:
