@@ -49,16 +49,29 @@ class StTensor:
 
 
 def read_header(path: Path) -> dict[str, StTensor]:
+    """The tensors of a safetensors file. A file that is not one, or is cut short (a copy or download that did not
+    finish), is a ValueError naming the file, not a JSON or struct error from deep in a load."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    base = 8 + n
-    out = {}
-    for name, h in header.items():
-        if name == "__metadata__":
-            continue
-        b, e = h["data_offsets"]
-        out[name] = StTensor(path, ST_DTYPES[h["dtype"]], tuple(h["shape"]), base + b, e - b)
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 2 <= n <= size - 8:
+            raise ValueError(f"{path}: not a safetensors file (its first 8 bytes do not give a header length that "
+                             f"fits its {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            base = 8 + n
+            out = {}
+            for name, h in header.items():
+                if name == "__metadata__":
+                    continue
+                b, e = h["data_offsets"]
+                if base + e > size:
+                    raise ValueError(f"{path}: cut short: tensor {name!r} ends at byte {base + e}, the file has "
+                                     f"{size} (a copy or download that did not finish?)")
+                out[name] = StTensor(path, ST_DTYPES[h["dtype"]], tuple(h["shape"]), base + b, e - b)
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a safetensors file (its header does not parse: {e})") from None
     return out
 
 

@@ -177,3 +177,28 @@ def test_prefetch_poll_queries_only_past_the_landed_prefix(make_tiny, cache):
     assert evs[0].queries == 1 and p.landed_pieces >= 2
     rm = pf.take(p)
     assert p.enqueued == host.nbytes and rm.ready.done()
+
+
+def test_a_safetensors_file_cut_short_or_not_one_is_named(tmp_path):
+    """A model file cut short (a copy that did not finish) failed its load with "JSONDecodeError: Expecting ','
+    delimiter" or a struct error; it is a ValueError naming the file and what is wrong."""
+    from safetensors.torch import save_file
+
+    from model_swapper.loader import read_header
+
+    f = tmp_path / "model.safetensors"
+    save_file({"a": torch.zeros(64, 64), "b": torch.ones(8)}, str(f))
+    whole = f.read_bytes()
+    assert set(read_header(f)) == {"a", "b"}
+    import struct
+
+    for data, said in ((whole[:-10], "cut short: tensor 'b'"), (whole[:40], "not a safetensors file"),
+                       (whole[:5], "not a safetensors file"), (b"", "not a safetensors file"),
+                       (struct.pack("<Q", 12) + b'{"a": [1, 2 ', "header does not parse")):
+        f.write_bytes(data)
+        with pytest.raises(ValueError, match=said) as ei:
+            read_header(f)
+        assert str(f) in str(ei.value)
+    f.write_bytes(b"<html>not found</html>" * 10)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        read_header(f)
