@@ -45,7 +45,8 @@ def decide(est_ttft_s: float, queued: bool, slo_ttft_s: float, slack: float, que
            max_queue: int, prefill_s: float = 0.0) -> Decision:
     """Admit or refuse; a refusal says when retrying is worth it (HTTP Retry-After, whole seconds).
     `prefill_s`: the request's own prefill time; if that alone misses the SLO, it is refused whatever the queue
-    (its prompt would hold the GPU from every other model's requests for longer than the SLO allows)."""
+    (its prompt would hold the GPU from every other model's requests for longer than the SLO allows). The caller
+    gives 0 where the engine has no other request (the prompt holds up no one, and would otherwise never run)."""
     if prefill_s > slack * slo_ttft_s:
         return Decision(False, est_ttft_s, max(1, math.ceil(prefill_s)),
                         f"its prompt alone takes an estimated {prefill_s:.2f}s to prefill, over the "

@@ -72,6 +72,7 @@ class Route:
     load: bool = False  # a new registration: the model is registered there first
     prefill_s: float = 0.0  # the request's own prefill there, by the pool's fit (admission refuses what alone misses)
     cached_tokens: int = 0  # of its prompt, the tokens that engine likely has cached (controller.prefix_index)
+    engine_busy: bool = True  # the engine has requests in flight (of any model): a long prefill would hold them up
 
 
 # What a decode step costs beyond reading its weights, in weight bytes (H200, bench engine at batch 1: a 1.5B
@@ -188,7 +189,7 @@ def route(model: ModelInfo, engines: list[EngineView], prompt_tokens: int = 0,
             est += model.load_s  # its registration (host copy) is still being loaded
         if best is None or est < best.est_ttft_s:
             best = Route(e.engine_id, est, queued, r.inflight, prefill_s=(prompt_tokens - hit) * r.prefill_s_per_token,
-                         cached_tokens=hit)
+                         cached_tokens=hit, engine_busy=any(x.inflight for x in e.replicas.values()))
     return best
 
 

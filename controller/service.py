@@ -570,8 +570,11 @@ class Controller:
             views = _views()
         if admission and self.cfg.admission.enabled:
             slack = self.cfg.admission.slack * 2.0 ** max(-2, min(2, priority))
+            # A prompt whose prefill alone misses the SLO is refused only while its engine has other requests (it
+            # would hold them up): on an idle engine it runs, late, else it could never be served (a single user's
+            # long prompt on a slow CPU was a 429 at every retry).
             d = decide(rt.est_ttft_s, rt.queued, slo.ttft_s, slack, rt.queue_len,
-                       self.cfg.admission.max_queue_per_engine, prefill_s=rt.prefill_s)
+                       self.cfg.admission.max_queue_per_engine, prefill_s=rt.prefill_s if rt.engine_busy else 0.0)
             if not d.admit:
                 self.metrics.rejected.labels(name, "slo").inc()
                 self.events.publish("reject", model=name, request_id=sub.rid, reason=d.reason)

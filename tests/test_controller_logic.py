@@ -569,3 +569,17 @@ def test_route_prefers_the_engine_with_the_prompt_cached():
     busy = ReplicaView("a", True, 8, step_s=0.01, prefill_s_per_token=0.001, queued_prompt_tokens=3000)
     e1 = EngineView("e1", 10 * GB, {"a": busy}, step_s=0.01)
     assert route(models["a"], [e0, e1], 1000, lambda e: 960 if e == "e1" else 0).engine_id == "e0"
+
+
+def test_a_long_prompt_is_refused_only_while_its_engine_has_other_requests():
+    """The prefill-alone rule protects other requests from a long prompt; on an idle engine nothing is protected and
+    the prompt could never run (a single user's long prompt on a slow CPU got a 429 at every retry)."""
+    idle = EngineView("e0", 10 * GB, {"a": ReplicaView("a", True, 8, prefill_s_per_token=0.01),
+                                      "b": ReplicaView("b", True, 8)})
+    rt = route(ModelInfo("a", GB), [idle], prompt_tokens=2000)
+    assert rt.prefill_s == pytest.approx(20.0) and not rt.engine_busy
+    other = EngineView("e0", 10 * GB, {"a": ReplicaView("a", True, 8, prefill_s_per_token=0.01),
+                                       "b": ReplicaView("b", True, 8, running_remaining=(30,))})
+    assert route(ModelInfo("a", GB), [other], prompt_tokens=2000).engine_busy
+    own = EngineView("e0", 10 * GB, {"a": ReplicaView("a", True, 8, (5,), prefill_s_per_token=0.01)})
+    assert route(ModelInfo("a", GB), [own], prompt_tokens=2000).engine_busy
