@@ -221,7 +221,7 @@ class TenantRegistry:
 
     def update(self, name: str, changes: dict) -> Tenant:
         """Change a tenant made through the admin API in place (PATCH /admin/tenants): `changes`, validated TenantSpec
-        fields other than name and key_hashes. The new entry takes the old one's place at once (its keys never stop
+        fields other than name (key_hashes too: the caller ends the dropped keys' requests). The new entry takes the old one's place at once (its keys never stop
         working), with its usage, requests in flight and buckets (`succeed`). KeyError: no such tenant; ValueError:
         one of the configuration file (which would bring it back unchanged at the next start: change it there)."""
         t = self._t[name]

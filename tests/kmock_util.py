@@ -113,7 +113,7 @@ class FakeController:
         name = self._name(req)
         if name not in store:
             return Response(status=404, payload={"error": {"message": f"no {name}"}})
-        store[name].update(req.data)
+        store[name].update({k: v for k, v in req.data.items() if k != "key_hashes"})  # (never shown back)
         return store[name]
 
     def count(self, method: str, path: str) -> int:

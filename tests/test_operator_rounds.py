@@ -131,11 +131,11 @@ async def test_a_tenant_round_reads_the_controllers_tenants_once(tmp_path, handl
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(60)
-async def test_a_tenants_limits_change_in_place_and_its_keys_by_replacement(tmp_path, handlers):
+async def test_a_tenants_limits_and_keys_change_in_place(tmp_path, handlers):
     """A Tenant's models, rate limits, maxConcurrent, priority or sloClass changed: a PATCH (its keys keep working,
     its usage and requests in flight carry over; a DELETE then POST answered its keys 401 in between). Its keys
-    changed (the Secret rotated): a DELETE then a POST, the admin API's only way to change keys. A tenant changed
-    behind the operator's back is set back."""
+    changed (the Secret rotated): a PATCH with the new key hashes (it was a DELETE then a POST, whose gap answered
+    every key 401). A tenant changed behind the operator's back is set back."""
     async with _world(tmp_path) as (memo, k8s, fake):
         secret = f"/api/v1/namespaces/{NS}/secrets"
         await _create(k8s, secret, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keys", "namespace": NS},
@@ -171,11 +171,14 @@ async def test_a_tenants_limits_change_in_place_and_its_keys_by_replacement(tmp_
         r = await k8s.patch(f"{secret}/keys", json={"data": {"k": base64.b64encode(b"tp-rotated").decode()}},
                             headers={"Content-Type": "application/merge-patch+json"})
         assert r.status < 300
-        await round_(spec)  # the keys rotated: replaced
-        assert calls() == (2, 2, 1) and fake.tenants["team"]["priority"] == 7
+        await round_(spec)  # the keys rotated: in place too
+        assert calls() == (1, 3, 0) and fake.tenants["team"]["priority"] == 7
+        sent = [r.data for r in fake.handler if r.url.path.startswith("/admin/tenants") and r.method.value != "GET"]
+        assert sent[-1]["key_hashes"] != sent[0]["key_hashes"] and len(sent[-1]["key_hashes"]) == 1
         meta["generation"] = 3
-        await round_(dict(spec, priority=1))  # and again in place, after the rotation
-        assert calls() == (2, 3, 1)
+        await round_(dict(spec, priority=1))  # and the limits again, without the keys
+        sent = [r.data for r in fake.handler if r.url.path == "/admin/tenants/team" and r.method.value == "PATCH"]
+        assert calls() == (1, 4, 0) and "key_hashes" not in sent[-1]
 
 
 @pytest.mark.asyncio

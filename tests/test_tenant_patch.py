@@ -73,7 +73,7 @@ def test_patch_refusals(tmp_path):
     cases = [
         ("nobody", {"priority": 1}, 404, "tenant_not_found"),
         ("team", {"slo_class": "nope"}, 400, None),
-        ("team", {"key_hashes": [hash_key(KEY)]}, 400, None),  # keys: rotated by DELETE then POST
+        ("team", {"key_hashes": ["not-a-hash"]}, 400, None),  # keys are given as their hashes
         ("team", {"name": "other"}, 400, None),
         ("team", {"max_concurrent": 0}, 400, None),
         ("team", {"priority": None}, 400, None),
@@ -85,3 +85,28 @@ def test_patch_refusals(tmp_path):
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and (code is None or err["code"] == code), err
     assert c.patch("/admin/tenants/team", json={"priority": 1}).status_code == 401
+
+
+def test_patch_rotates_keys_in_place(tmp_path):
+    """PATCH key_hashes: a rotation with no gap (DELETE then POST answered the kept keys 401 between the two calls).
+    A kept key works throughout; a dropped one is a 401 at once and its requests in flight are ended (the same
+    revocation a DELETE schedules, limited to the dropped keys); the usage carries over; bad hashes are a 400."""
+    c, ctl = make(tmp_path)
+    k2, k3 = "key-patch-second-abcdefghij", "key-patch-third-abcdefghijk"
+    h1, h2 = hash_key(KEY), hash_key(k2)  # (a kept key is the same hash: salted, a new hash of it is another)
+    body = {"name": "team", "key_hashes": [h1, h2]}
+    assert c.post("/admin/tenants", headers=H, json=body).status_code == 201
+    t = ctl.tenants.authenticate(KEY)
+    TenantRegistry.release(t, 1, 4, 6) if TenantRegistry.acquire(t, 1) is None else None
+    revoked = []
+    ctl.tenant_deleted = revoked.append  # (the live revocation is tests/test_tenant_key_removal_live.py's)
+    r = c.patch("/admin/tenants/team", headers=H, json={"key_hashes": [h2, hash_key(k3)]})
+    assert r.status_code == 200 and r.json()["usage"]["requests"] == 1, r.text
+    assert ctl.tenants.authenticate(KEY) is None
+    assert ctl.tenants.authenticate(k2) is ctl.tenants.authenticate(k3) is ctl.tenants.get("team")
+    assert revoked == [t] and t.latest() is ctl.tenants.get("team")  # the old entry, succeeded: dropped keys only
+    assert c.get("/v1/usage", headers={"Authorization": f"Bearer {k3}"}).json()["requests"] == 1
+    for bad in ({"key_hashes": ["plain-key"]}, {"key_hashes": None}):
+        r = c.patch("/admin/tenants/team", headers=H, json=bad)
+        assert r.status_code == 400 and "key_hashes" in (r.json()["error"]["param"] or r.json()["error"]["message"])
+    assert c.patch("/admin/tenants/team", headers=H, json={"priority": 1}).status_code == 200 and len(revoked) == 1

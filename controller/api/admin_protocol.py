@@ -31,18 +31,26 @@ class TenantCreate(BaseModel):
 
 class TenantPatch(BaseModel):
     """PATCH /admin/tenants/{name}: what a tenant changes in place (its keys keep working; its usage, requests in
-    flight and buckets carry over). Fields left out stay as they are; max_concurrent and slo_class null: none. Keys
-    are not changed here: a rotation is a DELETE then a POST."""
+    flight and buckets carry over). Fields left out stay as they are; max_concurrent and slo_class null: none.
+    key_hashes: the tenant's keys from now on (a rotation in place: a key kept never stops working; the requests in
+    flight on a key dropped end a moment later)."""
     model_config = ConfigDict(extra="forbid")
+    key_hashes: list[str] | None = None
     models: list[str] | None = None
     rate: RateLimit | None = None
     max_concurrent: int | None = Field(None, ge=1)
     priority: int | None = None
     slo_class: str | None = None
 
+    @field_validator("key_hashes")
+    @classmethod
+    def _hashed(cls, v: list[str] | None) -> list[str] | None:
+        return v if v is None else TenantCreate._hashed(v)
+
     @model_validator(mode="after")
     def _not_null(self) -> TenantPatch:
-        nulls = [f for f in ("models", "rate", "priority") if f in self.model_fields_set and getattr(self, f) is None]
+        nulls = [f for f in ("key_hashes", "models", "rate", "priority")
+                 if f in self.model_fields_set and getattr(self, f) is None]
         if nulls:
             raise ValueError(f"{', '.join(nulls)} cannot be null (leave a field out to keep it)")
         return self

@@ -164,19 +164,23 @@ async def create_tenant(body: ap.TenantCreate, request: Request):
 
 @router.patch("/tenants/{name}", response_model=ap.TenantOut)
 async def update_tenant(name: str, patch: ap.TenantPatch, request: Request):
-    """Change a tenant's models, limits, priority or SLO class in place: its keys keep working (no DELETE then POST,
-    whose gap answered them 401), its usage, requests in flight and buckets carry over."""
+    """Change a tenant's keys, models, limits, priority or SLO class in place: the keys it keeps keep working (no
+    DELETE then POST, whose gap answered them 401), its usage, requests in flight and buckets carry over; requests
+    on a key it drops end a moment later."""
     ctl = _ctl(request)
     changes = patch.changes()
     if changes.get("slo_class") is not None and changes["slo_class"] not in ctl.cfg.slo_classes:
         raise ServingError(400, f"unknown slo_class {changes['slo_class']!r}", param="slo_class")
     try:
+        old = ctl.tenants.get(name)
         t = ctl.tenants.update(name, changes)
     except KeyError:
         raise ServingError(404, f"no tenant {name!r}", code="tenant_not_found") from None
     except ValueError:
         raise ServingError(409, f"tenant {name!r} is from the configuration file: change it there (a change made here "
                            "would be undone at the next start)", code="tenant_from_config") from None
+    if "key_hashes" in changes and old is not None:
+        ctl.tenant_deleted(old)  # (succeeded by `t`: only the requests on the keys it dropped end)
     views.events(ctl).publish("tenant_updated", tenant=name, fields=sorted(changes))
     return _tenant_out(t)
 

@@ -441,11 +441,10 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
             actual = tenants.get(name)
             known = _applied(memo, meta) or status.get("appliedDigest")
             if actual is not None and (not b.tenant_matches(desired, actual) or known != want):
-                if b.tenant_keys_unchanged(desired, actual, known):  # its keys keep working, its usage carries over
-                    memo.admin.tenants.update(name, b.tenant_live_fields(desired))
-                else:  # keys are changed only by a replacement
-                    memo.admin.tenants.remove(name)
-                    actual = None
+                live = b.tenant_live_fields(desired)  # changed in place: its usage and requests in flight carry over
+                if not b.tenant_keys_unchanged(desired, actual, known):  # a rotation in place: the keys kept keep
+                    live["key_hashes"] = desired["key_hashes"]  # working, a dropped key's requests end
+                memo.admin.tenants.update(name, live)
             if actual is None:
                 memo.admin.tenants.add(desired)
             memo.applied[meta["uid"]] = (gen, want)
