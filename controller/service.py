@@ -123,7 +123,7 @@ class ModelEntry:
 
 
 # ModelSpec fields a registered model changes in place (update_model); any other needs it registered again
-UPDATABLE = frozenset({"slo", "priority", "replicas", "keep_alive"})
+UPDATABLE = frozenset({"slo", "priority", "replicas", "keep_alive", "aliases"})
 
 
 def _policy_slo(spec: ModelSpec) -> ModelSLO:
@@ -368,8 +368,8 @@ class Controller:
         return entry
 
     def update_model(self, name: str, changes: dict[str, Any]) -> ModelEntry:
-        """Change a registered model's SLO, priority, replica bounds or keep_alive in place (PATCH /admin/models, the
-        Kubernetes operator's scaling): its registrations, weights and requests in flight stay (those already
+        """Change a registered model's SLO, priority, replica bounds, keep_alive or aliases in place (PATCH
+        /admin/models, the Kubernetes operator's scaling): its registrations, weights and requests in flight stay (those already
         admitted keep the SLO they came under). `changes`: validated ModelSpec fields by name."""
         entry = self.models.get(name)
         if entry is None:
@@ -378,6 +378,15 @@ class Controller:
         if unknown:
             raise ServingError(400, f"not changeable in place: {', '.join(sorted(unknown))} (remove the model and "
                                "register it again)", param=sorted(unknown)[0])
+        if "aliases" in changes:  # (resolved by the controller alone: the engines know a model by its name)
+            others = {n for me in self.models.values() if me is not entry
+                      for n in (me.spec.name, *me.spec.aliases, *me.spec.lora_names)}
+            if taken := sorted(others & set(changes["aliases"]) | {name} & set(changes["aliases"])):
+                raise ServingError(409, f"already served under these names (a model, an alias or an adapter): "
+                                   f"{', '.join(taken)}", param="aliases", code="model_exists")
+            if clash := set(changes["aliases"]) & set(entry.spec.lora_names):
+                raise ServingError(409, f"its LoRA adapters are named {', '.join(sorted(clash))}", param="aliases",
+                                   code="model_exists")
         entry.spec = entry.spec.model_copy(update=changes)
         entry.info = dataclasses.replace(entry.info, priority=entry.spec.priority)
         slo = _policy_slo(entry.spec)

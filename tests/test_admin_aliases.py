@@ -83,3 +83,25 @@ def test_the_listing_shows_the_pin_of_now():
     assert pins() == {"real-name": True, "pinned": False}
     r = c.patch("/admin/models/real-name", headers=H, json={"priority": 1})
     assert r.status_code == 200 and r.json()["pin"] is True
+
+
+def test_aliases_change_in_place():
+    """PATCH aliases: a registered model's other names from now on (llama-swap users edit them in its config; the
+    admin API had no way but a DELETE, which ends the model's requests, and a POST). The old alias is a 404, the new
+    one resolves; a name another model (or this one) answers to is a 409; bad names and null are 400s."""
+    c, ctl = make()
+    asyncio.run(ctl.add_model(ModelSpec(name="other", path=None, engine={"kind": "pace"}, aliases=["o"])))
+    r = c.patch("/admin/models/nick", headers=H, json={"aliases": ["nick2", "n2"]})
+    assert r.status_code == 200 and r.json()["aliases"] == ["nick2", "n2"], r.text
+    assert ctl.resolve("nick") is None and ctl.resolve("n2") is ctl.models["real-name"]
+    _not_found(c.post("/admin/models/nick/pin", headers=H), "nick")
+    assert [m["name"] for m in c.get("/admin/models", headers=H).json()] == ["real-name", "other"]
+    r = c.post("/v1/completions", json={"model": "nick", "prompt": "x", "max_tokens": 1})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+    for taken in (["o"], ["other"], ["real-name"]):
+        r = c.patch("/admin/models/real-name", headers=H, json={"aliases": taken})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "model_exists", r.text
+    for bad in (["has space"], ["a", "a"], None):
+        assert c.patch("/admin/models/real-name", headers=H, json={"aliases": bad}).status_code == 400
+    assert ctl.models["real-name"].spec.aliases == ["nick2", "n2"]
+    assert c.patch("/admin/models/real-name", headers=H, json={"aliases": []}).json()["aliases"] == []

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from controller.config import SLO, RateLimit, Replicas, parse_duration
+from controller.config import SLO, ModelSpec, RateLimit, Replicas, parse_duration
 from controller.keys import is_key_hash
 
 
@@ -127,6 +127,14 @@ class ModelPatch(BaseModel):
     priority: int | None = None
     replicas: Replicas | None = None
     keep_alive: float | None = None
+    aliases: list[str] | None = None  # the names clients may use besides its own, all of them from now on
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("an alias is given twice")
+        return v if v is None else ModelSpec._alias_names(v)
 
     @field_validator("keep_alive", mode="before")
     @classmethod
@@ -135,7 +143,8 @@ class ModelPatch(BaseModel):
 
     @model_validator(mode="after")
     def _not_null(self) -> ModelPatch:
-        nulls = [f for f in ("slo", "priority", "replicas") if f in self.model_fields_set and getattr(self, f) is None]
+        nulls = [f for f in ("slo", "priority", "replicas", "aliases")
+                 if f in self.model_fields_set and getattr(self, f) is None]
         if nulls:
             raise ValueError(f"{', '.join(nulls)} cannot be null (leave a field out to keep it)")
         return self

@@ -110,8 +110,8 @@ def build_model_spec(name: str, spec: dict) -> dict:
 
 
 # What a registered model changes in place (PATCH /admin/models/{name}): a change of only these (HPA's scaling
-# through replicas, an SLO, priority or keep_alive) keeps its weights loaded and its requests running.
-LIVE_FIELDS = ("slo", "priority", "replicas", "keep_alive")
+# through replicas, an SLO, priority, keep_alive or its aliases) keeps its weights loaded and its requests running.
+LIVE_FIELDS = ("slo", "priority", "replicas", "keep_alive", "aliases")
 
 
 def live_fields(desired: dict) -> dict:
@@ -121,8 +121,9 @@ def live_fields(desired: dict) -> dict:
 def reload_digest(desired: dict) -> str:
     """The digest of what needs the model registered again to change (its path, engine options, adapters...), and
     its pin (which changes in place, `same_registration`: kept in the digest, the digests that status.appliedDigest
-    holds from before stay valid; so is keep_alive, as every digest before keepAlive held it: null)."""
-    return digest({**{k: v for k, v in desired.items() if k not in LIVE_FIELDS}, "keep_alive": None})
+    holds from before stay valid; so are keep_alive and aliases, as every digest before they changed in place held
+    them: null, none)."""
+    return digest({**{k: v for k, v in desired.items() if k not in LIVE_FIELDS}, "keep_alive": None, "aliases": []})
 
 
 def same_registration(desired: dict, applied: str | None) -> bool:
@@ -150,6 +151,7 @@ def model_matches(desired: dict, actual: dict | None) -> bool:
     return (not model_reloads(desired, actual) and not pin_differs(desired, actual)
             and actual.get("priority") == desired["priority"]
             and actual.get("replicas") == desired["replicas"]
+            and list(actual.get("aliases") or []) == list(desired.get("aliases") or [])
             and _seconds(actual.get("keep_alive")) == _seconds(desired.get("keep_alive"))
             and {k: float(v) for k, v in (actual.get("slo") or {}).items()} ==
             {k: float(v) for k, v in desired["slo"].items()})
