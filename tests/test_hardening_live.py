@@ -13,6 +13,7 @@ import threading
 import time
 
 import httpx
+import pytest
 import yaml
 
 from controller.keys import hash_key
@@ -117,23 +118,31 @@ def test_non_streaming_disconnects_log_no_traceback(tmp_path):
 
 
 
-def test_chunked_body_over_the_limit_gets_413_json_from_the_real_server(tmp_path):
+@pytest.fixture(scope="module")
+def http_only(tmp_path_factory):
+    """A server without workers (the HTTP layer's answers need none), a 4 KiB request limit: for the tests of what
+    the real server answers to bodies over the limit and to bytes that are no HTTP. Each opens its own connection."""
     cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "none"}, "max_request_bytes": 4096,
            "models": [PACE]}
-    with LiveServer(cfg, tmp_path, wait_ready=False) as srv:
+    with LiveServer(cfg, tmp_path_factory.mktemp("http-only"), wait_ready=False) as srv:
         _wait_listening(srv)
-        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
-            head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    b"Transfer-Encoding: chunked\r\n\r\n")
-            chunk = b"x" * 1024
-            body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(6)) + b"0\r\n\r\n"
-            s.sendall(head + body)
-            data = b""
-            while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < 20:
-                got = s.recv(65536)
-                if not got:
-                    break
-                data += got
+        yield srv
+
+
+def test_chunked_body_over_the_limit_gets_413_json_from_the_real_server(http_only):
+    srv = http_only
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"x" * 1024
+        body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(6)) + b"0\r\n\r\n"
+        s.sendall(head + body)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < 20:
+            got = s.recv(65536)
+            if not got:
+                break
+            data += got
     status_line, rest = data.split(b"\r\n", 1)
     assert status_line.split()[1] == b"413", data
     body = json.loads(rest.split(b"\r\n\r\n", 1)[1])
@@ -231,25 +240,19 @@ def test_a_folder_without_config_json_is_reported_as_such(tmp_path):
         assert expect in _one_line(p), argv
 
 
-def test_declared_body_over_the_limit_gets_413_not_a_reset(tmp_path):
-    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "none"}, "max_request_bytes": 1 << 20,
-           "models": [PACE]}
-    with LiveServer(cfg, tmp_path, wait_ready=False) as srv:
-        _wait_listening(srv)
-        r = httpx.post(srv.url + "/v1/completions", content=b'{"prompt": "' + b"x" * (3 << 20) + b'"}',
-                       headers={"content-type": "application/json"}, timeout=30)
+def test_declared_body_over_the_limit_gets_413_not_a_reset(http_only):
+    # (a 3 MiB body declared by its Content-Length, against the 4 KiB limit: answered, not reset mid-upload)
+    r = httpx.post(http_only.url + "/v1/completions", content=b'{"prompt": "' + b"x" * (3 << 20) + b'"}',
+                   headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
-def test_unparseable_http_gets_openai_json(tmp_path):
-    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "none"}, "models": [PACE]}
-    with LiveServer(cfg, tmp_path, wait_ready=False) as srv:
-        _wait_listening(srv)
-        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
-            s.sendall(b"THIS IS NOT HTTP\r\n\r\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
+def test_unparseable_http_gets_openai_json(http_only):
+    with socket.create_connection(("127.0.0.1", http_only.port), timeout=10) as s:
+        s.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
     head, body = data.split(b"\r\n\r\n", 1)
     assert head.split()[1] == b"400" and b"application/json" in head
     assert json.loads(body)["error"]["type"] == "invalid_request_error"
