@@ -322,12 +322,13 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
         raise SystemExit(2) from None
     cfg.listen.port = probe.getsockname()[1]  # --port 0: the free port the kernel gave, which the file is named by
     probe.close()
-    shutdown.hold_signals()  # a signal from here on stops the start-up cleanly (the token file is removed)
     token_file = None
+    shutdown.hold_signals()  # a signal from here on stops the start-up cleanly (the token file is removed)
     if admin_token is not None:
         try:
             token_file = startup.write_admin_token(cfg, admin_token)
         except OSError as e:
+            shutdown.release_signals()
             log.error("cannot write this run's admin token to %s: %s (set admin_token_file, or admin_token_hash, in "
                       "a configuration%s)", startup.admin_token_path(cfg), e.strerror or e,
                       "" if cfg.admin_token_file else f"; or {env.CACHE.name}")
@@ -346,6 +347,7 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
     try:
         rc = shutdown.run(cfg)
     finally:
+        shutdown.release_signals()  # (the handlers from before the hold: a library caller's, or the defaults)
         if token_file is not None:
             startup.remove_admin_token(token_file, admin_token)  # type: ignore[arg-type]
     if rc:

@@ -208,18 +208,32 @@ def _take_hangup(handler) -> object | None:
 
 
 _early: list[int] = []  # signals `hold_signals` recorded before the start-up's own handlers were installed
+_held: dict[int, object] = {}  # signal -> its handler before `hold_signals` (given back by StartupSignals.remove)
 
 
 def hold_signals() -> None:
     """From now until `StartupSignals` takes over, SIGTERM/SIGINT/SIGHUP are recorded instead of killing the process
     (one ignored at start, as under nohup, stays ignored): the start-up then stops at once, cleanly. `serve` calls it
-    before it writes the run's admin token file, which a kill by the signal left behind."""
+    before it writes the run's admin token file, which a kill by the signal left behind. `release_signals` (or
+    StartupSignals.remove) gives the handlers from before back: left installed, a SIGTERM was recorded for ever,
+    in the process and in every child forked from it (a multiprocessing pool's workers then outlived terminate())."""
     for sig in StartupSignals.SIGNALS:
         try:
-            if signal.getsignal(sig) != signal.SIG_IGN:
+            old = signal.getsignal(sig)
+            if old != signal.SIG_IGN:
                 signal.signal(sig, lambda got, _frame: _early.append(got))
+                _held.setdefault(sig, old)
         except ValueError:  # not the main thread: nothing to hold
             return
+
+
+def release_signals() -> None:
+    """Give back the handlers `hold_signals` replaced (where StartupSignals has not already); forget what it
+    recorded."""
+    for sig, old in _held.items():
+        signal.signal(sig, old)  # type: ignore[arg-type]
+    _held.clear()
+    _early.clear()
 
 
 class StartupSignals:
@@ -236,13 +250,15 @@ class StartupSignals:
         self._task: asyncio.Future | None = None
         self._old: dict[int, object] = {}
         for sig in self.SIGNALS:
-            old = signal.getsignal(sig)
+            # (what `hold_signals` replaced is the handler to give back at remove)
+            old = _held[sig] if sig in _held else signal.getsignal(sig)
             if old == signal.SIG_IGN and sig == getattr(signal, "SIGHUP", None):  # (under nohup: stays ignored)
                 continue
             try:
                 self.loop.add_signal_handler(sig, self._on_signal, sig)
             except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no signals here
                 continue
+            _held.pop(sig, None)
             self._old[sig] = old
         if _early:  # one came between `hold_signals` and here
             self._on_signal(_early[0])

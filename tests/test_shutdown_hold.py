@@ -30,7 +30,14 @@ def test_a_signal_before_the_start_ups_handlers_stops_the_start_up():
         shutdown.hold_signals()
         os.kill(os.getpid(), signal.SIGTERM)  # without the hold: this process dies here
         got, stopped = asyncio.run(asyncio.wait_for(main(), 10))
+        after = {s: signal.getsignal(s) for s in before}
+        shutdown.hold_signals()  # and released without a start-up (serve's error paths, its end)
+        shutdown.release_signals()
+        released = {s: signal.getsignal(s) for s in before}
     finally:
         for s, h in before.items():
             signal.signal(s, h)
     assert got == signal.SIGTERM and stopped and not ran
+    # the handlers from before are back: left recording, a SIGTERM no longer ended this process or the workers of a
+    # multiprocessing pool forked from it (the CPU suite hung in Pool.terminate)
+    assert after == before and released == before
