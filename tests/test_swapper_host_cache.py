@@ -68,19 +68,37 @@ def test_load_stats(make_tiny, ns):
     cache.close()
 
 
-def test_failed_fill_leaves_nothing_in_shm(make_tiny, ns, tmp_path):
-    """A read that fails mid-fill (a checkpoint cut short) raises, and no segment or entry is left."""
+def test_failed_fill_leaves_nothing_in_shm(make_tiny, ns, tmp_path, monkeypatch):
+    """A read that fails mid-fill (a checkpoint cut short after its header was read) raises, and no segment or entry
+    is left; one cut short before is refused by its header check, naming the file, with nothing left either."""
     import shutil
+
+    import model_swapper.loader as loader
 
     d = tmp_path / "cut"
     shutil.copytree(make_tiny("qwen2"), d)
     st = d / "model.safetensors"
-    os.truncate(st, st.stat().st_size - (64 << 10))  # the last tensors' bytes are missing
+    size = st.stat().st_size
     cache = HostModelCache("64MiB", namespace=ns)
-    with pytest.raises(OSError, match="unexpected end of file"):
-        cache.get(d)
-    assert cache.entries() == {} and not list(cache.index.root.glob("*.seg"))
-    cache.close()
+    try:
+        os.truncate(st, size - (64 << 10))  # the last tensors' bytes are missing
+        with pytest.raises(ValueError, match="cut short"):
+            cache.get(d)
+        assert cache.entries() == {} and not list(cache.index.root.glob("*.seg"))
+        shutil.copy(make_tiny("qwen2") / "model.safetensors", st)
+        real = loader.read_header
+
+        def header_then_cut(path):  # the file shrinks between the plan and the reads
+            out = real(path)
+            os.truncate(path, size - (64 << 10))
+            return out
+
+        monkeypatch.setattr(loader, "read_header", header_then_cut)
+        with pytest.raises(OSError, match="unexpected end of file"):
+            cache.get(d)
+        assert cache.entries() == {} and not list(cache.index.root.glob("*.seg"))
+    finally:
+        cache.close()
 
 
 @pytest.mark.gpu
