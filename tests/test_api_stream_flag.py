@@ -35,15 +35,21 @@ CALLS = [  # (path, body without its stream flag, how that API says "streamed")
 ]
 
 
-@pytest.mark.parametrize("path,body,streamed", CALLS, ids=[f"{c[0]}{'-raw' if 'raw' in c[1] else ''}" for c in CALLS])
-def test_each_api_says_whether_it_streams(app, monkeypatch, path, body, streamed):
-    seen: list[bool] = []
+@pytest.fixture
+def seen(app, monkeypatch) -> list[bool]:
+    """The `stream` flag of each Controller.generate call, which then refuses (a 503)."""
+    flags: list[bool] = []
 
     async def generate(entry, tenant, prompts, params, n, request_id, stream=True):
-        seen.append(stream)
+        flags.append(stream)
         raise ServingError(503, "recorded", retry_after=1)
 
     monkeypatch.setattr(app.state.controller, "generate", generate)
+    return flags
+
+
+@pytest.mark.parametrize("path,body,streamed", CALLS, ids=[f"{c[0]}{'-raw' if 'raw' in c[1] else ''}" for c in CALLS])
+def test_each_api_says_whether_it_streams(app, seen, path, body, streamed):
     c = TestClient(app)
     not_streamed = {**body, "stream": False}
     for b in ({**body, **streamed}, not_streamed):
@@ -51,14 +57,7 @@ def test_each_api_says_whether_it_streams(app, monkeypatch, path, body, streamed
     assert seen == [True, False]
 
 
-def test_embeddings_are_not_streamed(app, monkeypatch):
-    seen: list[bool] = []
-
-    async def generate(entry, tenant, prompts, params, n, request_id, stream=True):
-        seen.append(stream)
-        raise ServingError(503, "recorded", retry_after=1)
-
-    monkeypatch.setattr(app.state.controller, "generate", generate)
+def test_embeddings_are_not_streamed(app, seen):
     c = TestClient(app)
     assert c.post("/v1/embeddings", json={"model": "tiny", "input": "hi"}).status_code == 503
     assert c.post("/api/embed", json={"model": "tiny", "input": "hi"}).status_code == 503
