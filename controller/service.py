@@ -379,8 +379,7 @@ class Controller:
             raise ServingError(400, f"not changeable in place: {', '.join(sorted(unknown))} (remove the model and "
                                "register it again)", param=sorted(unknown)[0])
         if "aliases" in changes:  # (resolved by the controller alone: the engines know a model by its name)
-            others = {n for me in self.models.values() if me is not entry
-                      for n in (me.spec.name, *me.spec.aliases, *me.spec.lora_names)}
+            others = self.served_names(besides=entry)
             if taken := sorted(others & set(changes["aliases"]) | {name} & set(changes["aliases"])):
                 raise ServingError(409, f"already served under these names (a model, an alias or an adapter): "
                                    f"{', '.join(taken)}", param="aliases", code="model_exists")
@@ -729,8 +728,13 @@ class Controller:
     # --- LoRA adapters ---
     def names_taken(self, names: list[str]) -> list[str]:
         """Which of `names` a registered model already answers to (its name, an alias or a LoRA adapter)."""
-        taken = {n for me in self.models.values() for n in (me.spec.name, *me.spec.aliases, *me.spec.lora_names)}
+        taken = self.served_names()
         return [n for n in names if n in taken]
+
+    def served_names(self, besides: ModelEntry | None = None) -> set[str]:
+        """Every name a registered model (but `besides`) answers to: its own, its aliases, its LoRA adapters'."""
+        return {n for me in self.models.values() if me is not besides
+                for n in (me.spec.name, *me.spec.aliases, *me.spec.lora_names)}
 
     def load_lora(self, base: str | None, name: str, path: str) -> str:
         """Serve a LoRA adapter over model `base` (its name or an alias; None: the one model with weights) under

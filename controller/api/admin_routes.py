@@ -156,7 +156,7 @@ async def create_tenant(body: ap.TenantCreate, request: Request):
         "asked for a key, so this tenant's limits and model list apply to no one; restart with auth on"]
     # A name or glob no model answers to now is kept (a PooledModel may come after its Tenant), and said: a typo
     # would otherwise show only as the tenant's 404s.
-    served = [n for me in ctl.models.values() for n in (me.spec.name, *me.spec.aliases, *me.spec.lora_names)]
+    served = ctl.served_names()
     if unmatched := [p for p in t.spec.models if not any(fnmatch.fnmatchcase(n, p) for n in served)]:
         warnings.append(f"models {unmatched} match no model served now; this tenant can use them once they are added")
     return {**_tenant_out(t), "api_key": key, "warning": "; ".join(warnings) or None}
