@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -111,21 +112,24 @@ def test_request_without_tokens_is_retried_on_restart(server):
     c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
     (e0,) = [e for e in engines(server) if e["alive"]]
     os.kill(e0["pid"], signal.SIGSTOP)  # hung: requests queue on it until it is declared dead
-    out = {}
-
-    def go():
-        try:
-            out["r"] = c.completions.create(model="pace", prompt="x", max_tokens=3)
-        except Exception as e:  # noqa: BLE001
-            out["e"] = e
-
-    t = threading.Thread(target=go)
-    t.start()
+    reply = _in_background(c.completions.create, model="pace", prompt="x", max_tokens=3)
     time.sleep(0.3)
     os.kill(e0["pid"], signal.SIGKILL)
-    t.join(60)
-    assert "r" in out, out
-    assert out["r"].usage.completion_tokens == 3
+    assert reply.result(60).usage.completion_tokens == 3
+
+
+def _in_background(fn, *args, **kwargs) -> concurrent.futures.Future:
+    """`fn(*args, **kwargs)` on a thread of its own: `.result(timeout)` is its value, or raises its error."""
+    done: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run():
+        try:
+            done.set_result(fn(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 - handed to the test through the future
+            done.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return done
 
 
 def _alive(srv, other_than: int | None = None, timeout: float = 30) -> dict:
@@ -172,22 +176,11 @@ def test_one_sigterm_to_a_busy_worker_finishes_its_stream_and_later_requests_wai
     for _ in range(3):  # (tokens sent: a stream cut now could not be run again elsewhere)
         next(it)
     os.kill(e0["pid"], signal.SIGTERM)
-    out = {}
-
-    def later():
-        try:
-            out["r"] = c.completions.create(model="pace", prompt="x", max_tokens=3)
-        except Exception as e:  # noqa: BLE001
-            out["e"] = e
-
-    t = threading.Thread(target=later)
     time.sleep(0.3)  # (the worker has said it stops: the request is not sent there)
-    t.start()
+    reply = _in_background(c.completions.create, model="pace", prompt="x", max_tokens=3)
     chunks = list(it)
     assert chunks[-1].choices[0].finish_reason == "length"
-    t.join(60)
-    assert "r" in out, out
-    assert out["r"].usage.completion_tokens == 3
+    assert reply.result(60).usage.completion_tokens == 3
     assert _gone(e0["pid"], 20)
     assert _alive(server)["pid"] != e0["pid"]
 
@@ -198,21 +191,11 @@ def test_a_request_not_streamed_is_run_again_when_its_worker_dies_mid_generation
     the client gets the whole answer, not a 503."""
     c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
     e0 = _alive(server)
-    out = {}
-
-    def go():
-        try:
-            out["r"] = c.completions.create(model="pace", prompt="x", max_tokens=150)
-        except Exception as e:  # noqa: BLE001
-            out["e"] = e
-
-    t = threading.Thread(target=go)
-    t.start()
+    reply = _in_background(c.completions.create, model="pace", prompt="x", max_tokens=150)
     deadline = time.monotonic() + 30
     while not any(r["tokens"] >= 5 for r in httpx.get(server.url + "/admin/requests", headers=ADM).json()):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     os.kill(e0["pid"], signal.SIGKILL)
-    t.join(60)
-    assert "r" in out, out
-    assert out["r"].usage.completion_tokens == 150 and out["r"].choices[0].finish_reason == "length"
+    r = reply.result(60)
+    assert r.usage.completion_tokens == 150 and r.choices[0].finish_reason == "length"
