@@ -409,9 +409,12 @@ class Worker:
             await self._writer.drain()
 
     async def _crash(self, what: str, e: Exception) -> None:
-        """An engine crash fails its requests, then the process exits (its supervisor starts another)."""
-        log.exception(what)
-        self.send(m.Outputs([m.Delta(r, finished=True, finish_reason="error", error=f"engine failed: {e}",
+        """An engine crash fails its requests, then the process exits (its supervisor starts another). The requests
+        hear the exception's type only: its text may name the server's paths, devices or other tenants' shapes; the
+        log has it whole."""
+        log.error("%s: %s: %s", what, type(e).__name__, e, exc_info=e)
+        said = f"engine failed ({type(e).__name__}; the server's log has the detail)"
+        self.send(m.Outputs([m.Delta(r, finished=True, finish_reason="error", error=said,
                                      error_kind="engine") for r in self._owner]))
         await asyncio.sleep(0.1)
         os._exit(3)

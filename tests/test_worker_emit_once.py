@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from controller.worker import Worker
 
 
@@ -40,3 +42,31 @@ def test_each_steps_outputs_are_emitted_once_when_two_kinds_launch_in_it():
         w._load_thread.shutdown(wait=False)
 
     asyncio.run(go())
+
+
+def test_a_crash_tells_its_requests_the_exceptions_type_not_its_text(monkeypatch, caplog):
+    """An engine crash fails its requests with the exception's type; its text (which named a path of the server's
+    here) goes to the log only."""
+    import controller.worker as wk
+
+    async def go():
+        w = Worker(("127.0.0.1", 1), "cpu")
+        w._owner = {7: object(), 9: object()}
+        sent: list = []
+        w.send = sent.append
+        with pytest.raises(SystemExit):
+            await w._crash("engine step failed", OSError("no file /srv/secret/model.safetensors"))
+        w._step_thread.shutdown(wait=False)
+        w._load_thread.shutdown(wait=False)
+        return sent
+
+    def exit_(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(wk.os, "_exit", exit_)
+    sent = asyncio.run(go())
+    deltas = sent[0].deltas
+    assert sorted(d.request_id for d in deltas) == [7, 9]
+    assert all(d.error_kind == "engine" and d.error.startswith("engine failed (OSError") for d in deltas)
+    assert not any("/srv/secret" in d.error for d in deltas)
+    assert "/srv/secret" in caplog.text
