@@ -89,6 +89,32 @@ def with_workload(command):
     return run
 
 
+def reader_gone() -> typer.Exit:
+    """stdout's reader closed it before the output ended (`tokenpool run M P | head -1`): what is left goes to
+    /dev/null (Python's advice: the interpreter's last flush would fail again) and the command ends quietly, exit 0,
+    as a pipeline's writer does when its reader has what it wanted (click would exit 1)."""
+    import os
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return typer.Exit(0)
+
+
+def pipe_safe(command):
+    """A command whose output may be piped into a reader that stops early (head, grep -m): see `reader_gone`."""
+
+    @functools.wraps(command)  # (typer reads the signature through __wrapped__)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except BrokenPipeError:
+            raise reader_gone() from None
+
+    return run
+
+
 def _help_if_bare(ctx: typer.Context) -> None:
     """A command group given no command prints its help and exits 0, as `ollama` and `git` with no arguments do
     (click's no_args_is_help prints it as a usage error, exit 2)."""
@@ -235,6 +261,7 @@ VLLM_ONLY = ("--gpu-memory-utilization, --tensor-parallel-size and --pipeline-pa
 
 
 @app.command("ps")
+@pipe_safe
 def ps_cmd(
     url: str = CLIENT_URL,
     admin_token: Optional[str] = typer.Option(
@@ -291,6 +318,7 @@ def stop_cmd(
 
 
 @app.command("run")
+@pipe_safe
 def run_cmd(
     model: str = typer.Argument(..., metavar="MODEL", help="a model (or alias) the server serves"),
     prompt: Optional[list[str]] = typer.Argument(
@@ -330,6 +358,7 @@ def pull_cmd(model: str = typer.Argument(..., metavar="MODEL", help="a model")) 
 
 @app.command("ls")
 @app.command("list", hidden=True)  # (as `ollama list`, whose short form is ls)
+@pipe_safe
 def ls_cmd(
     url: str = CLIENT_URL,
     api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key"),
