@@ -7,6 +7,8 @@ one live server of a pace engine for the module; skipped without them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import re
 import shutil
 import signal
 import threading
@@ -184,8 +186,10 @@ def test_a_failed_action_says_why_at_once(server, browser):
 
 def test_aliases_tenant_limits_and_a_new_key(server, browser):
     """What the snapshots do not carry, from /admin/models and /admin/tenants: a model's aliases (settable in the
-    add form), a tenant's models and limits. A tenant made here gets a new key (its old one stops, its models and
-    limits stay: DELETE then POST, as the admin API rotates keys); one of the configuration file is changed there."""
+    add form), a tenant's models and limits. A tenant made here gets a new key in place (PATCH with the new key's
+    hash, made in the page): the tenant is there all along (it was DELETE then POST: a moment with no tenant, its
+    usage reset), its old key is refused once the new one is shown, its models, limits and usage stay; one of the
+    configuration file is changed there."""
     failed: list[str] = []
     auth = {"Authorization": f"Bearer {ADMIN}"}
     with signed_in(browser, server.url, failed) as page:
@@ -211,14 +215,31 @@ def test_aliases_tenant_limits_and_a_new_key(server, browser):
         expect(page.locator('#tenants-table tr[data-tenant="team-a"] td').nth(1)).to_have_text("*")
         expect(page.locator('#tenants-table tr[data-tenant="team-a"] [data-action=rotate]')).to_have_count(0)
 
+        models = lambda key: httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"})  # noqa: E731
+        httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {old}"}, timeout=30, json={
+            "model": "pace-a", "prompt": "hi", "max_tokens": 2}).raise_for_status()
+        calls: list[tuple[str, int, int]] = []  # each change the page asks for: method, and just before it reaches
+        # the server, the tenant's status and its old key's
+
+        def probe(route) -> None:
+            if route.request.method != "GET":
+                there = httpx.get(server.url + "/admin/tenants/team-keyed", headers=auth).status_code
+                calls.append((route.request.method, there, models(old).status_code))
+            route.continue_()
+        page.route(re.compile(r"/admin/tenants(/.*)?$"), probe)
         row.locator("[data-action=rotate]").click()
         expect(page.locator("#toast")).to_have_text("Tenant team-keyed has a new key")
+        assert calls == [("PATCH", 200, 200)], calls
         new = page.locator("#new-key-value").inner_text()
-        assert new.startswith("tp-") and new != old
-        models = lambda key: httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"})  # noqa: E731
+        assert re.fullmatch(r"tp-[A-Za-z0-9_-]{43}", new) and new != old, new
         assert models(old).status_code == 401 and models(new).status_code == 200
         t = httpx.get(server.url + "/admin/tenants/team-keyed", headers=auth).json()
         assert t["models"] == ["pace-a"] and t["rate"]["requests_per_s"] == 5 and t["max_concurrent"] == 3
+        assert t["usage"]["requests"] == 1 and t["usage"]["completion_tokens"] == 2, t["usage"]
+        # the hash made in the page (its own SHA-256: crypto.subtle is missing over plain HTTP) for other lengths
+        for n in (0, 55, 56, 64, 200):
+            msg = bytes(range(n))
+            assert page.evaluate("a => hex(sha256(new Uint8Array(a)))", list(msg)) == hashlib.sha256(msg).hexdigest()
         expect(row).to_contain_text("5 req/s · 3 at once")
         httpx.delete(server.url + "/admin/tenants/team-keyed", headers=auth).raise_for_status()
     assert failed == [], failed

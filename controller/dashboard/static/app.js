@@ -184,26 +184,81 @@ function fmtLimits(t) {
   return out.join(" · ") || "none";
 }
 
-// A tenant's key rotated, as the admin API rotates keys: DELETE, then POST with the same models and limits; the
-// new key is shown once. Only for a tenant made here: one of the configuration file is changed there.
+// A tenant's key rotated in place: PATCH /admin/tenants/NAME with the new key's hash as its only key. Its other keys
+// stop working at once (their requests in flight end), the new one works from the same moment; its models, limits,
+// usage and its requests on no dropped key stay. (It was DELETE then POST: a moment with no tenant at all, its
+// usage reset, and a POST that failed left it revoked.) The key is made and hashed here, as `tokenpool keys new`
+// makes one (the server keeps only a hash), and shown once. Only for a tenant made here: one of the configuration
+// file is changed there.
 async function rotate(name) {
-  if (!window.confirm(`Give tenant ${name} a new key? Its keys stop working at once and its requests in flight ` +
+  if (!window.confirm(`Give tenant ${name} a new key? Its keys stop working at once and their requests in flight ` +
     "end; its models and limits stay.")) return;
   try {
-    const t = await api("GET", `/admin/tenants/${encodeURIComponent(name)}`);
-    await api("DELETE", `/admin/tenants/${encodeURIComponent(name)}`);
-    const spec = { name, models: t.models, rate: t.rate, max_concurrent: t.max_concurrent, priority: t.priority,
-      slo_class: t.slo_class };
-    try {
-      showKey(await api("POST", "/admin/tenants", spec));
-    } catch (e) { // (revoked, not made again: say what it was, so that it can be made again by hand)
-      throw new Error(`${e.message}; ${name} is revoked, it was ${JSON.stringify(spec)}`);
-    }
+    const key = newKey();
+    await api("PATCH", `/admin/tenants/${encodeURIComponent(name)}`, { key_hashes: [hashKey(key)] });
+    showKey({ name, api_key: key });
     toast(`Tenant ${name} has a new key`);
   } catch (e) {
     toast(`Failed: ${e.message}`, true);
   }
   refreshSoon(0);
+}
+
+// controller.keys: a key is "tp-" and 256 random bits (URL-safe base64); its hash "sha256$SALT$DIGEST", DIGEST the
+// SHA-256 of the 16 random bytes of SALT (hex) followed by the key's UTF-8.
+function newKey() {
+  const b = crypto.getRandomValues(new Uint8Array(32));
+  return "tp-" + btoa(String.fromCharCode(...b)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+const hex = (b) => [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
+function hashKey(key) {
+  const salt = crypto.getRandomValues(new Uint8Array(16)), k = new TextEncoder().encode(key);
+  const msg = new Uint8Array(salt.length + k.length);
+  msg.set(salt);
+  msg.set(k, salt.length);
+  return `sha256$${hex(salt)}$${hex(sha256(msg))}`;
+}
+// SHA-256 (FIPS 180-4) here, not crypto.subtle: a browser offers that only in a secure context (HTTPS or
+// localhost), and a dashboard is often opened over plain HTTP on the server's address.
+const SHA_K = new Uint32Array([
+  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5, 0xd807aa98,
+  0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786,
+  0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8,
+  0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13,
+  0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819,
+  0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a,
+  0x5b9cca4f, 0x682e6ff3, 0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+  0xc67178f2]);
+function sha256(msg) {
+  const n = Math.ceil((msg.length + 9) / 64) * 64; // the message, 0x80, zeros, its length in bits (64-bit big-endian)
+  const m = new Uint8Array(n);
+  m.set(msg);
+  m[msg.length] = 0x80;
+  const dv = new DataView(m.buffer);
+  dv.setUint32(n - 8, Math.floor(msg.length / 0x20000000));
+  dv.setUint32(n - 4, (msg.length * 8) >>> 0);
+  const h = new Uint32Array([0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
+    0x5be0cd19]);
+  const w = new Uint32Array(64);
+  const rotr = (x, r) => (x >>> r) | (x << (32 - r));
+  for (let off = 0; off < n; off += 64) {
+    for (let i = 0; i < 16; i++) w[i] = dv.getUint32(off + 4 * i);
+    for (let i = 16; i < 64; i++) {
+      const a = w[i - 15], b = w[i - 2];
+      w[i] = w[i - 16] + (rotr(a, 7) ^ rotr(a, 18) ^ (a >>> 3)) + w[i - 7] + (rotr(b, 17) ^ rotr(b, 19) ^ (b >>> 10));
+    }
+    let [a, b, c, d, e, f, g, k] = h;
+    for (let i = 0; i < 64; i++) {
+      const t1 = (k + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + SHA_K[i] + w[i]) >>> 0;
+      const t2 = ((rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c))) >>> 0;
+      k = g; g = f; f = e; e = (d + t1) >>> 0; d = c; c = b; b = a; a = (t1 + t2) >>> 0;
+    }
+    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += k;
+  }
+  const out = new Uint8Array(32);
+  const ov = new DataView(out.buffer);
+  h.forEach((x, i) => ov.setUint32(4 * i, x));
+  return out;
 }
 
 function showKey(t) {
