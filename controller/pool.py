@@ -53,6 +53,7 @@ QUICK_DEATH_S = 30.0  # a local worker that dies sooner after it started is rest
 # after its standby was told to take over (its start-up done: it registers at once); else it is killed and replaced
 COLD_JOIN_S = 300.0
 PROMOTED_JOIN_S = 30.0
+SPARE_WAIT_S = 120.0  # a standby starts once its worker has done its first loads, or this long after it joined
 LOOPING_DEATHS = 3  # a slot whose workers died this many times in a row before they joined is in a crash loop
 
 
@@ -140,6 +141,7 @@ class EnginePool:
         self._server: asyncio.base_events.Server | None = None
         self.local_slots, self.t_start = 0, time.monotonic()  # local worker slots started, and when (start)
         self._procs: dict[int, asyncio.subprocess.Process] = {}  # slot -> its worker process
+        self.starting = False  # the controller is registering its configured models (their loads come next)
         self._spares: dict[int, asyncio.subprocess.Process] = {}  # slot -> its standby (see the module docstring)
         self._looping: dict[int, bool] = {}  # slot -> its workers keep dying before they join (a crash loop)
         self._unjoined: dict[int, int] = {}  # slot -> its workers in a row that died (or were killed) before joining
@@ -216,6 +218,13 @@ class EnginePool:
                 self._unjoined[slot] = 0 if self._joined(slot, proc.pid) else self._unjoined.get(slot, 0) + 1
                 if self.s.standby and self.s.restart:
                     await asyncio.wait({dead}, timeout=max(0.0, t0 + backoff - time.monotonic()))
+                    # After the worker's first loads (or SPARE_WAIT_S): a spare warming up beside them (its imports,
+                    # a CUDA context) competes for the host's cores, and on 2 cores slowed a cold start's
+                    # registrations by ~40%, which is the server's time to ready.
+                    settle = time.monotonic() + SPARE_WAIT_S
+                    while (not dead.done() and (self.starting or self._loading(slot))
+                           and time.monotonic() < settle):
+                        await asyncio.wait({dead}, timeout=0.1)
                     if not dead.done() and not self._stopping:
                         self._spares[slot] = await self._spawn(slot, device, standby=True)
                 rc = await dead
@@ -276,6 +285,11 @@ class EnginePool:
         if time.monotonic() - self.t_start > JOIN_GRACE_S:
             return True
         return all(any(e.alive and e.slot == i for e in self.engines.values()) for i in range(self.local_slots))
+
+    def _loading(self, slot: int) -> bool:
+        """The slot's worker is loading a model."""
+        e = self.engines.get(f"w{slot}")
+        return e is not None and any(r.state == "loading" for r in e.replicas.values())
 
     def _joined(self, slot: int, pid: int) -> bool:
         e = self.engines.get(f"w{slot}")

@@ -262,6 +262,7 @@ class Controller:
         self.models: dict[str, ModelEntry] = {}
         self.autoscaler = Autoscaler(cfg.autoscaler)
         self._was_ready = False  # ready() once: start-up is over (see ready)
+        self._starting = False  # start() is registering the configured models (no placement, not ready, before)
         self._pins_checked = False  # the first placement was checked against the pins (_check_pins)
         self._pin_blocked: set[tuple[str, str]] = set()  # (model, engine) placement passed over for pins, told of
         # Why this configuration cannot be served, found once the engines joined (start-up is refused: nothing more
@@ -293,10 +294,18 @@ class Controller:
 
     # --- lifecycle ---
     async def start(self) -> None:
-        for spec in self.cfg.models:
-            await self.add_model(spec, source="config")
+        # The local workers first: their start-up (imports; on a GPU the device measured) runs beside the reading of
+        # the configured models' tokenizers, which took ~4 s of a 2-core host's time to ready before they started.
+        self._starting = self.pool.starting = True
         devices = await asyncio.to_thread(local_devices, self.cfg.workers.local)
         await self.pool.start(devices)
+        try:
+            for spec in self.cfg.models:
+                await self.add_model(spec, source="config")
+        finally:
+            self._starting = False
+        self.tick()  # (the first loads: the standbys start once they are done, pool._supervise)
+        self.pool.starting = False
         self._tasks.append(asyncio.create_task(self._autoscale_loop()))
         freeze_long_lived(collect=True)
 
@@ -315,7 +324,7 @@ class Controller:
         """Every model with a minimum is ready on a live engine. At start-up also: every local worker has joined
         and placement has evened the registrations out (no move pending), so the first requests do not meet
         models moving between GPUs; once ready, only the first condition counts."""
-        if self.fatal is not None:
+        if self.fatal is not None or self._starting:
             return False
         alive = [e for e in self.pool.engines.values() if e.alive]
         need = [n for n, me in self.models.items() if me.spec.replicas.min > 0]
@@ -342,7 +351,9 @@ class Controller:
         for lm in spec.lora_modules:
             if (why := adapter_fit_problem(lm.path, spec.path, spec.engine.max_lora_rank)) is not None:
                 raise ServingError(400, why, param="lora_modules")
-        budgets = [e.memory_bytes for e in self.pool.engines.values() if e.alive]  # none yet at start-up
+        # (none at start-up: a worker that joins while the configuration's models are registered is not judged
+        # against yet; placement judges them, as it does when no GPU has joined before them)
+        budgets = [e.memory_bytes for e in self.pool.engines.values() if e.alive] if source != "config" else []
         if budgets and weights_bytes(spec) > max(budgets):
             raise ServingError(400, f"model {spec.name!r} needs {weights_bytes(spec) / 2**30:.1f} GiB for weights; the "
                                f"largest GPU's weight space is {max(budgets) / 2**30:.1f} GiB", param="memory_gb")
@@ -864,7 +875,7 @@ class Controller:
                                                   and e.replicas[name].state == "loading"
                                                   for e in self.pool.engines.values()):
                 del self._moving[name]
-        if self.fatal is not None:
+        if self.fatal is not None or self._starting:  # (starting: placed once every configured model is registered)
             return
         engines = self.views()
         # At start-up placement waits (JOIN_GRACE_S at most) for every local GPU's worker: placed with all of them

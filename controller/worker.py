@@ -32,7 +32,7 @@ from tokenpool import env
 
 log = logging.getLogger("tokenpool.worker")
 _promoted_at: float | None = None  # monotonic: when this process, a standby, took over its slot
-_warming: threading.Thread | None = None  # a standby's warm-up thread (it may still run after the takeover)
+_warming: threading.Thread | None = None  # the warm-up thread (start_warm_up, standby): it may still run after the join
 
 
 def _pairs(ids, lps) -> list[list[list[float]]]:
@@ -559,13 +559,26 @@ def standby(device: str) -> bool:
     return True
 
 
-def _warm_up(device: str, t0: float) -> None:
+def start_warm_up(device: str) -> None:
+    """A cold start warms up as a standby does, on a thread (see standby()), so its imports run beside its join
+    and the controller's own start-up rather than in its first registration, which waits for them (`Worker._load`):
+    ~3 s of a 2-core host's time to ready. A GPU's memory is measured first, on this thread (the device's first
+    use, its imports with it, on two threads at once is what standby() avoids)."""
+    global _warming
+    if device.startswith("cuda"):
+        device_memory(device)
+    _warming = threading.Thread(target=_warm_up, args=(device, time.monotonic(), "cold start"), name="warm-up",
+                                daemon=True)
+    _warming.start()
+
+
+def _warm_up(device: str, t0: float, who: str = "standby") -> None:
     try:
         warm_up(device)  # (looked up here, at call time: a test puts a slow one in its place)
     except Exception:  # noqa: BLE001 - a spare that cannot warm up is still a worker: it starts up on its turn
-        log.exception("standby: warm-up failed")
+        log.exception("%s: warm-up failed", who)
         return
-    log.info("standby: warm %.2f s after it started (%.2f s after the process started)", time.monotonic() - t0,
+    log.info("%s: warm %.2f s after it started (%.2f s after the process started)", who, time.monotonic() - t0,
              _process_age_s())
 
 
@@ -606,8 +619,11 @@ def main(argv: list[str] | None = None) -> None:
     host, _, port = a.controller.rpartition(":")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s",
                         stream=sys.stderr)
-    if a.standby and not standby(a.device):
-        return
+    if a.standby:
+        if not standby(a.device):
+            return
+    else:
+        start_warm_up(a.device)
     if env.SWITCH_INTERVAL_S.get():
         sys.setswitchinterval(env.SWITCH_INTERVAL_S.number())
     worker = Worker((host or "127.0.0.1", int(port)), a.device, a.slot, a.join_token,

@@ -585,3 +585,27 @@ def test_a_request_waiting_for_a_registration_the_autoscaler_drops_registers_it_
 
     asyncio.run(main())
     assert sub.engine_id == "w0" and "cmpl-drop-0" in w0.subs
+
+
+def test_a_worker_that_joins_while_start_registers_the_models_waits_for_all_of_them():
+    """`start` starts the local workers before it reads the configured models' tokenizers (their start-ups overlap):
+    a worker that joins in between is judged against the pins of every configured model, and is not ready, only
+    once they are all registered. Placed at its join, the pins were checked with no model, and never again."""
+    cfg = ServerConfig(admin_token_hash=hash_key(ADMIN), models=[
+        ModelSpec(name=n, path=None, engine={"kind": "pace"}, memory_gb=gb, pin=True) for n, gb in
+        (("alpha", 8), ("beta", 8), ("gamma", 10))])
+    ctl = build_app(cfg).state.controller
+    stopped, seen = [], []
+    ctl.on_fatal = lambda: stopped.append(True)
+
+    async def pool_start(devices):  # the worker joins at once, before any model is registered
+        ctl.pool.local_slots = 1
+        seen.append(joins(ctl, "w0", 0, 20 * 10**9))
+        seen.append(ctl.ready())
+
+    ctl.pool.start = pool_start
+    asyncio.run(ctl.start())
+    for t in ctl._tasks:
+        t.cancel()
+    assert seen[1] is False and stopped == [True] and seen[0].replicas == {}
+    assert "'gamma' could never load" in ctl.fatal
