@@ -993,6 +993,17 @@ def test_429_rate_limit_with_retry_after_then_recovers(server):
     assert c.completions.create(model="pace-1", prompt="x", max_tokens=1).usage.completion_tokens == 1
 
 
+def test_429_on_ollamas_api_says_when_to_retry(server):
+    """Ollama's routes refuse past a tenant's rate with the Retry-After the OpenAI and Anthropic routes send (the
+    tenant's bucket holds one request: of two at once, one is a 429)."""
+    got = [httpx.post(server.url + "/api/generate", headers={"Authorization": f"Bearer {SLOW}"}, timeout=30,
+                      json={"model": "pace-1", "prompt": "x", "stream": False, "options": {"num_predict": 1}})
+           for _ in range(2)]
+    refused = [r for r in got if r.status_code == 429]
+    assert refused, [r.status_code for r in got]
+    assert "rate limit" in refused[0].json()["error"] and int(refused[0].headers["Retry-After"]) >= 1
+
+
 def test_429_admission_control_when_ttft_slo_cannot_be_met(server):
     c = client(server)
     long = c.completions.create(model="pace-1", prompt="x", max_tokens=60, stream=True)  # holds the only slot

@@ -110,8 +110,9 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, e: ServingError | None = None) -> JSONResponse:
+    """Ollama's error; `e`'s headers go with it (a 429's or a drain's 503's Retry-After, as the OpenAI routes send)."""
+    return JSONResponse({"error": message}, status_code=status, headers=e.headers() if e is not None else None)
 
 
 LATEST = ":latest"
@@ -313,7 +314,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
     except ServingError as e:
         if e.status != 401 and not getattr(e, "counted", False):  # (auth counts its own; a generation its own)
             ctl.count_refusal(body.model, tenant.name if tenant else "-", e.status)
-        return _error(e.status, e.message if e.status != 404 else f"model '{body.model}' not found")
+        return _error(e.status, e.message if e.status != 404 else f"model '{body.model}' not found", e)
     key = "message" if chat else "response"
     out_ids: list[int] = []  # (generate) the reply's ids, for the `context` of its last line
 
@@ -354,7 +355,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         return Response(status_code=499)
     except ServingError as e:
         status = e.status
-        return _error(e.status, e.message)
+        return _error(e.status, e.message, e)
     finally:
         serving.active.discard(gen)
         gen.close(status)
@@ -503,7 +504,7 @@ async def _embed(request: Request, model: str, raw: str | list[str], truncate: b
     except ServingError as e:
         if e.status != 401 and not getattr(e, "counted", False):
             request.app.state.controller.count_refusal(model, tenant.name if tenant else "-", e.status)
-        return _error(e.status, e.message if e.status != 404 else f"model '{model}' not found")
+        return _error(e.status, e.message if e.status != 404 else f"model '{model}' not found", e)
 
 
 @router.post("/embed")
@@ -581,7 +582,7 @@ async def show(request: Request) -> Response:
     except ValueError as e:
         return _error(400, f"the request body is not valid JSON: {e}")
     except ServingError as e:
-        return _error(e.status, e.message if e.status != 404 else f"model '{name}' not found")
+        return _error(e.status, e.message if e.status != 404 else f"model '{name}' not found", e)
     tpl = getattr(me.tokenizer, "chat_template", None)
     # model_info as Ollama names its keys (clients read "<architecture>.context_length"), the plain one kept too
     arch = me.architecture or "unknown"
@@ -619,7 +620,7 @@ async def pull(request: Request) -> Response:
         request.app.state.serving.lookup(auth.tenant(request), served(request, name))
     except ServingError as e:
         if e.status != 404:
-            return _error(e.status, e.message)
+            return _error(e.status, e.message, e)
         return _error(404, f"model '{name}' is not served here, and this server downloads nothing: serve a model "
                            "folder (tokenpool serve DIR) or register one through the admin API (POST /admin/models)")
     done = {"status": "success"}
@@ -645,7 +646,7 @@ async def manage(action: str, request: Request) -> Response:
             try:
                 request.app.state.serving.lookup(tenant, served(request, name))
             except ServingError as e:
-                return _error(e.status, f"model '{name}' not found" if e.status == 404 else e.message)
+                return _error(e.status, f"model '{name}' not found" if e.status == 404 else e.message, e)
     return _error(501, f"/api/{action} is not supported: tokenpool serves the models in its configuration and those "
                        "registered through the admin API (POST /admin/models, DELETE /admin/models/NAME)")
 
