@@ -113,7 +113,8 @@ def test_tool_use_and_results(server):
 
 def test_errors_in_anthropic_shape(server):
     """Refusals as the Messages API writes them (the client raises its own error classes): an unknown model, a
-    model the key may not use, no key, an image block, max_tokens missing, extended thinking."""
+    model the key may not use, no key, an image block, max_tokens missing, extended thinking, a tool_choice that asks
+    for a call with no tools (or is no choice at all), a text block without its text."""
     c = ac(server)
     msgs = [{"role": "user", "content": "hi"}]
     with pytest.raises(anthropic.NotFoundError):
@@ -129,7 +130,16 @@ def test_errors_in_anthropic_shape(server):
     assert "image blocks are not supported" in str(ei.value)
     for body, words in (({"model": "tiny-a", "messages": msgs}, "max_tokens"),
                         ({"model": "tiny-a", "messages": msgs, "max_tokens": 4,
-                          "thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking")):
+                          "thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+                        ({"model": "tiny-a", "messages": msgs, "max_tokens": 4,
+                          "tool_choice": {"type": "tool", "name": "get_weather"}}, "tool_choice 'tool' needs tools"),
+                        ({"model": "tiny-a", "messages": msgs, "max_tokens": 4, "tool_choice": {"type": "any"}},
+                         "tool_choice 'any' needs tools"),
+                        ({"model": "tiny-a", "messages": msgs, "max_tokens": 4, "tool_choice": {"type": "bogus"}},
+                         "not one of auto, any, tool, none"),
+                        ({"model": "tiny-a", "max_tokens": 4, "messages": [
+                            {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text"}]}]},
+                         "messages.0.content.1.text")):
         r = httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": ALICE})
         assert r.status_code == 400 and r.json()["type"] == "error", r.text
         assert r.json()["error"]["type"] == "invalid_request_error" and words in r.json()["error"]["message"]

@@ -105,9 +105,11 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
             out.append({"role": m.role, "content": m.content})
             continue
         texts, calls = [], []
-        for b in m.content:
+        for j, b in enumerate(m.content):
             kind = b.get("type") if isinstance(b, dict) else None
-            if kind == "text" and isinstance(b.get("text"), str):
+            if kind == "text":
+                if not isinstance(b.get("text"), str):
+                    raise _bad(f"{where}.{j}.text: a text block's text must be a string", f"{where}.{j}.text")
                 texts.append(b["text"])
             elif kind == "tool_use" and m.role == "assistant":
                 calls.append({"id": str(b.get("id") or f"toolu_{len(calls)}"), "type": "function", "function": {
@@ -149,6 +151,12 @@ def chat_request(req: p.MessagesRequest) -> p.ChatCompletionRequest:
             body[ours] = theirs
     if req.stop_sequences:
         body["stop"] = req.stop_sequences
+    tc = req.tool_choice or {"type": "auto"}
+    kind = tc.get("type")
+    if kind not in ("auto", "any", "tool", "none"):
+        raise _bad(f"tool_choice type {kind!r} is not one of auto, any, tool, none", "tool_choice")
+    if kind in ("any", "tool") and not req.tools:  # (a call asked for, and no tool to call)
+        raise _bad(f"tool_choice {kind!r} needs tools", "tool_choice")
     if req.tools:
         tools = []
         for i, t in enumerate(req.tools):
@@ -157,13 +165,9 @@ def chat_request(req: p.MessagesRequest) -> p.ChatCompletionRequest:
             tools.append({"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
                                                            "parameters": t["input_schema"]}})
         body["tools"] = tools
-        tc = req.tool_choice or {"type": "auto"}
-        kind = tc.get("type")
-        choice = {"auto": "auto", "any": "required", "none": "none"}.get(kind)
+        choice: Any = {"auto": "auto", "any": "required", "none": "none"}.get(kind)
         if kind == "tool":
             choice = {"type": "function", "function": {"name": tc.get("name")}}
-        if choice is None:
-            raise _bad(f"tool_choice type {kind!r} is not one of auto, any, tool, none", "tool_choice")
         body["tool_choice"] = choice
         if tc.get("disable_parallel_tool_use"):
             body["parallel_tool_calls"] = False
