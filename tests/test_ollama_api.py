@@ -225,3 +225,13 @@ def test_a_name_with_ollamas_latest_tag_is_the_served_model(server):
     with pytest.raises(ollama.ResponseError) as ei:
         c.chat(model="nope:latest", messages=msgs, options=opts)
     assert ei.value.status_code == 404 and "nope:latest" in str(ei.value)
+
+
+def test_a_body_that_is_no_json_object_is_named(server):
+    """A JSON body that is no object (an array, null, a string) is a 400 saying so, on each endpoint that takes one,
+    not pydantic's words naming the server's request class."""
+    for path in ("/api/chat", "/api/generate", "/api/embed", "/api/pull"):
+        for body, kind in (("[1]", "an array"), ("null", "null"), ('"hi"', "a string")):
+            r = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 400, (path, body, r.text)
+            assert r.json() == {"error": f"the request body must be a JSON object, not {kind}"}, (path, r.text)

@@ -156,6 +156,10 @@ def _as(model: type[BaseModel], data: Any) -> Any:
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
+        if not where and not isinstance(data, dict):  # (not pydantic's words, which name this module's class)
+            kind = ("an array" if isinstance(data, list) else "null" if data is None else
+                    "a string" if isinstance(data, str) else "a boolean" if isinstance(data, bool) else "a number")
+            raise ServingError(400, f"the request body must be a JSON object, not {kind}") from None
         raise ServingError(400, f"{where}: {err['msg']}" if where else err["msg"]) from None
 
 
