@@ -44,7 +44,10 @@ def _kustomize_files(d: Path) -> list[Path]:
 
 KUSTOMIZE_FILES = ("kustomization.yaml", "kustomizeconfig.yaml")  # kustomize's own, not objects
 ALL_FILES = sorted({p for p in MANIFESTS.rglob("*.yaml") if p.name not in KUSTOMIZE_FILES
-                    and p.parent.name != "example" or p.name == "namespace.yaml"})
+                    and p.parent.name != "example"})
+# What a user applies, each on its own (README): the CRDs once per cluster, then the overlay (controller and
+# operator), then custom resources (the examples). Uninstalled in the reverse order.
+LAYERS = (MANIFESTS / "crds", MANIFESTS / "overlays" / "example", MANIFESTS / "examples")
 OBJECTS = [(f.relative_to(MANIFESTS).as_posix(), d) for f in ALL_FILES for d in _docs(f)]
 CRDS = {d["spec"]["names"]["kind"]: d for _, d in OBJECTS if d["kind"] == "CustomResourceDefinition"}
 
@@ -86,7 +89,7 @@ def _list_types(schema: dict, value, where: str) -> None:
 
 
 def test_every_file_is_in_a_kustomization():
-    pulled = set(_kustomize_files(MANIFESTS / "overlays" / "example"))
+    pulled = {f for layer in LAYERS for f in _kustomize_files(layer)}
     for component in (MANIFESTS / "components").iterdir():  # optional: an overlay names them (see the example's)
         pulled |= set(_kustomize_files(component))
     assert pulled == set(ALL_FILES), set(ALL_FILES) ^ pulled
@@ -498,30 +501,37 @@ def _images(docs: list[dict]) -> dict[str, str]:
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (kubectl kustomize renders the overlay)")
-def test_an_overlays_image_tag_moves_the_workers_too(tmp_path):
-    """What a user does to install another version: set the overlay's images: newTag. The workers (the
-    GPUPool's spec.image) must get it with the controller and the operator, not stay on the CRD's default."""
+def test_an_image_tag_moves_the_workers_too(tmp_path):
+    """What a user does to install another version: set `images:` newTag. The workers (a GPUPool's spec.image)
+    must get it with the controller and the operator, not stay on the CRD's default: in the examples'
+    kustomization, and in a kustomization that holds the base and GPUPools together. The shipped tags agree."""
     copy_root = tmp_path / "manifests"
     shutil.copytree(MANIFESTS, copy_root)
-    k = copy_root / "overlays" / "example" / "kustomization.yaml"
-    kust = yaml.safe_load(k.read_text())
-    kust["images"] = [dict(i, newTag="9.9.9-test") for i in kust["images"]]
-    k.write_text(yaml.safe_dump(kust))
-    out = subprocess.run(["kubectl", "kustomize", str(k.parent)], capture_output=True, text=True, timeout=60,
-                         check=True).stdout
-    images = _images([d for d in yaml.safe_load_all(out) if d])
-    assert any(n.startswith("GPUPool/") for n in images) and len(images) >= 3, images
-    assert set(images.values()) == {"ghcr.io/tokenpool/tokenpool:9.9.9-test"}, images
+    together = copy_root / "overlays" / "together"  # the base and the pools in one kustomization
+    together.mkdir()
+    (together / "kustomization.yaml").write_text(yaml.safe_dump({"resources": ["../../base", "../../examples"]}))
+    shipped = {}
+    for k in (copy_root / "overlays" / "example" / "kustomization.yaml", copy_root / "examples" / "kustomization.yaml",
+              together / "kustomization.yaml"):
+        kust = yaml.safe_load(k.read_text())
+        shipped[k.parent.name] = {i["newTag"] for i in kust.get("images", [])}
+        kust["images"] = [{"name": "ghcr.io/tokenpool/tokenpool", "newTag": "9.9.9-test"}]
+        k.write_text(yaml.safe_dump(kust))
+    assert shipped["example"] == shipped["examples"] and len(shipped["example"]) == 1, shipped
+    for d, n in ((copy_root / "overlays" / "example", 2), (copy_root / "examples", 1), (together, 3)):
+        images = _images(_render(d))
+        assert len(images) == n and (n == 2 or any(x.startswith("GPUPool/") for x in images)), (d, images)
+        assert set(images.values()) == {"ghcr.io/tokenpool/tokenpool:9.9.9-test"}, (d, images)
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (kubectl kustomize renders the overlay)")
 def test_rendered_overlay_validates():
     out = subprocess.run(["kubectl", "kustomize", str(MANIFESTS / "overlays" / "example")], capture_output=True,
                          text=True, timeout=60, check=True).stdout
-    docs = [d for d in yaml.safe_load_all(out) if d]
+    docs = [d for d in yaml.safe_load_all(out) if d] + _render(MANIFESTS / "examples")
     kinds = {d["kind"] for d in docs}
-    assert {"CustomResourceDefinition", "Deployment", "Service", "Role", "RoleBinding", "ServiceAccount",
-            "PodDisruptionBudget", "NetworkPolicy", "Secret", "Namespace"} <= kinds
+    assert {"Deployment", "Service", "Role", "RoleBinding", "ServiceAccount", "PodDisruptionBudget",
+            "NetworkPolicy", "Secret", "GPUPool"} <= kinds
     # Only kinds of the cluster itself or of this install's CRDs: `kubectl apply -k` on a cluster without the
     # Prometheus Operator failed on the ServiceMonitor every time (it is components/servicemonitor now).
     assert all(d["kind"] in CRDS or not d["apiVersion"].startswith(CUSTOM_GROUPS) for d in docs), kinds
@@ -538,7 +548,7 @@ def test_rendered_overlay_validates():
                 _validate_cr(d)
             continue
         kv.validate(d, K8S_VERSION, strict=True)
-        if d["kind"] != "Namespace" and "namespace" in d["metadata"]:
+        if "namespace" in d["metadata"]:
             assert d["metadata"]["namespace"] == "tokenpool"
 
 
@@ -577,7 +587,8 @@ def test_a_changed_config_or_admin_token_rolls_what_reads_it(tmp_path):
     root = tmp_path / "manifests"
     shutil.copytree(MANIFESTS, root)
     ex = _with_monitoring(root / "overlays" / "example")
-    before = _render(ex)
+    pools = _render(root / "examples")
+    before = _render(ex) + pools
     secrets = {d["metadata"]["name"] for d in before if d["kind"] == "Secret"}
     refs = _secret_refs(before)
     assert set(refs.values()) <= secrets, (refs, secrets)
@@ -585,7 +596,7 @@ def test_a_changed_config_or_admin_token_rolls_what_reads_it(tmp_path):
     assert refs["operator admin token"] == refs["ServiceMonitor admin token"]
     (ex / "config.yaml").write_text((ex / "config.yaml").read_text() + "# changed\n")
     (ex / "admin-token.env").write_text((ex / "admin-token.env").read_text().replace("token=", "token=x", 1))
-    after = _render(ex)
+    after = _render(ex) + pools
     changed = _secret_refs(after)
     assert set(changed.values()) <= {d["metadata"]["name"] for d in after if d["kind"] == "Secret"}
     for what in ("controller config", "operator admin token"):
@@ -611,10 +622,7 @@ def test_a_resource_without_spec(kind, valid):
 def test_the_crds_apply_alone_and_are_waited_for_by_label():
     """A fresh cluster refuses custom resources applied with their CRDs (no mapping until they are established):
     the CRDs go first, then `kubectl wait --for condition=established crd -l app.kubernetes.io/part-of=tokenpool`
-    must find each of them (and the overlay puts the same label on them)."""
+    must find each of them."""
     alone = _render(MANIFESTS / "crds")
     assert {d["metadata"]["name"] for d in alone} == {c["metadata"]["name"] for c in CRDS.values()}
-    for docs in (alone, [d for d in _render(MANIFESTS / "overlays" / "example")
-                         if d["kind"] == "CustomResourceDefinition"]):
-        assert len(docs) == 3 and all(d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "tokenpool"
-                                      for d in docs)
+    assert len(alone) == 3 and all(d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "tokenpool" for d in alone)

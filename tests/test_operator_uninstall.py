@@ -1,6 +1,8 @@
-"""Uninstalling on kmock's Kubernetes emulator with a fake controller: `kubectl delete -k manifests/overlays/example`
-deletes the namespace, and with it the controller, the operator and the custom resources at once. Nothing may stay
-Terminating for want of a finalizer that no one will ever run (the objects, their CRDs, the namespace)."""
+"""Uninstalling on kmock's Kubernetes emulator with a fake controller. Nothing may stay Terminating for want of a
+finalizer that no one will ever run (the objects, their CRDs, the namespace): the README's uninstall (the custom
+resources first, while the operator runs; then the overlay, the namespace, the CRDs), a one-step
+`kubectl delete -k manifests/overlays/example` (which deletes the operator and so must delete no custom resource),
+and a namespace deleted under a running operator (best effort: its finalizers let go)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import pytest
 kopf = pytest.importorskip("kopf")
 kmock = pytest.importorskip("kmock")
 
-from tests.test_operator_e2e import NS, Cluster, Operator, _obj, _until  # noqa: E402
+from tests.test_manifests import MANIFESTS, _docs, _kustomize_files  # noqa: E402
+from tests.test_operator_e2e import GV, NS, Cluster, Operator, _obj, _until  # noqa: E402
 from tests.test_operator_lifecycle import FINALIZER, _gone, _reason  # noqa: E402
 
 # The lifecycle tests' world: kmock's emulator, a fake controller with one engine, the Secrets, the environment.
@@ -25,9 +28,15 @@ class Namespace:
 
     def __init__(self, kube: Cluster) -> None:
         self.terminating = False
+        self.forbidden = False  # True: the operator's Role is gone (403)
         kube.k8s[f"get /api/v1/namespaces/{NS}"] << (lambda req: self.body())
 
-    def body(self) -> dict:
+    def body(self):
+        from kmock import Response
+
+        if self.forbidden:
+            return Response(status=403, payload={"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                                 "reason": "Forbidden", "code": 403, "message": "forbidden"})
         meta = {"name": NS, "uid": "ns-uid", "resourceVersion": "1"}
         if self.terminating:
             meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
@@ -42,6 +51,102 @@ async def _ready(kube: Cluster) -> None:
     for plural, name, reason in (("gpupools", "default", "EnginesReady"), ("pooledmodels", "m", "Serving"),
                                  ("tenants", "t", "Applied")):
         await _until(f"{plural}/{name} {reason}", lambda p=plural, n=name, r=reason: _reason(kube, p, n, r))
+
+
+PLURALS = {"GPUPool": "gpupools", "PooledModel": "pooledmodels", "Tenant": "tenants"}
+# What the operator acts with: deleting any of them (or the namespace that holds them) takes its rights or its pod.
+OPERATOR = {(k, "tokenpool-operator") for k in ("ServiceAccount", "Role", "RoleBinding", "Deployment")}
+
+
+def _objects(kustomization) -> list[dict]:
+    """The objects a kustomization renders (their kind and name are what a delete needs)."""
+    return [d for f in _kustomize_files(kustomization) for d in _docs(f)]
+
+
+class Uninstall:
+    """`kubectl delete -k` of a kustomization as a cluster carries it out, in the worst order it may take: kubectl
+    sends its deletes one after another without waiting, and the namespace controller deletes a namespace's content
+    in no set order, so the operator may lose its rights (its Role, RoleBinding or ServiceAccount deleted) and its pod
+    before it has released any finalizer. Then every custom resource the deletes reach is deleted: by name, by its
+    namespace's deletion, by its CRD's. (kmock's emulator carries out a write whatever a reaction answers, so the
+    operator without rights is an operator stopped, its last reads refused.)"""
+
+    def __init__(self, kube: Cluster, ns: Namespace) -> None:
+        self.kube, self.ns = kube, ns
+
+    @staticmethod
+    def takes_the_operator(objects: list[dict]) -> bool:
+        return bool({(d["kind"], d["metadata"]["name"]) for d in objects} & OPERATOR
+                    or any(d["kind"] == "Namespace" for d in objects))
+
+    async def _all(self, plural: str) -> list[str]:
+        r = await self.kube.k8s.get(f"/apis/{GV}/namespaces/{NS}/{plural}")
+        return [o["metadata"]["name"] for o in (await r.json())["items"]]
+
+    async def delete_k(self, objects: list[dict]) -> None:
+        doomed: set[tuple[str, str]] = set()
+        for d in objects:
+            if d["kind"] == "Namespace":
+                self.ns.terminating = True
+                doomed |= {(p, n) for p in PLURALS.values() for n in await self._all(p)}
+            elif d["kind"] == "CustomResourceDefinition":
+                doomed |= {(d["spec"]["names"]["plural"], n) for n in await self._all(d["spec"]["names"]["plural"])}
+            elif d["kind"] in PLURALS:
+                doomed.add((PLURALS[d["kind"]], d["metadata"]["name"]))
+        for plural, name in sorted(doomed):
+            if await self.kube.get(plural, name) is not None:
+                await self.kube.delete(plural, name)
+
+    async def terminating(self) -> list[str]:
+        return [f"{p}/{n}" for p in PLURALS.values() for n in await self._all(p)
+                if (await self.kube.get(p, n))["metadata"].get("deletionTimestamp")]
+
+
+def _examples_as_named_here() -> list[dict]:
+    """manifests/examples, named as _ready names them here (its objects as a user applied them)."""
+    names = {"GPUPool": "default", "PooledModel": "m", "Tenant": "t"}
+    return [dict(d, metadata=dict(d["metadata"], name=names[d["kind"]])) for d in _objects(MANIFESTS / "examples")
+            if d["kind"] in names]
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_deleting_the_overlay_in_one_step_leaves_nothing_terminating(world):
+    """`kubectl delete -k manifests/overlays/example` with custom resources still there (a user who skipped the
+    first step): it deletes the operator, so it must delete no custom resource (none of them, not their namespace,
+    not their CRDs), or those would stay Terminating for good. They stay, inert, until the operator is back."""
+    kube, fake = world
+    ns = Namespace(kube)
+    uninstall, overlay = Uninstall(kube, ns), _objects(MANIFESTS / "overlays" / "example")
+    async with Operator():
+        await _ready(kube)
+        assert uninstall.takes_the_operator(overlay)
+        ns.forbidden = True  # its Role gone first: on its way out it cannot even see its namespace
+    await uninstall.delete_k(overlay)
+    assert await uninstall.terminating() == []
+    for plural, name in (("pooledmodels", "m"), ("tenants", "t"), ("gpupools", "default")):
+        assert FINALIZER in (await kube.get(plural, name))["metadata"]["finalizers"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_the_readmes_uninstall_leaves_nothing_behind(world):
+    """The README's uninstall, step by step: the custom resources (`kubectl delete -n tokenpool -k
+    manifests/examples --wait`, while the operator runs their finalizers: the controller loses the model and the
+    tenant), then the overlay, the namespace and the CRDs."""
+    kube, fake = world
+    uninstall = Uninstall(kube, Namespace(kube))
+    async with Operator():
+        await _ready(kube)
+        assert not uninstall.takes_the_operator(_examples_as_named_here())
+        await uninstall.delete_k(_examples_as_named_here())
+        for plural, name in (("pooledmodels", "m"), ("tenants", "t"), ("gpupools", "default")):
+            await _until(f"{plural}/{name} gone", lambda p=plural, n=name: _gone(kube, p, n))
+        assert not fake.models and not fake.tenants
+    await uninstall.delete_k(_objects(MANIFESTS / "overlays" / "example"))
+    await uninstall.delete_k([{"kind": "Namespace", "metadata": {"name": "tokenpool"}}])
+    await uninstall.delete_k(_objects(MANIFESTS / "crds"))
+    assert {p: await uninstall._all(p) for p in PLURALS.values()} == {p: [] for p in PLURALS.values()}
 
 
 @pytest.mark.asyncio
