@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 import tokenpool
-from controller.cli_suite import json_path, needs_test_extra
+from controller.cli_suite import json_path, needs_test_extra, url_option
 from controller.ps import base_url
 from tokenpool import env
 
@@ -25,7 +25,7 @@ JSON_OUT = typer.Option(None, "--json", callback=json_path, help="write results 
 SEED = typer.Option(0, help="the workload's seed")
 TARGET = typer.Option(0.9, help="SLO attainment a rate must keep to count as sustained")
 # The client commands' server (run, ls, ps, stop; loadtest's too), as OLLAMA_HOST is ollama's
-CLIENT_URL = typer.Option(env.URL.default, envvar=env.URL.name, help="the server's base URL (host:port, a URL, or "
+CLIENT_URL = typer.Option(env.URL.default, envvar=env.URL.name, callback=url_option, help="the server's base URL (host:port, a URL, or "
                           "an OpenAI base URL ending in /v1)")
 
 
@@ -539,7 +539,8 @@ def bench_serve_cmd(
     policy: str = typer.Option("token", help="the server's multi-model policy per run: token,request,static"),
     seed: int = SEED,
     drain: float = typer.Option(60.0, help="seconds after the last arrival before unfinished requests miss"),
-    url: Optional[str] = typer.Option(None, help="measure this running server (its models) instead of starting one"),
+    url: Optional[str] = typer.Option(None, callback=url_option,
+                                      help="measure this running server (its models) instead of starting one"),
     admin_token: Optional[str] = typer.Option(None, envvar=env.ADMIN_TOKEN.name,
                                               help="--url: its admin token, to read its engines' step counters"),
     target: float = TARGET,
@@ -569,7 +570,8 @@ def bench_serve_cmd(
 
 @app.command("loadtest")
 def loadtest_cmd(
-    url: str = typer.Option(env.URL.default, envvar=env.URL.name, help="the server's base URL (loopback only)"),
+    url: str = typer.Option(env.URL.default, envvar=env.URL.name, callback=url_option,
+                            help="the server's base URL (loopback only)"),
     streams: int = typer.Option(100, min=1, help="concurrent streams"),
     duration: float = typer.Option(10.0, min=0.1, help="seconds"),
     model: Optional[str] = typer.Option(None, help="default: the first model /v1/models lists"),

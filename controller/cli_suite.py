@@ -15,7 +15,19 @@ from controller.ps import base_url
 
 suite_app = typer.Typer(help="Fault and load suite against a live server (its own paced one unless --url).")
 
-URL = typer.Option(None, callback=lambda url: base_url(url) if url else None,  # (as the client commands read it)
+
+def url_option(url: Optional[str]) -> Optional[str]:
+    """--url as `base_url` reads it (the client commands', the suite's, bench serve's): one it cannot read is a
+    usage error naming the option (click adds the variable it may come from), not a traceback."""
+    if not url:
+        return None
+    try:
+        return base_url(url)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+URL = typer.Option(None, callback=url_option,  # (as the client commands read it)
                    help="drive this running server (loopback) instead of starting a paced one")
 ADMIN = typer.Option(None, "--admin-token", help="with --url: the admin token")
 KEY = typer.Option(None, help="with --url: a tenant key (none: auth is off)")

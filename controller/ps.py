@@ -24,7 +24,9 @@ DEFAULT_PORT = 8000  # the server's (controller.config.Listen), where a client's
 def base_url(url: str) -> str:
     """--url as given, or without a scheme as OLLAMA_HOST takes it: over http, the host 127.0.0.1 and the port 8000
     where they are left out (`:8001`, `myhost`); an OpenAI client's base URL (ending in /v1) is its server's (the
-    commands add /v1/... and /admin/... themselves)."""
+    commands add /v1/... and /admin/... themselves). ValueError, saying why, for what no request could be sent to
+    (a port that is not one, another scheme, no host)."""
+    given = url
     if "://" not in url:
         import ipaddress
 
@@ -35,9 +37,19 @@ def base_url(url: str) -> str:
             u = urllib.parse.urlsplit(f"http://{url}")
             try:
                 host, port, path = u.hostname or "127.0.0.1", u.port or DEFAULT_PORT, u.path
-            except ValueError:  # (not a port: left for the request to name)
-                host, port, path = url, None, ""
-        url = f"http://{f'[{host}]' if ':' in host else host}:{port}{path}" if port is not None else f"http://{url}"
+            except ValueError:  # (a port that is not a number 0-65535, a bracket left open)
+                raise ValueError(f"{given}: not HOST:PORT, :PORT or a URL (a port is a number up to 65535)") from None
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
+    try:
+        u = urllib.parse.urlsplit(url)
+        u.port  # noqa: B018 - (read for its ValueError: a port that is not a number 0-65535)
+    except ValueError:
+        raise ValueError(f"{given}: not a URL the server can be reached at (a port is a number up to 65535; an IPv6 "
+                         "address is in brackets, http://[::1]:8000)") from None
+    if u.scheme not in ("http", "https"):
+        raise ValueError(f"{given}: the server's URL is http:// or https://")
+    if not u.hostname:
+        raise ValueError(f"{given}: the URL names no host")
     trimmed = url.rstrip("/")
     return trimmed.removesuffix("/v1") if trimmed.endswith("/v1") else url
 
