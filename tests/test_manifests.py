@@ -138,6 +138,47 @@ def test_crd_shape(kind):
     assert st["conditions"]["items"]["required"] == ["type", "status"]
 
 
+
+def _undescribed(schema: dict, where: str):
+    for k, sub in (schema.get("properties") or {}).items():
+        if k != "metadata":
+            if not (sub.get("description") or "").strip():
+                yield f"{where}.{k}"
+            yield from _undescribed(sub, f"{where}.{k}")
+    if "items" in schema:
+        yield from _undescribed(schema["items"], f"{where}[]")
+
+
+@pytest.mark.parametrize("kind", ["GPUPool", "PooledModel", "Tenant"])
+def test_kubectl_explain_describes_every_field(kind):
+    """`kubectl explain pooledmodel.spec.slo` prints the field's description: every field of spec and status
+    has one (an empty one printed `<empty>`)."""
+    assert list(_undescribed(_crd_schema(kind), kind)) == []
+
+
+def _column(obj: dict, path: str):
+    """What kubectl's JSONPath `path` (a printer column's: fields, and one [?(@.F=="V")] filter) finds in obj."""
+    node = obj
+    for part in re.findall(r'\.(\w+)|\[\?\(@\.(\w+)=="([^"]*)"\)\]', path):
+        field, key, value = part
+        if field:
+            node = (node or {}).get(field) if isinstance(node, dict) else None
+        else:
+            node = next((x for x in node or [] if x.get(key) == value), None)
+    return node
+
+
+@pytest.mark.parametrize("kind", ["GPUPool", "PooledModel", "Tenant"])
+def test_kubectl_get_says_why_a_resource_is_not_ready(kind):
+    """`kubectl get pooledmodels` shows Ready False and, beside it, the reason the operator wrote (NameConflict,
+    PoolNotFound, SecretNotFound...), not only False; `kubectl describe` has the message."""
+    cols = {c["name"]: c["jsonPath"] for c in CRDS[kind]["spec"]["versions"][0]["additionalPrinterColumns"]}
+    obj = {"status": {"conditions": b.build_conditions("Degraded", "SomeReason", "why", 1, None, "2026-01-01T00:00:00Z")}}
+    assert (_column(obj, cols["Ready"]), _column(obj, cols["Reason"])) == ("False", "SomeReason")
+    obj["status"]["conditions"] = b.build_conditions("Ready", "Serving", "", 2, obj["status"]["conditions"], "x")
+    assert (_column(obj, cols["Ready"]), _column(obj, cols["Reason"])) == ("True", "Serving")
+
+
 def test_pooledmodel_scale_subresource():
     v = CRDS["PooledModel"]["spec"]["versions"][0]
     scale = v["subresources"]["scale"]
