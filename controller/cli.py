@@ -350,9 +350,17 @@ def run_cmd(
 @app.command("pull", hidden=True)  # (hidden: there is nothing to do but say so to whoever types `ollama pull`)
 def pull_cmd(model: str = typer.Argument(..., metavar="MODEL", help="a model")) -> None:
     """As `ollama pull`: tokenpool downloads nothing; says how a model gets to it."""
-    typer.echo(f"tokenpool pull: tokenpool downloads nothing: put a Hugging Face model in the local cache with "
-               f"`hf download {model}` (or give a model folder or a .gguf file), then `tokenpool serve {model}`",
-               err=True)
+    from controller.serve import HF_REPO_ID
+
+    if HF_REPO_ID.fullmatch(model) and not Path(model).exists():
+        how = (f"put a Hugging Face model in the local cache with `hf download {model}` (or give a model folder or "
+               f"a .gguf file), then `tokenpool serve {model}`")
+    else:  # (an Ollama name, llama3.2:1b, or a served one: `hf download` would not take it)
+        how = (f"{model!r} is not a Hugging Face repo id (ORG/NAME): put a model in the local Hugging Face cache "
+               "with `hf download ORG/NAME` (e.g. HuggingFaceTB/SmolLM2-135M-Instruct), then `tokenpool serve "
+               "ORG/NAME`, or serve a model folder or a .gguf file (`tokenpool ls` lists what a running server "
+               "serves)")
+    typer.echo(f"tokenpool pull: tokenpool downloads nothing: {how}", err=True)
     raise typer.Exit(2)
 
 

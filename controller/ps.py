@@ -174,7 +174,9 @@ def stop(url: str, token: str | None, model: str) -> str:
     served = fetch(url, "/admin/models", token)
     names = {n: m["name"] for m in served for n in (m["name"], *(m.get("aliases") or []))}
     # (as Ollama names models, NAME:latest is NAME where no model has the whole name)
-    name = names.get(model) or names.get(model.removesuffix(":latest")) or model
+    name = names.get(model) or names.get(model.removesuffix(":latest"))
+    if name is None:  # (as `ollama stop` says it; the served names beside it)
+        raise PsError(f"no model {model!r} on {url} to stop (it serves {', '.join(sorted(names)) or 'none'})")
     got = fetch(url, f"/admin/models/{urllib.parse.quote(name, safe='')}/evict", token, method="POST")
     n = got["engines"]
     return (f"{model}: its weights leave VRAM on {n} engine{'' if n == 1 else 's'} once its requests there finish; "

@@ -38,3 +38,36 @@ def test_urls_that_are_fine_stay_fine(given, url):
     from controller.ps import base_url
 
     assert base_url(given) == url
+
+
+def test_pull_of_a_name_that_is_no_repo_id_says_what_hf_download_takes():
+    """`tokenpool pull smollm2` (or llama3.2:1b, as `ollama pull` takes) said `hf download smollm2`, which is no
+    Hugging Face repo id; a repo id is still said as it was."""
+    for name in ("smollm2", "llama3.2:1b"):
+        r = CliRunner().invoke(app, ["pull", name], env={"COLUMNS": "200"})
+        assert r.exit_code == 2 and f"'{name}' is not a Hugging Face repo id (ORG/NAME)" in r.output and \
+            f"hf download {name}" not in r.output and "hf download ORG/NAME" in r.output, r.output
+    r = CliRunner().invoke(app, ["pull", "org/model"], env={"COLUMNS": "200"})
+    assert r.exit_code == 2 and "`hf download org/model`" in r.output, r.output
+
+
+def test_stop_of_a_model_not_served_names_those_that_are(monkeypatch):
+    """`tokenpool stop nosuch` said "http://.../admin/models/nosuch/evict: HTTP 404: no model 'nosuch'"; as `ollama
+    stop`, it names the model and what the server serves (aliases too), and asks nothing to be evicted."""
+    from controller import ps
+
+    calls = []
+
+    def fetch(url, path, token, timeout=10.0, method="GET"):
+        calls.append((method, path))
+        if method == "POST":
+            return {"engines": 1}
+        return [{"name": "smollm2-135m-instruct", "aliases": ["smollm2"]}, {"name": "demo"}]
+
+    monkeypatch.setattr(ps, "fetch", fetch)
+    r = CliRunner().invoke(app, ["stop", "nosuch", "--url", ":18250", "--admin-token", "t"], env={"COLUMNS": "200"})
+    assert r.exit_code == 1 and r.output.strip() == ("tokenpool stop: no model 'nosuch' on http://127.0.0.1:18250 to "
+                                                     "stop (it serves demo, smollm2, smollm2-135m-instruct)"), r.output
+    assert calls == [("GET", "/admin/models")]
+    r = CliRunner().invoke(app, ["stop", "smollm2:latest", "--url", ":18250", "--admin-token", "t"])
+    assert r.exit_code == 0 and calls[-1] == ("POST", "/admin/models/smollm2-135m-instruct/evict"), (r.output, calls)

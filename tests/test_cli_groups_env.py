@@ -47,6 +47,8 @@ def recording_stub():
             seen.append(("GET", self.path, self.headers.get("authorization")))
             if self.path == "/v1/models":
                 self._json({"object": "list", "data": [{"id": "m", "max_model_len": 64}]})
+            elif self.path == "/admin/models":
+                self._json([{"name": "m"}])
             elif self.path.startswith("/admin/"):
                 self._json([])
             else:
