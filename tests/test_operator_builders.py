@@ -60,6 +60,25 @@ def test_model_spec_rejects_what_the_controller_would(spec, msg):
         b.build_model_spec("m", spec)
 
 
+@pytest.mark.parametrize("build,spec,message", [
+    (b.build_model_spec, {"source": {"path": "m"}, "slo": {"ttftSeconds": 0}},
+     "spec.slo.ttftSeconds: Input should be greater than 0"),
+    (b.build_model_spec, {"source": {"path": "m", "memoryGB": 1e7}},
+     "spec.source.memoryGB: Input should be less than or equal to 1000000"),
+    (b.build_model_spec, {"source": {"path": "m"}, "engine": {"kvCacheMemoryGB": 1e7}},
+     "spec.engine.kvCacheMemoryGB: Input should be less than or equal to 1000000"),
+    (b.build_model_spec, {"source": {"path": "m"}, "aliases": ["m"]}, "model 'm': an alias repeats the name"),
+    (b.build_tenant_create, {"maxConcurrent": 0}, "spec.maxConcurrent: Input should be greater than or equal to 1"),
+])
+def test_an_invalid_spec_is_named_in_one_line_by_its_resources_fields(build, spec, message):
+    """What the status condition (InvalidSpec) and the Warning event say, so what `kubectl get` and `kubectl
+    describe` show: one line naming the custom resource's field, not pydantic's report (several lines, the admin
+    API's field names, the whole input, a link)."""
+    with pytest.raises(ValueError) as e:
+        build("m", spec) if build is b.build_model_spec else build("m", spec, [])
+    assert str(e.value) == message
+
+
 def _model_out(desired: dict, **over) -> dict:
     d = ModelOut(name=desired["name"], path=desired["path"], slo=desired["slo"], priority=desired["priority"],
                  replicas=desired["replicas"], engines=["e1"], max_model_len=4096, size_bytes=1, slo_attainment=0.95)

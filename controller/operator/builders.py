@@ -12,6 +12,8 @@ import hmac
 import json
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
 from controller.api.admin_protocol import TenantCreate
 from controller.config import ModelSpec
 from controller.keys import hash_key, is_key_hash
@@ -106,7 +108,28 @@ def build_model_spec(name: str, spec: dict) -> dict:
             body[key] = s[field]
     body["lora_modules"] = [{"name": a["name"], "path": a["path"] if a["path"].startswith("/") else
                              f"{MODELS_MOUNT}/{a['path']}"} for a in s["loraAdapters"]]
-    return ModelSpec.model_validate(body).model_dump(mode="json")
+    return _validated(ModelSpec, body, MODEL_FIELDS)
+
+
+# The admin API's field names (a pydantic error's loc) -> the custom resource's spec fields.
+MODEL_FIELDS = {"name": "servedName", "path": "source.path", "memory_gb": "source.memoryGB", "slo": "slo",
+                "ttft_s": "ttftSeconds", "tpot_s": "tpotSeconds", "keep_alive": "keepAlive",
+                "lora_modules": "loraAdapters", "max_num_seqs": "maxNumSeqs", "max_model_len": "maxModelLen",
+                "kv_cache_memory_gb": "kvCacheMemoryGB", "tool_call_parser": "toolCallParser"}
+TENANT_FIELDS = {"rate": "rateLimits", "requests_per_s": "requestsPerSecond", "tokens_per_min": "tokensPerMinute",
+                 "max_concurrent": "maxConcurrent", "slo_class": "sloClass"}
+
+
+def _validated(model: type[BaseModel], body: dict, fields: dict[str, str]) -> dict:
+    """`body` checked by the admin API's own model, as JSON; ValueError in one line naming the resource's spec
+    fields (the status condition's message and the Warning event: pydantic's own text is several lines, with
+    the whole input and a link)."""
+    try:
+        return model.model_validate(body).model_dump(mode="json")
+    except ValidationError as e:
+        raise ValueError("; ".join(
+            (f"spec.{'.'.join(fields.get(str(x), str(x)) for x in err['loc'])}: " if err["loc"] else "")
+            + err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
 
 
 # What a registered model changes in place (PATCH /admin/models/{name}): a change of only these (HPA's scaling
@@ -220,7 +243,7 @@ def build_tenant_create(name: str, spec: dict, key_hashes: list[str]) -> dict:
         "slo_class": s.get("sloClass"),
         "key_hashes": key_hashes,
     }
-    return TenantCreate.model_validate(body).model_dump(mode="json")
+    return _validated(TenantCreate, body, TENANT_FIELDS)
 
 
 # What a tenant changes in place (PATCH /admin/tenants/{name}): all it shows but its keys, which only a DELETE then
