@@ -77,6 +77,31 @@ def resolve(url: str, key: str | None, model: str) -> str:
         return model.removesuffix(LATEST)
 
 
+def show(url: str, key: str | None, model: str) -> dict[str, Any]:
+    """`tokenpool show MODEL` (as `ollama show`): the server's Ollama /api/show answer for `model` (NAME:latest as
+    `resolve` reads it); an unknown model is said as `run` says it."""
+    model = resolve(url, key, model)
+    check_model(url, key, model)
+    with _request(url, "/api/show", key, {"model": model}, timeout=10) as r:
+        got = read_json(r, url.rstrip("/") + "/api/show", ChatError)
+    if not isinstance(got, dict):
+        raise ChatError(f"{url.rstrip('/')}/api/show: not an Ollama show answer (is it a tokenpool server?)")
+    return got
+
+
+def render_show(got: dict[str, Any]) -> str:
+    """/api/show's answer laid out as `ollama show` prints it: the model's facts, then its capabilities."""
+    info = got.get("model_info") if isinstance(got.get("model_info"), dict) else {}
+    details = got.get("details") if isinstance(got.get("details"), dict) else {}
+    arch = info.get("general.architecture") or details.get("family")
+    facts = [("architecture", arch), ("context length", info.get(f"{arch}.context_length", info.get("context_length"))),
+             ("embedding length", info.get(f"{arch}.embedding_length")), ("format", details.get("format"))]
+    lines = ["  Model", *(f"    {k:<20}{v}" for k, v in facts if v not in (None, ""))]
+    if caps := [c for c in got.get("capabilities") or [] if isinstance(c, str)]:
+        lines += ["", "  Capabilities", *(f"    {c}" for c in caps)]
+    return "\n".join(lines)
+
+
 def stream_chat(url: str, key: str | None, body: dict[str, Any]) -> Iterator[str]:
     """The content deltas of one streamed chat completion; ChatError on an error event or refusal."""
     with _request(url, "/v1/chat/completions", key, {**body, "stream": True}) as r:

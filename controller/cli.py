@@ -347,6 +347,30 @@ def run_cmd(
         raise typer.Exit(130) from None
 
 
+@app.command("show")
+def show_cmd(
+    model: str = typer.Argument(..., metavar="MODEL", help="a model (or alias) the server serves"),
+    url: str = CLIENT_URL,
+    api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key"),
+    template: bool = typer.Option(False, "--template", help="print the model's chat template only"),
+) -> None:
+    """A model's architecture, context length and capabilities, as `ollama show` (--template: its chat template)."""
+    from controller.chat_cli import ChatError, render_show, show
+
+    try:
+        got = show(base_url(url), api_key, model)
+    except ChatError as e:
+        typer.echo(f"tokenpool show: {e}", err=True)
+        raise typer.Exit(1) from None
+    if template:
+        if not got.get("template"):
+            typer.echo(f"tokenpool show: {model} has no chat template", err=True)
+            raise typer.Exit(1)
+        typer.echo(got["template"])
+        return
+    typer.echo(render_show(got))
+
+
 @app.command("pull", hidden=True)  # (hidden: there is nothing to do but say so to whoever types `ollama pull`)
 def pull_cmd(model: str = typer.Argument(..., metavar="MODEL", help="a model")) -> None:
     """As `ollama pull`: tokenpool downloads nothing; says how a model gets to it."""

@@ -1,0 +1,69 @@
+"""`tokenpool show MODEL` (as `ollama show`; it was "No such command 'show'"): the server's /api/show laid out as
+Ollama prints it, --template for the chat template, an unknown model one line and exit 1."""
+
+from __future__ import annotations
+
+import http.server
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from controller.cli import app
+from tests.http_stub import stub_server
+
+SHOWN = {"modelfile": "", "parameters": "", "template": "{{ messages }}",
+         "details": {"format": "safetensors", "family": "llama", "families": ["llama"]},
+         "model_info": {"general.architecture": "llama", "llama.context_length": 8192, "context_length": 8192,
+                        "llama.embedding_length": 576},
+         "capabilities": ["completion", "tools"]}  # (a live server's answer for smollm2, tools added)
+
+
+@pytest.fixture(scope="module")
+def show_stub():
+    """A stand-in tokenpool server serving one model, `smollm2`; records what /api/show was asked."""
+    asked = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _json(self, status: int, body) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/v1/models/smollm2":
+                self._json(200, {"id": "smollm2"})
+            else:
+                name = self.path.rsplit("/", 1)[-1]
+                self._json(404, {"error": {"message": f"The model `{name}` does not exist.", "code": "model_not_found"}})
+
+        def do_POST(self):
+            asked.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self._json(200, SHOWN)
+
+    with stub_server(Handler) as url:
+        yield url, asked
+
+
+def test_show_lays_out_the_model_as_ollama_show(show_stub):
+    url, asked = show_stub
+    r = CliRunner().invoke(app, ["show", "smollm2:latest", "--url", url])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines() == ["  Model", "    architecture        llama", "    context length      8192",
+                                     "    embedding length    576", "    format              safetensors", "",
+                                     "  Capabilities", "    completion", "    tools"], r.output
+    assert asked[-1] == {"model": "smollm2"}  # (NAME:latest as the server names it)
+    r = CliRunner().invoke(app, ["show", "smollm2", "--template", "--url", url])
+    assert (r.exit_code, r.output) == (0, "{{ messages }}\n"), r.output
+
+
+def test_show_of_a_model_not_served_is_one_line(show_stub):
+    url, _ = show_stub
+    r = CliRunner().invoke(app, ["show", "nosuch", "--url", url])
+    assert (r.exit_code, r.output) == (1, "tokenpool show: The model `nosuch` does not exist.\n"), r.output
