@@ -372,9 +372,23 @@ def show_cmd(
 
 
 @app.command("pull", hidden=True)  # (hidden: there is nothing to do but say so to whoever types `ollama pull`)
-def pull_cmd(model: str = typer.Argument(..., metavar="MODEL", help="a model")) -> None:
-    """As `ollama pull`: tokenpool downloads nothing; says how a model gets to it."""
+def pull_cmd(
+    model: str = typer.Argument(..., metavar="MODEL", help="a model"),
+    url: str = CLIENT_URL,
+    api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key"),
+) -> None:
+    """As `ollama pull`: a model the server serves already is there (exit 0, as the server's /api/pull answers it);
+    else, as tokenpool downloads nothing, how a model gets to it (exit 2)."""
+    from controller.chat_cli import ChatError, check_model, resolve
     from controller.serve import HF_REPO_ID
+
+    try:
+        check_model(url, api_key, name := resolve(url, api_key, model))
+        typer.echo(f"{model}: served by {url} already{'' if name == model else f' (as {name})'}; tokenpool "
+                   "downloads nothing")
+        return
+    except ChatError:  # (not served, or no server there: how a model gets here)
+        pass
 
     if HF_REPO_ID.fullmatch(model) and not Path(model).exists():
         how = (f"put a Hugging Face model in the local cache with `hf download {model}` (or give a model folder or "

@@ -67,3 +67,14 @@ def test_show_of_a_model_not_served_is_one_line(show_stub):
     url, _ = show_stub
     r = CliRunner().invoke(app, ["show", "nosuch", "--url", url])
     assert (r.exit_code, r.output) == (1, "tokenpool show: The model `nosuch` does not exist.\n"), r.output
+
+
+def test_pull_of_a_model_served_already_succeeds(show_stub):
+    """`tokenpool pull smollm2` as `ollama pull` before `ollama run`: the server has it, so it is there (exit 0, as
+    the server's own /api/pull answers); a model it does not serve is still the how-to, exit 2."""
+    url, _ = show_stub
+    r = CliRunner().invoke(app, ["pull", "smollm2:latest", "--url", url])
+    assert (r.exit_code, r.output) == (0, f"smollm2:latest: served by {url} already (as smollm2); tokenpool "
+                                          "downloads nothing\n"), r.output
+    r = CliRunner().invoke(app, ["pull", "nosuch", "--url", url], env={"COLUMNS": "200"})
+    assert r.exit_code == 2 and "tokenpool pull: tokenpool downloads nothing" in r.output, r.output

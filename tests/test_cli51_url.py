@@ -43,11 +43,16 @@ def test_urls_that_are_fine_stay_fine(given, url):
 def test_pull_of_a_name_that_is_no_repo_id_says_what_hf_download_takes():
     """`tokenpool pull smollm2` (or llama3.2:1b, as `ollama pull` takes) said `hf download smollm2`, which is no
     Hugging Face repo id; a repo id is still said as it was."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        env = {"COLUMNS": "200", "TOKENPOOL_URL": f":{s.getsockname()[1]}"}  # (no server: nothing served already)
     for name in ("smollm2", "llama3.2:1b"):
-        r = CliRunner().invoke(app, ["pull", name], env={"COLUMNS": "200"})
+        r = CliRunner().invoke(app, ["pull", name], env=env)
         assert r.exit_code == 2 and f"'{name}' is not a Hugging Face repo id (ORG/NAME)" in r.output and \
             f"hf download {name}" not in r.output and "hf download ORG/NAME" in r.output, r.output
-    r = CliRunner().invoke(app, ["pull", "org/model"], env={"COLUMNS": "200"})
+    r = CliRunner().invoke(app, ["pull", "org/model"], env=env)
     assert r.exit_code == 2 and "`hf download org/model`" in r.output, r.output
 
 
