@@ -278,6 +278,8 @@ def test_gpupool_takes_worker_resources_as_kubernetes_quantities():
     ("PooledModel", ("spec", "slo", "ttftSeconds"), 0),
     ("PooledModel", ("spec", "engine", "kind"), "vllm"),
     ("PooledModel", ("spec", "engine", "kvCacheMemoryGB"), 0),
+    ("PooledModel", ("spec", "engine", "kvCacheMemoryGB"), 2e6),  # the controller's bound on a size in GB
+    ("PooledModel", ("spec", "source", "memoryGB"), 2e6),
     ("PooledModel", ("spec", "replicas", "min"), -1),
     ("PooledModel", ("spec", "loraAdapters"), [{"name": "a b", "path": "x"}]),
     ("PooledModel", ("spec", "loraAdapters"), [{"name": "a"}]),
@@ -359,6 +361,77 @@ def test_an_llm_pooledmodel_needs_a_source_path(spec, valid):
             _validate_cr(obj)
         with pytest.raises(ValueError, match="path is required"):
             b.build_model_spec("m", spec)
+
+
+def _cel_refusals(obj: dict) -> list[str]:
+    """The messages of the CRD's CEL rules (x-kubernetes-validations) that `obj` breaks, evaluated as the API
+    server does after its defaults: each rule with `self` the value where the rule stands."""
+    celpy = pytest.importorskip("celpy")  # (cel-python: the CEL of the Kubernetes API server, in Python)
+    env, out = celpy.Environment(), []
+
+    def walk(schema: dict, value) -> None:
+        for r in schema.get("x-kubernetes-validations") or []:
+            if not env.program(env.compile(r["rule"])).evaluate({"self": celpy.json_to_cel(value)}):
+                out.append(r["message"])
+        if isinstance(value, dict):
+            for k, sub in (schema.get("properties") or {}).items():
+                if k in value:
+                    walk(sub, value[k])
+        elif isinstance(value, list) and "items" in schema:
+            for v in value:
+                walk(schema["items"], v)
+
+    walk(_crd_schema(obj["kind"]), obj)
+    return out
+
+
+PIN_AT_ZERO = "a pinned model keeps a replica: replicas.max 0 (kubectl scale --replicas 0) needs pin: false"
+
+
+@pytest.mark.parametrize("spec,refused", [
+    ({"replicas": {"min": 3, "max": 2}}, "replicas.min must not exceed replicas.max"),
+    ({"replicas": {"min": 0, "max": 0}}, None),  # scaled to zero
+    ({"replicas": {"min": 0, "max": 0}, "pin": True}, PIN_AT_ZERO),
+    ({"replicas": {"min": 1, "max": 1}, "pin": True}, None),
+    ({"engine": {"kind": "pace"}, "loraAdapters": [{"name": "a", "path": "p"}]},
+     "a paced model (engine.kind pace) has no weights for LoRA adapters"),
+    ({"loraAdapters": [{"name": "a", "path": "p"}]}, None),
+    ({"aliases": ["m"]}, "an alias repeats the model's own name (spec.servedName, else metadata.name)"),
+    ({"servedName": "s", "aliases": ["s", "t"]}, "an alias repeats the model's own name (spec.servedName, else metadata.name)"),
+    ({"servedName": "s", "aliases": ["m"]}, None),  # (the resource's name is free when servedName is set)
+])
+def test_a_pooledmodel_the_controller_would_refuse_is_refused_when_applied(spec, refused):
+    """`kubectl apply` (or `kubectl scale`) of a PooledModel the operator could only mark InvalidSpec afterwards is
+    refused by the API server's CEL rules with a message that says what to change; what the rules let through,
+    the operator's builder takes."""
+    spec = dict({"source": {"path": "m"}}, **spec)
+    obj = {"apiVersion": "tokenpool.dev/v1alpha1", "kind": "PooledModel", "metadata": {"name": "m"},
+           "spec": _apply_defaults(_crd_schema("PooledModel")["properties"]["spec"], copy.deepcopy(spec))}
+    _validate_cr(obj)  # (the schema's own checks pass: only the rule refuses it)
+    assert _cel_refusals(obj) == ([refused] if refused else [])
+    if refused:
+        with pytest.raises(ValueError):
+            b.build_model_spec("m", spec)
+    else:
+        b.build_model_spec("m", spec)
+
+
+# Admin-API fields a PATCH changes in place (builders.LIVE_FIELDS) -> the PooledModel spec fields they come from.
+LIVE_SPEC_FIELDS = {"slo": "slo", "priority": "priority", "replicas": "replicas", "keep_alive": "keepAlive",
+                    "aliases": "aliases"}
+
+
+def test_the_crd_says_which_changes_reload_a_model():
+    """`kubectl explain pooledmodel.spec.aliases` must not say a change registers it again (its requests drained,
+    its weights unloaded) when the operator changes it in place, nor the other way round."""
+    assert set(LIVE_SPEC_FIELDS) == set(b.LIVE_FIELDS)
+    props = _crd_schema("PooledModel")["properties"]["spec"]["properties"]
+    for field, s in props.items():
+        said = s.get("description", "")
+        if field in LIVE_SPEC_FIELDS.values():
+            assert "registers it again" not in said, field
+        if "in place" in said.lower():
+            assert field in LIVE_SPEC_FIELDS.values() or field == "pin", field  # (pin: its own POST, in place)
 
 
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")  # and at most 63 characters

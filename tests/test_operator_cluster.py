@@ -122,6 +122,14 @@ def test_operator_on_a_cluster(tmp_path, monkeypatch):
                 with pytest.raises(ApiException) as e:  # an llm model (the default kind) needs source.path
                     create("pooledmodels", "PooledModel", "bad", {"source": {"memoryGB": 1}})
                 assert e.value.status == 422
+                for spec, says in (({"engine": {"kind": "pace"}, "pin": True, "replicas": {"min": 0, "max": 0}},
+                                    "a pinned model keeps a replica"),
+                                   ({"engine": {"kind": "pace"}, "aliases": ["bad"]}, "an alias repeats"),
+                                   ({"engine": {"kind": "pace"}, "loraAdapters": [{"name": "a", "path": "x"}]},
+                                    "a paced model")):
+                    with pytest.raises(ApiException) as e:  # the CEL rules, with their messages
+                        create("pooledmodels", "PooledModel", "bad", spec)
+                    assert e.value.status == 422 and says in e.value.body, e.value.body
 
                 core.create_namespaced_secret(ns, {"metadata": {"name": "keys"},
                                                    "data": {"k": base64.b64encode(tenant_key.encode()).decode()}})
