@@ -245,6 +245,61 @@ def test_aliases_tenant_limits_and_a_new_key(server, browser):
     assert failed == [], failed
 
 
+def test_a_tenant_changed_in_place(server, browser):
+    """A tenant's models and limits changed from the dashboard (a row's Edit fills the tenant form; Save sends PATCH):
+    its key keeps working, its usage and its rate's burst (which the form does not show) stay, an emptied field
+    lifts that limit; the form is then for creating again. What POST /admin/tenants warns of (a model no model
+    answers to) stays beside the new key: the page dropped it, so a typo in a tenant's models showed only as its
+    404s."""
+    failed: list[str] = []
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    with signed_in(browser, server.url, failed) as page:
+        page.click("#tabs [data-view=tenants]")
+        form = page.locator("#add-tenant")
+        form.locator("[name=name]").fill("team-edit")
+        form.locator("[name=models]").fill("pace-a, pace-typo")
+        form.locator("[name=rps]").fill("5")
+        form.locator("[name=conc]").fill("3")
+        form.locator("button[type=submit]").click()
+        expect(page.locator("#new-key-warning")).to_contain_text("models ['pace-typo'] match no model served now")
+        key = page.locator("#new-key-value").inner_text()
+        bearer = {"Authorization": f"Bearer {key}"}
+        httpx.post(server.url + "/v1/completions", headers=bearer, timeout=30, json={
+            "model": "pace-a", "prompt": "hi", "max_tokens": 2}).raise_for_status()
+        httpx.patch(server.url + "/admin/tenants/team-edit", headers=auth,
+                    json={"rate": {"requests_per_s": 5, "burst": 10}}).raise_for_status()  # (set elsewhere)
+
+        row = page.locator('#tenants-table tr[data-tenant="team-edit"]')
+        row.locator("[data-action=edit]").click()
+        expect(page.locator("#tenant-form-title")).to_have_text("Change tenant team-edit")
+        expect(form.locator("[name=name]")).to_have_attribute("readonly", "")
+        expect(form.locator("[name=rps]")).to_have_value("5")
+        expect(form.locator("[name=models]")).to_be_focused()
+        form.locator("[name=models]").fill("pace-a")
+        form.locator("[name=rps]").fill("8")
+        form.locator("[name=tpm]").fill("600")
+        form.locator("[name=conc]").fill("")
+        form.locator("button[type=submit]").click()
+        expect(page.locator("#toast")).to_have_text("Tenant team-edit changed")
+        t = httpx.get(server.url + "/admin/tenants/team-edit", headers=auth).json()
+        assert (t["models"], t["rate"], t["max_concurrent"]) == (
+            ["pace-a"], {"requests_per_s": 8, "burst": 10, "tokens_per_min": 600}, None), t
+        assert t["usage"]["requests"] == 1, t["usage"]
+        assert httpx.get(server.url + "/v1/models", headers=bearer).status_code == 200
+        expect(row).to_contain_text("8 req/s (burst 10) · 600 tok/min")
+        expect(page.locator("#tenant-form-title")).to_have_text("Create a tenant key")
+        expect(form.locator("[name=name]")).to_have_value("")
+        expect(form.locator("[name=name]")).not_to_have_attribute("readonly", "")
+
+        row.locator("[data-action=edit]").click()  # (Cancel: back to creating, nothing sent)
+        expect(form.locator("[name=name]")).to_have_value("team-edit")
+        page.click("#tenant-form-cancel")
+        expect(form.locator("button[type=submit]")).to_have_text("Create")
+        expect(form.locator("[name=name]")).to_have_value("")
+        httpx.delete(server.url + "/admin/tenants/team-edit", headers=auth).raise_for_status()
+    assert failed == [], "\n".join(failed)
+
+
 def test_snapshots_too_rare_to_catch_live(server, browser):
     """Snapshots given to the page's stream handlers as the stream would (one evaluate: the next snapshot would
     redraw): a worker just killed (its standby takes over within a second), whose card offers no Drain and runs

@@ -265,9 +265,50 @@ function showKey(t) {
   const box = document.getElementById("new-key");
   box.replaceChildren(el("b", { text: `Key for ${t.name}` }),
     el("code", { id: "new-key-value", text: t.api_key }),
-    el("span", { class: "muted", text: "Copy it now: it is shown once (only its hash is kept)." }));
+    el("span", { class: "muted", text: "Copy it now: it is shown once (only its hash is kept)." }),
+    // what POST /admin/tenants warns of (models no model answers to, authentication off): kept beside the key, not
+    // only in a toast that goes
+    t.warning ? el("p", { class: "note", id: "new-key-warning", text: `Warning: ${t.warning}` }) : null);
   box.hidden = false;
   box.dataset.tenant = t.name;
+}
+
+// The tenant form makes a tenant; after a row's Edit, it changes that tenant's models and limits in place (PATCH
+// /admin/tenants/NAME: its keys, usage and requests in flight carry on; a rate's burst is kept) until saved or
+// cancelled. Only for a tenant made here: one of the configuration file is changed there.
+async function editTenant(name) {
+  let t;
+  try {
+    t = await api("GET", `/admin/tenants/${encodeURIComponent(name)}`);
+  } catch (e) {
+    toast(`Failed: ${e.message}`, true);
+    return;
+  }
+  const f = document.getElementById("add-tenant"), r = t.rate || {};
+  f.dataset.editing = name;
+  f.dataset.burst = r.burst ?? "";
+  f.elements.name.value = name;
+  f.elements.name.readOnly = true;
+  f.elements.models.value = t.models.join(", ");
+  f.elements.rps.value = r.requests_per_s ?? "";
+  f.elements.tpm.value = r.tokens_per_min ?? "";
+  f.elements.conc.value = t.max_concurrent ?? "";
+  document.getElementById("tenant-form-title").textContent = `Change tenant ${name}`;
+  f.querySelector("button[type=submit]").textContent = "Save";
+  document.getElementById("tenant-form-cancel").hidden = false;
+  f.elements.models.focus();
+}
+
+function endEdit() {
+  const f = document.getElementById("add-tenant");
+  if (f.dataset.editing === undefined) return;
+  delete f.dataset.editing;
+  delete f.dataset.burst;
+  f.reset();
+  f.elements.name.readOnly = false;
+  document.getElementById("tenant-form-title").textContent = "Create a tenant key";
+  f.querySelector("button[type=submit]").textContent = "Create";
+  document.getElementById("tenant-form-cancel").hidden = true;
 }
 
 // --- views ---
@@ -490,6 +531,9 @@ function renderTenants(p) {
     el("td", { class: "num", text: fmtPct(t.attainment) }),
     el("td", { text: t.name === "anonymous" ? "—" : fmtLimits(d) }),
     el("td", { class: "actions" },
+      d && d.source === "admin" ? el("button", { "data-action": "edit", onclick: () => editTenant(t.name),
+        title: "change its models and limits in place (in the form below); its keys keep working" }, "Edit") : null,
+      " ",
       d && d.source === "admin" ? el("button", { "data-action": "rotate", onclick: () => rotate(t.name),
         title: "a new key for it, the same models and limits; its keys stop working" }, "New key") : null, " ",
       t.name === "anonymous" ? null : el("button", {
@@ -500,6 +544,8 @@ function renderTenants(p) {
   // a new key shown once: gone with its tenant (revoked here or elsewhere), not left on show as if it worked
   const box = document.getElementById("new-key");
   if (!box.hidden && !p.tenants.some((t) => t.name === box.dataset.tenant)) { box.hidden = true; box.replaceChildren(); }
+  const editing = document.getElementById("add-tenant").dataset.editing; // (a tenant revoked while edited)
+  if (editing !== undefined && !p.tenants.some((t) => t.name === editing)) endEdit();
   // the pool lists the anonymous tenant only while authentication is off (controller.dashboard.views)
   document.getElementById("auth-off").hidden = !p.tenants.some((t) => t.name === "anonymous");
 }
@@ -649,23 +695,33 @@ function init() {
   });
   document.getElementById("add-tenant").addEventListener("submit", async (ev) => {
     ev.preventDefault();
-    const f = new FormData(ev.target);
-    const body = { name: f.get("name"), models: String(f.get("models") || "*").split(",").map((s) => s.trim()).filter(Boolean),
-      rate: {} };
-    if (f.get("rps")) body.rate.requests_per_s = Number(f.get("rps"));
-    if (f.get("tpm")) body.rate.tokens_per_min = Number(f.get("tpm"));
-    if (f.get("conc")) body.max_concurrent = Number(f.get("conc"));
+    const form = ev.target, f = new FormData(form), editing = form.dataset.editing;
+    const models = String(f.get("models") || "*").split(",").map((s) => s.trim()).filter(Boolean);
+    const num = (k) => (f.get(k) ? Number(f.get(k)) : null);
+    if (editing !== undefined) { // a field emptied: no such limit from now on
+      const rate = { requests_per_s: num("rps"), tokens_per_min: num("tpm"),
+        burst: num("rps") !== null && form.dataset.burst ? Number(form.dataset.burst) : null };
+      if (await act(`Change tenant ${editing}'s models and limits? Its keys keep working.`, "PATCH",
+        `/admin/tenants/${encodeURIComponent(editing)}`, { models, rate, max_concurrent: num("conc") },
+        (t) => `Tenant ${t.name} changed`)) endEdit();
+      return;
+    }
+    const body = { name: f.get("name"), models, rate: {} };
+    if (f.get("rps")) body.rate.requests_per_s = num("rps");
+    if (f.get("tpm")) body.rate.tokens_per_min = num("tpm");
+    if (f.get("conc")) body.max_concurrent = num("conc");
     if (!window.confirm(`Create tenant ${body.name}?`)) return;
     try {
       const t = await api("POST", "/admin/tenants", body);
       showKey(t);
-      toast(`Tenant ${t.name} created`);
-      ev.target.reset();
+      toast(`Tenant ${t.name} created${t.warning ? " (with a warning: see beside its key)" : ""}`);
+      form.reset();
     } catch (e) {
       toast(`Failed: ${e.message}`, true);
     }
     refreshSoon(0);
   });
+  document.getElementById("tenant-form-cancel").addEventListener("click", endEdit);
   // signing out: the session is dropped, then the page goes to the login form once the server has ended the event
   // stream (within a beat), as a tab signed out elsewhere does; a navigation at once aborted the open stream (a
   // failed request in the browser's log). Without this script the form posts as it is.
