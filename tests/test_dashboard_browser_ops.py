@@ -125,7 +125,8 @@ def test_focus_survives_the_snapshots(server, browser):
 
 def test_the_view_is_in_the_url(server, browser):
     """The view is the URL's fragment: a reload stays on it (it went back to the pool), Back and Forward go
-    through the views seen."""
+    through the views seen; it is kept through signing out and in again (the login form dropped it: the page signed
+    in on the pool)."""
     with signed_in(browser, server.url) as page:
         page.click("#tabs [data-view=models]")
         assert page.url.endswith("/dashboard#models")
@@ -143,6 +144,12 @@ def test_the_view_is_in_the_url(server, browser):
         page.go_forward()
         expect(page.locator("#view-models")).to_be_visible()
         expect(page.locator("#tabs [aria-current=page]")).to_have_attribute("data-view", "models")
+        page.click("header form button")
+        expect(page.locator("#token")).to_be_visible(timeout=10_000)
+        page.fill("#token", ADMIN)
+        page.click("#login")
+        expect(page.locator("#view-models")).to_be_visible()
+        assert page.url.endswith("/dashboard#models"), page.url
 
 
 def test_the_model_form_is_emptied_once_added(server, browser):

@@ -136,7 +136,7 @@ function signedOut(now = false) {
   if (S.gone || (!now && (S.calls > 0 || (S.es && S.es.readyState === EventSource.OPEN)))) return;
   S.gone = true;
   if (S.es) S.es.close();
-  location.assign("/dashboard");
+  location.reload(); // (the login form, at this view's URL: signed in again, the page comes back to this view)
 }
 
 // An action: confirmed first, its result (or error) shown, then the views refreshed. True when it was done.
