@@ -113,7 +113,8 @@ def test_dashboard_details(server, shots):
     pool's model order; a removed model leaves the charts; an idle engine says so; numeric headers sit over their
     numbers; the active tab is marked for assistive technology; times read as a 24 h clock, an engine's `at` too;
     a model's name of 128 characters is cut short, not widening the cards;
-    at a phone's width (390 px) the header keeps to the screen and every tab can be tapped; signing out in one tab
+    at a phone's width (390 px) the header keeps to the screen, every tab can be tapped and a table's actions are
+    in sight (the table scrolls sideways under them); signing out in one tab
     signs the others out."""
     expect = sync_api.expect
     url, auth = server.url, {"Authorization": f"Bearer {ADMIN}"}
@@ -218,6 +219,10 @@ def test_dashboard_details(server, shots):
             tab.click(timeout=3_000)  # (a tab squeezed under its neighbours is not clickable)
             expect(mobile.locator(f"#view-{view}")).to_be_visible()
             assert mobile.evaluate("document.documentElement.scrollWidth") <= 390, view
+            # a table scrolls sideways in its card, its row's actions in sight (they were past the screen's edge)
+            for b in mobile.locator(f"#view-{view} td.actions button").all()[:3]:
+                box = b.bounding_box()
+                assert 0 <= box["x"] and box["x"] + box["width"] <= 390, (view, b.inner_text(), box)
         out = mobile.locator("header form button").bounding_box()
         assert out["x"] + out["width"] <= 390, out
         mobile.screenshot(path=str(shots / "phone-pool.png"), full_page=True)
