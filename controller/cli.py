@@ -225,6 +225,9 @@ def serve_cmd(
         "one an option (repeat it); \"*\" for any (the config's cors_origins). Default: pages of this machine only "
         "(http(s)://localhost, 127.0.0.1, [::1]), as Ollama"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", hidden=True),  # (vLLM's: nothing to trust)
+    model_option: Optional[list[Path]] = typer.Option(None, "--model", hidden=True),  # (vLLM's spelling of MODEL_DIR)
+    # (vLLM's switch for tool_choice auto, which it takes with --tool-call-parser: here the parser alone turns it on)
+    enable_auto_tool_choice: bool = typer.Option(False, "--enable-auto-tool-choice", hidden=True),
     vllm_only: Optional[list[str]] = typer.Option(
         None, "--gpu-memory-utilization", "--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp",
         hidden=True),  # (vLLM's flags with no counterpart here: said so, with what to give instead)
@@ -236,9 +239,13 @@ def serve_cmd(
     """
     from controller.serve import model_specs, serve
 
+    model_dirs = [*(model_dirs or []), *(model_option or [])] or None
     try:  # (one line, as the server's own start-up errors are: not a usage box wrapped over several)
         if vllm_only:
             raise ValueError(VLLM_ONLY)
+        if enable_auto_tool_choice and tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice takes --tool-call-parser, as vLLM's does (hermes: Qwen2.5, "
+                             "Hermes); here the parser alone turns tool_choice auto on")
         model_specs(list(model_dirs or []), list(served_model_name or []))
         if config is not None and not config.is_file():
             raise ValueError(f"no configuration file at {config} (--config)")
