@@ -154,16 +154,23 @@ def test_the_view_is_in_the_url(server, browser):
 
 def test_the_model_form_is_emptied_once_added(server, browser):
     """The add-model form is emptied once the model is added, as the tenant form is (left filled, the next Enter
-    asked to add it again, a 409)."""
+    asked to add it again, a 409). It asks for a path unless the engine is pace, and for seconds per token only then
+    (its placeholder said an empty path made a pace engine: the server refused an llm model without one)."""
     failed: list[str] = []
     with signed_in(browser, server.url, failed) as page:
         page.click("#tabs [data-view=models]")
+        path, pace = page.locator("#add-model [name=path]"), page.locator("#add-model [name=pace]")
         page.fill("#add-model [name=name]", "pace-form")
+        page.click("#add-model button[type=submit]")  # (llm, no path: the browser asks for one, nothing is sent)
+        assert path.evaluate("p => p.validity.valueMissing") and pace.is_disabled()
         page.select_option("#add-model [name=kind]", "pace")
+        assert not path.evaluate("p => p.required") and pace.is_enabled()
         page.click("#add-model button[type=submit]")
         expect(page.locator("#toast")).to_have_text("Model pace-form added")
         expect(page.locator("#add-model [name=name]")).to_have_value("")
         expect(page.locator("#add-model [name=kind]")).to_have_value("llm")
+        expect(pace).to_be_disabled()
+        assert path.evaluate("p => p.required")
         page.locator('#models-table tr[data-model="pace-form"] [data-action=remove]').click()
         expect(page.locator("#toast")).to_have_text("pace-form removed")
     assert failed == [], "\n".join(failed)

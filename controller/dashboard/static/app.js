@@ -680,7 +680,18 @@ function init() {
   window.addEventListener("popstate", () => show(viewOf(location.hash)));
   if (viewOf(location.hash) !== "pool") show(viewOf(location.hash));
   document.getElementById("event-filter").addEventListener("change", renderEvents);
-  document.getElementById("add-model").addEventListener("submit", async (ev) => {
+  // the add-model form: a path is asked for (the browser says so before anything is sent) unless the engine is pace,
+  // whose seconds per token are asked for only then (an llm model without a path was sent, and refused)
+  const addModel = document.getElementById("add-model");
+  const kindChanged = () => {
+    const pace = addModel.elements.kind.value === "pace";
+    addModel.elements.path.required = !pace;
+    addModel.elements.pace.disabled = !pace;
+  };
+  addModel.elements.kind.addEventListener("change", kindChanged);
+  addModel.addEventListener("reset", () => setTimeout(kindChanged)); // (after the reset, not before it)
+  kindChanged();
+  addModel.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const f = new FormData(ev.target);
     const kind = f.get("kind");
