@@ -83,6 +83,12 @@ class Uninstall:
         r = await self.kube.k8s.get(f"/apis/{GV}/namespaces/{NS}/{plural}")
         return [o["metadata"]["name"] for o in (await r.json())["items"]]
 
+    async def delete_all(self) -> None:
+        """`kubectl -n tokenpool delete pooledmodels,tenants,gpupools --all` (the operator's own rights untouched)."""
+        for plural in PLURALS.values():
+            for name in await self._all(plural):
+                await self.kube.delete(plural, name)
+
     async def delete_k(self, objects: list[dict]) -> None:
         doomed: set[tuple[str, str]] = set()
         for d in objects:
@@ -102,19 +108,13 @@ class Uninstall:
                 if (await self.kube.get(p, n))["metadata"].get("deletionTimestamp")]
 
 
-def _examples_as_named_here() -> list[dict]:
-    """manifests/examples, named as _ready names them here (its objects as a user applied them)."""
-    names = {"GPUPool": "default", "PooledModel": "m", "Tenant": "t"}
-    return [dict(d, metadata=dict(d["metadata"], name=names[d["kind"]])) for d in _objects(MANIFESTS / "examples")
-            if d["kind"] in names]
-
-
 @pytest.mark.asyncio
 @pytest.mark.timeout(120)
 async def test_deleting_the_overlay_in_one_step_leaves_nothing_terminating(world):
     """`kubectl delete -k manifests/overlays/example` with custom resources still there (a user who skipped the
     first step): it deletes the operator, so it must delete no custom resource (none of them, not their namespace,
-    not their CRDs), or those would stay Terminating for good. They stay, inert, until the operator is back."""
+    not their CRDs), or those would stay Terminating for good. They stay, inert, until the operator is back
+    (`kubectl apply -k` of the overlay again): then the uninstall goes on in order."""
     kube, fake = world
     ns = Namespace(kube)
     uninstall, overlay = Uninstall(kube, ns), _objects(MANIFESTS / "overlays" / "example")
@@ -126,20 +126,25 @@ async def test_deleting_the_overlay_in_one_step_leaves_nothing_terminating(world
     assert await uninstall.terminating() == []
     for plural, name in (("pooledmodels", "m"), ("tenants", "t"), ("gpupools", "default")):
         assert FINALIZER in (await kube.get(plural, name))["metadata"]["finalizers"]
+    ns.forbidden = False
+    async with Operator():
+        await uninstall.delete_all()
+        for plural, name in (("pooledmodels", "m"), ("tenants", "t"), ("gpupools", "default")):
+            await _until(f"{plural}/{name} gone", lambda p=plural, n=name: _gone(kube, p, n))
+    assert not fake.models and not fake.tenants
 
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(120)
 async def test_the_readmes_uninstall_leaves_nothing_behind(world):
-    """The README's uninstall, step by step: the custom resources (`kubectl delete -n tokenpool -k
-    manifests/examples --wait`, while the operator runs their finalizers: the controller loses the model and the
-    tenant), then the overlay, the namespace and the CRDs."""
+    """The README's uninstall, step by step: the custom resources (`kubectl -n tokenpool delete
+    pooledmodels,tenants,gpupools --all --wait`, while the operator runs their finalizers: the controller loses
+    the model and the tenant), then the overlay, the namespace and the CRDs."""
     kube, fake = world
     uninstall = Uninstall(kube, Namespace(kube))
     async with Operator():
         await _ready(kube)
-        assert not uninstall.takes_the_operator(_examples_as_named_here())
-        await uninstall.delete_k(_examples_as_named_here())
+        await uninstall.delete_all()
         for plural, name in (("pooledmodels", "m"), ("tenants", "t"), ("gpupools", "default")):
             await _until(f"{plural}/{name} gone", lambda p=plural, n=name: _gone(kube, p, n))
         assert not fake.models and not fake.tenants
