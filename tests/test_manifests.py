@@ -264,7 +264,8 @@ def test_examples_validate_against_their_crd(kind):
 
 def test_gpupool_takes_worker_resources_as_kubernetes_quantities():
     pool = copy.deepcopy(next(d for _, d in OBJECTS if d["kind"] == "GPUPool"))
-    pool["spec"]["workerResources"] = {"requests": {"cpu": 2, "memory": "40Gi"}, "limits": {"memory": "80Gi"}}
+    pool["spec"]["workerResources"] = {"requests": {"cpu": 2, "memory": "40Gi", "ephemeral-storage": "1.5e9"},
+                                       "limits": {"memory": "80Gi", "cpu": "500m"}}
     _validate_cr(pool)
     ds = b.build_worker_daemonset("default", "tokenpool", pool["spec"])
     kv.validate(ds, K8S_VERSION, strict=True)
@@ -275,6 +276,8 @@ def test_gpupool_takes_worker_resources_as_kubernetes_quantities():
     ("GPUPool", ("spec", "policy"), "fastest"),
     ("GPUPool", ("spec", "workerResources", "requests", "cpu"), [2]),
     ("GPUPool", ("spec", "workerResources", "requests"), "2"),
+    ("GPUPool", ("spec", "workerResources", "requests", "cpu"), "two"),  # not a quantity: the DaemonSet is refused
+    ("GPUPool", ("spec", "workerResources", "limits", "memory"), "8 GB"),
     ("PooledModel", ("spec", "slo", "ttftSeconds"), 0),
     ("PooledModel", ("spec", "engine", "kind"), "vllm"),
     ("PooledModel", ("spec", "engine", "kvCacheMemoryGB"), 0),
