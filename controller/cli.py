@@ -138,6 +138,8 @@ _group(bench_app, "bench")
 _add_suite()
 keys_app = typer.Typer(help="API keys and tokens, and the salted hashes a configuration stores.")
 _group(keys_app, "keys")
+config_app = typer.Typer(help="YAML configurations (examples/), checked without starting a server.")
+_group(config_app, "config")
 
 
 def _print_version(value: bool) -> None:
@@ -456,6 +458,27 @@ def keys_hash_cmd(key: str = typer.Argument(..., metavar="KEY", help="the key; '
     if not k:
         raise typer.BadParameter("the key is empty")
     typer.echo(hash_key(k))
+
+
+@config_app.command("check")
+def config_check_cmd(
+    path: Path = typer.Argument(..., metavar="FILE", help="a YAML configuration, as `tokenpool serve --config` takes"),
+) -> None:
+    """Check a configuration as `tokenpool serve --config FILE` does, without starting anything.
+
+    Keys and values, models' folders and LoRA adapters, workers.local's GPUs: exit 0 and a summary, or 2 and why."""
+    from controller.serve import check_config
+    from controller.startup import StartupError
+
+    try:
+        cfg = check_config(path)
+    except StartupError as e:
+        typer.echo(f"tokenpool config check: {e}", err=True)
+        raise typer.Exit(2) from None
+    names = ", ".join(m.name for m in cfg.models) or "none (add them through the admin API)"
+    auth = (f"on, {len(cfg.tenants)} tenant{'' if len(cfg.tenants) == 1 else 's'}" if cfg.auth_enabled else
+            "OFF (every caller may use every model)")
+    typer.echo(f"config {path}: ok: models {names}; listens on {cfg.listen.host}:{cfg.listen.port}; auth {auth}")
 
 
 def _check_model_dir(model: Path) -> None:

@@ -243,6 +243,18 @@ def check_config_models(models: list[ModelSpec], config_path: Path) -> None:
                                    f"LoRA adapter {lm.name!r}: {why}")
 
 
+def check_config(config_path: Path) -> ServerConfig:
+    """`tokenpool config check FILE`: the configuration as `tokenpool serve --config FILE` reads and checks it before
+    it starts anything (keys and values, the models' folders and LoRA adapters, workers.local's GPUs); a StartupError
+    saying the first problem."""
+    from controller import startup
+
+    cfg = startup.load_checked(config_path)
+    check_config_models(cfg.models, config_path)
+    startup.check_local_workers(cfg, config_path)
+    return cfg
+
+
 def origins_given(values: list[str]) -> list[str]:
     """--allowed-origins: each value an origin, or a JSON list of them as vLLM's flag takes ('["*"]')."""
     from controller.startup import StartupError
