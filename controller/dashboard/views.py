@@ -78,6 +78,16 @@ def engine_models(e: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
+def engine_active(e: Any, models: dict[str, dict[str, Any]]) -> str | None:
+    """The model running now on engine `e` (`models`: engine_models(e)): the pooled engine's active one while it has
+    requests running there, else the one with the most running. A model of another kind (a pace engine) runs beside
+    the pooled engine's turns, and the pool's `active` went on naming the model of its last turn: the dashboard said
+    it ran while only the pace model did. Idle: the model of the last turn (None without a pooled engine)."""
+    active = (getattr(e, "pool", None) or {}).get("active")
+    busy = {n: m["running"] for n, m in models.items() if m["running"]}
+    return max(busy, key=busy.__getitem__) if busy and active not in busy else active
+
+
 def _engine_out(ctl: Any, act: Activity, e: Any, now: float, span_s: float, res_s: float) -> ap.EnginePoolOut:
     pool = getattr(e, "pool", None) or {}
     models = engine_models(e)
@@ -97,7 +107,7 @@ def _engine_out(ctl: Any, act: Activity, e: Any, now: float, span_s: float, res_
         registered = list(e.replicas)
     return ap.EnginePoolOut(
         id=e.id, device=e.device, host=e.host, alive=e.alive, draining=e.draining, pooled=bool(pool),
-        inflight=len(e.subs), step_s=e.step_s, active=pool.get("active"), registered=registered,
+        inflight=len(e.subs), step_s=e.step_s, active=engine_active(e, models), registered=registered,
         resident=list(pool.get("resident", [n for n, pm in models.items() if pm["state"] == "resident"])),
         prefetching=list(pool.get("prefetching", [])), switches=pool.get("switches"),
         switch_stall_s=pool.get("switch_stall_s"), steps=pool.get("steps"), vram=vram,
