@@ -287,7 +287,6 @@ def test_gpupool_takes_worker_resources_as_kubernetes_quantities():
     ("PooledModel", ("spec", "loraAdapters"), [{"name": "a b", "path": "x"}]),
     ("PooledModel", ("spec", "loraAdapters"), [{"name": "a"}]),
     ("PooledModel", ("spec", "loraAdapters"), [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]),
-    ("PooledModel", ("spec", "source"), {"memoryGB": 4}),  # an llm model (the example's engine.kind) needs a path
     ("GPUPool", ("metadata", "name"), "p" * 64),  # its workers' label value
     ("Tenant", ("metadata", "name"), "t" * 65),  # the controller's tenant names
     ("Tenant", ("spec", "rateLimits", "requestsPerSecond"), -5),
@@ -342,6 +341,9 @@ def test_cel_rules_fit_the_api_servers_cost_budget(kind):
         assert max(x["maxItems"] for x in lists) ** depth <= CEL_PER_RULE_LIMIT, (where, rule)
 
 
+NEEDS_PATH = "an llm model needs source.path, its weights' directory (only engine.kind: pace runs without weights)"
+
+
 @pytest.mark.parametrize("spec,valid", [
     ({}, False),  # engine.kind defaults to llm: its weights must be somewhere
     ({"source": {}}, False),
@@ -353,15 +355,16 @@ def test_cel_rules_fit_the_api_servers_cost_budget(kind):
 ])
 def test_an_llm_pooledmodel_needs_a_source_path(spec, valid):
     """Refused when applied (the operator could only report InvalidSpec afterwards), as the API server does it:
-    its defaults first, then the schema. What the schema lets through, the operator's builder takes."""
+    its defaults first, then the schema and its rules, with a message that names what is missing. What the CRD
+    lets through, the operator's builder takes."""
     obj = {"apiVersion": "tokenpool.dev/v1alpha1", "kind": "PooledModel", "metadata": {"name": "m"},
-           "spec": _apply_defaults(_crd_schema("PooledModel")["properties"]["spec"], spec)}
+           "spec": _apply_defaults(_crd_schema("PooledModel")["properties"]["spec"], copy.deepcopy(spec))}
+    _validate_cr(obj)
     if valid:
-        _validate_cr(obj)
+        assert _cel_refusals(obj) == []
         b.build_model_spec("m", spec)
     else:
-        with pytest.raises(jsonschema.ValidationError):
-            _validate_cr(obj)
+        assert _cel_refusals(obj) == [NEEDS_PATH]
         with pytest.raises(ValueError, match="path is required"):
             b.build_model_spec("m", spec)
 

@@ -121,7 +121,7 @@ def test_operator_on_a_cluster(tmp_path, monkeypatch):
                 assert e.value.status == 422
                 with pytest.raises(ApiException) as e:  # an llm model (the default kind) needs source.path
                     create("pooledmodels", "PooledModel", "bad", {"source": {"memoryGB": 1}})
-                assert e.value.status == 422
+                assert e.value.status == 422 and "an llm model needs source.path" in e.value.body, e.value.body
                 for spec, says in (({"engine": {"kind": "pace"}, "pin": True, "replicas": {"min": 0, "max": 0}},
                                     "a pinned model keeps a replica"),
                                    ({"engine": {"kind": "pace"}, "aliases": ["bad"]}, "an alias repeats"),
