@@ -82,8 +82,12 @@ def engine_active(e: Any, models: dict[str, dict[str, Any]]) -> str | None:
     """The model running now on engine `e` (`models`: engine_models(e)): the pooled engine's active one while it has
     requests running there, else the one with the most running. A model of another kind (a pace engine) runs beside
     the pooled engine's turns, and the pool's `active` went on naming the model of its last turn: the dashboard said
-    it ran while only the pace model did. Idle: the model of the last turn (None without a pooled engine)."""
-    active = (getattr(e, "pool", None) or {}).get("active")
+    it ran while only the pace model did. Idle: the model of the last turn. None for an engine that reports no pool
+    (its models run side by side: none is the one running)."""
+    pool = getattr(e, "pool", None)
+    if not pool:
+        return None
+    active = pool.get("active")
     busy = {n: m["running"] for n, m in models.items() if m["running"]}
     return max(busy, key=busy.__getitem__) if busy and active not in busy else active
 
