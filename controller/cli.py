@@ -16,6 +16,24 @@ from controller.cli_suite import json_path, needs_test_extra, url_option
 from controller.ps import base_url
 from tokenpool import env
 
+
+def _flags_show_no_type() -> None:
+    """typer (0.29) gives a flag a type in the help, `--enforce-eager <bool>`, as if it took a value (`--enforce-eager
+    true` is then 'unexpected extra argument'); click's own help, ollama's and vLLM's show a flag bare."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "flags_bare", False):  # (another typer; or done already)
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    display_type_rich.flags_bare = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
 # -h as --help everywhere, as ollama, git and vllm take it (the context setting passes down to every command)
 app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by token.",
                   context_settings={"help_option_names": ["--help", "-h"]})

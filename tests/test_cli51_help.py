@@ -1,0 +1,27 @@
+"""The help shows a flag bare, as click, ollama and vLLM do: typer (0.29) gave it a type, `--enforce-eager <bool>`,
+as if it took a value (`--enforce-eager true` is then 'unexpected extra argument'); options that take one keep it."""
+
+from __future__ import annotations
+
+import re
+
+from typer.testing import CliRunner
+
+from controller.cli import app
+
+
+def _row(out: str, option: str) -> str:
+    return next(line for line in out.splitlines() if re.search(rf"{option}\b", line))
+
+
+def test_flags_are_shown_without_a_type():
+    for args, flags, valued in ((["serve"], ["--enforce-eager", "--enable-prefix-caching", "--help"],
+                                 ["--max-num-seqs", "--port", "--dtype"]),
+                                (["show"], ["--template"], ["--url"]),
+                                ([], ["--version"], [])):
+        r = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "200"})
+        assert r.exit_code == 0, r.output
+        for flag in flags:
+            assert "<" not in _row(r.output, flag), (flag, _row(r.output, flag))
+        for option in valued:
+            assert re.search(r"<(int range|str)>", _row(r.output, option)), (option, _row(r.output, option))
