@@ -151,6 +151,48 @@ async def test_a_pool_without_its_join_token_secret_says_so(tmp_path, monkeypatc
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(60)
+async def test_a_pool_waiting_for_engines_says_what_it_waits_for(tmp_path, monkeypatch):
+    """A pool with no engine said "no engine has joined yet" whatever held it up. Its DaemonSet's status tells:
+    no node to run on (a nodeSelector that matches no node: a DaemonSet never asks the cluster autoscaler for
+    one, so it waits for good: Degraded, a Warning event), pods not ready yet, or pods ready whose engines do not
+    join the controller (a wrong join token or controllerAddress)."""
+    import kopf
+
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
+    from controller.operator import handlers
+
+    async with _emulated(tmp_path) as (kube, k8s):
+        memo = kopf.Memo(kube=kube, admin=_NoEngines(), applied={}, locks={})
+        memo.locks_guard = threading.Lock()
+        spec = {"nodeSelector": {"gpu": "h100"}}
+        meta = {"name": "a", "namespace": NS, "uid": str(uuid.uuid4()), "generation": 1}
+        body = kopf.Body({"apiVersion": "tokenpool.dev/v1alpha1", "kind": "GPUPool", "metadata": meta, "spec": spec})
+        r = await k8s.post(f"/api/v1/namespaces/{NS}/secrets", json={"apiVersion": "v1", "kind": "Secret", "metadata": {
+            "name": "tokenpool-join-token", "namespace": NS}, "data": {"token": "eA=="}})
+        assert r.status < 300
+
+        async def condition(ds_status: dict | None = None) -> dict:
+            if ds_status is not None:  # what the DaemonSet controller writes
+                r = await k8s.patch(f"/apis/apps/v1/namespaces/{NS}/daemonsets/tokenpool-workers-a",
+                                    json={"status": ds_status}, headers={"Content-Type": "application/merge-patch+json"})
+                assert r.status < 300
+            patch = kopf.Patch()
+            await asyncio.to_thread(handlers.reconcile_pool, name="a", namespace=NS, spec=spec, status={},
+                                    meta=meta, body=body, patch=patch, memo=memo)
+            return next(c for c in patch.status["conditions"] if c["status"] == "True")
+
+        c = await condition()  # (the DaemonSet controller has not looked at it yet)
+        assert (c["type"], c["reason"], c["message"]) == ("Progressing", "WaitingForWorkers", "no engine has joined yet")
+        c = await condition({"observedGeneration": 1, "desiredNumberScheduled": 0, "numberReady": 0})
+        assert (c["type"], c["reason"]) == ("Degraded", "NoNodes") and "{'gpu': 'h100'}" in c["message"], c
+        c = await condition({"desiredNumberScheduled": 2})
+        assert (c["type"], c["message"]) == ("Progressing", "2 worker pod(s) scheduled, none ready yet"), c
+        c = await condition({"numberReady": 2})
+        assert c["type"] == "Progressing" and c["message"].startswith("2 worker pod(s) ready, no engine has joined"), c
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
 async def test_a_recreated_pool_adopts_the_daemonset_its_name_left(tmp_path):
     """A GPUPool deleted with --cascade=orphan (its DaemonSet kept, the garbage collector strips the ownerReference)
     and made again, or made again before the collector came by: the DaemonSet has the same spec, so the digest

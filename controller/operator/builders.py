@@ -357,6 +357,26 @@ def build_pool_status(engines: list[dict], daemonset: dict | None, spec: dict, g
     }
 
 
+def pool_waiting(daemonset: dict | None, spec: dict) -> tuple[str, str, str]:
+    """(state, reason, message) of a pool with no engine ready, from its worker DaemonSet's status: no node to run
+    on (a nodeSelector no node matches, taints not tolerated: a DaemonSet never asks the cluster autoscaler for a
+    node), pods not ready yet, or pods ready whose engines have not joined the controller."""
+    ds = daemonset or {}
+    st, gen = ds.get("status") or {}, (ds.get("metadata") or {}).get("generation")
+    seen = "desiredNumberScheduled" in st and (gen is None or st.get("observedGeneration", -1) >= gen)
+    desired, ready = int(st.get("desiredNumberScheduled") or 0), int(st.get("numberReady") or 0)
+    if seen and desired == 0:
+        s = with_defaults(spec, POOL_DEFAULTS)
+        return ("Degraded", "NoNodes", f"no node runs a worker: none has the labels {s['nodeSelector']} with taints "
+                "the pool tolerates (spec.nodeSelector, spec.tolerations)")
+    if seen and not ready:
+        return "Progressing", "WaitingForWorkers", f"{desired} worker pod(s) scheduled, none ready yet"
+    if seen and ready:
+        return ("Progressing", "WaitingForWorkers", f"{ready} worker pod(s) ready, no engine has joined the "
+                "controller yet (their join token, spec.controllerAddress)")
+    return "Progressing", "WaitingForWorkers", "no engine has joined yet"
+
+
 # --- conditions ---
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
 

@@ -210,7 +210,7 @@ def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: di
         elif st["enginesReady"]:
             _write_status(body, patch, status, st, "Ready", "EnginesReady", f"{st['enginesReady']} engine(s) ready", gen)
         else:
-            _write_status(body, patch, status, st, "Progressing", "WaitingForWorkers", "no engine has joined yet", gen)
+            _write_status(body, patch, status, st, *b.pool_waiting(current, dict(spec)), gen)
 
 
 # --- PooledModel ---
