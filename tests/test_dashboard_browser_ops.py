@@ -223,6 +223,8 @@ def test_aliases_tenant_limits_and_a_new_key(server, browser):
         page.fill("#add-tenant [name=conc]", "3")
         page.click("#add-tenant button[type=submit]")
         old = page.locator("#new-key-value").inner_text(timeout=5_000)
+        expect(page.locator("#new-key")).to_have_text(f"Key for team-keyed{old}Copy it now: it is shown once (only "
+                                                       "its hash is kept).")  # (no warning: nor a "null" for one)
         row = page.locator('#tenants-table tr[data-tenant="team-keyed"]')
         expect(row.locator("td").nth(1)).to_have_text("pace-a")
         expect(row).to_contain_text("5 req/s · 3 at once")

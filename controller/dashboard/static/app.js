@@ -268,7 +268,7 @@ function showKey(t) {
     el("span", { class: "muted", text: "Copy it now: it is shown once (only its hash is kept)." }),
     // what POST /admin/tenants warns of (models no model answers to, authentication off): kept beside the key, not
     // only in a toast that goes
-    t.warning ? el("p", { class: "note", id: "new-key-warning", text: `Warning: ${t.warning}` }) : null);
+    ...(t.warning ? [el("p", { class: "note", id: "new-key-warning", text: `Warning: ${t.warning}` })] : []));
   box.hidden = false;
   box.dataset.tenant = t.name;
 }
