@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,6 +31,14 @@ from controller.tenants import Tenant
 from token_scheduler.request import SamplingParams
 
 log = logging.getLogger("tokenpool.serving")
+# a request's sampling fields left out: the model's generation_config.json's values (`generation_defaults`), else these
+SAMPLING_DEFAULTS = (("temperature", 1.0), ("top_p", 1.0), ("top_k", -1), ("min_p", 0.0), ("repetition_penalty", 1.0),
+                     ("presence_penalty", 0.0), ("frequency_penalty", 0.0))
+# transformers' own defaults: a generation_config.json value equal to one is no recommendation (vLLM reads the file's
+# difference from them), so it is not taken; min_p has none
+_HF_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+_HF_RANGES = {"temperature": (0.0, 2.0), "top_p": (1e-9, 1.0), "top_k": (-1, 1 << 20), "min_p": (0.0, 1.0),
+              "repetition_penalty": (1e-9, 2.0)}
 T = TypeVar("T")
 TOKENIZE_THREADS = 2  # tokenizing and template rendering run here, never on the event loop
 # chat_template_kwargs reach the model's (trusted) template as plain values only: a client must not swap in its
@@ -206,6 +215,41 @@ def lora_of(me: ModelEntry, name: str) -> str | None:
     return name if name in me.spec.lora_names else None
 
 
+def generation_defaults(me: ModelEntry) -> dict[str, float]:
+    """The sampling the model's creator recommends in its folder's generation_config.json (temperature, top_p, top_k,
+    min_p, repetition_penalty), which a request that leaves those fields out gets, as vLLM serves by default
+    (`--generation-config auto`): Qwen2.5-Instruct's temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05,
+    say. Values equal to transformers' defaults, or out of range, are not taken. Read again when the file changes."""
+    path = getattr(me.spec, "path", None)
+    if not path:
+        return {}
+    file = os.path.join(path, "generation_config.json")
+    try:
+        mtime = os.stat(file).st_mtime_ns
+    except OSError:
+        return {}
+    return _read_generation_defaults(file, mtime)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_generation_defaults(file: str, mtime: int) -> dict[str, float]:
+    try:
+        with open(file, encoding="utf-8") as f:
+            g = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, float] = {}
+    for key, (lo, hi) in _HF_RANGES.items():
+        v = g.get(key) if isinstance(g, dict) else None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v == _HF_DEFAULTS.get(key) or not lo <= v <= hi:
+            continue
+        if key == "top_k" and (not float(v).is_integer()):
+            continue
+        out[key] = int(v) if key == "top_k" else float(v)
+    if out:
+        log.info("sampling defaults from %s: %s (a request's own fields override them)", file, out)
+    return out
+
 class OpenAIServing:
     def __init__(self, ctl: Controller):
         self.ctl = ctl
@@ -323,10 +367,10 @@ class OpenAIServing:
                   bad_words=req.bad_words,
                   cache_salt=req.cache_salt,
                   grammar=OpenAIServing._grammar(req, tools))
-        for f, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", -1), ("min_p", 0.0),
-                           ("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
+        model_defaults = generation_defaults(me)
+        for f, default in SAMPLING_DEFAULTS:
             v = getattr(req, f)
-            kw[f] = default if v is None else v
+            kw[f] = model_defaults.get(f, default) if v is None else v
         try:
             return SamplingParams(**kw)
         except ValueError as e:
