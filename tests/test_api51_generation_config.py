@@ -21,7 +21,7 @@ def server(make_varied, tmp_path_factory):
     greedy = work / "greedy"
     shutil.copytree(make_varied("qwen2"), greedy)
     cfg_file = greedy / "generation_config.json"
-    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "top_k": 1}))  # (its creator: greedy)
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "top_k": 1, "top_p": 0.9}))  # (greedy)
     cfg = {"workers": {"local": "cpu", "heartbeat_s": 0.25},
            "models": [{"name": "plain", "path": str(make_varied("qwen2")), "engine": {"max_num_seqs": 8}},
                       {"name": "greedy", "path": str(greedy), "engine": {"max_num_seqs": 8}}]}
@@ -48,6 +48,14 @@ def test_a_request_without_sampling_fields_takes_the_models_generation_config(se
     first = c.completions.create(model="plain", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
     assert {c.completions.create(model="greedy", prompt=prompt, max_tokens=8, seed=s).choices[0].text
             for s in range(3)} == {first}
+
+
+def test_a_response_echoes_the_sampling_it_ran_with(server):
+    """The Responses API's Response says the top_p it ran with: the model's recommendation when none was sent."""
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    got = {m: c.responses.create(model=m, input="Hi", max_output_tokens=2, store=False) for m in ("greedy", "plain")}
+    assert (got["greedy"].top_p, got["plain"].top_p, got["greedy"].temperature) == (0.9, 1.0, 1.0)
+    assert c.responses.create(model="greedy", input="Hi", max_output_tokens=2, top_p=0.5).top_p == 0.5
 
 
 def test_which_generation_config_values_are_taken(tmp_path):

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 
 from controller.api import protocol as p
-from controller.api.serving import OpenAIServing, Tracked
+from controller.api.serving import OpenAIServing, Tracked, generation_defaults
 from controller.api.structured import ToolPlan
 from controller.errors import ServingError
 from controller.tenants import Tenant
@@ -245,8 +245,10 @@ def _item_id(prefix: str) -> str:
 class _Reply:
     """One response as it is built: its Response object's fields and output items."""
 
-    def __init__(self, serving: OpenAIServing, req: p.ResponsesRequest, rid: str, tools: ToolPlan | None):
+    def __init__(self, serving: OpenAIServing, req: p.ResponsesRequest, rid: str, tools: ToolPlan | None,
+                 defaults: dict[str, float] | None = None):
         self.serving, self.req, self.rid, self.tools = serving, req, rid, tools
+        self.defaults = defaults or {}  # (the model's sampling defaults: what temperature and top_p were, unsent)
         self.created = int(time.time())
         self.msg_id = _item_id("msg")
         self.text, self.finish = "", None
@@ -279,8 +281,8 @@ class _Reply:
                 "instructions": r.instructions, "max_output_tokens": r.max_output_tokens, "model": r.model,
                 "output": output, "parallel_tool_calls": r.parallel_tool_calls is not False,
                 "previous_response_id": r.previous_response_id,
-                "temperature": 1.0 if r.temperature is None else r.temperature,
-                "top_p": 1.0 if r.top_p is None else r.top_p, "tool_choice": r.tool_choice or "auto",
+                "temperature": self.defaults.get("temperature", 1.0) if r.temperature is None else r.temperature,
+                "top_p": self.defaults.get("top_p", 1.0) if r.top_p is None else r.top_p, "tool_choice": r.tool_choice or "auto",
                 "tools": r.tools or [], "text": {"format": {"type": "text"}, **(r.text or {})}, "store": r.store,
                 "metadata": r.metadata or {}, "usage": usage, "user": r.user,
                 "truncation": r.truncation or "disabled",
@@ -321,7 +323,7 @@ async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesR
     sent = conversation
     while True:
         try:
-            _, tools, gen = await serving.start_chat(chat, tenant, rid, req.stream)
+            me, tools, gen = await serving.start_chat(chat, tenant, rid, req.stream)
             break
         except ServingError as e:
             if req.truncation == "auto" and e.code == "context_length_exceeded" and (
@@ -330,7 +332,7 @@ async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesR
                 chat = _chat(req, sent)
                 continue
             raise _as_responses(e) from None
-    reply = _Reply(serving, req, rid, tools)
+    reply = _Reply(serving, req, rid, tools, generation_defaults(me))
 
     def finish() -> dict[str, Any]:
         items, assistant, status = reply.output()
