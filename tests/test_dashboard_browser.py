@@ -209,7 +209,13 @@ def test_dashboard_details(server, shots):
         phone = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
         mobile = phone.new_page()
         mobile.on("pageerror", lambda e: errors.append(f"page error (phone): {e}"))
+        mobile.set_viewport_size({"width": 320, "height": 640})  # (the smallest phones: the login form fits too,
+        mobile.goto(url + "/dashboard")  # and the summary's tiles are two a row, not six rows of one)
+        assert mobile.evaluate("document.documentElement.scrollWidth") <= 320
         sign_in(mobile, url)
+        tops = mobile.evaluate("[...document.querySelectorAll('#summary .tile')].map(t => t.offsetTop)")
+        assert len(tops) == 6 and len(set(tops)) == 3, tops
+        mobile.set_viewport_size({"width": 390, "height": 844})
         header = mobile.locator("header").bounding_box()
         for view in ("models", "tenants", "requests", "events", "pool"):
             tab = mobile.locator(f"#tabs [data-view={view}]")
