@@ -8,6 +8,7 @@ import os
 import shutil
 from types import SimpleNamespace
 
+import ollama
 import openai
 import pytest
 
@@ -73,3 +74,12 @@ def test_which_generation_config_values_are_taken(tmp_path):
     f.write_text("not json")
     os.utime(f, ns=(os.stat(f).st_atime_ns, os.stat(f).st_mtime_ns + 2 * 10**9))
     assert generation_defaults(me) == {}
+
+
+def test_ollamas_show_lists_the_models_parameters(server):
+    """Ollama's `show` lists the sampling defaults as a Modelfile's parameters (name, value; one a line), which the
+    `ollama` client returns as they are; none for a model without them."""
+    c = ollama.Client(host=server.url, timeout=60)
+    params = dict(line.split() for line in c.show("greedy").parameters.splitlines())
+    assert params == {"top_k": "1", "top_p": "0.9"}
+    assert not c.show("plain").parameters

@@ -25,7 +25,14 @@ import tokenpool
 from controller.api import auth, embeddings
 from controller.api import protocol as p
 from controller.api.anthropic import prefills
-from controller.api.serving import ClientGone, OpenAIServing, Tracked, encode, unless_disconnected
+from controller.api.serving import (
+    ClientGone,
+    OpenAIServing,
+    Tracked,
+    encode,
+    generation_defaults,
+    unless_disconnected,
+)
 from controller.api.structured import ToolPlan
 from controller.config import duration_s
 from controller.dashboard.views import resident_models
@@ -594,7 +601,10 @@ async def show(request: Request) -> Response:
                             "context_length": me.max_model_len}
     if me.hidden_size:
         info[f"{arch}.embedding_length"] = me.hidden_size
-    return JSONResponse({"modelfile": "", "parameters": "", "template": tpl if isinstance(tpl, str) else "",
+    # (Ollama's Modelfile parameters, one a line, name then value: here the sampling the model's generation_config
+    # recommends, which a request that leaves them out gets)
+    params = "\n".join(f"{k:<30} {v}" for k, v in generation_defaults(me).items())
+    return JSONResponse({"modelfile": "", "parameters": params, "template": tpl if isinstance(tpl, str) else "",
                          "details": {"format": "safetensors", "family": arch, "families": [arch]},
                          "model_info": info,
                          # (tools: the model's own call syntax is configured, so tool_choice "auto" works, as Ollama's;
