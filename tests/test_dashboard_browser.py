@@ -303,6 +303,11 @@ def run(page, ctx, server, shots: Path) -> None:
     expect(page.locator(".error")).to_have_text("That is not the admin token.")
     assert page.request.get(url + "/admin/pool").status == 401
     page.screenshot(path=str(shots / "login-refused.png"))
+    # its URL is the dashboard's, whose reload is the form again (it was /dashboard/login: the token posted again)
+    assert page.url == url + "/dashboard", page.url
+    page.reload()
+    expect(page.locator("#token")).to_be_visible()
+    expect(page.locator(".error")).to_have_count(0)
     page.fill("#token", ADMIN)
     page.click("#login")
     expect(page.locator("#tabs")).to_be_visible()
