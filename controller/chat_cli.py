@@ -102,8 +102,11 @@ def render_show(got: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def stream_chat(url: str, key: str | None, body: dict[str, Any]) -> Iterator[str]:
-    """The content deltas of one streamed chat completion; ChatError on an error event or refusal."""
+def stream_chat(url: str, key: str | None, body: dict[str, Any], usage: dict | None = None) -> Iterator[str]:
+    """The content deltas of one streamed chat completion; ChatError on an error event or refusal. `usage`, where
+    given, gets the stream's token counts (asked for with stream_options.include_usage)."""
+    if usage is not None:
+        body = {**body, "stream_options": {"include_usage": True}}
     with _request(url, "/v1/chat/completions", key, {**body, "stream": True}) as r:
         try:
             for raw in r:
@@ -116,6 +119,8 @@ def stream_chat(url: str, key: str | None, body: dict[str, Any]) -> Iterator[str
                 ev = json.loads(data)
                 if "error" in ev:
                     raise ChatError(ev["error"].get("message", "the stream failed"))
+                if usage is not None and isinstance(ev.get("usage"), dict):
+                    usage.update(ev["usage"])
                 for ch in ev.get("choices", []):
                     text = (ch.get("delta") or {}).get("content")
                     if text:
@@ -126,11 +131,37 @@ def stream_chat(url: str, key: str | None, body: dict[str, Any]) -> Iterator[str
     raise ChatError("the stream ended before the reply did (the server closed it)")
 
 
-def turn(url: str, key: str | None, body: dict[str, Any], out: TextIO) -> str:
-    """One streamed reply written to `out` as it comes; its whole text."""
-    parts = []
+def _took(s: float) -> str:
+    return f"{s:.3f}s" if s >= 1 else f"{1000 * s:.1f}ms"
+
+
+def timings(usage: dict, total_s: float, first_s: float | None, last_s: float | None) -> str:
+    """`run --verbose`'s lines after a reply, as `ollama run --verbose` prints them (the first token's wait stands
+    for Ollama's load and prompt eval durations, which a client cannot tell apart)."""
+    lines = [("total duration", _took(total_s))]
+    if first_s is not None:
+        lines.append(("time to first token", _took(first_s)))
+    if isinstance(usage.get("prompt_tokens"), int):
+        lines.append(("prompt eval count", f"{usage['prompt_tokens']} token(s)"))
+    n = usage.get("completion_tokens")
+    if isinstance(n, int):
+        lines.append(("eval count", f"{n} token(s)"))
+        if first_s is not None and last_s is not None and n > 1 and last_s > first_s:
+            lines += [("eval duration", _took(last_s - first_s)),  # (the tokens after the first)
+                      ("eval rate", f"{(n - 1) / (last_s - first_s):.2f} tokens/s")]
+    return "".join(f"{k + ':':<22}{v}\n" for k, v in lines)
+
+
+def turn(url: str, key: str | None, body: dict[str, Any], out: TextIO, stats: TextIO | None = None) -> str:
+    """One streamed reply written to `out` as it comes; its whole text. `stats`: where `timings` go after it."""
+    import time
+
+    parts, usage = [], ({} if stats is not None else None)
+    t0, first, last = time.monotonic(), None, None
     try:
-        for text in stream_chat(url, key, body):
+        for text in stream_chat(url, key, body, usage):
+            last = time.monotonic()
+            first = last if first is None else first
             out.write(text)
             out.flush()
             parts.append(text)
@@ -141,6 +172,10 @@ def turn(url: str, key: str | None, body: dict[str, Any], out: TextIO) -> str:
         raise
     out.write("\n")
     out.flush()
+    if stats is not None:
+        stats.write(timings(usage or {}, time.monotonic() - t0, None if first is None else first - t0,
+                            None if last is None else last - t0))
+        stats.flush()
     return "".join(parts)
 
 
@@ -192,7 +227,8 @@ Begin and end a multi-line message with \"\"\". Ctrl-C stops a reply.
 """
 
 
-def conversation(url: str, key: str | None, body: dict[str, Any], inp: TextIO, out: TextIO) -> None:
+def conversation(url: str, key: str | None, body: dict[str, Any], inp: TextIO, out: TextIO,
+                 stats: TextIO | None = None) -> None:
     """A conversation: each line read is a user turn, or the lines between \"\"\" and \"\"\" (`/bye` or end of input
     ends it; Ctrl-C stops a reply); `/clear`, `/?` and `/help` as `ollama run` has them."""
     messages = body["messages"]
@@ -228,7 +264,7 @@ def conversation(url: str, key: str | None, body: dict[str, Any], inp: TextIO, o
             continue
         messages.append({"role": "user", "content": line})
         try:
-            reply = turn(url, key, body, out)
+            reply = turn(url, key, body, out, stats)
         except KeyboardInterrupt:
             out.write("\n")
             messages.pop()
@@ -253,8 +289,9 @@ def read_text(inp: TextIO) -> str:
 
 
 def run(url: str, key: str | None, model: str, prompt: str | None, system: str | None, options: dict[str, Any],
-        inp: TextIO | None = None, out: TextIO | None = None) -> None:
+        inp: TextIO | None = None, out: TextIO | None = None, verbose: bool = False) -> None:
     inp, out = inp or sys.stdin, out or sys.stdout  # (read when called: a test runner swaps them after import)
+    stats = sys.stderr if verbose else None  # (as `ollama run --verbose`: the timings on stderr, the reply alone out)
     model = resolve(url, key, model)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     body: dict[str, Any] = {"model": model, "messages": messages, **options}
@@ -265,7 +302,7 @@ def run(url: str, key: str | None, model: str, prompt: str | None, system: str |
         if not prompt.strip():
             raise ChatError("the prompt is empty")
         messages.append({"role": "user", "content": prompt})
-        turn(url, key, body, out)
+        turn(url, key, body, out, stats)
         return
     check_model(url, key, model)
-    conversation(url, key, body, inp, out)
+    conversation(url, key, body, inp, out, stats)

@@ -358,6 +358,8 @@ def run_cmd(
     temperature: Optional[float] = typer.Option(None, min=0, max=2, help="sampling temperature (default: the "
                                                 "server's, 1; 0: greedy)"),
     seed: Optional[int] = typer.Option(None, help="sampling seed (the same seed and prompt, the same reply)"),
+    verbose: bool = typer.Option(False, "--verbose", help="after each reply, its timings and token counts on "
+                                 "stderr, as `ollama run --verbose`"),
 ) -> None:
     """Chat with a model, as `ollama run`: one reply streamed, or a conversation (/bye to leave)."""
     from controller.chat_cli import ChatError, run
@@ -365,7 +367,7 @@ def run_cmd(
     options = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed))
                if v is not None}
     try:
-        run(base_url(url), api_key, model, " ".join(prompt) if prompt else None, system, options)
+        run(base_url(url), api_key, model, " ".join(prompt) if prompt else None, system, options, verbose=verbose)
     except ChatError as e:
         typer.echo(f"tokenpool run: {e}", err=True)
         raise typer.Exit(1) from None

@@ -233,7 +233,7 @@ def test_ollamas_latest_tag_names_the_model(monkeypatch):
 
     sent = []
     monkeypatch.setattr(chat_cli, "check_model", check)
-    monkeypatch.setattr(chat_cli, "turn", lambda url, key, body, out: sent.append(body["model"]) or "ok")
+    monkeypatch.setattr(chat_cli, "turn", lambda url, key, body, out, stats=None: sent.append(body["model"]) or "ok")
     chat_cli.run("http://h", None, "m:latest", "hi", None, {}, io.StringIO(""), io.StringIO())
     assert sent == ["m"]
     with pytest.raises(chat_cli.ChatError, match="The model `x:latest` does not exist"):
@@ -305,7 +305,8 @@ def test_a_conversation_at_the_terminal_reads_lines_with_editing(monkeypatch):
     monkeypatch.setattr("sys.stdin", Terminal(""))
     monkeypatch.setattr("sys.stdout", io.StringIO())
     monkeypatch.setattr(chat_cli, "check_model", lambda *a: None)
-    monkeypatch.setattr(chat_cli, "turn", lambda url, key, body, out: sent.append(body["messages"][-1]) or "ok")
+    monkeypatch.setattr(chat_cli, "turn",
+                        lambda url, key, body, out, stats=None: sent.append(body["messages"][-1]) or "ok")
     chat_cli.run("http://h", None, "m", None, None, {})
     assert prompts == [">>> ", "... ", ">>> "] and sent == [{"role": "user", "content": "first\nsecond"}], \
         (prompts, sent)

@@ -1,0 +1,53 @@
+"""`tokenpool run MODEL PROMPT --verbose` (as `ollama run --verbose`; was "No such option"): after the reply, its
+timings and token counts on stderr (the counts from the stream's usage, asked for with include_usage); stdout has the
+reply alone."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+
+from typer.testing import CliRunner
+
+from controller.chat_cli import turn
+from controller.cli import app
+from tests.http_stub import stub_server
+
+
+def test_verbose_prints_the_replys_timings_and_counts_on_stderr():
+    asked = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            asked.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()
+            for text in ("Par", "is", "."):
+                self.wfile.write(f'data: {json.dumps({"choices": [{"delta": {"content": text}}]})}\n\n'.encode())
+                self.wfile.flush()
+            usage = {"prompt_tokens": 31, "completion_tokens": 3, "total_tokens": 34}
+            self.wfile.write(f'data: {json.dumps({"choices": [], "usage": usage})}\n\ndata: [DONE]\n\n'.encode())
+
+    with stub_server(Handler) as url:
+        out, stats = io.StringIO(), io.StringIO()
+        assert turn(url, None, {"model": "m", "messages": []}, out, stats) == "Paris."
+        assert asked[-1]["stream_options"] == {"include_usage": True} and out.getvalue() == "Paris.\n"
+        lines = stats.getvalue().splitlines()
+        assert [line.split(":")[0] for line in lines] == ["total duration", "time to first token", "prompt eval count",
+                                                         "eval count", "eval duration", "eval rate"], lines
+        assert "prompt eval count:    31 token(s)" in lines and "eval count:           3 token(s)" in lines, lines
+        # without --verbose nothing is asked or said beyond the reply
+        out = io.StringIO()
+        turn(url, None, {"model": "m", "messages": []}, out)
+        assert "stream_options" not in asked[-1] and out.getvalue() == "Paris.\n"
+        # the flag, through the command line: the reply, then the timings
+        r = CliRunner().invoke(app, ["run", "m", "capital?", "--verbose", "--url", url], input="")
+        assert r.exit_code == 0 and r.output.startswith("Paris.\ntotal duration:") and \
+            "eval rate:" in r.output, r.output
