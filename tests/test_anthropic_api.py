@@ -113,8 +113,9 @@ def test_tool_use_and_results(server):
 
 def test_errors_in_anthropic_shape(server):
     """Refusals as the Messages API writes them (the client raises its own error classes): an unknown model, a
-    model the key may not use, no key, an image block, max_tokens missing, extended thinking, a tool_choice that asks
-    for a call with no tools (or is no choice at all), a text block without its text."""
+    model the key may not use, no key, an image block, max_tokens missing, extended thinking, a temperature past
+    Anthropic's 1, a tool_choice that asks for a call with no tools (or is no choice at all), a text block without
+    its text."""
     c = ac(server)
     msgs = [{"role": "user", "content": "hi"}]
     with pytest.raises(anthropic.NotFoundError):
@@ -137,6 +138,8 @@ def test_errors_in_anthropic_shape(server):
                          "tool_choice 'any' needs tools"),
                         ({"model": "tiny-a", "messages": msgs, "max_tokens": 4, "tool_choice": {"type": "bogus"}},
                          "not one of auto, any, tool, none"),
+                        ({"model": "tiny-a", "messages": msgs, "max_tokens": 4, "temperature": 1.5},
+                         "temperature: Input should be less than or equal to 1"),
                         ({"model": "tiny-a", "max_tokens": 4, "messages": [
                             {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text"}]}]},
                          "messages.0.content.1.text")):

@@ -203,7 +203,7 @@ class MessagesRequest(_Top):
     max_tokens: int | None = Field(None, ge=1, le=1 << 20)
     system: str | Annotated[list[dict[str, Any]], Field(max_length=4096)] | None = None
     stop_sequences: Annotated[list[StopStr], Field(max_length=MAX_STOP)] | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = Field(None, ge=0, le=1)  # (Anthropic's range, not OpenAI's 0-2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, le=1 << 20)
     stream: bool = False
