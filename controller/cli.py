@@ -254,9 +254,9 @@ def serve_cmd(
 ) -> None:
     """Start the OpenAI-compatible server and its engines.
 
-    With no argument: the embedded default (SmolLM2-135M-Instruct and two random-weight demo models, made on
-    first run), on 127.0.0.1 without auth.
-    """
+    With no argument: the embedded default (SmolLM2-135M-Instruct, two random-weight demo models made on first run).
+
+    Without --config: on 127.0.0.1, without auth unless --api-key."""
     from controller.serve import model_specs, serve
 
     model_dirs = [*(model_dirs or []), *(model_option or [])] or None
@@ -707,8 +707,9 @@ def operator_cmd(
 ) -> None:
     """Run the Kubernetes operator: GPUPool, PooledModel and Tenant resources into the controller's admin API.
 
-    Reads TOKENPOOL_CONTROLLER_URL and TOKENPOOL_ADMIN_TOKEN (or TOKENPOOL_ADMIN_TOKEN_FILE); Kubernetes access
-    from the pod's service account, else KUBECONFIG."""
+    Reads TOKENPOOL_CONTROLLER_URL and TOKENPOOL_ADMIN_TOKEN (or TOKENPOOL_ADMIN_TOKEN_FILE).
+
+    Kubernetes access: from the pod's service account, else KUBECONFIG."""
     import logging
 
     try:

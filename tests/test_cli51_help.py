@@ -25,3 +25,20 @@ def test_flags_are_shown_without_a_type():
             assert "<" not in _row(r.output, flag), (flag, _row(r.output, flag))
         for option in valued:
             assert re.search(r"<(int range|str)>", _row(r.output, option)), (option, _row(r.output, option))
+
+
+def test_no_help_paragraph_breaks_mid_sentence():
+    """typer's help keeps the line breaks of a docstring's later paragraphs: `serve -h` said "...demo models, made
+    on" and "first run), ..." on two lines, however wide the terminal. Each such paragraph is one line."""
+    import inspect
+
+    from typer.main import get_command
+
+    def commands(cmd, path):
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield [*path, name], sub
+            yield from commands(sub, [*path, name])
+
+    broken = {" ".join(path): p for path, sub in commands(get_command(app), [])
+              for p in inspect.cleandoc(sub.help or "").split("\n\n")[1:] if "\n" in p}
+    assert not broken, broken
