@@ -400,6 +400,21 @@ def show_cmd(
     typer.echo(render_show(got))
 
 
+@app.command("help", hidden=True)  # (as `ollama help [COMMAND]`, cobra's: hidden, as -h is the way shown)
+def help_cmd(ctx: typer.Context,
+             command: Optional[list[str]] = typer.Argument(None, metavar="COMMAND", help="e.g. run, or bench pool")
+             ) -> None:
+    """A command's help (`tokenpool help run` is `tokenpool run -h`), as `ollama help`."""
+    at = ctx.find_root()
+    for name in command or []:
+        sub = at.command.get_command(at, name) if hasattr(at.command, "get_command") else None
+        if sub is None:
+            typer.echo(f"tokenpool help: no command {' '.join(command or [])!r} (`tokenpool -h` lists them)", err=True)
+            raise typer.Exit(2)
+        at = type(ctx)(sub, info_name=name, parent=at)
+    typer.echo(at.get_help())
+
+
 @app.command("pull", hidden=True)  # (hidden: there is nothing to do but say so to whoever types `ollama pull`)
 def pull_cmd(
     model: str = typer.Argument(..., metavar="MODEL", help="a model"),

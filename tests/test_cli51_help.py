@@ -42,3 +42,13 @@ def test_no_help_paragraph_breaks_mid_sentence():
     broken = {" ".join(path): p for path, sub in commands(get_command(app), [])
               for p in inspect.cleandoc(sub.help or "").split("\n\n")[1:] if "\n" in p}
     assert not broken, broken
+
+
+def test_help_command_as_ollama_help():
+    """`tokenpool help [COMMAND]`, as `ollama help run` (it was "No such command 'help'"): the help -h prints."""
+    env = {"COLUMNS": "120"}
+    for args in ([], ["run"], ["bench", "pool"]):
+        r, want = (CliRunner().invoke(app, a, env=env) for a in (["help", *args], [*args, "--help"]))
+        assert (r.exit_code, r.output) == (0, want.output), (args, r.output)
+    r = CliRunner().invoke(app, ["help", "run", "nosuch"], env=env)
+    assert (r.exit_code, r.output) == (2, "tokenpool help: no command 'run nosuch' (`tokenpool -h` lists them)\n")
