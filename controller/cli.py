@@ -360,12 +360,17 @@ def run_cmd(
     seed: Optional[int] = typer.Option(None, help="sampling seed (the same seed and prompt, the same reply)"),
     verbose: bool = typer.Option(False, "--verbose", help="after each reply, its timings and token counts on "
                                  "stderr, as `ollama run --verbose`"),
+    reply_format: Optional[str] = typer.Option(None, "--format", help="json: each reply is a JSON object "
+                                               "(response_format json_object), as `ollama run --format json`"),
 ) -> None:
     """Chat with a model, as `ollama run`: one reply streamed, or a conversation (/bye to leave)."""
     from controller.chat_cli import ChatError, run
 
-    options = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed))
-               if v is not None}
+    if reply_format not in (None, "json"):
+        raise typer.BadParameter(f"{reply_format!r}: the one format is json (a JSON object), as ollama run's",
+                                 param_hint="--format")
+    options = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed),
+                                 ("response_format", reply_format and {"type": "json_object"})) if v is not None}
     try:
         run(base_url(url), api_key, model, " ".join(prompt) if prompt else None, system, options, verbose=verbose)
     except ChatError as e:
