@@ -235,3 +235,27 @@ def test_a_body_that_is_no_json_object_is_named(server):
             r = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"})
             assert r.status_code == 400, (path, body, r.text)
             assert r.json() == {"error": f"the request body must be a JSON object, not {kind}"}, (path, r.text)
+
+
+def test_a_conversation_past_the_context_loses_its_oldest_messages(server):
+    """A chat longer than the context is shortened as Ollama's is: its oldest messages go, the system message and
+    the last one stay, until it fits (the prompt is the kept messages'); with `truncate: false` it is a 400, as is
+    one whose last message alone does not fit."""
+    c = oc(server)
+    system = {"role": "system", "content": "Be brief."}
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message number {i} is here"}
+             for i in range(9)]
+    msgs = [system, *turns]
+    assert tokens(server, "short-a", msgs) > 48
+    kept = next(k for k in range(len(turns), 0, -1) if tokens(server, "short-a", [system, *turns[-k:]]) < 48)
+    opts = {"temperature": 0, "num_predict": 1}
+    r = c.chat(model="short-a", messages=msgs, options=opts)
+    assert r.prompt_eval_count == tokens(server, "short-a", [system, *turns[-kept:]]), (r.prompt_eval_count, kept)
+    assert list(c.chat(model="short-a", messages=msgs, options=opts, stream=True))[-1].prompt_eval_count == \
+        r.prompt_eval_count
+    bad = httpx.post(server.url + "/api/chat", json={"model": "short-a", "messages": msgs, "stream": False,
+                                                     "truncate": False, "options": opts})
+    assert bad.status_code == 400 and "maximum context length" in bad.json()["error"], bad.text
+    with pytest.raises(ollama.ResponseError) as ei:
+        c.chat(model="short-a", messages=[system, {"role": "user", "content": "word " * 60}], options=opts)
+    assert ei.value.status_code == 400 and "maximum context length" in ei.value.error

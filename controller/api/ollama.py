@@ -84,6 +84,8 @@ class _Base(_Loose):
 class ChatRequest(_Base):
     messages: list[Message] = []
     tools: list[dict[str, Any]] | None = None  # OpenAI's function tools; the model decides ("auto")
+    # Ollama's: a conversation longer than the context loses its oldest messages (false: an error instead)
+    truncate: bool | None = None
 
 
 class GenerateRequest(_Base):
@@ -312,14 +314,24 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                                         "--tool-call-parser hermes, or tool_call_parser in its configuration)")
             return await serving.start_chat(req, tenant, ctl.new_id("ollama"), body.stream)
 
-        try:
-            me, tools, gen = await begin(req)
-        except ServingError as e:
-            # num_predict past the context the prompt leaves: Ollama generates on until the context is full, so the
-            # reply takes the room there is (done_reason "length"), where max_tokens would be a 400
-            if not (e.code == "context_length_exceeded" and e.param == "max_tokens" and req.max_tokens is not None):
-                raise
-            me, tools, gen = await begin(req.model_copy(update={"max_tokens": None}))
+        while True:
+            try:
+                me, tools, gen = await begin(req)
+                break
+            except ServingError as e:
+                if e.code != "context_length_exceeded":
+                    raise
+                if e.param == "max_tokens" and req.max_tokens is not None:
+                    # num_predict past the context the prompt leaves: Ollama generates on until the context is full,
+                    # so the reply takes the room there is (done_reason "length"), where max_tokens would be a 400
+                    req = req.model_copy(update={"max_tokens": None})
+                    continue
+                # a conversation longer than the context: Ollama drops its oldest messages until it fits, keeping
+                # the system messages and the last one (`truncate: false`, Ollama's too: the error instead)
+                shorter = _drop_oldest(req.messages) if chat and body.truncate is not False else None
+                if shorter is None:
+                    raise
+                req = req.model_copy(update={"messages": shorter})
         if _unloads(ctl, body.keep_alive):  # (sent after the request: the engine evicts once it is done)
             ctl.evict(me.spec.name)
     except ServingError as e:
@@ -425,6 +437,13 @@ async def _collect(gen: Tracked, ids: list[int] | None = None, each: Any = None)
             if d.error:
                 raise ServingError(503 if d.error_kind != "invalid" else 400, d.error)
     return "".join(parts), reason
+
+
+def _drop_oldest(msgs: list[Any]) -> list[Any] | None:
+    """A conversation without its oldest message that is neither a system message nor the last (None: none left to
+    drop), as Ollama shortens a chat that does not fit its context."""
+    i = next((i for i, m in enumerate(msgs[:-1]) if m.role not in ("system", "developer")), None)
+    return None if i is None else [*msgs[:i], *msgs[i + 1:]]
 
 
 def _message(m: Message) -> dict[str, Any]:
