@@ -146,6 +146,8 @@ def test_errors_in_anthropic_shape(server):
         r = httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": ALICE})
         assert r.status_code == 400 and r.json()["type"] == "error", r.text
         assert r.json()["error"]["type"] == "invalid_request_error" and words in r.json()["error"]["message"]
+    r = httpx.get(server.url + "/v1/messages", headers={"x-api-key": ALICE})  # (the client's mistake, not the API's)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error", r.text
 
 
 def test_tools_without_the_call_syntax_refused_in_anthropic_terms(server):

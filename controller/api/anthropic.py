@@ -34,7 +34,9 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 
 def error_body(e: ServingError) -> dict[str, Any]:
     """An error as the Messages API writes it."""
-    return {"type": "error", "error": {"type": ERROR_TYPES.get(e.status, "api_error"), "message": e.message}}
+    # (a status Anthropic gives no type of its own, 405 say: the client's fault below 500, as ServingError types it)
+    kind = ERROR_TYPES.get(e.status, "invalid_request_error" if e.status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": e.message}}
 
 
 def speaks_anthropic(request: Request) -> bool:
