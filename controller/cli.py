@@ -736,14 +736,16 @@ def operator_cmd(
         import kopf
 
         import controller.operator.handlers  # noqa: F401 - registers the handlers
-    except ImportError as e:
-        raise typer.BadParameter(f"the operator needs kopf and kubernetes: pip install 'tokenpool[operator]' ({e})") from e
+    except ImportError as e:  # (one line, as `suite` says its missing extra: no option's value is wrong)
+        typer.echo(f"tokenpool operator: needs kopf and kubernetes: pip install 'tokenpool[operator]' ({e})", err=True)
+        raise typer.Exit(2) from None
     from controller.operator.handlers import OperatorConfig
 
     try:
         OperatorConfig.from_env()  # fail here, with the reason, rather than inside kopf's start-up
-    except RuntimeError as e:
-        raise typer.BadParameter(str(e)) from e
+    except RuntimeError as e:  # (the environment's variables: one line, not an "Invalid value" box)
+        typer.echo(f"tokenpool operator: {e}", err=True)
+        raise typer.Exit(2) from None
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if all_namespaces and namespace:
