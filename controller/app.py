@@ -143,7 +143,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
                      first)
     loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _union_tag(x)]
     param = ".".join(loc) or None
-    return (f"{param}: {first.get('msg')}" if param else str(first.get("msg"))), param
+    msg = str(first.get("msg")).removeprefix("Value error, ")  # (pydantic's, before a validator's own words)
+    return (f"{param}: {msg}" if param else msg), param
 
 
 def _union_tag(part) -> bool:

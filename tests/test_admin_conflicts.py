@@ -60,3 +60,11 @@ def test_a_tenant_naming_no_served_model_is_made_with_a_warning():
     assert c.get("/admin/tenants/team-c", headers=H).json()["models"] == ["alpha", "a", "al*", "qwen*", "betta"]
     r = c.post("/admin/tenants", headers=H, json={"name": "team-d", "models": ["a*"]})
     assert r.status_code == 201 and r.json()["warning"] is None, r.text
+
+
+def test_a_models_bad_body_is_said_without_pydantics_prefix():
+    """A model refused by its own rule (an llm engine needs a path) is said as the rule says it, not after
+    pydantic's "Value error, "."""
+    r = client().post("/admin/models", headers=H, json={"name": "x1"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == "model 'x1': path is required unless engine.kind is 'pace'"
