@@ -146,6 +146,10 @@ def test_errors_in_anthropic_shape(server):
         r = httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": ALICE})
         assert r.status_code == 400 and r.json()["type"] == "error", r.text
         assert r.json()["error"]["type"] == "invalid_request_error" and words in r.json()["error"]["message"]
+    for path in ("/v1/messages", "/v1/models"):  # no key: the header an Anthropic client sends it in is named
+        r = httpx.request("POST" if path == "/v1/messages" else "GET", server.url + path,
+                          headers={"anthropic-version": "2023-06-01"}, json={"model": "tiny-a"})
+        assert r.status_code == 401 and "x-api-key" in r.json()["error"]["message"], r.text
     r = httpx.get(server.url + "/v1/messages", headers={"x-api-key": ALICE})  # (the client's mistake, not the API's)
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error", r.text
 

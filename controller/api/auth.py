@@ -6,6 +6,7 @@ import ipaddress
 
 from fastapi import Request
 
+from controller.api.anthropic import speaks_anthropic
 from controller.dashboard import session
 from controller.errors import ServingError
 from controller.keys import verify_key
@@ -30,8 +31,10 @@ def tenant(request: Request) -> Tenant:
     KEY_USED.set(key_hash)
     if t is None:
         request.app.state.controller.count_refusal(None, "-", 401)
+        # (to Anthropic's clients, the header they send it in)
+        how = "x-api-key: <key>" if speaks_anthropic(request) else "Authorization: Bearer <key>"
         raise ServingError(401, "Incorrect API key provided." if bearer(request) else
-                           "You didn't provide an API key (Authorization: Bearer <key>).")
+                           f"You didn't provide an API key ({how}).")
     return t
 
 
