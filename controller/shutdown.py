@@ -156,7 +156,8 @@ class GracefulServer(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets=sockets)
         if self.started:
-            log.info("listening on %s (OpenAI API under /v1, admin under /admin)", self.url)
+            log.info("listening on %s (OpenAI API under /v1, Ollama's under /api, admin under /admin, the dashboard "
+                     "at /dashboard)", self.url)
 
     def handle_exit(self, sig: int, frame) -> None:
         # A signal handler (main thread, between two bytecodes of the loop): only flags and a thread-safe call.

@@ -33,9 +33,18 @@ def git_commit() -> str:
     if os.environ.get("TOKENPOOL_COMMIT"):  # a copied tree without .git (e.g. a remote GPU box)
         return os.environ["TOKENPOOL_COMMIT"]
     try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL,
+                                       cwd=Path(__file__).resolve().parents[1]).strip()  # (this checkout's, run from anywhere)
     except Exception:
         return "unknown"
+
+
+def bench_models_dir() -> Path:
+    """Where the benchmarks keep the factory models they make: beside the server's cache (`$TOKENPOOL_CACHE`, as
+    `tokenpool serve` uses it) when that is set, else ~/.cache/tokenpool/bench-models."""
+    from tokenpool import env
+
+    return Path(env.CACHE.get()) / "bench-models" if env.CACHE.get() else Path.home() / ".cache/tokenpool/bench-models"
 
 
 def header() -> dict:

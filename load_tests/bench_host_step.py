@@ -70,7 +70,7 @@ import uuid
 from pathlib import Path
 
 from controller.heap import freeze_long_lived
-from load_tests.bench_common import cpu_model, header, write_json
+from load_tests.bench_common import bench_models_dir, cpu_model, header, write_json
 from load_tests.workload import _lognormal, parse_models
 
 PARTS = ("host_us", "sync_us", "policy_us", "memory_us", "engine_us", "rest_us", "caller_us", "host_cpu_us")
@@ -292,7 +292,7 @@ def run(models: str = "14x7b,21x1.5b", steps: int = 2000, rounds: int = 5, warmu
     from token_scheduler.runner import ModelRunner
 
     entries = parse_models(models)
-    dirs = make_checkpoints(cache_dir or Path.home() / ".cache/tokenpool/bench-models")
+    dirs = make_checkpoints(cache_dir or bench_models_dir())
     cache = HostModelCache(f"{2 * (weight_mib + kv_mib)}MiB", namespace=f"bench-host-{uuid.uuid4().hex[:8]}")
     clock = Clock()
     execute, eng_step = ModelRunner.execute, LLMEngine.step_tokens

@@ -181,8 +181,10 @@ def run_bench_pool(models: str = "4x7b,6x1.5b", rate: float = 0.1, duration: flo
         res = run(p, rate)
         out["at_rate"][p] = _brief(res)
         s = res.slo
-        say(f"{p:8s} rate={rate:g}/s/model  attainment={s['attainment']:.3f} (mean-TPOT rule "
-            f"{s['attainment_mean_rule']:.3f})  TTFT p50/p99={s['ttft_p50'] or 0:.2f}/{s['ttft_p99'] or 0:.2f}s  "
+        att = (f"attainment={s['attainment']:.3f} (mean-TPOT rule {s['attainment_mean_rule']:.3f}; "
+               f"{s['requests']} requests)" if s["requests"] else
+               f"attainment n/a: no request arrived in {duration:g} s (a longer --duration, or a higher rate)")
+        say(f"{p:8s} rate={rate:g}/s/model  {att}  TTFT p50/p99={s['ttft_p50'] or 0:.2f}/{s['ttft_p99'] or 0:.2f}s  "
             f"TPOT p50/p99={1e3 * (s['tpot_p50'] or 0):.0f}/{1e3 * (s['tpot_p99'] or 0):.0f}ms  "
             f"switches/s={res.switches_per_s:.2f}  busy={res.gpu_busy_frac:.2f}  "
             f"policy CPU={res.policy_cpu_us_per_step:.0f}us/step ({100 * res.policy_cpu_frac_mean:.1f}% of step)  "

@@ -31,7 +31,7 @@ import random
 import time
 from pathlib import Path
 
-from load_tests.bench_common import header, spread, write_json
+from load_tests.bench_common import bench_models_dir, header, spread, write_json
 from load_tests.bench_pool import bracket
 from load_tests.simulator import simulate
 from load_tests.workload import generate, parse_models, spec_for
@@ -187,7 +187,7 @@ def parse_rates(rate) -> list[float]:
 def run_real(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, duration: float = 120.0,
              slo_ttft: float = 10.0, slo_tpot: float = 0.1, gpu_budget_gb: float = 60.0,
              policies=("token", "request", "static"), seed: int = 0, json_out: Path | str | None = None,
-             kv_cache_gb: float = 4.0, drain_s: float = 60.0, cache_dir: str | Path = "~/.cache/tokenpool/bench-models",
+             kv_cache_gb: float = 4.0, drain_s: float = 60.0, cache_dir: str | Path | None = None,
              host_budget_gb: float = 48.0, warmup: bool = True, say=print, device: str = "cuda",
              model_dirs: dict | None = None, dtype: str = "bf16", target: float = 0.9,
              stop_at_miss: bool = False, placement: str = "lru") -> dict:
@@ -204,7 +204,7 @@ def run_real(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durati
     entries = parse_models(models)
     # model_dirs: {"7b": dir, ...} by size (tests: tiny CPU models standing in for each size)
     dirs = ({e.name: Path(model_dirs[e.size]) for e in entries} if model_dirs
-            else make_models(entries, Path(cache_dir).expanduser(), say))
+            else make_models(entries, Path(cache_dir).expanduser() if cache_dir else bench_models_dir(), say))
     tdtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     slo = ModelSLO(slo_ttft, slo_tpot)
     specs = {e.name: spec_for(e.arch, e.size, e.name) for e in entries}

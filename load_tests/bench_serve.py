@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from load_tests.bench_common import checkpoint_size, header, spread, write_json
+from load_tests.bench_common import bench_models_dir, checkpoint_size, header, spread, write_json
 from load_tests.bench_pool import bracket
 from load_tests.bench_pool_real import bound_ratios, make_models, parse_rates, window_arrivals
 from load_tests.sse_client import connect
@@ -448,7 +448,7 @@ def run_serve(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durat
               slo_ttft: float = 10.0, slo_tpot: float = 0.1, gpu_budget_gb: float | None = 60.0,
               kv_cache_gb: float | None = 4.0, policies=("token",), seed: int = 0, json_out: Path | str | None = None,
               drain_s: float = 60.0, url: str | None = None, admin_token: str | None = None, target: float = 0.9,
-              stop_at_miss: bool = False, cache_dir: str | Path = "~/.cache/tokenpool/bench-models",
+              stop_at_miss: bool = False, cache_dir: str | Path | None = None,
               model_dirs: dict | None = None, device: str = "cuda", cpu_budget_gb: float = 8.0,
               admission: bool = True, workdir: Path | None = None, say=print) -> dict:
     """Each policy at each rate through the HTTP API. With `url`, the running server there is measured (its
@@ -480,7 +480,7 @@ def run_serve(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durat
         return out
     entries = parse_models(models)
     dirs = ({e.name: Path(model_dirs[e.size]) for e in entries} if model_dirs
-            else make_models(entries, Path(cache_dir).expanduser(), say))
+            else make_models(entries, Path(cache_dir).expanduser() if cache_dir else bench_models_dir(), say))
     vocab = min(_vocab(d) for d in set(dirs.values()))
     ns = f"bench-serve-{uuid.uuid4().hex[:8]}"
     # this process holds the host copies across the servers of the policies (loaded once, not per server)
