@@ -467,6 +467,28 @@ def test_echo_with_logprobs_scores_the_prompt(server):
     assert e.status_code == 400 and "held to a schema" in e.body["message"], e.body
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(server):
+    """echo with max_tokens 0 (OpenAI's legacy way to score a prompt, which vLLM and lm-eval's clients keep): the
+    prompt comes back alone, its logprobs the ones a longer echo gives the prompt's tokens, streamed or not; without
+    echo max_tokens 0 is a 400 naming it."""
+    c = client(server)
+    prompt = "The quick brown fox"
+    longer = c.completions.create(model="tiny-a", prompt=prompt, max_tokens=2, logprobs=1, echo=True, **GREEDY)
+    n = longer.usage.prompt_tokens
+    r = c.completions.create(model="tiny-a", prompt=prompt, max_tokens=0, logprobs=1, echo=True)
+    ch = r.choices[0]
+    assert ch.text == prompt and ch.finish_reason == "length" and len(ch.logprobs.tokens) == n
+    assert ch.logprobs.token_logprobs == longer.choices[0].logprobs.token_logprobs[:n]
+    assert ch.logprobs.text_offset == longer.choices[0].logprobs.text_offset[:n]
+    parts = [x.choices[0] for x in c.completions.create(model="tiny-a", prompt=prompt, max_tokens=0, logprobs=1,
+                                                          echo=True, stream=True) if x.choices]
+    assert "".join(x.text for x in parts) == prompt
+    assert [v for x in parts if x.logprobs for v in x.logprobs.token_logprobs] == ch.logprobs.token_logprobs
+    assert c.completions.create(model="tiny-a", prompt=prompt, max_tokens=0, echo=True).choices[0].text == prompt
+    e = _status(lambda: c.completions.create(model="tiny-a", prompt=prompt, max_tokens=0))
+    assert e.status_code == 400 and e.body["param"] == "max_tokens" and "echo" in e.body["message"], e.body
+
+
 def test_response_format_json_schema(server):
     """response_format: a JSON schema's instance comes back (a random-weight model, sampled: the grammar alone makes it
     valid), on chat and completions, streamed too, ending with "stop"; json_object gives an object; a schema that

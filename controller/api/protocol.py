@@ -145,7 +145,7 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=1 << 31)]], Field(min_le
 class CompletionRequest(_Sampling):
     prompt: Union[str, Annotated[list[str], Field(min_length=1, max_length=64)], TokenIds,
                   Annotated[list[TokenIds], Field(min_length=1, max_length=64)]]
-    max_tokens: int | None = Field(16, ge=1, le=1 << 20)
+    max_tokens: int | None = Field(16, ge=0, le=1 << 20)  # (0: with echo only, the prompt scored; serving.py)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N)

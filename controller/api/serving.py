@@ -425,14 +425,21 @@ class OpenAIServing:
         self._refuse_unsupported(req)
         # OpenAI's echo with logprobs: the prompt's tokens have logprobs too (the first null)
         scored = req.logprobs if req.echo else None
-        params = self._params(me, req, req.max_tokens, req.logprobs, scored)
+        # echo with max_tokens 0, OpenAI's legacy way (and vLLM's) to score a prompt: the prompt comes back (with
+        # its logprobs), nothing generated (one token is, for the prompt's logprobs, and left out of the choice)
+        if req.max_tokens == 0 and not req.echo:
+            raise ServingError(400, "max_tokens 0 is only for echo (the prompt returned, and scored with logprobs, "
+                                    "nothing generated); otherwise it must be at least 1", param="max_tokens")
+        prompt_only = req.max_tokens == 0
+        params = self._params(me, req, 1 if prompt_only else req.max_tokens, req.logprobs, scored)
         texts, prompts, echo = await self.offload(self._completion_prompts, me, req)
         rid = self.ctl.new_id("cmpl")
         gen = await self.generate(me, tenant, req.model, prompts, params, req.n, rid, req.stream)
         firsts = [ids[0] for ids in prompts] if scored is not None else None
         if req.stream:
-            return self._stream_completion(gen, req, rid, me, echo, firsts)
-        return await self._collect(request, gen, self._collect_completion(gen, req, rid, me, echo, firsts))
+            return self._stream_completion(gen, req, rid, me, echo, firsts, prompt_only)
+        return await self._collect(request, gen, self._collect_completion(gen, req, rid, me, echo, firsts,
+                                                                          prompt_only))
 
     def _completion_prompts(self, me: ModelEntry, req: p.CompletionRequest
                             ) -> tuple[list[str | None], list[list[int]], list[str]]:
@@ -561,8 +568,15 @@ class OpenAIServing:
             offset += len(s)
         return out
 
+    @staticmethod
+    def _prompt_part(d: Delta) -> Delta:
+        """A delta of an echo with max_tokens 0: its prompt's logprobs and its finish, not the token generated."""
+        return dataclasses.replace(d, text="", token_ids=[], logprobs=None, stop_reason=None,
+                                   finish_reason="length" if d.finished and not d.error else d.finish_reason)
+
     async def _collect_completion(self, gen: Tracked, req: p.CompletionRequest, rid: str, me: ModelEntry,
-                                  echo: list[str], firsts: list[int] | None) -> p.CompletionResponse:
+                                  echo: list[str], firsts: list[int] | None,
+                                  prompt_only: bool = False) -> p.CompletionResponse:
         k = len(gen.subs)
         text = [echo[i // req.n] for i in range(k)]
         finish: list[str | None] = [None] * k
@@ -570,6 +584,8 @@ class OpenAIServing:
         lps = [p.CompletionLogprobs() if req.logprobs is not None else None for _ in range(k)]
         offsets = [len(t) for t in text]  # (each choice's next token's text_offset)
         async for i, d in gen.events():
+            if prompt_only:
+                d = self._prompt_part(d)
             lp = lps[i]
             if lp is not None and (d.logprobs or d.prompt_logprobs is not None):
                 first = None if firsts is None or d.prompt_logprobs is None else firsts[i // req.n]
@@ -586,7 +602,8 @@ class OpenAIServing:
         return p.CompletionResponse(id=rid, model=req.model, choices=choices, usage=self._usage(gen))
 
     def _stream_completion(self, gen: Tracked, req: p.CompletionRequest, rid: str, me: ModelEntry,
-                           echo: list[str], firsts: list[int] | None) -> AsyncIterator[bytes]:
+                           echo: list[str], firsts: list[int] | None,
+                           prompt_only: bool = False) -> AsyncIterator[bytes]:
         usage = req.stream_options is not None and req.stream_options.include_usage
         fr = ChunkFrames("text_completion", rid, int(time.time()), req.model, usage, self._live_usage(gen, req))
         offsets = [len(echo[i // req.n]) for i in range(len(gen.subs))]
@@ -595,6 +612,8 @@ class OpenAIServing:
                                               if echo[i // req.n]]
 
         def frame(i: int, d: Delta) -> bytes:
+            if prompt_only:
+                d = self._prompt_part(d)
             lp, text = NULL, d.text
             if req.logprobs is not None:  # rare: built as a model (all four lists, as OpenAI sends them)
                 first = None if firsts is None or d.prompt_logprobs is None else firsts[i // req.n]
