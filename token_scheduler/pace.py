@@ -219,7 +219,9 @@ class PacedModels:
         self.steps_per_model: dict[str, int] = {}
         self._last_run: dict[str, int] = {}  # model -> the step it last ran
         self.events: deque[dict] = deque(maxlen=1024)
-        self.timeline: deque[list] = deque(maxlen=1024)  # weight moves: there are none
+        # [start (wall), model, steps, seconds] of each turn, as the pooled engine's (the dashboard's "which model
+        # ran" strip); a paced model's turn is a run of its steps
+        self.timeline: deque[list] = deque(maxlen=1024)
 
     @staticmethod
     def prepare(cfg: PaceConfig) -> None:
@@ -283,9 +285,15 @@ class PacedModels:
             return []
         name = min(busy, key=lambda n: self._last_run.get(n, -1))
         eng = self.engines[name]
-        n = eng.steps
+        n, t0 = eng.steps, time.time()
         outs = eng.step(on_launch)
         if eng.steps > n:  # else it only answered aborts
+            dur, tl = time.time() - t0, self.timeline
+            if tl and tl[-1][1] == name:
+                tl[-1][2] += 1
+                tl[-1][3] += dur
+            else:
+                tl.append([t0, name, 1, dur])
             self._last_run[name] = self.timing["steps"]
             self.trace.append(name)
             self.timing["steps"] += 1
