@@ -489,6 +489,34 @@ def test_echo_with_max_tokens_0_scores_the_prompt_alone(server):
     assert e.status_code == 400 and e.body["param"] == "max_tokens" and "echo" in e.body["message"], e.body
 
 
+def test_fields_sent_as_null_take_their_defaults(server):
+    """A field sent as null takes its default, as OpenAI's spec ("X or null") and vLLM read it, on every API: chat's
+    n, stream and logprobs, a completion's echo, the Responses' stream and store, the Messages' stream, Ollama's
+    stream (its default: NDJSON) and options; a field whose null means something keeps it (max_tokens: no cap)."""
+    h = {"Authorization": f"Bearer {ALICE}"}
+    msgs = [{"role": "user", "content": "x"}]
+    nulls = {"n": None, "stream": None, "logprobs": None, "top_logprobs": None}
+    r = httpx.post(server.url + "/v1/chat/completions", headers=h, timeout=30,
+                   json={"model": "tiny-a", "messages": msgs, "max_tokens": 2, **nulls})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None, r.text
+    body = {"model": "tiny-a", "prompt": "x", "max_tokens": 2, "temperature": 0}
+    r = httpx.post(server.url + "/v1/completions", headers=h, timeout=30,
+                   json={**body, "echo": None, "n": None, "stream": None})
+    want = client(server).completions.create(**body).choices[0].text  # (echo false)
+    assert r.status_code == 200 and [c["text"] for c in r.json()["choices"]] == [want], r.text
+    r = httpx.post(server.url + "/v1/responses", headers=h, timeout=30,
+                   json={"model": "tiny-a", "input": "x", "max_output_tokens": 2, "stream": None, "store": None})
+    assert r.status_code == 200 and r.json()["store"] is True, r.text
+    r = httpx.post(server.url + "/v1/messages", headers=h, timeout=30,
+                   json={"model": "tiny-a", "messages": msgs, "max_tokens": 2, "stream": None})
+    assert r.status_code == 200 and r.json()["type"] == "message", r.text
+    r = httpx.post(server.url + "/api/chat", headers=h, timeout=30,
+                   json={"model": "tiny-a", "messages": msgs, "stream": None, "options": {"num_predict": 2, "top_k": None}})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson", r.text
+    e = _status(lambda: client(server).chat.completions.create(model="tiny-a", messages=msgs, n="two"))
+    assert e.status_code == 400 and e.body["param"] == "n"
+
+
 def test_response_format_json_schema(server):
     """response_format: a JSON schema's instance comes back (a random-weight model, sampled: the grammar alone makes it
     valid), on chat and completions, streamed too, ending with "stop"; json_object gives an object; a schema that

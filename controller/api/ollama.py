@@ -19,7 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 import tokenpool
 from controller.api import auth, embeddings
@@ -43,6 +43,11 @@ router = APIRouter(prefix="/api")
 
 class _Loose(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:  # (Ollama's Go fields are pointers: null is "not sent")
+        return p.null_is_default(cls, data)
 
 
 class Options(_Loose):

@@ -10,8 +10,10 @@ surrogate such as `"\ud800"` parses as JSON but can be neither tokenized nor wri
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import Annotated, Any, Literal, Union
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -49,8 +51,39 @@ def lone_surrogate_path(v: Any, path: tuple = ()) -> tuple | None:
     return None
 
 
+def _nullable(ann: Any) -> bool:
+    """Whether a field's type takes null."""
+    if ann is None or ann is type(None) or ann is Any:
+        return True
+    origin = get_origin(ann)
+    if origin is Annotated:
+        return _nullable(get_args(ann)[0])
+    return origin in (Union, types.UnionType) and any(_nullable(a) for a in get_args(ann))
+
+
+@functools.cache
+def _defaulted(cls: type[BaseModel]) -> frozenset[str]:
+    """The fields of `cls` with a default that is no null, whose type takes no null."""
+    return frozenset(name for name, f in cls.model_fields.items() if not f.is_required() and not _nullable(f.annotation))
+
+
+def null_is_default(cls: type[BaseModel], data: Any) -> Any:
+    """`data` without the fields sent as null that take no null: they get their default, as OpenAI (and vLLM, and
+    Ollama) read `"n": null`, `"stream": null`, `"echo": null` (OpenAI's spec types them "X or null"). A field whose
+    type takes null keeps it (a completion's null max_tokens: no cap)."""
+    if isinstance(data, dict) and None in data.values():
+        drop = _defaulted(cls)
+        return {k: v for k, v in data.items() if v is not None or k not in drop}
+    return data
+
+
 class _Req(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        return null_is_default(cls, data)
 
 
 class _Top(_Req):
