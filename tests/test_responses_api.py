@@ -125,6 +125,9 @@ def test_previous_response_id_retrieve_and_delete(server):
     rest = c.responses.input_items.list(three.id, order="asc", after=asc.last_id)
     assert [i.content[0].text for i in rest.data] == ["c"] and not rest.has_more
     assert [i.content[0].text for i in c.responses.input_items.list(three.id).data] == ["c", "b", "a"]
+    for bad in ("x", "0", "101"):  # (the query's limit named as the client sent it, not "query.limit")
+        e = _status(lambda b=bad: c.responses.input_items.list(three.id, limit=b))
+        assert e.status_code == 400 and e.body["param"] == "limit", e.body
     e = _status(lambda: client(server, BOB).responses.retrieve(first.id))
     assert e.status_code == 404
     e = _status(lambda: client(server, BOB).responses.create(model="tiny-a", input="x",

@@ -143,7 +143,7 @@ async def get_response(response_id: str, request: Request, tenant: Tenant = Depe
 
 @router.get("/v1/responses/{response_id}/input_items", responses=ERRORS)
 async def response_input_items(response_id: str, request: Request, tenant: Tenant = Depends(auth.tenant_dep),
-                               order: str = "desc", limit: int = 20, after: str | None = None):
+                               order: str = "desc", limit: str = "20", after: str | None = None):
     """A stored response's input items (this request's, not those of the responses before it)."""
     return responses.page(responses.stored(request.app.state.responses, response_id, tenant).inputs, order, limit,
                           after)

@@ -470,10 +470,15 @@ def input_items(raw: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def page(items: list[dict[str, Any]], order: str, limit: int, after: str | None) -> dict[str, Any]:
-    """A list page as OpenAI's list endpoints give it (`order` desc: newest first, their default)."""
+def page(items: list[dict[str, Any]], order: str, limit: int | str, after: str | None) -> dict[str, Any]:
+    """A list page as OpenAI's list endpoints give it (`order` desc: newest first, their default); `limit` as the
+    query string has it."""
     if order not in ("asc", "desc"):
         raise _bad("order must be 'asc' or 'desc'", "order")
+    try:
+        limit = int(limit)
+    except ValueError:
+        raise _bad(f"limit must be an integer, got {limit!r}", "limit") from None
     if not 1 <= limit <= 100:
         raise _bad("limit must be between 1 and 100", "limit")
     seq = items[::-1] if order == "desc" else list(items)
