@@ -141,7 +141,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type", "").endswith("_type"):
         first = next((err for err in errs[1:] if field(err) == field(first) and not err.get("type", "").endswith("_type")),
                      first)
-    loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _union_tag(x)]
+    loc = list(first.get("loc", ()))
+    if loc and loc[0] in ("body", "query", "path", "header"):  # (where the parameter came: not its name)
+        loc = loc[1:]
+    loc = [str(x) for x in loc if not _union_tag(x)]
     param = ".".join(loc) or None
     msg = str(first.get("msg")).removeprefix("Value error, ")  # (pydantic's, before a validator's own words)
     return (f"{param}: {msg}" if param else msg), param
@@ -179,10 +182,9 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
     app.include_router(dashboard_routes.router)
 
     def answer(request: Request, e: ServingError) -> JSONResponse:
-        """The error as the route's API writes it (`error_content`; Ollama's without Retry-After)."""
+        """The error as the route's API writes it (`error_content`), its headers (Retry-After) on every API."""
         path = request.url.path
-        return ErrorJSON(error_content(path, e, speaks_anthropic(request)), status_code=e.status,
-                         headers=None if path.startswith("/api/") else e.headers())
+        return ErrorJSON(error_content(path, e, speaks_anthropic(request)), status_code=e.status, headers=e.headers())
 
     @app.exception_handler(ServingError)
     async def serving_error(request: Request, e: ServingError):

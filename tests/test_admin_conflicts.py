@@ -68,3 +68,13 @@ def test_a_models_bad_body_is_said_without_pydantics_prefix():
     r = client().post("/admin/models", headers=H, json={"name": "x1"})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["message"] == "model 'x1': path is required unless engine.kind is 'pace'"
+
+
+def test_a_bad_query_parameter_is_named_as_sent_and_a_wrong_admin_token_is_said_so():
+    c = client()
+    r = c.get("/admin/pool?timeline_s=9999", headers=H)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "timeline_s", r.text
+    assert r.json()["error"]["message"].startswith("timeline_s: ")
+    r = c.get("/admin/pool", headers={"Authorization": "Bearer not-the-token"})
+    assert r.status_code == 401 and r.json()["error"]["message"] == "incorrect admin token", r.text
+    assert c.get("/admin/pool").json()["error"]["message"] == "admin token required"

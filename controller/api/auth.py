@@ -49,7 +49,8 @@ def admin(request: Request) -> None:
     if token is None and session.valid(request):  # the dashboard's HTTP-only session cookie
         return
     if stored is None or token is None or not verify_key(token, stored):
-        raise ServingError(401, "admin token required", code="invalid_admin_token")
+        raise ServingError(401, "admin token required" if token is None else "incorrect admin token",
+                           code="invalid_admin_token")
 
 
 def operator(request: Request) -> None:
