@@ -33,10 +33,12 @@ def _in_flight(srv) -> list[dict]:
     return httpx.get(srv.url + "/admin/requests", headers=ADM, timeout=5).json()
 
 
-def _cancel_first(srv) -> str:
+def _cancel_first(srv, running: bool = False) -> str:
+    """Cancel the first request in flight (`running`: once it has made a token; one cancelled before its first
+    token is charged nothing, as a refused one)."""
     deadline = time.monotonic() + 20
-    while not (reqs := _in_flight(srv)):
-        assert time.monotonic() < deadline, "the request never showed in /admin/requests"
+    while not (reqs := _in_flight(srv)) or (running and not reqs[0]["tokens"]):
+        assert time.monotonic() < deadline, "the request never showed (running) in /admin/requests"
         time.sleep(0.05)
     r = httpx.post(srv.url + f"/admin/requests/{reqs[0]['id']}/cancel", headers=ADM, timeout=5)
     assert r.status_code == 200, r.text
@@ -61,7 +63,7 @@ def test_a_cancelled_request_is_not_retried_by_the_client(server):
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
-    _cancel_first(server)
+    _cancel_first(server, running=True)
     t.join(20)
     assert not t.is_alive()
     err = out["end"]
