@@ -223,8 +223,8 @@ def test_aliases_tenant_limits_and_a_new_key(server, browser):
         page.fill("#add-tenant [name=conc]", "3")
         page.click("#add-tenant button[type=submit]")
         old = page.locator("#new-key-value").inner_text(timeout=5_000)
-        expect(page.locator("#new-key")).to_have_text(f"Key for team-keyed{old}Copy it now: it is shown once (only "
-                                                       "its hash is kept).")  # (no warning: nor a "null" for one)
+        expect(page.locator("#new-key")).to_have_text(f"Key for team-keyed{old}Copy Copy it now: it is shown once "
+                                                       "(only its hash is kept).")  # (no warning: nor a "null" for one)
         row = page.locator('#tenants-table tr[data-tenant="team-keyed"]')
         expect(row.locator("td").nth(1)).to_have_text("pace-a")
         expect(row).to_contain_text("5 req/s · 3 at once")
@@ -362,6 +362,109 @@ def test_signed_out_elsewhere_goes_to_the_login_once(server, browser):
         expect(page.locator("#token")).to_be_visible(timeout=10_000)
         assert other.request.get(server.url + "/admin/pool").status == 401
     assert failed == [], "\n".join(failed)
+
+
+def focused(page) -> list:
+    """Where the keyboard is: the focused element's row key (tenant, model or request), its action, its tag."""
+    return page.evaluate("""() => { const a = document.activeElement, r = a.closest('tr');
+        return [r && (r.dataset.tenant || r.dataset.model || r.dataset.request) || null, a.dataset.action || null,
+                a.tagName]; }""")
+
+
+def test_the_focus_stays_in_place_when_an_action_removes_its_row(server, browser):
+    """An action that removes its own row (Revoke, Remove, Cancel) or its own button (Pin becomes Unpin) left the
+    keyboard's focus on the page's body (Tab started again from the top): it goes to the same button in the next row
+    (the row before, past the last), else the table's heading."""
+    failed: list[str] = []
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    for name in ("team-f1", "team-f2"):
+        httpx.post(server.url + "/admin/tenants", headers=auth, json={"name": name}).raise_for_status()
+    done = threading.Event()
+
+    def stream() -> None:  # a request in flight for 10 s, to be cancelled
+        with contextlib.suppress(httpx.HTTPError), httpx.stream(
+                "POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                json={"model": "pace-a", "prompt": "hi", "max_tokens": 200, "stream": True}) as r:
+            for _ in r.iter_lines():
+                pass
+        done.set()
+
+    threading.Thread(target=stream, daemon=True).start()
+    with signed_in(browser, server.url, failed) as page:
+        wait = lambda where: page.wait_for_function(  # noqa: E731
+            "w => { const a = document.activeElement, r = a.closest('tr'); return JSON.stringify(w) === "
+            "JSON.stringify([r && (r.dataset.tenant || r.dataset.model || r.dataset.request) || null, "
+            "a.dataset.action || null, a.tagName]); }", arg=where, timeout=5_000)
+        page.click("#tabs [data-view=tenants]")
+        page.locator('#tenants-table tr[data-tenant="team-f1"] [data-action=revoke]').focus()
+        page.keyboard.press("Enter")
+        wait(["team-f2", "revoke", "BUTTON"])  # (the next row's)
+        page.keyboard.press("Enter")
+        wait(["team-a", "revoke", "BUTTON"])  # (the last row's gone: the one before it)
+
+        page.click("#tabs [data-view=models]")
+        page.locator('#models-table tr[data-model="pace-a"] [data-action=pin]').focus()
+        page.keyboard.press("Enter")
+        wait(["pace-a", "unpin", "BUTTON"])  # (replaced in place)
+        page.keyboard.press("Enter")
+        wait(["pace-a", "pin", "BUTTON"])
+
+        page.click("#tabs [data-view=requests]")
+        page.locator("#requests-table tbody tr [data-action=cancel]").focus()
+        page.keyboard.press("Enter")
+        wait([None, None, "H3"])  # (no row left: the table's heading)
+        assert page.evaluate("document.activeElement.textContent").startswith("In flight")
+        assert done.wait(10)
+    assert failed == [], "\n".join(failed)
+
+
+def test_a_new_key_is_copied(server, browser):
+    """A new key (created, or a tenant's New key) has a Copy button, which says it copied (it had none: the key, shown
+    once, was to be selected by hand). Over plain HTTP, where a browser has no navigator.clipboard, it selects the key
+    (Ctrl+C copies it) and says so, or copies it the old way."""
+    failed: list[str] = []
+    with signed_in(browser, server.url, failed) as page:
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+        page.click("#tabs [data-view=tenants]")
+        page.fill("#add-tenant [name=name]", "team-copy")
+        page.click("#add-tenant button[type=submit]")
+        key = page.locator("#new-key-value").inner_text(timeout=5_000)
+        page.click("#new-key-copy")
+        expect(page.locator("#new-key-copied")).to_have_text("Copied to the clipboard")
+        assert page.evaluate("navigator.clipboard.readText()") == key
+        # plain HTTP (an insecure context): no navigator.clipboard
+        page.evaluate("Object.defineProperty(Navigator.prototype, 'clipboard', { get: () => undefined })")
+        page.evaluate("getSelection().removeAllRanges()")
+        page.click("#new-key-copy")
+        expect(page.locator("#new-key-copied")).to_have_text(re.compile(
+            r"Copied to the clipboard|Selected: press Ctrl\+C"))
+        assert page.evaluate("getSelection().toString()") == key
+        httpx.delete(server.url + "/admin/tenants/team-copy",
+                     headers={"Authorization": f"Bearer {ADMIN}"}).raise_for_status()
+    assert failed == [], "\n".join(failed)
+
+
+def test_the_charts_last_time_label_fits(server, browser):
+    """A time label at the chart's right edge is drawn whole: uPlot's 25 px right of the plot were a few short of
+    half a label, whose last digit was cut off. The charts get 60 s ending on a whole minute (a tick at the edge at
+    every width's spacing) and the canvas's last columns must be blank, at a phone's width and a laptop's."""
+    with signed_in(browser, server.url) as page:
+        page.evaluate("S.es.close()")  # (no snapshot redraws them meanwhile)
+        for width in (390, 1280):
+            page.set_viewport_size({"width": width, "height": 800})
+            ink = page.evaluate("""async () => {
+                resizeCharts();
+                const T = Math.floor(Date.now() / 60000) * 60;
+                S.series.t = Array.from({ length: 61 }, (_, i) => T - 60 + i);
+                for (const n of S.series.tps.keys()) S.series.tps.set(n, S.series.t.map(() => 1));
+                renderChart('chart-tps', 'tps');
+                await new Promise(requestAnimationFrame);  // (uPlot draws its new size and data in a microtask)
+                const c = document.querySelector('#chart-tps canvas'), g = c.getContext('2d');
+                const d = g.getImageData(c.width - 2, 0, 2, c.height).data;
+                let ink = 0;
+                for (let i = 3; i < d.length; i += 4) if (d[i] > 0) ink++;
+                return ink; }""")
+            assert ink == 0, (width, ink)
 
 
 def test_server_stop_with_the_dashboard_open(server, browser):

@@ -74,6 +74,15 @@ function sameNode(a, b) {
   return true;
 }
 function patch(parent, kids) {
+  // the node with the focus and its ancestors up to `parent`'s child, each with its place among its siblings
+  const f = document.activeElement, trail = [];
+  if (f && f !== parent && parent.contains(f)) {
+    for (let n = f; n !== parent; n = n.parentNode) trail.unshift([n, [...n.parentNode.childNodes].indexOf(n)]);
+  }
+  patchNodes(parent, kids);
+  if (trail.length && !f.isConnected) refocus(parent, trail, f.dataset.action);
+}
+function patchNodes(parent, kids) {
   const old = [...parent.childNodes];
   const byKey = new Map(old.map((n) => [keyOf(n), n]));
   const used = new Set(); // (a key given twice keeps its node once)
@@ -82,7 +91,7 @@ function patch(parent, kids) {
     const a = k !== null ? byKey.get(k) : old[i] && keyOf(old[i]) === null ? old[i] : undefined;
     if (!a || used.has(a) || !sameNode(a, b)) return b;
     used.add(a);
-    if (a.nodeType === Node.ELEMENT_NODE) patch(a, [...b.childNodes]);
+    if (a.nodeType === Node.ELEMENT_NODE) patchNodes(a, [...b.childNodes]);
     else if (a.nodeValue !== b.nodeValue) a.nodeValue = b.nodeValue;
     return a;
   });
@@ -93,6 +102,39 @@ function patch(parent, kids) {
     if (n === at) at = at.nextSibling;
     else parent.insertBefore(n, at);
   }
+}
+
+// The focus where the node that had it left the page (a row gone with its own Revoke, Remove or Cancel, or with a
+// snapshot; Evict gone once evicted; Unpin where Pin was): it fell to the page's body, and the keyboard's place with
+// it. It goes to what took that node's place, else the same button in the next row (the one before, past the last),
+// else the nearest control beside it, else the heading of the table (of the card) it was in.
+const FOCUSABLE = "button:not([disabled]), a[href], input:not([disabled]), select:not([disabled]), textarea, [tabindex]";
+function refocus(parent, trail, action) {
+  const live = [parent]; // down the trail as far as its nodes, or ones with their key or at their place, are there
+  for (const [old, i] of trail) {
+    const box = live[live.length - 1], kids = [...box.childNodes], k = keyOf(old);
+    const now = old.parentNode === box ? old : k !== null ? kids.find((n) => keyOf(n) === k)
+      : kids[i] && kids[i].nodeName === old.nodeName && keyOf(kids[i]) === null ? kids[i] : undefined;
+    if (!now) break;
+    live.push(now);
+  }
+  if (live.length > trail.length) { // (replaced in place: Unpin for Pin, Resume for Drain)
+    const t = live[live.length - 1];
+    if (t.matches(FOCUSABLE)) { t.focus(); return; }
+  }
+  for (let j = Math.min(live.length, trail.length) - 1; j >= 0; j--) { // from where the trail broke, up
+    const [old, i] = trail[j], sibs = [...live[j].childNodes];
+    const order = [...sibs.slice(i), ...sibs.slice(0, i).reverse()].filter((n) => n.nodeType === Node.ELEMENT_NODE);
+    const find = (sel) => {
+      for (const n of order) { const t = n.matches(sel) ? n : n.querySelector(sel); if (t) return t; }
+      return null;
+    };
+    const t = (action && find(`[data-action="${CSS.escape(action)}"]`)) || (keyOf(old) === null && find(FOCUSABLE));
+    if (t) { t.focus(); return; }
+    if (keyOf(old) !== null) break; // a row gone, and no row has that button: the heading
+  }
+  const h = parent.closest(".card")?.querySelector("h3");
+  if (h) { h.tabIndex = -1; h.focus(); }
 }
 
 function color(model) {
@@ -265,12 +307,38 @@ function showKey(t) {
   const box = document.getElementById("new-key");
   box.replaceChildren(el("b", { text: `Key for ${t.name}` }),
     el("code", { id: "new-key-value", text: t.api_key }),
+    el("button", { type: "button", id: "new-key-copy", onclick: copyKey }, "Copy"), " ",
+    el("span", { id: "new-key-copied", role: "status" }),
     el("span", { class: "muted", text: "Copy it now: it is shown once (only its hash is kept)." }),
     // what POST /admin/tenants warns of (models no model answers to, authentication off): kept beside the key, not
     // only in a toast that goes
     ...(t.warning ? [el("p", { class: "note", id: "new-key-warning", text: `Warning: ${t.warning}` })] : []));
   box.hidden = false;
   box.dataset.tenant = t.name;
+}
+
+// The new key to the clipboard: navigator.clipboard, which a browser offers only in a secure context (HTTPS, or
+// localhost); over plain HTTP on the server's address, the key is selected (Ctrl+C copies it) and copied the old
+// way where the browser still does that. Either way the box says what happened.
+async function copyKey() {
+  const code = document.getElementById("new-key-value"), said = document.getElementById("new-key-copied");
+  let copied = false;
+  if (navigator.clipboard && window.isSecureContext) {
+    try {
+      await navigator.clipboard.writeText(code.textContent);
+      copied = true;
+    } catch (e) { /* (refused: selected below instead) */ }
+  }
+  if (!copied) {
+    const range = document.createRange();
+    range.selectNodeContents(code);
+    const sel = window.getSelection();
+    sel.removeAllRanges();
+    sel.addRange(range);
+    try { copied = document.execCommand("copy"); } catch (e) { copied = false; }
+  }
+  said.textContent = copied ? "Copied to the clipboard" : "Selected: press Ctrl+C (⌘C) to copy it";
+  said.className = copied ? "copied" : "muted";
 }
 
 // The tenant form makes a tenant; after a row's Edit, it changes that tenant's models and limits in place (PATCH
@@ -448,6 +516,18 @@ function pushSeries(p) {
 }
 
 function chartSize(div) { return { width: Math.max(200, div.clientWidth), height: 170 }; }
+// The time axis's labels are centred on their ticks: the last one, at the plot's right edge, needs half its width
+// to the right of the plot. uPlot leaves 25 px there, a few short of half a label "00:00:00" (its last digit was cut
+// off whenever a tick fell at the edge): half the label's measured width, and a little more.
+const AXIS_FONT = '12px system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, "Noto Sans", sans-serif';
+function rightPad() {
+  if (rightPad.px === undefined) {
+    const g = document.createElement("canvas").getContext("2d");
+    g.font = AXIS_FONT;
+    rightPad.px = Math.max(25, Math.ceil(g.measureText("00:00:00").width / 2) + 4);
+  }
+  return rightPad.px;
+}
 
 function renderChart(id, key) {
   const div = document.getElementById(id);
@@ -462,8 +542,9 @@ function renderChart(id, key) {
       scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, Math.max(1, hi * 1.1)] } },
       series: [{}, ...names.map((n) => ({ label: n, stroke: color(n), width: 2, spanGaps: true }))],
       // ticks a whole number of seconds apart: labels are to the second (half-second ticks repeated each label)
-      axes: [{ space: 70, incrs: [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600],
-               values: (u, vals) => vals.map(clock) }, { size: 50 }],
+      axes: [{ space: 70, incrs: [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600], font: AXIS_FONT,
+               values: (u, vals) => vals.map(clock) }, { size: 50, font: AXIS_FONT }],
+      padding: [null, rightPad(), null, null],
     };
     c = S.charts[id] = { plot: new uPlot(opts, data, div), names };
     for (const label of div.querySelectorAll(".u-legend .u-label")) label.title = label.textContent; // (cut short)
