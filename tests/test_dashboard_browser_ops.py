@@ -467,6 +467,19 @@ def test_the_charts_last_time_label_fits(server, browser):
             assert ink == 0, (width, ink)
 
 
+def test_a_trusted_local_proxys_https_makes_the_cookie_secure(server):
+    """`tokenpool serve` behind a TLS-terminating proxy on the same host (nginx, caddy on 127.0.0.1): uvicorn trusts
+    a loopback peer's X-Forwarded-Proto by default, so the session cookie is Secure when the proxy says https, and
+    not when it says http or nothing (tests/test_dash51b_cookie.py: an untrusted peer's header is not believed)."""
+    def attrs(headers: dict[str, str]) -> set[str]:
+        r = httpx.post(server.url + "/dashboard/login", data={"token": ADMIN}, headers=headers)
+        assert r.status_code == 303, r.text
+        return {a.strip().lower() for a in r.headers["set-cookie"].split(";")[1:]}
+
+    assert "secure" in attrs({"X-Forwarded-Proto": "https"})
+    assert "secure" not in attrs({"X-Forwarded-Proto": "http"}) and "secure" not in attrs({})
+
+
 def test_server_stop_with_the_dashboard_open(server, browser):
     """Last (it stops the module's server). A SIGTERM with a dashboard open: its event stream ends once the drain
     is over, so the server stops without waiting out uvicorn's graceful timeout for it and cancelling it (an ERROR

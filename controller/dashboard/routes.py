@@ -56,6 +56,9 @@ async def login(request: Request):
         # 200, not 401: a browser logs any 4xx page load as a console error; the form says what went wrong
         return _page("login.html", 200, "That is not the admin token.")
     resp = RedirectResponse("/dashboard", status_code=303, headers=HEADERS)
+    # Secure where the browser's connection is HTTPS: this one, or a TLS-terminating proxy's that the server trusts.
+    # uvicorn (proxy_headers, on by default) takes X-Forwarded-Proto only from the peers FORWARDED_ALLOW_IPS names
+    # (loopback by default) and sets the scheme from it; from any other peer the header is ignored, never read here.
     resp.set_cookie(session.COOKIE, session.sessions(request.app).new(), max_age=int(session.TTL_S), path="/",
                     httponly=True, samesite="strict", secure=request.url.scheme == "https")
     return resp
