@@ -337,6 +337,10 @@ class ServerConfig(_Strict):
     # Browser origins (CORS) that may call the API: None, the default, only pages served from this machine
     # (http(s)://localhost, 127.0.0.1, [::1], any port), as Ollama allows; a list: those origins, "*" any (vLLM's).
     cors_origins: list[str] | None = None
+    # Peers whose X-Forwarded-Proto/-For are believed (a TLS-terminating proxy: the dashboard's cookie is then Secure,
+    # the logs name the client): addresses or networks, "*" every peer; None: uvicorn's $FORWARDED_ALLOW_IPS, else
+    # only 127.0.0.1 and ::1. An Ingress or load balancer on another host must be named here.
+    forwarded_allow_ips: list[str] | None = None
     # SIGTERM: new requests get 503 + Retry-After; in-flight ones get this long to finish, then an error event
     shutdown_grace_s: float = Field(30.0, ge=0, le=86400)
     admin_token_file: str | None = None  # where a generated admin token is written (mode 0600); default: cache dir

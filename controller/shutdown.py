@@ -326,7 +326,8 @@ async def _serve(cfg: ServerConfig, early: StartupSignals) -> int:
         # close `serving`, done below); a lifespan task still waiting at exit was cancelled with a traceback
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=int(CLOSE_S), backlog=4096,
-                                http=_http_protocol() or "auto")
+                                http=_http_protocol() or "auto", proxy_headers=True,
+                                forwarded_allow_ips=cfg.forwarded_allow_ips)
         server = GracefulServer(config, app.state.serving, cfg.shutdown_grace_s, url)
         # a configuration found unservable once the workers joined (Controller.fatal, logged there): exit 2
         ctl.on_fatal = lambda: setattr(server, "should_exit", True)

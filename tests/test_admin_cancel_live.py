@@ -23,6 +23,7 @@ KEY = "key-cancel-abcdefghijklmnop"
 def server(tmp_path_factory):
     cfg = {"admin_token_hash": hash_key(ADMIN),
            "workers": {"local": "cpu"},
+           "forwarded_allow_ips": [],  # (test_forwarded_allow_ips_reaches_the_server)
            "tenants": [{"name": "t", "key_hashes": [hash_key(KEY)]}],
            "models": [{"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.02}}]}
     with LiveServer(cfg, tmp_path_factory.mktemp("srv")) as srv:
@@ -86,3 +87,11 @@ def test_a_cancelled_stream_ends_with_an_error_event(server):
             pass
     assert ei.value.body["code"] == "request_cancelled" and ei.value.body["type"]
     assert _in_flight(server) == []
+
+
+def test_forwarded_allow_ips_reaches_the_server(server):
+    """`forwarded_allow_ips: []` trusts no proxy, not even one on this host (uvicorn's default trusts loopback):
+    a loopback peer's X-Forwarded-Proto: https no longer makes the dashboard's session cookie Secure."""
+    r = httpx.post(server.url + "/dashboard/login", data={"token": ADMIN}, headers={"X-Forwarded-Proto": "https"})
+    assert r.status_code == 303, r.text
+    assert "secure" not in {a.strip().lower() for a in r.headers["set-cookie"].split(";")[1:]}
