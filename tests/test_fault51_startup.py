@@ -239,3 +239,29 @@ def test_a_second_ctrl_c_while_the_server_stops_does_not_break_the_stop(tmp_path
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
     assert rc == 0, log
     assert not token.exists(), log
+
+
+def test_a_failed_load_does_not_tell_a_tenant_the_servers_paths(make_tiny, tmp_path):
+    """A model whose weights cannot be read, asked for by a tenant of a server with several while it starts: a 503
+    model_load_failed that says when it is tried again but not the worker's error (it names the server's paths); /health
+    tells that tenant how many models failed, not which or why (both go to operators only)."""
+    import shutil
+
+    bad = tmp_path / "secret-model-dir"
+    shutil.copytree(make_tiny("qwen2"), bad)
+    w = next(bad.glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[:1000])
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": WORKERS, "auth": True,
+           "tenants": [{"name": "t", "key_hashes": [hash_key("tenant-key-f51")]},  # (two: not a single user's server)
+                       {"name": "u", "key_hashes": [hash_key("other-key-f51")]}],
+           "models": [{"name": "bw", "path": str(bad)}]}
+    with LiveServer(cfg, tmp_path / "srv", wait_ready=False) as srv:
+        _wait_port(srv.port)
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="tenant-key-f51", max_retries=0, timeout=60)
+        with pytest.raises(openai.APIStatusError) as ei:
+            c.completions.create(model="bw", prompt="hi", max_tokens=1)
+        err = ei.value.body if isinstance(ei.value.body, dict) else {}
+        assert ei.value.status_code == 503 and err.get("code") == "model_load_failed", ei.value
+        said = httpx.get(srv.url + "/health", headers={"Authorization": "Bearer tenant-key-f51"}, timeout=10).json()
+        assert said["failed_models"] == 1, said  # (what /health tells a tenant: how many)
+        assert "secret-model-dir" not in ei.value.message, ei.value.message
