@@ -174,6 +174,7 @@ def test_a_signal_while_the_tokenizers_load_stops_the_worker_already_started(mak
         assert srv.proc.wait(15) == 0, srv.log()
         assert time.monotonic() - t0 < 10
         log = srv.log()
+    assert "signal 15 during start-up: stopping" in log and "listening on" not in log, log
     assert kids.seen and kids.left() == [], log
     assert not token.exists(), log
     assert _segments(shm) == [], log
