@@ -252,7 +252,7 @@ def test_a_connection_whose_send_fails_ends_and_the_others_go_on(caplog):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cfg = {"admin_token_hash": hash_key(ADMIN),
-           "workers": {"local": "cpu"},
+           "workers": {"local": "cpu", "standby": False},
            "tenants_file": str(tmp_path_factory.mktemp("tenants") / "tenants.yaml"),
            "models": [{"name": "pace-a", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.01}}]}
     with LiveServer(cfg, tmp_path_factory.mktemp("srv")) as srv:

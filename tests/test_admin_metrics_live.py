@@ -22,7 +22,7 @@ DEPRECATED = {"tokenpool_kv_blocks_total": "tokenpool_kv_blocks"}  # (gauge -> i
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cfg = {"admin_token_hash": hash_key(ADMIN),
-           "workers": {"local": "cpu"},
+           "workers": {"local": "cpu", "standby": False},
            "tenants": [{"name": "t", "key_hashes": [hash_key("t-key")]}],
            "models": [{"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.005}}]}
     with LiveServer(cfg, tmp_path_factory.mktemp("srv")) as srv:

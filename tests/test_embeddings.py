@@ -33,7 +33,7 @@ def server(models, tmp_path_factory):
     cfg = {
         "admin_token_hash": hash_key(ADMIN),
         "metrics_token_hash": hash_key(METRICS),
-        "workers": {"local": "cpu", "heartbeat_s": 0.25},
+        "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
         "tenants": [{"name": "alice", "key_hashes": [hash_key(ALICE)]},
                     {"name": "bob", "key_hashes": [hash_key(BOB)], "models": ["tiny-b"]}],
         "models": [

@@ -20,7 +20,7 @@ H = {"Authorization": f"Bearer {ADMIN}"}
 
 @pytest.fixture(scope="module")
 def server(make_tiny, tmp_path_factory):
-    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "heartbeat_s": 0.2},
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.2},
            "models": [{"name": "tiny-a", "path": str(make_tiny("qwen2"))},
                       {"name": "tiny-b", "path": str(make_tiny("llama")), "pin": True}]}
     with LiveServer(cfg, tmp_path_factory.mktemp("evict")) as srv:

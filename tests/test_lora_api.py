@@ -39,7 +39,7 @@ def dirs(make_varied, make_tiny, tmp_path_factory):
 def server(dirs, tmp_path_factory):
     cfg = {
         "admin_token_hash": hash_key(ADMIN),
-        "workers": {"local": "cpu", "heartbeat_s": 0.25},
+        "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
         "tenants": [{"name": "alice", "key_hashes": [hash_key(ALICE)]},
                     {"name": "bob", "key_hashes": [hash_key(BOB)], "models": ["sql"]}],
         "models": [

@@ -34,7 +34,7 @@ def server(models, tmp_path_factory):
     cfg = {
         "admin_token_hash": hash_key(ADMIN),
         "metrics_public": True,
-        "workers": {"local": "cpu", "heartbeat_s": 0.2},
+        "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.2},
         "autoscaler": {"interval_s": 0.3},
         # a 4 MiB arena: a 2 MiB KV region and ONE 2 MiB weight slot, for three 2 MiB models; the policy plans each
         # step beside the one before (gpus.plan_ahead: the same tokens, checked below)

@@ -24,7 +24,7 @@ def server(make_varied, tmp_path_factory):
     d = str(make_varied("qwen2"))
     cfg = {
         "admin_token_hash": hash_key(ADMIN), "metrics_token_hash": hash_key(METRICS),
-        "workers": {"local": "cpu", "heartbeat_s": 0.25},
+        "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
         "tenants": [{"name": "alice", "key_hashes": [hash_key(ALICE)]}, {"name": "bob", "key_hashes": [hash_key(BOB)]}],
         "models": [{"name": "tiny", "path": d, "engine": {"max_num_seqs": 8, "block_size": BLOCK}},
                    {"name": "tiny-nocache", "path": d,

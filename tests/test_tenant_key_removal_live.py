@@ -37,7 +37,7 @@ def _consume(key: str, url: str, max_tokens: int, out: dict) -> None:
 def test_removing_one_key_ends_only_its_requests(tmp_path):
     cfg = {"admin_token_hash": hash_key(ADMIN),
            "models": [{"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.02}}],
-           "workers": {"local": "cpu"},
+           "workers": {"local": "cpu", "standby": False},
            "tenants": [{"name": "other", "key_hashes": [hash_key("other-key-abcdefghijklmn")]}]}
     with LiveServer(cfg, tmp_path) as srv:
         spec = {"name": "ops", "models": ["pace"], "key_hashes": [hash_key(KEEP), hash_key(DROP)]}

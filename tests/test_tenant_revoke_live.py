@@ -21,7 +21,7 @@ PACE = {"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.02}}
 
 def _config(models: list[dict]) -> dict:
     return {"admin_token_hash": hash_key(ADMIN), "models": models,
-            "workers": {"local": "cpu"},
+            "workers": {"local": "cpu", "standby": False},
             "tenants": [{"name": "keeper", "key_hashes": [hash_key("keeper-key")]}]}
 
 

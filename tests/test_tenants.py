@@ -23,7 +23,7 @@ def server(tmp_path_factory):
     cfg = {
         "admin_token_hash": hash_key(ADMIN),
         "tenants_file": str(work / "tenants.yaml"),
-        "workers": {"local": "cpu"},
+        "workers": {"local": "cpu", "standby": False},
         "tenants": [
             {"name": "red", "key_hashes": [hash_key(RED)], "models": ["red-*", "shared"]},
             {"name": "blue", "key_hashes": [hash_key(BLUE)], "models": ["blue-*", "shared"],
