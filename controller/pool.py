@@ -296,9 +296,19 @@ class EnginePool:
         return e is not None and e.alive and e.pid == pid
 
     async def _watchdog(self) -> None:
+        last = time.monotonic()
         while True:
             await asyncio.sleep(self.s.heartbeat_s)
             now = time.monotonic()
+            if now - last > self.s.heartbeat_s + self.s.dead_after_s / 2:
+                # This process did not run (stopped: Ctrl-Z then fg, SIGSTOP/SIGCONT; or its loop stalled): the
+                # workers' beats wait unread in the sockets, so their silence is this process's, not theirs. Every
+                # worker was declared dead and killed at the resume, every stream cut and every model loaded again.
+                log.warning("the controller did not run for %.1f s: its workers' silence is not held against them",
+                            now - last)
+                for e in self.engines.values():
+                    e.last_seen = max(e.last_seen, now)
+            last = now
             for eid, e in list(self.engines.items()):  # dead for long enough: gone from views and metrics
                 if not e.alive and e.t_dead is not None and now - e.t_dead > self.s.prune_dead_after_s:
                     del self.engines[eid]

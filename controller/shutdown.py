@@ -336,9 +336,35 @@ async def _serve(cfg: ServerConfig, early: StartupSignals) -> int:
         return 0 if ctl.fatal is None else 2
     finally:
         sock.close()
-        await ctl.stop()
-        app.state.serving.close()
+        with _signals_while_stopping():
+            await ctl.stop()
+            app.state.serving.close()
         log.info("stopped")
+
+
+@contextlib.contextmanager
+def _signals_while_stopping() -> Iterator[None]:
+    """SIGTERM/SIGINT/SIGHUP while the workers are stopped (after uvicorn gave its handlers back) are said and
+    otherwise ignored: a second Ctrl-C there was a KeyboardInterrupt traceback that cut the stop short (a worker
+    not stopped, the admin token file left)."""
+    loop = asyncio.get_running_loop()
+    held = []
+    for sig in StartupSignals.SIGNALS:
+        old = signal.getsignal(sig)
+        if old == signal.SIG_IGN:
+            continue
+        try:
+            loop.add_signal_handler(sig, log.warning, "signal %d: already stopping (the workers are being stopped)",
+                                    sig)
+        except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no signals here
+            continue
+        held.append((sig, old))
+    try:
+        yield
+    finally:
+        for sig, old in held:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, old)
 
 
 def run(cfg: ServerConfig) -> int:
