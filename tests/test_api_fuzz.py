@@ -17,7 +17,7 @@ schemathesis = pytest.importorskip("schemathesis")
 ADMIN, KEY = "admin-fuzz-token", "key-fuzz-0123456789"
 CONFIG = {
     "admin_token_hash": hash_key(ADMIN),
-    "workers": {"local": "cpu"},
+    "workers": {"local": "cpu", "standby": False},
     "tenants": [{"name": "fuzz", "key_hashes": [hash_key(KEY)]}],
     # short context and a fast pace bound the work any generated request can ask for
     "models": [{"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.0005, "max_model_len": 48,

@@ -12,7 +12,7 @@ from load_tests.loadtest import rps_phase, stream_phase
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    cfg = {"workers": {"local": "cpu"},
+    cfg = {"workers": {"local": "cpu", "standby": False},
            "models": [{"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.05, "pace_stamp": True}}]}
     with LiveServer(cfg, tmp_path_factory.mktemp("loadtest")) as srv:
         yield srv
