@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
+import json
 import threading
 from collections.abc import Iterator
 
@@ -27,3 +28,26 @@ class Terminal(io.StringIO):
 
     def isatty(self) -> bool:
         return True
+
+
+def sse_chat(asked: list[dict], events: list[dict]) -> type[http.server.BaseHTTPRequestHandler]:
+    """A chat-completions stand-in: each POST's JSON body is appended to `asked`, and the answer streams `events`
+    (one `data:` line each, flushed), then `[DONE]`."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            asked.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()
+            for ev in events:
+                self.wfile.write(f"data: {json.dumps(ev)}\n\n".encode())
+                self.wfile.flush()
+            self.wfile.write(b"data: [DONE]\n\n")
+
+    return Handler

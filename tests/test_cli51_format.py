@@ -3,31 +3,15 @@ for a JSON object (response_format json_object); another format is a usage error
 
 from __future__ import annotations
 
-import http.server
-import json
-
 from typer.testing import CliRunner
 
 from controller.cli import app
-from tests.http_stub import stub_server
+from tests.http_stub import sse_chat, stub_server
 
 
 def test_format_json_asks_for_a_json_object():
-    asked = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.0"
-
-        def log_message(self, *a):
-            pass
-
-        def do_POST(self):
-            asked.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
-            self.end_headers()
-            chunk = {"choices": [{"delta": {"content": '{"capital": "Paris"}'}}]}
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+    asked: list[dict] = []
+    Handler = sse_chat(asked, [{"choices": [{"delta": {"content": '{"capital": "Paris"}'}}]}])
 
     with stub_server(Handler) as url:
         r = CliRunner().invoke(app, ["run", "m", "capital?", "--format", "json", "--url", url], input="")

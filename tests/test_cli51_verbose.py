@@ -4,36 +4,20 @@ reply alone."""
 
 from __future__ import annotations
 
-import http.server
 import io
-import json
 
 from typer.testing import CliRunner
 
 from controller.chat_cli import turn
 from controller.cli import app
-from tests.http_stub import stub_server
+from tests.http_stub import sse_chat, stub_server
 
 
 def test_verbose_prints_the_replys_timings_and_counts_on_stderr():
-    asked = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.0"
-
-        def log_message(self, *a):
-            pass
-
-        def do_POST(self):
-            asked.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
-            self.end_headers()
-            for text in ("Par", "is", "."):
-                self.wfile.write(f'data: {json.dumps({"choices": [{"delta": {"content": text}}]})}\n\n'.encode())
-                self.wfile.flush()
-            usage = {"prompt_tokens": 31, "completion_tokens": 3, "total_tokens": 34}
-            self.wfile.write(f'data: {json.dumps({"choices": [], "usage": usage})}\n\ndata: [DONE]\n\n'.encode())
+    asked: list[dict] = []
+    usage = {"prompt_tokens": 31, "completion_tokens": 3, "total_tokens": 34}
+    Handler = sse_chat(asked, [*({"choices": [{"delta": {"content": t}}]} for t in ("Par", "is", ".")),
+                               {"choices": [], "usage": usage}])
 
     with stub_server(Handler) as url:
         out, stats = io.StringIO(), io.StringIO()
