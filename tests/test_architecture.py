@@ -59,3 +59,16 @@ def test_environment_variables_are_read_in_one_place():
                      for f in (ROOT / pkg).rglob("*.py")
                      if f.relative_to(ROOT).as_posix() != "tokenpool/env.py" and read.search(f.read_text()))
     assert not readers, f"environment read outside tokenpool/env.py: {readers}"
+
+
+def test_the_controller_runs_without_torch():
+    """The controller process (the app, its metrics with the GPU inventory) never imports torch: importing the
+    gpu_pool package for its inventory imported the arena, and torch with it, ~1.4 s of every server's start-up."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom controller.app import build_app\nfrom controller.config import ServerConfig\n"
+            "app = build_app(ServerConfig())\napp.state.controller.metrics.render()\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["False"], (out.stdout, out.stderr[-2000:])
