@@ -259,3 +259,22 @@ def test_a_conversation_past_the_context_loses_its_oldest_messages(server):
     with pytest.raises(ollama.ResponseError) as ei:
         c.chat(model="short-a", messages=[system, {"role": "user", "content": "word " * 60}], options=opts)
     assert ei.value.status_code == 400 and "maximum context length" in ei.value.error
+
+
+
+def test_a_long_conversation_past_the_context_is_shortened_in_few_tries(server):
+    """A conversation of hundreds of messages past the context: each try renders and tokenizes it whole, so after
+    the first few single drops each try drops twice as many (it took one try a message: a tenant's 1 MB chat was
+    minutes of the server's tokenizer time). The reply still comes, from the latest messages; the system messages
+    and the last one are never dropped."""
+    from types import SimpleNamespace as M
+
+    from controller.api.ollama import _drop_oldest
+
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message number {i} is here"}
+             for i in range(401)]
+    r = oc(server).chat(model="short-a", messages=turns, options={"temperature": 0, "num_predict": 1})
+    assert r.done and 0 < r.prompt_eval_count < 48, r
+    msgs = [M(role="system"), *(M(role="user" if i % 2 == 0 else "assistant") for i in range(6))]
+    assert _drop_oldest(msgs, 4) == [msgs[0], msgs[5], msgs[6]]
+    assert _drop_oldest(msgs, 99) == [msgs[0], msgs[6]] and _drop_oldest([msgs[0], msgs[6]], 2) is None

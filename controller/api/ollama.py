@@ -319,6 +319,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                                         "--tool-call-parser hermes, or tool_call_parser in its configuration)")
             return await serving.start_chat(req, tenant, ctl.new_id("ollama"), body.stream)
 
+        tries = 0
         while True:
             try:
                 me, tools, gen = await begin(req)
@@ -333,7 +334,12 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                     continue
                 # a conversation longer than the context: Ollama drops its oldest messages until it fits, keeping
                 # the system messages and the last one (`truncate: false`, Ollama's too: the error instead)
-                shorter = _drop_oldest(req.messages) if chat and body.truncate is not False else None
+                # Each try renders and tokenizes the whole conversation: one message a try for the first
+                # EXACT_DROPS, then twice as many each try (a long one past the context costs a few dozen tries,
+                # not one a message; it may then lose up to twice the messages it had to)
+                tries += 1
+                step = 1 if tries <= EXACT_DROPS else 1 << min(tries - EXACT_DROPS, 30)
+                shorter = _drop_oldest(req.messages, step) if chat and body.truncate is not False else None
                 if shorter is None:
                     raise
                 req = req.model_copy(update={"messages": shorter})
@@ -444,11 +450,17 @@ async def _collect(gen: Tracked, ids: list[int] | None = None, each: Any = None)
     return "".join(parts), reason
 
 
-def _drop_oldest(msgs: list[Any]) -> list[Any] | None:
-    """A conversation without its oldest message that is neither a system message nor the last (None: none left to
-    drop), as Ollama shortens a chat that does not fit its context."""
-    i = next((i for i, m in enumerate(msgs[:-1]) if m.role not in ("system", "developer")), None)
-    return None if i is None else [*msgs[:i], *msgs[i + 1:]]
+EXACT_DROPS = 16  # a conversation past the context loses one message a try this many times, then more (_run)
+
+
+def _drop_oldest(msgs: list[Any], n: int = 1) -> list[Any] | None:
+    """A conversation without its `n` oldest messages that are neither system messages nor the last (as many as
+    there are; None: none left to drop), as Ollama shortens a chat that does not fit its context."""
+    drop = [i for i, m in enumerate(msgs[:-1]) if m.role not in ("system", "developer")][:n]
+    if not drop:
+        return None
+    gone = set(drop)
+    return [m for i, m in enumerate(msgs) if i not in gone]
 
 
 def _message(m: Message) -> dict[str, Any]:
