@@ -547,10 +547,9 @@ def standby(device: str) -> bool:
     loads wait for the rest of the warm-up (`Worker._load`). They used to run beside it, on the strength of
     Python's import locks; but a package's lazy module imported on two threads at once came back half made
     (transformers: "cannot import name 'AutoConfig'"), and every model of the slot failed to register."""
-    global _promoted_at, _warming
+    global _promoted_at
     t0 = time.monotonic()
-    _warming = warm = threading.Thread(target=_warm_up, args=(device, t0), name="warm-up", daemon=True)
-    warm.start()
+    warm = _start_warming(device, t0, "standby")
     if sys.stdin.readline().strip() != "go":
         return False
     _promoted_at = time.monotonic()
@@ -564,15 +563,20 @@ def start_warm_up(device: str) -> None:
     and the controller's own start-up rather than in its first registration, which waits for them (`Worker._load`):
     ~3 s of a 2-core host's time to ready. A GPU's memory is measured first, on this thread (the device's first
     use, its imports with it, on two threads at once is what standby() avoids)."""
-    global _warming
     if device.startswith("cuda"):
         device_memory(device)
-    _warming = threading.Thread(target=_warm_up, args=(device, time.monotonic(), "cold start"), name="warm-up",
-                                daemon=True)
+    _start_warming(device, time.monotonic(), "cold start")
+
+
+def _start_warming(device: str, t0: float, who: str) -> threading.Thread:
+    """`_warm_up` on its thread, which `Worker._load` waits for (`_warming`)."""
+    global _warming
+    _warming = threading.Thread(target=_warm_up, args=(device, t0, who), name="warm-up", daemon=True)
     _warming.start()
+    return _warming
 
 
-def _warm_up(device: str, t0: float, who: str = "standby") -> None:
+def _warm_up(device: str, t0: float, who: str) -> None:
     try:
         warm_up(device)  # (looked up here, at call time: a test puts a slow one in its place)
     except Exception:  # noqa: BLE001 - a spare that cannot warm up is still a worker: it starts up on its turn
