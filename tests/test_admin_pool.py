@@ -348,6 +348,30 @@ def gen_for(ctl, model: str, tenant_name: str, rid: str, n: int = 1) -> Generati
     return gen
 
 
+def test_a_request_on_its_engine_before_its_first_token_is_prefill_not_queued(app):
+    """The Requests view said "queued" until a request's first token, also while its engine prefilled it: one
+    waiting at the controller (for an engine, a model load) is "queued", one on its engine with no token yet
+    "prefill", one with tokens "running". A request whose engine died waits at the controller again to be sent
+    elsewhere (its Sub still names the dead engine): "queued", on no engine."""
+    ctl = app.state.controller
+    act = ctl.activity = Activity()
+    w0, w1 = engine("w0", {"alpha": "ready"}), engine("w1", {"alpha": "ready"})
+    ctl.pool.engines.update(w0=w0, w1=w1)
+    gens = {rid: gen_for(ctl, "alpha", "team-a", rid) for rid in ("waiting", "sent", "going", "orphan")}
+    for rid, g in gens.items():
+        act.started(g, rid)
+    ctl.pool.submit(w0, gens["sent"].subs[0])
+    ctl.pool.submit(w0, gens["going"].subs[0])
+    gens["going"].subs[0].generated = 3
+    ctl.pool.submit(w1, gens["orphan"].subs[0])
+    w1.alive = False  # (as EnginePool._dead leaves it: its requests given back to the controller to place again)
+    w1.subs.clear()
+    rs = {r["id"]: r for r in TestClient(app).get("/admin/requests", headers=H).json()}
+    assert {rid: (r["state"], r["engines"]) for rid, r in rs.items()} == {
+        "waiting": ("queued", []), "sent": ("prefill", ["w0"]), "going": ("running", ["w0"]),
+        "orphan": ("queued", [])}
+
+
 def test_requests_list_and_cancel_ends_the_stream(app):
     ctl = app.state.controller
     act = ctl.activity = Activity()
@@ -373,7 +397,7 @@ def test_requests_list_and_cancel_ends_the_stream(app):
         ("alpha", "team-a", ["w0"], "running", 16, 2)
     # 16 tokens since the first token, which came 1 s (and the time until the answer) ago
     assert 1.9 < r["age_s"] < 2.1 + took and 16 / (1.0 + took) <= r["tokens_per_s"] <= 16
-    assert rs["chat-9"]["tenant"] is None and rs["chat-9"]["state"] == "queued"
+    assert rs["chat-9"]["tenant"] is None and rs["chat-9"]["state"] == "prefill"  # on its engine, no token yet
 
     out = c.post("/admin/requests/cmpl-1/cancel", headers=H).json()
     assert out == {"id": "cmpl-1", "model": "alpha", "cancelled": 2}

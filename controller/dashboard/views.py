@@ -218,9 +218,19 @@ def _in_flight(ctl: Any, act: Activity) -> dict[str, tuple[Any, list[Any]]]:
     return out
 
 
+def on_engine(ctl: Any, s: Any) -> bool:
+    """Engine request `s` is on an engine now: sent there, and not since given back (its engine failed and it waits
+    to be sent again: its `engine_id` still names the failed one)."""
+    e = ctl.pool.engines.get(s.engine_id) if s.engine_id else None
+    return e is not None and e.subs.get(s.rid) is s
+
+
 def requests_view(ctl: Any) -> list[dict[str, Any]]:
     """The requests in flight, oldest first: ap.RequestOut's fields, as dicts (the route validates them; the
-    snapshot, which builds them every tick, need not: even model_construct was 60% of this function's CPU)."""
+    snapshot, which builds them every tick, need not: even model_construct was 60% of this function's CPU).
+    Its state: "queued" at the controller (waiting for an engine, or its model's load there), "prefill" on an
+    engine before its first token (in that engine's queue or prefilling its prompt: vLLM's WAITING and its first
+    RUNNING step), "running" once a token came."""
     act = activity(ctl)
     now, mono = time.time(), time.monotonic()
     flying = _in_flight(ctl, act)
@@ -239,9 +249,10 @@ def requests_view(ctl: Any) -> list[dict[str, Any]]:
         else:
             age = run = now - act.first_seen.setdefault(rid, now)
             model, tenant = subs[0].model, None
-        engines = sorted({s.engine_id for s in subs if s.engine_id})
+        engines = sorted({s.engine_id for s in subs if on_engine(ctl, s)})
         out.append(dict(id=rid, model=model, tenant=tenant, engines=engines,
-                        state="running" if tokens else "queued", age_s=max(0.0, age), tokens=tokens,
+                        state="running" if tokens else "prefill" if engines else "queued", age_s=max(0.0, age),
+                        tokens=tokens,
                         tokens_per_s=tokens / run if run > 0 else 0.0, choices=len(subs)))
     out.sort(key=lambda r: -r["age_s"])
     return out

@@ -631,11 +631,18 @@ function renderTenants(p) {
   document.getElementById("auth-off").hidden = !p.tenants.some((t) => t.name === "anonymous");
 }
 
+const REQUEST_STATES = { // (controller.dashboard.views.requests_view)
+  queued: "waiting at the controller: for an engine, or for its model to load there",
+  prefill: "on its engine, no token yet: in that engine's queue or prefilling its prompt",
+  running: "generating tokens",
+};
+
 function renderRequests() {
   const rows = S.requests.map((r) => el("tr", { "data-request": r.id },
     el("td", {}, el("code", { text: r.id })), el("td", {}, el("span", { class: "mname", title: r.model, text: r.model })),
     el("td", { text: r.tenant ?? "—" }),
-    el("td", { text: r.engines.join(", ") || "—" }), el("td", {}, el("span", { class: `badge ${r.state}`, text: r.state })),
+    el("td", { text: r.engines.join(", ") || "—" }),
+    el("td", {}, el("span", { class: `badge ${r.state}`, title: REQUEST_STATES[r.state], text: r.state })),
     el("td", { class: "num", text: fmtS(r.age_s) }), el("td", { class: "num", text: r.tokens }),
     el("td", { class: "num", text: fmtNum(r.tokens_per_s) }),
     el("td", { class: "actions" }, el("button", { class: "danger", "data-action": "cancel", onclick: () =>
