@@ -12,6 +12,7 @@ import ollama
 import openai
 import pytest
 
+from controller.api import serving
 from controller.api.serving import generation_defaults
 from load_tests.live_server import LiveServer
 
@@ -59,20 +60,30 @@ def test_a_response_echoes_the_sampling_it_ran_with(server):
     assert c.responses.create(model="greedy", input="Hi", max_output_tokens=2, top_p=0.5).top_p == 0.5
 
 
-def test_which_generation_config_values_are_taken(tmp_path):
+def test_which_generation_config_values_are_taken(tmp_path, monkeypatch):
     """As vLLM reads the file (its difference from transformers' defaults): a value equal to transformers' default,
-    out of range, or no number is not taken; the file is read again once it changes; no file, no defaults."""
+    out of range, or no number is not taken; the file is read again once it changes, seen within
+    GENERATION_CONFIG_RECHECK_S (it is not stat'ed on every request: a blocking syscall on the event loop, slow on a
+    network volume); no file, no defaults."""
+    now = [1000.0]
+    monkeypatch.setattr(serving, "_clock", lambda: now[0])
     me = SimpleNamespace(spec=SimpleNamespace(path=str(tmp_path)))
     assert generation_defaults(me) == {}
     f = tmp_path / "generation_config.json"
     f.write_text(json.dumps({"temperature": 1.0, "top_k": 50, "top_p": 0.8, "min_p": 0.05, "repetition_penalty": 9,
                              "do_sample": True, "eos_token_id": 2}))
+    assert generation_defaults(me) == {}  # (within the window: not stat'ed again)
+    now[0] += serving.GENERATION_CONFIG_RECHECK_S
     assert generation_defaults(me) == {"top_p": 0.8, "min_p": 0.05}
     f.write_text(json.dumps({"temperature": 0.7, "top_k": 20, "top_p": "high", "repetition_penalty": 1.05}))
     os.utime(f, ns=(os.stat(f).st_atime_ns, os.stat(f).st_mtime_ns + 10**9))
+    now[0] += serving.GENERATION_CONFIG_RECHECK_S - 0.5
+    assert generation_defaults(me) == {"top_p": 0.8, "min_p": 0.05}
+    now[0] += 0.5
     assert generation_defaults(me) == {"temperature": 0.7, "top_k": 20, "repetition_penalty": 1.05}
     f.write_text("not json")
     os.utime(f, ns=(os.stat(f).st_atime_ns, os.stat(f).st_mtime_ns + 2 * 10**9))
+    now[0] += serving.GENERATION_CONFIG_RECHECK_S
     assert generation_defaults(me) == {}
 
 

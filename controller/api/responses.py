@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 
 from controller.api import protocol as p
-from controller.api.serving import OpenAIServing, Tracked, generation_defaults
+from controller.api.serving import OpenAIServing, Tracked
 from controller.api.structured import ToolPlan
 from controller.errors import ServingError
 from controller.tenants import Tenant
@@ -332,7 +332,8 @@ async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesR
                 chat = _chat(req, sent)
                 continue
             raise _as_responses(e) from None
-    reply = _Reply(serving, req, rid, tools, generation_defaults(me))
+    ran = gen.subs[0].params  # (the sampling it runs with: the model's defaults for what was not sent; no 2nd stat)
+    reply = _Reply(serving, req, rid, tools, {"temperature": ran.temperature, "top_p": ran.top_p})
 
     def finish() -> dict[str, Any]:
         items, assistant, status = reply.output()

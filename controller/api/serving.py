@@ -219,16 +219,30 @@ def generation_defaults(me: ModelEntry) -> dict[str, float]:
     """The sampling the model's creator recommends in its folder's generation_config.json (temperature, top_p, top_k,
     min_p, repetition_penalty), which a request that leaves those fields out gets, as vLLM serves by default
     (`--generation-config auto`): Qwen2.5-Instruct's temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05,
-    say. Values equal to transformers' defaults, or out of range, are not taken. Read again when the file changes."""
+    say. Values equal to transformers' defaults, or out of range, are not taken. Read again when the file changes:
+    it is stat'ed at most once every GENERATION_CONFIG_RECHECK_S a folder (a stat per request would be a blocking
+    syscall on the event loop each time, a slow one on a network volume such as a Kubernetes /models)."""
     path = getattr(me.spec, "path", None)
     if not path:
         return {}
     file = os.path.join(path, "generation_config.json")
+    now = _clock()
+    seen = _generation_checked.get(file)
+    if seen is not None and now - seen[0] < GENERATION_CONFIG_RECHECK_S:
+        return seen[1]
     try:
-        mtime = os.stat(file).st_mtime_ns
+        out = _read_generation_defaults(file, os.stat(file).st_mtime_ns)
     except OSError:
-        return {}
-    return _read_generation_defaults(file, mtime)
+        out = {}
+    if len(_generation_checked) >= 256:  # (folders of models long gone)
+        _generation_checked.clear()
+    _generation_checked[file] = (now, out)
+    return out
+
+
+GENERATION_CONFIG_RECHECK_S = 5.0
+_clock = time.monotonic  # (a test's to advance)
+_generation_checked: dict[str, tuple[float, dict[str, float]]] = {}  # file -> (when it was stat'ed, its defaults)
 
 
 @functools.lru_cache(maxsize=256)
