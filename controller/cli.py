@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 
 import tokenpool
 from controller.cli_suite import json_path, needs_test_extra, url_option
@@ -197,15 +198,64 @@ def make_model_cmd(
         raise typer.Exit(1) from None
 
 
-@app.command("serve")
+def _names_a_model(word: str) -> bool:
+    """`word` is a MODEL_DIR `tokenpool serve` can serve: a path on disk, or a repo id in the local Hugging Face
+    cache."""
+    from controller.serve import HF_REPO_ID
+
+    if Path(word).expanduser().exists():
+        return True
+    if not HF_REPO_ID.fullmatch(word):
+        return False
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot_download(word, local_files_only=True)
+    except (LocalEntryNotFoundError, ValueError):  # (ValueError: huggingface_hub's invalid repo id)
+        return False
+    return True
+
+
+def served_names_as_vllm(args: list[str]) -> list[str]:
+    """vLLM's `--served-model-name NAME ALIAS ...` (argparse's nargs="+") in click's terms, an option one value:
+    each bare word after its value, up to the next option, is given a --served-model-name of its own; but one that
+    names a model (`_names_a_model`) stays a MODEL_DIR, as `--served-model-name NAME DIR` always read (`ALIAS`
+    was read as a MODEL_DIR that did not exist)."""
+    out: list[str] = []
+    naming = taking = False  # after --served-model-name's value; at its value
+    for i, a in enumerate(args):
+        if a == "--":  # (the options end)
+            return out + args[i:]
+        if taking:
+            out.append(a)
+            taking, naming = False, True
+            continue
+        if a.startswith("-"):
+            taking = a == "--served-model-name"
+            naming = a.startswith("--served-model-name=")
+        elif naming and not _names_a_model(a):
+            out.append("--served-model-name")
+        else:
+            naming = False
+        out.append(a)
+    return out
+
+
+class ServeCommand(TyperCommand):
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, served_names_as_vllm(args))
+
+
+@app.command("serve", cls=ServeCommand)
 def serve_cmd(
     model_dirs: Optional[list[Path]] = typer.Argument(
         None, metavar="MODEL_DIR", help="Hugging Face model directories, .gguf files (converted once), or Hugging "
         "Face repo ids (org/name) in the local Hugging Face cache, to serve (beside --config's models)"),
     served_model_name: Optional[list[str]] = typer.Option(
-        None, "--served-model-name", help="name of each MODEL_DIR, in order (repeat it); with one MODEL_DIR, the "
-        "names after the first are aliases. Default: the directory's name (a .gguf file's: its name less .gguf; a "
-        "repo id's: the id)"),
+        None, "--served-model-name", help="name of each MODEL_DIR, in order: as vLLM's, `--served-model-name A B` "
+        "(or the option repeated); with one MODEL_DIR, the names after the first are aliases. Default: the "
+        "directory's name (a .gguf file's: its name less .gguf; a repo id's: the id)"),
     gpu_budget: Optional[float] = typer.Option(
         None, "--gpu-budget", min=0.001, help="GB per GPU for the pooled arena, weights and KV (the config's "
         "gpus.budget_gb); where this machine's worker runs on the CPU (no GPU), that worker's arena "
@@ -270,10 +320,7 @@ def serve_cmd(
         if config is not None and not config.is_file():
             raise ValueError(f"no configuration file at {config} (--config)")
     except ValueError as e:
-        lost = [d for d in model_dirs or [] if not d.exists() and not d.suffix]
-        hint = ("; (a name after --served-model-name's first is read as a MODEL_DIR: repeat --served-model-name "
-                "for each name)" if served_model_name and lost and "does not exist" in str(e) else "")
-        typer.echo(f"tokenpool serve: {e}{hint}", err=True)
+        typer.echo(f"tokenpool serve: {e}", err=True)
         raise typer.Exit(2) from None
     serve(config_path=config, host=host, port=port, model_dirs=model_dirs, served_model_names=served_model_name,
           gpu_budget_gb=gpu_budget, api_key=api_key, max_model_len=max_model_len, dtype=dtype,

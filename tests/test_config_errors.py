@@ -71,16 +71,6 @@ def test_serve_arguments_that_are_not_models_are_one_line_on_a_narrow_terminal(t
         assert words in one_line(r), r.stderr
 
 
-def test_served_model_name_given_as_vllm_takes_it_says_how_tokenpool_takes_it(make_tiny):
-    """`--served-model-name main alt` (vLLM's nargs) made `alt` a MODEL_DIR: 'path .../alt does not exist' with no
-    word of why; the line now says to repeat the option."""
-    r = subprocess.run([sys.executable, "-m", "controller.cli", "serve", str(make_tiny("qwen2")),
-                        "--served-model-name", "main", "alt-name"], cwd=REPO_ROOT, input="", capture_output=True,
-                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "80"})
-    line = one_line(r)
-    assert "alt-name does not exist" in line and "repeat --served-model-name for each name" in line, line
-
-
 @pytest.mark.parametrize("text, words", [
     ("models:\n  m1:\n    path: /x\n    ttl: 60\n",
      "models: a list of models (- name: NAME, path: DIR), not a mapping of names as llama-swap's"),
