@@ -318,7 +318,13 @@ class Controller:
         """Models whose last registration failed and that are ready on no live engine: model -> why (for /health,
         which otherwise only says "starting" while a model every replica of which fails keeps it from ready)."""
         alive = [e for e in self.pool.engines.values() if e.alive]
-        return {n: self.load_error(n) or "" for n in self._load_errors if not _ready_on(n, alive)}
+        out = {n: self.load_error(n) or "" for n in self._load_errors if not _ready_on(n, alive)}
+        if self.pool.local_joined():  # (a model larger than every GPU, waiting for a larger one: _check_fits)
+            views = self.views()
+            for n, me in self.models.items():
+                if n not in out and me.spec.replicas.min > 0 and (why := self._fits_nowhere(me.info, views)):
+                    out[n] = f"waiting for a GPU its weights fit: {why}"
+        return out
 
     def ready(self) -> bool:
         """Every model with a minimum is ready on a live engine. At start-up also: every local worker has joined
@@ -581,7 +587,7 @@ class Controller:
             # hearing 503 (it did for ~0.3 s after "listening" on a CPU, and while a lone worker restarted).
             waited_until = waited_until or time.monotonic() + STARTUP_WAIT_S
             if (self.pool.local_joined() and not self.pool.replacing()) or time.monotonic() > waited_until:
-                why = self._pins_block(entry.info, entry.pinned)
+                why = self._pins_block(entry.info, entry.pinned) or self._fits_nowhere(entry.info)
                 raise ServingError(503, f"no engine can serve model {name!r} now{f': {why}' if why else ''}",
                                    retry_after=5)
             await asyncio.sleep(0.05)
@@ -811,6 +817,32 @@ class Controller:
                 n += 1
         return n
 
+    def _fits_nowhere(self, info: ModelInfo, engines: list[EngineView] | None = None) -> str | None:
+        """Why `info`'s weights can load on no usable engine (each one's weight space is smaller), in words; None when
+        one is large enough, or none is usable (placement waits for one)."""
+        usable = [v for v in (self.views() if engines is None else engines) if v.usable]
+        if not usable or any(info.size_bytes <= v.memory_bytes for v in usable):
+            return None
+        big = max(usable, key=lambda v: v.memory_bytes)
+        e = self.pool.engines.get(big.engine_id)
+        return (f"its weights ({_gb(info.size_bytes)}) fit no GPU's weight space (the largest: {_gb(big.memory_bytes)} "
+                f"on {big.engine_id}{f' ({e.device})' if e is not None else ''})")
+
+    def _check_fits(self, engines: list[EngineView]) -> str | None:
+        """The first placement of a server with local workers: why a configured model could never load on any of
+        them (its weights larger than every GPU's weight space), or None. It kept the server "starting" for good,
+        every request a 503. Only where no remote worker can join (workers.join_token_hash unset): else a larger
+        GPU may join later, and placement waits for it (said in /health, `load_errors`)."""
+        if self.cfg.workers.join_token_hash is not None:
+            return None
+        for name, me in self.models.items():
+            if (why := self._fits_nowhere(me.info, engines)) is not None:
+                e = self.pool.engines.get(min(v.engine_id for v in engines if v.usable))
+                budget = "gpus.cpu_budget_gb" if e is not None and e.device == "cpu" else "gpus.budget_gb"
+                return (f"model {name!r} could never load: {why}. Give the GPUs more weight space ({budget}, a smaller "
+                        "gpus.kv_cache_gb) or serve the model elsewhere")
+        return None
+
     def _check_pins(self, engines: list[EngineView], actions: list) -> str | None:
         """The first placement of a server with local workers (all joined, so each GPU's weight space is known)
         against the configuration's pins (`pin: true`; a pin made since through the admin API counts too): why a
@@ -889,7 +921,7 @@ class Controller:
             self._tell_pin_blocked(engines)
         if not waiting and not self._pins_checked and self.pool.local_slots and any(e.usable for e in engines):
             self._pins_checked = True
-            why = self._check_pins(engines, actions)
+            why = self._check_fits(engines) or self._check_pins(engines, actions)
             if why is not None:
                 self._refuse(why)
                 return
@@ -1137,3 +1169,7 @@ class Controller:
         for name, s in e.stats.items():
             self.metrics.engine_stats(e.id, name, s)
 
+
+def _gb(n: int) -> str:
+    """Bytes in GB, with the digits a small model's size needs (52.4 MB reads 0.0524 GB, not 0.05)."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e9:.3g} GB"

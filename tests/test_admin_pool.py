@@ -214,6 +214,40 @@ def test_config_pins_that_would_starve_a_model_refuse_start_up(gamma_min):
     assert e.replicas == {}
 
 
+def test_a_configured_model_larger_than_every_gpu_refuses_start_up():
+    """gamma (30 GiB of weights) beside alpha in the configuration, two GPUs of 20 GB of weight space: gamma could
+    never load on either. It kept the server "starting" for good, every request to gamma a 503 that did not say why;
+    now start-up is refused once the workers have joined, naming the model, its size and the largest weight space,
+    and nothing is placed (the pins' rule: `tokenpool serve` exits 2)."""
+    ctl = configured([("alpha", 4, False), ("gamma", 30, False)], gpus=2)
+    stopped = []
+    ctl.on_fatal = lambda: stopped.append(True)
+    w0 = EngineHandle("w0", 0, "cuda:0", "node1", 1234, 20 * 10**9, ClosedWriter())
+    ctl.pool.engines["w0"] = w0
+    w1 = joins(ctl, "w1", 1, 18 * 10**9)
+    assert stopped == [True] and not ctl.ready()
+    assert ctl.fatal == ("model 'gamma' could never load: its weights (32.21 GB) fit no GPU's weight space (the "
+                         "largest: 20.00 GB on w0 (cuda:0)). Give the GPUs more weight space (gpus.budget_gb, a "
+                         "smaller gpus.kv_cache_gb) or serve the model elsewhere")
+    assert w0.replicas == {} and w1.replicas == {}
+
+
+def test_a_model_larger_than_every_gpu_waits_for_a_remote_one_and_says_why():
+    """The same configuration where remote workers may join (workers.join_token_hash set): a larger GPU may still
+    come, so the start goes on -- alpha is placed -- and /health's model errors say why gamma is not ready; a request
+    for it hears the same in its 503 rather than only "no engine can serve model 'gamma' now"."""
+    ctl = configured([("alpha", 4, False), ("gamma", 30, False)])
+    ctl.cfg.workers = ctl.cfg.workers.model_copy(update={"join_token_hash": hash_key("tpjoin-x")})
+    e = joins(ctl, "w0", 0, 20 * 10**9)
+    assert ctl.fatal is None and list(e.replicas) == ["alpha"]
+    assert ctl.load_errors() == {"gamma": "waiting for a GPU its weights fit: its weights (32.21 GB) fit no GPU's "
+                                          "weight space (the largest: 20.00 GB on w0 (cuda:0))"}
+    assert ctl._fits_nowhere(ctl.models["alpha"].info) is None
+    e.replicas["alpha"].state = "ready"
+    ctl.remove_model("gamma")  # (only gamma kept it from ready)
+    assert ctl.load_errors() == {} and ctl.ready()
+
+
 def test_config_pins_placed_after_the_model_they_would_starve_refuse_start_up():
     """Placement follows the pins: gamma placed first, then alpha beside it, beta's pin would starve gamma, so beta
     is placed nowhere. Start-up is refused all the same (a pinned model no GPU can take), in the same words."""
