@@ -12,9 +12,12 @@ the same bearer key.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -31,14 +34,15 @@ from controller.api.serving import (
     Tracked,
     encode,
     generation_defaults,
+    too_long,
     unless_disconnected,
 )
 from controller.api.structured import ToolPlan
-from controller.config import duration_s
 from controller.dashboard.views import resident_models
 from controller.errors import ServingError
 
 router = APIRouter(prefix="/api")
+log = logging.getLogger("tokenpool.ollama")
 
 
 class _Loose(BaseModel):
@@ -58,6 +62,7 @@ class Options(_Loose):
     top_k: int | None = None
     min_p: float | None = None
     num_predict: int | None = None  # -1: until the context is full
+    num_keep: int | None = None  # a prompt past the context keeps this many first tokens (NUM_KEEP; -1: all it can)
     seed: int | None = None
     stop: list[str] | None = None
     repeat_penalty: float | None = None
@@ -84,13 +89,14 @@ class _Base(_Loose):
     think: bool | str | None = None
     logprobs: bool = False  # Ollama's: each generated token's log probability, and its top_logprobs alternatives
     top_logprobs: int | None = None
+    # Ollama's: a conversation longer than the context loses its oldest messages, a prompt its tokens after the
+    # first num_keep (false: an error instead)
+    truncate: bool | None = None
 
 
 class ChatRequest(_Base):
     messages: list[Message] = []
     tools: list[dict[str, Any]] | None = None  # OpenAI's function tools; the model decides ("auto")
-    # Ollama's: a conversation longer than the context loses its oldest messages (false: an error instead)
-    truncate: bool | None = None
 
 
 class GenerateRequest(_Base):
@@ -304,16 +310,17 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         templated = isinstance(req, p.ChatCompletionRequest)
 
         async def begin(req: Any) -> tuple[Any, ToolPlan | None, Tracked]:
-            if context or not templated:  # a raw prompt's ids, or the earlier turns' then this prompt's
+            if templated and not getattr(me.tokenizer, "chat_template", None):  # (Ollama's answers first)
+                raise ServingError(400, f"model '{req.model}' has no chat template: use /api/generate with raw")
+            if not chat:  # the ids of a raw prompt or of the template's, after the earlier turns' (`context`)
                 params = serving._params(me, req, req.max_tokens, k)
-                new = await (serving.offload(serving._chat_prompt, me, req, think_kwargs) if templated else
+                new = await (serving.offload(serving._chat_prompt, me, req, think_kwargs, False) if templated else
                              serving.offload(encode, me.tokenizer, req.prompt))
-                ids = serving._check_ids(me, [*(context or []), *new], "context" if context else "prompt")
+                what = "context" if context else "prompt"
+                ids = serving._check_ids(me, _truncated(me, [*(context or []), *new], body, what), what)
                 return me, None, await serving.generate(me, tenant, req.model, [ids], params, 1, ctl.new_id("ollama"),
                                                         body.stream)
-            # (Ollama's answers first, then as the chat endpoint admits it)
-            if not getattr(me.tokenizer, "chat_template", None):
-                raise ServingError(400, f"model '{req.model}' has no chat template: use /api/generate with raw")
+            # (then as the chat endpoint admits it)
             if req.tools and not me.spec.tool_call_parser:  # (Ollama's answer for a model whose template has none)
                 raise ServingError(400, f"{req.model} does not support tools (serve it with a tool-call parser: "
                                         "--tool-call-parser hermes, or tool_call_parser in its configuration)")
@@ -395,18 +402,56 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         gen.close(status)
 
 
-# Go's duration syntax, as Ollama parses a keep_alive string ("5m", "1h30m", "-1m", "300ms"; config.duration_s); a
-# bare number (seconds) is taken too, as a JSON number is
+# Go's time.ParseDuration, as Ollama parses a keep_alive string: [-+]?, then one or more number+unit ("5m", "1h30m",
+# "-1m", "300ms", ".5h"), or "0"; no "d", no spaces, no bare number ("300" is Go's "missing unit"). A JSON number is
+# seconds. Negative: forever.
+GO_UNITS_NS = {"ns": 1, "us": 10**3, "\u00b5s": 10**3, "\u03bcs": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9,
+               "h": 3600 * 10**9}
+_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([^\d.]*)")
+_GO_MAX_NS = (1 << 63) - 1
+
+
+def go_duration_s(text: str) -> float:
+    """Seconds from a Go duration string (time.ParseDuration's grammar and its 292-year bound); ValueError, worded as
+    Go words it, for anything Go refuses."""
+    body = text[1:] if text[:1] in ("-", "+") else text
+    if body == "0":
+        return 0.0
+    if not body:
+        raise ValueError(f"invalid duration {json.dumps(text)}")
+    ns, at = Decimal(0), 0  # (exact: Go's bound is to the nanosecond)
+    while at < len(body):
+        m = _GO_PART.match(body, at)
+        if m is None:
+            raise ValueError(f"invalid duration {json.dumps(text)}")
+        number, unit = m.groups()
+        if not unit:
+            raise ValueError(f"missing unit in duration {json.dumps(text)}")
+        if unit not in GO_UNITS_NS:
+            raise ValueError(f"unknown unit {json.dumps(unit)} in duration {json.dumps(text)}")
+        ns += Decimal(number) * GO_UNITS_NS[unit]
+        at = m.end()
+    if ns > _GO_MAX_NS + (text[0] == "-"):
+        raise ValueError(f"invalid duration {json.dumps(text)}")
+    return float(-ns if text[0] == "-" else ns) / 1e9
+
+
 def _keep_alive_s(keep_alive: Any) -> float | None:
-    """An Ollama keep_alive in seconds (None: not sent); negative means forever. Not a duration: a 400, as Ollama
-    answers one."""
+    """An Ollama keep_alive in seconds (None: not sent): a JSON number of seconds, or a Go duration string (not the
+    configuration file's spellings: "1d" is Go's error, so Ollama's); negative means forever. Anything else: a 400,
+    as Ollama answers one."""
     if keep_alive is None:
         return None
+    if isinstance(keep_alive, (int, float)) and not isinstance(keep_alive, bool):
+        return float(keep_alive)
+    if not isinstance(keep_alive, str):
+        raise ServingError(400, f"keep_alive: a number of seconds or a duration string such as \"5m\", not "
+                                f"{json.dumps(keep_alive)}")
     try:
-        return duration_s(keep_alive)
-    except ValueError:
-        raise ServingError(400, f"keep_alive: invalid duration {keep_alive!r} (a number of seconds or a duration such "
-                                "as \"5m\", \"1h30m\", \"-1\")") from None
+        return go_duration_s(keep_alive)
+    except ValueError as e:
+        raise ServingError(400, f"keep_alive: {e} (Go's units: ns, us, ms, s, m, h, as in \"1h30m\"; or a number of "
+                                "seconds, -1: forever)") from None
 
 
 def _zero(keep_alive: Any) -> bool:
@@ -448,6 +493,31 @@ async def _collect(gen: Tracked, ids: list[int] | None = None, each: Any = None)
             if d.error:
                 raise ServingError(503 if d.error_kind != "invalid" else 400, d.error)
     return "".join(parts), reason
+
+
+NUM_KEEP = 4  # Ollama's default num_keep
+
+
+def _truncated(me: Any, ids: list[int], body: _Base, what: str) -> list[int]:
+    """A generate prompt's ids as Ollama's runner cuts one past the context: its first num_keep tokens (the template's
+    start), then its last ones, dropping those between, with a warning (`truncate: false`: the 400 instead). Ollama
+    cuts it to the whole context and its context shift frees half of what follows the kept tokens at the first
+    generated token; here there is no shift, so the reply's room is left at once: num_predict's, at most that half."""
+    limit = me.max_model_len
+    if len(ids) < limit:  # (room for a token at least: num_predict past the room fills it, `_run`)
+        return ids
+    if body.truncate is False:
+        raise too_long(me, len(ids), what)
+    o = body.options or Options()
+    keep = NUM_KEEP if o.num_keep is None else len(ids) if o.num_keep < 0 else o.num_keep
+    keep = max(0, min(keep, limit - 2))  # (a token of the prompt's end and one of the reply's fit)
+    room = (limit - keep) // 2
+    if o.num_predict is not None and o.num_predict > 0:
+        room = min(room, o.num_predict)
+    room = max(room, 1)
+    new = [*ids[:keep], *ids[len(ids) - (limit - room - keep):]]
+    log.warning("truncating input prompt: limit=%d prompt=%d keep=%d new=%d", limit, len(ids), keep, len(new))
+    return new
 
 
 EXACT_DROPS = 16  # a conversation past the context loses one message a try this many times, then more (_run)

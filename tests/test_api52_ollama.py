@@ -1,0 +1,109 @@
+"""Ollama's /api/generate with a prompt past the context: cut as Ollama's runner cuts one (its first num_keep tokens,
+then its last), leaving the reply room, where it was a 400; Go's duration grammar for keep_alive."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from controller.api.ollama import go_duration_s
+from load_tests.live_server import LiveServer
+
+CTX = 48
+
+
+@pytest.fixture(scope="module")
+def server(make_tiny, tmp_path_factory):
+    cfg = {"workers": {"local": "cpu", "heartbeat_s": 0.25},
+           "models": [{"name": "short", "path": str(make_tiny("qwen2")),
+                       "engine": {"max_num_seqs": 8, "max_model_len": CTX}}]}
+    with LiveServer(cfg, tmp_path_factory.mktemp("api52")) as srv:
+        yield srv
+
+
+def ids_of(srv, **body) -> list[int]:
+    r = httpx.post(srv.url + "/tokenize", json={"model": "short", **body})
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+def generate(srv, **body) -> httpx.Response:
+    return httpx.post(srv.url + "/api/generate", json={"model": "short", "stream": False, **body}, timeout=60)
+
+
+PROMPT = " ".join(f"word{i}" for i in range(40))
+
+
+def test_a_generate_prompt_past_the_context_is_cut_as_ollamas_runner_cuts_it(server):
+    """Past the context, the prompt keeps its first num_keep tokens (4, Ollama's default) and its last ones, the
+    tokens between dropped, so that the reply has room: num_predict's, at most half the context after the kept
+    tokens (what Ollama's context shift frees); raw or through the template, streamed or not. The `context`
+    returned starts with the prompt as it was fed. `truncate: false` is the 400."""
+    raw = ids_of(server, prompt=PROMPT)
+    assert len(raw) > CTX
+    opts = {"temperature": 0, "num_predict": 5}
+    r = generate(server, prompt=PROMPT, raw=True, options=opts)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    fed = CTX - 5
+    assert body["prompt_eval_count"] == fed and body["context"][:fed] == raw[:4] + raw[-(fed - 4):], body
+    assert 0 < body["eval_count"] <= 5
+    # no num_predict: half of what follows the kept tokens (Ollama's shift); num_keep 0: the prompt's end alone
+    half = (CTX - 4) // 2
+    body = generate(server, prompt=PROMPT, raw=True, options={"temperature": 0, "num_predict": 1}).json()
+    assert body["prompt_eval_count"] == CTX - 1, body  # (num_predict is the room: one token)
+    body = generate(server, prompt=PROMPT, raw=True, options={"temperature": 0}).json()
+    assert body["prompt_eval_count"] == CTX - half and body["context"][:CTX - half] == raw[:4] + raw[-(CTX - half - 4):]
+    body = generate(server, prompt=PROMPT, raw=True, options={**opts, "num_keep": 0}).json()
+    assert body["context"][:fed] == raw[-fed:], body
+    # through the template: its start is what num_keep keeps; streamed, the last line counts the same
+    templated = ids_of(server, messages=[{"role": "user", "content": PROMPT}])
+    body = generate(server, prompt=PROMPT, options=opts).json()
+    assert body["context"][:fed] == templated[:4] + templated[-(fed - 4):], body
+    with httpx.stream("POST", server.url + "/api/generate", json={"model": "short", "prompt": PROMPT, "options": opts},
+                      timeout=60) as s:
+        assert s.status_code == 200
+        last = [line for line in s.iter_lines() if line][-1]
+    assert '"done": true' in last and f'"prompt_eval_count": {fed}' in last, last
+    bad = generate(server, prompt=PROMPT, raw=True, truncate=False, options=opts)
+    assert bad.status_code == 400 and "maximum context length" in bad.json()["error"], bad.text
+    # (a prompt that fits is fed whole)
+    assert generate(server, prompt="word1 word2", raw=True, options=opts).json()["prompt_eval_count"] == \
+        len(ids_of(server, prompt="word1 word2"))
+
+
+def test_a_generate_continued_past_the_context_keeps_the_conversations_start(server):
+    """A `context` (the earlier turns' ids) that with the new prompt runs past the context: cut the same way, the
+    conversation's first tokens kept and its latest (the new prompt's end), instead of a 400."""
+    opts = {"temperature": 0, "num_predict": 4}
+    first = generate(server, prompt=PROMPT[:60], raw=True, options=opts).json()
+    r = generate(server, prompt=PROMPT, raw=True, context=first["context"], options=opts)
+    assert r.status_code == 200, r.text
+    whole = first["context"] + ids_of(server, prompt=PROMPT)
+    fed = CTX - 4
+    assert r.json()["context"][:fed] == whole[:4] + whole[-(fed - 4):]
+
+
+def test_keep_alive_takes_gos_durations_only():
+    """Go's time.ParseDuration, as Ollama parses a keep_alive string: its units (ns us µs μs ms s m h), a sign,
+    fractions, "0"; "1d", a bare "300", spaces and anything past ~292 years are its errors."""
+    assert [go_duration_s(s) for s in ("5m", "1h30m", "-1m", "300ms", ".5h", "5.s", "0", "+0", "1µs", "1μs")] == \
+        [300, 5400, -60, 0.3, 1800, 5, 0, 0, 1e-6, 1e-6]
+    assert go_duration_s("2562047h47m16.854775807s") == pytest.approx(9223372036.854776)
+    for bad, why in (("1d", 'unknown unit "d"'), ("300", "missing unit"), ("-1", "missing unit"),
+                     ("1h30", "missing unit"), ("5 m", "unknown unit"), (" 5m", "invalid"), ("", "invalid"),
+                     ("-", "invalid"), (".s", "invalid"), ("2562047h47m16.854775808s", "invalid")):
+        with pytest.raises(ValueError, match=why):
+            go_duration_s(bad)
+
+
+def test_keep_alive_1d_is_refused_as_ollama_refuses_it(server):
+    """keep_alive "1d" (the configuration file's spelling, not Go's) is Ollama's 400 on chat, generate and embed;
+    a JSON number is seconds and -1 (forever) is taken."""
+    for path, body in (("/api/chat", {"messages": [{"role": "user", "content": "Hi"}]}), ("/api/generate", {"prompt": "Hi"}),
+                       ("/api/embed", {"input": "Hi"})):
+        r = httpx.post(server.url + path, json={"model": "short", "stream": False, "keep_alive": "1d", **body,
+                                                "options": {"num_predict": 1}}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"].startswith('keep_alive: unknown unit "d"'), (path, r.text)
+    for ka in (-1, 60, "-1s", "10m"):
+        assert generate(server, prompt="Hi", keep_alive=ka, options={"num_predict": 1}).status_code == 200, ka
