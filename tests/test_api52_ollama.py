@@ -107,3 +107,18 @@ def test_keep_alive_1d_is_refused_as_ollama_refuses_it(server):
         assert r.status_code == 400 and r.json()["error"].startswith('keep_alive: unknown unit "d"'), (path, r.text)
     for ka in (-1, 60, "-1s", "10m"):
         assert generate(server, prompt="Hi", keep_alive=ka, options={"num_predict": 1}).status_code == 200, ka
+
+
+def test_a_conversation_far_past_the_context_loses_only_the_messages_it_must(server):
+    """A chat dozens of messages past the context loses exactly its oldest messages that must go (the fewest that
+    leave room to generate, found by a tokenize-only search): it lost up to twice that many past 16 drops. The system
+    message and the last one stay."""
+    system = {"role": "system", "content": "Be brief."}
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message number {i} is here"}
+             for i in range(61)]
+    kept = next(k for k in range(len(turns), 0, -1) if len(ids_of(server, messages=[system, *turns[-k:]])) < CTX)
+    assert len(turns) - kept > 20 and kept > 1
+    r = httpx.post(server.url + "/api/chat", json={"model": "short", "stream": False, "messages": [system, *turns],
+                                                   "options": {"temperature": 0, "num_predict": 1}}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["prompt_eval_count"] == len(ids_of(server, messages=[system, *turns[-kept:]])), kept

@@ -263,10 +263,10 @@ def test_a_conversation_past_the_context_loses_its_oldest_messages(server):
 
 
 def test_a_long_conversation_past_the_context_is_shortened_in_few_tries(server):
-    """A conversation of hundreds of messages past the context: each try renders and tokenizes it whole, so after
-    the first few single drops each try drops twice as many (it took one try a message: a tenant's 1 MB chat was
-    minutes of the server's tokenizer time). The reply still comes, from the latest messages; the system messages
-    and the last one are never dropped."""
+    """A conversation of hundreds of messages past the context: each try renders and tokenizes it whole, so how many
+    go is a binary search, a few tries (it took one try a message: a tenant's 1 MB chat was minutes of the server's
+    tokenizer time). The reply still comes, from the latest messages; the system messages and the last one are never
+    dropped."""
     from types import SimpleNamespace as M
 
     from controller.api.ollama import _drop_oldest

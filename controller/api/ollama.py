@@ -326,7 +326,6 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                                         "--tool-call-parser hermes, or tool_call_parser in its configuration)")
             return await serving.start_chat(req, tenant, ctl.new_id("ollama"), body.stream)
 
-        tries = 0
         while True:
             try:
                 me, tools, gen = await begin(req)
@@ -339,17 +338,11 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                     # so the reply takes the room there is (done_reason "length"), where max_tokens would be a 400
                     req = req.model_copy(update={"max_tokens": None})
                     continue
+                if not chat or body.truncate is False or e.param == "max_tokens":
+                    raise
                 # a conversation longer than the context: Ollama drops its oldest messages until it fits, keeping
                 # the system messages and the last one (`truncate: false`, Ollama's too: the error instead)
-                # Each try renders and tokenizes the whole conversation: one message a try for the first
-                # EXACT_DROPS, then twice as many each try (a long one past the context costs a few dozen tries,
-                # not one a message; it may then lose up to twice the messages it had to)
-                tries += 1
-                step = 1 if tries <= EXACT_DROPS else 1 << min(tries - EXACT_DROPS, 30)
-                shorter = _drop_oldest(req.messages, step) if chat and body.truncate is not False else None
-                if shorter is None:
-                    raise
-                req = req.model_copy(update={"messages": shorter})
+                req = req.model_copy(update={"messages": await _fewest_drops(serving, tenant, me, req, e)})
         if _unloads(ctl, body.keep_alive):  # (sent after the request: the engine evicts once it is done)
             ctl.evict(me.spec.name)
     except ServingError as e:
@@ -520,7 +513,31 @@ def _truncated(me: Any, ids: list[int], body: _Base, what: str) -> list[int]:
     return new
 
 
-EXACT_DROPS = 16  # a conversation past the context loses one message a try this many times, then more (_run)
+async def _fewest_drops(serving: OpenAIServing, tenant: Any, me: Any, req: p.ChatCompletionRequest,
+                        e: ServingError) -> list[Any]:
+    """The conversation of `req` (past the context: `e`) without the fewest oldest messages (`_drop_oldest`) that
+    leave its prompt room to generate, found by a binary search over how many go, each try rendered and tokenized
+    only (a few dozen for thousands of messages); `e`, naming the shortest one's length, when none fits."""
+    msgs = req.messages
+    droppable = sum(m.role not in ("system", "developer") for m in msgs[:-1])
+
+    async def fits(n: int) -> tuple[bool, int]:
+        count = await serving.chat_prompt_tokens(tenant, req.model_copy(update={"messages": _drop_oldest(msgs, n)}))
+        return count < me.max_model_len, count
+
+    if droppable == 0:
+        raise e
+    ok, count = await fits(droppable)
+    if not ok:
+        raise too_long(me, count, "messages")
+    lo, hi = 1, droppable  # (dropping hi fits; dropping lo - 1 does not: `e`)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if (await fits(mid))[0]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _drop_oldest(msgs, lo)  # type: ignore[return-value]
 
 
 def _drop_oldest(msgs: list[Any], n: int = 1) -> list[Any] | None:

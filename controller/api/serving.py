@@ -717,7 +717,10 @@ class OpenAIServing:
         declarations); nothing is generated (Anthropic's count_tokens, Responses' input_tokens)."""
         me = self.lookup(tenant, chat.model)
         tools = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, me.spec.tool_call_parser)
-        ids = await self.offload(self._chat_prompt, me, chat, {"tools": tools.template_tools} if tools else {}, False)
+        kwargs = check_template_kwargs(chat.chat_template_kwargs)  # (as start_chat renders it)
+        if tools is not None:
+            kwargs = {**kwargs, "tools": tools.template_tools}
+        ids = await self.offload(self._chat_prompt, me, chat, kwargs, False)
         return len(ids)
 
     def _chat_prompt(self, me: ModelEntry, req: p.ChatCompletionRequest | p.TokenizeRequest, kwargs: dict[str, Any],
