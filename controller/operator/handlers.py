@@ -56,7 +56,7 @@ class OperatorConfig:
 
 
 RESYNC_S = OperatorConfig.resync_from_env()
-FINALIZER = f"{GROUP}/finalizer"  # kopf's, on every object of the three kinds (delete handlers, timers)
+FINALIZER = f"{GROUP}/finalizer"  # kopf's, on PooledModels and Tenants (their delete handlers); not on GPUPools
 PLURALS = ("pooledmodels", "tenants", "gpupools")
 # How often kopf looks again whether a deleted object's timer has exited. A timer round runs in a thread and cannot
 # be stopped: an object deleted during one keeps its finalizer until kopf sees the round gone, and kopf's default
@@ -79,6 +79,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # status.served, which lags when the spec changes before the create's status patch landed
     memo.served = {}
     memo.locks, memo.locks_guard = {}, threading.Lock()
+    memo.pools_gone = set()  # uids of the GPUPools deleted (their timers stop: see _without_finalizer)
     settings.persistence.finalizer = FINALIZER
     # Keep kopf's bookkeeping in annotations: the CRDs' status schemas hold only tokenpool's fields.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -173,10 +174,52 @@ def _unavailable(e: AdminUnavailable) -> kopf.TemporaryError:
 
 
 # --- GPUPool ---
+def _without_finalizer(fn: Any) -> Any:
+    """A timer of `fn` (registered by @kopf.timer below this) that puts no finalizer on its objects. kopf puts one on
+    every object with a timer (`requires_finalizer=True`, fixed in @kopf.timer; its maintainer declined an option,
+    nolar/kopf#896, #1183) so that it can stop the timer before the object is gone. A GPUPool has nothing to clean
+    up (its DaemonSet goes by its owner reference), so its delete must not wait on the operator, nor stay
+    Terminating while the operator is down. kopf itself then removes the finalizer an older operator put on a pool.
+    The timer is stopped instead when the pool's DELETED event comes (`_pool_kept`); a round never touches a pool
+    that is gone (`resync_pool`). Through kopf's registry (not public API): where a kopf release changed it, the
+    pools keep kopf's finalizer (tests/test_k8s52_pool_finalizer.py fails)."""
+    try:
+        spawning = kopf.get_default_registry()._spawning
+        spawning._handlers[:] = [dataclasses.replace(h, requires_finalizer=False) if h.fn is fn else h
+                                 for h in spawning._handlers]
+    except (AttributeError, TypeError) as e:
+        log.warning("GPUPools keep kopf's finalizer (this kopf's registry is not as expected: %r)", e)
+    return fn
+
+
+@kopf.on.event(GROUP, VERSION, "gpupools")
+async def pool_event(event: dict, meta: dict, memo: kopf.Memo, **_: Any) -> None:
+    """A pool's DELETED event: its timer stops (kopf, which no finalizer tells of the delete, would run it on)."""
+    if event.get("type") == "DELETED":
+        memo.pools_gone.add(meta["uid"])
+        memo.applied.pop(meta["uid"], None)
+
+
+def _pool_kept(meta: dict, memo: kopf.Memo, **_: Any) -> bool:
+    """The timer's filter: false once the pool's DELETED event came (kopf stops a timer whose filter stops matching;
+    `pool_event` runs before kopf matches the timers of the same event)."""
+    return meta.get("uid") not in getattr(memo, "pools_gone", ())
+
+
+@_without_finalizer
+@kopf.timer(GROUP, VERSION, "gpupools", interval=RESYNC_S, initial_delay=RESYNC_S, when=_pool_kept)
+def resync_pool(name: str, namespace: str, meta: dict, memo: kopf.Memo, **kw: Any) -> None:
+    """The pool's periodic round: only while it still exists (a DELETED event that a watch's restart lost would
+    leave the timer running: it must not make the workers of a deleted pool again)."""
+    current = memo.kube.pool(namespace, name)
+    if current is None or (current.get("metadata") or {}).get("uid") != meta["uid"]:
+        return
+    reconcile_pool(name=name, namespace=namespace, meta=meta, memo=memo, **kw)
+
+
 @kopf.on.resume(GROUP, VERSION, "gpupools")
 @kopf.on.create(GROUP, VERSION, "gpupools")
 @kopf.on.update(GROUP, VERSION, "gpupools", field="spec")
-@kopf.timer(GROUP, VERSION, "gpupools", interval=RESYNC_S, initial_delay=RESYNC_S)
 def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: dict, body: kopf.Body,
                    patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     gen = meta.get("generation")
