@@ -229,13 +229,36 @@ def wants_logprobs(req: p.ResponsesRequest) -> bool:
     return "message.output_text.logprobs" in (req.include or []) or req.top_logprobs is not None
 
 
-def _drop_oldest(conversation: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """`truncation: "auto"`: the conversation without its oldest turn (and the tool results that answered a call
-    of it), or None when only the last turn is left."""
-    rest = conversation[1:]
-    while rest and rest[0].get("role") == "tool":
-        rest = rest[1:]
-    return rest or None
+async def _fewest_dropped(serving: OpenAIServing, tenant: Tenant, req: p.ResponsesRequest,
+                          conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`truncation: "auto"`: the conversation without the fewest oldest turns (each with the tool results that
+    answered its calls) that leave room for max_output_tokens (a token at least), found by a binary search over
+    tokenize-only renders (a few for a long stored conversation, not one a turn); its last turn alone when none
+    fits (whose start_chat then gives the error)."""
+    starts, i = [], 0  # where each shorter conversation starts
+    while True:
+        i += 1
+        while i < len(conversation) and conversation[i].get("role") == "tool":
+            i += 1
+        if i >= len(conversation):
+            break
+        starts.append(i)
+    if not starts:
+        return conversation
+    ctx, mt = serving.lookup(tenant, req.model).max_model_len, req.max_output_tokens
+
+    async def fits(start: int) -> bool:
+        n = await serving.chat_prompt_tokens(tenant, _chat(req, conversation[start:]))
+        return n < ctx and (mt is None or n + mt <= ctx)
+
+    lo, hi = 0, len(starts) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if await fits(starts[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return conversation[starts[lo]:]
 
 
 def _item_id(prefix: str) -> str:
@@ -320,18 +343,19 @@ async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesR
                  request: Request) -> dict[str, Any] | AsyncIterator[bytes]:
     chat, conversation = chat_request(req, _history(store, req, tenant))
     rid = serving.ctl.new_id("resp").replace("-", "_", 1)  # (OpenAI's ids: resp_...)
-    sent = conversation
+    truncated = False
     while True:
         try:
             me, tools, gen = await serving.start_chat(chat, tenant, rid, req.stream)
             break
         except ServingError as e:
-            if req.truncation == "auto" and e.code == "context_length_exceeded" and (
-                    shorter := _drop_oldest(sent)) is not None:
-                sent = shorter  # (the stored conversation stays whole: a later turn truncates it again)
-                chat = _chat(req, sent)
-                continue
-            raise _as_responses(e) from None
+            if truncated or req.truncation != "auto" or e.code != "context_length_exceeded":
+                raise _as_responses(e) from None
+            # (the stored conversation stays whole: a later turn truncates it again)
+            try:
+                chat, truncated = _chat(req, await _fewest_dropped(serving, tenant, req, conversation)), True
+            except ServingError as e2:
+                raise _as_responses(e2) from None
     ran = gen.subs[0].params  # (the sampling it runs with: the model's defaults for what was not sent; no 2nd stat)
     reply = _Reply(serving, req, rid, tools, {"temperature": ran.temperature, "top_p": ran.top_p})
 
