@@ -93,7 +93,7 @@ async def test_a_timer_round_of_a_pool_that_is_gone_touches_nothing(tmp_path, mo
 
     async with _emulated(tmp_path) as (kube, k8s):
         k8s.resources[f"{GV}/gpupools"] = kmock.ResourceInfo(kind="GPUPool", namespaced=True)
-        memo = kopf.Memo(kube=kube, admin=_NoEngines(), applied={}, locks={}, pools_gone=set())
+        memo = kopf.Memo(kube=kube, admin=_NoEngines(), applied={}, locks={})
         memo.locks_guard = threading.Lock()
         meta = {"name": "a", "namespace": NS, "uid": str(uuid.uuid4()), "generation": 1}
         body = kopf.Body({"apiVersion": GV, "kind": "GPUPool", "metadata": meta, "spec": {}})

@@ -79,7 +79,6 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # status.served, which lags when the spec changes before the create's status patch landed
     memo.served = {}
     memo.locks, memo.locks_guard = {}, threading.Lock()
-    memo.pools_gone = set()  # uids of the GPUPools deleted (their timers stop: see _without_finalizer)
     settings.persistence.finalizer = FINALIZER
     # Keep kopf's bookkeeping in annotations: the CRDs' status schemas hold only tokenpool's fields.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -192,18 +191,10 @@ def _without_finalizer(fn: Any) -> Any:
     return fn
 
 
-@kopf.on.event(GROUP, VERSION, "gpupools")
-async def pool_event(event: dict, meta: dict, memo: kopf.Memo, **_: Any) -> None:
-    """A pool's DELETED event: its timer stops (kopf, which no finalizer tells of the delete, would run it on)."""
-    if event.get("type") == "DELETED":
-        memo.pools_gone.add(meta["uid"])
-        memo.applied.pop(meta["uid"], None)
-
-
-def _pool_kept(meta: dict, memo: kopf.Memo, **_: Any) -> bool:
-    """The timer's filter: false once the pool's DELETED event came (kopf stops a timer whose filter stops matching;
-    `pool_event` runs before kopf matches the timers of the same event)."""
-    return meta.get("uid") not in getattr(memo, "pools_gone", ())
+def _pool_kept(meta: dict, pool_names: Any = None, **_: Any) -> bool:
+    """The pool timer's filter: false once the pool's DELETED event came, which takes it out of kopf's index of the
+    pools before kopf matches the timers of that event (and kopf stops a timer whose filter stops matching)."""
+    return any(c[3] == meta.get("uid") for c in (pool_names or {}).get(meta.get("name")) or [])
 
 
 @_without_finalizer
