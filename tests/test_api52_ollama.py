@@ -98,10 +98,10 @@ def test_keep_alive_takes_gos_durations_only():
 
 
 def test_keep_alive_1d_is_refused_as_ollama_refuses_it(server):
-    """keep_alive "1d" (the configuration file's spelling, not Go's) is Ollama's 400 on chat, generate and embed;
-    a JSON number is seconds and -1 (forever) is taken."""
+    """keep_alive "1d" (the configuration file's spelling, not Go's) is Ollama's 400 on chat, generate and both
+    embedding endpoints (the older one took anything); a JSON number is seconds and -1 (forever) is taken."""
     for path, body in (("/api/chat", {"messages": [{"role": "user", "content": "Hi"}]}), ("/api/generate", {"prompt": "Hi"}),
-                       ("/api/embed", {"input": "Hi"})):
+                       ("/api/embed", {"input": "Hi"}), ("/api/embeddings", {"prompt": "Hi"})):
         r = httpx.post(server.url + path, json={"model": "short", "stream": False, "keep_alive": "1d", **body,
                                                 "options": {"num_predict": 1}}, timeout=60)
         assert r.status_code == 400 and r.json()["error"].startswith('keep_alive: unknown unit "d"'), (path, r.text)
@@ -122,3 +122,11 @@ def test_a_conversation_far_past_the_context_loses_only_the_messages_it_must(ser
                                                    "options": {"temperature": 0, "num_predict": 1}}, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["prompt_eval_count"] == len(ids_of(server, messages=[system, *turns[-kept:]])), kept
+
+
+def test_a_request_without_its_model_is_ollamas_400(server):
+    """A request that leaves out `model` is Ollama's 400 "model is required", not the validator's words."""
+    for path, body in (("/api/chat", {"messages": [{"role": "user", "content": "Hi"}]}), ("/api/generate", {"prompt": "Hi"}),
+                       ("/api/embed", {"input": "Hi"}), ("/api/embeddings", {"prompt": "Hi"})):
+        r = httpx.post(server.url + path, json={"stream": False, **body}, timeout=60)
+        assert (r.status_code, r.json()) == (400, {"error": "model is required"}), (path, r.text)

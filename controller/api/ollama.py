@@ -180,6 +180,8 @@ def _as(model: type[BaseModel], data: Any) -> Any:
             kind = ("an array" if isinstance(data, list) else "null" if data is None else
                     "a string" if isinstance(data, str) else "a boolean" if isinstance(data, bool) else "a number")
             raise ServingError(400, f"the request body must be a JSON object, not {kind}") from None
+        if err["type"] == "missing" and where:  # (Ollama's words: "model is required")
+            raise ServingError(400, f"{where} is required") from None
         raise ServingError(400, f"{where}: {err['msg']}" if where else err["msg"]) from None
 
 
@@ -662,9 +664,13 @@ async def embed(request: Request) -> Response:
 async def embeddings_legacy(request: Request) -> Response:
     """Ollama's older endpoint: one prompt's embedding, unnormalized (an empty prompt: an empty one)."""
     body = await _body(request, EmbeddingsRequest)
+    _keep_alive_s(body.keep_alive)  # (a 400 before any work when it is no duration, as /api/embed's)
     got = await _embed(request, body.model, body.prompt, True, None, normalize=False)
     if isinstance(got, Response):
         return got
+    ctl = request.app.state.controller
+    if _unloads(ctl, body.keep_alive):
+        ctl.evict(request.app.state.serving.lookup(auth.tenant(request), served(request, body.model)).spec.name)
     return JSONResponse({"embedding": got[0][0] if got[0] else []})
 
 
