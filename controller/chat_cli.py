@@ -220,19 +220,119 @@ def read_message(inp: TextIO, out: TextIO, prompt: str = "") -> str | None:
 
 
 HELP = """Available commands:
-  /clear    forget the conversation so far (a --system message stays)
+  /set      set the system message or a parameter, verbose or quiet, json format (/set alone: how)
+  /show     the model's info, its template, the system message or the parameters set (/show alone: how)
+  /clear    forget the conversation so far (the system message stays)
   /bye      leave (as Ctrl-D does)
   /?, /help this help
 Begin and end a multi-line message with \"\"\". Ctrl-C stops a reply.
 """
+SET_HELP = """Available commands:
+  /set parameter NAME VALUE  set a sampling parameter (/set parameter alone: which)
+  /set system TEXT           set the system message
+  /set verbose               after each reply, its timings and token counts
+  /set quiet                 no timings (the default)
+  /set format json           each reply a JSON object
+  /set noformat              replies as the model writes them
+"""
+SHOW_HELP = """Available commands:
+  /show info        the model's architecture, context length and capabilities
+  /show template    its chat template
+  /show system      the system message
+  /show parameters  the parameters set
+"""
+# `/set parameter NAME VALUE` as `ollama run` takes it: Ollama's option name -> the request's field, its type
+PARAMETERS = {"temperature": ("temperature", float), "seed": ("seed", int), "num_predict": ("max_tokens", int),
+              "top_p": ("top_p", float), "top_k": ("top_k", int), "min_p": ("min_p", float),
+              "repeat_penalty": ("repetition_penalty", float), "stop": ("stop", str)}
+PARAMETER_HELP = "Available parameters:\n" + "".join(f"  /set parameter {n} VALUE\n" for n in PARAMETERS) + \
+    "(stop takes one or more strings)\n"
+
+
+class Chat:
+    """A conversation's settings the /set commands change: the request body (its model, messages and sampling
+    parameters) and where a reply's timings go (None: nowhere)."""
+
+    def __init__(self, url: str, key: str | None, body: dict[str, Any], stats: TextIO | None):
+        self.url, self.key, self.body, self.stats = url, key, body, stats
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return self.body["messages"]
+
+    def system(self) -> str | None:
+        m = self.messages
+        return m[0]["content"] if m and m[0]["role"] == "system" else None
+
+    def set(self, args: list[str], text: str) -> str:
+        """`/set ...`'s answer, as `ollama run` words it; `text`: what follows `/set system`, as typed."""
+        what = args[0] if args else ""
+        if what == "system" and len(args) > 1:
+            if self.system() is not None:
+                self.messages[0]["content"] = text
+            else:
+                self.messages.insert(0, {"role": "system", "content": text})
+            return "Set system message.\n"
+        if what == "parameter":
+            return self._parameter(args[1:])
+        if what in ("verbose", "quiet") and len(args) == 1:
+            self.stats = sys.stderr if what == "verbose" else None
+            return f"Set '{what}' mode.\n"
+        if args == ["format", "json"]:
+            self.body["response_format"] = {"type": "json_object"}
+            return "Set format to 'json' mode.\n"
+        if args == ["noformat"]:
+            self.body.pop("response_format", None)
+            return "Disabled format.\n"
+        if what in ("history", "nohistory", "wordwrap", "nowordwrap", "think", "nothink"):
+            return f"/set {what} is not supported here\n"
+        return SET_HELP
+
+    def _parameter(self, args: list[str]) -> str:
+        if len(args) < 2 or args[0] not in PARAMETERS:
+            return (f"Unknown parameter '{args[0]}'\n" if args and args[0] not in PARAMETERS else "") + PARAMETER_HELP
+        name, values = args[0], args[1:]
+        field, kind = PARAMETERS[name]
+        if kind is str:
+            self.body[field] = values
+            return f"Set parameter '{name}' to '{', '.join(values)}'\n"
+        try:
+            value = kind(values[0]) if len(values) == 1 else None
+        except ValueError:
+            value = None
+        if value is None:
+            return f"Couldn't set parameter: {name} takes one {'whole ' if kind is int else ''}number\n"
+        self.body[field] = value
+        return f"Set parameter '{name}' to '{values[0]}'\n"
+
+    def show(self, args: list[str]) -> str:
+        what = args[0] if len(args) == 1 else ""
+        if what == "system":
+            return (self.system() or "No system message was specified.") + "\n"
+        if what == "parameters":
+            fields = {f: n for n, (f, _) in PARAMETERS.items()}
+            set_ = [(fields[k], v) for k, v in self.body.items() if k in fields]
+            if not set_:
+                return "No parameters were set.\n"
+            return "User defined parameters:\n" + "".join(
+                f"  {n:<16}{' '.join(map(str, v)) if isinstance(v, list) else v}\n" for n, v in set_)
+        if what in ("info", "template"):
+            try:
+                got = show(self.url, self.key, self.body["model"])
+            except ChatError as e:
+                return f"error: {e}\n"
+            if what == "info":
+                return render_show(got) + "\n"
+            return (got.get("template") or "The model has no chat template.") + "\n"
+        return SHOW_HELP
 
 
 def conversation(url: str, key: str | None, body: dict[str, Any], inp: TextIO, out: TextIO,
                  stats: TextIO | None = None) -> None:
     """A conversation: each line read is a user turn, or the lines between \"\"\" and \"\"\" (`/bye` or end of input
-    ends it; Ctrl-C stops a reply); `/clear`, `/?` and `/help` as `ollama run` has them."""
-    messages = body["messages"]
-    kept = len(messages)  # (the --system message: /clear keeps it)
+    ends it; Ctrl-C stops a reply); `/set`, `/show`, `/clear`, `/?` and `/help` as `ollama run` has them."""
+    chat = Chat(url, key, body, stats)
+    messages = chat.messages
     out.write("(/bye or Ctrl-D to leave; /? for help; Ctrl-C stops a reply)\n")
     while True:
         try:
@@ -251,20 +351,25 @@ def conversation(url: str, key: str | None, body: dict[str, Any], inp: TextIO, o
             out.write(HELP)
             continue
         if command == "/clear":
-            del messages[kept:]
+            del messages[1 if chat.system() is not None else 0:]
             out.write("Cleared the conversation so far.\n")
             continue
-        word = command.split()[0]
-        if word in ("/set", "/show", "/load", "/save"):  # (`ollama run`'s, which this one does not have)
-            out.write(f"{word} is not supported here: give tokenpool run's options (--system, --temperature, "
-                      "--max-tokens, --seed) instead\n")
+        word, *args = command.split()
+        if word == "/set":
+            out.write(chat.set(args, command.split(None, 2)[2] if len(args) > 1 else ""))
+            continue
+        if word == "/show":
+            out.write(chat.show(args))
+            continue
+        if word in ("/load", "/save"):  # (`ollama run`'s, which this one does not have)
+            out.write(f"{word} is not supported here\n")
             continue
         if word == command and command.startswith("/"):  # (as `ollama run`: a lone /word is a command)
             out.write(f"Unknown command {command!r}. Type /? for help\n")
             continue
         messages.append({"role": "user", "content": line})
         try:
-            reply = turn(url, key, body, out, stats)
+            reply = turn(url, key, body, out, chat.stats)
         except KeyboardInterrupt:
             out.write("\n")
             messages.pop()

@@ -473,7 +473,7 @@ def test_cli_urls_given_as_an_openai_base_url(chat_stub):
 
 def test_conversation_commands_as_ollama_run_has_them(chat_stub):
     """/? and /help print the commands, /clear forgets the turns so far (the --system message stays), a lone unknown
-    /word and ollama's /set etc. are said to be commands, not sent; text that only begins with / is a message (they
+    /word and ollama's /set etc. are commands, not sent; text that only begins with / is a message (they
     all went to the model as messages)."""
     from controller.chat_cli import run
 
@@ -489,7 +489,8 @@ def test_conversation_commands_as_ollama_run_has_them(chat_stub):
          {"role": "user", "content": "/etc/hosts explain"}]]
     text = out.getvalue()
     assert "/clear    forget the conversation" in text and "Cleared the conversation so far." in text
-    assert "Unknown command '/nope'. Type /? for help" in text and "/set is not supported here" in text
+    assert "Unknown command '/nope'. Type /? for help" in text and "Set parameter 'temperature' to '0'" in text
+    assert bodies[-1]["temperature"] == 0.0
 
 
 def test_a_key_without_a_prefix_never_starts_with_a_dash(monkeypatch):

@@ -1,0 +1,107 @@
+"""`tokenpool run`'s conversation takes `ollama run`'s /set and /show: `/set system`, `/set parameter NAME VALUE`
+(Ollama's option names: num_predict, repeat_penalty, ...), `/set verbose|quiet`, `/set format json|noformat`,
+`/show info|template|system|parameters`. They were "/set is not supported here: give tokenpool run's options":
+the conversation had to be left to change any of them."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+
+import pytest
+
+from controller.chat_cli import run
+from tests.http_stub import Terminal, stub_server
+
+SHOW = {"details": {"format": "safetensors", "family": "llama"}, "template": "{{ messages }}",
+        "model_info": {"general.architecture": "llama", "llama.context_length": 2048}, "capabilities": ["completion"]}
+
+
+@pytest.fixture(scope="module")
+def stub():
+    bodies: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _json(self, obj: dict) -> None:
+            data = json.dumps(obj).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # (/v1/models/known: the model is served)
+            self._json({"id": "known"})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            if self.path == "/api/show":
+                return self._json(SHOW)
+            bodies.append(body)
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(b'data: {"choices": [{"delta": {"content": "ok"}}], "usage": null}\n\n'
+                             b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}\n\n'
+                             b"data: [DONE]\n\n")
+
+    with stub_server(Handler) as url:
+        yield url, bodies
+
+
+def converse(stub, typed: str, system: str | None = None) -> tuple[str, list[dict]]:
+    url, bodies = stub
+    bodies.clear()
+    out = io.StringIO()
+    run(url, None, "known", None, system, {"max_tokens": 50}, Terminal(typed + "/bye\n"), out)
+    return out.getvalue(), list(bodies)
+
+
+def test_set_system_and_parameters_go_with_the_next_turns(stub):
+    out, bodies = converse(stub, "/set system be brief\n/set parameter temperature 0.2\n/set parameter num_predict 7\n"
+                           "/set parameter repeat_penalty 1.1\n/set parameter stop END STOP\nhi\n"
+                           "/set system be terse\n/clear\nagain\n")
+    assert "Set system message." in out and "Set parameter 'temperature' to '0.2'" in out
+    assert "Set parameter 'stop' to 'END, STOP'" in out
+    first, second = bodies
+    assert first["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert (first["temperature"], first["max_tokens"], first["repetition_penalty"], first["stop"]) == \
+        (0.2, 7, 1.1, ["END", "STOP"])
+    # the system message replaced, not added; /clear keeps it
+    assert second["messages"] == [{"role": "system", "content": "be terse"}, {"role": "user", "content": "again"}]
+
+
+def test_set_system_replaces_the_system_option(stub):
+    _, (body,) = converse(stub, "/set system new\nhi\n", system="old")
+    assert body["messages"] == [{"role": "system", "content": "new"}, {"role": "user", "content": "hi"}]
+
+
+def test_bad_parameters_are_said_and_not_sent(stub):
+    out, (body,) = converse(stub, "/set parameter temperature warm\n/set parameter nosuch 1\n/set parameter\n"
+                            "/set history\nhi\n")
+    assert "Couldn't set parameter: temperature takes one number" in out
+    assert "Unknown parameter 'nosuch'" in out and "/set parameter num_predict VALUE" in out
+    assert "/set history is not supported here" in out
+    assert "temperature" not in body and "nosuch" not in body
+
+
+def test_format_and_verbose_modes(stub, capsys):
+    out, (a, b) = converse(stub, "/set format json\n/set verbose\nhi\n/set noformat\n/set quiet\nhi\n")
+    assert "Set format to 'json' mode." in out and "Disabled format." in out and "Set 'quiet' mode." in out
+    assert a["response_format"] == {"type": "json_object"} and "response_format" not in b
+    assert a.get("stream_options") == {"include_usage": True} and "stream_options" not in b  # (timings asked once)
+    assert capsys.readouterr().err.count("total duration:") == 1
+
+
+def test_show_commands(stub):
+    out, bodies = converse(stub, "/show system\n/set system be brief\n/show system\n/show parameters\n"
+                           "/set parameter seed 3\n/show parameters\n/show info\n/show template\n/show\n")
+    assert bodies == []
+    assert "No system message was specified." in out and ">>> be brief\n" in out
+    assert "User defined parameters:\n  num_predict     50\n  seed            3\n" in out
+    assert "    architecture        llama\n    context length      2048\n" in out and "{{ messages }}\n" in out
+    assert "/show parameters  the parameters set" in out
