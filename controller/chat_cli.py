@@ -89,13 +89,22 @@ def show(url: str, key: str | None, model: str) -> dict[str, Any]:
     return got
 
 
+def _count(n: int) -> str:
+    """A parameter count as Ollama writes it: 134.52M, 8.0B."""
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
 def render_show(got: dict[str, Any]) -> str:
     """/api/show's answer laid out as `ollama show` prints it: the model's facts, then its capabilities."""
     info = got.get("model_info") if isinstance(got.get("model_info"), dict) else {}
     details = got.get("details") if isinstance(got.get("details"), dict) else {}
     arch = info.get("general.architecture") or details.get("family")
-    facts = [("architecture", arch), ("context length", info.get(f"{arch}.context_length", info.get("context_length"))),
-             ("embedding length", info.get(f"{arch}.embedding_length")), ("format", details.get("format"))]
+    count = info.get("general.parameter_count")
+    params = details.get("parameter_size") or (_count(count) if isinstance(count, int) and count > 0 else None)
+    facts = [("architecture", arch), ("parameters", params),
+             ("context length", info.get(f"{arch}.context_length", info.get("context_length"))),
+             ("embedding length", info.get(f"{arch}.embedding_length")),
+             ("quantization", details.get("quantization_level")), ("format", details.get("format"))]
     lines = ["  Model", *(f"    {k:<20}{v}" for k, v in facts if v not in (None, ""))]
     if caps := [c for c in got.get("capabilities") or [] if isinstance(c, str)]:
         lines += ["", "  Capabilities", *(f"    {c}" for c in caps)]

@@ -498,6 +498,16 @@ def pull_cmd(
     raise typer.Exit(2)
 
 
+@app.command("rm", hidden=True)  # (hidden, as pull: said to whoever types `ollama rm`)
+def rm_cmd(model: str = typer.Argument(..., metavar="MODEL", help="a model")) -> None:
+    """As `ollama rm`: tokenpool deletes no model files; how a running server stops serving a model instead."""
+    typer.echo(f"tokenpool rm: tokenpool deletes no model files: a running server stops serving {model} with the "
+               "Remove button of its dashboard's Models view or DELETE /admin/models/NAME (its requests in flight "
+               "end; a --config or MODEL_DIR model is back at the next start); `tokenpool stop "
+               f"{model}` frees its GPU memory only", err=True)
+    raise typer.Exit(2)
+
+
 @app.command("ls")
 @app.command("list", hidden=True)  # (as `ollama list`, whose short form is ls)
 @pipe_safe

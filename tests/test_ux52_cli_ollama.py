@@ -1,0 +1,32 @@
+"""`ollama rm` and `ollama show`'s habits in tokenpool's CLI: `tokenpool rm MODEL` says how a server stops serving a
+model (it was "No such command 'rm'"), and `tokenpool show` prints a model's parameter count and quantization,
+as `ollama show` does, where the server's /api/show gives them."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from controller.chat_cli import render_show
+from controller.cli import app
+
+
+def test_rm_says_what_tokenpool_does_instead():
+    r = CliRunner().invoke(app, ["rm", "smollm2"], env={"COLUMNS": "200"})
+    assert r.exit_code == 2 and r.output.startswith("tokenpool rm: tokenpool deletes no model files: a running "
+                                                    "server stops serving smollm2 with the Remove button"), r.output
+    assert "`tokenpool stop smollm2` frees its GPU memory only" in r.output
+
+
+def test_show_prints_parameters_and_quantization_as_ollama_show():
+    got = {"details": {"format": "safetensors", "family": "llama", "quantization_level": "BF16"},
+           "model_info": {"general.architecture": "llama", "general.parameter_count": 134_515_008,
+                          "llama.context_length": 8192, "llama.embedding_length": 576}, "capabilities": ["completion"]}
+    assert render_show(got).splitlines()[:7] == [
+        "  Model", "    architecture        llama", "    parameters          134.52M",
+        "    context length      8192", "    embedding length    576", "    quantization        BF16",
+        "    format              safetensors"]
+    got["details"]["parameter_size"] = "135M"  # (the server's own words win)
+    got["model_info"]["general.parameter_count"] = 8_030_261_248
+    assert "    parameters          135M" in render_show(got)
+    del got["details"]["parameter_size"]
+    assert "    parameters          8.0B" in render_show(got)
