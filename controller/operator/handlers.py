@@ -87,10 +87,28 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # failed); kopf posts none of its log messages unless told to.
     settings.posting.level = logging.WARNING
     settings.posting.loggers = True
+    logging.getLogger("kopf.objects").addFilter(_unposted_retries)  # (once: a logger keeps a filter once)
     settings.background.cancellation_polling = TIMER_EXIT_POLL_S
     # Watch the given namespaces and the resources found at start: no cluster-wide CRD or namespace watching,
     # so the operator needs no ClusterRole (a newly installed CRD needs an operator restart).
     settings.scanning.disabled = True
+
+
+# What the retries the handlers ask for wait on (kopf.TemporaryError's message begins so). kopf logs every retry
+# ("Handler 'x' failed temporarily: ...") at ERROR, which settings.posting makes a Kubernetes event, and kopf does not
+# aggregate events: `kubectl describe` showed one a second while a model drained, and one every 5 s per object while
+# the controller was down. What they wait on is in the object's status already (and, Degraded, in the one Warning
+# event _write_status posts): these retries stay in the operator's log only.
+_RETRIES_REPORTED = ("controller unavailable: ", "applying the worker DaemonSet: ", "draining ")
+
+
+def _unposted_retries(record: logging.LogRecord) -> bool:
+    """A filter of kopf's object logger: a retry of `_RETRIES_REPORTED` is not posted as an event (kopf's
+    `k8s_skip`, which its own local-only messages carry); every record is still logged."""
+    msg = record.getMessage()
+    if any(f" failed temporarily: {p}" in msg for p in _RETRIES_REPORTED):
+        record.k8s_skip = True
+    return True
 
 
 @kopf.on.login()
