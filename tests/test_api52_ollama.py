@@ -130,3 +130,23 @@ def test_a_request_without_its_model_is_ollamas_400(server):
                        ("/api/embed", {"input": "Hi"}), ("/api/embeddings", {"prompt": "Hi"})):
         r = httpx.post(server.url + path, json={"stream": False, **body}, timeout=60)
         assert (r.status_code, r.json()) == (400, {"error": "model is required"}), (path, r.text)
+
+
+def test_ollamas_sampler_values_are_taken_as_ollama_clamps_them(server):
+    """Ollama's sampler takes any value: top_p 0 keeps the likeliest token alone and a negative temperature is 0, so
+    both reply as greedy decoding does (they were 400s); top_k 0 is no top-k. A value out of range here is a 400
+    naming the Ollama option sent, not the OpenAI field it became."""
+    def reply(**opts) -> str:
+        r = generate(server, prompt="Once upon a time", raw=True, options={"num_predict": 6, **opts})
+        assert r.status_code == 200, (opts, r.text)
+        return r.json()["response"]
+
+    greedy = reply(temperature=0)
+    assert {reply(top_p=0, seed=s) for s in range(3)} == {greedy}
+    assert {reply(temperature=-1, seed=s) for s in range(3)} == {greedy}
+    assert reply(top_k=0, temperature=0) == greedy
+    assert len({reply(seed=s) for s in range(4)}) > 1  # (sampled, the replies vary: the cases above are not luck)
+    for opts, name in (({"repeat_penalty": 0}, "options.repeat_penalty"), ({"temperature": 5}, "options.temperature"),
+                       ({"num_predict": 1 << 30}, "options.num_predict")):
+        r = generate(server, prompt="Hi", raw=True, options=opts)
+        assert r.status_code == 400 and r.json()["error"].startswith(name + ":"), (opts, r.text)

@@ -148,15 +148,33 @@ def served(request: Request, name: Any) -> Any:
     return name
 
 
+# the OpenAI request's fields that Ollama's options set, and the option each is (an error names the one sent)
+OPTION_OF = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
+             "stop": "stop", "repetition_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
+             "frequency_penalty": "frequency_penalty", "max_tokens": "num_predict"}
+
+
 def _sampling(body: _Base, model: str) -> dict[str, Any]:
     """The OpenAI request fields `body`'s options and format mean (for `model`, the served name it asks for)."""
     o = body.options or Options()
     out: dict[str, Any] = {"model": model}
-    for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("min_p", "min_p"),
-                         ("seed", "seed"), ("stop", "stop"), ("repetition_penalty", "repeat_penalty"),
-                         ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty")):
-        if (v := getattr(o, theirs)) is not None:
+    for ours, theirs in OPTION_OF.items():
+        if ours != "max_tokens" and (v := getattr(o, theirs)) is not None:
             out[ours] = v
+    # Ollama's sampler takes any value, clamped: a temperature below 0 is 0 (greedy), top_k at or below 0 is off,
+    # top_p and min_p are held to [0, 1], and top_p 0 keeps the likeliest token alone (greedy), where the OpenAI
+    # request's ranges would make each a 400
+    if out.get("temperature", 0) < 0:
+        out["temperature"] = 0.0
+    if out.get("top_k", 1) <= 0:
+        out["top_k"] = -1
+    if "min_p" in out:
+        out["min_p"] = min(max(out["min_p"], 0.0), 1.0)
+    if "top_p" in out:
+        out["top_p"] = min(out["top_p"], 1.0)
+        if out["top_p"] <= 0:
+            del out["top_p"]
+            out["top_k"] = 1
     if o.num_predict is not None and o.num_predict > 0:
         out["max_tokens"] = o.num_predict
     if body.format == "json":
@@ -170,12 +188,14 @@ def _sampling(body: _Base, model: str) -> dict[str, Any]:
 
 def _as(model: type[BaseModel], data: Any) -> Any:
     """`data` validated as `model` (an Ollama request, or the OpenAI request it means): its errors are the client's
-    (400)."""
+    (400), naming the Ollama option a field of the OpenAI request came from (`OPTION_OF`)."""
     try:
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
+        if model in (p.ChatCompletionRequest, p.CompletionRequest) and where in OPTION_OF:
+            where = f"options.{OPTION_OF[where]}"
         if not where and not isinstance(data, dict):  # (not pydantic's words, which name this module's class)
             kind = ("an array" if isinstance(data, list) else "null" if data is None else
                     "a string" if isinstance(data, str) else "a boolean" if isinstance(data, bool) else "a number")
