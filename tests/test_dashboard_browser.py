@@ -271,6 +271,8 @@ def test_dashboard_without_auth_or_models(tmp_path_factory, shots):
         sign_in(page, url)
         page.click("#tabs [data-view=tenants]")
         expect(page.locator('#tenants-table tr[data-tenant="anonymous"]')).to_be_visible()
+        # its models: every one (the cell said "—", as if it had none)
+        expect(page.locator('#tenants-table tr[data-tenant="anonymous"] td').nth(1)).to_have_text("*")
         expect(page.locator("#auth-off")).to_be_visible()
         expect(page.locator("#auth-off")).to_contain_text("take no effect")
         page.click("#tabs [data-view=models]")

@@ -604,7 +604,9 @@ function renderModels(p) {
 function renderTenants(p) {
   const rows = p.tenants.map((t) => { const d = S.details.tenants.get(t.name); return el("tr", { "data-tenant": t.name },
     el("td", { text: t.name }),
-    el("td", {}, el("span", { class: "mname", title: d ? d.models.join(", ") : "", text: d ? d.models.join(", ") : "—" })),
+    el("td", {}, t.name === "anonymous" && !d // (authentication off: everyone is it, and may use every model)
+      ? el("span", { class: "mname", title: "every model (authentication is off)", text: "*" })
+      : el("span", { class: "mname", title: d ? d.models.join(", ") : "", text: d ? d.models.join(", ") : "—" })),
     el("td", { class: "num", text: fmtNum(t.requests_per_s, 2) }),
     el("td", { class: "num", text: fmtNum(t.tokens_per_min, 0) }),
     el("td", { class: "num", text: `${t.concurrency}${t.max_concurrent ? ` / ${t.max_concurrent}` : ""}` }),
