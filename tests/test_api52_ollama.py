@@ -150,3 +150,18 @@ def test_ollamas_sampler_values_are_taken_as_ollama_clamps_them(server):
                        ({"num_predict": 1 << 30}, "options.num_predict")):
         r = generate(server, prompt="Hi", raw=True, options=opts)
         assert r.status_code == 400 and r.json()["error"].startswith(name + ":"), (opts, r.text)
+
+
+def test_an_endpoint_asked_with_another_method_is_a_405_naming_its_own(server):
+    """POST /api/tags or GET /api/chat: a 405 saying which method the endpoint takes (it was a 404 "no such
+    endpoint", or a bare 405 for a GET of any path); an unknown path is a 404 whatever the method."""
+    for method, path, want in (("POST", "/api/tags", "GET"), ("GET", "/api/chat", "POST"), ("PUT", "/api/version", "GET"),
+                               ("GET", "/api/delete", "DELETE")):
+        r = httpx.request(method, server.url + path)
+        assert (r.status_code, r.headers.get("allow")) == (405, want), (method, path, r.text)
+        assert r.json() == {"error": f"{path} takes {want}, not {method}"}
+    for method in ("GET", "POST"):
+        r = httpx.request(method, server.url + "/api/nope")
+        assert (r.status_code, r.json()) == (404, {"error": "no such endpoint: /api/nope"}), (method, r.text)
+    for method in ("DELETE", "POST"):  # (management, as before: a served model's delete is the 501)
+        assert httpx.request(method, server.url + "/api/delete", json={"model": "short"}).status_code == 501

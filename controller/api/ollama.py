@@ -792,13 +792,18 @@ async def pull(request: Request) -> Response:
     return JSONResponse(done)
 
 
-@router.api_route("/{action}", methods=["POST", "DELETE"], include_in_schema=False)
+@router.api_route("/{action}", methods=["GET", "POST", "DELETE", "PUT", "PATCH"], include_in_schema=False)
 async def manage(action: str, request: Request) -> Response:
     """Ollama's model management (create, copy, delete, push, ...): not this server's; models are the configured ones
-    and those registered through the admin API. One naming a model that is not served is Ollama's 404."""
+    and those registered through the admin API. One naming a model that is not served is Ollama's 404. An endpoint
+    served here asked with another method: a 405 naming the one it takes."""
     tenant = auth.tenant(request)
-    if action not in MANAGEMENT:
+    method = SERVED.get(action) or ("DELETE" if action == "delete" else "POST" if action in MANAGEMENT else None)
+    if method is None:
         return _error(404, f"no such endpoint: /api/{action}")
+    if request.method != method and not (action == "delete" and request.method == "POST"):
+        return JSONResponse({"error": f"/api/{action} takes {method}, not {request.method}"}, status_code=405,
+                            headers={"Allow": method})
     try:
         data = json.loads(await request.body() or b"{}")
     except ValueError as e:
@@ -815,3 +820,5 @@ async def manage(action: str, request: Request) -> Response:
 
 
 MANAGEMENT = frozenset({"create", "copy", "delete", "push"})
+SERVED = {"chat": "POST", "generate": "POST", "embed": "POST", "embeddings": "POST", "show": "POST", "pull": "POST",
+          "tags": "GET", "ps": "GET", "version": "GET"}  # (the routes above, by the method each takes)
