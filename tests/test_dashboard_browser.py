@@ -358,6 +358,8 @@ def run(page, ctx, server, shots: Path) -> None:
     victim = streams[0]
     row = page.locator(f'#requests-table tr[data-request="{victim.id}"]')
     expect(row).to_contain_text("pace-a")
+    # its state: tokens came, so running (before them: "prefill" on its engine, "queued" at the controller)
+    expect(row.locator(".badge.running")).to_have_attribute("title", "generating tokens")
     if page.request.get(url + "/admin/pool").json()["latency_window"]:  # the controller reports its requests
         expect(row).to_contain_text("team-a")
     page.screenshot(path=str(shots / "requests.png"))
