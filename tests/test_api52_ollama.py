@@ -165,3 +165,27 @@ def test_an_endpoint_asked_with_another_method_is_a_405_naming_its_own(server):
         assert (r.status_code, r.json()) == (404, {"error": "no such endpoint: /api/nope"}), (method, r.text)
     for method in ("DELETE", "POST"):  # (management, as before: a served model's delete is the 501)
         assert httpx.request(method, server.url + "/api/delete", json={"model": "short"}).status_code == 501
+
+
+def test_a_chat_whose_last_message_alone_is_past_the_context_is_cut_as_a_prompt(server):
+    """Ollama's chat drops the oldest messages, then its runner cuts the prompt that is still past the context as
+    a generate prompt's (the first num_keep tokens, then the last): a last message alone past the context is no
+    400 (it was), streamed or not; the prompt fed is the shortest conversation's (the system message and the last
+    one), cut so."""
+    system = {"role": "system", "content": "Be brief."}
+    msgs = [system, {"role": "user", "content": "an older one"}, {"role": "assistant", "content": "fine"},
+            {"role": "user", "content": PROMPT}]
+    shortest = ids_of(server, messages=[system, msgs[-1]])
+    assert len(shortest) > CTX
+    fed = CTX - 5
+    want = shortest[:4] + shortest[-(fed - 4):]
+    body = {"model": "short", "messages": msgs, "options": {"temperature": 0, "num_predict": 5}}
+    r = httpx.post(server.url + "/api/chat", json={**body, "stream": False}, timeout=60)
+    assert r.status_code == 200 and r.json()["prompt_eval_count"] == fed, r.text
+    same = httpx.post(server.url + "/v1/completions", json={"model": "short", "prompt": want, "max_tokens": 5,
+                                                             "temperature": 0}, timeout=60)
+    assert r.json()["message"]["content"] == same.json()["choices"][0]["text"]  # (the reply to exactly that prompt)
+    with httpx.stream("POST", server.url + "/api/chat", json=body, timeout=60) as s:
+        last = [line for line in s.iter_lines() if line][-1]
+    assert f'"prompt_eval_count": {fed}' in last, last
+

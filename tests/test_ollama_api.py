@@ -239,8 +239,9 @@ def test_a_body_that_is_no_json_object_is_named(server):
 
 def test_a_conversation_past_the_context_loses_its_oldest_messages(server):
     """A chat longer than the context is shortened as Ollama's is: its oldest messages go, the system message and
-    the last one stay, until it fits (the prompt is the kept messages'); with `truncate: false` it is a 400, as is
-    one whose last message alone does not fit."""
+    the last one stay, until it fits (the prompt is the kept messages'); with `truncate: false` it is a 400. One
+    whose last message alone does not fit is cut as Ollama's runner cuts it (the template's first num_keep tokens,
+    then the prompt's last: test_api52_ollama), where it was a 400; with `truncate: false` too it is the 400."""
     c = oc(server)
     system = {"role": "system", "content": "Be brief."}
     turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message number {i} is here"}
@@ -256,9 +257,11 @@ def test_a_conversation_past_the_context_loses_its_oldest_messages(server):
     bad = httpx.post(server.url + "/api/chat", json={"model": "short-a", "messages": msgs, "stream": False,
                                                      "truncate": False, "options": opts})
     assert bad.status_code == 400 and "maximum context length" in bad.json()["error"], bad.text
-    with pytest.raises(ollama.ResponseError) as ei:
-        c.chat(model="short-a", messages=[system, {"role": "user", "content": "word " * 60}], options=opts)
-    assert ei.value.status_code == 400 and "maximum context length" in ei.value.error
+    huge = [system, {"role": "user", "content": "word " * 60}, {"role": "user", "content": "word " * 60}]
+    assert c.chat(model="short-a", messages=huge, options=opts).prompt_eval_count == 48 - 1  # (num_predict's room)
+    bad = httpx.post(server.url + "/api/chat", json={"model": "short-a", "messages": huge, "stream": False,
+                                                     "truncate": False, "options": opts})
+    assert bad.status_code == 400 and "maximum context length" in bad.json()["error"], bad.text
 
 
 

@@ -331,7 +331,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
             raise ServingError(400, "context must be the token ids a previous /api/generate returned")
         templated = isinstance(req, p.ChatCompletionRequest)
 
-        async def begin(req: Any) -> tuple[Any, ToolPlan | None, Tracked]:
+        async def begin(req: Any, cut: bool = False) -> tuple[Any, ToolPlan | None, Tracked]:
             if templated and not getattr(me.tokenizer, "chat_template", None):  # (Ollama's answers first)
                 raise ServingError(400, f"model '{req.model}' has no chat template: use /api/generate with raw")
             if not chat:  # the ids of a raw prompt or of the template's, after the earlier turns' (`context`)
@@ -346,11 +346,13 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
             if req.tools and not me.spec.tool_call_parser:  # (Ollama's answer for a model whose template has none)
                 raise ServingError(400, f"{req.model} does not support tools (serve it with a tool-call parser: "
                                         "--tool-call-parser hermes, or tool_call_parser in its configuration)")
-            return await serving.start_chat(req, tenant, ctl.new_id("ollama"), body.stream)
+            return await serving.start_chat(req, tenant, ctl.new_id("ollama"), body.stream,
+                                            (lambda ids: _truncated(me, ids, body, "messages")) if cut else None)
 
+        cut = False  # (chat) its last message alone is past the context: its prompt's tokens are cut
         while True:
             try:
-                me, tools, gen = await begin(req)
+                me, tools, gen = await begin(req, cut)
                 break
             except ServingError as e:
                 if e.code != "context_length_exceeded":
@@ -360,11 +362,13 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                     # so the reply takes the room there is (done_reason "length"), where max_tokens would be a 400
                     req = req.model_copy(update={"max_tokens": None})
                     continue
-                if not chat or body.truncate is False or e.param == "max_tokens":
+                if not chat or body.truncate is False or e.param == "max_tokens" or cut:
                     raise
                 # a conversation longer than the context: Ollama drops its oldest messages until it fits, keeping
-                # the system messages and the last one (`truncate: false`, Ollama's too: the error instead)
-                req = req.model_copy(update={"messages": await _fewest_drops(serving, tenant, me, req, e)})
+                # the system messages and the last one, then its runner cuts the prompt's tokens as a generate
+                # prompt's when that is still too long (`truncate: false`, Ollama's too: the error instead)
+                shortest, cut = await _fewest_drops(serving, tenant, me, req)
+                req = req.model_copy(update={"messages": shortest})
         if _unloads(ctl, body.keep_alive):  # (sent after the request: the engine evicts once it is done)
             ctl.evict(me.spec.name)
     except ServingError as e:
@@ -535,31 +539,31 @@ def _truncated(me: Any, ids: list[int], body: _Base, what: str) -> list[int]:
     return new
 
 
-async def _fewest_drops(serving: OpenAIServing, tenant: Any, me: Any, req: p.ChatCompletionRequest,
-                        e: ServingError) -> list[Any]:
-    """The conversation of `req` (past the context: `e`) without the fewest oldest messages (`_drop_oldest`) that
-    leave its prompt room to generate, found by a binary search over how many go, each try rendered and tokenized
-    only (a few dozen for thousands of messages); `e`, naming the shortest one's length, when none fits."""
+async def _fewest_drops(serving: OpenAIServing, tenant: Any, me: Any,
+                        req: p.ChatCompletionRequest) -> tuple[list[Any], bool]:
+    """The conversation of `req` (past the context) without the fewest oldest messages (`_drop_oldest`) that leave
+    its prompt room to generate, found by a binary search over how many go, each try rendered and tokenized only (a
+    few dozen for thousands of messages); and whether even the shortest (its system messages and last one) is too
+    long, so its prompt's tokens must be cut too (`_truncated`)."""
     msgs = req.messages
     droppable = sum(m.role not in ("system", "developer") for m in msgs[:-1])
 
-    async def fits(n: int) -> tuple[bool, int]:
+    async def fits(n: int) -> bool:
         count = await serving.chat_prompt_tokens(tenant, req.model_copy(update={"messages": _drop_oldest(msgs, n)}))
-        return count < me.max_model_len, count
+        return count < me.max_model_len
 
     if droppable == 0:
-        raise e
-    ok, count = await fits(droppable)
-    if not ok:
-        raise too_long(me, count, "messages")
+        return msgs, True
+    if not await fits(droppable):
+        return _drop_oldest(msgs, droppable), True  # type: ignore[return-value]
     lo, hi = 1, droppable  # (dropping hi fits; dropping lo - 1 does not: `e`)
     while lo < hi:
         mid = (lo + hi) // 2
-        if (await fits(mid))[0]:
+        if await fits(mid):
             hi = mid
         else:
             lo = mid + 1
-    return _drop_oldest(msgs, lo)  # type: ignore[return-value]
+    return _drop_oldest(msgs, lo), False  # type: ignore[return-value]
 
 
 def _drop_oldest(msgs: list[Any], n: int = 1) -> list[Any] | None:

@@ -653,10 +653,12 @@ class OpenAIServing:
             return self._stream_chat(gen, req, rid, me, tools)
         return await self._collect(request, gen, self._collect_chat(gen, req, rid, me, tools))
 
-    async def start_chat(self, req: p.ChatCompletionRequest, tenant: Tenant, rid: str,
-                         stream: bool) -> tuple[ModelEntry, ToolPlan | None, Tracked]:
+    async def start_chat(self, req: p.ChatCompletionRequest, tenant: Tenant, rid: str, stream: bool,
+                         fit: Callable[[list[int]], list[int]] | None = None
+                         ) -> tuple[ModelEntry, ToolPlan | None, Tracked]:
         """A chat request's model, tool plan and admitted generation (tracked: whoever reads it closes it).
-        `stream`: whether the API request (chat, Messages, Responses, Ollama) sends its reply as it is made."""
+        `stream`: whether the API request (chat, Messages, Responses, Ollama) sends its reply as it is made. `fit`:
+        the prompt's ids as they are fed, the caller's own cut of one past the context (Ollama's), else a 400."""
         me = self.entry(tenant, req.model)
         self._refuse_unsupported(req)
         if req.top_logprobs is not None and not req.logprobs:
@@ -669,7 +671,10 @@ class OpenAIServing:
         kwargs = check_template_kwargs(req.chat_template_kwargs)
         if tools is not None:
             kwargs = {**kwargs, "tools": tools.template_tools}
-        ids = await self.offload(self._chat_prompt, me, req, kwargs)
+        if fit is None:
+            ids = await self.offload(self._chat_prompt, me, req, kwargs)
+        else:
+            ids = self._check_ids(me, fit(await self.offload(self._chat_prompt, me, req, kwargs, False)), "messages")
         return me, tools, await self.generate(me, tenant, req.model, [ids], params, req.n, rid, stream)
 
     @staticmethod
