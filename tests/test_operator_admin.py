@@ -12,7 +12,7 @@ import yaml
 
 from controller.keys import hash_key, new_key
 from controller.operator import builders as b
-from controller.operator.admin import AdminClient, AdminError, AdminUnavailable
+from controller.operator.admin import AdminClient, AdminError, AdminUnauthorized, AdminUnavailable
 from load_tests.live_server import LiveServer
 from tests import kmock_util
 
@@ -95,7 +95,7 @@ def test_models_inflight_and_removal(server, admin):
 
 
 def test_errors_are_told_apart(server):
-    with pytest.raises(AdminError, match="admin token"):
+    with pytest.raises(AdminUnauthorized, match="incorrect admin token.*TOKENPOOL_ADMIN_TOKEN"):
         AdminClient(server.url, "wrong").models.by_name()
     with pytest.raises(AdminUnavailable):
         AdminClient(f"http://127.0.0.1:{kmock_util.free_port()}", ADMIN, timeout_s=2).models.by_name()

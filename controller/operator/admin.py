@@ -15,6 +15,11 @@ class AdminError(Exception):
     """The controller refused a change (4xx): retrying the same request will not help."""
 
 
+class AdminUnauthorized(AdminError):
+    """The controller refused the operator's admin token (401, 403): a misconfiguration (the token is not the one whose
+    hash the controller's configuration holds), not a refused change."""
+
+
 class AdminUnavailable(Exception):
     """The controller could not be reached or failed (5xx): retry later."""
 
@@ -35,6 +40,10 @@ class AdminClient:
             raise AdminUnavailable(f"{method} {path}: {e}") from e
         if r.status_code >= 500:
             raise AdminUnavailable(f"{method} {path}: {r.status_code} {r.text[:300]}")
+        if r.status_code in (401, 403):
+            raise AdminUnauthorized(f"the controller refused the operator's admin token ({r.status_code} "
+                                    f"{self._error(r)}): TOKENPOOL_ADMIN_TOKEN must be the token whose hash is the "
+                                    "controller's admin_token_hash")
         return r
 
     @staticmethod

@@ -24,7 +24,7 @@ from kubernetes.client.exceptions import ApiException
 
 from controller.operator import GROUP, VERSION
 from controller.operator import builders as b
-from controller.operator.admin import AdminClient, AdminError, AdminUnavailable
+from controller.operator.admin import AdminClient, AdminError, AdminUnauthorized, AdminUnavailable
 from tokenpool import env
 
 log = logging.getLogger("tokenpool.operator")
@@ -99,7 +99,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
 # aggregate events: `kubectl describe` showed one a second while a model drained, and one every 5 s per object while
 # the controller was down. What they wait on is in the object's status already (and, Degraded, in the one Warning
 # event _write_status posts): these retries stay in the operator's log only.
-_RETRIES_REPORTED = ("controller unavailable: ", "applying the worker DaemonSet: ", "draining ")
+_RETRIES_REPORTED = ("controller unavailable: ", "controller refused: ", "applying the worker DaemonSet: ", "draining ")
 
 
 def _unposted_retries(record: logging.LogRecord) -> bool:
@@ -141,12 +141,18 @@ def _now() -> str:
 
 
 def _admin_failed(body: Any, patch, status, gen, e: Exception) -> None:
-    """The controller refused a change (Degraded, Rejected: the next change of the object tries again) or could
-    not be reached (Degraded, ControllerUnavailable: raised for kopf to retry)."""
+    """The controller refused a change (Degraded, Rejected: the next change of the object tries again), refused the
+    operator's admin token (Degraded, Unauthorized: the timer tries again) or could not be reached (Degraded,
+    ControllerUnavailable: raised for kopf to retry)."""
     if isinstance(e, AdminUnavailable):
         _write_status(body, patch, status, {}, "Degraded", "ControllerUnavailable", str(e), gen)
         raise _unavailable(e) from e
-    _write_status(body, patch, status, {}, "Degraded", "Rejected", str(e), gen)
+    _write_status(body, patch, status, {}, "Degraded", _refusal(e), str(e), gen)
+
+
+def _refusal(e: Exception) -> str:
+    """The reason of a status condition for the controller refusing a call."""
+    return "Unauthorized" if isinstance(e, AdminUnauthorized) else "Rejected"
 
 
 _WARNED: dict[str | None, str] = {}  # uid -> the reason of the Warning event posted for it while it stays Degraded
@@ -410,7 +416,7 @@ def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Pa
                 memo.admin.models.remove(served)
             memo.applied.pop(meta["uid"], None)
             memo.served.pop(meta["uid"], None)
-        except AdminUnavailable as e:
+        except (AdminError, AdminUnavailable) as e:
             _removal_failed(body, patch, status, meta, memo, e)
 
 
@@ -467,8 +473,9 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
             try:
                 if memo.admin.tenants.remove(name):
                     memo.applied.pop(meta["uid"], None)
-            except AdminUnavailable as e:
-                raise _unavailable(e) from e
+            except (AdminError, AdminUnavailable) as e:
+                _admin_failed(body, patch, status, gen, e)
+                return
             _write_status(body, patch, status, {"keys": 0}, "Degraded", reason, message, gen)
 
         data = memo.kube.secret_data(namespace, secret)
@@ -517,24 +524,28 @@ def delete_tenant(name: str, status: dict, meta: dict, patch: kopf.Patch, memo: 
             if _tenant_conflict(memo.admin.tenants.by_name(), name, meta, tenant_names) is None:
                 memo.admin.tenants.remove(name)
             memo.applied.pop(meta["uid"], None)
-        except AdminUnavailable as e:
+        except (AdminError, AdminUnavailable) as e:
             _removal_failed(body, patch, status, meta, memo, e)
 
 
 def _removal_failed(body: Any, patch: kopf.Patch, status: dict, meta: dict, memo: kopf.Memo,
-                    e: AdminUnavailable) -> None:
-    """A finalizer that could not reach the controller: the object stays (Terminating) until it can, and says why
-    (it showed Ready until then); raised for kopf to retry. Except in a namespace being deleted (an uninstall:
-    `kubectl delete -k`, `kubectl delete namespace`), whose controller goes with it: there the finalizer lets go,
-    or the object, and so the namespace, would stay Terminating for good."""
+                    e: AdminError | AdminUnavailable) -> None:
+    """A finalizer that could not reach the controller, or that the controller refused (its admin token, say): the
+    object stays (Terminating) until it can, and says why (it showed Ready until then); raised for kopf to retry.
+    Except in a namespace being deleted (an uninstall: `kubectl delete -k`, `kubectl delete namespace`), whose
+    controller goes with it: there the finalizer lets go, or the object, and so the namespace, would stay
+    Terminating for good."""
     namespace = meta.get("namespace")
     if namespace and _leaving(memo, namespace):
-        log.warning("%s/%s: the controller is unreachable (%s) and namespace %s is being deleted: letting it go",
-                    (body or {}).get("kind", "?"), meta.get("name"), e, namespace)
+        log.warning("%s/%s: the controller is unreachable or refuses (%s) and namespace %s is being deleted: letting "
+                    "it go", (body or {}).get("kind", "?"), meta.get("name"), e, namespace)
         return
-    _write_status(body, patch, status, {}, "Degraded", "ControllerUnavailable", f"removing it from the controller: {e}",
-                  meta.get("generation"))
-    raise _unavailable(e) from e
+    unavailable = isinstance(e, AdminUnavailable)
+    _write_status(body, patch, status, {}, "Degraded", "ControllerUnavailable" if unavailable else _refusal(e),
+                  f"removing it from the controller: {e}", meta.get("generation"))
+    if unavailable:
+        raise _unavailable(e) from e
+    raise kopf.TemporaryError(f"controller refused: {e}", delay=10) from e
 
 
 def _leaving(memo: kopf.Memo, namespace: str) -> bool:
