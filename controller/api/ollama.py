@@ -518,10 +518,11 @@ NUM_KEEP = 4  # Ollama's default num_keep
 
 
 def _truncated(me: Any, ids: list[int], body: _Base, what: str) -> list[int]:
-    """A generate prompt's ids as Ollama's runner cuts one past the context: its first num_keep tokens (the template's
-    start), then its last ones, dropping those between, with a warning (`truncate: false`: the 400 instead). Ollama
-    cuts it to the whole context and its context shift frees half of what follows the kept tokens at the first
-    generated token; here there is no shift, so the reply's room is left at once: num_predict's, at most that half."""
+    """A prompt's ids (a generate's, or a chat's whose last message alone is too long) as Ollama's runner cuts one past
+    the context: its first num_keep tokens (the template's start), then its last ones, dropping those between, with
+    a warning (`truncate: false`: the 400 instead). Ollama cuts it to the whole context and its context shift frees
+    half of what follows the kept tokens at the first generated token; here there is no shift, so the reply's room
+    is left at once: num_predict's, at most that half."""
     limit = me.max_model_len
     if len(ids) < limit:  # (room for a token at least: num_predict past the room fills it, `_run`)
         return ids
@@ -556,7 +557,7 @@ async def _fewest_drops(serving: OpenAIServing, tenant: Any, me: Any,
         return msgs, True
     if not await fits(droppable):
         return _drop_oldest(msgs, droppable), True  # type: ignore[return-value]
-    lo, hi = 1, droppable  # (dropping hi fits; dropping lo - 1 does not: `e`)
+    lo, hi = 1, droppable  # (dropping hi fits; dropping none does not: the error that brought it here)
     while lo < hi:
         mid = (lo + hi) // 2
         if await fits(mid):
