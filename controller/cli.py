@@ -409,10 +409,18 @@ def run_cmd(
                                  "stderr, as `ollama run --verbose`"),
     reply_format: Optional[str] = typer.Option(None, "--format", help="json: each reply is a JSON object "
                                                "(response_format json_object), as `ollama run --format json`"),
+    # (ollama run's: replies are never wrapped here, so --nowordwrap is what is done already; --keepalive is said)
+    nowordwrap: bool = typer.Option(False, "--nowordwrap", hidden=True),
+    keepalive: Optional[str] = typer.Option(None, "--keepalive", hidden=True),
 ) -> None:
     """Chat with a model, as `ollama run`: one reply streamed, or a conversation (/bye to leave)."""
     from controller.chat_cli import ChatError, run
 
+    if keepalive is not None:
+        typer.echo("tokenpool run: --keepalive is ollama run's: here how long a model stays in VRAM once idle is "
+                   "its configuration's keep_alive (or an Ollama API request's, /api/chat); `tokenpool stop MODEL` "
+                   "frees it now", err=True)
+        raise typer.Exit(2)
     if reply_format not in (None, "json"):
         raise typer.BadParameter(f"{reply_format!r}: the one format is json (a JSON object), as ollama run's",
                                  param_hint="--format")

@@ -30,3 +30,18 @@ def test_show_prints_parameters_and_quantization_as_ollama_show():
     assert "    parameters          135M" in render_show(got)
     del got["details"]["parameter_size"]
     assert "    parameters          8.0B" in render_show(got)
+
+
+def test_ollama_run_flags_nowordwrap_and_keepalive():
+    """`ollama run M --nowordwrap` (replies are never wrapped here: taken) and `--keepalive 5m` (said what sets it
+    here, exit 2); both were "No such option"."""
+    from tests.http_stub import sse_chat, stub_server
+
+    asked: list[dict] = []
+    with stub_server(sse_chat(asked, [{"choices": [{"delta": {"content": "ok"}}]}])) as url:
+        r = CliRunner().invoke(app, ["run", "m", "hi", "--nowordwrap", "--url", url], env={"COLUMNS": "200"})
+        assert (r.exit_code, r.output) == (0, "ok\n") and asked[0]["messages"] == [{"role": "user", "content": "hi"}]
+        r = CliRunner().invoke(app, ["run", "m", "hi", "--keepalive", "5m", "--url", url], env={"COLUMNS": "200"})
+    assert r.exit_code == 2 and r.output.startswith("tokenpool run: --keepalive is ollama run's: here how long a "
+                                                    "model stays in VRAM once idle is its configuration's keep_alive")
+    assert len(asked) == 1
