@@ -35,6 +35,29 @@ def _flags_show_no_type() -> None:
 
 
 _flags_show_no_type()
+
+
+def _command_lists_join_lines() -> None:
+    """typer (0.29) keeps a docstring's line breaks in a group's list of commands in rich markup mode (its test of
+    the mode is the wrong way round): `tokenpool suite -h` broke "Without --url" and "the response head" over two
+    rows wherever the docstring's line ended. The first paragraph's lines are joined, as typer joins them elsewhere."""
+    from typer import rich_utils
+
+    made = getattr(rich_utils, "_make_command_help", None)
+    if made is None or getattr(made, "lines_joined", False):  # (another typer; or done already)
+        return
+
+    def _make_command_help(*, help_text: str, markup_mode):
+        first, sep, rest = inspect.cleandoc(help_text).partition("\n\n")
+        if not first.startswith("\b"):
+            first = first.replace("\n", " ")
+        return made(help_text=first + sep + rest, markup_mode=markup_mode)
+
+    _make_command_help.lines_joined = True  # type: ignore[attr-defined]
+    rich_utils._make_command_help = _make_command_help
+
+
+_command_lists_join_lines()
 # -h as --help everywhere, as ollama, git and vllm take it (the context setting passes down to every command)
 app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by token.",
                   context_settings={"help_option_names": ["--help", "-h"]})
