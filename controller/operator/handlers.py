@@ -179,6 +179,8 @@ def _write_status(body: Any, patch: kopf.Patch, status: dict, fields: dict, stat
                 kopf.warn(body, reason=reason, message=message)
     new = dict(fields, conditions=b.build_conditions(state, reason, message, generation, status.get("conditions"),
                                                      _now()))
+    if generation is not None:  # this generation was seen, also when it could not be applied (InvalidSpec...):
+        new.setdefault("observedGeneration", generation)  # kstatus (Argo CD, Flux) holds a lagging one in progress
     for k, v in new.items():
         if status.get(k) != v:
             patch.status[k] = v
