@@ -229,8 +229,8 @@ def requests_view(ctl: Any) -> list[dict[str, Any]]:
     """The requests in flight, oldest first: ap.RequestOut's fields, as dicts (the route validates them; the
     snapshot, which builds them every tick, need not: even model_construct was 60% of this function's CPU).
     Its state: "queued" at the controller (waiting for an engine, or its model's load there), "prefill" on an
-    engine before its first token (in that engine's queue or prefilling its prompt: vLLM's WAITING and its first
-    RUNNING step), "running" once a token came."""
+    engine before its first token (waiting there, for its turn or its weights' load into VRAM, or prefilling its
+    prompt: vLLM's WAITING and its first RUNNING step), "running" once a token came."""
     act = activity(ctl)
     now, mono = time.time(), time.monotonic()
     flying = _in_flight(ctl, act)

@@ -635,7 +635,7 @@ function renderTenants(p) {
 
 const REQUEST_STATES = { // (controller.dashboard.views.requests_view)
   queued: "waiting at the controller: for an engine, or for its model to load there",
-  prefill: "on its engine, no token yet: in that engine's queue or prefilling its prompt",
+  prefill: "on its engine, no token yet: waiting there (for its turn, or its weights' load into VRAM) or prefilling its prompt",
   running: "generating tokens",
 };
 
