@@ -241,7 +241,7 @@ def test_a_conversation_past_the_context_loses_its_oldest_messages(server):
     """A chat longer than the context is shortened as Ollama's is: its oldest messages go, the system message and
     the last one stay, until it fits (the prompt is the kept messages'); with `truncate: false` it is a 400. One
     whose last message alone does not fit is cut as Ollama's runner cuts it (the template's first num_keep tokens,
-    then the prompt's last: test_api52_ollama), where it was a 400; with `truncate: false` too it is the 400."""
+    then the prompt's last: test_api52_live), where it was a 400; with `truncate: false` too it is the 400."""
     c = oc(server)
     system = {"role": "system", "content": "Be brief."}
     turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message number {i} is here"}

@@ -168,6 +168,9 @@ class Tracked:
         self.subs = gen.subs
         self.t_handed = time.monotonic()  # generate() returns once every choice is on an engine
         self.finish: dict[int, str | None] = {}
+        # an echo with max_tokens 0 (OpenAI's prompt scoring): the one token made for the prompt's logprobs is no
+        # completion's, so its usage counts none (as OpenAI's and vLLM's)
+        self.prompt_only = False
 
     async def events(self) -> AsyncIterator[tuple[int, Delta]]:
         try:
@@ -422,9 +425,10 @@ class OpenAIServing:
         return lambda: self._usage(gen).model_dump_json().encode()
 
     def _usage(self, gen: Tracked) -> p.Usage:
-        return p.Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+        completion = 0 if gen.prompt_only else gen.completion_tokens
+        return p.Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=completion,
                        prompt_tokens_details=p.PromptTokensDetails(cached_tokens=gen.cached_tokens),
-                       total_tokens=gen.prompt_tokens + gen.completion_tokens)
+                       total_tokens=gen.prompt_tokens + completion)
 
     def _tok(self, me: ModelEntry, tid: int, as_ids: bool = False) -> str:
         """A token as logprobs write it: its text, or (vLLM's return_tokens_as_token_ids) "token_id:N"."""
@@ -449,6 +453,7 @@ class OpenAIServing:
         texts, prompts, echo = await self.offload(self._completion_prompts, me, req)
         rid = self.ctl.new_id("cmpl")
         gen = await self.generate(me, tenant, req.model, prompts, params, req.n, rid, req.stream)
+        gen.prompt_only = prompt_only
         firsts = [ids[0] for ids in prompts] if scored is not None else None
         if req.stream:
             return self._stream_completion(gen, req, rid, me, echo, firsts, prompt_only)

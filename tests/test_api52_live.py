@@ -1,5 +1,7 @@
-"""Ollama's /api/generate with a prompt past the context: cut as Ollama's runner cuts one (its first num_keep tokens,
-then its last), leaving the reply room, where it was a 400; Go's duration grammar for keep_alive."""
+"""The API routes against one live server of a short-context model, as their users call them: Ollama's (a prompt
+past the context cut as Ollama's runner cuts one, its first num_keep tokens then its last; a chat losing the fewest
+oldest messages; Go's duration grammar for keep_alive; sampler values as Ollama clamps them) and OpenAI's (usage as
+OpenAI counts it)."""
 
 from __future__ import annotations
 
@@ -189,3 +191,20 @@ def test_a_chat_whose_last_message_alone_is_past_the_context_is_cut_as_a_prompt(
         last = [line for line in s.iter_lines() if line][-1]
     assert f'"prompt_eval_count": {fed}' in last, last
 
+
+
+def test_an_echo_with_max_tokens_0_counts_no_completion_tokens(server):
+    """OpenAI's legacy prompt scoring (echo, max_tokens 0): the prompt comes back, nothing generated, and the usage
+    counts no completion token (it counted the one made for the prompt's logprobs), streamed or not."""
+    import openai
+
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    n = len(ids_of(server, prompt="Hello world"))
+    r = c.completions.create(model="short", prompt="Hello world", max_tokens=0, echo=True, logprobs=1)
+    assert r.choices[0].text == "Hello world" and len(r.choices[0].logprobs.tokens) == n
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n, 0, n)
+    chunks = list(c.completions.create(model="short", prompt="Hello world", max_tokens=0, echo=True, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == "Hello world"
+    assert (chunks[-1].usage.completion_tokens, chunks[-1].usage.total_tokens) == (0, n)
+    assert c.completions.create(model="short", prompt="Hello world", max_tokens=2).usage.completion_tokens == 2
