@@ -254,6 +254,9 @@ SHOW_HELP = """Available commands:
 PARAMETERS = {"temperature": ("temperature", float), "seed": ("seed", int), "num_predict": ("max_tokens", int),
               "top_p": ("top_p", float), "top_k": ("top_k", int), "min_p": ("min_p", float),
               "repeat_penalty": ("repetition_penalty", float), "stop": ("stop", str)}
+# Ollama's options a request sets there and the server here
+SERVERS = {"num_ctx": "a model's context: tokenpool serve --max-model-len, or its engine.max_model_len",
+           "num_gpu": "every model's layers are on its GPU", "num_thread": "its workers' threads"}
 PARAMETER_HELP = "Available parameters:\n" + "".join(f"  /set parameter {n} VALUE\n" for n in PARAMETERS) + \
     "(stop takes one or more strings)\n"
 
@@ -298,6 +301,8 @@ class Chat:
         return SET_HELP
 
     def _parameter(self, args: list[str]) -> str:
+        if args and args[0] in SERVERS:
+            return f"Couldn't set parameter: {args[0]} is the server's here ({SERVERS[args[0]]})\n"
         if len(args) < 2 or args[0] not in PARAMETERS:
             return (f"Unknown parameter '{args[0]}'\n" if args and args[0] not in PARAMETERS else "") + PARAMETER_HELP
         name, values = args[0], args[1:]

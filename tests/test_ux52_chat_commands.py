@@ -82,7 +82,9 @@ def test_set_system_replaces_the_system_option(stub):
 
 def test_bad_parameters_are_said_and_not_sent(stub):
     out, (body,) = converse(stub, "/set parameter temperature warm\n/set parameter nosuch 1\n/set parameter\n"
-                            "/set history\nhi\n")
+                            "/set history\n/set parameter num_ctx 8192\nhi\n")
+    assert "Couldn't set parameter: num_ctx is the server's here (a model's context: tokenpool serve " \
+        "--max-model-len" in out
     assert "Couldn't set parameter: temperature takes one number" in out
     assert "Unknown parameter 'nosuch'" in out and "/set parameter num_predict VALUE" in out
     assert "/set history is not supported here" in out
