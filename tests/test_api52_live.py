@@ -208,3 +208,15 @@ def test_an_echo_with_max_tokens_0_counts_no_completion_tokens(server):
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == "Hello world"
     assert (chunks[-1].usage.completion_tokens, chunks[-1].usage.total_tokens) == (0, n)
     assert c.completions.create(model="short", prompt="Hello world", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_ollamas_show_details_are_the_tags_ones(server):
+    """`show` writes a model's details as `tags` does (parent_model, parameter_size, quantization_level too, which
+    clients read from either) and its modified_at, which the `ollama` client parses."""
+    import ollama
+
+    c = ollama.Client(host=server.url, timeout=60)
+    shown = c.show("short")
+    listed = next(m for m in c.list().models if m.model == "short")
+    assert shown.details.model_dump(exclude={"parent_model"}) == listed.details.model_dump(exclude={"parent_model"})
+    assert shown.details.parameter_size == "" and shown.modified_at == listed.modified_at

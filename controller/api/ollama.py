@@ -759,7 +759,9 @@ async def show(request: Request) -> Response:
     # recommends, which a request that leaves them out gets)
     params = "\n".join(f"{k:<30} {v}" for k, v in generation_defaults(me).items())
     return JSONResponse({"modelfile": "", "parameters": params, "template": tpl if isinstance(tpl, str) else "",
-                         "details": {"format": "safetensors", "family": arch, "families": [arch]},
+                         "details": {"parent_model": "", "format": "safetensors", "family": arch, "families": [arch],
+                                     "parameter_size": "", "quantization_level": ""},  # (as /api/tags writes them)
+                         "modified_at": datetime.fromtimestamp(me.created, timezone.utc).isoformat(),
                          "model_info": info,
                          # (tools: the model's own call syntax is configured, so tool_choice "auto" works, as Ollama's;
                          # thinking: its template thinks, so `think` is taken)
