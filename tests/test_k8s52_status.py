@@ -37,3 +37,27 @@ def test_a_spec_change_that_cannot_be_applied_still_moves_observed_generation(ha
     ready = next(c for c in patch.status["conditions"] if c["status"] == "True")
     assert (ready["type"], ready["reason"], ready["observedGeneration"]) == ("Degraded", "InvalidSpec", 2)
     assert patch.status["observedGeneration"] == 2
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_an_api_call_that_never_answers_gives_up(tmp_path, monkeypatch):
+    """A read of the API server that hangs (a partition, an overloaded server) ends in an error after the client's
+    timeout, for kopf to retry, instead of holding the handler's thread and its object's lock for good."""
+    import asyncio
+    import time
+
+    from controller.operator import kube as kube_module
+    from tests.test_operator_kube import NS, _emulated
+
+    monkeypatch.setattr(kube_module, "REQUEST_TIMEOUT_S", 0.3)
+    async with _emulated(tmp_path) as (kube, k8s):
+        async def hang(req):
+            await asyncio.sleep(5)
+            return {"kind": "Secret", "apiVersion": "v1", "metadata": {"name": "x", "namespace": NS}, "data": {}}
+
+        k8s[f"get /api/v1/namespaces/{NS}/secrets/x"] << hang
+        started = time.monotonic()
+        with pytest.raises(Exception, match="timed out"):
+            await asyncio.to_thread(kube.secret_data, NS, "x")
+        assert time.monotonic() - started < 4

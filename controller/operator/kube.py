@@ -10,6 +10,10 @@ import json
 from controller.operator import GROUP, VERSION
 from controller.operator.builders import ANNOTATION_DIGEST
 
+# Seconds a call of the API server may take (the client's default: none). A call that never answered kept its
+# handler's thread, and the object's lock (handlers._lock), for good: that object was never reconciled again.
+REQUEST_TIMEOUT_S = 15.0  # (per try: the client tries a read 4 times)
+
 
 class Kube:
     def __init__(self, kubeconfig: str | None = None) -> None:
@@ -31,7 +35,7 @@ class Kube:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            r = call(*args, _preload_content=False, **kwargs)
+            r = call(*args, _preload_content=False, _request_timeout=REQUEST_TIMEOUT_S, **kwargs)
         except ApiException as e:
             if e.status == 404:
                 return None
