@@ -51,6 +51,19 @@ def models(url: str, key: str | None) -> list[dict[str, Any]]:
     return data
 
 
+def sizes(url: str, key: str | None) -> dict[str, int]:
+    """Each model's size in bytes, from the server's Ollama /api/tags: what `ls` shows as `ollama list` does ({} from a
+    server without it, or one that fails it: the sizes are left out, the list is not)."""
+    try:
+        with _request(url, "/api/tags", key, timeout=10) as r:
+            got = read_json(r, url.rstrip("/") + "/api/tags", ChatError)
+    except ChatError:
+        return {}
+    listed = got.get("models") if isinstance(got, dict) else None
+    return {m["name"]: m["size"] for m in listed if isinstance(m, dict) and isinstance(m.get("name"), str)
+            and isinstance(m.get("size"), int)} if isinstance(listed, list) else {}
+
+
 def check_model(url: str, key: str | None, model: str) -> None:
     """ChatError unless the server serves `model` (a name or an alias) to this key: said before a conversation
     starts, as `ollama run` does, rather than as an error after every line typed."""

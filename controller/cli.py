@@ -546,18 +546,20 @@ def ls_cmd(
     url: str = CLIENT_URL,
     api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key"),
 ) -> None:
-    """The models the key may use, as `ollama list` (their residency: `tokenpool ps`)."""
-    from controller.chat_cli import ChatError, models
+    """The models the key may use, as `ollama list`: size and context length (their residency: `tokenpool ps`)."""
+    from controller.chat_cli import ChatError, models, sizes
+    from controller.ps import _size
 
     try:
         data = models(base_url(url), api_key)
     except ChatError as e:
         typer.echo(f"tokenpool ls: {e}", err=True)
         raise typer.Exit(1) from None
+    size = {n: _size(b) for n, b in sizes(base_url(url), api_key).items()} if data else {}
     width = max([4] + [len(m["id"]) for m in data])
-    typer.echo(f"{'NAME':<{width}}  CONTEXT")
+    typer.echo(f"{'NAME':<{width}}  {'SIZE':<9}  CONTEXT")
     for m in data:
-        typer.echo(f"{m['id']:<{width}}  {m.get('max_model_len') or '-'}")
+        typer.echo(f"{m['id']:<{width}}  {size.get(m['id'], '-'):<9}  {m.get('max_model_len') or '-'}")
 
 
 @keys_app.command("new")

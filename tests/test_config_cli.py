@@ -449,7 +449,7 @@ def test_cli_urls_without_a_scheme_and_loadtest_without_a_server(chat_stub):
 
     url, bodies = chat_stub
     r = cli("ls", "--url", url.removeprefix("http://"))
-    assert r.returncode == 0 and r.stdout.split() == ["NAME", "CONTEXT", "known", "-"], r.stderr
+    assert r.returncode == 0 and r.stdout.split() == ["NAME", "SIZE", "CONTEXT", "known", "-", "-"], r.stderr
     r = cli("run", "known", "hi", "--url", url.removeprefix("http://"))
     assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
     with socket.socket() as s:  # a port nothing listens on
@@ -466,7 +466,7 @@ def test_cli_urls_given_as_an_openai_base_url(chat_stub):
     url, bodies = chat_stub
     for given in (url + "/v1", url + "/v1/", url.removeprefix("http://") + "/v1"):
         r = cli("ls", "--url", given)
-        assert r.returncode == 0 and r.stdout.split() == ["NAME", "CONTEXT", "known", "-"], (given, r.stderr)
+        assert r.returncode == 0 and r.stdout.split() == ["NAME", "SIZE", "CONTEXT", "known", "-", "-"], (given, r.stderr)
         r = cli("run", "known", "hi", "--url", given)
         assert r.returncode == 0 and r.stdout == "ok\n", (given, r.stderr)
 

@@ -45,3 +45,31 @@ def test_ollama_run_flags_nowordwrap_and_keepalive():
     assert r.exit_code == 2 and r.output.startswith("tokenpool run: --keepalive is ollama run's: here how long a "
                                                     "model stays in VRAM once idle is its configuration's keep_alive")
     assert len(asked) == 1
+
+
+def test_ls_shows_each_models_size_as_ollama_list():
+    """`tokenpool ls` said NAME and CONTEXT; `ollama list` users look for SIZE too (from the server's /api/tags;
+    "-" for a model it does not size)."""
+    import http.server
+    import json
+
+    from tests.http_stub import stub_server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            body = {"/v1/models": {"data": [{"id": "known", "max_model_len": 8192}, {"id": "other"}]},
+                    "/api/tags": {"models": [{"name": "known", "size": 538_090_408}]}}[self.path]
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    with stub_server(Handler) as url:
+        r = CliRunner().invoke(app, ["ls", "--url", url], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and r.output.splitlines() == [
+        "NAME   SIZE       CONTEXT", "known  538.1 MB   8192", "other  -          -"], r.output
