@@ -770,7 +770,8 @@ def test_tokenpool_run_and_ls(server):
                     {"role": "user", "content": "And again"}]).content
     assert out.getvalue().split(">>> ")[1:] == [first + "\n", "", second + "\n", ""]
     r = cli("ls", "--url", server.url, env={"TOKENPOOL_API_KEY": BOB})
-    assert r.returncode == 0 and r.stdout.split()[2:] == ["tiny-b", str(c.models.retrieve("tiny-b").max_model_len)]
+    assert r.returncode == 0 and [(row[0], row[-1]) for row in map(str.split, r.stdout.splitlines()[1:])] == \
+        [("tiny-b", str(c.models.retrieve("tiny-b").max_model_len))]  # (NAME, SIZE, CONTEXT: BOB's one model)
     r = cli("run", "nope", "hi", "--url", server.url, "--api-key", ALICE)
     assert r.returncode == 1 and "The model `nope` does not exist." in r.stderr
     r = cli("run", "tiny-a", "hi", "--url", server.url, env={"TOKENPOOL_API_KEY": ""})
