@@ -54,6 +54,10 @@ async def test_a_pool_has_no_finalizer_and_its_delete_waits_on_no_operator(world
         assert _reads(kube, "default") == reads
         assert await kube.get("daemonsets", "tokenpool-workers-default") is None
 
+    # (Its watch requests end within 10 minutes, from the API server's side: a silently dropped stream is redone.)
+    watches = [r for r in kube.k8s if r.url.query.get("watch") == "true"]
+    assert watches and {r.url.query.get("timeoutSeconds") for r in watches} == {"600"}
+
     # The operator is gone: a pool's delete does not wait on it.
     await kube.delete("gpupools", "other")
     assert await _gone(kube, "gpupools", "other")

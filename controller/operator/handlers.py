@@ -63,6 +63,7 @@ PLURALS = ("pooledmodels", "tenants", "gpupools")
 # (60 s) left the object Terminating a minute after its delete handler had finished. A round takes well under a
 # second; each look that finds it still running costs one annotation patch.
 TIMER_EXIT_POLL_S = 1.0
+WATCH_TIMEOUT_S = 600  # the longest a watch request lasts (the API server's timeoutSeconds)
 
 
 @kopf.on.startup()
@@ -89,6 +90,12 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.loggers = True
     logging.getLogger("kopf.objects").addFilter(_unposted_retries)  # (once: a logger keeps a filter once)
     settings.background.cancellation_polling = TIMER_EXIT_POLL_S
+    # A watch stream ends and reconnects (from the resourceVersion it reached) at least every 10 minutes: one that a
+    # network device dropped silently left the operator blind to every change until it restarted (nolar/kopf#585;
+    # kopf releases before its bookmark-based inactivity timeout, which pyproject's kopf>=1.38 allows).
+    settings.watching.server_timeout = WATCH_TIMEOUT_S
+    settings.watching.client_timeout = WATCH_TIMEOUT_S + 60
+    settings.watching.connect_timeout = 30
     # Watch the given namespaces and the resources found at start: no cluster-wide CRD or namespace watching,
     # so the operator needs no ClusterRole (a newly installed CRD needs an operator restart).
     settings.scanning.disabled = True
