@@ -601,6 +601,7 @@ def test_operator_role_grants_what_it_uses_and_no_more():
     grants = {(g, r): set(rule["verbs"]) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]}
     assert grants[("", "secrets")] == {"get"}  # tenant keys: read one by name, never list
     assert grants[("apps", "daemonsets")] == {"get", "create", "patch"}
+    assert grants[("", "pods")] == {"list"}  # a waiting pool's worker pods: why they are not ready
     assert grants[("tokenpool.dev", "gpupools/finalizers")] == {"update"}  # ownerReference blockOwnerDeletion
     assert all("delete" not in v and "*" not in v for v in grants.values())
     assert not [d for _, d in OBJECTS if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]

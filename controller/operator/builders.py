@@ -357,10 +357,38 @@ def build_pool_status(engines: list[dict], daemonset: dict | None, spec: dict, g
     }
 
 
-def pool_waiting(daemonset: dict | None, spec: dict) -> tuple[str, str, str]:
+def workers_not_ready(daemonset: dict | None) -> bool:
+    """Whether the DaemonSet's status counts pods that are not ready (the pods then say why: `pods_stuck`)."""
+    st = (daemonset or {}).get("status") or {}
+    return int(st.get("numberReady") or 0) < int(st.get("desiredNumberScheduled") or 0)
+
+
+# What a worker container waits on that only a change makes go (the kubelet's waiting reasons): an image that cannot
+# be pulled, a Secret or key it names missing, a crash loop.
+STUCK = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+                   "CreateContainerError", "RunContainerError", "CrashLoopBackOff"})
+
+
+def pods_stuck(pods: list[dict] | None) -> tuple[str, str] | None:
+    """(reason, message) of the first worker pod (by name) that will not run as it is: a container waiting for a
+    STUCK reason, or a pod the scheduler cannot place (Unschedulable: no GPU free on its node, say); None if none."""
+    for p in sorted(pods or [], key=lambda p: p["metadata"]["name"]):
+        name, st = p["metadata"]["name"], p.get("status") or {}
+        for c in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
+            w = (c.get("state") or {}).get("waiting") or {}
+            if w.get("reason") in STUCK:
+                return w["reason"], f"worker pod {name}, container {c.get('name')}: {w.get('message') or w['reason']}"
+        for cond in st.get("conditions") or []:
+            if (cond.get("type"), cond.get("status"), cond.get("reason")) == ("PodScheduled", "False", "Unschedulable"):
+                return "Unschedulable", f"worker pod {name}: {cond.get('message') or 'no node can take it'}"
+    return None
+
+
+def pool_waiting(daemonset: dict | None, spec: dict, pods: list[dict] | None = None) -> tuple[str, str, str]:
     """(state, reason, message) of a pool with no engine ready, from its worker DaemonSet's status: no node to run
     on (a nodeSelector no node matches, taints not tolerated: a DaemonSet never asks the cluster autoscaler for a
-    node), pods not ready yet, or pods ready whose engines have not joined the controller."""
+    node), pods not ready yet (Degraded where one of its `pods` will not run as it is: `pods_stuck`), or pods ready
+    whose engines have not joined the controller."""
     ds = daemonset or {}
     st, gen = ds.get("status") or {}, (ds.get("metadata") or {}).get("generation")
     seen = "desiredNumberScheduled" in st and (gen is None or st.get("observedGeneration", -1) >= gen)
@@ -370,6 +398,9 @@ def pool_waiting(daemonset: dict | None, spec: dict) -> tuple[str, str, str]:
         return ("Degraded", "NoNodes", f"no node runs a worker: none has the labels {s['nodeSelector']} with taints "
                 "the pool tolerates (spec.nodeSelector, spec.tolerations)")
     if seen and not ready:
+        stuck = pods_stuck(pods)
+        if stuck is not None:
+            return ("Degraded", *stuck)
         return "Progressing", "WaitingForWorkers", f"{desired} worker pod(s) scheduled, none ready yet"
     if seen and ready:
         return ("Progressing", "WaitingForWorkers", f"{ready} worker pod(s) ready, no engine has joined the "

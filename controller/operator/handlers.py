@@ -277,7 +277,9 @@ def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: di
         elif st["enginesReady"]:
             _write_status(body, patch, status, st, "Ready", "EnginesReady", f"{st['enginesReady']} engine(s) ready", gen)
         else:
-            _write_status(body, patch, status, st, *b.pool_waiting(current, dict(spec)), gen)
+            # (its worker pods say why they are not ready, when the DaemonSet counts some that are not)
+            pods = memo.kube.worker_pods(namespace, name) if b.workers_not_ready(current) else None
+            _write_status(body, patch, status, st, *b.pool_waiting(current, dict(spec), pods), gen)
 
 
 # --- PooledModel ---

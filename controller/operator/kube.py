@@ -8,7 +8,7 @@ import copy
 import json
 
 from controller.operator import GROUP, VERSION
-from controller.operator.builders import ANNOTATION_DIGEST
+from controller.operator.builders import ANNOTATION_DIGEST, LABEL_POOL
 
 # Seconds a call of the API server may take (the client's default: none). A call that never answered kept its
 # handler's thread, and the object's lock (handlers._lock), for good: that object was never reconciled again.
@@ -48,6 +48,19 @@ class Kube:
 
     def pool(self, namespace: str, name: str) -> dict | None:
         return self._raw(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, "gpupools", name)
+
+    def worker_pods(self, namespace: str, pool: str) -> list[dict] | None:
+        """The worker pods of GPUPool `pool`; None where the operator may not list pods (an older install's Role)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            got = self._raw(self.core.list_namespaced_pod, namespace,
+                            label_selector=f"app.kubernetes.io/component=worker,{LABEL_POOL}={pool}")
+        except ApiException as e:
+            if e.status == 403:
+                return None
+            raise
+        return list((got or {}).get("items") or [])
 
     def namespace_leaving(self, name: str) -> bool:
         """Whether namespace `name` is being deleted (Terminating): an uninstall, which takes the controller with it.
