@@ -115,6 +115,14 @@ async def test_a_pool_whose_workers_cannot_start_says_why(tmp_path, handlers):
         assert c["message"] == 'worker pod tokenpool-workers-a-x2, container worker-0: Back-off pulling image "ghcr.io/x/y:9"'
         lists = [r for r in k8s if r.method.value == "GET" and r.url.path == f"/api/v1/namespaces/{NS}/pods"]
         assert {r.url.query.get("labelSelector") for r in lists} == {"app.kubernetes.io/component=worker,tokenpool.dev/pool=a"}
+        # The kubelet's other word for the same pull, between back-offs: the same reason (no flapping, no event).
+        r = await k8s.patch(f"/api/v1/namespaces/{NS}/pods/tokenpool-workers-a-x2", json={"status": {
+            "containerStatuses": [{"name": "worker-0", "state": {"waiting": {"reason": "ErrImagePull",
+                                                                             "message": "manifest unknown"}}}]}},
+            headers={"Content-Type": "application/merge-patch+json"})
+        assert r.status < 300
+        c = await condition()
+        assert (c["type"], c["reason"]) == ("Degraded", "ImagePullBackOff") and c["message"].endswith("manifest unknown")
         r = await k8s.delete(f"/api/v1/namespaces/{NS}/pods/tokenpool-workers-a-x2")
         assert r.status < 300
         await pod("tokenpool-workers-a-x3", {"phase": "Pending", "conditions": [

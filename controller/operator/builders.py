@@ -376,8 +376,9 @@ def pods_stuck(pods: list[dict] | None) -> tuple[str, str] | None:
         name, st = p["metadata"]["name"], p.get("status") or {}
         for c in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
             w = (c.get("state") or {}).get("waiting") or {}
-            if w.get("reason") in STUCK:
-                return w["reason"], f"worker pod {name}, container {c.get('name')}: {w.get('message') or w['reason']}"
+            if w.get("reason") in STUCK:  # (the kubelet alternates the two of a pull: one reason, no flapping)
+                reason = "ImagePullBackOff" if w["reason"] == "ErrImagePull" else w["reason"]
+                return reason, f"worker pod {name}, container {c.get('name')}: {w.get('message') or w['reason']}"
         for cond in st.get("conditions") or []:
             if (cond.get("type"), cond.get("status"), cond.get("reason")) == ("PodScheduled", "False", "Unschedulable"):
                 return "Unschedulable", f"worker pod {name}: {cond.get('message') or 'no node can take it'}"
