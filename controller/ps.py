@@ -157,7 +157,8 @@ def render(models: list[dict], engines: list[dict], now: float | None = None) ->
         # (not the device's memory beside it: once a pooled engine reports, its memory_bytes is the arena's room for
         # weights, which the line said was "the device" -- 7.5 GB of a 25 GB machine's 8 GB CPU arena)
         kv = vram.get("kv_bytes")
-        of = (f"of a {_size(arena)} arena used by weights" + (f" ({_size(kv)} of it KV cache)" if kv else "")
+        of = (f"of a {_size(arena)} arena used by weights"
+              + (f" ({_size(kv)} of it KV cache)" if isinstance(kv, (int, float)) else "")
               if isinstance(arena, (int, float)) and arena > 0 else f"of {_size(e.get('memory_bytes', 0))} used by "
               "weights")
         lines.append(f"engine {e['id']} on {e['host']}/{e['device']}: {_size(used)} {of}, {e.get('inflight', 0)} in "

@@ -100,6 +100,8 @@ def test_ps_names_each_engines_arena():
     line = render([], [cpu]).splitlines()[-1]
     assert line.startswith("engine w0 on h/cpu: 0 B of a 8.0 GB arena used by weights (501.2 MB of it KV cache), "
                            "0 in flight") and "7.5 GB" not in line, line
+    cpu["pool"]["vram"]["kv_bytes"] = 0  # (no KV slot in the arena at that moment: said, not left out)
+    assert "0 B of a 8.0 GB arena used by weights (0 B of it KV cache), 0 in flight" in render([], [cpu])
     del engine["pool"]  # (no pool view yet: the device's memory, as before)
     assert "engine w0 on h/cuda:0: 0 B of 80.0 GB used by weights, 0 in flight" in render([], [engine])
 
