@@ -324,6 +324,14 @@ def serve_cmd(
     vllm_only: Optional[list[str]] = typer.Option(
         None, "--gpu-memory-utilization", "--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp",
         hidden=True),  # (vLLM's flags with no counterpart here: said so, with what to give instead)
+    quantization: Optional[str] = typer.Option(None, "--quantization", "-q", "--kv-cache-dtype", hidden=True),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", hidden=True),
+    # (vLLM's engine flags that a configuration's models[].engine takes: said where)
+    max_num_batched_tokens: Optional[str] = typer.Option(None, "--max-num-batched-tokens", hidden=True),
+    block_size: Optional[str] = typer.Option(None, "--block-size", hidden=True),
+    seed: Optional[str] = typer.Option(None, "--seed", hidden=True),
+    # (vLLM's log switches: this server logs no line per request, and its stats are /metrics')
+    quiet_logs: bool = typer.Option(False, "--disable-log-requests", "--disable-log-stats", hidden=True),
 ) -> None:
     """Start the OpenAI-compatible server and its engines.
 
@@ -336,6 +344,17 @@ def serve_cmd(
     try:  # (one line, as the server's own start-up errors are: not a usage box wrapped over several)
         if vllm_only:
             raise ValueError(VLLM_ONLY)
+        if quantization is not None:
+            raise ValueError("--quantization and --kv-cache-dtype are vLLM's: here a model's weights and KV cache are "
+                             "in its dtype (--dtype auto, bf16, fp16 or fp32), not quantized")
+        if chat_template is not None:
+            raise ValueError("--chat-template is vLLM's: here a model's chat template is its own (chat_template in "
+                             "its tokenizer_config.json, or chat_template.jinja beside it)")
+        for flag, value in (("max_num_batched_tokens", max_num_batched_tokens), ("block_size", block_size),
+                            ("seed", seed)):
+            if value is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} is vLLM's: here it is a model's engine.{flag} in a "
+                                 f"--config file (models: [{{name, path, engine: {{{flag}: {value}}}}}])")
         if enable_auto_tool_choice and tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice takes --tool-call-parser, as vLLM's does (hermes: Qwen2.5, "
                              "Hermes); here the parser alone turns tool_choice auto on")

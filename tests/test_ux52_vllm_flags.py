@@ -1,0 +1,37 @@
+"""`vllm serve`'s flags a user copies that have no `tokenpool serve` flag were "No such option": each is now one
+line saying what stands for it here (a configuration's engine option, the model's dtype, its own chat template),
+exit 2, before anything starts; vLLM's log switches are taken (this server logs no line per request)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from controller import serve as serve_mod
+from controller.cli import app
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--quantization", "awq"], "--quantization and --kv-cache-dtype are vLLM's: here a model's weights and KV cache "
+                                "are in its dtype (--dtype auto, bf16, fp16 or fp32), not quantized"),
+    (["--kv-cache-dtype", "fp8"], "--quantization and --kv-cache-dtype are vLLM's"),
+    (["--chat-template", "t.jinja"], "--chat-template is vLLM's: here a model's chat template is its own"),
+    (["--max-num-batched-tokens", "2048"], "--max-num-batched-tokens is vLLM's: here it is a model's "
+                                           "engine.max_num_batched_tokens in a --config file (models: [{name, path, "
+                                           "engine: {max_num_batched_tokens: 2048}}])"),
+    (["--block-size", "32"], "here it is a model's engine.block_size in a --config file"),
+    (["--seed", "7"], "here it is a model's engine.seed in a --config file"),
+], ids=["quantization", "kv-cache-dtype", "chat-template", "max-num-batched-tokens", "block-size", "seed"])
+def test_vllm_flags_without_a_counterpart_say_what_stands_for_them(args, says, monkeypatch):
+    monkeypatch.setattr(serve_mod, "serve", lambda **kw: pytest.fail("started"))
+    r = CliRunner().invoke(app, ["serve", "some-model-dir", *args], env={"COLUMNS": "400"})
+    assert r.exit_code == 2 and r.output.startswith("tokenpool serve: ") and says in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_vllm_log_switches_are_taken(monkeypatch, make_tiny):
+    started = []
+    monkeypatch.setattr(serve_mod, "serve", lambda **kw: started.append(kw))
+    r = CliRunner().invoke(app, ["serve", str(make_tiny("qwen2")), "--disable-log-requests", "--disable-log-stats"],
+                           env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and len(started) == 1, r.output
