@@ -14,12 +14,40 @@ from load_tests.live_server import LiveServer
 CTX = 48
 
 
+def with_bos(src, dst):
+    """A copy of model folder `src` whose tokenizer adds BOS to a text it encodes, as Llama 3's, Mistral's and Gemma's
+    do (their tokenizer.json's post-processor), and whose chat template writes it (as theirs do)."""
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer, processors
+
+    from controller.tokenizer_factory import BOS
+
+    shutil.copytree(src, dst)
+    tok = Tokenizer.from_file(str(dst / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, tok.token_to_id(BOS))])
+    tok.save(str(dst / "tokenizer.json"))
+    cfg_file = dst / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    tpl = (dst / "chat_template.jinja") if (dst / "chat_template.jinja").exists() else None
+    if tpl is not None:
+        tpl.write_text("{{ bos_token }}" + tpl.read_text())
+    else:
+        cfg["chat_template"] = "{{ bos_token }}" + cfg["chat_template"]
+    cfg_file.write_text(json.dumps(cfg))
+    return dst
+
+
 @pytest.fixture(scope="module")
 def server(make_tiny, tmp_path_factory):
+    work = tmp_path_factory.mktemp("api52")
     cfg = {"workers": {"local": "cpu", "heartbeat_s": 0.25},
            "models": [{"name": "short", "path": str(make_tiny("qwen2")),
-                       "engine": {"max_num_seqs": 8, "max_model_len": CTX}}]}
-    with LiveServer(cfg, tmp_path_factory.mktemp("api52")) as srv:
+                       "engine": {"max_num_seqs": 8, "max_model_len": CTX}},
+                      {"name": "bos", "path": str(with_bos(make_tiny("qwen2"), work / "bos")),
+                       "engine": {"max_num_seqs": 8}}]}
+    with LiveServer(cfg, work) as srv:
         yield srv
 
 
@@ -220,3 +248,29 @@ def test_ollamas_show_details_are_the_tags_ones(server):
     listed = next(m for m in c.list().models if m.model == "short")
     assert shown.details.model_dump(exclude={"parent_model"}) == listed.details.model_dump(exclude={"parent_model"})
     assert shown.details.parameter_size == "" and shown.modified_at == listed.modified_at
+
+
+def test_a_text_prompt_gets_the_bos_its_tokenizer_adds(server):
+    """A model whose tokenizer adds BOS to a text (Llama 3, Mistral, Gemma): a completion's text prompt, /tokenize's
+    and a raw Ollama generate's start with it, as vLLM (add_special_tokens, true for them) and Ollama encode them (it
+    was left out: the model saw a prompt it was never trained on); a chat's template writes its own, not twice."""
+    import openai
+
+    from controller.tokenizer_factory import BOS
+
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    bos = httpx.post(server.url + "/tokenize", json={"model": "bos", "prompt": BOS}).json()["tokens"][-1]
+    plain = ids_of(server, prompt="Hello world")
+    ids = httpx.post(server.url + "/tokenize", json={"model": "bos", "prompt": "Hello world"}).json()["tokens"]
+    assert ids == [bos, *plain]
+    greedy = {"max_tokens": 4, "temperature": 0}
+    r = c.completions.create(model="bos", prompt="Hello world", **greedy)
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].text == c.completions.create(model="bos", prompt=ids, **greedy).choices[0].text
+    g = httpx.post(server.url + "/api/generate", json={"model": "bos", "prompt": "Hello world", "raw": True,
+                                                      "stream": False, "options": {"num_predict": 1}}).json()
+    assert g["context"][:len(ids)] == ids, g
+    msgs = [{"role": "user", "content": "Hello world"}]
+    chat = httpx.post(server.url + "/tokenize", json={"model": "bos", "messages": msgs}).json()["tokens"]
+    assert chat[0] == bos and chat[1] != bos
+    assert c.chat.completions.create(model="bos", messages=msgs, max_tokens=1).usage.prompt_tokens == len(chat)

@@ -33,6 +33,7 @@ from controller.api.serving import (
     OpenAIServing,
     Tracked,
     encode,
+    encode_prompt,
     generation_defaults,
     too_long,
     unless_disconnected,
@@ -334,10 +335,12 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         async def begin(req: Any, cut: bool = False) -> tuple[Any, ToolPlan | None, Tracked]:
             if templated and not getattr(me.tokenizer, "chat_template", None):  # (Ollama's answers first)
                 raise ServingError(400, f"model '{req.model}' has no chat template: use /api/generate with raw")
-            if not chat:  # the ids of a raw prompt or of the template's, after the earlier turns' (`context`)
+            # the ids of a raw prompt (with the BOS its tokenizer adds, as Ollama's runner; after `context`, which
+            # starts with it, none) or of the template's, after the earlier turns' (`context`)
+            if not chat:
                 params = serving._params(me, req, req.max_tokens, k)
                 new = await (serving.offload(serving._chat_prompt, me, req, think_kwargs, False) if templated else
-                             serving.offload(encode, me.tokenizer, req.prompt))
+                             serving.offload(encode_prompt if not context else encode, me.tokenizer, req.prompt))
                 what = "context" if context else "prompt"
                 ids = serving._check_ids(me, _truncated(me, [*(context or []), *new], body, what), what)
                 return me, None, await serving.generate(me, tenant, req.model, [ids], params, 1, ctl.new_id("ollama"),

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -130,6 +131,42 @@ def encode(tok: Any, text: str, limit: int | None = None) -> list[int]:
     if limit is not None and len(ids) >= limit:
         raise PromptTooLong(len(ids))
     return ids
+
+
+_AFFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its special_affixes
+
+
+def special_affixes(tok: Any) -> tuple[list[int], list[int]]:
+    """The special tokens `tok` adds before and after a text it encodes with them (Llama 3's, Mistral's, Gemma's:
+    ([BOS], []); Qwen's: none), found once a tokenizer from a probe's two encodings."""
+    try:
+        return _AFFIXES[tok]
+    except (KeyError, TypeError):
+        pass
+    plain, full = tok.encode("x", add_special_tokens=False), tok.encode("x", add_special_tokens=True)
+    out: tuple[list[int], list[int]] = ([], [])
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            out = (list(full[:i]), list(full[i + len(plain):]))
+            break
+    try:
+        _AFFIXES[tok] = out
+    except TypeError:  # (an object that takes no weak reference: found again next time)
+        pass
+    return out
+
+
+def encode_prompt(tok: Any, text: str, limit: int | None = None) -> list[int]:
+    """A prompt text's ids as vLLM encodes a completion's or /tokenize's (add_special_tokens, true there) and Ollama
+    a raw prompt: `encode`'s, inside the special tokens the tokenizer adds (`special_affixes`: a Llama's BOS, which
+    the model was trained to see first); PromptTooLong counts them. (A chat template writes its own.)"""
+    pre, post = special_affixes(tok)
+    extra = len(pre) + len(post)
+    try:
+        ids = encode(tok, text, None if limit is None else max(1, limit - extra))
+    except PromptTooLong as e:
+        raise PromptTooLong(e.n + extra) from None
+    return [*pre, *ids, *post] if extra else ids
 
 
 def too_long(me: ModelEntry, n: int, param: str, index: int | None = None) -> ServingError:
@@ -477,8 +514,8 @@ class OpenAIServing:
             prompts = []
             for i, t in enumerate(texts):
                 try:
-                    prompts.append(encode(me.tokenizer, t, None if keep is not None else me.max_model_len)  # type: ignore[arg-type]
-                                   if t else [])
+                    prompts.append(encode_prompt(me.tokenizer, t,  # type: ignore[arg-type]
+                                                 None if keep is not None else me.max_model_len))
                 except PromptTooLong as e:
                     raise too_long(me, e.n, "prompt", i if len(texts) > 1 else None) from None
         if keep is not None:  # (a cut prompt is echoed as it was fed)
@@ -709,7 +746,7 @@ class OpenAIServing:
         """The token ids a request would feed the model (no length limit: a count is what callers often want)."""
         me = self.lookup(tenant, req.model)
         if req.messages is None:
-            ids = await self.offload(encode, me.tokenizer, req.prompt)
+            ids = await self.offload(encode_prompt, me.tokenizer, req.prompt)
         else:
             if not getattr(me.tokenizer, "chat_template", None):
                 raise ServingError(400, f"model `{req.model}` has no chat template", param="messages")
