@@ -156,11 +156,11 @@ def special_affixes(tok: Any) -> tuple[list[int], list[int]]:
     return out
 
 
-def encode_prompt(tok: Any, text: str, limit: int | None = None) -> list[int]:
-    """A prompt text's ids as vLLM encodes a completion's or /tokenize's (add_special_tokens, true there) and Ollama
-    a raw prompt: `encode`'s, inside the special tokens the tokenizer adds (`special_affixes`: a Llama's BOS, which
-    the model was trained to see first); PromptTooLong counts them. (A chat template writes its own.)"""
-    pre, post = special_affixes(tok)
+def encode_prompt(tok: Any, text: str, limit: int | None = None, special: bool = True) -> list[int]:
+    """A prompt text's ids as vLLM encodes a completion's or /tokenize's (add_special_tokens, true there; `special`)
+    and Ollama a raw prompt: `encode`'s, inside the special tokens the tokenizer adds (`special_affixes`: a Llama's
+    BOS, which the model was trained to see first); PromptTooLong counts them. (A chat template writes its own.)"""
+    pre, post = special_affixes(tok) if special else ([], [])
     extra = len(pre) + len(post)
     try:
         ids = encode(tok, text, None if limit is None else max(1, limit - extra))
@@ -515,7 +515,8 @@ class OpenAIServing:
             for i, t in enumerate(texts):
                 try:
                     prompts.append(encode_prompt(me.tokenizer, t,  # type: ignore[arg-type]
-                                                 None if keep is not None else me.max_model_len))
+                                                 None if keep is not None else me.max_model_len,
+                                                 getattr(req, "add_special_tokens", True)))
                 except PromptTooLong as e:
                     raise too_long(me, e.n, "prompt", i if len(texts) > 1 else None) from None
         if keep is not None:  # (a cut prompt is echoed as it was fed)
@@ -746,7 +747,8 @@ class OpenAIServing:
         """The token ids a request would feed the model (no length limit: a count is what callers often want)."""
         me = self.lookup(tenant, req.model)
         if req.messages is None:
-            ids = await self.offload(encode_prompt, me.tokenizer, req.prompt)
+            ids = await self.offload(encode_prompt, me.tokenizer, req.prompt, None,
+                                     getattr(req, "add_special_tokens", True))  # (vLLM's field, where protocol has it)
         else:
             if not getattr(me.tokenizer, "chat_template", None):
                 raise ServingError(400, f"model `{req.model}` has no chat template", param="messages")
