@@ -29,7 +29,7 @@ async def test_a_pool_has_no_finalizer_and_its_delete_waits_on_no_operator(world
     """`kubectl delete gpupool` returns at once, with the operator running or not (KServe's and most operators'
     objects with nothing to clean up carry no finalizer), and the pool's timer still resyncs it until then."""
     kube, fake = world
-    async with Operator():
+    async with Operator() as runner:
         await kube.create("gpupools", _obj("GPUPool", "default", {}))
         pool = await _until("pool Ready", lambda: _reason(kube, "gpupools", "default", "EnginesReady"))
         assert FINALIZER not in (pool["metadata"].get("finalizers") or [])
@@ -54,6 +54,10 @@ async def test_a_pool_has_no_finalizer_and_its_delete_waits_on_no_operator(world
         assert _reads(kube, "default") == reads
         assert await kube.get("daemonsets", "tokenpool-workers-default") is None
 
+    # (A timer round that went well is a DEBUG line, not INFO: every 30 s for each object, a converged operator's
+    # log would be nothing else.)
+    rounds = [ln for ln in runner.output.splitlines() if "Timer 'resync_pool' succeeded." in ln]
+    assert rounds and all("DEBUG" in ln for ln in rounds), rounds[:3]
     # (Its watch requests end within 10 minutes, from the API server's side: a silently dropped stream is redone.)
     watches = [r for r in kube.k8s if r.url.query.get("watch") == "true"]
     assert watches and {r.url.query.get("timeoutSeconds") for r in watches} == {"600"}

@@ -88,7 +88,8 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # failed); kopf posts none of its log messages unless told to.
     settings.posting.level = logging.WARNING
     settings.posting.loggers = True
-    logging.getLogger("kopf.objects").addFilter(_unposted_retries)  # (once: a logger keeps a filter once)
+    for f in (_unposted_retries, _quiet_rounds):
+        logging.getLogger("kopf.objects").addFilter(f)  # (once: a logger keeps a filter once)
     settings.background.cancellation_polling = TIMER_EXIT_POLL_S
     # A watch stream ends and reconnects (from the resourceVersion it reached) at least every 10 minutes: one that a
     # network device dropped silently left the operator blind to every change until it restarted (nolar/kopf#585;
@@ -115,6 +116,16 @@ def _unposted_retries(record: logging.LogRecord) -> bool:
     msg = record.getMessage()
     if any(f" failed temporarily: {p}" in msg for p in _RETRIES_REPORTED):
         record.k8s_skip = True
+    return True
+
+
+def _quiet_rounds(record: logging.LogRecord) -> bool:
+    """A filter of kopf's object logger: its line for every timer round that went well ("Timer 'resync_model'
+    succeeded.", every 30 s for each object) is DEBUG, not INFO: a converged operator's log stays quiet (as its admin
+    calls do), and `--verbose` still shows them."""
+    if record.levelno == logging.INFO and record.getMessage().endswith("succeeded.") and "Timer '" in record.getMessage():
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
     return True
 
 
