@@ -47,6 +47,8 @@ class Kube:
         return None if s is None else (s.get("data") or {})
 
     def pool(self, namespace: str, name: str) -> dict | None:
+        if not name:  # (a GET of .../gpupools/ is the list of them)
+            return None
         return self._raw(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, "gpupools", name)
 
     def worker_pods(self, namespace: str, pool: str) -> list[dict] | None:
