@@ -465,7 +465,7 @@ def _keep_alive_s(keep_alive: Any) -> float | None:
     if keep_alive is None:
         return None
     if isinstance(keep_alive, (int, float)) and not isinstance(keep_alive, bool):
-        return float(keep_alive)
+        return float(keep_alive if keep_alive < 0 else int(keep_alive))  # (whole seconds, as Go's int(t): 0.5 is 0)
     if not isinstance(keep_alive, str):
         raise ServingError(400, f"keep_alive: a number of seconds or a duration string such as \"5m\", not "
                                 f"{json.dumps(keep_alive)}")
