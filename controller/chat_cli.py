@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -174,19 +175,58 @@ def timings(usage: dict, total_s: float, first_s: float | None, last_s: float | 
     return "".join(f"{k + ':':<22}{v}\n" for k, v in lines)
 
 
+class Spinner:
+    """`ollama run`'s wait: a spinner on the terminal (stderr) until a reply's first text comes (a model's weights
+    loading, a long prompt's prefill: seconds of a blank line), then erased; nothing where stderr is not a
+    terminal. The thread draws only until `stop` returns, so no frame lands in the reply."""
+
+    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self, term: TextIO, every_s: float = 0.1):
+        self.term, self.every_s, self.drawn = term, every_s, 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._spin, daemon=True) if term.isatty() else None
+
+    def __enter__(self) -> Spinner:
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _spin(self) -> None:
+        while not self._done.wait(self.every_s):
+            self.term.write(f"\r{self.FRAMES[self.drawn % len(self.FRAMES)]} ")
+            self.term.flush()
+            self.drawn += 1
+
+    def stop(self) -> None:
+        if self._thread is None or self._done.is_set():
+            return
+        self._done.set()
+        self._thread.join()
+        if self.drawn:
+            self.term.write("\r\x1b[K")  # (the frame erased: the reply starts at the line's start)
+            self.term.flush()
+
+
 def turn(url: str, key: str | None, body: dict[str, Any], out: TextIO, stats: TextIO | None = None) -> str:
-    """One streamed reply written to `out` as it comes; its whole text. `stats`: where `timings` go after it."""
+    """One streamed reply written to `out` as it comes, a `Spinner` until it does; its whole text. `stats`: where
+    `timings` go after it."""
     import time
 
     parts, usage = [], ({} if stats is not None else None)
     t0, first, last = time.monotonic(), None, None
     try:
-        for text in stream_chat(url, key, body, usage):
-            last = time.monotonic()
-            first = last if first is None else first
-            out.write(text)
-            out.flush()
-            parts.append(text)
+        with Spinner(sys.stderr) as wait:
+            for text in stream_chat(url, key, body, usage):
+                wait.stop()
+                last = time.monotonic()
+                first = last if first is None else first
+                out.write(text)
+                out.flush()
+                parts.append(text)
     except ChatError:
         if parts:  # (the error's line after the text that came, not on it)
             out.write("\n")

@@ -107,3 +107,54 @@ def test_show_commands(stub):
     assert "User defined parameters:\n  num_predict     50\n  seed            3\n" in out
     assert "    architecture        llama\n    context length      2048\n" in out and "{{ messages }}\n" in out
     assert "/show parameters  the parameters set" in out
+
+
+class DrawnTerminal(io.StringIO):
+    """A terminal's stderr that says when something is drawn on it."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.drawn = threading.Event()
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        n = super().write(s)
+        self.drawn.set()
+        return n
+
+
+def test_a_spinner_until_the_first_text_then_erased(monkeypatch):
+    """As `ollama run`: until a reply's first text (a model loading, a long prefill) a spinner turns on the terminal
+    (stderr), erased before the reply; the reply itself (stdout) is the text alone. Not drawn where stderr is not a
+    terminal."""
+    term = DrawnTerminal()
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()
+            self.wfile.flush()
+            term.drawn.wait(10)  # (the first token comes once the spinner has turned)
+            self.wfile.write(b'data: {"choices": [{"delta": {"content": "ok"}}]}\n\ndata: [DONE]\n\n')
+
+    monkeypatch.setattr("sys.stderr", term)
+    with stub_server(Slow) as url:
+        out = io.StringIO()
+        run(url, None, "known", "hi", None, {}, io.StringIO(""), out)
+        drawn = term.getvalue()
+        assert out.getvalue() == "ok\n"
+        assert drawn.startswith("\r⠋ ") and drawn.endswith("\r\x1b[K"), repr(drawn)
+        piped = io.StringIO()  # (not a terminal: nothing drawn; the reply comes all the same)
+        term.drawn.set()
+        monkeypatch.setattr("sys.stderr", piped)
+        run(url, None, "known", "hi", None, {}, io.StringIO(""), out)
+    assert out.getvalue() == "ok\nok\n" and piped.getvalue() == ""
