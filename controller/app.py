@@ -241,14 +241,22 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
         if request.app.state.serving.draining:
             return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "5"})
         ok = c.ready()
-        body = {"status": "ok" if ok else "starting",
-                "engines": sum(1 for e in c.pool.engines.values() if e.alive), "models": len(c.models)}
+        engines = sum(1 for e in c.pool.engines.values() if e.alive)
+        # Once ready, a model that is not (its worker died and it loads again, or its loads fail) leaves the server
+        # "degraded", still 200: it serves every other model, and a 503 there took the whole server out of a load
+        # balancer's (or a Kubernetes Service's) endpoints for one model -- as vLLM's and Ollama's stay 200 while
+        # their engine runs. 503 before the first ready ("starting"), and with no live engine ("unavailable").
+        status = "ok" if ok else "starting" if not c.was_ready else "degraded" if engines else "unavailable"
+        body = {"status": status, "engines": engines, "models": len(c.models)}
         if not ok and (failed := c.load_errors()):
             # What keeps it from ready, where a load keeps failing. /health answers anyone (probes send no key): the
             # names and the workers' errors (paths, exception text) go only to whoever may change what is served (no
             # auth, the admin token, the dashboard's session, or a single-user server's key); others hear how many.
             body["failed_models"] = failed if _may_operate(request) else len(failed)
-        return JSONResponse(body, status_code=200 if ok else 503)
+        if status == "degraded":
+            unready = c.unready_models()
+            body["unready_models"] = unready if _may_operate(request) else len(unready)
+        return JSONResponse(body, status_code=200 if status in ("ok", "degraded") else 503)
 
     @app.get("/metrics", dependencies=[Depends(auth.metrics_reader)])
     async def metrics(request: Request):

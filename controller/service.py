@@ -326,6 +326,16 @@ class Controller:
                     out[n] = f"waiting for a GPU its weights fit: {why}"
         return out
 
+    @property
+    def was_ready(self) -> bool:
+        """Whether the server has been ready once (its start-up is over)."""
+        return self._was_ready
+
+    def unready_models(self) -> list[str]:
+        """The models with a minimum (replicas.min > 0) ready on no live engine, by name."""
+        alive = [e for e in self.pool.engines.values() if e.alive]
+        return sorted(n for n, me in self.models.items() if me.spec.replicas.min > 0 and not _ready_on(n, alive))
+
     def ready(self) -> bool:
         """Every model with a minimum is ready on a live engine. At start-up also: every local worker has joined
         and placement has evened the registrations out (no move pending), so the first requests do not meet
@@ -333,8 +343,7 @@ class Controller:
         if self.fatal is not None or self._starting:
             return False
         alive = [e for e in self.pool.engines.values() if e.alive]
-        need = [n for n, me in self.models.items() if me.spec.replicas.min > 0]
-        ok = bool(alive) and all(_ready_on(n, alive) for n in need)
+        ok = bool(alive) and not self.unready_models()
         if ok and not self._was_ready:
             views = self.views()  # the moves a tick would plan now, from the same inputs (pins, failures, moves)
             ok = (self.pool.local_joined() and not self._moving
