@@ -268,7 +268,8 @@ class GPUSettings(_Strict):
     """Each worker's pooled engine: one arena per GPU (weights + KV), weights from a node-shared host cache."""
 
     budget_gb: float | None = Field(None, gt=0, le=MAX_GB)  # arena per GPU (GB); None: free memory less a margin
-    cpu_budget_gb: float = Field(8.0, gt=0, le=MAX_GB)  # the CPU worker's arena (host memory)
+    # the CPU worker's arena (host memory); None: 8 GB or a quarter of its machine's memory, the smaller (hosting)
+    cpu_budget_gb: float | None = Field(None, gt=0, le=MAX_GB)
     kv_cache_gb: float | None = Field(None, gt=0, le=MAX_GB)  # KV region inside the arena; None: 10% (1..16 GB)
     host_cache_gb: float | None = Field(None, gt=0, le=MAX_GB)  # node-wide host weight cache; None: 60% of RAM
     host_cache_namespace: str = Field("tokenpool", pattern=r"^[A-Za-z0-9._-]+$")  # workers sharing host copies

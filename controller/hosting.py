@@ -27,6 +27,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controller.config import EngineOptions
@@ -40,6 +41,8 @@ GiB = 1 << 30
 GPU_MARGIN_BYTES = 4 * GiB  # left outside the arena: activations, CUDA graphs' pools, the CUDA contexts (the
 # worker's, and its standby's: controller/pool.py)
 GPU_MARGIN_FRAC = 0.05
+CPU_ARENA_MAX_BYTES = 8 * 10**9  # the CPU worker's arena by default: this, or CPU_ARENA_FRAC of the memory if less
+CPU_ARENA_FRAC = 0.25
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,22 @@ def default_budget(device: str, free_bytes: int) -> int:
     """The arena when none is configured: the device's free memory less a safety margin."""
     if device.startswith("cuda"):
         return max(GiB, int(free_bytes - max(GPU_MARGIN_BYTES, GPU_MARGIN_FRAC * free_bytes)))
-    return 8 * GiB  # CPU: virtual until touched (torch.empty); weights and KV touch what they use
+    # CPU: virtual until touched (torch.empty), but weights and KV touch what they use, beside the host cache's own
+    # copy (60% of RAM at most): 8 GB on a machine under 20 GB let the arena and the host copies outgrow its
+    # memory (the OOM killer, not an eviction), where Ollama refuses a load past the memory available
+    return min(CPU_ARENA_MAX_BYTES, int(CPU_ARENA_FRAC * host_memory_bytes()))
+
+
+def host_memory_bytes() -> int:
+    """This machine's memory: /proc/meminfo's MemTotal, or the cgroup's limit (a container) when lower."""
+    from gpu_pool.inventory import meminfo  # (gpu_pool's package pulls in torch lazily: not at import here)
+
+    total = meminfo().get("MemTotal", 16 << 30)
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        return min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        return total
 
 
 def default_kv_gb(device: str, budget: int) -> float:

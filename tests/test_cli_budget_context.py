@@ -37,7 +37,7 @@ def test_gpu_budget_sizes_the_cpu_workers_arena_where_the_local_workers_are_on_t
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="tokenpool"):
         cfg, _ = prepare(None, None, None, [q], [], 2.5)
-    assert cfg.gpus.budget_gb == 2.5 and cfg.gpus.cpu_budget_gb == 8.0
+    assert cfg.gpus.budget_gb == 2.5 and cfg.gpus.cpu_budget_gb is None  # (the CPU default: hosting.default_budget)
     assert not [r for r in caplog.records if "--gpu-budget" in r.getMessage()]
 
 
