@@ -251,7 +251,7 @@ class RequestOut(BaseModel):
     model: str
     tenant: str | None
     engines: list[str]
-    state: str = Field(description="queued (no token yet) | running")
+    state: str = Field(description="queued (at the controller) | prefill (on its engine, no token yet) | running")
     age_s: float
     tokens: int
     tokens_per_s: float
