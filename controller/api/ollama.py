@@ -472,8 +472,8 @@ def _keep_alive_s(keep_alive: Any) -> float | None:
     try:
         return go_duration_s(keep_alive)
     except ValueError as e:
-        raise ServingError(400, f"keep_alive: {e} (Go's units: ns, us, ms, s, m, h, as in \"1h30m\"; or a number of "
-                                "seconds, -1: forever)") from None
+        raise ServingError(400, f"keep_alive: {e} (a Go duration string, units ns, us, ms, s, m, h: \"5m\", "
+                                "\"1h30m\", \"-1m\" for ever; or a JSON number of seconds, unquoted: 300, -1)") from None
 
 
 def _zero(keep_alive: Any) -> bool:
