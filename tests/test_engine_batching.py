@@ -151,10 +151,32 @@ def test_streamed_text_never_splits_utf8(make_varied):
             if o.finished:
                 finals[o.request_id] = o.outputs[0]
     for rid, parts in deltas.items():
-        assert "".join(parts) == finals[rid].text == tok.decode(finals[rid].token_ids, skip_special_tokens=True)
+        # (a character the last tokens only began is dropped: IncrementalDetokenizer.step)
+        want = tok.decode(finals[rid].token_ids, skip_special_tokens=True).rstrip("\ufffd")
+        assert "".join(parts) == finals[rid].text == want
         # every non-final delta is whole characters: no lone replacement char created by a split
         for p in parts[:-1]:
             assert not p.endswith("\ufffd")
+
+
+def test_a_reply_cut_inside_a_character_ends_before_it(make_varied):
+    """A reply whose last token only began a character (max_tokens reached inside an emoji's UTF-8 bytes) ended with
+    U+FFFD; vLLM's and Ollama's drop the unfinished character. The emoji is four byte tokens here; the text of two of
+    them, finished, is what came before them."""
+    from token_scheduler.detokenizer import IncrementalDetokenizer
+
+    tok = _engine(make_varied("qwen2")).tokenizer
+    head = tok.encode("ok ", add_special_tokens=False)
+    emoji = tok.encode("\U0001f389", add_special_tokens=False)
+    assert len(emoji) == 4 and tok.decode(emoji[:1]) == "\ufffd", emoji
+    for cut in (1, 2, 3):
+        ids = head + emoji[:cut]
+        d = IncrementalDetokenizer(tok)
+        said = [d.step(ids, n, finished=n == len(ids)) for n in range(1, len(ids) + 1)]
+        assert "".join(said) == d.text == "ok ", (cut, said)
+    d = IncrementalDetokenizer(tok)
+    ids = head + emoji
+    assert "".join(d.step(ids, n, finished=n == len(ids)) for n in range(1, len(ids) + 1)) == "ok \U0001f389"
 
 
 def test_logprobs(make_varied):

@@ -8,7 +8,7 @@ cut, finish_reason "stop"); the engine still holds the request until its owner c
 its detokenizer is `done`.
 
 Text is released only once the decoded bytes form whole UTF-8 characters (a trailing U+FFFD means a
-character is still split across tokens), and, while a request has stop strings, the last
+character is still split across tokens; at the end, one the last tokens only began is dropped), and, while a request has stop strings, the last
 `len(longest stop) - 1` characters are held back so a stop string is never streamed before it is cut.
 """
 
@@ -45,6 +45,8 @@ class IncrementalDetokenizer:
         the text newly released. Sets `stop_hit` on a stop string."""
         prefix = self._decode(ids[self.prefix_offset : self.read_offset])
         full = self._decode(ids[self.prefix_offset : n])
+        if finished:  # a character its last tokens only began is dropped, not sent as U+FFFD (as vLLM's and Ollama's)
+            full = full.rstrip("\ufffd")
         if len(full) > len(prefix) and (finished or not full.endswith("\ufffd")):
             self.text += full[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, n
