@@ -60,3 +60,23 @@ def test_a_completions_prompt_gets_the_bos_its_tokenizer_adds(bos_tokenizer, mak
     chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     ids = encode(tok, chat)  # (as _chat_prompt feeds a chat: the template's text, nothing added)
     assert ids[0] == bos and ids[1] != bos
+
+
+def test_add_special_tokens_false_and_embedding_inputs(bos_tokenizer):
+    """vLLM's `add_special_tokens` on a completion (and /tokenize) is taken: false leaves the BOS out (the field was
+    unknown to the request model, so a client could not turn it off). An input to embed is encoded as vLLM's
+    embeddings encode it, with the special tokens its tokenizer adds (last-token pooling models need their EOS)."""
+    from controller.api.embeddings import prompts_of
+
+    tok, bos = bos_tokenizer
+    plain = encode(tok, "Hello world")
+    me = SimpleNamespace(tokenizer=tok, max_model_len=64)
+    req = p.CompletionRequest.model_validate({"model": "m", "prompt": "Hello world", "add_special_tokens": False})
+    _, prompts, _ = OpenAIServing.__new__(OpenAIServing)._completion_prompts(me, req)  # type: ignore[arg-type]
+    assert prompts == [plain]
+    assert not p.TokenizeRequest.model_validate({"model": "m", "prompt": "x", "add_special_tokens": False}
+                                                ).add_special_tokens
+    me.tokenizer, me.name = tok, "m"
+    serving = OpenAIServing.__new__(OpenAIServing)
+    serving._check_ids = lambda me, ids, param: ids  # (the vocabulary's bounds: not what is tested here)
+    assert prompts_of(serving, me, ["Hello world"], None) == [[bos, *plain]]

@@ -15,7 +15,7 @@ import time
 from starlette.requests import Request
 
 from controller.api import protocol as p
-from controller.api.serving import OpenAIServing, PromptTooLong, Tracked, encode, lora_of
+from controller.api.serving import OpenAIServing, PromptTooLong, Tracked, encode_prompt, lora_of
 from controller.errors import ServingError
 from controller.service import ModelEntry
 from controller.tenants import Tenant
@@ -47,7 +47,7 @@ def prompts_of(serving: OpenAIServing, me: ModelEntry, raw: str | list, truncate
                 raise ServingError(400, f"input{f' {which}' if which is not None else ''} is an empty string",
                                    param=param)
             try:
-                ids = encode(me.tokenizer, x, None if keep is not None else me.max_model_len)
+                ids = encode_prompt(me.tokenizer, x, None if keep is not None else me.max_model_len)
             except PromptTooLong as e:
                 raise _too_long(me, e.n, param, which) from None
         else:

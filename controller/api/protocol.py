@@ -183,6 +183,7 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: str | None = None
+    add_special_tokens: bool = True  # (vLLM's) a text prompt inside the special tokens its tokenizer adds (a BOS)
 
 
 MAX_EMBED_INPUTS = 2048  # inputs one embeddings request may carry (OpenAI's limit)
@@ -354,6 +355,7 @@ class TokenizeRequest(_Top, _ChatTemplate):
     model: ModelName
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)] | None = None
+    add_special_tokens: bool = True  # (vLLM's, for a prompt) inside the special tokens its tokenizer adds
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:

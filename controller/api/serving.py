@@ -516,7 +516,7 @@ class OpenAIServing:
                 try:
                     prompts.append(encode_prompt(me.tokenizer, t,  # type: ignore[arg-type]
                                                  None if keep is not None else me.max_model_len,
-                                                 getattr(req, "add_special_tokens", True)))
+                                                 req.add_special_tokens))
                 except PromptTooLong as e:
                     raise too_long(me, e.n, "prompt", i if len(texts) > 1 else None) from None
         if keep is not None:  # (a cut prompt is echoed as it was fed)
@@ -748,7 +748,7 @@ class OpenAIServing:
         me = self.lookup(tenant, req.model)
         if req.messages is None:
             ids = await self.offload(encode_prompt, me.tokenizer, req.prompt, None,
-                                     getattr(req, "add_special_tokens", True))  # (vLLM's field, where protocol has it)
+                                     req.add_special_tokens)
         else:
             if not getattr(me.tokenizer, "chat_template", None):
                 raise ServingError(400, f"model `{req.model}` has no chat template", param="messages")
