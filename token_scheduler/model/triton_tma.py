@@ -88,11 +88,20 @@ def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# Models whose hidden size is at most this take these kernels; larger ones stay on cuBLAS. On the H200 (bench engine,
+# d6428cd, TOKENPOOL_TMA_ROWS 0 against 32 on one warm machine; bench/results/tma_ab_h200_d6428cd.json) cuBLAS won the
+# 7B (hidden 3584) at batches 8 and 32, 4.305/4.592 ms against 4.501/4.902 (1.18x/1.20x its floor with the KV bytes
+# against 1.24x/1.28x), where TMA won the 1.5B (hidden 1536), 1.445/1.745 ms against 1.706/1.832. (On the H100 the 7B
+# had gained 3% from TMA: 63ec818.)
+MAX_HIDDEN = 2048
+
+
 def takes(x: torch.Tensor, decode: bool) -> bool:
     """Whether a step of hidden states `x` ([rows, hidden]) runs its projections here: a decode step of 2 to
-    MAX_ROWS rows on a GPU with TMA and programmatic dependent launch (Hopper or later)."""
-    return (TensorDescriptor is not None and decode and 2 <= x.shape[0] <= MAX_ROWS and pdl_capable(x)
-            and x.dtype in (torch.bfloat16, torch.float16))
+    MAX_ROWS rows of a model of hidden size up to MAX_HIDDEN on a GPU with TMA and programmatic dependent launch
+    (Hopper or later)."""
+    return (TensorDescriptor is not None and decode and 2 <= x.shape[0] <= MAX_ROWS and x.shape[1] <= MAX_HIDDEN
+            and pdl_capable(x) and x.dtype in (torch.bfloat16, torch.float16))
 
 
 def _fits(x: torch.Tensor, w: torch.Tensor) -> bool:
