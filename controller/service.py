@@ -965,6 +965,8 @@ class Controller:
             self.metrics.engines.labels(k).set(v)
         for name in self.models:
             self.metrics.replicas.labels(name).set(sum(1 for e in engines if name in e.replicas))
+        if not self._was_ready:  # start-up ends when ready, asked or not: a fault after it is no start-up again
+            self.ready()  # (only /health asked: a worker killed before any probe made it "starting", placement wait)
 
     def _tell_pin_blocked(self, engines: list[EngineView]) -> None:
         """Log, and publish as `pin_blocked` events, the engines this tick's placements passed over because the pins
