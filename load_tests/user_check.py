@@ -1,8 +1,10 @@
 """User check, as a user would: `tokenpool serve` (embedded default: three models, CPU) from a fresh venv (e.g. the
 one `.ci/run` made), the official openai client (streamed == unstreamed), errors, /metrics, co-stepping counters from
-/admin/engines, a clean Ctrl-C, no process or /dev/shm file left. Usage: VENV/bin/python load_tests/user_check.py VENV
-(the venv needs openai, which `pip install -e ".[test]"` brings)."""
+/admin/engines, a clean Ctrl-C, no process of its own or /dev/shm file left. Usage: VENV/bin/python
+load_tests/user_check.py VENV [--port PORT] (default 8000; the venv needs openai, which `pip install -e ".[test]"`
+brings)."""
 
+import argparse
 import concurrent.futures as cf
 import glob
 import json
@@ -10,15 +12,39 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 
 from openai import BadRequestError, NotFoundError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-BASE = "http://127.0.0.1:8000"
+BASE = "http://127.0.0.1:8000"  # (main's --port changes it)
 WORK = "/tmp/user_check"
+
+
+def descendants(pid: int) -> set[int]:
+    """The processes under `pid` now (its workers and their standbys), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Running still (a zombie, exited but not yet reaped, is not)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def find(x, key):
@@ -41,16 +67,20 @@ def chat(client, model, i, stream):
     return client.chat.completions.create(**kw).choices[0].message.content
 
 
-def main(venv: str) -> None:
+def main(venv: str, port: int = 8000) -> None:
+    global BASE
+    BASE = f"http://127.0.0.1:{port}"
     os.makedirs(WORK, exist_ok=True)
-    env = dict(os.environ, PATH=f"{venv}/bin:" + os.environ["PATH"])
+    env = dict(os.environ, PATH=f"{venv}/bin:" + os.environ["PATH"], TOKENPOOL_URL=BASE)  # (for `tokenpool run`)
     shm0 = set(glob.glob("/dev/shm/*"))
     log_path = f"{WORK}/serve.log"
     t0 = time.time()
     with open(log_path, "w") as log:
-        p = subprocess.Popen([f"{venv}/bin/tokenpool", "serve"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                             cwd=WORK)
+        p = subprocess.Popen([f"{venv}/bin/tokenpool", "serve", "--port", str(port)], stdout=log,
+                             stderr=subprocess.STDOUT, env=env, cwd=WORK)
     for _ in range(300):
+        if p.poll() is not None:  # (a port taken: /health would answer from another server)
+            raise SystemExit(f"tokenpool serve exited {p.returncode}: " + open(log_path).read()[-2000:])
         try:
             urllib.request.urlopen(BASE + "/health", timeout=1)
             break
@@ -128,12 +158,19 @@ def main(venv: str) -> None:
         engines = json.loads(urllib.request.urlopen(req).read())
         print("co_steps", list(find(engines, "co_steps")), "co_kept", list(find(engines, "co_kept")),
               "co_deep_kept", list(find(engines, "co_deep_kept")))
+    ours = descendants(p.pid)  # (only this server's: other servers on the machine are none of its business)
     p.send_signal(signal.SIGINT)
     print("rc", p.wait(60))
-    time.sleep(1)
-    left = subprocess.run(["pgrep", "-f", "controller.(serve|worker)"], capture_output=True, text=True).stdout.split()
-    print("processes left", left, "shm left", sorted(set(glob.glob("/dev/shm/*")) - shm0))
+    deadline = time.time() + 5  # its workers exit with it; give the last of them a moment to go
+    while any(alive(q) for q in ours) and time.time() < deadline:
+        time.sleep(0.1)
+    left = sorted(q for q in ours if alive(q))
+    print("processes left", left, "of", len(ours), "shm left", sorted(set(glob.glob("/dev/shm/*")) - shm0))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("venv", help="the virtual environment whose tokenpool is checked (its bin/tokenpool, bin/python)")
+    ap.add_argument("--port", type=int, default=8000, help="the port the server listens on (8000)")
+    a = ap.parse_args()
+    main(a.venv, a.port)
