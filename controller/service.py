@@ -618,10 +618,20 @@ class Controller:
             self._still_registered(entry)
             r = e.replicas.get(name) or self._register(e, entry)
             if not r.ready.is_set():
+                deadline = time.monotonic() + LOAD_TIMEOUT_S
+                # (ended while it waits -- an operator's cancel, the end of a shutdown's grace -- it stops waiting:
+                # its client then hears the error at once, where it heard it after the load, or, at shutdown, a
+                # plain-text 500 once uvicorn cancelled it)
+                ready = asyncio.ensure_future(r.ready.wait())
                 try:
-                    await asyncio.wait_for(asyncio.shield(r.ready.wait()), LOAD_TIMEOUT_S)
-                except asyncio.TimeoutError:
-                    raise ServingError(503, f"model {name!r} is still being registered", retry_after=10) from None
+                    while not ready.done() and not sub.done:
+                        if time.monotonic() > deadline:
+                            raise ServingError(503, f"model {name!r} is still being registered", retry_after=10)
+                        await asyncio.wait({ready}, timeout=0.1)
+                finally:
+                    ready.cancel()
+                if sub.done:
+                    return
             if e.replicas.get(name) is r or r.state not in ("ready", "dropped"):  # (dropped: register it again)
                 break
         self._still_registered(entry)

@@ -183,17 +183,28 @@ class GracefulServer(uvicorn.Server):
         s.ctl.pool.quiet = True
         s.drain_retry_after = max(1, int(self.grace_s) + 1)
         log.warning("signal %d: draining; %d requests in flight get %.0f s to finish (signal again to stop now)",
-                    sig, len(s.active), self.grace_s)
+                    sig, max(len(s.active), len(_admitted(s))), self.grace_s)
         deadline = time.monotonic() + self.grace_s
-        while s.active and time.monotonic() < deadline and not self.force_exit:
+        while (s.active or _admitted(s)) and time.monotonic() < deadline and not self.force_exit:
             await asyncio.sleep(0.05)
-        if s.active:
+        if s.active or _admitted(s):
             n = s.abort_all("the server is shutting down")
+            # those still waiting for their model's load (or an engine) are ended too: each then answers at once (its
+            # stream an error event and [DONE], one not streamed a 503), where uvicorn cancelled it (a plain-text 500
+            # and a traceback) once it stopped waiting for connections
+            n += s.ctl.end_requests(lambda g: not any(t.gen is g for t in s.active), "the server is shutting down",
+                                    "shutdown")
             log.warning("grace period over: ended %d requests with an error", n)
             deadline = time.monotonic() + FLUSH_S
             while s.active and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
         self.should_exit = True
+
+
+def _admitted(s) -> list:
+    """The requests admitted and not yet answered, `s.active`'s and those still waiting for their model's load or an
+    engine (not in `s.active` until they are placed): a drain gives them its grace too -- the load may finish in it."""
+    return [g for g in s.ctl.activity.live.values() if not g.closed]
 
 
 def _take_hangup(handler) -> object | None:
