@@ -53,6 +53,7 @@ QUICK_DEATH_S = 30.0  # a local worker that dies sooner after it started is rest
 # after its standby was told to take over (its start-up done: it registers at once); else it is killed and replaced
 COLD_JOIN_S = 300.0
 PROMOTED_JOIN_S = 30.0
+SPARE_BACKOFF_MAX_S = 60.0  # a standby that keeps exiting is started again at most this often
 SPARE_WAIT_S = 120.0  # a standby starts once its worker has done its first loads, or this long after it joined
 LOOPING_DEATHS = 3  # a slot whose workers died this many times in a row before they joined is in a crash loop
 
@@ -225,8 +226,7 @@ class EnginePool:
                     while (not dead.done() and (self.starting or self._loading(slot))
                            and time.monotonic() < settle):
                         await asyncio.wait({dead}, timeout=0.1)
-                    if not dead.done() and not self._stopping:
-                        self._spares[slot] = await self._spawn(slot, device, standby=True)
+                    await self._keep_spare(slot, device, dead)
                 rc = await dead
             finally:
                 dead.cancel()  # stop() cancelled this supervisor: no task left pending
@@ -243,6 +243,27 @@ class EnginePool:
                 log.warning("local worker w%d (pid %d) exited with %s; restarting in %.1f s", slot, proc.pid, rc,
                             backoff)
                 await asyncio.sleep(backoff)
+
+    async def _keep_spare(self, slot: int, device: str, dead: asyncio.Future) -> None:
+        """Keep a standby beside the slot's worker until that worker exits (`dead`): one that exits first (killed,
+        OOM-killed, crashed) is replaced, 1 s later, doubling to SPARE_BACKOFF_MAX_S while they keep dying. (It was
+        not: the slot ran with none, and the worker's next death was a cold start, said only then.)"""
+        backoff = 1.0
+        while not dead.done() and not self._stopping and not self.quiet:
+            spare = self._spares[slot] = await self._spawn(slot, device, standby=True)
+            t0, gone = time.monotonic(), asyncio.ensure_future(spare.wait())
+            try:
+                await asyncio.wait({dead, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            if dead.done() or self._stopping or self.quiet:
+                return
+            backoff = 1.0 if time.monotonic() - t0 > QUICK_DEATH_S else min(backoff * 2, SPARE_BACKOFF_MAX_S)
+            log.warning("the standby of w%d (pid %d) exited with %s; starting another in %.0f s", slot, spare.pid,
+                        spare.returncode, backoff)
+            if self._spares.get(slot) is spare:
+                del self._spares[slot]
+            await asyncio.wait({dead}, timeout=backoff)
 
     async def _spawn(self, slot: int, device: str, standby: bool = False) -> asyncio.subprocess.Process:
         environ = env.environ_with(**{env.JOIN_TOKEN.name: self._local_token, env.PYTHONPATH.name: os.pathsep.join(
