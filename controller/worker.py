@@ -247,7 +247,12 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - any load failure is reported, the worker lives on
-            log.exception("loading %s failed", msg.model)
+            if isinstance(e, (OSError, ValueError)):  # its files gone or unreadable, a model that cannot fit: said
+                # in one line (it is retried, 10 s then doubling: a traceback each time buried the log), as the
+                # controller's own line says it; anything else is a bug, with its traceback
+                log.error("loading %s failed: %s: %s", msg.model, type(e).__name__, e)
+            else:
+                log.exception("loading %s failed", msg.model)
             self._loras_later.pop(msg.model, None)
             self._retune_later.pop(msg.model, None)
             self.send(m.ModelLoaded(msg.model, False, error=f"{type(e).__name__}: {e}"))

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
+
+import httpx
 
 from load_tests.live_server import LiveServer
 
@@ -37,17 +40,29 @@ def _standby(srv: LiveServer, other_than: int | None = None, timeout: float = 20
         time.sleep(0.05)
 
 
-def test_a_killed_standby_is_replaced_and_the_next_worker_death_is_a_takeover(tmp_path):
+def test_a_killed_standby_is_replaced_and_the_next_worker_death_is_a_takeover(tmp_path, tiny_model):
+    """Then the worker dies after the files of one of its models were removed: the successor's load of it fails,
+    said in one line (no traceback at each retry), and /health is 200 "degraded" naming it (the other serves)."""
+    gone = tmp_path / "gone"
+    shutil.copytree(tiny_model, gone)
     cfg = {"workers": {"local": "cpu", "heartbeat_s": 0.25, "dead_after_s": 1.5},
-           "models": [{"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.01}}]}
-    with LiveServer(cfg, tmp_path) as srv:
+           "models": [{"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.01}},
+                      {"name": "gone", "path": str(gone)}]}
+    with LiveServer(cfg, tmp_path / "srv") as srv:
         first = _standby(srv)
         os.kill(first, signal.SIGKILL)
         second = _standby(srv, other_than=first)  # (1 s after the first one's death)
         assert re.search(rf"the standby of w0 \(pid {first}\) exited with -9; starting another", srv.log())
         worker = next(p for p, cmd in _children(srv.proc.pid).items() if "--standby" not in cmd)
+        shutil.rmtree(gone)
         os.kill(worker, signal.SIGKILL)
         deadline = time.monotonic() + 20
-        while not re.search(rf"exited with -9; its standby \(pid {second}\) takes over", srv.log()):
-            assert time.monotonic() < deadline, srv.log()
+        while not re.search(r"registering gone on w0 failed", log := srv.log()):
+            assert time.monotonic() < deadline, log
             time.sleep(0.05)
+        assert re.search(rf"exited with -9; its standby \(pid {second}\) takes over", log), log
+        assert re.search(r"worker\[\d+\] ERROR loading gone failed: FileNotFoundError: ", log), log
+        assert "Traceback" not in log, log
+        r = httpx.get(srv.url + "/health", timeout=10)
+        assert r.status_code == 200 and r.json()["status"] == "degraded", r.text
+        assert list(r.json()["failed_models"]) == ["gone"], r.text
