@@ -479,6 +479,7 @@ def run_cmd(
 
 
 @app.command("show")
+@pipe_safe
 def show_cmd(
     model: str = typer.Argument(..., metavar="MODEL", help="a model (or alias) the server serves"),
     url: str = CLIENT_URL,

@@ -6,6 +6,7 @@ Environment variables are read in tokenpool/env.py and nowhere else.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import re
 import typing
@@ -306,6 +307,20 @@ class AutoscalerSettings(_Strict):
     down_ticks: int = Field(15, ge=1)
 
 
+def env_policy_options() -> dict | None:
+    """$TOKENPOOL_POLICY_OPTIONS as a dict (None: unset); ValueError when it is not a JSON object."""
+    raw = env.POLICY_OPTIONS.get()
+    if not raw:
+        return None
+    try:
+        opts = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"TOKENPOOL_POLICY_OPTIONS is not JSON: {e}") from None
+    if not isinstance(opts, dict):
+        raise ValueError(f"TOKENPOOL_POLICY_OPTIONS must be a JSON object, got {raw!r}")
+    return opts
+
+
 class ServerConfig(_Strict):
     _other_servers = {"groups": "llama-swap's groups: here every model shares the GPUs, swapped in and out by the "
                       "scheduler (gpus.policy)",
@@ -366,6 +381,15 @@ class ServerConfig(_Strict):
         for h in (self.admin_token_hash, self.metrics_token_hash, self.workers.join_token_hash):
             if h is not None and not is_key_hash(h):
                 raise ValueError("token hashes must be sha256$salt$digest (tokenpool keys hash TOKEN)")
+        if self.gpus.policy_options is None and (opts := env_policy_options()) is not None:
+            # the policy's options where the configuration has none: checked here too (only a worker read them, at its
+            # first load, and a bad one failed every model's load, retried for ever)
+            from token_scheduler.policies import policy_options
+
+            try:
+                policy_options(self.gpus.policy, opts)
+            except ValueError as e:
+                raise ValueError(f"TOKENPOOL_POLICY_OPTIONS: {e}") from None
         return self
 
     @property

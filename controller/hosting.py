@@ -23,15 +23,13 @@ attaches it and the other models keep stepping.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from controller.config import EngineOptions
-from tokenpool import env
+from controller.config import EngineOptions, env_policy_options
 
 if TYPE_CHECKING:  # token_scheduler's engines import torch: only when a model with weights is hosted
     from token_scheduler.policies.slo import ModelSLO
@@ -153,14 +151,7 @@ def _policy_kw(s: GpuSettings) -> dict:
     """The pooled engine's policy options: the configuration's, else $TOKENPOOL_POLICY_OPTIONS, checked."""
     from token_scheduler.policies import policy_options
 
-    opts = s.policy_options
-    if opts is None and (raw := env.POLICY_OPTIONS.get()):
-        try:
-            opts = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"TOKENPOOL_POLICY_OPTIONS is not JSON: {e}") from None
-        if not isinstance(opts, dict):
-            raise ValueError(f"TOKENPOOL_POLICY_OPTIONS must be a JSON object, got {raw!r}")
+    opts = s.policy_options if s.policy_options is not None else env_policy_options()
     return policy_options(s.policy, opts)
 
 

@@ -78,3 +78,24 @@ def test_pull_of_a_model_served_already_succeeds(show_stub):
                                           "downloads nothing\n"), r.output
     r = CliRunner().invoke(app, ["pull", "nosuch", "--url", url], env={"COLUMNS": "200"})
     assert r.exit_code == 2 and "tokenpool pull: tokenpool downloads nothing" in r.output, r.output
+
+
+def test_show_piped_into_a_reader_that_stops_early_exits_0_quietly(show_stub):
+    """`tokenpool show MODEL | true` (a reader gone before it reads): no error, exit 0 and nothing on stderr, as `ls`,
+    `ps` and `run` (it exited 1); and `--template | head -1` (a long template, the reader gone after one line)."""
+    import subprocess
+    import sys
+
+    url, _ = show_stub
+    SHOWN["template"] = "{{ messages }}\n" * 20000  # (more than a pipe's buffer)
+    try:
+        for args, lines in (([], 0), (["--template"], 1)):
+            p = subprocess.Popen([sys.executable, "-m", "controller.cli", "show", "smollm2", *args, "--url", url],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for _ in range(lines):
+                p.stdout.readline()
+            p.stdout.close()  # (as `true`, or `head -1` after its line)
+            _, err = p.communicate(timeout=60)
+            assert (p.returncode, err.decode()) == (0, ""), args
+    finally:
+        SHOWN["template"] = "{{ messages }}"

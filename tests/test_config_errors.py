@@ -119,3 +119,26 @@ def test_a_gpu_budget_out_of_range_is_one_line(make_tiny):
                         "1e7", "--port", "18798"], cwd=REPO_ROOT, capture_output=True, text=True, input="",
                        timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "400"})
     assert "--gpu-budget 1e+07: Input should be less than or equal to 1000000" in one_line(r), r.stderr
+
+
+def test_policy_options_from_the_environment_are_checked_at_start(monkeypatch, tmp_path):
+    """TOKENPOOL_POLICY_OPTIONS (the policy's options where the configuration has none) was read only by a worker at
+    its first load: a bad one passed `config check` and `serve`, and every model's load then failed with a traceback,
+    retried for ever. Now it is a configuration error at start, as the same options under gpus.policy_options are;
+    the configuration's own options win over it."""
+    import pydantic
+
+    from controller.config import ServerConfig
+
+    for raw, said in (('{"bogus": 1}', "bogus"), ("nojson", "not JSON"), ("[1]", "a JSON object")):
+        monkeypatch.setenv("TOKENPOOL_POLICY_OPTIONS", raw)
+        with pytest.raises(pydantic.ValidationError, match=said) as ei:
+            ServerConfig()
+        assert "TOKENPOOL_POLICY_OPTIONS" in str(ei.value)
+    ServerConfig(gpus={"policy_options": {}})  # (the configuration's own: the variable is not read)
+    monkeypatch.setenv("TOKENPOOL_POLICY_OPTIONS", '{"headroom": 1.2}')
+    ServerConfig()
+    (tmp_path / "c.yaml").write_text("gpus: {policy: token}\n")
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "config", "check", str(tmp_path / "c.yaml")],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "TOKENPOOL_POLICY_OPTIONS": '{"x": 1}'})
+    assert r.returncode == 2 and "TOKENPOOL_POLICY_OPTIONS" in r.stderr and "Traceback" not in r.stderr, r.stderr
