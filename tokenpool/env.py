@@ -146,9 +146,9 @@ ADMIN_TOKEN = Var("TOKENPOOL_ADMIN_TOKEN", None, "the controller's admin token (
                   "the operator)")
 ADMIN_TOKEN_FILE = Var("TOKENPOOL_ADMIN_TOKEN_FILE", None, "a file holding it (the operator, when "
                        "TOKENPOOL_ADMIN_TOKEN is unset)")
-API_KEY = Var("TOKENPOOL_API_KEY", None, "a tenant key the client commands send (tokenpool run, ls, loadtest)")
+API_KEY = Var("TOKENPOOL_API_KEY", None, "a tenant key the client commands send (tokenpool run, ls, show, pull, loadtest)")
 URL = Var("TOKENPOOL_URL", "http://127.0.0.1:8000", "the server the client commands talk to (tokenpool run, ls, ps, "
-          "stop, loadtest), as Ollama's OLLAMA_HOST: host:port, a URL, or an OpenAI client's base URL ending in /v1")
+          "show, stop, pull, loadtest), as Ollama's OLLAMA_HOST: host:port, a URL, or an OpenAI client's base URL ending in /v1")
 CONTROLLER_URL = Var("TOKENPOOL_CONTROLLER_URL", "http://tokenpool-controller:8000",
                      "the controller the operator reconciles into")
 OPERATOR_RESYNC_S = Var("TOKENPOOL_OPERATOR_RESYNC_S", "30", "seconds between the operator's timer reconciles",
