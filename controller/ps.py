@@ -130,7 +130,9 @@ def rows(models: list[dict], engines: list[dict], now: float | None = None) -> l
             out.append(common + ["-", "-", "failed" if m.get("load_error") else "registered", "0"] + tail)
         for e, r in places:
             state = r["state"]
-            if state == "ready":  # registered; a pooled engine says whether its weights are in VRAM now
+            if e.get("alive") is False:  # (its engine died: what it held there serves nothing until it is back)
+                state = "unavailable"
+            elif state == "ready":  # registered; a pooled engine says whether its weights are in VRAM now
                 state = ((e.get("pool") or {}).get("models") or {}).get(m["name"], {}).get("state", state)
             out.append(common + [e["id"], f"{e['host']}/{e['device']}", state, str(r["inflight"])] + tail)
     return out

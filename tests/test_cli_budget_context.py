@@ -147,3 +147,17 @@ def test_models_and_a_too_long_prompts_400_say_the_engines_context_live(live):
     assert [m.model_extra["max_model_len"] for m in c.models.list() if m.id == "short"] == [64]
     card = httpx.get(srv.url + "/v1/models/short", timeout=10).json()
     assert card["max_model_len"] == 64
+
+
+def test_ps_says_a_model_on_a_dead_engine_is_unavailable():
+    """A model registered on an engine that died read `resident` in `tokenpool ps` while the engine's own line said
+    dead: now `unavailable` there (a live engine's row keeps its residency)."""
+    from controller.ps import rows
+
+    model = {"name": "m", "size_bytes": 10**9, "last_used": None}
+    eng = {"id": "w0", "host": "h", "device": "cuda:0", "alive": False,
+           "models": [{"model": "m", "state": "ready", "inflight": 0}],
+           "pool": {"models": {"m": {"state": "resident"}}}}
+    assert rows([model], [eng], now=0.0)[0][2:5] == ["w0", "h/cuda:0", "unavailable"]
+    eng["alive"] = True
+    assert rows([model], [eng], now=0.0)[0][2:5] == ["w0", "h/cuda:0", "resident"]
