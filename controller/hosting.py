@@ -55,6 +55,7 @@ class GpuSettings:
     policy: str = "token"
     plan_ahead: bool | None = None  # the policy plans step N+1 beside step N; None: $TOKENPOOL_PLAN_AHEAD (on)
     policy_options: dict | None = None  # the policy's knobs; None: $TOKENPOOL_POLICY_OPTIONS (JSON), else defaults
+    kv_elems_per_token: int = 0  # the largest KV elements a token of the models the controller serves (min_page_bytes)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> GpuSettings:
@@ -144,7 +145,18 @@ def _pooled(hm: HostedModels):
     host = f"{s.host_cache_gb}GB" if s.host_cache_gb else 0.6
     return MultiModelEngine({}, policy=s.policy, device=hm.device, gpu_budget=b, kv_cache_gb=hm.kv_gb(b),
                             host_budget=host, host_namespace=s.namespace, plan_ahead=s.plan_ahead,
-                            policy_kw=_policy_kw(s))
+                            policy_kw=_policy_kw(s), min_page_bytes=min_page_bytes(s, hm.device))
+
+
+# A KV page holds at least this many tokens of the largest model the controller serves (`min_page_bytes`).
+MIN_PAGE_TOKENS = 8
+
+
+def min_page_bytes(s: GpuSettings, device: str) -> int:
+    """The pooled engine's smallest KV page: MIN_PAGE_TOKENS tokens of the largest model served, at the dtype a model
+    runs in by default here (fp32 on the CPU, bf16 on a GPU). Pages are sized by the first model registered (16 of its
+    tokens): a 0.5B first left a 32B, whose token of KV is 21 times the 0.5B's, no page it fits, never loading."""
+    return MIN_PAGE_TOKENS * s.kv_elems_per_token * (4 if device == "cpu" else 2)
 
 
 def _policy_kw(s: GpuSettings) -> dict:

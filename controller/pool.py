@@ -154,6 +154,9 @@ class EnginePool:
         self.stop_wait_s: float | None = None
         self.port = 0
         self.restarts = 0
+        # the largest KV elements a token of the models served (tokenpool.models.kv_elems_per_token), sent to the workers:
+        # their KV pages are sized to hold a few such tokens (controller.hosting.min_page_bytes)
+        self.kv_elems_per_token = 0
 
     # --- lifecycle ---
     async def start(self, devices: list[str]) -> None:
@@ -411,7 +414,8 @@ class EnginePool:
         budget = g.cpu_budget_gb if reg.device == "cpu" else g.budget_gb
         out = {"budget_bytes": int(budget * 1e9) if budget else None, "kv_cache_gb": g.kv_cache_gb,
                "host_cache_gb": g.host_cache_gb, "namespace": g.host_cache_namespace, "policy": g.policy,
-               "plan_ahead": g.plan_ahead, "policy_options": g.policy_options}
+               "plan_ahead": g.plan_ahead, "policy_options": g.policy_options,
+               "kv_elems_per_token": self.kv_elems_per_token}
         if self.stop_wait_s is not None:  # (not the arena's: a signalled local worker's wait, Worker.run)
             out["stop_wait_s"] = self.stop_wait_s
         return {**out, **worker_settings(reg)}

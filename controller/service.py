@@ -46,7 +46,7 @@ from controller.tenants import KEY_USED, Tenant, TenantRegistry
 from token_scheduler.block_manager import hash_extra
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
-from tokenpool.models import adapter_fit_problem, model_dir_problem
+from tokenpool.models import adapter_fit_problem, kv_elems_per_token, model_dir_problem
 
 log = logging.getLogger("tokenpool.controller")
 
@@ -284,6 +284,8 @@ class Controller:
                                on_loaded=self._loaded, on_stats=self._stats, on_events=self._events,
                                on_failed=self._failed, on_stopping=self._stopping)
         self.pool._on_pruned = self._pruned
+        # the configured models' largest KV token, known before any worker joins (start() starts them first)
+        self.pool.kv_elems_per_token = max((kv_elems_per_token(s.path) for s in cfg.models if s.path), default=0)
         # a signalled local worker serves on until this controller lets it go, at most this long: past the drain of a
         # stop of the whole server (shutdown_grace_s, then the ended streams' flush and the connections' close) and a
         # signalled worker's own grace (the same), with room to spare; the worker's own default is 60 s
@@ -388,6 +390,8 @@ class Controller:
         entry = ModelEntry(spec, info, tok, context_len(spec, cfg), hidden_size(cfg), architecture(cfg),
                            pinned=spec.pin, source=source)
         self.models[spec.name] = entry
+        if spec.path:  # (workers that join from now on size their KV pages for it too: hosting.min_page_bytes)
+            self.pool.kv_elems_per_token = max(self.pool.kv_elems_per_token, kv_elems_per_token(spec.path))
         freeze_long_lived()  # the tokenizer (and what loading it imported) lives as long as the model
         self.events.publish("register", model=spec.name)
         self.tick()

@@ -86,8 +86,10 @@ def _window(free_runs, slots, need, align, order) -> list[str] | None:
     return None if best is None else sorted(best[1], key=rank.__getitem__)
 
 
-def kv_pages(kv_bytes: int, per_token: int, block_tokens: int = 16, page_bytes: int | None = None) -> tuple[int, int]:
+def kv_pages(kv_bytes: int, per_token: int, block_tokens: int = 16, page_bytes: int | None = None,
+             min_page_bytes: int = 0) -> tuple[int, int]:
     """(page bytes, pages) of a pool's KV region: a page holds `block_tokens` tokens of the first model
-    registered (rounded up to 256 B) unless `page_bytes` is given; the region is as many pages as fit."""
-    page_bytes = page_bytes or -(-block_tokens * per_token // 256) * 256
+    registered, and at least `min_page_bytes` (rounded up to 256 B), unless `page_bytes` is given; the region is as
+    many pages as fit."""
+    page_bytes = page_bytes or -(-max(block_tokens * per_token, min_page_bytes) // 256) * 256
     return page_bytes, kv_bytes // page_bytes

@@ -32,10 +32,13 @@ class SlotTable:
     least-recently-used candidates (a prefetch in flight is never one).
     """
 
-    def __init__(self, alloc: RangeAllocator, kv_bytes: int, block_tokens: int = 16, page_bytes: int | None = None):
+    def __init__(self, alloc: RangeAllocator, kv_bytes: int, block_tokens: int = 16, page_bytes: int | None = None,
+                 min_page_bytes: int = 0):
         self.alloc = alloc
         self.kv_bytes, self.block_tokens = kv_bytes, block_tokens
         self.page_bytes = page_bytes  # fixed by `carve_kv` (the first model registered) unless given
+        # a page is at least this (the largest model the pool expects, a few of its tokens: `carve_kv`)
+        self.min_page_bytes = min_page_bytes
         self.kv_slot: Slot | None = None
         self.kv_pages = 0  # pages of the KV region, the scratch page included
         self.slots: dict[str, Slot] = {}
@@ -51,8 +54,10 @@ class SlotTable:
 
     # -- the KV region --------------------------------------------------------------------------------------
     def carve_kv(self, per_token: int) -> Slot:
-        """Carve the KV region: pages of `block_tokens` tokens of a model of `per_token` KV bytes (`kv_pages`)."""
-        self.page_bytes, n = kv_pages(self.kv_bytes, per_token, self.block_tokens, self.page_bytes)
+        """Carve the KV region: pages of `block_tokens` tokens of a model of `per_token` KV bytes, at least
+        `min_page_bytes` (`kv_pages`). Pages are the first model's: without the floor, a model registered later whose
+        one token of KV is more than a page could never load (a 0.5B first, a 32B after it)."""
+        self.page_bytes, n = kv_pages(self.kv_bytes, per_token, self.block_tokens, self.page_bytes, self.min_page_bytes)
         if n < 2:
             raise ValueError(f"kv_cache_gb={self.kv_bytes / 1e9} holds fewer than 2 pages of {self.page_bytes} B")
         self.kv_slot = self.alloc.allocate(n * self.page_bytes, tag="kv")

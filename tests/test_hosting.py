@@ -6,6 +6,8 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import pytest
+
 from controller.config import EngineOptions
 from controller.hosting import GpuSettings, HostedModels
 from token_scheduler.engine import EngineConfig, LLMEngine
@@ -165,3 +167,40 @@ def test_the_cpu_workers_default_arena_follows_the_machines_memory(monkeypatch):
                         "/sys/fs/cgroup/memory.max" else read(self, *a, **k))
     assert hosting.default_budget("cpu", 0) == 10**9
     assert hosting.default_budget("cuda:0", 80 << 30) == (80 << 30) - int(0.05 * (80 << 30))
+
+
+def test_a_model_with_a_far_larger_kv_token_loads_after_a_small_one(make_tiny, request):
+    """The pooled engine's KV pages were 16 tokens of the first model registered: a model registered after it whose
+    one token of KV is larger than that page could never load ("one token of KV (46080 B) is larger than a page (8192
+    B)": `tokenpool serve TINY SMOLLM2` failed SmolLM2's load for ever; on GPUs a 0.5B then a 32B). The controller now
+    sends the largest KV token of the models it serves (GpuSettings.kv_elems_per_token) and a page holds a few of
+    them: the larger model loads, and answers token for token as alone."""
+    from controller.hosting import MIN_PAGE_TOKENS
+    from tokenpool.models import kv_elems_per_token
+
+    small, large = make_tiny("qwen2"), make_tiny("qwen3", size="small")
+    assert kv_elems_per_token(large) > 16 * kv_elems_per_token(small)  # (past one page of the small model's tokens)
+    opts = EngineOptions(max_num_seqs=2, max_model_len=64)
+    for elems in (0, kv_elems_per_token(large)):
+        ns = f"test-{uuid.uuid4().hex[:10]}"
+        hm = HostedModels("cpu", GpuSettings(budget_bytes=256 * 2**20, kv_cache_gb=0.02, namespace=ns,
+                                             kv_elems_per_token=elems))
+        request.addfinalizer(hm.close)
+        for name, path in (("s", small), ("l", large)):
+            hm.prepare(str(path), opts)
+            if name == "l" and not elems:
+                with pytest.raises(ValueError, match="larger than a page"):
+                    hm.host(name, str(path), opts, ModelSLO(ttft_s=5.0, tpot_s=0.5))
+                break
+            hm.host(name, str(path), opts, ModelSLO(ttft_s=5.0, tpot_s=0.5))
+        if not elems:
+            hm.close()
+            continue
+        assert hm.kinds["llm"].memory.page_bytes >= MIN_PAGE_TOKENS * elems * 4
+        prompt = [5, 9, 13, 17]
+        hm.add_request("l", "l0", prompt, GREEDY)
+        done = {}
+        while hm.busy():
+            outs, _ = hm.step()
+            done.update({o.request_id: o.outputs[0].token_ids for o in outs if o.finished})
+        assert done["l0"] == _alone(large, prompt)

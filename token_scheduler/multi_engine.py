@@ -146,7 +146,7 @@ class MultiModelEngine:
                  cost: CostModel | None = None, policy_kw: dict | None = None, gpu_budget=None,
                  kv_cache_gb: float = 4.0, host_kv_gb: float | None = None, host_cache=None,
                  host_budget="64GB", progress=None, host_namespace: str = "tokenpool", plan_ahead: bool | None = None,
-                 **engine_kwargs):
+                 min_page_bytes: int = 0, **engine_kwargs):
         self.device = device
         self.engine_kwargs = engine_kwargs
         self.progress = progress
@@ -157,7 +157,7 @@ class MultiModelEngine:
             # the device memory of the models (arena, KV region, weight slots, host copies); the memory moves of
             # the plans run through it
             self.memory = ModelPool(device, gpu_budget, kv_cache_gb, host_kv_gb, host_cache, host_budget,
-                                    namespace=host_namespace)
+                                    namespace=host_namespace, min_page_bytes=min_page_bytes)
         self.engines: dict[str, LLMEngine] = {}
         self.default_slo = slos if isinstance(slos, ModelSLO) else ModelSLO()
         # Seeded from the GPU's physical numbers (roofline_for its name: on the H200 a 7B step's prior is 4.7 ms, as

@@ -68,7 +68,7 @@ class ModelPool:
     def __init__(self, device: str | torch.device, gpu_budget: int | float | str, kv_cache_gb: float = 4.0,
                  host_kv_gb: float | None = None, host_cache=None, host_budget: int | float | str = "64GB",
                  page_bytes: int | None = None, namespace: str = "tokenpool", block_tokens: int = 16,
-                 align: int | None = None):
+                 align: int | None = None, min_page_bytes: int = 0):
         from gpu_pool.arena import DEFAULT_ALIGN, Arena
         from model_swapper import HostModelCache, Prefetcher, Swapper
 
@@ -80,7 +80,7 @@ class ModelPool:
         self.cache = host_cache or HostModelCache(host_budget, namespace=namespace)
         self.kv_bytes = int(kv_cache_gb * 1e9)
         self.host_kv_bytes = int((kv_cache_gb if host_kv_gb is None else host_kv_gb) * 1e9)
-        self.slot_table = SlotTable(self.arena.alloc, self.kv_bytes, block_tokens, page_bytes)
+        self.slot_table = SlotTable(self.arena.alloc, self.kv_bytes, block_tokens, page_bytes, min_page_bytes)
         self.kv_flat: torch.Tensor | None = None
         self.pages: BlockAllocator | None = None
         self.host_kv = None

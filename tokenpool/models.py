@@ -47,6 +47,18 @@ def model_max_positions(path: str | Path | None) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
+def kv_elems_per_token(path: str | Path | None) -> int:
+    """KV cache elements one token of the model in directory `path` takes (2 x layers x KV heads x head_dim, from its
+    config.json); 0 when its config does not say."""
+    try:
+        c = json.loads((Path(path) / "config.json").read_text())  # type: ignore[arg-type]
+        heads = c["num_attention_heads"]
+        head_dim = c.get("head_dim") or c["hidden_size"] // heads
+        return 2 * int(c["num_hidden_layers"]) * int(c.get("num_key_value_heads") or heads) * int(head_dim)
+    except (OSError, TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError):
+        return 0
+
+
 # A LoRA adapter in PEFT's format (`save_pretrained`: adapter_config.json and adapter_model.safetensors), served over
 # the model it was trained on as vLLM's --lora-modules are. The projections an adapter may change: the engine adds
 # scale * B(A(x)) to each (token_scheduler.model.lora); embeddings, the LM head, DoRA and biases are refused.
