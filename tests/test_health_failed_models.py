@@ -43,19 +43,25 @@ def test_without_auth_health_names_the_failing_model():
     assert r.status_code == 503 and list(r.json()["failed_models"]) == ["broken"], r.text
 
 
-def _once_ready(tenants: list[TenantSpec]) -> tuple[TestClient, object, EngineHandle]:
-    """A server that was ready, serving alpha and beta (both replicas.min 1) on one engine."""
+def _serving(tenants: list[TenantSpec]) -> tuple[TestClient, object, EngineHandle]:
+    """A server serving alpha and beta (both replicas.min 1) on one engine, nothing asked of it yet."""
     cfg = ServerConfig(admin_token_hash=hash_key(ADMIN), tenants=tenants, models=[
         ModelSpec(name=n, path=None, engine={"kind": "pace"}, memory_gb=1) for n in ("alpha", "beta")])
-    app = build_app(cfg)  # (no lifespan: no workers start)
+    app = build_app(cfg)  # (no lifespan: no workers start; the control loop's tick is run by hand)
     ctl = app.state.controller
     for spec in cfg.models:
         asyncio.run(ctl.add_model(spec))
     e = EngineHandle("w0", None, "cuda:0", "node1", 1234, 20 * 10**9, _Closed())
     e.replicas = {n: Replica(n, state="ready") for n in ("alpha", "beta")}
     ctl.pool.engines["w0"] = e
-    assert ctl.ready()
     return TestClient(app), ctl, e
+
+
+def _once_ready(tenants: list[TenantSpec]) -> tuple[TestClient, object, EngineHandle]:
+    """`_serving`, and ready once."""
+    c, ctl, e = _serving(tenants)
+    assert ctl.ready()
+    return c, ctl, e
 
 
 class _Closed:
@@ -82,3 +88,16 @@ def test_a_model_lost_after_start_up_leaves_the_server_degraded_not_starting():
     assert r.status_code == 503 and r.json()["status"] == "unavailable" and r.json()["engines"] == 0, r.text
     e.alive, e.replicas["beta"].state = True, "ready"
     assert c.get("/health").json()["status"] == "ok"
+
+
+def test_ready_unprobed_then_a_lost_model_is_degraded_not_starting():
+    """`tokenpool serve` (no probe: a laptop, or a Kubernetes readiness probe not yet run) served both models; its
+    worker was killed mid-stream and the standby loads them again. /health said 503 "starting" then, and the
+    control loop's placement waited as at start-up, because "been ready" was only noted when /health was asked.
+    The control loop notes it now."""
+    c, ctl, e = _serving([])
+    ctl.tick()  # the control loop runs while the models serve; nobody asks /health
+    e.replicas["beta"].state = "loading"  # the worker died; the standby loads beta again
+    r = c.get("/health")
+    assert r.status_code == 200 and r.json()["status"] == "degraded", r.text
+    assert r.json()["unready_models"] == ["beta"]
