@@ -7,6 +7,7 @@ one live server of a pace engine for the module; skipped without them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import re
 import shutil
@@ -79,6 +80,16 @@ def snapshots(page, n: int) -> None:
     page.wait_for_function("n => S.snapshots >= n", arg=seen + n, timeout=15_000)
 
 
+def _stream(server, done: threading.Event) -> None:
+    """A request in flight for 10 s (200 tokens of pace-a at 50 ms), read to its end; `done` set then."""
+    with contextlib.suppress(httpx.HTTPError), httpx.stream(
+            "POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+            json={"model": "pace-a", "prompt": "hi", "max_tokens": 200, "stream": True}) as r:
+        for _ in r.iter_lines():
+            pass
+    done.set()
+
+
 def test_focus_survives_the_snapshots(server, browser):
     """A button the keyboard is on stays focused while the snapshots redraw its table (each replaced every row,
     so the focus fell back to the page at the next second, and Enter did nothing; a mouse click that straddled a
@@ -86,14 +97,7 @@ def test_focus_survives_the_snapshots(server, browser):
     before any request, the Models view says its latency window is fed, not "not fed".)"""
     failed: list[str] = []
     done = threading.Event()
-
-    def stream() -> None:  # a request in flight for 10 s (200 tokens at 50 ms): its row's age and tokens change
-        with contextlib.suppress(httpx.HTTPError), httpx.stream(
-                "POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
-                json={"model": "pace-a", "prompt": "hi", "max_tokens": 200, "stream": True}) as r:
-            for _ in r.iter_lines():
-                pass
-        done.set()
+    stream = functools.partial(_stream, server, done)  # its row's age and tokens change
 
     with signed_in(browser, server.url, failed) as page:
         # (first, before any request: a fresh server's window is fed, it has nothing in it yet; it said "not fed")
@@ -380,14 +384,7 @@ def test_the_focus_stays_in_place_when_an_action_removes_its_row(server, browser
     for name in ("team-f1", "team-f2"):
         httpx.post(server.url + "/admin/tenants", headers=auth, json={"name": name}).raise_for_status()
     done = threading.Event()
-
-    def stream() -> None:  # a request in flight for 10 s, to be cancelled
-        with contextlib.suppress(httpx.HTTPError), httpx.stream(
-                "POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
-                json={"model": "pace-a", "prompt": "hi", "max_tokens": 200, "stream": True}) as r:
-            for _ in r.iter_lines():
-                pass
-        done.set()
+    stream = functools.partial(_stream, server, done)  # to be cancelled
 
     threading.Thread(target=stream, daemon=True).start()
     with signed_in(browser, server.url, failed) as page:
