@@ -21,6 +21,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--context", type=int, default=64, help="prompt tokens a sequence (bench engine decodes at 512)")
+    ap.add_argument("--top", type=int, default=25, help="kernels listed")
+    ap.add_argument("--json", help="also write every kernel's time a step and count here")
     a = ap.parse_args()
 
     from token_scheduler import EngineConfig, LLMEngine, SamplingParams
@@ -43,14 +45,11 @@ def main() -> None:
     replay_ms = 1e3 * (time.perf_counter() - t) / a.steps
 
     from token_scheduler.model import llama
-    from token_scheduler.model.attention import AttentionMetadata
-
-    meta = AttentionMetadata(g.dev[2], g.dev[3], runner.block_size, decode=True, block_tables=g.bt,
-                             context_lens=g.ctx32, use_triton=runner.use_triton)
+    meta = g.keep[1]  # the graph's own metadata (own_rows: the RoPE fold and early cache tile as replayed)
 
     def eager():
         h = runner.fwd_decode(runner.cfg, runner.weights, runner.kv, runner.rope, g.dev[0], g.dev[1], meta)
-        return llama.compute_logits(runner.weights, h)
+        return llama.compute_logits(runner.weights, h, fp32=False)
 
     for _ in range(3):
         eager()
@@ -67,8 +66,16 @@ def main() -> None:
     launches = sum(e.count for e in ev)
     print(f"graph replay {replay_ms:.3f} ms/step; kernels {total / a.steps / 1e3:.3f} ms/step (sum of kernel "
           f"times), {launches / a.steps:.0f} launches/step")
-    for e in ev[:25]:
+    for e in ev[:a.top]:
         print(f"{e.device_time_total / a.steps:9.1f} us/step  {e.count // a.steps:4d}x  {e.key[:110]}")
+    if a.json:
+        import json
+
+        rows = [{"us_per_step": e.device_time_total / a.steps, "per_step": e.count / a.steps, "kernel": e.key}
+                for e in ev if e.device_time_total > 0]
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "batch": a.batch, "context": a.context, "graph_replay_ms": replay_ms,
+                       "kernel_ms": total / a.steps / 1e3, "launches": launches / a.steps, "kernels": rows}, f, indent=1)
     # full engine steps (schedule + fill + replay + sample + read back)
     # the probe step was never applied (no update): the next schedule() plans the same decode again
     torch.cuda.synchronize()
