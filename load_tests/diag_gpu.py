@@ -288,7 +288,8 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
              "attn_stages": (triton_decode, "DECODE_STAGES"), "prefetch": (triton_decode, "PREFETCH_KV"),
              "norm_pass": (triton_gemv, "NORM_ONE_PASS"), "step_io": (runner, "STEP_IO"),
              "attn_pipe": (triton_decode, "PIPELINE_IDS"), "pipe_stages": (triton_decode, "PIPE_STAGES"),
-             "tma_rows": (triton_tma, "MAX_ROWS"), "tma_glu": (triton_tma, "GLU"), "tma_smem": (triton_tma, "SMEM_WIDE")}
+             "tma_rows": (triton_tma, "MAX_ROWS"), "tma_glu": (triton_tma, "GLU"), "tma_smem": (triton_tma, "SMEM_WIDE"),
+             "glu": (llama, "GEMV_GLU")}
     defaults = {k: getattr(mod, attr) for k, (mod, attr) in knobs.items()}
     # torch's switches read when a matmul is launched (so at capture): which BLAS library, and whether cuBLAS may
     # reduce split-K partial sums in bf16
@@ -331,6 +332,11 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 *((f"down {bn}x{bk}", {"cfgs": {**triton_gemv._CONFIGS, (1536, 8960): (bn, bk, 8),
                                                  (3584, 18944): (bn, bk, 8)}})
                   for bn, bk in ((4, 1024), (4, 2048), (2, 2048), (2, 4096), (1, 4096))),
+                # SiLU*mul in the one-token gate_up's epilogue, down a plain GEMV (llama.GEMV_GLU), and down's blocks then
+                ("gemv glu", {"glu": True}), ("gemv glu again", {"glu": True}),
+                *((f"gemv glu down {bn}x{bk}x{nw}", {"glu": True, "cfgs": {**triton_gemv._CONFIGS, (1536, 8960): (bn, bk, nw),
+                                                                         (3584, 18944): (bn, bk, nw)}})
+                  for bn, bk, nw in ((4, 1024, 4), (4, 2048, 8), (8, 1024, 8), (8, 512, 4), (2, 2048, 4), (4, 512, 4))),
                 *((f"splits {s}", {"splits": s}) for s in triton_decode.SPLITS),
                 # fewer splits with more cache blocks an iteration each: one split writes the result itself (no
                 # combine launch) but walks the whole context alone

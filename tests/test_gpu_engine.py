@@ -195,6 +195,38 @@ def test_batch_one_decode_loading_its_cache_early_gives_the_same_tokens(make_var
     assert outs[(True, True)] == outs[(False, True)] and outs[(True, False)] == outs[(False, True)]
 
 
+def test_batch_one_silu_in_gate_up_gives_the_same_bits(make_varied, monkeypatch):
+    """TOKENPOOL_GEMV_GLU: the one-token gate_up with SiLU*mul in its epilogue, then down as a plain GEMV, gives the
+    bits of gate_up then down's SiLU*mul prologue (bf16, the 1.5B's and 7B's shapes under PDL); and an engine's batch-1
+    tokens with it equal those without (graphs and eager)."""
+    from token_scheduler.model import llama
+    from token_scheduler.model.triton_gemv import MODE_NORM, MODE_SILU, gemv
+
+    torch.manual_seed(0)
+    for h, i in ((1536, 8960), (3584, 18944), (200, 70)):
+        bf = dict(device="cuda", dtype=torch.bfloat16)
+        x, r, nw = torch.randn(1, h, **bf), torch.randn(1, h, **bf), torch.randn(h, **bf)
+        wgu, wd = torch.randn(2 * i, h, **bf) / h**0.5, torch.randn(h, i, **bf) / i**0.5
+        gu, xo_ref = gemv(x, wgu, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6)
+        act, xo = gemv(x, wgu, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, glu=True)
+        a = torch.nn.functional.silu(gu[:, :i].float()) * gu[:, i:].float()
+        assert torch.equal(xo, xo_ref) and torch.allclose(act.float(), a, rtol=2e-2, atol=1e-2), (h, i)
+        assert torch.equal(gemv(act, wd)[0], gemv(gu, wd, mode=MODE_SILU)[0]), (h, i)
+    d = make_varied("qwen2")
+    outs = {}
+    for glu, graphs in ((False, True), (True, True), (True, False)):
+        monkeypatch.setattr(llama, "GEMV_GLU", glu)
+        eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="fp32", cuda_graphs=graphs,
+                                     kv_cache_memory_gb=0.1, max_num_seqs=8))
+        res = outs[(glu, graphs)] = []
+        for n in range(3):
+            eng.add_request(f"r{n}", [5 + n] * (3 + 11 * n), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+            while eng.has_unfinished_requests():
+                res += [o.outputs[0].token_ids for o in eng.step() if o.finished]
+        assert eng.stats()["kv_blocks_used"] == 0 and len(res) == 3
+    assert outs[(True, True)] == outs[(False, True)] and outs[(True, False)] == outs[(False, True)]
+
+
 @pytest.mark.parametrize("step_io", [False, True])
 def test_an_overlapped_launch_never_makes_the_host_wait(make_varied, step_io, monkeypatch):
     """A decode launched behind the step in flight (overlap, TOKENPOOL_PIPELINE) queues its inputs, graph and

@@ -31,6 +31,21 @@ try:
     raise SystemExit("a wrong input width must raise")
 except ValueError as e:
     assert "needs [1, 400]" in str(e)
+# SiLU*mul in gate_up's epilogue (glu): the same activation MODE_SILU's prologue computes from the stored gate|up,
+# so down over it gives the same output to the bit; 35 pairs: a masked last program
+I = 35
+wgu, wd = torch.randn(2 * I, K), torch.randn(N, I)
+for cfg in ((8, 64, 4), (2, 128, 4), (64, 64, 4)):  # 32 pairs a program: one program, masked
+    gu, xo_ref = gemv(x, wgu, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, config=cfg)
+    act, xo = gemv(x, wgu, mode=MODE_NORM, r=r, norm_w=nw, eps=1e-6, config=cfg, glu=True)
+    assert act.shape == (1, I) and torch.equal(xo, xo_ref)
+    assert close(act, F.silu(gu[:, :I]) * gu[:, I:]), cfg
+    assert torch.equal(gemv(act, wd, config=(4, 32, 4))[0], gemv(gu, wd, mode=MODE_SILU, config=(4, 32, 4))[0]), cfg
+try:
+    gemv(x, torch.randn(2 * I + 1, K), glu=True)
+    raise SystemExit("glu on an odd number of rows must raise")
+except ValueError as e:
+    assert "even number of rows" in str(e)
 
 # RoPE in the qkv projection's epilogue: q out, rotated k and v written into the paged cache, exactly as the
 # projection followed by rope_and_write_kv

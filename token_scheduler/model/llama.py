@@ -239,6 +239,12 @@ GEMV_MAX_ROWS = env.GEMV_ROWS.integer()
 # o tuned (f4155ff, small_batch_qkv_o_sweep_h200_f4155ff.json): 1.5B batches 2/4/8 1.58/1.58/1.64 ms against cuBLAS's
 # 1.60/1.61/1.61 -- too small a gain to turn on, and the 7B lost at batch 8 (5.44 vs 4.49).
 GEMV_ROWS_MLP = env.GEMV_ROWS_MLP.on()
+# One token: down's prologue recomputes SiLU*mul over all of gate|up for every weight tile of every program (the 7B's
+# down: 896 programs, each reading 2 x 18944 values and taking as many exps), where its weight stream is furthest from
+# the floor of the batch-1 projections (1.19x for the 7B, 1.80x for the 1.5B; diag_persist ramp, 457a2c1). GEMV_GLU:
+# gate_up's programs own gate row i beside up row I + i and store silu(gate) * up once ([1, I]); down is then a plain
+# GEMV. The same roundings in the same order: bit-identical to the default. Off until measured (TOKENPOOL_GEMV_GLU=1).
+GEMV_GLU = env.GEMV_GLU.on()
 # Batched decode steps on cuBLAS (2 to 32 sequences) spend a launch a layer on RoPE and the KV write between the qkv
 # GEMM and the attention: the H200 profile of a 1.5B batch-8 step has it at 61.5 us of 1.69 ms, the 7B's 66 us of
 # 4.53 ms (bench/results/decode_profile_h200_ab4be3b.json). ATTN_ROPE: the paged-decode kernel does that job itself
@@ -307,7 +313,10 @@ def _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata)
             q = k.rope_and_write_kv(qkv, rope.cos, rope.sin, positions, kv_cache, n, meta.slot_blocks,
                                     meta.slot_offsets, H, KVH, D)
         o, _ = proj(attend(q, kv_cache, n, meta, cfg).reshape(T, H * D), w[p + "o"])
-        if T == 1:
+        if T == 1 and GEMV_GLU:  # SiLU*mul in gate_up's epilogue: down reads [1, I], not [1, 2I], and no exp
+            act, x = gemv(x, w[p + "gate_up"], mode=MODE_NORM, r=o, norm_w=w[p + "ln2"], eps=eps, glu=True)
+            r, _ = gemv(act, w[p + "down"])
+        elif T == 1:
             gu, x = gemv(x, w[p + "gate_up"], mode=MODE_NORM, r=o, norm_w=w[p + "ln2"], eps=eps)
             r, _ = gemv(gu, w[p + "down"], mode=MODE_SILU)
         elif GEMV_ROWS_MLP:  # SiLU*mul in gate_up's epilogue (see triton_gemv)

@@ -119,11 +119,19 @@ def rms_inv(X, R, XOUT, pid, eps, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_R:
 def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.constexpr, HAS_R: tl.constexpr,
                  HAS_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
                  ROPE: tl.constexpr, COS, SIN, POS, KV, SB, SO, s_kvb, s_kvt, s_kvh, off_k, off_v,
-                 H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, NORM_BLOCK: tl.constexpr):
+                 H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, NORM_BLOCK: tl.constexpr,
+                 GLU: tl.constexpr = False):
     pid = tl.program_id(0)
     dt = Y.dtype.element_ty
     kk = tl.arange(0, BLOCK_K)
-    if ROPE:  # rows [BLOCK_N // 2, 2]: the same offsets j of both halves of one head, so RoPE pairs meet here
+    if GLU:  # rows [BLOCK_N // 2, 2]: gate row i beside up row N/2 + i, so SiLU*mul pairs meet here
+        PAIRS_G: tl.constexpr = BLOCK_N // 2
+        i = pid * PAIRS_G + tl.arange(0, PAIRS_G)
+        rows = tl.arange(0, 2)[None, :] * (N // 2) + i[:, None]
+        rmask = (i[:, None] < N // 2) & (tl.arange(0, 2)[None, :] < 2)
+        wp = W + rows[:, :, None].to(tl.int64) * K + kk[None, None, :]
+        wmask = rmask[:, :, None]
+    elif ROPE:  # rows [BLOCK_N // 2, 2]: the same offsets j of both halves of one head, so RoPE pairs meet here
         HALF: tl.constexpr = D // 2
         PAIRS: tl.constexpr = BLOCK_N // 2
         head = pid // (HALF // PAIRS)
@@ -149,13 +157,17 @@ def _gemv_kernel(X, R, NW, XOUT, W, B, Y, eps, N, K: tl.constexpr, MODE: tl.cons
         km = cols < K
         w = tl.load(wp + k0, mask=wmask & km[None, :], other=0.0)
         acc += w.to(tl.float32) * _x_tile(X, R, NW, cols, km, inv, K, MODE, HAS_R, dt)[None, :]
-    if ROPE:
+    if ROPE or GLU:
         out = tl.sum(acc, 2)
     else:
         out = tl.sum(acc, 1)
     if HAS_B:
         out += tl.load(B + rows, mask=rmask, other=0.0).to(tl.float32)
-    if ROPE:  # as rope_and_write_kv on the stored projection: q out, k rotated and v into the cache
+    if GLU:  # as MODE_SILU's prologue on the stored projection: silu(gate) * up, each rounded to the model dtype
+        g, u = tl.split(out.to(dt).to(tl.float32))
+        a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        tl.store(Y + i, (a * u).to(dt), mask=i < N // 2)
+    elif ROPE:  # as rope_and_write_kv on the stored projection: q out, k rotated and v into the cache
         x1, x2 = tl.split(out.to(dt).to(tl.float32))
         if head < H + KVH:
             y1, y2 = rope_pair(x1, x2, COS, SIN, tl.load(POS), i, D, HALF, dt)
@@ -220,28 +232,38 @@ def config_for(n: int, k: int) -> tuple[int, int, int]:
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, mode: int = MODE_PLAIN,
          r: torch.Tensor | None = None, norm_w: torch.Tensor | None = None, eps: float = 0.0,
-         config: tuple[int, int, int] | None = None, rope: RopeKV | None = None
+         config: tuple[int, int, int] | None = None, rope: RopeKV | None = None, glu: bool = False
          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x: [1, K] ([1, 2K] for MODE_SILU); w: [N, K]. Returns (y [1, N], new residual x + r or None).
-    With `rope` (w is a fused qkv): y is q after RoPE, [1, H, D], and k (after RoPE) and v go into the cache."""
+    With `rope` (w is a fused qkv): y is q after RoPE, [1, H, D], and k (after RoPE) and v go into the cache.
+    With `glu` (w is a fused gate|up, N even): y is silu(gate) * up, [1, N / 2] -- what MODE_SILU's prologue computes
+    from the stored projection, to the bit (GEMV_GLU)."""
     n, k = w.shape
     want = 2 * k if mode == MODE_SILU else k
     if x.shape != (1, want) or not x.is_contiguous() or not w.is_contiguous():
         raise ValueError(f"gemv: x {tuple(x.shape)} for w {tuple(w.shape)} (mode {mode}); needs [1, {want}], "
                          "contiguous")
+    if glu and (rope is not None or n % 2):
+        raise ValueError(f"gemv: glu needs a fused gate|up weight of an even number of rows and no rope, got {n}")
     x_out = torch.empty_like(x) if (mode == MODE_NORM and r is not None) else None
     bn, bk, nw = config or config_for(n, k)
-    if rope is None:
+    grid = triton.cdiv(n, bn)
+    if glu:
+        bn = max(bn, 2)  # SiLU*mul pairs: an even number of rows per program (block sizes are powers of 2)
+        y = torch.empty(1, n // 2, device=x.device, dtype=x.dtype)
+        grid = triton.cdiv(n // 2, bn // 2)
+    elif rope is None:
         y = torch.empty(1, n, device=x.device, dtype=x.dtype)
     else:
         bn = min(max(bn, 2), rope.head_dim)  # RoPE pairs: an even number of rows per program, within one head
         y = torch.empty(1, rope.heads, rope.head_dim, device=x.device, dtype=x.dtype)
-    _gemv_kernel[(triton.cdiv(n, bn),)](
+        grid = triton.cdiv(n, bn)
+    _gemv_kernel[(grid,)](
         x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
         w, bias if bias is not None else w, y, eps, n, K=k, MODE=mode, HAS_R=r is not None,
         HAS_B=bias is not None, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl(x), ROPE=rope is not None,
-        **_rope_args(rope, n, bn, x), NORM_BLOCK=_norm_block(k, bk) if mode == MODE_NORM else bk, num_warps=nw,
-        launch_pdl=pdl(x))
+        **_rope_args(rope, n, bn, x), NORM_BLOCK=_norm_block(k, bk) if mode == MODE_NORM else bk, GLU=glu,
+        num_warps=nw, launch_pdl=pdl(x))
     return y, x_out
 
 
