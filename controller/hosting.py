@@ -26,10 +26,10 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controller.config import EngineOptions, env_policy_options
+from gpu_pool.inventory import host_memory_bytes  # MemTotal, or a container's cgroup limit (torch-free)
 
 if TYPE_CHECKING:  # token_scheduler's engines import torch: only when a model with weights is hosted
     from token_scheduler.policies.slo import ModelSLO
@@ -70,18 +70,6 @@ def default_budget(device: str, free_bytes: int) -> int:
     # copy (60% of RAM at most): 8 GB on a machine under 20 GB let the arena and the host copies outgrow its
     # memory (the OOM killer, not an eviction), where Ollama refuses a load past the memory available
     return min(CPU_ARENA_MAX_BYTES, int(CPU_ARENA_FRAC * host_memory_bytes()))
-
-
-def host_memory_bytes() -> int:
-    """This machine's memory: /proc/meminfo's MemTotal, or the cgroup's limit (a container) when lower."""
-    from gpu_pool.inventory import meminfo  # (gpu_pool's package pulls in torch lazily: not at import here)
-
-    total = meminfo().get("MemTotal", 16 << 30)
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        return min(total, int(limit)) if limit.isdigit() else total
-    except OSError:
-        return total
 
 
 def default_kv_gb(device: str, budget: int) -> float:

@@ -146,11 +146,13 @@ def parse_budget(budget: int | float | str, total: int) -> int:
 
 
 def device_total_memory(device: torch.device) -> int:
+    """What a fractional budget is a fraction of: the card's memory, or on the CPU the host's as this process may use
+    it (a container's cgroup limit where that is lower than MemTotal)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[1]
-    from gpu_pool.inventory import meminfo
+    from gpu_pool.inventory import host_memory_bytes
 
-    return meminfo()["MemTotal"]
+    return host_memory_bytes()
 
 
 class Arena:

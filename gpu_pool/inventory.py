@@ -4,11 +4,15 @@
 (containers without /dev/nvidia*, this CI), it reports the host CPU so the rest of the stack runs in tests.
 Each NVML field is queried on its own; a field the driver does not support (utilization under MIG, NUMA on
 old drivers) is None rather than an error. NVML indices are physical; CUDA_VISIBLE_DEVICES may renumber them.
+
+`host_memory_bytes()` is the host's memory as this process may use it (MemTotal, or a container's cgroup limit where
+lower): what every default sized from "the machine's memory" reads. No torch here: the controller imports it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +57,97 @@ def meminfo(path: str = "/proc/meminfo") -> dict[str, int]:
     return out
 
 
+CGROUP_ROOT = "/sys/fs/cgroup"  # where the cgroup file systems are mounted (v2 here, or v1's "memory/" under it)
+PROC_CGROUP = "/proc/self/cgroup"  # this process's cgroup in each hierarchy
+CGROUP_NO_LIMIT = 1 << 60  # v1 writes "no limit" as a huge number (9223372036854771712), v2 as "max"
+
+
+def _cgroup_memory_dirs(root: Path, proc_cgroup: Path) -> list[tuple[Path, str, str]]:
+    """(directory, limit file, usage file) of this process's memory cgroup and each of its parents up to the mount.
+
+    Both hierarchies are read: v2 (the "0::" line; mounted at `root`, or at `root`/unified on a hybrid host) and v1's
+    memory controller (mounted at `root`/memory). A container's own cgroup is often the mount's root while
+    /proc/self/cgroup names the host's path (v1 without a cgroup namespace): the walk up reaches it there."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return []
+    out: list[tuple[Path, str, str]] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            mounts = [(root, "memory.max", "memory.current"), (root / "unified", "memory.max", "memory.current")]
+        elif "memory" in controllers.split(","):
+            mounts = [(root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes")]
+        else:
+            continue
+        rel = [p for p in path.split("/") if p and p not in (".", "..")]
+        for base, limit, usage in mounts:
+            for depth in range(len(rel), -1, -1):
+                out.append((base.joinpath(*rel[:depth]), limit, usage))
+    return out
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # v2's "max": no limit
+
+
+def _inactive_file(stat: Path) -> int:
+    """The cgroup's reclaimable page cache (what `docker stats` leaves out of a container's usage): memory.stat's
+    total_inactive_file (v1, with the children's), else inactive_file (v2)."""
+    try:
+        fields = dict(line.split()[:2] for line in stat.read_text().splitlines() if len(line.split()) >= 2)
+    except OSError:
+        return 0
+    v = fields.get("total_inactive_file", fields.get("inactive_file", "0"))
+    return int(v) if v.isdigit() else 0
+
+
+def cgroup_memory(cgroup_root: str | Path | None = None,
+                  proc_cgroup: str | Path | None = None) -> tuple[int | None, int | None]:
+    """(limit, room) of this process's memory cgroup: the lowest limit of its cgroup and its parents, and the least
+    room left under any of them (the limit less what is charged, reclaimable page cache not counted); (None, None)
+    where none is limited (no container, "max", v1's huge "no limit", no cgroup file system)."""
+    limit = room = None
+    for d, limit_file, usage_file in _cgroup_memory_dirs(Path(cgroup_root or CGROUP_ROOT),
+                                                        Path(proc_cgroup or PROC_CGROUP)):
+        lim = _read_int(d / limit_file)
+        if lim is None or lim >= CGROUP_NO_LIMIT:
+            continue
+        limit = lim if limit is None else min(limit, lim)
+        used = _read_int(d / usage_file)
+        if used is not None:
+            used -= _inactive_file(d / "memory.stat")
+            r = max(0, lim - max(0, used))
+            room = r if room is None else min(room, r)
+    return limit, room
+
+
+def host_memory_bytes(cgroup_root: str | Path | None = None, proc_cgroup: str | Path | None = None) -> int:
+    """This machine's memory as this process may use it: /proc/meminfo's MemTotal, or its cgroup's memory limit where
+    that is lower (a container's `--memory`, a pod's `resources.limits.memory`). What the defaults sized from "the
+    machine's memory" read (the host cache's share of RAM, a CPU arena's budget), so that in a container they follow
+    its limit rather than the host's memory, which would have the kernel's OOM killer end the process."""
+    try:
+        total = meminfo().get("MemTotal", 0)
+    except OSError:
+        total = 0
+    if not total:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            total = 16 << 30
+    limit, _ = cgroup_memory(cgroup_root, proc_cgroup)
+    return total if limit is None else min(total, limit)
+
+
 def cpu_name(path: str = "/proc/cpuinfo") -> str:
     try:
         for line in Path(path).read_text().splitlines():
@@ -66,11 +161,17 @@ def cpu_name(path: str = "/proc/cpuinfo") -> str:
 
 
 def cpu_device() -> DeviceInfo:
+    """The host as a device: its memory as this process may use it (a container's cgroup limit where that is lower
+    than MemTotal, and the room left under it where that is less than MemAvailable)."""
     try:
         mi = meminfo()
         total, free = mi.get("MemTotal", 0), mi.get("MemAvailable", mi.get("MemFree", 0))
     except OSError:
         total = free = 0
+    limit, room = cgroup_memory()
+    if limit is not None and total:
+        total = min(total, limit)
+        free = min(free, total if room is None else room)
     return DeviceInfo(kind="cpu", index=0, name=cpu_name(), memory_total=total, memory_used=total - free,
                       memory_free=free, numa_node=0)
 

@@ -153,9 +153,11 @@ def _gib(n: int) -> str:
 class HostModelCache:
     def __init__(self, budget: int | float | str, namespace: str = "default", root: str | Path | None = None,
                  pin: bool | None = None, threads: int | None = None, wait_timeout_s: float = 600.0):
-        from gpu_pool.inventory import meminfo
+        from gpu_pool.inventory import host_memory_bytes
 
-        self.budget = parse_budget(budget, meminfo().get("MemTotal", 0))
+        # a fraction is of the host's memory as this process may use it: a container's cgroup limit where lower (the
+        # /dev/shm copies are charged to it: 60% of the host's MemTotal in a smaller container was an OOM kill)
+        self.budget = parse_budget(budget, host_memory_bytes())
         self.index = CacheIndex(Path(root) if root else default_shm_dir() / f"tokenpool-{namespace}")
         self.pin, self.threads, self.wait_timeout_s = pin, threads, wait_timeout_s
         self.me = new_holder_id()

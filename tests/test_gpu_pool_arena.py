@@ -160,6 +160,6 @@ def test_parse_budget():
         with pytest.raises(ValueError):
             parse_budget(bad, total)
     assert Arena.reserve("2MiB", "cpu").capacity == 2 << 20
-    from gpu_pool.inventory import meminfo
+    from gpu_pool.inventory import host_memory_bytes
 
-    assert Arena.reserve(0.0001, "cpu").capacity == int(0.0001 * meminfo()["MemTotal"])
+    assert Arena.reserve(0.0001, "cpu").capacity == int(0.0001 * host_memory_bytes())

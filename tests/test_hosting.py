@@ -150,7 +150,7 @@ def test_policy_options_reach_the_pooled_engine_and_bad_ones_are_refused(make_ti
         hm.host("a", str(path), EngineOptions(max_num_seqs=4), ModelSLO(ttft_s=5.0, tpot_s=0.5))
 
 
-def test_the_cpu_workers_default_arena_follows_the_machines_memory(monkeypatch):
+def test_the_cpu_workers_default_arena_follows_the_machines_memory(monkeypatch, tmp_path):
     """The CPU worker's arena by default was 8 GiB whatever the machine: on a 7.5 GB one the arena and the host cache's
     copies (each model in both) could outgrow its memory, the OOM killer ending the worker where Ollama refuses the
     load. Now 8 GB or a quarter of the memory, the smaller -- the cgroup's limit counting where it is lower (a
@@ -158,13 +158,15 @@ def test_the_cpu_workers_default_arena_follows_the_machines_memory(monkeypatch):
     from controller import hosting
     from gpu_pool import inventory
 
+    monkeypatch.setattr(inventory, "CGROUP_ROOT", str(tmp_path))
+    monkeypatch.setattr(inventory, "PROC_CGROUP", str(tmp_path / "self_cgroup"))
+    (tmp_path / "self_cgroup").write_text("")  # no cgroup (whatever the machine running this test has)
     for total, want in ((int(7.5e9), int(7.5e9 / 4)), (64 << 30, 8 * 10**9)):
         monkeypatch.setattr(inventory, "meminfo", lambda total=total: {"MemTotal": total})
         assert hosting.default_budget("cpu", 0) == want
     monkeypatch.setattr(inventory, "meminfo", lambda: {"MemTotal": 64 << 30})
-    read = Path.read_text
-    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "4000000000\n" if str(self) ==
-                        "/sys/fs/cgroup/memory.max" else read(self, *a, **k))
+    (tmp_path / "memory.max").write_text("4000000000\n")  # a container's cgroup (v2, its own namespace)
+    (tmp_path / "self_cgroup").write_text("0::/\n")
     assert hosting.default_budget("cpu", 0) == 10**9
     assert hosting.default_budget("cuda:0", 80 << 30) == (80 << 30) - int(0.05 * (80 << 30))
 
