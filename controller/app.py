@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from contextlib import asynccontextmanager
@@ -21,7 +22,7 @@ from controller.api.serving import OpenAIServing
 from controller.config import ServerConfig
 from controller.dashboard import routes as dashboard_routes
 from controller.errors import ServingError
-from controller.service import Controller
+from controller.service import STARTUP_WAIT_S, Controller
 
 log = logging.getLogger("tokenpool.app")
 
@@ -76,6 +77,41 @@ class BodyLimit:
             seen += len(msg.get("body", b""))
             if not msg.get("more_body"):
                 return
+
+
+class StartGate:
+    """While the server starts (`app.state.started`: a future `controller.shutdown` resolves once the controller has
+    started, with None, or with why it did not), requests wait for it, STARTUP_WAIT_S at most; /health, / and
+    /metrics answer at once (a probe hears 503 "starting"). The socket is served during the start-up so that they
+    can: before, every request (a probe's too) waited on the listen backlog until the configured models' tokenizers
+    were read. Without that future (the app's own lifespan starts the controller before it serves) it passes all."""
+
+    OPEN = frozenset({"/health", "/", "/metrics"})
+
+    def __init__(self, app, state):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        started = getattr(self.state, "started", None)
+        if started is None or scope["type"] != "http" or scope.get("path") in self.OPEN:
+            return await self.app(scope, receive, send)
+        if not started.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(started), STARTUP_WAIT_S)
+            except asyncio.TimeoutError:
+                return await _refuse(send, scope, ServingError(503, "the server is still starting", retry_after=5))
+        if (why := started.result()) is not None:
+            return await _refuse(send, scope, ServingError(503, why, retry_after=5))
+        return await self.app(scope, receive, send)
+
+
+async def _refuse(send, scope, e: ServingError) -> None:
+    """Answer `e` from ASGI middleware, in the route's API's error shape."""
+    body = ErrorJSON(error_content(scope.get("path", ""), e), e.status).body
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *((k.lower().encode(), v.encode()) for k, v in e.headers().items())]
+    await send({"type": "http.response.start", "status": e.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def error_content(path: str, e: ServingError, anthropic: bool = False) -> dict:
@@ -262,6 +298,7 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
     async def metrics(request: Request):
         return Response(request.app.state.controller.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(StartGate, state=app.state)
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes, on_refused=lambda: ctl.count_refusal(None, "-", 413))
     # Last added, so outermost: errors (401s, 413s) carry the CORS headers too, or a browser reports them as
     # network failures. No credentials: the API takes keys in headers, and the dashboard is same-origin.

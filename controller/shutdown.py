@@ -14,14 +14,16 @@ once, finishes those it has (`shutdown_grace_s` at most; then they go to another
 sent, else end with an error), and exits; its standby takes the slot, and requests for its models wait for that
 one (controller/worker.py `Worker.run`, service.py `Controller._stopping`). A SIGHUP ignored when the server started (nohup) stays ignored.
 
-A signal that comes while the server is still starting (the controller loads tokenizers and starts its workers
-before uvicorn serves, seconds with real models) stops the start-up: the workers started so far are stopped,
-the run's admin token file is removed, and the process exits 0 (it used to die by the signal, status 143,
-leaving the token file behind).
+The socket is served from before the controller starts (it starts its workers and reads the configured models'
+tokenizers: seconds with real models): meanwhile /health answers 503 "starting" (a probe or a `curl` used to hang
+on the listen backlog), and any other request waits for the start-up to end (`controller.app.StartGate`). A signal
+that comes while the server is still starting stops the start-up: the workers started so far are stopped, the
+run's admin token file is removed, and the process exits 0 (it used to die by the signal, status 143, leaving the
+token file behind).
 
-"listening on" is logged once uvicorn serves on the bound socket, with the port the kernel gave; a port that
-cannot be bound, or a controller that cannot start (a model that will not load, ...), is one log line and
-exit status 2, never a traceback.
+"listening on" is logged once the controller has started and uvicorn serves the bound socket with its own signal
+handling, with the port the kernel gave; a port that cannot be bound, or a controller that cannot start (a model
+that will not load, ...), is one log line and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ class GracefulServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._signals = 0
         self._drain: asyncio.Task | None = None
+        self._closed = False
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -152,12 +155,32 @@ class GracefulServer(uvicorn.Server):
             if hup is not None:
                 signal.signal(signal.SIGHUP, hup)  # type: ignore[arg-type]
 
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+    # uvicorn's `serve` (capture_signals, startup, main_loop, shutdown) in three parts, so the socket is served while
+    # the controller starts (StartupSignals holding the signals meanwhile): `open`, then `run`, then `close`.
+    async def open(self, sockets: list[socket.socket]) -> None:
+        """Serve `sockets` from now on (the app answers /health "starting" while the controller starts); signals
+        stay the caller's until `run`."""
         self._loop = asyncio.get_running_loop()
-        await super().startup(sockets=sockets)
-        if self.started:
-            log.info("listening on %s (OpenAI API under /v1, Ollama's under /api, admin under /admin, the dashboard "
-                     "at /dashboard)", self.url)
+        if not self.config.loaded:
+            self.config.load()
+        self.lifespan = self.config.lifespan_class(self.config)
+        await self.startup(sockets=sockets)
+        await self.on_tick(0)  # (the default headers: date)
+
+    async def run(self, sockets: list[socket.socket]) -> None:
+        """Serve with uvicorn's signal handling (this class's `handle_exit`) until told to exit, then `close`."""
+        log.info("listening on %s (OpenAI API under /v1, Ollama's under /api, admin under /admin, the dashboard "
+                 "at /dashboard)", self.url)
+        with self.capture_signals():
+            if not self.should_exit:
+                await self.main_loop()
+            await self.close(sockets)  # (a second signal meanwhile: stop at once, as in a drain)
+
+    async def close(self, sockets: list[socket.socket]) -> None:
+        """Stop accepting, and close the connections (their requests get CLOSE_S to finish); once."""
+        if self.started and not self._closed:
+            self._closed = True
+            await self.shutdown(sockets=sockets)
 
     def handle_exit(self, sig: int, frame) -> None:
         # A signal handler (main thread, between two bytecodes of the loop): only flags and a thread-safe call.
@@ -325,27 +348,41 @@ async def _serve(cfg: ServerConfig, early: StartupSignals) -> int:
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     app = build_app(cfg, manage_controller=False)
     ctl = app.state.controller
+    # lifespan off: this function starts and stops the controller itself (build_app's lifespan would only close
+    # `serving`, done below); a lifespan task still waiting at exit was cancelled with a traceback
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=int(CLOSE_S), backlog=4096,
+                            http=_http_protocol() or "auto", proxy_headers=True,
+                            forwarded_allow_ips=cfg.forwarded_allow_ips)
+    server = GracefulServer(config, app.state.serving, cfg.shutdown_grace_s, url)
+    # a configuration found unservable once the workers joined (Controller.fatal, logged there): exit 2
+    ctl.on_fatal = lambda: setattr(server, "should_exit", True)
+    # The socket is served while the controller starts (its workers start, the configured models' tokenizers are
+    # read: seconds with real models): /health answers 503 "starting" (a Kubernetes probe or a `curl` hung on the
+    # listen backlog, or timed out), and every other request waits for the start-up (`controller.app.StartGate`).
+    started = app.state.started = asyncio.get_running_loop().create_future()
     try:
+        await server.open([sock])
         try:
-            if await early.run(ctl.start()):
-                return 0  # a signal during start-up: stopped before serving (the finally below stops the workers)
+            stopped = await early.run(ctl.start())
         except (ServingError, OSError, ValueError) as e:
-            log.error("cannot start: %s", getattr(e, "message", None) or e)
+            why = getattr(e, "message", None) or str(e)
+            started.set_result(f"the server could not start: {why}")
+            log.error("cannot start: %s", why)
             return 2
-        early.remove()  # uvicorn installs its own handlers (GracefulServer.handle_exit) as it starts serving
-        # lifespan off: this function starts and stops the controller itself (build_app's lifespan would only
-        # close `serving`, done below); a lifespan task still waiting at exit was cancelled with a traceback
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=int(CLOSE_S), backlog=4096,
-                                http=_http_protocol() or "auto", proxy_headers=True,
-                                forwarded_allow_ips=cfg.forwarded_allow_ips)
-        server = GracefulServer(config, app.state.serving, cfg.shutdown_grace_s, url)
-        # a configuration found unservable once the workers joined (Controller.fatal, logged there): exit 2
-        ctl.on_fatal = lambda: setattr(server, "should_exit", True)
+        except BaseException:  # (a bug: what waits for the start-up is let go all the same)
+            started.set_result("the server could not start")
+            raise
+        if stopped:
+            started.set_result("the server was stopped while it started")
+            return 0  # a signal during start-up: stopped before serving (the finally below stops the workers)
+        started.set_result(None)
+        early.remove()  # uvicorn's handlers (GracefulServer.handle_exit) from here
         if ctl.fatal is None:
-            await server.serve(sockets=[sock])
+            await server.run([sock])
         return 0 if ctl.fatal is None else 2
     finally:
+        await server.close([sock])
         sock.close()
         with _signals_while_stopping():
             await ctl.stop()
