@@ -171,6 +171,15 @@ def architecture(cfg: dict[str, Any]) -> str | None:
     return v if isinstance(v, str) and v else None
 
 
+def _kv_dtype_bytes(dtype: str, device: str) -> int:
+    """Bytes of one KV element of a model served at `dtype` (EngineOptions.dtype) on `device`: its weights' dtype,
+    "auto" fp32 on the CPU and bf16 on a GPU (as controller.hosting's engine_config picks)."""
+    d = dtype.lower()
+    if d == "auto":
+        return 4 if device == "cpu" else 2
+    return 4 if d in ("fp32", "float32", "float") else 2
+
+
 class Generation:
     """The engine requests (choices) behind one API request; iterate `events()` for (index, Delta)."""
 
@@ -382,6 +391,8 @@ class Controller:
         if why is not None:
             raise ServingError(409, f"model {spec.name!r} cannot be placed on any GPU its weights fit: {why}; unpin a "
                                "model or remove one first", code="pin_would_starve")
+        if source != "config" and (why := self._kv_page_problem(spec)) is not None:
+            raise ServingError(400, why, param="path", code="kv_page_too_small")
         try:
             tok = await asyncio.to_thread(load_tokenizer, spec.path)
         except Exception as e:  # noqa: BLE001 - any unreadable tokenizer is the caller's error
@@ -396,6 +407,33 @@ class Controller:
         self.events.publish("register", model=spec.name)
         self.tick()
         return entry
+
+    def _kv_page_problem(self, spec: ModelSpec) -> str | None:
+        """Why `spec`'s model cannot load on any live engine: one token of its KV is larger than every engine's KV
+        page. A worker carves its pages once, at its first registration, for the largest KV token of the models
+        configured then (hosting.min_page_bytes); a model added later with a larger one failed every load (the why
+        only in /health). None when it fits an engine's pages, or one has not said its page (none carved yet: its
+        pages may be carved for this model)."""
+        if spec.engine.kind != "llm" or not (elems := kv_elems_per_token(spec.path)):
+            return None
+        short = []
+        for e in self.pool.engines.values():
+            if not e.alive:
+                continue
+            page = e.pool.get("kv_page_bytes")
+            if not isinstance(page, int) or page <= 0:
+                return None
+            need = elems * _kv_dtype_bytes(spec.engine.dtype, e.device)
+            if need <= page:
+                return None
+            short.append((page, need))
+        if not short:
+            return None
+        page, need = max(short)
+        return (f"model {spec.name!r} cannot load on the running workers: one token of its KV cache takes {need} "
+                f"bytes ({elems} elements), more than a KV page of theirs ({page} bytes; the pages were sized when the "
+                f"workers started, for the models configured then). Add it to the server's configuration (or "
+                f"its command line) and restart the server: the workers then size their pages for it")
 
     def update_model(self, name: str, changes: dict[str, Any]) -> ModelEntry:
         """Change a registered model's SLO, priority, replica bounds, keep_alive or aliases in place (PATCH

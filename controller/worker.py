@@ -474,6 +474,11 @@ class Worker:
         hm = self.models
         # step_s for the router is a round: the time a model waits between two of its steps
         pool = hm.snapshot()
+        # a KV page's bytes, once carved (at the first model's registration): the controller refuses a model one
+        # token of whose KV no engine's page holds (Controller.add_model), rather than let its loads fail
+        wp = hm.arena_engine
+        if wp is not None and wp.memory.page_bytes:
+            pool["kv_page_bytes"] = wp.memory.page_bytes
         # t: when it was taken (wall clock), so a reader can tell a view taken after its own question
         pool["loop"] = {**self.loop_s, "steps": self.steps, "t": time.time()}
         return m.Stats(models=hm.stats(), step_s=hm.round_estimate_s, steps=self.steps, tokens=self.tokens,
