@@ -366,9 +366,8 @@ async def _serve(cfg: ServerConfig, early: StartupSignals) -> int:
         try:
             stopped = await early.run(ctl.start())
         except (ServingError, OSError, ValueError) as e:
-            why = getattr(e, "message", None) or str(e)
-            started.set_result(f"the server could not start: {why}")
-            log.error("cannot start: %s", why)
+            started.set_result("the server could not start (its log says why)")  # (paths: not for any caller)
+            log.error("cannot start: %s", getattr(e, "message", None) or e)
             return 2
         except BaseException:  # (a bug: what waits for the start-up is let go all the same)
             started.set_result("the server could not start")
