@@ -18,6 +18,7 @@ const S = {
   es: null, // the event stream
   calls: 0, // admin API calls in flight
   leaving: false, // signed out: the page goes to the login form once no call is in flight
+  signingOut: false, // this tab signs out: no call starts (one answered after the session's drop is a 401)
   gone: false, // ... and went
   // what the snapshots do not carry: each model's aliases (GET /admin/models), each tenant's models, limits and
   // source (GET /admin/tenants); fetched again when the names change, after an action and at a tenant's change
@@ -155,6 +156,7 @@ async function api(method, path, body) {
   const opts = { method, credentials: "same-origin", headers: {} };
   if (body !== undefined) { opts.headers["Content-Type"] = "application/json"; opts.body = JSON.stringify(body); }
   let r, data = null;
+  if (S.signingOut) throw new Error("signed out");
   S.calls++;
   try {
     r = await fetch(path, opts);
@@ -828,6 +830,10 @@ function init() {
   // failed request in the browser's log). Without this script the form posts as it is.
   document.querySelector("header form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
+    // no call starts from now on, and those in flight end first: one answered after the session's drop is a 401
+    // in the browser's log (a snapshot naming a changed pool, landing meanwhile, fetched the details: two of them)
+    S.signingOut = true;
+    for (const t0 = Date.now(); S.calls > 0 && Date.now() - t0 < 2000;) await new Promise((ok) => setTimeout(ok, 20));
     try {
       // (its redirect followed and read to the end: one not followed, or not read, is an aborted request)
       await (await fetch(ev.target.action, { method: "POST", credentials: "same-origin" })).text();
