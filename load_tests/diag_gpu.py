@@ -289,7 +289,7 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
              "norm_pass": (triton_gemv, "NORM_ONE_PASS"), "step_io": (runner, "STEP_IO"),
              "attn_pipe": (triton_decode, "PIPELINE_IDS"), "pipe_stages": (triton_decode, "PIPE_STAGES"),
              "tma_rows": (triton_tma, "MAX_ROWS"), "tma_glu": (triton_tma, "GLU"), "tma_smem": (triton_tma, "SMEM_WIDE"),
-             "glu": (llama, "GEMV_GLU"), "l2": (llama, "L2_FILL_MB")}
+             "glu": (llama, "GEMV_GLU")}
     defaults = {k: getattr(mod, attr) for k, (mod, attr) in knobs.items()}
     # torch's switches read when a matmul is launched (so at capture): which BLAS library, and whether cuBLAS may
     # reduce split-K partial sums in bf16
@@ -337,9 +337,6 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 *((f"gemv glu down {bn}x{bk}x{nw}", {"glu": True, "cfgs": {**triton_gemv._CONFIGS, (1536, 8960): (bn, bk, nw),
                                                                          (3584, 18944): (bn, bk, nw)}})
                   for bn, bk, nw in ((4, 1024, 4), (4, 2048, 8), (8, 1024, 8), (8, 512, 4), (2, 2048, 4), (4, 512, 4))),
-                # the next projections' weights asked of L2 while the attention runs (llama.L2_FILL_MB)
-                *((f"l2 {mb}", {"l2": mb}) for mb in (0, 4, 8, 16, 32)),
-                *((f"glu l2 {mb}", {"glu": True, "l2": mb}) for mb in (0, 4, 8, 16, 32)),
                 *((f"splits {s}", {"splits": s}) for s in triton_decode.SPLITS),
                 # fewer splits with more cache blocks an iteration each: one split writes the result itself (no
                 # combine launch) but walks the whole context alone

@@ -227,28 +227,6 @@ def test_batch_one_silu_in_gate_up_gives_the_same_bits(make_varied, monkeypatch)
     assert outs[(True, True)] == outs[(False, True)] and outs[(True, False)] == outs[(False, True)]
 
 
-def test_steps_asking_l2_for_the_next_weights_give_the_same_tokens(make_varied, monkeypatch):
-    """TOKENPOOL_L2_FILL_MB: asking L2 for the o and gate_up weights after each qkv projection (batch 1 on the GEMVs,
-    with and without SiLU*mul in gate_up; batched steps on the TMA GEMMs) changes no token (bf16, graphs and eager,
-    requests joining and finishing at different steps)."""
-    from token_scheduler.model import llama
-
-    d = make_varied("qwen2")
-    outs = {}
-    for mb, glu, graphs in ((-1, False, True), (16, False, True), (0, True, True), (16, True, False)):
-        monkeypatch.setattr(llama, "L2_FILL_MB", mb)
-        monkeypatch.setattr(llama, "GEMV_GLU", glu)
-        eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="bf16", cuda_graphs=graphs,
-                                     kv_cache_memory_gb=0.1, max_num_seqs=8))
-        res = outs[(mb, glu, graphs)] = _staggered(eng)
-        eng.add_request("one", [7] * 9, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
-        while eng.has_unfinished_requests():
-            res.update({o.request_id: o.outputs[0].token_ids for o in eng.step() if o.finished})
-        assert eng.stats()["kv_blocks_used"] == 0 and len(res) == 7
-    first = outs[(-1, False, True)]
-    assert all(v == first for v in outs.values())
-
-
 @pytest.mark.parametrize("step_io", [False, True])
 def test_an_overlapped_launch_never_makes_the_host_wait(make_varied, step_io, monkeypatch):
     """A decode launched behind the step in flight (overlap, TOKENPOOL_PIPELINE) queues its inputs, graph and

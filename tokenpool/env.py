@@ -63,11 +63,8 @@ SHM_DIR = Var("TOKENPOOL_SHM_DIR", "/dev/shm", "where the node-shared pinned hos
               "tmpfs or hugetlbfs)")
 GEMV = Var("TOKENPOOL_GEMV", "1", "0: one-token steps (and small batches) through cuBLAS instead of the Triton "
            "GEMVs (A/B runs)")
-GEMV_GLU = Var("TOKENPOOL_GEMV_GLU", "0", "one-token steps do SiLU*mul in the gate_up GEMV's epilogue, down then a "
-               "plain GEMV (bit-identical; see llama.py); 1: on")
-L2_FILL_MB = Var("TOKENPOOL_L2_FILL_MB", "-1", "decode steps under programmatic dependent launch ask L2 for the o "
-                 "projection's weights and this many MB of gate_up's while the attention runs (-1: off; see "
-                 "token_scheduler/model/triton_ops.py)", kind="int")
+GEMV_GLU = Var("TOKENPOOL_GEMV_GLU", "1", "one-token steps do SiLU*mul in the gate_up GEMV's epilogue, down then a "
+               "plain GEMV (bit-identical; see llama.py); 0: in down's prologue (A/B runs)")
 GEMV_ROWS = Var("TOKENPOOL_GEMV_ROWS", "0", "steps of up to this many tokens (at most 32) run their projections "
                 "as Triton GEMVs too (the small-batch kernels; off: slower than cuBLAS until tuned, see llama.py)",
                 kind="int")

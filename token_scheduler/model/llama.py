@@ -188,8 +188,6 @@ def _fused_layers(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata,
     for n in range(cfg.num_layers):
         p = f"l{n}."
         qkv = linear(h, w[p + "qkv"], w.get(p + "qkv_b"))
-        if use_tma:
-            _l2_fill_next(w, p, h, tma.GLU)
         if lora is not None:
             lora.add_(n, "qkv", h, [qkv])
         if fold_rope:
@@ -245,30 +243,16 @@ GEMV_ROWS_MLP = env.GEMV_ROWS_MLP.on()
 # down: 896 programs, each reading 2 x 18944 values and taking as many exps), where its weight stream is furthest from
 # the floor of the batch-1 projections (1.19x for the 7B, 1.80x for the 1.5B; diag_persist ramp, 457a2c1). GEMV_GLU:
 # gate_up's programs own gate row i beside up row I + i and store silu(gate) * up once ([1, I]); down is then a plain
-# GEMV. The same roundings in the same order: bit-identical to the default. Off until measured (TOKENPOOL_GEMV_GLU=1).
+# GEMV. The same roundings in the same order: bit-identical to SiLU*mul in down's prologue. H100 (acee670, diag_gpu
+# step, graph replay at context 512, against the prologue before and after in the same run): batch-1 steps 1.5B
+# 1.385/1.373 -> 1.343 ms (0.97), 7B 4.920/4.921 -> 4.892 (0.994); down's blocks re-swept with it: the table's still
+# best (bench/results/gemv_glu_h100_acee670.json). On by default (TOKENPOOL_GEMV_GLU=0: the prologue).
+# Tried beside it and removed: asking L2 (cp.async.bulk.prefetch.L2, one launch of one-warp programs under PDL after
+# each qkv projection) for the o weights and the first MB of gate_up's while the attention and its combine leave HBM
+# idle. Every amount made batch-1 steps slower (1.5B 1.385 -> 1.430 ms for o alone, 1.459 with 32 MB of gate_up; 7B
+# 4.920 -> 5.035 / 5.255) and the 1.5B's batch 8 on the TMA GEMMs too (1.709 -> 1.769 / 1.824): the launch between the
+# qkv projection and the attention lengthens the chain, and the fill's traffic slows the demand loads it races.
 GEMV_GLU = env.GEMV_GLU.on()
-# L2_FILL_MB >= 0: right after the qkv projection of a step launched under PDL (batch 1 on the GEMVs, batched steps on
-# the TMA GEMMs), one launch asks L2 for the o projection's weights and that many MB of gate_up's first rows (both
-# halves' when SiLU*mul is gate_up's epilogue), filled while the attention and its combine leave HBM idle
-# (triton_ops.l2_fill). -1: off (TOKENPOOL_L2_FILL_MB).
-L2_FILL_MB = env.L2_FILL_MB.integer()
-
-
-def _l2_fill_next(w, p: str, x: torch.Tensor, paired: bool) -> None:
-    """Layer `p`'s o weights and L2_FILL_MB of gate_up's into L2 (see L2_FILL_MB); `paired`: gate_up's programs read
-    gate row i beside up row I + i, so its first rows of both halves."""
-    if L2_FILL_MB < 0:
-        return
-    from token_scheduler.model import triton_ops as k
-
-    o, gu = w[p + "o"], w[p + "gate_up"]
-    want = L2_FILL_MB << 20
-    if paired:
-        half = gu.numel() * gu.element_size() // 2
-        ranges = [(o, 0, o.numel() * o.element_size()), (gu, 0, want // 2), (gu, half, want // 2)]
-    else:
-        ranges = [(o, 0, o.numel() * o.element_size()), (gu, 0, want)]
-    k.l2_fill(ranges, x)
 # Batched decode steps on cuBLAS (2 to 32 sequences) spend a launch a layer on RoPE and the KV write between the qkv
 # GEMM and the attention: the H200 profile of a 1.5B batch-8 step has it at 61.5 us of 1.69 ms, the 7B's 66 us of
 # 4.53 ms (bench/results/decode_profile_h200_ab4be3b.json). ATTN_ROPE: the paged-decode kernel does that job itself
@@ -329,7 +313,6 @@ def _forward_gemv(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata)
         qkv, x_new = proj(x, w[p + "qkv"], w.get(p + "qkv_b"), mode=MODE_NORM, r=r, norm_w=w[p + "ln1"], eps=eps,
                           rope=rk)
         x = x if x_new is None else x_new
-        _l2_fill_next(w, p, x, T == 1 and GEMV_GLU)
         if rk is not None:
             q = qkv
         else:

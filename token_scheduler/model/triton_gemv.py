@@ -7,7 +7,8 @@ reduce) cost about as much as the smallest projections themselves. Here each pro
 - MODE_PLAIN: y = W x (+ bias)
 - MODE_NORM:  y = W rmsnorm(x + r) (+ bias); program 0 also writes the new residual x + r to `x_out`
   (out of place: every program reads x and r, so none may overwrite them)
-- MODE_SILU:  y = W (silu(gu[:K]) * gu[K:])  (one token; `gemv_rows` does SiLU*mul in gate_up's epilogue)
+- MODE_SILU:  y = W (silu(gu[:K]) * gu[K:])  (one token, llama.GEMV_GLU off; by default `gemv`'s `glu` and
+  `gemv_rows` do SiLU*mul in gate_up's epilogue)
 
 MODE_NORM's scale is computed first, in a pass over x + r before the main loop. Applying it after the dot
 instead (W (nw x) / rms: x + r read once, its squares summed in the main loop) measured slower everywhere on the

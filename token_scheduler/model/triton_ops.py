@@ -70,62 +70,6 @@ def pdl_enter(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-# L2 fill: while a decode step's attention and its combine run (~5-7 us a layer at batch 1, a handful of programs on
-# the cache), HBM idles; the next projections' weights (o, then the first rows gate_up's first wave reads) can be in L2
-# by the time their GEMV asks. `l2_fill` launches, right after the qkv projection, a kernel of one warp a program that
-# asks L2 for byte ranges (cp.async.bulk.prefetch.L2, fire and forget), then waits on the kernel before it (so the
-# chain of PDL waits stays transitive: the attention's wait on this kernel covers the qkv projection) and exits.
-# Only under PDL (otherwise it would be one more serial launch). Off by default until measured (llama.L2_FILL_MB).
-L2_FILL_CHUNK = 256 << 10  # bytes a program asks for
-
-
-@triton.jit
-def _l2_ask(ptr, nbytes):
-    """Ask L2 for nbytes (a multiple of 16; none if <= 0) from the 16-byte aligned ptr (a uint8 pointer), from thread 0."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; setp.gt.and.s32 p, $2, 0, p;"
-        " @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [ptr + tl.zeros([1], tl.int32), nbytes + tl.zeros([1], tl.int32)],
-        dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _l2_fill_range(P, N, start, CHUNK: tl.constexpr):
-    lo = tl.maximum(start, 0)
-    hi = tl.minimum(start + CHUNK, N)
-    _l2_ask(P + lo, (hi - lo).to(tl.int32))
-
-
-@triton.jit
-def _l2_fill_kernel(P0, N0, P1, N1, P2, N2, CHUNK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        gdc_launch_dependents()
-    start = tl.program_id(0).to(tl.int64) * CHUNK  # a byte offset into the three ranges laid end to end
-    _l2_fill_range(P0, N0, start, CHUNK)
-    _l2_fill_range(P1, N1, start - N0, CHUNK)
-    _l2_fill_range(P2, N2, start - N0 - N1, CHUNK)
-    if PDL:
-        gdc_wait()
-
-
-def l2_fill(ranges: list[tuple[torch.Tensor, int, int]], like: torch.Tensor) -> None:
-    """Ask L2 for up to three byte ranges (tensor, first byte, bytes; each clipped to the tensor, multiples of 16) in
-    one launch under PDL beside the kernel before (see L2_FILL_CHUNK); nothing where the step does not launch with PDL
-    (`like`: the step's hidden states)."""
-    if not pdl(like) or not ranges:
-        return
-    args, total = [], 0
-    for t, first, n in (list(ranges) + [(like, 0, 0)] * 3)[:3]:
-        b = t.view(-1).view(torch.uint8)
-        first = min(max(first, 0), b.numel()) // 16 * 16
-        n = max(0, min(n, b.numel() - first)) // 16 * 16
-        args += [b[first:] if n else b, n]
-        total += n
-    if total:
-        _l2_fill_kernel[(triton.cdiv(total, L2_FILL_CHUNK),)](*args, CHUNK=L2_FILL_CHUNK, PDL=True, num_warps=1,
-                                                               launch_pdl=True)
-
-
 @triton.jit
 def _add_rms_norm_kernel(X, R, W, Y, eps, part_stride, N: tl.constexpr, BLOCK: tl.constexpr, HAS_R: tl.constexpr,
                          PARTS: tl.constexpr, PDL: tl.constexpr):
