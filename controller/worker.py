@@ -72,11 +72,10 @@ def device_memory(device: str) -> tuple[int, int]:
 
         free, total = torch.cuda.mem_get_info(int(device.split(":")[1] if ":" in device else 0))
         return total, free
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return total, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError):
-        return 16 << 30, 16 << 30
+    from gpu_pool.inventory import cpu_device  # the host's memory, or a container's limit where lower
+
+    d = cpu_device()
+    return (d.memory_total, d.memory_free) if d.memory_total else (16 << 30, 16 << 30)
 
 
 class Worker:

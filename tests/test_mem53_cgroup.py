@@ -80,3 +80,7 @@ def test_host_cache_default_arena_and_cpu_device_follow_the_limit(tmp_path, monk
     d = inventory.cpu_device()
     # free: the room under the limit, the reclaimable page cache (inactive_file) not counted as used
     assert (d.memory_total, d.memory_free, d.memory_used) == (limit, limit - 1_000_000_000, 1_000_000_000)
+    from controller.worker import device_memory
+
+    # what a CPU worker tells the controller (its budget is checked against it): the container's, not the host's
+    assert device_memory("cpu") == (limit, limit - 1_000_000_000)
