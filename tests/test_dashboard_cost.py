@@ -93,7 +93,9 @@ def test_a_routine_flood_is_one_write_a_tick_and_an_operator_event_goes_out_with
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads CPU time from /proc")
 def test_fifty_dashboards_under_48_streams_stay_live_and_serving_goes_on():
     with target(max_num_seqs=64) as t:
-        r = run_dashboard_cost(t, streams=48, dashboards=50, duration=5.0, rounds=2)
+        # one round without dashboards and one with them: nothing below compares rounds (the pairs' CPU ratio is
+        # the benchmark's), and two more rounds were 13 s of the suite
+        r = run_dashboard_cost(t, streams=48, dashboards=50, duration=5.0, rounds=1)
     print(f"\ncontroller CPU over {r['duration_s']} s: {r['baseline_cpu_s']} s serving, {r['with_dashboards_cpu_s']} s "
           f"with {r['dashboards']} dashboards: {100 * r['ratio']:+.1f}% (paired {100 * r['ratio_paired_median']:+.1f}%; "
           f"the writer's own {100 * r['writer_ratio']:.1f}%)")
