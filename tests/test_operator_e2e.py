@@ -325,14 +325,17 @@ async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_t
             # Delete while a request streams: the finalizer drains it (the stream finishes), then removes the model.
             # The late request below must come while it still streams: at the pace model's 0.02 s a token, 120 tokens
             # (2.4 s) ended first on a loaded 2-core machine, where the drain's status took ~1.5 s to appear and the
-            # test as long again to send it (then the model was gone: 404, not 503). 500 tokens stream for ~10 s.
+            # test as long again to send it (then the model was gone: 404, not 503). So the late request is asked
+            # from the delete on, until it is refused (accepted ones before the drain run their 2 tokens), and the
+            # status is read after it: the stream need only outlast the operator's delete handler and that status,
+            # and 300 tokens (~6 s) do, four times over (500 streamed ~10 s: 4 s of the suite waiting on its end).
             client = openai.OpenAI(base_url=srv.url + "/v1", api_key=tenant_key, max_retries=0)
             stream_done: dict = {}
             first_chunk = threading.Event()
 
             def consume() -> None:
                 n, reason = 0, None
-                for ch in client.completions.create(model="pace-m", prompt="hi", max_tokens=500, stream=True):
+                for ch in client.completions.create(model="pace-m", prompt="hi", max_tokens=300, stream=True):
                     first_chunk.set()
                     n += 1
                     reason = ch.choices[0].finish_reason or reason
@@ -341,13 +344,12 @@ async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_t
             reader = asyncio.create_task(asyncio.to_thread(consume))
             await asyncio.to_thread(first_chunk.wait, 10)
             await kube.delete("pooledmodels", "pace-m")
+            late = await _until("a late request refused", lambda: _refused(srv.url, tenant_key), timeout=15)
+            # drained: a new request is refused while its request finishes (a 404 here: the model was gone already)
+            assert late.status_code == 503 and late.json()["error"]["code"] == "model_draining", late.text
+            assert "pace-m" in await controller("/admin/models")  # still served while its request runs
             draining = await _until("Draining", lambda: _reason(kube, "pooledmodels", "pace-m", "Draining"))
             assert _cond(draining, "Progressing")["status"] == "True"
-            assert "pace-m" in await controller("/admin/models")  # still served while its request runs
-            late = await asyncio.to_thread(  # but drained: a new request is refused while it finishes
-                lambda: httpx.post(srv.url + "/v1/completions", headers={"Authorization": f"Bearer {tenant_key}"},
-                                   json={"model": "pace-m", "prompt": "hi", "max_tokens": 2}, timeout=10))
-            assert late.status_code == 503 and late.json()["error"]["code"] == "model_draining", late.text
             await _until("the model leaves the controller",
                          lambda: _gone(controller, "/admin/models", "pace-m"), timeout=30)
             removed_at = time.monotonic()
@@ -457,6 +459,13 @@ async def _key_works(url: str, key: str) -> bool:
         return True
     except openai.AuthenticationError:
         return False
+
+
+async def _refused(url: str, key: str) -> httpx.Response | None:
+    """A completion request's response unless it was served (200): None then."""
+    r = await asyncio.to_thread(lambda: httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {key}"},
+                                                   json={"model": "pace-m", "prompt": "hi", "max_tokens": 2}, timeout=10))
+    return None if r.status_code == 200 else r
 
 
 async def _absent(kube: Cluster, plural: str, name: str) -> bool:
