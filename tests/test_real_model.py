@@ -56,6 +56,11 @@ def test_serve_a_gguf_file(smollm2, tmp_path, monkeypatch):
         port = s.getsockname()[1]
     p = subprocess.Popen([sys.executable, "-m", "controller.serve", str(gguf), "--port", str(port)], cwd=REPO_ROOT,
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # a file that is no GGUF, served meanwhile (the conversion above keeps one core; this takes ~3 s of the other)
+    bad = tmp_path / "broken.gguf"
+    bad.write_text("not a gguf")
+    b = subprocess.Popen([sys.executable, "-m", "controller.serve", str(bad)], cwd=REPO_ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -71,9 +76,13 @@ def test_serve_a_gguf_file(smollm2, tmp_path, monkeypatch):
         r = c.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", max_tokens=8, temperature=0,
                                       messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert "Paris" in r.choices[0].message.content
+        _, err = b.communicate(timeout=120)
     finally:
         p.send_signal(signal.SIGINT)
         p.wait(60)
+        if b.poll() is None:
+            b.kill()
+            b.communicate()
     folder = real_model.gguf_folder(gguf, tmp_path / "cache")
     assert (folder / "model.safetensors").read_bytes() == (smollm2 / "model.safetensors").read_bytes()
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
@@ -82,12 +91,8 @@ def test_serve_a_gguf_file(smollm2, tmp_path, monkeypatch):
     assert spec.name == "SmolLM2-135M-Instruct.Q4_1"
     assert real_model.ensure_gguf(gguf, tmp_path / "cache") == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime  # converted once
-    bad = tmp_path / "broken.gguf"
-    bad.write_text("not a gguf")
-    r = subprocess.run([sys.executable, "-m", "controller.serve", str(bad)], cwd=REPO_ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
-    lines = [x for x in r.stderr.splitlines() if x.strip() and "converting" not in x]
-    assert r.returncode == 2 and len(lines) == 1 and "broken.gguf cannot be converted" in lines[0], r.stderr
+    lines = [x for x in err.splitlines() if x.strip() and "converting" not in x]
+    assert b.returncode == 2 and len(lines) == 1 and "broken.gguf cannot be converted" in lines[0], err
 
 
 def test_the_converters_command_line_takes_help_as_help(tmp_path):
