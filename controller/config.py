@@ -272,7 +272,7 @@ class GPUSettings(_Strict):
     # the CPU worker's arena (host memory); None: 8 GB or a quarter of its machine's memory, the smaller (hosting)
     cpu_budget_gb: float | None = Field(None, gt=0, le=MAX_GB)
     kv_cache_gb: float | None = Field(None, gt=0, le=MAX_GB)  # KV region inside the arena; None: 10% (1..16 GB)
-    host_cache_gb: float | None = Field(None, gt=0, le=MAX_GB)  # node-wide host weight cache; None: 60% of RAM
+    host_cache_gb: float | None = Field(None, gt=0, le=MAX_GB)  # node-wide host weight cache; None: 60% of RAM (a container's memory limit where lower)
     host_cache_namespace: str = Field("tokenpool", pattern=r"^[A-Za-z0-9._-]+$")  # workers sharing host copies
     policy: Literal["token", "aegaeon", "request", "static"] = "token"  # which model steps next, per GPU
     # the policy plans step N+1 while step N's forward runs (H200: 35 models at 0.1 req/s/model 91.0% -> 98.2%,

@@ -50,7 +50,7 @@ class GpuSettings:
 
     budget_bytes: int | None = None  # the arena (weights + KV); None: free device memory less a margin
     kv_cache_gb: float | None = None  # the KV region inside it; None: 10% of the budget, 1..16 GB (CPU 0.5)
-    host_cache_gb: float | None = None  # node-wide pinned host cache; None: 60% of the node's memory
+    host_cache_gb: float | None = None  # node-wide pinned host cache; None: 60% of the node's memory (a container's limit where lower)
     namespace: str = "tokenpool"  # workers of a node with the same namespace share host copies
     policy: str = "token"
     plan_ahead: bool | None = None  # the policy plans step N+1 beside step N; None: $TOKENPOOL_PLAN_AHEAD (on)
