@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from controller.config import EngineOptions, env_policy_options
 from gpu_pool.inventory import host_memory_bytes  # MemTotal, or a container's cgroup limit (torch-free)
+from tokenpool.models import dtype_bytes, run_dtype
 
 if TYPE_CHECKING:  # token_scheduler's engines import torch: only when a model with weights is hosted
     from token_scheduler.policies.slo import ModelSLO
@@ -82,7 +83,7 @@ def engine_config(path: str | None, opts: EngineOptions, device: str):
     """token_scheduler.EngineConfig from the controller's EngineOptions (kind "llm")."""
     from token_scheduler import EngineConfig
 
-    dtype = opts.dtype if opts.dtype != "auto" else "fp32" if device == "cpu" else "bf16"
+    dtype = run_dtype(opts.dtype, device)
     unset_is_engines = dict(block_size=opts.block_size, num_kv_blocks=opts.num_kv_blocks,
                             max_num_batched_tokens=opts.max_num_batched_tokens, max_model_len=opts.max_model_len,
                             kv_cache_memory_gb=opts.kv_cache_memory_gb, cuda_graphs=opts.cuda_graphs,
@@ -144,7 +145,7 @@ def min_page_bytes(s: GpuSettings, device: str) -> int:
     """The pooled engine's smallest KV page: MIN_PAGE_TOKENS tokens of the largest model served, at the dtype a model
     runs in by default here (fp32 on the CPU, bf16 on a GPU). Pages are sized by the first model registered (16 of its
     tokens): a 0.5B first left a 32B, whose token of KV is 21 times the 0.5B's, no page it fits, never loading."""
-    return MIN_PAGE_TOKENS * s.kv_elems_per_token * (4 if device == "cpu" else 2)
+    return MIN_PAGE_TOKENS * s.kv_elems_per_token * dtype_bytes("auto", device)
 
 
 def _policy_kw(s: GpuSettings) -> dict:

@@ -46,7 +46,7 @@ from controller.tenants import KEY_USED, Tenant, TenantRegistry
 from token_scheduler.block_manager import hash_extra
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
-from tokenpool.models import adapter_fit_problem, kv_elems_per_token, model_dir_problem
+from tokenpool.models import adapter_fit_problem, dtype_bytes, kv_elems_per_token, model_dir_problem
 
 log = logging.getLogger("tokenpool.controller")
 
@@ -169,15 +169,6 @@ def architecture(cfg: dict[str, Any]) -> str | None:
     """The model's architecture as its config names it (model_type: llama, qwen2, ...), when it does."""
     v = cfg.get("model_type")
     return v if isinstance(v, str) and v else None
-
-
-def _kv_dtype_bytes(dtype: str, device: str) -> int:
-    """Bytes of one KV element of a model served at `dtype` (EngineOptions.dtype) on `device`: its weights' dtype,
-    "auto" fp32 on the CPU and bf16 on a GPU (as controller.hosting's engine_config picks)."""
-    d = dtype.lower()
-    if d == "auto":
-        return 4 if device == "cpu" else 2
-    return 4 if d in ("fp32", "float32", "float") else 2
 
 
 class Generation:
@@ -423,7 +414,7 @@ class Controller:
             page = e.pool.get("kv_page_bytes")
             if not isinstance(page, int) or page <= 0:
                 return None
-            need = elems * _kv_dtype_bytes(spec.engine.dtype, e.device)
+            need = elems * dtype_bytes(spec.engine.dtype, e.device)
             if need <= page:
                 return None
             short.append((page, need))

@@ -15,6 +15,17 @@ SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 DTYPE_NAMES = ("auto", "bf16", "bfloat16", "fp16", "float16", "half", "fp32", "float32", "float")
 
 
+def run_dtype(dtype: str, device: str) -> str:
+    """The dtype a model served at `dtype` (one of DTYPE_NAMES; the controller's EngineOptions.dtype) runs in on
+    `device`: "auto" is fp32 on the CPU and bf16 on a GPU."""
+    return dtype if dtype.lower() != "auto" else "fp32" if device == "cpu" else "bf16"
+
+
+def dtype_bytes(dtype: str, device: str = "cuda") -> int:
+    """Bytes of one element (weights, KV) of a model served at `dtype` on `device` (see run_dtype)."""
+    return 4 if run_dtype(dtype, device).lower() in ("fp32", "float32", "float") else 2
+
+
 def model_dir_problem(path: str | Path) -> str | None:
     """Why `path` cannot be served, in a sentence naming it; None when it can (as far as config.json says)."""
     p = Path(path)
