@@ -174,6 +174,21 @@ def test_decode_with_rope_in_the_attention_gives_the_same_tokens(make_varied, ar
     assert outs[(True, True)] == outs[(False, True)] and outs[(True, False)] == outs[(False, True)]
 
 
+def _one_at_a_time(d, graphs: bool) -> list[list[int]]:
+    """Three greedy requests of model `d` (fp32), each run alone to its end (batch-1 decode steps: the GEMV path,
+    PDL), with or without CUDA graphs: their tokens; every KV block is free after."""
+    eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="fp32", cuda_graphs=graphs, kv_cache_memory_gb=0.1,
+                                 max_num_seqs=8))
+    res = []
+    for i in range(3):
+        eng.add_request(f"r{i}", [5 + i] * (3 + 11 * i), SamplingParams(temperature=0, max_tokens=20 + 9 * i,
+                                                                         ignore_eos=True))
+        while eng.has_unfinished_requests():
+            res += [o.outputs[0].token_ids for o in eng.step() if o.finished]
+    assert eng.stats()["kv_blocks_used"] == 0 and len(res) == 3
+    return res
+
+
 def test_batch_one_decode_loading_its_cache_early_gives_the_same_tokens(make_varied, monkeypatch):
     """TOKENPOOL_ATTN_PREFETCH: batch-1 decode steps (one request at a time; graphs and eager; the GEMV path, PDL)
     give the tokens of the attention that loads everything after the wait (fp32)."""
@@ -183,15 +198,7 @@ def test_batch_one_decode_loading_its_cache_early_gives_the_same_tokens(make_var
     outs = {}
     for prefetch, graphs in ((False, True), (True, True), (True, False)):
         monkeypatch.setattr(triton_decode, "PREFETCH_KV", prefetch)
-        eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="fp32", cuda_graphs=graphs,
-                                     kv_cache_memory_gb=0.1, max_num_seqs=8))
-        res = outs[(prefetch, graphs)] = []
-        for i in range(3):
-            sp = SamplingParams(temperature=0, max_tokens=20 + 9 * i, ignore_eos=True)
-            eng.add_request(f"r{i}", [5 + i] * (3 + 11 * i), sp)
-            while eng.has_unfinished_requests():
-                res += [o.outputs[0].token_ids for o in eng.step() if o.finished]
-        assert eng.stats()["kv_blocks_used"] == 0 and len(res) == 3
+        outs[(prefetch, graphs)] = _one_at_a_time(d, graphs)
     assert outs[(True, True)] == outs[(False, True)] and outs[(True, False)] == outs[(False, True)]
 
 
@@ -216,14 +223,7 @@ def test_batch_one_silu_in_gate_up_gives_the_same_bits(make_varied, monkeypatch)
     outs = {}
     for glu, graphs in ((False, True), (True, True), (True, False)):
         monkeypatch.setattr(llama, "GEMV_GLU", glu)
-        eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="fp32", cuda_graphs=graphs,
-                                     kv_cache_memory_gb=0.1, max_num_seqs=8))
-        res = outs[(glu, graphs)] = []
-        for n in range(3):
-            eng.add_request(f"r{n}", [5 + n] * (3 + 11 * n), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
-            while eng.has_unfinished_requests():
-                res += [o.outputs[0].token_ids for o in eng.step() if o.finished]
-        assert eng.stats()["kv_blocks_used"] == 0 and len(res) == 3
+        outs[(glu, graphs)] = _one_at_a_time(d, graphs)
     assert outs[(True, True)] == outs[(False, True)] and outs[(True, False)] == outs[(False, True)]
 
 
