@@ -11,6 +11,12 @@ from load_tests import faults
 
 
 @pytest.fixture(scope="module")
+def suite_cache(tmp_path_factory):
+    """TOKENPOOL_CACHE for the parts that make their three tiny models there: made once for the module (~2 s)."""
+    return tmp_path_factory.mktemp("suite-cache")
+
+
+@pytest.fixture(scope="module")
 def paced():
     with faults.target(pace_s=0.01, max_num_seqs=16, ttft_s=0.5) as t:
         yield t
@@ -88,14 +94,14 @@ def test_suite_command_writes_json_with_provenance(paced, tmp_path):
     assert d["as_expected"] == d["cases"]
 
 
-def test_pooled_kill_part_on_cpu(tmp_path, monkeypatch):
+def test_pooled_kill_part_on_cpu(tmp_path, monkeypatch, suite_cache):
     """`tokenpool suite pooled-kill`: a pooled worker killed while weights move; streams end with an error event,
     queued requests are retried, the worker returns, nothing leaks."""
     from typer.testing import CliRunner
 
     from controller.cli_suite import suite_app
 
-    monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TOKENPOOL_CACHE", str(suite_cache))
     out = tmp_path / "pk.json"
     r = CliRunner().invoke(suite_app, ["pooled-kill", "--during", "weights", "--streams", "4", "--queued", "2",
                                        "--json", str(out)])
@@ -110,7 +116,7 @@ def test_pooled_kill_part_on_cpu(tmp_path, monkeypatch):
 
 
 
-def test_drops_part_on_cpu(tmp_path, monkeypatch):
+def test_drops_part_on_cpu(tmp_path, monkeypatch, suite_cache):
     """`tokenpool suite drops`: streams dropped at random points across three tiny models over a one-slot CPU arena;
     nothing held after, every model still serves."""
     import json
@@ -119,7 +125,7 @@ def test_drops_part_on_cpu(tmp_path, monkeypatch):
 
     from controller.cli_suite import suite_app
 
-    monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TOKENPOOL_CACHE", str(suite_cache))
     out = tmp_path / "drops.json"
     r = CliRunner().invoke(suite_app, ["drops", "--streams", "30", "--max-tokens", "20", "--seed", "2",
                                        "--json", str(out)])
