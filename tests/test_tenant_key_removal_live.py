@@ -44,7 +44,7 @@ def test_removing_one_key_ends_only_its_requests(tmp_path):
         assert httpx.post(srv.url + "/admin/tenants", headers=ADM, json=spec, timeout=10).status_code == 201
         kept: dict = {}
         dropped: dict = {}
-        threads = [threading.Thread(target=_consume, args=(KEEP, srv.url, 300, kept), daemon=True),  # ~6 s
+        threads = [threading.Thread(target=_consume, args=(KEEP, srv.url, 150, kept), daemon=True),  # ~3 s
                    threading.Thread(target=_consume, args=(DROP, srv.url, 3000, dropped), daemon=True)]  # ~60 s
         for t in threads:
             t.start()
@@ -55,6 +55,7 @@ def test_removing_one_key_ends_only_its_requests(tmp_path):
         assert httpx.delete(srv.url + "/admin/tenants/ops", headers=ADM, timeout=10).status_code == 200
         fewer = dict(spec, key_hashes=spec["key_hashes"][:1])
         assert httpx.post(srv.url + "/admin/tenants", headers=ADM, json=fewer, timeout=10).status_code == 201
+        assert "end" not in kept, kept  # (still streaming across the change: what the test is about)
 
         threads[1].join(10)  # the removed key's stream: ended a moment after the DELETE
         assert not threads[1].is_alive(), dropped
@@ -62,7 +63,7 @@ def test_removing_one_key_ends_only_its_requests(tmp_path):
         assert isinstance(err, openai.APIError) and err.body["code"] == "invalid_api_key", err
         threads[0].join(30)  # the kept key's: to its end
         assert kept["end"] == "complete", kept
-        assert kept["chunks"] >= 300
+        assert kept["chunks"] >= 150
 
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=srv.url + "/v1", api_key=DROP, max_retries=0).models.list()
