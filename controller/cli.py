@@ -311,6 +311,11 @@ def serve_cmd(
     max_num_seqs: Optional[int] = typer.Option(
         None, "--max-num-seqs", min=1, help="as vLLM's: the MODEL_DIR models' sequences in one engine's batch at "
         "once (default: 64)"),
+    max_num_batched_tokens: Optional[int] = typer.Option(
+        None, "--max-num-batched-tokens", min=1, help="as vLLM's: the MODEL_DIR models' tokens computed in one "
+        "step at most (prompts beyond it are prefilled in chunks; default: 2048)"),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="as vLLM's: the MODEL_DIR models' sampling seed (default: 0)"),
     enforce_eager: bool = typer.Option(
         False, "--enforce-eager", help="as vLLM's: the MODEL_DIR models run without CUDA graphs"),
     allowed_origins: Optional[list[str]] = typer.Option(
@@ -326,10 +331,8 @@ def serve_cmd(
         hidden=True),  # (vLLM's flags with no counterpart here: said so, with what to give instead)
     quantization: Optional[str] = typer.Option(None, "--quantization", "-q", "--kv-cache-dtype", hidden=True),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", hidden=True),
-    # (vLLM's engine flags that a configuration's models[].engine takes: said where)
-    max_num_batched_tokens: Optional[str] = typer.Option(None, "--max-num-batched-tokens", hidden=True),
-    block_size: Optional[str] = typer.Option(None, "--block-size", hidden=True),
-    seed: Optional[str] = typer.Option(None, "--seed", hidden=True),
+    # (vLLM's KV cache sizing: here the pool's, said so)
+    kv_sizing: Optional[list[str]] = typer.Option(None, "--block-size", "--num-gpu-blocks-override", hidden=True),
     # (vLLM's log switches: this server logs no line per request, and its stats are /metrics')
     quiet_logs: bool = typer.Option(False, "--disable-log-requests", "--disable-log-stats", hidden=True),
 ) -> None:
@@ -350,11 +353,8 @@ def serve_cmd(
         if chat_template is not None:
             raise ValueError("--chat-template is vLLM's: here a model's chat template is its own (chat_template in "
                              "its tokenizer_config.json, or chat_template.jinja beside it)")
-        for flag, value in (("max_num_batched_tokens", max_num_batched_tokens), ("block_size", block_size),
-                            ("seed", seed)):
-            if value is not None:
-                raise ValueError(f"--{flag.replace('_', '-')} is vLLM's: here it is a model's engine.{flag} in a "
-                                 f"--config file (models: [{{name, path, engine: {{{flag}: {value}}}}}])")
+        if kv_sizing:
+            raise ValueError(KV_SIZING)
         if enable_auto_tool_choice and tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice takes --tool-call-parser, as vLLM's does (hermes: Qwen2.5, "
                              "Hermes); here the parser alone turns tool_choice auto on")
@@ -368,9 +368,13 @@ def serve_cmd(
           gpu_budget_gb=gpu_budget, api_key=api_key, max_model_len=max_model_len, dtype=dtype,
           tool_call_parser=tool_call_parser, lora_modules=lora_modules, enable_prefix_caching=enable_prefix_caching,
           max_loras=max_loras, max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
-          enforce_eager=enforce_eager or None, trust_remote_code=trust_remote_code, allowed_origins=allowed_origins)
+          enforce_eager=enforce_eager or None, trust_remote_code=trust_remote_code, allowed_origins=allowed_origins,
+          max_num_batched_tokens=max_num_batched_tokens, seed=seed)
 
 
+KV_SIZING = ("--block-size and --num-gpu-blocks-override are vLLM's: here every model's KV cache is the pool's, one "
+             "region per GPU sized by gpus.kv_cache_gb in a --config file (default: 10% of a GPU's arena, 1 to 16 GB), "
+             "in pages the pool sizes for the models served")
 VLLM_ONLY = ("--gpu-memory-utilization, --tensor-parallel-size and --pipeline-parallel-size are vLLM's: here each "
              "GPU pools whole models (no model is split over GPUs) and --gpu-budget GB sizes the arena a GPU gives "
              "them (default: its free memory less a margin)")

@@ -69,6 +69,10 @@ class Replicas(_Strict):
         return self
 
 
+# token_scheduler.EngineConfig's own KV settings, which a served (pooled) engine never reads: EngineOptions refuses them
+POOLED_KV = ("block_size", "num_kv_blocks", "kv_cache_memory_gb")
+
+
 class EngineOptions(_Strict):
     """Passed to the engine a worker builds for one model (kind "llm": token_scheduler.EngineConfig; "pace":
     token_scheduler.pace.PaceConfig)."""
@@ -82,15 +86,17 @@ class EngineOptions(_Strict):
         if v.lower() not in DTYPE_NAMES:
             raise ValueError(f"dtype {v!r} is not one of {', '.join(DTYPE_NAMES)}")
         return v
+    # (token_scheduler.EngineConfig's, for one engine alone: a served model's engine draws its KV from the pool's
+    # shared region, `gpus.kv_cache_gb`, in pages the pool sizes: `_pooled_kv` refuses any value)
     block_size: int | None = None
     num_kv_blocks: int | None = None
     # A served model's slots: the per-replica capacity the autoscaler scales on (in flight / max_num_seqs) and the
     # router's queueing point. The engine library's own default (token_scheduler.policies.batching.MAX_NUM_SEQS) is
     # for one model alone; the served one is written only here.
     max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int | None = None
+    max_num_batched_tokens: int | None = Field(None, ge=1)  # (vLLM's) tokens computed in one step at most
     max_model_len: int | None = Field(None, ge=1)
-    kv_cache_memory_gb: float | None = Field(None, gt=0, le=MAX_GB)  # set it when several models share a GPU
+    kv_cache_memory_gb: float | None = None  # (as block_size)
     cuda_graphs: bool | None = None
     seed: int = 0
     enable_prefix_caching: bool = True  # (vLLM's) requests start on the cached KV of the tokens they begin with
@@ -102,6 +108,17 @@ class EngineOptions(_Strict):
     pace_s_per_token: float = Field(0.02, ge=0)
     pace_prefill_s_per_token: float = Field(0.0, ge=0)
     pace_stamp: bool = False  # token text = emission wall-clock time (API-overhead benchmark)
+
+    @field_validator(*POOLED_KV, mode="before")
+    @classmethod
+    def _pooled_kv(cls, v: object) -> None:
+        """A served model's engine draws its KV from the pool's one region (`gpus.kv_cache_gb`), in pages the pool
+        sizes (at least 8 tokens of the largest model served): its own KV size or page size would size nothing, so
+        it is refused rather than ignored (a paced model has no KV at all)."""
+        if v is None:
+            return None
+        raise ValueError("not a model's setting here: every served model's KV cache is the pool's, one region sized "
+                         "by gpus.kv_cache_gb (GB per GPU) in pages the pool sizes for the models served; remove it")
 
     @property
     def first_step_s(self) -> float:

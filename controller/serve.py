@@ -135,14 +135,15 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
             dtype: str | None = None, tool_call_parser: str | None = None,
             lora_modules: list[str] | None = None, enable_prefix_caching: bool | None = None,
             max_loras: int | None = None, max_lora_rank: int | None = None, max_num_seqs: int | None = None,
-            enforce_eager: bool | None = None) -> tuple[ServerConfig, str | None]:
+            enforce_eager: bool | None = None, max_num_batched_tokens: int | None = None,
+            seed: int | None = None) -> tuple[ServerConfig, str | None]:
     """The validated config with CLI overrides; a fresh admin token if the config has none (shown once).
 
     Model directories on the command line are served beside the config's models; without a config they are the
     only models (no demo), on the default loopback listener without auth. As vLLM's flags: `api_key` (every request
     must present it: a tenant "api-key" of every model, auth on), and `max_model_len`/`dtype`/`tool_call_parser`/
     `lora_modules`/`enable_prefix_caching`/`max_loras`/`max_lora_rank`/`max_num_seqs`/`enforce_eager` (no CUDA
-    graphs) for the directories' models."""
+    graphs)/`max_num_batched_tokens`/`seed` for the directories' models."""
     from controller.startup import StartupError, load_checked, validation_line
 
     if port is not None and not 0 <= port <= 65535:
@@ -153,11 +154,12 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
         raise StartupError(str(e)) from None
     engine = {"max_model_len": max_model_len, "dtype": dtype, "enable_prefix_caching": enable_prefix_caching,
               "max_loras": max_loras, "max_lora_rank": max_lora_rank, "max_num_seqs": max_num_seqs,
-              "cuda_graphs": False if enforce_eager else None}  # (EngineOptions fields)
+              "cuda_graphs": False if enforce_eager else None, "max_num_batched_tokens": max_num_batched_tokens,
+              "seed": seed}  # (EngineOptions fields)
     flags = {"--max-model-len": max_model_len, "--dtype": dtype, "--tool-call-parser": tool_call_parser,
              "--lora-modules": lora_modules or None, "--[no-]enable-prefix-caching": enable_prefix_caching,
              "--max-num-seqs": max_num_seqs, "--enforce-eager": enforce_eager or None, "--max-loras": max_loras,
-             "--max-lora-rank": max_lora_rank}
+             "--max-lora-rank": max_lora_rank, "--max-num-batched-tokens": max_num_batched_tokens, "--seed": seed}
     if any(v is not None for v in flags.values()) and not specs:
         *names, last = flags
         raise StartupError(f"{', '.join(names)} and {last} apply to the MODEL_DIR arguments; none were given (a "
@@ -289,7 +291,8 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
           dtype: str | None = None, tool_call_parser: str | None = None, lora_modules: list[str] | None = None,
           enable_prefix_caching: bool | None = None, max_loras: int | None = None,
           max_lora_rank: int | None = None, max_num_seqs: int | None = None, enforce_eager: bool | None = None,
-          trust_remote_code: bool = False, allowed_origins: list[str] | None = None) -> None:
+          trust_remote_code: bool = False, allowed_origins: list[str] | None = None,
+          max_num_batched_tokens: int | None = None, seed: int | None = None) -> None:
     from controller import shutdown, startup
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -303,7 +306,8 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
     try:
         cfg, admin_token = prepare(config_path, host, port, model_dirs, served_model_names, gpu_budget_gb, api_key,
                                    max_model_len, dtype, tool_call_parser, lora_modules, enable_prefix_caching,
-                                   max_loras, max_lora_rank, max_num_seqs, enforce_eager)
+                                   max_loras, max_lora_rank, max_num_seqs, enforce_eager, max_num_batched_tokens,
+                                   seed)
         if allowed_origins:
             cfg.cors_origins = origins_given(allowed_origins)
     except startup.StartupError as e:
@@ -388,10 +392,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--enforce-eager", action="store_true", default=None)
     ap.add_argument("--allowed-origins", nargs="+", default=None)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=None)
     a = ap.parse_args(argv)
     serve(a.config, a.host, a.port, a.model_dirs, a.served_model_name, a.gpu_budget, a.api_key, a.max_model_len,
           a.dtype, a.tool_call_parser, a.lora_modules, a.enable_prefix_caching, a.max_loras, a.max_lora_rank,
-          a.max_num_seqs, a.enforce_eager, allowed_origins=a.allowed_origins)
+          a.max_num_seqs, a.enforce_eager, allowed_origins=a.allowed_origins,
+          max_num_batched_tokens=a.max_num_batched_tokens, seed=a.seed)
 
 
 if __name__ == "__main__":

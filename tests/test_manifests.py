@@ -280,8 +280,7 @@ def test_gpupool_takes_worker_resources_as_kubernetes_quantities():
     ("GPUPool", ("spec", "workerResources", "limits", "memory"), "8 GB"),
     ("PooledModel", ("spec", "slo", "ttftSeconds"), 0),
     ("PooledModel", ("spec", "engine", "kind"), "vllm"),
-    ("PooledModel", ("spec", "engine", "kvCacheMemoryGB"), 0),
-    ("PooledModel", ("spec", "engine", "kvCacheMemoryGB"), 2e6),  # the controller's bound on a size in GB
+    ("PooledModel", ("spec", "engine", "maxModelLen"), 0),
     ("PooledModel", ("spec", "source", "memoryGB"), 2e6),
     ("PooledModel", ("spec", "replicas", "min"), -1),
     ("PooledModel", ("spec", "loraAdapters"), [{"name": "a b", "path": "x"}]),

@@ -15,13 +15,13 @@ from controller.operator import builders as b
 def test_model_spec_from_a_pooled_model():
     body = b.build_model_spec("qwen", {
         "servedName": "qwen2-7b", "source": {"path": "Qwen2-7B", "memoryGB": 15.5},
-        "engine": {"dtype": "bf16", "maxNumSeqs": 32, "kvCacheMemoryGB": 4},
+        "engine": {"dtype": "bf16", "maxNumSeqs": 32, "maxModelLen": 4096},
         "slo": {"ttftSeconds": 2, "tpotSeconds": 0.1}, "priority": 7, "replicas": {"min": 0, "max": 3}})
     assert body["name"] == "qwen2-7b" and body["path"] == "/models/Qwen2-7B"
     assert body["slo"] == {"ttft_s": 2.0, "tpot_s": 0.1} and body["priority"] == 7
     assert body["replicas"] == {"min": 0, "max": 3} and body["memory_gb"] == 15.5
     assert body["engine"] == {**body["engine"], "kind": "llm", "dtype": "bf16", "max_num_seqs": 32,
-                              "kv_cache_memory_gb": 4.0, "max_model_len": None}  # the rest: ModelSpec's defaults
+                              "max_model_len": 4096, "kv_cache_memory_gb": None}  # the rest: ModelSpec's defaults
 
 
 def test_model_spec_lora_adapters():
@@ -65,8 +65,8 @@ def test_model_spec_rejects_what_the_controller_would(spec, msg):
      "spec.slo.ttftSeconds: Input should be greater than 0"),
     (b.build_model_spec, {"source": {"path": "m", "memoryGB": 1e7}},
      "spec.source.memoryGB: Input should be less than or equal to 1000000"),
-    (b.build_model_spec, {"source": {"path": "m"}, "engine": {"kvCacheMemoryGB": 1e7}},
-     "spec.engine.kvCacheMemoryGB: Input should be less than or equal to 1000000"),
+    (b.build_model_spec, {"source": {"path": "m"}, "engine": {"maxModelLen": 0}},
+     "spec.engine.maxModelLen: Input should be greater than or equal to 1"),
     (b.build_model_spec, {"source": {"path": "m"}, "aliases": ["m"]}, "model 'm': an alias repeats the name"),
     (b.build_tenant_create, {"maxConcurrent": 0}, "spec.maxConcurrent: Input should be greater than or equal to 1"),
 ])

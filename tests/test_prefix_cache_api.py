@@ -16,7 +16,6 @@ ADMIN, METRICS = "admin-apc-token", "metrics-apc-token"
 ALICE, BOB = "key-alice-apc-0123", "key-bob-apc-0123"
 SYSTEM = "You are a careful assistant. " * 12  # (a shared prefix of several blocks)
 GREEDY = dict(max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
-BLOCK = 16
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +25,30 @@ def server(make_varied, tmp_path_factory):
         "admin_token_hash": hash_key(ADMIN), "metrics_token_hash": hash_key(METRICS),
         "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
         "tenants": [{"name": "alice", "key_hashes": [hash_key(ALICE)]}, {"name": "bob", "key_hashes": [hash_key(BOB)]}],
-        "models": [{"name": "tiny", "path": d, "engine": {"max_num_seqs": 8, "block_size": BLOCK}},
+        "models": [{"name": "tiny", "path": d, "engine": {"max_num_seqs": 8}},
                    {"name": "tiny-nocache", "path": d,
-                    "engine": {"max_num_seqs": 8, "block_size": BLOCK, "enable_prefix_caching": False}}],
+                    "engine": {"max_num_seqs": 8, "enable_prefix_caching": False}}],
     }
     with LiveServer(cfg, tmp_path_factory.mktemp("apc")) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def block(server, make_varied) -> int:
+    """The tokens of a KV block of the model (what cached_tokens counts in): the pool sizes its pages, so this is read
+    from the server (the page bytes GET /admin/pool gives) over the model's KV bytes per token (fp32 on the CPU),
+    the largest power of two that fits, as the pool gives a model's block."""
+    import torch
+
+    from model_swapper.model_config import ModelConfig
+
+    client(server).completions.create(model="tiny", prompt="hi", max_tokens=1)  # (registered: the KV region carved)
+    pool = httpx.get(server.url + "/admin/pool", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+    vram = next(e["vram"] for e in pool["engines"] if "tiny" in e["registered"])
+    # (+1: the scratch page; the region is aligned up, so this is a few bytes over a page, never a token)
+    page = vram["kv_bytes"] // (vram["kv_pages_total"] + 1)
+    per_token = ModelConfig.from_pretrained(str(make_varied("qwen2"))).kv_bytes_per_token(torch.float32)
+    return 1 << ((page // per_token).bit_length() - 1)
 
 
 def client(srv, key=ALICE) -> openai.OpenAI:
@@ -48,7 +65,7 @@ def _cached(r) -> int:
     return r.usage.prompt_tokens_details.cached_tokens
 
 
-def test_second_request_reads_the_cache_and_says_so(server):
+def test_second_request_reads_the_cache_and_says_so(server, block):
     """A prompt sent twice: the first finds nothing cached, the second its whole blocks but the last token's, its
     usage says so, and both texts are what the model says with the cache off; /metrics counts the same tokens."""
     c = client(server)
@@ -58,15 +75,15 @@ def test_second_request_reads_the_cache_and_says_so(server):
     second = c.completions.create(model="tiny", prompt=prompt, **GREEDY)
     off = c.completions.create(model="tiny-nocache", prompt=prompt, **GREEDY)
     n = first.usage.prompt_tokens
-    assert n > 3 * BLOCK and _cached(first) == 0
-    assert _cached(second) == (n - 1) // BLOCK * BLOCK
+    assert n > 3 * block and _cached(first) == 0
+    assert _cached(second) == (n - 1) // block * block
     assert first.choices[0].text == second.choices[0].text == off.choices[0].text
     assert _cached(off) == 0
     assert _metric(server, "tokenpool_prefix_cache_queries_total", model="tiny") == q0 + 2 * n
     assert _metric(server, "tokenpool_prefix_cache_hits_total", model="tiny") == h0 + _cached(second)
 
 
-def test_chat_turns_share_the_system_prompt(server):
+def test_chat_turns_share_the_system_prompt(server, block):
     """Chat requests with one system prompt and different questions: the later ones find its blocks; a second turn
     (the first turn and its answer, then a question) finds the first turn's; every text equals the uncached model's."""
     c = client(server)
@@ -78,7 +95,7 @@ def test_chat_turns_share_the_system_prompt(server):
         got.append(c.chat.completions.create(model="tiny", messages=msgs, **GREEDY))
         want.append(c.chat.completions.create(model="tiny-nocache", messages=msgs, **GREEDY))
     assert [g.choices[0].message.content for g in got] == [w.choices[0].message.content for w in want]
-    assert all(_cached(g) >= 4 * BLOCK for g in got[1:])
+    assert all(_cached(g) >= 4 * block for g in got[1:])
     turn2 = [sysmsg, {"role": "user", "content": qs[0]},
              {"role": "assistant", "content": got[0].choices[0].message.content}, {"role": "user", "content": "Why?"}]
     t2 = c.chat.completions.create(model="tiny", messages=turn2, **GREEDY)
@@ -104,7 +121,7 @@ def test_tenants_and_salts_do_not_share(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
 
 
-def test_streamed_usage_and_responses_report_cached_tokens(server):
+def test_streamed_usage_and_responses_report_cached_tokens(server, block):
     """The streamed usage chunk (stream_options.include_usage) and the Responses API's input_tokens_details carry the
     cached tokens too."""
     c = client(server)
@@ -112,9 +129,9 @@ def test_streamed_usage_and_responses_report_cached_tokens(server):
     c.chat.completions.create(model="tiny", messages=msgs, **GREEDY)
     chunks = list(c.chat.completions.create(model="tiny", messages=msgs, stream=True,
                                             stream_options={"include_usage": True}, **GREEDY))
-    assert _cached(chunks[-1]) >= 4 * BLOCK
+    assert _cached(chunks[-1]) >= 4 * block
     r = c.responses.create(model="tiny", instructions=SYSTEM, input="Count to three.", max_output_tokens=8,
                            temperature=0)
     r2 = c.responses.create(model="tiny", instructions=SYSTEM, input="Count to four.", max_output_tokens=8,
                             temperature=0)
-    assert r2.usage.input_tokens_details.cached_tokens >= 4 * BLOCK and r.usage.input_tokens > 4 * BLOCK
+    assert r2.usage.input_tokens_details.cached_tokens >= 4 * block and r.usage.input_tokens > 4 * block

@@ -16,12 +16,10 @@ from controller.cli import app
                                 "are in its dtype (--dtype auto, bf16, fp16 or fp32), not quantized"),
     (["--kv-cache-dtype", "fp8"], "--quantization and --kv-cache-dtype are vLLM's"),
     (["--chat-template", "t.jinja"], "--chat-template is vLLM's: here a model's chat template is its own"),
-    (["--max-num-batched-tokens", "2048"], "--max-num-batched-tokens is vLLM's: here it is a model's "
-                                           "engine.max_num_batched_tokens in a --config file (models: [{name, path, "
-                                           "engine: {max_num_batched_tokens: 2048}}])"),
-    (["--block-size", "32"], "here it is a model's engine.block_size in a --config file"),
-    (["--seed", "7"], "here it is a model's engine.seed in a --config file"),
-], ids=["quantization", "kv-cache-dtype", "chat-template", "max-num-batched-tokens", "block-size", "seed"])
+    (["--block-size", "32"], "--block-size and --num-gpu-blocks-override are vLLM's: here every model's KV cache is "
+                             "the pool's, one region per GPU sized by gpus.kv_cache_gb in a --config file"),
+    (["--num-gpu-blocks-override", "512"], "here every model's KV cache is the pool's"),
+], ids=["quantization", "kv-cache-dtype", "chat-template", "block-size", "num-gpu-blocks-override"])
 def test_vllm_flags_without_a_counterpart_say_what_stands_for_them(args, says, monkeypatch):
     monkeypatch.setattr(serve_mod, "serve", lambda **kw: pytest.fail("started"))
     r = CliRunner().invoke(app, ["serve", "some-model-dir", *args], env={"COLUMNS": "400"})

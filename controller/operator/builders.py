@@ -94,8 +94,7 @@ def build_model_spec(name: str, spec: dict) -> dict:
         "engine": {"kind": s["engine"]["kind"], "dtype": s["engine"]["dtype"]},
         "pin": bool(s["pin"]),  # the controller's pin: its weights are never evicted for another model's
     }
-    for field, key in (("maxNumSeqs", "max_num_seqs"), ("maxModelLen", "max_model_len"),
-                       ("kvCacheMemoryGB", "kv_cache_memory_gb")):
+    for field, key in (("maxNumSeqs", "max_num_seqs"), ("maxModelLen", "max_model_len")):
         if s["engine"].get(field) is not None:
             body["engine"][key] = s["engine"][field]
     if src.get("memoryGB") is not None:
@@ -115,7 +114,7 @@ def build_model_spec(name: str, spec: dict) -> dict:
 MODEL_FIELDS = {"name": "servedName", "path": "source.path", "memory_gb": "source.memoryGB", "slo": "slo",
                 "ttft_s": "ttftSeconds", "tpot_s": "tpotSeconds", "keep_alive": "keepAlive",
                 "lora_modules": "loraAdapters", "max_num_seqs": "maxNumSeqs", "max_model_len": "maxModelLen",
-                "kv_cache_memory_gb": "kvCacheMemoryGB", "tool_call_parser": "toolCallParser"}
+                "tool_call_parser": "toolCallParser"}
 TENANT_FIELDS = {"rate": "rateLimits", "requests_per_s": "requestsPerSecond", "tokens_per_min": "tokensPerMinute",
                  "max_concurrent": "maxConcurrent", "slo_class": "sloClass"}
 
