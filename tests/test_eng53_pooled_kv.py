@@ -71,3 +71,11 @@ def test_serve_block_size_says_the_pool_sizes_kv(monkeypatch):
     r = CliRunner().invoke(app, ["serve", "some-model-dir", "--block-size", "16"], env={"COLUMNS": "400"})
     assert r.exit_code == 2 and r.output.startswith("tokenpool serve: --block-size"), r.output
     assert "gpus.kv_cache_gb" in r.output and "engine.block_size" not in r.output, r.output
+
+
+def test_a_gpu_pools_kv_cache_gb_sizes_its_workers_kv_region():
+    """What stands for kvCacheMemoryGB on Kubernetes: the pool's KV region, each worker's --kv-cache-gb."""
+    (c,) = b.build_worker_daemonset("a", "ns", {"kvCacheGB": 8})["spec"]["template"]["spec"]["containers"]
+    assert c["command"][-2:] == ["--kv-cache-gb", "8"]
+    (c,) = b.build_worker_daemonset("a", "ns", {})["spec"]["template"]["spec"]["containers"]
+    assert "--kv-cache-gb" not in c["command"]  # (unset: the controller's gpus.kv_cache_gb, else its default)

@@ -274,6 +274,7 @@ def test_gpupool_takes_worker_resources_as_kubernetes_quantities():
 @pytest.mark.parametrize("kind,path,value", [
     ("GPUPool", ("spec", "gpusPerNode"), 0),
     ("GPUPool", ("spec", "policy"), "fastest"),
+    ("GPUPool", ("spec", "kvCacheGB"), 0),
     ("GPUPool", ("spec", "workerResources", "requests", "cpu"), [2]),
     ("GPUPool", ("spec", "workerResources", "requests"), "2"),
     ("GPUPool", ("spec", "workerResources", "requests", "cpu"), "two"),  # not a quantity: the DaemonSet is refused

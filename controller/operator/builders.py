@@ -308,7 +308,8 @@ def build_worker_daemonset(pool: str, namespace: str, spec: dict) -> dict:
         "image": s["image"],
         "command": ["python", "-m", "controller.worker", "--controller", s["controllerAddress"], "--device", "cuda:0",
                     "--policy", s["policy"], "--host-cache-gb", str(s["hostCacheGB"])]
-        + (["--gpu-budget-gb", str(s["gpuBudgetGB"])] if s.get("gpuBudgetGB") else []),
+        + (["--gpu-budget-gb", str(s["gpuBudgetGB"])] if s.get("gpuBudgetGB") else [])
+        + (["--kv-cache-gb", str(s["kvCacheGB"])] if s.get("kvCacheGB") else []),
         "env": [
             {"name": "TOKENPOOL_JOIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": tok["name"], "key": tok["key"]}}},
             {"name": "HOME", "value": "/tmp"},
