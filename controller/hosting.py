@@ -84,10 +84,9 @@ def engine_config(path: str | None, opts: EngineOptions, device: str):
     from token_scheduler import EngineConfig
 
     dtype = run_dtype(opts.dtype, device)
-    unset_is_engines = dict(block_size=opts.block_size, num_kv_blocks=opts.num_kv_blocks,
-                            max_num_batched_tokens=opts.max_num_batched_tokens, max_model_len=opts.max_model_len,
-                            kv_cache_memory_gb=opts.kv_cache_memory_gb, cuda_graphs=opts.cuda_graphs,
-                            max_loras=opts.max_loras)
+    # (no KV size or block size of a model's own: its KV is the pool's, carved by the worker; EngineOptions refuses them)
+    unset_is_engines = dict(max_num_batched_tokens=opts.max_num_batched_tokens, max_model_len=opts.max_model_len,
+                            cuda_graphs=opts.cuda_graphs, max_loras=opts.max_loras)
     return EngineConfig(model=path, device=device, dtype=dtype, max_num_seqs=opts.max_num_seqs, seed=opts.seed,
                         enable_prefix_caching=opts.enable_prefix_caching, max_lora_rank=opts.max_lora_rank,
                         **{k: v for k, v in unset_is_engines.items() if v is not None})
