@@ -70,25 +70,27 @@ _ALIGNED = ("N", "s_kvb", "s_kvt", "s_kvh", "off_k", "off_v")
 def gemv_variants() -> dict[str, dict]:
     """The one-token GEMV as qwen2-1.5b's and qwen2-7b's batch-1 projections call it (the configs config_for gives),
     compiled for sm_90, the MODE_NORM ones both with their scale pass in BLOCK_K tiles and in one tile
-    (triton_gemv.NORM_ONE_PASS, the default; label " one-pass"): label -> resources."""
+    (triton_gemv.NORM_ONE_PASS, the default; label " one-pass"); gate_up and down as llama.GEMV_GLU has them
+    (SiLU*mul in gate_up's epilogue, down plain) or not (down's prologue): label -> resources."""
     from controller.model_factory import model_shape
     from token_scheduler.model import triton_gemv as g
 
     fn = g._gemv_kernel
     types = _types(fn)
     out = {}
-    # the model factory's qwen2 1.5b and 7b; each projection's (name, N, K, MODE, HAS_R, ROPE)
+    # the model factory's qwen2 1.5b and 7b; each projection's (name, N, K, MODE, HAS_R, ROPE, GLU)
     for model in ("1.5b", "7b"):
         s = model_shape("qwen2", model)
         h, kvh, hid, inter = s.heads, s.kv_heads, s.hidden, s.intermediate
         qkv = (h + 2 * kvh) * 128
-        for name, n, k, mode, has_r, rope in (("qkv", qkv, hid, 1, True, True), ("o", hid, hid, 0, False, False),
-                                              ("gate_up", 2 * inter, hid, 1, True, False),
-                                              ("down", hid, inter, 2, False, False)):
+        for name, n, k, mode, has_r, rope, glu in (
+                ("qkv", qkv, hid, 1, True, True, False), ("o", hid, hid, 0, False, False, False),
+                ("gate_up", 2 * inter, hid, 1, True, False, False), ("down", hid, inter, 2, False, False, False),
+                ("gate_up glu", 2 * inter, hid, 1, True, False, True), ("down plain", hid, inter, 0, False, False, False)):
             bn, bk, nw = g.config_for(n, k)
             for nb in (bk, triton.next_power_of_2(k)) if mode == 1 else (bk,):
                 c = dict(K=k, MODE=mode, HAS_R=has_r, HAS_B=False, BLOCK_N=bn, BLOCK_K=bk, PDL=True, ROPE=rope, H=h,
-                         KVH=kvh, D=128, NORM_BLOCK=nb)
+                         KVH=kvh, D=128, NORM_BLOCK=nb, GLU=glu)
                 label = f"{model} {name} {(bn, bk, nw)}" + (" one-pass" if nb != bk else "")
                 out[label] = inspect_kernel(fn, types, c, aligned=_ALIGNED, num_warps=nw, num_stages=1)
     return out
