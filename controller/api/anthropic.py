@@ -8,7 +8,8 @@ it is validated, templated, admitted and generated as that one would be. The rep
 `tool_use` content blocks, its `stop_reason` (end_turn, max_tokens, stop_sequence, tool_use) and usage (the prompt
 tokens found in the prefix cache as `cache_read_input_tokens`). Streamed, the Messages API's server-sent events
 (message_start ... message_stop; text as it comes, tool calls whole at the end, as the chat path holds them).
-Images, documents and extended thinking are refused with a 400 naming the field. Errors take Anthropic's shape.
+Images, documents and extended thinking are refused with a 400 naming the field (an earlier turn's thinking
+blocks, sent back whole by clients, are ignored, as Anthropic strips them). Errors take Anthropic's shape.
 """
 
 from __future__ import annotations
@@ -106,9 +107,14 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             continue
+        if not m.content and not (m.role == "assistant" and i == len(req.messages) - 1):
+            raise _bad(f"messages.{i}: all messages must have non-empty content except for the optional final "
+                       "assistant message", where)
         texts, calls = [], []
         for j, b in enumerate(m.content):
             kind = b.get("type") if isinstance(b, dict) else None
+            if kind in ("thinking", "redacted_thinking") and m.role == "assistant":
+                continue  # (an earlier turn's thinking, another model's: ignored, as Anthropic strips it)
             if kind == "text":
                 if not isinstance(b.get("text"), str):
                     raise _bad(f"{where}.{j}.text: a text block's text must be a string", f"{where}.{j}.text")
@@ -117,10 +123,13 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
                 calls.append({"id": str(b.get("id") or f"toolu_{len(calls)}"), "type": "function", "function": {
                     "name": b.get("name"), "arguments": json.dumps(b.get("input") or {})}})
             elif kind == "tool_result" and m.role == "user":
+                if not isinstance(b.get("tool_use_id"), str) or not b["tool_use_id"]:
+                    raise _bad(f"{where}.{j}.tool_result.tool_use_id: Field required (the id of the tool_use "
+                               "block it answers)", f"{where}.{j}.tool_use_id")
                 if texts:  # (text before a result: its own user message, in order)
                     out.append({"role": "user", "content": "".join(texts)})
                     texts = []
-                out.append({"role": "tool", "tool_call_id": str(b.get("tool_use_id") or ""),
+                out.append({"role": "tool", "tool_call_id": b["tool_use_id"],
                             "content": _text(b.get("content", ""), where)})
             elif kind in ("image", "document"):
                 raise _bad(f"{where}: {kind} blocks are not supported: the served models take text", where)
