@@ -193,10 +193,16 @@ def _as(model: type[BaseModel], data: Any) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        if model in (p.ChatCompletionRequest, p.CompletionRequest) and where in OPTION_OF:
-            where = f"options.{OPTION_OF[where]}"
+        errs = e.errors()
+        err = errs[0]
+        if err["type"].endswith("_type"):  # (a union's branch of the wrong type: the branch that matched says why)
+            err = next((x for x in errs[1:] if x["loc"][:1] == err["loc"][:1] and not x["type"].endswith("_type")),
+                       err)
+        # (a union's branch tags, "constrained-str", "list[constrained-str]", are no field's names)
+        where = ".".join(str(x) for x in err["loc"] if not (isinstance(x, str) and ("[" in x or "-" in x)))
+        head, dot, rest = where.partition(".")
+        if model in (p.ChatCompletionRequest, p.CompletionRequest) and head in OPTION_OF:
+            where = f"options.{OPTION_OF[head]}{dot}{rest}"
         if not where and not isinstance(data, dict):  # (not pydantic's words, which name this module's class)
             kind = ("an array" if isinstance(data, list) else "null" if data is None else
                     "a string" if isinstance(data, str) else "a boolean" if isinstance(data, bool) else "a number")
