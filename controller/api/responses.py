@@ -6,7 +6,7 @@ response_format; it is validated, templated, admitted and generated as that chat
 a Response object: one `message` item of `output_text`, or `function_call` items; status `incomplete` when
 max_output_tokens cut it. Streamed, Responses' typed server-sent events, from `response.created` to
 `response.completed` (text deltas as they come; with tools the items go out whole at the end, as the chat path holds
-calls). Responses with `store` (OpenAI's default) are kept in memory, per tenant and bounded (ResponseStore), so
+calls; one that fails once streaming ends with an `error` event and `response.failed`). Responses with `store` (OpenAI's default) are kept in memory, per tenant and bounded (ResponseStore), so
 `previous_response_id` continues a conversation (its instructions are not carried over, as OpenAI documents); a
 restart forgets them.
 """
@@ -447,14 +447,25 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish) -
         status = 200
     except ServingError as e:
         status = e.status
-        yield b"".join(out) + _event(seq, "error", code=e.code or str(e.status), message=e.message, param=e.param)
+        yield b"".join(out) + _event(seq, "error", code=e.code or str(e.status), message=e.message,
+                                     param=e.param) + _failed(seq, reply, gen, e.status, e.message)
     except Exception:  # noqa: BLE001 - a bug mid-stream: the client hears an error event, the metrics a 500
         status = 500
         yield b"".join(out) + _event(seq, "error", code="internal_error", message="internal error while streaming",
-                                     param=None)
+                                     param=None) + _failed(seq, reply, gen, 500, "internal error while streaming")
     finally:
         serving.active.discard(gen)
         gen.close(status)
+
+
+def _failed(seq: list[int], reply: _Reply, gen: Tracked, status: int, message: str) -> bytes:
+    """The stream's last event when the response failed (an engine's error, an operator's cancel, shutdown):
+    `response.failed`, whose response is `failed` with its error, as OpenAI ends such a stream (clients wait for
+    one of response.completed, incomplete or failed; the `error` event before it alone ended nothing)."""
+    code = "rate_limit_exceeded" if status == 429 else "server_error" if status >= 500 else "invalid_prompt"
+    output = [reply.message("incomplete")] if reply.tools is None and reply.text else []
+    return _event(seq, "response.failed", response={**reply.response(gen, "failed", output),
+                                                    "error": {"code": code, "message": message}})
 
 
 async def input_tokens(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesRequest,
