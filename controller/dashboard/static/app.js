@@ -834,10 +834,14 @@ function init() {
     // in the browser's log (a snapshot naming a changed pool, landing meanwhile, fetched the details: two of them)
     S.signingOut = true;
     for (const t0 = Date.now(); S.calls > 0 && Date.now() - t0 < 2000;) await new Promise((ok) => setTimeout(ok, 20));
+    // counted as a call: the stream's end (a beat after the session's drop, maybe before this is answered) waits
+    // for it, not navigating away from it (an aborted request)
+    S.calls++;
     try {
       // (its redirect followed and read to the end: one not followed, or not read, is an aborted request)
       await (await fetch(ev.target.action, { method: "POST", credentials: "same-origin" })).text();
     } catch (e) { /* (the server is gone: the login form says so) */ }
+    S.calls--;
     signedOut();
   });
   window.addEventListener("resize", () => { resizeCharts(); if (S.pool && S.view === "pool") renderEngines(S.pool); });
