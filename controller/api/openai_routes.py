@@ -12,7 +12,7 @@ import tokenpool
 from controller.api import anthropic, auth, embeddings, responses
 from controller.api import protocol as p
 from controller.api.embeddings import openai_embeddings
-from controller.api.serving import ClientGone
+from controller.api.serving import ClientGone, unless_disconnected
 from controller.dashboard.views import resident_models
 from controller.errors import ServingError
 from controller.tenants import Tenant
@@ -32,9 +32,11 @@ def _respond(result: p.BaseModel | dict | AsyncIterator[bytes]) -> Response:
 
 async def _serve(request: Request, call, model: str, tenant: Tenant) -> Response:
     """Run one serving call; every outcome that is not a finished generation is counted here, 500s included
-    (the app's handler answers them). A client that left gets nothing: 499 goes to a closed socket."""
+    (the app's handler answers them). A client that left gets nothing: 499 goes to a closed socket. The call is
+    cancelled once its client has gone, while it waits to be admitted too (its model's load, the start-up's
+    workers): it was placed after the wait and ran on the engine for nobody."""
     try:
-        return _respond(await call)
+        return _respond(await unless_disconnected(request, call))
     except ClientGone:
         return Response(status_code=499)
     except ServingError as e:

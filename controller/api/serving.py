@@ -187,6 +187,9 @@ async def unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
     watch = asyncio.ensure_future(gone())
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # (cancelled itself, by an outer watch say: `aw` goes with it, not left running alone)
+        task.cancel()
+        raise
     finally:
         watch.cancel()
     if not task.done():
