@@ -39,8 +39,8 @@ def server(tmp_path_factory, make_tiny):
         "tenants_file": str(tmp_path_factory.mktemp("tenants") / "tenants.yaml"),
         "models": [
             {"name": "pace-a", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.02}},
-            {"name": "tiny-a", "path": str(tiny_a), "engine": {"max_num_seqs": 4, "num_kv_blocks": 64}},
-            {"name": "tiny-b", "path": str(tiny_b), "engine": {"max_num_seqs": 4, "num_kv_blocks": 64}},
+            {"name": "tiny-a", "path": str(tiny_a), "engine": {"max_num_seqs": 4}},
+            {"name": "tiny-b", "path": str(tiny_b), "engine": {"max_num_seqs": 4}},
         ],
     }
     with LiveServer(cfg, tmp_path_factory.mktemp("srv"), ready_timeout=180) as srv:
