@@ -70,3 +70,34 @@ def test_a_cancelled_watch_cancels_what_it_awaits():
         await asyncio.wait_for(inner_cancelled.wait(), 5)
 
     asyncio.run(run())
+
+
+def test_an_ollama_request_whose_client_left_during_admission_is_cancelled(monkeypatch):
+    """/api/chat and /api/generate: the same, for the ollama CLI's Ctrl-C while its model loads."""
+    from controller.api import ollama
+
+    async def run():
+        cancelled = asyncio.Event()
+
+        async def waiting_run(request, body, chat):
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        monkeypatch.setattr(ollama, "_run", waiting_run)
+        for route, body in ((ollama.chat, b'{"model": "m", "messages": []}'), (ollama.generate, b'{"model": "m"}')):
+            cancelled.clear()
+            req = _GoneRequest()
+
+            async def read_body(b=body):
+                return b
+
+            req.body = read_body
+            serve = asyncio.ensure_future(route(req))
+            req.leave.set()  # (gone before or after the run started: either way it is cancelled)
+            assert (await asyncio.wait_for(serve, 5)).status_code == 499
+            await asyncio.wait_for(cancelled.wait(), 5)
+
+    asyncio.run(run())

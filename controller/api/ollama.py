@@ -652,12 +652,21 @@ async def _stream(serving: OpenAIServing, gen: Tracked, line, tools: ToolPlan | 
 # (a ServingError raised here is answered in Ollama's shape by the app's handler, as every error under /api/)
 @router.post("/chat")
 async def chat(request: Request) -> Response:
-    return await _run(request, await _body(request, ChatRequest), chat=True)
+    return await _unless_gone(request, _run(request, await _body(request, ChatRequest), chat=True))
 
 
 @router.post("/generate")
 async def generate(request: Request) -> Response:
-    return await _run(request, await _body(request, GenerateRequest), chat=False)
+    return await _unless_gone(request, _run(request, await _body(request, GenerateRequest), chat=False))
+
+
+async def _unless_gone(request: Request, run: Any) -> Response:
+    """A request's run, cancelled once its client has gone, while it waits to be admitted too (its model's load):
+    it was placed after the wait and ran on the engine for nobody (the ollama CLI's Ctrl-C during a load, say)."""
+    try:
+        return await unless_disconnected(request, run)
+    except ClientGone:
+        return Response(status_code=499)
 
 
 async def _embed(request: Request, model: str, raw: str | list[str], truncate: bool, dimensions: int | None,
