@@ -23,6 +23,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def terminal_signals(ignore_hangup: bool = False):
+    """A child's preexec_fn: SIGINT, SIGQUIT and SIGHUP as a terminal gives them (their default action), whatever
+    this process inherited. A child inherits an ignored signal, and a test run started in the background has SIGINT
+    and SIGQUIT ignored (under nohup SIGHUP too): its Ctrl-C and hang-up tests then failed, the child never seeing
+    the signal. `ignore_hangup`: SIGHUP ignored, as nohup starts a process."""
+    def reset() -> None:
+        for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        if ignore_hangup:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    return reset
+
+
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
@@ -34,7 +47,7 @@ class LiveServer:
     model directories), on 127.0.0.1 and a free port."""
 
     def __init__(self, config: dict | None, workdir: Path, ready_timeout: float = 120.0, wait_ready: bool = True,
-                 args: list[str] | None = None, env: dict[str, str] | None = None):
+                 args: list[str] | None = None, env: dict[str, str] | None = None, ignore_hangup: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = Path(workdir)
@@ -54,6 +67,7 @@ class LiveServer:
         self.wait_ready = wait_ready
         self.proc: subprocess.Popen | None = None
         self._sigterm = None
+        self.ignore_hangup = ignore_hangup  # the server starts with SIGHUP ignored, as under nohup
 
     def __enter__(self) -> LiveServer:
         # The server runs in its own session (its workers with it), so a SIGTERM to this process (a `timeout`
@@ -68,7 +82,7 @@ class LiveServer:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "controller.serve", *self.args],
                                      cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=terminal_signals(self.ignore_hangup))
         if self.wait_ready:
             try:
                 self.wait_healthy(self.ready_timeout)

@@ -76,8 +76,10 @@ def main(venv: str, port: int = 8000) -> None:
     log_path = f"{WORK}/serve.log"
     t0 = time.time()
     with open(log_path, "w") as log:
+        # (SIGINT as a terminal gives it: a check started in the background has it ignored, and the server with it)
         p = subprocess.Popen([f"{venv}/bin/tokenpool", "serve", "--port", str(port)], stdout=log,
-                             stderr=subprocess.STDOUT, env=env, cwd=WORK)
+                             stderr=subprocess.STDOUT, env=env, cwd=WORK,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for _ in range(300):
         if p.poll() is not None:  # (a port taken: /health would answer from another server)
             raise SystemExit(f"tokenpool serve exited {p.returncode}: " + open(log_path).read()[-2000:])

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from load_tests.live_server import REPO_ROOT
+from load_tests.live_server import REPO_ROOT, terminal_signals
 from tests.http_stub import stub_server
 
 
@@ -55,7 +55,7 @@ def endless():
 def _run(url: str) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-m", "controller.cli", "run", "m", "hi", "--url", url], cwd=REPO_ROOT,
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, preexec_fn=terminal_signals())
     assert p.stdout.readline() == b"line 0\n"  # (the reply is streaming)
     return p
 

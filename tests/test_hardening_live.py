@@ -404,10 +404,10 @@ def test_a_model_removed_while_its_requests_are_placed(tmp_path):
     assert "Traceback" not in srv.log(), srv.log()[-3000:]
 
 
-def _hangup_server(tmp_path, token_file):
+def _hangup_server(tmp_path, token_file, nohup: bool = False):
     cfg = {"workers": {"local": "cpu"}, "admin_token_file": str(token_file), "shutdown_grace_s": 1.5,
            "models": [PACE]}
-    return LiveServer(cfg, tmp_path)
+    return LiveServer(cfg, tmp_path, ignore_hangup=nohup)
 
 
 def test_sighup_drains_like_sigterm(tmp_path):
@@ -433,11 +433,7 @@ def test_sighup_drains_like_sigterm(tmp_path):
 def test_sighup_ignored_at_start_stays_ignored(tmp_path):
     """Under nohup (SIGHUP ignored when the server starts) a SIGHUP does nothing: the server keeps serving."""
     token_file = tmp_path / "admin-token"
-    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited by the server, as nohup does
-    try:
-        srv = _hangup_server(tmp_path, token_file).__enter__()
-    finally:
-        signal.signal(signal.SIGHUP, old)
+    srv = _hangup_server(tmp_path, token_file, nohup=True).__enter__()  # SIGHUP ignored from its start, as nohup does
     try:
         os.kill(srv.proc.pid, signal.SIGHUP)
         time.sleep(0.5)  # (nothing should happen: give a wrong handler the time to act)

@@ -47,7 +47,7 @@ def test_serve_a_gguf_file(smollm2, tmp_path, monkeypatch):
     import openai
 
     from controller.serve import model_specs
-    from load_tests.live_server import REPO_ROOT
+    from load_tests.live_server import REPO_ROOT, terminal_signals
 
     gguf = real_model.find_gguf(tmp_path)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENPOOL_CACHE=str(tmp_path / "cache"))
@@ -55,7 +55,8 @@ def test_serve_a_gguf_file(smollm2, tmp_path, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     p = subprocess.Popen([sys.executable, "-m", "controller.serve", str(gguf), "--port", str(port)], cwd=REPO_ROOT,
-                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=terminal_signals())
     # a file that is no GGUF, served meanwhile (the conversion above keeps one core; this takes ~3 s of the other)
     bad = tmp_path / "broken.gguf"
     bad.write_text("not a gguf")
