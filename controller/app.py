@@ -21,7 +21,7 @@ from controller.api.responses import ResponseStore
 from controller.api.serving import OpenAIServing
 from controller.config import ServerConfig
 from controller.dashboard import routes as dashboard_routes
-from controller.errors import ServingError
+from controller.errors import ServingError, json_kind
 from controller.service import STARTUP_WAIT_S, Controller
 
 log = logging.getLogger("tokenpool.app")
@@ -165,6 +165,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errs[0]
     if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
         return "the request body is empty: send a JSON object", None
+    if first.get("type") == "model_attributes_type" and tuple(first.get("loc", ())) == ("body",):
+        return f"the request body must be a JSON object, not {json_kind(first.get('input'))}", None
     if first.get("type") == "json_invalid":  # (its loc is the character position: not a parameter)
         pos = next((x for x in first.get("loc", ()) if isinstance(x, int)), None)
         why = (first.get("ctx") or {}).get("error")

@@ -32,3 +32,10 @@ class ServingError(Exception):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+def json_kind(data: object) -> str:
+    """What a JSON value is, in an error's words ("the request body must be a JSON object, not an array")."""
+    return ("an array" if isinstance(data, list) else "null" if data is None else "a string" if isinstance(data, str)
+            else "a boolean" if isinstance(data, bool) else "a number" if isinstance(data, (int, float)) else
+            "an object")

@@ -1025,6 +1025,11 @@ def test_400_malformed_and_too_long(server):
     r = httpx.post(server.url + "/v1/completions", content=b"",
                    headers={"Authorization": f"Bearer {ALICE}", "content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["message"] == "the request body is empty: send a JSON object"
+    for body, kind in ((b"[]", "an array"), (b"null", "null"), (b'"x"', "a string"), (b"7", "a number")):
+        r = httpx.post(server.url + "/v1/chat/completions", content=body,
+                       headers={"Authorization": f"Bearer {ALICE}", "content-type": "application/json"})
+        err = r.json()["error"]  # (not pydantic's "Input should be a valid dictionary or object to extract fields")
+        assert r.status_code == 400 and err["message"] == f"the request body must be a JSON object, not {kind}", err
 
 
 def test_401_403_404(server):

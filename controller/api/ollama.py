@@ -40,7 +40,7 @@ from controller.api.serving import (
 )
 from controller.api.structured import ToolPlan
 from controller.dashboard.views import resident_models
-from controller.errors import ServingError
+from controller.errors import ServingError, json_kind
 
 router = APIRouter(prefix="/api")
 log = logging.getLogger("tokenpool.ollama")
@@ -204,9 +204,7 @@ def _as(model: type[BaseModel], data: Any) -> Any:
         if model in (p.ChatCompletionRequest, p.CompletionRequest) and head in OPTION_OF:
             where = f"options.{OPTION_OF[head]}{dot}{rest}"
         if not where and not isinstance(data, dict):  # (not pydantic's words, which name this module's class)
-            kind = ("an array" if isinstance(data, list) else "null" if data is None else
-                    "a string" if isinstance(data, str) else "a boolean" if isinstance(data, bool) else "a number")
-            raise ServingError(400, f"the request body must be a JSON object, not {kind}") from None
+            raise ServingError(400, f"the request body must be a JSON object, not {json_kind(data)}") from None
         if err["type"] == "missing" and where:  # (Ollama's words: "model is required")
             raise ServingError(400, f"{where} is required") from None
         raise ServingError(400, f"{where}: {err['msg']}" if where else err["msg"]) from None
