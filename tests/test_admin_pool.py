@@ -61,7 +61,7 @@ POOL = {
     "prefetching": ["gamma"], "switches": 42, "switch_stall_s": 0.012, "steps": 900,
     "vram": {"budget_bytes": 60 << 30, "weights_bytes": 30 << 30, "kv_bytes": 20 << 30, "free_bytes": 10 << 30,
              "kv_pages_total": 1000, "kv_pages_used": 640},
-    "host_cache_bytes": 90 << 30,
+    "host_cache_bytes": 90 << 30, "kv_page_bytes": 8192,
     "models": {
         "alpha": {"state": "resident", "waiting": 3, "running": 5, "oldest_wait_s": 0.7, "kv_pages_used": 400,
                   "kv_swapped": 2, "steps": 600, "tokens": 3000},
@@ -87,7 +87,7 @@ def test_pool_shows_the_pooled_engine_state(app):
     assert w0["resident"] == ["alpha", "beta"] and w0["prefetching"] == ["gamma"]
     assert (w0["switches"], w0["switch_stall_s"], w0["steps"]) == (42, 0.012, 900)
     assert w0["vram"]["kv_bytes"] == 20 << 30 and w0["vram"]["kv_pages_used"] == 640
-    assert w0["host_cache_bytes"] == 90 << 30
+    assert w0["host_cache_bytes"] == 90 << 30 and w0["kv_page_bytes"] == 8192
     assert [r[1] for r in w0["timeline"]] == ["alpha", "beta"]
     # the next Stats brings more runs: they are appended, the ones already kept are not repeated
     e.pool = dict(POOL, timeline=[[t0 + 0.25, "beta", 5, 0.1], [t0 + 0.5, "alpha", 3, 0.05]])

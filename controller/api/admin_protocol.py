@@ -188,6 +188,8 @@ class EnginePoolOut(BaseModel):
     steps: int | None
     vram: VramOut | None
     host_cache_bytes: int | None
+    kv_page_bytes: int | None = Field(None, description="the KV page the worker carved, in bytes (null until then): a "
+                                      "model one token of whose KV is larger cannot load there")
     timeline: list[tuple[float, str, int, float]] = Field(
         description="runs of consecutive steps of one model: [wall-clock start, model, steps, seconds]; "
                     "compacted to the model that ran most of each resolution_s (GET /admin/pool)")

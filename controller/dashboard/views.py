@@ -115,7 +115,7 @@ def _engine_out(ctl: Any, act: Activity, e: Any, now: float, span_s: float, res_
         resident=list(pool.get("resident", [n for n, pm in models.items() if pm["state"] == "resident"])),
         prefetching=list(pool.get("prefetching", [])), switches=pool.get("switches"),
         switch_stall_s=pool.get("switch_stall_s"), steps=pool.get("steps"), vram=vram,
-        host_cache_bytes=pool.get("host_cache_bytes"),
+        host_cache_bytes=pool.get("host_cache_bytes"), kv_page_bytes=pool.get("kv_page_bytes"),
         timeline=[tuple(r) for r in act.timeline(e.id, now, span_s, res_s)])
 
 
