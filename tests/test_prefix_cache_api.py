@@ -4,6 +4,8 @@ on another tenant's prompt), vLLM's `cache_salt`, and the prefix-cache counters 
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -36,17 +38,21 @@ def server(make_varied, tmp_path_factory):
 @pytest.fixture(scope="module")
 def block(server, make_varied) -> int:
     """The tokens of a KV block of the model (what cached_tokens counts in): the pool sizes its pages, so this is read
-    from the server (the page bytes GET /admin/pool gives) over the model's KV bytes per token (fp32 on the CPU),
-    the largest power of two that fits, as the pool gives a model's block."""
+    from the server (the engine's `kv_page_bytes` in GET /admin/pool, once its Stats have said it) over the model's KV
+    bytes per token (fp32 on the CPU), the largest power of two that fits, as the pool gives a model's block."""
     import torch
 
     from model_swapper.model_config import ModelConfig
 
     client(server).completions.create(model="tiny", prompt="hi", max_tokens=1)  # (registered: the KV region carved)
-    pool = httpx.get(server.url + "/admin/pool", headers={"Authorization": f"Bearer {ADMIN}"}).json()
-    vram = next(e["vram"] for e in pool["engines"] if "tiny" in e["registered"])
-    # (+1: the scratch page; the region is aligned up, so this is a few bytes over a page, never a token)
-    page = vram["kv_bytes"] // (vram["kv_pages_total"] + 1)
+    deadline = time.monotonic() + 30
+    while True:  # (the worker's next Stats carry it: they come every heartbeat)
+        pool = httpx.get(server.url + "/admin/pool", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+        page = next((e["kv_page_bytes"] for e in pool["engines"] if e["kv_page_bytes"]), None)
+        if page is not None:
+            break
+        assert time.monotonic() < deadline, pool
+        time.sleep(0.05)
     per_token = ModelConfig.from_pretrained(str(make_varied("qwen2"))).kv_bytes_per_token(torch.float32)
     return 1 << ((page // per_token).bit_length() - 1)
 
