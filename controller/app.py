@@ -21,7 +21,7 @@ from controller.api.responses import ResponseStore
 from controller.api.serving import OpenAIServing
 from controller.config import ServerConfig
 from controller.dashboard import routes as dashboard_routes
-from controller.errors import ServingError, json_kind
+from controller.errors import ServingError, field_path, json_kind, telling_error
 from controller.service import STARTUP_WAIT_S, Controller
 
 log = logging.getLogger("tokenpool.app")
@@ -172,26 +172,14 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         why = (first.get("ctx") or {}).get("error")
         return ("the request body is not valid JSON" + (f" (at character {pos})" if pos is not None else "")
                 + (f": {why}" if why else "")), None
-    # A union field (stop: a string or a list of them) reports one error a branch, the branch that does not match the
-    # input's type first ("Input should be a valid string" for a list of 9 stop strings): the branch that matched
-    # says what is wrong. Its loc carries the branch's tag ("constrained-str", "list[str]"), not a parameter's name.
-    field = lambda err: [x for x in err.get("loc", ()) if x != "body"][:1]  # noqa: E731
-    if first.get("type", "").endswith("_type"):
-        first = next((err for err in errs[1:] if field(err) == field(first) and not err.get("type", "").endswith("_type")),
-                     first)
+    first = telling_error(errs)
     loc = list(first.get("loc", ()))
     if loc and loc[0] in ("body", "query", "path", "header"):  # (where the parameter came: not its name)
         loc = loc[1:]
-    loc = [str(x) for x in loc if not _union_tag(x)]
+    loc = field_path(loc)
     param = ".".join(loc) or None
     msg = str(first.get("msg")).removeprefix("Value error, ")  # (pydantic's, before a validator's own words)
     return (f"{param}: {msg}" if param else msg), param
-
-
-def _union_tag(part) -> bool:
-    """A pydantic error-location part naming a union branch, not a field: 'str', 'constrained-str', 'list[str]'."""
-    return isinstance(part, str) and ("[" in part or "-" in part or part in ("str", "int", "float", "bool", "list",
-                                                                               "dict"))
 
 
 def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:

@@ -34,6 +34,25 @@ class ServingError(Exception):
         return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
 
 
+def telling_error(errs: list) -> dict:
+    """Of a pydantic validation's errors (non-empty), the one that says what is wrong. A union field (stop: a string or
+    a list of them) reports one error a branch, the branch that does not match the input's type first ("Input should
+    be a valid string" for a list of 9 stop strings): the branch that matched says what is wrong."""
+    first = errs[0]
+    field = lambda err: [x for x in err.get("loc", ()) if x != "body"][:1]  # noqa: E731
+    if first.get("type", "").endswith("_type"):
+        first = next((err for err in errs[1:] if field(err) == field(first) and not err.get("type", "").endswith("_type")),
+                     first)
+    return first
+
+
+def field_path(loc) -> list[str]:
+    """An error location's parts that name fields: without the tags of union branches ('str', 'constrained-str',
+    'list[str]'), which are no field's names."""
+    return [str(x) for x in loc if not (isinstance(x, str) and ("[" in x or "-" in x or x in (
+        "str", "int", "float", "bool", "list", "dict")))]
+
+
 def json_kind(data: object) -> str:
     """What a JSON value is, in an error's words ("the request body must be a JSON object, not an array")."""
     return ("an array" if isinstance(data, list) else "null" if data is None else "a string" if isinstance(data, str)

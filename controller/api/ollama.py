@@ -40,7 +40,7 @@ from controller.api.serving import (
 )
 from controller.api.structured import ToolPlan
 from controller.dashboard.views import resident_models
-from controller.errors import ServingError, json_kind
+from controller.errors import ServingError, field_path, json_kind, telling_error
 
 router = APIRouter(prefix="/api")
 log = logging.getLogger("tokenpool.ollama")
@@ -193,13 +193,8 @@ def _as(model: type[BaseModel], data: Any) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        errs = e.errors()
-        err = errs[0]
-        if err["type"].endswith("_type"):  # (a union's branch of the wrong type: the branch that matched says why)
-            err = next((x for x in errs[1:] if x["loc"][:1] == err["loc"][:1] and not x["type"].endswith("_type")),
-                       err)
-        # (a union's branch tags, "constrained-str", "list[constrained-str]", are no field's names)
-        where = ".".join(str(x) for x in err["loc"] if not (isinstance(x, str) and ("[" in x or "-" in x)))
+        err = telling_error(e.errors())
+        where = ".".join(field_path(err["loc"]))
         head, dot, rest = where.partition(".")
         if model in (p.ChatCompletionRequest, p.CompletionRequest) and head in OPTION_OF:
             where = f"options.{OPTION_OF[head]}{dot}{rest}"
