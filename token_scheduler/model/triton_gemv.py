@@ -248,18 +248,15 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
         raise ValueError(f"gemv: glu needs a fused gate|up weight of an even number of rows and no rope, got {n}")
     x_out = torch.empty_like(x) if (mode == MODE_NORM and r is not None) else None
     bn, bk, nw = config or config_for(n, k)
-    grid = triton.cdiv(n, bn)
     if glu:
         bn = max(bn, 2)  # SiLU*mul pairs: an even number of rows per program (block sizes are powers of 2)
         y = torch.empty(1, n // 2, device=x.device, dtype=x.dtype)
-        grid = triton.cdiv(n // 2, bn // 2)
     elif rope is None:
         y = torch.empty(1, n, device=x.device, dtype=x.dtype)
     else:
         bn = min(max(bn, 2), rope.head_dim)  # RoPE pairs: an even number of rows per program, within one head
         y = torch.empty(1, rope.heads, rope.head_dim, device=x.device, dtype=x.dtype)
-        grid = triton.cdiv(n, bn)
-    _gemv_kernel[(grid,)](
+    _gemv_kernel[(triton.cdiv(n, bn),)](
         x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
         w, bias if bias is not None else w, y, eps, n, K=k, MODE=mode, HAS_R=r is not None,
         HAS_B=bias is not None, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl(x), ROPE=rope is not None,
