@@ -49,8 +49,7 @@ def to_delta(out) -> m.Delta:
     plp = None if out.prompt_logprobs is None else _pairs(out.prompt_token_ids[1:], out.prompt_logprobs[1:])
     # the prefix cache's part of the prompt, known from the start: on the first delta (Anthropic's message_start,
     # OpenAI's continuous usage) and the last
-    first = len(c.token_ids) == len(out.delta_token_ids)
-    cached = (out.num_cached_tokens or 0) if out.finished or first else 0
+    cached = (out.num_cached_tokens or 0) if out.finished or out.first else 0
     if out.embedding is not None:  # (an embedding: the token its step drew is not an output)
         return m.Delta(request_id=out.request_id, finished=True, finish_reason="stop",
                        num_prompt_tokens=len(out.prompt_token_ids), embedding=out.embedding, num_cached_tokens=cached)

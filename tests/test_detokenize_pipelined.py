@@ -124,3 +124,26 @@ def test_on_launch_comes_after_the_forward_is_queued_and_before_its_tokens_are_r
         assert out[0].num_output_tokens == n + 1
     # each call saw the step before it: its forward queued, its cursor and tokens not yet advanced
     assert calls == [(0, 0), (3, 1), (4, 2)]
+
+
+def test_the_prefix_caches_part_rides_the_first_delta_made_a_step_late(model):
+    """A request started on cached blocks says so on its first delta and its last (Anthropic's message_start, OpenAI's
+    continuous usage), also when the first output was made after the next step had appended a token to the request's
+    cumulative list: the worker told the first delta by that list's length, which had run ahead under load, and sent
+    0 (the Messages API's message_start then counted the cached tokens as input)."""
+    from controller.worker import to_delta
+
+    eng = LLMEngine(EngineConfig(model=str(model), device="cpu", dtype="fp32"))
+    prompt = list(range(1, 3 * eng.scheduler.kv.block_size + 2))
+    _inline(eng, {"warm": (prompt, SamplingParams(**{**GREEDY, "max_tokens": 1}))})
+    eng.add_request("again", prompt, SamplingParams(**{**GREEDY, "max_tokens": 4}))
+    deltas, unsent = [], None
+    while eng.has_unfinished_requests() or unsent:
+        tokens = eng.step_tokens() if eng.has_unfinished_requests() else []
+        if unsent:  # the previous step's output, converted after this step appended its token: the worker's order
+            outs, _ = detokenize(unsent)
+            deltas += [(to_delta(o), len(o.outputs[0].token_ids)) for o in outs]
+        unsent = tokens
+    cached = 3 * eng.scheduler.kv.block_size
+    assert len(deltas) == 4 and deltas[0][1] == 2, "the first output's cumulative list had not run ahead"
+    assert [d.num_cached_tokens for d, _ in deltas] == [cached, 0, 0, cached]

@@ -97,5 +97,5 @@ def detokenize(outs: list[TokenOutput]) -> tuple[list[RequestOutput], list[tuple
             delta_token_ids=req.output_token_ids[n - k : n],
             delta_logprobs=None if lps is None else req.output_logprobs[n - k : n], metrics=metrics,
             prompt_logprobs=plp, embedding=req.embedding if finished else None,
-            num_cached_tokens=req.num_cached_tokens))
+            num_cached_tokens=req.num_cached_tokens, first=bool(k) and n == k))
     return results, stopped

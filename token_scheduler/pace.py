@@ -201,7 +201,8 @@ class PaceEngine:
                                 logprobs=list(r.logprobs) if lps else None)
         return RequestOutput(request_id=r.rid, prompt_token_ids=r.prompt_ids, outputs=[comp],
                              finished=r.finish_reason is not None, delta_text=delta_text, delta_token_ids=delta_ids,
-                             delta_logprobs=r.logprobs[len(r.logprobs) - len(delta_ids):] if lps else None)
+                             delta_logprobs=r.logprobs[len(r.logprobs) - len(delta_ids):] if lps else None,
+                             first=bool(delta_ids) and len(r.out_ids) == len(delta_ids))
 
 
 class PacedModels:

@@ -338,3 +338,6 @@ class RequestOutput:
     embedding: list[float] | None = None  # (SamplingParams.embed) on its one, final output
     # (prefix caching; vLLM's) prompt tokens whose KV its first start found cached, once it has started
     num_cached_tokens: int | None = None
+    # whether this output carries the request's first output tokens (the cumulative lists, which may have run
+    # ahead, cannot tell: a reader that compared their length with the delta's missed it under load)
+    first: bool = False
