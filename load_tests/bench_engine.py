@@ -280,10 +280,11 @@ def run_bench_engine(model: Path, batches: list[int], json_out: Path | None, con
     try:  # the Triton kernels' options (paged decode, one-token GEMV), where Triton is installed
         from token_scheduler.model import triton_decode as td
         from token_scheduler.model import triton_gemv as tg
-        from token_scheduler.model import triton_tma
+        from token_scheduler.model import triton_ops, triton_tma
         options |= {"tma_max_rows": triton_tma.MAX_ROWS, "attn_rope": llama.ATTN_ROPE, "attn_blocks_per_iter": td.BLOCKS_PER_ITER,
                     "attn_warps": td.DECODE_WARPS, "attn_stages": td.DECODE_STAGES, "attn_prefetch": td.PREFETCH_KV,
-                    "gemv_norm_one_pass": tg.NORM_ONE_PASS, "gemv_glu": llama.GEMV_GLU}
+                    "gemv_norm_one_pass": tg.NORM_ONE_PASS, "gemv_glu": llama.GEMV_GLU,
+                    "pdl_early": triton_ops.PDL_EARLY}
     except ImportError:
         pass
     res = header() | {"bench": "engine", "model": str(model), "context": context, "kernel_options": options}

@@ -289,7 +289,7 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
              "norm_pass": (triton_gemv, "NORM_ONE_PASS"), "step_io": (runner, "STEP_IO"),
              "attn_pipe": (triton_decode, "PIPELINE_IDS"), "pipe_stages": (triton_decode, "PIPE_STAGES"),
              "tma_rows": (triton_tma, "MAX_ROWS"), "tma_glu": (triton_tma, "GLU"), "tma_smem": (triton_tma, "SMEM_WIDE"),
-             "glu": (llama, "GEMV_GLU")}
+             "glu": (llama, "GEMV_GLU"), "pdl_early": (triton_ops, "PDL_EARLY")}
     defaults = {k: getattr(mod, attr) for k, (mod, attr) in knobs.items()}
     # torch's switches read when a matmul is launched (so at capture): which BLAS library, and whether cuBLAS may
     # reduce split-K partial sums in bf16
@@ -303,6 +303,9 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 (1536, 8960): (4, 1024, 8)}
     # name, then what it changes from the defaults
     variants = [("default", {}), ("no pdl", {"pdl": False}), ("no gemv", {"gemv": False}),
+                # kernels let the next one in before their wait on the one before (triton_ops.PDL_EARLY)
+                ("pdl early", {"pdl_early": True}), ("pdl early again", {"pdl_early": True}),
+                ("pdl late", {"pdl_early": False}),
                 # batched steps' projections as TMA-fed Triton GEMMs, every kernel under PDL (triton_tma), or cuBLAS
                 ("tma", {"tma_rows": 32}), ("tma again", {"tma_rows": 32}), ("cublas", {"tma_rows": 0}),
                 ("tma no glu", {"tma_rows": 32, "tma_glu": False}),

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from token_scheduler.model.triton_ops import pdl, pdl_enter
+from token_scheduler.model.triton_ops import pdl, pdl_arg, pdl_enter
 from tokenpool import env
 
 
@@ -322,7 +322,7 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
         o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1),
         layer * s_kvl, layer * s_kvl + s_kv2,
         NUM_SPLITS=S, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=BS, D=D,
-        IEEE=q.dtype == torch.float32, PDL=launch_pdl, NBI=BLOCKS_PER_ITER, DIRECT=S == 1, launch_pdl=launch_pdl,
+        IEEE=q.dtype == torch.float32, PDL=pdl_arg(q), NBI=BLOCKS_PER_ITER, DIRECT=S == 1, launch_pdl=launch_pdl,
         PREFETCH=prefetch, PIPE=PIPELINE_IDS,
         **({} if DECODE_WARPS is None else {"num_warps": DECODE_WARPS}),
         **({} if stages is None else {"num_stages": stages}),
@@ -331,5 +331,5 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
     if S == 1:
         return out
     _combine_kernel[(B * H,)](o, m, lsum, out, S=S, S_PAD=triton.next_power_of_2(S), D=D, num_warps=4,
-                              PDL=launch_pdl, launch_pdl=launch_pdl)
+                              PDL=pdl_arg(q), launch_pdl=launch_pdl)
     return out

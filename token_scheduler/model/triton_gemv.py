@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from token_scheduler.model.triton_ops import pdl, pdl_enter, rope_pair
+from token_scheduler.model.triton_ops import pdl, pdl_arg, pdl_enter, rope_pair
 from tokenpool import env
 
 MODE_PLAIN, MODE_NORM, MODE_SILU = 0, 1, 2
@@ -259,7 +259,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
         w, bias if bias is not None else w, y, eps, n, K=k, MODE=mode, HAS_R=r is not None,
-        HAS_B=bias is not None, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl(x), ROPE=rope is not None,
+        HAS_B=bias is not None, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl_arg(x), ROPE=rope is not None,
         **_rope_args(rope, n, bn, x), NORM_BLOCK=_norm_block(k, bk) if mode == MODE_NORM else bk, GLU=glu,
         num_warps=nw, launch_pdl=pdl(x))
     return y, x_out
@@ -566,6 +566,6 @@ def gemv_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
         x, r if r is not None else x, norm_w if norm_w is not None else x, x_out if x_out is not None else x,
         w, bias if bias is not None else w, y, eps, m, n, K=k, MODE=mode, HAS_R=r is not None,
         HAS_B=bias is not None, EPI=1 if rope is not None else 2 if glu else 0, M_PAD=m_pad, BLOCK_N=bn,
-        BLOCK_K=bk, IEEE=x.dtype == torch.float32, SWAP=ROWS_SWAP, PDL=pdl(x), **_rope_args(rope, n, bn, x),
+        BLOCK_K=bk, IEEE=x.dtype == torch.float32, SWAP=ROWS_SWAP, PDL=pdl_arg(x), **_rope_args(rope, n, bn, x),
         PERSIST=persist, TILES=tiles, num_warps=nw, num_stages=ns, launch_pdl=pdl(x))
     return y, x_out

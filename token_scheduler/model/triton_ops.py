@@ -62,10 +62,31 @@ def pdl_rows(rows: int):
         _PDL_ROWS.reset(token)
 
 
+# PDL_EARLY: a kernel lets the next one in (griddepcontrol.launch_dependents) first, then waits on the one before,
+# instead of after its wait. The next kernel's programs may then be scheduled once every program of this one has
+# started, not once the kernel before this one has finished: its pre-wait loads (a GEMV's first weight tile -- all of
+# o's at batch 1 --, the attention's first cache tile) run a kernel earlier, under two kernels' streams rather than
+# one. Still correct: the wait returns once the kernel before has completed, and that one completed only after its
+# own wait, so every earlier write is visible by then; what a kernel reads before its wait is never written during
+# the step (weights, cache positions before the new token). No program waits on one that cannot start: the next
+# kernel is scheduled only once all of this one's programs have. Off until measured (TOKENPOOL_PDL_EARLY=1: on).
+PDL_EARLY = env.PDL_EARLY.on()
+
+
+def pdl_arg(t: torch.Tensor) -> int:
+    """The kernels' PDL constexpr for a launch over `t`: 0 plain, 1 under PDL (wait, then let the next in), 2 under
+    PDL letting the next in first (PDL_EARLY)."""
+    return (2 if PDL_EARLY else 1) if pdl(t) else 0
+
+
 @triton.jit
 def pdl_enter(PDL: tl.constexpr):
-    """Called by a kernel launched with `launch_pdl`: wait for the kernels before it, then let the next one in."""
-    if PDL:
+    """Called by a kernel launched with `launch_pdl`: wait for the kernels before it, then let the next one in (PDL
+    2: the other way round, see PDL_EARLY)."""
+    if PDL == 2:
+        gdc_launch_dependents()
+        gdc_wait()
+    elif PDL:
         gdc_wait()
         gdc_launch_dependents()
 
@@ -106,7 +127,7 @@ def add_rms_norm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: 
         raise ValueError(f"add_rms_norm: partial sums {tuple(r.shape)} {r.dtype} for x {tuple(x.shape)}")
     _add_rms_norm_kernel[(rows,)](x, r if r is not None else x, w, y, eps, rows * n, N=n,
                                   BLOCK=triton.next_power_of_2(n), HAS_R=r is not None, PARTS=parts,
-                                  num_warps=8 if n >= 2048 else 4, PDL=pdl(x), launch_pdl=pdl(x))
+                                  num_warps=8 if n >= 2048 else 4, PDL=pdl_arg(x), launch_pdl=pdl(x))
     return y
 
 
@@ -158,7 +179,7 @@ def rope_and_write_kv(qkv, cos, sin, positions, kv, layer, slot_blocks, slot_off
     s_kvb, s_kvl, s_kv2, s_kvt, s_kvh, _ = kv.stride()
     _rope_kv_kernel[(T, H + KVH)](qkv, cos, sin, positions, kv, slot_blocks, slot_offsets, q, qkv.stride(0),
                                   s_kvb, s_kvt, s_kvh, layer * s_kvl, layer * s_kvl + s_kv2,
-                                  H=H, KVH=KVH, D=D, HALF=D // 2, num_warps=1, PDL=pdl(qkv), launch_pdl=pdl(qkv))
+                                  H=H, KVH=KVH, D=D, HALF=D // 2, num_warps=1, PDL=pdl_arg(qkv), launch_pdl=pdl(qkv))
     return q
 
 
@@ -178,7 +199,7 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     rows, n2 = gu.shape
     n = n2 // 2
     y = torch.empty(rows, n, device=gu.device, dtype=gu.dtype)
-    _silu_mul_kernel[(rows, triton.cdiv(n, 1024))](gu, y, N=n, BLOCK=1024, num_warps=4, PDL=pdl(gu),
+    _silu_mul_kernel[(rows, triton.cdiv(n, 1024))](gu, y, N=n, BLOCK=1024, num_warps=4, PDL=pdl_arg(gu),
                                                            launch_pdl=pdl(gu))
     return y
 
