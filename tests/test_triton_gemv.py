@@ -162,6 +162,26 @@ def test_pdl_rows_widens_programmatic_dependent_launch_to_its_steps(monkeypatch)
     assert not triton_ops.pdl(eight)
 
 
+def test_one_rows_kernels_let_the_next_in_before_their_wait(monkeypatch):
+    """The kernels' PDL constexpr (pdl_arg): 2 (the next kernel let in before the wait: PDL_EARLY) for one row, 1 (after
+    it) for several rows under `pdl_rows`, and for one row with PDL_EARLY off; 0 without PDL."""
+    pytest.importorskip("triton")
+    import torch
+
+    from token_scheduler.model import triton_ops
+
+    one, eight = torch.zeros(1, 4), torch.zeros(8, 4)
+    monkeypatch.setattr(triton_ops, "pdl_capable", lambda t: False)
+    assert triton_ops.pdl_arg(one) == 0
+    monkeypatch.setattr(triton_ops, "pdl_capable", lambda t: True)
+    monkeypatch.setattr(triton_ops, "PDL_EARLY", True)
+    with triton_ops.pdl_rows(8):
+        assert (triton_ops.pdl_arg(one), triton_ops.pdl_arg(eight)) == (2, 1)
+    assert triton_ops.pdl_arg(eight) == 0
+    monkeypatch.setattr(triton_ops, "PDL_EARLY", False)
+    assert triton_ops.pdl_arg(one) == 1
+
+
 FORWARD = """
 import sys
 import torch

@@ -92,8 +92,8 @@ PREFILL_GRAPHS = Var("TOKENPOOL_PREFILL_GRAPHS", "1024", "prefill and mixed step
                      "TFLOP) that go row by row replay row graphs (0: all eagerly; token_scheduler/runner.py "
                      "ROW_BUCKETS; A/B runs)", kind="int")
 PDL = Var("TOKENPOOL_PDL", "1", "0: launch kernels without programmatic dependent launch (A/B runs)")
-PDL_EARLY = Var("TOKENPOOL_PDL_EARLY", "0", "1: kernels under programmatic dependent launch let the next one in "
-                "before they wait on the one before, not after (token_scheduler/model/triton_ops.py PDL_EARLY)")
+PDL_EARLY = Var("TOKENPOOL_PDL_EARLY", "1", "one-row steps' kernels under programmatic dependent launch let the next "
+                "one in before they wait on the one before (token_scheduler/model/triton_ops.py PDL_EARLY; 0: after)")
 STEP_IO = Var("TOKENPOOL_STEP_IO", "1", "a CUDA decode step's inputs uploaded by one Triton kernel, its logits kept "
               "in the model dtype, its sampled ids written to pinned memory by a kernel (see token_scheduler/runner.py "
               "STEP_IO; 0: the copies as before, for A/B runs)")

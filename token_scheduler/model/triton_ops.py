@@ -62,21 +62,27 @@ def pdl_rows(rows: int):
         _PDL_ROWS.reset(token)
 
 
-# PDL_EARLY: a kernel lets the next one in (griddepcontrol.launch_dependents) first, then waits on the one before,
-# instead of after its wait. The next kernel's programs may then be scheduled once every program of this one has
-# started, not once the kernel before this one has finished: its pre-wait loads (a GEMV's first weight tile -- all of
-# o's at batch 1 --, the attention's first cache tile) run a kernel earlier, under two kernels' streams rather than
-# one. Still correct: the wait returns once the kernel before has completed, and that one completed only after its
-# own wait, so every earlier write is visible by then; what a kernel reads before its wait is never written during
-# the step (weights, cache positions before the new token). No program waits on one that cannot start: the next
-# kernel is scheduled only once all of this one's programs have. Off until measured (TOKENPOOL_PDL_EARLY=1: on).
+# PDL_EARLY: a one-row step's kernels let the next one in (griddepcontrol.launch_dependents) first, then wait on the
+# one before, instead of after their wait. The next kernel's programs may then be scheduled once every program of
+# this one has started, not once the kernel before this one has finished: its pre-wait loads (a GEMV's first weight
+# tile -- all of o's at batch 1 --, the attention's first cache tile) run a kernel earlier, under two kernels'
+# streams rather than one. Still correct: the wait returns once the kernel before has completed, and that one
+# completed only after its own wait, so every earlier write is visible by then; what a kernel reads before its wait
+# is never written during the step (weights, cache positions before the new token). No program waits on one that
+# cannot start: the next kernel is scheduled only once all of this one's programs have. H100 (diag_gpu step, graph
+# replay at context 512, e98bee8, bench/results/pdl_early_h100_e98bee8.json): batch-1 steps 1.5B 1.339/1.332/1.334
+# -> 1.312/1.305 ms (0.979), 7B 4.889/4.890 -> 4.861/4.859 (0.994); the 1.5B's batched TMA steps slower (batch 8
+# 1.70 -> 1.76, batch 32 2.01 -> 2.13: the next GEMM's programs, 110-160 KB of shared memory each, sit waiting),
+# so several rows keep the wait first. TOKENPOOL_PDL_EARLY=0: off.
 PDL_EARLY = env.PDL_EARLY.on()
 
 
 def pdl_arg(t: torch.Tensor) -> int:
-    """The kernels' PDL constexpr for a launch over `t`: 0 plain, 1 under PDL (wait, then let the next in), 2 under
-    PDL letting the next in first (PDL_EARLY)."""
-    return (2 if PDL_EARLY else 1) if pdl(t) else 0
+    """The kernels' PDL constexpr for a launch over `t` (leading dim: rows): 0 plain, 1 under PDL (wait, then let
+    the next in), 2 under PDL letting the next in first (PDL_EARLY: one row)."""
+    if not pdl(t):
+        return 0
+    return 2 if PDL_EARLY and t.shape[0] == 1 else 1
 
 
 @triton.jit
