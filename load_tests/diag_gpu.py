@@ -311,7 +311,11 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 *((f"early splits {s}", {"pdl_early": True, "splits": s}) for s in (4, 8, 16)),
                 *((f"early {name} {c[0]}x{c[1]}x{c[2]}", {"pdl_early": True, "cfgs": {**triton_gemv._CONFIGS, shape: c}})
                   for name, shape, cs in (("qkv", (2048, 1536), ((4, 2048, 8), (16, 1024, 8), (8, 1024, 8), (8, 2048, 8))),
-                                          ("o", (1536, 1536), ((8, 2048, 8), (2, 2048, 8), (4, 2048, 4))))
+                                          ("o", (1536, 1536), ((8, 2048, 8), (2, 2048, 8), (4, 2048, 4))),
+                                          ("gate_up", (17920, 1536), ((8, 1024, 8), (32, 512, 8), (16, 1024, 8),
+                                                                      (16, 512, 4), (8, 2048, 8))),
+                                          ("down", (1536, 8960), ((4, 2048, 4), (8, 1024, 8), (8, 2048, 8),
+                                                                  (2, 2048, 8))))
                   for c in cs),
                 # batched steps' projections as TMA-fed Triton GEMMs, every kernel under PDL (triton_tma), or cuBLAS
                 ("tma", {"tma_rows": 32}), ("tma again", {"tma_rows": 32}), ("cublas", {"tma_rows": 0}),
