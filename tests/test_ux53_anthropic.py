@@ -28,6 +28,21 @@ def test_an_empty_content_list_is_named_not_dropped():
         == ["user", "assistant"]
 
 
+def test_empty_text_is_refused_as_anthropic_refuses_it():
+    """A user message whose content is "" (or a turn before the last that is), and a text block of "", went to the
+    model as an empty turn (a 200); Anthropic's 400s name them. The final assistant message may still be empty."""
+    for msgs, said in (([{"role": "user", "content": ""}], "messages.0: all messages must have non-empty content"),
+                       ([{"role": "user", "content": "a"}, {"role": "assistant", "content": ""},
+                         {"role": "user", "content": "b"}], "messages.1: all messages must have non-empty content"),
+                       ([{"role": "user", "content": [{"type": "text", "text": ""}]}],
+                        "messages.0.content.0.text: text content blocks must be non-empty")):
+        with pytest.raises(ServingError) as e:
+            _chat(msgs)
+        assert e.value.status == 400 and said in e.value.message, e.value.message
+    assert _chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]).messages[-1].role == \
+        "assistant"
+
+
 def test_an_earlier_turns_thinking_blocks_are_ignored():
     """A conversation carried over from a thinking model (its assistant turns hold `thinking` / `redacted_thinking`
     blocks, which clients send back whole) was a 400; Anthropic strips earlier turns' thinking, and so does this."""

@@ -104,12 +104,12 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
         out.append({"role": "system", "content": _text(req.system, "system")})
     for i, m in enumerate(req.messages):
         where = f"messages.{i}.content"
+        if not m.content and not (m.role == "assistant" and i == len(req.messages) - 1):  # ("" or [], as Anthropic)
+            raise _bad(f"messages.{i}: all messages must have non-empty content except for the optional final "
+                       "assistant message", where)
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             continue
-        if not m.content and not (m.role == "assistant" and i == len(req.messages) - 1):
-            raise _bad(f"messages.{i}: all messages must have non-empty content except for the optional final "
-                       "assistant message", where)
         texts, calls = [], []
         for j, b in enumerate(m.content):
             kind = b.get("type") if isinstance(b, dict) else None
@@ -118,6 +118,8 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
             if kind == "text":
                 if not isinstance(b.get("text"), str):
                     raise _bad(f"{where}.{j}.text: a text block's text must be a string", f"{where}.{j}.text")
+                if not b["text"]:
+                    raise _bad(f"{where}.{j}.text: text content blocks must be non-empty", f"{where}.{j}.text")
                 texts.append(b["text"])
             elif kind == "tool_use" and m.role == "assistant":
                 calls.append({"id": str(b.get("id") or f"toolu_{len(calls)}"), "type": "function", "function": {
