@@ -113,6 +113,7 @@ class ModelEntry:
     pinned: bool = False  # an operator keeps its weights in VRAM (controller.set_pinned)
     draining: bool = False  # an operator stopped admitting its requests (before removing it, say)
     source: str = "admin"  # "config": from the configuration at start; "admin": registered over the admin API
+    kv_elems: int = 0  # KV cache elements one token of it takes (config.json; 0: unknown, or no KV cache)
 
     @property
     def default_step_s(self) -> float:
@@ -157,6 +158,11 @@ def context_len(spec: ModelSpec, cfg: dict[str, Any]) -> int:
     if spec.engine.max_model_len:
         return spec.engine.max_model_len
     return int(cfg.get("max_position_embeddings") or 4096)
+
+
+def _kv_elems(spec: ModelSpec) -> int:
+    """KV cache elements one token of `spec`'s model takes (its config.json; 0 when it does not say)."""
+    return kv_elems_per_token(spec.path) if spec.path else 0
 
 
 def hidden_size(cfg: dict[str, Any]) -> int | None:
@@ -390,41 +396,57 @@ class Controller:
             raise ServingError(400, f"cannot load the tokenizer from {spec.path}: {e}", param="path") from e
         cfg = _hf_config(spec)  # (read once for the three)
         entry = ModelEntry(spec, info, tok, context_len(spec, cfg), hidden_size(cfg), architecture(cfg),
-                           pinned=spec.pin, source=source)
+                           pinned=spec.pin, source=source, kv_elems=_kv_elems(spec))
         self.models[spec.name] = entry
-        if spec.path:  # (workers that join from now on size their KV pages for it too: hosting.min_page_bytes)
-            self.pool.kv_elems_per_token = max(self.pool.kv_elems_per_token, kv_elems_per_token(spec.path))
+        # (workers that join from now on size their KV pages for it too: hosting.min_page_bytes)
+        self.pool.kv_elems_per_token = max(self.pool.kv_elems_per_token, entry.kv_elems)
         freeze_long_lived()  # the tokenizer (and what loading it imported) lives as long as the model
         self.events.publish("register", model=spec.name)
         self.tick()
         return entry
 
-    def _kv_page_problem(self, spec: ModelSpec) -> str | None:
-        """Why `spec`'s model cannot load on any live engine: one token of its KV is larger than every engine's KV
-        page. A worker carves its pages once, at its first registration, for the largest KV token of the models
-        configured then (hosting.min_page_bytes); a model added later with a larger one failed every load (the why
-        only in /health). None when it fits an engine's pages, or one has not said its page (none carved yet: its
-        pages may be carved for this model)."""
-        if spec.engine.kind != "llm" or not (elems := kv_elems_per_token(spec.path)):
-            return None
-        short = []
+    def _kv_short(self, elems: int, dtype: str) -> tuple[dict[str, tuple[int, int]], bool]:
+        """Live engines whose KV page is smaller than one token of a model's KV (`elems` elements in `dtype`): engine
+        id -> (page bytes, the token's bytes); and whether every live engine has said its page (one that has not
+        carved its pages yet may carve them for this model). A worker carves its pages once, at its first
+        registration, for the largest KV token of the models configured then (hosting.min_page_bytes)."""
+        short, known = {}, True
+        if not elems:
+            return short, known
         for e in self.pool.engines.values():
             if not e.alive:
                 continue
             page = e.pool.get("kv_page_bytes")
             if not isinstance(page, int) or page <= 0:
-                return None
-            need = elems * dtype_bytes(spec.engine.dtype, e.device)
-            if need <= page:
-                return None
-            short.append((page, need))
-        if not short:
+                known = False
+            elif (need := elems * dtype_bytes(dtype, e.device)) > page:
+                short[e.id] = (page, need)
+        return short, known
+
+    def _kv_page_problem(self, spec: ModelSpec) -> str | None:
+        """Why `spec`'s model cannot load on any live engine: one token of its KV is larger than every engine's KV
+        page (a model added later with a larger one failed every load, the why only in /health). None when it fits
+        an engine's pages, or one has not said its page."""
+        if spec.engine.kind != "llm":
             return None
-        page, need = max(short)
+        short, known = self._kv_short(_kv_elems(spec), spec.engine.dtype)
+        if not short or not known or len(short) < sum(e.alive for e in self.pool.engines.values()):
+            return None
+        page, need = max(short.values())
+        elems = _kv_elems(spec)
         return (f"model {spec.name!r} cannot load on the running workers: one token of its KV cache takes {need} "
                 f"bytes ({elems} elements), more than a KV page of theirs ({page} bytes; the pages were sized when the "
                 f"workers started, for the models configured then). Add it to the server's configuration (or "
                 f"its command line) and restart the server: the workers then size their pages for it")
+
+    def _avoid(self, model: str) -> frozenset[str]:
+        """Engines placement leaves out for `model`: where its registration failed lately (`_failed_on`), and where
+        one token of its KV would not fit a KV page (a load there could only fail; `_kv_short`)."""
+        me = self.models.get(model)
+        short = {}
+        if me is not None and me.spec.engine.kind == "llm":
+            short = self._kv_short(me.kv_elems, me.spec.engine.dtype)[0]
+        return self._failed_on(model) | frozenset(short)
 
     def update_model(self, name: str, changes: dict[str, Any]) -> ModelEntry:
         """Change a registered model's SLO, priority, replica bounds, keep_alive or aliases in place (PATCH
@@ -615,7 +637,7 @@ class Controller:
         self._still_registered(entry)
         while (rt := route(entry.info, views, len(sub.prompt_ids), cached)) is None:
             # not where its registration failed lately: requests do not load a failing model again and again
-            pl = place(entry.info, views, self.infos(), exclude=self._failed_on(name), pinned=self.pinned())
+            pl = place(entry.info, views, self.infos(), exclude=self._avoid(name), pinned=self.pinned())
             if pl is None and self._failed_on(name) and name in self._load_errors:
                 raise self._load_failed(name)
             if pl is not None:
@@ -1159,7 +1181,7 @@ class Controller:
             inflight = sum(r.inflight for ev in engines for n, r in ev.replicas.items() if n == name)
             rs = me.spec.replicas
             loads.append(ModelLoad(me.info, rs.min, rs.max, inflight, me.spec.engine.max_num_seqs, me.attainment(),
-                                   me.pinned, self._failed_on(name)))
+                                   me.pinned, self._avoid(name)))
         return loads
 
     def _finish_moves(self) -> None:

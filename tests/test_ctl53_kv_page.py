@@ -5,6 +5,7 @@ model at the POST, saying why and what to do; one that fits is registered as bef
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import uuid
@@ -78,3 +79,40 @@ def test_an_admin_added_model_whose_kv_token_outgrows_the_workers_pages_is_refus
     e.pool = {}
     r = c.post("/admin/models", json={"name": "large", "path": str(large)})
     assert r.status_code == 201, r.text
+
+
+def test_placement_leaves_out_the_engines_whose_pages_a_model_outgrows(make_tiny, tmp_path, request):
+    """A model that fits some engines' KV pages and not others is registered (201), and placement -- the request
+    path's and the autoscaler's (`ModelLoad.avoid`) -- never picks an engine whose pages it outgrows: a load there
+    failed once, then backed off, before another engine was tried. The engine it fits is picked even where the
+    other is the emptier."""
+    from controller.router import place
+
+    small = make_tiny("qwen2")
+    page = _page_of_a_worker_serving(small, request)
+    large = tmp_path / "large"
+    shutil.copytree(small, large)
+    cfg = json.loads((large / "config.json").read_text())
+    cfg["num_hidden_layers"] *= 20
+    cfg.pop("layer_types", None)
+    (large / "config.json").write_text(json.dumps(cfg))
+    need = kv_elems_per_token(large) * 4
+
+    app = build_app(ServerConfig(models=[], admin_token_hash=hash_key(ADMIN)))
+    ctl = app.state.controller
+    for eid, slot, mem, pg in (("w0", 0, 4 * 10**9, page), ("w1", 1, 10**9, need)):  # w0: more weight space
+        e = EngineHandle(eid, slot, "cpu", "node", 1, mem, _Closed())
+        e.pool = {"kv_page_bytes": pg}
+        ctl.pool.engines[eid] = e
+    c = TestClient(app, headers={"Authorization": f"Bearer {ADMIN}"})
+    for name, path in (("large", large), ("small", small)):  # (each registered, then placed at once: a minimum of 1)
+        assert c.post("/admin/models", json={"name": name, "path": str(path)}).status_code == 201
+    on = {eid: set(e.replicas) for eid, e in ctl.pool.engines.items()}
+    assert "large" in on["w1"] and "large" not in on["w0"], on
+    assert ctl._avoid("large") == frozenset({"w0"}) and ctl._avoid("small") == frozenset()
+    loads = {ml.info.name: ml for ml in ctl._loads(ctl.views())}
+    assert loads["large"].avoid == frozenset({"w0"}) and loads["small"].avoid == frozenset()
+    # the request path's placement (its registration gone from w1): w1 again, not the emptier w0
+    views = [dataclasses.replace(v, replicas={}) for v in ctl.views()]
+    assert place(ctl.models["large"].info, views, ctl.infos()).engine_id == "w0"  # (without the pages' rule)
+    assert place(ctl.models["large"].info, views, ctl.infos(), exclude=ctl._avoid("large")).engine_id == "w1"
