@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -285,6 +286,21 @@ def default_banner(cfg: ServerConfig) -> str:
             f"bound to {cfg.listen.host} only")
 
 
+def make_default_models(cfg: ServerConfig) -> None:
+    """The default's models, made on a first run (the real one converted, the demos drawn; ~10 s on 2 cores), then
+    checked: `tokenpool serve` runs it once it listens, so that /health answers "starting" meanwhile rather than the
+    port refusing connections. StartupError: they cannot be made."""
+    from controller import startup
+
+    try:
+        ensure_demo_models(cfg)
+    except (OSError, ValueError) as e:  # (ValueError: make_model's refusal of a folder path that is a file)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise startup.StartupError(f"cannot make the default's models under {Path(cfg.models[0].path or '.').parent}: "
+                                   f"{why}{CACHE_HINT}") from None
+    startup.check_models(cfg)
+
+
 def serve(config_path: Path | None = None, host: str | None = None, port: int | None = None,
           model_dirs: list[Path] | None = None, served_model_names: list[str] | None = None,
           gpu_budget_gb: float | None = None, api_key: str | None = None, max_model_len: int | None = None,
@@ -313,20 +329,17 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
     except startup.StartupError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
+    make_models = None
     if cfg.is_default:
         if host is None:
             cfg.listen.host = "127.0.0.1"
         log.warning("%s", default_banner(cfg))
-        try:
-            ensure_demo_models(cfg)
-        except OSError as e:
-            log.error("cannot make the default's models under %s: %s%s", Path(cfg.models[0].path or ".").parent,
-                      e.strerror or e, CACHE_HINT)
-            raise SystemExit(2) from None
+        make_models = functools.partial(make_default_models, cfg)  # (after the bind: /health says "starting")
     try:
         if config_path is not None:  # (a config's models: the file and the key named; the MODEL_DIRs were checked)
             check_config_models(cfg.models[:len(cfg.models) - len(model_dirs or [])], config_path)
-        startup.check_models(cfg)
+        if make_models is None:
+            startup.check_models(cfg)
         startup.check_local_workers(cfg, config_path)
     except startup.StartupError as e:
         log.error("%s", e)
@@ -361,7 +374,7 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
         log.warning("authentication is on and no tenant is configured: every request is refused (401) until one is "
                     "made through the admin API (POST /admin/tenants, or the dashboard's Tenants page)")
     try:
-        rc = shutdown.run(cfg)
+        rc = shutdown.run(cfg, make_models)
     finally:
         shutdown.release_signals()  # (the handlers from before the hold: a library caller's, or the defaults)
         if token_file is not None:

@@ -290,8 +290,6 @@ class Controller:
                                on_loaded=self._loaded, on_stats=self._stats, on_events=self._events,
                                on_failed=self._failed, on_stopping=self._stopping)
         self.pool._on_pruned = self._pruned
-        # the configured models' largest KV token, known before any worker joins (start() starts them first)
-        self.pool.kv_elems_per_token = max((kv_elems_per_token(s.path) for s in cfg.models if s.path), default=0)
         # a signalled local worker serves on until this controller lets it go, at most this long: past the drain of a
         # stop of the whole server (shutdown_grace_s, then the ended streams' flush and the connections' close) and a
         # signalled worker's own grace (the same), with room to spare; the worker's own default is 60 s
@@ -305,6 +303,9 @@ class Controller:
         # The local workers first: their start-up (imports; on a GPU the device measured) runs beside the reading of
         # the configured models' tokenizers, which took ~4 s of a 2-core host's time to ready before they started.
         self._starting = self.pool.starting = True
+        # the configured models' largest KV token, known before any worker joins (read here, not at construction:
+        # the default's models are made after the bind, `tokenpool serve`'s start-up)
+        self.pool.kv_elems_per_token = max((kv_elems_per_token(s.path) for s in self.cfg.models if s.path), default=0)
         devices = await asyncio.to_thread(local_devices, self.cfg.workers.local)
         await self.pool.start(devices)
         try:

@@ -34,13 +34,15 @@ import json
 import logging
 import signal
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import uvicorn
 
 from controller.config import ServerConfig
 from controller.errors import ServingError
+from controller.startup import StartupError
 
 log = logging.getLogger("tokenpool")
 FLUSH_S = 2.0  # after the grace period, how long the ended streams get to write their error event
@@ -328,15 +330,39 @@ class StartupSignals:
         self._old = {}
 
 
-async def serve_async(cfg: ServerConfig) -> int:
+async def serve_async(cfg: ServerConfig, prepare: Callable[[], None] | None = None) -> int:
     early = StartupSignals()
     try:
-        return await _serve(cfg, early)
+        return await _serve(cfg, early, prepare)
     finally:
         early.remove()
 
 
-async def _serve(cfg: ServerConfig, early: StartupSignals) -> int:
+async def _in_a_thread(fn: Callable[[], None]) -> None:
+    """`fn()` on a daemon thread, awaited: a signal that stops the start-up does not wait for it (a model half made
+    is made again at the next start: its config.json, or the conversion's marker, is written last)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            loop.call_soon_threadsafe(lambda err=e: done.done() or done.set_exception(err))
+        else:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+    threading.Thread(target=run, name="tokenpool-prepare", daemon=True).start()
+    await done
+
+
+async def _start(ctl, prepare: Callable[[], None] | None) -> None:
+    if prepare is not None:  # (the default's models made on a first run: /health says "starting" meanwhile)
+        await _in_a_thread(prepare)
+    await ctl.start()
+
+
+async def _serve(cfg: ServerConfig, early: StartupSignals, prepare: Callable[[], None] | None = None) -> int:
     from controller.app import build_app
 
     try:
@@ -364,7 +390,11 @@ async def _serve(cfg: ServerConfig, early: StartupSignals) -> int:
     try:
         await server.open([sock])
         try:
-            stopped = await early.run(ctl.start())
+            stopped = await early.run(_start(ctl, prepare))
+        except StartupError as e:  # (the operator's to fix, said as one line: `tokenpool serve`'s exit 2)
+            started.set_result("the server could not start (its log says why)")
+            log.error("%s", e)
+            return 2
         except (ServingError, OSError, ValueError) as e:
             started.set_result("the server could not start (its log says why)")  # (paths: not for any caller)
             log.error("cannot start: %s", getattr(e, "message", None) or e)
@@ -414,6 +444,7 @@ def _signals_while_stopping() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def run(cfg: ServerConfig) -> int:
-    """Serve until SIGTERM/SIGINT; the process's exit status (0 after a graceful end)."""
-    return asyncio.run(serve_async(cfg))
+def run(cfg: ServerConfig, prepare: Callable[[], None] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; the process's exit status (0 after a graceful end). `prepare` (on a thread, after
+    the bind, before the controller starts; a `StartupError` is said and exits 2): what the models need first."""
+    return asyncio.run(serve_async(cfg, prepare))

@@ -33,7 +33,7 @@ def test_gpu_indices_the_machine_lacks_are_refused_at_start(tmp_path, caplog, mo
     from controller import shutdown
     from controller.serve import serve
 
-    def started(cfg):
+    def started(cfg, prepare=None):
         raise AssertionError("the server started")
 
     monkeypatch.setattr(shutdown, "run", started)
@@ -152,11 +152,12 @@ def test_a_key_prefix_that_would_break_its_use_is_refused(prefix):
 @pytest.mark.parametrize("what", ["default", "model_dir"])
 def test_a_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, caplog, what):
     """TOKENPOOL_CACHE at a file (or a folder not writable): the default's models, and a run's admin token file,
-    were a FileExistsError traceback, exit 1."""
+    were a FileExistsError traceback, exit 1. (The token is written first: the default's models are made once the
+    server listens, `test_a_default_model_that_cannot_be_made_is_one_line`.)"""
     from controller import shutdown
     from controller.serve import serve
 
-    def started(cfg):
+    def started(cfg, prepare=None):
         raise AssertionError("the server started")
 
     monkeypatch.setattr(shutdown, "run", started)
@@ -169,8 +170,30 @@ def test_a_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, caplo
         serve(port=0, model_dirs=[model] if what == "model_dir" else None)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert e.value.code == 2 and len(errors) == 1, errors
-    want = "cannot make the default's models under" if what == "default" else "cannot write this run's admin token to"
+    want = "cannot write this run's admin token to"
     assert errors[0].startswith(f"{want} {tmp_path / 'cache'}") and "TOKENPOOL_CACHE" in errors[0], errors
+
+
+def test_a_default_model_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
+    """A demo model of the default that cannot be made (a file where its folder goes): the start-up step `tokenpool
+    serve` runs once it listens (`make_default_models`) raises a one-line StartupError naming the cache, which the
+    server logs before it exits 2."""
+    from controller.config import DEMO_MODELS, REAL_MODEL, default_config
+    from controller.real_model import MARKER
+    from controller.serve import make_default_models
+    from controller.startup import StartupError
+
+    monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path))
+    cfg = default_config()
+    assert cfg.is_default and all(str(m.path).startswith(str(tmp_path)) for m in cfg.models if m.path)
+    (tmp_path / REAL_MODEL).mkdir()  # (the real model converted already: no 9 s conversion here)
+    for f in ("config.json", MARKER):
+        (tmp_path / REAL_MODEL / f).write_text("{}")
+    (tmp_path / DEMO_MODELS[0][0]).write_text("a file, not a folder")
+    with pytest.raises(StartupError) as e:
+        make_default_models(cfg)
+    assert str(e.value).startswith(f"cannot make the default's models under {tmp_path}: ") and \
+        "\n" not in str(e.value), str(e.value)
 
 
 def test_make_model_into_a_folder_it_cannot_make_is_one_line(tmp_path):
@@ -213,7 +236,7 @@ def test_vllm_serve_flags_its_users_type(tmp_path, monkeypatch, caplog):
         assert r.exit_code == 2 and len(lines) == 1 and "are vLLM's" in lines[0] and "--gpu-budget GB" in lines[0], \
             r.output
     monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(shutdown, "run", lambda cfg: 0)
+    monkeypatch.setattr(shutdown, "run", lambda cfg, prepare=None: 0)
     with caplog.at_level(logging.WARNING, logger="tokenpool"):
         r = CliRunner().invoke(app, ["serve", str(model), "--trust-remote-code", "--port", "0"])
     assert r.exit_code == 0, (r.output, r.exception)
@@ -259,7 +282,7 @@ def test_auth_on_without_a_tenant_says_every_request_is_refused(tmp_path, monkey
     from controller import shutdown
     from controller.serve import serve
 
-    monkeypatch.setattr(shutdown, "run", lambda cfg: 0)
+    monkeypatch.setattr(shutdown, "run", lambda cfg, prepare=None: 0)
     monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path / "cache"))
     cfg = tmp_path / "c.yaml"
     cfg.write_text("auth: true\nlisten: {port: 0}\n")
@@ -316,7 +339,7 @@ def test_no_auth_on_a_listener_other_machines_reach_says_so(tmp_path, monkeypatc
     from controller import shutdown
     from controller.serve import serve
 
-    monkeypatch.setattr(shutdown, "run", lambda cfg: 0)
+    monkeypatch.setattr(shutdown, "run", lambda cfg, prepare=None: 0)
     monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path / "cache"))
     model = tmp_path / "m"
     model.mkdir()

@@ -108,3 +108,55 @@ def test_a_request_that_waited_for_a_start_up_that_fails_gets_a_503(monkeypatch)
     finally:
         s.stop()
     assert s.rc == [2]
+
+
+def test_what_the_models_need_first_runs_after_the_bind(monkeypatch, caplog):
+    """`shutdown.run`'s `prepare` (the default's models, made on a first run: ~10 s) runs once the socket is served:
+    /health answers 503 "starting" meanwhile (the port refused connections for those seconds); a StartupError it
+    raises is logged as its one line and the server exits 2, a request that waited for it hearing a 503."""
+    from controller.startup import StartupError
+
+    cfg = ServerConfig(listen={"port": 18654}, workers={"local": "none"}, models=[])
+    running, release, rc = threading.Event(), threading.Event(), []
+
+    def prepare() -> None:
+        running.set()
+        assert release.wait(30)
+        raise StartupError("cannot make the default's models under /nowhere: read-only file system")
+
+    t = threading.Thread(target=lambda: rc.append(shutdown.run(cfg, prepare)), daemon=True)
+    t.start()
+    assert running.wait(30)
+    r = httpx.get("http://127.0.0.1:18654/health", timeout=5)
+    assert r.status_code == 503 and r.json()["status"] == "starting", r.text
+    got: list[httpx.Response] = []
+    asker = threading.Thread(target=lambda: got.append(httpx.get("http://127.0.0.1:18654/v1/models", timeout=30)))
+    asker.start()
+    asker.join(0.3)
+    assert not got  # (it waits for the start-up)
+    release.set()
+    asker.join(30)
+    t.join(30)
+    assert rc == [2] and got and got[0].status_code == 503, (rc, got)
+    assert "cannot make the default's models under /nowhere: read-only file system" in caplog.text
+
+
+def test_the_default_makes_its_models_after_the_bind(monkeypatch, tmp_path):
+    """`tokenpool serve` with no configuration hands the making of its models to the served start-up (`prepare`),
+    not before the bind; that step makes them, then checks them."""
+    from controller import serve as srv
+    from controller import startup
+
+    made, seen = [], {}
+    monkeypatch.setattr(srv, "ensure_demo_models", lambda cfg: made.append(cfg.is_default))
+    monkeypatch.setattr(startup, "check_models", lambda cfg: made.append("checked"))
+
+    def run(cfg, prepare=None):
+        seen["made_before"] = list(made)
+        prepare()
+        return 0
+
+    monkeypatch.setattr(shutdown, "run", run)
+    monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path))
+    srv.serve(port=0)
+    assert seen["made_before"] == [] and made == [True, "checked"]
