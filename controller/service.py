@@ -430,11 +430,11 @@ class Controller:
         an engine's pages, or one has not said its page."""
         if spec.engine.kind != "llm":
             return None
-        short, known = self._kv_short(_kv_elems(spec), spec.engine.dtype)
+        elems = _kv_elems(spec)
+        short, known = self._kv_short(elems, spec.engine.dtype)
         if not short or not known or len(short) < sum(e.alive for e in self.pool.engines.values()):
             return None
         page, need = max(short.values())
-        elems = _kv_elems(spec)
         return (f"model {spec.name!r} cannot load on the running workers: one token of its KV cache takes {need} "
                 f"bytes ({elems} elements), more than a KV page of theirs ({page} bytes; the pages were sized when the "
                 f"workers started, for the models configured then). Add it to the server's configuration (or "
