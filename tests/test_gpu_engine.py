@@ -740,10 +740,12 @@ def test_tma_forward_equals_cublas_forward(make_varied, arch, glu, monkeypatch):
     _assert_steps_close(outs, kv, meta)
 
 
-def test_tma_graph_replay_is_bit_exact(make_varied, monkeypatch):
+@pytest.mark.parametrize("early", ["none", "all"])
+def test_tma_graph_replay_is_bit_exact(make_varied, monkeypatch, early):
     """The TMA step captured in a CUDA graph with every kernel under programmatic dependent launch gives the hidden
     state and KV of the same kernels launched plainly, eagerly, bit for bit, replay after replay (a kernel reading
-    before its wait would show as a race)."""
+    before its wait would show as a race), its kernels letting the next in after their wait or before it
+    (`early`: triton_ops.PDL_EARLY_ROWS)."""
     from token_scheduler.model import llama, triton_ops, triton_tma
 
     if not triton_tma.pdl_capable(torch.zeros(1, device="cuda")):
@@ -756,4 +758,5 @@ def test_tma_graph_replay_is_bit_exact(make_varied, monkeypatch):
     ref_kv = kv.clone()
     ref = llama.forward_fused(cfg, w, ref_kv, rope, ids, pos, meta)
     monkeypatch.setattr(triton_ops, "USE_PDL", True)
+    monkeypatch.setattr(triton_ops, "PDL_EARLY_ROWS", early)
     _assert_replays_equal(lambda c: llama.forward_fused(cfg, w, c, rope, ids, pos, meta), kv, ref, ref_kv)

@@ -177,6 +177,9 @@ def test_one_rows_kernels_let_the_next_in_before_their_wait(monkeypatch):
     monkeypatch.setattr(triton_ops, "PDL_EARLY", True)
     with triton_ops.pdl_rows(8):
         assert (triton_ops.pdl_arg(one), triton_ops.pdl_arg(eight)) == (2, 1)
+        for mode, light, tma in (("all", 2, 2), ("light", 2, 1), ("tma", 1, 2), ("none", 1, 1)):
+            monkeypatch.setattr(triton_ops, "PDL_EARLY_ROWS", mode)
+            assert (triton_ops.pdl_arg(eight), triton_ops.pdl_arg(eight, tma=True)) == (light, tma), mode
     assert triton_ops.pdl_arg(eight) == 0
     monkeypatch.setattr(triton_ops, "PDL_EARLY", False)
     assert triton_ops.pdl_arg(one) == 1

@@ -77,12 +77,22 @@ def pdl_rows(rows: int):
 PDL_EARLY = env.PDL_EARLY.on()
 
 
-def pdl_arg(t: torch.Tensor) -> int:
-    """The kernels' PDL constexpr for a launch over `t` (leading dim: rows): 0 plain, 1 under PDL (wait, then let
-    the next in), 2 under PDL letting the next in first (PDL_EARLY: one row)."""
+# Steps of several rows under PDL (the TMA-fed batched steps): which of their kernels let the next in first, for A/B
+# runs (diag_gpu step): "none" (measured above), "all", "light" (all but the TMA GEMMs), "tma" (those alone).
+PDL_EARLY_ROWS = "none"
+
+
+def pdl_arg(t: torch.Tensor, tma: bool = False) -> int:
+    """The kernels' PDL constexpr for a launch over `t` (leading dim: rows; `tma`: a TMA-fed GEMM): 0 plain, 1 under
+    PDL (wait, then let the next in), 2 under PDL letting the next in first (PDL_EARLY: one row; several as
+    PDL_EARLY_ROWS says)."""
     if not pdl(t):
         return 0
-    return 2 if PDL_EARLY and t.shape[0] == 1 else 1
+    if t.shape[0] == 1:
+        return 2 if PDL_EARLY else 1
+    mode = PDL_EARLY_ROWS
+    early = mode == "all" or (mode == "light" and not tma) or (mode == "tma" and tma)
+    return 2 if PDL_EARLY and early else 1
 
 
 @triton.jit

@@ -183,5 +183,5 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     _tma_kernel[(triton.cdiv(n, bn), splits)](
         TensorDescriptor.from_tensor(w, [bn, bk]), TensorDescriptor.from_tensor(x, [m_pad, bk]),
         bias if bias is not None else y, y, m, n, tiles_k, per, BLOCK_N=bn, BLOCK_K=bk, M_PAD=m_pad, STAGES=st,
-        HAS_B=bias is not None, GLU=glu, PARTS=parts, PDL=pdl_arg(x), num_warps=4, launch_pdl=pdl(x))
+        HAS_B=bias is not None, GLU=glu, PARTS=parts, PDL=pdl_arg(x, tma=True), num_warps=4, launch_pdl=pdl(x))
     return y
