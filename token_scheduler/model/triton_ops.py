@@ -78,7 +78,9 @@ PDL_EARLY = env.PDL_EARLY.on()
 
 
 # Steps of several rows under PDL (the TMA-fed batched steps): which of their kernels let the next in first, for A/B
-# runs (diag_gpu step): "none" (measured above), "all", "light" (all but the TMA GEMMs), "tma" (those alone).
+# runs (diag_gpu step): "none", "all", "light" (all but the TMA GEMMs), "tma" (those alone). H100, 1.5B step replay
+# at 304537d (pdl_early_rows_h100_304537d.json), batch 8 / 32: none 1.711/1.707 and 2.034/2.016 ms (twice), all
+# 1.765 / 2.140, light 1.785 / 1.994, tma 1.723 / 2.020: none kept.
 PDL_EARLY_ROWS = "none"
 
 
