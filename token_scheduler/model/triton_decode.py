@@ -255,6 +255,12 @@ PREFETCH_KV = env.ATTN_PREFETCH.on()
 
 # Programs a paged-decode launch aims at, per SM (`num_splits_for`).
 FILL = 2
+# Tried: a fewest-blocks-a-split rule (2 or 3: a short context in fewer splits, the splits past it exiting at once and
+# the combine leaving them out, counted from the context). H100 step replay at 466a670, context 512: 1.5B batch 1
+# 1.309/1.310 -> 1.316 (2) / 1.309 (3) ms, context 2048 1.379/1.380 -> 1.383/1.380, 7B 4.900/4.896 -> 4.901/4.890
+# (bench/results/min_blocks_per_split_h100_466a670.json): nothing; the batched steps looked up to 3% slower with the
+# combine's extra dependent load of the context, so it was removed. (16 splits' 2% at context 512 came with half the
+# programs and half the combine's loads, not with the block ranges.)
 # The fewest cache blocks a split takes (MIN_PER): a short context then fills fewer splits, the others exit at once
 # and the combine leaves them out. 1: every split takes one block while the context has blocks for them all.
 MIN_BLOCKS_PER_SPLIT = 1
