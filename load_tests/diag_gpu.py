@@ -290,7 +290,7 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
              "attn_pipe": (triton_decode, "PIPELINE_IDS"), "pipe_stages": (triton_decode, "PIPE_STAGES"),
              "tma_rows": (triton_tma, "MAX_ROWS"), "tma_glu": (triton_tma, "GLU"), "tma_smem": (triton_tma, "SMEM_WIDE"),
              "glu": (llama, "GEMV_GLU"), "pdl_early": (triton_ops, "PDL_EARLY"),
-             "early_rows": (triton_ops, "PDL_EARLY_ROWS"), "min_per": (triton_decode, "MIN_BLOCKS_PER_SPLIT")}
+             "early_rows": (triton_ops, "PDL_EARLY_ROWS")}
     defaults = {k: getattr(mod, attr) for k, (mod, attr) in knobs.items()}
     # torch's switches read when a matmul is launched (so at capture): which BLAS library, and whether cuBLAS may
     # reduce split-K partial sums in bf16
@@ -308,8 +308,6 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 ("pdl early", {"pdl_early": True}), ("pdl early again", {"pdl_early": True}),
                 ("pdl late", {"pdl_early": False}),
                 *((f"early rows {m}", {"early_rows": m}) for m in ("all", "light", "tma")),
-                # the fewest cache blocks a split takes (triton_decode.MIN_BLOCKS_PER_SPLIT)
-                *((f"min per {n}", {"min_per": n}) for n in (2, 3, 4)),
                 # with it: the attention's splits, and the small projections' blocks (their pre-wait tiles now load
                 # under two kernels' streams)
                 *((f"early splits {s}", {"pdl_early": True, "splits": s}) for s in (4, 8, 16)),

@@ -79,7 +79,7 @@ def _paged_decode_kernel(
     BLOCK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, NBI: tl.constexpr,
     DIRECT: tl.constexpr,
     ROPE: tl.constexpr = False, COS=None, SIN=None, POS=None, SB=None, SO=None, H: tl.constexpr = 0,
-    KVH: tl.constexpr = 0, PREFETCH: tl.constexpr = False, PIPE: tl.constexpr = False, MIN_PER: tl.constexpr = 1,
+    KVH: tl.constexpr = 0, PREFETCH: tl.constexpr = False, PIPE: tl.constexpr = False,
 ):
     # PREFETCH (see PREFETCH_KV): the first tile of the cached context is loaded before the wait on the kernel
     # before (which writes this step's new K/V and q, never an older position); the new token's K/V are read after
@@ -97,12 +97,9 @@ def _paged_decode_kernel(
     jlo = 0
     if window > 0:
         jlo = tl.maximum(ctx - window, 0) // BLOCK
-    per = tl.maximum(tl.cdiv(nblk - jlo, NUM_SPLITS), MIN_PER)  # (`_splits_used` counts the same)
+    per = tl.cdiv(nblk - jlo, NUM_SPLITS)
     j0 = jlo + sp * per
     j1 = tl.minimum(j0 + per, nblk)
-    if NUM_SPLITS > 1:
-        if sp > 0 and j0 >= nblk:  # a split past the context: nothing to read or write (the combine leaves it out)
-            return
 
     g = tl.arange(0, GROUP_PAD)
     gmask = g < GROUP
@@ -176,29 +173,13 @@ def _paged_decode_kernel(
 
 
 @triton.jit
-def _splits_used(CTX, b, window, S: tl.constexpr, BLOCK: tl.constexpr, LAST_OFF: tl.constexpr,
-                 MIN_PER: tl.constexpr):
-    """How many of the S splits of row b hold cache blocks (the paged-decode kernel's split 0 always writes): the
-    kernel's own block-range arithmetic."""
-    ctx = tl.load(CTX + b)
-    nblk = tl.cdiv(ctx - LAST_OFF, BLOCK)
-    jlo = 0
-    if window > 0:
-        jlo = tl.maximum(ctx - window, 0) // BLOCK
-    per = tl.maximum(tl.cdiv(nblk - jlo, S), MIN_PER)
-    return tl.minimum(tl.maximum(tl.cdiv(nblk - jlo, per), 1), S)
-
-
-@triton.jit
-def _combine_kernel(Part, M, L, Y, CTX, window, S: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr,
-                    PDL: tl.constexpr, H: tl.constexpr, BLOCK: tl.constexpr, LAST_OFF: tl.constexpr,
-                    MIN_PER: tl.constexpr):
+def _combine_kernel(Part, M, L, Y, S: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
     # A separate kernel: merging in the attention kernel (the last split program of a kv head merges its group,
     # found with an atomic counter) measured 3 us a layer slower on the H100 at batch 1 than this launch.
     pdl_enter(PDL)
     bh = tl.program_id(0)  # flattened (batch, head)
     sp = tl.arange(0, S_PAD)
-    sm = sp < _splits_used(CTX, bh // H, window, S, BLOCK, LAST_OFF, MIN_PER)  # (splits past the context wrote nothing)
+    sm = sp < S
     m = tl.load(M + bh * S + sp, mask=sm, other=float("-inf"))
     l_ = tl.load(L + bh * S + sp, mask=sm, other=0.0)
     mmax = tl.max(m, 0)
@@ -256,14 +237,11 @@ PREFETCH_KV = env.ATTN_PREFETCH.on()
 # Programs a paged-decode launch aims at, per SM (`num_splits_for`).
 FILL = 2
 # Tried: a fewest-blocks-a-split rule (2 or 3: a short context in fewer splits, the splits past it exiting at once and
-# the combine leaving them out, counted from the context). H100 step replay at 466a670, context 512: 1.5B batch 1
+# the combine leaving them out, counted from the context; 466a670). H100 step replay, context 512: 1.5B batch 1
 # 1.309/1.310 -> 1.316 (2) / 1.309 (3) ms, context 2048 1.379/1.380 -> 1.383/1.380, 7B 4.900/4.896 -> 4.901/4.890
 # (bench/results/min_blocks_per_split_h100_466a670.json): nothing; the batched steps looked up to 3% slower with the
 # combine's extra dependent load of the context, so it was removed. (16 splits' 2% at context 512 came with half the
 # programs and half the combine's loads, not with the block ranges.)
-# The fewest cache blocks a split takes (MIN_PER): a short context then fills fewer splits, the others exit at once
-# and the combine leaves them out. 1: every split takes one block while the context has blocks for them all.
-MIN_BLOCKS_PER_SPLIT = 1
 
 
 def num_splits_for(batch: int, kv_heads: int, sms: int = 132) -> int:
@@ -351,14 +329,13 @@ def paged_decode(q, kv, layer, block_tables, context_lens, scale, window=None, n
         layer * s_kvl, layer * s_kvl + s_kv2,
         NUM_SPLITS=S, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=BS, D=D,
         IEEE=q.dtype == torch.float32, PDL=pdl_arg(q), NBI=BLOCKS_PER_ITER, DIRECT=S == 1, launch_pdl=launch_pdl,
-        PREFETCH=prefetch, PIPE=PIPELINE_IDS, MIN_PER=MIN_BLOCKS_PER_SPLIT,
+        PREFETCH=prefetch, PIPE=PIPELINE_IDS,
         **({} if DECODE_WARPS is None else {"num_warps": DECODE_WARPS}),
         **({} if stages is None else {"num_stages": stages}),
         **({} if rope is None else dict(zip(("COS", "SIN", "POS", "SB", "SO"), rope), ROPE=True, H=H, KVH=KVH)),
     )
     if S == 1:
         return out
-    _combine_kernel[(B * H,)](o, m, lsum, out, context_lens, window or 0, S=S, S_PAD=triton.next_power_of_2(S), D=D,
-                              num_warps=4, PDL=pdl_arg(q), launch_pdl=launch_pdl, H=H, BLOCK=BS,
-                              LAST_OFF=int(prefetch or rope is not None), MIN_PER=MIN_BLOCKS_PER_SPLIT)
+    _combine_kernel[(B * H,)](o, m, lsum, out, S=S, S_PAD=triton.next_power_of_2(S), D=D, num_warps=4,
+                              PDL=pdl_arg(q), launch_pdl=launch_pdl)
     return out
