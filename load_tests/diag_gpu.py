@@ -308,8 +308,8 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 ("pdl early", {"pdl_early": True}), ("pdl early again", {"pdl_early": True}),
                 ("pdl late", {"pdl_early": False}),
                 *((f"early rows {m}", {"early_rows": m}) for m in ("all", "light", "tma")),
-                # with it: the attention's splits, and the small projections' blocks (their pre-wait tiles now load
-                # under two kernels' streams)
+                # with it: the attention's splits, and the projections' blocks (their pre-wait tiles now load under
+                # the streams of the kernels still running)
                 *((f"early splits {s}", {"pdl_early": True, "splits": s}) for s in (4, 8, 16)),
                 *((f"early {name} {c[0]}x{c[1]}x{c[2]}", {"pdl_early": True, "cfgs": {**triton_gemv._CONFIGS, shape: c}})
                   for name, shape, cs in (("qkv", (2048, 1536), ((4, 2048, 8), (16, 1024, 8), (8, 1024, 8), (8, 2048, 8))),

@@ -70,9 +70,9 @@ def pdl_rows(rows: int):
 # own wait, so every earlier write is visible by then. But the launches may now run ahead by as many kernels as fit
 # on the GPU at once (each waiting), not one: what a kernel reads before its wait must be written by no kernel of the
 # step -- weights, cache positions before the new token, the step's inputs (uploaded before the graph's first kernel,
-# the embedding's lookup, which is launched plainly). Not so for several rows of one sequence, each a row of one
-# launch (row graphs: several rows, so never this path). No program waits on one that cannot start: the next kernel
-# is scheduled only once all of this one's programs have. H100 (diag_gpu step, graph
+# the embedding's lookup, which is launched plainly); a prefill's rows run in one launch of several rows (row graphs),
+# never on this path. No program waits on one that cannot start: the next kernel is scheduled only once all of this
+# one's programs have. H100 (diag_gpu step, graph
 # replay at context 512, e98bee8, bench/results/pdl_early_h100_e98bee8.json): batch-1 steps 1.5B 1.339/1.332/1.334
 # -> 1.312/1.305 ms (0.979), 7B 4.889/4.890 -> 4.861/4.859 (0.994); the 1.5B's batched TMA steps slower (batch 8
 # 1.70 -> 1.76, batch 32 2.01 -> 2.13: the next GEMM's programs, 110-160 KB of shared memory each, sit waiting),
