@@ -305,7 +305,7 @@ class Controller:
         self._starting = self.pool.starting = True
         # the configured models' largest KV token, known before any worker joins (read here, not at construction:
         # the default's models are made after the bind, `tokenpool serve`'s start-up)
-        self.pool.kv_elems_per_token = max((kv_elems_per_token(s.path) for s in self.cfg.models if s.path), default=0)
+        self.pool.kv_elems_per_token = max((_kv_elems(s) for s in self.cfg.models), default=0)
         devices = await asyncio.to_thread(local_devices, self.cfg.workers.local)
         await self.pool.start(devices)
         try:
