@@ -16,6 +16,8 @@ const S = {
   lastSeq: 0, // the last event's seq: a new stream goes on from it (the ring's backlog once, not again)
   snapshots: 0, // pool snapshots drawn (the browser tests wait on it)
   es: null, // the event stream
+  lastData: 0, opened: 0, // when (Date.now()) the stream last brought a snapshot, and when it last opened
+  retrying: false, // the stream failed and reconnects (the page says "reconnecting…")
   calls: 0, // admin API calls in flight
   leaving: false, // signed out: the page goes to the login form once no call is in flight
   signingOut: false, // this tab signs out: no call starts (one answered after the session's drop is a 401)
@@ -159,7 +161,13 @@ async function api(method, path, body) {
   if (S.signingOut) throw new Error("signed out");
   S.calls++;
   try {
-    r = await fetch(path, opts);
+    try {
+      r = await fetch(path, opts);
+    } catch (e) { // (the browser's own words, "Failed to fetch", told an operator nothing)
+      const err = new Error("the server did not answer (is it running, or restarting?)");
+      err.unreachable = true;
+      throw err;
+    }
     try { data = await r.json(); } catch (e) { data = null; }
   } finally {
     S.calls--;
@@ -717,7 +725,9 @@ async function refresh() {
     applyPool(p, false);
     applyRequests(reqs);
   } catch (e) {
-    if (e.message !== "signed out") toast(`Refresh failed: ${e.message}`, true);
+    // (a server that does not answer: the header says so, and an action's own toast says it failed; this one
+    // replaced that toast at once)
+    if (e.message !== "signed out" && !e.unreachable) toast(`Refresh failed: ${e.message}`, true);
   }
 }
 
@@ -732,9 +742,14 @@ function connect() {
   // that failed (CLOSED) goes on from the last event seen (since=0 there showed every event twice). A restarted
   // server, whose seqs are all below it, sends what it has.
   const es = S.es = new EventSource(`/admin/events?since=${S.lastSeq}&snapshots=true`);
-  es.onopen = () => { conn.textContent = "live"; conn.className = "conn live"; };
+  es.onopen = () => {
+    S.retrying = false;
+    S.opened = Date.now();
+    conn.textContent = "live"; conn.className = "conn live"; conn.title = "";
+  };
   es.onerror = () => {
     if (S.leaving) { signedOut(); return; } // (the stream ended: the page goes to the login form)
+    S.retrying = true;
     conn.textContent = "reconnecting…";
     conn.className = "conn down";
     if (es.readyState === EventSource.CLOSED) { es.close(); setTimeout(connect, 2000); refreshSoon(0); }
@@ -750,7 +765,11 @@ function connect() {
       S.eventsDue = requestAnimationFrame(() => { S.eventsDue = null; renderEvents(); });
     }
   };
-  es.addEventListener("pool", (msg) => applyPool(JSON.parse(msg.data), true));
+  es.addEventListener("pool", (msg) => {
+    S.lastData = Date.now();
+    if (conn.textContent.startsWith("no data")) { conn.textContent = "live"; conn.className = "conn live"; conn.title = ""; }
+    applyPool(JSON.parse(msg.data), true);
+  });
   // the server ends the stream: a session signed out (in another tab, or expired) goes to the login form at once,
   // not through a reconnect answered 401; a server stopping is reconnected to (the page says so meanwhile)
   es.addEventListener("end", (msg) => { if (JSON.parse(msg.data).reason === "signed out") signedOut(); });
@@ -846,6 +865,31 @@ function init() {
   });
   window.addEventListener("resize", () => { resizeCharts(); if (S.pool && S.view === "pool") renderEngines(S.pool); });
   connect();
+  setInterval(watchStream, 1000);
+}
+
+// An open stream brings a snapshot about once a second. One that brings nothing (the server hung, a proxy or the
+// network holding the connection open with nothing behind it) left the page saying "live" over figures that no
+// longer moved: the header says since when nothing came, and past STALE_RECONNECT_S the stream is opened again (a
+// half-open connection never ends by itself; the server's keep-alive comments are not seen by the page).
+const STALE_S = 5;
+const STALE_RECONNECT_S = 15;
+function watchStream() {
+  if (S.leaving || S.retrying || !S.opened) return; // (reconnecting: the header says so already)
+  const since = Math.max(S.lastData, S.opened), idle = (Date.now() - since) / 1000;
+  if (idle < STALE_S) return;
+  const conn = document.getElementById("conn");
+  const text = `no data since ${clock((S.lastData || S.opened) / 1000)}`;
+  if (conn.textContent !== text) {
+    conn.textContent = text;
+    conn.className = "conn down";
+    conn.title = "the server has sent nothing since then: the figures shown are from then";
+  }
+  if (idle >= STALE_RECONNECT_S && (Date.now() - (watchStream.reopened || 0)) / 1000 >= STALE_RECONNECT_S) {
+    watchStream.reopened = Date.now();
+    S.es.close();
+    connect();
+  }
 }
 
 init();
