@@ -2,9 +2,9 @@
 official `anthropic` client (and the tools built on it) sends them to a local server, which llama.cpp's server and
 llama-swap also answer.
 
-A request's `system`, `messages` (text blocks, `tool_use` and `tool_result`), `max_tokens`, `stop_sequences`,
-sampling fields, `tools` (name, description, input_schema) and `tool_choice` become the chat completion they mean;
-it is validated, templated, admitted and generated as that one would be. The reply is a Message: `text` or
+A request's `system`, `messages` (text blocks, `tool_use` and `tool_result`: a failed call's, `is_error`, as its
+text after "Error: "), `max_tokens`, `stop_sequences`, sampling fields, `tools` (name, description, input_schema) and
+`tool_choice` become the chat completion they mean; it is validated, templated, admitted and generated as that one would be. The reply is a Message: `text` or
 `tool_use` content blocks, its `stop_reason` (end_turn, max_tokens, stop_sequence, tool_use) and usage (the prompt
 tokens found in the prefix cache as `cache_read_input_tokens`). Streamed, the Messages API's server-sent events
 (message_start ... message_stop; text as it comes, tool calls whole at the end, as the chat path holds them).
@@ -96,6 +96,21 @@ def _text(content: Any, where: str) -> str:
     raise _bad(f"{where} must be a string or a list of text blocks", where)
 
 
+TOOL_ERROR = "Error: "  # (before a failed call's result, `is_error`: the model reads that the call failed)
+
+
+def _result(b: dict[str, Any], where: str) -> str:
+    """A tool_result block's text as its tool message says it: with `is_error` true (the call failed, its content the
+    error), after "Error: ", since a chat template has no field for it; "Error" alone when the block has no content."""
+    text = _text(b.get("content", ""), f"{where}.content")
+    is_error = b.get("is_error")
+    if is_error is not None and not isinstance(is_error, bool):
+        raise _bad(f"{where}.is_error: Input should be a valid boolean", f"{where}.is_error")
+    if not is_error:
+        return text
+    return TOOL_ERROR + text if text else TOOL_ERROR.rstrip(": ")
+
+
 def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
     """The conversation as chat messages: text blocks joined, tool_use blocks as the assistant's calls, tool_result
     blocks as tool messages."""
@@ -132,7 +147,7 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
                     out.append({"role": "user", "content": "".join(texts)})
                     texts = []
                 out.append({"role": "tool", "tool_call_id": b["tool_use_id"],
-                            "content": _text(b.get("content", ""), where)})
+                            "content": _result(b, f"{where}.{j}")})
             elif kind in ("image", "document"):
                 raise _bad(f"{where}: {kind} blocks are not supported: the served models take text", where)
             else:

@@ -1,0 +1,75 @@
+"""Anthropic's Messages API as the official `anthropic` client meets it on a live server: what a tool_result's
+`is_error` tells the model."""
+
+from __future__ import annotations
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from load_tests.live_server import LiveServer
+
+GREEDY = {"temperature": 0}  # (the client's create() no longer takes sampling fields; the API still does)
+TOOL = {"name": "get_weather", "description": "Weather in a city",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+ASKED = [{"role": "user", "content": "Weather in Paris?"},
+         {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                            "input": {"city": "Paris"}}]}]
+
+
+@pytest.fixture(scope="module")
+def server(make_varied, tmp_path_factory):
+    cfg = {"workers": {"local": "cpu", "heartbeat_s": 0.25},
+           "models": [{"name": "tiny", "path": str(make_varied("qwen2")), "engine": {"max_num_seqs": 8}}]}
+    with LiveServer(cfg, tmp_path_factory.mktemp("ux55-anthropic")) as srv:
+        yield srv
+
+
+def ac(srv) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=srv.url, api_key="x", max_retries=0, timeout=60)
+
+
+def _result(content, **more) -> list[dict]:
+    return [*ASKED, {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": content,
+                                                  **more}]}]
+
+
+def _chat(tool_says: str) -> list[dict]:
+    """ASKED and a tool message saying `tool_says`, as the chat endpoint takes them."""
+    return [ASKED[0], {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": tool_says}]
+
+
+def _prompt(srv, chat: list[dict]) -> tuple[int, str]:
+    """The chat endpoint's prompt for `chat`: its token count and its text (vLLM's /tokenize and /detokenize)."""
+    t = httpx.post(srv.url + "/tokenize", json={"model": "tiny", "messages": chat}, timeout=30).json()
+    text = httpx.post(srv.url + "/detokenize", json={"model": "tiny", "tokens": t["tokens"]}, timeout=30).json()
+    return t["count"], text["prompt"]
+
+
+def test_a_failed_tool_results_is_error_reaches_the_prompt(server):
+    """A tool_result with is_error true (the call failed; its content the error) went to the model as a plain
+    result, the flag dropped: the model read "disk full" as the weather. It is now the tool message "Error: disk
+    full" (a chat template has no field for the flag): count_tokens, and the greedy reply, are the chat endpoint's for
+    that tool message; without the flag (or false), the plain result's. An is_error block with no content is
+    "Error"; an is_error that is not a boolean is a 400 naming it, as Anthropic's."""
+    c = ac(server)
+    n_err, text = _prompt(server, _chat("Error: disk full"))
+    n_plain, _ = _prompt(server, _chat("disk full"))
+    assert "Error: disk full" in text and n_err != n_plain
+    for blocks in ("disk full", [{"type": "text", "text": "disk "}, {"type": "text", "text": "full"}]):
+        assert c.messages.count_tokens(model="tiny", messages=_result(blocks, is_error=True)).input_tokens == n_err
+        assert c.messages.count_tokens(model="tiny", messages=_result(blocks)).input_tokens == n_plain
+        assert c.messages.count_tokens(model="tiny", messages=_result(blocks, is_error=False)).input_tokens == n_plain
+    r = c.messages.create(model="tiny", messages=_result("disk full", is_error=True), max_tokens=6, extra_body=GREEDY)
+    want = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+        model="tiny", messages=_chat("Error: disk full"), max_tokens=6, temperature=0)
+    assert r.content[0].text == want.choices[0].message.content
+    assert r.usage.input_tokens + r.usage.cache_read_input_tokens == n_err
+    assert c.messages.count_tokens(model="tiny", messages=_result("", is_error=True)).input_tokens == \
+        _prompt(server, _chat("Error"))[0]
+    with pytest.raises(anthropic.BadRequestError) as ei:
+        c.messages.count_tokens(model="tiny", messages=_result("disk full", is_error="yes"))
+    assert "messages.2.content.0.is_error" in ei.value.body["error"]["message"], ei.value.body
