@@ -1,5 +1,5 @@
 """Anthropic's Messages API as the official `anthropic` client meets it on a live server: what a tool_result's
-`is_error` tells the model."""
+`is_error` tells the model, and errors that name the fields the client sent (not the chat path's own)."""
 
 from __future__ import annotations
 
@@ -73,3 +73,15 @@ def test_a_failed_tool_results_is_error_reaches_the_prompt(server):
     with pytest.raises(anthropic.BadRequestError) as ei:
         c.messages.count_tokens(model="tiny", messages=_result("disk full", is_error="yes"))
     assert "messages.2.content.0.is_error" in ei.value.body["error"]["message"], ei.value.body
+
+
+def test_tool_choice_tool_needs_its_name(server):
+    """tool_choice {"type": "tool"} without a name answered with the chat path's validation of its own tool_choice
+    ("tool_choice.literal['none','auto','required']: Input should be ..."), words the client never sent; Anthropic's
+    400 says tool_choice's name is required."""
+    with pytest.raises(anthropic.BadRequestError) as ei:
+        ac(server).messages.create(model="tiny", messages=ASKED[:1], max_tokens=4, tools=[TOOL],
+                                   tool_choice={"type": "tool"})
+    msg = ei.value.body["error"]["message"]
+    assert ei.value.body["error"]["type"] == "invalid_request_error" and "tool_choice.name" in msg, msg
+    assert "literal" not in msg and "required'" not in msg, msg

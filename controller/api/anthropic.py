@@ -185,6 +185,9 @@ def chat_request(req: p.MessagesRequest) -> p.ChatCompletionRequest:
         raise _bad(f"tool_choice type {kind!r} is not one of auto, any, tool, none", "tool_choice")
     if kind in ("any", "tool") and not req.tools:  # (a call asked for, and no tool to call)
         raise _bad(f"tool_choice {kind!r} needs tools", "tool_choice")
+    if kind == "tool" and (not isinstance(tc.get("name"), str) or not tc["name"]):
+        raise _bad("tool_choice.name: Field required (the tool to call, with tool_choice type 'tool')",
+                   "tool_choice.name")
     if req.tools:
         tools = []
         for i, t in enumerate(req.tools):
