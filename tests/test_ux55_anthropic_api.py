@@ -85,3 +85,17 @@ def test_tool_choice_tool_needs_its_name(server):
     msg = ei.value.body["error"]["message"]
     assert ei.value.body["error"]["type"] == "invalid_request_error" and "tool_choice.name" in msg, msg
     assert "literal" not in msg and "required'" not in msg, msg
+
+
+def test_a_tools_errors_name_its_input_schema_and_name(server):
+    """A tool's input_schema that is no object schema, and a name the server refuses, were said in the chat path's
+    terms ("tools.0.function.parameters: a function's parameters are ...", "tools.0.function.name"); the Messages
+    API's client sent `input_schema` and `name`, which the 400 names now, from create() and count_tokens() alike."""
+    c = ac(server)
+    for tool, said in (({"name": "f", "input_schema": {"type": "string"}}, "tools.0.input_schema"),
+                       ({"name": "bad name!", "input_schema": {"type": "object"}}, "tools.0.name")):
+        for call, more in ((c.messages.create, {"max_tokens": 4}), (c.messages.count_tokens, {})):
+            with pytest.raises(anthropic.BadRequestError) as ei:
+                call(model="tiny", messages=ASKED[:1], tools=[tool], tool_choice={"type": "any"}, **more)
+            msg = ei.value.body["error"]["message"]
+            assert msg.startswith(said) and "function" not in msg, msg

@@ -15,6 +15,7 @@ blocks, sent back whole by clients, are ignored, as Anthropic strips them). Erro
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -206,7 +207,30 @@ def chat_request(req: p.MessagesRequest) -> p.ChatCompletionRequest:
         return p.ChatCompletionRequest.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        raise _bad(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}", "messages") from None
+        where = ".".join(str(x) for x in err["loc"])
+        raise _bad(in_our_terms(f"{where}: {err['msg']}"), in_our_terms(where)) from None
+
+
+# The chat path's names for a tool's fields, in an error about a tool, as the Messages API names them
+_CHAT_TERMS = ((re.compile(r"\btools\.(\d+)\.function\.parameters\b"), r"tools.\1.input_schema"),
+               (re.compile(r"\btools\.(\d+)\.function\.(\w+)"), r"tools.\1.\2"),
+               (re.compile(r"a function's parameters are"), "a tool's input_schema is"))
+
+
+def in_our_terms(text: str) -> str:
+    """An error of the chat path's in the Messages API's terms: a tool's `input_schema` and `name`, not the chat
+    request's `function.parameters` and `function.name` (which the client never sent)."""
+    for pattern, repl in _CHAT_TERMS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def _translated(e: ServingError) -> ServingError:
+    e.message = in_our_terms(e.message)
+    e.args = (e.message,)
+    if e.param:
+        e.param = in_our_terms(e.param)
+    return e
 
 
 def check_tool_choice(serving: OpenAIServing, req: p.MessagesRequest, tenant: Tenant) -> None:
@@ -262,7 +286,10 @@ async def create(serving: OpenAIServing, req: p.MessagesRequest, tenant: Tenant,
         raise _bad("max_tokens: Field required", "max_tokens")
     chat = chat_request(req)
     check_tool_choice(serving, req, tenant)
-    _, tools, gen = await serving.start_chat(chat, tenant, serving.ctl.new_id("msg"), req.stream)
+    try:
+        _, tools, gen = await serving.start_chat(chat, tenant, serving.ctl.new_id("msg"), req.stream)
+    except ServingError as e:
+        raise _translated(e) from None
     reply = _Reply(serving, req, tools)
     if req.stream:
         return _stream(serving, gen, reply)
@@ -345,4 +372,7 @@ async def count_tokens(serving: OpenAIServing, req: p.MessagesRequest, tenant: T
     """The prompt's tokens as /v1/messages would feed them (the template, with the tools' declarations)."""
     chat = chat_request(req)
     check_tool_choice(serving, req, tenant)
-    return {"input_tokens": await serving.chat_prompt_tokens(tenant, chat)}
+    try:
+        return {"input_tokens": await serving.chat_prompt_tokens(tenant, chat)}
+    except ServingError as e:
+        raise _translated(e) from None
