@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import httpx
 import openai
@@ -99,3 +101,17 @@ def test_a_tools_errors_name_its_input_schema_and_name(server):
                 call(model="tiny", messages=ASKED[:1], tools=[tool], tool_choice={"type": "any"}, **more)
             msg = ei.value.body["error"]["message"]
             assert msg.startswith(said) and "function" not in msg, msg
+
+
+def test_the_anthropic_clients_other_paths_answer_in_its_shape(server):
+    """The `anthropic` client's calls this server does not serve (files, batches) are 404s in Anthropic's error shape
+    (`{"type": "error", "error": {"type": "not_found_error", ...}}`): files.list() got OpenAI's, which the client
+    cannot read (its error's type was lost)."""
+    c = ac(server)
+    for call in (c.beta.files.list, c.messages.batches.list):
+        with pytest.raises(anthropic.NotFoundError) as ei:
+            call()
+        assert ei.value.body["type"] == "error" and ei.value.body["error"]["type"] == "not_found_error", ei.value.body
+    r = httpx.get(server.url + "/v1/files")  # (the same path without the client's header: OpenAI's shape, as before)
+    assert r.status_code == 404 and "type" in r.json()["error"] and r.json().get("type") != "error", r.text
+    assert json.loads(httpx.get(server.url + "/v1/models").text)["object"] == "list"

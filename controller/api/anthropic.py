@@ -43,9 +43,9 @@ def error_body(e: ServingError) -> dict[str, Any]:
 
 def speaks_anthropic(request: Request) -> bool:
     """Whether a request is the Messages API's, or the `anthropic` client's (it sends `anthropic-version` with every
-    call, `models.list()` too): its errors and model cards take Anthropic's shape."""
-    path = request.url.path
-    return path.startswith("/v1/messages") or (path.startswith("/v1/models") and "anthropic-version" in request.headers)
+    call, `models.list()` too, and `beta.files.list()` for a path not served here): its errors and model cards take
+    Anthropic's shape."""
+    return request.url.path.startswith("/v1/messages") or "anthropic-version" in request.headers
 
 
 def model_info(card: p.ModelCard) -> dict[str, Any]:
