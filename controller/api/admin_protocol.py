@@ -241,6 +241,8 @@ class PoolOut(BaseModel):
     t: float = Field(description="server wall-clock time")
     window_s: float
     latency_window: bool = Field(description="whether finished requests feed the window (TTFT/TPOT, attainment)")
+    auth: bool = Field(True, description="whether requests must carry a tenant's key; false: every caller is the "
+                       "`anonymous` tenant, which `tenants` then lists last")
     engines: list[EnginePoolOut]
     models: list[ModelPoolOut]
     tenants: list[TenantPoolOut]

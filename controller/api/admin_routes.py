@@ -15,7 +15,7 @@ from controller.errors import ServingError
 from controller.pool import EngineHandle
 from controller.router import pin_blocks, starved_by_pins
 from controller.service import Controller
-from controller.tenants import Tenant
+from controller.tenants import ANONYMOUS, Tenant
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(auth.admin)])
 
@@ -146,6 +146,10 @@ async def create_tenant(body: ap.TenantCreate, request: Request):
     ctl = _ctl(request)
     if body.slo_class is not None and body.slo_class not in ctl.cfg.slo_classes:
         raise ServingError(400, f"unknown slo_class {body.slo_class!r}", param="slo_class")
+    if body.name == ANONYMOUS.name:  # (without authentication, a second tenant of that name beside every caller's)
+        raise ServingError(400, f"tenant name {body.name!r} is reserved: it is the tenant every caller is when the "
+                           "server runs without authentication; choose another name", param="name",
+                           code="tenant_name_reserved")
     try:
         t, key = ctl.tenants.create(TenantSpec(**body.model_dump()), issue_key=not body.key_hashes)
     except KeyError:

@@ -201,7 +201,8 @@ def pool_view(ctl: Any, timeline_s: float = SPAN_S, resolution_s: float = RES_S)
         rejected_per_min=60.0 * rpm.get(t.name, 0.0), requests=twin.get(t.name, {}).get("requests", 0),
         attainment=twin.get(t.name, {}).get("attainment")) for t in tenants]
     bus = events(ctl)
-    return ap.PoolOut(t=now, window_s=act.window_s, latency_window=act.hooked, engines=engines, models=models,
+    return ap.PoolOut(t=now, window_s=act.window_s, latency_window=act.hooked, auth=bool(ctl.tenants.auth),
+                      engines=engines, models=models,
                       tenants=tout, events=dict(bus.counts), event_subscribers=bus.subscribers)
 
 

@@ -612,9 +612,13 @@ function renderModels(p) {
 }
 
 function renderTenants(p) {
+  // without authentication the pool lists the tenant every caller is, last (controller.dashboard.views): told by the
+  // pool's `auth`, not by the name (a tenant of the configuration named "anonymous", with authentication on, lost its
+  // limits and its Revoke, and the page said authentication was off)
+  const anon = (t) => p.auth === false && t.name === "anonymous";
   const rows = p.tenants.map((t) => { const d = S.details.tenants.get(t.name); return el("tr", { "data-tenant": t.name },
     el("td", { text: t.name }),
-    el("td", {}, t.name === "anonymous" && !d // (authentication off: everyone is it, and may use every model)
+    el("td", {}, anon(t) && !d // (authentication off: everyone is it, and may use every model)
       ? el("span", { class: "mname", title: "every model (authentication is off)", text: "*" })
       : el("span", { class: "mname", title: d ? d.models.join(", ") : "", text: d ? d.models.join(", ") : "—" })),
     el("td", { class: "num", text: fmtNum(t.requests_per_s, 2) }),
@@ -622,14 +626,14 @@ function renderTenants(p) {
     el("td", { class: "num", text: `${t.concurrency}${t.max_concurrent ? ` / ${t.max_concurrent}` : ""}` }),
     el("td", { class: "num", text: t.rejected_total }), el("td", { class: "num", text: fmtNum(t.rejected_per_min, 1) }),
     el("td", { class: "num", text: fmtPct(t.attainment) }),
-    el("td", { text: t.name === "anonymous" ? "—" : fmtLimits(d) }),
+    el("td", { text: anon(t) ? "—" : fmtLimits(d) }),
     el("td", { class: "actions" },
       d && d.source === "admin" ? el("button", { "data-action": "edit", onclick: () => editTenant(t.name),
         title: "change its models and limits in place (in the form below); its keys keep working" }, "Edit") : null,
       " ",
       d && d.source === "admin" ? el("button", { "data-action": "rotate", onclick: () => rotate(t.name),
         title: "a new key for it, the same models and limits; its keys stop working" }, "New key") : null, " ",
-      t.name === "anonymous" ? null : el("button", {
+      anon(t) ? null : el("button", {
         class: "danger", "data-action": "revoke", onclick: () => act(`Revoke tenant ${t.name}? Its keys stop working ` +
           "at once.", "DELETE", `/admin/tenants/${encodeURIComponent(t.name)}`, undefined, () => `Tenant ${t.name} revoked`),
       }, "Revoke"))); });
@@ -639,8 +643,7 @@ function renderTenants(p) {
   if (!box.hidden && !p.tenants.some((t) => t.name === box.dataset.tenant)) { box.hidden = true; box.replaceChildren(); }
   const editing = document.getElementById("add-tenant").dataset.editing; // (a tenant revoked while edited)
   if (editing !== undefined && !p.tenants.some((t) => t.name === editing)) endEdit();
-  // the pool lists the anonymous tenant only while authentication is off (controller.dashboard.views)
-  document.getElementById("auth-off").hidden = !p.tenants.some((t) => t.name === "anonymous");
+  document.getElementById("auth-off").hidden = p.auth !== false;
 }
 
 const REQUEST_STATES = { // (controller.dashboard.views.requests_view)
