@@ -38,7 +38,7 @@ from controller.api.serving import (
     too_long,
     unless_disconnected,
 )
-from controller.api.structured import ToolPlan
+from controller.api.structured import ToolPlan, closed_schema
 from controller.dashboard.views import resident_models
 from controller.errors import ServingError, field_path, json_kind, telling_error
 
@@ -181,7 +181,11 @@ def _sampling(body: _Base, model: str) -> dict[str, Any]:
     if body.format == "json":
         out["response_format"] = {"type": "json_object"}
     elif isinstance(body.format, dict):
-        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "format", "schema": body.format}}
+        # (closed, as Ollama's grammar is: llama.cpp's json-schema-to-grammar takes an object schema that does not
+        # say otherwise to allow only its own properties, so a pydantic model_json_schema(), which says nothing,
+        # parses back into its model; an open one let the model write keys of its own until num_predict cut it)
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "format",
+                                                                         "schema": closed_schema(body.format)}}
     elif body.format not in (None, ""):
         raise ServingError(400, f"format must be \"json\" or a JSON schema, got {body.format!r}")
     return out

@@ -70,7 +70,7 @@ _SO_SHAPES = ("json", "regex", "choice", "grammar", "json_object")
 # vLLM's options beside a shape that change nothing here: the JSON layout has no free whitespace already, and
 # there is no other backend to fall back to
 _SO_OPTIONS = frozenset({"disable_any_whitespace", "whitespace_pattern", "disable_fallback",
-                         "disable_additional_properties"})  # (the last: see _closed)
+                         "disable_additional_properties"})  # (the last: see closed_schema)
 
 
 def vllm_grammar(req: Any) -> str | None:
@@ -106,7 +106,7 @@ def vllm_grammar(req: Any) -> str | None:
                 raise ServingError(400, f"{param}: not a JSON schema ({e})", param=param) from None
         if not isinstance(v, dict):
             raise ServingError(400, f"{param}: a JSON schema is an object", param=param)
-        return json_grammar(_closed(v) if so.get("disable_additional_properties") else v, param)
+        return json_grammar(closed_schema(v) if so.get("disable_additional_properties") else v, param)
     if kind == "regex":
         if not isinstance(v, str):
             raise ServingError(400, f"{param}: a regular expression is a string", param=param)
@@ -131,14 +131,14 @@ def _as_lark(grammar: str, param: str) -> str:
         raise ServingError(400, f"{param}: not a Lark or GBNF grammar ({e})", param=param) from None
 
 
-def _closed(schema: Any) -> Any:
+def closed_schema(schema: Any) -> Any:
     """`schema` with every object schema that lists properties and does not say otherwise taking no others
     (`additionalProperties: false`), as vLLM's structured_outputs option disable_additional_properties makes it."""
     if isinstance(schema, list):
-        return [_closed(x) for x in schema]
+        return [closed_schema(x) for x in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: v if k in ("enum", "const", "default", "examples") else _closed(v) for k, v in schema.items()}
+    out = {k: v if k in ("enum", "const", "default", "examples") else closed_schema(v) for k, v in schema.items()}
     if "additionalProperties" not in out and ("properties" in out or "patternProperties" in out):
         out["additionalProperties"] = False
     return out

@@ -1,0 +1,57 @@
+"""Ollama's API (/api/*) as its users meet it through the official `ollama` client, against one live server of a
+tiny model: `format` schemas held as Ollama holds them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import ollama
+import pytest
+from pydantic import BaseModel
+
+from load_tests.live_server import LiveServer
+
+
+@pytest.fixture(scope="module")
+def server(make_tiny, tmp_path_factory):
+    work = tmp_path_factory.mktemp("ux55_ollama")
+    cfg = {"workers": {"local": "cpu", "heartbeat_s": 0.25},
+           "models": [{"name": "tiny", "path": str(make_tiny("qwen2")), "engine": {"max_num_seqs": 8}}]}
+    with LiveServer(cfg, work) as srv:
+        yield srv
+
+
+def oc(srv) -> ollama.Client:
+    return ollama.Client(host=srv.url, timeout=60)
+
+
+class Verdict(BaseModel):
+    ok: bool
+    kind: Literal["a", "b"]
+
+
+def test_a_format_schema_takes_no_properties_it_does_not_list(server):
+    """Ollama's structured outputs as its docs show them: `format=Model.model_json_schema()`, the reply parsed back
+    with `Model.model_validate_json`. pydantic's schema says nothing of additionalProperties, and Ollama's grammar
+    (llama.cpp's json-schema-to-grammar) then allows no other keys. Here the schema was held open: a model went on
+    after the listed keys with keys of its own (`{"ok": false, "kind": "a", "< sp calling...`) until num_predict cut
+    it, and the reply was not even JSON. Streamed or not, sampled with any seed, the reply is the model's."""
+    c = oc(server)
+    msgs = [{"role": "user", "content": "Judge it"}]
+    for seed in range(6):
+        opts = {"temperature": 1.0, "seed": seed, "num_predict": 48}
+        r = c.chat(model="tiny", messages=msgs, format=Verdict.model_json_schema(), options=opts)
+        assert r.done_reason == "stop", (seed, r.message.content)
+        Verdict.model_validate_json(r.message.content)
+        g = c.generate(model="tiny", prompt="Judge it", format=Verdict.model_json_schema(), options=opts)
+        assert g.done_reason == "stop", (seed, g.response)
+        Verdict.model_validate_json(g.response)
+    streamed = "".join(x.message.content for x in c.chat(model="tiny", messages=msgs, stream=True, options=opts,
+                                                        format=Verdict.model_json_schema()))
+    Verdict.model_validate_json(streamed)
+    # a schema that allows more keys, or any object, still takes them
+    free = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+            "additionalProperties": {"type": "integer"}}
+    r = c.generate(model="tiny", prompt="Judge it", format=free, options={"temperature": 0, "num_predict": 48})
+    assert r.response.startswith('{"ok": '), r.response
+
