@@ -1,5 +1,5 @@
 """Ollama's API (/api/*) as its users meet it through the official `ollama` client, against one live server of a
-tiny model: `format` schemas held as Ollama holds them."""
+tiny model: `format` schemas held as Ollama holds them, and the closing timings a client divides by."""
 
 from __future__ import annotations
 
@@ -55,3 +55,18 @@ def test_a_format_schema_takes_no_properties_it_does_not_list(server):
     r = c.generate(model="tiny", prompt="Judge it", format=free, options={"temperature": 0, "num_predict": 48})
     assert r.response.startswith('{"ok": '), r.response
 
+
+def test_a_one_token_reply_has_an_eval_duration(server):
+    """A client's tokens-per-second is eval_count / eval_duration (`ollama run --verbose` prints it; scripts compute
+    it so). A reply of one token had eval_duration 0 (timed from its first token to its last, the same one): a
+    ZeroDivisionError in Python. Ollama times eval until its final response, never 0 once a token is made."""
+    c = oc(server)
+    opts = {"temperature": 0, "num_predict": 1}
+    r = c.generate(model="tiny", prompt="Hello", options=opts)
+    s = [x for x in c.chat(model="tiny", messages=[{"role": "user", "content": "Hello"}], options=opts,
+                           stream=True)][-1]
+    for reply in (r, s):
+        assert reply.done and reply.eval_count == 1, reply
+        assert reply.eval_duration > 0 and reply.prompt_eval_duration > 0, reply
+        assert reply.total_duration >= reply.prompt_eval_duration + reply.eval_duration, reply
+        assert reply.eval_count / reply.eval_duration * 1e9 > 0

@@ -218,8 +218,10 @@ async def _body(request: Request, model: type[BaseModel]) -> Any:
 
 
 def _stats(gen: Tracked) -> dict[str, Any]:
-    """Ollama's closing counts; durations in nanoseconds (prompt: arrival to first token; eval: first to last)."""
-    end = gen.t_last or time.monotonic()
+    """Ollama's closing counts; durations in nanoseconds (prompt: arrival to first token; eval: first token to now,
+    as Ollama's runner times it until its final response: never 0 once a token is made, where clients divide by it
+    for a tokens-per-second rate; first to last token made a one-token reply's 0)."""
+    end = time.monotonic()
     first = gen.t_first or end
     ns = lambda s: int(max(0.0, s) * 1e9)  # noqa: E731
     return {"total_duration": ns(end - gen.t_arrival), "load_duration": 0, "prompt_eval_count": gen.prompt_tokens,
