@@ -32,17 +32,31 @@ MAX_FORM = 4096
 router = APIRouter(include_in_schema=False)
 
 
-def _page(name: str, status: int = 200, error: str = "") -> HTMLResponse:
+SESSION_ENDED = ("Your session has ended: the server restarted, or the session expired. Sign in again (a server "
+                 "started without admin_token_hash has a new admin token at each start).")
+
+
+def _page(name: str, status: int = 200, error: str = "", note: str = "") -> HTMLResponse:
     text = (STATIC / name).read_text()
     if error:
         text = text.replace("<!--error-->", f'<p class="error" role="alert">{html.escape(error)}</p>')
+    elif note:
+        text = text.replace("<!--error-->", f'<p class="note" role="status">{html.escape(note)}</p>')
     return HTMLResponse(text, status_code=status, headers=HEADERS)
 
 
 @router.get("/dashboard")
 @router.get("/dashboard/")
 async def dashboard(request: Request):
-    return _page("index.html" if session.valid(request) else "login.html")
+    if session.valid(request):
+        return _page("index.html")
+    if not request.cookies.get(session.COOKIE):
+        return _page("login.html")
+    # A session cookie this server does not know: the page of a session that ended (a restart forgets every session,
+    # or it expired) came back to the form, which said nothing of why. Said once: the stale cookie goes.
+    resp = _page("login.html", note=SESSION_ENDED)
+    resp.delete_cookie(session.COOKIE, path="/", httponly=True, samesite="strict")
+    return resp
 
 
 @router.post("/dashboard/login")
