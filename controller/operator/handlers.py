@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import fnmatch
 import json
 import logging
 import os
@@ -519,6 +520,7 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
             return
         want = b.digest(desired)  # covers the key hashes, which the admin API does not show back
         try:
+            unmatched = _unmatched_models(memo.admin.models.by_name(), desired["models"])
             actual = tenants.get(name)
             known = _applied(memo, meta) or status.get("appliedDigest")
             if actual is not None and (not b.tenant_matches(desired, actual) or known != want):
@@ -533,8 +535,24 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
         except (AdminError, AdminUnavailable) as e:
             _admin_failed(body, patch, status, gen, e)
             return
+        # Its keys work either way; a pattern that matches no model (a typo, or a PooledModel not registered yet) is
+        # said where `kubectl get tenants` shows it (it showed Applied, and the tenant's requests for it were 404s).
+        reason, message = "Applied", f"{len(hashes)} key(s)"
+        if unmatched:
+            reason, message = "ModelsUnmatched", (f"{message}; spec.models {unmatched} match no model the controller "
+                                                  "serves now (its name, an alias or a LoRA adapter's): requests for "
+                                                  "them are refused until one does")
         _write_status(body, patch, status, {"observedGeneration": gen, "keys": len(hashes), "appliedDigest": want},
-                      "Ready", "Applied", f"{len(hashes)} key(s)", gen)
+                      "Ready", reason, message, gen)
+
+
+def _unmatched_models(models: dict[str, dict], patterns: list[str]) -> list[str]:
+    """The tenant's model patterns that no name the controller serves matches (`models`: what `GET /admin/models`
+    answered, by name). "*" is never one: it asks for no model in particular (and matches none while none is
+    registered, before the PooledModels are)."""
+    served = {n for name, m in models.items()
+              for n in (name, *(m.get("aliases") or []), *(lm.get("name") for lm in m.get("lora_modules") or []))}
+    return [p for p in patterns if p != "*" and not any(fnmatch.fnmatchcase(n, p) for n in served if n)]
 
 
 @kopf.on.delete(GROUP, VERSION, "tenants")
