@@ -369,6 +369,11 @@ class Chat:
             value = None
         if value is None:
             return f"Couldn't set parameter: {name} takes one {'whole ' if kind is int else ''}number\n"
+        if name == "num_predict" and value < 1:  # (Ollama's -1: no limit, its default; -2: up to the context)
+            if value == 0:
+                return "Couldn't set parameter: num_predict takes a whole number of at least 1, or -1 (no limit)\n"
+            self.body.pop(field, None)  # (the reply's room is then the model's, as with no --max-tokens)
+            return f"Set parameter '{name}' to '{values[0]}'\n"
         self.body[field] = value
         return f"Set parameter '{name}' to '{values[0]}'\n"
 
