@@ -1,8 +1,10 @@
 """Ollama's API (/api/*) as its users meet it through the official `ollama` client, against one live server of a
-tiny model: `format` schemas held as Ollama holds them, and the closing timings a client divides by."""
+tiny model: `format` schemas held as Ollama holds them, the closing timings a client divides by, and `ps`'s expiry."""
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timezone
 from typing import Literal
 
 import ollama
@@ -16,7 +18,9 @@ from load_tests.live_server import LiveServer
 def server(make_tiny, tmp_path_factory):
     work = tmp_path_factory.mktemp("ux55_ollama")
     cfg = {"workers": {"local": "cpu", "heartbeat_s": 0.25},
-           "models": [{"name": "tiny", "path": str(make_tiny("qwen2")), "engine": {"max_num_seqs": 8}}]}
+           "models": [{"name": "tiny", "path": str(make_tiny("qwen2")), "engine": {"max_num_seqs": 8}},
+                      {"name": "kept", "path": str(make_tiny("llama")), "keep_alive": "10m",
+                       "engine": {"max_num_seqs": 8}}]}
     with LiveServer(cfg, work) as srv:
         yield srv
 
@@ -70,3 +74,22 @@ def test_a_one_token_reply_has_an_eval_duration(server):
         assert reply.eval_duration > 0 and reply.prompt_eval_duration > 0, reply
         assert reply.total_duration >= reply.prompt_eval_duration + reply.eval_duration, reply
         assert reply.eval_count / reply.eval_duration * 1e9 > 0
+
+
+def test_ps_says_when_a_model_is_freed(server):
+    """`ps` lists a resident model's expires_at. It was Go's zero time (0001-01-01) for every model, which the
+    `ollama ps` CLI shows as "Stopping..." (an expiry that has passed). A model with a keep_alive expires that long
+    after its latest request, as Ollama's; one the pool keeps until the memory is needed, for ever (Ollama's
+    keep_alive -1: some 292 years on)."""
+    c = oc(server)
+    for m in ("tiny", "kept"):
+        c.generate(model=m, prompt="Hi", options={"num_predict": 1})
+    deadline = time.monotonic() + 10
+    while len(seen := {m.model: m.expires_at for m in c.ps().models}) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)  # (residency comes with the engine's heartbeat)
+    now = datetime.now(timezone.utc)
+    assert set(seen) == {"tiny", "kept"}, seen
+    assert abs((seen["kept"] - now).total_seconds() - 600) < 30, seen
+    assert seen["tiny"].year >= now.year + 200, seen
+    time.sleep(1.1)  # (the expiry follows the latest request, not the ps call)
+    assert {m.model: m.expires_at for m in c.ps().models}["kept"] == seen["kept"]

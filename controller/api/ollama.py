@@ -737,17 +737,36 @@ async def tags(request: Request) -> dict:
     return {"models": _models(request)}
 
 
+# Ollama's expiry of a model kept for ever (keep_alive negative): now plus Go's longest duration, some 292 years on
+FOREVER_S = ((1 << 63) - 1) / 1e9
+
+
+def _expires_at(serving: OpenAIServing, me: Any) -> str:
+    """When a resident model's weights are freed, as Ollama's ps gives it: its configured keep_alive after its latest
+    request (now, while one runs); for ever, some 292 years on as Ollama writes it, when it is pinned or has none
+    (the pool evicts it only when the memory is needed). (Go's zero time, which this was, is no "never" to Ollama's
+    clients: `ollama ps` shows a model whose expiry has passed as "Stopping...".)"""
+    now = time.time()
+    keep = me.spec.keep_alive
+    if me.pinned or keep is None or keep < 0:
+        at = now + FOREVER_S
+    else:
+        busy = any(g.entry.spec.name == me.spec.name and not g.closed for g in serving.active)
+        at = (now if busy else serving.last_used.get(me.spec.name, now)) + keep
+    return datetime.fromtimestamp(at, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 @router.get("/ps")
 async def ps(request: Request) -> dict:
     """Like Ollama's: the models whose weights are in VRAM now, on some live engine (residency is the pool's, token
-    by token; `tokenpool ps` shows where). No expiry is planned: the pool evicts when it needs the room."""
+    by token; `tokenpool ps` shows where), with when they are freed (`_expires_at`)."""
     ctl = request.app.state.controller
     resident = resident_models(ctl.pool.engines.values())
     out = []
     for m in _models(request):  # (under the names the key uses: a model allowed only by an alias, under that alias)
         me = ctl.resolve(m["name"], adapters=False)
         if me is not None and me.spec.name in resident:
-            out.append({**m, "size_vram": m["size"], "expires_at": "0001-01-01T00:00:00Z",
+            out.append({**m, "size_vram": m["size"], "expires_at": _expires_at(request.app.state.serving, me),
                         "context_length": me.max_model_len})  # (Ollama's: the context the model runs with)
     return {"models": out}
 
