@@ -115,3 +115,30 @@ def test_the_anthropic_clients_other_paths_answer_in_its_shape(server):
     r = httpx.get(server.url + "/v1/files")  # (the same path without the client's header: OpenAI's shape, as before)
     assert r.status_code == 404 and "type" in r.json()["error"] and r.json().get("type") != "error", r.text
     assert json.loads(httpx.get(server.url + "/v1/models").text)["object"] == "list"
+
+
+def test_consecutive_turns_of_a_role_are_one_turn(server):
+    """Two user messages in a row (or assistant ones) are one turn, as the Messages API combines them: they went to
+    the template as two turns, which a template that holds the roles to alternate (Gemma's, Mistral's) refuses, and
+    which showed the model a turn it never took. The prompt is now that of one turn, its texts a blank line apart
+    (count_tokens and the reply as the chat endpoint's for the combined turn); a prefill split over two assistant
+    messages is one prefill; a tool result's turn stays its own."""
+    c = ac(server)
+    oc = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    split = [{"role": "user", "content": "Hello"}, {"role": "user", "content": [{"type": "text", "text": "there"}]}]
+    one = [{"role": "user", "content": "Hello\n\nthere"}]
+    assert c.messages.count_tokens(model="tiny", messages=split).input_tokens == _count(server, one)
+    r = c.messages.create(model="tiny", messages=split, max_tokens=5, extra_body=GREEDY)
+    want = oc.chat.completions.create(model="tiny", messages=one, max_tokens=5, temperature=0)
+    assert r.content[0].text == want.choices[0].message.content
+    prefill = [*one, {"role": "assistant", "content": "Once"}, {"role": "assistant", "content": "upon"}]
+    assert c.messages.count_tokens(model="tiny", messages=prefill).input_tokens == _count(
+        server, [*one, {"role": "assistant", "content": "Once\n\nupon"}], continue_final_message=True,
+        add_generation_prompt=False)
+    after = [*_result("sunny"), {"role": "user", "content": "Thanks"}]
+    assert c.messages.count_tokens(model="tiny", messages=after).input_tokens == _count(
+        server, [*_chat("sunny"), {"role": "user", "content": "Thanks"}])
+
+
+def _count(srv, chat: list[dict], **kw) -> int:
+    return httpx.post(srv.url + "/tokenize", json={"model": "tiny", "messages": chat, **kw}, timeout=30).json()["count"]

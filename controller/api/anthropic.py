@@ -157,6 +157,22 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
             out.append({"role": "assistant", "content": "".join(texts) or None, "tool_calls": calls})
         elif texts or m.role == "assistant":
             out.append({"role": m.role, "content": "".join(texts)})
+    return _one_turn_a_role(out)
+
+
+def _one_turn_a_role(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive user (or assistant) texts as one turn, as the Messages API combines them: a chat template that
+    holds the roles to alternate (Gemma's, Mistral's, Llama 2's) would refuse two user turns in a row, and those that
+    do not would show the model a turn it never took. A blank line between them; a tool call's or result's turn
+    stays its own."""
+    out: list[dict[str, Any]] = []
+    for m in msgs:
+        last = out[-1] if out else None
+        if (last is not None and m["role"] == last["role"] and m["role"] in ("user", "assistant")
+                and not m.get("tool_calls") and not last.get("tool_calls")):
+            last["content"] = "\n\n".join(t for t in (last["content"], m["content"]) if t)
+        else:
+            out.append(m)
     return out
 
 
