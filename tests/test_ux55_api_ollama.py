@@ -93,3 +93,17 @@ def test_ps_says_when_a_model_is_freed(server):
     assert seen["tiny"].year >= now.year + 200, seen
     time.sleep(1.1)  # (the expiry follows the latest request, not the ps call)
     assert {m.model: m.expires_at for m in c.ps().models}["kept"] == seen["kept"]
+
+
+def test_a_negative_context_token_is_a_400_before_any_reply(server):
+    """A generate's `context` (token ids a previous reply returned) holding a negative id reached the engine: a
+    streamed request got its 200 and NDJSON lines, then an error line. It is refused as one past the vocabulary
+    is, a 400 before anything is sent, streamed or not."""
+    c = oc(server)
+    for context in ([-1], [5, -7, 9]):
+        for stream in (True, False):
+            with pytest.raises(ollama.ResponseError) as e:
+                r = c.generate(model="tiny", prompt="Hi", context=context, stream=stream, options={"num_predict": 2})
+                list(r) if stream else None
+            assert e.value.status_code == 400 and "outside the vocabulary" in e.value.error, (context, stream)
+    assert c.generate(model="tiny", prompt="Hi", context=[5, 7], options={"num_predict": 1}).done

@@ -445,10 +445,12 @@ class OpenAIServing:
 
     @staticmethod
     def _check_vocab(me: ModelEntry, ids: list[int], param: str, what: str = "") -> None:
-        """A 400 on `param` when a token id of `ids` is past the model's vocabulary."""
+        """A 400 on `param` when a token id of `ids` is past the model's vocabulary, or negative (Ollama's `context`,
+        which no schema bounds, reached the engine so: a streamed reply's 200 and an error line)."""
         vocab = len(me.tokenizer) if hasattr(me.tokenizer, "__len__") else me.tokenizer.vocab_size
-        if ids and max(ids) >= vocab:
-            raise ServingError(400, f"{what}token id {max(ids)} is outside the vocabulary (size {vocab})", param=param)
+        if ids and (max(ids) >= vocab or min(ids) < 0):
+            bad = max(ids) if max(ids) >= vocab else min(ids)
+            raise ServingError(400, f"{what}token id {bad} is outside the vocabulary (size {vocab})", param=param)
 
     @staticmethod
     def _check_ids(me: ModelEntry, ids: list[int], param: str) -> list[int]:
