@@ -142,3 +142,22 @@ def test_consecutive_turns_of_a_role_are_one_turn(server):
 
 def _count(srv, chat: list[dict], **kw) -> int:
     return httpx.post(srv.url + "/tokenize", json={"model": "tiny", "messages": chat, **kw}, timeout=30).json()["count"]
+
+
+def test_a_tool_use_block_sent_back_has_its_id_name_and_input(server):
+    """An assistant's tool_use block without its name, with an input that is no object, or without its id went to
+    the template as a call of tool None (or of arguments "x"), a 200; Anthropic's 400 names the field. One whole is
+    taken, as before."""
+    c = ac(server)
+    call = ASKED[1]["content"][0]
+    for bad, said in (({k: v for k, v in call.items() if k != "name"}, "messages.1.content.0.name: Field required"),
+                      ({**call, "name": None}, "messages.1.content.0.name"),
+                      ({**call, "input": "x"}, "messages.1.content.0.input"),
+                      ({**call, "input": [1]}, "messages.1.content.0.input"),
+                      ({k: v for k, v in call.items() if k != "id"}, "messages.1.content.0.id: Field required")):
+        msgs = [ASKED[0], {"role": "assistant", "content": [bad]}, *_result("sunny")[2:]]
+        for call_it, more in ((c.messages.count_tokens, {}), (c.messages.create, {"max_tokens": 2})):
+            with pytest.raises(anthropic.BadRequestError) as ei:
+                call_it(model="tiny", messages=msgs, **more)
+            assert ei.value.body["error"]["message"].startswith(said), (bad, ei.value.body)
+    assert c.messages.count_tokens(model="tiny", messages=_result("sunny")).input_tokens == _count(server, _chat("sunny"))

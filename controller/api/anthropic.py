@@ -112,6 +112,19 @@ def _result(b: dict[str, Any], where: str) -> str:
     return TOOL_ERROR + text if text else TOOL_ERROR.rstrip(": ")
 
 
+def _check_call(b: dict[str, Any], where: str) -> None:
+    """A tool_use block sent back has its id (which its tool_result names), the tool's name and the input object, as
+    Anthropic's 400s hold it to: one without went to the template as a call of tool None, or of arguments that are
+    no object."""
+    for field, ok, what in (("id", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+                            ("name", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+                            ("input", lambda v: isinstance(v, dict), "an object (the call's arguments)")):
+        if field not in b:
+            raise _bad(f"{where}.{field}: Field required (a tool_use block's {field} is {what})", f"{where}.{field}")
+        if not ok(b[field]):
+            raise _bad(f"{where}.{field}: a tool_use block's {field} must be {what}", f"{where}.{field}")
+
+
 def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
     """The conversation as chat messages: text blocks joined, tool_use blocks as the assistant's calls, tool_result
     blocks as tool messages."""
@@ -138,8 +151,9 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
                     raise _bad(f"{where}.{j}.text: text content blocks must be non-empty", f"{where}.{j}.text")
                 texts.append(b["text"])
             elif kind == "tool_use" and m.role == "assistant":
-                calls.append({"id": str(b.get("id") or f"toolu_{len(calls)}"), "type": "function", "function": {
-                    "name": b.get("name"), "arguments": json.dumps(b.get("input") or {})}})
+                _check_call(b, f"{where}.{j}")
+                calls.append({"id": b["id"], "type": "function", "function": {
+                    "name": b["name"], "arguments": json.dumps(b["input"])}})
             elif kind == "tool_result" and m.role == "user":
                 if not isinstance(b.get("tool_use_id"), str) or not b["tool_use_id"]:
                     raise _bad(f"{where}.{j}.tool_result.tool_use_id: Field required (the id of the tool_use "
