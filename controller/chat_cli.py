@@ -22,7 +22,9 @@ from controller.ps import openai_error, read_json
 
 
 class ChatError(RuntimeError):
-    pass
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status  # (the server's HTTP status, where it answered with an error)
 
 
 def _request(url: str, path: str, key: str | None, body: dict | None = None, timeout: float = 600.0):
@@ -36,9 +38,9 @@ def _request(url: str, path: str, key: str | None, body: dict | None = None, tim
     except urllib.error.HTTPError as e:
         msg = openai_error(e)
         if msg is None:  # (not this server's error: say which URL answered what)
-            raise ChatError(f"{url.rstrip('/')}{path}: HTTP {e.code}: {e.reason}") from None
+            raise ChatError(f"{url.rstrip('/')}{path}: HTTP {e.code}: {e.reason}", e.code) from None
         hint = " (pass --api-key or set TOKENPOOL_API_KEY)" if e.code == 401 else ""
-        raise ChatError(f"{msg}{hint}") from None
+        raise ChatError(f"{msg}{hint}", e.code) from None
     except (urllib.error.URLError, OSError) as e:
         raise ChatError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
 

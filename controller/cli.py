@@ -538,8 +538,10 @@ def pull_cmd(
         typer.echo(f"{model}: served by {url} already{'' if name == model else f' (as {name})'}; tokenpool "
                    "downloads nothing")
         return
-    except ChatError:  # (not served, or no server there: how a model gets here)
-        pass
+    except ChatError as e:  # (not served, or no server there: how a model gets here)
+        if e.status in (401, 403):  # (served or not, this key may not ask: said, not "downloads nothing")
+            typer.echo(f"tokenpool pull: {e}", err=True)
+            raise typer.Exit(1) from None
 
     if HF_REPO_ID.fullmatch(model) and not Path(model).exists():
         how = (f"put a Hugging Face model in the local cache with `hf download {model}` (or give a model folder or "

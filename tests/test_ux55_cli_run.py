@@ -1,5 +1,5 @@
-"""`tokenpool run MODEL` as a user types at it: the command run as a subprocess on a terminal (a pty) against a live
-server, as `ollama run`'s users type Ollama's commands."""
+"""`tokenpool run MODEL` as a user types at it, and `tokenpool pull`: the commands run as subprocesses (`run` on a
+terminal, a pty) against a live server whose keys are checked, as `ollama run`'s users type Ollama's commands."""
 
 from __future__ import annotations
 
@@ -13,12 +13,16 @@ import time
 
 import pytest
 
+from controller.keys import hash_key
 from load_tests.live_server import REPO_ROOT, LiveServer, terminal_signals
+
+KEY = "key-ux55-cli-0123"
 
 
 @pytest.fixture(scope="module")
 def server(make_varied, tmp_path_factory):
     cfg = {"workers": {"local": "cpu", "heartbeat_s": 0.25},
+           "tenants": [{"name": "user", "key_hashes": [hash_key(KEY)]}],
            "models": [{"name": "tiny", "path": str(make_varied("qwen2")),
                        "engine": {"max_num_seqs": 4, "max_model_len": 96}}]}
     with LiveServer(cfg, tmp_path_factory.mktemp("ux55-cli")) as srv:
@@ -29,7 +33,8 @@ def converse(url: str, lines: list[str], *args: str, timeout: float = 60) -> tup
     """`tokenpool run tiny ARGS` on a terminal: each line typed once the prompt (">>> ") is there, then /bye; the exit
     status and what the terminal showed (stdout and stderr both)."""
     leader, follower = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "controller.cli", "run", "tiny", "--url", url, *args], cwd=REPO_ROOT,
+    p = subprocess.Popen([sys.executable, "-m", "controller.cli", "run", "tiny", "--url", url, "--api-key", KEY, *args],
+                         cwd=REPO_ROOT,
                          stdin=follower, stdout=follower, stderr=follower, preexec_fn=terminal_signals(),
                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TERM": "dumb"})
     os.close(follower)
@@ -72,3 +77,25 @@ def test_num_predict_minus_one_is_no_limit_as_ollamas(server):
     assert "Couldn't set parameter: num_predict takes a whole number of at least 1, or -1 (no limit)" in shown
     counts = [int(n) for n in re.findall(r"(?<!prompt )eval count:\s+(\d+) token", shown)]
     assert len(counts) == 2 and counts[0] > 3 and counts[1] == 3, shown  # (-1: past --max-tokens 2; then 3)
+
+
+def tokenpool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "controller.cli", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TOKENPOOL_API_KEY": ""})
+
+
+def test_pull_without_the_key_says_so(server):
+    """`tokenpool pull MODEL` to a server that checks keys, without one (or with a wrong one): it said "tokenpool
+    downloads nothing: 'tiny' is not a Hugging Face repo id ... hf download ...", exit 2, as if the model were not
+    served; it is the server's 401 now, in one line, exit 1, as `run` and `ls` say it. With the key: served already
+    (exit 0); a model not served: how one gets there (exit 2)."""
+    for key in ([], ["--api-key", "wrong-key-0123"]):
+        r = tokenpool("pull", "tiny", "--url", server.url, *key)
+        assert r.returncode == 1 and r.stdout == "", r
+        assert r.stderr.startswith("tokenpool pull: ") and "API key" in r.stderr, r.stderr
+        assert "downloads nothing" not in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    r = tokenpool("pull", "tiny", "--url", server.url, "--api-key", KEY)
+    assert r.returncode == 0 and "served by" in r.stdout and "already" in r.stdout, r
+    r = tokenpool("pull", "nope", "--url", server.url, "--api-key", KEY)
+    assert r.returncode == 2 and "tokenpool downloads nothing" in r.stderr, r
