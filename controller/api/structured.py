@@ -51,7 +51,9 @@ def response_grammar(rf: dict[str, Any] | None) -> str | None:
     if not isinstance(schema, dict):
         raise ServingError(400, "response_format type 'json_schema' needs json_schema.schema, a JSON schema object",
                            param="response_format.json_schema")
-    return json_grammar(schema, "response_format")
+    # (closed, as vLLM's default backend reads a schema, xgrammar's strict mode: vLLM's documented example sends a
+    # pydantic model_json_schema(), which says nothing of additionalProperties, and gets its model's keys alone)
+    return json_grammar(closed_schema(schema), "response_format")
 
 
 def _compiled(grammar: str, param: str, what: str = "") -> str:
@@ -131,15 +133,19 @@ def _as_lark(grammar: str, param: str) -> str:
         raise ServingError(400, f"{param}: not a Lark or GBNF grammar ({e})", param=param) from None
 
 
-def closed_schema(schema: Any) -> Any:
+def closed_schema(schema: Any, close: bool = True) -> Any:
     """`schema` with every object schema that lists properties and does not say otherwise taking no others
-    (`additionalProperties: false`), as vLLM's structured_outputs option disable_additional_properties makes it."""
+    (`additionalProperties: false`), as vLLM's structured_outputs option disable_additional_properties makes it, and
+    as vLLM's default backend (xgrammar's strict mode) and Ollama's (llama.cpp's grammar) read a schema. The parts of
+    an `allOf` of several are left open themselves (each lists only some of the object's properties; closed, no
+    object could match them all); what they hold is closed."""
     if isinstance(schema, list):
-        return [closed_schema(x) for x in schema]
+        return [closed_schema(x, close) for x in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: v if k in ("enum", "const", "default", "examples") else closed_schema(v) for k, v in schema.items()}
-    if "additionalProperties" not in out and ("properties" in out or "patternProperties" in out):
+    out = {k: v if k in ("enum", "const", "default", "examples") else
+           closed_schema(v, not (k == "allOf" and isinstance(v, list) and len(v) > 1)) for k, v in schema.items()}
+    if close and "additionalProperties" not in out and ("properties" in out or "patternProperties" in out):
         out["additionalProperties"] = False
     return out
 
