@@ -70,6 +70,9 @@ class TenantOut(BaseModel):
     inflight: int
     usage: dict[str, int]
     source: Literal["config", "admin"] = "admin"  # from the configuration at start, or over the admin API
+    enforced: bool = Field(True, description="whether the server asks callers for a key (authentication on); false: "
+                           "every caller is the anonymous tenant, and this tenant's keys, models and limits apply to "
+                           "no one")
 
 
 class TenantCreated(TenantOut):

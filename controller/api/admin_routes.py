@@ -33,11 +33,11 @@ def _engine_out(ctl: Controller, e: EngineHandle) -> ap.EngineOut:
                         step_s=e.step_s, inflight=len(e.subs), models=reps, stats=e.stats, pool=e.pool)
 
 
-def _tenant_out(t: Tenant) -> dict:
+def _tenant_out(t: Tenant, enforced: bool) -> dict:
     s = t.spec
     return dict(name=s.name, models=s.models, rate=s.rate, max_concurrent=s.max_concurrent, priority=s.priority,
                 slo_class=s.slo_class, inflight=t.inflight, usage=dict(t.usage),
-                source="admin" if t.from_file else "config")
+                source="admin" if t.from_file else "config", enforced=enforced)
 
 
 @router.get("/engines", response_model=list[ap.EngineOut])
@@ -129,16 +129,18 @@ async def unregister_model(name: str, request: Request) -> dict:
 
 @router.get("/tenants", response_model=list[ap.TenantOut])
 async def tenants(request: Request):
-    return [_tenant_out(t) for t in _ctl(request).tenants.all()]
+    reg = _ctl(request).tenants
+    return [_tenant_out(t, reg.auth) for t in reg.all()]
 
 
 @router.get("/tenants/{name}", response_model=ap.TenantOut)
 async def tenant(name: str, request: Request):
     """One tenant, as GET /admin/tenants lists it (its keys are never shown: only their hashes are kept)."""
-    t = _ctl(request).tenants.get(name)
+    reg = _ctl(request).tenants
+    t = reg.get(name)
     if t is None:
         raise ServingError(404, f"no tenant {name!r}", code="tenant_not_found")
-    return _tenant_out(t)
+    return _tenant_out(t, reg.auth)
 
 
 @router.post("/tenants", response_model=ap.TenantCreated, status_code=201)
@@ -163,7 +165,7 @@ async def create_tenant(body: ap.TenantCreate, request: Request):
     served = ctl.served_names()
     if unmatched := [p for p in t.spec.models if not any(fnmatch.fnmatchcase(n, p) for n in served)]:
         warnings.append(f"models {unmatched} match no model served now; this tenant can use them once they are added")
-    return {**_tenant_out(t), "api_key": key, "warning": "; ".join(warnings) or None}
+    return {**_tenant_out(t, ctl.tenants.auth), "api_key": key, "warning": "; ".join(warnings) or None}
 
 
 @router.patch("/tenants/{name}", response_model=ap.TenantOut)
@@ -186,7 +188,7 @@ async def update_tenant(name: str, patch: ap.TenantPatch, request: Request):
     if "key_hashes" in changes and old is not None:
         ctl.tenant_deleted(old)  # (succeeded by `t`: only the requests on the keys it dropped end)
     views.events(ctl).publish("tenant_updated", tenant=name, fields=sorted(changes))
-    return _tenant_out(t)
+    return _tenant_out(t, ctl.tenants.auth)
 
 
 @router.delete("/tenants/{name}")

@@ -529,7 +529,7 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
                     live["key_hashes"] = desired["key_hashes"]  # working, a dropped key's requests end
                 memo.admin.tenants.update(name, live)
             if actual is None:
-                memo.admin.tenants.add(desired)
+                actual = memo.admin.tenants.add(desired)
             memo.applied[meta["uid"]] = (gen, want)
             memo.served[meta["uid"]] = desired["name"]
         except (AdminError, AdminUnavailable) as e:
@@ -538,12 +538,20 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
         # Its keys work either way; a pattern that matches no model (a typo, or a PooledModel not registered yet) is
         # said where `kubectl get tenants` shows it (it showed Applied, and the tenant's requests for it were 404s).
         reason, message = "Applied", f"{len(hashes)} key(s)"
+        fields = {"observedGeneration": gen, "keys": len(hashes), "appliedDigest": want}
+        if not actual.get("enforced", True):  # (a controller from before the field: enforced)
+            # Applied, to no effect: without authentication every caller is the controller's anonymous tenant. It was
+            # Ready/Applied, and the keys, model list and limits it was made for protected nothing.
+            _write_status(body, patch, status, fields, "Degraded", "AuthenticationOff", "applied, to no effect: the "
+                          "controller runs without authentication (auth: false in its configuration, or no tenant "
+                          "configured at its start), so every caller is its anonymous tenant and this Tenant's keys, "
+                          "models and limits apply to no one; set auth: true in the controller's configuration", gen)
+            return
         if unmatched:
             reason, message = "ModelsUnmatched", (f"{message}; spec.models {unmatched} match no model the controller "
                                                   "serves now (its name, an alias or a LoRA adapter's): requests for "
                                                   "them are refused until one does")
-        _write_status(body, patch, status, {"observedGeneration": gen, "keys": len(hashes), "appliedDigest": want},
-                      "Ready", reason, message, gen)
+        _write_status(body, patch, status, fields, "Ready", reason, message, gen)
 
 
 def _unmatched_models(models: dict[str, dict], patterns: list[str]) -> list[str]:

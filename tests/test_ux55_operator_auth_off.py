@@ -1,0 +1,83 @@
+"""A Tenant applied to a controller that runs without authentication (its configuration says `auth: false`, or has
+neither `auth` nor a tenant at start): every caller is the controller's anonymous tenant, so the Tenant's keys,
+model list and limits protect nothing. The admin API said so only in a warning of POST /admin/tenants, which the
+operator dropped: the Tenant showed Ready/Applied. Now the admin API's tenants carry `enforced`, and the operator
+marks such a Tenant Degraded (AuthenticationOff) with what to change.
+
+The operator (kopf's KopfRunner) on kmock's Kubernetes emulator, reconciling into a live `tokenpool serve` (a pace
+model on a CPU worker) without authentication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import pytest
+from fastapi.testclient import TestClient
+
+kopf = pytest.importorskip("kopf")
+kmock = pytest.importorskip("kmock")
+
+from controller.app import build_app  # noqa: E402
+from controller.config import ServerConfig  # noqa: E402
+from controller.keys import hash_key, new_key  # noqa: E402
+from load_tests.live_server import LiveServer  # noqa: E402
+from tests.kmock_util import free_port, write_kubeconfig  # noqa: E402
+from tests.test_operator_e2e import NS, Cluster, Operator, _cond, _declare_crds, _obj, _until  # noqa: E402
+
+ADMIN = "admin-ux55-auth-off"
+
+
+@pytest.mark.parametrize("auth", [False, True])
+def test_the_admin_api_says_whether_a_tenant_is_enforced(auth):
+    tenants = [{"name": "cfg", "key_hashes": [hash_key("tp-ux55-cfg")]}] if auth else []
+    c = TestClient(build_app(ServerConfig(admin_token_hash=hash_key(ADMIN), models=[], tenants=tenants, auth=auth)))
+    h = {"Authorization": f"Bearer {ADMIN}"}
+    made = c.post("/admin/tenants", headers=h, json={"name": "team", "key_hashes": [hash_key("tp-ux55-team")]})
+    assert made.status_code == 201 and made.json()["enforced"] is auth, made.text
+    assert all(t["enforced"] is auth for t in c.get("/admin/tenants", headers=h).json())
+    assert c.get("/admin/tenants/team", headers=h).json()["enforced"] is auth
+    assert c.patch("/admin/tenants/team", headers=h, json={"priority": 2}).json()["enforced"] is auth
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_a_tenant_on_a_controller_without_authentication_is_degraded(tmp_path, monkeypatch):
+    cfg = {"admin_token_hash": hash_key(ADMIN), "auth": False, "workers": {"local": "cpu"},
+           "models": [{"name": "pace-m", "path": None, "engine": {"kind": "pace"}}]}
+    srv = await asyncio.to_thread(LiveServer(cfg, tmp_path / "srv").__enter__)
+    try:
+        async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s, port=free_port(skip=(srv.port,))):
+            _declare_crds(k8s)
+            k8s.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False)
+            k8s.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
+            k8s.resources["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True)
+            monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(k8s, tmp_path / "kubeconfig", NS)))
+            monkeypatch.setenv("TOKENPOOL_CONTROLLER_URL", srv.url)
+            monkeypatch.setenv("TOKENPOOL_ADMIN_TOKEN", ADMIN)
+            monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
+            kube = Cluster(k8s)
+            await kube.create("secrets", {"apiVersion": "v1", "kind": "Secret",
+                                          "metadata": {"name": "keys", "namespace": NS},
+                                          "data": {"k": base64.b64encode(new_key().encode()).decode()}})
+            await kube.create("tenants", _obj("Tenant", "team-a", {"keysSecretRef": {"name": "keys"},
+                                                                   "maxConcurrent": 2}))
+
+            async def degraded():
+                obj = await kube.get("tenants", "team-a")
+                return obj if _cond(obj, "Degraded").get("status") == "True" else None
+
+            async with Operator():
+                obj = await _until("team-a Degraded", degraded, timeout=30)
+                d = _cond(obj, "Degraded")
+                assert d["reason"] == "AuthenticationOff" and "set auth: true" in d["message"], d
+                assert _cond(obj, "Ready")["status"] == "False" and obj["status"]["keys"] == 1
+                # (applied all the same: it takes effect once the controller runs with authentication)
+                import httpx
+
+                r = await asyncio.to_thread(httpx.get, srv.url + "/admin/tenants/team-a",
+                                            headers={"Authorization": f"Bearer {ADMIN}"})
+                assert r.status_code == 200 and r.json()["max_concurrent"] == 2 and r.json()["enforced"] is False
+    finally:
+        await asyncio.to_thread(srv.__exit__, None, None, None)
