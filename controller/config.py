@@ -38,7 +38,8 @@ class _Strict(BaseModel):
         if not isinstance(data, (dict, cls)):  # (pydantic would name the class: "instance of Listen")
             keys = list(cls.model_fields)
             what = ", ".join(keys) if len(keys) <= 6 else f"settings ({', '.join(keys[:4])}, ...)"
-            got = (f"the string {data!r}" if isinstance(data, str) else "a list" if isinstance(data, list) else
+            shown = data if not isinstance(data, str) or len(data) <= 80 else f"{data[:60]}..."  # (a whole file)
+            got = (f"the string {shown!r}" if isinstance(data, str) else "a list" if isinstance(data, list) else
                    "nothing" if data is None else f"{type(data).__name__} {data!r}")
             raise ValueError(f"expected a mapping of {what}; got {got}")
         if isinstance(data, dict):
