@@ -161,3 +161,14 @@ def test_a_tool_use_block_sent_back_has_its_id_name_and_input(server):
                 call_it(model="tiny", messages=msgs, **more)
             assert ei.value.body["error"]["message"].startswith(said), (bad, ei.value.body)
     assert c.messages.count_tokens(model="tiny", messages=_result("sunny")).input_tokens == _count(server, _chat("sunny"))
+
+
+def test_an_empty_tool_choice_is_refused_not_read_as_auto(server):
+    """tool_choice {} was read as auto (a 200, or auto's refusal on a model without a tool-call parser, which told the
+    client to send what it had not chosen); Anthropic's 400 says tool_choice.type is required."""
+    c = ac(server)
+    for tools in ([], [TOOL]):
+        with pytest.raises(anthropic.BadRequestError) as ei:
+            c.messages.count_tokens(model="tiny", messages=ASKED[:1], tool_choice={}, **({"tools": tools} if tools
+                                                                                         else {}))
+        assert ei.value.body["error"]["message"].startswith("tool_choice.type: Field required"), ei.value.body

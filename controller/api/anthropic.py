@@ -210,8 +210,10 @@ def chat_request(req: p.MessagesRequest) -> p.ChatCompletionRequest:
             body[ours] = theirs
     if req.stop_sequences:
         body["stop"] = req.stop_sequences
-    tc = req.tool_choice or {"type": "auto"}
+    tc = {"type": "auto"} if req.tool_choice is None else req.tool_choice
     kind = tc.get("type")
+    if kind is None:  # ({}: no choice at all, which Anthropic refuses rather than reading as auto)
+        raise _bad("tool_choice.type: Field required (auto, any, tool or none)", "tool_choice.type")
     if kind not in ("auto", "any", "tool", "none"):
         raise _bad(f"tool_choice type {kind!r} is not one of auto, any, tool, none", "tool_choice")
     if kind in ("any", "tool") and not req.tools:  # (a call asked for, and no tool to call)
