@@ -172,3 +172,26 @@ def test_an_empty_tool_choice_is_refused_not_read_as_auto(server):
             c.messages.count_tokens(model="tiny", messages=ASKED[:1], tool_choice={}, **({"tools": tools} if tools
                                                                                          else {}))
         assert ei.value.body["error"]["message"].startswith("tool_choice.type: Field required"), ei.value.body
+
+
+def test_a_reply_of_no_text_has_no_content_block(server):
+    """A reply with no text (a stop sequence at its very start) was one text block of "" (streamed: a text block
+    opened and closed with no delta); Anthropic's is `content: []` -- its text blocks are never empty, and one sent
+    back in a conversation is a 400 ("text content blocks must be non-empty"), here as there. Streamed, no
+    content_block event; the client's accumulated message has no block either. A reply with text is unchanged."""
+    c = ac(server)
+    msgs = [{"role": "user", "content": "Count: 1 2 3"}]
+    free = c.messages.create(model="tiny", messages=msgs, max_tokens=6, extra_body=GREEDY).content[0].text
+    assert free
+    r = c.messages.create(model="tiny", messages=msgs, max_tokens=6, extra_body=GREEDY, stop_sequences=[free[0]])
+    assert r.content == [] and r.stop_reason == "stop_sequence" and r.stop_sequence == free[0], r
+    ev = httpx.post(server.url + "/v1/messages", timeout=60, json={
+        "model": "tiny", "messages": msgs, "max_tokens": 6, "stop_sequences": [free[0]], "stream": True, **GREEDY})
+    kinds = [line[7:] for line in ev.text.splitlines() if line.startswith("event: ")]
+    assert kinds == ["message_start", "message_delta", "message_stop"], ev.text
+    with c.messages.stream(model="tiny", messages=msgs, max_tokens=6, extra_body=GREEDY,
+                           stop_sequences=[free[0]]) as s:
+        final = s.get_final_message()
+    assert final.content == [] and final.stop_reason == "stop_sequence"
+    with c.messages.stream(model="tiny", messages=msgs, max_tokens=6, extra_body=GREEDY) as s:
+        assert "".join(s.text_stream) == free and [b.type for b in s.get_final_message().content] == ["text"]

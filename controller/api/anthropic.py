@@ -296,7 +296,8 @@ class _Reply:
             reason = "stop_sequence"
         else:
             reason = "end_turn"
-        return [{"type": "text", "text": self.text}], reason
+        # (no text: no block, as Anthropic's `content: []`; a text block is never empty, and one sent back is a 400)
+        return [{"type": "text", "text": self.text}] if self.text else [], reason
 
     def usage(self, gen: Tracked, output: int | None = None, cached: int | None = None) -> dict[str, Any]:
         """The Messages API's usage: the prompt's tokens read from the prefix cache (`cached`, else as the generation
@@ -360,8 +361,8 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncI
                 cached = max(d.num_cached_tokens, gen.cached_tokens)
                 out.append(_event("message_start", message={**reply.message(gen, [], None),
                                                             "usage": reply.usage(gen, 0, cached)}))
-                if live:
-                    out.append(_event("content_block_start", index=0, content_block={"type": "text", "text": ""}))
+            if live and d.text and not reply.text:  # (the text block opens with its first text: none, no block)
+                out.append(_event("content_block_start", index=0, content_block={"type": "text", "text": ""}))
             reply.text += d.text
             if d.finished:
                 reply.finish, reply.stop = d.finish_reason, d.stop_reason
@@ -372,7 +373,8 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncI
                 out.clear()
         content, reason = reply.blocks()
         if live:
-            out.append(_event("content_block_stop", index=0))
+            if reply.text:
+                out.append(_event("content_block_stop", index=0))
         else:
             for i, b in enumerate(content):
                 if b["type"] == "text":
