@@ -438,6 +438,7 @@ def stop_cmd(
 
 
 @app.command("run")
+@app.command("chat", hidden=True)  # (the word for it in other tools: `tokenpool chat MODEL` said "No such command")
 @pipe_safe
 def run_cmd(
     model: str = typer.Argument(..., metavar="MODEL", help="a model (or alias) the server serves"),
@@ -567,6 +568,7 @@ def rm_cmd(model: str = typer.Argument(..., metavar="MODEL", help="a model")) ->
 
 @app.command("ls")
 @app.command("list", hidden=True)  # (as `ollama list`, whose short form is ls)
+@app.command("models", hidden=True)  # (what a user who wants the models types: click suggested make-model)
 @pipe_safe
 def ls_cmd(
     url: str = CLIENT_URL,

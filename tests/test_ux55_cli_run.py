@@ -99,3 +99,19 @@ def test_pull_without_the_key_says_so(server):
     assert r.returncode == 0 and "served by" in r.stdout and "already" in r.stdout, r
     r = tokenpool("pull", "nope", "--url", server.url, "--api-key", KEY)
     assert r.returncode == 2 and "tokenpool downloads nothing" in r.stderr, r
+
+
+def test_models_and_chat_are_the_commands_a_user_types_first(server):
+    """`tokenpool models` answered "No such command 'models'. Did you mean 'make-model'?" (a command that writes
+    random weights) and `tokenpool chat MODEL` "No such command 'chat'": they are `ls` and `run` now, hidden as
+    `list` is (the help lists each command once)."""
+    listed = tokenpool("ls", "--url", server.url, "--api-key", KEY)
+    assert listed.returncode == 0 and "tiny" in listed.stdout, listed
+    r = tokenpool("models", "--url", server.url, "--api-key", KEY)
+    assert (r.returncode, r.stdout, r.stderr) == (0, listed.stdout, ""), r
+    r = tokenpool("chat", "tiny", "hi", "--url", server.url, "--api-key", KEY, "--max-tokens", "2")
+    assert r.returncode == 0 and r.stdout.strip() and r.stderr == "", r
+    shown = tokenpool("--help").stdout
+    listed_commands = re.findall(r"^│ (\S+) ", shown, re.M)
+    assert "run" in listed_commands and "ls" in listed_commands, shown
+    assert "chat" not in listed_commands and "models" not in listed_commands, shown
