@@ -62,3 +62,20 @@ def test_a_response_format_schema_takes_no_properties_it_does_not_list(server):
         "type": "json_schema", "json_schema": {"name": "both", "schema": both}})
     out = r.choices[0].message.content  # (its parts are left open: after a and b, a key of the model's may follow)
     assert out.startswith('{"a": ') and ', "b": ' in out, out
+
+
+def test_a_schema_nested_too_deeply_is_a_400(server):
+    """A response_format schema that JSON's parser takes but that nests some 600 levels is a 400 (the grammar
+    could not take it), not a RecursionError's 500, on chat and on the Responses API's text.format."""
+    c = client(server)
+    deep: dict = {"type": "integer"}
+    for _ in range(300):
+        deep = {"type": "object", "properties": {"a": deep}}
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1,
+                                  response_format={"type": "json_schema", "json_schema": {"name": "d", "schema": deep}})
+    assert e.value.body["param"] == "response_format", e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.create(model="tiny", input="x", max_output_tokens=1,
+                           text={"format": {"type": "json_schema", "name": "d", "schema": deep}})
+    assert e.value.body["param"] == "text.format", e.value.body

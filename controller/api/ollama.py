@@ -185,7 +185,7 @@ def _sampling(body: _Base, model: str) -> dict[str, Any]:
         # say otherwise to allow only its own properties, so a pydantic model_json_schema(), which says nothing,
         # parses back into its model; an open one let the model write keys of its own until num_predict cut it)
         out["response_format"] = {"type": "json_schema", "json_schema": {"name": "format",
-                                                                         "schema": closed_schema(body.format)}}
+                                                                         "schema": closed_schema(body.format, "format")}}
     elif body.format not in (None, ""):
         raise ServingError(400, f"format must be \"json\" or a JSON schema, got {body.format!r}")
     return out

@@ -108,7 +108,7 @@ def vllm_grammar(req: Any) -> str | None:
                 raise ServingError(400, f"{param}: not a JSON schema ({e})", param=param) from None
         if not isinstance(v, dict):
             raise ServingError(400, f"{param}: a JSON schema is an object", param=param)
-        return json_grammar(closed_schema(v) if so.get("disable_additional_properties") else v, param)
+        return json_grammar(closed_schema(v, param) if so.get("disable_additional_properties") else v, param)
     if kind == "regex":
         if not isinstance(v, str):
             raise ServingError(400, f"{param}: a regular expression is a string", param=param)
@@ -133,18 +133,25 @@ def _as_lark(grammar: str, param: str) -> str:
         raise ServingError(400, f"{param}: not a Lark or GBNF grammar ({e})", param=param) from None
 
 
-def closed_schema(schema: Any, close: bool = True) -> Any:
+MAX_SCHEMA_DEPTH = 256  # JSON levels `closed_schema` goes down (llguidance takes fewer: some 120)
+
+
+def closed_schema(schema: Any, param: str = "response_format", close: bool = True, depth: int = 0) -> Any:
     """`schema` with every object schema that lists properties and does not say otherwise taking no others
     (`additionalProperties: false`), as vLLM's structured_outputs option disable_additional_properties makes it, and
     as vLLM's default backend (xgrammar's strict mode) and Ollama's (llama.cpp's grammar) read a schema. The parts of
     an `allOf` of several are left open themselves (each lists only some of the object's properties; closed, no
-    object could match them all); what they hold is closed."""
+    object could match them all); what they hold is closed. A schema nested past MAX_SCHEMA_DEPTH is a 400 on
+    `param` (the grammar could not take it; the recursion here would end in a RecursionError, a 500)."""
+    if depth > MAX_SCHEMA_DEPTH:
+        raise ServingError(400, f"{param}: the schema is nested too deeply", param=param)
     if isinstance(schema, list):
-        return [closed_schema(x, close) for x in schema]
+        return [closed_schema(x, param, close, depth + 1) for x in schema]
     if not isinstance(schema, dict):
         return schema
     out = {k: v if k in ("enum", "const", "default", "examples") else
-           closed_schema(v, not (k == "allOf" and isinstance(v, list) and len(v) > 1)) for k, v in schema.items()}
+           closed_schema(v, param, not (k == "allOf" and isinstance(v, list) and len(v) > 1), depth + 1)
+           for k, v in schema.items()}
     if close and "additionalProperties" not in out and ("properties" in out or "patternProperties" in out):
         out["additionalProperties"] = False
     return out
