@@ -7,6 +7,7 @@ import time
 from datetime import datetime, timezone
 from typing import Literal
 
+import httpx
 import ollama
 import pytest
 from pydantic import BaseModel
@@ -107,3 +108,17 @@ def test_a_negative_context_token_is_a_400_before_any_reply(server):
                 list(r) if stream else None
             assert e.value.status_code == 400 and "outside the vocabulary" in e.value.error, (context, stream)
     assert c.generate(model="tiny", prompt="Hi", context=[5, 7], options={"num_predict": 1}).done
+
+
+def test_a_body_nested_too_deeply_is_a_400(server):
+    """JSON nested deeper than Python's parser goes (its RecursionError, not a ValueError) was Ollama's 500
+    "internal error: RecursionError"; so was a `format` schema the parser took but the schema's closing recursed
+    past. Both are 400s, as the OpenAI routes answer them."""
+    deep = "[" * 100_000 + "]" * 100_000
+    for path in ("/api/generate", "/api/chat", "/api/show", "/api/embed", "/api/pull"):
+        r = httpx.post(server.url + path, content=f'{{"model": {deep}}}', timeout=30)
+        assert r.status_code == 400 and "nested too deeply" in r.json()["error"], (path, r.text)
+    fmt = '{"a": ' * 600 + "1" + "}" * 600
+    r = httpx.post(server.url + "/api/generate", timeout=30, content='{"model": "tiny", "prompt": "x", "stream": false, '
+                   f'"format": {fmt}}}')
+    assert r.status_code == 400 and r.json()["error"].startswith("format: "), r.text

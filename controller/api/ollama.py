@@ -209,12 +209,19 @@ def _as(model: type[BaseModel], data: Any) -> Any:
         raise ServingError(400, f"{where}: {err['msg']}" if where else err["msg"]) from None
 
 
-async def _body(request: Request, model: type[BaseModel]) -> Any:
+def _parsed(raw: bytes) -> Any:
+    """A request body's JSON (none: an empty object); a 400 when it is not JSON, or nested deeper than the parser
+    goes (its RecursionError was a 500)."""
     try:
-        data = json.loads(await request.body() or b"{}")
+        return json.loads(raw or b"{}")
+    except RecursionError:
+        raise ServingError(400, "the request body is not valid JSON: it is nested too deeply") from None
     except ValueError as e:
         raise ServingError(400, f"the request body is not valid JSON: {e}") from None
-    return _as(model, data)
+
+
+async def _body(request: Request, model: type[BaseModel]) -> Any:
+    return _as(model, _parsed(await request.body()))
 
 
 def _stats(gen: Tracked) -> dict[str, Any]:
@@ -775,13 +782,11 @@ async def ps(request: Request) -> dict:
 async def show(request: Request) -> Response:
     try:
         tenant = auth.tenant(request)
-        data = json.loads(await request.body() or b"{}")
+        data = _parsed(await request.body())
         name = data.get("model") or data.get("name") if isinstance(data, dict) else None
         if not isinstance(name, str) or not name:
             raise ServingError(400, "model is required")
         me = request.app.state.serving.lookup(tenant, served(request, name))
-    except ValueError as e:
-        return _error(400, f"the request body is not valid JSON: {e}")
     except ServingError as e:
         return _error(e.status, e.message if e.status != 404 else f"model '{name}' not found", e)
     tpl = getattr(me.tokenizer, "chat_template", None)
@@ -848,9 +853,9 @@ async def manage(action: str, request: Request) -> Response:
         return JSONResponse({"error": f"/api/{action} takes {method}, not {request.method}"}, status_code=405,
                             headers={"Allow": method})
     try:
-        data = json.loads(await request.body() or b"{}")
-    except ValueError as e:
-        return _error(400, f"the request body is not valid JSON: {e}")
+        data = _parsed(await request.body())
+    except ServingError as e:
+        return _error(e.status, e.message)
     if action != "create" and isinstance(data, dict):  # (create names a new model)
         name = data.get("source") if action == "copy" else data.get("model") or data.get("name")
         if isinstance(name, str) and name:
