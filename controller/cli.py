@@ -58,6 +58,28 @@ def _command_lists_join_lines() -> None:
 
 
 _command_lists_join_lines()
+
+
+def _required_arguments_bare() -> None:
+    """typer (0.29) writes a required argument in braces on the usage line, `tokenpool run [OPTIONS] {MODEL}
+    [PROMPT]...` (braces that read as a set of choices); click's usage, ollama's and the README write it bare."""
+    from typer.core import TyperArgument
+
+    shown = getattr(TyperArgument, "_usage_display_name", None)
+    if shown is None or getattr(shown, "bare", False):  # (another typer; or done already)
+        return
+
+    def _usage_display_name(self) -> str:
+        name = shown(self)
+        if getattr(self, "required", False) and name.startswith("{") and "}" in name:
+            name = name[1:].replace("}", "", 1)
+        return name
+
+    _usage_display_name.bare = True  # type: ignore[attr-defined]
+    TyperArgument._usage_display_name = _usage_display_name
+
+
+_required_arguments_bare()
 # -h as --help everywhere, as ollama, git and vllm take it (the context setting passes down to every command)
 app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by token.",
                   context_settings={"help_option_names": ["--help", "-h"]})
