@@ -79,3 +79,28 @@ def test_a_schema_nested_too_deeply_is_a_400(server):
         c.responses.create(model="tiny", input="x", max_output_tokens=1,
                            text={"format": {"type": "json_schema", "name": "d", "schema": deep}})
     assert e.value.body["param"] == "text.format", e.value.body
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # (a string: JSON text nested past what Python's parser goes)
+
+
+def test_json_text_nested_too_deeply_in_a_field_is_no_500(server):
+    """Fields that carry JSON as text, parsed here: an assistant's earlier tool call's `arguments` (chat, and the
+    Responses API's function_call item) and vLLM's guided_json / structured_outputs.json given as a string. Nested
+    past the parser (a RecursionError, not the ValueError caught) they were 500s. Arguments that are no JSON go to
+    the template as the text they are, as before; a schema that is none is a 400 naming its field."""
+    c = client(server)
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": DEEP}}
+    r = c.chat.completions.create(model="tiny", max_tokens=1, messages=[
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "done"}, {"role": "user", "content": "and?"}])
+    assert r.choices[0].finish_reason == "length"
+    resp = c.responses.create(model="tiny", max_output_tokens=1, input=[
+        {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": DEEP},
+        {"type": "function_call_output", "call_id": "call_1", "output": "done"}])
+    assert resp.status == "incomplete"
+    for extra, param in (({"guided_json": DEEP}, "guided_json"), ({"structured_outputs": {"json": DEEP}},
+                                                                  "structured_outputs.json")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="tiny", prompt="x", max_tokens=1, extra_body=extra)
+        assert e.value.body["param"] == param and "not a JSON schema" in e.value.body["message"], e.value.body

@@ -737,7 +737,7 @@ class OpenAIServing:
                 if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
                     try:
                         fn = {**fn, "arguments": json.loads(fn["arguments"])}
-                    except ValueError:
+                    except (ValueError, RecursionError):  # (no JSON, or nested past the parser: left as text)
                         pass
                 calls.append({**c, "function": fn})
             d["tool_calls"] = calls

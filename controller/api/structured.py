@@ -104,7 +104,7 @@ def vllm_grammar(req: Any) -> str | None:
         if isinstance(v, str):
             try:
                 v = json.loads(v)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # (RecursionError: nested past the parser, was a 500)
                 raise ServingError(400, f"{param}: not a JSON schema ({e})", param=param) from None
         if not isinstance(v, dict):
             raise ServingError(400, f"{param}: a JSON schema is an object", param=param)
