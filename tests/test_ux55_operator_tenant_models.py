@@ -10,12 +10,14 @@ tests/kmock_util (tests/test_operator_lifecycle's `world`).
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 kopf = pytest.importorskip("kopf")
 kmock = pytest.importorskip("kmock")
 
-from tests.test_operator_e2e import Operator, _cond, _obj, _until  # noqa: E402
+from tests.test_operator_e2e import NS, Operator, _cond, _obj, _until  # noqa: E402
 from tests.test_operator_lifecycle import _reason, world  # noqa: E402,F401 - (world: the fixture)
 
 
@@ -31,7 +33,9 @@ async def test_a_tenant_whose_models_match_nothing_says_so_until_one_does(world)
         await kube.create("pooledmodels", _obj("PooledModel", "pace-m", {"engine": {"kind": "pace"}}))
         await kube.create("tenants", _obj("Tenant", "t", {"keysSecretRef": {"name": "keys"},
                                                           "models": ["pace-*", "llama", "lama-*"]}))
-        await kube.create("tenants", _obj("Tenant", "all", {"keysSecretRef": {"name": "keys"}}))  # models: ["*"]
+        await kube.create("secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "all-keys", "namespace": NS},
+                                      "data": {"k": base64.b64encode(b"tp-another-key").decode()}})  # (a key of its own)
+        await kube.create("tenants", _obj("Tenant", "all", {"keysSecretRef": {"name": "all-keys"}}))  # models: ["*"]
         await _until("pace-m Serving", lambda: _reason(kube, "pooledmodels", "pace-m", "Serving"))
 
         # (pace-m is served: only the other two; a round before pace-m's registration named "pace-*" too)

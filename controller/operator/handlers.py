@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime
 import fnmatch
+import hashlib
 import json
 import logging
 import os
@@ -81,6 +82,9 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # status.served, which lags when the spec changes before the create's status patch landed
     memo.served = {}
     memo.locks, memo.locks_guard = {}, threading.Lock()
+    # Tenant uid -> the keys it asks for (fingerprints) and who it is: a key two Tenants ask for is the older one's
+    # (`_claim_keys`). Made here: kopf hands each object a shallow copy of this memo, so only what exists now is shared.
+    memo.key_claims = {}
     settings.persistence.finalizer = FINALIZER
     # Keep kopf's bookkeeping in annotations: the CRDs' status schemas hold only tokenpool's fields.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -503,15 +507,30 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
 
         data = memo.kube.secret_data(namespace, secret)
         if data is None:
+            _claim_keys(memo, meta, namespace, name, [])
             revoke("SecretNotFound", f"no Secret {secret!r}")
             return
         try:
-            hashes = b.tenant_key_hashes(name, b.secret_keys(data, ref.get("keys")))
+            keys = b.secret_keys(data, ref.get("keys"))
+            hashes = b.tenant_key_hashes(name, keys)
         except (KeyError, ValueError) as e:  # a data key it names is gone (a revoked key), or a value is not text
+            _claim_keys(memo, meta, namespace, name, [])
             revoke("InvalidSecret", f"Secret {secret!r}: {e.args[0] if isinstance(e, KeyError) else e}")
             return
+        # A key another (older) Tenant has too: the controller gives a request on it to whichever of the two it made
+        # first, and the other's models and limits never apply to it. Not applied to this one.
+        shared = _claim_keys(memo, meta, namespace, name, keys)
+        conflict = None
+        if shared:
+            owners = sorted({f"{o[1]}/{o[2]}" for o in shared.values()})
+            conflict = (f"{len(shared)} key(s) of Secret {secret!r} are also Tenant {', '.join(owners)}'s (older): not "
+                        "applied to this one (a request on such a key would be that tenant's); give it keys of its own")
+            hashes = b.tenant_key_hashes(name, [k for k in keys if _fingerprint(k) not in shared])
         if not hashes:  # (the controller would make a key of its own, which nobody is shown)
-            revoke("NoKeys", f"Secret {secret!r} holds no key")
+            if conflict:
+                revoke("KeyConflict", conflict)
+            else:
+                revoke("NoKeys", f"Secret {secret!r} holds no key")
             return
         try:
             desired = b.build_tenant_create(name, spec, hashes)
@@ -547,11 +566,32 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
                           "configured at its start), so every caller is its anonymous tenant and this Tenant's keys, "
                           "models and limits apply to no one; set auth: true in the controller's configuration", gen)
             return
+        if conflict:
+            _write_status(body, patch, status, fields, "Degraded", "KeyConflict", f"{message} applied; {conflict}", gen)
+            return
         if unmatched:
             reason, message = "ModelsUnmatched", (f"{message}; spec.models {unmatched} match no model the controller "
                                                   "serves now (its name, an alias or a LoRA adapter's): requests for "
                                                   "them are refused until one does")
         _write_status(body, patch, status, fields, "Ready", reason, message, gen)
+
+
+def _fingerprint(key: str) -> str:
+    """What tells two Secrets' keys (or given hashes) the same (kept in the operator's memory only)."""
+    return hashlib.sha256(key.strip().encode()).hexdigest()
+
+
+def _claim_keys(memo: kopf.Memo, meta: dict, namespace: str, name: str, keys: list[str]) -> dict[str, tuple]:
+    """Record the keys Tenant `meta` asks for now (none: `keys` empty) and answer those an older Tenant asks for
+    too: fingerprint -> that Tenant's (creationTimestamp, namespace, name, uid). Older as for names (`_name_owner`).
+    Each Tenant's claims are what its last round read (its delete drops them)."""
+    me = (meta.get("creationTimestamp") or "", namespace or "", name, meta["uid"])
+    mine = {_fingerprint(k) for k in keys if k.strip()}
+    with memo.locks_guard:
+        claims = memo.setdefault("key_claims", {})  # (set by `startup`; a memo made otherwise, as tests do, here)
+        claims[meta["uid"]] = (me, mine)
+        return {fp: owner for uid, (owner, fps) in claims.items() if uid != meta["uid"] and owner < me
+                for fp in fps & mine}
 
 
 def _unmatched_models(models: dict[str, dict], patterns: list[str]) -> list[str]:
@@ -572,6 +612,8 @@ def delete_tenant(name: str, status: dict, meta: dict, patch: kopf.Patch, memo: 
             if _tenant_conflict(memo.admin.tenants.by_name(), name, meta, tenant_names) is None:
                 memo.admin.tenants.remove(name)
             memo.applied.pop(meta["uid"], None)
+            with memo.locks_guard:
+                memo.setdefault("key_claims", {}).pop(meta["uid"], None)  # (its keys are free for another)
         except (AdminError, AdminUnavailable) as e:
             _removal_failed(body, patch, status, meta, memo, e)
 
