@@ -195,3 +195,19 @@ def test_a_reply_of_no_text_has_no_content_block(server):
     assert final.content == [] and final.stop_reason == "stop_sequence"
     with c.messages.stream(model="tiny", messages=msgs, max_tokens=6, extra_body=GREEDY) as s:
         assert "".join(s.text_stream) == free and [b.type for b in s.get_final_message().content] == ["text"]
+
+
+def test_an_image_in_a_tool_result_or_the_system_prompt_is_named(server):
+    """An image (or document) block in a tool_result's content or in the system prompt was refused as "only text
+    blocks are supported", where one in a message says "image blocks are not supported: the served models take
+    text"; all three say so now, naming where it was."""
+    c = ac(server)
+    img = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
+    for kw, where in (({"messages": _result([img])}, "messages.2.content.0.content"),
+                      ({"messages": ASKED[:1], "system": [img]}, "system"),
+                      ({"messages": [{"role": "user", "content": [img]}]}, "messages.0.content")):
+        for call, more in ((c.messages.count_tokens, {}), (c.messages.create, {"max_tokens": 2})):
+            with pytest.raises(anthropic.BadRequestError) as ei:
+                call(model="tiny", **kw, **more)
+            assert ei.value.body["error"]["message"] == \
+                f"{where}: image blocks are not supported: the served models take text", ei.value.body

@@ -92,6 +92,8 @@ def _text(content: Any, where: str) -> str:
     if isinstance(content, list):
         parts = []
         for b in content:
+            if isinstance(b, dict) and b.get("type") in ("image", "document"):  # (said as a message's are)
+                raise _bad(f"{where}: {b['type']} blocks are not supported: the served models take text", where)
             if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(b.get("text"), str):
                 raise _bad(f"{where}: only text blocks are supported", where)
             parts.append(b["text"])
