@@ -78,6 +78,14 @@ async def login(request: Request):
     return resp
 
 
+# A GET of the form's own paths (typed, bookmarked, or the URL a failed sign-in left where its script did not run) was
+# a 405 in JSON: the page they belong to instead. (GET signs no one in or out: only the form's POST does.)
+@router.get("/dashboard/login")
+@router.get("/dashboard/logout")
+async def form_paths(request: Request):
+    return RedirectResponse("/dashboard", status_code=303, headers=HEADERS)
+
+
 @router.post("/dashboard/logout")
 async def logout(request: Request):
     session.sessions(request.app).drop(request.cookies.get(session.COOKIE))
