@@ -211,3 +211,28 @@ def test_an_image_in_a_tool_result_or_the_system_prompt_is_named(server):
                 call(model="tiny", **kw, **more)
             assert ei.value.body["error"]["message"] == \
                 f"{where}: image blocks are not supported: the served models take text", ei.value.body
+
+
+def test_a_call_cut_by_max_tokens_ends_in_its_tool_use_block(server):
+    """A call that max_tokens cut short (tool_choice any or tool) was a text block of the call's JSON as far as it
+    got ('[{"name": "get_we'), the chat path's own format, which a client took for the answer; Anthropic's reply
+    ends in the call's tool_use block, its input incomplete, with stop_reason max_tokens (its documented cue to retry
+    with more max_tokens). Its name is the tool named, the one tool, or the one the output names; streamed alike."""
+    c = ac(server)
+    short = {**TOOL, "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+                                      "required": ["city"], "additionalProperties": False}}
+    other = {**short, "name": "get_time", "description": "Time in a city"}
+    any_one = {"type": "any", "disable_parallel_tool_use": True}  # (one call: the whole call ends)
+    for tools, choice, max_tokens in (([short], {"type": "tool", "name": "get_weather"}, 2),
+                                      ([short], any_one, 2), ([other, short], any_one, 12)):
+        kw = {"model": "tiny", "messages": ASKED[:1], "max_tokens": max_tokens, "tools": tools, "tool_choice": choice,
+              "extra_body": GREEDY}
+        whole = c.messages.create(**{**kw, "max_tokens": 60})
+        assert whole.stop_reason == "tool_use", (choice, whole)  # (the call the cut one begins)
+        want = whole.content[0].name
+        r = c.messages.create(**kw)
+        assert r.stop_reason == "max_tokens" and [b.type for b in r.content] == ["tool_use"], r
+        assert r.content[0].name == want and r.content[0].input == {}, r
+        with c.messages.stream(**kw) as s:
+            final = s.get_final_message()
+        assert final.stop_reason == "max_tokens" and [(b.type, b.name) for b in final.content] == [("tool_use", want)]

@@ -6,8 +6,8 @@ A request's `system`, `messages` (text blocks, `tool_use` and `tool_result`: a f
 text after "Error: "; consecutive turns of a role as one, as Anthropic combines them), `max_tokens`,
 `stop_sequences`, sampling fields, `tools` (name, description, input_schema) and `tool_choice` become the chat
 completion they mean; it is validated, templated, admitted and generated as that one would be. The reply is a
-Message: `text` or `tool_use` content blocks (none for a reply of no text), its `stop_reason` (end_turn,
-max_tokens, stop_sequence, tool_use) and usage (the prompt tokens found in the prefix cache as
+Message: `text` or `tool_use` content blocks (none for a reply of no text; a call max_tokens cut short is its
+tool_use block, input {}), its `stop_reason` (end_turn, max_tokens, stop_sequence, tool_use) and usage (the prompt tokens found in the prefix cache as
 `cache_read_input_tokens`). Streamed, the Messages API's server-sent events
 (message_start ... message_stop; text as it comes, tool calls whole at the end, as the chat path holds them).
 Images, documents and extended thinking are refused with a 400 naming the field (an earlier turn's thinking
@@ -28,7 +28,7 @@ from starlette.requests import Request
 
 from controller.api import protocol as p
 from controller.api.serving import OpenAIServing, Tracked
-from controller.api.structured import ToolPlan
+from controller.api.structured import HERMES_OPEN, ToolPlan
 from controller.errors import ServingError
 from controller.tenants import Tenant
 
@@ -294,6 +294,9 @@ class _Reply:
         if msg.tool_calls:
             return [{"type": "tool_use", "id": f"toolu_{secrets.token_hex(12)}", "name": c.function.name,
                      "input": json.loads(c.function.arguments)} for c in msg.tool_calls], "tool_use"
+        if why == "length" and (name := self.cut_call()) is not None:  # (the call's input is incomplete: {})
+            return [{"type": "tool_use", "id": f"toolu_{secrets.token_hex(12)}", "name": name, "input": {}}], \
+                "max_tokens"
         if why == "length":
             reason = "max_tokens"
         elif isinstance(self.stop, str) and self.stop in (self.req.stop_sequences or []):
@@ -302,6 +305,21 @@ class _Reply:
             reason = "end_turn"
         # (no text: no block, as Anthropic's `content: []`; a text block is never empty, and one sent back is a 400)
         return [{"type": "text", "text": self.text}] if self.text else [], reason
+
+    def cut_call(self) -> str | None:
+        """The tool of a call that max_tokens cut short: Anthropic's reply then ends in that call's tool_use block (its
+        input incomplete; the client retries with more max_tokens), not in a text block of the call's JSON as far as
+        it got. None where the output is text, or the call's tool is not known (its name not reached, of tools)."""
+        t = self.tools
+        if t is None or (t.hermes and not self.text.startswith(HERMES_OPEN)):
+            return None
+        if t.named:
+            return t.named
+        names = [x.get("name") for x in self.req.tools or []]
+        said = re.search(r'"name"\s*:\s*"([^"]+)"', self.text)
+        if said is not None and said.group(1) in names:
+            return said.group(1)
+        return names[0] if len(names) == 1 else None
 
     def usage(self, gen: Tracked, output: int | None = None, cached: int | None = None) -> dict[str, Any]:
         """The Messages API's usage: the prompt's tokens read from the prefix cache (`cached`, else as the generation
