@@ -122,3 +122,27 @@ def test_a_body_nested_too_deeply_is_a_400(server):
     r = httpx.post(server.url + "/api/generate", timeout=30, content='{"model": "tiny", "prompt": "x", "stream": false, '
                    f'"format": {fmt}}}')
     assert r.status_code == 400 and r.json()["error"].startswith("format: "), r.text
+
+
+def test_values_of_the_wrong_json_type_are_400s_as_ollama_answers_them(server):
+    """Ollama's Go decoder refuses a string for a boolean or a number, and its options a string for a number; here
+    they were coerced: `"num_predict": "0"` read as 0 (no limit: the reply ran to the end of the context),
+    `"stream": "no"` as false, `"context": [true]` as [1]. They are 400s naming the field; a number with a fraction
+    for an integer option is truncated, as Ollama's Options.FromMap does."""
+    def post(path: str, **body) -> httpx.Response:
+        return httpx.post(server.url + path, json={"model": "tiny", "stream": False, **body}, timeout=30)
+
+    for path, body, field in (
+            ("/api/generate", {"prompt": "Hi", "options": {"num_predict": "0"}}, "options.num_predict"),
+            ("/api/chat", {"messages": [{"role": "user", "content": "Hi"}], "options": {"temperature": "0.5",
+                                                                                        "num_predict": 1}},
+             "options.temperature"),
+            ("/api/generate", {"prompt": "Hi", "stream": "no", "options": {"num_predict": 1}}, "stream"),
+            ("/api/generate", {"prompt": "Hi", "context": [True], "options": {"num_predict": 1}}, "context.0"),
+            ("/api/chat", {"messages": [{"role": "user", "content": 5}], "options": {"num_predict": 1}},
+             "messages.0.content"),
+            ("/api/embed", {"input": "Hi", "truncate": "yes"}, "truncate")):
+        r = post(path, **body)
+        assert r.status_code == 400 and r.json()["error"].startswith(field + ":"), (path, body, r.text)
+    r = post("/api/generate", prompt="Hi", options={"num_predict": 2.9, "seed": 3.0, "top_k": 40.5})
+    assert r.status_code == 200 and r.json()["eval_count"] == 2, r.text

@@ -47,7 +47,10 @@ log = logging.getLogger("tokenpool.ollama")
 
 
 class _Loose(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """An Ollama request: unknown fields ignored, JSON types not coerced (Go's decoder refuses `"stream": "no"` and
+    `"context": [true]`, where coercion read them as false and [1])."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -56,7 +59,17 @@ class _Loose(BaseModel):
 
 
 class Options(_Loose):
-    """The sampling options Ollama clients send; others (num_ctx, num_gpu, mirostat, ...) are ignored."""
+    """The sampling options Ollama clients send; others (num_ctx, num_gpu, mirostat, ...) are ignored. Typed as
+    Ollama's Options.FromMap takes them: a string for a number is refused ("num_predict": "0" was read as 0, no
+    limit), and a JSON number with a fraction for an integer option is truncated (Go's int64(f))."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: int(v) if k in _INT_OPTIONS and isinstance(v, float) and abs(v) < 2 ** 63 else v
+                    for k, v in data.items()}
+        return data
 
     temperature: float | None = None
     top_p: float | None = None
@@ -69,6 +82,9 @@ class Options(_Loose):
     repeat_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+
+
+_INT_OPTIONS = frozenset({"top_k", "num_predict", "num_keep", "seed"})
 
 
 class Message(_Loose):
