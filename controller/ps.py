@@ -170,20 +170,36 @@ def render(models: list[dict], engines: list[dict], now: float | None = None) ->
     return "\n".join(lines)
 
 
+def _listed(url: str, path: str, token: str | None, key: str) -> list[dict]:
+    """The admin API's list at `path`, each item an object naming its `key`; PsError naming the URL where the answer
+    is not one (--url at another server that answers JSON: it was a traceback)."""
+    got = fetch(url, path, token)
+    if not isinstance(got, list) or not all(isinstance(x, dict) and isinstance(x.get(key), str) for x in got):
+        raise PsError(f"{url}{path}: not a tokenpool admin API answer (is it a tokenpool server?)")
+    return got
+
+
 def ps(url: str, token: str | None) -> str:
-    return render(fetch(url, "/admin/models", token), fetch(url, "/admin/engines", token))
+    models, engines = _listed(url, "/admin/models", token, "name"), _listed(url, "/admin/engines", token, "id")
+    try:
+        return render(models, engines)
+    except (KeyError, TypeError, AttributeError, ValueError):  # (an item of another shape than tokenpool's)
+        raise PsError(f"{url}/admin/engines: not a tokenpool admin API answer (is it a tokenpool server?)") from None
 
 
 def stop(url: str, token: str | None, model: str) -> str:
     """`tokenpool stop MODEL`: free the model's VRAM once its requests finish (as `ollama stop`); what was done.
     MODEL may be an alias, as `tokenpool run` takes it (the admin API names a model by its own name)."""
-    served = fetch(url, "/admin/models", token)
+    served = _listed(url, "/admin/models", token, "name")
     names = {n: m["name"] for m in served for n in (m["name"], *(m.get("aliases") or []))}
     # (as Ollama names models, NAME:latest is NAME where no model has the whole name)
     name = names.get(model) or names.get(model.removesuffix(":latest"))
     if name is None:  # (as `ollama stop` says it; the served names beside it)
         raise PsError(f"no model {model!r} on {url} to stop (it serves {', '.join(sorted(names)) or 'none'})")
-    got = fetch(url, f"/admin/models/{urllib.parse.quote(name, safe='')}/evict", token, method="POST")
-    n = got["engines"]
+    path = f"/admin/models/{urllib.parse.quote(name, safe='')}/evict"
+    got = fetch(url, path, token, method="POST")
+    n = got.get("engines") if isinstance(got, dict) else None
+    if not isinstance(n, int):
+        raise PsError(f"{url}{path}: not a tokenpool admin API answer (is it a tokenpool server?)")
     return (f"{model}: its weights leave VRAM on {n} engine{'' if n == 1 else 's'} once its requests there finish; "
             "the next request brings them back" if n else f"{model}: resident on no engine")
