@@ -100,7 +100,7 @@ def show(url: str, key: str | None, model: str) -> dict[str, Any]:
     check_model(url, key, model)
     with _request(url, "/api/show", key, {"model": model}, timeout=10) as r:
         got = read_json(r, url.rstrip("/") + "/api/show", ChatError)
-    if not isinstance(got, dict):
+    if not isinstance(got, dict) or not {"model_info", "details", "capabilities", "template"} & set(got):
         raise ChatError(f"{url.rstrip('/')}/api/show: not an Ollama show answer (is it a tokenpool server?)")
     return got
 

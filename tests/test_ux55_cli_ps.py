@@ -62,3 +62,13 @@ def test_ps_and_stop_at_another_json_api_say_so_in_one_line(json_api, answer, pa
         assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr, r
         assert lines == [f"tokenpool {args[0]}: {url}{where}: not a tokenpool admin API answer (is it a tokenpool "
                          "server?)"], r.stderr
+
+
+def test_show_at_another_json_api_says_so(json_api):
+    """`tokenpool show m` where /api/show answers a JSON object that is no Ollama show answer printed an empty
+    "  Model" heading, exit 0; it is the one line `show` says for an answer that is not JSON's object, exit 1."""
+    url, answers = json_api
+    answers[0] = {"ok": True}
+    r = cli("show", "m", "--url", url)
+    assert (r.returncode, r.stdout) == (1, ""), r
+    assert r.stderr == f"tokenpool show: {url}/api/show: not an Ollama show answer (is it a tokenpool server?)\n"
