@@ -146,3 +146,13 @@ def test_values_of_the_wrong_json_type_are_400s_as_ollama_answers_them(server):
         assert r.status_code == 400 and r.json()["error"].startswith(field + ":"), (path, body, r.text)
     r = post("/api/generate", prompt="Hi", options={"num_predict": 2.9, "seed": 3.0, "top_k": 40.5})
     assert r.status_code == 200 and r.json()["eval_count"] == 2, r.text
+
+
+def test_api_version_is_an_ollama_version_clients_accept(server):
+    """Clients check /api/version against the Ollama they need: VS Code's Copilot Chat refuses one older than 0.6.4,
+    Open WebUI warns below 0.1.16. It answered tokenpool's own version, 0.1.0, too old for both; it is the Ollama
+    version whose API the routes follow (tokenpool's own is beside it, and at /version)."""
+    body = httpx.get(server.url + "/api/version", timeout=10).json()
+    have = tuple(int(x) for x in body["version"].split("."))
+    assert have >= (0, 6, 4), body
+    assert body["tokenpool_version"] == httpx.get(server.url + "/version", timeout=10).json()["version"], body

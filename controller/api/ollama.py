@@ -826,9 +826,16 @@ async def show(request: Request) -> Response:
                                           *(["thinking"] if _thinks(me) else [])]})
 
 
+# The Ollama release whose API the /api routes follow (think levels, truncate, logprobs, ps's context_length): what
+# /api/version answers, for the clients that check it against the Ollama they need (VS Code's Copilot Chat refuses
+# an Ollama older than 0.6.4; Open WebUI warns below 0.1.16). tokenpool's own version went there, 0.1.0: too old.
+OLLAMA_API_VERSION = "0.12.0"
+
+
 @router.get("/version")
 async def version() -> dict:
-    return {"version": tokenpool.version()}
+    """Ollama's: the Ollama version this API is (OLLAMA_API_VERSION); tokenpool's own beside it, and at /version."""
+    return {"version": OLLAMA_API_VERSION, "tokenpool_version": tokenpool.version()}
 
 
 class PullRequest(_Loose):
