@@ -207,8 +207,8 @@ class GracefulServer(uvicorn.Server):
         # its requests, then the controller lets it go (EnginePool.release_if_idle); none is replaced while draining
         s.ctl.pool.quiet = True
         s.drain_retry_after = max(1, int(self.grace_s) + 1)
-        log.warning("signal %d: draining; %d requests in flight get %.0f s to finish (signal again to stop now)",
-                    sig, max(len(s.active), len(_admitted(s))), self.grace_s)
+        log.warning("signal %d: draining; %s in flight get %.0f s to finish (signal again to stop now)",
+                    sig, _requests(max(len(s.active), len(_admitted(s)))), self.grace_s)
         deadline = time.monotonic() + self.grace_s
         while (s.active or _admitted(s)) and time.monotonic() < deadline and not self.force_exit:
             await asyncio.sleep(0.05)
@@ -219,7 +219,7 @@ class GracefulServer(uvicorn.Server):
             # and a traceback) once it stopped waiting for connections
             n += s.ctl.end_requests(lambda g: not any(t.gen is g for t in s.active), "the server is shutting down",
                                     "shutdown")
-            log.warning("grace period over: ended %d requests with an error", n)
+            log.warning("grace period over: ended %s with an error", _requests(n))
             deadline = time.monotonic() + FLUSH_S
             while s.active and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
@@ -336,6 +336,10 @@ async def serve_async(cfg: ServerConfig, prepare: Callable[[], None] | None = No
         return await _serve(cfg, early, prepare)
     finally:
         early.remove()
+
+
+def _requests(n: int) -> str:
+    return f"{n} request{'' if n == 1 else 's'}"
 
 
 async def _in_a_thread(fn: Callable[[], None]) -> None:

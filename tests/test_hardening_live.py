@@ -91,6 +91,8 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(tmp_path):
     assert "shutting down" in err["message"] and err["type"] == "service_unavailable_error"
     assert 1.5 <= took < 12, took
     assert "Traceback" not in log
+    # the log counts them in words a person reads (it said "1 requests")
+    assert "draining; 2 requests in flight get 2 s to finish" in log and "ended 1 request with an error" in log, log
 
 
 def test_non_streaming_disconnects_log_no_traceback(tmp_path):
