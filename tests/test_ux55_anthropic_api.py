@@ -236,3 +236,23 @@ def test_a_call_cut_by_max_tokens_ends_in_its_tool_use_block(server):
         with c.messages.stream(**kw) as s:
             final = s.get_final_message()
         assert final.stop_reason == "max_tokens" and [(b.type, b.name) for b in final.content] == [("tool_use", want)]
+
+
+def test_a_tool_result_answers_a_tool_use_of_the_previous_message(server):
+    """A tool_result whose tool_use_id no tool_use block of the message before it has (a result of no call, or of a
+    call two turns back) was rendered as an answer to nothing the model asked, a 200; Anthropic's is a 400 naming the
+    block. A result of the previous message's call is taken, as before."""
+    c = ac(server)
+    unasked = [ASKED[0], {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                                         "content": "sunny"}]}]
+    other_id = [*ASKED, {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_2",
+                                                        "content": "sunny"}]}]
+    two_back = [*_result("sunny"), {"role": "assistant", "content": "It is sunny."},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "rain"}]}]
+    for msgs, at, tid in ((unasked, 1, "toolu_1"), (other_id, 2, "toolu_2"), (two_back, 4, "toolu_1")):
+        for call_it, more in ((c.messages.count_tokens, {}), (c.messages.create, {"max_tokens": 2})):
+            with pytest.raises(anthropic.BadRequestError) as ei:
+                call_it(model="tiny", messages=msgs, **more)
+            assert ei.value.body["error"]["message"].startswith(
+                f"messages.{at}.content.0: unexpected tool_use_id found in tool_result blocks: {tid}."), ei.value.body
+    assert c.messages.count_tokens(model="tiny", messages=_result("sunny")).input_tokens == _count(server, _chat("sunny"))

@@ -135,8 +135,10 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if req.system is not None:
         out.append({"role": "system", "content": _text(req.system, "system")})
+    asked: set[str] = set()  # the ids of the previous message's tool_use blocks: what a tool_result may answer
     for i, m in enumerate(req.messages):
         where = f"messages.{i}.content"
+        answerable, asked = asked, set()
         if not m.content and not (m.role == "assistant" and i == len(req.messages) - 1):  # ("" or [], as Anthropic)
             raise _bad(f"messages.{i}: all messages must have non-empty content except for the optional final "
                        "assistant message", where)
@@ -158,10 +160,16 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
                 _check_call(b, f"{where}.{j}")
                 calls.append({"id": b["id"], "type": "function", "function": {
                     "name": b["name"], "arguments": json.dumps(b["input"])}})
+                asked.add(b["id"])
             elif kind == "tool_result" and m.role == "user":
                 if not isinstance(b.get("tool_use_id"), str) or not b["tool_use_id"]:
                     raise _bad(f"{where}.{j}.tool_result.tool_use_id: Field required (the id of the tool_use "
                                "block it answers)", f"{where}.{j}.tool_use_id")
+                if b["tool_use_id"] not in answerable:  # (as Anthropic's 400: a template would render a result of
+                    # no call, which some refuse and the others show the model as an answer to nothing it asked)
+                    raise _bad(f"{where}.{j}: unexpected tool_use_id found in tool_result blocks: {b['tool_use_id']}. "
+                               "Each tool_result block must have a corresponding tool_use block in the previous "
+                               "message.", f"{where}.{j}.tool_use_id")
                 if texts:  # (text before a result: its own user message, in order)
                     out.append({"role": "user", "content": "".join(texts)})
                     texts = []
