@@ -44,8 +44,8 @@ def test_messages_equal_chat_completions(server):
     streamed or not; max_tokens cuts with stop_reason max_tokens; the second request reads the system prompt's KV
     from the prefix cache (cache_read_input_tokens), input_tokens being the rest."""
     msgs = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi!"},
-            {"role": "user", "content": [{"type": "text", "text": "Tell me "}, {"type": "text", "text": "a story."}]}]
-    chat = [{"role": "system", "content": SYSTEM}, msgs[0], msgs[1], {"role": "user", "content": "Tell me a story."}]
+            {"role": "user", "content": [{"type": "text", "text": "Tell me"}, {"type": "text", "text": "a story."}]}]
+    chat = [{"role": "system", "content": SYSTEM}, msgs[0], msgs[1], {"role": "user", "content": "Tell me\na story."}]
     want = oc(server).chat.completions.create(model="tiny-a", messages=chat, max_tokens=12, temperature=0)
     r = ac(server).messages.create(model="tiny-a", system=SYSTEM, messages=msgs, max_tokens=12, extra_body=GREEDY)
     assert r.type == "message" and r.role == "assistant" and r.model == "tiny-a" and r.id.startswith("msg_")

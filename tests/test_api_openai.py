@@ -71,14 +71,16 @@ def test_chat_and_max_completion_tokens(server):
 
 
 def test_chat_content_parts_text_and_refused_kinds(server):
-    """Text parts read as the plain string would; an image (or any non-text) part is refused with a 400 that names
-    the part's type and the message it is in, not a union's first mismatch."""
+    """Text parts read as the plain string of them a line apart, as vLLM joins them (they were glued: "see the
+    table:" and "Name,Age" read as one line); an image (or any non-text) part is refused with a 400 that names the
+    part's type and the message it is in, not a union's first mismatch."""
     c = client(server)
-    plain = c.chat.completions.create(model="tiny-b", messages=[{"role": "user", "content": "Hi there"}],
+    plain = c.chat.completions.create(model="tiny-b", messages=[{"role": "user", "content": "Hi\nthere"}],
                                       max_tokens=4, **GREEDY)
     parts = c.chat.completions.create(model="tiny-b", messages=[{"role": "user", "content": [
-        {"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}], max_tokens=4, **GREEDY)
+        {"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}], max_tokens=4, **GREEDY)
     assert parts.choices[0].message.content == plain.choices[0].message.content
+    assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
     e = _status(lambda: c.chat.completions.create(model="tiny-b", max_tokens=4, messages=[
         {"role": "user", "content": "Hi"},
         {"role": "user", "content": [{"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "x"}}]}]))

@@ -59,10 +59,12 @@ def test_text_response_is_the_chat_completion(server):
     assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
     want = ("incomplete", "max_output_tokens") if ref.choices[0].finish_reason == "length" else ("completed", None)
     assert (r.status, r.incomplete_details and r.incomplete_details.reason) == want
-    parts = [{"role": "user", "content": [{"type": "input_text", "text": "Hello "},
-                                          {"type": "input_text", "text": "there"}]}]
+    parts = [{"role": "user", "content": [{"type": "input_text", "text": "Hello"},
+                                          {"type": "input_text", "text": "there"}]}]  # (a line apart, as chat's parts)
     same = c.responses.create(model="tiny-a", instructions="Be brief.", input=parts, max_output_tokens=12, **GREEDY)
-    assert same.output_text == r.output_text
+    lines = c.responses.create(model="tiny-a", instructions="Be brief.", input="Hello\nthere", max_output_tokens=12,
+                               **GREEDY)
+    assert same.output_text == lines.output_text and same.usage.input_tokens == lines.usage.input_tokens
     events = list(c.responses.create(model="tiny-a", instructions="Be brief.", input="Hello there",
                                      max_output_tokens=12, stream=True, **GREEDY))
     kinds = [e.type for e in events]

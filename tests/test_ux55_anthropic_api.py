@@ -61,10 +61,13 @@ def test_a_failed_tool_results_is_error_reaches_the_prompt(server):
     n_err, text = _prompt(server, _chat("Error: disk full"))
     n_plain, _ = _prompt(server, _chat("disk full"))
     assert "Error: disk full" in text and n_err != n_plain
-    for blocks in ("disk full", [{"type": "text", "text": "disk "}, {"type": "text", "text": "full"}]):
-        assert c.messages.count_tokens(model="tiny", messages=_result(blocks, is_error=True)).input_tokens == n_err
-        assert c.messages.count_tokens(model="tiny", messages=_result(blocks)).input_tokens == n_plain
-        assert c.messages.count_tokens(model="tiny", messages=_result(blocks, is_error=False)).input_tokens == n_plain
+    # (a result of two text blocks: a line apart)
+    for blocks, says in (("disk full", "disk full"), ([{"type": "text", "text": "disk"},
+                                                        {"type": "text", "text": "full"}], "disk\nfull")):
+        erred, plain = _prompt(server, _chat(f"Error: {says}"))[0], _prompt(server, _chat(says))[0]
+        assert c.messages.count_tokens(model="tiny", messages=_result(blocks, is_error=True)).input_tokens == erred
+        assert c.messages.count_tokens(model="tiny", messages=_result(blocks)).input_tokens == plain
+        assert c.messages.count_tokens(model="tiny", messages=_result(blocks, is_error=False)).input_tokens == plain
     r = c.messages.create(model="tiny", messages=_result("disk full", is_error=True), max_tokens=6, extra_body=GREEDY)
     want = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
         model="tiny", messages=_chat("Error: disk full"), max_tokens=6, temperature=0)
@@ -256,3 +259,22 @@ def test_a_tool_result_answers_a_tool_use_of_the_previous_message(server):
             assert ei.value.body["error"]["message"].startswith(
                 f"messages.{at}.content.0: unexpected tool_use_id found in tool_result blocks: {tid}."), ei.value.body
     assert c.messages.count_tokens(model="tiny", messages=_result("sunny")).input_tokens == _count(server, _chat("sunny"))
+
+
+def test_text_blocks_are_a_line_apart_and_claude_codes_billing_block_is_left_out(server):
+    """A message's text blocks, and a tool_result's, reach the template a line apart, as vLLM's Messages API gives
+    them (as the chat path's text parts); they were glued. The system's blocks stay glued, as vLLM's, less Claude
+    Code's first block (its version and a hash that changes every request: no prompt of it would share a cached
+    prefix with the one before), which vLLM's leaves out too."""
+    c = ac(server)
+    blocks = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]
+    assert _count(server, [{"role": "user", "content": "Hi\nthere"}]) != _count(server, [{"role": "user",
+                                                                                          "content": "Hithere"}])
+    assert c.messages.count_tokens(model="tiny", messages=[{"role": "user", "content": blocks}]).input_tokens == \
+        _count(server, [{"role": "user", "content": "Hi\nthere"}])
+    assert c.messages.count_tokens(model="tiny", messages=_result(blocks)).input_tokens == \
+        _count(server, _chat("Hi\nthere"))
+    system = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.0.14.abc; cc_entrypoint=cli; cch=9f3e;"},
+              {"type": "text", "text": "You are terse. "}, {"type": "text", "text": "Answer in French."}]
+    got = c.messages.count_tokens(model="tiny", system=system, messages=ASKED[:1]).input_tokens
+    assert got == _count(server, [{"role": "system", "content": "You are terse. Answer in French."}, ASKED[0]])

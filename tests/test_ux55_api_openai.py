@@ -104,3 +104,23 @@ def test_json_text_nested_too_deeply_in_a_field_is_no_500(server):
         with pytest.raises(openai.BadRequestError) as e:
             c.completions.create(model="tiny", prompt="x", max_tokens=1, extra_body=extra)
         assert e.value.body["param"] == param and "not a JSON schema" in e.value.body["message"], e.value.body
+
+
+def test_text_parts_are_a_line_apart_in_chat_and_responses(server):
+    """A message's text parts reach the template a line apart, as vLLM joins them; they were glued ("see the table:"
+    then "Name,Age" read as one line). The chat path and the Responses API's input_text parts alike: the prompt's
+    tokens are those of the one string with the line."""
+    c = client(server)
+    parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]
+    chat = {"model": "tiny", "max_tokens": 1}
+    joined = c.chat.completions.create(messages=[{"role": "user", "content": "Hi\nthere"}], **chat).usage
+    glued = c.chat.completions.create(messages=[{"role": "user", "content": "Hithere"}], **chat).usage
+    assert joined.prompt_tokens != glued.prompt_tokens  # (so the comparisons below tell the two apart)
+    assert c.chat.completions.create(messages=[{"role": "user", "content": parts}], **chat).usage.prompt_tokens == \
+        joined.prompt_tokens
+    resp = {"model": "tiny", "max_output_tokens": 16}
+    one = c.responses.create(input=[{"role": "user", "content": "Hi\nthere"}], **resp).usage.input_tokens
+    two = c.responses.create(input=[{"role": "user", "content": [{"type": "input_text", "text": "Hi"},
+                                                                  {"type": "input_text", "text": "there"}]}],
+                             **resp).usage.input_tokens
+    assert one == two == joined.prompt_tokens

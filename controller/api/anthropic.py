@@ -2,7 +2,8 @@
 official `anthropic` client (and the tools built on it) sends them to a local server, which llama.cpp's server and
 llama-swap also answer.
 
-A request's `system`, `messages` (text blocks, `tool_use` and `tool_result`: a failed call's, `is_error`, as its
+A request's `system` (its text blocks as one, less Claude Code's billing block, as vLLM's), `messages` (a message's
+text blocks, and a tool_result's, a line apart, as vLLM's and the chat path's text parts; `tool_use` and `tool_result`: a failed call's, `is_error`, as its
 text after "Error: "; consecutive turns of a role as one, as Anthropic combines them), `max_tokens`,
 `stop_sequences`, sampling fields, `tools` (name, description, input_schema) and `tool_choice` become the chat
 completion they mean; it is validated, templated, admitted and generated as that one would be. The reply is a
@@ -85,8 +86,14 @@ def _bad(msg: str, param: str) -> ServingError:
     return ServingError(400, msg, param=param)
 
 
-def _text(content: Any, where: str) -> str:
-    """A system prompt or tool result's text: a string, or text blocks."""
+# Claude Code's first system block: its version and a hash that changes with every request, which would make every
+# prompt differ from its first tokens on (no prefix-cache hit, ever); left out, as vLLM's Messages API leaves it out
+BILLING_HEADER = "x-anthropic-billing-header"
+
+
+def _text(content: Any, where: str, sep: str = p.PARTS_SEP) -> str:
+    """A system prompt or tool result's text: a string, or text blocks (a tool result's a line apart, as the chat
+    path's text parts; the system's `sep` "", as vLLM's, which also leaves out Claude Code's BILLING_HEADER block)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -96,8 +103,9 @@ def _text(content: Any, where: str) -> str:
                 raise _bad(f"{where}: {b['type']} blocks are not supported: the served models take text", where)
             if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(b.get("text"), str):
                 raise _bad(f"{where}: only text blocks are supported", where)
-            parts.append(b["text"])
-        return "".join(parts)
+            if not (where == "system" and b["text"].startswith(BILLING_HEADER)):
+                parts.append(b["text"])
+        return sep.join(parts)
     raise _bad(f"{where} must be a string or a list of text blocks", where)
 
 
@@ -134,7 +142,7 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
     blocks as tool messages."""
     out: list[dict[str, Any]] = []
     if req.system is not None:
-        out.append({"role": "system", "content": _text(req.system, "system")})
+        out.append({"role": "system", "content": _text(req.system, "system", "")})
     asked: set[str] = set()  # the ids of the previous message's tool_use blocks: what a tool_result may answer
     for i, m in enumerate(req.messages):
         where = f"messages.{i}.content"
@@ -171,7 +179,7 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
                                "Each tool_result block must have a corresponding tool_use block in the previous "
                                "message.", f"{where}.{j}.tool_use_id")
                 if texts:  # (text before a result: its own user message, in order)
-                    out.append({"role": "user", "content": "".join(texts)})
+                    out.append({"role": "user", "content": p.PARTS_SEP.join(texts)})
                     texts = []
                 out.append({"role": "tool", "tool_call_id": b["tool_use_id"],
                             "content": _result(b, f"{where}.{j}")})
@@ -180,9 +188,9 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
             else:
                 raise _bad(f"{where}: a block of type {kind!r} is not supported here", where)
         if calls:
-            out.append({"role": "assistant", "content": "".join(texts) or None, "tool_calls": calls})
+            out.append({"role": "assistant", "content": p.PARTS_SEP.join(texts) or None, "tool_calls": calls})
         elif texts or m.role == "assistant":
-            out.append({"role": m.role, "content": "".join(texts)})
+            out.append({"role": m.role, "content": p.PARTS_SEP.join(texts)})
     return _one_turn_a_role(out)
 
 

@@ -252,6 +252,11 @@ class TextPart(_Req):
     text: str
 
 
+# A message's text parts are one text with a line between each, as vLLM reads them for a template that takes a string
+# (chat_utils: "\n".join of the parts): two parts glued together ("see the table:" "Name,Age") read as one line.
+PARTS_SEP = "\n"
+
+
 class ChatMessage(_Req):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -274,7 +279,7 @@ class ChatMessage(_Req):
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        return "".join(p.text for p in self.content)
+        return PARTS_SEP.join(p.text for p in self.content)
 
 
 class FunctionDef(_Req):

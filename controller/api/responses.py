@@ -108,7 +108,8 @@ def _as_responses(e: ServingError) -> ServingError:
 
 
 def _text(content: Any, where: str) -> str:
-    """A message's content: a string, or its text parts joined (other parts, images say, are refused)."""
+    """A message's content: a string, or its text parts joined as the chat path joins them (protocol.PARTS_SEP; other
+    parts, images say, are refused)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -120,7 +121,7 @@ def _text(content: Any, where: str) -> str:
             raise _bad(f"{where}.content[{j}]: only text parts ({', '.join(TEXT_PARTS)}) are supported, got "
                        f"{kind!r}", f"{where}.content")
         out.append(part["text"])
-    return "".join(out)
+    return p.PARTS_SEP.join(out)
 
 
 def input_messages(raw: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
