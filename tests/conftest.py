@@ -123,3 +123,20 @@ def host_cache():
     c = HostModelCache("256MiB", namespace=f"test-{uuid.uuid4().hex[:10]}")
     yield c
     c.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium, headless under Playwright: one a test module (the dashboard's browser tests, which skip
+    without it)."""
+    import shutil
+
+    from playwright import sync_api
+
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=shutil.which("chromium") or shutil.which("chromium-browser"),
+                               headless=True, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()

@@ -35,16 +35,6 @@ def server(tmp_path_factory):
         yield srv
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            b.close()
-
-
 @contextlib.contextmanager
 def signed_in(browser, url: str, failed: list[str]):
     """A page of a fresh context, signed in and live; its console errors and page errors collected in `failed`."""
