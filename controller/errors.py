@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 _TYPES = {
     400: ("invalid_request_error", None),
     401: ("authentication_error", "invalid_api_key"),
@@ -32,6 +34,26 @@ class ServingError(Exception):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+    def reworded(self, terms: Terms) -> ServingError:
+        """This error with its message and param in `terms` (`in_terms`), the one raised; its args follow."""
+        self.message = in_terms(self.message, terms)
+        self.args = (self.message,)
+        if self.param:
+            self.param = in_terms(self.param, terms)
+        return self
+
+
+# An API over the chat path (the Responses API, the Messages API): the chat request's field names, each a pattern and
+# its replacement, as that API's client sent them
+Terms = tuple[tuple[re.Pattern[str], str], ...]
+
+
+def in_terms(text: str, terms: Terms) -> str:
+    """`text` with each pattern of `terms` replaced in turn."""
+    for pattern, repl in terms:
+        text = pattern.sub(repl, text)
+    return text
 
 
 def telling_error(errs: list) -> dict:

@@ -3,8 +3,9 @@ official `anthropic` client (and the tools built on it) sends them to a local se
 llama-swap also answer.
 
 A request's `system` (its text blocks as one, less Claude Code's billing block, as vLLM's), `messages` (a message's
-text blocks, and a tool_result's, a line apart, as vLLM's and the chat path's text parts; `tool_use` and `tool_result`: a failed call's, `is_error`, as its
-text after "Error: "; consecutive turns of a role as one, as Anthropic combines them), `max_tokens`,
+text blocks, and a tool_result's, a line apart, as vLLM's and the chat path's text parts; `tool_use` and
+`tool_result`: a failed call's, `is_error`, as its text after "Error: "; consecutive turns of a role as one, as
+Anthropic combines them), `max_tokens`,
 `stop_sequences`, sampling fields, `tools` (name, description, input_schema) and `tool_choice` become the chat
 completion they mean; it is validated, templated, admitted and generated as that one would be. The reply is a
 Message: `text` or `tool_use` content blocks (none for a reply of no text; a call max_tokens cut short is its
@@ -260,29 +261,14 @@ def chat_request(req: p.MessagesRequest) -> p.ChatCompletionRequest:
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
-        raise _bad(in_our_terms(f"{where}: {err['msg']}"), in_our_terms(where)) from None
+        raise _bad(f"{where}: {err['msg']}", where).reworded(_CHAT_TERMS) from None
 
 
-# The chat path's names for a tool's fields, in an error about a tool, as the Messages API names them
+# The chat path's names for a tool's fields, in an error about a tool, as the Messages API names them: a tool's
+# `input_schema` and `name`, not the chat request's `function.parameters` and `function.name` (never sent)
 _CHAT_TERMS = ((re.compile(r"\btools\.(\d+)\.function\.parameters\b"), r"tools.\1.input_schema"),
                (re.compile(r"\btools\.(\d+)\.function\.(\w+)"), r"tools.\1.\2"),
                (re.compile(r"a function's parameters are"), "a tool's input_schema is"))
-
-
-def in_our_terms(text: str) -> str:
-    """An error of the chat path's in the Messages API's terms: a tool's `input_schema` and `name`, not the chat
-    request's `function.parameters` and `function.name` (which the client never sent)."""
-    for pattern, repl in _CHAT_TERMS:
-        text = pattern.sub(repl, text)
-    return text
-
-
-def _translated(e: ServingError) -> ServingError:
-    e.message = in_our_terms(e.message)
-    e.args = (e.message,)
-    if e.param:
-        e.param = in_our_terms(e.param)
-    return e
 
 
 def check_tool_choice(serving: OpenAIServing, req: p.MessagesRequest, tenant: Tenant) -> None:
@@ -360,7 +346,7 @@ async def create(serving: OpenAIServing, req: p.MessagesRequest, tenant: Tenant,
     try:
         _, tools, gen = await serving.start_chat(chat, tenant, serving.ctl.new_id("msg"), req.stream)
     except ServingError as e:
-        raise _translated(e) from None
+        raise e.reworded(_CHAT_TERMS) from None
     reply = _Reply(serving, req, tools)
     if req.stream:
         return _stream(serving, gen, reply)
@@ -447,4 +433,4 @@ async def count_tokens(serving: OpenAIServing, req: p.MessagesRequest, tenant: T
     try:
         return {"input_tokens": await serving.chat_prompt_tokens(tenant, chat)}
     except ServingError as e:
-        raise _translated(e) from None
+        raise e.reworded(_CHAT_TERMS) from None

@@ -92,19 +92,10 @@ _CHAT_PATHS = ((re.compile(r"^messages\b[.\w]*"), "input"),
                 "{'type': 'function', 'name': ...}"))
 
 
-def _responses_terms(text: str) -> str:
-    for pattern, repl in _CHAT_PATHS:
-        text = pattern.sub(repl, text)
-    return text
-
-
 def _as_responses(e: ServingError) -> ServingError:
     """The chat path's error in the Responses request's terms: its param and message name the fields the client
     sent (`input`, `max_output_tokens`, `text.format`, `tool_choice.name`), not the chat request's."""
-    e.param = _responses_terms(e.param) if e.param else e.param
-    e.message = _responses_terms(e.message)
-    e.args = (e.message,)
-    return e
+    return e.reworded(_CHAT_PATHS)
 
 
 def _text(content: Any, where: str) -> str:
