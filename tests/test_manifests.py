@@ -19,7 +19,7 @@ kv = pytest.importorskip("kubernetes_validate")
 jsonschema = pytest.importorskip("jsonschema")
 
 from controller.config import ServerConfig  # noqa: E402
-from controller.keys import verify_key  # noqa: E402
+from controller.keys import hash_key, verify_key  # noqa: E402
 from controller.operator import builders as b  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -747,3 +747,52 @@ def test_the_crds_apply_alone_and_are_waited_for_by_label():
     alone = _render(MANIFESTS / "crds")
     assert {d["metadata"]["name"] for d in alone} == {c["metadata"]["name"] for c in CRDS.values()}
     assert len(alone) == 3 and all(d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "tokenpool" for d in alone)
+
+
+TENANT_BURST_ALONE = ("rateLimits.burst is the bucket of requestsPerSecond: set requestsPerSecond too (burst alone "
+                      "limits nothing)")
+
+
+def _tenant_refusals(tenant: dict) -> list[str]:
+    """What the API server refuses a Tenant for, after its defaults: the schema's errors, then (schema-valid) the CEL
+    rules' messages."""
+    obj = {**tenant, "spec": _apply_defaults(_crd_schema("Tenant")["properties"]["spec"], copy.deepcopy(tenant["spec"]))}
+    return [e.message for e in jsonschema.Draft4Validator(_crd_schema("Tenant")).iter_errors(obj)] or _cel_refusals(obj)
+
+
+@pytest.mark.parametrize("spec,refused", [
+    ({"rateLimits": {"burst": 40}}, TENANT_BURST_ALONE),
+    ({"rateLimits": {"burst": 40, "tokensPerMinute": 1000}}, TENANT_BURST_ALONE),
+    ({"rateLimits": {"requestsPerSecond": 20, "burst": 40}}, None),
+    ({"rateLimits": {"requestsPerSecond": 20}}, None),
+    ({"rateLimits": {"tokensPerMinute": 1000}}, None),
+    ({}, None),
+    ({"sloClass": ""}, "'' should be non-empty"),
+    ({"sloClass": "interactive"}, None),
+    ({"keysSecretRef": {"name": "team-b-keys", "keys": [""]}}, "'' should be non-empty"),
+    ({"keysSecretRef": {"name": "team-b-keys", "keys": ["key-1"]}}, None),
+])
+def test_a_tenant_spec_that_would_fail_or_do_nothing_is_refused_when_applied(spec, refused):
+    """Tenant specs the operator could only fail on after `kubectl apply` (or apply to no effect) are refused by the
+    CRD: `rateLimits.burst` without `requestsPerSecond` (the controller reads burst only as that bucket's size: the
+    tenant was Ready with no limit while its spec said "40 at once"), `sloClass: ""` (no class: Degraded, Rejected,
+    after the apply) and `keysSecretRef.keys: [""]` (no data key: Degraded, InvalidSecret). What the CRD lets through,
+    the operator's builder takes; the example Tenant stays accepted."""
+    obj = {"apiVersion": "tokenpool.dev/v1alpha1", "kind": "Tenant", "metadata": {"name": "team-b"},
+           "spec": dict({"keysSecretRef": {"name": "team-b-keys"}}, **spec)}
+    assert _tenant_refusals(obj) == ([refused] if refused else [])
+    if not refused:
+        b.build_tenant_create("team-b", _apply_defaults(_crd_schema("Tenant")["properties"]["spec"], obj["spec"]),
+                              [hash_key("tp-x")])
+    assert _tenant_refusals(_by_kind("Tenant")) == []
+
+
+def test_burst_alone_limits_nothing_in_the_controller():
+    """Why the Tenant CRD's burst rule: the controller's tenant with only a burst has no request bucket (no limit),
+    as one without."""
+    from controller.config import TenantSpec
+    from controller.tenants import Tenant
+
+    alone = Tenant(TenantSpec(name="t", rate={"burst": 2}))
+    paired = Tenant(TenantSpec(name="t", rate={"requests_per_s": 1, "burst": 2}))
+    assert alone.rps is None and paired.rps is not None and paired.rps.capacity == 2
