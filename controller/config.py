@@ -183,7 +183,8 @@ class ModelSpec(_Strict):
     priority: int = 0  # higher is more important (placement order, admission slack)
     replicas: Replicas = Replicas()
     engine: EngineOptions = EngineOptions()
-    memory_gb: float | None = Field(None, ge=0, le=MAX_GB)  # override of the size estimated from the weights
+    memory_gb: float | None = Field(None, gt=0, le=MAX_GB)  # override of the size estimated from the weights (0 would
+    # count them as taking no memory when models are placed)
     # Residency (Ollama's keep_alive, llama-swap's ttl): seconds the weights stay on a GPU after the model's last
     # request ("30s", "5m", "1h" accepted); 0 frees them as soon as idle; unset or negative: until the memory is
     # needed by another model (LRU). `pin`: never evicted once loaded. `preload`: loaded at start, before any request.

@@ -283,6 +283,7 @@ def test_gpupool_takes_worker_resources_as_kubernetes_quantities():
     ("PooledModel", ("spec", "engine", "kind"), "vllm"),
     ("PooledModel", ("spec", "engine", "maxModelLen"), 0),
     ("PooledModel", ("spec", "source", "memoryGB"), 2e6),
+    ("PooledModel", ("spec", "source", "memoryGB"), 0),  # (weights placed as taking no memory)
     ("PooledModel", ("spec", "replicas", "min"), -1),
     ("PooledModel", ("spec", "loraAdapters"), [{"name": "a b", "path": "x"}]),
     ("PooledModel", ("spec", "loraAdapters"), [{"name": "a"}]),

@@ -65,6 +65,7 @@ def test_model_spec_rejects_what_the_controller_would(spec, msg):
      "spec.slo.ttftSeconds: Input should be greater than 0"),
     (b.build_model_spec, {"source": {"path": "m", "memoryGB": 1e7}},
      "spec.source.memoryGB: Input should be less than or equal to 1000000"),
+    (b.build_model_spec, {"source": {"path": "m", "memoryGB": 0}}, "spec.source.memoryGB: Input should be greater than 0"),
     (b.build_model_spec, {"source": {"path": "m"}, "engine": {"maxModelLen": 0}},
      "spec.engine.maxModelLen: Input should be greater than or equal to 1"),
     (b.build_model_spec, {"source": {"path": "m"}, "aliases": ["m"]}, "model 'm': an alias repeats the name"),
