@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -22,7 +23,7 @@ from controller.api.serving import OpenAIServing
 from controller.config import ServerConfig
 from controller.dashboard import routes as dashboard_routes
 from controller.errors import ServingError, field_path, json_kind, telling_error
-from controller.service import STARTUP_WAIT_S, Controller
+from controller.service import REQUEST_IDS, STARTUP_WAIT_S, Controller
 
 log = logging.getLogger("tokenpool.app")
 
@@ -103,6 +104,35 @@ class StartGate:
         if (why := started.result()) is not None:
             return await _refuse(send, scope, ServingError(503, why, retry_after=5))
         return await self.app(scope, receive, send)
+
+
+class RequestIds:
+    """Every HTTP response carries `x-request-id` (OpenAI's and vLLM's header; the OpenAI SDKs read it as
+    `_request_id`), and the Messages API's also Anthropic's `request-id` (the anthropic SDKs'): the id the request
+    was generated under, which the dashboard, the events and POST /admin/requests/{id}/cancel know it by (for a
+    chat completion, its `id`), else (refused before one was made, or no generation) a fresh `req-...`."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        made: list[str] = []
+        token = REQUEST_IDS.set(made)
+        anthropic = scope.get("path", "").startswith("/v1/messages")
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                rid = (made[0] if made else f"req-{secrets.token_hex(8)}").encode()
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid),
+                                                  *([(b"request-id", rid)] if anthropic else [])]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_IDS.reset(token)
 
 
 async def _refuse(send, scope, e: ServingError) -> None:
@@ -290,11 +320,12 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
 
     app.add_middleware(StartGate, state=app.state)
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes, on_refused=lambda: ctl.count_refusal(None, "-", 413))
+    app.add_middleware(RequestIds)  # (outside the two above: their refusals carry an id too)
     # Last added, so outermost: errors (401s, 413s) carry the CORS headers too, or a browser reports them as
     # network failures. No credentials: the API takes keys in headers, and the dashboard is same-origin.
     origins = cfg.cors_origins
     app.add_middleware(CORSMiddleware, allow_origins=origins or [],
                        allow_origin_regex=LOCAL_ORIGINS if origins is None else None, allow_methods=["*"],
-                       allow_headers=["*"], expose_headers=["Retry-After", "x-request-id", "x-should-retry"],
+                       allow_headers=["*"], expose_headers=["Retry-After", "x-request-id", "request-id", "x-should-retry"],
                        allow_credentials=False, max_age=600)
     return app

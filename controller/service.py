@@ -7,6 +7,7 @@ logic and carries out their decisions through the EnginePool.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import itertools
 import json
@@ -122,6 +123,10 @@ class ModelEntry:
     def attainment(self) -> float | None:
         return sum(self.outcomes) / len(self.outcomes) if len(self.outcomes) >= 10 else None
 
+
+# The request ids an API request's handler generated under (generate), for its response's x-request-id header: the
+# id the dashboard, the events and POST /admin/requests/{id}/cancel know it by (app.RequestIds sets it per request)
+REQUEST_IDS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("REQUEST_IDS", default=None)
 
 # ModelSpec fields a registered model changes in place (update_model); any other needs it registered again
 UPDATABLE = frozenset({"slo", "priority", "replicas", "keep_alive", "aliases"})
@@ -559,6 +564,8 @@ class Controller:
         """Admit and place the n * len(prompts) engine requests of one API request (ServingError if refused).
         `stream=False` (the answer is sent once whole): its choices are buffered, and one whose engine fails
         mid-generation is run again from its start (Generation.buffered)."""
+        if (made := REQUEST_IDS.get()) is not None:  # (the response's x-request-id: app.RequestIds)
+            made.append(request_id)
         ctx = entry.max_model_len
         budgets = []
         for i, ids in enumerate(prompts):
