@@ -274,7 +274,7 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
     the decode kernel options (the defaults, then one change at a time). One engine; each variant re-captures
     the graphs it times."""
     from token_scheduler import runner
-    from token_scheduler.model import llama, triton_decode, triton_gemv, triton_ops, triton_tma
+    from token_scheduler.model import llama, megakernel, triton_decode, triton_gemv, triton_ops, triton_tma
 
     timed = _StepTimer(model, max(batches), context)
     # each variant key: the (module, attribute) it sets; "splits" pins triton_decode.num_splits_for to a constant
@@ -290,7 +290,7 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
              "attn_pipe": (triton_decode, "PIPELINE_IDS"), "pipe_stages": (triton_decode, "PIPE_STAGES"),
              "tma_rows": (triton_tma, "MAX_ROWS"), "tma_glu": (triton_tma, "GLU"), "tma_smem": (triton_tma, "SMEM_WIDE"),
              "glu": (llama, "GEMV_GLU"), "pdl_early": (triton_ops, "PDL_EARLY"),
-             "early_rows": (triton_ops, "PDL_EARLY_ROWS")}
+             "early_rows": (triton_ops, "PDL_EARLY_ROWS"), "mega": (megakernel, "USE")}
     defaults = {k: getattr(mod, attr) for k, (mod, attr) in knobs.items()}
     # torch's switches read when a matmul is launched (so at capture): which BLAS library, and whether cuBLAS may
     # reduce split-K partial sums in bf16
@@ -304,6 +304,8 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 (1536, 8960): (4, 1024, 8)}
     # name, then what it changes from the defaults
     variants = [("default", {}), ("no pdl", {"pdl": False}), ("no gemv", {"gemv": False}),
+                # the batch-1 step as one persistent kernel (megakernel.py)
+                ("megakernel", {"mega": True}), ("megakernel again", {"mega": True}),
                 # kernels let the next one in before their wait on the one before (triton_ops.PDL_EARLY)
                 ("pdl early", {"pdl_early": True}), ("pdl early again", {"pdl_early": True}),
                 ("pdl late", {"pdl_early": False}),

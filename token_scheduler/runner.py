@@ -20,7 +20,7 @@ import torch
 from gpu_pool.pinned import device_view, kernel_copy, upload
 from model_swapper.model_config import ModelConfig
 from token_scheduler import graph_cap
-from token_scheduler.model import llama
+from token_scheduler.model import llama, megakernel
 from token_scheduler.model.attention import AttentionMetadata
 from token_scheduler.model.lora import LoraAdapter, LoraRows, LoraSlots
 from token_scheduler.request import Request
@@ -789,7 +789,16 @@ class _DecodeGraph:
         self.last_replay = 0  # graph_cap's bookkeeping: recency, and launched steps not read yet
         self.in_flight = 0
 
+        # a batch-1 step as one persistent kernel (megakernel.py, TOKENPOOL_MEGAKERNEL): its logits straight out
+        mk = None
+        if (not rows and batch == 1 and lora is None and runner.use_triton and megakernel.USE
+                and megakernel.reason_not(runner.cfg, runner.weights, runner.kv) is None):
+            mk = megakernel.DecodeStep(runner.cfg, runner.weights, runner.kv, runner.rope, *self.dev[:4], self.ctx32,
+                                       self.bt)
+
         def run():  # (the adapter mask from the rows' slots is computed in the graph, at every replay)
+            if mk is not None:
+                return mk() if STEP_IO else mk().float()
             kw = {} if lora is None else {"lora": lora.rows(self.slot_ids)}
             h = runner.fwd_decode(runner.cfg, runner.weights, runner.kv, runner.rope, self.dev[0], self.dev[1], meta,
                                   **kw)

@@ -65,6 +65,9 @@ GEMV = Var("TOKENPOOL_GEMV", "1", "0: one-token steps (and small batches) throug
            "GEMVs (A/B runs)")
 GEMV_GLU = Var("TOKENPOOL_GEMV_GLU", "1", "one-token steps do SiLU*mul in the gate_up GEMV's epilogue, down then a "
                "plain GEMV (bit-identical; see llama.py); 0: in down's prologue (A/B runs)")
+MEGAKERNEL = Var("TOKENPOOL_MEGAKERNEL", "0", "1: batch-1 decode steps of the models it takes (Hopper, bf16, head_dim 128, "
+                 "no q/k norm or sliding window) run as one persistent CUDA kernel, weights streamed into shared memory "
+                 "ahead of each layer's dependencies (token_scheduler/model/megakernel.py)")
 GEMV_ROWS = Var("TOKENPOOL_GEMV_ROWS", "0", "steps of up to this many tokens (at most 32) run their projections "
                 "as Triton GEMVs too (the small-batch kernels; off: slower than cuBLAS until tuned, see llama.py)",
                 kind="int")

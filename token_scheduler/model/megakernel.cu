@@ -1,0 +1,501 @@
+// tokenpool's batch-1 decode step as one persistent kernel (sm_90): every layer of a llama-family model without
+// q/k norms (head_dim 128, bf16), then the final norm and the LM head, in one launch of one CTA an SM.
+//
+// Why (issue 20): a one-token step is a stream of weights, and the kernel-per-projection path loses ~3 us a
+// projection to its stream's ramp and tail (measured: load_tests/diag_persist.py ramp). Grid barriers alone do not
+// help (session 40: a barrier costs what a kernel boundary does). What does: a producer warp an SM streams that SM's
+// share of every weight of the step, in step order, into a ring of shared-memory slots (cp.async.bulk, an mbarrier a
+// slot) and never waits on the data dependencies -- only on free slots. The consumer warps wait on the previous op's
+// completion counter (one a layer op, in global memory) and then find their weights already in shared memory. So
+// HBM keeps streaming through the layer's sync points (norms, attention, the o -> MLP handoff).
+//
+// Layout of the step, for each layer l (CTA b of G takes rows [b*N/G, (b+1)*N/G) of each projection):
+//   QKV   x += down_out (l > 0; the embedding row at l = 0); v = rmsnorm(x) * ln1; qkv_out = W_qkv v + b
+//   ATTN  items (q head, split of 256 cached positions), item i on CTA i mod G: RoPE on q and the new k, the new
+//         k/v written to the cache slot (by one item a kv head), partial softmax sums to `part`
+//   O     v = the items' partials combined; o_out = W_o v
+//   GU    x += o_out; v = rmsnorm(x) * ln2; act[j] = silu(W_gate v)[j] * (W_up v)[j] (rows j of the CTA)
+//   DOWN  v = act; down_out = W_down v
+// then HEAD: x += down_out; v = rmsnorm(x) * norm; logits = W_head v.
+// Every CTA keeps the residual stream x itself (the same arithmetic in each), so only the op outputs cross CTAs.
+// Rounding follows HF's bf16 modules (and the Triton path's): outputs of projections, the residual adds, RMSNorm's
+// cast before its weight, RoPE's products and sums, silu and its product are each rounded to bf16.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define D 128            // head_dim
+#define KP 1536          // columns of a weight piece
+#define RG 8             // rows (segments) of a piece: one a consumer warp
+#define NCW 8            // consumer warps
+#define NCT (NCW * 32)   // consumer threads
+#define SLOT (RG * KP * 2)
+#define SPL 256          // cached positions of an attention item
+#define NEG_INF __int_as_float(0xff800000)
+
+// P: the step's int64 parameters (megakernel.py builds them; indices below)
+enum {
+  P_G, P_L, P_HID, P_INTER, P_NH, P_NKV, P_VOCAB, P_BS, P_MB, P_KVB, P_KVL, P_KV2, P_KVT, P_KVH, P_EPS, P_SCALE,
+  P_NSLOT, P_HAS_BIAS, P_SMAX, P_RES19,
+  P_TOK, P_POS, P_SB, P_SO, P_CTX, P_BT, P_KV, P_COS, P_SIN, P_EMBED, P_NORM, P_HEAD, P_LOGITS, P_CNT,
+  P_QKV, P_OOUT, P_ACT, P_DOUT, P_PART, P_LAYERS, P_N
+};
+enum { W_QKV, W_QKVB, W_O, W_GU, W_DOWN, W_LN1, W_LN2, W_N };
+
+__device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
+__device__ __forceinline__ u16 f2bf(float f) {
+  u32 u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (u16)(u >> 16);
+}
+__device__ __forceinline__ float rbf(float f) { return bf2f(f2bf(f)); }
+
+__device__ __forceinline__ float dot8(uint4 a, uint4 b) {
+  float s = 0.f;
+  u32 aw[4] = {a.x, a.y, a.z, a.w}, bw[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    s = fmaf(__uint_as_float(aw[i] << 16), __uint_as_float(bw[i] << 16), s);
+    s = fmaf(__uint_as_float(aw[i] & 0xffff0000u), __uint_as_float(bw[i] & 0xffff0000u), s);
+  }
+  return s;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// -- mbarriers and bulk copies ---------------------------------------------------------------------------------------
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(u64* b, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(b)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(u64* b, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u64* b) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u64* b, u32 parity) {
+  u32 addr = smem_addr(b);
+  asm volatile(
+      "{\n .reg .pred p;\n"
+      "WAIT_%=:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      " @!p bra WAIT_%=;\n"
+      "}\n" ::"r"(addr), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, u32 bytes, u64* bar, u64 policy) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
+      ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy) : "memory");
+}
+
+// -- cross-CTA completion counters -----------------------------------------------------------------------------------
+__device__ __forceinline__ u32 ld_acquire(const u32* p) {
+  u32 v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void cbar() { asm volatile("bar.sync 1, %0;" ::"n"(NCT) : "memory"); }
+// every consumer thread: wait until *c >= target
+__device__ __forceinline__ void wait_count(const u32* c, u32 target) {
+  if (threadIdx.x == 0) {
+    while (ld_acquire(c) < target) __nanosleep(32);
+    __threadfence();
+  }
+  cbar();
+}
+// every consumer thread, after its writes: count this CTA's part of an op done
+__device__ __forceinline__ void signal(u32* c) {
+  cbar();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(c, 1u);
+  }
+}
+// a bf16 value another CTA wrote (L2, never a stale L1 line)
+__device__ __forceinline__ u16 ldcg16(const u16* p) { return __ldcg((const unsigned short*)p); }
+
+// -- the walk of one projection's chunks (the producer and the consumers walk it alike) ------------------------------
+// A chunk: up to RG row segments of columns [k0, k0 + kw). glu: rows j of gate (W row j) and up (W row inter + j),
+// RG/2 of each. Calls f(nseg, row_of_seg0, glu_rows, k0, kw, first, last, rows_in_group, group_start).
+struct Walk {
+  int n0, n1, K, glu, inter;
+};
+__device__ __forceinline__ Walk rows_of(int N, int K, int glu, int inter, int b, int G) {
+  int n = glu ? inter : N;
+  Walk w;
+  w.n0 = (int)((long long)n * b / G);
+  w.n1 = (int)((long long)n * (b + 1) / G);
+  w.K = K;
+  w.glu = glu;
+  w.inter = inter;
+  return w;
+}
+
+struct Ring {
+  unsigned char* slots;
+  u64* full;
+  u64* empty;
+  u32 nslot;
+  u32 it;  // chunks walked so far
+};
+
+// producer: stream the chunks of W ([rows, K] row-major) this CTA owns
+__device__ void produce(Ring& r, const u16* W, Walk w, u64 policy) {
+  int per = w.glu ? RG / 2 : RG;
+  for (int g0 = w.n0; g0 < w.n1; g0 += per) {
+    int nr = min(per, w.n1 - g0);
+    for (int k0 = 0; k0 < w.K; k0 += KP) {
+      int kw = min(KP, w.K - k0);
+      u32 s = r.it % r.nslot, round = r.it / r.nslot;
+      ++r.it;
+      mbar_wait(&r.empty[s], (round & 1) ^ 1);
+      unsigned char* dst = r.slots + (size_t)s * SLOT;
+      u32 seg = (u32)kw * 2;
+      int nseg = w.glu ? 2 * nr : nr;
+      mbar_expect_tx(&r.full[s], seg * nseg);
+      if (kw == w.K) {  // whole rows: the group's rows are contiguous (glu: gate rows, then up rows)
+        if (w.glu) {
+          bulk_copy(dst, W + (size_t)g0 * w.K, seg * nr, &r.full[s], policy);
+          bulk_copy(dst + (size_t)seg * nr, W + (size_t)(w.inter + g0) * w.K, seg * nr, &r.full[s], policy);
+        } else {
+          bulk_copy(dst, W + (size_t)g0 * w.K, seg * nr, &r.full[s], policy);
+        }
+      } else {
+        for (int i = 0; i < nseg; ++i) {
+          int row = w.glu ? (i < nr ? g0 + i : w.inter + g0 + i - nr) : g0 + i;
+          bulk_copy(dst + (size_t)seg * i, W + (size_t)row * w.K + k0, seg, &r.full[s], policy);
+        }
+      }
+    }
+  }
+}
+
+// consumers: y = W v for this CTA's rows; v: bf16 [K] in shared memory. Each warp owns a segment (a row) of a chunk
+// and sums it over the pieces; at a group's last piece the rows' sums go to res, and epi(row_index, sums) runs on
+// threads < rows of the group (glu: sums[i] gate, sums[nr + i] up).
+template <class Epi>
+__device__ void consume(Ring& r, Walk w, const u16* v, float* res, Epi epi) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int per = w.glu ? RG / 2 : RG;
+  int par = 0;
+  for (int g0 = w.n0; g0 < w.n1; g0 += per) {
+    int nr = min(per, w.n1 - g0);
+    int nseg = w.glu ? 2 * nr : nr;
+    float acc = 0.f;
+    for (int k0 = 0; k0 < w.K; k0 += KP) {
+      int kw = min(KP, w.K - k0);
+      u32 s = r.it % r.nslot, round = r.it / r.nslot;
+      ++r.it;
+      mbar_wait(&r.full[s], round & 1);
+      if (warp < nseg) {
+        const uint4* wv = (const uint4*)(r.slots + (size_t)s * SLOT + (size_t)warp * kw * 2);
+        const uint4* xv = (const uint4*)(v + k0);
+        int n8 = kw >> 3;
+#pragma unroll 4
+        for (int i = lane; i < n8; i += 32) acc += dot8(wv[i], xv[i]);
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&r.empty[s]);
+    }
+    acc = warp_sum(acc);
+    float* rs = res + par * RG;
+    if (lane == 0 && warp < nseg) rs[warp] = acc;
+    cbar();
+    if ((int)threadIdx.x < nr) epi(g0 + (int)threadIdx.x, rs, (int)threadIdx.x, nr);
+    par ^= 1;
+  }
+}
+
+// x <- x + delta (bf16, another CTA's output; null: x unchanged); v <- rmsnorm(x) * w. Every consumer thread.
+__device__ void add_norm(u16* x, const u16* delta, const u16* nw, u16* v, int n, float eps, float* red) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < n; i += NCT) {
+    float xi = bf2f(x[i]);
+    if (delta) {
+      xi = rbf(xi + bf2f(ldcg16(delta + i)));
+      x[i] = f2bf(xi);
+    }
+    ss += xi * xi;
+  }
+  ss = warp_sum(ss);
+  if (lane == 0) red[warp] = ss;
+  cbar();
+  float tot = 0.f;
+#pragma unroll
+  for (int i = 0; i < NCW; ++i) tot += red[i];
+  float inv = rsqrtf(tot / (float)n + eps);
+  for (int i = threadIdx.x; i < n; i += NCT) {
+    float xn = rbf(bf2f(x[i]) * inv);
+    v[i] = f2bf(bf2f(__ldg(nw + i)) * xn);
+  }
+  cbar();  // v complete, red free
+}
+
+extern "C" __global__ void __launch_bounds__(NCT + 32, 1) tp_decode_step(const long long* __restrict__ P) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int G = (int)P[P_G], L = (int)P[P_L], HID = (int)P[P_HID], INTER = (int)P[P_INTER];
+  const int NH = (int)P[P_NH], NKV = (int)P[P_NKV], VOCAB = (int)P[P_VOCAB];
+  const int QS = NH * D, NQKV = (NH + 2 * NKV) * D;
+  const u32 nslot = (u32)P[P_NSLOT];
+  const int b = blockIdx.x;
+  const long long* LW = (const long long*)P[P_LAYERS];
+
+  // shared memory: ring | v (bf16, max K) | x (bf16, HID) | attention scratch | reductions | barriers
+  const int kmax = max(max(HID, QS), INTER);
+  unsigned char* p = smem;
+  Ring ring;
+  ring.slots = p;
+  p += (size_t)nslot * SLOT;
+  u16* v = (u16*)p;
+  p += ((size_t)kmax * 2 + 127) / 128 * 128;
+  u16* x = (u16*)p;
+  p += ((size_t)HID * 2 + 127) / 128 * 128;
+  float* qf = (float*)p;        // q (roped) [D]
+  float* kf = qf + D;           // new k (roped) [D]
+  float* vf = kf + D;           // new v [D]
+  float* wpart = vf + D;        // per-warp attention partials [NCW][D + 2]
+  float* red = wpart + NCW * (D + 2);  // [NCW]
+  float* res = red + NCW;       // [2][RG]
+  p = (unsigned char*)(res + 2 * RG);
+  p = (unsigned char*)(((size_t)p + 7) / 8 * 8);
+  ring.full = (u64*)p;
+  ring.empty = ring.full + nslot;
+  ring.nslot = nslot;
+  ring.it = 0;
+
+  if (threadIdx.x == 0) {
+    for (u32 i = 0; i < nslot; ++i) {
+      mbar_init(&ring.full[i], 1);
+      mbar_init(&ring.empty[i], NCW);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  const u16* head_w = (const u16*)P[P_HEAD];
+  if (threadIdx.x >= NCT) {  // the producer warp: one thread streams the CTA's weights for the whole step
+    if (threadIdx.x == NCT) {
+      u64 policy;
+      asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+      for (int l = 0; l < L; ++l) {
+        const long long* lw = LW + (size_t)l * W_N;
+        produce(ring, (const u16*)lw[W_QKV], rows_of(NQKV, HID, 0, 0, b, G), policy);
+        produce(ring, (const u16*)lw[W_O], rows_of(HID, QS, 0, 0, b, G), policy);
+        produce(ring, (const u16*)lw[W_GU], rows_of(0, HID, 1, INTER, b, G), policy);
+        produce(ring, (const u16*)lw[W_DOWN], rows_of(HID, INTER, 0, 0, b, G), policy);
+      }
+      produce(ring, head_w, rows_of(VOCAB, HID, 0, 0, b, G), policy);
+    }
+    return;
+  }
+
+  // -- the consumer warps --
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const float eps = __int_as_float((int)P[P_EPS]), scale = __int_as_float((int)P[P_SCALE]);
+  const int BS = (int)P[P_BS], SMAX = (int)P[P_SMAX];
+  const long long KVB = P[P_KVB], KVL = P[P_KVL], KV2 = P[P_KV2], KVT = P[P_KVT], KVH = P[P_KVH];
+  const long long* tok = (const long long*)P[P_TOK];
+  const long long pos = ((const long long*)P[P_POS])[0];
+  const long long sblk = ((const long long*)P[P_SB])[0], soff = ((const long long*)P[P_SO])[0];
+  const int ctx = ((const int*)P[P_CTX])[0];
+  const int* bt = (const int*)P[P_BT];
+  u16* kv = (u16*)P[P_KV];
+  const float* cosp = (const float*)P[P_COS] + pos * D;
+  const float* sinp = (const float*)P[P_SIN] + pos * D;
+  u32* cnt = (u32*)P[P_CNT];
+  u16* qkv_out = (u16*)P[P_QKV];
+  u16* o_out = (u16*)P[P_OOUT];
+  u16* act = (u16*)P[P_ACT];
+  u16* d_out = (u16*)P[P_DOUT];
+  float* part = (float*)P[P_PART];
+  const int has_bias = (int)P[P_HAS_BIAS];
+  const int group = NH / NKV;
+  const int past = ctx - 1;  // cached positions before the new token
+  const int S = max(1, (past + SPL - 1) / SPL);
+  const int items = NH * S;
+
+  {  // the embedding row of the token
+    const u16* e = (const u16*)P[P_EMBED] + (size_t)tok[0] * HID;
+    for (int i = threadIdx.x; i < HID; i += NCT) x[i] = __ldg(e + i);
+    cbar();
+  }
+
+  for (int l = 0; l < L; ++l) {
+    const long long* lw = LW + (size_t)l * W_N;
+    u32* c = cnt + l * 5;
+    // QKV
+    if (l > 0) wait_count(cnt + (l - 1) * 5 + 4, G);
+    add_norm(x, l > 0 ? d_out : nullptr, (const u16*)lw[W_LN1], v, HID, eps, red);
+    {
+      const u16* bias = has_bias ? (const u16*)lw[W_QKVB] : nullptr;
+      consume(ring, rows_of(NQKV, HID, 0, 0, b, G), v, res, [&](int row, const float* rs, int i, int) {
+        float y = rs[i];
+        if (bias) y += bf2f(bias[row]);
+        qkv_out[row] = f2bf(y);
+      });
+    }
+    signal(c + 0);
+    // ATTN
+    if (b < items) {
+      wait_count(c + 0, G);
+      for (int it = b; it < items; it += G) {
+        const int h = it / S, s = it % S, g = h / group;
+        // q and the new k roped, the new v: q, k in bf16 rounding as rope_pair
+        if (threadIdx.x < D / 2) {
+          int i = threadIdx.x;
+          float c1 = rbf(cosp[i]), c2 = rbf(cosp[D / 2 + i]), s1 = rbf(sinp[i]), s2 = rbf(sinp[D / 2 + i]);
+          float x1 = bf2f(ldcg16(qkv_out + h * D + i)), x2 = bf2f(ldcg16(qkv_out + h * D + D / 2 + i));
+          qf[i] = rbf(rbf(x1 * c1) + rbf(-x2 * s1));
+          qf[D / 2 + i] = rbf(rbf(x2 * c2) + rbf(x1 * s2));
+          x1 = bf2f(ldcg16(qkv_out + QS + g * D + i));
+          x2 = bf2f(ldcg16(qkv_out + QS + g * D + D / 2 + i));
+          kf[i] = rbf(rbf(x1 * c1) + rbf(-x2 * s1));
+          kf[D / 2 + i] = rbf(rbf(x2 * c2) + rbf(x1 * s2));
+        } else if (threadIdx.x < D / 2 + D) {
+          int i = threadIdx.x - D / 2;
+          vf[i] = bf2f(ldcg16(qkv_out + QS + NKV * D + g * D + i));
+        }
+        cbar();
+        if (s == 0 && h % group == 0 && threadIdx.x < D) {  // the new k and v into their cache slot
+          u16* slot = kv + sblk * KVB + (long long)l * KVL + soff * KVT + (long long)g * KVH;
+          slot[threadIdx.x] = f2bf(kf[threadIdx.x]);
+          slot[KV2 + threadIdx.x] = f2bf(vf[threadIdx.x]);
+        }
+        // this warp's 32 positions of the split: lane j scores position base + j
+        const int base = s * SPL + warp * 32, p_end = min((s + 1) * SPL, past);
+        float m = NEG_INF, lsum = 0.f, a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+        const u16* kvl = kv + (long long)l * KVL + (long long)g * KVH;
+        if (base < p_end) {
+          int pj = base + lane;
+          bool ok = pj < p_end;
+          float sc = NEG_INF;
+          long long off = 0;
+          if (ok) {
+            off = (long long)bt[pj / BS] * KVB + (long long)(pj % BS) * KVT;
+            const uint4* kr = (const uint4*)(kvl + off);
+            float d = 0.f;
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) {
+              uint4 kk = kr[i];
+              u32 w4[4] = {kk.x, kk.y, kk.z, kk.w};
+#pragma unroll
+              for (int t = 0; t < 4; ++t) {
+                d = fmaf(qf[i * 8 + 2 * t], __uint_as_float(w4[t] << 16), d);
+                d = fmaf(qf[i * 8 + 2 * t + 1], __uint_as_float(w4[t] & 0xffff0000u), d);
+              }
+            }
+            sc = d * scale;
+          }
+          m = warp_max(sc);
+          float pr = ok ? __expf(sc - m) : 0.f;
+          lsum = warp_sum(pr);
+          int nv = min(32, p_end - base);
+#pragma unroll 8
+          for (int j = 0; j < nv; ++j) {
+            float pj_ = __shfl_sync(0xffffffffu, pr, j);
+            long long oj = __shfl_sync(0xffffffffu, off, j);
+            uint2 vv = *(const uint2*)(kvl + KV2 + oj + lane * 4);
+            a0 = fmaf(pj_, __uint_as_float(vv.x << 16), a0);
+            a1 = fmaf(pj_, __uint_as_float(vv.x & 0xffff0000u), a1);
+            a2 = fmaf(pj_, __uint_as_float(vv.y << 16), a2);
+            a3 = fmaf(pj_, __uint_as_float(vv.y & 0xffff0000u), a3);
+          }
+        }
+        if (warp == 0 && s == S - 1) {  // the new token, from registers of this CTA (the cache walk stops before it)
+          float d = qf[lane * 4] * kf[lane * 4] + qf[lane * 4 + 1] * kf[lane * 4 + 1] +
+                    qf[lane * 4 + 2] * kf[lane * 4 + 2] + qf[lane * 4 + 3] * kf[lane * 4 + 3];
+          float sc = warp_sum(d) * scale;
+          float mn = fmaxf(m, sc);
+          float f = __expf(m - mn), pn = __expf(sc - mn);
+          lsum = lsum * f + pn;
+          a0 = a0 * f + pn * vf[lane * 4];
+          a1 = a1 * f + pn * vf[lane * 4 + 1];
+          a2 = a2 * f + pn * vf[lane * 4 + 2];
+          a3 = a3 * f + pn * vf[lane * 4 + 3];
+          m = mn;
+        }
+        float* wp = wpart + warp * (D + 2);
+        wp[lane * 4] = a0;
+        wp[lane * 4 + 1] = a1;
+        wp[lane * 4 + 2] = a2;
+        wp[lane * 4 + 3] = a3;
+        if (lane == 0) {
+          wp[D] = m;
+          wp[D + 1] = lsum;
+        }
+        cbar();
+        if (threadIdx.x < D + 2) {  // this item's partial: the warps' sums rescaled to their max
+          float mm = NEG_INF;
+#pragma unroll
+          for (int w = 0; w < NCW; ++w) mm = fmaxf(mm, wpart[w * (D + 2) + D]);
+          float out = 0.f;
+          int t = threadIdx.x;
+#pragma unroll
+          for (int w = 0; w < NCW; ++w) {
+            float mw = wpart[w * (D + 2) + D];
+            float f = mw == NEG_INF ? 0.f : __expf(mw - mm);
+            if (t < D) out += f * wpart[w * (D + 2) + t];
+            else if (t == D + 1) out += f * wpart[w * (D + 2) + D + 1];
+          }
+          if (t == D) out = mm;
+          part[((size_t)h * SMAX + s) * (D + 2) + t] = out;
+        }
+        signal(c + 1);  // also frees qf/kf/vf/wpart for the next item
+      }
+    }
+    // O: the attention output from the items' partials
+    wait_count(c + 1, (u32)items);
+    for (int t = threadIdx.x; t < QS; t += NCT) {
+      int h = t / D, d = t % D;
+      const float* ph = part + (size_t)h * SMAX * (D + 2);
+      float mm = NEG_INF;
+      for (int s = 0; s < S; ++s) mm = fmaxf(mm, __ldcg(ph + s * (D + 2) + D));
+      float num = 0.f, den = 0.f;
+      for (int s = 0; s < S; ++s) {
+        float f = __expf(__ldcg(ph + s * (D + 2) + D) - mm);
+        num += f * __ldcg(ph + s * (D + 2) + d);
+        den += f * __ldcg(ph + s * (D + 2) + D + 1);
+      }
+      v[t] = f2bf(num / den);
+    }
+    cbar();
+    consume(ring, rows_of(HID, QS, 0, 0, b, G), v, res,
+            [&](int row, const float* rs, int i, int) { o_out[row] = f2bf(rs[i]); });
+    signal(c + 2);
+    // GU
+    wait_count(c + 2, G);
+    add_norm(x, o_out, (const u16*)lw[W_LN2], v, HID, eps, red);
+    consume(ring, rows_of(0, HID, 1, INTER, b, G), v, res, [&](int j, const float* rs, int i, int nr) {
+      float gt = rbf(rs[i]), up = rbf(rs[nr + i]);
+      float a = rbf(gt / (1.f + __expf(-gt)));
+      act[j] = f2bf(a * up);
+    });
+    signal(c + 3);
+    // DOWN
+    wait_count(c + 3, G);
+    for (int i = threadIdx.x; i < INTER; i += NCT) v[i] = ldcg16(act + i);
+    cbar();
+    consume(ring, rows_of(HID, INTER, 0, 0, b, G), v, res,
+            [&](int row, const float* rs, int i, int) { d_out[row] = f2bf(rs[i]); });
+    signal(c + 4);
+  }
+  // HEAD
+  wait_count(cnt + (L - 1) * 5 + 4, G);
+  add_norm(x, d_out, (const u16*)P[P_NORM], v, HID, eps, red);
+  u16* logits = (u16*)P[P_LOGITS];
+  consume(ring, rows_of(VOCAB, HID, 0, 0, b, G), v, res,
+          [&](int row, const float* rs, int i, int) { logits[row] = f2bf(rs[i]); });
+}
