@@ -92,7 +92,12 @@ def engine_active(e: Any, models: dict[str, dict[str, Any]]) -> str | None:
     return max(busy, key=busy.__getitem__) if busy and active not in busy else active
 
 
-def _engine_out(ctl: Any, act: Activity, e: Any, now: float, span_s: float, res_s: float) -> ap.EnginePoolOut:
+def _engine_out(ctl: Any, act: Activity, e: Any, now: float, span_s: float, res_s: float,
+                switched: dict[str, float] | None = None) -> ap.EnginePoolOut:
+    """`switched`: each engine's model switches since the server started (tokenpool_model_switches_total). The
+    worker's own count starts again at 0 whenever its pooled engine is made anew (its last model unregistered: a
+    drain and resume, every model removed; a worker replaced), which left the card and the Switches tile at 0 beside
+    /metrics' hundreds."""
     pool = getattr(e, "pool", None) or {}
     models = engine_models(e)
     if "timeline" in pool:
@@ -113,7 +118,8 @@ def _engine_out(ctl: Any, act: Activity, e: Any, now: float, span_s: float, res_
         id=e.id, device=e.device, host=e.host, alive=e.alive, draining=e.draining, pooled=bool(pool),
         inflight=len(e.subs), step_s=e.step_s, active=engine_active(e, models), registered=registered,
         resident=list(pool.get("resident", [n for n, pm in models.items() if pm["state"] == "resident"])),
-        prefetching=list(pool.get("prefetching", [])), switches=pool.get("switches"),
+        prefetching=list(pool.get("prefetching", [])),
+        switches=None if pool.get("switches") is None else int(max(pool["switches"], (switched or {}).get(e.id, 0))),
         switch_stall_s=pool.get("switch_stall_s"), steps=pool.get("steps"), vram=vram,
         host_cache_bytes=pool.get("host_cache_bytes"), kv_page_bytes=pool.get("kv_page_bytes"),
         timeline=[tuple(r) for r in act.timeline(e.id, now, span_s, res_s)])
@@ -139,7 +145,8 @@ def pool_view(ctl: Any, timeline_s: float = SPAN_S, resolution_s: float = RES_S)
     act = activity(ctl)
     now, mono = time.time(), time.monotonic()
     alive = [e for e in ctl.pool.engines.values() if e.alive]
-    engines = [_engine_out(ctl, act, e, now, timeline_s, resolution_s) for e in ctl.pool.engines.values()]
+    switched = {k[0]: v for k, v in _counts(ctl.metrics.switches, "engine").items()}
+    engines = [_engine_out(ctl, act, e, now, timeline_s, resolution_s, switched) for e in ctl.pool.engines.values()]
     per_engine = {e.id: engine_models(e) for e in alive}
 
     # tokens/s: tokens of finished requests (Prometheus counter) + tokens so far of those in flight
