@@ -380,7 +380,7 @@ def serve_cmd(
         if enable_auto_tool_choice and tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice takes --tool-call-parser, as vLLM's does (hermes: Qwen2.5, "
                              "Hermes); here the parser alone turns tool_choice auto on")
-        model_specs(list(model_dirs or []), list(served_model_name or []))
+        model_specs(list(model_dirs or []), list(served_model_name or []), convert=False)  # (converted after the bind)
         if config is not None and not config.is_file():
             raise ValueError(f"no configuration file at {config} (--config)")
     except ValueError as e:

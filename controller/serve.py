@@ -53,12 +53,50 @@ def hf_cached(repo_id: str) -> Path:
     return path
 
 
-def model_specs(dirs: list[Path], names: list[str]) -> list[ModelSpec]:
+def gguf_unconverted(dirs: list[Path]) -> list[Path]:
+    """The `.gguf` files among `dirs` whose conversion is not in the cache yet (`tokenpool serve` converts them after
+    the bind: `convert_gguf_files`)."""
+    from controller.config import cache_dir
+    from controller.real_model import MARKER, gguf_folder
+
+    files = [Path(d).expanduser().resolve() for d in dirs]
+    return [f for f in files if f.suffix == ".gguf" and f.is_file()
+            and not (gguf_folder(f, cache_dir()) / MARKER).exists()]
+
+
+def convert_gguf_files(files: list[Path]) -> None:
+    """Convert `files` (`ensure_gguf`, one child process each) into the cache. StartupError: one cannot be."""
+    from controller.config import cache_dir
+    from controller.real_model import ensure_gguf
+    from controller.startup import StartupError
+
+    for f in files:
+        try:
+            ensure_gguf(f, cache_dir())
+        except RuntimeError as e:
+            raise StartupError(str(e)) from None
+        except OSError as e:  # (the cache cannot be written)
+            raise StartupError(f"{f} cannot be converted into {cache_dir()}: {e.strerror or e}{CACHE_HINT}") from None
+
+
+def check_max_model_len(specs: list[ModelSpec], max_model_len: int | None) -> None:
+    """As vLLM refuses a --max-model-len past the model's positions (the engine would clamp it). StartupError."""
+    from controller.startup import StartupError
+
+    for s in specs:
+        limit = model_max_positions(s.path)
+        if max_model_len is not None and limit is not None and max_model_len > limit:
+            raise StartupError(f"--max-model-len {max_model_len} is more than model {s.name!r} takes: "
+                               f"{limit} tokens (max_position_embeddings in its config.json)")
+
+
+def model_specs(dirs: list[Path], names: list[str], convert: bool = True) -> list[ModelSpec]:
     """Models from `tokenpool serve DIR ...`: `names` gives one name per directory, or (one directory) a name and
     its aliases, as vLLM's --served-model-name does; by default a model is named after its directory. A `.gguf` file
     (as llama.cpp and Ollama keep models) is served from its conversion (`real_model.ensure_gguf`, cached), named
     after the file; a Hugging Face repo id (`org/name`, as `vllm serve` takes it) from the local Hugging Face cache,
-    named after the id."""
+    named after the id. `convert=False`: a `.gguf` file not converted yet is named its conversion's folder, which
+    is not there yet (`tokenpool serve` converts it after the bind); only its first bytes are checked here."""
     given = [str(d) for d in dirs]
     dirs = [Path(d).expanduser().resolve() for d in dirs]
     default_names = [d.stem if d.suffix == ".gguf" else d.name for d in dirs]
@@ -68,8 +106,18 @@ def model_specs(dirs: list[Path], names: list[str]) -> list[ModelSpec]:
             continue
         if d.suffix == ".gguf" and d.is_file():
             from controller.config import cache_dir
-            from controller.real_model import ensure_gguf
+            from controller.real_model import ensure_gguf, gguf_folder
 
+            if not convert and gguf_unconverted([d]):
+                try:
+                    with open(d, "rb") as f:
+                        magic = f.read(4)
+                except OSError as e:
+                    raise ValueError(f"{d} cannot be read: {e.strerror or e}") from None
+                if magic != b"GGUF":  # (said before the bind, as a conversion would say it)
+                    raise ValueError(f"{d} cannot be converted: it is not a GGUF file (it does not begin with GGUF)")
+                dirs[i] = gguf_folder(d, cache_dir())
+                continue
             try:
                 dirs[i] = ensure_gguf(d, cache_dir())
             except RuntimeError as e:
@@ -137,20 +185,21 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
             lora_modules: list[str] | None = None, enable_prefix_caching: bool | None = None,
             max_loras: int | None = None, max_lora_rank: int | None = None, max_num_seqs: int | None = None,
             enforce_eager: bool | None = None, max_num_batched_tokens: int | None = None,
-            seed: int | None = None) -> tuple[ServerConfig, str | None]:
+            seed: int | None = None, convert_gguf: bool = True) -> tuple[ServerConfig, str | None]:
     """The validated config with CLI overrides; a fresh admin token if the config has none (shown once).
 
     Model directories on the command line are served beside the config's models; without a config they are the
     only models (no demo), on the default loopback listener without auth. As vLLM's flags: `api_key` (every request
     must present it: a tenant "api-key" of every model, auth on), and `max_model_len`/`dtype`/`tool_call_parser`/
     `lora_modules`/`enable_prefix_caching`/`max_loras`/`max_lora_rank`/`max_num_seqs`/`enforce_eager` (no CUDA
-    graphs)/`max_num_batched_tokens`/`seed` for the directories' models."""
+    graphs)/`max_num_batched_tokens`/`seed` for the directories' models. `convert_gguf=False`: a `.gguf` file not
+    converted yet is left to the caller (`convert_gguf_files`, then `check_max_model_len` and the models' checks)."""
     from controller.startup import StartupError, load_checked, validation_line
 
     if port is not None and not 0 <= port <= 65535:
         raise StartupError(f"--port {port}: a port is 0 to 65535 (0: any free one)")
     try:
-        specs = model_specs(list(model_dirs or []), list(served_model_names or []))
+        specs = model_specs(list(model_dirs or []), list(served_model_names or []), convert=convert_gguf)
     except ValueError as e:
         raise StartupError(str(e)) from None
     engine = {"max_model_len": max_model_len, "dtype": dtype, "enable_prefix_caching": enable_prefix_caching,
@@ -165,11 +214,7 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
         *names, last = flags
         raise StartupError(f"{', '.join(names)} and {last} apply to the MODEL_DIR arguments; none were given (a "
                            "configuration sets them per model)")
-    for s in specs:  # as vLLM refuses a --max-model-len past the model's positions (the engine would clamp it)
-        limit = model_max_positions(s.path)
-        if max_model_len is not None and limit is not None and max_model_len > limit:
-            raise StartupError(f"--max-model-len {max_model_len} is more than model {s.name!r} takes: "
-                               f"{limit} tokens (max_position_embeddings in its config.json)")
+    check_max_model_len(specs, max_model_len)  # (a conversion's folder not made yet: checked once it is)
     try:
         add_lora_modules(specs, lora_modules or [])
     except ValueError as e:
@@ -301,6 +346,17 @@ def make_default_models(cfg: ServerConfig) -> None:
     startup.check_models(cfg)
 
 
+def convert_then_check(cfg: ServerConfig, files: list[Path], specs: list[ModelSpec], max_model_len: int | None) -> None:
+    """`tokenpool serve FILE.gguf`'s conversions, run once it listens (/health says "starting" meanwhile, requests
+    wait), then what needs the converted folders: --max-model-len against the model's positions, each model's
+    folder and LoRA adapters. StartupError: logged in its line, and the server exits 2."""
+    from controller import startup
+
+    convert_gguf_files(files)
+    check_max_model_len(specs, max_model_len)
+    startup.check_models(cfg)
+
+
 def serve(config_path: Path | None = None, host: str | None = None, port: int | None = None,
           model_dirs: list[Path] | None = None, served_model_names: list[str] | None = None,
           gpu_budget_gb: float | None = None, api_key: str | None = None, max_model_len: int | None = None,
@@ -320,10 +376,11 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
         log.warning("--trust-remote-code is ignored: tokenpool runs its own llama, qwen2, qwen3 and mistral code, "
                     "never code from a model's folder")
     try:
+        unconverted = gguf_unconverted(list(model_dirs or []))  # (converted after the bind, as the default's models)
         cfg, admin_token = prepare(config_path, host, port, model_dirs, served_model_names, gpu_budget_gb, api_key,
                                    max_model_len, dtype, tool_call_parser, lora_modules, enable_prefix_caching,
                                    max_loras, max_lora_rank, max_num_seqs, enforce_eager, max_num_batched_tokens,
-                                   seed)
+                                   seed, convert_gguf=False)
         if allowed_origins:
             cfg.cors_origins = origins_given(allowed_origins)
     except startup.StartupError as e:
@@ -335,6 +392,9 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
             cfg.listen.host = "127.0.0.1"
         log.warning("%s", default_banner(cfg))
         make_models = functools.partial(make_default_models, cfg)  # (after the bind: /health says "starting")
+    elif unconverted:  # the same for a .gguf file's conversion (~10 s for a 135M model on 2 cores; minutes for 7B)
+        make_models = functools.partial(convert_then_check, cfg, unconverted,
+                                        cfg.models[len(cfg.models) - len(model_dirs or []):], max_model_len)
     try:
         if config_path is not None:  # (a config's models: the file and the key named; the MODEL_DIRs were checked)
             check_config_models(cfg.models[:len(cfg.models) - len(model_dirs or [])], config_path)
