@@ -81,6 +81,10 @@ class TenantCreated(TenantOut):
                                   "models no model answers to now")
 
 
+class TenantUpdated(TenantOut):
+    warning: str | None = Field(None, description="set when its changed `models` name models no model answers to now")
+
+
 class ReplicaOut(BaseModel):
     model: str
     state: str

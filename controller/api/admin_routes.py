@@ -160,15 +160,21 @@ async def create_tenant(body: ap.TenantCreate, request: Request):
     warnings = [] if ctl.tenants.auth else [
         "authentication is off on this server (auth: false, or no tenant configured at start): requests are not "
         "asked for a key, so this tenant's limits and model list apply to no one; restart with auth on"]
-    # A name or glob no model answers to now is kept (a PooledModel may come after its Tenant), and said: a typo
-    # would otherwise show only as the tenant's 404s.
-    served = ctl.served_names()
-    if unmatched := [p for p in t.spec.models if not any(fnmatch.fnmatchcase(n, p) for n in served)]:
-        warnings.append(f"models {unmatched} match no model served now; this tenant can use them once they are added")
+    if unmatched := _unmatched(ctl, t.spec.models):
+        warnings.append(unmatched)
     return {**_tenant_out(t, ctl.tenants.auth), "api_key": key, "warning": "; ".join(warnings) or None}
 
 
-@router.patch("/tenants/{name}", response_model=ap.TenantOut)
+def _unmatched(ctl: Controller, models: list[str]) -> str | None:
+    """A name or glob no model answers to now is kept (a PooledModel may come after its Tenant), and said: a typo
+    would otherwise show only as the tenant's 404s."""
+    served = ctl.served_names()
+    if unmatched := [p for p in models if not any(fnmatch.fnmatchcase(n, p) for n in served)]:
+        return f"models {unmatched} match no model served now; this tenant can use them once they are added"
+    return None
+
+
+@router.patch("/tenants/{name}", response_model=ap.TenantUpdated)
 async def update_tenant(name: str, patch: ap.TenantPatch, request: Request):
     """Change a tenant's keys, models, limits, priority or SLO class in place: the keys it keeps keep working (no
     DELETE then POST, whose gap answered them 401), its usage, requests in flight and buckets carry over; requests
@@ -188,7 +194,9 @@ async def update_tenant(name: str, patch: ap.TenantPatch, request: Request):
     if "key_hashes" in changes and old is not None:
         ctl.tenant_deleted(old)  # (succeeded by `t`: only the requests on the keys it dropped end)
     views.events(ctl).publish("tenant_updated", tenant=name, fields=sorted(changes))
-    return _tenant_out(t, ctl.tenants.auth)
+    # (as POST says it: the dashboard's Edit with a typo in a model's name took the tenant's access away unsaid)
+    return {**_tenant_out(t, ctl.tenants.auth),
+            "warning": _unmatched(ctl, t.spec.models) if changes.get("models") is not None else None}
 
 
 @router.delete("/tenants/{name}")

@@ -197,7 +197,8 @@ async function act(question, method, path, body, done) {
   let ok = false;
   try {
     const res = await api(method, path, body);
-    toast(done(res));
+    const said = done(res); // (text, or {text, warn}: a warning stays up as long as an error, read out at once)
+    if (typeof said === "string") toast(said); else toast(said.text, said.warn);
     ok = true;
   } catch (e) {
     toast(`Failed: ${e.message}`, true);
@@ -828,7 +829,8 @@ function init() {
         burst: num("rps") !== null && form.dataset.burst ? Number(form.dataset.burst) : null };
       if (await act(`Change tenant ${editing}'s models and limits? Its keys keep working.`, "PATCH",
         `/admin/tenants/${encodeURIComponent(editing)}`, { models, rate, max_concurrent: num("conc") },
-        (t) => `Tenant ${t.name} changed`)) endEdit();
+        (t) => t.warning ? { text: `Tenant ${t.name} changed. Warning: ${t.warning}`, warn: true }
+          : `Tenant ${t.name} changed`)) endEdit();
       return;
     }
     const body = { name: f.get("name"), models, rate: {} };

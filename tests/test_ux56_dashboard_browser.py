@@ -1,0 +1,87 @@
+"""The dashboard as an operator uses it during traffic (session 56's pass), against one live server with
+authentication on, two tenants of the configuration and paced models; each test leaves the server as it found it.
+
+- A tenant's Edit with a model name that no model answers to (a typo) took the tenant's access away unsaid: the
+  toast said "Tenant NAME changed". POST /admin/tenants warns of such names; PATCH now does too, and the page shows
+  the warning as it shows an error.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import httpx
+import pytest
+
+from controller.keys import hash_key
+from load_tests.live_server import LiveServer
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+ADMIN = "admin-ux56-dashboard"
+H = {"Authorization": f"Bearer {ADMIN}"}
+PACE = {"kind": "pace", "pace_s_per_token": 0.02}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False},
+           "tenants": [{"name": "alice", "key_hashes": [hash_key("tp-ux56-alice")]},
+                       {"name": "bob", "key_hashes": [hash_key("tp-ux56-bob")], "models": ["pace-a"]}],
+           "tenants_file": str(tmp_path_factory.mktemp("tenants") / "tenants.yaml"),
+           "models": [{"name": "pace-a", "path": None, "engine": PACE},
+                      {"name": "pace-b", "path": None, "engine": PACE}]}
+    with LiveServer(cfg, tmp_path_factory.mktemp("srv")) as srv:
+        yield srv
+
+
+def test_patch_warns_of_models_no_model_answers_to(server):
+    with httpx.Client(base_url=server.url, headers=H) as c:
+        assert c.post("/admin/tenants", json={"name": "carol", "models": ["pace-a"]}).status_code == 201
+        try:
+            r = c.patch("/admin/tenants/carol", json={"models": ["pace-x", "pace-*"]})
+            assert r.status_code == 200, r.text
+            assert r.json()["models"] == ["pace-x", "pace-*"]
+            assert "['pace-x']" in r.json()["warning"], r.json()
+            r = c.patch("/admin/tenants/carol", json={"models": ["pace-b"]})  # all served: no warning
+            assert r.status_code == 200 and r.json()["warning"] is None, r.json()
+            r = c.patch("/admin/tenants/carol", json={"max_concurrent": 2})  # models not changed: none either
+            assert r.status_code == 200 and r.json()["warning"] is None, r.json()
+        finally:
+            c.delete("/admin/tenants/carol")
+
+
+@pytest.fixture
+def page(server, browser):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = ctx.new_page()
+    page.failed = []
+    page.on("console", lambda m: page.failed.append(f"console: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: page.failed.append(f"page error: {e}"))
+    page.on("dialog", lambda d: d.accept())
+    page.goto(server.url + "/dashboard#tenants")
+    page.fill("#token", ADMIN)
+    page.click("#login")
+    sync_api.expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
+    yield page
+    ctx.close()
+    assert page.failed == [], "\n".join(page.failed)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs the system chromium (apt-get install chromium)")
+def test_edit_with_a_model_no_model_answers_to_says_so(server, page):
+    expect = sync_api.expect
+    httpx.post(server.url + "/admin/tenants", headers=H, json={"name": "dave", "models": ["pace-a"]}).raise_for_status()
+    try:
+        row = page.locator('#tenants-table tr[data-tenant="dave"]')
+        row.locator("[data-action=edit]").click()
+        expect(page.locator("#add-tenant input[name=models]")).to_have_value("pace-a")
+        page.fill("#add-tenant input[name=models]", "pace-aa")
+        page.click("#add-tenant button[type=submit]")
+        toast = page.locator("#toast")
+        expect(toast).to_contain_text("Tenant dave changed. Warning: models ['pace-aa'] match no model served now")
+        expect(toast).to_have_attribute("role", "alert")
+        expect(row.locator("td").nth(1)).to_have_text("pace-aa")
+    finally:
+        httpx.delete(server.url + "/admin/tenants/dave", headers=H)
