@@ -33,13 +33,17 @@ typedef unsigned long long u64;
 #define SLOT (RG * KP * 2)
 #define SPL 256          // cached positions of an attention item
 #define NEG_INF __int_as_float(0xff800000)
+#ifndef VB
+#define VB 16            // V rows loaded at once by an attention warp
+#endif
+#define NBIAS 64         // qkv bias rows a CTA keeps in shared memory
 
 // P: the step's int64 parameters (megakernel.py builds them; indices below)
 enum {
   P_G, P_L, P_HID, P_INTER, P_NH, P_NKV, P_VOCAB, P_BS, P_MB, P_KVB, P_KVL, P_KV2, P_KVT, P_KVH, P_EPS, P_SCALE,
-  P_NSLOT, P_HAS_BIAS, P_SMAX, P_RES19,
+  P_NSLOT, P_HAS_BIAS, P_SMAX, P_FLAGS, P_PFGU,
   P_TOK, P_POS, P_SB, P_SO, P_CTX, P_BT, P_KV, P_COS, P_SIN, P_EMBED, P_NORM, P_HEAD, P_LOGITS, P_CNT,
-  P_QKV, P_OOUT, P_ACT, P_DOUT, P_PART, P_LAYERS, P_N
+  P_QKV, P_OOUT, P_ACT, P_DOUT, P_PART, P_LAYERS, P_TRACE, P_N
 };
 enum { W_QKV, W_QKVB, W_O, W_GU, W_DOWN, W_LN1, W_LN2, W_N };
 
@@ -108,23 +112,44 @@ __device__ __forceinline__ u32 ld_acquire(const u32* p) {
 }
 __device__ __forceinline__ void cbar() { asm volatile("bar.sync 1, %0;" ::"n"(NCT) : "memory"); }
 // every consumer thread: wait until *c >= target
-__device__ __forceinline__ void wait_count(const u32* c, u32 target) {
-  if (threadIdx.x == 0) {
-    while (ld_acquire(c) < target) __nanosleep(32);
-    __threadfence();
+// (nowait: diagnostics only, FLAGS bit 1 -- the weight stream without the dependencies, wrong outputs)
+__device__ __forceinline__ void wait_count(const u32* c, u32 target, int nowait = 0) {
+  if (threadIdx.x == 0 && !nowait) {
+    while (ld_acquire(c) < target) __nanosleep(20);
   }
-  cbar();
+  cbar();  // the acquire, then (bar.sync) every consumer thread's reads
 }
-// every consumer thread, after its writes: count this CTA's part of an op done
+// every consumer thread, after its writes: count this CTA's part of an op done (the bar.sync orders the CTA's writes
+// before thread 0's release)
 __device__ __forceinline__ void signal(u32* c) {
   cbar();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    atomicAdd(c, 1u);
+  if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(c) : "memory");
+}
+__device__ __forceinline__ u64 now_ns() {
+  u64 t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+// what another CTA wrote: read from L2, never a stale L1 line
+__device__ __forceinline__ u16 ldcg16(const u16* p) { return __ldcg((const unsigned short*)p); }
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+__device__ __forceinline__ void bulk_prefetch_l2(const void* p, u32 bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void unpack8(uint4 a, float* f) {
+  u32 w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
   }
 }
-// a bf16 value another CTA wrote (L2, never a stale L1 line)
-__device__ __forceinline__ u16 ldcg16(const u16* p) { return __ldcg((const unsigned short*)p); }
+__device__ __forceinline__ uint4 pack8(const float* f) {
+  u32 w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) w[i] = (u32)f2bf(f[2 * i]) | ((u32)f2bf(f[2 * i + 1]) << 16);
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
 
 // -- the walk of one projection's chunks (the producer and the consumers walk it alike) ------------------------------
 // A chunk: up to RG row segments of columns [k0, k0 + kw). glu: rows j of gate (W row j) and up (W row inter + j),
@@ -218,17 +243,39 @@ __device__ void consume(Ring& r, Walk w, const u16* v, float* res, Epi epi) {
   }
 }
 
+// A norm's weights, loaded before its op waits: thread t holds 8-wide vectors t and t + NCT (hidden <= 16 * NCT).
+struct NormW {
+  uint4 w[2];
+};
+__device__ __forceinline__ NormW norm_pre(const u16* nw, int n) {
+  NormW r;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    int vi = threadIdx.x + j * NCT;
+    r.w[j] = vi < n / 8 ? __ldg((const uint4*)nw + vi) : make_uint4(0, 0, 0, 0);
+  }
+  return r;
+}
 // x <- x + delta (bf16, another CTA's output; null: x unchanged); v <- rmsnorm(x) * w. Every consumer thread.
-__device__ void add_norm(u16* x, const u16* delta, const u16* nw, u16* v, int n, float eps, float* red) {
+__device__ void add_norm(u16* x, const u16* delta, const NormW& nw, u16* v, int n, float eps, float* red) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float ss = 0.f;
-  for (int i = threadIdx.x; i < n; i += NCT) {
-    float xi = bf2f(x[i]);
-    if (delta) {
-      xi = rbf(xi + bf2f(ldcg16(delta + i)));
-      x[i] = f2bf(xi);
+  float xf[2][8];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    int vi = threadIdx.x + j * NCT;
+    if (vi < n / 8) {
+      unpack8(((const uint4*)x)[vi], xf[j]);
+      if (delta) {
+        float df[8];
+        unpack8(__ldcg((const uint4*)delta + vi), df);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) xf[j][e] = rbf(xf[j][e] + df[e]);
+        ((uint4*)x)[vi] = pack8(xf[j]);
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) ss += xf[j][e] * xf[j][e];
     }
-    ss += xi * xi;
   }
   ss = warp_sum(ss);
   if (lane == 0) red[warp] = ss;
@@ -237,9 +284,16 @@ __device__ void add_norm(u16* x, const u16* delta, const u16* nw, u16* v, int n,
 #pragma unroll
   for (int i = 0; i < NCW; ++i) tot += red[i];
   float inv = rsqrtf(tot / (float)n + eps);
-  for (int i = threadIdx.x; i < n; i += NCT) {
-    float xn = rbf(bf2f(x[i]) * inv);
-    v[i] = f2bf(bf2f(__ldg(nw + i)) * xn);
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    int vi = threadIdx.x + j * NCT;
+    if (vi < n / 8) {
+      float wf[8], o[8];
+      unpack8(nw.w[j], wf);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[e] = wf[e] * rbf(xf[j][e] * inv);
+      ((uint4*)v)[vi] = pack8(o);
+    }
   }
   cbar();  // v complete, red free
 }
@@ -253,7 +307,7 @@ extern "C" __global__ void __launch_bounds__(NCT + 32, 1) tp_decode_step(const l
   const int b = blockIdx.x;
   const long long* LW = (const long long*)P[P_LAYERS];
 
-  // shared memory: ring | v (bf16, max K) | x (bf16, HID) | attention scratch | reductions | barriers
+  // shared memory: ring | v (bf16, max K) | x (bf16, HID) | attention scratch | reductions | bias | barriers
   const int kmax = max(max(HID, QS), INTER);
   unsigned char* p = smem;
   Ring ring;
@@ -269,7 +323,8 @@ extern "C" __global__ void __launch_bounds__(NCT + 32, 1) tp_decode_step(const l
   float* wpart = vf + D;        // per-warp attention partials [NCW][D + 2]
   float* red = wpart + NCW * (D + 2);  // [NCW]
   float* res = red + NCW;       // [2][RG]
-  p = (unsigned char*)(res + 2 * RG);
+  float* pbias = res + 2 * RG;  // the CTA's qkv bias rows [NBIAS]
+  p = (unsigned char*)(pbias + NBIAS);
   p = (unsigned char*)(((size_t)p + 7) / 8 * 8);
   ring.full = (u64*)p;
   ring.empty = ring.full + nslot;
@@ -290,11 +345,21 @@ extern "C" __global__ void __launch_bounds__(NCT + 32, 1) tp_decode_step(const l
     if (threadIdx.x == NCT) {
       u64 policy;
       asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+      const int pf = (int)P[P_PFGU];
       for (int l = 0; l < L; ++l) {
         const long long* lw = LW + (size_t)l * W_N;
+        Walk gu = rows_of(0, HID, 1, INTER, b, G);
+        if (pf > 0 && gu.n1 > gu.n0) {
+          // the first rows of this layer's gate and up into L2 now: they are streamed while the consumers wait out
+          // qkv -> attention -> o, when the ring alone would be full and HBM idle
+          u32 bytes = (u32)min(pf, gu.n1 - gu.n0) * HID * 2;
+          const u16* wg = (const u16*)lw[W_GU];
+          bulk_prefetch_l2(wg + (size_t)gu.n0 * HID, bytes);
+          bulk_prefetch_l2(wg + (size_t)(INTER + gu.n0) * HID, bytes);
+        }
         produce(ring, (const u16*)lw[W_QKV], rows_of(NQKV, HID, 0, 0, b, G), policy);
         produce(ring, (const u16*)lw[W_O], rows_of(HID, QS, 0, 0, b, G), policy);
-        produce(ring, (const u16*)lw[W_GU], rows_of(0, HID, 1, INTER, b, G), policy);
+        produce(ring, (const u16*)lw[W_GU], gu, policy);
         produce(ring, (const u16*)lw[W_DOWN], rows_of(HID, INTER, 0, 0, b, G), policy);
       }
       produce(ring, head_w, rows_of(VOCAB, HID, 0, 0, b, G), policy);
@@ -323,47 +388,82 @@ extern "C" __global__ void __launch_bounds__(NCT + 32, 1) tp_decode_step(const l
   float* part = (float*)P[P_PART];
   const int has_bias = (int)P[P_HAS_BIAS];
   const int group = NH / NKV;
+  // diagnostics (FLAGS): bit 1 no waits; bit 2 a timestamp (ns) at each op's start (its inputs ready) and end
+  const int flags = (int)P[P_FLAGS], nw = flags & 1;
+  u64* trace = (flags & 2) ? (u64*)P[P_TRACE] + (size_t)b * (L * 5 + 1) * 2 : nullptr;
+#define TR(op, end) \
+  if (trace && threadIdx.x == 0) trace[(op) * 2 + (end)] = now_ns();
   const int past = ctx - 1;  // cached positions before the new token
   const int S = max(1, (past + SPL - 1) / SPL);
   const int items = NH * S;
+  // RoPE's tables at this position, as rope_pair rounds them (threads < D/2: pair i, i + D/2)
+  float c1 = 0.f, c2 = 0.f, s1 = 0.f, s2 = 0.f;
+  if (threadIdx.x < D / 2) {
+    c1 = rbf(cosp[threadIdx.x]);
+    c2 = rbf(cosp[D / 2 + threadIdx.x]);
+    s1 = rbf(sinp[threadIdx.x]);
+    s2 = rbf(sinp[D / 2 + threadIdx.x]);
+  }
+  const Walk wq = rows_of(NQKV, HID, 0, 0, b, G);
+  const bool bias_pre = has_bias && wq.n1 - wq.n0 <= NBIAS;
 
   {  // the embedding row of the token
     const u16* e = (const u16*)P[P_EMBED] + (size_t)tok[0] * HID;
-    for (int i = threadIdx.x; i < HID; i += NCT) x[i] = __ldg(e + i);
+    for (int i = threadIdx.x; i < HID / 8; i += NCT) ((uint4*)x)[i] = __ldg((const uint4*)e + i);
     cbar();
   }
 
   for (int l = 0; l < L; ++l) {
     const long long* lw = LW + (size_t)l * W_N;
     u32* c = cnt + l * 5;
-    // QKV
-    if (l > 0) wait_count(cnt + (l - 1) * 5 + 4, G);
-    add_norm(x, l > 0 ? d_out : nullptr, (const u16*)lw[W_LN1], v, HID, eps, red);
+    // QKV (what does not depend on the step's data is loaded before the wait: the norm's weights, the bias)
     {
+      NormW nw1 = norm_pre((const u16*)lw[W_LN1], HID);
       const u16* bias = has_bias ? (const u16*)lw[W_QKVB] : nullptr;
-      consume(ring, rows_of(NQKV, HID, 0, 0, b, G), v, res, [&](int row, const float* rs, int i, int) {
+      if (bias_pre && (int)threadIdx.x < wq.n1 - wq.n0) pbias[threadIdx.x] = bf2f(__ldg(bias + wq.n0 + threadIdx.x));
+      if (l > 0) wait_count(cnt + (l - 1) * 5 + 4, G, nw);
+      TR(l * 5, 0);
+      add_norm(x, l > 0 ? d_out : nullptr, nw1, v, HID, eps, red);
+      consume(ring, wq, v, res, [&](int row, const float* rs, int i, int) {
         float y = rs[i];
-        if (bias) y += bf2f(bias[row]);
+        if (bias) y += bias_pre ? pbias[row - wq.n0] : bf2f(__ldg(bias + row));
         qkv_out[row] = f2bf(y);
       });
     }
+    TR(l * 5, 1);
     signal(c + 0);
     // ATTN
     if (b < items) {
-      wait_count(c + 0, G);
       for (int it = b; it < items; it += G) {
         const int h = it / S, s = it % S, g = h / group;
-        // q and the new k roped, the new v: q, k in bf16 rounding as rope_pair
+        // before the wait: this warp's 32 cached positions (lane j: position base + j), their K rows into
+        // registers and V rows into L2 -- the cache holds them since earlier steps
+        const int base = s * SPL + warp * 32, p_end = min((s + 1) * SPL, past);
+        const int pj = base + lane;
+        const bool ok = pj < p_end;
+        const u16* kvl = kv + (long long)l * KVL + (long long)g * KVH;
+        long long off = 0;
+        uint4 kr[D / 8];
+        if (ok) {
+          off = (long long)__ldg(bt + pj / BS) * KVB + (long long)(pj % BS) * KVT;
+#pragma unroll
+          for (int i = 0; i < D / 8; ++i) kr[i] = ((const uint4*)(kvl + off))[i];
+          prefetch_l2(kvl + KV2 + off);
+          prefetch_l2(kvl + KV2 + off + 64);
+        }
+        if (it == b) {
+          wait_count(c + 0, G, nw);
+          TR(l * 5 + 1, 0);
+        }
+        // q and the new k roped (bf16 roundings as rope_pair), the new v
         if (threadIdx.x < D / 2) {
           int i = threadIdx.x;
-          float c1 = rbf(cosp[i]), c2 = rbf(cosp[D / 2 + i]), s1 = rbf(sinp[i]), s2 = rbf(sinp[D / 2 + i]);
           float x1 = bf2f(ldcg16(qkv_out + h * D + i)), x2 = bf2f(ldcg16(qkv_out + h * D + D / 2 + i));
+          float k1 = bf2f(ldcg16(qkv_out + QS + g * D + i)), k2 = bf2f(ldcg16(qkv_out + QS + g * D + D / 2 + i));
           qf[i] = rbf(rbf(x1 * c1) + rbf(-x2 * s1));
           qf[D / 2 + i] = rbf(rbf(x2 * c2) + rbf(x1 * s2));
-          x1 = bf2f(ldcg16(qkv_out + QS + g * D + i));
-          x2 = bf2f(ldcg16(qkv_out + QS + g * D + D / 2 + i));
-          kf[i] = rbf(rbf(x1 * c1) + rbf(-x2 * s1));
-          kf[D / 2 + i] = rbf(rbf(x2 * c2) + rbf(x1 * s2));
+          kf[i] = rbf(rbf(k1 * c1) + rbf(-k2 * s1));
+          kf[D / 2 + i] = rbf(rbf(k2 * c2) + rbf(k1 * s2));
         } else if (threadIdx.x < D / 2 + D) {
           int i = threadIdx.x - D / 2;
           vf[i] = bf2f(ldcg16(qkv_out + QS + NKV * D + g * D + i));
@@ -374,47 +474,43 @@ extern "C" __global__ void __launch_bounds__(NCT + 32, 1) tp_decode_step(const l
           slot[threadIdx.x] = f2bf(kf[threadIdx.x]);
           slot[KV2 + threadIdx.x] = f2bf(vf[threadIdx.x]);
         }
-        // this warp's 32 positions of the split: lane j scores position base + j
-        const int base = s * SPL + warp * 32, p_end = min((s + 1) * SPL, past);
         float m = NEG_INF, lsum = 0.f, a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-        const u16* kvl = kv + (long long)l * KVL + (long long)g * KVH;
         if (base < p_end) {
-          int pj = base + lane;
-          bool ok = pj < p_end;
           float sc = NEG_INF;
-          long long off = 0;
           if (ok) {
-            off = (long long)bt[pj / BS] * KVB + (long long)(pj % BS) * KVT;
-            const uint4* kr = (const uint4*)(kvl + off);
             float d = 0.f;
 #pragma unroll
             for (int i = 0; i < D / 8; ++i) {
-              uint4 kk = kr[i];
-              u32 w4[4] = {kk.x, kk.y, kk.z, kk.w};
+              float kk[8];
+              unpack8(kr[i], kk);
 #pragma unroll
-              for (int t = 0; t < 4; ++t) {
-                d = fmaf(qf[i * 8 + 2 * t], __uint_as_float(w4[t] << 16), d);
-                d = fmaf(qf[i * 8 + 2 * t + 1], __uint_as_float(w4[t] & 0xffff0000u), d);
-              }
+              for (int t = 0; t < 8; ++t) d = fmaf(qf[i * 8 + t], kk[t], d);
             }
             sc = d * scale;
           }
           m = warp_max(sc);
           float pr = ok ? __expf(sc - m) : 0.f;
           lsum = warp_sum(pr);
-          int nv = min(32, p_end - base);
-#pragma unroll 8
-          for (int j = 0; j < nv; ++j) {
-            float pj_ = __shfl_sync(0xffffffffu, pr, j);
-            long long oj = __shfl_sync(0xffffffffu, off, j);
-            uint2 vv = *(const uint2*)(kvl + KV2 + oj + lane * 4);
-            a0 = fmaf(pj_, __uint_as_float(vv.x << 16), a0);
-            a1 = fmaf(pj_, __uint_as_float(vv.x & 0xffff0000u), a1);
-            a2 = fmaf(pj_, __uint_as_float(vv.y << 16), a2);
-            a3 = fmaf(pj_, __uint_as_float(vv.y & 0xffff0000u), a3);
+          const int nv = min(32, p_end - base);
+#pragma unroll
+          for (int j0 = 0; j0 < 32; j0 += VB) {
+            uint2 vv[VB];
+#pragma unroll
+            for (int j = 0; j < VB; ++j) {  // VB rows' loads in flight at once
+              long long oj = __shfl_sync(0xffffffffu, off, j0 + j);
+              vv[j] = j0 + j < nv ? *(const uint2*)(kvl + KV2 + oj + lane * 4) : make_uint2(0, 0);
+            }
+#pragma unroll
+            for (int j = 0; j < VB; ++j) {
+              float pj_ = __shfl_sync(0xffffffffu, pr, j0 + j);
+              a0 = fmaf(pj_, __uint_as_float(vv[j].x << 16), a0);
+              a1 = fmaf(pj_, __uint_as_float(vv[j].x & 0xffff0000u), a1);
+              a2 = fmaf(pj_, __uint_as_float(vv[j].y << 16), a2);
+              a3 = fmaf(pj_, __uint_as_float(vv[j].y & 0xffff0000u), a3);
+            }
           }
         }
-        if (warp == 0 && s == S - 1) {  // the new token, from registers of this CTA (the cache walk stops before it)
+        if (warp == 0 && s == S - 1) {  // the new token, from shared memory (the cache walk stops before it)
           float d = qf[lane * 4] * kf[lane * 4] + qf[lane * 4 + 1] * kf[lane * 4 + 1] +
                     qf[lane * 4 + 2] * kf[lane * 4 + 2] + qf[lane * 4 + 3] * kf[lane * 4 + 3];
           float sc = warp_sum(d) * scale;
@@ -455,47 +551,64 @@ extern "C" __global__ void __launch_bounds__(NCT + 32, 1) tp_decode_step(const l
         }
         signal(c + 1);  // also frees qf/kf/vf/wpart for the next item
       }
+      TR(l * 5 + 1, 1);
     }
-    // O: the attention output from the items' partials
-    wait_count(c + 1, (u32)items);
+    // O: the attention output from the items' partials, one pass over the splits
+    wait_count(c + 1, (u32)items, nw);
+    TR(l * 5 + 2, 0);
     for (int t = threadIdx.x; t < QS; t += NCT) {
-      int h = t / D, d = t % D;
-      const float* ph = part + (size_t)h * SMAX * (D + 2);
-      float mm = NEG_INF;
-      for (int s = 0; s < S; ++s) mm = fmaxf(mm, __ldcg(ph + s * (D + 2) + D));
-      float num = 0.f, den = 0.f;
+      const float* ph = part + (size_t)(t / D) * SMAX * (D + 2);
+      const int d = t % D;
+      float mm = NEG_INF, num = 0.f, den = 0.f;
+#pragma unroll 4
       for (int s = 0; s < S; ++s) {
-        float f = __expf(__ldcg(ph + s * (D + 2) + D) - mm);
-        num += f * __ldcg(ph + s * (D + 2) + d);
-        den += f * __ldcg(ph + s * (D + 2) + D + 1);
+        float ms = __ldcg(ph + s * (D + 2) + D), ls = __ldcg(ph + s * (D + 2) + D + 1);
+        float as = __ldcg(ph + s * (D + 2) + d);
+        float mn = fmaxf(mm, ms), f0 = __expf(mm - mn), f1 = __expf(ms - mn);
+        num = num * f0 + as * f1;
+        den = den * f0 + ls * f1;
+        mm = mn;
       }
       v[t] = f2bf(num / den);
     }
     cbar();
     consume(ring, rows_of(HID, QS, 0, 0, b, G), v, res,
             [&](int row, const float* rs, int i, int) { o_out[row] = f2bf(rs[i]); });
+    TR(l * 5 + 2, 1);
     signal(c + 2);
     // GU
-    wait_count(c + 2, G);
-    add_norm(x, o_out, (const u16*)lw[W_LN2], v, HID, eps, red);
+    {
+      NormW nw2 = norm_pre((const u16*)lw[W_LN2], HID);
+      wait_count(c + 2, G, nw);
+      TR(l * 5 + 3, 0);
+      add_norm(x, o_out, nw2, v, HID, eps, red);
+    }
     consume(ring, rows_of(0, HID, 1, INTER, b, G), v, res, [&](int j, const float* rs, int i, int nr) {
       float gt = rbf(rs[i]), up = rbf(rs[nr + i]);
       float a = rbf(gt / (1.f + __expf(-gt)));
       act[j] = f2bf(a * up);
     });
+    TR(l * 5 + 3, 1);
     signal(c + 3);
     // DOWN
-    wait_count(c + 3, G);
-    for (int i = threadIdx.x; i < INTER; i += NCT) v[i] = ldcg16(act + i);
+    wait_count(c + 3, G, nw);
+    TR(l * 5 + 4, 0);
+    for (int i = threadIdx.x; i < INTER / 8; i += NCT) ((uint4*)v)[i] = __ldcg((const uint4*)act + i);
     cbar();
     consume(ring, rows_of(HID, INTER, 0, 0, b, G), v, res,
             [&](int row, const float* rs, int i, int) { d_out[row] = f2bf(rs[i]); });
+    TR(l * 5 + 4, 1);
     signal(c + 4);
   }
   // HEAD
-  wait_count(cnt + (L - 1) * 5 + 4, G);
-  add_norm(x, d_out, (const u16*)P[P_NORM], v, HID, eps, red);
+  {
+    NormW nwf = norm_pre((const u16*)P[P_NORM], HID);
+    wait_count(cnt + (L - 1) * 5 + 4, G, nw);
+    TR(L * 5, 0);
+    add_norm(x, d_out, nwf, v, HID, eps, red);
+  }
   u16* logits = (u16*)P[P_LOGITS];
   consume(ring, rows_of(VOCAB, HID, 0, 0, b, G), v, res,
           [&](int row, const float* rs, int i, int) { logits[row] = f2bf(rs[i]); });
+  TR(L * 5, 1);
 }

@@ -19,15 +19,21 @@ from tokenpool import env
 
 SRC = Path(__file__).with_name("megakernel.cu")
 USE = env.MEGAKERNEL.on()
-D, KP, RG, NCW, SPL = 128, 1536, 8, 8, 256  # as in megakernel.cu
+D, KP, RG, NCW, SPL, NBIAS = 128, 1536, 8, 8, 256, 64  # as in megakernel.cu
 SLOT = RG * KP * 2
 THREADS = NCW * 32 + 32
-P_NAMES = ("G L HID INTER NH NKV VOCAB BS MB KVB KVL KV2 KVT KVH EPS SCALE NSLOT HAS_BIAS SMAX RES19 "
-           "TOK POS SB SO CTX BT KV COS SIN EMBED NORM HEAD LOGITS CNT QKV OOUT ACT DOUT PART LAYERS").split()
+P_NAMES = ("G L HID INTER NH NKV VOCAB BS MB KVB KVL KV2 KVT KVH EPS SCALE NSLOT HAS_BIAS SMAX FLAGS PFGU "
+           "TOK POS SB SO CTX BT KV COS SIN EMBED NORM HEAD LOGITS CNT QKV OOUT ACT DOUT PART LAYERS TRACE").split()
 P = {n: i for i, n in enumerate(P_NAMES)}
 W_KEYS = ("qkv", "qkv_b", "o", "gate_up", "down", "ln1", "ln2")
 
-_kernels: dict[int, object] = {}
+# gate and up rows a CTA asks L2 for as a layer's qkv is streamed (0: none; see the .cu's producer)
+PF_ROWS = 16
+
+# compile-time constants of the .cu (-D): V rows an attention warp loads at once (8: few spills at 168 registers)
+DEFINES = {"VB": 8}
+
+_kernels: dict[tuple, object] = {}
 
 
 def reason_not(cfg: ModelConfig, weights: dict[str, torch.Tensor], kv: torch.Tensor) -> str | None:
@@ -47,13 +53,14 @@ def reason_not(cfg: ModelConfig, weights: dict[str, torch.Tensor], kv: torch.Ten
 
 def _kernel(device: torch.device):
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    k = _kernels.get(idx)
+    key = (idx, *sorted(DEFINES.items()))
+    k = _kernels.get(key)
     if k is None:
         with torch.cuda.device(idx):
             cc = "".join(map(str, torch.cuda.get_device_capability(idx)))
             k = torch.cuda._compile_kernel(SRC.read_text(), "tp_decode_step", compute_capability=cc,
-                                           nvcc_options=["-std=c++17"])
-        _kernels[idx] = k
+                                           nvcc_options=["-std=c++17", *(f"-D{k}={v}" for k, v in DEFINES.items())])
+        _kernels[key] = k
     return k
 
 
@@ -64,7 +71,7 @@ def _align(n: int, a: int) -> int:
 def smem_layout(cfg: ModelConfig, smem_limit: int) -> tuple[int, int]:
     """(ring slots, dynamic shared memory bytes) of the kernel's layout within `smem_limit`."""
     kmax = max(cfg.hidden_size, cfg.num_heads * D, cfg.intermediate_size)
-    fixed = _align(kmax * 2, 128) + _align(cfg.hidden_size * 2, 128) + 4 * (3 * D + NCW * (D + 2) + NCW + 2 * RG)
+    fixed = _align(kmax * 2, 128) + _align(cfg.hidden_size * 2, 128) + 4 * (3 * D + NCW * (D + 2) + NCW + 2 * RG + NBIAS)
     fixed = _align(fixed, 8)
     nslot = (smem_limit - fixed) // (SLOT + 16)
     if nslot < 2:
@@ -84,7 +91,8 @@ class DecodeStep:
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], kv: torch.Tensor, rope, tokens: torch.Tensor,
                  positions: torch.Tensor, slot_blocks: torch.Tensor, slot_offsets: torch.Tensor,
-                 context_lens: torch.Tensor, block_tables: torch.Tensor):
+                 context_lens: torch.Tensor, block_tables: torch.Tensor, flags: int = 0,
+                 pf_rows: int = PF_ROWS):
         dev = kv.device
         self.kernel = _kernel(dev)
         props = torch.cuda.get_device_properties(dev)
@@ -103,6 +111,9 @@ class DecodeStep:
         self.d_out = torch.empty(hid, **bf)
         self.part = torch.empty(nh * smax * (D + 2), dtype=torch.float32, device=dev)
         self.logits = torch.empty(1, vocab, **bf)
+        # diagnostics (`flags` 2): each CTA's start and end time (ns) of each op: [CTA, layer op (5 a layer, then the
+        # LM head), start/end]; 1: the weight stream without waiting on the dependencies (wrong outputs)
+        self.trace = torch.zeros(self.grid, L * 5 + 1, 2, dtype=torch.int64, device=dev)
         zero = self.o_out  # any valid address: the bias pointer when the model has none
         ptr = [[(weights.get(f"l{n}.{k}") if weights.get(f"l{n}.{k}") is not None else zero).data_ptr()
                 for k in W_KEYS] for n in range(L)]
@@ -112,11 +123,11 @@ class DecodeStep:
         vals = dict(G=self.grid, L=L, HID=hid, INTER=inter, NH=nh, NKV=nkv, VOCAB=vocab, BS=kv.shape[3],
                     MB=block_tables.stride(0), KVB=s[0], KVL=s[1], KV2=s[2], KVT=s[3], KVH=s[4],
                     EPS=_f32_bits(cfg.rms_norm_eps), SCALE=_f32_bits(D ** -0.5), NSLOT=nslot,
-                    HAS_BIAS=int("l0.qkv_b" in weights), SMAX=smax, RES19=0)
+                    HAS_BIAS=int("l0.qkv_b" in weights), SMAX=smax, FLAGS=flags, PFGU=pf_rows)
         tensors = dict(TOK=tokens, POS=positions, SB=slot_blocks, SO=slot_offsets, CTX=context_lens, BT=block_tables,
                        KV=kv, COS=rope.cos, SIN=rope.sin, EMBED=weights["embed"], NORM=weights["norm"], HEAD=head,
                        LOGITS=self.logits, CNT=self.cnt, QKV=self.qkv, OOUT=self.o_out, ACT=self.act, DOUT=self.d_out,
-                       PART=self.part, LAYERS=self.layers)
+                       PART=self.part, LAYERS=self.layers, TRACE=self.trace)
         for t in (tokens, positions, slot_blocks, slot_offsets):
             assert t.dtype == torch.int64, t.dtype
         assert context_lens.dtype == torch.int32 and block_tables.dtype == torch.int32
