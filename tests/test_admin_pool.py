@@ -488,6 +488,27 @@ def test_latency_window_and_attainment_by_model_and_tenant(app):
     assert tenants["team-b"]["attainment"] == pytest.approx(0.0) and tenants["team-b"]["requests"] == 2
 
 
+def test_attainment_is_the_windows_while_finished_requests_feed_it(app):
+    """A model idle for longer than the window showed the attainment of its last 200 requests (30%, from an hour
+    ago) under the Models view's heading "latency and SLO over the last 60 s", and in the Worst SLO attainment tile,
+    where its latency said "—" and a tenant's SLO said "—". The window's, as the heading says; the recent requests'
+    only where nothing feeds the window."""
+    ctl = app.state.controller
+    ctl.models["alpha"].outcomes.extend([True] * 3 + [False] * 7)
+    ctl.activity = Activity(window_s=30)  # fed (the Controller's), nothing finished in the window
+    p = TestClient(app).get("/admin/pool", headers=H).json()
+    a = next(m for m in p["models"] if m["name"] == "alpha")
+    assert p["latency_window"] is True and a["requests"] == 0 and a["ttft_p50"] is None
+    assert a["attainment"] is None
+    finished(ctl.activity, ctl, "alpha", "team-a", 0.1, 0.05)
+    a = next(m for m in TestClient(app).get("/admin/pool", headers=H).json()["models"] if m["name"] == "alpha")
+    assert a["attainment"] == 1.0  # the window's one request, not the recent 3 of 10
+    ctl.activity = Activity(window_s=30, hooked=False)  # nothing feeds the window: the recent requests'
+    p = TestClient(app).get("/admin/pool", headers=H).json()
+    assert p["latency_window"] is False
+    assert next(m for m in p["models"] if m["name"] == "alpha")["attainment"] == pytest.approx(0.3)
+
+
 def test_percentile_nearest_rank():
     assert percentile([], 0.5) is None
     xs = [float(i) for i in range(1, 101)]

@@ -227,7 +227,8 @@ class ModelPoolOut(BaseModel):
     ttft_p99: float | None
     tpot_p50: float | None
     tpot_p99: float | None
-    attainment: float | None = Field(description="SLO attainment over the window (else over recent requests)")
+    attainment: float | None = Field(description="SLO attainment over the window (where finished requests "
+                                        "feed none, latency_window false: over its recent requests)")
     rejected_total: int
     slo: dict
 

@@ -182,7 +182,9 @@ def pool_view(ctl: Any, timeline_s: float = SPAN_S, resolution_s: float = RES_S)
             tokens_per_s=tps.get(name, 0.0), requests=w.get("requests", 0),
             ttft_p50=w.get("ttft_p50"), ttft_p99=w.get("ttft_p99"), tpot_p50=w.get("tpot_p50"),
             tpot_p99=w.get("tpot_p99"),
-            attainment=w["attainment"] if w.get("attainment") is not None else me.attainment(),
+            # the window's, as the page's heading says ("over the last 60 s"; a model idle that long has none, as a
+            # tenant has none); the last 200 requests' (its SLO gauge in /metrics) only where nothing feeds the window
+            attainment=w.get("attainment") if act.hooked else me.attainment(),
             rejected_total=int(rejected.get(name, 0)), slo=me.spec.slo.model_dump()))
 
     reqs = _counts(ctl.metrics.requests, "tenant", "status")
