@@ -109,15 +109,20 @@ def main() -> None:
     res = {"device": device_name(), "size": a.size, "context": a.context, "weight_bytes": nbytes,
            "copy_rate_tb_s": bw / 1e12, "floor_ms": floor}
     res["variants"] = []
-    for name, flags, pf, vb in (("step", 0, None, 8), ("stream_only", 1, None, 8), ("pf 0", 0, 0, 8),
-                                ("pf 32", 0, 32, 8), ("pf 64", 0, 64, 8), ("vb 16", 0, None, 16),
-                                ("step again", 0, None, 8)):
-        megakernel.DEFINES["VB"] = vb
+    base = dict(megakernel.DEFINES)
+    for name, flags, pf, defs in (("step", 0, None, {}), ("stream_only", 1, None, {}), ("pf 0", 0, 0, {}),
+                                  ("pf 8", 0, 8, {}), ("poll spin", 0, None, {"POLL_NS": 0}),
+                                  ("poll 200ns", 0, None, {"POLL_NS": 200}),
+                                  ("signal fence", 0, None, {"SIGNAL_FENCE": 1}), ("step again", 0, None, {})):
+        megakernel.DEFINES.clear()
+        megakernel.DEFINES.update(base | defs)
         kw = {} if pf is None else {"pf_rows": pf}
         ms = replay_ms(megakernel.DecodeStep(cfg, w, kv, rope, *dev, ctx, bt, flags=flags, **kw))
-        res["variants"].append({"name": name, "flags": flags, "pf_rows": pf, "vb": vb, "ms": ms, "x_floor": ms / floor})
+        res["variants"].append({"name": name, "flags": flags, "pf_rows": pf, "defines": dict(megakernel.DEFINES),
+                                "ms": ms, "x_floor": ms / floor})
         print(f"{name:12s} {ms:.4f} ms  {ms / floor:.3f}x floor ({floor:.4f} ms at {bw / 1e12:.2f} TB/s)", flush=True)
-    megakernel.DEFINES["VB"] = 8
+    megakernel.DEFINES.clear()
+    megakernel.DEFINES.update(base)
     st = megakernel.DecodeStep(cfg, w, kv, rope, *dev, ctx, bt, flags=2)
     for _ in range(3):
         st()

@@ -33,6 +33,12 @@ typedef unsigned long long u64;
 #define SLOT (RG * KP * 2)
 #define SPL 256          // cached positions of an attention item
 #define NEG_INF __int_as_float(0xff800000)
+#ifndef POLL_NS
+#define POLL_NS 20       // the counter poll's sleep
+#endif
+#ifndef SIGNAL_FENCE
+#define SIGNAL_FENCE 0   // 1: __threadfence + atomicAdd instead of red.release
+#endif
 #ifndef VB
 #define VB 16            // V rows loaded at once by an attention warp
 #endif
@@ -115,7 +121,12 @@ __device__ __forceinline__ void cbar() { asm volatile("bar.sync 1, %0;" ::"n"(NC
 // (nowait: diagnostics only, FLAGS bit 1 -- the weight stream without the dependencies, wrong outputs)
 __device__ __forceinline__ void wait_count(const u32* c, u32 target, int nowait = 0) {
   if (threadIdx.x == 0 && !nowait) {
-    while (ld_acquire(c) < target) __nanosleep(20);
+#if POLL_NS > 0
+    while (ld_acquire(c) < target) __nanosleep(POLL_NS);
+#else
+    while (ld_acquire(c) < target) {
+    }
+#endif
   }
   cbar();  // the acquire, then (bar.sync) every consumer thread's reads
 }
@@ -123,7 +134,14 @@ __device__ __forceinline__ void wait_count(const u32* c, u32 target, int nowait 
 // before thread 0's release)
 __device__ __forceinline__ void signal(u32* c) {
   cbar();
+#if SIGNAL_FENCE
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(c, 1u);
+  }
+#else
   if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(c) : "memory");
+#endif
 }
 __device__ __forceinline__ u64 now_ns() {
   u64 t;
