@@ -114,11 +114,16 @@ def _engine_out(ctl: Any, act: Activity, e: Any, now: float, span_s: float, res_
         vram = ap.VramOut(budget_bytes=e.memory_bytes, weights_bytes=weights,
                           free_bytes=max(0, e.memory_bytes - weights))
         registered = list(e.replicas)
+    resident = list(pool.get("resident", [n for n, pm in models.items() if pm["state"] == "resident"]))
+    prefetching = list(pool.get("prefetching", []))
+    if not e.alive:
+        # a dead worker holds nothing: its last report's models and memory stayed on its card until it was pruned
+        # (30 s for a remote worker), "resident" beside the models' new engines
+        registered, resident, prefetching, vram = [], [], [], None
     return ap.EnginePoolOut(
         id=e.id, device=e.device, host=e.host, alive=e.alive, draining=e.draining, pooled=bool(pool),
         inflight=len(e.subs), step_s=e.step_s, active=engine_active(e, models), registered=registered,
-        resident=list(pool.get("resident", [n for n, pm in models.items() if pm["state"] == "resident"])),
-        prefetching=list(pool.get("prefetching", [])),
+        resident=resident, prefetching=prefetching,
         switches=None if pool.get("switches") is None else int(max(pool["switches"], (switched or {}).get(e.id, 0))),
         switch_stall_s=pool.get("switch_stall_s"), steps=pool.get("steps"), vram=vram,
         host_cache_bytes=pool.get("host_cache_bytes"), kv_page_bytes=pool.get("kv_page_bytes"),

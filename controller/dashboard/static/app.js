@@ -467,7 +467,7 @@ function renderEngines(p) {
         `KV ${fmtBytes(v.kv_bytes)}${v.kv_pages_total ? ` (${v.kv_pages_used}/${v.kv_pages_total} pages)` : ""}  `,
         el("span", { class: "swatch", style: { background: "var(--free)" } }), `free ${fmtBytes(v.free_bytes)}`,
         ` of ${fmtBytes(v.budget_bytes)}`),
-    ] : [el("div", { class: "muted", text: "no VRAM report" })];
+    ] : [el("div", { class: "muted", text: e.alive ? "no VRAM report" : "none: its worker is dead" })];
     const chips = (names, cls) => names.length ? names.map((n) => el("span", { class: `chip ${n === e.active ? "active" : ""}`, title: n },
       el("span", { class: "swatch", style: { background: color(n) } }), n)) : [el("span", { class: "muted", text: cls })];
     // (a dead engine takes no action: the pool replaces its worker, or prunes it)
