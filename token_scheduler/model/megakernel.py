@@ -44,8 +44,8 @@ def reason_not(cfg: ModelConfig, weights: dict[str, torch.Tensor], kv: torch.Ten
         return "bf16 only"
     if cfg.head_dim != D or cfg.qk_norm or cfg.sliding_window or cfg.num_heads % cfg.num_kv_heads:
         return "llama-family attention with head_dim 128, no q/k norm, no sliding window"
-    if cfg.hidden_size % 8 or cfg.intermediate_size % 8:
-        return "hidden and intermediate sizes multiples of 8"
+    if cfg.hidden_size % 8 or cfg.intermediate_size % 8 or cfg.hidden_size > 16 * NCW * 32:
+        return f"hidden and intermediate sizes multiples of 8, hidden at most {16 * NCW * 32}"
     if any(f"l0.{k}" not in weights for k in ("qkv", "o", "gate_up", "down")):
         return "fused qkv and gate_up weights"
     return None
