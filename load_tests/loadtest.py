@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 from load_tests import sse_client
 from load_tests.bench_common import cpu_model
@@ -162,16 +162,29 @@ async def _one_httpx(s: _Streams, client, url: str, body: dict) -> None:
         st.close()
 
 
-async def _first_model(url: str, headers: dict[str, str]) -> str:
+async def _first_model(url: str, headers: dict[str, str], model: str | None = None) -> str:
+    """The first model /v1/models lists, or `model` checked (GET /v1/models/MODEL): SystemExit in one line where the
+    server serves none, or not `model`, to this key (a load test then counted a refusal per request for its whole
+    duration, and one of a server without models was an IndexError)."""
     u = urlparse(url)
+    path = "/v1/models" if model is None else f"/v1/models/{quote(model, safe='/')}"
     conn = await sse_client.connect(u.hostname, u.port or 80)
     try:
-        status, _, body = await conn.request("GET", u.netloc, "/v1/models", headers=headers)
+        status, _, body = await conn.request("GET", u.netloc, path, headers=headers)
     finally:
         conn.close()
     if status != 200:
-        raise SystemExit(f"GET /v1/models: {status} {body[:200]!r}")
-    return json.loads(body)["data"][0]["id"]
+        try:
+            said = json.loads(body)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            said = repr(body[:200])
+        raise SystemExit(f"GET {path}: {status} {said}")
+    if model is not None:
+        return model
+    listed = json.loads(body).get("data") or []
+    if not listed:
+        raise SystemExit(f"{url} serves no model (GET /v1/models lists none): nothing to load-test")
+    return listed[0]["id"]
 
 
 async def stream_phase(url: str, streams: int, duration: float, model: str | None, headers: dict[str, str],
@@ -316,6 +329,7 @@ def run_loadtest(url: str = "http://127.0.0.1:8000", streams: int = 100, duratio
     _check_loopback(url)
     url = url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    model = _run(_first_model(url, headers, model))
     res = _run(stream_phase(url, streams, duration, model, headers, max_tokens, client))
     print(json.dumps(res, indent=2))
     if json_out is not None:

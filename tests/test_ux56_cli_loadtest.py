@@ -1,0 +1,62 @@
+"""`tokenpool loadtest` against a server that serves no model, or not the --model given: one line and exit 1 before
+any stream is sent (a server without models was an IndexError traceback; an unknown --model ran the whole duration,
+every request refused, and said so at the end)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+
+from typer.testing import CliRunner
+
+from controller.cli import app
+from tests.http_stub import stub_server
+
+
+def _server(models: list[str], asked: list[str]):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _json(self, status: int, body) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            asked.append(self.path)
+            if self.path == "/v1/models":
+                self._json(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
+            elif self.path.removeprefix("/v1/models/") in models:
+                self._json(200, {"id": self.path.removeprefix("/v1/models/"), "object": "model"})
+            else:
+                name = self.path.removeprefix("/v1/models/")
+                self._json(404, {"error": {"message": f"The model `{name}` does not exist.", "type":
+                                           "invalid_request_error", "param": "model", "code": "model_not_found"}})
+
+        def do_POST(self):  # (no stream may be sent)
+            asked.append(self.path)
+            self._json(500, {})
+
+    return Handler
+
+
+def test_a_server_without_models_is_said_in_one_line():
+    asked: list[str] = []
+    with stub_server(_server([], asked)) as url:
+        r = CliRunner().invoke(app, ["loadtest", "--url", url, "--duration", "5", "--streams", "2"])
+    assert r.exit_code == 1, r.output
+    assert r.output == f"tokenpool loadtest: {url} serves no model (GET /v1/models lists none): nothing to load-test\n"
+    assert asked == ["/v1/models"]
+
+
+def test_a_model_the_server_does_not_serve_is_said_before_any_stream():
+    asked: list[str] = []
+    with stub_server(_server(["m"], asked)) as url:
+        r = CliRunner().invoke(app, ["loadtest", "--url", url, "--model", "nope", "--duration", "5"])
+    assert r.exit_code == 1, r.output
+    assert r.output == "tokenpool loadtest: GET /v1/models/nope: 404 The model `nope` does not exist.\n"
+    assert asked == ["/v1/models/nope"]
