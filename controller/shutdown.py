@@ -80,11 +80,11 @@ def _http_protocol():
     class JSONErrorProtocol(HttpToolsProtocol):
         _head_timer: asyncio.TimerHandle | None = None
 
-        def _send_error(self, status: bytes, msg: str, code: str) -> None:
-            body = json.dumps({"error": {"message": msg, "type": "invalid_request_error", "param": None,
-                                         "code": code}}).encode()
+        def _send_error(self, status: bytes, msg: str, code: str, kind: str = "invalid_request_error",
+                        headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+            body = json.dumps({"error": {"message": msg, "type": kind, "param": None, "code": code}}).encode()
             head = [b"HTTP/1.1 ", status, b"\r\n"]
-            for name, value in self.server_state.default_headers:
+            for name, value in (*self.server_state.default_headers, *headers):
                 head += [name, b": ", value, b"\r\n"]
             head += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
                      b"\r\nconnection: close\r\n\r\n"]
@@ -129,6 +129,19 @@ def _http_protocol():
             super().on_response_complete()
             if not self.transport.is_closing():
                 self._arm_head_timer()
+
+        def shutdown(self) -> None:
+            # The server closes (its drain is over): a request whose body is still arriving (a large prompt on a
+            # slow link) gets the 503 new requests get while it drains, now. uvicorn waited CLOSE_S for that body,
+            # then cancelled its task: a plain-text "Internal Server Error" 500 and an ASGI traceback in the log.
+            # (Closing the connection lets its task read a disconnect and end quietly.)
+            cycle = self.cycle
+            if (cycle is not None and cycle.more_body and not cycle.response_started
+                    and not self.transport.is_closing()):
+                self._send_error(b"503 Service Unavailable", "the server is shutting down", "shutting_down",
+                                 "service_unavailable_error", ((b"retry-after", b"5"),))
+                return
+            super().shutdown()
 
     return JSONErrorProtocol
 
