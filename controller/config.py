@@ -393,7 +393,8 @@ class ServerConfig(_Strict):
             raise ValueError(f"model names, aliases and LoRA adapter names must be unique across models: {', '.join(dup)}")
         tnames = [t.name for t in self.tenants]
         if len(set(tnames)) != len(tnames):
-            raise ValueError("tenant names must be unique")
+            raise ValueError(f"tenant names must be unique: {', '.join(sorted({n for n in tnames if tnames.count(n) > 1}))}"
+                             " more than once")
         for t in self.tenants:
             if t.slo_class is not None and t.slo_class not in self.slo_classes:
                 raise ValueError(f"tenant {t.name!r}: unknown slo_class {t.slo_class!r}")
