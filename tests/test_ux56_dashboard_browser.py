@@ -4,6 +4,7 @@ authentication on, two tenants of the configuration and paced models; each test 
 - A tenant's Edit with a model name that no model answers to (a typo) took the tenant's access away unsaid: the
   toast said "Tenant NAME changed". POST /admin/tenants warns of such names; PATCH now does too, and the page shows
   the warning as it shows an error.
+- Drain on a one-engine server: every request after it was a 503, and the question did not say so.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def page(server, browser):
     page.failed = []
     page.on("console", lambda m: page.failed.append(f"console: {m.text}") if m.type == "error" else None)
     page.on("pageerror", lambda e: page.failed.append(f"page error: {e}"))
-    page.on("dialog", lambda d: d.accept())
+    page.dialogs, page.accept_dialogs = [], True  # (every confirm() asked, and whether it is answered OK)
+    page.on("dialog", lambda d: (page.dialogs.append(d.message), d.accept() if page.accept_dialogs else d.dismiss()))
     page.goto(server.url + "/dashboard#tenants")
     page.fill("#token", ADMIN)
     page.click("#login")
@@ -85,3 +87,17 @@ def test_edit_with_a_model_no_model_answers_to_says_so(server, page):
         expect(row.locator("td").nth(1)).to_have_text("pace-aa")
     finally:
         httpx.delete(server.url + "/admin/tenants/dave", headers=H)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs the system chromium (apt-get install chromium)")
+def test_draining_the_only_engine_says_that_new_requests_fail(server, page):
+    """The Drain of a one-engine server's engine asked "It takes no new requests; those in flight finish." and every
+    request after it was a 503 (no engine can serve the model): the question now says so. (Dismissed here: the
+    engine is not drained.)"""
+    page.accept_dialogs = False
+    page.locator("#tabs [data-view=pool]").click()
+    page.locator('.engine[data-engine="w0"] [data-action=drain]').click()
+    sync_api.expect(page.locator('.engine[data-engine="w0"] .badge')).to_have_text("alive")
+    assert page.dialogs and page.dialogs[-1].startswith("Drain engine w0?"), page.dialogs
+    assert "the only engine taking requests: until it is resumed, every new request gets a 503" in page.dialogs[-1]
+    assert httpx.get(server.url + "/admin/pool", headers=H).json()["engines"][0]["draining"] is False

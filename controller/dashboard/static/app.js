@@ -450,6 +450,13 @@ function drawTimeline(canvas, runs, now) {
   }
 }
 
+// Whether engine `id` is the only one taking requests now (at the click: a kept button's listener is the first
+// render's). Draining it (an operator taking a one-GPU server's engine out for a moment) left every new request a 503
+// with nothing said before.
+function onlyEngine(id) {
+  return !(S.pool ? S.pool.engines : []).some((o) => o.id !== id && o.alive && !o.draining);
+}
+
 function renderEngines(p) {
   const box = document.getElementById("engines");
   const cards = p.engines.map((e) => {
@@ -475,8 +482,9 @@ function renderEngines(p) {
       ? el("button", { "data-action": "resume", onclick: () => act(`Resume engine ${e.id}?`, "POST",
         `/admin/engines/${encodeURIComponent(e.id)}/resume`, undefined, () => `Engine ${e.id} resumed`) }, "Resume")
       : el("button", { class: "danger", "data-action": "drain", onclick: () => act(`Drain engine ${e.id}? It takes no new ` +
-        "requests; those in flight finish.", "POST", `/admin/engines/${encodeURIComponent(e.id)}/drain`, undefined,
-      () => `Engine ${e.id} draining`) }, "Drain");
+        "requests; those in flight finish." + (onlyEngine(e.id) ? " It is the only engine taking requests: until it " +
+        "is resumed, every new request gets a 503." : ""), "POST", `/admin/engines/${encodeURIComponent(e.id)}/drain`,
+      undefined, () => `Engine ${e.id} draining`) }, "Drain");
     const card = el("div", { class: "card engine", "data-engine": e.id },
       el("div", { class: "head" },
         el("h3", { text: `${e.id}` }), el("span", { class: `badge ${state}`, "data-state": state, text: state }),
