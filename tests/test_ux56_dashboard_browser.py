@@ -5,10 +5,12 @@ authentication on, two tenants of the configuration and paced models; each test 
   toast said "Tenant NAME changed". POST /admin/tenants warns of such names; PATCH now does too, and the page shows
   the warning as it shows an error.
 - Drain on a one-engine server: every request after it was a 503, and the question did not say so.
+- The Models view's SLO column: a percentage of targets the page named nowhere.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import httpx
@@ -101,3 +103,18 @@ def test_draining_the_only_engine_says_that_new_requests_fail(server, page):
     assert page.dialogs and page.dialogs[-1].startswith("Drain engine w0?"), page.dialogs
     assert "the only engine taking requests: until it is resumed, every new request gets a 503" in page.dialogs[-1]
     assert httpx.get(server.url + "/admin/pool", headers=H).json()["engines"][0]["draining"] is False
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs the system chromium (apt-get install chromium)")
+def test_a_models_slo_figure_names_its_targets(server, page):
+    """The Models view's SLO column gave a percentage of targets the page named nowhere: a model's figure names them
+    (a PATCH of its SLO shows at the next snapshot)."""
+    page.locator("#tabs [data-view=models]").click()
+    cell = page.locator('#models-table tr[data-model="pace-b"] td').nth(9)
+    sync_api.expect(cell).to_have_attribute("title", re.compile(r"within TTFT 5\.00 s and TPOT 250 ms"))
+    httpx.patch(server.url + "/admin/models/pace-b", headers=H,
+                json={"slo": {"ttft_s": 2.0, "tpot_s": 0.05}}).raise_for_status()
+    try:
+        sync_api.expect(cell).to_have_attribute("title", re.compile(r"within TTFT 2\.00 s and TPOT 50 ms"))
+    finally:
+        httpx.patch(server.url + "/admin/models/pace-b", headers=H, json={"slo": {"ttft_s": 5.0, "tpot_s": 0.25}})

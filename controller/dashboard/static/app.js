@@ -596,7 +596,10 @@ function renderModels(p) {
     el("td", { class: "num", text: `${m.kv_pages_used} (${m.kv_swapped})` }),
     el("td", { class: "num", text: `${fmtS(m.ttft_p50)} / ${fmtS(m.ttft_p99)}` }),
     el("td", { class: "num", text: `${fmtS(m.tpot_p50)} / ${fmtS(m.tpot_p99)}` }),
-    el("td", { class: "num", text: fmtPct(m.attainment) }), el("td", { class: "num", text: fmtNum(m.tokens_per_s) }),
+    // (its targets: the column gave a percentage of an SLO the page named nowhere)
+    el("td", { class: "num", text: fmtPct(m.attainment), title: m.slo ? `share of its requests within TTFT ` +
+      `${fmtS(m.slo.ttft_s)} and TPOT ${fmtS(m.slo.tpot_s)} (a tenant's slo_class may set others)` : undefined }),
+    el("td", { class: "num", text: fmtNum(m.tokens_per_s) }),
     el("td", { class: "num", text: fmtPct(m.cache_hit_frac) }),
     el("td", { class: "num", text: m.loads ? `${fmtS(m.load_stall_s)} (${m.loads})` : "—" }),
     el("td", { class: "actions" },
