@@ -96,7 +96,9 @@ def timeline(trace: torch.Tensor, layers: int) -> dict:
 
 
 def main() -> None:
-    from load_tests.bench_common import device_name, hbm_bandwidth
+    import sys
+
+    from load_tests.bench_common import hbm_bandwidth, header
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="1.5b")
@@ -106,7 +108,8 @@ def main() -> None:
     cfg, w, kv, rope, dev, ctx, bt, nbytes = build(a.size, a.context)
     bw = hbm_bandwidth()
     floor = nbytes / bw * 1e3
-    res = {"device": device_name(), "size": a.size, "context": a.context, "weight_bytes": nbytes,
+    res = header() | {"bench": "diag_megakernel", "command": " ".join(["python3 -m load_tests.diag_megakernel", *sys.argv[1:]]),
+                      "size": a.size, "context": a.context, "weight_bytes": nbytes,
            "copy_rate_tb_s": bw / 1e12, "floor_ms": floor}
     res["variants"] = []
     base = dict(megakernel.DEFINES)
