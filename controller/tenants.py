@@ -167,10 +167,16 @@ class TenantRegistry:
             if t is None:
                 continue
             keep = [h for h in t.spec.key_hashes if h not in r.get("key_hashes", [])]
+            # said at start: the tenant of the configuration was missing (or refused its keys) with nothing said why
             if keep:  # keys the configuration gained since: they are not revoked
                 self._t[t.name] = Tenant(t.spec.model_copy(update={"key_hashes": keep}))
+                log.warning("tenant %r of the configuration: %d of its keys stay revoked (revoked over the admin API, "
+                            "recorded in %s: remove its entry under `revoked` there to bring them back)", t.name,
+                            len(t.spec.key_hashes) - len(keep), self.file)
             else:
                 del self._t[t.name]
+                log.warning("tenant %r of the configuration stays revoked (revoked over the admin API, recorded in %s: "
+                            "remove its entry under `revoked` there to bring it back)", t.name, self.file)
         for d in entries:
             s = TenantSpec.model_validate(d)
             self._t[s.name] = Tenant(s, from_file=True)

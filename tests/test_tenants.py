@@ -167,9 +167,10 @@ def test_key_rotation_keeps_the_tenants_limits(server):
         httpx.delete(server.url + "/admin/tenants/rot", headers=ADM)
 
 
-def test_revoking_a_configured_tenant_outlasts_a_restart(tmp_path):
+def test_revoking_a_configured_tenant_outlasts_a_restart(tmp_path, caplog):
     """DELETE /admin/tenants/NAME of a tenant from the configuration file: after a restart its key must still be
-    refused (the registry is rebuilt from the same configuration and tenants file)."""
+    refused (the registry is rebuilt from the same configuration and tenants file), and the start-up log says so
+    (the tenant of the configuration was missing from the dashboard with nothing said why)."""
     from controller.config import TenantSpec
     from controller.tenants import TenantRegistry
 
@@ -178,15 +179,21 @@ def test_revoking_a_configured_tenant_outlasts_a_restart(tmp_path):
     reg = TenantRegistry(specs, auth=True, tenants_file=f)
     made, key = reg.create(TenantSpec(name="green"))
     assert reg.delete("red") and reg.authenticate(RED) is None
+    caplog.clear()
     again = TenantRegistry(specs, auth=True, tenants_file=f)
     assert again.authenticate(RED) is None and again.get("red") is None
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == [f"tenant 'red' of the configuration stays revoked (revoked over the admin API, recorded in {f}: "
+                    "remove its entry under `revoked` there to bring it back)"], said
     assert again.authenticate(BLUE).name == "blue" and again.authenticate(key).name == "green"
     assert RED not in (tmp_path / "tenants.yaml").read_text()
     # the configuration gives red a new key: that one works, the revoked one still does not
     fresh = "key-red-rotated-abcdefghijklmnop"
     specs[0] = specs[0].model_copy(update={"key_hashes": [*specs[0].key_hashes, hash_key(fresh)]})
+    caplog.clear()
     third = TenantRegistry(specs, auth=True, tenants_file=f)
     assert third.authenticate(fresh).name == "red" and third.authenticate(RED) is None
+    assert "tenant 'red' of the configuration: 1 of its keys stay revoked" in caplog.text
     assert third.delete("red")  # and revoking it again revokes the new key too
     assert TenantRegistry(specs, auth=True, tenants_file=f).authenticate(fresh) is None
 
