@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.routing import Match
@@ -93,6 +94,14 @@ async def models(request: Request):
 @router.post("/models", response_model=ap.ModelOut, status_code=201)
 async def register_model(spec: ModelSpec, request: Request):
     ctl = _ctl(request)
+    # `~` is the home directory and a relative path the server's working directory, as a configuration's paths are
+    # its file's: "~/models/x" (the dashboard's Add form) was refused as a path that "does not exist", and a relative
+    # one was kept as given, for each worker to read from its own working directory
+    if spec.path is not None:
+        spec.path = str(Path(spec.path).expanduser().absolute())
+        spec.bound_context()
+    for lm in spec.lora_modules:
+        lm.path = str(Path(lm.path).expanduser().absolute())
     await ctl.add_model(spec)
     return _model_out(ctl, spec.name, request.app.state.serving.last_used)
 
