@@ -252,6 +252,14 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
             _auth_first(request)  # a caller without a valid token hears 401 whatever its body holds
         except ServingError as denied:
             return answer(request, denied)
+        if request.scope.get("endpoint") in openai_routes.COUNTED:
+            # a refused request of a route that counts its refusals (each under its model and tenant): this one too
+            try:
+                tenant = auth.tenant(request)  # (/rerank, /score: not under /v1/; the 401 counts itself)
+            except ServingError as denied:
+                return answer(request, denied)
+            name = e.body.get("model") if isinstance(e.body, dict) else None
+            request.app.state.controller.count_refusal(name if isinstance(name, str) else None, tenant.name, 400)
         msg, param = _validation_message(e)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if not ctype.endswith("json") and any(err.get("loc", ("",))[:1] == ("body",) for err in e.errors()):

@@ -236,8 +236,23 @@ def _parsed(raw: bytes) -> Any:
         raise ServingError(400, f"the request body is not valid JSON: {e}") from None
 
 
-async def _body(request: Request, model: type[BaseModel]) -> Any:
-    return _as(model, _parsed(await request.body()))
+async def _body(request: Request, model: type[BaseModel], counted: bool = False) -> Any:
+    """The request's body as `model`. `counted` (a route that runs a generation): a body refused is a refused
+    request, counted under its key's tenant as the route's other refusals are, after the key (a 401 first, as the
+    OpenAI routes answer a caller without one whatever its body holds)."""
+    raw = await request.body()
+    try:
+        return _as(model, _parsed(raw))
+    except ServingError as e:
+        if counted:
+            tenant = auth.tenant(request)  # (its 401 counts itself)
+            try:
+                name = json.loads(raw).get("model")
+            except (ValueError, RecursionError, AttributeError):
+                name = None
+            request.app.state.controller.count_refusal(name if isinstance(name, str) else None, tenant.name,
+                                                       e.status)
+        raise
 
 
 def _stats(gen: Tracked) -> dict[str, Any]:
@@ -674,12 +689,12 @@ async def _stream(serving: OpenAIServing, gen: Tracked, line, tools: ToolPlan | 
 # (a ServingError raised here is answered in Ollama's shape by the app's handler, as every error under /api/)
 @router.post("/chat")
 async def chat(request: Request) -> Response:
-    return await _unless_gone(request, _run(request, await _body(request, ChatRequest), chat=True))
+    return await _unless_gone(request, _run(request, await _body(request, ChatRequest, counted=True), chat=True))
 
 
 @router.post("/generate")
 async def generate(request: Request) -> Response:
-    return await _unless_gone(request, _run(request, await _body(request, GenerateRequest), chat=False))
+    return await _unless_gone(request, _run(request, await _body(request, GenerateRequest, counted=True), chat=False))
 
 
 async def _unless_gone(request: Request, run: Any) -> Response:
@@ -711,7 +726,7 @@ async def _embed(request: Request, model: str, raw: str | list[str], truncate: b
 @router.post("/embed")
 async def embed(request: Request) -> Response:
     """Ollama's: each input's embedding, L2-normalized, and the prompt's token count."""
-    body = await _body(request, EmbedRequest)
+    body = await _body(request, EmbedRequest, counted=True)
     _keep_alive_s(body.keep_alive)  # (a 400 before any work when it is no duration)
     got = await _embed(request, body.model, body.input, body.truncate, body.dimensions, normalize=True)
     if isinstance(got, Response):
@@ -728,7 +743,7 @@ async def embed(request: Request) -> Response:
 @router.post("/embeddings")
 async def embeddings_legacy(request: Request) -> Response:
     """Ollama's older endpoint: one prompt's embedding, unnormalized (an empty prompt: an empty one)."""
-    body = await _body(request, EmbeddingsRequest)
+    body = await _body(request, EmbeddingsRequest, counted=True)
     _keep_alive_s(body.keep_alive)  # (a 400 before any work when it is no duration, as /api/embed's)
     got = await _embed(request, body.model, body.prompt, True, None, normalize=False)
     if isinstance(got, Response):

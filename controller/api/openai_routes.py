@@ -124,6 +124,11 @@ async def create_response(body: p.ResponsesRequest, request: Request, tenant: Te
                                                   tenant, request), body.model, tenant)
 
 
+# The routes whose every outcome tokenpool_requests_total counts (`_serve`): a body refused before the route ran
+# (the app's validation handler) is counted too
+COUNTED = frozenset({completions, chat_completions, create_embeddings, create_message, rerank, score, create_response})
+
+
 @router.post("/v1/responses/input_tokens", responses=ERRORS)
 async def response_input_tokens(body: p.ResponsesRequest, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     """The input's tokens as /v1/responses would feed them (the SDK's responses.input_tokens.count)."""
