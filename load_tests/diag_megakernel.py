@@ -131,6 +131,9 @@ def main() -> None:
         st()
     torch.cuda.synchronize()
     res["timeline"] = tl = timeline(st.trace.cpu(), cfg.num_layers)
+    tr = st.trace.cpu()
+    t0 = tr[tr > 0].min()
+    res["trace_layers_9_11_ns"] = (tr[:, 45:60] - t0).clamp(min=-1).tolist()  # [CTA, op, start/end], -1: none
     print(json.dumps(tl, indent=1))
     if a.json:
         with open(a.json, "w") as f:
