@@ -6,12 +6,14 @@ authentication on, two tenants of the configuration and paced models; each test 
   the warning as it shows an error.
 - Drain on a one-engine server: every request after it was a 503, and the question did not say so.
 - The Models view's SLO column: a percentage of targets the page named nowhere.
+- The Pool view's "In flight" tile counted engine requests beside the Requests tab's count of requests.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import threading
 
 import httpx
 import pytest
@@ -118,3 +120,28 @@ def test_a_models_slo_figure_names_its_targets(server, page):
         sync_api.expect(cell).to_have_attribute("title", re.compile(r"within TTFT 2\.00 s and TPOT 50 ms"))
     finally:
         httpx.patch(server.url + "/admin/models/pace-b", headers=H, json={"slo": {"ttft_s": 5.0, "tpot_s": 0.25}})
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs the system chromium (apt-get install chromium)")
+def test_the_pools_engine_requests_tile_is_not_the_requests_count(server, page):
+    """One request of 3 choices: the Pool view's tile said "In flight 3" beside the Requests tab's 1 (and 0 beside
+    the tab's N while their worker restarted): it counts the engines' requests, and says so."""
+    expect = sync_api.expect
+    page.locator("#tabs [data-view=pool]").click()
+    done = []
+
+    def ask():
+        done.append(httpx.post(server.url + "/v1/completions", timeout=30, headers={"Authorization": "Bearer tp-ux56-alice"},
+                               json={"model": "pace-a", "prompt": "x", "max_tokens": 60, "n": 3}).status_code)
+
+    t = threading.Thread(target=ask)
+    t.start()
+    try:
+        tile = page.locator("#summary .tile").nth(2)
+        expect(tile.locator(".k")).to_have_text("On engines")
+        expect(tile.locator(".v")).to_have_text("3")
+        expect(page.locator("#n-requests")).to_have_text("1")
+        assert "counts every request in flight" in tile.get_attribute("title")
+    finally:
+        t.join()
+    assert done == [200]
