@@ -418,12 +418,16 @@ function renderSummary(p) {
   const switches = pooled.length ? pooled.reduce((a, e) => a + e.switches, 0) : "—";
   const att = p.models.filter((m) => m.attainment !== null);
   const tiles = [
-    ["Engines", `${alive} / ${p.engines.length}`], ["Models", p.models.length], ["In flight", inflight],
+    // (the engines' requests, each choice one: it was "In flight" beside the Requests tab's count of requests, which
+    // a request of n choices, or one queued at the controller while its worker restarts, made disagree)
+    ["Engines", `${alive} / ${p.engines.length}`], ["Models", p.models.length], ["On engines", inflight,
+      "requests on the engines now: a request of n choices counts n, and one still queued at the controller (its " +
+      "engine restarting, or none free) none; the Requests tab counts every request in flight"],
     ["Tokens/s", tps.toFixed(1)], ["Switches", switches],
     ["Worst SLO attainment", att.length ? fmtPct(Math.min(...att.map((m) => m.attainment))) : "—"],
   ];
-  patch(document.getElementById("summary"), tiles.map(([k, v]) =>
-    el("div", { class: "tile" }, el("div", { class: "v", text: String(v) }), el("div", { class: "k", text: k }))));
+  patch(document.getElementById("summary"), tiles.map(([k, v, title]) =>
+    el("div", { class: "tile", title }, el("div", { class: "v", text: String(v) }), el("div", { class: "k", text: k }))));
 }
 
 function drawTimeline(canvas, runs, now) {
