@@ -857,12 +857,30 @@ def loadtest_cmd(
         raise typer.Exit(1)
 
 
+def _liveness_url(value: str | None) -> str | None:
+    """--liveness as kopf serves it: http://HOST:PORT/PATH (anything else stopped the operator after its start, with
+    kopf's "Unsupported scheme" traceback)."""
+    import urllib.parse
+
+    if value is None:
+        return None
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 - (a port that is not a number: ValueError)
+    except ValueError as e:
+        raise typer.BadParameter(f"{value!r}: {e}") from None
+    if parts.scheme != "http":
+        raise typer.BadParameter(f"{value!r}: give http://HOST:PORT/PATH, e.g. http://0.0.0.0:8080/healthz")
+    return value
+
+
 @app.command("operator")
 def operator_cmd(
     namespace: Optional[list[str]] = typer.Option(
         None, "--namespace", "-n", help="namespace to watch (repeatable); default: POD_NAMESPACE, else all"),
     all_namespaces: bool = typer.Option(False, "--all-namespaces", "-A", help="watch the whole cluster"),
-    liveness: Optional[str] = typer.Option(None, help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz"),
+    liveness: Optional[str] = typer.Option(None, callback=_liveness_url,
+                                           help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz"),
     verbose: bool = typer.Option(False, "--verbose", help="debug logging"),
 ) -> None:
     """Run the Kubernetes operator: GPUPool, PooledModel and Tenant resources into the controller's admin API.
@@ -882,7 +900,7 @@ def operator_cmd(
     from controller.operator.handlers import OperatorConfig
 
     try:
-        OperatorConfig.from_env()  # fail here, with the reason, rather than inside kopf's start-up
+        cfg = OperatorConfig.from_env()  # fail here, with the reason, rather than inside kopf's start-up
     except RuntimeError as e:  # (the environment's variables: one line, not an "Invalid value" box)
         typer.echo(f"tokenpool operator: {e}", err=True)
         raise typer.Exit(2) from None
@@ -891,6 +909,17 @@ def operator_cmd(
     if all_namespaces and namespace:
         raise typer.BadParameter("give --namespace or --all-namespaces, not both")
     namespaces = [] if all_namespaces else (namespace or [n for n in [env.POD_NAMESPACE.get()] if n])
+    from kubernetes.config import ConfigException
+
+    from controller.operator.kube import Kube
+
+    try:  # (kopf's start-up retried it every minute, a traceback each time, and never ended)
+        Kube(cfg.kubeconfig)
+    except (ConfigException, OSError) as e:
+        where = f"{env.KUBECONFIG.name} {cfg.kubeconfig}" if cfg.kubeconfig else f"{env.KUBECONFIG.name}, else ~/.kube/config"
+        typer.echo(f"tokenpool operator: no Kubernetes API to use: not in a pod (no service account) and no kubeconfig "
+                   f"({where}): {e}", err=True)
+        raise typer.Exit(2) from None
     kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces, liveness_endpoint=liveness)
 
 

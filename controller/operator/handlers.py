@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import threading
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,10 +48,17 @@ class OperatorConfig:
     def from_env(cls) -> OperatorConfig:
         """The one place the operator reads its environment (set by the Deployment from a Secret)."""
         url = env.CONTROLLER_URL.get()
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise RuntimeError(f"{env.CONTROLLER_URL.name} {url!r} is not an http(s) URL of the controller's API "
+                               f"(e.g. {env.CONTROLLER_URL.default})")
         token = env.ADMIN_TOKEN.get()
-        if not token and env.ADMIN_TOKEN_FILE.get():
-            with open(env.ADMIN_TOKEN_FILE.get()) as f:
-                token = f.read().strip()
+        if not token and (path := env.ADMIN_TOKEN_FILE.get()):
+            try:
+                with open(path) as f:
+                    token = f.read().strip()
+            except OSError as e:  # (a RuntimeError: said in one line, where it was a traceback)
+                raise RuntimeError(f"cannot read {env.ADMIN_TOKEN_FILE.name} {path}: {e.strerror or e}") from None
         if not token:
             raise RuntimeError("set TOKENPOOL_ADMIN_TOKEN (or TOKENPOOL_ADMIN_TOKEN_FILE): the controller's admin token")
         kubeconfig = (env.KUBECONFIG.get() or "").split(os.pathsep)[0] or None
