@@ -102,6 +102,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import logging
 import math
 import time
 from collections import deque
@@ -128,6 +129,8 @@ from token_scheduler.policies.state import ModelState, PoolState, Residency, Ste
 from token_scheduler.policies.token import ROUND_TERMS, TURN_ENDS
 from token_scheduler.request import Request, RequestOutput, RequestStatus, SamplingParams, TokenOutput
 from tokenpool import env
+
+log = logging.getLogger(__name__)
 
 GRAPH_PRECAPTURE = env.GRAPH_PRECAPTURE.on()  # see ModelRunner.capture_first
 PLAN_AHEAD = env.PLAN_AHEAD.on()  # see the module docstring and `MultiModelEngine._take_ahead`
@@ -259,6 +262,14 @@ class MultiModelEngine:
                 mc = ModelConfig.from_pretrained(cfg.model)
                 max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
                 shared = self.memory.register(name, cfg.model, mc, cfg.torch_dtype, max_len, self.progress)
+                # The context is bounded by what the KV region holds of this model (vLLM bounds max_model_len by
+                # its KV cache, refusing to start past it): past that, every request that leaves max_tokens out
+                # asked for the whole context's room, and the engine refused it whatever its prompt
+                held = shared.allocator.num_blocks * shared.block_size
+                if max_len > held:
+                    log.warning("%s: its context of %d tokens is bounded to the %d of its tokens the KV region "
+                                "holds (gpus.kv_cache_gb)", name, max_len, held)
+                    cfg = dataclasses.replace(cfg, max_model_len=held)
             t2 = time.perf_counter()
             eng = LLMEngine(cfg, shared_kv=shared, load=self.memory is None, tokenizer=tok)
             eng.time_launches = self.pipeline  # (`_learn_pipelined`; and `_phases`' dev_s of a pipelined step)
