@@ -159,11 +159,12 @@ def render(models: list[dict], engines: list[dict], now: float | None = None) ->
         # (not the device's memory beside it: once a pooled engine reports, its memory_bytes is the arena's room for
         # weights, which the line said was "the device" -- 7.5 GB of a 25 GB machine's 8 GB CPU arena)
         kv = vram.get("kv_bytes")
-        of = (f"of a {_size(arena)} arena used by weights"
-              + (f" ({_size(kv)} of it KV cache)" if isinstance(kv, (int, float)) else "")
-              if isinstance(arena, (int, float)) and arena > 0 else f"of {_size(e.get('memory_bytes', 0))} used by "
-              "weights")
-        lines.append(f"engine {e['id']} on {e['host']}/{e['device']}: {_size(used)} {of}, {e.get('inflight', 0)} in "
+        # (the KV cache beside the weights, not a part of them: "0 B of a 8.0 GB arena used by weights (501.2 MB
+        # of it KV cache)" read as if the KV cache were inside the weights' 0 B)
+        memory = ((f"{_size(used)} weights" + (f" and {_size(kv)} KV cache" if isinstance(kv, (int, float)) else "")
+                   + f" in a {_size(arena)} arena") if isinstance(arena, (int, float)) and arena > 0 else
+                  f"{_size(used)} of {_size(e.get('memory_bytes', 0))} used by weights")
+        lines.append(f"engine {e['id']} on {e['host']}/{e['device']}: {memory}, {e.get('inflight', 0)} in "
                      f"flight, step {1000 * e.get('step_s', 0.0):.1f} ms ({state})")
     if not engines:
         lines.append("no engine is registered")

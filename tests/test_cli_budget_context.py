@@ -82,7 +82,7 @@ def test_gpu_budget_is_the_cpu_workers_arena_live(live):
                        env={**os.environ, "PYTHONPATH": str(REPO_ROOT),
                             "TOKENPOOL_ADMIN_TOKEN": Path(token).read_text().strip()})
     line = next(x for x in r.stdout.splitlines() if x.startswith("engine w0"))
-    assert re.search(r"of a 1\.5 GB arena used by weights \([\d.]+ [KMGT]?B of it KV cache\)", line), line
+    assert re.search(r"[\d.]+ [KMGT]?B weights and [\d.]+ [KMGT]?B KV cache in a 1\.5 GB arena", line), line
 
 
 def test_ps_names_each_engines_arena():
@@ -91,17 +91,17 @@ def test_ps_names_each_engines_arena():
     engine = {"id": "w0", "host": "h", "device": "cuda:0", "memory_bytes": 80 * 10**9, "alive": True,
               "inflight": 0, "step_s": 0.01, "models": [],
               "pool": {"vram": {"budget_bytes": 60 * 10**9, "weights_bytes": 3 * 10**9, "kv_bytes": 6 * 10**9}}}
-    assert "engine w0 on h/cuda:0: 3.0 GB of a 60.0 GB arena used by weights (6.0 GB of it KV cache), 0 in " \
+    assert "engine w0 on h/cuda:0: 3.0 GB weights and 6.0 GB KV cache in a 60.0 GB arena, 0 in " \
         "flight" in render([], [engine])
     # a pooled engine's memory_bytes, once it reports, is its arena's room for weights (EnginePool._stats): the
     # line called the 7.5 GB of a 25 GB machine's 8 GB CPU arena "the device"
     cpu = {**engine, "device": "cpu", "memory_bytes": 7_498_780_672,
            "pool": {"vram": {"budget_bytes": 8 * 10**9, "weights_bytes": 0, "kv_bytes": 501_219_328}}}
     line = render([], [cpu]).splitlines()[-1]
-    assert line.startswith("engine w0 on h/cpu: 0 B of a 8.0 GB arena used by weights (501.2 MB of it KV cache), "
+    assert line.startswith("engine w0 on h/cpu: 0 B weights and 501.2 MB KV cache in a 8.0 GB arena, "
                            "0 in flight") and "7.5 GB" not in line, line
     cpu["pool"]["vram"]["kv_bytes"] = 0  # (no KV slot in the arena at that moment: said, not left out)
-    assert "0 B of a 8.0 GB arena used by weights (0 B of it KV cache), 0 in flight" in render([], [cpu])
+    assert "0 B weights and 0 B KV cache in a 8.0 GB arena, 0 in flight" in render([], [cpu])
     del engine["pool"]  # (no pool view yet: the device's memory, as before)
     assert "engine w0 on h/cuda:0: 0 B of 80.0 GB used by weights, 0 in flight" in render([], [engine])
 

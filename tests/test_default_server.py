@@ -121,7 +121,7 @@ def test_ps_lists_models_where_resident(server):
     assert "cpu" in real and "resident" in real.split() and "ago" in real and "smollm2" in real
     assert sum(line.startswith(tuple(DEMOS)) and bool({"resident", "loading", "host"} & set(line.split()))
                for line in lines) == 2
-    assert any(line.startswith("engine w") and "used by weights" in line for line in lines)
+    assert any(line.startswith("engine w") and " weights and " in line and " KV cache in a " in line for line in lines)
     bad = cli("ps", "--url", server.url, env={"TOKENPOOL_ADMIN_TOKEN": "wrong"})
     assert bad.returncode == 1 and "401" in bad.stderr and "TOKENPOOL_ADMIN_TOKEN" in bad.stderr
     # `tokenpool stop` (as `ollama stop`): the weights leave VRAM, which `ps` then shows; the next request brings them
@@ -144,4 +144,5 @@ def test_loadtest_against_the_real_model(server, tmp_path):
     res = json.loads(out.read_text())
     assert res["errors"] == 0 and res["tokens"] > 0 and res["requests"] >= 2
     bad = cli("loadtest", "--url", server.url, "--streams", "1", "--duration", "1", "--model", "no-such-model")
-    assert bad.returncode == 1 and "no tokens received" in bad.stderr
+    assert bad.returncode == 1 and bad.stderr == ("tokenpool loadtest: GET /v1/models/no-such-model: 404 The model "
+                                                  "`no-such-model` does not exist.\n"), bad.stderr
