@@ -178,7 +178,8 @@ async def _first_model(url: str, headers: dict[str, str], model: str | None = No
             said = json.loads(body)["error"]["message"]
         except (ValueError, KeyError, TypeError):
             said = repr(body[:200])
-        raise SystemExit(f"GET {path}: {status} {said}")
+        hint = " (pass --api-key or set TOKENPOOL_API_KEY)" if status == 401 else ""  # (as the other client commands)
+        raise SystemExit(f"GET {path}: {status} {said}{hint}")
     if model is not None:
         return model
     listed = json.loads(body).get("data") or []

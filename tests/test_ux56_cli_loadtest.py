@@ -13,7 +13,7 @@ from controller.cli import app
 from tests.http_stub import stub_server
 
 
-def _server(models: list[str], asked: list[str]):
+def _server(models: list[str], asked: list[str], key: str | None = None):
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *a):
             pass
@@ -28,7 +28,10 @@ def _server(models: list[str], asked: list[str]):
 
         def do_GET(self):
             asked.append(self.path)
-            if self.path == "/v1/models":
+            if key is not None and self.headers.get("authorization") != f"Bearer {key}":
+                self._json(401, {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                                           "param": None, "code": "invalid_api_key"}})
+            elif self.path == "/v1/models":
                 self._json(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
             elif self.path.removeprefix("/v1/models/") in models:
                 self._json(200, {"id": self.path.removeprefix("/v1/models/"), "object": "model"})
@@ -60,3 +63,11 @@ def test_a_model_the_server_does_not_serve_is_said_before_any_stream():
     assert r.exit_code == 1, r.output
     assert r.output == "tokenpool loadtest: GET /v1/models/nope: 404 The model `nope` does not exist.\n"
     assert asked == ["/v1/models/nope"]
+
+
+def test_a_key_refused_says_how_to_give_one():
+    asked: list[str] = []
+    with stub_server(_server(["m"], asked, key="k")) as url:
+        r = CliRunner().invoke(app, ["loadtest", "--url", url, "--duration", "5"])
+        assert r.exit_code == 1 and r.output == ("tokenpool loadtest: GET /v1/models: 401 Incorrect API key provided. "
+                                                 "(pass --api-key or set TOKENPOOL_API_KEY)\n"), r.output
