@@ -222,6 +222,8 @@ class Generation:
                     raise ServingError(401, d.error, code="invalid_api_key")
                 if d.error_kind == "cancelled":  # an operator's cancel (Controller.cancel)
                     raise Ended(503, d.error, code="request_cancelled")
+                if d.error_kind == "removed":  # its model removed (Controller.remove_model)
+                    raise Ended(503, d.error, code="model_removed")
                 status = 400 if d.error_kind == "invalid" else 503
                 raise ServingError(status, d.error if status == 400 else f"engine failure: {d.error}")
             if d.token_ids or d.embedding is not None:
@@ -494,8 +496,10 @@ class Controller:
         for e in self.pool.engines.values():
             subs = [s for s in e.subs.values() if s.model == name]
             for s in subs:
+                # (said as what it is: "engine failure: model was unregistered", a 503 the OpenAI client sent again,
+                # to a 404)
                 s.sink.put_nowait((s, m.Delta(s.rid, finished=True, finish_reason="error",
-                                              error="model was unregistered", error_kind="engine")))
+                                              error=f"model {name!r} was removed by an operator", error_kind="removed")))
             self.pool.abort(subs)
             self._unregister(e, name, "model removed")
         self.autoscaler.forget(name)

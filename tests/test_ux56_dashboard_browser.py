@@ -7,6 +7,7 @@ authentication on, two tenants of the configuration and paced models; each test 
 - Drain on a one-engine server: every request after it was a 503, and the question did not say so.
 - The Models view's SLO column: a percentage of targets the page named nowhere.
 - The Pool view's "In flight" tile counted engine requests beside the Requests tab's count of requests.
+- A model removed: its requests in flight ended with "engine failure: model was unregistered", sent again.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import re
 import shutil
 import threading
+import time
 
 import httpx
 import pytest
@@ -145,3 +147,26 @@ def test_the_pools_engine_requests_tile_is_not_the_requests_count(server, page):
     finally:
         t.join()
     assert done == [200]
+
+
+def test_a_model_removed_ends_its_requests_saying_so(server):
+    """The Models view's Remove ("Its requests in flight end with an error"): a request in flight got a 503 "engine
+    failure: model was unregistered", which the OpenAI client sent again, to a 404. It is said as what happened, and
+    not to be sent again (x-should-retry: false, as an operator's cancel)."""
+    alice = {"Authorization": "Bearer tp-ux56-alice"}
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        c.post("/admin/models", headers=H, json={"name": "pace-gone", "path": None, "engine": PACE}).raise_for_status()
+        got = []
+        t = threading.Thread(target=lambda: got.append(c.post("/v1/completions", headers=alice, json={
+            "model": "pace-gone", "prompt": "x", "max_tokens": 500})))
+        t.start()
+        deadline = time.monotonic() + 10
+        while not any(r["tokens"] for r in c.get("/admin/requests", headers=H).json()):
+            assert time.monotonic() < deadline, "the request never ran"
+            time.sleep(0.1)
+        assert c.delete("/admin/models/pace-gone", headers=H).status_code == 200
+        t.join()
+    r = got[0]
+    assert r.status_code == 503 and r.headers["x-should-retry"] == "false", (r.status_code, r.headers)
+    err = r.json()["error"]
+    assert err["code"] == "model_removed" and err["message"] == "model 'pace-gone' was removed by an operator", err
