@@ -14,6 +14,7 @@ config. The folder appears under its final name only when complete (written to a
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import hashlib
@@ -142,6 +143,22 @@ def gguf_folder(gguf: Path, cache: Path) -> Path:
     return cache / "gguf" / f"{gguf.stem}-{key}"
 
 
+# The conversion's command (a child process: torch and transformers stay out of the server's)
+CONVERTER = [sys.executable, "-m", "controller.real_model"]
+_converting: set[subprocess.Popen] = set()
+
+
+@atexit.register
+def _stop_conversions() -> None:
+    """A conversion still running when this process ends (`tokenpool serve FILE.gguf` stopped by a signal during its
+    start-up, which does not wait for it) ends with it: it ran on orphaned, and the next start converted into the
+    same folder beside it."""
+    for p in list(_converting):
+        p.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(5)
+
+
 def ensure_gguf(gguf: Path, cache: Path) -> Path:
     """The Hugging Face folder of a GGUF file (llama, qwen2, qwen3, mistral: what transformers reads), converted
     once in a child process -- torch and transformers stay out of the server's process. RuntimeError: it cannot be
@@ -151,11 +168,16 @@ def ensure_gguf(gguf: Path, cache: Path) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     log.warning("converting %s to a safetensors folder at %s (once)", gguf, out)
-    r = subprocess.run([sys.executable, "-m", "controller.real_model", "--gguf", str(gguf), str(out)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
-        raise RuntimeError(f"{gguf} cannot be converted: {lines[-1] if lines else f'exit {r.returncode}'}")
+    p = subprocess.Popen([*CONVERTER, "--gguf", str(gguf), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    _converting.add(p)
+    try:
+        _, err = p.communicate()
+    finally:
+        _converting.discard(p)
+    if p.returncode != 0:
+        lines = [x for x in err.strip().splitlines() if x.strip()]
+        raise RuntimeError(f"{gguf} cannot be converted: {lines[-1] if lines else f'exit {p.returncode}'}")
     return out
 
 
