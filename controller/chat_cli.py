@@ -309,6 +309,13 @@ SHOW_HELP = """Available commands:
 PARAMETERS = {"temperature": ("temperature", float), "seed": ("seed", int), "num_predict": ("max_tokens", int),
               "top_p": ("top_p", float), "top_k": ("top_k", int), "min_p": ("min_p", float),
               "repeat_penalty": ("repetition_penalty", float), "stop": ("stop", str)}
+# What the server takes (controller/api/protocol.py's bounds): a value past them is refused at /set, where it was
+# taken and every message after it refused ("error: temperature: Input should be less than or equal to 2")
+RANGES = {"temperature": ("0 to 2", lambda v: 0 <= v <= 2), "top_p": ("more than 0, up to 1", lambda v: 0 < v <= 1),
+          "top_k": ("-1 (off) or 0 to 1048576", lambda v: -1 <= v <= 1 << 20),
+          "min_p": ("0 to 1", lambda v: 0 <= v <= 1),
+          "repeat_penalty": ("more than 0, up to 10", lambda v: 0 < v <= 10),
+          "seed": ("a 64-bit integer", lambda v: -(2**63) <= v < 2**63)}
 # Ollama's options a request sets there and the server here
 SERVERS = {"num_ctx": "a model's context: tokenpool serve --max-model-len, or its engine.max_model_len",
            "num_gpu": "every model's layers are on its GPU", "num_thread": "its workers' threads"}
@@ -371,6 +378,8 @@ class Chat:
             value = None
         if value is None:
             return f"Couldn't set parameter: {name} takes one {'whole ' if kind is int else ''}number\n"
+        if name in RANGES and not RANGES[name][1](value):
+            return f"Couldn't set parameter: {name} is {RANGES[name][0]} here\n"
         if name == "num_predict" and value < 1:  # (Ollama's -1: no limit, its default; -2: up to the context)
             if value == 0:
                 return "Couldn't set parameter: num_predict takes a whole number of at least 1, or -1 (no limit)\n"
