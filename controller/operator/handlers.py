@@ -577,7 +577,10 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
         if conflict:
             _write_status(body, patch, status, fields, "Degraded", "KeyConflict", f"{message} applied; {conflict}", gen)
             return
-        if unmatched:
+        if not desired["models"]:  # (an empty list is no model, not every model: leaving it out is ["*"])
+            reason, message = "NoModels", (f"{message}; spec.models is empty: its keys may use no model, every request "
+                                           "is refused (leave spec.models out for every model)")
+        elif unmatched:
             reason, message = "ModelsUnmatched", (f"{message}; spec.models {unmatched} match no model the controller "
                                                   "serves now (its name, an alias or a LoRA adapter's): requests for "
                                                   "them are refused until one does")
