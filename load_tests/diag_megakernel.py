@@ -113,10 +113,11 @@ def main() -> None:
            "copy_rate_tb_s": bw / 1e12, "floor_ms": floor}
     res["variants"] = []
     base = dict(megakernel.DEFINES)
-    for name, flags, pf, defs in (("step", 0, None, {}), ("stream_only", 1, None, {}), ("pf 0", 0, 0, {}),
-                                  ("pf 8", 0, 8, {}), ("poll spin", 0, None, {"POLL_NS": 0}),
-                                  ("poll 200ns", 0, None, {"POLL_NS": 200}),
-                                  ("signal fence", 0, None, {"SIGNAL_FENCE": 1}), ("step again", 0, None, {})):
+    # flags: 1 no waits, 4 attention skipped (wrong outputs, diagnostics); SIGNAL_FENCE 2: counts without ordering
+    for name, flags, pf, defs in (("step", 0, None, {}), ("stream_only", 1, None, {}),
+                                  ("no attention", 4, None, {}), ("relaxed signal", 0, None, {"SIGNAL_FENCE": 2}),
+                                  ("no attention, relaxed", 4, None, {"SIGNAL_FENCE": 2}),
+                                  ("stream only, no attention", 5, None, {}), ("step again", 0, None, {})):
         megakernel.DEFINES.clear()
         megakernel.DEFINES.update(base | defs)
         kw = {} if pf is None else {"pf_rows": pf}
@@ -131,6 +132,13 @@ def main() -> None:
         st()
     torch.cuda.synchronize()
     res["timeline"] = tl = timeline(st.trace.cpu(), cfg.num_layers)
+    st4 = megakernel.DecodeStep(cfg, w, kv, rope, *dev, ctx, bt, flags=6)
+    for _ in range(3):
+        st4()
+    torch.cuda.synchronize()
+    res["timeline_no_attention"] = tl4 = timeline(st4.trace.cpu(), cfg.num_layers)
+    print("no attention:", {k: (round(v["critical_us"], 1), round(v["mean_duration_us"], 1)) if isinstance(v, dict)
+                            else round(v, 1) for k, v in tl4.items()})
     tr = st.trace.cpu()
     t0 = tr[tr > 0].min()
     res["trace_layers_9_11_ns"] = (tr[:, 45:60] - t0).clamp(min=-1).tolist()  # [CTA, op, start/end], -1: none

@@ -134,11 +134,13 @@ __device__ __forceinline__ void wait_count(const u32* c, u32 target, int nowait 
 // before thread 0's release)
 __device__ __forceinline__ void signal(u32* c) {
   cbar();
-#if SIGNAL_FENCE
+#if SIGNAL_FENCE == 1
   if (threadIdx.x == 0) {
     __threadfence();
     atomicAdd(c, 1u);
   }
+#elif SIGNAL_FENCE == 2  // (diagnostics only: no ordering of the data before the count)
+  if (threadIdx.x == 0) atomicAdd(c, 1u);
 #else
   if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(c) : "memory");
 #endif
@@ -407,7 +409,7 @@ extern "C" __global__ void __launch_bounds__(NCT + 32, 1) tp_decode_step(const l
   const int has_bias = (int)P[P_HAS_BIAS];
   const int group = NH / NKV;
   // diagnostics (FLAGS): bit 1 no waits; bit 2 a timestamp (ns) at each op's start (its inputs ready) and end
-  const int flags = (int)P[P_FLAGS], nw = flags & 1;
+  const int flags = (int)P[P_FLAGS], nw = flags & 1, no_attn = flags & 4;
   u64* trace = (flags & 2) ? (u64*)P[P_TRACE] + (size_t)b * (L * 5 + 1) * 2 : nullptr;
 #define TR(op, end) \
   if (trace && threadIdx.x == 0) trace[(op) * 2 + (end)] = now_ns();
@@ -453,6 +455,11 @@ extern "C" __global__ void __launch_bounds__(NCT + 32, 1) tp_decode_step(const l
     // ATTN
     if (b < items) {
       for (int it = b; it < items; it += G) {
+        if (no_attn) {  // (diagnostics: FLAGS bit 4, the items' work skipped, their counts kept)
+          if (it == b) wait_count(c + 0, G, nw);
+          signal(c + 1);
+          continue;
+        }
         const int h = it / S, s = it % S, g = h / group;
         // before the wait: this warp's 32 cached positions (lane j: position base + j), their K rows into
         // registers and V rows into L2 -- the cache holds them since earlier steps
