@@ -628,16 +628,19 @@ def keys_new_cmd(prefix: str = typer.Option("tp", help="tp: tenant key, tpadmin:
 
 
 @keys_app.command("hash")
-def keys_hash_cmd(key: str = typer.Argument(..., metavar="KEY", help="the key; '-' reads it from stdin")) -> None:
+def keys_hash_cmd(key: str = typer.Argument(..., metavar="KEY",
+                                            help="the key; '-' reads keys from stdin, one a line (a hash each)")) -> None:
     """The salted hash of a key you already have (for key_hashes, admin_token_hash, metrics_token_hash)."""
     import sys
 
     from controller.keys import hash_key
 
-    k = sys.stdin.readline().strip() if key == "-" else key
-    if not k:
-        raise typer.BadParameter("the key is empty")
-    typer.echo(hash_key(k))
+    # (stdin's lines after the first were dropped without a word: a file of keys piped in gave one hash)
+    keys = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()] if key == "-" else [key]
+    if not keys or not all(keys):
+        raise typer.BadParameter("the key is empty" if key != "-" else "stdin holds no key")
+    for k in keys:
+        typer.echo(hash_key(k))
 
 
 @config_app.command("check")
