@@ -636,7 +636,9 @@ def keys_hash_cmd(key: str = typer.Argument(..., metavar="KEY",
     from controller.keys import hash_key
 
     # (stdin's lines after the first were dropped without a word: a file of keys piped in gave one hash)
-    keys = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()] if key == "-" else [key]
+    # (typed at a terminal: the one line, as before; a hash is printed at its Enter)
+    text = (sys.stdin.readline() if sys.stdin.isatty() else sys.stdin.read()) if key == "-" else ""
+    keys = [line.strip() for line in text.splitlines() if line.strip()] if key == "-" else [key]
     if not keys or not all(keys):
         raise typer.BadParameter("the key is empty" if key != "-" else "stdin holds no key")
     for k in keys:
