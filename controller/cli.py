@@ -822,11 +822,19 @@ def bench_serve_cmd(
         budget = {"gpu_budget_gb": None, "cpu_budget_gb": 8.0 if gpu_budget_gb is None else gpu_budget_gb}
     else:
         budget = {"gpu_budget_gb": 60.0 if gpu_budget_gb is None else gpu_budget_gb}
-    run_serve(**workload.replay_args(rates), **budget, kv_cache_gb=kv_cache_gb,
-              policies=policy.split(","), seed=seed, json_out=json_out, drain_s=drain,
-              url=base_url(url) if url else None,
-              admin_token=admin_token, target=target, stop_at_miss=stop_at_miss, device=device,
-              admission=not no_admission)
+    import httpx
+
+    try:
+        run_serve(**workload.replay_args(rates), **budget, kv_cache_gb=kv_cache_gb,
+                  policies=policy.split(","), seed=seed, json_out=json_out, drain_s=drain,
+                  url=base_url(url) if url else None,
+                  admin_token=admin_token, target=target, stop_at_miss=stop_at_miss, device=device,
+                  admission=not no_admission)
+    except httpx.TransportError as e:  # (--url with nothing there, or gone: it was httpx's traceback)
+        if not url:
+            raise
+        typer.echo(f"tokenpool bench serve: cannot reach {base_url(url)}: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command("loadtest")
