@@ -150,6 +150,10 @@ def target(url: str | None = None, admin: str | None = None, key: str | None = N
     if url is not None:
         if urlparse(url).hostname not in LOOPBACK:
             raise SystemExit(f"refusing to drive {url}: loopback only")
+        try:  # (nothing there: corpus and overload reported a run of connection errors, exit 0; others a traceback)
+            httpx.get(url.rstrip("/") + "/health", timeout=30)
+        except httpx.TransportError as e:
+            raise SystemExit(f"cannot reach {url}: {e}") from None
         yield Target(url.rstrip("/"), admin, key, model, pid)
         return
     from load_tests.live_server import LiveServer
