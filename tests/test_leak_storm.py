@@ -17,8 +17,11 @@ PAGE = 16 * 512
 
 def test_drops_anywhere_across_swapping_models_leave_nothing_held(make_tiny):
     models = {"da": make_tiny("qwen2"), "db": make_tiny("qwen3"), "dc": make_tiny("qwen2", seed=1)}
+    # 128 pages: the region holds the longest request (911 prompt tokens of db's, and 60) of db, the model with the
+    # most KV a token; a model's context is bounded by what the region holds of it, so past that, the long prompts
+    # were refused with 400 before any stream began
     cfg = faults.pooled_config({n: str(p) for n, p in models.items()}, budget_gb=4 * MiB / 1e9,
-                               kv_cache_gb=64 * PAGE / 1e9)
+                               kv_cache_gb=128 * PAGE / 1e9)
     cfg["tenants"][0]["max_concurrent"] = 80  # some refused with 429: their slots must not be counted either
     with faults.target(config=cfg, model="da") as t:
         r = faults.run_drops(t, streams=150, max_tokens=60, models=list(models), seed=1)
