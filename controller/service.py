@@ -611,7 +611,10 @@ class Controller:
                         # deleted while this request was on its way, or replaced without its key (see _revoke)
                         raise ServingError(401, REVOKED, code="invalid_api_key")
                     gen.subs.append(sub)
-                    await self._place(sub, entry, slo, tenant.spec.priority, admission=True)
+                    # Admission judges the request by its first engine request: the others of the same request
+                    # (its n, its prompt list) queued behind that one's siblings, so a request of more of them than
+                    # an engine runs at once was refused on an idle server, by its own load, at every retry
+                    await self._place(sub, entry, slo, tenant.spec.priority, admission=len(gen.subs) == 1)
             self.events.publish("admit", model=entry.spec.name, tenant=tenant.name, request_id=request_id,
                                 prompt_tokens=prompt_tokens)
         except BaseException as e:
