@@ -114,12 +114,14 @@ def main() -> None:
     res["variants"] = []
     base = dict(megakernel.DEFINES)
     # flags: 1 no waits, 4 attention skipped (wrong outputs, diagnostics); SIGNAL_FENCE 2: counts without ordering
-    for name, flags, pf, defs in (("step", 0, None, {}), ("stream_only", 1, None, {}),
+    ring = megakernel.RING_ATTN
+    for name, flags, pf, defs in (("step", 0, None, {}), ("stream_only", 1, None, {}), ("warp attention", 0, None, {}),
                                   ("no attention", 4, None, {}), ("relaxed signal", 0, None, {"SIGNAL_FENCE": 2}),
                                   ("no attention, relaxed", 4, None, {"SIGNAL_FENCE": 2}),
                                   ("stream only, no attention", 5, None, {}), ("step again", 0, None, {})):
         megakernel.DEFINES.clear()
         megakernel.DEFINES.update(base | defs)
+        megakernel.RING_ATTN = ring and name != "warp attention"
         kw = {} if pf is None else {"pf_rows": pf}
         ms = replay_ms(megakernel.DecodeStep(cfg, w, kv, rope, *dev, ctx, bt, flags=flags, **kw))
         res["variants"].append({"name": name, "flags": flags, "pf_rows": pf, "defines": dict(megakernel.DEFINES),
@@ -127,6 +129,7 @@ def main() -> None:
         print(f"{name:12s} {ms:.4f} ms  {ms / floor:.3f}x floor ({floor:.4f} ms at {bw / 1e12:.2f} TB/s)", flush=True)
     megakernel.DEFINES.clear()
     megakernel.DEFINES.update(base)
+    megakernel.RING_ATTN = ring
     st = megakernel.DecodeStep(cfg, w, kv, rope, *dev, ctx, bt, flags=2)
     for _ in range(3):
         st()
