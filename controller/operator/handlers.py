@@ -601,8 +601,13 @@ def _claim_keys(memo: kopf.Memo, meta: dict, namespace: str, name: str, keys: li
     with memo.locks_guard:
         claims = memo.setdefault("key_claims", {})  # (set by `startup`; a memo made otherwise, as tests do, here)
         claims[meta["uid"]] = (me, mine)
-        return {fp: owner for uid, (owner, fps) in claims.items() if uid != meta["uid"] and owner < me
-                for fp in fps & mine}
+        oldest: dict[str, tuple] = {}  # (of several older holders, the oldest: the key is its; the claims' order named
+        for uid, (owner, fps) in claims.items():  # whichever had claimed last, and a status could name either)
+            if uid != meta["uid"] and owner < me:
+                for fp in fps & mine:
+                    if fp not in oldest or owner < oldest[fp]:
+                        oldest[fp] = owner
+        return oldest
 
 
 def _unmatched_models(models: dict[str, dict], patterns: list[str]) -> list[str]:
