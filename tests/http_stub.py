@@ -23,6 +23,21 @@ def stub_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[s
         srv.server_close()
 
 
+class JsonHandler(http.server.BaseHTTPRequestHandler):
+    """A quiet handler base whose `_json(status, body)` answers with `body` as JSON."""
+
+    def log_message(self, *a):
+        pass
+
+    def _json(self, status: int, body) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
 class Terminal(io.StringIO):
     """Lines typed at an interactive prompt (isatty true)."""
 

@@ -3,14 +3,13 @@ Ollama prints it, --template for the chat template, an unknown model one line an
 
 from __future__ import annotations
 
-import http.server
 import json
 
 import pytest
 from typer.testing import CliRunner
 
 from controller.cli import app
-from tests.http_stub import stub_server
+from tests.http_stub import JsonHandler, stub_server
 
 SHOWN = {"modelfile": "", "parameters": "", "template": "{{ messages }}",
          "details": {"format": "safetensors", "family": "llama", "families": ["llama"]},
@@ -24,18 +23,7 @@ def show_stub():
     """A stand-in tokenpool server serving one model, `smollm2`; records what /api/show was asked."""
     asked = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def _json(self, status: int, body) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class Handler(JsonHandler):
         def do_GET(self):
             if self.path == "/v1/models/smollm2":
                 self._json(200, {"id": "smollm2"})

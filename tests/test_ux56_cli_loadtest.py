@@ -4,28 +4,14 @@ every request refused, and said so at the end)."""
 
 from __future__ import annotations
 
-import http.server
-import json
-
 from typer.testing import CliRunner
 
 from controller.cli import app
-from tests.http_stub import stub_server
+from tests.http_stub import JsonHandler, stub_server
 
 
 def _server(models: list[str], asked: list[str], key: str | None = None):
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def _json(self, status: int, body) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class Handler(JsonHandler):
         def do_GET(self):
             asked.append(self.path)
             if key is not None and self.headers.get("authorization") != f"Bearer {key}":
