@@ -562,8 +562,11 @@ extern "C" __global__ void __launch_bounds__(NCT + 32, 1) tp_decode_step(const l
               a[k][3] = a[k][3] * f + e * v4.w;
               m[k] = mn;
             }
-            float* pp = part + ((size_t)h * SMAX + it) * (D + 2);
-            *(float4*)(pp + lane * 4) = make_float4(a[k][0], a[k][1], a[k][2], a[k][3]);
+            float* pp = part + ((size_t)h * SMAX + it) * (D + 2);  // (rows of D + 2: 8-byte aligned, not 16)
+            pp[lane * 4] = a[k][0];
+            pp[lane * 4 + 1] = a[k][1];
+            pp[lane * 4 + 2] = a[k][2];
+            pp[lane * 4 + 3] = a[k][3];
             if (lane == 0) {
               pp[D] = m[k];
               pp[D + 1] = ls[k];
