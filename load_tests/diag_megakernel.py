@@ -115,13 +115,14 @@ def main() -> None:
     base = dict(megakernel.DEFINES)
     # flags: 1 no waits, 4 attention skipped (wrong outputs, diagnostics); SIGNAL_FENCE 2: counts without ordering
     ring = megakernel.RING_ATTN
+    megakernel.RING_ATTN = True  # the variants below with the ring attention, but "warp attention"
     for name, flags, pf, defs in (("step", 0, None, {}), ("stream_only", 1, None, {}), ("warp attention", 0, None, {}),
                                   ("no attention", 4, None, {}), ("relaxed signal", 0, None, {"SIGNAL_FENCE": 2}),
                                   ("no attention, relaxed", 4, None, {"SIGNAL_FENCE": 2}),
                                   ("stream only, no attention", 5, None, {}), ("step again", 0, None, {})):
         megakernel.DEFINES.clear()
         megakernel.DEFINES.update(base | defs)
-        megakernel.RING_ATTN = ring and name != "warp attention"
+        megakernel.RING_ATTN = name != "warp attention"
         kw = {} if pf is None else {"pf_rows": pf}
         ms = replay_ms(megakernel.DecodeStep(cfg, w, kv, rope, *dev, ctx, bt, flags=flags, **kw))
         res["variants"].append({"name": name, "flags": flags, "pf_rows": pf, "defines": dict(megakernel.DEFINES),

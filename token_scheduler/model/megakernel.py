@@ -31,8 +31,9 @@ W_KEYS = ("qkv", "qkv_b", "o", "gate_up", "down", "ln1", "ln2")
 PF_ROWS = 16
 
 # the attention's cache blocks streamed through the ring by the producer (see DecodeStep); False: loaded by the
-# attention's own warps
-RING_ATTN = True
+# attention's own warps. Written after the last GPU call of session 56: compiled (sm_90, nvcc) but not yet run on a
+# GPU, so off; tests/test_gpu_megakernel.py runs both, and diag_megakernel measures both ("warp attention").
+RING_ATTN = False
 
 # compile-time constants of the .cu (-D): V rows an attention warp loads at once (8: few spills at 168 registers)
 DEFINES = {"VB": 8}
