@@ -224,6 +224,8 @@ class Generation:
                     raise Ended(503, d.error, code="request_cancelled")
                 if d.error_kind == "removed":  # its model removed (Controller.remove_model)
                     raise Ended(503, d.error, code="model_removed")
+                if d.error_kind == "shutdown":  # the server's drain ended it: the code a new request gets meanwhile
+                    raise ServingError(503, d.error, code="shutting_down")
                 status = 400 if d.error_kind == "invalid" else 503
                 raise ServingError(status, d.error if status == 400 else f"engine failure: {d.error}")
             if d.token_ids or d.embedding is not None:

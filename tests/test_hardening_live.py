@@ -89,6 +89,8 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(tmp_path):
     assert "transport_error" not in long_ and long_["events"][-1] == "[DONE]", long_.get("transport_error")
     err = json.loads(long_["events"][-2])["error"]
     assert "shutting down" in err["message"] and err["type"] == "service_unavailable_error"
+    # as a new request's refusal names it (it said "engine failure: ..." and engine_unavailable)
+    assert err["code"] == "shutting_down" and not err["message"].startswith("engine failure"), err
     assert 1.5 <= took < 12, took
     assert "Traceback" not in log
     # the log counts them in words a person reads (it said "1 requests")
