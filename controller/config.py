@@ -349,6 +349,8 @@ class ServerConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _models_listed(cls, data: object) -> object:
+        if isinstance(data, dict):  # `models:` with every entry commented out is YAML's null: no models, as an empty list
+            data = {**data, **{k: [] for k in ("models", "tenants") if k in data and data[k] is None}}
         if isinstance(data, dict) and isinstance(data.get("models"), dict):
             raise ValueError("models: a list of models (- name: NAME, path: DIR), not a mapping of names as "
                              "llama-swap's")

@@ -29,3 +29,13 @@ def test_keys_hash_from_stdin_hashes_each_line():
     assert len(hashes) == 2 and verify_key("key-one", hashes[0]) and verify_key("key-two", hashes[1])
     r = CliRunner().invoke(app, ["keys", "hash", "-"], input="\n")
     assert r.exit_code == 2 and "stdin holds no key" in r.output
+
+
+def test_a_list_key_with_every_entry_commented_out_is_an_empty_list(tmp_path):
+    """`models:` (or `tenants:`) with every entry commented out is YAML's null: no models, as an empty list (it was
+    refused: 'models: Input should be a valid list')."""
+    f = tmp_path / "c.yaml"
+    f.write_text("models:\n#  - name: qwen\n#    path: /models/qwen\ntenants:\n")
+    r = CliRunner().invoke(app, ["config", "check", str(f)])
+    assert r.exit_code == 0, r.output
+    assert "models none" in r.output
