@@ -20,6 +20,8 @@ import pytest
 
 from controller.keys import hash_key
 from load_tests.live_server import LiveServer
+from tests import dashboard_pages as pages
+from tests.dashboard_pages import snapshots
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -39,36 +41,9 @@ def server(tmp_path_factory):
         yield srv
 
 
-@contextlib.contextmanager
 def signed_in(browser, url: str, failed: list[str] | None = None):
-    """A page of a fresh context, signed in and live; its console errors, page errors and failed requests are
-    collected in `failed` until the block ends (closing the page aborts what it has in flight: not the page's)."""
-    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
-    page = ctx.new_page()
-    live = [True]
-    if failed is not None:
-        def note(what: str) -> None:
-            if live[0]:
-                failed.append(what)
-        page.on("console", lambda m: note(f"console: {m.text}") if m.type == "error" else None)
-        page.on("pageerror", lambda e: note(f"page error: {e}"))
-        page.on("requestfailed", lambda r: note(f"failed: {r.method} {r.url} {r.failure}"))
-    page.on("dialog", lambda d: d.accept())
-    page.goto(url + "/dashboard")
-    page.fill("#token", ADMIN)
-    page.click("#login")
-    expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
-    try:
-        yield page
-    finally:
-        live[0] = False
-        ctx.close()
-
-
-def snapshots(page, n: int) -> None:
-    """Wait until the page has drawn n more snapshots of the pool (one a second)."""
-    seen = page.evaluate("S.snapshots")
-    page.wait_for_function("n => S.snapshots >= n", arg=seen + n, timeout=15_000)
+    """A page signed in as the admin; its console errors, page errors and failed requests collected in `failed`."""
+    return pages.signed_in(browser, url, ADMIN, failed, requests=True)
 
 
 def _stream(server, done: threading.Event) -> None:

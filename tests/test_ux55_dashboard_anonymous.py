@@ -22,6 +22,7 @@ from controller.app import build_app
 from controller.config import ModelSpec, ServerConfig
 from controller.keys import hash_key
 from load_tests.live_server import LiveServer
+from tests.dashboard_pages import watch
 
 ADMIN = "admin-ux55-anonymous"
 H = {"Authorization": f"Bearer {ADMIN}"}
@@ -52,7 +53,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs the system chromium (apt-get install chromium)")
-def test_a_configured_tenant_named_anonymous_is_a_tenant_like_the_others(tmp_path):
+def test_a_configured_tenant_named_anonymous_is_a_tenant_like_the_others(tmp_path, browser):
     """Authentication on, a tenant of the configuration named "anonymous" with a limit: the Tenants view shows its
     limit and its Revoke, and does not say that authentication is off."""
     expect = sync_api.expect
@@ -61,12 +62,10 @@ def test_a_configured_tenant_named_anonymous_is_a_tenant_like_the_others(tmp_pat
                        {"name": "anonymous", "key_hashes": [hash_key("tp-ux55-anon")], "max_concurrent": 3}],
            "models": [{"name": "pace-a", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.05}}]}
     failed: list[str] = []
-    with LiveServer(cfg, tmp_path / "srv") as srv, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+    with LiveServer(cfg, tmp_path / "srv") as srv:
+        page = browser.new_page()
         try:
-            page = browser.new_page()
-            page.on("console", lambda m: failed.append(f"console: {m.text}") if m.type == "error" else None)
-            page.on("pageerror", lambda e: failed.append(f"page error: {e}"))
+            watch(page, failed)
             page.goto(srv.url + "/dashboard#tenants")
             page.fill("#token", ADMIN)
             page.click("#login")
@@ -77,5 +76,5 @@ def test_a_configured_tenant_named_anonymous_is_a_tenant_like_the_others(tmp_pat
             expect(page.locator("#auth-off")).to_be_hidden()
             expect(page.locator('#tenants-table tr[data-tenant="team-a"] [data-action=revoke]')).to_be_visible()
         finally:
-            browser.close()
+            page.close()
     assert failed == [], "\n".join(failed)

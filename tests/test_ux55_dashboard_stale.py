@@ -18,6 +18,7 @@ import pytest
 
 from controller.keys import hash_key
 from load_tests.live_server import LiveServer
+from tests import dashboard_pages as pages
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -35,28 +36,14 @@ def server(tmp_path_factory):
         yield srv
 
 
-@contextlib.contextmanager
 def signed_in(browser, url: str, failed: list[str]):
-    """A page of a fresh context, signed in and live; its console errors and page errors collected in `failed`."""
-    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
-    page = ctx.new_page()
-    page.on("console", lambda m: failed.append(f"console: {m.text}") if m.type == "error" else None)
-    page.on("pageerror", lambda e: failed.append(f"page error: {e}"))
-    page.on("dialog", lambda d: d.accept())
-    page.goto(url + "/dashboard")
-    page.fill("#token", ADMIN)
-    page.click("#login")
-    expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
-    try:
-        yield page
-    finally:
-        ctx.close()
+    """A page signed in as the admin; its console errors and page errors collected in `failed` (not its failed
+    requests: these tests stop the server under it)."""
+    return pages.signed_in(browser, url, ADMIN, failed)
 
 
 def snapshots(page, n: int) -> None:
-    """Wait until the page has drawn n more snapshots of the pool (one a second)."""
-    seen = page.evaluate("S.snapshots")
-    page.wait_for_function("n => S.snapshots >= n", arg=seen + n, timeout=10_000)
+    pages.snapshots(page, n, timeout=10_000)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import pytest
 
 from controller.keys import hash_key
 from load_tests.live_server import LiveServer
+from tests.dashboard_pages import watch
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -21,16 +22,14 @@ expect = sync_api.expect
 ADMIN = "admin-ux55-urls"
 
 
-def test_the_form_paths_opened_by_address_lead_to_the_dashboard(tmp_path):
+def test_the_form_paths_opened_by_address_lead_to_the_dashboard(tmp_path, browser):
     cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"},
            "models": [{"name": "pace-a", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.05}}]}
     failed: list[str] = []
-    with LiveServer(cfg, tmp_path / "srv") as srv, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+    with LiveServer(cfg, tmp_path / "srv") as srv:
+        page = browser.new_page()
         try:
-            page = browser.new_page()
-            page.on("console", lambda m: failed.append(f"console: {m.text}") if m.type == "error" else None)
-            page.on("pageerror", lambda e: failed.append(f"page error: {e}"))
+            watch(page, failed)
             r = page.goto(srv.url + "/dashboard/login")
             assert r.status == 200 and page.url == srv.url + "/dashboard", (r.status, page.url)
             page.fill("#token", ADMIN)  # the form, and it signs in
@@ -44,5 +43,5 @@ def test_the_form_paths_opened_by_address_lead_to_the_dashboard(tmp_path):
             assert r.status == 200 and page.url == srv.url + "/dashboard"
             expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
         finally:
-            browser.close()
+            page.close()
     assert failed == [], "\n".join(failed)
