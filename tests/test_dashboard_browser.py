@@ -21,6 +21,7 @@ import pytest
 
 from controller.keys import hash_key
 from load_tests.live_server import LiveServer
+from tests.dashboard_pages import watch
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -96,8 +97,7 @@ def chromium():
 
 def watched(page, errors: list[str]):
     """`page`, with its console errors and uncaught exceptions collected in `errors`."""
-    page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-    page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+    watch(page, errors)
     return page
 
 

@@ -22,6 +22,7 @@ import pytest
 
 from controller.keys import hash_key
 from load_tests.live_server import LiveServer
+from tests.dashboard_pages import watch
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -64,8 +65,7 @@ def page(server, browser):
     ctx = browser.new_context(viewport={"width": 1400, "height": 900})
     page = ctx.new_page()
     page.failed = []
-    page.on("console", lambda m: page.failed.append(f"console: {m.text}") if m.type == "error" else None)
-    page.on("pageerror", lambda e: page.failed.append(f"page error: {e}"))
+    watch(page, page.failed)
     page.dialogs, page.accept_dialogs = [], True  # (every confirm() asked, and whether it is answered OK)
     page.on("dialog", lambda d: (page.dialogs.append(d.message), d.accept() if page.accept_dialogs else d.dismiss()))
     page.goto(server.url + "/dashboard#tenants")
