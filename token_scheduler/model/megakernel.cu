@@ -42,7 +42,6 @@ typedef unsigned long long u64;
 #ifndef NBI
 #define NBI 2            // (ring attention) cache blocks of an attention item
 #endif
-#define MAXBS 16         // (ring attention) largest cache block
 #define MAXHW 4          // (ring attention) q heads a warp, at most (NH <= 32)
 #ifndef VB
 #define VB 16            // V rows loaded at once by an attention warp
@@ -51,7 +50,7 @@ typedef unsigned long long u64;
 
 // P: the step's int64 parameters (megakernel.py builds them; indices below)
 enum {
-  P_G, P_L, P_HID, P_INTER, P_NH, P_NKV, P_VOCAB, P_BS, P_MB, P_KVB, P_KVL, P_KV2, P_KVT, P_KVH, P_EPS, P_SCALE,
+  P_G, P_L, P_HID, P_INTER, P_NH, P_NKV, P_VOCAB, P_BS, P_KVB, P_KVL, P_KV2, P_KVT, P_KVH, P_EPS, P_SCALE,
   P_NSLOT, P_HAS_BIAS, P_SMAX, P_FLAGS, P_PFGU, P_ARING,
   P_TOK, P_POS, P_SB, P_SO, P_CTX, P_BT, P_KV, P_COS, P_SIN, P_EMBED, P_NORM, P_HEAD, P_LOGITS, P_CNT,
   P_QKV, P_OOUT, P_ACT, P_DOUT, P_PART, P_LAYERS, P_TRACE, P_N
@@ -178,7 +177,8 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
 
 // -- the walk of one projection's chunks (the producer and the consumers walk it alike) ------------------------------
 // A chunk: up to RG row segments of columns [k0, k0 + kw). glu: rows j of gate (W row j) and up (W row inter + j),
-// RG/2 of each. Calls f(nseg, row_of_seg0, glu_rows, k0, kw, first, last, rows_in_group, group_start).
+// RG/2 of each. `produce` and `consume` walk a CTA's rows [n0, n1) in groups of RG (glu: RG/2) rows, each in pieces
+// of KP columns: one chunk (a ring slot) a piece.
 struct Walk {
   int n0, n1, K, glu, inter;
 };

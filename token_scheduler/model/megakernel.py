@@ -19,10 +19,10 @@ from tokenpool import env
 
 SRC = Path(__file__).with_name("megakernel.cu")
 USE = env.MEGAKERNEL.on()
-D, KP, RG, NCW, SPL, NBIAS, NBI, MAXBS, MAXHW = 128, 1536, 8, 8, 256, 64, 2, 16, 4  # as in megakernel.cu
+D, KP, RG, NCW, SPL, NBIAS, NBI, MAXHW = 128, 1536, 8, 8, 256, 64, 2, 4  # as in megakernel.cu
 SLOT = RG * KP * 2
 THREADS = NCW * 32 + 32
-P_NAMES = ("G L HID INTER NH NKV VOCAB BS MB KVB KVL KV2 KVT KVH EPS SCALE NSLOT HAS_BIAS SMAX FLAGS PFGU ARING "
+P_NAMES = ("G L HID INTER NH NKV VOCAB BS KVB KVL KV2 KVT KVH EPS SCALE NSLOT HAS_BIAS SMAX FLAGS PFGU ARING "
            "TOK POS SB SO CTX BT KV COS SIN EMBED NORM HEAD LOGITS CNT QKV OOUT ACT DOUT PART LAYERS TRACE").split()
 P = {n: i for i, n in enumerate(P_NAMES)}
 W_KEYS = ("qkv", "qkv_b", "o", "gate_up", "down", "ln1", "ln2")
@@ -110,7 +110,7 @@ class DecodeStep:
         # the attention through the ring when a cache block's K and V (all kv heads) fit a slot: the producer
         # streams them like weights (else items of SPL positions load them themselves)
         bs = kv.shape[3]
-        self.aring = int(RING_ATTN and 2 * bs * nkv * D * 2 <= SLOT and bs <= MAXBS and nh <= NCW * MAXHW)
+        self.aring = int(RING_ATTN and 2 * bs * nkv * D * 2 <= SLOT and nh <= NCW * MAXHW)
         smax = -(-rope.cos.shape[0] // (bs * NBI if self.aring else SPL))
         bf = dict(dtype=torch.bfloat16, device=dev)
         self.cnt = torch.zeros(L * 5 + 1, dtype=torch.int32, device=dev)
@@ -129,8 +129,8 @@ class DecodeStep:
         self.layers = torch.tensor(ptr, dtype=torch.int64, device=dev)
         head = weights.get("lm_head", weights["embed"])
         s = kv.stride()  # [blocks, layers, 2, block_size, kv_heads, head_dim]
-        vals = dict(G=self.grid, L=L, HID=hid, INTER=inter, NH=nh, NKV=nkv, VOCAB=vocab, BS=kv.shape[3],
-                    MB=block_tables.stride(0), KVB=s[0], KVL=s[1], KV2=s[2], KVT=s[3], KVH=s[4],
+        vals = dict(G=self.grid, L=L, HID=hid, INTER=inter, NH=nh, NKV=nkv, VOCAB=vocab, BS=bs,
+                    KVB=s[0], KVL=s[1], KV2=s[2], KVT=s[3], KVH=s[4],
                     EPS=_f32_bits(cfg.rms_norm_eps), SCALE=_f32_bits(D ** -0.5), NSLOT=nslot,
                     HAS_BIAS=int("l0.qkv_b" in weights), SMAX=smax, FLAGS=flags, PFGU=pf_rows, ARING=self.aring)
         tensors = dict(TOK=tokens, POS=positions, SB=slot_blocks, SO=slot_offsets, CTX=context_lens, BT=block_tables,
