@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 import tokenpool
 from controller.cli_suite import json_path, needs_test_extra, url_option
@@ -60,6 +60,30 @@ def _command_lists_join_lines() -> None:
 _command_lists_join_lines()
 
 
+def _rich_help_pipe_safe() -> None:
+    """rich, which writes typer's help, ends the process itself on a broken pipe, exit 1 (`tokenpool --help | head
+    -1`); its consoles raise the BrokenPipeError instead, for `_PipeSafeGroup` to end quietly, exit 0."""
+    from typer import rich_utils
+
+    made = getattr(rich_utils, "_get_rich_console", None)
+    if made is None or getattr(made, "pipe_safe", False):  # (another typer; or done already)
+        return
+
+    def broken_pipe() -> None:
+        raise BrokenPipeError
+
+    def _get_rich_console(*args, **kwargs):
+        console = made(*args, **kwargs)
+        console.on_broken_pipe = broken_pipe
+        return console
+
+    _get_rich_console.pipe_safe = True  # type: ignore[attr-defined]
+    rich_utils._get_rich_console = _get_rich_console
+
+
+_rich_help_pipe_safe()
+
+
 def _required_arguments_bare() -> None:
     """typer (0.29) writes a required argument in braces on the usage line, `tokenpool run [OPTIONS] {MODEL}
     [PROMPT]...` (braces that read as a set of choices); click's usage, ollama's and the README write it bare."""
@@ -81,7 +105,26 @@ def _required_arguments_bare() -> None:
 
 _required_arguments_bare()
 # -h as --help everywhere, as ollama, git and vllm take it (the context setting passes down to every command)
-app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by token.",
+class _PipeSafeGroup(TyperGroup):
+    """Every command's output, its help and its sub-commands' included (`tokenpool --help | head -1`), may go to a
+    reader that stops early: the command ends quietly, exit 0 (see `reader_gone`); typer's own handling of the broken
+    pipe exits 1. The help is written while the context is made (an eager option), the commands' output while they
+    are invoked, so both steps are wrapped."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError:
+            raise reader_gone() from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise reader_gone() from None
+
+
+app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by token.", cls=_PipeSafeGroup,
                   context_settings={"help_option_names": ["--help", "-h"]})
 bench_app = typer.Typer(help="Benchmarks (GPU figures go to bench/results/).")
 # Options the benchmarks share
