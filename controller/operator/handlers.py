@@ -374,6 +374,10 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
                 return  # never replaced or removed by a PooledModel (the timer looks again)
             old = memo.served.get(meta["uid"]) or status.get("served")
             old_owner = _name_owner(served_names, old) if old else None
+            mine = {desired["name"]} | ({old} if old and (old_owner is None or old_owner[3] == meta["uid"]) else set())
+            if clash := _names_clash(desired, models, mine, served_names):
+                _write_status(body, patch, status, {}, "Degraded", "NameConflict", clash, gen)
+                return  # the controller would refuse it (409: Rejected, not naming the other); the timer looks again
             if (old and old != desired["name"] and (old_owner is None or old_owner[3] == meta["uid"])
                     and old in models):  # renamed (servedName changed); not to another's name
                 n = _drain_wait(memo.admin, old, spec, runtime)
@@ -422,6 +426,27 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
                           f"{actual['load_error']}", gen)
         else:
             _write_status(body, patch, status, st, "Progressing", "Loading", "registered; waiting for an engine", gen)
+
+
+def _names_clash(desired: dict, models: dict[str, dict], mine: set[str], served_names: Any) -> str | None:
+    """Why the controller would refuse the names `desired` answers to (its name, aliases and LoRA adapters'): one is
+    already another model's (its name, an alias or an adapter's), saying which model has it; None when none is.
+    `models`: what `GET /admin/models` answered (by name); `mine`: this PooledModel's own entries there."""
+    ours = [(desired["name"], "model name", "set another servedName"),
+            *((a, "alias", "set other aliases") for a in desired.get("aliases") or []),
+            *((lm["name"], "LoRA adapter name", "rename the adapter") for lm in desired.get("lora_modules") or [])]
+    for other, m in sorted(models.items()):
+        if other in mine:
+            continue
+        theirs = {other: "its name", **{a: "an alias" for a in m.get("aliases") or []},
+                  **{lm.get("name"): "a LoRA adapter's name" for lm in m.get("lora_modules") or []}}
+        for n, what, fix in ours:
+            if n in theirs:
+                owner = _name_owner(served_names, other)
+                whose = (f"PooledModel {owner[1]}/{owner[2]}" if owner is not None else "the controller's own "
+                         "configuration" if m.get("source") == "config" else "registered through the admin API")
+                return f"{what} {n!r} is already model {other!r}'s ({theirs[n]}; {whose}); {fix}"
+    return None
 
 
 def _config_models(models: dict[str, dict]) -> set[str]:
