@@ -114,15 +114,12 @@ def main() -> None:
     res["variants"] = []
     base = dict(megakernel.DEFINES)
     # flags: 1 no waits, 4 attention skipped (wrong outputs, diagnostics); SIGNAL_FENCE 2: counts without ordering
-    ring = megakernel.RING_ATTN
-    megakernel.RING_ATTN = True  # the variants below with the ring attention, but "warp attention"
-    for name, flags, pf, defs in (("step", 0, None, {}), ("stream_only", 1, None, {}), ("warp attention", 0, None, {}),
+    for name, flags, pf, defs in (("step", 0, None, {}), ("stream_only", 1, None, {}),
                                   ("no attention", 4, None, {}), ("relaxed signal", 0, None, {"SIGNAL_FENCE": 2}),
                                   ("no attention, relaxed", 4, None, {"SIGNAL_FENCE": 2}),
                                   ("stream only, no attention", 5, None, {}), ("step again", 0, None, {})):
         megakernel.DEFINES.clear()
         megakernel.DEFINES.update(base | defs)
-        megakernel.RING_ATTN = name != "warp attention"
         kw = {} if pf is None else {"pf_rows": pf}
         ms = replay_ms(megakernel.DecodeStep(cfg, w, kv, rope, *dev, ctx, bt, flags=flags, **kw))
         res["variants"].append({"name": name, "flags": flags, "pf_rows": pf, "defines": dict(megakernel.DEFINES),
@@ -130,7 +127,6 @@ def main() -> None:
         print(f"{name:12s} {ms:.4f} ms  {ms / floor:.3f}x floor ({floor:.4f} ms at {bw / 1e12:.2f} TB/s)", flush=True)
     megakernel.DEFINES.clear()
     megakernel.DEFINES.update(base)
-    megakernel.RING_ATTN = True  # the traces of the ring attention's kernel
     st = megakernel.DecodeStep(cfg, w, kv, rope, *dev, ctx, bt, flags=2)
     for _ in range(3):
         st()
@@ -147,7 +143,6 @@ def main() -> None:
     t0 = tr[tr > 0].min()
     res["trace_layers_9_11_ns"] = (tr[:, 45:60] - t0).clamp(min=-1).tolist()  # [CTA, op, start/end], -1: none
     print(json.dumps(tl, indent=1))
-    megakernel.RING_ATTN = ring
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

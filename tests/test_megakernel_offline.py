@@ -29,8 +29,7 @@ def test_the_parameter_and_weight_tables_match_the_cuda_source():
     assert _enum("W_") == ["QKV", "QKVB", "O", "GU", "DOWN", "LN1", "LN2"]
     assert [k.upper().replace("_", "").replace("GATEUP", "GU") for k in megakernel.W_KEYS] == _enum("W_")
     for name, value in (("D", megakernel.D), ("KP", megakernel.KP), ("RG", megakernel.RG), ("NCW", megakernel.NCW),
-                        ("SPL", megakernel.SPL), ("NBIAS", megakernel.NBIAS), ("NBI", megakernel.NBI),
-                        ("MAXHW", megakernel.MAXHW)):
+                        ("SPL", megakernel.SPL), ("NBIAS", megakernel.NBIAS)):
         assert re.search(rf"#define {name} (\d+)", SRC).group(1) == str(value), name
 
 

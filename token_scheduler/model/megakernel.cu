@@ -39,10 +39,6 @@ typedef unsigned long long u64;
 #ifndef SIGNAL_FENCE
 #define SIGNAL_FENCE 0   // 1: __threadfence + atomicAdd instead of red.release
 #endif
-#ifndef NBI
-#define NBI 2            // (ring attention) cache blocks of an attention item
-#endif
-#define MAXHW 4          // (ring attention) q heads a warp, at most (NH <= 32)
 #ifndef VB
 #define VB 16            // V rows loaded at once by an attention warp
 #endif
@@ -51,7 +47,7 @@ typedef unsigned long long u64;
 // P: the step's int64 parameters (megakernel.py builds them; indices below)
 enum {
   P_G, P_L, P_HID, P_INTER, P_NH, P_NKV, P_VOCAB, P_BS, P_KVB, P_KVL, P_KV2, P_KVT, P_KVH, P_EPS, P_SCALE,
-  P_NSLOT, P_HAS_BIAS, P_SMAX, P_FLAGS, P_PFGU, P_ARING,
+  P_NSLOT, P_HAS_BIAS, P_SMAX, P_FLAGS, P_PFGU,
   P_TOK, P_POS, P_SB, P_SO, P_CTX, P_BT, P_KV, P_COS, P_SIN, P_EMBED, P_NORM, P_HEAD, P_LOGITS, P_CNT,
   P_QKV, P_OOUT, P_ACT, P_DOUT, P_PART, P_LAYERS, P_TRACE, P_N
 };
@@ -366,14 +362,6 @@ extern "C" __global__ void __launch_bounds__(NCT + 32, 1) tp_decode_step(const l
   __syncthreads();
 
   const u16* head_w = (const u16*)P[P_HEAD];
-  // ring attention (ARING): item i takes cache blocks [i NBI, (i + 1) NBI) of the past positions, every head; the
-  // producer streams the blocks' K and V into the ring like weights (they are in the cache before the step)
-  const int aring = (int)P[P_ARING];
-  const int a_past = ((const int*)P[P_CTX])[0] - 1, a_bs = (int)P[P_BS];
-  const int a_nblk = (a_past + a_bs - 1) / a_bs;
-  const int a_items = max(1, (a_nblk + NBI - 1) / NBI);
-  const u32 a_bb = (u32)(a_bs * NKV * D * 2);  // one block's K (or V) bytes, all kv heads
-  const int* a_bt = (const int*)P[P_BT];
   if (threadIdx.x >= NCT) {  // the producer warp: one thread streams the CTA's weights for the whole step
     if (threadIdx.x == NCT) {
       u64 policy;
@@ -391,20 +379,6 @@ extern "C" __global__ void __launch_bounds__(NCT + 32, 1) tp_decode_step(const l
           bulk_prefetch_l2(wg + (size_t)(INTER + gu.n0) * HID, bytes);
         }
         produce(ring, (const u16*)lw[W_QKV], rows_of(NQKV, HID, 0, 0, b, G), policy);
-        if (aring) {  // this CTA's attention items: each cache block's K and V of the layer (all kv heads), one slot
-          const u16* kvl = (const u16*)P[P_KV] + (long long)l * P[P_KVL];
-          for (int it = b; it < a_items; it += G)
-            for (int j = it * NBI; j < min((it + 1) * NBI, a_nblk); ++j) {
-              u32 sl = ring.it % ring.nslot, round = ring.it / ring.nslot;
-              ++ring.it;
-              mbar_wait(&ring.empty[sl], (round & 1) ^ 1);
-              unsigned char* dst = ring.slots + (size_t)sl * SLOT;
-              const u16* src = kvl + (long long)a_bt[j] * P[P_KVB];
-              mbar_expect_tx(&ring.full[sl], 2 * a_bb);
-              bulk_copy(dst, src, a_bb, &ring.full[sl], policy);
-              bulk_copy(dst + a_bb, src + P[P_KV2], a_bb, &ring.full[sl], policy);
-            }
-        }
         produce(ring, (const u16*)lw[W_O], rows_of(HID, QS, 0, 0, b, G), policy);
         produce(ring, (const u16*)lw[W_GU], gu, policy);
         produce(ring, (const u16*)lw[W_DOWN], rows_of(HID, INTER, 0, 0, b, G), policy);
@@ -441,8 +415,8 @@ extern "C" __global__ void __launch_bounds__(NCT + 32, 1) tp_decode_step(const l
 #define TR(op, end) \
   if (trace && threadIdx.x == 0) trace[(op) * 2 + (end)] = now_ns();
   const int past = ctx - 1;  // cached positions before the new token
-  const int S = aring ? a_items : max(1, (past + SPL - 1) / SPL);  // partials a head
-  const int items = aring ? a_items : NH * S;
+  const int S = max(1, (past + SPL - 1) / SPL);  // partials a head
+  const int items = NH * S;
   // RoPE's tables at this position, as rope_pair rounds them (threads < D/2: pair i, i + D/2)
   float c1, c2, s1, s2;
   {
@@ -481,102 +455,7 @@ extern "C" __global__ void __launch_bounds__(NCT + 32, 1) tp_decode_step(const l
     TR(l * 5, 1);
     signal(c + 0);
     // ATTN
-    if (aring && b < items) {
-      float* qs = (float*)v;       // q of every head, roped [NH][D]
-      float* kn = qs + NH * D;     // the new k of every kv head, roped [NKV][D]
-      float* vn = kn + NKV * D;    // the new v [NKV][D]
-      wait_count(c + 0, G, nw);
-      TR(l * 5 + 1, 0);
-      for (int t = threadIdx.x; t < (NH + NKV) * (D / 2); t += NCT) {
-        const int hh = t / (D / 2), i = t % (D / 2);  // (i == threadIdx.x % (D/2): the pair the tables hold)
-        float x1 = bf2f(ldcg16(qkv_out + hh * D + i)), x2 = bf2f(ldcg16(qkv_out + hh * D + D / 2 + i));
-        float* o = hh < NH ? qs + hh * D : kn + (hh - NH) * D;
-        o[i] = rbf(rbf(x1 * c1) + rbf(-x2 * s1));
-        o[D / 2 + i] = rbf(rbf(x2 * c2) + rbf(x1 * s2));
-      }
-      for (int t = threadIdx.x; t < NKV * D; t += NCT) vn[t] = bf2f(ldcg16(qkv_out + QS + NKV * D + t));
-      cbar();
-      if (b == 0)  // the new k and v into their cache slot
-        for (int t = threadIdx.x; t < NKV * D; t += NCT) {
-          u16* slot = kv + sblk * KVB + (long long)l * KVL + soff * KVT + (long long)(t / D) * KVH + t % D;
-          slot[0] = f2bf(kn[t]);
-          slot[KV2] = f2bf(vn[t]);
-        }
-      for (int it = b; it < items; it += G) {
-        float m[MAXHW], ls[MAXHW], a[MAXHW][4];
-#pragma unroll
-        for (int k = 0; k < MAXHW; ++k) {
-          m[k] = NEG_INF;
-          ls[k] = 0.f;
-          a[k][0] = a[k][1] = a[k][2] = a[k][3] = 0.f;
-        }
-        for (int j = it * NBI; j < min((it + 1) * NBI, a_nblk); ++j) {
-          u32 sl = ring.it % ring.nslot, round = ring.it / ring.nslot;
-          ++ring.it;
-          mbar_wait(&ring.full[sl], round & 1);
-          const u16* Kb = (const u16*)(ring.slots + (size_t)sl * SLOT);
-          const u16* Vb = Kb + a_bb / 2;
-          const int nvalid = min(BS, past - j * BS);
-#pragma unroll
-          for (int k = 0; k < MAXHW; ++k) {
-            const int h = warp + k * NCW;
-            if (h < NH) {
-              const int g = h / group;
-              const float4 q4 = *(const float4*)(qs + h * D + lane * 4);
-              // one position at a time, online (no score array: registers)
-#pragma unroll 4
-              for (int pp = 0; pp < nvalid; ++pp) {
-                const uint2 kk = *(const uint2*)(Kb + (pp * NKV + g) * D + lane * 4);
-                const uint2 vv = *(const uint2*)(Vb + (pp * NKV + g) * D + lane * 4);
-                const float d = q4.x * __uint_as_float(kk.x << 16) + q4.y * __uint_as_float(kk.x & 0xffff0000u) +
-                                q4.z * __uint_as_float(kk.y << 16) + q4.w * __uint_as_float(kk.y & 0xffff0000u);
-                const float sc = warp_sum(d) * scale;
-                const float mn = fmaxf(m[k], sc), f = __expf(m[k] - mn), e = __expf(sc - mn);
-                ls[k] = ls[k] * f + e;
-                a[k][0] = fmaf(e, __uint_as_float(vv.x << 16), a[k][0] * f);
-                a[k][1] = fmaf(e, __uint_as_float(vv.x & 0xffff0000u), a[k][1] * f);
-                a[k][2] = fmaf(e, __uint_as_float(vv.y << 16), a[k][2] * f);
-                a[k][3] = fmaf(e, __uint_as_float(vv.y & 0xffff0000u), a[k][3] * f);
-                m[k] = mn;
-              }
-            }
-          }
-          __syncwarp();
-          if (lane == 0) mbar_arrive(&ring.empty[sl]);
-        }
-#pragma unroll
-        for (int k = 0; k < MAXHW; ++k) {
-          const int h = warp + k * NCW;
-          if (h < NH) {
-            const int g = h / group;
-            if (it == items - 1) {  // the new token (the cache walk stops before it)
-              const float4 q4 = *(const float4*)(qs + h * D + lane * 4);
-              const float4 k4 = *(const float4*)(kn + g * D + lane * 4);
-              const float4 v4 = *(const float4*)(vn + g * D + lane * 4);
-              const float sc = warp_sum(q4.x * k4.x + q4.y * k4.y + q4.z * k4.z + q4.w * k4.w) * scale;
-              const float mn = fmaxf(m[k], sc), f = __expf(m[k] - mn), e = __expf(sc - mn);
-              ls[k] = ls[k] * f + e;
-              a[k][0] = a[k][0] * f + e * v4.x;
-              a[k][1] = a[k][1] * f + e * v4.y;
-              a[k][2] = a[k][2] * f + e * v4.z;
-              a[k][3] = a[k][3] * f + e * v4.w;
-              m[k] = mn;
-            }
-            float* pp = part + ((size_t)h * SMAX + it) * (D + 2);  // (rows of D + 2: 8-byte aligned, not 16)
-            pp[lane * 4] = a[k][0];
-            pp[lane * 4 + 1] = a[k][1];
-            pp[lane * 4 + 2] = a[k][2];
-            pp[lane * 4 + 3] = a[k][3];
-            if (lane == 0) {
-              pp[D] = m[k];
-              pp[D + 1] = ls[k];
-            }
-          }
-        }
-        signal(c + 1);
-      }
-      TR(l * 5 + 1, 1);
-    } else if (b < items) {
+    if (b < items) {
       for (int it = b; it < items; it += G) {
         if (no_attn) {  // (diagnostics: FLAGS bit 4, the items' work skipped, their counts kept)
           if (it == b) wait_count(c + 0, G, nw);

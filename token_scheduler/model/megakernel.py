@@ -19,21 +19,16 @@ from tokenpool import env
 
 SRC = Path(__file__).with_name("megakernel.cu")
 USE = env.MEGAKERNEL.on()
-D, KP, RG, NCW, SPL, NBIAS, NBI, MAXHW = 128, 1536, 8, 8, 256, 64, 2, 4  # as in megakernel.cu
+D, KP, RG, NCW, SPL, NBIAS = 128, 1536, 8, 8, 256, 64  # as in megakernel.cu
 SLOT = RG * KP * 2
 THREADS = NCW * 32 + 32
-P_NAMES = ("G L HID INTER NH NKV VOCAB BS KVB KVL KV2 KVT KVH EPS SCALE NSLOT HAS_BIAS SMAX FLAGS PFGU ARING "
+P_NAMES = ("G L HID INTER NH NKV VOCAB BS KVB KVL KV2 KVT KVH EPS SCALE NSLOT HAS_BIAS SMAX FLAGS PFGU "
            "TOK POS SB SO CTX BT KV COS SIN EMBED NORM HEAD LOGITS CNT QKV OOUT ACT DOUT PART LAYERS TRACE").split()
 P = {n: i for i, n in enumerate(P_NAMES)}
 W_KEYS = ("qkv", "qkv_b", "o", "gate_up", "down", "ln1", "ln2")
 
 # gate and up rows a CTA asks L2 for as a layer's qkv is streamed (0: none; see the .cu's producer)
 PF_ROWS = 16
-
-# the attention's cache blocks streamed through the ring by the producer (see DecodeStep); False: loaded by the
-# attention's own warps. Written after the last GPU call of session 56: compiled (sm_90, nvcc) but not yet run on a
-# GPU, so off; tests/test_gpu_megakernel.py runs both, and diag_megakernel measures both ("warp attention").
-RING_ATTN = False
 
 # compile-time constants of the .cu (-D): V rows an attention warp loads at once (8: few spills at 168 registers)
 DEFINES = {"VB": 8}
@@ -107,11 +102,8 @@ class DecodeStep:
         L, hid, inter, nh, nkv = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                                   cfg.num_kv_heads)
         vocab = cfg.vocab_size
-        # the attention through the ring when a cache block's K and V (all kv heads) fit a slot: the producer
-        # streams them like weights (else items of SPL positions load them themselves)
         bs = kv.shape[3]
-        self.aring = int(RING_ATTN and 2 * bs * nkv * D * 2 <= SLOT and nh <= NCW * MAXHW)
-        smax = -(-rope.cos.shape[0] // (bs * NBI if self.aring else SPL))
+        smax = -(-rope.cos.shape[0] // SPL)  # an attention item's partial a head: SPL cached positions each
         bf = dict(dtype=torch.bfloat16, device=dev)
         self.cnt = torch.zeros(L * 5 + 1, dtype=torch.int32, device=dev)
         self.qkv = torch.empty((nh + 2 * nkv) * D, **bf)
@@ -132,7 +124,7 @@ class DecodeStep:
         vals = dict(G=self.grid, L=L, HID=hid, INTER=inter, NH=nh, NKV=nkv, VOCAB=vocab, BS=bs,
                     KVB=s[0], KVL=s[1], KV2=s[2], KVT=s[3], KVH=s[4],
                     EPS=_f32_bits(cfg.rms_norm_eps), SCALE=_f32_bits(D ** -0.5), NSLOT=nslot,
-                    HAS_BIAS=int("l0.qkv_b" in weights), SMAX=smax, FLAGS=flags, PFGU=pf_rows, ARING=self.aring)
+                    HAS_BIAS=int("l0.qkv_b" in weights), SMAX=smax, FLAGS=flags, PFGU=pf_rows)
         tensors = dict(TOK=tokens, POS=positions, SB=slot_blocks, SO=slot_offsets, CTX=context_lens, BT=block_tables,
                        KV=kv, COS=rope.cos, SIN=rope.sin, EMBED=weights["embed"], NORM=weights["norm"], HEAD=head,
                        LOGITS=self.logits, CNT=self.cnt, QKV=self.qkv, OOUT=self.o_out, ACT=self.act, DOUT=self.d_out,
