@@ -114,10 +114,13 @@ def main() -> None:
     res["variants"] = []
     base = dict(megakernel.DEFINES)
     # flags: 1 no waits, 4 attention skipped (wrong outputs, diagnostics); SIGNAL_FENCE 2: counts without ordering
+    # SPL: cached positions an attention item (more, shorter items: fewer dependent V loads a warp); VL1: its V rows
+    # prefetched into L1 before the wait
     for name, flags, pf, defs in (("step", 0, None, {}), ("stream_only", 1, None, {}),
-                                  ("no attention", 4, None, {}), ("relaxed signal", 0, None, {"SIGNAL_FENCE": 2}),
-                                  ("no attention, relaxed", 4, None, {"SIGNAL_FENCE": 2}),
-                                  ("stream only, no attention", 5, None, {}), ("step again", 0, None, {})):
+                                  ("spl 128", 0, None, {"SPL": 128}), ("spl 64", 0, None, {"SPL": 64}),
+                                  ("spl 64 vl1", 0, None, {"SPL": 64, "VL1": 1}), ("spl 32", 0, None, {"SPL": 32}),
+                                  ("spl 32 vl1", 0, None, {"SPL": 32, "VL1": 1}), ("vl1", 0, None, {"VL1": 1}),
+                                  ("no attention", 4, None, {}), ("step again", 0, None, {})):
         megakernel.DEFINES.clear()
         megakernel.DEFINES.update(base | defs)
         kw = {} if pf is None else {"pf_rows": pf}

@@ -31,7 +31,14 @@ typedef unsigned long long u64;
 #define NCW 8            // consumer warps
 #define NCT (NCW * 32)   // consumer threads
 #define SLOT (RG * KP * 2)
-#define SPL 256          // cached positions of an attention item
+#ifndef SPL
+#define SPL 256          // cached positions of an attention item (a multiple of NCW, at most NCW * 32)
+#endif
+#define PW (SPL / NCW)   // cached positions of an attention warp (lane j < PW: one)
+static_assert(SPL % NCW == 0 && PW <= 32, "SPL: a multiple of NCW, at most NCW * 32");
+#ifndef VL1
+#define VL1 0            // 1: an attention warp's V rows prefetched into L1 before the wait (else L2)
+#endif
 #define NEG_INF __int_as_float(0xff800000)
 #ifndef POLL_NS
 #define POLL_NS 20       // the counter poll's sleep
@@ -153,6 +160,7 @@ __device__ __forceinline__ u64 now_ns() {
 // what another CTA wrote: read from L2, never a stale L1 line
 __device__ __forceinline__ u16 ldcg16(const u16* p) { return __ldcg((const unsigned short*)p); }
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
 __device__ __forceinline__ void bulk_prefetch_l2(const void* p, u32 bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 }
@@ -465,9 +473,9 @@ extern "C" __global__ void __launch_bounds__(NCT + 32, 1) tp_decode_step(const l
         const int h = it / S, s = it % S, g = h / group;
         // before the wait: this warp's 32 cached positions (lane j: position base + j), their K rows into
         // registers and V rows into L2 -- the cache holds them since earlier steps
-        const int base = s * SPL + warp * 32, p_end = min((s + 1) * SPL, past);
+        const int base = s * SPL + warp * PW, p_end = min((s + 1) * SPL, past);
         const int pj = base + lane;
-        const bool ok = pj < p_end;
+        const bool ok = lane < PW && pj < p_end;
         const u16* kvl = kv + (long long)l * KVL + (long long)g * KVH;
         long long off = 0;
         uint4 kr[D / 8];
@@ -475,8 +483,13 @@ extern "C" __global__ void __launch_bounds__(NCT + 32, 1) tp_decode_step(const l
           off = (long long)__ldg(bt + pj / BS) * KVB + (long long)(pj % BS) * KVT;
 #pragma unroll
           for (int i = 0; i < D / 8; ++i) kr[i] = ((const uint4*)(kvl + off))[i];
-          prefetch_l2(kvl + KV2 + off);
-          prefetch_l2(kvl + KV2 + off + 64);
+          if (VL1) {
+            prefetch_l1(kvl + KV2 + off);
+            prefetch_l1(kvl + KV2 + off + 64);
+          } else {
+            prefetch_l2(kvl + KV2 + off);
+            prefetch_l2(kvl + KV2 + off + 64);
+          }
         }
         if (it == b) {
           wait_count(c + 0, G, nw);
@@ -518,9 +531,9 @@ extern "C" __global__ void __launch_bounds__(NCT + 32, 1) tp_decode_step(const l
           m = warp_max(sc);
           float pr = ok ? __expf(sc - m) : 0.f;
           lsum = warp_sum(pr);
-          const int nv = min(32, p_end - base);
+          const int nv = min(PW, p_end - base);
 #pragma unroll
-          for (int j0 = 0; j0 < 32; j0 += VB) {
+          for (int j0 = 0; j0 < PW; j0 += VB) {
             uint2 vv[VB];
 #pragma unroll
             for (int j = 0; j < VB; ++j) {  // VB rows' loads in flight at once

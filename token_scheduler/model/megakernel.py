@@ -30,7 +30,8 @@ W_KEYS = ("qkv", "qkv_b", "o", "gate_up", "down", "ln1", "ln2")
 # gate and up rows a CTA asks L2 for as a layer's qkv is streamed (0: none; see the .cu's producer)
 PF_ROWS = 16
 
-# compile-time constants of the .cu (-D): V rows an attention warp loads at once (8: few spills at 168 registers)
+# compile-time constants of the .cu (-D): V rows an attention warp loads at once (8: few spills at 168 registers);
+# diag_megakernel also tries SPL (cached positions of an attention item) and VL1 (V prefetched into L1)
 DEFINES = {"VB": 8}
 
 _kernels: dict[tuple, object] = {}
@@ -103,7 +104,8 @@ class DecodeStep:
                                   cfg.num_kv_heads)
         vocab = cfg.vocab_size
         bs = kv.shape[3]
-        smax = -(-rope.cos.shape[0] // SPL)  # an attention item's partial a head: SPL cached positions each
+        spl = DEFINES.get("SPL", SPL)
+        smax = -(-rope.cos.shape[0] // spl)  # an attention item's partial a head: spl cached positions each
         bf = dict(dtype=torch.bfloat16, device=dev)
         self.cnt = torch.zeros(L * 5 + 1, dtype=torch.int32, device=dev)
         self.qkv = torch.empty((nh + 2 * nkv) * D, **bf)
