@@ -10,6 +10,7 @@ import copy
 import hashlib
 import hmac
 import json
+import re
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -68,6 +69,20 @@ def served_name(name: str, spec: dict) -> str:
     return spec.get("servedName") or name
 
 
+# The CRD's schema of spec.keepAlive (manifests/crds/pooledmodels.yaml): an integer 0 or more, or this pattern.
+KEEP_ALIVE_PATTERN = r"^([0-9]+(\.[0-9]+)?|([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+)$"
+
+
+def _keep_alive(v: Any) -> Any:
+    """spec.keepAlive as the CRD takes it (the controller's parsing takes more: "-1" for forever, "300us"), else
+    ValueError saying what the CRD takes: the controller's own message suggested '-1', which the CRD refuses."""
+    if v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (
+            isinstance(v, str) and re.fullmatch(KEEP_ALIVE_PATTERN, v)):
+        return v
+    raise ValueError(f"spec.keepAlive: bad duration {v!r}: use seconds (0 or more) or a duration such as '30s', "
+                     "'5m', '1h30m' (0: freed as soon as idle; unset: kept until another model needs the memory)")
+
+
 def build_model_spec(name: str, spec: dict) -> dict:
     """The admin API's `POST /admin/models` body (controller.config.ModelSpec JSON); ValueError when invalid."""
     s = with_defaults(spec, MODEL_DEFAULTS)
@@ -76,7 +91,7 @@ def build_model_spec(name: str, spec: dict) -> dict:
     if path is not None and not path.startswith("/"):
         path = f"{MODELS_MOUNT}/{path}"
     lo, hi = s["replicas"]["min"], s["replicas"]["max"]
-    keep_alive = s.get("keepAlive")  # seconds or "5m": the controller's parsing
+    keep_alive = _keep_alive(s.get("keepAlive"))  # seconds or "5m": the controller's parsing
     if hi == 0:  # scaled to zero (the scale subresource at 0: KEDA's minReplicaCount 0, kubectl scale --replicas 0)
         if s["pin"]:
             raise ValueError("replicas.max 0 (scaled to zero) with pin: a pinned model keeps a replica; unpin it")
