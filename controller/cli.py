@@ -695,17 +695,17 @@ def config_check_cmd(
     """Check a configuration as `tokenpool serve --config FILE` does, without starting anything.
 
     Keys and values, models' folders and LoRA adapters, workers.local's GPUs: exit 0 and a summary, or 2 and why."""
-    from controller.serve import check_config
+    from controller.serve import check_config, tenants_at_start
     from controller.startup import StartupError
 
     try:
         cfg = check_config(path)
+        tenants = tenants_at_start(cfg)  # (as `serve` starts with them: the tenants file's revoked left out)
     except StartupError as e:
         typer.echo(f"tokenpool config check: {e}", err=True)
         raise typer.Exit(2) from None
     names = ", ".join(m.name for m in cfg.models) or "none (add them through the admin API)"
-    auth = (f"on, {len(cfg.tenants)} tenant{'' if len(cfg.tenants) == 1 else 's'}" if cfg.auth_enabled else
-            "OFF (every caller may use every model)")
+    auth = f"on, {tenants}" if cfg.auth_enabled else "OFF (every caller may use every model)"
     typer.echo(f"config {path}: ok: models {names}; listens on {cfg.listen.host}:{cfg.listen.port}; auth {auth}")
 
 

@@ -303,6 +303,40 @@ def check_config(config_path: Path) -> ServerConfig:
     return cfg
 
 
+def tenants_at_start(cfg: ServerConfig) -> str:
+    """`tokenpool config check`'s word on the tenants `serve` starts with: the configuration's and the tenants file's,
+    less those the tenants file keeps revoked (a configured tenant deleted through the admin API stays so across
+    restarts: `TenantRegistry`), which are named; a StartupError when the tenants file cannot be read."""
+    import yaml
+
+    from controller.startup import StartupError
+    from controller.tenants import TenantRegistry
+
+    said = logging.getLogger("tokenpool.tenants")
+    was, said.disabled = said.disabled, True  # (what `serve` logs at start of it is said here, in the summary)
+    try:
+        reg = TenantRegistry(cfg.tenants, cfg.auth_enabled, cfg.tenants_file)
+    except (OSError, ValueError, yaml.YAMLError) as e:  # (pydantic's ValidationError is a ValueError)
+        why = ("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg'].removeprefix('Value error, ')}" for x in
+                         e.errors()) if hasattr(e, "errors") else " ".join(str(e).split()))
+        raise StartupError(f"tenants_file {cfg.tenants_file}: {why}") from None
+    finally:
+        said.disabled = was
+    active = reg.all()
+    n = len(active)
+    out = f"{n} tenant{'' if n == 1 else 's'}"
+    from_file = sum(1 for t in active if t.name not in {c.name for c in cfg.tenants})
+    if from_file:
+        out += f" ({from_file} from the tenants file)"
+    revoked = [c.name for c in cfg.tenants if reg.get(c.name) is None]
+    keys = [f"{c.name} ({len(c.key_hashes) - len(t.spec.key_hashes)} of {len(c.key_hashes)} keys)"
+            for c in cfg.tenants if (t := reg.get(c.name)) is not None and len(t.spec.key_hashes) < len(c.key_hashes)]
+    if revoked or keys:
+        out += (f"; revoked through the admin API, as {cfg.tenants_file} records: " + ", ".join(revoked + keys)
+                + " (remove its entry under `revoked` there to bring it back)")
+    return out
+
+
 def origins_given(values: list[str]) -> list[str]:
     """--allowed-origins: each value an origin, or a JSON list of them as vLLM's flag takes ('["*"]')."""
     from controller.startup import StartupError
