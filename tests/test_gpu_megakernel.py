@@ -66,7 +66,8 @@ def _reference(cfg, w, kv, rope, dev, ctx32, bt):
 
 @pytest.mark.parametrize("ctx", [1, 2, 200, 257, 300, 777])
 @pytest.mark.parametrize("bias,tied,defines", [(True, False, {}), (False, True, {}),
-                                               (True, False, {"SPL": 64, "VL1": 1}), (True, False, {"SPL": 32})])
+                                               (True, False, {"SPL": 64, "VL1": 1}), (True, False, {"SPL": 32}),
+                                               (True, False, {"SPL": 256})])
 def test_megakernel_step_matches_the_torch_forward(ctx, bias, tied, defines, monkeypatch):
     """`defines`: the attention's other item sizes (SPL cached positions an item, fewer than a lane each warp) and
     its V rows prefetched into L1 (VL1), which diag_megakernel measures."""

@@ -11,7 +11,7 @@
 //
 // Layout of the step, for each layer l (CTA b of G takes rows [b*N/G, (b+1)*N/G) of each projection):
 //   QKV   x += down_out (l > 0; the embedding row at l = 0); v = rmsnorm(x) * ln1; qkv_out = W_qkv v + b
-//   ATTN  items (q head, split of 256 cached positions), item i on CTA i mod G: RoPE on q and the new k, the new
+//   ATTN  items (q head, split of SPL cached positions), item i on CTA i mod G: RoPE on q and the new k, the new
 //         k/v written to the cache slot (by one item a kv head), partial softmax sums to `part`
 //   O     v = the items' partials combined; o_out = W_o v
 //   GU    x += o_out; v = rmsnorm(x) * ln2; act[j] = silu(W_gate v)[j] * (W_up v)[j] (rows j of the CTA)
@@ -32,7 +32,7 @@ typedef unsigned long long u64;
 #define NCT (NCW * 32)   // consumer threads
 #define SLOT (RG * KP * 2)
 #ifndef SPL
-#define SPL 256          // cached positions of an attention item (a multiple of NCW, at most NCW * 32)
+#define SPL 128          // cached positions of an attention item (a multiple of NCW, <= NCW * 32; H100: 128 won)
 #endif
 #define PW (SPL / NCW)   // cached positions of an attention warp (lane j < PW: one)
 static_assert(SPL % NCW == 0 && PW <= 32, "SPL: a multiple of NCW, at most NCW * 32");

@@ -19,7 +19,7 @@ from tokenpool import env
 
 SRC = Path(__file__).with_name("megakernel.cu")
 USE = env.MEGAKERNEL.on()
-D, KP, RG, NCW, SPL, NBIAS = 128, 1536, 8, 8, 256, 64  # as in megakernel.cu
+D, KP, RG, NCW, SPL, NBIAS = 128, 1536, 8, 8, 128, 64  # as in megakernel.cu
 SLOT = RG * KP * 2
 THREADS = NCW * 32 + 32
 P_NAMES = ("G L HID INTER NH NKV VOCAB BS KVB KVL KV2 KVT KVH EPS SCALE NSLOT HAS_BIAS SMAX FLAGS PFGU "
