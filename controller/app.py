@@ -41,9 +41,13 @@ class BodyLimit:
     the answer (most do) then gets the 413 instead of a connection reset.
     """
 
-    def __init__(self, app, limit: int, drain_factor: int = 4, on_refused=None):
+    def __init__(self, app, limit: int, drain_factor: int = 4, on_refused=None, timeout_s: float = 60.0):
         self.app, self.limit, self.drain_cap = app, limit, drain_factor * limit
         self.on_refused = on_refused  # counts a refusal answered here, before the app sees the request
+        # The body's deadline, from the app's first read of it: one that has not all come by then is a 408 (raised
+        # from `receive` as the 413 is), its connection closed. Without it a client that sent its headers and then
+        # stalled (or trickled a byte a minute) held its request open for ever.
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -51,21 +55,42 @@ class BodyLimit:
         for k, v in scope.get("headers", ()):
             if k == b"content-length" and v.isdigit() and int(v) > self.limit:
                 if int(v) <= self.drain_cap:
-                    await self._drain(receive, 0)
+                    try:  # (a body that stalls is not waited for: the 413 goes at the deadline)
+                        await asyncio.wait_for(self._drain(receive, 0), self.timeout_s)
+                    except asyncio.TimeoutError:
+                        pass
                 if self.on_refused is not None:
                     self.on_refused()
                 return await _too_large(send, self.limit, scope.get("path", ""))
         seen = 0
+        deadline: float | None = None  # set at the first read; None again once the body has all come
+        whole = False
 
         async def limited():
-            nonlocal seen
-            msg = await receive()
+            nonlocal seen, deadline, whole
+            if whole:  # (after the body: a disconnect, awaited as long as the response runs)
+                return await receive()
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + self.timeout_s
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise StarletteHTTPException(
+                    408, f"the request body did not arrive within {self.timeout_s:g} s (got {seen} bytes of it)",
+                    headers={"Connection": "close"}) from None
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
                     if msg.get("more_body"):
-                        await self._drain(receive, seen)
+                        try:
+                            await asyncio.wait_for(self._drain(receive, seen), max(0.0, deadline - loop.time()))
+                        except asyncio.TimeoutError:
+                            pass
                     raise StarletteHTTPException(413, f"request body exceeds {self.limit} bytes")
+                whole = not msg.get("more_body")
+            else:
+                whole = True
             return msg
 
         return await self.app(scope, limited, send)
@@ -271,9 +296,9 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
-        if e.status_code == 413:  # a request refused for its size is a refused request (others: no such route)
-            request.app.state.controller.count_refusal(None, "-", 413)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        if e.status_code in (408, 413):  # a request refused for its body is a refused request (others: no route)
+            request.app.state.controller.count_refusal(None, "-", e.status_code)
+        code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout"}.get(e.status_code)
         err = ServingError(e.status_code, str(e.detail), code=code)
         return ErrorJSON(error_content(request.url.path, err, speaks_anthropic(request)), status_code=e.status_code,
                          headers=getattr(e, "headers", None))
@@ -327,7 +352,8 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
         return Response(request.app.state.controller.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(StartGate, state=app.state)
-    app.add_middleware(BodyLimit, limit=cfg.max_request_bytes, on_refused=lambda: ctl.count_refusal(None, "-", 413))
+    app.add_middleware(BodyLimit, limit=cfg.max_request_bytes, on_refused=lambda: ctl.count_refusal(None, "-", 413),
+                       timeout_s=cfg.body_timeout_s)
     app.add_middleware(RequestIds)  # (outside the two above: their refusals carry an id too)
     # Last added, so outermost: errors (401s, 413s) carry the CORS headers too, or a browser reports them as
     # network failures. No credentials: the API takes keys in headers, and the dashboard is same-origin.

@@ -371,6 +371,10 @@ class ServerConfig(_Strict):
     admission: AdmissionSettings = AdmissionSettings()
     autoscaler: AutoscalerSettings = AutoscalerSettings()
     max_request_bytes: int = Field(4 << 20, ge=1024)
+    # How long a request's body may take to arrive, from when the server starts reading it: a client that sends its
+    # headers and then stalls or trickles its body is answered 408 (and its connection closed) rather than holding
+    # the request, its connection and its buffer for ever.
+    body_timeout_s: float = Field(60.0, gt=0)
     # Browser origins (CORS) that may call the API: None, the default, only pages served from this machine
     # (http(s)://localhost, 127.0.0.1, [::1], any port), as Ollama allows; a list: those origins, "*" any (vLLM's).
     cors_origins: list[str] | None = None

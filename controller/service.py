@@ -25,7 +25,7 @@ from controller.admission import decide, expected_tokens
 from controller.autoscaler import Autoscaler, ModelLoad
 from controller.config import SLO, LoraModule, ModelSpec, ServerConfig
 from controller.dashboard.activity import Activity
-from controller.dashboard.views import CANCELLED
+from controller.dashboard.views import CANCELLED, asked_model
 from controller.errors import ServingError
 from controller.events import EventBus
 from controller.heap import collect_all, freeze_long_lived
@@ -576,18 +576,18 @@ class Controller:
         budgets = []
         for i, ids in enumerate(prompts):
             room = ctx - len(ids)
-            if room <= 0:
+            if room < 0 or (room == 0 and not params.embed):  # (an embedding's prompt may fill the context)
                 raise ServingError(400, f"This model's maximum context length is {ctx} tokens; the prompt"
                                    f"{f' {i}' if len(prompts) > 1 else ''} has {len(ids)} tokens.",
                                    param="messages" if request_id.startswith("chat") else "prompt",
                                    code="context_length_exceeded")
             mt = params.max_tokens
-            if mt is not None and mt > room:
+            if mt is not None and mt > room and not params.embed:  # (an embedding's one token is dropped)
                 raise ServingError(400, f"This model's maximum context length is {ctx} tokens. However, you "
                                    f"requested {len(ids) + mt} tokens ({len(ids)} in the prompt, {mt} for the "
                                    "completion). Please reduce the prompt or max_tokens.",
                                    param="max_tokens", code="context_length_exceeded")
-            budgets.append(mt if mt is not None else room)
+            budgets.append(mt if mt is not None else max(room, 1))
         prompt_tokens = sum(len(p) for p in prompts)
         charged = prompt_tokens + n * sum(budgets)
         refused = TenantRegistry.acquire(tenant, charged)
@@ -617,8 +617,9 @@ class Controller:
                     # (its n, its prompt list) queued behind that one's siblings, so a request of more of them than
                     # an engine runs at once was refused on an idle server, by its own load, at every retry
                     await self._place(sub, entry, slo, tenant.spec.priority, admission=len(gen.subs) == 1)
-            self.events.publish("admit", model=entry.spec.name, tenant=tenant.name, request_id=request_id,
-                                prompt_tokens=prompt_tokens)
+            # under the name it asked for: a LoRA adapter's (the model serving it beside it, as base_model)
+            self.events.publish("admit", **asked_model(entry.spec.name, params.lora), tenant=tenant.name,
+                                request_id=request_id, prompt_tokens=prompt_tokens)
         except BaseException as e:
             if isinstance(e, ServingError):
                 status = e.status
@@ -683,7 +684,8 @@ class Controller:
                        self.cfg.admission.max_queue_per_engine, prefill_s=rt.prefill_s if rt.engine_busy else 0.0)
             if not d.admit:
                 self.metrics.rejected.labels(name, "slo").inc()
-                self.events.publish("reject", model=name, request_id=sub.rid, reason=d.reason)
+                self.events.publish("reject", **asked_model(name, getattr(sub.params, "lora", None)), request_id=sub.rid,
+                                    reason=d.reason)
                 raise ServingError(429, f"model {name!r} is overloaded: {d.reason}", retry_after=d.retry_after_s)
         e = self.pool.engines[rt.engine_id]
         for _ in range(3):  # the autoscaler may drop a registration while this request waits for it: again

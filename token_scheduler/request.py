@@ -235,7 +235,9 @@ class Request:
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
-        if len(self.prompt_token_ids) >= self.max_model_len:
+        # an embedding's prompt may fill the context (vLLM's pooling takes max_model_len tokens): its one drawn token
+        # (SamplingParams.embed) is dropped, never fed back, so it needs no place in the context
+        if len(self.prompt_token_ids) > self.max_model_len - (not self.sampling_params.embed):
             raise ValueError(
                 f"prompt is {len(self.prompt_token_ids)} tokens; the model's context is {self.max_model_len}"
             )

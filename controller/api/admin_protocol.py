@@ -260,7 +260,8 @@ class PoolOut(BaseModel):
 
 class RequestOut(BaseModel):
     id: str
-    model: str
+    model: str = Field(description="the model the request asked for: a LoRA adapter's name where it named one")
+    base_model: str | None = Field(None, description="the model serving a LoRA adapter's request (else null)")
     tenant: str | None
     engines: list[str]
     state: str = Field(description="queued (at the controller) | prefill (on its engine, no token yet) | running")

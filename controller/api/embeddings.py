@@ -23,12 +23,11 @@ from token_scheduler.request import SamplingParams, l2_normalize
 
 
 def _too_long(me: ModelEntry, n: int, param: str, index: int | None) -> ServingError:
-    """An input to embed that the context cannot take. Its limit is one token under the context (the prefill's step
-    draws a token), so say so: "the context is 2048 tokens; the prompt has 2048" read as no error at all."""
+    """An input to embed that the context cannot take: longer than the context (an input may fill it, as vLLM's
+    pooling takes max_model_len tokens: no token is generated)."""
     which = f" {index}" if index is not None else ""
-    return ServingError(400, f"This model's maximum context length is {me.max_model_len} tokens, so an input to embed "
-                             f"may have at most {me.max_model_len - 1}; input{which} has {n} tokens.", param=param,
-                        code="context_length_exceeded")
+    return ServingError(400, f"This model's maximum context length is {me.max_model_len} tokens; input{which} has {n} "
+                             "tokens.", param=param, code="context_length_exceeded")
 
 
 def prompts_of(serving: OpenAIServing, me: ModelEntry, raw: str | list, truncate: int | None,
@@ -36,7 +35,7 @@ def prompts_of(serving: OpenAIServing, me: ModelEntry, raw: str | list, truncate
     """Each input's token ids (runs in the tokenize pool). `truncate`: an input longer keeps `truncate` tokens, its last
     (vLLM's truncate_prompt_tokens) or with `keep_end` False its first (Ollama's truncate); -1: as many as the context
     takes. None: an input the context cannot take is a 400."""
-    room = me.max_model_len - 1  # (the step that ends the prefill draws one token, dropped)
+    room = me.max_model_len  # (the step that ends the prefill draws one token, dropped: it takes no place)
     keep = room if truncate == -1 else min(truncate, room) if truncate is not None else None
     items = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
     out = []
@@ -47,14 +46,14 @@ def prompts_of(serving: OpenAIServing, me: ModelEntry, raw: str | list, truncate
                 raise ServingError(400, f"input{f' {which}' if which is not None else ''} is an empty string",
                                    param=param)
             try:
-                ids = encode_prompt(me.tokenizer, x, None if keep is not None else me.max_model_len)
+                ids = encode_prompt(me.tokenizer, x, None if keep is not None else me.max_model_len + 1)
             except PromptTooLong as e:
                 raise _too_long(me, e.n, param, which) from None
         else:
             ids = list(x)
         if keep is not None and len(ids) > keep:
             ids = (ids[len(ids) - keep:] if keep_end else ids[:keep]) if keep else []
-        elif len(ids) >= me.max_model_len:
+        elif len(ids) > me.max_model_len:
             raise _too_long(me, len(ids), param, which)
         out.append(serving._check_ids(me, ids, param))
     return out

@@ -125,6 +125,75 @@ class GenerateRequest(_Base):
     # (Ollama's, deprecated there but still sent) the `context` a previous /api/generate returned: its prompt and
     # reply as token ids, which this prompt continues (on the KV the prefix cache kept of them)
     context: list[int] | None = None
+    # Ollama's: the prompt template to use instead of the model's (`render_template`'s subset of Go's templates)
+    template: str | None = None
+
+
+_ACTION = re.compile(r"\{\{(-\s)?\s*(.*?)\s*(\s-)?\}\}", re.S)
+_TEMPLATE_FIELDS = ("System", "Prompt", "Response")
+TEMPLATE_HELP = ("{{ .System }}, {{ .Prompt }}, {{ .Response }} and {{ if .System }}...{{ else }}...{{ end }} "
+                 "(with {{- -}} trimming)")
+
+
+def render_template(template: str, fields: dict[str, str]) -> str:
+    """An Ollama `template` (a Go text/template) rendered over a generate request's fields, in the subset its simple
+    templates use: `{{ .System }}`, `{{ .Prompt }}`, `{{ .Response }}`, `{{ if .X }}`/`{{ else }}`/`{{ end }}`
+    blocks, comments, and the `{{-`/`-}}` markers that trim the whitespace beside them. Anything else (a range over
+    .Messages, a function) is a 400 naming it, rather than a prompt rendered wrong."""
+    parts: list[str | tuple[str, str]] = []  # text, or (kind, arg) of an action
+    pos = 0
+    for m in _ACTION.finditer(template):
+        text = template[pos:m.start()]
+        if m.group(1):
+            text = text.rstrip(" \t\r\n")
+        parts.append(text)
+        act = m.group(2)
+        if act.startswith("/*") and act.endswith("*/"):
+            parts.append(("comment", ""))
+        elif act in {f".{f}" for f in _TEMPLATE_FIELDS}:
+            parts.append(("field", act[1:]))
+        elif (cond := re.fullmatch(r"if\s+\.(\w+)", act)) and cond.group(1) in _TEMPLATE_FIELDS:
+            parts.append(("if", cond.group(1)))
+        elif act in ("else", "end"):
+            parts.append((act, ""))
+        else:
+            raise ServingError(400, f"template: {{{{ {act} }}}} is not supported: a template here may use "
+                                    f"{TEMPLATE_HELP}", param="template")
+        pos = m.end()
+        if m.group(3):
+            rest = template[pos:]
+            pos += len(rest) - len(rest.lstrip(" \t\r\n"))
+    if "{{" in template[pos:]:
+        raise ServingError(400, "template: an action {{ ... }} is not closed", param="template")
+    parts.append(template[pos:])
+    out: list[str] = []
+    stack: list[tuple[bool, bool]] = []  # (the enclosing blocks write, this branch is taken)
+
+    def writing() -> bool:
+        return all(w and t for w, t in stack)
+
+    for part in parts:
+        if isinstance(part, str):
+            if writing():
+                out.append(part)
+            continue
+        kind, arg = part
+        if kind == "field" and writing():
+            out.append(fields.get(arg, ""))
+        elif kind == "if":
+            stack.append((writing(), bool(fields.get(arg))))
+        elif kind == "else":
+            if not stack:
+                raise ServingError(400, "template: {{ else }} outside an {{ if }}", param="template")
+            w, t = stack.pop()
+            stack.append((w, not t))
+        elif kind == "end":
+            if not stack:
+                raise ServingError(400, "template: {{ end }} without an {{ if }}", param="template")
+            stack.pop()
+    if stack:
+        raise ServingError(400, "template: an {{ if }} has no {{ end }}", param="template")
+    return "".join(out)
 
 
 class EmbedRequest(_Loose):
@@ -364,6 +433,9 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                 raise ServingError(400, "images and suffix are not supported")
             if body.raw:
                 req = _as(p.CompletionRequest, {"max_tokens": None, **_sampling(body, model), "prompt": body.prompt})
+            elif body.template:  # the request's own template over the system message and the prompt, fed as it is
+                prompt = render_template(body.template, {"System": body.system or "", "Prompt": body.prompt})
+                req = _as(p.CompletionRequest, {"max_tokens": None, **_sampling(body, model), "prompt": prompt})
             else:  # the model's template over the system message and the prompt, as Ollama applies it
                 msgs = ([{"role": "system", "content": body.system}] if body.system else [])
                 req = _as(p.ChatCompletionRequest, {**_sampling(body, model), "messages": [
@@ -707,12 +779,14 @@ async def _unless_gone(request: Request, run: Any) -> Response:
 
 
 async def _embed(request: Request, model: str, raw: str | list[str], truncate: bool, dimensions: int | None,
-                 normalize: bool) -> tuple[list[list[float]], Tracked | None] | JSONResponse:
+                 normalize: bool, keep_alive: Any = None) -> tuple[list[list[float]], Tracked | None] | JSONResponse:
     """The embeddings of `raw`, or the error response (refusals before the generation counted here, as `_run`'s)."""
     serving: OpenAIServing = request.app.state.serving
     tenant = None
     try:
         tenant = auth.tenant(request)
+        # (a keep_alive that is no duration: a 400 before any work, after the key's 401, counted as the others)
+        _keep_alive_s(keep_alive)
         return await embeddings.ollama_embed(serving, tenant, request, served(request, model), raw, truncate,
                                              dimensions, normalize)
     except ClientGone:
@@ -727,8 +801,8 @@ async def _embed(request: Request, model: str, raw: str | list[str], truncate: b
 async def embed(request: Request) -> Response:
     """Ollama's: each input's embedding, L2-normalized, and the prompt's token count."""
     body = await _body(request, EmbedRequest, counted=True)
-    _keep_alive_s(body.keep_alive)  # (a 400 before any work when it is no duration)
-    got = await _embed(request, body.model, body.input, body.truncate, body.dimensions, normalize=True)
+    got = await _embed(request, body.model, body.input, body.truncate, body.dimensions, normalize=True,
+                       keep_alive=body.keep_alive)
     if isinstance(got, Response):
         return got
     vecs, gen = got
@@ -744,8 +818,7 @@ async def embed(request: Request) -> Response:
 async def embeddings_legacy(request: Request) -> Response:
     """Ollama's older endpoint: one prompt's embedding, unnormalized (an empty prompt: an empty one)."""
     body = await _body(request, EmbeddingsRequest, counted=True)
-    _keep_alive_s(body.keep_alive)  # (a 400 before any work when it is no duration, as /api/embed's)
-    got = await _embed(request, body.model, body.prompt, True, None, normalize=False)
+    got = await _embed(request, body.model, body.prompt, True, None, normalize=False, keep_alive=body.keep_alive)
     if isinstance(got, Response):
         return got
     ctl = request.app.state.controller

@@ -358,8 +358,18 @@ async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesR
             store.put(rid, tenant.name, [*conversation, assistant], out, input_items(req.input))
         return out
 
+    def cut() -> None:
+        """A stream its client left (or the server ended) before its end: with `store`, what was made until then is
+        kept as an incomplete response (GET /v1/responses/{id} finds it, previous_response_id continues from it)."""
+        if not req.store:
+            return
+        output = [reply.message("incomplete")] if reply.text else []
+        out = {**reply.response(gen, "incomplete", output), "incomplete_details": {"reason": "interrupted"}}
+        store.put(rid, tenant.name, [*conversation, {"role": "assistant", "content": reply.text}], out,
+                  input_items(req.input))
+
     if req.stream:
-        return _stream(serving, gen, reply, finish)
+        return _stream(serving, gen, reply, finish, cut)
 
     async def collect() -> dict[str, Any]:
         async for _, d in gen.events():
@@ -405,8 +415,9 @@ def _text_done(seq: list[int], index: int, item: dict[str, Any]) -> list[bytes]:
             _event(seq, "response.output_item.done", output_index=index, item=item)]
 
 
-async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish) -> AsyncIterator[bytes]:
-    """Responses' events; always closes `gen`. A failure once streaming is an `error` event (the status has gone)."""
+async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish, cut=None) -> AsyncIterator[bytes]:
+    """Responses' events; always closes `gen`. A failure once streaming is an `error` event (the status has gone).
+    `cut`: called when the stream ends before its end (its client went away): the response so far is kept."""
     seq, status = [0], 499
     live = reply.tools is None  # (text streams as it comes; calls are held to the end, as the chat path holds them)
     try:
@@ -448,6 +459,8 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish) -
     finally:
         serving.active.discard(gen)
         gen.close(status)
+        if status == 499 and cut is not None:
+            cut()
 
 
 def _failed(seq: list[int], reply: _Reply, gen: Tracked, status: int, message: str) -> bytes:

@@ -233,6 +233,12 @@ def _in_flight(ctl: Any, act: Activity) -> dict[str, tuple[Any, list[Any]]]:
     return out
 
 
+def asked_model(model: str, lora: str | None) -> dict[str, str]:
+    """A request's model as an event or the dashboard names it: the name it asked for (a LoRA adapter's), and the
+    model serving it as base_model where that differs."""
+    return {"model": lora, "base_model": model} if lora is not None and lora != model else {"model": model}
+
+
 def on_engine(ctl: Any, s: Any) -> bool:
     """Engine request `s` is on an engine now: sent there, and not since given back (its engine failed and it waits
     to be sent again: its `engine_id` still names the failed one)."""
@@ -260,12 +266,14 @@ def requests_view(ctl: Any) -> list[dict[str, Any]]:
         if gen is not None:
             age = now - gen.t_wall
             run = mono - gen.t_first if gen.t_first is not None else 0.0
-            model, tenant = gen.entry.spec.name, gen.tenant.name
+            tenant = gen.tenant.name
         else:
             age = run = now - act.first_seen.setdefault(rid, now)
-            model, tenant = subs[0].model, None
+            tenant = None
         engines = sorted({s.engine_id for s in subs if on_engine(ctl, s)})
-        out.append(dict(id=rid, model=model, tenant=tenant, engines=engines,
+        # the model it asked for (a LoRA adapter's name), and the model serving it (base_model) where that differs
+        named = asked_model(subs[0].model, getattr(subs[0].params, "lora", None))
+        out.append(dict(id=rid, model=named["model"], base_model=named.get("base_model"), tenant=tenant, engines=engines,
                         state="running" if tokens else "prefill" if engines else "queued", age_s=max(0.0, age),
                         tokens=tokens,
                         tokens_per_s=tokens / run if run > 0 else 0.0, choices=len(subs)))
@@ -292,5 +300,6 @@ def cancel(ctl: Any, request_id: str) -> ap.CancelOut:
         raise ServingError(404, f"no request {request_id!r} in flight", code="request_not_found")
     ctl.pool.end(subs, CANCELLED, "engine")
     tenant = gen.tenant.name if gen is not None else None
-    events(ctl).publish("cancel", request_id=request_id, model=subs[0].model, tenant=tenant)
+    events(ctl).publish("cancel", request_id=request_id, **asked_model(subs[0].model, getattr(subs[0].params, "lora", None)),
+                        tenant=tenant)
     return ap.CancelOut(id=request_id, model=subs[0].model, cancelled=len(subs))

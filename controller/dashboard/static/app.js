@@ -670,7 +670,9 @@ const REQUEST_STATES = { // (controller.dashboard.views.requests_view)
 
 function renderRequests() {
   const rows = S.requests.map((r) => el("tr", { "data-request": r.id },
-    el("td", {}, el("code", { text: r.id })), el("td", {}, el("span", { class: "mname", title: r.model, text: r.model })),
+    el("td", {}, el("code", { text: r.id })), el("td", {}, el("span", { class: "mname",
+      title: r.base_model ? `LoRA adapter ${r.model}, served over ${r.base_model}` : r.model,
+      text: r.base_model ? `${r.model} (${r.base_model})` : r.model })),
     el("td", { text: r.tenant ?? "—" }),
     el("td", { text: r.engines.join(", ") || "—" }),
     el("td", {}, el("span", { class: `badge ${r.state}`, title: REQUEST_STATES[r.state], text: r.state })),
