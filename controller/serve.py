@@ -426,9 +426,11 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
             cfg.listen.host = "127.0.0.1"
         log.warning("%s", default_banner(cfg))
         make_models = functools.partial(make_default_models, cfg)  # (after the bind: /health says "starting")
+        make_models.doing = "making the default's models (on a first run)"  # type: ignore[attr-defined]
     elif unconverted:  # the same for a .gguf file's conversion (~10 s for a 135M model on 2 cores; minutes for 7B)
         make_models = functools.partial(convert_then_check, cfg, unconverted,
                                         cfg.models[len(cfg.models) - len(model_dirs or []):], max_model_len)
+        make_models.doing = f"converting {', '.join(f.name for f in unconverted)} (once)"  # type: ignore[attr-defined]
     try:
         if config_path is not None:  # (a config's models: the file and the key named; the MODEL_DIRs were checked)
             check_config_models(cfg.models[:len(cfg.models) - len(model_dirs or [])], config_path)

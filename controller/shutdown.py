@@ -21,8 +21,10 @@ that comes while the server is still starting stops the start-up: the workers st
 run's admin token file is removed, and the process exits 0 (it used to die by the signal, status 143, leaving the
 token file behind).
 
-"listening on" is logged once the controller has started and uvicorn serves the bound socket with its own signal
-handling, with the port the kernel gave; a port that cannot be bound, or a controller that cannot start (a model
+"accepting connections on" is logged once the socket is served, when the models are made or converted first (a
+GGUF file's conversion: minutes for a 7B), so that where to go is said at once. "listening on" is logged once the
+controller has started and uvicorn serves the bound socket with its own signal handling, with the port the kernel
+gave; a port that cannot be bound, or a controller that cannot start (a model
 that will not load, ...), is one log line and exit status 2, never a traceback.
 """
 
@@ -406,6 +408,9 @@ async def _serve(cfg: ServerConfig, early: StartupSignals, prepare: Callable[[],
     started = app.state.started = asyncio.get_running_loop().create_future()
     try:
         await server.open([sock])
+        if prepare is not None:  # (minutes, for a 7B GGUF: where to go is said now, not only once it is done)
+            log.info("accepting connections on %s: %s first; /health says \"starting\" and requests wait until the "
+                     "server is ready", url, getattr(prepare, "doing", "preparing the models"))
         try:
             stopped = await early.run(_start(ctl, prepare))
         except StartupError as e:  # (the operator's to fix, said as one line: `tokenpool serve`'s exit 2)
