@@ -167,11 +167,13 @@ def used_weight(e: EngineView, models: dict[str, ModelInfo]) -> int:
 def estimate_on(e: EngineView, r: ReplicaView, prompt_tokens: int = 0) -> tuple[float, bool]:
     """Estimated TTFT of a new request of `r.model` with `prompt_tokens` on `e`, and whether it queues."""
     queued = r.inflight >= r.max_num_seqs
-    # models on one engine are stepped in turn: while another model there has work, a round (the engine's measured
-    # figure) is at least either step; while none has, the model's own step is its round. (The engine's figure
-    # keeps the slowest model's step: a fast model beside an idle slow one was judged at the slow one's pace.)
-    others_busy = any(o.inflight for n, o in e.replicas.items() if n != r.model)
-    step = max(e.step_s, r.step_s) if others_busy or r.step_s <= 0 else r.step_s
+    # models on one engine are stepped in turn: a round (the engine's measured figure) is at least either step. But
+    # while the engine's other models have no work, the model's own step is its round: the engine's figure keeps the
+    # slowest model's step, and a fast model beside an idle slow one was judged at the slow one's pace (a paced
+    # model beside an LLM: 98 s estimated for 40 tokens, a 429 on an idle server).
+    others = [o for n, o in e.replicas.items() if n != r.model]
+    idle_beside = others and not any(o.inflight for o in others) and r.step_s > 0
+    step = r.step_s if idle_beside else max(e.step_s, r.step_s)
     prefill = (r.queued_prompt_tokens + prompt_tokens) * r.prefill_s_per_token
     return estimate_ttft(r.running_remaining, r.waiting_tokens, r.max_num_seqs, step, load_s=r.load_s,
                          prefill_s=prefill), queued
