@@ -8,11 +8,15 @@
 - a /v1/responses stream its client cut was not stored: now kept as `incomplete`, what was made until the cut;
 - Ollama's /api/embed with a keep_alive that is no duration: a 400 counted nowhere, and a 400 to a caller without a key;
 - Ollama's /api/generate `template` was ignored: its simple fields are rendered now, the rest a 400 naming it.
+
+Found fine, and pinned: the Messages API's max_tokens past the context is Anthropic's invalid_request_error 400; an
+Ollama request without sampling options takes the model's generation_config.json recommendation.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import threading
 import time
@@ -31,15 +35,21 @@ CTX = 64
 
 
 @pytest.fixture(scope="module")
-def server(make_tiny, tmp_path_factory):
+def server(make_tiny, make_varied, tmp_path_factory):
     work = tmp_path_factory.mktemp("ux57")
     tiny = make_tiny("qwen2")
+    greedy = work / "greedy"  # (a generation_config.json that recommends top_k 1: greedy)
+    shutil.copytree(make_varied("qwen2"), greedy)
+    gc = greedy / "generation_config.json"
+    gc.write_text(json.dumps({**json.loads(gc.read_text()), "top_k": 1}))
     cfg = {"admin_token_hash": hash_key(ADMIN), "body_timeout_s": 0.5,
            "tenants": [{"name": "alice", "key_hashes": [hash_key(KEY)]}],
            "workers": {"local": "cpu", "heartbeat_s": 0.25},
            "models": [
                {"name": "tiny", "path": str(tiny), "engine": {"max_num_seqs": 8, "max_model_len": CTX},
                 "lora_modules": [{"name": "sql", "path": str(make_lora(tiny, work / "sql", rank=4, seed=1))}]},
+               {"name": "greedy", "path": str(greedy), "engine": {"max_num_seqs": 8}},
+               {"name": "varied", "path": str(make_varied("qwen2")), "engine": {"max_num_seqs": 8}},
                {"name": "slow", "slo": {"ttft_s": 1.0}, "engine": {"kind": "pace", "pace_s_per_token": 0.25}},
                {"name": "fast", "slo": {"ttft_s": 1.0},
                 "engine": {"kind": "pace", "pace_s_per_token": 0.01, "max_num_seqs": 1}}]}
@@ -234,3 +244,33 @@ def test_ollama_generate_renders_the_requests_template(server):
         assert r.status_code == 400 and r.json()["error"].startswith(
             "template: {{ range .Messages }} is not supported"), r.text
         assert gen(prompt="hi", template="{{ if .System }}x").status_code == 400
+
+
+def test_messages_max_tokens_past_the_context_is_anthropics_400(server):
+    with client(server) as c:
+        r = c.post("/v1/messages", json={"model": "tiny", "max_tokens": 100000,
+                                         "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error", body
+    assert f"maximum context length is {CTX} tokens" in body["error"]["message"] and "100000" in body["error"]["message"]
+
+
+def test_ollama_requests_without_options_take_the_models_generation_config(server):
+    """`greedy` recommends top_k 1: with any seed, /api/generate and /api/chat give the greedy reply; `varied` (the
+    same weights, no recommendation) varies; an option sent overrides the recommendation."""
+    with client(server) as c:
+        def replies(model: str, **options) -> tuple[set[str], set[str]]:
+            gen = {c.post("/api/generate", json={"model": model, "prompt": "Tell me a story", "stream": False,
+                                                 "options": {"num_predict": 6, "seed": s, **options}}).json()["response"]
+                   for s in range(3)}
+            chat = {c.post("/api/chat", json={"model": model, "stream": False, "messages": [
+                {"role": "user", "content": "Tell me a story"}], "options": {"num_predict": 6, "seed": s, **options}}
+                ).json()["message"]["content"] for s in range(3)}
+            return gen, chat
+
+        greedy_gen, greedy_chat = replies("greedy")
+        want = c.post("/api/generate", json={"model": "varied", "prompt": "Tell me a story", "stream": False,
+                                             "options": {"num_predict": 6, "temperature": 0}}).json()["response"]
+        assert greedy_gen == {want} and len(greedy_chat) == 1
+        assert len(replies("varied")[0]) > 1 and len(replies("greedy", top_k=-1)[0]) > 1
