@@ -8,6 +8,10 @@ const SPAN_S = 60; // seconds of timeline and charts shown
 const MAX_EVENTS = 500;
 const PALETTE = ["#2f6fdf", "#e0573a", "#1f9d55", "#9b59d0", "#d19a00", "#14a3b8", "#c2417d", "#6b8e23",
   "#8c5a3c", "#4b5fc9", "#d06b00", "#2e8b7a"];
+// A model's `late` events (a request past its next token's deadline) within this many seconds of the first are one
+// line of the Events view, "late ×N": on a slow CPU a model is late again at nearly every turn, and its events filled
+// the list (and the page's MAX_EVENTS, pushing every other event out)
+const LATE_WINDOW_S = 60;
 
 const S = {
   view: "pool", pool: null, events: [], kinds: new Set(), colors: new Map(),
@@ -140,8 +144,15 @@ function refocus(parent, trail, action) {
   if (h) { h.tabIndex = -1; h.focus(); }
 }
 
+// The palette's twelve, then hues a golden angle (137.5°) apart, at three lightnesses none of the palette's has: as
+// far apart as the palette's own colours up to 30 models, and never one colour twice (the 13th model had the 1st's)
+function modelColor(i) {
+  if (i < PALETTE.length) return PALETTE[i];
+  const j = i - PALETTE.length;
+  return `hsl(${((100 + j * 137.508) % 360).toFixed(1)}, 65%, ${[28, 48, 66][j % 3]}%)`;
+}
 function color(model) {
-  if (!S.colors.has(model)) S.colors.set(model, PALETTE[S.colors.size % PALETTE.length]);
+  if (!S.colors.has(model)) S.colors.set(model, modelColor(S.colors.size));
   return S.colors.get(model);
 }
 function toast(msg, error = false) {
@@ -563,7 +574,9 @@ function renderChart(id, key) {
     const opts = {
       ...chartSize(div), legend: { show: true }, cursor: { show: true },
       scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, Math.max(1, hi * 1.1)] } },
-      series: [{}, ...names.map((n) => ({ label: n, stroke: color(n), width: 2, spanGaps: true }))],
+      // the legend's time as the axis's, to the second (uPlot's own, "2026-12-06 2:12pm", said no seconds)
+      series: [{ value: (u, v) => (v == null ? "--" : clock(v)) },
+        ...names.map((n) => ({ label: n, stroke: color(n), width: 2, spanGaps: true }))],
       // ticks a whole number of seconds apart: labels are to the second (half-second ticks repeated each label)
       axes: [{ space: 70, incrs: [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600], font: AXIS_FONT,
                values: (u, vals) => vals.map(clock) }, { size: 50, font: AXIS_FONT }],
@@ -691,7 +704,9 @@ function renderRequests() {
 function clockMs(t) { return `${clock(t)}.${String(Math.floor((t % 1) * 1000)).padStart(3, "0")}`; }
 
 function eventText(ev) {
-  return Object.entries(ev).filter(([k, v]) => !["seq", "t", "kind"].includes(k) && v !== null && v !== undefined)
+  const times = ev._n ? `${ev._n} times since ${clock(ev._since)}; the last: ` : ""; // (coalesced: `addEvent`)
+  return times + Object.entries(ev).filter(([k, v]) => !["seq", "t", "kind"].includes(k) && !k.startsWith("_")
+    && v !== null && v !== undefined)
     .map(([k, v]) => `${k}=${k === "at" && typeof v === "number" ? clockMs(v) : typeof v === "object" ? JSON.stringify(v) : v}`)
     .join("  ");
 }
@@ -709,7 +724,8 @@ function renderEvents() {
     if (want === "!switch" ? ev.kind === "switch" : want && ev.kind !== want) continue;
     items.push(el("li", { "data-kind": ev.kind, "data-seq": ev.seq },
       el("span", { class: "t", text: clock(ev.t) }),
-      el("span", { class: `kind kind-${ev.kind}`, text: ev.kind }), el("span", { text: eventText(ev) })));
+      el("span", { class: `kind kind-${ev.kind}`, text: ev._n ? `${ev.kind} ×${ev._n}` : ev.kind }),
+      el("span", { text: eventText(ev) })));
   }
   patch(document.getElementById("events-list"), items);
 }
@@ -757,6 +773,22 @@ function refreshSoon(ms = 150) {
   S.soon = setTimeout(() => { S.soon = null; refresh(); }, ms);
 }
 
+// An event into the page's list; a model's `late` within LATE_WINDOW_S of its first (on the same engine) replaces
+// the one before, counted ("late ×N", since its first), and moves to the top
+function addEvent(ev) {
+  if (ev.kind === "late") {
+    const i = S.events.findLastIndex((e) => e.kind === "late" && e.model === ev.model && e.engine === ev.engine);
+    const before = i >= 0 ? S.events[i] : null;
+    if (before && ev.t - (before._since ?? before.t) <= LATE_WINDOW_S) {
+      S.events.splice(i, 1);
+      ev = { ...ev, _n: (before._n || 1) + 1, _since: before._since ?? before.t };
+    }
+  }
+  S.events.push(ev);
+  if (S.events.length > MAX_EVENTS) S.events.splice(0, S.events.length - MAX_EVENTS);
+  S.kinds.add(ev.kind);
+}
+
 function connect() {
   const conn = document.getElementById("conn");
   // since=0 at first: the ring's backlog; the browser's own reconnect sends Last-Event-ID; a new stream after one
@@ -778,9 +810,7 @@ function connect() {
   es.onmessage = (msg) => {
     const ev = JSON.parse(msg.data);
     if (typeof ev.seq === "number") S.lastSeq = ev.seq;
-    S.events.push(ev);
-    if (S.events.length > MAX_EVENTS) S.events.splice(0, S.events.length - MAX_EVENTS);
-    S.kinds.add(ev.kind);
+    addEvent(ev);
     if (ev.kind === "tenant_updated" || ev.kind === "update") loadDetails();
     if (S.eventsDue === null) { // the server sends events in batches (one write a tick): draw once a batch
       S.eventsDue = requestAnimationFrame(() => { S.eventsDue = null; renderEvents(); });
