@@ -42,39 +42,38 @@ def _sign_in(page) -> None:
     expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
 
 
-def test_the_form_says_the_session_ended_when_the_server_restarted(tmp_path):
+def test_the_form_says_the_session_ended_when_the_server_restarted(tmp_path, browser):
     failed: list[str] = []
     first = _start(tmp_path / "a")
     second = None
     try:
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-            try:
-                page = browser.new_page()
-                page.on("pageerror", lambda e: failed.append(f"page error: {e}"))
-                page.goto(first.url + "/dashboard#models")
-                expect(page.locator(".login-box .note")).to_have_count(0)  # (a first visit: nothing ended)
-                _sign_in(page)
+        ctx = browser.new_context()  # (the shared browser: a context of its own, no cookie of another test's)
+        try:
+            page = ctx.new_page()
+            page.on("pageerror", lambda e: failed.append(f"page error: {e}"))
+            page.goto(first.url + "/dashboard#models")
+            expect(page.locator(".login-box .note")).to_have_count(0)  # (a first visit: nothing ended)
+            _sign_in(page)
 
-                first.__exit__()  # the restart: the same port, a new process with no sessions
-                second = _start(tmp_path / "b", port=first.port)
-                note = page.locator('.login-box .note[role="status"]')
-                expect(note).to_contain_text("Your session has ended", timeout=20_000)
-                expect(note).to_contain_text("the server restarted")
-                assert page.url.endswith("/dashboard#models")  # (signed in again, the same view)
+            first.__exit__()  # the restart: the same port, a new process with no sessions
+            second = _start(tmp_path / "b", port=first.port)
+            note = page.locator('.login-box .note[role="status"]')
+            expect(note).to_contain_text("Your session has ended", timeout=20_000)
+            expect(note).to_contain_text("the server restarted")
+            assert page.url.endswith("/dashboard#models")  # (signed in again, the same view)
 
-                _sign_in(page)
-                expect(page.locator("#view-models")).to_be_visible()
-                page.reload()  # a live session: the dashboard, no note
-                expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
+            _sign_in(page)
+            expect(page.locator("#view-models")).to_be_visible()
+            page.reload()  # a live session: the dashboard, no note
+            expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
 
-                page.click("header form button[type=submit]")  # signed out by oneself: the form, without the note
-                expect(page.locator("#token")).to_be_visible(timeout=10_000)
-                expect(page.locator(".login-box .note")).to_have_count(0)
-                page.reload()
-                expect(page.locator(".login-box .note")).to_have_count(0)
-            finally:
-                browser.close()
+            page.click("header form button[type=submit]")  # signed out by oneself: the form, without the note
+            expect(page.locator("#token")).to_be_visible(timeout=10_000)
+            expect(page.locator(".login-box .note")).to_have_count(0)
+            page.reload()
+            expect(page.locator(".login-box .note")).to_have_count(0)
+        finally:
+            ctx.close()
     finally:
         for s in (first, second):
             if s is not None:
