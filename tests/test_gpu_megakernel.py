@@ -114,3 +114,62 @@ def test_megakernel_step_replays_in_a_cuda_graph():
         assert torch.equal(out, got)
         want = megakernel.DecodeStep(cfg, w, kv, rope, *dev, ctx32, bt)()
         assert torch.equal(got, want)
+
+
+def _head_dim_128_model(make_tiny, out):
+    """A qwen2 model folder the kernel takes (head_dim 128, bf16): 3 layers, hidden 512, 4 q and 2 kv heads, the tiny
+    factory model's tokenizer; its matrices scaled up (x6) so greedy continuations vary (as conftest's make_varied)."""
+    import json
+    import shutil
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from controller.model_factory import MARKER
+
+    src = make_tiny("qwen2")
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json", "config.json", MARKER))
+    cfg = Qwen2Config(hidden_size=512, intermediate_size=1152, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=True,
+                      rope_theta=1e6, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    m = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(6)
+    m.to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+def test_an_engine_with_the_megakernel_gives_the_tokens_of_the_triton_path(make_tiny, tmp_path, monkeypatch):
+    """TOKENPOOL_MEGAKERNEL in the engine: batch-1 decode graphs captured with the kernel (each request alone, bf16)
+    give the greedy tokens of the same engine on the Triton path, and free every KV block."""
+    from token_scheduler import LLMEngine, SamplingParams
+    from token_scheduler.engine import EngineConfig
+
+    d = _head_dim_128_model(make_tiny, tmp_path / "q128")
+    made = []
+
+    class Counted(megakernel.DecodeStep):
+        def __init__(self, *a, **kw):
+            made.append(1)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(megakernel, "DecodeStep", Counted)
+    outs = {}
+    for use in (False, True):
+        monkeypatch.setattr(megakernel, "USE", use)
+        eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="bf16", cuda_graphs=True,
+                                     kv_cache_memory_gb=0.1, max_num_seqs=8))
+        res = []
+        for i in range(3):
+            eng.add_request(f"r{i}", [5 + i] * (3 + 11 * i), SamplingParams(temperature=0, max_tokens=20 + 9 * i,
+                                                                             ignore_eos=True))
+            while eng.has_unfinished_requests():
+                res += [o.outputs[0].token_ids for o in eng.step() if o.finished]
+        assert eng.stats()["kv_blocks_used"] == 0 and len(res) == 3
+        outs[use] = res
+        assert bool(made) == use  # graphs with the kernel only where it is on
+    assert len({t for r in outs[False] for t in r}) > 5  # continuations that vary
+    assert outs[True] == outs[False]
