@@ -1,0 +1,142 @@
+"""Every Kubernetes API call the operator makes over a whole life (pools, models and tenants created, changed,
+waiting, Degraded, deleted; the operator leaving a namespace being deleted), recorded by kmock's emulator, is one
+that the operator's Role in manifests/base/rbac.yaml grants: on a real cluster a missing verb is a 403 that only
+shows there. And the Role grants nothing the operator never calls."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+
+import pytest
+import pytest_asyncio
+
+kopf = pytest.importorskip("kopf")
+kmock = pytest.importorskip("kmock")
+
+from tests.kmock_util import FakeController, write_kubeconfig  # noqa: E402
+from tests.test_manifests import _by_kind  # noqa: E402
+from tests.test_operator_e2e import NS, Cluster, Operator, _declare_crds, _obj, _until  # noqa: E402
+from tests.test_operator_lifecycle import _gone, _reason  # noqa: E402
+
+PORTS = range(18800, 18850)
+
+
+def free_port(skip: tuple[int, ...] = ()) -> int:
+    for port in PORTS:
+        if port in skip:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORTS}")
+
+
+@pytest_asyncio.fixture()
+async def world(tmp_path, monkeypatch):
+    port = free_port()
+    async with (kmock.KubernetesEmulator() as k8s, kmock.Server(k8s, port=port),
+                kmock.RawHandler() as ctl, kmock.Server(ctl, port=free_port(skip=(port,))) as ctl_srv):
+        _declare_crds(k8s)
+        for key, kind, namespaced in (("v1/namespaces", "Namespace", False), ("v1/secrets", "Secret", True),
+                                      ("apps/v1/daemonsets", "DaemonSet", True), ("v1/events", "Event", True),
+                                      ("v1/pods", "Pod", True)):
+            k8s.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=namespaced)
+        fake = FakeController(ctl)
+        fake.engines.append({"id": "e0", "alive": True, "draining": False, "models": []})
+        monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(k8s, tmp_path / "kubeconfig", NS)))
+        monkeypatch.setenv("TOKENPOOL_CONTROLLER_URL", str(ctl_srv.url))
+        monkeypatch.setenv("TOKENPOOL_ADMIN_TOKEN", "t")
+        kube = Cluster(k8s)
+        for name, key in (("keys", "k"), ("tokenpool-join-token", "token")):
+            await kube.create("secrets", {"apiVersion": "v1", "kind": "Secret",
+                                          "metadata": {"name": name, "namespace": NS},
+                                          "data": {key: base64.b64encode(b"tp-some-key").decode()}})
+        yield kube, fake
+
+
+# The operator's two clients: kopf's (aiohttp) and the official client's (controller/operator/kube.py).
+OPERATOR_AGENTS = ("kopf/", "OpenAPI-Generator/")
+
+
+def _calls(k8s) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource[/subresource], verb) of every request the emulator had (but discovery's)."""
+    out = set()
+    for r in k8s:
+        if not r.headers.get("User-Agent", "").startswith(OPERATOR_AGENTS):
+            continue  # the test's own requests (kubectl's)
+        parts = r.url.path.strip("/").split("/")
+        if parts[0] == "api":
+            group, rest = "", parts[2:]
+        elif parts[0] == "apis" and len(parts) > 3:
+            group, rest = parts[1], parts[3:]
+        else:
+            continue  # /api, /apis, /apis/GROUP/VERSION: discovery (any authenticated user)
+        if rest[:1] == ["namespaces"] and len(rest) > 2:
+            rest = rest[2:]  # a namespaced resource
+        if not rest or not rest[0]:
+            continue  # /api/v1, /version...: discovery
+        resource = rest[0] + (f"/{rest[2]}" if len(rest) > 2 else "")
+        verb = {"GET": "list" if len(rest) == 1 else "get", "POST": "create", "PATCH": "patch", "PUT": "update",
+                "DELETE": "delete"}[r.method.value]
+        if verb in ("get", "list") and r.url.query.get("watch") in ("true", "1"):
+            verb = "watch"
+        out.add((group, resource, verb))
+    return out
+
+
+def _granted() -> dict[tuple[str, str], set[str]]:
+    rules = _by_kind("Role", "tokenpool-operator")["rules"]
+    return {(g, r): set(rule["verbs"]) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]}
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_the_role_grants_every_call_the_operator_makes(world):
+    from tests.test_operator_uninstall import Namespace
+
+    kube, fake = world
+    ns = Namespace(kube)
+    async with Operator():
+        await kube.create("gpupools", _obj("GPUPool", "default", {}))
+        await kube.create("pooledmodels", _obj("PooledModel", "m", {"engine": {"kind": "pace"}}))
+        await kube.create("tenants", _obj("Tenant", "t", {"keysSecretRef": {"name": "keys"}}))
+        for plural, name, reason in (("gpupools", "default", "EnginesReady"), ("pooledmodels", "m", "Serving"),
+                                     ("tenants", "t", "Applied")):
+            await _until(f"{plural}/{name} {reason}", lambda p=plural, n=name, r=reason: _reason(kube, p, n, r))
+        # changed; a model Degraded (a Warning event)
+        await kube.patch("pooledmodels", "m", {"metadata": {"generation": 2}, "spec": {"replicas": {"max": 2}}})
+        await kube.patch("tenants", "t", {"metadata": {"generation": 2}, "spec": {"priority": 3}})
+        await kube.create("pooledmodels", _obj("PooledModel", "lost", {"engine": {"kind": "pace"}, "poolRef": "x"}))
+        await _until("lost PoolNotFound", lambda: _reason(kube, "pooledmodels", "lost", "PoolNotFound"))
+        # the pool waiting on a worker pod that cannot pull its image (its pods listed)
+        fake.engines.clear()
+        ds = f"/apis/apps/v1/namespaces/{NS}/daemonsets/tokenpool-workers-default"
+        await kube.k8s.patch(ds, json={"status": {"desiredNumberScheduled": 1, "numberReady": 0}},
+                             headers={"Content-Type": "application/merge-patch+json"})
+        await kube.k8s.post(f"/api/v1/namespaces/{NS}/pods", json={
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "w", "namespace": NS, "labels": {
+                "app.kubernetes.io/component": "worker", "tokenpool.dev/pool": "default"}},
+            "status": {"containerStatuses": [{"name": "worker-0", "state": {"waiting": {
+                "reason": "ImagePullBackOff", "message": "no such image"}}}]}})
+        await kube.patch("gpupools", "default", {"metadata": {"generation": 2}, "spec": {"hostCacheGB": 8}})
+        await _until("the pool ImagePullBackOff", lambda: _reason(kube, "gpupools", "default", "ImagePullBackOff"))
+        for name in ("m", "lost"):
+            await kube.delete("pooledmodels", name)
+            await _until(f"{name} gone", lambda n=name: _gone(kube, "pooledmodels", n))
+        ns.terminating = True  # the operator leaves a namespace being deleted: it releases t on its way out
+    await asyncio.sleep(0)
+    calls = _calls(kube.k8s)
+    granted = _granted()
+    missing = sorted(c for c in calls if c[2] not in granted.get((c[0], c[1]), set()))
+    assert not missing, f"the operator calls these, which its Role does not grant (a 403 on a cluster): {missing}"
+    assert ("", "events", "create") in calls and ("", "pods", "list") in calls  # (the scenario reached them)
+    # Nothing it may write that it never writes (a read verb beside `list` of the same resources grants nothing more;
+    # gpupools/finalizers `update` is what the API server asks of whoever sets the DaemonSet's blockOwnerDeletion).
+    writes = {(g, r, v) for (g, r), verbs in granted.items() for v in verbs if v not in ("get", "list", "watch")}
+    unused = sorted(writes - calls - {("tokenpool.dev", "gpupools/finalizers", "update")})
+    assert not unused, f"the Role grants writes the operator never makes: {unused}"
