@@ -22,7 +22,7 @@ KEY = "key-cancel-abcdefghijklmnop"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cfg = {"admin_token_hash": hash_key(ADMIN),
-           "workers": {"local": "cpu"},
+           "workers": {"local": "cpu", "standby": False},
            "forwarded_allow_ips": [],  # (test_forwarded_allow_ips_reaches_the_server)
            "tenants": [{"name": "t", "key_hashes": [hash_key(KEY)]}],
            "models": [{"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.02}}]}

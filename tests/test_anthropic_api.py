@@ -20,7 +20,7 @@ GREEDY = {"temperature": 0}  # (the client's create() no longer takes sampling f
 @pytest.fixture(scope="module")
 def server(make_varied, tmp_path_factory):
     cfg = {
-        "workers": {"local": "cpu", "heartbeat_s": 0.25},
+        "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
         "tenants": [{"name": "alice", "key_hashes": [hash_key(ALICE)]},
                     {"name": "bob", "key_hashes": [hash_key(BOB)], "models": ["tiny-b"]}],
         "models": [{"name": "tiny-a", "path": str(make_varied("qwen2")), "engine": {"max_num_seqs": 8}},

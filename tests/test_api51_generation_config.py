@@ -24,7 +24,7 @@ def server(make_varied, tmp_path_factory):
     shutil.copytree(make_varied("qwen2"), greedy)
     cfg_file = greedy / "generation_config.json"
     cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "top_k": 1, "top_p": 0.9}))  # (greedy)
-    cfg = {"workers": {"local": "cpu", "heartbeat_s": 0.25},
+    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
            "models": [{"name": "plain", "path": str(make_varied("qwen2")), "engine": {"max_num_seqs": 8}},
                       {"name": "greedy", "path": str(greedy), "engine": {"max_num_seqs": 8}}]}
     with LiveServer(cfg, work) as srv:

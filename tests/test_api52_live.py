@@ -17,7 +17,7 @@ CTX = 48
 @pytest.fixture(scope="module")
 def server(make_tiny, tmp_path_factory):
     work = tmp_path_factory.mktemp("api52")
-    cfg = {"workers": {"local": "cpu", "heartbeat_s": 0.25},
+    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
            "models": [{"name": "short", "path": str(make_tiny("qwen2")),
                        "engine": {"max_num_seqs": 8, "max_model_len": CTX}}]}
     with LiveServer(cfg, work) as srv:

@@ -23,7 +23,7 @@ def server(make_tiny, tmp_path_factory):
     cfg = {
         "admin_token_hash": hash_key(ADMIN),
         "metrics_token_hash": hash_key(METRICS),
-        "workers": {"local": "cpu", "heartbeat_s": 0.25},
+        "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
         "autoscaler": {"interval_s": 0.5},
         "tenants": [
             {"name": "alice", "key_hashes": [hash_key(ALICE)]},

@@ -57,7 +57,7 @@ def live(make_tiny, tmp_path_factory):
     model."""
     work = tmp_path_factory.mktemp("budget-context")
     short = _shorten(make_tiny("qwen2"), work / "short")
-    cfg = {"workers": {"local": "cpu"},
+    cfg = {"workers": {"local": "cpu", "standby": False},
            "models": [{"name": "tiny", "path": str(make_tiny("qwen2"))},
                       {"name": "short", "path": str(short), "engine": {"max_model_len": 1000},
                        "replicas": {"min": 0, "max": 1}}]}

@@ -35,7 +35,7 @@ KEY = "tp-dashboard-tenant-key"
 def server(tmp_path_factory, make_tiny):
     tiny_a, tiny_b = make_tiny("qwen2"), make_tiny("qwen2", seed=1)
     cfg = {
-        "admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"},
+        "admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False},
         "tenants": [{"name": "team-a", "key_hashes": [hash_key(KEY)]}],
         "tenants_file": str(tmp_path_factory.mktemp("tenants") / "tenants.yaml"),
         "models": [
@@ -262,7 +262,7 @@ def test_dashboard_without_auth_or_models(tmp_path_factory, shots):
     """A server without tenants (authentication off, as the embedded default): the Tenants view says that keys
     made there take no effect; and once its only model is removed, the Models view says there is none."""
     expect = sync_api.expect
-    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"},
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False},
            "models": [{"name": "pace-only", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.01}}]}
     with LiveServer(cfg, tmp_path_factory.mktemp("open")) as srv, chromium() as browser:
         url, auth = srv.url, {"Authorization": f"Bearer {ADMIN}"}

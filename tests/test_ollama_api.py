@@ -29,7 +29,7 @@ def server(make_tiny, tmp_path_factory):
     shutil.copytree(make_tiny("qwen2"), thinker)
     (thinker / "chat_template.jinja").write_text(THINKING_TEMPLATE)
     cfg = {
-        "workers": {"local": "cpu", "heartbeat_s": 0.25},
+        "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
         "models": [{"name": "tiny-a", "path": str(make_tiny("qwen2")), "engine": {"max_num_seqs": 8}},
                    {"name": "think-a", "path": str(thinker), "engine": {"max_num_seqs": 8}},
                    {"name": "short-a", "path": str(make_tiny("qwen2")), "engine": {"max_num_seqs": 8,

@@ -22,7 +22,7 @@ ASKED = [{"role": "user", "content": "Weather in Paris?"},
 
 @pytest.fixture(scope="module")
 def server(make_varied, tmp_path_factory):
-    cfg = {"workers": {"local": "cpu", "heartbeat_s": 0.25},
+    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
            "models": [{"name": "tiny", "path": str(make_varied("qwen2")), "engine": {"max_num_seqs": 8}}]}
     with LiveServer(cfg, tmp_path_factory.mktemp("ux55-anthropic")) as srv:
         yield srv

@@ -15,7 +15,7 @@ from load_tests.live_server import LiveServer
 @pytest.fixture(scope="module")
 def server(make_tiny, tmp_path_factory):
     work = tmp_path_factory.mktemp("ux55_openai")
-    cfg = {"workers": {"local": "cpu", "heartbeat_s": 0.25},
+    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
            "models": [{"name": "tiny", "path": str(make_tiny("qwen2")), "engine": {"max_num_seqs": 8}}]}
     with LiveServer(cfg, work) as srv:
         yield srv

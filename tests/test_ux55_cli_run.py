@@ -21,7 +21,7 @@ KEY = "key-ux55-cli-0123"
 
 @pytest.fixture(scope="module")
 def server(make_varied, tmp_path_factory):
-    cfg = {"workers": {"local": "cpu", "heartbeat_s": 0.25},
+    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
            "tenants": [{"name": "user", "key_hashes": [hash_key(KEY)]}],
            "models": [{"name": "tiny", "path": str(make_varied("qwen2")),
                        "engine": {"max_num_seqs": 4, "max_model_len": 96}}]}

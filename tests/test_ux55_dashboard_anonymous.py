@@ -57,7 +57,7 @@ def test_a_configured_tenant_named_anonymous_is_a_tenant_like_the_others(tmp_pat
     """Authentication on, a tenant of the configuration named "anonymous" with a limit: the Tenants view shows its
     limit and its Revoke, and does not say that authentication is off."""
     expect = sync_api.expect
-    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"},
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False},
            "tenants": [{"name": "team-a", "key_hashes": [hash_key("tp-ux55-team-a")]},
                        {"name": "anonymous", "key_hashes": [hash_key("tp-ux55-anon")], "max_concurrent": 3}],
            "models": [{"name": "pace-a", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.05}}]}

@@ -30,7 +30,7 @@ ADMIN = "admin-ux55-stale-token"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"},
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False},
            "models": [{"name": "pace-a", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.05}}]}
     with LiveServer(cfg, tmp_path_factory.mktemp("srv")) as srv:
         yield srv

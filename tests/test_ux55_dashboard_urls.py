@@ -23,7 +23,7 @@ ADMIN = "admin-ux55-urls"
 
 
 def test_the_form_paths_opened_by_address_lead_to_the_dashboard(tmp_path, browser):
-    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"},
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False},
            "models": [{"name": "pace-a", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.05}}]}
     failed: list[str] = []
     with LiveServer(cfg, tmp_path / "srv") as srv:

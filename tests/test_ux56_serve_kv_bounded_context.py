@@ -17,7 +17,7 @@ def test_a_context_longer_than_the_kv_region_is_bounded_by_it(make_tiny, tmp_pat
     model = make_tiny("qwen2")  # context 2048; 2 layers x 2 KV heads x 16 dims fp32: 512 B a token
     cfg = {"models": [{"name": "tiny", "path": str(model)}],
            # a region of ~1000 of its tokens (pages of 8 tokens at least of the largest model: this one)
-           "gpus": {"kv_cache_gb": 0.0005}, "workers": {"local": "cpu"}}
+           "gpus": {"kv_cache_gb": 0.0005}, "workers": {"local": "cpu", "standby": False}}
     with LiveServer(cfg, tmp_path) as srv, httpx.Client(base_url=srv.url, timeout=120) as c:
         ctx = next(m["max_model_len"] for m in c.get("/v1/models").json()["data"] if m["id"] == "tiny")
         # (a chat completion: its max_tokens left out is the context's room; a completion's is 16)
