@@ -245,9 +245,11 @@ class ModelSpec(_Strict):
 
 
 class RateLimit(_Strict):
-    requests_per_s: float | None = Field(None, gt=0)
-    burst: float | None = Field(None, gt=0)  # default: max(1, requests_per_s)
-    tokens_per_min: float | None = Field(None, gt=0)
+    # finite: an Infinity (Python's JSON reads it) was kept, shown as null by the admin API and written `.inf` to the
+    # tenants file
+    requests_per_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+    burst: float | None = Field(None, gt=0, allow_inf_nan=False)  # default: max(1, requests_per_s)
+    tokens_per_min: float | None = Field(None, gt=0, allow_inf_nan=False)
 
 
 class TenantSpec(_Strict):

@@ -156,8 +156,14 @@ class TenantRegistry:
         # configured tenants deleted through the admin API: {"name", "key_hashes"} (kept in the tenants file)
         self._revoked: list[dict] = []
         entries: list = []
+        # The file's text as this server last read or wrote it: it is read only at start, so an edit made while the
+        # server runs would be overwritten, unsaid, by the next change made through the admin API (`_save` keeps it)
+        self._disk: str | None = None
+        # what the last change said of the file (an edit kept aside), for the admin API's answer to it; None: nothing
+        self.warning: str | None = None
         if self.file is not None and self.file.exists():
-            raw = yaml.safe_load(self.file.read_text())
+            self._disk = self.file.read_text()
+            raw = yaml.safe_load(self._disk)
             if isinstance(raw, dict):  # (a plain list before any configured tenant was revoked)
                 entries, self._revoked = raw.get("tenants") or [], raw.get("revoked") or []
             else:
@@ -242,6 +248,7 @@ class TenantRegistry:
         return new
 
     def delete(self, name: str) -> bool:
+        self.warning = None
         t = self._t.pop(name, None)
         if t is None:
             return False
@@ -265,15 +272,39 @@ class TenantRegistry:
         return True
 
     def _save(self) -> None:
+        self.warning = None
         if self.file is None:
             return
         tenants = [t.spec.model_dump(mode="json") for t in self._t.values() if t.from_file]
         data = {"tenants": tenants, "revoked": self._revoked} if self._revoked else tenants
+        self._keep_edit()
+        text = yaml.safe_dump(data, sort_keys=False)
         tmp = self.file.with_suffix(".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+        tmp.write_text(text)
         tmp.chmod(0o600)
         tmp.replace(self.file)
+        self._disk = text
+
+    def _keep_edit(self) -> None:
+        """The file changed on disk since this server read or wrote it (edited by hand while it runs: it is read
+        only at start): moved aside before it is rewritten, and said, rather than lost without a word."""
+        try:
+            now = self.file.read_text()
+        except FileNotFoundError:
+            return
+        if now == self._disk:
+            return
+        aside = self.file.with_name(f"{self.file.name}.edited-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = aside.with_name(f"{self.file.name}.edited-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        self.file.replace(aside)
+        self.warning = (f"{self.file} was changed on disk while the server ran; it is read only at start, so that "
+                        f"edit is not in effect: this change rewrote the file from the server's tenants, and the "
+                        f"edited file is kept as {aside} (merge it back and restart to load it)")
+        log.warning("%s", self.warning)
 
     # --- limits ---
     @staticmethod

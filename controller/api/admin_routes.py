@@ -171,6 +171,8 @@ async def create_tenant(body: ap.TenantCreate, request: Request):
         "asked for a key, so this tenant's limits and model list apply to no one; restart with auth on"]
     if unmatched := _unmatched(ctl, t.spec.models):
         warnings.append(unmatched)
+    if ctl.tenants.warning:  # (the tenants file was edited by hand meanwhile: kept aside, not loaded)
+        warnings.append(ctl.tenants.warning)
     return {**_tenant_out(t, ctl.tenants.auth), "api_key": key, "warning": "; ".join(warnings) or None}
 
 
@@ -204,8 +206,9 @@ async def update_tenant(name: str, patch: ap.TenantPatch, request: Request):
         ctl.tenant_deleted(old)  # (succeeded by `t`: only the requests on the keys it dropped end)
     views.events(ctl).publish("tenant_updated", tenant=name, fields=sorted(changes))
     # (as POST says it: the dashboard's Edit with a typo in a model's name took the tenant's access away unsaid)
-    return {**_tenant_out(t, ctl.tenants.auth),
-            "warning": _unmatched(ctl, t.spec.models) if changes.get("models") is not None else None}
+    warnings = [w for w in (_unmatched(ctl, t.spec.models) if changes.get("models") is not None else None,
+                            ctl.tenants.warning) if w]
+    return {**_tenant_out(t, ctl.tenants.auth), "warning": "; ".join(warnings) or None}
 
 
 @router.delete("/tenants/{name}")
@@ -218,7 +221,8 @@ async def delete_tenant(name: str, request: Request) -> dict:
         raise ServingError(404, f"no tenant {name!r}", code="tenant_not_found")
     ctl.tenant_deleted(t)
     views.events(ctl).publish("tenant_revoked", tenant=name)
-    return {"deleted": name}
+    # (the tenants file was edited by hand meanwhile: kept aside, not loaded)
+    return {"deleted": name, **({"warning": w} if (w := ctl.tenants.warning) else {})}
 
 
 # --- what is happening: the dashboard's data ---
