@@ -599,7 +599,7 @@ class Controller:
         gen.per_prompt = n
         gen.buffered = not stream
         if not self.tenants.single_user:  # (a tenant's prompts neither use nor time another's cached KV)
-            params = dataclasses.replace(params, cache_salt=f"{tenant.name}\0{params.cache_salt or ''}")
+            params = dataclasses.replace(params, cache_salt=f"{tenant.owner}\0{params.cache_salt or ''}")
         self.activity.started(gen, request_id)
         try:
             for p, ids in enumerate(prompts):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import secrets
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -94,6 +95,11 @@ class Tenant:
     # now; those admitted with a key it dropped are ended: `Controller._revoke`)
     revoked: bool = field(default=False, repr=False)
     successor: Tenant | None = field(default=None, repr=False)
+    # Who this entry is, beyond its name: kept by a change in place (PATCH, a key rotation too) and by a namesake made
+    # with some of its keys (`succeed`), new for a tenant made afresh under a deleted one's name. What is the tenant's
+    # own and must not pass to a stranger given the name later is kept under `owner`: its stored responses (GET
+    # /v1/responses/{id}), its prompts' cached KV (a prefix cache hit, `cached_tokens`, told what it had sent)
+    lineage: str = field(default_factory=lambda: secrets.token_hex(8), repr=False)
 
     def __post_init__(self) -> None:
         r = self.spec.rate
@@ -124,6 +130,7 @@ class Tenant:
         keys = set(old.spec.key_hashes)
         if not old.revoked and (not keys or keys & set(self.spec.key_hashes)):
             old.successor = self
+            self.lineage = old.lineage  # (the same holders: what was theirs stays theirs)
         if old.spec.rate == self.spec.rate:
             self.rps, self.tpm = old.rps, old.tpm
             return
@@ -131,6 +138,11 @@ class Tenant:
             if new is not None and prev is not None:
                 prev._fill(new.t)
                 new.level = min(new.capacity, prev.level * new.capacity / prev.capacity)
+
+    @property
+    def owner(self) -> str:
+        """The name and lineage: whose stored responses and cached prompts these are."""
+        return f"{self.spec.name}#{self.lineage}"
 
     def latest(self) -> Tenant:
         """The entry this one's requests answer to now: itself, or the one that replaced it keeping its keys."""
@@ -243,6 +255,7 @@ class TenantRegistry:
         new = Tenant(spec, from_file=True)
         new.succeed(t)
         new.usage = t.usage
+        new.lineage = t.lineage  # (changed in place, its keys too: the same tenant)
         self._t[name] = new
         self._save()
         return new

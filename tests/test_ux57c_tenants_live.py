@@ -4,7 +4,11 @@
   change made through the admin API: it is read only at start; now the edited file is kept aside and the admin API's
   answer (and the log) says where;
 - a rate of Infinity (Python's JSON reads it) was taken: the admin API showed the tenant's rate as null (no limit) and
-  the tenants file kept `.inf`; now a 400 naming the field.
+  the tenants file kept `.inf`; now a 400 naming the field;
+- a tenant made afresh under a deleted tenant's name (a name given to another team) read the deleted one's stored
+  responses (GET /v1/responses/{id}, previous_response_id) and found its prompts in the prefix cache (cached_tokens:
+  what it had sent): both were kept by the name alone. Now by the name and a lineage that a change in place (a key
+  rotation too) and the operator's DELETE-then-POST keeping a key carry over, and a fresh tenant does not.
 
 Found fine, and pinned: an admin route without the admin token, with a wrong one or with a tenant's key is a 401 in
 OpenAI's error JSON; a tenant's 429s (concurrency, requests/s) carry Retry-After and count under the tenant and model;
@@ -18,6 +22,7 @@ import time
 import uuid
 
 import httpx
+import openai
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -29,13 +34,14 @@ ADMIN, KEY = "admin-ux57c-token", "key-alice-ux57c-0123"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, make_varied):
     work = tmp_path_factory.mktemp("ux57c")
     cfg = {"admin_token_hash": hash_key(ADMIN), "tenants_file": "tenants.yaml",
            "tenants": [{"name": "alice", "key_hashes": [hash_key(KEY)], "max_concurrent": 2,
                         "rate": {"requests_per_s": 50, "burst": 50}}],
-           "workers": {"local": "cpu", "heartbeat_s": 0.25},
-           "models": [{"name": "fast", "aliases": ["f"], "slo": {"ttft_s": 30},
+           "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
+           "models": [{"name": "tiny", "path": str(make_varied("qwen2")), "engine": {"max_num_seqs": 8}},
+                      {"name": "fast", "aliases": ["f"], "slo": {"ttft_s": 30},
                        "engine": {"kind": "pace", "pace_s_per_token": 0.005}}]}
     with LiveServer(cfg, work) as srv:
         yield srv
@@ -144,3 +150,42 @@ def test_a_tenants_concurrency_429_has_retry_after_and_counts_and_unknown_models
     assert after[("fast", "alice", "429")] - before.get(("fast", "alice", "429"), 0) == 1
     assert after[("-", "alice", "404")] - before.get(("-", "alice", "404"), 0) == 3
     assert not [k for k in after if "nosuch" in k[0]], after
+
+
+def oai(srv, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def test_a_tenant_made_under_a_deleted_ones_name_gets_none_of_its_stored_responses_or_cached_prompts(server):
+    name = fresh("team")
+    prompt = "You are a careful assistant. " * 12 + "The launch code is 0000."
+    greedy = dict(max_tokens=2, temperature=0, extra_body={"ignore_eos": True})
+    with client(server) as a:
+        first = a.post("/admin/tenants", json={"name": name}).json()["api_key"]
+        stored = oai(server, first).responses.create(model="fast", input="my secret plan", max_output_tokens=2)
+        oai(server, first).completions.create(model="tiny", prompt=prompt, **greedy)
+        # a rotation in place (every key replaced) is the same tenant: its responses and cache stay its own
+        rotated = "key-" + fresh("rotated")
+        rotated_hash = hash_key(rotated)
+        assert a.patch(f"/admin/tenants/{name}", json={"key_hashes": [rotated_hash]}).status_code == 200
+        assert oai(server, rotated).responses.retrieve(stored.id).id == stored.id
+        again = oai(server, rotated).completions.create(model="tiny", prompt=prompt, **greedy)
+        assert again.usage.prompt_tokens_details.cached_tokens > 0
+        # the operator's update (DELETE, then POST keeping a key) too
+        assert a.delete(f"/admin/tenants/{name}").status_code == 200
+        assert a.post("/admin/tenants", json={"name": name, "key_hashes": [rotated_hash]}).status_code == 201
+        assert oai(server, rotated).responses.retrieve(stored.id).id == stored.id
+        # deleted for good, and the name given to someone else: nothing of the first one's
+        assert a.delete(f"/admin/tenants/{name}").status_code == 200
+        time.sleep(1.2)  # (past the revocation's grace: the deletion is final)
+        stranger = a.post("/admin/tenants", json={"name": name}).json()["api_key"]
+    other = oai(server, stranger)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(stored.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.create(model="fast", input="go on", previous_response_id=stored.id, max_output_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.delete(stored.id)
+    theirs = other.completions.create(model="tiny", prompt=prompt, **greedy)
+    assert theirs.usage.prompt_tokens_details.cached_tokens == 0
+    assert other.completions.create(model="tiny", prompt=prompt, **greedy).usage.prompt_tokens_details.cached_tokens > 0

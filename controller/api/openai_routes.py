@@ -159,7 +159,7 @@ async def response_input_items(response_id: str, request: Request, tenant: Tenan
 @router.delete("/v1/responses/{response_id}", responses=ERRORS)
 async def delete_response(response_id: str, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     responses.stored(request.app.state.responses, response_id, tenant)
-    request.app.state.responses.delete(response_id, tenant.name)
+    request.app.state.responses.delete(response_id, tenant.owner)
     return {"id": response_id, "object": "response", "deleted": True}
 
 

@@ -39,7 +39,7 @@ ROLES = ("user", "assistant", "system", "developer")  # (a message item's: tool 
 
 @dataclass
 class Stored:
-    tenant: str
+    tenant: str  # its tenant's `Tenant.owner` (the name and lineage: a later namesake is another tenant)
     messages: list[dict[str, Any]]  # the conversation as chat messages, the reply last (previous_response_id's)
     response: dict[str, Any]  # the Response object
     inputs: list[dict[str, Any]]  # this request's input items, with ids (GET .../input_items)
@@ -324,7 +324,7 @@ def _history(store: ResponseStore, req: p.ResponsesRequest, tenant: Tenant) -> l
     """The conversation before `previous_response_id` ([] without one); 404 when it is not stored."""
     if req.previous_response_id is None:
         return []
-    prev = store.get(req.previous_response_id, tenant.name)
+    prev = store.get(req.previous_response_id, tenant.owner)
     if prev is None:
         raise ServingError(404, f"Previous response with id '{req.previous_response_id}' not found.",
                            param="previous_response_id", code="not_found")
@@ -355,7 +355,7 @@ async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesR
         items, assistant, status = reply.output()
         out = reply.response(gen, status, items)
         if req.store:
-            store.put(rid, tenant.name, [*conversation, assistant], out, input_items(req.input))
+            store.put(rid, tenant.owner, [*conversation, assistant], out, input_items(req.input))
         return out
 
     def cut() -> None:
@@ -365,7 +365,7 @@ async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesR
             return
         output = [reply.message("incomplete")] if reply.text else []
         out = {**reply.response(gen, "incomplete", output), "incomplete_details": {"reason": "interrupted"}}
-        store.put(rid, tenant.name, [*conversation, {"role": "assistant", "content": reply.text}], out,
+        store.put(rid, tenant.owner, [*conversation, {"role": "assistant", "content": reply.text}], out,
                   input_items(req.input))
 
     if req.stream:
@@ -487,7 +487,7 @@ async def input_tokens(serving: OpenAIServing, store: ResponseStore, req: p.Resp
 
 def stored(store: ResponseStore, rid: str, tenant: Tenant) -> Stored:
     """A stored response (another tenant's, or one forgotten: 404)."""
-    got = store.get(rid, tenant.name)
+    got = store.get(rid, tenant.owner)
     if got is None:
         raise ServingError(404, f"Response with id '{rid}' not found.", param="response_id", code="not_found")
     return got
