@@ -250,6 +250,11 @@ class Generation:
             else:
                 yield sub.index, d
 
+    def held(self, index: int = 0) -> list[m.Delta]:
+        """(buffered) Choice `index`'s deltas made so far and not yet given by `events()`: what a request whose client
+        left had made (the Responses API keeps it, incomplete)."""
+        return list(self._held.get(index, ()))
+
     @property
     def cached_tokens(self) -> int:
         """Prompt tokens whose KV was found in the prefix cache (each prompt's once, whatever its n)."""

@@ -375,7 +375,10 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncI
     the last: before it, the cached tokens count in message_start's input_tokens); `message_delta`'s usage is the
     whole cumulative usage, exact, which the `anthropic` client's accumulated message takes."""
     status = 499
-    live = reply.tools is None  # (text streams as it comes; calls are held to the end)
+    # text streams as it comes; calls are held to the end; with tool_choice auto (the model's own call syntax) a
+    # reply streams once it shows it is text, as the chat path's does
+    live = reply.tools is None
+    auto = reply.tools is not None and reply.tools.hermes
     out: list[bytes] = []
     started = False
     try:
@@ -390,8 +393,12 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncI
             reply.text += d.text
             if d.finished:
                 reply.finish, reply.stop = d.finish_reason, d.stop_reason
-            if live and d.text:
-                out.append(_event("content_block_delta", index=0, delta={"type": "text_delta", "text": d.text}))
+            text = d.text
+            if auto and not live and reply.text and reply.tools.opening(reply.text) is False:
+                live, text = True, reply.text  # (what was held, then as it comes)
+                out.append(_event("content_block_start", index=0, content_block={"type": "text", "text": ""}))
+            if live and text:
+                out.append(_event("content_block_delta", index=0, delta={"type": "text_delta", "text": text}))
             if out and not gen.pending():
                 yield b"".join(out)
                 out.clear()

@@ -13,6 +13,7 @@ restart forgets them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
@@ -26,7 +27,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 
 from controller.api import protocol as p
-from controller.api.serving import OpenAIServing, Tracked
+from controller.api.serving import ClientGone, OpenAIServing, Tracked
 from controller.api.structured import ToolPlan
 from controller.errors import ServingError
 from controller.tenants import Tenant
@@ -310,14 +311,36 @@ class _Reply:
 
     def output(self) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
         """The output items, the assistant's chat message (for the stored conversation) and the status."""
+        if self.finish == "length" and self.tools is not None:  # (calls cut by max_output_tokens)
+            items, assistant = self.cut()
+            return items or [self.message("incomplete")], assistant, "incomplete"
         msg, _ = self.serving._reply(self.text, self.finish, self.tools)
         status = "incomplete" if self.finish == "length" else "completed"
         if not msg.tool_calls:
             return [self.message(status)], {"role": "assistant", "content": self.text}, status
-        items = [{"type": "function_call", "id": _item_id("fc"), "call_id": c.id, "name": c.function.name,
-                  "arguments": c.function.arguments, "status": "completed"} for c in msg.tool_calls]
-        return items, {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in msg.tool_calls]}, \
-            status
+        calls = [c.model_dump() for c in msg.tool_calls]
+        return [_call_item(c, "completed") for c in calls], {"role": "assistant", "content": None,
+                                                             "tool_calls": calls}, status
+
+    def cut(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The output items of a response cut short (its client left, the server ended it, max_output_tokens) and its
+        assistant message for the stored conversation: its text so far; with tools, the calls written whole
+        (`completed`) and the one being written (`incomplete`, its arguments so far), as OpenAI's function_call
+        items have them; the stored conversation holds the whole ones only (a call half written has no arguments
+        to answer)."""
+        got = self.tools.cut_calls(self.text) if self.tools is not None else None
+        if got is None:
+            return [self.message("incomplete")] if self.text else [], {"role": "assistant", "content": self.text}
+        whole, part = got
+        items = [_call_item(c, "completed") for c in whole] + ([_call_item(part, "incomplete")] if part else [])
+        return items, ({"role": "assistant", "content": None, "tool_calls": whole} if whole else
+                       {"role": "assistant", "content": ""})
+
+
+def _call_item(call: dict[str, Any], status: str) -> dict[str, Any]:
+    """A chat tool call as the Responses API's function_call item."""
+    return {"type": "function_call", "id": _item_id("fc"), "call_id": call["id"], "name": call["function"]["name"],
+            "arguments": call["function"]["arguments"], "status": status}
 
 
 def _history(store: ResponseStore, req: p.ResponsesRequest, tenant: Tenant) -> list[dict[str, Any]]:
@@ -359,14 +382,14 @@ async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesR
         return out
 
     def cut() -> None:
-        """A stream its client left (or the server ended) before its end: with `store`, what was made until then is
-        kept as an incomplete response (GET /v1/responses/{id} finds it, previous_response_id continues from it)."""
+        """A response its client left (streamed or not; or the server ended its stream) before its end: with
+        `store`, what was made until then is kept as an incomplete response (GET /v1/responses/{id} finds it,
+        previous_response_id continues from it): its text, or its calls (`_Reply.cut`)."""
         if not req.store:
             return
-        output = [reply.message("incomplete")] if reply.text else []
+        output, assistant = reply.cut()
         out = {**reply.response(gen, "incomplete", output), "incomplete_details": {"reason": "interrupted"}}
-        store.put(rid, tenant.owner, [*conversation, {"role": "assistant", "content": reply.text}], out,
-                  input_items(req.input))
+        store.put(rid, tenant.owner, [*conversation, assistant], out, input_items(req.input))
 
     if req.stream:
         return _stream(serving, gen, reply, finish, cut)
@@ -376,7 +399,13 @@ async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesR
             reply.add(d)
         return finish()
 
-    return await serving._collect(request, gen, collect())
+    try:
+        return await serving._collect(request, gen, collect())
+    except (ClientGone, asyncio.CancelledError):  # (the client left: its own watch, or the route's around it)
+        for d in gen.held():  # (not streamed, its deltas were held for the whole answer)
+            reply.add(d)
+        cut()
+        raise
 
 
 def _event(seq: list[int], kind: str, **fields: Any) -> bytes:
@@ -419,22 +448,33 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish, c
     """Responses' events; always closes `gen`. A failure once streaming is an `error` event (the status has gone).
     `cut`: called when the stream ends before its end (its client went away): the response so far is kept."""
     seq, status = [0], 499
-    live = reply.tools is None  # (text streams as it comes; calls are held to the end, as the chat path holds them)
+    # text streams as it comes; calls are held to the end, as the chat path holds them; with tool_choice "auto" (the
+    # model's own call syntax) a reply streams once it shows it is text, as the chat path's does
+    live = reply.tools is None
+    auto = reply.tools is not None and reply.tools.hermes
+
+    def opened() -> list[bytes]:
+        return [_event(seq, "response.output_item.added", output_index=0, item={**reply.message("in_progress"),
+                                                                                "content": []}),
+                _event(seq, "response.content_part.added", item_id=reply.msg_id, output_index=0, content_index=0,
+                       part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
+
     try:
         start = reply.response(gen, "in_progress", [])
         out = [_event(seq, "response.created", response=start), _event(seq, "response.in_progress", response=start)]
         if live:
-            out += [_event(seq, "response.output_item.added", output_index=0, item={**reply.message("in_progress"),
-                                                                                    "content": []}),
-                    _event(seq, "response.content_part.added", item_id=reply.msg_id, output_index=0, content_index=0,
-                           part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
+            out += opened()
         yield b"".join(out)
         out.clear()
         async for _, d in gen.events():
             lps = reply.add(d)
-            if live and d.text:
+            text = d.text
+            if auto and not live and reply.text and reply.tools.opening(reply.text) is False:
+                live, text, lps = True, reply.text, list(reply.logprobs)  # (what was held, then as it comes)
+                out += opened()
+            if live and text:
                 out.append(_event(seq, "response.output_text.delta", item_id=reply.msg_id, output_index=0,
-                                  content_index=0, delta=d.text, logprobs=lps))
+                                  content_index=0, delta=text, logprobs=lps))
             if out and not gen.pending():
                 yield b"".join(out)
                 out.clear()

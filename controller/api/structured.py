@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,6 +186,51 @@ class ToolPlan:
         return [{"id": f"call_{secrets.token_hex(12)}", "type": "function",
                  "function": {"name": n, "arguments": json.dumps(a, ensure_ascii=False)}} for n, a in pairs]
 
+    def cut_calls(self, text: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None] | None:
+        """The calls of an output cut short (its client left, max_tokens ended it): those written whole (as `calls`
+        gives them) and the one being written (its arguments the text so far; None when there is none, or its name
+        is not whole yet). None when the output is text (a hermes reply that is no call)."""
+        if self.hermes:
+            if not text.startswith(HERMES_OPEN):
+                return None if self.opening(text) is False else ([], None)
+            blocks = text.split(HERMES_OPEN)[1:]
+            whole = [b.split(HERMES_CLOSE)[0] for b in blocks if HERMES_CLOSE in b]
+            last = blocks[-1] if HERMES_CLOSE not in blocks[-1] else None
+            key = "arguments"
+        elif self.named:
+            try:
+                json.loads(text)
+                return self.calls(text), None
+            except ValueError:
+                return [], self._call(self.named, text) if text else None
+        else:  # (the grammar's layout: `[{"name": N, "parameters": {...}}, {...}]`)
+            whole, last, key, at, dec = [], None, "parameters", 1, json.JSONDecoder()
+            while text.startswith("[") and at < len(text):
+                at += len(text) - at - len(text[at:].lstrip(", "))
+                try:
+                    _, end = dec.raw_decode(text, at)
+                except ValueError:
+                    last = text[at:]
+                    break
+                whole.append(text[at:end])
+                at = end
+                if text[at:at + 1] == "]":
+                    break
+        calls = []
+        for b in whole:
+            try:
+                c = json.loads(b)
+                calls.append(self._call(c["name"], json.dumps(c[key], ensure_ascii=False)))
+            except (ValueError, KeyError, TypeError):
+                pass
+        m = re.match(r'\{"name": ("(?:[^"\\]|\\.)*"), "' + key + r'": ', last or "")
+        return calls, self._call(json.loads(m[1]), last[m.end():]) if m and last is not None else None
+
+    @staticmethod
+    def _call(name: str, arguments: str) -> dict[str, Any]:
+        return {"id": f"call_{secrets.token_hex(12)}", "type": "function",
+                "function": {"name": name, "arguments": arguments}}
+
     def opening(self, start: str) -> bool | None:
         """Whether an output beginning `start` is tool calls (True), text (False), or not known yet (None: `start`
         is a proper prefix of the call's opening, held back while streamed); the grammar lets no text reply begin
@@ -214,24 +260,39 @@ def _hermes_grammar(schemas: dict[str, dict[str, Any]], parallel: bool | None) -
                         "required": ["name", "arguments"], "additionalProperties": False}
                        for n in schemas], "$defs": _rooted_defs(schemas), "x-guidance": JSON_LAYOUT}
     more = "" if parallel is False else ' ("\\n" call)*'
-    return _compiled("\n".join([
+    return _named_failure(lambda: _compiled("\n".join([
         "start: text | call" + more,
         f"text: /{_not_starting_with(HERMES_OPEN)}/",
         f"call: {json.dumps(HERMES_OPEN)} obj {json.dumps(HERMES_CLOSE)}",
-        f"obj: %json {json.dumps(calls)}"]), "tools")
+        f"obj: %json {json.dumps(calls)}"]), "tools"), schemas)
 
 
 def _arguments_schema(params: dict[str, Any] | None, param: str) -> dict[str, Any]:
     """A tool's `parameters` as the schema of its arguments, which are a JSON object (as OpenAI requires: a 400 on
-    `param` for a schema of anything else; one that names no type is held to objects)."""
+    `param` for a schema of anything else; one that names no type is held to objects). Its objects that list
+    properties take no others unless it says `additionalProperties` (`closed_schema`), as vLLM's default backend
+    holds a tool's parameters and OpenAI's strict functions require: open, a model could add keys of its own making
+    that a client's own model of the arguments (a pydantic one that forbids extras) refuses."""
     if not params:
-        return {"type": "object", "properties": {}}
+        return {"type": "object", "properties": {}, "additionalProperties": False}
     if "type" not in params:
-        return {**params, "type": "object"}
+        params = {**params, "type": "object"}
     if params["type"] != "object":
         raise ServingError(400, f"{param}: a function's parameters are a JSON schema of type 'object', got "
                            f"{params['type']!r}", param=param)
-    return params
+    return closed_schema(params, param)
+
+
+def _named_failure(compile_: Callable[[], str], schemas: dict[str, dict[str, Any]]) -> str:
+    """The calls' grammar; where it cannot compile, the 400 names the tool whose parameters it is
+    (`tools.N.function.parameters`, N its place among the tools), each compiled alone to find it (only then: one
+    compile when all is well)."""
+    try:
+        return compile_()
+    except ServingError as e:
+        for i, s in enumerate(schemas.values()):
+            json_grammar(s, f"tools.{i}.function.parameters")  # (raises, naming it)
+        raise e from None
 
 
 def _rerooted(schema: Any, root: str) -> Any:
@@ -296,4 +357,6 @@ def tool_plan(tools: list | None, choice: Any, parallel: bool | None, parser: st
             raise ServingError(400, f"tool_choice names {named!r}, which is not among the tools",
                                param="tool_choice.function.name")
         schema = schemas[named]
-    return ToolPlan(json_grammar(schema, "tools"), named, [t.model_dump(exclude_none=True) for t in tools])
+    only = schemas if named is None else {n: (s if n == named else {}) for n, s in schemas.items()}
+    return ToolPlan(_named_failure(lambda: json_grammar(schema, "tools"), only), named,
+                    [t.model_dump(exclude_none=True) for t in tools])
