@@ -187,3 +187,18 @@ def test_a_text_reply_with_tools_auto_streams_as_it_comes(server):
         final = s.get_final_message()
     assert [b.type for b in final.content] == ["text"] and final.stop_reason == "max_tokens"
     assert len(texts) > 1 and "".join(texts) == final.content[0].text, texts
+
+
+def test_calls_max_tokens_cut_keep_the_whole_ones_on_the_messages_api(server):
+    """tool_choice any, parallel calls, max_tokens ending the second: the reply holds the first call whole (its
+    input) and the cut one's tool_use (input {}), streamed alike; it held one block named after the first call."""
+    a = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
+    kw = {"model": "varied", "max_tokens": 44, "messages": [{"role": "user", "content": "weather?"}],
+          "tools": [{"name": CITY["name"], "input_schema": CITY["parameters"]}], "tool_choice": {"type": "any"},
+          "extra_body": {"temperature": 0}}
+    m = a.messages.create(**kw)
+    assert m.stop_reason == "max_tokens" and [b.type for b in m.content] == ["tool_use", "tool_use"], m
+    assert set(m.content[0].input) == {"city"} and m.content[1].input == {}, m
+    with a.messages.stream(**kw) as s:
+        final = s.get_final_message()
+    assert [(b.name, b.input) for b in final.content] == [(b.name, b.input) for b in m.content]

@@ -296,9 +296,8 @@ class _Reply:
         if msg.tool_calls:
             return [{"type": "tool_use", "id": f"toolu_{secrets.token_hex(12)}", "name": c.function.name,
                      "input": json.loads(c.function.arguments)} for c in msg.tool_calls], "tool_use"
-        if why == "length" and (name := self.cut_call()) is not None:  # (the call's input is incomplete: {})
-            return [{"type": "tool_use", "id": f"toolu_{secrets.token_hex(12)}", "name": name, "input": {}}], \
-                "max_tokens"
+        if why == "length" and (cut := self.cut_calls()):  # (the calls written whole, the cut one's input {})
+            return cut, "max_tokens"
         if why == "length":
             reason = "max_tokens"
         elif isinstance(self.stop, str) and self.stop in (self.req.stop_sequences or []):
@@ -307,6 +306,20 @@ class _Reply:
             reason = "end_turn"
         # (no text: no block, as Anthropic's `content: []`; a text block is never empty, and one sent back is a 400)
         return [{"type": "text", "text": self.text}] if self.text else [], reason
+
+    def cut_calls(self) -> list[dict[str, Any]]:
+        """The tool_use blocks of calls that max_tokens cut short: each call written whole, with its input, then the
+        one being written (`cut_call`'s); none where the output is text."""
+        got = self.tools.cut_calls(self.text) if self.tools is not None else None
+        if got is None:
+            return []
+        whole, part = got
+        blocks = [{"type": "tool_use", "id": f"toolu_{secrets.token_hex(12)}", "name": c["function"]["name"],
+                   "input": json.loads(c["function"]["arguments"])} for c in whole]
+        name = part["function"]["name"] if part is not None else None if whole else self.cut_call()
+        if name is not None:
+            blocks.append({"type": "tool_use", "id": f"toolu_{secrets.token_hex(12)}", "name": name, "input": {}})
+        return blocks
 
     def cut_call(self) -> str | None:
         """The tool of a call that max_tokens cut short: Anthropic's reply then ends in that call's tool_use block (its
