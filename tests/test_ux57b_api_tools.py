@@ -8,7 +8,10 @@ matrices are scaled so its outputs vary, with the hermes tool-call parser):
   cut), and the stored conversation continues with the whole calls' outputs;
 - a tool's arguments took keys its schema does not list (`{"tz": "UTC", ",(": [""]}`): a tool's parameters are held
   as vLLM's default backend holds them, objects that list properties closed unless they say otherwise;
-- a tool schema the grammar cannot take was a 400 on `tools`: now on the tool's own parameters.
+- a tool schema the grammar cannot take was a 400 on `tools`: now on the tool's own parameters;
+- with tool_choice "auto" a text reply was held to the end on the Responses and Messages streams: it streams as it
+  comes, as the chat path's does;
+- Messages calls cut by max_tokens were one tool_use block named after the first call: the whole calls are kept.
 """
 
 from __future__ import annotations

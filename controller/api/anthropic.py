@@ -8,8 +8,8 @@ text blocks, and a tool_result's, a line apart, as vLLM's and the chat path's te
 Anthropic combines them), `max_tokens`,
 `stop_sequences`, sampling fields, `tools` (name, description, input_schema) and `tool_choice` become the chat
 completion they mean; it is validated, templated, admitted and generated as that one would be. The reply is a
-Message: `text` or `tool_use` content blocks (none for a reply of no text; a call max_tokens cut short is its
-tool_use block, input {}), its `stop_reason` (end_turn, max_tokens, stop_sequence, tool_use) and usage (the
+Message: `text` or `tool_use` content blocks (none for a reply of no text; calls max_tokens cut short are the
+whole ones' tool_use blocks and the cut one's, input {}), its `stop_reason` (end_turn, max_tokens, stop_sequence, tool_use) and usage (the
 prompt tokens found in the prefix cache as `cache_read_input_tokens`). Streamed, the Messages API's server-sent
 events (message_start ... message_stop; text as it comes, tool calls whole at the end, as the chat path holds them).
 Images, documents and extended thinking are refused with a 400 naming the field (an earlier turn's thinking
