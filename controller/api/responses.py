@@ -4,11 +4,13 @@ A request's input (a string, or items: messages with text parts, `function_call`
 its `instructions` become chat messages; tools, `tool_choice` and `text.format` become the chat request's tools and
 response_format; it is validated, templated, admitted and generated as that chat completion would be. The reply is
 a Response object: one `message` item of `output_text`, or `function_call` items; status `incomplete` when
-max_output_tokens cut it. Streamed, Responses' typed server-sent events, from `response.created` to
-`response.completed` (text deltas as they come; with tools the items go out whole at the end, as the chat path holds
-calls; one that fails once streaming ends with an `error` event and `response.failed`). Responses with `store` (OpenAI's default) are kept in memory, per tenant and bounded (ResponseStore), so
-`previous_response_id` continues a conversation (its instructions are not carried over, as OpenAI documents); a
-restart forgets them.
+max_output_tokens cut it (a call being written is an `incomplete` function_call item, its arguments so far).
+Streamed, Responses' typed server-sent events, from `response.created` to `response.completed` (text deltas as they
+come, with tool_choice "auto" once the reply shows it is text; calls go out whole at the end, as the chat path holds
+them; one that fails once streaming ends with an `error` event and `response.failed`). Responses with `store`
+(OpenAI's default) are kept in memory, per tenant and bounded (ResponseStore), so `previous_response_id` continues a
+conversation (its instructions are not carried over, as OpenAI documents); a restart forgets them. A response whose
+client left before its end (streamed or not) is kept `incomplete`, with what was made until then.
 """
 
 from __future__ import annotations
