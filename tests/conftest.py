@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Bytecode caching on for the run and every process it starts, whatever PYTHONDONTWRITEBYTECODE says (a machine that
+# sets it had each run rewrite and compile all ~200 test modules again, ~8 s of collection, and each of the suite's
+# servers, workers and CLI children compile the project's modules again from source). Only caches
+# (__pycache__, ignored by git) differ: Python and pytest check a cached file against its source before using it.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 
