@@ -59,7 +59,7 @@ class BodyLimit:
                         await asyncio.wait_for(self._drain(receive, 0), self.timeout_s)
                     except asyncio.TimeoutError:
                         pass
-                if self.on_refused is not None:
+                if self.on_refused is not None and counted_path(scope.get("path", "")):
                     self.on_refused()
                 return await _too_large(send, self.limit, scope.get("path", ""))
         seen = 0
@@ -160,6 +160,24 @@ class RequestIds:
             REQUEST_IDS.reset(token)
 
 
+def counted_path(path: str) -> bool:
+    """Whether `tokenpool_requests_total` counts a request of this path: the serving routes', not the admin API's or
+    the dashboard's (a 413 on an admin route was counted under model "-", tenant "-", its other answers never)."""
+    return not path.startswith(("/admin", "/dashboard"))
+
+
+def anthropic_errors(request: Request) -> bool:
+    """Whether a request's errors take Anthropic's shape: the Messages API's always; the `anthropic` client's
+    (`anthropic-version`) on the Models API it also calls (`/v1/models`) and on a path no route serves (its
+    `beta.files.list()`), never on an OpenAI route (/v1/chat/completions with that header answered Anthropic's shape
+    to an OpenAI client)."""
+    path = request.url.path
+    if path.startswith("/v1/messages"):
+        return True
+    return speaks_anthropic(request) and (path == "/v1/models" or path.startswith("/v1/models/")
+                                          or request.scope.get("endpoint") is None)
+
+
 async def _refuse(send, scope, e: ServingError) -> None:
     """Answer `e` from ASGI middleware, in the route's API's error shape."""
     body = ErrorJSON(error_content(scope.get("path", ""), e), e.status).body
@@ -234,6 +252,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = field_path(loc)
     param = ".".join(loc) or None
     msg = str(first.get("msg")).removeprefix("Value error, ")  # (pydantic's, before a validator's own words)
+    got = first.get("input")
+    if str(first.get("type", "")).endswith("_type") and (got is None or isinstance(got, (str, int, float, bool))):
+        # what was sent, as JSON writes it: "priority: Input should be a valid integer (got true)" -- a strict field
+        # (the admin API's numbers and switches) refuses "2", true and 2.5 alike
+        shown = json.dumps(got)
+        msg += f" (got {shown if len(shown) <= 40 else shown[:37] + '...'})"
     return (f"{param}: {msg}" if param else msg), param
 
 
@@ -265,7 +289,7 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
     def answer(request: Request, e: ServingError) -> JSONResponse:
         """The error as the route's API writes it (`error_content`), its headers (Retry-After) on every API."""
         path = request.url.path
-        return ErrorJSON(error_content(path, e, speaks_anthropic(request)), status_code=e.status, headers=e.headers())
+        return ErrorJSON(error_content(path, e, anthropic_errors(request)), status_code=e.status, headers=e.headers())
 
     @app.exception_handler(ServingError)
     async def serving_error(request: Request, e: ServingError):
@@ -277,7 +301,7 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
             _auth_first(request)  # a caller without a valid token hears 401 whatever its body holds
         except ServingError as denied:
             return answer(request, denied)
-        if request.scope.get("endpoint") in openai_routes.COUNTED:
+        if request.scope.get("endpoint") in openai_routes.COUNTED | openai_routes.REFUSALS_COUNTED:
             # a refused request of a route that counts its refusals (each under its model and tenant): this one too
             try:
                 tenant = auth.tenant(request)  # (/rerank, /score: not under /v1/; the 401 counts itself)
@@ -296,11 +320,12 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
-        if e.status_code in (408, 413):  # a request refused for its body is a refused request (others: no route)
+        if e.status_code in (408, 413) and counted_path(request.url.path):
+            # a request refused for its body is a refused request (others: no route)
             request.app.state.controller.count_refusal(None, "-", e.status_code)
         code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout"}.get(e.status_code)
         err = ServingError(e.status_code, str(e.detail), code=code)
-        return ErrorJSON(error_content(request.url.path, err, speaks_anthropic(request)), status_code=e.status_code,
+        return ErrorJSON(error_content(request.url.path, err, anthropic_errors(request)), status_code=e.status_code,
                          headers=getattr(e, "headers", None))
 
     @app.exception_handler(UnicodeEncodeError)
@@ -314,7 +339,7 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception):
         log.exception("unhandled error")
-        if not getattr(e, "counted", False):  # /v1 routes count their own 500s (with model and tenant)
+        if not getattr(e, "counted", False) and counted_path(request.url.path):  # /v1 routes count their own 500s
             request.app.state.controller.count_refusal(None, "-", 500)
         return answer(request, ServingError(500, f"internal error: {type(e).__name__}"))
 

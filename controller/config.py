@@ -23,6 +23,11 @@ from tokenpool.models import DTYPE_NAMES, MAX_LORA_RANK, model_max_positions
 log = logging.getLogger("tokenpool")
 
 MAX_GB = 1e6  # sizes in GB are bounded so byte counts stay finite integers (1e308 GB is a 500, not a model)
+# A priority (a model's, a tenant's) as Kubernetes' integers hold it: 1e20 was a confusing "input string" 400
+Priority = typing.Annotated[int, Field(ge=-2**31, le=2**31 - 1)]
+# The sections the admin API takes too (models, tenants): their numbers and switches are taken as JSON's types only,
+# in the configuration file as over the admin API ("max_concurrent": "2" was 2, "priority": true was 1)
+STRICT = ConfigDict(strict=True)
 
 
 class _Strict(BaseModel):
@@ -55,11 +60,13 @@ class _Strict(BaseModel):
 
 
 class SLO(_Strict):
+    model_config = STRICT
     ttft_s: float = Field(5.0, gt=0, description="time to first token target")
     tpot_s: float = Field(0.25, gt=0, description="time per output token target")
 
 
 class Replicas(_Strict):
+    model_config = STRICT
     min: int = Field(1, ge=0)
     max: int = Field(4, ge=1)
 
@@ -78,6 +85,7 @@ class EngineOptions(_Strict):
     """Passed to the engine a worker builds for one model (kind "llm": token_scheduler.EngineConfig; "pace":
     token_scheduler.pace.PaceConfig)."""
 
+    model_config = STRICT
     kind: Literal["llm", "pace"] = "llm"
     dtype: str = "auto"
 
@@ -167,12 +175,14 @@ ToolCallParser = Literal["hermes"]
 
 class LoraModule(_Strict):
     """A LoRA adapter served over its model (vLLM's --lora-modules): requests name it as their model."""
+    model_config = STRICT
 
     name: str = Field(min_length=1, max_length=128, pattern=MODEL_NAME)
     path: str  # a PEFT adapter directory (adapter_config.json, adapter_model.safetensors)
 
 
 class ModelSpec(_Strict):
+    model_config = STRICT
     _other_servers = {"ttl": "llama-swap's ttl is keep_alive here",
                       "cmd": "tokenpool runs the model itself: give path, its Hugging Face directory",
                       "proxy": "tokenpool runs the model itself: give path, its Hugging Face directory"}
@@ -180,7 +190,7 @@ class ModelSpec(_Strict):
     path: str | None = None  # HF-format directory; None only for PaceEngine with its byte tokenizer
     aliases: list[str] = Field(default_factory=list)  # other names clients may ask for (llama-swap's aliases)
     slo: SLO = SLO()
-    priority: int = 0  # higher is more important (placement order, admission slack)
+    priority: Priority = 0  # higher is more important (placement order, admission slack)
     replicas: Replicas = Replicas()
     engine: EngineOptions = EngineOptions()
     memory_gb: float | None = Field(None, gt=0, le=MAX_GB)  # override of the size estimated from the weights (0 would
@@ -245,6 +255,7 @@ class ModelSpec(_Strict):
 
 
 class RateLimit(_Strict):
+    model_config = STRICT
     # finite: an Infinity (Python's JSON reads it) was kept, shown as null by the admin API and written `.inf` to the
     # tenants file
     requests_per_s: float | None = Field(None, gt=0, allow_inf_nan=False)
@@ -253,12 +264,13 @@ class RateLimit(_Strict):
 
 
 class TenantSpec(_Strict):
+    model_config = STRICT
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     key_hashes: list[str] = Field(default_factory=list)  # controller.keys.hash_key(...) output, never the key
     models: list[str] = Field(default_factory=lambda: ["*"])
     rate: RateLimit = RateLimit()
     max_concurrent: int | None = Field(None, ge=1)
-    priority: int = 0
+    priority: Priority = 0
     slo_class: str | None = None
 
     @field_validator("key_hashes")

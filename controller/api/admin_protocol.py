@@ -6,17 +6,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from controller.config import SLO, ModelSpec, RateLimit, Replicas, parse_duration
+from controller.config import SLO, STRICT, ModelSpec, Priority, RateLimit, Replicas, parse_duration
 from controller.keys import is_key_hash
 
 
 class TenantCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **STRICT)
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     models: list[str] = Field(default_factory=lambda: ["*"])
     rate: RateLimit = RateLimit()
     max_concurrent: int | None = Field(None, ge=1)
-    priority: int = 0
+    priority: Priority = 0
     slo_class: str | None = None
     # Hashes of keys the caller holds (the Kubernetes operator's Tenant Secret); given, no key is made here.
     key_hashes: list[str] = Field(default_factory=list)
@@ -34,17 +34,21 @@ class TenantPatch(BaseModel):
     flight and buckets carry over). Fields left out stay as they are; max_concurrent and slo_class null: none.
     key_hashes: the tenant's keys from now on (a rotation in place: a key kept never stops working; the requests in
     flight on a key dropped end a moment later)."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **STRICT)
     key_hashes: list[str] | None = None
     models: list[str] | None = None
     rate: RateLimit | None = None
     max_concurrent: int | None = Field(None, ge=1)
-    priority: int | None = None
+    priority: Priority | None = None
     slo_class: str | None = None
 
     @field_validator("key_hashes")
     @classmethod
     def _hashed(cls, v: list[str] | None) -> list[str] | None:
+        if v == []:  # (a tenant no key can reach: POST makes a key where none is given, the operator revokes one whose
+            # Secret holds none, the dashboard's New key replaces one; this left the tenant keyless, unsaid)
+            raise ValueError("a tenant keeps at least one key: give the hashes of its keys from now on (tokenpool keys "
+                             "hash KEY); to revoke the tenant, DELETE /admin/tenants/{name}")
         return v if v is None else TenantCreate._hashed(v)
 
     @model_validator(mode="after")
@@ -129,9 +133,9 @@ class ModelOut(BaseModel):
 class ModelPatch(BaseModel):
     """PATCH /admin/models/{name}: what a registered model changes in place (its weights, registrations and
     requests in flight stay). Fields left out stay as they are; keep_alive null: until the memory is needed."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **STRICT)
     slo: SLO | None = None
-    priority: int | None = None
+    priority: Priority | None = None
     replicas: Replicas | None = None
     keep_alive: float | None = None
     aliases: list[str] | None = None  # the names clients may use besides its own, all of them from now on

@@ -884,6 +884,7 @@ async def ps(request: Request) -> dict:
 
 @router.post("/show")
 async def show(request: Request) -> Response:
+    tenant, name = None, None
     try:
         tenant = auth.tenant(request)
         data = _parsed(await request.body())
@@ -892,6 +893,10 @@ async def show(request: Request) -> Response:
             raise ServingError(400, "model is required")
         me = request.app.state.serving.lookup(tenant, served(request, name))
     except ServingError as e:
+        if tenant is not None:  # (a refusal counted as the generating routes' are, under the model if one has the
+            # name: "-" for any other; the 401 counts itself)
+            request.app.state.controller.count_refusal(served(request, name) if isinstance(name, str) else None,
+                                                       tenant.name, e.status)
         return _error(e.status, e.message if e.status != 404 else f"model '{name}' not found", e)
     tpl = getattr(me.tokenizer, "chat_template", None)
     # model_info as Ollama names its keys (clients read "<architecture>.context_length"), the plain one kept too
@@ -936,11 +941,13 @@ class PullRequest(_Loose):
 async def pull(request: Request) -> Response:
     """Ollama's pull, for a model already served (clients pull before they use one): success, as Ollama answers a
     model it has. This server downloads nothing: any other name is a 404 saying how models get here."""
-    body = await _body(request, PullRequest)
+    body = await _body(request, PullRequest, counted=True)
     name = body.model or body.name
+    tenant = auth.tenant(request)
     try:
-        request.app.state.serving.lookup(auth.tenant(request), served(request, name))
+        request.app.state.serving.lookup(tenant, served(request, name))
     except ServingError as e:
+        request.app.state.controller.count_refusal(served(request, name), tenant.name, e.status)
         if e.status != 404:
             return _error(e.status, e.message, e)
         return _error(404, f"model '{name}' is not served here, and this server downloads nothing: serve a model "

@@ -50,6 +50,24 @@ async def _serve(request: Request, call, model: str, tenant: Tenant) -> Response
         raise
 
 
+async def _refusals_counted(request: Request, call, model: str | None, tenant: Tenant):
+    """Run a metadata route's call (it names a model, runs no generation): its refusals are counted as a generating
+    route's are, under the model when one answers to the name (never a label value from a name no model has: "-"),
+    and its tenant. It named no 404 before (a /tokenize of an unknown model was not in tokenpool_requests_total)."""
+    try:
+        return await call
+    except ServingError as e:
+        if not getattr(e, "counted", False):
+            request.app.state.controller.count_refusal(model, tenant.name, e.status)
+            e.counted = True  # type: ignore[attr-defined]
+        raise
+    except Exception as e:
+        if not getattr(e, "counted", False):
+            request.app.state.controller.count_refusal(model, tenant.name, 500)
+            e.counted = True  # type: ignore[attr-defined]
+        raise
+
+
 @router.post("/v1/completions", response_model=p.CompletionResponse, responses=ERRORS)
 async def completions(body: p.CompletionRequest, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     return await _serve(request, request.app.state.serving.completions(body, tenant, request), body.model, tenant)
@@ -76,7 +94,8 @@ async def create_message(body: p.MessagesRequest, request: Request, tenant: Tena
 
 @router.post("/v1/messages/count_tokens", responses=ERRORS)
 async def count_message_tokens(body: p.MessagesRequest, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
-    return await anthropic.count_tokens(request.app.state.serving, body, tenant)
+    return await _refusals_counted(request, anthropic.count_tokens(request.app.state.serving, body, tenant), body.model,
+                                   tenant)
 
 
 @router.post("/rerank", responses=ERRORS)
@@ -132,7 +151,8 @@ COUNTED = frozenset({completions, chat_completions, create_embeddings, create_me
 @router.post("/v1/responses/input_tokens", responses=ERRORS)
 async def response_input_tokens(body: p.ResponsesRequest, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     """The input's tokens as /v1/responses would feed them (the SDK's responses.input_tokens.count)."""
-    return await responses.input_tokens(request.app.state.serving, request.app.state.responses, body, tenant)
+    return await _refusals_counted(request, responses.input_tokens(request.app.state.serving, request.app.state.responses,
+                                                                   body, tenant), body.model, tenant)
 
 
 @router.post("/v1/responses/{response_id}/cancel", responses=ERRORS)
@@ -175,19 +195,29 @@ async def list_models(request: Request, tenant: Tenant = Depends(auth.tenant_dep
 @router.get("/v1/models/{model:path}", response_model=p.ModelCard, responses=ERRORS)
 async def get_model(model: str, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     """A model by the name a request would use: its own, or one of its aliases (answered under the name asked)."""
-    card = request.app.state.serving.card(tenant, model)
+    try:
+        card = request.app.state.serving.card(tenant, model)
+    except ServingError as e:
+        request.app.state.controller.count_refusal(model, tenant.name, e.status)
+        e.counted = True  # type: ignore[attr-defined]
+        raise
     return _respond(anthropic.model_info(card)) if anthropic.speaks_anthropic(request) else card
 
 
 @router.post("/tokenize", response_model=p.TokenizeResponse, responses=ERRORS)
 async def tokenize(body: p.TokenizeRequest, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
     """vLLM's: the token ids of a prompt or of chat messages, as a completion or chat request would feed them."""
-    return await request.app.state.serving.tokenize(body, tenant)
+    return await _refusals_counted(request, request.app.state.serving.tokenize(body, tenant), body.model, tenant)
 
 
 @router.post("/detokenize", response_model=p.DetokenizeResponse, responses=ERRORS)
 async def detokenize(body: p.DetokenizeRequest, request: Request, tenant: Tenant = Depends(auth.tenant_dep)):
-    return await request.app.state.serving.detokenize(body, tenant)
+    return await _refusals_counted(request, request.app.state.serving.detokenize(body, tenant), body.model, tenant)
+
+
+# The metadata routes that name a model (no generation): their refusals are counted (`_refusals_counted`), a body
+# refused before the route ran (the app's validation handler) too
+REFUSALS_COUNTED = frozenset({count_message_tokens, response_input_tokens, get_model, tokenize, detokenize})
 
 
 @router.post("/v1/load_lora_adapter", responses=ERRORS, dependencies=[Depends(auth.operator)])
