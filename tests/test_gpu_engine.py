@@ -174,10 +174,10 @@ def test_decode_with_rope_in_the_attention_gives_the_same_tokens(make_varied, ar
     assert outs[(True, True)] == outs[(False, True)] and outs[(True, False)] == outs[(False, True)]
 
 
-def _one_at_a_time(d, graphs: bool) -> list[list[int]]:
-    """Three greedy requests of model `d` (fp32), each run alone to its end (batch-1 decode steps: the GEMV path,
-    PDL), with or without CUDA graphs: their tokens; every KV block is free after."""
-    eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="fp32", cuda_graphs=graphs, kv_cache_memory_gb=0.1,
+def _one_at_a_time(d, graphs: bool, dtype: str = "fp32") -> list[list[int]]:
+    """Three greedy requests of model `d`, each run alone to its end (batch-1 decode steps: the GEMV path, PDL), with
+    or without CUDA graphs: their tokens; every KV block is free after."""
+    eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype=dtype, cuda_graphs=graphs, kv_cache_memory_gb=0.1,
                                  max_num_seqs=8))
     res = []
     for i in range(3):

@@ -145,8 +145,7 @@ def _head_dim_128_model(make_tiny, out):
 def test_an_engine_with_the_megakernel_gives_the_tokens_of_the_triton_path(make_tiny, tmp_path, monkeypatch):
     """TOKENPOOL_MEGAKERNEL in the engine: batch-1 decode graphs captured with the kernel (each request alone, bf16)
     give the greedy tokens of the same engine on the Triton path, and free every KV block."""
-    from token_scheduler import LLMEngine, SamplingParams
-    from token_scheduler.engine import EngineConfig
+    from tests.test_gpu_engine import _one_at_a_time
 
     d = _head_dim_128_model(make_tiny, tmp_path / "q128")
     made = []
@@ -160,16 +159,7 @@ def test_an_engine_with_the_megakernel_gives_the_tokens_of_the_triton_path(make_
     outs = {}
     for use in (False, True):
         monkeypatch.setattr(megakernel, "USE", use)
-        eng = LLMEngine(EngineConfig(model=str(d), device="cuda", dtype="bf16", cuda_graphs=True,
-                                     kv_cache_memory_gb=0.1, max_num_seqs=8))
-        res = []
-        for i in range(3):
-            eng.add_request(f"r{i}", [5 + i] * (3 + 11 * i), SamplingParams(temperature=0, max_tokens=20 + 9 * i,
-                                                                             ignore_eos=True))
-            while eng.has_unfinished_requests():
-                res += [o.outputs[0].token_ids for o in eng.step() if o.finished]
-        assert eng.stats()["kv_blocks_used"] == 0 and len(res) == 3
-        outs[use] = res
+        outs[use] = _one_at_a_time(d, True, "bf16")
         assert bool(made) == use  # graphs with the kernel only where it is on
     assert len({t for r in outs[False] for t in r}) > 5  # continuations that vary
     assert outs[True] == outs[False]
