@@ -107,6 +107,7 @@ class EngineHandle:
     alive: bool = True
     draining: bool = False
     retiring: bool = False  # its worker was signalled to stop (STOPPING): stopped (Shutdown) once it has no request
+    stop_grace_s: float | None = None  # (retiring, a remote worker) the grace its STOPPING event asked for its requests
     last_seen: float = field(default_factory=time.monotonic)
     step_s: float = 0.0
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -399,8 +400,8 @@ class EnginePool:
                 elif isinstance(msg, m.Stats):
                     self._stats(e, msg)
         except (asyncio.IncompleteReadError, m.ProtocolError, OSError) as ex:
-            if e.alive:  # (at shutdown the workers were told to stop: their exit is expected)
-                (log.info if self._stopping else log.warning)("engine %s connection lost: %s", eid,
+            if e.alive:  # (at shutdown, or signalled, the workers were told to stop: their exit is expected)
+                (log.info if self._stopping or e.retiring else log.warning)("engine %s connection lost: %s", eid,
                                                                type(ex).__name__)
         finally:
             self._dead(e)
@@ -437,8 +438,12 @@ class EnginePool:
         events = [x for x in msg.events[:MAX_EVENTS] if isinstance(x, dict)] if isinstance(msg.events, list) else []
         if events and self._on_events is not None:
             self._on_events(e, events)
-        if not e.retiring and any(x.get("kind") == STOPPING for x in events):
+        stopping = next((x for x in events if x.get("kind") == STOPPING), None)
+        if not e.retiring and stopping is not None:
             e.retiring = True
+            g = stopping.get("grace_s")  # (a remote worker's own drain grace: its pod's grace period bounds it)
+            if isinstance(g, (int, float)) and not isinstance(g, bool) and 0 <= g <= 86400:
+                e.stop_grace_s = float(g)
             if self._on_stopping is not None:
                 self._on_stopping(e)
             self.release_if_idle(e)

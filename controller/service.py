@@ -817,6 +817,9 @@ class Controller:
                     queued_prompt[s.model] = queued_prompt.get(s.model, 0) + len(s.prompt_ids)
             reps = {}
             step = e.step_s
+            # a remote worker signalled to stop has no successor (a local one's standby takes its slot): its
+            # registrations count for none, so the autoscaler registers its models elsewhere meanwhile (replicas.min)
+            leaving = e.retiring and e.slot is None
             for name, r in e.replicas.items():
                 me = self.models.get(name)
                 if me is None:
@@ -825,7 +828,8 @@ class Controller:
                 st = e.stats.get(name, {})
                 mstep = st.get("step_s", 0.0) or me.default_step_s
                 reps[name] = ReplicaView(name, r.state == "ready", r.max_num_seqs or me.spec.engine.max_num_seqs,
-                                         tuple(run.get(name, ())), tuple(wait.get(name, ())), r.draining, mstep,
+                                         tuple(run.get(name, ())), tuple(wait.get(name, ())), r.draining or leaving,
+                                         mstep,
                                          st.get("prefill_s_per_token", 0.0), st.get("load_s", 0.0),
                                          queued_prompt.get(name, 0))
             out.append(EngineView(e.id, e.memory_bytes, reps, step or 0.05, e.alive, e.draining))
@@ -1106,9 +1110,13 @@ class Controller:
     def _stopping(self, e: EngineHandle) -> None:
         """Engine `e`'s worker was signalled to stop (one SIGTERM to it, or to the whole server): no new request goes
         there, and the pool stops it once those it has are done (EnginePool.release_if_idle), shutdown_grace_s at
-        most: then they are handed off (_hand_off). Its slot's standby takes over as it exits; until then a request
-        for a model only it had waits for that one (EnginePool.replacing)."""
-        grace, n = self.cfg.shutdown_grace_s, len(e.subs)
+        most (a remote worker: the grace its event asked for, its pod's): then they are handed off (_hand_off). Its
+        slot's standby takes over as it exits; until then a request for a model only it had waits for that one
+        (EnginePool.replacing). A remote worker has no standby: its models are registered on other engines at once
+        (`views`: its registrations count for none), where they fit."""
+        # (a remote worker's own grace where it says one: a worker pod's terminationGracePeriodSeconds bounds it)
+        grace = self.cfg.shutdown_grace_s if e.stop_grace_s is None else e.stop_grace_s
+        n = len(e.subs)
         # (a stop of the whole server signals its workers too: expected then, not worth a warning)
         (log.info if self.pool.quiet else log.warning)(
             "engine %s (pid %d) was signalled to stop: %s", e.id, e.pid,
@@ -1118,6 +1126,8 @@ class Controller:
         e.draining = True
         if e.subs:
             asyncio.get_running_loop().call_later(grace, self._hand_off, e)
+        if e.slot is None:
+            self.tick()  # (its models placed elsewhere now, not at the next autoscaler round)
 
     def _hand_off(self, e: EngineHandle) -> None:
         """A signalled engine's grace is over: what it still runs is aborted there and sent to another engine where

@@ -8,7 +8,8 @@ back. Engine calls never overlap: the step runs in one executor thread while the
 (requests, aborts, heartbeats) moving and detokenizes and sends the previous step's token ids; adds, aborts,
 stop-string ends and model loads queued by the loop are applied between steps, so an abort frees its KV before
 the next step. A local worker (started with --slot) exits when the controller goes away; a remote one
-reconnects. A local standby (--standby, controller/pool.py) does a worker's start-up, then waits on stdin for
+reconnects (unless it was signalled to stop: then it exits). A SIGTERM/SIGINT drains either kind (see
+`Worker.run`). A local standby (--standby, controller/pool.py) does a worker's start-up, then waits on stdin for
 its turn."""
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def device_memory(device: str) -> tuple[int, int]:
 
 class Worker:
     def __init__(self, controller: tuple[str, int], device: str = "cpu", slot: int | None = None,
-                 join_token: str | None = None, settings: dict[str, Any] | None = None):
+                 join_token: str | None = None, settings: dict[str, Any] | None = None,
+                 drain_grace_s: float | None = None):
         self.controller = controller
         self.device = device
         self.slot = slot
@@ -108,6 +110,9 @@ class Worker:
         self._signalled = False  # (a local worker) a first SIGTERM/SIGINT came: it stops at its controller's word
         self._notices: list[dict[str, Any]] = []  # the worker's own events for the next Stats (STOPPING)
         self.stop_wait_s = LOCAL_STOP_WAIT_S  # (signalled) the longest wait for the controller's word: its setting
+        # (a remote worker, signalled) how long its requests in flight get before they are handed off or ended (the
+        # controller's word); it stops on its own STOP_MARGIN_S after that at most (a pod's grace period is short)
+        self.drain_grace_s = max(0.0, float(env.WORKER_DRAIN_S.number() if drain_grace_s is None else drain_grace_s))
         self._joined = False  # registered with the controller, in this session (until it ends)
 
     def send(self, msg: m.Message) -> None:
@@ -124,7 +129,15 @@ class Worker:
         the controller's `shutdown_grace_s` at most (what is left then is handed to other engines where that is safe,
         else ended) -- and a standby takes the slot. It serves on meanwhile, `stop_wait_s` at most (a controller
         that never answers: the controller's shutdown_grace_s + 30 s, by default 60 s); a second signal stops it at
-        once. A stop that signals every process of the server at once (systemd's default KillMode=control-group)
+        once, its requests ended with an error saying so (those nothing was sent of yet go to another engine).
+
+        A remote worker (a Kubernetes worker pod: a node drain, a DaemonSet rollout) drains the same way, but on its
+        own grace (`drain_grace_s`, --drain-grace-s, $TOKENPOOL_WORKER_DRAIN_S, 45 s), which its STOPPING event
+        tells the controller: the controller routes new requests elsewhere and registers the worker's models on other
+        engines (their minimum replicas), lets the requests in flight finish, hands off or ends what is left when the
+        grace is over, then tells it to stop; it exits (status 0) at that word, or on its own STOP_MARGIN_S after the
+        grace (ending what it still runs with an error), never reconnecting. It used to stop at once on SIGTERM:
+        every stream on the node ended with an error. A stop that signals every process of the server at once (systemd's default KillMode=control-group)
         used to end the workers at once, while the controller began its graceful drain: every stream in flight ended
         with "engine died" instead of finishing; now they finish (the controller, draining, starts no new worker). A single signal to one worker used to wait the whole
         LOCAL_STOP_WAIT_S (60 s) for a controller that was not stopping."""
@@ -140,8 +153,8 @@ class Worker:
                     delay = 0.5
                 except (OSError, asyncio.IncompleteReadError, m.ProtocolError) as e:
                     log.warning("controller connection: %s", e)
-                if self.slot is not None:  # a local worker lives and dies with its controller
-                    return
+                if self.slot is not None or self._signalled:  # a local worker lives and dies with its controller;
+                    return  # a signalled one stops at its word (or when it goes: its requests went with it)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
         except asyncio.CancelledError:
@@ -153,17 +166,46 @@ class Worker:
             self._load_thread.shutdown(wait=False)
 
     def _on_signal(self, me: asyncio.Task, sig: int) -> None:
-        if self.slot is None or not self._joined or self._signalled:
+        if not self._joined:  # (not connected: no request to let finish)
             me.cancel()
             return
+        if self._signalled:
+            self._stop_now(me, f"a second signal ({int(sig)}) stopped its worker")
+            return
         self._signalled = True
+        notice: dict[str, Any] = {"kind": STOPPING, "t": time.time(), "signal": int(sig)}
+        if self.slot is None:  # a remote worker: its own grace, which the controller is told
+            wait, notice["grace_s"] = self.drain_grace_s + STOP_MARGIN_S, self.drain_grace_s
+        else:
+            wait = self.stop_wait_s
         log.info("signal %d: stopping once this worker's requests are done (at the controller's word, when it goes, "
-                 "or in %.0f s; signal again to stop now)", sig, self.stop_wait_s)
+                 "or in %.0f s; signal again to stop now)", sig, wait)
         loop = asyncio.get_running_loop()
-        loop.call_later(self.stop_wait_s, me.cancel)
-        self._notices.append({"kind": STOPPING, "t": time.time(), "signal": int(sig)})
+        loop.call_later(wait, self._stop_now, me, f"its worker's drain grace ({wait:.0f} s) ran out")
+        self._notices.append(notice)
         # told now, not at the next beat (a snapshot is taken between two steps, on the step thread)
         loop.run_in_executor(self._step_thread, self._snapshot).add_done_callback(self._send_stats)
+
+    def _stop_now(self, me: asyncio.Task, why: str) -> None:
+        """Stop without waiting for the requests in flight: each ends with an error saying why (the controller sends
+        one that nothing was sent of yet to another engine), then the worker stops."""
+        if self._owner and self._writer is not None:
+            log.warning("stopping now (%s): ending %d request(s) in flight", why, len(self._owner))
+            said = f"{why} before the request finished"
+            self.send(m.Outputs([m.Delta(r, finished=True, finish_reason="error", error=said, error_kind="engine")
+                                 for r in self._owner]))
+            self._owner.clear()
+        writer = self._writer
+
+        async def stop() -> None:
+            if writer is not None and not writer.is_closing():
+                try:  # (the ends reach the controller before the connection closes)
+                    await asyncio.wait_for(writer.drain(), 2.0)
+                except (OSError, asyncio.TimeoutError):
+                    pass
+            me.cancel()
+
+        asyncio.ensure_future(stop())
 
     async def _session(self) -> None:
         reader, writer = await asyncio.open_connection(*self.controller)
@@ -529,6 +571,10 @@ def bind_device(device: str) -> None:
 # controller's word, unless the controller says otherwise (`stop_wait`: its shutdown_grace_s + 30 s, the drain of a
 # stop of the whole server and the stop after it); systemd's SIGKILL comes after 90 s
 LOCAL_STOP_WAIT_S = 60.0
+# after a signalled remote worker's grace for its requests in flight (Worker.drain_grace_s, $TOKENPOOL_WORKER_DRAIN_S,
+# 45 s), the margin for the controller's hand-off and word: 45 + 5 s, under the 60 s terminationGracePeriodSeconds of
+# the operator's worker pods
+STOP_MARGIN_S = 5.0
 STOPPING = "worker_stopping"  # the event (in Stats.events) by which a signalled worker asks the controller to let it go
 
 
@@ -626,6 +672,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host-cache-gb", type=float, default=None, help="the node's host weight cache (gpus.host_cache_gb)")
     ap.add_argument("--policy", choices=("token", "aegaeon", "request", "static"), default=None,
                     help="the multi-model policy of this worker's pooled engine (gpus.policy)")
+    ap.add_argument("--drain-grace-s", type=float, default=None,
+                    help="on SIGTERM, how long requests in flight get to finish before they are handed off or ended "
+                         f"(default: $TOKENPOOL_WORKER_DRAIN_S, {env.WORKER_DRAIN_S.default}); the worker exits at "
+                         f"most {STOP_MARGIN_S:.0f} s later")
     ap.add_argument("--standby", action="store_true", help=argparse.SUPPRESS)  # a local spare (controller/pool.py)
     a = ap.parse_args(argv)
     host, _, port = a.controller.rpartition(":")
@@ -640,7 +690,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.setswitchinterval(env.SWITCH_INTERVAL_S.number())
     worker = Worker((host or "127.0.0.1", int(port)), a.device, a.slot, a.join_token,
                     {"budget_gb": a.gpu_budget_gb, "kv_cache_gb": a.kv_cache_gb, "host_cache_gb": a.host_cache_gb,
-                     "policy": a.policy})
+                     "policy": a.policy}, a.drain_grace_s)
     try:  # uvloop: each step's outputs wait on the executor-to-loop handoff; it is ~60 us cheaper there
         import uvloop
     except ImportError:

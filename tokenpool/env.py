@@ -147,6 +147,10 @@ SWITCH_INTERVAL_S = Var("TOKENPOOL_SWITCH_INTERVAL_S", None, "a worker's sys.set
                         kind="number")
 GC_YOUNG = Var("TOKENPOOL_GC_YOUNG", None, "the serving processes' young-generation collection threshold (unset: "
                "50000, or Python's if higher; controller/heap.py; A/B runs)", kind="int")
+WORKER_DRAIN_S = Var("TOKENPOOL_WORKER_DRAIN_S", "45", "a remote worker's drain on SIGTERM (python -m controller.worker "
+                     "--drain-grace-s): how long its requests in flight get to finish before they are handed to another "
+                     "engine or ended; it exits at most 5 s later (keep the sum under a pod's "
+                     "terminationGracePeriodSeconds, 60 s for the operator's workers)", kind="number")
 JOIN_TOKEN = Var("TOKENPOOL_JOIN_TOKEN", None, "a worker's join token (the controller sets it for the "
                  "local workers it starts)")
 ADMIN_TOKEN = Var("TOKENPOOL_ADMIN_TOKEN", None, "the controller's admin token (tokenpool ps/admin commands, "

@@ -349,6 +349,8 @@ def build_worker_daemonset(pool: str, namespace: str, spec: dict) -> dict:
                     "nodeSelector": s["nodeSelector"],
                     "tolerations": s["tolerations"],
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+                    # a worker's SIGTERM drain: its requests in flight get $TOKENPOOL_WORKER_DRAIN_S (45 s), its
+                    # models move to the other engines meanwhile, and it exits 5 s after that at most (worker.py)
                     "terminationGracePeriodSeconds": 60,
                     "containers": containers,
                     "volumes": volumes,
