@@ -353,7 +353,8 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
     async def health(request: Request):
         c: Controller = request.app.state.controller
         if request.app.state.serving.draining:
-            return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "5"})
+            return JSONResponse({"status": "draining", "instance": c.instance}, status_code=503,
+                                headers={"Retry-After": "5"})
         ok = c.ready()
         engines = sum(1 for e in c.pool.engines.values() if e.alive)
         # Once ready, a model that is not (its worker died and it loads again, or its loads fail) leaves the server
@@ -361,7 +362,8 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
         # balancer's (or a Kubernetes Service's) endpoints for one model -- as vLLM's and Ollama's stay 200 while
         # their engine runs. 503 before the first ready ("starting"), and with no live engine ("unavailable").
         status = "ok" if ok else "starting" if not c.was_ready else "degraded" if engines else "unavailable"
-        body = {"status": status, "engines": engines, "models": len(c.models)}
+        # instance: new at each start (the operator registers its models and tenants again when it changes)
+        body = {"status": status, "engines": engines, "models": len(c.models), "instance": c.instance}
         if not ok and (failed := c.load_errors()):
             # What keeps it from ready, where a load keeps failing. /health answers anyone (probes send no key): the
             # names and the workers' errors (paths, exception text) go only to whoever may change what is served (no

@@ -276,6 +276,9 @@ class Generation:
 class Controller:
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
+        # new at each start (/health's `instance`): the operator sees a restarted controller, which has lost the
+        # models and tenants made through its admin API, and registers them again at once
+        self.instance = os.urandom(8).hex()
         self.metrics = Metrics()
         self.tenants = TenantRegistry(cfg.tenants, cfg.auth_enabled, cfg.tenants_file)
         self.prefix = PrefixIndex()  # the prompt blocks sent to each engine: prefix-cache-aware routing

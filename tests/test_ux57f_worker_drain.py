@@ -121,7 +121,7 @@ def test_sigterm_drains_a_remote_worker_then_its_grace_or_a_second_signal_ends_t
     it = _stream(c, 60)  # ~1.2 s at 0.02 s a token
     assert _hosts(server, a.pid) and not _hosts(server, b.pid)
     os.kill(a.pid, signal.SIGTERM)
-    time.sleep(0.3)  # (the worker has told the controller)
+    _until("the model registered on B", lambda: _hosts(server, b.pid), timeout=10)  # at once, not per request
     reply = _in_background(c.completions.create, model="pace", prompt="x", max_tokens=3)
     chunks = list(it)
     assert chunks[-1].choices[0].finish_reason == "length"

@@ -83,6 +83,16 @@ class AdminClient:
         """Pin the model (its weights kept in VRAM wherever it is registered) or unpin it, in place."""
         return self._expect("POST", self.models.path_of(name) + ("/pin" if on else "/unpin"), 200)
 
+    def instance(self) -> str | None:
+        """The controller's instance (its /health's `instance`, new at each start); None when it does not answer
+        (or is older than the field). /health answers at once, while the controller starts too, and needs no token."""
+        try:
+            r = httpx.get(self.url.rstrip("/") + "/health", timeout=min(self.timeout_s, 3.0))
+            v = r.json().get("instance")
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return v if isinstance(v, str) and v else None
+
     def engines(self) -> list[dict]:
         return self._expect("GET", "/admin/engines", 200)
 

@@ -2,7 +2,10 @@
 compares with what they hold, changes only the difference, and writes status conditions.
 
 Level-triggered: create/update/resume and a periodic timer all run the same reconcile, so after an operator
-or controller restart (a controller loses API-made models when it restarts) everything converges again.
+or controller restart (a controller loses API-made models when it restarts) everything converges again. A
+controller restart is seen within RESTART_CHECK_S (its /health's `instance` changes: `ControllerWatch`), and each
+PooledModel and Tenant is reconciled at once, not at the next timer round (up to RESYNC_S later: meanwhile every
+tenant key was a 401 and every model a 404, while their statuses said Ready).
 Idempotent: a reconcile that finds nothing to change calls no admin-API mutation and writes no status.
 Handlers are sync (kopf runs them in threads); one lock per object keeps its timer and its change handlers apart.
 """
@@ -18,6 +21,7 @@ import json
 import logging
 import os
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +77,9 @@ PLURALS = ("pooledmodels", "tenants", "gpupools")
 # (60 s) left the object Terminating a minute after its delete handler had finished. A round takes well under a
 # second; each look that finds it still running costs one annotation patch.
 TIMER_EXIT_POLL_S = 1.0
+# How often the operator looks whether the controller restarted (one GET /health, whichever object's check asks
+# first); each PooledModel and Tenant checks the answer this often (no call of its own).
+RESTART_CHECK_S = 1.0
 WATCH_TIMEOUT_S = 600  # the longest a watch request lasts (the API server's timeoutSeconds)
 
 
@@ -82,6 +89,8 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
 
     cfg = OperatorConfig.from_env()
     memo.admin = AdminClient(cfg.controller_url, cfg.admin_token)
+    memo.watch = ControllerWatch(memo.admin)
+    memo.seen = {}  # uid -> the controller instance its restart check last saw (`_controller_restarted`)
     memo.kube = Kube(cfg.kubeconfig)
     # uid -> (generation, digest) last applied by this process: status may lag behind a duplicate event, and a
     # timer's snapshot of the object may be older than what an update handler just applied.
@@ -113,6 +122,49 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Watch the given namespaces and the resources found at start: no cluster-wide CRD or namespace watching,
     # so the operator needs no ClusterRole (a newly installed CRD needs an operator restart).
     settings.scanning.disabled = True
+
+
+class ControllerWatch:
+    """The controller's instance of now (AdminClient.instance), asked RESTART_CHECK_S apart at most, whichever
+    object's restart check asks (one thread asks; the others meanwhile take the answer before)."""
+
+    def __init__(self, admin: AdminClient) -> None:
+        self.admin, self.value, self.at = admin, None, -RESTART_CHECK_S
+        self._asking = threading.Lock()
+
+    def instance(self) -> str | None:
+        if time.monotonic() - self.at >= RESTART_CHECK_S and self._asking.acquire(blocking=False):
+            try:
+                self.value = self.admin.instance()
+                self.at = time.monotonic()
+            finally:
+                self._asking.release()
+        return self.value
+
+
+def _controller_restarted(memo: kopf.Memo, meta: dict) -> str | None:
+    """The controller's new instance when it is not the one this object's check saw last (a restarted controller:
+    it lost what the admin API made); None when it is (or the controller does not answer, or does not say). The
+    first look only notes it (the resume handler reconciled the object at the operator's start)."""
+    watch = getattr(memo, "watch", None)
+    now = watch.instance() if watch is not None else None
+    if now is None:
+        return None
+    with memo.locks_guard:
+        before = memo.seen.setdefault(meta["uid"], now)
+    return now if before != now else None
+
+
+def _after_restart(round_: Any, what: str, meta: dict, memo: kopf.Memo, **kw: Any) -> None:
+    """Reconcile the object at once if the controller restarted since its check looked last; noted as seen only
+    once the round went through (a controller that does not answer yet raises: looked at again)."""
+    now = _controller_restarted(memo, meta)
+    if now is None:
+        return
+    log.info("the controller restarted (instance %s): registering %s %s again", now, what, kw.get("name"))
+    round_(meta=meta, memo=memo, **kw)
+    with memo.locks_guard:
+        memo.seen[meta["uid"]] = now
 
 
 # What the retries the handlers ask for wait on (kopf.TemporaryError's message begins so). kopf logs every retry
@@ -343,6 +395,11 @@ def resync_model(runtime: datetime.timedelta, **kw: Any) -> None:
     _reconcile_model(runtime=None, **kw)  # a timer round never waits for a drain: the change handler does
 
 
+@kopf.timer(GROUP, VERSION, "pooledmodels", interval=RESTART_CHECK_S, initial_delay=RESTART_CHECK_S)
+def model_after_restart(runtime: datetime.timedelta, **kw: Any) -> None:
+    _after_restart(_reconcile_model, "PooledModel", runtime=None, **kw)
+
+
 def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: dict, patch: kopf.Patch,
                      memo: kopf.Memo, runtime: datetime.timedelta | None, served_names: Any = None,
                      body: Any = None, **_: Any) -> None:
@@ -476,6 +533,7 @@ def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Pa
                 memo.admin.models.remove(served)
             memo.applied.pop(meta["uid"], None)
             memo.served.pop(meta["uid"], None)
+            memo.setdefault("seen", {}).pop(meta["uid"], None)
         except (AdminError, AdminUnavailable) as e:
             _removal_failed(body, patch, status, meta, memo, e)
 
@@ -612,6 +670,11 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
         _write_status(body, patch, status, fields, "Ready", reason, message, gen)
 
 
+@kopf.timer(GROUP, VERSION, "tenants", interval=RESTART_CHECK_S, initial_delay=RESTART_CHECK_S)
+def tenant_after_restart(**kw: Any) -> None:
+    _after_restart(reconcile_tenant, "Tenant", **kw)
+
+
 def _fingerprint(key: str) -> str:
     """What tells two Secrets' keys (or given hashes) the same (kept in the operator's memory only)."""
     return hashlib.sha256(key.strip().encode()).hexdigest()
@@ -655,6 +718,7 @@ def delete_tenant(name: str, status: dict, meta: dict, patch: kopf.Patch, memo: 
             memo.applied.pop(meta["uid"], None)
             with memo.locks_guard:
                 memo.setdefault("key_claims", {}).pop(meta["uid"], None)  # (its keys are free for another)
+                memo.setdefault("seen", {}).pop(meta["uid"], None)
         except (AdminError, AdminUnavailable) as e:
             _removal_failed(body, patch, status, meta, memo, e)
 
