@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from tests import ports
+
 
 def write_kubeconfig(k8s, path: Path, namespace: str) -> Path:
     """A kubeconfig at `path` whose current context is the emulator `k8s`, in `namespace`."""
@@ -23,18 +25,7 @@ PORTS = range(18300, 18400)  # the TCP ports these tests keep to (a machine shar
 
 def free_port(skip: tuple[int, ...] = ()) -> int:
     """A free port of PORTS (not one of `skip`) for a kmock.Server or a live server."""
-    import socket
-
-    for port in PORTS:
-        if port in skip:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORTS}")
+    return ports.free_port(PORTS, skip)
 
 
 class FakeController:

@@ -15,19 +15,11 @@ from typer.testing import CliRunner
 
 from controller import real_model
 from controller.cli import app
+from tests import ports
 
 
 def _free_port() -> int:
-    import socket
-
-    for port in range(18600, 18700):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 18600-18699")
+    return ports.free_port(range(18600, 18700))
 
 
 def test_the_address_is_said_while_the_gguf_converts(tmp_path, monkeypatch, caplog):

@@ -17,7 +17,6 @@ import asyncio
 import itertools
 import re
 import shutil
-import socket
 import threading
 import time
 
@@ -27,6 +26,7 @@ from controller.app import build_app
 from controller.config import ModelSpec, ServerConfig
 from controller.keys import hash_key
 from tests import dashboard_pages as pages
+from tests import ports
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -38,14 +38,7 @@ MODELS = [f"m{i:02d}" for i in range(30)]
 
 
 def _port() -> int:
-    for port in range(18600, 18700):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 18600-18699")
+    return ports.free_port(range(18600, 18700))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import socket
 
 import pytest
 import pytest_asyncio
@@ -15,6 +14,7 @@ import pytest_asyncio
 kopf = pytest.importorskip("kopf")
 kmock = pytest.importorskip("kmock")
 
+from tests import ports  # noqa: E402
 from tests.kmock_util import FakeController, write_kubeconfig  # noqa: E402
 from tests.test_manifests import _by_kind  # noqa: E402
 from tests.test_operator_e2e import NS, Cluster, Operator, _declare_crds, _obj, _until  # noqa: E402
@@ -24,16 +24,7 @@ PORTS = range(18800, 18850)
 
 
 def free_port(skip: tuple[int, ...] = ()) -> int:
-    for port in PORTS:
-        if port in skip:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORTS}")
+    return ports.free_port(PORTS, skip)
 
 
 @pytest_asyncio.fixture()

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import uuid
 
 import httpx
@@ -35,19 +34,13 @@ import load_tests.live_server as live_server
 from controller.config import load_config
 from controller.keys import hash_key
 from load_tests.live_server import LiveServer
+from tests import ports
 
 ADMIN, KEY, KEY2 = "admin-ux57e-token", "key-alice-ux57e-0123", "key-alice-ux57e-4567"
 
 
 def _port_in_range() -> int:
-    for port in range(18850, 18900):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 18850-18899")
+    return ports.free_port(range(18850, 18900))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import yaml
 
 from controller.keys import hash_key
 from load_tests.live_server import REPO_ROOT, LiveServer
+from tests import ports
 from tests.test_worker_failover import _in_background
 
 ADMIN = "admin-ux57f-drain-token"
@@ -27,16 +27,7 @@ ADM = {"Authorization": f"Bearer {ADMIN}"}
 
 
 def _port(skip: tuple[int, ...] = ()) -> int:
-    for port in range(18900, 18950):
-        if port in skip:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 18900-18949")
+    return ports.free_port(range(18900, 18950), skip)
 
 
 @pytest.fixture(scope="module")
