@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import contextmanager
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
@@ -36,12 +37,24 @@ async def _serve(request: Request, call, model: str, tenant: Tenant) -> Response
     cancelled once its client has gone, while it waits to be admitted too (its model's load, the start-up's
     workers): it was placed after the wait and ran on the engine for nobody."""
     try:
-        return _respond(await unless_disconnected(request, call))
+        with _counting(request, model, tenant):
+            return _respond(await unless_disconnected(request, call))
     except ClientGone:
         return Response(status_code=499)
+
+
+@contextmanager
+def _counting(request: Request, model: str | None, tenant: Tenant):
+    """Count what ends the block other than its answer -- a refusal (ServingError) or a 500 -- once, under `model` and
+    `tenant` (an error already counted where it arose is not)."""
+    try:
+        yield
     except ServingError as e:
         if not getattr(e, "counted", False):
             request.app.state.controller.count_refusal(model, tenant.name, e.status)
+            e.counted = True  # type: ignore[attr-defined]
+        raise
+    except ClientGone:
         raise
     except Exception as e:
         if not getattr(e, "counted", False):
@@ -54,18 +67,8 @@ async def _refusals_counted(request: Request, call, model: str | None, tenant: T
     """Run a metadata route's call (it names a model, runs no generation): its refusals are counted as a generating
     route's are, under the model when one answers to the name (never a label value from a name no model has: "-"),
     and its tenant. It named no 404 before (a /tokenize of an unknown model was not in tokenpool_requests_total)."""
-    try:
+    with _counting(request, model, tenant):
         return await call
-    except ServingError as e:
-        if not getattr(e, "counted", False):
-            request.app.state.controller.count_refusal(model, tenant.name, e.status)
-            e.counted = True  # type: ignore[attr-defined]
-        raise
-    except Exception as e:
-        if not getattr(e, "counted", False):
-            request.app.state.controller.count_refusal(model, tenant.name, 500)
-            e.counted = True  # type: ignore[attr-defined]
-        raise
 
 
 @router.post("/v1/completions", response_model=p.CompletionResponse, responses=ERRORS)
