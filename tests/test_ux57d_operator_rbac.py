@@ -17,8 +17,9 @@ kmock = pytest.importorskip("kmock")
 from tests import ports  # noqa: E402
 from tests.kmock_util import FakeController, write_kubeconfig  # noqa: E402
 from tests.test_manifests import _by_kind  # noqa: E402
-from tests.test_operator_e2e import NS, Cluster, Operator, _declare_crds, _obj, _until  # noqa: E402
+from tests.test_operator_e2e import NS, Cluster, Operator, _declare_crds, _until  # noqa: E402
 from tests.test_operator_lifecycle import _gone, _reason  # noqa: E402
+from tests.test_operator_uninstall import _ready  # noqa: E402
 
 PORTS = range(18800, 18850)
 
@@ -93,12 +94,7 @@ async def test_the_role_grants_every_call_the_operator_makes(world):
     kube, fake = world
     ns = Namespace(kube)
     async with Operator():
-        await kube.create("gpupools", _obj("GPUPool", "default", {}))
-        await kube.create("pooledmodels", _obj("PooledModel", "m", {"engine": {"kind": "pace"}}))
-        await kube.create("tenants", _obj("Tenant", "t", {"keysSecretRef": {"name": "keys"}}))
-        for plural, name, reason in (("gpupools", "default", "EnginesReady"), ("pooledmodels", "m", "Serving"),
-                                     ("tenants", "t", "Applied")):
-            await _until(f"{plural}/{name} {reason}", lambda p=plural, n=name, r=reason: _reason(kube, p, n, r))
+        await _ready(kube)
         # changed
         await kube.patch("pooledmodels", "m", {"metadata": {"generation": 2}, "spec": {"replicas": {"max": 2}}})
         await kube.patch("tenants", "t", {"metadata": {"generation": 2}, "spec": {"priority": 3}})
