@@ -11,6 +11,7 @@ the same bearer key.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -429,8 +430,11 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                                                 **({"tools": body.tools} if body.tools else {}), **extra,
                                                 **({"logprobs": True, "top_logprobs": k} if k is not None else {})})
         else:
-            if body.images or body.suffix:
-                raise ServingError(400, "images and suffix are not supported")
+            if body.images:  # (as the chat's; the one sent named, not both)
+                raise ServingError(400, "images are not supported: the served models take text")
+            if body.suffix:  # (Ollama's words for a model whose template has no fill-in-the-middle)
+                raise ServingError(400, f'"{body.model}" does not support insert (suffix): the served models '
+                                        "complete a prompt, with no fill-in-the-middle")
             if body.raw:
                 req = _as(p.CompletionRequest, {"max_tokens": None, **_sampling(body, model), "prompt": body.prompt})
             elif body.template:  # the request's own template over the system message and the prompt, fed as it is
@@ -827,6 +831,13 @@ async def embeddings_legacy(request: Request) -> Response:
     return JSONResponse({"embedding": got[0][0] if got[0] else []})
 
 
+def _digest(name: str, me: Any) -> str:
+    """A model's digest as Ollama lists it (64 hex digits): the served name over its folder and when it was registered,
+    so it stays while the model does. Ollama keeps its manifest's; the `ollama` CLI cuts it to 12 for its ID column
+    (`m.Digest[:12]`), and panicked on the empty one this was (`ollama ls`, `ollama ps` with OLLAMA_HOST here)."""
+    return hashlib.sha256(f"{name}\0{me.spec.path or ''}\0{me.created}".encode()).hexdigest()
+
+
 def _models(request: Request) -> list[dict[str, Any]]:
     tenant = auth.tenant(request)
     ctl = request.app.state.controller
@@ -836,7 +847,7 @@ def _models(request: Request) -> list[dict[str, Any]]:
         arch = me.architecture or ""
         out.append({"name": card.id, "model": card.id,
                     "modified_at": datetime.fromtimestamp(card.created, timezone.utc).isoformat(),
-                    "size": me.info.size_bytes, "digest": "", "details": {
+                    "size": me.info.size_bytes, "digest": _digest(card.id, me), "details": {
                         "format": "safetensors", "family": arch, "families": [arch] if arch else None,
                         "parameter_size": "", "quantization_level": ""}})
     return out
@@ -844,7 +855,7 @@ def _models(request: Request) -> list[dict[str, Any]]:
 
 @router.get("/tags")
 async def tags(request: Request) -> dict:
-    """The served models the key may use, with their weights' size (digests are not kept here)."""
+    """The served models the key may use, with their weights' size (digests made up: `_digest`)."""
     return {"models": _models(request)}
 
 
@@ -981,8 +992,23 @@ async def manage(action: str, request: Request) -> Response:
                 request.app.state.serving.lookup(tenant, served(request, name))
             except ServingError as e:
                 return _error(e.status, f"model '{name}' not found" if e.status == 404 else e.message, e)
-    return _error(501, f"/api/{action} is not supported: tokenpool serves the models in its configuration and those "
+    return _not_managed(f"/api/{action}")
+
+
+def _not_managed(what: str) -> Response:
+    return _error(501, f"{what} is not supported: tokenpool serves the models in its configuration and those "
                        "registered through the admin API (POST /admin/models, DELETE /admin/models/NAME)")
+
+
+@router.api_route("/blobs/{digest}", methods=["HEAD", "POST"], include_in_schema=False)
+async def blobs(digest: str, request: Request) -> Response:
+    """Ollama's blob upload, the first step of a create from files (`ollama create` with a GGUF, the client's
+    create_blob): no blob is kept here (HEAD: 404, as Ollama's for one it lacks, so the client goes on to upload),
+    and the upload is create's 501, saying how models get here (it was a bare 404 "Not Found")."""
+    auth.tenant(request)
+    if request.method == "HEAD":
+        return Response(status_code=404)
+    return _not_managed("/api/blobs (model creation)")
 
 
 MANAGEMENT = frozenset({"create", "copy", "delete", "push"})
