@@ -515,7 +515,7 @@ def run_cmd(
     system: Optional[str] = typer.Option(None, help="a system message"),
     max_tokens: Optional[int] = typer.Option(None, min=1, help="a reply's most tokens (default: the model's room)"),
     temperature: Optional[float] = typer.Option(None, min=0, max=2, help="sampling temperature (default: the "
-                                                "server's, 1; 0: greedy)"),
+                                                "server's: the model's generation_config.json, else 1; 0: greedy)"),
     seed: Optional[int] = typer.Option(None, help="sampling seed (the same seed and prompt, the same reply)"),
     verbose: bool = typer.Option(False, "--verbose", help="after each reply, its timings and token counts on "
                                  "stderr, as `ollama run --verbose`"),
