@@ -3,6 +3,9 @@ server of a tiny model:
 
 - `/api/tags` and `/api/ps` listed each model with an empty `digest`: the `ollama` CLI pointed here (OLLAMA_HOST)
   cuts it to 12 for its ID column (`m.Digest[:12]`), a Go panic for `ollama ls` and `ollama ps`;
+- `/api/tags`, `/api/show` and `/api/ps` gave no parameter count (`details.parameter_size` "", no
+  `general.parameter_count`), which `ollama show`, `tokenpool show` and GUIs print: now summed from the safetensors
+  headers, written as Ollama's format.HumanNumber;
 - `/api/generate` with `images` (or `suffix`) alone said "images and suffix are not supported": now the one sent is
   named, `suffix` in Ollama's words ("does not support insert");
 - the client's `create_blob` (the first step of a create from a GGUF) got a bare 404 "Not Found", or, for a file past
@@ -15,6 +18,7 @@ streamed and not, and through `ollama.AsyncClient`.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import socket
 import time
@@ -74,6 +78,31 @@ def test_ls_and_ps_give_each_model_a_digest_the_ollama_cli_can_cut(server):
     while "tiny" not in (running := {m.model: m.digest for m in c.ps().models}) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert running["tiny"] == listed["tiny"]
+
+
+def test_show_and_ls_give_the_parameter_count(server, make_tiny):
+    """general.parameter_count: the tensors' elements in the model's safetensors files; parameter_size as Ollama
+    writes it (355K for this tiny model's 354,880), in ls as in show."""
+    from safetensors import safe_open
+
+    want = 0
+    for f in make_tiny("qwen2").glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            want += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    c = oc(server)
+    shown = c.show("tiny")
+    assert shown.modelinfo["general.parameter_count"] == want
+    size = f"{want / 1e3:.0f}K"
+    assert shown.details.parameter_size == size
+    assert {m.model: m.details.parameter_size for m in c.list().models} == {"tiny": size, "other": size}
+
+
+@pytest.mark.parametrize("n, said", [(354_880, "355K"), (134_515_008, "134.52M"), (135_000_000, "135M"),
+                                     (7_615_616_512, "7.6B"), (8_000_000_000, "8B"), (999, "999")])
+def test_parameter_sizes_as_ollama_writes_them(n, said):
+    from controller.api.ollama import _human_number
+
+    assert _human_number(n) == said
 
 
 def test_a_generate_with_images_or_a_suffix_names_the_one_sent(server):

@@ -11,14 +11,17 @@ the same bearer key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -838,18 +841,55 @@ def _digest(name: str, me: Any) -> str:
     return hashlib.sha256(f"{name}\0{me.spec.path or ''}\0{me.created}".encode()).hexdigest()
 
 
+def _parameter_count(me: Any) -> int | None:
+    """The model's parameters, summed over its safetensors files' headers (their tensors' shapes; no weights read),
+    as Ollama gives `general.parameter_count`; None for a model without such files (a paced one)."""
+    folder = Path(me.spec.path) if me.spec.path else None
+    files = sorted(folder.glob("*.safetensors")) if folder is not None and folder.is_dir() else []
+    if not files:
+        return None
+    try:
+        return _counted(tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    except (OSError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=256)
+def _counted(files: tuple[tuple[str, int, int], ...]) -> int:
+    total = 0
+    for name, _, _ in files:
+        with open(name, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return total
+
+
+def _human_number(n: int) -> str:
+    """A parameter count as Ollama's format.HumanNumber writes its parameter_size: 135M, 134.52M, 7.6B, 8B."""
+    for unit, scale, places in (("B", 1e9, 1), ("M", 1e6, 2)):
+        if n >= scale:
+            v = n / scale
+            return f"{v:.0f}{unit}" if v == math.floor(v) else f"{v:.{places}f}{unit}"
+    return f"{n / 1e3:.0f}K" if n >= 1000 else str(n)
+
+
+def _details(me: Any) -> dict[str, Any]:
+    """Ollama's `details` of a model (/api/tags, /api/ps, /api/show): parameter_size from its safetensors headers."""
+    arch = me.architecture or ""
+    n = _parameter_count(me)
+    return {"parent_model": "", "format": "safetensors", "family": arch, "families": [arch] if arch else None,
+            "parameter_size": _human_number(n) if n else "", "quantization_level": ""}
+
+
 def _models(request: Request) -> list[dict[str, Any]]:
     tenant = auth.tenant(request)
     ctl = request.app.state.controller
     out = []
     for card in request.app.state.serving.models(tenant).data:
         me = ctl.resolve(card.id)  # (a LoRA adapter: its model's; an alias: the model's)
-        arch = me.architecture or ""
         out.append({"name": card.id, "model": card.id,
                     "modified_at": datetime.fromtimestamp(card.created, timezone.utc).isoformat(),
-                    "size": me.info.size_bytes, "digest": _digest(card.id, me), "details": {
-                        "format": "safetensors", "family": arch, "families": [arch] if arch else None,
-                        "parameter_size": "", "quantization_level": ""}})
+                    "size": me.info.size_bytes, "digest": _digest(card.id, me), "details": _details(me)})
     return out
 
 
@@ -916,12 +956,13 @@ async def show(request: Request) -> Response:
                             "context_length": me.max_model_len}
     if me.hidden_size:
         info[f"{arch}.embedding_length"] = me.hidden_size
+    if n := _parameter_count(me):  # (the `ollama` CLI's show prints it as "parameters", as do GUIs)
+        info["general.parameter_count"] = n
     # (Ollama's Modelfile parameters, one a line, name then value: here the sampling the model's generation_config
     # recommends, which a request that leaves them out gets)
     params = "\n".join(f"{k:<30} {v}" for k, v in generation_defaults(me).items())
     return JSONResponse({"modelfile": "", "parameters": params, "template": tpl if isinstance(tpl, str) else "",
-                         "details": {"parent_model": "", "format": "safetensors", "family": arch, "families": [arch],
-                                     "parameter_size": "", "quantization_level": ""},  # (as /api/tags writes them)
+                         "details": {**_details(me), "family": arch, "families": [arch]},  # (as /api/tags's)
                          "modified_at": datetime.fromtimestamp(me.created, timezone.utc).isoformat(),
                          "model_info": info,
                          # (tools: the model's own call syntax is configured, so tool_choice "auto" works, as Ollama's;
