@@ -6,6 +6,7 @@ server of a tiny model:
 - `/api/tags`, `/api/show` and `/api/ps` gave no parameter count (`details.parameter_size` "", no
   `general.parameter_count`), which `ollama show`, `tokenpool show` and GUIs print: now summed from the safetensors
   headers, written as Ollama's format.HumanNumber;
+- `/api/ps` gave a model held by a CPU worker `size_vram` = its size: `ollama ps` said "100% GPU" (now 0: "100% CPU");
 - `/api/generate` with `images` (or `suffix`) alone said "images and suffix are not supported": now the one sent is
   named, `suffix` in Ollama's words ("does not support insert");
 - the client's `create_blob` (the first step of a create from a GGUF) got a bare 404 "Not Found", or, for a file past
@@ -78,6 +79,17 @@ def test_ls_and_ps_give_each_model_a_digest_the_ollama_cli_can_cut(server):
     while "tiny" not in (running := {m.model: m.digest for m in c.ps().models}) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert running["tiny"] == listed["tiny"]
+
+
+def test_ps_gives_no_vram_for_a_model_on_a_cpu_worker(server):
+    """A model resident on a CPU engine only: size_vram 0, as Ollama's ps gives a model in system memory (`ollama ps`
+    prints "100% CPU"); it was the model's size ("100% GPU")."""
+    c = oc(server)
+    c.generate(model="tiny", prompt="hi", options={"num_predict": 1})
+    deadline = time.monotonic() + 0.8
+    while not (got := [m for m in c.ps().models if m.model == "tiny"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert got and got[0].size > 0 and got[0].size_vram == 0
 
 
 def test_show_and_ls_give_the_parameter_count(server, make_tiny):

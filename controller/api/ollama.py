@@ -923,12 +923,17 @@ async def ps(request: Request) -> dict:
     """Like Ollama's: the models whose weights are in VRAM now, on some live engine (residency is the pool's, token
     by token; `tokenpool ps` shows where), with when they are freed (`_expires_at`)."""
     ctl = request.app.state.controller
-    resident = resident_models(ctl.pool.engines.values())
+    engines = list(ctl.pool.engines.values())
+    resident = resident_models(engines)
+    # (size_vram: the model's size where it is in some GPU's memory, 0 where only CPU engines hold it, as Ollama's
+    # ps has it for a model in system memory: `ollama ps` shows "100% CPU", where it said "100% GPU" on a CPU worker)
+    on_gpu = resident_models(e for e in engines if e.device != "cpu")
     out = []
     for m in _models(request):  # (under the names the key uses: a model allowed only by an alias, under that alias)
         me = ctl.resolve(m["name"], adapters=False)
         if me is not None and me.spec.name in resident:
-            out.append({**m, "size_vram": m["size"], "expires_at": _expires_at(request.app.state.serving, me),
+            out.append({**m, "size_vram": m["size"] if me.spec.name in on_gpu else 0,
+                        "expires_at": _expires_at(request.app.state.serving, me),
                         "context_length": me.max_model_len})  # (Ollama's: the context the model runs with)
     return {"models": out}
 
