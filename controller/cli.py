@@ -312,6 +312,7 @@ def served_names_as_vllm(args: list[str]) -> list[str]:
     was read as a MODEL_DIR that did not exist)."""
     out: list[str] = []
     naming = taking = False  # after --served-model-name's value; at its value
+    option = None  # the nargs="+" option (--served-model-name, --lora-modules) whose words these are
     for i, a in enumerate(args):
         if a == "--":  # (the options end)
             return out + args[i:]
@@ -320,14 +321,27 @@ def served_names_as_vllm(args: list[str]) -> list[str]:
             taking, naming = False, True
             continue
         if a.startswith("-"):
-            taking = a == "--served-model-name"
-            naming = a.startswith("--served-model-name=")
-        elif naming and not _names_a_model(a):
-            out.append("--served-model-name")
+            option = next((o for o in NARGS_OPTIONS if a == o or a.startswith(o + "=")), None)
+            taking = a in NARGS_OPTIONS
+            naming = option is not None and not taking
+        elif naming and option == "--lora-modules" and _names_an_adapter(a):
+            out.append(option)
+        elif naming and option == "--served-model-name" and not _names_a_model(a):
+            out.append(option)
         else:
             naming = False
         out.append(a)
     return out
+
+
+# vLLM's options of several values after one flag (argparse's nargs="+"), one value each in click's terms
+NARGS_OPTIONS = ("--served-model-name", "--lora-modules")
+
+
+def _names_an_adapter(word: str) -> bool:
+    """`word` is one of vLLM's --lora-modules values (NAME=PATH, or a JSON object), not a MODEL_DIR: `--lora-modules
+    a=X b=Y DIR`, as vLLM takes it, read b=Y as a MODEL_DIR that did not exist."""
+    return word.lstrip().startswith("{") or ("=" in word and not Path(word).expanduser().exists())
 
 
 class ServeCommand(TyperCommand):
