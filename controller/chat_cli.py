@@ -63,8 +63,13 @@ def sizes(url: str, key: str | None) -> dict[str, int]:
     except ChatError:
         return {}
     listed = got.get("models") if isinstance(got, dict) else None
-    return {m["name"]: m["size"] for m in listed if isinstance(m, dict) and isinstance(m.get("name"), str)
-            and isinstance(m.get("size"), int)} if isinstance(listed, list) else {}
+    out: dict[str, int] = {}
+    for m in listed if isinstance(listed, list) else []:
+        if isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("size"), int):
+            # (listed as Ollama names models, NAME:latest for the model served as NAME: both names are kept)
+            out.setdefault(m["name"].removesuffix(LATEST), m["size"])
+            out[m["name"]] = m["size"]
+    return out
 
 
 def check_model(url: str, key: str | None, model: str) -> None:

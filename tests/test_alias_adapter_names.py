@@ -51,7 +51,7 @@ def test_an_adapters_parent_is_the_name_the_tenant_knows(client):
     assert [(m["id"], m.get("parent")) for m in every] == [(REAL, None), ("sql", REAL)]
     tags = client.get("/api/tags", headers=_h(NICK))
     assert tags.status_code == 200 and REAL not in tags.text
-    assert [m["name"] for m in tags.json()["models"]] == ["nick", "sql"]
+    assert [m["name"] for m in tags.json()["models"]] == ["nick:latest", "sql:latest"]
     assert all(m["size"] > 0 for m in tags.json()["models"])
     for key in (NICK, ADAPTER_ONLY):
         show = client.post("/api/show", json={"model": "sql"}, headers=_h(key))
@@ -64,7 +64,7 @@ def test_ollama_ps_lists_a_resident_model_under_its_alias(client, monkeypatch):
 
     monkeypatch.setattr(ollama, "resident_models", lambda engines: {REAL})
     got = client.get("/api/ps", headers=_h(NICK))
-    assert [m["name"] for m in got.json()["models"]] == ["nick"] and REAL not in got.text
+    assert [m["name"] for m in got.json()["models"]] == ["nick:latest"] and REAL not in got.text
 
 
 @pytest.mark.parametrize("key,model", [(NICK, "nick"), (NICK, "sql"), (ADAPTER_ONLY, "sql")])

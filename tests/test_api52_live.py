@@ -224,7 +224,7 @@ def test_ollamas_show_details_are_the_tags_ones(server):
 
     c = ollama.Client(host=server.url, timeout=60)
     shown = c.show("short")
-    listed = next(m for m in c.list().models if m.model == "short")
+    listed = next(m for m in c.list().models if m.model == "short:latest")
     assert shown.details.model_dump(exclude={"parent_model"}) == listed.details.model_dump(exclude={"parent_model"})
     assert shown.details.parameter_size != "" and shown.modified_at == listed.modified_at  # (test_ux57h_ollama_client)
 

@@ -793,8 +793,8 @@ def test_ollama_api_with_the_official_client(server):
         return ollama.Client(host=server.url, headers={"Authorization": f"Bearer {key}"})
 
     c = client(server)
-    assert [m.model for m in oc(BOB).list().models] == ["tiny-b"]
-    assert {m.model for m in oc().list().models} == {"tiny-a", "tiny-b", "pace-1"}
+    assert [m.model for m in oc(BOB).list().models] == ["tiny-b:latest"]  # (Ollama's names)
+    assert {m.model for m in oc().list().models} == {"tiny-a:latest", "tiny-b:latest", "pace-1:latest"}
     msgs = [{"role": "user", "content": "Hello there"}]
     ref = c.chat.completions.create(model="tiny-a", messages=msgs, temperature=0, max_tokens=6)
     r = oc().chat(model="tiny-a", messages=msgs, options={"temperature": 0, "num_predict": 6})

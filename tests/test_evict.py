@@ -107,14 +107,14 @@ def test_ollama_ps_lists_the_models_in_vram(server):
     import ollama
 
     oc = ollama.Client(host=server.url)
-    tags = {m.model: m for m in oc.list().models}
+    tags = {m.model.removesuffix(":latest"): m for m in oc.list().models}  # (Ollama's NAME:latest)
     assert tags["tiny-a"].size > 0 and tags["tiny-a"].details.family == "qwen2"
     _use(server)
     assert _until(server, True)
-    got = {m.model: m for m in oc.ps().models}
+    got = {m.model.removesuffix(":latest"): m for m in oc.ps().models}
     assert "tiny-a" in got and got["tiny-a"].size == tags["tiny-a"].size
     assert got["tiny-a"].size_vram == 0  # (a CPU worker's: Ollama's "100% CPU"; test_ux57h_ollama_client)
     assert "tiny-b" in got  # (pinned: its weights came in at start, and show as in VRAM though idle since)
     httpx.post(server.url + "/admin/models/tiny-a/evict", headers=H).raise_for_status()
     assert _until(server, False)
-    assert "tiny-a" not in {m.model for m in oc.ps().models}
+    assert "tiny-a:latest" not in {m.model for m in oc.ps().models}

@@ -140,7 +140,7 @@ def test_models_list_adapters_with_their_parent(server):
     a = next(m for m in admin if m["name"] == "tiny-a")
     assert [lm["name"] for lm in a["lora_modules"]] == ["sql"]
     tags = httpx.get(server.url + "/api/tags", headers={"Authorization": f"Bearer {ALICE}"}).json()["models"]
-    assert {"tiny-a", "tiny-b", "sql"} <= {m["name"] for m in tags}
+    assert {"tiny-a:latest", "tiny-b:latest", "sql:latest"} <= {m["name"] for m in tags}
     show = httpx.post(server.url + "/api/show", json={"model": "sql"}, headers={"Authorization": f"Bearer {BOB}"})
     assert show.status_code == 200 and show.json()["details"]["family"] == "qwen2"
 

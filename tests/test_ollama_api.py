@@ -112,7 +112,7 @@ def test_keep_alive_as_ollama_parses_it(server):
             call()
         assert ei.value.status_code == 400 and "keep_alive" in ei.value.error, ei.value.error
     deadline = time.monotonic() + 20  # (residency is the worker's report, a stats beat after the step that loaded it)
-    while "tiny-a" not in (ps := {m.model: m for m in c.ps().models}):
+    while "tiny-a" not in (ps := {m.model.removesuffix(":latest"): m for m in c.ps().models}):
         assert time.monotonic() < deadline, "tiny-a never resident after its requests"
         time.sleep(0.1)
     assert ps["tiny-a"].context_length == c.show("tiny-a").modelinfo["context_length"]

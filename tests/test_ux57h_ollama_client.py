@@ -71,14 +71,14 @@ def test_ls_and_ps_give_each_model_a_digest_the_ollama_cli_can_cut(server):
     c = oc(server)
     c.generate(model="tiny", prompt="hi", options={"num_predict": 1})  # (resident now: listed by ps)
     listed = {m.model: m.digest for m in c.list().models}
-    assert set(listed) == {"tiny", "other"}
+    assert set(listed) == {"tiny:latest", "other:latest"}  # (as Ollama names them: test_ux57i_ollama_tags)
     assert all(HEX64.fullmatch(d or "") for d in listed.values()), listed
-    assert listed["tiny"] != listed["other"]  # (one folder served twice: still two models)
+    assert listed["tiny:latest"] != listed["other:latest"]  # (one folder served twice: still two models)
     assert {m.model: m.digest for m in c.list().models} == listed
     deadline = time.monotonic() + 0.8  # (ps reads the residency the worker reports, each heartbeat: 0.25 s here)
-    while "tiny" not in (running := {m.model: m.digest for m in c.ps().models}) and time.monotonic() < deadline:
+    while "tiny:latest" not in (running := {m.model: m.digest for m in c.ps().models}) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert running["tiny"] == listed["tiny"]
+    assert running["tiny:latest"] == listed["tiny:latest"]
 
 
 def test_ps_gives_no_vram_for_a_model_on_a_cpu_worker(server):
@@ -87,7 +87,7 @@ def test_ps_gives_no_vram_for_a_model_on_a_cpu_worker(server):
     c = oc(server)
     c.generate(model="tiny", prompt="hi", options={"num_predict": 1})
     deadline = time.monotonic() + 0.8
-    while not (got := [m for m in c.ps().models if m.model == "tiny"]) and time.monotonic() < deadline:
+    while not (got := [m for m in c.ps().models if m.model == "tiny:latest"]) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert got and got[0].size > 0 and got[0].size_vram == 0
 
@@ -106,7 +106,7 @@ def test_show_and_ls_give_the_parameter_count(server, make_tiny):
     assert shown.modelinfo["general.parameter_count"] == want
     size = f"{want / 1e3:.0f}K"
     assert shown.details.parameter_size == size
-    assert {m.model: m.details.parameter_size for m in c.list().models} == {"tiny": size, "other": size}
+    assert {m.model: m.details.parameter_size for m in c.list().models} == {"tiny:latest": size, "other:latest": size}
 
 
 @pytest.mark.parametrize("n, said", [(354_880, "355K"), (134_515_008, "134.52M"), (135_000_000, "135M"),
@@ -172,7 +172,7 @@ def test_the_async_client(server):
                                                options={"num_predict": 2})]
         assert parts[-1].done and parts[-1].done_reason == "length"
         assert len((await a.embed(model="tiny", input="x")).embeddings) == 1
-        assert "tiny" in {m.model for m in (await a.ps()).models}
+        assert "tiny:latest" in {m.model for m in (await a.ps()).models}
         with pytest.raises(ollama.ResponseError) as e:
             await a.chat(model="nope", messages=msgs)
         assert e.value.status_code == 404 and e.value.error == "model 'nope' not found"

@@ -881,13 +881,21 @@ def _details(me: Any) -> dict[str, Any]:
             "parameter_size": _human_number(n) if n else "", "quantization_level": ""}
 
 
+def tagged(name: str) -> str:
+    """A served name as Ollama lists a model, with its tag: `NAME:latest` for one without (`qwen:7b` keeps its own).
+    Clients check a model against /api/tags this way: LangChain's ChatOllama (validate_model_on_init) takes `tiny`
+    where `tiny:latest` is listed (an exact match, or a listed name that begins `tiny:`), but refused `tiny:latest`
+    where only `tiny` was listed."""
+    return name if ":" in name.rsplit("/", 1)[-1] else name + LATEST
+
+
 def _models(request: Request) -> list[dict[str, Any]]:
     tenant = auth.tenant(request)
     ctl = request.app.state.controller
     out = []
     for card in request.app.state.serving.models(tenant).data:
         me = ctl.resolve(card.id)  # (a LoRA adapter: its model's; an alias: the model's)
-        out.append({"name": card.id, "model": card.id,
+        out.append({"name": tagged(card.id), "model": tagged(card.id), "served": card.id,
                     "modified_at": datetime.fromtimestamp(card.created, timezone.utc).isoformat(),
                     "size": me.info.size_bytes, "digest": _digest(card.id, me), "details": _details(me)})
     return out
@@ -896,7 +904,7 @@ def _models(request: Request) -> list[dict[str, Any]]:
 @router.get("/tags")
 async def tags(request: Request) -> dict:
     """The served models the key may use, with their weights' size (digests made up: `_digest`)."""
-    return {"models": _models(request)}
+    return {"models": [{k: v for k, v in m.items() if k != "served"} for m in _models(request)]}
 
 
 # Ollama's expiry of a model kept for ever (keep_alive negative): now plus Go's longest duration, some 292 years on
@@ -930,7 +938,7 @@ async def ps(request: Request) -> dict:
     on_gpu = resident_models(e for e in engines if e.device != "cpu")
     out = []
     for m in _models(request):  # (under the names the key uses: a model allowed only by an alias, under that alias)
-        me = ctl.resolve(m["name"], adapters=False)
+        me = ctl.resolve(m.pop("served"), adapters=False)
         if me is not None and me.spec.name in resident:
             out.append({**m, "size_vram": m["size"] if me.spec.name in on_gpu else 0,
                         "expires_at": _expires_at(request.app.state.serving, me),
