@@ -197,7 +197,23 @@ def chat_request(req: p.ResponsesRequest, history: list[dict[str, Any]]) -> tupl
     if req.prompt is not None:
         raise _bad("stored prompt templates are not supported: send input and instructions", "prompt")
     conversation = [*history, *input_messages(req.input)]
+    _answered_calls(req.input, history)
     return _chat(req, conversation), conversation
+
+
+def _answered_calls(raw: str | list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
+    """A 400 for a function_call_output whose call_id no function_call has (in the input, or in the conversation
+    before previous_response_id), as OpenAI's ("No tool call found for function call output with call_id ..."):
+    it was taken, and the model read an answer to a call it never made."""
+    if isinstance(raw, str):
+        return
+    known = {c.get("id") for m in history for c in m.get("tool_calls") or ()}
+    known |= {item.get("call_id") for item in raw if item.get("type") == "function_call"}
+    for i, item in enumerate(raw):
+        if item.get("type") == "function_call_output" and item.get("call_id") not in known:
+            raise _bad(f"input[{i}]: no tool call found for function call output with call_id "
+                       f"{item.get('call_id')!r}: no function_call in the input, or in the previous_response_id "
+                       "chain, has it", f"input[{i}].call_id")
 
 
 def _chat(req: p.ResponsesRequest, conversation: list[dict[str, Any]]) -> p.ChatCompletionRequest:
