@@ -73,6 +73,12 @@ def needs_test_extra(command):
             typer.echo(f"{_context().command_path}: needs the test extra ({e.name} is not installed): "
                        "pip install -e '.[test]' in the repository", err=True)
             raise typer.Exit(2) from None
+        except SystemExit as e:  # (a line the tools end with: "cannot reach URL", "URL serves no model", ...)
+            if not isinstance(e.code, str) or e.code.startswith("tokenpool "):
+                raise
+            # (said as `bench serve` says it, the command first: `tokenpool suite corpus: cannot reach URL: ...`)
+            path = ["tokenpool", *_context().command_path.split()[1:]]  # (as installed, whatever argv[0] was)
+            raise SystemExit(f"{' '.join(path)}: {e.code}") from None
 
     return run
 

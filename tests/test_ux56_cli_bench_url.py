@@ -30,5 +30,5 @@ def test_bench_serve_without_a_server_at_its_url_says_so(closed_port):
 def test_a_suite_part_without_a_server_at_its_url_says_so(closed_port, part):
     r = CliRunner().invoke(app, ["suite", part, "--url", f"127.0.0.1:{closed_port}"])
     assert r.exit_code == 1, r.output
-    assert str(r.exception) == (f"cannot reach http://127.0.0.1:{closed_port}: [Errno 111] Connection refused"), \
+    assert str(r.exception) == (f"tokenpool suite {part}: cannot reach http://127.0.0.1:{closed_port}: [Errno 111] Connection refused"), \
         (r.exception, r.output)
