@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 
@@ -17,3 +18,18 @@ def free_port(ports: range, skip: tuple[int, ...] = ()) -> int:
                 continue
             return port
     raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
+
+
+@contextlib.contextmanager
+def live_server_on(ports: range, cfg: dict, work):
+    """A running `tokenpool serve` of `cfg` in folder `work` (load_tests.live_server.LiveServer) on a port of
+    `ports`; stopped on leaving."""
+    import pytest
+
+    import load_tests.live_server as live_server
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(live_server, "free_port", lambda: free_port(ports))
+        srv = live_server.LiveServer(cfg, work)
+    with srv:
+        yield srv

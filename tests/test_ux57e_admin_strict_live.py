@@ -30,17 +30,11 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-import load_tests.live_server as live_server
 from controller.config import load_config
 from controller.keys import hash_key
-from load_tests.live_server import LiveServer
 from tests import ports
 
 ADMIN, KEY, KEY2 = "admin-ux57e-token", "key-alice-ux57e-0123", "key-alice-ux57e-4567"
-
-
-def _port_in_range() -> int:
-    return ports.free_port(range(18850, 18900))
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +45,7 @@ def server(tmp_path_factory):
            "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
            "models": [{"name": "fast", "aliases": ["f"], "slo": {"ttft_s": 30},
                        "engine": {"kind": "pace", "pace_s_per_token": 0.002}}]}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(live_server, "free_port", _port_in_range)
-        srv = LiveServer(cfg, work)
-    with srv:
+    with ports.live_server_on(range(18850, 18900), cfg, work) as srv:
         yield srv
 
 

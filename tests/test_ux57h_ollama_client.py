@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-import socket
 import time
 from datetime import datetime
 
@@ -29,20 +28,7 @@ import httpx
 import ollama
 import pytest
 
-import load_tests.live_server as live_server
-from load_tests.live_server import LiveServer
-
-
-def _port() -> int:
-    """A free port of 19000-19049 (this suite's range)."""
-    for port in range(19000, 19050):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 19000-19049")
+from tests import ports
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +37,7 @@ def server(make_tiny, tmp_path_factory):
     cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
            "models": [{"name": "tiny", "path": str(make_tiny("qwen2")), "engine": {"max_num_seqs": 8}},
                       {"name": "other", "path": str(make_tiny("qwen2")), "engine": {"max_num_seqs": 8}}]}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(live_server, "free_port", _port)
-        srv = LiveServer(cfg, work)
-    with srv:
+    with ports.live_server_on(range(19000, 19050), cfg, work) as srv:
         yield srv
 
 

@@ -23,20 +23,7 @@ import ollama
 import pytest
 from typer.testing import CliRunner
 
-import load_tests.live_server as live_server
-from load_tests.live_server import LiveServer
-
-
-def _port() -> int:
-    """A free port of 19050-19099 (this file's range)."""
-    for port in range(19050, 19100):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 19050-19099")
+from tests import ports
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +32,7 @@ def server(make_tiny, tmp_path_factory):
     cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
            "models": [{"name": "tiny", "path": str(make_tiny("qwen2")), "engine": {"max_num_seqs": 8}},
                       {"name": "qwen:7b", "path": str(make_tiny("qwen2")), "engine": {"max_num_seqs": 8}}]}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(live_server, "free_port", _port)
-        srv = LiveServer(cfg, work)
-    with srv:
+    with ports.live_server_on(range(19050, 19100), cfg, work) as srv:
         yield srv
 
 
