@@ -2,45 +2,28 @@
 server's) says so in one line (exit 1), naming what it serves, as `tokenpool loadtest` does: `suite corpus --url`
 of the embedded default counted a 404 per case as its results and exited 0."""
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
 from load_tests.faults import target
+from tests.http_stub import JsonHandler, stub_server
 
 
-class _Server(BaseHTTPRequestHandler):
+class _Server(JsonHandler):
     def do_GET(self):  # noqa: N802 - (http.server's name)
         if self.path == "/health":
-            code, body = 200, {"status": "ok"}
+            self._json(200, {"status": "ok"})
         elif self.path == "/v1/models":
-            code, body = 200, {"object": "list", "data": [{"id": "smollm2"}]}
+            self._json(200, {"object": "list", "data": [{"id": "smollm2"}]})
         elif self.path == "/v1/models/smollm2":
-            code, body = 200, {"id": "smollm2"}
+            self._json(200, {"id": "smollm2"})
         else:
-            code, body = 404, {"error": {"message": "no such model"}}
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+            self._json(404, {"error": {"message": "no such model"}})
 
 
 @pytest.fixture
 def url():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Server)
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with stub_server(_Server) as u:
+        yield u
 
 
 def test_suite_url_without_the_model_says_so(url):
