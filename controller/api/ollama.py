@@ -45,6 +45,7 @@ from controller.api.serving import (
 from controller.api.structured import ToolPlan, closed_schema
 from controller.dashboard.views import resident_models
 from controller.errors import ServingError, field_path, json_kind, telling_error
+from tokenpool.models import safetensors_shapes
 
 router = APIRouter(prefix="/api")
 log = logging.getLogger("tokenpool.ollama")
@@ -856,12 +857,7 @@ def _parameter_count(me: Any) -> int | None:
 
 @functools.lru_cache(maxsize=256)
 def _counted(files: tuple[tuple[str, int, int], ...]) -> int:
-    total = 0
-    for name, _, _ in files:
-        with open(name, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
-    return total
+    return sum(math.prod(shape) for name, _, _ in files for shape in safetensors_shapes(name).values())
 
 
 def _human_number(n: int) -> str:
