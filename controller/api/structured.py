@@ -183,8 +183,7 @@ class ToolPlan:
                 pairs = [(self.named, v)] if self.named else [(c["name"], c["parameters"]) for c in v]
         except (ValueError, KeyError, TypeError):
             return None
-        return [{"id": f"call_{secrets.token_hex(12)}", "type": "function",
-                 "function": {"name": n, "arguments": json.dumps(a, ensure_ascii=False)}} for n, a in pairs]
+        return [self._call(n, json.dumps(a, ensure_ascii=False)) for n, a in pairs]
 
     def cut_calls(self, text: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None] | None:
         """The calls of an output cut short (its client left, max_tokens ended it): those written whole (as `calls`
