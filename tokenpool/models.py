@@ -167,6 +167,12 @@ def lora_modules(shapes: dict[str, tuple[int, ...]], num_layers: int, dims: dict
 def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape from a safetensors file's header (8 bytes of length, then JSON), without reading the
     tensors."""
+    return {k: shape for k, (_, shape) in safetensors_tensors(path).items()}
+
+
+def safetensors_tensors(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (dtype as the header writes it: F32, F16, BF16, I8, F8_E4M3, ...; shape) from a safetensors
+    file's header, without reading the tensors."""
     size = Path(path).stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -177,13 +183,63 @@ def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
             header = json.loads(f.read(n))
             tensors = {k: v for k, v in header.items() if k != "__metadata__"}
             end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
-            shapes = {k: tuple(v["shape"]) for k, v in tensors.items()}
+            shapes = {k: (str(v["dtype"]), tuple(v["shape"])) for k, v in tensors.items()}
         except (ValueError, KeyError, TypeError, IndexError, AttributeError):
             raise ValueError(f"{path} is not a safetensors file (its header does not parse)") from None
     if 8 + n + end > size:
         raise ValueError(f"{path} is cut short: its header places {end} bytes of tensors after it; the file holds "
                          f"{size - 8 - n}")
     return shapes
+
+
+# GGUF's general.file_type (llama.cpp's llama_ftype) as Ollama's quantization_level names it (fs/ggml FileType.String)
+GGUF_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+                   11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
+                   18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S",
+                   25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M",
+                   32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4"}
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_file_type(path: str | Path) -> str | None:
+    """A GGUF file's weights type as Ollama's quantization_level gives it ("Q4_K_M", "Q8_0", "F16"): its
+    general.file_type, read from its metadata (written before the tokenizer's long arrays, so little is read; no
+    tensor). None: not a GGUF file, or it gives none."""
+    try:
+        with open(path, "rb") as f:
+            def take(fmt: str):
+                return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+            def text() -> str:
+                return f.read(take("<Q")).decode("utf-8", "replace")
+
+            def skip(kind: int) -> None:
+                if kind in _GGUF_SCALARS:
+                    f.seek(struct.calcsize(_GGUF_SCALARS[kind]), 1)
+                elif kind == 8:
+                    f.seek(take("<Q"), 1)
+                elif kind == 9:
+                    inner, n = take("<I"), take("<Q")
+                    if inner in _GGUF_SCALARS:
+                        f.seek(n * struct.calcsize(_GGUF_SCALARS[inner]), 1)
+                    else:
+                        for _ in range(n):
+                            skip(inner)
+                else:
+                    raise ValueError(f"GGUF value type {kind}")
+
+            if f.read(4) != b"GGUF" or take("<I") < 2:
+                return None
+            take("<Q")  # (tensors)
+            for _ in range(take("<Q")):
+                key, kind = text(), take("<I")
+                if key == "general.file_type" and kind in _GGUF_SCALARS:
+                    v = take(_GGUF_SCALARS[kind])
+                    return GGUF_FILE_TYPES.get(int(v))
+                skip(kind)
+    except (OSError, ValueError, struct.error):
+        return None
+    return None
 
 
 def adapter_fit_problem(adapter_dir: str | Path, model_dir: str | Path, max_rank: int | None = None) -> str | None:

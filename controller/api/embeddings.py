@@ -31,10 +31,12 @@ def _too_long(me: ModelEntry, n: int, param: str, index: int | None) -> ServingE
 
 
 def prompts_of(serving: OpenAIServing, me: ModelEntry, raw: str | list, truncate: int | None,
-               keep_end: bool = True, param: str = "input") -> list[list[int]]:
+               keep_end: bool = True, param: str = "input", empty: bool = False) -> list[list[int]]:
     """Each input's token ids (runs in the tokenize pool). `truncate`: an input longer keeps `truncate` tokens, its last
     (vLLM's truncate_prompt_tokens) or with `keep_end` False its first (Ollama's truncate); -1: as many as the context
-    takes. None: an input the context cannot take is a 400."""
+    takes. None: an input the context cannot take is a 400. `empty` (Ollama's): an empty string is embedded as the
+    tokens its tokenizer adds around any text (a Llama's BOS), as Ollama's runner embeds it; one that adds none has
+    nothing to embed: a 400 in the runner's words ("no input provided"). Otherwise an empty string is a 400."""
     room = me.max_model_len  # (the step that ends the prefill draws one token, dropped: it takes no place)
     keep = room if truncate == -1 else min(truncate, room) if truncate is not None else None
     items = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
@@ -42,7 +44,7 @@ def prompts_of(serving: OpenAIServing, me: ModelEntry, raw: str | list, truncate
     for i, x in enumerate(items):
         which = i if len(items) > 1 else None
         if isinstance(x, str):
-            if not x:
+            if not x and not empty:
                 raise ServingError(400, f"input{f' {which}' if which is not None else ''} is an empty string",
                                    param=param)
             try:
@@ -51,6 +53,10 @@ def prompts_of(serving: OpenAIServing, me: ModelEntry, raw: str | list, truncate
                 raise _too_long(me, e.n, param, which) from None
         else:
             ids = list(x)
+        if not ids:  # (empty: an empty string whose tokenizer adds no token)
+            raise ServingError(400, f"input{f' {which}' if which is not None else ''} is an empty string: no input "
+                                    "provided (this model's tokenizer adds no token to embed, such as a BOS)",
+                               param=param)
         if keep is not None and len(ids) > keep:
             ids = (ids[len(ids) - keep:] if keep_end else ids[:keep]) if keep else []
         elif len(ids) > me.max_model_len:
@@ -77,6 +83,26 @@ async def embed(serving: OpenAIServing, me: ModelEntry, tenant: Tenant, request:
         return vecs  # type: ignore[return-value]
 
     return await serving._collect(request, gen, collect()), gen
+
+
+def ollama_dimensions(me: ModelEntry, dimensions: int | None) -> None:
+    """Ollama's `dimensions`: a vector is cut to its first `dimensions` values and normalized again (`shorten`), for
+    any model, as Ollama does; a 400 unless it is from 1 to the model's embedding size."""
+    if dimensions is None:
+        return
+    size = me.hidden_size
+    if size is None:
+        raise ServingError(400, "dimensions: the size of this model's embeddings is not known (its configuration "
+                                "gives no hidden_size): leave dimensions out", param="dimensions")
+    if not 1 <= dimensions <= size:
+        raise ServingError(400, f"dimensions must be between 1 and {size} (the model's embedding size), got "
+                                f"{dimensions}", param="dimensions")
+
+
+def shorten(v: list[float], dimensions: int | None) -> list[float]:
+    """An L2-normalized embedding cut to its first `dimensions` values and normalized again, as Ollama's /api/embed
+    gives a shorter one (the whole vector when `dimensions` is unset or not shorter)."""
+    return l2_normalize(v[:dimensions]) if dimensions is not None and dimensions < len(v) else v
 
 
 def _dimensions(me: ModelEntry, dimensions: int | None, model: str) -> None:
@@ -106,14 +132,16 @@ async def openai_embeddings(serving: OpenAIServing, req: p.EmbeddingRequest, ten
 
 async def ollama_embed(serving: OpenAIServing, tenant: Tenant, request: Request, model: str, raw: str | list[str],
                        truncate: bool, dimensions: int | None, normalize: bool) -> tuple[list[list[float]], Tracked | None]:
-    """Ollama's: no input (an empty string or list) loads nothing and returns no vectors, as Ollama answers it."""
+    """Ollama's: no input (an empty string or list) loads nothing and returns no vectors, as Ollama answers it; an
+    empty string in a list is embedded as Ollama's runner embeds it (`prompts_of`'s `empty`); `dimensions` cuts
+    each vector and normalizes it again (`shorten`)."""
     me = serving.entry(tenant, model)
-    _dimensions(me, dimensions, model)
+    ollama_dimensions(me, dimensions)
     if not raw:
         return [], None
-    prompts = await serving.offload(prompts_of, serving, me, raw, -1 if truncate else None, False)
+    prompts = await serving.offload(prompts_of, serving, me, raw, -1 if truncate else None, False, "input", True)
     vecs, gen = await embed(serving, me, tenant, request, prompts, "ollama", model)
-    return [l2_normalize(v) if normalize else v for v in vecs], gen
+    return [shorten(l2_normalize(v), dimensions) if normalize else v for v in vecs], gen
 
 
 

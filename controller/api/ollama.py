@@ -45,7 +45,8 @@ from controller.api.serving import (
 from controller.api.structured import ToolPlan, closed_schema
 from controller.dashboard.views import resident_models
 from controller.errors import ServingError, field_path, json_kind, telling_error
-from tokenpool.models import safetensors_shapes
+from controller.real_model import MARKER as GGUF_MARKER
+from tokenpool.models import gguf_file_type, safetensors_tensors
 
 router = APIRouter(prefix="/api")
 log = logging.getLogger("tokenpool.ollama")
@@ -845,19 +846,47 @@ def _digest(name: str, me: Any) -> str:
 def _parameter_count(me: Any) -> int | None:
     """The model's parameters, summed over its safetensors files' headers (their tensors' shapes; no weights read),
     as Ollama gives `general.parameter_count`; None for a model without such files (a paced one)."""
+    return _weights(me)[0]
+
+
+def _quantization(me: Any) -> str:
+    """The weights' type as Ollama's `quantization_level` names it: a GGUF's own ("Q4_K_M", "Q8_0", "F16") for a
+    model converted from one (`tokenpool serve FILE.gguf`: its marker, or the file it names), else the safetensors
+    dtype most of its parameters have ("BF16", "F16", "F32"); "" for a model without such files (a paced one)."""
+    folder = Path(me.spec.path) if me.spec.path else None
+    if folder is not None and (folder / GGUF_MARKER).is_file():
+        try:
+            marker = json.loads((folder / GGUF_MARKER).read_text())
+        except (OSError, ValueError):
+            marker = {}
+        kind = marker.get("file_type") if isinstance(marker, dict) else None
+        if not kind and isinstance(marker, dict) and isinstance(src := marker.get("source"), str) \
+                and src.endswith(".gguf"):
+            kind = gguf_file_type(src)  # (a conversion made before its marker kept the type)
+        if isinstance(kind, str) and kind:
+            return kind
+    return _weights(me)[1]
+
+
+def _weights(me: Any) -> tuple[int | None, str]:
+    """(parameter count, the dtype most of them have) over the model's safetensors headers; (None, "") without."""
     folder = Path(me.spec.path) if me.spec.path else None
     files = sorted(folder.glob("*.safetensors")) if folder is not None and folder.is_dir() else []
     if not files:
-        return None
+        return None, ""
     try:
         return _counted(tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
     except (OSError, ValueError):
-        return None
+        return None, ""
 
 
 @functools.lru_cache(maxsize=256)
-def _counted(files: tuple[tuple[str, int, int], ...]) -> int:
-    return sum(math.prod(shape) for name, _, _ in files for shape in safetensors_shapes(name).values())
+def _counted(files: tuple[tuple[str, int, int], ...]) -> tuple[int, str]:
+    by_dtype: dict[str, int] = {}
+    for name, _, _ in files:
+        for dtype, shape in safetensors_tensors(name).values():
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + math.prod(shape)
+    return sum(by_dtype.values()), max(by_dtype, key=by_dtype.__getitem__, default="")
 
 
 def _human_number(n: int) -> str:
@@ -870,11 +899,12 @@ def _human_number(n: int) -> str:
 
 
 def _details(me: Any) -> dict[str, Any]:
-    """Ollama's `details` of a model (/api/tags, /api/ps, /api/show): parameter_size from its safetensors headers."""
+    """Ollama's `details` of a model (/api/tags, /api/ps, /api/show): parameter_size from its safetensors headers,
+    quantization_level its weights' type (`_quantization`)."""
     arch = me.architecture or ""
     n = _parameter_count(me)
     return {"parent_model": "", "format": "safetensors", "family": arch, "families": [arch] if arch else None,
-            "parameter_size": _human_number(n) if n else "", "quantization_level": ""}
+            "parameter_size": _human_number(n) if n else "", "quantization_level": _quantization(me)}
 
 
 def tagged(name: str) -> str:
