@@ -83,14 +83,21 @@ class AdminClient:
         """Pin the model (its weights kept in VRAM wherever it is registered) or unpin it, in place."""
         return self._expect("POST", self.models.path_of(name) + ("/pin" if on else "/unpin"), 200)
 
-    def instance(self) -> str | None:
-        """The controller's instance (its /health's `instance`, new at each start); None when it does not answer
-        (or is older than the field). /health answers at once, while the controller starts too, and needs no token."""
+    def health(self) -> dict | None:
+        """The controller's /health answer (its `instance`, new at each start; `engines`, the live ones), whatever its
+        status code (503 while it starts); None when it does not answer with a JSON object. /health answers at once,
+        while the controller starts too, and needs no token."""
         try:
             r = httpx.get(self.url.rstrip("/") + "/health", timeout=min(self.timeout_s, 3.0))
-            v = r.json().get("instance")
-        except (httpx.HTTPError, ValueError, AttributeError):
+            v = r.json()
+        except (httpx.HTTPError, ValueError):
             return None
+        return v if isinstance(v, dict) else None
+
+    def instance(self) -> str | None:
+        """The controller's instance (its /health's `instance`, new at each start); None when it does not answer
+        (or is older than the field)."""
+        v = (self.health() or {}).get("instance")
         return v if isinstance(v, str) and v else None
 
     def engines(self) -> list[dict]:

@@ -4,8 +4,10 @@ compares with what they hold, changes only the difference, and writes status con
 Level-triggered: create/update/resume and a periodic timer all run the same reconcile, so after an operator
 or controller restart (a controller loses API-made models when it restarts) everything converges again. A
 controller restart is seen within RESTART_CHECK_S (its /health's `instance` changes: `ControllerWatch`), and each
-PooledModel and Tenant is reconciled at once, not at the next timer round (up to RESYNC_S later: meanwhile every
-tenant key was a 401 and every model a 404, while their statuses said Ready).
+PooledModel, Tenant and GPUPool is reconciled at once, not at the next timer round (up to RESYNC_S later: meanwhile
+every tenant key was a 401 and every model a 404, while their statuses said Ready). The same check reconciles a
+GPUPool when the controller's engines come or go (/health's `engines`: `enginesReady`), and a Tenant naming models
+when the operator registered or removed a model since its last round (`ModelsUnmatched` said or cleared).
 Idempotent: a reconcile that finds nothing to change calls no admin-API mutation and writes no status.
 Handlers are sync (kopf runs them in threads); one lock per object keeps its timer and its change handlers apart.
 """
@@ -91,6 +93,9 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     memo.admin = AdminClient(cfg.controller_url, cfg.admin_token)
     memo.watch = ControllerWatch(memo.admin)
     memo.seen = {}  # uid -> the controller instance its restart check last saw (`_controller_restarted`)
+    memo.models_version = [0]  # how many times the operator changed the controller's models (`_models_changed`)
+    memo.tenant_models_seen = {}  # Tenant uid -> models_version when its last round read the models
+    memo.pool_engines_seen = {}  # GPUPool uid -> the controller's engine count (/health) at its last round
     memo.kube = Kube(cfg.kubeconfig)
     # uid -> (generation, digest) last applied by this process: status may lag behind a duplicate event, and a
     # timer's snapshot of the object may be older than what an update handler just applied.
@@ -125,21 +130,31 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
 
 
 class ControllerWatch:
-    """The controller's instance of now (AdminClient.instance), asked RESTART_CHECK_S apart at most, whichever
-    object's restart check asks (one thread asks; the others meanwhile take the answer before)."""
+    """The controller's /health of now (AdminClient.health: its instance, its engine count), asked RESTART_CHECK_S
+    apart at most, whichever object's restart check asks (one thread asks; the others meanwhile take the answer
+    before)."""
 
     def __init__(self, admin: AdminClient) -> None:
         self.admin, self.value, self.at = admin, None, -RESTART_CHECK_S
         self._asking = threading.Lock()
 
-    def instance(self) -> str | None:
+    def health(self) -> dict | None:
         if time.monotonic() - self.at >= RESTART_CHECK_S and self._asking.acquire(blocking=False):
             try:
-                self.value = self.admin.instance()
+                self.value = self.admin.health()
                 self.at = time.monotonic()
             finally:
                 self._asking.release()
         return self.value
+
+    def instance(self) -> str | None:
+        v = (self.health() or {}).get("instance")
+        return v if isinstance(v, str) and v else None
+
+    def engines(self) -> int | None:
+        """The controller's live engines (/health's `engines`); None when it does not say."""
+        n = (self.health() or {}).get("engines")
+        return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 def _controller_restarted(memo: kopf.Memo, meta: dict) -> str | None:
@@ -155,16 +170,42 @@ def _controller_restarted(memo: kopf.Memo, meta: dict) -> str | None:
     return now if before != now else None
 
 
-def _after_restart(round_: Any, what: str, meta: dict, memo: kopf.Memo, **kw: Any) -> None:
+def _after_restart(round_: Any, what: str, meta: dict, memo: kopf.Memo, **kw: Any) -> bool:
     """Reconcile the object at once if the controller restarted since its check looked last; noted as seen only
-    once the round went through (a controller that does not answer yet raises: looked at again)."""
+    once the round went through (a controller that does not answer yet raises: looked at again). Whether it did."""
     now = _controller_restarted(memo, meta)
     if now is None:
-        return
-    log.info("the controller restarted (instance %s): registering %s %s again", now, what, kw.get("name"))
+        return False
+    log.info("the controller restarted (instance %s): reconciling %s %s again", now, what, kw.get("name"))
     round_(meta=meta, memo=memo, **kw)
     with memo.locks_guard:
         memo.seen[meta["uid"]] = now
+    return True
+
+
+def _models_version(memo: kopf.Memo) -> list[int]:
+    """[how many times this operator added, removed or changed a model of the controller] (shared by every object's
+    copy of the memo: made by `startup`, here for a memo made otherwise, as tests do)."""
+    with memo.locks_guard:
+        return memo.setdefault("models_version", [0])
+
+
+def _models_changed(memo: kopf.Memo) -> None:
+    """A model of the controller was added, removed or changed (its aliases): a Tenant naming models looks again
+    whether they match (`tenant_after_restart`), within RESTART_CHECK_S, not at its next timer round."""
+    v = _models_version(memo)
+    with memo.locks_guard:
+        v[0] += 1
+
+
+def _note(memo: kopf.Memo, table: str, uid: str, value: Any) -> None:
+    with memo.locks_guard:
+        memo.setdefault(table, {})[uid] = value
+
+
+def _noted(memo: kopf.Memo, table: str, uid: str) -> Any:
+    with memo.locks_guard:
+        return memo.setdefault(table, {}).get(uid)
 
 
 # What the retries the handlers ask for wait on (kopf.TemporaryError's message begins so). kopf logs every retry
@@ -317,6 +358,22 @@ def resync_pool(name: str, namespace: str, meta: dict, memo: kopf.Memo, **kw: An
     reconcile_pool(name=name, namespace=namespace, meta=meta, memo=memo, **kw)
 
 
+@_without_finalizer
+@kopf.timer(GROUP, VERSION, "gpupools", interval=RESTART_CHECK_S, initial_delay=RESTART_CHECK_S, when=_pool_kept)
+def pool_after_restart(meta: dict, memo: kopf.Memo, **kw: Any) -> None:
+    """The pool's status (`enginesReady`, Ready) follows the controller's engines within RESTART_CHECK_S: a round at
+    once when the controller restarted (its engines are gone; the workers join it again), or when its engine count
+    (/health's `engines`, asked by the restart check anyway) is not the one the pool's last round saw (a worker joined
+    or left). It was refreshed only at the next timer round, up to RESYNC_S later."""
+    if _after_restart(resync_pool, "GPUPool", meta=meta, memo=memo, **kw):
+        return
+    watch = getattr(memo, "watch", None)
+    now = watch.engines() if watch is not None else None
+    before = _noted(memo, "pool_engines_seen", meta["uid"])
+    if now is not None and before is not None and now != before:
+        resync_pool(meta=meta, memo=memo, **kw)
+
+
 @kopf.on.resume(GROUP, VERSION, "gpupools")
 @kopf.on.create(GROUP, VERSION, "gpupools")
 @kopf.on.update(GROUP, VERSION, "gpupools", field="spec")
@@ -326,6 +383,9 @@ def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: di
     with _lock(memo, meta["uid"]):
         if _stale(memo, meta):
             return
+        watch = getattr(memo, "watch", None)  # (the engine count the restart check compares with: before the read)
+        if watch is not None and (n := watch.engines()) is not None:
+            _note(memo, "pool_engines_seen", meta["uid"], n)
         ds = b.build_worker_daemonset(name, namespace, dict(spec))
         kopf.adopt(ds, owner=body)  # deleting the pool deletes its workers
         try:
@@ -445,6 +505,7 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
                         return
                     raise kopf.TemporaryError(f"draining {n} requests of {old!r} before the rename", delay=1)
                 memo.admin.models.remove(old)
+                _models_changed(memo)
             actual = models.get(desired["name"])  # (removing `old` leaves another name's entry as it was)
             known = _applied(memo, meta) or status.get("appliedDigest")
             if actual is not None and (b.model_reloads(desired, actual) or not b.same_registration(desired, known)):
@@ -458,15 +519,18 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
                         return
                     raise kopf.TemporaryError(f"draining {n} requests before re-registering", delay=1)
                 memo.admin.models.remove(desired["name"])
+                _models_changed(memo)
                 actual = None
             if actual is None:
                 actual = memo.admin.models.add(desired)
+                _models_changed(memo)
             else:  # the pin, SLO, priority, replica bounds: changed in place, nothing unloaded
                 if b.pin_differs(desired, actual):
                     memo.admin.set_pin(desired["name"], desired["pin"])
                     actual = dict(actual, pin=desired["pin"])
                 if not b.model_matches(desired, actual):
                     actual = memo.admin.models.update(desired["name"], b.live_fields(desired))
+                    _models_changed(memo)  # (its aliases)
             memo.applied[meta["uid"]] = (gen, want)
             memo.served[meta["uid"]] = desired["name"]
         except (AdminError, AdminUnavailable) as e:
@@ -531,6 +595,7 @@ def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Pa
                 raise kopf.TemporaryError(f"draining {n} requests before removal", delay=1)
             for served in names:
                 memo.admin.models.remove(served)
+                _models_changed(memo)
             memo.applied.pop(meta["uid"], None)
             memo.served.pop(meta["uid"], None)
             memo.setdefault("seen", {}).pop(meta["uid"], None)
@@ -629,6 +694,7 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
             _write_status(body, patch, status, {}, "Degraded", "InvalidSpec", str(e), gen)
             return
         want = b.digest(desired)  # covers the key hashes, which the admin API does not show back
+        _note(memo, "tenant_models_seen", meta["uid"], _models_version(memo)[0])  # (before the read)
         try:
             unmatched = _unmatched_models(memo.admin.models.by_name(), desired["models"])
             actual = tenants.get(name)
@@ -671,8 +737,17 @@ def reconcile_tenant(name: str, namespace: str, spec: dict, status: dict, meta: 
 
 
 @kopf.timer(GROUP, VERSION, "tenants", interval=RESTART_CHECK_S, initial_delay=RESTART_CHECK_S)
-def tenant_after_restart(**kw: Any) -> None:
-    _after_restart(reconcile_tenant, "Tenant", **kw)
+def tenant_after_restart(spec: dict, meta: dict, memo: kopf.Memo, **kw: Any) -> None:
+    """A restarted controller gets the tenant back at once; and a tenant naming models (not only "*") is looked at
+    again once the operator registered or removed a model since its last round read them, so ModelsUnmatched is said
+    or cleared within RESTART_CHECK_S. After a restart the tenant's round may run before its models' (each object's
+    check runs on its own): it said ModelsUnmatched until the next timer round, up to RESYNC_S later."""
+    if _after_restart(reconcile_tenant, "Tenant", spec=spec, meta=meta, memo=memo, **kw):
+        return
+    seen = _noted(memo, "tenant_models_seen", meta["uid"])
+    patterns = b.with_defaults(dict(spec), b.TENANT_DEFAULTS)["models"]
+    if seen is not None and seen != _models_version(memo)[0] and any(p != "*" for p in patterns or []):
+        reconcile_tenant(spec=spec, meta=meta, memo=memo, **kw)
 
 
 def _fingerprint(key: str) -> str:
@@ -719,6 +794,7 @@ def delete_tenant(name: str, status: dict, meta: dict, patch: kopf.Patch, memo: 
             with memo.locks_guard:
                 memo.setdefault("key_claims", {}).pop(meta["uid"], None)  # (its keys are free for another)
                 memo.setdefault("seen", {}).pop(meta["uid"], None)
+                memo.setdefault("tenant_models_seen", {}).pop(meta["uid"], None)
         except (AdminError, AdminUnavailable) as e:
             _removal_failed(body, patch, status, meta, memo, e)
 
