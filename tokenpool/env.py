@@ -150,7 +150,8 @@ GC_YOUNG = Var("TOKENPOOL_GC_YOUNG", None, "the serving processes' young-generat
 WORKER_DRAIN_S = Var("TOKENPOOL_WORKER_DRAIN_S", "45", "a remote worker's drain on SIGTERM (python -m controller.worker "
                      "--drain-grace-s): how long its requests in flight get to finish before they are handed to another "
                      "engine or ended; it exits at most 5 s later (keep the sum under a pod's "
-                     "terminationGracePeriodSeconds, 60 s for the operator's workers)", kind="number")
+                     "terminationGracePeriodSeconds; the operator's workers: GPUPool spec.drainGraceSeconds sets both, "
+                     "the pod's 15 s over it, 60 s unset)", kind="number")
 JOIN_TOKEN = Var("TOKENPOOL_JOIN_TOKEN", None, "a worker's join token (the controller sets it for the "
                  "local workers it starts)")
 ADMIN_TOKEN = Var("TOKENPOOL_ADMIN_TOKEN", None, "the controller's admin token (tokenpool ps/admin commands, "

@@ -42,6 +42,11 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "loraAdapters": [],
 }
 TENANT_DEFAULTS: dict[str, Any] = {"models": ["*"], "priority": 0, "rateLimits": {}}
+# A worker pod's terminationGracePeriodSeconds over its drain grace (spec.drainGraceSeconds, else the worker's own
+# $TOKENPOOL_WORKER_DRAIN_S, 45 s): the worker exits at most STOP_MARGIN_S (5 s, controller/worker.py) after the grace,
+# then closes its models; the kubelet's SIGKILL comes after this.
+WORKER_STOP_MARGIN_S = 15
+WORKER_DRAIN_DEFAULT_S = 45  # (tokenpool.env.WORKER_DRAIN_S's default: a test keeps the two equal)
 MODELS_MOUNT = "/models"  # where a pool's model volume is mounted in workers (and the controller)
 LABEL_POOL = f"{GROUP}/pool"
 ANNOTATION_DIGEST = f"{GROUP}/spec-digest"
@@ -334,6 +339,10 @@ def build_worker_daemonset(pool: str, namespace: str, spec: dict) -> dict:
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
     } for i in range(s["gpusPerNode"])]
+    grace = s.get("drainGraceSeconds")
+    if grace is not None:  # (unset: the DaemonSet of before the field, so an upgraded operator rolls no worker)
+        for c in containers:
+            c["env"].append({"name": "TOKENPOOL_WORKER_DRAIN_S", "value": str(int(grace))})
     ds = {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
@@ -349,9 +358,11 @@ def build_worker_daemonset(pool: str, namespace: str, spec: dict) -> dict:
                     "nodeSelector": s["nodeSelector"],
                     "tolerations": s["tolerations"],
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
-                    # a worker's SIGTERM drain: its requests in flight get $TOKENPOOL_WORKER_DRAIN_S (45 s), its
-                    # models move to the other engines meanwhile, and it exits 5 s after that at most (worker.py)
-                    "terminationGracePeriodSeconds": 60,
+                    # a worker's SIGTERM drain: its requests in flight get spec.drainGraceSeconds (its
+                    # $TOKENPOOL_WORKER_DRAIN_S, else 45 s), its models move to the other engines meanwhile, and it
+                    # exits 5 s after that at most (worker.py)
+                    "terminationGracePeriodSeconds": int(WORKER_DRAIN_DEFAULT_S if grace is None else grace)
+                    + WORKER_STOP_MARGIN_S,
                     "containers": containers,
                     "volumes": volumes,
                 },
