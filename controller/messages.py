@@ -132,6 +132,7 @@ class Delta:
     embedding: list[float] | None = None  # (SamplingParams.embed; finished) the last prompt token's final hidden state
     num_cached_tokens: int = 0  # (first and last delta) prompt tokens whose KV its start found in the prefix cache
     stop_reason: int | str | None = None  # (finished "stop") the stop string or stop token id that ended it
+    load_s: float = 0.0  # (its first delta) seconds it waited for its model's weights to load on the engine
 
 
 @dataclass

@@ -85,6 +85,9 @@ class Sub:
     sink: asyncio.Queue
     generated: int = 0
     engine_id: str | None = None
+    # seconds it waited for its model to be loaded: its registration on the engine (Controller._place), and the
+    # weights' load the engine said it waited for (its first delta's load_s)
+    load_s: float = 0.0
     attempts: int = 0  # engines it was sent to (a request whose engine failed is sent again, MAX_ATTEMPTS in all)
     done: bool = False
     # its deltas reach no client before it ends (a request not streamed: the Generation holds them), so it may be run
@@ -467,6 +470,8 @@ class EnginePool:
             if sub is None:
                 continue
             sub.generated += len(d.token_ids)
+            if d.token_ids or d.embedding is not None:
+                self._stepped(e, sub.model)
             if d.finished:
                 del subs[d.request_id]
                 if e.retiring and not subs:
@@ -476,6 +481,27 @@ class EnginePool:
                     continue
                 sub.done = True
             sub.sink.put_nowait((sub, d))
+
+    @staticmethod
+    def _stepped(e: EngineHandle, model: str) -> None:
+        """A model engine `e` made a token of: its weights are in VRAM there now. The pool view (`e.pool`, what
+        /api/ps, `tokenpool ps` and the dashboard read) says so at once, where it said so only with the worker's
+        next Stats, a heartbeat later (a model just loaded was missing from Ollama's ps meanwhile); that Stats
+        replaces it, as any."""
+        models = e.pool.get("models") if e.pool else None
+        if not isinstance(models, dict):  # (an engine that reports no pool: its registrations say it)
+            return
+        pm = models.get(model)
+        if isinstance(pm, dict) and pm.get("state") == "resident":
+            return
+        if isinstance(pm, dict):
+            pm["state"] = "resident"
+        else:  # (registered there since its last Stats)
+            models[model] = {"state": "resident"}
+        for k, has in (("resident", True), ("prefetching", False)):
+            names = e.pool.get(k)
+            if isinstance(names, list) and (model in names) != has:
+                e.pool[k] = sorted({*names, model}) if has else [n for n in names if n != model]
 
     def _loaded(self, e: EngineHandle, msg: m.ModelLoaded) -> None:
         r = e.replicas.get(msg.model)

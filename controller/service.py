@@ -228,6 +228,8 @@ class Generation:
                     raise ServingError(503, d.error, code="shutting_down")
                 status = 400 if d.error_kind == "invalid" else 503
                 raise ServingError(status, d.error if status == 400 else f"engine failure: {d.error}")
+            if d.load_s:  # (the engine waited for the model's weights before its first token)
+                sub.load_s += d.load_s
             if d.token_ids or d.embedding is not None:
                 now = time.monotonic()
                 self.t_first = self.t_first or now
@@ -249,6 +251,12 @@ class Generation:
                     yield sub.index, x
             else:
                 yield sub.index, d
+
+    @property
+    def load_s(self) -> float:
+        """Seconds it waited for its model to be loaded (registered on its engine, its weights brought into VRAM):
+        its longest choice's wait."""
+        return max((s.load_s for s in self.subs), default=0.0)
 
     def held(self, index: int = 0) -> list[m.Delta]:
         """(buffered) Choice `index`'s deltas made so far and not yet given by `events()`: what a request whose client
@@ -700,7 +708,8 @@ class Controller:
             self._still_registered(entry)
             r = e.replicas.get(name) or self._register(e, entry)
             if not r.ready.is_set():
-                deadline = time.monotonic() + LOAD_TIMEOUT_S
+                t_wait = time.monotonic()
+                deadline = t_wait + LOAD_TIMEOUT_S
                 # (ended while it waits -- an operator's cancel, the end of a shutdown's grace -- it stops waiting:
                 # its client then hears the error at once, where it heard it after the load, or, at shutdown, a
                 # plain-text 500 once uvicorn cancelled it)
@@ -712,6 +721,7 @@ class Controller:
                         await asyncio.wait({ready}, timeout=0.1)
                 finally:
                     ready.cancel()
+                    sub.load_s += time.monotonic() - t_wait  # (its model's registration: Ollama's load_duration)
                 if sub.done:
                     return
             if e.replicas.get(name) is r or r.state not in ("ready", "dropped"):  # (dropped: register it again)

@@ -51,13 +51,16 @@ def to_delta(out) -> m.Delta:
     # the prefix cache's part of the prompt, known from the start: on the first delta (Anthropic's message_start,
     # OpenAI's continuous usage) and the last
     cached = (out.num_cached_tokens or 0) if out.finished or out.first else 0
+    # how long it waited for its model's weights to load: on its first delta (an embedding's one), said once
+    load_s = out.metrics.get("load_s", 0.0) if out.first or out.embedding is not None else 0.0
     if out.embedding is not None:  # (an embedding: the token its step drew is not an output)
         return m.Delta(request_id=out.request_id, finished=True, finish_reason="stop",
-                       num_prompt_tokens=len(out.prompt_token_ids), embedding=out.embedding, num_cached_tokens=cached)
+                       num_prompt_tokens=len(out.prompt_token_ids), embedding=out.embedding, num_cached_tokens=cached,
+                       load_s=load_s)
     return m.Delta(request_id=out.request_id, text=out.delta_text, token_ids=list(out.delta_token_ids),
                    logprobs=lps, finished=out.finished, finish_reason=c.finish_reason if out.finished else None,
                    num_prompt_tokens=len(out.prompt_token_ids), prompt_logprobs=plp, num_cached_tokens=cached,
-                   stop_reason=c.stop_reason if out.finished else None)
+                   stop_reason=c.stop_reason if out.finished else None, load_s=load_s)
 
 
 def _seqs(eng, msg: m.LoadModel) -> int:

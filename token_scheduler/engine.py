@@ -411,6 +411,8 @@ class LLMEngine:
         if req.finished:
             req.finished_time = req.finished_time or time.monotonic()
         m = {"arrival_time": req.arrival_time}
+        if req.load_s:
+            m["load_s"] = req.load_s
         for k in ("first_scheduled_time", "first_token_time", "last_token_time", "finished_time"):
             if getattr(req, k) is not None:
                 m[k] = getattr(req, k)

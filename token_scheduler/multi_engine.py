@@ -558,7 +558,12 @@ class MultiModelEngine:
             if eng.weights is None or not mem.is_resident(plan.model) or mem.is_loading(plan.model):
                 was = mem.is_resident(plan.model) or mem.holds(plan.model)
                 stall0, forced = mem.stats.stall_s, mem.stats.forced_evictions
+                t0 = time.monotonic()
                 rm = mem.load(plan.model, protect=(plan.prefetch,) if plan.prefetch else (), order=plan.load_order)
+                waited = time.monotonic() - t0
+                for r in (*eng.scheduler.waiting, *eng.scheduler.running):  # (those the load kept from their start)
+                    if r.first_token_time is None:
+                        r.load_s += waited
                 eng.set_weights(rm.weights, rm.slot_id)
                 if GRAPH_PRECAPTURE:
                     eng.runner.capture_first()

@@ -200,6 +200,9 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    # Seconds it waited for its model's weights to come into VRAM (a load, or a prefetch landing, that a step of its
+    # model waited for before its first token): Ollama's load_duration (controller/api/ollama.py)
+    load_s: float = 0.0
     # The engine's per-request state lives on the request, so it goes when the request goes (the scheduler's
     # `requests` is the one registry of a request in an engine): its detokenizer state, and the sampler's
     # generator of a seeded request.

@@ -331,15 +331,18 @@ async def _body(request: Request, model: type[BaseModel], counted: bool = False)
 
 
 def _stats(gen: Tracked) -> dict[str, Any]:
-    """Ollama's closing counts; durations in nanoseconds (prompt: arrival to first token; eval: first token to now,
-    as Ollama's runner times it until its final response: never 0 once a token is made, where clients divide by it
-    for a tokens-per-second rate; first to last token made a one-token reply's 0)."""
+    """Ollama's closing counts; durations in nanoseconds (load: the time it waited for its model to be loaded, its
+    registration on the engine and its weights' load into VRAM, as Ollama's is the scheduler's wait for a runner;
+    prompt: arrival to first token, less the load; eval: first token to now, as Ollama's runner times it until its
+    final response: never 0 once a token is made, where clients divide by it for a tokens-per-second rate; first
+    to last token made a one-token reply's 0). total = load + prompt + eval."""
     end = time.monotonic()
     first = gen.t_first or end
+    load = min(max(0.0, gen.load_s), max(0.0, first - gen.t_arrival))
     ns = lambda s: int(max(0.0, s) * 1e9)  # noqa: E731
-    return {"total_duration": ns(end - gen.t_arrival), "load_duration": 0, "prompt_eval_count": gen.prompt_tokens,
-            "prompt_eval_duration": ns(first - gen.t_arrival), "eval_count": gen.completion_tokens,
-            "eval_duration": ns(end - first)}
+    return {"total_duration": ns(end - gen.t_arrival), "load_duration": ns(load),
+            "prompt_eval_count": gen.prompt_tokens, "prompt_eval_duration": ns(first - gen.t_arrival - load),
+            "eval_count": gen.completion_tokens, "eval_duration": ns(end - first)}
 
 
 THINK_LEVELS = ("high", "medium", "low")
