@@ -164,8 +164,9 @@ def _engine_tokens(d: str, use: bool) -> None:
 
 def test_an_engine_with_the_megakernel_gives_the_tokens_of_the_triton_path(make_tiny, tmp_path):
     """TOKENPOOL_MEGAKERNEL in the engine: batch-1 decode graphs captured with the kernel (each request alone, bf16)
-    give the greedy tokens of the same engine on the Triton path, and free every KV block. (At 2f7422c, on an H100,
-    the run with the kernel ended in an illegal address: each run is a child process, so a fault fails this test
+    give the greedy tokens of the same engine on the Triton path, and free every KV block. (At 2f7422c and 3286ef0, on
+    an H100, the run with the kernel ended in an illegal address at the first replay: the graph's DecodeStep -- its
+    parameter block and scratch -- was freed after capture. Each run is a child process, so a fault fails this test
     alone.)"""
     import json
     import subprocess

@@ -795,6 +795,10 @@ class _DecodeGraph:
                 and megakernel.reason_not(runner.cfg, runner.weights, runner.kv) is None):
             mk = megakernel.DecodeStep(runner.cfg, runner.weights, runner.kv, runner.rope, *self.dev[:4], self.ctx32,
                                        self.bt)
+            # the graph reads its parameter block, counters and scratch by address: kept alive with the graph (as a
+            # local only, they went back to the allocator after capture and a replay read reused memory: an
+            # illegal address, found on an H100 at 3286ef0)
+            self.keep = (*self.keep, mk)
 
         def run():  # (the adapter mask from the rows' slots is computed in the graph, at every replay)
             if mk is not None:
