@@ -42,7 +42,7 @@ from controller.api.serving import (
     too_long,
     unless_disconnected,
 )
-from controller.api.structured import ToolPlan, closed_schema
+from controller.api.structured import HERMES_CLOSE, ToolPlan, closed_schema
 from controller.dashboard.views import resident_models
 from controller.errors import ServingError, field_path, json_kind, telling_error
 from controller.real_model import MARKER as GGUF_MARKER
@@ -733,33 +733,88 @@ def _calls(serving: OpenAIServing, text: str, reason: str | None, tools: ToolPla
             for i, c in enumerate(msg.tool_calls)]
 
 
+class _CallLines:
+    """A streamed reply's tool calls as Ollama's chat stream gives them: each call in a line of its own as soon as it
+    is whole (Ollama's tool parser emits `message.tool_calls` once it has parsed a call), not the reply held to its
+    end. With the hermes syntax ("auto": text, or `<tool_call>` blocks; `ToolPlan.opening` tells which once the
+    reply's start does) a text reply streams as it comes, as Ollama's does; the grammar's other layouts (a call
+    named, a list of calls) are read whole at the end."""
+
+    def __init__(self, serving: OpenAIServing, tools: ToolPlan):
+        self.serving, self.tools = serving, tools
+        self.text, self.mode = "", None if tools.hermes else "held"  # None: not known yet; "text"; "calls"
+        self.sent = 0  # the whole calls sent
+        self.closes = 0  # the closing tags seen (a call may be whole only where one more came)
+
+    def feed(self, text: str, done: bool, reason: str | None) -> tuple[str, list[dict[str, Any]]]:
+        """(content to send, calls to send) for the reply's next `text`; `done`: the reply is over."""
+        self.text += text
+        if self.mode is None:
+            opening = self.tools.opening(self.text)
+            if opening is None and not done:
+                return "", []
+            self.mode = "calls" if opening else "text"
+            if self.mode == "text":
+                return self.text, []
+        if self.mode == "text":
+            return text, []
+        if self.mode == "held":
+            if not done:
+                return "", []
+            calls = _calls(self.serving, self.text, reason, self.tools)
+            return ("", calls) if calls else (self.text, [])
+        new: list[dict[str, Any]] = []
+        closes = self.text.count(HERMES_CLOSE)
+        if closes > self.closes or done:
+            self.closes = closes
+            cut = self.tools.cut_calls(self.text)
+            whole = cut[0] if cut is not None else []
+            new = [_ollama_call(self.sent + i, c) for i, c in enumerate(whole[self.sent:])]
+            self.sent = len(whole)
+        if not done:
+            return "", new
+        # the end: what no whole call holds (a call cut by num_predict, say) goes as content, as Ollama's parser
+        # gives back what it could not parse; an output of no call at all, as its text
+        if self.sent == 0:
+            return self.text, new
+        rest = self.text.split(HERMES_CLOSE)[-1] if self.text.count(HERMES_CLOSE) >= self.sent else ""
+        return ("" if not rest.strip() else rest), new
+
+
+def _ollama_call(index: int, call: dict[str, Any]) -> dict[str, Any]:
+    """A call (ToolPlan's) as Ollama writes it: its arguments an object."""
+    fn = call["function"]
+    return {"function": {"index": index, "name": fn["name"], "arguments": json.loads(fn["arguments"])}}
+
+
 async def _stream(serving: OpenAIServing, gen: Tracked, line, tools: ToolPlan | None = None,
                   ids: list[int] | None = None, split: _Split | None = None,
                   logprobs_of: Any = None) -> AsyncIterator[bytes]:
-    """The NDJSON lines, the last `done`; with tools the reply is held to its end, then goes as its calls or its
-    text. An engine error once streaming is an `{"error": ...}` line (the status has gone). The reply's token ids are
-    appended to `ids` before its last line is made. `split`: the thinking goes apart from the content;
-    `logprobs_of`: a delta's logprobs, which go with the line its text goes in (with tools, the held line)."""
-    status, held, held_lps = 499, [], []
+    """The NDJSON lines, the last `done`; with tools each call goes in a line of its own once it is whole
+    (`_CallLines`), a text reply as it comes. An engine error once streaming is an `{"error": ...}` line (the status
+    has gone). The reply's token ids are appended to `ids` before its last line is made. `split`: the thinking goes
+    apart from the content; `logprobs_of`: a delta's logprobs, which go with the line its text goes in (with tools,
+    held with it)."""
+    status, held_lps = 499, []
+    reader = _CallLines(serving, tools) if tools is not None else None
     try:
         async for _, d in gen.events():
             if ids is not None:
                 ids += d.token_ids
-            lps = logprobs_of(d) if logprobs_of is not None else []
-            if tools is not None:
-                held.append(d.text)
-                held_lps += lps
-                if d.finished:
-                    thought, text = split.feed("".join(held), True) if split else ("", "".join(held))
-                    calls = _calls(serving, text, d.finish_reason, tools)
-                    yield (line("", calls=calls, thought=thought, logprobs=held_lps) if calls else
-                           line(text, thought=thought, logprobs=held_lps))
-                    yield line("", True, d.finish_reason)
-                continue
+            held_lps += logprobs_of(d) if logprobs_of is not None else []
             thought, text = split.feed(d.text, d.finished) if split else ("", d.text)
-            if text or thought or lps:
-                yield line(text, thought=thought, logprobs=lps)
+            calls: list[dict[str, Any]] = []
+            if reader is not None:
+                text, calls = reader.feed(text, d.finished, d.finish_reason)
+            if calls:
+                yield line(text, calls=calls, thought=thought, logprobs=held_lps)
+                held_lps = []
+            elif text or thought or (held_lps and (reader is None or reader.mode == "text")):
+                yield line(text, thought=thought, logprobs=held_lps)
+                held_lps = []
             if d.finished:
+                if held_lps:  # (held with a call still being written: they go with the last line)
+                    yield line("", logprobs=held_lps)
                 yield line("", True, d.finish_reason)
         status = 200
     except ServingError as e:
