@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -97,8 +98,9 @@ class Message(_Loose):
     role: str
     content: str = ""
     images: list[str] | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # an assistant's: [{"function": {"name", "arguments": {...}}}]
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's: [{"id", "function": {"name", "arguments": {...}}}]
     tool_name: str | None = None  # a tool message's: the function whose result it is
+    tool_call_id: str | None = None  # a tool message's: the id of the call it answers (Ollama 0.12.10 on)
 
 
 class _Base(_Loose):
@@ -709,19 +711,29 @@ def _drop_oldest(msgs: list[Any], n: int = 1) -> list[Any] | None:
 
 def _message(m: Message) -> dict[str, Any]:
     """An Ollama chat message as the chat request takes it: an assistant's calls with their arguments as JSON text
-    (ids made up: Ollama's have none), a tool message's function as its name."""
+    (each with the id it came back with, as Ollama's replies give them since 0.12.10; one made up for a call sent
+    without), a tool message's function as its name and the call it answers as its `tool_call_id`."""
     d: dict[str, Any] = {"role": m.role, "content": m.content}
     if m.tool_calls:
         calls = []
         for i, c in enumerate(m.tool_calls):
             fn = c.get("function") if isinstance(c.get("function"), dict) else {}
             args = fn.get("arguments", {})
-            calls.append({"id": f"call_{i}", "type": "function", "function": {
+            cid = c.get("id") if isinstance(c.get("id"), str) and c.get("id") else f"call_{i}"
+            calls.append({"id": cid, "type": "function", "function": {
                 "name": fn.get("name"), "arguments": args if isinstance(args, str) else json.dumps(args)}})
         d["tool_calls"] = calls
     if m.tool_name is not None:
         d["name"] = m.tool_name
+    if m.tool_call_id:
+        d["tool_call_id"] = m.tool_call_id
     return d
+
+
+def _call_id() -> str:
+    """A tool call's id as Ollama's chat gives each call since 0.12.10 (its server's toolCallId: `call_` and 8
+    lower-case letters or digits), which a client sends back as the tool message's `tool_call_id`."""
+    return "call_" + "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
 
 
 def _calls(serving: OpenAIServing, text: str, reason: str | None, tools: ToolPlan) -> list[dict[str, Any]] | None:
@@ -729,7 +741,8 @@ def _calls(serving: OpenAIServing, text: str, reason: str | None, tools: ToolPla
     msg, _ = serving._reply(text, reason, tools)
     if not msg.tool_calls:
         return None
-    return [{"function": {"index": i, "name": c.function.name, "arguments": json.loads(c.function.arguments)}}
+    return [{"id": _call_id(), "function": {"index": i, "name": c.function.name,
+                                            "arguments": json.loads(c.function.arguments)}}
             for i, c in enumerate(msg.tool_calls)]
 
 
@@ -782,9 +795,9 @@ class _CallLines:
 
 
 def _ollama_call(index: int, call: dict[str, Any]) -> dict[str, Any]:
-    """A call (ToolPlan's) as Ollama writes it: its arguments an object."""
+    """A call (ToolPlan's) as Ollama writes it: its id (`_call_id`), its arguments an object."""
     fn = call["function"]
-    return {"function": {"index": index, "name": fn["name"], "arguments": json.loads(fn["arguments"])}}
+    return {"id": _call_id(), "function": {"index": index, "name": fn["name"], "arguments": json.loads(fn["arguments"])}}
 
 
 async def _stream(serving: OpenAIServing, gen: Tracked, line, tools: ToolPlan | None = None,
@@ -958,10 +971,14 @@ def _human_number(n: int) -> str:
 
 def _details(me: Any) -> dict[str, Any]:
     """Ollama's `details` of a model (/api/tags, /api/ps, /api/show): parameter_size from its safetensors headers,
-    quantization_level its weights' type (`_quantization`)."""
+    quantization_level its weights' type (`_quantization`), format the model's own: `gguf` for one converted from a
+    GGUF file (as Ollama lists that file; its quantization_level is the GGUF's type too, so the two agree), else
+    `safetensors`."""
     arch = me.architecture or ""
     n = _parameter_count(me)
-    return {"parent_model": "", "format": "safetensors", "family": arch, "families": [arch] if arch else None,
+    folder = Path(me.spec.path) if me.spec.path else None
+    fmt = "gguf" if folder is not None and (folder / GGUF_MARKER).is_file() else "safetensors"
+    return {"parent_model": "", "format": fmt, "family": arch, "families": [arch] if arch else None,
             "parameter_size": _human_number(n) if n else "", "quantization_level": _quantization(me)}
 
 
