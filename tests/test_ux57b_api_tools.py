@@ -146,7 +146,8 @@ def test_a_tools_arguments_take_only_the_keys_its_schema_lists(server):
     for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
         r = c.chat.completions.create(model="varied", messages=[{"role": "user", "content": "time?"}], tools=[TZ],
                                       tool_choice=choice, n=6, max_tokens=60, seed=2, parallel_tool_calls=False)
-        assert all(ch.finish_reason == "tool_calls" for ch in r.choices), r
+        # (a named choice's calls finish `stop`, as OpenAI's: test_ux58b_api_gaps)
+        assert all(ch.finish_reason == ("tool_calls" if choice == "required" else "stop") for ch in r.choices), r
         calls = [json.loads(ch.message.tool_calls[0].function.arguments) for ch in r.choices]
         assert all(set(x) <= {"tz"} for x in calls), calls
 

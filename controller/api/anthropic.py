@@ -11,7 +11,8 @@ completion they mean; it is validated, templated, admitted and generated as that
 Message: `text` or `tool_use` content blocks (none for a reply of no text; calls max_tokens cut short are the
 whole ones' tool_use blocks and the cut one's, input {}), its `stop_reason` (end_turn, max_tokens, stop_sequence, tool_use) and usage (the
 prompt tokens found in the prefix cache as `cache_read_input_tokens`). Streamed, the Messages API's server-sent
-events (message_start ... message_stop; text as it comes, tool calls whole at the end, as the chat path holds them).
+events (message_start ... message_stop; text as it comes, tool calls whole at the end: the chat path streams them
+as they are written, this one not yet).
 Images, documents and extended thinking are refused with a 400 naming the field (an earlier turn's thinking
 blocks, sent back whole by clients, are ignored, as Anthropic strips them). Errors take Anthropic's shape.
 """

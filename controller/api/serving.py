@@ -24,7 +24,7 @@ from starlette.requests import Request
 
 from controller.api import protocol as p
 from controller.api.sse import DONE, EMPTY, NULL, ROLE, ROLE_CALLS, ChunkFrames, content, sse
-from controller.api.structured import ToolPlan, response_grammar, tool_plan, vllm_grammar
+from controller.api.structured import CallStream, ToolPlan, response_grammar, tool_plan, vllm_grammar
 from controller.errors import ServingError
 from controller.messages import Delta
 from controller.service import Controller, Generation, ModelEntry
@@ -306,6 +306,12 @@ def _read_generation_defaults(file: str, mtime: int) -> dict[str, float]:
     if out:
         log.info("sampling defaults from %s: %s (a request's own fields override them)", file, out)
     return out
+
+def _calls_finish(tools: ToolPlan) -> str:
+    """The finish reason of a whole output of tool calls: "tool_calls", or "stop" when tool_choice named the function
+    (OpenAI answers so, streamed or not, and vLLM with it: its PR #25054)."""
+    return "stop" if tools.named else "tool_calls"
+
 
 class OpenAIServing:
     def __init__(self, ctl: Controller):
@@ -819,11 +825,11 @@ class OpenAIServing:
     @staticmethod
     def _reply(text: str, finish: str | None, tools: ToolPlan | None) -> tuple[p.AssistantMessage, str | None]:
         """A choice's message and finish reason: with tools, a whole output is its tool calls (finish reason
-        "tool_calls"); one cut short stays text."""
+        "tool_calls"; "stop" for a call tool_choice named, as OpenAI's and vLLM's); one cut short stays text."""
         calls = tools.calls(text) if tools is not None and finish == "stop" else None
         if calls is None:
             return p.AssistantMessage(content=text), finish
-        return p.AssistantMessage(content=None, tool_calls=calls), "tool_calls"
+        return p.AssistantMessage(content=None, tool_calls=calls), _calls_finish(tools)
 
     async def _collect_chat(self, gen: Tracked, req: p.ChatCompletionRequest, rid: str,
                             me: ModelEntry, tools: ToolPlan | None) -> p.ChatCompletionResponse:
@@ -853,9 +859,13 @@ class OpenAIServing:
         hermes = tools is not None and tools.hermes
         lead = [] if hermes else [fr.delta(i, ROLE if tools is None else ROLE_CALLS) for i in range(len(gen.subs))]
         opened = [not hermes] * len(gen.subs)
-        held = [""] * len(gen.subs)  # (tools) a choice's text, held until it is whole
-        held_lps: list[list[p.TokenLogprob]] = [[] for _ in gen.subs]
+        held = [""] * len(gen.subs)  # (tools) a choice's text so far
+        held_lps: list[list[p.TokenLogprob]] = [[] for _ in gen.subs]  # (tools) its logprobs not sent yet
         text_reply = [False] * len(gen.subs)  # ("auto") the choice turned out to be text: streamed as it comes
+        # (tools) a choice's calls as they are written: each opens with a delta of its index, id, type, name and
+        # arguments "" (or their first part), then its arguments go in parts as they come, as OpenAI streams them
+        calls: list[CallStream | None] = [None] * len(gen.subs)
+        told = [0] * len(gen.subs)  # the calls whose opening delta has gone out
 
         def role(i: int, calls: bool) -> bytes:
             if opened[i]:
@@ -863,29 +873,55 @@ class OpenAIServing:
             opened[i] = True
             return fr.delta(i, ROLE_CALLS if calls else ROLE)
 
+        def logprobs(i: int) -> bytes:
+            if not req.logprobs or not held_lps[i]:
+                return NULL
+            lps, held_lps[i] = held_lps[i], []
+            return p.ChoiceLogprobs(content=lps).model_dump_json().encode()
+
+        def call_frames(i: int, fresh: str) -> bytes:
+            cs, out = calls[i], b""
+            for k, frag in cs.feed(fresh):
+                if k >= told[i]:  # (its opening delta)
+                    told[i] = k + 1
+                    c = cs.calls[k]
+                    tc = {"index": k, "id": c["id"], "type": "function",
+                          "function": {"name": c["function"]["name"], "arguments": frag}}
+                else:
+                    tc = {"index": k, "function": {"arguments": frag}}
+                body = json.dumps({"tool_calls": [tc]}, ensure_ascii=False, separators=(",", ":")).encode()
+                out += fr.delta(i, body, logprobs(i))
+            return out
+
         def frame(i: int, d: Delta) -> bytes:
             out = b""
             lp = self._chat_logprobs(me, d, req.top_logprobs or 0, req.return_tokens_as_token_ids) if req.logprobs else None
-            if tools is not None and not text_reply[i]:  # calls go out whole, in one delta (or the text, if cut short)
+            if tools is not None and not text_reply[i]:
                 held[i] += d.text
                 held_lps[i] += lp or []
-                opening = tools.opening(held[i]) if held[i] else None
-                if opening is False:  # text after all: what was held, then as it comes
-                    text_reply[i] = True
-                    d = dataclasses.replace(d, text=held[i])
-                    lp = held_lps[i] if req.logprobs else None
-                elif not d.finished:
-                    return role(i, True) if opening else b""
+                fresh = d.text
+                if calls[i] is None:
+                    opening = tools.opening(held[i]) if held[i] else None
+                    if opening is False:  # text after all: what was held, then as it comes
+                        text_reply[i] = True
+                        d = dataclasses.replace(d, text=held[i])
+                        lp, held_lps[i] = (held_lps[i] if req.logprobs else None), []
+                    elif opening:
+                        calls[i], fresh = CallStream(tools), held[i]
+                    elif not d.finished:
+                        return b""
             if tools is not None and not text_reply[i]:
-                msg, why = self._reply(held[i], d.finish_reason, tools)
-                lpj = p.ChoiceLogprobs(content=held_lps[i]).model_dump_json().encode() if req.logprobs else NULL
-                if msg.tool_calls:
-                    calls = [{"index": k, **c.model_dump()} for k, c in enumerate(msg.tool_calls)]
-                    body = json.dumps({"tool_calls": calls}, ensure_ascii=False, separators=(",", ":")).encode()
-                else:
-                    body = content(held[i])
-                return (role(i, bool(msg.tool_calls)) + fr.delta(i, body, lpj)
-                        + fr.delta(i, EMPTY, NULL, why, d.stop_reason))
+                out = role(i, calls[i] is not None)
+                if calls[i] is not None:
+                    out += call_frames(i, fresh)
+                if not d.finished:
+                    return out
+                why = d.finish_reason
+                if not told[i]:  # no call began (an output cut short before its first name): the text, as before
+                    out += role(i, False) + fr.delta(i, content(held[i]), logprobs(i))
+                elif why == "stop" and tools.calls(held[i]) is not None:
+                    why = _calls_finish(tools)
+                return out + fr.delta(i, EMPTY, logprobs(i), why, d.stop_reason)
             out = role(i, False)
             if d.text or lp:
                 lpj = NULL if lp is None else p.ChoiceLogprobs(content=lp).model_dump_json(exclude_unset=True).encode()

@@ -239,6 +239,83 @@ class ToolPlan:
         return None if HERMES_OPEN.startswith(start) else False
 
 
+class CallStream:
+    """A choice's tool calls read as its output is made (the chat stream's): each call opens once its name is whole
+    (its id, type and name go out, as OpenAI's first delta of a call), then its arguments go out as they are
+    written. The grammar's layout (JSON_LAYOUT: `{"name": N, "parameters": {...}}` items of a list, or hermes'
+    `{"name": N, "arguments": {...}}` blocks, the arguments an object) is what lets the text be read so, a character
+    at a time, without parsing partial JSON; a named choice's whole output is its one call's arguments."""
+
+    def __init__(self, plan: ToolPlan):
+        key = "arguments" if plan.hermes else "parameters"
+        self._head = re.compile(r'\{"name": ("(?:[^"\\]|\\.)*"), "' + key + r'": ')
+        self.calls: list[dict[str, Any]] = []  # the calls opened so far: ToolPlan._call's, their arguments so far
+        self._state, self._pending = "seek", ""  # seek (the next call's `{`), head (its name), args
+        self._depth, self._in_str, self._esc = 0, False, False
+        self._told = 0  # the calls `feed` has said are open
+        if plan.named:
+            self._open(plan.named)
+
+    def _open(self, name: str) -> None:
+        self.calls.append(ToolPlan._call(name, ""))
+        self._state, self._depth, self._in_str, self._esc = "args", 0, False, False
+
+    def feed(self, text: str) -> list[tuple[int, str]]:
+        """What `text` (the output's next part) adds: (call index, arguments fragment), in order, a call's first
+        entry once it opens (its fragment "" when only its name is known yet: its id and name are in `self.calls`),
+        the fragments a call gets in one part joined."""
+        out: list[tuple[int, str]] = [(k, "") for k in range(self._told, len(self.calls))]
+        i = 0
+        while i < len(text):
+            if self._state == "seek":
+                j = text.find("{", i)
+                if j < 0:
+                    break
+                self._state, self._pending, i = "head", "", j
+            elif self._state == "head":
+                self._pending += text[i:]
+                m = self._head.match(self._pending)
+                if m is None:
+                    break
+                self._open(json.loads(m[1]))
+                out.append((len(self.calls) - 1, ""))
+                text, i = self._pending[m.end():], 0
+            else:
+                end = self._value_end(text, i)
+                k, frag = len(self.calls) - 1, text[i:end]
+                self.calls[k]["function"]["arguments"] += frag
+                if out and out[-1][0] == k:
+                    out[-1] = (k, out[-1][1] + frag)
+                elif frag:
+                    out.append((k, frag))
+                i = end
+        self._told = len(self.calls)
+        return out
+
+    def _value_end(self, text: str, i: int) -> int:
+        """Where the arguments being read end in `text` from `i` (past its end: they go on); their end sets the
+        state to seek the next call."""
+        for k in range(i, len(text)):
+            c = text[k]
+            if self._in_str:
+                if self._esc:
+                    self._esc = False
+                elif c == "\\":
+                    self._esc = True
+                elif c == '"':
+                    self._in_str = False
+            elif c == '"':
+                self._in_str = True
+            elif c in "{[":
+                self._depth += 1
+            elif c in "}]":
+                self._depth -= 1
+                if self._depth <= 0:
+                    self._state = "seek"
+                    return k + 1
+        return len(text)
+
+
 def _not_starting_with(prefix: str) -> str:
     """A regex of every string that does not begin with `prefix` (llguidance's regexes have no lookahead): the empty
     string, each proper prefix's continuation by another character, and the proper prefixes themselves."""
