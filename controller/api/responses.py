@@ -6,10 +6,11 @@ response_format; it is validated, templated, admitted and generated as that chat
 a Response object: one `message` item of `output_text`, or `function_call` items; status `incomplete` when
 max_output_tokens cut it (a call being written is an `incomplete` function_call item, its arguments so far).
 Streamed, Responses' typed server-sent events, from `response.created` to `response.completed` (text deltas as they
-come, with tool_choice "auto" once the reply shows it is text; calls go out whole at the end, as the chat path holds
-them; one that fails once streaming ends with an `error` event and `response.failed`). Responses with `store`
-(OpenAI's default) are kept in memory, per tenant and bounded (ResponseStore), so `previous_response_id` continues a
-conversation (its instructions are not carried over, as OpenAI documents); a restart forgets them. A response whose
+come, with tool_choice "auto" once the reply shows it is text; calls go out whole at the end, where the chat path
+streams them as they are written; one that fails once streaming ends with an `error` event and `response.failed`,
+with what was made until then: its text, or its function_call items). Responses with `store` (OpenAI's default) are
+kept in memory, per tenant and bounded (ResponseStore), so `previous_response_id` continues a conversation (its
+instructions are not carried over, as OpenAI documents); a restart forgets them. A response whose
 client left before its end (streamed or not) is kept `incomplete`, with what was made until then.
 """
 
@@ -466,7 +467,7 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish, c
     """Responses' events; always closes `gen`. A failure once streaming is an `error` event (the status has gone).
     `cut`: called when the stream ends before its end (its client went away): the response so far is kept."""
     seq, status = [0], 499
-    # text streams as it comes; calls are held to the end, as the chat path holds them; with tool_choice "auto" (the
+    # text streams as it comes; calls are held to the end (the chat path streams them); with tool_choice "auto" (the
     # model's own call syntax) a reply streams once it shows it is text, as the chat path's does
     live = reply.tools is None
     auto = reply.tools is not None and reply.tools.hermes
@@ -523,10 +524,12 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish, c
 
 def _failed(seq: list[int], reply: _Reply, gen: Tracked, status: int, message: str) -> bytes:
     """The stream's last event when the response failed (an engine's error, an operator's cancel, shutdown):
-    `response.failed`, whose response is `failed` with its error, as OpenAI ends such a stream (clients wait for
-    one of response.completed, incomplete or failed; the `error` event before it alone ended nothing)."""
+    `response.failed`, whose response is `failed` with its error and what was made until then (`_Reply.cut`: its
+    text, or its function_call items, as response.incomplete and a stored cut response hold them), as OpenAI ends
+    such a stream (clients wait for one of response.completed, incomplete or failed; the `error` event before it
+    alone ended nothing)."""
     code = "rate_limit_exceeded" if status == 429 else "server_error" if status >= 500 else "invalid_prompt"
-    output = [reply.message("incomplete")] if reply.tools is None and reply.text else []
+    output, _ = reply.cut()  # (its text, or its calls: the whole ones completed, the one being written incomplete)
     return _event(seq, "response.failed", response={**reply.response(gen, "failed", output),
                                                     "error": {"code": code, "message": message}})
 
