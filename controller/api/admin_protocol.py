@@ -9,11 +9,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from controller.config import SLO, STRICT, ModelSpec, Priority, RateLimit, Replicas, parse_duration
 from controller.keys import is_key_hash
 
+# (an empty list is kept, not refused: the operator's Tenant sends `models: []` for a tenant of no model, its Ready
+# reason NoModels)
+MODELS_DOC = ("the models the tenant's keys may use: names, aliases or globs (fnmatch); left out, every model (\"*\"); "
+              "[]: no model (every request is refused; the answer's `warning` says so)")
+
 
 class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", **STRICT)
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
-    models: list[str] = Field(default_factory=lambda: ["*"])
+    models: list[str] = Field(default_factory=lambda: ["*"], description=MODELS_DOC)
     rate: RateLimit = RateLimit()
     max_concurrent: int | None = Field(None, ge=1)
     priority: Priority = 0
@@ -36,7 +41,7 @@ class TenantPatch(BaseModel):
     flight on a key dropped end a moment later)."""
     model_config = ConfigDict(extra="forbid", **STRICT)
     key_hashes: list[str] | None = None
-    models: list[str] | None = None
+    models: list[str] | None = Field(None, description=MODELS_DOC)
     rate: RateLimit | None = None
     max_concurrent: int | None = Field(None, ge=1)
     priority: Priority | None = None

@@ -212,9 +212,16 @@ async def create_tenant(body: ap.TenantCreate, request: Request):
     return {**_tenant_out(t, ctl.tenants.auth), "api_key": key, "warning": "; ".join(warnings) or None}
 
 
+NO_MODELS = ("models is empty: this tenant's keys may use no model (every request for one is refused, a 404), as "
+             "asked; to allow every model leave models out, or send [\"*\"]")
+
+
 def _unmatched(ctl: Controller, models: list[str]) -> str | None:
     """A name or glob no model answers to now is kept (a PooledModel may come after its Tenant), and said: a typo
-    would otherwise show only as the tenant's 404s."""
+    would otherwise show only as the tenant's 404s. An empty list is no model (as the operator's Tenant has it,
+    reason NoModels; left out, `models` is every model): kept too, and said."""
+    if not models:
+        return NO_MODELS
     served = ctl.served_names()
     if unmatched := [p for p in models if not any(fnmatch.fnmatchcase(n, p) for n in served)]:
         return f"models {unmatched} match no model served now; this tenant can use them once they are added"
