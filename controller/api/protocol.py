@@ -229,8 +229,28 @@ class AnthropicMessage(_Req):
     content: Union[str, Annotated[list[dict[str, Any]], Field(max_length=4096)]]
 
 
+# The top-level fields of Anthropic's Messages API (its create, beta create and count_tokens; Vertex's
+# anthropic_version) that this server takes and does not use: Claude Code and the `anthropic` client send them. Any
+# other field is a 400, as Anthropic's API answers one ("seed: Extra inputs are not permitted").
+ANTHROPIC_UNUSED = frozenset({
+    "anthropic_version", "betas", "billing_policy", "cache_control", "compaction", "container", "context_management",
+    "diagnostics", "fallback_credit_token", "fallbacks", "inference_geo", "mcp_servers", "output_config",
+    "output_format", "service_tier", "speed", "thread", "user_profile_id", "workspace_id"})
+
+
 class MessagesRequest(_Top):
-    """Anthropic's /v1/messages (and /v1/messages/count_tokens, whose max_tokens is not sent)."""
+    """Anthropic's /v1/messages (and /v1/messages/count_tokens, whose max_tokens is not sent). A field Anthropic's
+    API does not know is refused, as Anthropic's API refuses it (a client's `seed`, OpenAI's `response_format`, was
+    ignored unsaid); those it knows that are not used here (ANTHROPIC_UNUSED) are taken."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _anthropic_unused(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not ANTHROPIC_UNUSED.isdisjoint(data):
+            data = {k: v for k, v in data.items() if k not in ANTHROPIC_UNUSED}
+        return data
 
     model: ModelName
     messages: Annotated[list[AnthropicMessage], Field(min_length=1, max_length=4096)]
