@@ -383,9 +383,8 @@ def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: di
     with _lock(memo, meta["uid"]):
         if _stale(memo, meta):
             return
-        watch = getattr(memo, "watch", None)  # (the engine count the restart check compares with: before the read)
-        if watch is not None and (n := watch.engines()) is not None:
-            _note(memo, "pool_engines_seen", meta["uid"], n)
+        watch = getattr(memo, "watch", None)  # (the engine count the restart check compares with: read before the
+        seen = watch.engines() if watch is not None else None  # engines are, noted once they were)
         ds = b.build_worker_daemonset(name, namespace, dict(spec))
         kopf.adopt(ds, owner=body)  # deleting the pool deletes its workers
         try:
@@ -406,6 +405,8 @@ def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: di
         except (AdminError, AdminUnavailable) as e:
             _admin_failed(body, patch, status, gen, e)
             return
+        if seen is not None:
+            _note(memo, "pool_engines_seen", meta["uid"], seen)
         st = b.build_pool_status(engines, current, dict(spec), gen)
         if no_token:
             _write_status(body, patch, status, st, "Degraded", "JoinTokenNotFound", f"{no_token}: worker pods cannot "
