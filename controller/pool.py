@@ -566,6 +566,9 @@ class EnginePool:
     def submit(self, e: EngineHandle, sub: Sub) -> None:
         sub.engine_id = e.id
         sub.attempts += 1
+        if not e.subs:  # (idle until now: the time since its last output is no step; its first output starts the
+            # gaps again, where the idle time was taken as one: 0.1 of a minute's pause made step_s 6 s and more)
+            e.t_last_out = 0.0
         e.subs[sub.rid] = sub
         e.send(m.NewRequest(sub.rid, sub.model, sub.prompt_ids, sub.params))
 
