@@ -80,7 +80,7 @@ def test_text_response_is_the_chat_completion(server):
 
 def test_tools_and_text_format(server):
     """A named function tool gives one function_call whose arguments are an instance of its schema (streamed: the
-    same item whole at the end); its output sent back continues the conversation; text.format json_schema gives an
+    same item, its arguments in parts as written); its output sent back continues the conversation; text.format json_schema gives an
     instance of the schema."""
     c = client(server)
     r = c.responses.create(model="tiny-a", input="Weather in Paris?", tools=[WEATHER],

@@ -11,8 +11,9 @@ completion they mean; it is validated, templated, admitted and generated as that
 Message: `text` or `tool_use` content blocks (none for a reply of no text; calls max_tokens cut short are the
 whole ones' tool_use blocks and the cut one's, input {}), its `stop_reason` (end_turn, max_tokens, stop_sequence, tool_use) and usage (the
 prompt tokens found in the prefix cache as `cache_read_input_tokens`). Streamed, the Messages API's server-sent
-events (message_start ... message_stop; text as it comes, tool calls whole at the end: the chat path streams them
-as they are written, this one not yet).
+events (message_start ... message_stop; text as it comes; tool calls as they are written, as the chat path's: a
+`tool_use` block starts once its name is whole, its input follows in `input_json_delta` parts; a call max_tokens
+cuts streams what was written, which the client's accumulated input parses as far as it goes).
 Images, documents and extended thinking are refused with a 400 naming the field (an earlier turn's thinking
 blocks, sent back whole by clients, are ignored, as Anthropic strips them). Errors take Anthropic's shape.
 """
@@ -31,7 +32,7 @@ from starlette.requests import Request
 
 from controller.api import protocol as p
 from controller.api.serving import OpenAIServing, Tracked
-from controller.api.structured import HERMES_OPEN, ToolPlan
+from controller.api.structured import HERMES_OPEN, CallStream, ToolPlan
 from controller.errors import ServingError
 from controller.tenants import Tenant
 
@@ -389,12 +390,31 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncI
     the last: before it, the cached tokens count in message_start's input_tokens); `message_delta`'s usage is the
     whole cumulative usage, exact, which the `anthropic` client's accumulated message takes."""
     status = 499
-    # text streams as it comes; calls are held to the end; with tool_choice auto (the model's own call syntax) a
-    # reply streams once it shows it is text, as the chat path's does
+    # text streams as it comes; with tool_choice auto (the model's own call syntax) a reply streams once it shows it
+    # is text, as the chat path's does. Calls stream as they are written (CallStream, as the chat path's): a
+    # tool_use block starts once its name is whole (input {}), its input goes as input_json_delta parts, and it
+    # stops once the next starts or the output ends, as Anthropic streams one
     live = reply.tools is None
     auto = reply.tools is not None and reply.tools.hermes
     out: list[bytes] = []
     started = False
+    calls: CallStream | None = None
+    told = closed = 0  # the tool_use blocks started, and stopped
+
+    def call_events(fresh: str) -> list[bytes]:
+        nonlocal told, closed
+        ev = []
+        for k, frag in calls.feed(fresh):
+            if k >= told:
+                ev += [_event("content_block_stop", index=j) for j in range(closed, k)]  # (those before it are whole)
+                closed, told = k, k + 1
+                ev.append(_event("content_block_start", index=k, content_block={
+                    "type": "tool_use", "id": f"toolu_{secrets.token_hex(12)}",
+                    "name": calls.calls[k]["function"]["name"], "input": {}}))
+            if frag:
+                ev.append(_event("content_block_delta", index=k, delta={"type": "input_json_delta",
+                                                                         "partial_json": frag}))
+        return ev
     try:
         async for _, d in gen.events():
             if not started:
@@ -413,6 +433,11 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncI
                 out.append(_event("content_block_start", index=0, content_block={"type": "text", "text": ""}))
             if live and text:
                 out.append(_event("content_block_delta", index=0, delta={"type": "text_delta", "text": text}))
+            elif not live:
+                if calls is None and reply.text and reply.tools.opening(reply.text):
+                    calls, text = CallStream(reply.tools), reply.text
+                if calls is not None:
+                    out += call_events(text)
             if out and not gen.pending():
                 yield b"".join(out)
                 out.clear()
@@ -420,7 +445,9 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncI
         if live:
             if reply.text:
                 out.append(_event("content_block_stop", index=0))
-        else:
+        elif told:  # (the calls told stand: a cut one's input is what was written, as Anthropic streams one)
+            out += [_event("content_block_stop", index=j) for j in range(closed, told)]
+        else:  # (no call began: what the output is, whole; a cut call's block of input {}, as unstreamed)
             for i, b in enumerate(content):
                 if b["type"] == "text":
                     out += [_event("content_block_start", index=i, content_block={"type": "text", "text": ""}),

@@ -6,8 +6,10 @@ response_format; it is validated, templated, admitted and generated as that chat
 a Response object: one `message` item of `output_text`, or `function_call` items; status `incomplete` when
 max_output_tokens cut it (a call being written is an `incomplete` function_call item, its arguments so far).
 Streamed, Responses' typed server-sent events, from `response.created` to `response.completed` (text deltas as they
-come, with tool_choice "auto" once the reply shows it is text; calls go out whole at the end, where the chat path
-streams them as they are written; one that fails once streaming ends with an `error` event and `response.failed`,
+come, with tool_choice "auto" once the reply shows it is text; calls as they are written, as the chat path's: a
+function_call item is added once its name is whole, its arguments follow in `response.function_call_arguments.delta`
+parts, and it is done before the next is added, the final output's items keeping the ids and arguments told; one
+that fails once streaming ends with an `error` event and `response.failed`,
 with what was made until then: its text, or its function_call items). Responses with `store` (OpenAI's default) are
 kept in memory, per tenant and bounded (ResponseStore), so `previous_response_id` continues a conversation (its
 instructions are not carried over, as OpenAI documents); a restart forgets them. A response whose
@@ -31,7 +33,7 @@ from starlette.requests import Request
 
 from controller.api import protocol as p
 from controller.api.serving import ClientGone, OpenAIServing, Tracked
-from controller.api.structured import ToolPlan
+from controller.api.structured import CallStream, ToolPlan
 from controller.errors import ServingError
 from controller.tenants import Tenant
 
@@ -289,6 +291,24 @@ class _Reply:
         self.text, self.finish = "", None
         self.logprobs: list[dict[str, Any]] = []  # (with wants_logprobs) each output token's, in order
         self.me = serving.ctl.resolve(req.model) if wants_logprobs(req) else None  # (started: it exists)
+        # (streamed) the calls as their events told them, as they were written: the output's function_call items
+        # keep their call_ids and arguments (the argument deltas joined), whatever ends the response
+        self.streamed: CallStream | None = None
+        self.fc_ids: list[str] = []  # the function_call items' ids, by their place in the output
+
+    def call_item(self, k: int, call: dict[str, Any], status: str) -> dict[str, Any]:
+        """The output's `k`th item, a chat tool call, as the Responses API's function_call item."""
+        while len(self.fc_ids) <= k:
+            self.fc_ids.append(_item_id("fc"))
+        return {"type": "function_call", "id": self.fc_ids[k], "call_id": call["id"],
+                "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": status}
+
+    def as_streamed(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The output's chat tool calls, those the stream told with the id and arguments it told them."""
+        told = self.streamed.calls if self.streamed is not None else []
+        return [{**c, "id": told[k]["id"], "function": dict(told[k]["function"])}
+                if k < len(told) and told[k]["function"]["name"] == c["function"]["name"] else c
+                for k, c in enumerate(calls)]
 
     def add(self, d: Any) -> list[dict[str, Any]]:
         """Take one delta of the generation: its text, its finish, and (when asked) its tokens' logprobs, returned."""
@@ -330,16 +350,19 @@ class _Reply:
 
     def output(self) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
         """The output items, the assistant's chat message (for the stored conversation) and the status."""
-        if self.finish == "length" and self.tools is not None:  # (calls cut by max_output_tokens)
+        msg, _ = self.serving._reply(self.text, self.finish, self.tools)
+        told = self.streamed is not None and bool(self.streamed.calls)
+        if self.tools is not None and (self.finish == "length" or told and not msg.tool_calls):
+            # (calls cut by max_output_tokens; or, streamed, calls told that the whole output is not, as the
+            # grammar should never let it end: the items told, as a cut output's)
             items, assistant = self.cut()
             return items or [self.message("incomplete")], assistant, "incomplete"
-        msg, _ = self.serving._reply(self.text, self.finish, self.tools)
         status = "incomplete" if self.finish == "length" else "completed"
         if not msg.tool_calls:
             return [self.message(status)], {"role": "assistant", "content": self.text}, status
-        calls = [c.model_dump() for c in msg.tool_calls]
-        return [_call_item(c, "completed") for c in calls], {"role": "assistant", "content": None,
-                                                             "tool_calls": calls}, status
+        calls = self.as_streamed([c.model_dump() for c in msg.tool_calls])
+        return [self.call_item(k, c, "completed") for k, c in enumerate(calls)], {
+            "role": "assistant", "content": None, "tool_calls": calls}, status
 
     def cut(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The output items of a response cut short (its client left, the server ended it, max_output_tokens) and its
@@ -351,15 +374,12 @@ class _Reply:
         if got is None:
             return [self.message("incomplete")] if self.text else [], {"role": "assistant", "content": self.text}
         whole, part = got
-        items = [_call_item(c, "completed") for c in whole] + ([_call_item(part, "incomplete")] if part else [])
+        whole = self.as_streamed(whole)
+        items = [self.call_item(k, c, "completed") for k, c in enumerate(whole)]
+        if part:
+            items.append(self.call_item(len(whole), self.as_streamed([*whole, part])[-1], "incomplete"))
         return items, ({"role": "assistant", "content": None, "tool_calls": whole} if whole else
                        {"role": "assistant", "content": ""})
-
-
-def _call_item(call: dict[str, Any], status: str) -> dict[str, Any]:
-    """A chat tool call as the Responses API's function_call item."""
-    return {"type": "function_call", "id": _item_id("fc"), "call_id": call["id"], "name": call["function"]["name"],
-            "arguments": call["function"]["arguments"], "status": status}
 
 
 def _history(store: ResponseStore, req: p.ResponsesRequest, tenant: Tenant) -> list[dict[str, Any]]:
@@ -441,9 +461,7 @@ def _item_events(seq: list[int], index: int, item: dict[str, Any]) -> list[bytes
                        item={**item, "arguments": "", "status": "in_progress"}),
                 _event(seq, "response.function_call_arguments.delta", item_id=iid, output_index=index,
                        delta=item["arguments"]),
-                _event(seq, "response.function_call_arguments.done", item_id=iid, output_index=index,
-                       name=item["name"], arguments=item["arguments"]),
-                _event(seq, "response.output_item.done", output_index=index, item=item)]
+                *_call_done(seq, index, item)]
     part = item["content"][0]
     return [_event(seq, "response.output_item.added", output_index=index,
                    item={**item, "status": "in_progress", "content": []}),
@@ -452,6 +470,13 @@ def _item_events(seq: list[int], index: int, item: dict[str, Any]) -> list[bytes
             *([_event(seq, "response.output_text.delta", item_id=iid, output_index=index, content_index=0,
                       delta=part["text"], logprobs=part["logprobs"])] if part["text"] else []),
             *_text_done(seq, index, item)]
+
+
+def _call_done(seq: list[int], index: int, item: dict[str, Any]) -> list[bytes]:
+    """The events that end a function_call item: its whole arguments, the item."""
+    return [_event(seq, "response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                   name=item["name"], arguments=item["arguments"]),
+            _event(seq, "response.output_item.done", output_index=index, item=item)]
 
 
 def _text_done(seq: list[int], index: int, item: dict[str, Any]) -> list[bytes]:
@@ -467,10 +492,28 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish, c
     """Responses' events; always closes `gen`. A failure once streaming is an `error` event (the status has gone).
     `cut`: called when the stream ends before its end (its client went away): the response so far is kept."""
     seq, status = [0], 499
-    # text streams as it comes; calls are held to the end (the chat path streams them); with tool_choice "auto" (the
-    # model's own call syntax) a reply streams once it shows it is text, as the chat path's does
+    # text streams as it comes; with tool_choice "auto" (the model's own call syntax) a reply streams once it shows
+    # it is text, as the chat path's does. Calls stream as they are written (CallStream, as the chat path's): a
+    # function_call item is added once its name is whole, its arguments go as deltas, and it is done (arguments
+    # done, item done) once the next opens or the output ends, as OpenAI streams one
     live = reply.tools is None
     auto = reply.tools is not None and reply.tools.hermes
+    told, closed = [0], [0]  # the calls whose item was added, and done
+
+    def calls(fresh: str) -> list[bytes]:
+        cs, ev = reply.streamed, []
+        for k, frag in cs.feed(fresh):
+            if k >= told[0]:
+                for j in range(closed[0], k):  # (those before it are whole)
+                    ev += _call_done(seq, j, reply.call_item(j, cs.calls[j], "completed"))
+                closed[0] = k
+                ev.append(_event(seq, "response.output_item.added", output_index=k,
+                                 item={**reply.call_item(k, cs.calls[k], "in_progress"), "arguments": ""}))
+                told[0] = k + 1
+            if frag:
+                ev.append(_event(seq, "response.function_call_arguments.delta", item_id=reply.fc_ids[k],
+                                 output_index=k, delta=frag))
+        return ev
 
     def opened() -> list[bytes]:
         return [_event(seq, "response.output_item.added", output_index=0, item={**reply.message("in_progress"),
@@ -494,15 +537,20 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish, c
             if live and text:
                 out.append(_event(seq, "response.output_text.delta", item_id=reply.msg_id, output_index=0,
                                   content_index=0, delta=text, logprobs=lps))
+            elif not live:
+                if reply.streamed is None and reply.text and reply.tools.opening(reply.text):
+                    reply.streamed, text = CallStream(reply.tools), reply.text
+                if reply.streamed is not None:
+                    out += calls(text)
             if out and not gen.pending():
                 yield b"".join(out)
                 out.clear()
         done = finish()
         if live:
             out += _text_done(seq, 0, done["output"][0])
-        else:
-            for i, item in enumerate(done["output"]):
-                out += _item_events(seq, i, item)
+        else:  # (the calls not done yet, told or not; or what the output is, where none was told)
+            for i, item in enumerate(done["output"][closed[0]:], closed[0]):
+                out += _call_done(seq, i, item) if i < told[0] else _item_events(seq, i, item)
         kind = "response.incomplete" if done["status"] == "incomplete" else "response.completed"
         out.append(_event(seq, kind, response=done))
         yield b"".join(out)
