@@ -18,13 +18,25 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from controller.ps import openai_error, read_json
+from controller.ps import read_json
 
 
 class ChatError(RuntimeError):
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, foreign: bool = False):
         super().__init__(message)
         self.status = status  # (the server's HTTP status, where it answered with an error)
+        self.foreign = foreign  # (an error answer that is not this server's JSON: a path it does not have)
+
+
+def _error_message(e: urllib.error.HTTPError) -> str | None:
+    """An error answer's message: OpenAI's error object's, or Ollama's `{"error": "..."}` (/api/chat's); None where
+    the body is neither (another server's page)."""
+    try:
+        err = json.loads(e.read())["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    msg = err.get("message") if isinstance(err, dict) else err
+    return msg if isinstance(msg, str) else None
 
 
 def _request(url: str, path: str, key: str | None, body: dict | None = None, timeout: float = 600.0):
@@ -36,9 +48,9 @@ def _request(url: str, path: str, key: str | None, body: dict | None = None, tim
     try:
         return urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
-        msg = openai_error(e)
+        msg = _error_message(e)
         if msg is None:  # (not this server's error: say which URL answered what)
-            raise ChatError(f"{url.rstrip('/')}{path}: HTTP {e.code}: {e.reason}", e.code) from None
+            raise ChatError(f"{url.rstrip('/')}{path}: HTTP {e.code}: {e.reason}", e.code, foreign=True) from None
         hint = " (pass --api-key or set TOKENPOOL_API_KEY)" if e.code == 401 else ""
         raise ChatError(f"{msg}{hint}", e.code) from None
     except (urllib.error.URLError, OSError) as e:
@@ -70,6 +82,25 @@ def sizes(url: str, key: str | None) -> dict[str, int]:
             out.setdefault(m["name"].removesuffix(LATEST), m["size"])
             out[m["name"]] = m["size"]
     return out
+
+
+def not_served(url: str, key: str | None, model: str) -> str | None:
+    """`run`'s line for a model the server does not serve, as `ollama run` says it (`model "nope" not found`), with
+    what it serves where Ollama says to pull it (nothing is pulled here); None where the list says it is served or
+    cannot be read (the error that came is said then)."""
+    try:
+        names = [m["id"] for m in models(url, key)]
+    except ChatError:
+        return None
+    if model in names or model.removesuffix(LATEST) in names:
+        return None
+    if not names:
+        return f'model "{model}" not found; the server serves no model'
+    more = f" and {len(names) - SHOWN} more (tokenpool ls)" if len(names) > SHOWN else ""
+    return f'model "{model}" not found; served: {", ".join(names[:SHOWN])}{more}'
+
+
+SHOWN = 5  # (models named in that line; `tokenpool ls` lists them all)
 
 
 def check_model(url: str, key: str | None, model: str) -> None:
@@ -161,13 +192,99 @@ def stream_chat(url: str, key: str | None, body: dict[str, Any], usage: dict | N
     raise ChatError("the stream ended before the reply did (the server closed it)")
 
 
+# a request's sampling fields (the OpenAI names the body carries) as Ollama's options name them
+OLLAMA_OPTIONS = {"max_tokens": "num_predict", "temperature": "temperature", "seed": "seed", "top_p": "top_p",
+                  "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repeat_penalty", "stop": "stop"}
+
+
+def ollama_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The chat request `body` (OpenAI's fields) as the server's Ollama /api/chat takes it."""
+    options = {OLLAMA_OPTIONS[k]: v for k, v in body.items() if k in OLLAMA_OPTIONS}
+    if options.get("top_k") == -1:  # (off: Ollama's 0)
+        options["top_k"] = 0
+    out: dict[str, Any] = {"model": body["model"], "messages": body["messages"], "stream": True}
+    if options:
+        out["options"] = options
+    if body.get("response_format"):
+        out["format"] = "json"
+    return out
+
+
+def stream_ollama_chat(url: str, key: str | None, body: dict[str, Any], stats: dict) -> Iterator[str]:
+    """As `stream_chat`, over the server's Ollama /api/chat (`run --verbose`): `stats` gets its closing line's
+    counts and durations (load_duration, prompt_eval_duration, ...), which the OpenAI stream does not carry."""
+    try:
+        r = _request(url, "/api/chat", key, ollama_body(body))
+    except ChatError as e:
+        if e.status not in (404, 405) or not e.foreign:
+            raise
+        # (a server without the Ollama API: the OpenAI stream's counts, and the client's timings)
+        yield from stream_chat(url, key, body, stats)
+        return
+    with r:
+        try:
+            for raw in r:
+                line = raw.decode("utf-8").strip()
+                if not line:
+                    continue
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    raise ChatError(f"{url.rstrip('/')}/api/chat: not an Ollama stream (is it a tokenpool "
+                                    "server?)") from None
+                if not isinstance(ev, dict):
+                    continue
+                if "error" in ev:
+                    raise ChatError(str(ev["error"]) or "the stream failed")
+                text = (ev.get("message") or {}).get("content")
+                if text:
+                    yield text
+                if ev.get("done"):
+                    stats.update({k: v for k, v in ev.items() if k in OLLAMA_STATS and isinstance(v, int)})
+                    return
+        except (OSError, http.client.HTTPException) as e:
+            raise ChatError(f"the stream ended before the reply did ({type(e).__name__})") from None
+    raise ChatError("the stream ended before the reply did (the server closed it)")
+
+
+OLLAMA_STATS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
+                "eval_duration")
+
+
 def _took(s: float) -> str:
     return f"{s:.3f}s" if s >= 1 else f"{1000 * s:.1f}ms"
 
 
+def ollama_timings(st: dict) -> list[tuple[str, str]]:
+    """The server's Ollama counts as `ollama run --verbose` prints them (its Metrics.Summary: a line where the
+    value is above 0, a rate beside each duration)."""
+    lines = []
+    for name, key in (("total duration", "total_duration"), ("load duration", "load_duration"),
+                      ("prompt eval count", "prompt_eval_count"), ("prompt eval duration", "prompt_eval_duration"),
+                      ("eval count", "eval_count"), ("eval duration", "eval_duration")):
+        v = st.get(key) or 0
+        if v <= 0:
+            continue
+        if key.endswith("_count"):
+            lines.append((name, f"{v} token(s)"))
+            continue
+        lines.append((name, _took(v / 1e9)))
+        if key != "total_duration" and key != "load_duration":
+            n = st.get(key.replace("_duration", "_count")) or 0
+            lines.append((name.replace("duration", "rate"), f"{n / (v / 1e9):.2f} tokens/s"))
+    return lines
+
+
 def timings(usage: dict, total_s: float, first_s: float | None, last_s: float | None) -> str:
-    """`run --verbose`'s lines after a reply, as `ollama run --verbose` prints them (the first token's wait stands
-    for Ollama's load and prompt eval durations, which a client cannot tell apart)."""
+    """`run --verbose`'s lines after a reply, as `ollama run --verbose` prints them: the server's own (its Ollama
+    reply's, `usage` holding them), then the first token's wait as this client saw it; from a stream without them
+    (OpenAI's usage), the client's timings (the first token's wait standing for Ollama's load and prompt eval
+    durations, which a client cannot tell apart)."""
+    if isinstance(usage.get("total_duration"), int):
+        lines = ollama_timings(usage)
+        if first_s is not None:
+            lines.append(("time to first token", _took(first_s)))
+        return "".join(f"{k + ':':<22}{v}\n" for k, v in lines)
     lines = [("total duration", _took(total_s))]
     if first_s is not None:
         lines.append(("time to first token", _took(first_s)))
@@ -227,7 +344,8 @@ def turn(url: str, key: str | None, body: dict[str, Any], out: TextIO, stats: Te
     t0, first, last = time.monotonic(), None, None
     try:
         with Spinner(sys.stderr) as wait:
-            for text in stream_chat(url, key, body, usage):
+            # (--verbose: the server's Ollama API, whose closing line carries Ollama's durations)
+            for text in (stream_chat(url, key, body) if usage is None else stream_ollama_chat(url, key, body, usage)):
                 wait.stop()
                 last = time.monotonic()
                 first = last if first is None else first
@@ -484,6 +602,16 @@ def read_text(inp: TextIO) -> str:
 def run(url: str, key: str | None, model: str, prompt: str | None, system: str | None, options: dict[str, Any],
         inp: TextIO | None = None, out: TextIO | None = None, verbose: bool = False) -> None:
     inp, out = inp or sys.stdin, out or sys.stdout  # (read when called: a test runner swaps them after import)
+    try:
+        _run(url, key, model, prompt, system, options, inp, out, verbose)
+    except ChatError as e:
+        if e.status == 404 and (line := not_served(url, key, model)) is not None:  # (a model not served)
+            raise ChatError(line, 404) from None
+        raise
+
+
+def _run(url: str, key: str | None, model: str, prompt: str | None, system: str | None, options: dict[str, Any],
+         inp: TextIO, out: TextIO, verbose: bool) -> None:
     stats = sys.stderr if verbose else None  # (as `ollama run --verbose`: the timings on stderr, the reply alone out)
     model = resolve(url, key, model)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []

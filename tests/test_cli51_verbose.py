@@ -19,6 +19,12 @@ def test_verbose_prints_the_replys_timings_and_counts_on_stderr():
     Handler = sse_chat(asked, [*({"choices": [{"delta": {"content": t}}]} for t in ("Par", "is", ".")),
                                {"choices": [], "usage": usage}])
 
+    class Handler(Handler):  # (a server without the Ollama API: --verbose falls back to the OpenAI stream's usage)
+        def do_POST(self):
+            if self.path == "/api/chat":
+                return self.send_error(404)
+            super().do_POST()
+
     with stub_server(Handler) as url:
         out, stats = io.StringIO(), io.StringIO()
         assert turn(url, None, {"model": "m", "messages": []}, out, stats) == "Paris."

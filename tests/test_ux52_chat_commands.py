@@ -41,6 +41,8 @@ def stub():
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
             if self.path == "/api/show":
                 return self._json(SHOW)
+            if self.path == "/api/chat":  # (no Ollama chat here: --verbose falls back to the OpenAI stream)
+                return self.send_error(404)
             bodies.append(body)
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
