@@ -46,6 +46,9 @@ def json_path(path: Optional[Path]) -> Optional[Path]:
 
 
 JSON = typer.Option(None, "--json", callback=json_path, help="write the result here (it is printed too)")
+EXIT = ("Exit status: 0 when every check came out as expected (skipped cases included; measurements are reported, "
+        "not judged), 1 when one did not (said in a line on stderr after the result) or the server could not be "
+        "reached, 2 on a usage error or without the test extra.")
 
 
 def _context():
@@ -83,9 +86,41 @@ def needs_test_extra(command):
     return run
 
 
+def failed_checks(result: dict) -> list[str]:
+    """What a part's result says went wrong, one phrase each ([]: all as expected; a skipped case is no failure).
+    The measurements (dashboards' CPU, block's latency, soak's RSS, timings) are reported, not judged here."""
+    r, out = result, []
+    part = str(r.get("part", ""))
+    if part == "corpus" and r.get("as_expected", 0) < r.get("cases", 0):
+        wrong = [x["case"] for x in r.get("results", []) if not x.get("ok")]
+        out.append(f"{r['cases'] - r['as_expected']} of {r['cases']} cases not as expected: {', '.join(wrong)}")
+    if r.get("server_errors"):  # (corpus, fuzz, overload)
+        out.append(f"{r['server_errors']} server errors (5xx)")
+    if r.get("findings_total"):
+        out.append(f"{r['findings_total']} findings")
+    if r.get("accepted_failed_mid_stream"):
+        out.append(f"{r['accepted_failed_mid_stream']} accepted requests failed mid-stream")
+    if r.get("running_streams_cut_without_done"):
+        out.append(f"{r['running_streams_cut_without_done']} streams cut without an error event")
+    for flag, said in (("request_after_restart_ok", "no request served after the restart"),
+                       ("request_after_ok", "no request served after")):
+        if r.get(flag) is False:
+            out.append(said)
+    if isinstance(r.get("requests_after_ok"), dict) and not all(r["requests_after_ok"].values()):
+        out.append("not served after: " + ", ".join(m for m, ok in r["requests_after_ok"].items() if not ok))
+    if r.get("victim_process_left"):
+        out.append("the killed worker's process is left")
+    if r.get("dev_shm_files_leaked"):
+        out.append(f"{len(r['dev_shm_files_leaked'])} shared-memory files leaked")
+    if "back_to_zero_s" in r and r["back_to_zero_s"] is None or "held_after_s" in r and r["held_after_s"] is None:
+        out.append("requests or KV still held after the load")
+    return out
+
+
 def _write(result: dict, json_out: Optional[Path]) -> None:
     """Print the result and write it to --json, headed by date, commit and the command that made it (rebuilt
-    from the parsed options, so it is the same however the suite was launched)."""
+    from the parsed options, so it is the same however the suite was launched); then, where a check failed, a
+    line on stderr saying which and exit 1 (a CI step fails with it)."""
     import datetime as dt
 
     from load_tests.bench_common import git_commit, write_json
@@ -97,9 +132,12 @@ def _write(result: dict, json_out: Optional[Path]) -> None:
     head = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
             "command": " ".join(["tokenpool", "suite", ctx.info_name or "", *opts]), "device": "cpu"}
     write_json(json_out, {**head, **result})
+    if failed := failed_checks(result):
+        typer.echo(f"tokenpool suite {ctx.info_name}: failed: {'; '.join(failed)}", err=True)
+        raise typer.Exit(1)
 
 
-@suite_app.command("corpus")
+@suite_app.command("corpus", epilog=EXIT)
 @needs_test_extra
 def corpus_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
                model: str = MODEL, json_out: Optional[Path] = JSON) -> None:
@@ -110,7 +148,7 @@ def corpus_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key
         _write(run_corpus(t), json_out)
 
 
-@suite_app.command("fuzz")
+@suite_app.command("fuzz", epilog=EXIT)
 @needs_test_extra
 def fuzz_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
              examples: int = typer.Option(50, help="generated requests per operation and mode"),
@@ -123,7 +161,7 @@ def fuzz_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: 
         _write(run_fuzz(t, examples), json_out)
 
 
-@suite_app.command("kill")
+@suite_app.command("kill", epilog=EXIT)
 @needs_test_extra
 def kill_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
              model: str = MODEL, sig: str = typer.Option("KILL", "--signal", help="KILL | STOP"),
@@ -140,7 +178,7 @@ def kill_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: 
         _write(run_kill(t, sig, streams, queued, max_tokens), json_out)
 
 
-@suite_app.command("pooled-kill")
+@suite_app.command("pooled-kill", epilog=EXIT)
 @needs_test_extra
 def pooled_kill_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
                     models: Optional[str] = typer.Option(None, help="with --url: comma-separated models to stream"),
@@ -165,7 +203,7 @@ def pooled_kill_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN
         _write(run_kill(t, "KILL", streams, queued, max_tokens, during, list(dirs)), json_out)
 
 
-@suite_app.command("disconnects")
+@suite_app.command("disconnects", epilog=EXIT)
 @needs_test_extra
 def disconnects_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
                     model: str = MODEL, streams: int = typer.Option(1000),
@@ -179,7 +217,7 @@ def disconnects_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN
         _write(run_disconnects(t, streams, max_tokens), json_out)
 
 
-@suite_app.command("drops")
+@suite_app.command("drops", epilog=EXIT)
 @needs_test_extra
 def drops_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
               models: Optional[str] = typer.Option(None, help="with --url: comma-separated models to spread over"),
@@ -202,7 +240,7 @@ def drops_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key:
         _write(run_drops(t, streams, max_tokens, list(dirs), seed), json_out)
 
 
-@suite_app.command("overload")
+@suite_app.command("overload", epilog=EXIT)
 @needs_test_extra
 def overload_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
                  model: str = MODEL, factor: float = typer.Option(5.0), duration: float = typer.Option(10.0),
@@ -217,7 +255,7 @@ def overload_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, k
                json_out)
 
 
-@suite_app.command("soak")
+@suite_app.command("soak", epilog=EXIT)
 @needs_test_extra
 def soak_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
              model: str = MODEL, pid: Optional[int] = typer.Option(None, help="with --url: the server's pid (RSS)"),
@@ -230,7 +268,7 @@ def soak_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: 
         _write(run_soak(t, duration, concurrency, sample_s=max(1.0, duration / 60)), json_out)
 
 
-@suite_app.command("dashboards")
+@suite_app.command("dashboards", epilog=EXIT)
 @needs_test_extra
 def dashboards_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN, key: Optional[str] = KEY,
                    model: str = MODEL, pid: Optional[int] = typer.Option(None, help="with --url: the server's pid (CPU)"),
@@ -247,7 +285,7 @@ def dashboards_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN,
         _write(run_dashboard_cost(t, streams, dashboards, duration, rounds), json_out)
 
 
-@suite_app.command("block")
+@suite_app.command("block", epilog=EXIT)
 @needs_test_extra
 def block_cmd(prompt_mb: float = typer.Option(4.0, help="size of the one huge prompt"),
               json_out: Optional[Path] = JSON) -> None:
