@@ -479,6 +479,8 @@ function renderEngines(p) {
     const canvas = el("canvas", { class: "timeline", "data-engine": e.id });
     const models = new Set(e.timeline.map((r) => r[1]));
     const v = e.vram;
+    // (its memory as its device has it: a CPU engine's arena is host RAM, a GPU's VRAM)
+    const mem = /^cpu/.test(e.device || "") ? "RAM" : /^cuda/.test(e.device || "") ? "VRAM" : "memory";
     const part = (x) => (v && v.budget_bytes ? `${(100 * x) / v.budget_bytes}%` : "0%");
     const vram = v ? [
       el("div", { class: "vram" }, el("div", { class: "weights", style: { width: part(v.weights_bytes) } }),
@@ -489,7 +491,7 @@ function renderEngines(p) {
         `KV ${fmtBytes(v.kv_bytes)}${v.kv_pages_total ? ` (${v.kv_pages_used}/${v.kv_pages_total} pages)` : ""}  `,
         el("span", { class: "swatch", style: { background: "var(--free)" } }), `free ${fmtBytes(v.free_bytes)}`,
         ` of ${fmtBytes(v.budget_bytes)}`),
-    ] : [el("div", { class: "muted", text: e.alive ? "no VRAM report" : "none: its worker is dead" })];
+    ] : [el("div", { class: "muted", text: e.alive ? `no ${mem} report` : "none: its worker is dead" })];
     const chips = (names, cls) => names.length ? names.map((n) => el("span", { class: `chip ${n === e.active ? "active" : ""}`, title: n },
       el("span", { class: "swatch", style: { background: color(n) } }), n)) : [el("span", { class: "muted", text: cls })];
     // (a dead engine takes no action: the pool replaces its worker, or prunes it)
@@ -516,7 +518,7 @@ function renderEngines(p) {
         el("div", { class: "legend" }, [...models].map((n) => el("span", { title: n },
           el("span", { class: "swatch", style: { background: color(n) } }), n)))),
       el("div", { class: "row2" },
-        el("div", {}, el("div", { class: "muted", text: "VRAM" }), ...vram,
+        el("div", {}, el("div", { class: "muted", text: mem }), ...vram,
           el("div", { class: "vram-legend", text: `host cache ${fmtBytes(e.host_cache_bytes)}` })),
         el("div", {},
           el("div", { class: "muted", text: "resident" }), el("div", { class: "chips" }, chips(e.resident, "none")),
