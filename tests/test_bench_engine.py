@@ -125,9 +125,10 @@ meta = AttentionMetadata(None, None, BS, decode=True, block_tables=bt, context_l
 # with each tile's block ids loaded in the same iteration as its K/V (argument 0), and an iteration ahead
 # (PIPELINE_IDS, argument 1)
 pipe = sys.argv[1] == "1"
-# (the default split count for these rows, num_splits_for(3, 2), is 32: 16 keeps most splits empty at a third of the
-# interpreter's time)
-for nbi, splits in ((1, 16), (4, 16), (4, 1), (4, 2), (2, 3), (1, 8), (4, 8)):
+# (the default split count for these rows, num_splits_for(3, 2), is 32: 16 or 32 splits hold the cases 8 does -- one
+# block a split, then empty ones (8 of 7 blocks: 1 empty; of the window's 4: 4; of 1 or 2 blocks: 7 or 6) -- only
+# more empty ones, at 2.5 times the interpreter's time)
+for nbi, splits in ((4, 1), (4, 2), (2, 3), (1, 8), (4, 8)):
     triton_decode.BLOCKS_PER_ITER, triton_decode.PIPELINE_IDS = nbi, pipe
     for window in (None, 40):
         ref = _decode_torch(q.double(), kv.double(), 1, meta, D**-0.5, window)
@@ -159,6 +160,10 @@ ctx = torch.tensor([1, 17, 100], dtype=torch.int32)
 bt = torch.stack([torch.randperm(NB)[:8] for _ in range(B)]).int()
 pos = (ctx - 1).long()
 sb, so = bt.long().gather(1, (pos // BS)[:, None])[:, 0], pos % BS
+# None: the count num_splits_for gives -- 32 for these rows, one block a split and the rest empty, as 8 has them (of
+# 7 blocks: one empty; of 1 block, for 17 tokens: 7), which it gives here at a quarter of the interpreter's time
+from token_scheduler.model import triton_decode
+triton_decode.num_splits_for = lambda batch, kv_heads, sms=132: 8
 for splits in [None if a == "None" else int(a) for a in sys.argv[1:]]:
     for window in (None, 40):
         kv_ref, kv_new = kv.clone(), kv.clone()
@@ -198,7 +203,10 @@ ctx = torch.tensor([5, 20, 33], dtype=torch.int32)
 bt = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]], dtype=torch.int32)
 pos = (ctx - 1).long()
 ids = torch.tensor([3, 7, 11])
-from token_scheduler.model import triton_ops
+from token_scheduler.model import triton_decode, triton_ops
+# (num_splits_for gives 32 splits for 3 rows, 29 or more of them empty here: 4 hold the same cases -- split 0 with the
+# new token, a split of cache blocks, empty ones -- at an eighth of the interpreter's time)
+triton_decode.num_splits_for = lambda batch, kv_heads, sms=132: 4
 calls, rope_kernel = [], triton_ops.rope_and_write_kv
 triton_ops.rope_and_write_kv = lambda *a: (calls.append(1), rope_kernel(*a))[1]
 def run(fold, own_rows):
