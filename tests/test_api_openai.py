@@ -776,7 +776,7 @@ def test_tokenpool_run_and_ls(server):
     assert r.returncode == 0 and [(row[0], row[-1]) for row in map(str.split, r.stdout.splitlines()[1:])] == \
         [("tiny-b", str(c.models.retrieve("tiny-b").max_model_len))]  # (NAME, SIZE, CONTEXT: BOB's one model)
     r = cli("run", "nope", "hi", "--url", server.url, "--api-key", ALICE)
-    assert r.returncode == 1 and "The model `nope` does not exist." in r.stderr
+    assert r.returncode == 1 and 'model "nope" not found; served: tiny-a, tiny-b, pace-1' in r.stderr  # (ALICE's models)
     r = cli("run", "tiny-a", "hi", "--url", server.url, env={"TOKENPOOL_API_KEY": ""})
     assert r.returncode == 1 and "TOKENPOOL_API_KEY" in r.stderr, r.stderr
 
