@@ -146,29 +146,14 @@ def _stream_frames(deltas, tools, role=False):
     a scripted generation), past the role's first delta (`role`: with it)."""
     import asyncio
 
-    from controller.api.serving import OpenAIServing
-    from controller.messages import Delta
+    from tests.scripted_gen import bare_serving, generation
 
-    class Gen:  # the Generation surface a stream reads
-        subs, prompt_tokens, completion_tokens = [0], 3, len(deltas)
-
-        async def events(self):
-            for text, finished in deltas:
-                yield 0, Delta("r", text=text, finished=finished, finish_reason="stop" if finished else None)
-
-        def pending(self):
-            return False
-
-        def close(self, status):
-            pass
-
-    serving = OpenAIServing.__new__(OpenAIServing)
-    serving.active = set()
+    gen, serving = generation(deltas), bare_serving()
     req = p.ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
                                                   "stream": True})
 
     async def run():
-        return b"".join([b async for b in serving._stream_chat(Gen(), req, "id", None, tools)])
+        return b"".join([b async for b in serving._stream_chat(gen, req, "id", None, tools)])
 
     chunks = [json.loads(x[6:]) for x in asyncio.run(run()).decode().split("\n\n") if x.startswith("data: {")]
     return [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in chunks][0 if role else 1:]

@@ -219,36 +219,16 @@ def test_hermes_calls_stream_as_they_are_written():
     import asyncio
 
     from controller.api import protocol as p
-    from controller.api.serving import OpenAIServing
-    from controller.api.structured import HERMES_CLOSE, HERMES_OPEN, tool_plan
-    from controller.messages import Delta
+    from controller.api.structured import tool_plan
+    from tests.scripted_gen import bare_serving, generation, in_pieces, two_hermes_calls
 
     tools = [p.Tool.model_validate(t) for t in (CITY, LONG)]
     plan = tool_plan(tools, "auto", None, "hermes")
-    text = (HERMES_OPEN + '{"name": "get_weather", "arguments": {"city": "Par\\"is}"}}' + HERMES_CLOSE + "\n" +
-            HERMES_OPEN + '{"name": "put", "arguments": {"xs": [1, 2, 3]}}' + HERMES_CLOSE)
-    pieces = [text[k:k + 3] for k in range(0, len(text), 3)]
-
-    class Gen:  # the Generation surface a stream reads
-        subs, prompt_tokens, completion_tokens = [0], 3, len(pieces)
-
-        async def events(self):
-            for k, piece in enumerate(pieces):
-                last = k == len(pieces) - 1
-                yield 0, Delta("r", text=piece, finished=last, finish_reason="stop" if last else None)
-
-        def pending(self):
-            return False
-
-        def close(self, status):
-            pass
-
-    serving = OpenAIServing.__new__(OpenAIServing)
-    serving.active = set()
+    gen, serving = generation(in_pieces(two_hermes_calls())), bare_serving()
     req = p.ChatCompletionRequest.model_validate({"model": "m", "messages": MSGS, "stream": True})
 
     async def run():
-        return b"".join([b async for b in serving._stream_chat(Gen(), req, "id", None, plan)])
+        return b"".join([b async for b in serving._stream_chat(gen, req, "id", None, plan)])
 
     chunks = [json.loads(x[6:])["choices"][0] for x in asyncio.run(run()).decode().split("\n\n")
               if x.startswith("data: {")]

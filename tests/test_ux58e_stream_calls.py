@@ -211,34 +211,13 @@ def test_messages_stream_of_a_call_cut_by_max_tokens(server):
 
 def _scripted():
     from controller.api import protocol as p
-    from controller.api.serving import OpenAIServing
-    from controller.api.structured import HERMES_CLOSE, HERMES_OPEN, tool_plan
-    from controller.messages import Delta
+    from controller.api.structured import tool_plan
+    from tests.scripted_gen import bare_serving, generation, in_pieces, two_hermes_calls
 
     tools = [p.Tool.model_validate({"type": "function", "function": {k: t[k] for k in ("name", "parameters")}})
              for t in (CITY, LONG)]
     plan = tool_plan(tools, "auto", None, "hermes")
-    text = (HERMES_OPEN + '{"name": "get_weather", "arguments": {"city": "Par\\"is}"}}' + HERMES_CLOSE + "\n" +
-            HERMES_OPEN + '{"name": "put", "arguments": {"xs": [1, 2, 3]}}' + HERMES_CLOSE)
-    pieces = [text[k:k + 3] for k in range(0, len(text), 3)]
-
-    class Gen:  # the Generation surface a stream reads
-        subs, prompt_tokens, completion_tokens, cached_tokens = [0], 3, len(pieces), 0
-
-        async def events(self):
-            for k, piece in enumerate(pieces):
-                last = k == len(pieces) - 1
-                yield 0, Delta("r", text=piece, finished=last, finish_reason="stop" if last else None)
-
-        def pending(self):
-            return False
-
-        def close(self, status):
-            pass
-
-    serving = OpenAIServing.__new__(OpenAIServing)
-    serving.active = set()
-    return serving, plan, Gen()
+    return bare_serving(), plan, generation(in_pieces(two_hermes_calls()))
 
 
 def _sse(stream) -> list[dict]:
