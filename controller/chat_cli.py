@@ -8,6 +8,7 @@ Talks to the server's OpenAI API (`/v1/chat/completions`, streamed; `/v1/models`
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import sys
@@ -18,7 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from controller.ps import read_json
+from controller.ps import not_found, read_json
 
 
 class ChatError(RuntimeError):
@@ -85,22 +86,27 @@ def sizes(url: str, key: str | None) -> dict[str, int]:
 
 
 def not_served(url: str, key: str | None, model: str) -> str | None:
-    """`run`'s line for a model the server does not serve, as `ollama run` says it (`model "nope" not found`), with
-    what it serves where Ollama says to pull it (nothing is pulled here); None where the list says it is served or
-    cannot be read (the error that came is said then)."""
+    """`run`'s and `show`'s line for a model the server does not serve (`ps.not_found`: `model "nope" not found;
+    served: a, b`); None where the list says it is served or cannot be read (the error that came is said then)."""
     try:
         names = [m["id"] for m in models(url, key)]
     except ChatError:
         return None
     if model in names or model.removesuffix(LATEST) in names:
         return None
-    if not names:
-        return f'model "{model}" not found; the server serves no model'
-    more = f" and {len(names) - SHOWN} more (tokenpool ls)" if len(names) > SHOWN else ""
-    return f'model "{model}" not found; served: {", ".join(names[:SHOWN])}{more}'
+    return not_found(model, names)
 
 
-SHOWN = 5  # (models named in that line; `tokenpool ls` lists them all)
+@contextlib.contextmanager
+def said_if_not_served(url: str, key: str | None, model: str) -> Iterator[None]:
+    """A 404 in the block, for a model the server does not serve, said as `not_served` says it (exit 1 at the CLI);
+    other errors as they came."""
+    try:
+        yield
+    except ChatError as e:
+        if e.status == 404 and (line := not_served(url, key, model)) is not None:
+            raise ChatError(line, 404) from None
+        raise
 
 
 def check_model(url: str, key: str | None, model: str) -> None:
@@ -131,9 +137,10 @@ def resolve(url: str, key: str | None, model: str) -> str:
 
 def show(url: str, key: str | None, model: str) -> dict[str, Any]:
     """`tokenpool show MODEL` (as `ollama show`): the server's Ollama /api/show answer for `model` (NAME:latest as
-    `resolve` reads it); an unknown model is said as `run` says it."""
-    model = resolve(url, key, model)
-    check_model(url, key, model)
+    `resolve` reads it); an unknown model is said as `run` says it (`said_if_not_served`)."""
+    with said_if_not_served(url, key, model):
+        model = resolve(url, key, model)
+        check_model(url, key, model)
     with _request(url, "/api/show", key, {"model": model}, timeout=10) as r:
         got = read_json(r, url.rstrip("/") + "/api/show", ChatError)
     if not isinstance(got, dict) or not {"model_info", "details", "capabilities", "template"} & set(got):
@@ -602,12 +609,8 @@ def read_text(inp: TextIO) -> str:
 def run(url: str, key: str | None, model: str, prompt: str | None, system: str | None, options: dict[str, Any],
         inp: TextIO | None = None, out: TextIO | None = None, verbose: bool = False) -> None:
     inp, out = inp or sys.stdin, out or sys.stdout  # (read when called: a test runner swaps them after import)
-    try:
+    with said_if_not_served(url, key, model):
         _run(url, key, model, prompt, system, options, inp, out, verbose)
-    except ChatError as e:
-        if e.status == 404 and (line := not_served(url, key, model)) is not None:  # (a model not served)
-            raise ChatError(line, 404) from None
-        raise
 
 
 def _run(url: str, key: str | None, model: str, prompt: str | None, system: str | None, options: dict[str, Any],

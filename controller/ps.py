@@ -188,6 +188,18 @@ def ps(url: str, token: str | None) -> str:
         raise PsError(f"{url}/admin/engines: not a tokenpool admin API answer (is it a tokenpool server?)") from None
 
 
+def not_found(model: str, names: list[str]) -> str:
+    """How a client command says `model` is not served, as `ollama run` says it (`model "nope" not found`), with the
+    `names` served where Ollama says to pull it (nothing is pulled here): `tokenpool run`'s, `show`'s and `stop`'s."""
+    if not names:
+        return f'model "{model}" not found; the server serves no model'
+    more = f" and {len(names) - SHOWN} more (tokenpool ls)" if len(names) > SHOWN else ""
+    return f'model "{model}" not found; served: {", ".join(names[:SHOWN])}{more}'
+
+
+SHOWN = 5  # (models named in that line; `tokenpool ls` lists them all)
+
+
 def stop(url: str, token: str | None, model: str) -> str:
     """`tokenpool stop MODEL`: free the model's VRAM once its requests finish (as `ollama stop`); what was done.
     MODEL may be an alias, as `tokenpool run` takes it (the admin API names a model by its own name)."""
@@ -195,8 +207,8 @@ def stop(url: str, token: str | None, model: str) -> str:
     names = {n: m["name"] for m in served for n in (m["name"], *(m.get("aliases") or []))}
     # (as Ollama names models, NAME:latest is NAME where no model has the whole name)
     name = names.get(model) or names.get(model.removesuffix(":latest"))
-    if name is None:  # (as `ollama stop` says it; the served names beside it)
-        raise PsError(f"no model {model!r} on {url} to stop (it serves {', '.join(sorted(names)) or 'none'})")
+    if name is None:  # (as `tokenpool run` and `show` say it; the served models beside it)
+        raise PsError(not_found(model, [m["name"] for m in served]))
     path = f"/admin/models/{urllib.parse.quote(name, safe='')}/evict"
     got = fetch(url, path, token, method="POST")
     n = got.get("engines") if isinstance(got, dict) else None

@@ -27,6 +27,8 @@ def show_stub():
         def do_GET(self):
             if self.path == "/v1/models/smollm2":
                 self._json(200, {"id": "smollm2"})
+            elif self.path == "/v1/models":
+                self._json(200, {"object": "list", "data": [{"id": "smollm2", "object": "model"}]})
             else:
                 name = self.path.rsplit("/", 1)[-1]
                 self._json(404, {"error": {"message": f"The model `{name}` does not exist.", "code": "model_not_found"}})
@@ -54,7 +56,7 @@ def test_show_lays_out_the_model_as_ollama_show(show_stub):
 def test_show_of_a_model_not_served_is_one_line(show_stub):
     url, _ = show_stub
     r = CliRunner().invoke(app, ["show", "nosuch", "--url", url])
-    assert (r.exit_code, r.output) == (1, "tokenpool show: The model `nosuch` does not exist.\n"), r.output
+    assert (r.exit_code, r.output) == (1, 'tokenpool show: model "nosuch" not found; served: smollm2\n'), r.output
 
 
 def test_pull_of_a_model_served_already_succeeds(show_stub):

@@ -58,7 +58,8 @@ def test_pull_of_a_name_that_is_no_repo_id_says_what_hf_download_takes():
 
 def test_stop_of_a_model_not_served_names_those_that_are(monkeypatch):
     """`tokenpool stop nosuch` said "http://.../admin/models/nosuch/evict: HTTP 404: no model 'nosuch'"; as `ollama
-    stop`, it names the model and what the server serves (aliases too), and asks nothing to be evicted."""
+    stop`, it names the model and what the server serves (as `tokenpool run` says it), and asks nothing to be
+    evicted."""
     from controller import ps
 
     calls = []
@@ -71,8 +72,8 @@ def test_stop_of_a_model_not_served_names_those_that_are(monkeypatch):
 
     monkeypatch.setattr(ps, "fetch", fetch)
     r = CliRunner().invoke(app, ["stop", "nosuch", "--url", ":18250", "--admin-token", "t"], env={"COLUMNS": "200"})
-    assert r.exit_code == 1 and r.output.strip() == ("tokenpool stop: no model 'nosuch' on http://127.0.0.1:18250 to "
-                                                     "stop (it serves demo, smollm2, smollm2-135m-instruct)"), r.output
+    assert r.exit_code == 1 and r.output.strip() == ('tokenpool stop: model "nosuch" not found; served: '
+                                                     'smollm2-135m-instruct, demo'), r.output  # (as `run` says it)
     assert calls == [("GET", "/admin/models")]
     r = CliRunner().invoke(app, ["stop", "smollm2:latest", "--url", ":18250", "--admin-token", "t"])
     assert r.exit_code == 0 and calls[-1] == ("POST", "/admin/models/smollm2-135m-instruct/evict"), (r.output, calls)
