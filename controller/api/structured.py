@@ -161,6 +161,29 @@ def closed_schema(schema: Any, param: str = "response_format", close: bool = Tru
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>\n", "\n</tool_call>"
 
 
+def _head(key: str) -> re.Pattern[str]:
+    """A call's beginning as the grammar lays it out, up to its arguments: `{"name": N, "KEY": ` (N: group 1)."""
+    return re.compile(r'\{"name": ("(?:[^"\\]|\\.)*"), "' + key + r'": ')
+
+
+def _list_items(text: str) -> tuple[list[str], str | None]:
+    """The grammar's list of calls (`[{"name": N, "parameters": {...}}, {...}]`, maybe cut short): the items written
+    whole, as written, and the one cut short (None: none)."""
+    whole, last, at, dec = [], None, 1, json.JSONDecoder()
+    while text.startswith("[") and at < len(text):
+        at += len(text) - at - len(text[at:].lstrip(", "))
+        try:
+            _, end = dec.raw_decode(text, at)
+        except ValueError:
+            last = text[at:]
+            break
+        whole.append(text[at:end])
+        at = end
+        if text[at:at + 1] == "]":
+            break
+    return whole, last
+
+
 @dataclass
 class ToolPlan:
     """How a chat request's tools shape its output."""
@@ -171,19 +194,36 @@ class ToolPlan:
     hermes: bool = False  # "auto" with the hermes syntax: text, or <tool_call> blocks (`opening` tells which)
 
     def calls(self, text: str) -> list[dict[str, Any]] | None:
-        """The `tool_calls` of a whole output; None when it is not one (text, or cut short by max_tokens)."""
+        """The `tool_calls` of a whole output; None when it is not one (text, or cut short by max_tokens). Each
+        call's arguments are the text the model wrote (`_whole`: what CallStream streams), as OpenAI and vLLM give
+        them, not the JSON re-written (`\\u00e9` and `1E5` stay so)."""
         try:
             if self.hermes:
                 if not text.startswith(HERMES_OPEN):
                     return None
-                blocks = [json.loads(b.split(HERMES_CLOSE)[0]) for b in text.split(HERMES_OPEN)[1:]]
-                pairs = [(c["name"], c["arguments"]) for c in blocks]
+                pairs = [self._whole(b.split(HERMES_CLOSE)[0], "arguments") for b in text.split(HERMES_OPEN)[1:]]
+            elif self.named:
+                json.loads(text)
+                pairs = [(self.named, text.rstrip(" \t\n\r"))]  # (the whole output; the stream's end is its value's)
             else:
-                v = json.loads(text)
-                pairs = [(self.named, v)] if self.named else [(c["name"], c["parameters"]) for c in v]
+                if not isinstance(json.loads(text), list):
+                    return None
+                pairs = [self._whole(b, "parameters") for b in _list_items(text)[0]]
         except (ValueError, KeyError, TypeError):
             return None
-        return [self._call(n, json.dumps(a, ensure_ascii=False)) for n, a in pairs]
+        return [self._call(n, a) for n, a in pairs]
+
+    @staticmethod
+    def _whole(call: str, key: str) -> tuple[str, str]:
+        """A call written whole (`{"name": N, KEY: {...}}`): its name and its arguments as the model wrote them (the
+        text CallStream sends), checked as JSON; ValueError, KeyError or TypeError where it is not a call."""
+        c = json.loads(call)
+        name, args = c["name"], c[key]
+        m = _head(key).match(call)
+        if m is None or json.loads(m[1]) != name:  # (not the grammar's layout: the arguments re-written)
+            return name, json.dumps(args, ensure_ascii=False)
+        _, end = json.JSONDecoder().raw_decode(call, m.end())
+        return name, call[m.end():end]
 
     def cut_calls(self, text: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None] | None:
         """The calls of an output cut short (its client left, max_tokens ended it): those written whole (as `calls`
@@ -203,26 +243,14 @@ class ToolPlan:
             except ValueError:
                 return [], self._call(self.named, text) if text else None
         else:  # (the grammar's layout: `[{"name": N, "parameters": {...}}, {...}]`)
-            whole, last, key, at, dec = [], None, "parameters", 1, json.JSONDecoder()
-            while text.startswith("[") and at < len(text):
-                at += len(text) - at - len(text[at:].lstrip(", "))
-                try:
-                    _, end = dec.raw_decode(text, at)
-                except ValueError:
-                    last = text[at:]
-                    break
-                whole.append(text[at:end])
-                at = end
-                if text[at:at + 1] == "]":
-                    break
+            (whole, last), key = _list_items(text), "parameters"
         calls = []
         for b in whole:
             try:
-                c = json.loads(b)
-                calls.append(self._call(c["name"], json.dumps(c[key], ensure_ascii=False)))
+                calls.append(self._call(*self._whole(b, key)))
             except (ValueError, KeyError, TypeError):
                 pass
-        m = re.match(r'\{"name": ("(?:[^"\\]|\\.)*"), "' + key + r'": ', last or "")
+        m = _head(key).match(last or "")
         return calls, self._call(json.loads(m[1]), last[m.end():]) if m and last is not None else None
 
     @staticmethod
@@ -247,8 +275,7 @@ class CallStream:
     at a time, without parsing partial JSON; a named choice's whole output is its one call's arguments."""
 
     def __init__(self, plan: ToolPlan):
-        key = "arguments" if plan.hermes else "parameters"
-        self._head = re.compile(r'\{"name": ("(?:[^"\\]|\\.)*"), "' + key + r'": ')
+        self._head = _head("arguments" if plan.hermes else "parameters")
         self.calls: list[dict[str, Any]] = []  # the calls opened so far: ToolPlan._call's, their arguments so far
         self._state, self._pending = "seek", ""  # seek (the next call's `{`), head (its name), args
         self._depth, self._in_str, self._esc = 0, False, False
