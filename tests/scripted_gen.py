@@ -19,6 +19,7 @@ def generation(deltas: list[tuple[str, bool]]):
 
     class Gen:
         subs, prompt_tokens, completion_tokens, cached_tokens = [0], 3, len(deltas), 0
+        prompt_only = False  # (a reply not streamed reads it for its usage)
 
         async def events(self):
             for text, finished in deltas:

@@ -37,9 +37,7 @@ def _chat(text: str, plan, stream: bool):
 
     async def run():
         if not stream:
-            gen = generation([(text, True)])
-            gen.prompt_only = False  # (the unstreamed reply's usage reads it; the scripted generation has no prompt)
-            return await serving._collect_chat(gen, req, "id", None, plan)
+            return await serving._collect_chat(generation([(text, True)]), req, "id", None, plan)
         return b"".join([b async for b in serving._stream_chat(generation(in_pieces(text, 2)), req, "id", None, plan)])
 
     return asyncio.run(run())
