@@ -167,12 +167,22 @@ async def _first_model(url: str, headers: dict[str, str], model: str | None = No
     server serves none, or not `model`, to this key (a load test then counted a refusal per request for its whole
     duration, and one of a server without models was an IndexError)."""
     u = urlparse(url)
+
+    async def get(path: str):
+        conn = await sse_client.connect(u.hostname, u.port or 80)
+        try:
+            return await conn.request("GET", u.netloc, path, headers=headers)
+        finally:
+            conn.close()
+
     path = "/v1/models" if model is None else f"/v1/models/{quote(model, safe='/')}"
-    conn = await sse_client.connect(u.hostname, u.port or 80)
-    try:
-        status, _, body = await conn.request("GET", u.netloc, path, headers=headers)
-    finally:
-        conn.close()
+    status, _, body = await get(path)
+    if status == 404 and model is not None:  # said as `tokenpool run` says it, with what this key may use
+        from controller.ps import not_found
+
+        st, _, listed = await get("/v1/models")
+        if st == 200:
+            raise SystemExit(not_found(model, [m["id"] for m in json.loads(listed).get("data") or []]))
     if status != 200:
         try:
             said = json.loads(body)["error"]["message"]

@@ -47,8 +47,8 @@ def test_a_model_the_server_does_not_serve_is_said_before_any_stream():
     with stub_server(_server(["m"], asked)) as url:
         r = CliRunner().invoke(app, ["loadtest", "--url", url, "--model", "nope", "--duration", "5"])
     assert r.exit_code == 1, r.output
-    assert r.output == "tokenpool loadtest: GET /v1/models/nope: 404 The model `nope` does not exist.\n"
-    assert asked == ["/v1/models/nope"]
+    assert r.output == 'tokenpool loadtest: model "nope" not found; served: m\n'  # (as tokenpool run says it)
+    assert asked == ["/v1/models/nope", "/v1/models"]
 
 
 def test_a_key_refused_says_how_to_give_one():
