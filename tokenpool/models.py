@@ -204,7 +204,9 @@ _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 
 def gguf_file_type(path: str | Path) -> str | None:
     """A GGUF file's weights type as Ollama's quantization_level gives it ("Q4_K_M", "Q8_0", "F16"): its
     general.file_type, read from its metadata (written before the tokenizer's long arrays, so little is read; no
-    tensor). None: not a GGUF file, or it gives none."""
+    tensor). None: not a GGUF file, or it gives none. (Hand-read where the `gguf` package reads GGUF files elsewhere:
+    its GGUFReader parses every key and tensor first, 2.0 s for the default model's 98 MB file on this project's
+    2-core machine, against 70 us here, and /api/tags asks for each model it lists.)"""
     try:
         with open(path, "rb") as f:
             def take(fmt: str):

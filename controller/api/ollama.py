@@ -920,23 +920,22 @@ def _parameter_count(me: Any) -> int | None:
     return _weights(me)[0]
 
 
-def _quantization(me: Any) -> str:
-    """The weights' type as Ollama's `quantization_level` names it: a GGUF's own ("Q4_K_M", "Q8_0", "F16") for a
-    model converted from one (`tokenpool serve FILE.gguf`: its marker, or the file it names), else the safetensors
-    dtype most of its parameters have ("BF16", "F16", "F32"); "" for a model without such files (a paced one)."""
+def _gguf_type(me: Any) -> str | None:
+    """For a model converted from a GGUF file (`tokenpool serve FILE.gguf`, the default model: its folder has the
+    conversion's marker), the GGUF's own weights type as Ollama's `quantization_level` names it ("Q4_K_M", "Q8_0",
+    "F16": the marker's, or read from the file it names; "" where neither gives one); None for any other model."""
     folder = Path(me.spec.path) if me.spec.path else None
-    if folder is not None and (folder / GGUF_MARKER).is_file():
-        try:
-            marker = json.loads((folder / GGUF_MARKER).read_text())
-        except (OSError, ValueError):
-            marker = {}
-        kind = marker.get("file_type") if isinstance(marker, dict) else None
-        if not kind and isinstance(marker, dict) and isinstance(src := marker.get("source"), str) \
-                and src.endswith(".gguf"):
-            kind = gguf_file_type(src)  # (a conversion made before its marker kept the type)
-        if isinstance(kind, str) and kind:
-            return kind
-    return _weights(me)[1]
+    if folder is None or not (folder / GGUF_MARKER).is_file():
+        return None
+    try:
+        marker = json.loads((folder / GGUF_MARKER).read_text())
+    except (OSError, ValueError):
+        marker = {}
+    kind = marker.get("file_type") if isinstance(marker, dict) else None
+    if not kind and isinstance(marker, dict) and isinstance(src := marker.get("source"), str) \
+            and src.endswith(".gguf"):
+        kind = gguf_file_type(src)  # (a conversion made before its marker kept the type)
+    return kind if isinstance(kind, str) else ""
 
 
 def _weights(me: Any) -> tuple[int | None, str]:
@@ -970,16 +969,16 @@ def _human_number(n: int) -> str:
 
 
 def _details(me: Any) -> dict[str, Any]:
-    """Ollama's `details` of a model (/api/tags, /api/ps, /api/show): parameter_size from its safetensors headers,
-    quantization_level its weights' type (`_quantization`), format the model's own: `gguf` for one converted from a
-    GGUF file (as Ollama lists that file; its quantization_level is the GGUF's type too, so the two agree), else
-    `safetensors`."""
+    """Ollama's `details` of a model (/api/tags, /api/ps, /api/show): parameter_size from its safetensors headers;
+    format and quantization_level the model's own: `gguf` and the GGUF's type for one converted from a GGUF file (as
+    Ollama lists that file), else `safetensors` and the dtype most of its parameters have ("BF16", "F16", "F32"; ""
+    for a model without such files, a paced one)."""
     arch = me.architecture or ""
-    n = _parameter_count(me)
-    folder = Path(me.spec.path) if me.spec.path else None
-    fmt = "gguf" if folder is not None and (folder / GGUF_MARKER).is_file() else "safetensors"
-    return {"parent_model": "", "format": fmt, "family": arch, "families": [arch] if arch else None,
-            "parameter_size": _human_number(n) if n else "", "quantization_level": _quantization(me)}
+    n, dtype = _weights(me)
+    gguf = _gguf_type(me)
+    return {"parent_model": "", "format": "safetensors" if gguf is None else "gguf", "family": arch,
+            "families": [arch] if arch else None, "parameter_size": _human_number(n) if n else "",
+            "quantization_level": gguf or dtype}
 
 
 def tagged(name: str) -> str:
