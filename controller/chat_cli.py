@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from controller.ps import not_found, read_json
+from controller.ps import not_found, read_json, server_error
 
 
 class ChatError(RuntimeError):
@@ -27,17 +27,6 @@ class ChatError(RuntimeError):
         super().__init__(message)
         self.status = status  # (the server's HTTP status, where it answered with an error)
         self.foreign = foreign  # (an error answer that is not this server's JSON: a path it does not have)
-
-
-def _error_message(e: urllib.error.HTTPError) -> str | None:
-    """An error answer's message: OpenAI's error object's, or Ollama's `{"error": "..."}` (/api/chat's); None where
-    the body is neither (another server's page)."""
-    try:
-        err = json.loads(e.read())["error"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    msg = err.get("message") if isinstance(err, dict) else err
-    return msg if isinstance(msg, str) else None
 
 
 def _request(url: str, path: str, key: str | None, body: dict | None = None, timeout: float = 600.0):
@@ -49,7 +38,7 @@ def _request(url: str, path: str, key: str | None, body: dict | None = None, tim
     try:
         return urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
-        msg = _error_message(e)
+        msg = server_error(e)
         if msg is None:  # (not this server's error: say which URL answered what)
             raise ChatError(f"{url.rstrip('/')}{path}: HTTP {e.code}: {e.reason}", e.code, foreign=True) from None
         hint = " (pass --api-key or set TOKENPOOL_API_KEY)" if e.code == 401 else ""

@@ -54,18 +54,20 @@ def base_url(url: str) -> str:
     return trimmed.removesuffix("/v1") if trimmed.endswith("/v1") else url
 
 
-def openai_error(e: urllib.error.HTTPError) -> str | None:
-    """The message of an HTTP error's OpenAI error body; None where the body is not one (another server's page)."""
+def server_error(e: urllib.error.HTTPError) -> str | None:
+    """The message of an HTTP error's body as this server writes one: OpenAI's error object's (the OpenAI and admin
+    APIs'), or Ollama's `{"error": "..."}` (/api/*'s); None where the body is neither (another server's page)."""
     try:
-        msg = json.loads(e.read())["error"]["message"]
+        err = json.loads(e.read())["error"]
     except (ValueError, KeyError, TypeError):
         return None
+    msg = err.get("message") if isinstance(err, dict) else err
     return msg if isinstance(msg, str) else None
 
 
 def error_message(e: urllib.error.HTTPError) -> str:
-    """The message of an HTTP error's OpenAI error body (its reason where the body is not one)."""
-    msg = openai_error(e)
+    """The message of an HTTP error's body (`server_error`; its reason where the body is not one)."""
+    msg = server_error(e)
     return e.reason if msg is None else msg
 
 
