@@ -479,24 +479,13 @@ def ps_cmd(
 
 
 def _admin_token(given: str | None, url: str) -> str | None:
-    """The admin token given, else that of a server on this machine without admin_token_hash: the owner-only file
-    its run wrote for the URL's port. Never read for another host (it would be sent there)."""
+    """The admin token given, else that of a server on this machine without admin_token_hash
+    (`config.local_admin_token`: the owner-only file its run wrote for the URL's port; never for another host)."""
     if given is not None:
         return given
-    from urllib.parse import urlsplit
+    from controller.config import local_admin_token
 
-    from controller.config import admin_token_file
-
-    u = urlsplit(url)
-    if u.hostname not in ("127.0.0.1", "localhost", "::1"):
-        return None
-    try:
-        f = admin_token_file(u.port or (443 if u.scheme == "https" else 80))
-        if not f.is_file():
-            return None
-        return f.read_text().strip() or None
-    except (OSError, ValueError):  # (an unreadable file, a port that is not a number)
-        return None
+    return local_admin_token(url)
 
 
 @app.command("stop")

@@ -449,6 +449,24 @@ def admin_token_file(port: int) -> Path:
     return cache_dir() / f"admin-token-{port}"
 
 
+def local_admin_token(url: str) -> str | None:
+    """The admin token of a server on this machine without admin_token_hash: the owner-only file its run wrote for
+    the URL's port (`admin_token_file`); None where there is none. Never read for another host (it would be sent
+    there)."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    if u.hostname not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    try:
+        f = admin_token_file(u.port or (443 if u.scheme == "https" else 80))
+        if not f.is_file():
+            return None
+        return f.read_text().strip() or None
+    except (OSError, ValueError):  # (an unreadable file, a port that is not a number)
+        return None
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently: a second
     `models:` would drop the first one's models)."""

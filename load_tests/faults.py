@@ -155,7 +155,11 @@ def target(url: str | None = None, admin: str | None = None, key: str | None = N
         except httpx.TransportError as e:
             raise SystemExit(f"cannot reach {url}: {e}") from None
         _check_model(url.rstrip("/"), model, key)
-        yield Target(url.rstrip("/"), admin if admin is not None else _local_admin_token(url), key, model, pid)
+        # (no --admin-token: a local server's own, as `tokenpool ps` reads it; without it the corpus's admin cases
+        # were 401s reported as failures against the embedded default)
+        from controller.config import local_admin_token
+
+        yield Target(url.rstrip("/"), admin if admin is not None else local_admin_token(url), key, model, pid)
         return
     from load_tests.live_server import LiveServer
 
@@ -168,20 +172,6 @@ def target(url: str | None = None, admin: str | None = None, key: str | None = N
         if not ready:
             _wait_log(srv, "listening on")
         yield Target(srv.url, SUITE_ADMIN, SUITE_KEY, model, srv.proc.pid, Path(shm), srv.log_path)  # type: ignore[union-attr]
-
-
-def _local_admin_token(url: str) -> str | None:
-    """The admin token a server on this machine without admin_token_hash wrote for the URL's port (the owner-only
-    file `tokenpool ps` reads too), for a --url run given no --admin-token: without it the corpus's admin cases were
-    401s reported as failures against the embedded default."""
-    from controller.config import admin_token_file
-
-    u = urlparse(url)
-    try:
-        f = admin_token_file(u.port or (443 if u.scheme == "https" else 80))
-        return (f.read_text().strip() or None) if f.is_file() else None
-    except (OSError, ValueError):
-        return None
 
 
 def _check_model(url: str, model: str, key: str | None) -> None:
