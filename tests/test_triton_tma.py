@@ -102,3 +102,47 @@ def test_rows_tma_cannot_address_take_torchs_ops():
     g, u = F.linear(x, w[:16]), F.linear(x, w[16:])
     assert torch.allclose(tma.linear(x, w, glu=True), F.silu(g) * u, atol=1e-6)
     assert torch.equal(tma.linear(x, w, parts=True), F.linear(x, w))
+
+
+FOLD_CODE = """
+import torch
+import torch.nn.functional as F
+from token_scheduler.model import triton_ops, triton_tma as tma
+torch.manual_seed(0)
+close = lambda a, b: (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+eps = 1e-6
+# (rows, hidden, attention width, intermediate, config): the residual's tiles, K tiles and splits uneven somewhere
+for m, hd, ha, inter, cfg in ((3, 128, 96, 160, (64, 32, 2, 2)), (5, 192, 64, 96, (64, 64, 3, 4)),
+                              (17, 64, 128, 64, (16, 32, 2, 2)), (2, 96, 96, 128, (32, 32, 3, 1)), (4, 7, 7, 5, None)):
+    x, o, ln = torch.randn(m, hd), torch.randn(m, ha), torch.randn(hd)
+    wo, wgu, wd = torch.randn(hd, ha), torch.randn(2 * inter, hd), torch.randn(hd, inter)
+    # the kernels the fold replaces: o's projection, add+RMSNorm, gate_up, SiLU*mul, down
+    xr = x.clone()
+    h = triton_ops.add_rms_norm(xr, F.linear(o, wo), ln, eps)
+    gu_ref = F.linear(h, wgu)
+    down_ref = F.linear(triton_ops.silu_mul(gu_ref), wd)
+    xf = x.clone()
+    ss = tma.linear(o, wo, resid=xf, config=cfg)  # (K of 7 in fp32, 28-byte rows: torch's ops)
+    assert ss.dtype == torch.float32 and ss.shape[1] == m and close(xf, xr), (m, hd)
+    assert close(ss.sum(0), xr.pow(2).sum(1))
+    gu = tma.linear(xf, wgu, norm=(ss, ln, eps), config=cfg)
+    assert close(gu, gu_ref), (m, hd)
+    parts = tma.linear(gu, wd, parts=True, silu=True, config=cfg)  # (torch's ops: the projection itself)
+    assert close(parts.sum(0) if parts.dim() == 3 else parts, down_ref), (m, hd)
+    assert close(tma.linear(gu, wd, silu=True, config=cfg), down_ref)
+for bad in (dict(norm=(torch.zeros(1, 2), torch.ones(64), eps), silu=True), dict(silu=True, glu=True),
+            dict(resid=torch.zeros(2, 64), parts=True)):
+    try:
+        tma.linear(torch.randn(2, 128 if bad.get("silu") else 64), torch.randn(64, 64), **bad)
+        raise SystemExit(f"{sorted(bad)} taken")
+    except ValueError:
+        pass
+print("ok")
+"""
+
+
+def test_the_folds_match_the_kernels_they_replace_in_the_interpreter():
+    """FOLD's modes (o's projection into the residual with each tile's sums of squares, gate_up normalising the
+    residual from them, down making SiLU*mul of gate_up's output) against o, add+RMSNorm, gate_up, SiLU*mul and down
+    as separate kernels; through torch's ops too where TMA cannot address the weights."""
+    interpret(FOLD_CODE)

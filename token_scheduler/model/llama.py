@@ -200,15 +200,21 @@ def _fused_layers(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata,
                                     meta.slot_offsets, H, KVH, D)
             o = attend(q, kv_cache, n, meta, cfg)
         o = o.reshape(T, H * D)
-        y = linear(o, w[p + "o"])
-        if lora is not None:
-            lora.add_(n, "o", o, [y])
-        h = k.add_rms_norm(x, y, w[p + "ln2"], eps)
-        if use_tma:  # down's partial sums: the add+RMSNorm below adds them
-            a = tma.linear(h, w[p + "gate_up"], glu=True) if tma.GLU else k.silu_mul(tma.linear(h, w[p + "gate_up"]))
-            m = tma.linear(a, w[p + "down"], parts=True)
+        if use_tma and tma.FOLD:  # x += o's projection; the norm and SiLU*mul in gate_up's and down's prologues
+            ss = tma.linear(o, w[p + "o"], resid=x)
+            gu = tma.linear(x, w[p + "gate_up"], norm=(ss, w[p + "ln2"], eps))
+            m = tma.linear(gu, w[p + "down"], parts=True, silu=True)
         else:
-            m = _mlp(w, p, h, lora, n)
+            y = linear(o, w[p + "o"])
+            if lora is not None:
+                lora.add_(n, "o", o, [y])
+            h = k.add_rms_norm(x, y, w[p + "ln2"], eps)
+            if use_tma:  # down's partial sums: the add+RMSNorm below adds them
+                a = (tma.linear(h, w[p + "gate_up"], glu=True) if tma.GLU
+                     else k.silu_mul(tma.linear(h, w[p + "gate_up"])))
+                m = tma.linear(a, w[p + "down"], parts=True)
+            else:
+                m = _mlp(w, p, h, lora, n)
         nxt = w[f"l{n + 1}.ln1"] if n + 1 < cfg.num_layers else w["norm"]
         h = k.add_rms_norm(x, m, nxt, eps)
     return h
