@@ -40,6 +40,7 @@ from controller.api.serving import (
     encode,
     encode_prompt,
     generation_defaults,
+    lora_of,
     too_long,
     unless_disconnected,
 )
@@ -47,6 +48,7 @@ from controller.api.structured import HERMES_CLOSE, ToolPlan, closed_schema
 from controller.dashboard.views import resident_models
 from controller.errors import ServingError, field_path, json_kind, telling_error
 from controller.real_model import MARKER as GGUF_MARKER
+from token_scheduler.request import SamplingParams
 from tokenpool.models import gguf_file_type, safetensors_tensors
 
 router = APIRouter(prefix="/api")
@@ -424,7 +426,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         _keep_alive_s(body.keep_alive)  # (a 400 before anything is done when it is no duration)
         model = served(request, body.model)
         if not (body.messages if chat else body.prompt):  # Ollama's "load the model" request: nothing to generate
-            return _load(request, serving.entry(tenant, model), body, chat)
+            return await _load(request, tenant, model, body, chat)
         think_kwargs, thinking = _think(serving.lookup(tenant, model), body)
         extra: dict[str, Any] = {"chat_template_kwargs": think_kwargs} if think_kwargs else {}
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
@@ -617,17 +619,47 @@ def _unloads(ctl: Any, keep_alive: Any) -> bool:
     return _zero(keep_alive) and ctl.tenants.single_user
 
 
-def _load(request: Request, me: Any, body: _Base, chat: bool) -> JSONResponse:
-    """A request with nothing to generate: Ollama's load (the pool brings weights in when they are asked for), or
-    with keep_alive 0 its unload (`_unloads`)."""
+async def _load(request: Request, tenant: Any, model: str, body: _Base, chat: bool) -> Response:
+    """A request with nothing to generate: Ollama's load, answered once the model's weights are in memory, as
+    Ollama's is once its runner has the model (`_make_resident`); with keep_alive 0 its unload (`_unloads`), at once
+    (Ollama's: expired before any load)."""
     ctl = request.app.state.controller
+    serving: OpenAIServing = request.app.state.serving
+    me = serving.entry(tenant, model)
     unload = _unloads(ctl, body.keep_alive)
     if unload:
         ctl.evict(me.spec.name)
+    else:
+        await _make_resident(request, serving, tenant, me, model)
     key = "message" if chat else "response"
     return JSONResponse({"model": body.model, "created_at": _now(),
                          key: {"role": "assistant", "content": ""} if chat else "", "done": True,
                          "done_reason": "unload" if unload else "load"})
+
+
+async def _make_resident(request: Request, serving: OpenAIServing, tenant: Any, me: Any, model: str) -> None:
+    """Bring `me`'s weights into memory as a request for it does: residency is the pool's, which loads a model's
+    weights for a step of it (evicting others as it must), so a one-token greedy generation of a one-token prompt
+    is run and waited for (placed, admitted and counted as any request: it is the engine's work). Its reply is
+    dropped; an error is the load's (a 503 of a load that failed, a tenant's 429)."""
+    tok = me.tokenizer
+    first = next((t for t in (getattr(tok, "bos_token_id", None), getattr(tok, "eos_token_id", None))
+                  if isinstance(t, int) and not isinstance(t, bool)), None)
+    ids = [first] if first is not None else (encode(tok, " ")[:1] if tok is not None else []) or [0]
+    params = SamplingParams(max_tokens=1, temperature=0.0, lora=lora_of(me, model))
+    gen = await serving.generate(me, tenant, model, [ids], params, 1, request.app.state.controller.new_id("ollama"),
+                                 False)
+    status = 499
+    try:
+        await _collect(gen)
+        status = 200
+    except ServingError as e:
+        status = e.status
+        e.counted = True  # type: ignore[attr-defined]  # (by gen.close: `_run` must not count it again)
+        raise
+    finally:
+        serving.active.discard(gen)
+        gen.close(status)
 
 
 async def _collect(gen: Tracked, ids: list[int] | None = None, each: Any = None) -> tuple[str, str | None]:
@@ -989,11 +1021,12 @@ def tagged(name: str) -> str:
     return name if ":" in name.rsplit("/", 1)[-1] else name + LATEST
 
 
-def _models(request: Request) -> list[dict[str, Any]]:
+def _models(request: Request, aliases: bool = True) -> list[dict[str, Any]]:
+    """The served models as /api/tags lists them (a model under each of its names; `aliases` False: its first)."""
     tenant = auth.tenant(request)
     ctl = request.app.state.controller
     out = []
-    for card in request.app.state.serving.models(tenant).data:
+    for card in request.app.state.serving.models(tenant, aliases).data:
         me = ctl.resolve(card.id)  # (a LoRA adapter: its model's; an alias: the model's)
         out.append({"name": tagged(card.id), "model": tagged(card.id), "served": card.id,
                     "modified_at": datetime.fromtimestamp(card.created, timezone.utc).isoformat(),
@@ -1037,7 +1070,8 @@ async def ps(request: Request) -> dict:
     # ps has it for a model in system memory: `ollama ps` shows "100% CPU", where it said "100% GPU" on a CPU worker)
     on_gpu = resident_models(e for e in engines if e.device != "cpu")
     out = []
-    for m in _models(request):  # (under the names the key uses: a model allowed only by an alias, under that alias)
+    # (a model once, under the name the key uses: a model allowed only by an alias, under that alias)
+    for m in _models(request, aliases=False):
         me = ctl.resolve(m.pop("served"), adapters=False)
         if me is not None and me.spec.name in resident:
             out.append({**m, "size_vram": m["size"] if me.spec.name in on_gpu else 0,
