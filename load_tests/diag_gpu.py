@@ -326,9 +326,8 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 ("tma", {"tma_rows": 32}), ("tma again", {"tma_rows": 32}), ("cublas", {"tma_rows": 0}),
                 ("tma no glu", {"tma_rows": 32, "tma_glu": False}),
                 # the add+RMSNorm after o and SiLU*mul folded into o, gate_up and down (triton_tma.FOLD)
-                ("tma fold", {"tma_rows": 32, "tma_fold": True}), ("tma unfolded", {"tma_rows": 32, "tma_fold": False}),
-                ("tma fold again", {"tma_rows": 32, "tma_fold": True}),
-                ("tma unfolded again", {"tma_rows": 32, "tma_fold": False}),
+                *((f"tma fold {f}{again}", {"tma_rows": 32, "tma_fold": f}) for again in ("", " again")
+                  for f in (0, 1, 2)),
                 *((f"tma smem {n}k", {"tma_rows": 32, "tma_smem": n * 1024}) for n in (75, 220)),
                 ("small-batch gemv", {"max_rows": 32}), ("small-batch gemv swapped", {"max_rows": 32, "swap": True}),
                 ("small-batch gemv attn", {"max_rows": 32, "mlp": False}),

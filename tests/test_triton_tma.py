@@ -130,8 +130,16 @@ for m, hd, ha, inter, cfg in ((3, 128, 96, 160, (64, 32, 2, 2)), (5, 192, 64, 96
     parts = tma.linear(gu, wd, parts=True, silu=True, config=cfg)  # (torch's ops: the projection itself)
     assert close(parts.sum(0) if parts.dim() == 3 else parts, down_ref), (m, hd)
     assert close(tma.linear(gu, wd, silu=True, config=cfg), down_ref)
+    # FOLD 2: down's parts added into the residual by each tile's last split; the next qkv normalises from its sums
+    wq, bq, ln1 = torch.randn(ha + 32, hd), torch.randn(ha + 32), torch.randn(hd)
+    h2 = triton_ops.add_rms_norm(xr, parts if parts.dim() == 2 else parts.contiguous(), ln1, eps)
+    cnt = torch.zeros(hd, dtype=torch.int32)
+    ss2 = tma.linear(gu, wd, parts=True, silu=True, resid=xf, counters=cnt, config=cfg)
+    assert close(xf, xr) and close(ss2.sum(0), xr.pow(2).sum(1)), (m, hd)
+    assert close(tma.linear(xf, wq, bq, norm=(ss2, ln1, eps), config=cfg), F.linear(h2, wq, bq)), (m, hd)
 for bad in (dict(norm=(torch.zeros(1, 2), torch.ones(64), eps), silu=True), dict(silu=True, glu=True),
-            dict(resid=torch.zeros(2, 64), parts=True)):
+            dict(resid=torch.zeros(2, 64), parts=True), dict(resid=torch.zeros(2, 64), glu=True),
+            dict(resid=torch.zeros(2, 64), parts=True, counters=torch.zeros(1, dtype=torch.int32), config=(16, 16, 2, 2))):
     try:
         tma.linear(torch.randn(2, 128 if bad.get("silu") else 64), torch.randn(64, 64), **bad)
         raise SystemExit(f"{sorted(bad)} taken")

@@ -185,9 +185,14 @@ def _fused_layers(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata,
     # a decode step's rows (one new token each, of different sequences): RoPE and the KV write in the attention
     fold_rope = folds_rope(cfg) and meta.decode and meta.own_rows and meta.use_triton
     h = k.add_rms_norm(x, None, w["l0.ln1"], eps)
+    fold = tma.FOLD if use_tma else 0
+    # FOLD 2: the residual's sums of squares after down (None: h is the normed input) and down's tile counters
+    ss, cnt = None, (torch.zeros(cfg.num_layers, -(-x.shape[1] // 16), device=x.device, dtype=torch.int32)
+                     if fold >= 2 else None)
     for n in range(cfg.num_layers):
         p = f"l{n}."
-        qkv = linear(h, w[p + "qkv"], w.get(p + "qkv_b"))
+        qkv = (tma.linear(x, w[p + "qkv"], w.get(p + "qkv_b"), norm=(ss, w[p + "ln1"], eps)) if ss is not None
+               else linear(h, w[p + "qkv"], w.get(p + "qkv_b")))
         if lora is not None:
             lora.add_(n, "qkv", h, [qkv])
         if fold_rope:
@@ -200,9 +205,11 @@ def _fused_layers(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata,
                                     meta.slot_offsets, H, KVH, D)
             o = attend(q, kv_cache, n, meta, cfg)
         o = o.reshape(T, H * D)
-        if use_tma and tma.FOLD:  # x += o's projection; the norm and SiLU*mul in gate_up's and down's prologues
-            ss = tma.linear(o, w[p + "o"], resid=x)
-            gu = tma.linear(x, w[p + "gate_up"], norm=(ss, w[p + "ln2"], eps))
+        if fold:  # x += o's projection; the norm and SiLU*mul in gate_up's and down's prologues
+            gu = tma.linear(x, w[p + "gate_up"], norm=(tma.linear(o, w[p + "o"], resid=x), w[p + "ln2"], eps))
+            if fold >= 2 and n + 1 < cfg.num_layers:  # x += down's parts, summed by its last split; next qkv norms
+                ss = tma.linear(gu, w[p + "down"], parts=True, silu=True, resid=x, counters=cnt[n])
+                continue
             m = tma.linear(gu, w[p + "down"], parts=True, silu=True)
         else:
             y = linear(o, w[p + "o"])

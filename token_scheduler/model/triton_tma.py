@@ -52,12 +52,14 @@ def rows_pad(m: int) -> int:
 # (context 512; bench/results/tma_step_variants_h100_c7819c9.json): without it 1.5B batch 8 1.738 against 1.725 ms,
 # batch 32 2.055 against 2.055-2.072; 7B batch 8 5.624 against 5.680, batch 32 6.024 against 6.345 (cuBLAS 6.168).
 GLU = False
-# The kernels between the projections of a layer folded into them (linear's norm, silu, resid): o's epilogue adds its
-# output to the residual stream and sums each row's squares over its tile; gate_up's prologue normalises the residual
-# with those sums (the add+RMSNorm kernel gone); down's prologue makes silu(gate) * up from gate_up's output (the
-# SiLU*mul kernel gone). Each input is rounded as the kernel it replaces rounds it; the sum of squares is added in
-# another order (per tile, then across tiles). TOKENPOOL_TMA_FOLD.
-FOLD = env.TMA_FOLD.on()
+# The kernels between the projections of a layer folded into them (linear's norm, silu, resid). FOLD 1: o's epilogue
+# adds its output to the residual stream and sums each row's squares over its tile; gate_up's prologue normalises the
+# residual with those sums (the add+RMSNorm kernel gone); down's prologue makes silu(gate) * up from gate_up's output
+# (the SiLU*mul kernel gone). FOLD 2, also: down's split-K parts are added into the residual by the last split of each
+# tile, and qkv's prologue normalises it (the add+RMSNorm after down gone, but the last layer's). Each input is rounded
+# as the kernel it replaces rounds it; the sums of squares are added in another order (per tile, then across tiles).
+# TOKENPOOL_TMA_FOLD.
+FOLD = env.TMA_FOLD.integer()
 # Shared memory a program of a projection wider than the GPU may take: two programs an SM (Hopper: 228 KB an SM).
 # At one program an SM the GLU gate_up of the 1.5B at 32 rows (140 programs, 120 KB each at K tiles of 128 over 3
 # stages) ran in two waves.
@@ -116,7 +118,17 @@ def _fits(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _tma_kernel(w_desc, x_desc, X, S, LN, eps, B, Y, SO, M, N, K, tiles_k, per_split, BLOCK_N: tl.constexpr,
+def _add_residual(Y, SO, r, off, mask, pid_n, m, M):
+    """Y[off] += r (fp32 holding model-dtype values), rounded; SO[pid_n] each row's sum of squares of the new tile."""
+    dt = Y.dtype.element_ty
+    xn = (tl.load(Y + off, mask=mask, other=0.0).to(tl.float32) + r).to(dt)
+    tl.store(Y + off, xn, mask=mask)
+    xf = tl.where(mask, xn.to(tl.float32), 0.0)
+    tl.store(SO + pid_n * M + m, tl.sum(xf * xf, 1), mask=m < M)
+
+
+@triton.jit
+def _tma_kernel(w_desc, x_desc, X, S, LN, eps, B, Y, SO, P, C, M, N, K, tiles_k, per_split, splits, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, M_PAD: tl.constexpr, STAGES: tl.constexpr, HAS_B: tl.constexpr, GLU: tl.constexpr,
                 PARTS: tl.constexpr, PDL: tl.constexpr, IN: tl.constexpr, T_S: tl.constexpr, T_PAD: tl.constexpr,
                 RESID: tl.constexpr):
@@ -160,14 +172,19 @@ def _tma_kernel(w_desc, x_desc, X, S, LN, eps, B, Y, SO, M, N, K, tiles_k, per_s
     off = m[:, None] * N + n[None, :]
     y = tl.trans(acc)
     if PARTS:  # this split's fp32 partial sums; the reader adds the splits in order
-        tl.store(Y + pid_k * M * N + off, y, mask=mask)
-    elif RESID:  # Y is the residual stream: Y += the projection (rounded first), as add_rms_norm adds it; SO[pid_n]
+        tl.store(P + pid_k * M * N + off, y, mask=mask)
+    if RESID:  # Y is the residual stream: Y += the projection (rounded first), as add_rms_norm adds it; SO[pid_n]
         dt = Y.dtype.element_ty  # each row's sum of squares over this tile, for the next projection's norm
-        xn = (tl.load(Y + off, mask=mask, other=0.0).to(tl.float32) + y.to(dt).to(tl.float32)).to(dt)
-        tl.store(Y + off, xn, mask=mask)
-        xf = tl.where(mask, xn.to(tl.float32), 0.0)
-        tl.store(SO + pid_n * M + m, tl.sum(xf * xf, 1), mask=m < M)
-    else:
+        if PARTS:  # the last split of this tile to finish is the reader: its sums, in order (C: zeroed counters)
+            tl.debug_barrier()  # (every thread's part stored before the release)
+            if tl.atomic_add(C + pid_n, 1, sem="acq_rel", scope="gpu") == splits - 1:
+                r = tl.load(P + off, mask=mask, other=0.0, cache_modifier=".cg")
+                for i in range(1, splits):
+                    r += tl.load(P + i * M * N + off, mask=mask, other=0.0, cache_modifier=".cg")
+                _add_residual(Y, SO, r.to(dt).to(tl.float32), off, mask, pid_n, m, M)
+        else:
+            _add_residual(Y, SO, y.to(dt).to(tl.float32), off, mask, pid_n, m, M)
+    elif not PARTS:
         dt = Y.dtype.element_ty
         if HAS_B:  # added to the fp32 sum, one rounding (as cuBLAS's bias epilogue)
             y = y + tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
@@ -193,7 +210,7 @@ def _input(x: torch.Tensor, norm, silu: bool) -> torch.Tensor:
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, glu: bool = False,
            parts: bool = False, config: tuple[int, int, int, int] | None = None,
            norm: tuple[torch.Tensor, torch.Tensor, float] | None = None, silu: bool = False,
-           resid: torch.Tensor | None = None) -> torch.Tensor:
+           resid: torch.Tensor | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (a few rows), w [N, K] -> x w^T (+ bias), [M, N]. `glu` (w a fused [gate; up]): silu(x gate^T) *
     (x up^T), [M, N/2]. `parts`: the config's K splits' fp32 partial sums [SPLIT, M, N] (for add_rms_norm's r; a
     config of one split gives one). Where TMA cannot address x or w, torch's ops (`parts`: the projection itself,
@@ -203,13 +220,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     and the input rms_norm(x) * ln, each row's sum of squares the sum of ss's T rows (a `resid` projection's);
     `silu`: x is gate_up's [M, 2K] output and the input silu(gate) * up; `resid` [M, N], the residual stream:
     resid += x w^T, rounded as add_rms_norm adds it, and the result is each row's sum of squares over each output
-    tile, [T, M] fp32, for the next projection's `norm`."""
+    tile, [T, M] fp32, for the next projection's `norm`. `resid` with `parts`: split along K, the last split of each
+    output tile to finish (told by `counters`, int32 zeros, one for each output tile at least, used once) adds the
+    splits' sums in order, as add_rms_norm adds parts."""
     m = x.shape[0]
     k = x.shape[1] // 2 if silu else x.shape[1]
     n = w.shape[0] // 2 if glu else w.shape[0]
     mode = 2 if silu else 1 if norm is not None else 0
-    if (norm is not None and silu) or (mode and glu) or (resid is not None and (parts or glu)):
-        raise ValueError("tma.linear: norm and silu exclude each other and glu; resid excludes parts and glu")
+    if (norm is not None and silu) or (mode and glu) or (resid is not None and (glu or parts and counters is None)):
+        raise ValueError("tma.linear: norm and silu exclude each other and glu; resid excludes glu, and needs "
+                         "counters with parts")
     if not (_fits(w, w) if mode else _fits(x, w)):  # rows TMA cannot address (not 16-byte aligned): torch's ops
         y = F.linear(_input(x, norm, silu), w, bias)
         if glu:
@@ -240,16 +260,20 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     if resid is not None:
         if resid.shape != (m, n) or not resid.is_contiguous():
             raise ValueError(f"tma.linear: resid {tuple(resid.shape)} for [{m}, {n}]")
+        if parts and (counters is None or counters.dtype != torch.int32 or counters.numel() < tiles_n):
+            raise ValueError(f"tma.linear: resid with parts needs {tiles_n} int32 counters")
         y, so = resid, torch.empty(tiles_n, m, device=x.device, dtype=torch.float32)
+        p = torch.empty(splits, m, n, device=x.device, dtype=torch.float32) if parts else y
     else:
         y = (torch.empty(splits, m, n, device=x.device, dtype=torch.float32) if parts
              else torch.empty(m, n, device=x.device, dtype=x.dtype))
-        so = y
+        so = p = y
     ss, ln, eps = norm if norm is not None else (y, y, 0.0)
     w_desc = TensorDescriptor.from_tensor(w, [bn, bk])
     _tma_kernel[(tiles_n, splits)](
         w_desc, w_desc if mode else TensorDescriptor.from_tensor(x, [m_pad, bk]), x, ss, ln, eps,
-        bias if bias is not None else y, y, so, m, n, k, tiles_k, per, BLOCK_N=bn, BLOCK_K=bk, M_PAD=m_pad,
+        bias if bias is not None else y, y, so, p, counters if counters is not None else y, m, n, k, tiles_k, per,
+        splits, BLOCK_N=bn, BLOCK_K=bk, M_PAD=m_pad,
         STAGES=st, HAS_B=bias is not None, GLU=glu, PARTS=parts, PDL=pdl_arg(x, tma=True), IN=mode,
         T_S=ss.shape[0] if mode == 1 else 1, T_PAD=triton.next_power_of_2(ss.shape[0]) if mode == 1 else 1,
         RESID=resid is not None, num_warps=4, launch_pdl=pdl(x))
