@@ -46,6 +46,9 @@ STEP_CEIL_S = 60.0
 MAX_DEVICE_BYTES = 1 << 41  # 2 TiB: a claimed device larger than this is not believed
 POOL_VIEW_MAX = 256 << 10  # bytes of a worker's pool view kept (it reaches /admin and the dashboard)
 MAX_EVENTS = 1024  # events per Stats
+# how long the pool view keeps a model out after an evict while the worker's Stats still list it resident (a view
+# taken before the worker applied it); past this the worker's word is taken (it kept the weights, after all)
+GONE_TRUST_S = 10.0
 REPO_ROOT = Path(__file__).resolve().parent.parent
 JOIN_GRACE_S = 300.0  # at start-up, how long the server waits for every local worker before it is ready without
 QUICK_DEATH_S = 30.0  # a local worker that dies sooner after it started is restarted with a growing backoff
@@ -119,6 +122,10 @@ class EngineHandle:
     t_last_out: float = 0.0
     t_dead: float | None = None
     t_start: float = field(default_factory=time.time)
+    # models told to evict (`EnginePool.evict`) whose requests here still run: out of the pool view once they end
+    evicting: set[str] = field(default_factory=set)
+    # models the pool view says are out since an evict, until the worker's Stats agree (or GONE_TRUST_S passes)
+    gone: dict[str, float] = field(default_factory=dict)
 
     def send(self, msg: m.Message) -> None:
         if self.alive and not self.writer.is_closing():
@@ -434,6 +441,8 @@ class EnginePool:
         e.stats = {k: v for k, v in models.items() if k in e.replicas and isinstance(v, dict)}
         pool = msg.pool if isinstance(msg.pool, dict) else {}
         e.pool = pool if len(m.encode(m.Stats({}, 0.0, 0, 0, pool=pool))) < POOL_VIEW_MAX else {}
+        if e.gone:
+            self._keep_gone(e)
         cap = e.pool.get("weight_capacity_bytes")
         if isinstance(cap, int) and 0 < cap <= MAX_DEVICE_BYTES:
             e.memory_bytes = cap
@@ -474,6 +483,9 @@ class EnginePool:
                 self._stepped(e, sub.model)
             if d.finished:
                 del subs[d.request_id]
+                if sub.model in e.evicting and not any(s.model == sub.model for s in subs.values()):
+                    e.evicting.discard(sub.model)  # (its last request here: the worker evicts it now)
+                    self._evicted(e, sub.model)
                 if e.retiring and not subs:
                     self.release_if_idle(e)
                 if d.error is not None and d.error_kind == "engine" and self._on_failed is not None:
@@ -488,6 +500,7 @@ class EnginePool:
         /api/ps, `tokenpool ps` and the dashboard read) says so at once, where it said so only with the worker's
         next Stats, a heartbeat later (a model just loaded was missing from Ollama's ps meanwhile); that Stats
         replaces it, as any."""
+        e.gone.pop(model, None)  # (back: the worker's word on it is believed again)
         models = e.pool.get("models") if e.pool else None
         if not isinstance(models, dict):  # (an engine that reports no pool: its registrations say it)
             return
@@ -502,6 +515,43 @@ class EnginePool:
             names = e.pool.get(k)
             if isinstance(names, list) and (model in names) != has:
                 e.pool[k] = sorted({*names, model}) if has else [n for n in names if n != model]
+
+    @staticmethod
+    def _evicted(e: EngineHandle, model: str) -> None:
+        """`_stepped`'s converse: an evict the worker applies now (the model idle there) takes it out of the pool
+        view at once. A Stats the worker took before it applied the evict would list it again a heartbeat long:
+        `e.gone` keeps it out until a Stats agrees, a token of it is made (`_stepped`), or GONE_TRUST_S passes (a
+        worker that kept it, after all, is believed)."""
+        e.evicting.discard(model)
+        e.gone[model] = time.monotonic()
+        EnginePool._out_of_view(e, model)
+
+    @staticmethod
+    def _out_of_view(e: EngineHandle, model: str) -> None:
+        models = e.pool.get("models") if e.pool else None
+        if not isinstance(models, dict):
+            return
+        pm = models.get(model)
+        if isinstance(pm, dict) and pm.get("state") in ("resident", "loading"):
+            pm["state"] = "host"
+        for k in ("resident", "prefetching"):
+            names = e.pool.get(k)
+            if isinstance(names, list) and model in names:
+                e.pool[k] = [n for n in names if n != model]
+
+    @staticmethod
+    def _keep_gone(e: EngineHandle) -> None:
+        """A Stats's pool view, less the models evicted since (`e.gone`) that it still lists: a view taken before the
+        worker applied the evict. Once a Stats no longer lists one, or GONE_TRUST_S after the evict, its word is
+        taken again."""
+        now = time.monotonic()
+        models = e.pool.get("models") if e.pool else None
+        for model, t in list(e.gone.items()):
+            pm = models.get(model) if isinstance(models, dict) else None
+            if not isinstance(pm, dict) or pm.get("state") != "resident" or now - t > GONE_TRUST_S:
+                del e.gone[model]
+            else:
+                EnginePool._out_of_view(e, model)
 
     def _loaded(self, e: EngineHandle, msg: m.ModelLoaded) -> None:
         r = e.replicas.get(msg.model)
@@ -550,14 +600,25 @@ class EnginePool:
         if model in e.replicas:
             e.send(m.PinModel(model, pinned))
 
-    def evict(self, e: EngineHandle, model: str) -> None:
-        if model in e.replicas:
-            e.send(m.EvictModel(model))
+    def evict(self, e: EngineHandle, model: str, view: bool = True) -> None:
+        """Tell engine `e` to evict `model`'s weights once its requests there finish. `view` (its weights do go: not
+        pinned, a kind that holds weights): the pool view (/api/ps, `tokenpool ps`, the dashboard) says so at once,
+        or as its last request here ends, where it said so only with the worker's next Stats, a heartbeat later
+        (Ollama's `stop` then `ps` listed the model still)."""
+        if model not in e.replicas:
+            return
+        e.send(m.EvictModel(model))
+        if view:
+            if any(s.model == model for s in e.subs.values()):
+                e.evicting.add(model)
+            else:
+                self._evicted(e, model)
 
     def unload(self, e: EngineHandle, model: str) -> None:
         r = e.replicas.pop(model, None)
         if r is not None:
             e.send(m.UnloadModel(model))
+            self._evicted(e, model)  # (its weights go with it: out of the pool view at once, as an evict's)
             if not r.ready.is_set():  # dropped while loading: what waits for it is told now (the worker's answer
                 # finds no registration, or never comes: they waited out the load timeout, ten minutes)
                 r.state, r.error = "dropped", f"unregistered from engine {e.id} while it loaded"

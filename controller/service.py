@@ -926,9 +926,13 @@ class Controller:
         """Free a model's VRAM on every engine it is registered on, once its requests there finish (it stays served:
         the next request brings its weights back); how many engines were told."""
         n = 0
+        entry = self.models.get(name)
+        # (the pool view says so at once where its weights do go: not a pinned model's, nor a paced one's, which has
+        # none to free)
+        view = entry is not None and not entry.pinned and entry.spec.engine.kind != "pace"
         for e in self.pool.engines.values():
             if e.alive and name in e.replicas:
-                self.pool.evict(e, name)
+                self.pool.evict(e, name, view)
                 n += 1
         return n
 

@@ -47,3 +47,23 @@ def test_an_empty_prompt_or_no_messages_loads_the_model(server):
     with pytest.raises(ollama.ResponseError) as ei:
         oc.generate(model="nope", prompt="")
     assert ei.value.status_code == 404
+
+
+def test_an_unloaded_model_leaves_ps_at_once(server):
+    """keep_alive 0 (`ollama stop`: a load request with it) frees the model's weights, and /api/ps drops it as the
+    answer comes, not a heartbeat later; on a request that generates, as its reply ends (the evict waits for it).
+    The model is loaded again by the next request and listed again."""
+    import ollama
+
+    oc = ollama.Client(host=server.url)
+    assert oc.generate(model="gone", prompt="").done_reason == "load"
+    assert "gone:latest" in ps(server)
+    assert oc.generate(model="gone", prompt="", keep_alive=0).done_reason == "unload"
+    assert "gone:latest" not in ps(server)
+    assert oc.generate(model="gone", prompt="").done_reason == "load"
+    assert "gone:latest" in ps(server)
+    r = oc.generate(model="gone", prompt="Hi", keep_alive=0, options={"num_predict": 2, "temperature": 0})
+    assert r.done and r.eval_count >= 1
+    assert "gone:latest" not in ps(server)
+    r = oc.chat(model="gone", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 1})
+    assert r.done and "gone:latest" in ps(server)
