@@ -46,9 +46,9 @@ def test_an_adapters_parent_is_the_name_the_tenant_knows(client):
     only = client.get("/v1/models", headers=_h(ADAPTER_ONLY))
     assert REAL not in only.text and [m["id"] for m in only.json()["data"]] == ["sql"]
     assert client.get("/v1/models/sql", headers=_h(ADAPTER_ONLY)).json().get("parent") is None
-    # a tenant allowed the model by its own name sees that name, as before
+    # a tenant allowed the model by its own name sees that name (and its alias, its own card), as before
     every = client.get("/v1/models", headers=_h(ALL)).json()["data"]
-    assert [(m["id"], m.get("parent")) for m in every] == [(REAL, None), ("sql", REAL)]
+    assert [(m["id"], m.get("parent")) for m in every] == [(REAL, None), ("nick", None), ("sql", REAL)]
     tags = client.get("/api/tags", headers=_h(NICK))
     assert tags.status_code == 200 and REAL not in tags.text
     assert [m["name"] for m in tags.json()["models"]] == ["nick:latest", "sql:latest"]

@@ -48,7 +48,7 @@ def ask_france(srv, model: str, stream: bool = False) -> str:
 
 
 def test_models_real_and_demo(server):
-    assert [m.id for m in client(server).models.list()] == [REAL_MODEL, *DEMOS]
+    assert [m.id for m in client(server).models.list()] == [REAL_MODEL, "smollm2", *DEMOS]  # (its alias too)
 
 
 def test_smollm2_knows_paris(server):

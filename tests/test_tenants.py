@@ -56,15 +56,15 @@ def test_config_and_tenants_file_hold_no_plain_keys(server):
     stored = (server.workdir / "tenants.yaml").read_text()
     assert key not in stored and "sha256$" in stored
     assert "api_key" not in str(httpx.get(server.url + "/admin/tenants", headers=ADM).json())
-    assert [m.id for m in oai(server, key).models.list()] == ["shared"]
+    assert [m.id for m in oai(server, key).models.list()] == ["shared", "common"]  # (its alias: a name of its own)
     assert httpx.delete(server.url + "/admin/tenants/green", headers=ADM).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         oai(server, key).models.list()
 
 
 def test_isolation_of_models_and_usage(server):
-    assert {m.id for m in oai(server, RED).models.list()} == {"red-m", "red-narrow", "shared"}
-    assert {m.id for m in oai(server, BLUE).models.list()} == {"blue-m", "blue-slow", "shared"}
+    assert {m.id for m in oai(server, RED).models.list()} == {"red-m", "red-narrow", "shared", "common"}
+    assert {m.id for m in oai(server, BLUE).models.list()} == {"blue-m", "blue-slow", "shared", "common"}
     with pytest.raises(openai.NotFoundError):  # another tenant's model looks missing (issue 16)
         oai(server, RED).completions.create(model="blue-m", prompt="x", max_tokens=1)
     with pytest.raises(openai.NotFoundError):  # not even its card

@@ -523,7 +523,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "tokenpool"
-    parent: str | None = None  # (vLLM's) a LoRA adapter's model (no `root`: a tenant is not shown server paths)
+    # (vLLM's) the weights a name serves: a model's (every name of it, its aliases too: the model by the first name
+    # the tenant may use it by) or a LoRA adapter's own name; a name, not vLLM's path (a tenant is not shown paths)
+    root: str | None = None
+    parent: str | None = None  # (vLLM's) a LoRA adapter's model
     max_model_len: int | None = None
 
 

@@ -376,25 +376,40 @@ class OpenAIServing:
         name is not the tenant's to know)."""
         return next(iter(self.names_for(tenant, me)), None)
 
-    def models(self, tenant: Tenant) -> p.ModelList:
-        """The models `tenant` may use, under the names it may use them by (`names_for`), then the LoRA adapters over
-        them (an adapter's `parent`: its model, as vLLM's cards have it, by a name the tenant knows: `parent_for`)."""
+    @staticmethod
+    def served_names(tenant: Tenant, me: ModelEntry) -> list[str]:
+        """Every name `tenant` may ask for model `me` by (`lookup`): its own and all its aliases, else (allowed the
+        model only by aliases) those aliases, as vLLM lists each `--served-model-name` of a model."""
+        if tenant.may_use(me.spec.name):
+            return [me.spec.name, *me.spec.aliases]
+        return [a for a in me.spec.aliases if tenant.may_use(a)]
+
+    def models(self, tenant: Tenant, aliases: bool = True) -> p.ModelList:
+        """The models `tenant` may use, each under every name it may use it by (`served_names`: the model's and its
+        aliases', each its own card, their `root` the model's first such name, as vLLM's served names share their
+        model's root; `aliases` False: the first name alone), then the LoRA adapters over them (an adapter's `parent`:
+        its model, as vLLM's cards have it, by a name the tenant knows: `parent_for`; its `root` its own name)."""
         cards = []
         for me in self.ctl.models.values():
-            for n in self.names_for(tenant, me):
-                cards.append(p.ModelCard(id=n, created=me.created, max_model_len=me.max_model_len))
+            names = self.served_names(tenant, me) if aliases else self.names_for(tenant, me)
+            for n in names:
+                cards.append(p.ModelCard(id=n, created=me.created, max_model_len=me.max_model_len,
+                                         root=self.parent_for(tenant, me)))
         for n, me in self.ctl.models.items():
             for lm in me.spec.lora_modules:
                 if tenant.may_use(n) or tenant.may_use(lm.name):
                     cards.append(p.ModelCard(id=lm.name, created=me.created, max_model_len=me.max_model_len,
-                                             parent=self.parent_for(tenant, me)))
+                                             root=lm.name, parent=self.parent_for(tenant, me)))
         return p.ModelList(data=cards)
 
     def card(self, tenant: Tenant, model: str) -> p.ModelCard:
-        """A model's card by the name a request would use (answered under the name asked)."""
+        """A model's card by the name a request would use (answered under the name asked; its `root` as `models`
+        gives it)."""
         me = self.lookup(tenant, model)
+        adapter = lora_of(me, model) is not None
         return p.ModelCard(id=model, created=me.created, max_model_len=me.max_model_len,
-                           parent=self.parent_for(tenant, me) if lora_of(me, model) else None)
+                           root=model if adapter else self.parent_for(tenant, me) or model,
+                           parent=self.parent_for(tenant, me) if adapter else None)
 
     @staticmethod
     def _refuse_unsupported(req: p._Sampling) -> None:
