@@ -2,7 +2,11 @@
 parser) as the official `openai` client and Anthropic-shaped requests over httpx meet it:
 
 - /v1/models listed a model under its own name only: each alias is now its own card, as vLLM lists every
-  `--served-model-name`, their `root` the model's name (vLLM's served names share their model's root).
+  `--served-model-name`, their `root` the model's name (vLLM's served names share their model's root);
+- Messages requests took unknown fields inside a block, a tool, tool_choice, metadata or thinking and ignored them
+  (a misspelt `is_eror` said nothing): a 400 naming the field's path, as Anthropic's "Extra inputs are not
+  permitted"; the fields Claude Code and the `anthropic` client send (cache_control, citations, a tool's strict ...)
+  are still taken.
 """
 
 from __future__ import annotations
@@ -43,3 +47,59 @@ def test_models_lists_every_alias(server):
     assert [m["id"] for m in page["data"]] == ["tiny", "nick", "nick-2"] and page["has_more"] is False
     r = c.completions.create(model="nick-2", prompt="Hi", max_tokens=1)  # (each listed name serves)
     assert r.model == "nick-2" and r.usage.completion_tokens == 1
+
+
+TOOL = {"name": "get_weather", "description": "Weather in a city",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+CC = {"type": "ephemeral"}
+
+
+def messages(srv, body: dict, path: str = "/v1/messages") -> httpx.Response:
+    return httpx.post(srv.url + path, json={"model": "tiny", "max_tokens": 2, **body}, headers=AH, timeout=60)
+
+
+def test_messages_refuse_unknown_nested_fields(server):
+    """An unknown field anywhere Anthropic's request has a fixed shape is a 400 invalid_request_error naming its path
+    (count_tokens too); a request as Claude Code sends one (cache_control on system, blocks and tools, with its ttl;
+    metadata.user_id; thinking disabled; a tool's strict and eager_input_streaming) is still answered."""
+    hi = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    asked = [{"role": "user", "content": "Weather?"},
+             {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                                "input": {"city": "Paris"}}]}]
+    bad = [({"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi", "colour": 1}]}]},
+            "messages.0.content.0.colour"),
+           ({"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control":
+                                                        {"type": "ephemeral", "tll": "5m"}}]}]},
+            "messages.0.content.0.cache_control.tll"),
+           ({"messages": [*asked[:1], {"role": "assistant", "content": [{**asked[1]["content"][0], "args": {}}]}]},
+            "messages.1.content.0.args"),
+           ({"messages": [*asked, {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                                                "content": "sunny", "is_eror": True}]}]},
+            "messages.2.content.0.is_eror"),
+           ({"messages": [*asked, {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                                                "content": [{"type": "text", "text": "sunny",
+                                                                             "x": 1}]}]}]},
+            "messages.2.content.0.content.0.x"),
+           ({"messages": hi, "system": [{"type": "text", "text": "Be brief.", "priority": 1}]}, "system.0.priority"),
+           ({"messages": hi, "tools": [{**TOOL, "parameters": {}}]}, "tools.0.parameters"),
+           ({"messages": hi, "tools": [TOOL], "tool_choice": {"type": "any", "parallel": False}},
+            "tool_choice.parallel"),
+           ({"messages": hi, "tools": [TOOL], "tool_choice": {"type": "none", "name": "get_weather"}},
+            "tool_choice.name"),
+           ({"messages": hi, "metadata": {"user_id": "u", "session": "s"}}, "metadata.session"),
+           ({"messages": hi, "thinking": {"type": "disabled", "budget": 0}}, "thinking.budget")]
+    for body, field in bad:
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            r = messages(server, body, path)
+            assert r.status_code == 400, (field, r.text)
+            err = r.json()["error"]
+            assert err["type"] == "invalid_request_error" and err["message"].startswith(field + ":"), (field, err)
+    claude_code = {"system": [{"type": "text", "text": "You are Claude Code.", "cache_control": {**CC, "ttl": "1h"}}],
+                   "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": CC,
+                                                              "citations": None}]}],
+                   "tools": [{**TOOL, "cache_control": CC, "strict": True, "eager_input_streaming": True}],
+                   "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
+                   "metadata": {"user_id": "user_abc"}, "thinking": {"type": "disabled"}}
+    r = messages(server, claude_code)
+    assert r.status_code == 200 and r.json()["type"] == "message", r.text
+    assert messages(server, claude_code, "/v1/messages/count_tokens").json()["input_tokens"] > 0

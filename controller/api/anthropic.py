@@ -14,6 +14,8 @@ prompt tokens found in the prefix cache as `cache_read_input_tokens`). Streamed,
 events (message_start ... message_stop; text as it comes; tool calls as they are written, as the chat path's: a
 `tool_use` block starts once its name is whole, its input follows in `input_json_delta` parts; a call max_tokens
 cuts streams what was written, which the client's accumulated input parses as far as it goes).
+A field Anthropic's request does not have, inside a block, a tool, `tool_choice`, `metadata` or `thinking`, is a
+400 naming its path, as Anthropic's; those its clients send that are not used here (`cache_control`, ...) are taken.
 Images, documents and extended thinking are refused with a 400 naming the field (an earlier turn's thinking
 blocks, sent back whole by clients, are ignored, as Anthropic strips them). Errors take Anthropic's shape.
 """
@@ -89,6 +91,38 @@ def _bad(msg: str, param: str) -> ServingError:
     return ServingError(400, msg, param=param)
 
 
+# The fields each object of a request takes, as Anthropic's API (and the `anthropic` client's params, its beta's too)
+# have them: any other is a 400 naming it, as Anthropic's "Extra inputs are not permitted" (a misspelt field was
+# ignored unsaid). Taken though not used here: `cache_control` (the prefix cache needs no marks), `citations`,
+# `caller`, `toolset_name`, a tool's `strict` (its input is held to its schema anyway), `input_examples`,
+# `defer_loading`, `allowed_callers`, `eager_input_streaming`; `metadata.user_id`
+BLOCK_FIELDS = {
+    "text": frozenset({"type", "text", "cache_control", "citations"}),
+    "tool_use": frozenset({"type", "id", "name", "input", "cache_control", "caller", "toolset_name"}),
+    "tool_result": frozenset({"type", "tool_use_id", "content", "is_error", "cache_control", "toolset_name"}),
+    "thinking": frozenset({"type", "thinking", "signature"}),
+    "redacted_thinking": frozenset({"type", "data"}),
+}
+TOOL_FIELDS = frozenset({"type", "name", "description", "input_schema", "cache_control", "strict", "input_examples",
+                         "defer_loading", "allowed_callers", "eager_input_streaming"})
+TOOL_CHOICE_FIELDS = {"auto": frozenset({"type", "disable_parallel_tool_use"}),
+                      "any": frozenset({"type", "disable_parallel_tool_use"}),
+                      "tool": frozenset({"type", "name", "disable_parallel_tool_use"}), "none": frozenset({"type"})}
+THINKING_FIELDS = frozenset({"type", "budget_tokens", "display", "block_binding"})
+METADATA_FIELDS = frozenset({"user_id"})
+CACHE_CONTROL_FIELDS = frozenset({"type", "ttl"})
+
+
+def _only(obj: dict[str, Any], fields: frozenset[str], where: str) -> None:
+    """A 400 naming the first field of `obj` (at `where`) not among `fields`, as Anthropic's; its `cache_control`'s
+    too."""
+    for k in obj:
+        if k not in fields:
+            raise _bad(f"{where}.{k}: Extra inputs are not permitted", f"{where}.{k}")
+    if isinstance(cc := obj.get("cache_control"), dict):
+        _only(cc, CACHE_CONTROL_FIELDS, f"{where}.cache_control")
+
+
 # Claude Code's first system block: its version and a hash that changes with every request, which would make every
 # prompt differ from its first tokens on (no prefix-cache hit, ever); left out, as vLLM's Messages API leaves it out
 BILLING_HEADER = "x-anthropic-billing-header"
@@ -101,11 +135,12 @@ def _text(content: Any, where: str, sep: str = p.PARTS_SEP) -> str:
         return content
     if isinstance(content, list):
         parts = []
-        for b in content:
+        for i, b in enumerate(content):
             if isinstance(b, dict) and b.get("type") in ("image", "document"):  # (said as a message's are)
                 raise _bad(f"{where}: {b['type']} blocks are not supported: the served models take text", where)
             if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(b.get("text"), str):
                 raise _bad(f"{where}: only text blocks are supported", where)
+            _only(b, BLOCK_FIELDS["text"], f"{where}.{i}")
             if not (where == "system" and b["text"].startswith(BILLING_HEADER)):
                 parts.append(b["text"])
         return sep.join(parts)
@@ -159,6 +194,8 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
         texts, calls = [], []
         for j, b in enumerate(m.content):
             kind = b.get("type") if isinstance(b, dict) else None
+            if kind in BLOCK_FIELDS:
+                _only(b, BLOCK_FIELDS[kind], f"{where}.{j}")
             if kind in ("thinking", "redacted_thinking") and m.role == "assistant":
                 continue  # (an earlier turn's thinking, another model's: ignored, as Anthropic strips it)
             if kind == "text":
@@ -222,6 +259,10 @@ def prefills(msgs: list[dict[str, Any]]) -> bool:
 
 
 def chat_request(req: p.MessagesRequest) -> p.ChatCompletionRequest:
+    if req.metadata is not None:
+        _only(req.metadata, METADATA_FIELDS, "metadata")
+    if req.thinking is not None:
+        _only(req.thinking, THINKING_FIELDS, "thinking")
     if req.thinking is not None and req.thinking.get("type") not in (None, "disabled"):
         raise _bad("extended thinking is not supported", "thinking")
     msgs = _messages(req)
@@ -239,6 +280,7 @@ def chat_request(req: p.MessagesRequest) -> p.ChatCompletionRequest:
         raise _bad("tool_choice.type: Field required (auto, any, tool or none)", "tool_choice.type")
     if kind not in ("auto", "any", "tool", "none"):
         raise _bad(f"tool_choice type {kind!r} is not one of auto, any, tool, none", "tool_choice")
+    _only(tc, TOOL_CHOICE_FIELDS[kind], "tool_choice")
     if kind in ("any", "tool") and not req.tools:  # (a call asked for, and no tool to call)
         raise _bad(f"tool_choice {kind!r} needs tools", "tool_choice")
     if kind == "tool" and (not isinstance(tc.get("name"), str) or not tc["name"]):
@@ -249,6 +291,7 @@ def chat_request(req: p.MessagesRequest) -> p.ChatCompletionRequest:
         for i, t in enumerate(req.tools):
             if "input_schema" not in t or "name" not in t:  # (server tools: web search, code execution, ...)
                 raise _bad(f"tools.{i}: only client tools (name, input_schema) are supported", f"tools.{i}")
+            _only(t, TOOL_FIELDS, f"tools.{i}")
             tools.append({"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
                                                            "parameters": t["input_schema"]}})
         body["tools"] = tools
