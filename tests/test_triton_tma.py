@@ -137,6 +137,15 @@ for m, hd, ha, inter, cfg in ((3, 128, 96, 160, (64, 32, 2, 2)), (5, 192, 64, 96
     ss2 = tma.linear(gu, wd, parts=True, silu=True, resid=xf, counters=cnt, config=cfg)
     assert close(xf, xr) and close(ss2.sum(0), xr.pow(2).sum(1)), (m, hd)
     assert close(tma.linear(xf, wq, bq, norm=(ss2, ln1, eps), config=cfg), F.linear(h2, wq, bq)), (m, hd)
+    # qkv and o split along K (SPLIT_QKV, SPLIT_O), each tile's last split writing the projection or adding it
+    for sp in (2, 3):
+        cq, co = torch.zeros(64, dtype=torch.int32), torch.zeros(64, dtype=torch.int32)
+        got = tma.linear(xf, wq, bq, norm=(ss2, ln1, eps), parts=True, split=sp, counters=cq, config=cfg)
+        assert got.shape == (m, ha + 32) and close(got, F.linear(h2, wq, bq)), (m, hd, sp)
+        x3, x4 = x.clone(), x.clone()
+        ss3 = tma.linear(o, wo, resid=x3, parts=True, split=sp, counters=co, config=cfg)
+        triton_ops.add_rms_norm(x4, F.linear(o, wo), ln, eps)
+        assert close(x3, x4) and close(ss3.sum(0), x4.pow(2).sum(1)), (m, hd, sp)
 for bad in (dict(norm=(torch.zeros(1, 2), torch.ones(64), eps), silu=True), dict(silu=True, glu=True),
             dict(resid=torch.zeros(2, 64), parts=True), dict(resid=torch.zeros(2, 64), glu=True),
             dict(resid=torch.zeros(2, 64), parts=True, counters=torch.zeros(1, dtype=torch.int32), config=(16, 16, 2, 2))):
@@ -154,3 +163,35 @@ def test_the_folds_match_the_kernels_they_replace_in_the_interpreter():
     residual from them, down making SiLU*mul of gate_up's output) against o, add+RMSNorm, gate_up, SiLU*mul and down
     as separate kernels; through torch's ops too where TMA cannot address the weights."""
     interpret(FOLD_CODE)
+
+
+def _tma_forward_code() -> str:
+    """test_triton_gemv's padded decode step of three sequences (its setup, up to the reference forward), then the
+    step through forward_fused with the TMA path taken (the interpreter has no Hopper) at FOLD argv[2]."""
+    from tests.test_triton_gemv import BATCH_FORWARD
+
+    return BATCH_FORWARD[: BATCH_FORWARD.index("llama.GEMV_MAX_ROWS")] + """
+from token_scheduler.model import triton_tma as tma
+tma.takes = lambda x, decode: decode and 2 <= x.shape[0] <= 32
+tma.FOLD = int(sys.argv[2])
+tma.SPLIT_QKV = tma.SPLIT_O = 2 if tma.FOLD >= 2 else 1
+calls = []
+lin = tma.linear
+tma.linear = lambda *a, **k: (calls.append(k), lin(*a, **k))[1]
+h = llama.forward_fused(cfg, w, kv, rope, ids1, p1, meta)
+assert len(calls) == 4 * cfg.num_layers  # every projection through the TMA kernel
+folded = [c for c in calls if c.get("norm") or c.get("silu") or c.get("resid") is not None]
+# 1: o, gate_up and down a layer; 2: qkv too, but layer 0's (normed by the add+RMSNorm after the embedding)
+assert len(folded) == {1: 3 * cfg.num_layers, 2: 4 * cfg.num_layers - 1}[tma.FOLD], len(folded)
+for a, b in ((h, ref), (kv, kv_ref)):
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item(), (a - b).abs().max().item()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("arch,fold", [("qwen2", 1), ("qwen2", 2), ("qwen3", 2)])
+def test_a_folded_tma_step_matches_the_reference_in_the_interpreter(make_varied, arch, fold):
+    """forward_fused's batched TMA step with the kernels between projections folded in (FOLD 1: o into the
+    residual, the norm and SiLU*mul in gate_up's and down's prologues; 2: down into the residual, qkv normalising it,
+    qkv and o split along K): every row's hidden state and the whole cache against the reference forward."""
+    interpret(_tma_forward_code(), str(make_varied(arch)), str(fold))

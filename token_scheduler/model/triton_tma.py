@@ -60,6 +60,10 @@ GLU = False
 # as the kernel it replaces rounds it; the sums of squares are added in another order (per tile, then across tiles).
 # TOKENPOOL_TMA_FOLD.
 FOLD = env.TMA_FOLD.integer()
+# Under FOLD 2, qkv's and o's K splits (1: none), their sums added by each output tile's last split: their 32 and 24
+# output tiles (qwen2-1.5b) leave most SMs idle. For A/B runs (diag_gpu step).
+SPLIT_QKV = 1
+SPLIT_O = 1
 # Shared memory a program of a projection wider than the GPU may take: two programs an SM (Hopper: 228 KB an SM).
 # At one program an SM the GLU gate_up of the 1.5B at 32 rows (140 programs, 120 KB each at K tiles of 128 over 3
 # stages) ran in two waves.
@@ -118,20 +122,27 @@ def _fits(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _add_residual(Y, SO, r, off, mask, pid_n, m, M):
-    """Y[off] += r (fp32 holding model-dtype values), rounded; SO[pid_n] each row's sum of squares of the new tile."""
+def _epilogue(Y, SO, B, y, off, mask, pid_n, m, n, M, N, RESID: tl.constexpr, HAS_B: tl.constexpr):
+    """The projection's fp32 sums y of this tile out: into Y (+ bias, one rounding, as cuBLAS's bias epilogue); or
+    (RESID) added into the residual stream Y, rounded first as add_rms_norm adds it, and SO[pid_n] each row's sum of
+    squares over the new tile, for the next projection's norm."""
     dt = Y.dtype.element_ty
-    xn = (tl.load(Y + off, mask=mask, other=0.0).to(tl.float32) + r).to(dt)
-    tl.store(Y + off, xn, mask=mask)
-    xf = tl.where(mask, xn.to(tl.float32), 0.0)
-    tl.store(SO + pid_n * M + m, tl.sum(xf * xf, 1), mask=m < M)
+    if RESID:
+        xn = (tl.load(Y + off, mask=mask, other=0.0).to(tl.float32) + y.to(dt).to(tl.float32)).to(dt)
+        tl.store(Y + off, xn, mask=mask)
+        xf = tl.where(mask, xn.to(tl.float32), 0.0)
+        tl.store(SO + pid_n * M + m, tl.sum(xf * xf, 1), mask=m < M)
+    else:
+        if HAS_B:
+            y = y + tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + off, y.to(dt), mask=mask)
 
 
 @triton.jit
 def _tma_kernel(w_desc, x_desc, X, S, LN, eps, B, Y, SO, P, C, M, N, K, tiles_k, per_split, splits, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, M_PAD: tl.constexpr, STAGES: tl.constexpr, HAS_B: tl.constexpr, GLU: tl.constexpr,
                 PARTS: tl.constexpr, PDL: tl.constexpr, IN: tl.constexpr, T_S: tl.constexpr, T_PAD: tl.constexpr,
-                RESID: tl.constexpr):
+                RESID: tl.constexpr, LAST: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n0 = pid_n * BLOCK_N
@@ -173,26 +184,20 @@ def _tma_kernel(w_desc, x_desc, X, S, LN, eps, B, Y, SO, P, C, M, N, K, tiles_k,
     y = tl.trans(acc)
     if PARTS:  # this split's fp32 partial sums; the reader adds the splits in order
         tl.store(P + pid_k * M * N + off, y, mask=mask)
-    if RESID:  # Y is the residual stream: Y += the projection (rounded first), as add_rms_norm adds it; SO[pid_n]
-        dt = Y.dtype.element_ty  # each row's sum of squares over this tile, for the next projection's norm
-        if PARTS:  # the last split of this tile to finish is the reader: its sums, in order (C: zeroed counters)
-            tl.debug_barrier()  # (every thread's part stored before the release)
-            if tl.atomic_add(C + pid_n, 1, sem="acq_rel", scope="gpu") == splits - 1:
-                r = tl.load(P + off, mask=mask, other=0.0, cache_modifier=".cg")
-                for i in range(1, splits):
-                    r += tl.load(P + i * M * N + off, mask=mask, other=0.0, cache_modifier=".cg")
-                _add_residual(Y, SO, r.to(dt).to(tl.float32), off, mask, pid_n, m, M)
-        else:
-            _add_residual(Y, SO, y.to(dt).to(tl.float32), off, mask, pid_n, m, M)
+    if LAST:  # the reader is the last split of this tile to finish (C: zeroed counters, one a tile): the sums in order
+        tl.debug_barrier()  # (every thread's part stored before the release)
+        if tl.atomic_add(C + pid_n, 1, sem="acq_rel", scope="gpu") == splits - 1:
+            r = tl.load(P + off, mask=mask, other=0.0, cache_modifier=".cg")
+            for i in range(1, splits):
+                r += tl.load(P + i * M * N + off, mask=mask, other=0.0, cache_modifier=".cg")
+            _epilogue(Y, SO, B, r, off, mask, pid_n, m, n, M, N, RESID, HAS_B)
     elif not PARTS:
-        dt = Y.dtype.element_ty
-        if HAS_B:  # added to the fp32 sum, one rounding (as cuBLAS's bias epilogue)
-            y = y + tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
         if GLU:  # as silu_mul on the stored projection: g and u rounded, silu(g) rounded, the product rounded
+            dt = Y.dtype.element_ty
             g = y.to(dt).to(tl.float32)
             u = tl.trans(acc_u).to(dt).to(tl.float32)
             y = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u
-        tl.store(Y + off, y.to(dt), mask=mask)
+        _epilogue(Y, SO, B, y, off, mask, pid_n, m, n, M, N, RESID, HAS_B)
 
 
 def _input(x: torch.Tensor, norm, silu: bool) -> torch.Tensor:
@@ -210,7 +215,8 @@ def _input(x: torch.Tensor, norm, silu: bool) -> torch.Tensor:
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, glu: bool = False,
            parts: bool = False, config: tuple[int, int, int, int] | None = None,
            norm: tuple[torch.Tensor, torch.Tensor, float] | None = None, silu: bool = False,
-           resid: torch.Tensor | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
+           resid: torch.Tensor | None = None, counters: torch.Tensor | None = None,
+           split: int | None = None) -> torch.Tensor:
     """x [M, K] (a few rows), w [N, K] -> x w^T (+ bias), [M, N]. `glu` (w a fused [gate; up]): silu(x gate^T) *
     (x up^T), [M, N/2]. `parts`: the config's K splits' fp32 partial sums [SPLIT, M, N] (for add_rms_norm's r; a
     config of one split gives one). Where TMA cannot address x or w, torch's ops (`parts`: the projection itself,
@@ -220,14 +226,17 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     and the input rms_norm(x) * ln, each row's sum of squares the sum of ss's T rows (a `resid` projection's);
     `silu`: x is gate_up's [M, 2K] output and the input silu(gate) * up; `resid` [M, N], the residual stream:
     resid += x w^T, rounded as add_rms_norm adds it, and the result is each row's sum of squares over each output
-    tile, [T, M] fp32, for the next projection's `norm`. `resid` with `parts`: split along K, the last split of each
-    output tile to finish (told by `counters`, int32 zeros, one for each output tile at least, used once) adds the
-    splits' sums in order, as add_rms_norm adds parts."""
+    tile, [T, M] fp32, for the next projection's `norm`. `counters` with `parts` (int32 zeros, one for each output
+    tile at least, used once): the last split of each output tile to finish adds the splits' sums in order (as
+    add_rms_norm adds parts) and writes the projection [M, N] (or adds it into `resid`). `split`: the K splits of
+    `parts` in place of the config's."""
     m = x.shape[0]
     k = x.shape[1] // 2 if silu else x.shape[1]
     n = w.shape[0] // 2 if glu else w.shape[0]
     mode = 2 if silu else 1 if norm is not None else 0
-    if (norm is not None and silu) or (mode and glu) or (resid is not None and (glu or parts and counters is None)):
+    last = parts and counters is not None
+    if (norm is not None and silu) or (glu and (mode or resid is not None or last)) or (resid is not None and parts
+                                                                                         and not last):
         raise ValueError("tma.linear: norm and silu exclude each other and glu; resid excludes glu, and needs "
                          "counters with parts")
     if not (_fits(w, w) if mode else _fits(x, w)):  # rows TMA cannot address (not 16-byte aligned): torch's ops
@@ -244,37 +253,33 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
         raise ValueError(f"tma.linear: x {tuple(x.shape)}, w {tuple(w.shape)} (glu {glu}, parts {parts}, bias "
                          f"{bias is not None}): needs [M, K] and [N, K], contiguous; glu on an even row count alone")
     m_pad = rows_pad(m)
-    bn, bk, st, split = config or config_for(w.shape[0], k, m_pad, _sms(x.device.index or 0) if x.is_cuda else 132,
-                                              glu)
+    bn, bk, st, split_ = config or config_for(w.shape[0], k, m_pad, _sms(x.device.index or 0) if x.is_cuda else 132,
+                                               glu)
     bk = min(bk, max(16, triton.next_power_of_2(k)))
     while glu and n % bn and bn > 16:  # a program's gate rows must not run into the up rows
         bn //= 2
     if glu and n % bn:
         raise ValueError(f"tma.linear: glu needs its {n} gate rows in whole blocks of 16")
-    if not parts:
-        split = 1
+    split = (split or split_) if parts else 1
     tiles_k = triton.cdiv(k, bk)
     per = triton.cdiv(tiles_k, split)
     splits = triton.cdiv(tiles_k, per)
     tiles_n = triton.cdiv(n, bn)
-    if resid is not None:
-        if resid.shape != (m, n) or not resid.is_contiguous():
-            raise ValueError(f"tma.linear: resid {tuple(resid.shape)} for [{m}, {n}]")
-        if parts and (counters is None or counters.dtype != torch.int32 or counters.numel() < tiles_n):
-            raise ValueError(f"tma.linear: resid with parts needs {tiles_n} int32 counters")
-        y, so = resid, torch.empty(tiles_n, m, device=x.device, dtype=torch.float32)
-        p = torch.empty(splits, m, n, device=x.device, dtype=torch.float32) if parts else y
-    else:
-        y = (torch.empty(splits, m, n, device=x.device, dtype=torch.float32) if parts
-             else torch.empty(m, n, device=x.device, dtype=x.dtype))
-        so = p = y
+    if last and (counters.dtype != torch.int32 or counters.numel() < tiles_n):
+        raise ValueError(f"tma.linear: the last split's reading needs {tiles_n} int32 counters")
+    if resid is not None and (resid.shape != (m, n) or not resid.is_contiguous()):
+        raise ValueError(f"tma.linear: resid {tuple(resid.shape)} for [{m}, {n}]")
+    p = torch.empty(splits, m, n, device=x.device, dtype=torch.float32) if parts else None
+    y = resid if resid is not None else p if parts and not last else torch.empty(m, n, device=x.device,
+                                                                                  dtype=x.dtype)
+    so = torch.empty(tiles_n, m, device=x.device, dtype=torch.float32) if resid is not None else y
     ss, ln, eps = norm if norm is not None else (y, y, 0.0)
     w_desc = TensorDescriptor.from_tensor(w, [bn, bk])
     _tma_kernel[(tiles_n, splits)](
         w_desc, w_desc if mode else TensorDescriptor.from_tensor(x, [m_pad, bk]), x, ss, ln, eps,
-        bias if bias is not None else y, y, so, p, counters if counters is not None else y, m, n, k, tiles_k, per,
-        splits, BLOCK_N=bn, BLOCK_K=bk, M_PAD=m_pad,
-        STAGES=st, HAS_B=bias is not None, GLU=glu, PARTS=parts, PDL=pdl_arg(x, tma=True), IN=mode,
-        T_S=ss.shape[0] if mode == 1 else 1, T_PAD=triton.next_power_of_2(ss.shape[0]) if mode == 1 else 1,
-        RESID=resid is not None, num_warps=4, launch_pdl=pdl(x))
+        bias if bias is not None else y, y, so, p if parts else y, counters if last else y, m, n, k, tiles_k, per,
+        splits, BLOCK_N=bn, BLOCK_K=bk, M_PAD=m_pad, STAGES=st, HAS_B=bias is not None, GLU=glu, PARTS=parts,
+        PDL=pdl_arg(x, tma=True), IN=mode, T_S=ss.shape[0] if mode == 1 else 1,
+        T_PAD=triton.next_power_of_2(ss.shape[0]) if mode == 1 else 1, RESID=resid is not None, LAST=last,
+        num_warps=4, launch_pdl=pdl(x))
     return so if resid is not None else y
