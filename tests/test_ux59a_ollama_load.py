@@ -4,6 +4,8 @@ listed by /api/ps at once; keep_alive 0 with it is the unload, and the model lea
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -67,3 +69,25 @@ def test_an_unloaded_model_leaves_ps_at_once(server):
     assert "gone:latest" not in ps(server)
     r = oc.chat(model="gone", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 1})
     assert r.done and "gone:latest" in ps(server)
+
+
+def test_show_gives_a_modelfile_and_the_parameters_the_server_uses(server, make_tiny):
+    """Ollama's show: `parameters` lists the tokens generation stops at (`stop`, one line each, Go-quoted, from the
+    generation_config's eos_token_id as the engine reads it) and the context the model runs with (`num_ctx`) for a
+    model whose generation_config has no sampling values (it was empty); `modelfile` is one (it was empty): FROM
+    the model's folder (a single user's server), its TEMPLATE, a PARAMETER line for each parameter."""
+    import ollama
+    from transformers import AutoTokenizer
+
+    folder = make_tiny("qwen2")
+    eos = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+    tok = AutoTokenizer.from_pretrained(folder)
+    stops = [tok.decode([i], skip_special_tokens=False) for i in (eos if isinstance(eos, list) else [eos])]
+    assert stops and all(stops)
+    got = ollama.Client(host=server.url).show("ga:latest")
+    assert got.parameters.splitlines() == [*(f"{'stop':<30} {json.dumps(t)}" for t in stops), f"{'num_ctx':<30} 128"]
+    lines = got.modelfile.splitlines()
+    assert f"FROM {folder}" in lines and "# FROM ga:latest" in lines
+    assert f"TEMPLATE {got.template}" in lines and "{%" in got.template  # (one line: no quotes needed)
+    assert [x for x in lines if x.startswith("PARAMETER ")] == [*(f"PARAMETER stop {t}" for t in stops),
+                                                                 "PARAMETER num_ctx 128"]

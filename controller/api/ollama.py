@@ -1105,10 +1105,12 @@ async def show(request: Request) -> Response:
         info[f"{arch}.embedding_length"] = me.hidden_size
     if n := _parameter_count(me):  # (the `ollama` CLI's show prints it as "parameters", as do GUIs)
         info["general.parameter_count"] = n
-    # (Ollama's Modelfile parameters, one a line, name then value: here the sampling the model's generation_config
-    # recommends, which a request that leaves them out gets)
-    params = "\n".join(f"{k:<30} {v}" for k, v in generation_defaults(me).items())
-    return JSONResponse({"modelfile": "", "parameters": params, "template": tpl if isinstance(tpl, str) else "",
+    params = _parameters(me)
+    ctl = request.app.state.controller
+    return JSONResponse({"modelfile": _modelfile(me, name, tpl if isinstance(tpl, str) else "", params,
+                                                 ctl.tenants.single_user),
+                         "parameters": "\n".join(f"{k:<30} {_go_value(v)}" for k, v in params),
+                         "template": tpl if isinstance(tpl, str) else "",
                          "details": {**_details(me), "family": arch, "families": [arch]},  # (as /api/tags's)
                          "modified_at": datetime.fromtimestamp(me.created, timezone.utc).isoformat(),
                          "model_info": info,
@@ -1116,6 +1118,99 @@ async def show(request: Request) -> Response:
                          # thinking: its template thinks, so `think` is taken)
                          "capabilities": ["completion", *(["tools"] if me.spec.tool_call_parser else []),
                                           *(["thinking"] if _thinks(me) else [])]})
+
+
+# Ollama's names for the sampling fields a model's generation_config recommends (`generation_defaults`'s keys)
+OLLAMA_PARAMETER = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                    "repetition_penalty": "repeat_penalty"}
+
+
+def _parameters(me: Any) -> list[tuple[str, Any]]:
+    """A model's parameters as Ollama's Modelfile lists them (name, value; `stop` once per value), from what this
+    server does with its requests: `stop`, the tokens its generation ends at (its generation_config's eos_token_id,
+    else its config's, else its tokenizer's, as the engine takes them; none for a paced model); `num_ctx`, the
+    context it runs with; and the sampling its generation_config recommends, which a request that leaves those
+    options out gets (`generation_defaults`), under Ollama's names."""
+    out: list[tuple[str, Any]] = [("stop", t) for t in _stop_tokens(me)]
+    out.append(("num_ctx", me.max_model_len))
+    out += sorted((OLLAMA_PARAMETER.get(k, k), v) for k, v in generation_defaults(me).items())
+    return out
+
+
+def _stop_tokens(me: Any) -> list[str]:
+    """The text of the tokens `me`'s generation ends at (model_swapper's ModelConfig.eos_token_ids, read as it reads
+    them, else its tokenizer's eos_token_id, the engine's fallback)."""
+    tok = me.tokenizer
+    if me.spec.engine.kind == "pace" or tok is None or not hasattr(tok, "decode"):
+        return []
+    eos: Any = None
+    folder = Path(me.spec.path) if me.spec.path else None
+    for file in ("config.json", "generation_config.json"):  # (the latter's, where it says, over the former's)
+        try:
+            cfg = json.loads((folder / file).read_text()) if folder is not None else {}
+        except (OSError, ValueError):
+            cfg = {}
+        if isinstance(cfg, dict) and "eos_token_id" in cfg:
+            eos = cfg["eos_token_id"]
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not ids and isinstance(getattr(tok, "eos_token_id", None), int):
+        ids = [tok.eos_token_id]
+    out: list[str] = []
+    for i in ids:
+        if isinstance(i, int) and not isinstance(i, bool):
+            try:
+                text = tok.decode([i], skip_special_tokens=False)
+            except (ValueError, TypeError, IndexError, OverflowError):
+                continue
+            if text and text not in out:
+                out.append(text)
+    return out
+
+
+def _go_value(v: Any) -> str:
+    """A parameter's value as Ollama's show writes it (Go's %#v of the JSON value): a string quoted, a whole number
+    without a fraction (40, not 40.0)."""
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def _modelfile_arg(text: str) -> str:
+    """A Modelfile command's argument as Ollama's parser writes one back: as it is, or in quotes where it has a line
+    break or spaces at either end (triple quotes where it has a quote too)."""
+    if "\n" in text or text != text.strip():
+        return f'"""{text}"""' if '"' in text else f'"{text}"'
+    return text
+
+
+def _modelfile(me: Any, name: str, template: str, params: list[tuple[str, Any]], single_user: bool) -> str:
+    """The model as a Modelfile, as Ollama's show gives one: FROM its weights (the model's folder, or its GGUF file,
+    on a single user's server; its served name on a server with tenants, whose paths are the operator's), its
+    TEMPLATE (the chat template this server applies: Jinja, as the model's tokenizer has it, where Ollama's is a Go
+    template) and its PARAMETER lines (`_parameters`)."""
+    source = me.spec.path
+    if source and (gguf := _gguf_source(me)):
+        source = gguf
+    lines = ['# Modelfile generated by "ollama show" (a tokenpool server)',
+             "# To build a new Modelfile based on this, replace FROM with:", f"# FROM {tagged(name)}", "",
+             f"FROM {source if single_user and source else tagged(name)}"]
+    if template:
+        lines += ["# (TEMPLATE: the model's chat template, Jinja, as the server applies it)",
+                  f"TEMPLATE {_modelfile_arg(template)}"]
+    lines += [f"PARAMETER {k} {_modelfile_arg(v if isinstance(v, str) else _go_value(v))}" for k, v in params]
+    return "\n".join(lines) + "\n"
+
+
+def _gguf_source(me: Any) -> str | None:
+    """The GGUF file a converted model's folder was made from (its conversion marker's `source`), if it names one."""
+    try:
+        marker = json.loads((Path(me.spec.path) / GGUF_MARKER).read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+    src = marker.get("source") if isinstance(marker, dict) else None
+    return src if isinstance(src, str) and src.endswith(".gguf") else None
 
 
 # The Ollama release whose API the /api routes follow (think levels, truncate, logprobs, ps's context_length): what
