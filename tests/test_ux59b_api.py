@@ -6,10 +6,14 @@ parser) as the official `openai` client and Anthropic-shaped requests over httpx
 - Messages requests took unknown fields inside a block, a tool, tool_choice, metadata or thinking and ignored them
   (a misspelt `is_eror` said nothing): a 400 naming the field's path, as Anthropic's "Extra inputs are not
   permitted"; the fields Claude Code and the `anthropic` client send (cache_control, citations, a tool's strict ...)
-  are still taken.
+  are still taken;
+- Messages structured outputs (`output_config.format`, the beta's `output_format`) were taken and ignored: the
+  reply's text is now held to the schema, as the chat path's response_format holds it.
 """
 
 from __future__ import annotations
+
+import json
 
 import httpx
 import openai
@@ -103,3 +107,63 @@ def test_messages_refuse_unknown_nested_fields(server):
     r = messages(server, claude_code)
     assert r.status_code == 200 and r.json()["type"] == "message", r.text
     assert messages(server, claude_code, "/v1/messages/count_tokens").json()["input_tokens"] > 0
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 4}, "n": {"enum": [1, 2, 3]}},
+          "required": ["name", "n"], "additionalProperties": False}
+FMT = {"type": "json_schema", "schema": SCHEMA}
+
+
+def _streamed_text(srv, body: dict) -> tuple[str, str]:
+    """A streamed Message's text and stop_reason."""
+    text, reason = "", None
+    with httpx.stream("POST", srv.url + "/v1/messages", json={"model": "tiny", **body, "stream": True}, headers=AH,
+                      timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                ev = json.loads(line[6:])
+                if ev["type"] == "content_block_delta":
+                    text += ev["delta"]["text"]
+                elif ev["type"] == "message_delta":
+                    reason = ev["delta"]["stop_reason"]
+    return text, reason
+
+
+def test_messages_structured_outputs(server):
+    """output_config.format (and the beta's output_format) hold the reply's text to the schema: the chat path's
+    response_format reply, token for token, streamed or not; a format of another type, a schema that cannot
+    compile, both fields, or the format with tools that may be called or a prefill, are 400s naming the field."""
+    hi = [{"role": "user", "content": "Name a thing."}]
+    base = {"messages": hi, "max_tokens": 60, "temperature": 0}
+    want = oai(server).chat.completions.create(
+        model="tiny", messages=hi, max_tokens=60, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}})
+    assert set(json.loads(want.choices[0].message.content)) == {"name", "n"}
+    for shaped in ({"output_config": {"format": FMT, "effort": "low"}}, {"output_format": FMT}):
+        r = messages(server, {**base, **shaped})
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["content"] == [{"type": "text", "text": want.choices[0].message.content}], got
+        assert got["stop_reason"] == "end_turn"
+        assert _streamed_text(server, {**base, **shaped}) == (want.choices[0].message.content, "end_turn")
+    tool = {"tools": [TOOL]}
+    for body, field in (({"output_config": {"format": {"type": "json", "schema": SCHEMA}}}, "output_config.format.type"),
+                        ({"output_config": {"format": {"type": "json_schema"}}}, "output_config.format.schema"),
+                        ({"output_config": {"format": FMT, "verbosity": 1}}, "output_config.verbosity"),
+                        ({"output_format": {**FMT, "strict": True}}, "output_format.strict"),
+                        ({"output_config": {"format": FMT}, "output_format": FMT}, "output_format"),
+                        ({"output_format": {"type": "json_schema", "schema": {"type": "string", "pattern": "("}}},
+                         "output_format"),
+                        ({"output_config": {"format": FMT}, **tool}, "output_config.format"),
+                        ({"output_config": {"format": FMT}, **tool, "tool_choice": {"type": "any"}},
+                         "output_config.format"),
+                        ({"output_format": FMT, "messages": [*hi, {"role": "assistant", "content": "{"}]},
+                         "output_format")):
+        r = messages(server, {**base, **body})
+        assert r.status_code == 400, (field, r.text)
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["message"].startswith(field + ":"), (field, err)
+    # tools the model may not call (tool_choice none) leave the output to the schema
+    r = messages(server, {**base, "output_format": FMT, **tool, "tool_choice": {"type": "none"}})
+    assert r.status_code == 200 and set(json.loads(r.json()["content"][0]["text"])) == {"name", "n"}, r.text

@@ -14,7 +14,9 @@ prompt tokens found in the prefix cache as `cache_read_input_tokens`). Streamed,
 events (message_start ... message_stop; text as it comes; tool calls as they are written, as the chat path's: a
 `tool_use` block starts once its name is whole, its input follows in `input_json_delta` parts; a call max_tokens
 cuts streams what was written, which the client's accumulated input parses as far as it goes).
-A field Anthropic's request does not have, inside a block, a tool, `tool_choice`, `metadata` or `thinking`, is a
+Structured outputs (`output_config.format`, or the beta's `output_format`: `{"type": "json_schema", "schema":
+{...}}`) hold the reply's text to the schema as the chat path's response_format does (not with tools that may be
+called, nor a prefill: a 400 says so). A field Anthropic's request does not have, inside a block, a tool, `tool_choice`, `metadata` or `thinking`, is a
 400 naming its path, as Anthropic's; those its clients send that are not used here (`cache_control`, ...) are taken.
 Images, documents and extended thinking are refused with a 400 naming the field (an earlier turn's thinking
 blocks, sent back whole by clients, are ignored, as Anthropic strips them). Errors take Anthropic's shape.
@@ -110,6 +112,8 @@ TOOL_CHOICE_FIELDS = {"auto": frozenset({"type", "disable_parallel_tool_use"}),
                       "tool": frozenset({"type", "name", "disable_parallel_tool_use"}), "none": frozenset({"type"})}
 THINKING_FIELDS = frozenset({"type", "budget_tokens", "display", "block_binding"})
 METADATA_FIELDS = frozenset({"user_id"})
+OUTPUT_CONFIG_FIELDS = frozenset({"format", "effort", "task_budget"})  # (effort, task_budget: taken, not used)
+OUTPUT_FORMAT_FIELDS = frozenset({"type", "schema"})
 CACHE_CONTROL_FIELDS = frozenset({"type", "ttl"})
 
 
@@ -258,6 +262,28 @@ def prefills(msgs: list[dict[str, Any]]) -> bool:
             and isinstance(last.get("content"), str) and bool(last["content"].strip()))
 
 
+def output_format(req: p.MessagesRequest) -> tuple[dict[str, Any], str] | None:
+    """The JSON schema structured outputs hold the reply's text to (`output_config.format`, or the beta's
+    `output_format`: `{"type": "json_schema", "schema": {...}}`) and the field it came in; None when none is asked."""
+    if req.output_config is not None:
+        _only(req.output_config, OUTPUT_CONFIG_FIELDS, "output_config")
+    asked = [(where, f) for where, f in (("output_config.format", (req.output_config or {}).get("format")),
+                                         ("output_format", req.output_format)) if f is not None]
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise _bad("output_format: output_config.format's older name; give one of them", "output_format")
+    (where, fmt), = asked
+    if not isinstance(fmt, dict):
+        raise _bad(f"{where}: must be an object", where)
+    _only(fmt, OUTPUT_FORMAT_FIELDS, where)
+    if fmt.get("type") != "json_schema":
+        raise _bad(f"{where}.type: must be 'json_schema'", f"{where}.type")
+    if not isinstance(fmt.get("schema"), dict):
+        raise _bad(f"{where}.schema: Field required (a JSON schema object)", f"{where}.schema")
+    return fmt["schema"], where
+
+
 def chat_request(req: p.MessagesRequest) -> p.ChatCompletionRequest:
     if req.metadata is not None:
         _only(req.metadata, METADATA_FIELDS, "metadata")
@@ -269,6 +295,11 @@ def chat_request(req: p.MessagesRequest) -> p.ChatCompletionRequest:
     body: dict[str, Any] = {"model": req.model, "messages": msgs, "max_tokens": req.max_tokens}
     if prefills(msgs):  # (the reply continues it, as the Messages API's prefill does)
         body["continue_final_message"] = True
+    if (shaped := output_format(req)) is not None:  # (the chat path's response_format: the same grammar)
+        schema, where = shaped
+        if prefills(msgs):  # (the grammar would hold the continuation alone, not the reply it ends)
+            raise _bad(f"{where}: cannot be used with a prefill (a final assistant message)", where)
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
     for ours, theirs in (("temperature", req.temperature), ("top_p", req.top_p), ("top_k", req.top_k)):
         if theirs is not None:
             body[ours] = theirs
@@ -286,6 +317,10 @@ def chat_request(req: p.MessagesRequest) -> p.ChatCompletionRequest:
     if kind == "tool" and (not isinstance(tc.get("name"), str) or not tc["name"]):
         raise _bad("tool_choice.name: Field required (the tool to call, with tool_choice type 'tool')",
                    "tool_choice.name")
+    if req.tools and kind != "none" and "response_format" in body:
+        where = output_format(req)[1]  # type: ignore[index]
+        raise _bad(f"{where}: not supported with tools the model may call (an output is held to one shape here: "
+                   'the tools\' calls or the schema): send tool_choice {"type": "none"}, or no tools', where)
     if req.tools:
         tools = []
         for i, t in enumerate(req.tools):
@@ -314,6 +349,12 @@ def chat_request(req: p.MessagesRequest) -> p.ChatCompletionRequest:
 _CHAT_TERMS = ((re.compile(r"\btools\.(\d+)\.function\.parameters\b"), r"tools.\1.input_schema"),
                (re.compile(r"\btools\.(\d+)\.function\.(\w+)"), r"tools.\1.\2"),
                (re.compile(r"a function's parameters are"), "a tool's input_schema is"))
+
+
+def _terms(req: p.MessagesRequest) -> tuple[tuple[re.Pattern[str], str], ...]:
+    """_CHAT_TERMS, and the chat path's `response_format` as the field the schema came in (output_config.format)."""
+    shaped = output_format(req)
+    return _CHAT_TERMS if shaped is None else (*_CHAT_TERMS, (re.compile(r"\bresponse_format\b"), shaped[1]))
 
 
 def check_tool_choice(serving: OpenAIServing, req: p.MessagesRequest, tenant: Tenant) -> None:
@@ -404,7 +445,7 @@ async def create(serving: OpenAIServing, req: p.MessagesRequest, tenant: Tenant,
     try:
         _, tools, gen = await serving.start_chat(chat, tenant, serving.ctl.new_id("msg"), req.stream)
     except ServingError as e:
-        raise e.reworded(_CHAT_TERMS) from None
+        raise e.reworded(_terms(req)) from None
     reply = _Reply(serving, req, tools)
     if req.stream:
         return _stream(serving, gen, reply)
@@ -524,4 +565,4 @@ async def count_tokens(serving: OpenAIServing, req: p.MessagesRequest, tenant: T
     try:
         return {"input_tokens": await serving.chat_prompt_tokens(tenant, chat)}
     except ServingError as e:
-        raise e.reworded(_CHAT_TERMS) from None
+        raise e.reworded(_terms(req)) from None

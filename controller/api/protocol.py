@@ -234,8 +234,8 @@ class AnthropicMessage(_Req):
 # other field is a 400, as Anthropic's API answers one ("seed: Extra inputs are not permitted").
 ANTHROPIC_UNUSED = frozenset({
     "anthropic_version", "betas", "billing_policy", "cache_control", "compaction", "container", "context_management",
-    "diagnostics", "fallback_credit_token", "fallbacks", "inference_geo", "mcp_servers", "output_config",
-    "output_format", "service_tier", "speed", "thread", "user_profile_id", "workspace_id"})
+    "diagnostics", "fallback_credit_token", "fallbacks", "inference_geo", "mcp_servers", "service_tier", "speed",
+    "thread", "user_profile_id", "workspace_id"})
 
 
 class MessagesRequest(_Top):
@@ -265,6 +265,8 @@ class MessagesRequest(_Top):
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None  # (its `format`: structured outputs, a JSON schema the text is held to)
+    output_format: dict[str, Any] | None = None  # (the beta's name of output_config.format, still taken by Anthropic)
 
 
 class TextPart(_Req):
