@@ -8,7 +8,10 @@ parser) as the official `openai` client and Anthropic-shaped requests over httpx
   permitted"; the fields Claude Code and the `anthropic` client send (cache_control, citations, a tool's strict ...)
   are still taken;
 - Messages structured outputs (`output_config.format`, the beta's `output_format`) were taken and ignored: the
-  reply's text is now held to the schema, as the chat path's response_format holds it.
+  reply's text is now held to the schema, as the chat path's response_format holds it;
+- a stream whose tool calls had gone out when the whole output turned out not to be calls (a stop sequence inside
+  one) ended `end_turn` (Messages; `stop_sequence` here) and `stop` (chat), the calls' blocks and deltas standing:
+  it ends `tool_use` and `tool_calls`, what the client holds.
 """
 
 from __future__ import annotations
@@ -167,3 +170,33 @@ def test_messages_structured_outputs(server):
     # tools the model may not call (tool_choice none) leave the output to the schema
     r = messages(server, {**base, "output_format": FMT, **tool, "tool_choice": {"type": "none"}})
     assert r.status_code == 200 and set(json.loads(r.json()["content"][0]["text"])) == {"name", "n"}, r.text
+
+
+def test_streams_whose_calls_went_out_end_as_calls(server):
+    """A stop sequence inside a call's arguments (`"}` ends the city's string) leaves calls sent that the whole
+    output is not: the Messages stream's tool_use block stands and the stop_reason is tool_use (it was
+    stop_sequence: the client held a tool_use block of a reply that said it ended in text); the chat stream's finish
+    is tool_calls (it was stop), as its deltas are. Unstreamed, the reply is the text, as before."""
+    short = {**TOOL, "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}},
+                                      "required": ["city"]}}
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 60, "temperature": 0,
+            "tools": [short], "tool_choice": {"type": "any"}, "stop_sequences": ['"}']}
+    events = []
+    with httpx.stream("POST", server.url + "/v1/messages", json={"model": "tiny", **body, "stream": True},
+                      headers=AH, timeout=60) as r:
+        events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: ")]
+    kinds = [e["type"] for e in events]
+    starts = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+    assert [(b["type"], b["name"]) for b in starts] == [("tool_use", "get_weather")], events
+    assert kinds.count("content_block_stop") == 1 and kinds[-1] == "message_stop"
+    delta = next(e for e in events if e["type"] == "message_delta")["delta"]
+    assert delta == {"stop_reason": "tool_use", "stop_sequence": None}, delta
+    whole = messages(server, body).json()
+    assert whole["content"][0]["type"] == "text" and whole["stop_reason"] == "stop_sequence", whole
+    chunks = list(oai(server).chat.completions.create(
+        model="tiny", messages=body["messages"], max_tokens=60, temperature=0, stop=['"}'], stream=True,
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": short["input_schema"]}}],
+        tool_choice="required"))
+    calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert calls and calls[0].function.name == "get_weather"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]

@@ -526,6 +526,9 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncI
                 yield b"".join(out)
                 out.clear()
         content, reason = reply.blocks()
+        if told and reason != "max_tokens":  # (calls sent that the whole output is not, as a stop sequence inside
+            # one leaves it: the blocks sent stand, and say what the reply is, as the chat stream's finish does)
+            reason = "tool_use"
         if live:
             if reply.text:
                 out.append(_event("content_block_stop", index=0))

@@ -934,7 +934,8 @@ class OpenAIServing:
                 why = d.finish_reason
                 if not told[i]:  # no call began (an output cut short before its first name): the text, as before
                     out += role(i, False) + fr.delta(i, content(held[i]), logprobs(i))
-                elif why == "stop" and tools.calls(held[i]) is not None:
+                elif why == "stop":  # (the calls sent say what the reply is, whole or not: a stop sequence inside
+                    # one leaves it unparsable, and its client has the calls, not text, to answer)
                     why = _calls_finish(tools)
                 return out + fr.delta(i, EMPTY, logprobs(i), why, d.stop_reason)
             out = role(i, False)
