@@ -228,8 +228,9 @@ def _unposted_retries(record: logging.LogRecord) -> bool:
 def _quiet_rounds(record: logging.LogRecord) -> bool:
     """A filter of kopf's object logger: its line for every timer round that went well ("Timer 'resync_model'
     succeeded.", every 30 s for each object) is DEBUG, not INFO: a converged operator's log stays quiet (as its admin
-    calls do), and `--verbose` still shows them."""
-    if record.levelno == logging.INFO and record.getMessage().endswith("succeeded.") and "Timer '" in record.getMessage():
+    calls do), and `--verbose` still shows them. So is `pool_event`'s, invoked for every event of every pool."""
+    msg = record.getMessage()
+    if record.levelno == logging.INFO and msg.endswith("succeeded.") and ("Timer '" in msg or "'pool_event'" in msg):
         record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
     return True
@@ -246,6 +247,23 @@ def _lock(memo: kopf.Memo, uid: str) -> threading.Lock:
     """One lock per object: its timer and its change handlers run in different threads."""
     with memo.locks_guard:
         return memo.locks.setdefault(uid, threading.Lock())
+
+
+# What this process keeps per object (by uid), in the memo's tables
+_PER_OBJECT = ("applied", "served", "seen", "key_claims", "tenant_models_seen", "pool_engines_seen", "locks")
+
+
+def _forget(memo: kopf.Memo, uid: str) -> None:
+    """Drop what this process keeps of an object that is gone (its lock too: the caller may hold it, and a round
+    that waits on it holds its own reference), and its Warning's memory (`_WARNED`). They were kept for ever: a
+    small leak per object deleted, GPUPools' for good (they have no delete handler)."""
+    with memo.locks_guard:
+        for table in _PER_OBJECT:
+            t = memo.get(table)
+            if isinstance(t, dict):
+                t.pop(uid, None)
+    with _WARNED_LOCK:
+        _WARNED.pop(uid, None)
 
 
 def _stale(memo: kopf.Memo, meta: dict) -> bool:
@@ -372,6 +390,18 @@ def pool_after_restart(meta: dict, memo: kopf.Memo, **kw: Any) -> None:
     before = _noted(memo, "pool_engines_seen", meta["uid"])
     if now is not None and before is not None and now != before:
         resync_pool(meta=meta, memo=memo, **kw)
+
+
+@kopf.on.event(GROUP, VERSION, "gpupools")
+def pool_event(event: dict, meta: dict, memo: kopf.Memo, **_: Any) -> None:
+    """A GPUPool's DELETED event: what this process kept of it goes (`_forget`), after any round of it under way
+    (its lock). A pool has no delete handler (`_without_finalizer`), and its memo stayed for good. (A watching
+    handler: kopf puts no finalizer on its objects.)"""
+    uid = meta.get("uid")
+    if event.get("type") != "DELETED" or not uid:
+        return
+    with _lock(memo, uid):
+        _forget(memo, uid)
 
 
 @kopf.on.resume(GROUP, VERSION, "gpupools")
@@ -597,9 +627,7 @@ def delete_model(name: str, spec: dict, status: dict, meta: dict, patch: kopf.Pa
             for served in names:
                 memo.admin.models.remove(served)
                 _models_changed(memo)
-            memo.applied.pop(meta["uid"], None)
-            memo.served.pop(meta["uid"], None)
-            memo.setdefault("seen", {}).pop(meta["uid"], None)
+            _forget(memo, meta["uid"])
         except (AdminError, AdminUnavailable) as e:
             _removal_failed(body, patch, status, meta, memo, e)
 
@@ -791,11 +819,7 @@ def delete_tenant(name: str, status: dict, meta: dict, patch: kopf.Patch, memo: 
         try:
             if _tenant_conflict(memo.admin.tenants.by_name(), name, meta, tenant_names) is None:
                 memo.admin.tenants.remove(name)
-            memo.applied.pop(meta["uid"], None)
-            with memo.locks_guard:
-                memo.setdefault("key_claims", {}).pop(meta["uid"], None)  # (its keys are free for another)
-                memo.setdefault("seen", {}).pop(meta["uid"], None)
-                memo.setdefault("tenant_models_seen", {}).pop(meta["uid"], None)
+            _forget(memo, meta["uid"])  # (its key claims too: its keys are free for another)
         except (AdminError, AdminUnavailable) as e:
             _removal_failed(body, patch, status, meta, memo, e)
 

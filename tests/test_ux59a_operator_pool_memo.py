@@ -1,0 +1,97 @@
+"""The operator forgets a GPUPool once it is deleted: what it kept of the pool (by uid: the last DaemonSet applied,
+its lock, the engine count its round saw, its Warning's memory) was kept for good, a small leak per pool deleted,
+as a GPUPool has no delete handler (no finalizer). On kmock's emulator with a fake controller, the operator run by
+kopf in-process, as tests/test_operator_lifecycle.py."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+import pytest_asyncio
+
+kopf = pytest.importorskip("kopf")
+kmock = pytest.importorskip("kmock")
+
+from tests.kmock_util import FakeController, write_kubeconfig  # noqa: E402
+from tests.ports import free_port  # noqa: E402
+from tests.test_operator_e2e import NS, Cluster, Operator, _declare_crds, _obj, _until  # noqa: E402
+from tests.test_operator_lifecycle import _gone, _reason  # noqa: E402
+
+PORTS = range(25120, 25140)
+KEPT = {"applied", "locks", "seen", "pool_engines_seen"}  # (what the operator keeps of a pool it reconciled)
+TABLES = (*KEPT, "served", "key_claims", "tenant_models_seen")  # (the memo's tables by uid)
+
+
+@pytest_asyncio.fixture
+async def world(tmp_path, monkeypatch):
+    async with (kmock.KubernetesEmulator() as k8s, kmock.Server(k8s, port=free_port(PORTS)),
+                kmock.RawHandler() as ctl, kmock.Server(ctl, port=free_port(PORTS)) as ctl_srv):
+        _declare_crds(k8s)
+        for res, kind, namespaced in (("v1/namespaces", "Namespace", False), ("v1/secrets", "Secret", True),
+                                      ("apps/v1/daemonsets", "DaemonSet", True), ("v1/events", "Event", True)):
+            k8s.resources[res] = kmock.ResourceInfo(kind=kind, namespaced=namespaced)
+        fake = FakeController(ctl)
+        fake.engines.append({"id": "e0", "alive": True, "draining": False, "models": []})
+        # (its /health: the restart check notes the instance and the engine count per pool)
+        ctl["get /health"] << (lambda req: kmock.Response(status=200, payload={
+            "status": "ok", "engines": 1, "models": 0, "instance": "first"}))
+        monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(k8s, tmp_path / "kubeconfig", NS)))
+        monkeypatch.setenv("TOKENPOOL_CONTROLLER_URL", str(ctl_srv.url))
+        monkeypatch.setenv("TOKENPOOL_ADMIN_TOKEN", "t")
+        monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
+        kube = Cluster(k8s)
+        await kube.create("secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {
+            "name": "tokenpool-join-token", "namespace": NS}, "data": {"token": base64.b64encode(b"tp-x").decode()}})
+        yield kube, fake
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_deleted_pools_memo_is_dropped(world, monkeypatch):
+    """Two pools, one Ready and one Degraded (its join token's Secret missing: a Warning remembered); once deleted,
+    the memo's tables and the Warning's memory hold neither pool's uid, while a pool that stays is kept."""
+    from controller.operator import handlers
+
+    memos = []
+    real_lock = handlers._lock
+
+    def spy(memo, uid):  # (the operator's memo, as its handlers get it: its tables are the startup's, shared)
+        memos.append(memo)
+        return real_lock(memo, uid)
+
+    monkeypatch.setattr(handlers, "_lock", spy)
+    kube, _ = world
+
+    def held(uid: str) -> set[str]:
+        memo = memos[-1]
+        with memo.locks_guard:
+            out = {t for t in TABLES if uid in (memo.get(t) or {})}
+        return out | ({"_WARNED"} if uid in handlers._WARNED else set())
+
+    async with Operator() as runner:
+        await kube.create("gpupools", _obj("GPUPool", "ready", {}))
+        await kube.create("gpupools", _obj("GPUPool", "stays", {}))
+        await kube.create("gpupools", _obj("GPUPool", "bad", {"joinTokenSecretRef": {"name": "nope", "key": "k"}}))
+        ready = await _until("pool Ready", lambda: _reason(kube, "gpupools", "ready", "EnginesReady"))
+        bad = await _until("pool Degraded", lambda: _reason(kube, "gpupools", "bad", "JoinTokenNotFound"))
+        stays = await _until("other pool Ready", lambda: _reason(kube, "gpupools", "stays", "EnginesReady"))
+        uids = {p["metadata"]["name"]: p["metadata"]["uid"] for p in (ready, bad, stays)}
+
+        async def noted() -> bool:  # (its round's engine count is noted after the status is written)
+            return all(KEPT <= held(u) for u in uids.values()) and \
+                "_WARNED" in held(uids["bad"])
+
+        await _until("the pools' memo", noted)
+        for name in ("ready", "bad"):
+            await kube.delete("gpupools", name)
+            assert await _gone(kube, "gpupools", name)
+
+        async def dropped() -> bool:
+            return not held(uids["ready"]) and not held(uids["bad"])
+
+        await _until("the deleted pools' memo dropped", dropped, timeout=10)
+        assert KEPT <= held(uids["stays"])
+    # (the handler that sees the deletes logs its rounds at DEBUG: it is invoked for every event of every pool)
+    assert "Handler 'pool_event' succeeded." in runner.output
+    assert not [ln for ln in runner.output.splitlines() if "Handler 'pool_event' succeeded." in ln and "DEBUG" not in ln]
