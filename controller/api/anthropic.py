@@ -483,15 +483,15 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncI
     out: list[bytes] = []
     started = False
     calls: CallStream | None = None
-    told = closed = 0  # the tool_use blocks started, and stopped
+    closed = 0  # the tool_use blocks stopped (those started: `calls.calls`)
 
     def call_events(fresh: str) -> list[bytes]:
-        nonlocal told, closed
+        nonlocal closed
         ev = []
-        for k, frag in calls.feed(fresh):
-            if k >= told:
+        for k, frag, opens in calls.feed(fresh):
+            if opens:
                 ev += [_event("content_block_stop", index=j) for j in range(closed, k)]  # (those before it are whole)
-                closed, told = k, k + 1
+                closed = k
                 ev.append(_event("content_block_start", index=k, content_block={
                     "type": "tool_use", "id": f"toolu_{secrets.token_hex(12)}",
                     "name": calls.calls[k]["function"]["name"], "input": {}}))
@@ -526,6 +526,7 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncI
                 yield b"".join(out)
                 out.clear()
         content, reason = reply.blocks()
+        told = len(calls.calls) if calls is not None else 0
         if told and reason != "max_tokens":  # (calls sent that the whole output is not, as a stop sequence inside
             # one leaves it: the blocks sent stand, and say what the reply is, as the chat stream's finish does)
             reason = "tool_use"

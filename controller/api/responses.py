@@ -498,18 +498,17 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish, c
     # done, item done) once the next opens or the output ends, as OpenAI streams one
     live = reply.tools is None
     auto = reply.tools is not None and reply.tools.hermes
-    told, closed = [0], [0]  # the calls whose item was added, and done
+    closed = [0]  # the calls whose item is done (those added: `reply.streamed.calls`)
 
     def calls(fresh: str) -> list[bytes]:
         cs, ev = reply.streamed, []
-        for k, frag in cs.feed(fresh):
-            if k >= told[0]:
+        for k, frag, opens in cs.feed(fresh):
+            if opens:
                 for j in range(closed[0], k):  # (those before it are whole)
                     ev += _call_done(seq, j, reply.call_item(j, cs.calls[j], "completed"))
                 closed[0] = k
                 ev.append(_event(seq, "response.output_item.added", output_index=k,
                                  item={**reply.call_item(k, cs.calls[k], "in_progress"), "arguments": ""}))
-                told[0] = k + 1
             if frag:
                 ev.append(_event(seq, "response.function_call_arguments.delta", item_id=reply.fc_ids[k],
                                  output_index=k, delta=frag))
@@ -549,8 +548,9 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish, c
         if live:
             out += _text_done(seq, 0, done["output"][0])
         else:  # (the calls not done yet, told or not; or what the output is, where none was told)
+            told = len(reply.streamed.calls) if reply.streamed is not None else 0
             for i, item in enumerate(done["output"][closed[0]:], closed[0]):
-                out += _call_done(seq, i, item) if i < told[0] else _item_events(seq, i, item)
+                out += _call_done(seq, i, item) if i < told else _item_events(seq, i, item)
         kind = "response.incomplete" if done["status"] == "incomplete" else "response.completed"
         out.append(_event(seq, kind, response=done))
         yield b"".join(out)

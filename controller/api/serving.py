@@ -880,7 +880,6 @@ class OpenAIServing:
         # (tools) a choice's calls as they are written: each opens with a delta of its index, id, type, name and
         # arguments "" (or their first part), then its arguments go in parts as they come, as OpenAI streams them
         calls: list[CallStream | None] = [None] * len(gen.subs)
-        told = [0] * len(gen.subs)  # the calls whose opening delta has gone out
 
         def role(i: int, calls: bool) -> bytes:
             if opened[i]:
@@ -896,9 +895,8 @@ class OpenAIServing:
 
         def call_frames(i: int, fresh: str) -> bytes:
             cs, out = calls[i], b""
-            for k, frag in cs.feed(fresh):
-                if k >= told[i]:  # (its opening delta)
-                    told[i] = k + 1
+            for k, frag, opens in cs.feed(fresh):
+                if opens:  # (its opening delta)
                     c = cs.calls[k]
                     tc = {"index": k, "id": c["id"], "type": "function",
                           "function": {"name": c["function"]["name"], "arguments": frag}}
@@ -932,7 +930,8 @@ class OpenAIServing:
                 if not d.finished:
                     return out
                 why = d.finish_reason
-                if not told[i]:  # no call began (an output cut short before its first name): the text, as before
+                if calls[i] is None or not calls[i].calls:  # no call began (an output cut short before its first
+                    # name): the text, as before
                     out += role(i, False) + fr.delta(i, content(held[i]), logprobs(i))
                 elif why == "stop":  # (the calls sent say what the reply is, whole or not: a stop sequence inside
                     # one leaves it unparsable, and its client has the calls, not text, to answer)

@@ -287,11 +287,12 @@ class CallStream:
         self.calls.append(ToolPlan._call(name, ""))
         self._state, self._depth, self._in_str, self._esc = "args", 0, False, False
 
-    def feed(self, text: str) -> list[tuple[int, str]]:
-        """What `text` (the output's next part) adds: (call index, arguments fragment), in order, a call's first
-        entry once it opens (its fragment "" when only its name is known yet: its id and name are in `self.calls`),
-        the fragments a call gets in one part joined."""
-        out: list[tuple[int, str]] = [(k, "") for k in range(self._told, len(self.calls))]
+    def feed(self, text: str) -> list[tuple[int, str, bool]]:
+        """What `text` (the output's next part) adds: (call index, arguments fragment, whether it opens the call), in
+        order, a call's first entry once it opens (opening True; its fragment "" when only its name is known yet: its
+        id and name are in `self.calls`), the fragments a call gets in one part joined. The calls opened so far are
+        `len(self.calls)`."""
+        out: list[tuple[int, str, bool]] = [(k, "", True) for k in range(self._told, len(self.calls))]
         i = 0
         while i < len(text):
             if self._state == "seek":
@@ -305,16 +306,16 @@ class CallStream:
                 if m is None:
                     break
                 self._open(json.loads(m[1]))
-                out.append((len(self.calls) - 1, ""))
+                out.append((len(self.calls) - 1, "", True))
                 text, i = self._pending[m.end():], 0
             else:
                 end = self._value_end(text, i)
                 k, frag = len(self.calls) - 1, text[i:end]
                 self.calls[k]["function"]["arguments"] += frag
                 if out and out[-1][0] == k:
-                    out[-1] = (k, out[-1][1] + frag)
+                    out[-1] = (k, out[-1][1] + frag, out[-1][2])
                 elif frag:
-                    out.append((k, frag))
+                    out.append((k, frag, False))
                 i = end
         self._told = len(self.calls)
         return out
