@@ -143,7 +143,9 @@ def _count(n: int) -> str:
 
 
 def render_show(got: dict[str, Any]) -> str:
-    """/api/show's answer laid out as `ollama show` prints it: the model's facts, then its capabilities."""
+    """/api/show's answer laid out as `ollama show` prints it: the model's facts, its capabilities, its parameters
+    (the server's `parameters`: stop, num_ctx, the sampling its generation_config recommends), then the head of its
+    system message and licence where the server gives them."""
     info = got.get("model_info") if isinstance(got.get("model_info"), dict) else {}
     details = got.get("details") if isinstance(got.get("details"), dict) else {}
     arch = info.get("general.architecture") or details.get("family")
@@ -156,7 +158,28 @@ def render_show(got: dict[str, Any]) -> str:
     lines = ["  Model", *(f"    {k:<20}{v}" for k, v in facts if v not in (None, ""))]
     if caps := [c for c in got.get("capabilities") or [] if isinstance(c, str)]:
         lines += ["", "  Capabilities", *(f"    {c}" for c in caps)]
+    # (the server's parameters, a name and its value a line: a table, as Ollama's, its names' column as wide as the
+    # longest and 4 spaces after it)
+    rows = [r.split(None, 1) for r in (got.get("parameters") or "").splitlines() if r.strip()] \
+        if isinstance(got.get("parameters"), str) else []
+    if rows:
+        width = max(len(r[0]) for r in rows) + 4
+        lines += ["", "  Parameters", *(f"    {r[0]:<{width}}{r[1].strip()}".rstrip() if len(r) > 1 else f"    {r[0]}"
+                                          for r in rows)]
+    for head, field in (("System", "system"), ("License", "license")):
+        if isinstance(got.get(field), str) and got[field].strip():
+            lines += ["", f"  {head}", *(f"    {x}" for x in _head(got[field]))]
     return "\n".join(lines)
+
+
+def _head(text: str, n: int = 2, width: int = 100) -> list[str]:
+    """A long text's first `n` non-blank lines (stripped; wrapped at `width`), then "..." where there are more: the
+    System and License sections of `ollama show`."""
+    import textwrap
+
+    said = [x.strip() for x in text.splitlines() if x.strip()]
+    out = [w for x in said[:n] for w in textwrap.wrap(x, width)]
+    return out + ["..."] if len(said) > n else out
 
 
 def stream_chat(url: str, key: str | None, body: dict[str, Any], usage: dict | None = None) -> Iterator[str]:

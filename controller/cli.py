@@ -558,15 +558,25 @@ def show_cmd(
     url: str = CLIENT_URL,
     api_key: Optional[str] = typer.Option(None, envvar=env.API_KEY.name, help="tenant key"),
     template: bool = typer.Option(False, "--template", help="print the model's chat template only"),
+    parameters: bool = typer.Option(False, "--parameters", help="print the model's parameters only"),
+    license_: bool = typer.Option(False, "--license", help="print the model's licence only"),
+    modelfile: bool = typer.Option(False, "--modelfile", help="print the model's Modelfile only"),
 ) -> None:
-    """A model's architecture, context length and capabilities, as `ollama show` (--template: its chat template)."""
+    """A model's architecture, context length, capabilities, parameters and licence, as `ollama show` (--template,
+    --parameters, --license, --modelfile: that one alone)."""
     from controller.chat_cli import ChatError, render_show, show
 
+    if template + parameters + license_ + modelfile > 1:  # (as ollama show refuses it)
+        raise typer.BadParameter("only one of --license, --modelfile, --parameters or --template can be given")
     try:
         got = show(base_url(url), api_key, model)
     except ChatError as e:
         typer.echo(f"tokenpool show: {e}", err=True)
         raise typer.Exit(1) from None
+    for asked, field in ((parameters, "parameters"), (license_, "license"), (modelfile, "modelfile")):
+        if asked:  # (as ollama show prints it: the field as the server gives it, "" where it gives none)
+            typer.echo(got.get(field) if isinstance(got.get(field), str) else "")
+            return
     if template:
         if not got.get("template"):
             typer.echo(f"tokenpool show: {model} has no chat template", err=True)

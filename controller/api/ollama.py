@@ -1107,8 +1107,10 @@ async def show(request: Request) -> Response:
         info["general.parameter_count"] = n
     params = _parameters(me)
     ctl = request.app.state.controller
+    lic = _license(me)
     return JSONResponse({"modelfile": _modelfile(me, name, tpl if isinstance(tpl, str) else "", params,
-                                                 ctl.tenants.single_user),
+                                                 ctl.tenants.single_user, lic),
+                         **({"license": lic} if lic else {}),  # (none: no field, as Ollama's for a model without)
                          "parameters": "\n".join(f"{k:<30} {_go_value(v)}" for k, v in params),
                          "template": tpl if isinstance(tpl, str) else "",
                          "details": {**_details(me), "family": arch, "families": [arch]},  # (as /api/tags's)
@@ -1185,11 +1187,12 @@ def _modelfile_arg(text: str) -> str:
     return text
 
 
-def _modelfile(me: Any, name: str, template: str, params: list[tuple[str, Any]], single_user: bool) -> str:
+def _modelfile(me: Any, name: str, template: str, params: list[tuple[str, Any]], single_user: bool,
+               license: str | None = None) -> str:
     """The model as a Modelfile, as Ollama's show gives one: FROM its weights (the model's folder, or its GGUF file,
     on a single user's server; its served name on a server with tenants, whose paths are the operator's), its
     TEMPLATE (the chat template this server applies: Jinja, as the model's tokenizer has it, where Ollama's is a Go
-    template) and its PARAMETER lines (`_parameters`)."""
+    template), its PARAMETER lines (`_parameters`) and its LICENSE (`_license`), where it has one."""
     source = me.spec.path
     if source and (gguf := _gguf_source(me)):
         source = gguf
@@ -1200,7 +1203,37 @@ def _modelfile(me: Any, name: str, template: str, params: list[tuple[str, Any]],
         lines += ["# (TEMPLATE: the model's chat template, Jinja, as the server applies it)",
                   f"TEMPLATE {_modelfile_arg(template)}"]
     lines += [f"PARAMETER {k} {_modelfile_arg(v if isinstance(v, str) else _go_value(v))}" for k, v in params]
+    if license:  # (as Ollama writes it: triple-quoted)
+        lines.append(f'LICENSE """{license}"""')
     return "\n".join(lines) + "\n"
+
+
+# A model's licence file, as Hugging Face repositories name it (any case): what /api/show gives as `license`
+LICENSE_FILES = ("license", "license.txt", "license.md", "licence", "licence.txt", "licence.md")
+LICENSE_MAX_BYTES = 1 << 20  # (a licence is some kilobytes; more is no licence text, and not read whole)
+
+
+def _license(me: Any) -> str | None:
+    """The text of the model's licence file (LICENSE, LICENSE.txt, LICENSE.md: `LICENSE_FILES`) in its folder, else,
+    for a model converted from a GGUF file (whose folder is the conversion's, with no licence), beside that file, as
+    Ollama's show gives the licence a Modelfile's LICENSE named; None where there is none (the field left out)."""
+    folders = [Path(me.spec.path)] if me.spec.path else []
+    if folders and (gguf := _gguf_source(me)):
+        folders.append(Path(gguf).parent)
+    for folder in folders:
+        try:
+            found = [f for f in folder.iterdir() if f.name.lower() in LICENSE_FILES and f.is_file()]
+        except OSError:
+            continue
+        for f in sorted(found, key=lambda f: LICENSE_FILES.index(f.name.lower())):
+            try:
+                with f.open("rb") as fh:
+                    text = fh.read(LICENSE_MAX_BYTES).decode("utf-8", "replace").strip()
+            except OSError:
+                continue
+            if text:
+                return text
+    return None
 
 
 def _gguf_source(me: Any) -> str | None:
