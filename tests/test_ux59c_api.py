@@ -107,3 +107,124 @@ def test_show_cli_prints_parameters_and_license(server):
         assert (r.exit_code, r.output) == (0, want + "\n"), (flag, r.output)
     r = CliRunner().invoke(app, ["show", "tiny", "--license", "--template", "--url", server.url])
     assert r.exit_code == 2 and "only one of" in r.output, r.output
+
+
+def messages(srv, body: dict, path: str = "/v1/messages") -> httpx.Response:
+    return httpx.post(srv.url + path, json={"max_tokens": 8, "temperature": 0, **body}, headers=AH, timeout=60)
+
+
+def tokens(srv, model: str, msgs: list[dict], on: bool) -> int:
+    r = httpx.post(srv.url + "/tokenize", json={"model": model, "messages": msgs,
+                                                "chat_template_kwargs": {"enable_thinking": on}}, timeout=30)
+    assert r.status_code == 200, r.text
+    return len(r.json()["tokens"])
+
+
+HI = [{"role": "user", "content": "Hello there"}]
+
+
+def test_messages_thinking_as_the_model_can(server):
+    """`disabled` and `adaptive` are taken of any model (tiny: no thinking, the same reply); `enabled` of a model
+    whose template cannot think is a 400 naming it. Of `think`: disabled renders the template's switch off (the
+    prompt /tokenize renders with enable_thinking false, count_tokens the same) and the reply is text; adaptive and
+    enabled render it on, and the reply (all thinking here: the prompt opened the block, and max_tokens ends it) is a
+    thinking block, the chat completion's text, with a signature; streamed through the `anthropic` client it is the
+    same message, as thinking_delta and signature_delta events. display "omitted" leaves the block's text empty."""
+    import anthropic
+    import openai
+
+    plain = [messages(server, {"model": "tiny", "messages": HI, "thinking": t})
+             for t in ({"type": "disabled"}, {"type": "adaptive"})]
+    assert [r.status_code for r in plain] == [200, 200], plain[1].text
+    assert plain[0].json()["content"] == plain[1].json()["content"] and plain[1].json()["content"][0]["type"] == "text"
+    r = messages(server, {"model": "tiny", "messages": HI, "max_tokens": 16,
+                          "thinking": {"type": "enabled", "budget_tokens": 8}})
+    assert r.status_code == 400 and '"tiny" does not support thinking' in r.json()["error"]["message"], r.text
+
+    off, on = tokens(server, "think", HI, False), tokens(server, "think", HI, True)
+    r = messages(server, {"model": "think", "messages": HI, "thinking": {"type": "disabled"}})
+    use = r.json()["usage"]
+    assert r.status_code == 200 and use["input_tokens"] + use["cache_read_input_tokens"] == off, r.text
+    assert [b["type"] for b in r.json()["content"]] in ([], ["text"])
+    for t, want in (({"type": "disabled"}, off), ({"type": "adaptive"}, on)):
+        r = messages(server, {"model": "think", "messages": HI, "thinking": t}, "/v1/messages/count_tokens")
+        assert r.json() == {"input_tokens": want}, (t, r.text)
+    chat = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+        model="think", messages=HI, max_tokens=8, temperature=0)
+    assert chat.usage.prompt_tokens == on and chat.choices[0].finish_reason == "length"
+    c = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0, timeout=60)
+    for t in ({"type": "adaptive"}, {"type": "enabled", "budget_tokens": 4}):
+        got = c.messages.create(model="think", messages=HI, max_tokens=8, thinking=t, extra_body={"temperature": 0})
+        assert [b.type for b in got.content] == ["thinking"] and got.stop_reason == "max_tokens", got
+        assert got.content[0].thinking == chat.choices[0].message.content.strip() and got.content[0].signature
+        assert got.usage.input_tokens + got.usage.cache_read_input_tokens == on and got.usage.output_tokens == 8
+        with c.messages.stream(model="think", messages=HI, max_tokens=8, thinking=t,
+                               extra_body={"temperature": 0}) as s:
+            kinds = [(e.type, getattr(getattr(e, "delta", None), "type", None)) for e in s]
+            streamed = s.get_final_message()
+        assert [b.model_dump() for b in streamed.content] == [b.model_dump() for b in got.content]
+        assert ("content_block_delta", "thinking_delta") in kinds and ("content_block_delta", "signature_delta") in kinds
+    r = messages(server, {"model": "think", "messages": HI, "thinking": {"type": "adaptive", "display": "omitted"}})
+    assert [(b["type"], b["thinking"], bool(b["signature"])) for b in r.json()["content"]] == [("thinking", "", True)]
+
+
+def test_messages_thinking_refusals(server):
+    """`enabled` held to Anthropic's rules (budget_tokens given and below max_tokens; a call forced by tool_choice
+    refused with Anthropic's words), a type that is none of the three a 400, budget_tokens only with `enabled`."""
+    tool = {"name": "f", "input_schema": {"type": "object", "properties": {}}}
+    for thinking, extra, words in (
+            ({"type": "enabled"}, {}, "thinking.budget_tokens: Field required"),
+            ({"type": "enabled", "budget_tokens": 8}, {}, "max_tokens must be greater than thinking.budget_tokens"),
+            ({"type": "enabled", "budget_tokens": 4}, {"tools": [tool], "tool_choice": {"type": "any"}},
+             "Thinking may not be enabled when tool_choice forces tool use."),
+            ({"type": "on"}, {}, "thinking.type: 'on' is not one of enabled, disabled, adaptive"),
+            ({"type": "adaptive", "budget_tokens": 4}, {}, "only with thinking type 'enabled'")):
+        r = messages(server, {"model": "think", "messages": HI, "thinking": thinking, **extra})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], (thinking, r.text)
+    r = messages(server, {"model": "think", "messages": HI, "thinking": {"type": "adaptive"}, "tools": [tool],
+                          "tool_choice": {"type": "any"}})  # (adaptive: the forced call, without thinking)
+    assert r.status_code == 200 and [b["type"] for b in r.json()["content"]] == ["tool_use"], r.text
+
+
+def test_thinking_block_then_text_streamed_and_not():
+    """A reply that thinks then answers (the model's own <think> block, in pieces that split its tags): a thinking
+    block (index 0: its thinking_delta parts, then its signature_delta, stopped before the text opens) then a text
+    block (index 1), the same as the reply unstreamed; not given (thinking not asked), the text alone."""
+    import asyncio
+
+    from controller.api import anthropic as am
+    from controller.api import protocol as p
+    from controller.api.thinking import Split
+    from tests.scripted_gen import bare_serving, generation, in_pieces
+
+    whole = "<think>\nThe user greets me.\n</think>\n\nHello!"
+    req = p.MessagesRequest.model_validate({"model": "m", "max_tokens": 99, "messages": HI, "stream": True})
+
+    def sse(shown: bool) -> list[dict]:
+        serving = bare_serving()
+        reply = am._Reply(serving, req, None, Split(), shown)
+
+        async def run():
+            return b"".join([b async for b in am._stream(serving, generation(in_pieces(whole, 2)), reply)])
+
+        return [json.loads(x.split("data: ", 1)[1]) for x in asyncio.run(run()).decode().split("\n\n") if "data: " in x]
+
+    events = sse(True)
+    blocks: dict[int, dict] = {}
+    for e in events:
+        if e["type"] == "content_block_start":
+            blocks[e["index"]] = dict(e["content_block"])
+        elif e["type"] == "content_block_delta":
+            d, b = e["delta"], blocks[e["index"]]
+            key = {"thinking_delta": "thinking", "signature_delta": "signature", "text_delta": "text"}[d["type"]]
+            b[key] = b.get(key, "") + d[key]
+    assert [blocks[0]["type"], blocks[0]["thinking"], blocks[1]] == [
+        "thinking", "The user greets me.", {"type": "text", "text": "Hello!"}]
+    kinds = [(e["type"], e.get("index"), e.get("delta", {}).get("type")) for e in events]
+    assert kinds.index(("content_block_delta", 0, "signature_delta")) < kinds.index(("content_block_stop", 0, None)) \
+        < kinds.index(("content_block_start", 1, None))
+    reply = am._Reply(bare_serving(), req, None, Split(), True)
+    reply.thinking, reply.text, reply.finish = "The user greets me.", "Hello!", "stop"
+    assert reply.thinking_blocks() == [blocks[0]] and reply.blocks() == ([blocks[1]], "end_turn")
+    starts = [e["content_block"] for e in sse(False) if e["type"] == "content_block_start"]
+    assert starts == [{"type": "text", "text": ""}]

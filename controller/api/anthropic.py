@@ -18,12 +18,22 @@ Structured outputs (`output_config.format`, or the beta's `output_format`: `{"ty
 {...}}`) hold the reply's text to the schema as the chat path's response_format does (not with tools that may be
 called, nor a prefill: a 400 says so). A field Anthropic's request does not have, inside a block, a tool, `tool_choice`, `metadata` or `thinking`, is a
 400 naming its path, as Anthropic's; those its clients send that are not used here (`cache_control`, ...) are taken.
-Images, documents and extended thinking are refused with a 400 naming the field (an earlier turn's thinking
-blocks, sent back whole by clients, are ignored, as Anthropic strips them). Errors take Anthropic's shape.
+Images and documents are refused with a 400 naming the field. Extended thinking (`thinking`) follows the model's
+chat template (`thinking.py`): `disabled`, no thinking (Qwen3's `enable_thinking` off); `adaptive`, thinking where
+the template can, none where it cannot; `enabled` (with `budget_tokens`, less than max_tokens, as Anthropic's),
+thinking, or a 400 for a model whose template has none. The reply's `<think>` block is then a `thinking` content
+block (its `signature` made here: opaque, as Anthropic's), streamed as `thinking_delta` and `signature_delta`
+events; its `display` "omitted" leaves the block's text empty. The budget is not held to (the model's thinking ends
+where it ends, within max_tokens). Thinking is off where the output is held to a shape from its first token (a call
+forced by tool_choice any or tool, structured outputs) or continues a prefill: `adaptive` then does not think,
+`enabled` is a 400, as Anthropic refuses thinking with a forced tool. An earlier turn's thinking blocks, sent back
+whole by clients, are ignored, as Anthropic strips them. Errors take Anthropic's shape.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 import secrets
@@ -37,6 +47,7 @@ from starlette.requests import Request
 from controller.api import protocol as p
 from controller.api.serving import OpenAIServing, Tracked
 from controller.api.structured import HERMES_OPEN, CallStream, ToolPlan
+from controller.api.thinking import Split, opened, switch, thinks
 from controller.errors import ServingError
 from controller.tenants import Tenant
 
@@ -284,13 +295,69 @@ def output_format(req: p.MessagesRequest) -> tuple[dict[str, Any], str] | None:
     return fmt["schema"], where
 
 
+THINKING_TYPES = ("enabled", "disabled", "adaptive")
+THINKING_DISPLAYS = ("summarized", "omitted")
+
+
+def thinking_type(req: p.MessagesRequest) -> str | None:
+    """The request's `thinking` type (enabled, disabled, adaptive), its fields held to Anthropic's; None without."""
+    t = req.thinking
+    if t is None:
+        return None
+    _only(t, THINKING_FIELDS, "thinking")
+    kind = t.get("type")
+    if kind is None:
+        raise _bad("thinking.type: Field required (enabled, disabled or adaptive)", "thinking.type")
+    if kind not in THINKING_TYPES:
+        raise _bad(f"thinking.type: {kind!r} is not one of {', '.join(THINKING_TYPES)}", "thinking.type")
+    if kind == "enabled":
+        budget = t.get("budget_tokens")
+        if budget is None:
+            raise _bad("thinking.budget_tokens: Field required (with thinking type 'enabled')", "thinking.budget_tokens")
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+            raise _bad("thinking.budget_tokens: must be a positive integer", "thinking.budget_tokens")
+        if req.max_tokens is not None and budget >= req.max_tokens:  # (as Anthropic's 400)
+            raise _bad("max_tokens must be greater than thinking.budget_tokens", "thinking.budget_tokens")
+    elif "budget_tokens" in t:
+        raise _bad(f"thinking.budget_tokens: only with thinking type 'enabled', not {kind!r}", "thinking.budget_tokens")
+    if (shown := t.get("display")) is not None and shown not in THINKING_DISPLAYS:
+        raise _bad(f"thinking.display: {shown!r} is not one of {', '.join(THINKING_DISPLAYS)}", "thinking.display")
+    return kind
+
+
+def with_thinking(serving: OpenAIServing, req: p.MessagesRequest, tenant: Tenant,
+                  chat: p.ChatCompletionRequest) -> tuple[p.ChatCompletionRequest, bool]:
+    """The chat request as the `thinking` asked of the model has it (its template's switch, Qwen3's
+    `enable_thinking`, set either way when `thinking` is sent) and whether the reply's thinking is given as thinking
+    blocks. Without `thinking` the template's own default stands (the request as it was)."""
+    kind = thinking_type(req)
+    if kind is None:
+        return chat, False
+    me = serving.lookup(tenant, req.model)
+    forced = (req.tool_choice or {}).get("type") in ("any", "tool")
+    held = chat.response_format is not None
+    if kind == "enabled":
+        if not thinks(me):
+            raise _bad(f'"{req.model}" does not support thinking: its chat template has none (send thinking '
+                       '{"type": "adaptive"}, which thinks where the model can, or {"type": "disabled"})', "thinking")
+        if forced:  # (Anthropic's words)
+            raise _bad("Thinking may not be enabled when tool_choice forces tool use.", "thinking")
+        if held:
+            raise _bad(f"thinking: not supported with structured outputs ({output_format(req)[1]}) here: the output "
+                       "is held to the schema from its first token", "thinking")
+        if chat.continue_final_message:
+            raise _bad("thinking: not supported with a prefill (a final assistant message)", "thinking")
+    wants = kind != "disabled" and thinks(me) and not (forced or held or chat.continue_final_message)
+    if switch(me):
+        chat = chat.model_copy(update={"chat_template_kwargs": {**(chat.chat_template_kwargs or {}),
+                                                                "enable_thinking": wants}})
+    return chat, wants
+
+
 def chat_request(req: p.MessagesRequest) -> p.ChatCompletionRequest:
     if req.metadata is not None:
         _only(req.metadata, METADATA_FIELDS, "metadata")
-    if req.thinking is not None:
-        _only(req.thinking, THINKING_FIELDS, "thinking")
-    if req.thinking is not None and req.thinking.get("type") not in (None, "disabled"):
-        raise _bad("extended thinking is not supported", "thinking")
+    thinking_type(req)
     msgs = _messages(req)
     body: dict[str, Any] = {"model": req.model, "messages": msgs, "max_tokens": req.max_tokens}
     if prefills(msgs):  # (the reply continues it, as the Messages API's prefill does)
@@ -371,10 +438,29 @@ def check_tool_choice(serving: OpenAIServing, req: p.MessagesRequest, tenant: Te
 
 
 class _Reply:
-    def __init__(self, serving: OpenAIServing, req: p.MessagesRequest, tools: ToolPlan | None):
+    def __init__(self, serving: OpenAIServing, req: p.MessagesRequest, tools: ToolPlan | None,
+                 split: Split | None = None, shown: bool = False):
         self.serving, self.req, self.tools = serving, req, tools
         self.id = f"msg_{secrets.token_hex(12)}"
         self.text, self.finish, self.stop = "", None, None
+        # the reply's thinking (its <think> block, `split` from its text), given as a thinking block where `shown`
+        self.split, self.shown, self.thinking = split, shown, ""
+        self.omitted = (req.thinking or {}).get("display") == "omitted"
+
+    def feed(self, text: str, end: bool) -> tuple[str, str]:
+        """A delta's text as (thinking, the reply's text), not yet added to either."""
+        return self.split.feed(text, end) if self.split is not None else ("", text)
+
+    def signature(self) -> str:
+        """The thinking block's signature: opaque, as Anthropic's (a digest of the thinking here; clients send it
+        back with the block, which is then ignored)."""
+        return base64.b64encode(hashlib.sha256(self.thinking.encode()).digest()).decode()
+
+    def thinking_blocks(self) -> list[dict[str, Any]]:
+        """The reply's thinking block, where it thought and the thinking is given; none else."""
+        if not (self.shown and self.thinking):
+            return []
+        return [{"type": "thinking", "thinking": "" if self.omitted else self.thinking, "signature": self.signature()}]
 
     def blocks(self) -> tuple[list[dict[str, Any]], str]:
         """The content blocks and the stop reason."""
@@ -442,21 +528,27 @@ async def create(serving: OpenAIServing, req: p.MessagesRequest, tenant: Tenant,
         raise _bad("max_tokens: Field required", "max_tokens")
     chat = chat_request(req)
     check_tool_choice(serving, req, tenant)
+    chat, shown = with_thinking(serving, req, tenant, chat)
     try:
-        _, tools, gen = await serving.start_chat(chat, tenant, serving.ctl.new_id("msg"), req.stream)
+        me, tools, gen = await serving.start_chat(chat, tenant, serving.ctl.new_id("msg"), req.stream)
     except ServingError as e:
         raise e.reworded(_terms(req)) from None
-    reply = _Reply(serving, req, tools)
+    # (the reply's <think> block split off where it is given, or where the prompt opened one the model writes in
+    # whatever was asked: its thinking, not asked for, is then left out)
+    begun = opened(me, getattr(gen, "prompt_tail", None))
+    reply = _Reply(serving, req, tools, Split(begun) if shown or begun else None, shown)
     if req.stream:
         return _stream(serving, gen, reply)
 
     async def collect() -> dict[str, Any]:
         async for _, d in gen.events():
-            reply.text += d.text
+            thought, text = reply.feed(d.text, d.finished)
+            reply.thinking += thought
+            reply.text += text
             if d.finished:
                 reply.finish, reply.stop = d.finish_reason, d.stop_reason
         content, reason = reply.blocks()
-        return reply.message(gen, content, reason)
+        return reply.message(gen, reply.thinking_blocks() + content, reason)
 
     return await serving._collect(request, gen, collect())
 
@@ -484,20 +576,32 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncI
     started = False
     calls: CallStream | None = None
     closed = 0  # the tool_use blocks stopped (those started: `calls.calls`)
+    # the thinking block, where the reply thinks and it is given: index 0, its thinking as it comes, stopped (with
+    # its signature, as Anthropic's ends one) once the reply's text begins; the blocks after it from index `base`
+    base, thought_open = 0, False
+
+    def end_thinking() -> list[bytes]:
+        nonlocal thought_open
+        if not thought_open:
+            return []
+        thought_open = False
+        return [_event("content_block_delta", index=0, delta={"type": "signature_delta",
+                                                              "signature": reply.signature()}),
+                _event("content_block_stop", index=0)]
 
     def call_events(fresh: str) -> list[bytes]:
         nonlocal closed
         ev = []
         for k, frag, opens in calls.feed(fresh):
             if opens:
-                ev += [_event("content_block_stop", index=j) for j in range(closed, k)]  # (those before it are whole)
+                ev += [_event("content_block_stop", index=base + j) for j in range(closed, k)]  # (those before it)
                 closed = k
-                ev.append(_event("content_block_start", index=k, content_block={
+                ev.append(_event("content_block_start", index=base + k, content_block={
                     "type": "tool_use", "id": f"toolu_{secrets.token_hex(12)}",
                     "name": calls.calls[k]["function"]["name"], "input": {}}))
             if frag:
-                ev.append(_event("content_block_delta", index=k, delta={"type": "input_json_delta",
-                                                                         "partial_json": frag}))
+                ev.append(_event("content_block_delta", index=base + k, delta={"type": "input_json_delta",
+                                                                                "partial_json": frag}))
         return ev
     try:
         async for _, d in gen.events():
@@ -506,17 +610,28 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncI
                 cached = max(d.num_cached_tokens, gen.cached_tokens)
                 out.append(_event("message_start", message={**reply.message(gen, [], None),
                                                             "usage": reply.usage(gen, 0, cached)}))
-            if live and d.text and not reply.text:  # (the text block opens with its first text: none, no block)
-                out.append(_event("content_block_start", index=0, content_block={"type": "text", "text": ""}))
-            reply.text += d.text
+            thought, text = reply.feed(d.text, d.finished)
+            if thought and reply.shown:
+                if not base:
+                    base, thought_open = 1, True
+                    out.append(_event("content_block_start", index=0, content_block={
+                        "type": "thinking", "thinking": "", "signature": ""}))
+                if not reply.omitted:
+                    out.append(_event("content_block_delta", index=0, delta={"type": "thinking_delta",
+                                                                             "thinking": thought}))
+            reply.thinking += thought
+            if text:
+                out += end_thinking()
+            if live and text and not reply.text:  # (the text block opens with its first text: none, no block)
+                out.append(_event("content_block_start", index=base, content_block={"type": "text", "text": ""}))
+            reply.text += text
             if d.finished:
                 reply.finish, reply.stop = d.finish_reason, d.stop_reason
-            text = d.text
             if auto and not live and reply.text and reply.tools.opening(reply.text) is False:
                 live, text = True, reply.text  # (what was held, then as it comes)
-                out.append(_event("content_block_start", index=0, content_block={"type": "text", "text": ""}))
+                out.append(_event("content_block_start", index=base, content_block={"type": "text", "text": ""}))
             if live and text:
-                out.append(_event("content_block_delta", index=0, delta={"type": "text_delta", "text": text}))
+                out.append(_event("content_block_delta", index=base, delta={"type": "text_delta", "text": text}))
             elif not live:
                 if calls is None and reply.text and reply.tools.opening(reply.text):
                     calls, text = CallStream(reply.tools), reply.text
@@ -530,13 +645,14 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncI
         if told and reason != "max_tokens":  # (calls sent that the whole output is not, as a stop sequence inside
             # one leaves it: the blocks sent stand, and say what the reply is, as the chat stream's finish does)
             reason = "tool_use"
+        out += end_thinking()  # (a reply all thinking: max_tokens cut it)
         if live:
             if reply.text:
-                out.append(_event("content_block_stop", index=0))
+                out.append(_event("content_block_stop", index=base))
         elif told:  # (the calls told stand: a cut one's input is what was written, as Anthropic streams one)
-            out += [_event("content_block_stop", index=j) for j in range(closed, told)]
+            out += [_event("content_block_stop", index=base + j) for j in range(closed, told)]
         else:  # (no call began: what the output is, whole; a cut call's block of input {}, as unstreamed)
-            for i, b in enumerate(content):
+            for i, b in enumerate(content, base):
                 if b["type"] == "text":
                     out += [_event("content_block_start", index=i, content_block={"type": "text", "text": ""}),
                             _event("content_block_delta", index=i, delta={"type": "text_delta", "text": b["text"]})]
@@ -566,6 +682,7 @@ async def count_tokens(serving: OpenAIServing, req: p.MessagesRequest, tenant: T
     """The prompt's tokens as /v1/messages would feed them (the template, with the tools' declarations)."""
     chat = chat_request(req)
     check_tool_choice(serving, req, tenant)
+    chat, _ = with_thinking(serving, req, tenant, chat)  # (the template's switch as /v1/messages sets it)
     try:
         return {"input_tokens": await serving.chat_prompt_tokens(tenant, chat)}
     except ServingError as e:

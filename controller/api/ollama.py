@@ -45,6 +45,8 @@ from controller.api.serving import (
     unless_disconnected,
 )
 from controller.api.structured import HERMES_CLOSE, ToolPlan, closed_schema
+from controller.api.thinking import Split as _Split
+from controller.api.thinking import thinks as _thinks
 from controller.dashboard.views import resident_models
 from controller.errors import ServingError, field_path, json_kind, telling_error
 from controller.real_model import MARKER as GGUF_MARKER
@@ -352,12 +354,6 @@ def _stats(gen: Tracked) -> dict[str, Any]:
 THINK_LEVELS = ("high", "medium", "low")
 
 
-def _thinks(me: Any) -> bool:
-    """Whether a model's chat template thinks: Qwen3's `enable_thinking` switch, or a `<think>` block it writes."""
-    tpl = getattr(me.tokenizer, "chat_template", None)
-    return isinstance(tpl, str) and ("enable_thinking" in tpl or "<think>" in tpl)
-
-
 def _think(me: Any, body: _Base) -> tuple[dict[str, Any], bool]:
     """What a request's `think` means for model `me`: the chat template's switch (Qwen3's `enable_thinking`, set
     either way when `think` is sent) and whether the reply's thinking goes apart from its content (`thinking`), as
@@ -371,50 +367,6 @@ def _think(me: Any, body: _Base) -> tuple[dict[str, Any], bool]:
     tpl = getattr(me.tokenizer, "chat_template", None)
     kwargs = {"enable_thinking": wants} if think is not None and "enable_thinking" in (tpl or "") else {}
     return kwargs, wants
-
-
-class _Split:
-    """A reply's thinking (a leading `<think>...</think>` block) apart from its content, chunk by chunk: a piece that
-    may be a tag's start is held until the next chunk tells; whitespace around the tags is dropped."""
-
-    OPEN, CLOSE = "<think>", "</think>"
-
-    def __init__(self) -> None:
-        self.state, self.buf = "start", ""
-
-    def feed(self, text: str, end: bool = False) -> tuple[str, str]:
-        """The (thinking, content) to send for `text`; `end`: the reply is over, nothing is held back."""
-        self.buf += text
-        thinking = ""
-        if self.state == "start":
-            head = self.buf.lstrip()
-            if head.startswith(self.OPEN):
-                self.state, self.buf = "open", head[len(self.OPEN):]
-            elif self.OPEN.startswith(head) and not end:
-                return "", ""
-            else:
-                self.state = "content"
-        if self.state == "open":  # (the whitespace after <think>)
-            self.buf = self.buf.lstrip()
-            if not self.buf:
-                return "", ""
-            self.state = "think"
-        if self.state == "think":
-            i = self.buf.find(self.CLOSE)
-            if i < 0:  # (held: what may be the closing tag's start, and the whitespace before it)
-                tag = 0 if end else next((n for n in range(len(self.CLOSE) - 1, 0, -1)
-                                          if self.buf.endswith(self.CLOSE[:n])), 0)
-                n = len(self.buf[:len(self.buf) - tag].rstrip())
-                thinking, self.buf = self.buf[:n], "" if end else self.buf[n:]
-                return thinking, ""
-            thinking, self.buf, self.state = self.buf[:i].rstrip(), self.buf[i + len(self.CLOSE):], "close"
-        if self.state == "close":  # (the whitespace after </think>)
-            self.buf = self.buf.lstrip()
-            if not self.buf:
-                return thinking, ""
-            self.state = "content"
-        content, self.buf = self.buf, ""
-        return thinking, content
 
 
 async def _run(request: Request, body: _Base, chat: bool) -> Response:

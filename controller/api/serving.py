@@ -744,7 +744,9 @@ class OpenAIServing:
             ids = await self.offload(self._chat_prompt, me, req, kwargs)
         else:
             ids = self._check_ids(me, fit(await self.offload(self._chat_prompt, me, req, kwargs, False)), "messages")
-        return me, tools, await self.generate(me, tenant, req.model, [ids], params, req.n, rid, stream)
+        gen = await self.generate(me, tenant, req.model, [ids], params, req.n, rid, stream)
+        gen.prompt_tail = ids[-16:]  # (whether the template opened a think block the reply starts inside: thinking.opened)
+        return me, tools, gen
 
     @staticmethod
     def _template_message(mm: p.ChatMessage) -> dict[str, Any]:
