@@ -228,3 +228,17 @@ def test_thinking_block_then_text_streamed_and_not():
     assert reply.thinking_blocks() == [blocks[0]] and reply.blocks() == ([blocks[1]], "end_turn")
     starts = [e["content_block"] for e in sse(False) if e["type"] == "content_block_start"]
     assert starts == [{"type": "text", "text": ""}]
+
+
+def test_ollama_think_reads_a_block_the_template_opened(server):
+    """Ollama's `think` on a model whose template opens the think block in the prompt: the reply starts inside it, so
+    what it writes (8 tokens: no `</think>` yet) is `thinking`, not `content`, streamed or not."""
+    body = {"model": "think", "messages": HI, "think": True, "options": {"num_predict": 8, "temperature": 0}}
+    r = httpx.post(server.url + "/api/chat", json={**body, "stream": False}, timeout=60)
+    assert r.status_code == 200, r.text
+    msg = r.json()["message"]
+    assert msg["thinking"] and msg["content"] == "", msg
+    lines = [json.loads(x) for x in httpx.post(server.url + "/api/chat", json={**body, "stream": True},
+                                               timeout=60).text.splitlines() if x.strip()]
+    assert "".join(x["message"].get("thinking", "") for x in lines) == msg["thinking"]
+    assert "".join(x["message"]["content"] for x in lines) == ""

@@ -46,6 +46,7 @@ from controller.api.serving import (
 )
 from controller.api.structured import HERMES_CLOSE, ToolPlan, closed_schema
 from controller.api.thinking import Split as _Split
+from controller.api.thinking import opened as _opened
 from controller.api.thinking import thinks as _thinks
 from controller.dashboard.views import resident_models
 from controller.errors import ServingError, field_path, json_kind, telling_error
@@ -485,15 +486,17 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
     def logprobs_of(d: Any) -> list[dict[str, Any]]:
         return [lp.model_dump() for lp in serving._chat_logprobs(me, d, k)] if k is not None else []
 
+    # (a template that opens the think block in the prompt: the reply starts inside it)
+    begun = thinking and _opened(me, getattr(gen, "prompt_tail", None))
     if body.stream:
-        return StreamingResponse(_stream(serving, gen, line, tools, out_ids, _Split() if thinking else None,
+        return StreamingResponse(_stream(serving, gen, line, tools, out_ids, _Split(begun) if thinking else None,
                                          logprobs_of), media_type="application/x-ndjson")
     status = 499
     try:
         lps: list[dict[str, Any]] = []
         text, reason = await unless_disconnected(request, _collect(gen, out_ids, lambda d: lps.extend(logprobs_of(d))))
         status = 200
-        thought, text = _Split().feed(text, True) if thinking else ("", text)
+        thought, text = _Split(begun).feed(text, True) if thinking else ("", text)
         if tools is not None and (calls := _calls(serving, text, reason, tools)):
             return Response(line("", True, reason, calls, thought, lps), media_type="application/json")
         return Response(line(text, True, reason, thought=thought, logprobs=lps), media_type="application/json")
