@@ -289,8 +289,6 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
              "norm_pass": (triton_gemv, "NORM_ONE_PASS"), "step_io": (runner, "STEP_IO"),
              "attn_pipe": (triton_decode, "PIPELINE_IDS"), "pipe_stages": (triton_decode, "PIPE_STAGES"),
              "tma_rows": (triton_tma, "MAX_ROWS"), "tma_glu": (triton_tma, "GLU"), "tma_smem": (triton_tma, "SMEM_WIDE"),
-             "tma_fold": (triton_tma, "FOLD"), "split_qkv": (triton_tma, "SPLIT_QKV"),
-             "split_o": (triton_tma, "SPLIT_O"),
              "glu": (llama, "GEMV_GLU"), "pdl_early": (triton_ops, "PDL_EARLY"),
              "early_rows": (triton_ops, "PDL_EARLY_ROWS"), "mega": (megakernel, "USE")}
     defaults = {k: getattr(mod, attr) for k, (mod, attr) in knobs.items()}
@@ -326,11 +324,6 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 # batched steps' projections as TMA-fed Triton GEMMs, every kernel under PDL (triton_tma), or cuBLAS
                 ("tma", {"tma_rows": 32}), ("tma again", {"tma_rows": 32}), ("cublas", {"tma_rows": 0}),
                 ("tma no glu", {"tma_rows": 32, "tma_glu": False}),
-                # the add+RMSNorm after o and SiLU*mul folded into o, gate_up and down (triton_tma.FOLD)
-                *((f"tma fold {f}{again}", {"tma_rows": 32, "tma_fold": f}) for again in ("", " again")
-                  for f in (0, 1, 2)),
-                *((f"tma fold 2 split {q}/{o}", {"tma_rows": 32, "tma_fold": 2, "split_qkv": q, "split_o": o})
-                  for q, o in ((2, 1), (1, 2), (2, 2), (3, 3))),
                 *((f"tma smem {n}k", {"tma_rows": 32, "tma_smem": n * 1024}) for n in (75, 220)),
                 ("small-batch gemv", {"max_rows": 32}), ("small-batch gemv swapped", {"max_rows": 32, "swap": True}),
                 ("small-batch gemv attn", {"max_rows": 32, "mlp": False}),

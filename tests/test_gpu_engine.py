@@ -717,19 +717,16 @@ def test_lora_on_cuda(make_varied, tmp_path, dtype):
     assert got[3:6] != got[:3]
 
 
-@pytest.mark.parametrize("arch,mode", [("qwen2", ""), ("qwen3", ""), ("llama", ""), ("qwen2", "glu"), ("qwen2", "fold1"),
-                                       ("qwen2", "fold2"), ("qwen3", "fold2"), ("llama", "fold2")])
-def test_tma_forward_equals_cublas_forward(make_varied, arch, mode, monkeypatch):
+@pytest.mark.parametrize("arch,glu", [("qwen2", False), ("qwen3", False), ("llama", False), ("qwen2", True)])
+def test_tma_forward_equals_cublas_forward(make_varied, arch, glu, monkeypatch):
     """A decode step of 8 rows (6 sequences, 2 padded) with its projections through triton_tma (SiLU*mul in
-    gate_up's epilogue or after it: GLU, down split along K and summed by the next add+RMSNorm; or FOLD: o into the
-    residual, the norm and SiLU*mul in gate_up's and down's prologues; 2: down into it too): the hidden state and the K/V written of the
-    cuBLAS path, within bf16 rounding; every projection went through the TMA kernel."""
+    gate_up's epilogue or after it: GLU, down split along K and summed by the next add+RMSNorm): the hidden state and
+    the K/V written of the cuBLAS path, within bf16 rounding; every projection went through the TMA kernel."""
     from token_scheduler.model import llama, triton_tma
 
     if not triton_tma.pdl_capable(torch.zeros(1, device="cuda")):
         pytest.skip("TMA and programmatic dependent launch need Hopper or later")
-    monkeypatch.setattr(triton_tma, "GLU", mode == "glu")
-    monkeypatch.setattr(triton_tma, "FOLD", int(mode[4:]) if mode.startswith("fold") else 0)
+    monkeypatch.setattr(triton_tma, "GLU", glu)
     cfg, w, rope, ids, pos, meta, kv = _decode_step_model(make_varied, arch, 8, 6)
     calls, linear = [], triton_tma.linear
     monkeypatch.setattr(triton_tma, "linear", lambda *a, **k: (calls.append(1), linear(*a, **k))[1])
@@ -743,13 +740,12 @@ def test_tma_forward_equals_cublas_forward(make_varied, arch, mode, monkeypatch)
     _assert_steps_close(outs, kv, meta)
 
 
-@pytest.mark.parametrize("fold", [0, 2])
 @pytest.mark.parametrize("early", ["none", "all"])
-def test_tma_graph_replay_is_bit_exact(make_varied, monkeypatch, early, fold):
+def test_tma_graph_replay_is_bit_exact(make_varied, monkeypatch, early):
     """The TMA step captured in a CUDA graph with every kernel under programmatic dependent launch gives the hidden
     state and KV of the same kernels launched plainly, eagerly, bit for bit, replay after replay (a kernel reading
     before its wait would show as a race), its kernels letting the next in after their wait or before it
-    (`early`: triton_ops.PDL_EARLY_ROWS), with the folds between projections or without (triton_tma.FOLD)."""
+    (`early`: triton_ops.PDL_EARLY_ROWS)."""
     from token_scheduler.model import llama, triton_ops, triton_tma
 
     if not triton_tma.pdl_capable(torch.zeros(1, device="cuda")):
@@ -757,7 +753,6 @@ def test_tma_graph_replay_is_bit_exact(make_varied, monkeypatch, early, fold):
     torch.manual_seed(0)
     cfg, w, rope, ids, pos, meta, kv = _decode_step_model(make_varied, "qwen2", 8, 6)
     monkeypatch.setattr(triton_tma, "MAX_ROWS", 32)
-    monkeypatch.setattr(triton_tma, "FOLD", fold)
     monkeypatch.setattr(triton_tma, "pdl_capable", lambda t: True)  # the TMA path, its kernels launched plainly:
     monkeypatch.setattr(triton_ops, "USE_PDL", False)
     ref_kv = kv.clone()

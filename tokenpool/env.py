@@ -79,10 +79,6 @@ GEMV_ROWS_PERSIST = Var("TOKENPOOL_GEMV_ROWS_PERSIST", "0", "with TOKENPOOL_GEMV
 TMA_ROWS = Var("TOKENPOOL_TMA_ROWS", "32", "decode steps of 2 to this many sequences run their projections as Triton "
                "GEMMs fed by TMA, launched with programmatic dependent launch (Hopper and later; see "
                "token_scheduler/model/triton_tma.py); 0: cuBLAS", kind="int")
-TMA_FOLD = Var("TOKENPOOL_TMA_FOLD", "0", "batched TMA decode steps fold the kernels between projections: 1: the "
-               "add+RMSNorm after o into o's epilogue and gate_up's prologue, SiLU*mul into down's prologue; 2: also "
-               "the add+RMSNorm after down into down's last split and qkv's prologue; 0: none (see "
-               "token_scheduler/model/triton_tma.py)", kind="int")
 ATTN_ROPE = Var("TOKENPOOL_ATTN_ROPE", "1", "batched decode steps on cuBLAS do RoPE and the KV write inside the "
                 "paged-decode attention kernel (one launch a layer fewer; 1-3% on the H200, see llama.py); 0: off")
 ATTN_BLOCKS_PER_ITER = Var("TOKENPOOL_ATTN_BLOCKS_PER_ITER", "4", "cache blocks the Triton paged-decode kernel "

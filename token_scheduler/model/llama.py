@@ -185,19 +185,9 @@ def _fused_layers(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata,
     # a decode step's rows (one new token each, of different sequences): RoPE and the KV write in the attention
     fold_rope = folds_rope(cfg) and meta.decode and meta.own_rows and meta.use_triton
     h = k.add_rms_norm(x, None, w["l0.ln1"], eps)
-    fold = tma.FOLD if use_tma else 0
-    # FOLD 2: the residual's sums of squares after down (None: h is the normed input) and down's tile counters
-    # (qkv's, o's, down's split-K tiles told by counters: each layer's own, zeroed once a step)
-    ss, cnt = None, (torch.zeros(cfg.num_layers, 3, -(-max(x.shape[1], w["l0.qkv"].shape[0]) // 16), device=x.device,
-                                 dtype=torch.int32) if fold >= 2 else None)
     for n in range(cfg.num_layers):
         p = f"l{n}."
-        if fold >= 2:  # normed here from down's sums (layer 0: h); split along K if SPLIT_QKV
-            qkv = tma.linear(h if ss is None else x, w[p + "qkv"], w.get(p + "qkv_b"), parts=tma.SPLIT_QKV > 1,
-                             split=tma.SPLIT_QKV, counters=cnt[n, 1],
-                             norm=None if ss is None else (ss, w[p + "ln1"], eps))
-        else:
-            qkv = linear(h, w[p + "qkv"], w.get(p + "qkv_b"))
+        qkv = linear(h, w[p + "qkv"], w.get(p + "qkv_b"))
         if lora is not None:
             lora.add_(n, "qkv", h, [qkv])
         if fold_rope:
@@ -210,25 +200,15 @@ def _fused_layers(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata,
                                     meta.slot_offsets, H, KVH, D)
             o = attend(q, kv_cache, n, meta, cfg)
         o = o.reshape(T, H * D)
-        if fold:  # x += o's projection; the norm and SiLU*mul in gate_up's and down's prologues
-            so = (tma.linear(o, w[p + "o"], resid=x, parts=tma.SPLIT_O > 1, split=tma.SPLIT_O, counters=cnt[n, 2])
-                  if fold >= 2 else tma.linear(o, w[p + "o"], resid=x))
-            gu = tma.linear(x, w[p + "gate_up"], norm=(so, w[p + "ln2"], eps))
-            if fold >= 2 and n + 1 < cfg.num_layers:  # x += down's parts, summed by its last split; next qkv norms
-                ss = tma.linear(gu, w[p + "down"], parts=True, silu=True, resid=x, counters=cnt[n, 0])
-                continue
-            m = tma.linear(gu, w[p + "down"], parts=True, silu=True)
+        y = linear(o, w[p + "o"])
+        if lora is not None:
+            lora.add_(n, "o", o, [y])
+        h = k.add_rms_norm(x, y, w[p + "ln2"], eps)
+        if use_tma:  # down's partial sums: the add+RMSNorm below adds them
+            a = tma.linear(h, w[p + "gate_up"], glu=True) if tma.GLU else k.silu_mul(tma.linear(h, w[p + "gate_up"]))
+            m = tma.linear(a, w[p + "down"], parts=True)
         else:
-            y = linear(o, w[p + "o"])
-            if lora is not None:
-                lora.add_(n, "o", o, [y])
-            h = k.add_rms_norm(x, y, w[p + "ln2"], eps)
-            if use_tma:  # down's partial sums: the add+RMSNorm below adds them
-                a = (tma.linear(h, w[p + "gate_up"], glu=True) if tma.GLU
-                     else k.silu_mul(tma.linear(h, w[p + "gate_up"])))
-                m = tma.linear(a, w[p + "down"], parts=True)
-            else:
-                m = _mlp(w, p, h, lora, n)
+            m = _mlp(w, p, h, lora, n)
         nxt = w[f"l{n + 1}.ln1"] if n + 1 < cfg.num_layers else w["norm"]
         h = k.add_rms_norm(x, m, nxt, eps)
     return h

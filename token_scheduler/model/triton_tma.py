@@ -52,18 +52,15 @@ def rows_pad(m: int) -> int:
 # (context 512; bench/results/tma_step_variants_h100_c7819c9.json): without it 1.5B batch 8 1.738 against 1.725 ms,
 # batch 32 2.055 against 2.055-2.072; 7B batch 8 5.624 against 5.680, batch 32 6.024 against 6.345 (cuBLAS 6.168).
 GLU = False
-# The kernels between the projections of a layer folded into them (linear's norm, silu, resid). FOLD 1: o's epilogue
-# adds its output to the residual stream and sums each row's squares over its tile; gate_up's prologue normalises the
-# residual with those sums (the add+RMSNorm kernel gone); down's prologue makes silu(gate) * up from gate_up's output
-# (the SiLU*mul kernel gone). FOLD 2, also: down's split-K parts are added into the residual by the last split of each
-# tile, and qkv's prologue normalises it (the add+RMSNorm after down gone, but the last layer's). Each input is rounded
-# as the kernel it replaces rounds it; the sums of squares are added in another order (per tile, then across tiles).
-# TOKENPOOL_TMA_FOLD.
-FOLD = env.TMA_FOLD.integer()
-# Under FOLD 2, qkv's and o's K splits (1: none), their sums added by each output tile's last split: their 32 and 24
-# output tiles (qwen2-1.5b) leave most SMs idle. For A/B runs (diag_gpu step).
-SPLIT_QKV = 1
-SPLIT_O = 1
+# Tried and removed (session 59, bench/results/tma_fold_h100_b73f129.json): the kernels between the projections
+# folded into them -- o's epilogue adding into the residual with each tile's sums of squares, gate_up's and qkv's
+# prologues normalising the residual from those sums, down's prologue making SiLU*mul, down's split-K parts added by
+# each tile's last split (atomic counters), qkv and o split the same way. Correct (the reference forward in the
+# interpreter, bit-exact graph replays on the H100) and slower at every level: H100 step replay, 1.5B batch 8/32,
+# +1.5%/+3.7% with o's add+RMSNorm and SiLU*mul folded (two launches a layer fewer), +4.0%/+9.9% with down's too,
+# +5.5%/+12% with qkv and o split. The eager kernel sums stay equal: every program of the consumer redoes the input's
+# making in its main loop (registers, then shared memory for wgmma, where a TMA copy fed it), which costs the GEMMs
+# what the small kernels took, while under PDL those kernels overlap the launches and cost less in the graph.
 # Shared memory a program of a projection wider than the GPU may take: two programs an SM (Hopper: 228 KB an SM).
 # At one program an SM the GLU gate_up of the 1.5B at 32 rows (140 programs, 120 KB each at K tiles of 128 over 3
 # stages) ran in two waves.
@@ -122,27 +119,9 @@ def _fits(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _epilogue(Y, SO, B, y, off, mask, pid_n, m, n, M, N, RESID: tl.constexpr, HAS_B: tl.constexpr):
-    """The projection's fp32 sums y of this tile out: into Y (+ bias, one rounding, as cuBLAS's bias epilogue); or
-    (RESID) added into the residual stream Y, rounded first as add_rms_norm adds it, and SO[pid_n] each row's sum of
-    squares over the new tile, for the next projection's norm."""
-    dt = Y.dtype.element_ty
-    if RESID:
-        xn = (tl.load(Y + off, mask=mask, other=0.0).to(tl.float32) + y.to(dt).to(tl.float32)).to(dt)
-        tl.store(Y + off, xn, mask=mask)
-        xf = tl.where(mask, xn.to(tl.float32), 0.0)
-        tl.store(SO + pid_n * M + m, tl.sum(xf * xf, 1), mask=m < M)
-    else:
-        if HAS_B:
-            y = y + tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + off, y.to(dt), mask=mask)
-
-
-@triton.jit
-def _tma_kernel(w_desc, x_desc, X, S, LN, eps, B, Y, SO, P, C, M, N, K, tiles_k, per_split, splits, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, M_PAD: tl.constexpr, STAGES: tl.constexpr, HAS_B: tl.constexpr, GLU: tl.constexpr,
-                PARTS: tl.constexpr, PDL: tl.constexpr, IN: tl.constexpr, T_S: tl.constexpr, T_PAD: tl.constexpr,
-                RESID: tl.constexpr, LAST: tl.constexpr):
+def _tma_kernel(w_desc, x_desc, B, Y, M, N, tiles_k, per_split, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                M_PAD: tl.constexpr, STAGES: tl.constexpr, HAS_B: tl.constexpr, GLU: tl.constexpr,
+                PARTS: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n0 = pid_n * BLOCK_N
@@ -152,134 +131,66 @@ def _tma_kernel(w_desc, x_desc, X, S, LN, eps, B, Y, SO, P, C, M, N, K, tiles_k,
     # load it before the wait (as the GEMVs do) cost it a stage and made the 1.5B's step slower on the H100 at
     # 30ce819 (diag_gpu step: batch 8 1.837 against 1.744 ms, batch 32 2.153 against 2.050). Not kept.
     pdl_enter(PDL)
-    m = tl.arange(0, M_PAD)
-    if IN == 1:  # rms_norm(X) * LN: each row's sum of squares from the producer's per-tile sums, in a fixed order
-        ts = tl.arange(0, T_PAD)
-        ss = tl.load(S + ts[:, None] * M + m[None, :], mask=(ts < T_S)[:, None] & (m < M)[None, :], other=0.0)
-        rstd = tl.math.rsqrt(tl.sum(ss, 0) / K + eps)
     acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
     acc_u = tl.zeros([BLOCK_N, M_PAD], tl.float32)
     for t in tl.range(t0, t1, num_stages=STAGES):
-        if IN == 0:
-            xt = tl.trans(x_desc.load([0, t * BLOCK_K]))
-        else:  # the input made here from X, rounded as the kernel it replaces rounds (add_rms_norm, silu_mul)
-            dx = X.dtype.element_ty
-            kk = t * BLOCK_K + tl.arange(0, BLOCK_K)
-            mk = (m < M)[:, None] & (kk < K)[None, :]
-            if IN == 1:
-                xv = tl.load(X + m[:, None] * K + kk[None, :], mask=mk, other=0.0).to(tl.float32)
-                h = (xv * rstd[:, None]).to(dx).to(tl.float32)
-                xin = (tl.load(LN + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :] * h).to(dx)
-            else:  # IN == 2: X is gate_up's [M, 2K] output, the input silu(gate) * up
-                g = tl.load(X + m[:, None] * (2 * K) + kk[None, :], mask=mk, other=0.0).to(tl.float32)
-                u = tl.load(X + m[:, None] * (2 * K) + K + kk[None, :], mask=mk, other=0.0).to(tl.float32)
-                xin = ((g / (1.0 + tl.exp(-g))).to(dx).to(tl.float32) * u).to(dx)
-            xt = tl.trans(xin)
+        xt = tl.trans(x_desc.load([0, t * BLOCK_K]))
         acc = tl.dot(w_desc.load([n0, t * BLOCK_K]), xt, acc)
         if GLU:  # the up rows of the same outputs, N rows further
             acc_u = tl.dot(w_desc.load([N + n0, t * BLOCK_K]), xt, acc_u)
+    m = tl.arange(0, M_PAD)
     n = n0 + tl.arange(0, BLOCK_N)
     mask = (m < M)[:, None] & (n < N)[None, :]
     off = m[:, None] * N + n[None, :]
     y = tl.trans(acc)
     if PARTS:  # this split's fp32 partial sums; the reader adds the splits in order
-        tl.store(P + pid_k * M * N + off, y, mask=mask)
-    if LAST:  # the reader is the last split of this tile to finish (C: zeroed counters, one a tile): the sums in order
-        tl.debug_barrier()  # (every thread's part stored before the release)
-        if tl.atomic_add(C + pid_n, 1, sem="acq_rel", scope="gpu") == splits - 1:
-            r = tl.load(P + off, mask=mask, other=0.0, cache_modifier=".cg")
-            for i in range(1, splits):
-                r += tl.load(P + i * M * N + off, mask=mask, other=0.0, cache_modifier=".cg")
-            _epilogue(Y, SO, B, r, off, mask, pid_n, m, n, M, N, RESID, HAS_B)
-    elif not PARTS:
+        tl.store(Y + pid_k * M * N + off, y, mask=mask)
+    else:
+        dt = Y.dtype.element_ty
+        if HAS_B:  # added to the fp32 sum, one rounding (as cuBLAS's bias epilogue)
+            y = y + tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
         if GLU:  # as silu_mul on the stored projection: g and u rounded, silu(g) rounded, the product rounded
-            dt = Y.dtype.element_ty
             g = y.to(dt).to(tl.float32)
             u = tl.trans(acc_u).to(dt).to(tl.float32)
             y = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u
-        _epilogue(Y, SO, B, y, off, mask, pid_n, m, n, M, N, RESID, HAS_B)
-
-
-def _input(x: torch.Tensor, norm, silu: bool) -> torch.Tensor:
-    """The projection's input as the kernels make it from `x` (norm, silu: see linear), in torch's ops."""
-    if silu:
-        g, u = x.float().chunk(2, dim=-1)
-        return ((g / (1.0 + torch.exp(-g))).to(x.dtype).float() * u).to(x.dtype)
-    if norm is not None:
-        ss, ln, eps = norm
-        h = (x.float() * torch.rsqrt(ss.sum(0) / x.shape[1] + eps)[:, None]).to(x.dtype)
-        return (ln.float() * h.float()).to(x.dtype)
-    return x
+        tl.store(Y + off, y.to(dt), mask=mask)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, glu: bool = False,
-           parts: bool = False, config: tuple[int, int, int, int] | None = None,
-           norm: tuple[torch.Tensor, torch.Tensor, float] | None = None, silu: bool = False,
-           resid: torch.Tensor | None = None, counters: torch.Tensor | None = None,
-           split: int | None = None) -> torch.Tensor:
+           parts: bool = False, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (a few rows), w [N, K] -> x w^T (+ bias), [M, N]. `glu` (w a fused [gate; up]): silu(x gate^T) *
     (x up^T), [M, N/2]. `parts`: the config's K splits' fp32 partial sums [SPLIT, M, N] (for add_rms_norm's r; a
     config of one split gives one). Where TMA cannot address x or w, torch's ops (`parts`: the projection itself,
-    which add_rms_norm takes as well).
-
-    Folds of the kernels between projections (FOLD): `norm` (ss [T, M] fp32, ln [K], eps): x is the residual stream
-    and the input rms_norm(x) * ln, each row's sum of squares the sum of ss's T rows (a `resid` projection's);
-    `silu`: x is gate_up's [M, 2K] output and the input silu(gate) * up; `resid` [M, N], the residual stream:
-    resid += x w^T, rounded as add_rms_norm adds it, and the result is each row's sum of squares over each output
-    tile, [T, M] fp32, for the next projection's `norm`. `counters` with `parts` (int32 zeros, one for each output
-    tile at least, used once): the last split of each output tile to finish adds the splits' sums in order (as
-    add_rms_norm adds parts) and writes the projection [M, N] (or adds it into `resid`). `split`: the K splits of
-    `parts` in place of the config's."""
-    m = x.shape[0]
-    k = x.shape[1] // 2 if silu else x.shape[1]
+    which add_rms_norm takes as well)."""
+    m, k = x.shape
     n = w.shape[0] // 2 if glu else w.shape[0]
-    mode = 2 if silu else 1 if norm is not None else 0
-    last = parts and counters is not None
-    if (norm is not None and silu) or (glu and (mode or resid is not None or last)) or (resid is not None and parts
-                                                                                         and not last):
-        raise ValueError("tma.linear: norm and silu exclude each other and glu; resid excludes glu, and needs "
-                         "counters with parts")
-    if not (_fits(w, w) if mode else _fits(x, w)):  # rows TMA cannot address (not 16-byte aligned): torch's ops
-        y = F.linear(_input(x, norm, silu), w, bias)
+    if not _fits(x, w):  # rows TMA cannot address (not 16-byte aligned): torch's ops, the same roundings
+        y = F.linear(x, w, bias)
         if glu:
             g, u = y.chunk(2, dim=-1)
             return F.silu(g) * u
-        if resid is not None:
-            resid.copy_((resid.float() + y.float()).to(resid.dtype))
-            return resid.float().pow(2).sum(-1)[None]
         return y
     if (w.shape[1] != k or not x.is_contiguous() or not w.is_contiguous() or (glu and (w.shape[0] % 2 or bias is
                                                                                        not None or parts))):
         raise ValueError(f"tma.linear: x {tuple(x.shape)}, w {tuple(w.shape)} (glu {glu}, parts {parts}, bias "
                          f"{bias is not None}): needs [M, K] and [N, K], contiguous; glu on an even row count alone")
     m_pad = rows_pad(m)
-    bn, bk, st, split_ = config or config_for(w.shape[0], k, m_pad, _sms(x.device.index or 0) if x.is_cuda else 132,
-                                               glu)
+    bn, bk, st, split = config or config_for(w.shape[0], k, m_pad, _sms(x.device.index or 0) if x.is_cuda else 132,
+                                              glu)
     bk = min(bk, max(16, triton.next_power_of_2(k)))
     while glu and n % bn and bn > 16:  # a program's gate rows must not run into the up rows
         bn //= 2
     if glu and n % bn:
         raise ValueError(f"tma.linear: glu needs its {n} gate rows in whole blocks of 16")
-    split = (split or split_) if parts else 1
+    if not parts:
+        split = 1
     tiles_k = triton.cdiv(k, bk)
     per = triton.cdiv(tiles_k, split)
     splits = triton.cdiv(tiles_k, per)
-    tiles_n = triton.cdiv(n, bn)
-    if last and (counters.dtype != torch.int32 or counters.numel() < tiles_n):
-        raise ValueError(f"tma.linear: the last split's reading needs {tiles_n} int32 counters")
-    if resid is not None and (resid.shape != (m, n) or not resid.is_contiguous()):
-        raise ValueError(f"tma.linear: resid {tuple(resid.shape)} for [{m}, {n}]")
-    p = torch.empty(splits, m, n, device=x.device, dtype=torch.float32) if parts else None
-    y = resid if resid is not None else p if parts and not last else torch.empty(m, n, device=x.device,
-                                                                                  dtype=x.dtype)
-    so = torch.empty(tiles_n, m, device=x.device, dtype=torch.float32) if resid is not None else y
-    ss, ln, eps = norm if norm is not None else (y, y, 0.0)
-    w_desc = TensorDescriptor.from_tensor(w, [bn, bk])
-    _tma_kernel[(tiles_n, splits)](
-        w_desc, w_desc if mode else TensorDescriptor.from_tensor(x, [m_pad, bk]), x, ss, ln, eps,
-        bias if bias is not None else y, y, so, p if parts else y, counters if last else y, m, n, k, tiles_k, per,
-        splits, BLOCK_N=bn, BLOCK_K=bk, M_PAD=m_pad, STAGES=st, HAS_B=bias is not None, GLU=glu, PARTS=parts,
-        PDL=pdl_arg(x, tma=True), IN=mode, T_S=ss.shape[0] if mode == 1 else 1,
-        T_PAD=triton.next_power_of_2(ss.shape[0]) if mode == 1 else 1, RESID=resid is not None, LAST=last,
-        num_warps=4, launch_pdl=pdl(x))
-    return so if resid is not None else y
+    y = (torch.empty(splits, m, n, device=x.device, dtype=torch.float32) if parts
+         else torch.empty(m, n, device=x.device, dtype=x.dtype))
+    _tma_kernel[(triton.cdiv(n, bn), splits)](
+        TensorDescriptor.from_tensor(w, [bn, bk]), TensorDescriptor.from_tensor(x, [m_pad, bk]),
+        bias if bias is not None else y, y, m, n, tiles_k, per, BLOCK_N=bn, BLOCK_K=bk, M_PAD=m_pad, STAGES=st,
+        HAS_B=bias is not None, GLU=glu, PARTS=parts, PDL=pdl_arg(x, tma=True), num_warps=4, launch_pdl=pdl(x))
+    return y
