@@ -128,15 +128,36 @@ def convert_gguf(gguf: Path, out: Path, source: str | None = None) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def _one_conversion(out: Path) -> Iterator[None]:
+    """One conversion into `out` at a time on the machine: a second process (two servers started at once on a first
+    run, or the test suite's workers) waits for the first, then finds the folder made. Without it the second
+    removed the first's finished folder to rename its own over it while the first's server read it. Where no lock
+    can be taken (no fcntl; a folder not writable, whose own error the conversion then gives) it goes on without."""
+    try:
+        import fcntl
+
+        f = open(out.parent / f".{out.name}.lock", "a")  # (held until the conversion ends)
+    except (ImportError, OSError):
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_smollm2(out: Path) -> Path:
     """The SmolLM2-135M-Instruct folder `out`, converted on first use (the GGUF fetched beside it if need be)."""
     out = Path(out)
     if (out / MARKER).exists() and (out / "config.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    gguf = find_gguf(out.parent)
-    log.warning("converting %s to a safetensors folder at %s (once)", gguf.name, out)
-    return convert_gguf(gguf, out)
+    with _one_conversion(out):
+        if (out / MARKER).exists() and (out / "config.json").exists():  # (made while this one waited)
+            return out
+        gguf = find_gguf(out.parent)
+        log.warning("converting %s to a safetensors folder at %s (once)", gguf.name, out)
+        return convert_gguf(gguf, out)
 
 
 def gguf_folder(gguf: Path, cache: Path) -> Path:

@@ -140,6 +140,9 @@ def browser():
 
     from playwright import sync_api
 
+    # Waits of 15 s, not Playwright's 5 (expect's default): the suite's other xdist worker shares the 2 cores, and a
+    # page's round trip through a live server took over 5 s beside it (a wait ends as soon as its condition holds)
+    sync_api.expect.set_options(timeout=15_000)
     with sync_api.sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=shutil.which("chromium") or shutil.which("chromium-browser"),
                                headless=True, args=["--no-sandbox"])

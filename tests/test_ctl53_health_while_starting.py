@@ -16,6 +16,7 @@ import token_scheduler.tokenizer
 from controller import shutdown
 from controller.config import ModelSpec, ServerConfig
 from controller.pool import EngineHandle, Replica
+from tests.ports import free_port
 
 
 class _Closed:
@@ -116,7 +117,8 @@ def test_what_the_models_need_first_runs_after_the_bind(monkeypatch, caplog):
     raises is logged as its one line and the server exits 2, a request that waited for it hearing a 503."""
     from controller.startup import StartupError
 
-    cfg = ServerConfig(listen={"port": 18654}, workers={"local": "none"}, models=[])
+    port = free_port(range(19100, 19150))  # (a fixed port collided with another file's range under xdist)
+    cfg = ServerConfig(listen={"port": port}, workers={"local": "none"}, models=[])
     running, release, rc = threading.Event(), threading.Event(), []
 
     def prepare() -> None:
@@ -127,10 +129,10 @@ def test_what_the_models_need_first_runs_after_the_bind(monkeypatch, caplog):
     t = threading.Thread(target=lambda: rc.append(shutdown.run(cfg, prepare)), daemon=True)
     t.start()
     assert running.wait(30)
-    r = httpx.get("http://127.0.0.1:18654/health", timeout=5)
+    r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
     assert r.status_code == 503 and r.json()["status"] == "starting", r.text
     got: list[httpx.Response] = []
-    asker = threading.Thread(target=lambda: got.append(httpx.get("http://127.0.0.1:18654/v1/models", timeout=30)))
+    asker = threading.Thread(target=lambda: got.append(httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30)))
     asker.start()
     asker.join(0.3)
     assert not got  # (it waits for the start-up)

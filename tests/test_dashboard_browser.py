@@ -177,7 +177,7 @@ def test_dashboard_details(server, shots):
         httpx.post(url + "/admin/models", headers=auth, json={
             "name": gone, "path": None, "engine": {"kind": "pace"}}).raise_for_status()
         legend = page.locator("#chart-tps .u-legend")
-        expect(legend).to_contain_text(gone, timeout=5_000)
+        expect(legend).to_contain_text(gone, timeout=15_000)
         expect(page.locator(f'#engines .chip[title="{gone}"]').first).to_be_visible()
         wide = """() => [...document.querySelectorAll('main > section:not([hidden]) .card')]
             .filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.querySelector('h3')?.textContent)"""
@@ -187,7 +187,7 @@ def test_dashboard_details(server, shots):
         assert page.evaluate(wide) == []
         page.click("#tabs [data-view=pool]")
         httpx.delete(url + f"/admin/models/{gone}", headers=auth).raise_for_status()
-        expect(legend).not_to_contain_text("pace-gone", timeout=5_000)
+        expect(legend).not_to_contain_text("pace-gone", timeout=15_000)
         expect(legend).to_contain_text("tiny-b")
 
         # a request of 3 choices is one request: the Requests tab's count says 1, as its table does
@@ -254,7 +254,7 @@ def test_dashboard_details(server, shots):
         expect(other.locator("#conn")).to_have_text("live", timeout=10_000)
         page.click("header form button")
         expect(page.locator("#token")).to_be_visible()
-        expect(other.locator("#token")).to_be_visible(timeout=5_000)
+        expect(other.locator("#token")).to_be_visible(timeout=15_000)
     assert errors == [], errors
 
 
@@ -279,7 +279,7 @@ def test_dashboard_without_auth_or_models(tmp_path_factory, shots):
         expect(page.locator('#models-table tr[data-model="pace-only"]')).to_be_visible()
         expect(page.locator("#models-empty")).to_be_hidden()
         httpx.delete(url + "/admin/models/pace-only", headers=auth).raise_for_status()
-        expect(page.locator("#models-table tbody tr")).to_have_count(0, timeout=5_000)
+        expect(page.locator("#models-table tbody tr")).to_have_count(0, timeout=15_000)
         expect(page.locator("#models-empty")).to_be_visible()
         page.screenshot(path=str(shots / "no-models.png"))
 
@@ -391,11 +391,11 @@ def run(page, ctx, server, shots: Path) -> None:
     victim.join(10)
     assert not victim.is_alive() and victim.error and "cancelled by an operator" in victim.error
     assert victim.chunks < 400
-    expect(page.locator(f'#requests-table tr[data-request="{victim.id}"]')).to_have_count(0, timeout=5_000)
+    expect(page.locator(f'#requests-table tr[data-request="{victim.id}"]')).to_have_count(0, timeout=15_000)
 
     # --- events: the cancel is there, from the stream ---
     page.click("#tabs [data-view=events]")
-    expect(page.locator("#events-list li[data-kind=cancel]")).to_contain_text(victim.id, timeout=5_000)
+    expect(page.locator("#events-list li[data-kind=cancel]")).to_contain_text(victim.id, timeout=15_000)
     expect(page.locator("#events-list li[data-kind=switch]")).to_have_count(0)  # hidden by default
     if w0["pooled"]:  # the engine's model switches come as events too
         page.select_option("#event-filter", "switch")
@@ -408,7 +408,7 @@ def run(page, ctx, server, shots: Path) -> None:
     # loaded 2-core machine the push took up to 1.0 s (it was asserted under 1 s, and that failed CI there).
     t0 = time.monotonic()
     httpx.post(url + "/admin/models/tiny-b/unpin", headers={"Authorization": f"Bearer {ADMIN}"}).raise_for_status()
-    expect(page.locator("#events-list li[data-kind=unpin]")).to_contain_text("tiny-b", timeout=5_000)
+    expect(page.locator("#events-list li[data-kind=unpin]")).to_contain_text("tiny-b", timeout=15_000)
     assert time.monotonic() - t0 < 3.0, f"event to screen took {time.monotonic() - t0:.2f} s"
 
     # --- tenants: create a key (shown once), revoke it ---
@@ -416,7 +416,7 @@ def run(page, ctx, server, shots: Path) -> None:
     expect(page.locator('#tenants-table tr[data-tenant="team-a"]')).to_be_visible()
     page.fill("#add-tenant [name=name]", "team-new")
     page.click("#add-tenant button[type=submit]")
-    key = page.locator("#new-key-value").inner_text(timeout=5_000)
+    key = page.locator("#new-key-value").inner_text(timeout=15_000)
     assert key.startswith("tp-")
     assert httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     page.locator('#tenants-table tr[data-tenant="team-new"] [data-action=revoke]').click()

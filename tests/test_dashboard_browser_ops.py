@@ -192,7 +192,7 @@ def test_aliases_tenant_limits_and_a_new_key(server, browser):
         page.fill("#add-tenant [name=rps]", "5")
         page.fill("#add-tenant [name=conc]", "3")
         page.click("#add-tenant button[type=submit]")
-        old = page.locator("#new-key-value").inner_text(timeout=5_000)
+        old = page.locator("#new-key-value").inner_text(timeout=15_000)
         expect(page.locator("#new-key")).to_have_text(f"Key for team-keyed{old}Copy Copy it now: it is shown once "
                                                        "(only its hash is kept).")  # (no warning: nor a "null" for one)
         row = page.locator('#tenants-table tr[data-tenant="team-keyed"]')
@@ -398,7 +398,7 @@ def test_the_focus_stays_in_place_when_an_action_removes_its_row(server, browser
         wait = lambda where: page.wait_for_function(  # noqa: E731
             "w => { const a = document.activeElement, r = a.closest('tr'); return JSON.stringify(w) === "
             "JSON.stringify([r && (r.dataset.tenant || r.dataset.model || r.dataset.request) || null, "
-            "a.dataset.action || null, a.tagName]); }", arg=where, timeout=5_000)
+            "a.dataset.action || null, a.tagName]); }", arg=where, timeout=15_000)
         page.click("#tabs [data-view=tenants]")
         page.locator('#tenants-table tr[data-tenant="team-f1"] [data-action=revoke]').focus()
         page.keyboard.press("Enter")
@@ -432,7 +432,7 @@ def test_a_new_key_is_copied(server, browser):
         page.click("#tabs [data-view=tenants]")
         page.fill("#add-tenant [name=name]", "team-copy")
         page.click("#add-tenant button[type=submit]")
-        key = page.locator("#new-key-value").inner_text(timeout=5_000)
+        key = page.locator("#new-key-value").inner_text(timeout=15_000)
         page.click("#new-key-copy")
         expect(page.locator("#new-key-copied")).to_have_text("Copied to the clipboard")
         assert page.evaluate("navigator.clipboard.readText()") == key

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 
 from gpu_pool.pinned import default_shm_dir
 
 
-def test_bench_swap_smoke(make_tiny, tmp_path):
+def test_bench_swap_smoke(make_tiny, tmp_path, monkeypatch, request):
     from load_tests.bench_swap import run_bench_swap
 
-    before = {p.name for p in default_shm_dir().iterdir()}
+    # A shm folder of its own (on the same tmpfs): the whole of /dev/shm changes under it while other test files
+    # (another xdist worker, another run on the machine) make and remove their host copies
+    shm = Path(tempfile.mkdtemp(prefix="tokenpool-test-swapper-bench-", dir=default_shm_dir()))
+    request.addfinalizer(lambda: shutil.rmtree(shm, ignore_errors=True))
+    monkeypatch.setenv("TOKENPOOL_SHM_DIR", str(shm))
     out = tmp_path / "swap.json"
     r = run_bench_swap(make_tiny("qwen2"), out)
     data = json.loads(out.read_text())
@@ -37,4 +44,4 @@ def test_bench_swap_smoke(make_tiny, tmp_path):
     assert data["decode_slowdown"] == eb["window_1GiB_poll_per_step"]["engine_step"]["slowdown"]
     assert eb["batch"] == 8 and eb["prefetch_bytes"] > 0 and "LLMEngine.step()" in data["decode_slowdown_source"]
     assert data["decode_standin_steps_during_prefetch"] >= 1 and "decode_standin_slowdown" in data
-    assert {p.name for p in default_shm_dir().iterdir()} == before  # the bench's host cache was removed
+    assert not list(shm.iterdir())  # the bench's host cache was removed

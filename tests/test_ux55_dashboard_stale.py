@@ -112,7 +112,7 @@ def test_an_action_with_the_server_gone_says_so(server, browser):
         expect(page.locator("#conn")).to_have_text("reconnecting…", timeout=10_000)
         pin.click()
         toast = page.locator("#toast")
-        expect(toast).to_have_text(re.compile(r"^Failed: the server did not answer"), timeout=5_000)
+        expect(toast).to_have_text(re.compile(r"^Failed: the server did not answer"), timeout=15_000)
         time.sleep(1.0)  # (the refresh that follows an action has been and gone)
         expect(toast).to_have_text(re.compile(r"^Failed: the server did not answer"))
         expect(toast).to_have_attribute("role", "alert")
