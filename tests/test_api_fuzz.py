@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 
 from controller.app import build_app
 from controller.config import ServerConfig
@@ -32,21 +32,30 @@ def server(tmp_path_factory):
         yield srv
 
 
-@schema.parametrize()
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_server_errors(case, server):
-    token = ADMIN if case.path.startswith("/admin") or case.path == "/metrics" else KEY
-    if case.path.startswith("/admin/engines") and case.method.upper() == "POST":
-        case.path_parameters = {**(case.path_parameters or {}), "engine_id": "fuzz-" + str(
-            (case.path_parameters or {}).get("engine_id", ""))}  # never drain the real engine
-    resp = case.call(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
-    # /health is readiness: 503 while a model the fuzzer registered (min replicas > 0) is not placed yet
-    ok = resp.status_code < 500 or (case.path == "/health" and resp.status_code == 503)
-    assert ok, (case.method, case.path, case.body, resp.status_code, resp.text[:500])
-    ct = resp.headers.get("content-type") or ""
-    ct = ct[0] if isinstance(ct, list) else ct
-    if resp.status_code >= 400 and ct.startswith("application/json"):
-        assert is_error_body(case.path, resp.content), (case.path, resp.text[:300])  # OpenAI's, or Ollama's (/api/)
+# One test an operation, each with its own id ("POST /v1/completions"): schemathesis's `schema.parametrize()` gives its
+# items one node id, which pytest-xdist (the suite's two workers) takes for one test and runs once.
+OPERATIONS = [r.ok() for r in schema.get_all_operations()]
+
+
+@pytest.mark.parametrize("op", OPERATIONS, ids=[op.label for op in OPERATIONS])
+def test_no_server_errors(op, server):
+    @given(case=op.as_strategy())
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    def check(case):
+        token = ADMIN if case.path.startswith("/admin") or case.path == "/metrics" else KEY
+        if case.path.startswith("/admin/engines") and case.method.upper() == "POST":
+            case.path_parameters = {**(case.path_parameters or {}), "engine_id": "fuzz-" + str(
+                (case.path_parameters or {}).get("engine_id", ""))}  # never drain the real engine
+        resp = case.call(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        # /health is readiness: 503 while a model the fuzzer registered (min replicas > 0) is not placed yet
+        ok = resp.status_code < 500 or (case.path == "/health" and resp.status_code == 503)
+        assert ok, (case.method, case.path, case.body, resp.status_code, resp.text[:500])
+        ct = resp.headers.get("content-type") or ""
+        ct = ct[0] if isinstance(ct, list) else ct
+        if resp.status_code >= 400 and ct.startswith("application/json"):
+            assert is_error_body(case.path, resp.content), (case.path, resp.text[:300])  # OpenAI's, or Ollama's
+
+    check()
 
 
 def test_server_still_serving(server):
