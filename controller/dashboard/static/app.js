@@ -337,6 +337,8 @@ function showKey(t) {
     ...(t.warning ? [el("p", { class: "note", id: "new-key-warning", text: `Warning: ${t.warning}` })] : []));
   box.hidden = false;
   box.dataset.tenant = t.name;
+  box.dataset.shown = String(Date.now());
+  delete box.dataset.seen;
 }
 
 // The new key to the clipboard: navigator.clipboard, which a browser offers only in a secure context (HTTPS, or
@@ -669,9 +671,16 @@ function renderTenants(p) {
           "at once.", "DELETE", `/admin/tenants/${encodeURIComponent(t.name)}`, undefined, () => `Tenant ${t.name} revoked`),
       }, "Revoke"))); });
   patch(document.querySelector("#tenants-table tbody"), rows);
-  // a new key shown once: gone with its tenant (revoked here or elsewhere), not left on show as if it worked
+  // a new key shown once: gone with its tenant (revoked here or elsewhere), not left on show as if it worked. A
+  // snapshot taken before the tenant was made can arrive after its key is shown: the tenant is gone only once a
+  // snapshot listed it, or (revoked at once elsewhere) once snapshots have left it out for 3 s
   const box = document.getElementById("new-key");
-  if (!box.hidden && !p.tenants.some((t) => t.name === box.dataset.tenant)) { box.hidden = true; box.replaceChildren(); }
+  if (!box.hidden) {
+    if (p.tenants.some((t) => t.name === box.dataset.tenant)) box.dataset.seen = "1";
+    else if (box.dataset.seen || Date.now() - Number(box.dataset.shown || 0) > 3000) {
+      box.hidden = true; box.replaceChildren();
+    }
+  }
   const editing = document.getElementById("add-tenant").dataset.editing; // (a tenant revoked while edited)
   if (editing !== undefined && !p.tenants.some((t) => t.name === editing)) endEdit();
   document.getElementById("auth-off").hidden = p.auth !== false;
