@@ -907,20 +907,28 @@ def _parameter_count(me: Any) -> int | None:
     return _weights(me)[0]
 
 
-def _gguf_type(me: Any) -> str | None:
-    """For a model converted from a GGUF file (`tokenpool serve FILE.gguf`, the default model: its folder has the
-    conversion's marker), the GGUF's own weights type as Ollama's `quantization_level` names it ("Q4_K_M", "Q8_0",
-    "F16": the marker's, or read from the file it names; "" where neither gives one); None for any other model."""
+def _gguf_marker(me: Any) -> dict[str, Any] | None:
+    """The conversion marker of a model converted from a GGUF file (`tokenpool serve FILE.gguf`, the default model):
+    None for any other model; {} where it cannot be read."""
     folder = Path(me.spec.path) if me.spec.path else None
     if folder is None or not (folder / GGUF_MARKER).is_file():
         return None
     try:
         marker = json.loads((folder / GGUF_MARKER).read_text())
     except (OSError, ValueError):
-        marker = {}
-    kind = marker.get("file_type") if isinstance(marker, dict) else None
-    if not kind and isinstance(marker, dict) and isinstance(src := marker.get("source"), str) \
-            and src.endswith(".gguf"):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _gguf_type(me: Any) -> str | None:
+    """For a model converted from a GGUF file (`_gguf_marker`), the GGUF's own weights type as Ollama's
+    `quantization_level` names it ("Q4_K_M", "Q8_0", "F16": the marker's, or read from the file it names; "" where
+    neither gives one); None for any other model."""
+    marker = _gguf_marker(me)
+    if marker is None:
+        return None
+    kind = marker.get("file_type")
+    if not kind and (src := _gguf_source(me, marker)):
         kind = gguf_file_type(src)  # (a conversion made before its marker kept the type)
     return kind if isinstance(kind, str) else ""
 
@@ -1191,13 +1199,10 @@ def _license(me: Any) -> str | None:
     return None
 
 
-def _gguf_source(me: Any) -> str | None:
+def _gguf_source(me: Any, marker: dict[str, Any] | None = None) -> str | None:
     """The GGUF file a converted model's folder was made from (its conversion marker's `source`), if it names one."""
-    try:
-        marker = json.loads((Path(me.spec.path) / GGUF_MARKER).read_text())
-    except (OSError, ValueError, TypeError):
-        return None
-    src = marker.get("source") if isinstance(marker, dict) else None
+    marker = _gguf_marker(me) if marker is None else marker
+    src = marker.get("source") if marker else None
     return src if isinstance(src, str) and src.endswith(".gguf") else None
 
 
