@@ -47,6 +47,7 @@ from controller.api.serving import (
 from controller.api.structured import HERMES_CLOSE, ToolPlan, closed_schema
 from controller.api.thinking import Split as _Split
 from controller.api.thinking import opened as _opened
+from controller.api.thinking import switch as _switch
 from controller.api.thinking import thinks as _thinks
 from controller.dashboard.views import resident_models
 from controller.errors import ServingError, field_path, json_kind, telling_error
@@ -365,8 +366,7 @@ def _think(me: Any, body: _Base) -> tuple[dict[str, Any], bool]:
     wants = think is not None and think is not False
     if wants and not _thinks(me):
         raise ServingError(400, f'"{body.model}" does not support thinking')
-    tpl = getattr(me.tokenizer, "chat_template", None)
-    kwargs = {"enable_thinking": wants} if think is not None and "enable_thinking" in (tpl or "") else {}
+    kwargs = {"enable_thinking": wants} if think is not None and _switch(me) else {}
     return kwargs, wants
 
 
