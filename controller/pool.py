@@ -484,8 +484,7 @@ class EnginePool:
             if d.finished:
                 del subs[d.request_id]
                 if sub.model in e.evicting and not any(s.model == sub.model for s in subs.values()):
-                    e.evicting.discard(sub.model)  # (its last request here: the worker evicts it now)
-                    self._evicted(e, sub.model)
+                    self._evicted(e, sub.model)  # (its last request here: the worker evicts it now)
                 if e.retiring and not subs:
                     self.release_if_idle(e)
                 if d.error is not None and d.error_kind == "engine" and self._on_failed is not None:
