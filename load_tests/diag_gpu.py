@@ -326,6 +326,7 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 ("tma no glu", {"tma_rows": 32, "tma_glu": False}),
                 # gate_up split along K into partial sums that SiLU*mul adds (its 280 tiles spread evenly)
                 *((f"tma gu split {s}", {"tma_rows": 32, "gu_split": s}) for s in (1, 2, 3, 4)),
+                ("tma gu split 1 again", {"tma_rows": 32, "gu_split": 1}),
                 *((f"tma smem {n}k", {"tma_rows": 32, "tma_smem": n * 1024}) for n in (75, 220)),
                 ("small-batch gemv", {"max_rows": 32}), ("small-batch gemv swapped", {"max_rows": 32, "swap": True}),
                 ("small-batch gemv attn", {"max_rows": 32, "mlp": False}),
