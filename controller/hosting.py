@@ -23,6 +23,7 @@ attaches it and the other models keep stepping.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,16 +102,56 @@ def pace_config(path: str | None, opts: EngineOptions, device: str):
                       stamp=opts.pace_stamp)
 
 
+# A worker's first imports of torch and of what is built on it: one thread at a time. The warm-up imports them on
+# its own thread while the worker's other threads start (the event loop measuring the device, the step and load
+# threads binding it), and importing torch on two threads at once is not safe: a live server's load failed with
+# "operator _native::_foreach_mm_native_0 does not exist" (torch's operators registered by one thread's import
+# while the other's used them). Each first import is made under this lock; a second thread waits for it, then
+# finds the module whole.
+_IMPORTS = threading.Lock()
+_torch: Any = None
+_engine_imported = False
+
+
+def import_torch() -> Any:
+    """torch, imported whole before it is returned: the first caller imports it (under `_IMPORTS`), any other thread
+    meanwhile waits for that import. Every first use of torch on a worker's threads goes through here."""
+    global _torch
+    if _torch is None:
+        with _IMPORTS:
+            if _torch is None:
+                import torch
+
+                _torch = torch
+    return _torch
+
+
+def import_engine() -> None:
+    """torch and the modules hosting any kind imports with it (the tokenizer's library, the engines), imported once,
+    on one thread at a time (`import_torch`); transformers' lazy module imported on two threads at once came back half
+    made ("cannot import name 'AutoConfig'")."""
+    global _engine_imported
+    if _engine_imported:
+        return
+    import_torch()
+    with _IMPORTS:
+        if not _engine_imported:
+            from transformers import AutoTokenizer  # noqa: F401
+
+            import token_scheduler.multi_engine  # noqa: F401
+            import token_scheduler.pace  # noqa: F401
+
+            _engine_imported = True
+
+
 def warm_up(device: str) -> None:
     """A worker's start-up before its first registration, done ahead by a standby (controller/pool.py): the
     imports hosting any kind needs (torch, the engine, the tokenizer's library, on CUDA the Triton kernels'
-    module) and, on CUDA, the context and cuBLAS (loaded on the first matmul). No device memory beyond the
-    context and a few MB is taken: the arena is made at the first registration."""
-    import torch
-    from transformers import AutoTokenizer  # noqa: F401
-
-    import token_scheduler.multi_engine  # noqa: F401
-    import token_scheduler.pace  # noqa: F401
+    module: `import_engine`, one thread at a time) and, on CUDA, the context and cuBLAS (loaded on the first
+    matmul). No device memory beyond the context and a few MB is taken: the arena is made at the first
+    registration."""
+    torch = import_torch()
+    import_engine()
 
     if not device.startswith("cuda"):
         return

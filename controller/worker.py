@@ -28,7 +28,7 @@ from typing import Any
 
 from controller import messages as m
 from controller.heap import collect_all, freeze_long_lived
-from controller.hosting import GpuSettings, HostedModels, warm_up
+from controller.hosting import GpuSettings, HostedModels, import_torch, warm_up
 from tokenpool import env
 
 log = logging.getLogger("tokenpool.worker")
@@ -71,8 +71,7 @@ def _seqs(eng, msg: m.LoadModel) -> int:
 def device_memory(device: str) -> tuple[int, int]:
     """(total, free) bytes of the device (host memory for a CPU worker)."""
     if device.startswith("cuda"):
-        import torch
-
+        torch = import_torch()  # (the warm-up thread may be importing it: waited for, never imported beside it)
         free, total = torch.cuda.mem_get_info(int(device.split(":")[1] if ":" in device else 0))
         return total, free
     from gpu_pool.inventory import cpu_device  # the host's memory, or a container's limit where lower
@@ -563,8 +562,7 @@ def bind_device(device: str) -> None:
     tensors': a worker on cuda:1 whose threads kept device 0 would capture its decode graphs on a stream of
     device 0 and launch its Triton kernels there."""
     if device.startswith("cuda"):
-        import torch
-
+        torch = import_torch()  # (the step and load threads start while the warm-up may be importing it)
         dev = torch.device(device)
         if dev.index is not None:
             torch.cuda.set_device(dev)
