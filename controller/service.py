@@ -206,6 +206,7 @@ class Generation:
         # reached the client, and what the failed run made is dropped (RESTART), never joined to the new run's.
         self.buffered = False
         self._held: dict[int, list[m.Delta]] = {}  # (buffered) choice -> its deltas so far
+        self.load = False  # only a model's load (Controller.generate's `load`): neither charged nor counted in usage
 
     async def events(self) -> AsyncIterator[tuple[int, m.Delta]]:
         """Deltas as they come (buffered: each choice's all at once, when it ends); raises ServingError if a choice
@@ -582,10 +583,12 @@ class Controller:
         return f"{kind}-{self._prefix}{next(self._ids):x}"
 
     async def generate(self, entry: ModelEntry, tenant: Tenant, prompts: list[list[int]], params: SamplingParams,
-                       n: int, request_id: str, stream: bool = True) -> Generation:
+                       n: int, request_id: str, stream: bool = True, load: bool = False) -> Generation:
         """Admit and place the n * len(prompts) engine requests of one API request (ServingError if refused).
         `stream=False` (the answer is sent once whole): its choices are buffered, and one whose engine fails
-        mid-generation is run again from its start (Generation.buffered)."""
+        mid-generation is run again from its start (Generation.buffered). `load`: a request that only brings its
+        model's weights in (Ollama's load request, whose reply is dropped): nothing of it is charged to the tenant
+        nor counted in its usage (`TenantRegistry.acquire`'s `charge`, `finished`)."""
         if (made := REQUEST_IDS.get()) is not None:  # (the response's x-request-id: app.RequestIds)
             made.append(request_id)
         ctx = entry.max_model_len
@@ -605,13 +608,14 @@ class Controller:
                                    param="max_tokens", code="context_length_exceeded")
             budgets.append(mt if mt is not None else max(room, 1))
         prompt_tokens = sum(len(p) for p in prompts)
-        charged = prompt_tokens + n * sum(budgets)
-        refused = TenantRegistry.acquire(tenant, charged)
+        charged = 0 if load else prompt_tokens + n * sum(budgets)
+        refused = TenantRegistry.acquire(tenant, charged, charge=not load)
         if refused is not None:
             self.metrics.rejected.labels(entry.spec.name, "tenant_limit").inc()
             raise ServingError(429, refused[1], retry_after=refused[0])
         slo = self.slo_for(entry, tenant)
         gen = Generation(self, entry, tenant, slo, charged, prompt_tokens, asyncio.Queue())
+        gen.load = load
         gen.per_prompt = n
         gen.buffered = not stream
         if not self.tenants.single_user:  # (a tenant's prompts neither use nor time another's cached KV)
@@ -760,6 +764,10 @@ class Controller:
         name, tname = gen.entry.spec.name, gen.tenant.name
         mt = self.metrics
         mt.requests.labels(name, tname, str(status)).inc()
+        if gen.load:  # (Ollama's load request: nothing was made for the caller, and its time is the model's load:
+            # no tokens, no usage, no latency or SLO sample; only its concurrency slot comes back)
+            TenantRegistry.release(gen.tenant.latest(), 0, 0, 0, served=False)
+            return
         # Served (answered, or made tokens before it failed or the client left): its tokens count, in the metrics and
         # the tenant's usage. Refused before any token (admission's 429, a load that failed): nothing of it is
         # charged (the tenant's tokens/min reservation comes back whole), only its status above.

@@ -57,11 +57,17 @@ class TokenBucket:
 
     def take(self, n: float, now: float | None = None) -> float:
         """Take n; returns 0.0 when granted, else the seconds until n would be available (nothing taken)."""
+        wait = self.wait(n, now)
+        if wait == 0.0:
+            self.level -= n
+        return wait
+
+    def wait(self, n: float, now: float | None = None) -> float:
+        """The seconds until n would be available (0.0: now); nothing is taken."""
         now = time.monotonic() if now is None else now
         self._fill(now)
         want = min(n, self.capacity)  # a request larger than the bucket waits for a full bucket
         if self.level >= want:
-            self.level -= n
             return 0.0
         return (want - self.level) / self.rate if self.rate > 0 else math.inf  # (a rate that underflowed to 0)
 
@@ -321,12 +327,29 @@ class TenantRegistry:
 
     # --- limits ---
     @staticmethod
-    def acquire(t: Tenant, tokens: int, now: float | None = None) -> tuple[int, str] | None:
-        """Reserve one request of `tokens`; None when granted, else (retry-after seconds, reason)."""
+    def acquire(t: Tenant, tokens: int, now: float | None = None, charge: bool = True) -> tuple[int, str] | None:
+        """Reserve one request of `tokens`; None when granted, else (retry-after seconds, reason).
+
+        `charge` False: a request that generates nothing for its caller (Ollama's load request): nothing is taken from
+        the tenant's rates, but a tenant over one of them is refused all the same -- a load brings a model into the
+        VRAM the tenants share (evicting others'), so a tenant that may not generate now may not move the pool's
+        models either (it would load for nothing: its next request is refused too). It holds a concurrency slot
+        while it runs (it is an engine request in flight)."""
         r = t.spec.rate
         if t.spec.max_concurrent is not None and t.inflight >= t.spec.max_concurrent:
             return 1, (f"tenant {t.name!r} has {t.inflight} requests in flight (limit {t.spec.max_concurrent}); "
                        "retry when one has finished.")
+        if not charge:
+            for bucket, limit in ((t.rps, "request rate limit reached for tenant {t}: {v:g} requests/s"),
+                                  (t.tpm, "token rate limit reached for tenant {t}: {v:g} tokens/min")):
+                wait = bucket.wait(1, now) if bucket is not None else 0.0
+                if wait > 0:
+                    s = max(1, math.ceil(min(wait, MAX_RETRY_AFTER_S)))
+                    v = r.requests_per_s if bucket is t.rps else r.tokens_per_min
+                    return s, (f"{limit.format(t=repr(t.name), v=v)}; a model's load takes none of it, but waits "
+                               f"until the tenant is under it: try again in {s}s.")
+            t.inflight += 1
+            return None
         if t.rps is not None:
             wait = t.rps.take(1, now)
             if wait > 0:

@@ -595,15 +595,17 @@ async def _load(request: Request, tenant: Any, model: str, body: _Base, chat: bo
 async def _make_resident(request: Request, serving: OpenAIServing, tenant: Any, me: Any, model: str) -> None:
     """Bring `me`'s weights into memory as a request for it does: residency is the pool's, which loads a model's
     weights for a step of it (evicting others as it must), so a one-token greedy generation of a one-token prompt
-    is run and waited for (placed, admitted and counted as any request: it is the engine's work). Its reply is
-    dropped; an error is the load's (a 503 of a load that failed, a tenant's 429)."""
+    is run and waited for (placed and admitted as any request: it is the engine's work). Its reply is dropped, and
+    nothing of it is charged to the tenant or counted in its usage (Controller.generate's `load`): it generated
+    nothing for the caller. An error is the load's (a 503 of a load that failed; a tenant's 429: one over its rate
+    limits may not load, though a load takes nothing from them)."""
     tok = me.tokenizer
     first = next((t for t in (getattr(tok, "bos_token_id", None), getattr(tok, "eos_token_id", None))
                   if isinstance(t, int) and not isinstance(t, bool)), None)
     ids = [first] if first is not None else (encode(tok, " ")[:1] if tok is not None else []) or [0]
     params = SamplingParams(max_tokens=1, temperature=0.0, lora=lora_of(me, model))
     gen = await serving.generate(me, tenant, model, [ids], params, 1, request.app.state.controller.new_id("ollama"),
-                                 False)
+                                 False, load=True)
     status = 499
     try:
         await _collect(gen)

@@ -571,12 +571,12 @@ class OpenAIServing:
         return t
 
     async def generate(self, me: ModelEntry, tenant: Tenant, asked: str, prompts: list[list[int]],
-                       params: SamplingParams, n: int, rid: str, stream: bool) -> Tracked:
+                       params: SamplingParams, n: int, rid: str, stream: bool, load: bool = False) -> Tracked:
         """Controller.generate, tracked; its refusals (and the engines' errors after) name the model as `asked`.
         `stream`: the reply goes out as it is made; else once whole (then a choice whose engine fails mid-generation
         runs again elsewhere: nothing of it was sent)."""
         try:
-            gen = await self.ctl.generate(me, tenant, prompts, params, n, rid, stream=stream)
+            gen = await self.ctl.generate(me, tenant, prompts, params, n, rid, stream=stream, load=load)
         except ServingError as e:
             if e.code == "model_load_failed" and not self.ctl.tenants.single_user:
                 # why a load failed is the worker's exception, with the server's paths in it: the operator's to
