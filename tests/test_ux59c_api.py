@@ -126,8 +126,8 @@ HI = [{"role": "user", "content": "Hello there"}]
 def test_messages_thinking_as_the_model_can(server):
     """`disabled` and `adaptive` are taken of any model (tiny: no thinking, the same reply); `enabled` of a model
     whose template cannot think is a 400 naming it. Of `think`: disabled renders the template's switch off (the
-    prompt /tokenize renders with enable_thinking false, count_tokens the same) and the reply is text; adaptive and
-    enabled render it on, and the reply (all thinking here: the prompt opened the block, and max_tokens ends it) is a
+    prompt /tokenize renders with enable_thinking false, count_tokens the same) and the reply is text; adaptive (and
+    enabled) render it on, and adaptive's reply (all thinking here: the prompt opened the block, and max_tokens ends it) is a
     thinking block, the chat completion's text, with a signature; streamed through the `anthropic` client it is the
     same message, as thinking_delta and signature_delta events. display "omitted" leaves the block's text empty."""
     import anthropic
@@ -153,7 +153,7 @@ def test_messages_thinking_as_the_model_can(server):
         model="think", messages=HI, max_tokens=8, temperature=0)
     assert chat.usage.prompt_tokens == on and chat.choices[0].finish_reason == "length"
     c = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0, timeout=60)
-    for t in ({"type": "adaptive"}, {"type": "enabled", "budget_tokens": 4}):
+    for t in ({"type": "adaptive"},):  # (`enabled`'s budget_tokens cuts the thinking: test_ux60b_thinking_budget)
         got = c.messages.create(model="think", messages=HI, max_tokens=8, thinking=t, extra_body={"temperature": 0})
         assert [b.type for b in got.content] == ["thinking"] and got.stop_reason == "max_tokens", got
         assert got.content[0].thinking == chat.choices[0].message.content.strip() and got.content[0].signature

@@ -23,8 +23,10 @@ chat template (`thinking.py`): `disabled`, no thinking (Qwen3's `enable_thinking
 the template can, none where it cannot; `enabled` (with `budget_tokens`, less than max_tokens, as Anthropic's),
 thinking, or a 400 for a model whose template has none. The reply's `<think>` block is then a `thinking` content
 block (its `signature` made here: opaque, as Anthropic's), streamed as `thinking_delta` and `signature_delta`
-events; its `display` "omitted" leaves the block's text empty. The budget is not held to (the model's thinking ends
-where it ends, within max_tokens). Thinking is off where the output is held to a shape from its first token (a call
+events; its `display` "omitted" leaves the block's text empty. The budget is held to (budget forcing,
+`thinking.Budgeted`): thinking that has used budget_tokens tokens without ending is closed there (the template's
+`</think>`) and the reply goes on with its answer, within max_tokens in all; usage counts every token generated once.
+Thinking is off where the output is held to a shape from its first token (a call
 forced by tool_choice any or tool, structured outputs) or continues a prefill: `adaptive` then does not think,
 `enabled` is a 400, as Anthropic refuses thinking with a forced tool. An earlier turn's thinking blocks, sent back
 whole by clients, are ignored, as Anthropic strips them. Errors take Anthropic's shape.
@@ -47,7 +49,7 @@ from starlette.requests import Request
 from controller.api import protocol as p
 from controller.api.serving import OpenAIServing, Tracked
 from controller.api.structured import HERMES_OPEN, CallStream, ToolPlan
-from controller.api.thinking import Split, opened, switch, thinks
+from controller.api.thinking import Budgeted, Split, opened, switch, thinks
 from controller.errors import ServingError
 from controller.tenants import Tenant
 
@@ -529,13 +531,19 @@ async def create(serving: OpenAIServing, req: p.MessagesRequest, tenant: Tenant,
     chat = chat_request(req)
     check_tool_choice(serving, req, tenant)
     chat, shown = with_thinking(serving, req, tenant, chat)
+    # `enabled`'s budget_tokens, held to where the reply thinks: the first generation makes that many tokens at most,
+    # the rest of max_tokens follows (Budgeted: the block closed where the budget ran out inside it)
+    budget = (req.thinking or {}).get("budget_tokens") if shown and thinking_type(req) == "enabled" else None
     try:
-        me, tools, gen = await serving.start_chat(chat, tenant, serving.ctl.new_id("msg"), req.stream)
+        me, tools, gen = await serving.start_chat(chat, tenant, serving.ctl.new_id("msg"), req.stream, first=budget)
     except ServingError as e:
         raise e.reworded(_terms(req)) from None
     # (the reply's <think> block split off where it is given, or where the prompt opened one the model writes in
     # whatever was asked: its thinking, not asked for, is then left out)
     begun = opened(me, getattr(gen, "prompt_tail", None))
+    if budget is not None:
+        params = serving._params(me, chat, req.max_tokens, None, tools=tools)
+        gen = Budgeted(serving, me, gen, params, req.max_tokens, begun, req.stream)
     reply = _Reply(serving, req, tools, Split(begun) if shown or begun else None, shown)
     if req.stream:
         return _stream(serving, gen, reply)

@@ -723,11 +723,13 @@ class OpenAIServing:
         return await self._collect(request, gen, self._collect_chat(gen, req, rid, me, tools))
 
     async def start_chat(self, req: p.ChatCompletionRequest, tenant: Tenant, rid: str, stream: bool,
-                         fit: Callable[[list[int]], list[int]] | None = None
+                         fit: Callable[[list[int]], list[int]] | None = None, first: int | None = None
                          ) -> tuple[ModelEntry, ToolPlan | None, Tracked]:
         """A chat request's model, tool plan and admitted generation (tracked: whoever reads it closes it).
         `stream`: whether the API request (chat, Messages, Responses, Ollama) sends its reply as it is made. `fit`:
-        the prompt's ids as they are fed, the caller's own cut of one past the context (Ollama's), else a 400."""
+        the prompt's ids as they are fed, the caller's own cut of one past the context (Ollama's), else a 400.
+        `first`: the generation's max_tokens where the request's is met in parts (a thinking budget, then the rest:
+        thinking.Budgeted), the context held to the request's whole max_tokens all the same."""
         me = self.entry(tenant, req.model)
         self._refuse_unsupported(req)
         if req.top_logprobs is not None and not req.logprobs:
@@ -744,8 +746,17 @@ class OpenAIServing:
             ids = await self.offload(self._chat_prompt, me, req, kwargs)
         else:
             ids = self._check_ids(me, fit(await self.offload(self._chat_prompt, me, req, kwargs, False)), "messages")
+        if first is not None:
+            room = me.max_model_len - len(ids)
+            if max_tokens is not None and max_tokens > room:  # (the engine's check, of the whole: as generate's)
+                raise ServingError(400, f"This model's maximum context length is {me.max_model_len} tokens. However, "
+                                   f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, "
+                                   f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                                   param="max_tokens", code="context_length_exceeded")
+            params = dataclasses.replace(params, max_tokens=first)
         gen = await self.generate(me, tenant, req.model, [ids], params, req.n, rid, stream)
         gen.prompt_tail = ids[-16:]  # (whether the template opened a think block the reply starts inside: thinking.opened)
+        gen.prompt_ids = ids  # (a continuation's prompt starts with it: thinking.Budgeted)
         return me, tools, gen
 
     @staticmethod

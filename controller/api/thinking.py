@@ -1,10 +1,20 @@
 """A model's thinking, as the APIs that give it apart from the reply read it: whether its chat template thinks
-(Qwen3's `enable_thinking` switch, or a `<think>` block it writes), and a reply's `<think>...</think>` block split
-from its content as it streams (Ollama's `thinking`, the Messages API's thinking blocks)."""
+(Qwen3's `enable_thinking` switch, or a `<think>` block it writes), a reply's `<think>...</think>` block split
+from its content as it streams (Ollama's `thinking`, the Messages API's thinking blocks), and a thinking budget held
+to (the Messages API's `budget_tokens`: `Budgeted`)."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from controller.messages import Delta
+
+if TYPE_CHECKING:
+    from controller.api.serving import OpenAIServing, Tracked
+    from controller.service import ModelEntry
+    from token_scheduler.request import SamplingParams
 
 OPEN, CLOSE = "<think>", "</think>"
 
@@ -76,3 +86,98 @@ class Split:
             self.state = "content"
         content, self.buf = self.buf, ""
         return thinking, content
+
+    def closing(self, said: str) -> str | None:
+        """The text that ends the think block from where the reply is (`said`: the reply so far), as a chat template
+        writes a finished one (Qwen3's: the thinking, a newline, `</think>`, a blank line), with the rest of the
+        opening tag where the reply was still writing it; None where the reply is in no think block (it opened
+        none, or closed it)."""
+        if self.state == "start":
+            head = self.buf.lstrip()
+            if not head or not self.OPEN.startswith(head):
+                return None
+            return self.OPEN[len(head):] + "\n" + self.CLOSE + "\n\n"
+        if self.state in ("open", "think"):
+            return ("" if said.endswith("\n") else "\n") + self.CLOSE + "\n\n"
+        return None
+
+
+class Budgeted:
+    """A reply whose thinking is held to a budget (the Messages API's `budget_tokens`), by budget forcing at the
+    front, the engine unchanged: the first generation (`first`) makes at most `budget` tokens; where they run out
+    inside the think block, the block is closed there (`Split.closing`'s text, given as the reply's next delta) and a
+    second generation continues from the prompt, those tokens and the closing tag, for the rest of `max_tokens`; where
+    they run out past the block (it closed within the budget) or in a reply that never opened one, the second goes on
+    from where the first stopped. A first that ended otherwise (its end of turn, a stop sequence) is the whole reply.
+
+    Read as the generation it stands for (`events`, `pending`, `close`, the token counts): the deltas of both, the
+    first's finish held back where the second follows; its usage the prompt's (the first's: its cached tokens too)
+    and every token generated, each once (the closing tag was not generated: it counts in neither)."""
+
+    def __init__(self, serving: OpenAIServing, me: ModelEntry, first: Tracked, params: SamplingParams,
+                 max_tokens: int, opened: bool, stream: bool):
+        self.serving, self.me, self.first, self.params = serving, me, first, params
+        self.max_tokens, self.opened, self.stream = max_tokens, opened, stream
+        self.second: Tracked | None = None
+        self.prompt_only = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.first.prompt_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.first.cached_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.first.completion_tokens + (self.second.completion_tokens if self.second is not None else 0)
+
+    def __getattr__(self, name: str):  # (the rest as the first generation has it: its subs, entry, prompt_tail, ...)
+        return getattr(self.first, name)
+
+    def pending(self) -> bool:
+        return (self.second or self.first).pending()
+
+    def close(self, status: int) -> None:
+        for g in (self.first, self.second):
+            if g is not None:
+                self.serving.active.discard(g)
+                g.close(status)
+
+    async def events(self) -> AsyncIterator[tuple[int, Delta]]:
+        split, said, ids, then = Split(self.opened), "", [], None
+        async for i, d in self.first.events():
+            said += d.text
+            ids += d.token_ids
+            split.feed(d.text)
+            if d.finished and d.finish_reason == "length":
+                then = self._then(split.closing(said), ids)
+            if then is None:
+                yield i, d
+                continue
+            yield i, dataclasses.replace(d, finished=False, finish_reason=None, stop_reason=None)
+            if then[1]:
+                yield i, Delta(d.request_id, text=then[1])
+        if then is None:
+            return
+        prompt, _, rest = then
+        self.serving.active.discard(self.first)
+        self.first.close(200)
+        # (under the reply's request id, marked: the operator sees whose answer it is; an engine request's own id)
+        first_id = getattr(self.first, "request_id", "")
+        rid = f"{first_id}-answer" if first_id else self.serving.ctl.new_id("msg")
+        self.second = await self.serving.generate(self.me, self.first.tenant, self.first.asked, [prompt],
+                                                  dataclasses.replace(self.params, max_tokens=rest), 1, rid,
+                                                  self.stream)
+        async for i, d in self.second.events():
+            yield i, dataclasses.replace(d, num_cached_tokens=0)  # (the prompt's part the cache held: the first's)
+
+    def _then(self, close: str | None, ids: list[int]) -> tuple[list[int], str, int] | None:
+        """Where the first generation, cut by the budget having written `ids`, goes on: (the second's prompt, the
+        closing text added to the reply, its max_tokens); None where max_tokens is spent or the context is full."""
+        from controller.api.serving import encode
+
+        prompt = [*self.first.prompt_ids, *ids, *(encode(self.me.tokenizer, close) if close else [])]
+        rest = min(self.max_tokens - len(ids), self.me.max_model_len - len(prompt))
+        return (prompt, close or "", rest) if rest >= 1 else None
