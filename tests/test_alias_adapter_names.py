@@ -105,7 +105,7 @@ def test_a_failed_loads_reason_is_the_operators(client, monkeypatch):
     tried again (503, Retry-After), not the worker's exception, which names the server's paths (it did)."""
     ctl = client.app.state.controller
 
-    async def generate(entry, tenant, prompts, params, n, request_id, stream=True):
+    async def generate(entry, tenant, prompts, params, n, request_id, stream=True, load=False):
         raise ServingError(503, f"model {REAL!r} could not be registered (its load failed): OSError: no file "
                                 f"/srv/secret/{REAL}/model.safetensors (tried again in 30 s)", retry_after=30,
                            code="model_load_failed")

@@ -40,7 +40,7 @@ def seen(app, monkeypatch) -> list[bool]:
     """The `stream` flag of each Controller.generate call, which then refuses (a 503)."""
     flags: list[bool] = []
 
-    async def generate(entry, tenant, prompts, params, n, request_id, stream=True):
+    async def generate(entry, tenant, prompts, params, n, request_id, stream=True, load=False):
         flags.append(stream)
         raise ServingError(503, "recorded", retry_after=1)
 
