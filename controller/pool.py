@@ -97,6 +97,7 @@ class Sub:
     # again from its start after its engine failed mid-generation, not only before its first token
     restartable: bool = False
     prefix_hashes: list | None = None  # (prefix-aware routing) its prompt's block hashes, made once for its n choices
+    follows: bool = False  # a continuation of its choice's earlier engine request (Controller.go_on)
 
 
 @dataclass

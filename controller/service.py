@@ -207,6 +207,10 @@ class Generation:
         self.buffered = False
         self._held: dict[int, list[m.Delta]] = {}  # (buffered) choice -> its deltas so far
         self.load = False  # only a model's load (Controller.generate's `load`): neither charged nor counted in usage
+        # its choice may go on in a further engine request (Controller.generate's `whole`, `go_on`): while none runs
+        # between the two, an end (an operator's cancel, a revoked key) is kept here, (error, kind), for that one
+        self.goes_on = False
+        self.ended: tuple[str, str] | None = None
 
     async def events(self) -> AsyncIterator[tuple[int, m.Delta]]:
         """Deltas as they come (buffered: each choice's all at once, when it ends); raises ServingError if a choice
@@ -242,7 +246,8 @@ class Generation:
                 if not d.finished:
                     continue
                 del self._held[sub.index]
-            if d.num_cached_tokens:  # (the first delta and the last say it)
+            if d.num_cached_tokens and not sub.follows:  # (the first delta and the last say it; a continuation's
+                # prompt, the request's own and what it made, is no prompt of the request's)
                 p = sub.index // self.per_prompt
                 self._cached[p] = max(self._cached.get(p, 0), d.num_cached_tokens)
             if d.finished:
@@ -558,19 +563,29 @@ class Controller:
         request not streamed a 503 its client is told not to retry, the engines abort it. (model, tenant, choices
         ended), or None when the controller holds no such request with a choice still running."""
         gen = self.activity.live.get(request_id)
-        if gen is None or gen.closed or not (subs := [s for s in gen.subs if not s.done]):
+        if gen is None or gen.closed:
+            return None
+        subs = [s for s in gen.subs if not s.done] or (gen.subs if gen.goes_on else [])
+        if not subs:
             return None
         self.end_requests(lambda g: g is gen, CANCELLED, "cancelled")
         return subs[0].model, gen.tenant.name, len(subs)
 
     def end_requests(self, match: Callable[[Generation], bool], error: str, kind: str) -> int:
         """End the requests in flight that `match`, as an operator's cancel does: each choice's stream gets `error`,
-        its engine request is aborted (a choice still waiting for its model is never submitted). How many ended."""
+        its engine request is aborted (a choice still waiting for its model is never submitted). A request between
+        an engine request and its continuation (`go_on`) ends as that one starts. How many ended."""
         n = 0
         for gen in list(self.activity.live.values()):
             if gen.closed or not match(gen):
                 continue
-            self.pool.end([s for s in gen.subs if not s.done], error, kind)
+            running = [s for s in gen.subs if not s.done]
+            if running:
+                self.pool.end(running, error, kind)
+            elif gen.goes_on:
+                gen.ended = (error, kind)
+            else:
+                continue
             n += 1
         return n
 
@@ -583,12 +598,15 @@ class Controller:
         return f"{kind}-{self._prefix}{next(self._ids):x}"
 
     async def generate(self, entry: ModelEntry, tenant: Tenant, prompts: list[list[int]], params: SamplingParams,
-                       n: int, request_id: str, stream: bool = True, load: bool = False) -> Generation:
+                       n: int, request_id: str, stream: bool = True, load: bool = False,
+                       whole: int | None = None) -> Generation:
         """Admit and place the n * len(prompts) engine requests of one API request (ServingError if refused).
         `stream=False` (the answer is sent once whole): its choices are buffered, and one whose engine fails
         mid-generation is run again from its start (Generation.buffered). `load`: a request that only brings its
         model's weights in (Ollama's load request, whose reply is dropped): nothing of it is charged to the tenant
-        nor counted in its usage (`TenantRegistry.acquire`'s `charge`, `finished`)."""
+        nor counted in its usage (`TenantRegistry.acquire`'s `charge`, `finished`). `whole`: the request's own
+        max_tokens where `params.max_tokens` is only its first part's (a thinking budget: thinking.Budgeted), the
+        rest to follow in a continuation (`go_on`): the tenant's tokens/min reservation is of the whole."""
         if (made := REQUEST_IDS.get()) is not None:  # (the response's x-request-id: app.RequestIds)
             made.append(request_id)
         ctx = entry.max_model_len
@@ -608,7 +626,7 @@ class Controller:
                                    param="max_tokens", code="context_length_exceeded")
             budgets.append(mt if mt is not None else max(room, 1))
         prompt_tokens = sum(len(p) for p in prompts)
-        charged = 0 if load else prompt_tokens + n * sum(budgets)
+        charged = 0 if load else prompt_tokens + n * sum(max(b, whole or 0) for b in budgets)
         refused = TenantRegistry.acquire(tenant, charged, charge=not load)
         if refused is not None:
             self.metrics.rejected.labels(entry.spec.name, "tenant_limit").inc()
@@ -616,6 +634,7 @@ class Controller:
         slo = self.slo_for(entry, tenant)
         gen = Generation(self, entry, tenant, slo, charged, prompt_tokens, asyncio.Queue())
         gen.load = load
+        gen.goes_on = whole is not None
         gen.per_prompt = n
         gen.buffered = not stream
         if not self.tenants.single_user:  # (a tenant's prompts neither use nor time another's cached KV)
@@ -651,6 +670,29 @@ class Controller:
             e.counted = True  # type: ignore[attr-defined]  # the serving layer must not count it again
             raise
         return gen
+
+    async def go_on(self, gen: Generation, index: int, prompt: list[int] | None, max_tokens: int = 0) -> None:
+        """Choice `index` of admitted request `gen` (Controller.generate's `whole`), its engine request ended, goes on
+        from `prompt` (the request's prompt, what the choice made, and what its caller adds: thinking.Budgeted's
+        closing tag) in a new engine request in that one's place, part of the same API request: not admitted, nor
+        charged to the tenant again (its rates, its usage's requests: the request counts once, its tokens all), under
+        the same request id (the admin API's list and cancel, the metrics: one request, its time to first token the
+        first engine request's, its latency to the continuation's end). Its deltas come from `gen.events()` again.
+        Sampled as the first (its params, `max_tokens` the continuation's). `prompt` None: it does not go on."""
+        if prompt is None:
+            gen.goes_on = False
+            return
+        old = gen.subs[index]
+        # (its engine request id the first's, marked: the request's id before its last '-', as the views read it)
+        sub = Sub(f"{old.rid}.next", old.model, index, prompt, dataclasses.replace(old.params, max_tokens=max_tokens),
+                  max_tokens, gen.sink, restartable=gen.buffered, follows=True)
+        gen.subs[index] = sub  # (in its place: the admin API's view and cancel, close's abort find it)
+        gen.goes_on = False
+        if gen.closed or gen.ended is not None:  # (ended between its engine requests: its events say how; a revoked
+            # key's request in flight ends after its grace, by end_requests, as any)
+            self.pool.end([sub], *(gen.ended or (CANCELLED, "cancelled")))
+            return
+        await self._place(sub, gen.entry, gen.slo, gen.tenant.spec.priority, admission=False)
 
     async def _place(self, sub: Sub, entry: ModelEntry, slo: SLO, priority: int, admission: bool,
                      avoid: EngineHandle | None = None, tries: int = 1) -> None:

@@ -211,11 +211,12 @@ def _budgeted(first: _Gen, then: list[str], max_tokens: int, opened: bool):
 
     started = []
 
-    async def generate(me, tenant, asked, prompts, params, n, rid, stream):
-        started.append((prompts[0], params.max_tokens))
-        return _Gen(then, "stop", prompts[0])
+    async def go_on(gen, prompt, max_tokens=0):  # (the same request goes on: its events the continuation's next)
+        if prompt is not None:
+            started.append((prompt, max_tokens))
+            gen.pieces, gen.why = then, "stop"
 
-    serving = SimpleNamespace(active=set(), generate=generate, ctl=SimpleNamespace(new_id=lambda kind: kind + "-2"))
+    serving = SimpleNamespace(active=set(), go_on=go_on)
     me = SimpleNamespace(tokenizer=_Tok(), max_model_len=4096)
     gen = Budgeted(serving, me, first, SamplingParams(max_tokens=max_tokens), max_tokens, opened, False)
     split, thinking, text, finish = Split(opened), "", "", None

@@ -571,12 +571,15 @@ class OpenAIServing:
         return t
 
     async def generate(self, me: ModelEntry, tenant: Tenant, asked: str, prompts: list[list[int]],
-                       params: SamplingParams, n: int, rid: str, stream: bool, load: bool = False) -> Tracked:
+                       params: SamplingParams, n: int, rid: str, stream: bool, load: bool = False,
+                       whole: int | None = None) -> Tracked:
         """Controller.generate, tracked; its refusals (and the engines' errors after) name the model as `asked`.
         `stream`: the reply goes out as it is made; else once whole (then a choice whose engine fails mid-generation
-        runs again elsewhere: nothing of it was sent)."""
+        runs again elsewhere: nothing of it was sent). `whole`: Controller.generate's (the request's max_tokens
+        where `params` has its first part's; the rest goes on by `go_on`)."""
+        more = {"whole": whole} if whole is not None else {}
         try:
-            gen = await self.ctl.generate(me, tenant, prompts, params, n, rid, stream=stream, load=load)
+            gen = await self.ctl.generate(me, tenant, prompts, params, n, rid, stream=stream, load=load, **more)
         except ServingError as e:
             if e.code == "model_load_failed" and not self.ctl.tenants.single_user:
                 # why a load failed is the worker's exception, with the server's paths in it: the operator's to
@@ -586,6 +589,16 @@ class OpenAIServing:
                 e.args = (e.message,)
             raise as_asked(e, me.spec.name, asked) from None
         return self._track(gen, asked)
+
+    async def go_on(self, gen: Tracked, prompt: list[int] | None, max_tokens: int = 0) -> None:
+        """Controller.go_on of `gen`'s one choice: it goes on from `prompt` for `max_tokens` more, the same request
+        (its deltas from `gen.events()` again); None: it does not."""
+        if prompt is not None:
+            gen.finish.pop(0, None)  # (the first's "length" is not the request's: the continuation's end is)
+        try:
+            await self.ctl.go_on(gen.gen, 0, prompt, max_tokens)
+        except ServingError as e:
+            raise as_asked(e, gen.gen.entry.spec.name, gen.asked) from None
 
     async def _collect(self, request, gen, collect):
         """Await a non-streamed response; the generation is closed with the status it ended with (499 when
@@ -729,7 +742,8 @@ class OpenAIServing:
         `stream`: whether the API request (chat, Messages, Responses, Ollama) sends its reply as it is made. `fit`:
         the prompt's ids as they are fed, the caller's own cut of one past the context (Ollama's), else a 400.
         `first`: the generation's max_tokens where the request's is met in parts (a thinking budget, then the rest:
-        thinking.Budgeted), the context held to the request's whole max_tokens all the same."""
+        thinking.Budgeted), the context held to the request's whole max_tokens all the same, the tenant charged for
+        it once, the rest made in the same request (`go_on`)."""
         me = self.entry(tenant, req.model)
         self._refuse_unsupported(req)
         if req.top_logprobs is not None and not req.logprobs:
@@ -754,7 +768,8 @@ class OpenAIServing:
                                    f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
                                    param="max_tokens", code="context_length_exceeded")
             params = dataclasses.replace(params, max_tokens=first)
-        gen = await self.generate(me, tenant, req.model, [ids], params, req.n, rid, stream)
+        whole = None if first is None else max_tokens if max_tokens is not None else me.max_model_len - len(ids)
+        gen = await self.generate(me, tenant, req.model, [ids], params, req.n, rid, stream, whole=whole)
         gen.prompt_tail = ids[-16:]  # (whether the template opened a think block the reply starts inside: thinking.opened)
         gen.prompt_ids = ids  # (a continuation's prompt starts with it: thinking.Budgeted)
         return me, tools, gen

@@ -106,19 +106,21 @@ class Budgeted:
     """A reply whose thinking is held to a budget (the Messages API's `budget_tokens`), by budget forcing at the
     front, the engine unchanged: the first generation (`first`) makes at most `budget` tokens; where they run out
     inside the think block, the block is closed there (`Split.closing`'s text, given as the reply's next delta) and a
-    second generation continues from the prompt, those tokens and the closing tag, for the rest of `max_tokens`; where
-    they run out past the block (it closed within the budget) or in a reply that never opened one, the second goes on
-    from where the first stopped. A first that ended otherwise (its end of turn, a stop sequence) is the whole reply.
+    second engine request continues from the prompt, those tokens and the closing tag, for the rest of `max_tokens`;
+    where they run out past the block (it closed within the budget) or in a reply that never opened one, the second
+    goes on from where the first stopped. A first that ended otherwise (its end of turn, a stop sequence) is the whole
+    reply.
 
-    Read as the generation it stands for (`events`, `pending`, `close`, the token counts): the deltas of both, the
-    first's finish held back where the second follows; its usage the prompt's (the first's: its cached tokens too)
-    and every token generated, each once (the closing tag was not generated: it counts in neither)."""
+    The second is a continuation of the same request (`OpenAIServing.go_on`): admitted, charged and counted once
+    (the tenant's rates and usage, the metrics, the admin API's list and cancel under its one id). Read as the
+    generation it stands for (`events`, `pending`, `close`, the token counts): the deltas of both, the first's finish
+    held back where the second follows; its usage the prompt's (the first's: its cached tokens too) and every token
+    generated, each once (the closing tag was not generated: it counts in neither)."""
 
     def __init__(self, serving: OpenAIServing, me: ModelEntry, first: Tracked, params: SamplingParams,
                  max_tokens: int, opened: bool, stream: bool):
         self.serving, self.me, self.first, self.params = serving, me, first, params
         self.max_tokens, self.opened, self.stream = max_tokens, opened, stream
-        self.second: Tracked | None = None
         self.prompt_only = False
 
     @property
@@ -131,19 +133,17 @@ class Budgeted:
 
     @property
     def completion_tokens(self) -> int:
-        return self.first.completion_tokens + (self.second.completion_tokens if self.second is not None else 0)
+        return self.first.completion_tokens
 
-    def __getattr__(self, name: str):  # (the rest as the first generation has it: its subs, entry, prompt_tail, ...)
+    def __getattr__(self, name: str):  # (the rest as the generation has it: its subs, entry, prompt_tail, ...)
         return getattr(self.first, name)
 
     def pending(self) -> bool:
-        return (self.second or self.first).pending()
+        return self.first.pending()
 
     def close(self, status: int) -> None:
-        for g in (self.first, self.second):
-            if g is not None:
-                self.serving.active.discard(g)
-                g.close(status)
+        self.serving.active.discard(self.first)
+        self.first.close(status)
 
     async def events(self) -> AsyncIterator[tuple[int, Delta]]:
         split, said, ids, then = Split(self.opened), "", [], None
@@ -151,8 +151,11 @@ class Budgeted:
             said += d.text
             ids += d.token_ids
             split.feed(d.text)
-            if d.finished and d.finish_reason == "length":
-                then = self._then(split.closing(said), ids)
+            if d.finished:
+                then = self._then(split.closing(said), ids) if d.finish_reason == "length" else None
+                # (placed before the first's end goes out: the request is never without an engine request an
+                # operator's cancel reaches)
+                await self.serving.go_on(self.first, *((then[0], then[2]) if then is not None else (None,)))
             if then is None:
                 yield i, d
                 continue
@@ -161,16 +164,7 @@ class Budgeted:
                 yield i, Delta(d.request_id, text=then[1])
         if then is None:
             return
-        prompt, _, rest = then
-        self.serving.active.discard(self.first)
-        self.first.close(200)
-        # (under the reply's request id, marked: the operator sees whose answer it is; an engine request's own id)
-        first_id = getattr(self.first, "request_id", "")
-        rid = f"{first_id}-answer" if first_id else self.serving.ctl.new_id("msg")
-        self.second = await self.serving.generate(self.me, self.first.tenant, self.first.asked, [prompt],
-                                                  dataclasses.replace(self.params, max_tokens=rest), 1, rid,
-                                                  self.stream)
-        async for i, d in self.second.events():
+        async for i, d in self.first.events():
             yield i, dataclasses.replace(d, num_cached_tokens=0)  # (the prompt's part the cache held: the first's)
 
     def _then(self, close: str | None, ids: list[int]) -> tuple[list[int], str, int] | None:
