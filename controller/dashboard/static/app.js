@@ -65,13 +65,20 @@ function clock(t) {
 // button pressed on a button that the next snapshot replaced never became a click) and a text selection survive
 // it. A node is kept where its tag and attributes are unchanged, and its children are patched the same way; one
 // whose attributes changed is replaced, listeners and all. Siblings are matched by their key (the row's model,
-// request, tenant, engine or event), else by position: a kept button belongs to the same row, so its listener
-// acts on the same thing as the new one would.
+// request, tenant, engine or event), a row's buttons by their action, else by position: a kept button belongs to
+// the same row, so its listener acts on the same thing as the new one would. (Buttons by position: a tenant's Edit
+// and New key, drawn once its details came, took Revoke's place and Revoke was replaced; the focus on it went to
+// New key, where Enter gave the tenant a new key.)
 const KEYS = ["data-model", "data-request", "data-tenant", "data-engine", "data-seq"];
 function keyOf(n) {
   if (n.nodeType !== Node.ELEMENT_NODE) return null;
   for (const k of KEYS) if (n.hasAttribute(k)) return `${k}=${n.getAttribute(k)}`;
   return null;
+}
+function slotOf(n) { // (a button by its action among its siblings: one action a row)
+  const k = keyOf(n);
+  if (k !== null || n.nodeType !== Node.ELEMENT_NODE || !n.hasAttribute("data-action")) return k;
+  return `data-action=${n.getAttribute("data-action")}`;
 }
 function sameNode(a, b) {
   if (a.nodeName !== b.nodeName || a.nodeType !== b.nodeType) return false;
@@ -91,11 +98,11 @@ function patch(parent, kids) {
 }
 function patchNodes(parent, kids) {
   const old = [...parent.childNodes];
-  const byKey = new Map(old.map((n) => [keyOf(n), n]));
+  const byKey = new Map(old.map((n) => [slotOf(n), n]));
   const used = new Set(); // (a key given twice keeps its node once)
   const out = kids.map((b) => (b instanceof Node ? b : document.createTextNode(String(b)))).map((b, i) => {
-    const k = keyOf(b);
-    const a = k !== null ? byKey.get(k) : old[i] && keyOf(old[i]) === null ? old[i] : undefined;
+    const k = slotOf(b);
+    const a = k !== null ? byKey.get(k) : old[i] && slotOf(old[i]) === null ? old[i] : undefined;
     if (!a || used.has(a) || !sameNode(a, b)) return b;
     used.add(a);
     if (a.nodeType === Node.ELEMENT_NODE) patchNodes(a, [...b.childNodes]);
@@ -119,9 +126,10 @@ const FOCUSABLE = "button:not([disabled]), a[href], input:not([disabled]), selec
 function refocus(parent, trail, action) {
   const live = [parent]; // down the trail as far as its nodes, or ones with their key or at their place, are there
   for (const [old, i] of trail) {
-    const box = live[live.length - 1], kids = [...box.childNodes], k = keyOf(old);
+    const box = live[live.length - 1], kids = [...box.childNodes], k = keyOf(old), slot = slotOf(old);
     const now = old.parentNode === box ? old : k !== null ? kids.find((n) => keyOf(n) === k)
-      : kids[i] && kids[i].nodeName === old.nodeName && keyOf(kids[i]) === null ? kids[i] : undefined;
+      : (slot !== null && kids.find((n) => slotOf(n) === slot)) // (its action's button, redrawn)
+        || (kids[i] && kids[i].nodeName === old.nodeName && keyOf(kids[i]) === null ? kids[i] : undefined);
     if (!now) break;
     live.push(now);
   }
