@@ -207,7 +207,6 @@ def _budgeted(first: _Gen, then: list[str], max_tokens: int, opened: bool):
     from types import SimpleNamespace
 
     from controller.api.thinking import Budgeted, Split
-    from token_scheduler.request import SamplingParams
 
     started = []
 
@@ -218,7 +217,7 @@ def _budgeted(first: _Gen, then: list[str], max_tokens: int, opened: bool):
 
     serving = SimpleNamespace(active=set(), go_on=go_on)
     me = SimpleNamespace(tokenizer=_Tok(), max_model_len=4096)
-    gen = Budgeted(serving, me, first, SamplingParams(max_tokens=max_tokens), max_tokens, opened, False)
+    gen = Budgeted(serving, me, first, max_tokens, opened)
     split, thinking, text, finish = Split(opened), "", "", None
 
     async def run():

@@ -542,8 +542,7 @@ async def create(serving: OpenAIServing, req: p.MessagesRequest, tenant: Tenant,
     # whatever was asked: its thinking, not asked for, is then left out)
     begun = opened(me, getattr(gen, "prompt_tail", None))
     if budget is not None:
-        params = serving._params(me, chat, req.max_tokens, None, tools=tools)
-        gen = Budgeted(serving, me, gen, params, req.max_tokens, begun, req.stream)
+        gen = Budgeted(serving, me, gen, req.max_tokens, begun)
     reply = _Reply(serving, req, tools, Split(begun) if shown or begun else None, shown)
     if req.stream:
         return _stream(serving, gen, reply)

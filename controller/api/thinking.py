@@ -14,7 +14,6 @@ from controller.messages import Delta
 if TYPE_CHECKING:
     from controller.api.serving import OpenAIServing, Tracked
     from controller.service import ModelEntry
-    from token_scheduler.request import SamplingParams
 
 OPEN, CLOSE = "<think>", "</think>"
 
@@ -117,10 +116,9 @@ class Budgeted:
     held back where the second follows; its usage the prompt's (the first's: its cached tokens too) and every token
     generated, each once (the closing tag was not generated: it counts in neither)."""
 
-    def __init__(self, serving: OpenAIServing, me: ModelEntry, first: Tracked, params: SamplingParams,
-                 max_tokens: int, opened: bool, stream: bool):
-        self.serving, self.me, self.first, self.params = serving, me, first, params
-        self.max_tokens, self.opened, self.stream = max_tokens, opened, stream
+    def __init__(self, serving: OpenAIServing, me: ModelEntry, first: Tracked, max_tokens: int, opened: bool):
+        self.serving, self.me, self.first = serving, me, first
+        self.max_tokens, self.opened = max_tokens, opened
         self.prompt_only = False
 
     @property
