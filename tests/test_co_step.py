@@ -80,11 +80,18 @@ def test_co_steps_pooled_equal_alone(make_tiny, host_cache, co):
     """Pooled: weights rotate through two slots and KV pages run short (plans evict, swap KV, prefetch) while steps
     run beside each other: tokens are alone's, no prefetch evicts the model whose step is in flight, every page comes
     back."""
-    multi = pooled_rotating_equals_alone(make_tiny, host_cache)
-    c = multi.snapshot()["counters"]
-    assert c["co_steps"] > 0 and multi.memory.stats.evictions > 0
-    _no_leak(multi)
-    multi.close()
+    # (Whether a step launches beside another hangs on the copy threads: a model still loading is no candidate.
+    # On two cores loaded by the rest of the suite a whole run met none once, in CI at 029493e (the tokens were
+    # alone's); each run checks the tokens and the books, and up to three runs are given to meet a co-step.)
+    for _ in range(3):
+        multi = pooled_rotating_equals_alone(make_tiny, host_cache)
+        c = multi.snapshot()["counters"]
+        assert multi.memory.stats.evictions > 0
+        _no_leak(multi)
+        multi.close()
+        if c["co_steps"] > 0:
+            break
+    assert c["co_steps"] > 0
 
 
 def _deep(multi, done: dict) -> str:
