@@ -98,6 +98,7 @@ class Sub:
     restartable: bool = False
     prefix_hashes: list | None = None  # (prefix-aware routing) its prompt's block hashes, made once for its n choices
     follows: bool = False  # a continuation of its choice's earlier engine request (Controller.go_on)
+    earlier: int = 0  # tokens its choice's earlier engine requests made (a continuation's: the views count them)
 
 
 @dataclass

@@ -685,7 +685,7 @@ class Controller:
         old = gen.subs[index]
         # (its engine request id the first's, marked: the request's id before its last '-', as the views read it)
         sub = Sub(f"{old.rid}.next", old.model, index, prompt, dataclasses.replace(old.params, max_tokens=max_tokens),
-                  max_tokens, gen.sink, restartable=gen.buffered, follows=True)
+                  max_tokens, gen.sink, restartable=gen.buffered, follows=True, earlier=old.earlier + old.generated)
         gen.subs[index] = sub  # (in its place: the admin API's view and cancel, close's abort find it)
         gen.goes_on = False
         if gen.closed or gen.ended is not None:  # (ended between its engine requests: its events say how; a revoked

@@ -164,8 +164,11 @@ def test_an_operator_cancels_the_continuation_by_the_requests_id(server):
                                                       and e["delta"]["type"] == "text_delta"):
             pass
         assert e is not None, "the reply never reached its answer"
-        listed = [x["id"] for x in in_flight(server)]
+        flying = in_flight(server)
+        listed = [x["id"] for x in flying]
         assert listed == [rid], listed  # (one request, under its one id, in either part)
+        # its tokens: the thinking's 3, then the answer's so far (the answer's alone were shown: 1 or 2 here)
+        assert flying[0]["tokens"] >= 3 + 1, flying
         c = httpx.post(server.url + f"/admin/requests/{rid}/cancel", headers=ADM, timeout=30)
         assert c.status_code == 200, c.text
         assert c.json()["id"] == rid and c.json()["cancelled"] == 1, c.json()

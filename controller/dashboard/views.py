@@ -158,7 +158,7 @@ def pool_view(ctl: Any, timeline_s: float = SPAN_S, resolution_s: float = RES_S)
     tokens = {k[0]: v for k, v in _counts(ctl.metrics.generation_tokens, "model").items()}
     for e in alive:
         for s in e.subs.values():
-            tokens[s.model] = tokens.get(s.model, 0.0) + s.generated
+            tokens[s.model] = tokens.get(s.model, 0.0) + s.generated + s.earlier  # (the counter: ended requests)
     tps = act.rate("model_tokens", tokens, mono)
     rejected = {k[0]: v for k, v in _counts(ctl.metrics.rejected, "model").items()}
     asked = {k[0]: v for k, v in _counts(ctl.metrics.cache_queries, "model").items()}
@@ -262,7 +262,7 @@ def requests_view(ctl: Any) -> list[dict[str, Any]]:
         subs = [s for s in subs if not s.done]
         if not subs:
             continue
-        tokens = sum(s.generated for s in subs)
+        tokens = sum(s.generated + s.earlier for s in subs)  # (a continuation's too: Controller.go_on)
         if gen is not None:
             age = now - gen.t_wall
             run = mono - gen.t_first if gen.t_first is not None else 0.0
