@@ -22,17 +22,12 @@ import pytest
 
 from controller.keys import hash_key
 from tests.ports import live_server_on
+from tests.test_ux60b_thinking_budget import HI, THINKING_TEMPLATE
 
 PORTS = range(25600, 25620)
 ADMIN = "admin-ux60c-budget"
 ADM = {"Authorization": f"Bearer {ADMIN}"}
 KEYS = {t: f"key-ux60c-{t}-abcdefghijkl" for t in ("use", "one", "can", "gone")}
-THINKING_TEMPLATE = (
-    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- else %}{{- '<think>\\n' }}{%- endif %}{%- endif %}")
-HI = [{"role": "user", "content": "Hello there"}]
 PACE_S = 0.02  # a token every 20 ms: a continuation of 400 tokens runs ~8 s
 
 

@@ -24,7 +24,7 @@ prof) d=$(model 1.5b)
   for b in ${PROF_B:-8 32}; do timeout 150 python3 -m load_tests.profile_decode --model $d --batch $b --steps 50 --context 512 \
       --top 16 --json "$OUT/profile_1.5b_b${b}_${tag}.json" > "$OUT/profile_1.5b_b$b.log" 2>&1; at "prof b$b" $?
     cut -c1-150 "$OUT/profile_1.5b_b$b.log" | grep -v "0.0 us" | head -20; done ;;
-tests) timeout "${LIMIT_TESTS:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS:-$GPU_FILES} \
+tests) timeout "${LIMIT_TESTS:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts= ${GPU_TESTS:-$GPU_FILES} \
     > "$OUT/gpu_tests.log" 2>&1; at tests $?
   grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.log" | tail -12 | cut -c1-300 ;;
 step) d=$(model 1.5b)
