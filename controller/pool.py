@@ -46,8 +46,9 @@ STEP_CEIL_S = 60.0
 MAX_DEVICE_BYTES = 1 << 41  # 2 TiB: a claimed device larger than this is not believed
 POOL_VIEW_MAX = 256 << 10  # bytes of a worker's pool view kept (it reaches /admin and the dashboard)
 MAX_EVENTS = 1024  # events per Stats
-# how long the pool view keeps a model out after an evict while the worker's Stats still list it resident (a view
-# taken before the worker applied it); past this the worker's word is taken (it kept the weights, after all)
+# how long the pool view keeps a model out after an evict or unload while the worker's Stats still list it resident (a
+# view taken before the worker applied it), where the Stats cannot tell (an unload; a worker that does not count its
+# evicts: Stats.pool["evicts"]); past this the worker's word is taken (it kept the weights, after all)
 GONE_TRUST_S = 10.0
 REPO_ROOT = Path(__file__).resolve().parent.parent
 JOIN_GRACE_S = 300.0  # at start-up, how long the server waits for every local worker before it is ready without
@@ -126,8 +127,10 @@ class EngineHandle:
     t_start: float = field(default_factory=time.time)
     # models told to evict (`EnginePool.evict`) whose requests here still run: out of the pool view once they end
     evicting: set[str] = field(default_factory=set)
-    # models the pool view says are out since an evict, until the worker's Stats agree (or GONE_TRUST_S passes)
-    gone: dict[str, float] = field(default_factory=dict)
+    # models the pool view says are out since an evict, until the worker's Stats agree or were taken after it: the
+    # time, and how many EvictModel of it were sent by then (None: an unload's); see `EnginePool._keep_gone`
+    gone: dict[str, tuple[float, int | None]] = field(default_factory=dict)
+    evicts: dict[str, int] = field(default_factory=dict)  # EvictModel messages sent per model
 
     def send(self, msg: m.Message) -> None:
         if self.alive and not self.writer.is_closing():
@@ -518,13 +521,14 @@ class EnginePool:
                 e.pool[k] = sorted({*names, model}) if has else [n for n in names if n != model]
 
     @staticmethod
-    def _evicted(e: EngineHandle, model: str) -> None:
+    def _evicted(e: EngineHandle, model: str, unload: bool = False) -> None:
         """`_stepped`'s converse: an evict the worker applies now (the model idle there) takes it out of the pool
         view at once. A Stats the worker took before it applied the evict would list it again a heartbeat long:
-        `e.gone` keeps it out until a Stats agrees, a token of it is made (`_stepped`), or GONE_TRUST_S passes (a
-        worker that kept it, after all, is believed)."""
+        `e.gone` keeps it out until a Stats agrees or was taken after the worker applied every evict of it sent so
+        far (`_keep_gone`), its load finishes (`_loaded`), a token of it is made (`_stepped`), or GONE_TRUST_S
+        passes. `unload`: unregistered (no evict to count)."""
         e.evicting.discard(model)
-        e.gone[model] = time.monotonic()
+        e.gone[model] = (time.monotonic(), None if unload else e.evicts.get(model, 0))
         EnginePool._out_of_view(e, model)
 
     @staticmethod
@@ -543,13 +547,18 @@ class EnginePool:
     @staticmethod
     def _keep_gone(e: EngineHandle) -> None:
         """A Stats's pool view, less the models evicted since (`e.gone`) that it still lists: a view taken before the
-        worker applied the evict. Once a Stats no longer lists one, or GONE_TRUST_S after the evict, its word is
-        taken again."""
+        worker applied the evict. Its word is taken again once a Stats no longer lists one, or was taken after the
+        worker applied every evict of it sent (its `evicts` count them: it lists the model resident then because
+        it was loaded again, or the evict did not happen), or GONE_TRUST_S after the evict (a worker that does not
+        count them; an unload)."""
         now = time.monotonic()
         models = e.pool.get("models") if e.pool else None
-        for model, t in list(e.gone.items()):
+        applied = e.pool.get("evicts") if e.pool else None
+        for model, (t, sent) in list(e.gone.items()):
             pm = models.get(model) if isinstance(models, dict) else None
-            if not isinstance(pm, dict) or pm.get("state") != "resident" or now - t > GONE_TRUST_S:
+            n = applied.get(model) if isinstance(applied, dict) else None
+            seen = sent is not None and isinstance(n, int) and not isinstance(n, bool) and n >= sent
+            if seen or not isinstance(pm, dict) or pm.get("state") != "resident" or now - t > GONE_TRUST_S:
                 del e.gone[model]
             else:
                 EnginePool._out_of_view(e, model)
@@ -560,6 +569,9 @@ class EnginePool:
             return
         if msg.ok:
             r.state, r.max_model_len, r.max_num_seqs = "ready", msg.max_model_len, msg.max_num_seqs
+            # a load finished after the evict or unload that took it out of the view (the worker ignores an evict of a
+            # model it does not host yet; a load cancels an unload not yet applied): its Stats are believed again
+            e.gone.pop(msg.model, None)
         else:
             r.state, r.error = "failed", msg.error
             del e.replicas[msg.model]
@@ -609,6 +621,7 @@ class EnginePool:
         if model not in e.replicas:
             return
         e.send(m.EvictModel(model))
+        e.evicts[model] = e.evicts.get(model, 0) + 1  # (the worker counts those it applied: `_keep_gone`)
         if view:
             if any(s.model == model for s in e.subs.values()):
                 e.evicting.add(model)
@@ -619,7 +632,7 @@ class EnginePool:
         r = e.replicas.pop(model, None)
         if r is not None:
             e.send(m.UnloadModel(model))
-            self._evicted(e, model)  # (its weights go with it: out of the pool view at once, as an evict's)
+            self._evicted(e, model, unload=True)  # (its weights go with it: out of the pool view at once, as an evict's)
             if not r.ready.is_set():  # dropped while loading: what waits for it is told now (the worker's answer
                 # finds no registration, or never comes: they waited out the load timeout, ten minutes)
                 r.state, r.error = "dropped", f"unregistered from engine {e.id} while it loaded"

@@ -98,6 +98,9 @@ class Worker:
         self._retune_later: dict[str, m.RetuneModel] = {}  # (RetuneModel while loading) applied once hosted
         self._loading: set[str] = set()
         self._unload_when_loaded: set[str] = set()  # unloaded by the controller while their load was under way
+        # EvictModel messages applied per model on this connection (Stats.pool["evicts"]): a Stats taken once it counts
+        # the controller's every evict of a model shows what they left (evicted, or kept: pinned, not hosted yet)
+        self._evicts: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="step", initializer=bind_device, initargs=(device,))
         self._load_thread = ThreadPoolExecutor(1, thread_name_prefix="load", initializer=bind_device, initargs=(device,))
@@ -223,6 +226,7 @@ class Worker:
             raise SystemExit(f"controller refused this worker: {reply.reason}")
         assert isinstance(reply, m.Registered)
         self._joined = True
+        self._evicts = {}  # (counted per connection, as the controller counts what it sent)
         if not self.models.engines:  # a reconnecting worker keeps its pool (and the models in it)
             self.models = HostedModels(self.device, GpuSettings.from_dict(reply.settings), free)
         self.stop_wait_s = stop_wait(reply.settings)
@@ -367,6 +371,7 @@ class Worker:
                     self._retune_later[msg.model] = msg
             elif isinstance(msg, m.EvictModel):
                 self.models.evict_when_idle(msg.model)
+                self._evicts[msg.model] = self._evicts.get(msg.model, 0) + 1  # (once applied: see `_snapshot`)
             elif isinstance(msg, m.SetLoras):
                 if msg.model not in self.models and msg.model in self._loading:  # (its LoadModel named the adapters
                     self._loras_later[msg.model] = msg.loras  # of before: these are set once it is hosted)
@@ -514,8 +519,13 @@ class Worker:
     def _snapshot(self) -> m.Stats:
         """Stats of the pool, taken on the step thread between steps (the engines' queues are not shared)."""
         hm = self.models
+        # the evicts applied before the view is read (`_apply_pending` runs on the loop thread, counting each once it
+        # is applied): the controller believes this view of a model it evicted once it counts them all
+        evicts = dict(self._evicts)
         # step_s for the router is a round: the time a model waits between two of its steps
         pool = hm.snapshot()
+        if evicts:
+            pool["evicts"] = evicts
         # a KV page's bytes, once carved (at the first model's registration): the controller refuses a model one
         # token of whose KV no engine's page holds (Controller.add_model), rather than let its loads fail
         wp = hm.arena_engine
