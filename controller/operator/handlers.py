@@ -166,6 +166,8 @@ def _controller_restarted(memo: kopf.Memo, meta: dict) -> str | None:
     if now is None:
         return None
     with memo.locks_guard:
+        if _deleted(meta["uid"]):  # (a round of a pool deleted while it asked: it notes nothing)
+            return None
         before = memo.seen.setdefault(meta["uid"], now)
     return now if before != now else None
 
@@ -179,7 +181,8 @@ def _after_restart(round_: Any, what: str, meta: dict, memo: kopf.Memo, **kw: An
     log.info("the controller restarted (instance %s): reconciling %s %s again", now, what, kw.get("name"))
     round_(meta=meta, memo=memo, **kw)
     with memo.locks_guard:
-        memo.seen[meta["uid"]] = now
+        if not _deleted(meta["uid"]):
+            memo.seen[meta["uid"]] = now
     return True
 
 
@@ -200,7 +203,8 @@ def _models_changed(memo: kopf.Memo) -> None:
 
 def _note(memo: kopf.Memo, table: str, uid: str, value: Any) -> None:
     with memo.locks_guard:
-        memo.setdefault(table, {})[uid] = value
+        if not _deleted(uid):
+            memo.setdefault(table, {})[uid] = value
 
 
 def _noted(memo: kopf.Memo, table: str, uid: str) -> Any:
@@ -244,13 +248,37 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 def _lock(memo: kopf.Memo, uid: str) -> threading.Lock:
-    """One lock per object: its timer and its change handlers run in different threads."""
+    """One lock per object: its timer and its change handlers run in different threads. (A deleted pool's round
+    gets one of its own, kept nowhere: `_deleted`.)"""
     with memo.locks_guard:
-        return memo.locks.setdefault(uid, threading.Lock())
+        return memo.locks.setdefault(uid, threading.Lock()) if not _deleted(uid) else threading.Lock()
 
 
 # What this process keeps per object (by uid), in the memo's tables
 _PER_OBJECT = ("applied", "served", "seen", "key_claims", "tenant_models_seen", "pool_engines_seen", "locks")
+
+
+# A GPUPool's uid once its DELETED event came, and when (monotonic): a round of it still under way then (rounds run in
+# threads: one waiting on its lock, or past it, writing its restart check's `seen` after it) must not note it again,
+# which `_forget` had dropped: a memo entry per deleted pool kept for good. Remembered DELETED_KEEP_S (far longer
+# than a round: its admin calls time out); uids are never reused.
+DELETED_KEEP_S = 3600.0
+_DELETED: dict[str, float] = {}
+_DELETED_LOCK = threading.Lock()  # (innermost: taken under memo.locks_guard and _WARNED_LOCK, nothing under it)
+
+
+def _deleted(uid: str | None) -> bool:
+    """Whether `uid` is a pool deleted (`pool_event`): nothing is noted of it any more."""
+    with _DELETED_LOCK:
+        return uid in _DELETED
+
+
+def _mark_deleted(uid: str) -> None:
+    now = time.monotonic()
+    with _DELETED_LOCK:
+        for u in [u for u, t in _DELETED.items() if now - t > DELETED_KEEP_S]:
+            del _DELETED[u]
+        _DELETED[uid] = now
 
 
 def _forget(memo: kopf.Memo, uid: str) -> None:
@@ -311,7 +339,7 @@ def _write_status(body: Any, patch: kopf.Patch, status: dict, fields: dict, stat
     uid = (body or {}).get("metadata", {}).get("uid")
     with _WARNED_LOCK:  # (and not again for a snapshot whose status lags: a timer's, a replayed event's)
         told = _WARNED.pop(uid, None)
-        if state == "Degraded":
+        if state == "Degraded" and not _deleted(uid):  # (a deleted pool's round: nothing kept of it)
             _WARNED[uid] = reason
     if state == "Degraded" and was != (state, reason) and told != reason:
         log.warning("%s/%s: %s: %s", (body or {}).get("kind", "?"), (body or {}).get("metadata", {}).get("name"),
@@ -401,6 +429,7 @@ def pool_event(event: dict, meta: dict, memo: kopf.Memo, **_: Any) -> None:
     if event.get("type") != "DELETED" or not uid:
         return
     with _lock(memo, uid):
+        _mark_deleted(uid)  # (before the forget: a round under way, past its lock or waiting on it, notes nothing)
         _forget(memo, uid)
 
 
@@ -411,7 +440,7 @@ def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: di
                    patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     gen = meta.get("generation")
     with _lock(memo, meta["uid"]):
-        if _stale(memo, meta):
+        if _stale(memo, meta) or _deleted(meta["uid"]):  # (deleted: a round that waited on the delete's forget)
             return
         watch = getattr(memo, "watch", None)  # (the engine count the restart check compares with: read before the
         seen = watch.engines() if watch is not None else None  # engines are, noted once they were)
