@@ -15,8 +15,9 @@ events (message_start ... message_stop; text as it comes; tool calls as they are
 `tool_use` block starts once its name is whole, its input follows in `input_json_delta` parts; a call max_tokens
 cuts streams what was written, which the client's accumulated input parses as far as it goes).
 Structured outputs (`output_config.format`, or the beta's `output_format`: `{"type": "json_schema", "schema":
-{...}}`) hold the reply's text to the schema as the chat path's response_format does (not with tools that may be
-called, nor a prefill: a 400 says so). A field Anthropic's request does not have, inside a block, a tool, `tool_choice`, `metadata` or `thinking`, is a
+{...}}`) hold the reply's text to the schema as the chat path's response_format does (not with a prefill: a 400
+says so); beside tools the model may call (tool_choice auto) the reply is either tool_use blocks or text of the
+schema, whichever the model takes; a forced call (any, tool) is held to the call alone. A field Anthropic's request does not have, inside a block, a tool, `tool_choice`, `metadata` or `thinking`, is a
 400 naming its path, as Anthropic's; those its clients send that are not used here (`cache_control`, ...) are taken.
 Images and documents are refused with a 400 naming the field. Extended thinking (`thinking`) follows the model's
 chat template (`thinking.py`): `disabled`, no thinking (Qwen3's `enable_thinking` off); `adaptive`, thinking where
@@ -386,10 +387,6 @@ def chat_request(req: p.MessagesRequest) -> p.ChatCompletionRequest:
     if kind == "tool" and (not isinstance(tc.get("name"), str) or not tc["name"]):
         raise _bad("tool_choice.name: Field required (the tool to call, with tool_choice type 'tool')",
                    "tool_choice.name")
-    if req.tools and kind != "none" and "response_format" in body:
-        where = output_format(req)[1]  # type: ignore[index]
-        raise _bad(f"{where}: not supported with tools the model may call (an output is held to one shape here: "
-                   'the tools\' calls or the schema): send tool_choice {"type": "none"}, or no tools', where)
     if req.tools:
         tools = []
         for i, t in enumerate(req.tools):

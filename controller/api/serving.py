@@ -24,7 +24,14 @@ from starlette.requests import Request
 
 from controller.api import protocol as p
 from controller.api.sse import DONE, EMPTY, NULL, ROLE, ROLE_CALLS, ChunkFrames, content, sse
-from controller.api.structured import CallStream, ToolPlan, response_grammar, tool_plan, vllm_grammar
+from controller.api.structured import (
+    CallStream,
+    ToolPlan,
+    response_grammar,
+    response_schema,
+    tool_plan,
+    vllm_grammar,
+)
 from controller.errors import ServingError
 from controller.messages import Delta
 from controller.service import Controller, Generation, ModelEntry
@@ -456,12 +463,16 @@ class OpenAIServing:
 
     @staticmethod
     def _grammar(req: p._Sampling, tools: ToolPlan | None) -> str | None:
-        """The one shape the output is held to: the tools' calls, response_format's, or vLLM's structured output."""
-        shaped = response_grammar(req.response_format)
+        """The shape the output is held to: the tools' calls, response_format's, or vLLM's structured output; tools
+        and a response_format together, the calls or text of the format ("auto": `ToolPlan.answering`), the calls
+        alone where one is forced (the format is the final answer's, as vLLM's and Anthropic's take both)."""
+        shaped = response_grammar(req.response_format)  # (compiled alone too: its errors name response_format)
         vllm = vllm_grammar(req)
-        if sum(x is not None for x in (tools, shaped, vllm)) > 1:
+        if vllm is not None and (tools is not None or shaped is not None):
             raise ServingError(400, "tools, response_format and structured outputs cannot shape one output together",
                                param="response_format" if shaped is not None else "structured_outputs")
+        if tools is not None and shaped is not None:
+            return tools.answering(response_schema(req.response_format)).grammar  # type: ignore[arg-type]
         return tools.grammar if tools else shaped or vllm
 
     @staticmethod

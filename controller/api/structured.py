@@ -6,10 +6,14 @@ masks each token with (SamplingParams.grammar).
   constrains it) or one named function (its arguments object): the output is parsed into `tool_calls`. "auto" would
   need a parser of each model's own call syntax, which this server does not have: a 400, as vLLM answers without
   `--enable-auto-tool-choice`. "none": the tools are left out of the prompt.
+- both: with "auto" (the model's own call syntax) the output is either calls or text held to the response_format
+  (`ToolPlan.answering`: an alternation of the two), as vLLM and Anthropic's structured outputs take both; a call
+  forced ("required", a named function) is held to the call alone; "none", to the response_format alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import secrets
@@ -39,11 +43,19 @@ def json_grammar(schema: dict[str, Any], param: str) -> str:
 def response_grammar(rf: dict[str, Any] | None) -> str | None:
     """The grammar of OpenAI's response_format (None: free text): `json_object` any JSON object, `json_schema` its
     `json_schema.schema`. A 400 naming the field for anything else or a schema it cannot compile."""
+    schema = response_schema(rf)
+    return None if schema is None else json_grammar(schema, "response_format")
+
+
+def response_schema(rf: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The JSON schema OpenAI's response_format holds the output to (None: free text): `json_object` any JSON
+    object, `json_schema` its `json_schema.schema`, closed. A 400 naming the field for anything else (not compiled:
+    response_grammar's)."""
     kind = (rf or {}).get("type", "text")
     if kind == "text":
         return None
     if kind == "json_object":
-        return json_grammar({"type": "object"}, "response_format")
+        return {"type": "object"}
     if kind != "json_schema":
         raise ServingError(400, f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
                            param="response_format.type")
@@ -54,7 +66,7 @@ def response_grammar(rf: dict[str, Any] | None) -> str | None:
                            param="response_format.json_schema")
     # (closed, as vLLM's default backend reads a schema, xgrammar's strict mode: vLLM's documented example sends a
     # pydantic model_json_schema(), which says nothing of additionalProperties, and gets its model's keys alone)
-    return json_grammar(closed_schema(schema), "response_format")
+    return closed_schema(schema)
 
 
 def _compiled(grammar: str, param: str, what: str = "") -> str:
@@ -192,6 +204,18 @@ class ToolPlan:
     named: str | None  # tool_choice named this function: the whole output is its arguments
     template_tools: list[dict[str, Any]]  # the tools as chat templates take them
     hermes: bool = False  # "auto" with the hermes syntax: text, or <tool_call> blocks (`opening` tells which)
+    schemas: dict[str, dict[str, Any]] | None = None  # ("auto") each tool's arguments' schema, by name
+    parallel: bool | None = None  # ("auto") parallel_tool_calls
+
+    def answering(self, schema: dict[str, Any]) -> ToolPlan:
+        """The plan with its text held to `schema` (a response_format's, a Messages output_config.format's) beside
+        the calls the model may make ("auto": the output is either its calls or JSON text of the schema, whichever
+        the model takes, as Anthropic's structured outputs with tools and vLLM's response_format with tools serve
+        them); a call forced (tool_choice required or named) is held to the call alone (the schema is the final
+        answer's, which a later turn gives)."""
+        if not self.hermes:
+            return self
+        return dataclasses.replace(self, grammar=_hermes_grammar(self.schemas or {}, self.parallel, schema))
 
     def calls(self, text: str) -> list[dict[str, Any]] | None:
         """The `tool_calls` of a whole output; None when it is not one (text, or cut short by max_tokens). Each
@@ -358,15 +382,19 @@ def _not_starting_with(prefix: str) -> str:
     return "(" + "|".join(alts) + ")"
 
 
-def _hermes_grammar(schemas: dict[str, dict[str, Any]], parallel: bool | None) -> str:
-    """Text (not beginning as a call does), or one or more `<tool_call>` blocks of {"name", "arguments"} JSON."""
+def _hermes_grammar(schemas: dict[str, dict[str, Any]], parallel: bool | None,
+                    answer: dict[str, Any] | None = None) -> str:
+    """Text (not beginning as a call does; with `answer`, JSON of that schema, which never begins with the call's
+    `<`), or one or more `<tool_call>` blocks of {"name", "arguments"} JSON."""
     calls = {"anyOf": [{"type": "object", "properties": {"name": {"const": n}, "arguments": {"$ref": f"#/$defs/{n}"}},
                         "required": ["name", "arguments"], "additionalProperties": False}
                        for n in schemas], "$defs": _rooted_defs(schemas), "x-guidance": JSON_LAYOUT}
     more = "" if parallel is False else ' ("\\n" call)*'
+    text = (f"/{_not_starting_with(HERMES_OPEN)}/" if answer is None else
+            f"%json {json.dumps({**answer, 'x-guidance': JSON_LAYOUT})}")
     return _named_failure(lambda: _compiled("\n".join([
         "start: text | call" + more,
-        f"text: /{_not_starting_with(HERMES_OPEN)}/",
+        f"text: {text}",
         f"call: {json.dumps(HERMES_OPEN)} obj {json.dumps(HERMES_CLOSE)}",
         f"obj: %json {json.dumps(calls)}"]), "tools"), schemas)
 
@@ -446,7 +474,7 @@ def tool_plan(tools: list | None, choice: Any, parallel: bool | None, parser: st
         schemas[t.function.name] = _arguments_schema(t.function.parameters, f"tools.{i}.function.parameters")
     if choice == "auto":  # the model's own syntax: text, or calls in it, each held to its tool's schema
         return ToolPlan(_hermes_grammar(schemas, parallel), None, [t.model_dump(exclude_none=True) for t in tools],
-                        hermes=True)
+                        hermes=True, schemas=schemas, parallel=parallel)
     named = None
     if isinstance(choice, str):  # "required": one call or more, of any of the tools
         items = [{"type": "object", "properties": {"name": {"const": n}, "parameters": {"$ref": f"#/$defs/{n}"}},
