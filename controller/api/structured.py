@@ -3,9 +3,10 @@ masks each token with (SamplingParams.grammar).
 
 - `response_format` `json_object` (any JSON object) or `json_schema` (an instance of its schema).
 - `tools` with `tool_choice` "required" (a JSON list of calls, `[{"name": ..., "parameters": {...}}]`, as vLLM
-  constrains it) or one named function (its arguments object): the output is parsed into `tool_calls`. "auto" would
-  need a parser of each model's own call syntax, which this server does not have: a 400, as vLLM answers without
-  `--enable-auto-tool-choice`. "none": the tools are left out of the prompt.
+  constrains it) or one named function (its arguments object): the output is parsed into `tool_calls`. "auto":
+  text, or calls in the model's own syntax (hermes' `<tool_call>` blocks, where its chat template writes them);
+  for a model whose syntax this server cannot read, a 400, as vLLM answers without `--enable-auto-tool-choice`.
+  "none": the tools are left out of the prompt.
 - both: with "auto" (the model's own call syntax) the output is either calls or text held to the response_format
   (`ToolPlan.answering`: an alternation of the two), as vLLM and Anthropic's structured outputs take both; a call
   forced ("required", a named function) is held to the call alone; "none", to the response_format alone.
