@@ -150,6 +150,12 @@ class Activity:
     def finished(self, gen: Any, status: int) -> None:
         self.hooked = True
         self.live.pop(getattr(gen, "request_id", None), None)
+        if getattr(gen, "load", False):
+            # Ollama's load request (Controller.generate's `load`): nothing was made for its caller, and its time is
+            # the model's load, so it is no request of the window (a model's and a tenant's requests, TTFT/TPOT,
+            # SLO attainment), as it is no latency or SLO sample in the metrics: a tenant that only loaded showed
+            # 100% attainment, and a model the load's TTFT
+            return
         self.done.append(outcome(gen, status, time.monotonic()))
 
     def stats(self, e: Any) -> None:
