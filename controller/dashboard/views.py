@@ -258,11 +258,13 @@ def requests_view(ctl: Any) -> list[dict[str, Any]]:
     for rid in [r for r in act.first_seen if r not in flying]:
         del act.first_seen[rid]
     out = []
-    for rid, (gen, subs) in flying.items():
-        subs = [s for s in subs if not s.done]
+    for rid, (gen, every) in flying.items():
+        subs = [s for s in every if not s.done]
         if not subs:
             continue
-        tokens = sum(s.generated + s.earlier for s in subs)  # (a continuation's too: Controller.go_on)
+        # every choice's tokens, those of a choice already done too (n > 1: the count went down as each ended, and
+        # its tokens/s with it), and a continuation's earlier ones (Controller.go_on)
+        tokens = sum(s.generated + s.earlier for s in every)
         if gen is not None:
             age = now - gen.t_wall
             run = mono - gen.t_first if gen.t_first is not None else 0.0
