@@ -661,7 +661,8 @@ function renderTenants(p) {
     el("td", { text: t.name }),
     el("td", {}, anon(t) && !d // (authentication off: everyone is it, and may use every model)
       ? el("span", { class: "mname", title: "every model (authentication is off)", text: "*" })
-      : el("span", { class: "mname", title: d ? d.models.join(", ") : "", text: d ? d.models.join(", ") : "—" })),
+      : el("span", { class: "mname", title: d ? d.models.join(", ") || "no model: its requests are 404s" : "",
+        text: d ? d.models.join(", ") || "none" : "—" })),
     el("td", { class: "num", text: fmtNum(t.requests_per_s, 2) }),
     el("td", { class: "num", text: fmtNum(t.tokens_per_min, 0) }),
     el("td", { class: "num", text: `${t.concurrency}${t.max_concurrent ? ` / ${t.max_concurrent}` : ""}` }),
@@ -888,7 +889,10 @@ function init() {
   document.getElementById("add-tenant").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const form = ev.target, f = new FormData(form), editing = form.dataset.editing;
-    const models = String(f.get("models") || "*").split(",").map((s) => s.trim()).filter(Boolean);
+    // an empty field: every model for a tenant made here, but no model for one edited (the form shows a tenant of
+    // `models: []` so: saving its other limits gave it every model)
+    const models = String(f.get("models") || (editing !== undefined ? "" : "*")).split(",").map((s) => s.trim())
+      .filter(Boolean);
     const num = (k) => (f.get(k) ? Number(f.get(k)) : null);
     if (editing !== undefined) { // a field emptied: no such limit from now on
       const rate = { requests_per_s: num("rps"), tokens_per_min: num("tpm"),
