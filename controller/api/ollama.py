@@ -497,8 +497,10 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         text, reason = await unless_disconnected(request, _collect(gen, out_ids, lambda d: lps.extend(logprobs_of(d))))
         status = 200
         thought, text = _Split(begun).feed(text, True) if thinking else ("", text)
-        if tools is not None and (calls := _calls(serving, text, reason, tools)):
-            return Response(line("", True, reason, calls, thought, lps), media_type="application/json")
+        if tools is not None:  # (what the stream gives, its lines put together: the whole calls, and the rest
+            # as content (a call cut by num_predict or a stop string), as Ollama's reply not streamed is its stream's)
+            text, calls = _CallLines(serving, tools).feed(text, True, reason)
+            return Response(line(text, True, reason, calls, thought, lps), media_type="application/json")
         return Response(line(text, True, reason, thought=thought, logprobs=lps), media_type="application/json")
     except ClientGone:
         return Response(status_code=499)
