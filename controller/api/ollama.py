@@ -254,6 +254,10 @@ OPTION_OF = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "
              "frequency_penalty": "frequency_penalty", "max_tokens": "num_predict"}
 
 
+# `format` as the chat path's errors name it (response_format, a JSON schema's json_schema.schema)
+_FORMAT_TERMS = ((re.compile(r"\bresponse_format(?:\.json_schema(?:\.schema)?)?\b"), "format"),)
+
+
 def _sampling(body: _Base, model: str) -> dict[str, Any]:
     """The OpenAI request fields `body`'s options and format mean (for `model`, the served name it asks for)."""
     o = body.options or Options()
@@ -461,6 +465,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
     except ServingError as e:
         if e.status != 401 and not getattr(e, "counted", False):  # (auth counts its own; a generation its own)
             ctl.count_refusal(body.model, tenant.name if tenant else "-", e.status)
+        e.reworded(_FORMAT_TERMS)  # (the chat path's error names the field sent: `format`, not `response_format`)
         return _error(e.status, e.message if e.status != 404 else f"model '{body.model}' not found", e)
     key = "message" if chat else "response"
     out_ids: list[int] = []  # (generate) the reply's ids, for the `context` of its last line
