@@ -137,16 +137,27 @@ function refocus(parent, trail, action) {
     const t = live[live.length - 1];
     if (t.matches(FOCUSABLE)) { t.focus(); return; }
   }
-  for (let j = Math.min(live.length, trail.length) - 1; j >= 0; j--) { // from where the trail broke, up
-    const [old, i] = trail[j], sibs = [...live[j].childNodes];
-    const order = [...sibs.slice(i), ...sibs.slice(0, i).reverse()].filter((n) => n.nodeType === Node.ELEMENT_NODE);
-    const find = (sel) => {
-      for (const n of order) { const t = n.matches(sel) ? n : n.querySelector(sel); if (t) return t; }
-      return null;
-    };
-    const t = (action && find(`[data-action="${CSS.escape(action)}"]`)) || (keyOf(old) === null && find(FOCUSABLE));
+  const levels = Math.min(live.length, trail.length);
+  const find = (j, sel) => { // from where the node was at level j of the trail: after it, then before it
+    const i = trail[j][1], sibs = [...live[j].childNodes];
+    for (const n of [...sibs.slice(i), ...sibs.slice(0, i).reverse()]) {
+      if (n.nodeType !== Node.ELEMENT_NODE) continue;
+      const t = n.matches(sel) ? n : n.querySelector(sel);
+      if (t) return t;
+    }
+    return null;
+  };
+  // the same button in its row, else in the next row (the one before, past the last), from where the trail broke
+  // up; only then a control beside it (Evict gone from a row still there went to the row's Remove, past the next
+  // row's Evict)
+  for (let j = levels - 1; action && j >= 0; j--) {
+    const t = find(j, `[data-action="${CSS.escape(action)}"]`);
     if (t) { t.focus(); return; }
-    if (keyOf(old) !== null) break; // a row gone, and no row has that button: the heading
+  }
+  for (let j = levels - 1; j >= 0; j--) {
+    if (keyOf(trail[j][0]) !== null) break; // a row gone, and no row has that button: the heading
+    const t = find(j, FOCUSABLE);
+    if (t) { t.focus(); return; }
   }
   const h = parent.closest(".card")?.querySelector("h3");
   if (h) { h.tabIndex = -1; h.focus(); }
