@@ -21,6 +21,9 @@ from typing import Any, TextIO
 
 from controller.ps import not_found, read_json, server_error
 
+# A route the server does not have, as its error JSON says it (Starlette's words): not a model's or a key's refusal
+NO_ROUTE = {(404, "Not Found"), (405, "Method Not Allowed")}
+
 
 class ChatError(RuntimeError):
     def __init__(self, message: str, status: int | None = None, foreign: bool = False):
@@ -41,6 +44,9 @@ def _request(url: str, path: str, key: str | None, body: dict | None = None, tim
         msg = server_error(e)
         if msg is None:  # (not this server's error: say which URL answered what)
             raise ChatError(f"{url.rstrip('/')}{path}: HTTP {e.code}: {e.reason}", e.code, foreign=True) from None
+        if (e.code, msg) in NO_ROUTE:  # (a path this server does not have, --url's own path: the URL said too, as
+            # another server's; "tokenpool ls: Not Found" named nothing)
+            raise ChatError(f"{url.rstrip('/')}{path}: HTTP {e.code}: {msg}", e.code, foreign=True) from None
         hint = " (pass --api-key or set TOKENPOOL_API_KEY)" if e.code == 401 else ""
         raise ChatError(f"{msg}{hint}", e.code) from None
     except (urllib.error.URLError, OSError) as e:
