@@ -154,12 +154,7 @@ def pool_view(ctl: Any, timeline_s: float = SPAN_S, resolution_s: float = RES_S)
     engines = [_engine_out(ctl, act, e, now, timeline_s, resolution_s, switched) for e in ctl.pool.engines.values()]
     per_engine = {e.id: engine_models(e) for e in alive}
 
-    # tokens/s: tokens of finished requests (Prometheus counter) + tokens so far of those in flight
-    tokens = {k[0]: v for k, v in _counts(ctl.metrics.generation_tokens, "model").items()}
-    for e in alive:
-        for s in e.subs.values():
-            tokens[s.model] = tokens.get(s.model, 0.0) + s.generated + s.earlier  # (the counter: ended requests)
-    tps = act.rate("model_tokens", tokens, mono)
+    tps = act.rate("model_tokens", model_tokens(ctl, act), mono)
     rejected = {k[0]: v for k, v in _counts(ctl.metrics.rejected, "model").items()}
     asked = {k[0]: v for k, v in _counts(ctl.metrics.cache_queries, "model").items()}
     found = {k[0]: v for k, v in _counts(ctl.metrics.cache_hits, "model").items()}
@@ -218,6 +213,19 @@ def pool_view(ctl: Any, timeline_s: float = SPAN_S, resolution_s: float = RES_S)
     return ap.PoolOut(t=now, window_s=act.window_s, latency_window=act.hooked, auth=bool(ctl.tenants.auth),
                       engines=engines, models=models,
                       tenants=tout, events=dict(bus.counts), event_subscribers=bus.subscribers)
+
+
+def model_tokens(ctl: Any, act: Activity) -> dict[str, float]:
+    """Tokens made so far per model (the pool view's tokens/s is their rate): ended requests' (the Prometheus counter,
+    counted as a request ends) and those of the requests in flight, every choice's (one already done too: a request
+    of n > 1 dipped the rate as each of its choices left its engine) and a continuation's earlier ones
+    (Controller.go_on); never an Ollama load's (no tokens metric counts its one token)."""
+    tokens = {k[0]: v for k, v in _counts(ctl.metrics.generation_tokens, "model").items()}
+    for gen, subs in _in_flight(ctl, act).values():
+        if gen is None or not getattr(gen, "load", False):
+            for s in subs:
+                tokens[s.model] = tokens.get(s.model, 0.0) + s.generated + s.earlier
+    return tokens
 
 
 def _in_flight(ctl: Any, act: Activity) -> dict[str, tuple[Any, list[Any]]]:
