@@ -211,25 +211,16 @@ def stop(url: str, token: str | None, model: str) -> str:
     name = names.get(model) or names.get(model.removesuffix(":latest"))
     if name is None:  # (as `tokenpool run` and `show` say it; the served models beside it)
         raise PsError(not_found(model, [m["name"] for m in served]))
-    # where its weights are in VRAM now (or on their way), as `tokenpool ps` shows it: a model registered on an engine
-    # whose weights were already out (in the host cache) said they "leave VRAM" there
-    entry = [m for m in served if m["name"] == name]
-    engines = _listed(url, "/admin/engines", token, "id")
-    try:
-        held = sum(r[4] in IN_VRAM for r in rows(entry, engines))
-    except (KeyError, TypeError, AttributeError, ValueError):  # (an item of another shape than tokenpool's)
-        raise PsError(f"{url}/admin/engines: not a tokenpool admin API answer (is it a tokenpool server?)") from None
     path = f"/admin/models/{urllib.parse.quote(name, safe='')}/evict"
     got = fetch(url, path, token, method="POST")
     n = got.get("engines") if isinstance(got, dict) else None
     if not isinstance(n, int):
         raise PsError(f"{url}{path}: not a tokenpool admin API answer (is it a tokenpool server?)")
+    held = got.get("resident")  # (of those, where its weights were in VRAM; a server before it said only `engines`)
+    held = held if isinstance(held, int) and not isinstance(held, bool) else n
     if not n:
         return f"{model}: registered on no engine"
-    if not held:
+    if not held:  # (it said its weights "leave VRAM on 1 engine" however long they had been out)
         return f"{model}: not in VRAM on any engine, nothing to free; the next request brings its weights in"
     return (f"{model}: its weights leave VRAM on {held} engine{'' if held == 1 else 's'} once its requests there "
             "finish; the next request brings them back")
-
-
-IN_VRAM = ("resident", "loading", "ready")  # `rows`' states of weights in VRAM (ready: an engine that does not pool)

@@ -55,7 +55,7 @@ def test_admin_evict_and_tokenpool_stop(server):
     text = _use(server)
     assert _until(server, True)
     r = httpx.post(server.url + "/admin/models/tiny-a/evict", headers=H)
-    assert r.status_code == 200 and r.json() == {"name": "tiny-a", "engines": 1}
+    assert r.status_code == 200 and r.json() == {"name": "tiny-a", "engines": 1, "resident": 1}
     assert _until(server, False)
     assert _use(server) == text and _until(server, True)
     out = subprocess.run([sys.executable, "-m", "controller.cli", "stop", "tiny-a", "--url", server.url],

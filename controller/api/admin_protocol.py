@@ -294,6 +294,7 @@ class PinOut(BaseModel):
 class EvictOut(BaseModel):
     name: str
     engines: int  # engines told to free its VRAM (once its requests there finish)
+    resident: int = 0  # of them, those where its weights were in VRAM (or on their way there) when told
 
 
 class DrainOut(BaseModel):

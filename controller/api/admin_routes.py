@@ -314,9 +314,11 @@ async def evict(name: str, request: Request):
     if ctl.models[name].pinned:
         raise ServingError(409, f"{name!r} is pinned: unpin it first (POST /admin/models/{name}/unpin)",
                            code="model_pinned")
+    held = sum(e.alive and views.engine_models(e).get(name, {}).get("state") in ("resident", "loading")
+               for e in ctl.pool.engines.values())  # (read before the evict takes it out of the view)
     n = ctl.evict(name)
     views.events(ctl).publish("evict", model=name, engines=n)
-    return ap.EvictOut(name=name, engines=n)
+    return ap.EvictOut(name=name, engines=n, resident=held)
 
 
 @router.post("/models/{name:path}/drain", response_model=ap.DrainOut)
