@@ -44,6 +44,11 @@ KEY_USED: ContextVar[str | None] = ContextVar("tokenpool_key_used", default=None
 MAX_RETRY_AFTER_S = 86400  # a 429's Retry-After at most (a tiny rate's wait overflowed to infinity: a 500)
 
 
+def _retry_after(wait: float) -> int:
+    """A 429's Retry-After for a bucket's `wait` seconds: whole seconds, 1 at least, at most MAX_RETRY_AFTER_S."""
+    return max(1, math.ceil(min(wait, MAX_RETRY_AFTER_S)))
+
+
 class TokenBucket:
     def __init__(self, rate: float, capacity: float, now: float | None = None):
         self.rate, self.capacity = rate, capacity
@@ -344,7 +349,7 @@ class TenantRegistry:
                                   (t.tpm, "token rate limit reached for tenant {t}: {v:g} tokens/min")):
                 wait = bucket.wait(1, now) if bucket is not None else 0.0
                 if wait > 0:
-                    s = max(1, math.ceil(min(wait, MAX_RETRY_AFTER_S)))
+                    s = _retry_after(wait)
                     v = r.requests_per_s if bucket is t.rps else r.tokens_per_min
                     return s, (f"{limit.format(t=repr(t.name), v=v)}; a model's load takes none of it, but waits "
                                f"until the tenant is under it: try again in {s}s.")
@@ -353,7 +358,7 @@ class TenantRegistry:
         if t.rps is not None:
             wait = t.rps.take(1, now)
             if wait > 0:
-                s = max(1, math.ceil(min(wait, MAX_RETRY_AFTER_S)))
+                s = _retry_after(wait)
                 return s, (f"request rate limit reached for tenant {t.name!r}: {r.requests_per_s:g} requests/s "
                            f"(burst {t.rps.capacity:g}); try again in {s}s.")
         if t.tpm is not None:
@@ -361,7 +366,7 @@ class TenantRegistry:
             if wait > 0:
                 if t.rps is not None:
                     t.rps.give_back(1)
-                s = max(1, math.ceil(min(wait, MAX_RETRY_AFTER_S)))
+                s = _retry_after(wait)
                 over = (" (more than a minute's allowance: it waits for a full one; a lower max_tokens reserves "
                         "less)" if tokens > t.tpm.capacity else "")
                 return s, (f"token rate limit reached for tenant {t.name!r}: {r.tokens_per_min:g} tokens/min; "
