@@ -334,6 +334,28 @@ def test_signed_out_elsewhere_goes_to_the_login_once(server, browser):
     assert failed == [], "\n".join(failed)
 
 
+def test_signed_out_with_a_call_in_flight_does_not_reconnect(server, browser):
+    """A page whose stream ends (signed out elsewhere) while one of its calls is still in flight goes to the login
+    form once that call ends, having opened no new stream meanwhile: the browser's own reconnect (1 s after the
+    end) was still pending when the call ended, and the navigation aborted it (CI: a failed request)."""
+    failed: list[str] = []
+    held: list = []
+    with signed_in(browser, server.url, failed) as page:
+        page.evaluate("S.calls++")  # (a call in flight: the page waits for it before it navigates)
+        page.route("**/admin/events*", lambda route: held.append(route))  # (a new stream would wait here, pending)
+        other = page.context.new_page()
+        other.goto(server.url + "/dashboard")
+        expect(other.locator("#conn")).to_have_text("live", timeout=10_000)
+        other.click("header form button")
+        expect(other.locator("#token")).to_be_visible(timeout=10_000)
+        page.wait_for_function("S.leaving && S.es.readyState !== EventSource.OPEN", timeout=10_000)
+        page.wait_for_timeout(1_500)  # (past the 1 s the server's retry: asks of a reconnect)
+        assert held == [], "a new stream was opened after the session's end"
+        page.evaluate("S.calls--; signedOut()")
+        expect(page.locator("#token")).to_be_visible(timeout=10_000)
+    assert failed == [], "\n".join(failed)
+
+
 def focused(page) -> list:
     """Where the keyboard is: the focused element's row key (tenant, model or request), its action, its tag."""
     return page.evaluate("""() => { const a = document.activeElement, r = a.closest('tr');

@@ -832,7 +832,9 @@ function connect() {
     conn.textContent = "live"; conn.className = "conn live"; conn.title = "";
   };
   es.onerror = () => {
-    if (S.leaving) { signedOut(); return; } // (the stream ended: the page goes to the login form)
+    // (the stream ended: the page goes to the login form, with no reconnect meanwhile: the browser's own, 1 s on,
+    // pending as a call in flight ended, was aborted by the navigation: a failed request in the browser's log)
+    if (S.leaving) { if (es.readyState !== EventSource.OPEN) es.close(); signedOut(); return; }
     S.retrying = true;
     conn.textContent = "reconnecting…";
     conn.className = "conn down";
