@@ -153,9 +153,12 @@ class Stats:  # W->C, every heartbeat
     tokens: int  # generated so far
     gpu: dict[str, float] = field(default_factory=dict)
     # the pooled engine's state (controller/hosting.py `HostedModels.snapshot`): active model, resident and
-    # prefetching models, switches, VRAM split, per-model queue/KV; and the events since the last Stats
+    # prefetching models, switches, VRAM split, per-model queue/KV, the step timeline; and the worker's own
+    # (worker.py `_snapshot`): `evicts`, the EvictModel messages it applied per model on this connection (the
+    # controller takes its view of a model it evicted again once they count every evict it sent: pool.py
+    # `_keep_gone`), `kv_page_bytes`, `loop` (its step loop's times). /admin/engines shows it (its `pool`)
     pool: dict[str, Any] = field(default_factory=dict)
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)  # the events since the last Stats
 
 
 @dataclass
