@@ -37,20 +37,30 @@ import struct
 from dataclasses import dataclass, replace
 from math import prod
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from controller import tokenizer_factory
+from controller.hosting import import_torch
+
+if TYPE_CHECKING:  # torch is imported when a model is made (`import_torch`), not with this module
+    import torch
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 SIZES = ("tiny", "small", "0.5b", "1.5b", "3b", "7b", "8b")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # (torch's names: `_torch_dtype`)
 INIT_STD = 0.02
 MAX_SHARD_BYTES = 5 * 10**9  # HF's default "5GB"
 MARKER = "tokenpool_factory.json"  # records the arguments, so a re-run may overwrite its own output
 
-_SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+_SAFETENSORS_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _HF_CLASS = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of DTYPES' `dtype`; torch imported through `hosting.import_torch`, as every first import of
+    torch in a server's process: the default's models are made on a thread of its start-up, and torch imported by
+    two threads at once is not safe (hosting's `_IMPORTS`)."""
+    return getattr(import_torch(), DTYPES[dtype])
 
 
 @dataclass(frozen=True)
@@ -132,9 +142,10 @@ def model_shape(arch: str, size: str) -> Shape:
 
 def model_config(arch: str, size: str, dtype: str = "bf16"):
     """The transformers config (LlamaConfig, Qwen2Config, ...) of `arch` at `size`; writes nothing."""
+    _check_choice("dtype", dtype, DTYPES)
+    torch_dtype = _torch_dtype(dtype)  # (torch before transformers, which imports it)
     import transformers
 
-    _check_choice("dtype", dtype, DTYPES)
     s = model_shape(arch, size)
     tok = tokenizer_factory.build_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in tokenizer_factory.SPECIAL_TOKENS}
@@ -155,7 +166,7 @@ def model_config(arch: str, size: str, dtype: str = "bf16"):
         bos_token_id=ids[tokenizer_factory.BOS],
         eos_token_id=ids[tokenizer_factory.IM_END],  # generation_config.json lists every stop token
         pad_token_id=ids[tokenizer_factory.PAD],
-        dtype=DTYPES[dtype],
+        dtype=torch_dtype,
     )
     if s.head_dim is not None:
         kw["head_dim"] = s.head_dim
@@ -198,6 +209,7 @@ def make_model(arch: str, size: str, out: str | Path, seed: int = 0, dtype: str 
     `out` must be absent, empty, or an earlier output of make_model with the same arguments (overwritten).
     config.json is written last: its presence means the directory is complete.
     """
+    import_torch()  # (before transformers, which imports it)
     from transformers import GenerationConfig
 
     cfg = model_config(arch, size, dtype)
@@ -212,7 +224,7 @@ def make_model(arch: str, size: str, out: str | Path, seed: int = 0, dtype: str 
     tok.save_pretrained(str(out))
     eos = tok.convert_tokens_to_ids(list(tokenizer_factory.EOS_TOKENS))
     GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=eos, pad_token_id=cfg.pad_token_id).save_pretrained(out)
-    _write_weights(out, tensor_specs(cfg), seed, DTYPES[dtype], dev, max_shard_bytes,
+    _write_weights(out, tensor_specs(cfg), seed, _torch_dtype(dtype), dev, max_shard_bytes,
                    f"{arch} {size}" if progress else None)
     cfg.save_pretrained(out)
     return out
@@ -224,6 +236,7 @@ def _check_choice(what: str, value: str, choices) -> None:
 
 
 def _device(device: str | None) -> torch.device:
+    torch = import_torch()
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -267,12 +280,14 @@ class _Drawer:
 
     def __init__(self, specs, seed: int, dtype: torch.dtype, dev: torch.device):
         self.seed, self.dev = seed, dev
+        torch = import_torch()
         self.host = torch.empty(max(prod(s) for _, s in specs), dtype=dtype, pin_memory=dev.type == "cuda")
 
     def __call__(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         out = self.host[: prod(shape)].view(shape)
         if name.endswith("norm.weight"):
             return out.fill_(1.0)
+        torch = import_torch()
         gen = torch.Generator(device=self.dev).manual_seed(_tensor_seed(self.seed, name))
         if self.dev.type == "cpu":
             return out.normal_(0.0, INIT_STD, generator=gen)
@@ -294,7 +309,7 @@ def _shards(specs, itemsize: int, max_shard_bytes: int) -> list[list[tuple[str, 
 
 def _write_weights(out: Path, specs, seed: int, dtype: torch.dtype, dev: torch.device, max_shard_bytes: int,
                    label: str | None) -> None:
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     shards = _shards(specs, itemsize, max_shard_bytes)
     total = sum(prod(s) for _, s in specs) * itemsize
     names = (["model.safetensors"] if len(shards) == 1 else
@@ -315,12 +330,13 @@ def _write_safetensors(path: Path, specs, draw, dtype: torch.dtype, advance) -> 
     Written by hand rather than with safetensors.torch.save_file so each tensor goes from the device to disk
     as soon as it is drawn (no shard-sized staging copy), under a header laid out the same way every time.
     """
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    torch = import_torch()
+    itemsize, st_dtype = dtype.itemsize, _SAFETENSORS_DTYPE[str(dtype).removeprefix("torch.")]
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shp in specs:
         n = prod(shp) * itemsize
-        header[name] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(shp), "data_offsets": [offset, offset + n]}
+        header[name] = {"dtype": st_dtype, "shape": list(shp), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors' own writer does
@@ -366,6 +382,7 @@ def make_lora(model_dir: str | Path, out: str | Path, rank: int = 4, alpha: floa
     """Write a random LoRA adapter of the model in `model_dir` in PEFT's format (adapter_config.json,
     adapter_model.safetensors with PEFT's tensor names) into `out`; return `out`. `layers`: only these layers'
     modules (all by default)."""
+    torch = import_torch()
     from safetensors.torch import save_file
 
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
@@ -397,6 +414,7 @@ def make_lora(model_dir: str | Path, out: str | Path, rank: int = 4, alpha: floa
 def merge_lora(model_dir: str | Path, adapter_dir: str | Path, out: str | Path) -> Path:
     """A copy of the model in `model_dir` with the adapter's deltas merged into its weights (W + scale B A, in fp32,
     then the checkpoint's dtype): the reference an engine serving the adapter unmerged is checked against."""
+    import_torch()  # (before safetensors.torch imports it)
     from safetensors.torch import load_file, save_file
 
     model_dir, out = Path(model_dir), Path(out)

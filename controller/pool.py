@@ -716,10 +716,12 @@ def local_devices(spec: str | list[int]) -> list[str]:
         return ["cpu"]
     if isinstance(spec, list):
         return [f"cuda:{i}" for i in spec]
-    try:
-        import torch
+    from controller.hosting import import_torch
 
-        n = torch.cuda.device_count()
+    try:
+        # (through hosting's lock: the controller's start-up asks on a thread, and torch imported by two threads at
+        # once is not safe)
+        n = import_torch().cuda.device_count()
     except Exception:  # noqa: BLE001 - no torch / no driver: CPU
         n = 0
     return [f"cuda:{i}" for i in range(n)] or ["cpu"]

