@@ -120,20 +120,27 @@ function patchNodes(parent, kids) {
 
 // The focus where the node that had it left the page (a row gone with its own Revoke, Remove or Cancel, or with a
 // snapshot; Evict gone once evicted; Unpin where Pin was): it fell to the page's body, and the keyboard's place with
-// it. It goes to what took that node's place, else the same button in the next row (the one before, past the last),
-// else the nearest control beside it, else the heading of the table (of the card) it was in.
+// it. It goes to that node redrawn (a row by its key, a button by its action), or to its counterpart where the button
+// turned into it (COUNTERPART), else the same button in the next row (the one before, past the last), else the
+// nearest control beside it, else the heading of the table (of the card) it was in. A button is never taken for
+// being at the focused one's place: whichever button came next sits there (in a row drawn without spaces between
+// its buttons, an Evict gone gave the focus to that row's Remove, a Pin turned Unpin too).
 const FOCUSABLE = "button:not([disabled]), a[href], input:not([disabled]), select:not([disabled]), textarea, [tabindex]";
+// The actions whose button becomes the other's once done, in the same row (card): the same control, for the keyboard
+const COUNTERPART = { pin: "unpin", unpin: "pin", drain: "resume", resume: "drain" };
 function refocus(parent, trail, action) {
-  const live = [parent]; // down the trail as far as its nodes, or ones with their key or at their place, are there
+  const live = [parent]; // down the trail as far as its nodes, or ones with their key (action) or place, are there
   for (const [old, i] of trail) {
     const box = live[live.length - 1], kids = [...box.childNodes], k = keyOf(old), slot = slotOf(old);
+    const other = COUNTERPART[old.dataset?.action];
     const now = old.parentNode === box ? old : k !== null ? kids.find((n) => keyOf(n) === k)
-      : (slot !== null && kids.find((n) => slotOf(n) === slot)) // (its action's button, redrawn)
-        || (kids[i] && kids[i].nodeName === old.nodeName && keyOf(kids[i]) === null ? kids[i] : undefined);
+      : slot !== null ? kids.find((n) => slotOf(n) === slot) // (its action's button, redrawn)
+        || (other && kids.find((n) => slotOf(n) === `data-action=${other}`)) // (Unpin for Pin, Resume for Drain)
+      : kids[i] && kids[i].nodeName === old.nodeName && slotOf(kids[i]) === null ? kids[i] : undefined; // (a cell)
     if (!now) break;
     live.push(now);
   }
-  if (live.length > trail.length) { // (replaced in place: Unpin for Pin, Resume for Drain)
+  if (live.length > trail.length) { // (redrawn, or its counterpart: Unpin for Pin, Resume for Drain)
     const t = live[live.length - 1];
     if (t.matches(FOCUSABLE)) { t.focus(); return; }
   }
