@@ -14,13 +14,12 @@ kopf = pytest.importorskip("kopf")
 kmock = pytest.importorskip("kmock")
 
 from tests.kmock_util import FakeController, write_kubeconfig  # noqa: E402
+from tests.operator_memo import KEPT, MemoReader  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 from tests.test_operator_e2e import NS, Cluster, Operator, _declare_crds, _obj, _until  # noqa: E402
 from tests.test_operator_lifecycle import _gone, _reason  # noqa: E402
 
 PORTS = range(25120, 25140)
-KEPT = {"applied", "locks", "seen", "pool_engines_seen"}  # (what the operator keeps of a pool it reconciled)
-TABLES = (*KEPT, "served", "key_claims", "tenant_models_seen")  # (the memo's tables by uid)
 
 
 @pytest_asyncio.fixture
@@ -51,23 +50,8 @@ async def world(tmp_path, monkeypatch):
 async def test_a_deleted_pools_memo_is_dropped(world, monkeypatch):
     """Two pools, one Ready and one Degraded (its join token's Secret missing: a Warning remembered); once deleted,
     the memo's tables and the Warning's memory hold neither pool's uid, while a pool that stays is kept."""
-    from controller.operator import handlers
-
-    memos = []
-    real_lock = handlers._lock
-
-    def spy(memo, uid):  # (the operator's memo, as its handlers get it: its tables are the startup's, shared)
-        memos.append(memo)
-        return real_lock(memo, uid)
-
-    monkeypatch.setattr(handlers, "_lock", spy)
+    held = MemoReader(monkeypatch).held
     kube, _ = world
-
-    def held(uid: str) -> set[str]:
-        memo = memos[-1]
-        with memo.locks_guard:
-            out = {t for t in TABLES if uid in (memo.get(t) or {})}
-        return out | ({"_WARNED"} if uid in handlers._WARNED else set())
 
     async with Operator() as runner:
         await kube.create("gpupools", _obj("GPUPool", "ready", {}))

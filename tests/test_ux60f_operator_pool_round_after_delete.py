@@ -15,9 +15,9 @@ import pytest
 kopf = pytest.importorskip("kopf")
 kmock = pytest.importorskip("kmock")
 
+from tests.operator_memo import KEPT, MemoReader  # noqa: E402
 from tests.test_operator_e2e import Operator, _obj, _until  # noqa: E402
 from tests.test_operator_lifecycle import _gone, _reason  # noqa: E402
-from tests.test_ux59a_operator_pool_memo import KEPT, TABLES  # noqa: E402
 from tests.test_ux59a_operator_pool_memo import world as world  # noqa: E402,F401  (the fixture: kmock + fake controller)
 
 
@@ -26,14 +26,7 @@ from tests.test_ux59a_operator_pool_memo import world as world  # noqa: E402,F40
 async def test_a_round_that_ends_after_its_pools_delete_notes_nothing(world, monkeypatch):
     from controller.operator import handlers
 
-    memos = []
-    real_lock = handlers._lock
-
-    def spy(memo, uid):  # (the operator's memo, as its handlers get it)
-        memos.append(memo)
-        return real_lock(memo, uid)
-
-    monkeypatch.setattr(handlers, "_lock", spy)
+    held = MemoReader(monkeypatch).held
     hold, held_now, released = threading.Event(), threading.Event(), threading.Event()
     real_instance = handlers.ControllerWatch.instance
 
@@ -49,12 +42,6 @@ async def test_a_round_that_ends_after_its_pools_delete_notes_nothing(world, mon
     returned: list = []
     monkeypatch.setattr(handlers.ControllerWatch, "instance", instance)
     kube, _ = world
-
-    def held(uid: str) -> set[str]:
-        memo = memos[-1]
-        with memo.locks_guard:
-            out = {t for t in TABLES if uid in (memo.get(t) or {})}
-        return out | ({"_WARNED"} if uid in handlers._WARNED else set())
 
     async with Operator():
         await kube.create("gpupools", _obj("GPUPool", "going", {}))
