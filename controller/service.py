@@ -100,6 +100,21 @@ class Ended(ServingError):
         return {**super().headers(), "x-should-retry": "false"}
 
 
+def _failure(error: str, kind: str | None) -> ServingError:
+    """What a request's client is told of an engine request of it that ended with `error` of `kind` (Delta's
+    error_kind; Controller.end_requests' kinds among them)."""
+    if kind == "revoked":  # its tenant was deleted (Controller.tenant_deleted)
+        return ServingError(401, error, code="invalid_api_key")
+    if kind == "cancelled":  # an operator's cancel (Controller.cancel)
+        return Ended(503, error, code="request_cancelled")
+    if kind == "removed":  # its model removed (Controller.remove_model)
+        return Ended(503, error, code="model_removed")
+    if kind == "shutdown":  # the server's drain ended it: the code a new request gets meanwhile
+        return ServingError(503, error, code="shutting_down")
+    status = 400 if kind == "invalid" else 503
+    return ServingError(status, error if status == 400 else f"engine failure: {error}")
+
+
 @dataclasses.dataclass
 class ModelEntry:
     spec: ModelSpec
@@ -211,6 +226,7 @@ class Generation:
         # between the two, an end (an operator's cancel, a revoked key) is kept here, (error, kind), for that one
         self.goes_on = False
         self.ended: tuple[str, str] | None = None
+        self.whole: int | None = None  # (`whole`) each choice's max_tokens, where its first engine request's is less
 
     async def events(self) -> AsyncIterator[tuple[int, m.Delta]]:
         """Deltas as they come (buffered: each choice's all at once, when it ends); raises ServingError if a choice
@@ -223,16 +239,7 @@ class Generation:
                 continue
             if d.error is not None:
                 self.ctl.pool.abort(self.subs)
-                if d.error_kind == "revoked":  # its tenant was deleted (Controller.tenant_deleted)
-                    raise ServingError(401, d.error, code="invalid_api_key")
-                if d.error_kind == "cancelled":  # an operator's cancel (Controller.cancel)
-                    raise Ended(503, d.error, code="request_cancelled")
-                if d.error_kind == "removed":  # its model removed (Controller.remove_model)
-                    raise Ended(503, d.error, code="model_removed")
-                if d.error_kind == "shutdown":  # the server's drain ended it: the code a new request gets meanwhile
-                    raise ServingError(503, d.error, code="shutting_down")
-                status = 400 if d.error_kind == "invalid" else 503
-                raise ServingError(status, d.error if status == 400 else f"engine failure: {d.error}")
+                raise _failure(d.error, d.error_kind)
             if d.load_s:  # (the engine waited for the model's weights before its first token)
                 sub.load_s += d.load_s
             if d.token_ids or d.embedding is not None:
@@ -563,31 +570,32 @@ class Controller:
         request not streamed a 503 its client is told not to retry, the engines abort it. (model, tenant, choices
         ended), or None when the controller holds no such request with a choice still running."""
         gen = self.activity.live.get(request_id)
-        if gen is None or gen.closed:
+        if gen is None or not gen.subs:
             return None
-        subs = [s for s in gen.subs if not s.done] or (gen.subs if gen.goes_on else [])
-        if not subs:
-            return None
-        self.end_requests(lambda g: g is gen, CANCELLED, "cancelled")
-        return subs[0].model, gen.tenant.name, len(subs)
+        model = gen.subs[0].model
+        n = self._end(gen, CANCELLED, "cancelled")
+        return (model, gen.tenant.name, n) if n else None
 
     def end_requests(self, match: Callable[[Generation], bool], error: str, kind: str) -> int:
-        """End the requests in flight that `match`, as an operator's cancel does: each choice's stream gets `error`,
-        its engine request is aborted (a choice still waiting for its model is never submitted). A request between
-        an engine request and its continuation (`go_on`) ends as that one starts. How many ended."""
-        n = 0
-        for gen in list(self.activity.live.values()):
-            if gen.closed or not match(gen):
-                continue
-            running = [s for s in gen.subs if not s.done]
-            if running:
-                self.pool.end(running, error, kind)
-            elif gen.goes_on:
-                gen.ended = (error, kind)
-            else:
-                continue
-            n += 1
-        return n
+        """End the requests in flight that `match`, as an operator's cancel does (`_end`). How many ended."""
+        return sum(bool(self._end(gen, error, kind)) for gen in list(self.activity.live.values())
+                   if not gen.closed and match(gen))
+
+    def _end(self, gen: Generation, error: str, kind: str) -> int:
+        """End request `gen`: each choice's stream gets `error`, its engine request is aborted (a choice still waiting
+        for its model is never submitted). One between an engine request and its continuation (`go_on`) ends as that
+        one starts, or, where none follows, there (`go_on`'s None): it ends either way, as the caller is told. How
+        many of its choices ended: 0 where it is closed, or none of them runs and none goes on (it is over)."""
+        if gen.closed:
+            return 0
+        running = [s for s in gen.subs if not s.done]
+        if running:
+            self.pool.end(running, error, kind)
+            return len(running)
+        if gen.goes_on:
+            gen.ended = (error, kind)
+            return len(gen.subs)
+        return 0
 
     def slo_for(self, entry: ModelEntry, tenant: Tenant) -> SLO:
         c = tenant.spec.slo_class
@@ -635,6 +643,7 @@ class Controller:
         gen = Generation(self, entry, tenant, slo, charged, prompt_tokens, asyncio.Queue())
         gen.load = load
         gen.goes_on = whole is not None
+        gen.whole = whole
         gen.per_prompt = n
         gen.buffered = not stream
         if not self.tenants.single_user:  # (a tenant's prompts neither use nor time another's cached KV)
@@ -656,9 +665,11 @@ class Controller:
                     # (its n, its prompt list) queued behind that one's siblings, so a request of more of them than
                     # an engine runs at once was refused on an idle server, by its own load, at every retry
                     await self._place(sub, entry, slo, tenant.spec.priority, admission=len(gen.subs) == 1)
-            # under the name it asked for: a LoRA adapter's (the model serving it beside it, as base_model)
-            self.events.publish("admit", **asked_model(entry.spec.name, params.lora), tenant=tenant.name,
-                                request_id=request_id, prompt_tokens=prompt_tokens)
+            # under the name it asked for: a LoRA adapter's (the model serving it beside it, as base_model). Not a
+            # load (Ollama's load request): it is no request of the tenant's, as its usage and the window say
+            if not load:
+                self.events.publish("admit", **asked_model(entry.spec.name, params.lora), tenant=tenant.name,
+                                    request_id=request_id, prompt_tokens=prompt_tokens)
         except BaseException as e:
             if isinstance(e, ServingError):
                 status = e.status
@@ -678,13 +689,26 @@ class Controller:
         charged to the tenant again (its rates, its usage's requests: the request counts once, its tokens all), under
         the same request id (the admin API's list and cancel, the metrics: one request, its time to first token the
         first engine request's, its latency to the continuation's end). Its deltas come from `gen.events()` again.
-        Sampled as the first (its params, `max_tokens` the continuation's). `prompt` None: it does not go on."""
+        Sampled as the first (its params, `max_tokens` the continuation's, a seed its own). `prompt` None: it does not
+        go on (an end kept meanwhile, `gen.ended`, is raised)."""
         if prompt is None:
             gen.goes_on = False
+            if gen.ended is not None and not gen.closed:  # (ended in the instant between the two: the cancel was
+                # answered as ending it, so it ends here, made whole or not, as one whose continuation started would)
+                raise _failure(*gen.ended)
             return
         old = gen.subs[index]
+        # A seeded engine request draws from a generator of its own, seeded at its start with its params' seed
+        # (token_scheduler/sampler.py; choice i of n gets seed + i: generate). Under the first's seed the continuation
+        # would draw the first's draws again from their start (reproducible, but its k-th token sampled with the
+        # noise the first's k-th was: tied to it). Right would be the first's stream taken on where it stopped, as
+        # one engine request draws; the engine cannot start a generator there, so the continuation takes a seed no
+        # engine request of the request has (each continuation its choices' count past the one before): the same
+        # seed still gives the same reply. (The Messages API, the one caller today, takes no seed.)
+        seed = old.params.seed if old.params.seed is None else old.params.seed + len(gen.subs)
         # (its engine request id the first's, marked: the request's id before its last '-', as the views read it)
-        sub = Sub(f"{old.rid}.next", old.model, index, prompt, dataclasses.replace(old.params, max_tokens=max_tokens),
+        sub = Sub(f"{old.rid}.next", old.model, index, prompt,
+                  dataclasses.replace(old.params, max_tokens=max_tokens, seed=seed),
                   max_tokens, gen.sink, restartable=gen.buffered, follows=True, earlier=old.earlier + old.generated)
         gen.subs[index] = sub  # (in its place: the admin API's view and cancel, close's abort find it)
         gen.goes_on = False
@@ -834,7 +858,9 @@ class Controller:
             mt.tpot.labels(name).observe(tpot)
         e = gen.entry
         e.outcomes.append(ttft <= gen.slo.ttft_s and (tpot is None or tpot <= gen.slo.tpot_s))
-        budget = sum(s.max_tokens for s in gen.subs) / max(1, len(gen.subs))
+        # (of each choice's whole max_tokens: a budgeted reply's subs hold its first engine request's, or, gone on,
+        # its continuation's rest, while per_choice counts the tokens of both)
+        budget = sum(max(s.max_tokens, gen.whole or 0) for s in gen.subs) / max(1, len(gen.subs))
         frac = min(1.0, per_choice / max(1, budget))
         e.used_fraction = frac if e.used_fraction is None else 0.9 * e.used_fraction + 0.1 * frac
         att = e.attainment()

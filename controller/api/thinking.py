@@ -101,6 +101,22 @@ class Split:
         return None
 
 
+def _may_begin(text: str, stops: list[str], lo: int, hi: int) -> int | None:
+    """The first place in text[lo:hi] where a stop string may begin: the rest of `text` is the stop's start, or holds
+    it whole. None where none may."""
+    for k in range(max(0, lo), hi):
+        if any(text[k:k + len(s)] == s[:len(text) - k] for s in stops):
+            return k
+    return None
+
+
+def _recount(gen: Any, made: int) -> None:
+    """`gen`'s generated tokens `made`: those its events gave past a stop the reply ended at were never its (a reply
+    not streamed gets the second engine request's deltas at its end, all counted as they came)."""
+    gen = getattr(gen, "gen", gen)  # (a Tracked's Generation)
+    gen.completion_tokens = made
+
+
 class Budgeted:
     """A reply whose thinking is held to a budget (the Messages API's `budget_tokens`), by budget forcing at the
     front, the engine unchanged: the first generation (`first`) makes at most `budget` tokens; where they run out
@@ -114,7 +130,8 @@ class Budgeted:
     (the tenant's rates and usage, the metrics, the admin API's list and cancel under its one id). Read as the
     generation it stands for (`events`, `pending`, `close`, the token counts): the deltas of both, the first's finish
     held back where the second follows; its usage the prompt's (the first's: its cached tokens too) and every token
-    generated, each once (the closing tag was not generated: it counts in neither)."""
+    generated, each once (the closing tag was not generated: it counts in neither). A stop sequence that begins in
+    the first and ends in the second ends the reply there, as one in either does."""
 
     def __init__(self, serving: OpenAIServing, me: ModelEntry, first: Tracked, max_tokens: int, opened: bool):
         self.serving, self.me, self.first = serving, me, first
@@ -144,7 +161,8 @@ class Budgeted:
         self.first.close(status)
 
     async def events(self) -> AsyncIterator[tuple[int, Delta]]:
-        split, said, ids, then = Split(self.opened), "", [], None
+        split, said, ids, then, held = Split(self.opened), "", [], None, ""
+        stops, keep = self._stops()
         async for i, d in self.first.events():
             said += d.text
             ids += d.token_ids
@@ -157,13 +175,47 @@ class Budgeted:
             if then is None:
                 yield i, d
                 continue
-            yield i, dataclasses.replace(d, finished=False, finish_reason=None, stop_reason=None)
-            if then[1]:
-                yield i, Delta(d.request_id, text=then[1])
+            # A stop sequence may begin in what the first wrote (and the closing text) and end in what the second
+            # writes: the second's engine matches its own text only. Held here (an engine holds back a stop's length
+            # less one until a request's end, so the first's last delta has it) until the second's text tells.
+            text, whole = d.text + then[1], said + then[1]
+            k = _may_begin(whole, stops, len(whole) - len(text), len(whole))
+            held = "" if k is None else whole[k:]
+            yield i, dataclasses.replace(d, text=text[:len(text) - len(held)], finished=False, finish_reason=None,
+                                         stop_reason=None)
         if then is None:
             return
+        made = self.first.completion_tokens  # (the first's: its tokens were all read)
+        ahead: list[Delta] = []  # the second's deltas held while a stop may begin in `held`
         async for i, d in self.first.events():
-            yield i, dataclasses.replace(d, num_cached_tokens=0)  # (the prompt's part the cache held: the first's)
+            d = dataclasses.replace(d, num_cached_tokens=0)  # (the prompt's part the cache held: the first's)
+            if not held:
+                yield i, d
+                continue
+            ahead.append(d)
+            look = held + "".join(x.text for x in ahead)
+            hit = min(((k, s) for s in stops if 0 <= (k := look.find(s)) < len(held)), default=None)
+            if hit is not None:  # (ended there, as the engine ends a reply at a stop: its text cut, its tokens made)
+                k, s = hit
+                _recount(self.first, made + sum(len(x.token_ids) for x in ahead))
+                if isinstance(finish := getattr(self.first, "finish", None), dict):
+                    finish[i] = "stop"  # (the request's metrics: Tracked.close)
+                yield i, dataclasses.replace(d, text=look[:k + len(s) if keep else k],
+                                             token_ids=[t for x in ahead for t in x.token_ids], logprobs=None,
+                                             finished=True, finish_reason="stop", stop_reason=s)
+                return
+            if d.finished or _may_begin(look, stops, 0, len(held)) is None:  # (none can begin there now)
+                first, *rest = ahead
+                yield i, dataclasses.replace(first, text=held + first.text)
+                for x in rest:
+                    yield i, x
+                held, ahead = "", []
+
+    def _stops(self) -> tuple[list[str], bool]:
+        """The request's stop strings, and whether its text keeps the one it ends at (include_stop_str_in_output)."""
+        subs = getattr(self.first, "subs", None)  # (a scripted generation may have none)
+        params = subs[0].params if subs else None
+        return list(getattr(params, "stop", None) or ()), bool(getattr(params, "include_stop_str_in_output", False))
 
     def _then(self, close: str | None, ids: list[int]) -> tuple[list[int], str, int] | None:
         """Where the first generation, cut by the budget having written `ids`, goes on: (the second's prompt, the
