@@ -201,12 +201,24 @@ def _list_items(text: str) -> tuple[list[str], str | None]:
 class ToolPlan:
     """How a chat request's tools shape its output."""
 
-    grammar: str
+    made: str | None  # the grammar (`grammar`); None ("auto") until it is first asked for
     named: str | None  # tool_choice named this function: the whole output is its arguments
     template_tools: list[dict[str, Any]]  # the tools as chat templates take them
     hermes: bool = False  # "auto" with the hermes syntax: text, or <tool_call> blocks (`opening` tells which)
     schemas: dict[str, dict[str, Any]] | None = None  # ("auto") each tool's arguments' schema, by name
     parallel: bool | None = None  # ("auto") parallel_tool_calls
+    answer: dict[str, Any] | None = None  # ("auto") the schema its text is held to (`answering`)
+
+    @property
+    def grammar(self) -> str:
+        """The output's grammar: the calls, or ("auto") text or the calls. An "auto" plan's is compiled when first
+        asked for, not when planned: beside a response_format the grammar used is `answering`'s, and compiling the
+        plan's own first compiled the calls twice a request; a prompt's count (count_tokens, input_tokens) uses
+        none. (A tool's schema the grammar cannot take is a 400 then, as the request's sampling is made, before it is
+        admitted, naming the tool: `_named_failure`.)"""
+        if self.made is None:
+            self.made = _hermes_grammar(self.schemas or {}, self.parallel, self.answer)
+        return self.made
 
     def answering(self, schema: dict[str, Any]) -> ToolPlan:
         """The plan with its text held to `schema` (a response_format's, a Messages output_config.format's) beside
@@ -216,7 +228,7 @@ class ToolPlan:
         answer's, which a later turn gives)."""
         if not self.hermes:
             return self
-        return dataclasses.replace(self, grammar=_hermes_grammar(self.schemas or {}, self.parallel, schema))
+        return dataclasses.replace(self, made=None, answer=schema)
 
     def calls(self, text: str) -> list[dict[str, Any]] | None:
         """The `tool_calls` of a whole output; None when it is not one (text, or cut short by max_tokens). Each
@@ -474,8 +486,8 @@ def tool_plan(tools: list | None, choice: Any, parallel: bool | None, parser: st
             raise ServingError(400, f"tools: the name {t.function.name!r} is given twice", param=f"tools.{i}")
         schemas[t.function.name] = _arguments_schema(t.function.parameters, f"tools.{i}.function.parameters")
     if choice == "auto":  # the model's own syntax: text, or calls in it, each held to its tool's schema
-        return ToolPlan(_hermes_grammar(schemas, parallel), None, [t.model_dump(exclude_none=True) for t in tools],
-                        hermes=True, schemas=schemas, parallel=parallel)
+        return ToolPlan(None, None, [t.model_dump(exclude_none=True) for t in tools], hermes=True, schemas=schemas,
+                        parallel=parallel)  # (its grammar compiled once asked for: ToolPlan.grammar)
     named = None
     if isinstance(choice, str):  # "required": one call or more, of any of the tools
         items = [{"type": "object", "properties": {"name": {"const": n}, "parameters": {"$ref": f"#/$defs/{n}"}},
