@@ -65,8 +65,17 @@ class Metrics:
         # series a scrape returns. (prometheus_client's switch is process-wide; this process's metrics are these.)
         disable_created_metrics()
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("tokenpool_requests_total", "Finished API requests", ["model", "tenant", "status"],
+        # (the dashboard's Tenants view takes its requests/s from this: an Ollama load that succeeded, a client
+        # warming a model, inflated it with requests that made nothing for anyone: see request_finished)
+        self.requests = Counter("tokenpool_requests_total", "Finished API requests, by status; an Ollama load "
+                                "request (nothing to generate: only the model's weights brought in) only if it "
+                                "failed (tokenpool_load_requests_total counts each taken on)", ["model", "tenant", "status"],
                                 registry=r)
+        self.load_requests = Counter("tokenpool_load_requests_total", "Ollama load requests (POST /api/generate or "
+                                     "/api/chat with no prompt or messages) that were taken on, by status: 200 the "
+                                     "model's weights are in; any other a load that failed (also in "
+                                     "tokenpool_requests_total), 499 its client left", ["model", "tenant", "status"],
+                                     registry=r)
         self.prompt_tokens = Counter("tokenpool_prompt_tokens_total", "Prompt tokens processed", ["model", "tenant"],
                                      registry=r)
         self.generation_tokens = Counter("tokenpool_generation_tokens_total", "Tokens generated", ["model", "tenant"],
@@ -137,6 +146,18 @@ class Metrics:
                                    ["engine", "model"], registry=r)
         self._preempted_seen: dict[tuple[str, str], float] = {}
         r.register(_GPUCollector())
+
+    def request_finished(self, model: str, tenant: str, status: int, load: bool = False) -> None:
+        """An API request that became a generation has ended with `status` (Controller.finished). `load`: Ollama's
+        load request (Controller.generate's `load`), counted among the loads; among the requests only when it failed,
+        as any failure is (a 503 of a model whose load fails is one a client met), not when it loaded the model:
+        it served nobody, and a client that warms each model before use doubled its requests/s. (A load refused
+        before it was taken on, a tenant's 429 of its rates, is a refusal: Controller.count_refusal.)"""
+        if load:
+            self.load_requests.labels(model, tenant, str(status)).inc()
+            if status == 200:
+                return
+        self.requests.labels(model, tenant, str(status)).inc()
 
     def request_done(self, model: str, finish_reasons: list[str | None], prompt_tokens: int, generation_tokens: int,
                      queue_s: float | None, prefill_s: float | None, decode_s: float | None,
