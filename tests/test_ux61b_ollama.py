@@ -84,8 +84,8 @@ def _grew(before: dict, after: dict) -> dict:
     return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
 
 
-# (Controller.finished counts a finished generation: controller/service.py, another change's file at the time, must
-# call Metrics.request_finished there, the one-line change of /tmp/h/ux61b-service.patch; then this passes, strict)
+# (Controller.finished, in controller/service.py, counts a finished generation in tokenpool_requests_total itself:
+# once it counts through Metrics.request_finished instead, a one-line change, this passes, and the marker goes)
 @pytest.mark.xfail(strict=True, reason="needs Controller.finished to count through Metrics.request_finished")
 def test_a_load_is_counted_as_a_load_not_a_served_request(server, make_tiny, tmp_path):
     """An Ollama load (the `ollama` client's generate() and chat() with nothing to ask) that loaded the model is not
