@@ -829,7 +829,7 @@ class Controller:
         self.activity.finished(gen, status)
         name, tname = gen.entry.spec.name, gen.tenant.name
         mt = self.metrics
-        mt.requests.labels(name, tname, str(status)).inc()
+        mt.request_finished(name, tname, status, gen.load)  # (a load that succeeded is no served request)
         if gen.load:  # (Ollama's load request: nothing was made for the caller, and its time is the model's load:
             # no tokens, no usage, no latency or SLO sample; only its concurrency slot comes back)
             TenantRegistry.release(gen.tenant.latest(), 0, 0, 0, served=False)

@@ -69,14 +69,14 @@ def oc(srv) -> ollama.Client:
     return ollama.Client(host=srv.url, timeout=120)
 
 
-def _samples(srv, name: str) -> dict[tuple[str, str, str], float]:
-    """`name`'s samples in /metrics, read with prometheus_client's own parser: (model, tenant, status) -> value."""
+def _samples(srv, name: str, labels: tuple[str, ...] = ("model", "tenant", "status")) -> dict[tuple[str, ...], float]:
+    """`name`'s samples in /metrics, read with prometheus_client's own parser: the values of its `labels` -> value."""
     text = httpx.get(srv.url + "/metrics", timeout=30).text
     out = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name == name:
-                out[s.labels["model"], s.labels["tenant"], s.labels["status"]] = s.value
+                out[tuple(s.labels[k] for k in labels)] = s.value
     return out
 
 
@@ -84,9 +84,6 @@ def _grew(before: dict, after: dict) -> dict:
     return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
 
 
-# (Controller.finished, in controller/service.py, counts a finished generation in tokenpool_requests_total itself:
-# once it counts through Metrics.request_finished instead, a one-line change, this passes, and the marker goes)
-@pytest.mark.xfail(strict=True, reason="needs Controller.finished to count through Metrics.request_finished")
 def test_a_load_is_counted_as_a_load_not_a_served_request(server, make_tiny, tmp_path):
     """An Ollama load (the `ollama` client's generate() and chat() with nothing to ask) that loaded the model is not
     in tokenpool_requests_total (nor the dashboard's requests/s, its rate): it is in tokenpool_load_requests_total
@@ -94,10 +91,15 @@ def test_a_load_is_counted_as_a_load_not_a_served_request(server, make_tiny, tmp
     a client met. A request that generates is counted among the requests, as before, and not among the loads."""
     c = oc(server)
     req0, load0 = _samples(server, "tokenpool_requests_total"), _samples(server, "tokenpool_load_requests_total")
+    done0 = _samples(server, "tokenpool_request_success_total", ("model", "finished_reason"))
+    glen0 = _samples(server, "tokenpool_request_generation_tokens_count", ("model",))
     for r in (c.generate(model="tiny", prompt=""), c.chat(model="tiny", messages=[])):
         assert r.done and r.done_reason == "load", r
     assert _grew(load0, _samples(server, "tokenpool_load_requests_total")) == {("tiny", ANON, "200"): 2.0}
     assert _grew(req0, _samples(server, "tokenpool_requests_total")) == {}
+    # (nor among the finished choices, nor in the length histograms: a load counted as a choice ended "length")
+    assert _grew(done0, _samples(server, "tokenpool_request_success_total", ("model", "finished_reason"))) == {}
+    assert _grew(glen0, _samples(server, "tokenpool_request_generation_tokens_count", ("model",))) == {}
     c.generate(model="tiny", prompt="hi", options={"num_predict": 2})
     assert _grew(req0, _samples(server, "tokenpool_requests_total")) == {("tiny", ANON, "200"): 1.0}
     assert _grew(load0, _samples(server, "tokenpool_load_requests_total")) == {("tiny", ANON, "200"): 2.0}

@@ -236,7 +236,9 @@ class Tracked:
 
     def close(self, status: int) -> None:
         g = self.gen
-        if not g.closed:
+        # (a load that succeeded, Ollama's load request, made nothing: no choice finished, no prompt or generation
+        # length; its queue time is the model's load. One that failed is a failure a client met, counted as any)
+        if not g.closed and not (g.load and status == 200):
             cut = "abort" if status == 499 else "error"
             reasons = [self.finish.get(i) or cut for i in range(len(g.subs))]
             ok = status == 200 and g.t_first is not None
