@@ -33,20 +33,17 @@ from controller import messages as m
 from controller.keys import hash_key
 from controller.service import Ended
 from tests.ports import live_server_on
+from tests.test_ux60b_thinking_budget import AH, HI, THINKING_TEMPLATE
 from tests.test_worker_death_retry import _collect, _controller, _sent_to, _tokens
 from token_scheduler.request import SamplingParams
 
 PORTS = range(26200, 26300)
 ADMIN = "admin-ux61a-budget"
 ADM = {"Authorization": f"Bearer {ADMIN}"}
-AH = {"anthropic-version": "2023-06-01", "x-api-key": "x"}
-# Qwen3's hybrid template's shape: thinking off writes an empty block in the prompt; on, the model opens its own
-HYBRID_TEMPLATE = (
-    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}{%- endif %}")
-HI = [{"role": "user", "content": "Hello there"}]
+# Qwen3's hybrid template's shape: thinking off writes an empty block in the prompt; on, the model opens its own (the
+# thinking template of the budget's first tests, less the block it opens)
+HYBRID_TEMPLATE = THINKING_TEMPLATE.replace("{%- else %}{{- '<think>\\n' }}", "")
+assert HYBRID_TEMPLATE != THINKING_TEMPLATE
 
 
 @pytest.fixture(scope="module")

@@ -27,20 +27,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controller.keys import hash_key
 from tests.ports import live_server_on
+from tests.test_ux60e_structured_tools import OAI_TOOLS, SCHEMA, SCHEMAS
 
 PORTS = range(26300, 26400)
 ADMIN = "admin-ux61b-ollama"
 
-SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 8}, "n": {"enum": [1, 2, 3]}},
-          "required": ["answer", "n"], "additionalProperties": False}
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"],
-           "additionalProperties": False}
-ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
-                                        "b": {"type": "integer", "minimum": 0, "maximum": 99}},
-       "required": ["a", "b"], "additionalProperties": False}
-SCHEMAS = {"get_weather": WEATHER, "add": ADD}
-OAI_TOOLS = [{"type": "function", "function": {"name": n, "description": n.replace("_", " "), "parameters": s}}
-             for n, s in SCHEMAS.items()]
+# (the schemas and tools of the chat and Messages routes' tests of the combined grammar)
 RESP_TOOLS = [{"type": "function", "name": n, "description": n.replace("_", " "), "parameters": s, "strict": True}
               for n, s in SCHEMAS.items()]
 ANON = "anonymous"  # (the tenant everyone is on a server without auth)
