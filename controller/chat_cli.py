@@ -627,6 +627,10 @@ def read_text(inp: TextIO) -> str:
 def run(url: str, key: str | None, model: str, prompt: str | None, system: str | None, options: dict[str, Any],
         inp: TextIO | None = None, out: TextIO | None = None, verbose: bool = False) -> None:
     inp, out = inp or sys.stdin, out or sys.stdout  # (read when called: a test runner swaps them after import)
+    if inp is None:  # (stdin closed, `<&-`: Python's sys.stdin is None; nothing is piped in, it was a traceback)
+        import io
+
+        inp = io.StringIO()
     with said_if_not_served(url, key, model):
         _run(url, key, model, prompt, system, options, inp, out, verbose)
 

@@ -693,7 +693,8 @@ def keys_hash_cmd(key: str = typer.Argument(..., metavar="KEY",
 
     # (stdin's lines after the first were dropped without a word: a file of keys piped in gave one hash)
     # (typed at a terminal: the one line, as before; a hash is printed at its Enter)
-    text = (sys.stdin.readline() if sys.stdin.isatty() else sys.stdin.read()) if key == "-" else ""
+    # (stdin closed, `<&-`: sys.stdin is None, no key; it was a traceback)
+    text = "" if key != "-" or sys.stdin is None else sys.stdin.readline() if sys.stdin.isatty() else sys.stdin.read()
     keys = [line.strip() for line in text.splitlines() if line.strip()] if key == "-" else [key]
     if not keys or not all(keys):
         raise typer.BadParameter("the key is empty" if key != "-" else "stdin holds no key")

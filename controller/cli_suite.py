@@ -18,9 +18,13 @@ suite_app = typer.Typer(help="Fault and load suite against a live server (its ow
 
 def url_option(url: Optional[str]) -> Optional[str]:
     """--url as `base_url` reads it (the client commands', the suite's, bench serve's): one it cannot read is a
-    usage error naming the option (click adds the variable it may come from), not a traceback."""
-    if not url:
+    usage error naming the option (click adds the variable it may come from), not a traceback. An empty one given
+    (`--url "$HOST"` with HOST unset) is one too: it was None to the client commands (a TypeError's traceback) and
+    the suite's own paced server to `suite` (an empty $TOKENPOOL_URL is not given: click reads it as unset)."""
+    if url is None:
         return None
+    if not url.strip():
+        raise typer.BadParameter("empty; give HOST:PORT, :PORT or a URL")
     try:
         return base_url(url)
     except ValueError as e:
