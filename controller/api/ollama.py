@@ -265,6 +265,9 @@ def _sampling(body: _Base, model: str) -> dict[str, Any]:
     for ours, theirs in OPTION_OF.items():
         if ours != "max_tokens" and (v := getattr(o, theirs)) is not None:
             out[ours] = v
+    if out.get("seed") == -1:  # (Ollama's sampler seeds no generator for -1, its default: a random draw each
+        # request, where the engine took -1 as a fixed seed and gave one reply to every request sending it)
+        del out["seed"]
     # Ollama's sampler takes any value, clamped: a temperature below 0 is 0 (greedy), top_k at or below 0 is off,
     # top_p and min_p are held to [0, 1], and top_p 0 keeps the likeliest token alone (greedy), where the OpenAI
     # request's ranges would make each a 400
@@ -370,6 +373,12 @@ def _think(me: Any, body: _Base) -> tuple[dict[str, Any], bool]:
     wants = think is not None and think is not False
     if wants and not _thinks(me):
         raise ServingError(400, f'"{body.model}" does not support thinking')
+    if think is None and _thinks(me) and body.format in (None, ""):
+        # not sent, to a model that thinks: on, as Ollama's chat and generate handlers default it for a model with
+        # the thinking capability (its `thinking` apart; the reply's `<think>` block was left in the content, and
+        # one the template opened in the prompt left a stray `</think>` there). Not with a `format`: its grammar
+        # holds the reply to the JSON from its first token, which a block the prompt opened would take as thinking
+        think, wants = True, True
     kwargs = {"enable_thinking": wants} if think is not None and _switch(me) else {}
     return kwargs, wants
 
@@ -431,8 +440,11 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                              serving.offload(encode_prompt if not context else encode, me.tokenizer, req.prompt))
                 what = "context" if context else "prompt"
                 ids = serving._check_ids(me, _truncated(me, [*(context or []), *new], body, what), what)
-                return me, None, await serving.generate(me, tenant, req.model, [ids], params, 1, ctl.new_id("ollama"),
-                                                        body.stream)
+                gen = await serving.generate(me, tenant, req.model, [ids], params, 1, ctl.new_id("ollama"), body.stream)
+                # (as start_chat's: whether the prompt opened a think block the reply starts inside, `thinking.opened`;
+                # without it a generate's thinking, `think` sent or not, all went to `response`)
+                gen.prompt_tail = ids[-16:]
+                return me, None, gen
             # (then as the chat endpoint admits it)
             if req.tools and not me.spec.tool_call_parser:  # (Ollama's answer for a model whose template has none)
                 raise ServingError(400, f"{req.model} does not support tools (serve it with a tool-call parser: "

@@ -1,0 +1,94 @@
+"""Ollama's API as a user of the official `ollama` client meets it on a live server (tiny random-weights models,
+varied, one with a template that thinks):
+
+- `options.seed` -1 is Ollama's "no seed" (its default; its sampler seeds no generator for it, so each request draws
+  afresh): it was passed on as a fixed seed, so every request sending it got the same reply;
+- `think` not sent, to a model whose template thinks: Ollama's chat and generate handlers turn it on for a model
+  with the thinking capability, the reply's thinking apart in `thinking`; it was left in the content (with a stray
+  `</think>` where the template opened the block in the prompt). With a `format`, left as it was (the grammar holds
+  the reply to the JSON from its first token);
+- `/api/generate` on a template that opens the think block in the prompt gave the whole reply as `response`, with
+  `think: true` too (the prompt's end, which tells the reply starts inside the block, was kept by the chat path only).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import ollama
+import pytest
+
+from tests.ports import live_server_on
+from tests.test_ux60b_thinking_budget import THINKING_TEMPLATE
+
+PORTS = range(26600, 26700)
+
+
+@pytest.fixture(scope="module")
+def server(make_varied, tmp_path_factory):
+    work = tmp_path_factory.mktemp("ux61e")
+    thinker = work / "thinker"
+    shutil.copytree(make_varied("qwen2"), thinker)
+    # (the thinking-only shape: the generation prompt opens `<think>` unless enable_thinking is false)
+    (thinker / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
+           "models": [{"name": "tiny", "path": str(make_varied("qwen2")), "engine": {"max_num_seqs": 8}},
+                      {"name": "thinker", "path": str(thinker), "engine": {"max_num_seqs": 8}}]}
+    with live_server_on(PORTS, cfg, work) as srv:
+        yield srv
+
+
+def oc(srv) -> ollama.Client:
+    return ollama.Client(host=srv.url, timeout=120)
+
+
+def test_seed_minus_one_is_no_seed(server):
+    """Sampled replies (temperature 1.5) with `seed` -1 differ from request to request, as those sending no seed do,
+    on both routes; a real seed still gives one reply every time."""
+    c = oc(server)
+    msgs = [{"role": "user", "content": "Tell me a story"}]
+
+    def replies(seed: int | None, chat: bool) -> set[str]:
+        opts = {"temperature": 1.5, "num_predict": 12, **({"seed": seed} if seed is not None else {})}
+        if chat:
+            return {c.chat(model="tiny", messages=msgs, options=opts).message.content for _ in range(5)}
+        return {c.generate(model="tiny", prompt="Tell me a story", options=opts).response for _ in range(5)}
+
+    for chat in (True, False):
+        assert len(replies(None, chat)) > 1  # (the model's samples do vary)
+        assert len(replies(-1, chat)) > 1, chat
+        assert len(replies(7, chat)) == 1, chat
+
+
+def test_think_not_sent_is_on_for_a_model_that_thinks(server):
+    """`think` not sent to a model whose template thinks: the reply as with `think: true` (the same prompt, its
+    thinking apart from the content, no `</think>` in it), chat and generate, streamed or not; `think: false` still
+    turns it off. With `format` the reply's JSON stays the content."""
+    c = oc(server)
+    msgs = [{"role": "user", "content": "Hello there"}]
+    opts = {"temperature": 0, "num_predict": 12}
+    on = c.chat(model="thinker", messages=msgs, think=True, options=opts)
+    assert on.message.thinking
+    got = c.chat(model="thinker", messages=msgs, options=opts)
+    assert (got.message.thinking, got.message.content, got.prompt_eval_count) == \
+        (on.message.thinking, on.message.content, on.prompt_eval_count)
+    assert "</think>" not in got.message.content
+    parts = list(c.chat(model="thinker", messages=msgs, options=opts, stream=True))
+    assert "".join(p.message.thinking or "" for p in parts) == on.message.thinking
+    assert "".join(p.message.content for p in parts) == on.message.content
+    off = c.chat(model="thinker", messages=msgs, think=False, options=opts)
+    assert not off.message.thinking and off.prompt_eval_count > on.prompt_eval_count
+
+    g_on = c.generate(model="thinker", prompt="Hello there", think=True, options=opts)
+    g = c.generate(model="thinker", prompt="Hello there", options=opts)
+    assert g_on.thinking and (g.thinking, g.response) == (g_on.thinking, g_on.response)
+    g_parts = list(c.generate(model="thinker", prompt="Hello there", options=opts, stream=True))
+    assert "".join(p.thinking or "" for p in g_parts) == g_on.thinking
+
+    fmt = c.chat(model="thinker", messages=msgs, format="json", options={"temperature": 0, "num_predict": 40})
+    assert not fmt.message.thinking
+    if fmt.done_reason == "stop":
+        json.loads(fmt.message.content)
+    else:
+        assert fmt.message.content.lstrip().startswith("{")
