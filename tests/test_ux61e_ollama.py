@@ -8,7 +8,9 @@ varied, one with a template that thinks):
   `</think>` where the template opened the block in the prompt). With a `format`, left as it was (the grammar holds
   the reply to the JSON from its first token);
 - `/api/generate` on a template that opens the think block in the prompt gave the whole reply as `response`, with
-  `think: true` too (the prompt's end, which tells the reply starts inside the block, was kept by the chat path only).
+  `think: true` too (the prompt's end, which tells the reply starts inside the block, was kept by the chat path only);
+- `/api/generate` with `raw` and a `system` or `template`: Ollama's 400 (raw mode takes neither); both were dropped
+  without a word, the reply made as if they had not been sent.
 """
 
 from __future__ import annotations
@@ -92,3 +94,19 @@ def test_think_not_sent_is_on_for_a_model_that_thinks(server):
         json.loads(fmt.message.content)
     else:
         assert fmt.message.content.lstrip().startswith("{")
+
+
+def test_raw_with_system_or_template_is_a_400(server):
+    """`raw` with a `system` or a `template` is Ollama's 400 naming raw mode, streamed or not; a raw prompt alone, with
+    an empty system, or with a `context` (taken here) is served."""
+    c = oc(server)
+    opts = {"temperature": 0, "num_predict": 3}
+    for kw in ({"system": "Be brief"}, {"template": "{{ .Prompt }}"}):
+        for stream in (False, True):
+            with pytest.raises(ollama.ResponseError) as ei:
+                r = c.generate(model="tiny", prompt="Hello", raw=True, stream=stream, options=opts, **kw)
+                list(r) if stream else r
+            assert ei.value.status_code == 400 and ei.value.error.startswith("raw mode does not support"), kw
+    first = c.generate(model="tiny", prompt="Hello", raw=True, system="", options=opts)
+    assert first.done and first.eval_count == 3
+    assert c.generate(model="tiny", prompt=" again", raw=True, context=first.context, options=opts).done

@@ -413,6 +413,10 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
             if body.suffix:  # (Ollama's words for a model whose template has no fill-in-the-middle)
                 raise ServingError(400, f'"{body.model}" does not support insert (suffix): the served models '
                                         "complete a prompt, with no fill-in-the-middle")
+            if body.raw and (body.system or body.template):  # (Ollama's 400: they were dropped without a word;
+                # a `context` is taken, continued as a raw prompt's ids)
+                raise ServingError(400, "raw mode does not support template or system: a raw prompt is fed as it is "
+                                        "(put the system text in the prompt, or leave raw out)")
             if body.raw:
                 req = _as(p.CompletionRequest, {"max_tokens": None, **_sampling(body, model), "prompt": body.prompt})
             elif body.template:  # the request's own template over the system message and the prompt, fed as it is
