@@ -110,3 +110,39 @@ def test_raw_with_system_or_template_is_a_400(server):
     first = c.generate(model="tiny", prompt="Hello", raw=True, system="", options=opts)
     assert first.done and first.eval_count == 3
     assert c.generate(model="tiny", prompt=" again", raw=True, context=first.context, options=opts).done
+
+
+def test_think_not_sent_lets_a_thinking_models_calls_be_read():
+    """A model whose template thinks (Qwen3's, with the hermes parser: the common tool model) asked with tools and no
+    `think`: thinking is on (`_think`), so its reply's think block goes apart and the `<tool_call>` after it is read
+    as a call. Before, the reply's start (`<think>`) made the tool reader take it all as text: no `tool_calls`, the
+    raw call in the content. (Scripted through the route's stream: the tiny random models write no call on cue.)"""
+    import asyncio
+    from types import SimpleNamespace
+
+    from controller.api.ollama import ChatRequest, _Split, _stream, _think
+    from controller.api.structured import HERMES_CLOSE, HERMES_OPEN, ToolPlan
+    from tests.test_ux58a_ollama_stream_calls import _call, _Gen, _Serving
+
+    me = SimpleNamespace(tokenizer=SimpleNamespace(chat_template="{% if enable_thinking %}<think>{% endif %}"))
+    body = ChatRequest.model_validate({"model": "q", "messages": [{"role": "user", "content": "Weather?"}],
+                                       "tools": [{"type": "function", "function": {"name": "get_weather"}}]})
+    kwargs, thinking = _think(me, body)
+    assert thinking and kwargs == {"enable_thinking": True}
+    assert _think(me, body.model_copy(update={"think": False})) == ({"enable_thinking": False}, False)
+
+    lines: list[dict] = []
+
+    def line(text, done=False, reason=None, calls=None, thought="", logprobs=None):
+        return json.dumps({"content": text, "thinking": thought, "done": done, "calls": calls or []}).encode()
+
+    async def read():
+        pieces = ["<think>\nThe user wants", " the weather.\n</think>\n\n", HERMES_OPEN, _call("Paris"), HERMES_CLOSE]
+        async for b in _stream(_Serving(), _Gen(pieces, []), line, ToolPlan("", None, [], hermes=True), None,
+                               _Split(False) if thinking else None):
+            lines.append(json.loads(b))
+
+    asyncio.run(read())
+    assert "".join(x["thinking"] for x in lines) == "The user wants the weather."
+    assert [c["function"]["arguments"] for x in lines for c in x["calls"]] == [{"city": "Paris"}]
+    assert "".join(x["content"] for x in lines) == ""
