@@ -10,7 +10,9 @@ varied, one with a template that thinks):
 - `/api/generate` on a template that opens the think block in the prompt gave the whole reply as `response`, with
   `think: true` too (the prompt's end, which tells the reply starts inside the block, was kept by the chat path only);
 - `/api/generate` with `raw` and a `system` or `template`: Ollama's 400 (raw mode takes neither); both were dropped
-  without a word, the reply made as if they had not been sent.
+  without a word, the reply made as if they had not been sent;
+- `options.stop` of more than 8 strings (the OpenAI request's bound) was a 400, where Ollama sets no number: code
+  assistants send more (Continue's autocomplete for Qwen2.5-Coder: its 9 FIM tokens and 3 of its own). Up to 64 now.
 """
 
 from __future__ import annotations
@@ -146,3 +148,32 @@ def test_think_not_sent_lets_a_thinking_models_calls_be_read():
     assert "".join(x["thinking"] for x in lines) == "The user wants the weather."
     assert [c["function"]["arguments"] for x in lines for c in x["calls"]] == [{"city": "Paris"}]
     assert "".join(x["content"] for x in lines) == ""
+
+
+# the stop list Continue's autocomplete sends for Qwen2.5-Coder: its FIM template's tokens, then its own three
+FIM_STOPS = ["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
+             "<|file_sep|>", "<|im_start|>", "<|im_end|>", "/src/", "#- coding: utf-8", "```"]
+
+
+def test_more_stop_strings_than_openais_bound(server):
+    """Twelve stop strings (Continue's list and one the reply holds) end the reply at the one it holds, on raw
+    generate, templated generate and chat, streamed or not (done_reason stop); past 64 a 400 naming options.stop."""
+    c = oc(server)
+    opts = {"temperature": 0, "num_predict": 12}
+    msgs = [{"role": "user", "content": "Write some code"}]
+    calls = {"raw": lambda o, **kw: c.generate(model="tiny", prompt="def f(x):", raw=True, options=o, **kw),
+             "generate": lambda o, **kw: c.generate(model="tiny", prompt="Write some code", options=o, **kw),
+             "chat": lambda o, **kw: c.chat(model="tiny", messages=msgs, options=o, **kw)}
+    text = {"raw": lambda r: r.response, "generate": lambda r: r.response, "chat": lambda r: r.message.content}
+    for name, call in calls.items():
+        whole = text[name](call(opts))
+        assert len(whole) > 4, (name, whole)
+        cut = whole[len(whole) // 2:len(whole) // 2 + 2]
+        want = whole[:whole.index(cut)]
+        got = call({**opts, "stop": [*FIM_STOPS, cut]})
+        assert (text[name](got), got.done_reason) == (want, "stop"), name
+        parts = list(call({**opts, "stop": [cut, *FIM_STOPS]}, stream=True))
+        assert "".join(text[name](p) for p in parts) == want and parts[-1].done_reason == "stop", name
+    with pytest.raises(ollama.ResponseError) as ei:
+        calls["chat"]({**opts, "stop": [f"s{i}" for i in range(65)]})
+    assert ei.value.status_code == 400 and ei.value.error.startswith("options.stop: List should have at most 64")

@@ -27,7 +27,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import tokenpool
 from controller.api import auth, embeddings
@@ -71,6 +71,9 @@ class _Loose(BaseModel):
         return p.null_is_default(cls, data)
 
 
+OLLAMA_MAX_STOP = 64  # stop strings an Ollama request may carry (Ollama sets no number; this bounds the work)
+
+
 class Options(_Loose):
     """The sampling options Ollama clients send; others (num_ctx, num_gpu, mirostat, ...) are ignored. Typed as
     Ollama's Options.FromMap takes them: a string for a number is refused ("num_predict": "0" was read as 0, no
@@ -91,7 +94,9 @@ class Options(_Loose):
     num_predict: int | None = None  # -1: until the context is full
     num_keep: int | None = None  # a prompt past the context keeps this many first tokens (NUM_KEEP; -1: all it can)
     seed: int | None = None
-    stop: list[str] | None = None
+    # (Ollama sets no number; the OpenAI request's MAX_STOP, 8, refused the lists code assistants send: Continue's
+    # autocomplete for Qwen2.5-Coder sends its 9 FIM tokens and 3 more. Taken past it: `_run`)
+    stop: list[p.StopStr] | None = Field(None, max_length=OLLAMA_MAX_STOP)
     repeat_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -263,7 +268,7 @@ def _sampling(body: _Base, model: str) -> dict[str, Any]:
     o = body.options or Options()
     out: dict[str, Any] = {"model": model}
     for ours, theirs in OPTION_OF.items():
-        if ours != "max_tokens" and (v := getattr(o, theirs)) is not None:
+        if ours not in ("max_tokens", "stop") and (v := getattr(o, theirs)) is not None:
             out[ours] = v
     if out.get("seed") == -1:  # (Ollama's sampler seeds no generator for -1, its default: a random draw each
         # request, where the engine took -1 as a fixed seed and gave one reply to every request sending it)
@@ -427,6 +432,8 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                 req = _as(p.ChatCompletionRequest, {**_sampling(body, model), "messages": [
                     *msgs, {"role": "user", "content": body.prompt}], **extra,
                     **({"logprobs": True, "top_logprobs": k} if k is not None else {})})
+        if body.options is not None and body.options.stop:  # (checked by Options, past the OpenAI request's number)
+            req = req.model_copy(update={"stop": list(body.options.stop)})
         me = serving.entry(tenant, req.model)
         context = None if chat else body.context
         if context is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
