@@ -40,9 +40,9 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False)
 
-    def step(self, ids: list[int], n: int, finished: bool) -> str:
+    def step(self, ids: list[int], n: int, finished: bool, stops: bool = True) -> str:
         """Consume the output ids `ids[:n]` (the request's cumulative list, which may already hold more); return
-        the text newly released. Sets `stop_hit` on a stop string."""
+        the text newly released. Sets `stop_hit` on a stop string (`stops` False: none is looked for yet)."""
         prefix = self._decode(ids[self.prefix_offset : self.read_offset])
         full = self._decode(ids[self.prefix_offset : n])
         if finished:  # a character its last tokens only began is dropped, not sent as U+FFFD (as vLLM's and Ollama's)
@@ -50,7 +50,7 @@ class IncrementalDetokenizer:
         if len(full) > len(prefix) and (finished or not full.endswith("\ufffd")):
             self.text += full[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, n
-        if self.stop:
+        if self.stop and stops:
             # search only where a new match can start
             start = max(0, self.sent - self.hold)
             hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
@@ -75,7 +75,13 @@ def detokenize(outs: list[TokenOutput]) -> tuple[list[RequestOutput], list[tuple
             continue
         finished, reason, stop_reason, metrics = o.status.finished, o.status.finish_reason, o.stop_reason, o.metrics
         n, k = o.num_output_tokens, o.num_new
-        delta = d.step(req.output_token_ids, n, finished) if k else ""
+        # The token that ended the output (EOS, one of stop_token_ids) is no part of its text unless
+        # include_stop_str_in_output, as vLLM's detokenizer leaves it out: with skip_special_tokens false every reply
+        # ended "<|im_end|>", and a stop_token_ids' ordinary token ("," say) was kept. Its id and logprob stay.
+        token_stop = finished and reason == "stop" and not isinstance(stop_reason, str) and not d.include_stop
+        # (stop strings end an output only once it has min_tokens tokens, as vLLM's detokenizer looks for them)
+        delta = d.step(req.output_token_ids, n - 1 if token_stop else n, finished,
+                       n > req.sampling_params.min_tokens) if k else ""
         if d.stop_hit is not None and not finished:
             finished, reason, stop_reason = True, "stop", d.stop_hit
             metrics = {**metrics, "finished_time": time.monotonic()}

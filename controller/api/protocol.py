@@ -332,6 +332,9 @@ class _ChatTemplate(_Req):
     # vLLM's: the last message is left open for the model to continue (a prefilled start of its answer)
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # (vLLM's) a Jinja template of the client's own: refused by the serving layer (the model's is used; vLLM refuses
+    # one too unless started with --trust-request-chat-template), not ignored unsaid
+    chat_template: str | None = None
 
 
 class ChatCompletionRequest(_Sampling, _ChatTemplate):
@@ -383,6 +386,7 @@ class TokenizeRequest(_Top, _ChatTemplate):
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)] | None = None
     add_special_tokens: bool = True  # (vLLM's, for a prompt) inside the special tokens its tokenizer adds
+    return_token_strs: bool = False  # (vLLM's) each token's piece too (`token_strs`), as the tokenizer writes it
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
@@ -400,6 +404,7 @@ class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: list[str] | None = None  # (return_token_strs) each token's piece, vLLM's convert_ids_to_tokens
 
 
 class DetokenizeResponse(BaseModel):

@@ -821,7 +821,12 @@ class OpenAIServing:
                 raise ServingError(400, f"model `{req.model}` has no chat template", param="messages")
             kwargs = check_template_kwargs(req.chat_template_kwargs)
             ids = await self.offload(self._chat_prompt, me, req, kwargs, False)
-        return p.TokenizeResponse(count=len(ids), max_model_len=me.max_model_len, tokens=ids)
+        strs = None
+        if req.return_token_strs:  # (a paced model's byte tokenizer has no pieces: each token's text)
+            tok = me.tokenizer
+            strs = (list(tok.convert_ids_to_tokens(ids)) if hasattr(tok, "convert_ids_to_tokens")
+                    else [tok.decode([i], skip_special_tokens=False) for i in ids])
+        return p.TokenizeResponse(count=len(ids), max_model_len=me.max_model_len, tokens=ids, token_strs=strs)
 
     async def detokenize(self, req: p.DetokenizeRequest, tenant: Tenant) -> p.DetokenizeResponse:
         me = self.lookup(tenant, req.model)
@@ -843,6 +848,9 @@ class OpenAIServing:
                      limit: bool = True) -> list[int]:
         """The prompt's token ids: the model's own chat template, rendered and tokenized in the tokenize pool
         (`limit`: a prompt that leaves no room to generate is a 400)."""
+        if req.chat_template is not None:  # (vLLM's field: a template of the client's own would run server-side)
+            raise ServingError(400, "chat_template is not supported: the model's own chat template is used "
+                               "(chat_template_kwargs pass values to it)", param="chat_template")
         msgs = [self._template_message(mm) for mm in req.messages]
         gen_prompt = req.add_generation_prompt
         if req.continue_final_message:  # (add_generation_prompt left at its default: off, as the two exclude)

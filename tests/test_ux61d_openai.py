@@ -1,0 +1,133 @@
+"""The OpenAI routes as a user moving from vLLM's OpenAI-compatible server meets them, through the official `openai`
+client (and vLLM's /tokenize over httpx) on one live server with the real SmolLM2 (greedy, so each reply is known):
+
+- the token that ended a reply (EOS, or one of vLLM's `stop_token_ids`) was part of its text: with
+  `skip_special_tokens: false` every chat reply ended "<|im_end|>", and a stop_token_ids' ordinary token (",") was
+  kept. vLLM leaves it out unless `include_stop_str_in_output`, streamed or not; so does tokenpool now;
+- `min_tokens` held off EOS and stop_token_ids but not stop strings, which vLLM looks for only once the output has
+  min_tokens tokens: `stop: " 7"` with `min_tokens: 10` ended the reply at its fourth token;
+- vLLM's `chat_template` (a template of the client's own) was ignored unsaid, the reply made with the model's own
+  template: a 400 naming the field now, as vLLM answers one it is not started to trust;
+- vLLM's /tokenize `return_token_strs` was ignored: its `token_strs` (each token's piece) now come back.
+"""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.ports import live_server_on
+
+PORTS = range(26500, 26600)
+HI = [{"role": "user", "content": "Say hi"}]
+COUNT = "1, 2, 3, 4, 5,"  # (greedy: " 6, 7, 8, ...", each number three tokens: " ", the digit, ",")
+
+
+@pytest.fixture(scope="module")
+def server(smollm2, tmp_path_factory):
+    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
+           "models": [{"name": "smol", "path": str(smollm2), "engine": {"max_num_seqs": 8}}]}
+    with live_server_on(PORTS, cfg, tmp_path_factory.mktemp("ux61d")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def _tokenize(server, **body) -> dict:
+    r = httpx.post(server.url + "/tokenize", json={"model": "smol", **body}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _chat(client, stream: bool, **extra) -> tuple[str, str | None, object]:
+    """(content, finish_reason, stop_reason) of a greedy chat reply to HI, streamed or not."""
+    kw = dict(model="smol", messages=HI, max_tokens=120, temperature=0, extra_body=extra)
+    if not stream:
+        ch = client.chat.completions.create(**kw).choices[0]
+        return ch.message.content, ch.finish_reason, ch.model_extra.get("stop_reason")
+    text, finish, stop = "", None, None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            text += ch.delta.content or ""
+            if ch.finish_reason:
+                finish, stop = ch.finish_reason, ch.model_extra.get("stop_reason")
+    return text, finish, stop
+
+
+def _completion(client, stream: bool, **extra) -> tuple[str, str | None, object]:
+    """(text, finish_reason, stop_reason) of a greedy completion of COUNT, streamed or not."""
+    stop = extra.pop("stop", None)
+    kw = dict(model="smol", prompt=COUNT, max_tokens=20, temperature=0, stop=stop, extra_body=extra)
+    if not stream:
+        ch = client.completions.create(**kw).choices[0]
+        return ch.text, ch.finish_reason, ch.model_extra.get("stop_reason")
+    text, finish, why = "", None, None
+    for chunk in client.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            text += ch.text
+            if ch.finish_reason:
+                finish, why = ch.finish_reason, ch.model_extra.get("stop_reason")
+    return text, finish, why
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_eos_that_ended_a_reply_is_not_in_its_text(client, stream):
+    """skip_special_tokens false shows the special tokens a reply holds, not the EOS that ended it (vLLM's); with
+    include_stop_str_in_output it is kept, as vLLM keeps it."""
+    text, finish, stop = _chat(client, stream, skip_special_tokens=False)
+    assert finish == "stop" and stop is None, (text, finish, stop)
+    assert text and "<|im_end|>" not in text, text
+    kept, finish, _ = _chat(client, stream, skip_special_tokens=False, include_stop_str_in_output=True)
+    assert finish == "stop" and kept == text + "<|im_end|>", (kept, text)
+    # (skipped, as by default, the text is the same)
+    assert _chat(client, stream)[0] == text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_token_id_is_not_in_the_text(server, client, stream):
+    """A stop_token_ids' ordinary token ends the reply without its text (stop_reason its id), as vLLM's; kept with
+    include_stop_str_in_output."""
+    [comma] = _tokenize(server, prompt=",", add_special_tokens=False)["tokens"]
+    assert _completion(client, stream) == (" 6, 7, 8, 9, 10, 11,", "length", None)
+    assert _completion(client, stream, stop_token_ids=[comma]) == (" 6", "stop", comma)
+    assert _completion(client, stream, stop_token_ids=[comma], include_stop_str_in_output=True) == (" 6,", "stop",
+                                                                                                     comma)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_min_tokens_holds_off_stop_strings(client, stream):
+    """A stop string ends the output only once it has min_tokens tokens, as vLLM's: " 7" within the first ten
+    tokens does not stop it; one past min_tokens does."""
+    assert _completion(client, stream, stop=" 7") == (" 6,", "stop", " 7")
+    assert _completion(client, stream, stop=" 7", min_tokens=10) == (" 6, 7, 8, 9, 10, 11,", "length", None)
+    assert _completion(client, stream, stop=" 8", min_tokens=4) == (" 6, 7,", "stop", " 8")
+
+
+def test_a_chat_template_of_the_clients_own_is_a_400(server, client):
+    """vLLM's `chat_template` is refused, naming the field (it was ignored: the model's template made the reply)."""
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model="smol", messages=HI, max_tokens=2,
+                                       extra_body={"chat_template": "{{ messages[0]['content'] }}"})
+    err = ei.value.body
+    assert ei.value.status_code == 400 and err["param"] == "chat_template", err
+    assert err["type"] == "invalid_request_error" and "chat_template" in err["message"], err
+    r = httpx.post(server.url + "/tokenize", json={"model": "smol", "messages": HI, "chat_template": "{{ 'x' }}"},
+                   timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template", r.text
+    # (chat_template_kwargs still reach the model's own template)
+    assert client.chat.completions.create(model="smol", messages=HI, max_tokens=2,
+                                          extra_body={"chat_template_kwargs": {"x": 1}}).choices[0].message.content
+
+
+def test_tokenize_return_token_strs(server):
+    """vLLM's /tokenize `return_token_strs`: each token's piece (byte-level BPE's, a space as "Ġ"); null unasked."""
+    got = _tokenize(server, prompt="Hello world", return_token_strs=True)
+    assert got["tokens"] == _tokenize(server, prompt="Hello world")["tokens"] and got["count"] == 2, got
+    assert got["token_strs"] == ["Hello", "\u0120world"], got
+    assert _tokenize(server, prompt="Hello world")["token_strs"] is None
+    chat = _tokenize(server, messages=HI, return_token_strs=True)
+    assert len(chat["token_strs"]) == chat["count"] and "<|im_start|>" in chat["token_strs"], chat
