@@ -131,3 +131,32 @@ def test_tokenize_return_token_strs(server):
     assert _tokenize(server, prompt="Hello world")["token_strs"] is None
     chat = _tokenize(server, messages=HI, return_token_strs=True)
     assert len(chat["token_strs"]) == chat["count"] and "<|im_start|>" in chat["token_strs"], chat
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_echo_starts_the_reply_with_the_message_it_continues(client, stream):
+    """vLLM's chat `echo` (it was ignored unsaid): with continue_final_message, each choice's content starts with the
+    assistant message it continues, the continuation after it; a last message of another role than the reply's is
+    not echoed. With tools (which hold the reply to their calls) it is a 400 naming it."""
+    start = [*HI, {"role": "assistant", "content": "Hello, my name"}]
+
+    def reply(messages, **extra) -> list[str]:
+        kw = dict(model="smol", messages=messages, max_tokens=5, temperature=0, n=2, extra_body=extra)
+        if not stream:
+            return [ch.message.content for ch in client.chat.completions.create(**kw).choices]
+        out = ["", ""]
+        for chunk in client.chat.completions.create(stream=True, **kw):
+            for ch in chunk.choices:
+                out[ch.index] += ch.delta.content or ""
+        return out
+
+    go_on = dict(continue_final_message=True, add_generation_prompt=False)
+    [rest, rest2] = reply(start, **go_on)
+    assert rest and rest == rest2, rest
+    assert reply(start, echo=True, **go_on) == ["Hello, my name" + rest] * 2
+    assert reply(start, echo=True, continue_final_message=True) == ["Hello, my name" + rest] * 2
+    assert reply(HI, echo=True) == reply(HI)  # (the user's message: not the reply's role)
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model="smol", messages=HI, max_tokens=2, extra_body={"echo": True},
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert ei.value.body["param"] == "echo", ei.value.body

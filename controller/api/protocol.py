@@ -346,6 +346,8 @@ class ChatCompletionRequest(_Sampling, _ChatTemplate):
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # (vLLM's) each choice's content starts with the last message's text when it is of the reply's role (serving.py)
+    echo: bool = False
 
 
 class ResponsesRequest(_Top):

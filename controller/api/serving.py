@@ -742,11 +742,25 @@ class OpenAIServing:
             if m.role == "tool" and not m.tool_call_id:
                 raise ServingError(400, "a tool message needs tool_call_id, the id of the call it answers",
                                    param=f"messages.{i}.tool_call_id")
+        if req.echo and req.tools and req.tool_choice != "none":
+            raise ServingError(400, "echo is not supported with tools", param="echo")
         rid = self.ctl.new_id("chatcmpl")
         me, tools, gen = await self.start_chat(req, tenant, rid, req.stream)
         if req.stream:
             return self._stream_chat(gen, req, rid, me, tools)
         return await self._collect(request, gen, self._collect_chat(gen, req, rid, me, tools))
+
+    @staticmethod
+    def _echoed(req: p.ChatCompletionRequest) -> str:
+        """vLLM's chat `echo`: the last message's text, which each choice's content starts with, when it is of the
+        reply's role (the assistant's, or with no generation prompt -- continue_final_message -- the last
+        message's own: the start of the answer it continues); else nothing."""
+        if not req.echo:
+            return ""
+        last = req.messages[-1]
+        gen_prompt = req.add_generation_prompt and not (req.continue_final_message
+                                                        and "add_generation_prompt" not in req.model_fields_set)
+        return last.text() if last.role == ("assistant" if gen_prompt else last.role) else ""
 
     async def start_chat(self, req: p.ChatCompletionRequest, tenant: Tenant, rid: str, stream: bool,
                          fit: Callable[[list[int]], list[int]] | None = None, first: int | None = None
@@ -909,6 +923,9 @@ class OpenAIServing:
             if d.finished:
                 finish[i], stops[i] = d.finish_reason, d.stop_reason
         replies = [self._reply(text[i], finish[i], tools) for i in range(k)]
+        if echo := self._echoed(req):
+            for msg, _ in replies:
+                msg.content = echo + (msg.content or "")
         choices = [p.ChatChoice(index=i, message=msg, finish_reason=why, stop_reason=stops[i],
                                 logprobs=p.ChoiceLogprobs(content=lps[i]) if req.logprobs else None)
                    for i, (msg, why) in enumerate(replies)]
@@ -922,6 +939,8 @@ class OpenAIServing:
         # streams do); a choice of "auto" (hermes) opens once its output shows which it is
         hermes = tools is not None and tools.hermes
         lead = [] if hermes else [fr.delta(i, ROLE if tools is None else ROLE_CALLS) for i in range(len(gen.subs))]
+        if echo := self._echoed(req):  # (vLLM's: the echoed text a chunk of its own, after the role's)
+            lead += [fr.delta(i, content(echo)) for i in range(len(gen.subs))]
         opened = [not hermes] * len(gen.subs)
         held = [""] * len(gen.subs)  # (tools) a choice's text so far
         held_lps: list[list[p.TokenLogprob]] = [[] for _ in gen.subs]  # (tools) its logprobs not sent yet
