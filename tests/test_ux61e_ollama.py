@@ -12,7 +12,9 @@ varied, one with a template that thinks):
 - `/api/generate` with `raw` and a `system` or `template`: Ollama's 400 (raw mode takes neither); both were dropped
   without a word, the reply made as if they had not been sent;
 - `options.stop` of more than 8 strings (the OpenAI request's bound) was a 400, where Ollama sets no number: code
-  assistants send more (Continue's autocomplete for Qwen2.5-Coder: its 9 FIM tokens and 3 of its own). Up to 64 now.
+  assistants send more (Continue's autocomplete for Qwen2.5-Coder: its 9 FIM tokens and 3 of its own). Up to 64 now;
+- `/api/generate` (not raw) to a model with no chat template (a base model) was a 400 saying to send raw; Ollama's
+  default template, `{{ .Prompt }}`, feeds the prompt as it is, so its generate completes a text model's prompt.
 """
 
 from __future__ import annotations
@@ -36,9 +38,13 @@ def server(make_varied, tmp_path_factory):
     shutil.copytree(make_varied("qwen2"), thinker)
     # (the thinking-only shape: the generation prompt opens `<think>` unless enable_thinking is false)
     (thinker / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    base = work / "base"  # (no chat template: a base model's folder)
+    shutil.copytree(make_varied("qwen2"), base)
+    (base / "chat_template.jinja").unlink()
     cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
            "models": [{"name": "tiny", "path": str(make_varied("qwen2")), "engine": {"max_num_seqs": 8}},
-                      {"name": "thinker", "path": str(thinker), "engine": {"max_num_seqs": 8}}]}
+                      {"name": "thinker", "path": str(thinker), "engine": {"max_num_seqs": 8}},
+                      {"name": "base", "path": str(base), "engine": {"max_num_seqs": 8}}]}
     with live_server_on(PORTS, cfg, work) as srv:
         yield srv
 
@@ -177,3 +183,19 @@ def test_more_stop_strings_than_openais_bound(server):
     with pytest.raises(ollama.ResponseError) as ei:
         calls["chat"]({**opts, "stop": [f"s{i}" for i in range(65)]})
     assert ei.value.status_code == 400 and ei.value.error.startswith("options.stop: List should have at most 64")
+
+
+def test_generate_to_a_model_without_a_chat_template_feeds_the_prompt(server):
+    """A base model (no chat template) asked through /api/generate without raw: its prompt is completed as it is, the
+    same reply, prompt ids and context as raw gives, streamed or not (Ollama's default template, {{ .Prompt }});
+    /api/chat to it is still the 400 naming the missing template."""
+    c = oc(server)
+    opts = {"temperature": 0, "num_predict": 6}
+    raw = c.generate(model="base", prompt="Once upon a time", raw=True, options=opts)
+    got = c.generate(model="base", prompt="Once upon a time", options=opts)
+    assert (got.response, got.prompt_eval_count, got.context) == (raw.response, raw.prompt_eval_count, raw.context)
+    parts = list(c.generate(model="base", prompt="Once upon a time", options=opts, stream=True))
+    assert "".join(p.response for p in parts) == raw.response and parts[-1].context == raw.context
+    with pytest.raises(ollama.ResponseError) as ei:
+        c.chat(model="base", messages=[{"role": "user", "content": "Hi"}], options=opts)
+    assert ei.value.status_code == 400 and "no chat template" in ei.value.error

@@ -398,7 +398,8 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         model = served(request, body.model)
         if not (body.messages if chat else body.prompt):  # Ollama's "load the model" request: nothing to generate
             return await _load(request, tenant, model, body, chat)
-        think_kwargs, thinking = _think(serving.lookup(tenant, model), body)
+        asked = serving.lookup(tenant, model)
+        think_kwargs, thinking = _think(asked, body)
         extra: dict[str, Any] = {"chat_template_kwargs": think_kwargs} if think_kwargs else {}
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
             raise ServingError(400, "top_logprobs must be between 0 and 20")
@@ -424,8 +425,12 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                                         "(put the system text in the prompt, or leave raw out)")
             if body.raw:
                 req = _as(p.CompletionRequest, {"max_tokens": None, **_sampling(body, model), "prompt": body.prompt})
-            elif body.template:  # the request's own template over the system message and the prompt, fed as it is
-                prompt = render_template(body.template, {"System": body.system or "", "Prompt": body.prompt})
+            elif body.template or not getattr(asked.tokenizer, "chat_template", None):
+                # the request's own template over the system message and the prompt, fed as it is; for a model with no
+                # chat template (a base model), Ollama's default one, `{{ .Prompt }}`: the prompt as it is (it was a
+                # 400 saying to send raw, where Ollama's generate completes a text model's prompt)
+                prompt = render_template(body.template or "{{ .Prompt }}", {"System": body.system or "",
+                                                                            "Prompt": body.prompt})
                 req = _as(p.CompletionRequest, {"max_tokens": None, **_sampling(body, model), "prompt": prompt})
             else:  # the model's template over the system message and the prompt, as Ollama applies it
                 msgs = ([{"role": "system", "content": body.system}] if body.system else [])
@@ -442,7 +447,8 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
 
         async def begin(req: Any, cut: bool = False) -> tuple[Any, ToolPlan | None, Tracked]:
             if templated and not getattr(me.tokenizer, "chat_template", None):  # (Ollama's answers first)
-                raise ServingError(400, f"model '{req.model}' has no chat template: use /api/generate with raw")
+                raise ServingError(400, f"model '{req.model}' has no chat template: use /api/generate, which "
+                                        "completes a prompt")
             # the ids of a raw prompt (with the BOS its tokenizer adds, as Ollama's runner; after `context`, which
             # starts with it, none) or of the template's, after the earlier turns' (`context`)
             if not chat:
