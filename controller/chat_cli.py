@@ -331,10 +331,12 @@ class Spinner:
 
     FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
-    def __init__(self, term: TextIO, every_s: float = 0.1):
+    def __init__(self, term: TextIO | None, every_s: float = 0.1):
         self.term, self.every_s, self.drawn = term, every_s, 0
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._spin, daemon=True) if term.isatty() else None
+        # (term None: stderr closed, `2>&-`; its AttributeError ended the command before the reply, exit 1, unsaid)
+        spins = term is not None and term.isatty()
+        self._thread = threading.Thread(target=self._spin, daemon=True) if spins else None
 
     def __enter__(self) -> Spinner:
         if self._thread is not None:
@@ -631,6 +633,11 @@ def run(url: str, key: str | None, model: str, prompt: str | None, system: str |
         import io
 
         inp = io.StringIO()
+    if out is None:  # (stdout closed, `>&-`: the reply goes nowhere, as click's echo drops `ls`'s lines; it was a
+        # traceback after the reply had been asked for)
+        import os
+
+        out = open(os.devnull, "w")  # noqa: SIM115 - (the process's own stdout, left to its end as sys.stdout is)
     with said_if_not_served(url, key, model):
         _run(url, key, model, prompt, system, options, inp, out, verbose)
 

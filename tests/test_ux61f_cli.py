@@ -1,5 +1,6 @@
 """The client commands as a user coming from `ollama` meets them: an empty --url (`--url "$HOST"`, HOST unset) and a
-closed stdin (`<&-`, as some job runners start a command) are said in one line, never a traceback."""
+closed stdin (`<&-`, as some job runners start a command) are said in one line, never a traceback; a closed stderr
+(`2>&-`) or stdout (`>&-`) loses nothing but what would have gone there."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ from load_tests.live_server import REPO_ROOT
 from tests.http_stub import sse_chat, stub_server
 
 
-def cli(*args: str, close_stdin: bool = False, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "controller.cli", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=60, stdin=None if close_stdin else subprocess.DEVNULL,
-                          # (fd 0 closed in the child, as `tokenpool ... <&-`: Python's sys.stdin is then None)
-                          preexec_fn=(lambda: os.close(0)) if close_stdin else None,
+def cli(*args: str, close: int | None = None, **env: str) -> subprocess.CompletedProcess:
+    """`tokenpool ARGS`; `close`: a descriptor (0, 1 or 2) closed in the child, as `tokenpool ... <&-` (`>&-`,
+    `2>&-`) starts it: Python's sys.stdin (stdout, stderr) is then None. What the others got is captured."""
+    pipes = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    if close is not None:
+        pipes[("stdin", "stdout", "stderr")[close]] = None
+    return subprocess.run([sys.executable, "-m", "controller.cli", *args], cwd=REPO_ROOT, text=True, timeout=60,
+                          **pipes, preexec_fn=None if close is None else (lambda: os.close(close)),
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env})
 
 
@@ -42,17 +46,39 @@ def test_run_with_stdin_closed_sends_the_prompt():
     prompt is the whole message, nothing being piped in."""
     asked: list[dict] = []
     with stub_server(sse_chat(asked, [{"choices": [{"delta": {"content": "hello"}}]}])) as url:
-        r = cli("run", "m", "hi", "--url", url, close_stdin=True)
+        r = cli("run", "m", "hi", "--url", url, close=0)
     assert (r.returncode, r.stdout, r.stderr) == (0, "hello\n", ""), r.stderr[-3000:]
     assert [m["messages"] for m in asked] == [[{"role": "user", "content": "hi"}]]
 
 
 def test_run_with_stdin_closed_and_no_prompt_says_so():
-    r = cli("run", "m", "--url", "http://127.0.0.1:9", close_stdin=True)
+    r = cli("run", "m", "--url", "http://127.0.0.1:9", close=0)
     assert (r.returncode, r.stdout, r.stderr) == (1, "", "tokenpool run: the prompt is empty\n"), r.stderr[-3000:]
 
 
 def test_keys_hash_from_a_closed_stdin_is_a_usage_error():
-    r = cli("keys", "hash", "-", close_stdin=True)
+    r = cli("keys", "hash", "-", close=0)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "stdin holds no key" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("verbose", [[], ["--verbose"]], ids=["plain", "verbose"])
+def test_run_with_stderr_closed_still_prints_the_reply(verbose):
+    """`tokenpool run M PROMPT 2>&-` printed nothing, exit 1: the spinner's `sys.stderr.isatty()` (None's
+    AttributeError) ended it before the reply, its traceback lost with stderr. The reply is printed (--verbose's
+    timings, stderr's, go nowhere)."""
+    asked: list[dict] = []
+    with stub_server(sse_chat(asked, [{"choices": [{"delta": {"content": "hello"}}]}])) as url:
+        r = cli("run", "m", "hi", "--url", url, *verbose, close=2)
+    assert (r.returncode, r.stdout) == (0, "hello\n")
+    assert len(asked) == 1
+
+
+def test_run_with_stdout_closed_ends_quietly_as_ls_does():
+    """`tokenpool run M PROMPT >&-` was AttributeError ('NoneType' object has no attribute 'write'), a traceback,
+    exit 1, once the first text came; the reply goes nowhere, exit 0, as `tokenpool ls >&-` ends (click's echo
+    drops its lines)."""
+    asked: list[dict] = []
+    with stub_server(sse_chat(asked, [{"choices": [{"delta": {"content": "hello"}}]}])) as url:
+        r = cli("run", "m", "hi", "--url", url, close=1)
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr[-3000:]
