@@ -2,6 +2,13 @@
 
 fp32: logits at every prompt position within 1e-4, greedy continuations token for token. bf16: the first
 generated token's top-1 equal for all 8 (random weights cannot show this: trained logits have real margins).
+
+HF's fp32 side is one forward pass per prompt over the prompt, then one over the engine's continuation on its
+cache, shared by the three tests (module fixtures): the logits at the prompt's positions are its prompt logits, its
+argmax at each later position its greedy choice given the tokens before, and its last hidden state at the prompt's
+end its embedding. Where the engine's tokens are HF's own choices, these passes read HF's greedy continuation
+token for token, as `generate` would find it one decode step at a time at several times the cost; where they are
+not, the first difference fails the test.
 """
 
 from __future__ import annotations
@@ -26,6 +33,17 @@ QUESTIONS = [
 NEW_TOKENS = 16
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread while this file runs: under the suite's two xdist workers on 2 cores, torch's default of
+    one thread a core oversubscribes them, and OpenMP's waiting threads spin (this file on a busy 2-core machine:
+    147 s with 2 threads, 28-34 s with 1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def prompts(smollm2):
     from transformers import AutoTokenizer
@@ -41,6 +59,28 @@ def _hf(d, dtype):
     return AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype).eval()
 
 
+@pytest.fixture(scope="module")
+def fp32(smollm2, prompts):
+    """The fp32 engine and its greedy continuations of the prompts."""
+    llm = LLM(smollm2, device="cpu", dtype="fp32")
+    return llm, llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS))
+
+
+@pytest.fixture(scope="module")
+def hf32(smollm2, prompts, fp32):
+    """HF fp32 over each prompt, then the engine's continuation: (logits at every position, final hidden state at
+    the prompt's last token)."""
+    hf = _hf(smollm2, torch.float32)
+    runs = []
+    with torch.no_grad():
+        for ids, out in zip(prompts, fp32[1]):
+            r = hf(torch.tensor([ids]), output_hidden_states=True, use_cache=True)
+            # the continuation on the prompt's cache, so the prompt's own numbers are those of a pass over it alone
+            more = hf(torch.tensor([list(out.outputs[0].token_ids)]), past_key_values=r.past_key_values).logits[0]
+            runs.append((torch.cat([r.logits[0], more]), r.hidden_states[-1][0, -1].clone()))
+    return runs
+
+
 def _prompt_logits(eng, ids: list[int]) -> torch.Tensor:
     """The engine's logits at every position of `ids`, one prefill through the paged cache."""
     bs = eng.block_size
@@ -52,26 +92,27 @@ def _prompt_logits(eng, ids: list[int]) -> torch.Tensor:
     return llama.compute_logits(eng.weights, h)
 
 
-def test_fp32_logits_and_greedy_match_hf(smollm2, prompts):
-    llm = LLM(smollm2, device="cpu", dtype="fp32")
-    hf = _hf(smollm2, torch.float32)
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS))
+def test_fp32_logits_and_greedy_match_hf(prompts, fp32, hf32):
+    llm, outs = fp32
     tok = llm.get_tokenizer()
-    for ids, out in zip(prompts, outs):
+    eos = tok.eos_token_id
+    for ids, out, (ref, _) in zip(prompts, outs, hf32):
         with torch.no_grad():
             ours = _prompt_logits(llm.engine, ids)
-            ref = hf(torch.tensor([ids])).logits[0]
-            ref_gen = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                  max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids):].tolist()
-        assert (ours - ref).abs().max().item() <= 1e-4
-        ref_gen = ref_gen[: ref_gen.index(tok.eos_token_id) + 1] if tok.eos_token_id in ref_gen else ref_gen
-        got = out.outputs[0].token_ids
-        assert got == ref_gen[: len(got)] and len(got) in (len(ref_gen), len(ref_gen) - 1), (
-            tok.decode(got), tok.decode(ref_gen))  # the engine may leave the EOS id out of its output
+        assert (ours - ref[: len(ids)]).abs().max().item() <= 1e-4
+        got = list(out.outputs[0].token_ids)
+        # HF's greedy choice after the prompt and each of the engine's tokens: got[k] must be HF's choice given
+        # got[:k], so that by induction got is HF's greedy continuation as far as it goes
+        hf_next = ref[len(ids) - 1:].argmax(-1).tolist()
+        assert got == hf_next[: len(got)], (tok.decode(got), tok.decode(hf_next))
+        if eos in got:  # HF stops at its first EOS, and so must the engine
+            assert got.index(eos) == len(got) - 1, tok.decode(got)
+        elif len(got) < NEW_TOKENS:  # the engine may leave the EOS id out of its output: HF's next token is it
+            assert hf_next[len(got)] == eos, (tok.decode(got), tok.decode(hf_next))
     assert "Paris" in outs[0].outputs[0].text
 
 
-def test_bf16_first_token_top1_matches_hf(smollm2, prompts):
+def test_bf16_first_token_top1_matches_hf(smollm2, prompts, hf32):
     """With the prefill run as HF runs it (`hf_exact_prefill`), all 8 first tokens are HF's. The default fast path
     must agree wherever the choice is not a near tie: a first chat token is often one (fp32 top-2 gaps of 0.03-0.1
     here, while bf16 moves logits by ~0.5), and there rounding order decides, HF's bf16 included (on one of these
@@ -79,9 +120,8 @@ def test_bf16_first_token_top1_matches_hf(smollm2, prompts):
     hf = _hf(smollm2, torch.bfloat16)
     with torch.no_grad():
         refs = [int(hf(torch.tensor([ids])).logits[0, -1].argmax()) for ids in prompts]
-        hf32 = _hf(smollm2, torch.float32)
-        gaps = [float((lambda v: v[0] - v[1])(hf32(torch.tensor([ids])).logits[0, -1].topk(2).values)) for ids in prompts]
-    del hf, hf32
+    gaps = [float((lambda v: v[0] - v[1])(logits[len(ids) - 1].topk(2).values)) for ids, (logits, _) in zip(prompts, hf32)]
+    del hf
     exact = LLM(smollm2, device="cpu", dtype="bf16", hf_exact_prefill=True)
     outs = exact.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
     assert [o.outputs[0].token_ids[0] for o in outs] == refs
@@ -93,15 +133,12 @@ def test_bf16_first_token_top1_matches_hf(smollm2, prompts):
     assert [outs[i].outputs[0].token_ids[0] for i in clear] == [refs[i] for i in clear]
 
 
-def test_fp32_embeddings_match_hf(smollm2, prompts):
+def test_fp32_embeddings_match_hf(smollm2, prompts, hf32):
     """LLM.embed on real weights: HF's final hidden state of each prompt's last token, L2-normalized, within 1e-5;
-    the 8 questions are 8 different vectors."""
-    llm = LLM(smollm2, device="cpu", dtype="fp32")
-    hf = _hf(smollm2, torch.float32)
-    got = torch.tensor(llm.embed(prompts))
-    with torch.no_grad():
-        ref = torch.stack([hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
-                           for ids in prompts])
+    the 8 questions are 8 different vectors. A fresh engine: the shared one's cache holds what `_prompt_logits`
+    wrote into it outside the engine's bookkeeping."""
+    got = torch.tensor(LLM(smollm2, device="cpu", dtype="fp32").embed(prompts))
+    ref = torch.stack([h for _, h in hf32])
     ref = ref / ref.norm(dim=-1, keepdim=True)
     assert got.shape == ref.shape and (got - ref).abs().max().item() <= 1e-5
     sims = got @ got.T
