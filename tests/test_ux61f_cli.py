@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from load_tests.live_server import REPO_ROOT
+from load_tests.live_server import REPO_ROOT, LiveServer
 from tests.http_stub import sse_chat, stub_server
 
 
@@ -82,3 +82,20 @@ def test_run_with_stdout_closed_ends_quietly_as_ls_does():
     with stub_server(sse_chat(asked, [{"choices": [{"delta": {"content": "hello"}}]}])) as url:
         r = cli("run", "m", "hi", "--url", url, close=1)
     assert (r.returncode, r.stderr) == (0, ""), r.stderr[-3000:]
+
+
+def test_ps_and_stop_at_the_listening_url_of_a_server_on_every_interface(tiny_model, tmp_path):
+    """A server on 0.0.0.0 logs `listening on http://0.0.0.0:PORT`; `tokenpool ps --url` that URL (and `stop`) got
+    401 "admin token required", naming the file that server had written its token to, while `--url :PORT` worked:
+    the token file was read for 127.0.0.1, localhost and ::1 only. 0.0.0.0 reaches this machine as they do (the
+    server here listens on 127.0.0.1, which a connection to 0.0.0.0 reaches on Linux, as one to 0.0.0.0's server)."""
+    cache = tmp_path / "cache"
+    env = {"TOKENPOOL_CACHE": str(cache)}
+    with LiveServer(None, tmp_path / "srv", args=[str(tiny_model), "--served-model-name", "tiny"], env=env) as srv:
+        assert (cache / f"admin-token-{srv.port}").is_file()
+        env = {**env, "TOKENPOOL_ADMIN_TOKEN": ""}  # (unset: an empty variable is click's unset)
+        shown = cli("ps", "--url", f"http://0.0.0.0:{srv.port}", **env)
+        stopped = cli("stop", "tiny", "--url", f"0.0.0.0:{srv.port}", **env)
+    assert shown.returncode == 0 and shown.stdout.startswith("NAME"), shown.stderr[-3000:]
+    assert "tiny" in shown.stdout.splitlines()[1], shown.stdout
+    assert stopped.returncode == 0 and stopped.stdout.startswith("tiny: "), stopped.stderr[-3000:]
