@@ -517,7 +517,23 @@ def resync_model(runtime: datetime.timedelta, **kw: Any) -> None:
 
 @kopf.timer(GROUP, VERSION, "pooledmodels", interval=RESTART_CHECK_S, initial_delay=RESTART_CHECK_S)
 def model_after_restart(runtime: datetime.timedelta, **kw: Any) -> None:
-    _after_restart(_reconcile_model, "PooledModel", runtime=None, **kw)
+    """A restarted controller gets the model back at once; and a model waiting for its pool (PoolNotFound) is
+    reconciled within RESTART_CHECK_S of the pool's appearing (in kopf's index of the pools), not at its next timer
+    round: a PooledModel applied before its GPUPool (another file, another Argo CD wave) said PoolNotFound, and was
+    served nowhere, up to RESYNC_S after the pool was there."""
+    if _after_restart(_reconcile_model, "PooledModel", runtime=None, **kw):
+        return
+    if _pool_arrived(kw.get("spec") or {}, kw.get("status") or {}, kw.get("namespace"), kw.get("pool_names")):
+        _reconcile_model(runtime=None, **kw)
+
+
+def _pool_arrived(spec: dict, status: dict, namespace: str | None, pool_names: Any) -> bool:
+    """Whether the model's status says PoolNotFound while kopf's index of the pools (`pool_names`) has that pool
+    in its namespace now. (No I/O: asked every RESTART_CHECK_S.)"""
+    waiting = any(c.get("status") == "True" and c.get("reason") == "PoolNotFound"
+                  for c in status.get("conditions") or [])
+    pool = b.with_defaults(dict(spec), b.MODEL_DEFAULTS)["poolRef"]
+    return waiting and any(c[1] == (namespace or "") for c in (pool_names or {}).get(pool) or [])
 
 
 def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: dict, patch: kopf.Patch,
