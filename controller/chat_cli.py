@@ -246,6 +246,7 @@ def stream_ollama_chat(url: str, key: str | None, body: dict[str, Any], stats: d
         # (a server without the Ollama API: the OpenAI stream's counts, and the client's timings)
         yield from stream_chat(url, key, body, stats)
         return
+    thinking = ""  # (the last piece of thinking shown, while the reply's thinking goes on)
     with r:
         try:
             for raw in r:
@@ -261,8 +262,20 @@ def stream_ollama_chat(url: str, key: str | None, body: dict[str, Any], stats: d
                     continue
                 if "error" in ev:
                     raise ChatError(str(ev["error"]) or "the stream failed")
-                text = (ev.get("message") or {}).get("content")
+                message = ev.get("message") if isinstance(ev.get("message"), dict) else {}
+                # (a model that thinks: the server's /api/chat gives its thinking apart, `thinking`, where the OpenAI
+                # stream of `run` without --verbose has it in the content; read as content alone, --verbose showed
+                # a blank line for a reply that was all thinking. Shown as `ollama run` shows it)
+                if isinstance(message.get("thinking"), str) and message["thinking"]:
+                    if not thinking:
+                        yield Thinking(THINKING_OPENS)
+                    thinking = message["thinking"]
+                    yield Thinking(thinking)
+                text = message.get("content")
                 if text:
+                    if thinking:
+                        yield Thinking(("" if thinking.endswith("\n") else "\n") + THINKING_CLOSES)
+                        thinking = ""
                     yield text
                 if ev.get("done"):
                     stats.update({k: v for k, v in ev.items() if k in OLLAMA_STATS and isinstance(v, int)})
@@ -272,6 +285,12 @@ def stream_ollama_chat(url: str, key: str | None, body: dict[str, Any], stats: d
     raise ChatError("the stream ended before the reply did (the server closed it)")
 
 
+class Thinking(str):
+    """Text of a reply's stream that is shown but is not the reply (its thinking, and the lines around it, as `ollama
+    run` prints them): left out of the turn a conversation keeps, as Ollama keeps a reply's thinking apart."""
+
+
+THINKING_OPENS, THINKING_CLOSES = "Thinking...\n", "...done thinking.\n\n"  # (`ollama run`'s words)
 OLLAMA_STATS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
                 "eval_duration")
 
@@ -378,7 +397,8 @@ def turn(url: str, key: str | None, body: dict[str, Any], out: TextIO, stats: Te
                 first = last if first is None else first
                 out.write(text)
                 out.flush()
-                parts.append(text)
+                if not isinstance(text, Thinking):
+                    parts.append(text)
     except ChatError:
         if parts:  # (the error's line after the text that came, not on it)
             out.write("\n")

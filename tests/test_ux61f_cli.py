@@ -99,3 +99,68 @@ def test_ps_and_stop_at_the_listening_url_of_a_server_on_every_interface(tiny_mo
     assert shown.returncode == 0 and shown.stdout.startswith("NAME"), shown.stderr[-3000:]
     assert "tiny" in shown.stdout.splitlines()[1], shown.stdout
     assert stopped.returncode == 0 and stopped.stdout.startswith("tiny: "), stopped.stderr[-3000:]
+
+
+THINKING_TEMPLATE = (  # (tests/test_ux60b_thinking_budget.py's: the prompt opens the think block, as Qwen3's)
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- else %}{{- '<think>\\n' }}{%- endif %}{%- endif %}")
+
+
+def test_run_verbose_shows_a_thinking_models_thinking(make_varied, tmp_path):
+    """`tokenpool run --verbose` reads the server's Ollama /api/chat, which gives a thinking model's thinking apart
+    (`message.thinking`); read as `content` alone, a reply that was all thinking (the block still open at
+    --max-tokens) printed a blank line where `run` without --verbose printed its text. It is shown as `ollama run`
+    shows it: "Thinking...", the thinking, then (once an answer follows) "...done thinking."."""
+    import shutil
+
+    import httpx
+
+    think = tmp_path / "think"
+    shutil.copytree(make_varied("qwen2"), think)
+    (think / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    with LiveServer(None, tmp_path / "srv", args=[str(think)]) as srv:
+        asked = {"model": "think", "messages": [{"role": "user", "content": "hi"}], "stream": False,
+                 "options": {"num_predict": 8, "temperature": 0}}
+        said = httpx.post(srv.url + "/api/chat", json=asked, timeout=60).json()["message"]
+        r = cli("run", "think", "hi", "--max-tokens", "8", "--temperature", "0", "--verbose", "--url", srv.url)
+    assert said["content"] == "" and said["thinking"], said  # (the reply is all thinking: the case)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout == f"Thinking...\n{said['thinking']}\n", r.stdout
+    assert "eval count:           8 token(s)" in r.stderr, r.stderr
+
+
+def test_a_thought_is_shown_but_not_kept_as_the_turn():
+    """The thinking, then the answer: both shown, as `ollama run` prints them; the turn a conversation keeps (what
+    `turn` returns) is the answer, as Ollama keeps the thinking apart from the message's content."""
+    import http.server
+    import io
+    import json
+
+    from controller.chat_cli import turn
+
+    lines = [{"message": {"role": "assistant", "content": "", "thinking": "Let me see."}},
+             {"message": {"role": "assistant", "content": "", "thinking": " Two."}},
+             {"message": {"role": "assistant", "content": "It is 2."}},
+             {"message": {"role": "assistant", "content": ""}, "done": True, "total_duration": 5, "eval_count": 3}]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.send_header("content-type", "application/x-ndjson")
+            self.end_headers()
+            for x in lines:
+                self.wfile.write(json.dumps(x).encode() + b"\n")
+
+    out, stats = io.StringIO(), io.StringIO()
+    with stub_server(Handler) as url:
+        kept = turn(url, None, {"model": "m", "messages": [{"role": "user", "content": "1+1?"}]}, out, stats)
+    assert out.getvalue() == "Thinking...\nLet me see. Two.\n...done thinking.\n\nIt is 2.\n"
+    assert kept == "It is 2."
