@@ -417,6 +417,31 @@ _CHAT_TERMS = ((re.compile(r"\btools\.(\d+)\.function\.parameters\b"), r"tools.\
                (re.compile(r"a function's parameters are"), "a tool's input_schema is"))
 
 
+# The chat path's context errors (vLLM's words: service.py, serving.py) and Anthropic's for the same refusals, which
+# its clients read: Claude Code (max_tokens 32000 by default) parses "input length and `max_tokens` exceed context
+# limit: I + M > C" and retries with max_tokens C - I less a margin, and takes "prompt is too long: N tokens > M
+# maximum" as the conversation to compact; in vLLM's words against a local model's 8K or 32K context every request
+# was a 400 it could do nothing with
+_OVER_CONTEXT = re.compile(r"maximum context length is (\d+) tokens\. However, you requested \d+ tokens \((\d+) in the "
+                           r"prompt, (\d+) for the completion\)")
+_PROMPT_OVER = re.compile(r"maximum context length is (\d+) tokens; the prompt(?: \d+)? has (\d+) tokens")
+
+
+def _in_context_terms(e: ServingError) -> ServingError:
+    """A context-length error as Anthropic words it (its status, type and param stay)."""
+    if e.code != "context_length_exceeded":
+        return e
+    if (m := _OVER_CONTEXT.search(e.message)) is not None:
+        ctx, prompt, asked = m.groups()
+        e.message = (f"input length and `max_tokens` exceed context limit: {prompt} + {asked} > {ctx}, decrease "
+                     "input length or `max_tokens` and try again")
+    elif (m := _PROMPT_OVER.search(e.message)) is not None:
+        ctx, n = (int(x) for x in m.groups())  # (a prompt leaves a token's room at least: ctx - 1 is its maximum)
+        e.message = f"prompt is too long: {n} tokens > {ctx - 1} maximum"
+    e.args = (e.message,)
+    return e
+
+
 def _terms(req: p.MessagesRequest) -> tuple[tuple[re.Pattern[str], str], ...]:
     """_CHAT_TERMS, and the chat path's `response_format` as the field the schema came in (output_config.format)."""
     shaped = output_format(req)
@@ -534,7 +559,7 @@ async def create(serving: OpenAIServing, req: p.MessagesRequest, tenant: Tenant,
     try:
         me, tools, gen = await serving.start_chat(chat, tenant, serving.ctl.new_id("msg"), req.stream, first=budget)
     except ServingError as e:
-        raise e.reworded(_terms(req)) from None
+        raise _in_context_terms(e.reworded(_terms(req))) from None
     # (the reply's <think> block split off where it is given, or where the prompt opened one the model writes in
     # whatever was asked: its thinking, not asked for, is then left out)
     begun = opened(me, getattr(gen, "prompt_tail", None))
