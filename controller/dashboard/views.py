@@ -194,9 +194,7 @@ def pool_view(ctl: Any, timeline_s: float = SPAN_S, resolution_s: float = RES_S)
         per_tenant[tname] = per_tenant.get(tname, 0.0) + v
         if status == "429":
             r429[tname] = r429.get(tname, 0.0) + v
-    toks = {k[0]: v for k, v in _counts(ctl.metrics.generation_tokens, "tenant").items()}
-    for k, v in _counts(ctl.metrics.prompt_tokens, "tenant").items():
-        toks[k[0]] = toks.get(k[0], 0.0) + v
+    toks = tenant_tokens(ctl, act)
     rps = act.rate("tenant_requests", per_tenant, mono)
     tpm = act.rate("tenant_tokens", toks, mono, WINDOW_S)
     rpm = act.rate("tenant_429", r429, mono, WINDOW_S)
@@ -226,6 +224,22 @@ def model_tokens(ctl: Any, act: Activity) -> dict[str, float]:
             for s in subs:
                 tokens[s.model] = tokens.get(s.model, 0.0) + s.generated + s.earlier
     return tokens
+
+
+def tenant_tokens(ctl: Any, act: Activity) -> dict[str, float]:
+    """Tokens (prompt and generated) so far per tenant (the Tenants view's tokens/min is their rate): ended requests'
+    (the Prometheus counters, counted as a request ends) and those of its requests in flight, as Controller.finished
+    will count them (its prompt once a token came, every token made so far). Only the counters' left a tenant's
+    long streams out until each ended: 0 tokens/min while it streamed, beside its model's tokens/s, then a spike."""
+    toks = {k[0]: v for k, v in _counts(ctl.metrics.generation_tokens, "tenant").items()}
+    for k, v in _counts(ctl.metrics.prompt_tokens, "tenant").items():
+        toks[k[0]] = toks.get(k[0], 0.0) + v
+    for gen in act.live.values():
+        if getattr(gen, "load", False) or getattr(gen, "tenant", None) is None:
+            continue  # (an Ollama load: Controller.finished counts no tokens of it)
+        made = getattr(gen, "completion_tokens", 0) + (getattr(gen, "prompt_tokens", 0) if gen.t_first is not None else 0)
+        toks[gen.tenant.name] = toks.get(gen.tenant.name, 0.0) + made
+    return toks
 
 
 def _in_flight(ctl: Any, act: Activity) -> dict[str, tuple[Any, list[Any]]]:
