@@ -483,15 +483,8 @@ def _admin_token(given: str | None, url: str) -> str | None:
     (`config.local_admin_token`: the owner-only file its run wrote for the URL's port; never for another host)."""
     if given is not None:
         return given
-    import urllib.parse
-
     from controller.config import local_admin_token
 
-    u = urllib.parse.urlsplit(url)
-    if u.hostname in ("0.0.0.0", "::"):  # (a server on every interface logs `listening on http://0.0.0.0:PORT`, the
-        # URL its user copies; a request there reaches this machine, as one to 127.0.0.1 does, and the token is that
-        # run's: it was a 401 naming the file it had written)
-        url = f"{u.scheme}://127.0.0.1" + (f":{u.port}" if u.port else "")
     return local_admin_token(url)
 
 

@@ -452,11 +452,13 @@ def admin_token_file(port: int) -> Path:
 def local_admin_token(url: str) -> str | None:
     """The admin token of a server on this machine without admin_token_hash: the owner-only file its run wrote for
     the URL's port (`admin_token_file`); None where there is none. Never read for another host (it would be sent
-    there)."""
+    there). A server on every interface logs `listening on http://0.0.0.0:PORT`, the URL its user copies: a request
+    there reaches this machine, as one to 127.0.0.1 does, and the token is that run's (`tokenpool ps`/`stop`, `suite`
+    and `bench serve` got a 401 naming the file it had written)."""
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
-    if u.hostname not in ("127.0.0.1", "localhost", "::1"):
+    if u.hostname not in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::"):
         return None
     try:
         f = admin_token_file(u.port or (443 if u.scheme == "https" else 80))

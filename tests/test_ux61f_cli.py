@@ -164,3 +164,17 @@ def test_a_thought_is_shown_but_not_kept_as_the_turn():
         kept = turn(url, None, {"model": "m", "messages": [{"role": "user", "content": "1+1?"}]}, out, stats)
     assert out.getvalue() == "Thinking...\nLet me see. Two.\n...done thinking.\n\nIt is 2.\n"
     assert kept == "It is 2."
+
+
+def test_the_token_file_is_read_for_every_interface_address_not_another_host(tmp_path, monkeypatch):
+    """config.local_admin_token, as `suite` and `bench serve` read it too (not only `ps`/`stop`): the URL a server on
+    every interface logs (0.0.0.0, ::) reaches this machine, so its run's token file is read for it; never for
+    another host, where the token would be sent."""
+    from controller import config
+
+    monkeypatch.setattr(config, "cache_dir", lambda: tmp_path)
+    config.admin_token_file(8123).write_text("tok-8123\n")
+    for url in ("http://0.0.0.0:8123", "http://[::]:8123", "http://127.0.0.1:8123", "http://localhost:8123"):
+        assert config.local_admin_token(url) == "tok-8123", url
+    for url in ("http://10.0.0.7:8123", "http://example.com:8123", "http://0.0.0.0:8124"):
+        assert config.local_admin_token(url) is None, url
