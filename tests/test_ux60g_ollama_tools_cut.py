@@ -11,6 +11,8 @@ it calls here.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import ollama
 import pytest
 
@@ -41,11 +43,20 @@ def calls_of(msg) -> list[tuple[str, dict]]:
 
 def test_a_reply_cut_in_its_calls_is_the_streams_lines_together(server):
     c = ollama.Client(host=server.url, timeout=120)
+    cases = [{"num_predict": 30}, {"num_predict": 45}, {"num_predict": 60}, {"num_predict": 80, "stop": ["Pa"]}]
+    cases = [{**options, "temperature": 0, "seed": 1} for options in cases]
+
+    def chat(options, stream):
+        r = c.chat(model="smol", messages=ASK, tools=TOOLS, format=SCHEMA, options=options, stream=stream)
+        return list(r) if stream else r
+
+    # the 8 requests at once (max_num_seqs 8): decoded in one batch, ~80 steps where one at a time took ~430, and
+    # the engine's rows are batch-invariant (tests/test_engine_batching.py), so greedy replies are the same
+    with ThreadPoolExecutor(8) as ex:
+        futures = [(ex.submit(chat, options, False), ex.submit(chat, options, True)) for options in cases]
+        replies = [(w.result(), s.result()) for w, s in futures]
     seen = []
-    for options in ({"num_predict": 30}, {"num_predict": 45}, {"num_predict": 60}, {"num_predict": 80, "stop": ["Pa"]}):
-        options = {**options, "temperature": 0, "seed": 1}
-        whole = c.chat(model="smol", messages=ASK, tools=TOOLS, format=SCHEMA, options=options)
-        parts = list(c.chat(model="smol", messages=ASK, tools=TOOLS, format=SCHEMA, options=options, stream=True))
+    for options, (whole, parts) in zip(cases, replies):
         streamed = ("".join(p.message.content or "" for p in parts),
                     [call for p in parts for call in calls_of(p.message)], parts[-1].done_reason)
         got = (whole.message.content, calls_of(whole.message), whole.done_reason)
