@@ -4,7 +4,9 @@ Chromium (Debian's `chromium`) under Playwright, as tests/test_dashboard_browser
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
+import signal
 import threading
 
 import httpx
@@ -69,3 +71,22 @@ def test_a_tenants_tokens_per_minute_counts_its_streams_in_flight(server, browse
                    .json()[0]["id"] + "/cancel", headers=AUTH)
         assert done.wait(10)
     assert failed == [], "\n".join(failed)
+
+
+def test_a_stopped_servers_figures_say_how_old_they_are(server, browser):
+    """Last (it stops the module's server). The server stopped with a dashboard open: past a few seconds without a
+    snapshot the figures are dimmed and the header says since when nothing came, beside "reconnecting…". It said
+    only "reconnecting…", for as long as it took, over figures left as they were: a tab left open showed a dead
+    server's last tokens/s and requests hours on, and nothing said how old they were."""
+    with pages.signed_in(browser, server.url, ADMIN) as page:
+        pages.snapshots(page, 1)
+        since, main = page.locator("#conn-since"), page.locator("main")
+        expect(since).to_be_hidden()
+        expect(main).not_to_have_class(re.compile("stale"))
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+        expect(page.locator("#conn")).to_have_text("reconnecting…", timeout=10_000)
+        expect(since).to_have_text(re.compile(r"^no data since \d\d:\d\d:\d\d$"), timeout=15_000)
+        assert since.inner_text() == "no data since " + page.evaluate("clock(S.lastData / 1000)")  # (the last snapshot)
+        expect(main).to_have_class(re.compile(r"\bstale\b"))
+        assert float(main.evaluate("m => getComputedStyle(m).opacity")) < 1

@@ -859,6 +859,8 @@ function connect() {
   es.addEventListener("pool", (msg) => {
     S.lastData = Date.now();
     if (conn.textContent.startsWith("no data")) { conn.textContent = "live"; conn.className = "conn live"; conn.title = ""; }
+    document.getElementById("conn-since").hidden = true; // (figures of now again: watchStream)
+    document.querySelector("main").classList.remove("stale");
     applyPool(JSON.parse(msg.data), true);
   });
   // the server ends the stream: a session signed out (in another tab, or expired) goes to the login form at once,
@@ -969,12 +971,23 @@ function init() {
 // half-open connection never ends by itself; the server's keep-alive comments are not seen by the page).
 const STALE_S = 5;
 const STALE_RECONNECT_S = 15;
+// A stream that failed (the server stopped, or gone from the network) said "reconnecting…" and nothing more, over
+// figures that stayed as they were, for as long as it took: a tab left open showed a dead server's last tokens/s and
+// requests in flight hours on, and nothing said how old they were. Either way (silent or reconnecting) the figures
+// are dimmed and the header says since when nothing came, until the next snapshot.
 function watchStream() {
-  if (S.leaving || S.retrying || !S.opened) return; // (reconnecting: the header says so already)
+  if (S.leaving || !S.opened) return;
   const since = Math.max(S.lastData, S.opened), idle = (Date.now() - since) / 1000;
   if (idle < STALE_S) return;
-  const conn = document.getElementById("conn");
   const text = `no data since ${clock((S.lastData || S.opened) / 1000)}`;
+  document.querySelector("main").classList.add("stale");
+  if (S.retrying) { // (the header says "reconnecting…"; its retries open the stream again)
+    const at = document.getElementById("conn-since");
+    if (at.textContent !== text) at.textContent = text;
+    at.hidden = false;
+    return;
+  }
+  const conn = document.getElementById("conn");
   if (conn.textContent !== text) {
     conn.textContent = text;
     conn.className = "conn down";
