@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 from tests.triton_interp import interpret, interpret_each
 
 

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 from token_scheduler import LLMEngine, SamplingParams
 from token_scheduler.engine import EngineConfig
 from token_scheduler.request import RequestStatus

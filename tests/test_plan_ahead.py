@@ -17,6 +17,7 @@ from tests.test_multi_engine import (
     _two_models_short_of_kv,
     ran_as_planned,
 )
+from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 from token_scheduler import multi_engine
 from token_scheduler.engine import EngineConfig
 from token_scheduler.multi_engine import MultiModelEngine

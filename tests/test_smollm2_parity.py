@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 from token_scheduler import LLM, SamplingParams
 from token_scheduler.model import llama
 from token_scheduler.model.attention import AttentionMetadata
@@ -31,17 +32,6 @@ QUESTIONS = [
     "Who wrote Romeo and Juliet?",
 ]
 NEW_TOKENS = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread while this file runs: under the suite's two xdist workers on 2 cores, torch's default of
-    one thread a core oversubscribes them, and OpenMP's waiting threads spin (this file on a busy 2-core machine:
-    147 s with 2 threads, 28-34 s with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
