@@ -23,7 +23,6 @@ attaches it and the other models keep stepping.
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from controller.config import EngineOptions, env_policy_options
 from gpu_pool.inventory import host_memory_bytes  # MemTotal, or a container's cgroup limit (torch-free)
+from tokenpool import imports
 from tokenpool.models import dtype_bytes, run_dtype
 
 if TYPE_CHECKING:  # token_scheduler's engines import torch: only when a model with weights is hosted
@@ -102,13 +102,10 @@ def pace_config(path: str | None, opts: EngineOptions, device: str):
                       stamp=opts.pace_stamp)
 
 
-# A worker's first imports of torch and of what is built on it: one thread at a time. The warm-up imports them on
-# its own thread while the worker's other threads start (the event loop measuring the device, the step and load
-# threads binding it), and importing torch on two threads at once is not safe: a live server's load failed with
-# "operator _native::_foreach_mm_native_0 does not exist" (torch's operators registered by one thread's import
-# while the other's used them). Each first import is made under this lock; a second thread waits for it, then
-# finds the module whole.
-_IMPORTS = threading.Lock()
+# A worker's first imports of torch and of what is built on it: one thread at a time (tokenpool.imports, whose lock
+# this is: transformers' names are resolved under it too). The warm-up imports them on its own thread while the
+# worker's other threads start (the event loop measuring the device, the step and load threads binding it).
+_IMPORTS = imports.LOCK
 _torch: Any = None
 _engine_imported = False
 
@@ -136,7 +133,7 @@ def import_engine() -> None:
     import_torch()
     with _IMPORTS:
         if not _engine_imported:
-            from transformers import AutoTokenizer  # noqa: F401
+            imports.transformers("AutoTokenizer", "AutoConfig")
 
             import token_scheduler.multi_engine  # noqa: F401
             import token_scheduler.pace  # noqa: F401

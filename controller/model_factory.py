@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 from controller import tokenizer_factory
 from controller.hosting import import_torch
+from tokenpool import imports
 
 if TYPE_CHECKING:  # torch is imported when a model is made (`import_torch`), not with this module
     import torch
@@ -144,7 +145,6 @@ def model_config(arch: str, size: str, dtype: str = "bf16"):
     """The transformers config (LlamaConfig, Qwen2Config, ...) of `arch` at `size`; writes nothing."""
     _check_choice("dtype", dtype, DTYPES)
     torch_dtype = _torch_dtype(dtype)  # (torch before transformers, which imports it)
-    import transformers
 
     s = model_shape(arch, size)
     tok = tokenizer_factory.build_tokenizer()
@@ -174,7 +174,7 @@ def model_config(arch: str, size: str, dtype: str = "bf16"):
         kw.update(use_sliding_window=False, max_window_layers=s.layers)
     if arch == "mistral":
         kw["sliding_window"] = s.sliding_window
-    return getattr(transformers, f"{_HF_CLASS[arch]}Config")(**kw)
+    return imports.transformers(f"{_HF_CLASS[arch]}Config")(**kw)
 
 
 def tensor_specs(cfg) -> list[tuple[str, tuple[int, ...]]]:
@@ -210,7 +210,7 @@ def make_model(arch: str, size: str, out: str | Path, seed: int = 0, dtype: str 
     config.json is written last: its presence means the directory is complete.
     """
     import_torch()  # (before transformers, which imports it)
-    from transformers import GenerationConfig
+    GenerationConfig = imports.transformers("GenerationConfig")  # noqa: N806 (transformers' name)
 
     cfg = model_config(arch, size, dtype)
     dev = _device(device)

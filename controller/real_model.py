@@ -91,8 +91,13 @@ def convert_gguf(gguf: Path, out: Path, source: str | None = None) -> Path:
 
     torch = import_torch()  # (first, through hosting's lock: a process's first import of torch, on whichever thread)
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from tokenpool import imports
+
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig = imports.transformers(  # noqa: N806
+        "AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "GenerationConfig")
+    with imports.LOCK:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     d, f = str(gguf.parent), gguf.name
     with _gguf_read_once():

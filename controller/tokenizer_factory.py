@@ -80,7 +80,9 @@ def train_tokenizer(budget: int = TRAIN_BYTES, vocab_size: int = VOCAB_SIZE):
 
 def build_tokenizer(tokenizer_json: Path = TOKENIZER_JSON):
     """The shipped tokenizer as a `PreTrainedTokenizerFast`, with its special tokens and chat template."""
-    from transformers import PreTrainedTokenizerFast
+    from tokenpool import imports
+
+    PreTrainedTokenizerFast = imports.transformers("PreTrainedTokenizerFast")  # noqa: N806 (transformers' name)
 
     if not tokenizer_json.exists():
         raise FileNotFoundError(f"{tokenizer_json} is missing; run `python -m controller.tokenizer_factory`")

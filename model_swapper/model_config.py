@@ -63,8 +63,9 @@ class ModelConfig:
 
     @staticmethod
     def from_pretrained(path: str | Path) -> ModelConfig:
-        from transformers import AutoConfig
+        from tokenpool import imports
 
+        AutoConfig = imports.transformers("AutoConfig")  # noqa: N806 (transformers' name)
         path = Path(path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json (not a Hugging Face model directory)")

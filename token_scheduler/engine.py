@@ -23,6 +23,7 @@ from token_scheduler.request import (
 )
 from token_scheduler.runner import LaunchedDecode, ModelRunner, allocate_kv_cache
 from token_scheduler.scheduler import BatchScheduler, SchedulerOutput
+from token_scheduler.tokenizer import load_tokenizer
 from tokenpool.models import MAX_LORA_RANK
 
 
@@ -89,8 +90,6 @@ class LLMEngine:
         weights at all (a multi-model engine makes them resident with `set_weights`). `shared_kv`: draw KV
         from a region shared with other models instead of allocating a pool. `tokenizer`: the model
         directory's, already loaded (engines never step at once, so they may share one)."""
-        from transformers import AutoTokenizer
-
         from model_swapper.kv_swap import HostKVPool, KVSwapper
 
         self.config = c = config
@@ -103,7 +102,7 @@ class LLMEngine:
         self.model_name = c.served_model_name or Path(c.model).name
         self.model_config = mc = ModelConfig.from_pretrained(c.model)
         self.dtype = c.torch_dtype
-        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(c.model)
+        self.tokenizer = tokenizer or load_tokenizer(c.model)
         self.max_model_len = min(c.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         if weights is None and load:
             weights = load_weights(c.model, mc, self.device, self.dtype)

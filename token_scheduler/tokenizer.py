@@ -35,6 +35,6 @@ def load_tokenizer(path: str | Path | None):
     """The model directory's HF tokenizer, or ByteTokenizer when there is no directory."""
     if path is None:
         return ByteTokenizer()
-    from transformers import AutoTokenizer
+    from tokenpool import imports
 
-    return AutoTokenizer.from_pretrained(str(path))
+    return imports.transformers("AutoTokenizer").from_pretrained(str(path))
