@@ -6,14 +6,24 @@ real SmolLM2 (greedy, so each reply is known):
   maximum context length is ... However, you requested ..."), which Claude Code cannot read: it sends max_tokens
   32000 and, from Anthropic's own words ("input length and `max_tokens` exceed context limit: I + M > C"), retries
   with a max_tokens that fits; a prompt past the context alone is Anthropic's "prompt is too long: N tokens > M
-  maximum", which it takes as the conversation to compact. Streamed or not.
+  maximum", which it takes as the conversation to compact. Streamed or not;
+- a model whose template thinks (Qwen3's: `qthink`, SmolLM2 under such a template, shown a few turns that think
+  and then call, so that it writes `<think>...</think>` and a `<tool_call>` on cue) had its think block left at the
+  start of the reply's text, and so the call after it read as text: on /v1/responses (Codex CLI) an output_text of
+  `<think>...<tool_call>...`, no function_call; on /v1/messages without `thinking` (Claude Code sends none for a
+  model it does not know) a text block, end_turn. Now the Responses output has the thinking as a `reasoning` item
+  (streamed as `response.reasoning_text.delta` events) and the call as a function_call item, and the Messages
+  reply leaves the thinking out (none was asked for) and gives the call as a tool_use block; streamed or not, and
+  the tool loop goes on from them.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 import anthropic
+import openai
 import pytest
 
 from tests.ports import live_server_on
@@ -25,17 +35,47 @@ OVER = re.compile(r"input length and `max_tokens` exceed context limit: (\d+) \+
 TOO_LONG = re.compile(r"prompt is too long: (\d+) tokens > (\d+) maximum")
 
 
+# Qwen3's switch, less the rest: the model writes its own <think> block unless enable_thinking is false
+THINKING_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + "
+    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}")
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "%s"}}\n</tool_call>'
+# turns that think, then call: greedy, SmolLM2 writes the next one so ("The user wants the weather in Paris.")
+SHOTS = [m for city in ("Rome", "Berlin", "Madrid") for m in (
+    {"role": "user", "content": f"Weather in {city}?"},
+    {"role": "assistant", "content": f"<think>\nThe user wants the weather in {city}.\n</think>\n\n" + CALL % city})]
+ASK = [*SHOTS, {"role": "user", "content": "Weather in Paris?"}]
+THOUGHT = "The user wants the weather in Paris."
+PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
 @pytest.fixture(scope="module")
 def server(smollm2, tmp_path_factory):
+    work = tmp_path_factory.mktemp("ux61i")
+    qthink = work / "qthink"  # (SmolLM2's files, its template a thinking one)
+    qthink.mkdir()
+    for f in smollm2.iterdir():
+        if f.name != "chat_template.jinja":
+            (qthink / f.name).symlink_to(f)
+    (qthink / "chat_template.jinja").write_text(THINKING_TEMPLATE)
     cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
-           "models": [{"name": "smol", "path": str(smollm2), "engine": {"max_num_seqs": 8}}]}
-    with live_server_on(PORTS, cfg, tmp_path_factory.mktemp("ux61i")) as srv:
+           "models": [{"name": "smol", "path": str(smollm2), "engine": {"max_num_seqs": 8}},
+                      {"name": "qthink", "path": str(qthink), "tool_call_parser": "hermes",
+                       "engine": {"max_num_seqs": 8}}]}
+    with live_server_on(PORTS, cfg, work) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def claude(server) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def codex(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
 def _send(claude: anthropic.Anthropic, stream: bool, **kw):
@@ -73,3 +113,65 @@ def test_a_prompt_past_the_context_is_too_long_in_anthropics_words(claude, strea
     m = TOO_LONG.search(ei.value.body["error"]["message"])
     assert m is not None, ei.value.body
     assert int(m.group(1)) == n and int(m.group(2)) == 8191  # (a token's room at least is left for the reply)
+
+
+def _respond(codex: openai.OpenAI, stream: bool, **kw):
+    """(the Response, the streamed events' types and reasoning deltas) of a greedy Responses request to qthink."""
+    kw = {"model": "qthink", "temperature": 0, "max_output_tokens": 80, **kw}
+    if not stream:
+        return codex.responses.create(**kw), [], ""
+    with codex.responses.stream(**kw) as s:
+        events = list(s)
+        final = s.get_final_response()
+    return final, [e.type for e in events], "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_thinking_models_call_is_a_function_call_after_its_reasoning(codex, stream):
+    """Codex CLI's loop with a model that thinks: the reply's thinking is a reasoning item, the call after it a
+    function_call item (streamed: output_index 1, after the reasoning item's events), and the call's output, sent
+    back with previous_response_id, is answered."""
+    tools = [{"type": "function", "name": "get_weather", "parameters": PARAMS, "strict": False}]
+    r, events, deltas = _respond(codex, stream, input=ASK, tools=tools)
+    assert r.status == "completed", r
+    assert [o.type for o in r.output] == ["reasoning", "function_call"], r.output
+    assert r.output[0].content[0].text == THOUGHT and r.output[0].summary == []
+    call = r.output[1]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    assert r.output_text == ""  # (no think block, no raw call, as text)
+    assert 0 < r.usage.output_tokens_details.reasoning_tokens < r.usage.output_tokens
+    if stream:
+        assert deltas == THOUGHT
+        first_call = events.index("response.function_call_arguments.delta")
+        assert events.index("response.reasoning_text.done") < first_call
+    got, _, _ = _respond(codex, stream, previous_response_id=r.id, tools=tools,
+                         input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21C"}])
+    assert got.status == "completed" and got.output[-1].type in ("message", "function_call"), got.output
+    assert "<think>" not in got.output_text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_thinking_models_text_reply_is_its_message_after_its_reasoning(codex, stream):
+    shots = [m for q in ("Hi", "Hey", "Yo") for m in (
+        {"role": "user", "content": q}, {"role": "assistant", "content": "<think>\nA greeting.\n</think>\n\nHello!"})]
+    r, events, deltas = _respond(codex, stream, input=[*shots, {"role": "user", "content": "Hello"}])
+    assert [o.type for o in r.output] == ["reasoning", "message"], r.output
+    assert r.output[0].content[0].text == "A greeting." and r.output_text == "Hello!"
+    if stream:
+        assert deltas == "A greeting." and "response.reasoning_text.done" in events
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_thinking_models_call_is_a_tool_use_without_thinking_asked(claude, stream):
+    """Claude Code's loop with a model whose template thinks and no `thinking` sent: no thinking block (none was
+    asked), the call a tool_use block (stop_reason tool_use); its tool_result is answered."""
+    tools = [{"name": "get_weather", "description": "Weather for a city", "input_schema": PARAMS}]
+    m = _send(claude, stream, model="qthink", max_tokens=80, tools=tools, messages=ASK)
+    assert m.stop_reason == "tool_use", m
+    assert [b.type for b in m.content] == ["tool_use"], m.content
+    assert m.content[0].name == "get_weather" and m.content[0].input == {"city": "Paris"}
+    after = [*ASK, {"role": "assistant", "content": m.content},
+             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": m.content[0].id, "content": "Sunny"}]}]
+    got = _send(claude, stream, model="qthink", max_tokens=60, tools=tools, messages=after)
+    assert got.stop_reason in ("end_turn", "tool_use", "max_tokens"), got
+    assert all("<think>" not in getattr(b, "text", "") for b in got.content), got.content

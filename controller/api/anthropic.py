@@ -30,7 +30,8 @@ events; its `display` "omitted" leaves the block's text empty. The budget is hel
 Thinking is off where the output is held to a shape from its first token (a call
 forced by tool_choice any or tool, structured outputs) or continues a prefill: `adaptive` then does not think,
 `enabled` is a 400, as Anthropic refuses thinking with a forced tool. An earlier turn's thinking blocks, sent back
-whole by clients, are ignored, as Anthropic strips them. Errors take Anthropic's shape.
+whole by clients, are ignored, as Anthropic strips them. Without `thinking`, a model whose template thinks unasked
+(Qwen3's) has its reply's think block left out, as one not asked for, and the calls after it read. Errors take Anthropic's shape.
 """
 
 from __future__ import annotations
@@ -561,11 +562,13 @@ async def create(serving: OpenAIServing, req: p.MessagesRequest, tenant: Tenant,
     except ServingError as e:
         raise _in_context_terms(e.reworded(_terms(req))) from None
     # (the reply's <think> block split off where it is given, or where the prompt opened one the model writes in
-    # whatever was asked: its thinking, not asked for, is then left out)
+    # whatever was asked, or where the model's template thinks unasked (Qwen3's, `thinking` not sent, as Claude Code
+    # sends none for a model it does not know): its thinking, not asked for, is then left out, and the tool_use
+    # after it read as one; the block was the text block's start, and the call after it text, end_turn)
     begun = opened(me, getattr(gen, "prompt_tail", None))
     if budget is not None:
         gen = Budgeted(serving, me, gen, req.max_tokens, begun)
-    reply = _Reply(serving, req, tools, Split(begun) if shown or begun else None, shown)
+    reply = _Reply(serving, req, tools, Split(begun) if shown or begun or thinks(me) else None, shown)
     if req.stream:
         return _stream(serving, gen, reply)
 

@@ -4,7 +4,11 @@ A request's input (a string, or items: messages with text parts, `function_call`
 its `instructions` become chat messages; tools, `tool_choice` and `text.format` become the chat request's tools and
 response_format; it is validated, templated, admitted and generated as that chat completion would be. The reply is
 a Response object: one `message` item of `output_text`, or `function_call` items; status `incomplete` when
-max_output_tokens cut it (a call being written is an `incomplete` function_call item, its arguments so far).
+max_output_tokens cut it (a call being written is an `incomplete` function_call item, its arguments so far). A model
+whose template thinks (Qwen3's) has its reply's `<think>` block as a `reasoning` item before them (its text a
+`reasoning_text` part, streamed as `response.reasoning_text.delta` events; its tokens usage's `reasoning_tokens`),
+the calls after it read as calls; reasoning items sent back in an input are skipped, as the templates drop an
+earlier turn's thinking.
 Streamed, Responses' typed server-sent events, from `response.created` to `response.completed` (text deltas as they
 come, with tool_choice "auto" once the reply shows it is text; calls as they are written, as the chat path's: a
 function_call item is added once its name is whole, its arguments follow in `response.function_call_arguments.delta`
@@ -34,6 +38,7 @@ from starlette.requests import Request
 from controller.api import protocol as p
 from controller.api.serving import ClientGone, OpenAIServing, Tracked
 from controller.api.structured import CallStream, ToolPlan
+from controller.api.thinking import Split, opened, thinks
 from controller.errors import ServingError
 from controller.tenants import Tenant
 
@@ -283,8 +288,12 @@ class _Reply:
     """One response as it is built: its Response object's fields and output items."""
 
     def __init__(self, serving: OpenAIServing, req: p.ResponsesRequest, rid: str, tools: ToolPlan | None,
-                 defaults: dict[str, float] | None = None):
+                 defaults: dict[str, float] | None = None, split: Split | None = None):
         self.serving, self.req, self.rid, self.tools = serving, req, rid, tools
+        # the reply's thinking (its <think> block, `split` from its text: a reasoning item before the others),
+        # its tokens, and the last delta's (thinking, text)
+        self.split, self.thinking, self.reasoning_tokens, self.fresh = split, "", 0, ("", "")
+        self.rs_id = _item_id("rs")
         self.defaults = defaults or {}  # (the model's sampling defaults: what temperature and top_p were, unsent)
         self.created = int(time.time())
         self.msg_id = _item_id("msg")
@@ -311,8 +320,14 @@ class _Reply:
                 for k, c in enumerate(calls)]
 
     def add(self, d: Any) -> list[dict[str, Any]]:
-        """Take one delta of the generation: its text, its finish, and (when asked) its tokens' logprobs, returned."""
-        self.text += d.text
+        """Take one delta of the generation: its text (its thinking apart: `fresh`), its finish, and (when asked) its
+        tokens' logprobs, returned."""
+        self.fresh = self.split.feed(d.text, d.finished) if self.split is not None else ("", d.text)
+        thought, text = self.fresh
+        if thought or self.split is not None and self.split.state in ("open", "think", "close"):
+            self.reasoning_tokens += len(d.token_ids)
+        self.thinking += thought
+        self.text += text
         if d.finished:
             self.finish = d.finish_reason
         if self.me is None:
@@ -329,7 +344,8 @@ class _Reply:
             # cache keeps every prompt's blocks unasked)
             usage = {"input_tokens": gen.prompt_tokens,
                      "input_tokens_details": {"cached_tokens": gen.cached_tokens, "cache_write_tokens": 0},
-                     "output_tokens": gen.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                     "output_tokens": gen.completion_tokens,
+                     "output_tokens_details": {"reasoning_tokens": min(self.reasoning_tokens, gen.completion_tokens)},
                      "total_tokens": gen.prompt_tokens + gen.completion_tokens}
         return {"id": self.rid, "object": "response", "created_at": self.created, "status": status, "error": None,
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
@@ -342,6 +358,18 @@ class _Reply:
                 "metadata": r.metadata or {}, "usage": usage, "user": r.user,
                 "truncation": r.truncation or "disabled",
                 "reasoning": {"effort": None, "summary": None, **(r.reasoning or {})}}
+
+    def reasoning(self, status: str) -> list[dict[str, Any]]:
+        """The reasoning item of the reply's thinking (none where it did not think), as OpenAI's for an open-weight
+        model: its text in `content` (`reasoning_text`), no summary."""
+        if not self.thinking:
+            return []
+        return [{"type": "reasoning", "id": self.rs_id, "summary": [],
+                 "content": [{"type": "reasoning_text", "text": self.thinking}], "status": status}]
+
+    def thought_only(self) -> bool:
+        """Whether the reply so far is all thinking: its thinking stands alone, no empty message after it."""
+        return bool(self.thinking) and not self.text
 
     def message(self, status: str) -> dict[str, Any]:
         return {"type": "message", "id": self.msg_id, "status": status, "role": "assistant",
@@ -358,10 +386,12 @@ class _Reply:
             items, assistant = self.cut()
             return items or [self.message("incomplete")], assistant, "incomplete"
         status = "incomplete" if self.finish == "length" else "completed"
+        think = self.reasoning("incomplete" if status == "incomplete" and not self.text else "completed")
         if not msg.tool_calls:
-            return [self.message(status)], {"role": "assistant", "content": self.text}, status
+            return [*think, *([] if self.thought_only() else [self.message(status)])], {
+                "role": "assistant", "content": self.text}, status
         calls = self.as_streamed([c.model_dump() for c in msg.tool_calls])
-        return [self.call_item(k, c, "completed") for k, c in enumerate(calls)], {
+        return [*think, *(self.call_item(k, c, "completed") for k, c in enumerate(calls))], {
             "role": "assistant", "content": None, "tool_calls": calls}, status
 
     def cut(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -370,12 +400,14 @@ class _Reply:
         (`completed`) and the one being written (`incomplete`, its arguments so far), as OpenAI's function_call
         items have them; the stored conversation holds the whole ones only (a call half written has no arguments
         to answer)."""
+        think = self.reasoning("completed" if self.text else "incomplete")
         got = self.tools.cut_calls(self.text) if self.tools is not None else None
         if got is None:
-            return [self.message("incomplete")] if self.text else [], {"role": "assistant", "content": self.text}
+            return [*think, *([self.message("incomplete")] if self.text else [])], {"role": "assistant",
+                                                                                   "content": self.text}
         whole, part = got
         whole = self.as_streamed(whole)
-        items = [self.call_item(k, c, "completed") for k, c in enumerate(whole)]
+        items = [*think, *(self.call_item(k, c, "completed") for k, c in enumerate(whole))]
         if part:
             items.append(self.call_item(len(whole), self.as_streamed([*whole, part])[-1], "incomplete"))
         return items, ({"role": "assistant", "content": None, "tool_calls": whole} if whole else
@@ -411,7 +443,13 @@ async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesR
             except ServingError as e2:
                 raise _as_responses(e2) from None
     ran = gen.subs[0].params  # (the sampling it runs with: the model's defaults for what was not sent; no 2nd stat)
-    reply = _Reply(serving, req, rid, tools, {"temperature": ran.temperature, "top_p": ran.top_p})
+    # a model whose template thinks (Qwen3's): the reply's <think> block (or the one the prompt opened) is a
+    # reasoning item, and the calls after it are read as function_call items; it was the output text's start, and
+    # a call after it text (Codex CLI ran no tool). Not where the output is held to a shape from its first token
+    # (a call forced, text.format): no block begins it
+    held = chat.response_format is not None or tools is not None and not tools.hermes
+    split = Split(opened(me, getattr(gen, "prompt_tail", None))) if thinks(me) and not held else None
+    reply = _Reply(serving, req, rid, tools, {"temperature": ran.temperature, "top_p": ran.top_p}, split)
 
     def finish() -> dict[str, Any]:
         items, assistant, status = reply.output()
@@ -499,42 +537,74 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish, c
     live = reply.tools is None
     auto = reply.tools is not None and reply.tools.hermes
     closed = [0]  # the calls whose item is done (those added: `reply.streamed.calls`)
+    # the reasoning item, where the reply thinks: output index 0, its text as it comes, done once the reply's text
+    # begins (or at the end); the items after it from output index `base`. The message item opens with the reply's
+    # first text where the reply may think first, else at once
+    base, thinking, shown = 0, False, False
 
     def calls(fresh: str) -> list[bytes]:
         cs, ev = reply.streamed, []
         for k, frag, opens in cs.feed(fresh):
             if opens:
                 for j in range(closed[0], k):  # (those before it are whole)
-                    ev += _call_done(seq, j, reply.call_item(j, cs.calls[j], "completed"))
+                    ev += _call_done(seq, base + j, reply.call_item(j, cs.calls[j], "completed"))
                 closed[0] = k
-                ev.append(_event(seq, "response.output_item.added", output_index=k,
+                ev.append(_event(seq, "response.output_item.added", output_index=base + k,
                                  item={**reply.call_item(k, cs.calls[k], "in_progress"), "arguments": ""}))
             if frag:
                 ev.append(_event(seq, "response.function_call_arguments.delta", item_id=reply.fc_ids[k],
-                                 output_index=k, delta=frag))
+                                 output_index=base + k, delta=frag))
         return ev
 
     def opened() -> list[bytes]:
-        return [_event(seq, "response.output_item.added", output_index=0, item={**reply.message("in_progress"),
-                                                                                "content": []}),
-                _event(seq, "response.content_part.added", item_id=reply.msg_id, output_index=0, content_index=0,
+        nonlocal shown
+        shown = True
+        return [_event(seq, "response.output_item.added", output_index=base, item={**reply.message("in_progress"),
+                                                                                   "content": []}),
+                _event(seq, "response.content_part.added", item_id=reply.msg_id, output_index=base, content_index=0,
                        part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
+
+    def thought(delta: str) -> list[bytes]:
+        nonlocal base, thinking
+        ev = []
+        if not base:
+            base, thinking = 1, True
+            ev.append(_event(seq, "response.output_item.added", output_index=0,
+                             item={**reply.reasoning("in_progress")[0], "content": []}))
+        return [*ev, _event(seq, "response.reasoning_text.delta", item_id=reply.rs_id, output_index=0,
+                            content_index=0, delta=delta)]
+
+    def thought_done(item: dict[str, Any] | None = None) -> list[bytes]:
+        nonlocal thinking
+        if not thinking:
+            return []
+        thinking = False
+        item = item or reply.reasoning("completed")[0]
+        return [_event(seq, "response.reasoning_text.done", item_id=reply.rs_id, output_index=0, content_index=0,
+                       text=reply.thinking),
+                _event(seq, "response.output_item.done", output_index=0, item=item)]
 
     try:
         start = reply.response(gen, "in_progress", [])
         out = [_event(seq, "response.created", response=start), _event(seq, "response.in_progress", response=start)]
-        if live:
+        if live and reply.split is None:
             out += opened()
         yield b"".join(out)
         out.clear()
         async for _, d in gen.events():
             lps = reply.add(d)
-            text = d.text
+            think, text = reply.fresh
+            if think:
+                out += thought(think)
+            if text:
+                out += thought_done()
+            if live and text and not shown:
+                out += opened()
             if auto and not live and reply.text and reply.tools.opening(reply.text) is False:
                 live, text, lps = True, reply.text, list(reply.logprobs)  # (what was held, then as it comes)
                 out += opened()
             if live and text:
-                out.append(_event(seq, "response.output_text.delta", item_id=reply.msg_id, output_index=0,
+                out.append(_event(seq, "response.output_text.delta", item_id=reply.msg_id, output_index=base,
                                   content_index=0, delta=text, logprobs=lps))
             elif not live:
                 if reply.streamed is None and reply.text and reply.tools.opening(reply.text):
@@ -545,12 +615,16 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish, c
                 yield b"".join(out)
                 out.clear()
         done = finish()
-        if live:
-            out += _text_done(seq, 0, done["output"][0])
+        out += thought_done(done["output"][0] if base else None)  # (a reply all thinking)
+        if live and shown:
+            out += _text_done(seq, base, done["output"][base])
+        elif live:  # (the message item not opened: no text came; an empty reply's, unless it all thought)
+            for i, item in enumerate(done["output"][base:], base):
+                out += _item_events(seq, i, item)
         else:  # (the calls not done yet, told or not; or what the output is, where none was told)
             told = len(reply.streamed.calls) if reply.streamed is not None else 0
-            for i, item in enumerate(done["output"][closed[0]:], closed[0]):
-                out += _call_done(seq, i, item) if i < told else _item_events(seq, i, item)
+            for i, item in enumerate(done["output"][base + closed[0]:], base + closed[0]):
+                out += _call_done(seq, i, item) if i - base < told else _item_events(seq, i, item)
         kind = "response.incomplete" if done["status"] == "incomplete" else "response.completed"
         out.append(_event(seq, kind, response=done))
         yield b"".join(out)
