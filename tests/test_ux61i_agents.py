@@ -154,9 +154,13 @@ def test_a_thinking_models_call_is_a_function_call_after_its_reasoning(codex, st
 def test_a_thinking_models_text_reply_is_its_message_after_its_reasoning(codex, stream):
     shots = [m for q in ("Hi", "Hey", "Yo") for m in (
         {"role": "user", "content": q}, {"role": "assistant", "content": "<think>\nA greeting.\n</think>\n\nHello!"})]
-    r, events, deltas = _respond(codex, stream, input=[*shots, {"role": "user", "content": "Hello"}])
+    r, events, deltas = _respond(codex, stream, input=[*shots, {"role": "user", "content": "Hello"}],
+                                 include=["message.output_text.logprobs"])
     assert [o.type for o in r.output] == ["reasoning", "message"], r.output
     assert r.output[0].content[0].text == "A greeting." and r.output_text == "Hello!"
+    # (the text's logprobs are its own tokens', not the thinking's; every token before the text is reasoning's)
+    assert [lp.token for lp in r.output[1].content[0].logprobs][:2] == ["Hello", "!"]
+    assert r.usage.output_tokens_details.reasoning_tokens == r.usage.output_tokens - 3  # (Hello, !, the EOS)
     if stream:
         assert deltas == "A greeting." and "response.reasoning_text.done" in events
 

@@ -294,6 +294,8 @@ class _Reply:
         # its tokens, and the last delta's (thinking, text)
         self.split, self.thinking, self.reasoning_tokens, self.fresh = split, "", 0, ("", "")
         self.rs_id = _item_id("rs")
+        self._held: list[dict[str, Any]] = []  # (with logprobs) those of tokens the split holds back
+        self._held_tokens = 0  # how many
         self.defaults = defaults or {}  # (the model's sampling defaults: what temperature and top_p were, unsent)
         self.created = int(time.time())
         self.msg_id = _item_id("msg")
@@ -324,8 +326,15 @@ class _Reply:
         tokens' logprobs, returned."""
         self.fresh = self.split.feed(d.text, d.finished) if self.split is not None else ("", d.text)
         thought, text = self.fresh
-        if thought or self.split is not None and self.split.state in ("open", "think", "close"):
-            self.reasoning_tokens += len(d.token_ids)
+        reasoned = bool(thought) or self.split is not None and self.split.state in ("open", "think", "close")
+        # (tokens the split holds back, that may begin a <think> tag: the text's or the thinking's, once one tells)
+        held = self.split is not None and not (thought or text) and self.split.state == "start"
+        if held:
+            self._held_tokens += len(d.token_ids)
+        elif reasoned:
+            self.reasoning_tokens += len(d.token_ids) + self._held_tokens
+        if not held:
+            self._held_tokens = 0
         self.thinking += thought
         self.text += text
         if d.finished:
@@ -333,6 +342,12 @@ class _Reply:
         if self.me is None:
             return []
         lps = [lp.model_dump() for lp in self.serving._chat_logprobs(self.me, d, self.req.top_logprobs or 0)]
+        if held:
+            self._held += lps
+            return []
+        lps, self._held = ([] if reasoned else self._held) + lps, []
+        if reasoned and not text:  # (the output text's logprobs: not its thinking's tokens)
+            return []
         self.logprobs += lps
         return lps
 
