@@ -32,6 +32,7 @@ from controller.api.structured import (
     tool_plan,
     vllm_grammar,
 )
+from controller.api.thinking import Split, opened, thinks
 from controller.errors import ServingError
 from controller.messages import Delta
 from controller.service import Controller, Generation, ModelEntry
@@ -320,6 +321,23 @@ def _calls_finish(tools: ToolPlan) -> str:
     """The finish reason of a whole output of tool calls: "tool_calls", or "stop" when tool_choice named the function
     (OpenAI answers so, streamed or not, and vLLM with it: its PR #25054)."""
     return "stop" if tools.named else "tool_calls"
+
+
+def _thinks_first(me: ModelEntry, gen: Tracked, req: p.ChatCompletionRequest, tools: ToolPlan | None) -> bool | None:
+    """Where a chat reply's calls may come after a think block (hermes "auto", a model whose template thinks, as
+    Qwen3's; no response_format, which holds the text to its shape): whether the prompt opened the block
+    (`thinking.opened`: the reply starts inside it); None elsewhere. The reply's start (`<think>`) made it text, and
+    the <tool_call> after the block text with it, no `tool_calls`: vLLM's hermes parser reads the calls wherever
+    they begin, the text before the first (the think block, no reasoning parser) the content."""
+    if tools is None or not tools.hermes or req.response_format is not None or not thinks(me):
+        return None
+    return opened(me, getattr(gen, "prompt_tail", None))
+
+
+def _after_thought(text: str, begun: bool) -> tuple[str, str]:
+    """A whole reply's leading think block as it was written (with the whitespace after it), and the rest."""
+    _, rest = Split(begun).feed(text, True)
+    return text[:len(text) - len(rest)], rest
 
 
 class OpenAIServing:
@@ -923,6 +941,12 @@ class OpenAIServing:
             if d.finished:
                 finish[i], stops[i] = d.finish_reason, d.stop_reason
         replies = [self._reply(text[i], finish[i], tools) for i in range(k)]
+        if (begun := _thinks_first(me, gen, req, tools)) is not None:
+            for i in range(k):  # (the calls after a think block, which stays the content, as vLLM's)
+                head, rest = _after_thought(text[i], begun)
+                msg, why = self._reply(rest, finish[i], tools)
+                if head and msg.tool_calls:
+                    msg.content, replies[i] = head, (msg, why)
         if echo := self._echoed(req):
             for msg, _ in replies:
                 msg.content = echo + (msg.content or "")
@@ -948,6 +972,11 @@ class OpenAIServing:
         # (tools) a choice's calls as they are written: each opens with a delta of its index, id, type, name and
         # arguments "" (or their first part), then its arguments go in parts as they come, as OpenAI streams them
         calls: list[CallStream | None] = [None] * len(gen.subs)
+        # (a thinking model's hermes choice) its think block, sent as content as it comes, before its calls are
+        # looked for in what follows (`_thinks_first`); `said`: its text the split has not settled yet
+        begun = _thinks_first(me, gen, req, tools)
+        splits = [Split(begun) if begun is not None else None for _ in gen.subs]
+        said = [""] * len(gen.subs)
 
         def role(i: int, calls: bool) -> bytes:
             if opened[i]:
@@ -977,6 +1006,21 @@ class OpenAIServing:
         def frame(i: int, d: Delta) -> bytes:
             out = b""
             lp = self._chat_logprobs(me, d, req.top_logprobs or 0, req.return_tokens_as_token_ids) if req.logprobs else None
+            if (sp := splits[i]) is not None:
+                said[i] += d.text
+                _, rest = sp.feed(d.text, d.finished)
+                if sp.state == "start":  # (held: it may be <think>; its logprobs with it)
+                    held_lps[i] += lp or []
+                    return b""
+                if sp.state != "content":  # (in the block: its text as it comes)
+                    lp, held_lps[i] = (held_lps[i] + lp if lp is not None else None), []
+                    lpj = NULL if lp is None else p.ChoiceLogprobs(content=lp).model_dump_json(exclude_unset=True).encode()
+                    out, said[i] = role(i, False) + fr.delta(i, content(said[i]), lpj), ""
+                    return out + (fr.delta(i, EMPTY, NULL, d.finish_reason, d.stop_reason) if d.finished else b"")
+                splits[i], head = None, said[i][:len(said[i]) - len(rest)]  # (past it: the rest read as before)
+                if head:
+                    out = role(i, False) + fr.delta(i, content(head))
+                d = dataclasses.replace(d, text=rest)
             if tools is not None and not text_reply[i]:
                 held[i] += d.text
                 held_lps[i] += lp or []
@@ -990,9 +1034,9 @@ class OpenAIServing:
                     elif opening:
                         calls[i], fresh = CallStream(tools), held[i]
                     elif not d.finished:
-                        return b""
+                        return out
             if tools is not None and not text_reply[i]:
-                out = role(i, calls[i] is not None)
+                out += role(i, calls[i] is not None)
                 if calls[i] is not None:
                     out += call_frames(i, fresh)
                 if not d.finished:
@@ -1005,7 +1049,7 @@ class OpenAIServing:
                     # one leaves it unparsable, and its client has the calls, not text, to answer)
                     why = _calls_finish(tools)
                 return out + fr.delta(i, EMPTY, logprobs(i), why, d.stop_reason)
-            out = role(i, False)
+            out += role(i, False)
             if d.text or lp:
                 lpj = NULL if lp is None else p.ChoiceLogprobs(content=lp).model_dump_json(exclude_unset=True).encode()
                 out += fr.delta(i, content(d.text), lpj)
