@@ -4,6 +4,7 @@ tokenizer: what they accept and refuse, and the tool calls read back from an out
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import llguidance
 import llguidance.hf
@@ -153,7 +154,7 @@ def _stream_frames(deltas, tools, role=False):
                                                   "stream": True})
 
     async def run():
-        return b"".join([b async for b in serving._stream_chat(gen, req, "id", None, tools)])
+        return b"".join([b async for b in serving._stream_chat(gen, req, "id", SimpleNamespace(tokenizer=None), tools)])
 
     chunks = [json.loads(x[6:]) for x in asyncio.run(run()).decode().split("\n\n") if x.startswith("data: {")]
     return [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in chunks][0 if role else 1:]

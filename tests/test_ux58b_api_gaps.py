@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from types import SimpleNamespace
 
 import anthropic
 import httpx
@@ -228,7 +229,7 @@ def test_hermes_calls_stream_as_they_are_written():
     req = p.ChatCompletionRequest.model_validate({"model": "m", "messages": MSGS, "stream": True})
 
     async def run():
-        return b"".join([b async for b in serving._stream_chat(gen, req, "id", None, plan)])
+        return b"".join([b async for b in serving._stream_chat(gen, req, "id", SimpleNamespace(tokenizer=None), plan)])
 
     chunks = [json.loads(x[6:])["choices"][0] for x in asyncio.run(run()).decode().split("\n\n")
               if x.startswith("data: {")]

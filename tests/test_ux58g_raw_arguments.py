@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from controller.api import protocol as p
 from controller.api.structured import HERMES_CLOSE, HERMES_OPEN, tool_plan
 from tests.scripted_gen import bare_serving, generation, in_pieces
+
+NO_THOUGHT = SimpleNamespace(tokenizer=None)  # (the model: its template does not think)
 
 ARGS = '{"city": "Caf\\u00e9", "n": 1E5, "xs": [-0.0, 2e-3]}'  # (as the model wrote them: an escape, number forms)
 ARGS_2 = '{"city": "\\"Z\\u00fcrich\\"", "n": 10}'
@@ -37,8 +40,8 @@ def _chat(text: str, plan, stream: bool):
 
     async def run():
         if not stream:
-            return await serving._collect_chat(generation([(text, True)]), req, "id", None, plan)
-        return b"".join([b async for b in serving._stream_chat(generation(in_pieces(text, 2)), req, "id", None, plan)])
+            return await serving._collect_chat(generation([(text, True)]), req, "id", NO_THOUGHT, plan)
+        return b"".join([b async for b in serving._stream_chat(generation(in_pieces(text, 2)), req, "id", NO_THOUGHT, plan)])
 
     return asyncio.run(run())
 
