@@ -202,7 +202,11 @@ def pooled_kill_cmd(url: Optional[str] = URL, admin_token: Optional[str] = ADMIN
             _write(run_kill(t, "KILL", streams, queued, max_tokens, during, names), json_out)
         return
     dirs = tiny_pooled_models(cache_dir())
-    cfg = pooled_config(dirs, budget_gb=4 * 2**20 / 1e9, kv_cache_gb=64 * 16 * 512 / 1e9, max_num_seqs=streams)
+    # A model's batch is full with the streams it gets (the first model gets the most): the queued requests, sent
+    # to the first model, wait unstarted until the kill (with the served 64 slots they started beside the running
+    # ones, and on a loaded machine were cut mid-reply, which is not retryable).
+    per_model = -(-streams // len(dirs))
+    cfg = pooled_config(dirs, budget_gb=4 * 2**20 / 1e9, kv_cache_gb=64 * 16 * 512 / 1e9, max_num_seqs=per_model)
     with target(config=cfg, model=next(iter(dirs))) as t:
         _write(run_kill(t, "KILL", streams, queued, max_tokens, during, list(dirs)), json_out)
 

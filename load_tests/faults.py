@@ -119,13 +119,16 @@ def paced_config(pace_s: float = 0.01, max_num_seqs: int = 64, ttft_s: float = 2
     return cfg
 
 
-def pooled_config(model_dirs: dict[str, str], budget_gb: float, kv_cache_gb: float, **over) -> dict:
+def pooled_config(model_dirs: dict[str, str], budget_gb: float, kv_cache_gb: float,
+                  max_num_seqs: int | None = None, **over) -> dict:
     """A server whose one worker pools `model_dirs` in an arena of `budget_gb` (the CPU worker's): more model
     bytes than the arena, so steps of different models move weights in and out, and a small KV region, so idle
-    models' KV goes to host pages."""
+    models' KV goes to host pages. `max_num_seqs`: each model's batch slots (unset: the served default)."""
     cfg = paced_config(**over)
     cfg["gpus"] = {"cpu_budget_gb": budget_gb, "kv_cache_gb": kv_cache_gb}
-    cfg["models"] = [{"name": n, "path": str(d), "slo": {"ttft_s": 60.0, "tpot_s": 10.0}} for n, d in model_dirs.items()]
+    engine = {} if max_num_seqs is None else {"engine": {"max_num_seqs": max_num_seqs}}
+    cfg["models"] = [{"name": n, "path": str(d), "slo": {"ttft_s": 60.0, "tpot_s": 10.0}, **engine}
+                     for n, d in model_dirs.items()]
     return cfg
 
 
@@ -604,6 +607,8 @@ async def _kill(t: Target, sig: int, streams: int, queued: int, max_tokens: int,
         "running_streams_ended_with_error_event": sum(1 for s in run_res if s.error and s.done),
         "running_streams_cut_without_done": sum(1 for s in run_res if not s.done),
         "error_event_s": _summary(cut),
+        # "queued" requests that had their first token before the kill were running, not waiting
+        "queued_started_before_kill": sum(1 for s in wait_res if s.t_first is not None and s.t_first < t_sig),
         "queued_requests_completed": sum(1 for s in wait_res if s.done and not s.error and s.tokens),
         "queued_requests_failed": [s.error or s.status for s in wait_res if not (s.done and not s.error)],
         # a failed "queued" request that had tokens was running, not queued, at the kill (not retryable)

@@ -113,8 +113,7 @@ def main() -> None:
     print(f"model {d} ({weights / 1e9:.2f} GB) in {time.monotonic() - t0:.1f}s", flush=True)
     names = ["ka", "kb", "kc"]
     budget = a.budget_gb or weights * 1.4 / 1e9
-    cfg = pooled_config(dict.fromkeys(names, str(d)), budget_gb=budget, kv_cache_gb=a.kv_cache_gb,
-                        max_num_seqs=a.streams)
+    cfg = pooled_config(dict.fromkeys(names, str(d)), budget_gb=budget, kv_cache_gb=a.kv_cache_gb)
     if a.device == "cuda":
         cfg["workers"]["local"] = "auto"
         cfg["gpus"] = {"budget_gb": budget, "kv_cache_gb": a.kv_cache_gb}
