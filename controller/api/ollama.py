@@ -44,7 +44,15 @@ from controller.api.serving import (
     too_long,
     unless_disconnected,
 )
-from controller.api.structured import HERMES_CLOSE, ToolPlan, closed_schema
+from controller.api.structured import (
+    HERMES_CLOSE,
+    JSON_LAYOUT,
+    ToolPlan,
+    closed_schema,
+    response_grammar,
+    response_schema,
+)
+from controller.api.thinking import OPEN as THINK_OPEN
 from controller.api.thinking import Split as _Split
 from controller.api.thinking import opened as _opened
 from controller.api.thinking import switch as _switch
@@ -241,16 +249,32 @@ def _error(status: int, message: str, e: ServingError | None = None) -> JSONResp
 
 
 LATEST = ":latest"
+_FOLD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")  # (Ollama's: ASCII letters only)
 
 
-def served(request: Request, name: Any) -> Any:
-    """The served name an Ollama model name means. Ollama names every model with a tag, `:latest` when none is
-    given (`smollm2` and `smollm2:latest` are one model there, and clients and scripts send either); served names
-    have none here, so `:latest` is dropped unless a model answers to the whole name. Replies still echo the name
-    as sent."""
-    if isinstance(name, str) and name.endswith(LATEST) and request.app.state.controller.resolve(name) is None:
-        return name[:-len(LATEST)]
-    return name
+def served(request: Request, tenant: Any, name: Any) -> Any:
+    """The served name an Ollama model name means, for `tenant`. Ollama names every model with a tag, `:latest` when
+    none is given (`smollm2` and `smollm2:latest` are one model there, and clients and scripts send either); served
+    names have none here, so `:latest` is dropped unless a model answers to the whole name. And Ollama's names are
+    matched ignoring the case of their ASCII letters (`Llama3` finds `llama3`: its model.Name compares with
+    EqualFold and its server looks a name up among the manifests so), where a served name is exact (the OpenAI
+    routes keep that, as vLLM's do). The rule: the name as sent where a model answers to it, else without
+    `:latest`, else the one name the tenant may use that equals it (then it without the tag) ignoring case; two
+    such names, differing only in case, and none exact: neither (the 404, each still found by its exact name).
+    Replies still echo the name as sent."""
+    if not isinstance(name, str) or not name:
+        return name
+    ctl = request.app.state.controller
+    bare = name[:-len(LATEST)] if name.translate(_FOLD).endswith(LATEST) else None
+    for want in (name, bare):
+        if want and ctl.resolve(want) is not None:
+            return want
+    usable = [n for me in ctl.models.values() for n in (me.spec.name, *me.spec.aliases, *me.spec.lora_names)
+              if tenant is not None and (tenant.may_use(me.spec.name) or tenant.may_use(n))]
+    for want in (name, bare):
+        if want and len(hits := {n for n in usable if n.translate(_FOLD) == want.translate(_FOLD)}) == 1:
+            return hits.pop()
+    return bare if bare is not None else name
 
 
 # the OpenAI request's fields that Ollama's options set, and the option each is (an error names the one sent)
@@ -381,21 +405,41 @@ def _think(me: Any, body: _Base) -> tuple[dict[str, Any], bool]:
     if think is None and _thinks(me) and body.format in (None, ""):
         # not sent, to a model that thinks: on, as Ollama's chat and generate handlers default it for a model with
         # the thinking capability (its `thinking` apart; the reply's `<think>` block was left in the content, and
-        # one the template opened in the prompt left a stray `</think>` there). Not with a `format`: its grammar
-        # holds the reply to the JSON from its first token, which a block the prompt opened would take as thinking
+        # one the template opened in the prompt left a stray `</think>` there). Not with a `format`: left as the
+        # template has it, the grammar holding the reply to the JSON from its first token (`think` sent with a
+        # format: the think block, then the JSON, `_format_after_thinking`)
         think, wants = True, True
     kwargs = {"enable_thinking": wants} if think is not None and _switch(me) else {}
     return kwargs, wants
 
 
+def _format_after_thinking(req: Any, opened: bool) -> Any:
+    """`req` (its response_format: the request's `format`) held to a think block, then the format's JSON: asked with
+    `think` of a model that thinks, the format's grammar held the reply to the JSON from its first token, so where
+    the template opens the block in the prompt (Qwen3's Thinking-2507, DeepSeek-R1: the reply starts inside it) the
+    JSON was read as the thinking and the content was empty. As vLLM's reasoning parser holds a reply to its
+    structured output only once its reasoning has ended (and Ollama, which applies the format after the thinking):
+    free text up to `</think>` (`opened`), or an optional `<think>...</think>` block the reply writes itself, then
+    the JSON. (As a vLLM structured output's Lark grammar: `OpenAIServing._grammar` takes it.)"""
+    response_grammar(req.response_format)  # (compiled alone first: its 400 names `format`, as without `think`)
+    schema = response_schema(req.response_format)
+    block = "/(?s:.*)<\\/think>/" if opened else f"/{re.escape(THINK_OPEN)}(?s:.*)<\\/think>/"
+    grammar = "\n".join([
+        f"start: think SPACE body{'' if opened else ' | body'}",
+        f"think[lazy]: {block}",  # (lazy: it ends at the first `</think>`)
+        "SPACE: /[ \\t\\r\\n]{0,8}/",  # (after the block, as templates write it: bounded, not padding)
+        f"body: %json {json.dumps({**schema, 'x-guidance': JSON_LAYOUT})}"])
+    return req.model_copy(update={"response_format": None, "structured_outputs": {"grammar": grammar}})
+
+
 async def _run(request: Request, body: _Base, chat: bool) -> Response:
     serving: OpenAIServing = request.app.state.serving
     ctl = request.app.state.controller
-    tenant = None
+    tenant, model = None, body.model
     try:
         tenant = auth.tenant(request)
         _keep_alive_s(body.keep_alive)  # (a 400 before anything is done when it is no duration)
-        model = served(request, body.model)
+        model = served(request, tenant, body.model)
         if not (body.messages if chat else body.prompt):  # Ollama's "load the model" request: nothing to generate
             return await _load(request, tenant, model, body, chat)
         asked = serving.lookup(tenant, model)
@@ -439,6 +483,14 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                     **({"logprobs": True, "top_logprobs": k} if k is not None else {})})
         if body.options is not None and body.options.stop:  # (checked by Options, past the OpenAI request's number)
             req = req.model_copy(update={"stop": list(body.options.stop)})
+        if thinking and req.response_format is not None and not (chat and body.tools):
+            # (with tools the format is the answer's beside the calls: `ToolPlan.answering`, left as it was)
+            if isinstance(req, p.ChatCompletionRequest):  # (whether the template opens the block: its prompt's end)
+                ids = await serving.offload(serving._chat_prompt, asked, req, think_kwargs, False)
+                opened = _opened(asked, ids[-16:])
+            else:  # (a raw prompt, or the request's own template's)
+                opened = req.prompt.rstrip().endswith(THINK_OPEN)
+            req = _format_after_thinking(req, opened)
         me = serving.entry(tenant, req.model)
         context = None if chat else body.context
         if context is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
@@ -493,7 +545,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
             ctl.evict(me.spec.name)
     except ServingError as e:
         if e.status != 401 and not getattr(e, "counted", False):  # (auth counts its own; a generation its own)
-            ctl.count_refusal(body.model, tenant.name if tenant else "-", e.status)
+            ctl.count_refusal(model, tenant.name if tenant else "-", e.status)  # (under the model it means)
         e.reworded(_FORMAT_TERMS)  # (the chat path's error names the field sent: `format`, not `response_format`)
         return _error(e.status, e.message if e.status != 404 else f"model '{body.model}' not found", e)
     key = "message" if chat else "response"
@@ -513,6 +565,9 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
             d["logprobs"] = logprobs
         if done:
             d.update(done_reason=reason or "stop", **_stats(gen))
+            # (Ollama's since its runners report it: of prompt_eval_count, which counts the whole prompt whatever
+            # was cached, the tokens whose KV the prefix cache held)
+            d["prompt_eval_cached_count"] = gen.cached_tokens
             if not chat:  # (Ollama's: what a next /api/generate passes back as `context` to continue)
                 d["context"] = [*gen.subs[0].prompt_ids, *out_ids]
         return json.dumps(d, ensure_ascii=False).encode() + b"\n"
@@ -892,7 +947,7 @@ async def _embed(request: Request, model: str, raw: str | list[str], truncate: b
         tenant = auth.tenant(request)
         # (a keep_alive that is no duration: a 400 before any work, after the key's 401, counted as the others)
         _keep_alive_s(keep_alive)
-        return await embeddings.ollama_embed(serving, tenant, request, served(request, model), raw, truncate,
+        return await embeddings.ollama_embed(serving, tenant, request, served(request, tenant, model), raw, truncate,
                                              dimensions, normalize)
     except ClientGone:
         return JSONResponse({}, status_code=499)
@@ -913,7 +968,8 @@ async def embed(request: Request) -> Response:
     vecs, gen = got
     ctl = request.app.state.controller
     if _unloads(ctl, body.keep_alive):  # (its requests are done: at once)
-        ctl.evict(request.app.state.serving.lookup(auth.tenant(request), served(request, body.model)).spec.name)
+        tenant = auth.tenant(request)
+        ctl.evict(request.app.state.serving.lookup(tenant, served(request, tenant, body.model)).spec.name)
     stats = _stats(gen) if gen is not None else {}
     counts = {k: stats.get(k, 0) for k in ("total_duration", "load_duration", "prompt_eval_count")}  # (Ollama's)
     return JSONResponse({"model": body.model, "embeddings": vecs, **counts})
@@ -928,7 +984,8 @@ async def embeddings_legacy(request: Request) -> Response:
         return got
     ctl = request.app.state.controller
     if _unloads(ctl, body.keep_alive):
-        ctl.evict(request.app.state.serving.lookup(auth.tenant(request), served(request, body.model)).spec.name)
+        tenant = auth.tenant(request)
+        ctl.evict(request.app.state.serving.lookup(tenant, served(request, tenant, body.model)).spec.name)
     return JSONResponse({"embedding": got[0][0] if got[0] else []})
 
 
@@ -1090,11 +1147,11 @@ async def show(request: Request) -> Response:
         name = data.get("model") or data.get("name") if isinstance(data, dict) else None
         if not isinstance(name, str) or not name:
             raise ServingError(400, "model is required")
-        me = request.app.state.serving.lookup(tenant, served(request, name))
+        me = request.app.state.serving.lookup(tenant, served(request, tenant, name))
     except ServingError as e:
         if tenant is not None:  # (a refusal counted as the generating routes' are, under the model if one has the
             # name: "-" for any other; the 401 counts itself)
-            request.app.state.controller.count_refusal(served(request, name) if isinstance(name, str) else None,
+            request.app.state.controller.count_refusal(served(request, tenant, name) if isinstance(name, str) else None,
                                                        tenant.name, e.status)
         return _error(e.status, e.message if e.status != 404 else f"model '{name}' not found", e)
     tpl = getattr(me.tokenizer, "chat_template", None)
@@ -1270,9 +1327,9 @@ async def pull(request: Request) -> Response:
     name = body.model or body.name
     tenant = auth.tenant(request)
     try:
-        request.app.state.serving.lookup(tenant, served(request, name))
+        request.app.state.serving.lookup(tenant, served(request, tenant, name))
     except ServingError as e:
-        request.app.state.controller.count_refusal(served(request, name), tenant.name, e.status)
+        request.app.state.controller.count_refusal(served(request, tenant, name), tenant.name, e.status)
         if e.status != 404:
             return _error(e.status, e.message, e)
         return _error(404, f"model '{name}' is not served here, and this server downloads nothing: serve a model "
@@ -1303,7 +1360,7 @@ async def manage(action: str, request: Request) -> Response:
         name = data.get("source") if action == "copy" else data.get("model") or data.get("name")
         if isinstance(name, str) and name:
             try:
-                request.app.state.serving.lookup(tenant, served(request, name))
+                request.app.state.serving.lookup(tenant, served(request, tenant, name))
             except ServingError as e:
                 return _error(e.status, f"model '{name}' not found" if e.status == 404 else e.message, e)
     return _not_managed(f"/api/{action}")
