@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from controller.dashboard import session
 from controller.errors import ServingError
@@ -76,6 +76,15 @@ async def login(request: Request):
     resp.set_cookie(session.COOKIE, session.sessions(request.app).new(), max_age=int(session.TTL_S), path="/",
                     httponly=True, samesite="strict", secure=request.url.scheme == "https")
     return resp
+
+
+# Whether the browser's session is live, answered 200 either way: the page asks before it opens its event stream again
+# (the stream failed: the server restarted, or stopped). A restart forgets every session, and the page learnt that
+# from 401s (the stream's reconnect, then each call), each logged by the browser as a failed resource, before it
+# went back to the form.
+@router.get("/dashboard/session")
+async def session_state(request: Request):
+    return JSONResponse({"signed_in": session.valid(request)}, headers={"Cache-Control": "no-store"})
 
 
 # A GET of the form's own paths (typed, bookmarked, or the URL a failed sign-in left where its script did not run) was

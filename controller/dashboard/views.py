@@ -188,7 +188,7 @@ def pool_view(ctl: Any, timeline_s: float = SPAN_S, resolution_s: float = RES_S)
             rejected_total=int(rejected.get(name, 0)), slo=me.spec.slo.model_dump()))
 
     reqs = _counts(ctl.metrics.requests, "tenant", "status")
-    per_tenant: dict[str, float] = {}
+    per_tenant = tenant_requests(act)
     r429: dict[str, float] = {}
     for (tname, status), v in reqs.items():
         per_tenant[tname] = per_tenant.get(tname, 0.0) + v
@@ -240,6 +240,21 @@ def tenant_tokens(ctl: Any, act: Activity) -> dict[str, float]:
         made = getattr(gen, "completion_tokens", 0) + (getattr(gen, "prompt_tokens", 0) if gen.t_first is not None else 0)
         toks[gen.tenant.name] = toks.get(gen.tenant.name, 0.0) + made
     return toks
+
+
+def tenant_requests(act: Activity) -> dict[str, float]:
+    """Requests in flight per tenant, from the moment they arrive (Activity.started: before admission), to be added
+    to the ended ones (the Prometheus counter, counted as a request ends, a refusal's at once): the sum is every
+    request that arrived, each counted once (Controller.finished moves one from the first to the second), and the
+    Tenants view's requests/s is its rate: requests arriving per second, what an operator reads beside the tenant's
+    req/s limit. The ended ones alone counted a request only at its end: a tenant's long streams showed 0 requests/s
+    while they ran, then a spike. Not an Ollama load's (counted among the requests only when it fails)."""
+    out: dict[str, float] = {}
+    for gen in act.live.values():
+        if getattr(gen, "load", False) or getattr(gen, "tenant", None) is None:
+            continue
+        out[gen.tenant.name] = out.get(gen.tenant.name, 0.0) + 1
+    return out
 
 
 def _in_flight(ctl: Any, act: Activity) -> dict[str, tuple[Any, list[Any]]]:

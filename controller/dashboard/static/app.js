@@ -611,12 +611,22 @@ function renderChart(id, key) {
       axes: [{ space: 70, incrs: [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600], font: AXIS_FONT,
                values: (u, vals) => vals.map(clock) }, { size: 50, font: AXIS_FONT }],
       padding: [null, rightPad(), null, null],
+      hooks: { setLegend: [latestInLegend] },
     };
     c = S.charts[id] = { plot: new uPlot(opts, data, div), names };
     for (const label of div.querySelectorAll(".u-legend .u-label")) label.title = label.textContent; // (cut short)
   } else {
     c.plot.setData(data);
   }
+  latestInLegend(c.plot);
+}
+
+// The legend shows the values at the cursor, and uPlot's "--" without one: a phone, which never hovers, never saw a
+// value, nor did a mouse anywhere but over the chart. Without a cursor it shows the latest snapshot's: called by
+// uPlot as its legend changes (the cursor gone from the plot) and here after new data; `false`: no hook again.
+function latestInLegend(u) {
+  const n = u.data && u.data[0] ? u.data[0].length : 0;
+  if (u.cursor.idx == null && n) u.setLegend({ idx: n - 1 }, false);
 }
 
 function resizeCharts() {
@@ -845,7 +855,9 @@ function connect() {
     S.retrying = true;
     conn.textContent = "reconnecting…";
     conn.className = "conn down";
-    if (es.readyState === EventSource.CLOSED) { es.close(); setTimeout(connect, 2000); refreshSoon(0); }
+    // closed, not left to the browser's own reconnect: reconnect() asks first whether the session is still live
+    es.close();
+    if (S.es === es) setTimeout(reconnect, 1000);
   };
   es.onmessage = (msg) => {
     const ev = JSON.parse(msg.data);
@@ -872,6 +884,31 @@ function connect() {
     applyRequests(list, S.inflight ?? list.length);
     S.inflight = null;
   });
+}
+
+// The stream failed (the server stopped or restarted, the network): opened again once the server says the session
+// is still live, or back to the login form once it says it is not. A restart forgets every session: the browser's own
+// reconnect was answered 401, then a refresh's two calls were, three failed resources in the browser's log before the
+// form came back. GET /dashboard/session answers 200 either way. While the server does not answer, each try is a
+// failed request all the same (net::ERR_CONNECTION_REFUSED: no request to a server that is down goes unlogged), one
+// a second, as the browser's own reconnects were (the stream's `retry: 1000`).
+async function reconnect() {
+  if (S.leaving || S.signingOut) return;
+  let live = null; // (null: no answer)
+  S.calls++;
+  try {
+    const r = await fetch("/dashboard/session", { credentials: "same-origin", cache: "no-store" });
+    if (r.ok) live = (await r.json()).signed_in === true;
+  } catch (e) {
+    // (the server does not answer yet: tried again below)
+  } finally {
+    S.calls--;
+  }
+  if (S.leaving) { signedOut(); return; } // (signed out meanwhile: the form once this call has ended)
+  if (S.signingOut) return;
+  if (live === null) setTimeout(reconnect, 1000);
+  else if (live) connect();
+  else signedOut();
 }
 
 function init() {
