@@ -708,6 +708,11 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+# A GPU driver's device node, which every process using its GPUs opens: NVIDIA's, ROCm's (torch.cuda counts its GPUs
+# too), WSL's (its CUDA goes through it)
+GPU_DRIVER_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
 def local_devices(spec: str | list[int]) -> list[str]:
     """Devices to start local workers on: 'auto' = every GPU, or one CPU worker when there is none."""
     if spec == "none":
@@ -716,6 +721,8 @@ def local_devices(spec: str | list[int]) -> list[str]:
         return ["cpu"]
     if isinstance(spec, list):
         return [f"cuda:{i}" for i in spec]
+    if not any(Path(d).exists() for d in GPU_DRIVER_NODES):
+        return ["cpu"]  # (no GPU driver: torch would count none; not imported for it, ~3 s of a 2-core host's start)
     from controller.hosting import import_torch
 
     try:
