@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import dataclasses
 import re
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -124,3 +128,74 @@ def forget_requests(handler, keep: int = 50) -> int:
     n = max(0, len(log) - keep)
     del log[:n]
     return n
+
+
+# The built-in kinds an operator test may declare in the emulator (kmock serves only what it is told of): the path
+# kopf and the Kubernetes client use, the kind, whether namespaced.
+KINDS = {"namespaces": ("v1/namespaces", "Namespace", False), "secrets": ("v1/secrets", "Secret", True),
+         "daemonsets": ("apps/v1/daemonsets", "DaemonSet", True), "events": ("v1/events", "Event", True),
+         "pods": ("v1/pods", "Pod", True)}
+OPERATOR_KINDS = ("namespaces", "secrets", "daemonsets", "events")  # what the operator itself reads and writes
+# A Tenant's keys (Secret `keys`, key `k`) and the workers' join token (the GPUPools' default joinTokenSecretRef)
+SECRETS = {"keys": ("k", b"tp-some-key"), "tokenpool-join-token": ("token", b"tp-some-key")}
+
+
+@dataclasses.dataclass
+class World:
+    """What `operator_world` made: the emulator (`k8s`), kubectl's view of it (`kube`, test_operator_e2e.Cluster),
+    the fake controller (`fake`: None where the test runs a live one) and its URL, the kubeconfig."""
+
+    k8s: Any
+    kube: Any
+    fake: FakeController | None
+    controller_url: str
+    kubeconfig: Path
+
+
+@contextlib.asynccontextmanager
+async def operator_world(tmp_path: Path, monkeypatch=None, *, port_range: range = PORTS,
+                         kinds: tuple[str, ...] = OPERATOR_KINDS, controller: type | None = FakeController,
+                         controller_url: str | None = None, admin_token: str = "t", engine: bool = True,
+                         resync_s: str | None = "1", secrets: dict[str, tuple[str, bytes]] | None = None,
+                         skip_ports: tuple[int, ...] = ()):
+    """kmock's Kubernetes emulator (on a port of `port_range`) with the CRDs of manifests/crds and the built-in
+    `kinds` declared, a kubeconfig for it, and the controller the operator talks to: a FakeController (`controller`,
+    the class; on a port of `port_range` too), with one live engine unless not `engine`, or, `controller` None, the
+    one at `controller_url` (a live `tokenpool serve`). With `monkeypatch`, the operator's environment: KUBECONFIG,
+    the controller's URL and `admin_token`, and TOKENPOOL_OPERATOR_RESYNC_S `resync_s` unless None (the handlers
+    read it when first imported: a file that leaves it out keeps whatever an earlier import fixed). `secrets`: name
+    -> (key, value) of the Secrets made in the namespace first. `skip_ports`: the live controller's, say. The
+    operator tests' one setup (each file had its copy)."""
+    import kmock
+
+    from tests.test_operator_e2e import NS, Cluster, _declare_crds
+
+    async with contextlib.AsyncExitStack() as stack:
+        k8s = await stack.enter_async_context(kmock.KubernetesEmulator())
+        port = ports.free_port(port_range, skip_ports)
+        await stack.enter_async_context(kmock.Server(k8s, port=port))
+        _declare_crds(k8s)
+        for kind in kinds:
+            path, name, namespaced = KINDS[kind]
+            k8s.resources[path] = kmock.ResourceInfo(kind=name, namespaced=namespaced)
+        fake = None
+        if controller is not None:
+            ctl = await stack.enter_async_context(kmock.RawHandler())
+            srv = await stack.enter_async_context(kmock.Server(ctl, port=ports.free_port(port_range, (*skip_ports, port))))
+            fake, controller_url = controller(ctl), str(srv.url)
+            if engine:
+                fake.engines.append({"id": "e0", "alive": True, "draining": False, "models": []})
+        assert controller_url, "a FakeController class or the URL of a live controller"
+        kubeconfig = write_kubeconfig(k8s, tmp_path / "kubeconfig", NS)
+        if monkeypatch is not None:
+            monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+            monkeypatch.setenv("TOKENPOOL_CONTROLLER_URL", controller_url)
+            monkeypatch.setenv("TOKENPOOL_ADMIN_TOKEN", admin_token)
+            if resync_s is not None:
+                monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", resync_s)
+        kube = Cluster(k8s)
+        for name, (key, value) in (secrets or {}).items():
+            await kube.create("secrets", {"apiVersion": "v1", "kind": "Secret",
+                                          "metadata": {"name": name, "namespace": NS},
+                                          "data": {key: base64.b64encode(value).decode()}})
+        yield World(k8s, kube, fake, controller_url, kubeconfig)

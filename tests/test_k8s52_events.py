@@ -39,10 +39,11 @@ async def test_a_drain_and_a_controller_down_post_no_event_per_retry(world):
         await _until("three more looks at its requests (retries a second apart)",
                      lambda: _at_least(fake, reads + 3))
         # The controller gone: the finalizer's next retry turns m Degraded, with one Warning event, posted after
-        # whatever m's retries before it posted (kopf posts an object's events in order).
+        # whatever m's retries before it posted (kopf posts an object's events in order): only its turning Ready.
         fake.down = True
         await _until("m's Warning", lambda: _warned(kube, "m", "ControllerUnavailable"))
-        assert [(e["type"], e["reason"]) for e in _posted(kube, "m")] == [("Warning", "ControllerUnavailable")]
+        assert [(e["type"], e["reason"]) for e in _posted(kube, "m")] == [("Normal", "Serving"),
+                                                                          ("Warning", "ControllerUnavailable")]
         assert "m" in fake.models and await kube.get("pooledmodels", "m") is not None  # (still held, Terminating)
 
 

@@ -39,7 +39,7 @@ from kopf.testing import KopfRunner  # noqa: E402
 
 from controller.keys import hash_key, new_key  # noqa: E402
 from load_tests.live_server import LiveServer  # noqa: E402
-from tests.kmock_util import free_port, write_kubeconfig  # noqa: E402
+from tests.kmock_util import free_port, operator_world  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NS = "tp"
@@ -178,17 +178,9 @@ async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_t
 
     await _until("the controller's CPU engine", lambda: _engine_alive(controller), timeout=60)
 
-    async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s, port=free_port(skip=(srv.port,))):
-        _declare_crds(k8s)
-        k8s.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False)
-        k8s.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
-        k8s.resources["apps/v1/daemonsets"] = kmock.ResourceInfo(kind="DaemonSet", namespaced=True)
-        kubeconfig = write_kubeconfig(k8s, tmp_path / "kubeconfig", NS)
-        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-        monkeypatch.setenv("TOKENPOOL_CONTROLLER_URL", srv.url)
-        monkeypatch.setenv("TOKENPOOL_ADMIN_TOKEN", admin_token)
-        monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
-        kube = Cluster(k8s)
+    async with operator_world(tmp_path, monkeypatch, kinds=("namespaces", "secrets", "daemonsets"), controller=None,
+                              controller_url=srv.url, admin_token=admin_token, skip_ports=(srv.port,)) as w:
+        kube, k8s = w.kube, w.k8s
 
         await kube.create("secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "team-a-keys", "namespace": NS},
                                       "data": {"key-1": base64.b64encode(tenant_key.encode()).decode()}})

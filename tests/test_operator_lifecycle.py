@@ -14,8 +14,8 @@ import pytest_asyncio
 kopf = pytest.importorskip("kopf")
 kmock = pytest.importorskip("kmock")
 
-from tests.kmock_util import FakeController, free_port, write_kubeconfig  # noqa: E402
-from tests.test_operator_e2e import NS, Cluster, Operator, _cond, _declare_crds, _obj, _until  # noqa: E402
+from tests.kmock_util import SECRETS, FakeController, operator_world  # noqa: E402
+from tests.test_operator_e2e import NS, Cluster, Operator, _cond, _obj, _until  # noqa: E402
 
 FINALIZER = "tokenpool.dev/finalizer"
 
@@ -42,24 +42,9 @@ async def _gone(kube: Cluster, plural: str, name: str) -> bool:
 
 @pytest_asyncio.fixture()
 async def world(tmp_path, monkeypatch):
-    async with (kmock.KubernetesEmulator() as k8s, kmock.Server(k8s, port=free_port()),
-                kmock.RawHandler() as ctl, kmock.Server(ctl, port=free_port()) as ctl_srv):
-        _declare_crds(k8s)
-        k8s.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False)
-        k8s.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
-        k8s.resources["apps/v1/daemonsets"] = kmock.ResourceInfo(kind="DaemonSet", namespaced=True)
-        k8s.resources["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True)
-        fake = FakeController(ctl)
-        fake.engines.append({"id": "e0", "alive": True, "draining": False, "models": []})
-        monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(k8s, tmp_path / "kubeconfig", NS)))
-        monkeypatch.setenv("TOKENPOOL_CONTROLLER_URL", str(ctl_srv.url))
-        monkeypatch.setenv("TOKENPOOL_ADMIN_TOKEN", "t")
-        monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
-        kube = Cluster(k8s)
-        for name, key in (("keys", "k"), ("tokenpool-join-token", "token")):
-            await kube.create("secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
-                                          "data": {key: base64.b64encode(b"tp-some-key").decode()}})
-        yield kube, fake
+    # (FakeController read here, when the fixture runs: tests/test_k8s52_admin_token.py puts another in its place)
+    async with operator_world(tmp_path, monkeypatch, controller=FakeController, secrets=SECRETS) as w:
+        yield w.kube, w.fake
 
 
 @pytest.mark.asyncio

@@ -16,7 +16,7 @@ kmock = pytest.importorskip("kmock")
 kopf = pytest.importorskip("kopf")
 
 from controller.operator.admin import AdminClient  # noqa: E402
-from tests.kmock_util import FakeController, free_port, write_kubeconfig  # noqa: E402
+from tests.kmock_util import FakeController, operator_world  # noqa: E402
 
 NS = "tp"
 GV = "tokenpool.dev/v1alpha1"
@@ -36,15 +36,11 @@ async def _world(tmp_path):
     """(memo, emulator, fake controller): a memo as the operator's startup makes it, on both."""
     from controller.operator.kube import Kube
 
-    async with (kmock.KubernetesEmulator() as k8s, kmock.Server(k8s, port=free_port()),
-                kmock.RawHandler() as ctl, kmock.Server(ctl, port=free_port()) as ctl_srv):
-        k8s.resources[f"{GV}/gpupools"] = kmock.ResourceInfo(kind="GPUPool", namespaced=True)
-        k8s.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
-        fake = FakeController(ctl)
-        kube = await asyncio.to_thread(Kube, str(write_kubeconfig(k8s, tmp_path / "kubeconfig", NS)))
-        memo = kopf.Memo(kube=kube, admin=AdminClient(str(ctl_srv.url), "t"), applied={}, served={}, locks={})
+    async with operator_world(tmp_path, kinds=("secrets",), engine=False) as w:
+        kube = await asyncio.to_thread(Kube, str(w.kubeconfig))
+        memo = kopf.Memo(kube=kube, admin=AdminClient(w.controller_url, "t"), applied={}, served={}, locks={})
         memo.locks_guard = threading.Lock()
-        yield memo, k8s, fake
+        yield memo, w.k8s, w.fake
 
 
 async def _create(k8s, path: str, body: dict) -> None:

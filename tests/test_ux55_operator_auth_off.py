@@ -23,8 +23,8 @@ from controller.app import build_app  # noqa: E402
 from controller.config import ServerConfig  # noqa: E402
 from controller.keys import hash_key, new_key  # noqa: E402
 from load_tests.live_server import LiveServer  # noqa: E402
-from tests.kmock_util import free_port, write_kubeconfig  # noqa: E402
-from tests.test_operator_e2e import NS, Cluster, Operator, _cond, _declare_crds, _obj, _until  # noqa: E402
+from tests.kmock_util import operator_world  # noqa: E402
+from tests.test_operator_e2e import NS, Operator, _cond, _obj, _until  # noqa: E402
 
 ADMIN = "admin-ux55-auth-off"
 
@@ -48,16 +48,9 @@ async def test_a_tenant_on_a_controller_without_authentication_is_degraded(tmp_p
            "models": [{"name": "pace-m", "path": None, "engine": {"kind": "pace"}}]}
     srv = await asyncio.to_thread(LiveServer(cfg, tmp_path / "srv").__enter__)
     try:
-        async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s, port=free_port(skip=(srv.port,))):
-            _declare_crds(k8s)
-            k8s.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False)
-            k8s.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
-            k8s.resources["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True)
-            monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(k8s, tmp_path / "kubeconfig", NS)))
-            monkeypatch.setenv("TOKENPOOL_CONTROLLER_URL", srv.url)
-            monkeypatch.setenv("TOKENPOOL_ADMIN_TOKEN", ADMIN)
-            monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
-            kube = Cluster(k8s)
+        async with operator_world(tmp_path, monkeypatch, kinds=("namespaces", "secrets", "events"), controller=None,
+                                  controller_url=srv.url, admin_token=ADMIN, skip_ports=(srv.port,)) as w:
+            kube = w.kube
             await kube.create("secrets", {"apiVersion": "v1", "kind": "Secret",
                                           "metadata": {"name": "keys", "namespace": NS},
                                           "data": {"k": base64.b64encode(new_key().encode()).decode()}})

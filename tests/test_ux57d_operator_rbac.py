@@ -6,7 +6,6 @@ shows there. And the Role grants nothing the operator never calls."""
 from __future__ import annotations
 
 import asyncio
-import base64
 
 import pytest
 import pytest_asyncio
@@ -14,41 +13,20 @@ import pytest_asyncio
 kopf = pytest.importorskip("kopf")
 kmock = pytest.importorskip("kmock")
 
-from tests import ports  # noqa: E402
-from tests.kmock_util import FakeController, write_kubeconfig  # noqa: E402
+from tests.kmock_util import OPERATOR_KINDS, SECRETS, operator_world  # noqa: E402
 from tests.test_manifests import _by_kind  # noqa: E402
-from tests.test_operator_e2e import NS, Cluster, Operator, _declare_crds, _until  # noqa: E402
+from tests.test_operator_e2e import NS, Operator, _until  # noqa: E402
 from tests.test_operator_lifecycle import _gone, _reason  # noqa: E402
 from tests.test_operator_uninstall import _ready  # noqa: E402
 
 PORTS = range(18800, 18850)
 
 
-def free_port(skip: tuple[int, ...] = ()) -> int:
-    return ports.free_port(PORTS, skip)
-
-
 @pytest_asyncio.fixture()
 async def world(tmp_path, monkeypatch):
-    port = free_port()
-    async with (kmock.KubernetesEmulator() as k8s, kmock.Server(k8s, port=port),
-                kmock.RawHandler() as ctl, kmock.Server(ctl, port=free_port(skip=(port,))) as ctl_srv):
-        _declare_crds(k8s)
-        for key, kind, namespaced in (("v1/namespaces", "Namespace", False), ("v1/secrets", "Secret", True),
-                                      ("apps/v1/daemonsets", "DaemonSet", True), ("v1/events", "Event", True),
-                                      ("v1/pods", "Pod", True)):
-            k8s.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=namespaced)
-        fake = FakeController(ctl)
-        fake.engines.append({"id": "e0", "alive": True, "draining": False, "models": []})
-        monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(k8s, tmp_path / "kubeconfig", NS)))
-        monkeypatch.setenv("TOKENPOOL_CONTROLLER_URL", str(ctl_srv.url))
-        monkeypatch.setenv("TOKENPOOL_ADMIN_TOKEN", "t")
-        kube = Cluster(k8s)
-        for name, key in (("keys", "k"), ("tokenpool-join-token", "token")):
-            await kube.create("secrets", {"apiVersion": "v1", "kind": "Secret",
-                                          "metadata": {"name": name, "namespace": NS},
-                                          "data": {key: base64.b64encode(b"tp-some-key").decode()}})
-        yield kube, fake
+    async with operator_world(tmp_path, monkeypatch, port_range=PORTS, kinds=(*OPERATOR_KINDS, "pods"),
+                              resync_s=None, secrets=SECRETS) as w:
+        yield w.kube, w.fake
 
 
 # The operator's two clients: kopf's (aiohttp) and the official client's (controller/operator/kube.py).

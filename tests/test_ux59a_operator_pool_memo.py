@@ -5,18 +5,15 @@ kopf in-process, as tests/test_operator_lifecycle.py."""
 
 from __future__ import annotations
 
-import base64
-
 import pytest
 import pytest_asyncio
 
 kopf = pytest.importorskip("kopf")
 kmock = pytest.importorskip("kmock")
 
-from tests.kmock_util import FakeController, write_kubeconfig  # noqa: E402
+from tests.kmock_util import operator_world  # noqa: E402
 from tests.operator_memo import KEPT, MemoReader  # noqa: E402
-from tests.ports import free_port  # noqa: E402
-from tests.test_operator_e2e import NS, Cluster, Operator, _declare_crds, _obj, _until  # noqa: E402
+from tests.test_operator_e2e import Operator, _obj, _until  # noqa: E402
 from tests.test_operator_lifecycle import _gone, _reason  # noqa: E402
 
 PORTS = range(25120, 25140)
@@ -24,25 +21,12 @@ PORTS = range(25120, 25140)
 
 @pytest_asyncio.fixture
 async def world(tmp_path, monkeypatch):
-    async with (kmock.KubernetesEmulator() as k8s, kmock.Server(k8s, port=free_port(PORTS)),
-                kmock.RawHandler() as ctl, kmock.Server(ctl, port=free_port(PORTS)) as ctl_srv):
-        _declare_crds(k8s)
-        for res, kind, namespaced in (("v1/namespaces", "Namespace", False), ("v1/secrets", "Secret", True),
-                                      ("apps/v1/daemonsets", "DaemonSet", True), ("v1/events", "Event", True)):
-            k8s.resources[res] = kmock.ResourceInfo(kind=kind, namespaced=namespaced)
-        fake = FakeController(ctl)
-        fake.engines.append({"id": "e0", "alive": True, "draining": False, "models": []})
+    async with operator_world(tmp_path, monkeypatch, port_range=PORTS,
+                              secrets={"tokenpool-join-token": ("token", b"tp-x")}) as w:
         # (its /health: the restart check notes the instance and the engine count per pool)
-        ctl["get /health"] << (lambda req: kmock.Response(status=200, payload={
+        w.fake.handler["get /health"] << (lambda req: kmock.Response(status=200, payload={
             "status": "ok", "engines": 1, "models": 0, "instance": "first"}))
-        monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(k8s, tmp_path / "kubeconfig", NS)))
-        monkeypatch.setenv("TOKENPOOL_CONTROLLER_URL", str(ctl_srv.url))
-        monkeypatch.setenv("TOKENPOOL_ADMIN_TOKEN", "t")
-        monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
-        kube = Cluster(k8s)
-        await kube.create("secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {
-            "name": "tokenpool-join-token", "namespace": NS}, "data": {"token": base64.b64encode(b"tp-x").decode()}})
-        yield kube, fake
+        yield w.kube, w.fake
 
 
 @pytest.mark.asyncio

@@ -5,7 +5,6 @@ Ready and serving nothing), and a PooledModel applied before its GPUPool is serv
 
 from __future__ import annotations
 
-import base64
 import copy
 import time
 
@@ -16,10 +15,9 @@ kopf = pytest.importorskip("kopf")
 kmock = pytest.importorskip("kmock")
 
 from controller.operator import builders as b  # noqa: E402
-from tests import ports  # noqa: E402
-from tests.kmock_util import FakeController, write_kubeconfig  # noqa: E402
+from tests.kmock_util import OPERATOR_KINDS, operator_world  # noqa: E402
 from tests.test_manifests import _apply_defaults, _cel_refusals, _crd_schema, _validate_cr  # noqa: E402
-from tests.test_operator_e2e import NS, Cluster, Operator, _declare_crds, _obj, _until  # noqa: E402
+from tests.test_operator_e2e import Operator, _obj, _until  # noqa: E402
 from tests.test_operator_lifecycle import _reason  # noqa: E402
 
 PORTS = range(26800, 26900)
@@ -89,23 +87,9 @@ def test_a_kv_region_that_leaves_no_room_for_weights_is_refused_when_applied(spe
 @pytest_asyncio.fixture()
 async def world(tmp_path, monkeypatch):
     """kmock's Kubernetes emulator and a fake controller (tests/kmock_util.py) on this file's ports."""
-    port = ports.free_port(PORTS)
-    async with (kmock.KubernetesEmulator() as k8s, kmock.Server(k8s, port=port),
-                kmock.RawHandler() as ctl, kmock.Server(ctl, port=ports.free_port(PORTS, (port,))) as ctl_srv):
-        _declare_crds(k8s)
-        for key, kind, namespaced in (("v1/namespaces", "Namespace", False), ("v1/secrets", "Secret", True),
-                                      ("apps/v1/daemonsets", "DaemonSet", True), ("v1/events", "Event", True),
-                                      ("v1/pods", "Pod", True)):
-            k8s.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=namespaced)
-        fake = FakeController(ctl)
-        fake.engines.append({"id": "e0", "alive": True, "draining": False, "models": []})
-        monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(k8s, tmp_path / "kubeconfig", NS)))
-        monkeypatch.setenv("TOKENPOOL_CONTROLLER_URL", str(ctl_srv.url))
-        monkeypatch.setenv("TOKENPOOL_ADMIN_TOKEN", "t")
-        kube = Cluster(k8s)
-        await kube.create("secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {
-            "name": "tokenpool-join-token", "namespace": NS}, "data": {"token": base64.b64encode(b"j").decode()}})
-        yield kube, fake
+    async with operator_world(tmp_path, monkeypatch, port_range=PORTS, kinds=(*OPERATOR_KINDS, "pods"),
+                              resync_s=None, secrets={"tokenpool-join-token": ("token", b"j")}) as w:
+        yield w.kube, w.fake
 
 
 @pytest.mark.asyncio

@@ -112,7 +112,8 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     # Warning events: a resource turning Degraded (_write_status) and kopf's own warnings and errors (a handler that
-    # failed); kopf posts none of its log messages unless told to.
+    # failed); kopf posts none of its log messages unless told to. (A resource turning Ready is a Normal event, which
+    # _write_status posts itself: this level keeps kopf's own INFO lines, a handler's every success, off the objects.)
     settings.posting.level = logging.WARNING
     settings.posting.loggers = True
     for f in (_unposted_retries, _quiet_rounds):
@@ -283,8 +284,8 @@ def _mark_deleted(uid: str) -> None:
 
 def _forget(memo: kopf.Memo, uid: str) -> None:
     """Drop what this process keeps of an object that is gone (its lock too: the caller may hold it, and a round
-    that waits on it holds its own reference), and its Warning's memory (`_WARNED`). They were kept for ever: a
-    small leak per object deleted, GPUPools' for good (they have no delete handler)."""
+    that waits on it holds its own reference), and its events' memory (`_WARNED`, `_TOLD_READY`). They were kept
+    for ever: a small leak per object deleted, GPUPools' for good (they have no delete handler)."""
     with memo.locks_guard:
         for table in _PER_OBJECT:
             t = memo.get(table)
@@ -292,6 +293,7 @@ def _forget(memo: kopf.Memo, uid: str) -> None:
                 t.pop(uid, None)
     with _WARNED_LOCK:
         _WARNED.pop(uid, None)
+        _TOLD_READY.discard(uid)
 
 
 def _stale(memo: kopf.Memo, meta: dict) -> bool:
@@ -310,14 +312,14 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _admin_failed(body: Any, patch, status, gen, e: Exception) -> None:
+def _admin_failed(body: Any, patch, status, gen, e: Exception, fields: dict | None = None) -> None:
     """The controller refused a change (Degraded, Rejected: the next change of the object tries again), refused the
     operator's admin token (Degraded, Unauthorized: the timer tries again) or could not be reached (Degraded,
-    ControllerUnavailable: raised for kopf to retry)."""
+    ControllerUnavailable: raised for kopf to retry). `fields`: what the round saw all the same (of the cluster)."""
     if isinstance(e, AdminUnavailable):
-        _write_status(body, patch, status, {}, "Degraded", "ControllerUnavailable", str(e), gen)
+        _write_status(body, patch, status, fields or {}, "Degraded", "ControllerUnavailable", str(e), gen)
         raise _unavailable(e) from e
-    _write_status(body, patch, status, {}, "Degraded", _refusal(e), str(e), gen)
+    _write_status(body, patch, status, fields or {}, "Degraded", _refusal(e), str(e), gen)
 
 
 def _refusal(e: Exception) -> str:
@@ -326,27 +328,51 @@ def _refusal(e: Exception) -> str:
 
 
 _WARNED: dict[str | None, str] = {}  # uid -> the reason of the Warning event posted for it while it stays Degraded
+_TOLD_READY: set[str | None] = set()  # uids whose last status written here was Ready (its Normal event posted)
 _WARNED_LOCK = threading.Lock()
+
+# What a round observes of the controller and the cluster, in the status of each kind (PooledModel, GPUPool, Tenant:
+# distinct names). A Degraded round that did not observe one clears it (null: removed): a model whose controller went
+# away still said `ready: true` on 2 replicas (the scale subresource's, which an HPA reads), a pool its old engine
+# count, a tenant its keys, as long as it stayed Degraded.
+OBSERVED = ("registered", "engines", "replicas", "ready", "attainment", "nodes", "gpus", "enginesReady", "keys")
 
 
 def _write_status(body: Any, patch: kopf.Patch, status: dict, fields: dict, state: str, reason: str, message: str,
                   generation: int | None) -> None:
     """Patch status only where it differs (a converged object gets no write). Turning Degraded (or Degraded for
     another reason) is also a Warning event on the object `body` (what `kubectl describe` shows), with the
-    condition's reason: once, not again while it stays so."""
+    condition's reason: once, not again while it stays so. Turning Ready (the first time, or back from Degraded or
+    Progressing) is a Normal event, once: not per round while it stays Ready, nor at an operator's restart (its
+    status said Ready already)."""
     was = next(((c.get("type"), c.get("reason")) for c in status.get("conditions") or [] if c.get("status") == "True"),
                None)
     uid = (body or {}).get("metadata", {}).get("uid")
     with _WARNED_LOCK:  # (and not again for a snapshot whose status lags: a timer's, a replayed event's)
         told = _WARNED.pop(uid, None)
-        if state == "Degraded" and not _deleted(uid):  # (a deleted pool's round: nothing kept of it)
-            _WARNED[uid] = reason
+        told_ready = uid in _TOLD_READY
+        _TOLD_READY.discard(uid)
+        if not _deleted(uid):  # (a deleted pool's round: nothing kept of it)
+            if state == "Degraded":
+                _WARNED[uid] = reason
+            elif state == "Ready":
+                _TOLD_READY.add(uid)
+    kind, name = (body or {}).get("kind", "?"), (body or {}).get("metadata", {}).get("name")
     if state == "Degraded" and was != (state, reason) and told != reason:
-        log.warning("%s/%s: %s: %s", (body or {}).get("kind", "?"), (body or {}).get("metadata", {}).get("name"),
-                    reason, message)
+        log.warning("%s/%s: %s: %s", kind, name, reason, message)
         if body is not None:
             with contextlib.suppress(LookupError):  # (LookupError: called outside kopf, as tests do)
                 kopf.warn(body, reason=reason, message=message)
+    # (Degraded here last: told, also where the snapshot's status lags and still says Ready)
+    if state == "Ready" and not told_ready and ((was or ("",))[0] != "Ready" or told is not None):
+        before = told or (was[1] if was and was[0] == "Degraded" else None)
+        said = f"{message} (no longer Degraded: {before})" if before else message
+        log.info("%s/%s: Ready: %s: %s", kind, name, reason, said)
+        if body is not None:  # (kopf.event: kopf.info posts nothing under `startup`'s posting level)
+            with contextlib.suppress(LookupError):
+                kopf.event(body, type="Normal", reason=reason, message=said)
+    if state == "Degraded":
+        fields = dict.fromkeys((k for k in OBSERVED if k in status), None) | fields
     new = dict(fields, conditions=b.build_conditions(state, reason, message, generation, status.get("conditions"),
                                                      _now()))
     if generation is not None:  # this generation was seen, also when it could not be applied (InvalidSpec...):
@@ -461,8 +487,9 @@ def reconcile_pool(name: str, namespace: str, spec: dict, status: dict, meta: di
                     f"Secret {tok['name']!r} has no key {tok['key']!r}" if tok["key"] not in token else None)
         try:
             engines = memo.admin.engines()
-        except (AdminError, AdminUnavailable) as e:
-            _admin_failed(body, patch, status, gen, e)
+        except (AdminError, AdminUnavailable) as e:  # (its nodes, of the DaemonSet, are seen all the same)
+            seen_nodes = b.build_pool_status([], current, dict(spec), gen)
+            _admin_failed(body, patch, status, gen, e, {k: seen_nodes[k] for k in ("nodes", "gpus")})
             return
         if seen is not None:
             _note(memo, "pool_engines_seen", meta["uid"], seen)
