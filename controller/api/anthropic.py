@@ -4,8 +4,9 @@ llama-swap also answer.
 
 A request's `system` (its text blocks as one, less Claude Code's billing block, as vLLM's), `messages` (a message's
 text blocks, and a tool_result's, a line apart, as vLLM's and the chat path's text parts; `tool_use` and
-`tool_result`: a failed call's, `is_error`, as its text after "Error: "; consecutive turns of a role as one, as
-Anthropic combines them), `max_tokens`,
+`tool_result`: a failed call's, `is_error`, as its text after "Error: "; each tool_use answered by a tool_result
+of its id in the next message, and each tool_result answering one of the message before, else a 400 as Anthropic's;
+consecutive turns of a role as one, as Anthropic combines them), `max_tokens`,
 `stop_sequences`, sampling fields, `tools` (name, description, input_schema) and `tool_choice` become the chat
 completion they mean; it is validated, templated, admitted and generated as that one would be. The reply is a
 Message: `text` or `tool_use` content blocks (none for a reply of no text; calls max_tokens cut short are the
@@ -200,14 +201,15 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if req.system is not None:
         out.append({"role": "system", "content": _text(req.system, "system", "")})
-    asked: set[str] = set()  # the ids of the previous message's tool_use blocks: what a tool_result may answer
+    asked: dict[str, None] = {}  # the ids of the previous message's tool_use blocks: what a tool_result may answer
     for i, m in enumerate(req.messages):
         where = f"messages.{i}.content"
-        answerable, asked = asked, set()
+        answerable, asked = asked, {}
         if not m.content and not (m.role == "assistant" and i == len(req.messages) - 1):  # ("" or [], as Anthropic)
             raise _bad(f"messages.{i}: all messages must have non-empty content except for the optional final "
                        "assistant message", where)
         if isinstance(m.content, str):
+            _all_answered(answerable, m, i)
             out.append({"role": m.role, "content": m.content})
             continue
         texts, calls = [], []
@@ -227,7 +229,7 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
                 _check_call(b, f"{where}.{j}")
                 calls.append({"id": b["id"], "type": "function", "function": {
                     "name": b["name"], "arguments": json.dumps(b["input"])}})
-                asked.add(b["id"])
+                asked[b["id"]] = None
             elif kind == "tool_result" and m.role == "user":
                 if not isinstance(b.get("tool_use_id"), str) or not b["tool_use_id"]:
                     raise _bad(f"{where}.{j}.tool_result.tool_use_id: Field required (the id of the tool_use "
@@ -246,11 +248,26 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
                 raise _bad(f"{where}: {kind} blocks are not supported: the served models take text", where)
             else:
                 raise _bad(f"{where}: a block of type {kind!r} is not supported here", where)
+        _all_answered(answerable, m, i)  # (after its blocks: a tool_result of no such call is named first)
         if calls:
             out.append({"role": "assistant", "content": p.PARTS_SEP.join(texts) or None, "tool_calls": calls})
         elif texts or m.role == "assistant":
             out.append({"role": m.role, "content": p.PARTS_SEP.join(texts)})
     return _one_turn_a_role(out)
+
+
+def _all_answered(asked: dict[str, None], m: p.AnthropicMessage, i: int) -> None:
+    """A 400 where message `i`, the one after tool_use blocks (`asked`, their ids in order), lacks a tool_result of
+    each, as Anthropic's (in any order; a tool_result of an earlier turn is `_messages`' own 400): the template
+    rendered calls never answered, and the model read on as if it had the results."""
+    if not asked:
+        return
+    got = {b.get("tool_use_id") for b in m.content if isinstance(b, dict) and b.get("type") == "tool_result"} \
+        if isinstance(m.content, list) and m.role == "user" else set()
+    if missing := [t for t in asked if t not in got]:
+        raise _bad(f"messages.{i - 1}: `tool_use` ids were found without `tool_result` blocks immediately after: "
+                   f"{', '.join(missing)}. Each `tool_use` block must have a corresponding `tool_result` block in the "
+                   "next message.", f"messages.{i - 1}.content")
 
 
 def _one_turn_a_role(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:

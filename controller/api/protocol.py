@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
@@ -259,7 +260,7 @@ class MessagesRequest(_Top):
     stop_sequences: Annotated[list[StopStr], Field(max_length=MAX_STOP)] | None = None
     temperature: float | None = Field(None, ge=0, le=1)  # (Anthropic's range, not OpenAI's 0-2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1, le=1 << 20)
+    top_k: int | None = Field(None, ge=0, le=1 << 20)  # (Anthropic's range: no -1, which the chat path reads as off)
     stream: bool = False
     tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None
     tool_choice: dict[str, Any] | None = None
@@ -386,15 +387,20 @@ class TokenizeRequest(_Top, _ChatTemplate):
 
     model: ModelName
     prompt: str | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)] | None = None
+    # (validated when left out too: `_one_input` names it, where a check of the whole model named no field)
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)] | None = Field(
+        None, validate_default=True)
     add_special_tokens: bool = True  # (vLLM's, for a prompt) inside the special tokens its tokenizer adds
     return_token_strs: bool = False  # (vLLM's) each token's piece too (`token_strs`), as the tokenizer writes it
 
-    @model_validator(mode="after")
-    def _one_input(self) -> TokenizeRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise PydanticCustomError("one_input", "send either prompt or messages")
-        return self
+    @field_validator("messages")
+    @classmethod
+    def _one_input(cls, v: Any, info: ValidationInfo) -> Any:
+        """One of prompt and messages: the error names `messages` (its param, which was null), the field to drop
+        where both came."""
+        if (info.data.get("prompt") is None) == (v is None):
+            raise PydanticCustomError("one_input", "send either prompt or messages" + (", not both" if v else ""))
+        return v
 
 
 class DetokenizeRequest(_Top):

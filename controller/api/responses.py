@@ -1,7 +1,8 @@
 """OpenAI's Responses API over the chat path: `POST /v1/responses`, `GET` and `DELETE /v1/responses/{id}`.
 
-A request's input (a string, or items: messages with text parts, `function_call` and `function_call_output`) and
-its `instructions` become chat messages; tools, `tool_choice` and `text.format` become the chat request's tools and
+A request's input (a string, or items: messages with text parts, `function_call` and `function_call_output`, each
+call answered by an output of its call_id and each output by a call, else a 400 as OpenAI's) and its `instructions`
+become chat messages; tools, `tool_choice` and `text.format` become the chat request's tools and
 response_format; it is validated, templated, admitted and generated as that chat completion would be. The reply is
 a Response object: one `message` item of `output_text`, or `function_call` items; status `incomplete` when
 max_output_tokens cut it (a call being written is an `incomplete` function_call item, its arguments so far). A model
@@ -37,7 +38,7 @@ from starlette.requests import Request
 
 from controller.api import protocol as p
 from controller.api.serving import ClientGone, OpenAIServing, Tracked
-from controller.api.structured import CallStream, ToolPlan
+from controller.api.structured import CallStream, ToolPlan, response_schema
 from controller.api.thinking import Split, opened, thinks
 from controller.errors import ServingError
 from controller.tenants import Tenant
@@ -206,6 +207,7 @@ def chat_request(req: p.ResponsesRequest, history: list[dict[str, Any]]) -> tupl
         raise _bad("stored prompt templates are not supported: send input and instructions", "prompt")
     conversation = [*history, *input_messages(req.input)]
     _answered_calls(req.input, history)
+    _calls_answered(req.input, history)
     return _chat(req, conversation), conversation
 
 
@@ -222,6 +224,23 @@ def _answered_calls(raw: str | list[dict[str, Any]], history: list[dict[str, Any
             raise _bad(f"input[{i}]: no tool call found for function call output with call_id "
                        f"{item.get('call_id')!r}: no function_call in the input, or in the previous_response_id "
                        "chain, has it", f"input[{i}].call_id")
+
+
+def _calls_answered(raw: str | list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
+    """A 400 for a function_call (in the input, or the previous_response_id chain's last calls) that no
+    function_call_output answers, as OpenAI's ("No tool output found for function call ..."), in any order: it was
+    taken, and the model read on from a call with no result, as if it had one."""
+    done = {m.get("tool_call_id") for m in history if m.get("role") == "tool"}
+    items = [] if isinstance(raw, str) else raw
+    done |= {item.get("call_id") for item in items if item.get("type") == "function_call_output"}
+    for c in (c for m in history for c in m.get("tool_calls") or ()):
+        if c.get("id") not in done:
+            raise _bad(f"input: no tool output found for function call {c.get('id')!r}: the previous_response_id "
+                       "response's call has no function_call_output in the input", "input")
+    for i, item in enumerate(items):
+        if item.get("type") == "function_call" and item.get("call_id") not in done:
+            raise _bad(f"input[{i}]: no tool output found for function call {item.get('call_id')!r}: no "
+                       "function_call_output in the input has its call_id", f"input[{i}].call_id")
 
 
 def _chat(req: p.ResponsesRequest, conversation: list[dict[str, Any]]) -> p.ChatCompletionRequest:
@@ -342,6 +361,11 @@ class _Reply:
         if self.me is None:
             return []
         lps = [lp.model_dump() for lp in self.serving._chat_logprobs(self.me, d, self.req.top_logprobs or 0)]
+        if d.finished and d.finish_reason == "stop" and not isinstance(d.stop_reason, str):
+            # (the token that ended the reply, EOS or a stop token id, is no part of the output text, as the
+            # detokenizer leaves it out: its logprob was the text's last, "<|im_end|>", where the stream, whose
+            # last delta carries no text, sent none)
+            lps = lps[:-1]
         if held:
             self._held += lps
             return []
@@ -461,8 +485,9 @@ async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesR
     # a model whose template thinks (Qwen3's): the reply's <think> block (or the one the prompt opened) is a
     # reasoning item, and the calls after it are read as function_call items; it was the output text's start, and
     # a call after it text (Codex CLI ran no tool). Not where the output is held to a shape from its first token
-    # (a call forced, text.format): no block begins it
-    held = chat.response_format is not None or tools is not None and not tools.hermes
+    # (a call forced, text.format of a schema): no block begins it. text.format "text" (clients send it for plain
+    # text) holds nothing: the think block and the calls after it were the output text there
+    held = response_schema(chat.response_format) is not None or tools is not None and not tools.hermes
     split = Split(opened(me, getattr(gen, "prompt_tail", None))) if thinks(me) and not held else None
     reply = _Reply(serving, req, rid, tools, {"temperature": ran.temperature, "top_p": ran.top_p}, split)
 

@@ -323,13 +323,32 @@ def _calls_finish(tools: ToolPlan) -> str:
     return "stop" if tools.named else "tool_calls"
 
 
+def _calls_answered(msgs: list[p.ChatMessage]) -> None:
+    """A 400 where an assistant message's tool calls are not each answered by the tool messages right after it (in
+    any order), as OpenAI's: the template rendered calls with no result, and the model read on as if it had them
+    (vLLM takes it unsaid). An assistant message that ends the conversation is left alone (the reply continues it:
+    continue_final_message), as is a call with no id (none to answer)."""
+    for i, m in enumerate(msgs[:-1]):
+        ids = [c["id"] for c in m.tool_calls or () if isinstance(c.get("id"), str)] if m.role == "assistant" else []
+        got: set[str | None] = set()
+        for after in msgs[i + 1:]:
+            if after.role != "tool":
+                break
+            got.add(after.tool_call_id)
+        if missing := [t for t in ids if t not in got]:
+            raise ServingError(400, "An assistant message with 'tool_calls' must be followed by tool messages "
+                               "responding to each 'tool_call_id'. The following tool_call_ids did not have response "
+                               f"messages: {', '.join(missing)}", param=f"messages.{i}.tool_calls")
+
+
 def _thinks_first(me: ModelEntry, gen: Tracked, req: p.ChatCompletionRequest, tools: ToolPlan | None) -> bool | None:
     """Where a chat reply's calls may come after a think block (hermes "auto", a model whose template thinks, as
-    Qwen3's; no response_format, which holds the text to its shape): whether the prompt opened the block
+    Qwen3's; no response_format of a schema, which holds the text to its shape): whether the prompt opened the block
     (`thinking.opened`: the reply starts inside it); None elsewhere. The reply's start (`<think>`) made it text, and
     the <tool_call> after the block text with it, no `tool_calls`: vLLM's hermes parser reads the calls wherever
-    they begin, the text before the first (the think block, no reasoning parser) the content."""
-    if tools is None or not tools.hermes or req.response_format is not None or not thinks(me):
+    they begin, the text before the first (the think block, no reasoning parser) the content. A response_format of
+    type "text" (as clients send for plain text) shapes nothing: the calls after the block were left as text there."""
+    if tools is None or not tools.hermes or response_schema(req.response_format) is not None or not thinks(me):
         return None
     return opened(me, getattr(gen, "prompt_tail", None))
 
@@ -760,6 +779,7 @@ class OpenAIServing:
             if m.role == "tool" and not m.tool_call_id:
                 raise ServingError(400, "a tool message needs tool_call_id, the id of the call it answers",
                                    param=f"messages.{i}.tool_call_id")
+        _calls_answered(req.messages)
         if req.echo and req.tools and req.tool_choice != "none":
             raise ServingError(400, "echo is not supported with tools", param="echo")
         rid = self.ctl.new_id("chatcmpl")
