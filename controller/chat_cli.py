@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+from controller.ollama_names import LATEST, pick
 from controller.ps import not_found, read_json, server_error
 
 # A route the server does not have, as its error JSON says it (Starlette's words): not a model's or a key's refusal
@@ -87,7 +88,7 @@ def not_served(url: str, key: str | None, model: str) -> str | None:
         names = [m["id"] for m in models(url, key)]
     except ChatError:
         return None
-    if model in names or model.removesuffix(LATEST) in names:
+    if pick(model, names.__contains__, lambda: names) is not None:
         return None
     return not_found(model, names)
 
@@ -111,28 +112,22 @@ def check_model(url: str, key: str | None, model: str) -> None:
         pass
 
 
-LATEST = ":latest"
-
-
 def resolve(url: str, key: str | None, model: str) -> str:
-    """`model` as the server names it: as Ollama names models, `NAME:latest` is NAME where the server has no model
-    of the whole name (its Ollama API takes either; `ollama run` users type both)."""
-    if not model.endswith(LATEST):
-        return model
+    """`model` as the server names it, read as its Ollama API reads a name (`ollama_names.pick`: `NAME:latest`,
+    `library/NAME`, `Name` for `name`), so that `run`, `show` and `pull` take what `ollama run` would of this server
+    where the OpenAI API they ask is exact (it said "not found" for `TINY`): among the names the key may use, as the
+    server's; as typed where none is meant or the list cannot be read (the request's own error says what is
+    wrong)."""
     try:
-        check_model(url, key, model)
+        names = [m["id"] for m in models(url, key)]
+    except ChatError:
         return model
-    except ChatError as e:
-        try:
-            check_model(url, key, model.removesuffix(LATEST))
-        except ChatError:
-            raise e from None
-        return model.removesuffix(LATEST)
+    return pick(model, names.__contains__, lambda: names) or model
 
 
 def show(url: str, key: str | None, model: str) -> dict[str, Any]:
-    """`tokenpool show MODEL` (as `ollama show`): the server's Ollama /api/show answer for `model` (NAME:latest as
-    `resolve` reads it); an unknown model is said as `run` says it (`said_if_not_served`)."""
+    """`tokenpool show MODEL` (as `ollama show`): the server's Ollama /api/show answer for `model` (as `resolve`
+    reads it); an unknown model is said as `run` says it (`said_if_not_served`)."""
     with said_if_not_served(url, key, model):
         model = resolve(url, key, model)
         check_model(url, key, model)

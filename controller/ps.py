@@ -13,6 +13,8 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from controller.ollama_names import pick
+
 
 class PsError(RuntimeError):
     pass
@@ -207,8 +209,8 @@ def stop(url: str, token: str | None, model: str) -> str:
     MODEL may be an alias, as `tokenpool run` takes it (the admin API names a model by its own name)."""
     served = _listed(url, "/admin/models", token, "name")
     names = {n: m["name"] for m in served for n in (m["name"], *(m.get("aliases") or []))}
-    # (as Ollama names models, NAME:latest is NAME where no model has the whole name)
-    name = names.get(model) or names.get(model.removesuffix(":latest"))
+    # (read as the server's Ollama API reads a name, as `ollama stop` takes it: NAME:latest, library/NAME, Name)
+    name = names.get(pick(model, names.__contains__, lambda: names) or "")
     if name is None:  # (as `tokenpool run` and `show` say it; the served models beside it)
         raise PsError(not_found(model, [m["name"] for m in served]))
     path = f"/admin/models/{urllib.parse.quote(name, safe='')}/evict"

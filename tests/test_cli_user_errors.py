@@ -250,16 +250,18 @@ def test_ollamas_latest_tag_names_the_model(monkeypatch):
 
     from controller import chat_cli, ps
 
-    def check(url, key, model):
-        if model != "m":
-            raise chat_cli.ChatError(f"The model `{model}` does not exist.")
+    def turn(url, key, body, out, stats=None):
+        if body["model"] != "m":  # (the server's OpenAI API: exact names)
+            raise chat_cli.ChatError(f"The model `{body['model']}` does not exist.", 404)
+        sent.append(body["model"])
+        return "ok"
 
     sent = []
-    monkeypatch.setattr(chat_cli, "check_model", check)
-    monkeypatch.setattr(chat_cli, "turn", lambda url, key, body, out, stats=None: sent.append(body["model"]) or "ok")
+    monkeypatch.setattr(chat_cli, "models", lambda url, key: [{"id": "m"}])  # (the names the key may use)
+    monkeypatch.setattr(chat_cli, "turn", turn)
     chat_cli.run("http://h", None, "m:latest", "hi", None, {}, io.StringIO(""), io.StringIO())
     assert sent == ["m"]
-    with pytest.raises(chat_cli.ChatError, match="The model `x:latest` does not exist"):
+    with pytest.raises(chat_cli.ChatError, match='model "x:latest" not found; served: m'):
         chat_cli.run("http://h", None, "x:latest", "hi", None, {}, io.StringIO(""), io.StringIO())
     asked = []
     monkeypatch.setattr(ps, "fetch", lambda url, path, token, method="GET": asked.append(path) or (

@@ -59,6 +59,8 @@ from controller.api.thinking import switch as _switch
 from controller.api.thinking import thinks as _thinks
 from controller.dashboard.views import resident_models
 from controller.errors import ServingError, field_path, json_kind, telling_error
+from controller.ollama_names import LATEST
+from controller.ollama_names import pick as _pick
 from controller.real_model import MARKER as GGUF_MARKER
 from token_scheduler.request import SamplingParams
 from tokenpool.models import gguf_file_type, safetensors_tensors
@@ -248,33 +250,30 @@ def _error(status: int, message: str, e: ServingError | None = None) -> JSONResp
     return JSONResponse({"error": message}, status_code=status, headers=e.headers() if e is not None else None)
 
 
-LATEST = ":latest"
-_FOLD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")  # (Ollama's: ASCII letters only)
-
-
 def served(request: Request, tenant: Any, name: Any) -> Any:
-    """The served name an Ollama model name means, for `tenant`. Ollama names every model with a tag, `:latest` when
-    none is given (`smollm2` and `smollm2:latest` are one model there, and clients and scripts send either); served
-    names have none here, so `:latest` is dropped unless a model answers to the whole name. And Ollama's names are
-    matched ignoring the case of their ASCII letters (`Llama3` finds `llama3`: its model.Name compares with
-    EqualFold and its server looks a name up among the manifests so), where a served name is exact (the OpenAI
-    routes keep that, as vLLM's do). The rule: the name as sent where a model answers to it, else without
-    `:latest`, else the one name the tenant may use that equals it (then it without the tag) ignoring case; two
-    such names, differing only in case, and none exact: neither (the 404, each still found by its exact name).
-    Replies still echo the name as sent."""
+    """The served name an Ollama model name means, for `tenant` (`ollama_names.pick`: the CLI's `run`, `show`,
+    `stop` and `pull` read a name so too). Ollama names every model with a tag, `:latest` when none is given
+    (`smollm2` and `smollm2:latest` are one model there, and clients and scripts send either); served names have
+    none here, so `:latest` is dropped unless a model answers to the whole name. Its names may carry its own
+    registry's host and namespace (`library/smollm2`, `registry.ollama.ai/library/smollm2`: the name in full, as its
+    manifests are kept), dropped so too; another host or namespace is another model. And they are matched ignoring
+    the case of their ASCII letters (`Llama3` finds `llama3`: its model.Name compares with EqualFold and its server
+    looks a name up among the manifests so), where a served name is exact (the OpenAI routes keep that, as vLLM's
+    do): the one name the tenant may use that equals it ignoring case; two such names, differing only in case, and
+    none exact: neither (the 404, each still found by its exact name). Replies still echo the name as sent."""
     if not isinstance(name, str) or not name:
         return name
     ctl = request.app.state.controller
-    bare = name[:-len(LATEST)] if name.translate(_FOLD).endswith(LATEST) else None
-    for want in (name, bare):
-        if want and ctl.resolve(want) is not None:
-            return want
-    usable = [n for me in ctl.models.values() for n in (me.spec.name, *me.spec.aliases, *me.spec.lora_names)
-              if tenant is not None and (tenant.may_use(me.spec.name) or tenant.may_use(n))]
-    for want in (name, bare):
-        if want and len(hits := {n for n in usable if n.translate(_FOLD) == want.translate(_FOLD)}) == 1:
-            return hits.pop()
-    return bare if bare is not None else name
+
+    def usable() -> list[str]:  # (only where no model answers to the name as written: most requests name one)
+        return [n for me in ctl.models.values() for n in (me.spec.name, *me.spec.aliases, *me.spec.lora_names)
+                if tenant is not None and (tenant.may_use(me.spec.name) or tenant.may_use(n))]
+
+    def known(n: str) -> bool:  # (as `lookup` finds it for the tenant: another's model is its 404, never a pick)
+        me = ctl.resolve(n)
+        return me is not None and tenant is not None and (tenant.may_use(me.spec.name) or tenant.may_use(n))
+
+    return _pick(name, known, usable) or name  # (none: the 404 to come)
 
 
 # the OpenAI request's fields that Ollama's options set, and the option each is (an error names the one sent)
@@ -402,12 +401,12 @@ def _think(me: Any, body: _Base) -> tuple[dict[str, Any], bool]:
     wants = think is not None and think is not False
     if wants and not _thinks(me):
         raise ServingError(400, f'"{body.model}" does not support thinking')
-    if think is None and _thinks(me) and body.format in (None, ""):
+    if think is None and _thinks(me):
         # not sent, to a model that thinks: on, as Ollama's chat and generate handlers default it for a model with
         # the thinking capability (its `thinking` apart; the reply's `<think>` block was left in the content, and
-        # one the template opened in the prompt left a stray `</think>` there). Not with a `format`: left as the
-        # template has it, the grammar holding the reply to the JSON from its first token (`think` sent with a
-        # format: the think block, then the JSON, `_format_after_thinking`)
+        # one the template opened in the prompt left a stray `</think>` there). With a `format` too, as Ollama's
+        # (its default does not look at the format): the think block, then the JSON (`_format_after_thinking`);
+        # it was left as the template has it, the grammar holding the reply to the JSON from its first token
         think, wants = True, True
     kwargs = {"enable_thinking": wants} if think is not None and _switch(me) else {}
     return kwargs, wants
