@@ -13,6 +13,10 @@ import yaml
 
 from tests import ports
 
+ROOT = Path(__file__).resolve().parent.parent
+NS = "tp"  # the namespace the operator's tests work in
+GV = "tokenpool.dev/v1alpha1"
+
 
 def write_kubeconfig(k8s, path: Path, namespace: str) -> Path:
     """A kubeconfig at `path` whose current context is the emulator `k8s`, in `namespace`."""
@@ -130,6 +134,50 @@ def forget_requests(handler, keep: int = 50) -> int:
     return n
 
 
+def declare_crds(k8s) -> None:
+    """Discovery info for kopf, taken from the CRDs in manifests/ (so kopf sees what a cluster would serve)."""
+    import kmock
+
+    for f in sorted((ROOT / "manifests" / "crds").glob("*.yaml")):
+        crd = yaml.safe_load(f.read_text())
+        if crd.get("kind") != "CustomResourceDefinition":
+            continue
+        n, v = crd["spec"]["names"], crd["spec"]["versions"][0]
+        k8s.resources[f"{crd['spec']['group']}/{v['name']}/{n['plural']}"] = kmock.ResourceInfo(
+            kind=n["kind"], singular=n["singular"], shortnames=set(n.get("shortNames", [])), namespaced=True,
+            verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+            subresources=set(v.get("subresources", {})))
+
+
+class Cluster:
+    """Plain HTTP against the emulator, the way kubectl would talk to an API server."""
+
+    def __init__(self, k8s) -> None:
+        self.k8s = k8s
+
+    def _path(self, plural: str, name: str | None = None) -> str:
+        base = f"/api/v1/namespaces/{NS}/{plural}" if plural in ("secrets",) else (
+            f"/apis/apps/v1/namespaces/{NS}/{plural}" if plural == "daemonsets" else f"/apis/{GV}/namespaces/{NS}/{plural}")
+        return base if name is None else f"{base}/{name}"
+
+    async def create(self, plural: str, body: dict) -> None:
+        r = await self.k8s.post(self._path(plural), json=body)
+        assert r.status < 300, await r.text()
+
+    async def get(self, plural: str, name: str) -> dict | None:
+        r = await self.k8s.get(self._path(plural, name))
+        return await r.json() if r.status == 200 else None
+
+    async def patch(self, plural: str, name: str, body: dict) -> None:
+        r = await self.k8s.patch(self._path(plural, name), json=body,
+                                 headers={"Content-Type": "application/merge-patch+json"})
+        assert r.status < 300, await r.text()
+
+    async def delete(self, plural: str, name: str) -> None:
+        r = await self.k8s.delete(self._path(plural, name))
+        assert r.status < 300, await r.text()
+
+
 # The built-in kinds an operator test may declare in the emulator (kmock serves only what it is told of): the path
 # kopf and the Kubernetes client use, the kind, whether namespaced.
 KINDS = {"namespaces": ("v1/namespaces", "Namespace", False), "secrets": ("v1/secrets", "Secret", True),
@@ -142,7 +190,7 @@ SECRETS = {"keys": ("k", b"tp-some-key"), "tokenpool-join-token": ("token", b"tp
 
 @dataclasses.dataclass
 class World:
-    """What `operator_world` made: the emulator (`k8s`), kubectl's view of it (`kube`, test_operator_e2e.Cluster),
+    """What `operator_world` made: the emulator (`k8s`), kubectl's view of it (`kube`, a Cluster),
     the fake controller (`fake`: None where the test runs a live one) and its URL, the kubeconfig."""
 
     k8s: Any
@@ -168,13 +216,11 @@ async def operator_world(tmp_path: Path, monkeypatch=None, *, port_range: range 
     operator tests' one setup (each file had its copy)."""
     import kmock
 
-    from tests.test_operator_e2e import NS, Cluster, _declare_crds
-
     async with contextlib.AsyncExitStack() as stack:
         k8s = await stack.enter_async_context(kmock.KubernetesEmulator())
         port = ports.free_port(port_range, skip_ports)
         await stack.enter_async_context(kmock.Server(k8s, port=port))
-        _declare_crds(k8s)
+        declare_crds(k8s)
         for kind in kinds:
             path, name, namespaced = KINDS[kind]
             k8s.resources[path] = kmock.ResourceInfo(kind=name, namespaced=namespaced)

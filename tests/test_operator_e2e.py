@@ -39,59 +39,15 @@ from kopf.testing import KopfRunner  # noqa: E402
 
 from controller.keys import hash_key, new_key  # noqa: E402
 from load_tests.live_server import LiveServer  # noqa: E402
-from tests.kmock_util import free_port, operator_world  # noqa: E402
+from tests.kmock_util import GV, NS, Cluster, free_port, operator_world  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-NS = "tp"
-GV = "tokenpool.dev/v1alpha1"
-
-
-def _declare_crds(k8s) -> None:
-    """Discovery info for kopf, taken from the CRDs in manifests/ (so kopf sees what a cluster would serve)."""
-    for f in sorted((ROOT / "manifests" / "crds").glob("*.yaml")):
-        crd = yaml.safe_load(f.read_text())
-        if crd.get("kind") != "CustomResourceDefinition":
-            continue
-        n, v = crd["spec"]["names"], crd["spec"]["versions"][0]
-        k8s.resources[f"{crd['spec']['group']}/{v['name']}/{n['plural']}"] = kmock.ResourceInfo(
-            kind=n["kind"], singular=n["singular"], shortnames=set(n.get("shortNames", [])), namespaced=True,
-            verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
-            subresources=set(v.get("subresources", {})))
 
 
 def _obj(kind: str, name: str, spec: dict) -> dict:
     return {"apiVersion": GV, "kind": kind, "spec": spec,
             "metadata": {"name": name, "namespace": NS, "uid": str(uuid.uuid4()), "generation": 1, "resourceVersion": "1",
                          "creationTimestamp": "2026-01-01T00:00:00Z"}}
-
-
-class Cluster:
-    """Plain HTTP against the emulator, the way kubectl would talk to an API server."""
-
-    def __init__(self, k8s) -> None:
-        self.k8s = k8s
-
-    def _path(self, plural: str, name: str | None = None) -> str:
-        base = f"/api/v1/namespaces/{NS}/{plural}" if plural in ("secrets",) else (
-            f"/apis/apps/v1/namespaces/{NS}/{plural}" if plural == "daemonsets" else f"/apis/{GV}/namespaces/{NS}/{plural}")
-        return base if name is None else f"{base}/{name}"
-
-    async def create(self, plural: str, body: dict) -> None:
-        r = await self.k8s.post(self._path(plural), json=body)
-        assert r.status < 300, await r.text()
-
-    async def get(self, plural: str, name: str) -> dict | None:
-        r = await self.k8s.get(self._path(plural, name))
-        return await r.json() if r.status == 200 else None
-
-    async def patch(self, plural: str, name: str, body: dict) -> None:
-        r = await self.k8s.patch(self._path(plural, name), json=body,
-                                 headers={"Content-Type": "application/merge-patch+json"})
-        assert r.status < 300, await r.text()
-
-    async def delete(self, plural: str, name: str) -> None:
-        r = await self.k8s.delete(self._path(plural, name))
-        assert r.status < 300, await r.text()
 
 
 def _cond(obj: dict | None, type_: str = "Ready") -> dict:
