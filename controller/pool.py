@@ -22,6 +22,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -711,6 +712,72 @@ def _is_loopback(host: str) -> bool:
 # A GPU driver's device node, which every process using its GPUs opens: NVIDIA's, ROCm's (torch.cuda counts its GPUs
 # too), WSL's (its CUDA goes through it)
 GPU_DRIVER_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+ROCM_NODE = "/dev/kfd"  # (NVML does not see AMD's GPUs: torch counts them)
+
+
+def _visible_count(var: str | None, n: int, uuids: Callable[[], list[str]]) -> int | None:
+    """How many of NVML's `n` GPUs CUDA shows a process under CUDA_VISIBLE_DEVICES=`var`, read as torch reads it
+    (torch.cuda._parse_visible_devices and _device_count_nvml): unset, all; empty, none; indices up to the first
+    that is not one (strtoul's reading: "1gpu" is 1) or is past the last GPU; UUIDs (GPU-..., a unique prefix of
+    one) up to the first that names none; a repeat, none. None for MIG instances (NVML's count is of whole GPUs:
+    torch then asks the CUDA runtime, and so do we)."""
+    if var is None:
+        return n
+    if var.startswith("MIG-"):
+        return None
+    if var.startswith("GPU-"):
+        names: list[str] = []
+        for e in var.split(","):
+            if e in names:
+                return 0
+            if not e.startswith("GPU-"):
+                break
+            names.append(e)
+        have, seen = uuids(), []
+        for e in names:
+            hits = [i for i, u in enumerate(have) if u.startswith(e)]
+            if len(hits) != 1:  # (none, or a prefix of two: ambiguous)
+                break
+            if hits[0] in seen:
+                return 0
+            seen.append(hits[0])
+        return len(seen)
+    listed: list[int] = []
+    for e in var.split(","):
+        lead = re.match(r"[+-]?\d+", e.strip())
+        i = int(lead.group()) if lead else -1
+        if i in listed:
+            return 0
+        if i < 0:
+            break
+        listed.append(i)
+    return next((k for k, i in enumerate(listed) if i >= n), len(listed))  # (up to the first past the last GPU)
+
+
+def _nvml_gpu_count() -> int | None:
+    """The GPUs torch.cuda would count here, through NVML (the driver's own library, a ctypes binding: no torch, no
+    CUDA context); None where it cannot say (no pynvml, no libnvidia-ml, a driver it fails on, MIG instances)."""
+    try:
+        import pynvml as nv
+    except ImportError:
+        return None
+    try:
+        nv.nvmlInit()
+    except Exception:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ...: torch may still know
+        return None
+    try:
+        n = nv.nvmlDeviceGetCount()
+
+        def uuids() -> list[str]:
+            out = [nv.nvmlDeviceGetUUID(nv.nvmlDeviceGetHandleByIndex(i)) for i in range(n)]
+            return [u.decode() if isinstance(u, bytes) else u for u in out]  # (older bindings answer bytes)
+
+        return _visible_count(env.CUDA_VISIBLE_DEVICES.get(), n, uuids)
+    except Exception:  # noqa: BLE001 - a query the driver fails: ask torch
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            nv.nvmlShutdown()
 
 
 def local_devices(spec: str | list[int]) -> list[str]:
@@ -723,14 +790,17 @@ def local_devices(spec: str | list[int]) -> list[str]:
         return [f"cuda:{i}" for i in spec]
     if not any(Path(d).exists() for d in GPU_DRIVER_NODES):
         return ["cpu"]  # (no GPU driver: torch would count none; not imported for it, ~3 s of a 2-core host's start)
-    from controller.hosting import import_torch
+    # NVIDIA's GPUs are counted through NVML: the controller needs no torch otherwise (~3 s of import for a count)
+    n = None if Path(ROCM_NODE).exists() else _nvml_gpu_count()
+    if n is None:
+        from controller.hosting import import_torch
 
-    try:
-        # (through hosting's lock: the controller's start-up asks on a thread, and torch imported by two threads at
-        # once is not safe)
-        n = import_torch().cuda.device_count()
-    except Exception:  # noqa: BLE001 - no torch / no driver: CPU
-        n = 0
+        try:
+            # (through hosting's lock: the controller's start-up asks on a thread, and torch imported by two threads
+            # at once is not safe)
+            n = import_torch().cuda.device_count()
+        except Exception:  # noqa: BLE001 - no torch / no driver: CPU
+            n = 0
     return [f"cuda:{i}" for i in range(n)] or ["cpu"]
 
 

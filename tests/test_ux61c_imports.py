@@ -62,9 +62,10 @@ def test_the_modules_import_no_torch():
 
 @pytest.mark.timeout(200)
 def test_local_devices_imports_torch_through_hosting():
-    # (a GPU driver's node taken to be here: without one, local_devices answers "cpu" without asking torch)
-    got = _race("from controller import pool\nfrom controller.pool import local_devices\npool.GPU_DRIVER_NODES = ('/',)",
-                "print(local_devices('auto'), file=sys.stderr)")
+    # (a GPU driver's node taken to be here, and NVML to fail: without one, local_devices answers "cpu" without asking
+    # torch; with NVML, it counts NVIDIA's GPUs without torch (ux62h))
+    got = _race("from controller import pool\nfrom controller.pool import local_devices\npool.GPU_DRIVER_NODES = ('/',)\n"
+                "pool._nvml_gpu_count = lambda: None", "print(local_devices('auto'), file=sys.stderr)")
     assert got == {"while_held": False, "finished": True, "torch": True, "failed": []}, got
 
 

@@ -171,6 +171,9 @@ OPERATOR_RESYNC_S = Var("TOKENPOOL_OPERATOR_RESYNC_S", "30", "seconds between th
 POD_NAMESPACE = Var("POD_NAMESPACE", None, "the operator's own namespace (Kubernetes downward API): watched "
                     "when no --namespace is given")
 KUBECONFIG = Var("KUBECONFIG", None, "the operator outside a cluster: the first file of this list")
+CUDA_VISIBLE_DEVICES = Var("CUDA_VISIBLE_DEVICES", None, "the GPUs CUDA shows a process (indices or GPU-UUIDs; "
+                           "empty: none): the controller's count of them for workers.local auto reads it as torch "
+                           "would (controller/pool.py local_devices)")
 PYTHONPATH = Var("PYTHONPATH", None, "kept for the local workers the controller starts, after the repository")
 
 
