@@ -257,7 +257,7 @@ def test_a_tool_result_answers_a_tool_use_of_the_previous_message(server):
             with pytest.raises(anthropic.BadRequestError) as ei:
                 call_it(model="tiny", messages=msgs, **more)
             assert ei.value.body["error"]["message"].startswith(
-                f"messages.{at}.content.0: unexpected tool_use_id found in tool_result blocks: {tid}."), ei.value.body
+                f"messages.{at}.content.0: unexpected `tool_use_id` found in `tool_result` blocks: {tid}."), ei.value.body
     assert c.messages.count_tokens(model="tiny", messages=_result("sunny")).input_tokens == _count(server, _chat("sunny"))
 
 

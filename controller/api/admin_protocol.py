@@ -76,9 +76,11 @@ class TenantOut(BaseModel):
     max_concurrent: int | None
     priority: int
     slo_class: str | None
-    inflight: int
-    usage: dict[str, int]
-    source: Literal["config", "admin"] = "admin"  # from the configuration at start, or over the admin API
+    inflight: int = Field(description="its admitted requests in flight now (what max_concurrent limits)")
+    usage: dict[str, int] = Field(description="its served requests' totals since the server started: requests, "
+                                  "prompt_tokens, completion_tokens")
+    source: Literal["config", "admin"] = Field("admin", description="from the configuration at start, or over the "
+                                               "admin API")
     enforced: bool = Field(True, description="whether the server asks callers for a key (authentication on); false: "
                            "every caller is the anonymous tenant, and this tenant's keys, models and limits apply to "
                            "no one")
@@ -104,35 +106,42 @@ class EngineOut(BaseModel):
     id: str
     device: str
     host: str
-    pid: int
-    alive: bool
-    draining: bool
-    memory_bytes: int
-    used_bytes: int
-    step_s: float
-    inflight: int
+    pid: int = Field(description="its worker's process id, on its host")
+    alive: bool = Field(description="whether its worker is up (false: it stopped or stopped answering)")
+    draining: bool = Field(description="drained: it takes no new request (POST /admin/engines/{id}/resume)")
+    memory_bytes: int = Field(description="the memory the controller may fill with model weights on its device, in "
+                              "bytes")
+    used_bytes: int = Field(description="the weights' size of the models registered on it, in bytes")
+    step_s: float = Field(description="its smoothed step time, in seconds")
+    inflight: int = Field(description="engine requests on it now (one a choice of an API request)")
     models: list[ReplicaOut]
-    stats: dict[str, dict[str, float]]
-    pool: dict[str, Any] = {}  # the worker's pooled engine (controller/messages.py Stats.pool)
+    stats: dict[str, dict[str, float]] = Field(description="per model, its engine's latest counters")
+    pool: dict[str, Any] = Field({}, description="the worker's pooled engine's state (controller/messages.py "
+                                 "Stats.pool; empty: none)")
 
 
 class ModelOut(BaseModel):
     name: str
     path: str | None
     aliases: list[str] = []
-    lora_modules: list[dict] = []  # LoRA adapters served over it: {"name", "path"}
-    keep_alive: float | None = None
-    pin: bool = False  # pinned now (the registration's pin, or what POST .../pin or .../unpin set since)
-    last_used: float | None = None  # unix time of the latest request for it (through any alias)
-    slo: dict
+    lora_modules: list[dict] = Field([], description='LoRA adapters served over it: {"name", "path"}')
+    keep_alive: float | None = Field(None, description="seconds its weights stay in GPU memory after its last "
+                                     "request (null: until the memory is needed)")
+    pin: bool = Field(False, description="pinned now (the registration's pin, or what POST .../pin or .../unpin set "
+                      "since)")
+    last_used: float | None = Field(None, description="unix time of the latest request for it (through any alias)")
+    slo: dict = Field(description="its SLO: ttft_s and tpot_s, in seconds")
     priority: int
-    replicas: dict
-    engines: list[str]
-    max_model_len: int
-    size_bytes: int
-    slo_attainment: float | None
-    load_error: str | None = None  # why its last registration failed, while it is ready on no engine
-    source: Literal["config", "admin"] = "admin"  # from the configuration at start, or over the admin API
+    replicas: dict = Field(description="its replicas' bounds: min and max engines")
+    engines: list[str] = Field(description="the live engines it is registered on")
+    max_model_len: int = Field(description="the longest sequence it serves (prompt and output), in tokens")
+    size_bytes: int = Field(description="its weights' size, in bytes")
+    slo_attainment: float | None = Field(description="the fraction of its last 200 requests within its SLO, 0 to 1 "
+                                         "(null: fewer than 10)")
+    load_error: str | None = Field(None, description="why its last registration failed, while it is ready on no "
+                                   "engine")
+    source: Literal["config", "admin"] = Field("admin", description="from the configuration at start, or over the "
+                                               "admin API")
 
 
 class ModelPatch(BaseModel):
@@ -171,39 +180,42 @@ class ModelPatch(BaseModel):
 
 
 class GPUOut(BaseModel):
-    devices: list[dict]
-    engines: dict[str, list[str]]  # device -> engine ids
+    devices: list[dict] = Field(description="this host's GPUs, as its inventory lists them (empty without a driver)")
+    engines: dict[str, list[str]] = Field(description="host/device -> the ids of the live engines on it")
 
 
 # --- what is happening (GET /admin/pool, /admin/requests): the dashboard's data ---
 class VramOut(BaseModel):
-    budget_bytes: int = 0
-    weights_bytes: int = 0
-    kv_bytes: int = 0
-    free_bytes: int = 0
-    kv_pages_total: int = 0
-    kv_pages_used: int = 0
+    budget_bytes: int = Field(0, description="the GPU memory the engine's pool may use, in bytes")
+    weights_bytes: int = Field(0, description="of it, held by model weights now")
+    kv_bytes: int = Field(0, description="of it, held by the KV cache (every model's: the pool's)")
+    free_bytes: int = Field(0, description="of it, neither weights nor KV cache")
+    kv_pages_total: int = Field(0, description="KV cache pages (blocks), all models' together")
+    kv_pages_used: int = Field(0, description="of them, in use now")
 
 
 class EnginePoolOut(BaseModel):
-    id: str
-    device: str
-    host: str
-    alive: bool
-    draining: bool
+    id: str = Field(description="the engine's id (POST /admin/engines/{id}/drain)")
+    device: str = Field(description="the device its worker runs on (cuda:0, cpu)")
+    host: str = Field(description="the host its worker runs on")
+    alive: bool = Field(description="whether its worker is up (false: it stopped or stopped answering)")
+    draining: bool = Field(description="drained: it takes no new request (POST /admin/engines/{id}/resume)")
     pooled: bool = Field(description="the worker reports the pooled engine's state; else figures come from "
                                      "per-model stats and fields the pool alone knows are null")
-    inflight: int
-    step_s: float
+    inflight: int = Field(description="engine requests on it now (one a choice of an API request)")
+    step_s: float = Field(description="its smoothed step time, in seconds")
     active: str | None = Field(description="the model running now")
-    registered: list[str]
-    resident: list[str]
-    prefetching: list[str]
-    switches: int | None
-    switch_stall_s: float | None = Field(description="mean stall per model switch")
-    steps: int | None
-    vram: VramOut | None
-    host_cache_bytes: int | None
+    registered: list[str] = Field(description="the models registered on it")
+    resident: list[str] = Field(description="of them, those whose weights are in its GPU memory")
+    prefetching: list[str] = Field(description="of them, those whose weights are on their way there")
+    switches: int | None = Field(description="steps whose model differs from the previous step's, since the server "
+                                 "started (null: not a pooled engine)")
+    switch_stall_s: float | None = Field(description="mean stall per model switch, in seconds (waiting for weights)")
+    steps: int | None = Field(description="steps its pooled engine has run (since that engine was made; null: not a "
+                              "pooled engine)")
+    vram: VramOut | None = Field(description="its GPU memory (null: its worker is not alive)")
+    host_cache_bytes: int | None = Field(description="bytes of weights its worker keeps in host memory (the copies "
+                                         "a model's load reads; null: not a pooled engine)")
     kv_page_bytes: int | None = Field(None, description="the KV page the worker carved, in bytes (null until then): a "
                                       "model one token of whose KV is larger cannot load there")
     timeline: list[tuple[float, str, int, float]] = Field(
@@ -212,77 +224,90 @@ class EnginePoolOut(BaseModel):
 
 
 class ModelPoolOut(BaseModel):
-    name: str
+    name: str = Field(description="the model's name")
     engines: list[str] = Field(description="engines the model is registered on")
     state: str = Field(description="resident | loading | host | unplaced (the best over its engines) | failed "
                                    "(placed nowhere, its last registration failed: load_error says why)")
     load_error: str | None = Field(None, description="why its last registration failed, while it is ready nowhere")
-    pinned: bool
+    pinned: bool = Field(description="its weights are kept in GPU memory on every engine it is registered on "
+                         "(POST /admin/models/{name}/pin, /unpin)")
     loras: list[str] = Field(default_factory=list, description="the LoRA adapters served over it, by name")
     cache_hit_frac: float | None = Field(None, description="of its finished requests' prompt tokens, those found in "
                                          "the prefix cache (since the server started; None before any)")
-    size_bytes: int
-    load_s: float = Field(description="the controller's estimate of one load (switch) of this model")
+    size_bytes: int = Field(description="its weights' size, in bytes")
+    load_s: float = Field(description="the controller's estimate of one load (switch) of this model, in seconds")
     loads: int = Field(description="weight loads among the recent events (the event ring)")
-    load_stall_s: float | None = Field(description="mean stall of those loads (the switch latency)")
-    waiting: int
-    oldest_wait_s: float | None
-    running: int
-    kv_pages_used: int
-    kv_swapped: int
-    tokens_per_s: float
+    load_stall_s: float | None = Field(description="mean stall of those loads (the switch latency), in seconds")
+    waiting: int = Field(description="its requests waiting on its engines for their turn (not those queued at the "
+                         "controller)")
+    oldest_wait_s: float | None = Field(description="how long the oldest of them has waited, in seconds (null: none "
+                                        "waits, or its engines do not say)")
+    running: int = Field(description="its requests running on its engines")
+    kv_pages_used: int = Field(description="KV cache pages its running requests hold")
+    kv_swapped: int = Field(description="KV of its swapped-out requests: pages in host memory (a pooled engine's), "
+                            "else requests")
+    tokens_per_s: float = Field(description="tokens generated per second over the last ~10 s, those of requests in "
+                                "flight included")
     requests: int = Field(description="requests finished in the window")
-    ttft_p50: float | None
-    ttft_p99: float | None
-    tpot_p50: float | None
-    tpot_p99: float | None
-    attainment: float | None = Field(description="SLO attainment over the window (where finished requests "
-                                        "feed none, latency_window false: over its recent requests)")
-    rejected_total: int
-    slo: dict
+    ttft_p50: float | None = Field(description="median time to first token of the window's requests, in seconds "
+                                   "(null: none)")
+    ttft_p99: float | None = Field(description="99th percentile of the same, in seconds")
+    tpot_p50: float | None = Field(description="median time per output token after the first, of the window's "
+                                   "requests, in seconds (null: none)")
+    tpot_p99: float | None = Field(description="99th percentile of the same, in seconds")
+    attainment: float | None = Field(description="SLO attainment over the window, 0 to 1: the fraction of finished "
+                                     "requests within its ttft_s and tpot_s (where finished requests feed none, "
+                                     "latency_window false: over its recent requests; null: none)")
+    rejected_total: int = Field(description="its requests refused by admission control since the server started")
+    slo: dict = Field(description="its SLO: ttft_s and tpot_s, in seconds")
 
 
 class TenantPoolOut(BaseModel):
-    name: str
-    requests_per_s: float
-    tokens_per_min: float
-    concurrency: int
-    max_concurrent: int | None
-    rejected_total: int = Field(description="429s since start")
-    rejected_per_min: float
+    name: str = Field(description="the tenant's name")
+    requests_per_s: float = Field(description="its requests arriving per second over the last ~10 s: each counted "
+                                  "once from its arrival, those in flight and those ended, 429s included (an Ollama "
+                                  "load only if it failed); what its rate.requests_per_s limits")
+    tokens_per_min: float = Field(description="its prompt and generated tokens per minute over the last 60 s, those "
+                                  "of requests in flight included")
+    concurrency: int = Field(description="its admitted requests in flight now; what max_concurrent limits")
+    max_concurrent: int | None = Field(description="its limit on concurrency (null: none)")
+    rejected_total: int = Field(description="its requests refused with a 429 since the server started")
+    rejected_per_min: float = Field(description="of them, per minute over the last 60 s")
     requests: int = Field(description="requests finished in the window")
-    attainment: float | None
+    attainment: float | None = Field(description="SLO attainment of its requests finished in the window, 0 to 1 "
+                                     "(null: none)")
 
 
 class PoolOut(BaseModel):
     t: float = Field(description="server wall-clock time")
-    window_s: float
+    window_s: float = Field(description="the window's length, in seconds: requests, TTFT/TPOT and attainment are its "
+                            "finished requests'")
     latency_window: bool = Field(description="whether finished requests feed the window (TTFT/TPOT, attainment)")
     auth: bool = Field(True, description="whether requests must carry a tenant's key; false: every caller is the "
                        "`anonymous` tenant, which `tenants` then lists last")
-    engines: list[EnginePoolOut]
-    models: list[ModelPoolOut]
-    tenants: list[TenantPoolOut]
+    engines: list[EnginePoolOut] = Field(description="every engine, alive or not")
+    models: list[ModelPoolOut] = Field(description="every registered model")
+    tenants: list[TenantPoolOut] = Field(description="every tenant")
     events: dict[str, int] = Field(description="events published since start, by kind")
-    event_subscribers: int
+    event_subscribers: int = Field(description="event streams open now (GET /admin/events: dashboards among them)")
 
 
 class RequestOut(BaseModel):
-    id: str
+    id: str = Field(description="the request's id (POST /admin/requests/{id}/cancel)")
     model: str = Field(description="the model the request asked for: a LoRA adapter's name where it named one")
     base_model: str | None = Field(None, description="the model serving a LoRA adapter's request (else null)")
-    tenant: str | None
-    engines: list[str]
+    tenant: str | None = Field(description="its tenant (null: an engine's request the controller no longer tracks)")
+    engines: list[str] = Field(description="the engines it is on now (none while queued at the controller)")
     state: str = Field(description="queued (at the controller) | prefill (on its engine, no token yet) | running")
-    age_s: float
-    tokens: int
-    tokens_per_s: float
-    choices: int
+    age_s: float = Field(description="seconds since it arrived")
+    tokens: int = Field(description="tokens generated so far, every choice's")
+    tokens_per_s: float = Field(description="tokens per second since its first token")
+    choices: int = Field(description="its choices still running")
 
 
 class CancelOut(BaseModel):
-    id: str
-    model: str
+    id: str = Field(description="the request's id")
+    model: str = Field(description="the model serving it")
     cancelled: int = Field(description="engine requests (choices) ended")
 
 
@@ -292,12 +317,15 @@ class PinOut(BaseModel):
 
 
 class EvictOut(BaseModel):
-    name: str
-    engines: int  # engines told to free its VRAM (once its requests there finish)
-    resident: int = 0  # of them, those where its weights were in VRAM (or on their way there) when told
+    name: str = Field(description="the model's name")
+    engines: int = Field(description="engines told to free its VRAM (once its requests there finish)")
+    resident: int = Field(0, description="of them, those where its weights were in VRAM (or on their way there) "
+                          "when told")
 
 
 class DrainOut(BaseModel):
-    name: str
-    draining: bool
-    inflight: int  # its requests still running (a drain waits for these to reach 0)
+    name: str = Field(description="the model's name")
+    draining: bool = Field(description="whether its new requests are refused (503 with Retry-After) while those in "
+                           "flight finish (POST .../drain; .../resume: false)")
+    inflight: int = Field(description="its engine requests (choices) still running (a drain waits for these to reach "
+                          "0)")

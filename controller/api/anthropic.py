@@ -236,9 +236,9 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
                                "block it answers)", f"{where}.{j}.tool_use_id")
                 if b["tool_use_id"] not in answerable:  # (as Anthropic's 400: a template would render a result of
                     # no call, which some refuse and the others show the model as an answer to nothing it asked)
-                    raise _bad(f"{where}.{j}: unexpected tool_use_id found in tool_result blocks: {b['tool_use_id']}. "
-                               "Each tool_result block must have a corresponding tool_use block in the previous "
-                               "message.", f"{where}.{j}.tool_use_id")
+                    raise _bad(f"{where}.{j}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                               f"{b['tool_use_id']}. Each `tool_result` block must have a corresponding `tool_use` "
+                               "block in the previous message.", f"{where}.{j}.tool_use_id")
                 if texts:  # (text before a result: its own user message, in order)
                     out.append({"role": "user", "content": p.PARTS_SEP.join(texts)})
                     texts = []

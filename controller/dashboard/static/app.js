@@ -22,6 +22,7 @@ const S = {
   es: null, // the event stream
   lastData: 0, opened: 0, // when (Date.now()) the stream last brought a snapshot, and when it last opened
   retrying: false, // the stream failed and reconnects (the page says "reconnecting…")
+  retryMs: 1000, // the wait before reconnect()'s next try (retryLater): 1 s, doubled up to 8 s while tries fail
   calls: 0, // admin API calls in flight
   leaving: false, // signed out: the page goes to the login form once no call is in flight
   signingOut: false, // this tab signs out: no call starts (one answered after the session's drop is a 401)
@@ -845,6 +846,7 @@ function connect() {
   const es = S.es = new EventSource(`/admin/events?since=${S.lastSeq}&snapshots=true`);
   es.onopen = () => {
     S.retrying = false;
+    S.retryMs = 1000;
     S.opened = Date.now();
     conn.textContent = "live"; conn.className = "conn live"; conn.title = "";
   };
@@ -857,7 +859,7 @@ function connect() {
     conn.className = "conn down";
     // closed, not left to the browser's own reconnect: reconnect() asks first whether the session is still live
     es.close();
-    if (S.es === es) setTimeout(reconnect, 1000);
+    if (S.es === es) retryLater();
   };
   es.onmessage = (msg) => {
     const ev = JSON.parse(msg.data);
@@ -890,8 +892,10 @@ function connect() {
 // is still live, or back to the login form once it says it is not. A restart forgets every session: the browser's own
 // reconnect was answered 401, then a refresh's two calls were, three failed resources in the browser's log before the
 // form came back. GET /dashboard/session answers 200 either way. While the server does not answer, each try is a
-// failed request all the same (net::ERR_CONNECTION_REFUSED: no request to a server that is down goes unlogged), one
-// a second, as the browser's own reconnects were (the stream's `retry: 1000`).
+// failed request all the same (net::ERR_CONNECTION_REFUSED: no request to a server that is down goes unlogged): tried
+// 1, 2, 4 then every 8 s (retryLater), not once a second as the browser's own reconnects were (the stream's
+// `retry: 1000`), which filled the console of a tab left open on a stopped server with a line a second, and asked a
+// server coming back up (or a proxy in front of it) as often. A server back up is seen at the next try, 8 s at most.
 async function reconnect() {
   if (S.leaving || S.signingOut) return;
   let live = null; // (null: no answer)
@@ -906,9 +910,19 @@ async function reconnect() {
   }
   if (S.leaving) { signedOut(); return; } // (signed out meanwhile: the form once this call has ended)
   if (S.signingOut) return;
-  if (live === null) setTimeout(reconnect, 1000);
+  if (live === null) retryLater();
   else if (live) connect();
   else signedOut();
+}
+
+// The next try of reconnect(), S.retryMs on, and the one after it twice as far, up to RETRY_MAX_MS; back to 1 s once
+// the stream opens (es.onopen), not at the session's answer alone: a stream that fails as it opens (a proxy that cuts
+// it) backs off as a server that is down does.
+const RETRY_MAX_MS = 8000;
+function retryLater() {
+  const wait = S.retryMs;
+  S.retryMs = Math.min(wait * 2, RETRY_MAX_MS);
+  setTimeout(reconnect, wait);
 }
 
 function init() {
