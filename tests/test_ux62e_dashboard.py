@@ -126,7 +126,7 @@ def test_a_restart_goes_back_to_the_form_without_a_401(tmp_path, browser):
     """The server restarted under a signed-in page: the page asks whether its session is live before it opens its
     stream again, and goes to the form at the first "no". It learnt it from 401s: the stream's reconnect, then a
     refresh's two calls, three "Failed to load resource: ... 401" errors in the browser's console before the form.
-    What no page avoids: while the server is down, each try to reach it is a failed request (one a second)."""
+    What no page avoids: while the server is down, each try to reach it is a failed request (after 1, 2 and 4 s, then every 8 s)."""
     port = free_port(RESTART_PORTS)
     first, second = _start(tmp_path / "a", port), None
     logged: list[str] = []
@@ -154,7 +154,7 @@ def test_a_restart_goes_back_to_the_form_without_a_401(tmp_path, browser):
         finally:
             ctx.close()
         # nothing but the tries while the server was down (three 401s besides, before: the stream's reconnect,
-        # /admin/pool and /admin/requests), and those only of the question, one a second
+        # /admin/pool and /admin/requests), and those only of the question, after 1, 2 and 4 s, then every 8 s
         down = [e for e in logged if "net::ERR_CONNECTION_REFUSED" in e]
         assert [e for e in logged if e not in down] == [], "\n".join(logged)
         assert all(f"{first.url}/dashboard/session" in e for e in down), "\n".join(down)
