@@ -125,7 +125,8 @@ def test_model_state_is_the_best_over_engines_and_unplaced_when_nowhere(app):
 def test_pool_without_the_pooled_state_uses_the_per_model_stats(app):
     ctl = app.state.controller
     e = engine("w0", {"alpha": "ready", "beta": "loading"})
-    e.stats = {"alpha": {"num_waiting": 2, "num_running": 3, "kv_blocks_used": 17, "num_swapped": 1}}
+    e.stats = {"alpha": {"num_waiting": 2, "num_running": 3, "kv_blocks_used": 17, "num_swapped": 1,
+                         "kv_blocks_swapped": 5}}
     ctl.pool.engines["w0"] = e
     p = TestClient(app).get("/admin/pool", headers=H).json()
     (w0,) = p["engines"]
@@ -134,6 +135,7 @@ def test_pool_without_the_pooled_state_uses_the_per_model_stats(app):
     assert w0["vram"]["budget_bytes"] == 80 << 30
     models = {mo["name"]: mo for mo in p["models"]}
     assert (models["alpha"]["waiting"], models["alpha"]["running"], models["alpha"]["kv_pages_used"]) == (2, 3, 17)
+    assert models["alpha"]["kv_swapped"] == 5  # pages in host memory, as a pooled engine's (not 1 request)
     assert models["beta"]["state"] == "loading"
 
 

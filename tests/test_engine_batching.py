@@ -76,14 +76,18 @@ def test_preemption_swaps_kv_and_resumes_identically(jobs):
     swaps = {"out": 0, "in": 0}
     orig = eng.runner.execute
 
+    held = []  # (the pages the stats say swapped requests hold in host memory, the host pool's pages in use)
+
     def spy(out, *args):
         swaps["out"] += len(out.swap_out)
         swaps["in"] += len(out.swap_in)
+        held.append((eng.scheduler.stats()["kv_blocks_swapped"], eng.scheduler.host_kv.num_used))
         return orig(out, *args)
 
     eng.runner.execute = spy
     got = _run_staggered(eng, [(0, p, sp) for _, p, sp in js])
     assert swaps["out"] > 0 and swaps["in"] == swaps["out"]
+    assert all(a == b for a, b in held) and max(a for a, _ in held) > 0, held
     for i in range(len(js)):
         assert got[f"r{i}"] == alone[i]
     assert eng.scheduler.kv.num_used == 0 and eng.scheduler.host_kv.num_used == 0

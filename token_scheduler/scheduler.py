@@ -299,6 +299,7 @@ class BatchScheduler:
             "num_running": len(self.running),
             "num_waiting": len(self.waiting),
             "num_swapped": len(self.swapped),
+            "kv_blocks_swapped": sum(len(r.host_block_ids or ()) for r in self.swapped),  # (host pages they hold)
             # this model's blocks: on a pooled engine its allocator is a view of the GPU's shared KV region, whose
             # num_used (every model's) /metrics showed under each model's label
             "kv_blocks_used": self.kv.num_held,

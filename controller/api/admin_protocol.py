@@ -244,8 +244,7 @@ class ModelPoolOut(BaseModel):
                                         "waits, or its engines do not say)")
     running: int = Field(description="its requests running on its engines")
     kv_pages_used: int = Field(description="KV cache pages its running requests hold")
-    kv_swapped: int = Field(description="KV of its swapped-out requests: pages in host memory (a pooled engine's), "
-                            "else requests")
+    kv_swapped: int = Field(description="KV pages its swapped-out requests hold in host memory")
     tokens_per_s: float = Field(description="tokens generated per second over the last ~10 s, those of requests in "
                                 "flight included")
     requests: int = Field(description="requests finished in the window")

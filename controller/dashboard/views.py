@@ -74,7 +74,8 @@ def engine_models(e: Any) -> dict[str, dict[str, Any]]:
         s = e.stats.get(n, {})
         out[n] = dict(state={"ready": "resident"}.get(r.state, r.state), waiting=int(s.get("num_waiting", 0)),
                       running=int(s.get("num_running", 0)), oldest_wait_s=None,
-                      kv_pages_used=int(s.get("kv_blocks_used", 0)), kv_swapped=int(s.get("num_swapped", 0)))
+                      kv_pages_used=int(s.get("kv_blocks_used", 0)),
+                      kv_swapped=int(s.get("kv_blocks_swapped", 0)))  # (pages, as a pooled engine's: not requests)
     return out
 
 
