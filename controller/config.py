@@ -521,8 +521,10 @@ DEMO_MODELS = (("demo-random-qwen2-small", "qwen2", 0), ("demo-random-qwen3-smal
 def default_config() -> ServerConfig:
     """The embedded default: a real model (SmolLM2-135M-Instruct) and two small random-weight demo models of
     other shapes, made on first run under cache_dir(); no auth, loopback only."""
+    # the real model preloaded (its weights in the arena before ready): the first request, a first-run user's, copied
+    # them in (0.5 GiB), beside the standby's start-up on a 2-core host: ~2 s of its first token
     models = [ModelSpec(name=REAL_MODEL, path=str(cache_dir() / REAL_MODEL), aliases=["smollm2"],
-                        replicas=Replicas(min=1, max=2))]
+                        replicas=Replicas(min=1, max=2), preload=True)]
     models += [ModelSpec(name=name, path=str(cache_dir() / name), replicas=Replicas(min=1, max=2))
                for name, _, _ in DEMO_MODELS]
     return ServerConfig(models=models, auth=False, is_default=True)

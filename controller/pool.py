@@ -174,9 +174,16 @@ class EnginePool:
         # the largest KV elements a token of the models served (tokenpool.models.kv_elems_per_token), sent to the workers:
         # their KV pages are sized to hold a few such tokens (controller.hosting.min_page_bytes)
         self.kv_elems_per_token = 0
+        # (start(hold_joins=True) until open_joins) a worker's registration waits for it: `tokenpool serve` starts the
+        # local workers while it makes its models, whose KV sizes (kv_elems_per_token) a join's settings carry
+        self._joins_held: asyncio.Event | None = None
 
     # --- lifecycle ---
-    async def start(self, devices: list[str]) -> None:
+    async def start(self, devices: list[str], hold_joins: bool = False) -> None:
+        """Listen for workers and start the local ones. `hold_joins`: a worker that connects is answered (its settings
+        sent) only at `open_joins`; the local workers do their start-up (imports, on a GPU the device) meanwhile."""
+        if hold_joins:
+            self._joins_held = asyncio.Event()
         self._server = await asyncio.start_server(self._serve_conn, self.s.listen.host, self.s.listen.port)
         self.port = self._server.sockets[0].getsockname()[1]
         if self.s.join_token_hash is None and not _is_loopback(self.s.listen.host):
@@ -186,6 +193,14 @@ class EnginePool:
         for slot, dev in enumerate(devices):
             self._tasks.append(asyncio.create_task(self._supervise(slot, dev)))
         self._tasks.append(asyncio.create_task(self._watchdog()))
+
+    def open_joins(self) -> None:
+        """Let the workers held by `start(hold_joins=True)` register, with the settings of now; the join deadlines
+        (COLD_JOIN_S, JOIN_GRACE_S) count from here."""
+        held, self._joins_held = self._joins_held, None
+        if held is not None:
+            self.t_start = time.monotonic()
+            held.set()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -229,6 +244,8 @@ class EnginePool:
                 # one that never joins (hung: in its start-up, or stopped) is killed, so the slot gets another
                 limit = t0 + (PROMOTED_JOIN_S if promoted else COLD_JOIN_S)
                 while self.s.restart and not dead.done() and not self._joined(slot, proc.pid):
+                    if self._joins_held is not None:  # (it cannot join yet: its deadline counts from open_joins)
+                        limit = time.monotonic() + (PROMOTED_JOIN_S if promoted else COLD_JOIN_S)
                     if time.monotonic() > limit:
                         log.warning("local worker w%d (pid %d) has not joined %.0f s after it %s: killing it", slot,
                                     proc.pid, time.monotonic() - t0, "took over" if promoted else "started")
@@ -395,6 +412,8 @@ class EnginePool:
             writer.close()
             return
         assert isinstance(reg, m.Register)
+        if self._joins_held is not None:  # (the models' folders being made: its settings need their KV sizes)
+            await self._joins_held.wait()
         eid = f"w{reg.slot}" if reg.slot is not None else f"{reg.host}-{reg.pid}"
         previous = self.engines.get(eid)
         if previous is not None and previous.alive:

@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -337,15 +337,28 @@ class Controller:
         self._tasks: list[asyncio.Task] = []
 
     # --- lifecycle ---
-    async def start(self) -> None:
+    async def start(self, models: Awaitable[None] | None = None) -> None:
+        """Start the local workers, then register the configured models. `models`: their folders being made (`tokenpool
+        serve`'s start-up: the default's models, a GGUF file's conversion, on a thread), awaited here; its error is
+        this one's."""
         # The local workers first: their start-up (imports; on a GPU the device measured) runs beside the reading of
-        # the configured models' tokenizers, which took ~4 s of a 2-core host's time to ready before they started.
+        # the configured models' tokenizers, which took ~4 s of a 2-core host's time to ready before they started --
+        # and beside the making of the models (the conversion runs on one core: a first run's ready came ~2.5 s
+        # later when the workers started after it); they join once it is done (held by the pool until then).
         self._starting = self.pool.starting = True
         # the configured models' largest KV token, known before any worker joins (read here, not at construction:
-        # the default's models are made after the bind, `tokenpool serve`'s start-up)
-        self.pool.kv_elems_per_token = max((_kv_elems(s) for s in self.cfg.models), default=0)
+        # the default's models are made after the bind, `tokenpool serve`'s start-up; then once they are made)
+        kv_elems = lambda: max((_kv_elems(s) for s in self.cfg.models), default=0)  # noqa: E731
+        if models is None:
+            self.pool.kv_elems_per_token = kv_elems()
         devices = await asyncio.to_thread(local_devices, self.cfg.workers.local)
-        await self.pool.start(devices)
+        if models is None:
+            await self.pool.start(devices)
+        else:
+            await self.pool.start(devices, hold_joins=True)
+            await models
+            self.pool.kv_elems_per_token = kv_elems()
+            self.pool.open_joins()
         try:
             for spec in self.cfg.models:
                 await self.add_model(spec, source="config")

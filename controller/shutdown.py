@@ -376,9 +376,19 @@ async def _in_a_thread(fn: Callable[[], None]) -> None:
 
 
 async def _start(ctl, prepare: Callable[[], None] | None) -> None:
-    if prepare is not None:  # (the default's models made on a first run: /health says "starting" meanwhile)
-        await _in_a_thread(prepare)
-    await ctl.start()
+    if prepare is None:
+        await ctl.start()
+        return
+    # (the default's models made on a first run: /health says "starting" meanwhile) the local workers start beside
+    # it, and join once it is done (Controller.start)
+    made = asyncio.ensure_future(_in_a_thread(prepare))
+    try:
+        await ctl.start(made)
+    finally:
+        if not made.done():  # (a start-up stopped first, by a signal or an error: not waited for, as before)
+            made.cancel()
+        elif not made.cancelled():
+            made.exception()  # (its error, where ctl.start failed first, is not also said as never retrieved)
 
 
 async def _serve(cfg: ServerConfig, early: StartupSignals, prepare: Callable[[], None] | None = None) -> int:
