@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -102,18 +102,26 @@ class ReplicaOut(BaseModel):
     inflight: int
 
 
+# An engine's fields that /admin/engines (EngineOut) and /admin/pool (EnginePoolOut) both give, described once
+EngineAlive = Annotated[bool, Field(description="whether its worker is up (false: it stopped or stopped answering)")]
+EngineDraining = Annotated[bool, Field(description="drained: it takes no new request "
+                                                   "(POST /admin/engines/{id}/resume)")]
+EngineStepS = Annotated[float, Field(description="its smoothed step time, in seconds")]
+EngineInflight = Annotated[int, Field(description="engine requests on it now (one a choice of an API request)")]
+
+
 class EngineOut(BaseModel):
     id: str
     device: str
     host: str
     pid: int = Field(description="its worker's process id, on its host")
-    alive: bool = Field(description="whether its worker is up (false: it stopped or stopped answering)")
-    draining: bool = Field(description="drained: it takes no new request (POST /admin/engines/{id}/resume)")
+    alive: EngineAlive
+    draining: EngineDraining
     memory_bytes: int = Field(description="the memory the controller may fill with model weights on its device, in "
                               "bytes")
     used_bytes: int = Field(description="the weights' size of the models registered on it, in bytes")
-    step_s: float = Field(description="its smoothed step time, in seconds")
-    inflight: int = Field(description="engine requests on it now (one a choice of an API request)")
+    step_s: EngineStepS
+    inflight: EngineInflight
     models: list[ReplicaOut]
     stats: dict[str, dict[str, float]] = Field(description="per model, its engine's latest counters")
     pool: dict[str, Any] = Field({}, description="the worker's pooled engine's state (controller/messages.py "
@@ -198,12 +206,12 @@ class EnginePoolOut(BaseModel):
     id: str = Field(description="the engine's id (POST /admin/engines/{id}/drain)")
     device: str = Field(description="the device its worker runs on (cuda:0, cpu)")
     host: str = Field(description="the host its worker runs on")
-    alive: bool = Field(description="whether its worker is up (false: it stopped or stopped answering)")
-    draining: bool = Field(description="drained: it takes no new request (POST /admin/engines/{id}/resume)")
+    alive: EngineAlive
+    draining: EngineDraining
     pooled: bool = Field(description="the worker reports the pooled engine's state; else figures come from "
                                      "per-model stats and fields the pool alone knows are null")
-    inflight: int = Field(description="engine requests on it now (one a choice of an API request)")
-    step_s: float = Field(description="its smoothed step time, in seconds")
+    inflight: EngineInflight
+    step_s: EngineStepS
     active: str | None = Field(description="the model running now")
     registered: list[str] = Field(description="the models registered on it")
     resident: list[str] = Field(description="of them, those whose weights are in its GPU memory")
