@@ -327,9 +327,12 @@ def _calls_answered(msgs: list[p.ChatMessage]) -> None:
     """A 400 where an assistant message's tool calls are not each answered by the tool messages right after it (in
     any order), as OpenAI's: the template rendered calls with no result, and the model read on as if it had them
     (vLLM takes it unsaid). An assistant message that ends the conversation is left alone (the reply continues it:
-    continue_final_message), as is a call with no id (none to answer)."""
+    continue_final_message), as is a call with no id (none to answer), an empty one too (`"id": ""`, as some servers
+    and client adapters write a call the model gave none: a tool message of tool_call_id "" is a 400 of its own, so
+    the conversation could not go on, the 400 naming no id)."""
     for i, m in enumerate(msgs[:-1]):
-        ids = [c["id"] for c in m.tool_calls or () if isinstance(c.get("id"), str)] if m.role == "assistant" else []
+        ids = [c["id"] for c in m.tool_calls or () if isinstance(c.get("id"), str) and c["id"]] \
+            if m.role == "assistant" else []
         got: set[str | None] = set()
         for after in msgs[i + 1:]:
             if after.role != "tool":
