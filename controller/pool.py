@@ -204,6 +204,11 @@ class EnginePool:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._joins_held is not None:  # (a start-up stopped while it made its models, by a signal or its error)
+            # the workers held there let go, to end (`_serve_conn`): a connection's task still waiting when the loop
+            # closed was cancelled, which Python 3.11's asyncio says as an "Exception in callback ... CancelledError"
+            # traceback
+            self._joins_held.set()
         for e in list(self.engines.values()):
             e.send(m.Shutdown("controller stopping"))
         for t in self._tasks:
@@ -414,6 +419,9 @@ class EnginePool:
         assert isinstance(reg, m.Register)
         if self._joins_held is not None:  # (the models' folders being made: its settings need their KV sizes)
             await self._joins_held.wait()
+            if self._stopping:  # (let go by `stop`: never joins)
+                writer.close()
+                return
         eid = f"w{reg.slot}" if reg.slot is not None else f"{reg.host}-{reg.pid}"
         previous = self.engines.get(eid)
         if previous is not None and previous.alive:
