@@ -784,27 +784,21 @@ def _visible_count(var: str | None, n: int, uuids: Callable[[], list[str]]) -> i
 def _nvml_gpu_count() -> int | None:
     """The GPUs torch.cuda would count here, through NVML (the driver's own library, a ctypes binding: no torch, no
     CUDA context); None where it cannot say (no pynvml, no libnvidia-ml, a driver it fails on, MIG instances)."""
-    try:
-        import pynvml as nv
-    except ImportError:
-        return None
-    try:
-        nv.nvmlInit()
-    except Exception:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ...: torch may still know
-        return None
-    try:
-        n = nv.nvmlDeviceGetCount()
+    from gpu_pool.inventory import nvml  # (torch-free)
 
-        def uuids() -> list[str]:
-            out = [nv.nvmlDeviceGetUUID(nv.nvmlDeviceGetHandleByIndex(i)) for i in range(n)]
-            return [u.decode() if isinstance(u, bytes) else u for u in out]  # (older bindings answer bytes)
+    with nvml() as nv:
+        if nv is None:  # (no pynvml, no libnvidia-ml, a driver it fails on: torch may still know)
+            return None
+        try:
+            n = nv.nvmlDeviceGetCount()
 
-        return _visible_count(env.CUDA_VISIBLE_DEVICES.get(), n, uuids)
-    except Exception:  # noqa: BLE001 - a query the driver fails: ask torch
-        return None
-    finally:
-        with contextlib.suppress(Exception):
-            nv.nvmlShutdown()
+            def uuids() -> list[str]:
+                out = [nv.nvmlDeviceGetUUID(nv.nvmlDeviceGetHandleByIndex(i)) for i in range(n)]
+                return [u.decode() if isinstance(u, bytes) else u for u in out]  # (older bindings answer bytes)
+
+            return _visible_count(env.CUDA_VISIBLE_DEVICES.get(), n, uuids)
+        except Exception:  # noqa: BLE001 - a query the driver fails: ask torch
+            return None
 
 
 def local_devices(spec: str | list[int]) -> list[str]:

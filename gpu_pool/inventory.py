@@ -11,10 +11,13 @@ lower): what every default sized from "the machine's memory" reads. No torch her
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -223,26 +226,37 @@ def _nvml_devices(nv) -> list[DeviceInfo]:
     return devs
 
 
-def list_devices(cpu_fallback: bool = True) -> list[DeviceInfo]:
-    """NVIDIA GPUs seen by NVML; with none (no pynvml, no driver, no device), the host CPU as device 0."""
-    devs: list[DeviceInfo] = []
+@contextlib.contextmanager
+def nvml() -> Iterator[Any]:
+    """pynvml, initialised for the block and shut down after it; None where NVML cannot be had (no pynvml, or no
+    driver library: its init failed). (list_devices, and the controller's GPU count, controller.pool)"""
     try:
         import pynvml as nv
     except ImportError:
-        nv = None
-    if nv is not None:
-        try:
-            nv.nvmlInit()
-        except Exception as e:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
-            log.debug("NVML unavailable: %s", e)
-        else:
+        yield None
+        return
+    try:
+        nv.nvmlInit()
+    except Exception as e:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        log.debug("NVML unavailable: %s", e)
+        yield None
+        return
+    try:
+        yield nv
+    finally:
+        _q(nv.nvmlShutdown)
+
+
+def list_devices(cpu_fallback: bool = True) -> list[DeviceInfo]:
+    """NVIDIA GPUs seen by NVML; with none (no pynvml, no driver, no device), the host CPU as device 0."""
+    devs: list[DeviceInfo] = []
+    with nvml() as nv:
+        if nv is not None:
             try:
                 devs = _nvml_devices(nv)
             except Exception as e:
                 log.warning("NVML device query failed: %s", e)
                 devs = []
-            finally:
-                _q(nv.nvmlShutdown)
     if not devs and cpu_fallback:
         devs = [cpu_device()]
     return devs
