@@ -9,6 +9,7 @@ state except `cancel`.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic_core import to_json
@@ -235,9 +236,7 @@ def tenant_tokens(ctl: Any, act: Activity) -> dict[str, float]:
     toks = {k[0]: v for k, v in _counts(ctl.metrics.generation_tokens, "tenant").items()}
     for k, v in _counts(ctl.metrics.prompt_tokens, "tenant").items():
         toks[k[0]] = toks.get(k[0], 0.0) + v
-    for gen in act.live.values():
-        if getattr(gen, "load", False) or getattr(gen, "tenant", None) is None:
-            continue  # (an Ollama load: Controller.finished counts no tokens of it)
+    for gen in _tenants_live(act):
         made = getattr(gen, "completion_tokens", 0) + (getattr(gen, "prompt_tokens", 0) if gen.t_first is not None else 0)
         toks[gen.tenant.name] = toks.get(gen.tenant.name, 0.0) + made
     return toks
@@ -251,11 +250,15 @@ def tenant_requests(act: Activity) -> dict[str, float]:
     req/s limit. The ended ones alone counted a request only at its end: a tenant's long streams showed 0 requests/s
     while they ran, then a spike. Not an Ollama load's (counted among the requests only when it fails)."""
     out: dict[str, float] = {}
-    for gen in act.live.values():
-        if getattr(gen, "load", False) or getattr(gen, "tenant", None) is None:
-            continue
+    for gen in _tenants_live(act):
         out[gen.tenant.name] = out.get(gen.tenant.name, 0.0) + 1
     return out
+
+
+def _tenants_live(act: Activity) -> Iterator[Any]:
+    """A tenant's requests in flight, each as Controller.finished will count it: not an Ollama load (no tokens, and
+    among the requests only when it fails)."""
+    return (g for g in act.live.values() if not getattr(g, "load", False) and getattr(g, "tenant", None) is not None)
 
 
 def _in_flight(ctl: Any, act: Activity) -> dict[str, tuple[Any, list[Any]]]:
