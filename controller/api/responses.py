@@ -206,39 +206,32 @@ def chat_request(req: p.ResponsesRequest, history: list[dict[str, Any]]) -> tupl
     if req.prompt is not None:
         raise _bad("stored prompt templates are not supported: send input and instructions", "prompt")
     conversation = [*history, *input_messages(req.input)]
-    _answered_calls(req.input, history)
-    _calls_answered(req.input, history)
+    _calls_paired(req.input, history)
     return _chat(req, conversation), conversation
 
 
-def _answered_calls(raw: str | list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
-    """A 400 for a function_call_output whose call_id no function_call has (in the input, or in the conversation
-    before previous_response_id), as OpenAI's ("No tool call found for function call output with call_id ..."):
-    it was taken, and the model read an answer to a call it never made."""
-    if isinstance(raw, str):
-        return
-    known = {c.get("id") for m in history for c in m.get("tool_calls") or ()}
-    known |= {item.get("call_id") for item in raw if item.get("type") == "function_call"}
-    for i, item in enumerate(raw):
-        if item.get("type") == "function_call_output" and item.get("call_id") not in known:
+def _calls_paired(raw: str | list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
+    """A 400, as OpenAI's, for a function_call_output whose call_id no function_call has, in the input or in the
+    conversation before previous_response_id ("No tool call found for function call output with call_id ...": the
+    model read an answer to a call it never made), and for a function_call, in the input or the chain's last calls,
+    that no function_call_output answers ("No tool output found for function call ...": the model read on from a call
+    with no result, as if it had one); answers in any order."""
+    items = [] if isinstance(raw, str) else raw
+    calls = {c.get("id") for m in history for c in m.get("tool_calls") or ()}
+    calls |= {item.get("call_id") for item in items if item.get("type") == "function_call"}
+    outputs = {m.get("tool_call_id") for m in history if m.get("role") == "tool"}
+    outputs |= {item.get("call_id") for item in items if item.get("type") == "function_call_output"}
+    for i, item in enumerate(items):
+        if item.get("type") == "function_call_output" and item.get("call_id") not in calls:
             raise _bad(f"input[{i}]: no tool call found for function call output with call_id "
                        f"{item.get('call_id')!r}: no function_call in the input, or in the previous_response_id "
                        "chain, has it", f"input[{i}].call_id")
-
-
-def _calls_answered(raw: str | list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
-    """A 400 for a function_call (in the input, or the previous_response_id chain's last calls) that no
-    function_call_output answers, as OpenAI's ("No tool output found for function call ..."), in any order: it was
-    taken, and the model read on from a call with no result, as if it had one."""
-    done = {m.get("tool_call_id") for m in history if m.get("role") == "tool"}
-    items = [] if isinstance(raw, str) else raw
-    done |= {item.get("call_id") for item in items if item.get("type") == "function_call_output"}
     for c in (c for m in history for c in m.get("tool_calls") or ()):
-        if c.get("id") not in done:
+        if c.get("id") not in outputs:
             raise _bad(f"input: no tool output found for function call {c.get('id')!r}: the previous_response_id "
                        "response's call has no function_call_output in the input", "input")
     for i, item in enumerate(items):
-        if item.get("type") == "function_call" and item.get("call_id") not in done:
+        if item.get("type") == "function_call" and item.get("call_id") not in outputs:
             raise _bad(f"input[{i}]: no tool output found for function call {item.get('call_id')!r}: no "
                        "function_call_output in the input has its call_id", f"input[{i}].call_id")
 
