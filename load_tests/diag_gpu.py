@@ -288,7 +288,7 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
              "attn_stages": (triton_decode, "DECODE_STAGES"), "prefetch": (triton_decode, "PREFETCH_KV"),
              "norm_pass": (triton_gemv, "NORM_ONE_PASS"), "step_io": (runner, "STEP_IO"),
              "attn_pipe": (triton_decode, "PIPELINE_IDS"), "pipe_stages": (triton_decode, "PIPE_STAGES"),
-             "tma_rows": (triton_tma, "MAX_ROWS"), "tma_glu": (triton_tma, "GLU"), "gu_split": (triton_tma, "GU_SPLIT"), "tma_smem": (triton_tma, "SMEM_WIDE"),
+             "tma_rows": (triton_tma, "MAX_ROWS"), "tma_glu": (triton_tma, "GLU"), "tma_smem": (triton_tma, "SMEM_WIDE"),
              "glu": (llama, "GEMV_GLU"), "pdl_early": (triton_ops, "PDL_EARLY"),
              "early_rows": (triton_ops, "PDL_EARLY_ROWS"), "mega": (megakernel, "USE")}
     defaults = {k: getattr(mod, attr) for k, (mod, attr) in knobs.items()}
@@ -324,9 +324,6 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
                 # batched steps' projections as TMA-fed Triton GEMMs, every kernel under PDL (triton_tma), or cuBLAS
                 ("tma", {"tma_rows": 32}), ("tma again", {"tma_rows": 32}), ("cublas", {"tma_rows": 0}),
                 ("tma no glu", {"tma_rows": 32, "tma_glu": False}),
-                # gate_up split along K into partial sums that SiLU*mul adds (its 280 tiles spread evenly)
-                *((f"tma gu split {s}", {"tma_rows": 32, "gu_split": s}) for s in (1, 2, 3, 4)),
-                ("tma gu split 1 again", {"tma_rows": 32, "gu_split": 1}),
                 *((f"tma smem {n}k", {"tma_rows": 32, "tma_smem": n * 1024}) for n in (75, 220)),
                 ("small-batch gemv", {"max_rows": 32}), ("small-batch gemv swapped", {"max_rows": 32, "swap": True}),
                 ("small-batch gemv attn", {"max_rows": 32, "mlp": False}),

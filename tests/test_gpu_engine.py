@@ -717,19 +717,16 @@ def test_lora_on_cuda(make_varied, tmp_path, dtype):
     assert got[3:6] != got[:3]
 
 
-@pytest.mark.parametrize("arch,glu,split", [("qwen2", False, 1), ("qwen3", False, 1), ("llama", False, 1),
-                                            ("qwen2", True, 1), ("qwen2", False, 3)])
-def test_tma_forward_equals_cublas_forward(make_varied, arch, glu, split, monkeypatch):
+@pytest.mark.parametrize("arch,glu", [("qwen2", False), ("qwen3", False), ("llama", False), ("qwen2", True)])
+def test_tma_forward_equals_cublas_forward(make_varied, arch, glu, monkeypatch):
     """A decode step of 8 rows (6 sequences, 2 padded) with its projections through triton_tma (SiLU*mul in
-    gate_up's epilogue or after it: GLU, or after it on gate_up's split-K parts: GU_SPLIT; down split along K and
-    summed by the next add+RMSNorm): the hidden state and the K/V written of the cuBLAS path, within bf16 rounding;
-    every projection went through the TMA kernel."""
+    gate_up's epilogue or after it: GLU, down split along K and summed by the next add+RMSNorm): the hidden state and
+    the K/V written of the cuBLAS path, within bf16 rounding; every projection went through the TMA kernel."""
     from token_scheduler.model import llama, triton_tma
 
     if not triton_tma.pdl_capable(torch.zeros(1, device="cuda")):
         pytest.skip("TMA and programmatic dependent launch need Hopper or later")
     monkeypatch.setattr(triton_tma, "GLU", glu)
-    monkeypatch.setattr(triton_tma, "GU_SPLIT", split)
     cfg, w, rope, ids, pos, meta, kv = _decode_step_model(make_varied, arch, 8, 6)
     calls, linear = [], triton_tma.linear
     monkeypatch.setattr(triton_tma, "linear", lambda *a, **k: (calls.append(1), linear(*a, **k))[1])
@@ -743,12 +740,12 @@ def test_tma_forward_equals_cublas_forward(make_varied, arch, glu, split, monkey
     _assert_steps_close(outs, kv, meta)
 
 
-@pytest.mark.parametrize("early,split", [("none", 1), ("all", 1), ("all", 3)])
-def test_tma_graph_replay_is_bit_exact(make_varied, monkeypatch, early, split):
+@pytest.mark.parametrize("early", ["none", "all"])
+def test_tma_graph_replay_is_bit_exact(make_varied, monkeypatch, early):
     """The TMA step captured in a CUDA graph with every kernel under programmatic dependent launch gives the hidden
     state and KV of the same kernels launched plainly, eagerly, bit for bit, replay after replay (a kernel reading
     before its wait would show as a race), its kernels letting the next in after their wait or before it
-    (`early`: triton_ops.PDL_EARLY_ROWS), gate_up whole or split along K (`split`: triton_tma.GU_SPLIT)."""
+    (`early`: triton_ops.PDL_EARLY_ROWS)."""
     from token_scheduler.model import llama, triton_ops, triton_tma
 
     if not triton_tma.pdl_capable(torch.zeros(1, device="cuda")):
@@ -756,7 +753,6 @@ def test_tma_graph_replay_is_bit_exact(make_varied, monkeypatch, early, split):
     torch.manual_seed(0)
     cfg, w, rope, ids, pos, meta, kv = _decode_step_model(make_varied, "qwen2", 8, 6)
     monkeypatch.setattr(triton_tma, "MAX_ROWS", 32)
-    monkeypatch.setattr(triton_tma, "GU_SPLIT", split)
     monkeypatch.setattr(triton_tma, "pdl_capable", lambda t: True)  # the TMA path, its kernels launched plainly:
     monkeypatch.setattr(triton_ops, "USE_PDL", False)
     ref_kv = kv.clone()

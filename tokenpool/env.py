@@ -79,9 +79,6 @@ GEMV_ROWS_PERSIST = Var("TOKENPOOL_GEMV_ROWS_PERSIST", "0", "with TOKENPOOL_GEMV
 TMA_ROWS = Var("TOKENPOOL_TMA_ROWS", "32", "decode steps of 2 to this many sequences run their projections as Triton "
                "GEMMs fed by TMA, launched with programmatic dependent launch (Hopper and later; see "
                "token_scheduler/model/triton_tma.py); 0: cuBLAS", kind="int")
-TMA_GU_SPLIT = Var("TOKENPOOL_TMA_GU_SPLIT", "1", "with TOKENPOOL_TMA_ROWS: gate_up's K split into this many fp32 "
-                   "partial sums that SiLU*mul adds (more programs, spread evenly over the SMs; see "
-                   "token_scheduler/model/triton_tma.py); 1: whole", kind="int")
 ATTN_ROPE = Var("TOKENPOOL_ATTN_ROPE", "1", "batched decode steps on cuBLAS do RoPE and the KV write inside the "
                 "paged-decode attention kernel (one launch a layer fewer; 1-3% on the H200, see llama.py); 0: off")
 ATTN_BLOCKS_PER_ITER = Var("TOKENPOOL_ATTN_BLOCKS_PER_ITER", "4", "cache blocks the Triton paged-decode kernel "

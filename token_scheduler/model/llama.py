@@ -205,12 +205,7 @@ def _fused_layers(cfg, w, kv_cache, rope, x, positions, meta: AttentionMetadata,
             lora.add_(n, "o", o, [y])
         h = k.add_rms_norm(x, y, w[p + "ln2"], eps)
         if use_tma:  # down's partial sums: the add+RMSNorm below adds them
-            if tma.GLU:
-                a = tma.linear(h, w[p + "gate_up"], glu=True)
-            elif tma.GU_SPLIT > 1:  # gate_up's split-K partial sums: SiLU*mul adds them
-                a = k.silu_mul(tma.linear(h, w[p + "gate_up"], parts=True, split=tma.GU_SPLIT), h.dtype)
-            else:
-                a = k.silu_mul(tma.linear(h, w[p + "gate_up"]))
+            a = tma.linear(h, w[p + "gate_up"], glu=True) if tma.GLU else k.silu_mul(tma.linear(h, w[p + "gate_up"]))
             m = tma.linear(a, w[p + "down"], parts=True)
         else:
             m = _mlp(w, p, h, lora, n)

@@ -205,40 +205,23 @@ def rope_and_write_kv(qkv, cos, sin, positions, kv, layer, slot_blocks, slot_off
 
 
 @triton.jit
-def _silu_mul_kernel(GU, Y, ROWS, N: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr):
+def _silu_mul_kernel(GU, Y, N: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < N
-    if PARTS == 0:
-        g = tl.load(GU + row * 2 * N + cols, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(GU + row * 2 * N + N + cols, mask=m, other=0.0).to(tl.float32)
-    else:  # fp32 partial sums [PARTS, ROWS, 2N], added in order, then rounded as the stored projection is
-        g = tl.zeros([BLOCK], tl.float32)
-        u = tl.zeros([BLOCK], tl.float32)
-        for p in tl.static_range(PARTS):
-            base = GU + (p * ROWS + row) * 2 * N
-            g += tl.load(base + cols, mask=m, other=0.0)
-            u += tl.load(base + N + cols, mask=m, other=0.0)
-        g = g.to(Y.dtype.element_ty).to(tl.float32)
-        u = u.to(Y.dtype.element_ty).to(tl.float32)
+    g = tl.load(GU + row * 2 * N + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(GU + row * 2 * N + N + cols, mask=m, other=0.0).to(tl.float32)
     a = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty).to(tl.float32)
     tl.store(Y + row * N + cols, (a * u).to(Y.dtype.element_ty), mask=m)
 
 
-def silu_mul(gu: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """silu(g) * u of gu = [g | u] ([rows, 2N]), or of its split-K fp32 partial sums [parts, rows, 2N] (triton_tma's
-    `parts`: added in order, rounded to `dtype` as the projection would be stored)."""
-    parts = gu.shape[0] if gu.dim() == 3 else 0
-    if parts and (gu.dtype != torch.float32 or not gu.is_contiguous() or dtype is None):
-        raise ValueError(f"silu_mul: partial sums {tuple(gu.shape)} {gu.dtype} need to be fp32, contiguous, with the "
-                         f"output's dtype (got {dtype})")
-    rows, n2 = gu.shape[-2:]
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    rows, n2 = gu.shape
     n = n2 // 2
-    y = torch.empty(rows, n, device=gu.device, dtype=dtype if parts else gu.dtype)
-    t = gu[0] if parts else gu  # (rows lead: PDL's choice)
-    _silu_mul_kernel[(rows, triton.cdiv(n, 1024))](gu, y, rows, N=n, BLOCK=1024, PARTS=parts, num_warps=4,
-                                                   PDL=pdl_arg(t), launch_pdl=pdl(t))
+    y = torch.empty(rows, n, device=gu.device, dtype=gu.dtype)
+    _silu_mul_kernel[(rows, triton.cdiv(n, 1024))](gu, y, N=n, BLOCK=1024, num_warps=4, PDL=pdl_arg(gu),
+                                                           launch_pdl=pdl(gu))
     return y
 
 

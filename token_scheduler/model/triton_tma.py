@@ -61,13 +61,10 @@ GLU = False
 # +5.5%/+12% with qkv and o split. The eager kernel sums stay equal: every program of the consumer redoes the input's
 # making in its main loop (registers, then shared memory for wgmma, where a TMA copy fed it), which costs the GEMMs
 # what the small kernels took, while under PDL those kernels overlap the launches and cost less in the graph.
-# gate_up's K split into this many fp32 partial sums, added in order by triton_ops.silu_mul (TOKENPOOL_TMA_GU_SPLIT).
-# The 1.5B's gate_up has 280 output tiles: 2.12 programs an SM, so 16 SMs stream three tiles while the rest stream
-# two, and the projection lasts as long as those 16 (the TMA GEMMs together ran at ~71% of the copy rate, H100 at
-# b73f129, profile_1.5b_b8_h100_b73f129.json; 2.12/3 is 71%). Split in 2, 3 or 4 the tiles share out 4.24, 6.36 or
-# 8.48 an SM (85%, 91%, 94% even), for partial sums of 2 x M x 2N x 4 bytes a split (1.1 MB at batch 8: 2% of its
-# weights).
-GU_SPLIT = env.TMA_GU_SPLIT.integer()
+# Tried: gate_up's K split into 2-4 fp32 partial sums that silu_mul added in order (0079a48), for the 1.5B's 280
+# gate_up tiles (2.12 an SM) to share out evenly. Slower at every split on the H100 at 135c6f0 (diag_gpu step,
+# context 512, replay: split 2 +2.0%/+2.9% at batches 8/32, 4 +6.3%/+9.0%; tma_gu_split_h100_135c6f0.json): the
+# uneven tiles are not what holds the batched GEMMs at ~71% of the copy rate. Removed.
 # Shared memory a program of a projection wider than the GPU may take: two programs an SM (Hopper: 228 KB an SM).
 # At one program an SM the GLU gate_up of the 1.5B at 32 rows (140 programs, 120 KB each at K tiles of 128 over 3
 # stages) ran in two waves.
@@ -164,12 +161,11 @@ def _tma_kernel(w_desc, x_desc, B, Y, M, N, tiles_k, per_split, BLOCK_N: tl.cons
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, glu: bool = False,
-           parts: bool = False, config: tuple[int, int, int, int] | None = None,
-           split: int | None = None) -> torch.Tensor:
+           parts: bool = False, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (a few rows), w [N, K] -> x w^T (+ bias), [M, N]. `glu` (w a fused [gate; up]): silu(x gate^T) *
-    (x up^T), [M, N/2]. `parts`: the config's K splits' fp32 partial sums [SPLIT, M, N] (for add_rms_norm's r or
-    silu_mul's gu; a config of one split gives one); `split` in place of the config's. Where TMA cannot address x
-    or w, torch's ops (`parts`: the projection itself, which add_rms_norm and silu_mul take as well)."""
+    (x up^T), [M, N/2]. `parts`: the config's K splits' fp32 partial sums [SPLIT, M, N] (for add_rms_norm's r; a
+    config of one split gives one). Where TMA cannot address x or w, torch's ops (`parts`: the projection itself,
+    which add_rms_norm takes as well)."""
     m, k = x.shape
     n = w.shape[0] // 2 if glu else w.shape[0]
     if not _fits(x, w):  # rows TMA cannot address (not 16-byte aligned): torch's ops, the same roundings
@@ -183,14 +179,15 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
         raise ValueError(f"tma.linear: x {tuple(x.shape)}, w {tuple(w.shape)} (glu {glu}, parts {parts}, bias "
                          f"{bias is not None}): needs [M, K] and [N, K], contiguous; glu on an even row count alone")
     m_pad = rows_pad(m)
-    bn, bk, st, cfg_split = config or config_for(w.shape[0], k, m_pad, _sms(x.device.index or 0) if x.is_cuda else 132,
+    bn, bk, st, split = config or config_for(w.shape[0], k, m_pad, _sms(x.device.index or 0) if x.is_cuda else 132,
                                               glu)
     bk = min(bk, max(16, triton.next_power_of_2(k)))
     while glu and n % bn and bn > 16:  # a program's gate rows must not run into the up rows
         bn //= 2
     if glu and n % bn:
         raise ValueError(f"tma.linear: glu needs its {n} gate rows in whole blocks of 16")
-    split = 1 if not parts else split if split is not None else cfg_split
+    if not parts:
+        split = 1
     tiles_k = triton.cdiv(k, bk)
     per = triton.cdiv(tiles_k, split)
     splits = triton.cdiv(tiles_k, per)
