@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import statistics
+import sys
 import time
 from types import SimpleNamespace
 
@@ -387,14 +389,19 @@ def step(model: str, batches: list[int], context: int = 512, only: list[str] | N
             put(defaults[k])
 
 
-def step_sweep(model: str, batch: int = 1, context: int = 512, swap: bool = False, mlp: bool = True) -> None:
+def step_sweep(model: str, batch: int = 1, context: int = 512, swap: bool = False, mlp: bool = True,
+               tma: bool = False, out: str | None = None) -> None:
     """GEMV block configs tuned where they run: the decode graph's replay time at `batch` as each projection's
     config varies in turn (coordinate descent from the current table); the one-token table at batch 1, the
     small-batch table's entries for the batch's padded row count above. Back-to-back timings of one projection
     (`gemv-triton`) mislead under programmatic dependent launch: the next kernel may only start once every
     program of this one has, so how many programs a projection has matters beside its own speed. `swap`, `mlp`
-    (above batch 1): triton_gemv.ROWS_SWAP and llama.GEMV_ROWS_MLP (False: qkv and o alone are swept)."""
+    (above batch 1): triton_gemv.ROWS_SWAP and llama.GEMV_ROWS_MLP (False: qkv and o alone are swept). `tma`: the
+    batched step's TMA GEMMs (triton_tma.CONFIGS) instead, at `batch`."""
     from token_scheduler.model import llama, triton_gemv
+
+    if tma:
+        return _tma_step_sweep(model, batch, context, out)
 
     llama.GEMV_ROWS_MLP = mlp  # (set before the engine captures anything)
     timed = _StepTimer(model, batch, context)
@@ -447,6 +454,97 @@ def step_sweep(model: str, batch: int = 1, context: int = 512, swap: bool = Fals
         table[key(shape)] = best
         print(f"{name} {shape}: {best} {best_ms:.4f} ms", flush=True)
     print("BEST", table, f"{replay_ms():.4f} ms (start {base:.4f})")
+
+
+def _tma_grid(n: int, k: int, m_pad: int, parts: bool) -> list[tuple[int, ...]]:
+    """The TMA configs a step sweep tries for weights [n, k] at m_pad rows, 4 warps (8 tried on the best after):
+    64- and 128-row tiles, K tiles of 64-256 over 2-5 stages, split along K (down's `parts`) in 2, 4 or 8."""
+    import triton
+
+    out = []
+    for bn in (64, 128):
+        for bk, st in ((64, 4), (128, 2), (128, 3), (128, 4), (128, 5), (256, 2), (256, 3)):
+            for split in ((2, 4, 8) if parts and bn == 64 else (1,)):
+                tiles_k = triton.cdiv(k, bk)
+                if st * (bn + m_pad) * bk * 2 > 200 * 1024 or tiles_k < 2 * split:
+                    continue
+                out.append((bn, bk, st, split, 4))
+    return out
+
+
+def _compile_tma(model: str, m: int, grid: list) -> int:
+    """In a worker process: each (name, config) of `grid` run once as the batched step launches that projection
+    (qkv with its bias, down as split-K parts, under PDL over m rows), so Triton's on-disk cache holds it."""
+    from token_scheduler.model import triton_tma
+
+    a = _projection_inputs(model, m)
+    ops = {"qkv": lambda c: triton_tma.linear(a.x, a.wq, a.bq, config=c),
+           "o": lambda c: triton_tma.linear(a.xo, a.wo, config=c),
+           "gate_up": lambda c: triton_tma.linear(a.x, a.wgu, config=c),
+           "down": lambda c: triton_tma.linear(a.xd, a.wd, parts=True, config=c)}
+    return _run_all([lambda name=name, c=c: ops[name](c) for name, c in grid], m, a.dev)
+
+
+def _tma_step_sweep(model: str, batch: int, context: int, out: str | None = None) -> None:
+    """`step_sweep` over the batched step's TMA GEMM configs (triton_tma.CONFIGS, keyed by shape and padded rows):
+    coordinate descent from config_for's, gate_up, down, qkv, o in turn, then 8 warps on each best. `out`: a
+    tma_configs file (triton_tma.tuned_path's form) the best are merged into, after each projection."""
+    from token_scheduler.model import triton_tma
+
+    def save(shape, c, ms):
+        if not out:
+            return
+        doc = json.load(open(out)) if os.path.exists(out) else {
+            "device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "commit":
+            os.environ.get("TOKENPOOL_COMMIT", "?"), "command": " ".join(sys.argv), "configs": []}
+        doc["configs"] = [e for e in doc["configs"] if tuple(e["shape"]) != shape]
+        doc["configs"].append({"shape": list(shape), "config": list(c), "replay_ms": round(ms, 4), "batch": batch})
+        with open(out, "w") as f:
+            json.dump(doc, f, indent=1)
+
+    timed = _StepTimer(model, batch, context)
+    cfg = timed.eng.model_config
+    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    shapes = {"gate_up": (2 * i, h), "down": (h, i), "qkv": (q + 2 * kv, h), "o": (h, q)}
+    m = timed.eng.runner.bucket_of[batch]
+    m_pad = triton_tma.rows_pad(m)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    table = {(*s, m_pad): (*triton_tma.config_for(*s, m_pad, sms), 4) for s in shapes.values()}
+    grids = {name: _tma_grid(*s, m_pad, name == "down") for name, s in shapes.items()}
+    _precompile(_compile_tma, model, m, [(name, c) for name, g in grids.items() for c in g], procs=14)
+
+    def replay_ms() -> float:
+        triton_tma.CONFIGS = dict(table)
+        return timed(batch, 20)["graph_replay_ms"]
+
+    try:
+        base = replay_ms()
+        print(f"start {table}: {base:.4f} ms", flush=True)
+        for name, shape in shapes.items():
+            key = (*shape, m_pad)
+            best, best_ms = table[key], replay_ms()
+            for c in grids[name] + [None]:
+                c = c or (*best[:4], 8)  # last: 8 warps on the best of 4
+                if c == best:
+                    continue
+                table[key] = c
+                try:
+                    ms = replay_ms()
+                except Exception as e:  # noqa: BLE001 -- a config the compiler or the launch rejects
+                    print("  skip", c, str(e).splitlines()[0][:80], flush=True)
+                    continue
+                print(f"  {name} {c}: {ms:.4f} ms", flush=True)
+                if ms < best_ms:
+                    best, best_ms = c, ms
+            table[key] = best
+            print(f"{name} {shape}: {best} {best_ms:.4f} ms", flush=True)
+            save(key, best, best_ms)
+        final = replay_ms()
+        triton_tma.CONFIGS = {}
+        again = replay_ms()
+        print("BEST", table, f"{final:.4f} ms (start {base:.4f}, config_for again {again:.4f})", flush=True)
+    finally:
+        triton_tma.CONFIGS = {}
 
 
 def _projection_inputs(model: str, m: int) -> SimpleNamespace:
@@ -951,13 +1049,17 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512, help="step, step-sweep: each sequence's context")
     ap.add_argument("--swap", action="store_true", help="step-sweep above batch 1: the small-batch kernel's dot "
                     "the other way round (triton_gemv.ROWS_SWAP)")
+    ap.add_argument("--tma", action="store_true", help="step-sweep above batch 1: the batched step's TMA GEMM "
+                    "configs (triton_tma.CONFIGS)")
+    ap.add_argument("--tma-out", help="step-sweep --tma: merge the best configs into this tma_configs file")
     ap.add_argument("--mlp-cublas", action="store_true", help="step-sweep above batch 1: the MLP on cuBLAS, qkv and o "
                     "alone swept (llama.GEMV_ROWS_MLP off)")
     a = ap.parse_args()
     {"kv": kv, "gemv": lambda: gemv(a.model), "gemv-triton": lambda: gemv_triton(a.model),
      "step": lambda: step(a.model, [int(b) for b in (a.batch or "1,8").split(",")], a.context,
                          only=a.variants.split(",") if a.variants else None),
-     "step-sweep": lambda: step_sweep(a.model, int(a.batch or 1), a.context, a.swap, not a.mlp_cublas),
+     "step-sweep": lambda: step_sweep(a.model, int(a.batch or 1), a.context, a.swap, not a.mlp_cublas, a.tma,
+                                           a.tma_out),
      "prefill": lambda: prefill(a.model),
      "prefill-pooled": lambda: prefill_pooled(a.model),
      "pipe-dev": lambda: pipe_dev(a.model, a.model15),

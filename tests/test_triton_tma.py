@@ -33,6 +33,13 @@ for m, n, k, cfg in ((3, 128, 96, (64, 32, 2, 2)), (5, 192, 320, (64, 64, 3, 4))
     y1 = triton_ops.add_rms_norm(res, parts, nw, 1e-6)
     y2 = triton_ops.add_rms_norm(res2, r, nw, 1e-6)
     assert close(res, res2) and close(y1, y2)
+# a config set by shape (triton_tma.CONFIGS, a 5th entry the warps) in place of config_for's one part of one K tile
+tma.CONFIGS = {(64, 64, 16): (32, 32, 2, 2, 8)}
+x, w = torch.randn(2, 64), torch.randn(64, 64)
+p = tma.linear(x, w, parts=True)
+assert p.shape[0] == 2 and close(p.sum(0), F.linear(x, w)), p.shape
+tma.CONFIGS = {}
+assert tma.linear(x, w, parts=True).shape[0] == 1
 # a split of more parts than the config's K tiles: one tile a part
 assert tma.linear(torch.randn(2, 64), torch.randn(64, 64), parts=True, config=(64, 16, 2, 8)).shape[0] == 4
 try:
@@ -102,3 +109,23 @@ def test_rows_tma_cannot_address_take_torchs_ops():
     g, u = F.linear(x, w[:16]), F.linear(x, w[16:])
     assert torch.allclose(tma.linear(x, w, glu=True), F.silu(g) * u, atol=1e-6)
     assert torch.equal(tma.linear(x, w, parts=True), F.linear(x, w))
+
+
+def test_configs_tuned_on_a_device_are_read_from_its_file(monkeypatch, tmp_path):
+    """A tma_configs file (what `diag_gpu step-sweep --tma --tma-out` writes) is found by the device's name and read
+    by shape and padded rows; a device without one has none."""
+    import json
+
+    import torch
+
+    from token_scheduler.model import triton_tma as tma
+
+    monkeypatch.setattr(tma, "TUNED_DIR", tmp_path)
+    path = tma.tuned_path("NVIDIA H200")
+    assert path == tmp_path / "NVIDIA_H200.json"
+    path.write_text(json.dumps({"device": "NVIDIA H200", "configs": [
+        {"shape": [17920, 1536, 16], "config": [64, 128, 4, 1, 4], "replay_ms": 1.4, "batch": 8}]}))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H200")
+    assert tma._tuned.__wrapped__(0) == {(17920, 1536, 16): (64, 128, 4, 1, 4)}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
+    assert tma._tuned.__wrapped__(0) == {}

@@ -25,6 +25,9 @@ TOKENPOOL_TMA_ROWS (default 32) sets the largest batch; 0: cuBLAS.
 from __future__ import annotations
 
 import functools
+import json
+import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +82,27 @@ def smem_bytes(bn: int, bk: int, st: int, m_pad: int, glu: bool) -> int:
 # Measured out (H100 step replay at 63ec818, bench/results/tma_step_variants_h100_63ec818.json): 32- or 16-row tiles
 # for qkv and o, whose 64-row tiles leave most SMs idle (1.5B batch 8 1.802 and 1.913 ms against 1.737; the 7B 6.13
 # and 6.06 against 5.63), and o's output as split-K parts like down's (1.732 against 1.737: noise).
+
+
+# Configs set by shape in place of config_for's: {(n, k, m_pad): (BLOCK_N, BLOCK_K, STAGES, SPLIT[, num_warps])}, for
+# `diag_gpu step-sweep --tma` (tuned where they run: in the step's graph, under PDL).
+CONFIGS: dict[tuple[int, int, int], tuple[int, ...]] = {}
+# Configs that sweep found on a device, shipped beside this module as tma_configs/<device name>.json (as vLLM ships
+# its tuned kernel configs by device): config_for's rule came from the H100, whose slower memory weighs a kernel's
+# ramp and tail differently.
+TUNED_DIR = Path(__file__).with_name("tma_configs")
+
+
+def tuned_path(device_name: str) -> Path:
+    return TUNED_DIR / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
+
+
+@functools.cache
+def _tuned(index: int) -> dict[tuple[int, ...], tuple[int, ...]]:
+    path = tuned_path(torch.cuda.get_device_name(index))
+    if not path.exists():
+        return {}
+    return {tuple(e["shape"]): tuple(e["config"]) for e in json.loads(path.read_text())["configs"]}
 
 
 def config_for(n: int, k: int, m_pad: int, sms: int = 132, glu: bool = False) -> tuple[int, int, int, int]:
@@ -161,7 +185,7 @@ def _tma_kernel(w_desc, x_desc, B, Y, M, N, tiles_k, per_split, BLOCK_N: tl.cons
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, glu: bool = False,
-           parts: bool = False, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+           parts: bool = False, config: tuple[int, ...] | None = None) -> torch.Tensor:
     """x [M, K] (a few rows), w [N, K] -> x w^T (+ bias), [M, N]. `glu` (w a fused [gate; up]): silu(x gate^T) *
     (x up^T), [M, N/2]. `parts`: the config's K splits' fp32 partial sums [SPLIT, M, N] (for add_rms_norm's r; a
     config of one split gives one). Where TMA cannot address x or w, torch's ops (`parts`: the projection itself,
@@ -179,8 +203,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
         raise ValueError(f"tma.linear: x {tuple(x.shape)}, w {tuple(w.shape)} (glu {glu}, parts {parts}, bias "
                          f"{bias is not None}): needs [M, K] and [N, K], contiguous; glu on an even row count alone")
     m_pad = rows_pad(m)
-    bn, bk, st, split = config or config_for(w.shape[0], k, m_pad, _sms(x.device.index or 0) if x.is_cuda else 132,
-                                              glu)
+    key = (w.shape[0], k, m_pad)
+    cfg = (config or CONFIGS.get(key) or (_tuned(x.device.index or 0).get(key) if x.is_cuda and not glu else None)
+           or config_for(w.shape[0], k, m_pad, _sms(x.device.index or 0) if x.is_cuda else 132, glu))
+    bn, bk, st, split = cfg[:4]
+    warps = cfg[4] if len(cfg) > 4 else 4
     bk = min(bk, max(16, triton.next_power_of_2(k)))
     while glu and n % bn and bn > 16:  # a program's gate rows must not run into the up rows
         bn //= 2
@@ -196,5 +223,5 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     _tma_kernel[(triton.cdiv(n, bn), splits)](
         TensorDescriptor.from_tensor(w, [bn, bk]), TensorDescriptor.from_tensor(x, [m_pad, bk]),
         bias if bias is not None else y, y, m, n, tiles_k, per, BLOCK_N=bn, BLOCK_K=bk, M_PAD=m_pad, STAGES=st,
-        HAS_B=bias is not None, GLU=glu, PARTS=parts, PDL=pdl_arg(x, tma=True), num_warps=4, launch_pdl=pdl(x))
+        HAS_B=bias is not None, GLU=glu, PARTS=parts, PDL=pdl_arg(x, tma=True), num_warps=warps, launch_pdl=pdl(x))
     return y
