@@ -294,6 +294,7 @@ def _forget(memo: kopf.Memo, uid: str) -> None:
     with _WARNED_LOCK:
         _WARNED.pop(uid, None)
         _TOLD_READY.discard(uid)
+        _READY_POSTED.pop(uid, None)
 
 
 def _stale(memo: kopf.Memo, meta: dict) -> bool:
@@ -330,6 +331,15 @@ def _refusal(e: Exception) -> str:
 _WARNED: dict[str | None, str] = {}  # uid -> the reason of the Warning event posted for it while it stays Degraded
 _TOLD_READY: set[str | None] = set()  # uids whose last status written here was Ready (its Normal event posted)
 _WARNED_LOCK = threading.Lock()
+# A resource back to Ready with the reason and message of the Normal event last posted for it, within READY_REPEAT_S
+# of that event, posts none: the next one past it says how many returns went unposted. kopf.event creates an Event
+# object each time (kopf aggregates none, and the operator's Role may only create events), where client-go's
+# recorder counts a repeat on the event before it (`kubectl describe`: "x12 over 10m"): a model flapping between
+# Progressing and Ready (evicted and loaded again, round after round) showed a "Normal Serving" line per return.
+# 10 minutes: client-go's window for similar events (its EventAggregator's); a Warning since then posts it again.
+READY_REPEAT_S = 600.0
+# uid -> the Normal event last posted: reason, message, when (monotonic), the returns to Ready since, not posted
+_READY_POSTED: dict[str | None, tuple[str, str, float, int]] = {}
 
 # What a round observes of the controller and the cluster, in the status of each kind (PooledModel, GPUPool, Tenant:
 # distinct names). A Degraded round that did not observe one clears it (null: removed): a model whose controller went
@@ -344,7 +354,7 @@ def _write_status(body: Any, patch: kopf.Patch, status: dict, fields: dict, stat
     another reason) is also a Warning event on the object `body` (what `kubectl describe` shows), with the
     condition's reason: once, not again while it stays so. Turning Ready (the first time, or back from Degraded or
     Progressing) is a Normal event, once: not per round while it stays Ready, nor at an operator's restart (its
-    status said Ready already)."""
+    status said Ready already), nor again within READY_REPEAT_S of the same one (a model flapping)."""
     was = next(((c.get("type"), c.get("reason")) for c in status.get("conditions") or [] if c.get("status") == "True"),
                None)
     uid = (body or {}).get("metadata", {}).get("uid")
@@ -355,6 +365,7 @@ def _write_status(body: Any, patch: kopf.Patch, status: dict, fields: dict, stat
         if not _deleted(uid):  # (a deleted pool's round: nothing kept of it)
             if state == "Degraded":
                 _WARNED[uid] = reason
+                _READY_POSTED.pop(uid, None)  # (its recovery is told, however soon)
             elif state == "Ready":
                 _TOLD_READY.add(uid)
     kind, name = (body or {}).get("kind", "?"), (body or {}).get("metadata", {}).get("name")
@@ -368,9 +379,10 @@ def _write_status(body: Any, patch: kopf.Patch, status: dict, fields: dict, stat
         before = told or (was[1] if was and was[0] == "Degraded" else None)
         said = f"{message} (no longer Degraded: {before})" if before else message
         log.info("%s/%s: Ready: %s: %s", kind, name, reason, said)
-        if body is not None:  # (kopf.event: kopf.info posts nothing under `startup`'s posting level)
+        posted = _ready_repeat(uid, reason, said)
+        if body is not None and posted is not None:  # (kopf.event: kopf.info posts nothing under `startup`'s level)
             with contextlib.suppress(LookupError):
-                kopf.event(body, type="Normal", reason=reason, message=said)
+                kopf.event(body, type="Normal", reason=reason, message=posted)
     if state == "Degraded":
         fields = dict.fromkeys((k for k in OBSERVED if k in status), None) | fields
     new = dict(fields, conditions=b.build_conditions(state, reason, message, generation, status.get("conditions"),
@@ -380,6 +392,22 @@ def _write_status(body: Any, patch: kopf.Patch, status: dict, fields: dict, stat
     for k, v in new.items():
         if status.get(k) != v:
             patch.status[k] = v
+
+
+def _ready_repeat(uid: str | None, reason: str, message: str) -> str | None:
+    """The message of the Normal event for `uid` back to Ready (`reason`, `message`), or None where it repeats the
+    one posted less than READY_REPEAT_S ago (counted, and said by the next one posted)."""
+    now = time.monotonic()
+    with _WARNED_LOCK:
+        last = _READY_POSTED.get(uid)
+        same = last is not None and last[:2] == (reason, message)
+        if same and now - last[2] < READY_REPEAT_S:
+            _READY_POSTED[uid] = (*last[:3], last[3] + 1)
+            return None
+        if not _deleted(uid):
+            _READY_POSTED[uid] = (reason, message, now, 0)
+    n = last[3] if same else 0
+    return f"{message} ({n} more returns to Ready since the last such event, not posted)" if n else message
 
 
 def _api_message(e: ApiException) -> str:

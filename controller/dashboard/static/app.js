@@ -22,7 +22,7 @@ const S = {
   es: null, // the event stream
   lastData: 0, opened: 0, // when (Date.now()) the stream last brought a snapshot, and when it last opened
   retrying: false, // the stream failed and reconnects (the page says "reconnecting…")
-  retryMs: 1000, // the wait before reconnect()'s next try (retryLater): 1 s, doubled up to 8 s while tries fail
+  retryMs: 1000, // the wait before reconnect()'s next try (retryLater): 1 s, doubled up to 8 s while streams fail
   calls: 0, // admin API calls in flight
   leaving: false, // signed out: the page goes to the login form once no call is in flight
   signingOut: false, // this tab signs out: no call starts (one answered after the session's drop is a 401)
@@ -844,10 +844,10 @@ function connect() {
   // that failed (CLOSED) goes on from the last event seen (since=0 there showed every event twice). A restarted
   // server, whose seqs are all below it, sends what it has.
   const es = S.es = new EventSource(`/admin/events?since=${S.lastSeq}&snapshots=true`);
+  let opened = 0; // (this stream's open: S.opened may be a later stream's by its error)
   es.onopen = () => {
     S.retrying = false;
-    S.retryMs = 1000;
-    S.opened = Date.now();
+    S.opened = opened = Date.now();
     conn.textContent = "live"; conn.className = "conn live"; conn.title = "";
   };
   es.onerror = () => {
@@ -859,9 +859,11 @@ function connect() {
     conn.className = "conn down";
     // closed, not left to the browser's own reconnect: reconnect() asks first whether the session is still live
     es.close();
+    if (opened && Date.now() - opened >= RETRY_STABLE_MS) S.retryMs = 1000; // (it worked a while: retryLater)
     if (S.es === es) retryLater();
   };
   es.onmessage = (msg) => {
+    S.retryMs = 1000; // (a stream that brings data works: retryLater)
     const ev = JSON.parse(msg.data);
     if (typeof ev.seq === "number") S.lastSeq = ev.seq;
     addEvent(ev);
@@ -872,6 +874,7 @@ function connect() {
   };
   es.addEventListener("pool", (msg) => {
     S.lastData = Date.now();
+    S.retryMs = 1000; // (the first comes with the stream's open: retryLater)
     if (conn.textContent.startsWith("no data")) { conn.textContent = "live"; conn.className = "conn live"; conn.title = ""; }
     document.getElementById("conn-since").hidden = true; // (figures of now again: watchStream)
     document.querySelector("main").classList.remove("stale");
@@ -916,9 +919,12 @@ async function reconnect() {
 }
 
 // The next try of reconnect(), S.retryMs on, and the one after it twice as far, up to RETRY_MAX_MS; back to 1 s once
-// the stream opens (es.onopen), not at the session's answer alone: a stream that fails as it opens (a proxy that cuts
-// it) backs off as a server that is down does.
+// a stream has worked: it brought data (a snapshot comes with its open, then one a second), or it stayed open
+// RETRY_STABLE_MS. Not at the session's answer alone, nor at the stream's open: a server or a proxy that answers the
+// stream 200 and ends it at once (a proxy that will not pass a long response, a server stopping as it accepts) opened
+// it each time, and the page asked for it again once a second for good; it backs off as a server that is down does.
 const RETRY_MAX_MS = 8000;
+const RETRY_STABLE_MS = 5000;
 function retryLater() {
   const wait = S.retryMs;
   S.retryMs = Math.min(wait * 2, RETRY_MAX_MS);
