@@ -443,9 +443,11 @@ class EnginePool:
                 elif isinstance(msg, m.Stats):
                     self._stats(e, msg)
         except (asyncio.IncompleteReadError, m.ProtocolError, OSError) as ex:
-            if e.alive:  # (at shutdown, or signalled, the workers were told to stop: their exit is expected)
-                (log.info if self._stopping or e.retiring else log.warning)("engine %s connection lost: %s", eid,
-                                                               type(ex).__name__)
+            if e.alive:  # (at shutdown the workers were told to stop: their pipe closing is the end expected, at
+                # DEBUG, as a Ctrl-C printed "connection lost: IncompleteReadError" for each, reading as a fault; one
+                # signalled alone is said, its exit expected; any other end is a worker lost)
+                level = logging.DEBUG if self._stopping else logging.INFO if e.retiring else logging.WARNING
+                log.log(level, "engine %s connection lost: %s", eid, type(ex).__name__)
         finally:
             self._dead(e)
             writer.close()

@@ -211,8 +211,9 @@ def stop(url: str, token: str | None, model: str) -> str:
     names = {n: m["name"] for m in served for n in (m["name"], *(m.get("aliases") or []))}
     # (read as the server's Ollama API reads a name, as `ollama stop` takes it: NAME:latest, library/NAME, Name)
     name = names.get(pick(model, names.__contains__, lambda: names) or "")
-    if name is None:  # (as `tokenpool run` and `show` say it; the served models beside it)
-        raise PsError(not_found(model, [m["name"] for m in served]))
+    if name is None:  # (as `tokenpool run` and `show` say it: every name `stop` takes, aliases too, as /v1/models
+        # lists them to `run`; it named the models alone)
+        raise PsError(not_found(model, list(names)))
     path = f"/admin/models/{urllib.parse.quote(name, safe='')}/evict"
     got = fetch(url, path, token, method="POST")
     n = got.get("engines") if isinstance(got, dict) else None

@@ -73,7 +73,8 @@ def test_stop_of_a_model_not_served_names_those_that_are(monkeypatch):
     monkeypatch.setattr(ps, "fetch", fetch)
     r = CliRunner().invoke(app, ["stop", "nosuch", "--url", ":18250", "--admin-token", "t"], env={"COLUMNS": "200"})
     assert r.exit_code == 1 and r.output.strip() == ('tokenpool stop: model "nosuch" not found; served: '
-                                                     'smollm2-135m-instruct, demo'), r.output  # (as `run` says it)
+                                                     'smollm2-135m-instruct, smollm2, demo'), r.output  # (as `run`
+    # says it: the aliases `stop` takes too)
     assert calls == [("GET", "/admin/models")]
     r = CliRunner().invoke(app, ["stop", "smollm2:latest", "--url", ":18250", "--admin-token", "t"])
     assert r.exit_code == 0 and calls[-1] == ("POST", "/admin/models/smollm2-135m-instruct/evict"), (r.output, calls)

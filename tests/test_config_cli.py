@@ -196,7 +196,7 @@ def test_serve_model_dir_with_names_live(make_tiny, tmp_path):
         r = cli("stop", "tiny", "--url", srv.url, env=admin)
         assert r.returncode == 0 and r.stdout.startswith("tiny: its weights leave VRAM on 1 engine"), r.stderr
         r = cli("stop", "nope", "--url", srv.url, env=admin)
-        assert (r.returncode, r.stderr) == (1, 'tokenpool stop: model "nope" not found; served: mine\n'), r.stderr
+        assert (r.returncode, r.stderr) == (1, 'tokenpool stop: model "nope" not found; served: mine, tiny\n'), r.stderr
 
 
 def test_serve_a_repo_id_from_the_local_hugging_face_cache(make_tiny, tmp_path):
