@@ -59,8 +59,8 @@ _HF_CLASS = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "M
 
 def _torch_dtype(dtype: str) -> torch.dtype:
     """The torch dtype of DTYPES' `dtype`; torch imported through `hosting.import_torch`, as every first import of
-    torch in a server's process: the default's models are made on a thread of its start-up, and torch imported by
-    two threads at once is not safe (hosting's `_IMPORTS`)."""
+    torch in a process that may have threads (a worker's): torch imported by two threads at once is not safe
+    (hosting's `_IMPORTS`)."""
     return getattr(import_torch(), DTYPES[dtype])
 
 
@@ -209,6 +209,9 @@ def make_model(arch: str, size: str, out: str | Path, seed: int = 0, dtype: str 
     `out` must be absent, empty, or an earlier output of make_model with the same arguments (overwritten).
     config.json is written last: its presence means the directory is complete.
     """
+    out = Path(out)
+    if out.exists() and not out.is_dir():  # (said before torch and transformers are imported: ~2 s on 2 cores)
+        raise ValueError(f"{out} exists and is not a directory")
     import_torch()  # (before transformers, which imports it)
     GenerationConfig = imports.transformers("GenerationConfig")  # noqa: N806 (transformers' name)
 
@@ -216,7 +219,6 @@ def make_model(arch: str, size: str, out: str | Path, seed: int = 0, dtype: str 
     dev = _device(device)
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    out = Path(out)
     record = {"arch": arch, "size": size, "seed": seed, "dtype": dtype}
     _prepare_out(out, record)
     (out / MARKER).write_text(json.dumps({**record, "rng_device": dev.type}, indent=2) + "\n")
@@ -253,8 +255,6 @@ def _device(device: str | None) -> torch.device:
 
 
 def _prepare_out(out: Path, record: dict) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         marker = out / MARKER
         if not marker.exists():
@@ -432,3 +432,46 @@ def merge_lora(model_dir: str | Path, adapter_dir: str | Path, out: str | Path) 
                 ts[name] = (ts[name].float() + scale * (b @ a)).to(ts[name].dtype).contiguous()
         save_file(ts, str(f), metadata={"format": "pt"})
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m controller.model_factory [--result-fd FD] NAME=DIR ...: the embedded default's models made into these
+    folders (`config.ensure_demo_models`: SmolLM2 converted, the demos drawn; those made already are left alone).
+    `tokenpool serve`'s first run runs it as its child (`serve.ensure_demo_models`), so that torch and transformers stay
+    out of the server's process. Exit 2 where a model cannot be made into its folder (an OSError or ValueError: the
+    cache's to fix), 1 on another error; the reason, one line, written to FD."""
+    import argparse
+    import logging
+    import os
+    import signal
+    import sys
+    import traceback
+
+    from controller.config import ModelSpec, ServerConfig, ensure_demo_models
+
+    ap = argparse.ArgumentParser(prog="python -m controller.model_factory",
+                                 description="Make the embedded default's models (tokenpool serve's first run does).")
+    ap.add_argument("models", nargs="+", metavar="NAME=DIR", help="a default model's name and its folder")
+    ap.add_argument("--result-fd", type=int, default=None, metavar="FD", help="where the reason of a failure is written")
+    a = ap.parse_args(argv)
+    # the server stopped while this runs (serve._stop_making's SIGTERM): unwound as an exception is, so that a
+    # conversion's temporary folder is removed on the way out
+    signal.signal(signal.SIGTERM, lambda sig, _frame: sys.exit(128 + sig))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    models = [ModelSpec(name=n, path=d) for n, _, d in (m.partition("=") for m in a.models)]
+    try:
+        ensure_demo_models(ServerConfig(models=models, auth=False, is_default=True))
+        return 0
+    except Exception as e:  # noqa: BLE001 - said to the server, which says it as its one line
+        ours = isinstance(e, (OSError, ValueError))  # (ValueError: make_model's refusal of a path that is a file)
+        if not isinstance(e, (OSError, ValueError, RuntimeError)):  # (RuntimeError: real_model's own words, e.g.
+            traceback.print_exc()  # the SmolLM2 wheel that could not be fetched; anything else, a bug: its traceback)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        if a.result_fd is not None:
+            with os.fdopen(a.result_fd, "w") as f:
+                f.write(" ".join(str(why).split()) + "\n")
+        return 2 if ours else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import json
 import logging
+import os
 import re
+import subprocess
 import sys
 import typing
 from pathlib import Path
@@ -21,7 +25,6 @@ from controller.config import (
     ModelSpec,
     ServerConfig,
     ToolCallParser,
-    ensure_demo_models,
 )
 from controller.keys import hash_key, new_key
 from tokenpool import env
@@ -365,10 +368,68 @@ def default_banner(cfg: ServerConfig) -> str:
             f"bound to {cfg.listen.host} only")
 
 
+# The default's models are made in a child process: the conversion and the model factory import torch and
+# transformers, which the server's own process otherwise never needs (its tokenizers are read without them, its GPUs
+# counted through NVML): ~1-2 s of CPU on a 2-core first run, beside the local worker's start-up, and torch's memory
+# held by the server for good.
+MAKER = [sys.executable, "-m", "controller.model_factory"]
+_making: set[subprocess.Popen] = set()
+
+
+@atexit.register
+def _stop_making() -> None:
+    """A child still making the default's models when this process ends (a first run stopped during its start-up,
+    which does not wait for it: `shutdown._in_a_thread`) ends with it, as a GGUF's conversion does: it ran on
+    orphaned, and the next start made the same folders beside it. SIGTERM first, which the child unwinds on (a
+    conversion's temporary folder is removed), SIGKILL after 5 s."""
+    for p in list(_making):
+        p.terminate()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+
+
+def _made(m: ModelSpec) -> bool:
+    """`m`, one of the default's models, is in its folder (what `config.ensure_demo_models` checks before it makes
+    one: the conversion's marker and config.json, a demo's config.json, each written last)."""
+    from controller.real_model import MARKER
+
+    return all((Path(m.path or "") / f).exists() for f in ("config.json", *([MARKER] if m.name == REAL_MODEL else [])))
+
+
+def ensure_demo_models(cfg: ServerConfig) -> None:
+    """`config.ensure_demo_models` in a child process (`MAKER`), when one of the default's models is not made yet (a
+    first run); a warm start starts nothing. The child's terminal output (the conversion's line, the progress bars) is
+    the server's; its reason, where it fails, comes back through a pipe: a ValueError where a model could not be made
+    into its folder (its OSError or ValueError: the cache's to fix), a RuntimeError otherwise."""
+    if not cfg.is_default or all(_made(m) for m in cfg.models if m.path is not None):
+        return
+    r, w = os.pipe()
+    with open(r, encoding="utf-8", errors="replace") as reason:
+        try:  # (its own session, as a worker's: a Ctrl-C for the server is not the child's; _stop_making ends it)
+            p = subprocess.Popen([*MAKER, "--result-fd", str(w), *(f"{m.name}={m.path}" for m in cfg.models if m.path)],
+                                 pass_fds=(w,), start_new_session=True)
+        finally:
+            os.close(w)
+        _making.add(p)
+        try:
+            why = reason.read().strip()
+            p.wait()
+        finally:
+            _making.discard(p)
+    if p.returncode == 2:
+        raise ValueError(why or "exit 2")
+    if p.returncode != 0:
+        raise RuntimeError(why or f"the child making them exited {p.returncode}")
+
+
 def make_default_models(cfg: ServerConfig) -> None:
-    """The default's models, made on a first run (the real one converted, the demos drawn; ~10 s on 2 cores), then
-    checked: `tokenpool serve` runs it once it listens, so that /health answers "starting" meanwhile rather than the
-    port refusing connections. StartupError: they cannot be made."""
+    """The default's models, made on a first run (the real one converted, the demos drawn, in a child process:
+    `ensure_demo_models`; ~10 s on 2 cores), then checked: `tokenpool serve` runs it once it listens, so that /health
+    answers "starting" meanwhile rather than the port refusing connections. StartupError: they cannot be made."""
     from controller import startup
 
     try:
@@ -377,6 +438,9 @@ def make_default_models(cfg: ServerConfig) -> None:
         why = e.strerror if isinstance(e, OSError) and e.strerror else e
         raise startup.StartupError(f"cannot make the default's models under {Path(cfg.models[0].path or '.').parent}: "
                                    f"{why}{CACHE_HINT}") from None
+    except RuntimeError as e:  # (e.g. the SmolLM2 wheel that could not be fetched: its own remedy, not the cache's)
+        raise startup.StartupError(f"cannot make the default's models under {Path(cfg.models[0].path or '.').parent}: "
+                                   f"{e}") from None
     startup.check_models(cfg)
 
 

@@ -339,8 +339,8 @@ class Controller:
     # --- lifecycle ---
     async def start(self, models: Awaitable[None] | None = None) -> None:
         """Start the local workers, then register the configured models. `models`: their folders being made (`tokenpool
-        serve`'s start-up: the default's models, a GGUF file's conversion, on a thread), awaited here; its error is
-        this one's."""
+        serve`'s start-up: the default's models, a GGUF file's conversion, each in a child process waited for on a
+        thread), awaited here; its error is this one's."""
         # The local workers first: their start-up (imports; on a GPU the device measured) runs beside the reading of
         # the configured models' tokenizers, which took ~4 s of a 2-core host's time to ready before they started --
         # and beside the making of the models (the conversion runs on one core: a first run's ready came ~2.5 s

@@ -363,13 +363,19 @@ async def _in_a_thread(fn: Callable[[], None]) -> None:
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
+    def answer(set_it: Callable[[], object]) -> None:
+        try:
+            loop.call_soon_threadsafe(set_it)
+        except RuntimeError:  # the loop closed: the start-up stopped first and the process is ending; its exit
+            pass  # stops the child `fn` waited for (serve._stop_making, real_model._stop_conversions), waking it here
+
     def run() -> None:
         try:
             fn()
         except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
-            loop.call_soon_threadsafe(lambda err=e: done.done() or done.set_exception(err))
+            answer(lambda err=e: done.done() or done.set_exception(err))
         else:
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+            answer(lambda: done.done() or done.set_result(None))
 
     threading.Thread(target=run, name="tokenpool-prepare", daemon=True).start()
     await done
