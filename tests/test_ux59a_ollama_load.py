@@ -17,7 +17,9 @@ PORTS = range(25100, 25120)
 @pytest.fixture(scope="module")
 def server(make_tiny, tmp_path_factory):
     tiny = str(make_tiny("qwen2"))
-    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 5.0},
+    # dead_after_s past the 5 s beat: at its 3 s default the worker was declared dead (and killed) 3 s after each
+    # registration, again and again (~15 s of the setup) until one lived through its warm-up
+    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 5.0, "dead_after_s": 30},
            "models": [{"name": m, "path": tiny, "engine": {"max_num_seqs": 4, "max_model_len": 128}}
                       for m in ("ga", "ch")]}
     with live_server_on(PORTS, cfg, tmp_path_factory.mktemp("ux59a_load")) as srv:

@@ -24,7 +24,9 @@ KEY = "key-ux60a-load-usage-abcdef"
 def server(make_tiny, tmp_path_factory):
     tiny = str(make_tiny("qwen2"))
     cfg = {"admin_token_hash": hash_key(ADMIN),
-           "workers": {"local": "cpu", "standby": False, "heartbeat_s": 5.0},
+           # dead_after_s past the 5 s beat: at its 3 s default the worker was declared dead (and killed) 3 s after each
+           # registration, again and again (~15 s of the setup) until one lived through its warm-up
+           "workers": {"local": "cpu", "standby": False, "heartbeat_s": 5.0, "dead_after_s": 30},
            "models": [{"name": m, "path": tiny, "engine": {"max_num_seqs": 4, "max_model_len": 128}}
                       for m in ("ga", "ch")],
            # two requests at once, then one every 200 s: the test's generations use up the burst, its loads nothing

@@ -22,7 +22,9 @@ KEY = "key-ux60h-load-window-abcdef"
 def server(make_tiny, tmp_path_factory):
     tiny = str(make_tiny("qwen2"))
     cfg = {"admin_token_hash": hash_key(ADMIN),
-           "workers": {"local": "cpu", "standby": False, "heartbeat_s": 5.0},
+           # dead_after_s past the 5 s beat: at its 3 s default the worker was declared dead (and killed) 3 s after each
+           # registration, again and again (~15 s of the setup) until one lived through its warm-up
+           "workers": {"local": "cpu", "standby": False, "heartbeat_s": 5.0, "dead_after_s": 30},
            "models": [{"name": "ga", "path": tiny, "engine": {"max_num_seqs": 4, "max_model_len": 128}}],
            "tenants": [{"name": "loader", "key_hashes": [hash_key(KEY)]}]}
     with live_server_on(PORTS, cfg, tmp_path_factory.mktemp("ux60h_load_window")) as srv:
