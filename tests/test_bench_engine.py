@@ -128,8 +128,10 @@ meta = AttentionMetadata(None, None, BS, decode=True, block_tables=bt, context_l
 pipe = sys.argv[1] == "1"
 # (the default split count for these rows, num_splits_for(3, 2), is 32: 16 or 32 splits hold the cases 8 does -- one
 # block a split, then empty ones (8 of 7 blocks: 1 empty; of the window's 4: 4; of 1 or 2 blocks: 7 or 6) -- only
-# more empty ones, at 2.5 times the interpreter's time)
-for nbi, splits in ((4, 1), (4, 2), (2, 3), (1, 8), (4, 8)):
+# more empty ones, at 2.5 times the interpreter's time. One block an iteration at 2 splits, not 8: 4 and 3 iterations a
+# split, the pipelined ids and the prefetched first tile followed by more; (4, 8) holds what (1, 8) did -- one block a
+# split, empty ones -- at twice (1, 2)'s interpreter time)
+for nbi, splits in ((4, 1), (4, 2), (2, 3), (1, 2), (4, 8)):
     triton_decode.BLOCKS_PER_ITER, triton_decode.PIPELINE_IDS = nbi, pipe
     for window in (None, 40):
         ref = _decode_torch(q.double(), kv.double(), 1, meta, D**-0.5, window)
