@@ -416,6 +416,14 @@ def ensure_demo_models(cfg: ServerConfig) -> None:
             os.close(w)
         _making.add(p)
         try:
+            # the classes this process reads the made models' tokenizers with (`auto_tokenizer_class`: transformers'
+            # TokenizersBackend, and Qwen2Tokenizer for the demos' qwen2 and qwen3; without torch), imported while
+            # they are made rather than after them, on the way to ready: ~1.5 s of one core on 2 cores, which the
+            # making in this process had imported
+            from tokenpool import imports
+
+            with contextlib.suppress(ImportError, AttributeError):  # (a hint: the read says what is wrong)
+                imports.transformers("TokenizersBackend", "Qwen2Tokenizer")
             why = reason.read().strip()
             p.wait()
         finally:
