@@ -438,22 +438,30 @@ def step_sweep(model: str, batch: int = 1, context: int = 512, swap: bool = Fals
     base = replay_ms()
     print(f"start {table}: {base:.4f} ms", flush=True)
     for name, shape in shapes.items():
-        best, best_ms = table[key(shape)], replay_ms()
-        for c in grid:
-            if c == best:
-                continue
-            table[key(shape)] = c
-            try:
-                ms = replay_ms()
-            except Exception as e:  # noqa: BLE001 -- a config the compiler or the launch rejects
-                print("  skip", c, str(e).splitlines()[0][:80], flush=True)
-                continue
-            print(f"  {name} {c}: {ms:.4f} ms", flush=True)
-            if ms < best_ms:
-                best, best_ms = c, ms
-        table[key(shape)] = best
-        print(f"{name} {shape}: {best} {best_ms:.4f} ms", flush=True)
+        _descend(name, shape, key(shape), table, grid, replay_ms)
     print("BEST", table, f"{replay_ms():.4f} ms (start {base:.4f})")
+
+
+def _descend(name: str, shape, key, table: dict, grid, replay_ms, then=None) -> tuple:
+    """One projection's turn of a step sweep's coordinate descent: each config of `grid` in `table[key]` (after
+    it, `then(best)` where given), the step's replay timed, the least kept in the table. (best, its ms)."""
+    best, best_ms = table[key], replay_ms()
+    for c in [*grid, None] if then else grid:
+        c = c or then(best)
+        if c == best:
+            continue
+        table[key] = c
+        try:
+            ms = replay_ms()
+        except Exception as e:  # noqa: BLE001 -- a config the compiler or the launch rejects
+            print("  skip", c, str(e).splitlines()[0][:80], flush=True)
+            continue
+        print(f"  {name} {c}: {ms:.4f} ms", flush=True)
+        if ms < best_ms:
+            best, best_ms = c, ms
+    table[key] = best
+    print(f"{name} {shape}: {best} {best_ms:.4f} ms", flush=True)
+    return best, best_ms
 
 
 def _tma_grid(n: int, k: int, m_pad: int, parts: bool) -> list[tuple[int, ...]]:
@@ -521,24 +529,8 @@ def _tma_step_sweep(model: str, batch: int, context: int, out: str | None = None
         base = replay_ms()
         print(f"start {table}: {base:.4f} ms", flush=True)
         for name, shape in shapes.items():
-            key = (*shape, m_pad)
-            best, best_ms = table[key], replay_ms()
-            for c in grids[name] + [None]:
-                c = c or (*best[:4], 8)  # last: 8 warps on the best of 4
-                if c == best:
-                    continue
-                table[key] = c
-                try:
-                    ms = replay_ms()
-                except Exception as e:  # noqa: BLE001 -- a config the compiler or the launch rejects
-                    print("  skip", c, str(e).splitlines()[0][:80], flush=True)
-                    continue
-                print(f"  {name} {c}: {ms:.4f} ms", flush=True)
-                if ms < best_ms:
-                    best, best_ms = c, ms
-            table[key] = best
-            print(f"{name} {shape}: {best} {best_ms:.4f} ms", flush=True)
-            save(key, best, best_ms)
+            key = (*shape, m_pad)  # (last: 8 warps on the best of 4)
+            save(key, *_descend(name, shape, key, table, grids[name], replay_ms, lambda b: (*b[:4], 8)))
         final = replay_ms()
         triton_tma.CONFIGS = {}
         again = replay_ms()
