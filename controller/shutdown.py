@@ -222,8 +222,10 @@ class GracefulServer(uvicorn.Server):
         # its requests, then the controller lets it go (EnginePool.release_if_idle); none is replaced while draining
         s.ctl.pool.quiet = True
         s.drain_retry_after = max(1, int(self.grace_s) + 1)
-        log.warning("signal %d: draining; %s in flight get %.0f s to finish (signal again to stop now)",
-                    sig, _requests(max(len(s.active), len(_admitted(s)))), self.grace_s)
+        # INFO: a stop someone asked for (Ctrl-C, systemctl stop, a pod's deletion) is no fault, as uvicorn's and
+        # vLLM's "Shutting down" are INFO; what it cuts ("grace period over: ended ...") is the WARNING
+        log.info("signal %d: draining; %s in flight get %.0f s to finish (signal again to stop now)",
+                 sig, _requests(max(len(s.active), len(_admitted(s)))), self.grace_s)
         deadline = time.monotonic() + self.grace_s
         while (s.active or _admitted(s)) and time.monotonic() < deadline and not self.force_exit:
             await asyncio.sleep(0.05)
@@ -319,7 +321,7 @@ class StartupSignals:
     def _on_signal(self, sig: int) -> None:
         if self.got is None:
             self.got = sig
-            log.warning("signal %d during start-up: stopping", sig)
+            log.info("signal %d during start-up: stopping", sig)  # (asked for, as a drain's: not a WARNING)
         if self._task is not None:
             self._task.cancel()
 
