@@ -9,7 +9,8 @@ of its id in the next message, and each tool_result answering one of the message
 consecutive turns of a role as one, as Anthropic combines them), `max_tokens`,
 `stop_sequences`, sampling fields, `tools` (name, description, input_schema) and `tool_choice` become the chat
 completion they mean; it is validated, templated, admitted and generated as that one would be. The reply is a
-Message: `text` or `tool_use` content blocks (none for a reply of no text; calls max_tokens cut short are the
+Message: `text` or `tool_use` content blocks (a text block before tool_use blocks where the reply's text went on to
+calls, tool_choice auto; none for a reply of no text; calls max_tokens cut short are the
 whole ones' tool_use blocks and the cut one's, input {}), its `stop_reason` (end_turn, max_tokens, stop_sequence, tool_use) and usage (the
 prompt tokens found in the prefix cache as `cache_read_input_tokens`). Streamed, the Messages API's server-sent
 events (message_start ... message_stop; text as it comes; tool calls as they are written, as the chat path's: a
@@ -51,7 +52,7 @@ from starlette.requests import Request
 
 from controller.api import protocol as p
 from controller.api.serving import OpenAIServing, Tracked
-from controller.api.structured import HERMES_OPEN, CallStream, ToolPlan
+from controller.api.structured import CallStream, Lead, ToolPlan
 from controller.api.thinking import Budgeted, Split, opened, switch, thinks
 from controller.errors import ServingError
 from controller.tenants import Tenant
@@ -253,17 +254,22 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
             out.append({"role": "assistant", "content": p.PARTS_SEP.join(texts) or None, "tool_calls": calls})
         elif texts or m.role == "assistant":
             out.append({"role": m.role, "content": p.PARTS_SEP.join(texts)})
+    # (a conversation that ends with the assistant's tool_use blocks: no message answers them, as Anthropic's 400 for
+    # one ending so says; taken, the template wrote the calls and a new assistant turn, and the model answered as if
+    # it had their results)
+    _all_answered(asked, None, len(req.messages))
     return _one_turn_a_role(out)
 
 
-def _all_answered(asked: dict[str, None], m: p.AnthropicMessage, i: int) -> None:
+def _all_answered(asked: dict[str, None], m: p.AnthropicMessage | None, i: int) -> None:
     """A 400 where message `i`, the one after tool_use blocks (`asked`, their ids in order), lacks a tool_result of
-    each, as Anthropic's (in any order; a tool_result of an earlier turn is `_messages`' own 400): the template
-    rendered calls never answered, and the model read on as if it had the results."""
+    each (`m` None: there is none, the tool_use blocks' message was the last), as Anthropic's (in any order; a
+    tool_result of an earlier turn is `_messages`' own 400): the template rendered calls never answered, and the
+    model read on as if it had the results."""
     if not asked:
         return
     got = {b.get("tool_use_id") for b in m.content if isinstance(b, dict) and b.get("type") == "tool_result"} \
-        if isinstance(m.content, list) and m.role == "user" else set()
+        if m is not None and isinstance(m.content, list) and m.role == "user" else set()
     if missing := [t for t in asked if t not in got]:
         raise _bad(f"messages.{i - 1}: `tool_use` ids were found without `tool_result` blocks immediately after: "
                    f"{', '.join(missing)}. Each `tool_use` block must have a corresponding `tool_result` block in the "
@@ -507,9 +513,10 @@ class _Reply:
     def blocks(self) -> tuple[list[dict[str, Any]], str]:
         """The content blocks and the stop reason."""
         msg, why = self.serving._reply(self.text, self.finish, self.tools)
-        if msg.tool_calls:
-            return [{"type": "tool_use", "id": f"toolu_{secrets.token_hex(12)}", "name": c.function.name,
-                     "input": json.loads(c.function.arguments)} for c in msg.tool_calls], "tool_use"
+        if msg.tool_calls:  # (a text block of the text before them, as Claude's "I'll check." then its tool_use)
+            return [*([{"type": "text", "text": msg.content}] if msg.content else []),
+                    *({"type": "tool_use", "id": f"toolu_{secrets.token_hex(12)}", "name": c.function.name,
+                       "input": json.loads(c.function.arguments)} for c in msg.tool_calls)], "tool_use"
         if why == "length" and (cut := self.cut_calls()):  # (the calls written whole, the cut one's input {})
             return cut, "max_tokens"
         if why == "length":
@@ -533,19 +540,20 @@ class _Reply:
         name = part["function"]["name"] if part is not None else None if whole else self.cut_call()
         if name is not None:
             blocks.append({"type": "tool_use", "id": f"toolu_{secrets.token_hex(12)}", "name": name, "input": {}})
-        return blocks
+        lead = self.tools.lead(self.text)[0] if blocks else ""  # (the text before the calls)
+        return [{"type": "text", "text": lead}, *blocks] if lead else blocks
 
     def cut_call(self) -> str | None:
         """The tool of a call that max_tokens cut short: Anthropic's reply then ends in that call's tool_use block (its
         input incomplete; the client retries with more max_tokens), not in a text block of the call's JSON as far as
         it got. None where the output is text, or the call's tool is not known (its name not reached, of tools)."""
         t = self.tools
-        if t is None or (t.hermes and not self.text.startswith(HERMES_OPEN)):
+        if t is None or (t.hermes and not t.lead(self.text)[1]):
             return None
         if t.named:
             return t.named
         names = [x.get("name") for x in self.req.tools or []]
-        said = re.search(r'"name"\s*:\s*"([^"]+)"', self.text)
+        said = re.search(r'"name"\s*:\s*"([^"]+)"', t.lead(self.text)[1])
         if said is not None and said.group(1) in names:
             return said.group(1)
         return names[0] if len(names) == 1 else None
@@ -621,6 +629,10 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncI
     # stops once the next starts or the output ends, as Anthropic streams one
     live = reply.tools is None
     auto = reply.tools is not None and reply.tools.hermes
+    # (auto) a reply that turned out to be text: its calls may follow it, its text sent up to their opening (held
+    # while it may be one); its text block then stops and the tool_use blocks follow it
+    lead = Lead() if auto and reply.tools.text_then_calls else None
+    said = ""  # (its text before its calls, once they began)
     out: list[bytes] = []
     started = False
     calls: CallStream | None = None
@@ -676,9 +688,19 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncI
             reply.text += text
             if d.finished:
                 reply.finish, reply.stop = d.finish_reason, d.stop_reason
-            if auto and not live and reply.text and reply.tools.opening(reply.text) is False:
+            if auto and not live and calls is None and reply.text and reply.tools.opening(reply.text) is False:
                 live, text = True, reply.text  # (what was held, then as it comes)
                 out.append(_event("content_block_start", index=base, content_block={"type": "text", "text": ""}))
+            if live and lead is not None and (text or d.finished):
+                text, rest = lead.feed(text, d.finished)
+                if rest is not None:  # (its calls begin: the text before them, its block stopped)
+                    if text:
+                        out.append(_event("content_block_delta", index=base, delta={"type": "text_delta",
+                                                                                     "text": text}))
+                    out.append(_event("content_block_stop", index=base))
+                    live, lead, base, text, said = False, None, base + 1, "", reply.tools.lead(reply.text)[0]
+                    calls = CallStream(reply.tools)
+                    out += call_events(rest)
             if live and text:
                 out.append(_event("content_block_delta", index=base, delta={"type": "text_delta", "text": text}))
             elif not live:
@@ -701,6 +723,9 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply) -> AsyncI
         elif told:  # (the calls told stand: a cut one's input is what was written, as Anthropic streams one)
             out += [_event("content_block_stop", index=base + j) for j in range(closed, told)]
         else:  # (no call began: what the output is, whole; a cut call's block of input {}, as unstreamed)
+            if content and content[0]["type"] == "text" and said:  # (less the text before the calls, sent)
+                rest = content[0]["text"][len(said):]
+                content = [{"type": "text", "text": rest}, *content[1:]] if rest else content[1:]
             for i, b in enumerate(content, base):
                 if b["type"] == "text":
                     out += [_event("content_block_start", index=i, content_block={"type": "text", "text": ""}),

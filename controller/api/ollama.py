@@ -47,6 +47,7 @@ from controller.api.serving import (
 from controller.api.structured import (
     HERMES_CLOSE,
     JSON_LAYOUT,
+    Lead,
     ToolPlan,
     closed_schema,
     response_grammar,
@@ -829,14 +830,15 @@ class _CallLines:
     """A streamed reply's tool calls as Ollama's chat stream gives them: each call in a line of its own as soon as it
     is whole (Ollama's tool parser emits `message.tool_calls` once it has parsed a call), not the reply held to its
     end. With the hermes syntax ("auto": text, or `<tool_call>` blocks; `ToolPlan.opening` tells which once the
-    reply's start does) a text reply streams as it comes, as Ollama's does; the grammar's other layouts (a call
-    named, a list of calls) are read whole at the end."""
+    reply's start does) a text reply streams as it comes, as Ollama's does, and calls after it are read as calls
+    (`Lead`); the grammar's other layouts (a call named, a list of calls) are read whole at the end."""
 
     def __init__(self, serving: OpenAIServing, tools: ToolPlan):
         self.serving, self.tools = serving, tools
         self.text, self.mode = "", None if tools.hermes else "held"  # None: not known yet; "text"; "calls"
         self.sent = 0  # the whole calls sent
         self.closes = 0  # the closing tags seen (a call may be whole only where one more came)
+        self.lead = Lead()  # (a text reply) its calls may follow it: its text sent up to their opening
 
     def feed(self, text: str, done: bool, reason: str | None) -> tuple[str, list[dict[str, Any]]]:
         """(content to send, calls to send) for the reply's next `text`; `done`: the reply is over."""
@@ -847,9 +849,16 @@ class _CallLines:
                 return "", []
             self.mode = "calls" if opening else "text"
             if self.mode == "text":
-                return self.text, []
-        if self.mode == "text":
+                text = self.text  # (what was held, then as it comes)
+        if self.mode == "text" and not self.tools.text_then_calls:
             return text, []
+        if self.mode == "text":
+            shown, rest = self.lead.feed(text, done)
+            if rest is None:
+                return shown, []
+            self.mode, self.text = "calls", ""  # (the calls after the text: read from their opening on)
+            content, calls = self.feed(rest, done, reason)
+            return shown + content, calls
         if self.mode == "held":
             if not done:
                 return "", []

@@ -347,6 +347,8 @@ class ChatCompletionRequest(_Sampling, _ChatTemplate):
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # OpenAI's: "none" turns a thinking template's switch off, the others on (thinking.effort_kwargs)
+    reasoning_effort: str | None = None
     # (vLLM's) each choice's content starts with the last message's text when it is of the reply's role (serving.py)
     echo: bool = False
 
@@ -374,7 +376,7 @@ class ResponsesRequest(_Top):
     user: str | None = None
     # "auto": the oldest turns of a conversation too long for the context are dropped until it fits
     truncation: Literal["auto", "disabled"] | None = None
-    reasoning: dict[str, Any] | None = None  # (echoed; these models do not reason apart)
+    reasoning: dict[str, Any] | None = None  # (echoed) its `effort`: the chat request's reasoning_effort
     # "message.output_text.logprobs": each output token's logprob (with top_logprobs alternatives); others accepted
     include: list[str] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)

@@ -9,7 +9,9 @@ max_output_tokens cut it (a call being written is an `incomplete` function_call 
 whose template thinks (Qwen3's) has its reply's `<think>` block as a `reasoning` item before them (its text a
 `reasoning_text` part, streamed as `response.reasoning_text.delta` events; its tokens usage's `reasoning_tokens`),
 the calls after it read as calls; reasoning items sent back in an input are skipped, as the templates drop an
-earlier turn's thinking.
+earlier turn's thinking. `reasoning.effort` is the chat request's `reasoning_effort` (thinking.effort_kwargs: "none"
+turns a thinking template's switch off). With tool_choice "auto" a reply's text may go on to calls (a message item,
+then function_call items).
 Streamed, Responses' typed server-sent events, from `response.created` to `response.completed` (text deltas as they
 come, with tool_choice "auto" once the reply shows it is text; calls as they are written, as the chat path's: a
 function_call item is added once its name is whole, its arguments follow in `response.function_call_arguments.delta`
@@ -38,7 +40,7 @@ from starlette.requests import Request
 
 from controller.api import protocol as p
 from controller.api.serving import ClientGone, OpenAIServing, Tracked
-from controller.api.structured import CallStream, ToolPlan, response_schema
+from controller.api.structured import CallStream, Lead, ToolPlan, response_schema
 from controller.api.thinking import Split, opened, thinks
 from controller.errors import ServingError
 from controller.tenants import Tenant
@@ -98,6 +100,7 @@ _CHAT_PATHS = ((re.compile(r"^messages\b[.\w]*"), "input"),
                (re.compile(r"\bresponse_format\.json_schema\b"), "text.format.schema"),
                (re.compile(r"\bresponse_format\b"), "text.format"),
                (re.compile(r"\btool_choice\.function\.name\b"), "tool_choice.name"),
+               (re.compile(r"\breasoning_effort\b"), "reasoning.effort"),
                (re.compile(r"\btools\.(\d+)\.function\.(\w+)"), r"tools[\1].\2"),
                (re.compile(r"\btools\.(\d+)"), r"tools[\1]"),
                (re.compile(r"\{'type': 'function', 'function': \{'name': \.\.\.\}\}"),
@@ -245,6 +248,7 @@ def _chat(req: p.ResponsesRequest, conversation: list[dict[str, Any]]) -> p.Chat
                             "top_p": req.top_p, "seed": req.seed, "tools": _tools(req.tools),
                             "tool_choice": _tool_choice(req.tool_choice), "parallel_tool_calls": req.parallel_tool_calls,
                             "response_format": _response_format(req.text),
+                            "reasoning_effort": (req.reasoning or {}).get("effort"),
                             "logprobs": True if logprobs else None, "top_logprobs": req.top_logprobs if logprobs else None}
     try:
         return p.ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
@@ -403,10 +407,19 @@ class _Reply:
         """Whether the reply so far is all thinking: its thinking stands alone, no empty message after it."""
         return bool(self.thinking) and not self.text
 
-    def message(self, status: str) -> dict[str, Any]:
+    def message(self, status: str, text: str | None = None) -> dict[str, Any]:
+        """The message item of the output's text (`text`: the text before its calls, and its tokens' logprobs)."""
+        lps = self.logprobs
+        if text is not None:  # (the first tokens' that make it)
+            n, lps = 0, []
+            for lp in self.logprobs:
+                if n >= len(text):
+                    break
+                lps.append(lp)
+                n += len(lp["token"])
         return {"type": "message", "id": self.msg_id, "status": status, "role": "assistant",
-                "content": [{"type": "output_text", "text": self.text, "annotations": [],
-                             "logprobs": self.logprobs}]}
+                "content": [{"type": "output_text", "text": self.text if text is None else text, "annotations": [],
+                             "logprobs": lps}]}
 
     def output(self) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
         """The output items, the assistant's chat message (for the stored conversation) and the status."""
@@ -423,8 +436,9 @@ class _Reply:
             return [*think, *([] if self.thought_only() else [self.message(status)])], {
                 "role": "assistant", "content": self.text}, status
         calls = self.as_streamed([c.model_dump() for c in msg.tool_calls])
-        return [*think, *(self.call_item(k, c, "completed") for k, c in enumerate(calls))], {
-            "role": "assistant", "content": None, "tool_calls": calls}, status
+        said = [self.message("completed", msg.content)] if msg.content else []  # (the text before the calls)
+        return [*think, *said, *(self.call_item(k, c, "completed") for k, c in enumerate(calls))], {
+            "role": "assistant", "content": msg.content, "tool_calls": calls}, status
 
     def cut(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The output items of a response cut short (its client left, the server ended it, max_output_tokens) and its
@@ -439,11 +453,13 @@ class _Reply:
                                                                                    "content": self.text}
         whole, part = got
         whole = self.as_streamed(whole)
-        items = [*think, *(self.call_item(k, c, "completed") for k, c in enumerate(whole))]
+        lead = self.tools.lead(self.text)[0]  # (the text before the calls)
+        items = [*think, *([self.message("completed", lead)] if lead else []),
+                 *(self.call_item(k, c, "completed") for k, c in enumerate(whole))]
         if part:
             items.append(self.call_item(len(whole), self.as_streamed([*whole, part])[-1], "incomplete"))
-        return items, ({"role": "assistant", "content": None, "tool_calls": whole} if whole else
-                       {"role": "assistant", "content": ""})
+        return items, ({"role": "assistant", "content": lead or None, "tool_calls": whole} if whole else
+                       {"role": "assistant", "content": lead})
 
 
 def _history(store: ResponseStore, req: p.ResponsesRequest, tenant: Tenant) -> list[dict[str, Any]]:
@@ -569,6 +585,9 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish, c
     # done, item done) once the next opens or the output ends, as OpenAI streams one
     live = reply.tools is None
     auto = reply.tools is not None and reply.tools.hermes
+    # ("auto") a reply that turned out to be text: its calls may follow it, its text sent up to their opening (held
+    # while it may be one); its message item is then done and the calls' items follow it
+    lead = Lead() if auto and reply.tools.text_then_calls else None
     closed = [0]  # the calls whose item is done (those added: `reply.streamed.calls`)
     # the reasoning item, where the reply thinks: output index 0, its text as it comes, done once the reply's text
     # begins (or at the end); the items after it from output index `base`. The message item opens with the reply's
@@ -633,9 +652,20 @@ async def _stream(serving: OpenAIServing, gen: Tracked, reply: _Reply, finish, c
                 out += thought_done()
             if live and text and not shown:
                 out += opened()
-            if auto and not live and reply.text and reply.tools.opening(reply.text) is False:
+            if (auto and not live and reply.streamed is None and reply.text
+                    and reply.tools.opening(reply.text) is False):
                 live, text, lps = True, reply.text, list(reply.logprobs)  # (what was held, then as it comes)
                 out += opened()
+            if live and lead is not None and (text or d.finished):
+                text, rest = lead.feed(text, d.finished)
+                if rest is not None:  # (its calls begin: the text before them, its message item done)
+                    if text:
+                        out.append(_event(seq, "response.output_text.delta", item_id=reply.msg_id,
+                                          output_index=base, content_index=0, delta=text, logprobs=lps))
+                    out += _text_done(seq, base, reply.message("completed", reply.tools.lead(reply.text)[0]))
+                    live, lead, base, text = False, None, base + 1, ""
+                    reply.streamed = CallStream(reply.tools)
+                    out += calls(rest)
             if live and text:
                 out.append(_event(seq, "response.output_text.delta", item_id=reply.msg_id, output_index=base,
                                   content_index=0, delta=text, logprobs=lps))

@@ -26,13 +26,14 @@ from controller.api import protocol as p
 from controller.api.sse import DONE, EMPTY, NULL, ROLE, ROLE_CALLS, ChunkFrames, content, sse
 from controller.api.structured import (
     CallStream,
+    Lead,
     ToolPlan,
     response_grammar,
     response_schema,
     tool_plan,
     vllm_grammar,
 )
-from controller.api.thinking import Split, opened, thinks
+from controller.api.thinking import Split, effort_kwargs, opened, thinks
 from controller.errors import ServingError
 from controller.messages import Delta
 from controller.service import Controller, Generation, ModelEntry
@@ -819,9 +820,11 @@ class OpenAIServing:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         tools = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls, me.spec.tool_call_parser)
         params = self._params(me, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, tools=tools)
+        if tools is not None and (schema := response_schema(req.response_format)) is not None:
+            tools = tools.answering(schema)  # (as the grammar has it: its text, JSON, is the whole output)
         if not getattr(me.tokenizer, "chat_template", None):
             raise ServingError(400, f"model `{req.model}` has no chat template; use /v1/completions")
-        kwargs = check_template_kwargs(req.chat_template_kwargs)
+        kwargs = effort_kwargs(me, req.reasoning_effort, check_template_kwargs(req.chat_template_kwargs))
         if tools is not None:
             kwargs = {**kwargs, "tools": tools.template_tools}
         if fit is None:
@@ -893,7 +896,8 @@ class OpenAIServing:
         declarations); nothing is generated (Anthropic's count_tokens, Responses' input_tokens)."""
         me = self.lookup(tenant, chat.model)
         tools = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, me.spec.tool_call_parser)
-        kwargs = check_template_kwargs(chat.chat_template_kwargs)  # (as start_chat renders it)
+        # (as start_chat renders it)
+        kwargs = effort_kwargs(me, chat.reasoning_effort, check_template_kwargs(chat.chat_template_kwargs))
         if tools is not None:
             kwargs = {**kwargs, "tools": tools.template_tools}
         ids = await self.offload(self._chat_prompt, me, chat, kwargs, False)
@@ -944,11 +948,12 @@ class OpenAIServing:
     @staticmethod
     def _reply(text: str, finish: str | None, tools: ToolPlan | None) -> tuple[p.AssistantMessage, str | None]:
         """A choice's message and finish reason: with tools, a whole output is its tool calls (finish reason
-        "tool_calls"; "stop" for a call tool_choice named, as OpenAI's and vLLM's); one cut short stays text."""
+        "tool_calls"; "stop" for a call tool_choice named, as OpenAI's and vLLM's), a hermes one's text before them
+        its content (vLLM's hermes parser's); one cut short stays text."""
         calls = tools.calls(text) if tools is not None and finish == "stop" else None
         if calls is None:
             return p.AssistantMessage(content=text), finish
-        return p.AssistantMessage(content=None, tool_calls=calls), _calls_finish(tools)
+        return p.AssistantMessage(content=tools.lead(text)[0] or None, tool_calls=calls), _calls_finish(tools)
 
     async def _collect_chat(self, gen: Tracked, req: p.ChatCompletionRequest, rid: str,
                             me: ModelEntry, tools: ToolPlan | None) -> p.ChatCompletionResponse:
@@ -969,7 +974,7 @@ class OpenAIServing:
                 head, rest = _after_thought(text[i], begun)
                 msg, why = self._reply(rest, finish[i], tools)
                 if head and msg.tool_calls:
-                    msg.content, replies[i] = head, (msg, why)
+                    msg.content, replies[i] = head + (msg.content or ""), (msg, why)
         if echo := self._echoed(req):
             for msg, _ in replies:
                 msg.content = echo + (msg.content or "")
@@ -1000,6 +1005,9 @@ class OpenAIServing:
         begun = _thinks_first(me, gen, req, tools)
         splits = [Split(begun) if begun is not None else None for _ in gen.subs]
         said = [""] * len(gen.subs)
+        # ("auto") a choice that turned out to be text: its calls may follow it (the grammar's `lead`), its text sent
+        # up to their opening, which is held while it may be one
+        leads = [Lead() if hermes and tools.text_then_calls else None for _ in gen.subs]
 
         def role(i: int, calls: bool) -> bytes:
             if opened[i]:
@@ -1058,6 +1066,15 @@ class OpenAIServing:
                         calls[i], fresh = CallStream(tools), held[i]
                     elif not d.finished:
                         return out
+            if text_reply[i] and (lead := leads[i]) is not None:
+                shown, rest = lead.feed(d.text, d.finished)
+                if rest is not None:  # (its calls begin: the text before them, then the calls as above)
+                    if shown or lp:
+                        out += role(i, False) + fr.delta(i, content(shown), NULL if lp is None else p.ChoiceLogprobs(
+                            content=lp).model_dump_json(exclude_unset=True).encode())
+                    leads[i], text_reply[i], calls[i], held[i], fresh = None, False, CallStream(tools), rest, rest
+                    held_lps[i], lp = [], None
+                d = dataclasses.replace(d, text=shown)
             if tools is not None and not text_reply[i]:
                 out += role(i, calls[i] is not None)
                 if calls[i] is not None:

@@ -4,7 +4,8 @@ masks each token with (SamplingParams.grammar).
 - `response_format` `json_object` (any JSON object) or `json_schema` (an instance of its schema).
 - `tools` with `tool_choice` "required" (a JSON list of calls, `[{"name": ..., "parameters": {...}}]`, as vLLM
   constrains it) or one named function (its arguments object): the output is parsed into `tool_calls`. "auto":
-  text, or calls in the model's own syntax (hermes' `<tool_call>` blocks, where its chat template writes them);
+  text, or calls in the model's own syntax (hermes' `<tool_call>` blocks, where its chat template writes them), or
+  text, then such calls (the text the content, as vLLM's hermes parser reads it);
   for a model whose syntax this server cannot read, a 400, as vLLM answers without `--enable-auto-tool-choice`.
   "none": the tools are left out of the prompt.
 - both: with "auto" (the model's own call syntax) the output is either calls or text held to the response_format
@@ -231,12 +232,14 @@ class ToolPlan:
         return dataclasses.replace(self, made=None, answer=schema)
 
     def calls(self, text: str) -> list[dict[str, Any]] | None:
-        """The `tool_calls` of a whole output; None when it is not one (text, or cut short by max_tokens). Each
+        """The `tool_calls` of a whole output (a hermes one's after its text, `lead`'s); None when it has none (text,
+        or cut short by max_tokens). Each
         call's arguments are the text the model wrote (`_whole`: what CallStream streams), as OpenAI and vLLM give
         them, not the JSON re-written (`\\u00e9` and `1E5` stay so)."""
         try:
             if self.hermes:
-                if not text.startswith(HERMES_OPEN):
+                _, text = self.lead(text)
+                if not text:
                     return None
                 pairs = [self._whole(b.split(HERMES_CLOSE)[0], "arguments") for b in text.split(HERMES_OPEN)[1:]]
             elif self.named:
@@ -265,10 +268,12 @@ class ToolPlan:
     def cut_calls(self, text: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None] | None:
         """The calls of an output cut short (its client left, max_tokens ended it): those written whole (as `calls`
         gives them) and the one being written (its arguments the text so far; None when there is none, or its name
-        is not whole yet). None when the output is text (a hermes reply that is no call)."""
+        is not whole yet); a hermes reply's text before them is `lead`'s. None when the output is text (a hermes
+        reply that has no call)."""
         if self.hermes:
-            if not text.startswith(HERMES_OPEN):
-                return None if self.opening(text) is False else ([], None)
+            head, text = self.lead(text)
+            if not text:
+                return None if self.opening(head) is False else ([], None)
             blocks = text.split(HERMES_OPEN)[1:]
             whole = [b.split(HERMES_CLOSE)[0] for b in blocks if HERMES_CLOSE in b]
             last = blocks[-1] if HERMES_CLOSE not in blocks[-1] else None
@@ -295,13 +300,47 @@ class ToolPlan:
         return {"id": f"call_{secrets.token_hex(12)}", "type": "function",
                 "function": {"name": name, "arguments": arguments}}
 
+    def lead(self, text: str) -> tuple[str, str]:
+        """A hermes output as (its text before its first call, the calls from their opening on: "" where it has
+        none), as vLLM's hermes parser reads one: the text the content, the calls after it `tool_calls`."""
+        if not self.hermes:
+            return "", text
+        at = text.find(HERMES_OPEN) if self.text_then_calls else 0 if text.startswith(HERMES_OPEN) else -1
+        return (text, "") if at < 0 else (text[:at], text[at:])
+
+    @property
+    def text_then_calls(self) -> bool:
+        """Whether a text output may go on to calls (`_hermes_grammar`'s `lead`): hermes "auto" whose text is free
+        (text held to a schema, `answering`'s, is the whole output: a `<tool_call>` in a JSON string stays text)."""
+        return self.hermes and self.answer is None
+
     def opening(self, start: str) -> bool | None:
-        """Whether an output beginning `start` is tool calls (True), text (False), or not known yet (None: `start`
-        is a proper prefix of the call's opening, held back while streamed); the grammar lets no text reply begin
-        as a call does."""
+        """Whether an output beginning `start` is tool calls (True), text (False: calls may follow it, `Lead`), or not
+        known yet (None: `start` is a proper prefix of the call's opening, held back while streamed); the grammar
+        lets no text reply begin as a call does."""
         if not self.hermes or start.startswith(HERMES_OPEN):
             return True
         return None if HERMES_OPEN.startswith(start) else False
+
+
+class Lead:
+    """A hermes reply that began as text, read as it streams: its text goes out as it comes, but for what may begin
+    a call's opening (held until the next part tells, or the end), up to its first call's opening (the grammar lets
+    the text go on to calls: `_hermes_grammar`), where its calls begin."""
+
+    def __init__(self) -> None:
+        self.held = ""
+
+    def feed(self, text: str, end: bool = False) -> tuple[str, str | None]:
+        """(the text to send now, the output from the first call's opening on: None until it comes)."""
+        said, self.held = self.held + text, ""
+        at = said.find(HERMES_OPEN)
+        if at >= 0:
+            return said[:at], said[at:]
+        if not end:
+            keep = next((n for n in range(len(HERMES_OPEN) - 1, 0, -1) if said.endswith(HERMES_OPEN[:n])), 0)
+            said, self.held = said[:len(said) - keep], said[len(said) - keep:]
+        return said, None
 
 
 class CallStream:
@@ -381,33 +420,52 @@ class CallStream:
         return len(text)
 
 
+def _esc(s: str) -> str:
+    """`s` as a grammar's regex matches it (re.escape writes a newline as backslash + newline; the grammar's line
+    needs "\\n")."""
+    return re.escape(s).replace("\n", "n")
+
+
 def _not_starting_with(prefix: str) -> str:
     """A regex of every string that does not begin with `prefix` (llguidance's regexes have no lookahead): the empty
     string, each proper prefix's continuation by another character, and the proper prefixes themselves."""
-    def esc(s: str) -> str:  # (re.escape writes a newline as backslash + newline; the grammar's line needs "\n")
-        return re.escape(s).replace("\n", "n")
-
     alts = [""]
     for i, ch in enumerate(prefix):
-        alts.append(f"{esc(prefix[:i])}[^{esc(ch)}][\\s\\S]*")
+        alts.append(f"{_esc(prefix[:i])}[^{_esc(ch)}][\\s\\S]*")
         if i:
-            alts.append(esc(prefix[:i]))
+            alts.append(_esc(prefix[:i]))
     return "(" + "|".join(alts) + ")"
+
+
+def _before(word: str) -> str:
+    """A regex of text that does not begin with `word`, up to and with the first `word` in it (a lazy lexeme's: it
+    ends there): text that leaves `word`'s start (a proper prefix, then another character) and anything after, or
+    a proper prefix alone, then `word`. (`word`, hermes' opening, has no proper prefix that is also its suffix: the
+    text before it never ends inside a `word`.)"""
+    alts = [f"{_esc(word[:i])}[^{_esc(ch)}][\\s\\S]*" for i, ch in enumerate(word)]
+    alts += [_esc(word[:i]) for i in range(1, len(word))]
+    return f"(?:{'|'.join(alts)}){_esc(word)}"
 
 
 def _hermes_grammar(schemas: dict[str, dict[str, Any]], parallel: bool | None,
                     answer: dict[str, Any] | None = None) -> str:
     """Text (not beginning as a call does; with `answer`, JSON of that schema, which never begins with the call's
-    `<`), or one or more `<tool_call>` blocks of {"name", "arguments"} JSON."""
+    `<`), or one or more `<tool_call>` blocks of {"name", "arguments"} JSON, or text and then such blocks (not with
+    `answer`), as Qwen2.5's and Hermes' replies write a sentence before their calls (vLLM's hermes parser reads the
+    calls wherever they begin): the text is a lazy lexeme, ending at the first call's opening, where the calls are
+    held to their schemas; text never opens one later unsaid (a greedy text lexeme would run past it)."""
     calls = {"anyOf": [{"type": "object", "properties": {"name": {"const": n}, "arguments": {"$ref": f"#/$defs/{n}"}},
                         "required": ["name", "arguments"], "additionalProperties": False}
                        for n in schemas], "$defs": _rooted_defs(schemas), "x-guidance": JSON_LAYOUT}
     more = "" if parallel is False else ' ("\\n" call)*'
-    text = (f"/{_not_starting_with(HERMES_OPEN)}/" if answer is None else
-            f"%json {json.dumps({**answer, 'x-guidance': JSON_LAYOUT})}")
+    if answer is None:  # text, which may go on to calls (`lead`: the text, then the first call's opening)
+        text, lead = [f"text: /{_not_starting_with(HERMES_OPEN)}/", f"lead[lazy]: /{_before(HERMES_OPEN)}/"], \
+            f" | lead obj {json.dumps(HERMES_CLOSE)}{more}"
+    else:
+        text, lead = [f"text: %json {json.dumps({**answer, 'x-guidance': JSON_LAYOUT})}"], ""
     return _named_failure(lambda: _compiled("\n".join([
-        "start: text | call" + more,
-        f"text: {text}",
+        "start: text | call" + more + lead,
+        *text,
         f"call: {json.dumps(HERMES_OPEN)} obj {json.dumps(HERMES_CLOSE)}",
         f"obj: %json {json.dumps(calls)}"]), "tools"), schemas)
 

@@ -9,6 +9,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from controller.errors import ServingError
 from controller.messages import Delta
 
 if TYPE_CHECKING:
@@ -28,6 +29,30 @@ def switch(me: Any) -> bool:
     """Whether a model's chat template turns its thinking on and off (Qwen3's `enable_thinking`)."""
     tpl = getattr(me.tokenizer, "chat_template", None)
     return isinstance(tpl, str) and "enable_thinking" in tpl
+
+
+# OpenAI's reasoning efforts (Responses' `reasoning.effort`, chat completions' `reasoning_effort`): "none" asks for
+# no reasoning (gpt-5.1's default), the others for some, more or less
+EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+def effort_kwargs(me: Any, effort: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The chat template's kwargs (`kwargs`, the client's chat_template_kwargs) as a request's reasoning effort asks,
+    as vLLM maps it: "none" turns a template's thinking switch off (Qwen3's `enable_thinking`; the effort was
+    ignored and the model thought all the same), any other effort on; a client's own `enable_thinking` stands; the
+    effort itself goes to the template too, as vLLM passes it (templates that read it, gpt-oss's). A template with
+    no switch thinks as it does (vLLM's too). A value OpenAI's API does not know: its 400, naming the field (Responses'
+    `reasoning.effort`: responses._as_responses)."""
+    if effort is None:
+        return kwargs
+    if effort not in EFFORTS:
+        raise ServingError(400, f"Invalid value: {effort!r}. Supported values are: "
+                           f"{', '.join(repr(e) for e in EFFORTS[:-1])}, and {EFFORTS[-1]!r}.", param="reasoning_effort",
+                           code="invalid_value")
+    out = {"reasoning_effort": effort, **kwargs}
+    if switch(me):
+        out.setdefault("enable_thinking", effort != "none")
+    return out
 
 
 def opened(me: Any, tail: list[int] | None) -> bool:
