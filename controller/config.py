@@ -292,10 +292,23 @@ class WorkerSettings(_Strict):
     join_token_hash: str | None = None  # required of remote workers when set
     local: Literal["auto", "cpu", "none"] | list[int] = "auto"  # auto: one per GPU, else one CPU worker
     heartbeat_s: float = Field(0.5, gt=0)
+    # a worker silent this long is dead (killed, its slot restarted); unset: 6 heartbeats, 3 s at least
     dead_after_s: float = Field(3.0, gt=0)
     prune_dead_after_s: float = Field(30.0, ge=0)  # a dead engine leaves /admin/engines and /metrics after this
     restart: bool = True
     standby: bool = True  # a warm spare process per local slot takes over at once when its worker dies
+
+    @model_validator(mode="after")
+    def _dead_after_beats(self):
+        # A worker beats every heartbeat_s: silent for less than two beats is no sign of death. With heartbeat_s 5
+        # and the 3 s default every worker was declared dead (and killed) 3 s after it registered, again and again.
+        if "dead_after_s" not in self.model_fields_set:
+            self.dead_after_s = max(3.0, 6 * self.heartbeat_s)
+        elif self.dead_after_s < 2 * self.heartbeat_s:
+            raise ValueError(f"dead_after_s ({self.dead_after_s:g} s) must be at least two heartbeats "
+                             f"(heartbeat_s {self.heartbeat_s:g} s): a worker would be declared dead between its "
+                             f"beats")
+        return self
 
 
 class GPUSettings(_Strict):
