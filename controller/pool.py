@@ -7,12 +7,13 @@ local one, its slot gets a process again. Decisions (what to load where, what to
 
 A restarted worker used to pay its whole start-up again: the interpreter, torch and the engine's imports, on a
 GPU the CUDA context (seconds, before the first model could even be registered). So each local slot keeps a
-warm standby (`workers.standby`): a second worker process started once the slot's worker has joined, which
-does that start-up and then waits, unregistered and holding no arena, host copy or KV, on its stdin. When the
-slot's worker dies the spare is told "go" and registers at once; the controller sends it the predecessor's
-models as soon as it joins, and the next spare is started then. On a GPU the spare costs one CUDA
-context (~0.5 GB), which the arena's default margin (hosting.GPU_MARGIN_BYTES) already leaves free. A spare
-never outlives the pool: `stop()` ends it, and if the controller itself dies its stdin closes and it exits.
+warm standby (`workers.standby`): a second worker process started once the slot's worker has joined (and done its
+first loads, then served no request for a moment: not beside a first request), which does that start-up and then
+waits, unregistered and holding no arena, host copy or KV, on its stdin. When the slot's worker dies the spare is
+told "go" and registers at once; the controller sends it the predecessor's models as soon as it joins, and the next
+spare is started then. On a GPU the spare costs one CUDA context (~0.5 GB), which the arena's default margin
+(hosting.GPU_MARGIN_BYTES) already leaves free. A spare never outlives the pool: `stop()` ends it, and if the
+controller itself dies its stdin closes and it exits.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ COLD_JOIN_S = 300.0
 PROMOTED_JOIN_S = 30.0
 SPARE_BACKOFF_MAX_S = 60.0  # a standby that keeps exiting is started again at most this often
 SPARE_WAIT_S = 120.0  # a standby starts once its worker has done its first loads, or this long after it joined
+# ... and once the slot has then served no request for SPARE_IDLE_S, or SPARE_BUSY_S after those loads at most
+SPARE_IDLE_S = 2.0
+SPARE_BUSY_S = 10.0
 LOOPING_DEATHS = 3  # a slot whose workers died this many times in a row before they joined is in a crash loop
 
 
@@ -267,6 +271,17 @@ class EnginePool:
                     settle = time.monotonic() + SPARE_WAIT_S
                     while (not dead.done() and (self.starting or self._loading(slot))
                            and time.monotonic() < settle):
+                        await asyncio.wait({dead}, timeout=0.1)
+                    # Then while the slot serves: the loads done is the server's ready, and a spare started then
+                    # warmed up beside its first request (on 2 cores: the first token 0.23 -> 0.35 s, the reply
+                    # 0.58 -> 0.93 s; bench/results/standby_start_cpu2_*.json). A steady load waits SPARE_BUSY_S.
+                    quiet, busy = time.monotonic(), time.monotonic() + SPARE_BUSY_S
+                    while not dead.done() and time.monotonic() < busy:
+                        e = self.engines.get(f"w{slot}")
+                        if e is not None and e.subs:
+                            quiet = time.monotonic()
+                        elif time.monotonic() - max(quiet, e.t_last_out if e is not None else 0.0) >= SPARE_IDLE_S:
+                            break
                         await asyncio.wait({dead}, timeout=0.1)
                     await self._keep_spare(slot, device, dead)
                 rc = await dead

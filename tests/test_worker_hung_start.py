@@ -45,10 +45,13 @@ def test_a_local_worker_that_never_joins_is_killed_and_replaced(monkeypatch):
     asyncio.run(go())
 
 
-def test_a_standby_starts_once_its_workers_first_loads_are_done():
+def test_a_standby_starts_once_its_workers_first_loads_are_done(monkeypatch):
     """The spare's warm-up (imports, a CUDA context) ran beside its worker's first loads on the host's cores and
     slowed the server's start; it starts once the worker has joined and loaded (start-up's registrations)."""
     from controller.pool import EngineHandle, Replica
+
+    # (then once the slot has been idle SPARE_IDLE_S, 2 s: tests/test_ux63g_start_stop.py; shortened here)
+    monkeypatch.setattr(pool_mod, "SPARE_IDLE_S", 0.2)
 
     async def go():
         pool = EnginePool(WorkerSettings(local="cpu", standby=True), GPUSettings(), on_registered=lambda e, p: None,
