@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -726,14 +727,51 @@ def drop_unheld_host_copies(namespace: str) -> None:
     worker does this as it exits (`HostedModels.close`); one SIGKILLed or crashed cannot, and when the server
     stopped before a next worker had joined (to attach to them, and give them back at its own exit) they stayed
     in RAM after the server. Copies another server's workers hold are left to them."""
-    if not (Path(env.SHM_DIR.get()) / f"tokenpool-{namespace}").is_dir():  # (gpu_pool.pinned.default_shm_dir)
-        return  # (the usual case: the last worker removed it; torch is not imported for nothing)
+    root = Path(env.SHM_DIR.get()) / f"tokenpool-{namespace}"  # (gpu_pool.pinned.default_shm_dir)
+    if not _unheld_copies(root):
+        return  # (the usual case: the last worker removed them; torch is not imported for nothing)
     try:
         from model_swapper.host_cache import HostModelCache
 
         HostModelCache(1, namespace=namespace).close(unlink_unused=True)  # (a budget: it loads nothing)
     except Exception:  # noqa: BLE001 - a stop must finish: say so, leave them
         log.exception("could not remove the host copies no worker holds (namespace %s)", namespace)
+
+
+def _unheld_copies(root: Path) -> bool:
+    """Whether the host cache at `root` may hold something `drop_unheld_host_copies` removes: a copy no live process
+    holds, a load whose loader died, a segment without an entry, or an empty index (the folder itself). Read without
+    the cache's own code, which imports torch (~1 s of a 2-core host's time): the folder is the namespace's, shared
+    by every server on the node (the default one, "tokenpool"), so while another server's workers held their copies
+    each stop of this one paid that import to find nothing to do. When unsure (an index it cannot read): True."""
+    if not root.is_dir():
+        return False
+    try:
+        entries = json.loads((root / "index.json").read_text())["entries"]
+        segments = {p.stem for p in root.glob("*.seg")}
+        return not entries or not segments <= entries.keys() or any(
+            not any(_holder_alive(h) for h in e["holders"]) or (e["state"] != "ready" and not _holder_alive(e["owner"]))
+            for e in entries.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return True
+
+
+def _holder_alive(holder: str) -> bool:
+    """model_swapper.cache_index.holder_alive (a holder is "PID:START:N", START its process's start time in clock
+    ticks), without its import of torch."""
+    pid_s, start, _ = holder.split(":", 2)
+    try:
+        os.kill(int(pid_s), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if start == "None":
+        return True
+    try:
+        return Path(f"/proc/{int(pid_s)}/stat").read_text().rsplit(")", 1)[1].split()[19] == start
+    except (OSError, IndexError):
+        return False
 
 
 def _signal(p: asyncio.subprocess.Process, sig: int) -> None:

@@ -208,9 +208,17 @@ class GracefulServer(uvicorn.Server):
             self.should_exit = True
             self.force_exit = self._signals > 1
             if self.force_exit and self._loop is not None:  # the loop's own objects are touched on the loop only
-                self._loop.call_soon_threadsafe(self.serving.abort_all, "the server is shutting down")
+                self._loop.call_soon_threadsafe(self._stop_now, sig)
             return
         self._loop.call_soon_threadsafe(self._start_drain, sig)
+
+    def _stop_now(self, sig: int) -> None:
+        """A second signal: what is in flight ends now, each with an error event and [DONE] (one not streamed: a
+        503), and the server says so itself; a drain then ends without its "grace period over" line (its grace did
+        not run out). It used to end the streams with no line of its own, and the drain went on to say "grace period
+        over: ended N requests with an error" of those still closing."""
+        n = _end_all(self.serving)
+        log.warning("signal %d again: stopping now; %s in flight ended with an error", sig, _requests(n))
 
     def _start_drain(self, sig: int) -> None:
         self._drain = asyncio.ensure_future(self.drain(sig))
@@ -229,18 +237,23 @@ class GracefulServer(uvicorn.Server):
         deadline = time.monotonic() + self.grace_s
         while (s.active or _admitted(s)) and time.monotonic() < deadline and not self.force_exit:
             await asyncio.sleep(0.05)
-        if s.active or _admitted(s):
-            n = s.abort_all("the server is shutting down")
-            # those still waiting for their model's load (or an engine) are ended too: each then answers at once (its
-            # stream an error event and [DONE], one not streamed a 503), where uvicorn cancelled it (a plain-text 500
-            # and a traceback) once it stopped waiting for connections
-            n += s.ctl.end_requests(lambda g: not any(t.gen is g for t in s.active), "the server is shutting down",
-                                    "shutdown")
+        if (s.active or _admitted(s)) and not self.force_exit:  # (a second signal ended them: `_stop_now`)
+            n = _end_all(s)
             log.warning("grace period over: ended %s with an error", _requests(n))
             deadline = time.monotonic() + FLUSH_S
-            while s.active and time.monotonic() < deadline:
+            while s.active and time.monotonic() < deadline and not self.force_exit:
                 await asyncio.sleep(0.02)
         self.should_exit = True
+
+
+def _end_all(s) -> int:
+    """End every request in flight with an error (a drain's grace over, or a second signal); how many ended. Those
+    still waiting for their model's load (or an engine) are ended too: each then answers at once (its stream an error
+    event and [DONE], one not streamed a 503), where uvicorn cancelled it (a plain-text 500 and a traceback) once it
+    stopped waiting for connections."""
+    n = s.abort_all("the server is shutting down")
+    return n + s.ctl.end_requests(lambda g: not any(t.gen is g for t in s.active), "the server is shutting down",
+                                  "shutdown")
 
 
 def _admitted(s) -> list:
