@@ -458,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     # conversion's temporary folder is removed on the way out
     signal.signal(signal.SIGTERM, lambda sig, _frame: sys.exit(128 + sig))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    # torch's loggers at its own default: a SIGTERM during `import torch` (Ctrl-C on a first run's start-up) left
+    # them unset, and its atexit "FakeTensor cache stats" lines came out at INFO under the server's "stopped"
+    logging.getLogger("torch").setLevel(logging.WARNING)
     models = [ModelSpec(name=n, path=d) for n, _, d in (m.partition("=") for m in a.models)]
     try:
         ensure_demo_models(ServerConfig(models=models, auth=False, is_default=True))
