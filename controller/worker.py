@@ -81,6 +81,10 @@ def device_memory(device: str) -> tuple[int, int]:
     return (d.memory_total, d.memory_free) if d.memory_total else (16 << 30, 16 << 30)
 
 
+class _ClosedBeforeJoin(Exception):
+    """A local worker's controller closed the connection before answering its registration."""
+
+
 class Worker:
     def __init__(self, controller: tuple[str, int], device: str = "cpu", slot: int | None = None,
                  join_token: str | None = None, settings: dict[str, Any] | None = None,
@@ -157,6 +161,10 @@ class Worker:
                 try:
                     await self._session()
                     delay = 0.5
+                except _ClosedBeforeJoin:  # a local worker's controller that stopped before letting it join (a
+                    # first run stopped while it makes its models): its end, no fault (it was a WARNING, "0 bytes read
+                    # on a total of 4 expected bytes", after the server's own "stopped")
+                    log.info("controller closed the connection before this worker joined: stopping")
                 except (OSError, asyncio.IncompleteReadError, m.ProtocolError) as e:
                     log.warning("controller connection: %s", e)
                 if self.slot is not None or self._signalled:  # a local worker lives and dies with its controller;
@@ -222,7 +230,12 @@ class Worker:
         m.write_message(writer, m.Register(host=socket.gethostname(), pid=os.getpid(), device=self.device,
                                            memory_bytes=total, free_bytes=free, slot=self.slot, settings=self.settings,
                                            join_token=self.join_token, loaded=self.models.names()))
-        reply = await m.read_message(reader)
+        try:
+            reply = await m.read_message(reader)
+        except asyncio.IncompleteReadError as e:
+            if self.slot is not None and not e.partial:
+                raise _ClosedBeforeJoin from None
+            raise
         if isinstance(reply, m.Rejected):
             raise SystemExit(f"controller refused this worker: {reply.reason}")
         assert isinstance(reply, m.Registered)
