@@ -434,6 +434,14 @@ def ensure_demo_models(cfg: ServerConfig) -> None:
         raise RuntimeError(why or f"the child making them exited {p.returncode}")
 
 
+def default_doing(cfg: ServerConfig) -> str:
+    """What the default's start-up does before it is ready, as the log's "accepting connections" line says it: a
+    warm start makes nothing (it was said as a first run's making all the same)."""
+    if all(_made(m) for m in cfg.models if m.path is not None):
+        return "checking the default's models"
+    return "making the default's models (on a first run)"
+
+
 def make_default_models(cfg: ServerConfig) -> None:
     """The default's models, made on a first run (the real one converted, the demos drawn, in a child process:
     `ensure_demo_models`; ~10 s on 2 cores), then checked: `tokenpool serve` runs it once it listens, so that /health
@@ -498,7 +506,7 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
             cfg.listen.host = "127.0.0.1"
         log.warning("%s", default_banner(cfg))
         make_models = functools.partial(make_default_models, cfg)  # (after the bind: /health says "starting")
-        make_models.doing = "making the default's models (on a first run)"  # type: ignore[attr-defined]
+        make_models.doing = default_doing(cfg)  # type: ignore[attr-defined]
     elif unconverted:  # the same for a .gguf file's conversion (~10 s for a 135M model on 2 cores; minutes for 7B)
         make_models = functools.partial(convert_then_check, cfg, unconverted,
                                         cfg.models[len(cfg.models) - len(model_dirs or []):], max_model_len)

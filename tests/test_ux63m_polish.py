@@ -1,4 +1,4 @@
-"""A local worker whose controller closes the connection before letting it join (a first run stopped while it makes
+"""Found by session 63's user pass. A local worker whose controller closes the connection before letting it join (a first run stopped while it makes
 its models: the controller holds the worker's registration until then) ends quietly: it logged a WARNING,
 "controller connection: 0 bytes read on a total of 4 expected bytes", after the server's own "stopped"."""
 
@@ -60,3 +60,22 @@ def test_a_local_worker_whose_controller_goes_after_it_joined_warns(caplog):
     asyncio.run(go())
     said = [(r.levelname, r.getMessage()) for r in caplog.records if "controller" in r.getMessage()]
     assert [lvl for lvl, _ in said] == ["WARNING"], said
+
+
+def test_a_warm_default_start_is_said_as_checking_not_making(tmp_path, monkeypatch):
+    """The log's "accepting connections on URL: ... first" line: a warm start of the default said "making the
+    default's models (on a first run)", which it does not."""
+    from pathlib import Path
+
+    from controller import serve
+    from controller.config import default_config
+    from controller.real_model import MARKER
+
+    monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path))
+    cfg = default_config()
+    assert serve.default_doing(cfg) == "making the default's models (on a first run)"
+    for m in cfg.models:
+        Path(m.path).mkdir()
+        (Path(m.path) / "config.json").write_text("{}")
+    (Path(cfg.models[0].path) / MARKER).write_text("{}")
+    assert serve.default_doing(cfg) == "checking the default's models"
