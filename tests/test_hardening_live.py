@@ -61,7 +61,7 @@ def _streaming(url: str, out: dict) -> threading.Thread:
 
 
 def test_sigterm_drains_in_flight_streams_then_exits_0(tmp_path):
-    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"}, "shutdown_grace_s": 1.5,
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False}, "shutdown_grace_s": 1.5,
            "models": [PACE]}
     with LiveServer(cfg, tmp_path) as srv:
         short, long_ = {}, {}
@@ -98,7 +98,8 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(tmp_path):
 
 
 def test_non_streaming_disconnects_log_no_traceback(tmp_path):
-    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "heartbeat_s": 0.25}, "models": [PACE]}
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
+           "models": [PACE]}
     with LiveServer(cfg, tmp_path) as srv:
         def go():
             try:  # the client gives up after 0.3 s of a ~4 s completion and closes its connection
@@ -263,7 +264,7 @@ def test_unparseable_http_gets_openai_json(http_only):
 
 
 def test_a_second_signal_ends_the_drain_at_once(tmp_path):
-    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"}, "shutdown_grace_s": 60,
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False}, "shutdown_grace_s": 60,
            "models": [PACE]}
     with LiveServer(cfg, tmp_path) as srv:
         out: dict = {}
@@ -280,7 +281,8 @@ def test_a_second_signal_ends_the_drain_at_once(tmp_path):
 
 
 def test_an_idle_server_stops_on_sigterm_without_a_traceback(tmp_path):
-    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "heartbeat_s": 0.25}, "models": [PACE]}
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
+           "models": [PACE]}
     with LiveServer(cfg, tmp_path) as srv:
         assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
         os.kill(srv.proc.pid, signal.SIGTERM)
@@ -295,7 +297,7 @@ def test_sigterm_during_start_up_stops_cleanly(tmp_path, tiny_model):
     to kill it by the signal (status -15/143) and leave the run's admin token file behind; it stops the start-up."""
     token_file = tmp_path / "admin-token"
     models = [{"name": f"t{i}", "path": str(tiny_model)} for i in range(3)]  # tokenizers to load: a start-up window
-    cfg = {"workers": {"local": "cpu"}, "admin_token_file": str(token_file), "models": models}
+    cfg = {"workers": {"local": "cpu", "standby": False}, "admin_token_file": str(token_file), "models": models}
     with LiveServer(cfg, tmp_path, wait_ready=False) as srv:
         deadline = time.monotonic() + 60
         while "admin token for this run written" not in srv.log():
@@ -374,7 +376,7 @@ def test_a_model_removed_while_its_requests_are_placed(tmp_path):
     from controller.keys import hash_key
 
     admin = {"Authorization": "Bearer hard-admin"}
-    cfg = {"admin_token_hash": hash_key("hard-admin"), "auth": False, "workers": {"local": "cpu"},
+    cfg = {"admin_token_hash": hash_key("hard-admin"), "auth": False, "workers": {"local": "cpu", "standby": False},
            "models": [{"name": "keep", "engine": {"kind": "pace"}}]}
     statuses: list[int] = []
 
@@ -409,7 +411,7 @@ def test_a_model_removed_while_its_requests_are_placed(tmp_path):
 
 
 def _hangup_server(tmp_path, token_file, nohup: bool = False):
-    cfg = {"workers": {"local": "cpu"}, "admin_token_file": str(token_file), "shutdown_grace_s": 1.5,
+    cfg = {"workers": {"local": "cpu", "standby": False}, "admin_token_file": str(token_file), "shutdown_grace_s": 1.5,
            "models": [PACE]}
     return LiveServer(cfg, tmp_path, ignore_hangup=nohup)
 

@@ -58,7 +58,7 @@ def test_sigterm_to_the_benchmark_stops_its_server(tmp_path):
 def test_a_request_sent_while_the_server_starts_waits_for_its_workers(tmp_path):
     """A request that comes while the server's local worker has not joined yet (a moment after "listening", seconds
     on a GPU) waits for it and is answered; it heard 503 "no engine can serve model" with Retry-After 5."""
-    cfg = {"workers": {"local": "cpu"}, "models": [{"name": "pace", "engine": {"kind": "pace"}}]}
+    cfg = {"workers": {"local": "cpu", "standby": False}, "models": [{"name": "pace", "engine": {"kind": "pace"}}]}
     with LiveServer(cfg, tmp_path, wait_ready=False) as srv:
         deadline = time.monotonic() + 120
         while True:  # the first answer of the HTTP server
