@@ -21,7 +21,7 @@ ADMIN = new_key("tpadmin")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    cfg = {"admin_token_hash": hash_key(ADMIN), "auth": True, "workers": {"local": "cpu"},
+    cfg = {"admin_token_hash": hash_key(ADMIN), "auth": True, "workers": {"local": "cpu", "standby": False},
            "autoscaler": {"enabled": False}, "models": [{"name": "from-config", "engine": {"kind": "pace"}}],
            "tenants": [{"name": "from-config-t", "key_hashes": [hash_key(new_key())]}]}
     srv = LiveServer(cfg, tmp_path_factory.mktemp("opadmin"))

@@ -80,7 +80,7 @@ def test_operator_on_a_cluster(tmp_path, monkeypatch):
     ns = f"tokenpool-e2e-{uuid.uuid4().hex[:6]}"
     core.create_namespace({"metadata": {"name": ns}})
     admin_token, tenant_key = new_key("tpadmin"), new_key()
-    cfg = {"admin_token_hash": hash_key(admin_token), "auth": True, "workers": {"local": "cpu"},
+    cfg = {"admin_token_hash": hash_key(admin_token), "auth": True, "workers": {"local": "cpu", "standby": False},
            "autoscaler": {"enabled": False}}
 
     def cr(plural: str, name: str) -> dict | None:

@@ -94,7 +94,7 @@ class Operator:
 async def test_operator_end_to_end(tmp_path, monkeypatch):
     admin_token, tenant_key = new_key("tpadmin"), new_key()
     cfg = {"admin_token_hash": hash_key(admin_token), "auth": True,
-           "workers": {"local": "cpu", "join_token_hash": hash_key(new_key("tpjoin"))},
+           "workers": {"local": "cpu", "standby": False, "join_token_hash": hash_key(new_key("tpjoin"))},
            "autoscaler": {"enabled": False}}
     servers: list[LiveServer] = []
 

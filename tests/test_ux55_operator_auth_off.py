@@ -44,7 +44,7 @@ def test_the_admin_api_says_whether_a_tenant_is_enforced(auth):
 @pytest.mark.asyncio
 @pytest.mark.timeout(120)
 async def test_a_tenant_on_a_controller_without_authentication_is_degraded(tmp_path, monkeypatch):
-    cfg = {"admin_token_hash": hash_key(ADMIN), "auth": False, "workers": {"local": "cpu"},
+    cfg = {"admin_token_hash": hash_key(ADMIN), "auth": False, "workers": {"local": "cpu", "standby": False},
            "models": [{"name": "pace-m", "path": None, "engine": {"kind": "pace"}}]}
     srv = await asyncio.to_thread(LiveServer(cfg, tmp_path / "srv").__enter__)
     try:
