@@ -28,8 +28,9 @@ MODELS = [f"pace-{i}" for i in range(4)]
 def server(tmp_path_factory):
     cfg = {
         "admin_token_hash": hash_key(ADMIN),
-        "workers": {"local": "cpu", "heartbeat_s": 0.25, "dead_after_s": 1.5, "join_token_hash": hash_key(JOIN),
-                    "prune_dead_after_s": 1.0, "listen": {"host": "127.0.0.1", "port": WORKER_PORT}},
+        "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25, "dead_after_s": 1.5,
+                    "join_token_hash": hash_key(JOIN), "prune_dead_after_s": 1.0,
+                    "listen": {"host": "127.0.0.1", "port": WORKER_PORT}},
         "gpus": {"cpu_budget_gb": 4},
         "autoscaler": {"interval_s": 0.3},
         "models": [{"name": n, "memory_gb": 1, "engine": {"kind": "pace", "pace_s_per_token": 0.01}}

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs the system chrom
 expect = sync_api.expect
 
 ADMIN = "admin-ux55-session-ended"
-CFG = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"},
+CFG = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False},
        "models": [{"name": "pace-a", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.05}}]}
 
 

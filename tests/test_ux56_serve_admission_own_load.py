@@ -17,6 +17,7 @@ def test_a_request_larger_than_the_batch_is_not_refused_by_its_own_load(tmp_path
     # an engine of 4 slots at 0.01 s a token, a TTFT SLO of 0.2 s: 8 prompts of 40 tokens each queue 4 of them
     # 0.4 s behind the other 4
     cfg = faults.paced_config(pace_s=0.01, max_num_seqs=4, ttft_s=0.2)
+    cfg["workers"]["standby"] = False
     with LiveServer(cfg, tmp_path) as srv, httpx.Client(base_url=srv.url, timeout=60, headers={
             "Authorization": f"Bearer {faults.SUITE_KEY}"}) as c:
         c.post("/v1/completions", json={"model": "pace", "prompt": "warm", "max_tokens": 5})  # (a step time measured)

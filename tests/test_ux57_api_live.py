@@ -45,7 +45,7 @@ def server(make_tiny, make_varied, tmp_path_factory):
     gc.write_text(json.dumps({**json.loads(gc.read_text()), "top_k": 1}))
     cfg = {"admin_token_hash": hash_key(ADMIN), "body_timeout_s": 0.5,
            "tenants": [{"name": "alice", "key_hashes": [hash_key(KEY)]}],
-           "workers": {"local": "cpu", "heartbeat_s": 0.25},
+           "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
            "models": [
                {"name": "tiny", "path": str(tiny), "engine": {"max_num_seqs": 8, "max_model_len": CTX},
                 "lora_modules": [{"name": "sql", "path": str(make_lora(tiny, work / "sql", rank=4, seed=1))}]},

@@ -17,6 +17,7 @@ def test_corpus_of_a_default_like_server_is_all_as_expected(tmp_path, monkeypatc
     monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path / "cache"))  # (where the server writes its token file)
     cfg = faults.paced_config(pace_s=0.001)
     del cfg["admin_token_hash"], cfg["tenants"]
+    cfg["workers"]["standby"] = False
     with ports.live_server_on(range(24600, 24700), cfg, tmp_path / "work") as srv:
         with faults.target(srv.url) as t:
             out = faults.run_corpus(t)

@@ -28,6 +28,7 @@ OLLAMA_LINES = ["total duration", "load duration", "prompt eval count", "prompt 
 def server(tmp_path_factory):
     cfg = faults.paced_config(pace_s=0.002)
     del cfg["admin_token_hash"], cfg["tenants"]
+    cfg["workers"]["standby"] = False
     second = copy.deepcopy(cfg["models"][0])
     second["name"] = "pace-b"
     cfg["models"].append(second)

@@ -26,7 +26,7 @@ PORTS = range(26120, 26140)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"},
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False},
            "tenants": [{"name": "team-a", "key_hashes": [hash_key("tp-ux60h-tenant-edit-key")]}],
            "models": [{"name": "pace-a", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.05}}]}
     with live_server_on(PORTS, cfg, tmp_path_factory.mktemp("srv")) as srv:

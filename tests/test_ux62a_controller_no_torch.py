@@ -43,8 +43,8 @@ def test_a_served_model_is_registered_and_tokenized_without_torch_in_the_control
     ref = AutoTokenizer.from_pretrained(model)
     chat = ref.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     if any(Path(n).exists() for n in GPU_DRIVER_NODES):  # (a GPU host: torch asked where NVML cannot count them)
-        server = LiveServer({"models": [{"name": "tiny", "path": str(model)}], "workers": {"local": "cpu"}},
-                            tmp_path / "s")
+        server = LiveServer({"models": [{"name": "tiny", "path": str(model)}],
+                             "workers": {"local": "cpu", "standby": False}}, tmp_path / "s")
     else:  # `tokenpool serve MODEL_DIR`, as a user starts it
         server = LiveServer(None, tmp_path / "s", args=[str(model), "--served-model-name", "tiny"])
     with server as srv:

@@ -26,7 +26,7 @@ KEY = "tp-ux62e-dashboard-key"
 PORTS = range(27600, 27650)  # the module's server
 RESTART_PORTS = range(27650, 27700)  # the restarted one's
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
-CFG = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu"},
+CFG = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False},
        "tenants": [{"name": "team-a", "key_hashes": [hash_key(KEY)]}],
        "models": [{"name": "pace-a", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.05}}]}
 

@@ -19,7 +19,8 @@ ADMIN = "admin-worker-auth"
 def test_rogue_worker_cannot_register_without_a_join_token(tmp_path):
     port = free_port()
     cfg = {"admin_token_hash": hash_key(ADMIN),
-           "workers": {"local": "cpu", "heartbeat_s": 0.25, "listen": {"host": "127.0.0.1", "port": port}},
+           "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25,
+                       "listen": {"host": "127.0.0.1", "port": port}},
            "models": [{"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.01}}]}
     with LiveServer(cfg, tmp_path) as srv:
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
