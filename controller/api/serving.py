@@ -949,10 +949,12 @@ class OpenAIServing:
     def _reply(text: str, finish: str | None, tools: ToolPlan | None) -> tuple[p.AssistantMessage, str | None]:
         """A choice's message and finish reason: with tools, a whole output is its tool calls (finish reason
         "tool_calls"; "stop" for a call tool_choice named, as OpenAI's and vLLM's), a hermes one's text before them
-        its content (vLLM's hermes parser's); one cut short stays text."""
+        its content (vLLM's hermes parser's); one cut short stays text (but for a call cut before its name after
+        text: that text, `ToolPlan.said_only`)."""
         calls = tools.calls(text) if tools is not None and finish == "stop" else None
-        if calls is None:
-            return p.AssistantMessage(content=text), finish
+        if calls is None:  # (text, then a call max_tokens cut before its name: the text, as streamed)
+            said = tools.said_only(text) if tools is not None and finish == "length" else None
+            return p.AssistantMessage(content=text if said is None else said), finish
         return p.AssistantMessage(content=tools.lead(text)[0] or None, tool_calls=calls), _calls_finish(tools)
 
     async def _collect_chat(self, gen: Tracked, req: p.ChatCompletionRequest, rid: str,
@@ -1008,6 +1010,7 @@ class OpenAIServing:
         # ("auto") a choice that turned out to be text: its calls may follow it (the grammar's `lead`), its text sent
         # up to their opening, which is held while it may be one
         leads = [Lead() if hermes and tools.text_then_calls else None for _ in gen.subs]
+        led = [False] * len(gen.subs)  # (its calls followed text)
 
         def role(i: int, calls: bool) -> bytes:
             if opened[i]:
@@ -1073,6 +1076,7 @@ class OpenAIServing:
                         out += role(i, False) + fr.delta(i, content(shown), NULL if lp is None else p.ChoiceLogprobs(
                             content=lp).model_dump_json(exclude_unset=True).encode())
                     leads[i], text_reply[i], calls[i], held[i], fresh = None, False, CallStream(tools), rest, rest
+                    led[i] = True
                     held_lps[i], lp = [], None
                 d = dataclasses.replace(d, text=shown)
             if tools is not None and not text_reply[i]:
@@ -1082,8 +1086,9 @@ class OpenAIServing:
                 if not d.finished:
                     return out
                 why = d.finish_reason
-                if calls[i] is None or not calls[i].calls:  # no call began (an output cut short before its first
-                    # name): the text, as before
+                if (calls[i] is None or not calls[i].calls) and not (led[i] and why == "length"):  # no call began
+                    # (an output cut short before its first name): the text, as before; after text, that call is
+                    # dropped (ToolPlan.said_only: `_reply`'s)
                     out += role(i, False) + fr.delta(i, content(held[i]), logprobs(i))
                 elif why == "stop":  # (the calls sent say what the reply is, whole or not: a stop sequence inside
                     # one leaves it unparsable, and its client has the calls, not text, to answer)

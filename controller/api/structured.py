@@ -308,6 +308,15 @@ class ToolPlan:
         at = text.find(HERMES_OPEN) if self.text_then_calls else 0 if text.startswith(HERMES_OPEN) else -1
         return (text, "") if at < 0 else (text[:at], text[at:])
 
+    def said_only(self, text: str) -> str | None:
+        """The text before a hermes output's calls where max_tokens cut its first call before its name was whole:
+        the reply is that text, the call (nothing of it to give: no name) dropped, not its `<tool_call>\\n{"` as
+        text after the sentence, as vLLM's streaming hermes parser holds it back. None for any other output (one of
+        no text before its calls is all the text it wrote: the cut call's part of it is all there is)."""
+        head, rest = self.lead(text) if self.text_then_calls else ("", "")
+        cut = self.cut_calls(text) if head and rest else None
+        return head if cut is not None and not cut[0] and cut[1] is None else None
+
     @property
     def text_then_calls(self) -> bool:
         """Whether a text output may go on to calls (`_hermes_grammar`'s `lead`): hermes "auto" whose text is free
