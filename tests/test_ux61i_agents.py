@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import anthropic
 import openai
@@ -51,15 +52,20 @@ THOUGHT = "The user wants the weather in Paris."
 PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 
 
+def templated(model: Path, folder: Path, template: str) -> Path:
+    """`folder`: `model`'s files (linked), its chat template `template` (SmolLM2 thinking, as Qwen3's template does)."""
+    folder.mkdir()
+    for f in model.iterdir():
+        if f.name != "chat_template.jinja":
+            (folder / f.name).symlink_to(f.resolve())
+    (folder / "chat_template.jinja").write_text(template)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def server(smollm2, tmp_path_factory):
     work = tmp_path_factory.mktemp("ux61i")
-    qthink = work / "qthink"  # (SmolLM2's files, its template a thinking one)
-    qthink.mkdir()
-    for f in smollm2.iterdir():
-        if f.name != "chat_template.jinja":
-            (qthink / f.name).symlink_to(f)
-    (qthink / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    qthink = templated(smollm2, work / "qthink", THINKING_TEMPLATE)
     cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
            "models": [{"name": "smol", "path": str(smollm2), "engine": {"max_num_seqs": 8}},
                       {"name": "qthink", "path": str(qthink), "tool_call_parser": "hermes",

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.ports import live_server_on
-from tests.test_ux61i_agents import ASK, PARAMS, THINKING_TEMPLATE, THOUGHT
+from tests.test_ux61i_agents import ASK, PARAMS, THINKING_TEMPLATE, THOUGHT, templated
 
 PORTS = range(27100, 27200)
 OPENING_TEMPLATE = THINKING_TEMPLATE.replace("'<|im_start|>assistant\\n' }}", "'<|im_start|>assistant\\n<think>\\n' }}")
@@ -25,18 +25,9 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 @pytest.fixture(scope="module")
 def client(smollm2, tmp_path_factory):
     work = tmp_path_factory.mktemp("ux61k")
-    qthink = work / "qthink"  # (SmolLM2's files, its template a thinking one: test_ux61i_agents' server's)
-    qthink.mkdir()
-    for f in smollm2.iterdir():
-        if f.name != "chat_template.jinja":
-            (qthink / f.name).symlink_to(f)
-    (qthink / "chat_template.jinja").write_text(THINKING_TEMPLATE)
-    qopen = work / "qopen"  # (the same, its generation prompt opening the think block, as Qwen3-Thinking-2507's)
-    qopen.mkdir()
-    for f in qthink.iterdir():
-        if f.name != "chat_template.jinja":
-            (qopen / f.name).symlink_to(f.resolve())
-    (qopen / "chat_template.jinja").write_text(OPENING_TEMPLATE)
+    qthink = templated(smollm2, work / "qthink", THINKING_TEMPLATE)  # (test_ux61i_agents' server's)
+    # (the same, its generation prompt opening the think block, as Qwen3-Thinking-2507's)
+    qopen = templated(smollm2, work / "qopen", OPENING_TEMPLATE)
     cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
            "models": [{"name": m.name, "path": str(m), "tool_call_parser": "hermes", "engine": {"max_num_seqs": 8}}
                       for m in (qthink, qopen)]}

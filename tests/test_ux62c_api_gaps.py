@@ -32,7 +32,7 @@ import openai
 import pytest
 
 from tests.ports import live_server_on
-from tests.test_ux61i_agents import ASK, PARAMS, THINKING_TEMPLATE, THOUGHT
+from tests.test_ux61i_agents import ASK, PARAMS, THINKING_TEMPLATE, THOUGHT, templated
 from tests.test_ux61k_chat_think_calls import _chat
 
 PORTS = range(27400, 27500)
@@ -45,12 +45,7 @@ CHAT_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters
 @pytest.fixture(scope="module")
 def server(smollm2, tmp_path_factory):
     work = tmp_path_factory.mktemp("ux62c")
-    qthink = work / "qthink"  # (SmolLM2's files, its template a thinking one: test_ux61i_agents' server's)
-    qthink.mkdir()
-    for f in smollm2.iterdir():
-        if f.name != "chat_template.jinja":
-            (qthink / f.name).symlink_to(f)
-    (qthink / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    qthink = templated(smollm2, work / "qthink", THINKING_TEMPLATE)  # (test_ux61i_agents' server's)
     cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
            "models": [{"name": m, "path": str(path), "tool_call_parser": "hermes", "engine": {"max_num_seqs": 8}}
                       for m, path in (("smol", smollm2), ("qthink", qthink))]}

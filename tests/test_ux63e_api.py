@@ -36,7 +36,7 @@ from controller.api import protocol as p
 from controller.api.structured import HERMES_CLOSE, HERMES_OPEN, Lead, tool_plan
 from tests.ports import live_server_on
 from tests.scripted_gen import bare_serving, generation
-from tests.test_ux61i_agents import ASK, PARAMS, THINKING_TEMPLATE, THOUGHT
+from tests.test_ux61i_agents import ASK, PARAMS, THINKING_TEMPLATE, THOUGHT, templated
 
 PORTS = range(28450, 28500)
 FN = {"type": "function", "name": "get_weather", "parameters": PARAMS, "strict": False}
@@ -46,12 +46,7 @@ TOOL = {"name": "get_weather", "description": "the forecast", "input_schema": PA
 @pytest.fixture(scope="module")
 def server(smollm2, tmp_path_factory):
     work = tmp_path_factory.mktemp("ux63e")
-    qthink = work / "qthink"  # (SmolLM2's files, its template a thinking one: test_ux61i_agents' server's)
-    qthink.mkdir()
-    for f in smollm2.iterdir():
-        if f.name != "chat_template.jinja":
-            (qthink / f.name).symlink_to(f)
-    (qthink / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    qthink = templated(smollm2, work / "qthink", THINKING_TEMPLATE)  # (test_ux61i_agents' server's)
     cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
            "models": [{"name": m, "path": str(path), "tool_call_parser": "hermes", "engine": {"max_num_seqs": 8}}
                       for m, path in (("smol", smollm2), ("qthink", qthink))]}
