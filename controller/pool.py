@@ -42,6 +42,7 @@ from controller.worker import STOPPING
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
 from tokenpool import env
+from tokenpool.holders import holder_alive
 
 log = logging.getLogger("tokenpool.pool")
 STEP_FLOOR_S = 1e-3  # no engine step is believed faster than this
@@ -750,28 +751,10 @@ def _unheld_copies(root: Path) -> bool:
         entries = json.loads((root / "index.json").read_text())["entries"]
         segments = {p.stem for p in root.glob("*.seg")}
         return not entries or not segments <= entries.keys() or any(
-            not any(_holder_alive(h) for h in e["holders"]) or (e["state"] != "ready" and not _holder_alive(e["owner"]))
+            not any(holder_alive(h) for h in e["holders"]) or (e["state"] != "ready" and not holder_alive(e["owner"]))
             for e in entries.values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return True
-
-
-def _holder_alive(holder: str) -> bool:
-    """model_swapper.cache_index.holder_alive (a holder is "PID:START:N", START its process's start time in clock
-    ticks), without its import of torch."""
-    pid_s, start, _ = holder.split(":", 2)
-    try:
-        os.kill(int(pid_s), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    if start == "None":
-        return True
-    try:
-        return Path(f"/proc/{int(pid_s)}/stat").read_text().rsplit(")", 1)[1].split()[19] == start
-    except (OSError, IndexError):
-        return False
 
 
 def _signal(p: asyncio.subprocess.Process, sig: int) -> None:

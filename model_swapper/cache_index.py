@@ -16,42 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import itertools
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from gpu_pool.pinned import remove_region
-
-_serial = itertools.count()
-
-
-def _start_time(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22: starttime, in clock ticks since boot
-
-
-def new_holder_id() -> str:
-    pid = os.getpid()
-    return f"{pid}:{_start_time(pid)}:{next(_serial)}"
-
-
-def holder_alive(holder: str) -> bool:
-    pid_s, start, _ = holder.split(":", 2)
-    pid = int(pid_s)
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return start == "None" or _start_time(pid) == start
+from tokenpool.holders import holder_alive, new_holder_id  # noqa: F401 -- (host_cache's names)
 
 
 class CacheIndex:
