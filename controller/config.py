@@ -543,6 +543,15 @@ def default_config() -> ServerConfig:
     return ServerConfig(models=models, auth=False, is_default=True)
 
 
+def default_models_made(cfg: ServerConfig) -> bool:
+    """Whether every one of the default's models is in its folder (a warm start: `ensure_demo_models` makes none):
+    SmolLM2's conversion whole (`real_model.converted`), a demo's config.json, which the factory writes last."""
+    from controller.real_model import converted
+
+    return all(converted(Path(m.path)) if m.name == REAL_MODEL else (Path(m.path) / "config.json").exists()
+               for m in cfg.models if m.path is not None)
+
+
 def ensure_demo_models(cfg: ServerConfig) -> None:
     """Make the default's models on first run (converted, or drawn by the model factory; then cached)."""
     if not cfg.is_default:
@@ -555,5 +564,5 @@ def ensure_demo_models(cfg: ServerConfig) -> None:
         ensure_smollm2(paths[REAL_MODEL])
     for name, arch, seed in DEMO_MODELS:
         out = paths.get(name)
-        if out is not None and not (out / "config.json").exists():
+        if out is not None and not (out / "config.json").exists():  # (`default_models_made`'s rule)
             make_model(arch=arch, size="small", out=out, seed=seed, dtype="fp32", device=None, progress=True)

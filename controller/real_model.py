@@ -346,14 +346,19 @@ def _one_conversion(out: Path) -> Iterator[None]:
         yield
 
 
+def converted(out: Path) -> bool:
+    """`out` holds a whole conversion: its marker and config.json, written last."""
+    return (out / MARKER).exists() and (out / "config.json").exists()
+
+
 def ensure_smollm2(out: Path) -> Path:
     """The SmolLM2-135M-Instruct folder `out`, converted on first use (the GGUF fetched beside it if need be)."""
     out = Path(out)
-    if (out / MARKER).exists() and (out / "config.json").exists():
+    if converted(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with _one_conversion(out):
-        if (out / MARKER).exists() and (out / "config.json").exists():  # (made while this one waited)
+        if converted(out):  # (made while this one waited)
             return out
         gguf = find_gguf(out.parent)
         log.warning("converting %s to a safetensors folder at %s (once)", gguf.name, out)
@@ -389,7 +394,7 @@ def ensure_gguf(gguf: Path, cache: Path) -> Path:
     once in a child process -- torch and transformers stay out of the server's process. RuntimeError: it cannot be
     converted (the child's last words)."""
     out = gguf_folder(gguf, cache)
-    if (out / MARKER).exists() and (out / "config.json").exists():
+    if converted(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     log.warning("converting %s to a safetensors folder at %s (once)", gguf, out)

@@ -25,6 +25,7 @@ from controller.config import (
     ModelSpec,
     ServerConfig,
     ToolCallParser,
+    default_models_made,
 )
 from controller.keys import hash_key, new_key
 from tokenpool import env
@@ -392,20 +393,12 @@ def _stop_making() -> None:
                 p.wait(5)
 
 
-def _made(m: ModelSpec) -> bool:
-    """`m`, one of the default's models, is in its folder (what `config.ensure_demo_models` checks before it makes
-    one: the conversion's marker and config.json, a demo's config.json, each written last)."""
-    from controller.real_model import MARKER
-
-    return all((Path(m.path or "") / f).exists() for f in ("config.json", *([MARKER] if m.name == REAL_MODEL else [])))
-
-
 def ensure_demo_models(cfg: ServerConfig) -> None:
     """`config.ensure_demo_models` in a child process (`MAKER`), when one of the default's models is not made yet (a
     first run); a warm start starts nothing. The child's terminal output (the conversion's line, the progress bars) is
     the server's; its reason, where it fails, comes back through a pipe: a ValueError where a model could not be made
     into its folder (its OSError or ValueError: the cache's to fix), a RuntimeError otherwise."""
-    if not cfg.is_default or all(_made(m) for m in cfg.models if m.path is not None):
+    if not cfg.is_default or default_models_made(cfg):
         return
     r, w = os.pipe()
     with open(r, encoding="utf-8", errors="replace") as reason:
@@ -437,7 +430,7 @@ def ensure_demo_models(cfg: ServerConfig) -> None:
 def default_doing(cfg: ServerConfig) -> str:
     """What the default's start-up does before it is ready, as the log's "accepting connections" line says it: a
     warm start makes nothing (it was said as a first run's making all the same)."""
-    if all(_made(m) for m in cfg.models if m.path is not None):
+    if default_models_made(cfg):
         return "checking the default's models"
     return "making the default's models (on a first run)"
 
