@@ -42,7 +42,7 @@ from controller.worker import STOPPING
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
 from tokenpool import env
-from tokenpool.holders import holder_alive
+from tokenpool.holders import live, loader_died
 
 log = logging.getLogger("tokenpool.pool")
 STEP_FLOOR_S = 1e-3  # no engine step is believed faster than this
@@ -751,8 +751,7 @@ def _unheld_copies(root: Path) -> bool:
         entries = json.loads((root / "index.json").read_text())["entries"]
         segments = {p.stem for p in root.glob("*.seg")}
         return not entries or not segments <= entries.keys() or any(
-            not any(holder_alive(h) for h in e["holders"]) or (e["state"] != "ready" and not holder_alive(e["owner"]))
-            for e in entries.values())
+            not live(e["holders"]) or loader_died(e) for e in entries.values())  # (CacheIndex._prune's rules)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return True
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gpu_pool.pinned import remove_region
-from tokenpool.holders import holder_alive, new_holder_id  # noqa: F401 -- (host_cache's names)
+from tokenpool.holders import live, loader_died
 
 
 class CacheIndex:
@@ -75,8 +75,8 @@ class CacheIndex:
     def _prune(self, data: dict) -> None:
         entries = data["entries"]
         for key, e in list(entries.items()):
-            e["holders"] = [h for h in e["holders"] if holder_alive(h)]
-            if e["state"] != "ready" and not holder_alive(e["owner"]):
+            e["holders"] = live(e["holders"])
+            if loader_died(e):
                 remove_region(self.seg_path(key))  # a loader died mid-load
                 del entries[key]
         for seg in self.root.glob("*.seg"):  # segments without an entry: leftovers of a crash

@@ -37,11 +37,12 @@ import torch
 
 from gpu_pool.arena import parse_budget
 from gpu_pool.pinned import PinnedRegion, default_shm_dir, io_threads, remove_region, shm_huge_pages
-from model_swapper.cache_index import CacheIndex, holder_alive, new_holder_id
+from model_swapper.cache_index import CacheIndex
 from model_swapper.layout import ModelLayout
 from model_swapper.loader import Progress, load_into_region
 from model_swapper.model_config import ModelConfig
 from model_swapper.weights import safetensors_files
+from tokenpool.holders import holder_alive, new_holder_id
 
 log = logging.getLogger(__name__)
 

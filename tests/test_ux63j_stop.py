@@ -34,8 +34,8 @@ import yaml
 
 from controller.pool import _unheld_copies
 from load_tests.live_server import REPO_ROOT, terminal_signals
-from model_swapper.cache_index import new_holder_id
 from tests.ports import free_port
+from tokenpool.holders import new_holder_id
 
 PORTS = range(28700, 28750)
 NAMESPACE = "ux63j"

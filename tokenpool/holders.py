@@ -36,3 +36,13 @@ def holder_alive(holder: str) -> bool:
     except PermissionError:
         pass
     return start == "None" or start_time(pid) == start
+
+
+def live(holders: list[str]) -> list[str]:
+    """The holders of an index entry whose processes still run."""
+    return [h for h in holders if holder_alive(h)]
+
+
+def loader_died(entry: dict) -> bool:
+    """An index entry still loading whose loader is gone: its segment is half written, for no one."""
+    return entry["state"] != "ready" and not holder_alive(entry["owner"])
