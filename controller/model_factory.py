@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("models", nargs="+", metavar="NAME=DIR", help="a default model's name and its folder")
     ap.add_argument("--result-fd", type=int, default=None, metavar="FD", help="where the reason of a failure is written")
     a = ap.parse_args(argv)
-    # the server stopped while this runs (serve._stop_making's SIGTERM): unwound as an exception is, so that a
+    # the server stopped while this runs (children.stop_all's SIGTERM): unwound as an exception is, so that a
     # conversion's temporary folder is removed on the way out
     signal.signal(signal.SIGTERM, lambda sig, _frame: sys.exit(128 + sig))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)

@@ -16,7 +16,6 @@ under its final name only when complete (written to a temporary sibling, renamed
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import hashlib
@@ -32,6 +31,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from controller import children
 from tokenpool.models import gguf_file_type
 
 log = logging.getLogger("tokenpool.real_model")
@@ -375,18 +375,6 @@ def gguf_folder(gguf: Path, cache: Path) -> Path:
 
 # The conversion's command (a child process: torch and transformers stay out of the server's)
 CONVERTER = [sys.executable, "-m", "controller.real_model"]
-_converting: set[subprocess.Popen] = set()
-
-
-@atexit.register
-def _stop_conversions() -> None:
-    """A conversion still running when this process ends (`tokenpool serve FILE.gguf` stopped by a signal during its
-    start-up, which does not wait for it) ends with it: it ran on orphaned, and the next start converted into the
-    same folder beside it."""
-    for p in list(_converting):
-        p.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(5)
 
 
 def ensure_gguf(gguf: Path, cache: Path) -> Path:
@@ -400,11 +388,8 @@ def ensure_gguf(gguf: Path, cache: Path) -> Path:
     log.warning("converting %s to a safetensors folder at %s (once)", gguf, out)
     p = subprocess.Popen([*CONVERTER, "--gguf", str(gguf), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
-    _converting.add(p)
-    try:
+    with children.ended_at_exit(p):  # (a start-up stopped by a signal does not wait for it: it ends with the server)
         _, err = p.communicate()
-    finally:
-        _converting.discard(p)
     if p.returncode != 0:
         lines = [x for x in err.strip().splitlines() if x.strip()]
         raise RuntimeError(f"{gguf} cannot be converted: {lines[-1] if lines else f'exit {p.returncode}'}")

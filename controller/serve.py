@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import json
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from controller import children
 from controller.config import (
     MODEL_NAME,
     REAL_MODEL,
@@ -374,23 +374,6 @@ def default_banner(cfg: ServerConfig) -> str:
 # counted through NVML): ~1-2 s of CPU on a 2-core first run, beside the local worker's start-up, and torch's memory
 # held by the server for good.
 MAKER = [sys.executable, "-m", "controller.model_factory"]
-_making: set[subprocess.Popen] = set()
-
-
-@atexit.register
-def _stop_making() -> None:
-    """A child still making the default's models when this process ends (a first run stopped during its start-up,
-    which does not wait for it: `shutdown._in_a_thread`) ends with it, as a GGUF's conversion does: it ran on
-    orphaned, and the next start made the same folders beside it. SIGTERM first, which the child unwinds on (a
-    conversion's temporary folder is removed), SIGKILL after 5 s."""
-    for p in list(_making):
-        p.terminate()
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(5)
 
 
 def ensure_demo_models(cfg: ServerConfig) -> None:
@@ -402,13 +385,13 @@ def ensure_demo_models(cfg: ServerConfig) -> None:
         return
     r, w = os.pipe()
     with open(r, encoding="utf-8", errors="replace") as reason:
-        try:  # (its own session, as a worker's: a Ctrl-C for the server is not the child's; _stop_making ends it)
+        try:  # (its own session, as a worker's: a Ctrl-C for the server is not the child's; children.stop_all ends it,
+            # SIGTERM first, which the child unwinds on: a conversion's temporary folder is removed)
             p = subprocess.Popen([*MAKER, "--result-fd", str(w), *(f"{m.name}={m.path}" for m in cfg.models if m.path)],
                                  pass_fds=(w,), start_new_session=True)
         finally:
             os.close(w)
-        _making.add(p)
-        try:
+        with children.ended_at_exit(p):
             # the classes this process reads the made models' tokenizers with (`auto_tokenizer_class`: transformers'
             # TokenizersBackend, and Qwen2Tokenizer for the demos' qwen2 and qwen3; without torch), imported while
             # they are made rather than after them, on the way to ready: ~1.5 s of one core on 2 cores, which the
@@ -419,8 +402,6 @@ def ensure_demo_models(cfg: ServerConfig) -> None:
                 imports.transformers("TokenizersBackend", "Qwen2Tokenizer")
             why = reason.read().strip()
             p.wait()
-        finally:
-            _making.discard(p)
     if p.returncode == 2:
         raise ValueError(why or "exit 2")
     if p.returncode != 0:

@@ -382,7 +382,7 @@ async def _in_a_thread(fn: Callable[[], None]) -> None:
         try:
             loop.call_soon_threadsafe(set_it)
         except RuntimeError:  # the loop closed: the start-up stopped first and the process is ending; its exit
-            pass  # stops the child `fn` waited for (serve._stop_making, real_model._stop_conversions), waking it here
+            pass  # stops the child `fn` waited for (children.stop_all), waking it here
 
     def run() -> None:
         try:

@@ -16,15 +16,15 @@ from load_tests.live_server import REPO_ROOT
 CHILD = """
 import sys, threading, time
 from pathlib import Path
-from controller import real_model
+from controller import children, real_model
 
 real_model.CONVERTER = [sys.executable, "-c", "import time; time.sleep(60)"]
 f = Path(sys.argv[1]) / "m.gguf"
 f.write_bytes(b"GGUF" + bytes(60))
 threading.Thread(target=real_model.ensure_gguf, args=(f, Path(sys.argv[1]) / "cache"), daemon=True).start()
-while not real_model._converting:
+while not children.running():
     time.sleep(0.01)
-print(next(iter(real_model._converting)).pid, flush=True)
+print(children.running()[0].pid, flush=True)
 """
 
 

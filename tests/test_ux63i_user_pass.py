@@ -16,7 +16,7 @@ from controller.config import DEMO_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The child as serve runs it, its SIGTERM (serve._stop_making's, at the server's stop) landing while torch is imported:
+# The child as serve runs it, its SIGTERM (children.stop_all's, at the server's stop) landing while torch is imported:
 # sent as torch's fake_tensor module (which registers the atexit dump) is done, before torch's logging is set up
 STOPPED_IN_IMPORT = r"""
 import importlib.abc, importlib.util, os, signal, sys
