@@ -223,7 +223,25 @@ def stop(url: str, token: str | None, model: str) -> str:
     held = held if isinstance(held, int) and not isinstance(held, bool) else n
     if not n:
         return f"{model}: registered on no engine"
+    # (what its weights leave: VRAM on a GPU, an engine's memory otherwise; `_on_gpus`)
+    engines = f"{held} engine{'' if held == 1 else 's'}"
+    gpus = _on_gpus(url, token, name)
     if not held:  # (it said its weights "leave VRAM on 1 engine" however long they had been out)
-        return f"{model}: not in VRAM on any engine, nothing to free; the next request brings its weights in"
-    return (f"{model}: its weights leave VRAM on {held} engine{'' if held == 1 else 's'} once its requests there "
-            "finish; the next request brings them back")
+        nowhere = "VRAM on any engine" if gpus else "any engine's memory"
+        return f"{model}: not in {nowhere}, nothing to free; the next request brings its weights in"
+    where = f"VRAM on {engines}" if gpus else f"the memory of {engines}"
+    return f"{model}: its weights leave {where} once its requests there finish; the next request brings them back"
+
+
+def _on_gpus(url: str, token: str | None, name: str) -> bool:
+    """Whether every engine the model is registered on is a GPU, where `stop` says its weights leave VRAM; else their
+    engines' memory (a CPU engine's arena is host RAM: "VRAM" on a machine without a GPU named a memory it has not).
+    Read after the evict, which leaves the model registered where it was; False where the engines cannot be read
+    (the evict is done all the same)."""
+    try:
+        engines = _listed(url, "/admin/engines", token, "id")
+    except PsError:
+        return False
+    devices = [str(e.get("device")) for e in engines
+               if any(isinstance(r, dict) and r.get("model") == name for r in e.get("models") or [])]
+    return bool(devices) and all(d.startswith("cuda") for d in devices)
