@@ -140,7 +140,7 @@ def test_the_pools_engine_requests_tile_is_not_the_requests_count(server, page):
     t.start()
     try:
         tile = page.locator("#summary .tile").nth(2)
-        expect(tile.locator(".k")).to_have_text("On engines")
+        expect(tile.locator(".k")).to_have_text("Requests on engines")
         expect(tile.locator(".v")).to_have_text("3")
         expect(page.locator("#n-requests")).to_have_text("1")
         assert "counts every request in flight" in tile.get_attribute("title")

@@ -459,8 +459,9 @@ function renderSummary(p) {
   const att = p.models.filter((m) => m.attainment !== null);
   const tiles = [
     // (the engines' requests, each choice one: it was "In flight" beside the Requests tab's count of requests, which
-    // a request of n choices, or one queued at the controller while its worker restarts, made disagree)
-    ["Engines", `${alive} / ${p.engines.length}`], ["Models", p.models.length], ["On engines", inflight,
+    // a request of n choices, or one queued at the controller while its worker restarts, made disagree; then "On
+    // engines", which beside "Models" read as the models loaded on them)
+    ["Engines", `${alive} / ${p.engines.length}`], ["Models", p.models.length], ["Requests on engines", inflight,
       "requests on the engines now: a request of n choices counts n, and one still queued at the controller (its " +
       "engine restarting, or none free) none; the Requests tab counts every request in flight"],
     ["Tokens/s", tps.toFixed(1)], ["Switches", switches],
