@@ -106,8 +106,8 @@ def test_chat_reasoning_effort_turns_thinking_off_and_on(oai):
 
 
 def test_an_unknown_reasoning_effort_is_openais_400(oai):
-    want = ("Invalid value: 'extreme'. Supported values are: 'none', 'minimal', 'low', 'medium', 'high', and "
-            "'xhigh'.")
+    want = ("Invalid value: 'extreme'. Supported values are: 'none', 'minimal', 'low', 'medium', 'high', 'xhigh', "
+            "and 'max'.")
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(model="qthink", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
                                     reasoning_effort="extreme")

@@ -130,6 +130,8 @@ TOOL_CHOICE_FIELDS = {"auto": frozenset({"type", "disable_parallel_tool_use"}),
 THINKING_FIELDS = frozenset({"type", "budget_tokens", "display", "block_binding"})
 METADATA_FIELDS = frozenset({"user_id"})
 OUTPUT_CONFIG_FIELDS = frozenset({"format", "effort", "task_budget"})  # (effort, task_budget: taken, not used)
+# output_config.effort's values (the `anthropic` client's OutputConfigParam): another is Anthropic's 400, not taken
+EFFORTS = ("low", "medium", "high", "xhigh", "max")
 OUTPUT_FORMAT_FIELDS = frozenset({"type", "schema"})
 CACHE_CONTROL_FIELDS = frozenset({"type", "ttl"})
 
@@ -305,6 +307,9 @@ def output_format(req: p.MessagesRequest) -> tuple[dict[str, Any], str] | None:
     `output_format`: `{"type": "json_schema", "schema": {...}}`) and the field it came in; None when none is asked."""
     if req.output_config is not None:
         _only(req.output_config, OUTPUT_CONFIG_FIELDS, "output_config")
+        if (effort := req.output_config.get("effort")) is not None and effort not in EFFORTS:
+            raise _bad(f"output_config.effort: Input should be {', '.join(repr(e) for e in EFFORTS[:-1])} or "
+                       f"{EFFORTS[-1]!r}", "output_config.effort")
     asked = [(where, f) for where, f in (("output_config.format", (req.output_config or {}).get("format")),
                                          ("output_format", req.output_format)) if f is not None]
     if not asked:
@@ -341,6 +346,8 @@ def thinking_type(req: p.MessagesRequest) -> str | None:
         budget = t.get("budget_tokens")
         if budget is None:
             raise _bad("thinking.budget_tokens: Field required (with thinking type 'enabled')", "thinking.budget_tokens")
+        # (Anthropic's API takes 1024 at least: its models think long. A small local model's budget may be a few
+        # tokens -- budget forcing holds any -- so any positive budget is taken here, as the README says)
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
             raise _bad("thinking.budget_tokens: must be a positive integer", "thinking.budget_tokens")
         if req.max_tokens is not None and budget >= req.max_tokens:  # (as Anthropic's 400)

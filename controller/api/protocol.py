@@ -1,7 +1,8 @@
 """OpenAI-compatible request and response models (plus vLLM's sampling extras). Only shapes and ranges here.
 
-Unknown request fields are ignored, as vLLM does, so newer clients keep working; fields whose meaning we cannot
-honour (suffix, tool_choice "auto", ...) are refused by the serving layer with a 400 naming the field.
+Unknown request fields are ignored, as vLLM does, so newer clients keep working (not by the Messages and Responses
+APIs, which refuse them as Anthropic's and OpenAI's do: MessagesRequest, ResponsesRequest); fields whose meaning we
+cannot honour (suffix, tool_choice "auto", ...) are refused by the serving layer with a 400 naming the field.
 
 Requests are validated strictly: JSON types are not coerced (`"max_tokens": "10"`, `"stream": "yes"` and
 `"prompt": [[false]]` are 400s, as OpenAI answers them), and text must be valid Unicode (a lone UTF-16
@@ -355,7 +356,11 @@ class ChatCompletionRequest(_Sampling, _ChatTemplate):
 
 class ResponsesRequest(_Top):
     """OpenAI's /v1/responses: the fields a stateless text model can honour (controller/api/responses.py reads the
-    input items; unknown fields are ignored, ones it cannot honour refused there)."""
+    input items; ones it cannot honour are refused there). Other fields are kept (`model_extra`): responses.py takes
+    those OpenAI's API knows and refuses the rest with OpenAI's unknown_parameter 400 (`known`), not ignored as the
+    chat route's are."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: ModelName
     input: str | Annotated[list[dict[str, Any]], Field(min_length=1, max_length=4096)]

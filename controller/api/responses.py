@@ -10,8 +10,10 @@ whose template thinks (Qwen3's) has its reply's `<think>` block as a `reasoning`
 `reasoning_text` part, streamed as `response.reasoning_text.delta` events; its tokens usage's `reasoning_tokens`),
 the calls after it read as calls; reasoning items sent back in an input are skipped, as the templates drop an
 earlier turn's thinking. `reasoning.effort` is the chat request's `reasoning_effort` (thinking.effort_kwargs: "none"
-turns a thinking template's switch off). With tool_choice "auto" a reply's text may go on to calls (a message item,
-then function_call items).
+turns a thinking template's switch off). A field OpenAI's request does not have, at the top level or inside
+`reasoning`, `text`, `text.format`, a function tool or tool_choice, is OpenAI's 400 ("Unknown parameter:
+'reasoning.foo'.": `known`). With tool_choice "auto" a reply's text may go on to calls (a message item, then
+function_call items).
 Streamed, Responses' typed server-sent events, from `response.created` to `response.completed` (text deltas as they
 come, with tool_choice "auto" once the reply shows it is text; calls as they are written, as the chat path's: a
 function_call item is added once its name is whole, its arguments follow in `response.function_call_arguments.delta`
@@ -90,6 +92,62 @@ class ResponseStore:
 
 def _bad(message: str, param: str) -> ServingError:
     return ServingError(400, message, param=param)
+
+
+# Fields are held to the ones OpenAI's Responses API knows, as OpenAI's API holds them ("Unknown parameter:
+# 'reasoning.foo'.", a 400 of code unknown_parameter), at the top level as inside `reasoning`, `text`, `text.format`,
+# a function tool and a function tool_choice. Unlike the chat route, which ignores a field it does not know as
+# vLLM's does (clients written for other servers send their extras to chat completions and expect them dropped): the
+# `openai` client sends a Responses request's own fields only (any other only through extra_body, on purpose), and a
+# field ignored here was a setting silently not applied -- chat completions' `max_tokens` or `response_format` sent
+# to /v1/responses left the reply uncapped or unshaped, a misspelt `reasoning.efort` left thinking on.
+# The fields OpenAI's request has (the `openai` client's ResponseCreateParams, and input_tokens.count's) that this
+# server takes and does not use; `seed` (vLLM's) is one of the request model's own.
+RESPONSES_UNUSED = frozenset({
+    "access_programs", "background_options", "context_management", "image", "max_tool_calls", "moderation",
+    "personality", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "safety_identifier",
+    "service_tier", "stream_options"})
+# Chat completions' names of Responses fields: the 400 says which one is meant
+MOVED = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
+         "response_format": "text.format", "reasoning_effort": "reasoning.effort"}
+# (`summary` and `generate_summary`, `context`, `mode`: taken, not used; `effort`: thinking.effort_kwargs)
+REASONING_FIELDS = frozenset({"effort", "summary", "generate_summary", "context", "mode"})
+TEXT_FIELDS = frozenset({"format", "verbosity"})  # (verbosity: taken, not used)
+FORMAT_FIELDS = {"text": frozenset({"type"}), "json_object": frozenset({"type"}),
+                 "json_schema": frozenset({"type", "name", "schema", "strict", "description"})}
+# (a function tool's fields of the client's FunctionToolParam; those past parameters and strict: taken, not used)
+FUNCTION_FIELDS = frozenset({"type", "name", "description", "parameters", "strict", "defer_loading", "allowed_callers",
+                             "output_schema", "async"})
+TOOL_CHOICE_FIELDS = frozenset({"type", "name"})
+
+
+def _unknown(where: str) -> ServingError:
+    moved = f" In the Responses API, this parameter is '{MOVED[where]}'." if where in MOVED else ""
+    return ServingError(400, f"Unknown parameter: '{where}'.{moved}", param=where, code="unknown_parameter")
+
+
+def _only(obj: Any, fields: frozenset[str], where: str) -> None:
+    """OpenAI's 400 for the first field of `obj` (at `where`) not among `fields`."""
+    for k in obj if isinstance(obj, dict) else ():
+        if k not in fields:
+            raise _unknown(f"{where}.{k}")
+
+
+def known(req: p.ResponsesRequest) -> None:
+    """A 400 as OpenAI's for a field the Responses request does not have, where its objects are held to theirs."""
+    for k in req.model_extra or ():
+        if k not in RESPONSES_UNUSED:
+            raise _unknown(k)
+    _only(req.reasoning, REASONING_FIELDS, "reasoning")
+    _only(req.text, TEXT_FIELDS, "text")
+    fmt = (req.text or {}).get("format")
+    if isinstance(fmt, dict) and fmt.get("type") in FORMAT_FIELDS:  # (another type: the chat path's 400 names it)
+        _only(fmt, FORMAT_FIELDS[fmt["type"]], "text.format")
+    for i, t in enumerate(req.tools or ()):
+        if t.get("type") == "function":
+            _only(t, FUNCTION_FIELDS, f"tools[{i}]")
+    if isinstance(req.tool_choice, dict) and req.tool_choice.get("type") == "function":
+        _only(req.tool_choice, TOOL_CHOICE_FIELDS, "tool_choice")
 
 
 # The chat request's fields (as the chat path's errors name them) and the Responses fields they came from.
@@ -475,6 +533,7 @@ def _history(store: ResponseStore, req: p.ResponsesRequest, tenant: Tenant) -> l
 
 async def create(serving: OpenAIServing, store: ResponseStore, req: p.ResponsesRequest, tenant: Tenant,
                  request: Request) -> dict[str, Any] | AsyncIterator[bytes]:
+    known(req)  # (before its previous response is looked up: the request as sent is checked first, as OpenAI's)
     chat, conversation = chat_request(req, _history(store, req, tenant))
     rid = serving.ctl.new_id("resp").replace("-", "_", 1)  # (OpenAI's ids: resp_...)
     truncated = False
@@ -723,6 +782,7 @@ async def input_tokens(serving: OpenAIServing, store: ResponseStore, req: p.Resp
                        tenant: Tenant) -> dict[str, Any]:
     """POST /v1/responses/input_tokens: the tokens the request's input would be, as it would be fed (its
     instructions, the conversation before previous_response_id, the tools' declarations); nothing is generated."""
+    known(req)
     chat, _ = chat_request(req, _history(store, req, tenant))
     try:
         n = await serving.chat_prompt_tokens(tenant, chat)

@@ -31,9 +31,10 @@ def switch(me: Any) -> bool:
     return isinstance(tpl, str) and "enable_thinking" in tpl
 
 
-# OpenAI's reasoning efforts (Responses' `reasoning.effort`, chat completions' `reasoning_effort`): "none" asks for
-# no reasoning (gpt-5.1's default), the others for some, more or less
-EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+# OpenAI's reasoning efforts (Responses' `reasoning.effort`, chat completions' `reasoning_effort`; the `openai`
+# client's ReasoningEffort, "max" its newest): "none" asks for no reasoning (gpt-5.1's default), the others for
+# some, more or less
+EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
 def effort_kwargs(me: Any, effort: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
