@@ -17,7 +17,8 @@ kopf = pytest.importorskip("kopf")
 kmock = pytest.importorskip("kmock")
 
 from tests.kmock_util import SECRETS, operator_world  # noqa: E402
-from tests.test_operator_e2e import NS, Operator, _obj, _until  # noqa: E402
+from tests.operator_events import captured, posted  # noqa: E402
+from tests.test_operator_e2e import Operator, _obj, _until  # noqa: E402
 from tests.test_operator_lifecycle import _reason  # noqa: E402
 
 PORTS = range(27500, 27600)
@@ -25,10 +26,7 @@ OBJECTS = (("gpupools", "default", "EnginesReady"), ("pooledmodels", "m", "Servi
 
 
 def _normal(kube, name: str) -> list[dict]:
-    """The Normal events the operator posted about object `name` (the requests: kmock keeps one event of a
-    namespace, having no generateName)."""
-    return [r.data for r in kube.k8s if r.method.value == "POST" and r.url.path == f"/api/v1/namespaces/{NS}/events"
-            and r.data.get("type") == "Normal" and (r.data.get("involvedObject") or {}).get("name") == name]
+    return posted(kube, name, "Normal")
 
 
 def _counted(kube, n: int):
@@ -95,11 +93,7 @@ def test_a_ready_event_is_posted_once_per_transition(handlers, monkeypatch):
     """Rounds as kopf runs them, their status snapshots lagging (a timer's, a replayed event's): one Normal event on
     turning Ready, none while it stays so, one again on recovering, naming what it recovered from; none for an
     object already Ready when the operator starts (its status says so)."""
-    posted: list[tuple[str, str, str]] = []
-    monkeypatch.setattr(handlers.kopf, "event", lambda body, *, type, reason, message: posted.append(
-        (type, reason, message)))
-    monkeypatch.setattr(handlers.kopf, "warn", lambda body, *, reason, message: posted.append(
-        ("Warning", reason, message)))
+    events = captured(monkeypatch)
     body = {"kind": "PooledModel", "metadata": {"name": "m", "uid": str(uuid.uuid4())}}
     status: dict = {}
 
@@ -114,16 +108,16 @@ def test_a_ready_event_is_posted_once_per_transition(handlers, monkeypatch):
     round_("Ready", "Serving")
     round_("Ready", "Serving")
     round_("Ready", "Serving", snapshot=before)  # (a lagging snapshot: still Loading)
-    assert posted == [("Normal", "Serving", "Serving!")]
+    assert events == [("Normal", "Serving", "Serving!")]
     ready = dict(status)
     round_("Degraded", "ControllerUnavailable")
     round_("Ready", "Serving", snapshot=ready)  # (a lagging snapshot: still Ready, while Degraded was written last)
-    assert posted[1:] == [("Warning", "ControllerUnavailable", "ControllerUnavailable!"),
+    assert events[1:] == [("Warning", "ControllerUnavailable", "ControllerUnavailable!"),
                           ("Normal", "Serving", "Serving! (no longer Degraded: ControllerUnavailable)")]
     # An operator restarting (nothing remembered) over an object that is Ready: no event.
     other = {"kind": "PooledModel", "metadata": {"name": "o", "uid": str(uuid.uuid4())}}
     handlers._write_status(other, kopf.Patch(), ready, {}, "Ready", "Serving", "Serving!", 1)
-    assert len(posted) == 3
+    assert len(events) == 3
     handlers._forget(kopf.Memo(locks_guard=threading.Lock()), body["metadata"]["uid"])
     assert body["metadata"]["uid"] not in handlers._TOLD_READY
 

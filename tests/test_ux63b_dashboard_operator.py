@@ -6,8 +6,9 @@
   for good; it goes back to 1 s once a stream brings data, and a real stream after them connects and shows the pool;
 - the operator (kmock's emulator, a fake controller, kopf in-process, as tests/test_k8s52_events.py): a model
   flapping between Progressing and Ready posts one Normal event, not one per return to Ready (kopf makes each a new
-  Event object, where client-go counts repeats on one: a `kubectl describe` line each); the next one posted past
-  the window says how many went unposted, and a recovery from Degraded is always told.
+  Event object, where client-go counts repeats on one: a `kubectl describe` line each); past the window, a round
+  that finds it still Ready posts it again, saying how many went unposted; the first recovery from Degraded is told
+  however soon (a model flapping between Degraded and Ready: tests/test_ux64d_operator.py).
 """
 
 from __future__ import annotations
@@ -105,11 +106,9 @@ def test_a_stream_that_ends_as_it_opens_is_asked_for_less_and_less_often(tmp_pat
 
 # --- the operator's Normal events of a model flapping ---
 def _normal(kube, name: str) -> list[dict]:
-    """The Normal events the operator posted about object `name` (the POSTs: kmock keeps one event of a namespace)."""
-    from tests.kmock_util import NS
+    from tests.operator_events import posted
 
-    return [r.data for r in kube.k8s if r.method.value == "POST" and r.url.path == f"/api/v1/namespaces/{NS}/events"
-            and r.data.get("type") == "Normal" and (r.data.get("involvedObject") or {}).get("name") == name]
+    return posted(kube, name, "Normal")
 
 
 def _off_this_loop(main) -> None:
@@ -135,7 +134,7 @@ def _off_this_loop(main) -> None:
 def test_a_model_flapping_between_progressing_and_ready_posts_one_normal_event(tmp_path, monkeypatch):
     """A PooledModel evicted from its engine and loaded again, three times (Loading, then Serving): one "Normal
     Serving" event, not four (each was an Event object of its own, a line of `kubectl describe` each). Past the
-    window (READY_REPEAT_S, 10 min; shortened here), the next return to Ready is posted, saying how many were not."""
+    window (EVENT_REPEAT_S, 10 min; shortened here), a round of it still Serving posts it, saying how many were not."""
     _off_this_loop(lambda: _flapping(tmp_path, monkeypatch))
 
 
@@ -162,12 +161,12 @@ async def _flapping(tmp_path, monkeypatch) -> None:
                 await flap()
             assert [(e["reason"], e["message"]) for e in _normal(kube, "m")] == [("Serving", "on 1 engine(s)")]
 
-            monkeypatch.setattr(handlers, "READY_REPEAT_S", 0.0)  # (the window past)
-            await flap()
+            monkeypatch.setattr(handlers, "EVENT_REPEAT_S", 0.0)  # (the window past)
             await _until("a second Normal event", lambda: _at_least(kube, "m", 2))
+            await asyncio.sleep(1.5)  # (the rounds after it: nothing more to say)
             assert [(e["reason"], e["message"]) for e in _normal(kube, "m")] == [
                 ("Serving", "on 1 engine(s)"),
-                ("Serving", "on 1 engine(s) (3 more returns to Ready since the last such event, not posted)")]
+                ("Serving", "on 1 engine(s) (3 more times since the last such event, not posted)")]
 
 
 async def _at_least(kube, name: str, n: int) -> bool:
@@ -177,17 +176,15 @@ async def _at_least(kube, name: str, n: int) -> bool:
 @pytest.mark.skipif(not OPERATOR, reason="needs kopf, kmock and openai (the operator's test extras)")
 def test_a_recovery_from_degraded_is_told_however_soon(monkeypatch):
     """Rounds as kopf runs them (as tests/test_ux62d_operator.py): a return to Ready within the window is not posted,
-    but one from Degraded (its Warning posted in between) is, and the plain Ready after it too (another message)."""
+    but the first from Degraded (its Warning posted in between) is (another message); the plain returns after it, within
+    the window of the first, are not."""
     monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")  # (importing the handlers fixes their timers' interval)
     import kopf
 
     from controller.operator import handlers
+    from tests.operator_events import captured
 
-    posted: list[tuple[str, str, str]] = []
-    monkeypatch.setattr(handlers.kopf, "event", lambda body, *, type, reason, message: posted.append(
-        (type, reason, message)))
-    monkeypatch.setattr(handlers.kopf, "warn", lambda body, *, reason, message: posted.append(
-        ("Warning", reason, message)))
+    posted = captured(monkeypatch)
     body = {"kind": "PooledModel", "metadata": {"name": "m", "uid": str(uuid.uuid4())}}
     status: dict = {}
 
@@ -203,7 +200,8 @@ def test_a_recovery_from_degraded_is_told_however_soon(monkeypatch):
         round_(state, reason)
     assert posted == [("Normal", "Serving", "Serving!"),
                       ("Warning", "ControllerUnavailable", "ControllerUnavailable!"),
-                      ("Normal", "Serving", "Serving! (no longer Degraded: ControllerUnavailable)"),
-                      ("Normal", "Serving", "Serving!")]
-    handlers._forget(kopf.Memo(locks_guard=threading.Lock()), body["metadata"]["uid"])
-    assert body["metadata"]["uid"] not in handlers._READY_POSTED
+                      ("Normal", "Serving", "Serving! (no longer Degraded: ControllerUnavailable)")]
+    uid = body["metadata"]["uid"]
+    assert handlers._UNTOLD[uid] == (("Ready", "Serving"), ("Normal", "Serving", "Serving!"))  # (3 returns held back)
+    handlers._forget(kopf.Memo(locks_guard=threading.Lock()), uid)
+    assert uid not in handlers._POSTED and uid not in handlers._UNTOLD

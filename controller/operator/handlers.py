@@ -284,8 +284,9 @@ def _mark_deleted(uid: str) -> None:
 
 def _forget(memo: kopf.Memo, uid: str) -> None:
     """Drop what this process keeps of an object that is gone (its lock too: the caller may hold it, and a round
-    that waits on it holds its own reference), and its events' memory (`_WARNED`, `_TOLD_READY`). They were kept
-    for ever: a small leak per object deleted, GPUPools' for good (they have no delete handler)."""
+    that waits on it holds its own reference), and its events' memory (`_WARNED`, `_TOLD_READY`, `_POSTED`,
+    `_UNTOLD`). They were kept for ever: a small leak per object deleted, GPUPools' for good (they have no delete
+    handler)."""
     with memo.locks_guard:
         for table in _PER_OBJECT:
             t = memo.get(table)
@@ -294,7 +295,8 @@ def _forget(memo: kopf.Memo, uid: str) -> None:
     with _WARNED_LOCK:
         _WARNED.pop(uid, None)
         _TOLD_READY.discard(uid)
-        _READY_POSTED.pop(uid, None)
+        _POSTED.pop(uid, None)
+        _UNTOLD.pop(uid, None)
 
 
 def _stale(memo: kopf.Memo, meta: dict) -> bool:
@@ -331,15 +333,21 @@ def _refusal(e: Exception) -> str:
 _WARNED: dict[str | None, str] = {}  # uid -> the reason of the Warning event posted for it while it stays Degraded
 _TOLD_READY: set[str | None] = set()  # uids whose last status written here was Ready (its Normal event posted)
 _WARNED_LOCK = threading.Lock()
-# A resource back to Ready with the reason and message of the Normal event last posted for it, within READY_REPEAT_S
-# of that event, posts none: the next one past it says how many returns went unposted. kopf.event creates an Event
-# object each time (kopf aggregates none, and the operator's Role may only create events), where client-go's
-# recorder counts a repeat on the event before it (`kubectl describe`: "x12 over 10m"): a model flapping between
-# Progressing and Ready (evicted and loaded again, round after round) showed a "Normal Serving" line per return.
-# 10 minutes: client-go's window for similar events (its EventAggregator's); a Warning since then posts it again.
-READY_REPEAT_S = 600.0
-# uid -> the Normal event last posted: reason, message, when (monotonic), the returns to Ready since, not posted
-_READY_POSTED: dict[str | None, tuple[str, str, float, int]] = {}
+# An event about a resource that repeats one of the same type, reason and message posted for it less than
+# EVENT_REPEAT_S ago is not posted: counted, and said by the next one posted ("(5 more times since the last such
+# event, not posted)"), or, where the resource stays in the state that event told, by its first round past the window.
+# kopf.event creates an Event object each time (kopf aggregates none, and the operator's Role may only create events:
+# it cannot bump an Event's count), where client-go's recorder counts a repeat on the event before it (`kubectl
+# describe`: "x12 over 10m"): a model flapping between Progressing and Ready (evicted and loaded again) showed a
+# "Normal Serving" line per return, and one whose controller came and went a Warning and a Normal per flip. The first
+# of each is posted (the first Degraded, the first recovery from it), and the state it stays in is told within the
+# window (a flapping resource left Degraded showed a recovery as its last event). Its status conditions follow every
+# flip. 10 minutes: client-go's window for similar events (its EventAggregator's).
+EVENT_REPEAT_S = 600.0
+# uid -> {(type, reason, message): [when last posted (monotonic), repeats since, not posted]}
+_POSTED: dict[str | None, dict[tuple[str, str, str], list]] = {}
+# uid -> (its state and reason now, the event that told its turn to them) where that event was not posted
+_UNTOLD: dict[str | None, tuple[tuple[str, str], tuple[str, str, str]]] = {}
 
 # What a round observes of the controller and the cluster, in the status of each kind (PooledModel, GPUPool, Tenant:
 # distinct names). A Degraded round that did not observe one clears it (null: removed): a model whose controller went
@@ -354,7 +362,8 @@ def _write_status(body: Any, patch: kopf.Patch, status: dict, fields: dict, stat
     another reason) is also a Warning event on the object `body` (what `kubectl describe` shows), with the
     condition's reason: once, not again while it stays so. Turning Ready (the first time, or back from Degraded or
     Progressing) is a Normal event, once: not per round while it stays Ready, nor at an operator's restart (its
-    status said Ready already), nor again within READY_REPEAT_S of the same one (a model flapping)."""
+    status said Ready already). Either is held back where it repeats one posted within EVENT_REPEAT_S (a resource
+    flapping: `_tell`)."""
     was = next(((c.get("type"), c.get("reason")) for c in status.get("conditions") or [] if c.get("status") == "True"),
                None)
     uid = (body or {}).get("metadata", {}).get("uid")
@@ -365,24 +374,20 @@ def _write_status(body: Any, patch: kopf.Patch, status: dict, fields: dict, stat
         if not _deleted(uid):  # (a deleted pool's round: nothing kept of it)
             if state == "Degraded":
                 _WARNED[uid] = reason
-                _READY_POSTED.pop(uid, None)  # (its recovery is told, however soon)
             elif state == "Ready":
                 _TOLD_READY.add(uid)
     kind, name = (body or {}).get("kind", "?"), (body or {}).get("metadata", {}).get("name")
+    event = None  # (type, reason, message): what tells this round's turn, if it is one
     if state == "Degraded" and was != (state, reason) and told != reason:
         log.warning("%s/%s: %s: %s", kind, name, reason, message)
-        if body is not None:
-            with contextlib.suppress(LookupError):  # (LookupError: called outside kopf, as tests do)
-                kopf.warn(body, reason=reason, message=message)
+        event = ("Warning", reason, message)
     # (Degraded here last: told, also where the snapshot's status lags and still says Ready)
     if state == "Ready" and not told_ready and ((was or ("",))[0] != "Ready" or told is not None):
         before = told or (was[1] if was and was[0] == "Degraded" else None)
         said = f"{message} (no longer Degraded: {before})" if before else message
         log.info("%s/%s: Ready: %s: %s", kind, name, reason, said)
-        posted = _ready_repeat(uid, reason, said)
-        if body is not None and posted is not None:  # (kopf.event: kopf.info posts nothing under `startup`'s level)
-            with contextlib.suppress(LookupError):
-                kopf.event(body, type="Normal", reason=reason, message=posted)
+        event = ("Normal", reason, said)
+    _tell(body, uid, (state, reason), event)
     if state == "Degraded":
         fields = dict.fromkeys((k for k in OBSERVED if k in status), None) | fields
     new = dict(fields, conditions=b.build_conditions(state, reason, message, generation, status.get("conditions"),
@@ -394,20 +399,39 @@ def _write_status(body: Any, patch: kopf.Patch, status: dict, fields: dict, stat
             patch.status[k] = v
 
 
-def _ready_repeat(uid: str | None, reason: str, message: str) -> str | None:
-    """The message of the Normal event for `uid` back to Ready (`reason`, `message`), or None where it repeats the
-    one posted less than READY_REPEAT_S ago (counted, and said by the next one posted)."""
+def _tell(body: Any, uid: str | None, state: tuple[str, str], event: tuple[str, str, str] | None) -> None:
+    """Post `event` (type, reason, message), the turn of the resource `body` to `state` (its state and reason), unless
+    it repeats one posted less than EVENT_REPEAT_S ago (counted: said by the next one posted). With no event (a round
+    that turned nothing), the one held back of its turn to `state`, once the window has passed: it stayed so."""
     now = time.monotonic()
     with _WARNED_LOCK:
-        last = _READY_POSTED.get(uid)
-        same = last is not None and last[:2] == (reason, message)
-        if same and now - last[2] < READY_REPEAT_S:
-            _READY_POSTED[uid] = (*last[:3], last[3] + 1)
-            return None
-        if not _deleted(uid):
-            _READY_POSTED[uid] = (reason, message, now, 0)
-    n = last[3] if same else 0
-    return f"{message} ({n} more returns to Ready since the last such event, not posted)" if n else message
+        untold = _UNTOLD.pop(uid, None)
+        turn = event is not None
+        if not turn:
+            if untold is None or untold[0] != state:  # (none held back, or it told another state: dropped)
+                return
+            event = untold[1]
+        posted = _POSTED.setdefault(uid, {}) if not _deleted(uid) else {}  # (a deleted pool's round: nothing kept)
+        last = posted.get(event)
+        if last is not None and now - last[0] < EVENT_REPEAT_S:
+            if turn:  # (counted once: not again by each round after it, while it stays so)
+                last[1] += 1
+            if not _deleted(uid):
+                _UNTOLD[uid] = (state, event)
+            return
+        repeats = last[1] if last is not None else 0
+        for k in [k for k, (at, n) in posted.items() if not n and now - at >= EVENT_REPEAT_S]:
+            del posted[k]  # (past the window, nothing to say: as if never posted)
+        posted[event] = [now, 0]
+    kind, reason, message = event
+    if repeats:
+        message = f"{message} ({repeats} more times since the last such event, not posted)"
+    if body is not None:
+        with contextlib.suppress(LookupError):  # (LookupError: called outside kopf, as tests do)
+            if kind == "Warning":
+                kopf.warn(body, reason=reason, message=message)
+            else:  # (kopf.event: kopf.info posts nothing under `startup`'s level)
+                kopf.event(body, type=kind, reason=reason, message=message)
 
 
 def _api_message(e: ApiException) -> str:
