@@ -382,8 +382,9 @@ def serve_cmd(
         None, "--enable-prefix-caching/--no-enable-prefix-caching", help="as vLLM's: the MODEL_DIR models' requests "
         "start on the cached KV of the tokens they begin with (default: on)"),
     max_loras: Optional[int] = typer.Option(
-        None, "--max-loras", min=1, max=256, help="as vLLM's: the MODEL_DIR models' LoRA adapter slots on the GPU, "
-        "the adapters a step serves at full speed (default: TOKENPOOL_GPU_LORAS, 8)"),
+        None, "--max-loras", min=1, max=256, help="as vLLM's: the MODEL_DIR models' LoRA adapter slots on their "
+        "device (the GPU, or the CPU without one), the adapters a step serves at full speed (default: "
+        "TOKENPOOL_GPU_LORAS, 8)"),
     max_lora_rank: Optional[int] = typer.Option(
         None, "--max-lora-rank", min=1, max=1024, help="as vLLM's: the largest LoRA adapter rank served over the "
         "MODEL_DIR models (default: 64); larger ones are refused"),
@@ -494,7 +495,8 @@ def stop_cmd(
     url: str = CLIENT_URL,
     admin_token: Optional[str] = typer.Option(None, envvar=env.ADMIN_TOKEN.name, help="admin token (as for ps)"),
 ) -> None:
-    """Free a model's GPU memory once its requests finish, as `ollama stop` (it stays served)."""
+    """Free a model's memory on its engines (GPU memory, or RAM on a CPU engine) once its requests finish, as
+    `ollama stop` (it stays served)."""
     from controller.ps import PsError, stop
 
     url = base_url(url)
@@ -740,11 +742,11 @@ def bench_engine_cmd(
     hf: bool = typer.Option(True, help="also time HF transformers generate on the same weights"),
     parity_dtype: Optional[str] = typer.Option(
         None, help="dtypes to check parity with HF in, e.g. bf16,fp32, or none (default: bf16,fp32 on CUDA; fp32 on CPU)"),
-    parity_prompts: Optional[int] = typer.Option(None, help="random prompts per parity dtype (default: 32 on CUDA)"),
+    parity_prompts: Optional[int] = typer.Option(None, help="random prompts per parity dtype (default: 32 on CUDA; 2 on CPU)"),
     hf_exact_prefill: bool = typer.Option(False, help="also check parity with the engine's HF-exact prefill mode"),
     hf_exact: bool = typer.Option(False, help="also check parity with every step (decode too) run the way HF runs it"),
 ) -> None:
-    """Decode step time per batch size, prefill tokens/s, HBM floor, HF generate peer, parity with HF."""
+    """Decode step time per batch size, prefill tokens/s, the HBM floor (on a GPU), HF generate peer, parity with HF."""
     _check_model_dir(model)
     try:
         batches = [int(b) for b in batch.split(",")]
@@ -765,7 +767,8 @@ def bench_swap_cmd(
     model: Path = typer.Option(..., help="model directory"),
     json_out: Optional[Path] = JSON_OUT,
 ) -> None:
-    """Swap-in latency vs the PCIe floor and peers; prefetch stall; KV swap bandwidth."""
+    """Swap-in latency vs the PCIe floor and peers; prefetch stall; KV swap bandwidth (on a GPU; on the CPU a smoke
+    run at toy sizes, of which the cold load alone means anything)."""
     _check_model_dir(model)
     from load_tests.bench_swap import run_bench_swap
 

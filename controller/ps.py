@@ -205,8 +205,9 @@ SHOWN = 5  # (models named in that line; `tokenpool ls` lists them all)
 
 
 def stop(url: str, token: str | None, model: str) -> str:
-    """`tokenpool stop MODEL`: free the model's VRAM once its requests finish (as `ollama stop`); what was done.
-    MODEL may be an alias, as `tokenpool run` takes it (the admin API names a model by its own name)."""
+    """`tokenpool stop MODEL`: free the model's memory on its engines once its requests finish (as `ollama stop`):
+    VRAM on a GPU, host RAM on a CPU engine (its arena); what was done. MODEL may be an alias, as `tokenpool run`
+    takes it (the admin API names a model by its own name)."""
     served = _listed(url, "/admin/models", token, "name")
     names = {n: m["name"] for m in served for n in (m["name"], *(m.get("aliases") or []))}
     # (read as the server's Ollama API reads a name, as `ollama stop` takes it: NAME:latest, library/NAME, Name)
