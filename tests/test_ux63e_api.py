@@ -34,34 +34,14 @@ from transformers import AutoTokenizer
 
 from controller.api import protocol as p
 from controller.api.structured import HERMES_CLOSE, HERMES_OPEN, Lead, tool_plan
-from tests.ports import live_server_on
+from tests import smol_qthink
 from tests.scripted_gen import bare_serving, generation
-from tests.test_ux61i_agents import ASK, PARAMS, THINKING_TEMPLATE, THOUGHT, templated
+from tests.test_ux61i_agents import ASK, PARAMS, THOUGHT
 
 PORTS = range(28450, 28500)
+server, oai, claude = smol_qthink.server, smol_qthink.oai, smol_qthink.claude  # (the fixtures: on PORTS)
 FN = {"type": "function", "name": "get_weather", "parameters": PARAMS, "strict": False}
 TOOL = {"name": "get_weather", "description": "the forecast", "input_schema": PARAMS}
-
-
-@pytest.fixture(scope="module")
-def server(smollm2, tmp_path_factory):
-    work = tmp_path_factory.mktemp("ux63e")
-    qthink = templated(smollm2, work / "qthink", THINKING_TEMPLATE)  # (test_ux61i_agents' server's)
-    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
-           "models": [{"name": m, "path": str(path), "tool_call_parser": "hermes", "engine": {"max_num_seqs": 8}}
-                      for m, path in (("smol", smollm2), ("qthink", qthink))]}
-    with live_server_on(PORTS, cfg, work) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def oai(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def claude(server) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0, timeout=120)
 
 
 def _respond(oai: openai.OpenAI, stream: bool, **kw):
