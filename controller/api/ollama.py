@@ -839,7 +839,6 @@ class _CallLines:
         self.sent = 0  # the whole calls sent
         self.closes = 0  # the closing tags seen (a call may be whole only where one more came)
         self.lead = Lead()  # (a text reply) its calls may follow it: its text sent up to their opening
-        self.led = False  # its calls followed text
 
     def feed(self, text: str, done: bool, reason: str | None) -> tuple[str, list[dict[str, Any]]]:
         """(content to send, calls to send) for the reply's next `text`; `done`: the reply is over."""
@@ -857,7 +856,7 @@ class _CallLines:
             shown, rest = self.lead.feed(text, done)
             if rest is None:
                 return shown, []
-            self.mode, self.text, self.led = "calls", "", True  # (the calls after the text: from their opening on)
+            self.mode, self.text = "calls", ""  # (the calls after the text: from their opening on)
             content, calls = self.feed(rest, done, reason)
             return shown + content, calls
         if self.mode == "held":
@@ -877,10 +876,11 @@ class _CallLines:
             return "", new
         # the end: what no whole call holds (a call cut by num_predict, say) goes as content, as Ollama's parser
         # gives back what it could not parse; an output of no call at all, as its text
-        if self.sent == 0:  # (after text, a call num_predict cut before its name was whole is dropped, not its
-            # `<tool_call>\n{"` as content after the text: ToolPlan.said_only)
-            cut_early = self.led and reason == "length" and (cut is None or cut[1] is None)
-            return ("" if cut_early else self.text), new
+        if self.sent == 0:  # (a call num_predict cut before its name was whole is dropped, not its
+            # `<tool_call>\n{"` as content: ToolPlan.cut_text, the chat reply's rule too; one whose name is whole
+            # goes as content, as any call this parser could not read whole)
+            kept = self.tools.cut_text(self.text) if reason == "length" else None
+            return (self.text if kept is None else kept), new
         rest = self.text.split(HERMES_CLOSE)[-1] if self.text.count(HERMES_CLOSE) >= self.sent else ""
         return ("" if not rest.strip() else rest), new
 

@@ -649,6 +649,12 @@ class OpenAIServing:
         (its deltas from `gen.events()` again); None: it does not."""
         if prompt is not None:
             gen.finish.pop(0, None)  # (the first's "length" is not the request's: the continuation's end is)
+            plan = getattr(gen, "tools", None)
+            if plan is not None and plan.think:  # (its prompt opened the think block, which the continuation's
+                # closes: what it writes comes after the block, where the grammar that began inside it would leave
+                # the calls free; the continuation is sampled with the first's params: ctl.go_on)
+                first = gen.gen.subs[0]
+                first.params = dataclasses.replace(first.params, grammar=plan.thinking(False).grammar)
         try:
             await self.ctl.go_on(gen.gen, 0, prompt, max_tokens)
         except ServingError as e:
@@ -819,6 +825,8 @@ class OpenAIServing:
             raise ServingError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         tools = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls, me.spec.tool_call_parser)
+        if tools is not None and thinks(me):  # (its think block left free by the grammar: ToolPlan.thinking)
+            tools = tools.thinking(False)
         params = self._params(me, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, tools=tools)
         if tools is not None and (schema := response_schema(req.response_format)) is not None:
             tools = tools.answering(schema)  # (as the grammar has it: its text, JSON, is the whole output)
@@ -831,6 +839,9 @@ class OpenAIServing:
             ids = await self.offload(self._chat_prompt, me, req, kwargs)
         else:
             ids = self._check_ids(me, fit(await self.offload(self._chat_prompt, me, req, kwargs, False)), "messages")
+        if tools is not None and tools.think is False and opened(me, ids[-16:]):  # (the reply begins inside it)
+            tools = tools.thinking(True)
+            params = dataclasses.replace(params, grammar=tools.grammar)
         if first is not None:
             room = me.max_model_len - len(ids)
             if max_tokens is not None and max_tokens > room:  # (the engine's check, of the whole: as generate's)
@@ -843,6 +854,7 @@ class OpenAIServing:
         gen = await self.generate(me, tenant, req.model, [ids], params, req.n, rid, stream, whole=whole)
         gen.prompt_tail = ids[-16:]  # (whether the template opened a think block the reply starts inside: thinking.opened)
         gen.prompt_ids = ids  # (a continuation's prompt starts with it: thinking.Budgeted)
+        gen.tools = tools  # (its grammar's think block: `go_on`)
         return me, tools, gen
 
     @staticmethod
@@ -946,16 +958,31 @@ class OpenAIServing:
         return out
 
     @staticmethod
-    def _reply(text: str, finish: str | None, tools: ToolPlan | None) -> tuple[p.AssistantMessage, str | None]:
+    def _reply(text: str, finish: str | None, tools: ToolPlan | None,
+               cut: bool = False) -> tuple[p.AssistantMessage, str | None]:
         """A choice's message and finish reason: with tools, a whole output is its tool calls (finish reason
         "tool_calls"; "stop" for a call tool_choice named, as OpenAI's and vLLM's), a hermes one's text before them
-        its content (vLLM's hermes parser's); one cut short stays text (but for a call cut before its name after
-        text: that text, `ToolPlan.said_only`)."""
+        its content (vLLM's hermes parser's); one cut short stays text, but for a call cut before its name (the text
+        before it: `ToolPlan.cut_text`) and, with `cut` (the chat reply's), calls max_tokens cut: the calls written
+        whole and the one being written once its name is whole, its arguments what was written (finish `length`).
+
+        That is OpenAI's reply to a call max_tokens cuts (its arguments cut short, finish_reason "length") and what
+        the chat stream sends of one (vLLM's streaming hermes parser's too: the call once its name is known, then its
+        arguments as they come), so the reply is the same streamed or not; vLLM's reply not streamed gives the raw
+        text as content instead (its JSON does not parse), which this was, and its client then got a `<tool_call>`
+        as the model's words. The other APIs' callers keep to whole calls here and read cut ones their own way."""
         calls = tools.calls(text) if tools is not None and finish == "stop" else None
-        if calls is None:  # (text, then a call max_tokens cut before its name: the text, as streamed)
-            said = tools.said_only(text) if tools is not None and finish == "length" else None
-            return p.AssistantMessage(content=text if said is None else said), finish
-        return p.AssistantMessage(content=tools.lead(text)[0] or None, tool_calls=calls), _calls_finish(tools)
+        if calls is not None:
+            return p.AssistantMessage(content=tools.lead(text)[0] or None, tool_calls=calls), _calls_finish(tools)
+        if tools is None or finish != "length":
+            return p.AssistantMessage(content=text), finish
+        if (said := tools.cut_text(text)) is not None:  # (a call cut before its name: the text before it, as streamed)
+            return p.AssistantMessage(content=said or None), finish
+        if cut and (got := tools.cut_calls(text)) is not None and (got[0] or got[1] is not None):
+            whole, part = got
+            return p.AssistantMessage(content=tools.lead(text)[0] or None,
+                                      tool_calls=[*whole, *([] if part is None else [part])]), finish
+        return p.AssistantMessage(content=text), finish
 
     async def _collect_chat(self, gen: Tracked, req: p.ChatCompletionRequest, rid: str,
                             me: ModelEntry, tools: ToolPlan | None) -> p.ChatCompletionResponse:
@@ -970,13 +997,15 @@ class OpenAIServing:
                 lps[i].extend(self._chat_logprobs(me, d, req.top_logprobs or 0, req.return_tokens_as_token_ids))
             if d.finished:
                 finish[i], stops[i] = d.finish_reason, d.stop_reason
-        replies = [self._reply(text[i], finish[i], tools) for i in range(k)]
+        replies = [self._reply(text[i], finish[i], tools, cut=True) for i in range(k)]
         if (begun := _thinks_first(me, gen, req, tools)) is not None:
-            for i in range(k):  # (the calls after a think block, which stays the content, as vLLM's)
+            for i in range(k):  # (the calls after a think block, which stays the content, as vLLM's; a <tool_call>
+                # inside the block is thinking, not a call, as the stream reads it: the reply is read past the block)
                 head, rest = _after_thought(text[i], begun)
-                msg, why = self._reply(rest, finish[i], tools)
-                if head and msg.tool_calls:
-                    msg.content, replies[i] = head + (msg.content or ""), (msg, why)
+                msg, why = self._reply(rest, finish[i], tools, cut=True)
+                if head:
+                    msg.content = head + (msg.content or "")
+                replies[i] = msg, why
         if echo := self._echoed(req):
             for msg, _ in replies:
                 msg.content = echo + (msg.content or "")
@@ -1010,7 +1039,6 @@ class OpenAIServing:
         # ("auto") a choice that turned out to be text: its calls may follow it (the grammar's `lead`), its text sent
         # up to their opening, which is held while it may be one
         leads = [Lead() if hermes and tools.text_then_calls else None for _ in gen.subs]
-        led = [False] * len(gen.subs)  # (its calls followed text)
 
         def role(i: int, calls: bool) -> bytes:
             if opened[i]:
@@ -1024,9 +1052,9 @@ class OpenAIServing:
             lps, held_lps[i] = held_lps[i], []
             return p.ChoiceLogprobs(content=lps).model_dump_json().encode()
 
-        def call_frames(i: int, fresh: str) -> bytes:
+        def call_frames(i: int, fresh: str, cut: bool) -> bytes:
             cs, out = calls[i], b""
-            for k, frag, opens in cs.feed(fresh):
+            for k, frag, opens in cs.feed(fresh, cut):  # (`cut`: max_tokens ended it, `_reply`'s cut calls)
                 if opens:  # (its opening delta)
                     c = cs.calls[k]
                     tc = {"index": k, "id": c["id"], "type": "function",
@@ -1076,20 +1104,20 @@ class OpenAIServing:
                         out += role(i, False) + fr.delta(i, content(shown), NULL if lp is None else p.ChoiceLogprobs(
                             content=lp).model_dump_json(exclude_unset=True).encode())
                     leads[i], text_reply[i], calls[i], held[i], fresh = None, False, CallStream(tools), rest, rest
-                    led[i] = True
                     held_lps[i], lp = [], None
                 d = dataclasses.replace(d, text=shown)
             if tools is not None and not text_reply[i]:
                 out += role(i, calls[i] is not None)
                 if calls[i] is not None:
-                    out += call_frames(i, fresh)
+                    out += call_frames(i, fresh, d.finished and d.finish_reason == "length")
                 if not d.finished:
                     return out
                 why = d.finish_reason
-                if (calls[i] is None or not calls[i].calls) and not (led[i] and why == "length"):  # no call began
-                    # (an output cut short before its first name): the text, as before; after text, that call is
-                    # dropped (ToolPlan.said_only: `_reply`'s)
-                    out += role(i, False) + fr.delta(i, content(held[i]), logprobs(i))
+                if calls[i] is None or not calls[i].calls:  # no call began: the text, as before; a call max_tokens
+                    # cut before its name is dropped, the text before it the reply's (ToolPlan.cut_text: `_reply`'s)
+                    kept = tools.cut_text(held[i]) if why == "length" else None
+                    if kept is None or kept:
+                        out += role(i, False) + fr.delta(i, content(held[i] if kept is None else kept), logprobs(i))
                 elif why == "stop":  # (the calls sent say what the reply is, whole or not: a stop sequence inside
                     # one leaves it unparsable, and its client has the calls, not text, to answer)
                     why = _calls_finish(tools)

@@ -180,6 +180,9 @@ def _head(key: str) -> re.Pattern[str]:
     return re.compile(r'\{"name": ("(?:[^"\\]|\\.)*"), "' + key + r'": ')
 
 
+_NAMED = re.compile(r'\{"name": ("(?:[^"\\]|\\.)*")')  # (a call's beginning up to its name, whole: N group 1)
+
+
 def _list_items(text: str) -> tuple[list[str], str | None]:
     """The grammar's list of calls (`[{"name": N, "parameters": {...}}, {...}]`, maybe cut short): the items written
     whole, as written, and the one cut short (None: none)."""
@@ -209,6 +212,9 @@ class ToolPlan:
     schemas: dict[str, dict[str, Any]] | None = None  # ("auto") each tool's arguments' schema, by name
     parallel: bool | None = None  # ("auto") parallel_tool_calls
     answer: dict[str, Any] | None = None  # ("auto") the schema its text is held to (`answering`)
+    # ("auto", free text) a model whose template thinks: the reply may open a `<think>...</think>` block (False), or
+    # begins inside one its prompt opened (True); None: no think block is read (`thinking`)
+    think: bool | None = None
 
     @property
     def grammar(self) -> str:
@@ -218,7 +224,7 @@ class ToolPlan:
         none. (A tool's schema the grammar cannot take is a 400 then, as the request's sampling is made, before it is
         admitted, naming the tool: `_named_failure`.)"""
         if self.made is None:
-            self.made = _hermes_grammar(self.schemas or {}, self.parallel, self.answer)
+            self.made = _hermes_grammar(self.schemas or {}, self.parallel, self.answer, self.think)
         return self.made
 
     def answering(self, schema: dict[str, Any]) -> ToolPlan:
@@ -230,6 +236,17 @@ class ToolPlan:
         if not self.hermes:
             return self
         return dataclasses.replace(self, made=None, answer=schema)
+
+    def thinking(self, opened: bool) -> ToolPlan:
+        """The plan of a model whose template thinks (`thinking.thinks`), its prompt opening the think block or not
+        (`opened`): the grammar leaves the block free and holds only what follows it to text or calls, as vLLM's
+        hermes parser reads the content its reasoning parser leaves (and its structured outputs hold a reply only
+        once its reasoning has ended). A `<tool_call>` the model writes while it thinks (weighing a call) is
+        thinking: the grammar forced it to go on as a call there, the block never closed, and the chat reply parsed
+        it as one. (Text held to a schema, `answering`'s, is the whole output: unchanged.)"""
+        if not self.text_then_calls or self.think == opened:
+            return self
+        return dataclasses.replace(self, made=None, think=opened)
 
     def calls(self, text: str) -> list[dict[str, Any]] | None:
         """The `tool_calls` of a whole output (a hermes one's after its text, `lead`'s); None when it has none (text,
@@ -292,8 +309,17 @@ class ToolPlan:
                 calls.append(self._call(*self._whole(b, key)))
             except (ValueError, KeyError, TypeError):
                 pass
-        m = _head(key).match(last or "")
-        return calls, self._call(json.loads(m[1]), last[m.end():]) if m and last is not None else None
+        return calls, self._named(last, key) if last is not None else None
+
+    @staticmethod
+    def _named(call: str, key: str) -> dict[str, Any] | None:
+        """The call being written (`{"name": N, "KEY": ...`, cut short) once its name is whole, its arguments what
+        was written of them ("" before they begin), as CallStream opens it; None before its name is whole."""
+        m = _head(key).match(call)
+        if m is not None:
+            return ToolPlan._call(json.loads(m[1]), call[m.end():])
+        m = _NAMED.match(call)
+        return ToolPlan._call(json.loads(m[1]), "") if m is not None else None
 
     @staticmethod
     def _call(name: str, arguments: str) -> dict[str, Any]:
@@ -306,15 +332,23 @@ class ToolPlan:
         if not self.hermes:
             return "", text
         at = text.find(HERMES_OPEN) if self.text_then_calls else 0 if text.startswith(HERMES_OPEN) else -1
-        return (text, "") if at < 0 else (text[:at], text[at:])
+        if at < 0:
+            return text, ""
+        # (whitespace alone before the calls, as a template's "\n\n" after a think block leaves it, is no text: the
+        # reply is its calls, content null, as `opening` streams it)
+        return "" if text[:at].isspace() else text[:at], text[at:]
 
-    def said_only(self, text: str) -> str | None:
-        """The text before a hermes output's calls where max_tokens cut its first call before its name was whole:
-        the reply is that text, the call (nothing of it to give: no name) dropped, not its `<tool_call>\\n{"` as
-        text after the sentence, as vLLM's streaming hermes parser holds it back. None for any other output (one of
-        no text before its calls is all the text it wrote: the cut call's part of it is all there is)."""
-        head, rest = self.lead(text) if self.text_then_calls else ("", "")
-        cut = self.cut_calls(text) if head and rest else None
+    def cut_text(self, text: str) -> str | None:
+        """The reply's text where max_tokens cut a hermes output inside its first call before the call's name was
+        whole: the text before it ("" where there is none), the call dropped, not its `<tool_call>\\n{"` as text:
+        nothing of a call is given before its name (OpenAI's first delta of a call is its name; vLLM's streaming
+        hermes parser holds the call back until it has it), and a call whose name is whole is given as one
+        (`cut_calls`). None for any other output. The one rule of the chat reply (`OpenAIServing._reply`), the chat
+        stream's end and Ollama's (`ollama._CallLines`)."""
+        if not self.hermes:
+            return None
+        head, rest = self.lead(text)
+        cut = self.cut_calls(text) if rest else None
         return head if cut is not None and not cut[0] and cut[1] is None else None
 
     @property
@@ -327,7 +361,11 @@ class ToolPlan:
         """Whether an output beginning `start` is tool calls (True), text (False: calls may follow it, `Lead`), or not
         known yet (None: `start` is a proper prefix of the call's opening, held back while streamed); the grammar
         lets no text reply begin as a call does."""
-        if not self.hermes or start.startswith(HERMES_OPEN):
+        if not self.hermes:
+            return True
+        if self.text_then_calls:  # (whitespace before the opening is no text: `lead`; held while it may be so)
+            start = start.lstrip()
+        if start.startswith(HERMES_OPEN):
             return True
         return None if HERMES_OPEN.startswith(start) else False
 
@@ -372,11 +410,20 @@ class CallStream:
         self.calls.append(ToolPlan._call(name, ""))
         self._state, self._depth, self._in_str, self._esc = "args", 0, False, False
 
-    def feed(self, text: str) -> list[tuple[int, str, bool]]:
+    def feed(self, text: str, end: bool = False) -> list[tuple[int, str, bool]]:
         """What `text` (the output's next part) adds: (call index, arguments fragment, whether it opens the call), in
         order, a call's first entry once it opens (opening True; its fragment "" when only its name is known yet: its
         id and name are in `self.calls`), the fragments a call gets in one part joined. The calls opened so far are
-        `len(self.calls)`."""
+        `len(self.calls)`. `end`: the output ends there (max_tokens cut it): a call whose name is whole but whose
+        arguments had not begun opens, its arguments "", as ToolPlan.cut_calls gives it."""
+        out = self._feed(text)
+        if end and self._state == "head" and (m := _NAMED.match(self._pending)) is not None:
+            self._open(json.loads(m[1]))
+            out.append((len(self.calls) - 1, "", True))
+            self._told = len(self.calls)
+        return out
+
+    def _feed(self, text: str) -> list[tuple[int, str, bool]]:
         out: list[tuple[int, str, bool]] = [(k, "", True) for k in range(self._told, len(self.calls))]
         i = 0
         while i < len(text):
@@ -457,23 +504,44 @@ def _before(word: str) -> str:
 
 
 def _hermes_grammar(schemas: dict[str, dict[str, Any]], parallel: bool | None,
-                    answer: dict[str, Any] | None = None) -> str:
+                    answer: dict[str, Any] | None = None, think: bool | None = None) -> str:
     """Text (not beginning as a call does; with `answer`, JSON of that schema, which never begins with the call's
     `<`), or one or more `<tool_call>` blocks of {"name", "arguments"} JSON, or text and then such blocks (not with
     `answer`), as Qwen2.5's and Hermes' replies write a sentence before their calls (vLLM's hermes parser reads the
     calls wherever they begin): the text is a lazy lexeme, ending at the first call's opening, where the calls are
-    held to their schemas; text never opens one later unsaid (a greedy text lexeme would run past it)."""
+    held to their schemas; text never opens one later unsaid (a greedy text lexeme would run past it).
+
+    `think` (`ToolPlan.think`; not with `answer`): before all that, a think block left free (a lazy lexeme ending at
+    its first `</think>`): one the reply may open (False: text that does not open one is as above, and a block may
+    be left unclosed at the end, as a reply may end while it thinks), or one the prompt opened (True: the reply
+    begins inside it)."""
     calls = {"anyOf": [{"type": "object", "properties": {"name": {"const": n}, "arguments": {"$ref": f"#/$defs/{n}"}},
                         "required": ["name", "arguments"], "additionalProperties": False}
                        for n in schemas], "$defs": _rooted_defs(schemas), "x-guidance": JSON_LAYOUT}
     more = "" if parallel is False else ' ("\\n" call)*'
+    close = f"obj {json.dumps(HERMES_CLOSE)}{more}"
     if answer is None:  # text, which may go on to calls (`lead`: the text, then the first call's opening)
         text, lead = [f"text: /{_not_starting_with(HERMES_OPEN)}/", f"lead[lazy]: /{_before(HERMES_OPEN)}/"], \
-            f" | lead obj {json.dumps(HERMES_CLOSE)}{more}"
+            f" | lead {close}"
     else:
-        text, lead = [f"text: %json {json.dumps({**answer, 'x-guidance': JSON_LAYOUT})}"], ""
+        text, lead, think = [f"text: %json {json.dumps({**answer, 'x-guidance': JSON_LAYOUT})}"], "", None
+    body = "text | call" + more + lead
+    if think is not None:
+        # (what the think block holds is never a call: `thought` is free text to its close, THINKING a block never
+        # closed; where the reply may open one, the text and lead that begin it are those that do not open one,
+        # else a lazy lead would end at a `<tool_call>` inside the block and force a call there)
+        opening = "" if think else "\\s*<think>"  # (thinking.OPEN and CLOSE, as a grammar's regex writes them)
+        unclosed = "~/(?s:.*)<\\/think>(?s:.*)/"
+        text += [f"thought[lazy]: /{opening}(?s:.*)<\\/think>/",
+                 f"THINKING: /{opening}(?s:.*)/ & {unclosed}", "body: " + body]
+        body = "thought body | THINKING"
+        if not think:
+            opens = f"~/{opening}(?s:.*)/"
+            text += ["text0: TEXT0", f"TEXT0: /{_not_starting_with(HERMES_OPEN)}/ & {opens}",
+                     "lead0[lazy]: LEAD0", f"LEAD0: /{_before(HERMES_OPEN)}/ & {opens}"]
+            body += f" | text0 | call{more} | lead0 {close}"
     return _named_failure(lambda: _compiled("\n".join([
-        "start: text | call" + more + lead,
+        "start: " + body,
         *text,
         f"call: {json.dumps(HERMES_OPEN)} obj {json.dumps(HERMES_CLOSE)}",
         f"obj: %json {json.dumps(calls)}"]), "tools"), schemas)
