@@ -97,7 +97,11 @@ class Autoscaler:
             load = ml.inflight / max(1, n * ml.capacity) if n else (1.0 if ml.inflight else 0.0)
             missing_slo = ml.slo_attainment is not None and ml.slo_attainment < self.s.slo_target
             hot = load > self.s.up_load or (missing_slo and ml.inflight > 0)
-            cold = load < self.s.down_load and not missing_slo
+            # cold counts only the ticks at which the model has a registration to give back: a `replicas.min: 0`
+            # model counted those on no engine, so the registration its first request made was given back at the
+            # next tick that found no request on it (the first one done, its follow-ups not yet sent; or still waiting
+            # for the model's load, which was then made again)
+            cold = load < self.s.down_load and not missing_slo and n > max(ml.min_replicas, 0)
             self._hot[name] = self._hot.get(name, 0) + 1 if hot else 0
             self._cold[name] = self._cold.get(name, 0) + 1 if cold else 0
             if self._hot[name] >= self.s.up_ticks and 0 < n < ml.max_replicas:

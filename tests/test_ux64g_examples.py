@@ -1,0 +1,153 @@
+"""examples/ as a user runs them: remote-workers.yaml's controller with a worker started as its comment says (the
+example's join token admits it, a wrong one is refused in a line that says so; the model it serves only when asked for
+stays registered after its first request; SIGTERM drains the worker: the request in flight finishes, exit 0), and
+what running the examples in place leaves beside them is kept out of git."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from controller.autoscaler import Autoscaler, ModelLoad
+from controller.config import AutoscalerSettings
+from controller.router import EngineView, ModelInfo, ReplicaView
+from load_tests import live_server
+from load_tests.live_server import REPO_ROOT, LiveServer
+from tests import ports
+from tests.test_worker_failover import _in_background
+
+EXAMPLES = REPO_ROOT / "examples"
+# the example tokens the examples' comments name (their hashes are in the files)
+ADMIN = "tpadmin-example-admin-token-replace-me"
+ALICE = "tp-example-alice-key-replace-me"
+JOIN = "tpjoin-example-join-token-replace-me"
+PORTS = range(29050, 29100)
+
+
+def _until(what: str, check, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while not (got := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return got
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory, make_tiny):
+    """remote-workers.yaml as it is, but for its models' folders (tiny factory models), its ports (this file's range,
+    on loopback) and a fast autoscaler tick (its scale-to-zero in seconds, not a minute)."""
+    cfg = yaml.safe_load((EXAMPLES / "remote-workers.yaml").read_text())
+    dirs = {"qwen2-7b": make_tiny("qwen2"), "llama-8b": make_tiny("llama")}
+    for m in cfg["models"]:
+        m["path"] = str(dirs[m["name"]])
+    api = ports.free_port(PORTS)
+    workers = ports.free_port(PORTS, skip=(api,))
+    cfg["workers"]["listen"] = {"host": "127.0.0.1", "port": workers}
+    cfg["autoscaler"] = {"interval_s": 0.1, "down_ticks": 30}  # cold for 3 s: given back
+    with pytest.MonkeyPatch.context() as mp:  # (LiveServer's port: this file's range)
+        mp.setattr(live_server, "free_port", lambda: api)
+        srv = LiveServer(cfg, tmp_path_factory.mktemp("ux64g-remote"), wait_ready=False)  # (no engine until one joins)
+    srv.worker_port, srv.procs, srv.t_start = workers, [], time.monotonic()
+    with srv:
+        with httpx.Client(timeout=2) as c:
+            _until("the controller listening", lambda: _get(c, srv.url + "/"), timeout=60)
+        try:
+            yield srv
+        finally:
+            for p in srv.procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait(10)
+
+
+def _get(c: httpx.Client, url: str) -> bool:
+    try:
+        return c.get(url).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _worker(srv, token: str) -> subprocess.Popen:
+    """`TOKENPOOL_JOIN_TOKEN=... python -m controller.worker --controller HOST:PORT --device cpu`, as the example says."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENPOOL_JOIN_TOKEN=token, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "controller.worker", "--controller", f"127.0.0.1:{srv.worker_port}",
+                          "--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    srv.procs.append(p)
+    return p
+
+
+def _engines(srv) -> list[dict]:
+    return httpx.get(srv.url + "/admin/engines", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10).json()
+
+
+def _registered(srv, pid: int, model: str, state: str | None = None) -> bool:
+    return any(e["pid"] == pid and e["alive"] and any(r["model"] == model and state in (None, r["state"])
+                                                      for r in e["models"]) for e in _engines(srv))
+
+
+def test_remote_workers_example_join_scale_to_zero_and_drain(remote):
+    wrong = _worker(remote, "tpjoin-not-the-token")
+    assert wrong.wait(60) == 1
+    assert "controller refused this worker: bad join token" in wrong.stderr.read()
+    assert "bad join token" in remote.log()
+
+    w = _worker(remote, JOIN)
+    _until("the worker serving qwen2-7b", lambda: _registered(remote, w.pid, "qwen2-7b", "ready"), timeout=60)
+    c = openai.OpenAI(base_url=remote.url + "/v1", api_key=ALICE, max_retries=0, timeout=60)
+
+    # llama-8b (replicas.min 0: "loaded only when asked for") is on no engine until a request; the registration that
+    # request made stays while its follow-ups may come. The autoscaler counted its ticks on no engine as cold, and
+    # gave the registration back at the next tick after the request (here 0.1 s; 2 s by default).
+    time.sleep(max(0.0, remote.t_start + 3.5 - time.monotonic()))  # more ticks than down_ticks on no engine
+    assert not _registered(remote, w.pid, "llama-8b")
+    r = c.chat.completions.create(model="llama-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert r.choices[0].finish_reason == "length"
+    time.sleep(0.6)
+    assert _registered(remote, w.pid, "llama-8b"), remote.log()
+    assert "unregistering llama-8b" not in remote.log()  # (nor given back at once, and made again for the request)
+    # ... and, idle, it is given back once its down_ticks (3 s here) have passed: scale to zero still works
+    _until("llama-8b given back", lambda: not _registered(remote, w.pid, "llama-8b"), timeout=15)
+
+    # SIGTERM drains the worker, as the example's comment says: the stream in flight finishes, then it exits 0, and
+    # the controller has no live engine left (the only one went)
+    it = iter(c.chat.completions.create(model="qwen2-7b", messages=[{"role": "user", "content": "hi"}], max_tokens=200,
+                                        stream=True, extra_body={"ignore_eos": True}))
+    next(it)
+    os.kill(w.pid, signal.SIGTERM)
+    rest = _in_background(list, it)
+    assert rest.result(60)[-1].choices[0].finish_reason == "length"
+    assert w.wait(30) == 0, w.stderr.read()[-3000:]
+    _until("the controller without the worker", lambda: not any(e["alive"] for e in _engines(remote)), timeout=10)
+    assert "was signalled to stop" in remote.log()
+
+
+def test_a_scaled_to_zero_model_counts_its_cold_ticks_from_its_registration():
+    """The autoscaler's side of the above, tick by tick: ticks on no engine are not cold ones."""
+    a = Autoscaler(AutoscalerSettings(down_ticks=3))
+    llama = ModelLoad(ModelInfo("llama-8b", 2**30), 0, 4, 0, 64)
+    for _ in range(10):
+        assert a.plan([llama], [EngineView("w", 60 * 2**30)]) == []
+    on_w = [EngineView("w", 60 * 2**30, {"llama-8b": ReplicaView("llama-8b", True, 64)})]
+    assert a.plan([llama], on_w) == [] and a.plan([llama], on_w) == []
+    assert [(x.kind, x.model) for x in a.plan([llama], on_w)] == [("unload", "llama-8b")]
+
+
+def test_what_the_examples_make_in_place_is_not_for_git():
+    """README.md has the examples' models made under examples/models (7 GB for qwen2-7b), and multi-tenant.yaml's
+    tenants_file is examples/tenants.yaml: neither showed as ignored, so `git add -A` took weights and a deployment's
+    tenants, and a tenants.yaml beside the examples read as a fourth one."""
+    made = ["examples/models/qwen2-7b/model.safetensors", "examples/models/llama-3b/config.json",
+            "examples/tenants.yaml", "examples/tenants.yaml.edited-20260101-120000", "examples/tenants.tmp"]
+    got = subprocess.run(["git", "check-ignore", "--no-index", *made, "examples/one-gpu.yaml",
+                          "examples/multi-tenant.yaml", "examples/remote-workers.yaml"],
+                         cwd=REPO_ROOT, capture_output=True, text=True)
+    assert got.stdout.split() == made, got.stderr
+    assert yaml.safe_load((EXAMPLES / "multi-tenant.yaml").read_text())["tenants_file"] == "tenants.yaml"
