@@ -69,10 +69,17 @@ def main(argv: list[str] | None = None) -> int:
         k = new_key(a.prefix)
         print(f"key:  {k}\nhash: {hash_key(k)}")
         return 0
-    k = sys.stdin.readline().strip() if a.key == "-" else a.key
-    if not k:
-        ap.error("the key is empty")
-    print(hash_key(k))
+    # '-': every line of stdin a key, a hash each, as `tokenpool keys hash -` reads them (this read the first line
+    # only: a file of keys piped in gave one hash, unsaid); typed at a terminal, the one line
+    if a.key != "-":
+        keys = [a.key]
+    else:
+        text = "" if sys.stdin is None else sys.stdin.readline() if sys.stdin.isatty() else sys.stdin.read()
+        keys = [line.strip() for line in text.splitlines() if line.strip()]
+    if not keys or not all(keys):
+        ap.error("the key is empty" if a.key != "-" else "stdin holds no key")
+    for k in keys:
+        print(hash_key(k))
     return 0
 
 

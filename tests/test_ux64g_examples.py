@@ -18,6 +18,7 @@ import yaml
 
 from controller.autoscaler import Autoscaler, ModelLoad
 from controller.config import AutoscalerSettings
+from controller.keys import verify_key
 from controller.router import EngineView, ModelInfo, ReplicaView
 from load_tests import live_server
 from load_tests.live_server import REPO_ROOT, LiveServer
@@ -138,6 +139,23 @@ def test_a_scaled_to_zero_model_counts_its_cold_ticks_from_its_registration():
     on_w = [EngineView("w", 60 * 2**30, {"llama-8b": ReplicaView("llama-8b", True, 64)})]
     assert a.plan([llama], on_w) == [] and a.plan([llama], on_w) == []
     assert [(x.kind, x.model) for x in a.plan([llama], on_w)] == [("unload", "llama-8b")]
+
+
+@pytest.mark.parametrize("command", [["controller.cli", "keys"], ["controller.keys"]], ids=["tokenpool", "module"])
+def test_keys_new_and_hash_make_what_the_examples_say(command):
+    """multi-tenant.yaml's `tokenpool keys new` (a key and its hash) and `tokenpool keys hash` (one a line, for keys
+    piped in); `python -m controller.keys`, "the same as tokenpool keys", hashed only the first line piped in."""
+    def run(*args: str, stdin: str = "") -> list[str]:
+        out = subprocess.run([sys.executable, "-m", *command, *args], cwd=REPO_ROOT, input=stdin, capture_output=True,
+                             text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+        assert out.returncode == 0, out.stderr
+        return out.stdout.splitlines()
+
+    key, hashed = (line.split()[1] for line in run("new", "--prefix", "tpjoin"))
+    assert key.startswith("tpjoin-") and verify_key(key, hashed)
+    keys = [ALICE, "tp-example-bob-key-replace-me", key]
+    hashes = run("hash", "-", stdin="\n".join(keys) + "\n")
+    assert len(hashes) == 3 and all(verify_key(k, h) for k, h in zip(keys, hashes))
 
 
 def test_what_the_examples_make_in_place_is_not_for_git():
