@@ -1,11 +1,15 @@
-"""examples/ as a user runs them: remote-workers.yaml's controller with a worker started as its comment says (the
+"""examples/ as a user runs them: multi-tenant.yaml's keys, models and limits as its comments say them (bob's
+max_concurrent reachable by the openai client's requests, which send no max_tokens: its tokens_per_min let one run at
+a time); remote-workers.yaml's controller with a worker started as its comment says (the
 example's join token admits it, a wrong one is refused in a line that says so; the model it serves only when asked for
 stays registered after its first request; SIGTERM drains the worker: the request in flight finishes, exit 0), and
 what running the examples in place leaves beside them is kept out of git."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,8 +33,74 @@ EXAMPLES = REPO_ROOT / "examples"
 # the example tokens the examples' comments name (their hashes are in the files)
 ADMIN = "tpadmin-example-admin-token-replace-me"
 ALICE = "tp-example-alice-key-replace-me"
+BOB = "tp-example-bob-key-replace-me"
+METRICS = "tpmetrics-example-scrape-token-replace-me"
 JOIN = "tpjoin-example-join-token-replace-me"
 PORTS = range(29050, 29100)
+
+
+@pytest.fixture  # (stopped before the next test's server starts: one server at a time on 2 cores)
+def multi(tmp_path_factory, make_tiny):
+    """multi-tenant.yaml as it is, but for its models' folders (tiny factory models; chat-small's with qwen2-1.5b's
+    context, 32768) and its listener (loopback, this file's range); its tenants_file lands beside the config."""
+    cfg = yaml.safe_load((EXAMPLES / "multi-tenant.yaml").read_text())
+    small = tmp_path_factory.mktemp("ux64g-qwen2-1.5b-context") / "m"
+    shutil.copytree(make_tiny("qwen2"), small)
+    conf = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps(dict(conf, max_position_embeddings=32768)))
+    dirs = {"chat-large": make_tiny("qwen2"), "chat-small": small}
+    for m in cfg["models"]:
+        m["path"] = str(dirs[m["name"]])
+    with ports.live_server_on(PORTS, cfg, tmp_path_factory.mktemp("ux64g-multi")) as srv:
+        yield srv
+
+
+def test_multi_tenant_example_keys_limits_and_tokens(multi):
+    def client(key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=multi.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    alice, bob = client(ALICE), client(BOB)
+    assert [m.id for m in alice.models.list()] == ["chat-large", "chat-small", "chat"]  # models: ["*"]
+    assert [m.id for m in bob.models.list()] == ["chat-small", "chat"]  # only chat-small, its alias too
+    with pytest.raises(openai.NotFoundError):
+        bob.chat.completions.create(model="chat-large", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+
+    # bob's max_concurrent (8) is what bounds the openai client's requests (no max_tokens: each reserves the model's
+    # whole context of tokens_per_min); the example's 60000 tokens/min let one run at a time
+    streams = []
+    try:
+        for _ in range(8):
+            s = bob.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], stream=True)
+            next(iter(s))
+            streams.append(s)
+        with pytest.raises(openai.RateLimitError) as ei:
+            bob.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], stream=True)
+        assert "8 requests in flight (limit 8)" in str(ei.value) and ei.value.response.headers["retry-after"]
+    finally:
+        for s in streams:
+            s.close()
+    # ... and its request rate: 5/s with a burst of 10, past it a 429 with Retry-After
+    with pytest.raises(openai.RateLimitError) as ei:
+        for _ in range(20):
+            bob.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    assert "5 requests/s (burst 10)" in str(ei.value) and int(ei.value.response.headers["retry-after"]) >= 1
+
+    # the metrics token scrapes /metrics (the admin token too); a tenant's key does not
+    for token, status in ((METRICS, 200), (ADMIN, 200), (ALICE, 401), (None, 401)):
+        h = {"Authorization": f"Bearer {token}"} if token else {}
+        assert httpx.get(multi.url + "/metrics", headers=h, timeout=10).status_code == status, token
+    ps = subprocess.run([sys.executable, "-m", "controller.cli", "ps", "--url", multi.url, "--admin-token", ADMIN],
+                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), COLUMNS="200"))
+    assert ps.returncode == 0 and "chat-small" in ps.stdout and "chat-large" in ps.stdout, ps.stderr
+
+    # a tenant made through the admin API lands in tenants_file, as its hash only
+    made = httpx.post(multi.url + "/admin/tenants", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10,
+                      json={"name": "carol", "models": ["chat"]}).json()
+    kept = (multi.config_path.parent / "tenants.yaml").read_text()
+    assert "carol" in kept and made["api_key"] not in kept
+    assert verify_key(made["api_key"], yaml.safe_load(kept)[0]["key_hashes"][0])
+    assert [m.id for m in client(made["api_key"]).models.list()] == ["chat"]  # (granted by the alias: that name)
 
 
 def _until(what: str, check, timeout: float = 30.0):
@@ -153,7 +223,7 @@ def test_keys_new_and_hash_make_what_the_examples_say(command):
 
     key, hashed = (line.split()[1] for line in run("new", "--prefix", "tpjoin"))
     assert key.startswith("tpjoin-") and verify_key(key, hashed)
-    keys = [ALICE, "tp-example-bob-key-replace-me", key]
+    keys = [ALICE, BOB, key]
     hashes = run("hash", "-", stdin="\n".join(keys) + "\n")
     assert len(hashes) == 3 and all(verify_key(k, h) for k, h in zip(keys, hashes))
 
