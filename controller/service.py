@@ -68,6 +68,7 @@ RESTART = None  # (in a Generation's sink, for a delta) this choice runs again f
 # A deleted tenant's requests in flight end this long after the DELETE, unless a namesake made meanwhile holds every
 # key it had (the operator's update: DELETE then POST); its keys stop working at once.
 REVOKE_GRACE_S = 1.0
+_FIRSTS = object()  # (Controller.go_on's grammar left out: the first engine request's)
 REVOKED = "the API key was revoked"
 
 
@@ -695,15 +696,17 @@ class Controller:
             raise
         return gen
 
-    async def go_on(self, gen: Generation, index: int, prompt: list[int] | None, max_tokens: int = 0) -> None:
+    async def go_on(self, gen: Generation, index: int, prompt: list[int] | None, max_tokens: int = 0,
+                    grammar=_FIRSTS) -> None:
         """Choice `index` of admitted request `gen` (Controller.generate's `whole`), its engine request ended, goes on
         from `prompt` (the request's prompt, what the choice made, and what its caller adds: thinking.Budgeted's
         closing tag) in a new engine request in that one's place, part of the same API request: not admitted, nor
         charged to the tenant again (its rates, its usage's requests: the request counts once, its tokens all), under
         the same request id (the admin API's list and cancel, the metrics: one request, its time to first token the
         first engine request's, its latency to the continuation's end). Its deltas come from `gen.events()` again.
-        Sampled as the first (its params, `max_tokens` the continuation's, a seed its own). `prompt` None: it does not
-        go on (an end kept meanwhile, `gen.ended`, is raised)."""
+        Sampled as the first (its params, `max_tokens` the continuation's, a seed its own, `grammar` where given: the
+        first's held a think block the continuation starts after). `prompt` None: it does not go on (an end kept
+        meanwhile, `gen.ended`, is raised)."""
         if prompt is None:
             gen.goes_on = False
             if gen.ended is not None and not gen.closed:  # (ended in the instant between the two: the cancel was
@@ -721,7 +724,8 @@ class Controller:
         seed = old.params.seed if old.params.seed is None else old.params.seed + len(gen.subs)
         # (its engine request id the first's, marked: the request's id before its last '-', as the views read it)
         sub = Sub(f"{old.rid}.next", old.model, index, prompt,
-                  dataclasses.replace(old.params, max_tokens=max_tokens, seed=seed),
+                  dataclasses.replace(old.params, max_tokens=max_tokens, seed=seed,
+                                      **({} if grammar is _FIRSTS else {"grammar": grammar})),
                   max_tokens, gen.sink, restartable=gen.buffered, follows=True, earlier=old.earlier + old.generated)
         gen.subs[index] = sub  # (in its place: the admin API's view and cancel, close's abort find it)
         gen.goes_on = False

@@ -81,3 +81,31 @@ def test_a_cancel_between_the_two_engine_requests_ends_the_continuation():
         assert tenant.inflight == 0 and tenant.usage["requests"] == 2
 
     asyncio.run(go())
+
+
+def test_a_continuation_may_take_its_own_grammar():
+    """go_on's `grammar` (OpenAIServing.go_on's, a thinking budget's continuation of a reply with tools whose prompt
+    opened the think block: the continuation starts after the block, so the grammar is the one for text after it)
+    is the continuation's; the first engine request's params stay as they were (they were changed in place before);
+    left out, the continuation keeps the first's grammar."""
+    async def go():
+        ctl, _ = await _controller()
+        tenant = ctl.tenants.authenticate(None)
+        for rid, more, want in (("msg-g", {"grammar": "after"}, "after"), ("msg-h", {}, "inside")):
+            gen = await ctl.generate(ctl.models["m"], tenant, [[1, 2]], SamplingParams(max_tokens=2, grammar="inside"),
+                                     1, rid, stream=True, whole=6)
+            (first,) = gen.subs
+            e = await _sent_to(ctl, first)
+            _tokens(ctl, e, first.rid, ["a", "b"], finish=True)
+            await _collect(gen)
+            await ctl.go_on(gen, 0, [1, 2, 10, 11, 99], 4, **more)
+            (second,) = gen.subs
+            e2 = await _sent_to(ctl, second)
+            (new,) = [x for x in e2.writer.sent if isinstance(x, m.NewRequest) and x.request_id == second.rid]
+            assert (new.params.grammar, new.params.max_tokens, first.params.grammar) == (want, 4, "inside")
+            ctl.pool._outputs(e2, m.Outputs([m.Delta(second.rid, text="c", token_ids=[3], finished=True,
+                                                     finish_reason="stop")]))
+            await _collect(gen)
+            gen.close(200)
+
+    asyncio.run(go())

@@ -647,16 +647,16 @@ class OpenAIServing:
     async def go_on(self, gen: Tracked, prompt: list[int] | None, max_tokens: int = 0) -> None:
         """Controller.go_on of `gen`'s one choice: it goes on from `prompt` for `max_tokens` more, the same request
         (its deltas from `gen.events()` again); None: it does not."""
+        more = {}
         if prompt is not None:
             gen.finish.pop(0, None)  # (the first's "length" is not the request's: the continuation's end is)
             plan = getattr(gen, "tools", None)
             if plan is not None and plan.think:  # (its prompt opened the think block, which the continuation's
                 # closes: what it writes comes after the block, where the grammar that began inside it would leave
-                # the calls free; the continuation is sampled with the first's params: ctl.go_on)
-                first = gen.gen.subs[0]
-                first.params = dataclasses.replace(first.params, grammar=plan.thinking(False).grammar)
+                # the calls free)
+                more["grammar"] = plan.thinking(False).grammar
         try:
-            await self.ctl.go_on(gen.gen, 0, prompt, max_tokens)
+            await self.ctl.go_on(gen.gen, 0, prompt, max_tokens, **more)
         except ServingError as e:
             raise as_asked(e, gen.gen.entry.spec.name, gen.asked) from None
 
