@@ -284,9 +284,9 @@ def _mark_deleted(uid: str) -> None:
 
 def _forget(memo: kopf.Memo, uid: str) -> None:
     """Drop what this process keeps of an object that is gone (its lock too: the caller may hold it, and a round
-    that waits on it holds its own reference), and its events' memory (`_WARNED`, `_TOLD_READY`, `_POSTED`,
-    `_UNTOLD`). They were kept for ever: a small leak per object deleted, GPUPools' for good (they have no delete
-    handler)."""
+    that waits on it holds its own reference), its events' memory (`_WARNED`, `_TOLD_READY`, `_POSTED`, `_UNTOLD`)
+    and the status it last wrote (`_STATUS`). They were kept for ever: a small leak per object deleted, GPUPools' for
+    good (they have no delete handler)."""
     with memo.locks_guard:
         for table in _PER_OBJECT:
             t = memo.get(table)
@@ -297,6 +297,7 @@ def _forget(memo: kopf.Memo, uid: str) -> None:
         _TOLD_READY.discard(uid)
         _POSTED.pop(uid, None)
         _UNTOLD.pop(uid, None)
+        _STATUS.pop(uid, None)
 
 
 def _stale(memo: kopf.Memo, meta: dict) -> bool:
@@ -352,8 +353,19 @@ _UNTOLD: dict[str | None, tuple[tuple[str, str], tuple[str, str, str]]] = {}
 # What a round observes of the controller and the cluster, in the status of each kind (PooledModel, GPUPool, Tenant:
 # distinct names). A Degraded round that did not observe one clears it (null: removed): a model whose controller went
 # away still said `ready: true` on 2 replicas (the scale subresource's, which an HPA reads), a pool its old engine
-# count, a tenant its keys, as long as it stayed Degraded.
+# count, a tenant its keys, as long as it stayed Degraded. Removed, not false or 0: unknown is what the round knows
+# (`ready: false`, `replicas: 0` would tell an HPA and `kubectl get` an empty model that may well still serve, as after
+# an InvalidSpec edit); the condition says why. Kept: the operator's own bookkeeping (served, appliedDigest,
+# selector) and what the round saw all the same (a pool's nodes and GPUs, of its DaemonSet).
 OBSERVED = ("registered", "engines", "replicas", "ready", "attainment", "nodes", "gpus", "enginesReady", "keys")
+# uid -> the status as this process last wrote it (the snapshot it wrote on, its patch merged). A round's `status` is
+# the object as the watch last showed it, which can be older than this process's last write: kopf applies a round's
+# patch after its handler returned (the object's lock released), and its watch event comes later still, so the round
+# that took the lock next decided on the status from before. It cleared only the observed fields that old snapshot
+# held (a model turned Degraded just after Serving kept `ready: true`, its engines and replicas), or wrote nothing
+# where its Degraded equalled the snapshot's (the object stayed Ready, Serving), until a later round. A round writes
+# whatever differs from either (a patch that did not land is written again), and builds its conditions on this.
+_STATUS: dict[str, dict] = {}
 
 
 def _write_status(body: Any, patch: kopf.Patch, status: dict, fields: dict, state: str, reason: str, message: str,
@@ -388,15 +400,21 @@ def _write_status(body: Any, patch: kopf.Patch, status: dict, fields: dict, stat
         log.info("%s/%s: Ready: %s: %s", kind, name, reason, said)
         event = ("Normal", reason, said)
     _tell(body, uid, (state, reason), event)
+    with _WARNED_LOCK:
+        wrote = _STATUS.get(uid)
+    last = wrote if wrote is not None else status  # (an operator's first write: the snapshot is all it knows)
     if state == "Degraded":
-        fields = dict.fromkeys((k for k in OBSERVED if k in status), None) | fields
-    new = dict(fields, conditions=b.build_conditions(state, reason, message, generation, status.get("conditions"),
+        fields = dict.fromkeys((k for k in OBSERVED if k in status or k in last), None) | fields
+    new = dict(fields, conditions=b.build_conditions(state, reason, message, generation, last.get("conditions"),
                                                      _now()))
     if generation is not None:  # this generation was seen, also when it could not be applied (InvalidSpec...):
         new.setdefault("observedGeneration", generation)  # kstatus (Argo CD, Flux) holds a lagging one in progress
     for k, v in new.items():
-        if status.get(k) != v:
+        if status.get(k) != v or last.get(k) != v:
             patch.status[k] = v
+    with _WARNED_LOCK:
+        if uid is not None and not _deleted(uid):  # (a deleted pool's round: nothing kept of it; no body: no object)
+            _STATUS[uid] = {k: v for k, v in {**last, **patch.status}.items() if v is not None}
 
 
 def _tell(body: Any, uid: str | None, state: tuple[str, str], event: tuple[str, str, str] | None) -> None:
