@@ -1,7 +1,7 @@
 """The Kubernetes events the operator posts about an object, as its tests see them: the POSTs kmock's emulator got
 (`posted`), or, for rounds run outside kopf, the handlers' calls of kopf.event and kopf.warn (`captured`). Shared by
-tests/test_ux62d_operator.py, tests/test_ux63b_dashboard_operator.py and tests/test_ux64d_operator.py (each had its
-copy)."""
+the operator's tests (tests/test_ux62d_operator.py, tests/test_ux63b_dashboard_operator.py, tests/test_k8s52_events.py,
+tests/test_k8s52_admin_token.py and tests/test_operator_lifecycle.py each had a copy of `posted`)."""
 
 from __future__ import annotations
 

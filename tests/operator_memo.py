@@ -5,6 +5,8 @@ from __future__ import annotations
 
 KEPT = {"applied", "locks", "seen", "pool_engines_seen"}  # (what the operator keeps of a pool it reconciled)
 TABLES = (*KEPT, "served", "key_claims", "tenant_models_seen")  # (the memo's tables by uid)
+# The handlers' own tables by uid, outside the memo: its events' memory and the status it last wrote
+MODULE_TABLES = ("_WARNED", "_TOLD_READY", "_POSTED", "_UNTOLD", "_STATUS")
 
 
 class MemoReader:
@@ -24,9 +26,11 @@ class MemoReader:
         monkeypatch.setattr(handlers, "_lock", spy)
 
     def held(self, uid: str) -> set[str]:
-        """The memo's tables holding the pool `uid`, and "_WARNED" where its Warning is remembered."""
+        """The tables holding the pool `uid`: the memo's, and the handlers' own (`MODULE_TABLES`: "_WARNED" where its
+        Warning is remembered, "_STATUS" where the status last written to it is kept...). None once it is forgotten."""
         memo = self.memo
         assert memo is not None, "no handler has taken a pool's lock yet: the memo is not seen"
         with memo.locks_guard:
             out = {t for t in TABLES if uid in (memo.get(t) or {})}
-        return out | ({"_WARNED"} if uid in self.handlers._WARNED else set())
+        with self.handlers._WARNED_LOCK:
+            return out | {t for t in MODULE_TABLES if uid in getattr(self.handlers, t)}

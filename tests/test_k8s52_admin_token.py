@@ -13,7 +13,8 @@ kmock = pytest.importorskip("kmock")
 
 import tests.test_operator_lifecycle as lifecycle  # noqa: E402
 from tests.kmock_util import FakeController  # noqa: E402
-from tests.test_operator_e2e import NS, _obj, _until  # noqa: E402
+from tests.operator_events import posted  # noqa: E402
+from tests.test_operator_e2e import _obj, _until  # noqa: E402
 from tests.test_operator_lifecycle import FINALIZER, Operator, _reason, _true  # noqa: E402
 from tests.test_operator_lifecycle import world as lifecycle_world  # noqa: E402
 
@@ -36,12 +37,6 @@ class WrongToken(FakeController):
 @pytest.fixture()
 def wrong_token(monkeypatch):
     monkeypatch.setattr(lifecycle, "FakeController", WrongToken)  # (the world's controller)
-
-
-def _posted(kube, name: str) -> list[dict]:
-    path = f"/api/v1/namespaces/{NS}/events"
-    return [r.data for r in kube.k8s if r.method.value == "POST" and r.url.path == path
-            and (r.data.get("involvedObject") or {}).get("name") == name]
 
 
 async def _removal_refused(kube, plural: str, name: str):
@@ -70,4 +65,4 @@ async def test_a_refused_admin_token_is_said_on_every_resource(wrong_token, worl
             assert obj["metadata"].get("deletionTimestamp") and FINALIZER in obj["metadata"]["finalizers"]
         # One Warning each (the removal's Degraded has the same reason), no error event of kopf's.
         for name in ("default", "m", "t"):
-            assert [(e["type"], e["reason"]) for e in _posted(kube, name)] == [("Warning", "Unauthorized")], name
+            assert [(e["type"], e["reason"]) for e in posted(kube, name)] == [("Warning", "Unauthorized")], name

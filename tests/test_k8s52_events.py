@@ -10,18 +10,12 @@ import pytest
 kopf = pytest.importorskip("kopf")
 kmock = pytest.importorskip("kmock")
 
-from tests.test_operator_e2e import NS, _obj, _until  # noqa: E402
+from tests.operator_events import posted  # noqa: E402
+from tests.test_operator_e2e import _obj, _until  # noqa: E402
 from tests.test_operator_lifecycle import Operator, _reason  # noqa: E402
 from tests.test_operator_lifecycle import world as lifecycle_world  # noqa: E402
 
 world = lifecycle_world
-
-
-def _posted(kube, name: str) -> list[dict]:
-    """The events the operator posted about object `name` (kmock keeps one of them: the requests tell all)."""
-    path = f"/api/v1/namespaces/{NS}/events"
-    return [r.data for r in kube.k8s if r.method.value == "POST" and r.url.path == path
-            and (r.data.get("involvedObject") or {}).get("name") == name]
 
 
 @pytest.mark.asyncio
@@ -42,7 +36,7 @@ async def test_a_drain_and_a_controller_down_post_no_event_per_retry(world):
         # whatever m's retries before it posted (kopf posts an object's events in order): only its turning Ready.
         fake.down = True
         await _until("m's Warning", lambda: _warned(kube, "m", "ControllerUnavailable"))
-        assert [(e["type"], e["reason"]) for e in _posted(kube, "m")] == [("Normal", "Serving"),
+        assert [(e["type"], e["reason"]) for e in posted(kube, "m")] == [("Normal", "Serving"),
                                                                           ("Warning", "ControllerUnavailable")]
         assert "m" in fake.models and await kube.get("pooledmodels", "m") is not None  # (still held, Terminating)
 
@@ -52,4 +46,4 @@ async def _at_least(fake, n: int) -> bool:
 
 
 async def _warned(kube, name: str, reason: str) -> bool:
-    return any(e["reason"] == reason for e in _posted(kube, name))
+    return any(e["reason"] == reason for e in posted(kube, name))

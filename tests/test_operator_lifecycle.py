@@ -15,6 +15,7 @@ kopf = pytest.importorskip("kopf")
 kmock = pytest.importorskip("kmock")
 
 from tests.kmock_util import SECRETS, FakeController, operator_world  # noqa: E402
+from tests.operator_events import posted  # noqa: E402
 from tests.test_operator_e2e import NS, Cluster, Operator, _cond, _obj, _until  # noqa: E402
 
 FINALIZER = "tokenpool.dev/finalizer"
@@ -161,11 +162,8 @@ async def test_a_pool_change_reaches_its_workers_and_a_lost_join_token_is_named(
 
 
 def _events(kube: Cluster, name: str, reason: str) -> list[dict]:
-    """The Warning events the operator posted about object `name` with `reason` (the requests: kmock keeps one
-    event of a namespace, having no generateName)."""
-    return [r.data for r in kube.k8s if r.method.value == "POST" and r.url.path == f"/api/v1/namespaces/{NS}/events"
-            and r.data.get("type") == "Warning" and r.data.get("reason") == reason
-            and r.data.get("involvedObject", {}).get("name") == name]
+    """The Warning events the operator posted about object `name` with `reason`."""
+    return [e for e in posted(kube, name, "Warning") if e.get("reason") == reason]
 
 
 @pytest.mark.asyncio
