@@ -5,7 +5,8 @@ its host copy and a place in a GPU's pooled engine, not VRAM: the engine's polic
 Every tick the controller hands in each model's measured load (in-flight requests per replica slot) and SLO
 attainment over a recent window; a model must be hot for `up_ticks` ticks in a row to grow by one replica and
 cold for `down_ticks` to shrink by one (down_ticks >> up_ticks: scaling up is cheap to undo, thrashing is not).
-Between the two thresholds nothing moves. After acting, the model's counter restarts (a cooldown).
+Between the two thresholds nothing moves. After acting, the model's counter restarts (a cooldown). A model's last
+registration (`replicas.min: 0`) also stays while the model was used within its keep_alive (`ModelLoad.kept_alive`).
 
 A GPU that misses a model's SLO ("struggling") gets no extra registration, and gives back, after `up_ticks`, a
 registration whose model is also served on a healthy GPU (`sheds`: drained, then unregistered): a pooled GPU
@@ -45,6 +46,16 @@ class ModelLoad:
     slo_attainment: float | None = None  # fraction of recent requests within SLO; None: too few to tell
     pinned: bool = False  # an operator's pin: its registrations stay where they are
     avoid: frozenset[str] = frozenset()  # engines where its registration failed lately: not placed there again yet
+    # Its keep_alive (models[].keep_alive; None: unset) and the seconds since it was last used (0 while a request of
+    # it runs; None: never). Its last registration is not given back while it has been idle less than its keep_alive:
+    # a `replicas.min: 0` model with keep_alive 15m was unregistered, its weights freed, once down_ticks passed
+    keep_alive_s: float | None = None
+    idle_s: float | None = None
+
+    @property
+    def kept_alive(self) -> bool:
+        """Its keep_alive still holds it (used within it): it is not scaled to zero yet."""
+        return self.keep_alive_s is not None and self.idle_s is not None and self.idle_s < self.keep_alive_s
 
 
 def _hosts(name: str, engines: list[EngineView]) -> list[EngineView]:
@@ -110,8 +121,8 @@ class Autoscaler:
                     actions.append(Action("load", name, rt.engine_id))
                     self._hot[name] = 0
             elif self._cold[name] >= self.s.down_ticks and n > max(ml.min_replicas, 0) and n > 0:
-                if n == 1 and ml.inflight > 0:
-                    continue
+                if n == 1 and (ml.inflight > 0 or ml.kept_alive):
+                    continue  # (still cold: it goes at the first tick past its keep_alive)
                 idle = [e for e in hosts if e.replicas[name].inflight == 0]
                 if idle:  # the replica whose engine is busiest with other models goes first
                     victim = max(idle, key=lambda e: (e.inflight, e.engine_id))

@@ -195,6 +195,8 @@ class EnginePool:
         if self.s.join_token_hash is None and not _is_loopback(self.s.listen.host):
             log.warning("worker listener on %s has no join token: only this controller's own workers can "
                         "register; set workers.join_token_hash to admit remote ones", self.s.listen.host)
+        if not devices:  # (else the log said only "listening" while /health said "starting", waiting for them)
+            log.info("waiting for workers on %s:%d (none local)", self.s.listen.host, self.port)
         self.local_slots, self.t_start = len(devices), time.monotonic()
         for slot, dev in enumerate(devices):
             self._tasks.append(asyncio.create_task(self._supervise(slot, dev)))
@@ -415,7 +417,9 @@ class EnginePool:
             return "local slots are reserved for workers this controller started"
         if self.s.join_token_hash is None:
             return "this controller admits no remote workers (set workers.join_token_hash to allow them)"
-        return None if tok and verify_key(tok, self.s.join_token_hash) else "bad join token"
+        if not tok:  # (said so: "bad join token" sent a worker started without one looking for a typo in it)
+            return "no join token given (--join-token or $TOKENPOOL_JOIN_TOKEN)"
+        return None if verify_key(tok, self.s.join_token_hash) else "bad join token"
 
     async def _serve_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = str(writer.get_extra_info("peername"))
@@ -461,9 +465,11 @@ class EnginePool:
                     self._stats(e, msg)
         except (asyncio.IncompleteReadError, m.ProtocolError, OSError) as ex:
             if e.alive:  # (at shutdown the workers were told to stop: their pipe closing is the end expected, at
-                # DEBUG, as a Ctrl-C printed "connection lost: IncompleteReadError" for each, reading as a fault; one
-                # signalled alone is said, its exit expected; any other end is a worker lost)
-                level = logging.DEBUG if self._stopping else logging.INFO if e.retiring else logging.WARNING
+                # DEBUG, as a Ctrl-C printed "connection lost: IncompleteReadError" for each, reading as a fault; so is
+                # the end of one that said it was stopping and had no request left (drained: it exits 0, "signalled to
+                # stop" said already); one signalled that still had requests is said; any other end is a worker lost)
+                level = (logging.DEBUG if self._stopping or (e.retiring and not e.subs)
+                         else logging.INFO if e.retiring else logging.WARNING)
                 log.log(level, "engine %s connection lost: %s", eid, type(ex).__name__)
         finally:
             self._dead(e)

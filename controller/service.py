@@ -131,6 +131,7 @@ class ModelEntry:
     draining: bool = False  # an operator stopped admitting its requests (before removing it, say)
     source: str = "admin"  # "config": from the configuration at start; "admin": registered over the admin API
     kv_elems: int = 0  # KV cache elements one token of it takes (config.json; 0: unknown, or no KV cache)
+    last_used: float | None = None  # (monotonic) when a request of it last began or ended: its keep_alive's start
 
     @property
     def default_step_s(self) -> float:
@@ -660,6 +661,7 @@ class Controller:
         gen.whole = whole
         gen.per_prompt = n
         gen.buffered = not stream
+        entry.last_used = time.monotonic()
         if not self.tenants.single_user:  # (a tenant's prompts neither use nor time another's cached KV)
             params = dataclasses.replace(params, cache_salt=f"{tenant.owner}\0{params.cache_salt or ''}")
         self.activity.started(gen, request_id)
@@ -844,6 +846,7 @@ class Controller:
 
     def finished(self, gen: Generation, status: int) -> None:
         self.activity.finished(gen, status)
+        gen.entry.last_used = time.monotonic()
         name, tname = gen.entry.spec.name, gen.tenant.name
         mt = self.metrics
         mt.request_finished(name, tname, status, gen.load)  # (a load that succeeded is no served request)
@@ -1320,12 +1323,16 @@ class Controller:
 
     def _loads(self, engines: list[EngineView]) -> list[ModelLoad]:
         """What the autoscaler plans from: each model's load, minimum and maximum, pin and failed engines."""
-        loads = []
+        loads, now = [], time.monotonic()
+        # (a request not yet on an engine, waiting for its model's registration, or one whose stream is still being
+        # sent, is a use too: its keep_alive counts from its end)
+        open_ = {g.entry.spec.name for g in self.activity.live.values()}
         for name, me in self.models.items():
             inflight = sum(r.inflight for ev in engines for n, r in ev.replicas.items() if n == name)
             rs = me.spec.replicas
+            idle = 0.0 if inflight or name in open_ else None if me.last_used is None else now - me.last_used
             loads.append(ModelLoad(me.info, rs.min, rs.max, inflight, me.spec.engine.max_num_seqs, me.attainment(),
-                                   me.pinned, self._avoid(name)))
+                                   me.pinned, self._avoid(name), me.spec.keep_alive, idle))
         return loads
 
     def _finish_moves(self) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import os
 import secrets
 import time
 from contextvars import ContextVar
@@ -305,8 +306,12 @@ class TenantRegistry:
         text = yaml.safe_dump(data, sort_keys=False)
         tmp = self.file.with_suffix(".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        tmp.chmod(0o600)
+        # made 0600 from the start: written first and chmod-ed after, the tenants' key hashes were readable by anyone
+        # on the machine (umask 022) while it was written. A .tmp left by an earlier run (a crash) goes first: O_CREAT's
+        # mode is only a new file's, and O_EXCL follows no link put there
+        tmp.unlink(missing_ok=True)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(text)
         tmp.replace(self.file)
         self._disk = text
 

@@ -69,8 +69,9 @@ def test_multi_tenant_example_keys_limits_and_tokens(multi):
     # whole context of tokens_per_min); the example's 60000 tokens/min let one run at a time
     streams = []
     try:
-        for _ in range(8):
-            s = bob.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], stream=True)
+        for _ in range(8):  # (ignore_eos: the tiny model's sampled EOS ended one now and then, its slot freed)
+            s = bob.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], stream=True,
+                                            extra_body={"ignore_eos": True})
             next(iter(s))
             streams.append(s)
         with pytest.raises(openai.RateLimitError) as ei:
@@ -114,11 +115,13 @@ def _until(what: str, check, timeout: float = 30.0):
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory, make_tiny):
     """remote-workers.yaml as it is, but for its models' folders (tiny factory models), its ports (this file's range,
-    on loopback) and a fast autoscaler tick (its scale-to-zero in seconds, not a minute)."""
+    on loopback), a fast autoscaler tick and llama-8b's keep_alive (its scale-to-zero in seconds, not 15 minutes)."""
     cfg = yaml.safe_load((EXAMPLES / "remote-workers.yaml").read_text())
     dirs = {"qwen2-7b": make_tiny("qwen2"), "llama-8b": make_tiny("llama")}
     for m in cfg["models"]:
         m["path"] = str(dirs[m["name"]])
+        if m["name"] == "llama-8b":  # (its keep_alive, 15m, holds its last registration that long: test_ux64i_remote;
+            m["keep_alive"] = "1s"  # 1 s here, less than down_ticks, which then decide when it goes)
     api = ports.free_port(PORTS)
     workers = ports.free_port(PORTS, skip=(api,))
     cfg["workers"]["listen"] = {"host": "127.0.0.1", "port": workers}
