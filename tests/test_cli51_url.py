@@ -77,4 +77,6 @@ def test_stop_of_a_model_not_served_names_those_that_are(monkeypatch):
     # says it: the aliases `stop` takes too)
     assert calls == [("GET", "/admin/models")]
     r = CliRunner().invoke(app, ["stop", "smollm2:latest", "--url", ":18250", "--admin-token", "t"])
-    assert r.exit_code == 0 and calls[-1] == ("POST", "/admin/models/smollm2-135m-instruct/evict"), (r.output, calls)
+    # (the evict, then the engines read for the reply's words: VRAM or memory)
+    assert r.exit_code == 0 and calls[-2:] == [("POST", "/admin/models/smollm2-135m-instruct/evict"),
+                                               ("GET", "/admin/engines")], (r.output, calls)
