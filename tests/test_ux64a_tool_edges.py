@@ -45,7 +45,7 @@ def shots(reply) -> list[dict]:
 
 def weighed(city: str) -> str:
     """A thought that writes the call it is weighing."""
-    return f"<think>\nThe user wants the weather in {city}. I must not write {CALL % city} here.\n</think>"
+    return f"<think>\nNot {CALL % city} yet.\n</think>"
 
 
 THOUGHT = weighed("Paris")
@@ -105,23 +105,23 @@ def ollama_chat(server, stream: bool, model: str, messages: list[dict], num_pred
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_call_written_inside_the_think_block_is_thinking(server, oai, stream):
+    """Chat both ways (its reply and its stream went wrong each its own way); the grammar, which Responses and Ollama
+    share with it, once each (Responses streamed, Ollama not: each gave it all as reasoning, either way)."""
     paris = ("get_weather", '{"city": "Paris"}')
     assert chat(oai, stream, "qthink", ASK_THINKS, 90) == (f"{THOUGHT}\n\n", [paris], "tool_calls")
-    # (a reply that only thinks so: its think block the content, no call)
-    assert chat(oai, stream, "qthink", ASK_THINKS_ONLY, 90) == (THOUGHT, [], "stop")
+    if not stream:  # (a reply that only thinks so: its think block the content, no call; the reply parsed one)
+        assert chat(oai, stream, "qthink", ASK_THINKS_ONLY, 90) == (THOUGHT, [], "stop")
+        content, thinking, calls, why = ollama_chat(server, stream, "qthink", ASK_THINKS, 90)
+        assert (content, calls, why) == ("", [("get_weather", {"city": "Paris"})], "stop")
+        assert thinking == THOUGHT.removeprefix("<think>\n").removesuffix("\n</think>")
+        return
     kw = {"model": "qthink", "input": ASK_THINKS, "tools": [FN], "max_output_tokens": 90, "temperature": 0}
-    if stream:
-        with oai.responses.stream(**kw) as s:
-            list(s)
-            r = s.get_final_response()
-    else:
-        r = oai.responses.create(**kw)
+    with oai.responses.stream(**kw) as s:
+        list(s)
+        r = s.get_final_response()
     assert [o.type for o in r.output] == ["reasoning", "function_call"] and r.status == "completed", r.output
     assert r.output[0].content[0].text == THOUGHT.removeprefix("<think>\n").removesuffix("\n</think>")
     assert (r.output[1].name, r.output[1].arguments) == paris
-    content, thinking, calls, why = ollama_chat(server, stream, "qthink", ASK_THINKS, 90)
-    assert (content, calls, why) == ("", [("get_weather", {"city": "Paris"})], "stop")
-    assert thinking == THOUGHT.removeprefix("<think>\n").removesuffix("\n</think>")
 
 
 @pytest.mark.parametrize("stream", [False, True])
