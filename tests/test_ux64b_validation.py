@@ -141,3 +141,15 @@ def test_messages_thinking_is_held_to_anthropics_rules(server):
     r = httpx.post(server.url + "/v1/messages", timeout=60, json={
         "model": "qthink", "max_tokens": 4, "messages": hi, "thinking": {"type": "enabled", "budget_tokens": 2}})
     assert r.status_code == 200 and r.json()["usage"]["output_tokens"] <= 4, r.text
+
+
+def test_a_type_that_is_not_a_string_is_a_400_not_a_500(server):
+    """A block's or a format's `type` sent as a list (the API fuzzer's find): a 400 in each API's error shape, where
+    looking it up among the known types raised TypeError (unhashable), a 500."""
+    r = httpx.post(server.url + "/v1/messages/count_tokens", timeout=60, json={
+        "model": "qthink", "messages": [{"role": "user", "content": [{"type": []}]}]})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    assert r.json()["type"] == "error" and "[]" in r.json()["error"]["message"], r.text
+    r = httpx.post(server.url + "/v1/responses", timeout=60, json={
+        "model": "qthink", "input": "hi", "max_output_tokens": 2, "text": {"format": {"type": []}}})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text

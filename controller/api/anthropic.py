@@ -218,7 +218,7 @@ def _messages(req: p.MessagesRequest) -> list[dict[str, Any]]:
         texts, calls = [], []
         for j, b in enumerate(m.content):
             kind = b.get("type") if isinstance(b, dict) else None
-            if kind in BLOCK_FIELDS:
+            if isinstance(kind, str) and kind in BLOCK_FIELDS:  # (a type not a string, [] say: the 400 below)
                 _only(b, BLOCK_FIELDS[kind], f"{where}.{j}")
             if kind in ("thinking", "redacted_thinking") and m.role == "assistant":
                 continue  # (an earlier turn's thinking, another model's: ignored, as Anthropic strips it)

@@ -141,7 +141,8 @@ def known(req: p.ResponsesRequest) -> None:
     _only(req.reasoning, REASONING_FIELDS, "reasoning")
     _only(req.text, TEXT_FIELDS, "text")
     fmt = (req.text or {}).get("format")
-    if isinstance(fmt, dict) and fmt.get("type") in FORMAT_FIELDS:  # (another type: the chat path's 400 names it)
+    if isinstance(fmt, dict) and isinstance(fmt.get("type"), str) and fmt["type"] in FORMAT_FIELDS:
+        # (another type: the chat path's 400 names it; a type not a string, [] say, is no key to look up)
         _only(fmt, FORMAT_FIELDS[fmt["type"]], "text.format")
     for i, t in enumerate(req.tools or ()):
         if t.get("type") == "function":
