@@ -23,18 +23,12 @@ import pytest
 
 from controller.keys import hash_key
 from load_tests.live_server import LiveServer
+from load_tests.user_check import alive as _alive  # (running still: a zombie is not)
 
 ADMIN = "admin-fault51-startup"
 H = {"Authorization": f"Bearer {ADMIN}"}
 PACE = {"name": "pace", "engine": {"kind": "pace", "pace_s_per_token": 0.01}}
 WORKERS = {"local": "cpu", "heartbeat_s": 0.25, "dead_after_s": 1.5}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class Children:

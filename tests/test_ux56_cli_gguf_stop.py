@@ -10,6 +10,7 @@ import sys
 import time
 
 from load_tests.live_server import REPO_ROOT
+from load_tests.user_check import alive as _alive  # (running still: a zombie is not)
 
 # The server's start-up, reduced: a conversion on a daemon thread (the converter here sleeps), and the process ending
 # while it runs, as the served start-up ends on a signal.
@@ -26,14 +27,6 @@ while not children.running():
     time.sleep(0.01)
 print(children.running()[0].pid, flush=True)
 """
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_the_converter_ends_with_the_server(tmp_path):

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import shutil
 import threading
@@ -45,6 +46,26 @@ STREAM_CLOCK = """(() => {
 })();"""
 
 
+@contextlib.contextmanager
+def clocked_dashboard(browser, url: str, admin: str):
+    """A browser context's dashboard page at `url`, signed in with `admin`, live and drawing its first snapshot, its
+    event streams' openings clocked (`window.streamsOpened`). Closed after."""
+    from playwright.sync_api import expect
+
+    ctx = browser.new_context()
+    try:
+        ctx.add_init_script(STREAM_CLOCK)
+        page = ctx.new_page()
+        page.goto(url + "/dashboard")
+        page.fill("#token", admin)
+        page.click("#login")
+        expect(page.locator("#conn")).to_have_text("live", timeout=15_000)
+        page.wait_for_function("S.snapshots >= 1")
+        yield page
+    finally:
+        ctx.close()
+
+
 def _gaps(times: list[float]) -> list[float]:
     return [round(b - a, 2) for a, b in zip(times, times[1:], strict=False)]
 
@@ -58,50 +79,39 @@ def test_a_stream_that_ends_as_it_opens_is_asked_for_less_and_less_often(tmp_pat
     draws the pool's snapshots, and the backoff is at 1 s again."""
     from playwright.sync_api import expect
 
-    with live_server_on(PORTS, CFG, tmp_path / "srv") as server:
-        ctx = browser.new_context()
-        try:
-            ctx.add_init_script(STREAM_CLOCK)
-            page = ctx.new_page()
-            page.goto(server.url + "/dashboard")
-            page.fill("#token", ADMIN)
-            page.click("#login")
-            conn = page.locator("#conn")
-            expect(conn).to_have_text("live", timeout=15_000)
-            page.wait_for_function("S.snapshots >= 1")
+    with live_server_on(PORTS, CFG, tmp_path / "srv") as server, clocked_dashboard(browser, server.url, ADMIN) as page:
+        conn = page.locator("#conn")
 
-            cut: list[str] = []  # (the streams fulfilled empty)
+        cut: list[str] = []  # (the streams fulfilled empty)
 
-            def empty(route) -> None:
-                cut.append(route.request.url)
-                route.fulfill(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
-                              body="")
+        def empty(route) -> None:
+            cut.append(route.request.url)
+            route.fulfill(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
+                          body="")
 
-            page.route("**/admin/events?*", empty)
-            # the stream fails (as a proxy or a restart would end it): from here every stream opens and ends at once
-            t_fail = page.evaluate("""() => { window.streamsOpened.length = 0; const t = Date.now();
-                                              S.es.dispatchEvent(new Event('error')); return t; }""")
-            expect(conn).to_have_text("reconnecting…")
-            page.wait_for_timeout(t_fail + 9_000 - time.time() * 1000)  # (tries at ~1, 3 and 7 s; the next at ~15)
-            opened = [round((t - t_fail) / 1000, 2) for t in page.evaluate("window.streamsOpened")]
-            # (was 1, 2, 3, ..., 9: one a second. Gaps: each try's own delays, a session's answer, do not add up)
-            assert len(opened) == 3 and opened[0] == pytest.approx(1, abs=0.7), opened
-            assert _gaps(opened) == pytest.approx([2, 4], abs=0.7), opened
-            assert len(cut) == 3, cut
+        page.route("**/admin/events?*", empty)
+        # the stream fails (as a proxy or a restart would end it): from here every stream opens and ends at once
+        t_fail = page.evaluate("""() => { window.streamsOpened.length = 0; const t = Date.now();
+                                          S.es.dispatchEvent(new Event('error')); return t; }""")
+        expect(conn).to_have_text("reconnecting…")
+        page.wait_for_timeout(t_fail + 9_000 - time.time() * 1000)  # (tries at ~1, 3 and 7 s; the next at ~15)
+        opened = [round((t - t_fail) / 1000, 2) for t in page.evaluate("window.streamsOpened")]
+        # (was 1, 2, 3, ..., 9: one a second. Gaps: each try's own delays, a session's answer, do not add up)
+        assert len(opened) == 3 and opened[0] == pytest.approx(1, abs=0.7), opened
+        assert _gaps(opened) == pytest.approx([2, 4], abs=0.7), opened
+        assert len(cut) == 3, cut
 
-            # the stream served again: the next try, ~15 s on, connects; data, and 1 s again
-            page.unroute("**/admin/events?*", empty)
-            drawn = page.evaluate("S.snapshots")
-            expect(conn).to_have_text("live", timeout=15_000)
-            page.wait_for_function("n => S.snapshots >= n", arg=drawn + 2)
-            opened = [round((t - t_fail) / 1000, 2) for t in page.evaluate("window.streamsOpened")]
-            assert len(opened) == 4 and _gaps(opened) == pytest.approx([2, 4, 8], abs=0.7), opened
-            assert page.evaluate("S.retryMs") == 1000
-            assert page.evaluate("S.pool.models.map((m) => m.name)") == ["pace-a"]
-            assert page.locator("#conn-since").is_hidden()
-            assert "stale" not in (page.locator("main").get_attribute("class") or "")
-        finally:
-            ctx.close()
+        # the stream served again: the next try, ~15 s on, connects; data, and 1 s again
+        page.unroute("**/admin/events?*", empty)
+        drawn = page.evaluate("S.snapshots")
+        expect(conn).to_have_text("live", timeout=15_000)
+        page.wait_for_function("n => S.snapshots >= n", arg=drawn + 2)
+        opened = [round((t - t_fail) / 1000, 2) for t in page.evaluate("window.streamsOpened")]
+        assert len(opened) == 4 and _gaps(opened) == pytest.approx([2, 4, 8], abs=0.7), opened
+        assert page.evaluate("S.retryMs") == 1000
+        assert page.evaluate("S.pool.models.map((m) => m.name)") == ["pace-a"]
+        assert page.locator("#conn-since").is_hidden()
+        assert "stale" not in (page.locator("main").get_attribute("class") or "")
 
 
 # --- the operator's Normal events of a model flapping ---

@@ -25,21 +25,15 @@ import pytest
 from controller import ps
 from controller.keys import hash_key
 from load_tests.live_server import REPO_ROOT
+from load_tests.user_check import alive as _alive  # (running still: a zombie is not)
 from tests.ports import live_server_on
+from tests.test_ux63b_dashboard_operator import clocked_dashboard
 
 ADMIN = "admin-ux64c-token"
 H = {"Authorization": f"Bearer {ADMIN}"}
 PORTS = range(28900, 28950)
 BROWSER = ((shutil.which("chromium") or shutil.which("chromium-browser")) is not None
            and importlib.util.find_spec("playwright") is not None)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 # --- the children ended with the server's process ---
@@ -157,16 +151,6 @@ def test_stop_on_a_machine_without_a_gpu_says_memory_not_vram(server):
 
 
 # --- the dashboard's reconnect after a quiet stream ---
-# When the page opens each event stream, by the browser's clock (as tests/test_ux63b_dashboard_operator.py)
-STREAM_CLOCK = """(() => {
-  window.streamsOpened = [];
-  const Native = window.EventSource;
-  window.EventSource = class extends Native {
-    constructor(url, init) { window.streamsOpened.push(Date.now()); super(url, init); }
-  };
-})();"""
-
-
 @pytest.mark.skipif(not BROWSER, reason="needs Playwright and the system chromium (apt-get install chromium)")
 def test_a_stream_open_5_s_without_data_then_dropped_is_tried_again_1_s_on(server, browser):
     """Two streams fail (the first dropped, the next answered 200 and ended at once: the backoff at 4 s), then one
@@ -175,16 +159,8 @@ def test_a_stream_open_5_s_without_data_then_dropped_is_tried_again_1_s_on(serve
     live again. The backoff is not reset at the quiet stream's open, only once it has stayed open."""
     from playwright.sync_api import expect
 
-    ctx = browser.new_context()
-    try:
-        ctx.add_init_script(STREAM_CLOCK)
-        page = ctx.new_page()
-        page.goto(server.url + "/dashboard")
-        page.fill("#token", ADMIN)
-        page.click("#login")
+    with clocked_dashboard(browser, server.url, ADMIN) as page:
         conn = page.locator("#conn")
-        expect(conn).to_have_text("live", timeout=15_000)
-        page.wait_for_function("S.snapshots >= 1")
 
         served: list[str] = []  # how each stream was answered: "empty" (200, ended at once) or "quiet" (no data)
 
@@ -219,5 +195,3 @@ def test_a_stream_open_5_s_without_data_then_dropped_is_tried_again_1_s_on(serve
         assert opened[2] - (t_drop - t_fail) / 1000 == pytest.approx(1, abs=0.7), (opened, t_drop - t_fail)
         page.wait_for_function("n => S.snapshots > n", arg=quiet["snapshots"])
         assert page.evaluate("S.retryMs") == 1000
-    finally:
-        ctx.close()

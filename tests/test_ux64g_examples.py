@@ -7,6 +7,7 @@ what running the examples in place leaves beside them is kept out of git."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from controller.router import EngineView, ModelInfo, ReplicaView
 from load_tests import live_server
 from load_tests.live_server import REPO_ROOT, LiveServer
 from tests import ports
+from tests.test_ux57f_worker_drain import _until
 from tests.test_worker_failover import _in_background
 
 EXAMPLES = REPO_ROOT / "examples"
@@ -104,31 +106,24 @@ def test_multi_tenant_example_keys_limits_and_tokens(multi):
     assert [m.id for m in client(made["api_key"]).models.list()] == ["chat"]  # (granted by the alias: that name)
 
 
-def _until(what: str, check, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while not (got := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return got
-
-
-@pytest.fixture(scope="module")
-def remote(tmp_path_factory, make_tiny):
-    """remote-workers.yaml as it is, but for its models' folders (tiny factory models), its ports (this file's range,
-    on loopback), a fast autoscaler tick and llama-8b's keep_alive (its scale-to-zero in seconds, not 15 minutes)."""
+@contextlib.contextmanager
+def remote_example(tmp_path_factory, make_tiny, port_range, keep_alive, down_ticks: int):
+    """remote-workers.yaml as it is, but for its models' folders (tiny factory models), its ports (`port_range`, on
+    loopback), a fast autoscaler tick (0.1 s: cold after `down_ticks` of them) and llama-8b's keep_alive (seconds,
+    not 15 minutes). No engine until a worker joins; the workers a test starts go in `srv.procs`, killed after."""
     cfg = yaml.safe_load((EXAMPLES / "remote-workers.yaml").read_text())
     dirs = {"qwen2-7b": make_tiny("qwen2"), "llama-8b": make_tiny("llama")}
     for m in cfg["models"]:
         m["path"] = str(dirs[m["name"]])
-        if m["name"] == "llama-8b":  # (its keep_alive, 15m, holds its last registration that long: test_ux64i_remote;
-            m["keep_alive"] = "1s"  # 1 s here, less than down_ticks, which then decide when it goes)
-    api = ports.free_port(PORTS)
-    workers = ports.free_port(PORTS, skip=(api,))
+        if m["name"] == "llama-8b":
+            m["keep_alive"] = keep_alive
+    api = ports.free_port(port_range)
+    workers = ports.free_port(port_range, skip=(api,))
     cfg["workers"]["listen"] = {"host": "127.0.0.1", "port": workers}
-    cfg["autoscaler"] = {"interval_s": 0.1, "down_ticks": 30}  # cold for 3 s: given back
-    with pytest.MonkeyPatch.context() as mp:  # (LiveServer's port: this file's range)
+    cfg["autoscaler"] = {"interval_s": 0.1, "down_ticks": down_ticks}
+    with pytest.MonkeyPatch.context() as mp:  # (LiveServer's port: this range)
         mp.setattr(live_server, "free_port", lambda: api)
-        srv = LiveServer(cfg, tmp_path_factory.mktemp("ux64g-remote"), wait_ready=False)  # (no engine until one joins)
+        srv = LiveServer(cfg, tmp_path_factory.mktemp("remote-example"), wait_ready=False)
     srv.worker_port, srv.procs, srv.t_start = workers, [], time.monotonic()
     with srv:
         with httpx.Client(timeout=2) as c:
@@ -141,6 +136,13 @@ def remote(tmp_path_factory, make_tiny):
                     p.kill()
                 p.wait(10)
 
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory, make_tiny):
+    # (llama-8b's keep_alive, 15m, holds its last registration that long: test_ux64i_remote; 1 s here, less than
+    # down_ticks, which then decide when it goes: cold for 3 s, given back)
+    with remote_example(tmp_path_factory, make_tiny, PORTS, "1s", down_ticks=30) as srv:
+        yield srv
 
 def _get(c: httpx.Client, url: str) -> bool:
     try:

@@ -21,16 +21,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import yaml
 
 from controller.autoscaler import Autoscaler, ModelLoad
 from controller.config import AutoscalerSettings, TenantSpec
 from controller.router import EngineView, ModelInfo, ReplicaView
 from controller.tenants import TenantRegistry
-from load_tests import live_server
-from load_tests.live_server import REPO_ROOT, LiveServer
-from tests import ports
-from tests.test_ux64g_examples import ALICE, EXAMPLES, JOIN, _engines, _get, _registered, _until
+from load_tests.live_server import REPO_ROOT
+from tests.test_ux64g_examples import ALICE, JOIN, _engines, _registered, _until, remote_example
 from tests.test_worker_failover import _in_background
 
 PORTS = range(29150, 29200)
@@ -39,33 +36,10 @@ KEEP_ALIVE_S = 4.0  # llama-8b's here (15m in the example); down_ticks: 1 s
 
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory, make_tiny):
-    """remote-workers.yaml as it is, but for its models' folders (tiny factory models), its ports (this file's range,
-    on loopback), a fast autoscaler tick (cold after 1 s) and llama-8b's keep_alive (seconds, not 15 minutes)."""
-    cfg = yaml.safe_load((EXAMPLES / "remote-workers.yaml").read_text())
-    dirs = {"qwen2-7b": make_tiny("qwen2"), "llama-8b": make_tiny("llama")}
-    for m in cfg["models"]:
-        m["path"] = str(dirs[m["name"]])
-        if m["name"] == "llama-8b":
-            m["keep_alive"] = KEEP_ALIVE_S
-    api = ports.free_port(PORTS)
-    workers = ports.free_port(PORTS, skip=(api,))
-    cfg["workers"]["listen"] = {"host": "127.0.0.1", "port": workers}
-    cfg["autoscaler"] = {"interval_s": 0.1, "down_ticks": 10}
-    with pytest.MonkeyPatch.context() as mp:  # (LiveServer's port: this file's range)
-        mp.setattr(live_server, "free_port", lambda: api)
-        srv = LiveServer(cfg, tmp_path_factory.mktemp("ux64i-remote"), wait_ready=False)  # (no engine until one joins)
-    srv.worker_port, srv.procs = workers, []
-    with srv:
-        with httpx.Client(timeout=2) as c:
-            _until("the controller listening", lambda: _get(c, srv.url + "/"), timeout=60)
-        try:
-            yield srv
-        finally:
-            for p in srv.procs:
-                if p.poll() is None:
-                    p.kill()
-                p.wait(10)
-
+    """remote-workers.yaml served (test_ux64g_examples.remote_example): cold after 1 s, llama-8b's keep_alive
+    KEEP_ALIVE_S."""
+    with remote_example(tmp_path_factory, make_tiny, PORTS, KEEP_ALIVE_S, down_ticks=10) as srv:
+        yield srv
 
 def _log(srv) -> str:
     return srv.log_path.read_text(errors="replace")  # (the whole of it: srv.log() is its last 5000 characters)
