@@ -124,7 +124,7 @@ def _gaps(times: list[float]) -> list[float]:
 @pytest.mark.skipif(not BROWSER, reason="needs Playwright and the system chromium (apt-get install chromium)")
 def test_a_stopped_server_is_asked_less_and_less_often_and_seen_back_up(tmp_path, browser):
     """The server stopped under a signed-in page: the page's tries to reach it (GET /dashboard/session, each a
-    failed request in the console) come 1, 2, 4, then 8 s apart, not once a second (20 in 20 s); the header says
+    failed request in the console) come 1, 2, 4, then 8 s apart, not once a second; the header says
     "reconnecting…" and since when no data came. The server back up on its port: seen at the next try (within 8 s),
     the page at the login form (the restart forgot its session). A stream that opens again starts over at 1 s:
     the network gone then back (the server up throughout)."""
@@ -165,24 +165,25 @@ def test_a_stopped_server_is_asked_less_and_less_often_and_seen_back_up(tmp_path
             assert offline == pytest.approx([1, 3, 7], abs=0.6), offline
             assert page.evaluate("S.retryMs") == 1000  # (the stream opened: 1 s again, as the tries below show)
 
-            # the server stopped: tries ~1, 3, 7 and 15 s on (1, 2, 4, 8 s apart) in 20 s, not 20 of them
+            # the server stopped: tries ~1, 3 and 7 s on (1, 2, 4 s apart) in 8.5 s, not 8 of them (the wait's cap,
+            # 8 s, is test_ux63b_dashboard_operator's: the next try here is at ~15 s)
             asked.clear(), started.clear()
             t_stop = time.time()
             first.__exit__()
             expect(conn).to_have_text("reconnecting…")
-            page.wait_for_timeout((t_stop + 20 - time.time()) * 1000)
-            seen = [t for t in tries(t_stop) if t < 20]
-            assert len(seen) == 4 and _gaps(seen) == pytest.approx([2, 4, 8], abs=0.6), seen
+            page.wait_for_timeout((t_stop + 8.5 - time.time()) * 1000)
+            seen = [t for t in tries(t_stop) if t < 8.5]
+            assert len(seen) == 3 and _gaps(seen) == pytest.approx([2, 4], abs=0.6), seen
             # the header: "reconnecting…", and since when nothing came (watchStream, every second as before)
             assert page.locator("#conn-since").is_visible()
             assert page.locator("#conn-since").inner_text().startswith("no data since ")
 
-            # back up on the same port: seen at the next try, 8 s on at most (the tries still 8 s apart)
+            # back up on the same port: seen at the next try, 8 s on at most (the tries 8 s apart from here)
             second = _start(tmp_path / "b", port)
             t_up = time.time()
             note = page.locator('.login-box .note[role="status"]')
             expect(note).to_contain_text("Your session has ended", timeout=20_000)
-            after = tries(t_stop)[3:]
+            after = tries(t_stop)[2:]
             assert all(g == pytest.approx(8, abs=0.6) for g in _gaps(after)), after
             assert after[-1] < t_up - t_stop + 8.6, (after, t_up - t_stop)  # (the try answered: the last one)
         finally:
