@@ -194,15 +194,21 @@ def test_remote_workers_example_join_scale_to_zero_and_drain(remote):
 
     # SIGTERM drains the worker, as the example's comment says: the stream in flight finishes, then it exits 0, and
     # the controller has no live engine left (the only one went)
-    it = iter(c.chat.completions.create(model="qwen2-7b", messages=[{"role": "user", "content": "hi"}], max_tokens=200,
-                                        stream=True, extra_body={"ignore_eos": True}))
+    drained(remote, w, c, 200)
+    assert "was signalled to stop" in remote.log()
+
+
+def drained(srv, w: subprocess.Popen, c: openai.OpenAI, max_tokens: int) -> None:
+    """Worker `w` sent SIGTERM with a stream of `max_tokens` in flight on it: the stream finishes (finish `length`),
+    `w` exits 0, and the controller has no live engine left (the only one went)."""
+    it = iter(c.chat.completions.create(model="qwen2-7b", messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=max_tokens, stream=True, extra_body={"ignore_eos": True}))
     next(it)
     os.kill(w.pid, signal.SIGTERM)
     rest = _in_background(list, it)
     assert rest.result(60)[-1].choices[0].finish_reason == "length"
     assert w.wait(30) == 0, w.stderr.read()[-3000:]
-    _until("the controller without the worker", lambda: not any(e["alive"] for e in _engines(remote)), timeout=10)
-    assert "was signalled to stop" in remote.log()
+    _until("the controller without the worker", lambda: not any(e["alive"] for e in _engines(srv)), timeout=10)
 
 
 def test_a_scaled_to_zero_model_counts_its_cold_ticks_from_its_registration():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import stat
 import subprocess
 import sys
@@ -27,8 +26,7 @@ from controller.config import AutoscalerSettings, TenantSpec
 from controller.router import EngineView, ModelInfo, ReplicaView
 from controller.tenants import TenantRegistry
 from load_tests.live_server import REPO_ROOT
-from tests.test_ux64g_examples import ALICE, JOIN, _engines, _registered, _until, remote_example
-from tests.test_worker_failover import _in_background
+from tests.test_ux64g_examples import ALICE, JOIN, _registered, _until, drained, remote_example
 
 PORTS = range(29150, 29200)
 KEEP_ALIVE_S = 4.0  # llama-8b's here (15m in the example); down_ticks: 1 s
@@ -93,14 +91,7 @@ def test_a_model_scaled_to_zero_keeps_its_registration_for_its_keep_alive(remote
 
 def test_a_drained_worker_s_exit_is_not_logged_as_a_lost_connection(remote, worker):
     c = openai.OpenAI(base_url=remote.url + "/v1", api_key=ALICE, max_retries=0, timeout=60)
-    it = iter(c.chat.completions.create(model="qwen2-7b", messages=[{"role": "user", "content": "hi"}], max_tokens=100,
-                                        stream=True, extra_body={"ignore_eos": True}))
-    next(it)
-    os.kill(worker.pid, signal.SIGTERM)
-    rest = _in_background(list, it)
-    assert rest.result(60)[-1].choices[0].finish_reason == "length"
-    assert worker.wait(30) == 0, worker.stderr.read()[-3000:]
-    _until("the controller without the worker", lambda: not any(e["alive"] for e in _engines(remote)), timeout=10)
+    drained(remote, worker, c, 100)
     log = _log(remote)
     assert "was signalled to stop" in log
     # its exit was the one expected: not "engine ... connection lost: IncompleteReadError" at INFO (nor WARNING)
