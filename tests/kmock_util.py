@@ -245,3 +245,14 @@ async def operator_world(tmp_path: Path, monkeypatch=None, *, port_range: range 
                                           "metadata": {"name": name, "namespace": NS},
                                           "data": {key: base64.b64encode(value).decode()}})
         yield World(k8s, kube, fake, controller_url, kubeconfig)
+
+
+async def pace_model_serving(kube, name: str = "m") -> None:
+    """The default GPUPool and a PooledModel `name` of the pace engine made through `kube`, waited for until Serving
+    (the running operator's rounds against the FakeController)."""
+    from tests.test_operator_e2e import _obj, _until
+    from tests.test_operator_lifecycle import _reason
+
+    await kube.create("gpupools", _obj("GPUPool", "default", {}))
+    await kube.create("pooledmodels", _obj("PooledModel", name, {"engine": {"kind": "pace"}}))
+    await _until(f"{name} Serving", lambda: _reason(kube, "pooledmodels", name, "Serving"))

@@ -150,16 +150,14 @@ def test_a_model_flapping_between_progressing_and_ready_posts_one_normal_event(t
 
 async def _flapping(tmp_path, monkeypatch) -> None:
     from controller.operator import handlers
-    from tests.kmock_util import SECRETS, operator_world
-    from tests.test_operator_e2e import Operator, _obj, _until
+    from tests.kmock_util import SECRETS, operator_world, pace_model_serving
+    from tests.test_operator_e2e import Operator, _until
     from tests.test_operator_lifecycle import _reason
 
     async with operator_world(tmp_path, monkeypatch, port_range=OPERATOR_PORTS, secrets=SECRETS) as w:
         kube, fake = w.kube, w.fake
         async with Operator():
-            await kube.create("gpupools", _obj("GPUPool", "default", {}))
-            await kube.create("pooledmodels", _obj("PooledModel", "m", {"engine": {"kind": "pace"}}))
-            await _until("m Serving", lambda: _reason(kube, "pooledmodels", "m", "Serving"))
+            await pace_model_serving(kube)
 
             async def flap() -> None:
                 fake.models["m"]["engines"] = []  # evicted: registered, on no engine

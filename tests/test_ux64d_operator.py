@@ -17,9 +17,9 @@ import pytest
 kopf = pytest.importorskip("kopf")
 kmock = pytest.importorskip("kmock")
 
-from tests.kmock_util import SECRETS, operator_world  # noqa: E402
+from tests.kmock_util import SECRETS, operator_world, pace_model_serving  # noqa: E402
 from tests.operator_events import captured, posted  # noqa: E402
-from tests.test_operator_e2e import Operator, _obj, _until  # noqa: E402
+from tests.test_operator_e2e import Operator, _until  # noqa: E402
 from tests.test_operator_lifecycle import _reason, _true  # noqa: E402
 
 PORTS = range(28640, 28660)
@@ -40,9 +40,7 @@ async def test_a_model_flapping_between_degraded_and_ready_posts_its_first_turns
     async with operator_world(tmp_path, monkeypatch, port_range=PORTS, secrets=SECRETS) as w:
         kube, fake = w.kube, w.fake
         async with Operator():
-            await kube.create("gpupools", _obj("GPUPool", "default", {}))
-            await kube.create("pooledmodels", _obj("PooledModel", "m", {"engine": {"kind": "pace"}}))
-            await _until("m Serving", lambda: _reason(kube, "pooledmodels", "m", "Serving"))
+            await pace_model_serving(kube)
 
             async def fail() -> None:
                 fake.models["m"].update(engines=[], load_error="CUDA out of memory")
