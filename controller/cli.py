@@ -689,17 +689,12 @@ def keys_new_cmd(prefix: str = typer.Option("tp", help="tp: tenant key, tpadmin:
 def keys_hash_cmd(key: str = typer.Argument(..., metavar="KEY",
                                             help="the key; '-' reads keys from stdin, one a line (a hash each)")) -> None:
     """The salted hash of a key you already have (for key_hashes, admin_token_hash, metrics_token_hash)."""
-    import sys
+    from controller.keys import hash_key, keys_given
 
-    from controller.keys import hash_key
-
-    # (stdin's lines after the first were dropped without a word: a file of keys piped in gave one hash)
-    # (typed at a terminal: the one line, as before; a hash is printed at its Enter)
-    # (stdin closed, `<&-`: sys.stdin is None, no key; it was a traceback)
-    text = "" if key != "-" or sys.stdin is None else sys.stdin.readline() if sys.stdin.isatty() else sys.stdin.read()
-    keys = [line.strip() for line in text.splitlines() if line.strip()] if key == "-" else [key]
-    if not keys or not all(keys):
-        raise typer.BadParameter("the key is empty" if key != "-" else "stdin holds no key")
+    try:
+        keys = keys_given(key)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     for k in keys:
         typer.echo(hash_key(k))
 

@@ -69,18 +69,29 @@ def main(argv: list[str] | None = None) -> int:
         k = new_key(a.prefix)
         print(f"key:  {k}\nhash: {hash_key(k)}")
         return 0
-    # '-': every line of stdin a key, a hash each, as `tokenpool keys hash -` reads them (this read the first line
-    # only: a file of keys piped in gave one hash, unsaid); typed at a terminal, the one line
-    if a.key != "-":
-        keys = [a.key]
-    else:
-        text = "" if sys.stdin is None else sys.stdin.readline() if sys.stdin.isatty() else sys.stdin.read()
-        keys = [line.strip() for line in text.splitlines() if line.strip()]
-    if not keys or not all(keys):
-        ap.error("the key is empty" if a.key != "-" else "stdin holds no key")
+    try:
+        keys = keys_given(a.key)
+    except ValueError as e:
+        ap.error(str(e))
     for k in keys:
         print(hash_key(k))
     return 0
+
+
+def keys_given(key: str) -> list[str]:
+    """The keys `keys hash KEY` hashes (`tokenpool keys hash` and `python -m controller.keys hash`): KEY, or for '-'
+    every line of stdin, a hash each (the first line alone was read: a file of keys piped in gave one hash, unsaid);
+    typed at a terminal, the one line, its hash printed at its Enter; stdin closed (`<&-`): none. ValueError where
+    there is no key ("the key is empty", "stdin holds no key")."""
+    if key != "-":
+        if not key:
+            raise ValueError("the key is empty")
+        return [key]
+    text = "" if sys.stdin is None else sys.stdin.readline() if sys.stdin.isatty() else sys.stdin.read()
+    keys = [line.strip() for line in text.splitlines() if line.strip()]
+    if not keys:
+        raise ValueError("stdin holds no key")
+    return keys
 
 
 if __name__ == "__main__":
