@@ -75,15 +75,21 @@ def _wait_log(srv: LiveServer, pattern: str, timeout: float = 60.0) -> re.Match:
 
 
 def _wait_port(port: int, timeout: float = 60.0) -> None:
-    """The server's socket is bound (before its controller starts: connections wait in its backlog)."""
+    """The server's socket is bound (before its controller starts: connections wait in its backlog).
+
+    The port is an ephemeral one (free_port binds port 0), so a connect to it while nothing listens may be given that
+    same port as its own and connect to itself (TCP simultaneous open): that is not the server, and is tried again.
+    (CI at 7407658 met it: the requests that followed were refused.)"""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                if s.getsockname() != s.getpeername():
+                    return
         except OSError:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
 
 
 @pytest.fixture
