@@ -80,3 +80,12 @@ def json_kind(data: object) -> str:
     return ("an array" if isinstance(data, list) else "null" if data is None else "a string" if isinstance(data, str)
             else "a boolean" if isinstance(data, bool) else "a number" if isinstance(data, (int, float)) else
             "an object")
+
+
+def invalid_value(value: object, supported: tuple[str, ...], param: str) -> ServingError:
+    """OpenAI's 400 for a value its API's enum does not have, as OpenAI words it ("Invalid value: 'x'. Supported
+    values are: 'a', 'b', and 'c'.", code invalid_value, the field's path as `param`)."""
+    said = (f"{supported[0]!r} and {supported[1]!r}" if len(supported) == 2
+            else f"{', '.join(repr(s) for s in supported[:-1])}, and {supported[-1]!r}")
+    return ServingError(400, f"Invalid value: {value!r}. Supported values are: {said}.", param=param,
+                        code="invalid_value")

@@ -134,6 +134,7 @@ OUTPUT_CONFIG_FIELDS = frozenset({"format", "effort", "task_budget"})  # (effort
 EFFORTS = ("low", "medium", "high", "xhigh", "max")
 OUTPUT_FORMAT_FIELDS = frozenset({"type", "schema"})
 CACHE_CONTROL_FIELDS = frozenset({"type", "ttl"})
+CACHE_CONTROL_VALUES = {"type": ("ephemeral",), "ttl": ("5m", "1h")}  # (the client's CacheControlEphemeralParam)
 
 
 def _only(obj: dict[str, Any], fields: frozenset[str], where: str) -> None:
@@ -144,6 +145,16 @@ def _only(obj: dict[str, Any], fields: frozenset[str], where: str) -> None:
             raise _bad(f"{where}.{k}: Extra inputs are not permitted", f"{where}.{k}")
     if isinstance(cc := obj.get("cache_control"), dict):
         _only(cc, CACHE_CONTROL_FIELDS, f"{where}.cache_control")
+        for k, values in CACHE_CONTROL_VALUES.items():
+            if k in cc:
+                _one_of(cc[k], values, f"{where}.cache_control.{k}")
+
+
+def _one_of(value: Any, values: tuple[str, ...], where: str) -> None:
+    """Anthropic's 400 for a value its API's enum (`values`) does not have, in its words (pydantic's)."""
+    if value not in values:
+        said = f"{', '.join(repr(v) for v in values[:-1])} or {values[-1]!r}" if len(values) > 1 else repr(values[0])
+        raise _bad(f"{where}: Input should be {said}", where)
 
 
 # Claude Code's first system block: its version and a hash that changes with every request, which would make every
@@ -307,9 +318,8 @@ def output_format(req: p.MessagesRequest) -> tuple[dict[str, Any], str] | None:
     `output_format`: `{"type": "json_schema", "schema": {...}}`) and the field it came in; None when none is asked."""
     if req.output_config is not None:
         _only(req.output_config, OUTPUT_CONFIG_FIELDS, "output_config")
-        if (effort := req.output_config.get("effort")) is not None and effort not in EFFORTS:
-            raise _bad(f"output_config.effort: Input should be {', '.join(repr(e) for e in EFFORTS[:-1])} or "
-                       f"{EFFORTS[-1]!r}", "output_config.effort")
+        if (effort := req.output_config.get("effort")) is not None:
+            _one_of(effort, EFFORTS, "output_config.effort")
     asked = [(where, f) for where, f in (("output_config.format", (req.output_config or {}).get("format")),
                                          ("output_format", req.output_format)) if f is not None]
     if not asked:

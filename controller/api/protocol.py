@@ -236,8 +236,8 @@ class AnthropicMessage(_Req):
 # other field is a 400, as Anthropic's API answers one ("seed: Extra inputs are not permitted").
 ANTHROPIC_UNUSED = frozenset({
     "anthropic_version", "betas", "billing_policy", "cache_control", "compaction", "container", "context_management",
-    "diagnostics", "fallback_credit_token", "fallbacks", "inference_geo", "mcp_servers", "service_tier", "speed",
-    "thread", "user_profile_id", "workspace_id"})
+    "diagnostics", "fallback_credit_token", "fallbacks", "inference_geo", "mcp_servers", "thread", "user_profile_id",
+    "workspace_id"})
 
 
 class MessagesRequest(_Top):
@@ -269,6 +269,9 @@ class MessagesRequest(_Top):
     metadata: dict[str, Any] | None = None
     output_config: dict[str, Any] | None = None  # (its `format`: structured outputs, a JSON schema the text is held to)
     output_format: dict[str, Any] | None = None  # (the beta's name of output_config.format, still taken by Anthropic)
+    # (taken, not used; held to Anthropic's values, the `anthropic` client's, as its API holds them)
+    service_tier: Literal["auto", "standard_only"] | None = None
+    speed: Literal["standard", "fast"] | None = None
 
 
 class TextPart(_Req):
@@ -339,6 +342,12 @@ class _ChatTemplate(_Req):
     chat_template: str | None = None
 
 
+# OpenAI's verbosities (chat completions' `verbosity`, Responses' `text.verbosity`; taken, not used) and chat
+# completions' output modalities: another value is OpenAI's 400 (serving.py, responses.py)
+VERBOSITIES = ("low", "medium", "high")
+MODALITIES = ("text", "audio")
+
+
 class ChatCompletionRequest(_Sampling, _ChatTemplate):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_tokens: int | None = Field(None, ge=1, le=1 << 20)
@@ -350,6 +359,8 @@ class ChatCompletionRequest(_Sampling, _ChatTemplate):
     parallel_tool_calls: bool | None = None
     # OpenAI's: "none" turns a thinking template's switch off, the others on (thinking.effort_kwargs)
     reasoning_effort: str | None = None
+    verbosity: str | None = None  # (OpenAI's: VERBOSITIES; taken, not used)
+    modalities: list[str] | None = None  # (OpenAI's: MODALITIES; "audio" refused, the served models write text)
     # (vLLM's) each choice's content starts with the last message's text when it is of the reply's role (serving.py)
     echo: bool = False
 

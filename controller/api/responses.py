@@ -11,9 +11,10 @@ whose template thinks (Qwen3's) has its reply's `<think>` block as a `reasoning`
 the calls after it read as calls; reasoning items sent back in an input are skipped, as the templates drop an
 earlier turn's thinking. `reasoning.effort` is the chat request's `reasoning_effort` (thinking.effort_kwargs: "none"
 turns a thinking template's switch off). A field OpenAI's request does not have, at the top level or inside
-`reasoning`, `text`, `text.format`, a function tool or tool_choice, is OpenAI's 400 ("Unknown parameter:
-'reasoning.foo'.": `known`). With tool_choice "auto" a reply's text may go on to calls (a message item, then
-function_call items).
+`reasoning`, `text`, `text.format`, a function tool, tool_choice, an input item or its parts, is OpenAI's 400
+("Unknown parameter: 'input[0].content[0].foo'.": `known`), and so is a value OpenAI's enum does not have of a field
+taken and not used (`reasoning.summary`, `text.verbosity`: "Invalid value: ..."). With tool_choice "auto" a reply's
+text may go on to calls (a message item, then function_call items).
 Streamed, Responses' typed server-sent events, from `response.created` to `response.completed` (text deltas as they
 come, with tool_choice "auto" once the reply shows it is text; calls as they are written, as the chat path's: a
 function_call item is added once its name is whole, its arguments follow in `response.function_call_arguments.delta`
@@ -44,7 +45,7 @@ from controller.api import protocol as p
 from controller.api.serving import ClientGone, OpenAIServing, Tracked
 from controller.api.structured import CallStream, Lead, ToolPlan, response_schema
 from controller.api.thinking import Split, opened, thinks
-from controller.errors import ServingError
+from controller.errors import ServingError, invalid_value
 from controller.tenants import Tenant
 
 STORE_ENTRIES = 1024  # stored responses kept (the oldest go first)
@@ -112,13 +113,38 @@ MOVED = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output
          "response_format": "text.format", "reasoning_effort": "reasoning.effort"}
 # (`summary` and `generate_summary`, `context`, `mode`: taken, not used; `effort`: thinking.effort_kwargs)
 REASONING_FIELDS = frozenset({"effort", "summary", "generate_summary", "context", "mode"})
-TEXT_FIELDS = frozenset({"format", "verbosity"})  # (verbosity: taken, not used)
+TEXT_FIELDS = frozenset({"format", "verbosity"})  # (verbosity: taken, not used; VALUES)
 FORMAT_FIELDS = {"text": frozenset({"type"}), "json_object": frozenset({"type"}),
                  "json_schema": frozenset({"type", "name", "schema", "strict", "description"})}
 # (a function tool's fields of the client's FunctionToolParam; those past parameters and strict: taken, not used)
 FUNCTION_FIELDS = frozenset({"type", "name", "description", "parameters", "strict", "defer_loading", "allowed_callers",
                              "output_schema", "async"})
 TOOL_CHOICE_FIELDS = frozenset({"type", "name"})
+# An input item's fields, of each item type read here, and its parts' (the `openai` client's ResponseInputItemParam
+# and content params; ids, statuses, a call's caller and namespace, a message's phase, a part's cache breakpoint or
+# annotations: taken, not used). A list of parts is held by its part's type; a type not here is left to the 400 of
+# input_messages, which names it
+ITEM_FIELDS = {
+    "message": frozenset({"type", "role", "content", "status", "id", "phase"}),
+    "function_call": frozenset({"type", "id", "call_id", "name", "arguments", "status", "caller", "namespace",
+                                "async"}),
+    "function_call_output": frozenset({"type", "id", "call_id", "output", "status", "caller", "name", "namespace"}),
+    "reasoning": frozenset({"type", "id", "summary", "content", "encrypted_content", "status"})}
+ITEM_PARTS = {"message": ("content",), "function_call_output": ("output",), "reasoning": ("summary", "content")}
+PART_FIELDS = {
+    "input_text": frozenset({"type", "text", "prompt_cache_breakpoint"}),
+    "output_text": frozenset({"type", "text", "annotations", "logprobs"}),
+    "text": frozenset({"type", "text"}),  # (chat completions' text part, taken here too: TEXT_PARTS)
+    "refusal": frozenset({"type", "refusal"}),
+    "input_image": frozenset({"type", "image_url", "file_id", "detail", "prompt_cache_breakpoint"}),
+    "input_file": frozenset({"type", "file_data", "file_id", "file_url", "filename", "detail",
+                             "prompt_cache_breakpoint"}),
+    "summary_text": frozenset({"type", "text"}), "reasoning_text": frozenset({"type", "text"})}
+# The values OpenAI's API holds fields taken and not used here to (the `openai` client's Reasoning and
+# ResponseTextConfigParam): another is OpenAI's 400 invalid_value (a misspelt `text.verbosity` was taken unsaid)
+SUMMARIES = ("auto", "concise", "detailed")
+VALUES = {("reasoning", "summary"): SUMMARIES, ("reasoning", "generate_summary"): SUMMARIES,
+          ("reasoning", "context"): ("auto", "current_turn", "all_turns"), ("text", "verbosity"): p.VERBOSITIES}
 
 
 def _unknown(where: str) -> ServingError:
@@ -133,8 +159,18 @@ def _only(obj: Any, fields: frozenset[str], where: str) -> None:
             raise _unknown(f"{where}.{k}")
 
 
+def _typed(obj: Any, fields: dict[str, frozenset[str]], where: str) -> str | None:
+    """`obj`'s type (None where it has none of `fields`' types), OpenAI's 400 for a field its type does not have."""
+    kind = obj.get("type") if isinstance(obj, dict) else None
+    if not isinstance(kind, str) or kind not in fields:  # (a type not a string, [] say, is no key to look up)
+        return None
+    _only(obj, fields[kind], where)
+    return kind
+
+
 def known(req: p.ResponsesRequest) -> None:
-    """A 400 as OpenAI's for a field the Responses request does not have, where its objects are held to theirs."""
+    """A 400 as OpenAI's for a field the Responses request does not have, where its objects are held to theirs, and
+    for a value of a field taken here (not used) that OpenAI's enum does not have."""
     for k in req.model_extra or ():
         if k not in RESPONSES_UNUSED:
             raise _unknown(k)
@@ -149,6 +185,15 @@ def known(req: p.ResponsesRequest) -> None:
             _only(t, FUNCTION_FIELDS, f"tools[{i}]")
     if isinstance(req.tool_choice, dict) and req.tool_choice.get("type") == "function":
         _only(req.tool_choice, TOOL_CHOICE_FIELDS, "tool_choice")
+    for i, item in enumerate(req.input if isinstance(req.input, list) else ()):
+        kind = _typed({"type": "message", **item}, ITEM_FIELDS, f"input[{i}]")  # (a message's type may be left out)
+        for field in ITEM_PARTS.get(kind, ()):
+            parts = item.get(field)
+            for j, part in enumerate(parts if isinstance(parts, list) else ()):
+                _typed(part, PART_FIELDS, f"input[{i}].{field}[{j}]")
+    for (obj, field), values in VALUES.items():
+        if (v := (getattr(req, obj) or {}).get(field)) is not None and v not in values:
+            raise invalid_value(v, values, f"{obj}.{field}")
 
 
 # The chat request's fields (as the chat path's errors name them) and the Responses fields they came from.

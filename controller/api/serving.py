@@ -34,7 +34,7 @@ from controller.api.structured import (
     vllm_grammar,
 )
 from controller.api.thinking import Split, effort_kwargs, opened, thinks
-from controller.errors import ServingError
+from controller.errors import ServingError, invalid_value
 from controller.messages import Delta
 from controller.service import Controller, Generation, ModelEntry
 from controller.tenants import Tenant
@@ -345,13 +345,15 @@ def _calls_answered(msgs: list[p.ChatMessage]) -> None:
                                f"messages: {', '.join(missing)}", param=f"messages.{i}.tool_calls")
 
 
-def _thinks_first(me: ModelEntry, gen: Tracked, req: p.ChatCompletionRequest, tools: ToolPlan | None) -> bool | None:
+def thinks_first(me: ModelEntry, gen: Tracked, req: p.ChatCompletionRequest, tools: ToolPlan | None) -> bool | None:
     """Where a chat reply's calls may come after a think block (hermes "auto", a model whose template thinks, as
     Qwen3's; no response_format of a schema, which holds the text to its shape): whether the prompt opened the block
     (`thinking.opened`: the reply starts inside it); None elsewhere. The reply's start (`<think>`) made it text, and
     the <tool_call> after the block text with it, no `tool_calls`: vLLM's hermes parser reads the calls wherever
     they begin, the text before the first (the think block, no reasoning parser) the content. A response_format of
-    type "text" (as clients send for plain text) shapes nothing: the calls after the block were left as text there."""
+    type "text" (as clients send for plain text) shapes nothing: the calls after the block were left as text there.
+    The one rule of the chat reply, its stream and Ollama's chat whose thinking is not apart (`think` off, to a
+    template with no switch: it thinks all the same), each reading the block with `Thought`."""
     if tools is None or not tools.hermes or response_schema(req.response_format) is not None or not thinks(me):
         return None
     return opened(me, getattr(gen, "prompt_tail", None))
@@ -359,8 +361,34 @@ def _thinks_first(me: ModelEntry, gen: Tracked, req: p.ChatCompletionRequest, to
 
 def _after_thought(text: str, begun: bool) -> tuple[str, str]:
     """A whole reply's leading think block as it was written (with the whitespace after it), and the rest."""
-    _, rest = Split(begun).feed(text, True)
-    return text[:len(text) - len(rest)], rest
+    head, rest = Thought(begun).feed(text, True)
+    return head, rest or ""
+
+
+class Thought:
+    """A `thinks_first` reply's leading think block as it was written (with the whitespace after it), apart from the
+    rest, as it streams: the block is content, the calls are read in the rest (`Split` finds where the block ends).
+    The chat reply's and its stream's, and Ollama's chat with `think` off (its template thinks all the same)."""
+
+    def __init__(self, begun: bool) -> None:
+        self.split, self.said = Split(begun), ""
+
+    @property
+    def held(self) -> bool:
+        """Whether what came so far may yet open a think block (held back, not sent)."""
+        return self.split.state == "start"
+
+    def feed(self, text: str, end: bool = False) -> tuple[str, str | None]:
+        """(the block's text to send now, as written; the rest of the reply once the block is over, None until
+        then); `end`: the reply is over."""
+        self.said += text
+        _, rest = self.split.feed(text, end)
+        if self.held:
+            return "", None
+        said, self.said = self.said, ""
+        if self.split.state != "content":
+            return said, None
+        return said[:len(said) - len(rest)], rest
 
 
 class OpenAIServing:
@@ -790,6 +818,14 @@ class OpenAIServing:
                 raise ServingError(400, "a tool message needs tool_call_id, the id of the call it answers",
                                    param=f"messages.{i}.tool_call_id")
         _calls_answered(req.messages)
+        if req.verbosity is not None and req.verbosity not in p.VERBOSITIES:
+            raise invalid_value(req.verbosity, p.VERBOSITIES, "verbosity")
+        for m in req.modalities or ():
+            if m not in p.MODALITIES:
+                raise invalid_value(m, p.MODALITIES, "modalities")
+            if m == "audio":
+                raise ServingError(400, "audio output is not supported: the served models write text (modalities "
+                                   "[\"text\"])", param="modalities")
         if req.echo and req.tools and req.tool_choice != "none":
             raise ServingError(400, "echo is not supported with tools", param="echo")
         rid = self.ctl.new_id("chatcmpl")
@@ -998,7 +1034,7 @@ class OpenAIServing:
             if d.finished:
                 finish[i], stops[i] = d.finish_reason, d.stop_reason
         replies = [self._reply(text[i], finish[i], tools, cut=True) for i in range(k)]
-        if (begun := _thinks_first(me, gen, req, tools)) is not None:
+        if (begun := thinks_first(me, gen, req, tools)) is not None:
             for i in range(k):  # (the calls after a think block, which stays the content, as vLLM's; a <tool_call>
                 # inside the block is thinking, not a call, as the stream reads it: the reply is read past the block)
                 head, rest = _after_thought(text[i], begun)
@@ -1032,10 +1068,9 @@ class OpenAIServing:
         # arguments "" (or their first part), then its arguments go in parts as they come, as OpenAI streams them
         calls: list[CallStream | None] = [None] * len(gen.subs)
         # (a thinking model's hermes choice) its think block, sent as content as it comes, before its calls are
-        # looked for in what follows (`_thinks_first`); `said`: its text the split has not settled yet
-        begun = _thinks_first(me, gen, req, tools)
-        splits = [Split(begun) if begun is not None else None for _ in gen.subs]
-        said = [""] * len(gen.subs)
+        # looked for in what follows (`thinks_first`)
+        begun = thinks_first(me, gen, req, tools)
+        splits = [Thought(begun) if begun is not None else None for _ in gen.subs]
         # ("auto") a choice that turned out to be text: its calls may follow it (the grammar's `lead`), its text sent
         # up to their opening, which is held while it may be one
         leads = [Lead() if hermes and tools.text_then_calls else None for _ in gen.subs]
@@ -1069,17 +1104,16 @@ class OpenAIServing:
             out = b""
             lp = self._chat_logprobs(me, d, req.top_logprobs or 0, req.return_tokens_as_token_ids) if req.logprobs else None
             if (sp := splits[i]) is not None:
-                said[i] += d.text
-                _, rest = sp.feed(d.text, d.finished)
-                if sp.state == "start":  # (held: it may be <think>; its logprobs with it)
+                head, rest = sp.feed(d.text, d.finished)
+                if sp.held:  # (it may be <think>; its logprobs with it)
                     held_lps[i] += lp or []
                     return b""
-                if sp.state != "content":  # (in the block: its text as it comes)
+                if rest is None:  # (in the block: its text as it comes)
                     lp, held_lps[i] = (held_lps[i] + lp if lp is not None else None), []
                     lpj = NULL if lp is None else p.ChoiceLogprobs(content=lp).model_dump_json(exclude_unset=True).encode()
-                    out, said[i] = role(i, False) + fr.delta(i, content(said[i]), lpj), ""
+                    out = role(i, False) + fr.delta(i, content(head), lpj)
                     return out + (fr.delta(i, EMPTY, NULL, d.finish_reason, d.stop_reason) if d.finished else b"")
-                splits[i], head = None, said[i][:len(said[i]) - len(rest)]  # (past it: the rest read as before)
+                splits[i] = None  # (past it: the rest read as before)
                 if head:
                     out = role(i, False) + fr.delta(i, content(head))
                 d = dataclasses.replace(d, text=rest)

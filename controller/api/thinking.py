@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from controller.errors import ServingError
+from controller.errors import invalid_value
 from controller.messages import Delta
 
 if TYPE_CHECKING:
@@ -47,9 +47,7 @@ def effort_kwargs(me: Any, effort: str | None, kwargs: dict[str, Any]) -> dict[s
     if effort is None:
         return kwargs
     if effort not in EFFORTS:
-        raise ServingError(400, f"Invalid value: {effort!r}. Supported values are: "
-                           f"{', '.join(repr(e) for e in EFFORTS[:-1])}, and {EFFORTS[-1]!r}.", param="reasoning_effort",
-                           code="invalid_value")
+        raise invalid_value(effort, EFFORTS, "reasoning_effort")
     out = {"reasoning_effort": effort, **kwargs}
     if switch(me):
         out.setdefault("enable_thinking", effort != "none")
