@@ -132,6 +132,11 @@ def model_specs(dirs: list[Path], names: list[str], convert: bool = True) -> lis
                 raise ValueError(f"{d} cannot be converted into {cache_dir()}: {e.strerror or e}"
                                  f"{CACHE_HINT}") from None
         if (why := model_dir_problem(dirs[i])) is not None:
+            if not dirs[i].exists() and not any(c in given[i] for c in "/\\~") and not given[i].startswith("."):
+                # (a bare name, as `ollama run NAME` takes one: said what serve takes instead)
+                why += (" (tokenpool serve downloads nothing: it takes a model folder, a .gguf file or a Hugging Face "
+                        "repo id, ORG/NAME, in the local cache; `tokenpool serve` with no argument serves "
+                        f"{REAL_MODEL}, alias smollm2)")
             raise ValueError(why)
     if names and len(dirs) > 1 and len(names) != len(dirs):
         raise ValueError(f"{len(dirs)} model directories but {len(names)} --served-model-name: give one per directory")

@@ -1,0 +1,45 @@
+"""A user coming from Ollama, in the first minutes: `tokenpool serve NAME` with an Ollama model name, and the client
+commands (`ls`, `ps`, `run`, `stop`, `show`, `pull`) run before any server is up, each said so that the next step is
+plain (`ollama` asks "is it running?"; `tokenpool serve` with no argument serves smollm2)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from typer.testing import CliRunner
+
+from controller.cli import app
+
+CLOSED_PORT = 29449  # (of this file's range, outside the ephemeral ports: nothing listens on it, checked below)
+
+
+@pytest.fixture
+def closed_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", CLOSED_PORT))  # (free now; closed again before the commands ask it)
+    return f"http://127.0.0.1:{CLOSED_PORT}"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args), prog_name="tokenpool", env={"TOKENPOOL_URL": None})
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama3.2", "qwen2.5:7b"])
+def test_serve_with_a_model_name_says_what_serve_takes(name, tmp_path, monkeypatch):
+    """`tokenpool serve smollm2` said only `path /CWD/smollm2 does not exist`: nothing of what it takes instead, nor
+    that the bare command serves smollm2 itself."""
+    monkeypatch.chdir(tmp_path)
+    r = invoke("serve", name, "--port", str(CLOSED_PORT))
+    assert r.exit_code == 2, r.output
+    line = " ".join(r.output.split())
+    assert f"path {tmp_path / name} does not exist" in line, line
+    assert "downloads nothing" in line and "ORG/NAME" in line and "`tokenpool serve` with no argument serves " \
+        "smollm2-135m-instruct, alias smollm2" in line, line
+
+
+def test_serve_with_a_missing_path_names_it_alone(tmp_path):
+    """A path (it has a separator) that is not there is said as before: the hint is for bare names."""
+    r = invoke("serve", str(tmp_path / "nope"), "--port", str(CLOSED_PORT))
+    assert r.exit_code == 2 and f"path {tmp_path / 'nope'} does not exist" in r.output, r.output
+    assert "no argument" not in r.output, r.output
