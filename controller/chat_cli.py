@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 from controller.ollama_names import LATEST, pick
-from controller.ps import not_found, read_json, server_error
+from controller.ps import not_found, read_json, server_error, unreachable
 
 # A route the server does not have, as its error JSON says it (Starlette's words): not a model's or a key's refusal
 NO_ROUTE = {(404, "Not Found"), (405, "Method Not Allowed")}
@@ -51,7 +51,7 @@ def _request(url: str, path: str, key: str | None, body: dict | None = None, tim
         hint = " (pass --api-key or set TOKENPOOL_API_KEY)" if e.code == 401 else ""
         raise ChatError(f"{msg}{hint}", e.code) from None
     except (urllib.error.URLError, OSError) as e:
-        raise ChatError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
+        raise ChatError(unreachable(url, e)) from None
 
 
 def models(url: str, key: str | None) -> list[dict[str, Any]]:

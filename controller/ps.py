@@ -94,7 +94,16 @@ def fetch(url: str, path: str, token: str | None, timeout: float = 10.0, method:
                 if e.code == 401 else "")
         raise PsError(f"{url}{path}: HTTP {e.code}: {msg}{hint}") from None
     except (urllib.error.URLError, OSError) as e:
-        raise PsError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
+        raise PsError(unreachable(url, e)) from None
+
+
+def unreachable(url: str, e: OSError) -> str:
+    """What a client command says when no request got to `url` (nothing listening: how a server is started, as
+    `ollama` asks whether its server is running)."""
+    reason = getattr(e, "reason", e)
+    hint = (" (is a tokenpool server running there? `tokenpool serve` starts one; --url or TOKENPOOL_URL names "
+            "another)" if isinstance(reason, ConnectionRefusedError) else "")
+    return f"cannot reach {url}: {reason}{hint}"
 
 
 def _size(n: float) -> str:

@@ -43,3 +43,14 @@ def test_serve_with_a_missing_path_names_it_alone(tmp_path):
     r = invoke("serve", str(tmp_path / "nope"), "--port", str(CLOSED_PORT))
     assert r.exit_code == 2 and f"path {tmp_path / 'nope'} does not exist" in r.output, r.output
     assert "no argument" not in r.output, r.output
+
+
+@pytest.mark.parametrize("args", [["ls"], ["ps"], ["run", "smollm2", "hi"], ["stop", "smollm2"], ["show", "smollm2"]],
+                         ids=lambda a: a[0])
+def test_a_client_command_with_no_server_asks_whether_one_runs(args, closed_url):
+    """`cannot reach URL: [Errno 111] Connection refused` alone: no word of `tokenpool serve` or --url."""
+    r = invoke(*args, "--url", closed_url)
+    assert r.exit_code == 1, r.output
+    assert r.output == (f"tokenpool {args[0]}: cannot reach {closed_url}: [Errno 111] Connection refused (is a "
+                        "tokenpool server running there? `tokenpool serve` starts one; --url or TOKENPOOL_URL names "
+                        "another)\n"), r.output
