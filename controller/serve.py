@@ -26,6 +26,7 @@ from controller.config import (
     ModelSpec,
     ServerConfig,
     ToolCallParser,
+    cache_dir,
     default_models_made,
 )
 from controller.heap import YOUNG_THRESHOLD
@@ -519,6 +520,9 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
         raise SystemExit(2) from None
     cfg.listen.port = probe.getsockname()[1]  # --port 0: the free port the kernel gave, which the file is named by
     probe.close()
+    if dead := startup.remove_dead_admin_tokens(cache_dir()):
+        log.info("removed the admin token files of servers no longer running (port%s %s) from %s",
+                 "s" if len(dead) > 1 else "", ", ".join(map(str, dead)), cache_dir())
     token_file = None
     shutdown.hold_signals()  # a signal from here on stops the start-up cleanly (the token file is removed)
     if admin_token is not None:

@@ -3,7 +3,9 @@ and the admin token of a run without one (written to a 0600 file, never to the l
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
 from pathlib import Path
 
 import yaml
@@ -83,18 +85,26 @@ def admin_token_path(cfg: ServerConfig) -> Path:
     return Path(cfg.admin_token_file) if cfg.admin_token_file else admin_token_file(cfg.listen.port)
 
 
+_locks: dict[Path, int] = {}  # token file -> the descriptor holding its lock, while its run serves
+
+
 def write_admin_token(cfg: ServerConfig, token: str) -> Path:
-    """Write this run's admin token to a file only its owner can read; the log gets the path, never the token."""
+    """Write this run's admin token to a file only its owner can read; the log gets the path, never the token. The
+    file is locked (flock) from before it appears until `remove_admin_token`: a server killed by SIGKILL leaves it,
+    unlocked, and the next start removes it (`remove_dead_admin_tokens`)."""
     path = admin_token_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         os.fchmod(fd, 0o600)  # whatever the umask or an older file said
         os.write(fd, (token + "\n").encode())
-    finally:
+        os.replace(tmp, path)
+    except BaseException:
         os.close(fd)
-    os.replace(tmp, path)
+        raise
+    _locks[path] = fd
     return path
 
 
@@ -105,3 +115,47 @@ def remove_admin_token(path: Path, token: str) -> None:
             path.unlink()
     except OSError:
         pass
+    finally:
+        if (fd := _locks.pop(path, None)) is not None:
+            os.close(fd)
+
+
+def remove_dead_admin_tokens(directory: Path) -> list[int]:
+    """Remove the `admin-token-PORT` files under `directory` (`config.admin_token_file`'s) of servers no longer
+    running: one killed by SIGKILL, or by a crash or a power cut, left its run's token there, a file a port it used,
+    for good. A file is a running server's while that server holds its lock (`write_admin_token`; the kernel lets go
+    of it when the process ends, however it ends); an unlocked one is still kept while a server answers on its port
+    on this machine (one of a version that took no lock). The ports whose files were removed."""
+    removed = []
+    for f in directory.glob("admin-token-*"):
+        port = f.name.removeprefix("admin-token-")
+        if not port.isdigit() or int(port) > 65535:  # (a writer's temporary file, PORT.PID.tmp: not looked at)
+            continue
+        try:
+            fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:  # (gone meanwhile; another user's; a link)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # (not a file another server has written there since this one was opened)
+            if not _answers(int(port)) and os.stat(f).st_ino == os.fstat(fd).st_ino:
+                f.unlink()
+                removed.append(int(port))
+        except OSError:  # (locked: its server runs)
+            pass
+        finally:
+            os.close(fd)
+    return sorted(removed)
+
+
+def _answers(port: int) -> bool:
+    """Whether a server answers on `port` on this machine's loopback, where `tokenpool ps` reads the port's file."""
+    for host in ("127.0.0.1", "::1"):
+        try:
+            with socket.create_connection((host, port), timeout=0.5) as s:
+                # (a connect to an ephemeral port nothing listens on may be given that port, and open to itself)
+                if s.getsockname() != s.getpeername():
+                    return True
+        except OSError:
+            pass
+    return False
