@@ -263,9 +263,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
-def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
+def build_app(cfg: ServerConfig, manage_controller: bool = True, controller: Controller | None = None) -> FastAPI:
     """The app; with `manage_controller=False` its lifespan leaves starting and stopping the controller to the
-    caller (controller.shutdown.run does, to report start-up errors in one line and to drain on SIGTERM)."""
+    caller (controller.shutdown.run does, to report start-up errors in one line and to drain on SIGTERM, and gives
+    its own `controller`, whose workers it started before this module's imports)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -280,7 +281,7 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True) -> FastAPI:
 
     app = FastAPI(title="tokenpool", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible multi-model serving on a shared GPU pool")
-    app.state.controller = ctl = Controller(cfg)
+    app.state.controller = ctl = controller or Controller(cfg)
     app.state.serving = OpenAIServing(ctl)
     app.state.responses = ResponseStore()  # (/v1/responses with store: kept in memory)
     app.include_router(openai_routes.router)

@@ -309,6 +309,7 @@ class Controller:
         self.autoscaler = Autoscaler(cfg.autoscaler)
         self._was_ready = False  # ready() once: start-up is over (see ready)
         self._starting = False  # start() is registering the configured models (no placement, not ready, before)
+        self._workers_started = False  # start_workers() ran
         self._pins_checked = False  # the first placement was checked against the pins (_check_pins)
         self._pin_blocked: set[tuple[str, str]] = set()  # (model, engine) placement passed over for pins, told of
         # Why this configuration cannot be served, found once the engines joined (start-up is refused: nothing more
@@ -339,27 +340,37 @@ class Controller:
         self._tasks: list[asyncio.Task] = []
 
     # --- lifecycle ---
+    async def start_workers(self, hold_joins: bool = False) -> None:
+        """The first part of `start`, which a caller may run ahead of it (`tokenpool serve`: before its app's
+        imports): listen for workers, and spawn the local ones (each slot's supervisor spawns its worker in its first
+        step, run here). `hold_joins`: they register only once `start(models)` has the models made. Once."""
+        if self._workers_started:
+            return
+        self._workers_started = True
+        self._starting = self.pool.starting = True
+        if not hold_joins:  # (else once the models are made: `start`)
+            self.pool.kv_elems_per_token = self._kv_elems()
+        devices = await asyncio.to_thread(local_devices, self.cfg.workers.local)
+        await self.pool.start(devices, hold_joins=hold_joins)
+        await asyncio.sleep(0)  # (the supervisors' first step: the spawns)
+
+    def _kv_elems(self) -> int:
+        """The configured models' largest KV token, known before any worker joins (read at the start, not at
+        construction: the default's models are made after the bind, `tokenpool serve`'s start-up)."""
+        return max((_kv_elems(s) for s in self.cfg.models), default=0)
+
     async def start(self, models: Awaitable[None] | None = None) -> None:
-        """Start the local workers, then register the configured models. `models`: their folders being made (`tokenpool
-        serve`'s start-up: the default's models, a GGUF file's conversion, each in a child process waited for on a
-        thread), awaited here; its error is this one's."""
+        """Start the local workers (`start_workers`, unless the caller did), then register the configured models.
+        `models`: their folders being made (`tokenpool serve`'s start-up: the default's models, a GGUF file's
+        conversion, each in a child process waited for on a thread), awaited here; its error is this one's."""
         # The local workers first: their start-up (imports; on a GPU the device measured) runs beside the reading of
         # the configured models' tokenizers, which took ~4 s of a 2-core host's time to ready before they started --
         # and beside the making of the models (the conversion runs on one core: a first run's ready came ~2.5 s
         # later when the workers started after it); they join once it is done (held by the pool until then).
-        self._starting = self.pool.starting = True
-        # the configured models' largest KV token, known before any worker joins (read here, not at construction:
-        # the default's models are made after the bind, `tokenpool serve`'s start-up; then once they are made)
-        kv_elems = lambda: max((_kv_elems(s) for s in self.cfg.models), default=0)  # noqa: E731
-        if models is None:
-            self.pool.kv_elems_per_token = kv_elems()
-        devices = await asyncio.to_thread(local_devices, self.cfg.workers.local)
-        if models is None:
-            await self.pool.start(devices)
-        else:
-            await self.pool.start(devices, hold_joins=True)
+        await self.start_workers(hold_joins=models is not None)
+        if models is not None:
             await models
-            self.pool.kv_elems_per_token = kv_elems()
+            self.pool.kv_elems_per_token = self._kv_elems()
             self.pool.open_joins()
         try:
             for spec in self.cfg.models:

@@ -396,7 +396,8 @@ async def _in_a_thread(fn: Callable[[], None]) -> None:
     await done
 
 
-async def _start(ctl, prepare: Callable[[], None] | None) -> None:
+async def _start(ctl, workers: asyncio.Future, prepare: Callable[[], None] | None) -> None:
+    await workers  # (`_serve` started them: its error is the start-up's)
     if prepare is None:
         await ctl.start()
         return
@@ -413,7 +414,7 @@ async def _start(ctl, prepare: Callable[[], None] | None) -> None:
 
 
 async def _serve(cfg: ServerConfig, early: StartupSignals, prepare: Callable[[], None] | None = None) -> int:
-    from controller.app import build_app
+    from controller.service import Controller
 
     try:
         sock = bind(cfg.listen.host, cfg.listen.port)
@@ -422,28 +423,38 @@ async def _serve(cfg: ServerConfig, early: StartupSignals, prepare: Callable[[],
         return 2
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    app = build_app(cfg, manage_controller=False)
-    ctl = app.state.controller
-    # lifespan off: this function starts and stops the controller itself (build_app's lifespan would only close
-    # `serving`, done below); a lifespan task still waiting at exit was cancelled with a traceback
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=int(CLOSE_S), backlog=4096,
-                            http=_http_protocol() or "auto", proxy_headers=True,
-                            forwarded_allow_ips=cfg.forwarded_allow_ips)
-    server = GracefulServer(config, app.state.serving, cfg.shutdown_grace_s, url)
-    # a configuration found unservable once the workers joined (Controller.fatal, logged there): exit 2
-    ctl.on_fatal = lambda: setattr(server, "should_exit", True)
-    # The socket is served while the controller starts (its workers start, the configured models' tokenizers are
-    # read: seconds with real models): /health answers 503 "starting" (a Kubernetes probe or a `curl` hung on the
-    # listen backlog, or timed out), and every other request waits for the start-up (`controller.app.StartGate`).
-    started = app.state.started = asyncio.get_running_loop().create_future()
+    ctl = Controller(cfg)
+    # The local workers are spawned before the app is built: their start-up (imports: the way to ready) runs beside
+    # the app's imports (~0.3 s of a 2-core host's), which it came after. Their start's error is said with the
+    # start-up's (`_start`).
+    workers = asyncio.ensure_future(ctl.start_workers(hold_joins=prepare is not None))
+    server: GracefulServer | None = None
+    serving = None
     try:
+        await asyncio.wait({workers})
+        from controller.app import build_app
+
+        app = build_app(cfg, manage_controller=False, controller=ctl)
+        serving = app.state.serving
+        # lifespan off: this function starts and stops the controller itself (build_app's lifespan would only close
+        # `serving`, done below); a lifespan task still waiting at exit was cancelled with a traceback
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=int(CLOSE_S), backlog=4096,
+                                http=_http_protocol() or "auto", proxy_headers=True,
+                                forwarded_allow_ips=cfg.forwarded_allow_ips)
+        server = GracefulServer(config, serving, cfg.shutdown_grace_s, url)
+        # a configuration found unservable once the workers joined (Controller.fatal, logged there): exit 2
+        ctl.on_fatal = lambda: setattr(server, "should_exit", True)
+        # The socket is served while the controller starts (its workers start, the configured models' tokenizers are
+        # read: seconds with real models): /health answers 503 "starting" (a Kubernetes probe or a `curl` hung on the
+        # listen backlog, or timed out), and every other request waits for the start-up (`controller.app.StartGate`).
+        started = app.state.started = asyncio.get_running_loop().create_future()
         await server.open([sock])
         if prepare is not None:  # (minutes, for a 7B GGUF: where to go is said now, not only once it is done)
             log.info("accepting connections on %s: %s first; /health says \"starting\" and requests wait until the "
                      "server is ready", url, getattr(prepare, "doing", "preparing the models"))
         try:
-            stopped = await early.run(_start(ctl, prepare))
+            stopped = await early.run(_start(ctl, workers, prepare))
         except StartupError as e:  # (the operator's to fix, said as one line: `tokenpool serve`'s exit 2)
             started.set_result("the server could not start (its log says why)")
             log.error("%s", e)
@@ -464,11 +475,13 @@ async def _serve(cfg: ServerConfig, early: StartupSignals, prepare: Callable[[],
             await server.run([sock])
         return 0 if ctl.fatal is None else 2
     finally:
-        await server.close([sock])
+        if server is not None:
+            await server.close([sock])
         sock.close()
         with _signals_while_stopping():
             await ctl.stop()
-            app.state.serving.close()
+            if serving is not None:
+                serving.close()
         log.info("stopped")
 
 

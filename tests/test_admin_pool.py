@@ -679,7 +679,7 @@ def test_a_worker_that_joins_while_start_registers_the_models_waits_for_all_of_t
     stopped, seen = [], []
     ctl.on_fatal = lambda: stopped.append(True)
 
-    async def pool_start(devices):  # the worker joins at once, before any model is registered
+    async def pool_start(devices, hold_joins=False):  # the worker joins at once, before any model is registered
         ctl.pool.local_slots = 1
         seen.append(joins(ctl, "w0", 0, 20 * 10**9))
         seen.append(ctl.ready())

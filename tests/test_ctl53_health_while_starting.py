@@ -40,8 +40,8 @@ class _Starting:
                 raise fail
             return real(path)
 
-        def build_app(cfg, manage_controller=True):
-            app = build(cfg, manage_controller)
+        def build_app(cfg, manage_controller=True, controller=None):
+            app = build(cfg, manage_controller, controller)
             self.built["app"], self.built["loop"] = app, asyncio.get_running_loop()
             return app
 

@@ -64,8 +64,8 @@ def test_the_workers_start_while_the_models_are_made_and_join_once_they_are(make
         events.append(f"worker joined, kv_elems_per_token {out['kv_elems_per_token']}")
         return out
 
-    def build_app(cfg, manage_controller=True):
-        app = build(cfg, manage_controller)
+    def build_app(cfg, manage_controller=True, controller=None):
+        app = build(cfg, manage_controller, controller)
         built["app"], built["loop"] = app, asyncio.get_running_loop()
         return app
 
