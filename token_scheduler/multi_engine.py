@@ -192,7 +192,7 @@ class MultiModelEngine:
         self._late: set[str] = set()
         self._late_check = 0.0
         self._last_run: dict[str, float] = {}
-        self._last_request: dict[str, float] = {}
+        self._last_request: dict[str, float] = {}  # (or its registration, where none came since: `expire`'s clock)
         self._keep_alive: dict[str, float] = {}  # model -> idle seconds before its weights are evicted
         self._evict_idle: set[str] = set()  # models whose weights go once they are idle, once (`evict_when_idle`)
         # policy_s/memory_s/engine_s/steps: the steps that ran; idle_*: schedule() calls that planned nothing
@@ -299,6 +299,9 @@ class MultiModelEngine:
         self._index_queues()
         self.steps_per_model[name] = 0
         self.priced[name] = [0.0, 0.0]
+        # keep_alive's clock starts at its registration: with none, weights preloaded (`preload`) before any request
+        # were evicted as soon as they landed, whatever its keep_alive
+        self._last_request[name] = time.monotonic()
         self._capacity()
         self._sync_limits()
         self._event("register", name)
