@@ -46,9 +46,10 @@ class ModelLoad:
     slo_attainment: float | None = None  # fraction of recent requests within SLO; None: too few to tell
     pinned: bool = False  # an operator's pin: its registrations stay where they are
     avoid: frozenset[str] = frozenset()  # engines where its registration failed lately: not placed there again yet
-    # Its keep_alive (models[].keep_alive; None: unset) and the seconds since it was last used (0 while a request of
-    # it runs; None: never). Its last registration is not given back while it has been idle less than its keep_alive:
-    # a `replicas.min: 0` model with keep_alive 15m was unregistered, its weights freed, once down_ticks passed
+    # Its keep_alive in force (an Ollama request's, else models[].keep_alive: ModelEntry.keep_alive; inf: for ever;
+    # None: unset) and the seconds since it was last used (0 while a request of it runs; None: never). Its last
+    # registration is not given back while it has been idle less than its keep_alive: a `replicas.min: 0` model with
+    # keep_alive 15m was unregistered, its weights freed, once down_ticks passed
     keep_alive_s: float | None = None
     idle_s: float | None = None
 

@@ -132,6 +132,24 @@ class ModelEntry:
     source: str = "admin"  # "config": from the configuration at start; "admin": registered over the admin API
     kv_elems: int = 0  # KV cache elements one token of it takes (config.json; 0: unknown, or no KV cache)
     last_used: float | None = None  # (monotonic) when a request of it last began or ended: its keep_alive's start
+    # The keep_alive an Ollama request of it asked for (seconds; inf: for ever; 0: unload), which replaces its
+    # configured one, as Ollama's does for the model's load: requests that send none leave it, and it ends with the
+    # first use after it ran out (a new load: the configured one again) or an operator's keep_alive (PATCH). None:
+    # the configured one (`keep_alive`)
+    asked_keep_alive: float | None = None
+
+    @property
+    def keep_alive(self) -> float | None:
+        """How long after its last use it is held (its weights resident; a `replicas.min: 0` model's last
+        registration kept): the request's keep_alive (`asked_keep_alive`), else its configured one. None: not held
+        for a time (its weights stay until the memory is needed)."""
+        return self.spec.keep_alive if self.asked_keep_alive is None else self.asked_keep_alive
+
+    @property
+    def engine_keep_alive(self) -> float | None:
+        """`keep_alive` as its engines take it: for ever is their None (until the memory is needed)."""
+        keep = self.keep_alive
+        return None if keep == math.inf else keep
 
     @property
     def default_step_s(self) -> float:
@@ -534,13 +552,39 @@ class Controller:
                                    code="model_exists")
         entry.spec = entry.spec.model_copy(update=changes)
         entry.info = dataclasses.replace(entry.info, priority=entry.spec.priority)
-        slo = _policy_slo(entry.spec)
-        for e in self.pool.engines.values():
-            if e.alive:
-                self.pool.retune(e, name, slo, entry.spec.keep_alive)
+        if "keep_alive" in changes:  # (the operator's word replaces a request's)
+            entry.asked_keep_alive = None
+        self._retune(entry)
         self.events.publish("update", model=name, fields=sorted(changes))
         self.tick()  # (replica bounds: the autoscaler acts on them)
         return entry
+
+    def _retune(self, entry: ModelEntry) -> None:
+        """Tell `entry`'s engines its SLO and keep_alive (in place)."""
+        slo = _policy_slo(entry.spec)
+        for e in self.pool.engines.values():
+            if e.alive:
+                self.pool.retune(e, entry.spec.name, slo, entry.engine_keep_alive)
+
+    def _in_use(self, entry: ModelEntry) -> bool:
+        """A request of `entry` is admitted and not yet finished (placed or waiting for its registration)."""
+        return any(g.entry is entry for g in self.activity.live.values())
+
+    def ask_keep_alive(self, name: str, seconds: float) -> None:
+        """An Ollama request's keep_alive for model `name` (seconds; negative: for ever; 0: unload now, `evict`):
+        it holds the model that long after its last use, instead of its configured keep_alive (`ModelEntry.
+        asked_keep_alive`), for its weights on its engines and for its last registration (the autoscaler's
+        `ModelLoad.kept_alive`)."""
+        entry = self.models.get(name)
+        if entry is None:
+            return
+        if seconds == 0:
+            self.evict(name)
+            return
+        before = entry.engine_keep_alive
+        entry.asked_keep_alive = math.inf if seconds < 0 else seconds
+        if entry.engine_keep_alive != before:
+            self._retune(entry)
 
     def remove_model(self, name: str) -> bool:
         entry = self.models.pop(name, None)
@@ -672,7 +716,12 @@ class Controller:
         gen.whole = whole
         gen.per_prompt = n
         gen.buffered = not stream
-        entry.last_used = time.monotonic()
+        now = time.monotonic()
+        if (entry.asked_keep_alive is not None and not self._in_use(entry)
+                and (entry.last_used is None or now - entry.last_used >= entry.asked_keep_alive)):
+            entry.asked_keep_alive = None  # (ran out: a new load, held for its configured keep_alive)
+            self._retune(entry)
+        entry.last_used = now
         if not self.tenants.single_user:  # (a tenant's prompts neither use nor time another's cached KV)
             params = dataclasses.replace(params, cache_salt=f"{tenant.owner}\0{params.cache_salt or ''}")
         self.activity.started(gen, request_id)
@@ -962,7 +1011,7 @@ class Controller:
         log.info("registering %s on %s", entry.spec.name, e.id)
         spec = entry.spec
         return self.pool.load(e, spec.name, spec.path, spec.engine, _policy_slo(spec), pinned=entry.pinned,
-                              keep_alive_s=spec.keep_alive, preload=spec.preload, loras=spec.lora_paths())
+                              keep_alive_s=entry.engine_keep_alive, preload=spec.preload, loras=spec.lora_paths())
 
     # --- LoRA adapters ---
     def names_taken(self, names: list[str]) -> list[str]:
@@ -1034,6 +1083,9 @@ class Controller:
         the next request brings its weights back); how many engines were told."""
         n = 0
         entry = self.models.get(name)
+        if entry is not None and entry.keep_alive != 0:  # (its hold ends: its last registration goes once cold)
+            entry.asked_keep_alive = 0.0
+            self._retune(entry)
         # (the pool view says so at once where its weights do go: not a pinned model's, nor a paced one's, which has
         # none to free)
         view = entry is not None and not entry.pinned and entry.spec.engine.kind != "pace"
@@ -1343,7 +1395,7 @@ class Controller:
             rs = me.spec.replicas
             idle = 0.0 if inflight or name in open_ else None if me.last_used is None else now - me.last_used
             loads.append(ModelLoad(me.info, rs.min, rs.max, inflight, me.spec.engine.max_num_seqs, me.attainment(),
-                                   me.pinned, self._avoid(name), me.spec.keep_alive, idle))
+                                   me.pinned, self._avoid(name), me.keep_alive, idle))
         return loads
 
     def _finish_moves(self) -> None:

@@ -135,6 +135,9 @@ class ModelOut(BaseModel):
     lora_modules: list[dict] = Field([], description='LoRA adapters served over it: {"name", "path"}')
     keep_alive: float | None = Field(None, description="seconds its weights stay in GPU memory after its last "
                                      "request (null: until the memory is needed)")
+    keep_alive_asked: float | None = Field(None, description="the keep_alive its latest Ollama request asked for, in "
+                                           "seconds (-1: for ever), which holds it instead of keep_alive until it runs "
+                                           "out and the model is used again, or keep_alive is changed (null: none)")
     pin: bool = Field(False, description="pinned now (the registration's pin, or what POST .../pin or .../unpin set "
                       "since)")
     last_used: float | None = Field(None, description="unix time of the latest request for it (through any alias)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -112,7 +113,9 @@ async def gpus(request: Request):
 def _model_out(ctl: Controller, name: str, last_used: dict[str, float]) -> ap.ModelOut:
     me = ctl.models[name]
     s = me.spec
+    asked = me.asked_keep_alive
     return ap.ModelOut(name=name, path=s.path, aliases=s.aliases, keep_alive=s.keep_alive, pin=me.pinned,
+                       keep_alive_asked=-1.0 if asked == math.inf else asked,
                        lora_modules=[lm.model_dump() for lm in s.lora_modules],
                        last_used=last_used.get(name),
                        slo=s.slo.model_dump(), priority=s.priority,

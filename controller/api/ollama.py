@@ -130,7 +130,7 @@ class _Base(_Loose):
     stream: bool = True
     options: Options | None = None
     format: str | dict[str, Any] | None = None  # "json" or a JSON schema
-    keep_alive: Any = None  # (residency is the pool's: honoured only as 0, `_unloads`; checked by `_keep_alive_s`)
+    keep_alive: Any = None  # (`_ask`; checked by `_keep_alive_s`)
     # Ollama's: true/false, or a level ("high", "medium", "low"); a model whose template has no thinking is a 400
     # when it is asked for (`_thinking`)
     think: bool | str | None = None
@@ -541,8 +541,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                 # prompt's when that is still too long (`truncate: false`, Ollama's too: the error instead)
                 shortest, cut = await _fewest_drops(serving, tenant, me, req)
                 req = req.model_copy(update={"messages": shortest})
-        if _unloads(ctl, body.keep_alive):  # (sent after the request: the engine evicts once it is done)
-            ctl.evict(me.spec.name)
+        _ask(ctl, me.spec.name, body.keep_alive)  # (after the request: 0 evicts once it is done)
     except ServingError as e:
         if e.status != 401 and not getattr(e, "counted", False):  # (auth counts its own; a generation its own)
             ctl.count_refusal(model, tenant.name if tenant else "-", e.status)  # (under the model it means)
@@ -660,9 +659,19 @@ def _zero(keep_alive: Any) -> bool:
 
 def _unloads(ctl: Any, keep_alive: Any) -> bool:
     """Whether a request's keep_alive frees its model's VRAM once its requests finish (Ollama's keep_alive 0; `ollama
-    stop` is a load request with it). Unloading is a single user's call: on a server with several tenants one must
-    not evict the others' models, so there it is ignored (operators use `tokenpool stop` or the admin API)."""
+    stop` is a load request with it): on a single-user server only (`_ask`)."""
     return _zero(keep_alive) and ctl.tenants.single_user
+
+
+def _ask(ctl: Any, name: str, keep_alive: Any) -> None:
+    """A request's keep_alive applied to its model, as Ollama's replaces the loaded model's (`Controller.
+    ask_keep_alive`): 0 frees its VRAM once its requests finish, any other holds it (its weights, a `replicas.min: 0`
+    model's registration) that long after its last use instead of its configured keep_alive; none sent leaves it.
+    A single user's call: on a server with several tenants one must not evict, nor hold, the others' models, so
+    there it is ignored (operators use `tokenpool stop`, or the admin API's keep_alive)."""
+    seconds = _keep_alive_s(keep_alive)
+    if seconds is not None and ctl.tenants.single_user:
+        ctl.ask_keep_alive(name, seconds)
 
 
 async def _load(request: Request, tenant: Any, model: str, body: _Base, chat: bool) -> Response:
@@ -673,10 +682,9 @@ async def _load(request: Request, tenant: Any, model: str, body: _Base, chat: bo
     serving: OpenAIServing = request.app.state.serving
     me = serving.entry(tenant, model)
     unload = _unloads(ctl, body.keep_alive)
-    if unload:
-        ctl.evict(me.spec.name)
-    else:
+    if not unload:
         await _make_resident(request, serving, tenant, me, model)
+    _ask(ctl, me.spec.name, body.keep_alive)
     key = "message" if chat else "response"
     return JSONResponse({"model": body.model, "created_at": _now(),
                          key: {"role": "assistant", "content": ""} if chat else "", "done": True,
@@ -968,6 +976,13 @@ async def _embed(request: Request, model: str, raw: str | list[str], truncate: b
         return _error(e.status, e.message if e.status != 404 else f"model '{model}' not found", e)
 
 
+def _ask_for(request: Request, model: str, keep_alive: Any) -> None:
+    """`_ask` for the model an embedding request (done) named."""
+    tenant = auth.tenant(request)
+    _ask(request.app.state.controller, request.app.state.serving.lookup(tenant, served(request, tenant, model)).spec.name,
+         keep_alive)
+
+
 @router.post("/embed")
 async def embed(request: Request) -> Response:
     """Ollama's: each input's embedding, L2-normalized, and the prompt's token count."""
@@ -977,10 +992,8 @@ async def embed(request: Request) -> Response:
     if isinstance(got, Response):
         return got
     vecs, gen = got
-    ctl = request.app.state.controller
-    if _unloads(ctl, body.keep_alive):  # (its requests are done: at once)
-        tenant = auth.tenant(request)
-        ctl.evict(request.app.state.serving.lookup(tenant, served(request, tenant, body.model)).spec.name)
+    if body.keep_alive is not None:  # (its requests are done: a keep_alive 0 evicts at once)
+        _ask_for(request, body.model, body.keep_alive)
     stats = _stats(gen) if gen is not None else {}
     counts = {k: stats.get(k, 0) for k in ("total_duration", "load_duration", "prompt_eval_count")}  # (Ollama's)
     return JSONResponse({"model": body.model, "embeddings": vecs, **counts})
@@ -993,10 +1006,8 @@ async def embeddings_legacy(request: Request) -> Response:
     got = await _embed(request, body.model, body.prompt, True, None, normalize=False, keep_alive=body.keep_alive)
     if isinstance(got, Response):
         return got
-    ctl = request.app.state.controller
-    if _unloads(ctl, body.keep_alive):
-        tenant = auth.tenant(request)
-        ctl.evict(request.app.state.serving.lookup(tenant, served(request, tenant, body.model)).spec.name)
+    if body.keep_alive is not None:
+        _ask_for(request, body.model, body.keep_alive)
     return JSONResponse({"embedding": got[0][0] if got[0] else []})
 
 
@@ -1114,17 +1125,19 @@ FOREVER_S = ((1 << 63) - 1) / 1e9
 
 
 def _expires_at(serving: OpenAIServing, me: Any) -> str:
-    """When a resident model's weights are freed, as Ollama's ps gives it: its configured keep_alive after its latest
-    request (now, while one runs); for ever, some 292 years on as Ollama writes it, when it is pinned or has none
-    (the pool evicts it only when the memory is needed). (Go's zero time, which this was, is no "never" to Ollama's
-    clients: `ollama ps` shows a model whose expiry has passed as "Stopping...".)"""
+    """When a resident model's weights are freed, as Ollama's ps gives it: its keep_alive (a request's, else its
+    configured one: `ModelEntry.keep_alive`) after the end of its latest request (now, while one runs); for ever,
+    some 292 years on as Ollama writes it, when it is pinned or has none (the pool evicts it only when the memory is
+    needed). (Go's zero time, which this was, is no "never" to Ollama's clients: `ollama ps` shows a model whose
+    expiry has passed as "Stopping...".)"""
     now = time.time()
-    keep = me.spec.keep_alive
-    if me.pinned or keep is None or keep < 0:
+    keep = me.keep_alive
+    if me.pinned or keep is None or keep == math.inf:
         at = now + FOREVER_S
     else:
         busy = any(g.entry.spec.name == me.spec.name and not g.closed for g in serving.active)
-        at = (now if busy else serving.last_used.get(me.spec.name, now)) + keep
+        idle = 0.0 if busy or me.last_used is None else time.monotonic() - me.last_used
+        at = now - idle + keep
     return datetime.fromtimestamp(at, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
