@@ -415,6 +415,7 @@ def serve_cmd(
     kv_sizing: Optional[list[str]] = typer.Option(None, "--block-size", "--num-gpu-blocks-override", hidden=True),
     # (vLLM's log switches: this server logs no line per request, and its stats are /metrics')
     quiet_logs: bool = typer.Option(False, "--disable-log-requests", "--disable-log-stats", hidden=True),
+    listen: Optional[str] = typer.Option(None, "--listen", hidden=True),  # (llama-swap's: said what stands for it)
 ) -> None:
     """Start the OpenAI-compatible server and its engines.
 
@@ -435,6 +436,9 @@ def serve_cmd(
                              "its tokenizer_config.json, or chat_template.jinja beside it)")
         if kv_sizing:
             raise ValueError(KV_SIZING)
+        if listen is not None:
+            raise ValueError(f"--listen is llama-swap's: here --host and --port (--listen {listen} is "
+                             f"{listen_as(listen)}), or listen: {{host, port}} in a --config file")
         if enable_auto_tool_choice and tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice takes --tool-call-parser, as vLLM's does (hermes: Qwen2.5, "
                              "Hermes); here the parser alone turns tool_choice auto on")
@@ -450,6 +454,12 @@ def serve_cmd(
           max_loras=max_loras, max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
           enforce_eager=enforce_eager or None, trust_remote_code=trust_remote_code, allowed_origins=allowed_origins,
           max_num_batched_tokens=max_num_batched_tokens, seed=seed)
+
+
+def listen_as(value: str) -> str:
+    """llama-swap's --listen VALUE (HOST:PORT, :PORT) as --host and --port."""
+    host, _, port = value.rpartition(":")
+    return " ".join([*([f"--host {host.strip('[]')}"] if host else []), f"--port {port}"])
 
 
 KV_SIZING = ("--block-size and --num-gpu-blocks-override are vLLM's: here every model's KV cache is the pool's, one "

@@ -90,3 +90,13 @@ def test_a_llama_swap_key_says_what_stands_for_it(text, words, tmp_path):
     r = invoke("config", "check", str(f))
     assert r.exit_code == 2, r.output
     assert " ".join(r.output.split()) == f"tokenpool config check: config {f}: {words}", r.output
+
+
+@pytest.mark.parametrize("value, means", [(":8080", "--port 8080"), ("0.0.0.0:9000", "--host 0.0.0.0 --port 9000"),
+                                          ("[::1]:8080", "--host ::1 --port 8080")])
+def test_serve_listen_as_llama_swap_takes_it_says_host_and_port(value, means):
+    """`tokenpool serve --listen :8080` (llama-swap's flag) was click's boxed 'No such option: --listen'."""
+    r = invoke("serve", "--listen", value)
+    assert (r.exit_code, r.output) == (2, f"tokenpool serve: --listen is llama-swap's: here --host and --port "
+                                          f"(--listen {value} is {means}), or listen: {{host, port}} in a --config "
+                                          "file\n"), r.output
