@@ -1,5 +1,6 @@
 """The dashboard's browser tests' pages: a page whose console errors and page errors are collected, a page signed in
-with an admin token, and a wait for the page's next snapshots of the pool."""
+with an admin token, a wait for the page's next snapshots of the pool, and the page's clock run by hand (its
+reconnects' waits, seconds each, run without waiting them out)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,32 @@ def snapshots(page, n: int, timeout: int = 15_000) -> None:
     """Wait until the page has drawn n more snapshots of the pool (one a second)."""
     seen = page.evaluate("S.snapshots")
     page.wait_for_function("n => S.snapshots >= n", arg=seen + n, timeout=timeout)
+
+
+# The page's header says its event stream is open
+LIVE = "document.getElementById('conn').textContent === 'live'"
+# Nothing of the page's on the network: no reconnect() call in flight, its event stream not opening
+_SETTLED = "() => S.calls === 0 && !(S.es && S.es.readyState === EventSource.CONNECTING)"
+
+
+def pause_clock(page) -> int:
+    """Pause the page's clock (Playwright's, page.clock.install() before the page loaded) 1 s on from now, its time
+    then (ms, Date.now()): from here its timers fire only as run_clock runs it."""
+    at = page.evaluate("Date.now()") + 1000  # (a moment ahead: its time runs on meanwhile, and no pause is in the past)
+    page.clock.pause_at(at / 1000)  # (a number here is in seconds, as Python's)
+    return at
+
+
+def run_clock(page, ms: int, until: str | None = None, step_ms: int = 500) -> int:
+    """Run the page's paused clock `ms` on, its timers fired as they come due, `step_ms` at a time, what the page has
+    on the network done after each step (an answer comes in real time, the clock standing still: what it starts, a
+    try's next wait, counts from the step's end); with `until` (a JS expression), stop at the first step after which
+    it holds. Returns the time run (ms). The page's waits are whole seconds: a try falls due at a step's end."""
+    ran = 0
+    while ran < ms:
+        page.clock.run_for(step_ms)
+        ran += step_ms
+        page.wait_for_function(_SETTLED, polling=10)
+        if until is not None and page.evaluate(until):
+            break
+    return ran

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import time
 
 import httpx
 import pytest
@@ -23,6 +22,7 @@ import yaml
 
 from controller.keys import hash_key
 from load_tests.live_server import LiveServer
+from tests.dashboard_pages import LIVE, pause_clock, run_clock
 from tests.ports import free_port, live_server_on
 
 ADMIN = "admin-ux62j-token"
@@ -106,8 +106,8 @@ def _start(workdir, port: int) -> LiveServer:
     return s
 
 
-# When the page's tries start, by the browser's clock: Playwright's sync API hands its events over only within its
-# calls, late by as long as a server's start or stop kept this side, and a failed request's timing has no start
+# When the page's tries start, by the page's clock (Playwright's, run by hand: run_clock): Playwright's sync API hands
+# its events over only within its calls, and a failed request's timing has no start
 TRY_CLOCK = """(() => {
   const fetch = window.fetch;
   window.fetch = function (url, ...rest) {
@@ -127,19 +127,21 @@ def test_a_stopped_server_is_asked_less_and_less_often_and_seen_back_up(tmp_path
     failed request in the console) come 1, 2, 4, then 8 s apart, not once a second; the header says
     "reconnecting…" and since when no data came. The server back up on its port: seen at the next try (within 8 s),
     the page at the login form (the restart forgot its session). A stream that opens again starts over at 1 s:
-    the network gone then back (the server up throughout)."""
+    the network gone then back (the server up throughout). The page's clock is Playwright's, run by hand (its waits
+    are not waited out), standing still while a server starts or stops."""
     from playwright.sync_api import expect
 
     port = free_port(RESTART_PORTS)
     first, second = _start(tmp_path / "a", port), None
     asked: list = []  # (the page's GET /dashboard/session requests)
-    started: list[float] = []  # (when each started, unix seconds: the browser's clock, TRY_CLOCK)
+    started: list[float] = []  # (when each started, unix seconds: the page's clock, TRY_CLOCK)
     try:
         ctx = browser.new_context()
         try:
             ctx.expose_function("noteTry", lambda t: started.append(t / 1000))
             ctx.add_init_script(TRY_CLOCK)
             page = ctx.new_page()
+            page.clock.install()
             page.on("request", lambda r: asked.append(r) if r.url.endswith("/dashboard/session") else None)
             page.on("dialog", lambda d: d.accept())
             page.goto(first.url + "/dashboard")
@@ -147,6 +149,7 @@ def test_a_stopped_server_is_asked_less_and_less_often_and_seen_back_up(tmp_path
             page.click("#login")
             conn = page.locator("#conn")
             expect(conn).to_have_text("live", timeout=15_000)
+            pause_clock(page)
 
             def tries(since: float) -> list[float]:
                 """When each try started, in seconds since `since` (unix seconds)."""
@@ -158,9 +161,10 @@ def test_a_stopped_server_is_asked_less_and_less_often_and_seen_back_up(tmp_path
             ctx.set_offline(True)
             t_fail = page.evaluate("() => { const t = Date.now(); S.es.dispatchEvent(new Event('error')); return t; }")
             expect(conn).to_have_text("reconnecting…")
-            page.wait_for_timeout(t_fail + 4_500 - time.time() * 1000)  # (tries at ~1 and ~3 s)
+            run_clock(page, 4_500)  # (tries at ~1 and ~3 s)
             ctx.set_offline(False)
-            expect(conn).to_have_text("live", timeout=15_000)  # (the next try, ~7 s: 4 s after the last)
+            run_clock(page, 15_000, until=LIVE)
+            expect(conn).to_have_text("live")  # (the next try, ~7 s: 4 s after the last)
             offline = tries(t_fail / 1000)
             assert offline == pytest.approx([1, 3, 7], abs=0.6), offline
             assert page.evaluate("S.retryMs") == 1000  # (the stream opened: 1 s again, as the tries below show)
@@ -168,10 +172,10 @@ def test_a_stopped_server_is_asked_less_and_less_often_and_seen_back_up(tmp_path
             # the server stopped: tries ~1, 3 and 7 s on (1, 2, 4 s apart) in 8.5 s, not 8 of them (the wait's cap,
             # 8 s, is test_ux63b_dashboard_operator's: the next try here is at ~15 s)
             asked.clear(), started.clear()
-            t_stop = time.time()
+            t_stop = page.evaluate("Date.now()") / 1000
             first.__exit__()
             expect(conn).to_have_text("reconnecting…")
-            page.wait_for_timeout((t_stop + 8.5 - time.time()) * 1000)
+            run_clock(page, 8_500)
             seen = [t for t in tries(t_stop) if t < 8.5]
             assert len(seen) == 3 and _gaps(seen) == pytest.approx([2, 4], abs=0.6), seen
             # the header: "reconnecting…", and since when nothing came (watchStream, every second as before)
@@ -180,7 +184,8 @@ def test_a_stopped_server_is_asked_less_and_less_often_and_seen_back_up(tmp_path
 
             # back up on the same port: seen at the next try, 8 s on at most (the tries 8 s apart from here)
             second = _start(tmp_path / "b", port)
-            t_up = time.time()
+            t_up = page.evaluate("Date.now()") / 1000
+            page.clock.run_for(8_000)  # (its answer, a session ended, takes the page to the login form)
             note = page.locator('.login-box .note[role="status"]')
             expect(note).to_contain_text("Your session has ended", timeout=20_000)
             after = tries(t_stop)[2:]

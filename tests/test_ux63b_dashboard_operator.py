@@ -18,12 +18,12 @@ import contextlib
 import importlib.util
 import shutil
 import threading
-import time
 import uuid
 
 import pytest
 
 from controller.keys import hash_key
+from tests.dashboard_pages import LIVE, pause_clock, run_clock
 from tests.ports import live_server_on
 
 ADMIN = "admin-ux63b-token"
@@ -35,7 +35,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 BROWSER = CHROMIUM is not None and importlib.util.find_spec("playwright") is not None
 OPERATOR = all(importlib.util.find_spec(m) is not None for m in ("kopf", "kmock", "openai"))
 
-# When the page opens each event stream, by the browser's clock (Playwright's sync API hands its events over late,
+# When the page opens each event stream, by the page's clock (Playwright's sync API hands its events over late,
 # within its own calls)
 STREAM_CLOCK = """(() => {
   window.streamsOpened = [];
@@ -49,13 +49,15 @@ STREAM_CLOCK = """(() => {
 @contextlib.contextmanager
 def clocked_dashboard(browser, url: str, admin: str):
     """A browser context's dashboard page at `url`, signed in with `admin`, live and drawing its first snapshot, its
-    event streams' openings clocked (`window.streamsOpened`). Closed after."""
+    event streams' openings clocked (`window.streamsOpened`), its clock Playwright's (page.clock: pause_clock,
+    run_clock). Closed after."""
     from playwright.sync_api import expect
 
     ctx = browser.new_context()
     try:
         ctx.add_init_script(STREAM_CLOCK)
         page = ctx.new_page()
+        page.clock.install()
         page.goto(url + "/dashboard")
         page.fill("#token", admin)
         page.click("#login")
@@ -76,7 +78,7 @@ def test_a_stream_that_ends_as_it_opens_is_asked_for_less_and_less_often(tmp_pat
     """The page's stream answered 200 and ended at once (Playwright fulfils it, empty), the server up all along
     (GET /dashboard/session says the session is live): the page's next streams open 1, 3 and 7 s on (1, 2, 4 s
     apart), not once a second. The real stream back: the next try (8 s after the last) connects, the page is live and
-    draws the pool's snapshots, and the backoff is at 1 s again."""
+    draws the pool's snapshots, and the backoff is at 1 s again. The page's clock is run by hand (run_clock)."""
     from playwright.sync_api import expect
 
     with live_server_on(PORTS, CFG, tmp_path / "srv") as server, clocked_dashboard(browser, server.url, ADMIN) as page:
@@ -90,11 +92,12 @@ def test_a_stream_that_ends_as_it_opens_is_asked_for_less_and_less_often(tmp_pat
                           body="")
 
         page.route("**/admin/events?*", empty)
+        pause_clock(page)
         # the stream fails (as a proxy or a restart would end it): from here every stream opens and ends at once
         t_fail = page.evaluate("""() => { window.streamsOpened.length = 0; const t = Date.now();
                                           S.es.dispatchEvent(new Event('error')); return t; }""")
         expect(conn).to_have_text("reconnecting…")
-        page.wait_for_timeout(t_fail + 9_000 - time.time() * 1000)  # (tries at ~1, 3 and 7 s; the next at ~15)
+        run_clock(page, 9_000)  # (tries at ~1, 3 and 7 s; the next at ~15)
         opened = [round((t - t_fail) / 1000, 2) for t in page.evaluate("window.streamsOpened")]
         # (was 1, 2, 3, ..., 9: one a second. Gaps: each try's own delays, a session's answer, do not add up)
         assert len(opened) == 3 and opened[0] == pytest.approx(1, abs=0.7), opened
@@ -104,7 +107,8 @@ def test_a_stream_that_ends_as_it_opens_is_asked_for_less_and_less_often(tmp_pat
         # the stream served again: the next try, ~15 s on, connects; data, and 1 s again
         page.unroute("**/admin/events?*", empty)
         drawn = page.evaluate("S.snapshots")
-        expect(conn).to_have_text("live", timeout=15_000)
+        run_clock(page, 15_000, until=LIVE)
+        expect(conn).to_have_text("live")
         page.wait_for_function("n => S.snapshots >= n", arg=drawn + 2)
         opened = [round((t - t_fail) / 1000, 2) for t in page.evaluate("window.streamsOpened")]
         assert len(opened) == 4 and _gaps(opened) == pytest.approx([2, 4, 8], abs=0.7), opened

@@ -26,6 +26,7 @@ from controller import ps
 from controller.keys import hash_key
 from load_tests.live_server import REPO_ROOT
 from load_tests.user_check import alive as _alive  # (running still: a zombie is not)
+from tests.dashboard_pages import LIVE, pause_clock, run_clock
 from tests.ports import live_server_on
 from tests.test_ux63b_dashboard_operator import clocked_dashboard
 
@@ -156,7 +157,8 @@ def test_a_stream_open_5_s_without_data_then_dropped_is_tried_again_1_s_on(serve
     """Two streams fail (the first dropped, the next answered 200 and ended at once: the backoff at 4 s), then one
     opens and stays open, no data on it (the server's stream without its snapshots: Playwright rewrites the URL), for
     5.5 s, and drops: the next try is 1 s on, not 4 (a stream that stayed open RETRY_STABLE_MS worked), and the page is
-    live again. The backoff is not reset at the quiet stream's open, only once it has stayed open."""
+    live again. The backoff is not reset at the quiet stream's open, only once it has stayed open. The page's clock
+    is run by hand (run_clock)."""
     from playwright.sync_api import expect
 
     with clocked_dashboard(browser, server.url, ADMIN) as page:
@@ -174,21 +176,24 @@ def test_a_stream_open_5_s_without_data_then_dropped_is_tried_again_1_s_on(serve
                 route.continue_(url=route.request.url.replace("snapshots=true", "snapshots=false"))
 
         page.route("**/admin/events?*", stream)
+        pause_clock(page)
         t_fail = page.evaluate("""() => { window.streamsOpened.length = 0; const t = Date.now();
                                           S.es.dispatchEvent(new Event('error')); return t; }""")
         expect(conn).to_have_text("reconnecting…")
         # tries at ~1 s (empty: ends at once) and ~3 s (quiet: opens and stays open)
-        expect(conn).to_have_text("live", timeout=10_000)
+        run_clock(page, 10_000, until=LIVE)
+        expect(conn).to_have_text("live")
         assert served == ["empty", "quiet"], served
         quiet = page.evaluate("({opened: S.opened, snapshots: S.snapshots, events: S.events.length, wait: S.retryMs})")
         assert quiet["wait"] == 4000, quiet  # (the backoff after two failures: the quiet stream's open left it so)
-        page.wait_for_timeout(quiet["opened"] + 5_500 - page.evaluate("Date.now()"))
+        run_clock(page, quiet["opened"] + 5_500 - page.evaluate("Date.now()"))
         t_drop = page.evaluate("""() => { S.es.dispatchEvent(new Event('error')); return Date.now(); }""")
         # no data came on it (a snapshot or an event would have reset the backoff on its own)
         assert page.evaluate("({s: S.snapshots, e: S.events.length})") == {"s": quiet["snapshots"],
                                                                           "e": quiet["events"]}
         page.unroute("**/admin/events?*", stream)
-        expect(conn).to_have_text("live", timeout=10_000)
+        run_clock(page, 10_000, until=LIVE)
+        expect(conn).to_have_text("live")
         opened = [round((t - t_fail) / 1000, 2) for t in page.evaluate("window.streamsOpened")]
         assert len(opened) == 3 and opened[:2] == pytest.approx([1, 3], abs=0.7), opened
         # (1 s after the drop: at the doubled wait, 4 s, without the quiet stream's 5 s counted as working)
