@@ -14,14 +14,18 @@ def watch(page, failed: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def signed_in(browser, url: str, token: str, failed: list[str] | None = None, requests: bool = False):
+def signed_in(browser, url: str, token: str, failed: list[str] | None = None, requests: bool = False,
+              clock: bool = False):
     """A page of a fresh context, signed in with the admin `token` and live, its dialogs accepted. With `failed`: its
     console and page errors collected there, and (`requests`) its failed requests until the block ends (closing the
-    page aborts what it has in flight: not the page's)."""
+    page aborts what it has in flight: not the page's). `clock`: the page's clock is Playwright's (page.clock),
+    installed before it loaded."""
     from playwright.sync_api import expect
 
     ctx = browser.new_context(viewport={"width": 1280, "height": 800})
     page = ctx.new_page()
+    if clock:
+        page.clock.install()
     live = [True]
     if failed is not None:
         watch(page, failed)
@@ -52,19 +56,18 @@ LIVE = "document.getElementById('conn').textContent === 'live'"
 _SETTLED = "() => S.calls === 0 && !(S.es && S.es.readyState === EventSource.CONNECTING)"
 
 
-def pause_clock(page) -> int:
-    """Pause the page's clock (Playwright's, page.clock.install() before the page loaded) 1 s on from now, its time
-    then (ms, Date.now()): from here its timers fire only as run_clock runs it."""
+def pause_clock(page) -> None:
+    """Pause the page's clock (Playwright's, page.clock.install() before the page loaded) 1 s on from now: from here
+    its timers fire only as run_clock runs it."""
     at = page.evaluate("Date.now()") + 1000  # (a moment ahead: its time runs on meanwhile, and no pause is in the past)
     page.clock.pause_at(at / 1000)  # (a number here is in seconds, as Python's)
-    return at
 
 
-def run_clock(page, ms: int, until: str | None = None, step_ms: int = 500) -> int:
+def run_clock(page, ms: int, until: str | None = None, step_ms: int = 500) -> None:
     """Run the page's paused clock `ms` on, its timers fired as they come due, `step_ms` at a time, what the page has
     on the network done after each step (an answer comes in real time, the clock standing still: what it starts, a
     try's next wait, counts from the step's end); with `until` (a JS expression), stop at the first step after which
-    it holds. Returns the time run (ms). The page's waits are whole seconds: a try falls due at a step's end."""
+    it holds. The page's waits are whole seconds: a try falls due at a step's end."""
     ran = 0
     while ran < ms:
         page.clock.run_for(step_ms)
@@ -72,4 +75,3 @@ def run_clock(page, ms: int, until: str | None = None, step_ms: int = 500) -> in
         page.wait_for_function(_SETTLED, polling=10)
         if until is not None and page.evaluate(until):
             break
-    return ran

@@ -50,6 +50,7 @@ def test_the_form_says_the_session_ended_when_the_server_restarted(tmp_path, bro
         ctx = browser.new_context()  # (the shared browser: a context of its own, no cookie of another test's)
         try:
             page = ctx.new_page()
+            page.clock.install()  # (Playwright's: jumped to the page's next try below, not waited for)
             page.on("pageerror", lambda e: failed.append(f"page error: {e}"))
             page.goto(first.url + "/dashboard#models")
             expect(page.locator(".login-box .note")).to_have_count(0)  # (a first visit: nothing ended)
@@ -57,6 +58,7 @@ def test_the_form_says_the_session_ended_when_the_server_restarted(tmp_path, bro
 
             first.__exit__()  # the restart: the same port, a new process with no sessions
             second = _start(tmp_path / "b", port=first.port)
+            page.clock.fast_forward(8_000)  # (the page's next try to reach it: 8 s on at most)
             note = page.locator('.login-box .note[role="status"]')
             expect(note).to_contain_text("Your session has ended", timeout=20_000)
             expect(note).to_contain_text("the server restarted")

@@ -36,10 +36,10 @@ def server(tmp_path_factory):
         yield srv
 
 
-def signed_in(browser, url: str, failed: list[str]):
+def signed_in(browser, url: str, failed: list[str], clock: bool = False):
     """A page signed in as the admin; its console errors and page errors collected in `failed` (not its failed
-    requests: these tests stop the server under it)."""
-    return pages.signed_in(browser, url, ADMIN, failed)
+    requests: these tests stop the server under it); `clock`: pages.signed_in's."""
+    return pages.signed_in(browser, url, ADMIN, failed, clock=clock)
 
 
 def snapshots(page, n: int) -> None:
@@ -59,11 +59,12 @@ def stopped(proc):
 def test_a_hung_server_is_not_shown_as_live(server, browser):
     """The server stops answering with the stream open: within a few seconds the header says since when nothing has
     come (it said "live" for as long as the server hung); once the server answers again it says "live" and the
-    snapshots move again."""
+    snapshots move again. The page's clock is Playwright's, jumped past the seconds of silence (not waited for)."""
     failed: list[str] = []
-    with signed_in(browser, server.url, failed) as page:
+    with signed_in(browser, server.url, failed, clock=True) as page:
         conn = page.locator("#conn")
         with stopped(server.proc):
+            page.clock.fast_forward(6_000)
             expect(conn).to_have_text(re.compile(r"^no data since \d\d:\d\d:\d\d$"), timeout=10_000)
             expect(conn).to_have_class(re.compile(r"\bdown\b"))
             seen = page.evaluate("S.snapshots")

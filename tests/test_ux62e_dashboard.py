@@ -126,7 +126,8 @@ def test_a_restart_goes_back_to_the_form_without_a_401(tmp_path, browser):
     """The server restarted under a signed-in page: the page asks whether its session is live before it opens its
     stream again, and goes to the form at the first "no". It learnt it from 401s: the stream's reconnect, then a
     refresh's two calls, three "Failed to load resource: ... 401" errors in the browser's console before the form.
-    What no page avoids: while the server is down, each try to reach it is a failed request (after 1, 2 and 4 s, then every 8 s)."""
+    What no page avoids: while the server is down, each try to reach it is a failed request (after 1, 2 and 4 s, then every 8 s).
+    The page's clock is Playwright's: once the server is back, it jumps to the page's next try (8 s on at most)."""
     port = free_port(RESTART_PORTS)
     first, second = _start(tmp_path / "a", port), None
     logged: list[str] = []
@@ -134,6 +135,7 @@ def test_a_restart_goes_back_to_the_form_without_a_401(tmp_path, browser):
         ctx = browser.new_context()
         try:
             page = ctx.new_page()
+            page.clock.install()
             page.on("console", lambda m: logged.append(f"{m.text} ({m.location.get('url')})")
                     if m.type == "error" else None)
             page.on("pageerror", lambda e: logged.append(f"page error: {e}"))
@@ -147,6 +149,7 @@ def test_a_restart_goes_back_to_the_form_without_a_401(tmp_path, browser):
             first.__exit__()
             expect(page.locator("#conn")).to_have_text("reconnecting…", timeout=10_000)
             second = _start(tmp_path / "b", port)
+            page.clock.fast_forward(8_000)  # (the next try, not waited for)
             note = page.locator('.login-box .note[role="status"]')
             expect(note).to_contain_text("Your session has ended", timeout=20_000)
             assert page.url.endswith("/dashboard#models")
