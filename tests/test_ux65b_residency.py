@@ -113,6 +113,8 @@ def test_a_request_keep_alive_holds_a_scaled_to_zero_model_past_its_configured_o
     assert m["keep_alive"] == LAZY_KEEP_S and m["keep_alive_asked"] == 60.0 and m["engines"]
     _until("the engine's keep_alive the request's", lambda: _engine_keep_alive(server, "lazy") == 60.0)  # (one, not two)
     assert 55 < _expires_in(server, "lazy") <= 60.5
+    running = httpx.get(server.url + "/running", timeout=10).json()["running"]  # (llama-swap's ttl)
+    assert [r["ttl"] for r in running if r["model"] == "lazy"] == [60.0]
     assert "keep 60s (asked)" in _tokenpool_ps(server)
     # an OpenAI request (no keep_alive) leaves it, as a request without one leaves Ollama's loaded model's
     c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)

@@ -119,11 +119,12 @@ async def score(body: p.ScoreRequest, request: Request, tenant: Tenant = Depends
 
 @router.get("/running")
 async def running(request: Request, tenant: Tenant = Depends(auth.tenant_dep)) -> dict:
-    """llama-swap's: the models the key may use whose weights are in VRAM now, with their keep_alive (its ttl)."""
+    """llama-swap's: the models the key may use whose weights are in VRAM now, with their keep_alive in force (its
+    ttl: an Ollama request's, else the configured one; null: until the memory is needed)."""
     ctl = request.app.state.controller
     resident = resident_models(ctl.pool.engines.values())
     names = request.app.state.serving.names_for  # (a model allowed only by an alias: under that name)
-    return {"running": [{"model": n, "state": "ready", "ttl": me.spec.keep_alive}
+    return {"running": [{"model": n, "state": "ready", "ttl": me.engine_keep_alive}
                         for name, me in ctl.models.items() if name in resident for n in names(tenant, me)]}
 
 
