@@ -659,6 +659,34 @@ def rm_cmd(model: str = typer.Argument(..., metavar="MODEL", help="a model")) ->
     raise typer.Exit(2)
 
 
+@app.command("cp", hidden=True)  # (as rm: said to whoever types `ollama cp`, `create` or `push`)
+def cp_cmd(source: str = typer.Argument(..., metavar="SOURCE"), destination: str = typer.Argument(
+        ..., metavar="DESTINATION")) -> None:
+    """As `ollama cp`: a model's other name is an alias here, not a copy."""
+    typer.echo(f"tokenpool cp: tokenpool copies no model: {source} is served as {destination} too once that is one of "
+               "its aliases (aliases: under the model in the configuration, --served-model-name NAME ALIAS, or PATCH "
+               "/admin/models/NAME {\"aliases\": [...]} on a running server)", err=True)
+    raise typer.Exit(2)
+
+
+@app.command("create", hidden=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def create_cmd(model: str = typer.Argument(..., metavar="MODEL")) -> None:  # (its -f FILE, -q ...: taken, unread)
+    """As `ollama create`: no Modelfiles here; what stands for one."""
+    typer.echo(f"tokenpool create: no Modelfiles here: a model is a Hugging Face folder or a .gguf file, served as "
+               f"{model} by `tokenpool serve PATH --served-model-name {model}` (or models: in a --config file); its "
+               "template is its tokenizer's chat template, its parameters its generation_config.json, its system "
+               "prompt the request's", err=True)
+    raise typer.Exit(2)
+
+
+@app.command("push", hidden=True)
+def push_cmd(model: str = typer.Argument(..., metavar="MODEL")) -> None:
+    """As `ollama push`: tokenpool uploads nothing."""
+    typer.echo(f"tokenpool push: tokenpool uploads nothing ({model} is served from its folder; `hf upload` puts a "
+               "Hugging Face folder on the Hub)", err=True)
+    raise typer.Exit(2)
+
+
 @app.command("ls")
 @app.command("list", hidden=True)  # (as `ollama list`, whose short form is ls)
 @app.command("models", hidden=True)  # (what a user who wants the models types: click suggested make-model)

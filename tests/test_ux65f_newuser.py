@@ -100,3 +100,21 @@ def test_serve_listen_as_llama_swap_takes_it_says_host_and_port(value, means):
     assert (r.exit_code, r.output) == (2, f"tokenpool serve: --listen is llama-swap's: here --host and --port "
                                           f"(--listen {value} is {means}), or listen: {{host, port}} in a --config "
                                           "file\n"), r.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["cp", "smollm2", "mine"], "tokenpool cp: tokenpool copies no model: smollm2 is served as mine too once that is "
+                                "one of its aliases (aliases: under the model in the configuration, --served-model-name "
+                                "NAME ALIAS, or PATCH /admin/models/NAME {\"aliases\": [...]} on a running server)"),
+    (["create", "mine", "-f", "Modelfile", "-q", "q4_K_M"],
+     "tokenpool create: no Modelfiles here: a model is a Hugging Face folder or a .gguf file, served as mine by "
+     "`tokenpool serve PATH --served-model-name mine` (or models: in a --config file); its template is its "
+     "tokenizer's chat template, its parameters its generation_config.json, its system prompt the request's"),
+    (["push", "me/mine"], "tokenpool push: tokenpool uploads nothing (me/mine is served from its folder; `hf upload` "
+                          "puts a Hugging Face folder on the Hub)"),
+], ids=lambda a: a[0] if isinstance(a, list) else "")
+def test_ollamas_other_model_commands_say_what_stands_for_them(args, words):
+    """`tokenpool cp`, `create`, `push` (as `ollama` takes them) were click's boxed 'No such command' ('Did you mean
+    chat?' for create, 'ps?' for push); said as `tokenpool rm` is, exit 2."""
+    r = invoke(*args)
+    assert (r.exit_code, r.output) == (2, words + "\n"), r.output
