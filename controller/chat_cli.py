@@ -452,6 +452,7 @@ HELP = """Available commands:
   /set      set the system message or a parameter, verbose or quiet, json format (/set alone: how)
   /show     the model's info, its template, the system message or the parameters set (/show alone: how)
   /clear    forget the conversation so far (the system message stays)
+  /load     another model: /load MODEL (the conversation begins anew)
   /bye      leave (as Ctrl-D does)
   /?, /help this help
 Begin and end a multi-line message with \"\"\". Ctrl-C stops a reply.
@@ -609,7 +610,21 @@ def conversation(url: str, key: str | None, body: dict[str, Any], inp: TextIO, o
         if word == "/show":
             out.write(chat.show(args))
             continue
-        if word in ("/load", "/save"):  # (`ollama run`'s, which this one does not have)
+        if word == "/load" and len(args) == 1:  # (as `ollama run`'s: another model, the conversation begun anew)
+            try:
+                with said_if_not_served(chat.url, chat.key, args[0]):
+                    check_model(chat.url, chat.key, name := resolve(chat.url, chat.key, args[0]))
+            except ChatError as e:
+                out.write(f"error: {e}\n")
+                continue
+            chat.body["model"] = name
+            del messages[1 if chat.system() is not None else 0:]
+            out.write(f"Loading model '{args[0]}'\n")
+            continue
+        if word == "/load":
+            out.write("Usage:\n  /load <modelname>\n")
+            continue
+        if word == "/save":  # (`ollama run`'s: a model made of the session, which this server does not make)
             out.write(f"{word} is not supported here\n")
             continue
         if word == command and command.startswith("/"):  # (as `ollama run`: a lone /word is a command)

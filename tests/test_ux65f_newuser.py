@@ -4,14 +4,19 @@ plain (`ollama` asks "is it running?"; `tokenpool serve` with no argument serves
 
 from __future__ import annotations
 
+import io
 import socket
+import urllib.request
 
 import pytest
 from typer.testing import CliRunner
 
+from controller.chat_cli import conversation
 from controller.cli import app
+from load_tests import live_server
 
 CLOSED_PORT = 29449  # (of this file's range, outside the ephemeral ports: nothing listens on it, checked below)
+SERVER_PORT = 29440  # (the live server's, of this file's range)
 
 
 @pytest.fixture
@@ -118,3 +123,37 @@ def test_ollamas_other_model_commands_say_what_stands_for_them(args, words):
     chat?' for create, 'ps?' for push); said as `tokenpool rm` is, exit 2."""
     r = invoke(*args)
     assert (r.exit_code, r.output) == (2, words + "\n"), r.output
+
+
+@pytest.fixture
+def two_pace_models(tmp_path, monkeypatch):
+    monkeypatch.setattr(live_server, "free_port", lambda: SERVER_PORT)
+    pace = {"kind": "pace", "pace_s_per_token": 0.001}
+    cfg = {"workers": {"local": "cpu", "standby": False},
+           "models": [{"name": "pace-a", "engine": pace}, {"name": "pace-b", "engine": pace}]}
+    with live_server.LiveServer(cfg, tmp_path) as srv:
+        yield srv
+
+
+def _served(srv) -> dict[str, int]:
+    """Requests each model answered (200), from /metrics (open on loopback without auth)."""
+    with urllib.request.urlopen(srv.url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {m: sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+                   if line.startswith("tokenpool_requests_total{") and f'model="{m}"' in line
+                   and 'status="200"' in line) for m in ("pace-a", "pace-b")}
+
+
+def test_load_in_a_conversation_goes_on_with_another_model(two_pace_models):
+    """`/load MODEL` in `tokenpool run`'s conversation (ollama run's way to change model) said `/load is not supported
+    here`: it now answers with that model from the next line, the conversation begun anew; an unknown model is said
+    as `tokenpool run` says it, and the conversation stays on its model."""
+    srv, out = two_pace_models, io.StringIO()
+    body = {"model": "pace-a", "messages": [], "max_tokens": 3}
+    conversation(srv.url, None, body, io.StringIO("hi\n/load nope\nhi\n/load pace-b:latest\nhi\n/load\n/bye\n"),
+                 out)
+    turns = out.getvalue().split(">>> ")[1:]
+    assert turns[1] == 'error: model "nope" not found; served: pace-a, pace-b\n', turns
+    assert turns[3] == "Loading model 'pace-b:latest'\n" and turns[5] == "Usage:\n  /load <modelname>\n", turns
+    assert _served(srv) == {"pace-a": 2, "pace-b": 1}, out.getvalue()
+    assert body["model"] == "pace-b" and len(body["messages"]) == 2, body  # (the new model's turn alone)
