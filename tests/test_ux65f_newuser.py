@@ -50,6 +50,18 @@ def test_serve_with_a_missing_path_names_it_alone(tmp_path):
     assert "no argument" not in r.output, r.output
 
 
+def test_serve_of_a_hugging_face_cache_folder_names_its_snapshot(tmp_path):
+    """`tokenpool serve ~/.cache/huggingface/hub/models--ORG--NAME` (the repo's cache folder, as `ls` shows it) said
+    only `has no config.json (not a Hugging Face model directory)`: it names the snapshot and the repo id."""
+    repo = tmp_path / "models--Org--Name"
+    (snap := repo / "snapshots" / "0123abc").mkdir(parents=True)
+    (snap / "config.json").write_text('{"model_type": "llama"}')
+    r = invoke("serve", str(repo), "--port", str(CLOSED_PORT))
+    assert (r.exit_code, " ".join(r.output.split())) == (
+        2, f"tokenpool serve: {repo} has no config.json: it is a Hugging Face cache folder, whose model is a folder "
+           f"under its snapshots/ ({snap}); `tokenpool serve Org/Name` finds it in the cache"), r.output
+
+
 @pytest.mark.parametrize("args", [["ls"], ["ps"], ["run", "smollm2", "hi"], ["stop", "smollm2"], ["show", "smollm2"]],
                          ids=lambda a: a[0])
 def test_a_client_command_with_no_server_asks_whether_one_runs(args, closed_url):

@@ -37,6 +37,11 @@ def model_dir_problem(path: str | Path) -> str | None:
                  " (a configuration file is given with --config FILE)" if p.suffix in (".yaml", ".yml") else ""))
     cfg = p / "config.json"
     if not cfg.is_file():
+        if p.name.startswith("models--") and (p / "snapshots").is_dir():  # (a repo's folder in the Hugging Face cache)
+            snaps = sorted(d for d in (p / "snapshots").iterdir() if (d / "config.json").is_file())
+            return (f"{p} has no config.json: it is a Hugging Face cache folder, whose model is a folder under its "
+                    f"snapshots/{f' ({snaps[0]})' if len(snaps) == 1 else ''}; `tokenpool serve "
+                    f"{p.name.removeprefix('models--').replace('--', '/', 1)}` finds it in the cache")
         return f"{p} has no config.json (not a Hugging Face model directory)"
     try:
         data = json.loads(cfg.read_text())
