@@ -125,7 +125,9 @@ class _PipeSafeGroup(TyperGroup):
 
 
 app = typer.Typer(help="tokenpool: many models, one GPU pool, scheduled token by token.", cls=_PipeSafeGroup,
-                  context_settings={"help_option_names": ["--help", "-h"]})
+                  context_settings={"help_option_names": ["--help", "-h"]},
+                  epilog="ollama's list and chat are ls and run here; its pull, rm, cp, create and push say what "
+                  "stands for them.")
 bench_app = typer.Typer(help="Benchmarks (GPU figures go to bench/results/).")
 # Options the benchmarks share
 JSON_OUT = typer.Option(None, "--json", callback=json_path, help="write results here")

@@ -169,3 +169,11 @@ def test_load_in_a_conversation_goes_on_with_another_model(two_pace_models):
     assert turns[3] == "Loading model 'pace-b:latest'\n" and turns[5] == "Usage:\n  /load <modelname>\n", turns
     assert _served(srv) == {"pace-a": 2, "pace-b": 1}, out.getvalue()
     assert body["model"] == "pace-b" and len(body["messages"]) == 2, body  # (the new model's turn alone)
+
+
+def test_help_names_ollamas_commands_it_has_under_other_names():
+    """`tokenpool --help` listed none of ollama's pull, list, chat, rm, ... (hidden commands): a user coming from it
+    did not know they were there."""
+    r = invoke("--help")
+    assert r.exit_code == 0 and "ollama's list and chat are ls and run here; its pull, rm, cp, create and push say " \
+        "what stands for them." in " ".join(r.output.split()), r.output
