@@ -36,11 +36,13 @@ from controller.api.anthropic import prefills
 from controller.api.serving import (
     ClientGone,
     OpenAIServing,
+    Thought,
     Tracked,
     encode,
     encode_prompt,
     generation_defaults,
     lora_of,
+    thinks_first,
     too_long,
     unless_disconnected,
 )
@@ -576,9 +578,12 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
 
     # (a template that opens the think block in the prompt: the reply starts inside it)
     begun = thinking and _opened(me, getattr(gen, "prompt_tail", None))
+    # (`think` off, to a template that thinks all the same, no switch turning it off: the think block the reply may
+    # write is content, and its calls are read past it, as the chat reply's: a <tool_call> in it is thinking)
+    past = None if thinking else thinks_first(me, gen, req, tools)
     if body.stream:
         return StreamingResponse(_stream(serving, gen, line, tools, out_ids, _Split(begun) if thinking else None,
-                                         logprobs_of), media_type="application/x-ndjson")
+                                         logprobs_of, past), media_type="application/x-ndjson")
     status = 499
     try:
         lps: list[dict[str, Any]] = []
@@ -587,7 +592,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
         thought, text = _Split(begun).feed(text, True) if thinking else ("", text)
         if tools is not None:  # (what the stream gives, its lines put together: the whole calls, and the rest
             # as content (a call cut by num_predict or a stop string), as Ollama's reply not streamed is its stream's)
-            text, calls = _CallLines(serving, tools).feed(text, True, reason)
+            text, calls = _CallLines(serving, tools, past).feed(text, True, reason)
             return Response(line(text, True, reason, calls, thought, lps), media_type="application/json")
         return Response(line(text, True, reason, thought=thought, logprobs=lps), media_type="application/json")
     except ClientGone:
@@ -839,10 +844,13 @@ class _CallLines:
     is whole (Ollama's tool parser emits `message.tool_calls` once it has parsed a call), not the reply held to its
     end. With the hermes syntax ("auto": text, or `<tool_call>` blocks; `ToolPlan.opening` tells which once the
     reply's start does) a text reply streams as it comes, as Ollama's does, and calls after it are read as calls
-    (`Lead`); the grammar's other layouts (a call named, a list of calls) are read whole at the end."""
+    (`Lead`); the grammar's other layouts (a call named, a list of calls) are read whole at the end. `past`
+    (`serving.thinks_first`'s, not None): a think block the reply begins with goes as content as it comes, and its
+    calls are read past it (`Thought`)."""
 
-    def __init__(self, serving: OpenAIServing, tools: ToolPlan):
+    def __init__(self, serving: OpenAIServing, tools: ToolPlan, past: bool | None = None):
         self.serving, self.tools = serving, tools
+        self.thought = Thought(past) if past is not None else None
         self.text, self.mode = "", None if tools.hermes else "held"  # None: not known yet; "text"; "calls"
         self.sent = 0  # the whole calls sent
         self.closes = 0  # the closing tags seen (a call may be whole only where one more came)
@@ -850,6 +858,13 @@ class _CallLines:
 
     def feed(self, text: str, done: bool, reason: str | None) -> tuple[str, list[dict[str, Any]]]:
         """(content to send, calls to send) for the reply's next `text`; `done`: the reply is over."""
+        if self.thought is not None:
+            head, rest = self.thought.feed(text, done)
+            if rest is None:
+                return head, []
+            self.thought = None
+            content, calls = self.feed(rest, done, reason)
+            return head + content, calls
         self.text += text
         if self.mode is None:
             opening = self.tools.opening(self.text)
@@ -901,14 +916,14 @@ def _ollama_call(index: int, call: dict[str, Any]) -> dict[str, Any]:
 
 async def _stream(serving: OpenAIServing, gen: Tracked, line, tools: ToolPlan | None = None,
                   ids: list[int] | None = None, split: _Split | None = None,
-                  logprobs_of: Any = None) -> AsyncIterator[bytes]:
+                  logprobs_of: Any = None, past: bool | None = None) -> AsyncIterator[bytes]:
     """The NDJSON lines, the last `done`; with tools each call goes in a line of its own once it is whole
     (`_CallLines`), a text reply as it comes. An engine error once streaming is an `{"error": ...}` line (the status
     has gone). The reply's token ids are appended to `ids` before its last line is made. `split`: the thinking goes
     apart from the content; `logprobs_of`: a delta's logprobs, which go with the line its text goes in (with tools,
-    held with it)."""
+    held with it); `past`: `_CallLines`'."""
     status, held_lps = 499, []
-    reader = _CallLines(serving, tools) if tools is not None else None
+    reader = _CallLines(serving, tools, past) if tools is not None else None
     try:
         async for _, d in gen.events():
             if ids is not None:
