@@ -380,9 +380,12 @@ def serve_cmd(
     lora_modules: Optional[list[str]] = typer.Option(
         None, "--lora-modules", help="as vLLM's: a LoRA adapter (PEFT directory) served under its own name over a "
         "MODEL_DIR model, NAME=PATH (one MODEL_DIR) or JSON {\"name\", \"path\", \"base_model_name\"}; repeat it"),
-    enable_prefix_caching: Optional[bool] = typer.Option(
-        None, "--enable-prefix-caching/--no-enable-prefix-caching", help="as vLLM's: the MODEL_DIR models' requests "
-        "start on the cached KV of the tokens they begin with (default: on)"),
+    # (the switch's two names in one column of the help, as --x/--no-x, took the width the other options' names needed
+    # on an 80-column terminal: --served-model-name was cut to --served-model-…; the default, on, is hidden)
+    no_prefix_caching: bool = typer.Option(
+        False, "--no-enable-prefix-caching", help="as vLLM's: the MODEL_DIR models' requests do not start on the "
+        "cached KV of the tokens they begin with (prefix caching is on by default)"),
+    prefix_caching: bool = typer.Option(False, "--enable-prefix-caching", hidden=True),
     max_loras: Optional[int] = typer.Option(
         None, "--max-loras", min=1, max=256, help="as vLLM's: the MODEL_DIR models' LoRA adapter slots on their "
         "device (the GPU, or the CPU without one), the adapters a step serves at full speed (default: "
@@ -452,7 +455,8 @@ def serve_cmd(
         raise typer.Exit(2) from None
     serve(config_path=config, host=host, port=port, model_dirs=model_dirs, served_model_names=served_model_name,
           gpu_budget_gb=gpu_budget, api_key=api_key, max_model_len=max_model_len, dtype=dtype,
-          tool_call_parser=tool_call_parser, lora_modules=lora_modules, enable_prefix_caching=enable_prefix_caching,
+          tool_call_parser=tool_call_parser, lora_modules=lora_modules, enable_prefix_caching=(
+              False if no_prefix_caching else True if prefix_caching else None),
           max_loras=max_loras, max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
           enforce_eager=enforce_eager or None, trust_remote_code=trust_remote_code, allowed_origins=allowed_origins,
           max_num_batched_tokens=max_num_batched_tokens, seed=seed)

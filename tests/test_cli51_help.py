@@ -15,7 +15,7 @@ def _row(out: str, option: str) -> str:
 
 
 def test_flags_are_shown_without_a_type():
-    for args, flags, valued in ((["serve"], ["--enforce-eager", "--enable-prefix-caching", "--help"],
+    for args, flags, valued in ((["serve"], ["--enforce-eager", "--no-enable-prefix-caching", "--help"],
                                  ["--max-num-seqs", "--port", "--dtype"]),
                                 (["show"], ["--template"], ["--url"]),
                                 ([], ["--version"], [])):

@@ -5,6 +5,7 @@ plain (`ollama` asks "is it running?"; `tokenpool serve` with no argument serves
 from __future__ import annotations
 
 import io
+import re
 import socket
 import urllib.request
 
@@ -177,3 +178,27 @@ def test_help_names_ollamas_commands_it_has_under_other_names():
     r = invoke("--help")
     assert r.exit_code == 0 and "ollama's list and chat are ls and run here; its pull, rm, cp, create and push say " \
         "what stands for them." in " ".join(r.output.split()), r.output
+
+
+def test_serve_help_shows_its_options_names_whole():
+    """`tokenpool serve --help` on an 80-column terminal cut --served-model-name, --tool-call-parser and
+    --allowed-origins to `--served-model-…` (the column beside them held --no-enable-prefix-caching, the second name
+    of a --x/--no-x switch), and two names still at 100 columns."""
+    r = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "80"})
+    names = re.findall(r"│ (--[\w-]+…?)", r.output)
+    assert {"--served-model-name", "--tool-call-parser", "--allowed-origins"} <= set(names), names
+    r = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "100"})
+    assert r.exit_code == 0 and "…" not in r.output, r.output
+
+
+def test_serve_prefix_caching_switches(monkeypatch):
+    """vLLM's --no-enable-prefix-caching turns it off; --enable-prefix-caching (the default, hidden) is still taken;
+    neither leaves it to the configuration (None)."""
+    from controller import serve
+
+    seen = []
+    monkeypatch.setattr(serve, "serve", lambda **kw: seen.append(kw["enable_prefix_caching"]))
+    for flags in ([], ["--enable-prefix-caching"], ["--no-enable-prefix-caching"]):
+        r = CliRunner().invoke(app, ["serve", *flags])
+        assert r.exit_code == 0, r.output
+    assert seen == [None, True, False]
