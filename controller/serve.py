@@ -516,7 +516,7 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
     try:  # before the admin token file is written: a server already on the port keeps its own file
         probe = shutdown.bind(cfg.listen.host, cfg.listen.port, backlog=1)
     except OSError as e:
-        log.error("cannot listen on %s:%d: %s", cfg.listen.host, cfg.listen.port, e.strerror or e)
+        log.error("%s", shutdown.cannot_listen(cfg.listen.host, cfg.listen.port, e))
         raise SystemExit(2) from None
     cfg.listen.port = probe.getsockname()[1]  # --port 0: the free port the kernel gave, which the file is named by
     probe.close()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import signal
@@ -66,6 +67,14 @@ def bind(host: str, port: int, backlog: int = 4096) -> socket.socket:
         raise
     sock.set_inheritable(True)
     return sock
+
+
+def cannot_listen(host: str, port: int, e: OSError) -> str:
+    """The line `tokenpool serve` stops on when `bind` failed: a port in use says what to do about it."""
+    url = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    hint = (f" (a server is there already, perhaps tokenpool's own: `tokenpool ps --url {url}` asks it; --port, or "
+            "listen.port in a --config file, picks another)" if e.errno == errno.EADDRINUSE else "")
+    return f"cannot listen on {host}:{port}: {e.strerror or e}{hint}"
 
 
 def _http_protocol():
@@ -419,7 +428,7 @@ async def _serve(cfg: ServerConfig, early: StartupSignals, prepare: Callable[[],
     try:
         sock = bind(cfg.listen.host, cfg.listen.port)
     except OSError as e:
-        log.error("cannot listen on %s:%d: %s", cfg.listen.host, cfg.listen.port, e.strerror or e)
+        log.error("%s", cannot_listen(cfg.listen.host, cfg.listen.port, e))
         return 2
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

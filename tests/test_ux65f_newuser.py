@@ -5,11 +5,15 @@ plain (`ollama` asks "is it running?"; `tokenpool serve` with no argument serves
 from __future__ import annotations
 
 import io
+import os
 import re
 import socket
+import subprocess
+import sys
 import urllib.request
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from controller.chat_cli import conversation
@@ -202,3 +206,23 @@ def test_serve_prefix_caching_switches(monkeypatch):
         r = CliRunner().invoke(app, ["serve", *flags])
         assert r.exit_code == 0, r.output
     assert seen == [None, True, False]
+
+
+def test_serve_on_a_port_in_use_says_what_to_do(tmp_path):
+    """`tokenpool serve` a second time (or beside another server on its port) said `cannot listen on HOST:PORT:
+    Address already in use` alone."""
+    busy_port = SERVER_PORT + 1
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"workers": {"local": "none"},
+                                   "models": [{"name": "pace", "engine": {"kind": "pace"}}]}))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", busy_port))
+        busy.listen(1)
+        p = subprocess.run([sys.executable, "-m", "controller.cli", "serve", "--config", str(cfg), "--port",
+                            str(busy_port)], cwd=live_server.REPO_ROOT, capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "TOKENPOOL_CACHE": str(tmp_path / "cache")})
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.splitlines()[-1].endswith(
+        f"ERROR cannot listen on 127.0.0.1:{busy_port}: Address already in use (a server is there already, perhaps "
+        f"tokenpool's own: `tokenpool ps --url 127.0.0.1:{busy_port}` asks it; --port, or listen.port in a --config "
+        "file, picks another)"), p.stderr
