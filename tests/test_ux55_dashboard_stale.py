@@ -114,6 +114,6 @@ def test_an_action_with_the_server_gone_says_so(server, browser):
         pin.click()
         toast = page.locator("#toast")
         expect(toast).to_have_text(re.compile(r"^Failed: the server did not answer"), timeout=15_000)
-        time.sleep(1.0)  # (the refresh that follows an action has been and gone)
+        page.wait_for_function("() => S.soon === null && S.calls === 0")  # (the refresh after an action: come and gone)
         expect(toast).to_have_text(re.compile(r"^Failed: the server did not answer"))
         expect(toast).to_have_attribute("role", "alert")
