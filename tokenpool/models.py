@@ -33,7 +33,8 @@ def model_dir_problem(path: str | Path) -> str | None:
         return f"path {p} does not exist"
     if not p.is_dir():
         return (f"path {p} is a file; give the model's directory" +
-                (" (a .gguf file is served by `tokenpool serve FILE.gguf`)" if p.suffix == ".gguf" else
+                (" (a .gguf file is served by `tokenpool serve FILE.gguf`; beside a configuration's models by `tokenpool "
+                 "serve --config CONFIG FILE.gguf`)" if p.suffix == ".gguf" else
                  " (a configuration file is given with --config FILE)" if p.suffix in (".yaml", ".yml") else ""))
     cfg = p / "config.json"
     if not cfg.is_file():
