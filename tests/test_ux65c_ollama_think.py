@@ -100,10 +100,10 @@ def chat(oai: openai.OpenAI, model: str, stream: bool) -> tuple:
 
 # (`r1`'s prompt, raw: it opens the block)
 RAW = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in ASK) + "<|im_start|>assistant\n<think>\n"
-# each case's request: Ollama's chat with `think` off, or on (true, or left out: Ollama's default for a model that
-# thinks), each model streamed and not; /api/generate; the OpenAI chat with reasoning off
+# each case's request: Ollama's chat with `think` off, each model streamed and not, or on (left out, Ollama's default
+# for a model that thinks, and true: the same path); /api/generate; the OpenAI chat with reasoning off
 OFF = [("off", m, s) for m in ("rthink", "r1") for s in (False, True)]
-ON = [("on", "rthink", True, True), ("on", "rthink", None, False), ("on", "r1", True, False), ("on", "r1", None, True)]
+ON = [("on", "rthink", None, True), ("on", "r1", True, False)]
 GENERATE = [("generate", False), ("generate", None)]
 OPENAI = [("openai", "rthink", False), ("openai", "r1", True)]
 
