@@ -164,11 +164,12 @@ def duration_s(v: object) -> float:
 
 
 def parse_duration(v: object) -> float | None:
-    """Seconds from a duration (`duration_s`); None stays None, and a negative one is forever (None)."""
+    """Seconds from a duration (`duration_s`); None (unset) stays None, and a negative one is for ever, -1 (Ollama's
+    keep_alive: a `replicas.min: 0` model keeps its registration, where unset gives it back once cold)."""
     if v is None:
         return None
     sec = duration_s(v)
-    return None if sec < 0 else sec
+    return -1.0 if sec < 0 else sec
 
 
 # the tool-call syntaxes a model may be configured with (ModelSpec.tool_call_parser, serve --tool-call-parser)
@@ -202,7 +203,7 @@ class ModelSpec(_Strict):
     # count them as taking no memory when models are placed)
     # Residency (Ollama's keep_alive, llama-swap's ttl): seconds the weights stay on a GPU after the model's last
     # request ("30s", "5m", "1h" accepted); 0 frees them as soon as idle; unset or negative: until the memory is
-    # needed by another model (LRU). `pin`: never evicted once loaded. `preload`: loaded at start, before any request.
+    # needed by another model (LRU); negative (-1) also holds a `replicas.min: 0` model's registration for ever. `pin`: never evicted once loaded. `preload`: loaded at start, before any request.
     keep_alive: float | None = None
     pin: bool = False
     preload: bool = False

@@ -137,7 +137,8 @@ def rows(models: list[dict], engines: list[dict], now: float | None = None) -> l
         asked = m.get("keep_alive_asked")  # (an Ollama request's, in force instead of the configured one)
         flags = ("pinned" if m.get("pin") else "") or (
             ("keep for ever" if asked < 0 else f"keep {asked:g}s") + " (asked)" if asked is not None else
-            f"keep {m['keep_alive']:g}s" if m.get("keep_alive") is not None else "")
+            ("keep for ever" if m["keep_alive"] < 0 else f"keep {m['keep_alive']:g}s") if m.get("keep_alive") is not None
+            else "")
         names = [*(m.get("aliases") or []), *(f"{lm['name']}(lora)" for lm in m.get("lora_modules") or [])]
         tail = [_ago(m.get("last_used"), now), ",".join(names) or "-", flags or "-"]
         places = where.get(m["name"], [])

@@ -142,8 +142,9 @@ class ModelEntry:
     def keep_alive(self) -> float | None:
         """How long after its last use it is held (its weights resident; a `replicas.min: 0` model's last
         registration kept): the request's keep_alive (`asked_keep_alive`), else its configured one. None: not held
-        for a time (its weights stay until the memory is needed)."""
-        return self.spec.keep_alive if self.asked_keep_alive is None else self.asked_keep_alive
+        for a time (its weights stay until the memory is needed); inf: for ever (a configured negative one too)."""
+        keep = self.spec.keep_alive if self.asked_keep_alive is None else self.asked_keep_alive
+        return math.inf if keep is not None and keep < 0 else keep
 
     @property
     def engine_keep_alive(self) -> float | None:

@@ -69,9 +69,9 @@ def test_examples_cover_the_three_setups():
 
 
 @pytest.mark.parametrize(("text", "seconds"), [(300, 300.0), ("300", 300.0), ("30s", 30.0), ("5m", 300.0),
-                                                ("1.5h", 5400.0), ("250ms", 0.25), (0, 0.0), ("-1", None),
-                                                (-1, None), (None, None), ("1h30m", 5400.0), ("2d", 172800.0),
-                                                ("0m0s", 0.0), ("-1s", None), (" 90s ", 90.0)])
+                                                ("1.5h", 5400.0), ("250ms", 0.25), (0, 0.0), ("-1", -1.0),
+                                                (-1, -1.0), (None, None), ("1h30m", 5400.0), ("2d", 172800.0),
+                                                ("0m0s", 0.0), ("-1s", -1.0), (" 90s ", 90.0)])
 def test_keep_alive_durations(text, seconds):
     assert parse_duration(text) == seconds
     assert ModelSpec(name="m", path="/x", keep_alive=text).keep_alive == seconds

@@ -170,3 +170,17 @@ def test_a_request_keep_alive_shorter_than_the_configured_one_ends_the_hold_soon
     _until("the engine's keep_alive the configured one", lambda: _engine_keep_alive(server, "lazy") == 60.0)
     time.sleep(2.0)
     assert _model(server, "lazy")["engines"]
+
+
+def test_a_configured_keep_alive_for_ever_holds_a_scaled_to_zero_model(server):
+    """keep_alive -1 configured (here by PATCH, parsed as the config's): for ever, as a request's -1 is and as Ollama
+    reads it; a `replicas.min: 0` model kept its registration only while used, as with none set (-1 was unset)."""
+    h = {"Authorization": f"Bearer {ADMIN}"}
+    r = httpx.patch(server.url + "/admin/models/lazy", json={"keep_alive": "-1"}, headers=h, timeout=10)
+    assert r.status_code == 200 and r.json()["keep_alive"] == -1.0, r.text
+    _ollama(server, "/api/generate", {"model": "lazy", "prompt": "hi", "options": {"num_predict": 2}})
+    _until("the engine's keep_alive none", lambda: _engine_keep_alive(server, "lazy") is None)
+    assert _expires_in(server, "lazy") > 100 * 365 * 86400
+    assert "keep for ever" in _tokenpool_ps(server)
+    time.sleep(1.5)  # (past its down_ticks, 0.5 s, cold)
+    assert _model(server, "lazy")["engines"], server.log()[-3000:]

@@ -134,7 +134,7 @@ class ModelOut(BaseModel):
     aliases: list[str] = []
     lora_modules: list[dict] = Field([], description='LoRA adapters served over it: {"name", "path"}')
     keep_alive: float | None = Field(None, description="seconds its weights stay in GPU memory after its last "
-                                     "request (null: until the memory is needed)")
+                                     "request (null: until the memory is needed; -1: for ever, a replicas.min 0 model's registration held)")
     keep_alive_asked: float | None = Field(None, description="the keep_alive its latest Ollama request asked for, in "
                                            "seconds (-1: for ever), which holds it instead of keep_alive until it runs "
                                            "out and the model is used again, or keep_alive is changed (null: none)")
