@@ -1139,6 +1139,9 @@ async def tags(request: Request) -> dict:
 FOREVER_S = ((1 << 63) - 1) / 1e9
 
 
+_WALL_MINUS_MONOTONIC = time.time() - time.monotonic()  # (a monotonic instant on the wall clock: _expires_at)
+
+
 def _expires_at(serving: OpenAIServing, me: Any) -> str:
     """When a resident model's weights are freed, as Ollama's ps gives it: its keep_alive (a request's, else its
     configured one: `ModelEntry.keep_alive`) after the end of its latest request (now, while one runs); for ever,
@@ -1149,10 +1152,10 @@ def _expires_at(serving: OpenAIServing, me: Any) -> str:
     keep = me.keep_alive
     if me.pinned or keep is None or keep == math.inf:
         at = now + FOREVER_S
-    else:
-        busy = any(g.entry.spec.name == me.spec.name and not g.closed for g in serving.active)
-        idle = 0.0 if busy or me.last_used is None else time.monotonic() - me.last_used
-        at = now - idle + keep
+    elif me.last_used is None or any(g.entry.spec.name == me.spec.name and not g.closed for g in serving.active):
+        at = now + keep
+    else:  # (from a fixed clock offset: two calls give the same instant, where now - idle moved by microseconds)
+        at = me.last_used + _WALL_MINUS_MONOTONIC + keep
     return datetime.fromtimestamp(at, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
