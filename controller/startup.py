@@ -3,6 +3,7 @@ and the admin token of a run without one (written to a 0600 file, never to the l
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -97,7 +98,10 @@ def write_admin_token(cfg: ServerConfig, token: str) -> Path:
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        # (a file system without locks, some NFS mounts: unlocked, its file is kept by every start, as where a
+        # start cannot lock it, `remove_dead_admin_tokens`)
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
         os.fchmod(fd, 0o600)  # whatever the umask or an older file said
         os.write(fd, (token + "\n").encode())
         os.replace(tmp, path)
