@@ -7,11 +7,13 @@ embedded default), run from /tmp with TOKENPOOL_CACHE set, and timed from the Po
 /health every 20 ms (`health`), GET /v1/models listing smollm2-135m-instruct (`models`), then the official openai
 client's streamed chat (max_tokens 8) until its first chunk with content (`first_token`). `phases`, from the server's
 log: `w_spawn` (the local worker's process start: its "registered as w0 ... X s after the process started" line less
-X), `w_warm` (its "cold start: warm" line), `w_hosted` (its last "hosting ... took" line), and `foreign_cpu_s`: the
-machine's CPU time during the run (/proc/stat) less the run's own (this process's and its children's rusage).
+X), `w_warm` (its "cold start: warm" line), `w_hosted` (its last "hosting ... took" line), `server_cpu_at_spawn`
+and `server_cpu_at_health` (the server process's CPU seconds when its worker was first seen, and at /health 200), and
+`foreign_cpu_s`: the machine's CPU time during the run (/proc/stat) less the run's own (this process's and its
+children's rusage).
 
-cold: a fresh empty cache each run; warm: one cache made beforehand. Per round: each tree cold, then each tree warm;
-a round is kept only where every run's foreign_cpu_s stayed under --foreign-max (the VM is shared), and each run
+cold: a fresh empty cache each run; warm: one cache made beforehand. The cold rounds, then the warm ones, each
+round every tree once in the order given; a round is kept only where every run's foreign_cpu_s stayed under --foreign-max (the VM is shared), and each run
 starts once the machine has been quiet for 2 s (under 0.2 CPU-s of activity)."""
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +80,28 @@ def phases(log: str, t0: float) -> dict[str, float]:
     return out
 
 
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of process `pid` (/proc/PID/stat), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        v = f.read().rsplit(")", 1)[1].split()
+    return (int(v[11]) + int(v[12])) / TICK
+
+
+def watch_spawn(pid: int, got: dict[str, float], done: threading.Event) -> None:
+    """The server's CPU seconds when its first child (the local worker) is first seen (polled every 2 ms): how much
+    of the server's start-up came before the spawn, a figure that other processes' load on the machine barely moves
+    (its wall time they do)."""
+    while not done.is_set():
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    got["server_cpu_at_spawn"] = proc_cpu_s(pid)
+                    return
+            except (OSError, ValueError, IndexError):
+                pass
+        time.sleep(0.002)
+
+
 def one_run(tree: Path, cache: Path, port: int, logs: Path, name: str) -> tuple[dict, dict]:
     env = {**os.environ, "TOKENPOOL_CACHE": str(cache), "PYTHONPATH": str(tree)}
     log_path = logs / f"{name}.log"
@@ -85,6 +110,10 @@ def one_run(tree: Path, cache: Path, port: int, logs: Path, name: str) -> tuple[
     with open(log_path, "w") as log:
         p = subprocess.Popen([TOKENPOOL, "serve", "--port", str(port)], cwd="/tmp", env=env, stdout=log, stderr=log)
     got: dict[str, float] = {}
+    spawn: dict[str, float] = {}
+    done = threading.Event()
+    watch = threading.Thread(target=watch_spawn, args=(p.pid, spawn, done), daemon=True)
+    watch.start()
     try:
         while True:
             try:
@@ -97,6 +126,7 @@ def one_run(tree: Path, cache: Path, port: int, logs: Path, name: str) -> tuple[
             while c.get("/health").status_code != 200:
                 time.sleep(0.02)
             got["health"] = time.monotonic() - m0
+            cpu_health = proc_cpu_s(p.pid)
             assert MODEL in [x["id"] for x in c.get("/v1/models").json()["data"]]
             got["models"] = time.monotonic() - m0
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
@@ -106,10 +136,12 @@ def one_run(tree: Path, cache: Path, port: int, logs: Path, name: str) -> tuple[
                 got["first_token"] = time.monotonic() - m0
                 break
     finally:
+        done.set()
         p.send_signal(signal.SIGTERM)
         p.wait(60)
     foreign = (busy_cpu_s() - cpu0) - (own_cpu_s() - own0)
-    ph = {**phases(log_path.read_text(errors="replace"), t0), "foreign_cpu_s": round(foreign, 2)}
+    ph = {**phases(log_path.read_text(errors="replace"), t0), **spawn, "server_cpu_at_health": cpu_health,
+          "foreign_cpu_s": round(foreign, 2)}
     return {k: round(v, 2) for k, v in got.items()}, ph
 
 
@@ -125,8 +157,10 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=3, help="warm rounds kept")
     ap.add_argument("--foreign-max", type=float, default=0.4)
     ap.add_argument("--tries", type=int, default=4, help="rounds tried for each kept, at most")
+    ap.add_argument("--quiet-wait", type=float, default=120.0, help="seconds a run waits for a quiet machine, at most")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # (unwound: the server running is stopped)
     trees = dict(t.split("=", 1) for t in a.tree)
     work = Path(tempfile.mkdtemp(prefix="bench_startup_"))
     logs = work / "logs"
@@ -145,7 +179,7 @@ def main() -> None:
             for n, tree in trees.items():
                 port += 1
                 cache = Path(tempfile.mkdtemp(dir=work)) if kind == "cold" else warm_cache
-                wait_quiet()
+                wait_quiet(give_up_s=a.quiet_wait)
                 got[n] = one_run(Path(tree), cache, port, logs, f"{kind}_{n}_{i}")
                 if kind == "cold":
                     shutil.rmtree(cache)
