@@ -170,6 +170,7 @@ def test_tools_without_the_call_syntax_refused_in_anthropic_terms(server):
             call()
         err = ei.value.body["error"]
         assert err["type"] == "invalid_request_error" and '{"type": "any"}' in err["message"], err
+        assert "tokenpool serve MODEL_DIR --tool-call-parser hermes" in err["message"], err
         assert "required" not in err["message"] and "function" not in err["message"], err
     r = c.messages.create(model="tiny-a", messages=msgs, max_tokens=60, tools=[tool],
                           tool_choice={"type": "any", "disable_parallel_tool_use": True},

@@ -661,6 +661,8 @@ def test_tools_required_and_named(server):
         assert e.status_code == 400 and e.body["param"] == param, (kw, e.body)
     e = _status(lambda: c.chat.completions.create(model="tiny-a", messages=msgs, max_tokens=1, tools=[WEATHER]))
     assert "tool_choice 'auto'" in e.body["message"]  # (tiny-a has no tool_call_parser)
+    # the way to give it one that a served folder takes (bare `tokenpool serve --tool-call-parser` is refused)
+    assert "tokenpool serve MODEL_DIR --tool-call-parser hermes" in e.body["message"], e.body
 
 
 def test_streamed_tool_calls_have_null_content(server):
@@ -934,6 +936,7 @@ def test_ollama_chat_with_tools(server):
     with pytest.raises(ollama.ResponseError) as ei:
         oc.chat(model="tiny-a", messages=msgs, tools=[WEATHER])
     assert ei.value.status_code == 400 and "does not support tools" in ei.value.error
+    assert "tokenpool serve MODEL_DIR --tool-call-parser hermes" in ei.value.error
 
 
 def test_ollama_tool_calls_shape():

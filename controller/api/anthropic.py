@@ -497,7 +497,8 @@ def check_tool_choice(serving: OpenAIServing, req: p.MessagesRequest, tenant: Te
         return
     if not serving.lookup(tenant, req.model).spec.tool_call_parser:
         raise _bad("tool_choice auto (the default with tools) needs the model's tool-call syntax, which its "
-                   "configuration does not name (tool_call_parser; tokenpool serve --tool-call-parser): send "
+                   "configuration does not name (tool_call_parser: hermes, for a model that writes hermes calls as "
+                   "Qwen2.5 does; tokenpool serve MODEL_DIR --tool-call-parser hermes): send "
                    'tool_choice {"type": "any"} or {"type": "tool", "name": ...} (the output is then held to a '
                    'call in JSON), or {"type": "none"}', "tool_choice")
 

@@ -519,7 +519,8 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
             # (then as the chat endpoint admits it)
             if req.tools and not me.spec.tool_call_parser:  # (Ollama's answer for a model whose template has none)
                 raise ServingError(400, f"{req.model} does not support tools (serve it with a tool-call parser: "
-                                        "--tool-call-parser hermes, or tool_call_parser in its configuration)")
+                                        "tokenpool serve MODEL_DIR --tool-call-parser hermes, or tool_call_parser: hermes in "
+                                        "its configuration, for a model that writes hermes calls as Qwen2.5 does)")
             return await serving.start_chat(req, tenant, ctl.new_id("ollama"), body.stream,
                                             (lambda ids: _truncated(me, ids, body, "messages")) if cut else None)
 

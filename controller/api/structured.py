@@ -612,8 +612,8 @@ def tool_plan(tools: list | None, choice: Any, parallel: bool | None, parser: st
                            param="tool_choice")
     if choice == "auto" and parser is None:
         raise ServingError(400, "tool_choice 'auto' (the default with tools) needs the model's tool-call syntax, "
-                           "which its configuration does not name (tool_call_parser; tokenpool serve "
-                           "--tool-call-parser): send tool_choice 'required' or {'type': 'function', 'function': "
+                           "which its configuration does not name (tool_call_parser: hermes, for a model that writes "
+                           "hermes calls as Qwen2.5 does; tokenpool serve MODEL_DIR --tool-call-parser hermes): send tool_choice 'required' or {'type': 'function', 'function': "
                            "{'name': ...}} (the output is then held to the call's JSON), or 'none'", param="tool_choice")
     schemas: dict[str, dict[str, Any]] = {}
     for i, t in enumerate(tools):
