@@ -24,17 +24,16 @@ os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 def _operator_handlers_under_test_rounds() -> None:
     """kopf registers the operator's timers when controller.operator.handlers is first imported, at the interval
     TOKENPOOL_OPERATOR_RESYNC_S says then, for the whole process; the suite's operator tests run their rounds every
-    half second (each sets the variable before importing the module; rounds of 1 s cost the operator tests ~40 s in
-    all). Under xdist, whichever test a worker ran first fixed it for the worker: `tokenpool operator` through
-    CliRunner (test_ux56_operator_cli_env), with no such variable, gave 30 s rounds, and the e2e, lifecycle and
-    pool-finalizer tests timed out waiting for a round (CI at 3c84084 and 029493e). Imported here first, under 1 s,
-    in every process of the run."""
+    second (each sets the variable before importing the module). Under xdist, whichever test a worker ran first
+    fixed it for the worker: `tokenpool operator` through CliRunner (test_ux56_operator_cli_env), with no such
+    variable, gave 30 s rounds, and the e2e, lifecycle and pool-finalizer tests timed out waiting for a round (CI
+    at 3c84084 and 029493e). Imported here first, under 1 s, in every process of the run."""
     try:
         import kopf  # noqa: F401
     except ImportError:
         return
     was = os.environ.get("TOKENPOOL_OPERATOR_RESYNC_S")
-    os.environ["TOKENPOOL_OPERATOR_RESYNC_S"] = "0.5"
+    os.environ["TOKENPOOL_OPERATOR_RESYNC_S"] = "1"
     try:
         import controller.operator.handlers as handlers
     finally:
@@ -42,7 +41,7 @@ def _operator_handlers_under_test_rounds() -> None:
             os.environ.pop("TOKENPOOL_OPERATOR_RESYNC_S")
         else:
             os.environ["TOKENPOOL_OPERATOR_RESYNC_S"] = was
-    assert handlers.RESYNC_S == 0.5, handlers.RESYNC_S
+    assert handlers.RESYNC_S == 1, handlers.RESYNC_S
 
 
 _operator_handlers_under_test_rounds()

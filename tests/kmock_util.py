@@ -204,7 +204,7 @@ class World:
 async def operator_world(tmp_path: Path, monkeypatch=None, *, port_range: range = PORTS,
                          kinds: tuple[str, ...] = OPERATOR_KINDS, controller: type | None = FakeController,
                          controller_url: str | None = None, admin_token: str = "t", engine: bool = True,
-                         resync_s: str | None = "0.5", secrets: dict[str, tuple[str, bytes]] | None = None,
+                         resync_s: str | None = "1", secrets: dict[str, tuple[str, bytes]] | None = None,
                          skip_ports: tuple[int, ...] = ()):
     """kmock's Kubernetes emulator (on a port of `port_range`) with the CRDs of manifests/crds and the built-in
     `kinds` declared, a kubeconfig for it, and the controller the operator talks to: a FakeController (`controller`,

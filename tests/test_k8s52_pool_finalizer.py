@@ -96,7 +96,7 @@ async def test_a_timer_round_of_a_pool_that_is_gone_touches_nothing(tmp_path, mo
 
     from tests.test_operator_kube import _emulated, _NoEngines
 
-    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "0.5")  # (importing the handlers fixes it: see test_operator_kube)
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")  # (importing the handlers fixes it: see test_operator_kube)
     from controller.operator import handlers
 
     async with _emulated(tmp_path) as (kube, k8s):

@@ -14,7 +14,7 @@ kopf = pytest.importorskip("kopf")
 @pytest.fixture()
 def handlers(monkeypatch):
     # Importing the handlers fixes their timers' interval for this process: the e2e test's (see test_operator_kube)
-    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "0.5")
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
     from controller.operator import handlers
 
     return handlers

@@ -127,7 +127,7 @@ def test_a_rename_before_the_status_landed_still_removes_the_old_name(admin, mon
     # Importing the handlers registers them with kopf, timers included, at the resync interval read at import:
     # the one test_operator_e2e's operator (the same process, the same registry) runs with, or its timer-driven
     # steps wait the default interval (the e2e took 110 s and timed out after this test had imported them).
-    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "0.5")
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
     from controller.operator import handlers
 
     class Kube:  # the pool the model points at exists
@@ -158,7 +158,7 @@ def test_two_pooled_models_asking_for_one_served_name(admin, monkeypatch):
     each time draining; and deleting either removed the model of both.)"""
     import kopf
 
-    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "0.5")  # see the test above
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")  # see the test above
     from controller.operator import handlers
 
     class Kube:
@@ -210,7 +210,7 @@ def test_a_model_of_the_controllers_configuration_is_not_a_pooled_models(admin, 
     re-registered it with the PooledModel's spec, and its deletion took the configured model away.)"""
     import kopf
 
-    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "0.5")
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
     from controller.operator import handlers
 
     class Kube:
@@ -245,7 +245,7 @@ def test_a_tenant_whose_secret_lost_its_key_loses_it_too(server, admin, monkeypa
 
     import kopf
 
-    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "0.5")  # see the tests above
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")  # see the tests above
     from controller.operator import handlers
 
     key = new_key()
@@ -296,7 +296,7 @@ def test_one_tenant_name_one_tenant_resource_and_never_the_configurations(server
 
     import kopf
 
-    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "0.5")
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
     from controller.operator import handlers
 
     key = new_key()
@@ -362,7 +362,7 @@ def test_a_pin_change_is_made_in_place(admin, server, monkeypatch):
 
     import kopf
 
-    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "0.5")  # (see the rename test)
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")  # (see the rename test)
     from controller.operator import handlers
 
     class Kube:  # the pool the model points at exists

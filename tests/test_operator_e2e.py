@@ -230,7 +230,7 @@ async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_t
         assert "admin DELETE /admin/models/pace-m" not in first.output
 
         async with Operator() as second:
-            await asyncio.sleep(4)  # resume handlers, then timer rounds (every half second)
+            await asyncio.sleep(4)  # resume handlers, then timer rounds (every second)
         assert "admin POST" not in second.output and "admin DELETE" not in second.output, second.output[-3000:]
         assert "reconcile_model" in second.output  # the handlers did run
         for p, n in (("pooledmodels", "pace-m"), ("tenants", "team-a"), ("gpupools", "default")):

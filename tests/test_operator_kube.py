@@ -81,7 +81,7 @@ async def test_a_refused_daemonset_says_why_in_the_pools_status(tmp_path, monkey
     import kopf
 
     # Importing the handlers fixes their timers' interval for this process: the e2e test's (see test_operator_admin)
-    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "0.5")
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
     from controller.operator import handlers
 
     why = ('DaemonSet.apps "tokenpool-workers-a" is invalid: spec.template.spec.tolerations[0].operator: '
@@ -118,7 +118,7 @@ async def test_a_pool_without_its_join_token_secret_says_so(tmp_path, monkeypatc
     that never come; once the Secret is there, it waits for them."""
     import kopf
 
-    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "0.5")  # see the test above
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")  # see the test above
     from controller.operator import handlers
 
     async with _emulated(tmp_path) as (kube, k8s):
@@ -158,7 +158,7 @@ async def test_a_pool_waiting_for_engines_says_what_it_waits_for(tmp_path, monke
     join the controller (a wrong join token or controllerAddress)."""
     import kopf
 
-    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "0.5")
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
     from controller.operator import handlers
 
     async with _emulated(tmp_path) as (kube, k8s):

@@ -179,7 +179,7 @@ async def test_a_resource_turning_degraded_is_a_warning_event_once(world):
         await _until("PoolNotFound", lambda: _reason(kube, "pooledmodels", "m", "PoolNotFound"))
         await _until("SecretNotFound", lambda: _reason(kube, "tenants", "t", "SecretNotFound"))
         await _until("the events", _both_events(kube))
-        await asyncio.sleep(3)  # timer rounds every half second: still Degraded, for the same reason
+        await asyncio.sleep(3)  # timer rounds every second: still Degraded, for the same reason
         for name, reason, what, kind in (("m", "PoolNotFound", "'nowhere'", "PooledModel"),
                                          ("t", "SecretNotFound", "'missing'", "Tenant")):
             events = _events(kube, name, reason)

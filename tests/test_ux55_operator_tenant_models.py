@@ -26,7 +26,7 @@ from tests.test_operator_lifecycle import _reason, world  # noqa: E402,F401 - (w
 async def test_a_tenant_whose_models_match_nothing_says_so_until_one_does(world):  # noqa: F811
     kube, fake = world
     async with Operator():
-        # (the Tenant sees a model come or go at its timer's next round: 0.5 s here, unless the handlers were imported
+        # (the Tenant sees a model come or go at its timer's next round: 1 s here, unless the handlers were imported
         # earlier in this process at the default 30 s: see tests/test_operator_admin)
         wait = 2 * 30 + 20
         await kube.create("gpupools", _obj("GPUPool", "default", {}))

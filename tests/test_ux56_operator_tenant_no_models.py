@@ -43,7 +43,7 @@ class _Kube:
 
 @pytest.fixture
 def reconcile(monkeypatch):
-    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "0.5")  # (as the other tests importing the handlers set it)
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")  # (as the other tests importing the handlers set it)
     from controller.operator import handlers
 
     memo = kopf.Memo(admin=_Admin(), kube=_Kube(), applied={}, served={}, locks={})
@@ -76,7 +76,7 @@ def test_a_key_three_tenants_hold_is_named_as_the_oldest_ones(monkeypatch):
     """Tenants a (oldest), b and c hold one key: c's KeyConflict names a, whose the key is, whatever order their
     claims were made in (it named whichever older holder had claimed last: b when a had claimed before b, and the
     status went from one to the other between rounds; test_ux55_operator_key_conflict timed out waiting for 'a')."""
-    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "0.5")
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
     from controller.operator import handlers
 
     memo = kopf.Memo(key_claims={})

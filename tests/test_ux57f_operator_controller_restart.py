@@ -2,7 +2,7 @@
 the restart within about a second (the controller's /health `instance` is new at each start) and registers them
 again at once; it used to wait for the next timer round (30 s by default), every tenant key a 401 and every model a
 404 meanwhile, while the statuses said Ready. On kmock with a fake controller; the timer rounds are held off (as
-with the default 30 s: the suite's 0.5 s rounds would hide the gap)."""
+with the default 30 s: the suite's 1 s rounds would hide the gap)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from tests.test_operator_lifecycle import _reason, world  # noqa: E402,F401
 
 
 def hold_periodic_rounds(monkeypatch) -> None:
-    """The RESYNC_S timer rounds an hour apart (the suite's 0.5 s rounds would hide what the restart check must do)."""
+    """The RESYNC_S timer rounds an hour apart (the suite's 1 s rounds would hide what the restart check must do)."""
     importlib.import_module("controller.operator.handlers")  # (under the world's env, as the other operator tests)
     spawning = kopf.get_default_registry()._spawning
     periodic = {"resync_model", "reconcile_tenant", "resync_pool"}

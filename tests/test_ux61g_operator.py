@@ -102,7 +102,7 @@ async def test_a_model_applied_before_its_pool_is_served_once_the_pool_is_there(
     from tests.test_ux58c_operator_restart_tenant import hold_periodic_rounds
 
     kube, fake = world
-    hold_periodic_rounds(monkeypatch)  # (rounds an hour apart: the suite's 0.5 s rounds would hide the wait)
+    hold_periodic_rounds(monkeypatch)  # (rounds an hour apart: the suite's 1 s rounds would hide the wait)
     async with Operator():
         await kube.create("pooledmodels", _obj("PooledModel", "m", {"engine": {"kind": "pace"}}))
         await kube.create("pooledmodels", _obj("PooledModel", "other", {"engine": {"kind": "pace"}, "poolRef": "b"}))

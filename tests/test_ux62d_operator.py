@@ -51,7 +51,7 @@ async def test_ready_and_recovered_are_normal_events_and_a_degraded_status_keeps
             m = await kube.get("pooledmodels", "m")
             assert m["status"]["ready"] is True and m["status"]["replicas"] == 1
             assert (await kube.get("gpupools", "default"))["status"]["enginesReady"] == 1
-            await asyncio.sleep(3)  # timer rounds every half second: still Ready, no other event
+            await asyncio.sleep(3)  # timer rounds every second: still Ready, no other event
             for _, name, reason in OBJECTS:
                 assert [e["reason"] for e in _normal(kube, name)] == [reason], name
 
@@ -83,7 +83,7 @@ async def test_ready_and_recovered_are_normal_events_and_a_degraded_status_keeps
 @pytest.fixture()
 def handlers(monkeypatch):
     # Importing the handlers fixes their timers' interval for this process: the e2e test's (see test_operator_kube)
-    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "0.5")
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")
     from controller.operator import handlers
 
     return handlers

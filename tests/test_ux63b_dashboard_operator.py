@@ -190,7 +190,7 @@ def test_a_recovery_from_degraded_is_told_however_soon(monkeypatch):
     """Rounds as kopf runs them (as tests/test_ux62d_operator.py): a return to Ready within the window is not posted,
     but the first from Degraded (its Warning posted in between) is (another message); the plain returns after it, within
     the window of the first, are not."""
-    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "0.5")  # (importing the handlers fixes their timers' interval)
+    monkeypatch.setenv("TOKENPOOL_OPERATOR_RESYNC_S", "1")  # (importing the handlers fixes their timers' interval)
     import kopf
 
     from controller.operator import handlers
