@@ -258,6 +258,17 @@ class _Dequantized:
 
 
 @contextlib.contextmanager
+def _patched(module, name: str, value) -> Iterator[None]:
+    """`module.name` is `value` within it."""
+    made = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, made)
+
+
+@contextlib.contextmanager
 def _dequantized_ahead(path: Path) -> Iterator[None]:
     """Within it (and _gguf_read_once, whose reader it shares), gguf.dequantize answers from a _Dequantized of
     `path`; with AHEAD off, gguf's own. `python -m controller.real_model --gguf FILE DIR` on SmolLM2, 2 cores:
@@ -292,14 +303,17 @@ def convert_gguf(gguf: Path, out: Path, source: str | None = None) -> Path:
         AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig = imports.transformers(  # noqa: N806
             "AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "GenerationConfig")
         with imports.LOCK:
-            from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+            from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
         cfg = AutoConfig.from_pretrained(d, gguf_file=f)
         cfg.dtype = torch.float32
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(cfg)
-        # dequantises tensor by tensor under a tqdm bar ("Converting and de-quantizing GGUF tensors")
-        tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
+        # dequantises tensor by tensor under a tqdm bar ("Converting and de-quantizing GGUF tensors"), drawn at a
+        # terminal only (tqdm's disable=None): a server's log, stderr to a file or journald, got every update of it
+        # joined by carriage returns
+        with _patched(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=None)):
+            tensors = gguf_utils.load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
         expected = {k for k in skeleton.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
         if set(tensors) != expected:
             raise RuntimeError(f"{gguf.name}: tensors differ from the model's (missing "
