@@ -757,7 +757,7 @@ def config_check_cmd(
     from controller.startup import StartupError
 
     try:
-        cfg = check_config(path)
+        cfg, ggufs = check_config(path)
         tenants = tenants_at_start(cfg)  # (as `serve` starts with them: the tenants file's revoked left out)
     except StartupError as e:
         typer.echo(f"tokenpool config check: {e}", err=True)
@@ -765,6 +765,10 @@ def config_check_cmd(
     names = ", ".join(m.name for m in cfg.models) or "none (add them through the admin API)"
     auth = f"on, {tenants}" if cfg.auth_enabled else "OFF (every caller may use every model)"
     typer.echo(f"config {path}: ok: models {names}; listens on {cfg.listen.host}:{cfg.listen.port}; auth {auth}")
+    folders = {m.name: m.path for m in cfg.models}
+    for name, f in ggufs.items():  # (not converted here: minutes for a 7B)
+        typer.echo(f"model {name!r}: {f} is a GGUF file, not converted yet: `tokenpool serve` converts it once, after "
+                   f"it binds its port, to a safetensors folder at {folders[name]}, and checks that folder then")
 
 
 def _check_model_dir(model: Path) -> None:

@@ -32,7 +32,13 @@ from controller.config import (
 from controller.heap import YOUNG_THRESHOLD
 from controller.keys import hash_key, new_key
 from tokenpool import env
-from tokenpool.models import adapter_fit_problem, model_dir_problem, model_max_positions
+from tokenpool.models import (
+    SUPPORTED_ARCHS,
+    adapter_fit_problem,
+    gguf_value,
+    model_dir_problem,
+    model_max_positions,
+)
 
 log = logging.getLogger("tokenpool")
 
@@ -97,13 +103,44 @@ def check_max_model_len(specs: list[ModelSpec], max_model_len: int | None) -> No
                                f"{limit} tokens (max_position_embeddings in its config.json)")
 
 
+def gguf_model_path(f: Path, convert: bool = True) -> Path:
+    """The folder the `.gguf` file `f` is served from: its conversion (`real_model.ensure_gguf`, once, cached), as
+    `tokenpool serve FILE.gguf` and a configuration's `path: FILE.gguf` serve it. `convert=False`: only named when
+    not converted yet (`tokenpool serve` converts it after the bind: `convert_gguf_files`), and its first bytes and
+    architecture checked. ValueError: it cannot be read, is not a GGUF file of an architecture the engine runs, or
+    cannot be converted."""
+    from controller.config import cache_dir
+    from controller.real_model import ensure_gguf, gguf_folder
+
+    if not convert and gguf_unconverted([f]):
+        try:
+            with open(f, "rb") as fh:
+                magic = fh.read(4)
+        except OSError as e:
+            raise ValueError(f"{f} cannot be read: {e.strerror or e}") from None
+        if magic != b"GGUF":  # (said before the bind, as a conversion would say it)
+            raise ValueError(f"{f} cannot be converted: it is not a GGUF file (it does not begin with GGUF)")
+        arch = gguf_value(f, "general.architecture")  # (its converted config.json's model_type: said before minutes
+        if isinstance(arch, str) and arch not in SUPPORTED_ARCHS:  # of conversion, which model_dir_problem refuses)
+            raise ValueError(f"{f}: architecture {arch!r} (its general.architecture) is not supported; supported: "
+                             f"{', '.join(SUPPORTED_ARCHS)}")
+        return gguf_folder(f.resolve(), cache_dir())
+    try:
+        return ensure_gguf(f.resolve(), cache_dir())
+    except RuntimeError as e:
+        raise ValueError(str(e)) from None
+    except OSError as e:  # (the cache cannot be written)
+        raise ValueError(f"{f} cannot be converted into {cache_dir()}: {e.strerror or e}{CACHE_HINT}") from None
+
+
 def model_specs(dirs: list[Path], names: list[str], convert: bool = True) -> list[ModelSpec]:
     """Models from `tokenpool serve DIR ...`: `names` gives one name per directory, or (one directory) a name and
     its aliases, as vLLM's --served-model-name does; by default a model is named after its directory. A `.gguf` file
     (as llama.cpp and Ollama keep models) is served from its conversion (`real_model.ensure_gguf`, cached), named
     after the file; a Hugging Face repo id (`org/name`, as `vllm serve` takes it) from the local Hugging Face cache,
     named after the id. `convert=False`: a `.gguf` file not converted yet is named its conversion's folder, which
-    is not there yet (`tokenpool serve` converts it after the bind); only its first bytes are checked here."""
+    is not there yet (`tokenpool serve` converts it after the bind); only its first bytes and architecture are
+    checked here."""
     given = [str(d) for d in dirs]
     dirs = [Path(d).expanduser().resolve() for d in dirs]
     default_names = [d.stem if d.suffix == ".gguf" else d.name for d in dirs]
@@ -112,26 +149,10 @@ def model_specs(dirs: list[Path], names: list[str], convert: bool = True) -> lis
             dirs[i], default_names[i] = hf_cached(given[i]), given[i]
             continue
         if d.suffix == ".gguf" and d.is_file():
-            from controller.config import cache_dir
-            from controller.real_model import ensure_gguf, gguf_folder
-
-            if not convert and gguf_unconverted([d]):
-                try:
-                    with open(d, "rb") as f:
-                        magic = f.read(4)
-                except OSError as e:
-                    raise ValueError(f"{d} cannot be read: {e.strerror or e}") from None
-                if magic != b"GGUF":  # (said before the bind, as a conversion would say it)
-                    raise ValueError(f"{d} cannot be converted: it is not a GGUF file (it does not begin with GGUF)")
-                dirs[i] = gguf_folder(d, cache_dir())
+            pending = not convert and gguf_unconverted([d])  # (converted after the bind: its folder checked then)
+            dirs[i] = gguf_model_path(d, convert)
+            if pending:
                 continue
-            try:
-                dirs[i] = ensure_gguf(d, cache_dir())
-            except RuntimeError as e:
-                raise ValueError(str(e)) from None
-            except OSError as e:  # (the cache cannot be written)
-                raise ValueError(f"{d} cannot be converted into {cache_dir()}: {e.strerror or e}"
-                                 f"{CACHE_HINT}") from None
         if (why := model_dir_problem(dirs[i])) is not None:
             if not dirs[i].exists() and not any(c in given[i] for c in "/\\~") and not given[i].startswith("."):
                 # (a bare name, as `ollama run NAME` takes one: said what serve takes instead)
@@ -289,30 +310,59 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
     return cfg, token
 
 
-def check_config_models(models: list[ModelSpec], config_path: Path) -> None:
-    """Each of a configuration file's models has a directory the engine runs, and its LoRA adapters fit it; else a
-    StartupError naming the file, the key (models.N.path) and the model."""
+def config_gguf_files(models: list[ModelSpec], config_path: Path) -> dict[int, Path]:
+    """A configuration's models whose path is a `.gguf` file (a llama-swap user's models are), served as `tokenpool
+    serve FILE.gguf` serves one (`gguf_model_path`, not converting): each path set to its conversion's folder. The
+    files not converted yet, by the model's index (`tokenpool serve` converts them after the bind). StartupError
+    naming the file, the key (models.N.path) and the model: one that cannot be read, or is not a GGUF file of an
+    architecture the engine runs."""
     from controller.startup import StartupError
 
+    pending: dict[int, Path] = {}
     for i, m in enumerate(models):
+        if m.path is None or Path(m.path).suffix != ".gguf" or not Path(m.path).is_file():
+            continue
+        if todo := gguf_unconverted([Path(m.path)]):
+            pending[i] = todo[0]
+        try:
+            m.path = str(gguf_model_path(Path(m.path), convert=False))
+        except ValueError as e:
+            raise StartupError(f"config {config_path}: models.{i}.path: model {m.name!r}: {e}") from None
+        m.bound_context()  # (a converted one's config.json; one not converted yet is bounded once it is)
+    return pending
+
+
+def check_config_models(models: list[ModelSpec], config_path: Path) -> dict[int, Path]:
+    """Each of a configuration file's models has a directory the engine runs, and its LoRA adapters fit it; else a
+    StartupError naming the file, the key (models.N.path) and the model. A `.gguf` file's model is served from its
+    conversion (`config_gguf_files`: its path set to the folder); one not converted yet is checked once it is. The
+    files not converted yet, by the model's index."""
+    from controller.startup import StartupError
+
+    pending = config_gguf_files(models, config_path)
+    for i, m in enumerate(models):
+        if i in pending:
+            continue
         if m.path is not None and (why := model_dir_problem(m.path)) is not None:
             raise StartupError(f"config {config_path}: models.{i}.path: model {m.name!r}: {why}")
         for j, lm in enumerate(m.lora_modules):
             if (why := adapter_fit_problem(lm.path, m.path, m.engine.max_lora_rank)) is not None:
                 raise StartupError(f"config {config_path}: models.{i}.lora_modules.{j}.path: model {m.name!r}, "
                                    f"LoRA adapter {lm.name!r}: {why}")
+    return pending
 
 
-def check_config(config_path: Path) -> ServerConfig:
+def check_config(config_path: Path) -> tuple[ServerConfig, dict[str, Path]]:
     """`tokenpool config check FILE`: the configuration as `tokenpool serve --config FILE` reads and checks it before
     it starts anything (keys and values, the models' folders and LoRA adapters, workers.local's GPUs); a StartupError
-    saying the first problem."""
+    saying the first problem. With it, the `.gguf` files not converted yet, by model name: `serve` converts them
+    first, the check does not (their folders are checked once converted)."""
     from controller import startup
 
     cfg = startup.load_checked(config_path)
-    check_config_models(cfg.models, config_path)
+    pending = check_config_models(cfg.models, config_path)
     startup.check_local_workers(cfg, config_path)
-    return cfg
+    return cfg, {cfg.models[i].name: f for i, f in pending.items()}
 
 
 def tenants_at_start(cfg: ServerConfig) -> str:
@@ -443,13 +493,16 @@ def make_default_models(cfg: ServerConfig) -> None:
 
 
 def convert_then_check(cfg: ServerConfig, files: list[Path], specs: list[ModelSpec], max_model_len: int | None) -> None:
-    """`tokenpool serve FILE.gguf`'s conversions, run once it listens (/health says "starting" meanwhile, requests
-    wait), then what needs the converted folders: --max-model-len against the model's positions, each model's
-    folder and LoRA adapters. StartupError: logged in its line, and the server exits 2."""
+    """`tokenpool serve FILE.gguf`'s conversions (a configuration's `path: FILE.gguf` too), run once it listens
+    (/health says "starting" meanwhile, requests wait), then what needs the converted folders: --max-model-len (a
+    configuration's engine.max_model_len: bounded) against the model's positions, each model's folder and LoRA
+    adapters. StartupError: logged in its line, and the server exits 2."""
     from controller import startup
 
     convert_gguf_files(files)
     check_max_model_len(specs, max_model_len)
+    for m in cfg.models:  # (a configuration's engine.max_model_len, by the converted config.json)
+        m.bound_context()
     startup.check_models(cfg)
 
 
@@ -490,6 +543,11 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
                                    seed, convert_gguf=False)
         if allowed_origins:
             cfg.cors_origins = origins_given(allowed_origins)
+        if config_path is not None:  # (a config's models: the file and the key named; the MODEL_DIRs were checked;
+            # its .gguf files converted after the bind, as the MODEL_DIRs')
+            n = len(cfg.models) - len(model_dirs or [])
+            unconverted = list(dict.fromkeys([*check_config_models(cfg.models[:n], config_path).values(),
+                                              *unconverted]))  # (a file named twice: converted once)
     except startup.StartupError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
@@ -505,8 +563,6 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
                                         cfg.models[len(cfg.models) - len(model_dirs or []):], max_model_len)
         make_models.doing = f"converting {', '.join(f.name for f in unconverted)} (once)"  # type: ignore[attr-defined]
     try:
-        if config_path is not None:  # (a config's models: the file and the key named; the MODEL_DIRs were checked)
-            check_config_models(cfg.models[:len(cfg.models) - len(model_dirs or [])], config_path)
         if make_models is None:
             startup.check_models(cfg)
         startup.check_local_workers(cfg, config_path)

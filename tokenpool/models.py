@@ -33,8 +33,8 @@ def model_dir_problem(path: str | Path) -> str | None:
         return f"path {p} does not exist"
     if not p.is_dir():
         return (f"path {p} is a file; give the model's directory" +
-                (" (a .gguf file is served by `tokenpool serve FILE.gguf`; beside a configuration's models by `tokenpool "
-                 "serve --config CONFIG FILE.gguf`)" if p.suffix == ".gguf" else
+                (" (a .gguf file is served by `tokenpool serve FILE.gguf`, or as a configuration's model path)"
+                 if p.suffix == ".gguf" else
                  " (a configuration file is given with --config FILE)" if p.suffix in (".yaml", ".yml") else ""))
     cfg = p / "config.json"
     if not cfg.is_file():
@@ -209,10 +209,17 @@ _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 
 
 def gguf_file_type(path: str | Path) -> str | None:
     """A GGUF file's weights type as Ollama's quantization_level gives it ("Q4_K_M", "Q8_0", "F16"): its
-    general.file_type, read from its metadata (written before the tokenizer's long arrays, so little is read; no
-    tensor). None: not a GGUF file, or it gives none. (Hand-read where the `gguf` package reads GGUF files elsewhere:
-    its GGUFReader parses every key and tensor first, 2.0 s for the default model's 98 MB file on this project's
-    2-core machine, against 70 us here, and /api/tags asks for each model it lists.)"""
+    general.file_type (`gguf_value`). None: not a GGUF file, or it gives none."""
+    v = gguf_value(path, "general.file_type")
+    return GGUF_FILE_TYPES.get(int(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def gguf_value(path: str | Path, key: str) -> object:
+    """A GGUF file's metadata value `key` (a number, or a string such as general.architecture's "llama"), read from
+    its metadata (the general.* keys are written before the tokenizer's long arrays, so little is read; no tensor).
+    None: not a GGUF file, or it has no such key, or an array there. (Hand-read where the `gguf` package reads GGUF
+    files elsewhere: its GGUFReader parses every key and tensor first, 2.0 s for the default model's 98 MB file on
+    this project's 2-core machine, against 70 us here, and /api/tags asks for each model it lists.)"""
     try:
         with open(path, "rb") as f:
             def take(fmt: str):
@@ -240,10 +247,9 @@ def gguf_file_type(path: str | Path) -> str | None:
                 return None
             take("<Q")  # (tensors)
             for _ in range(take("<Q")):
-                key, kind = text(), take("<I")
-                if key == "general.file_type" and kind in _GGUF_SCALARS:
-                    v = take(_GGUF_SCALARS[kind])
-                    return GGUF_FILE_TYPES.get(int(v))
+                name, kind = text(), take("<I")
+                if name == key:
+                    return take(_GGUF_SCALARS[kind]) if kind in _GGUF_SCALARS else text() if kind == 8 else None
                 skip(kind)
     except (OSError, ValueError, struct.error):
         return None
