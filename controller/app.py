@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from controller.api import admin_routes, auth, ollama, openai_routes
 from controller.api.anthropic import error_body as anthropic_error
@@ -166,6 +167,37 @@ def counted_path(path: str) -> bool:
     """Whether `tokenpool_requests_total` counts a request of this path: the serving routes', not the admin API's or
     the dashboard's (a 413 on an admin route was counted under model "-", tenant "-", its other answers never)."""
     return not path.startswith(("/admin", "/dashboard"))
+
+
+# Paths of APIs that are not this server's (a path, or one under it), each with what stands for it here
+ELSEWHERE = (
+    (("/v1/audio", "/audio"), "this server serves text models: it has no audio API (transcription, translation, "
+                              "speech)"),
+    (("/v1/images", "/images"), "this server serves text models: it has no images API (generation, edits, "
+                                "variations)"),
+    (("/logs",), "llama-swap's logs: tokenpool's log is the server's own output (its stderr), and its requests and "
+                 "events are on the dashboard at /dashboard (GET /admin/events streams them)"),
+    (("/upstream",), "llama-swap's route to a model's own server: tokenpool serves every model itself, behind this "
+                     "API: send the request to /v1/... (or Ollama's /api/...) with the model named in its body"),
+    (("/ui",), "llama-swap's web UI: tokenpool's is the dashboard at /dashboard"),
+)
+
+
+def no_route(request: Request) -> str:
+    """A 404's message for a path no route serves (OpenAI's "Invalid URL (METHOD PATH)"), with what is there instead:
+    the route under /v1 a client whose base URL lacks it meant, what stands for another server's API, else where
+    the APIs are. vLLM and OpenAI answer 404s too; FastAPI's bare "Not Found" named nothing."""
+    method, path = request.method, request.url.path
+    head = f"Invalid URL ({method} {path})"
+    for prefixes, instead in ELSEWHERE:
+        if any(path == x or path.startswith(x + "/") for x in prefixes):
+            return f"{head}: {instead}"
+    if not path.startswith(("/v1/", "/api/", "/admin", "/dashboard")):
+        scope = dict(request.scope, path="/v1" + path)
+        if any(r.matches(scope)[0] != Match.NONE for r in request.app.router.routes):
+            return (f"{head}: did you mean /v1{path}? OpenAI's API is under /v1 here (a client's base URL: "
+                    f"{str(request.base_url).rstrip('/')}/v1)")
+    return f"{head}: OpenAI's API is under /v1, Ollama's under /api, the dashboard at /dashboard"
 
 
 def anthropic_errors(request: Request) -> bool:
@@ -327,7 +359,12 @@ def build_app(cfg: ServerConfig, manage_controller: bool = True, controller: Con
             # a request refused for its body is a refused request (others: no route)
             request.app.state.controller.count_refusal(None, "-", e.status_code)
         code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout"}.get(e.status_code)
-        err = ServingError(e.status_code, str(e.detail), code=code)
+        message = str(e.detail)
+        if e.status_code == 404 and request.scope.get("endpoint") is None:  # (no route: not a route's own 404)
+            message = no_route(request)
+        elif e.status_code == 405 and (allow := (getattr(e, "headers", None) or {}).get("Allow")):
+            message = f"{request.method} {request.url.path} is not allowed: it takes {allow}"
+        err = ServingError(e.status_code, message, code=code)
         return ErrorJSON(error_content(request.url.path, err, anthropic_errors(request)), status_code=e.status_code,
                          headers=getattr(e, "headers", None))
 

@@ -22,8 +22,14 @@ from typing import Any, TextIO
 from controller.ollama_names import LATEST, pick
 from controller.ps import not_found, read_json, server_error, unreachable
 
-# A route the server does not have, as its error JSON says it (Starlette's words): not a model's or a key's refusal
+# A route the server does not have, as its error JSON says it (app.no_route's "Invalid URL (...)", a 405's "... is
+# not allowed: it takes ..."; before them Starlette's words): not a model's or a key's refusal
 NO_ROUTE = {(404, "Not Found"), (405, "Method Not Allowed")}
+
+
+def no_route(code: int, msg: str) -> bool:
+    return ((code, msg) in NO_ROUTE or (code == 404 and msg.startswith("Invalid URL ("))
+            or (code == 405 and " is not allowed: it takes " in msg))
 
 
 class ChatError(RuntimeError):
@@ -45,7 +51,7 @@ def _request(url: str, path: str, key: str | None, body: dict | None = None, tim
         msg = server_error(e)
         if msg is None:  # (not this server's error: say which URL answered what)
             raise ChatError(f"{url.rstrip('/')}{path}: HTTP {e.code}: {e.reason}", e.code, foreign=True) from None
-        if (e.code, msg) in NO_ROUTE:  # (a path this server does not have, --url's own path: the URL said too, as
+        if no_route(e.code, msg):  # (a path this server does not have, --url's own path: the URL said too, as
             # another server's; "tokenpool ls: Not Found" named nothing)
             raise ChatError(f"{url.rstrip('/')}{path}: HTTP {e.code}: {msg}", e.code, foreign=True) from None
         hint = " (pass --api-key or set TOKENPOOL_API_KEY)" if e.code == 401 else ""

@@ -11,6 +11,7 @@ the same bearer key.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -88,9 +89,9 @@ OLLAMA_MAX_STOP = 64  # stop strings an Ollama request may carry (Ollama sets no
 
 
 class Options(_Loose):
-    """The sampling options Ollama clients send; others (num_ctx, num_gpu, mirostat, ...) are ignored. Typed as
-    Ollama's Options.FromMap takes them: a string for a number is refused ("num_predict": "0" was read as 0, no
-    limit), and a JSON number with a fraction for an integer option is truncated (Go's int64(f))."""
+    """The sampling options Ollama clients send, and num_ctx (`_context`); others (num_gpu, mirostat, ...) are
+    ignored. Typed as Ollama's Options.FromMap takes them: a string for a number is refused ("num_predict": "0" was
+    read as 0, no limit), and a JSON number with a fraction for an integer option is truncated (Go's int64(f))."""
 
     @model_validator(mode="before")
     @classmethod
@@ -106,6 +107,7 @@ class Options(_Loose):
     min_p: float | None = None
     num_predict: int | None = None  # -1: until the context is full
     num_keep: int | None = None  # a prompt past the context keeps this many first tokens (NUM_KEEP; -1: all it can)
+    num_ctx: int | None = None  # the context the request runs in, up to the model's (`_context`)
     seed: int | None = None
     # (Ollama sets no number; the OpenAI request's MAX_STOP, 8, refused the lists code assistants send: Continue's
     # autocomplete for Qwen2.5-Coder sends its 9 FIM tokens and 3 more. Taken past it: `_run`)
@@ -115,7 +117,7 @@ class Options(_Loose):
     frequency_penalty: float | None = None
 
 
-_INT_OPTIONS = frozenset({"top_k", "num_predict", "num_keep", "seed"})
+_INT_OPTIONS = frozenset({"top_k", "num_predict", "num_keep", "num_ctx", "seed"})
 
 
 class Message(_Loose):
@@ -494,6 +496,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                 opened = req.prompt.rstrip().endswith(THINK_OPEN)
             req = _format_after_thinking(req, opened)
         me = serving.entry(tenant, req.model)
+        ctx = _context(me, body)
         context = None if chat else body.context
         if context is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
             raise ServingError(400, "context must be the token ids a previous /api/generate returned")
@@ -510,7 +513,9 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                 new = await (serving.offload(serving._chat_prompt, me, req, think_kwargs, False) if templated else
                              serving.offload(encode_prompt if not context else encode, me.tokenizer, req.prompt))
                 what = "context" if context else "prompt"
-                ids = serving._check_ids(me, _truncated(me, [*(context or []), *new], body, what), what)
+                ids = serving._check_ids(me, _truncated(me, [*(context or []), *new], body, what, ctx), what)
+                if ctx < me.max_model_len:  # (num_ctx: the reply's room is what the prompt leaves of it)
+                    params = dataclasses.replace(params, max_tokens=min(params.max_tokens or ctx, ctx - len(ids)))
                 gen = await serving.generate(me, tenant, req.model, [ids], params, 1, ctl.new_id("ollama"), body.stream)
                 # (as start_chat's: whether the prompt opened a think block the reply starts inside, `thinking.opened`;
                 # without it a generate's thinking, `think` sent or not, all went to `response`)
@@ -521,8 +526,14 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                 raise ServingError(400, f"{req.model} does not support tools (serve it with a tool-call parser: "
                                         "tokenpool serve MODEL_DIR --tool-call-parser hermes, or tool_call_parser: hermes in "
                                         "its configuration, for a model that writes hermes calls as Qwen2.5 does)")
+            if ctx < me.max_model_len:  # num_ctx: the prompt (counted first, for the reply's room) held to it
+                n = await serving.chat_prompt_tokens(tenant, req)
+                if n >= ctx and not cut:
+                    raise _too_long(me, n, "messages", ctx)
+                room = ctx - n if n < ctx else _cut(ctx, n, body)[1]
+                req = req.model_copy(update={"max_tokens": min(req.max_tokens or room, room)})
             return await serving.start_chat(req, tenant, ctl.new_id("ollama"), body.stream,
-                                            (lambda ids: _truncated(me, ids, body, "messages")) if cut else None)
+                                            (lambda ids: _truncated(me, ids, body, "messages", ctx)) if cut else None)
 
         cut = False  # (chat) its last message alone is past the context: its prompt's tokens are cut
         while True:
@@ -542,7 +553,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                 # a conversation longer than the context: Ollama drops its oldest messages until it fits, keeping
                 # the system messages and the last one, then its runner cuts the prompt's tokens as a generate
                 # prompt's when that is still too long (`truncate: false`, Ollama's too: the error instead)
-                shortest, cut = await _fewest_drops(serving, tenant, me, req)
+                shortest, cut = await _fewest_drops(serving, tenant, me, req, ctx)
                 req = req.model_copy(update={"messages": shortest})
         _ask(ctl, me.spec.name, body.keep_alive)  # (after the request: 0 evicts once it is done)
     except ServingError as e:
@@ -741,33 +752,64 @@ async def _collect(gen: Tracked, ids: list[int] | None = None, each: Any = None)
 
 
 NUM_KEEP = 4  # Ollama's default num_keep
+MIN_CTX = 4  # Ollama's least num_ctx (its scheduler raises a smaller one to it)
+_capped: set[tuple[str, int]] = set()  # (model, num_ctx) pairs warned of (`_context`): once each
 
 
-def _truncated(me: Any, ids: list[int], body: _Base, what: str) -> list[int]:
-    """A prompt's ids (a generate's, or a chat's whose last message alone is too long) as Ollama's runner cuts one past
-    the context: its first num_keep tokens (the template's start), then its last ones, dropping those between, with
-    a warning (`truncate: false`: the 400 instead). Ollama cuts it to the whole context and its context shift frees
-    half of what follows the kept tokens at the first generated token; here there is no shift, so the reply's room
-    is left at once: num_predict's, at most that half."""
-    limit = me.max_model_len
-    if len(ids) < limit:  # (room for a token at least: num_predict past the room fills it, `_run`)
-        return ids
-    if body.truncate is False:
-        raise too_long(me, len(ids), what)
+def _context(me: Any, body: _Base) -> int:
+    """The context a request runs in: Ollama's options.num_ctx, at least MIN_CTX, at most the model's max_model_len (a
+    larger one is capped, with Ollama's warning, once per model and value); none sent (or not above 0): the model's.
+    Ollama loads its runner with num_ctx; here the engine's context stays the model's, and the request is held to
+    num_ctx: its prompt cut to fit as one past the model's context is (`_truncated`), its reply's room what is left."""
+    n = body.options.num_ctx if body.options is not None else None
+    if n is None or n <= 0:
+        return me.max_model_len
+    if n > me.max_model_len:
+        if (me.spec.name, n) not in _capped:
+            _capped.add((me.spec.name, n))
+            log.warning("requested context size too large for model: model=%s num_ctx=%d max_model_len=%d",
+                        me.spec.name, n, me.max_model_len)
+        return me.max_model_len
+    return max(n, MIN_CTX)
+
+
+def _too_long(me: Any, n: int, what: str, limit: int) -> ServingError:
+    """The 400 of a prompt of `n` tokens that leaves no room in the context `limit` (`truncate: false`)."""
+    if limit >= me.max_model_len:
+        return too_long(me, n, what)
+    return ServingError(400, f"The context is {limit} tokens (options.num_ctx; the model's is {me.max_model_len}); "
+                        f"the {what} has {n} tokens.", param=what, code="context_length_exceeded")
+
+
+def _cut(limit: int, n: int, body: _Base) -> tuple[int, int]:
+    """(its first tokens kept, the reply's room) of a prompt of `n` tokens cut to the context `limit` (`_truncated`)."""
     o = body.options or Options()
-    keep = NUM_KEEP if o.num_keep is None else len(ids) if o.num_keep < 0 else o.num_keep
+    keep = NUM_KEEP if o.num_keep is None else n if o.num_keep < 0 else o.num_keep
     keep = max(0, min(keep, limit - 2))  # (a token of the prompt's end and one of the reply's fit)
     room = (limit - keep) // 2
     if o.num_predict is not None and o.num_predict > 0:
         room = min(room, o.num_predict)
-    room = max(room, 1)
+    return keep, max(room, 1)
+
+
+def _truncated(me: Any, ids: list[int], body: _Base, what: str, limit: int) -> list[int]:
+    """A prompt's ids (a generate's, or a chat's whose last message alone is too long) as Ollama's runner cuts one past
+    the context (`limit`: `_context`'s): its first num_keep tokens (the template's start), then its last ones,
+    dropping those between, with a warning (`truncate: false`: the 400 instead). Ollama cuts it to the whole context
+    and its context shift frees half of what follows the kept tokens at the first generated token; here there is no
+    shift, so the reply's room is left at once: num_predict's, at most that half."""
+    if len(ids) < limit:  # (room for a token at least: num_predict past the room fills it, `_run`)
+        return ids
+    if body.truncate is False:
+        raise _too_long(me, len(ids), what, limit)
+    keep, room = _cut(limit, len(ids), body)
     new = [*ids[:keep], *ids[len(ids) - (limit - room - keep):]]
     log.warning("truncating input prompt: limit=%d prompt=%d keep=%d new=%d", limit, len(ids), keep, len(new))
     return new
 
 
-async def _fewest_drops(serving: OpenAIServing, tenant: Any, me: Any,
-                        req: p.ChatCompletionRequest) -> tuple[list[Any], bool]:
+async def _fewest_drops(serving: OpenAIServing, tenant: Any, me: Any, req: p.ChatCompletionRequest,
+                        limit: int) -> tuple[list[Any], bool]:
     """The conversation of `req` (past the context) without the fewest oldest messages (`_drop_oldest`) that leave
     its prompt room to generate, found by a binary search over how many go, each try rendered and tokenized only (a
     few dozen for thousands of messages); and whether even the shortest (its system messages and last one) is too
@@ -777,7 +819,7 @@ async def _fewest_drops(serving: OpenAIServing, tenant: Any, me: Any,
 
     async def fits(n: int) -> bool:
         count = await serving.chat_prompt_tokens(tenant, req.model_copy(update={"messages": _drop_oldest(msgs, n)}))
-        return count < me.max_model_len
+        return count < limit
 
     if droppable == 0:
         return msgs, True
