@@ -220,7 +220,8 @@ def stream_chat(url: str, key: str | None, body: dict[str, Any], usage: dict | N
 
 # a request's sampling fields (the OpenAI names the body carries) as Ollama's options name them
 OLLAMA_OPTIONS = {"max_tokens": "num_predict", "temperature": "temperature", "seed": "seed", "top_p": "top_p",
-                  "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repeat_penalty", "stop": "stop"}
+                  "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repeat_penalty", "stop": "stop",
+                  "num_ctx": "num_ctx"}
 
 
 def ollama_body(body: dict[str, Any]) -> dict[str, Any]:
@@ -244,6 +245,9 @@ def stream_ollama_chat(url: str, key: str | None, body: dict[str, Any], stats: d
     except ChatError as e:
         if e.status not in (404, 405) or not e.foreign:
             raise
+        if "num_ctx" in body:  # (the OpenAI API has no field for it: it would go unsaid)
+            raise ChatError(f"/set parameter num_ctx needs the server's Ollama API, and {url.rstrip('/')}/api/chat "
+                            "is not there") from None
         # (a server without the Ollama API: the OpenAI stream's counts, and the client's timings)
         yield from stream_chat(url, key, body, stats)
         return
@@ -391,8 +395,11 @@ def turn(url: str, key: str | None, body: dict[str, Any], out: TextIO, stats: Te
     t0, first, last = time.monotonic(), None, None
     try:
         with Spinner(sys.stderr) as wait:
-            # (--verbose: the server's Ollama API, whose closing line carries Ollama's durations)
-            for text in (stream_chat(url, key, body) if usage is None else stream_ollama_chat(url, key, body, usage)):
+            # (--verbose: the server's Ollama API, whose closing line carries Ollama's durations; /set parameter
+            # num_ctx too, which the OpenAI API has no field for)
+            ollama_api = usage is not None or "num_ctx" in body
+            for text in (stream_ollama_chat(url, key, body, {} if usage is None else usage) if ollama_api else
+                         stream_chat(url, key, body)):
                 wait.stop()
                 last = time.monotonic()
                 first = last if first is None else first
@@ -480,17 +487,19 @@ SHOW_HELP = """Available commands:
 # `/set parameter NAME VALUE` as `ollama run` takes it: Ollama's option name -> the request's field, its type
 PARAMETERS = {"temperature": ("temperature", float), "seed": ("seed", int), "num_predict": ("max_tokens", int),
               "top_p": ("top_p", float), "top_k": ("top_k", int), "min_p": ("min_p", float),
-              "repeat_penalty": ("repetition_penalty", float), "stop": ("stop", str)}
+              "repeat_penalty": ("repetition_penalty", float), "stop": ("stop", str),
+              "num_ctx": ("num_ctx", int)}  # (not an OpenAI field: a reply then comes over /api/chat, `turn`)
 # What the server takes (controller/api/protocol.py's bounds): a value past them is refused at /set, where it was
 # taken and every message after it refused ("error: temperature: Input should be less than or equal to 2")
 RANGES = {"temperature": ("0 to 2", lambda v: 0 <= v <= 2), "top_p": ("more than 0, up to 1", lambda v: 0 < v <= 1),
           "top_k": ("-1 (off) or 0 to 1048576", lambda v: -1 <= v <= 1 << 20),
           "min_p": ("0 to 1", lambda v: 0 <= v <= 1),
           "repeat_penalty": ("more than 0, up to 10", lambda v: 0 < v <= 10),
-          "seed": ("a 64-bit integer", lambda v: -(2**63) <= v < 2**63)}
+          "seed": ("a 64-bit integer", lambda v: -(2**63) <= v < 2**63),
+          "num_ctx": ("a whole number of at least 1 (the model's context at most: a larger one is capped at it)",
+                      lambda v: 1 <= v < 2**63)}
 # Ollama's options a request sets there and the server here
-SERVERS = {"num_ctx": "a model's context: tokenpool serve --max-model-len, or its engine.max_model_len",
-           "num_gpu": "every model's layers are on its GPU", "num_thread": "its workers' threads"}
+SERVERS = {"num_gpu": "every model's layers are on its GPU", "num_thread": "its workers' threads"}
 PARAMETER_HELP = "Available parameters:\n" + "".join(f"  /set parameter {n} VALUE\n" for n in PARAMETERS) + \
     "(stop takes one or more strings)\n"
 

@@ -84,13 +84,13 @@ def test_set_system_replaces_the_system_option(stub):
 
 def test_bad_parameters_are_said_and_not_sent(stub):
     out, (body,) = converse(stub, "/set parameter temperature warm\n/set parameter nosuch 1\n/set parameter\n"
-                            "/set history\n/set parameter num_ctx 8192\nhi\n")
-    assert "Couldn't set parameter: num_ctx is the server's here (a model's context: tokenpool serve " \
-        "--max-model-len" in out
+                            "/set history\n/set parameter num_gpu 99\n/set parameter num_ctx 0\nhi\n")
+    assert "Couldn't set parameter: num_gpu is the server's here (every model's layers are on its GPU)" in out
+    assert "Couldn't set parameter: num_ctx is a whole number of at least 1" in out
     assert "Couldn't set parameter: temperature takes one number" in out
     assert "Unknown parameter 'nosuch'" in out and "/set parameter num_predict VALUE" in out
     assert "/set history is not supported here" in out
-    assert "temperature" not in body and "nosuch" not in body
+    assert "temperature" not in body and "nosuch" not in body and "num_ctx" not in body
 
 
 def test_format_and_verbose_modes(stub, capsys):

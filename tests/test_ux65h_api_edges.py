@@ -14,6 +14,9 @@ model whose context is 128 tokens:
 
 from __future__ import annotations
 
+import io
+import re
+
 import httpx
 import ollama
 import openai
@@ -169,3 +172,20 @@ def test_the_cli_still_names_a_url_the_server_has_no_route_for(server):
     assert r.exit_code == 1, r.output
     assert r.output.strip().startswith(f"tokenpool ls: {server.url}/dashboard/v1/models: HTTP 404: Invalid URL (GET "
                                        "/dashboard/v1/models)"), r.output
+
+
+@pytest.mark.parametrize("verbose", [True, False])
+def test_tokenpool_run_takes_set_parameter_num_ctx(server, capsys, verbose):
+    """`/set parameter num_ctx N` in a `tokenpool run` conversation (refused before, the server ignoring num_ctx):
+    the turns after it go over the server's Ollama API with options.num_ctx, as `ollama run` sends it; the counts
+    --verbose shows are of the prompt as cut to it."""
+    from controller.chat_cli import run
+    from tests.http_stub import Terminal
+
+    out = io.StringIO()
+    typed = ("/set verbose\n" if verbose else "") + f"/set parameter num_ctx 24\n{PROMPT}\n/show parameters\n/bye\n"
+    run(server.url, None, "tiny", None, None, {"max_tokens": 3, "temperature": 0}, Terminal(typed), out)
+    assert "Set parameter 'num_ctx' to '24'" in out.getvalue() and "num_ctx         24" in out.getvalue()
+    assert "error" not in out.getvalue(), out.getvalue()
+    if verbose:
+        assert re.search(r"^prompt eval count: +21 token\(s\)$", capsys.readouterr().err, re.M)
