@@ -5,7 +5,6 @@ the default model's tokenizer arrays element by element, ~3.7 M numpy memmap sli
 from __future__ import annotations
 
 import struct
-import time
 
 import pytest
 
@@ -91,24 +90,17 @@ def test_a_truncated_array_is_an_error(tmp_path):
         gguf.GGUFReader(path)
 
 
-def test_the_default_models_gguf_read_alike_and_faster(tmp_path):
+def test_the_default_models_gguf_read_alike(tmp_path):
     """SmolLM2's GGUF (its tokenizer's 49,152 tokens and 48,900 merges): the conversion's reader gives gguf's fields
-    and tensors, at least 4 times faster (2.5 s -> 0.18 s measured on 2 cores)."""
+    and tensors. (Its speed, 2.5 s -> 0.18 s on 2 cores, is a benchmark's: bench/results/gguf_convert_cpu2_*.json.)"""
     import gguf
 
     path = real_model.find_gguf(tmp_path)
-    t = time.perf_counter()
     own = gguf.GGUFReader(path)
-    theirs = time.perf_counter() - t
-    ours = []
-    for _ in range(3):
-        with real_model._gguf_read_once():
-            t = time.perf_counter()
-            bulk = gguf.GGUFReader(path)
-            ours.append(time.perf_counter() - t)
+    with real_model._gguf_read_once():
+        bulk = gguf.GGUFReader(path)
     _same_fields(own, bulk)
     assert len(bulk.fields["tokenizer.ggml.tokens"].data) == 49152 and len(bulk.tensors) == 272
-    assert min(ours) * 4 < theirs, (ours, theirs)
 
 
 def test_the_conversion_is_byte_for_byte_the_old_one(tmp_path, monkeypatch):
