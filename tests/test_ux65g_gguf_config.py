@@ -6,7 +6,6 @@ has no progress bar: the conversion's tqdm bar is drawn at a terminal only, wher
 
 from __future__ import annotations
 
-import json
 import struct
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from controller import real_model, shutdown
 from controller.cli import app
 from controller.config import REAL_MODEL
 from tests.ports import free_port
+from tests.test_ux56_cli_gguf_after_bind import gguf  # noqa: F401 - the stand-in conversion, a fixture
 
 openai = pytest.importorskip("openai")
 
@@ -36,12 +36,12 @@ def test_a_configs_gguf_file_answers_as_the_command_lines(tmp_path, monkeypatch)
     command line (`tokenpool serve --config C FILE.gguf`, the CLI's path): both listed, both answer a greedy chat
     completion through the official client with the same text, from one conversion (converted once per machine,
     into the server's own cache, as the default's model; 'converting' said at most once)."""
-    gguf = real_model.find_gguf(tmp_path)
+    smol = real_model.find_gguf(tmp_path)
     monkeypatch.setattr(live_server, "free_port", lambda: free_port(PORTS))
-    with live_server.LiveServer({"models": [{"name": "smol", "path": str(gguf)}]}, tmp_path / "srv",
-                                ready_timeout=180, args=[str(gguf)]) as srv:
+    with live_server.LiveServer({"models": [{"name": "smol", "path": str(smol)}]}, tmp_path / "srv",
+                                ready_timeout=180, args=[str(smol)]) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
-        cli_name = gguf.stem
+        cli_name = smol.stem
         assert [m.id for m in client.models.list()] == ["smol", cli_name]
         said = [client.chat.completions.create(model=name, max_tokens=10, temperature=0, messages=[
             {"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content
@@ -53,11 +53,11 @@ def test_a_configs_gguf_file_answers_as_the_command_lines(tmp_path, monkeypatch)
 
 def test_config_check_says_serve_converts_it_and_refuses_a_file_that_is_no_gguf(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path / "cache"))
-    gguf = real_model.find_gguf(tmp_path)
-    r = CliRunner().invoke(app, ["config", "check", str(cfg := _config(tmp_path, gguf))])
-    folder = real_model.gguf_folder(gguf.resolve(), tmp_path / "cache")
+    smol = real_model.find_gguf(tmp_path)
+    r = CliRunner().invoke(app, ["config", "check", str(cfg := _config(tmp_path, smol))])
+    folder = real_model.gguf_folder(smol.resolve(), tmp_path / "cache")
     assert (r.exit_code, r.output.splitlines()[1:]) == (0, [
-        f"model 'smol': {gguf.resolve()} is a GGUF file, not converted yet: `tokenpool serve` converts it once, after "
+        f"model 'smol': {smol.resolve()} is a GGUF file, not converted yet: `tokenpool serve` converts it once, after "
         f"it binds its port, to a safetensors folder at {folder}, and checks that folder then"]), r.output
     assert not folder.exists()  # (the check converts nothing: minutes for a 7B)
 
@@ -79,23 +79,11 @@ def test_config_check_says_serve_converts_it_and_refuses_a_file_that_is_no_gguf(
         "general.architecture) is not supported; supported: llama, qwen2, qwen3, mistral")), r.output
 
 
-def test_a_configs_gguf_is_converted_after_the_bind_then_bounds_its_context(tmp_path, monkeypatch):
-    """As `tokenpool serve FILE.gguf` (tests/test_ux56_cli_gguf_after_bind.py, whose stand-in conversion this is):
-    nothing converted before the bind, the model served from the conversion's folder, converted once the server
-    listens; the configuration's engine.max_model_len then bounded by the converted config.json's positions."""
-    monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path / "cache"))
-    (f := tmp_path / "tiny-chat.gguf").write_bytes(b"GGUF" + bytes(60))
-    made = []
-
-    def ensure_gguf(path, cache):
-        out = real_model.gguf_folder(path, cache)
-        out.mkdir(parents=True)
-        (out / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 2048}))
-        (out / real_model.MARKER).write_text("{}")
-        made.append(path.name)
-        return out
-
-    monkeypatch.setattr(real_model, "ensure_gguf", ensure_gguf)
+def test_a_configs_gguf_is_converted_after_the_bind_then_bounds_its_context(tmp_path, monkeypatch, gguf):  # noqa: F811
+    """As `tokenpool serve FILE.gguf` (tests/test_ux56_cli_gguf_after_bind.py, whose stand-in conversion `gguf`
+    this is): nothing converted before the bind, the model served from the conversion's folder, converted once the
+    server listens; the configuration's engine.max_model_len then bounded by the converted config.json's positions."""
+    f, made = gguf
     seen = {}
 
     def run(cfg, prepare=None):
