@@ -340,6 +340,10 @@ class HostedModels:
             mm.evict_when_idle(name)
             mm.expire()  # (idle now: at once; between steps, as the worker applies its messages)
 
+    def evicting(self) -> set[str]:
+        """The models whose `evict_when_idle` has not happened yet (each kind's)."""
+        return set().union(*(mm.evicting() for mm in list(self.kinds.values())))
+
     def tick(self) -> None:
         """Between steps while idle (step thread): loads that landed, and time-based residency (keep_alive)."""
         for mm in list(self.kinds.values()):

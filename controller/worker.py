@@ -535,8 +535,13 @@ class Worker:
         """Stats of the pool, taken on the step thread between steps (the engines' queues are not shared)."""
         hm = self.models
         # the evicts applied before the view is read (`_apply_pending` runs on the loop thread, counting each once it
-        # is applied): the controller believes this view of a model it evicted once it counts them all
-        evicts = dict(self._evicts)
+        # is applied): the controller believes this view of a model it evicted once it counts them all. One still
+        # waiting for its model's last request to end (or its copy to land) is not counted yet: a view taken between
+        # that request's last output and the evict listed the model resident with every evict counted, and the
+        # controller, which had taken it out of its view as the request ended, listed it again (/api/ps after a
+        # keep_alive 0 generate: test_ux59a, once in CI)
+        waiting = hm.evicting()
+        evicts = {k: n - (k in waiting) for k, n in self._evicts.items()}
         # step_s for the router is a round: the time a model waits between two of its steps
         pool = hm.snapshot()
         if evicts:

@@ -385,6 +385,10 @@ class MultiModelEngine:
             raise ValueError(f"unknown model {name!r}; hosted: {sorted(self.engines)}")
         self._evict_idle.add(name)
 
+    def evicting(self) -> set[str]:
+        """The models an `evict_when_idle` waits on (a request still running, a copy still landing)."""
+        return set(self._evict_idle)
+
     def preload(self, name: str) -> bool:
         """Start bringing `name`'s weights in now, into free room only (nothing is evicted for it)."""
         if self.memory is None or self.memory.holds(name):

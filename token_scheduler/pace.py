@@ -266,6 +266,9 @@ class PacedModels:
     def evict_when_idle(self, name: str) -> None:
         pass
 
+    def evicting(self) -> set[str]:
+        return set()
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     model: str | None = None) -> None:
         if model not in self.engines:
