@@ -29,14 +29,22 @@ class _Closed:
         return True
 
 
-def _page_of_a_worker_serving(path, request) -> int:
-    """The KV page a CPU worker reports once it hosts the model at `path`, configured (its pages sized for it)."""
+def cpu_worker(path, request, prefix: str = "ctl53") -> Worker:
+    """A CPU worker not connected to a controller, its models (`w.models`) configured for the model at `path` (its
+    KV pages sized for it), ended with the test."""
     w = Worker(("127.0.0.1", 1), "cpu")
     request.addfinalizer(lambda: (w._step_thread.shutdown(), w._load_thread.shutdown()))
-    hm = w.models = HostedModels("cpu", GpuSettings(budget_bytes=64 * 2**20, kv_cache_gb=0.01,
-                                                    namespace=f"ctl53-{uuid.uuid4().hex[:8]}",
-                                                    kv_elems_per_token=kv_elems_per_token(path)))
-    request.addfinalizer(hm.close)
+    w.models = HostedModels("cpu", GpuSettings(budget_bytes=64 * 2**20, kv_cache_gb=0.01,
+                                               namespace=f"{prefix}-{uuid.uuid4().hex[:8]}",
+                                               kv_elems_per_token=kv_elems_per_token(path)))
+    request.addfinalizer(w.models.close)
+    return w
+
+
+def _page_of_a_worker_serving(path, request) -> int:
+    """The KV page a CPU worker reports once it hosts the model at `path`, configured (its pages sized for it)."""
+    w = cpu_worker(path, request)
+    hm = w.models
     assert "kv_page_bytes" not in w._snapshot().pool  # (none carved before a model is registered)
     opts = EngineOptions(max_num_seqs=2, max_model_len=64)
     hm.prepare(str(path), opts)

@@ -7,23 +7,15 @@ so once in CI)."""
 
 from __future__ import annotations
 
-import uuid
-
 from controller.config import EngineOptions
-from controller.hosting import GpuSettings, HostedModels
-from controller.worker import Worker
+from tests.test_ctl53_kv_page import cpu_worker
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
-from tokenpool.models import kv_elems_per_token
 
 
 def test_an_evict_waiting_for_a_request_is_not_counted_until_it_happened(tiny_model, request):
-    w = Worker(("127.0.0.1", 1), "cpu")
-    request.addfinalizer(lambda: (w._step_thread.shutdown(), w._load_thread.shutdown()))
-    hm = w.models = HostedModels("cpu", GpuSettings(budget_bytes=64 * 2**20, kv_cache_gb=0.01,
-                                                    namespace=f"ux65i-{uuid.uuid4().hex[:8]}",
-                                                    kv_elems_per_token=kv_elems_per_token(tiny_model)))
-    request.addfinalizer(hm.close)
+    w = cpu_worker(tiny_model, request, "ux65i")
+    hm = w.models
     opts = EngineOptions(max_num_seqs=2, max_model_len=64)
     hm.prepare(str(tiny_model), opts)
     hm.host("m", str(tiny_model), opts, ModelSLO(ttft_s=5.0, tpot_s=0.5))
