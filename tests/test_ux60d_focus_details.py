@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import time
 
 import httpx
 import pytest
@@ -52,6 +53,14 @@ def _focus_on(page, where: list) -> None:
         raise
 
 
+def _until(page, seen, timeout: float = 15.0) -> None:
+    """Waits (the page's events dispatched meanwhile) until `seen()`: a route's handler runs on this side once the
+    page's request is known there, which may be after the page itself saw the request go (the CI flake)."""
+    deadline = time.monotonic() + timeout
+    while not seen() and time.monotonic() < deadline:
+        page.wait_for_timeout(10)
+
+
 @contextlib.contextmanager
 def _revoke_focused_before_the_details(server, browser, name: str):
     """A page on the Tenants view, anew, its keyboard focus on tenant `name`'s Revoke, drawn before the tenants'
@@ -81,6 +90,7 @@ def _revoke_focused_before_the_details(server, browser, name: str):
             page.reload()  # (the page anew: its details asked for under the route)
             page.locator(f'#tenants-table tr[data-tenant="{name}"] [data-action=revoke]').focus()
             page.wait_for_function("() => S.details.loading")
+            _until(page, lambda: held)
             assert held, "the details were not asked for"
             assert page.locator("#tenants-table [data-action=rotate]").count() == 0  # (no details yet)
             assert page.evaluate(FOCUS) == [name, "revoke", "BUTTON"]
@@ -112,6 +122,7 @@ def test_the_focus_goes_to_the_row_before_when_the_details_arrive_during_the_rev
         page.route(re.compile(r"/admin/tenants/team-d2$"), lambda route: deleting.append(route))
         page.keyboard.press("Enter")
         page.wait_for_function("() => S.calls > 0 && S.details.loading")
+        _until(page, lambda: deleting)
         assert len(deleting) == 1 and deleting[0].request.method == "DELETE"
         release()
         expect(page.locator('#tenants-table tr[data-tenant="team-d2"] [data-action=rotate]')).to_have_count(1)
