@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import struct
 import time
+from collections.abc import Callable
 
 from starlette.requests import Request
 
@@ -22,22 +23,28 @@ from controller.tenants import Tenant
 from token_scheduler.request import SamplingParams, l2_normalize
 
 
-def _too_long(me: ModelEntry, n: int, param: str, index: int | None) -> ServingError:
-    """An input to embed that the context cannot take: longer than the context (an input may fill it, as vLLM's
+def _too_long(me: ModelEntry, n: int, param: str, index: int | None, limit: int) -> ServingError:
+    """An input to embed that the context (`limit`) cannot take: longer than it (an input may fill it, as vLLM's
     pooling takes max_model_len tokens: no token is generated)."""
     which = f" {index}" if index is not None else ""
+    if limit < me.max_model_len:  # (Ollama's num_ctx, as its chat and generate name it: ollama._too_long)
+        return ServingError(400, f"The context is {limit} tokens (options.num_ctx; the model's is {me.max_model_len}); "
+                                 f"input{which} has {n} tokens.", param=param, code="context_length_exceeded")
     return ServingError(400, f"This model's maximum context length is {me.max_model_len} tokens; input{which} has {n} "
                              "tokens.", param=param, code="context_length_exceeded")
 
 
 def prompts_of(serving: OpenAIServing, me: ModelEntry, raw: str | list, truncate: int | None,
-               keep_end: bool = True, param: str = "input", empty: bool = False) -> list[list[int]]:
+               keep_end: bool = True, param: str = "input", empty: bool = False,
+               limit: int | None = None) -> list[list[int]]:
     """Each input's token ids (runs in the tokenize pool). `truncate`: an input longer keeps `truncate` tokens, its last
     (vLLM's truncate_prompt_tokens) or with `keep_end` False its first (Ollama's truncate); -1: as many as the context
     takes. None: an input the context cannot take is a 400. `empty` (Ollama's): an empty string is embedded as the
     tokens its tokenizer adds around any text (a Llama's BOS), as Ollama's runner embeds it; one that adds none has
-    nothing to embed: a 400 in the runner's words ("no input provided"). Otherwise an empty string is a 400."""
-    room = me.max_model_len  # (the step that ends the prefill draws one token, dropped: it takes no place)
+    nothing to embed: a 400 in the runner's words ("no input provided"). Otherwise an empty string is a 400.
+    `limit`: the context, where a request's is below the model's (Ollama's num_ctx); None: the model's."""
+    # (an input may fill it: the step that ends the prefill draws one token, dropped, which takes no place)
+    room = me.max_model_len if limit is None else limit
     keep = room if truncate == -1 else min(truncate, room) if truncate is not None else None
     items = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
     out = []
@@ -48,9 +55,9 @@ def prompts_of(serving: OpenAIServing, me: ModelEntry, raw: str | list, truncate
                 raise ServingError(400, f"input{f' {which}' if which is not None else ''} is an empty string",
                                    param=param)
             try:
-                ids = encode_prompt(me.tokenizer, x, None if keep is not None else me.max_model_len + 1)
+                ids = encode_prompt(me.tokenizer, x, None if keep is not None else room + 1)
             except PromptTooLong as e:
-                raise _too_long(me, e.n, param, which) from None
+                raise _too_long(me, e.n, param, which, room) from None
         else:
             ids = list(x)
         if not ids:  # (empty: an empty string whose tokenizer adds no token)
@@ -59,8 +66,8 @@ def prompts_of(serving: OpenAIServing, me: ModelEntry, raw: str | list, truncate
                                param=param)
         if keep is not None and len(ids) > keep:
             ids = (ids[len(ids) - keep:] if keep_end else ids[:keep]) if keep else []
-        elif len(ids) > me.max_model_len:
-            raise _too_long(me, len(ids), param, which)
+        elif len(ids) > room:
+            raise _too_long(me, len(ids), param, which, room)
         out.append(serving._check_ids(me, ids, param))
     return out
 
@@ -131,15 +138,18 @@ async def openai_embeddings(serving: OpenAIServing, req: p.EmbeddingRequest, ten
 
 
 async def ollama_embed(serving: OpenAIServing, tenant: Tenant, request: Request, model: str, raw: str | list[str],
-                       truncate: bool, dimensions: int | None, normalize: bool) -> tuple[list[list[float]], Tracked | None]:
+                       truncate: bool, dimensions: int | None, normalize: bool,
+                       context: Callable[[ModelEntry], int]) -> tuple[list[list[float]], Tracked | None]:
     """Ollama's: no input (an empty string or list) loads nothing and returns no vectors, as Ollama answers it; an
     empty string in a list is embedded as Ollama's runner embeds it (`prompts_of`'s `empty`); `dimensions` cuts
-    each vector and normalizes it again (`shorten`)."""
+    each vector and normalizes it again (`shorten`). `context`: the model's context as the request holds it (its
+    options.num_ctx), which an input is cut to (`truncate`) or else must fit."""
     me = serving.entry(tenant, model)
     ollama_dimensions(me, dimensions)
     if not raw:
         return [], None
-    prompts = await serving.offload(prompts_of, serving, me, raw, -1 if truncate else None, False, "input", True)
+    prompts = await serving.offload(prompts_of, serving, me, raw, -1 if truncate else None, False, "input", True,
+                                    context(me))
     vecs, gen = await embed(serving, me, tenant, request, prompts, "ollama", model)
     return [shorten(l2_normalize(v), dimensions) if normalize else v for v in vecs], gen
 

@@ -235,7 +235,7 @@ class EmbedRequest(_Loose):
     input: str | list[str] = ""
     truncate: bool = True  # an input longer than the context keeps its start (False: a 400)
     dimensions: int | None = None
-    options: Options | None = None  # (nothing in them changes an embedding)
+    options: Options | None = None  # (num_ctx: the context an input is cut to, `_embed`; the rest change nothing)
     keep_alive: Any = None
 
 
@@ -496,7 +496,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                 opened = req.prompt.rstrip().endswith(THINK_OPEN)
             req = _format_after_thinking(req, opened)
         me = serving.entry(tenant, req.model)
-        ctx = _context(me, body)
+        ctx = _context(me, body.options)
         context = None if chat else body.context
         if context is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
             raise ServingError(400, "context must be the token ids a previous /api/generate returned")
@@ -526,14 +526,17 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                 raise ServingError(400, f"{req.model} does not support tools (serve it with a tool-call parser: "
                                         "tokenpool serve MODEL_DIR --tool-call-parser hermes, or tool_call_parser: hermes in "
                                         "its configuration, for a model that writes hermes calls as Qwen2.5 does)")
-            if ctx < me.max_model_len:  # num_ctx: the prompt (counted first, for the reply's room) held to it
-                n = await serving.chat_prompt_tokens(tenant, req)
+            prompt: list[int] | None = None
+            if ctx < me.max_model_len:  # num_ctx: the prompt (rendered first, for the reply's room) held to it
+                prompt = await serving.chat_prompt_ids(tenant, req)
+                n = len(prompt)
                 if n >= ctx and not cut:
                     raise _too_long(me, n, "messages", ctx)
                 room = ctx - n if n < ctx else _cut(ctx, n, body)[1]
                 req = req.model_copy(update={"max_tokens": min(req.max_tokens or room, room)})
             return await serving.start_chat(req, tenant, ctl.new_id("ollama"), body.stream,
-                                            (lambda ids: _truncated(me, ids, body, "messages", ctx)) if cut else None)
+                                            (lambda ids: _truncated(me, ids, body, "messages", ctx)) if cut else None,
+                                            prompt=prompt)  # (that rendering fed, not rendered again)
 
         cut = False  # (chat) its last message alone is past the context: its prompt's tokens are cut
         while True:
@@ -756,12 +759,13 @@ MIN_CTX = 4  # Ollama's least num_ctx (its scheduler raises a smaller one to it)
 _capped: set[tuple[str, int]] = set()  # (model, num_ctx) pairs warned of (`_context`): once each
 
 
-def _context(me: Any, body: _Base) -> int:
+def _context(me: Any, options: Options | None) -> int:
     """The context a request runs in: Ollama's options.num_ctx, at least MIN_CTX, at most the model's max_model_len (a
     larger one is capped, with Ollama's warning, once per model and value); none sent (or not above 0): the model's.
     Ollama loads its runner with num_ctx; here the engine's context stays the model's, and the request is held to
-    num_ctx: its prompt cut to fit as one past the model's context is (`_truncated`), its reply's room what is left."""
-    n = body.options.num_ctx if body.options is not None else None
+    num_ctx: its prompt cut to fit as one past the model's context is (`_truncated`), its reply's room what is left;
+    an input to embed cut to it as well, or with `truncate: false` a 400 (`_embed`)."""
+    n = options.num_ctx if options is not None else None
     if n is None or n <= 0:
         return me.max_model_len
     if n > me.max_model_len:
@@ -1016,8 +1020,10 @@ async def _unless_gone(request: Request, run: Any) -> Response:
 
 
 async def _embed(request: Request, model: str, raw: str | list[str], truncate: bool, dimensions: int | None,
-                 normalize: bool, keep_alive: Any = None) -> tuple[list[list[float]], Tracked | None] | JSONResponse:
-    """The embeddings of `raw`, or the error response (refusals before the generation counted here, as `_run`'s)."""
+                 normalize: bool, keep_alive: Any = None,
+                 options: Options | None = None) -> tuple[list[list[float]], Tracked | None] | JSONResponse:
+    """The embeddings of `raw`, each input held to the context `options` ask (num_ctx: `_context`), or the error
+    response (refusals before the generation counted here, as `_run`'s)."""
     serving: OpenAIServing = request.app.state.serving
     tenant = None
     try:
@@ -1025,7 +1031,7 @@ async def _embed(request: Request, model: str, raw: str | list[str], truncate: b
         # (a keep_alive that is no duration: a 400 before any work, after the key's 401, counted as the others)
         _keep_alive_s(keep_alive)
         return await embeddings.ollama_embed(serving, tenant, request, served(request, tenant, model), raw, truncate,
-                                             dimensions, normalize)
+                                             dimensions, normalize, lambda me: _context(me, options))
     except ClientGone:
         return JSONResponse({}, status_code=499)
     except ServingError as e:
@@ -1046,7 +1052,7 @@ async def embed(request: Request) -> Response:
     """Ollama's: each input's embedding, L2-normalized, and the prompt's token count."""
     body = await _body(request, EmbedRequest, counted=True)
     got = await _embed(request, body.model, body.input, body.truncate, body.dimensions, normalize=True,
-                       keep_alive=body.keep_alive)
+                       keep_alive=body.keep_alive, options=body.options)
     if isinstance(got, Response):
         return got
     vecs, gen = got
@@ -1061,7 +1067,8 @@ async def embed(request: Request) -> Response:
 async def embeddings_legacy(request: Request) -> Response:
     """Ollama's older endpoint: one prompt's embedding, unnormalized (an empty prompt: an empty one)."""
     body = await _body(request, EmbeddingsRequest, counted=True)
-    got = await _embed(request, body.model, body.prompt, True, None, normalize=False, keep_alive=body.keep_alive)
+    got = await _embed(request, body.model, body.prompt, True, None, normalize=False, keep_alive=body.keep_alive,
+                       options=body.options)
     if isinstance(got, Response):
         return got
     if body.keep_alive is not None:

@@ -847,14 +847,16 @@ class OpenAIServing:
         return last.text() if last.role == ("assistant" if gen_prompt else last.role) else ""
 
     async def start_chat(self, req: p.ChatCompletionRequest, tenant: Tenant, rid: str, stream: bool,
-                         fit: Callable[[list[int]], list[int]] | None = None, first: int | None = None
-                         ) -> tuple[ModelEntry, ToolPlan | None, Tracked]:
+                         fit: Callable[[list[int]], list[int]] | None = None, first: int | None = None,
+                         prompt: list[int] | None = None) -> tuple[ModelEntry, ToolPlan | None, Tracked]:
         """A chat request's model, tool plan and admitted generation (tracked: whoever reads it closes it).
         `stream`: whether the API request (chat, Messages, Responses, Ollama) sends its reply as it is made. `fit`:
         the prompt's ids as they are fed, the caller's own cut of one past the context (Ollama's), else a 400.
         `first`: the generation's max_tokens where the request's is met in parts (a thinking budget, then the rest:
         thinking.Budgeted), the context held to the request's whole max_tokens all the same, the tenant charged for
-        it once, the rest made in the same request (`go_on`)."""
+        it once, the rest made in the same request (`go_on`). `prompt`: the prompt's ids where the caller rendered
+        them already (`chat_prompt_ids`: Ollama's, held to its num_ctx), fed through `fit` or as they are (the caller
+        has held them to the context), not rendered again."""
         me = self.entry(tenant, req.model)
         self._refuse_unsupported(req)
         if req.top_logprobs is not None and not req.logprobs:
@@ -871,10 +873,12 @@ class OpenAIServing:
         kwargs = effort_kwargs(me, req.reasoning_effort, check_template_kwargs(req.chat_template_kwargs))
         if tools is not None:
             kwargs = {**kwargs, "tools": tools.template_tools}
-        if fit is None:
+        if fit is None and prompt is None:
             ids = await self.offload(self._chat_prompt, me, req, kwargs)
         else:
-            ids = self._check_ids(me, fit(await self.offload(self._chat_prompt, me, req, kwargs, False)), "messages")
+            if prompt is None:
+                prompt = await self.offload(self._chat_prompt, me, req, kwargs, False)
+            ids = self._check_ids(me, fit(prompt) if fit is not None else prompt, "messages")
         if tools is not None and tools.think is False and opened(me, ids[-16:]):  # (the reply begins inside it)
             tools = tools.thinking(True)
             params = dataclasses.replace(params, grammar=tools.grammar)
@@ -942,14 +946,17 @@ class OpenAIServing:
     async def chat_prompt_tokens(self, tenant: Tenant, chat: p.ChatCompletionRequest) -> int:
         """How many tokens a chat request's prompt is, as it would be fed (the template, with its tools'
         declarations); nothing is generated (Anthropic's count_tokens, Responses' input_tokens)."""
+        return len(await self.chat_prompt_ids(tenant, chat))
+
+    async def chat_prompt_ids(self, tenant: Tenant, chat: p.ChatCompletionRequest) -> list[int]:
+        """A chat request's prompt's ids as start_chat renders them (no length limit), which it takes (`prompt`)."""
         me = self.lookup(tenant, chat.model)
         tools = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, me.spec.tool_call_parser)
         # (as start_chat renders it)
         kwargs = effort_kwargs(me, chat.reasoning_effort, check_template_kwargs(chat.chat_template_kwargs))
         if tools is not None:
             kwargs = {**kwargs, "tools": tools.template_tools}
-        ids = await self.offload(self._chat_prompt, me, chat, kwargs, False)
-        return len(ids)
+        return await self.offload(self._chat_prompt, me, chat, kwargs, False)
 
     def _chat_prompt(self, me: ModelEntry, req: p.ChatCompletionRequest | p.TokenizeRequest, kwargs: dict[str, Any],
                      limit: bool = True) -> list[int]:
