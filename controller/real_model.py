@@ -22,11 +22,13 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import traceback
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -400,13 +402,22 @@ def ensure_gguf(gguf: Path, cache: Path) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     log.warning("converting %s to a safetensors folder at %s (once)", gguf, out)
-    p = subprocess.Popen([*CONVERTER, "--gguf", str(gguf), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    with children.ended_at_exit(p):  # (a start-up stopped by a signal does not wait for it: it ends with the server)
-        _, err = p.communicate()
+    r, w = os.pipe()
+    with open(r, encoding="utf-8", errors="replace") as reason:
+        try:  # at a terminal the child's stderr is the server's, for its progress bar (drawn at a terminal only:
+            # convert_gguf), which a pipe hid; in a log, none of its lines. Its own session, as the default's maker's:
+            # a Ctrl-C for the server is not the child's (children.stop_all ends it), nor its traceback on the terminal
+            p = subprocess.Popen([*CONVERTER, "--gguf", str(gguf), str(out), "--result-fd", str(w)], pass_fds=(w,),
+                                 stdout=subprocess.DEVNULL, stderr=None if sys.stderr.isatty() else subprocess.PIPE,
+                                 text=True, start_new_session=True)
+        finally:
+            os.close(w)
+        with children.ended_at_exit(p):  # (a start-up stopped by a signal does not wait for it: it ends with the server)
+            _, err = p.communicate()
+        why = reason.read().strip()  # (else, one that never reached main: an import's error, stderr's last line)
     if p.returncode != 0:
-        lines = [x for x in err.strip().splitlines() if x.strip()]
-        raise RuntimeError(f"{gguf} cannot be converted: {lines[-1] if lines else f'exit {p.returncode}'}")
+        lines = [x for x in (err or "").splitlines() if x.strip()]
+        raise RuntimeError(f"{gguf} cannot be converted: {why or (lines[-1] if lines else f'exit {p.returncode}')}")
     return out
 
 
@@ -421,12 +432,22 @@ def main(argv: list[str] | None = None) -> int:
                                              "--gguf FILE) to a safetensors model folder; prints the folder.")
     ap.add_argument("out_dir", nargs="?", type=Path, help=f"the folder (default: {cache_dir() / REAL_MODEL})")
     ap.add_argument("--gguf", type=Path, metavar="FILE", help="convert this GGUF instead (OUT_DIR required)")
+    ap.add_argument("--result-fd", type=int, default=None, metavar="FD",
+                    help="with --gguf: where the reason of a failure is written (its traceback's last line), not stderr")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     if a.gguf is not None:
         if a.out_dir is None:
             ap.error("--gguf FILE needs OUT_DIR")
-        print(convert_gguf(a.gguf, a.out_dir, source=str(a.gguf.resolve())))
+        try:
+            print(convert_gguf(a.gguf, a.out_dir, source=str(a.gguf.resolve())))
+        except Exception as e:
+            if a.result_fd is None:
+                raise
+            lines = [x for x in "".join(traceback.format_exception_only(e)).splitlines() if x.strip()]
+            with os.fdopen(a.result_fd, "w") as f:  # (ensure_gguf's reason: its traceback's last line)
+                f.write(lines[-1] + "\n")
+            return 1
     else:
         print(ensure_smollm2(a.out_dir or cache_dir() / REAL_MODEL))
     return 0
