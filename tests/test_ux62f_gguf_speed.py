@@ -103,12 +103,11 @@ def test_the_default_models_gguf_read_alike(tmp_path):
     assert len(bulk.fields["tokenizer.ggml.tokens"].data) == 49152 and len(bulk.tensors) == 272
 
 
-def test_the_conversion_is_byte_for_byte_the_old_one(tmp_path, monkeypatch):
-    """The default model converted with the bulk reader and with gguf's own (the conversion before it): every file of
-    the folder alike, byte for byte -- the safetensors (every tensor), config.json, the tokenizer's files, the
-    generation config, the marker."""
-    path = real_model.find_gguf(tmp_path)
-    new = real_model.convert_gguf(path, tmp_path / "new")
+def test_the_conversion_is_byte_for_byte_the_old_one(gguf_conversion, tmp_path, monkeypatch):
+    """The default model converted with the bulk reader (the session's conversion, `gguf_conversion`) and with gguf's
+    own (the conversion before it): every file of the folder alike, byte for byte -- the safetensors (every tensor),
+    config.json, the tokenizer's files, the generation config, the marker."""
+    path, new, _ = gguf_conversion
     monkeypatch.setattr(real_model, "_bulk_arrays", lambda reader: reader)
     old = real_model.convert_gguf(path, tmp_path / "old")
     names = sorted(p.name for p in new.iterdir())

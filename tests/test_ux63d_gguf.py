@@ -35,14 +35,18 @@ def test_each_block_type_dequantised_as_gguf_does(monkeypatch, qtype):
         real_model._dequantize(np.zeros((2, size + 1), np.uint8), q)
 
 
-def test_the_conversion_dequantises_ahead_and_byte_for_byte_the_old_one(tmp_path, monkeypatch):
-    """The default model converted with AHEAD on: every tensor made on the conversion's own thread, and none by gguf
-    where transformers asked for it (the thread read the file through the conversion's reader: the same memory map);
-    each file of the folder alike, by sha256, to the conversion with AHEAD off (gguf's dequantisation, each tensor
-    where transformers asks for it)."""
+def test_the_conversion_dequantises_ahead_and_byte_for_byte_the_old_one(gguf_conversion, tmp_path, monkeypatch):
+    """The default model converted with AHEAD on (the session's conversion, `gguf_conversion`): every tensor made on
+    the conversion's own thread, and none by gguf where transformers asked for it (the thread read the file through
+    the conversion's reader: the same memory map); each file of the folder alike, by sha256, to the conversion with
+    AHEAD off (gguf's dequantisation, each tensor where transformers asks for it)."""
     import gguf
 
-    path = real_model.find_gguf(tmp_path)
+    path, new, made_on = gguf_conversion
+    assert made_on["ours"] == ["gguf-dequantize"] * 272
+    assert made_on["gguf"] == ["gguf-dequantize"] * 61  # (the F32 tensors, views of the file; on the thread)
+    assert made_on["left"] == []  # (ended with the conversion)
+
     ours, theirs = [], []
 
     def recorded(made, into):
@@ -54,15 +58,8 @@ def test_the_conversion_dequantises_ahead_and_byte_for_byte_the_old_one(tmp_path
     monkeypatch.setattr(real_model, "_dequantize", recorded(real_model._dequantize, ours))
     gguf_own = recorded(gguf.quants.dequantize, theirs)
     monkeypatch.setattr(gguf, "dequantize", gguf_own)  # (transformers': gguf's name, not the module's)
-    monkeypatch.setattr(gguf.quants, "dequantize", gguf_own)  # (_dequantize's, for F32)
-    new = real_model.convert_gguf(path, tmp_path / "new")
-    assert ours == ["gguf-dequantize"] * 272
-    assert theirs == ["gguf-dequantize"] * 61  # (the F32 tensors, views of the file; on the thread)
-    assert not [t for t in threading.enumerate() if t.name == "gguf-dequantize"]  # (ended with the conversion)
-
+    monkeypatch.setattr(gguf.quants, "dequantize", gguf_own)
     monkeypatch.setattr(real_model, "AHEAD", False)
-    ours.clear()
-    theirs.clear()
     old = real_model.convert_gguf(path, tmp_path / "old")
     assert ours == [] and theirs == ["MainThread"] * 272
 
