@@ -35,7 +35,11 @@ def test_converted_folder_is_complete_and_reused(smollm2):
 def test_serve_a_gguf_file(smollm2, tmp_path, monkeypatch):
     """`tokenpool serve FILE.gguf` (as llama.cpp and Ollama keep models): converted once, in a child process, into the
     cache -- the same weights as the default's conversion of that file -- and served under the file's name; a second
-    start reuses the conversion; a file that is no GGUF: exit 2 and one line."""
+    start reuses the conversion; a file that is no GGUF: exit 2 and one line. The same file as a configuration's
+    `models[].path` (a llama-swap user's models are GGUF files; tests/test_ux65g_gguf_config.py), served beside it
+    (`tokenpool serve --config C FILE.gguf`): both listed, both answer a greedy chat completion through the official
+    client with the same text, from the one conversion ('converting' said at most twice: the "accepting connections:
+    converting" line and its own)."""
     import os
     import signal
     import socket
@@ -45,6 +49,7 @@ def test_serve_a_gguf_file(smollm2, tmp_path, monkeypatch):
 
     import httpx
     import openai
+    import yaml
 
     from controller.serve import model_specs
     from load_tests.live_server import REPO_ROOT, terminal_signals
@@ -54,7 +59,9 @@ def test_serve_a_gguf_file(smollm2, tmp_path, monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    p = subprocess.Popen([sys.executable, "-m", "controller.serve", str(gguf), "--port", str(port)], cwd=REPO_ROOT,
+    (cfg := tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "listen": {"host": "127.0.0.1", "port": port}, "models": [{"name": "smol", "path": str(gguf)}]}))
+    p = subprocess.Popen([sys.executable, "-m", "controller.serve", "--config", str(cfg), str(gguf)], cwd=REPO_ROOT,
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          preexec_fn=terminal_signals())
     # a file that is no GGUF, served meanwhile (the conversion above keeps one core; this takes ~3 s of the other)
@@ -73,17 +80,19 @@ def test_serve_a_gguf_file(smollm2, tmp_path, monkeypatch):
                 pass
             time.sleep(0.5)
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-        assert [m.id for m in c.models.list()] == ["SmolLM2-135M-Instruct.Q4_1"]
-        r = c.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", max_tokens=8, temperature=0,
-                                      messages=[{"role": "user", "content": "What is the capital of France?"}])
-        assert "Paris" in r.choices[0].message.content
+        assert [m.id for m in c.models.list()] == ["smol", "SmolLM2-135M-Instruct.Q4_1"]
+        said = [c.chat.completions.create(model=name, max_tokens=8, temperature=0, messages=[
+            {"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content
+            for name in ("smol", "SmolLM2-135M-Instruct.Q4_1")]
+        assert said[0] == said[1] and "Paris" in said[0], said
         _, err = b.communicate(timeout=120)
     finally:
         p.send_signal(signal.SIGINT)
-        p.wait(60)
+        _, log = p.communicate(timeout=60)
         if b.poll() is None:
             b.kill()
             b.communicate()
+    assert log.count("converting ") <= 2, log
     folder = real_model.gguf_folder(gguf, tmp_path / "cache")
     assert (folder / "model.safetensors").read_bytes() == (smollm2 / "model.safetensors").read_bytes()
     mtime = (folder / "model.safetensors").stat().st_mtime_ns

