@@ -7,7 +7,6 @@ in-process, as tests/test_operator_lifecycle.py."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import uuid
 
@@ -36,9 +35,27 @@ def _counted(kube, n: int):
     return check
 
 
+# What the rounds read of the controller, a round of each object: the pool's engines, the model's models, the
+# tenant's tenants and models
+ROUND_READS = {"/admin/engines": 1, "/admin/models": 2, "/admin/tenants": 1}
+
+
+def _rounds(fake, n: int):
+    """A check that the objects' rounds ran `n` more times each (by their reads) than when it was made."""
+    before = {p: fake.count("GET", p) for p in ROUND_READS}
+
+    async def check() -> bool:
+        return all(fake.count("GET", p) >= before[p] + k * n for p, k in ROUND_READS.items())
+
+    return check
+
+
 @pytest.mark.asyncio
 @pytest.mark.timeout(120)
 async def test_ready_and_recovered_are_normal_events_and_a_degraded_status_keeps_nothing_stale(tmp_path, monkeypatch):
+    from controller.operator import handlers
+
+    monkeypatch.setattr(handlers, "UNAVAILABLE_RETRY_S", 1.0)  # (a round as soon as the controller is back)
     async with operator_world(tmp_path, monkeypatch, port_range=PORTS, secrets=SECRETS) as w:
         kube, fake = w.kube, w.fake
         async with Operator():
@@ -51,7 +68,7 @@ async def test_ready_and_recovered_are_normal_events_and_a_degraded_status_keeps
             m = await kube.get("pooledmodels", "m")
             assert m["status"]["ready"] is True and m["status"]["replicas"] == 1
             assert (await kube.get("gpupools", "default"))["status"]["enginesReady"] == 1
-            await asyncio.sleep(3)  # timer rounds every second: still Ready, no other event
+            await _until("two more rounds", _rounds(fake, 2))  # still Ready, no other event
             for _, name, reason in OBJECTS:
                 assert [e["reason"] for e in _normal(kube, name)] == [reason], name
 
@@ -70,7 +87,7 @@ async def test_ready_and_recovered_are_normal_events_and_a_degraded_status_keeps
             for plural, name, reason in OBJECTS:
                 await _until(f"{plural}/{name} {reason} again", lambda p=plural, n=name, r=reason: _reason(kube, p, n, r))
             await _until("a second Normal event each", _counted(kube, 2))
-            await asyncio.sleep(3)
+            await _until("two more rounds", _rounds(fake, 2))
             for _, name, reason in OBJECTS:
                 events = _normal(kube, name)
                 assert [e["reason"] for e in events] == [reason, reason], name

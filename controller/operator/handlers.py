@@ -460,8 +460,13 @@ def _api_message(e: ApiException) -> str:
         return str(e.body or "")[:300]
 
 
+# How long a round or a change handler that could not reach the controller waits before kopf runs it again (a
+# timer's next round too: its interval does not apply until a round went through).
+UNAVAILABLE_RETRY_S = 5.0
+
+
 def _unavailable(e: AdminUnavailable) -> kopf.TemporaryError:
-    return kopf.TemporaryError(f"controller unavailable: {e}", delay=5)
+    return kopf.TemporaryError(f"controller unavailable: {e}", delay=UNAVAILABLE_RETRY_S)
 
 
 # --- GPUPool ---
