@@ -69,6 +69,9 @@ async def test_a_degraded_round_on_a_snapshot_older_than_serving_keeps_nothing_o
     with (empty): Degraded, and neither ready, registered, engines nor replicas. Back to Serving; down again, seen by
     a round whose snapshot is the Degraded one before (its condition, its message): the status is that Degraded, not
     the Serving in between."""
+    from controller.operator import handlers
+
+    monkeypatch.setattr(handlers, "UNAVAILABLE_RETRY_S", 1.0)  # (the round after the lagging one a second on)
     lag = Lag(monkeypatch)
     async with operator_world(tmp_path, monkeypatch, port_range=PORTS) as w:
         kube, fake = w.kube, w.fake
