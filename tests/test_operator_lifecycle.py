@@ -5,7 +5,6 @@ the same against a live `tokenpool serve`."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 
 import pytest
@@ -80,11 +79,14 @@ async def test_deletes_in_any_order_leave_nothing_behind(world):
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(120)
-async def test_a_delete_while_the_controller_is_gone_says_so_and_finishes_when_it_is_back(world):
+async def test_a_delete_while_the_controller_is_gone_says_so_and_finishes_when_it_is_back(world, monkeypatch):
     """The controller's Deployment deleted (or not ready) when a PooledModel and a Tenant are deleted: their
     finalizers cannot remove them from the controller, so the objects stay (a tenant's keys must not outlive it),
     and each says why (Degraded, ControllerUnavailable) instead of still showing Ready; once the controller is
     back, both finish and nothing is left."""
+    from controller.operator import handlers
+
+    monkeypatch.setattr(handlers, "UNAVAILABLE_RETRY_S", 1.0)  # (the finalizers try again a second apart)
     kube, fake = world
     async with Operator():
         await kube.create("gpupools", _obj("GPUPool", "default", {}))
@@ -179,12 +181,27 @@ async def test_a_resource_turning_degraded_is_a_warning_event_once(world):
         await _until("PoolNotFound", lambda: _reason(kube, "pooledmodels", "m", "PoolNotFound"))
         await _until("SecretNotFound", lambda: _reason(kube, "tenants", "t", "SecretNotFound"))
         await _until("the events", _both_events(kube))
-        await asyncio.sleep(3)  # timer rounds every second: still Degraded, for the same reason
+        await _until("two more rounds of each", _rounds(kube, fake, 2))  # still Degraded, for the same reason
         for name, reason, what, kind in (("m", "PoolNotFound", "'nowhere'", "PooledModel"),
                                          ("t", "SecretNotFound", "'missing'", "Tenant")):
             events = _events(kube, name, reason)
             assert len(events) == 1, (name, events)
             assert what in events[0]["message"] and events[0]["involvedObject"]["kind"] == kind
+
+
+def _rounds(kube: Cluster, fake: FakeController, n: int):
+    """A check that m's and t's rounds ran `n` more times each than when it was made: m's reads of its pool
+    'nowhere', t's of the controller's tenants."""
+    def counts() -> tuple[int, int]:
+        pool = sum(1 for r in kube.k8s if r.method.value == "GET" and r.url.path.endswith("/gpupools/nowhere"))
+        return pool, fake.count("GET", "/admin/tenants")
+
+    before = counts()
+
+    async def check() -> bool:
+        return all(now >= b + n for now, b in zip(counts(), before))
+
+    return check
 
 
 def _both_events(kube: Cluster):
