@@ -101,22 +101,23 @@ def test_errors_are_told_apart(server):
         AdminClient(f"http://127.0.0.1:{kmock_util.free_port()}", ADMIN, timeout_s=2).models.by_name()
 
 
-def test_operator_command_says_what_it_needs(tmp_path):
-    """In a subprocess: importing the handlers fixes the resync interval for this process's other tests."""
+def test_operator_command_says_what_it_needs(monkeypatch):
+    """`tokenpool operator` without its admin token, or with both --namespace and --all-namespaces: exit 2, saying
+    so (through CliRunner, as tests/test_ux56_operator_cli_env.py: kopf never starts)."""
     import os
-    import subprocess
-    import sys
 
-    from load_tests.live_server import REPO_ROOT
+    import kopf
+    from typer.testing import CliRunner
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENPOOL_")}
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    r = subprocess.run([sys.executable, "-m", "controller.cli", "operator", "-n", "x"], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "TOKENPOOL_ADMIN_TOKEN" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "controller.cli", "operator", "-n", "x", "-A"], capture_output=True,
-                       env=dict(env, TOKENPOOL_ADMIN_TOKEN="t"), cwd=tmp_path, text=True, timeout=60)
-    assert r.returncode == 2 and "not both" in r.stderr
+    from controller.cli import app
+
+    monkeypatch.setattr(kopf, "run", lambda **kw: pytest.fail("kopf started"))
+    for k in [k for k in os.environ if k.startswith("TOKENPOOL_")]:
+        monkeypatch.delenv(k)
+    r = CliRunner().invoke(app, ["operator", "-n", "x"])
+    assert r.exit_code == 2 and "TOKENPOOL_ADMIN_TOKEN" in r.output, r.output
+    r = CliRunner().invoke(app, ["operator", "-n", "x", "-A"], env={"TOKENPOOL_ADMIN_TOKEN": "t"})
+    assert r.exit_code == 2 and "not both" in r.output, r.output
 
 
 def test_a_rename_before_the_status_landed_still_removes_the_old_name(admin, monkeypatch):
