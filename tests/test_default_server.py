@@ -49,6 +49,13 @@ def ask_france(srv, model: str, stream: bool = False) -> str:
 
 def test_models_real_and_demo(server):
     assert [m.id for m in client(server).models.list()] == [REAL_MODEL, "smollm2", *DEMOS]  # (its alias too)
+    # SmolLM2 is preloaded (the module's first request to it: this file's first test): its first request waits for no
+    # weights (Ollama's load_duration ~0); it used to copy them in (0.5 GiB), beside the standby's start-up on a
+    # 2-core host (~0.3 s there, idle; ~1 ms now: its slot made current)
+    r = httpx.post(server.url + "/api/generate", json={"model": "smollm2", "prompt": "Say hi", "stream": False,
+                                                        "options": {"num_predict": 2, "temperature": 0}}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["load_duration"] < 50_000_000 and r.json()["eval_count"] >= 1, r.json()
 
 
 def test_smollm2_knows_paris(server):

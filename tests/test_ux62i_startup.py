@@ -6,7 +6,9 @@ workers used to start only after that, their start-up (torch, transformers, the 
 then standing between the models and ready. They start beside it now, and join -- their settings carry the models' KV
 sizes -- once the models are made. A worker's warm-up imports the served architectures' configuration classes too
 (llama's pulls torch.distributed.tensor in through transformers' activations: ~0.7 s), which its first registration
-used to import (after the models were made, on a first run; by a promoted standby, after its takeover)."""
+used to import (after the models were made, on a first run; by a promoted standby, after its takeover). The default's
+SmolLM2, preloaded, waits for no weights at its first request: tests/test_default_server.py's
+test_models_real_and_demo."""
 
 from __future__ import annotations
 
@@ -128,19 +130,3 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
-
-
-def test_the_defaults_real_model_is_in_the_arena_before_its_first_request(smollm2, tmp_path, shm):
-    """`tokenpool serve` (the embedded default): SmolLM2 is preloaded, so the first request waits for no weights
-    (Ollama's load_duration ~0): it used to copy them in (0.5 GiB), beside the standby's start-up on a 2-core host."""
-    from load_tests.live_server import LiveServer
-
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "smollm2-135m-instruct").symlink_to(smollm2)  # (converted once per machine: the fixture's)
-    with LiveServer(None, tmp_path / "srv", env={"TOKENPOOL_CACHE": str(cache), "TOKENPOOL_SHM_DIR": str(shm)}) as srv:
-        r = httpx.post(srv.url + "/api/generate", json={"model": "smollm2", "prompt": "Say hi", "stream": False,
-                                                         "options": {"num_predict": 2, "temperature": 0}}, timeout=60)
-        assert r.status_code == 200, r.text
-        # (~1 ms: its slot made current; the copy it made without the preload: ~0.3 s on an idle 2-core host)
-        assert r.json()["load_duration"] < 50_000_000 and r.json()["eval_count"] >= 1, r.json()
