@@ -18,9 +18,11 @@ import openai
 import pytest
 
 from tests.ports import live_server_on
+from tests.ux66c_at_once import at_once
 
 PORTS = range(26500, 26600)
 HI = [{"role": "user", "content": "Say hi"}]
+SHORT = [*HI, {"role": "assistant", "content": "Hi!"}, *HI]  # (greedy: "Hey!" and the EOS, three tokens)
 COUNT = "1, 2, 3, 4, 5,"  # (greedy: " 6, 7, 8, ...", each number three tokens: " ", the digit, ",")
 
 
@@ -44,8 +46,8 @@ def _tokenize(server, **body) -> dict:
 
 
 def _chat(client, stream: bool, **extra) -> tuple[str, str | None, object]:
-    """(content, finish_reason, stop_reason) of a greedy chat reply to HI, streamed or not."""
-    kw = dict(model="smol", messages=HI, max_tokens=120, temperature=0, extra_body=extra)
+    """(content, finish_reason, stop_reason) of a greedy chat reply to SHORT, streamed or not."""
+    kw = dict(model="smol", messages=SHORT, max_tokens=20, temperature=0, extra_body=extra)
     if not stream:
         ch = client.chat.completions.create(**kw).choices[0]
         return ch.message.content, ch.finish_reason, ch.model_extra.get("stop_reason")
@@ -61,7 +63,7 @@ def _chat(client, stream: bool, **extra) -> tuple[str, str | None, object]:
 def _completion(client, stream: bool, **extra) -> tuple[str, str | None, object]:
     """(text, finish_reason, stop_reason) of a greedy completion of COUNT, streamed or not."""
     stop = extra.pop("stop", None)
-    kw = dict(model="smol", prompt=COUNT, max_tokens=20, temperature=0, stop=stop, extra_body=extra)
+    kw = dict(model="smol", prompt=COUNT, max_tokens=12, temperature=0, stop=stop, extra_body=extra)
     if not stream:
         ch = client.completions.create(**kw).choices[0]
         return ch.text, ch.finish_reason, ch.model_extra.get("stop_reason")
@@ -78,13 +80,15 @@ def _completion(client, stream: bool, **extra) -> tuple[str, str | None, object]
 def test_the_eos_that_ended_a_reply_is_not_in_its_text(client, stream):
     """skip_special_tokens false shows the special tokens a reply holds, not the EOS that ended it (vLLM's); with
     include_stop_str_in_output it is kept, as vLLM keeps it."""
-    text, finish, stop = _chat(client, stream, skip_special_tokens=False)
+    (text, finish, stop), (kept, kept_finish, _), skipped = at_once(
+        lambda: _chat(client, stream, skip_special_tokens=False),
+        lambda: _chat(client, stream, skip_special_tokens=False, include_stop_str_in_output=True),
+        lambda: _chat(client, stream))
     assert finish == "stop" and stop is None, (text, finish, stop)
     assert text and "<|im_end|>" not in text, text
-    kept, finish, _ = _chat(client, stream, skip_special_tokens=False, include_stop_str_in_output=True)
-    assert finish == "stop" and kept == text + "<|im_end|>", (kept, text)
+    assert kept_finish == "stop" and kept == text + "<|im_end|>", (kept, text)
     # (skipped, as by default, the text is the same)
-    assert _chat(client, stream)[0] == text
+    assert skipped[0] == text
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -92,19 +96,19 @@ def test_a_stop_token_id_is_not_in_the_text(server, client, stream):
     """A stop_token_ids' ordinary token ends the reply without its text (stop_reason its id), as vLLM's; kept with
     include_stop_str_in_output."""
     [comma] = _tokenize(server, prompt=",", add_special_tokens=False)["tokens"]
-    assert _completion(client, stream) == (" 6, 7, 8, 9, 10, 11,", "length", None)
-    assert _completion(client, stream, stop_token_ids=[comma]) == (" 6", "stop", comma)
-    assert _completion(client, stream, stop_token_ids=[comma], include_stop_str_in_output=True) == (" 6,", "stop",
-                                                                                                     comma)
+    assert at_once(lambda: _completion(client, stream), lambda: _completion(client, stream, stop_token_ids=[comma]),
+                   lambda: _completion(client, stream, stop_token_ids=[comma], include_stop_str_in_output=True)) == [
+        (" 6, 7, 8, 9,", "length", None), (" 6", "stop", comma), (" 6,", "stop", comma)]
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_min_tokens_holds_off_stop_strings(client, stream):
     """A stop string ends the output only once it has min_tokens tokens, as vLLM's: " 7" within the first ten
     tokens does not stop it; one past min_tokens does."""
-    assert _completion(client, stream, stop=" 7") == (" 6,", "stop", " 7")
-    assert _completion(client, stream, stop=" 7", min_tokens=10) == (" 6, 7, 8, 9, 10, 11,", "length", None)
-    assert _completion(client, stream, stop=" 8", min_tokens=4) == (" 6, 7,", "stop", " 8")
+    assert at_once(lambda: _completion(client, stream, stop=" 7"),
+                   lambda: _completion(client, stream, stop=" 7", min_tokens=10),
+                   lambda: _completion(client, stream, stop=" 8", min_tokens=4)) == [
+        (" 6,", "stop", " 7"), (" 6, 7, 8, 9,", "length", None), (" 6, 7,", "stop", " 8")]
 
 
 def test_a_chat_template_of_the_clients_own_is_a_400(server, client):
@@ -151,11 +155,12 @@ def test_chat_echo_starts_the_reply_with_the_message_it_continues(client, stream
         return out
 
     go_on = dict(continue_final_message=True, add_generation_prompt=False)
-    [rest, rest2] = reply(start, **go_on)
+    [rest, rest2], echoed, echoed_too, hi_echoed, hi = at_once(
+        lambda: reply(start, **go_on), lambda: reply(start, echo=True, **go_on),
+        lambda: reply(start, echo=True, continue_final_message=True), lambda: reply(HI, echo=True), lambda: reply(HI))
     assert rest and rest == rest2, rest
-    assert reply(start, echo=True, **go_on) == ["Hello, my name" + rest] * 2
-    assert reply(start, echo=True, continue_final_message=True) == ["Hello, my name" + rest] * 2
-    assert reply(HI, echo=True) == reply(HI)  # (the user's message: not the reply's role)
+    assert echoed == echoed_too == ["Hello, my name" + rest] * 2
+    assert hi_echoed == hi  # (the user's message: not the reply's role)
     with pytest.raises(openai.BadRequestError) as ei:
         client.chat.completions.create(model="smol", messages=HI, max_tokens=2, extra_body={"echo": True},
                                        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
