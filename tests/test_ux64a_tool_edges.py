@@ -28,6 +28,7 @@ import pytest
 from controller.api.structured import HERMES_CLOSE, HERMES_OPEN
 from tests.ports import live_server_on
 from tests.test_ux61i_agents import PARAMS, THINKING_TEMPLATE, templated
+from tests.ux66c_at_once import at_once
 
 PORTS = range(28800, 28850)
 CALL = HERMES_OPEN + '{"name": "get_weather", "arguments": {"city": "%s"}}' + HERMES_CLOSE
@@ -108,17 +109,24 @@ def test_a_call_written_inside_the_think_block_is_thinking(server, oai, stream):
     """Chat both ways (its reply and its stream went wrong each its own way); the grammar, which Responses and Ollama
     share with it, once each (Responses streamed, Ollama not: each gave it all as reasoning, either way)."""
     paris = ("get_weather", '{"city": "Paris"}')
-    assert chat(oai, stream, "qthink", ASK_THINKS, 90) == (f"{THOUGHT}\n\n", [paris], "tool_calls")
     if not stream:  # (a reply that only thinks so: its think block the content, no call; the reply parsed one)
-        assert chat(oai, stream, "qthink", ASK_THINKS_ONLY, 90) == (THOUGHT, [], "stop")
-        content, thinking, calls, why = ollama_chat(server, stream, "qthink", ASK_THINKS, 90)
+        got, only, (content, thinking, calls, why) = at_once(
+            lambda: chat(oai, stream, "qthink", ASK_THINKS, 90), lambda: chat(oai, stream, "qthink", ASK_THINKS_ONLY, 90),
+            lambda: ollama_chat(server, stream, "qthink", ASK_THINKS, 90))
+        assert got == (f"{THOUGHT}\n\n", [paris], "tool_calls")
+        assert only == (THOUGHT, [], "stop")
         assert (content, calls, why) == ("", [("get_weather", {"city": "Paris"})], "stop")
         assert thinking == THOUGHT.removeprefix("<think>\n").removesuffix("\n</think>")
         return
-    kw = {"model": "qthink", "input": ASK_THINKS, "tools": [FN], "max_output_tokens": 90, "temperature": 0}
-    with oai.responses.stream(**kw) as s:
-        list(s)
-        r = s.get_final_response()
+
+    def respond():
+        kw = {"model": "qthink", "input": ASK_THINKS, "tools": [FN], "max_output_tokens": 90, "temperature": 0}
+        with oai.responses.stream(**kw) as s:
+            list(s)
+            return s.get_final_response()
+
+    got, r = at_once(lambda: chat(oai, stream, "qthink", ASK_THINKS, 90), respond)
+    assert got == (f"{THOUGHT}\n\n", [paris], "tool_calls")
     assert [o.type for o in r.output] == ["reasoning", "function_call"] and r.status == "completed", r.output
     assert r.output[0].content[0].text == THOUGHT.removeprefix("<think>\n").removesuffix("\n</think>")
     assert (r.output[1].name, r.output[1].arguments) == paris
@@ -126,26 +134,29 @@ def test_a_call_written_inside_the_think_block_is_thinking(server, oai, stream):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_whitespace_before_the_calls_is_no_text(server, oai, stream):
-    assert chat(oai, stream, "smol", ASK_SPACED, 40) == (None, [("get_weather", '{"city": "Paris"}')], "tool_calls")
-    assert ollama_chat(server, stream, "smol", ASK_SPACED, 40) == (
-        "", "", [("get_weather", {"city": "Paris"})], "stop")
+    got, ollama = at_once(lambda: chat(oai, stream, "smol", ASK_SPACED, 40),
+                          lambda: ollama_chat(server, stream, "smol", ASK_SPACED, 40))
+    assert got == (None, [("get_weather", '{"city": "Paris"}')], "tool_calls")
+    assert ollama == ("", "", [("get_weather", {"city": "Paris"})], "stop")
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_call_cut_once_its_name_is_whole_is_a_call(server, oai, stream):
     # (max_tokens 15: `<tool_call>\n{"name": "get_weather", "`; 18: `..."arguments": {"`)
-    assert chat(oai, stream, "smol", ASK, 15) == (None, [("get_weather", "")], "length")
-    assert chat(oai, stream, "smol", ASK, 18) == (None, [("get_weather", '{"')], "length")
+    at15, at18, ollama = at_once(lambda: chat(oai, stream, "smol", ASK, 15), lambda: chat(oai, stream, "smol", ASK, 18),
+                                 lambda: ollama_chat(server, stream, "smol", ASK, 15))
+    assert at15 == (None, [("get_weather", "")], "length")
+    assert at18 == (None, [("get_weather", '{"')], "length")
     # (Ollama's gives whole calls only: the rest as content, as its parser gives back what it could not parse)
-    assert ollama_chat(server, stream, "smol", ASK, 15) == (
-        HERMES_OPEN + '{"name": "get_weather", "', "", [], "length")
+    assert ollama == (HERMES_OPEN + '{"name": "get_weather", "', "", [], "length")
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_call_cut_before_its_name_is_dropped(server, oai, stream):
     # (max_tokens 7: `<tool_call>\n{"`, 6: `<tool_call>\n`)
-    for n in (6, 7):
-        assert chat(oai, stream, "smol", ASK, n) == (None, [], "length")
-        assert ollama_chat(server, stream, "smol", ASK, n) == ("", "", [], "length")
+    *cut, at4 = at_once(*(lambda n=n: chat(oai, stream, "smol", ASK, n) for n in (6, 7)),
+                        *(lambda n=n: ollama_chat(server, stream, "smol", ASK, n) for n in (6, 7)),
+                        lambda: chat(oai, stream, "smol", ASK, 4))
+    assert cut == [(None, [], "length")] * 2 + [("", "", [], "length")] * 2
     # (text that only begins as a call's opening does is text)
-    assert chat(oai, stream, "smol", ASK, 4) == ("<tool_call", [], "length")
+    assert at4 == ("<tool_call", [], "length")
