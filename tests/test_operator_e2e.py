@@ -229,8 +229,10 @@ async def _scenario(admin, srv, start_controller, tmp_path, monkeypatch, admin_t
         assert first.output.count("admin PATCH /admin/models/pace-m") == 1
         assert "admin DELETE /admin/models/pace-m" not in first.output
 
-        async with Operator() as second:
-            await asyncio.sleep(4)  # resume handlers, then timer rounds (every second)
+        tenant_reads = _secret_reads(k8s, "team-a-keys")
+        with _rounds_seen(monkeypatch) as rounds:
+            async with Operator() as second:  # resume handlers, then timer rounds (every second)
+                await _until("resumed, then a timer round of each", lambda: _each_round(rounds, k8s, tenant_reads))
         assert "admin POST" not in second.output and "admin DELETE" not in second.output, second.output[-3000:]
         assert "reconcile_model" in second.output  # the handlers did run
         for p, n in (("pooledmodels", "pace-m"), ("tenants", "team-a"), ("gpupools", "default")):
@@ -363,6 +365,43 @@ def _timer_round_held(monkeypatch, name: str):
             yield held
         finally:
             held.release.set()
+
+
+@contextlib.contextmanager
+def _rounds_seen(monkeypatch):
+    """How many PooledModel rounds (`resume`: a change or resume handler's; `timer`) and GPUPool timer rounds ran to
+    their end while the block runs."""
+    handlers = sys.modules["controller.operator.handlers"]
+    model, pool, seen = handlers._reconcile_model, handlers.reconcile_pool, {"resume": 0, "timer": 0, "pool": 0}
+
+    def reconcile(*, runtime, **kw):
+        try:
+            return model(runtime=runtime, **kw)
+        finally:
+            seen["timer" if runtime is None else "resume"] += 1
+
+    def pool_round(**kw):  # (resync_pool's call: a pool's resume handler is kopf's own call of the original)
+        try:
+            return pool(**kw)
+        finally:
+            seen["pool"] += 1
+
+    with monkeypatch.context() as m:
+        m.setattr(handlers, "_reconcile_model", reconcile)
+        m.setattr(handlers, "reconcile_pool", pool_round)
+        yield seen
+
+
+def _secret_reads(k8s, name: str) -> int:
+    """The operator's reads of Secret `name` (a Tenant's round reads its keys' Secret)."""
+    return sum(1 for r in k8s if r.headers.get("Authorization") == "Bearer kmock" and r.method.value == "GET"
+               and r.url.path == f"/api/v1/namespaces/{NS}/secrets/{name}")
+
+
+async def _each_round(rounds: dict, k8s, tenant_reads: int) -> bool:
+    """The model's resume handler and a timer round of it and of the pool ran; the tenant's resume and a round."""
+    return (rounds["resume"] >= 1 and rounds["timer"] >= 1 and rounds["pool"] >= 1
+            and _secret_reads(k8s, "team-a-keys") >= tenant_reads + 2)
 
 
 async def _engine_alive(controller) -> bool:
