@@ -579,6 +579,13 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
     if dead := startup.remove_dead_admin_tokens(cache_dir()):
         log.info("removed the admin token files of servers no longer running (port%s %s) from %s",
                  "s" if len(dead) > 1 else "", ", ".join(map(str, dead)), cache_dir())
+    if admin_token is not None:
+        try:
+            if left := startup.left_admin_token(cfg):
+                log.info("%s: the admin token file of a server no longer running, replaced by this run's", left)
+        except startup.StartupError as e:
+            log.error("%s", e)
+            raise SystemExit(2) from None
     token_file = None
     shutdown.hold_signals()  # a signal from here on stops the start-up cleanly (the token file is removed)
     if admin_token is not None:

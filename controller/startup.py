@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import socket
+import stat
 from pathlib import Path
 
 import yaml
@@ -87,6 +89,47 @@ def admin_token_path(cfg: ServerConfig) -> Path:
 
 
 _locks: dict[Path, int] = {}  # token file -> the descriptor holding its lock, while its run serves
+
+_WRITTEN = re.compile(r"tpadmin-[A-Za-z0-9_-]{43}\n")  # what `write_admin_token` writes: new_key("tpadmin"), a line
+
+
+def left_admin_token(cfg: ServerConfig) -> Path | None:
+    """A configured `admin_token_file` (not the cache's `admin-token-PORT`, which `remove_dead_admin_tokens` sees to)
+    that is there before this run writes its token: the file a server no longer running wrote (killed by SIGKILL:
+    its token, mode 0600, yours, unlocked), which this run replaces and removes at its exit; None where there is none.
+    StartupError for any other file there: the server writes its run's token over the file and removes it at exit,
+    and it never reads one from it, so a file of yours (a token you put there, a path given by mistake) or a running
+    server's (its lock held: two servers would share one file) is left as it is and the start refused."""
+    if not cfg.admin_token_file:
+        return None
+    path = Path(cfg.admin_token_file)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # (a link, which a server writes none of; another user's file)
+        why = "it is a symbolic link" if path.is_symlink() else e.strerror or e
+        raise StartupError(f"admin_token_file {path} cannot be used: {why}; name a path that is not there (the server "
+                           "writes a fresh token for each run there and removes the file at exit)") from None
+    try:
+        st = os.fstat(fd)
+        ours = (stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.getuid()
+                and _WRITTEN.fullmatch(os.read(fd, 100).decode(errors="replace")) is not None)
+        if not ours:
+            raise StartupError(f"admin_token_file {path} is there already and no tokenpool server wrote it: the server "
+                               "writes a fresh token for each run there and removes the file at exit (it reads no token "
+                               "from it; to choose the token, set admin_token_hash: tokenpool keys hash); name a path "
+                               "that is not there, or remove the file")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StartupError(f"admin_token_file {path} is the token file of a server still running (it holds it): "
+                               "give each server its own admin_token_file") from None
+        except OSError:  # (a file system without locks: whether its server runs is not known; replaced, as before)
+            pass
+    finally:
+        os.close(fd)
+    return path
 
 
 def write_admin_token(cfg: ServerConfig, token: str) -> Path:
