@@ -37,6 +37,7 @@ from controller.api.structured import HERMES_CLOSE, HERMES_OPEN, Lead, tool_plan
 from tests import smol_qthink
 from tests.scripted_gen import bare_serving, generation
 from tests.test_ux61i_agents import ASK, PARAMS, THOUGHT
+from tests.ux66c_at_once import at_once
 
 PORTS = range(28450, 28500)
 server, oai, claude = smol_qthink.server, smol_qthink.oai, smol_qthink.claude  # (the fixtures: on PORTS)
@@ -55,10 +56,11 @@ def _respond(oai: openai.OpenAI, stream: bool, **kw):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_responses_reasoning_effort_none_turns_thinking_off(oai, stream):
-    thought = _respond(oai, stream, reasoning={"effort": "high"})  # (as with no effort: it thinks, then calls)
+    thought, r = at_once(lambda: _respond(oai, stream, reasoning={"effort": "high"}),
+                         lambda: _respond(oai, stream, reasoning={"effort": "none"}))
+    # (effort high, as with none sent: it thinks, then calls)
     assert [o.type for o in thought.output] == ["reasoning", "function_call"], thought.output
     assert thought.output[0].content[0].text == THOUGHT and thought.reasoning.effort == "high"
-    r = _respond(oai, stream, reasoning={"effort": "none"})
     assert r.status == "completed" and r.reasoning.effort == "none", r
     assert "reasoning" not in [o.type for o in r.output], r.output  # (the template's empty think block: no thinking)
     assert r.usage.output_tokens_details.reasoning_tokens == 0
@@ -74,11 +76,12 @@ def test_chat_reasoning_effort_turns_thinking_off_and_on(oai):
         r = oai.chat.completions.create(model="qthink", messages=ASK, temperature=0, max_tokens=20, **kw)
         return r.choices[0].message.content or ""
 
-    assert content(reasoning_effort="minimal").startswith("<think>")  # (any effort but none: thinking on)
-    assert not content(reasoning_effort="none").startswith("<think>")
-    # a client's own switch stands, as vLLM's
-    assert content(reasoning_effort="none", extra_body={"chat_template_kwargs": {"enable_thinking": True}}
-                   ).startswith("<think>")
+    minimal, none, switched_on = at_once(
+        lambda: content(reasoning_effort="minimal"), lambda: content(reasoning_effort="none"),
+        lambda: content(reasoning_effort="none", extra_body={"chat_template_kwargs": {"enable_thinking": True}}))
+    assert minimal.startswith("<think>")  # (any effort but none: thinking on)
+    assert not none.startswith("<think>")
+    assert switched_on.startswith("<think>")  # (a client's own switch stands, as vLLM's)
     # a model whose template has no switch: rendered as it is (an effort is no error; OpenAI's clients send one)
     r = oai.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
                                     reasoning_effort="none")
@@ -200,40 +203,43 @@ def test_the_chat_stream_sends_the_text_then_the_calls():
 def test_text_then_a_call_on_every_route(server, oai, claude, stream):
     """Greedy SmolLM2 (hermes "auto", a template that does not think) after turns that say a sentence, then call."""
     kw = {"model": "smol", "temperature": 0}
-    if stream:
+
+    def chat():
+        if not stream:
+            return oai.chat.completions.create(messages=ASK_SAID, tools=[CHAT_TOOL], max_tokens=60, **kw).choices[0]
         with oai.chat.completions.stream(messages=ASK_SAID, tools=[CHAT_TOOL], max_tokens=60, **kw) as s:
             list(s)
-            msg = s.get_final_completion().choices[0]
-    else:
-        msg = oai.chat.completions.create(messages=ASK_SAID, tools=[CHAT_TOOL], max_tokens=60, **kw).choices[0]
+            return s.get_final_completion().choices[0]
+
+    def message():
+        ask = [{"role": m["role"], "content": m["content"]} for m in ASK_SAID]
+        body = {"max_tokens": 60, "tools": [TOOL], "messages": ask, "model": "smol", "extra_body": {"temperature": 0}}
+        if not stream:
+            return claude.messages.create(**body)
+        with claude.messages.stream(**body) as s:
+            list(s)
+            return s.get_final_message()
+
+    def ollama():
+        with httpx.stream("POST", server.url + "/api/chat", timeout=120, json={
+                "model": "smol", "messages": ASK_SAID, "tools": [CHAT_TOOL], "stream": stream,
+                "options": {"temperature": 0, "num_predict": 60}}) as resp:
+            assert resp.status_code == 200, resp.read()
+            return [json.loads(x) for x in resp.iter_lines() if x.strip()]
+
+    msg, r, m, lines = at_once(chat, lambda: _respond(oai, stream, model="smol", input=ASK_SAID), message, ollama)
     assert msg.finish_reason == "tool_calls", msg
     assert msg.message.content == f"{SAY}\n", msg.message
     assert [(c.function.name, json.loads(c.function.arguments)) for c in msg.message.tool_calls] == [
         ("get_weather", {"city": "Paris"})]
 
-    r = _respond(oai, stream, model="smol", input=ASK_SAID)
     assert [o.type for o in r.output] == ["message", "function_call"], r.output
     assert r.output_text == f"{SAY}\n" and json.loads(r.output[1].arguments) == {"city": "Paris"}
     assert r.status == "completed" and r.output[0].status == "completed"
 
-    ask = [{"role": m["role"], "content": m["content"]} for m in ASK_SAID]
-    if stream:
-        with claude.messages.stream(max_tokens=60, tools=[TOOL], messages=ask, model="smol",
-                                    extra_body={"temperature": 0}) as s:
-            list(s)
-            m = s.get_final_message()
-    else:
-        m = claude.messages.create(max_tokens=60, tools=[TOOL], messages=ask, model="smol",
-                                   extra_body={"temperature": 0})
     assert m.stop_reason == "tool_use" and [b.type for b in m.content] == ["text", "tool_use"], m.content
     assert m.content[0].text == f"{SAY}\n" and m.content[1].input == {"city": "Paris"}
 
-    lines = []
-    with httpx.stream("POST", server.url + "/api/chat", timeout=120, json={
-            "model": "smol", "messages": ASK_SAID, "tools": [CHAT_TOOL], "stream": stream,
-            "options": {"temperature": 0, "num_predict": 60}}) as resp:
-        assert resp.status_code == 200, resp.read()
-        lines = [json.loads(x) for x in resp.iter_lines() if x.strip()]
     content = "".join(x["message"]["content"] for x in lines)
     calls = [c for x in lines for c in x["message"].get("tool_calls", [])]
     assert content == f"{SAY}\n" and [c["function"]["arguments"] for c in calls] == [{"city": "Paris"}], lines
