@@ -424,10 +424,24 @@ def run(page, ctx, server, shots: Path) -> None:
     expect(page.locator("#new-key")).to_be_hidden()  # (its key no longer works: not left on show)
     assert httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
 
-    # --- drain the worker: shown drained; resume ---
+    # --- evict a resident model: its VRAM goes (the pool's state shows it), the event is there (before the drain:
+    # the request making it resident took 2-12 s after a drain and resume here, 0.1 s before) ---
     for s in streams[1:]:
         s.join(60)
     assert all(s.error is None and s.chunks > 0 for s in streams[1:]), [s.error for s in streams[1:]]
+    httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60, json={
+        "model": "tiny-a", "prompt": "hi", "max_tokens": 1}).raise_for_status()  # (resident now, whatever ran last)
+    page.click("#tabs [data-view=models]")
+    tiny_a = page.locator('#models-table tr[data-model="tiny-a"]')
+    expect(tiny_a.locator(".badge.resident")).to_be_visible(timeout=10_000)
+    tiny_a.locator("[data-action=evict]").click()
+    expect(page.locator("#toast")).to_have_text("tiny-a evicted once idle")
+    expect(tiny_a.locator(".badge.resident")).to_have_count(0, timeout=10_000)
+    assert "tiny-a" not in page.request.get(url + "/admin/pool").json()["engines"][0]["resident"]
+    page.click("#tabs [data-view=events]")
+    expect(page.locator("#events-list li[data-kind=evict]").first).to_contain_text("tiny-a")
+
+    # --- drain the worker: shown drained; resume ---
     page.click("#tabs [data-view=pool]")
     page.locator('.engine[data-engine="w0"] [data-action=drain]').click()
     expect(page.locator('.engine[data-engine="w0"] .badge')).to_have_attribute("data-state", "draining")
@@ -439,19 +453,6 @@ def run(page, ctx, server, shots: Path) -> None:
     page.click("#tabs [data-view=events]")
     for kind in ("drain", "resume"):
         expect(page.locator(f"#events-list li[data-kind={kind}]")).to_contain_text("engine=w0")
-
-    # --- evict a resident model: its VRAM goes (the pool's state shows it), the event is there ---
-    httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60, json={
-        "model": "tiny-a", "prompt": "hi", "max_tokens": 1}).raise_for_status()  # (resident now, whatever the drain did)
-    page.click("#tabs [data-view=models]")
-    tiny_a = page.locator('#models-table tr[data-model="tiny-a"]')
-    expect(tiny_a.locator(".badge.resident")).to_be_visible(timeout=10_000)
-    tiny_a.locator("[data-action=evict]").click()
-    expect(page.locator("#toast")).to_have_text("tiny-a evicted once idle")
-    expect(tiny_a.locator(".badge.resident")).to_have_count(0, timeout=10_000)
-    assert "tiny-a" not in page.request.get(url + "/admin/pool").json()["engines"][0]["resident"]
-    page.click("#tabs [data-view=events]")
-    expect(page.locator("#events-list li[data-kind=evict]").first).to_contain_text("tiny-a")
 
     # --- signing out ends the session ---
     page.click("header form button")
