@@ -34,6 +34,7 @@ import pytest
 from tests import smol_qthink
 from tests.test_ux61i_agents import ASK, PARAMS, THOUGHT
 from tests.test_ux61k_chat_think_calls import _chat
+from tests.ux66c_at_once import at_once
 
 PORTS = range(27400, 27500)
 server, oai, claude = smol_qthink.server, smol_qthink.oai, smol_qthink.claude  # (the fixtures: on PORTS)
@@ -161,14 +162,14 @@ def test_messages_top_k_below_zero_is_a_400(claude):
 
 
 def test_responses_output_text_logprobs_leave_out_the_end_token(oai):
-    kw = {"model": "smol", "input": "Say hi", "max_output_tokens": 40, "temperature": 0, "top_logprobs": 1,
-          "include": ["message.output_text.logprobs"]}
-    r = oai.responses.create(**kw)
+    hi = {"role": "user", "content": "Say hi"}  # (after one turn of it, greedy: "Hey!" and the end token)
+    kw = {"model": "smol", "input": [hi, {"role": "assistant", "content": "Hi!"}, hi], "max_output_tokens": 40,
+          "temperature": 0, "top_logprobs": 1, "include": ["message.output_text.logprobs"]}
+    r, events = at_once(lambda: oai.responses.create(**kw), lambda: list(oai.responses.create(stream=True, **kw)))
     assert r.status == "completed", r  # (the reply ended on its own: its end token was generated)
     got = [lp.token for lp in r.output[0].content[0].logprobs]
     assert "<|im_end|>" not in got and "".join(got) == r.output_text, got
     assert len(got) == r.usage.output_tokens - 1  # (every token but the end's)
-    events = list(oai.responses.create(stream=True, **kw))
     streamed = [lp.token for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
     done = next(e for e in events if e.type == "response.output_text.done")
     assert streamed == got and [lp.token for lp in done.logprobs] == got
@@ -190,17 +191,20 @@ def test_tokenize_with_both_or_neither_input_names_the_param(server):
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_thinking_models_calls_are_read_beside_a_text_response_format(oai, stream):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": PARAMS}}]
-    content, calls, why, kinds = _chat(oai, stream, messages=ASK, tools=tools, response_format={"type": "text"})
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    (content, calls, why, kinds), unsent, held = at_once(
+        lambda: _chat(oai, stream, messages=ASK, tools=tools, response_format={"type": "text"}),
+        lambda: _chat(oai, stream, messages=ASK, tools=tools),
+        lambda: _chat(oai, stream, messages=ASK, tools=tools, response_format={
+            "type": "json_schema", "json_schema": {"name": "out", "schema": schema}}))
     assert why == "tool_calls", (content, calls)
     assert [(n, json.loads(a)) for n, a in calls] == [("get_weather", {"city": "Paris"})]
     assert content.startswith("<think>") and THOUGHT in content and "<tool_call>" not in content, content
-    assert _chat(oai, stream, messages=ASK, tools=tools)[:3] == (content, calls, why)  # (as with none sent)
+    assert unsent[:3] == (content, calls, why)  # (as with none sent)
     if stream:  # (the think block's text as it comes, then the call)
         assert kinds[0] == "content" and kinds[-1] == "tool_calls", kinds
     # a schema's response_format holds the output from its first token: the call alone, no think block
-    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
-    content, calls, why, _ = _chat(oai, stream, messages=ASK, tools=tools, response_format={
-        "type": "json_schema", "json_schema": {"name": "out", "schema": schema}})
+    content, calls, why, _ = held
     assert (content, why) == (None, "tool_calls") and [n for n, _ in calls] == ["get_weather"], (content, calls)
 
 
