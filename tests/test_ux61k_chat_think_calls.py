@@ -35,6 +35,14 @@ def client(smollm2, tmp_path_factory):
         yield openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
+@pytest.fixture(scope="module")
+def first(client):
+    """qthink's greedy reply to ASK with the tool, not streamed: the tool loop's first turn (streamed or not after
+    it), and the content the streamed reply's is checked against."""
+    return client.chat.completions.create(model="qthink", temperature=0, max_tokens=80, messages=ASK,
+                                          tools=TOOLS).choices[0].message
+
+
 def _chat(client: openai.OpenAI, stream: bool, **kw):
     """(content, tool_calls as (name, arguments) pairs, finish_reason, the streamed deltas' kinds in order) of a
     greedy chat completion of qthink."""
@@ -62,7 +70,7 @@ def _chat(client: openai.OpenAI, stream: bool, **kw):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_thinking_models_call_is_read_after_its_think_block(client, stream):
+def test_a_thinking_models_call_is_read_after_its_think_block(client, first, stream):
     content, calls, why, kinds = _chat(client, stream, messages=ASK, tools=TOOLS, logprobs=True,
                                        **({"stream_options": {"include_usage": True}} if stream else {}))
     assert "lp" not in kinds  # (the usage chunk came)
@@ -74,15 +82,13 @@ def test_a_thinking_models_call_is_read_after_its_think_block(client, stream):
     if stream:  # (the think block's text as it comes, then the call)
         assert kinds == ["content"] * kinds.count("content") + ["tool_calls"] * kinds.count("tool_calls"), kinds
         assert kinds.count("content") > 1, kinds
-        assert _chat(client, False, messages=ASK, tools=TOOLS)[0] == content  # (the same content, streamed or not)
+        assert first.content == content  # (the same content, streamed or not)
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_the_tool_loop_goes_on_from_the_call(client, stream):
+def test_the_tool_loop_goes_on_from_the_call(client, first, stream):
     """The call's result sent back (the assistant turn as the client got it: its content and tool_calls) is
     answered, with no raw think block or call in a reply of text."""
-    first = client.chat.completions.create(model="qthink", temperature=0, max_tokens=80, messages=ASK,
-                                           tools=TOOLS).choices[0].message
     assert first.tool_calls, first
     after = [*ASK, first.model_dump(exclude_none=True),
              {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "Sunny, 21C"}]
