@@ -129,11 +129,15 @@ def test_drops_part_on_cpu(tmp_path, monkeypatch, suite_cache):
 
     monkeypatch.setenv("TOKENPOOL_CACHE", str(suite_cache))
     out = tmp_path / "drops.json"
-    r = CliRunner().invoke(suite_app, ["drops", "--streams", "30", "--max-tokens", "20", "--seed", "2",
+    # 15 streams, seed 25: every drop point, each model decoding (mid_stream or never) and a long prompt refused
+    # (tests/test_leak_storm.py drops 150 with a tenant limit)
+    r = CliRunner().invoke(suite_app, ["drops", "--streams", "15", "--max-tokens", "20", "--seed", "25",
                                        "--json", str(out)])
     assert r.exit_code == 0, r.output
     d = json.loads(out.read_text())
-    assert d["part"] == "drops" and sum(d["ends"].values()) == 30
+    assert d["part"] == "drops" and sum(d["ends"].values()) == 15
+    assert {k.split()[0] for k in d["ends"]} == {"request_head", "request_sent", "response_head", "mid_stream",
+                                                 "never"}, d["ends"]
     assert d["back_to_zero_s"] is not None and not any(d["held_after"].values()), d
     assert len(d["requests_after_ok"]) == 3 and all(d["requests_after_ok"].values()), d
 
