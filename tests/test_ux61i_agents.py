@@ -30,7 +30,8 @@ import pytest
 from tests.ports import live_server_on
 
 PORTS = range(27050, 27100)
-HI = [{"role": "user", "content": "Say hi"}]
+HI = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi!"},
+      {"role": "user", "content": "Say hi"}]  # (greedy: "Hey!", a short reply)
 # Claude Code's reading of Anthropic's refusals (the numbers it retries or compacts with)
 OVER = re.compile(r"input length and `max_tokens` exceed context limit: (\d+) \+ (\d+) > (\d+)")
 TOO_LONG = re.compile(r"prompt is too long: (\d+) tokens > (\d+) maximum")
