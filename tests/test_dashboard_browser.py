@@ -85,14 +85,13 @@ class Stream(threading.Thread):
 
 
 @contextlib.contextmanager
-def chromium():
-    """Debian's chromium, headless, under Playwright; closed on the way out."""
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        try:
-            yield browser
-        finally:
-            browser.close()
+def contexts_closed(browser):
+    """The block's browser contexts (of conftest's module-scoped `browser`) closed on the way out."""
+    try:
+        yield
+    finally:
+        for c in browser.contexts:
+            c.close()
 
 
 def watched(page, errors: list[str]):
@@ -108,7 +107,7 @@ def sign_in(page, url: str) -> None:
     sync_api.expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
 
 
-def test_dashboard_details(server, shots):
+def test_dashboard_details(server, shots, browser):
     """Before any other traffic (this runs first): what an operator sees beyond the actions. Colours follow the
     pool's model order; a removed model leaves the charts; an idle engine says so; numeric headers sit over their
     numbers; the active tab is marked for assistive technology; times read as a 24 h clock, an engine's `at` too;
@@ -122,7 +121,7 @@ def test_dashboard_details(server, shots):
     # tiny-b, the last of the pool's models, runs: the engine's timeline (drawn first) names it alone
     httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60, json={
         "model": "tiny-b", "prompt": "hi", "max_tokens": 2}).raise_for_status()
-    with chromium() as browser:
+    with contexts_closed(browser):
         ctx = browser.new_context(viewport={"width": 1440, "height": 900})
         page = watched(ctx.new_page(), errors)
         sign_in(page, url)
@@ -258,13 +257,13 @@ def test_dashboard_details(server, shots):
     assert errors == [], errors
 
 
-def test_dashboard_without_auth_or_models(tmp_path_factory, shots):
+def test_dashboard_without_auth_or_models(tmp_path_factory, shots, browser):
     """A server without tenants (authentication off, as the embedded default): the Tenants view says that keys
     made there take no effect; and once its only model is removed, the Models view says there is none."""
     expect = sync_api.expect
     cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False},
            "models": [{"name": "pace-only", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.01}}]}
-    with LiveServer(cfg, tmp_path_factory.mktemp("open")) as srv, chromium() as browser:
+    with LiveServer(cfg, tmp_path_factory.mktemp("open")) as srv, contexts_closed(browser):
         url, auth = srv.url, {"Authorization": f"Bearer {ADMIN}"}
         assert httpx.get(url + "/v1/models").status_code == 200  # no key needed: authentication is off
         page = browser.new_page(viewport={"width": 1440, "height": 900})
@@ -284,9 +283,9 @@ def test_dashboard_without_auth_or_models(tmp_path_factory, shots):
         page.screenshot(path=str(shots / "no-models.png"))
 
 
-def test_dashboard_in_a_browser(server, shots):
+def test_dashboard_in_a_browser(server, shots, browser):
     errors: list[str] = []
-    with chromium() as browser:
+    with contexts_closed(browser):
         ctx = browser.new_context(viewport={"width": 1440, "height": 900})
         page = watched(ctx.new_page(), errors)
         page.on("dialog", lambda d: d.accept())  # every action asks for confirmation first
