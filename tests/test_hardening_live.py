@@ -61,9 +61,16 @@ def _streaming(url: str, out: dict) -> threading.Thread:
 
 
 def test_sigterm_drains_in_flight_streams_then_exits_0(tmp_path):
+    """A server started under nohup (SIGHUP ignored from its start): a SIGHUP does nothing, it keeps serving. Then
+    SIGTERM: the streams in flight get the grace to finish, those it cuts end with an error event, and it exits 0."""
     cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False}, "shutdown_grace_s": 1.5,
            "models": [PACE]}
-    with LiveServer(cfg, tmp_path) as srv:
+    with LiveServer(cfg, tmp_path, ignore_hangup=True) as srv:
+        os.kill(srv.proc.pid, signal.SIGHUP)
+        time.sleep(0.5)  # (nothing should happen: give a wrong handler the time to act)
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "pace", "prompt": "x", "max_tokens": 2}, timeout=10)
+        assert r.status_code == 200 and srv.proc.poll() is None
+        assert httpx.get(srv.url + "/health", timeout=10).json()["status"] != "draining"
         short, long_ = {}, {}
         ts = [threading.Thread(target=_stream, args=(srv.url, 40, short)),     # ~0.8 s: finishes in the grace
               threading.Thread(target=_stream, args=(srv.url, 3000, long_))]   # ~60 s: cut at the grace's end
@@ -83,6 +90,7 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(tmp_path):
         rc = srv.proc.wait(30)
         took = time.monotonic() - t_sig
         log = srv.log()
+    assert "draining" not in log.split("listening on", 1)[-1].split("signal 15", 1)[0], log  # (not on the SIGHUP)
     assert rc == 0, log
     assert "transport_error" not in short and short["events"][-1] == "[DONE]"
     assert json.loads(short["events"][-2])["choices"][0]["finish_reason"] == "length"
@@ -98,6 +106,8 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(tmp_path):
 
 
 def test_non_streaming_disconnects_log_no_traceback(tmp_path):
+    """Clients that give up on their completions leave no traceback in the log; the server, idle again, stops on
+    SIGTERM with exit 0 and a clean, quiet stop."""
     cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
            "models": [PACE]}
     with LiveServer(cfg, tmp_path) as srv:
@@ -117,8 +127,13 @@ def test_non_streaming_disconnects_log_no_traceback(tmp_path):
             time.sleep(0.1)
         r = httpx.post(srv.url + "/v1/completions", json={"model": "pace", "prompt": "x", "max_tokens": 2}, timeout=10)
         assert r.status_code == 200
+        assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
+        os.kill(srv.proc.pid, signal.SIGTERM)
+        rc = srv.proc.wait(30)
         log = srv.log()
     assert "Traceback" not in log and "Exception in ASGI" not in log and "CancelledError" not in log, log
+    assert rc == 0, log
+    assert "WARNING" not in log.split("draining", 1)[-1], log  # a clean, quiet stop
 
 
 
@@ -280,18 +295,6 @@ def test_a_second_signal_ends_the_drain_at_once(tmp_path):
     assert out["events"][-1] == "[DONE]" and "shutting down" in json.loads(out["events"][-2])["error"]["message"]
 
 
-def test_an_idle_server_stops_on_sigterm_without_a_traceback(tmp_path):
-    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
-           "models": [PACE]}
-    with LiveServer(cfg, tmp_path) as srv:
-        assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
-        os.kill(srv.proc.pid, signal.SIGTERM)
-        rc = srv.proc.wait(30)
-        log = srv.log()
-    assert rc == 0, log
-    assert "Traceback" not in log and "WARNING" not in log.split("draining", 1)[-1], log  # a clean, quiet stop
-
-
 def test_sigterm_during_start_up_stops_cleanly(tmp_path, tiny_model):
     """A SIGTERM while the server still starts (tokenizers loading, workers starting; before uvicorn serves) used
     to kill it by the signal (status -15/143) and leave the run's admin token file behind; it stops the start-up."""
@@ -410,10 +413,10 @@ def test_a_model_removed_while_its_requests_are_placed(tmp_path):
     assert "Traceback" not in srv.log(), srv.log()[-3000:]
 
 
-def _hangup_server(tmp_path, token_file, nohup: bool = False):
+def _hangup_server(tmp_path, token_file):
     cfg = {"workers": {"local": "cpu", "standby": False}, "admin_token_file": str(token_file), "shutdown_grace_s": 1.5,
            "models": [PACE]}
-    return LiveServer(cfg, tmp_path, ignore_hangup=nohup)
+    return LiveServer(cfg, tmp_path)
 
 
 def test_sighup_drains_like_sigterm(tmp_path):
@@ -434,21 +437,6 @@ def test_sighup_drains_like_sigterm(tmp_path):
     assert "shutting down" in json.loads(out["events"][-2])["error"]["message"]
     assert "signal 1: draining" in log and "Traceback" not in log, log
     assert not token_file.exists()
-
-
-def test_sighup_ignored_at_start_stays_ignored(tmp_path):
-    """Under nohup (SIGHUP ignored when the server starts) a SIGHUP does nothing: the server keeps serving."""
-    token_file = tmp_path / "admin-token"
-    srv = _hangup_server(tmp_path, token_file, nohup=True).__enter__()  # SIGHUP ignored from its start, as nohup does
-    try:
-        os.kill(srv.proc.pid, signal.SIGHUP)
-        time.sleep(0.5)  # (nothing should happen: give a wrong handler the time to act)
-        r = httpx.post(srv.url + "/v1/completions", json={"model": "pace", "prompt": "x", "max_tokens": 2}, timeout=10)
-        assert r.status_code == 200 and srv.proc.poll() is None
-        assert httpx.get(srv.url + "/health", timeout=10).json()["status"] != "draining"
-    finally:
-        srv.__exit__()
-    assert "draining" not in srv.log().split("listening on", 1)[-1].split("signal 15", 1)[0]
 
 
 def test_sigterm_to_every_process_of_the_server_still_drains(tmp_path):
