@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -84,23 +85,6 @@ def test_run_with_stdout_closed_ends_quietly_as_ls_does():
     assert (r.returncode, r.stderr) == (0, ""), r.stderr[-3000:]
 
 
-def test_ps_and_stop_at_the_listening_url_of_a_server_on_every_interface(tiny_model, tmp_path):
-    """A server on 0.0.0.0 logs `listening on http://0.0.0.0:PORT`; `tokenpool ps --url` that URL (and `stop`) got
-    401 "admin token required", naming the file that server had written its token to, while `--url :PORT` worked:
-    the token file was read for 127.0.0.1, localhost and ::1 only. 0.0.0.0 reaches this machine as they do (the
-    server here listens on 127.0.0.1, which a connection to 0.0.0.0 reaches on Linux, as one to 0.0.0.0's server)."""
-    cache = tmp_path / "cache"
-    env = {"TOKENPOOL_CACHE": str(cache)}
-    with LiveServer(None, tmp_path / "srv", args=[str(tiny_model), "--served-model-name", "tiny"], env=env) as srv:
-        assert (cache / f"admin-token-{srv.port}").is_file()
-        env = {**env, "TOKENPOOL_ADMIN_TOKEN": ""}  # (unset: an empty variable is click's unset)
-        shown = cli("ps", "--url", f"http://0.0.0.0:{srv.port}", **env)
-        stopped = cli("stop", "tiny", "--url", f"0.0.0.0:{srv.port}", **env)
-    assert shown.returncode == 0 and shown.stdout.startswith("NAME"), shown.stderr[-3000:]
-    assert "tiny" in shown.stdout.splitlines()[1], shown.stdout
-    assert stopped.returncode == 0 and stopped.stdout.startswith("tiny: "), stopped.stderr[-3000:]
-
-
 THINKING_TEMPLATE = (  # (tests/test_ux60b_thinking_budget.py's: the prompt opens the think block, as Qwen3's)
     "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
@@ -108,23 +92,47 @@ THINKING_TEMPLATE = (  # (tests/test_ux60b_thinking_budget.py's: the prompt open
     "{%- else %}{{- '<think>\\n' }}{%- endif %}{%- endif %}")
 
 
-def test_run_verbose_shows_a_thinking_models_thinking(make_varied, tmp_path):
+@pytest.fixture(scope="module")
+def server(tiny_model, make_varied, tmp_path_factory):
+    """One live server for the file's tests of it: `tiny` (the tiny model) and `think` (a varied tiny model whose
+    template opens a think block, as Qwen3's), its admin token file in a cache of its own (TOKENPOOL_CACHE)."""
+    import shutil
+
+    work = tmp_path_factory.mktemp("ux61f")
+    think = work / "think"
+    shutil.copytree(make_varied("qwen2"), think)
+    (think / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    with LiveServer(None, work / "srv", args=[str(tiny_model), str(think), "--served-model-name", "tiny", "think"],
+                    env={"TOKENPOOL_CACHE": str(work / "cache")}) as srv:
+        yield srv
+
+
+def test_ps_and_stop_at_the_listening_url_of_a_server_on_every_interface(server):
+    """A server on 0.0.0.0 logs `listening on http://0.0.0.0:PORT`; `tokenpool ps --url` that URL (and `stop`) got
+    401 "admin token required", naming the file that server had written its token to, while `--url :PORT` worked:
+    the token file was read for 127.0.0.1, localhost and ::1 only. 0.0.0.0 reaches this machine as they do (the
+    server here listens on 127.0.0.1, which a connection to 0.0.0.0 reaches on Linux, as one to 0.0.0.0's server)."""
+    cache = server.extra_env["TOKENPOOL_CACHE"]
+    assert (Path(cache) / f"admin-token-{server.port}").is_file()
+    env = {"TOKENPOOL_CACHE": cache, "TOKENPOOL_ADMIN_TOKEN": ""}  # (unset: an empty variable is click's unset)
+    shown = cli("ps", "--url", f"http://0.0.0.0:{server.port}", **env)
+    stopped = cli("stop", "tiny", "--url", f"0.0.0.0:{server.port}", **env)
+    assert shown.returncode == 0 and shown.stdout.startswith("NAME"), shown.stderr[-3000:]
+    assert "tiny" in shown.stdout.splitlines()[1], shown.stdout
+    assert stopped.returncode == 0 and stopped.stdout.startswith("tiny: "), stopped.stderr[-3000:]
+
+
+def test_run_verbose_shows_a_thinking_models_thinking(server):
     """`tokenpool run --verbose` reads the server's Ollama /api/chat, which gives a thinking model's thinking apart
     (`message.thinking`); read as `content` alone, a reply that was all thinking (the block still open at
     --max-tokens) printed a blank line where `run` without --verbose printed its text. It is shown as `ollama run`
     shows it: "Thinking...", the thinking, then (once an answer follows) "...done thinking."."""
-    import shutil
-
     import httpx
 
-    think = tmp_path / "think"
-    shutil.copytree(make_varied("qwen2"), think)
-    (think / "chat_template.jinja").write_text(THINKING_TEMPLATE)
-    with LiveServer(None, tmp_path / "srv", args=[str(think)]) as srv:
-        asked = {"model": "think", "messages": [{"role": "user", "content": "hi"}], "stream": False,
-                 "options": {"num_predict": 8, "temperature": 0}}
-        said = httpx.post(srv.url + "/api/chat", json=asked, timeout=60).json()["message"]
-        r = cli("run", "think", "hi", "--max-tokens", "8", "--temperature", "0", "--verbose", "--url", srv.url)
+    asked = {"model": "think", "messages": [{"role": "user", "content": "hi"}], "stream": False,
+             "options": {"num_predict": 8, "temperature": 0}}
+    said = httpx.post(server.url + "/api/chat", json=asked, timeout=60).json()["message"]
+    r = cli("run", "think", "hi", "--max-tokens", "8", "--temperature", "0", "--verbose", "--url", server.url)
     assert said["content"] == "" and said["thinking"], said  # (the reply is all thinking: the case)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout == f"Thinking...\n{said['thinking']}\n", r.stdout
