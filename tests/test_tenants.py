@@ -29,7 +29,9 @@ def server(tmp_path_factory):
             {"name": "blue", "key_hashes": [hash_key(BLUE)], "models": ["blue-*", "shared"],
              "rate": {"tokens_per_min": 600}, "max_concurrent": 2},
         ],
-        "models": [{"name": n, "engine": PACE} for n in ("red-m", "blue-m")]
+        "models": [{"name": "red-m", "engine": PACE},
+                   # 1 ms a token: its rate limit's test asks for 580 tokens, whose time was the test's (~3 s)
+                   {"name": "blue-m", "engine": dict(PACE, pace_s_per_token=0.001)}]
                   + [{"name": "shared", "engine": PACE, "aliases": ["common"]}]
                   + [{"name": "blue-slow", "engine": dict(PACE, pace_s_per_token=0.1)},
                      # one request at a time, a 0.2 s TTFT: a second one while the first streams is refused (429)
