@@ -140,8 +140,8 @@ def remote_example(tmp_path_factory, make_tiny, port_range, keep_alive, down_tic
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory, make_tiny):
     # (llama-8b's keep_alive, 15m, holds its last registration that long: test_ux64i_remote; 1 s here, less than
-    # down_ticks, which then decide when it goes: cold for 3 s, given back)
-    with remote_example(tmp_path_factory, make_tiny, PORTS, "1s", down_ticks=30) as srv:
+    # down_ticks, which then decide when it goes: cold for 1.5 s, given back)
+    with remote_example(tmp_path_factory, make_tiny, PORTS, "1s", down_ticks=15) as srv:
         yield srv
 
 def _get(c: httpx.Client, url: str) -> bool:
@@ -182,14 +182,14 @@ def test_remote_workers_example_join_scale_to_zero_and_drain(remote):
     # llama-8b (replicas.min 0: "loaded only when asked for") is on no engine until a request; the registration that
     # request made stays while its follow-ups may come. The autoscaler counted its ticks on no engine as cold, and
     # gave the registration back at the next tick after the request (here 0.1 s; 2 s by default).
-    time.sleep(max(0.0, remote.t_start + 3.5 - time.monotonic()))  # more ticks than down_ticks on no engine
+    time.sleep(max(0.0, remote.t_start + 2.0 - time.monotonic()))  # more ticks than down_ticks on no engine
     assert not _registered(remote, w.pid, "llama-8b")
     r = c.chat.completions.create(model="llama-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert r.choices[0].finish_reason == "length"
     time.sleep(0.6)
     assert _registered(remote, w.pid, "llama-8b"), remote.log()
     assert "unregistering llama-8b" not in remote.log()  # (nor given back at once, and made again for the request)
-    # ... and, idle, it is given back once its down_ticks (3 s here) have passed: scale to zero still works
+    # ... and, idle, it is given back once its down_ticks (1.5 s here) have passed: scale to zero still works
     _until("llama-8b given back", lambda: not _registered(remote, w.pid, "llama-8b"), timeout=15)
 
     # SIGTERM drains the worker, as the example's comment says: the stream in flight finishes, then it exits 0, and
