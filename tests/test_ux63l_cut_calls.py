@@ -21,6 +21,7 @@ import pytest
 
 from tests.ports import live_server_on
 from tests.test_ux63e_api import ASK_SAID, CHAT_TOOL, FN, SAY, TOOL
+from tests.ux66c_at_once import at_once
 
 PORTS = range(28750, 28800)
 CUT = 14  # (max_tokens) `Let me check the weather.\n<tool_call>\n{"`
@@ -44,10 +45,10 @@ def test_chat_gives_the_text_before_a_call_cut_before_its_name(server, stream):
         assert "".join(c.delta.content or "" for c in chunks) == f"{SAY}\n", chunks
         assert not any(c.delta.tool_calls for c in chunks) and chunks[-1].finish_reason == "length", chunks
     else:
-        r = oai.chat.completions.create(**kw).choices[0]
+        r, whole = at_once(lambda: oai.chat.completions.create(**kw).choices[0],
+                           lambda: oai.chat.completions.create(**{**kw, "max_tokens": 60}).choices[0])
         assert (r.message.content, r.message.tool_calls, r.finish_reason) == (f"{SAY}\n", None, "length"), r
         # (the whole reply is the sentence and the call, as before)
-        whole = oai.chat.completions.create(**{**kw, "max_tokens": 60}).choices[0]
         assert whole.message.content == f"{SAY}\n" and whole.message.tool_calls[0].function.name == "get_weather"
 
 
@@ -66,18 +67,24 @@ def test_ollama_gives_the_text_before_a_call_cut_before_its_name(server, stream)
 @pytest.mark.parametrize("stream", [False, True])
 def test_responses_and_messages_give_the_text_apart(server, stream):
     oai = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-    kw = {"model": "smol", "input": ASK_SAID, "tools": [FN], "max_output_tokens": CUT, "temperature": 0}
-    r = ([e for e in oai.responses.create(stream=True, **kw) if e.type == "response.incomplete"][-1].response
-         if stream else oai.responses.create(**kw))
+    claude = anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0, timeout=120)
+
+    def respond():
+        kw = {"model": "smol", "input": ASK_SAID, "tools": [FN], "max_output_tokens": CUT, "temperature": 0}
+        if not stream:
+            return oai.responses.create(**kw)
+        return [e for e in oai.responses.create(stream=True, **kw) if e.type == "response.incomplete"][-1].response
+
+    def message():
+        kw = {"model": "smol", "max_tokens": CUT, "tools": [TOOL], "extra_body": {"temperature": 0},
+              "messages": [{"role": m["role"], "content": m["content"]} for m in ASK_SAID]}
+        if not stream:
+            return claude.messages.create(**kw)
+        with claude.messages.stream(**kw) as s:
+            return s.get_final_message()
+
+    r, m = at_once(respond, message)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens", r
     assert [(o.type, o.status) for o in r.output] == [("message", "completed")] and r.output_text == f"{SAY}\n"
-    claude = anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0, timeout=120)
-    kw = {"model": "smol", "max_tokens": CUT, "tools": [TOOL], "extra_body": {"temperature": 0},
-          "messages": [{"role": m["role"], "content": m["content"]} for m in ASK_SAID]}
-    if stream:
-        with claude.messages.stream(**kw) as s:
-            m = s.get_final_message()
-    else:
-        m = claude.messages.create(**kw)
     assert m.stop_reason == "max_tokens" and [b.type for b in m.content] == ["text", "tool_use"], m.content
     assert m.content[0].text == f"{SAY}\n" and (m.content[1].name, m.content[1].input) == ("get_weather", {})
