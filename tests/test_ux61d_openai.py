@@ -155,9 +155,10 @@ def test_chat_echo_starts_the_reply_with_the_message_it_continues(client, stream
         return out
 
     go_on = dict(continue_final_message=True, add_generation_prompt=False)
-    [rest, rest2], echoed, echoed_too, hi_echoed, hi = at_once(
-        lambda: reply(start, **go_on), lambda: reply(start, echo=True, **go_on),
-        lambda: reply(start, echo=True, continue_final_message=True), lambda: reply(HI, echo=True), lambda: reply(HI))
+    # (three requests of n=2 at once, then two: no more than max_num_seqs 8 sequences at a time)
+    [rest, rest2], echoed, echoed_too = at_once(lambda: reply(start, **go_on), lambda: reply(start, echo=True, **go_on),
+                                                lambda: reply(start, echo=True, continue_final_message=True))
+    hi_echoed, hi = at_once(lambda: reply(HI, echo=True), lambda: reply(HI))
     assert rest and rest == rest2, rest
     assert echoed == echoed_too == ["Hello, my name" + rest] * 2
     assert hi_echoed == hi  # (the user's message: not the reply's role)
