@@ -188,15 +188,14 @@ def _child_attach(ns: str, model_dir: str, q) -> None:
     cache.close()
 
 
-def _child_slow_load(ns: str, model_dir: str, q_up, q_down) -> None:
-    import time
-
+def _child_slow_load(ns: str, model_dir: str, q_up, q_down, q_go) -> None:
+    """Load, holding off until the parent waits for this load (`_waits_once`)."""
     import model_swapper.host_cache as hc
 
     real = hc.load_into_region
 
     def slow(*a, **k):
-        time.sleep(1.5)
+        q_go.get(timeout=60)
         return real(*a, **k)
     hc.load_into_region = slow
     cache = HostModelCache("64MiB", namespace=ns)
@@ -206,10 +205,9 @@ def _child_slow_load(ns: str, model_dir: str, q_up, q_down) -> None:
     cache.close()
 
 
-def _child_paused_mid_fill(ns: str, model_dir: str, q_up, q_down) -> None:
-    """Load, pausing after the first piece has landed (part of the segment written, the rest not yet made)."""
-    import time
-
+def _child_paused_mid_fill(ns: str, model_dir: str, q_up, q_down, q_go) -> None:
+    """Load, pausing after the first piece has landed (part of the segment written, the rest not yet made) until the
+    parent waits for this load (`_waits_once`)."""
     import model_swapper.loader as ld
 
     real, calls = ld._pread_into, []
@@ -219,7 +217,7 @@ def _child_paused_mid_fill(ns: str, model_dir: str, q_up, q_down) -> None:
         if not calls:
             calls.append(1)
             q_up.put("mid-fill")
-            time.sleep(1.5)
+            q_go.get(timeout=60)
     ld._pread_into = paused
     cache = HostModelCache("64MiB", namespace=ns, threads=1)
     m = cache.get(model_dir)
@@ -264,9 +262,32 @@ def test_two_processes_share_one_copy(make_tiny, ns):
     cache.close()
 
 
-def _attach_waits_for_the_loader(cache, d, p, q_up, q_down) -> None:
+def _waits_once(monkeypatch, q_go) -> list:
+    """The first time this process's cache waits for another's load, it lets the paused loader go on: the wait is
+    certain, and lasts no longer than the load. Returns the list of its waits."""
+    import time
+
+    import model_swapper.host_cache as hc
+
+    waits: list[float] = []
+
+    class Clock:
+        monotonic = staticmethod(time.monotonic)
+
+        @staticmethod
+        def sleep(s: float) -> None:
+            if not waits:
+                q_go.put("go")
+            waits.append(s)
+            time.sleep(s)
+
+    monkeypatch.setattr(hc, "time", Clock)
+    return waits
+
+
+def _attach_waits_for_the_loader(cache, d, p, q_up, q_down, waits) -> None:
     m = cache.get(d)  # waits for the child's load, then attaches
-    assert m.loaded_here is False and q_up.get(timeout=60) is True
+    assert waits and m.loaded_here is False and q_up.get(timeout=60) is True
     ref = load_weights(d, m.cfg)
     w = m.weights()
     assert all(torch.equal(w[k], ref[k]) for k in ref)
@@ -277,35 +298,35 @@ def _attach_waits_for_the_loader(cache, d, p, q_up, q_down) -> None:
     cache.close()
 
 
-def test_second_process_waits_for_the_loader_instead_of_loading_twice(make_tiny, ns):
+def test_second_process_waits_for_the_loader_instead_of_loading_twice(make_tiny, ns, monkeypatch):
     import time
 
     d = make_tiny("qwen2")
     ctx = mp.get_context("spawn")
-    q_up, q_down = ctx.Queue(), ctx.Queue()
-    p = ctx.Process(target=_child_slow_load, args=(ns, str(d), q_up, q_down))
+    q_up, q_down, q_go = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=_child_slow_load, args=(ns, str(d), q_up, q_down, q_go))
     p.start()
     cache = HostModelCache("64MiB", namespace=ns)
     deadline = time.monotonic() + 60
     while not cache.entries() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert next(iter(cache.entries().values()))["state"] == "loading"
-    _attach_waits_for_the_loader(cache, d, p, q_up, q_down)
+    _attach_waits_for_the_loader(cache, d, p, q_up, q_down, _waits_once(monkeypatch, q_go))
 
 
-def test_attach_during_the_fill_waits_for_every_byte(make_tiny, ns):
+def test_attach_during_the_fill_waits_for_every_byte(make_tiny, ns, monkeypatch):
     """Another process asking while the loader is mid-fill (some pages written, most not yet made) waits for
     the load to finish, then sees exactly the checkpoint's bytes."""
     d = make_tiny("qwen2")
     ctx = mp.get_context("spawn")
-    q_up, q_down = ctx.Queue(), ctx.Queue()
-    p = ctx.Process(target=_child_paused_mid_fill, args=(ns, str(d), q_up, q_down))
+    q_up, q_down, q_go = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=_child_paused_mid_fill, args=(ns, str(d), q_up, q_down, q_go))
     p.start()
     assert q_up.get(timeout=60) == "mid-fill"
     cache = HostModelCache("64MiB", namespace=ns)
     (key, e), = cache.entries().items()
     assert e["state"] == "loading" and 0 < os.stat(cache.index.seg_path(key)).st_blocks * 512 < e["nbytes"]
-    _attach_waits_for_the_loader(cache, d, p, q_up, q_down)
+    _attach_waits_for_the_loader(cache, d, p, q_up, q_down, _waits_once(monkeypatch, q_go))
 
 
 @pytest.mark.parametrize("mode", ["after-load", "mid-load"])
