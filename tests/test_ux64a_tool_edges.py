@@ -104,29 +104,36 @@ def ollama_chat(server, stream: bool, model: str, messages: list[dict], num_pred
             lines[-1]["done_reason"])
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_call_written_inside_the_think_block_is_thinking(server, oai, stream):
-    """Chat both ways (its reply and its stream went wrong each its own way); the grammar, which Responses and Ollama
-    share with it, once each (Responses streamed, Ollama not: each gave it all as reasoning, either way)."""
-    paris = ("get_weather", '{"city": "Paris"}')
-    if not stream:  # (a reply that only thinks so: its think block the content, no call; the reply parsed one)
-        got, only, (content, thinking, calls, why) = at_once(
-            lambda: chat(oai, stream, "qthink", ASK_THINKS, 90), lambda: chat(oai, stream, "qthink", ASK_THINKS_ONLY, 90),
-            lambda: ollama_chat(server, stream, "qthink", ASK_THINKS, 90))
-        assert got == (f"{THOUGHT}\n\n", [paris], "tool_calls")
-        assert only == (THOUGHT, [], "stop")
-        assert (content, calls, why) == ("", [("get_weather", {"city": "Paris"})], "stop")
-        assert thinking == THOUGHT.removeprefix("<think>\n").removesuffix("\n</think>")
-        return
-
+@pytest.fixture(scope="module")
+def weighing(server, oai) -> dict:
+    """The replies the next test reads, streamed and not, all five sent at once: one batch in the engine (where its
+    two cases' three and two, each at once, took a third more steps' work)."""
     def respond():
         kw = {"model": "qthink", "input": ASK_THINKS, "tools": [FN], "max_output_tokens": 90, "temperature": 0}
         with oai.responses.stream(**kw) as s:
             list(s)
             return s.get_final_response()
 
-    got, r = at_once(lambda: chat(oai, stream, "qthink", ASK_THINKS, 90), respond)
-    assert got == (f"{THOUGHT}\n\n", [paris], "tool_calls")
+    calls = {(False, "chat"): lambda: chat(oai, False, "qthink", ASK_THINKS, 90),
+             (False, "only"): lambda: chat(oai, False, "qthink", ASK_THINKS_ONLY, 90),
+             (False, "ollama"): lambda: ollama_chat(server, False, "qthink", ASK_THINKS, 90),
+             (True, "chat"): lambda: chat(oai, True, "qthink", ASK_THINKS, 90), (True, "responses"): respond}
+    return dict(zip(calls, at_once(*calls.values())))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_written_inside_the_think_block_is_thinking(weighing, stream):
+    """Chat both ways (its reply and its stream went wrong each its own way); the grammar, which Responses and Ollama
+    share with it, once each (Responses streamed, Ollama not: each gave it all as reasoning, either way)."""
+    paris = ("get_weather", '{"city": "Paris"}')
+    assert weighing[stream, "chat"] == (f"{THOUGHT}\n\n", [paris], "tool_calls")
+    if not stream:  # (a reply that only thinks so: its think block the content, no call; the reply parsed one)
+        assert weighing[stream, "only"] == (THOUGHT, [], "stop")
+        content, thinking, calls, why = weighing[stream, "ollama"]
+        assert (content, calls, why) == ("", [("get_weather", {"city": "Paris"})], "stop")
+        assert thinking == THOUGHT.removeprefix("<think>\n").removesuffix("\n</think>")
+        return
+    r = weighing[stream, "responses"]
     assert [o.type for o in r.output] == ["reasoning", "function_call"] and r.status == "completed", r.output
     assert r.output[0].content[0].text == THOUGHT.removeprefix("<think>\n").removesuffix("\n</think>")
     assert (r.output[1].name, r.output[1].arguments) == paris
