@@ -36,6 +36,7 @@ from tokenpool import env
 log = logging.getLogger("tokenpool.worker")
 _promoted_at: float | None = None  # monotonic: when this process, a standby, took over its slot
 _warming: threading.Thread | None = None  # the warm-up thread (start_warm_up, standby): it may still run after the join
+_stopping = threading.Event()  # set once the worker stops: a warm-up still importing then fails as the process ends
 
 
 def _pairs(ids, lps) -> list[list[list[float]]]:
@@ -175,6 +176,7 @@ class Worker:
         except asyncio.CancelledError:
             log.info("stopping")
         finally:
+            _stopping.set()
             # a step may still run in the executor: close after it, on the step thread
             self._step_thread.submit(self.models.close).result(timeout=60)
             self._step_thread.shutdown(wait=False)
@@ -671,7 +673,10 @@ def _warm_up(device: str, t0: float, who: str) -> None:
     try:
         warm_up(device)  # (looked up here, at call time: a test puts a slow one in its place)
     except Exception:  # noqa: BLE001 - a spare that cannot warm up is still a worker: it starts up on its turn
-        log.exception("%s: warm-up failed", who)
+        if _stopping.is_set():  # (its imports cut by the process's end: a stop during a first run, no fault)
+            log.debug("%s: warm-up cut short by the worker's stop", who, exc_info=True)
+        else:
+            log.exception("%s: warm-up failed", who)
         return
     finally:
         freeze_long_lived()
@@ -724,6 +729,7 @@ def main(argv: list[str] | None = None) -> None:
                         stream=sys.stderr)
     if a.standby:
         if not standby(a.device):
+            _stopping.set()  # (let go unused: its warm-up may still be importing)
             return
     else:
         start_warm_up(a.device)
