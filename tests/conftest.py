@@ -81,7 +81,7 @@ def tiny_model(make_tiny) -> Path:
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # (see tests/torch_threads.py: two workers on 2 cores, each of torch's
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # (see tests/torch_threads.py: workers on 2 cores, each of torch's
         # default one thread a core, spun through each other's time slices: engine files 2-3x slower, parity 4x)
         torch.set_num_threads(1)
     if torch.cuda.is_available():
