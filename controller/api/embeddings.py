@@ -27,11 +27,17 @@ def _too_long(me: ModelEntry, n: int, param: str, index: int | None, limit: int)
     """An input to embed that the context (`limit`) cannot take: longer than it (an input may fill it, as vLLM's
     pooling takes max_model_len tokens: no token is generated)."""
     which = f" {index}" if index is not None else ""
-    if limit < me.max_model_len:  # (Ollama's num_ctx, as its chat and generate name it: ollama._too_long)
-        return ServingError(400, f"The context is {limit} tokens (options.num_ctx; the model's is {me.max_model_len}); "
-                                 f"input{which} has {n} tokens.", param=param, code="context_length_exceeded")
+    if limit < me.max_model_len:  # (Ollama's num_ctx, as its chat and generate name it)
+        return num_ctx_too_long(me, limit, f"input{which}", n, param)
     return ServingError(400, f"This model's maximum context length is {me.max_model_len} tokens; input{which} has {n} "
                              "tokens.", param=param, code="context_length_exceeded")
+
+
+def num_ctx_too_long(me: ModelEntry, limit: int, what: str, n: int, param: str) -> ServingError:
+    """Ollama's 400 for `what` (`n` tokens) past the context its request's options.num_ctx holds it to (`limit`,
+    below the model's): its chat, generate (ollama._too_long) and embed."""
+    return ServingError(400, f"The context is {limit} tokens (options.num_ctx; the model's is {me.max_model_len}); "
+                             f"{what} has {n} tokens.", param=param, code="context_length_exceeded")
 
 
 def prompts_of(serving: OpenAIServing, me: ModelEntry, raw: str | list, truncate: int | None,

@@ -781,8 +781,7 @@ def _too_long(me: Any, n: int, what: str, limit: int) -> ServingError:
     """The 400 of a prompt of `n` tokens that leaves no room in the context `limit` (`truncate: false`)."""
     if limit >= me.max_model_len:
         return too_long(me, n, what)
-    return ServingError(400, f"The context is {limit} tokens (options.num_ctx; the model's is {me.max_model_len}); "
-                        f"the {what} has {n} tokens.", param=what, code="context_length_exceeded")
+    return embeddings.num_ctx_too_long(me, limit, f"the {what}", n, what)
 
 
 def _cut(limit: int, n: int, body: _Base) -> tuple[int, int]:
