@@ -495,6 +495,11 @@ function drawTimeline(canvas, runs, now) {
   }
 }
 
+// The memory an engine's arena is, as its device has it: a CPU engine's is host RAM, a GPU's VRAM.
+function memOf(device) {
+  return /^cpu/.test(device || "") ? "RAM" : /^cuda/.test(device || "") ? "VRAM" : "memory";
+}
+
 // Whether engine `id` is the only one taking requests now (at the click: a kept button's listener is the first
 // render's). Draining it (an operator taking a one-GPU server's engine out for a moment) left every new request a 503
 // with nothing said before.
@@ -509,8 +514,7 @@ function renderEngines(p) {
     const canvas = el("canvas", { class: "timeline", "data-engine": e.id });
     const models = new Set(e.timeline.map((r) => r[1]));
     const v = e.vram;
-    // (its memory as its device has it: a CPU engine's arena is host RAM, a GPU's VRAM)
-    const mem = /^cpu/.test(e.device || "") ? "RAM" : /^cuda/.test(e.device || "") ? "VRAM" : "memory";
+    const mem = memOf(e.device);
     const part = (x) => (v && v.budget_bytes ? `${(100 * x) / v.budget_bytes}%` : "0%");
     const vram = v ? [
       el("div", { class: "vram" }, el("div", { class: "weights", style: { width: part(v.weights_bytes) } }),
@@ -636,6 +640,10 @@ function resizeCharts() {
 }
 
 function renderModels(p) {
+  // (the memory Evict frees, as its engines have it: it said GPU memory of a model on a CPU engine)
+  const devices = new Map(p.engines.map((e) => [e.id, memOf(e.device)]));
+  const mem = (m) => { const kinds = new Set(m.engines.map((id) => devices.get(id) || "memory"));
+    return kinds.size === 1 ? [...kinds][0] : "memory"; };
   document.getElementById("window-note").textContent = p.latency_window
     ? `(latency and SLO over the last ${p.window_s} s)` : "(SLO over recent requests; latency window not fed)";
   const rows = p.models.map((m) => el("tr", { "data-model": m.name },
@@ -669,8 +677,8 @@ function renderModels(p) {
           `/admin/models/${encodeURIComponent(m.name)}/pin`, undefined, () => `${m.name} pinned`) }, "Pin"),
       " ",
       m.state === "resident" && !m.pinned
-        ? el("button", { "data-action": "evict", title: "free its GPU memory once its requests finish; the next " +
-          "request brings it back", onclick: () => act(`Evict ${m.name} from GPU memory?`, "POST",
+        ? el("button", { "data-action": "evict", title: `free its ${mem(m)} once its requests finish; the next ` +
+          "request brings it back", onclick: () => act(`Evict ${m.name} from ${mem(m)}?`, "POST",
           `/admin/models/${encodeURIComponent(m.name)}/evict`, undefined, () => `${m.name} evicted once idle`) },
         "Evict")
         : null,
@@ -727,7 +735,7 @@ function renderTenants(p) {
 
 const REQUEST_STATES = { // (controller.dashboard.views.requests_view)
   queued: "waiting at the controller: for an engine, or for its model to load there",
-  prefill: "on its engine, no token yet: waiting there (for its turn, or its weights' load into VRAM) or prefilling its prompt",
+  prefill: "on its engine, no token yet: waiting there (for its turn, or its weights' load into its memory) or prefilling its prompt",
   running: "generating tokens",
 };
 
@@ -1019,6 +1027,15 @@ function init() {
     signedOut();
   });
   window.addEventListener("resize", () => { resizeCharts(); if (S.pool && S.view === "pool") renderEngines(S.pool); });
+  // a card whose table is wider than it (and scrolls under its sticky actions) is marked, as its table's figures or
+  // the window change its width; its actions' border was drawn under 1100 px only, where a table at 1280 scrolled too
+  const scrolls = new ResizeObserver((seen) => {
+    for (const { target } of seen) {
+      const card = target.closest(".card");
+      card.classList.toggle("scrolls", card.scrollWidth > card.clientWidth);
+    }
+  });
+  for (const t of document.querySelectorAll(".card > table")) { scrolls.observe(t); scrolls.observe(t.closest(".card")); }
   connect();
   setInterval(watchStream, 1000);
 }
