@@ -357,6 +357,9 @@ class ChatCompletionRequest(_Sampling, _ChatTemplate):
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # OpenAI's deprecated form of tools and tool_choice: refused by the serving layer, not ignored unsaid
+    functions: list[Any] | None = None
+    function_call: Any = None
     # OpenAI's: "none" turns a thinking template's switch off, the others on (thinking.effort_kwargs)
     reasoning_effort: str | None = None
     verbosity: str | None = None  # (OpenAI's: VERBOSITIES; taken, not used)

@@ -818,6 +818,11 @@ class OpenAIServing:
                 raise ServingError(400, "a tool message needs tool_call_id, the id of the call it answers",
                                    param=f"messages.{i}.tool_call_id")
         _calls_answered(req.messages)
+        for legacy in ("functions", "function_call"):
+            if getattr(req, legacy) is not None:
+                raise ServingError(400, f"{legacy} (OpenAI's deprecated form of tools) is not supported: send tools "
+                                   "(each function as {\"type\": \"function\", \"function\": FUNCTION}) and "
+                                   "tool_choice", param=legacy)
         if req.verbosity is not None and req.verbosity not in p.VERBOSITIES:
             raise invalid_value(req.verbosity, p.VERBOSITIES, "verbosity")
         for m in req.modalities or ():
