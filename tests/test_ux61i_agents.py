@@ -28,6 +28,7 @@ import openai
 import pytest
 
 from tests.ports import live_server_on
+from tests.ux66c_at_once import at_once
 
 PORTS = range(27050, 27100)
 HI = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi!"},
@@ -94,20 +95,35 @@ def _send(claude: anthropic.Anthropic, stream: bool, **kw):
         return s.get_final_message()
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_max_tokens_past_the_context_is_refused_in_anthropics_words(claude, stream):
-    """Claude Code's 32000 max_tokens against an 8K model: the 400 says input + max_tokens > limit as Anthropic's
-    does, and the max_tokens it retries with (the limit less the input, less a margin) is answered."""
+def _over_and_retried(claude: anthropic.Anthropic, stream: bool) -> tuple:
+    """(the refusal's error body of max_tokens 32000, the limit it named, the reply to the retry with the max_tokens
+    Claude Code takes from it: the limit less the input, less a margin)."""
     with pytest.raises(anthropic.BadRequestError) as ei:
         _send(claude, stream, max_tokens=32000, messages=HI)
     err = ei.value.body["error"]
-    assert err["type"] == "invalid_request_error", err
     m = OVER.search(err["message"])
+    if m is None:
+        return err, None, None
+    prompt, _, limit = map(int, m.groups())
+    return err, m, _send(claude, stream, max_tokens=limit - prompt - 1000, messages=HI)
+
+
+@pytest.fixture(scope="module")
+def over(claude) -> dict:
+    """`_over_and_retried`, streamed and not, both at once (one batch in the engine)."""
+    return dict(zip((False, True), at_once(*(lambda s=s: _over_and_retried(claude, s) for s in (False, True)))))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_past_the_context_is_refused_in_anthropics_words(claude, over, stream):
+    """Claude Code's 32000 max_tokens against an 8K model: the 400 says input + max_tokens > limit as Anthropic's
+    does, and the max_tokens it retries with (the limit less the input, less a margin) is answered."""
+    err, m, got = over[stream]
+    assert err["type"] == "invalid_request_error", err
     assert m is not None, err["message"]
     prompt, asked, limit = map(int, m.groups())
     assert asked == 32000 and limit == 8192
     assert prompt == claude.messages.count_tokens(model="smol", messages=HI).input_tokens
-    got = _send(claude, stream, max_tokens=limit - prompt - 1000, messages=HI)
     assert got.stop_reason == "end_turn" and got.content[0].text
 
 
@@ -133,13 +149,57 @@ def _respond(codex: openai.OpenAI, stream: bool, **kw):
     return final, [e.type for e in events], "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
 
 
+FUNCTIONS = [{"type": "function", "name": "get_weather", "parameters": PARAMS, "strict": False}]
+TOOLS = [{"name": "get_weather", "description": "Weather for a city", "input_schema": PARAMS}]
+GREETED = [*(m for q in ("Hi", "Hey", "Yo") for m in (
+    {"role": "user", "content": q}, {"role": "assistant", "content": "<think>\nA greeting.\n</think>\n\nHello!"})),
+    {"role": "user", "content": "Hello"}]  # (shots of a reply that thinks, then answers in text)
+
+
+@pytest.fixture(scope="module")
+def turns(claude, codex) -> dict:
+    """qthink's first replies the next tests read, streamed and not, all six at once (one batch in the engine,
+    where each test's were a batch of one): Responses to ASK with the function and to GREETED, Messages to ASK with
+    the tool."""
+    calls = {}
+    for stream in (False, True):
+        calls |= {(stream, "call"): lambda s=stream: _respond(codex, s, input=ASK, tools=FUNCTIONS),
+                  (stream, "text"): lambda s=stream: _respond(codex, s, input=GREETED,
+                                                              include=["message.output_text.logprobs"]),
+                  (stream, "tool_use"): lambda s=stream: _send(claude, s, model="qthink", max_tokens=80, tools=TOOLS,
+                                                               messages=ASK)}
+    return dict(zip(calls, at_once(*calls.values())))
+
+
+def _answered(turns, stream: bool) -> list[dict]:
+    """The Messages tool loop's next conversation: the tool_use answered."""
+    m = turns[stream, "tool_use"]
+    return [*ASK, {"role": "assistant", "content": m.content},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": m.content[0].id, "content": "Sunny"}]}]
+
+
+@pytest.fixture(scope="module")
+def next_turns(claude, codex, turns) -> dict:
+    """The tool loops' next replies, streamed and not, all four at once: Responses to the call's output (sent back
+    with previous_response_id), Messages to the tool_result."""
+    calls = {}
+    for stream in (False, True):
+        r = turns[stream, "call"][0]
+        out = [{"type": "function_call_output", "call_id": o.call_id, "output": "Sunny, 21C"} for o in r.output
+               if o.type == "function_call"]
+        calls |= {(stream, "call"): lambda s=stream, r=r, out=out: _respond(codex, s, previous_response_id=r.id,
+                                                                            tools=FUNCTIONS, input=out),
+                  (stream, "tool_use"): lambda s=stream: _send(claude, s, model="qthink", max_tokens=60, tools=TOOLS,
+                                                               messages=_answered(turns, s))}
+    return dict(zip(calls, at_once(*calls.values())))
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_thinking_models_call_is_a_function_call_after_its_reasoning(codex, stream):
+def test_a_thinking_models_call_is_a_function_call_after_its_reasoning(request, turns, stream):
     """Codex CLI's loop with a model that thinks: the reply's thinking is a reasoning item, the call after it a
     function_call item (streamed: output_index 1, after the reasoning item's events), and the call's output, sent
     back with previous_response_id, is answered."""
-    tools = [{"type": "function", "name": "get_weather", "parameters": PARAMS, "strict": False}]
-    r, events, deltas = _respond(codex, stream, input=ASK, tools=tools)
+    r, events, deltas = turns[stream, "call"]
     assert r.status == "completed", r
     assert [o.type for o in r.output] == ["reasoning", "function_call"], r.output
     assert r.output[0].content[0].text == THOUGHT and r.output[0].summary == []
@@ -151,18 +211,14 @@ def test_a_thinking_models_call_is_a_function_call_after_its_reasoning(codex, st
         assert deltas == THOUGHT
         first_call = events.index("response.function_call_arguments.delta")
         assert events.index("response.reasoning_text.done") < first_call
-    got, _, _ = _respond(codex, stream, previous_response_id=r.id, tools=tools,
-                         input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21C"}])
+    got, _, _ = request.getfixturevalue("next_turns")[stream, "call"]  # (made once the first turns are checked)
     assert got.status == "completed" and got.output[-1].type in ("message", "function_call"), got.output
     assert "<think>" not in got.output_text
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_thinking_models_text_reply_is_its_message_after_its_reasoning(codex, stream):
-    shots = [m for q in ("Hi", "Hey", "Yo") for m in (
-        {"role": "user", "content": q}, {"role": "assistant", "content": "<think>\nA greeting.\n</think>\n\nHello!"})]
-    r, events, deltas = _respond(codex, stream, input=[*shots, {"role": "user", "content": "Hello"}],
-                                 include=["message.output_text.logprobs"])
+def test_a_thinking_models_text_reply_is_its_message_after_its_reasoning(turns, stream):
+    r, events, deltas = turns[stream, "text"]
     assert [o.type for o in r.output] == ["reasoning", "message"], r.output
     assert r.output[0].content[0].text == "A greeting." and r.output_text == "Hello!"
     # (the text's logprobs are its own tokens', not the thinking's; every token before the text is reasoning's)
@@ -173,16 +229,13 @@ def test_a_thinking_models_text_reply_is_its_message_after_its_reasoning(codex, 
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_thinking_models_call_is_a_tool_use_without_thinking_asked(claude, stream):
+def test_a_thinking_models_call_is_a_tool_use_without_thinking_asked(request, turns, stream):
     """Claude Code's loop with a model whose template thinks and no `thinking` sent: no thinking block (none was
     asked), the call a tool_use block (stop_reason tool_use); its tool_result is answered."""
-    tools = [{"name": "get_weather", "description": "Weather for a city", "input_schema": PARAMS}]
-    m = _send(claude, stream, model="qthink", max_tokens=80, tools=tools, messages=ASK)
+    m = turns[stream, "tool_use"]
     assert m.stop_reason == "tool_use", m
     assert [b.type for b in m.content] == ["tool_use"], m.content
     assert m.content[0].name == "get_weather" and m.content[0].input == {"city": "Paris"}
-    after = [*ASK, {"role": "assistant", "content": m.content},
-             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": m.content[0].id, "content": "Sunny"}]}]
-    got = _send(claude, stream, model="qthink", max_tokens=60, tools=tools, messages=after)
+    got = request.getfixturevalue("next_turns")[stream, "tool_use"]
     assert got.stop_reason in ("end_turn", "tool_use", "max_tokens"), got
     assert all("<think>" not in getattr(b, "text", "") for b in got.content), got.content
