@@ -16,6 +16,7 @@ import pytest
 
 from tests.ports import live_server_on
 from tests.test_ux61i_agents import ASK, PARAMS, THINKING_TEMPLATE, THOUGHT, templated
+from tests.ux66c_at_once import at_once
 
 PORTS = range(27100, 27200)
 OPENING_TEMPLATE = THINKING_TEMPLATE.replace("'<|im_start|>assistant\\n' }}", "'<|im_start|>assistant\\n<think>\\n' }}")
@@ -33,14 +34,6 @@ def client(smollm2, tmp_path_factory):
                       for m in (qthink, qopen)]}
     with live_server_on(PORTS, cfg, work) as srv:
         yield openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def first(client):
-    """qthink's greedy reply to ASK with the tool, not streamed: the tool loop's first turn (streamed or not after
-    it), and the content the streamed reply's is checked against."""
-    return client.chat.completions.create(model="qthink", temperature=0, max_tokens=80, messages=ASK,
-                                          tools=TOOLS).choices[0].message
 
 
 def _chat(client: openai.OpenAI, stream: bool, **kw):
@@ -69,10 +62,35 @@ def _chat(client: openai.OpenAI, stream: bool, **kw):
     return text or None, [calls[k] for k in sorted(calls)], why, kinds
 
 
+GREETED = [*(m for q in ("Hi", "Hey", "Yo") for m in (
+    {"role": "user", "content": q}, {"role": "assistant", "content": "<think>\nA greeting.\n</think>\n\nHello!"})),
+    {"role": "user", "content": "Hello"}]  # (shots of a reply that thinks, then answers in text)
+
+
+@pytest.fixture(scope="module")
+def replies(client) -> dict:
+    """The replies the tests read, streamed and not, all at once (one batch a model in the engine, where each test's
+    were a batch each): qthink's to ASK with the tool (with logprobs, and `first`: without, not streamed, the tool
+    loop's first turn and the content the streamed reply's is checked against), to GREETED, and qopen's to ASK."""
+    calls = {"first": lambda: client.chat.completions.create(model="qthink", temperature=0, max_tokens=80, messages=ASK,
+                                                             tools=TOOLS).choices[0].message}
+    for stream in (False, True):
+        calls |= {(stream, "read"): lambda s=stream: _chat(
+                      client, s, messages=ASK, tools=TOOLS, logprobs=True,
+                      **({"stream_options": {"include_usage": True}} if s else {})),
+                  (stream, "text"): lambda s=stream: _chat(client, s, messages=GREETED, tools=TOOLS),
+                  (stream, "opened"): lambda s=stream: _chat(client, s, model="qopen", messages=ASK, tools=TOOLS)}
+    return dict(zip(calls, at_once(*calls.values())))
+
+
+@pytest.fixture(scope="module")
+def first(replies):
+    return replies["first"]
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_thinking_models_call_is_read_after_its_think_block(client, first, stream):
-    content, calls, why, kinds = _chat(client, stream, messages=ASK, tools=TOOLS, logprobs=True,
-                                       **({"stream_options": {"include_usage": True}} if stream else {}))
+def test_a_thinking_models_call_is_read_after_its_think_block(replies, first, stream):
+    content, calls, why, kinds = replies[stream, "read"]
     assert "lp" not in kinds  # (the usage chunk came)
     assert why == "tool_calls", (content, calls)
     assert [(n, json.loads(a)) for n, a in calls] == [("get_weather", {"city": "Paris"})]
@@ -85,35 +103,39 @@ def test_a_thinking_models_call_is_read_after_its_think_block(client, first, str
         assert first.content == content  # (the same content, streamed or not)
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_the_tool_loop_goes_on_from_the_call(client, first, stream):
-    """The call's result sent back (the assistant turn as the client got it: its content and tool_calls) is
-    answered, with no raw think block or call in a reply of text."""
+@pytest.fixture(scope="module")
+def loop(client, first) -> dict:
+    """The reply to the call's result sent back (the assistant turn as the client got it: its content and
+    tool_calls), streamed and not, both at once."""
     assert first.tool_calls, first
     after = [*ASK, first.model_dump(exclude_none=True),
              {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "Sunny, 21C"}]
-    content, calls, why, _ = _chat(client, stream, messages=after, tools=TOOLS, max_tokens=60)
+    return dict(zip((False, True), at_once(*(lambda s=s: _chat(client, s, messages=after, tools=TOOLS, max_tokens=60)
+                                             for s in (False, True)))))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_tool_loop_goes_on_from_the_call(loop, stream):
+    """The call's result is answered, with no raw think block or call in a reply of text."""
+    content, calls, why, _ = loop[stream]
     assert why in ("stop", "tool_calls", "length"), (content, calls)
     assert calls or "<tool_call>" not in (content or ""), content
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_thinking_models_text_reply_with_tools_is_its_whole_text(client, stream):
+def test_a_thinking_models_text_reply_with_tools_is_its_whole_text(replies, stream):
     """A reply that thinks and then answers in text, tools offered: its whole text the content, as before."""
-    shots = [m for q in ("Hi", "Hey", "Yo") for m in (
-        {"role": "user", "content": q}, {"role": "assistant", "content": "<think>\nA greeting.\n</think>\n\nHello!"})]
-    content, calls, why, _ = _chat(client, stream, messages=[*shots, {"role": "user", "content": "Hello"}],
-                                   tools=TOOLS)
+    content, calls, why, _ = replies[stream, "text"]
     assert calls == [] and why == "stop"
     assert content.startswith("<think>") and content.endswith("Hello!") and "A greeting." in content, content
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_calls_after_a_think_block_the_prompt_opened(client, stream):
+def test_calls_after_a_think_block_the_prompt_opened(replies, stream):
     """A template whose generation prompt opens the think block (the reply starts inside it, with no <think> of its
     own): the calls after its `</think>` are read too, the text before them the content."""
     assert "assistant\\n<think>\\n" in OPENING_TEMPLATE
-    content, calls, why, kinds = _chat(client, stream, model="qopen", messages=ASK, tools=TOOLS)
+    content, calls, why, kinds = replies[stream, "opened"]
     assert why == "tool_calls", (content, calls)
     assert [(n, json.loads(a)) for n, a in calls] == [("get_weather", {"city": "Paris"})]
     assert content.startswith(THOUGHT) and content.rstrip().endswith("</think>") and "<tool_call>" not in content
