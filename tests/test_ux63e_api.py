@@ -54,10 +54,26 @@ def _respond(oai: openai.OpenAI, stream: bool, **kw):
         return s.get_final_response()
 
 
+@pytest.fixture(scope="module")
+def efforts(oai) -> dict:
+    """qthink's replies to ASK by reasoning effort: Responses' high and none, streamed and not, and chat completions'
+    content at minimal, none, and none with the client's own switch on; all seven at once (one batch in the engine,
+    where the two tests' three batches took as many steps each)."""
+    def content(**kw) -> str:
+        r = oai.chat.completions.create(model="qthink", messages=ASK, temperature=0, max_tokens=20, **kw)
+        return r.choices[0].message.content or ""
+
+    calls = {**{(stream, effort): lambda s=stream, e=effort: _respond(oai, s, reasoning={"effort": e})
+                for stream in (False, True) for effort in ("high", "none")},
+             "minimal": lambda: content(reasoning_effort="minimal"), "none": lambda: content(reasoning_effort="none"),
+             "switched_on": lambda: content(reasoning_effort="none",
+                                            extra_body={"chat_template_kwargs": {"enable_thinking": True}})}
+    return dict(zip(calls, at_once(*calls.values())))
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_responses_reasoning_effort_none_turns_thinking_off(oai, stream):
-    thought, r = at_once(lambda: _respond(oai, stream, reasoning={"effort": "high"}),
-                         lambda: _respond(oai, stream, reasoning={"effort": "none"}))
+def test_responses_reasoning_effort_none_turns_thinking_off(oai, efforts, stream):
+    thought, r = efforts[stream, "high"], efforts[stream, "none"]
     # (effort high, as with none sent: it thinks, then calls)
     assert [o.type for o in thought.output] == ["reasoning", "function_call"], thought.output
     assert thought.output[0].content[0].text == THOUGHT and thought.reasoning.effort == "high"
@@ -71,17 +87,10 @@ def test_responses_reasoning_effort_none_turns_thinking_off(oai, stream):
         "effort": "none"}).input_tokens == r.usage.input_tokens
 
 
-def test_chat_reasoning_effort_turns_thinking_off_and_on(oai):
-    def content(**kw) -> str:
-        r = oai.chat.completions.create(model="qthink", messages=ASK, temperature=0, max_tokens=20, **kw)
-        return r.choices[0].message.content or ""
-
-    minimal, none, switched_on = at_once(
-        lambda: content(reasoning_effort="minimal"), lambda: content(reasoning_effort="none"),
-        lambda: content(reasoning_effort="none", extra_body={"chat_template_kwargs": {"enable_thinking": True}}))
-    assert minimal.startswith("<think>")  # (any effort but none: thinking on)
-    assert not none.startswith("<think>")
-    assert switched_on.startswith("<think>")  # (a client's own switch stands, as vLLM's)
+def test_chat_reasoning_effort_turns_thinking_off_and_on(oai, efforts):
+    assert efforts["minimal"].startswith("<think>")  # (any effort but none: thinking on)
+    assert not efforts["none"].startswith("<think>")
+    assert efforts["switched_on"].startswith("<think>")  # (a client's own switch stands, as vLLM's)
     # a model whose template has no switch: rendered as it is (an effort is no error; OpenAI's clients send one)
     r = oai.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
                                     reasoning_effort="none")
@@ -199,9 +208,8 @@ def test_the_chat_stream_sends_the_text_then_the_calls():
     assert "".join(f[0].get("content") or "" for f in frames) == "Use <tool_call" and frames[-1][1] == "stop"
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_text_then_a_call_on_every_route(server, oai, claude, stream):
-    """Greedy SmolLM2 (hermes "auto", a template that does not think) after turns that say a sentence, then call."""
+def _said(server, oai, claude, stream: bool) -> list:
+    """The four routes' replies (chat, Responses, Messages, Ollama's chat lines) to ASK_SAID, streamed or not."""
     kw = {"model": "smol", "temperature": 0}
 
     def chat():
@@ -227,7 +235,20 @@ def test_text_then_a_call_on_every_route(server, oai, claude, stream):
             assert resp.status_code == 200, resp.read()
             return [json.loads(x) for x in resp.iter_lines() if x.strip()]
 
-    msg, r, m, lines = at_once(chat, lambda: _respond(oai, stream, model="smol", input=ASK_SAID), message, ollama)
+    return [chat, lambda: _respond(oai, stream, model="smol", input=ASK_SAID), message, ollama]
+
+
+@pytest.fixture(scope="module")
+def said(server, oai, claude) -> dict:
+    """Each route's reply streamed and not: all eight at once (one batch in the engine, smol's max_num_seqs)."""
+    got = at_once(*_said(server, oai, claude, False), *_said(server, oai, claude, True))
+    return {False: got[:4], True: got[4:]}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_then_a_call_on_every_route(said, stream):
+    """Greedy SmolLM2 (hermes "auto", a template that does not think) after turns that say a sentence, then call."""
+    msg, r, m, lines = said[stream]
     assert msg.finish_reason == "tool_calls", msg
     assert msg.message.content == f"{SAY}\n", msg.message
     assert [(c.function.name, json.loads(c.function.arguments)) for c in msg.message.tool_calls] == [
