@@ -69,12 +69,14 @@ def test_messages_tool_use_without_its_tool_result_is_a_400(claude):
                                       f"immediately after: {missing}. Each `tool_use` block must have a corresponding "
                                       "`tool_result` block in the next message."), err
     # valid ones still go: both answered in either order (text beside them), then a later turn after that one
-    for results in ([_result("toolu_b"), _result("toolu_a")], [_result("toolu_a"), {"type": "text", "text": "ok"},
-                                                               _result("toolu_b")]):
-        r = claude.messages.create(model="smol", max_tokens=2, tools=[TOOL], extra_body={"temperature": 0},
-                                   messages=[ask, calls, {"role": "user", "content": results},
-                                             {"role": "assistant", "content": "Sunny both."},
-                                             {"role": "user", "content": "Thanks"}])
+    def answered(results: list[dict]):
+        return claude.messages.create(model="smol", max_tokens=2, tools=[TOOL], extra_body={"temperature": 0},
+                                      messages=[ask, calls, {"role": "user", "content": results},
+                                                {"role": "assistant", "content": "Sunny both."},
+                                                {"role": "user", "content": "Thanks"}])
+
+    for r in at_once(lambda: answered([_result("toolu_b"), _result("toolu_a")]),
+                     lambda: answered([_result("toolu_a"), {"type": "text", "text": "ok"}, _result("toolu_b")])):
         assert r.type == "message" and r.usage.output_tokens >= 1
     n = claude.messages.count_tokens(model="smol", tools=[TOOL], messages=[ask, calls, {
         "role": "user", "content": [_result("toolu_a"), _result("toolu_b")]}])
@@ -97,12 +99,13 @@ def test_responses_function_call_without_its_output_is_a_400(oai):
             assert "no tool output found for function call 'call_a'" in err["message"], err
             assert err["param"] == "input[1].call_id", err
     # answered in any order (parallel calls, then their outputs) goes
-    r = oai.responses.create(model="smol", input=[ask, call_b, call, {**out_b, "call_id": "call_a"}, out_b],
-                             tools=[FN], max_output_tokens=2, temperature=0)
+    # (and a previous response's calls are the next input's to answer: forced here, so there is one to answer)
+    r, first = at_once(
+        lambda: oai.responses.create(model="smol", input=[ask, call_b, call, {**out_b, "call_id": "call_a"}, out_b],
+                                     tools=[FN], max_output_tokens=2, temperature=0),
+        lambda: oai.responses.create(model="smol", input="Weather in Paris?", tools=[FN], tool_choice="required",
+                                     max_output_tokens=40, temperature=0))
     assert r.status in ("completed", "incomplete") and r.usage.output_tokens >= 1
-    # a previous response's calls are the next input's to answer (forced here, so there is one to answer)
-    first = oai.responses.create(model="smol", input="Weather in Paris?", tools=[FN], tool_choice="required",
-                                 max_output_tokens=40, temperature=0)
     made = [o for o in first.output if o.type == "function_call"]
     assert made, first.output
     with pytest.raises(openai.BadRequestError) as e:
@@ -139,10 +142,11 @@ def test_chat_tool_calls_without_their_tool_messages_are_a_400(oai):
                 "An assistant message with 'tool_calls' must be followed by tool messages responding to each "
                 f"'tool_call_id'. The following tool_call_ids did not have response messages: {missing}"), e.value.body
             assert e.value.body["param"] == "messages.1.tool_calls", e.value.body
-    for msgs in ([ask, calls("call_a", "call_b"), tool("call_b"), tool("call_a"), more],  # (any order)
-                 [ask, calls("call_a"), tool("call_a"), {"role": "assistant", "content": "Sunny."}, more],
-                 [ask, calls("call_a")]):  # (the conversation ends with the calls: the reply goes on from them)
-        r = oai.chat.completions.create(model="smol", messages=msgs, tools=[CHAT_TOOL], max_tokens=2, temperature=0)
+    valid = ([ask, calls("call_a", "call_b"), tool("call_b"), tool("call_a"), more],  # (any order)
+             [ask, calls("call_a"), tool("call_a"), {"role": "assistant", "content": "Sunny."}, more],
+             [ask, calls("call_a")])  # (the conversation ends with the calls: the reply goes on from them)
+    for r in at_once(*(lambda m=m: oai.chat.completions.create(model="smol", messages=m, tools=[CHAT_TOOL], max_tokens=2,
+                                                               temperature=0) for m in valid)):
         assert r.choices[0].finish_reason in ("stop", "length", "tool_calls"), r
 
 
@@ -188,15 +192,33 @@ def test_tokenize_with_both_or_neither_input_names_the_param(server):
         assert httpx.post(server.url + "/tokenize", json=body, timeout=30).status_code == 200
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": PARAMS}}]
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+TEXT_FORMAT = {"model": "qthink", "input": ASK, "temperature": 0, "max_output_tokens": 80,
+               "text": {"format": {"type": "text"}},
+               "tools": [{"type": "function", "name": "get_weather", "parameters": PARAMS}]}
+
+
+@pytest.fixture(scope="module")
+def beside(oai) -> dict:
+    """qthink's replies to ASK the next two tests read, streamed and not: chat with a text response_format, with
+    none, with a schema's, and Responses with text.format text (its stream's events); all eight at once (one batch
+    in the engine, qthink's max_num_seqs, where the four tests' batches took as many steps each)."""
+    calls = {}
+    for stream in (False, True):
+        calls |= {
+            (stream, "text"): lambda s=stream: _chat(oai, s, messages=ASK, tools=TOOLS, response_format={"type": "text"}),
+            (stream, "unsent"): lambda s=stream: _chat(oai, s, messages=ASK, tools=TOOLS),
+            (stream, "held"): lambda s=stream: _chat(oai, s, messages=ASK, tools=TOOLS, response_format={
+                "type": "json_schema", "json_schema": {"name": "out", "schema": SCHEMA}})}
+    calls[False, "responses"] = lambda: oai.responses.create(**TEXT_FORMAT)
+    calls[True, "responses"] = lambda: list(oai.responses.create(stream=True, **TEXT_FORMAT))
+    return dict(zip(calls, at_once(*calls.values())))
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_thinking_models_calls_are_read_beside_a_text_response_format(oai, stream):
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": PARAMS}}]
-    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
-    (content, calls, why, kinds), unsent, held = at_once(
-        lambda: _chat(oai, stream, messages=ASK, tools=tools, response_format={"type": "text"}),
-        lambda: _chat(oai, stream, messages=ASK, tools=tools),
-        lambda: _chat(oai, stream, messages=ASK, tools=tools, response_format={
-            "type": "json_schema", "json_schema": {"name": "out", "schema": schema}}))
+def test_a_thinking_models_calls_are_read_beside_a_text_response_format(beside, stream):
+    (content, calls, why, kinds), unsent, held = (beside[stream, k] for k in ("text", "unsent", "held"))
     assert why == "tool_calls", (content, calls)
     assert [(n, json.loads(a)) for n, a in calls] == [("get_weather", {"city": "Paris"})]
     assert content.startswith("<think>") and THOUGHT in content and "<tool_call>" not in content, content
@@ -209,15 +231,13 @@ def test_a_thinking_models_calls_are_read_beside_a_text_response_format(oai, str
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_thinking_models_calls_are_read_beside_a_text_format_on_responses(oai, stream):
-    kw = {"model": "qthink", "input": ASK, "temperature": 0, "max_output_tokens": 80, "text": {"format": {"type": "text"}},
-          "tools": [{"type": "function", "name": "get_weather", "parameters": PARAMS}]}
+def test_a_thinking_models_calls_are_read_beside_a_text_format_on_responses(beside, stream):
     if stream:
-        events = list(oai.responses.create(stream=True, **kw))
+        events = beside[stream, "responses"]
         assert "response.reasoning_text.delta" in [e.type for e in events]
         r = events[-1].response
     else:
-        r = oai.responses.create(**kw)
+        r = beside[stream, "responses"]
     assert [o.type for o in r.output] == ["reasoning", "function_call"], r.output
     assert r.output[0].content[0].text == THOUGHT
     assert (r.output[1].name, json.loads(r.output[1].arguments)) == ("get_weather", {"city": "Paris"})
