@@ -139,23 +139,41 @@ def test_a_call_written_inside_the_think_block_is_thinking(weighing, stream):
     assert (r.output[1].name, r.output[1].arguments) == paris
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_whitespace_before_the_calls_is_no_text(server, oai, stream):
-    got, ollama = at_once(lambda: chat(oai, stream, "smol", ASK_SPACED, 40),
-                          lambda: ollama_chat(server, stream, "smol", ASK_SPACED, 40))
-    assert got == (None, [("get_weather", '{"city": "Paris"}')], "tool_calls")
-    assert ollama == ("", "", [("get_weather", {"city": "Paris"})], "stop")
+@pytest.fixture(scope="module")
+def spaced(server, oai) -> dict:
+    """Chat's and Ollama's replies to ASK_SPACED, streamed and not, all four at once (one batch in the engine)."""
+    calls = {}
+    for stream in (False, True):
+        calls |= {(stream, "chat"): lambda s=stream: chat(oai, s, "smol", ASK_SPACED, 40),
+                  (stream, "ollama"): lambda s=stream: ollama_chat(server, s, "smol", ASK_SPACED, 40)}
+    return dict(zip(calls, at_once(*calls.values())))
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_call_cut_once_its_name_is_whole_is_a_call(server, oai, stream):
-    # (max_tokens 15: `<tool_call>\n{"name": "get_weather", "`; 18: `..."arguments": {"`)
-    at15, at18, ollama = at_once(lambda: chat(oai, stream, "smol", ASK, 15), lambda: chat(oai, stream, "smol", ASK, 18),
-                                 lambda: ollama_chat(server, stream, "smol", ASK, 15))
-    assert at15 == (None, [("get_weather", "")], "length")
-    assert at18 == (None, [("get_weather", '{"')], "length")
+def test_whitespace_before_the_calls_is_no_text(spaced, stream):
+    assert spaced[stream, "chat"] == (None, [("get_weather", '{"city": "Paris"}')], "tool_calls")
+    assert spaced[stream, "ollama"] == ("", "", [("get_weather", {"city": "Paris"})], "stop")
+
+
+@pytest.fixture(scope="module")
+def cut(server, oai) -> dict:
+    """Replies to ASK cut once the call's name is whole, streamed and not, all six at once (one batch in the
+    engine): chat's at max_tokens 15 (`<tool_call>\\n{"name": "get_weather", "`) and 18 (`..."arguments": {"`),
+    Ollama's at 15."""
+    calls = {}
+    for stream in (False, True):
+        calls |= {(stream, 15): lambda s=stream: chat(oai, s, "smol", ASK, 15),
+                  (stream, 18): lambda s=stream: chat(oai, s, "smol", ASK, 18),
+                  (stream, "ollama"): lambda s=stream: ollama_chat(server, s, "smol", ASK, 15)}
+    return dict(zip(calls, at_once(*calls.values())))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_cut_once_its_name_is_whole_is_a_call(cut, stream):
+    assert cut[stream, 15] == (None, [("get_weather", "")], "length")
+    assert cut[stream, 18] == (None, [("get_weather", '{"')], "length")
     # (Ollama's gives whole calls only: the rest as content, as its parser gives back what it could not parse)
-    assert ollama == (HERMES_OPEN + '{"name": "get_weather", "', "", [], "length")
+    assert cut[stream, "ollama"] == (HERMES_OPEN + '{"name": "get_weather", "', "", [], "length")
 
 
 @pytest.mark.parametrize("stream", [False, True])
