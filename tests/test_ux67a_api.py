@@ -3,17 +3,21 @@ of a tiny model:
 
 - OpenAI's deprecated `functions` and `function_call` (the `openai` client still sends them) were ignored unsaid: a
   request forcing `function_call={"name": "f"}` got plain text and no call. Now a 400 naming the field and saying
-  to send `tools` and `tool_choice` (a `function` message was refused already).
+  to send `tools` and `tool_choice` (a `function` message was refused already);
+- vLLM's `truncate_prompt_tokens` past the model's context on /v1/embeddings (and /rerank, /score) was taken as the
+  context, unsaid, where /v1/completions refused it: now the same 400 naming the field, as vLLM answers both.
 """
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
 from tests.ports import live_server_on
 
 PORTS = range(29800, 29850)
+CTX = 128
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 FUNCTION = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
 
@@ -22,7 +26,7 @@ FUNCTION = {"name": "get_weather", "parameters": {"type": "object", "properties"
 def server(make_tiny, tmp_path_factory):
     cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
            "models": [{"name": "tiny", "path": str(make_tiny("qwen2")), "engine": {"max_num_seqs": 8,
-                                                                                   "max_model_len": 128}}]}
+                                                                                   "max_model_len": CTX}}]}
     with live_server_on(PORTS, cfg, tmp_path_factory.mktemp("ux67a")) as srv:
         yield srv
 
@@ -52,3 +56,24 @@ def test_the_same_request_with_tools_calls_the_function(client):
                                        tool_choice={"type": "function", "function": {"name": "get_weather"}})
     (call,) = r.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_truncate_prompt_tokens_past_the_context_is_refused_on_embeddings(server, client):
+    """/v1/embeddings, /rerank and /score refuse it as /v1/completions does; the context itself, or -1, still cuts a
+    longer input to the context."""
+    long = " ".join(["w"] * (CTX + 40))
+    for call in (lambda: client.completions.create(model="tiny", prompt=long, max_tokens=1,
+                                                   extra_body={"truncate_prompt_tokens": CTX + 1}),
+                 lambda: client.embeddings.create(model="tiny", input=long,
+                                                  extra_body={"truncate_prompt_tokens": CTX + 1})):
+        with pytest.raises(openai.BadRequestError) as ei:
+            call()
+        assert ei.value.body["param"] == "truncate_prompt_tokens", ei.value.body
+        assert ei.value.body["message"] == (f"truncate_prompt_tokens ({CTX + 1}) is greater than the model's maximum "
+                                            f"context length ({CTX})")
+    for path, body in (("/rerank", {"query": "q", "documents": [long]}), ("/score", {"text_1": "q", "text_2": long})):
+        r = httpx.post(server.url + path, json={"model": "tiny", "truncate_prompt_tokens": CTX + 1, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens", (path, r.text)
+    for keep in (CTX, -1):
+        got = client.embeddings.create(model="tiny", input=long, extra_body={"truncate_prompt_tokens": keep})
+        assert got.usage.prompt_tokens == CTX

@@ -45,13 +45,17 @@ def prompts_of(serving: OpenAIServing, me: ModelEntry, raw: str | list, truncate
                limit: int | None = None) -> list[list[int]]:
     """Each input's token ids (runs in the tokenize pool). `truncate`: an input longer keeps `truncate` tokens, its last
     (vLLM's truncate_prompt_tokens) or with `keep_end` False its first (Ollama's truncate); -1: as many as the context
-    takes. None: an input the context cannot take is a 400. `empty` (Ollama's): an empty string is embedded as the
-    tokens its tokenizer adds around any text (a Llama's BOS), as Ollama's runner embeds it; one that adds none has
-    nothing to embed: a 400 in the runner's words ("no input provided"). Otherwise an empty string is a 400.
+    takes; more than the model's context: a 400, as vLLM answers it. None: an input the context cannot take is a 400.
+    `empty` (Ollama's): an empty string is embedded as the tokens its tokenizer adds around any text (a Llama's BOS),
+    as Ollama's runner embeds it; one that adds none has nothing to embed: a 400 in the runner's words ("no input
+    provided"). Otherwise an empty string is a 400.
     `limit`: the context, where a request's is below the model's (Ollama's num_ctx); None: the model's."""
     # (an input may fill it: the step that ends the prefill draws one token, dropped, which takes no place)
     room = me.max_model_len if limit is None else limit
-    keep = room if truncate == -1 else min(truncate, room) if truncate is not None else None
+    if truncate is not None and truncate > me.max_model_len:  # (the completions' 400 too: _kept_tokens)
+        raise ServingError(400, f"truncate_prompt_tokens ({truncate}) is greater than the model's maximum context "
+                                f"length ({me.max_model_len})", param="truncate_prompt_tokens")
+    keep = room if truncate == -1 else truncate
     items = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
     out = []
     for i, x in enumerate(items):
