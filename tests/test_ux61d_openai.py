@@ -76,14 +76,25 @@ def _completion(client, stream: bool, **extra) -> tuple[str, str | None, object]
     return text, finish, why
 
 
+def both(*calls) -> dict:
+    """{stream: [each of `calls` called with stream]} for stream False and True, all at once (one batch in the engine:
+    two streams' three requests are six, within max_num_seqs 8; each stream's were a batch of its own)."""
+    got = at_once(*(lambda s=s, c=c: c(s) for s in (False, True) for c in calls))
+    return {False: got[:len(calls)], True: got[len(calls):]}
+
+
+@pytest.fixture(scope="module")
+def eos(client) -> dict:
+    return both(lambda s: _chat(client, s, skip_special_tokens=False),
+                lambda s: _chat(client, s, skip_special_tokens=False, include_stop_str_in_output=True),
+                lambda s: _chat(client, s))
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_the_eos_that_ended_a_reply_is_not_in_its_text(client, stream):
+def test_the_eos_that_ended_a_reply_is_not_in_its_text(eos, stream):
     """skip_special_tokens false shows the special tokens a reply holds, not the EOS that ended it (vLLM's); with
     include_stop_str_in_output it is kept, as vLLM keeps it."""
-    (text, finish, stop), (kept, kept_finish, _), skipped = at_once(
-        lambda: _chat(client, stream, skip_special_tokens=False),
-        lambda: _chat(client, stream, skip_special_tokens=False, include_stop_str_in_output=True),
-        lambda: _chat(client, stream))
+    (text, finish, stop), (kept, kept_finish, _), skipped = eos[stream]
     assert finish == "stop" and stop is None, (text, finish, stop)
     assert text and "<|im_end|>" not in text, text
     assert kept_finish == "stop" and kept == text + "<|im_end|>", (kept, text)
@@ -91,24 +102,36 @@ def test_the_eos_that_ended_a_reply_is_not_in_its_text(client, stream):
     assert skipped[0] == text
 
 
+@pytest.fixture(scope="module")
+def comma(server) -> int:
+    [comma] = _tokenize(server, prompt=",", add_special_tokens=False)["tokens"]
+    return comma
+
+
+@pytest.fixture(scope="module")
+def stopped(client, comma) -> dict:
+    return both(lambda s: _completion(client, s), lambda s: _completion(client, s, stop_token_ids=[comma]),
+                lambda s: _completion(client, s, stop_token_ids=[comma], include_stop_str_in_output=True))
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_stop_token_id_is_not_in_the_text(server, client, stream):
+def test_a_stop_token_id_is_not_in_the_text(stopped, comma, stream):
     """A stop_token_ids' ordinary token ends the reply without its text (stop_reason its id), as vLLM's; kept with
     include_stop_str_in_output."""
-    [comma] = _tokenize(server, prompt=",", add_special_tokens=False)["tokens"]
-    assert at_once(lambda: _completion(client, stream), lambda: _completion(client, stream, stop_token_ids=[comma]),
-                   lambda: _completion(client, stream, stop_token_ids=[comma], include_stop_str_in_output=True)) == [
-        (" 6, 7, 8, 9,", "length", None), (" 6", "stop", comma), (" 6,", "stop", comma)]
+    assert stopped[stream] == [(" 6, 7, 8, 9,", "length", None), (" 6", "stop", comma), (" 6,", "stop", comma)]
+
+
+@pytest.fixture(scope="module")
+def held_off(client) -> dict:
+    return both(lambda s: _completion(client, s, stop=" 7"), lambda s: _completion(client, s, stop=" 7", min_tokens=10),
+                lambda s: _completion(client, s, stop=" 8", min_tokens=4))
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_min_tokens_holds_off_stop_strings(client, stream):
+def test_min_tokens_holds_off_stop_strings(held_off, stream):
     """A stop string ends the output only once it has min_tokens tokens, as vLLM's: " 7" within the first ten
     tokens does not stop it; one past min_tokens does."""
-    assert at_once(lambda: _completion(client, stream, stop=" 7"),
-                   lambda: _completion(client, stream, stop=" 7", min_tokens=10),
-                   lambda: _completion(client, stream, stop=" 8", min_tokens=4)) == [
-        (" 6,", "stop", " 7"), (" 6, 7, 8, 9,", "length", None), (" 6, 7,", "stop", " 8")]
+    assert held_off[stream] == [(" 6,", "stop", " 7"), (" 6, 7, 8, 9,", "length", None), (" 6, 7,", "stop", " 8")]
 
 
 def test_a_chat_template_of_the_clients_own_is_a_400(server, client):
