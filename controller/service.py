@@ -444,14 +444,20 @@ class Controller:
         return ok
 
     # --- models ---
-    async def add_model(self, spec: ModelSpec, source: str = "admin") -> ModelEntry:
+    async def add_model(self, spec: ModelSpec, source: str = "admin", dry_run: bool = False) -> ModelEntry | None:
+        """Register `spec`. `dry_run`: every check of a registration, for `spec` replacing the model of its name where
+        there is one (that model's names free), and nothing registered: None (POST /admin/models?dry_run=true; the
+        Kubernetes operator asks before it drains a model to register it anew, so a change refused here leaves the
+        model serving: a wrong path took it down)."""
         from token_scheduler.tokenizer import load_tokenizer
 
-        if spec.name in self.models:
+        replaced = self.models.get(spec.name) if dry_run else None
+        if spec.name in self.models and not dry_run:
             raise ServingError(409, f"model {spec.name!r} is already registered", param="name", code="model_exists")
         if spec.path is not None and (why := model_dir_problem(spec.path)) is not None:
             raise ServingError(400, why, param="path")
-        if taken := self.names_taken([spec.name, *spec.aliases, *spec.lora_names]):
+        served = self.served_names(besides=replaced)
+        if taken := [n for n in (spec.name, *spec.aliases, *spec.lora_names) if n in served]:
             field = "name" if spec.name in taken else "aliases" if set(spec.aliases) & set(taken) else "lora_modules"
             raise ServingError(409, f"already served under these names (a model, an alias or an adapter): "
                                f"{', '.join(taken)}", param=field, code="model_exists")
@@ -481,6 +487,8 @@ class Controller:
         cfg = _hf_config(spec)  # (read once for the three)
         entry = ModelEntry(spec, info, tok, context_len(spec, cfg), hidden_size(cfg), architecture(cfg),
                            pinned=spec.pin, source=source, kv_elems=_kv_elems(spec))
+        if dry_run:
+            return None
         self.models[spec.name] = entry
         # (workers that join from now on size their KV pages for it too: hosting.min_page_bytes)
         self.pool.kv_elems_per_token = max(self.pool.kv_elems_per_token, entry.kv_elems)

@@ -49,7 +49,9 @@ class FakeController:
         h = handler
         up = self._up
         h["get /admin/models"] << up(lambda req: list(self.models.values()))
-        h["post /admin/models"] << up(lambda req: self._add(self.models, req.data, self._model))
+        h["post /admin/models"] << up(lambda req: {"dry_run": True, "name": req.data["name"]}  # (taken as it is)
+                                      if req.url.query.get("dry_run") == "true" else
+                                      self._add(self.models, req.data, self._model))
         h["get /admin/tenants"] << up(lambda req: list(self.tenants.values()))
         h["post /admin/tenants"] << up(lambda req: self._add(self.tenants, req.data, self._tenant))
         h["get /admin/engines"] << up(lambda req: self.engines)

@@ -155,6 +155,12 @@ class ModelOut(BaseModel):
                                                "admin API")
 
 
+class DryRunOut(BaseModel):
+    """POST /admin/models?dry_run=true: the model would be registered (replacing the one of its name, if any)."""
+    dry_run: Literal[True] = True
+    name: str
+
+
 class ModelPatch(BaseModel):
     """PATCH /admin/models/{name}: what a registered model changes in place (its weights, registrations and
     requests in flight stay). Fields left out stay as they are; keep_alive null: until the memory is needed."""

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.routing import APIRoute
 from starlette.routing import Match
 
@@ -130,8 +130,10 @@ async def models(request: Request):
     return [_model_out(ctl, n, request.app.state.serving.last_used) for n in ctl.models]
 
 
-@router.post("/models", response_model=ap.ModelOut, status_code=201)
-async def register_model(spec: ModelSpec, request: Request):
+@router.post("/models", response_model=ap.ModelOut | ap.DryRunOut, status_code=201)
+async def register_model(spec: ModelSpec, request: Request, response: Response, dry_run: bool = False):
+    """Register a model. `?dry_run=true`: checked as its registration would be, replacing the model of its name if
+    there is one, and nothing registered (200, or the refusal the registration would get)."""
     ctl = _ctl(request)
     # `~` is the home directory and a relative path the server's working directory, as a configuration's paths are
     # its file's: "~/models/x" (the dashboard's Add form) was refused as a path that "does not exist", and a relative
@@ -141,6 +143,10 @@ async def register_model(spec: ModelSpec, request: Request):
         spec.bound_context()
     for lm in spec.lora_modules:
         lm.path = str(Path(lm.path).expanduser().absolute())
+    if dry_run:
+        await ctl.add_model(spec, dry_run=True)
+        response.status_code = 200
+        return ap.DryRunOut(name=spec.name)
     await ctl.add_model(spec)
     return _model_out(ctl, spec.name, request.app.state.serving.last_used)
 

@@ -126,6 +126,11 @@ class Named:
     def add(self, body: dict) -> dict:
         return self.admin._expect("POST", self.path, 201, body)
 
+    def check(self, body: dict) -> None:
+        """Whether the controller would register one (models: POST ?dry_run=true, as replacing the one of its name);
+        AdminError saying why not. Nothing changes."""
+        self.admin._expect("POST", self.path + "?dry_run=true", 200, body)
+
     def update(self, name: str, body: dict) -> dict:
         """Change fields of one in place (PATCH; models: slo, priority, replicas)."""
         return self.admin._expect("PATCH", self.path_of(name), 200, body)

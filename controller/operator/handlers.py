@@ -688,7 +688,16 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
             known = _applied(memo, meta) or status.get("appliedDigest")
             if actual is not None and (b.model_reloads(desired, actual) or not b.same_registration(desired, known)):
                 # Not changeable in place (path, engine options, adapters): re-register, after the requests in
-                # flight finish. (The pin is: below.)
+                # flight finish. (The pin is: below.) Asked of the controller first: a change it would refuse (a
+                # wrong path) leaves the model serving as it was, where it was drained, removed, then refused.
+                try:
+                    memo.admin.models.check(desired)
+                except AdminError as e:
+                    if isinstance(e, AdminUnauthorized):
+                        raise
+                    _write_status(body, patch, status, b.build_model_status(actual, spec, gen), "Degraded",
+                                  "Rejected", f"{e}; still serving its last applied spec", gen)
+                    return  # the next change, or a timer round, asks again (the path may appear)
                 n = _drain_wait(memo.admin, desired["name"], spec, runtime)
                 if n:
                     _write_status(body, patch, status, {}, "Progressing", "Draining",
