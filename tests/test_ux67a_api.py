@@ -5,7 +5,10 @@ of a tiny model:
   request forcing `function_call={"name": "f"}` got plain text and no call. Now a 400 naming the field and saying
   to send `tools` and `tool_choice` (a `function` message was refused already);
 - vLLM's `truncate_prompt_tokens` past the model's context on /v1/embeddings (and /rerank, /score) was taken as the
-  context, unsaid, where /v1/completions refused it: now the same 400 naming the field, as vLLM answers both.
+  context, unsaid, where /v1/completions refused it: now the same 400 naming the field, as vLLM answers both;
+- a name copied from /api/tags (`tiny:latest`) or written as Ollama matches it (`TINY`) is a 404 on the OpenAI routes,
+  which keep vLLM's exact names, and said only that the model does not exist: now the 404 names the served model it
+  means, as the Ollama routes read it.
 """
 
 from __future__ import annotations
@@ -77,3 +80,22 @@ def test_truncate_prompt_tokens_past_the_context_is_refused_on_embeddings(server
     for keep in (CTX, -1):
         got = client.embeddings.create(model="tiny", input=long, extra_body={"truncate_prompt_tokens": keep})
         assert got.usage.prompt_tokens == CTX
+
+
+@pytest.mark.parametrize("name", ["tiny:latest", "TINY", "library/tiny"])
+def test_an_ollama_name_is_told_the_served_name(server, client, name):
+    tags = httpx.get(server.url + "/api/tags").json()["models"]
+    assert [m["name"] for m in tags] == ["tiny:latest"]
+    with pytest.raises(openai.NotFoundError) as ei:
+        client.chat.completions.create(model=name, messages=ASK, max_tokens=1)
+    assert ei.value.body["message"] == (f"The model `{name}` does not exist. Did you mean `tiny`? (Ollama's routes "
+                                        f"read `{name}` as that model; this API takes the names /v1/models lists.)")
+    assert ei.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError, match="Did you mean `tiny`"):
+        client.embeddings.create(model=name, input="x")
+
+
+def test_a_name_that_means_no_model_is_told_only_that(client):
+    with pytest.raises(openai.NotFoundError) as ei:
+        client.models.retrieve("tinyx:latest")
+    assert ei.value.body["message"] == "The model `tinyx:latest` does not exist."

@@ -64,7 +64,6 @@ from controller.api.thinking import thinks as _thinks
 from controller.dashboard.views import resident_models
 from controller.errors import ServingError, field_path, json_kind, telling_error
 from controller.ollama_names import LATEST
-from controller.ollama_names import pick as _pick
 from controller.real_model import MARKER as GGUF_MARKER
 from token_scheduler.request import SamplingParams
 from tokenpool.models import gguf_file_type, safetensors_tensors
@@ -268,17 +267,7 @@ def served(request: Request, tenant: Any, name: Any) -> Any:
     none exact: neither (the 404, each still found by its exact name). Replies still echo the name as sent."""
     if not isinstance(name, str) or not name:
         return name
-    ctl = request.app.state.controller
-
-    def usable() -> list[str]:  # (only where no model answers to the name as written: most requests name one)
-        return [n for me in ctl.models.values() for n in (me.spec.name, *me.spec.aliases, *me.spec.lora_names)
-                if tenant is not None and (tenant.may_use(me.spec.name) or tenant.may_use(n))]
-
-    def known(n: str) -> bool:  # (as `lookup` finds it for the tenant: another's model is its 404, never a pick)
-        me = ctl.resolve(n)
-        return me is not None and tenant is not None and (tenant.may_use(me.spec.name) or tenant.may_use(n))
-
-    return _pick(name, known, usable) or name  # (none: the 404 to come)
+    return request.app.state.serving.ollama_pick(tenant, name) or name  # (none: the 404 to come)
 
 
 # the OpenAI request's fields that Ollama's options set, and the option each is (an error names the one sent)

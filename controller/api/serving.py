@@ -36,6 +36,7 @@ from controller.api.structured import (
 from controller.api.thinking import Split, effort_kwargs, opened, thinks
 from controller.errors import ServingError, invalid_value
 from controller.messages import Delta
+from controller.ollama_names import pick
 from controller.service import Controller, Generation, ModelEntry
 from controller.tenants import Tenant
 from token_scheduler.request import SamplingParams
@@ -426,8 +427,26 @@ class OpenAIServing:
         me = self.ctl.resolve(model)
         if me is None or not (tenant.may_use(me.spec.name) or tenant.may_use(model)):
             # one answer for both: a tenant learns nothing of the others' models
-            raise ServingError(404, f"The model `{model}` does not exist.", param="model")
+            meant = self.ollama_pick(tenant, model)
+            hint = (f" Did you mean `{meant}`? (Ollama's routes read `{model}` as that model; this API takes the "
+                    "names /v1/models lists.)") if meant is not None else ""
+            raise ServingError(404, f"The model `{model}` does not exist.{hint}", param="model")
         return me
+
+    def ollama_pick(self, tenant: Tenant | None, name: str) -> str | None:
+        """The served name Ollama's name `name` means to `tenant` (ollama_names.pick): one of the tenant's models'
+        names, aliases or adapters; None where it means none."""
+        ctl = self.ctl
+
+        def usable() -> list[str]:  # (only where no model answers to the name as written: most requests name one)
+            return [n for me in ctl.models.values() for n in (me.spec.name, *me.spec.aliases, *me.spec.lora_names)
+                    if tenant is not None and (tenant.may_use(me.spec.name) or tenant.may_use(n))]
+
+        def known(n: str) -> bool:  # (as `lookup` finds it for the tenant: another's model is its 404, never a pick)
+            me = ctl.resolve(n)
+            return me is not None and tenant is not None and (tenant.may_use(me.spec.name) or tenant.may_use(n))
+
+        return pick(name, known, usable)
 
     def entry(self, tenant: Tenant, model: str) -> ModelEntry:
         if self.draining:
