@@ -444,15 +444,16 @@ class Controller:
         return ok
 
     # --- models ---
-    async def add_model(self, spec: ModelSpec, source: str = "admin", dry_run: bool = False) -> ModelEntry | None:
-        """Register `spec`. `dry_run`: every check of a registration, for `spec` replacing the model of its name where
-        there is one (that model's names free), and nothing registered: None (POST /admin/models?dry_run=true; the
-        Kubernetes operator asks before it drains a model to register it anew, so a change refused here leaves the
-        model serving: a wrong path took it down)."""
+    async def add_model(self, spec: ModelSpec, source: str = "admin", dry_run: bool = False,
+                        replacing: str | None = None) -> ModelEntry | None:
+        """Register `spec`. `dry_run`: every check of a registration, for `spec` replacing model `replacing` (default:
+        the model of its name) where there is one (that model's names free), and nothing registered: None (POST
+        /admin/models?dry_run=true; the Kubernetes operator asks before it drains a model to register it anew, so a
+        change refused here leaves the model serving: a wrong path took it down)."""
         from token_scheduler.tokenizer import load_tokenizer
 
-        replaced = self.models.get(spec.name) if dry_run else None
-        if spec.name in self.models and not dry_run:
+        replaced = self.models.get(replacing or spec.name) if dry_run else None
+        if spec.name in self.models and self.models[spec.name] is not replaced:
             raise ServingError(409, f"model {spec.name!r} is already registered", param="name", code="model_exists")
         if spec.path is not None and (why := model_dir_problem(spec.path)) is not None:
             raise ServingError(400, why, param="path")

@@ -1,8 +1,9 @@
 """A PooledModel changed to a spec the controller refuses (ux67d): `kubectl apply` of a wrong `source.path` (a typo,
 a model not yet copied to the volume) on a model that serves. The operator drained the model, removed it from the
 controller, then had its new registration refused: the model was gone (every request a 404) until the spec was
-fixed, where Kubernetes keeps a Deployment's old pods serving through a rollout that cannot start. Now it asks the
-controller first (POST /admin/models?dry_run=true: every check of the registration, replacing the model of its name):
+fixed, where Kubernetes keeps a Deployment's old pods serving through a rollout that cannot start (and so with a new
+servedName). Now it asks the controller first (POST /admin/models?dry_run=true: every check of the registration, in
+place of the model of its name, or of `replacing`):
 refused, the model stays as it was, serving, and the PooledModel says so (Degraded, Rejected, "still serving its last
 applied spec"; its `ready`, `replicas` as they are). On kmock's emulator with a live CPU `tokenpool serve`, the
 operator run by kopf in-process, as tests/test_operator_e2e.py."""
@@ -50,6 +51,10 @@ def test_a_dry_run_checks_a_registration_and_registers_nothing(server, tiny_mode
     assert dry({"name": "tiny", "path": str(tiny_model), "aliases": ["small"]}).json() == {"dry_run": True,
                                                                                           "name": "tiny"}
     assert dry({"name": "fresh", "path": str(tiny_model)}).status_code == 200
+    # a rename: in place of `replacing`, whose names are free (its alias kept under the new name)
+    r = httpx.post(server.url + "/admin/models?dry_run=true&replacing=tiny", headers=AUTH,
+                   json={"name": "other", "path": str(tiny_model), "aliases": ["small"]})
+    assert r.json() == {"dry_run": True, "name": "other"}
     names = [m["name"] for m in httpx.get(server.url + "/admin/models", headers=AUTH).json()]
     assert names == ["tiny"]  # (nothing registered, nothing replaced)
     assert httpx.post(server.url + "/admin/models", headers=AUTH, json={"name": "tiny", "path": str(tiny_model)}
@@ -77,7 +82,7 @@ async def test_a_spec_the_controller_refuses_leaves_the_model_serving(server, tm
             degraded = next(c for c in bad["status"]["conditions"] if c["type"] == "Degraded")
             assert degraded["message"] == ("path /models/qwen2-typo does not exist; still serving its last applied "
                                            "spec") and degraded["observedGeneration"] == 2
-            assert bad["status"]["ready"] is True and bad["status"]["replicas"] == 1  # (an HPA reads it as it is)
+            assert bad["status"].get("ready") is True and bad["status"].get("replicas") == 1  # (an HPA reads it as it is)
             # still served, and answering: it was drained and removed before the controller said no
             assert "pace-m" in _served(server.url)
             client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
@@ -87,5 +92,12 @@ async def test_a_spec_the_controller_refuses_leaves_the_model_serving(server, tm
             await kube.patch("pooledmodels", "pace-m", {"metadata": {"generation": 3}, "spec": {
                 "engine": {"kind": "pace"}, "source": None}})
             await _until("serving again", lambda: _reason(kube, "pooledmodels", "pace-m", "Serving", "Ready"))
+            # renamed (servedName) with the wrong path: the model keeps its old name, serving
+            await kube.patch("pooledmodels", "pace-m", {"metadata": {"generation": 4}, "spec": {
+                "servedName": "pace-new", "engine": {"kind": "llm"}, "source": {"path": "qwen2-typo2", "memoryGB": 1}}})
+            bad = await _until("Rejected", lambda: _reason(kube, "pooledmodels", "pace-m", "Rejected", "Degraded"))
+            assert bad["status"]["served"] == "pace-m" and bad["status"].get("ready") is True
+            assert _served(server.url) == ["tiny", "pace-m"]
         warned = [(e["reason"], e["message"]) for e in posted(kube, "pace-m", "Warning")]
-        assert warned == [("Rejected", "path /models/qwen2-typo does not exist; still serving its last applied spec")]
+        assert warned == [("Rejected", f"path /models/{p} does not exist; still serving its last applied spec")
+                          for p in ("qwen2-typo", "qwen2-typo2")]

@@ -126,10 +126,10 @@ class Named:
     def add(self, body: dict) -> dict:
         return self.admin._expect("POST", self.path, 201, body)
 
-    def check(self, body: dict) -> None:
-        """Whether the controller would register one (models: POST ?dry_run=true, as replacing the one of its name);
-        AdminError saying why not. Nothing changes."""
-        self.admin._expect("POST", self.path + "?dry_run=true", 200, body)
+    def check(self, body: dict, replacing: str) -> None:
+        """Whether the controller would register one in place of `replacing` (models: POST ?dry_run=true); AdminError
+        saying why not. Nothing changes."""
+        self.admin._expect("POST", f"{self.path}?dry_run=true&replacing={quote(replacing, safe='')}", 200, body)
 
     def update(self, name: str, body: dict) -> dict:
         """Change fields of one in place (PATCH; models: slo, priority, replicas)."""

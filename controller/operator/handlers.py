@@ -675,6 +675,8 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
                 return  # the controller would refuse it (409: Rejected, not naming the other); the timer looks again
             if (old and old != desired["name"] and (old_owner is None or old_owner[3] == meta["uid"])
                     and old in models):  # renamed (servedName changed); not to another's name
+                if _refused(memo, desired, old, models[old], body, patch, status, spec, gen):
+                    return
                 n = _drain_wait(memo.admin, old, spec, runtime)
                 if n:
                     _write_status(body, patch, status, {}, "Progressing", "Draining",
@@ -688,16 +690,9 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
             known = _applied(memo, meta) or status.get("appliedDigest")
             if actual is not None and (b.model_reloads(desired, actual) or not b.same_registration(desired, known)):
                 # Not changeable in place (path, engine options, adapters): re-register, after the requests in
-                # flight finish. (The pin is: below.) Asked of the controller first: a change it would refuse (a
-                # wrong path) leaves the model serving as it was, where it was drained, removed, then refused.
-                try:
-                    memo.admin.models.check(desired)
-                except AdminError as e:
-                    if isinstance(e, AdminUnauthorized):
-                        raise
-                    _write_status(body, patch, status, b.build_model_status(actual, spec, gen), "Degraded",
-                                  "Rejected", f"{e}; still serving its last applied spec", gen)
-                    return  # the next change, or a timer round, asks again (the path may appear)
+                # flight finish. (The pin is: below.)
+                if _refused(memo, desired, desired["name"], actual, body, patch, status, spec, gen):
+                    return
                 n = _drain_wait(memo.admin, desired["name"], spec, runtime)
                 if n:
                     _write_status(body, patch, status, {}, "Progressing", "Draining",
@@ -734,6 +729,23 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
                           f"{actual['load_error']}", gen)
         else:
             _write_status(body, patch, status, st, "Progressing", "Loading", "registered; waiting for an engine", gen)
+
+
+def _refused(memo: kopf.Memo, desired: dict, old: str, actual: dict, body: Any, patch: kopf.Patch, status: dict,
+             spec: dict, gen: int | None) -> bool:
+    """Whether the controller would refuse `desired` in place of model `old` (`actual`, its entry), asked before the
+    operator drains and removes `old` for it: then the PooledModel is Degraded (Rejected) and `old` serves on, as it
+    is observed. A change it refused (a wrong path) was found only once `old` was gone: the model was down until its
+    spec was fixed."""
+    try:
+        memo.admin.models.check(desired, old)
+    except AdminError as e:
+        if isinstance(e, AdminUnauthorized):
+            raise
+        _write_status(body, patch, status, b.build_model_status(actual, spec, gen), "Degraded", "Rejected",
+                      f"{e}; still serving its last applied spec", gen)
+        return True  # the next change, or a timer round, asks again (the path may appear)
+    return False
 
 
 def _names_clash(desired: dict, models: dict[str, dict], mine: set[str], served_names: Any) -> str | None:
