@@ -7,13 +7,18 @@
   common laptop width: its last column ("Load stall (loads)") passed under the sticky actions, its header cut to
   "Lo s (loa" and its loads' count hidden, with no edge drawn (the actions' border was only drawn under 1100 px, and
   drawn nowhere: a collapsed table's border does not stay with a sticky cell). Its cells are a little closer, and a
-  table wider than its card, at any width, has its actions' edge drawn.
+  table wider than its card, at any width, has its actions' edge drawn;
+- an idle engine's card said "running now: idle" and outlined, among its resident and registered models, the model
+  of its last turn, as the model it runs now: the outline is the model it runs, while it runs one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import threading
 
+import httpx
 import openai
 import pytest
 
@@ -28,6 +33,7 @@ expect = sync_api.expect
 
 ADMIN = "admin-ux67d-token"
 KEY = "tp-ux67d-dashboard-key"
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
 PORTS = range(29910, 29930)
 
 
@@ -35,7 +41,8 @@ PORTS = range(29910, 29930)
 def server(tmp_path_factory, tiny_model):
     cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False},
            "tenants": [{"name": "team-a", "key_hashes": [hash_key(KEY)]}],
-           "models": [{"name": "tiny", "path": str(tiny_model)}]}
+           "models": [{"name": "tiny", "path": str(tiny_model)},
+                      {"name": "pace-a", "path": None, "engine": {"kind": "pace", "pace_s_per_token": 0.05}}]}
     with live_server_on(PORTS, cfg, tmp_path_factory.mktemp("srv")) as srv:
         openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY).completions.create(model="tiny", prompt="hi",
                                                                               max_tokens=2)  # (resident: Evict shown)
@@ -94,4 +101,31 @@ def test_the_models_table_fits_at_1280_and_marks_its_actions_edge_where_it_does_
         page.wait_for_function(f"() => !({EDGE})()[0]")
         page.evaluate(LOADED, "Qwen2.5-Coder-7B-Instruct-AWQ")
         page.wait_for_function(f"() => ({EDGE})().every(Boolean)")
+    assert failed == [], "\n".join(failed)
+
+
+def test_an_idle_engine_outlines_no_model_as_running(server, browser):
+    failed: list[str] = []
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY)
+    card = ".engine[data-engine]"
+    with pages.signed_in(browser, server.url, ADMIN, failed) as page:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2)  # (a turn of tiny's: the last one)
+        expect(page.locator(f"{card} .facts b")).to_have_text("idle")
+        pages.snapshots(page, 1)
+        assert page.locator(f"{card} .chip").count() >= 2  # (tiny resident and registered)
+        expect(page.locator(f"{card} .chip.active")).to_have_count(0)
+        # while it runs one (pace-a's 10 s): outlined, as "running now" says
+        done = threading.Event()
+
+        def pace() -> None:
+            with contextlib.suppress(openai.APIError):  # (cancelled below)
+                client.completions.create(model="pace-a", prompt="hi", max_tokens=200)
+            done.set()
+
+        threading.Thread(target=pace, daemon=True).start()
+        expect(page.locator(f"{card} .facts b")).to_have_text("pace-a", timeout=10_000)
+        expect(page.locator(f"{card} .chip.active").first).to_have_text("pace-a")
+        assert not done.is_set()
+        for r in httpx.get(server.url + "/admin/requests", headers=AUTH).json():  # (not left for the next test)
+            httpx.post(server.url + f"/admin/requests/{r['id']}/cancel", headers=AUTH)
     assert failed == [], "\n".join(failed)

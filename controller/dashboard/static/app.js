@@ -526,7 +526,10 @@ function renderEngines(p) {
         el("span", { class: "swatch", style: { background: "var(--free)" } }), `free ${fmtBytes(v.free_bytes)}`,
         ` of ${fmtBytes(v.budget_bytes)}`),
     ] : [el("div", { class: "muted", text: e.alive ? `no ${mem} report` : "none: its worker is dead" })];
-    const chips = (names, cls) => names.length ? names.map((n) => el("span", { class: `chip ${n === e.active ? "active" : ""}`, title: n },
+    // (the model it runs now: outlined among its chips only while it runs one, as "running now" says; an idle
+    // engine's outlined the model of its last turn beside "running now: idle")
+    const running = e.alive && e.inflight ? e.active : null;
+    const chips = (names, cls) => names.length ? names.map((n) => el("span", { class: `chip ${n === running ? "active" : ""}`, title: n },
       el("span", { class: "swatch", style: { background: color(n) } }), n)) : [el("span", { class: "muted", text: cls })];
     // (a dead engine takes no action: the pool replaces its worker, or prunes it)
     const button = !e.alive ? null : e.draining
@@ -541,8 +544,7 @@ function renderEngines(p) {
         el("h3", { text: `${e.id}` }), el("span", { class: `badge ${state}`, "data-state": state, text: state }),
         el("span", { class: "facts", text: `${e.device} on ${e.host}` }),
         el("span", { class: "facts" }, "running now: ",
-          el("b", { text: !e.alive ? "—" : e.inflight && e.active ? e.active
-            : e.pooled || e.inflight === 0 ? "idle" : "—" })),
+          el("b", { text: !e.alive ? "—" : running || (e.pooled || e.inflight === 0 ? "idle" : "—") })),
         el("span", { class: "facts", text: `switches ${e.switches ?? "—"} · mean stall ${fmtS(e.switch_stall_s)}` }),
         el("span", { class: "facts", text: `in flight ${e.inflight} · step ${fmtS(e.step_s)}` }),
         el("span", { class: "actions" }, button)),
