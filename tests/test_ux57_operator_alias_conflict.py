@@ -67,10 +67,10 @@ async def test_a_name_another_model_answers_to_is_a_name_conflict_naming_it(worl
         await kube.create("pooledmodels", _obj("PooledModel", "b", {"engine": {"kind": "pace"}, "aliases": ["a"]}))
         await kube.create("pooledmodels", _obj("PooledModel", "c", {"engine": {"kind": "pace"}, "servedName": "x"}))
         obj = await _until("b NameConflict", lambda: _conflict(kube, "b", "alias 'a'", "model 'a'", f"{NS}/a"))
-        assert _cond(obj, "Degraded")["message"] == (f"alias 'a' is already model 'a''s (its name; PooledModel "
+        assert _cond(obj, "Degraded")["message"] == (f"alias 'a' is already the name of model 'a' (PooledModel "
                                                      f"{NS}/a); set other aliases")
         obj = await _until("c NameConflict", lambda: _conflict(kube, "c", "model name 'x'", "model 'a'"))
-        assert "(an alias; PooledModel" in _cond(obj, "Degraded")["message"]
+        assert "is already an alias of model 'a' (PooledModel" in _cond(obj, "Degraded")["message"]
         assert set(fake.models) == {"a"}
 
         # a gives up its alias: c is registered (at the timer's next round)

@@ -758,14 +758,15 @@ def _names_clash(desired: dict, models: dict[str, dict], mine: set[str], served_
     for other, m in sorted(models.items()):
         if other in mine:
             continue
-        theirs = {other: "its name", **{a: "an alias" for a in m.get("aliases") or []},
-                  **{lm.get("name"): "a LoRA adapter's name" for lm in m.get("lora_modules") or []}}
+        theirs = {other: "the name", **{a: "an alias" for a in m.get("aliases") or []},
+                  **{lm.get("name"): "the name of a LoRA adapter" for lm in m.get("lora_modules") or []}}
         for n, what, fix in ours:
             if n in theirs:
                 owner = _name_owner(served_names, other)
                 whose = (f"PooledModel {owner[1]}/{owner[2]}" if owner is not None else "the controller's own "
                          "configuration" if m.get("source") == "config" else "registered through the admin API")
-                return f"{what} {n!r} is already model {other!r}'s ({theirs[n]}; {whose}); {fix}"
+                # ("alias 'a' is already the name of model 'a' (PooledModel ns/a)": it said "model 'a''s")
+                return f"{what} {n!r} is already {theirs[n]} of model {other!r} ({whose}); {fix}"
     return None
 
 
