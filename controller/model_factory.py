@@ -477,4 +477,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from controller import children
+
+    try:
+        code = main()
+    except SystemExit as e:  # (argparse's, or the SIGTERM's, unwound: a half-made folder removed)
+        code = e.code
+    children.exit_now(code)
