@@ -5,7 +5,9 @@ With torch and transformers imported the teardown took 1.4-2.3 s of a busy 2-cor
 collector), which the server waited for: on a first run's way to ready (its workers join once the models are made),
 and after a Ctrl-C during one (the server said "stopped", then the prompt came back ~1.5-3 s later; the child's own
 unwinding on the stop's SIGTERM 1.3-2.9 s, now 0.1-0.4 s). What the teardown does that matters is still done: the
-atexit functions run, a SIGTERM's unwinding (the half-made folder removed) and the reason written.
+atexit functions run, a SIGTERM's unwinding (the half-made folder removed) and the reason written. The server's
+own process (the console script) then exits with its heap frozen: stopped during its start-up, before the server
+froze it, the teardown's collection took ~1.1 s more after "stopped".
 """
 
 from __future__ import annotations
@@ -87,3 +89,29 @@ def test_the_gguf_converter_exits_without_the_teardown(tmp_path):
     assert "GGUF magic" in reason.read_text(), out.stderr
     assert "ATEXIT" in out.stderr, out.stderr
     assert "TEARDOWN" not in out.stderr, out.stderr
+
+
+def test_the_console_script_exits_with_its_heap_out_of_the_collectors_reach(tmp_path):
+    """`tokenpool serve` stopped before its start-up froze the heap (here: a port in use, exit 2; the same way out
+    as a Ctrl-C during a first run's start-up, where the teardown's collection took ~1.1 s after "stopped"): the
+    console script freezes it first, so the teardown collects nothing. A cyclic object, which only that collection
+    frees, stands for the heap."""
+    import socket
+
+    from tests.ports import free_port
+
+    port = free_port(range(29850, 29900))
+    code = ("class Cyclic:\n"
+            "    def __del__(self, write=os.write): write(2, b'COLLECTED\\n')\n"
+            "cyclic = Cyclic()\n"
+            "cyclic.me = cyclic\n"
+            f"sys.argv = ['tokenpool', 'serve', '--port', '{port}']\n"
+            "from controller.cli_main import main\n"
+            "sys.exit(main())\n")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", port))
+        held.listen()
+        out = _run(code, tmp_path)
+    assert out.returncode == 2 and "Address already in use" in out.stderr, out.stderr
+    assert "ATEXIT" in out.stderr, out.stderr
+    assert "COLLECTED" not in out.stderr, out.stderr
