@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from controller.config import EngineOptions, env_policy_options
 from gpu_pool.inventory import host_memory_bytes  # MemTotal, or a container's cgroup limit (torch-free)
 from tokenpool import imports
-from tokenpool.models import SUPPORTED_ARCHS, dtype_bytes, run_dtype
+from tokenpool.models import dtype_bytes, run_dtype
 
 if TYPE_CHECKING:  # token_scheduler's engines import torch: only when a model with weights is hosted
     from token_scheduler.policies.slo import ModelSLO
@@ -133,16 +133,10 @@ def import_engine() -> None:
     import_torch()
     with _IMPORTS:
         if not _engine_imported:
-            imports.transformers("AutoTokenizer", "AutoConfig")
-            # The configuration classes of the architectures served, which a first registration reads its config.json
-            # through: llama's module imports transformers' activations and with them torch.distributed.tensor (~0.7 s
-            # of one core, the others ~2 ms), paid here rather than in that registration -- by a standby ahead of
-            # its turn, by a first run's worker while the models are made (Controller.start).
-            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-            for arch in SUPPORTED_ARCHS:
-                CONFIG_MAPPING[arch]  # (the lazy mapping imports the class's module on its first look-up)
-
+            # (No architecture's config class: llama's module imports transformers' activations and with them
+            # torch.distributed.tensor, ~0.9 s of a core, which a saved checkpoint's config.json is read without:
+            # `ModelConfig.from_json`.)
+            imports.transformers("AutoTokenizer")
             import token_scheduler.multi_engine  # noqa: F401
             import token_scheduler.pace  # noqa: F401
 

@@ -1,5 +1,7 @@
-"""The architecture of a model, read from a Hugging Face `config.json` (via transformers' config classes): the
-shared description every layer reads (the swapper lays weights out by it, the engine runs it)."""
+"""The architecture of a model, read from a Hugging Face `config.json`: the shared description every layer reads (the
+swapper lays weights out by it, the engine runs it). Read as the file says where it names everything used (a
+checkpoint saved by transformers does); else through transformers' config classes, whose defaults fill what it
+leaves out."""
 
 from __future__ import annotations
 
@@ -63,14 +65,61 @@ class ModelConfig:
 
     @staticmethod
     def from_pretrained(path: str | Path) -> ModelConfig:
+        import json
+
         from tokenpool import imports
 
-        AutoConfig = imports.transformers("AutoConfig")  # noqa: N806 (transformers' name)
         path = Path(path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json (not a Hugging Face model directory)")
-        hf = AutoConfig.from_pretrained(str(path))
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            raw = None  # (transformers says what is wrong with it)
+        got = ModelConfig.from_json(raw, path) if isinstance(raw, dict) else None
+        if got is not None:
+            return got
+        with imports.LOCK:  # (the architecture's config module is imported at its class's first look-up)
+            hf = imports.transformers("AutoConfig").from_pretrained(str(path))
         return ModelConfig.from_hf(hf, path)
+
+    @staticmethod
+    def from_json(raw: dict, path: Path | None = None) -> ModelConfig | None:
+        """`raw` (a config.json) read as it says, equal to `from_hf` of transformers' config of it; None where that
+        would take a default of transformers' class, which differ by class (Qwen2's num_key_value_heads 32, Llama's
+        eos 2, Qwen3's head_dim 128, Mistral's window 4096), or where transformers rewrites what it says (rope scaling).
+        Why: transformers' config classes import its activations and with them torch.distributed.tensor, ~0.9 s of one
+        core at each worker's start (tests/test_model_config_json.py holds the two readers equal)."""
+        arch = raw.get("model_type")
+        if arch not in SUPPORTED_ARCHS or any(k not in raw for k in _NAMED) or "auto_map" in raw:
+            return None
+        if raw.get("rope_scaling") is not None:
+            return None
+        rp = raw.get("rope_parameters")
+        if rp is None:
+            rp = {"rope_theta": raw.get("rope_theta"), "rope_type": "default"}
+        elif not isinstance(rp, dict) or "rope_type" not in rp:
+            return None
+        theta = rp.get("rope_theta", raw.get("rope_theta"))
+        use_window = raw.get("use_sliding_window", arch == "mistral")
+        if (arch == "qwen3" and raw.get("head_dim") is None) or (use_window and "sliding_window" not in raw) or theta is None:
+            return None
+        ints = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                "vocab_size", "max_position_embeddings")
+        if not all(type(raw[k]) is int and raw[k] > 0 for k in ints):
+            return None
+        heads = raw["num_attention_heads"]
+        hf = {k: raw[k] for k in ints} | {
+            "model_type": arch, "head_dim": raw.get("head_dim"), "rms_norm_eps": raw["rms_norm_eps"],
+            "rope_parameters": rp | {"rope_theta": theta},
+            "tie_word_embeddings": raw["tie_word_embeddings"], "attention_bias": raw.get("attention_bias", False),
+            "use_sliding_window": use_window, "sliding_window": raw.get("sliding_window"),
+            "bos_token_id": raw["bos_token_id"], "eos_token_id": raw["eos_token_id"],
+            "dtype": raw.get("dtype") or raw.get("torch_dtype"),
+        }
+        if hf["head_dim"] is None:
+            hf["head_dim"] = raw["hidden_size"] // heads
+        return ModelConfig.from_hf(_Raw(hf), path)
 
     @staticmethod
     def from_hf(hf, path: Path | None = None) -> ModelConfig:
@@ -122,3 +171,19 @@ class ModelConfig:
             bos_token_id=getattr(hf, "bos_token_id", None),
             sliding_window=sw,
         )
+
+
+# What a config.json names for `ModelConfig.from_json` to read it without transformers' defaults.
+_NAMED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+          "vocab_size", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id",
+          "eos_token_id")
+
+
+class _Raw:
+    """A config.json's values as `from_hf` reads a transformers config: attributes, and `to_dict`."""
+
+    def __init__(self, d: dict):
+        self.__dict__.update(d)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)

@@ -4,9 +4,10 @@ in the first registration.
 A first run makes its models after the bind (the GGUF conversion and the demo models: ~8 s, mostly one core); the local
 workers used to start only after that, their start-up (torch, transformers, the engine: ~2.5 s of the other core)
 then standing between the models and ready. They start beside it now, and join -- their settings carry the models' KV
-sizes -- once the models are made. A worker's warm-up imports the served architectures' configuration classes too
-(llama's pulls torch.distributed.tensor in through transformers' activations: ~0.7 s), which its first registration
-used to import (after the models were made, on a first run; by a promoted standby, after its takeover). The default's
+sizes -- once the models are made. A worker reads a saved checkpoint's config.json without transformers' configuration
+classes (llama's pulls torch.distributed.tensor in through transformers' activations: ~0.8 s of a core), which its
+warm-up or first registration used to import (after the models were made, on a first run; by a promoted standby,
+after its takeover). The default's
 SmolLM2, preloaded, waits for no weights at its first request: tests/test_default_server.py's
 test_models_real_and_demo."""
 
@@ -109,23 +110,27 @@ def test_the_workers_start_while_the_models_are_made_and_join_once_they_are(make
     assert events == ["worker connected", "models made", f"worker joined, kv_elems_per_token {kv}"], events
 
 
-def test_the_warm_up_imports_what_a_first_registration_reads_its_config_through(make_tiny):
-    """After a worker's warm-up (a cold start's, a standby's), reading a model's config (its first registration: the
-    host copy's ModelConfig) of each architecture served imports nothing more."""
+def test_a_workers_warm_up_and_first_registration_import_no_served_configuration_class(make_tiny):
+    """After a worker's warm-up (a cold start's, a standby's), reading a model's config and tokenizer (its first
+    registration: the host copy's ModelConfig, the engine's tokenizer) of each architecture served imports neither
+    transformers' activations nor torch.distributed, and no served architecture's configuration class was imported at
+    all (`ModelConfig.from_json`)."""
     dirs = {arch: make_tiny(arch) for arch in ("llama", "qwen2", "qwen3", "mistral")}
     code = f"""
 import sys
 from controller.hosting import warm_up
 warm_up("cpu")
 from model_swapper.model_config import ModelConfig
+from token_scheduler.tokenizer import load_tokenizer
 from tokenpool.models import SUPPORTED_ARCHS
 before = set(sys.modules)
 for d in {[str(d) for d in dirs.values()]!r}:
     ModelConfig.from_pretrained(d)
-new = sorted(set(sys.modules) - before)
+    load_tokenizer(d)
+new = sorted(m for m in set(sys.modules) - before if "activations" in m or m.startswith("torch.distributed"))
 assert not new, new
-missing = [a for a in SUPPORTED_ARCHS if f"transformers.models.{{a}}.configuration_{{a}}" not in sys.modules]
-assert not missing, missing
+classes = [a for a in SUPPORTED_ARCHS if f"transformers.models.{{a}}.configuration_{{a}}" in sys.modules]
+assert not classes and "transformers.activations" not in sys.modules, classes
 print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
