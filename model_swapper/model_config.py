@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tokenpool.models import SUPPORTED_ARCHS
+from tokenpool.models import SUPPORTED_ARCHS, layers_problem
 
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -116,6 +116,7 @@ class ModelConfig:
             "use_sliding_window": use_window, "sliding_window": raw.get("sliding_window"),
             "bos_token_id": raw["bos_token_id"], "eos_token_id": raw["eos_token_id"],
             "dtype": raw.get("dtype") or raw.get("torch_dtype"),
+            "hidden_act": raw.get("hidden_act", "silu"), "mlp_bias": raw.get("mlp_bias", False),
         }
         if hf["head_dim"] is None:
             hf["head_dim"] = raw["hidden_size"] // heads
@@ -126,6 +127,8 @@ class ModelConfig:
         arch = hf.model_type
         if arch not in SUPPORTED_ARCHS:
             raise ValueError(f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}")
+        if (why := layers_problem(getattr(hf, "hidden_act", "silu"), getattr(hf, "mlp_bias", False))) is not None:
+            raise ValueError(why)
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         rope_scaling = getattr(hf, "rope_scaling", None)
         rope_theta = getattr(hf, "rope_theta", None)

@@ -51,6 +51,19 @@ def model_dir_problem(path: str | Path) -> str | None:
     arch = data.get("model_type") if isinstance(data, dict) else None
     if arch not in SUPPORTED_ARCHS:
         return f"{cfg}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}"
+    if (why := layers_problem(data.get("hidden_act", "silu"), data.get("mlp_bias", False))) is not None:
+        return f"{cfg}: {why}"
+    return None
+
+
+def layers_problem(hidden_act: object, mlp_bias: object) -> str | None:
+    """What of a supported architecture's config the engine's layers do not run (its MLP is bias-free SiLU-gated),
+    in words; None when it runs it. `model_dir_problem` and the engine's reader (`ModelConfig.from_hf`) refuse the
+    same, where it would otherwise run the model's weights through the wrong function."""
+    if hidden_act not in ("silu", "swish"):
+        return f"hidden_act {hidden_act!r} is not supported; the engine's MLP runs SiLU ('silu')"
+    if mlp_bias:
+        return "mlp_bias is not supported; the engine's MLP projections have no bias"
     return None
 
 
