@@ -744,6 +744,9 @@ def main(argv: list[str] | None = None) -> None:
     host, _, port = a.controller.rpartition(":")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s",
                         stream=sys.stderr)
+    # torch's loggers at torch's own default from the start: a stop while the warm-up still imported torch left them
+    # at INFO, and its atexit "FakeTensor cache stats" lines came out in the server's log (model_factory's too)
+    logging.getLogger("torch").setLevel(logging.WARNING)
     if a.standby:
         if not standby(a.device):
             _stopping.set()  # (let go unused: its warm-up may still be importing)

@@ -115,3 +115,22 @@ def test_the_console_script_exits_with_its_heap_out_of_the_collectors_reach(tmp_
     assert out.returncode == 2 and "Address already in use" in out.stderr, out.stderr
     assert "ATEXIT" in out.stderr, out.stderr
     assert "COLLECTED" not in out.stderr, out.stderr
+
+
+def test_a_worker_stopped_while_it_imports_torch_logs_none_of_torchs_info_lines(tmp_path):
+    """A worker whose run ends while its warm-up still imports torch (Ctrl-C a few seconds into a start): torch's
+    atexit function (`fake_tensor.dump_cache_stats`, registered as its import goes) logged "FakeTensor cache stats:"
+    and its counts at INFO into the server's log, torch's loggers not yet set to torch's default (WARNING) by the
+    end of its import. Here an atexit function logs as torch's does; the worker's run ends at once (nothing listens
+    where its controller should be)."""
+    from tests.ports import free_port
+
+    port = free_port(range(29850, 29900))  # (nothing listens there: the worker's connection is refused)
+    code = ("import logging\n"
+            "atexit.register(logging.getLogger('torch._subclasses.fake_tensor').info, 'FakeTensor cache stats:')\n"
+            f"sys.argv = ['worker', '--controller', '127.0.0.1:{port}', '--device', 'cpu', '--slot', '0']\n"
+            "runpy.run_module('controller.worker', run_name='__main__', alter_sys=True)\n")
+    out = _run(code, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "controller connection:" in out.stderr and "ATEXIT" in out.stderr, out.stderr
+    assert "FakeTensor" not in out.stderr, out.stderr
