@@ -127,7 +127,8 @@ class ModelConfig:
         arch = hf.model_type
         if arch not in SUPPORTED_ARCHS:
             raise ValueError(f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}")
-        if (why := layers_problem(getattr(hf, "hidden_act", "silu"), getattr(hf, "mlp_bias", False))) is not None:
+        if (why := layers_problem(getattr(hf, "hidden_act", "silu"), getattr(hf, "mlp_bias", False),
+                                  getattr(hf, "attention_bias", False) and arch != "qwen2")) is not None:
             raise ValueError(why)
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         rope_scaling = getattr(hf, "rope_scaling", None)
@@ -167,7 +168,7 @@ class ModelConfig:
             rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            qkv_bias=arch == "qwen2" or bool(getattr(hf, "attention_bias", False)),
+            qkv_bias=arch == "qwen2",
             qk_norm=arch == "qwen3",
             torch_dtype=tdt,
             eos_token_ids=eos_ids,

@@ -45,14 +45,17 @@ def test_the_dtype_names_a_config_may_give_are_the_engines():
 
 
 @pytest.mark.parametrize("change, expect", [({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
-                                            ({"mlp_bias": True}, "mlp_bias is not supported")])
+                                            ({"mlp_bias": True}, "mlp_bias is not supported"),
+                                            ({"attention_bias": True}, "attention_bias is not supported")])
 def test_an_mlp_the_engine_does_not_run_is_refused_by_the_check_and_the_engine(make_tiny, tmp_path, change, expect):
-    """A llama whose MLP is GELU or has biases: refused by name where it was served through SiLU without its biases."""
+    """A llama whose MLP is GELU or has biases, or whose o_proj has one: refused by name where it was served through
+    SiLU without those biases."""
     cfg = json.loads((make_tiny("llama") / "config.json").read_text()) | change
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert expect in model_dir_problem(tmp_path)
     with pytest.raises(ValueError, match=expect):
         ModelConfig.from_pretrained(tmp_path)
     for act in ("silu", "swish"):
-        (tmp_path / "config.json").write_text(json.dumps(cfg | {"hidden_act": act, "mlp_bias": False}))
+        (tmp_path / "config.json").write_text(json.dumps(cfg | {"hidden_act": act, "mlp_bias": False,
+                                                                "attention_bias": False}))
         assert model_dir_problem(tmp_path) is None and ModelConfig.from_pretrained(tmp_path).arch == "llama"

@@ -51,19 +51,24 @@ def model_dir_problem(path: str | Path) -> str | None:
     arch = data.get("model_type") if isinstance(data, dict) else None
     if arch not in SUPPORTED_ARCHS:
         return f"{cfg}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}"
-    if (why := layers_problem(data.get("hidden_act", "silu"), data.get("mlp_bias", False))) is not None:
+    if (why := layers_problem(data.get("hidden_act", "silu"), data.get("mlp_bias", False),
+                              data.get("attention_bias", False) and arch != "qwen2")) is not None:
         return f"{cfg}: {why}"
     return None
 
 
-def layers_problem(hidden_act: object, mlp_bias: object) -> str | None:
-    """What of a supported architecture's config the engine's layers do not run (its MLP is bias-free SiLU-gated),
-    in words; None when it runs it. `model_dir_problem` and the engine's reader (`ModelConfig.from_hf`) refuse the
-    same, where it would otherwise run the model's weights through the wrong function."""
+def layers_problem(hidden_act: object, mlp_bias: object, o_bias: object) -> str | None:
+    """What of a supported architecture's config the engine's layers do not run (its MLP is bias-free SiLU-gated, its
+    attention's output projection bias-free), in words; None when it runs it. `o_bias`: the config's attention_bias
+    where it puts a bias on o_proj too (llama's, qwen3's; qwen2's biases are q, k and v's, which the engine adds).
+    `model_dir_problem` and the engine's reader (`ModelConfig.from_hf`) refuse the same, where the model's weights
+    would otherwise run through the wrong function or without their biases."""
     if hidden_act not in ("silu", "swish"):
         return f"hidden_act {hidden_act!r} is not supported; the engine's MLP runs SiLU ('silu')"
     if mlp_bias:
         return "mlp_bias is not supported; the engine's MLP projections have no bias"
+    if o_bias:
+        return "attention_bias is not supported for this architecture; the engine's o_proj has no bias"
     return None
 
 
