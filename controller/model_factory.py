@@ -212,6 +212,8 @@ def make_model(arch: str, size: str, out: str | Path, seed: int = 0, dtype: str 
     out = Path(out)
     if out.exists() and not out.is_dir():  # (said before torch and transformers are imported: ~2 s on 2 cores)
         raise ValueError(f"{out} exists and is not a directory")
+    model_shape(arch, size)  # (an unknown arch, size or dtype too)
+    _check_choice("dtype", dtype, DTYPES)
     import_torch()  # (before transformers, which imports it)
     GenerationConfig = imports.transformers("GenerationConfig")  # noqa: N806 (transformers' name)
 
