@@ -192,6 +192,8 @@ def no_route(request: Request) -> str:
     for prefixes, instead in ELSEWHERE:
         if any(path == x or path.startswith(x + "/") for x in prefixes):
             return f"{head}: {instead}"
+    if path.startswith("/admin/"):
+        return f"{head}: the admin API has no such route (its routes are listed at /docs)"
     if not path.startswith(("/v1/", "/api/", "/admin", "/dashboard")):
         scope = dict(request.scope, path="/v1" + path)
         if any(r.matches(scope)[0] != Match.NONE for r in request.app.router.routes):

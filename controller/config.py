@@ -269,6 +269,16 @@ class RateLimit(_Strict):
     tokens_per_min: float | None = Field(None, gt=0, allow_inf_nan=False)
 
 
+def usable_tenant_name(name: str) -> str:
+    """A tenant's name, refused where the admin API could not reach the tenant or /metrics would merge it."""
+    if name in (".", ".."):
+        raise ValueError(f"{name!r} is not a tenant name: a URL's dot segment, which clients resolve away "
+                         f"(/admin/tenants/{name} is sent as another path), so the admin API could not reach it")
+    if name == "-":
+        raise ValueError("'-' is not a tenant name: /metrics counts the requests no tenant's key sent under tenant=\"-\"")
+    return name
+
+
 class TenantSpec(_Strict):
     model_config = STRICT
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
@@ -278,6 +288,11 @@ class TenantSpec(_Strict):
     max_concurrent: int | None = Field(None, ge=1)
     priority: Priority = 0
     slo_class: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _usable_name(cls, v: str) -> str:
+        return usable_tenant_name(v)
 
     @field_validator("key_hashes")
     @classmethod

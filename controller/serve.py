@@ -566,6 +566,7 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
         if make_models is None:
             startup.check_models(cfg)
         startup.check_local_workers(cfg, config_path)
+        tenants_at_start(cfg)  # a tenants file edited by hand into one it cannot hold: said in a line, not a traceback
     except startup.StartupError as e:
         log.error("%s", e)
         raise SystemExit(2) from None

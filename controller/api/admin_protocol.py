@@ -6,7 +6,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from controller.config import SLO, STRICT, ModelSpec, Priority, RateLimit, Replicas, parse_duration
+from controller.config import (
+    SLO,
+    STRICT,
+    ModelSpec,
+    Priority,
+    RateLimit,
+    Replicas,
+    parse_duration,
+    usable_tenant_name,
+)
 from controller.keys import is_key_hash
 
 # (an empty list is kept, not refused: the operator's Tenant sends `models: []` for a tenant of no model, its Ready
@@ -25,6 +34,11 @@ class TenantCreate(BaseModel):
     slo_class: str | None = None
     # Hashes of keys the caller holds (the Kubernetes operator's Tenant Secret); given, no key is made here.
     key_hashes: list[str] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _usable_name(cls, v: str) -> str:
+        return usable_tenant_name(v)
 
     @field_validator("key_hashes")
     @classmethod

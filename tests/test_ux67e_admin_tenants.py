@@ -1,0 +1,121 @@
+"""Found by an operator's pass over tenants, keys, the admin API and /metrics (ux67e), against one live server:
+
+- an admin path no route serves (`POST /admin/tenants/NAME/keys`, `GET /admin/engines/w0`) was a bare 307 to the
+  same path plus a slash, with no body and without the admin token's check (the trailing-slash route answered
+  Starlette's redirect probe); now OpenAI's 404 JSON, naming the admin API;
+- a tenant could be named `-`, the label /metrics gives the requests no tenant's key sent (401s), so that tenant's
+  series held other callers' refusals and disagreed with GET /admin/tenants; and `.` or `..`, which clients resolve
+  out of a URL (`DELETE /admin/tenants/..` is sent as `DELETE /admin`): a tenant the admin API could not reach. Now
+  refused by the admin API and the configuration alike;
+- `tokenpool serve` with a tenants file it cannot hold (edited by hand) ended in a traceback, where `tokenpool config
+  check` names the problem in a line (exit 2): now `serve` says the same line, exit 2, before it binds.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from controller.config import ServerConfig
+from controller.keys import hash_key
+from tests.ports import free_port, live_server_on
+
+PORTS = range(29950, 30000)
+ADMIN, KEY = "admin-ux67e-token", "key-team-ux67e-0123"
+PACE = {"kind": "pace", "pace_s_per_token": 0.001}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cfg = {"admin_token_hash": hash_key(ADMIN), "tenants_file": "tenants.yaml",
+           "tenants": [{"name": "team", "key_hashes": [hash_key(KEY)]}],
+           "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
+           "models": [{"name": "fast", "engine": PACE}]}
+    with live_server_on(PORTS, cfg, tmp_path_factory.mktemp("ux67e")) as srv:
+        yield srv
+
+
+def admin(srv, token: str | None = ADMIN) -> httpx.Client:
+    return httpx.Client(base_url=srv.url, timeout=30, follow_redirects=False,
+                        headers={"Authorization": f"Bearer {token}"} if token else {})
+
+
+@pytest.mark.parametrize("token", [ADMIN, None], ids=["admin-token", "no-token"])
+def test_an_admin_path_no_route_serves_is_a_404_not_a_redirect(server, token):
+    with admin(server, token) as a:
+        for method, path in [("POST", "/admin/tenants/team/keys"), ("GET", "/admin/engines/w0"),
+                             ("DELETE", "/admin/requests/x"), ("GET", "/admin/nothing")]:
+            r = a.request(method, path, json={} if method == "POST" else None)
+            assert r.status_code == 404, (method, path, r.status_code, r.headers.get("location"))
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["code"] == "not_found", err
+            assert f"({method} {path})" in err["message"] and "admin API has no such route" in err["message"], err
+        # what was there stays: a trailing slash names the route without it, a wrong method is a 405
+        r = a.delete("/admin/tenants/team/")  # (the admin token first)
+        assert (r.status_code, "trailing slash" in r.text) == ((404, True) if token else (401, False)), r.text
+        r = a.put("/admin/tenants")
+        assert r.status_code == 405 and r.headers["allow"] == "GET", r.text
+    with admin(server) as a:
+        assert a.get("/admin/tenants/team").status_code == 200  # nothing was done to it
+
+
+@pytest.mark.parametrize("name", ["-", ".", ".."])
+def test_a_tenant_name_metrics_or_urls_cannot_tell_apart_is_refused(server, name):
+    with admin(server) as a:
+        r = a.post("/admin/tenants", json={"name": name})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "name" and f"{name!r} is not a tenant name" in err["message"], err
+        assert name not in [t["name"] for t in a.get("/admin/tenants").json()]
+    tenant = {"name": name, "key_hashes": [hash_key(KEY)]}
+    with pytest.raises(ValueError, match="is not a tenant name"):
+        ServerConfig.model_validate({"tenants": [tenant], "models": []})
+    # names that only hold these characters stay names
+    ServerConfig.model_validate({"tenants": [dict(tenant, name=f"{name}x")], "models": []})
+
+
+def test_the_metrics_tenant_series_agree_with_the_admin_api(server):
+    """What the refused name protects: refusals no tenant's key sent go under tenant "-", a tenant's own requests
+    under its name, as GET /admin/tenants counts them."""
+    with admin(server) as a:
+        made = a.post("/admin/tenants", json={"name": "metered"}).json()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=made["api_key"], max_retries=0)
+        r = client.chat.completions.create(model="fast", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=server.url + "/v1", api_key="not-a-key", max_retries=0).models.list()
+        families = {f.name: f for f in text_string_to_metric_families(a.get("/metrics").text)}
+        usage = a.get("/admin/tenants/metered").json()["usage"]
+    by_tenant: dict[str, float] = {}
+    for s in families["tokenpool_requests"].samples:
+        if s.name == "tokenpool_requests_total":
+            by_tenant[s.labels["tenant"]] = by_tenant.get(s.labels["tenant"], 0) + s.value
+    assert by_tenant["metered"] == usage["requests"] == 1 and by_tenant["-"] >= 1, by_tenant
+    gen = {s.labels["tenant"]: s.value for s in families["tokenpool_generation_tokens"].samples
+           if s.name == "tokenpool_generation_tokens_total"}
+    assert gen["metered"] == usage["completion_tokens"] == r.usage.completion_tokens, (gen, usage)
+
+
+def test_serve_says_a_tenants_file_it_cannot_hold_in_a_line(tmp_path):
+    """Hand-edited into an entry the tenants' rules refuse: `serve` said it in a traceback (exit 1)."""
+    (tmp_path / "tenants.yaml").write_text(yaml.safe_dump([{"name": "x", "key_hashes": [hash_key(KEY)],
+                                                            "max_concurrent": 0}]))
+    port = free_port(PORTS)
+    cfg = {"listen": {"host": "127.0.0.1", "port": port}, "tenants_file": "tenants.yaml",
+           "workers": {"local": "none"}, "models": [{"name": "fast", "engine": PACE}]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    check = subprocess.run([sys.executable, "-m", "controller.cli", "config", "check", "config.yaml"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    serve = subprocess.run([sys.executable, "-m", "controller.cli", "serve", "--config", "config.yaml"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert check.returncode == serve.returncode == 2, (check.stderr, serve.stderr[-2000:])
+    assert "Traceback" not in serve.stderr, serve.stderr[-2000:]
+    said = [ln for ln in serve.stderr.splitlines() if "ERROR" in ln]
+    assert len(said) == 1 and said[0].endswith(f"tenants_file {tmp_path / 'tenants.yaml'}: max_concurrent: Input "
+                                               "should be greater than or equal to 1"), serve.stderr[-2000:]
+    assert check.stderr.strip().endswith(said[0].split(" ERROR ")[1]), check.stderr  # the same line
