@@ -279,6 +279,17 @@ def usable_tenant_name(name: str) -> str:
     return name
 
 
+def shared_key(tenants: list[TenantSpec]) -> str | None:
+    """What is wrong where two tenants hold the same key hash (the key was the first one's, unsaid), else None."""
+    holder: dict[str, str] = {}
+    for t in tenants:
+        for h in t.key_hashes:
+            if (other := holder.setdefault(h, t.name)) != t.name:
+                return (f"a key hash is given to both tenant {other!r} and tenant {t.name!r}: a key is one tenant's "
+                        "(`tokenpool keys new` makes another)")
+    return None
+
+
 class TenantSpec(_Strict):
     model_config = STRICT
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
@@ -452,6 +463,8 @@ class ServerConfig(_Strict):
         if len(set(tnames)) != len(tnames):
             raise ValueError(f"tenant names must be unique: {', '.join(sorted({n for n in tnames if tnames.count(n) > 1}))}"
                              " more than once")
+        if shared := shared_key(self.tenants):
+            raise ValueError(shared)
         for t in self.tenants:
             if t.slo_class is not None and t.slo_class not in self.slo_classes:
                 raise ValueError(f"tenant {t.name!r}: unknown slo_class {t.slo_class!r}")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from controller.config import TenantSpec
+from controller.config import TenantSpec, shared_key
 from controller.keys import hash_key, new_key, verify_key
 
 log = logging.getLogger("tokenpool.tenants")
@@ -170,6 +170,10 @@ class Tenant:
 ANONYMOUS = TenantSpec(name="anonymous")
 
 
+class KeyInUse(ValueError):
+    """A tenant given a key hash another tenant holds (`shared_key`'s words)."""
+
+
 class TenantRegistry:
     def __init__(self, specs: list[TenantSpec], auth: bool, tenants_file: str | None = None):
         self.auth = auth
@@ -210,7 +214,10 @@ class TenantRegistry:
         for d in entries:
             s = TenantSpec.model_validate(d)
             self._t[s.name] = Tenant(s, from_file=True)
+        if shared := shared_key([t.spec for t in self._t.values()]):
+            raise KeyInUse(shared)
         self._anon = Tenant(ANONYMOUS)
+        self._shared_said: set[tuple[str, str]] = set()  # tenants whose hashes one key matched, said once
 
     @property
     def single_user(self) -> bool:
@@ -231,8 +238,15 @@ class TenantRegistry:
         found: tuple[Tenant | None, str | None] = (None, None)
         for t in self._t.values():
             for h in t.spec.key_hashes:
-                if verify_key(key, h) and found[0] is None:
-                    found = t, h
+                if verify_key(key, h):
+                    if found[0] is None:
+                        found = t, h
+                    elif found[0] is not t and (found[0].name, t.name) not in self._shared_said:
+                        # the same key hashed twice (other salts: the hashes differ), for two tenants
+                        self._shared_said.add((found[0].name, t.name))
+                        log.warning("a key sent matches a key hash of tenant %r and one of tenant %r: its requests "
+                                    "go to tenant %r; give each tenant its own key (tokenpool keys new)",
+                                    found[0].name, t.name, found[0].name)
         return found
 
     def get(self, name: str) -> Tenant | None:
@@ -245,6 +259,8 @@ class TenantRegistry:
         """Make a tenant, with a fresh key unless `issue_key` is off; the key is returned here and never stored."""
         if spec.name in self._t:
             raise KeyError(spec.name)
+        if shared := shared_key([*(t.spec for t in self._t.values()), spec]):
+            raise KeyInUse(shared)
         key = new_key() if issue_key else None
         if key is not None:
             spec = spec.model_copy(update={"key_hashes": [*spec.key_hashes, hash_key(key)]})
@@ -264,6 +280,8 @@ class TenantRegistry:
         if not t.from_file:
             raise ValueError(name)
         spec = TenantSpec.model_validate({**t.spec.model_dump(), **changes})
+        if shared := shared_key([*(o.spec for o in self._t.values() if o is not t), spec]):
+            raise KeyInUse(shared)
         new = Tenant(spec, from_file=True)
         new.succeed(t)
         new.usage = t.usage

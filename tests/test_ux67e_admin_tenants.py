@@ -8,7 +8,11 @@
   out of a URL (`DELETE /admin/tenants/..` is sent as `DELETE /admin`): a tenant the admin API could not reach. Now
   refused by the admin API and the configuration alike;
 - `tokenpool serve` with a tenants file it cannot hold (edited by hand) ended in a traceback, where `tokenpool config
-  check` names the problem in a line (exit 2): now `serve` says the same line, exit 2, before it binds.
+  check` names the problem in a line (exit 2): now `serve` says the same line, exit 2, before it binds;
+- two tenants could hold the same key hash (the configuration, POST or PATCH /admin/tenants with `key_hashes`: a
+  hash copied from another tenant's entry): the key was the first tenant's, its models and limits, unsaid, and its
+  requests counted as that tenant's. Now refused (a 409 `key_in_use`, a configuration error); a key hashed twice
+  (other salts, so other hashes) for two tenants is said in the log at its first request.
 """
 
 from __future__ import annotations
@@ -28,15 +32,16 @@ from tests.ports import free_port, live_server_on
 
 PORTS = range(29950, 30000)
 ADMIN, KEY = "admin-ux67e-token", "key-team-ux67e-0123"
+TEAM_HASH = hash_key(KEY)
 PACE = {"kind": "pace", "pace_s_per_token": 0.001}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cfg = {"admin_token_hash": hash_key(ADMIN), "tenants_file": "tenants.yaml",
-           "tenants": [{"name": "team", "key_hashes": [hash_key(KEY)]}],
+           "tenants": [{"name": "team", "key_hashes": [TEAM_HASH], "models": ["fast"]}],
            "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
-           "models": [{"name": "fast", "engine": PACE}]}
+           "models": [{"name": "fast", "engine": PACE}, {"name": "other", "engine": PACE}]}
     with live_server_on(PORTS, cfg, tmp_path_factory.mktemp("ux67e")) as srv:
         yield srv
 
@@ -101,12 +106,55 @@ def test_the_metrics_tenant_series_agree_with_the_admin_api(server):
     assert gen["metered"] == usage["completion_tokens"] == r.usage.completion_tokens, (gen, usage)
 
 
-def test_serve_says_a_tenants_file_it_cannot_hold_in_a_line(tmp_path):
-    """Hand-edited into an entry the tenants' rules refuse: `serve` said it in a traceback (exit 1)."""
-    (tmp_path / "tenants.yaml").write_text(yaml.safe_dump([{"name": "x", "key_hashes": [hash_key(KEY)],
-                                                            "max_concurrent": 0}]))
+def test_a_key_hash_another_tenant_holds_is_refused(server):
+    with admin(server) as a:
+        for r in (a.post("/admin/tenants", json={"name": "copycat", "key_hashes": [TEAM_HASH]}),
+                  a.post("/admin/tenants", json={"name": "copycat", "key_hashes": [hash_key("k-1234567890"),
+                                                                                    TEAM_HASH]})):
+            assert r.status_code == 409, r.text
+            err = r.json()["error"]
+            assert (err["code"], err["param"]) == ("key_in_use", "key_hashes"), err
+            assert "tenant 'team' and tenant 'copycat'" in err["message"], err
+        assert a.get("/admin/tenants/copycat").status_code == 404
+        made = a.post("/admin/tenants", json={"name": "rotator", "models": ["other"]}).json()
+        r = a.patch("/admin/tenants/rotator", json={"key_hashes": [TEAM_HASH]})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "key_in_use", r.text
+    # the refused rotation changed nothing: each key is its own tenant's, with its own models
+    for key, models in ((KEY, ["fast"]), (made["api_key"], ["other"])):
+        listed = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0).models.list()
+        assert [m.id for m in listed] == models
+    with pytest.raises(ValueError, match="a key hash is given to both tenant 'a' and tenant 'b'"):
+        ServerConfig.model_validate({"models": [], "tenants": [{"name": "a", "key_hashes": [TEAM_HASH]},
+                                                               {"name": "b", "key_hashes": [TEAM_HASH]}]})
+
+
+def test_one_key_hashed_for_two_tenants_is_said_at_its_first_request(server):
+    """Hashed twice (each hash its own salt) the two hashes differ, so nothing refuses them; the key goes to the
+    first tenant, and the log says so, once."""
+    twice = "key-hashed-twice-0123"
+    with admin(server) as a:
+        for name in ("first", "second"):
+            assert a.post("/admin/tenants", json={"name": name, "key_hashes": [hash_key(twice)]}).status_code == 201
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=twice, max_retries=0)
+        for _ in range(2):
+            client.chat.completions.create(model="fast", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert a.get("/admin/tenants/first").json()["usage"]["requests"] == 2
+    said = [ln for ln in server.log_path.read_text().splitlines() if "matches a key hash of tenant" in ln]
+    assert len(said) == 1 and "tenant 'first' and one of tenant 'second'" in said[0], said
+
+
+@pytest.mark.parametrize("entry, why", [
+    ({"name": "x", "key_hashes": [hash_key(KEY)], "max_concurrent": 0},
+     "max_concurrent: Input should be greater than or equal to 1"),
+    ({"name": "x", "key_hashes": [TEAM_HASH]}, "a key hash is given to both tenant 'team' and tenant 'x'")],
+    ids=["bad-value", "shared-key"])
+def test_serve_says_a_tenants_file_it_cannot_hold_in_a_line(tmp_path, entry, why):
+    """Hand-edited into an entry the tenants' rules refuse: `serve` said it in a traceback (exit 1), or, for a key
+    hash the configuration's tenant holds, started with the key the configured tenant's."""
+    (tmp_path / "tenants.yaml").write_text(yaml.safe_dump([entry]))
     port = free_port(PORTS)
     cfg = {"listen": {"host": "127.0.0.1", "port": port}, "tenants_file": "tenants.yaml",
+           "tenants": [{"name": "team", "key_hashes": [TEAM_HASH]}],
            "workers": {"local": "none"}, "models": [{"name": "fast", "engine": PACE}]}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     check = subprocess.run([sys.executable, "-m", "controller.cli", "config", "check", "config.yaml"],
@@ -116,6 +164,5 @@ def test_serve_says_a_tenants_file_it_cannot_hold_in_a_line(tmp_path):
     assert check.returncode == serve.returncode == 2, (check.stderr, serve.stderr[-2000:])
     assert "Traceback" not in serve.stderr, serve.stderr[-2000:]
     said = [ln for ln in serve.stderr.splitlines() if "ERROR" in ln]
-    assert len(said) == 1 and said[0].endswith(f"tenants_file {tmp_path / 'tenants.yaml'}: max_concurrent: Input "
-                                               "should be greater than or equal to 1"), serve.stderr[-2000:]
+    assert len(said) == 1 and f"tenants_file {tmp_path / 'tenants.yaml'}: {why}" in said[0], serve.stderr[-2000:]
     assert check.stderr.strip().endswith(said[0].split(" ERROR ")[1]), check.stderr  # the same line

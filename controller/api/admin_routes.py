@@ -19,7 +19,7 @@ from controller.errors import ServingError
 from controller.pool import EngineHandle
 from controller.router import pin_blocks, starved_by_pins
 from controller.service import Controller
-from controller.tenants import ANONYMOUS, Tenant
+from controller.tenants import ANONYMOUS, KeyInUse, Tenant
 
 
 def _no_twice(pairs: list[tuple[str, object]]) -> dict:
@@ -212,6 +212,8 @@ async def create_tenant(body: ap.TenantCreate, request: Request):
         t, key = ctl.tenants.create(TenantSpec(**body.model_dump()), issue_key=not body.key_hashes)
     except KeyError:
         raise ServingError(409, f"tenant {body.name!r} exists", param="name", code="tenant_exists") from None
+    except KeyInUse as e:
+        raise ServingError(409, str(e), param="key_hashes", code="key_in_use") from None
     views.events(ctl).publish("tenant_created", tenant=t.name)
     warnings = [] if ctl.tenants.auth else [
         "authentication is off on this server (auth: false, or no tenant configured at start): requests are not "
@@ -253,6 +255,8 @@ async def update_tenant(name: str, patch: ap.TenantPatch, request: Request):
         t = ctl.tenants.update(name, changes)
     except KeyError:
         raise ServingError(404, f"no tenant {name!r}", code="tenant_not_found") from None
+    except KeyInUse as e:
+        raise ServingError(409, str(e), param="key_hashes", code="key_in_use") from None
     except ValueError:
         raise ServingError(409, f"tenant {name!r} is from the configuration file: change it there (a change made here "
                            "would be undone at the next start)", code="tenant_from_config") from None
