@@ -47,3 +47,11 @@ def live_server_on(ports: range, cfg: dict, work):
         srv = live_server.LiveServer(cfg, work)
     with srv:
         yield srv
+
+
+def one_model_cfg(path, ctx: int, name: str = "tiny", max_num_seqs: int = 8) -> dict:
+    """A configuration serving the model folder `path` as `name` on one local CPU worker (no standby; heartbeats
+    every 0.25 s), its context `ctx` tokens."""
+    return {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
+            "models": [{"name": name, "path": str(path), "engine": {"max_num_seqs": max_num_seqs,
+                                                                     "max_model_len": ctx}}]}

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from controller.app import build_app
 from controller.config import EngineOptions, ModelSpec, ServerConfig
 from controller.errors import ServingError
-from tests.ports import live_server_on
+from tests.ports import live_server_on, one_model_cfg
 from tests.test_ux61i_agents import THINKING_TEMPLATE, templated
 
 PORTS = range(29600, 29650)
@@ -104,9 +104,7 @@ def test_a_chat_past_num_ctx_renders_once_a_try(app, fed, renders):
 
 @pytest.fixture(scope="module")
 def server(make_varied, tmp_path_factory):
-    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
-           "models": [{"name": "tiny", "path": str(make_varied("qwen2")), "engine": {"max_num_seqs": 8,
-                                                                                     "max_model_len": CTX}}]}
+    cfg = one_model_cfg(make_varied("qwen2"), CTX)
     with live_server_on(PORTS, cfg, tmp_path_factory.mktemp("ux66a-live")) as srv:
         yield srv
 

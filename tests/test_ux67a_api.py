@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.ports import live_server_on
+from tests.ports import live_server_on, one_model_cfg
 
 PORTS = range(29800, 29850)
 CTX = 128
@@ -27,9 +27,7 @@ FUNCTION = {"name": "get_weather", "parameters": {"type": "object", "properties"
 
 @pytest.fixture(scope="module")
 def server(make_tiny, tmp_path_factory):
-    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
-           "models": [{"name": "tiny", "path": str(make_tiny("qwen2")), "engine": {"max_num_seqs": 8,
-                                                                                   "max_model_len": CTX}}]}
+    cfg = one_model_cfg(make_tiny("qwen2"), CTX)
     with live_server_on(PORTS, cfg, tmp_path_factory.mktemp("ux67a")) as srv:
         yield srv
 
