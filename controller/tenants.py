@@ -393,8 +393,8 @@ class TenantRegistry:
                 over = (" (more than a minute's allowance: it waits for a full one; a lower max_tokens reserves "
                         "less)" if tokens > t.tpm.capacity else "")
                 return s, (f"token rate limit reached for tenant {t.name!r}: {r.tokens_per_min:g} tokens/min; "
-                           f"this request reserves {tokens} tokens (prompt + max_tokens, refunded for tokens not "
-                           f"generated){over}; try again in {s}s.")
+                           f"this request reserves {tokens} tokens (prompt + max_tokens for each choice; refunded for "
+                           f"tokens not generated){over}; try again in {s}s.")
         t.inflight += 1
         return None
 

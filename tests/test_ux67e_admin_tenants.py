@@ -12,7 +12,9 @@
 - two tenants could hold the same key hash (the configuration, POST or PATCH /admin/tenants with `key_hashes`: a
   hash copied from another tenant's entry): the key was the first tenant's, its models and limits, unsaid, and its
   requests counted as that tenant's. Now refused (a 409 `key_in_use`, a configuration error); a key hashed twice
-  (other salts, so other hashes) for two tenants is said in the log at its first request.
+  (other salts, so other hashes) for two tenants is said in the log at its first request;
+- a 429 for tokens_per_min said a request with `n` choices reserved "prompt + max_tokens" where it reserves
+  max_tokens for each choice (611 tokens for max_tokens 200, n=3): now it says so.
 """
 
 from __future__ import annotations
@@ -141,6 +143,19 @@ def test_one_key_hashed_for_two_tenants_is_said_at_its_first_request(server):
         assert a.get("/admin/tenants/first").json()["usage"]["requests"] == 2
     said = [ln for ln in server.log_path.read_text().splitlines() if "matches a key hash of tenant" in ln]
     assert len(said) == 1 and "tenant 'first' and one of tenant 'second'" in said[0], said
+
+
+def test_a_token_rate_429_says_each_choice_reserves_max_tokens(server):
+    with admin(server) as a:
+        key = a.post("/admin/tenants", json={"name": "choosy", "rate": {"tokens_per_min": 100}}).json()["api_key"]
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    ask = [{"role": "user", "content": "hi"}]
+    prompt = client.chat.completions.create(model="fast", messages=ask, max_tokens=2).usage.prompt_tokens
+    with pytest.raises(openai.RateLimitError) as ei:
+        client.chat.completions.create(model="fast", messages=ask, max_tokens=40, n=3)
+    msg = ei.value.body["message"]
+    assert f"reserves {prompt + 3 * 40} tokens (prompt + max_tokens for each choice; refunded" in msg
+    assert int(ei.value.response.headers["retry-after"]) >= 1
 
 
 @pytest.mark.parametrize("entry, why", [
