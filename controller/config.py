@@ -176,12 +176,29 @@ def parse_duration(v: object) -> float | None:
 ToolCallParser = Literal["hermes"]
 
 
+def usable_model_name(name: str) -> str:
+    """A model's name, an alias's or a LoRA adapter's, refused where /metrics would merge it or the admin API could not
+    reach it."""
+    if name == "-":
+        raise ValueError("'-' is not a model name: /metrics counts the requests naming no model served under "
+                         "model=\"-\"")
+    if any(part in (".", "..") for part in name.split("/")):
+        raise ValueError(f"{name!r} is not a model name: its '.' or '..' is a URL's dot segment, which clients resolve "
+                         f"away (/admin/models/{name} is sent as another path), so the admin API could not reach it")
+    return name
+
+
 class LoraModule(_Strict):
     """A LoRA adapter served over its model (vLLM's --lora-modules): requests name it as their model."""
     model_config = STRICT
 
     name: str = Field(min_length=1, max_length=128, pattern=MODEL_NAME)
     path: str  # a PEFT adapter directory (adapter_config.json, adapter_model.safetensors)
+
+    @field_validator("name")
+    @classmethod
+    def _usable_name(cls, v: str) -> str:
+        return usable_model_name(v)
 
 
 class ModelSpec(_Strict):
@@ -226,12 +243,18 @@ class ModelSpec(_Strict):
     def _duration(cls, v: object) -> float | None:
         return parse_duration(v)
 
+    @field_validator("name")
+    @classmethod
+    def _usable_name(cls, v: str) -> str:
+        return usable_model_name(v)
+
     @field_validator("aliases")
     @classmethod
     def _alias_names(cls, v: list[str]) -> list[str]:
         for a in v:
             if not (1 <= len(a) <= 128) or not re.match(MODEL_NAME, a):
                 raise ValueError(f"alias {a!r}: 1-128 characters of A-Z a-z 0-9 . _ : / -")
+            usable_model_name(a)
         return v
 
     @model_validator(mode="after")

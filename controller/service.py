@@ -1056,8 +1056,10 @@ class Controller:
         try:
             lm = LoraModule(name=name, path=path)
         except ValueError as e:  # (pydantic's ValidationError is one)
-            raise ServingError(400, f"bad LoRA adapter name {name!r}: 1-128 characters of A-Z a-z 0-9 . _ : / -",
-                               param="lora_name") from e
+            why = next((x["msg"].removeprefix("Value error, ") for x in getattr(e, "errors", list)()
+                        if x["type"] == "value_error"),
+                       f"bad LoRA adapter name {name!r}: 1-128 characters of A-Z a-z 0-9 . _ : / -")
+            raise ServingError(400, why, param="lora_name") from e
         if (why := adapter_fit_problem(path, entry.spec.path, entry.spec.engine.max_lora_rank)) is not None:
             raise ServingError(400, why, param="lora_path")
         entry.spec.lora_modules.append(lm)

@@ -6,7 +6,8 @@
 - a tenant could be named `-`, the label /metrics gives the requests no tenant's key sent (401s), so that tenant's
   series held other callers' refusals and disagreed with GET /admin/tenants; and `.` or `..`, which clients resolve
   out of a URL (`DELETE /admin/tenants/..` is sent as `DELETE /admin`): a tenant the admin API could not reach. Now
-  refused by the admin API and the configuration alike;
+  refused by the admin API and the configuration alike, and so are such names of models, aliases and LoRA adapters
+  (a model named `a/../b` could not be deleted; one named `-` merged with the refusals naming no model);
 - `tokenpool serve` with a tenants file it cannot hold (edited by hand) ended in a traceback, where `tokenpool config
   check` names the problem in a line (exit 2): now `serve` says the same line, exit 2, before it binds;
 - two tenants could hold the same key hash (the configuration, POST or PATCH /admin/tenants with `key_hashes`: a
@@ -39,11 +40,12 @@ PACE = {"kind": "pace", "pace_s_per_token": 0.001}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, make_tiny):
     cfg = {"admin_token_hash": hash_key(ADMIN), "tenants_file": "tenants.yaml",
            "tenants": [{"name": "team", "key_hashes": [TEAM_HASH], "models": ["fast"]}],
            "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
-           "models": [{"name": "fast", "engine": PACE}, {"name": "other", "engine": PACE}]}
+           "models": [{"name": "fast", "engine": PACE}, {"name": "other", "engine": PACE},
+                      {"name": "tiny", "path": str(make_tiny("qwen2"))}]}
     with live_server_on(PORTS, cfg, tmp_path_factory.mktemp("ux67e")) as srv:
         yield srv
 
@@ -85,6 +87,25 @@ def test_a_tenant_name_metrics_or_urls_cannot_tell_apart_is_refused(server, name
         ServerConfig.model_validate({"tenants": [tenant], "models": []})
     # names that only hold these characters stay names
     ServerConfig.model_validate({"tenants": [dict(tenant, name=f"{name}x")], "models": []})
+
+
+@pytest.mark.parametrize("method, path, body, param", [
+    ("POST", "/admin/models", {"name": "-", "engine": PACE}, "name"),
+    ("POST", "/admin/models", {"name": "org/../name", "engine": PACE}, "name"),
+    ("POST", "/admin/models", {"name": "fine", "aliases": [".."], "engine": PACE}, "aliases"),
+    ("PATCH", "/admin/models/fast", {"aliases": ["f", "-"]}, "aliases"),
+    ("POST", "/v1/load_lora_adapter", {"lora_name": "-", "lora_path": "/nowhere", "base_model_name": "tiny"},
+     "lora_name")], ids=["model-dash", "model-dots", "alias-dots", "patched-alias", "lora"])
+def test_a_model_name_metrics_or_urls_cannot_tell_apart_is_refused(server, method, path, body, param):
+    with admin(server) as a:
+        r = a.request(method, path, json=body)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and "is not a model name" in err["message"], err
+        served = {n for m in a.get("/admin/models").json() for n in [m["name"], *m["aliases"], *m["lora_modules"]]}
+    assert served.isdisjoint({"-", "..", "org/../name"}), served
+    with pytest.raises(ValueError, match="is not a model name"):
+        ServerConfig.model_validate({"models": [{"name": "-", "engine": PACE}]})
 
 
 def test_the_metrics_tenant_series_agree_with_the_admin_api(server):
