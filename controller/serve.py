@@ -28,6 +28,7 @@ from controller.config import (
     ToolCallParser,
     cache_dir,
     default_models_made,
+    usable_model_name,
 )
 from controller.heap import YOUNG_THRESHOLD
 from controller.keys import hash_key, new_key
@@ -166,10 +167,14 @@ def model_specs(dirs: list[Path], names: list[str], convert: bool = True) -> lis
         raise ValueError("--served-model-name names the MODEL_DIR arguments; none were given")
     every = names if len(dirs) == 1 and names else (names or default_names)
     for n in every:
+        given_by = "--served-model-name" if names else "the default name (its directory's)"
         if not MODEL_NAME_RE.fullmatch(n) or len(n) > 128:
-            given_by = "--served-model-name" if names else "the default name (its directory's)"
             raise ValueError(f"{given_by} {n!r} is not a model name: 1-128 characters of A-Z a-z 0-9 . _ : / -"
                              + ("" if names else "; name it with --served-model-name"))
+        try:
+            usable_model_name(n)
+        except ValueError as e:
+            raise ValueError(f"{given_by}: {e}") from None
     if dup := sorted({n for n in every if every.count(n) > 1}):
         raise ValueError(f"two models would be named {', '.join(map(repr, dup))}: give each its own name with "
                          "--served-model-name" if not names else

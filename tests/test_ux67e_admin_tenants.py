@@ -108,6 +108,15 @@ def test_a_model_name_metrics_or_urls_cannot_tell_apart_is_refused(server, metho
         ServerConfig.model_validate({"models": [{"name": "-", "engine": PACE}]})
 
 
+def test_serve_says_a_served_name_it_refuses_in_a_line(make_tiny, tmp_path):
+    """`tokenpool serve DIR --served-model-name -` printed pydantic's four-line error."""
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "serve", str(make_tiny("qwen2")), "--served-model-name",
+                        "-", "--port", str(free_port(PORTS))], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "tokenpool serve: --served-model-name: '-' is not a model name: /metrics counts the requests naming no model "
+        "served under model=\"-\""], r.stderr
+
+
 def test_the_metrics_tenant_series_agree_with_the_admin_api(server):
     """What the refused name protects: refusals no tenant's key sent go under tenant "-", a tenant's own requests
     under its name, as GET /admin/tenants counts them."""
