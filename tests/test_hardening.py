@@ -111,7 +111,9 @@ def test_huge_prompt_is_tokenized_off_the_event_loop(tiny_model):
     assert err["code"] == "context_length_exceeded" and "has 1" in err["message"], err
     assert took > 0.5, took  # the tokenizing really took a while...
     assert len(during) >= 5, (took, during)  # ...and /health answered all along
-    assert max(during) < 0.25, (took, sorted(during)[-5:])
+    # (tokenized on the loop, one /health would wait about the whole `took`; a loaded 2-core host's scheduling made
+    # one 0.27 s of a 5.4 s tokenizing while it was off the loop)
+    assert max(during) < max(0.25, took / 5), (took, sorted(during)[-5:])
 
 
 def test_tokenizing_and_templates_run_in_the_tokenize_pool(tiny_model, monkeypatch):

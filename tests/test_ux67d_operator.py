@@ -55,6 +55,11 @@ def test_a_dry_run_checks_a_registration_and_registers_nothing(server, tiny_mode
     r = httpx.post(server.url + "/admin/models?dry_run=true&replacing=tiny", headers=AUTH,
                    json={"name": "other", "path": str(tiny_model), "aliases": ["small"]})
     assert r.json() == {"dry_run": True, "name": "other"}
+    for replacing, status in (("small", 200), ("nosuch", 404)):  # (a model by an alias; a name of none)
+        r = httpx.post(server.url + f"/admin/models?dry_run=true&replacing={replacing}", headers=AUTH,
+                       json={"name": "other", "path": str(tiny_model), "aliases": ["small"]})
+        assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == "model_not_found"
     names = [m["name"] for m in httpx.get(server.url + "/admin/models", headers=AUTH).json()]
     assert names == ["tiny"]  # (nothing registered, nothing replaced)
     assert httpx.post(server.url + "/admin/models", headers=AUTH, json={"name": "tiny", "path": str(tiny_model)}

@@ -134,8 +134,8 @@ async def models(request: Request):
 async def register_model(spec: ModelSpec, request: Request, response: Response, dry_run: bool = False,
                          replacing: str | None = None):
     """Register a model. `?dry_run=true`: checked as its registration would be, replacing the model of its name
-    (`&replacing=NAME`: that model) if there is one, and nothing registered (200, or the refusal the registration
-    would get)."""
+    (`&replacing=NAME`: that model, by its name or an alias; a 404 when none) if there is one, and nothing registered
+    (200, or the refusal the registration would get)."""
     ctl = _ctl(request)
     # `~` is the home directory and a relative path the server's working directory, as a configuration's paths are
     # its file's: "~/models/x" (the dashboard's Add form) was refused as a path that "does not exist", and a relative
@@ -146,6 +146,8 @@ async def register_model(spec: ModelSpec, request: Request, response: Response, 
     for lm in spec.lora_modules:
         lm.path = str(Path(lm.path).expanduser().absolute())
     if dry_run:
+        if replacing is not None:  # (a model by its name or an alias; a name of none is a 404, not a plain check)
+            replacing = _model_named(ctl, replacing)
         await ctl.add_model(spec, dry_run=True, replacing=replacing)
         response.status_code = 200
         return ap.DryRunOut(name=spec.name)
