@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from controller.keys import is_key_hash
 from tokenpool import env
@@ -37,10 +37,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
     _other_servers: typing.ClassVar[dict[str, str]] = {}  # another server's key here: what it is called here
     _as_string: typing.ClassVar[str] = ""  # how a section another server writes as one value is written here
+    _internal: typing.ClassVar[frozenset[str]] = frozenset()  # fields the program sets: unknown keys in a file
 
     @model_validator(mode="before")
     @classmethod
-    def _known_keys(cls, data: object) -> object:
+    def _known_keys(cls, data: object, info: ValidationInfo) -> object:
         if not isinstance(data, (dict, cls)):  # (pydantic would name the class: "instance of Listen")
             keys = list(cls.model_fields)
             what = ", ".join(keys) if len(keys) <= 6 else f"settings ({', '.join(keys[:4])}, ...)"
@@ -50,12 +51,14 @@ class _Strict(BaseModel):
             hint = f" ({cls._as_string})" if cls._as_string and isinstance(data, (str, int)) and not isinstance(data, bool) else ""
             raise ValueError(f"expected a mapping of {what}; got {got}{hint}")
         if isinstance(data, dict):
+            internal = cls._internal if (info.context or {}).get("file") else frozenset()
+            keys = [k for k in cls.model_fields if k not in internal]
             for k in data:
-                if k not in cls.model_fields:
+                if k not in keys:
                     if (other := cls._other_servers.get(str(k))) is not None:
                         hint = f" ({other})"
                     else:
-                        near = difflib.get_close_matches(str(k), list(cls.model_fields), n=1, cutoff=0.6)
+                        near = difflib.get_close_matches(str(k), keys, n=1, cutoff=0.6)
                         hint = f" (did you mean {near[0]!r}?)" if near else ""
                     raise ValueError(f"unknown key {k!r}{hint}")
         return data
@@ -430,6 +433,7 @@ class ServerConfig(_Strict):
                       "ttl": "llama-swap's ttl is set per model here: models[].keep_alive",
                       **dict.fromkeys(("macros", "startPort", "healthCheckTimeout"), "llama-swap's: tokenpool runs "
                                       "the models itself, with no command or port of their own to set")}
+    _internal = frozenset({"is_default"})  # (a file with it was taken: the embedded default's banner, host and making)
 
     @model_validator(mode="before")
     @classmethod
@@ -567,7 +571,7 @@ def load_config(path: Path | None) -> ServerConfig:
     if path is None:
         return default_config()
     data = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader) or {}  # (a SafeLoader)
-    cfg = ServerConfig.model_validate(data)
+    cfg = ServerConfig.model_validate(data, context={"file": True})
     base = Path(path).resolve().parent
 
     def where(p: str) -> str:  # ~ is the home directory; a relative path is relative to the file
