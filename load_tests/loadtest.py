@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -28,6 +29,9 @@ from urllib.parse import quote, urlparse
 
 from load_tests import sse_client
 from load_tests.bench_common import cpu_model
+
+# a PaceEngine token's whole text: "@<wall-clock time its step emitted it>"; a model's own text may begin with "@" too
+PACE_STAMP = re.compile(rb'"text":"@(\d+\.\d+)"')
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 PER_CLIENT = 32
@@ -87,9 +91,9 @@ class Stream:
                 self._end()
                 return
             s.tokens += 1
-            k = ev.find(b'"text":"@')
-            if k >= 0:  # PaceEngine stamp: emission wall-clock time of this token
-                s.lat.append(wall - float(ev[k + 9:ev.index(b'"', k + 9)]))
+            m = PACE_STAMP.search(ev)
+            if m is not None:
+                s.lat.append(wall - float(m[1]))
             if self.last is None:
                 s.ttfts.append(now - self.t0)
                 if not self.counted:
