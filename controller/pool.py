@@ -138,6 +138,7 @@ class EngineHandle:
     # time, and how many EvictModel of it were sent by then (None: an unload's); see `EnginePool._keep_gone`
     gone: dict[str, tuple[float, int | None]] = field(default_factory=dict)
     evicts: dict[str, int] = field(default_factory=dict)  # EvictModel messages sent per model
+    held: list[str] = field(default_factory=list)  # the models its worker hosted as it joined (Register.loaded)
 
     def send(self, msg: m.Message) -> None:
         if self.alive and not self.writer.is_closing():
@@ -448,11 +449,15 @@ class EnginePool:
         if previous is not None and previous.alive:
             self._dead(previous)
         settings = self.gpu_settings(reg)
-        e = EngineHandle(eid, reg.slot, reg.device, reg.host, reg.pid, _weight_capacity(reg, settings), writer)
+        e = EngineHandle(eid, reg.slot, reg.device, reg.host, reg.pid, _weight_capacity(reg, settings), writer,
+                         held=list(reg.loaded))
         self.engines[eid] = e
         m.write_message(writer, m.Registered(eid, self.s.heartbeat_s, settings))
         log.info("engine %s registered (%s on %s, pid %d)", eid, reg.device, reg.host, reg.pid)
         self._on_registered(e, previous)
+        for name in reg.loaded:  # a reconnecting remote worker keeps its pool: what the controller did not register
+            if name not in e.replicas:  # there again (a model a restarted controller does not serve) is let go, or
+                e.send(m.UnloadModel(name))  # its host copy and weights stayed, unseen, until the worker exited
         try:
             while True:
                 msg = await m.read_message(reader)

@@ -1284,6 +1284,9 @@ class Controller:
             for name in previous.replicas:
                 if name in self.models:
                     self._register(e, self.models[name])
+        for name in e.held:  # a remote worker joining again (this controller restarted) keeps what it hosts and is
+            if name in self.models and name not in e.replicas:  # served: registered at once, nothing to load
+                self._register(e, self.models[name])
         self.events.publish("worker_join", engine=e.id, device=e.device, host=e.host, pid=e.pid)
         self.tick()
 
