@@ -3,8 +3,9 @@
 Pure functions over numbers the controller measures (decode step time, each in-flight request's expected
 remaining tokens). The model: an engine runs at most `max_num_seqs` requests at once, one token per step each;
 a queued request takes the first slot that frees, so its start is found by replaying the queue over the slots.
-A request that would start at once is always admitted (an SLO the hardware cannot meet even when idle must
-not black-hole the model); one that would queue is admitted only if its estimate is within slack * SLO.
+A request that would start at once (a slot free, no prompt ahead of it to prefill) is always admitted (an SLO the
+hardware cannot meet even when idle must not black-hole the model); one that would queue is admitted only if its
+estimate is within slack * SLO.
 """
 
 from __future__ import annotations

@@ -165,8 +165,10 @@ def used_weight(e: EngineView, models: dict[str, ModelInfo]) -> int:
 
 
 def estimate_on(e: EngineView, r: ReplicaView, prompt_tokens: int = 0) -> tuple[float, bool]:
-    """Estimated TTFT of a new request of `r.model` with `prompt_tokens` on `e`, and whether it queues."""
-    queued = r.inflight >= r.max_num_seqs
+    """Estimated TTFT of a new request of `r.model` with `prompt_tokens` on `e`, and whether it queues: for a slot,
+    or behind prompts not yet prefilled (admission judges it by the estimate then; with a slot free it was always
+    admitted, and a burst on a CPU's 64 slots had its TTFTs reach 27 s against a 5 s SLO)."""
+    queued = r.inflight >= r.max_num_seqs or r.queued_prompt_tokens > 0
     # models on one engine are stepped in turn: a round (the engine's measured figure) is at least either step. But
     # while the engine's other models have no work, the model's own step is its round: the engine's figure keeps the
     # slowest model's step, and a fast model beside an idle slow one was judged at the slow one's pace (a paced
