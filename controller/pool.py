@@ -455,9 +455,6 @@ class EnginePool:
         m.write_message(writer, m.Registered(eid, self.s.heartbeat_s, settings))
         log.info("engine %s registered (%s on %s, pid %d)", eid, reg.device, reg.host, reg.pid)
         self._on_registered(e, previous)
-        for name in reg.loaded:  # a reconnecting remote worker keeps its pool: what the controller did not register
-            if name not in e.replicas:  # there again (a model a restarted controller does not serve) is let go, or
-                e.send(m.UnloadModel(name))  # its host copy and weights stayed, unseen, until the worker exited
         try:
             while True:
                 msg = await m.read_message(reader)

@@ -396,6 +396,9 @@ class Controller:
                 await self.add_model(spec, source="config")
         finally:
             self._starting = False
+        for e in list(self.pool.engines.values()):  # (those that joined meanwhile)
+            if e.alive:
+                self._adopt(e)
         self.tick()  # (the first loads: the standbys start once they are done, pool._supervise)
         self.pool.starting = False
         self._tasks.append(asyncio.create_task(self._autoscale_loop()))
@@ -1284,11 +1287,23 @@ class Controller:
             for name in previous.replicas:
                 if name in self.models:
                     self._register(e, self.models[name])
-        for name in e.held:  # a remote worker joining again (this controller restarted) keeps what it hosts and is
-            if name in self.models and name not in e.replicas:  # served: registered at once, nothing to load
-                self._register(e, self.models[name])
+        if not self._starting:  # (else once the configured models are known: `start`)
+            self._adopt(e)
         self.events.publish("worker_join", engine=e.id, device=e.device, host=e.host, pid=e.pid)
         self.tick()
+
+    def _adopt(self, e: EngineHandle) -> None:
+        """A remote worker that joins again keeps its pool (Register.loaded): what this controller serves and has not
+        registered there is registered at once (nothing to load), the rest unloaded. A restarted controller ignored
+        them: their weights, KV and host copy stayed, in no view, until the worker exited."""
+        held, e.held = e.held, []
+        for name in held:
+            if name in e.replicas:
+                continue
+            if name in self.models:
+                self._register(e, self.models[name])
+            else:
+                e.send(m.UnloadModel(name))
 
     def _dead(self, e: EngineHandle, orphans: list[Sub]) -> None:
         self.events.publish("worker_death", engine=e.id, orphans=len(orphans))
