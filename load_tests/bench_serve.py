@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from controller.dashboard.stream import BEAT_S, TICK_BEATS
 from load_tests.bench_common import bench_models_dir, checkpoint_size, header, spread, write_json
 from load_tests.bench_pool import bracket
 from load_tests.bench_pool_real import bound_ratios, make_models, parse_rates, window_arrivals
@@ -196,6 +197,10 @@ async def replay_http(url: str, items: list[WorkItem], slo: ModelSLO, vocab: int
         tasks.append(asyncio.create_task(_one(host, port, w, rec, prompt, stats, horizon)))
     await asyncio.gather(*tasks)
     out = {"records": records, "wall_s": time.perf_counter() - t0, "responses": stats, "t0": t0}
+    if admin_token:  # the point's last steps and events come with the engines' next Stats
+        await asyncio.to_thread(_wait_fresh, url, admin_token, time.time())
+        if follow is not None:  # and the event stream writes routine events (switch, load) once a tick
+            await asyncio.sleep(BEAT_S * TICK_BEATS + 0.2)
     if sampler is not None:
         sampler.cancel()
         try:
@@ -262,6 +267,19 @@ def _admin(url: str, token: str, path: str):
     r = httpx.get(url + path, headers={"Authorization": f"Bearer {token}"}, timeout=30)
     r.raise_for_status()
     return r.json()
+
+
+def _wait_fresh(url: str, token: str, asked: float, timeout: float = 10.0) -> None:
+    """Until every live engine's view in /admin/engines was taken after `asked` (`pool.loop.t`, its worker's wall
+    clock; an engine that does not say is read as it is), or `timeout`. A point's counters and events read at its
+    last response lacked its last heartbeat's steps, switches and loads (up to `workers.heartbeat_s` of them)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ts = [((e.get("pool") or {}).get("loop") or {}).get("t") for e in _admin(url, token, "/admin/engines")
+              if e["alive"]]
+        if all(not isinstance(t, (int, float)) or t >= asked for t in ts):
+            return
+        time.sleep(0.02)
 
 
 def _pool_counters(url: str, token: str | None) -> dict:
