@@ -70,6 +70,8 @@ class ModelConfig:
         from tokenpool import imports
 
         path = Path(path)
+        if not path.exists():  # (a served model's folder deleted or moved: its next load, on a restarted worker)
+            raise FileNotFoundError(f"{path} does not exist (deleted or moved?)")
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json (not a Hugging Face model directory)")
         try:
