@@ -493,6 +493,13 @@ def run_serve(models: str = "4x7b,6x1.5b", rate: float | str | list = 0.1, durat
             res = run_point(url, admin_token, names, r, slo=slo, duration=duration, drain_s=drain_s, seed=seed,
                             vocab=vocab)
             out["sweep"].setdefault("server", []).append(res)
+            # the server's arena and KV region per GPU (as its engines report them after the point: the KV region
+            # is carved at the first registration), not this command's defaults; unknown: None
+            vram = {(v["budget_bytes"] / 1e9, v["kv_bytes"] / 1e9) for e in (
+                    _admin(url, admin_token, "/admin/engines") if admin_token else [])
+                    if e["alive"] and (v := (e.get("pool") or {}).get("vram"))}
+            out["config"]["gpu_budget_gb"], out["config"]["kv_region_gb"] = (
+                vram.pop() if len(vram) == 1 else (None, None))
             summarize_points(out, target)
             write_json(Path(json_out) if json_out else None, out)
         return out

@@ -2,7 +2,7 @@
 swap-outs and the switch and load events it counted are what the server counted over the point (GET /admin/engines
 and /metrics once the engines reported after it). The point's counters were read at its last response, and its
 event stream stopped there: the last heartbeat's steps, switches and loads (up to `workers.heartbeat_s` of them)
-were missing from the report."""
+were missing from the report. Its config gives the server's arena and KV region (it gave the command's defaults)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import pytest
 
 import load_tests.live_server as live_server
 from controller.keys import hash_key
-from load_tests.bench_serve import _vocab, run_point
+from load_tests.bench_serve import run_serve
 from tests.ports import free_port
-from token_scheduler.policies.slo import ModelSLO
 
 ADMIN = "admin-67g"
 MiB = 1 << 20
@@ -47,13 +46,16 @@ def test_bench_serve_reports_what_the_server_counted(make_tiny, tmp_path):
         srv = live_server.LiveServer(cfg, tmp_path)
     with srv:
         e0, m0 = _engine(srv), httpx.get(srv.url + "/metrics", timeout=10).text
-        res = run_point(srv.url, ADMIN, sorted(models), 2.0, slo=ModelSLO(60.0, 5.0), duration=1.0, drain_s=60.0,
-                        seed=0, vocab=_vocab(models["ba"]))
+        out = run_serve(url=srv.url, admin_token=ADMIN, rate=2.0, duration=1.0, slo_ttft=60.0, slo_tpot=5.0,
+                        drain_s=60.0, say=lambda _: None)
+        res = out["policies"]["server"]
         asked = time.time()  # the server's own count: a view its engine took after the point
         while (e1 := _engine(srv))["pool"]["loop"]["t"] < asked:
             time.sleep(0.05)
         m1 = httpx.get(srv.url + "/metrics", timeout=10).text
     p0, p1 = e0["pool"], e1["pool"]
+    # the server's arena and KV region, not the command's defaults (60 and 4 GB)
+    assert (out["config"]["gpu_budget_gb"], out["config"]["kv_region_gb"]) == (4 * MiB / 1e9, 2 * MiB / 1e9)
     assert res["responses"].get("200", 0) > 3, res["responses"]  # (a few prompts past a context: 400s)
     switches = p1["switches"] - p0["switches"]
     assert switches > 0
