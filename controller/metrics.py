@@ -142,7 +142,7 @@ class Metrics:
         # --- engine state, from worker Stats ---
         self.kv_usage = Gauge("tokenpool_kv_cache_usage_ratio", "KV cache blocks in use / blocks (0-1)",
                               ["engine", "model"], registry=r)
-        self.preemptions = Counter("tokenpool_num_preemptions_total", "Requests preempted (KV swapped to host)",
+        self.preemptions = Counter("tokenpool_num_preemptions_total", "Requests preempted (KV swapped to host, or dropped to be recomputed where the host pages are full)",
                                    ["engine", "model"], registry=r)
         self._preempted_seen: dict[tuple[str, str], float] = {}
         r.register(_GPUCollector())
