@@ -20,6 +20,15 @@ class PsError(RuntimeError):
     pass
 
 
+class Refused(PsError):
+    """An HTTP error answer of the admin API: `status`, and `reason` (its error message) for a command that says it
+    in its own words."""
+
+    def __init__(self, text: str, status: int, reason: str):
+        super().__init__(text)
+        self.status, self.reason = status, reason
+
+
 DEFAULT_PORT = 8000  # the server's (controller.config.Listen), where a client's --url leaves it out
 
 
@@ -92,7 +101,7 @@ def fetch(url: str, path: str, token: str | None, timeout: float = 10.0, method:
         hint = (" (pass --admin-token or set TOKENPOOL_ADMIN_TOKEN; a server without admin_token_hash writes this "
                 "run's token to the file its log names, by default ~/.cache/tokenpool/models/admin-token-PORT)"
                 if e.code == 401 else "")
-        raise PsError(f"{url}{path}: HTTP {e.code}: {msg}{hint}") from None
+        raise Refused(f"{url}{path}: HTTP {e.code}: {msg}{hint}", e.code, msg) from None
     except (urllib.error.URLError, OSError) as e:
         raise PsError(unreachable(url, e)) from None
 
@@ -228,7 +237,12 @@ def stop(url: str, token: str | None, model: str) -> str:
         # lists them to `run`; it named the models alone)
         raise PsError(not_found(model, list(names)))
     path = f"/admin/models/{urllib.parse.quote(name, safe='')}/evict"
-    got = fetch(url, path, token, method="POST")
+    try:
+        got = fetch(url, path, token, method="POST")
+    except Refused as e:
+        if e.status != 409:
+            raise
+        raise PsError(f"{model}: {e.reason}") from None  # (pinned: said as the model's, not the route's HTTP answer)
     n = got.get("engines") if isinstance(got, dict) else None
     if not isinstance(n, int):
         raise PsError(f"{url}{path}: not a tokenpool admin API answer (is it a tokenpool server?)")

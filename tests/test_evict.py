@@ -130,3 +130,15 @@ def test_ollama_ps_lists_the_models_in_vram(server):
     httpx.post(server.url + "/admin/models/tiny-a/evict", headers=H).raise_for_status()
     assert _until(server, False)
     assert "tiny-a:latest" not in {m.model for m in oc.ps().models}
+
+
+def test_tokenpool_stop_of_a_pinned_model_says_so_in_its_words(server):
+    """`tokenpool stop` of a pinned model: the server's reason as the model's (it printed the route's URL and
+    `HTTP 409:` before it); other refusals keep the route and status."""
+    from controller.ps import PsError, stop
+
+    with pytest.raises(PsError) as e:
+        stop(server.url, ADMIN, "tiny-b")
+    assert str(e.value) == "tiny-b: 'tiny-b' is pinned: unpin it first (POST /admin/models/tiny-b/unpin)"
+    with pytest.raises(PsError, match=r"/admin/models: HTTP 401"):
+        stop(server.url, "wrong-token", "tiny-b")
