@@ -12,13 +12,14 @@ import pytest
 
 from tests.ports import live_server_on
 from tests.test_ux61i_agents import THINKING_TEMPLATE, templated
+from tests.ux66c_at_once import BURSTS
 
 
 @pytest.fixture(scope="module")
 def server(request, smollm2, tmp_path_factory):
     work = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
     qthink = templated(smollm2, work / "qthink", THINKING_TEMPLATE)  # (test_ux61i_agents' server's)
-    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
+    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25}, **BURSTS,
            "models": [{"name": m, "path": str(path), "tool_call_parser": "hermes", "engine": {"max_num_seqs": 8}}
                       for m, path in (("smol", smollm2), ("qthink", qthink))]}
     with live_server_on(request.module.PORTS, cfg, work) as srv:

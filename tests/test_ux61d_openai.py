@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from tests.ports import live_server_on
-from tests.ux66c_at_once import at_once
+from tests.ux66c_at_once import BURSTS, at_once
 
 PORTS = range(26500, 26600)
 HI = [{"role": "user", "content": "Say hi"}]
@@ -28,7 +28,7 @@ COUNT = "1, 2, 3, 4, 5,"  # (greedy: " 6, 7, 8, ...", each number three tokens: 
 
 @pytest.fixture(scope="module")
 def server(smollm2, tmp_path_factory):
-    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
+    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25}, **BURSTS,
            "models": [{"name": "smol", "path": str(smollm2), "engine": {"max_num_seqs": 8}}]}
     with live_server_on(PORTS, cfg, tmp_path_factory.mktemp("ux61d")) as srv:
         yield srv

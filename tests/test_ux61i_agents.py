@@ -28,7 +28,7 @@ import openai
 import pytest
 
 from tests.ports import live_server_on
-from tests.ux66c_at_once import at_once
+from tests.ux66c_at_once import BURSTS, at_once
 
 PORTS = range(27050, 27100)
 HI = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi!"},
@@ -68,7 +68,7 @@ def templated(model: Path, folder: Path, template: str) -> Path:
 def server(smollm2, tmp_path_factory):
     work = tmp_path_factory.mktemp("ux61i")
     qthink = templated(smollm2, work / "qthink", THINKING_TEMPLATE)
-    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
+    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25}, **BURSTS,
            "models": [{"name": "smol", "path": str(smollm2), "engine": {"max_num_seqs": 8}},
                       {"name": "qthink", "path": str(qthink), "tool_call_parser": "hermes",
                        "engine": {"max_num_seqs": 8}}]}

@@ -16,7 +16,7 @@ import pytest
 
 from tests.ports import live_server_on
 from tests.test_ux61i_agents import ASK, PARAMS, THINKING_TEMPLATE, THOUGHT, templated
-from tests.ux66c_at_once import at_once
+from tests.ux66c_at_once import BURSTS, at_once
 
 PORTS = range(27100, 27200)
 OPENING_TEMPLATE = THINKING_TEMPLATE.replace("'<|im_start|>assistant\\n' }}", "'<|im_start|>assistant\\n<think>\\n' }}")
@@ -29,7 +29,7 @@ def client(smollm2, tmp_path_factory):
     qthink = templated(smollm2, work / "qthink", THINKING_TEMPLATE)  # (test_ux61i_agents' server's)
     # (the same, its generation prompt opening the think block, as Qwen3-Thinking-2507's)
     qopen = templated(smollm2, work / "qopen", OPENING_TEMPLATE)
-    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
+    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25}, **BURSTS,
            "models": [{"name": m.name, "path": str(m), "tool_call_parser": "hermes", "engine": {"max_num_seqs": 8}}
                       for m in (qthink, qopen)]}
     with live_server_on(PORTS, cfg, work) as srv:

@@ -21,7 +21,7 @@ import pytest
 
 from tests.ports import live_server_on
 from tests.test_ux63e_api import ASK_SAID, CHAT_TOOL, FN, SAY, TOOL
-from tests.ux66c_at_once import at_once
+from tests.ux66c_at_once import BURSTS, at_once
 
 PORTS = range(28750, 28800)
 CUT = 14  # (max_tokens) `Let me check the weather.\n<tool_call>\n{"`
@@ -29,7 +29,7 @@ CUT = 14  # (max_tokens) `Let me check the weather.\n<tool_call>\n{"`
 
 @pytest.fixture(scope="module")
 def server(smollm2, tmp_path_factory):
-    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
+    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25}, **BURSTS,
            "models": [{"name": "smol", "path": str(smollm2), "tool_call_parser": "hermes",
                        "engine": {"max_num_seqs": 8}}]}
     with live_server_on(PORTS, cfg, tmp_path_factory.mktemp("ux63l")) as srv:

@@ -28,7 +28,7 @@ import pytest
 from controller.api.structured import HERMES_CLOSE, HERMES_OPEN
 from tests.ports import live_server_on
 from tests.test_ux61i_agents import PARAMS, THINKING_TEMPLATE, templated
-from tests.ux66c_at_once import at_once
+from tests.ux66c_at_once import BURSTS, at_once
 
 PORTS = range(28800, 28850)
 CALL = HERMES_OPEN + '{"name": "get_weather", "arguments": {"city": "%s"}}' + HERMES_CLOSE
@@ -60,7 +60,7 @@ ASK_SPACED = shots(lambda c: f"\n\n{CALL % c}")  # (it writes "\n" before the ca
 def server(smollm2, tmp_path_factory):
     work = tmp_path_factory.mktemp("ux64a")
     qthink = templated(smollm2, work / "qthink", THINKING_TEMPLATE)
-    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
+    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25}, **BURSTS,
            "models": [{"name": m, "path": str(path), "tool_call_parser": "hermes", "engine": {"max_num_seqs": 8}}
                       for m, path in (("smol", smollm2), ("qthink", qthink))]}
     with live_server_on(PORTS, cfg, work) as srv:

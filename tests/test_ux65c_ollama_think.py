@@ -27,6 +27,7 @@ import pytest
 from controller.api.structured import HERMES_CLOSE, HERMES_OPEN
 from tests.ports import live_server_on
 from tests.test_ux61i_agents import PARAMS, templated
+from tests.ux66c_at_once import BURSTS
 
 PORTS = range(29300, 29350)
 CALL = HERMES_OPEN + '{"name": "get_weather", "arguments": {"city": "%s"}}' + HERMES_CLOSE
@@ -54,7 +55,7 @@ ASK = [*(m for city in CITIES for m in (
 @pytest.fixture(scope="module")
 def server(smollm2, tmp_path_factory):
     work = tmp_path_factory.mktemp("ux65c")
-    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
+    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25}, **BURSTS,
            "models": [{"name": m, "path": str(templated(smollm2, work / m, tpl)), "tool_call_parser": "hermes",
                        "engine": {"max_num_seqs": 8}} for m, tpl in (("rthink", RTHINK), ("r1", R1))]}
     with live_server_on(PORTS, cfg, work) as srv:
