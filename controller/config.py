@@ -179,15 +179,18 @@ def parse_duration(v: object) -> float | None:
 ToolCallParser = Literal["hermes"]
 
 
-def usable_model_name(name: str) -> str:
-    """A model's name, an alias's or a LoRA adapter's, refused where /metrics would merge it or the admin API could not
-    reach it."""
+# What /metrics counts under the label "-" of a name's kind: a model or tenant named "-" would merge with them.
+_DASH_COUNTS = {"model": "the requests naming no model served", "tenant": "the requests no tenant's key sent"}
+
+
+def usable_name(name: str, kind: str = "model") -> str:
+    """A model's name (an alias's, a LoRA adapter's) or a tenant's (`kind`), refused where /metrics would merge it
+    or the admin API could not reach it."""
     if name == "-":
-        raise ValueError("'-' is not a model name: /metrics counts the requests naming no model served under "
-                         "model=\"-\"")
+        raise ValueError(f"'-' is not a {kind} name: /metrics counts {_DASH_COUNTS[kind]} under {kind}=\"-\"")
     if any(part in (".", "..") for part in name.split("/")):
-        raise ValueError(f"{name!r} is not a model name: its '.' or '..' is a URL's dot segment, which clients resolve "
-                         f"away (/admin/models/{name} is sent as another path), so the admin API could not reach it")
+        raise ValueError(f"{name!r} is not a {kind} name: its '.' or '..' is a URL's dot segment, which clients resolve "
+                         f"away (/admin/{kind}s/{name} is sent as another path), so the admin API could not reach it")
     return name
 
 
@@ -201,7 +204,7 @@ class LoraModule(_Strict):
     @field_validator("name")
     @classmethod
     def _usable_name(cls, v: str) -> str:
-        return usable_model_name(v)
+        return usable_name(v)
 
 
 class ModelSpec(_Strict):
@@ -249,7 +252,7 @@ class ModelSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _usable_name(cls, v: str) -> str:
-        return usable_model_name(v)
+        return usable_name(v)
 
     @field_validator("aliases")
     @classmethod
@@ -257,7 +260,7 @@ class ModelSpec(_Strict):
         for a in v:
             if not (1 <= len(a) <= 128) or not re.match(MODEL_NAME, a):
                 raise ValueError(f"alias {a!r}: 1-128 characters of A-Z a-z 0-9 . _ : / -")
-            usable_model_name(a)
+            usable_name(a)
         return v
 
     @model_validator(mode="after")
@@ -295,16 +298,6 @@ class RateLimit(_Strict):
     tokens_per_min: float | None = Field(None, gt=0, allow_inf_nan=False)
 
 
-def usable_tenant_name(name: str) -> str:
-    """A tenant's name, refused where the admin API could not reach the tenant or /metrics would merge it."""
-    if name in (".", ".."):
-        raise ValueError(f"{name!r} is not a tenant name: a URL's dot segment, which clients resolve away "
-                         f"(/admin/tenants/{name} is sent as another path), so the admin API could not reach it")
-    if name == "-":
-        raise ValueError("'-' is not a tenant name: /metrics counts the requests no tenant's key sent under tenant=\"-\"")
-    return name
-
-
 def shared_key(tenants: list[TenantSpec]) -> str | None:
     """What is wrong where two tenants hold the same key hash (the key was the first one's, unsaid), else None."""
     holder: dict[str, str] = {}
@@ -329,7 +322,7 @@ class TenantSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _usable_name(cls, v: str) -> str:
-        return usable_tenant_name(v)
+        return usable_name(v, "tenant")
 
     @field_validator("key_hashes")
     @classmethod

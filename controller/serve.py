@@ -28,7 +28,7 @@ from controller.config import (
     ToolCallParser,
     cache_dir,
     default_models_made,
-    usable_model_name,
+    usable_name,
 )
 from controller.heap import YOUNG_THRESHOLD
 from controller.keys import hash_key, new_key
@@ -172,7 +172,7 @@ def model_specs(dirs: list[Path], names: list[str], convert: bool = True) -> lis
             raise ValueError(f"{given_by} {n!r} is not a model name: 1-128 characters of A-Z a-z 0-9 . _ : / -"
                              + ("" if names else "; name it with --served-model-name"))
         try:
-            usable_model_name(n)
+            usable_name(n)
         except ValueError as e:
             raise ValueError(f"{given_by}: {e}") from None
     if dup := sorted({n for n in every if every.count(n) > 1}):

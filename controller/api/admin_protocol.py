@@ -14,7 +14,7 @@ from controller.config import (
     RateLimit,
     Replicas,
     parse_duration,
-    usable_tenant_name,
+    usable_name,
 )
 from controller.keys import is_key_hash
 
@@ -38,7 +38,7 @@ class TenantCreate(BaseModel):
     @field_validator("name")
     @classmethod
     def _usable_name(cls, v: str) -> str:
-        return usable_tenant_name(v)
+        return usable_name(v, "tenant")
 
     @field_validator("key_hashes")
     @classmethod
