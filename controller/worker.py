@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -774,16 +773,11 @@ def _exit_now(worker: Worker) -> None:
     at once. What the teardown does that matters is done first: the worker's own threads joined (a load or a step
     still running finishes, as the exit's join let it), the atexit functions run, the logs flushed. Its models, host
     copies and connection were given back by `Worker.run`."""
-    import atexit
+    from controller import children
 
     for pool in (worker._load_thread, worker._step_thread):
         pool.shutdown(wait=True)
-    atexit._run_exitfuncs()
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # (a closed pipe: nothing left to say)
-            stream.flush()
-    os._exit(0)
+    children.exit_now(0)
 
 
 if __name__ == "__main__":
