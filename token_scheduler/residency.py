@@ -130,9 +130,9 @@ class ModelPool:
         host = self.cache.get(model_dir, dtype, progress)
         # a slot is the weights rounded up to the arena's alignment: a model within that of the weight space
         # passed a check of its bytes and then waited for a slot for ever
-        if self.slot_table.slot_bytes(host.nbytes) > self.weight_capacity:
+        if (slot := self.slot_table.slot_bytes(host.nbytes)) > self.weight_capacity:
             raise ValueError(f"{name}: weights of {host.nbytes / 2**20:.1f} MiB (a slot of "
-                             f"{self.slot_table.slot_bytes(host.nbytes) / 2**20:.1f} MiB) can never fit the "
+                             f"{slot / 2**20:.1f} MiB) can never fit the "
                              f"{self.weight_capacity / 2**20:.1f} MiB of weight space in the GPU budget")
         shape = (cfg.num_layers, 2, bs, cfg.num_kv_heads, cfg.head_dim)
         kv = strided_blocks(self.kv_flat, self.pages.num_blocks + 1, self.page_bytes, shape, dtype)
