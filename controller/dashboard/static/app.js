@@ -219,10 +219,9 @@ async function api(method, path, body) {
 // The session ended (signed out in another tab, expired, the server restarted): back to the login form, once,
 // when no call is in flight and the event stream has ended (each call that got a 401 navigated again, and a
 // navigation aborts the requests in flight: failed requests in the browser's log). The server ends a signed-out
-// session's stream within a beat; 3 s is the limit all the same.
+// session's stream within a beat; 8 s is the limit all the same (a stream still open then is aborted by the
+// navigation: a failed request in the browser's log; 3 s was passed on a loaded CI host).
 function signedOut(now = false) {
-  // (a stream the server does not close goes with the navigation after 8 s: a failed request in the browser's log;
-  // 3 s was passed on a loaded CI host by the close that follows the server's `end`)
   if (!S.leaving) setTimeout(() => signedOut(true), 8000);
   S.leaving = true;
   if (S.gone || (!now && (S.calls > 0 || (S.es && S.es.readyState === EventSource.OPEN)))) return;
