@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from controller.admission import estimate_ttft
+from gpu_pool.placement import align_up
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,13 @@ class ModelInfo:
     priority: int = 0
     load_s: float = 1.0  # measured or guessed time to load it onto an engine
 
+    @property
+    def slot_bytes(self) -> int:
+        """What its weights take of a pooled engine's weight space (`EngineView.memory_bytes`): a slot, its bytes
+        rounded up to the arena's alignment. A model fits an engine by this, as its worker judges it: by its bytes,
+        one within the alignment of the weight space was placed there, and its registration failed."""
+        return align_up(self.size_bytes)
+
 
 @dataclass(frozen=True)
 class Route:
@@ -88,9 +96,6 @@ def weight(info: ModelInfo) -> int:
     return info.size_bytes + STEP_OVERHEAD_BYTES
 
 
-SLOT_ALIGN = 2 * 2**20  # a pooled arena rounds every weight slot up to this (gpu_pool.arena.DEFAULT_ALIGN)
-
-
 def pin_blocks(name: str, registered: list[str], models: dict[str, ModelInfo], pinned: set[str],
                memory_bytes: int) -> str | None:
     """Whether pinning `name` on an engine of `memory_bytes` of weight space, where `registered` models are hosted
@@ -98,7 +103,7 @@ def pin_blocks(name: str, registered: list[str], models: dict[str, ModelInfo], p
     could then never load, and its requests would wait forever. The first such model, or None; `name` itself when
     the pins alone (its own included) overfill the weight space."""
     def slot(n: str) -> int:
-        return -(-models[n].size_bytes // SLOT_ALIGN) * SLOT_ALIGN if n in models else 0
+        return models[n].slot_bytes if n in models else 0
 
     held = sum(slot(n) for n in set(registered) & (pinned | {name}))
     if held > memory_bytes:  # the pins alone overfill the weight space: not all of them can ever be resident
@@ -128,7 +133,7 @@ def pin_blocked(model: ModelInfo, engines: list[EngineView], models: dict[str, M
     load, and requests to it would wait until they time out."""
     out, models = {}, {**models, model.name: model}
     for e in engines:
-        if e.usable and model.name not in e.replicas and model.size_bytes <= e.memory_bytes:
+        if e.usable and model.name not in e.replicas and model.slot_bytes <= e.memory_bytes:
             other = pins_starve([model.name, *e.replicas], e.memory_bytes, models, pinned)
             if other is not None:
                 out[e.engine_id] = other
@@ -151,7 +156,7 @@ def starved_by_pins(engines: list[EngineView], models: dict[str, ModelInfo],
     for name, info in models.items():
         if name in placed:
             continue
-        fits = [e for e in usable if info.size_bytes <= e.memory_bytes]
+        fits = [e for e in usable if info.slot_bytes <= e.memory_bytes]
         blocked = pin_blocked(info, fits, models, pinned)
         if fits and len(blocked) == len(fits):
             e = fits[0]
@@ -213,7 +218,7 @@ def place(model: ModelInfo, engines: list[EngineView], models: dict[str, ModelIn
         blocked = pin_blocked(model, engines, models, pinned) if pinned else {}
     options = []
     for e in engines:
-        if (not e.usable or model.name in e.replicas or e.engine_id in exclude or model.size_bytes > e.memory_bytes
+        if (not e.usable or model.name in e.replicas or e.engine_id in exclude or model.slot_bytes > e.memory_bytes
                 or e.engine_id in blocked):
             continue
         share = used_weight(e, models) / max(1, e.memory_bytes)
@@ -269,7 +274,7 @@ def rebalance(engines: list[EngineView], models: dict[str, ModelInfo], fixed: fr
         for name, r in live[src].replicas.items():
             info = models.get(name)
             if (info is None or info.size_bytes <= 0 or name not in regs[src] or name in regs[dst] or name in fixed
-                    or count.get(name) != 1 or not r.ready or info.size_bytes > live[dst].memory_bytes
+                    or count.get(name) != 1 or not r.ready or info.slot_bytes > live[dst].memory_bytes
                     or dst in (avoid or {}).get(name, ())  # (a draining registration is not in regs)
                     or pins_starve([name, *sorted(regs[dst])], live[dst].memory_bytes, models, pinned) is not None):
                 continue

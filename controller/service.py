@@ -471,13 +471,13 @@ class Controller:
         # (none at start-up: a worker that joins while the configuration's models are registered is not judged
         # against yet; placement judges them, as it does when no GPU has joined before them)
         budgets = [e.memory_bytes for e in self.pool.engines.values() if e.alive] if source != "config" else []
-        if budgets and weights_bytes(spec) > max(budgets):
-            raise ServingError(400, f"model {spec.name!r} needs {weights_bytes(spec) / 2**30:.1f} GiB for weights; the "
-                               f"largest GPU's weight space is {max(budgets) / 2**30:.1f} GiB", param="memory_gb")
+        info = ModelInfo(spec.name, weights_bytes(spec), spec.priority)
+        if budgets and info.slot_bytes > max(budgets):
+            raise ServingError(400, f"model {spec.name!r} needs {_weights(info, max(budgets))} for weights; the largest GPU's weight "
+                               f"space is {_gb(max(budgets))}", param="memory_gb")
         # Placement follows the pins (`router.pin_blocked`): registered while they leave it no GPU, the model would
         # be placed nowhere, and every request to it refused for good. Refused here instead, as a pin that would
         # starve a model is (409 pin_would_starve); at start-up no GPU is known yet (_check_pins judges then).
-        info = ModelInfo(spec.name, weights_bytes(spec), spec.priority)
         why = self._pins_block(info, spec.pin) if budgets else None
         if why is not None:
             raise ServingError(409, f"model {spec.name!r} cannot be placed on any GPU its weights fit: {why}; unpin a "
@@ -1114,11 +1114,11 @@ class Controller:
         """Why `info`'s weights can load on no usable engine (each one's weight space is smaller), in words; None when
         one is large enough, or none is usable (placement waits for one)."""
         usable = [v for v in (self.views() if engines is None else engines) if v.usable]
-        if not usable or any(info.size_bytes <= v.memory_bytes for v in usable):
+        if not usable or any(info.slot_bytes <= v.memory_bytes for v in usable):
             return None
         big = max(usable, key=lambda v: v.memory_bytes)
         e = self.pool.engines.get(big.engine_id)
-        return (f"its weights ({_gb(info.size_bytes)}) fit no GPU's weight space (the largest: {_gb(big.memory_bytes)} "
+        return (f"its weights ({_weights(info, big.memory_bytes)}) fit no GPU's weight space (the largest: {_gb(big.memory_bytes)} "
                 f"on {big.engine_id}{f' ({e.device})' if e is not None else ''})")
 
     def _check_fits(self, engines: list[EngineView]) -> str | None:
@@ -1173,7 +1173,7 @@ class Controller:
         views = self.views()
         infos = {**self.infos(), info.name: info}
         pinned = self.pinned() | ({info.name} if pin else set())
-        fits = [v for v in views if v.usable and info.name not in v.replicas and info.size_bytes <= v.memory_bytes]
+        fits = [v for v in views if v.usable and info.name not in v.replicas and info.slot_bytes <= v.memory_bytes]
         blocked = pin_blocked(info, fits, infos, pinned)
         if not fits or len(blocked) < len(fits):
             return None
@@ -1493,3 +1493,9 @@ class Controller:
 def _gb(n: int) -> str:
     """Bytes in GB, with the digits a small model's size needs (52.4 MB reads 0.0524 GB, not 0.05)."""
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e9:.3g} GB"
+
+
+def _weights(info: ModelInfo, space: int) -> str:
+    """A model's weights in GB, and the slot they take (`ModelInfo.slot_bytes`) where that, not their bytes, is what
+    `space` cannot hold."""
+    return _gb(info.size_bytes) + (f", a slot of {_gb(info.slot_bytes)}" if info.size_bytes <= space else "")

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from gpu_pool.freelist import FreeList
+from gpu_pool.placement import DEFAULT_ALIGN, align_up
 
 MiB = 1 << 20
-DEFAULT_ALIGN = 2 * MiB  # slot sizes and offsets; big enough to keep the free list short, small enough not to waste
 
 
 class ArenaError(RuntimeError):
@@ -61,7 +61,7 @@ class RangeAllocator:
         self._slots: dict[int, Slot] = {}
 
     def _round(self, nbytes: int) -> int:
-        return -(-nbytes // self.align) * self.align
+        return align_up(nbytes, self.align)
 
     @property
     def free_bytes(self) -> int:
@@ -89,7 +89,7 @@ class RangeAllocator:
         # exact answer without mutating: an aligned start inside some free run
         n = self._round(nbytes)
         for s, length in self._free.runs():
-            a = -(-s // self.align) * self.align
+            a = align_up(s, self.align)
             if a + n <= s + length:
                 return True
         return False

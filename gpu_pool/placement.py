@@ -18,9 +18,19 @@ run does, something beyond the policy's plan must go. Two rules:
 
 from __future__ import annotations
 
+# An arena's slot sizes and offsets are multiples of this (gpu_pool.arena): big enough to keep the free list short,
+# small enough not to waste
+DEFAULT_ALIGN = 2 * 2**20
+
+
+def align_up(n: int, align: int = DEFAULT_ALIGN) -> int:
+    """`n` rounded up to a multiple of `align`: the bytes a weight slot of `n` takes, or the first aligned offset
+    from `n`. The one rounding of the arena, the slot table and the controller's placement (`ModelInfo.slot_bytes`)."""
+    return -(-n // align) * align
+
 
 def _fits(start: int, end: int, need: int, align: int) -> bool:
-    return -(-start // align) * align + need <= end
+    return align_up(start, align) + need <= end
 
 
 def placement_victims(free_runs: list[tuple[int, int]], slots: dict[str, tuple[int, int]], need: int, align: int,
