@@ -560,7 +560,6 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
     if cfg.is_default:
         if host is None:
             cfg.listen.host = "127.0.0.1"
-        log.warning("%s", default_banner(cfg))
         make_models = functools.partial(make_default_models, cfg)  # (after the bind: /health says "starting")
         make_models.doing = default_doing(cfg)  # type: ignore[attr-defined]
     elif unconverted:  # the same for a .gguf file's conversion (~10 s for a 135M model on 2 cores; minutes for 7B)
@@ -582,6 +581,8 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
         raise SystemExit(2) from None
     cfg.listen.port = probe.getsockname()[1]  # --port 0: the free port the kernel gave, which the file is named by
     probe.close()
+    if cfg.is_default:  # (after the bind: a port in use is said alone, not after what would have been served there)
+        log.warning("%s", default_banner(cfg))
     if dead := startup.remove_dead_admin_tokens(cache_dir()):
         log.info("removed the admin token files of servers no longer running (port%s %s) from %s",
                  "s" if len(dead) > 1 else "", ", ".join(map(str, dead)), cache_dir())
