@@ -530,6 +530,7 @@ class MultiModelEngine:
             m.waiting = s.waiting
             m.running = s.running + list(s.swapped) if s.swapped else s.running
             m.kv_gpu_tokens = s.kv.num_held * s.kv.block_size
+            m.host_kv_free = s.host_free
         self.state.now = time.monotonic()
 
     def _poll_loads(self) -> None:

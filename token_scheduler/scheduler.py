@@ -1,8 +1,8 @@
 """Per-model batch scheduler: continuous batching with chunked prefill under a token budget.
 
 The batch is chosen by the one builder, `policies.batching.select_batch` (running requests first, then
-swapped-out ones back, then waiting ones while budget, sequence slots and KV blocks allow; on KV shortage the
-newest running request is preempted). This class keeps the model's queues and its blocks and carries a chosen
+swapped-out ones back, then waiting ones while budget, sequence slots and KV blocks allow; on KV shortage a
+running request is preempted: the newest whose KV fits the host blocks left, else the least to recompute). This class keeps the model's queues and its blocks and carries a chosen
 batch out (`commit`): preempted KV goes to the host pool (swap) and comes back before it next runs -- only
 without host room is it dropped and recomputed --, swapped requests get GPU blocks back, running ones grow,
 waiting ones start. Who chooses: alone (`LLMEngine` without a policy) `schedule` builds over its own queues
@@ -69,6 +69,10 @@ class BatchScheduler:
         self.swapped: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # requests preempted so far (KV swapped to host, or dropped and recomputed)
+        # of them, those whose KV was dropped (no host room), and the computed tokens they dropped: to recompute, but
+        # for blocks the prefix cache still holds when they start again
+        self.num_kv_dropped = 0
+        self.kv_tokens_dropped = 0
         # Prefix caching: a request starting takes the cached blocks its tokens begin with (`_reuse_prefix`), and each
         # full block computed is offered to the cache (`update`). The prompt tokens of first starts, and of them those
         # found cached (vLLM's prefix-cache queries and hits).
@@ -133,11 +137,20 @@ class BatchScheduler:
             req.status = RequestStatus.SWAPPED
             self.swapped.appendleft(req)
         else:  # no host room: recompute later (KV dropped, tokens kept)
+            if req.num_computed_tokens:
+                self.num_kv_dropped += 1
+                self.kv_tokens_dropped += req.num_computed_tokens
             self.kv.free(req.block_ids)
             req.block_ids = []
             req.num_computed_tokens = 0
+            req.prompt_logprobs.clear()  # (its prefill, run again, makes them again)
             req.status = RequestStatus.WAITING
             self.waiting.appendleft(req)
+
+    @property
+    def host_free(self) -> int:
+        """Host blocks left for preempted KV (the policy chooses victims counting them)."""
+        return self.host_kv.num_free if self.host_kv is not None else 0
 
     def preempt(self, reqs: list[Request]) -> SchedulerOutput:
         """Preempt running `reqs` now (a multi-model plan's swap-outs, between turns, to make room for another
@@ -151,7 +164,7 @@ class BatchScheduler:
     def schedule(self) -> SchedulerOutput:
         """This model's next batch, everything the builder admits (the single-model engine's policy)."""
         b = select_batch(self.running, self.swapped, self.waiting, self.kv.block_size, 1, self.limits,
-                         self.kv.num_free, self.limits.max_tokens)  # KV counted in blocks
+                         self.kv.num_free, self.limits.max_tokens, host_free=self.host_free)  # KV counted in blocks
         return self.commit(b.entries, b.swap_out)
 
     def commit(self, entries, swap_out=()) -> SchedulerOutput:
@@ -305,6 +318,8 @@ class BatchScheduler:
             "kv_blocks_used": self.kv.num_held,
             "kv_blocks_total": self.kv.num_blocks,
             "num_preemptions": self.num_preemptions,
+            "num_kv_dropped": self.num_kv_dropped,
+            "kv_tokens_dropped": self.kv_tokens_dropped,
             "prefix_cache_queries": self.cache_queries,
             "prefix_cache_hits": self.cache_hits,
         }

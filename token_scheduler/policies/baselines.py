@@ -25,7 +25,7 @@ def _plan(st: PoolState, name: str, limits: BatchLimits, admit: bool, victims: l
     fit = fit_step(st, m, kv_demand(m, limits.max_tokens // 4), lambda: victims, evict)
     if fit is None:
         return StepPlan(why=f"no room for {name}")
-    batch = build_batch(st.cost, m, limits, fit.kv_free, admit=admit)
+    batch = build_batch(st.cost, m, limits, fit.kv_free, admit=admit, host_used=fit.room.host_used)
     if not batch.entries:
         return StepPlan(why=f"{name}: nothing fits")
     swap_out = fit.room.swap_out + batch.swap_out

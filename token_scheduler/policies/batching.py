@@ -3,8 +3,9 @@ single-model scheduler, build with `select_batch`; mechanisms run its result as 
 
 Prefill, chunked prefill and decode are one rule (request.py): a request computes some of its uncomputed
 tokens. Order inside a model, vLLM-style: RUNNING requests (KV in VRAM) first, oldest first; if their growth
-does not fit, the *newest* RUNNING requests are preempted (their KV swapped out to host memory; dropped and
-recomputed only where the host has no room -- the mechanism's `BatchScheduler._preempt`). Then SWAPPED
+does not fit, RUNNING requests not yet scheduled are preempted (their KV swapped out to host memory; dropped and
+recomputed only where the host has no room -- the mechanism's `BatchScheduler._preempt`), the cheapest first
+(`pick_victim`): the newest whose KV fits the host pages left, else the one with the fewest tokens to recompute. Then SWAPPED
 requests resume oldest first while they fit (FCFS: the first that does not fit stops the rest). New requests
 are admitted only when nothing is swapped and no running request was left without room, as one FCFS group of
 at most `group_size`, their prompts chunked so the step stays near `chunk_target_s` and decodes of the same
@@ -77,22 +78,44 @@ def prefill_budget(cost: CostModel, m: ModelState, limits: BatchLimits, decode_s
 
 
 def build_batch(cost: CostModel, m: ModelState, limits: BatchLimits, free_bytes: int, admit: bool = True,
-                max_prefill_tokens: int | None = None) -> Batch:
-    """Pick `m`'s requests for one step given `free_bytes` of VRAM for its KV growth (weights already paid)."""
+                max_prefill_tokens: int | None = None, host_used: int = 0) -> Batch:
+    """Pick `m`'s requests for one step given `free_bytes` of VRAM for its KV growth (weights already paid);
+    `host_used`: host pages the plan's other swap-outs take first (`Room.host_used`)."""
     on_gpu = [r for r in m.running if r.status == _RUNNING]
     swapped = [r for r in m.running if r.status == _SWAPPED]
     pf = max_prefill_tokens if max_prefill_tokens is not None else prefill_budget(
         cost, m, limits, len(on_gpu), sum(r.num_computed_tokens for r in on_gpu))
     bt = m.kv_block_tokens
+    host = None if m.host_kv_free is None else max(0, m.host_kv_free - host_used)
     return select_batch(on_gpu, swapped, m.waiting, bt, m.kv_block_bytes or bt * m.spec.kv_bytes_per_token, limits,
-                        free_bytes, pf, admit)
+                        free_bytes, pf, admit, host)
+
+
+def pick_victim(cands: Sequence, lo: int, host_free: int | None, block_tokens: int) -> int:
+    """The index in `cands[lo:]` (RUNNING requests, oldest first) of the one to preempt: the newest whose KV fits
+    `host_free` host blocks (swapped out: it comes back by a copy), else -- all would be dropped -- the one with
+    the fewest computed tokens to recompute, the newest of those. `host_free` None: host room not counted (the
+    newest, vLLM's rule)."""
+    last = len(cands) - 1
+    if host_free is None:
+        return last
+    best, least = last, None
+    for j in range(last, lo - 1, -1):
+        c = cands[j].num_computed_tokens
+        if blocks(c, block_tokens) <= host_free:
+            return j
+        if least is None or c < least:
+            best, least = j, c
+    return best
 
 
 def select_batch(on_gpu: Sequence, swapped: Sequence, waiting: Iterable, block_tokens: int, block_bytes: int,
-                 limits: BatchLimits, free: int, pf_left: int, admit: bool = True) -> Batch:
+                 limits: BatchLimits, free: int, pf_left: int, admit: bool = True,
+                 host_free: int | None = None) -> Batch:
     """The rule (module docstring) over one model's queues, oldest first each: `on_gpu` RUNNING, `swapped`,
     `waiting`. KV is held in blocks of `block_tokens` tokens and `block_bytes` bytes (ModelState.kv_bytes);
-    `free`: KV bytes free for the step; `pf_left`: prefill tokens this step may compute."""
+    `free`: KV bytes free for the step; `pf_left`: prefill tokens this step may compute; `host_free`: host
+    blocks a preempted request's KV may be swapped to (None: not counted, as if always room)."""
     bt = block_tokens
 
     def kv_bytes(tokens: int) -> int:
@@ -107,23 +130,27 @@ def select_batch(on_gpu: Sequence, swapped: Sequence, waiting: Iterable, block_t
     max_tokens = limits.max_tokens
     stuck = False  # a running request had no room: nothing swaps in or starts behind it
 
-    # 1. RUNNING, oldest first; preempt newest on shortage.
-    last = len(on_gpu) - 1
-    for i, r in enumerate(on_gpu):
-        if i > last or len(entries) >= limits.max_seqs:
-            break
+    # 1. RUNNING, oldest first; on shortage preempt the cheapest of those not yet scheduled (pick_victim).
+    run = on_gpu  # those still in line: a copy once a victim leaves it
+    i = 0
+    while i < len(run) and len(entries) < limits.max_seqs:
+        r = run[i]
+        i += 1
         c = r.num_computed_tokens
         left = r.num_tokens - c
         n = min(left, pf_left if left > 1 else 1, max_tokens - tokens)
         if n <= 0:
             continue
         grow = ((-c) // bt - (-c - n) // bt) * block_bytes  # kv_bytes(c + n) - kv_bytes(c), inline: the hot line
-        while grow > free and last > i:
-            victim = on_gpu[last]
-            last -= 1
+        while grow > free and len(run) > i:
+            if run is on_gpu:
+                run = list(on_gpu)
+            victim = run.pop(pick_victim(run, i, host_free, bt))
             held -= 1
             swap_out.append(victim)
             free += kv_bytes(victim.kv_tokens_freed)
+            if host_free is not None and (h := blocks(victim.num_computed_tokens, bt)) <= host_free:
+                host_free -= h
         if grow > free:
             stuck = True  # even alone it does not fit: nothing more this step
             break

@@ -3,12 +3,13 @@
 Victims come in the order the caller gives (furthest next use first for the token policy, least recently
 used for the request-level baseline). For each victim model its KV goes first (small, cheap to bring back,
 its weights may still serve other requests), then its weights (the host copy always stays, so eviction is a
-pointer drop). Models whose weights are being loaded are not touched: the copy is already paid for.
+pointer drop). Its requests go in `batching.pick_victim`'s order (the host pages left counted: the newest whose
+KV fits them, else the least to recompute); the pages they take are kept in `Room.host_used`. Models whose weights are being loaded are not touched: the copy is already paid for.
 
 `fit_step` is the one place a policy makes room for a step, wherever KV lives (state.py): with the weights
 (one `make_room` for both), in a region apart (weights evicted for the weights, other models' KV swapped out
 for the KV -- what `MultiModelEngine` once did behind the plan's back), or in a KV cache of its own (nothing
-of another model helps; the batch builder preempts the model's own newest requests).
+of another model helps; the batch builder preempts the model's own requests).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from token_scheduler.policies.state import ModelState, PoolState, Residency
+from token_scheduler.policies.batching import pick_victim
+from token_scheduler.policies.state import ModelState, PoolState, Residency, blocks
 from token_scheduler.request import RequestStatus
 
 
@@ -25,6 +27,7 @@ class Room:
     evict: list[str] = field(default_factory=list)
     swap_out: list = field(default_factory=list)
     freed: int = 0
+    host_used: int = 0  # host pages the swap-outs take (those counted by ModelState.host_kv_free)
 
 
 def make_room(st: PoolState, need: int, victims: list[str], room: Room | None = None,
@@ -39,13 +42,16 @@ def make_room(st: PoolState, need: int, victims: list[str], room: Room | None = 
             break
         m = st.models[name]
         if kv and m.kv_gpu_tokens:
-            for r in reversed(m.running):  # newest first, as in a preemption
-                if r.status == RequestStatus.RUNNING and id(r) not in out_ids:
-                    room.swap_out.append(r)
-                    out_ids.add(id(r))
-                    room.freed += m.kv_bytes(r.kv_tokens_freed)
-                    if room.freed >= need:
-                        break
+            cands = [r for r in m.running if r.status == RequestStatus.RUNNING and id(r) not in out_ids]
+            bt = m.kv_block_tokens
+            while cands and room.freed < need:  # the cheapest first, as in a preemption
+                host = None if m.host_kv_free is None else m.host_kv_free - room.host_used
+                r = cands.pop(pick_victim(cands, 0, host, bt))
+                room.swap_out.append(r)
+                out_ids.add(id(r))
+                room.freed += m.kv_bytes(r.kv_tokens_freed)
+                if host is not None and (h := blocks(r.num_computed_tokens, bt)) <= host:
+                    room.host_used += h
         if room.freed >= need:
             break
         if weights_too and m.residency == Residency.RESIDENT and name not in taken and not m.pinned:
@@ -92,5 +98,6 @@ def fit_step(st: PoolState, m: ModelState, kv_demand: int, victims: Callable[[],
     if near:
         kv_room = make_room(st, kv_demand - kv_free, [n for n in victims() if n in near], weights_too=False)
         room.swap_out += kv_room.swap_out
+        room.host_used += kv_room.host_used
         kv_free += kv_room.freed
     return Fit(room, free + room.freed - need_w, kv_free)

@@ -5,7 +5,8 @@ returns a `StepPlan`. Requests are duck-typed `token_scheduler.request.Request`s
 `request_id, arrival_time, num_prompt_tokens, num_tokens, num_computed_tokens, status, priority` and never
 writes them. KV location is the request's status: WAITING = no KV yet, RUNNING = KV in VRAM (possibly a
 partial prefill), SWAPPED = KV in host memory. A planned swap-out moves KV to host memory; only where the host
-has no room does the mechanism drop it instead (the request waits again with its tokens and is recomputed).
+has no room (`ModelState.host_kv_free`) does the mechanism drop it instead (the request waits again with its tokens
+and is recomputed).
 
 Where KV lives, so that a plan's batch fits as planned (the mechanism runs it as is, it does not re-plan):
 - by default KV and weights share `PoolState.capacity_bytes` (the simulator without an arena);
@@ -57,6 +58,10 @@ class ModelState:
     kv_block_tokens: int = 1  # the mechanism allocates KV in blocks of this many tokens
     kv_block_bytes: int = 0  # bytes of one block; 0: kv_block_tokens x spec.kv_bytes_per_token
     own_kv_bytes: int | None = None  # a KV cache of this model's own (None: KV from the shared region/capacity)
+    # Host pages (blocks) left for its preempted KV, as the mechanism reports them: its own swap space's free ones,
+    # or the pool's shared ones (pages freed as swapped requests resume). A victim whose KV does not fit is dropped
+    # and recomputed, so victims are chosen counting them (batching.pick_victim). None: not counted (always room).
+    host_kv_free: int | None = None
 
     @property
     def name(self) -> str:

@@ -4,7 +4,8 @@ A round visits every model with work once, in slack order (the model whose weigh
 first, then least banked slack first -- token deadlines, slo.py). Each turn gets a time quota from the round
 arithmetic in quota.py; a turn's steps decode the model's running batch and prefill its next FCFS group in
 chunks (batching.py). VRAM is managed explicitly (memory.py): before a step, KV of models used furthest in the
-future is swapped out, then their weights dropped, until the step fits; KV is never dropped.
+future is swapped out, then their weights dropped, until the step fits; KV is dropped (recomputed later) only
+where the host pages are full, and victims are chosen counting them (batching.pick_victim).
 
 Beyond Aegaeon (configurable, so the `aegaeon` preset in __init__.py turns them off for comparison):
 - turns are ordered by banked slack (least first), the active model first -- Aegaeon keeps a fixed order;
@@ -398,7 +399,7 @@ class TokenPolicy:
         if fit is None:
             return StepPlan(why=f"no room for {m.name}")
         room = fit.room
-        batch = build_batch(st.cost, m, cfg.limits, fit.kv_free, max_prefill_tokens=chunk)
+        batch = build_batch(st.cost, m, cfg.limits, fit.kv_free, max_prefill_tokens=chunk, host_used=room.host_used)
         if not batch.entries:
             return StepPlan(why=f"{m.name}: nothing fits")
         plan = StepPlan(
@@ -470,7 +471,7 @@ class TokenPolicy:
             protect = set(list(self._queue)[: upto + 1]) | {plan.model}
             victims = [v for v in self._victims(st, target.name) if v not in protect and v != plan.model]
         if need > 0:
-            seeded = Room(list(room.evict), list(room.swap_out), 0)
+            seeded = Room(list(room.evict), list(room.swap_out), 0, room.host_used)
             # KV swap-outs make weight room only where KV and weights share the bytes
             r2 = make_room(st, need, victims, room=seeded, kv=st.kv_with_weights(target))
             if r2.freed < need:
