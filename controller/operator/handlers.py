@@ -599,6 +599,43 @@ def served_names(name: str, namespace: str, spec: dict, meta: dict, **_: Any) ->
     return {b.served_name(name, dict(spec)): (meta.get("creationTimestamp") or "", namespace or "", name, meta["uid"])}
 
 
+@kopf.index(GROUP, VERSION, "pooledmodels")
+def model_names(name: str, namespace: str, spec: dict, meta: dict, **_: Any) -> dict:
+    """Which PooledModels ask for each name a model answers to (a served name, an alias, a LoRA adapter's): the
+    oldest has it (`_older_claim`), as for served names, whichever was registered first. Two PooledModels created
+    at once, one's alias the other's name, were both registered by rounds that each saw the controller without the
+    other: the one refused (409) said Rejected with the controller's words, and the name was whichever's won."""
+    claim = (meta.get("creationTimestamp") or "", namespace or "", name, meta["uid"])
+    served = b.served_name(name, dict(spec or {}))
+    return {n: (*claim, what, served) for n, what in reversed(_asked_names(name, spec))}  # (its served name: kept)
+
+
+def _asked_names(name: str, spec: dict) -> list[tuple[str, str]]:
+    """(name, what it is) for each name the PooledModel asks to answer to, as its spec gives them (valid or not)."""
+    spec = spec or {}
+    return [(b.served_name(name, dict(spec)), "model name"),
+            *((a, "alias") for a in spec.get("aliases") or [] if isinstance(a, str)),
+            *((lm.get("name"), "LoRA adapter name") for lm in spec.get("loraAdapters") or []
+              if isinstance(lm, dict) and isinstance(lm.get("name"), str))]
+
+
+_THEIRS = {"model name": "the name", "alias": "an alias", "LoRA adapter name": "the name of a LoRA adapter"}
+_NAME_FIX = {"model name": "set another servedName", "alias": "set other aliases",
+             "LoRA adapter name": "rename the adapter"}
+
+
+def _older_claim(model_names: Any, name: str, spec: dict, meta: dict) -> str | None:
+    """Why a name the PooledModel asks for is another's: an older PooledModel asks for it too (`model_names`)."""
+    me = (meta.get("creationTimestamp") or "", meta.get("namespace") or "", name, meta["uid"])
+    for n, what in _asked_names(name, spec):
+        claims = [c for c in (model_names or {}).get(n) or [] if c[3] != meta["uid"] and c[:4] < me]
+        if claims:
+            owner = min(claims)
+            return (f"{what} {n!r} is already {_THEIRS[owner[4]]} of model {owner[5]!r} (PooledModel "
+                    f"{owner[1]}/{owner[2]}); {_NAME_FIX[what]}")  # (as `_names_clash` says it)
+    return None
+
+
 def _name_owner(served_names: Any, served: str) -> tuple | None:
     """(creationTimestamp, namespace, name, uid) of the PooledModel that has `served`; None when none asks."""
     claims = list((served_names or {}).get(served) or [])
@@ -622,10 +659,15 @@ def model_after_restart(runtime: datetime.timedelta, **kw: Any) -> None:
     """A restarted controller gets the model back at once; and a model waiting for its pool (PoolNotFound) is
     reconciled within RESTART_CHECK_S of the pool's appearing (in kopf's index of the pools), not at its next timer
     round: a PooledModel applied before its GPUPool (another file, another Argo CD wave) said PoolNotFound, and was
-    served nowhere, up to RESYNC_S after the pool was there."""
+    served nowhere, up to RESYNC_S after the pool was there. So is one waiting for a newer PooledModel to let a name
+    go (WaitingForName), and one an older PooledModel asks a name of (`_older_claim`) that does not say NameConflict
+    yet: it lets the name go (two created at once: each one's first round may have run before the other was seen)."""
     if _after_restart(_reconcile_model, "PooledModel", runtime=None, **kw):
         return
-    if _pool_arrived(kw.get("spec") or {}, kw.get("status") or {}, kw.get("namespace"), kw.get("pool_names")):
+    spec, status = kw.get("spec") or {}, kw.get("status") or {}
+    reason = next((c.get("reason") for c in status.get("conditions") or [] if c.get("status") == "True"), None)
+    if (_pool_arrived(spec, status, kw.get("namespace"), kw.get("pool_names")) or reason == "WaitingForName"
+            or (reason != "NameConflict" and _older_claim(kw.get("model_names"), kw["name"], spec, kw["meta"]))):
         _reconcile_model(runtime=None, **kw)
 
 
@@ -640,7 +682,7 @@ def _pool_arrived(spec: dict, status: dict, namespace: str | None, pool_names: A
 
 def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: dict, patch: kopf.Patch,
                      memo: kopf.Memo, runtime: datetime.timedelta | None, served_names: Any = None,
-                     body: Any = None, **_: Any) -> None:
+                     model_names: Any = None, body: Any = None, **_: Any) -> None:
     gen, spec = meta.get("generation"), dict(spec)
     with _lock(memo, meta["uid"]):
         if meta.get("deletionTimestamp") or _stale(memo, meta):
@@ -654,6 +696,15 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
         if owner is not None and owner[3] != meta["uid"]:
             _write_status(body, patch, status, {}, "Degraded", "NameConflict", f"model name {desired['name']!r} is "
                           f"PooledModel {owner[1]}/{owner[2]}'s (older); set another servedName", gen)
+            return  # the timer looks again (the other one may go)
+        if taken := _older_claim(model_names, name, spec, meta):
+            try:  # (registered by a round that did not see the older one yet: it lets the name go)
+                if _let_go(memo, name, spec, status, meta, served_names, runtime, body, patch, gen):
+                    return
+            except (AdminError, AdminUnavailable) as e:
+                _admin_failed(body, patch, status, gen, e)
+                return
+            _write_status(body, patch, status, {}, "Degraded", "NameConflict", taken, gen)
             return  # the timer looks again (the other one may go)
         pool = b.with_defaults(spec, b.MODEL_DEFAULTS)["poolRef"]
         if memo.kube.pool(namespace, pool) is None:
@@ -670,8 +721,8 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
             old = memo.served.get(meta["uid"]) or status.get("served")
             old_owner = _name_owner(served_names, old) if old else None
             mine = {desired["name"]} | ({old} if old and (old_owner is None or old_owner[3] == meta["uid"]) else set())
-            if clash := _names_clash(desired, models, mine, served_names):
-                _write_status(body, patch, status, {}, "Degraded", "NameConflict", clash, gen)
+            if clash := _names_clash(desired, models, mine, served_names, model_names):
+                _clash_status(body, patch, status, gen, clash)
                 return  # the controller would refuse it (409: Rejected, not naming the other); the timer looks again
             if (old and old != desired["name"] and (old_owner is None or old_owner[3] == meta["uid"])
                     and old in models):  # renamed (servedName changed); not to another's name
@@ -704,7 +755,14 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
                 _models_changed(memo)
                 actual = None
             if actual is None:
-                actual = memo.admin.models.add(desired)
+                try:
+                    actual = memo.admin.models.add(desired)
+                except AdminError as e:  # (another PooledModel's round took a name since the read: said as such)
+                    if isinstance(e, AdminUnauthorized) or not (clash := _clash_since(memo, desired, mine, served_names,
+                                                                                       model_names)):
+                        raise
+                    _clash_status(body, patch, status, gen, clash)
+                    return
                 _models_changed(memo)
             else:  # the pin, SLO, priority, replica bounds: changed in place, nothing unloaded
                 if b.pin_differs(desired, actual):
@@ -731,6 +789,48 @@ def _reconcile_model(name: str, namespace: str, spec: dict, status: dict, meta: 
             _write_status(body, patch, status, st, "Progressing", "Loading", "registered; waiting for an engine", gen)
 
 
+def _let_go(memo: kopf.Memo, name: str, spec: dict, status: dict, meta: dict, served_names: Any,
+            runtime: datetime.timedelta | None, body: Any, patch: kopf.Patch, gen: int | None) -> bool:
+    """Remove the model this PooledModel registered (a name of it an older PooledModel asks for: that one has it),
+    after its requests in flight, as a rename does. Whether it is still draining (said in its status)."""
+    models = memo.admin.models.by_name()
+    registered = {status.get("served"), memo.served.get(meta["uid"])} - {None} - _config_models(models)
+    for served in sorted(n for n in _model_names(name, spec, status, meta, memo, served_names) & registered
+                         if n in models):
+        n = _drain_wait(memo.admin, served, dict(spec), runtime)
+        if n:
+            _write_status(body, patch, status, {}, "Progressing", "Draining", f"{n} requests in flight on {served!r}, "
+                          "which lets its names go to an older PooledModel", gen)
+            if runtime is None:
+                return True
+            raise kopf.TemporaryError(f"draining {n} requests of {served!r} before it lets its names go", delay=1)
+        memo.admin.models.remove(served)
+        _models_changed(memo)
+    return False
+
+
+def _clash_since(memo: kopf.Memo, desired: dict, mine: set[str], served_names: Any,
+                 model_names: Any) -> tuple[str, bool] | None:
+    """Why the controller refused to register `desired` where the round's read saw its names free: a round of
+    another PooledModel, which did not see this one yet, registered one of them since (`_names_clash`; its own
+    served name: this one, the older, takes it over, as it does a model registered under it before)."""
+    models = memo.admin.models.by_name()
+    if desired["name"] in models:
+        return (f"model name {desired['name']!r} was registered meanwhile (by a round of a newer PooledModel that had "
+                "not seen this one yet); taking it over", True)
+    return _names_clash(desired, models, mine, served_names, model_names)
+
+
+def _clash_status(body: Any, patch: kopf.Patch, status: dict, gen: int | None, clash: tuple[str, bool]) -> None:
+    """A name clash (`_names_clash`): NameConflict, or, where a newer PooledModel has the name and lets it go,
+    Progressing WaitingForName (`model_after_restart` looks again each RESTART_CHECK_S)."""
+    message, yields = clash
+    if yields:
+        _write_status(body, patch, status, {}, "Progressing", "WaitingForName", message, gen)
+    else:
+        _write_status(body, patch, status, {}, "Degraded", "NameConflict", message, gen)
+
+
 def _refused(memo: kopf.Memo, desired: dict, old: str, actual: dict, body: Any, patch: kopf.Patch, status: dict,
              spec: dict, gen: int | None) -> bool:
     """Whether the controller would refuse `desired` in place of model `old` (`actual`, its entry), asked before the
@@ -748,26 +848,32 @@ def _refused(memo: kopf.Memo, desired: dict, old: str, actual: dict, body: Any, 
     return False
 
 
-def _names_clash(desired: dict, models: dict[str, dict], mine: set[str], served_names: Any) -> str | None:
+def _names_clash(desired: dict, models: dict[str, dict], mine: set[str], served_names: Any,
+                 model_names: Any = None) -> tuple[str, bool] | None:
     """Why the controller would refuse the names `desired` answers to (its name, aliases and LoRA adapters'): one is
     already another model's (its name, an alias or an adapter's), saying which model has it; None when none is.
-    `models`: what `GET /admin/models` answered (by name); `mine`: this PooledModel's own entries there."""
-    ours = [(desired["name"], "model name", "set another servedName"),
-            *((a, "alias", "set other aliases") for a in desired.get("aliases") or []),
-            *((lm["name"], "LoRA adapter name", "rename the adapter") for lm in desired.get("lora_modules") or [])]
+    `models`: what `GET /admin/models` answered (by name); `mine`: this PooledModel's own entries there. With it,
+    whether that model lets the name go: a newer PooledModel's (in `model_names`), which an older one asking for the
+    name makes give it up (`_older_claim`; the caller checked that none older asks for these names). A clash with a
+    model that keeps the name is said first."""
+    ours = [(desired["name"], "model name"), *((a, "alias") for a in desired.get("aliases") or []),
+            *((lm["name"], "LoRA adapter name") for lm in desired.get("lora_modules") or [])]
+    found = []
     for other, m in sorted(models.items()):
         if other in mine:
             continue
         theirs = {other: "the name", **{a: "an alias" for a in m.get("aliases") or []},
                   **{lm.get("name"): "the name of a LoRA adapter" for lm in m.get("lora_modules") or []}}
-        for n, what, fix in ours:
+        for n, what in ours:
             if n in theirs:
                 owner = _name_owner(served_names, other)
                 whose = (f"PooledModel {owner[1]}/{owner[2]}" if owner is not None else "the controller's own "
                          "configuration" if m.get("source") == "config" else "registered through the admin API")
+                yields = owner is not None and any(c[3] == owner[3] for c in (model_names or {}).get(other) or [])
                 # ("alias 'a' is already the name of model 'a' (PooledModel ns/a)": it said "model 'a''s")
-                return f"{what} {n!r} is already {theirs[n]} of model {other!r} ({whose}); {fix}"
-    return None
+                found.append((yields, f"{what} {n!r} is already {theirs[n]} of model {other!r} ({whose}"
+                                      + (", newer: it lets the name go)" if yields else f"); {_NAME_FIX[what]}")))
+    return next(((msg, y) for y, msg in found if not y), (found[0][1], True)) if found else None
 
 
 def _config_models(models: dict[str, dict]) -> set[str]:
