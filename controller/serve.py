@@ -41,6 +41,9 @@ from tokenpool.models import (
     model_max_positions,
 )
 
+if typing.TYPE_CHECKING:
+    from controller.tenants import TenantRegistry
+
 log = logging.getLogger("tokenpool")
 
 
@@ -370,23 +373,31 @@ def check_config(config_path: Path) -> tuple[ServerConfig, dict[str, Path]]:
     return cfg, {cfg.models[i].name: f for i, f in pending.items()}
 
 
-def tenants_at_start(cfg: ServerConfig) -> str:
-    """`tokenpool config check`'s word on the tenants `serve` starts with: the configuration's and the tenants file's,
-    less those the tenants file keeps revoked (a configured tenant deleted through the admin API stays so across
-    restarts: `TenantRegistry`), which are named; a StartupError when the tenants file cannot be read."""
+def read_tenants(cfg: ServerConfig) -> TenantRegistry:
+    """The tenants `serve` starts with, read once (the server is given them: `shutdown.run`): the configuration's and
+    the tenants file's, less those the tenants file keeps revoked (said in a warning each); a StartupError, in one line,
+    when the tenants file cannot be read."""
     import yaml
 
     from controller.startup import StartupError
     from controller.tenants import TenantRegistry
 
-    said = logging.getLogger("tokenpool.tenants")
-    was, said.disabled = said.disabled, True  # (what `serve` logs at start of it is said here, in the summary)
     try:
-        reg = TenantRegistry(cfg.tenants, cfg.auth_enabled, cfg.tenants_file)
+        return TenantRegistry(cfg.tenants, cfg.auth_enabled, cfg.tenants_file)
     except (OSError, ValueError, yaml.YAMLError) as e:  # (pydantic's ValidationError is a ValueError)
         why = ("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg'].removeprefix('Value error, ')}" for x in
                          e.errors()) if hasattr(e, "errors") else " ".join(str(e).split()))
         raise StartupError(f"tenants_file {cfg.tenants_file}: {why}") from None
+
+
+def tenants_at_start(cfg: ServerConfig) -> str:
+    """`tokenpool config check`'s word on the tenants `serve` starts with (`read_tenants`), which are named where the
+    tenants file keeps them revoked (a configured tenant deleted through the admin API stays so across restarts:
+    `TenantRegistry`); a StartupError when the tenants file cannot be read."""
+    said = logging.getLogger("tokenpool.tenants")
+    was, said.disabled = said.disabled, True  # (what `serve` logs at start of it is said here, in the summary)
+    try:
+        reg = read_tenants(cfg)
     finally:
         said.disabled = was
     active = reg.all()
@@ -570,7 +581,6 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
         if make_models is None:
             startup.check_models(cfg)
         startup.check_local_workers(cfg, config_path)
-        tenants_at_start(cfg)  # a tenants file edited by hand into one it cannot hold: said in a line, not a traceback
     except startup.StartupError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
@@ -583,6 +593,11 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
     probe.close()
     if cfg.is_default:  # (after the bind: a port in use is said alone, not after what would have been served there)
         log.warning("%s", default_banner(cfg))
+    try:  # (after the bind too, for its warnings; a tenants file edited by hand into one it cannot hold: one line)
+        tenants = read_tenants(cfg)
+    except startup.StartupError as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
     if dead := startup.remove_dead_admin_tokens(cache_dir()):
         log.info("removed the admin token files of servers no longer running (port%s %s) from %s",
                  "s" if len(dead) > 1 else "", ", ".join(map(str, dead)), cache_dir())
@@ -616,7 +631,7 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
         log.warning("authentication is on and no tenant is configured: every request is refused (401) until one is "
                     "made through the admin API (POST /admin/tenants, or the dashboard's Tenants page)")
     try:
-        rc = shutdown.run(cfg, make_models)
+        rc = shutdown.run(cfg, make_models, tenants)
     finally:
         shutdown.release_signals()  # (the handlers from before the hold: a library caller's, or the defaults)
         if token_file is not None:

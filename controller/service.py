@@ -316,13 +316,15 @@ class Generation:
 
 
 class Controller:
-    def __init__(self, cfg: ServerConfig):
+    def __init__(self, cfg: ServerConfig, tenants: TenantRegistry | None = None):
         self.cfg = cfg
         # new at each start (/health's `instance`): the operator sees a restarted controller, which has lost the
         # models and tenants made through its admin API, and registers them again at once
         self.instance = os.urandom(8).hex()
         self.metrics = Metrics()
-        self.tenants = TenantRegistry(cfg.tenants, cfg.auth_enabled, cfg.tenants_file)
+        # (`tenants`: the configuration's as `tokenpool serve` read them before it bound its port: read once)
+        self.tenants = tenants if tenants is not None else TenantRegistry(cfg.tenants, cfg.auth_enabled,
+                                                                          cfg.tenants_file)
         self.prefix = PrefixIndex()  # the prompt blocks sent to each engine: prefix-cache-aware routing
         self.models: dict[str, ModelEntry] = {}
         self.autoscaler = Autoscaler(cfg.autoscaler)

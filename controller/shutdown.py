@@ -40,12 +40,16 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from controller.config import ServerConfig
 from controller.errors import ServingError
 from controller.startup import StartupError
+
+if TYPE_CHECKING:
+    from controller.tenants import TenantRegistry
 
 log = logging.getLogger("tokenpool")
 FLUSH_S = 2.0  # after the grace period, how long the ended streams get to write their error event
@@ -369,10 +373,11 @@ class StartupSignals:
         self._old = {}
 
 
-async def serve_async(cfg: ServerConfig, prepare: Callable[[], None] | None = None) -> int:
+async def serve_async(cfg: ServerConfig, prepare: Callable[[], None] | None = None,
+                      tenants: TenantRegistry | None = None) -> int:
     early = StartupSignals()
     try:
-        return await _serve(cfg, early, prepare)
+        return await _serve(cfg, early, prepare, tenants)
     finally:
         early.remove()
 
@@ -422,7 +427,8 @@ async def _start(ctl, workers: asyncio.Future, prepare: Callable[[], None] | Non
             made.exception()  # (its error, where ctl.start failed first, is not also said as never retrieved)
 
 
-async def _serve(cfg: ServerConfig, early: StartupSignals, prepare: Callable[[], None] | None = None) -> int:
+async def _serve(cfg: ServerConfig, early: StartupSignals, prepare: Callable[[], None] | None = None,
+                 tenants: TenantRegistry | None = None) -> int:
     from controller.service import Controller
 
     try:
@@ -432,7 +438,7 @@ async def _serve(cfg: ServerConfig, early: StartupSignals, prepare: Callable[[],
         return 2
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    ctl = Controller(cfg)
+    ctl = Controller(cfg, tenants)
     # The local workers are spawned before the app is built: their start-up (imports: the way to ready) runs beside
     # the app's imports (~0.3 s of a 2-core host's), which it came after. Their start's error is said with the
     # start-up's (`_start`).
@@ -519,7 +525,8 @@ def _signals_while_stopping() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def run(cfg: ServerConfig, prepare: Callable[[], None] | None = None) -> int:
+def run(cfg: ServerConfig, prepare: Callable[[], None] | None = None, tenants: TenantRegistry | None = None) -> int:
     """Serve until SIGTERM/SIGINT; the process's exit status (0 after a graceful end). `prepare` (on a thread, after
-    the bind, before the controller starts; a `StartupError` is said and exits 2): what the models need first."""
-    return asyncio.run(serve_async(cfg, prepare))
+    the bind, before the controller starts; a `StartupError` is said and exits 2): what the models need first.
+    `tenants`: the tenants as `tokenpool serve` read them (its check is the server's read); None: read here."""
+    return asyncio.run(serve_async(cfg, prepare, tenants))

@@ -33,7 +33,7 @@ def test_gpu_indices_the_machine_lacks_are_refused_at_start(tmp_path, caplog, mo
     from controller import shutdown
     from controller.serve import serve
 
-    def started(cfg, prepare=None):
+    def started(cfg, prepare=None, tenants=None):
         raise AssertionError("the server started")
 
     monkeypatch.setattr(shutdown, "run", started)
@@ -157,7 +157,7 @@ def test_a_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, caplo
     from controller import shutdown
     from controller.serve import serve
 
-    def started(cfg, prepare=None):
+    def started(cfg, prepare=None, tenants=None):
         raise AssertionError("the server started")
 
     monkeypatch.setattr(shutdown, "run", started)
@@ -236,7 +236,7 @@ def test_vllm_serve_flags_its_users_type(tmp_path, monkeypatch, caplog):
         assert r.exit_code == 2 and len(lines) == 1 and "are vLLM's" in lines[0] and "--gpu-budget GB" in lines[0], \
             r.output
     monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(shutdown, "run", lambda cfg, prepare=None: 0)
+    monkeypatch.setattr(shutdown, "run", lambda cfg, prepare=None, tenants=None: 0)
     with caplog.at_level(logging.WARNING, logger="tokenpool"):
         r = CliRunner().invoke(app, ["serve", str(model), "--trust-remote-code", "--port", "0"])
     assert r.exit_code == 0, (r.output, r.exception)
@@ -284,7 +284,7 @@ def test_auth_on_without_a_tenant_says_every_request_is_refused(tmp_path, monkey
     from controller import shutdown
     from controller.serve import serve
 
-    monkeypatch.setattr(shutdown, "run", lambda cfg, prepare=None: 0)
+    monkeypatch.setattr(shutdown, "run", lambda cfg, prepare=None, tenants=None: 0)
     monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path / "cache"))
     cfg = tmp_path / "c.yaml"
     cfg.write_text("auth: true\nlisten: {port: 0}\n")
@@ -341,7 +341,7 @@ def test_no_auth_on_a_listener_other_machines_reach_says_so(tmp_path, monkeypatc
     from controller import shutdown
     from controller.serve import serve
 
-    monkeypatch.setattr(shutdown, "run", lambda cfg, prepare=None: 0)
+    monkeypatch.setattr(shutdown, "run", lambda cfg, prepare=None, tenants=None: 0)
     monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path / "cache"))
     model = tmp_path / "m"
     model.mkdir()

@@ -171,7 +171,7 @@ def test_serve_on_a_busy_port_keeps_that_servers_token_file_and_port_0_names_its
     monkeypatch.setenv("TOKENPOOL_CACHE", str(tmp_path))
     ran = []
 
-    def fake_run(cfg, prepare=None):  # (the listener and the workers are not the point: where the token file went is)
+    def fake_run(cfg, prepare=None, tenants=None):  # (the listener and the workers are not the point: where the token file went is)
         ran.append((cfg.listen.port, sorted(p.name for p in tmp_path.glob("admin-token-*"))))
         return 0
 

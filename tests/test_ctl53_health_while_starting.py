@@ -153,7 +153,7 @@ def test_the_default_makes_its_models_after_the_bind(monkeypatch, tmp_path):
     monkeypatch.setattr(srv, "ensure_demo_models", lambda cfg: made.append(cfg.is_default))
     monkeypatch.setattr(startup, "check_models", lambda cfg: made.append("checked"))
 
-    def run(cfg, prepare=None):
+    def run(cfg, prepare=None, tenants=None):
         seen["made_before"] = list(made)
         prepare()
         return 0

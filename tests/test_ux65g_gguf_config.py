@@ -62,7 +62,7 @@ def test_a_configs_gguf_is_converted_after_the_bind_then_bounds_its_context(tmp_
     f, made = gguf
     seen = {}
 
-    def run(cfg, prepare=None):
+    def run(cfg, prepare=None, tenants=None):
         seen["before"] = (list(made), [(m.name, m.path) for m in cfg.models])
         prepare()
         seen["max_model_len"] = cfg.models[0].engine.max_model_len

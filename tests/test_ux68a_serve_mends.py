@@ -18,6 +18,7 @@ import uuid
 
 import httpx
 import pytest
+import yaml
 
 import load_tests.live_server as live_server
 from controller.keys import hash_key
@@ -76,3 +77,46 @@ def test_placement_judges_a_model_by_its_slot():
     engines = [EngineView("a", 5 * MiB // 2), EngineView("b", 4 * MiB)]
     assert info.slot_bytes == 4 * MiB and place(info, engines, {"m": info}).engine_id == "b"
     assert place(info, engines[:1], {"m": info}) is None
+
+
+def test_serve_reads_the_tenants_file_once(tmp_path):
+    """`tokenpool serve` read the tenants file to check it, and the server read it again as it started: a file that
+    can be read once (a named pipe, as a secret handed over by a pipe is) left the server hung before listening."""
+    import errno
+    import threading
+
+    fifo = tmp_path / "tenants.yaml"
+    os.mkfifo(fifo)
+    text = yaml.safe_dump([{"name": "alice", "key_hashes": [hash_key("k-alice")]}]).encode()
+
+    def hand_over() -> None:  # the pipe's one reader gets the tenants, once
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # (ENXIO: no reader yet)
+                    raise
+                time.sleep(0.02)
+                continue
+            os.set_blocking(fd, True)
+            os.write(fd, text)
+            os.close(fd)
+            return
+
+    writer = threading.Thread(target=hand_over, daemon=True)
+    writer.start()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(live_server, "free_port", lambda: free_port(PORTS))
+        srv = live_server.LiveServer({"workers": {"local": "none"}, "tenants_file": str(fifo)}, tmp_path,
+                                     wait_ready=False, env={"TOKENPOOL_CACHE": str(tmp_path / "cache")})
+    with srv:  # (no worker: never "ready", but listening, and serving the model list)
+        deadline, got = time.monotonic() + 15, None
+        while time.monotonic() < deadline and got is None:
+            try:
+                got = httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer k-alice"}, timeout=2)
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        assert got is not None and got.status_code == 200, (got, srv.log())
+        assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+    writer.join(1)
