@@ -322,7 +322,7 @@ class Controller:
         # models and tenants made through its admin API, and registers them again at once
         self.instance = os.urandom(8).hex()
         self.metrics = Metrics()
-        # (`tenants`: the configuration's as `tokenpool serve` read them before it bound its port: read once)
+        # (`tenants`: as `tokenpool serve` read them to check them: the file is read once)
         self.tenants = tenants if tenants is not None else TenantRegistry(cfg.tenants, cfg.auth_enabled,
                                                                           cfg.tenants_file)
         self.prefix = PrefixIndex()  # the prompt blocks sent to each engine: prefix-cache-aware routing
