@@ -37,15 +37,16 @@ def apply_penalties(logits: torch.Tensor, req: Request) -> torch.Tensor:
     return logits
 
 
-def adjust_logits(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-    """vLLM v1's order: a grammar's mask and allowed_token_ids' (row by row), logit_bias and min_tokens' stop-token
-    mask over the batch (one scatter each), then each row's penalties. `logits`: [N, V] fp32, changed in place. The stop-token mask reads
-    how many tokens a row has made, and a grammar is fed them, so such rows never run overlapped
-    (`ModelRunner.launchable`): the host knows those tokens exactly."""
+def adjust_logits(logits: torch.Tensor, reqs: list[Request], grammar: bool = True) -> torch.Tensor:
+    """vLLM v1's order: a grammar's mask (unless `grammar` is False: `mask_grammars` put it on already) and
+    allowed_token_ids' (row by row), logit_bias and min_tokens' stop-token mask over the batch (one scatter each),
+    then each row's penalties. `logits`: [N, V] fp32, changed in place. The stop-token mask reads how many tokens a
+    row has made, and a grammar is fed them, so such rows never run overlapped (`ModelRunner.launchable`): the host
+    knows those tokens exactly."""
     rows, cols, vals, mrows, mcols = [], [], [], [], []
+    if grammar:
+        mask_grammars(logits, reqs)
     for i, r in enumerate(reqs):
-        if r.matcher is not None:
-            _grammar_mask(logits[i], r.matcher)
         sp = r.sampling_params
         if sp.allowed_token_ids is not None:  # (ids past the vocabulary are never drawn anyway)
             ids = upload([t for t in sp.allowed_token_ids if t < logits.shape[1]], logits.device)
@@ -74,6 +75,13 @@ def adjust_logits(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         if r.sampling_params.needs_penalties:
             logits[i] = apply_penalties(logits[i], r)
     return logits
+
+
+def mask_grammars(logits: torch.Tensor, reqs: list[Request]) -> None:
+    """Each grammar row's mask (`_grammar_mask`) on `logits` [N, V], in place."""
+    for i, r in enumerate(reqs):
+        if r.matcher is not None:
+            _grammar_mask(logits[i], r.matcher)
 
 
 def _grammar_mask(row: torch.Tensor, matcher) -> None:
@@ -136,18 +144,23 @@ class Sampler:
         """logits: [N, V], row i for reqs[i]: fp32, or the model dtype (a decode graph's with runner.STEP_IO), which
         is upcast where fp32 matters (logprobs, penalties, temperature) -- the same values either way."""
         want_lp = any(r.sampling_params.logprobs is not None for r in reqs)
+        masked = want_lp and any(r.matcher is not None for r in reqs)
+        if masked:  # (a grammar's mask first, as vLLM applies it before its sampler: logprobs of what it allows)
+            logits = logits.to(torch.float32, copy=True)
+            mask_grammars(logits, reqs)
         logprobs_all = torch.log_softmax(logits.float(), dim=-1) if want_lp else None
-        tokens = self.sample_tokens(logits, reqs)
+        tokens = self.sample_tokens(logits, reqs, grammar=not masked)
         return self.read(tokens, reqs, logprobs_all)
 
-    def sample_tokens(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    def sample_tokens(self, logits: torch.Tensor, reqs: list[Request], grammar: bool = True) -> torch.Tensor:
         """The sampled ids as a device tensor [N]: only kernels are queued, nothing waits for the GPU (an
         overlapped step feeds them to the next forward before the host reads them). Batched over the rows;
-        only penalties (rare) and seeded rows' random draws go row by row."""
+        only penalties (rare) and seeded rows' random draws go row by row. `grammar` False: the grammars' masks
+        are on `logits` already (`mask_grammars`)."""
         sps = [r.sampling_params for r in reqs]
         raw = logits
         if any(sp.adjusts_logits for sp in sps):
-            raw = adjust_logits(raw.to(torch.float32, copy=True), reqs)
+            raw = adjust_logits(raw.to(torch.float32, copy=True), reqs, grammar)
         greedy = [sp.greedy for sp in sps]
         if all(greedy):  # (in the logits' own dtype: an upcast keeps every value, so the first maximum too)
             return raw.argmax(-1)
@@ -185,8 +198,9 @@ class Sampler:
                 lps.append({})
                 continue
             d = {token_list[row]: sampled[row]}
-            if k > 0:
+            if k > 0:  # (a token a grammar forbids, -inf, is none of the likely ones: a row may have fewer than k)
                 for t, lp in zip(top_ids[row][:k], top_vals[row][:k]):
-                    d.setdefault(t, lp)
+                    if lp != float("-inf"):
+                        d.setdefault(t, lp)
             lps.append(d)
         return SampleResult(token_list, lps)

@@ -1,0 +1,84 @@
+"""Logprobs of an output held to a grammar (response_format, tools), through the official `openai` client against
+the real SmolLM2 (helper ux68e, a user pass over structured outputs).
+
+The logprobs were those of the model's distribution before the grammar's mask: a token the schema forces (`{"`,
+the first of any JSON object) came back at -12.6 with `top_logprobs` of tokens the grammar could never let it draw
+(`Bon`, `Je`), so a client reading an enum's confidence from them read the wrong numbers. vLLM masks the logits
+before its sampler takes its (raw) logprobs; now so does this server: a forced token's logprob is 0, and the top
+ones are tokens the grammar allows (fewer than asked where fewer are allowed), streamed or not, on chat and legacy
+completions alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import openai
+import pytest
+
+from tests.ports import live_server_on
+
+PORTS = range(30350, 30400)
+SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+          "additionalProperties": False}
+RF = {"type": "json_schema", "json_schema": {"name": "reply", "strict": True, "schema": SCHEMA}}
+ASK = [{"role": "user", "content": "Is Paris in France? Answer yes or no."}]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2, tmp_path_factory):
+    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
+           "models": [{"name": "smol", "path": str(smollm2), "engine": {"max_num_seqs": 4}}]}
+    with live_server_on(PORTS, cfg, tmp_path_factory.mktemp("ux68e")) as srv:
+        yield srv
+
+
+def oai(srv) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def _held(entries) -> None:
+    """Each entry's logprobs are of the grammar's tokens: the forced opening `{"` certain, each position's top ones
+    a distribution over allowed tokens (their probabilities summing to at most 1)."""
+    assert entries[0].token == '{"' and entries[0].logprob == pytest.approx(0, abs=1e-4), entries[0]
+    assert [t.token for t in entries[0].top_logprobs] == ['{"'], entries[0].top_logprobs
+    for e in entries:
+        assert sum(math.exp(t.logprob) for t in e.top_logprobs) <= 1 + 1e-4, e
+        assert e.token in [t.token for t in e.top_logprobs], e
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_logprobs_are_of_the_tokens_the_schema_allows(server, stream):
+    kw = dict(model="smol", messages=ASK, response_format=RF, max_tokens=20, temperature=0, logprobs=True,
+              top_logprobs=5)
+    if not stream:
+        ch = oai(server).chat.completions.create(**kw).choices[0]
+        text, entries = ch.message.content, ch.logprobs.content
+    else:
+        text, entries = "", []
+        for chunk in oai(server).chat.completions.create(**kw, stream=True):
+            for c in chunk.choices:
+                text += c.delta.content or ""
+                entries += c.logprobs.content if c.logprobs and c.logprobs.content else []
+    assert json.loads(text)["answer"] in ("yes", "no"), text
+    _held(entries)
+    # the enum's value (after ` "`): each alternative begins one of the schema's two words, none is free text
+    at = next(i for i, e in enumerate(entries) if e.token in ("yes", "no"))
+    assert entries[at - 1].token == ' "', entries
+    assert all('yes"}'.startswith(t.token) or 'no"}'.startswith(t.token) for t in entries[at].top_logprobs), \
+        entries[at].top_logprobs
+
+
+def test_a_forced_tool_call_and_completions_logprobs_too(server):
+    tools = [{"type": "function", "function": {"name": "answer", "parameters": SCHEMA}}]
+    ch = oai(server).chat.completions.create(model="smol", messages=ASK, tools=tools, max_tokens=20, temperature=0,
+                                             tool_choice={"type": "function", "function": {"name": "answer"}},
+                                             logprobs=True, top_logprobs=3).choices[0]
+    assert json.loads(ch.message.tool_calls[0].function.arguments)["answer"] in ("yes", "no")
+    _held(ch.logprobs.content)
+    r = oai(server).completions.create(model="smol", prompt="Is Paris in France?", max_tokens=20, temperature=0,
+                                       logprobs=3, extra_body={"response_format": RF})
+    lp = r.choices[0].logprobs
+    assert lp.tokens[0] == '{"' and lp.token_logprobs[0] == pytest.approx(0, abs=1e-4), lp
+    assert list(lp.top_logprobs[0]) == ['{"'], lp.top_logprobs[0]
