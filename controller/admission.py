@@ -42,6 +42,22 @@ def estimate_ttft(running_remaining: Iterable[int], waiting_tokens: Iterable[int
     return load_s + start + prefill_s + step_s
 
 
+# A step (or a round, or a gap between a worker's outputs) sample is counted as at most this many times the estimate
+# it updates: a worker paused mid-step (SIGSTOP, swap, a long GC) took its whole pause as one step, and with the model
+# idle after it no step came to wash it out (a 4 s pause made a 2-6 ms step 0.2 s until the next requests ran, and
+# those that queued were refused: `bench/results/stall_estimate_cpu.json`). Clamped, not dropped: a real slowdown
+# (larger batches, a long prompt's prefill) still raises the estimate, by 1 + weight * (STALL_FACTOR - 1) a sample.
+STALL_FACTOR = 4.0
+
+
+def ewma(prev: float, sample: float, weight: float) -> float:
+    """The estimate `prev` (0: none yet, `sample` is taken as it is) moved `weight` of the way toward `sample`,
+    the sample clamped at STALL_FACTOR x `prev`."""
+    if prev <= 0.0:
+        return sample
+    return (1.0 - weight) * prev + weight * min(sample, STALL_FACTOR * prev)
+
+
 def decide(est_ttft_s: float, queued: bool, slo_ttft_s: float, slack: float, queue_len: int,
            max_queue: int, prefill_s: float = 0.0) -> Decision:
     """Admit or refuse; a refusal says when retrying is worth it (HTTP Retry-After, whole seconds).

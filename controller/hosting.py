@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from controller.admission import ewma
 from controller.config import EngineOptions, env_policy_options
 from gpu_pool.inventory import host_memory_bytes  # MemTotal, or a container's cgroup limit (torch-free)
 from tokenpool import imports
@@ -438,12 +439,11 @@ class HostedModels:
         return max(self.round_s, max(self.step_s.values(), default=0.0))
 
     def _observe(self, name: str, t0: float, dt: float) -> None:
-        prev = self.step_s.get(name)
-        self.step_s[name] = dt if prev is None else 0.8 * prev + 0.2 * dt
+        # (a sample far over the estimate, a pause mid-step, counts as STALL_FACTOR x it: `ewma`)
+        self.step_s[name] = ewma(self.step_s.get(name, 0.0), dt, 0.2)
         last = self._waiting_since.pop(name, None)
         if last is not None:
-            gap = t0 - last
-            self.round_s = gap if self.round_s == 0.0 else 0.9 * self.round_s + 0.1 * gap
+            self.round_s = ewma(self.round_s, t0 - last, 0.1)
         if self.engines[name].has_unfinished_requests():
             self._waiting_since[name] = t0
 

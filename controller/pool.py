@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from controller import messages as m
+from controller.admission import ewma
 from controller.config import EngineOptions, GPUSettings, WorkerSettings
 from controller.keys import verify_key
 from controller.worker import STOPPING
@@ -529,9 +530,9 @@ class EnginePool:
 
     def _outputs(self, e: EngineHandle, msg: m.Outputs) -> None:
         now = time.monotonic()
-        if e.subs and e.t_last_out:  # a gap between two output batches while requests ran: at least a step
-            gap = now - e.t_last_out
-            e.observed_step_s = gap if not e.observed_step_s else 0.9 * e.observed_step_s + 0.1 * gap
+        if e.subs and e.t_last_out:  # a gap between two output batches while requests ran: at least a step (a
+            # worker paused between them counts as STALL_FACTOR x the estimate: `ewma`)
+            e.observed_step_s = ewma(e.observed_step_s, now - e.t_last_out, 0.1)
         e.t_last_out = now
         subs = e.subs
         for d in msg.deltas:

@@ -44,11 +44,12 @@ class LiveServer:
     """`with LiveServer(config_dict, workdir) as srv:` -> srv.url; the config gets listen 127.0.0.1:free port.
 
     `config=None` starts `tokenpool serve` without a configuration (the embedded default, or the `args`'
-    model directories), on 127.0.0.1 and a free port."""
+    model directories), on 127.0.0.1 and a free port (`port`: that one instead)."""
 
     def __init__(self, config: dict | None, workdir: Path, ready_timeout: float = 120.0, wait_ready: bool = True,
-                 args: list[str] | None = None, env: dict[str, str] | None = None, ignore_hangup: bool = False):
-        self.port = free_port()
+                 args: list[str] | None = None, env: dict[str, str] | None = None, ignore_hangup: bool = False,
+                 port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
