@@ -100,3 +100,50 @@ def test_make_room_counts_the_host_pages_left(host, need, want, used):
                    cost=CostModel(flat, [a.spec, b.spec]))
     room = make_room(st, need, ["b"], weights_too=False)
     assert [r.request_id for r in room.swap_out] == want and room.host_used == used
+
+
+def test_pooled_engine_reports_the_host_pages_and_overflows_them_unchanged(make_tiny, host_cache):
+    """Two models on one pooled KV region of 14 pages and 3 host pages: plans preempt more KV than the host holds
+    (some swapped out, some dropped). Before every plan each model's state has the shared host pool's free pages
+    (what the policy chooses victims by), and every request's tokens are those it makes alone."""
+    from gpu_pool.arena import MiB
+    from token_scheduler.multi_engine import MultiModelEngine
+
+    paths = {a: make_tiny(a) for a in ("qwen2", "qwen3")}
+    prompts = ["the quick brown fox", "hello", "a b c d e f g h i j k l m n o p", "tokens, one by one"]
+
+    def sp(i):
+        return SamplingParams(temperature=0, max_tokens=10 + i, ignore_eos=True)
+
+    alone = {}
+    for a, p in paths.items():
+        eng = _engine(p)
+        alone.update({f"{a}/{k}": v for k, v in _serve(eng, [(f"r{i}", q, sp(i)) for i, q in enumerate(prompts)]).items()})
+    page = 16 * 512
+    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=6 * MiB,
+                             kv_cache_gb=14 * page / 1e9, host_kv_gb=3 * page / 1e9, host_cache=host_cache,
+                             policy_kw={"max_round_s": 0.0})
+    host = next(iter(multi.engines.values())).scheduler.host_kv
+    seen = []
+    schedule = multi.policy.schedule
+
+    def spy(st):
+        seen.append({n: m.host_kv_free for n, m in st.models.items()} == dict.fromkeys(st.models, host.num_free))
+        return schedule(st)
+
+    multi.policy.schedule = spy
+    for k in range(3):
+        for i, q in enumerate(prompts):
+            for a in paths:
+                multi.add_request(f"{a}/r{i}.{k}", q, sp(i), model=a)
+    done = {}
+    while multi.has_unfinished_requests():
+        for o in multi.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+    assert done == {f"{a}/r{i}.{k}": alone[f"{a}/r{i}"] for a in paths for i in range(4) for k in range(3)}
+    st = {n: e.stats() for n, e in multi.engines.items()}
+    assert seen and all(seen)
+    assert multi.kv_swapped_out > 0 and sum(s["num_kv_dropped"] for s in st.values()) > 0, st
+    assert host.num_used == 0
+    multi.close()
