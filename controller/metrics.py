@@ -144,7 +144,11 @@ class Metrics:
                               ["engine", "model"], registry=r)
         self.preemptions = Counter("tokenpool_num_preemptions_total", "Requests preempted (KV swapped to host, or dropped to be recomputed where the host pages are full)",
                                    ["engine", "model"], registry=r)
-        self._preempted_seen: dict[tuple[str, str], float] = {}
+        self.kv_dropped = Counter("tokenpool_kv_dropped_total", "Of those preemptions, requests whose KV was dropped "
+                                  "(the host KV pages full), to be recomputed when they resume", ["engine", "model"],
+                                  registry=r)
+        # the engine's cumulative counts each counter was last given: (engine, model, stats key) -> count
+        self._seen: dict[tuple[str, str, str], float] = {}
         r.register(_GPUCollector())
 
     def request_finished(self, model: str, tenant: str, status: int, load: bool = False) -> None:
@@ -182,22 +186,24 @@ class Metrics:
         self.kv_total.labels(engine, model).set(total)
         self.kv_usage.labels(engine, model).set(used / total if total else 0.0)
         self.swaps.labels(engine, model).set(s.get("num_swapped", 0))
-        if "num_preemptions" in s:  # cumulative in the engine: the counter takes what is new
-            seen = self._preempted_seen.get((engine, model), 0.0)
-            n = float(s["num_preemptions"])
-            self.preemptions.labels(engine, model).inc(n - seen if n >= seen else n)  # a restarted engine counts anew
-            self._preempted_seen[engine, model] = n
-        else:
-            self.preemptions.labels(engine, model).inc(0)  # the series exists from the model's first Stats
+        for counter, key in ((self.preemptions, "num_preemptions"), (self.kv_dropped, "num_kv_dropped")):
+            if key in s:  # cumulative in the engine: the counter takes what is new
+                seen = self._seen.get((engine, model, key), 0.0)
+                n = float(s[key])
+                counter.labels(engine, model).inc(n - seen if n >= seen else n)  # a restarted engine counts anew
+                self._seen[engine, model, key] = n
+            else:
+                counter.labels(engine, model).inc(0)  # the series exists from the model's first Stats
 
     def forget_engine_model(self, engine: str, model: str) -> None:
         for g in (self.queue_depth, self.running, self.kv_used, self.kv_blocks, self.kv_total, self.kv_usage,
-                  self.swaps, self.preemptions):
+                  self.swaps, self.preemptions, self.kv_dropped):
             try:
                 g.remove(engine, model)
             except KeyError:
                 pass
-        self._preempted_seen.pop((engine, model), None)
+        for key in ("num_preemptions", "num_kv_dropped"):
+            self._seen.pop((engine, model, key), None)
 
     def forget_engine(self, engine: str, models: list[str]) -> None:
         """Every series of a pruned engine (its per-model gauges, step, loads, switches)."""
