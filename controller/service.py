@@ -327,6 +327,7 @@ class Controller:
                                                                           cfg.tenants_file)
         self.prefix = PrefixIndex()  # the prompt blocks sent to each engine: prefix-cache-aware routing
         self.models: dict[str, ModelEntry] = {}
+        self._claims: dict[str, set[str]] = {}  # model being registered -> the names it will answer to (add_model)
         self.autoscaler = Autoscaler(cfg.autoscaler)
         self._was_ready = False  # ready() once: start-up is over (see ready)
         self._starting = False  # start() is registering the configured models (no placement, not ready, before)
@@ -460,6 +461,9 @@ class Controller:
         replaced = self.models.get(replacing or spec.name) if dry_run else None
         if spec.name in self.models and self.models[spec.name] is not replaced:
             raise ServingError(409, f"model {spec.name!r} is already registered", param="name", code="model_exists")
+        if spec.name in self._claims:
+            raise ServingError(409, f"model {spec.name!r} is being registered by another request", param="name",
+                               code="model_exists")
         if spec.path is not None and (why := model_dir_problem(spec.path)) is not None:
             raise ServingError(400, why, param="path")
         served = self.served_names(besides=replaced)
@@ -486,10 +490,18 @@ class Controller:
                                "model or remove one first", code="pin_would_starve")
         if source != "config" and (why := self._kv_page_problem(spec)) is not None:
             raise ServingError(400, why, param="path", code="kv_page_too_small")
+        # Its names are claimed while its tokenizer loads (another thread's time): two registrations of one name, or
+        # an alias, sent at once both passed the checks above and both answered 201, the later one replacing the
+        # earlier unsaid, or two models answering to one alias (and so a PATCH of aliases meanwhile)
+        if not dry_run:
+            self._claims[spec.name] = {spec.name, *spec.aliases, *spec.lora_names}
         try:
             tok = await asyncio.to_thread(load_tokenizer, spec.path)
         except Exception as e:  # noqa: BLE001 - any unreadable tokenizer is the caller's error
             raise ServingError(400, f"cannot load the tokenizer from {spec.path}: {e}", param="path") from e
+        finally:
+            if not dry_run:
+                del self._claims[spec.name]
         cfg = _hf_config(spec)  # (read once for the three)
         entry = ModelEntry(spec, info, tok, context_len(spec, cfg), hidden_size(cfg), architecture(cfg),
                            pinned=spec.pin, source=source, kv_elems=_kv_elems(spec))
@@ -1035,9 +1047,10 @@ class Controller:
         return [n for n in names if n in taken]
 
     def served_names(self, besides: ModelEntry | None = None) -> set[str]:
-        """Every name a registered model (but `besides`) answers to: its own, its aliases, its LoRA adapters'."""
+        """Every name a registered model (but `besides`) answers to: its own, its aliases, its LoRA adapters'; and
+        those of the models being registered (`add_model`'s claims)."""
         return {n for me in self.models.values() if me is not besides
-                for n in (me.spec.name, *me.spec.aliases, *me.spec.lora_names)}
+                for n in (me.spec.name, *me.spec.aliases, *me.spec.lora_names)}.union(*self._claims.values())
 
     def load_lora(self, base: str | None, name: str, path: str) -> str:
         """Serve a LoRA adapter over model `base` (its name or an alias; None: the one model with weights) under
