@@ -44,7 +44,7 @@ def estimate_ttft(running_remaining: Iterable[int], waiting_tokens: Iterable[int
 
 # A step (or a round, or a gap between a worker's outputs) sample is counted as at most this many times the estimate
 # it updates: a worker paused mid-step (SIGSTOP, swap, a long GC) took its whole pause as one step, and with the model
-# idle after it no step came to wash it out (a 4 s pause made a 2-6 ms step 0.2 s until the next requests ran, and
+# idle after it no step came to wash it out (a 4 s pause made a 1.4 ms step 0.2 s until the next requests ran, and
 # those that queued were refused: `bench/results/stall_estimate_cpu.json`). Clamped, not dropped: a real slowdown
 # (larger batches, a long prompt's prefill) still raises the estimate, by 1 + weight * (STALL_FACTOR - 1) a sample.
 STALL_FACTOR = 4.0
