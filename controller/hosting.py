@@ -5,7 +5,7 @@ of the GPU budget (a KV region shared by every model, plus weight slots), weight
 host cache (one host copy per checkpoint per node, whichever worker of the node loaded it first), and the
 token-level policy choosing each step's model. Hosting a model means *registering* it: its host copy is
 loaded, no VRAM is taken; weights come into a slot and go as the policy plans (prefetch while another model
-decodes), and KV of idle models is swapped to host pages, never dropped. More model bytes than VRAM is the
+decodes), and KV of idle models is swapped to host pages (dropped and recomputed only where those are full). More model bytes than VRAM is the
 normal case. On CPU the same pooled engine runs over host memory (so CI exercises the served path).
 
 Each engine kind (`KINDS`: "llm", the pooled engine above; "pace", token_scheduler/pace.py's paced models
