@@ -1,12 +1,18 @@
-"""Logprobs of an output held to a grammar (response_format, tools), through the official `openai` client against
-the real SmolLM2 (helper ux68e, a user pass over structured outputs).
+"""Structured outputs and forced tool calls through the official `openai` client against the real SmolLM2 (helper
+ux68e, a user pass over structured outputs, tools and logprobs).
 
-The logprobs were those of the model's distribution before the grammar's mask: a token the schema forces (`{"`,
-the first of any JSON object) came back at -12.6 with `top_logprobs` of tokens the grammar could never let it draw
-(`Bon`, `Je`), so a client reading an enum's confidence from them read the wrong numbers. vLLM masks the logits
-before its sampler takes its (raw) logprobs; now so does this server: a forced token's logprob is 0, and the top
-ones are tokens the grammar allows (fewer than asked where fewer are allowed), streamed or not, on chat and legacy
-completions alike.
+- The logprobs of an output held to a grammar (response_format, tools) were those of the model's distribution
+  before the grammar's mask: a token the schema forces (`{"`, the first of any JSON object) came back at -12.6 with
+  `top_logprobs` of tokens the grammar could never let it draw (`Bon`, `Je`), so a client reading an enum's
+  confidence from them read the wrong numbers. vLLM masks the logits before its sampler takes its (raw) logprobs;
+  now so does this server: a forced token's logprob is 0, and the top ones are tokens the grammar allows (fewer
+  than asked where fewer are allowed), streamed or not, on chat and legacy completions alike.
+- A forced call (tool_choice required or named) that a stop sequence cut was, unstreamed, the grammar's raw text as
+  the content (`[{"name": "answer", "parameters": {"answer": "`, finish `stop`, no tool_calls), where the stream of
+  the same request sent the call and its arguments so far, finish `tool_calls`: the deltas did not join to the
+  reply. Now the reply holds the calls the stream sends (whole ones, and the cut one once its name is whole, its
+  arguments what was written), finishing as whole calls do (`tool_calls`; `stop` for a named function); and the
+  stream, as the reply, gives a call cut after its name but before its arguments (arguments ""), as for max_tokens.
 """
 
 from __future__ import annotations
@@ -82,3 +88,32 @@ def test_a_forced_tool_call_and_completions_logprobs_too(server):
     lp = r.choices[0].logprobs
     assert lp.tokens[0] == '{"' and lp.token_logprobs[0] == pytest.approx(0, abs=1e-4), lp
     assert list(lp.top_logprobs[0]) == ['{"'], lp.top_logprobs[0]
+
+
+def _both(srv, **kw) -> tuple:
+    """(unstreamed, streamed): each (finish_reason, content, [(name, arguments)])."""
+    ch = oai(srv).chat.completions.create(**kw).choices[0]
+    one = (ch.finish_reason, ch.message.content,
+           [(t.function.name, t.function.arguments) for t in ch.message.tool_calls or []])
+    content, calls, finish = "", {}, None
+    for chunk in oai(srv).chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for t in c.delta.tool_calls or []:
+                got = calls.setdefault(t.index, ["", ""])
+                got[0] += t.function.name or ""
+                got[1] += t.function.arguments or ""
+            finish = c.finish_reason or finish
+    return one, (finish, content or None, [tuple(v) for _, v in sorted(calls.items())])
+
+
+@pytest.mark.parametrize(("choice", "stop", "want"), [
+    ("required", "yes", ("tool_calls", None, [("answer", '{"answer": "')])),
+    ("required", '"parameters"', ("tool_calls", None, [("answer", "")])),  # (its name whole, no arguments yet)
+    ({"type": "function", "function": {"name": "answer"}}, "yes", ("stop", None, [("answer", '{"answer": "')])),
+])
+def test_a_call_a_stop_sequence_cuts_is_the_same_call_streamed_or_not(server, choice, stop, want):
+    tools = [{"type": "function", "function": {"name": "answer", "parameters": SCHEMA}}]
+    one, streamed = _both(server, model="smol", messages=ASK, tools=tools, tool_choice=choice, stop=[stop],
+                          max_tokens=30, temperature=0)
+    assert one == streamed == want, (one, streamed)

@@ -1031,7 +1031,8 @@ class OpenAIServing:
         "tool_calls"; "stop" for a call tool_choice named, as OpenAI's and vLLM's), a hermes one's text before them
         its content (vLLM's hermes parser's); one cut short stays text, but for a call cut before its name (the text
         before it: `ToolPlan.cut_text`) and, with `cut` (the chat reply's), calls max_tokens cut: the calls written
-        whole and the one being written once its name is whole, its arguments what was written (finish `length`).
+        whole and the one being written once its name is whole, its arguments what was written (finish `length`);
+        so are calls a stop sequence cuts, finishing as whole calls do, as the chat stream ends them.
 
         That is OpenAI's reply to a call max_tokens cuts (its arguments cut short, finish_reason "length") and what
         the chat stream sends of one (vLLM's streaming hermes parser's too: the call once its name is known, then its
@@ -1041,14 +1042,15 @@ class OpenAIServing:
         calls = tools.calls(text) if tools is not None and finish == "stop" else None
         if calls is not None:
             return p.AssistantMessage(content=tools.lead(text)[0] or None, tool_calls=calls), _calls_finish(tools)
-        if tools is None or finish != "length":
+        if tools is None or finish not in ("length", "stop"):
             return p.AssistantMessage(content=text), finish
-        if (said := tools.cut_text(text)) is not None:  # (a call cut before its name: the text before it, as streamed)
-            return p.AssistantMessage(content=said or None), finish
+        if finish == "length" and (said := tools.cut_text(text)) is not None:  # (a call cut before its name: the text
+            return p.AssistantMessage(content=said or None), finish  # before it, as streamed)
         if cut and (got := tools.cut_calls(text)) is not None and (got[0] or got[1] is not None):
             whole, part = got
             return p.AssistantMessage(content=tools.lead(text)[0] or None,
-                                      tool_calls=[*whole, *([] if part is None else [part])]), finish
+                                      tool_calls=[*whole, *([] if part is None else [part])]), \
+                finish if finish == "length" else _calls_finish(tools)
         return p.AssistantMessage(content=text), finish
 
     async def _collect_chat(self, gen: Tracked, req: p.ChatCompletionRequest, rid: str,
@@ -1120,7 +1122,7 @@ class OpenAIServing:
 
         def call_frames(i: int, fresh: str, cut: bool) -> bytes:
             cs, out = calls[i], b""
-            for k, frag, opens in cs.feed(fresh, cut):  # (`cut`: max_tokens ended it, `_reply`'s cut calls)
+            for k, frag, opens in cs.feed(fresh, cut):  # (`cut`: max_tokens or a stop ended it, `_reply`'s cut calls)
                 if opens:  # (its opening delta)
                     c = cs.calls[k]
                     tc = {"index": k, "id": c["id"], "type": "function",
@@ -1174,7 +1176,7 @@ class OpenAIServing:
             if tools is not None and not text_reply[i]:
                 out += role(i, calls[i] is not None)
                 if calls[i] is not None:
-                    out += call_frames(i, fresh, d.finished and d.finish_reason == "length")
+                    out += call_frames(i, fresh, d.finished and d.finish_reason in ("length", "stop"))
                 if not d.finished:
                     return out
                 why = d.finish_reason

@@ -414,8 +414,8 @@ class CallStream:
         """What `text` (the output's next part) adds: (call index, arguments fragment, whether it opens the call), in
         order, a call's first entry once it opens (opening True; its fragment "" when only its name is known yet: its
         id and name are in `self.calls`), the fragments a call gets in one part joined. The calls opened so far are
-        `len(self.calls)`. `end`: the output ends there (max_tokens cut it): a call whose name is whole but whose
-        arguments had not begun opens, its arguments "", as ToolPlan.cut_calls gives it."""
+        `len(self.calls)`. `end`: the output ends there (max_tokens or a stop sequence cut it): a call whose name is
+        whole but whose arguments had not begun opens, its arguments "", as ToolPlan.cut_calls gives it."""
         out = self._feed(text)
         if end and self._state == "head" and (m := _NAMED.match(self._pending)) is not None:
             self._open(json.loads(m[1]))
