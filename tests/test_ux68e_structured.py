@@ -13,6 +13,9 @@ ux68e, a user pass over structured outputs, tools and logprobs).
   reply. Now the reply holds the calls the stream sends (whole ones, and the cut one once its name is whole, its
   arguments what was written), finishing as whole calls do (`tool_calls`; `stop` for a named function); and the
   stream, as the reply, gives a call cut after its name but before its arguments (arguments ""), as for max_tokens.
+  The Messages API's the same: tool_choice any/tool and a stop sequence inside the call gave a text block of the
+  raw JSON, stop_reason `stop_sequence`, where its stream gave the tool_use block, stop_reason `tool_use`; now the
+  reply is the tool_use block (input {}, as a call max_tokens cuts), `tool_use`, as streamed.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 
+import anthropic
 import openai
 import pytest
 
@@ -117,3 +121,16 @@ def test_a_call_a_stop_sequence_cuts_is_the_same_call_streamed_or_not(server, ch
     one, streamed = _both(server, model="smol", messages=ASK, tools=tools, tool_choice=choice, stop=[stop],
                           max_tokens=30, temperature=0)
     assert one == streamed == want, (one, streamed)
+
+
+@pytest.mark.parametrize("choice", [{"type": "any"}, {"type": "tool", "name": "answer"}])
+def test_messages_a_tool_use_a_stop_sequence_cuts_is_the_same_streamed_or_not(server, choice):
+    a = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0, timeout=120)
+    kw = dict(model="smol", max_tokens=30, messages=ASK, tools=[{"name": "answer", "input_schema": SCHEMA}],
+              tool_choice=choice, stop_sequences=["yes"], extra_body={"top_k": 1})
+    one = a.messages.create(**kw)
+    with a.messages.stream(**kw) as s:
+        streamed = s.get_final_message()
+    for m in (one, streamed):
+        assert m.stop_reason == "tool_use" and m.stop_sequence is None, m
+        assert [(b.type, b.name, b.input) for b in m.content] == [("tool_use", "answer", {})], m

@@ -537,6 +537,9 @@ class _Reply:
                        "input": json.loads(c.function.arguments)} for c in msg.tool_calls)], "tool_use"
         if why == "length" and (cut := self.cut_calls()):  # (the calls written whole, the cut one's input {})
             return cut, "max_tokens"
+        cut = self.cut_calls() if why == "stop" else []
+        if any(b["type"] == "tool_use" for b in cut):  # (a stop sequence inside a call: its blocks, as streamed)
+            return cut, "tool_use"
         if why == "length":
             reason = "max_tokens"
         elif isinstance(self.stop, str) and self.stop in (self.req.stop_sequences or []):
@@ -547,8 +550,8 @@ class _Reply:
         return [{"type": "text", "text": self.text}] if self.text else [], reason
 
     def cut_calls(self) -> list[dict[str, Any]]:
-        """The tool_use blocks of calls that max_tokens cut short: each call written whole, with its input, then the
-        one being written (`cut_call`'s); none where the output is text."""
+        """The tool_use blocks of calls that max_tokens (or a stop sequence) cut short: each call written whole, with
+        its input, then the one being written (`cut_call`'s); none where the output is text."""
         got = self.tools.cut_calls(self.text) if self.tools is not None else None
         if got is None:
             return []
