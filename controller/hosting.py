@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from controller.admission import ewma
 from controller.config import EngineOptions, env_policy_options
 from gpu_pool.inventory import host_memory_bytes  # MemTotal, or a container's cgroup limit (torch-free)
+from gpu_pool.placement import kv_region_bytes
 from tokenpool import imports
 from tokenpool.models import dtype_bytes, run_dtype
 
@@ -254,11 +255,14 @@ class HostedModels:
 
     @property
     def weight_capacity(self) -> int:
-        """Bytes of the arena the weight slots may use: what one model's weights must fit."""
+        """Bytes of the arena the weight slots may use: what one model's weights must fit. Before the arena is made,
+        the arena's own arithmetic with the KV page not known yet (the first model registered fixes it): the most the
+        KV region can take, so the estimate is never more than the arena then has (`budget - kv bytes` was up to 2 MiB
+        more, and start-up's check passed a model the worker refused)."""
         if self.arena_engine is not None:
             return self.arena_engine.memory.weight_capacity
         b = self.budget_bytes
-        return b - int(self.kv_gb(b) * 1e9)
+        return b - kv_region_bytes(int(self.kv_gb(b) * 1e9))
 
     def kv_gb(self, budget: int) -> float:
         s = self.settings

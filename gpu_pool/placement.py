@@ -103,3 +103,10 @@ def kv_pages(kv_bytes: int, per_token: int, block_tokens: int = 16, page_bytes: 
     many pages as fit."""
     page_bytes = page_bytes or -(-max(block_tokens * per_token, min_page_bytes) // 256) * 256
     return page_bytes, kv_bytes // page_bytes
+
+
+def kv_region_bytes(kv_bytes: int, page_bytes: int | None = None, align: int = DEFAULT_ALIGN) -> int:
+    """Bytes of the arena the KV region takes: its whole pages (`kv_pages`), rounded up to the alignment as every range
+    is. Before the page size is known (the first model registered fixes it) the most it can take: all of `kv_bytes`,
+    rounded up. The weight space is the arena less this (`SlotTable.weight_capacity`, the controller's estimate)."""
+    return align_up(kv_bytes if page_bytes is None else kv_bytes // page_bytes * page_bytes, align)

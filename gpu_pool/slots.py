@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from gpu_pool.arena import RangeAllocator, Slot
-from gpu_pool.placement import kv_pages, placement_victims
+from gpu_pool.placement import kv_pages, kv_region_bytes, placement_victims
 from tokenpool import env
 
 GRAPH_HOMES = env.GRAPH_HOMES.on()  # see SlotTable.homes
@@ -76,8 +76,9 @@ class SlotTable:
     # -- weight slots ---------------------------------------------------------------------------------------
     @property
     def weight_capacity(self) -> int:
-        """Bytes the weight slots may use (the allocator's capacity minus the KV region)."""
-        return self.alloc.capacity - (self.kv_slot.nbytes if self.kv_slot else 0)
+        """Bytes the weight slots may use: the allocator's capacity less the KV region (before it is carved, the most
+        it can take: `kv_region_bytes`)."""
+        return self.alloc.capacity - kv_region_bytes(self.kv_bytes, self.page_bytes, self.alloc.align)
 
     def slot_bytes(self, nbytes: int) -> int:
         """Bytes a slot of `nbytes` takes (rounded up to the alignment)."""
