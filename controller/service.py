@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
-import itertools
 import json
 import logging
 import math
 import os
+import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -357,8 +357,6 @@ class Controller:
         # stop of the whole server (shutdown_grace_s, then the ended streams' flush and the connections' close) and a
         # signalled worker's own grace (the same), with room to spare; the worker's own default is 60 s
         self.pool.stop_wait_s = cfg.shutdown_grace_s + 30.0
-        self._ids = itertools.count()
-        self._prefix = os.urandom(4).hex()
         self._tasks: list[asyncio.Task] = []
 
     # --- lifecycle ---
@@ -700,7 +698,9 @@ class Controller:
 
     # --- requests ---
     def new_id(self, kind: str) -> str:
-        return f"{kind}-{self._prefix}{next(self._ids):x}"
+        """A request's id, random: a count (this server's requests, every tenant's) read off two ids was another
+        tenant's traffic told to each tenant."""
+        return f"{kind}-{secrets.token_hex(10)}"
 
     async def generate(self, entry: ModelEntry, tenant: Tenant, prompts: list[list[int]], params: SamplingParams,
                        n: int, request_id: str, stream: bool = True, load: bool = False,

@@ -64,21 +64,40 @@ class Stored:
 
 
 class ResponseStore:
-    """Stored responses by id, oldest first; at most `entries` of them and `max_bytes` of their JSON."""
+    """Stored responses by id, oldest first; at most `entries` of them and `max_bytes` of their JSON, all tenants
+    together. Past either bound the tenant holding the most (responses, or bytes) loses its oldest: a tenant's
+    flood of stored responses takes its own, never those of a tenant holding fewer."""
 
     def __init__(self, entries: int = STORE_ENTRIES, max_bytes: int = STORE_BYTES):
         self.entries, self.max_bytes = entries, max_bytes
         self._items: OrderedDict[str, Stored] = OrderedDict()
+        self._owned: dict[str, OrderedDict[str, None]] = {}  # tenant -> its ids, oldest first
+        self._owned_bytes: dict[str, int] = {}
         self.bytes = 0
 
     def put(self, rid: str, tenant: str, messages: list[dict[str, Any]], response: dict[str, Any],
             inputs: list[dict[str, Any]] | None = None) -> None:
         inputs = inputs or []
         size = len(json.dumps(messages)) + len(json.dumps(response)) + len(json.dumps(inputs))
+        if rid in self._items:
+            self._drop(rid)
         self._items[rid] = Stored(tenant, messages, response, inputs, size)
+        self._owned.setdefault(tenant, OrderedDict())[rid] = None
+        self._owned_bytes[tenant] = self._owned_bytes.get(tenant, 0) + size
         self.bytes += size
-        while self._items and (len(self._items) > self.entries or self.bytes > self.max_bytes):
-            self.bytes -= self._items.popitem(last=False)[1].size
+        while len(self._items) > self.entries:
+            self._drop(next(iter(self._owned[max(self._owned, key=lambda t: len(self._owned[t]))])))
+        while self.bytes > self.max_bytes:
+            self._drop(next(iter(self._owned[max(self._owned_bytes, key=self._owned_bytes.__getitem__)])))
+
+    def _drop(self, rid: str) -> None:
+        got = self._items.pop(rid)
+        self.bytes -= got.size
+        owned = self._owned[got.tenant]
+        del owned[rid]
+        self._owned_bytes[got.tenant] -= got.size
+        if not owned:
+            del self._owned[got.tenant], self._owned_bytes[got.tenant]
 
     def get(self, rid: str, tenant: str) -> Stored | None:
         got = self._items.get(rid)
@@ -87,7 +106,7 @@ class ResponseStore:
     def delete(self, rid: str, tenant: str) -> bool:
         if self.get(rid, tenant) is None:
             return False
-        self.bytes -= self._items.pop(rid).size
+        self._drop(rid)
         return True
 
 

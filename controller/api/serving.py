@@ -35,6 +35,7 @@ from controller.api.structured import (
 )
 from controller.api.thinking import Split, effort_kwargs, opened, thinks
 from controller.errors import ServingError, invalid_value
+from controller.heap import give_back_free_memory
 from controller.messages import Delta
 from controller.ollama_names import pick
 from controller.service import Controller, Generation, ModelEntry
@@ -52,6 +53,7 @@ _HF_RANGES = {"temperature": (0.0, 2.0), "top_p": (1e-9, 1.0), "top_k": (-1, 1 <
               "repetition_penalty": (1e-9, 2.0)}
 T = TypeVar("T")
 TOKENIZE_THREADS = 2  # tokenizing and template rendering run here, never on the event loop
+TRIM_AFTER_TOKENS = 1 << 16  # an encoding this long gives its freed memory back to the system (heap.py)
 # chat_template_kwargs reach the model's (trusted) template as plain values only: a client must not swap in its
 # own Jinja template, nor pass the arguments apply_chat_template itself takes
 RESERVED_TEMPLATE_KWARGS = frozenset({
@@ -134,9 +136,14 @@ def encode(tok: Any, text: str, limit: int | None = None) -> list[int]:
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None and backend.truncation is None and backend.padding is None:
         enc = backend.encode_batch([text], add_special_tokens=False)[0]
-        if limit is not None and len(enc) >= limit:
-            raise PromptTooLong(len(enc))
-        return enc.ids
+        n = len(enc)
+        ids = None if limit is not None and n >= limit else enc.ids
+        if n >= TRIM_AFTER_TOKENS:
+            del enc
+            give_back_free_memory()
+        if ids is None:
+            raise PromptTooLong(n)
+        return ids
     ids = tok.encode(text, add_special_tokens=False)
     if limit is not None and len(ids) >= limit:
         raise PromptTooLong(len(ids))
