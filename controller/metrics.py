@@ -205,6 +205,14 @@ class Metrics:
         for key in ("num_preemptions", "num_kv_dropped"):
             self._seen.pop((engine, model, key), None)
 
+    def forget_model(self, model: str) -> None:
+        """The gauges of a model no longer served (its counters stay: series by name since the start)."""
+        for g in (self.replicas, self.slo_attainment):
+            try:
+                g.remove(model)
+            except KeyError:
+                pass
+
     def forget_engine(self, engine: str, models: list[str]) -> None:
         """Every series of a pruned engine (its per-model gauges, step, loads, switches)."""
         for model in models:

@@ -629,6 +629,7 @@ class Controller:
             self.pool.abort(subs)
             self._unregister(e, name, "model removed")
         self.autoscaler.forget(name)
+        self.metrics.forget_model(name)  # (its gauges said 1 replica, and its last attainment, after it was gone)
         self.events.publish("unregister", model=name)
         del entry
         collect_all()  # its tokenizer was frozen with the long-lived heap
@@ -1262,8 +1263,9 @@ class Controller:
             states["dead" if not e.alive else "draining" if e.draining else "alive"] += 1
         for k, v in states.items():
             self.metrics.engines.labels(k).set(v)
-        for name in self.models:
-            self.metrics.replicas.labels(name).set(sum(1 for e in engines if name in e.replicas))
+        for name in self.models:  # (after this round's actions, as GET /admin/models lists a model's engines)
+            self.metrics.replicas.labels(name).set(sum(1 for e in self.pool.engines.values()
+                                                       if e.alive and name in e.replicas))
         if not self._was_ready:  # start-up ends when ready, asked or not: a fault after it is no start-up again
             self.ready()  # (only /health asked: a worker killed before any probe made it "starting", placement wait)
 
