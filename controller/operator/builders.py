@@ -91,6 +91,7 @@ def _keep_alive(v: Any) -> Any:
 def build_model_spec(name: str, spec: dict) -> dict:
     """The admin API's `POST /admin/models` body (controller.config.ModelSpec JSON); ValueError when invalid."""
     s = with_defaults(spec, MODEL_DEFAULTS)
+    _model_shapes(s)
     src = s["source"]
     path = src.get("path")
     if path is not None and not path.startswith("/"):
@@ -128,6 +129,33 @@ def build_model_spec(name: str, spec: dict) -> dict:
     body["lora_modules"] = [{"name": a["name"], "path": a["path"] if a["path"].startswith("/") else
                              f"{MODELS_MOUNT}/{a['path']}"} for a in s["loraAdapters"]]
     return _validated(ModelSpec, body, MODEL_FIELDS)
+
+
+def _model_shapes(s: dict) -> None:
+    """ValueError naming the field where a value the builder reads into is not the CRD's type. The CRD's schema
+    refuses these, but an older CRD left installed (or none) passes them, and the builder's indexing raised
+    TypeError/KeyError: a handler traceback, retried by kopf for ever, where a bad spec says InvalidSpec."""
+    def bad(field: str, want: str, v: Any) -> ValueError:
+        return ValueError(f"spec.{field}: must be {want}, got {json.dumps(v)}")
+
+    for field in ("source", "engine", "slo", "replicas"):
+        if not isinstance(s[field], dict):
+            raise bad(field, "an object", s[field])
+    if not isinstance(s["source"].get("path"), str | None):
+        raise bad("source.path", "a string", s["source"]["path"])
+    for k in ("min", "max"):
+        if not isinstance(v := s["replicas"].get(k), int) or isinstance(v, bool):
+            raise bad(f"replicas.{k}", "an integer", v)
+    if not isinstance(s["pin"], bool):
+        raise bad("pin", "true or false", s["pin"])
+    if not isinstance(s["loraAdapters"], list):
+        raise bad("loraAdapters", "a list", s["loraAdapters"])
+    for i, a in enumerate(s["loraAdapters"]):
+        if not isinstance(a, dict):
+            raise bad(f"loraAdapters[{i}]", "an object (name, path)", a)
+        for k in ("name", "path"):
+            if not isinstance(a.get(k), str):
+                raise bad(f"loraAdapters[{i}].{k}", "a string", a.get(k))
 
 
 # The admin API's field names (a pydantic error's loc) -> the custom resource's spec fields.
