@@ -16,6 +16,10 @@ ux68e, a user pass over structured outputs, tools and logprobs).
   The Messages API's the same: tool_choice any/tool and a stop sequence inside the call gave a text block of the
   raw JSON, stop_reason `stop_sequence`, where its stream gave the tool_use block, stop_reason `tool_use`; now the
   reply is the tool_use block (input {}, as a call max_tokens cuts), `tool_use`, as streamed.
+- Chat's tool_choice `allowed_tools` (OpenAI's, in the `openai` client's types: every tool declared, only those it
+  lists callable, its mode `auto` or `required`) was a 400 "Input should be 'none', 'auto' or 'required'". Now
+  taken: the calls are held to the allowed tools (a tool not among the tools, or not a function, a 400 naming the
+  entry); `auto` needs the model's call syntax, as plain "auto" does.
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ import json
 import math
 
 import anthropic
+import llguidance
+import llguidance.hf
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 from tests.ports import live_server_on
 
@@ -134,3 +141,60 @@ def test_messages_a_tool_use_a_stop_sequence_cuts_is_the_same_streamed_or_not(se
     for m in (one, streamed):
         assert m.stop_reason == "tool_use" and m.stop_sequence is None, m
         assert [(b.type, b.name, b.input) for b in m.content] == [("tool_use", "answer", {})], m
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+           "additionalProperties": False}
+TWO = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+       {"type": "function", "function": {"name": "answer", "parameters": SCHEMA}}]
+
+
+def _allowed(mode: str, *names: str) -> dict:
+    return {"type": "allowed_tools",
+            "allowed_tools": {"mode": mode, "tools": [{"type": "function", "function": {"name": n}} for n in names]}}
+
+
+def test_allowed_tools_hold_the_calls_to_those_tools(server):
+    c = oai(server)
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    plain = c.chat.completions.create(model="smol", messages=ask, tools=TWO, tool_choice="required", max_tokens=40,
+                                      temperature=0)
+    assert plain.choices[0].message.tool_calls[0].function.name == "get_weather"  # (greedy: the weather tool)
+    for stream in (False, True):
+        r = c.chat.completions.create(model="smol", messages=ask, tools=TWO, tool_choice=_allowed("required", "answer"),
+                                      max_tokens=40, temperature=0, stream=stream)
+        if stream:
+            names = [t.function.name for ch in r for c_ in ch.choices for t in c_.delta.tool_calls or []
+                     if t.function and t.function.name]
+        else:
+            assert r.choices[0].finish_reason == "tool_calls", r
+            names = [t.function.name for t in r.choices[0].message.tool_calls]
+            assert json.loads(r.choices[0].message.tool_calls[0].function.arguments)["answer"] in ("yes", "no")
+            assert r.usage.prompt_tokens == plain.usage.prompt_tokens  # (every tool still declared)
+        assert names and set(names) == {"answer"}, names
+    for choice, param in [(_allowed("required", "nope"), "tool_choice.allowed_tools.tools.0"),
+                          ({"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+                              {"type": "custom", "custom": {"name": "answer"}}]}}, "tool_choice.allowed_tools.tools.0"),
+                          (_allowed("auto", "answer"), "tool_choice")]:  # (auto: no call syntax configured)
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="smol", messages=ask, tools=TWO, tool_choice=choice, max_tokens=5)
+        assert e.value.body["param"] == param, e.value.body
+
+
+def test_allowed_tools_auto_grammar_takes_text_or_calls_of_those_tools(smollm2):
+    """("auto" needs a model that writes hermes calls: its grammar, over SmolLM2's vocabulary) text, or a call of
+    an allowed tool, never a call of another."""
+    from controller.api import protocol as p
+    from controller.api.structured import HERMES_CLOSE, HERMES_OPEN, tool_plan
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    lt = llguidance.hf.from_tokenizer(tok, eos_token=tok.eos_token_id)
+    choice = p.AllowedToolChoice.model_validate(_allowed("auto", "answer"))
+    g = tool_plan([p.Tool.model_validate(t) for t in TWO], choice, None, "hermes").grammar
+
+    def accepts(text: str) -> bool:
+        m = llguidance.LLMatcher(lt, g, log_level=0)
+        return m.consume_tokens(tok.encode(text)) and not m.is_error() and m.is_accepting()
+
+    assert accepts("Sunny.") and accepts(HERMES_OPEN + '{"name": "answer", "arguments": {"answer": "no"}}' + HERMES_CLOSE)
+    assert not accepts(HERMES_OPEN + '{"name": "get_weather", "arguments": {"city": "Paris"}}' + HERMES_CLOSE)

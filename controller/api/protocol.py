@@ -330,6 +330,18 @@ class NamedToolChoice(_Req):
     function: FunctionName
 
 
+class AllowedTools(_Req):
+    mode: Literal["auto", "required"]
+    tools: list[dict[str, Any]] = Field(min_length=1, max_length=128)  # ({"type": "function", "function": {"name"}})
+
+
+class AllowedToolChoice(_Req):
+    """OpenAI's: the tools the model may call now (`structured.tool_plan`), all of them declared in the prompt."""
+
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
 class _ChatTemplate(_Req):
     """How the model's chat template renders the messages (chat completions and /tokenize alike)."""
 
@@ -355,7 +367,7 @@ class ChatCompletionRequest(_Sampling, _ChatTemplate):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     # OpenAI's deprecated form of tools and tool_choice: refused by the serving layer, not ignored unsaid
     functions: list[Any] | None = None

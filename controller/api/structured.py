@@ -7,7 +7,8 @@ masks each token with (SamplingParams.grammar).
   text, or calls in the model's own syntax (hermes' `<tool_call>` blocks, where its chat template writes them), or
   text, then such calls (the text the content, as vLLM's hermes parser reads it);
   for a model whose syntax this server cannot read, a 400, as vLLM answers without `--enable-auto-tool-choice`.
-  "none": the tools are left out of the prompt.
+  "none": the tools are left out of the prompt. OpenAI's `allowed_tools`: its mode ("auto", "required") with the
+  calls held to the tools it lists, every tool still declared in the prompt.
 - both: with "auto" (the model's own call syntax) the output is either calls or text held to the response_format
   (`ToolPlan.answering`: an alternation of the two), as vLLM and Anthropic's structured outputs take both; a call
   forced ("required", a named function) is held to the call alone; "none", to the response_format alone.
@@ -215,6 +216,7 @@ class ToolPlan:
     # ("auto", free text) a model whose template thinks: the reply may open a `<think>...</think>` block (False), or
     # begins inside one its prompt opened (True); None: no think block is read (`thinking`)
     think: bool | None = None
+    allowed: frozenset[str] | None = None  # ("auto") the tools it may call (tool_choice allowed_tools); None: all
 
     @property
     def grammar(self) -> str:
@@ -224,7 +226,7 @@ class ToolPlan:
         none. (A tool's schema the grammar cannot take is a 400 then, as the request's sampling is made, before it is
         admitted, naming the tool: `_named_failure`.)"""
         if self.made is None:
-            self.made = _hermes_grammar(self.schemas or {}, self.parallel, self.answer, self.think)
+            self.made = _hermes_grammar(self.schemas or {}, self.parallel, self.answer, self.think, self.allowed)
         return self.made
 
     def answering(self, schema: dict[str, Any]) -> ToolPlan:
@@ -504,7 +506,8 @@ def _before(word: str) -> str:
 
 
 def _hermes_grammar(schemas: dict[str, dict[str, Any]], parallel: bool | None,
-                    answer: dict[str, Any] | None = None, think: bool | None = None) -> str:
+                    answer: dict[str, Any] | None = None, think: bool | None = None,
+                    allowed: frozenset[str] | None = None) -> str:
     """Text (not beginning as a call does; with `answer`, JSON of that schema, which never begins with the call's
     `<`), or one or more `<tool_call>` blocks of {"name", "arguments"} JSON, or text and then such blocks (not with
     `answer`), as Qwen2.5's and Hermes' replies write a sentence before their calls (vLLM's hermes parser reads the
@@ -514,10 +517,14 @@ def _hermes_grammar(schemas: dict[str, dict[str, Any]], parallel: bool | None,
     `think` (`ToolPlan.think`; not with `answer`): before all that, a think block left free (a lazy lexeme ending at
     its first `</think>`): one the reply may open (False: text that does not open one is as above, and a block may
     be left unclosed at the end, as a reply may end while it thinks), or one the prompt opened (True: the reply
-    begins inside it)."""
+    begins inside it).
+
+    `allowed` (`ToolPlan.allowed`): the calls are of those tools alone."""
+    only = _only(schemas, allowed)
+    held = {n: s for n, s in schemas.items() if allowed is None or n in allowed}
     calls = {"anyOf": [{"type": "object", "properties": {"name": {"const": n}, "arguments": {"$ref": f"#/$defs/{n}"}},
                         "required": ["name", "arguments"], "additionalProperties": False}
-                       for n in schemas], "$defs": _rooted_defs(schemas), "x-guidance": JSON_LAYOUT}
+                       for n in held], "$defs": _rooted_defs(held), "x-guidance": JSON_LAYOUT}
     more = "" if parallel is False else ' ("\\n" call)*'
     close = f"obj {json.dumps(HERMES_CLOSE)}{more}"
     if answer is None:  # text, which may go on to calls (`lead`: the text, then the first call's opening)
@@ -544,7 +551,7 @@ def _hermes_grammar(schemas: dict[str, dict[str, Any]], parallel: bool | None,
         "start: " + body,
         *text,
         f"call: {json.dumps(HERMES_OPEN)} obj {json.dumps(HERMES_CLOSE)}",
-        f"obj: %json {json.dumps(calls)}"]), "tools"), schemas)
+        f"obj: %json {json.dumps(calls)}"]), "tools"), only)
 
 
 def _arguments_schema(params: dict[str, Any] | None, param: str) -> dict[str, Any]:
@@ -561,6 +568,29 @@ def _arguments_schema(params: dict[str, Any] | None, param: str) -> dict[str, An
         raise ServingError(400, f"{param}: a function's parameters are a JSON schema of type 'object', got "
                            f"{params['type']!r}", param=param)
     return closed_schema(params, param)
+
+
+def _only(schemas: dict[str, dict[str, Any]], held: Any) -> dict[str, dict[str, Any]]:
+    """`schemas` as `_named_failure` takes them where only the tools named in `held` are compiled (None: all): the
+    others' schemas `{}`, in their places, so a failure names a tool by its place among all of them."""
+    return {n: (s if held is None or n in held else {}) for n, s in schemas.items()}
+
+
+def _allowed(choice: Any, schemas: dict[str, dict[str, Any]]) -> frozenset[str]:
+    """The tools tool_choice allowed_tools (protocol.AllowedToolChoice) lets the model call, each a function among
+    the tools; else a 400 naming the entry."""
+    names = []
+    for i, t in enumerate(choice.allowed_tools.tools):
+        fn = t.get("function") if t.get("type") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        param = f"tool_choice.allowed_tools.tools.{i}"
+        if not isinstance(name, str):
+            raise ServingError(400, f"{param}: an allowed tool is {{'type': 'function', 'function': {{'name': ...}}}}",
+                               param=param)
+        if name not in schemas:
+            raise ServingError(400, f"{param}: {name!r} is not among the tools", param=param)
+        names.append(name)
+    return frozenset(names)
 
 
 def _named_failure(compile_: Callable[[], str], schemas: dict[str, dict[str, Any]]) -> str:
@@ -600,13 +630,17 @@ def _rooted_defs(schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def tool_plan(tools: list | None, choice: Any, parallel: bool | None, parser: str | None = None) -> ToolPlan | None:
-    """`tools` (protocol.Tool), `tool_choice` ("none" | "auto" | "required" | protocol.NamedToolChoice | None),
+    """`tools` (protocol.Tool), `tool_choice` ("none" | "auto" | "required" | protocol.NamedToolChoice |
+    protocol.AllowedToolChoice | None),
     `parallel_tool_calls` and the model's tool-call syntax (`parser`: ModelSpec.tool_call_parser): the plan, or None
     when the output is free text."""
     if choice is None:
         choice = "auto" if tools else "none"
     if choice == "none":
         return None
+    allowed_choice = None
+    if getattr(choice, "type", None) == "allowed_tools":  # (OpenAI's: every tool declared, these alone callable)
+        allowed_choice, choice = choice, choice.allowed_tools.mode
     if not tools:
         raise ServingError(400, f"tool_choice {choice if isinstance(choice, str) else 'function'!r} needs tools",
                            param="tool_choice")
@@ -620,15 +654,17 @@ def tool_plan(tools: list | None, choice: Any, parallel: bool | None, parser: st
         if t.function.name in schemas:
             raise ServingError(400, f"tools: the name {t.function.name!r} is given twice", param=f"tools.{i}")
         schemas[t.function.name] = _arguments_schema(t.function.parameters, f"tools.{i}.function.parameters")
+    allowed = None if allowed_choice is None else _allowed(allowed_choice, schemas)
     if choice == "auto":  # the model's own syntax: text, or calls in it, each held to its tool's schema
         return ToolPlan(None, None, [t.model_dump(exclude_none=True) for t in tools], hermes=True, schemas=schemas,
-                        parallel=parallel)  # (its grammar compiled once asked for: ToolPlan.grammar)
+                        parallel=parallel, allowed=allowed)  # (its grammar compiled once asked for: ToolPlan.grammar)
     named = None
-    if isinstance(choice, str):  # "required": one call or more, of any of the tools
+    if isinstance(choice, str):  # "required": one call or more, of any of the tools (allowed_tools': of those)
+        held = {n: s for n, s in schemas.items() if allowed is None or n in allowed}
         items = [{"type": "object", "properties": {"name": {"const": n}, "parameters": {"$ref": f"#/$defs/{n}"}},
-                  "required": ["name", "parameters"], "additionalProperties": False} for n in schemas]
+                  "required": ["name", "parameters"], "additionalProperties": False} for n in held]
         schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": items},
-                                  "$defs": _rooted_defs(schemas)}
+                                  "$defs": _rooted_defs(held)}
         if parallel is False:
             schema["maxItems"] = 1
     else:
@@ -637,6 +673,6 @@ def tool_plan(tools: list | None, choice: Any, parallel: bool | None, parser: st
             raise ServingError(400, f"tool_choice names {named!r}, which is not among the tools",
                                param="tool_choice.function.name")
         schema = schemas[named]
-    only = schemas if named is None else {n: (s if n == named else {}) for n, s in schemas.items()}
+    only = _only(schemas, allowed if named is None else {named})
     return ToolPlan(_named_failure(lambda: json_grammar(schema, "tools"), only), named,
                     [t.model_dump(exclude_none=True) for t in tools])
