@@ -19,7 +19,8 @@ ux68e, a user pass over structured outputs, tools and logprobs).
 - Chat's tool_choice `allowed_tools` (OpenAI's, in the `openai` client's types: every tool declared, only those it
   lists callable, its mode `auto` or `required`) was a 400 "Input should be 'none', 'auto' or 'required'". Now
   taken: the calls are held to the allowed tools (a tool not among the tools, or not a function, a 400 naming the
-  entry); `auto` needs the model's call syntax, as plain "auto" does.
+  entry); `auto` needs the model's call syntax, as plain "auto" does. The Responses API's form (`{"type":
+  "allowed_tools", "mode", "tools": [{"type": "function", "name"}]}`) the same, its errors in its own terms.
 """
 
 from __future__ import annotations
@@ -198,3 +199,20 @@ def test_allowed_tools_auto_grammar_takes_text_or_calls_of_those_tools(smollm2):
 
     assert accepts("Sunny.") and accepts(HERMES_OPEN + '{"name": "answer", "arguments": {"answer": "no"}}' + HERMES_CLOSE)
     assert not accepts(HERMES_OPEN + '{"name": "get_weather", "arguments": {"city": "Paris"}}' + HERMES_CLOSE)
+
+
+def test_responses_allowed_tools(server):
+    c = oai(server)
+    tools = [{"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
+             for t in TWO]
+    allowed = {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "answer"}]}
+    r = c.responses.create(model="smol", input="What is the weather in Paris?", tools=tools, tool_choice=allowed,
+                           max_output_tokens=40, temperature=0)
+    assert [(o.type, o.name) for o in r.output] == [("function_call", "answer")], r.output
+    assert r.tool_choice.type == "allowed_tools", r.tool_choice  # (echoed as sent)
+    for choice, param in [({**allowed, "tools": [{"type": "function", "name": "nope"}]}, "tool_choice.tools[0]"),
+                          ({**allowed, "tools": [{"type": "function", "name": "answer", "x": 1}]},
+                           "tool_choice.tools[0].x")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.responses.create(model="smol", input="hi", tools=tools, tool_choice=choice, max_output_tokens=5)
+        assert e.value.body["param"] == param, e.value.body

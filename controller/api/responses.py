@@ -45,7 +45,7 @@ from controller.api import protocol as p
 from controller.api.serving import ClientGone, OpenAIServing, Tracked
 from controller.api.structured import CallStream, Lead, ToolPlan, response_schema
 from controller.api.thinking import Split, opened, thinks
-from controller.errors import ServingError, invalid_value
+from controller.errors import ServingError, field_path, invalid_value
 from controller.tenants import Tenant
 
 STORE_ENTRIES = 1024  # stored responses kept (the oldest go first)
@@ -139,6 +139,7 @@ FORMAT_FIELDS = {"text": frozenset({"type"}), "json_object": frozenset({"type"})
 FUNCTION_FIELDS = frozenset({"type", "name", "description", "parameters", "strict", "defer_loading", "allowed_callers",
                              "output_schema", "async"})
 TOOL_CHOICE_FIELDS = frozenset({"type", "name"})
+ALLOWED_TOOLS_FIELDS = frozenset({"type", "mode", "tools"})  # (tool_choice allowed_tools; each function: type, name)
 # An input item's fields, of each item type read here, and its parts' (the `openai` client's ResponseInputItemParam
 # and content params; ids, statuses, a call's caller and namespace, a message's phase, a part's cache breakpoint or
 # annotations: taken, not used). A list of parts is held by its part's type; a type not here is left to the 400 of
@@ -204,6 +205,12 @@ def known(req: p.ResponsesRequest) -> None:
             _only(t, FUNCTION_FIELDS, f"tools[{i}]")
     if isinstance(req.tool_choice, dict) and req.tool_choice.get("type") == "function":
         _only(req.tool_choice, TOOL_CHOICE_FIELDS, "tool_choice")
+    if isinstance(req.tool_choice, dict) and req.tool_choice.get("type") == "allowed_tools":
+        _only(req.tool_choice, ALLOWED_TOOLS_FIELDS, "tool_choice")
+        allowed = req.tool_choice.get("tools")
+        for i, t in enumerate(allowed if isinstance(allowed, list) else ()):
+            if isinstance(t, dict) and t.get("type") == "function":
+                _only(t, TOOL_CHOICE_FIELDS, f"tool_choice.tools[{i}]")
     for i, item in enumerate(req.input if isinstance(req.input, list) else ()):
         kind = _typed({"type": "message", **item}, ITEM_FIELDS, f"input[{i}]")  # (a message's type may be left out)
         for field in ITEM_PARTS.get(kind, ()):
@@ -223,6 +230,7 @@ _CHAT_PATHS = ((re.compile(r"^messages\b[.\w]*"), "input"),
                (re.compile(r"\bresponse_format\.json_schema\b"), "text.format.schema"),
                (re.compile(r"\bresponse_format\b"), "text.format"),
                (re.compile(r"\btool_choice\.function\.name\b"), "tool_choice.name"),
+               (re.compile(r"\btool_choice\.allowed_tools\.tools\.(\d+)"), r"tool_choice.tools[\1]"),
                (re.compile(r"\breasoning_effort\b"), "reasoning.effort"),
                (re.compile(r"\btools\.(\d+)\.function\.(\w+)"), r"tools[\1].\2"),
                (re.compile(r"\btools\.(\d+)"), r"tools[\1]"),
@@ -305,9 +313,13 @@ def _tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
 def _tool_choice(choice: str | dict[str, Any] | None) -> Any:
     if not isinstance(choice, dict):
         return choice
+    if choice.get("type") == "allowed_tools" and isinstance(choice.get("tools"), list):  # (the chat path's form)
+        return {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode"), "tools": [
+            {"type": t.get("type"), "function": {"name": t.get("name")}} if isinstance(t, dict) else t
+            for t in choice["tools"]]}}
     if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
-        raise _bad("tool_choice must be none, auto, required or {\"type\": \"function\", \"name\": ...}",
-                   "tool_choice")
+        raise _bad("tool_choice must be none, auto, required, {\"type\": \"function\", \"name\": ...} or "
+                   "{\"type\": \"allowed_tools\", \"mode\": ..., \"tools\": [...]}", "tool_choice")
     return {"type": "function", "function": {"name": choice["name"]}}
 
 
@@ -377,7 +389,7 @@ def _chat(req: p.ResponsesRequest, conversation: list[dict[str, Any]]) -> p.Chat
         return p.ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
+        where = ".".join(field_path(err["loc"]))  # (less a union branch's tag: `tool_choice`, not its literal's)
         raise _as_responses(_bad(f"{where}: {err['msg']}", where)) from None
 
 
