@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import math
@@ -17,7 +18,7 @@ from controller.config import ModelSpec, TenantSpec
 from controller.dashboard import stream, views
 from controller.errors import ServingError
 from controller.pool import EngineHandle
-from controller.router import pin_blocks, starved_by_pins
+from controller.router import EngineView, pin_blocks, place, starved_by_pins, with_registration
 from controller.service import Controller
 from controller.tenants import ANONYMOUS, KeyInUse, Tenant
 
@@ -354,6 +355,19 @@ def _drain_model(ctl: Controller, name: str, on: bool) -> ap.DrainOut:
     return ap.DrainOut(name=name, draining=on, inflight=n)
 
 
+def _as_placed(ctl: Controller, pinned: set[str]) -> list[EngineView]:
+    """The engines as placement will leave them with `pinned`: a drained one as it is once resumed, and the models
+    with a minimum registered nowhere (a drain gave them back) placed as placement would. Judged as they are, a pin
+    made while the only GPU drained was taken, and the model it starved was placed nowhere after the resume."""
+    infos = ctl.infos()
+    views_ = [dataclasses.replace(v, draining=False) for v in ctl.views()]
+    for n, me in ctl.models.items():
+        if me.spec.replicas.min > 0 and not any(n in v.replicas for v in views_):
+            if (pl := place(me.info, views_, infos, pinned=pinned)) is not None:
+                views_ = with_registration(views_, pl.engine_id, n)
+    return views_
+
+
 def _pin(ctl: Controller, name: str, on: bool) -> ap.PinOut:
     name = _model_named(ctl, name)
     me = ctl.models[name]
@@ -367,10 +381,11 @@ def _pin(ctl: Controller, name: str, on: bool) -> ap.PinOut:
                                        f"{other!r} needs ({infos[other].size_bytes / 1e9:.2f} GB of "
                                        f"{e.memory_bytes / 1e9:.2f} GB): {other!r} could never load there; "
                                        "unpin another model or move one first", code="pin_would_starve")
-        # and a model registered nowhere yet (replicas.min: 0): starved if the pin leaves every GPU it fits too short
-        # (start-up's rule, `starved_by_pins`: only what this pin newly causes is refused)
-        views_ = ctl.views()
-        if starved_by_pins(views_, infos, pinned) is None:
+        # and a model registered nowhere yet (replicas.min: 0, or given back by a drained GPU): starved if the pin
+        # leaves every GPU it fits too short (start-up's rule, `starved_by_pins`: only what this pin newly causes is
+        # refused)
+        if starved_by_pins(_as_placed(ctl, pinned), infos, pinned) is None:
+            views_ = _as_placed(ctl, pinned | {name})
             bad = starved_by_pins(views_, infos, pinned | {name})
             if bad is not None:
                 eid, pins, other = bad
