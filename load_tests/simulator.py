@@ -72,6 +72,10 @@ class SimRequest:
     def kv_tokens_freed(self) -> int:  # (no prefix cache simulated: preempting frees all its KV)
         return self.num_computed_tokens
 
+    @property
+    def kv_tokens_recomputed(self) -> int:  # (nor cached blocks a restart finds)
+        return self.num_computed_tokens
+
 
 @dataclass
 class GpuStats:

@@ -174,7 +174,10 @@ class RequestStatus(enum.IntEnum):
         return {3: "stop", 4: "length", 5: "abort"}.get(int(self))
 
 
-@dataclass
+# eq=False: a request is itself, compared by identity. The generated __eq__ compared every field (prompt ids,
+# outputs, ...) at each `req in queue` of the scheduler: an embeddings request of 2,048 inputs took 40 s of the
+# worker's step thread there, every other request on the engine waiting behind it
+@dataclass(eq=False)
 class Request:
     request_id: str
     prompt_token_ids: list[int]
@@ -225,6 +228,16 @@ class Request:
         if kv is None or not self.block_ids:
             return c
         return max(0, c - kv.shared(self.block_ids) * kv.block_size)
+
+    @property
+    def kv_tokens_recomputed(self) -> int:
+        """Computed tokens it would compute again were its KV dropped: all, less those in the full blocks it offered
+        the prefix cache, which its restart finds there unless they are evicted meanwhile (`_reuse_prefix`: not with
+        prompt logprobs). A policy choosing whose KV to drop counts these."""
+        c, kv = self.num_computed_tokens, self.kv_view
+        if kv is None or self.sampling_params.prompt_logprobs is not None:
+            return c
+        return max(0, c - self.num_registered_blocks * kv.block_size)
 
     def hashes_to(self, n_blocks: int, block_size: int) -> list:
         """The chained hashes of its first `n_blocks` full blocks (made once each, kept), apart by its adapter's load

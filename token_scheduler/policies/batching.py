@@ -94,16 +94,16 @@ def build_batch(cost: CostModel, m: ModelState, limits: BatchLimits, free_bytes:
 def pick_victim(cands: Sequence, lo: int, host_free: int | None, block_tokens: int) -> int:
     """The index in `cands[lo:]` (RUNNING requests, oldest first) of the one to preempt: the newest whose KV fits
     `host_free` host blocks (swapped out: it comes back by a copy), else -- all would be dropped -- the one with
-    the fewest computed tokens to recompute, the newest of those. `host_free` None: host room not counted (the
-    newest, vLLM's rule)."""
+    the fewest tokens to recompute (`kv_tokens_recomputed`: its computed tokens less those in blocks the prefix
+    cache holds), the newest of those. `host_free` None: host room not counted (the newest, vLLM's rule)."""
     last = len(cands) - 1
     if host_free is None:
         return last
     best, least = last, None
     for j in range(last, lo - 1, -1):
-        c = cands[j].num_computed_tokens
-        if blocks(c, block_tokens) <= host_free:
+        if blocks(cands[j].num_computed_tokens, block_tokens) <= host_free:
             return j
+        c = cands[j].kv_tokens_recomputed
         if least is None or c < least:
             best, least = j, c
     return best
