@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -231,7 +231,8 @@ def render_template(template: str, fields: dict[str, str]) -> str:
 
 class EmbedRequest(_Loose):
     model: str
-    input: str | list[str] = ""
+    # (bounded as /v1/embeddings' input: 100,000 inputs held the server, every tenant's requests, for minutes)
+    input: str | Annotated[list[str], Field(max_length=p.MAX_EMBED_INPUTS)] = ""
     truncate: bool = True  # an input longer than the context keeps its start (False: a 400)
     dimensions: int | None = None
     options: Options | None = None  # (num_ctx: the context an input is cut to, `_embed`; the rest change nothing)
