@@ -482,10 +482,13 @@ class Controller:
         # Placement follows the pins (`router.pin_blocked`): registered while they leave it no GPU, the model would
         # be placed nowhere, and every request to it refused for good. Refused here instead, as a pin that would
         # starve a model is (409 pin_would_starve); at start-up no GPU is known yet (_check_pins judges then).
-        why = self._pins_block(info, spec.pin) if budgets else None
-        if why is not None:
-            raise ServingError(409, f"model {spec.name!r} cannot be placed on any GPU its weights fit: {why}; unpin a "
-                               "model or remove one first", code="pin_would_starve")
+        def pins_allow() -> None:
+            why = self._pins_block(info, spec.pin) if budgets else None
+            if why is not None:
+                raise ServingError(409, f"model {spec.name!r} cannot be placed on any GPU its weights fit: {why}; "
+                                   "unpin a model or remove one first", code="pin_would_starve")
+
+        pins_allow()
         if source != "config" and (why := self._kv_page_problem(spec)) is not None:
             raise ServingError(400, why, param="path", code="kv_page_too_small")
         # Its names are claimed while its tokenizer loads (another thread's time): two registrations of one name, or
@@ -500,6 +503,9 @@ class Controller:
         finally:
             if not dry_run:
                 del self._claims[spec.name]
+        # and again, now: a registration or a pin made while the tokenizer loaded counts too (three pinned models
+        # registered at once were each judged beside the pins of before, and together they starved a fourth)
+        pins_allow()
         cfg = _hf_config(spec)  # (read once for the three)
         entry = ModelEntry(spec, info, tok, context_len(spec, cfg), hidden_size(cfg), architecture(cfg),
                            pinned=spec.pin, source=source, kv_elems=_kv_elems(spec))
