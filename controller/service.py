@@ -61,6 +61,7 @@ FAILED_AVOID_S = 120.0  # a model shed from an engine (or failing to load there 
 LOAD_RETRY_S = 10.0  # a model whose registration failed on an engine is tried there again after this, doubled at each
 # failure in a row (10, 20, 40, 80, then every FAILED_AVOID_S); meanwhile its requests hear why, and when (a 503)
 RETRY_WAIT_S = 15.0  # how long a request whose engine failed waits for another to take it
+PLACE_SLICE = 32  # a request's engine requests placed between two yields to the event loop (Controller.generate)
 MAX_ATTEMPTS = 3  # engines one engine request is sent to, at most, when each fails it (dies) in turn
 CRASH_ATTEMPTS = 2  # ... when its engine's step crashed: the request itself may be what crashes it (each crash ends
 # every stream of that worker), so it is sent to one more engine only
@@ -775,6 +776,8 @@ class Controller:
                     # (its n, its prompt list) queued behind that one's siblings, so a request of more of them than
                     # an engine runs at once was refused on an idle server, by its own load, at every retry
                     await self._place(sub, entry, slo, tenant.spec.priority, admission=len(gen.subs) == 1)
+                    if len(gen.subs) % PLACE_SLICE == 0:  # (each placement reads every engine request: 2,048
+                        await asyncio.sleep(0)  # inputs to embed held the loop, every tenant's streams, 1.5 s)
             # under the name it asked for: a LoRA adapter's (the model serving it beside it, as base_model). Not a
             # load (Ollama's load request): it is no request of the tenant's, as its usage and the window say
             if not load:
