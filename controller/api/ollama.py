@@ -200,10 +200,12 @@ def render_template(template: str, fields: dict[str, str]) -> str:
         raise ServingError(400, "template: an action {{ ... }} is not closed", param="template")
     parts.append(template[pos:])
     out: list[str] = []
-    stack: list[tuple[bool, bool]] = []  # (the enclosing blocks write, this branch is taken)
+    # (the enclosing blocks write, this branch is taken): the top's pair says whether text is written now (it was
+    # all() over the stack at each part: 30,000 nested ifs, 0.75 MB, held the event loop 99 s)
+    stack: list[tuple[bool, bool]] = []
 
     def writing() -> bool:
-        return all(w and t for w, t in stack)
+        return not stack or stack[-1][0] and stack[-1][1]
 
     for part in parts:
         if isinstance(part, str):
@@ -467,8 +469,8 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                 # the request's own template over the system message and the prompt, fed as it is; for a model with no
                 # chat template (a base model), Ollama's default one, `{{ .Prompt }}`: the prompt as it is (it was a
                 # 400 saying to send raw, where Ollama's generate completes a text model's prompt)
-                prompt = render_template(body.template or "{{ .Prompt }}", {"System": body.system or "",
-                                                                            "Prompt": body.prompt})
+                prompt = await serving.offload(render_template, body.template or "{{ .Prompt }}",
+                                               {"System": body.system or "", "Prompt": body.prompt})
                 req = _as(p.CompletionRequest, {"max_tokens": None, **_sampling(body, model), "prompt": prompt})
             else:  # the model's template over the system message and the prompt, as Ollama applies it
                 msgs = ([{"role": "system", "content": body.system}] if body.system else [])
