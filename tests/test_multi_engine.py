@@ -661,3 +661,46 @@ def test_a_models_kv_pages_count_a_shared_prefix_once(make_tiny, host_cache):
     snap = multi.snapshot()
     assert snap["models"]["a"]["kv_pages_used"] == len(distinct) == snap["vram"]["kv_pages_used"]
     multi.close()
+
+
+def test_a_slot_split_by_a_pinned_model_is_made_whole_by_evicting_its_neighbour(make_tiny, host_cache):
+    """Weight space of four 2 MiB units: a pinned model in the first, the third held by an idle model, the second
+    and fourth free. A 4 MiB model's slot fits no free run, and evicting every victim frees 2 MiB by bytes, less than
+    its slot; beside a pinned model the plan took that as "no room" forever (its requests waited, a busy loop of idle
+    plans), though evicting the idle neighbour leaves units 2-4 one range. The mechanism's layout answers it
+    (`ModelPool.can_load`): the big model loads and its tokens are those it makes alone."""
+    from gpu_pool.arena import MiB
+
+    paths = {"pin": make_tiny("qwen2"), "gone": make_tiny("qwen2", seed=1), "idle": make_tiny("qwen3"),
+             "big": make_tiny("llama")}
+    alone = _alone(paths["big"], "greedy")
+    multi = MultiModelEngine(dict(paths.items()), policy="token", device="cpu", gpu_budget=10 * MiB,
+                             kv_cache_gb=64 * 16 * 512 / 1e9, host_kv_gb=256 * 16 * 512 / 1e9, host_cache=host_cache,
+                             policy_kw={"max_round_s": 0.0})
+    mem = multi.memory
+    assert mem.weight_capacity == 8 * MiB and mem.slot_bytes("big") == 4 * MiB
+    multi.set_pinned("pin", True)
+
+    def run(name: str, reqs: dict[str, int]) -> dict[str, list[int]]:
+        for rid, i in reqs.items():
+            multi.add_request(f"{name}/{rid}", PROMPTS[i], _params("greedy", i), model=name)
+        done, steps = {}, 0
+        while multi.has_unfinished_requests() and steps < 400:  # (a hang shows as a failure, not a stuck test)
+            steps += 1
+            for o in multi.step():
+                if o.finished:
+                    done[o.request_id.split("/", 1)[1]] = o.outputs[0].token_ids
+        assert not multi.has_unfinished_requests(), f"{name}: no plan in {steps} steps"
+        return done
+
+    for name in ("pin", "gone", "idle"):  # each into the next unit
+        run(name, {"r0": 0})
+    multi.evict_when_idle("gone")
+    multi.step()
+    slots = {n: s.offset for n, s in mem.slot_table.slots.items()}
+    assert sorted(slots) == ["idle", "pin"] and mem.arena.alloc.largest_free == 2 * MiB
+    assert slots["idle"] - slots["pin"] == 4 * MiB  # a free unit between them, and one after
+    got = run("big", {rid: i for i, rid in enumerate(alone)})
+    assert got == alone
+    assert mem.holds("pin") and not mem.holds("idle")
+    multi.close()

@@ -167,7 +167,8 @@ class MultiModelEngine:
         # measured, where the H100's was 6.2); on CPU no prior fits, so it learns from the first steps.
         self.cost = cost or CostModel(roofline_for(torch.cuda.get_device_name(torch.device(device)))
                                       if str(device).startswith("cuda") else None, [])
-        self.state = PoolState(models={}, capacity_bytes=0, cost=self.cost)
+        self.state = PoolState(models={}, capacity_bytes=0, cost=self.cost,
+                               can_load=self.memory.can_load if self.memory is not None else None)
         self._queues: list[tuple] = []  # (scheduler, its model's ModelState) of every hosted model, for `_sync`
         self.policy = make_policy(policy, **(policy_kw or {}))
         # outputs owed by the next step: a removed model's requests' final ones, and (pipeline) those of a step in

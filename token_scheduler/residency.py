@@ -217,6 +217,15 @@ class ModelPool:
         self._finish_load(e, stall)
         return e.resident
 
+    def can_load(self, name: str) -> bool:
+        """Whether `load(name)` would find `name` a range, evicting what a load may: the least recently taken models
+        but the pinned ones (a prefetch in flight, not taken yet, stays) -- the policy's question where free bytes
+        cannot answer it (`PoolState.can_load`)."""
+        e = self.entries[name]
+        if e.resident is not None or e.prefetch is not None:
+            return True
+        return self.slot_table.victims(name, e.host.nbytes, None, tuple(self.pinned)) is not None
+
     def prefetch(self, name: str, order: list[str] | None = None) -> bool:
         """Start bringing `name` in. Without an `order` only into free space (never evicts for a prefetch);
         with one, the models in it may go to make a contiguous range. False if there is no room."""

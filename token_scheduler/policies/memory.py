@@ -88,10 +88,14 @@ def fit_step(st: PoolState, m: ModelState, kv_demand: int, victims: Callable[[],
         # Short of a slot's worth from the victims: that took every victim there is. With no pinned weights and
         # no load in flight left in the arena it is then all free, one range, so the free bytes count after all.
         # A model whose slot is more than the others can free -- a 4 MiB slot in a 4 MiB arena beside an idle
-        # 2 MiB one -- otherwise never got a plan: its requests waited forever behind an idle model.
-        if need_w > room_w + room.freed and (room_w == free or need_w > free + room.freed or any(
-                o is not m and (o.residency == Residency.LOADING or (o.pinned and o.residency == Residency.RESIDENT))
-                for o in st.models.values())):
+        # 2 MiB one -- otherwise never got a plan: its requests waited forever behind an idle model. Beside pinned
+        # weights or a load in flight the free bytes cannot say whether the range is whole (a pinned slot between
+        # two free runs splits it; one at the end does not): the mechanism's layout does (`PoolState.can_load`).
+        # Without it such a model waited forever beside a pinned one whose neighbour's eviction would have made room.
+        if need_w > room_w + room.freed and (room_w == free or need_w > free + room.freed or (
+                not st.can_load(m.name) if st.can_load is not None else any(
+                    o is not m and (o.residency == Residency.LOADING or (o.pinned and o.residency == Residency.RESIDENT))
+                    for o in st.models.values()))):
             return None
     kv_free = st.kv_free_bytes(m)
     near = st.kv_neighbours(m) if kv_demand > kv_free else None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from token_scheduler.cost_model import CostModel, ModelSize
@@ -97,6 +98,10 @@ class PoolState:
     # An arena's weight space: its largest free contiguous range (the mechanism keeps it current). A slot needs
     # one range, so free bytes scattered in smaller ones do not hold it (`slot_room`). None: bytes are all.
     weight_free_run: int | None = None
+    # Whether the mechanism's blocking load of a model would find it a range, evicting what a load may (every landed
+    # slot but the pinned ones). Asked only where evicting every victim frees less than a slot's worth beside pinned
+    # weights or a load in flight: those may split the arena, or not -- the free bytes cannot say. None: not known.
+    can_load: Callable[[str], bool] | None = None
 
     # The two sums below run on every schedule() over every model (dozens per GPU): plain loops that skip what
     # adds nothing (models in host memory, models holding no KV), no generator, no property call per model
