@@ -17,7 +17,9 @@
   every 32;
 - Ollama generate's `template` was rendered on the event loop, and each part of it scanned every enclosing
   `{{ if }}`: 10,000 nested ifs (250 KB) stopped the server 8 s, 30,000 (0.75 MB) 99 s. Now linear, in the tokenize
-  pool.
+  pool;
+- that pool (2 threads) was first come, first served: four 4 MB prompts of one tenant (their 400s 14-29 s away) made
+  another tenant's "hi" wait 28 s. A key's work now takes at most all threads but one (0.9 s).
 
 Found fine (not pinned here: tests/test_hardening*.py, test_tenant*.py and test_cors.py pin most): another tenant's
 model, by name, alias, other case or Ollama spelling, is the 404 of a name that does not exist on every route
@@ -206,3 +208,30 @@ def test_a_deeply_nested_ollama_template_neither_stalls_nor_renders_wrong(server
         th.join()
     assert r.status_code == 200 and r.json()["prompt_eval_count"] >= 1, r.text[:300]
     assert waits and max(waits) < 1.0, (max(waits), len(waits))
+
+
+def test_one_tenants_huge_prompts_do_not_queue_anothers_small_one(server):
+    """Alice sends three 2 MB prompts at once (each a 400, after seconds of tokenizing); bob's small prompt, sent
+    while they are tokenized, is answered at once: it waited for a thread of the shared pool behind hers."""
+    big = {"model": "tiny", "prompt": "word " * 400_000, "max_tokens": 1}
+    alice: list[tuple[int, float]] = []
+
+    def send() -> None:
+        t0 = time.perf_counter()
+        r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {ALICE}"}, json=big,
+                       timeout=120)
+        alice.append((r.status_code, time.perf_counter() - t0))
+
+    ths = [threading.Thread(target=send) for _ in range(3)]
+    for th in ths:
+        th.start()
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {BOB}"}, timeout=120,
+                   json={"model": "pace", "prompt": "hi", "max_tokens": 1})
+    bob = time.perf_counter() - t0
+    for th in ths:
+        th.join()
+    assert r.status_code == 200 and [s for s, _ in alice] == [400] * 3, (r.text[:200], alice)
+    slowest = max(t for _, t in alice)
+    assert bob < 0.5 and bob < slowest / 3, (bob, alice)

@@ -39,7 +39,7 @@ from controller.heap import give_back_free_memory
 from controller.messages import Delta
 from controller.ollama_names import pick
 from controller.service import Controller, Generation, ModelEntry
-from controller.tenants import Tenant
+from controller.tenants import KEY_USED, Tenant
 from token_scheduler.request import SamplingParams
 
 log = logging.getLogger("tokenpool.serving")
@@ -403,14 +403,32 @@ class OpenAIServing:
     def __init__(self, ctl: Controller):
         self.ctl = ctl
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
+        # key hash -> (its turns in the pool, the offloads holding or awaiting one), while it has any (`offload`)
+        self._tokenize_turns: dict[str, tuple[asyncio.Semaphore, int]] = {}
         self.active: set[Tracked] = set()  # admitted requests not yet finished (graceful shutdown waits)
         self.draining = False  # set on SIGTERM: new requests get 503 + Retry-After
         self.drain_retry_after = 5
         self.last_used: dict[str, float] = {}  # model name -> wall-clock time of its latest request (tokenpool ps)
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run CPU-bound request work (tokenizing, template rendering) off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, functools.partial(fn, *args))
+        """Run CPU-bound request work (tokenizing, template rendering) off the event loop. On a server with tenants
+        a key's work takes all the pool's threads but one: four 4 MB prompts of one tenant (7-25 s each, their 400s)
+        held both threads, and another tenant's "hi" waited 28 s behind them."""
+        loop = asyncio.get_running_loop()
+        key = KEY_USED.get()
+        if key is None or self.ctl.tenants.single_user:
+            return await loop.run_in_executor(self._tokenize_pool, functools.partial(fn, *args))
+        turns, users = self._tokenize_turns.get(key) or (asyncio.Semaphore(TOKENIZE_THREADS - 1), 0)
+        self._tokenize_turns[key] = (turns, users + 1)
+        try:
+            async with turns:
+                return await loop.run_in_executor(self._tokenize_pool, functools.partial(fn, *args))
+        finally:
+            turns, users = self._tokenize_turns[key]
+            if users == 1:
+                del self._tokenize_turns[key]
+            else:
+                self._tokenize_turns[key] = (turns, users - 1)
 
     def close(self) -> None:
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
