@@ -30,7 +30,8 @@ that does not exist (GET, DELETE, input_items, cancel, previous_response_id, inp
 the field; json_schema nested 300+ deep a 400; 2,000 concurrent streams of one tenant: its max_concurrent run, the
 rest 429s, the other tenant served; 500 bodies sent a byte a second: other tenants served in < 0.5 s; Bearer in any
 case and with extra spaces taken, a tab or no scheme a 401; a client's x-request-id never echoed; CORS preflights
-as the README says.
+as the README says; 404 timings of another tenant's model and of no model alike (~1 ms each); path traversal under
+/dashboard/static a 404; Ollama's /api/chat, Anthropic's and the Responses API's message lists held to 4,096.
 """
 
 from __future__ import annotations
