@@ -36,8 +36,10 @@ as the README says; 404 timings of another tenant's model and of no model alike 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -53,6 +55,29 @@ from token_scheduler.scheduler import BatchLimits, BatchScheduler
 
 ADMIN, ALICE, BOB = "admin-ux68f", "key-alice-ux68f", "key-bob-ux68f"
 PORT = 30401
+
+
+@contextlib.contextmanager
+def health_waits(url: str) -> Iterator[list[float]]:
+    """/health polled every 10 ms while the block runs: the list of its answers' waits (seconds)."""
+    waits: list[float] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                c.get("/health")
+                waits.append(time.perf_counter() - t0)
+                time.sleep(0.01)
+
+    th = threading.Thread(target=poll)
+    th.start()
+    try:
+        yield waits
+    finally:
+        done.set()
+        th.join()
 
 
 @pytest.fixture(scope="module")
@@ -154,25 +179,9 @@ def test_finishing_many_queued_requests_is_not_quadratic_in_their_fields():
 def test_one_requests_many_inputs_do_not_stop_the_server_for_others(server):
     """2,048 inputs to embed (the most one request takes): /health, polled meanwhile, answers within 1 s each time
     (its longest wait was 1.5-4 s on 2 cores, the loop held while they were placed; ~0.2 s now)."""
-    waits: list[float] = []
-    done = threading.Event()
-
-    def poll() -> None:
-        with httpx.Client(base_url=server.url, timeout=60) as c:
-            while not done.is_set():
-                t0 = time.perf_counter()
-                c.get("/health")
-                waits.append(time.perf_counter() - t0)
-                time.sleep(0.01)
-
-    th = threading.Thread(target=poll)
-    th.start()
-    try:
+    with health_waits(server.url) as waits:
         r = httpx.post(server.url + "/v1/embeddings", headers={"Authorization": f"Bearer {ALICE}"}, timeout=120,
                        json={"model": "tiny", "input": ["a"] * MAX_EMBED_INPUTS})
-    finally:
-        done.set()
-        th.join()
     assert r.status_code == 200 and len(r.json()["data"]) == MAX_EMBED_INPUTS, r.text[:300]
     assert len(waits) > 5 and max(waits) < 1.0, (max(waits), len(waits))
 
@@ -187,26 +196,10 @@ def test_a_deeply_nested_ollama_template_neither_stalls_nor_renders_wrong(server
                            "{{ else }}x{{ end }}|{{ if .System }}{{ if .Prompt }}y{{ end }}{{ else }}z{{ end }}",
                            f) == "acde|z"
     n = 10_000
-    waits: list[float] = []
-    done = threading.Event()
-
-    def poll() -> None:
-        with httpx.Client(base_url=server.url, timeout=60) as c:
-            while not done.is_set():
-                t0 = time.perf_counter()
-                c.get("/health")
-                waits.append(time.perf_counter() - t0)
-                time.sleep(0.01)
-
-    th = threading.Thread(target=poll)
-    th.start()
-    try:
+    with health_waits(server.url) as waits:
         r = httpx.post(server.url + "/api/generate", headers={"Authorization": f"Bearer {ALICE}"}, timeout=60,
                        json={"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 1},
                              "template": "{{ if .Prompt }}" * n + "{{ .Prompt }}" + "{{ end }}" * n})
-    finally:
-        done.set()
-        th.join()
     assert r.status_code == 200 and r.json()["prompt_eval_count"] >= 1, r.text[:300]
     assert waits and max(waits) < 1.0, (max(waits), len(waits))
 
