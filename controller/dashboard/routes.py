@@ -6,6 +6,7 @@ the session cookie that a successful login sets (controller.api.auth.admin accep
 
 from __future__ import annotations
 
+import asyncio
 import html
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -98,6 +99,9 @@ async def form_paths(request: Request):
 @router.post("/dashboard/logout")
 async def logout(request: Request):
     session.sessions(request.app).drop(request.cookies.get(session.COOKIE))
+    hub = getattr(request.app.state, "event_hub", None)  # (controller.api.admin_routes: once a stream opened)
+    if hub is not None and (ended := hub.end_due()):  # the session's streams end before this answer
+        await asyncio.wait(ended, timeout=1.0)  # (a client that stopped reading holds its write: not this answer)
     resp = RedirectResponse("/dashboard", status_code=303, headers=HEADERS)
     resp.delete_cookie(session.COOKIE, path="/", httponly=True, samesite="strict")
     return resp

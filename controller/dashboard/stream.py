@@ -190,11 +190,17 @@ class Hub:
                 log.exception("the event stream's beat failed")
             self.on_cpu(time.thread_time() - cpu)
 
+    def end_due(self) -> list[asyncio.Future]:
+        """End each connection whose `ends` gives a reason now; returns the writes of their end frames. Each beat
+        does it first, and a sign-out at once (its session's streams then end before its answer, not a beat or a
+        stalled loop's wait after it: the page's fallback, which starts at that answer, aborted a stream on a
+        loaded host)."""
+        return [self._end(c, why) for c, why in [(c, c.ends()) for c in self.conns if c.ends is not None]
+                if why is not None]
+
     def _beat(self, tick: bool, quiet: float) -> float:
         """Write what this beat has to every connection; returns how long nothing was written."""
-        for c, why in [(c, c.ends()) for c in self.conns if c.ends is not None]:
-            if why is not None:
-                self._end(c, why)
+        self.end_due()
         new = after(self.bus, self.seq)
         if not tick and all(e["kind"] in ROUTINE for e in new):
             new = []  # left in the ring for the tick
@@ -264,7 +270,7 @@ class Hub:
         finally:
             step.close()  # (a no-op once it has returned; unwinds it when the connection closed first)
 
-    def _end(self, c: Conn, why: str) -> None:
+    def _end(self, c: Conn, why: str) -> asyncio.Future:
         """End a connection: nothing more is written to it but an `event: end` frame saying why (a dashboard signed
         out goes to its login form at once, not through a reconnect answered 401), then its response's body ends
         (the ASGI server's receive then says the client is gone, so the response returns)."""
@@ -276,6 +282,7 @@ class Hub:
 
         done = asyncio.ensure_future(end())
         done.add_done_callback(lambda t: t.cancelled() or t.exception())  # (a client already gone: nothing to say)
+        return done
 
     @staticmethod
     def _failed(c: Conn) -> None:

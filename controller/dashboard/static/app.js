@@ -219,8 +219,9 @@ async function api(method, path, body) {
 // The session ended (signed out in another tab, expired, the server restarted): back to the login form, once,
 // when no call is in flight and the event stream has ended (each call that got a 401 navigated again, and a
 // navigation aborts the requests in flight: failed requests in the browser's log). The server ends a signed-out
-// session's stream within a beat; 8 s is the limit all the same (a stream still open then is aborted by the
-// navigation: a failed request in the browser's log; 3 s was passed on a loaded CI host).
+// session's streams before it answers the sign-out (an expired one's within a beat); 8 s is the limit all the same
+// (a stream still open then is aborted by the navigation: a failed request in the browser's log; 3 s was passed on
+// a loaded CI host, when the stream ended at the beat after the sign-out's answer).
 function signedOut(now = false) {
   if (!S.leaving) setTimeout(() => signedOut(true), 8000);
   S.leaving = true;
