@@ -401,6 +401,10 @@ def serve_cmd(
         "step at most (prompts beyond it are prefilled in chunks; default: 2048)"),
     seed: Optional[int] = typer.Option(
         None, "--seed", help="as vLLM's: the MODEL_DIR models' sampling seed (default: 0)"),
+    generation_config: Optional[str] = typer.Option(
+        None, "--generation-config", help="as vLLM's: where the MODEL_DIR models' sampling defaults come from: auto "
+        "(default: their generation_config.json), vllm (none: the server's own), or a folder with a "
+        "generation_config.json"),
     enforce_eager: bool = typer.Option(
         False, "--enforce-eager", help="as vLLM's: the MODEL_DIR models run without CUDA graphs"),
     allowed_origins: Optional[list[str]] = typer.Option(
@@ -459,7 +463,7 @@ def serve_cmd(
               False if no_prefix_caching else True if prefix_caching else None),
           max_loras=max_loras, max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
           enforce_eager=enforce_eager or None, trust_remote_code=trust_remote_code, allowed_origins=allowed_origins,
-          max_num_batched_tokens=max_num_batched_tokens, seed=seed)
+          max_num_batched_tokens=max_num_batched_tokens, seed=seed, generation_config=generation_config)
 
 
 def listen_as(value: str) -> str:

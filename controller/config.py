@@ -236,6 +236,9 @@ class ModelSpec(_Strict):
     # LoRA adapters over this model's weights, each served under its own name (its requests run on the model's
     # engines, adding the adapter's deltas); POST /v1/load_lora_adapter adds more at runtime
     lora_modules: list[LoraModule] = Field(default_factory=list)
+    # the sampling defaults a request's left-out fields take (vLLM's --generation-config): "auto", the model folder's
+    # generation_config.json; "vllm", none (the server's own); else a folder whose generation_config.json is read
+    generation_config: str = Field("auto", min_length=1)
 
     @property
     def lora_names(self) -> list[str]:
@@ -576,6 +579,8 @@ def load_config(path: Path | None) -> ServerConfig:
             m.bound_context()
         for lm in m.lora_modules:
             lm.path = where(lm.path)
+        if m.generation_config not in ("auto", "vllm"):
+            m.generation_config = where(m.generation_config)
     if cfg.tenants_file:
         cfg.tenants_file = where(cfg.tenants_file)
     if cfg.admin_token_file:

@@ -226,15 +226,17 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
             lora_modules: list[str] | None = None, enable_prefix_caching: bool | None = None,
             max_loras: int | None = None, max_lora_rank: int | None = None, max_num_seqs: int | None = None,
             enforce_eager: bool | None = None, max_num_batched_tokens: int | None = None,
-            seed: int | None = None, convert_gguf: bool = True) -> tuple[ServerConfig, str | None]:
+            seed: int | None = None, convert_gguf: bool = True,
+            generation_config: str | None = None) -> tuple[ServerConfig, str | None]:
     """The validated config with CLI overrides; a fresh admin token if the config has none (shown once).
 
     Model directories on the command line are served beside the config's models; without a config they are the
     only models (no demo), on the default loopback listener without auth. As vLLM's flags: `api_key` (every request
     must present it: a tenant "api-key" of every model, auth on), and `max_model_len`/`dtype`/`tool_call_parser`/
     `lora_modules`/`enable_prefix_caching`/`max_loras`/`max_lora_rank`/`max_num_seqs`/`enforce_eager` (no CUDA
-    graphs)/`max_num_batched_tokens`/`seed` for the directories' models. `convert_gguf=False`: a `.gguf` file not
-    converted yet is left to the caller (`convert_gguf_files`, then `check_max_model_len` and the models' checks)."""
+    graphs)/`max_num_batched_tokens`/`seed`/`generation_config` for the directories' models. `convert_gguf=False`: a
+    `.gguf` file not converted yet is left to the caller (`convert_gguf_files`, then `check_max_model_len` and the
+    models' checks)."""
     from controller.startup import StartupError, load_checked, validation_line
 
     if port is not None and not 0 <= port <= 65535:
@@ -250,7 +252,8 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
     flags = {"--max-model-len": max_model_len, "--dtype": dtype, "--tool-call-parser": tool_call_parser,
              "--lora-modules": lora_modules or None, "--[no-]enable-prefix-caching": enable_prefix_caching,
              "--max-num-seqs": max_num_seqs, "--enforce-eager": enforce_eager or None, "--max-loras": max_loras,
-             "--max-lora-rank": max_lora_rank, "--max-num-batched-tokens": max_num_batched_tokens, "--seed": seed}
+             "--max-lora-rank": max_lora_rank, "--max-num-batched-tokens": max_num_batched_tokens, "--seed": seed,
+             "--generation-config": generation_config}
     if any(v is not None for v in flags.values()) and not specs:
         *names, last = flags
         raise StartupError(f"{', '.join(names)} and {last} apply to the MODEL_DIR arguments; none were given (a "
@@ -263,9 +266,15 @@ def prepare(config_path: Path | None, host: str | None, port: int | None, model_
     known = typing.get_args(ToolCallParser)
     if tool_call_parser is not None and tool_call_parser not in known:
         raise StartupError(f"--tool-call-parser {tool_call_parser}: the ones known are {', '.join(known)}")
+    if generation_config is not None:
+        if generation_config not in ("auto", "vllm"):
+            generation_config = str(Path(generation_config).expanduser().resolve())
+        if (why := generation_config_problem(generation_config)) is not None:
+            raise StartupError(f"--generation-config: {why}")
     try:
         for s in specs:
             s.tool_call_parser = tool_call_parser  # type: ignore[assignment]
+            s.generation_config = generation_config or s.generation_config
             s.engine = EngineOptions.model_validate({**s.engine.model_dump(),
                                                      **{k: v for k, v in engine.items() if v is not None}})
     except ValidationError as e:
@@ -340,6 +349,15 @@ def config_gguf_files(models: list[ModelSpec], config_path: Path) -> dict[int, P
     return pending
 
 
+def generation_config_problem(source: str) -> str | None:
+    """Why a model's generation_config (vLLM's --generation-config: auto, vllm or a folder) cannot be read, or None."""
+    if source in ("auto", "vllm"):
+        return None
+    if not (Path(source) / "generation_config.json").is_file():
+        return f"{source} is not auto, vllm or a folder with a generation_config.json"
+    return None
+
+
 def check_config_models(models: list[ModelSpec], config_path: Path) -> dict[int, Path]:
     """Each of a configuration file's models has a directory the engine runs, and its LoRA adapters fit it; else a
     StartupError naming the file, the key (models.N.path) and the model. A `.gguf` file's model is served from its
@@ -353,6 +371,8 @@ def check_config_models(models: list[ModelSpec], config_path: Path) -> dict[int,
             continue
         if m.path is not None and (why := model_dir_problem(m.path)) is not None:
             raise StartupError(f"config {config_path}: models.{i}.path: model {m.name!r}: {why}")
+        if (why := generation_config_problem(m.generation_config)) is not None:
+            raise StartupError(f"config {config_path}: models.{i}.generation_config: model {m.name!r}: {why}")
         for j, lm in enumerate(m.lora_modules):
             if (why := adapter_fit_problem(lm.path, m.path, m.engine.max_lora_rank)) is not None:
                 raise StartupError(f"config {config_path}: models.{i}.lora_modules.{j}.path: model {m.name!r}, "
@@ -539,7 +559,8 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
           enable_prefix_caching: bool | None = None, max_loras: int | None = None,
           max_lora_rank: int | None = None, max_num_seqs: int | None = None, enforce_eager: bool | None = None,
           trust_remote_code: bool = False, allowed_origins: list[str] | None = None,
-          max_num_batched_tokens: int | None = None, seed: int | None = None) -> None:
+          max_num_batched_tokens: int | None = None, seed: int | None = None,
+          generation_config: str | None = None) -> None:
     collect_as_served()
     from controller import shutdown, startup
 
@@ -556,7 +577,7 @@ def serve(config_path: Path | None = None, host: str | None = None, port: int | 
         cfg, admin_token = prepare(config_path, host, port, model_dirs, served_model_names, gpu_budget_gb, api_key,
                                    max_model_len, dtype, tool_call_parser, lora_modules, enable_prefix_caching,
                                    max_loras, max_lora_rank, max_num_seqs, enforce_eager, max_num_batched_tokens,
-                                   seed, convert_gguf=False)
+                                   seed, convert_gguf=False, generation_config=generation_config)
         if allowed_origins:
             cfg.cors_origins = origins_given(allowed_origins)
         if config_path is not None:  # (a config's models: the file and the key named; the MODEL_DIRs were checked;
@@ -664,11 +685,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--allowed-origins", nargs="+", default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--generation-config", default=None)
     a = ap.parse_args(argv)
     serve(a.config, a.host, a.port, a.model_dirs, a.served_model_name, a.gpu_budget, a.api_key, a.max_model_len,
           a.dtype, a.tool_call_parser, a.lora_modules, a.enable_prefix_caching, a.max_loras, a.max_lora_rank,
           a.max_num_seqs, a.enforce_eager, allowed_origins=a.allowed_origins,
-          max_num_batched_tokens=a.max_num_batched_tokens, seed=a.seed)
+          max_num_batched_tokens=a.max_num_batched_tokens, seed=a.seed, generation_config=a.generation_config)
 
 
 if __name__ == "__main__":

@@ -270,7 +270,7 @@ def test_serve_lora_modules_flag(dirs, tmp_path):
     assert prepare(None, None, None, [a], ["main"])[0].models[0].engine.max_lora_rank == 64
     with pytest.raises(StartupError, match="--max-lora-rank: Input should be greater than or equal to 1"):
         prepare(None, None, None, [a], ["main"], max_lora_rank=0)
-    with pytest.raises(StartupError, match="--max-lora-rank, --max-num-batched-tokens and --seed apply to the MODEL_DIR "
+    with pytest.raises(StartupError, match="--max-num-batched-tokens, --seed and --generation-config apply to the MODEL_DIR "
                                            "arguments"):
         prepare(None, None, None, [], [], max_lora_rank=8)
     # vLLM's --max-loras: their adapter slots (unset: the engine's TOKENPOOL_GPU_LORAS)

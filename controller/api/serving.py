@@ -283,8 +283,12 @@ def generation_defaults(me: ModelEntry) -> dict[str, float]:
     (`--generation-config auto`): Qwen2.5-Instruct's temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05,
     say. Values equal to transformers' defaults, or out of range, are not taken. Read again when the file changes:
     it is stat'ed at most once every GENERATION_CONFIG_RECHECK_S a folder (a stat per request would be a blocking
-    syscall on the event loop each time, a slow one on a network volume such as a Kubernetes /models)."""
+    syscall on the event loop each time, a slow one on a network volume such as a Kubernetes /models). The model's
+    `generation_config` (vLLM's --generation-config) "vllm" takes none, a folder that folder's file instead."""
     path = getattr(me.spec, "path", None)
+    source = getattr(me.spec, "generation_config", "auto")
+    if source != "auto":
+        path = None if source == "vllm" else source
     if not path:
         return {}
     file = os.path.join(path, "generation_config.json")
