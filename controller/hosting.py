@@ -14,8 +14,9 @@ kind's first model; everything here goes through that surface, whatever the kind
 
 Threading contract (the worker's): `host`, `step` and `unload` run between steps, never two at once --
 `host` and `step`/`step_tokens` on the step thread; `unload`, `add_request`, `abort` and `stop_requests` on
-the event loop while no step runs. `outputs` (the text of a step's token ids) reads only requests, not the
-engines' queues: the event loop runs it while the next step runs. A registration reads the host copy first on
+the event loop while no step runs, nor the worker's snapshot (`stats`, `snapshot`: on the step thread, between
+steps). `outputs` (the text of a step's token ids) reads only requests, not the engines' queues: the event loop
+runs it while the next step runs. A registration reads the host copy first on
 the load thread (`prepare`: seconds for a large model from disk, once per node), so the step thread only
 attaches it and the other models keep stepping.
 """

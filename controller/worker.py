@@ -119,6 +119,7 @@ class Worker:
         self.loop_s = {"step_thread_s": 0.0, "emit_s": 0.0, "collect_s": 0.0}
         self.collections = 0  # heap collections after unloads (`_collect`), each a full pass of the heap
         self._emitting: asyncio.Future | None = None  # the latest emit `_steps` handed the loop
+        self._stats: asyncio.Future | None = None  # the latest snapshot asked of the step thread (`_take_stats`)
         self.tokens = 0
         self._signalled = False  # (a local worker) a first SIGTERM/SIGINT came: it stops at its controller's word
         self._notices: list[dict[str, Any]] = []  # the worker's own events for the next Stats (STOPPING)
@@ -201,8 +202,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         loop.call_later(wait, self._stop_now, me, f"its worker's drain grace ({wait:.0f} s) ran out")
         self._notices.append(notice)
-        # told now, not at the next beat (a snapshot is taken between two steps, on the step thread)
-        loop.run_in_executor(self._step_thread, self._snapshot).add_done_callback(self._send_stats)
+        self._take_stats(loop)  # told now, not at the next beat
 
     def _stop_now(self, me: asyncio.Task, why: str) -> None:
         """Stop without waiting for the requests in flight: each ends with an error saying why (the controller sends
@@ -347,6 +347,7 @@ class Worker:
                 if not fut.done():
                     fut.set_exception(e)
             else:
+                await self._stats_taken()
                 self.models.residency(msg.model, pinned=msg.pinned, keep_alive_s=msg.keep_alive_s,
                                       preload=msg.preload)
                 if (rt := self._retune_later.pop(msg.model, None)) is not None:
@@ -511,6 +512,7 @@ class Worker:
         unsent = None  # the latest step's outputs, not yet emitted
         while True:
             await self._host_pending()
+            await self._stats_taken()
             errors = self._apply_pending()
             if errors:
                 self.send(m.Outputs(errors))
@@ -550,7 +552,8 @@ class Worker:
                 await asyncio.sleep(0.001)
 
     def _snapshot(self) -> m.Stats:
-        """Stats of the pool, taken on the step thread between steps (the engines' queues are not shared)."""
+        """Stats of the pool, taken on the step thread between steps while the loop changes no engine (the engines'
+        queues are not shared: `_stats_taken`)."""
         hm = self.models
         # the evicts applied before the view is read (`_apply_pending` runs on the loop thread, counting each once it
         # is applied): the controller believes this view of a model it evicted once it counts them all. One still
@@ -582,13 +585,26 @@ class Worker:
         """Heartbeats from the loop (never behind a step or a registration); stats from the step thread, sent as
         soon as they are taken (they used to wait for the next beat: the controller's view was a beat late)."""
         loop = asyncio.get_running_loop()
-        stats: asyncio.Future | None = None
         while True:
             self.send(m.Heartbeat(time.time()))
-            if stats is None or stats.done():  # (one snapshot at a time: a long burst does not queue them up)
-                stats = loop.run_in_executor(self._step_thread, self._snapshot)
-                stats.add_done_callback(self._send_stats)
+            if self._stats is None or self._stats.done():  # (one at a time: a long burst does not queue them up)
+                self._take_stats(loop)
             await asyncio.sleep(period)
+
+    def _take_stats(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A snapshot on the step thread, sent once taken. It reads the engines' queues, as a step does: the loop
+        changes them only once it is done (`_stats_taken`)."""
+        self._stats = loop.run_in_executor(self._step_thread, self._snapshot)
+        self._stats.add_done_callback(self._send_stats)
+
+    async def _stats_taken(self) -> None:
+        """Wait for the snapshot the step thread is taking, if any (queued behind a step, it runs as soon as the step
+        ends: the loop's adds and aborts then mutated the queues it iterated, "deque mutated during iteration").
+        The loop's changes to the engines follow this with no await between. Snapshots run in the order they were
+        asked for (one step thread), so the latest done is all of them done; a beat may ask for one more while this
+        waits."""
+        while self._stats is not None and not self._stats.done():
+            await asyncio.wait([self._stats])
 
     def _send_stats(self, fut: asyncio.Future) -> None:
         if fut.cancelled():
