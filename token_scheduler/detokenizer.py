@@ -34,6 +34,7 @@ class IncrementalDetokenizer:
         self.read_offset = 0
         self.text = ""  # all decoded text so far (complete characters)
         self.sent = 0  # characters of `text` already handed out
+        self.checked = 0  # characters of `text` a stop string can no longer end in (looked at, or made before min_tokens)
         self.stop_hit: str | None = None
         self.done = False  # its final output was made: anything its engine reports later is not emitted
 
@@ -51,13 +52,14 @@ class IncrementalDetokenizer:
             self.text += full[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, n
         if self.stop and stops:
-            # search only where a new match can start
-            start = max(0, self.sent - self.hold)
-            hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
+            # a match must end in the text new since the last look, as vLLM's detokenizer looks: one ending in the
+            # text of the first min_tokens tokens is none (it cut the reply to before it, below what was sent)
+            hits = [(i, s) for s in self.stop if (i := self.text.find(s, max(0, self.checked - len(s) + 1))) >= 0]
             if hits:
                 i, s = min(hits)
                 self.text, self.stop_hit = self.text[: i + len(s) if self.include_stop else i], s
                 finished = True
+        self.checked = len(self.text)
         upto = max(self.sent, len(self.text) - (0 if finished else self.hold))
         delta = self.text[self.sent : upto]
         self.sent = upto
