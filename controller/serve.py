@@ -36,6 +36,7 @@ from tokenpool import env
 from tokenpool.models import (
     SUPPORTED_ARCHS,
     adapter_fit_problem,
+    generation_config_problem,
     gguf_value,
     model_dir_problem,
     model_max_positions,
@@ -347,15 +348,6 @@ def config_gguf_files(models: list[ModelSpec], config_path: Path) -> dict[int, P
             raise StartupError(f"config {config_path}: models.{i}.path: model {m.name!r}: {e}") from None
         m.bound_context()  # (a converted one's config.json; one not converted yet is bounded once it is)
     return pending
-
-
-def generation_config_problem(source: str) -> str | None:
-    """Why a model's generation_config (vLLM's --generation-config: auto, vllm or a folder) cannot be read, or None."""
-    if source in ("auto", "vllm"):
-        return None
-    if not (Path(source) / "generation_config.json").is_file():
-        return f"{source} is not auto, vllm or a folder with a generation_config.json"
-    return None
 
 
 def check_config_models(models: list[ModelSpec], config_path: Path) -> dict[int, Path]:

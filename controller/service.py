@@ -47,7 +47,13 @@ from controller.tenants import KEY_USED, Tenant, TenantRegistry
 from token_scheduler.block_manager import hash_extra
 from token_scheduler.policies.slo import ModelSLO
 from token_scheduler.request import SamplingParams
-from tokenpool.models import adapter_fit_problem, dtype_bytes, kv_elems_per_token, model_dir_problem
+from tokenpool.models import (
+    adapter_fit_problem,
+    dtype_bytes,
+    generation_config_problem,
+    kv_elems_per_token,
+    model_dir_problem,
+)
 
 log = logging.getLogger("tokenpool.controller")
 
@@ -465,6 +471,8 @@ class Controller:
                                code="model_exists")
         if spec.path is not None and (why := model_dir_problem(spec.path)) is not None:
             raise ServingError(400, why, param="path")
+        if (why := generation_config_problem(spec.generation_config)) is not None:
+            raise ServingError(400, why, param="generation_config")
         served = self.served_names(besides=replaced)
         if taken := [n for n in (spec.name, *spec.aliases, *spec.lora_names) if n in served]:
             field = "name" if spec.name in taken else "aliases" if set(spec.aliases) & set(taken) else "lora_modules"

@@ -1,7 +1,8 @@
 """vLLM's `--generation-config` (helper ux68j, a vLLM user moving over): `auto` (vLLM's default) takes a model
 folder's generation_config.json sampling values for the fields a request leaves out, `vllm` takes none, and a folder
 takes that folder's file instead. `tokenpool serve DIR --generation-config vllm` was `No such option`; now the flag
-and a model's `generation_config` key in a configuration (a relative folder: relative to the file) do as vLLM's."""
+and a model's `generation_config` key in a configuration (a relative folder: relative to the file) or an admin
+API registration do as vLLM's."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import pytest
 from typer.testing import CliRunner
 
 from controller.cli import app
+from controller.keys import hash_key
 from controller.serve import prepare
 from controller.startup import StartupError
 from tests.ports import live_server_on
 
 PORTS = range(30600, 30650)
+ADMIN = "admin-ux68j-token"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,7 @@ def folders(make_tiny, tmp_path_factory):
 
 def test_each_source_gives_its_sampling_defaults(folders):
     model = str(folders / "model")
-    cfg = {"workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25},
            "models": [{"name": "auto", "path": model, "engine": {"max_model_len": 64}},
                       {"name": "plain", "path": model, "generation_config": "vllm", "engine": {"max_model_len": 64}},
                       {"name": "other", "path": model, "generation_config": "../other",
@@ -51,6 +54,10 @@ def test_each_source_gives_its_sampling_defaults(folders):
         assert params("auto") == [["temperature", "0.6"], ["top_k", "20"]]
         assert params("plain") == []
         assert params("other") == [["temperature", "0.3"]]
+        # the admin API's registration: a folder without the file is a 400 naming the field
+        r = httpx.post(srv.url + "/admin/models", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30,
+                       json={"name": "more", "path": model, "generation_config": str(folders / "nowhere")})
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "generation_config"), r.text
 
 
 def test_the_flag_sets_the_model_dirs_source(folders):

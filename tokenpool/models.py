@@ -26,6 +26,13 @@ def dtype_bytes(dtype: str, device: str = "cuda") -> int:
     return 4 if run_dtype(dtype, device).lower() in ("fp32", "float32", "float") else 2
 
 
+def generation_config_problem(source: str) -> str | None:
+    """Why a model's generation_config (vLLM's --generation-config: auto, vllm or a folder) cannot be read, or None."""
+    if source in ("auto", "vllm") or (Path(source) / "generation_config.json").is_file():
+        return None
+    return f"{source} is not auto, vllm or a folder with a generation_config.json"
+
+
 def model_dir_problem(path: str | Path) -> str | None:
     """Why `path` cannot be served, in a sentence naming it; None when it can (as far as config.json says)."""
     p = Path(path)
