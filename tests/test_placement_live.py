@@ -15,11 +15,13 @@ import openai
 import pytest
 
 from controller.keys import hash_key
-from load_tests.live_server import REPO_ROOT, LiveServer, free_port
+from load_tests.live_server import REPO_ROOT, LiveServer
+from tests import ports
 
 ADMIN = "admin-placement-token"
 JOIN = "join-token-placement"
-WORKER_PORT = free_port()
+WORKER_PORT = ports.free_port(range(30550, 30575))  # (the workers' listener: an ephemeral port taken at import
+# could be any process's outgoing connection's by the time the module's server binds it)
 ADM = {"Authorization": f"Bearer {ADMIN}"}
 MODELS = [f"pace-{i}" for i in range(4)]
 
@@ -28,7 +30,10 @@ MODELS = [f"pace-{i}" for i in range(4)]
 def server(tmp_path_factory):
     cfg = {
         "admin_token_hash": hash_key(ADMIN),
-        "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25, "dead_after_s": 1.5,
+        # dead_after_s 30: the killed worker's death is its connection's loss, seen at once. A silence limit only
+        # declared the late worker dead as it warmed up beside a loaded host's other work (silent 1.6-4.0 s just
+        # after it joined: it joined again, and the spread failed, a stream was cut or a request hung)
+        "workers": {"local": "cpu", "standby": False, "heartbeat_s": 0.25, "dead_after_s": 30.0,
                     "join_token_hash": hash_key(JOIN), "prune_dead_after_s": 1.0,
                     "listen": {"host": "127.0.0.1", "port": WORKER_PORT}},
         "gpus": {"cpu_budget_gb": 4},

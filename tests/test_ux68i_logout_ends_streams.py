@@ -15,7 +15,7 @@ from controller.keys import hash_key
 from tests import ports
 
 ADMIN = "admin-ux68i-logout-token"
-PORTS = range(30550, 30600)
+PORTS = range(30575, 30600)
 
 
 def _read_until(sock: socket.socket, marker: bytes) -> bytes:
