@@ -486,7 +486,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
                 opened = _opened(asked, ids[-16:])
             else:  # (a raw prompt, or the request's own template's)
                 opened = req.prompt.rstrip().endswith(THINK_OPEN)
-            req = _format_after_thinking(req, opened)
+            req = await serving.offload(_format_after_thinking, req, opened)  # (its grammar compiled: `_shaped`)
         me = serving.entry(tenant, req.model)
         ctx = _context(me, body.options)
         context = None if chat else body.context
@@ -501,7 +501,7 @@ async def _run(request: Request, body: _Base, chat: bool) -> Response:
             # the ids of a raw prompt (with the BOS its tokenizer adds, as Ollama's runner; after `context`, which
             # starts with it, none) or of the template's, after the earlier turns' (`context`)
             if not chat:
-                params = serving._params(me, req, req.max_tokens, k)
+                params = await serving._shaped(serving._params(me, req, req.max_tokens, k), req)
                 new = await (serving.offload(serving._chat_prompt, me, req, think_kwargs, False) if templated else
                              serving.offload(encode_prompt if not context else encode, me.tokenizer, req.prompt))
                 what = "context" if context else "prompt"

@@ -28,6 +28,7 @@ from controller.api.structured import (
     CallStream,
     Lead,
     ToolPlan,
+    asks_shape,
     response_grammar,
     response_schema,
     tool_plan,
@@ -554,7 +555,8 @@ class OpenAIServing:
 
     @staticmethod
     def _params(me: ModelEntry, req: p._Sampling, max_tokens: int | None, logprobs: int | None,
-                prompt_logprobs: int | None = None, tools: ToolPlan | None = None) -> SamplingParams:
+                prompt_logprobs: int | None = None) -> SamplingParams:
+        """The request's sampling, but for the shape its output is held to (`_shaped` adds it)."""
         if max_tokens is not None and req.min_tokens > max_tokens:
             raise ServingError(400, f"min_tokens ({req.min_tokens}) must be at most max_tokens ({max_tokens})",
                                param="min_tokens")
@@ -569,8 +571,7 @@ class OpenAIServing:
                   skip_special_tokens=req.skip_special_tokens, logit_bias=bias, prompt_logprobs=prompt_logprobs,
                   allowed_token_ids=req.allowed_token_ids, include_stop_str_in_output=req.include_stop_str_in_output,
                   bad_words=req.bad_words,
-                  cache_salt=req.cache_salt,
-                  grammar=OpenAIServing._grammar(req, tools))
+                  cache_salt=req.cache_salt)
         model_defaults = generation_defaults(me)
         for f, default in SAMPLING_DEFAULTS:
             v = getattr(req, f)
@@ -579,6 +580,20 @@ class OpenAIServing:
             return SamplingParams(**kw)
         except ValueError as e:
             raise ServingError(400, str(e)) from None
+
+    async def _shaped(self, params: SamplingParams, req: p._Sampling, tools: ToolPlan | None = None) -> SamplingParams:
+        """`params` with the grammar the output is held to (`_grammar`), where the request asks for one: compiled in
+        the tokenize pool (`offload`), as it may take seconds (128 large tools took 2.1 s to be refused: on the event
+        loop, /health and every tenant's streams stopped meanwhile)."""
+        if tools is None and not asks_shape(req):
+            return params
+        return dataclasses.replace(params, grammar=await self.offload(self._grammar, req, tools))
+
+    async def _tool_plan(self, me: ModelEntry, req: p.ChatCompletionRequest) -> ToolPlan | None:
+        """`tool_plan` of the request's tools; in the tokenize pool where there are any (a call forced, "required"
+        or a named function, compiles its grammar there: see `_shaped`)."""
+        args = (req.tools, req.tool_choice, req.parallel_tool_calls, me.spec.tool_call_parser)
+        return await self.offload(tool_plan, *args) if req.tools else tool_plan(*args)
 
     @staticmethod
     def _grammar(req: p._Sampling, tools: ToolPlan | None) -> str | None:
@@ -642,7 +657,8 @@ class OpenAIServing:
             raise ServingError(400, "max_tokens 0 is only for echo (the prompt returned, and scored with logprobs, "
                                     "nothing generated); otherwise it must be at least 1", param="max_tokens")
         prompt_only = req.max_tokens == 0
-        params = self._params(me, req, 1 if prompt_only else req.max_tokens, req.logprobs, scored)
+        params = await self._shaped(self._params(me, req, 1 if prompt_only else req.max_tokens, req.logprobs, scored),
+                                    req)
         texts, prompts, echo = await self.offload(self._completion_prompts, me, req)
         rid = self.ctl.new_id("cmpl")
         gen = await self.generate(me, tenant, req.model, prompts, params, req.n, rid, req.stream)
@@ -730,7 +746,7 @@ class OpenAIServing:
             if plan is not None and plan.think:  # (its prompt opened the think block, which the continuation's
                 # closes: what it writes comes after the block, where the grammar that began inside it would leave
                 # the calls free)
-                more["grammar"] = plan.thinking(False).grammar
+                more["grammar"] = await self.offload(lambda: plan.thinking(False).grammar)  # (`_shaped`)
         try:
             await self.ctl.go_on(gen.gen, 0, prompt, max_tokens, **more)
         except ServingError as e:
@@ -915,10 +931,11 @@ class OpenAIServing:
         if req.top_logprobs is not None and not req.logprobs:
             raise ServingError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        tools = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls, me.spec.tool_call_parser)
+        tools = await self._tool_plan(me, req)
         if tools is not None and thinks(me):  # (its think block left free by the grammar: ToolPlan.thinking)
             tools = tools.thinking(False)
-        params = self._params(me, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, tools=tools)
+        params = await self._shaped(self._params(me, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None),
+                                    req, tools)
         if tools is not None and (schema := response_schema(req.response_format)) is not None:
             tools = tools.answering(schema)  # (as the grammar has it: its text, JSON, is the whole output)
         if not getattr(me.tokenizer, "chat_template", None):
@@ -934,7 +951,7 @@ class OpenAIServing:
             ids = self._check_ids(me, fit(prompt) if fit is not None else prompt, "messages")
         if tools is not None and tools.think is False and opened(me, ids[-16:]):  # (the reply begins inside it)
             tools = tools.thinking(True)
-            params = dataclasses.replace(params, grammar=tools.grammar)
+            params = dataclasses.replace(params, grammar=await self.offload(lambda: tools.grammar))  # (`_shaped`)
         if first is not None:
             room = me.max_model_len - len(ids)
             if max_tokens is not None and max_tokens > room:  # (the engine's check, of the whole: as generate's)
@@ -1004,7 +1021,7 @@ class OpenAIServing:
     async def chat_prompt_ids(self, tenant: Tenant, chat: p.ChatCompletionRequest) -> list[int]:
         """A chat request's prompt's ids as start_chat renders them (no length limit), which it takes (`prompt`)."""
         me = self.lookup(tenant, chat.model)
-        tools = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, me.spec.tool_call_parser)
+        tools = await self._tool_plan(me, chat)
         # (as start_chat renders it)
         kwargs = effort_kwargs(me, chat.reasoning_effort, check_template_kwargs(chat.chat_template_kwargs))
         if tools is not None:

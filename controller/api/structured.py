@@ -91,13 +91,22 @@ _SO_OPTIONS = frozenset({"disable_any_whitespace", "whitespace_pattern", "disabl
                          "disable_additional_properties"})  # (the last: see closed_schema)
 
 
+_GUIDED = ("json", "regex", "choice", "grammar")  # vLLM's older guided_* fields
+
+
+def asks_shape(req: Any) -> bool:
+    """Whether a request's sampling fields ask for a shape (`response_format`, vLLM's structured outputs): where they
+    do not, it has no grammar to compile (tools aside: `tool_plan`'s)."""
+    return (getattr(req, "response_format", None) is not None or getattr(req, "structured_outputs", None) is not None
+            or any(getattr(req, f"guided_{k}", None) is not None for k in _GUIDED))
+
+
 def vllm_grammar(req: Any) -> str | None:
     """The grammar of vLLM's structured outputs (`structured_outputs`, or the older `guided_json`, `guided_regex`,
     `guided_choice`, `guided_grammar`; a grammar is Lark or GBNF/EBNF); None when none is asked; a 400 when more than one is, or one cannot compile."""
     from llguidance import LLMatcher
 
-    asked = {f"guided_{k}": v for k in ("json", "regex", "choice", "grammar")
-             if (v := getattr(req, f"guided_{k}", None)) is not None}
+    asked = {f"guided_{k}": v for k in _GUIDED if (v := getattr(req, f"guided_{k}", None)) is not None}
     so = req.structured_outputs or {}
     if not isinstance(so, dict):
         raise ServingError(400, "structured_outputs must be an object", param="structured_outputs")
