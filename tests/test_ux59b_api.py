@@ -174,7 +174,8 @@ def test_streams_whose_calls_went_out_end_as_calls(server):
     """A stop sequence inside a call's arguments (`"}` ends the city's string) leaves calls sent that the whole
     output is not: the Messages stream's tool_use block stands and the stop_reason is tool_use (it was
     stop_sequence: the client held a tool_use block of a reply that said it ended in text); the chat stream's finish
-    is tool_calls (it was stop), as its deltas are. Unstreamed, the reply is the text, as before."""
+    is tool_calls (it was stop), as its deltas are. Unstreamed, the same tool_use block and stop_reason (ux68e: it was
+    the grammar's raw text, stop_reason stop_sequence)."""
     short = {**TOOL, "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}},
                                       "required": ["city"]}}
     body = {"messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 60, "temperature": 0,
@@ -190,7 +191,8 @@ def test_streams_whose_calls_went_out_end_as_calls(server):
     delta = next(e for e in events if e["type"] == "message_delta")["delta"]
     assert delta == {"stop_reason": "tool_use", "stop_sequence": None}, delta
     whole = messages(server, body).json()
-    assert whole["content"][0]["type"] == "text" and whole["stop_reason"] == "stop_sequence", whole
+    assert [(c["type"], c["name"]) for c in whole["content"]] == [("tool_use", "get_weather")], whole
+    assert whole["stop_reason"] == "tool_use", whole
     chunks = list(oai(server).chat.completions.create(
         model="tiny", messages=body["messages"], max_tokens=60, temperature=0, stop=['"}'], stream=True,
         tools=[{"type": "function", "function": {"name": "get_weather", "parameters": short["input_schema"]}}],
