@@ -245,7 +245,10 @@ class Worker:
         assert isinstance(reply, m.Registered)
         self._joined = True
         self._evicts = {}  # (counted per connection, as the controller counts what it sent)
-        if not self.models.engines:  # a reconnecting worker keeps its pool (and the models in it)
+        # a reconnecting worker keeps its pool: the models in it, and a kind's engine (its arena) made for a model the
+        # dropped connection was loading, whose host() may still run on the step thread (a new pool beside it left
+        # that one unclosed, and the model hosted there in no view)
+        if not self.models.kinds:
             self.models = HostedModels(self.device, GpuSettings.from_dict(reply.settings), free)
         self.stop_wait_s = stop_wait(reply.settings)
         log.info("registered as %s (arena %.1f GB) %.2f s after the process %s", reply.worker_id,
@@ -310,7 +313,9 @@ class Worker:
                 self._wake.set()
                 eng = await fut
                 phases = {**phases, "wait_host_s": time.monotonic() - t1, **self.models.add_s(msg.model)}
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # its connection ended: the next one's LoadModel loads it again
+            self._loras_later.pop(msg.model, None)  # (what that one sent; the next LoadModel carries its own)
+            self._retune_later.pop(msg.model, None)
             raise
         except Exception as e:  # noqa: BLE001 - any load failure is reported, the worker lives on
             if isinstance(e, (OSError, ValueError)):  # its files gone or unreadable, a model that cannot fit: said
@@ -341,22 +346,33 @@ class Worker:
         while self._hosting:
             msg, fut = self._hosting.pop(0)
             try:
-                eng = await loop.run_in_executor(self._step_thread, self.models.host, msg.model, msg.path,
-                                                 msg.engine, msg.slo, msg.loras)
-            except Exception as e:  # noqa: BLE001 - reported by _load
-                if not fut.done():
-                    fut.set_exception(e)
-            else:
-                await self._stats_taken()
-                self.models.residency(msg.model, pinned=msg.pinned, keep_alive_s=msg.keep_alive_s,
-                                      preload=msg.preload)
-                if (rt := self._retune_later.pop(msg.model, None)) is not None:
-                    self.models.retune(msg.model, rt.slo, rt.keep_alive_s)
-                if (loras := self._loras_later.pop(msg.model, None)) is not None:
-                    for why in await loop.run_in_executor(self._step_thread, self.models.set_loras, msg.model, loras):
-                        log.error("%s: %s", msg.model, why)
-                if not fut.done():
-                    fut.set_result(eng)
+                try:
+                    eng = await loop.run_in_executor(self._step_thread, self._host, msg)
+                except Exception as e:  # noqa: BLE001 - reported by _load
+                    if not fut.done():
+                        fut.set_exception(e)
+                else:
+                    await self._stats_taken()
+                    self.models.residency(msg.model, pinned=msg.pinned, keep_alive_s=msg.keep_alive_s,
+                                          preload=msg.preload)
+                    if (rt := self._retune_later.pop(msg.model, None)) is not None:
+                        self.models.retune(msg.model, rt.slo, rt.keep_alive_s)
+                    if (loras := self._loras_later.pop(msg.model, None)) is not None:
+                        for why in await loop.run_in_executor(self._step_thread, self.models.set_loras, msg.model,
+                                                              loras):
+                            log.error("%s: %s", msg.model, why)
+                    if not fut.done():
+                        fut.set_result(eng)
+            finally:  # this loop ended meanwhile (its connection dropped): `_load` ends, the model leaves `_loading`
+                if not fut.done():  # (taken off `_hosting`, its future waited forever: the model stayed `_loading`,
+                    fut.cancel()  # and the next connection's LoadModel of it was ignored, never answered)
+
+    def _host(self, msg: m.LoadModel):
+        """(step thread) Host `msg`'s model; or, hosted already, its engine: a connection that dropped while it was
+        hosted left its `host()` running here, and the next connection's LoadModel may come before it ends."""
+        if msg.model in self.models:
+            return self.models.engines[msg.model]
+        return self.models.host(msg.model, msg.path, msg.engine, msg.slo, msg.loras)
 
     def _apply_pending(self) -> list[m.Delta]:
         errors: list[m.Delta] = []
