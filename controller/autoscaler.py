@@ -7,6 +7,7 @@ attainment over a recent window; a model must be hot for `up_ticks` ticks in a r
 cold for `down_ticks` to shrink by one (down_ticks >> up_ticks: scaling up is cheap to undo, thrashing is not).
 Between the two thresholds nothing moves. After acting, the model's counter restarts (a cooldown). A model's last
 registration (`replicas.min: 0`) also stays while the model was used within its keep_alive (`ModelLoad.kept_alive`).
+A cold model's only ready registration is not the one given back while its others still load (make before break).
 
 A GPU that misses a model's SLO ("struggling") gets no extra registration, and gives back, after `up_ticks`, a
 registration whose model is also served on a healthy GPU (`sheds`: drained, then unregistered): a pooled GPU
@@ -125,6 +126,9 @@ class Autoscaler:
                 if n == 1 and (ml.inflight > 0 or ml.kept_alive):
                     continue  # (still cold: it goes at the first tick past its keep_alive)
                 idle = [e for e in hosts if e.replicas[name].inflight == 0]
+                ready = [e for e in hosts if e.replicas[name].ready]
+                if len(ready) == 1 < n:  # make before break: the one that serves stays while the others still load
+                    idle = [e for e in idle if e is not ready[0]]
                 if idle:  # the replica whose engine is busiest with other models goes first
                     victim = max(idle, key=lambda e: (e.inflight, e.engine_id))
                     actions.append(Action("unload", name, victim.engine_id))
