@@ -43,7 +43,7 @@ def test_a_gguf_file_is_converted_after_the_bind(gguf, monkeypatch, tmp_path, ca
     f, made = gguf
     seen = {}
 
-    def run(cfg, prepare=None):
+    def run(cfg, prepare=None, tenants=None):
         seen["made_before"] = list(made)
         seen["models"] = [(m.name, m.path) for m in cfg.models]
         prepare()
@@ -67,7 +67,7 @@ def test_max_model_len_is_checked_once_the_conversion_is_made(gguf, monkeypatch)
     f, made = gguf
     seen = {}
 
-    def run(cfg, prepare=None):
+    def run(cfg, prepare=None, tenants=None):
         seen["made_before"] = list(made)
         with pytest.raises(StartupError) as e:
             prepare()

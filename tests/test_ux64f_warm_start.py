@@ -58,7 +58,7 @@ import gc, json
 from controller import serve, shutdown
 from controller.heap import YOUNG_THRESHOLD
 seen = {{}}
-def run(cfg, prepare=None):  # the start-up, as `tokenpool serve` begins it
+def run(cfg, prepare=None, tenants=None):  # the start-up, as `tokenpool serve` begins it
     seen.update(young=gc.get_threshold()[0], served=YOUNG_THRESHOLD, models=[m.name for m in cfg.models])
     return 0
 shutdown.run = run
