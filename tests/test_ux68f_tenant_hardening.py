@@ -36,10 +36,8 @@ as the README says; 404 timings of another tenant's model and of no model alike 
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import openai
@@ -49,6 +47,7 @@ from controller.api.protocol import MAX_EMBED_INPUTS
 from controller.api.responses import ResponseStore
 from controller.keys import hash_key
 from load_tests.live_server import LiveServer
+from tests.health_poll import health_waits
 from token_scheduler.block_manager import BlockAllocator
 from token_scheduler.request import Request, SamplingParams
 from token_scheduler.scheduler import BatchLimits, BatchScheduler
@@ -56,28 +55,6 @@ from token_scheduler.scheduler import BatchLimits, BatchScheduler
 ADMIN, ALICE, BOB = "admin-ux68f", "key-alice-ux68f", "key-bob-ux68f"
 PORT = 30401
 
-
-@contextlib.contextmanager
-def health_waits(url: str) -> Iterator[list[float]]:
-    """/health polled every 10 ms while the block runs: the list of its answers' waits (seconds)."""
-    waits: list[float] = []
-    done = threading.Event()
-
-    def poll() -> None:
-        with httpx.Client(base_url=url, timeout=60) as c:
-            while not done.is_set():
-                t0 = time.perf_counter()
-                c.get("/health")
-                waits.append(time.perf_counter() - t0)
-                time.sleep(0.01)
-
-    th = threading.Thread(target=poll)
-    th.start()
-    try:
-        yield waits
-    finally:
-        done.set()
-        th.join()
 
 
 @pytest.fixture(scope="module")

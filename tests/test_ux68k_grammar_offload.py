@@ -6,14 +6,13 @@ these tools, and the request's body is parsed on the loop: it waits that long at
 
 from __future__ import annotations
 
-import threading
 import time
 
-import httpx
 import openai
 import pytest
 
 from load_tests.live_server import LiveServer
+from tests.health_poll import health_waits
 
 PORT = 30651
 
@@ -35,28 +34,12 @@ def _tools(n: int, props: int) -> list[dict]:
 def test_health_answers_while_many_large_tools_are_compiled_and_refused(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
     tools = _tools(128, 100)
-    waits: list[float] = []
-    done = threading.Event()
-
-    def poll() -> None:
-        with httpx.Client(base_url=server.url, timeout=60) as c:
-            while not done.is_set():
-                t0 = time.perf_counter()
-                c.get("/health")
-                waits.append(time.perf_counter() - t0)
-                time.sleep(0.01)
-
-    th = threading.Thread(target=poll)
-    th.start()
-    t0 = time.perf_counter()
-    try:
+    with health_waits(server.url) as waits:
+        t0 = time.perf_counter()
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1,
                                            tools=tools, tool_choice="required")
-    finally:
         took = time.perf_counter() - t0
-        done.set()
-        th.join()
     assert "too large" in str(e.value), e.value
     # (on the event loop, /health waited about as long as the refusal took: 1.2-1.4 s of 1.4-1.6 s; now what is
     # left on the loop, the body's parsing and llguidance's hold of the GIL, ~0.1-0.2 s each)
