@@ -64,3 +64,23 @@ def _sign_out_with_two_tabs_open(srv) -> None:
     finally:
         for s in streams:
             s.close()
+
+
+def test_a_signed_out_streams_end_tells_eventsource_not_to_come_back():
+    """The end frame of a signed-out stream sets EventSource's reconnection time to a day (its own reconnect would
+    be a 401, and the page's close of it, when its error handler ran after that reconnect began, a failed request);
+    a server stopping leaves it at the stream's 1 s. Parsed as an EventSource parses a frame: the fields before the
+    blank line that dispatches it."""
+    import json
+
+    from controller.dashboard.stream import end_frame
+
+    def fields(frame: bytes) -> dict[str, str]:
+        block, rest = frame.split(b"\n\n", 1)
+        assert rest == b""
+        return dict(line.decode().split(": ", 1) for line in block.split(b"\n"))
+
+    out = fields(end_frame("signed out"))
+    assert int(out["retry"]) >= 3_600_000 and out["event"] == "end"
+    assert json.loads(out["data"]) == {"reason": "signed out"}
+    assert "retry" not in fields(end_frame("stopping"))
