@@ -63,7 +63,8 @@ def _streaming(url: str, out: dict) -> threading.Thread:
 def test_sigterm_drains_in_flight_streams_then_exits_0(tmp_path):
     """A server started under nohup (SIGHUP ignored from its start): a SIGHUP does nothing, it keeps serving. Then
     SIGTERM: the streams in flight get the grace to finish, those it cuts end with an error event, and it exits 0."""
-    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False}, "shutdown_grace_s": 1.5,
+    # (a grace of 3 s: the short stream's 0.8 s left took over 1.5 s on a loaded 2-core CI host, session 68)
+    cfg = {"admin_token_hash": hash_key(ADMIN), "workers": {"local": "cpu", "standby": False}, "shutdown_grace_s": 3.0,
            "models": [PACE]}
     with LiveServer(cfg, tmp_path, ignore_hangup=True) as srv:
         os.kill(srv.proc.pid, signal.SIGHUP)
@@ -99,10 +100,10 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(tmp_path):
     assert "shutting down" in err["message"] and err["type"] == "service_unavailable_error"
     # as a new request's refusal names it (it said "engine failure: ..." and engine_unavailable)
     assert err["code"] == "shutting_down" and not err["message"].startswith("engine failure"), err
-    assert 1.5 <= took < 12, took
+    assert 3.0 <= took < 14, took
     assert "Traceback" not in log
     # the log counts them in words a person reads (it said "1 requests")
-    assert "draining; 2 requests in flight get 2 s to finish" in log and "ended 1 request with an error" in log, log
+    assert "draining; 2 requests in flight get 3 s to finish" in log and "ended 1 request with an error" in log, log
 
 
 def test_non_streaming_disconnects_log_no_traceback(tmp_path):
